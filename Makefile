@@ -1,0 +1,35 @@
+# lunatrain: `make luna` sets up and runs the whole Luna flow on the built-in tiny model; `make test` runs
+# the tests. Both create the virtual environment first when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LUNATRAIN := $(VENV)/bin/lunatrain
+
+.PHONY: setup luna test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU build; letting pip resolve torch on its own pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+luna: setup
+	$(LUNATRAIN) examples seed
+	$(LUNATRAIN) luna
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/export.py
+	$(PY) bench/prepare.py
+	$(PY) bench/train_cpu.py
+
+clean:
+	rm -rf $(VENV) data reports test-output

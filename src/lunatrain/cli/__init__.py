@@ -1,0 +1,27 @@
+"""`lunatrain` command line: one thin command per stage, all calling the same entry functions as the API.
+
+Each module in this package adds its commands to `app.app`; they are discovered here so that adding a
+stage never means editing a central list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ..errors import LunaError
+from .app import app, fail
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod != "app":
+        importlib.import_module(f"{__name__}.{_mod}")
+
+
+def main() -> None:
+    try:
+        app()
+    except LunaError as err:  # raised by an entry function outside a command's own handler
+        raise SystemExit(fail(err).exit_code) from None
+
+
+__all__ = ["app", "main"]

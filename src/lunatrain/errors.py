@@ -1,0 +1,50 @@
+"""Errors that every entry point (CLI, HTTP, trainer) turns into one clear sentence.
+
+`UsageError` is the caller's mistake (CLI exit 2, HTTP 4xx); `CheckFailed` is a gate or data check that
+did not pass (CLI exit 1); `NotFound` and `Conflict` map to 404 and 409 over HTTP.
+"""
+
+from __future__ import annotations
+
+
+class LunaError(Exception):
+    """Base class: `str(err)` is the one sentence shown to the user."""
+
+    exit_code = 1
+    http_status = 400
+    code = "error"
+
+    def __init__(self, message: str, *, details: object | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class UsageError(LunaError):
+    exit_code = 2
+    http_status = 422
+    code = "invalid_request"
+
+
+class CheckFailed(LunaError):
+    exit_code = 1
+    http_status = 409
+    code = "check_failed"
+
+
+class NotFound(LunaError):
+    exit_code = 1
+    http_status = 404
+    code = "not_found"
+
+
+class Conflict(LunaError):
+    exit_code = 1
+    http_status = 409
+    code = "conflict"
+
+
+class ServiceUnavailable(LunaError):
+    exit_code = 1
+    http_status = 503
+    code = "service_unavailable"

@@ -1,0 +1,104 @@
+"""The LoRA job parameters: one pydantic model shared by the CLI, the assistant API, the trainer service
+and the training loop, so bounds and defaults live in exactly one place.
+
+Field names are snake_case in Python and camelCase on the wire (the guide's spellings: `learningRate`,
+`batchSize`, `adapterName`, …); both are accepted on input. Unknown keys are refused, so a request can
+never smuggle in `trust_remote_code`, a file path or a pickle.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .errors import UsageError
+from .settings import NAME_PATTERN
+
+Tier = Literal["curated", "memory", "merged"]
+Strategy = Literal["versioned", "overwrite"]
+Device = Literal["auto", "cpu", "cuda"]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+# Base model: a hub id (`org/name`), `luna-tiny`, or a local directory. Checked again when loading.
+BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00\n\r]+$")]
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
+    )
+
+
+class LoraParams(CamelModel):
+    """Everything a LoRA run needs. Defaults here are the library defaults; profiles override them."""
+
+    adapter_name: Name = "luna-adapter"
+    adapter_strategy: Strategy = "versioned"
+    dataset_tier: Tier = "curated"
+    base_model: BaseModelRef | None = Field(default=None, description="None: ASSISTANT_BASE_MODEL")
+    epochs: int = Field(default=3, ge=1, le=100)
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(default=4, ge=1, le=1024)
+    gradient_accumulation: int = Field(default=1, ge=1, le=1024)
+    rank: int = Field(default=16, ge=1, le=1024)
+    alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="None: 2 x rank")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | Literal["all-linear"] = (
+        "all-linear"
+    )
+    max_seq_length: int = Field(default=1024, ge=16, le=131072)
+    warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1000.0)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on optimizer steps")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    device: Device = "auto"
+    packing: bool = True
+    resume: bool = False
+    min_curated: int = Field(default=0, ge=0, le=10_000_000)
+    gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+    @model_validator(mode="after")
+    def _alpha_default(self) -> LoraParams:
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(2 * self.rank))
+        return self
+
+    def wire(self) -> dict:
+        """The camelCase JSON form (what the API and the trainer service exchange)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def parse_params(data: dict, *, base: LoraParams | None = None) -> LoraParams:
+    """Validate `data` (either spelling) on top of `base`; every problem is named in one UsageError."""
+    merged = (base.model_dump() if base else {}) | _snake_keys(data)
+    if base is not None and "rank" in data and "alpha" not in data and base.alpha == 2 * base.rank:
+        merged["alpha"] = None  # alpha followed the old rank; let it follow the new one
+    try:
+        return LoraParams.model_validate(merged)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc), details=exc.errors(include_url=False)) from exc
+
+
+def _snake_keys(data: dict) -> dict:
+    fields = LoraParams.model_fields
+    by_alias = {info.alias or name: name for name, info in fields.items()}
+    return {by_alias.get(k, k): v for k, v in data.items()}
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        loc = to_camel(loc) if "_" in loc else loc
+        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "Invalid parameters: " + "; ".join(parts) + "."

@@ -1,0 +1,118 @@
+"""One settings class: the ASSISTANT_* environment variables and every path under the data root.
+
+The data root defaults to the current directory so that `data/…` and `reports/…` land where the guide
+says; `ASSISTANT_HOME` moves it. Settings are read fresh on each `load_settings()` call (cheap) so that
+tests and services that change the environment never see a stale copy.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import UsageError
+
+# Adapter, profile, version and model names: no separators, no leading dot, bounded length.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Return `value` if it is a safe name, else raise a UsageError naming the rule."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+        raise UsageError(
+            f"Invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
+        )
+    return value
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """Join `parts` under `root` and verify the result stays inside it (no traversal, no symlink escape)."""
+    root_resolved = root.resolve()
+    path = root_resolved.joinpath(*parts).resolve()
+    if path != root_resolved and root_resolved not in path.parents:
+        raise UsageError(f"Path {'/'.join(parts)!r} leaves the data root.")
+    return path
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ASSISTANT_", extra="ignore")
+
+    home: Path = Field(default_factory=Path.cwd, description="data root; data/ and reports/ live under it")
+    db_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite file data/assistant.db")
+    train_val_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    train_test_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    base_model: str = Field(default="luna-tiny", description="hub id, local directory, or luna-tiny")
+    lora_trainer_url: str = "http://127.0.0.1:5051"
+    lora_ensure_on_demand: bool = True
+    lora_trainer_start_cmd: str | None = None
+    lora_ensure_timeout: float = Field(default=60.0, gt=0)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=5050, ge=1, le=65535)
+    api_token: str | None = None
+    allowed_hosts: str = Field(default="127.0.0.1,localhost,::1,[::1]", description="comma-separated Host allowlist")
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    # --- paths under the data root -------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.data_dir / "training"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.data_dir / "eval"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def reports_training_dir(self) -> Path:
+        return self.home / "reports" / "training"
+
+    @property
+    def reports_eval_dir(self) -> Path:
+        return self.home / "reports" / "eval"
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{self.data_dir / 'assistant.db'}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Fresh settings from the environment, with explicit overrides (flags) on top."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise UsageError(f"Invalid configuration: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return f"ASSISTANT_{loc.upper()}: {first.get('msg')}" if loc else str(first.get("msg"))
+    return str(exc)
