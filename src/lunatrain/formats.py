@@ -1,0 +1,408 @@
+"""Reading training records from JSONL / JSON / CSV files in the common chat-data shapes.
+
+Shapes, detected per record (or forced with `fmt`):
+
+- ``openai``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
+- ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}`` (input optional, joined below the instruction)
+- ``prompt-response``: ``{"prompt": ..., "response": ...}`` (optional ``system``)
+
+Every shape may also carry ``tags`` (list or comma-separated string), ``conversation_id`` and ``rating``.
+A conversation becomes one example: its last assistant turn is the response, the user turn right before it
+the prompt, everything earlier the prior turns; the system prompt is kept. All errors of a file are
+collected and raised once, each naming file, line (record number for JSON arrays) and field.
+
+The content hash lives here too because it is a pure function of the normalized text: sha256 over the NFC
+normalized, trimmed system prompt, prior turns, prompt and response.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import UsageError
+
+Format = Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"]
+FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "alpaca", "prompt-response")
+RATING_MIN, RATING_MAX = 1, 5
+MAX_TAG_LEN = 64
+MAX_CONVERSATION_ID_LEN = 200
+# How many individual problems the one-sentence message lists before "and N more".
+_SHOWN_ERRORS = 5
+
+_ROLE_ALIASES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+
+
+def normalize_text(value: str) -> str:
+    """NFC + trim: the same visible text always gives the same hash, whatever editor produced it."""
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def content_hash(system: str | None, turns: Sequence[tuple[str, str]], prompt: str, response: str) -> str:
+    # A JSON array keeps field boundaries unambiguous ("a"+"bc" must not equal "ab"+"c").
+    payload = [
+        normalize_text(system or ""),
+        [[role, normalize_text(content)] for role, content in turns],
+        normalize_text(prompt),
+        normalize_text(response),
+    ]
+    encoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()
+
+
+@dataclass(frozen=True)
+class ExampleDraft:
+    """A validated, normalized example that is not yet stored."""
+
+    prompt: str
+    response: str
+    system: str | None = None
+    turns: tuple[tuple[str, str], ...] = ()
+    tags: tuple[str, ...] = ()
+    conversation_id: str | None = None
+    rating: int | None = None
+    hash: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hash", content_hash(self.system, self.turns, self.prompt, self.response))
+
+
+class RecordError(ValueError):
+    """One bad field of one record; `field` is the dotted path inside the record."""
+
+    def __init__(self, field_name: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+    def describe(self) -> str:
+        return f"field '{self.field}': {self.message}" if self.field else self.message
+
+
+# --- validation of single values ----------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
+    if value is None:
+        if required:
+            raise RecordError(field_name, "missing")
+        return None
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        # OpenAI content parts: only text parts carry training content.
+        value = "".join(str(p.get("text", "")) for p in value)
+    if not isinstance(value, str):
+        raise RecordError(field_name, f"expected a string, got {_type_name(value)}")
+    text = normalize_text(value)
+    if not text:
+        if required:
+            raise RecordError(field_name, "is empty")
+        return None
+    return text
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = value.replace(";", ",").split(",")
+    if not isinstance(value, list):
+        raise RecordError("tags", f"expected a list of strings, got {_type_name(value)}")
+    tags: set[str] = set()
+    for i, tag in enumerate(value):
+        if not isinstance(tag, str):
+            raise RecordError(f"tags[{i}]", f"expected a string, got {_type_name(tag)}")
+        tag = normalize_text(tag)
+        if len(tag) > MAX_TAG_LEN:
+            raise RecordError(f"tags[{i}]", f"longer than {MAX_TAG_LEN} characters")
+        if tag:
+            tags.add(tag)
+    return tuple(sorted(tags))
+
+
+def _rating(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError("rating", f"expected a whole number, got {_type_name(value)}")
+    if not RATING_MIN <= value <= RATING_MAX:
+        raise RecordError("rating", f"must be between {RATING_MIN} and {RATING_MAX}, got {value}")
+    return value
+
+
+def _conversation_id(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise RecordError("conversation_id", f"expected a string, got {_type_name(value)}")
+    value = normalize_text(value)
+    if len(value) > MAX_CONVERSATION_ID_LEN:
+        raise RecordError("conversation_id", f"longer than {MAX_CONVERSATION_ID_LEN} characters")
+    return value or None
+
+
+def make_draft(
+    *,
+    prompt: Any,
+    response: Any,
+    system: Any = None,
+    turns: Sequence[Mapping[str, Any]] | Sequence[tuple[str, str]] | None = None,
+    tags: Any = None,
+    conversation_id: Any = None,
+    rating: Any = None,
+) -> ExampleDraft:
+    """Validate and normalize one example; raises RecordError naming the bad field."""
+    norm_turns: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns or ()):
+        if isinstance(turn, tuple) and len(turn) == 2:
+            role, content = turn
+        elif isinstance(turn, Mapping):
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            raise RecordError(f"turns[{i}]", "expected an object with role and content")
+        if role not in ("user", "assistant"):
+            raise RecordError(f"turns[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
+        norm_turns.append((role, _text(content, f"turns[{i}].content") or ""))
+    return ExampleDraft(
+        prompt=_text(prompt, "prompt") or "",
+        response=_text(response, "response") or "",
+        system=_text(system, "system", required=False),
+        turns=tuple(norm_turns),
+        tags=_tags(tags),
+        conversation_id=_conversation_id(conversation_id),
+        rating=_rating(rating),
+    )
+
+
+# --- record shapes ------------------------------------------------------------------------------
+
+
+def detect_format(record: Mapping[str, Any]) -> str:
+    if "messages" in record:
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "response" in record:
+        return "prompt-response"
+    raise RecordError(
+        None,
+        "unknown format: expected 'messages', 'conversations', 'instruction'/'output' or 'prompt'/'response'",
+    )
+
+
+def _from_turns(turns: list[tuple[str, str]], list_field: str, common: dict[str, Any]) -> ExampleDraft:
+    """Split a conversation into system, prior turns, prompt and response."""
+    system = None
+    if turns and turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    for i, (role, _) in enumerate(turns):
+        if role == "system":
+            raise RecordError(f"{list_field}[{i}]", "a system message is only allowed first")
+    last_assistant = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last_assistant is None:
+        raise RecordError(list_field, "no assistant turn (nothing to learn)")
+    if last_assistant == 0 or turns[last_assistant - 1][0] != "user":
+        raise RecordError(f"{list_field}[{last_assistant}]", "the last assistant turn must follow a user turn")
+    # Turns after the last answer have no target; they are dropped rather than trained on.
+    prior = turns[: last_assistant - 1]
+    return make_draft(
+        prompt=turns[last_assistant - 1][1],
+        response=turns[last_assistant][1],
+        system=system,
+        turns=prior,
+        **common,
+    )
+
+
+def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_key: str) -> list[tuple[str, str]]:
+    raw = record.get(list_field)
+    if raw is None:
+        raise RecordError(list_field, "missing")
+    if not isinstance(raw, list):
+        raise RecordError(list_field, f"expected a list, got {_type_name(raw)}")
+    if not raw:
+        raise RecordError(list_field, "is empty")
+    turns: list[tuple[str, str]] = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict):
+            raise RecordError(f"{list_field}[{i}]", f"expected an object, got {_type_name(msg)}")
+        role = msg.get(role_key)
+        if role is None:
+            raise RecordError(f"{list_field}[{i}].{role_key}", "missing")
+        if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
+            raise RecordError(f"{list_field}[{i}].{role_key}", f"unsupported role {role!r}")
+        content = _text(msg.get(text_key), f"{list_field}[{i}].{text_key}")
+        turns.append((_ROLE_ALIASES[role.lower()], content or ""))
+    return turns
+
+
+def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
+    """One decoded record → (draft, detected format). Raises RecordError."""
+    if not isinstance(record, dict):
+        raise RecordError(None, f"expected a JSON object, got {_type_name(record)}")
+    shape = detect_format(record) if fmt == "auto" else fmt
+    common = {
+        "tags": record.get("tags"),
+        "conversation_id": record.get("conversation_id", record.get("conversationId")),
+        "rating": record.get("rating"),
+    }
+    if shape == "openai":
+        draft = _from_turns(_turn_list(record, "messages", "role", "content"), "messages", common)
+    elif shape == "sharegpt":
+        turns = _turn_list(record, "conversations", "from", "value")
+        if record.get("system") is not None and not (turns and turns[0][0] == "system"):
+            turns.insert(0, ("system", _text(record.get("system"), "system") or ""))
+        draft = _from_turns(turns, "conversations", common)
+    elif shape == "alpaca":
+        instruction = _text(record.get("instruction"), "instruction")
+        extra = _text(record.get("input"), "input", required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        draft = make_draft(prompt=prompt, response=_field(record, "output"), system=record.get("system"), **common)
+    elif shape == "prompt-response":
+        draft = make_draft(
+            prompt=_field(record, "prompt"), response=_field(record, "response"), system=record.get("system"), **common
+        )
+    else:
+        raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    return draft, shape
+
+
+def _field(record: Mapping[str, Any], name: str) -> str | None:
+    # Validated under the record's own field name, so errors say "output", not "response".
+    return _text(record.get(name), name)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedFile:
+    path: Path
+    drafts: list[ExampleDraft]
+    formats: dict[str, int]
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UsageError(
+            f"Cannot import {path.name}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+            "save the file as UTF-8. Nothing was imported."
+        ) from None
+
+
+def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """Yield (location, decoded record or RecordError) for each record of the file."""
+    suffix = path.suffix.lower()
+    text = _decode(data, path)
+    if suffix in (".jsonl", ".ndjson"):
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"line {lineno}", RecordError(None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+    elif suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield f"line {exc.lineno}", RecordError(None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+            return
+        if isinstance(doc, dict):
+            doc = [doc]
+        if not isinstance(doc, list):
+            yield "line 1", RecordError(None, f"expected a JSON array of records, got {_type_name(doc)}")
+            return
+        for i, rec in enumerate(doc, start=1):
+            yield f"record {i}", rec
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames:
+            return
+        for row in reader:
+            # Line of the row's end; header is line 1, so the first data row reports line 2.
+            yield f"line {reader.line_num}", _csv_row(row)
+    else:
+        raise UsageError(f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv.")
+
+
+def _csv_row(row: dict[str | None, Any]) -> Any:
+    if None in row:
+        return RecordError(None, "more cells than header columns")
+    rec: dict[str, Any] = {}
+    for key, value in row.items():
+        if key is None or value is None or value == "":
+            continue
+        if key in ("messages", "conversations") or (key == "tags" and value.lstrip().startswith("[")):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                return RecordError(key, f"malformed JSON in cell ({exc.msg})")
+        rec[key] = value
+    return rec
+
+
+def read_file(path: Path, fmt: str = "auto") -> ParsedFile:
+    """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"Cannot import {path}: file not found.") from None
+    except IsADirectoryError:
+        raise UsageError(f"Cannot import {path}: it is a directory, not a file.") from None
+    drafts: list[ExampleDraft] = []
+    formats: dict[str, int] = {}
+    problems: list[str] = []
+    for where, rec in _records(path, data):
+        try:
+            if isinstance(rec, RecordError):
+                raise rec
+            draft, shape = parse_record(rec, fmt)
+        except RecordError as err:
+            problems.append(f"{where}: {err.describe()}")
+            continue
+        drafts.append(draft)
+        formats[shape] = formats.get(shape, 0) + 1
+    if problems:
+        shown = "; ".join(problems[:_SHOWN_ERRORS])
+        more = f" (and {len(problems) - _SHOWN_ERRORS} more)" if len(problems) > _SHOWN_ERRORS else ""
+        raise UsageError(
+            f"Cannot import {path.name}: {len(problems)} bad record(s) — {shown}{more}. Nothing was imported.",
+            details=[f"{path.name} {p}" for p in problems],
+        )
+    if not drafts:
+        raise UsageError(f"Cannot import {path.name}: the file is empty (no records). Nothing was imported.")
+    return ParsedFile(path=path, drafts=drafts, formats=formats)

@@ -1,0 +1,701 @@
+"""The example store: training examples and memory items in SQLite (default) or PostgreSQL.
+
+One SQLAlchemy Core schema, the same code for both databases. The schema is created and upgraded by the
+Alembic migrations in `lunatrain/migrations/` the first time a process opens a database, under a lock
+(SQLite: the database file's own write lock; PostgreSQL: an advisory lock), so a user's database survives
+upgrades and two processes never race.
+
+Every change bumps a counter row in the same transaction, so `revision()` tells whether anything changed
+since the last export. Deleting an example leaves a tombstone of its content hash (`deleted_hashes()`), so
+adapters trained on it can be marked stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import formats
+from .errors import Conflict, NotFound, UsageError
+from .formats import ExampleDraft, RecordError
+from .settings import Settings
+
+Source = Literal["curated", "memory", "conversation"]
+Status = Literal["approved", "pending", "rejected"]
+SOURCES: tuple[str, ...] = get_args(Source)
+STATUSES: tuple[str, ...] = get_args(Status)
+
+# Mirrors migrations/versions/*: these objects are for queries; the migrations own the schema.
+metadata = sa.MetaData()
+_HASH = sa.String(64).with_variant(sa.String(64, collation="C"), "postgresql")
+
+examples_table = sa.Table(
+    "examples",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("hash", _HASH, nullable=False, unique=True),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("system", sa.Text),
+    sa.Column("turns", sa.JSON(none_as_null=True)),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("rating", sa.Integer),
+    sa.Column("tags", sa.JSON(none_as_null=True)),
+    sa.Column("conversation_id", sa.String(200)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+memory_table = sa.Table(
+    "memory_items",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("hash", _HASH, nullable=False, unique=True),
+    sa.Column("topic", sa.String(200)),
+    sa.Column("question", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("tags", sa.JSON(none_as_null=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+deleted_table = sa.Table(
+    "deleted_hashes",
+    metadata,
+    sa.Column("hash", _HASH, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+state_table = sa.Table(
+    "store_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("instance", sa.String(32), nullable=False),
+    sa.Column("counter", sa.BigInteger, nullable=False),
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes
+_CHUNK = 500  # ids/hashes per IN (...) clause: far below every driver's parameter limit
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything is stored in UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    id: int
+    hash: str
+    prompt: str
+    response: str
+    system: str | None
+    turns: tuple[dict[str, str], ...]
+    source: str
+    status: str
+    rating: int | None
+    tags: tuple[str, ...]
+    conversation_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def messages(self) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs += [dict(t) for t in self.turns]
+        return msgs + [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hash": self.hash,
+            "prompt": self.prompt,
+            "response": self.response,
+            "system": self.system,
+            "turns": [dict(t) for t in self.turns],
+            "source": self.source,
+            "status": self.status,
+            "rating": self.rating,
+            "tags": list(self.tags),
+            "conversation_id": self.conversation_id,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    id: int
+    hash: str
+    topic: str | None
+    question: str
+    answer: str
+    status: str
+    tags: tuple[str, ...]
+    created_at: datetime
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hash": self.hash,
+            "topic": self.topic,
+            "question": self.question,
+            "answer": self.answer,
+            "status": self.status,
+            "tags": list(self.tags),
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class AddResult:
+    added: int
+    skipped_duplicates: int
+    revision: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    path: str
+    records: int
+    added: int
+    skipped_duplicates: int
+    formats: dict[str, int]
+    revision: str
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    examples_added: int
+    examples_skipped: int
+    memory_added: int
+    memory_skipped: int
+    files: list[str] = field(default_factory=list)
+
+
+def _example(row: Mapping[str, Any]) -> Example:
+    return Example(
+        id=row["id"],
+        hash=row["hash"],
+        prompt=row["prompt"],
+        response=row["response"],
+        system=row["system"],
+        turns=tuple(row["turns"] or ()),
+        source=row["source"],
+        status=row["status"],
+        rating=row["rating"],
+        tags=tuple(row["tags"] or ()),
+        conversation_id=row["conversation_id"],
+        created_at=_aware(row["created_at"]),
+        updated_at=_aware(row["updated_at"]),
+    )
+
+
+def _memory(row: Mapping[str, Any]) -> MemoryItem:
+    return MemoryItem(
+        id=row["id"],
+        hash=row["hash"],
+        topic=row["topic"],
+        question=row["question"],
+        answer=row["answer"],
+        status=row["status"],
+        tags=tuple(row["tags"] or ()),
+        created_at=_aware(row["created_at"]),
+        updated_at=_aware(row["updated_at"]),
+    )
+
+
+# --- engine, transactions, migrations -------------------------------------------------------------
+
+
+class Store:
+    """An engine bound to one database, migrated to head. Use `read()` / `write()` for transactions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """One transaction (a consistent snapshot on both databases) that changes nothing."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE), so writers
+        queue on the busy timeout instead of failing when a read lock cannot be upgraded."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(luna_write=True)
+            with conn.begin():
+                yield conn
+
+
+def _sqlite_engine(url: str) -> Engine:
+    db_path = sa.engine.make_url(url).database
+    if db_path and db_path != ":memory:":
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's BEGIN below control transactions instead of pysqlite's implicit ones.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer (export vs. ingest)
+        cur.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster commits
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("luna_write") else "BEGIN")
+
+    return engine
+
+
+def _migrate(store: Store) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with store.write() as conn:
+        # SQLite: BEGIN IMMEDIATE already holds the file's write lock. PostgreSQL: an advisory lock that
+        # ends with the transaction. Either way a second process waits, then finds the schema at head.
+        if store.dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+_stores: dict[tuple[int, str], Store] = {}
+_stores_lock = threading.Lock()
+
+
+def open_store(settings: Settings) -> Store:
+    """The store for `settings.database_url`, created and migrated to head on first use in this process."""
+    url = settings.database_url
+    key = (os.getpid(), url)  # engines must not cross a fork: the child opens its own
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            try:
+                engine = _sqlite_engine(url) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
+            except (sa.exc.ArgumentError, ImportError) as exc:
+                raise UsageError(f"Invalid database URL {url!r}: {exc}.") from None
+            store = Store(engine)
+            try:
+                _migrate(store)
+            except sa.exc.OperationalError as exc:
+                engine.dispose()
+                raise UsageError(f"Cannot open the database {engine.url!r}: {exc.orig}.") from None
+            _stores[key] = store
+    return store
+
+
+def dispose_stores() -> None:
+    """Close every engine this process opened (tests, and services on shutdown)."""
+    with _stores_lock:
+        for store in _stores.values():
+            store.engine.dispose()
+        _stores.clear()
+
+
+def _bump(conn: Connection) -> None:
+    conn.execute(state_table.update().where(state_table.c.id == 1).values(counter=state_table.c.counter + 1))
+
+
+def revision(settings: Settings) -> str:
+    """Changes whenever examples or memory change; equal revisions mean equal store content."""
+    with open_store(settings).read() as conn:
+        row = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+    return f"{row.instance[:12]}-{row.counter}"
+
+
+# --- examples -----------------------------------------------------------------------------------
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise UsageError(f"Invalid {what} {value!r}: use one of {', '.join(choices)}.")
+    return value
+
+
+def _default_status(source: str, status: str | None) -> str:
+    # Hand-written and imported data is curated by the person adding it; conversation logs need review.
+    if status is None:
+        return "pending" if source == "conversation" else "approved"
+    return _check_choice(status, STATUSES, "status")
+
+
+def _existing(conn: Connection, table: sa.Table, hashes: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for i in range(0, len(hashes), _CHUNK):
+        chunk = hashes[i : i + _CHUNK]
+        for row in conn.execute(sa.select(table.c.hash, table.c.id).where(table.c.hash.in_(chunk))):
+            found[row.hash] = row.id
+    return found
+
+
+def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
+    # Content that is back in the data no longer makes adapters trained on it stale.
+    for i in range(0, len(hashes), _CHUNK):
+        conn.execute(deleted_table.delete().where(deleted_table.c.hash.in_(hashes[i : i + _CHUNK])))
+
+
+def _add_drafts(conn: Connection, drafts: Iterable[ExampleDraft], source: str, status: str) -> tuple[int, int]:
+    unique: dict[str, ExampleDraft] = {}
+    total = 0
+    for draft in drafts:
+        total += 1
+        unique.setdefault(draft.hash, draft)
+    existing = _existing(conn, examples_table, list(unique))
+    now = utcnow()
+    rows = [
+        {
+            "hash": h,
+            "prompt": d.prompt,
+            "response": d.response,
+            "system": d.system,
+            "turns": [{"role": r, "content": c} for r, c in d.turns] or None,
+            "source": source,
+            "status": status,
+            "rating": d.rating,
+            "tags": list(d.tags) or None,
+            "conversation_id": d.conversation_id,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for h, d in unique.items()
+        if h not in existing
+    ]
+    if rows:
+        try:
+            conn.execute(examples_table.insert(), rows)
+        except sa.exc.IntegrityError:
+            raise Conflict("Another process added the same examples at the same time; run the command again.") from None
+        _forget_tombstones(conn, [r["hash"] for r in rows])
+        _bump(conn)
+    return len(rows), total - len(rows)
+
+
+def add_examples(
+    settings: Settings, drafts: Iterable[ExampleDraft], *, source: Source = "curated", status: Status | None = None
+) -> AddResult:
+    """Add validated drafts in one transaction; content already stored (or repeated) is skipped."""
+    _check_choice(source, SOURCES, "source")
+    status_ = _default_status(source, status)
+    store = open_store(settings)
+    with store.write() as conn:
+        added, skipped = _add_drafts(conn, drafts, source, status_)
+        rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+    return AddResult(added=added, skipped_duplicates=skipped, revision=f"{rev.instance[:12]}-{rev.counter}")
+
+
+def add_example(
+    settings: Settings,
+    *,
+    prompt: str,
+    response: str,
+    system: str | None = None,
+    turns: Sequence[Mapping[str, str]] | None = None,
+    source: Source = "curated",
+    status: Status | None = None,
+    rating: int | None = None,
+    tags: Sequence[str] = (),
+    conversation_id: str | None = None,
+) -> Example:
+    """Add one example. Status defaults to approved (pending for source=conversation).
+    Raises UsageError for invalid fields and Conflict when the same content already exists."""
+    try:
+        draft = formats.make_draft(
+            prompt=prompt,
+            response=response,
+            system=system,
+            turns=turns,
+            tags=list(tags),
+            conversation_id=conversation_id,
+            rating=rating,
+        )
+    except RecordError as err:
+        raise UsageError(f"Invalid example: {err.describe()}.") from None
+    _check_choice(source, SOURCES, "source")
+    status_ = _default_status(source, status)
+    with open_store(settings).write() as conn:
+        dup = _existing(conn, examples_table, [draft.hash])
+        if dup:
+            raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
+        _add_drafts(conn, [draft], source, status_)
+        row = conn.execute(sa.select(examples_table).where(examples_table.c.hash == draft.hash)).mappings().one()
+    return _example(row)
+
+
+def import_file(
+    settings: Settings,
+    path: Path | str,
+    *,
+    source: Source = "curated",
+    status: Status | None = None,
+    fmt: str = "auto",
+) -> ImportResult:
+    """Import a JSONL/JSON/CSV file in one transaction: any bad record → UsageError, nothing imported."""
+    _check_choice(source, SOURCES, "source")
+    _default_status(source, status)
+    parsed = formats.read_file(Path(path), fmt)
+    result = add_examples(settings, parsed.drafts, source=source, status=status)
+    return ImportResult(
+        path=str(path),
+        records=len(parsed.drafts),
+        added=result.added,
+        skipped_duplicates=result.skipped_duplicates,
+        formats=parsed.formats,
+        revision=result.revision,
+    )
+
+
+def get_example(settings: Settings, example_id: int) -> Example:
+    with open_store(settings).read() as conn:
+        row = conn.execute(sa.select(examples_table).where(examples_table.c.id == example_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"No example with id {example_id}.")
+    return _example(row)
+
+
+def list_examples(
+    settings: Settings,
+    *,
+    source: Source | None = None,
+    status: Status | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Example]:
+    """Examples in insertion order (id), optionally filtered."""
+    if limit < 1 or offset < 0:
+        raise UsageError("limit must be at least 1 and offset at least 0.")
+    query = sa.select(examples_table).order_by(examples_table.c.id).limit(limit).offset(offset)
+    if source is not None:
+        query = query.where(examples_table.c.source == _check_choice(source, SOURCES, "source"))
+    if status is not None:
+        query = query.where(examples_table.c.status == _check_choice(status, STATUSES, "status"))
+    with open_store(settings).read() as conn:
+        return [_example(r) for r in conn.execute(query).mappings()]
+
+
+def _check_ids(conn: Connection, table: sa.Table, ids: Sequence[int], what: str) -> list[int]:
+    wanted = sorted(set(ids))
+    if not wanted:
+        raise UsageError(f"Name at least one {what} id.")
+    found: set[int] = set()
+    for i in range(0, len(wanted), _CHUNK):
+        found.update(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(wanted[i : i + _CHUNK]))))
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        shown = ", ".join(map(str, missing[:10]))
+        raise NotFound(f"No {what} with id {shown}; nothing was changed.")
+    return wanted
+
+
+def _set_status(settings: Settings, table: sa.Table, ids: Sequence[int], status: str, what: str) -> int:
+    _check_choice(status, STATUSES, "status")
+    with open_store(settings).write() as conn:
+        wanted = _check_ids(conn, table, ids, what)
+        changed = 0
+        for i in range(0, len(wanted), _CHUNK):
+            changed += conn.execute(
+                table.update()
+                .where(table.c.id.in_(wanted[i : i + _CHUNK]), table.c.status != status)
+                .values(status=status, updated_at=utcnow())
+            ).rowcount
+        if changed:
+            _bump(conn)
+    return changed
+
+
+def set_status(settings: Settings, ids: Sequence[int], status: Status) -> int:
+    """Set the curation status of examples; returns how many changed. Unknown ids → NotFound, no change."""
+    return _set_status(settings, examples_table, ids, status, "example")
+
+
+def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) -> int:
+    other = memory_table if table is examples_table else examples_table
+    with open_store(settings).write() as conn:
+        wanted = _check_ids(conn, table, ids, kind)
+        now = utcnow()
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
+            hashes = list(conn.scalars(sa.select(table.c.hash).where(table.c.id.in_(chunk))))
+            conn.execute(table.delete().where(table.c.id.in_(chunk)))
+            # A hash still present as the other kind is still trained on: no tombstone for it.
+            still = set(_existing(conn, other, hashes))
+            gone = [h for h in hashes if h not in still]
+            _forget_tombstones(conn, gone)
+            if gone:
+                conn.execute(deleted_table.insert(), [{"hash": h, "kind": kind, "deleted_at": now} for h in gone])
+        _bump(conn)
+    return len(wanted)
+
+
+def delete_examples(settings: Settings, ids: Sequence[int]) -> int:
+    """Delete examples (all or nothing) and remember their content hashes as deleted."""
+    return _delete(settings, examples_table, ids, "example")
+
+
+def deleted_hashes(settings: Settings) -> dict[str, datetime]:
+    """Content hashes deleted from the store (examples and memory) → when; for marking adapters stale."""
+    with open_store(settings).read() as conn:
+        return {r.hash: _aware(r.deleted_at) for r in conn.execute(sa.select(deleted_table))}
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def add_memory(
+    settings: Settings,
+    *,
+    question: str,
+    answer: str,
+    topic: str | None = None,
+    status: Status = "approved",
+    tags: Sequence[str] = (),
+) -> MemoryItem:
+    """Remember a fact as a question and its answer (exported as a user/assistant sample).
+    Raises UsageError for invalid fields and Conflict when the same question/answer is stored."""
+    try:
+        draft = formats.make_draft(prompt=question, response=answer, tags=list(tags))
+    except RecordError as err:
+        # The draft calls them prompt/response; the caller knows them as question/answer.
+        names = {"prompt": "question", "response": "answer"}
+        raise UsageError(f"Invalid memory item: field '{names.get(err.field or '', err.field)}': {err.message}.") from None
+    if topic is not None and not isinstance(topic, str):
+        raise UsageError("Invalid memory item: field 'topic': expected a string.")
+    topic_ = formats.normalize_text(topic) if topic else None
+    if topic_ is not None and len(topic_) > 200:
+        raise UsageError("Invalid memory item: field 'topic': longer than 200 characters.")
+    _check_choice(status, STATUSES, "status")
+    with open_store(settings).write() as conn:
+        dup = _existing(conn, memory_table, [draft.hash])
+        if dup:
+            raise Conflict(f"A memory item with the same question and answer already exists (id {dup[draft.hash]}).")
+        now = utcnow()
+        conn.execute(
+            memory_table.insert().values(
+                hash=draft.hash,
+                topic=topic_,
+                question=draft.prompt,
+                answer=draft.response,
+                status=status,
+                tags=list(draft.tags) or None,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        _forget_tombstones(conn, [draft.hash])
+        _bump(conn)
+        row = conn.execute(sa.select(memory_table).where(memory_table.c.hash == draft.hash)).mappings().one()
+    return _memory(row)
+
+
+def list_memory(settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0) -> list[MemoryItem]:
+    if limit < 1 or offset < 0:
+        raise UsageError("limit must be at least 1 and offset at least 0.")
+    query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)
+    if status is not None:
+        query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))
+    with open_store(settings).read() as conn:
+        return [_memory(r) for r in conn.execute(query).mappings()]
+
+
+def set_memory_status(settings: Settings, ids: Sequence[int], status: Status) -> int:
+    return _set_status(settings, memory_table, ids, status, "memory item")
+
+
+def delete_memory(settings: Settings, ids: Sequence[int]) -> int:
+    """Delete memory items (all or nothing) and remember their hashes as deleted."""
+    return _delete(settings, memory_table, ids, "memory item")
+
+
+# --- overview -----------------------------------------------------------------------------------
+
+
+def counts(settings: Settings) -> dict[str, Any]:
+    """{"examples": {source: {status: n}}, "memory": {status: n}, "totals": {...}} with every key present."""
+    result: dict[str, Any] = {
+        "examples": {s: {st: 0 for st in STATUSES} for s in SOURCES},
+        "memory": {st: 0 for st in STATUSES},
+    }
+    with open_store(settings).read() as conn:
+        q = sa.select(examples_table.c.source, examples_table.c.status, sa.func.count()).group_by(
+            examples_table.c.source, examples_table.c.status
+        )
+        for source, status, n in conn.execute(q):
+            result["examples"][source][status] = n
+        q = sa.select(memory_table.c.status, sa.func.count()).group_by(memory_table.c.status)
+        for status, n in conn.execute(q):
+            result["memory"][status] = n
+    result["totals"] = {
+        "examples": sum(sum(v.values()) for v in result["examples"].values()),
+        "memory": sum(result["memory"].values()),
+        "curated_approved": result["examples"]["curated"]["approved"],
+    }
+    return result
+
+
+# --- bundled dataset ----------------------------------------------------------------------------
+
+
+def load_seed(settings: Settings) -> SeedResult:
+    """Load the bundled Luna dataset (resources/seed/manifest.json); running it again adds nothing."""
+    seed_dir = importlib.resources.files("lunatrain") / "resources" / "seed"
+    manifest = json.loads((seed_dir / "manifest.json").read_text(encoding="utf-8"))
+    ex_added = ex_skipped = mem_added = mem_skipped = 0
+    files: list[str] = []
+    for entry in manifest["files"]:
+        with importlib.resources.as_file(seed_dir / entry["file"]) as path:
+            files.append(entry["file"])
+            if entry["kind"] == "memory":
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    try:
+                        add_memory(
+                            settings,
+                            question=item["question"],
+                            answer=item["answer"],
+                            topic=item.get("topic"),
+                            status=item.get("status", entry.get("status", "approved")),
+                            tags=item.get("tags", ()),
+                        )
+                        mem_added += 1
+                    except Conflict:
+                        mem_skipped += 1
+            else:
+                res = import_file(settings, path, source=entry["source"], status=entry["status"])
+                ex_added += res.added
+                ex_skipped += res.skipped_duplicates
+    return SeedResult(ex_added, ex_skipped, mem_added, mem_skipped, files)
