@@ -1,0 +1,43 @@
+"""LoraParams is the one place LoRA parameters are validated: both spellings in, camelCase out, every bad
+field named in one error, unknown keys (trust_remote_code, paths) refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from lunatrain.errors import UsageError
+from lunatrain.params import LoraParams, parse_params
+
+
+def test_both_spellings_and_wire_form() -> None:
+    params = parse_params({"learningRate": 1e-4, "batch_size": 8, "adapterName": "x1"})
+    assert (params.learning_rate, params.batch_size, params.adapter_name) == (1e-4, 8, "x1")
+    wire = params.wire()
+    assert wire["learningRate"] == 1e-4 and wire["alpha"] == 32.0 and "learning_rate" not in wire
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(UsageError) as err:
+        parse_params({"rank": 0, "epochs": -1, "datasetTier": "gold", "adapterName": "../x"})
+    for field in ("rank", "epochs", "datasetTier", "adapterName"):
+        assert field in err.value.message
+
+
+@pytest.mark.parametrize("key", ["trustRemoteCode", "trust_remote_code", "outputDir", "pickle"])
+def test_unknown_keys_are_refused(key: str) -> None:
+    with pytest.raises(UsageError, match="unknown parameter"):
+        parse_params({key: True})
+
+
+def test_target_modules_list_or_all_linear() -> None:
+    assert parse_params({"targetModules": ["q_proj", "v_proj"]}).target_modules == ["q_proj", "v_proj"]
+    assert LoraParams().target_modules == "all-linear"
+    with pytest.raises(UsageError):
+        parse_params({"targetModules": []})
+    with pytest.raises(UsageError):
+        parse_params({"targetModules": ["../evil"]})
+
+
+def test_explicit_alpha_is_kept_over_base() -> None:
+    base = parse_params({"rank": 8, "alpha": 4})
+    assert parse_params({"rank": 32}, base=base).alpha == 4

@@ -1,0 +1,63 @@
+"""Profiles are data: the bundled luna profile resolves the guide's defaults; bad profiles name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lunatrain.errors import NotFound, UsageError
+from lunatrain.profiles import list_profiles, load_profile
+from lunatrain.settings import Settings
+
+
+def test_luna_profile_sets_the_guide_defaults(settings: Settings) -> None:
+    params = load_profile(settings, "luna").params()
+    assert params.adapter_name == "luna-adapter"
+    assert params.adapter_strategy == "versioned"
+    assert params.dataset_tier == "curated"
+
+
+def test_flags_override_profile_and_alpha_follows_rank(settings: Settings) -> None:
+    params = load_profile(settings, "luna").params({"rank": 32, "datasetTier": "merged", "batch_size": 2})
+    assert (params.rank, params.alpha, params.dataset_tier, params.batch_size) == (32, 64.0, "merged", 2)
+
+
+def test_quick_start_table_applies_only_when_asked(settings: Settings) -> None:
+    profile = load_profile(settings, "luna")
+    assert profile.params().max_steps is None
+    assert profile.params(quick=True).max_steps == profile.quick_start["maxSteps"]
+
+
+def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) -> None:
+    (home / "profiles").mkdir()
+    (home / "profiles" / "mine.toml").write_text('[lora]\nadapterName = "mine"\nepochs = 7\n')
+    assert "mine" in list_profiles(settings) and "luna" in list_profiles(settings)
+    params = load_profile(settings, "mine").params()
+    assert (params.adapter_name, params.epochs) == ("mine", 7)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[lora]\nepochz = 3\n', "epochz"),
+        ('[lora]\nepochs = -1\n', "epochs"),
+        ('colour = "red"\n', "colour"),
+        ('[lora\n', "not valid TOML"),
+        ('lora = 3\n', "[lora] must be a table"),
+        ('[quickStart]\nmaxSteps = 0\n', "maxSteps"),
+    ],
+)
+def test_bad_profile_is_a_usage_error_naming_the_key(settings: Settings, home: Path, text: str, needle: str) -> None:
+    (home / "profiles").mkdir()
+    (home / "profiles" / "bad.toml").write_text(text)
+    with pytest.raises(UsageError) as err:
+        load_profile(settings, "bad")
+    assert needle in err.value.message and "bad.toml" in err.value.message
+
+
+def test_unknown_and_unsafe_profile_names(settings: Settings) -> None:
+    with pytest.raises(NotFound, match="luna"):
+        load_profile(settings, "nope")
+    with pytest.raises(UsageError):
+        load_profile(settings, "../etc/passwd")
