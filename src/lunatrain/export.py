@@ -1,0 +1,346 @@
+"""Export: the store → JSONL tiers with deterministic splits and a summary, in `data/training/`.
+
+Tiers and files (the guide's names):
+
+- curated: approved examples with source=curated → `assistant-sft-curated.jsonl` and its split files
+  `assistant-sft-curated-{train,val,test}.jsonl`
+- memory: approved memory items plus approved examples with source=memory → `assistant-sft-memory.jsonl`
+- merged: every approved example (curated, memory and conversation sources) ∪ approved memory items,
+  deduplicated by content hash → `assistant-sft.jsonl`. Approved conversation-source examples are trained
+  only in the merged tier: they come from live chats and are not hand-curated.
+
+Split: u = int(sha256(key)[:16], 16) / 2**64 with key "conv:<conversation_id>" when there is one, else the
+content hash; test if u < test_ratio, val if u < test_ratio + val_ratio, else train. A memory item whose
+content equals a stored example uses that example's key, so a hash has one split in every tier (val/test
+never hold a hash that is train anywhere). Adding or removing other examples never moves a sample.
+
+Records are sorted by hash and written as compact JSON with sorted keys: the same database gives
+byte-identical files. Rows are streamed from the database (ordered by hash in SQL) and written
+incrementally, so memory stays flat at any size. All files go to temp names and are fsynced, then renamed,
+summary last; `read_tier()` verifies each file against the summary's sha256, so even a crash inside the
+rename window is detected instead of used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, get_args
+
+import sqlalchemy as sa
+
+from .errors import CheckFailed, NotFound, UsageError
+from .fsio import _fsync_dir, atomic_write_json, file_lock, read_json
+from .settings import Settings
+from .store import examples_table, memory_table, open_store, state_table, utcnow
+
+Tier = Literal["curated", "memory", "merged"]
+TIERS: tuple[str, ...] = get_args(Tier)
+SPLITS = ("train", "val", "test")
+CURATED_FILE = "assistant-sft-curated.jsonl"
+SPLIT_FILES = {s: f"assistant-sft-curated-{s}.jsonl" for s in SPLITS}
+MEMORY_FILE = "assistant-sft-memory.jsonl"
+MERGED_FILE = "assistant-sft.jsonl"
+SUMMARY_FILE = "assistant-sft-summary.json"
+TIER_FILES = {"curated": CURATED_FILE, "memory": MEMORY_FILE, "merged": MERGED_FILE}
+DATA_FILES = (CURATED_FILE, *SPLIT_FILES.values(), MEMORY_FILE, MERGED_FILE)
+SUMMARY_FORMAT = "lunatrain-export/1"
+
+_FETCH = 5_000  # rows per database round trip
+_FLUSH_BYTES = 1 << 20  # buffer per output file before a write
+_PROGRESS_EVERY = 10_000
+
+ProgressFn = Callable[[int, int], None]  # (records done, records total)
+
+
+def split_of(key: str, val_ratio: float, test_ratio: float) -> str:
+    u = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) / 2**64
+    if u < test_ratio:
+        return "test"
+    if u < test_ratio + val_ratio:
+        return "val"
+    return "train"
+
+
+def split_key(content_hash: str, conversation_id: str | None) -> str:
+    return f"conv:{conversation_id}" if conversation_id else content_hash
+
+
+def check_ratios(val_ratio: float, test_ratio: float) -> tuple[float, float]:
+    for name, value in (("val ratio", val_ratio), ("test ratio", test_ratio)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UsageError(f"The {name} must be a number, got {value!r}.")
+        if not 0.0 <= value < 1.0:
+            raise UsageError(f"The {name} must be at least 0 and below 1, got {value}.")
+    if val_ratio + test_ratio >= 1.0:
+        raise UsageError(
+            f"val ratio + test ratio must be below 1 so that something is left to train on, got {val_ratio} + {test_ratio}."
+        )
+    return float(val_ratio), float(test_ratio)
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What `export()` wrote; `to_dict()` is the content of assistant-sft-summary.json."""
+
+    directory: Path
+    exported_at: str
+    store_revision: str
+    ratios: dict[str, float]
+    counts: dict[str, dict[str, int]]
+    files: dict[str, dict[str, Any]]
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SUMMARY_FORMAT,
+            "exported_at": self.exported_at,
+            "store_revision": self.store_revision,
+            "ratios": self.ratios,
+            "counts": self.counts,
+            "files": self.files,
+            "fingerprint": self.fingerprint,
+        }
+
+
+class _Sink:
+    """One output file under a temp name: buffered writes, running sha256, record and byte counts."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.name = name
+        self.final = directory / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        self.tmp = Path(tmp)
+        os.chmod(self.tmp, 0o644)  # mkstemp creates 0600; datasets are ordinary readable files
+        self.fh: BinaryIO = os.fdopen(fd, "wb")
+        self.sha = hashlib.sha256()
+        self.records = 0
+        self.bytes = 0
+        self._buf: list[bytes] = []
+        self._buf_len = 0
+
+    def write(self, line: bytes) -> None:
+        self._buf.append(line)
+        self._buf_len += len(line)
+        self.records += 1
+        if self._buf_len >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        chunk = b"".join(self._buf)
+        self.fh.write(chunk)
+        self.sha.update(chunk)
+        self.bytes += len(chunk)
+        self._buf, self._buf_len = [], 0
+
+    def finish(self) -> dict[str, Any]:
+        self._flush()
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        return {"sha256": self.sha.hexdigest(), "records": self.records, "bytes": self.bytes}
+
+    def discard(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
+
+
+def _example_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
+    ex = examples_table
+    query = (
+        sa.select(
+            ex.c.id, ex.c.hash, ex.c.prompt, ex.c.response, ex.c.system, ex.c.turns,
+            ex.c.source, ex.c.rating, ex.c.tags, ex.c.conversation_id,
+        )
+        .where(ex.c.status == "approved")
+        .order_by(ex.c.hash)
+    )
+    for row in conn.execution_options(yield_per=_FETCH).execute(query):
+        yield row.hash, 0, row  # 0: an example wins over a memory item with the same hash
+
+
+def _memory_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
+    m, ex = memory_table, examples_table
+    query = (
+        sa.select(m.c.id, m.c.hash, m.c.question, m.c.answer, m.c.tags, ex.c.conversation_id)
+        .select_from(m.outerjoin(ex, ex.c.hash == m.c.hash))
+        .where(m.c.status == "approved")
+        .order_by(m.c.hash)
+    )
+    for row in conn.execution_options(yield_per=_FETCH).execute(query):
+        yield row.hash, 1, row
+
+
+def _record(kind: int, row: Any, split: str) -> dict[str, Any]:
+    if kind == 0:
+        messages = [{"role": "system", "content": row.system}] if row.system else []
+        messages += row.turns or []
+        messages += [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": row.response}]
+        return {
+            "messages": messages,
+            "id": f"ex-{row.id}",
+            "hash": row.hash,
+            "source": row.source,
+            "split": split,
+            "conversation_id": row.conversation_id,
+            "tags": row.tags or [],
+            "rating": row.rating,
+        }
+    return {
+        "messages": [{"role": "user", "content": row.question}, {"role": "assistant", "content": row.answer}],
+        "id": f"mem-{row.id}",
+        "hash": row.hash,
+        "source": "memory",
+        "split": split,
+        "conversation_id": None,
+        "tags": row.tags or [],
+        "rating": None,
+    }
+
+
+def export(
+    settings: Settings,
+    *,
+    val_ratio: float | None = None,
+    test_ratio: float | None = None,
+    on_progress: ProgressFn | None = None,
+) -> ExportSummary:
+    """Write all tiers, split files and the summary into `settings.training_dir` (see module docstring).
+    Invalid ratios raise UsageError before anything is written."""
+    val, test = check_ratios(
+        settings.train_val_ratio if val_ratio is None else val_ratio,
+        settings.train_test_ratio if test_ratio is None else test_ratio,
+    )
+    store = open_store(settings)
+    out = settings.training_dir
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {t: {"total": 0, **{s: 0 for s in SPLITS}} for t in TIERS}
+    with file_lock(out / ".export.lock"):
+        for stale in out.glob(".assistant-sft*.tmp"):  # left by an export that crashed
+            stale.unlink(missing_ok=True)
+        sinks = {name: _Sink(out, name) for name in DATA_FILES}
+        try:
+            # One read transaction: examples, memory and revision come from the same snapshot.
+            with store.read() as conn:
+                state = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+                store_rev = f"{state.instance[:12]}-{state.counter}"
+                total = conn.scalar(
+                    sa.select(sa.func.count()).select_from(examples_table).where(examples_table.c.status == "approved")
+                ) + conn.scalar(
+                    sa.select(sa.func.count()).select_from(memory_table).where(memory_table.c.status == "approved")
+                )
+                done = 0
+                last_memory = last_merged = None
+                rows = heapq.merge(_example_rows(conn), _memory_rows(conn), key=lambda t: (t[0], t[1]))
+                for content_hash, kind, row in rows:
+                    split = split_of(split_key(content_hash, row.conversation_id), val, test)
+                    line = _dumps(_record(kind, row, split))
+                    source = row.source if kind == 0 else "memory"
+                    if source == "curated":
+                        sinks[CURATED_FILE].write(line)
+                        sinks[SPLIT_FILES[split]].write(line)
+                        counts["curated"]["total"] += 1
+                        counts["curated"][split] += 1
+                    if source == "memory" and content_hash != last_memory:
+                        sinks[MEMORY_FILE].write(line)
+                        counts["memory"]["total"] += 1
+                        counts["memory"][split] += 1
+                        last_memory = content_hash
+                    if content_hash != last_merged:
+                        sinks[MERGED_FILE].write(line)
+                        counts["merged"]["total"] += 1
+                        counts["merged"][split] += 1
+                        last_merged = content_hash
+                    done += 1
+                    if on_progress and done % _PROGRESS_EVERY == 0:
+                        on_progress(done, total)
+            files = {name: sinks[name].finish() for name in DATA_FILES}
+            for name in DATA_FILES:
+                os.replace(sinks[name].tmp, sinks[name].final)
+            _fsync_dir(out)
+        except BaseException:
+            for sink in sinks.values():
+                sink.discard()
+            raise
+        fingerprint = hashlib.sha256(
+            "".join(f"{name} {files[name]['sha256']}\n" for name in sorted(DATA_FILES)).encode()
+        ).hexdigest()
+        summary = ExportSummary(
+            directory=out,
+            exported_at=utcnow().isoformat(timespec="seconds"),
+            store_revision=store_rev,
+            ratios={"train": round(1.0 - val - test, 10), "val": val, "test": test},
+            counts=counts,
+            files=files,
+            fingerprint=fingerprint,
+        )
+        atomic_write_json(out / SUMMARY_FILE, summary.to_dict())
+    if on_progress:
+        on_progress(done, total)
+    return summary
+
+
+# --- reading an export back ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierData:
+    """One tier of the last export, split by each record's "split" field."""
+
+    tier: str
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    fingerprint: str
+    summary: dict[str, Any] = field(repr=False)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.train + self.val + self.test
+
+
+def read_summary(settings: Settings) -> dict[str, Any] | None:
+    """The last export's summary, or None when there has been no export."""
+    path = settings.training_dir / SUMMARY_FILE
+    try:
+        summary = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckFailed(f"{path} is not valid JSON; run `lunatrain export` again.") from None
+    if summary is not None and (not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT):
+        raise CheckFailed(f"{path} is not a lunatrain export summary; run `lunatrain export` again.")
+    return summary
+
+
+def read_tier(settings: Settings, tier: Tier) -> TierData:
+    """Load one tier (curated | memory | merged) of the last export, verified against its summary."""
+    if tier not in TIERS:
+        raise UsageError(f"Unknown dataset tier {tier!r}: use one of {', '.join(TIERS)}.")
+    summary = read_summary(settings)
+    if summary is None:
+        raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
+    name = TIER_FILES[tier]
+    path = settings.training_dir / name
+    expected = summary.get("files", {}).get(name, {}).get("sha256")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckFailed(f"{path} is missing; run `lunatrain export` again.") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CheckFailed(f"{path} does not match the export summary (changed or torn); run `lunatrain export` again.")
+    by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for line in data.decode("utf-8").splitlines():
+        record = json.loads(line)
+        by_split[record["split"]].append(record)
+    return TierData(tier, by_split["train"], by_split["val"], by_split["test"], summary["fingerprint"], summary)
