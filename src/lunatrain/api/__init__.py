@@ -1,0 +1,1 @@
+"""The assistant API (FastAPI): `lunatrain serve`."""

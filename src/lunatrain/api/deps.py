@@ -1,0 +1,65 @@
+"""Dependencies as `Annotated` aliases, path-parameter rules, and the declared error responses.
+
+Routes take `settings: SettingsDep` and typed path aliases (`AdapterName`, `JobId`, …) whose patterns reject
+traversal (`..`, `%2e%2e`, separators) before any handler runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path as FsPath
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Request
+
+from ..errors import UsageError
+from ..settings import NAME_PATTERN, Settings, inside
+from .schemas import JOB_ID_PATTERN, VERSION_PATTERN, ErrorResponse
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="adapter name")]
+Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=64, description="version, e.g. v3")]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=128)]
+ItemId = Annotated[int, Path(ge=1, le=2**62, description="numeric id")]
+
+_DESCRIPTIONS = {
+    400: "Malformed request or Host header not allowed",
+    401: "Bearer token missing or wrong (when ASSISTANT_API_TOKEN is set)",
+    403: "Cross-origin request refused",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Request body too large",
+    422: "Invalid request (names the field)",
+    503: "Trainer service not reachable",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: the guard's codes on every route plus the route's own."""
+    wanted = sorted({400, 401, 403, 413, 422, *codes})
+    return {c: {"model": ErrorResponse, "description": _DESCRIPTIONS[c]} for c in wanted}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def check_base_model(ref: str | None, settings: Settings) -> str | None:
+    """A base model may be `luna-tiny`, a hub id (`org/name`) or a directory under the data root — never a
+    path elsewhere on the machine, so a request cannot make the trainer read arbitrary files."""
+    if ref is None or ref == "luna-tiny" or (_HUB_ID.match(ref) and ".." not in ref and not FsPath(ref).exists()):
+        return ref
+    if "\x00" in ref:
+        raise UsageError("baseModel must be luna-tiny, a hub id (org/name) or a directory under the data root.")
+    candidate = FsPath(ref)
+    rel = candidate.relative_to(settings.home) if candidate.is_absolute() and candidate.is_relative_to(settings.home) else candidate
+    if candidate.is_absolute() and rel is candidate:
+        raise UsageError(f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.")
+    path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root
+    if not path.is_dir():
+        raise UsageError(f"baseModel {ref!r} is neither luna-tiny, a hub id (org/name) nor a model directory.")
+    return str(path)

@@ -1,0 +1,76 @@
+"""One error shape for every failure: `{"error": {"code", "message", "details"?}}`.
+
+LunaError subclasses carry their own status and code; FastAPI's validation errors become 422 with the
+offending fields listed; Starlette's 404/405 keep their status. The catch-all logs the traceback and
+answers a generic 500 without it — the last resort, which the tests show is never reached.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import LunaError
+
+log = logging.getLogger("lunatrain.api")
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def error_response(status: int, code: str, message: str, details: object | None = None, headers=None) -> JSONResponse:
+    body: dict = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+async def _luna(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LunaError)
+    return error_response(exc.http_status, exc.code, exc.message, _jsonable(exc.details))
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Only loc/msg/type: the raw input may be bytes or huge, and echoing it back helps nobody.
+    details = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{'.'.join(d['loc'][1:] or d['loc'])}: {d['msg']}" for d in details[:5])
+    return error_response(422, "invalid_request", f"Invalid request: {summary}.", details)
+
+
+async def _http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+    if exc.status_code == 404 and message == "Not Found":
+        message = "No such endpoint."
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "Internal error; the server log has the details.")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(LunaError, _luna)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+def _jsonable(details: object) -> object:
+    if details is None or isinstance(details, (str, int, float, bool)):
+        return details
+    from fastapi.encoders import jsonable_encoder
+
+    try:
+        return jsonable_encoder(details)
+    except Exception:  # details are a courtesy; never let them turn a 4xx into a 500
+        return str(details)

@@ -1,0 +1,35 @@
+"""The assistant API app: `create_app()` wires settings, guards, error handlers and one router per resource.
+
+Run with `lunatrain serve`; the OpenAPI schema is at /docs. Heavy things (the store's engine) are opened in
+the lifespan, never at import.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import store
+from ..settings import Settings, load_settings
+from . import handlers, routes
+from .security import GuardMiddleware, allowed_hostnames
+
+
+def create_app(settings: Settings | None = None, *, bound_host: str | None = None) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store.open_store(settings)  # create/migrate the database before the first request, not during it
+        yield
+        store.dispose_stores()
+
+    app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    handlers.install(app)
+    for router in routes.ROUTERS:
+        app.include_router(router)
+    hosts = allowed_hostnames(settings, bound_host)
+    app.add_middleware(GuardMiddleware, hosts=hosts, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
+    return app

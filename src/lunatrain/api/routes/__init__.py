@@ -1,0 +1,7 @@
+"""One router per resource; `ROUTERS` is what `create_app` includes."""
+
+from __future__ import annotations
+
+from . import dashboard, examples, pipeline
+
+ROUTERS = [examples.router, pipeline.router, dashboard.router]

@@ -1,0 +1,36 @@
+"""The web dashboard: static files from `api/static/` at `/` (index.html) and `/static/…`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from ...errors import NotFound, UsageError
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml", ".png": "image/png"}
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def index() -> FileResponse:
+    return _file("index.html")
+
+
+@router.get("/static/{path:path}")
+async def static(path: str) -> FileResponse:
+    return _file(path)
+
+
+def _file(rel: str) -> FileResponse:
+    root = STATIC.resolve()
+    target = (root / rel).resolve()
+    # The joined path must stay inside static/: `..` or a symlink out of it is refused, not followed.
+    if root not in target.parents:
+        raise UsageError("Invalid static file path.")
+    if not target.is_file():
+        raise NotFound(f"No dashboard file {rel!r}.")
+    return FileResponse(target, media_type=_TYPES.get(target.suffix), headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,121 @@
+"""Examples and memory items: add, import (JSON records in the body, never a file path), list, curate, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from ... import formats, store
+from ...errors import UsageError
+from ..deps import ItemId, SettingsDep, errors
+from ..schemas import (
+    Deleted,
+    ExampleIn,
+    ExampleList,
+    ExampleOut,
+    ImportRequest,
+    ImportResult,
+    MemoryIn,
+    MemoryList,
+    MemoryOut,
+    Source,
+    Status,
+)
+
+router = APIRouter(prefix="/assistant/training", tags=["examples"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]
+
+
+def _example(ex: store.Example) -> ExampleOut:
+    return ExampleOut.model_validate(ex.to_dict())
+
+
+@router.get("/examples", response_model=ExampleList, responses=errors())
+async def list_examples(
+    settings: SettingsDep, status: Status | None = None, source: Source | None = None, limit: Limit = 50, offset: Offset = 0
+) -> ExampleList:
+    rows = await run_in_threadpool(store.list_examples, settings, source=source, status=status, limit=limit, offset=offset)
+    return ExampleList(examples=[_example(r) for r in rows], count=len(rows))
+
+
+@router.post("/examples", status_code=201, response_model=ExampleOut, responses=errors(409))
+async def add_example(body: ExampleIn, settings: SettingsDep) -> ExampleOut:
+    ex = await run_in_threadpool(
+        lambda: store.add_example(
+            settings,
+            prompt=body.prompt,
+            response=body.response,
+            system=body.system,
+            turns=[t.model_dump() for t in body.turns],
+            source=body.source,
+            status=body.status,
+            rating=body.rating,
+            tags=body.tags,
+            conversation_id=body.conversation_id,
+        )
+    )
+    return _example(ex)
+
+
+@router.post("/examples/import", response_model=ImportResult, responses=errors(409))
+async def import_examples(body: ImportRequest, settings: SettingsDep) -> ImportResult:
+    drafts, shapes, problems = [], {}, []
+    for i, record in enumerate(body.records):
+        try:
+            draft, shape = formats.parse_record(record, body.format)
+        except formats.RecordError as err:
+            problems.append(f"records[{i}]: {err.describe()}")
+            continue
+        drafts.append(draft)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    if problems:  # all or nothing: one bad record imports none
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UsageError(f"Nothing imported: {'; '.join(problems[:5])}{more}.", details=problems[:100])
+    result = await run_in_threadpool(store.add_examples, settings, drafts, source=body.source, status=body.status)
+    return ImportResult(records=len(drafts), added=result.added, duplicates=result.skipped_duplicates, formats=shapes)
+
+
+async def _set(settings, example_id: int, status: str) -> ExampleOut:
+    await run_in_threadpool(store.set_status, settings, [example_id], status)
+    return _example(await run_in_threadpool(store.get_example, settings, example_id))
+
+
+@router.post("/examples/{example_id}/approve", response_model=ExampleOut, responses=errors(404))
+async def approve_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
+    return await _set(settings, example_id, "approved")
+
+
+@router.post("/examples/{example_id}/reject", response_model=ExampleOut, responses=errors(404))
+async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
+    return await _set(settings, example_id, "rejected")
+
+
+@router.delete("/examples/{example_id}", response_model=Deleted, responses=errors(404))
+async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
+    await run_in_threadpool(store.delete_examples, settings, [example_id])
+    return Deleted(deleted=example_id)
+
+
+@router.get("/memory", response_model=MemoryList, responses=errors())
+async def list_memory(settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0) -> MemoryList:
+    rows = await run_in_threadpool(store.list_memory, settings, status=status, limit=limit, offset=offset)
+    return MemoryList(items=[MemoryOut.model_validate(r.to_dict()) for r in rows], count=len(rows))
+
+
+@router.post("/memory", status_code=201, response_model=MemoryOut, responses=errors(409))
+async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
+    item = await run_in_threadpool(
+        lambda: store.add_memory(
+            settings, question=body.question, answer=body.answer, topic=body.topic, status=body.status, tags=body.tags
+        )
+    )
+    return MemoryOut.model_validate(item.to_dict())
+
+
+@router.delete("/memory/{item_id}", response_model=Deleted, responses=errors(404))
+async def delete_memory(item_id: ItemId, settings: SettingsDep) -> Deleted:
+    await run_in_threadpool(store.delete_memory, settings, [item_id])
+    return Deleted(deleted=item_id)

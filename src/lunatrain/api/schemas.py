@@ -1,0 +1,277 @@
+"""Request and response models of the assistant API: camelCase on the wire, limits declared on the fields.
+
+Request models forbid unknown keys, so no request can smuggle in a path, `trust_remote_code` or a pickle.
+Response models of records owned by other stages (jobs, reports, registry entries) declare the fields the
+dashboard relies on and allow the rest through unchanged, so a stage can add a field without breaking the
+API's schema.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from ..params import LoraParams, Name, Tier
+from ..settings import NAME_PATTERN
+
+Source = Literal["curated", "memory", "conversation"]
+Status = Literal["approved", "pending", "rejected"]
+JobState = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled", "cancelling"]
+RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="client id for idempotent retries")]
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+VERSION_PATTERN = NAME_PATTERN
+Text = Annotated[str, Field(min_length=1, max_length=100_000)]
+ShortText = Annotated[str, Field(max_length=200)]
+Tag = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class In(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+class StartRequest(LoraParams):
+    """The LoRA parameters (params.py, bounds included) plus an optional idempotency key."""
+
+    request_id: RequestId | None = None
+
+
+class QuickStartRequest(In):
+    adapter_name: Name | None = None
+    dataset_tier: Tier | None = None
+    base_model: str | None = Field(default=None, min_length=1, max_length=512)
+    profile: Name = "luna"
+    request_id: RequestId | None = None
+
+
+class ExampleAdapterRequest(In):
+    adapter_name: Name = "example-adapter"
+    request_id: RequestId | None = None
+
+
+class Progress(Out):
+    """The trainer's progress snapshot plus the guide's short names (`total`, `eta` in seconds)."""
+
+    step: int = 0
+    total: int | None = None
+    epoch: float | None = None
+    percent: float = 0.0
+    eta: float | None = Field(default=None, description="seconds left, when known")
+    loss: float | None = None
+    tokens_per_sec: float | None = None
+
+
+class JobError(Out):
+    code: str
+    message: str
+
+
+class Job(Out):
+    """The trainer's job record (`id`, `status`, … are kept) with `jobId` and `state` added for the guide."""
+
+    job_id: str
+    id: str
+    state: JobState
+    status: JobState
+    request_id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    progress: Progress = Field(default_factory=Progress)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    adapter: dict[str, Any] | None = None
+    error: JobError | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class JobAccepted(Out):
+    job_id: str
+    job: Job
+    seeded: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+
+
+class JobList(Out):
+    jobs: list[Job]
+
+
+class EventPage(Out):
+    events: list[dict[str, Any]]
+    next_cursor: int = Field(description="pass as `after` to continue")
+    has_more: bool
+
+
+class ProviderHealth(Out):
+    status: Literal["ok", "offline"]
+    reachable: bool
+    cuda_available: bool
+    label: Literal["Aktiv (CUDA)", "Online (CPU)", "Offline"]
+    device: dict[str, Any] | None = Field(default=None, description="the trainer's device: type, name, memory, bf16")
+    queue: dict[str, Any] | None = None
+    version: str | None = None
+    trainer_url: str
+    error: str | None = None
+
+
+# --- examples and memory --------------------------------------------------------------------------
+
+
+class Turn(In):
+    role: Literal["user", "assistant"]
+    content: Text
+
+
+class ExampleIn(In):
+    prompt: Text
+    response: Text
+    system: Annotated[str, Field(max_length=100_000)] | None = None
+    turns: list[Turn] = Field(default_factory=list, max_length=200)
+    source: Source = "curated"
+    status: Status | None = None
+    rating: int | None = Field(default=None, ge=-1000, le=1000)
+    tags: list[Tag] = Field(default_factory=list, max_length=50)
+    conversation_id: ShortText | None = None
+
+
+class ImportRequest(In):
+    records: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"] = "auto"
+    source: Source = "curated"
+    status: Status | None = None
+
+
+class ExampleOut(Out):
+    id: int
+    hash: str
+    prompt: str
+    response: str
+    system: str | None = None
+    turns: list[dict[str, str]] = Field(default_factory=list)
+    source: str
+    status: str
+    rating: int | None = None
+    tags: list[str] = Field(default_factory=list)
+    conversation_id: str | None = None
+    created_at: str
+    updated_at: str
+
+
+class ExampleList(Out):
+    examples: list[ExampleOut]
+    count: int = Field(description="examples in this page")
+
+
+class ImportResult(Out):
+    records: int
+    added: int
+    duplicates: int
+    formats: dict[str, int]
+
+
+class Deleted(Out):
+    deleted: int
+
+
+class MemoryIn(In):
+    question: Text
+    answer: Text
+    topic: ShortText | None = None
+    status: Status = "approved"
+    tags: list[Tag] = Field(default_factory=list, max_length=50)
+
+
+class MemoryOut(Out):
+    id: int
+    hash: str
+    topic: str | None = None
+    question: str
+    answer: str
+    status: str
+    tags: list[str] = Field(default_factory=list)
+    created_at: str
+    updated_at: str
+
+
+class MemoryList(Out):
+    items: list[MemoryOut]
+    count: int
+
+
+# --- pipeline steps -------------------------------------------------------------------------------
+
+
+class ExportRequest(In):
+    val_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
+    test_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+
+class PrepareRequest(In):
+    profile: Name | None = None
+    dataset_tier: Tier | None = None
+    base_model: str | None = Field(default=None, min_length=1, max_length=512)
+    max_seq_length: int | None = Field(default=None, ge=16, le=131072)
+    min_curated: int | None = Field(default=None, ge=0, le=10_000_000)
+
+
+class EvalGateRequest(In):
+    adapter: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")] | None = None
+
+
+class Report(Out):
+    """A stage's report as that stage writes it (export summary, prepare report, eval report, status)."""
+
+
+# --- adapters -------------------------------------------------------------------------------------
+
+
+class ActivateRequest(In):
+    version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = None
+    force: bool = False
+
+
+class AdapterOut(Out):
+    name: str
+    aliases: dict[str, Any] = Field(default_factory=dict)
+    versions: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class AdapterGroups(Out):
+    bases: list[dict[str, Any]]
+
+
+class Defaults(Out):
+    profile: str
+    params: dict[str, Any]
+    quick_start: dict[str, Any]
+
+
+_SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
+
+
+def camel(obj: Any) -> Any:
+    """camelCase the snake_case keys of a stage's report, recursively; other keys (file names, tier names,
+    `adapter@v1`) stay as they are."""
+    if isinstance(obj, dict):
+        return {(to_camel(k) if isinstance(k, str) and _SNAKE.match(k) else k): camel(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [camel(v) for v in obj]
+    return obj

@@ -1,0 +1,189 @@
+"""Request guards for the assistant API, as one pure ASGI middleware (R9).
+
+Order of checks, cheapest first: Host allowlist (400, DNS rebinding), cross-origin `Origin` (403, CSRF from a
+browser tab), bearer token when one is configured (401), then the body cap (413) which counts bytes while
+the handler reads them, so a chunked body without Content-Length is stopped too.
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware: the latter buffers and cannot see the body stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import UsageError
+from ..settings import Settings
+
+log = logging.getLogger("lunatrain.api")
+
+# GETs that serve no data (the dashboard shell and the schema) stay reachable without a token, so a browser
+# can load the page that then asks for the token; everything else needs it.
+_PUBLIC_PREFIXES = ("/static/",)
+_PUBLIC_PATHS = frozenset({"/", "/index.html", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse a non-loopback bind without a token: the API can start training and delete data."""
+    if not is_loopback(host) and not token:
+        raise UsageError(
+            f"Refusing to listen on {host} without ASSISTANT_API_TOKEN; set a token or bind to 127.0.0.1."
+        )
+
+
+def allowed_hostnames(settings: Settings, bound_host: str | None = None) -> frozenset[str]:
+    names = {h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()}
+    bound = (bound_host or settings.api_host).lower()
+    # 0.0.0.0/:: is not a name a client uses; such a bind needs its public name in ASSISTANT_ALLOWED_HOSTS.
+    if bound not in ("0.0.0.0", "::", "[::]"):
+        names.add(bound)
+    names.discard("*")  # no wildcard, even if configured
+    return frozenset(_strip_brackets(n) for n in names)
+
+
+def host_name(header: str) -> str | None:
+    """The host part of a Host header value (`name`, `name:port`, `[v6]:port`), lowercased; None if malformed."""
+    header = header.strip().lower()
+    if not header or any(c in header for c in "/@ \\"):
+        return None
+    if header.startswith("["):
+        end = header.find("]")
+        if end < 0 or (header[end + 1 :] and not _is_port(header[end + 1 :])):
+            return None
+        return header[1:end]
+    if header.count(":") == 1:
+        name, port = header.split(":")
+        return name if _is_port(":" + port) else None
+    return header if ":" not in header else None
+
+
+def _is_port(suffix: str) -> bool:
+    return suffix.startswith(":") and suffix[1:].isdigit() and len(suffix) <= 6
+
+
+def _strip_brackets(name: str) -> str:
+    return name[1:-1] if name.startswith("[") and name.endswith("]") else name
+
+
+def _origin_host(origin: str) -> str | None:
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return None
+    return host_name(rest)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int
+    ) -> None:
+        self.app = app
+        self.hosts = frozenset(hosts)
+        self.token = token.encode() if token else None
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        host = host_name(headers.get("host", ""))
+        if host is None or host not in self.hosts:
+            await _reply(send, 400, "bad_host", "Host header not allowed; add the name to ASSISTANT_ALLOWED_HOSTS.")
+            return
+        origin = headers.get("origin")
+        if origin is not None and origin != "null" and _origin_host(origin) not in self.hosts:
+            await _reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
+            return
+        if origin == "null":  # sandboxed iframes and file:// pages send the literal "null"
+            await _reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
+            return
+        if self.token is not None and not _public(scope) and not self._authorized(headers):
+            await _reply(
+                send, 401, "unauthorized", "Missing or wrong bearer token.", extra=[(b"www-authenticate", b"Bearer")]
+            )
+            return
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            status, code = (413, "payload_too_large") if declared.isdigit() else (400, "bad_request")
+            await _reply(send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True)
+            return
+        await self._capped(scope, receive, send)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        # compare_digest takes constant time over the token, so timing reveals nothing about it.
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token or b"")
+
+    async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
+        seen = 0
+        too_large = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    too_large = True
+                    raise BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            # Once the cap is hit, whatever the app answers (FastAPI turns the error into a 400) is dropped.
+            if too_large:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except BodyTooLarge:
+            pass
+        if too_large and not started:
+            await _reply(send, 413, "payload_too_large", f"Request body over {self.max_body} bytes.", close=True)
+
+
+def _public(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    return scope.get("method") in ("GET", "HEAD") and (path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES))
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    # Duplicate security headers are suspicious; the first one wins, as in Starlette's Headers.get.
+    out: dict[str, str] = {}
+    for k, v in scope.get("headers", []):
+        out.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+    return out
+
+
+async def _reply(
+    send: Send, status: int, code: str, message: str, *, close: bool = False, extra: list | None = None
+) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the unread rest of the body would otherwise be parsed as the next request
+        headers.append((b"connection", b"close"))
+    headers += extra or []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,34 @@
+"""`lunatrain serve`: the assistant API (default 127.0.0.1:5050, ASSISTANT_API_HOST / ASSISTANT_API_PORT)."""
+
+from __future__ import annotations
+
+import typer
+
+from ..errors import LunaError
+from .app import app, fail
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, "--host", help="address to bind; non-loopback needs ASSISTANT_API_TOKEN"),
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="port (default ASSISTANT_API_PORT, 5050)"),
+    log_level: str = typer.Option("info", "--log-level", "--logLevel", help="uvicorn log level"),
+) -> None:
+    """Run the assistant API (OpenAPI at /docs, dashboard at /)."""
+    import uvicorn
+
+    from ..api.main import create_app
+    from ..api.security import check_bind
+    from ..settings import load_settings
+
+    try:
+        overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
+        settings = load_settings(**overrides)
+        check_bind(settings.api_host, settings.api_token)
+        api = create_app(settings, bound_host=settings.api_host)
+    except LunaError as err:
+        raise fail(err) from None
+    # No proxy headers: the client address and scheme are the socket's, never a header's claim.
+    uvicorn.run(
+        api, host=settings.api_host, port=settings.api_port, log_level=log_level, proxy_headers=False, server_header=False
+    )
