@@ -56,6 +56,7 @@ examples_table = sa.Table(
     sa.Column("conversation_id", sa.String(200)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
 )
 
 memory_table = sa.Table(
@@ -70,6 +71,7 @@ memory_table = sa.Table(
     sa.Column("tags", sa.JSON(none_as_null=True)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
 )
 
 deleted_table = sa.Table(

@@ -43,6 +43,8 @@ def upgrade() -> None:
         sa.CheckConstraint("source IN ('curated', 'memory', 'conversation')", name="ck_examples_source"),
         sa.CheckConstraint(STATUS_CHECK, name="ck_examples_status"),
         sa.CheckConstraint("rating IS NULL OR (rating >= 1 AND rating <= 5)", name="ck_examples_rating"),
+        # AUTOINCREMENT: ids of deleted rows are never handed out again (stable ids in exports and logs).
+        sqlite_autoincrement=True,
     )
     # Export reads "approved, ordered by hash"; listing and counts filter by source and status.
     op.create_index("ix_examples_status_hash", "examples", ["status", "hash"])
@@ -62,6 +64,7 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("hash", name="uq_memory_items_hash"),
         sa.CheckConstraint(STATUS_CHECK, name="ck_memory_items_status"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_memory_items_status_hash", "memory_items", ["status", "hash"])
 

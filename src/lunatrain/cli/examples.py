@@ -1,0 +1,211 @@
+"""`lunatrain examples …` and `lunatrain memory …`: ingest, list and curate the training data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import store
+from ..errors import LunaError, UsageError
+from ..settings import load_settings
+from .app import app, fail, is_tty
+
+examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
+memory_app = typer.Typer(help="Facts Luna remembers; exported as question/answer samples.", no_args_is_help=True)
+app.add_typer(examples_app, name="examples")
+app.add_typer(memory_app, name="memory")
+
+SourceOpt = Annotated[str | None, typer.Option("--source", help="curated | memory | conversation")]
+StatusOpt = Annotated[str | None, typer.Option("--status", help="approved | pending | rejected")]
+IdsArg = Annotated[list[str], typer.Argument(help="example ids (12 or ex-12)")]
+
+
+def _ids(raw: list[str], prefix: str) -> list[int]:
+    """Accept the plain id and the prefixed form used in export records (ex-12, mem-3)."""
+    ids = []
+    for value in raw:
+        text = value.removeprefix(f"{prefix}-")
+        if not text.isdigit():
+            raise UsageError(f"Invalid id {value!r}: use a number such as 12 or {prefix}-12.")
+        ids.append(int(text))
+    return ids
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        for row in rows:
+            typer.echo("\t".join(row))
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@examples_app.command("add")
+def add_cmd(
+    prompt: Annotated[str, typer.Option("--prompt", help="the user's message")],
+    response: Annotated[str, typer.Option("--response", help="Luna's answer")],
+    system: Annotated[str | None, typer.Option("--system", help="optional system prompt")] = None,
+    source: Annotated[str, typer.Option("--source", help="curated | memory | conversation")] = "curated",
+    status: StatusOpt = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="a tag (repeatable)")] = None,
+    conversation_id: Annotated[str | None, typer.Option("--conversation-id", "--conversationId")] = None,
+    rating: Annotated[int | None, typer.Option("--rating", help="1-5")] = None,
+) -> None:
+    """Add one example (approved by default; pending for source=conversation)."""
+    try:
+        ex = store.add_example(
+            load_settings(),
+            prompt=prompt,
+            response=response,
+            system=system,
+            source=source,  # type: ignore[arg-type]
+            status=status,  # type: ignore[arg-type]
+            tags=tag or [],
+            conversation_id=conversation_id,
+            rating=rating,
+        )
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"Added example {ex.id} ({ex.source}, {ex.status}).")
+
+
+@examples_app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help=".jsonl, .json or .csv")],
+    source: Annotated[str, typer.Option("--source", help="curated | memory | conversation")] = "curated",
+    status: StatusOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto | openai | sharegpt | alpaca | prompt-response")] = "auto",
+) -> None:
+    """Import a file in one transaction: a bad record imports nothing; known content is skipped."""
+    try:
+        res = store.import_file(load_settings(), file, source=source, status=status, fmt=fmt)  # type: ignore[arg-type]
+    except LunaError as err:
+        if isinstance(err.details, list) and len(err.details) > 1:
+            for problem in err.details:
+                typer.echo(f"  {problem}", err=True)
+        raise fail(err) from None
+    shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
+    typer.echo(f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}).")
+
+
+@examples_app.command("list")
+def list_cmd(
+    source: SourceOpt = None,
+    status: StatusOpt = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    offset: Annotated[int, typer.Option("--offset")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (one array)")] = False,
+) -> None:
+    """List examples in the order they were added."""
+    try:
+        items = store.list_examples(load_settings(), source=source, status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in items], ensure_ascii=False, indent=2))
+        return
+    rows = [[str(e.id), e.source, e.status, _short(e.prompt, 40), _short(e.response)] for e in items]
+    _table("examples", ["id", "source", "status", "prompt", "response"], rows)
+
+
+def _curate(ids: list[str], status: str) -> None:
+    try:
+        changed = store.set_status(load_settings(), _ids(ids, "ex"), status)  # type: ignore[arg-type]
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"{changed} example(s) set to {status}.")
+
+
+@examples_app.command("approve")
+def approve_cmd(ids: IdsArg) -> None:
+    """Approve examples: they are exported for training."""
+    _curate(ids, "approved")
+
+
+@examples_app.command("reject")
+def reject_cmd(ids: IdsArg) -> None:
+    """Reject examples: they stay stored but are never exported."""
+    _curate(ids, "rejected")
+
+
+@examples_app.command("delete")
+def delete_cmd(ids: IdsArg) -> None:
+    """Delete examples; adapters trained on them are later marked stale."""
+    try:
+        n = store.delete_examples(load_settings(), _ids(ids, "ex"))
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"Deleted {n} example(s).")
+
+
+@examples_app.command("seed")
+def seed_cmd() -> None:
+    """Load the bundled Luna dataset (idempotent)."""
+    try:
+        res = store.load_seed(load_settings())
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(
+        f"Seed dataset: {res.examples_added} examples added ({res.examples_skipped} already present), "
+        f"{res.memory_added} memory items added ({res.memory_skipped} already present)."
+    )
+
+
+@memory_app.command("add")
+def memory_add_cmd(
+    question: Annotated[str, typer.Option("--question", help="how the fact is asked")],
+    answer: Annotated[str, typer.Option("--answer", help="Luna's answer")],
+    topic: Annotated[str | None, typer.Option("--topic")] = None,
+    status: Annotated[str, typer.Option("--status")] = "approved",
+    tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+) -> None:
+    """Remember a fact."""
+    try:
+        item = store.add_memory(load_settings(), question=question, answer=answer, topic=topic, status=status, tags=tag or [])  # type: ignore[arg-type]
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"Added memory item {item.id}.")
+
+
+@memory_app.command("list")
+def memory_list_cmd(
+    status: StatusOpt = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    offset: Annotated[int, typer.Option("--offset")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List memory items."""
+    try:
+        items = store.list_memory(load_settings(), status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps([m.to_dict() for m in items], ensure_ascii=False, indent=2))
+        return
+    rows = [[str(m.id), m.status, m.topic or "", _short(m.question, 40), _short(m.answer)] for m in items]
+    _table("memory", ["id", "status", "topic", "question", "answer"], rows)
+
+
+@memory_app.command("delete")
+def memory_delete_cmd(ids: Annotated[list[str], typer.Argument(help="memory ids (3 or mem-3)")]) -> None:
+    """Forget memory items."""
+    try:
+        n = store.delete_memory(load_settings(), _ids(ids, "mem"))
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"Deleted {n} memory item(s).")

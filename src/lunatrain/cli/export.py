@@ -1,0 +1,55 @@
+"""`lunatrain export`: the store → data/training/ (tiers, deterministic splits, summary)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import LunaError
+from ..export import SPLITS, TIERS, export
+from ..settings import load_settings
+from .app import app, fail, is_tty
+
+
+@app.command("export")
+def export_cmd(
+    val_ratio: Annotated[
+        float | None, typer.Option("--val-ratio", "--valRatio", help="default ASSISTANT_TRAIN_VAL_RATIO (0.1)")
+    ] = None,
+    test_ratio: Annotated[
+        float | None, typer.Option("--test-ratio", "--testRatio", help="default ASSISTANT_TRAIN_TEST_RATIO (0.0)")
+    ] = None,
+) -> None:
+    """Export approved examples and memory to JSONL tiers with stable train/val/test splits."""
+    try:
+        settings = load_settings()
+        if is_tty():
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task("exporting", total=None)
+                summary = export(
+                    settings, val_ratio=val_ratio, test_ratio=test_ratio,
+                    on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+        else:
+            summary = export(settings, val_ratio=val_ratio, test_ratio=test_ratio)
+    except LunaError as err:
+        raise fail(err) from None
+    rows = [[tier, *(str(summary.counts[tier][k]) for k in ("total", *SPLITS))] for tier in TIERS]
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"export (val {summary.ratios['val']}, test {summary.ratios['test']})")
+        for col in ("tier", "total", *SPLITS):
+            table.add_column(col, justify="left" if col == "tier" else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        typer.echo("tier\ttotal\ttrain\tval\ttest")
+        for row in rows:
+            typer.echo("\t".join(row))
+    typer.echo(f"Wrote {summary.directory} (fingerprint {summary.fingerprint[:12]}).")
