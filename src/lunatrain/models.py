@@ -1,0 +1,409 @@
+"""Base model and tokenizer loading, the built-in `luna-tiny` model, fingerprints and device info.
+
+Any Hugging Face causal LM works as a base: a hub id (`org/name`), a local directory in HF format, or
+`luna-tiny`. Weights load from safetensors only and `trust_remote_code` is never on, so a model directory
+can never run code or unpickle anything. Hub ids resolve through the local Hugging Face cache; they are
+fetched only when the user has not set `HF_HUB_OFFLINE` (the tests and luna-tiny never download).
+
+`luna-tiny` is a smoke-test model the project builds itself: a small Llama-architecture model with random
+weights from a fixed seed and a byte-level BPE tokenizer trained on text shipped in the package. The same
+package always produces the same bytes, so its fingerprint is stable and adapters trained on it on one
+machine match it on another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .fsio import atomic_write_text, dumps_json, file_lock
+from .settings import Settings
+
+TINY_ID = "luna-tiny"
+# Bump when the recipe below changes in a way that changes the bytes (the manifest records it).
+TINY_RECIPE_VERSION = 1
+TINY_SEED = 1234
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+# ChatML. The assistant's content and its end-of-turn token sit inside {% generation %} so tools that use
+# `return_assistant_tokens_mask` see the same span that lunatrain trains on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Files needed to load a causal LM + tokenizer; never *.bin / *.pt / *.pkl.
+_ALLOW = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    id: str  # what the user named: luna-tiny, org/name, or a local directory
+    path: str  # local directory holding config.json + *.safetensors
+    revision: str | None  # hub commit hash when resolved from the hub cache
+    config_sha256: str
+    fingerprint: str  # config + weights identity; adapters record it to match their base
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- luna-tiny ------------------------------------------------------------------------------------
+
+
+def tiny_corpus() -> list[str]:
+    """The tokenizer's training text: a fixed corpus plus the bundled seed dataset when the package has one.
+
+    Only package files are read (never the database), so the tokenizer is a function of the package.
+    """
+    root = resources.files("lunatrain") / "resources"
+    lines = (root / "tiny" / "corpus.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    seed = root / "seed"
+    if seed.is_dir():
+        for entry in sorted((e for e in seed.iterdir() if e.name.endswith(".jsonl")), key=lambda e: e.name):
+            for raw in entry.read_text(encoding="utf-8").splitlines():
+                if raw.strip():
+                    with contextlib.suppress(ValueError):
+                        lines.extend(_strings(json.loads(raw)))
+    return lines
+
+
+def _strings(obj: Any) -> list[str]:
+    if isinstance(obj, str):
+        return [obj + "\n"]
+    if isinstance(obj, dict):
+        return [s for k in sorted(obj) for s in _strings(obj[k])]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def _train_tokenizer(corpus: list[str], vocab: int):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # trim_offsets=False: offsets cover the leading space too, so char spans map exactly onto tokens.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def build_tiny_model(
+    path: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab: int = 3072,
+    max_positions: int = 4096,
+    seed: int = TINY_SEED,
+    corpus: list[str] | None = None,
+) -> Path:
+    """Write a Llama-architecture causal LM with random weights and a trained BPE tokenizer to `path`.
+
+    Deterministic: the same arguments give the same bytes (fixed seed, float32, sorted keys, no
+    timestamps or version strings). `vocab` caps the tokenizer; the model's vocabulary is the tokenizer's
+    size rounded up to a multiple of 64. The benchmark builds a ~20M-parameter model with this.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _train_tokenizer(tiny_corpus() if corpus is None else corpus, vocab)
+    n_vocab = -(-tok.get_vocab_size() // 64) * 64
+    config = LlamaConfig(
+        vocab_size=n_vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or int(hidden * 8 / 3 + 63) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.token_to_id(IM_END),
+        pad_token_id=tok.token_to_id(ENDOFTEXT),
+        initializer_range=0.02,
+        use_cache=True,
+        dtype="float32",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    # The model's own RNG stream, independent of (and not disturbing) the caller's torch seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).float()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_dict()
+    cfg.pop("transformers_version", None)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_file(dict(sorted(state.items())), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "unk_token": None,
+        "model_max_length": max_positions,
+        "clean_up_tokenization_spaces": False,
+        "add_prefix_space": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n", "utf-8")
+    gen = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", "utf-8")
+    return path
+
+
+def _tiny_recipe() -> str:
+    corpus = "".join(tiny_corpus())
+    ident = {"recipe": TINY_RECIPE_VERSION, "seed": TINY_SEED, "corpus": hashlib.sha256(corpus.encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def ensure_tiny(settings: Settings) -> Path:
+    """Build data/models/luna-tiny if missing or built by a different recipe; return its directory.
+
+    Built in a temp dir and renamed into place under a lock, so concurrent callers never see half a model.
+    """
+    target = settings.models_dir / TINY_ID
+    manifest = target / "luna-tiny.json"
+    recipe = _tiny_recipe()
+    if _manifest_recipe(manifest) == recipe:
+        return target
+    with file_lock(settings.models_dir / f".{TINY_ID}.lock"):
+        if _manifest_recipe(manifest) == recipe:
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_ID}.", dir=settings.models_dir))
+        try:
+            build_tiny_model(tmp)
+            atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
+            if target.exists():
+                old = target.with_name(f".{TINY_ID}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _manifest_recipe(manifest: Path) -> str | None:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("recipe")
+    except (OSError, ValueError):
+        return None
+
+
+# --- resolving and loading ------------------------------------------------------------------------
+
+
+def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
+    """Find the base model's local directory (building luna-tiny if needed) and compute its identity."""
+    ref = ref or settings.base_model
+    revision = None
+    if ref == TINY_ID:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = ensure_tiny(settings)
+    elif Path(ref).expanduser().is_dir():
+        path = Path(ref).expanduser().resolve()
+    elif _HUB_ID.match(ref):
+        path, revision = _from_hub(ref)
+    else:
+        raise UsageError(f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'.")
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"Base model {ref!r} has no config.json in {path}.")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise UsageError(f"Base model {ref!r} has no safetensors weights in {path} (other formats are refused).")
+    config_bytes = config.read_bytes()
+    return BaseModelInfo(
+        id=ref,
+        path=str(path),
+        revision=revision,
+        config_sha256=hashlib.sha256(config_bytes).hexdigest(),
+        fingerprint=_fingerprint(config_bytes, path, weights),
+    )
+
+
+def _from_hub(repo_id: str) -> tuple[Path, str | None]:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo_id, allow_patterns=_ALLOW, local_files_only=constants.HF_HUB_OFFLINE)
+    except LocalEntryNotFoundError as exc:
+        raise UsageError(
+            f"Base model {repo_id!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE)."
+        ) from exc
+    except Exception as exc:  # network, auth, missing repo: one sentence, not a traceback
+        raise UsageError(f"Base model {repo_id!r} could not be fetched: {exc}") from exc
+    path = Path(local)
+    # Hub cache snapshots live in snapshots/<commit>/: that commit is the revision.
+    revision = path.name if path.parent.name == "snapshots" else None
+    return path, revision
+
+
+def _fingerprint(config_bytes: bytes, path: Path, weights: list[Path]) -> str:
+    """sha256 over config.json, the weights index and each weights file's header, size and sampled content.
+
+    Reading every byte of a multi-GB model on each run would cost seconds; the safetensors header (names,
+    shapes, dtypes, offsets) plus 1 MiB samples at the start, middle and end tell bases apart in practice.
+    Files up to 8 MiB (luna-tiny) are hashed in full.
+    """
+    h = hashlib.sha256()
+    h.update(config_bytes)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        h.update(index.read_bytes())
+    for w in weights:
+        size = w.stat().st_size
+        h.update(f"{w.name}:{size}".encode())
+        with open(w, "rb") as fh:
+            if size <= 8 << 20:
+                h.update(fh.read())
+                continue
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 64 << 20)))
+            for pos in (0, size // 2, max(0, size - (1 << 20))):
+                fh.seek(pos)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def load_tokenizer(ref: str | BaseModelInfo | None, settings: Settings):  # -> PreTrainedTokenizerBase
+    """The base model's fast tokenizer with its chat template; refuses tokenizers without a chat template."""
+    from transformers import AutoTokenizer
+
+    info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)
+    try:
+        tok = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise UsageError(f"The tokenizer of base model {info.id!r} could not be loaded: {exc}") from exc
+    if not getattr(tok, "is_fast", False):
+        raise UsageError(f"Base model {info.id!r} has no fast tokenizer (tokenizer.json); lunatrain needs one.")
+    if not tok.chat_template:
+        raise UsageError(f"Base model {info.id!r} has no chat template; use an instruct/chat model or luna-tiny.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is masked out anyway; a pad id just has to exist
+    return tok
+
+
+def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None):
+    """Load the base causal LM from safetensors onto `device` (`dtype`: torch dtype or None for float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)
+    hf_logging.disable_progress_bar()  # lunatrain shows its own progress; the per-tensor bar is noise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            info.path,
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise UsageError(f"Base model {info.id!r} could not be loaded: {exc}") from exc
+    return model.to(device)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available, else cpu; `cuda` without a GPU is a usage error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
+    return device
+
+
+def device_info() -> dict[str, Any]:
+    """What the trainer's health endpoint reports: device type and name, memory, bf16 support."""
+    import torch
+
+    info: dict[str, Any] = {"cudaAvailable": torch.cuda.is_available(), "torch": torch.__version__}
+    if info["cudaAvailable"]:
+        idx = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(idx)
+        info |= {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(idx),
+            "count": torch.cuda.device_count(),
+            "memoryTotal": int(total),
+            "memoryFree": int(free),
+            "bf16": bool(torch.cuda.is_bf16_supported()),
+        }
+    else:
+        import platform
+
+        import psutil
+
+        vm = psutil.virtual_memory()
+        info |= {
+            "type": "cpu",
+            "name": platform.processor() or platform.machine(),
+            "count": 1,
+            "threads": torch.get_num_threads(),
+            "memoryTotal": int(vm.total),
+            "memoryFree": int(vm.available),
+            "bf16": False,  # CPU bf16 autocast is slow on most CPUs; training stays float32
+        }
+    return info
+
+
+# --- identity hashes ------------------------------------------------------------------------------
+
+
+def tokenizer_hash(tok: Any) -> str:
+    """sha256 of the tokenizer's full definition (vocab, merges, normalizer, special tokens)."""
+    backend = tok.backend_tokenizer.to_str() if getattr(tok, "backend_tokenizer", None) else repr(tok.get_vocab())
+    specials = json.dumps({"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token}, sort_keys=True)
+    return hashlib.sha256((backend + "\0" + specials).encode("utf-8")).hexdigest()
+
+
+def template_hash(tok: Any) -> str:
+    template = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template, sort_keys=True)
+    return hashlib.sha256((template or "").encode("utf-8")).hexdigest()

@@ -1,0 +1,268 @@
+"""Chat tokenization with assistant-only labels, and the tokenized-data cache shared by preflight and training.
+
+Which tokens train: the content of **every** assistant turn plus the end-of-turn token that closes it
+(so the model learns to stop); system and user turns, role headers and the template's glue are masked
+with -100. Training all assistant turns (not only the last) is what chat fine-tuning tools do by default;
+a multi-turn example then teaches each of its answers in context.
+
+How the spans are found, for any chat template: the conversation is rendered once as text and tokenized
+once (with character offsets); each assistant turn's character span is found by rendering the prefix
+before it with `add_generation_prompt=True` (where the answer starts) and the prefix including it (where
+the turn ends). Labels come from that single tokenization, so BPE merges across a span boundary can never
+shift them. Templates that re-render earlier turns differently (so a prefix is not a prefix of the whole)
+fall back to locating each answer's text in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .fsio import atomic_write_bytes
+from .settings import Settings
+
+IGNORE = -100
+SPLITS = ("train", "val", "test")
+CACHE_FORMAT = 1  # bump when Encoded or the masking rule changes
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the token is not trained
+    truncated: bool = False  # the rendered conversation was longer than max_seq_length
+    full_length: int = 0  # token count before truncation
+    hash: str = ""  # the export record's hash (which samples an adapter was trained on)
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _render(tokenizer: Any, messages: list[dict], *, gen_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character span of each assistant turn's trained text
+    (content + end-of-turn token)."""
+    text = _render(tokenizer, messages, gen_prompt=False)
+    eot = tokenizer.eos_token or ""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        content = str(msg.get("content") or "")
+        span = _span_by_prefix(tokenizer, messages, i, text, content, eot)
+        if span is None:
+            span = _span_by_search(text, content, eot, cursor)
+        if span is None:
+            raise UsageError(f"The chat template drops or rewrites assistant turn {i + 1}; it cannot be trained on.")
+        spans.append(span)
+        cursor = span[1]
+    return text, spans
+
+
+def _span_by_prefix(tok: Any, messages: list[dict], i: int, text: str, content: str, eot: str):
+    try:
+        before = _render(tok, messages[:i], gen_prompt=True) if i else None
+        upto = _render(tok, messages[: i + 1], gen_prompt=False)
+    except Exception:  # templates that refuse partial conversations (e.g. must end with a user turn)
+        return None
+    if before is None:  # no prefix to render: the answer starts where its own header ends
+        start = upto.find(content.strip()) if content.strip() else -1
+        if start < 0:
+            return None
+    else:
+        if not (upto.startswith(before) and text.startswith(upto)):
+            return None
+        start = len(before)
+    return start, _turn_end(upto, start, content, eot)
+
+
+def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
+    """End of the trained text: just after the end-of-turn token that follows the content when there is one
+    (the newline a template puts after it is never generated, so it is not trained)."""
+    stripped = content.strip()
+    at = rendered.find(stripped, start) if stripped else start
+    after = at + len(stripped) if at >= 0 else start
+    if eot:
+        k = rendered.find(eot, after)
+        if k >= 0 and not rendered[after:k].strip():
+            return k + len(eot)
+    return len(rendered.rstrip()) if at < 0 else max(after, start)
+
+
+def _span_by_search(text: str, content: str, eot: str, cursor: int):
+    stripped = content.strip()
+    if not stripped:
+        return None
+    at = text.find(stripped, cursor)
+    if at < 0:
+        return None
+    return at, _turn_end(text, at, content, eot)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], max_seq_length: int, *, hash: str = "") -> Encoded:
+    """Tokenize one conversation with its chat template; labels only on assistant content + end of turn.
+
+    Longer conversations are cut to `max_seq_length` tokens from the end (`truncated=True`); the beginning
+    (system prompt and first turns) is kept because the answer depends on it.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    s = 0
+    for j, (a, _b) in enumerate(enc["offset_mapping"]):
+        while s < len(spans) and a >= spans[s][1]:
+            s += 1
+        if s < len(spans) and spans[s][0] <= a < spans[s][1]:
+            labels[j] = ids[j]
+    full = len(ids)
+    return Encoded(ids[:max_seq_length], labels[:max_seq_length], full > max_seq_length, full, hash)
+
+
+# --- the tokenized cache --------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedTier:
+    tier: str
+    key: str  # cache key: dataset fingerprint + tokenizer + template + max length
+    fingerprint: str  # the dataset fingerprint the tokens came from
+    max_seq_length: int
+    cache_hit: bool
+    path: Path
+    splits: dict[str, list[Encoded]] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def train(self) -> list[Encoded]:
+        return self.splits.get("train", [])
+
+    @property
+    def val(self) -> list[Encoded]:
+        return self.splits.get("val", [])
+
+    @property
+    def test(self) -> list[Encoded]:
+        return self.splits.get("test", [])
+
+
+def cache_key(fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_seq_length: int) -> str:
+    ident = {
+        "format": CACHE_FORMAT,
+        "fingerprint": fingerprint,
+        "tier": tier,
+        "tokenizer": tok_hash,
+        "template": tmpl_hash,
+        "maxSeqLength": max_seq_length,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length: int, *, data: Any = None) -> TokenizedTier:
+    """Tokenized train/val/test of an exported tier, from the cache when the same data, tokenizer, template
+    and max length were tokenized before. `data` (a TierData) skips re-reading the export."""
+    from .models import template_hash, tokenizer_hash
+
+    if data is None:
+        from .export import read_tier
+
+        data = read_tier(settings, tier)
+    key = cache_key(data.fingerprint, tier, tokenizer_hash(tokenizer), template_hash(tokenizer), max_seq_length)
+    path = settings.cache_dir / "tokens" / f"{tier}-{key[:32]}.safetensors"
+    splits = _read_cache(path, key)
+    hit = splits is not None
+    if splits is None:
+        splits = {
+            name: [
+                encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")))
+                for rec in getattr(data, name)
+            ]
+            for name in SPLITS
+        }
+        _write_cache(path, key, splits)
+    stats = {name: split_stats(items) for name, items in splits.items()}
+    return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats)
+
+
+def split_stats(items: list[Encoded]) -> dict[str, Any]:
+    lengths = sorted(e.full_length for e in items)
+    sup = [e.n_supervised for e in items]
+
+    def pct(p: float) -> int:
+        return lengths[min(len(lengths) - 1, int(p * (len(lengths) - 1) + 0.5))] if lengths else 0
+
+    return {
+        "count": len(items),
+        "tokens": sum(len(e) for e in items),
+        "supervisedTokens": sum(sup),
+        "truncated": sum(1 for e in items if e.truncated),
+        "noSupervised": sum(1 for s in sup if s == 0),
+        "minLength": lengths[0] if lengths else 0,
+        "medianLength": int(statistics.median(lengths)) if lengths else 0,
+        "p95Length": pct(0.95),
+        "maxLength": lengths[-1] if lengths else 0,
+    }
+
+
+def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]]) -> None:
+    """One safetensors file (no pickle): per split the flat ids and labels, offsets, flags and hashes."""
+    import torch
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, items in splits.items():
+        lengths = [len(e) for e in items]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        tensors[f"{name}.input_ids"] = torch.tensor([t for e in items for t in e.input_ids], dtype=torch.int32)
+        tensors[f"{name}.labels"] = torch.tensor([t for e in items for t in e.labels], dtype=torch.int32)
+        tensors[f"{name}.offsets"] = torch.tensor(offsets, dtype=torch.int64)
+        tensors[f"{name}.truncated"] = torch.tensor([e.truncated for e in items], dtype=torch.uint8)
+        tensors[f"{name}.full_length"] = torch.tensor([e.full_length for e in items], dtype=torch.int64)
+        hashes = "\n".join(e.hash for e in items).encode("utf-8")
+        tensors[f"{name}.hashes"] = torch.frombuffer(bytearray(hashes), dtype=torch.uint8) if hashes else torch.zeros(0, dtype=torch.uint8)
+    atomic_write_bytes(path, save(tensors, metadata={"key": key, "format": str(CACHE_FORMAT)}))
+
+
+def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("key") != key:
+                return None
+            splits = {}
+            for name in SPLITS:
+                ids = fh.get_tensor(f"{name}.input_ids").tolist()
+                labels = fh.get_tensor(f"{name}.labels").tolist()
+                offsets = fh.get_tensor(f"{name}.offsets").tolist()
+                trunc = fh.get_tensor(f"{name}.truncated").tolist()
+                full = fh.get_tensor(f"{name}.full_length").tolist()
+                raw = fh.get_tensor(f"{name}.hashes").numpy().tobytes().decode("utf-8")
+                n = len(offsets) - 1
+                hashes = raw.split("\n") if n else []
+                if len(hashes) != n:
+                    hashes = [""] * n
+                splits[name] = [
+                    Encoded(ids[a:b], labels[a:b], bool(trunc[i]), int(full[i]), hashes[i])
+                    for i, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False))
+                ]
+            return splits
+    except Exception:  # a damaged or foreign cache file is simply rebuilt
+        return None

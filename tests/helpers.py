@@ -1,0 +1,108 @@
+"""Test helpers shared by several test modules: a small, realistic export written in the export's format.
+
+`write_export(settings)` writes data/training/assistant-sft-*.jsonl and the summary the way `lunatrain
+export` does (OpenAI chat records with id/hash/source/split), so training and preflight tests can run
+without a database. `tier_data(...)` gives the same records as an in-memory TierData-like object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SYSTEM = "Du bist Luna, eine freundliche persönliche Assistentin. Antworte kurz und genau."
+
+_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Greta", "Hannes", "Ida", "Jonas", "Lena", "Max"]
+_CITIES = ["Berlin", "Hamburg", "München", "Köln", "Leipzig", "Dresden", "Bremen", "Wien", "Zürich", "Graz"]
+_DAYS = ["Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag", "Samstag", "Sonntag"]
+_COLORS = ["blau", "grün", "rot", "gelb", "schwarz", "weiß"]
+
+
+def _samples(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(source, prompt, response) triples in a few recurring patterns, German and English, varied lengths."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = i % 6
+        name, city, day = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_DAYS)
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        if kind == 0:
+            out.append(("curated", f"Was ist {a} + {b}?", f"{a} + {b} = {a + b}."))
+        elif kind == 1:
+            out.append(("curated", f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
+        elif kind == 2:
+            out.append(("memory", f"Wo wohnt {name}?", f"{name} wohnt in {city}."))
+        elif kind == 3:
+            out.append(
+                ("curated", f"Erinnere mich am {day} an den Termin mit {name}.",
+                 f"Gern. Ich erinnere dich am {day} an deinen Termin mit {name}.")
+            )
+        elif kind == 4:
+            color = rng.choice(_COLORS)
+            out.append(("memory", f"Welche Farbe mag {name}?", f"{name} mag am liebsten {color}."))
+        else:
+            items = rng.sample(["Milch", "Brot", "Eier", "Äpfel", "Kaffee", "Butter", "Käse", "Reis"], rng.randint(2, 6))
+            out.append(
+                ("curated", "Schreib mir eine kurze Einkaufsliste: " + ", ".join(items) + ".",
+                 "Einkaufsliste:\n" + "\n".join(f"- {x}" for x in items))
+            )
+    return out
+
+
+def make_records(n: int = 120, *, seed: int = 0, val_every: int = 8, multi_turn_every: int = 10) -> list[dict]:
+    """Export records in the export's format; every `val_every`-th sample is in the val split."""
+    records = []
+    for i, (source, prompt, response) in enumerate(_samples(n, seed)):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": response}]
+        if multi_turn_every and i % multi_turn_every == multi_turn_every - 1:
+            messages += [{"role": "user", "content": "Danke!"}, {"role": "assistant", "content": "Gern geschehen."}]
+        h = hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+        records.append({
+            "messages": messages, "id": i + 1, "hash": h, "source": source,
+            "split": "val" if i % val_every == val_every - 1 else "train",
+            "conversation_id": None, "tags": [], "rating": None,
+        })
+    return records
+
+
+@dataclass
+class TierData:
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    fingerprint: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def tier_data(records: list[dict]) -> TierData:
+    by = {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
+    fp = hashlib.sha256("\n".join(r["hash"] for r in records).encode()).hexdigest()
+    return TierData(by["train"], by["val"], by["test"], fp, {"fingerprint": fp, "counts": {k: len(v) for k, v in by.items()}})
+
+
+def _jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records), "utf-8")
+
+
+def write_export(settings: Any, records: list[dict] | None = None) -> TierData:
+    """Write the tier files and summary under settings.training_dir; return the data of all records (the merged tier)."""
+    records = make_records() if records is None else records
+    d: Path = settings.training_dir
+    d.mkdir(parents=True, exist_ok=True)
+    curated = [r for r in records if r["source"] == "curated"]
+    memory = [r for r in records if r["source"] == "memory"]
+    _jsonl(d / "assistant-sft-curated.jsonl", curated)
+    for split in ("train", "val", "test"):
+        _jsonl(d / f"assistant-sft-curated-{split}.jsonl", [r for r in curated if r["split"] == split])
+    _jsonl(d / "assistant-sft-memory.jsonl", memory)
+    _jsonl(d / "assistant-sft.jsonl", records)
+    data = tier_data(records)
+    summary = {"fingerprint": data.fingerprint, "tiers": {
+        "curated": {"count": len(curated)}, "memory": {"count": len(memory)}, "merged": {"count": len(records)}}}
+    (d / "assistant-sft-summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
+    return data

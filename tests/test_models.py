@@ -1,0 +1,92 @@
+"""Base model loading and the built-in luna-tiny model. Run: `pytest tests/test_models.py -q`."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from lunatrain import models
+from lunatrain.errors import UsageError
+from lunatrain.settings import load_settings
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_luna_tiny_is_built_with_identical_bytes(settings, tmp_path):
+    first = models.resolve_base(None, settings)
+    other = load_settings(home=tmp_path / "other")
+    second = models.resolve_base("luna-tiny", other)
+    assert first.path != second.path
+    files = _digest(Path(first.path))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert files == _digest(Path(second.path))
+    assert first.fingerprint == second.fingerprint and len(first.fingerprint) == 64
+    # a second resolve reuses the model instead of rebuilding it
+    mtime = Path(first.path, "model.safetensors").stat().st_mtime_ns
+    assert models.resolve_base(None, settings).fingerprint == first.fingerprint
+    assert Path(first.path, "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_luna_tiny_loads_as_a_chat_model(settings):
+    tok = models.load_tokenizer(None, settings)
+    model = models.load_model(None, settings, "cpu")
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == model.config.eos_token_id
+    assert len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) == 1
+    msgs = [{"role": "user", "content": "Hallo Luna"}, {"role": "assistant", "content": "Hallo!"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<|im_start|>user\nHallo Luna<|im_end|>\n<|im_start|>assistant\nHallo!<|im_end|>\n"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+    assert model.config.vocab_size >= len(tok)
+
+
+def test_builder_sizes_and_changes_fingerprint(tmp_path):
+    corpus = ["Luna hilft gern. Luna helps.\n"] * 50
+    small = models.build_tiny_model(tmp_path / "a", hidden=32, layers=1, heads=2, kv_heads=1, corpus=corpus)
+    wider = models.build_tiny_model(tmp_path / "b", hidden=64, layers=1, heads=2, kv_heads=1, corpus=corpus)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(small).hidden_size == 32
+    assert AutoConfig.from_pretrained(wider).hidden_size == 64
+    s = load_settings(home=tmp_path)
+    assert models.resolve_base(str(small), s).fingerprint != models.resolve_base(str(wider), s).fingerprint
+
+
+def test_bad_base_models_are_refused(settings, tmp_path):
+    with pytest.raises(UsageError, match="neither"):
+        models.resolve_base("no such model", settings)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="config.json"):
+        models.resolve_base(str(empty), settings)
+    (empty / "config.json").write_text("{}")
+    (empty / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UsageError, match="safetensors"):
+        models.resolve_base(str(empty), settings)
+
+
+def test_hashes_follow_tokenizer_and_template(settings):
+    tok = models.load_tokenizer(None, settings)
+    th, tmh = models.tokenizer_hash(tok), models.template_hash(tok)
+    assert th == models.tokenizer_hash(models.load_tokenizer(None, settings))
+    tok.chat_template = tok.chat_template + "{# changed #}"
+    assert models.template_hash(tok) != tmh and models.tokenizer_hash(tok) == th
+
+
+def test_device_info_reports_cpu_or_cuda():
+    info = models.device_info()
+    assert info["type"] in {"cpu", "cuda"} and info["cudaAvailable"] == (info["type"] == "cuda")
+    assert info["memoryTotal"] > 0 and isinstance(info["bf16"], bool) and info["name"]
+    assert models.resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert models.resolve_device("auto") == "cpu"
+        with pytest.raises(UsageError, match="cuda"):
+            models.resolve_device("cuda")

@@ -1,0 +1,99 @@
+"""Chat tokenization, label masking and the tokenized cache. Run: `pytest tests/test_tokens.py -q`."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import make_records, tier_data
+
+from lunatrain import models
+from lunatrain.tokens import IGNORE, encode_chat, tokenize_tier
+
+CONVO = [
+    {"role": "system", "content": "Du bist Luna."},
+    {"role": "user", "content": "Wie viel ist 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "Und auf Englisch?"},
+    {"role": "assistant", "content": "Two plus two is four."},
+]
+
+
+@pytest.fixture
+def tok(settings):
+    return models.load_tokenizer(None, settings)
+
+
+def _runs(enc):
+    """Contiguous runs of supervised positions, as (start, end) index pairs."""
+    runs, start = [], None
+    for i, lab in enumerate(enc.labels + [IGNORE]):
+        if lab != IGNORE and start is None:
+            start = i
+        elif lab == IGNORE and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_only_assistant_content_and_end_of_turn_are_trained(tok):
+    enc = encode_chat(tok, CONVO, 512)
+    runs = _runs(enc)
+    assert [tok.decode(enc.input_ids[a:b]) for a, b in runs] == ["2 + 2 = 4.<|im_end|>", "Two plus two is four.<|im_end|>"]
+    # labels are the tokens themselves where trained (the shift happens in the loss)
+    assert all(lab in (IGNORE, tid) for lab, tid in zip(enc.labels, enc.input_ids, strict=True))
+    assert not enc.truncated and enc.full_length == len(enc)
+    # the newline after <|im_end|> and the next turn's header are not trained
+    a, b = runs[0]
+    assert enc.labels[b] == IGNORE and enc.input_ids[b - 1] == tok.eos_token_id
+
+
+def test_labels_line_up_with_piecewise_tokenization(tok):
+    """Tokenizing the whole conversation equals tokenizing its prompt/answer pieces one by one, so the
+    trained span is exactly the answer's own tokens (no BPE merge across a boundary)."""
+    from lunatrain.tokens import assistant_spans
+
+    text, spans = assistant_spans(tok, CONVO)
+    cuts = [0] + [c for span in spans for c in span] + [len(text)]
+    pieces = [tok(text[a:b], add_special_tokens=False)["input_ids"] for a, b in zip(cuts, cuts[1:], strict=False)]
+    enc = encode_chat(tok, CONVO, 512)
+    assert enc.input_ids == [t for p in pieces for t in p]
+    assert [enc.input_ids[a:b] for a, b in _runs(enc)] == [pieces[1], pieces[3]]
+
+
+def test_templates_that_rewrite_earlier_turns_fall_back_to_search(tok):
+    # Renders the turn count in every header, so a shorter prefix is not a prefix of the whole text.
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ loop.length }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    enc = encode_chat(tok, CONVO, 512)
+    assert [tok.decode(enc.input_ids[a:b]) for a, b in _runs(enc)] == ["2 + 2 = 4.<|im_end|>", "Two plus two is four.<|im_end|>"]
+
+
+def test_truncation_is_flagged(tok):
+    enc = encode_chat(tok, CONVO, 16)
+    assert enc.truncated and len(enc) == 16 and enc.full_length > 16 and len(enc.labels) == 16
+
+
+def test_cache_hits_on_the_same_inputs_and_misses_on_changes(settings, tok):
+    data = tier_data(make_records(24))
+    first = tokenize_tier(settings, "curated", tok, 128, data=data)
+    assert not first.cache_hit and first.path.is_file() and first.path.is_relative_to(settings.cache_dir)
+    assert first.stats["train"]["count"] == len(data.train) and first.stats["val"]["count"] == len(data.val)
+    assert first.path.read_bytes()[8:9] == b"{"  # a safetensors header, never a pickle
+    again = tokenize_tier(settings, "curated", tok, 128, data=data)
+    assert again.cache_hit and again.key == first.key
+    assert [(e.input_ids, e.labels, e.hash, e.truncated) for e in again.train] == [
+        (e.input_ids, e.labels, e.hash, e.truncated) for e in first.train
+    ]
+    assert tokenize_tier(settings, "curated", tok, 64, data=data).cache_hit is False
+    tok.chat_template += "{# other template #}"
+    assert tokenize_tier(settings, "curated", tok, 128, data=data).cache_hit is False
+
+
+def test_a_damaged_cache_file_is_rebuilt(settings, tok):
+    data = tier_data(make_records(12))
+    first = tokenize_tier(settings, "curated", tok, 128, data=data)
+    first.path.write_bytes(b"garbage")
+    again = tokenize_tier(settings, "curated", tok, 128, data=data)
+    assert not again.cache_hit and [e.input_ids for e in again.train] == [e.input_ids for e in first.train]
+    assert tokenize_tier(settings, "curated", tok, 128, data=data).cache_hit
