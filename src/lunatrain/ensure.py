@@ -1,0 +1,144 @@
+"""Ensure the trainer: return its health, starting it first when it is not reachable (guide §"Ensure").
+
+One function for the assistant API (`?ensureTrainer=true`, the start endpoints) and the CLI
+(`--ensure-trainer`). The trainer is started detached — its own session, so it outlives the caller and a
+Ctrl-C in the caller's terminal never reaches it — on the host and port of ASSISTANT_LORA_TRAINER_URL, or
+by ASSISTANT_LORA_TRAINER_START_CMD (split like a shell would, never run through one). Its output goes to
+`reports/training/trainer.log`, its pid to `reports/training/trainer.pid`.
+
+Concurrent callers (threads or processes) start one trainer: check-and-start runs under a file lock, and
+whoever gets the lock second finds the first one's trainer healthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import trainer_client
+from .errors import ServiceUnavailable, UsageError
+from .fsio import atomic_write_text, file_lock
+from .jobs import Health, now_iso
+from .settings import Settings
+
+_POLL_S = 0.25
+_started: list[subprocess.Popen[bytes]] = []  # kept so that exited trainers get reaped, not left as zombies
+
+
+def log_path(settings: Settings) -> Path:
+    return settings.reports_training_dir / "trainer.log"
+
+
+def pid_path(settings: Settings) -> Path:
+    return settings.reports_training_dir / "trainer.pid"
+
+
+def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit: bool = False) -> Health:
+    """The trainer's health; start it and wait (at most `timeout`, default ASSISTANT_LORA_ENSURE_TIMEOUT)
+    when it does not answer.
+
+    With ASSISTANT_LORA_ENSURE_ON_DEMAND=false nothing is started and an unreachable trainer is a
+    ServiceUnavailable — unless `explicit` (the user asked for it: `--ensure-trainer`, `?ensureTrainer=true`).
+    """
+    _reap()
+    health = trainer_client.probe(settings)
+    if health is not None:
+        return health
+    if not settings.lora_ensure_on_demand and not explicit:
+        raise ServiceUnavailable(
+            f"The trainer at {settings.lora_trainer_url} is not reachable and starting it on demand is off "
+            "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`."
+        )
+    timeout = settings.lora_ensure_timeout if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    with file_lock(settings.data_dir / "trainer" / "ensure.lock"):
+        # Another caller may have started it while we waited for the lock.
+        health = trainer_client.probe(settings, timeout=1.0)
+        if health is not None:
+            return health
+        if time.monotonic() >= deadline:
+            raise _timeout(settings, timeout)
+        proc = start_trainer(settings)
+        return _wait_healthy(settings, proc, deadline, timeout)
+
+
+def start_argv(settings: Settings) -> list[str]:
+    if settings.lora_trainer_start_cmd:
+        try:
+            argv = shlex.split(settings.lora_trainer_start_cmd)
+        except ValueError as exc:
+            raise UsageError(f"Invalid ASSISTANT_LORA_TRAINER_START_CMD: {exc}.") from None
+        if not argv:
+            raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
+        return argv
+    host, port = trainer_client.trainer_address(settings)
+    return [sys.executable, "-m", "lunatrain.trainer_service", "--host", host, "--port", str(port)]
+
+
+def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
+    """Start the trainer detached, logging to trainer.log; does not wait for it."""
+    argv = start_argv(settings)
+    log = log_path(settings)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ASSISTANT_HOME=str(settings.home))
+    # An uninstalled checkout still starts the same lunatrain as the caller's.
+    src = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    with open(log, "ab") as fh:
+        fh.write(f"\n--- {now_iso()} starting trainer: {shlex.join(argv)}\n".encode())
+        fh.flush()
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                cwd=settings.home, env=env, start_new_session=True,
+            )
+        except OSError as exc:
+            raise ServiceUnavailable(f"Could not start the trainer ({shlex.join(argv)}): {exc}.") from None
+    _started.append(proc)
+    atomic_write_text(pid_path(settings), f"{proc.pid}\n")
+    return proc
+
+
+def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> Health:
+    rel_log = _rel(settings, log_path(settings))
+    while True:
+        health = trainer_client.probe(settings, timeout=1.0)
+        if health is not None:
+            return health
+        code = proc.poll()
+        # Exit 0 may be a start command that daemonizes and returns; keep polling for that one.
+        if code not in (None, 0):
+            raise ServiceUnavailable(
+                f"The trainer exited while starting (status {code}); see {rel_log} for why."
+            )
+        if time.monotonic() >= deadline:
+            if proc.poll() is None:  # half-started: do not leave it behind to confuse the next attempt
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise _timeout(settings, timeout)
+        time.sleep(_POLL_S)
+
+
+def _timeout(settings: Settings, timeout: float) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"The trainer did not become healthy at {settings.lora_trainer_url} within {timeout:g}s; "
+        f"see {_rel(settings, log_path(settings))}."
+    )
+
+
+def _rel(settings: Settings, path: Path) -> Path:
+    return path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
+
+
+def _reap() -> None:
+    for proc in list(_started):
+        if proc.poll() is not None:
+            with contextlib.suppress(ValueError):  # another thread reaped it first
+                _started.remove(proc)

@@ -1,0 +1,388 @@
+"""Training jobs: the wire models (job, event, health), the states, and their SQLite persistence.
+
+A job follows the OpenAI fine-tuning states: `validating -> queued -> running -> succeeded | failed |
+cancelled`, with `cancelling` while a running job's child process is being stopped. The trainer service is
+the only writer; jobs and their append-only event log live in `data/trainer/jobs.db` (WAL) so that a
+restarted trainer still knows every job and every event. Nothing here imports torch or FastAPI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from .errors import Conflict, NotFound
+from .params import LoraParams
+
+Status = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"validating", "queued", "running", "cancelling"})
+# Idempotency keys: what a client may send as `requestId` (no spaces, no path characters, bounded).
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+JOB_ID_PREFIX = "ftjob-"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None (json.dumps would write `NaN`, which no JSON parser accepts)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+class WireModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown keys from the other side are ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class Progress(WireModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float = 0.0
+    tokens_per_sec: float | None = None
+    eta_seconds: float | None = None
+    loss: float | None = None
+
+
+class AdapterRef(WireModel):
+    name: str
+    version: str
+    path: str
+
+
+class JobError(WireModel):
+    code: str
+    message: str
+
+
+class Job(WireModel):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    status: Status
+    request_id: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    params: dict[str, Any]
+    progress: Progress = Field(default_factory=Progress)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    adapter: AdapterRef | None = None
+    error: JobError | None = None
+    gate: dict[str, Any] | None = Field(default=None, description="eval-gate outcome after a successful run")
+    attempts: int = Field(default=0, description="child processes started for this job (>1 after a resume)")
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def lora_params(self) -> LoraParams:
+        return LoraParams.model_validate(self.params)
+
+
+class Event(WireModel):
+    """One entry of a job's append-only log; `seq` is the cursor for `GET /jobs/{id}/events?after=N`."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    seq: int
+    created_at: str
+    type: str
+
+
+class EventPage(WireModel):
+    object: Literal["list"] = "list"
+    data: list[Event]
+    has_more: bool
+    last_seq: int = Field(description="pass as `after` to continue; unchanged when no new events")
+
+
+class JobList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+
+
+class DeviceView(WireModel):
+    type: str = "cpu"
+    name: str = "cpu"
+    memory_total: int | None = None
+    memory_free: int | None = None
+    bf16: bool = False
+
+
+class QueueView(WireModel):
+    running: int = 0
+    queued: int = 0
+
+
+class Health(WireModel):
+    status: str = "ok"
+    cuda_available: bool = False
+    device: DeviceView = Field(default_factory=DeviceView)
+    version: str = ""
+    queue: QueueView = Field(default_factory=QueueView)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,       -- FIFO order of submission
+    id TEXT NOT NULL UNIQUE,
+    request_id TEXT UNIQUE,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    params TEXT NOT NULL,
+    progress TEXT,
+    metrics TEXT,
+    adapter TEXT,
+    error TEXT,
+    gate TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,                                 -- the running child, its own process group leader
+    pid_started REAL                             -- its create time: a reused pid is never killed by mistake
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"""
+
+_JSON_COLUMNS = ("params", "progress", "metrics", "adapter", "error", "gate")
+
+
+class JobStore:
+    """The jobs database. One connection guarded by a lock: the service's request threads and its runner
+    thread share it, and SQLite serializes writers anyway."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode (only a power loss may drop the last commit).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- reading ---------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"No job {job_id!r}: list jobs with `lunatrain jobs list` (GET /jobs).")
+        return _job(row)
+
+    def list(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
+        sql, args = "SELECT * FROM jobs", []
+        if status:
+            sql, args = sql + " WHERE status = ?", [status]
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_job(r) for r in rows]
+
+    def with_status(self, *statuses: str) -> list[Job]:
+        marks = ",".join("?" * len(statuses))
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq", statuses).fetchall()
+        return [_job(r) for r in rows]
+
+    def next_queued(self) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+        return _job(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def child(self, job_id: str) -> tuple[int | None, float | None]:
+        with self._lock:
+            row = self._db.execute("SELECT pid, pid_started FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
+        self.get(job_id)  # 404 for unknown jobs rather than an empty page
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, created_at, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, after, limit + 1),
+            ).fetchall()
+        data = [Event(seq=r[0], created_at=r[1], **(json.loads(r[3]) | {"type": r[2]})) for r in rows[:limit]]
+        return EventPage(data=data, has_more=len(rows) > limit, last_seq=data[-1].seq if data else after)
+
+    # --- writing ---------------------------------------------------------------------------------
+    def create(self, params: LoraParams, request_id: str | None = None) -> tuple[Job, bool]:
+        """Insert a new job in `validating`; with a known `request_id` return that job instead.
+
+        Returns (job, created). Reusing a request id for different parameters is a Conflict: silently
+        returning the old job would hide that the new parameters were never trained.
+        """
+        wire = params.wire()
+        with self._lock, self._tx():
+            if request_id is not None:
+                row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+                if row is not None:
+                    job = _job(row)
+                    if job.params != wire:
+                        raise Conflict(
+                            f"requestId {request_id!r} was already used for job {job.id} with other parameters; "
+                            "use a new requestId."
+                        )
+                    return job, False
+            job_id = JOB_ID_PREFIX + uuid.uuid4().hex[:24]
+            self._db.execute(
+                "INSERT INTO jobs (id, request_id, status, created_at, params, progress) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, request_id, "validating", now_iso(), _dump(wire), _dump(Progress().wire())),
+            )
+            self._event(job_id, "status", {"status": "validating"})
+        return self.get(job_id), True
+
+    def set_status(self, job_id: str, status: Status, *, message: str | None = None, **fields: Any) -> Job:
+        """Move a job to `status` (and set columns in `fields`), appending a status event."""
+        cols = {"status": status} | {k: _dump(v) if k in _JSON_COLUMNS else v for k, v in fields.items()}
+        if status in TERMINAL:
+            cols.setdefault("finished_at", now_iso())
+            cols |= {"pid": None, "pid_started": None}
+        assign = ", ".join(f"{k} = ?" for k in cols)
+        data: dict[str, Any] = {"status": status}
+        if message:
+            data["message"] = message
+        if fields.get("error"):
+            data["error"] = fields["error"]
+        with self._lock, self._tx():
+            self._db.execute(f"UPDATE jobs SET {assign} WHERE id = ?", (*cols.values(), job_id))
+            self._event(job_id, "status", data)
+        return self.get(job_id)
+
+    def claim(self, job_id: str) -> bool:
+        """queued -> running, only if still queued (a cancel may have won the race); True if claimed."""
+        with self._lock, self._tx():
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), attempts = attempts + 1 "
+                "WHERE id = ? AND status = 'queued'",
+                (now_iso(), job_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(job_id, "status", {"status": "running"})
+        return True
+
+    def add_event(
+        self,
+        job_id: str,
+        type_: str,
+        data: dict[str, Any],
+        *,
+        progress: Progress | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> int:
+        """Append one event; update the job's progress snapshot / merge metrics in the same transaction."""
+        with self._lock, self._tx():
+            seq = self._event(job_id, type_, data)
+            if progress is not None:
+                self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (_dump(progress.wire()), job_id))
+            if metrics:
+                row = self._db.execute("SELECT metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                merged = (json.loads(row[0]) if row and row[0] else {}) | metrics
+                self._db.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (_dump(merged), job_id))
+        return seq
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        cols = {k: _dump(v) if k in _JSON_COLUMNS else v for k, v in fields.items()}
+        assign = ", ".join(f"{k} = ?" for k in cols)
+        with self._lock, self._tx():
+            self._db.execute(f"UPDATE jobs SET {assign} WHERE id = ?", (*cols.values(), job_id))
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a job that has not started, or mark a running one `cancelling` (the runner stops its child).
+
+        Cancelling a job already cancelled or cancelling returns it unchanged; a finished job is a Conflict.
+        """
+        with self._lock:
+            job = self.get(job_id)
+            if job.status in ("cancelled", "cancelling"):
+                return job
+            if job.status in TERMINAL:
+                raise Conflict(f"Job {job_id} already {job.status}; only queued or running jobs can be cancelled.")
+            if job.status == "running":
+                return self.set_status(job_id, "cancelling", message="cancel requested")
+            return self.set_status(job_id, "cancelled", message="cancelled before it started")
+
+    # --- internals -------------------------------------------------------------------------------
+    def _event(self, job_id: str, type_: str, data: dict[str, Any]) -> int:
+        seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+        payload = {k: v for k, v in finite(data).items() if k not in ("seq", "createdAt", "type")}
+        self._db.execute(
+            "INSERT INTO events (job_id, seq, created_at, type, data) VALUES (?, ?, ?, ?, ?)",
+            (job_id, seq, now_iso(), type_, _dump(payload)),
+        )
+        return seq
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): each write is all-or-nothing."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _dump(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, BaseModel):
+        value = value.model_dump(by_alias=True, mode="json")
+    return json.dumps(finite(value), ensure_ascii=False, sort_keys=True)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    data = {k: row[k] for k in row.keys() if k not in ("seq", "pid", "pid_started")}
+    for key in _JSON_COLUMNS:
+        data[key] = json.loads(data[key]) if data[key] else None
+    data["progress"] = data["progress"] or {}
+    data["metrics"] = data["metrics"] or {}
+    return Job.model_validate(data)
+
+
+def jobs_db_path(data_dir: Path) -> Path:
+    return data_dir / "trainer" / "jobs.db"

@@ -1,0 +1,123 @@
+"""A small typed client for the trainer service, used by the CLI and the assistant API.
+
+Every function takes the settings (trainer URL, token) first. An unreachable trainer raises
+ServiceUnavailable; the trainer's 4xx answers come back as the matching LunaError (422 -> UsageError,
+404 -> NotFound, 409 -> Conflict) carrying the trainer's own message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
+from .jobs import EventPage, Health, Job, JobList
+from .params import LoraParams
+from .settings import Settings
+
+LABEL_CUDA = "Aktiv (CUDA)"
+LABEL_CPU = "Online (CPU)"
+LABEL_OFFLINE = "Offline"
+
+
+def trainer_address(settings: Settings) -> tuple[str, int]:
+    """Host and port of ASSISTANT_LORA_TRAINER_URL (where `lunatrain trainer` listens by default)."""
+    url = urlsplit(settings.lora_trainer_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UsageError(
+            f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT."
+        )
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError as exc:
+        raise UsageError(f"Invalid port in ASSISTANT_LORA_TRAINER_URL: {exc}.") from None
+    return url.hostname, port
+
+
+def label(health: Health | None) -> str:
+    """The guide's provider label: `Aktiv (CUDA)`, `Online (CPU)` or `Offline` (health None)."""
+    if health is None:
+        return LABEL_OFFLINE
+    return LABEL_CUDA if health.cuda_available else LABEL_CPU
+
+
+def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
+    trainer_address(settings)  # a malformed URL is a usage error, not "unreachable"
+    headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    url = settings.lora_trainer_url.rstrip("/") + path
+    try:
+        # trust_env=False: a proxy from the environment must never intercept a loopback trainer.
+        with httpx.Client(timeout=timeout, trust_env=False, headers=headers) as client:
+            response = client.request(method, url, **kwargs)
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(
+            f"The trainer at {settings.lora_trainer_url} is not reachable ({type(exc).__name__}); "
+            "start it with `lunatrain trainer` or pass --ensure-trainer."
+        ) from None
+    if response.status_code >= 400:
+        raise _error(response)
+    return response
+
+
+def _error(response: httpx.Response) -> LunaError:
+    try:
+        body = response.json()
+        err = body.get("error") or {}
+        message, details = str(err.get("message") or body.get("detail") or ""), err.get("details")
+    except (ValueError, AttributeError):
+        message, details = response.text[:300], None
+    message = message or f"The trainer answered HTTP {response.status_code}."
+    status = response.status_code
+    if status == 404:
+        return NotFound(message)
+    if status == 409:
+        return Conflict(message)
+    if status == 401:
+        return UsageError(f"{message} Set ASSISTANT_API_TOKEN to the trainer's token.")
+    if status < 500:
+        return UsageError(message, details=details)
+    return ServiceUnavailable(f"The trainer failed to answer ({status}): {message}")
+
+
+def health(settings: Settings, *, timeout: float = 3.0) -> Health:
+    return Health.model_validate(_request(settings, "GET", "/health", timeout=timeout).json())
+
+
+def probe(settings: Settings, *, timeout: float = 3.0) -> Health | None:
+    """Health, or None when the trainer cannot be reached."""
+    try:
+        return health(settings, timeout=timeout)
+    except ServiceUnavailable:
+        return None
+
+
+def submit(settings: Settings, params: LoraParams, request_id: str | None = None) -> Job:
+    body = params.wire() | ({"requestId": request_id} if request_id else {})
+    return Job.model_validate(_request(settings, "POST", "/jobs", json=body).json())
+
+
+def get_job(settings: Settings, job_id: str) -> Job:
+    return Job.model_validate(_request(settings, "GET", f"/jobs/{_segment(job_id)}").json())
+
+
+def list_jobs(settings: Settings, *, limit: int = 20, status: str | None = None) -> list[Job]:
+    query: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
+    return JobList.model_validate(_request(settings, "GET", "/jobs", params=query).json()).data
+
+
+def events(settings: Settings, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
+    query = {"after": after, "limit": limit}
+    return EventPage.model_validate(_request(settings, "GET", f"/jobs/{_segment(job_id)}/events", params=query).json())
+
+
+def cancel(settings: Settings, job_id: str) -> Job:
+    return Job.model_validate(_request(settings, "POST", f"/jobs/{_segment(job_id)}/cancel").json())
+
+
+def _segment(job_id: str) -> str:
+    # Job ids are opaque tokens; refuse anything that would change the URL's path instead of naming a job.
+    if not job_id or len(job_id) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id):
+        raise UsageError(f"Invalid job id {job_id!r}.")
+    return job_id

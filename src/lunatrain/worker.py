@@ -1,0 +1,246 @@
+"""The child process that runs one LoRA job for the trainer service.
+
+    python -m lunatrain.worker --job JOBID --params '{"epochs": 1, ...}'
+
+The trainer starts one per job, in its own process group, with `ASSISTANT_HOME` set; it can also be run by
+hand to debug a job. Protocol: one JSON object per line on the original stdout — the engine's events
+(`progress`, `eval`, `log`), then exactly one `{"type": "result", "status", "adapter", "metrics", "error",
+"gate"}` as the last line. Everything else anything prints goes to stderr (the job's log file), so a stray
+`print` in a library can never corrupt the stream. A child that ends without a result line has crashed.
+
+Stopping: SIGTERM asks the engine to stop at the next step (result `cancelled`, nothing registered). When
+the parent trainer dies, the next event write fails (broken pipe) and a watchdog notices the new parent, and
+both stop the run the same way, so no orphan keeps training.
+
+Fault injection (tests only): `LUNATRAIN_FAULT=KIND` applies to every job, `LUNATRAIN_FAULT=KIND=NAME[,…]`
+only to jobs whose adapterName is NAME. KIND is one of
+  crash  the process aborts (SIGABRT) at the first progress event, like a native crash in a kernel;
+  error  an exception is raised inside the training loop at the first progress event;
+  nan    the loss turns NaN from the first step on (cross-entropy returns NaN);
+  oom    an out-of-memory error is raised at the first progress event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any
+
+from .jobs import finite
+
+FAULT_ENV = "LUNATRAIN_FAULT"
+FAULTS = ("crash", "error", "nan", "oom")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def fault_for(adapter_name: str, spec: str | None = None) -> str | None:
+    """The fault injected for a job with `adapter_name` under `LUNATRAIN_FAULT` (see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, name = item.partition("=")
+        if kind in FAULTS and (not name or name == adapter_name):
+            return kind
+    return None
+
+
+class Channel:
+    """The event stream to the parent: the original stdout, one JSON line per event, flushed each time."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, event: dict[str, Any]) -> None:
+        line = json.dumps(finite(event), ensure_ascii=False, default=str)
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.broken = True  # the trainer is gone: nobody will record anything we do from here
+
+
+def _take_stdout() -> IO[str]:
+    # Keep the real stdout for events only; fd 1 becomes stderr for everything else (C code included).
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+
+
+def _watch_parent(stop: threading.Event, parent: int) -> None:
+    def loop() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                print("worker: the trainer process is gone; stopping", file=sys.stderr, flush=True)
+                stop.set()
+                # If the engine never checks should_stop again (stuck in a long step), do not linger.
+                time.sleep(30)
+                os._exit(75)
+
+    threading.Thread(target=loop, name="parent-watchdog", daemon=True).start()
+
+
+def error_code(exc: BaseException) -> str:
+    """Map an exception from the engine to a job error code."""
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return "out_of_memory"
+    if isinstance(exc, NonFiniteLoss):
+        return "nan_loss"
+    if isinstance(exc, InjectedFault):
+        return "training_error"
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) and code else "training_error"
+
+
+def _inject_nan() -> None:
+    # A NaN from the loss function itself, so the real loop sees a real non-finite loss.
+    import torch
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+
+    def nan_cross_entropy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return real(*args, **kwargs) * float("nan")
+
+    F.cross_entropy = nan_cross_entropy  # type: ignore[assignment]
+    torch.nn.functional.cross_entropy = nan_cross_entropy  # type: ignore[assignment]
+
+
+def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: threading.Event) -> dict[str, Any]:
+    """Run the job and return the result event (never raises for a failure of the run itself)."""
+    from .params import parse_params
+    from .settings import load_settings
+
+    settings = load_settings()
+    params = parse_params(params_json)
+    fault = fault_for(params.adapter_name)
+    if fault == "nan":
+        _inject_nan()
+    nonfinite: list[float] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("type") == "progress":
+            loss = event.get("loss")
+            if isinstance(loss, float) and not math.isfinite(loss):
+                nonfinite.append(loss)
+                stop.set()  # a NaN never recovers: stop at once instead of training garbage to the end
+            if fault in ("crash", "error", "oom"):
+                _fire(fault)
+        channel.send(event)
+        if channel.broken:
+            stop.set()
+
+    from .train import run_lora
+
+    try:
+        result = run_lora(params, settings, on_event=on_event, should_stop=stop.is_set, job_id=job_id)
+    except NonFiniteLoss as exc:
+        return _failed("nan_loss", str(exc))
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
+        traceback.print_exc(file=sys.stderr)
+        if nonfinite:
+            return _failed("nan_loss", "The training loss became NaN/inf; lower the learning rate.")
+        return _failed(error_code(exc), f"{type(exc).__name__}: {exc}")
+    out = _result_dict(result)
+    if nonfinite:
+        # The engine stopped because we asked it to; the reason is the loss, not a cancel.
+        return _failed("nan_loss", f"The training loss became {nonfinite[0]} at a step; lower the learning rate.")
+    if out["status"] == "succeeded" and params.gate and out.get("adapter"):
+        out["gate"] = _gate(settings, out["adapter"], channel)
+    return out
+
+
+def _fire(fault: str) -> None:
+    if fault == "crash":
+        sys.stderr.flush()
+        os.abort()
+    if fault == "oom":
+        raise MemoryError("injected out-of-memory fault")
+    raise InjectedFault("injected training error")
+
+
+def _gate(settings: Any, adapter: dict[str, Any], channel: Channel) -> dict[str, Any]:
+    """Run the eval gate on the new version; its failure never undoes the trained adapter."""
+    try:
+        from .evalgate import gate_candidate
+    except ImportError:
+        return {"status": "skipped", "reason": "eval gate not available"}
+    channel.send({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}"})
+    try:
+        outcome = gate_candidate(settings, adapter["name"], adapter["version"], promote=True)
+    except Exception as exc:  # noqa: BLE001 - a broken gate leaves the adapter registered, inactive
+        traceback.print_exc(file=sys.stderr)
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    return finite(_as_dict(outcome))
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return obj
+    for attr in ("to_dict", "model_dump"):
+        if callable(getattr(obj, attr, None)):
+            return getattr(obj, attr)()
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    return {"value": str(obj)}
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    data = _as_dict(result)
+    return {
+        "type": "result",
+        "status": data.get("status", "failed"),
+        "adapter": data.get("adapter"),
+        "metrics": data.get("metrics") or {},
+        "error": data.get("error"),
+    }
+
+
+def _failed(code: str, message: str) -> dict[str, Any]:
+    return {"type": "result", "status": "failed", "adapter": None, "metrics": {}, "error": {"code": code, "message": message}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lunatrain.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="job id (recorded with the adapter)")
+    parser.add_argument("--params", required=True, help="LoRA parameters, JSON object (wire form)")
+    args = parser.parse_args(argv)
+    channel = Channel(_take_stdout())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _watch_parent(stop, os.getppid())
+    channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}"})
+    try:
+        result = run(args.job, json.loads(args.params), channel, stop)
+    except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
+        traceback.print_exc(file=sys.stderr)
+        result = _failed(error_code(exc) if not hasattr(exc, "exit_code") else "invalid_request", str(exc))
+    channel.send(result)
+    return 0 if result["status"] == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
