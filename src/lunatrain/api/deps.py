@@ -24,7 +24,7 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="adapter name")]
 Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=64, description="version, e.g. v3")]
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=128)]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]
 ItemId = Annotated[int, Path(ge=1, le=2**62, description="numeric id")]
 
 _DESCRIPTIONS = {

@@ -21,7 +21,7 @@ Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
 JobState = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled", "cancelling"]
 RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="client id for idempotent retries")]
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 VERSION_PATTERN = NAME_PATTERN
 Text = Annotated[str, Field(min_length=1, max_length=100_000)]
 ShortText = Annotated[str, Field(max_length=200)]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import dashboard, examples, pipeline
+from . import dashboard, examples, lora, pipeline
 
-ROUTERS = [examples.router, pipeline.router, dashboard.router]
+ROUTERS = [lora.router, examples.router, pipeline.router, dashboard.router]

@@ -1,0 +1,273 @@
+"""Security rules of the assistant API (SPEC R9), each against a real uvicorn server speaking raw HTTP, so
+nothing in a client library normalizes the request first (paths, Host, chunked bodies).
+
+Run: `.venv/bin/python -m pytest tests/test_api_security.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from lunatrain import store
+from lunatrain.api.main import create_app
+from lunatrain.api.security import check_bind, host_name
+from lunatrain.errors import UsageError
+from lunatrain.settings import load_settings
+
+TOKEN = "s3cret-token-for-tests"
+LIMIT = 2048
+
+
+class Server:
+    def __init__(self, **overrides: object) -> None:
+        settings = load_settings(max_body_bytes=LIMIT, lora_ensure_on_demand=False, **overrides)
+        settings = settings.model_copy(update={"lora_trainer_url": "http://127.0.0.1:9"})  # nothing listens there
+        self.settings = settings
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        while not self.server.started:  # startup is local and quick; the thread dies loudly on failure
+            if not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        store.dispose_stores()
+
+    def raw(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send bytes as they are; return (status, headers, body) of the response."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(request)
+            data = b""
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+                if _complete(data):
+                    break
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    def request(self, method: str, path: str, *, host: str | None = "127.0.0.1", headers: dict | None = None, body: bytes = b"") -> tuple[int, dict, dict]:
+        lines = [f"{method} {path} HTTP/1.1"]
+        if host is not None:
+            lines.append(f"Host: {host}")
+        for k, v in (headers or {}).items():
+            lines.append(f"{k}: {v}")
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}")
+            lines.append("Content-Type: application/json")
+        lines.append("Connection: close")
+        status, hdrs, raw = self.raw(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        return status, hdrs, json.loads(raw) if raw else {}
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+@pytest.fixture
+def server(home: Path) -> Iterator[Server]:
+    with Server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def token_server(home: Path) -> Iterator[Server]:
+    with Server(api_token=TOKEN) as srv:
+        yield srv
+
+
+def _example_count(settings) -> int:
+    return store.counts(settings)["totals"]["examples"]
+
+
+# --- bind and token -----------------------------------------------------------------------------
+
+
+def test_non_loopback_bind_needs_a_token() -> None:
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.20", "example.com"):
+        with pytest.raises(UsageError):
+            check_bind(host, None)
+        check_bind(host, TOKEN)
+
+
+def test_serve_on_all_interfaces_without_token_exits_2_with_one_sentence(home: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ASSISTANT_API_TOKEN"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "lunatrain"), "serve", "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=home,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "ASSISTANT_API_TOKEN" in lines[0] and lines[0].count(". ") == 0, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_token_is_required_on_every_data_request(token_server: Server) -> None:
+    path = "/assistant/training/examples"
+    assert token_server.request("GET", path)[0] == 401
+    status, headers, body = token_server.request("GET", path, headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and body["error"]["code"] == "unauthorized" and headers["www-authenticate"] == "Bearer"
+    assert token_server.request("GET", path, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
+    assert token_server.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}x"})[0] == 401
+    status, _, body = token_server.request(
+        "POST", path, headers={"Authorization": "Bearer nope"}, body=json.dumps({"prompt": "p", "response": "r"}).encode()
+    )
+    assert status == 401 and _example_count(token_server.settings) == 0  # refused requests change nothing
+    assert token_server.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    # The schema holds no data: readable without the token so /docs loads in a browser.
+    assert token_server.request("GET", "/openapi.json")[0] == 200
+
+
+# --- Host and Origin ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host,ok",
+    [
+        ("127.0.0.1", True), ("127.0.0.1:5050", True), ("localhost:1234", True), ("[::1]:5050", True),
+        ("LOCALHOST", True), ("evil.example", False), ("evil.example:5050", False), ("127.0.0.1.nip.io", False),
+        ("localhost@evil.example", False), ("", False), ("127.0.0.1:80:80", False),
+    ],
+)
+def test_host_header_allowlist(server: Server, host: str, ok: bool) -> None:
+    status, _, body = server.request("GET", "/assistant/training/examples", host=host)
+    assert (status == 200) if ok else (status == 400 and body["error"]["code"] == "bad_host")
+
+
+def test_missing_host_header_is_refused(server: Server) -> None:
+    status, _, raw = server.raw(b"GET /assistant/training/examples HTTP/1.0\r\n\r\n")
+    assert status == 400 and json.loads(raw)["error"]["code"] == "bad_host"
+
+
+def test_host_name_parsing() -> None:
+    assert host_name("[::1]:8080") == "::1" and host_name("Example.COM") == "example.com"
+    assert host_name("a:b:c") is None and host_name("x/y") is None and host_name("[::1]x") is None
+
+
+def test_cross_origin_requests_are_refused_and_no_cors_headers(server: Server) -> None:
+    body = json.dumps({"prompt": "p", "response": "r"}).encode()
+    for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example:5050"):
+        status, headers, resp = server.request("POST", "/assistant/training/examples", headers={"Origin": origin}, body=body)
+        assert status == 403 and resp["error"]["code"] == "forbidden_origin"
+        assert not any(k.startswith("access-control-") for k in headers)
+    assert _example_count(server.settings) == 0
+    status, headers, _ = server.request(
+        "OPTIONS", "/assistant/training/examples",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert status >= 400 and not any(k.startswith("access-control-") for k in headers)
+    # The dashboard itself (same origin) may post.
+    status, headers, _ = server.request(
+        "POST", "/assistant/training/examples", headers={"Origin": f"http://127.0.0.1:{server.port}"}, body=body
+    )
+    assert status == 201 and "access-control-allow-origin" not in headers
+
+
+# --- body cap -----------------------------------------------------------------------------------
+
+
+def test_oversized_body_with_content_length_is_refused_unread(server: Server) -> None:
+    body = json.dumps({"prompt": "p", "response": "x" * (LIMIT * 2)}).encode()
+    status, headers, resp = server.request("POST", "/assistant/training/examples", body=body)
+    assert status == 413 and resp["error"]["code"] == "payload_too_large" and headers.get("connection") == "close"
+    assert _example_count(server.settings) == 0
+
+
+def test_oversized_chunked_body_is_cut_off_while_streaming(server: Server) -> None:
+    payload = json.dumps({"prompt": "p", "response": "y" * (LIMIT * 3)}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i : i + 500]), payload[i : i + 500]) for i in range(0, len(payload), 500))
+    head = (
+        b"POST /assistant/training/examples HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    status, _, raw = server.raw(head + chunks + b"0\r\n\r\n")
+    assert status == 413 and json.loads(raw)["error"]["code"] == "payload_too_large"
+    assert _example_count(server.settings) == 0
+    # A chunked body under the cap is accepted: the cap counts bytes, it does not refuse chunking.
+    small = json.dumps({"prompt": "p", "response": "fine"}).encode()
+    status, _, _ = server.raw(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small))
+    assert status == 201 and _example_count(server.settings) == 1
+
+
+def test_malformed_content_length_is_a_400(server: Server) -> None:
+    status, _, raw = server.raw(
+        b"POST /assistant/training/examples HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 400
+
+
+# --- names and paths ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/assistant/training/adapters/..%2fetc",
+        "/assistant/training/adapters/%2e%2e",
+        "/assistant/training/adapters/%2e%2e/versions/v1",
+        "/assistant/training/adapters/luna/versions/..",
+        "/assistant/training/adapters/luna/versions/%2e%2e%2f%2e%2e",
+        "/assistant/training/lora/jobs/..%2f..%2fjobs.db",
+        "/assistant/training/examples/..%2f1/approve",
+        "/static/..%2f..%2fsettings.py",
+        "/static/%2e%2e/main.py",
+    ],
+)
+def test_traversal_names_are_refused(server: Server, path: str) -> None:
+    status, _, body = server.request("GET" if "approve" not in path else "POST", path)
+    assert 400 <= status < 500 and "error" in body
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"adapterName": "../x"},
+        {"adapterName": "%2e%2e"},
+        {"adapterName": ".hidden"},
+        {"baseModel": "/etc"},
+        {"baseModel": "../outside"},
+        {"baseModel": "data/../../outside"},
+        {"trustRemoteCode": True},
+        {"trust_remote_code": True},
+        {"resumeFrom": "/tmp/x.pkl"},
+        {"outputDir": "/tmp"},
+    ],
+)
+def test_start_refuses_paths_and_unknown_flags(server: Server, params: dict) -> None:
+    status, _, body = server.request("POST", "/assistant/training/lora/start", body=json.dumps(params).encode())
+    assert status == 422 and body["error"]["code"] == "invalid_request", body
