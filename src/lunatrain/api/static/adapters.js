@@ -1,0 +1,130 @@
+// The adapter registry, one table per base model (guide §7: the same export trained on several bases):
+// every version with its losses, gate result, aliases and stale mark; activate and rollback after a confirm.
+
+import { api } from "./api.js";
+import { t, formatDate, formatFloat } from "./i18n.js";
+import { h, showError, showNotice, confirmDialog } from "./ui.js";
+
+function versionNumber(version) {
+  const m = /^v(\d+)$/.exec(version ?? "");
+  return m ? Number(m[1]) : -1;
+}
+
+function gateCell(gate) {
+  if (!gate) return h("td", {}, t("gate.none"));
+  const state = gate.passed === true ? "passed" : gate.passed === false ? "failed" : "skipped";
+  const reasons = Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "";
+  return h("td", {},
+    h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
+    reasons ? h("span", { class: "gate-reasons" }, reasons) : null);
+}
+
+export class AdapterView {
+  /** `afterChange()` runs after activate/rollback (the data panel shows the active adapter too). */
+  constructor(afterChange) {
+    this.afterChange = afterChange;
+    this.groups = document.getElementById("adapter-groups");
+    this.empty = document.getElementById("adapters-empty");
+  }
+
+  async load() {
+    try {
+      const { bases = [] } = await api.adapters();
+      this.render(bases);
+    } catch (error) {
+      showError(error, t("adapters.heading"));
+    }
+  }
+
+  render(bases) {
+    const withVersions = bases.filter((b) => (b.adapters ?? []).some((a) => (a.versions ?? []).length));
+    this.empty.hidden = withVersions.length > 0;
+    this.groups.replaceChildren(...withVersions.map((base) => this.baseGroup(base)));
+  }
+
+  baseGroup(base) {
+    const name = base.baseModel ?? t("unknown");
+    const rows = [];
+    for (const adapter of [...base.adapters].sort((a, b) => a.name.localeCompare(b.name))) {
+      const versions = [...(adapter.versions ?? [])].sort((a, b) => versionNumber(b.version) - versionNumber(a.version));
+      for (const version of versions) rows.push(this.row(adapter, version));
+    }
+    const captionId = `caption-${name.replace(/[^A-Za-z0-9_-]/g, "_")}`;
+    return h("div", { class: "adapter-group", dataset: { base: name } },
+      h("h3", {}, t("adapters.base", { base: name })),
+      h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-labelledby": captionId },
+        h("table", { class: "adapters-table" },
+          h("caption", { id: captionId, class: "visually-hidden" }, t("adapters.caption", { base: name })),
+          h("thead", {}, h("tr", {}, ["name", "version", "created", "valLoss", "gate", "badges", "actions"]
+            .map((key) => h("th", { scope: "col" }, t(`adapters.${key}`))))),
+          h("tbody", {}, rows))));
+  }
+
+  row(adapter, version) {
+    const { name } = adapter;
+    const v = version.version;
+    const aliases = adapter.aliases ?? {};
+    const isActive = aliases.active === v;
+    const metrics = version.metrics ?? {};
+    const badges = [
+      isActive && h("span", { class: "badge badge-active" }, t("adapters.active")),
+      aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
+      version.stale && h("span", { class: "badge badge-stale", title: t("adapters.staleTitle") }, t("adapters.stale")),
+    ];
+    const vars = { name, version: v };
+    const actions = [
+      isActive
+        ? h("button", { type: "button", class: "small", "aria-label": t("adapters.rollbackLabel", vars),
+          onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback"))
+        : h("button", { type: "button", class: "small", "aria-label": t("adapters.activateLabel", vars),
+          onclick: (event) => this.activate(name, v, event.currentTarget) }, t("adapters.activate")),
+      h("a", { href: api.reportUrl(name, v), target: "_blank", rel: "noopener",
+        "aria-label": t("adapters.reportLabel", vars) }, t("adapters.report")),
+      h("a", { href: api.curveUrl(name, v), target: "_blank", rel: "noopener",
+        "aria-label": t("adapters.curveLabel", vars) }, t("adapters.curve")),
+    ];
+    const base = metrics.baseValLoss ?? metrics.baseLoss;
+    return h("tr", { dataset: { adapter: name, version: v }, class: isActive ? "is-active" : null },
+      h("th", { scope: "row" }, name),
+      h("td", {}, v),
+      h("td", {}, formatDate(version.created ?? version.createdAt)),
+      h("td", { class: "num" }, `${formatFloat(metrics.valLoss)} (${formatFloat(base)})`),
+      gateCell(version.gate ?? metrics.gate),
+      h("td", { class: "badges" }, badges),
+      h("td", { class: "row-actions" }, actions));
+  }
+
+  async activate(name, version, button) {
+    if (!(await confirmDialog(t("adapters.confirmActivate", { name, version })))) return;
+    button.disabled = true;
+    try {
+      await api.activate(name, version);
+      showNotice(t("adapters.activated", { name, version }));
+      await this.reloadAfterChange();
+    } catch (error) {
+      showError(error);
+      button.disabled = false;
+    }
+  }
+
+  async rollback(name, button) {
+    if (!(await confirmDialog(t("adapters.confirmRollback", { name })))) return;
+    button.disabled = true;
+    try {
+      const adapter = await api.rollback(name);
+      showNotice(t("adapters.rolledBack", { name, version: adapter?.aliases?.active ?? "–" }));
+      await this.reloadAfterChange();
+    } catch (error) {
+      showError(error);
+      button.disabled = false;
+    }
+  }
+
+  async reloadAfterChange() {
+    await this.load();
+    // The table was rebuilt, so the pressed button is gone: keep keyboard users in the panel.
+    document.getElementById("adapters-heading").setAttribute("tabindex", "-1");
+    document.getElementById("adapters-heading").focus();
+    this.afterChange();
+  }
+}

@@ -1,0 +1,102 @@
+// The assistant API as the dashboard uses it (docs/api.md). Every call either returns parsed JSON or throws
+// an ApiError carrying the server's one-sentence message, so no caller has to look at raw responses.
+
+import { t } from "./i18n.js";
+
+const BASE = "/assistant/training";
+const TOKEN_KEY = "lunatrain.apiToken";
+
+export class ApiError extends Error {
+  constructor(status, code, message, details = null) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.details = details;
+  }
+}
+
+/** A bearer token is only needed when the API runs with ASSISTANT_API_TOKEN; kept for this tab only. */
+export function setToken(token) {
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+async function request(method, path, { body, query } = {}) {
+  const url = new URL(BASE + path, location.origin);
+  for (const [key, value] of Object.entries(query ?? {})) {
+    if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, String(value));
+  }
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch {
+    throw new ApiError(0, "network", t("err.network"));
+  }
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null; // a proxy's HTML error page: fall through to the status line below
+  }
+  if (!response.ok) {
+    const err = data?.error;
+    const message = err?.message || (typeof data?.detail === "string" ? data.detail : "") ||
+      `${t("err.http", { status: response.status })} ${response.statusText}`.trim();
+    throw new ApiError(response.status, err?.code || `http_${response.status}`, message, err?.details ?? null);
+  }
+  return data;
+}
+
+const get = (path, query) => request("GET", path, { query });
+const post = (path, body) => request("POST", path, { body: body ?? {} });
+const seg = encodeURIComponent;
+
+export const api = {
+  health: (ensureTrainer = false) => get("/lora/provider-health", ensureTrainer ? { ensureTrainer: "true" } : {}),
+  dataStatus: (minCurated) => get("/status", { minCurated }),
+  exportData: () => post("/export"),
+  prepare: (body) => post("/prepare", body),
+  defaults: (profile = "luna") => get("/lora/defaults", { profile }),
+  start: (params) => post("/lora/start", params),
+  quickStart: (body) => post("/lora/quick-start", body),
+  exampleAdapter: (body) => post("/lora/example-adapter", body),
+  job: async (jobId) => normalizeJob(await get("/lora/status", { jobId })),
+  latestJob: async () => normalizeJob(await get("/lora/status")),
+  events: async (jobId, after) => normalizeEvents(await get(`/lora/jobs/${seg(jobId)}/events`, { after, limit: 500 })),
+  cancel: async (jobId) => normalizeJob(await post(`/lora/jobs/${seg(jobId)}/cancel`)),
+  adapters: () => get("/adapters"),
+  activate: (name, version) => post(`/adapters/${seg(name)}/activate`, { version }),
+  rollback: (name) => post(`/adapters/${seg(name)}/rollback`),
+  reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
+  curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
+};
+
+// The API documents `jobId`/`state`, `progress.total`/`eta` and `{events, nextCursor}`; the trainer's own
+// records say `id`/`status`, `totalSteps`/`etaSeconds`/`tokensPerSec` and `{data, lastSeq}`. Reading both
+// spellings in this one place keeps the panels simple whichever form a route passes through.
+export function normalizeJob(job) {
+  if (!job) return job;
+  const p = job.progress ?? {};
+  return {
+    ...job,
+    jobId: job.jobId ?? job.id,
+    state: job.state ?? job.status,
+    progress: {
+      ...p,
+      total: p.total ?? p.totalSteps,
+      eta: p.eta ?? p.etaSeconds,
+      tokensPerSecond: p.tokensPerSecond ?? p.tokensPerSec,
+    },
+  };
+}
+
+function normalizeEvents(page) {
+  return { events: page?.events ?? page?.data ?? [], nextCursor: page?.nextCursor ?? page?.lastSeq };
+}
+
+export const FINAL_STATES = new Set(["succeeded", "failed", "cancelled"]);

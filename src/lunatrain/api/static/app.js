@@ -1,0 +1,271 @@
+// The training dashboard: provider label, data status, the LoRA form with live job progress, and the adapter
+// registry. Plain ES modules against the assistant API (docs/api.md); no build step.
+
+import { api, setToken, normalizeJob, FINAL_STATES } from "./api.js";
+import { AdapterView } from "./adapters.js";
+import { LoraForm } from "./form.js";
+import { t, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
+import { JobView } from "./job.js";
+import { serverFieldErrors } from "./params.js";
+import { h, showError, showNotice, clearErrors, busy, fillFacts } from "./ui.js";
+
+const HEALTH_MS = 15000;
+const DATA_MS = 15000;
+const $ = (id) => document.getElementById(id);
+
+// ---- provider (header) -------------------------------------------------------------------------------
+
+function providerState(health) {
+  if (health.cudaAvailable) return "cuda";
+  if (health.reachable === false || health.status === "offline" || health.label === "Offline") return "offline";
+  return "cpu";
+}
+
+function renderHealth(health) {
+  const state = providerState(health);
+  const badge = $("provider-label");
+  // The label comes from the server verbatim: it is the guide's wording and the same in both languages.
+  badge.textContent = health.label ?? (state === "offline" ? "Offline" : state);
+  badge.dataset.state = state;
+  const details = [];
+  if (state !== "offline") {
+    // `device` is the trainer's {type, name, memoryTotal, bf16} object, or a plain name next to `deviceName`.
+    const dev = typeof health.device === "object" && health.device ? health.device : {};
+    const name = health.deviceName ?? dev.name ?? (typeof health.device === "string" ? health.device : null);
+    if (name) details.push(`${t("provider.device")}: ${name}`);
+    const memory = health.memoryTotal ?? dev.memoryTotal;
+    if (memory) details.push(`${t("provider.memory")}: ${formatNumber(memory / 2 ** 30, 1)} GiB`);
+    const bf16 = health.bf16 ?? dev.bf16;
+    if (typeof bf16 === "boolean") details.push(`${t("provider.bf16")}: ${t(bf16 ? "yes" : "no")}`);
+  } else if (health.error) {
+    details.push(typeof health.error === "string" ? health.error : health.error.message ?? "");
+  }
+  $("provider-device").textContent = details.join(" · ");
+  $("trainer-start").hidden = state !== "offline";
+}
+
+async function loadHealth(ensureTrainer = false) {
+  try {
+    const health = await api.health(ensureTrainer);
+    renderHealth(health);
+    if (providerState(health) !== "offline") clearErrors("service_unavailable");
+    return health;
+  } catch (error) {
+    if (error.status === 401) return askToken();
+    renderHealth({ label: "Offline", reachable: false, error: error.message });
+    showError(error, t("provider.heading"));
+    return null;
+  }
+}
+
+async function startTrainer() {
+  const button = $("trainer-start");
+  await busy(button, t("provider.starting"), async () => {
+    const health = await loadHealth(true);
+    if (health && providerState(health) !== "offline") showNotice(t("provider.started", { label: health.label }));
+  });
+  if (!button.hidden) button.focus();
+  else $("provider-refresh").focus();
+}
+
+// ---- token (only when the API runs with ASSISTANT_API_TOKEN) ------------------------------------------
+
+function askToken() {
+  const form = $("token-form");
+  if (form.hidden) {
+    form.hidden = false;
+    $("api-token").focus();
+  }
+  return null;
+}
+
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  setToken($("api-token").value.trim());
+  $("token-form").hidden = true;
+  clearErrors();
+  refreshAll();
+});
+
+// ---- data status, export, prepare ----------------------------------------------------------------------
+
+const SOURCES = ["curated", "memory", "conversation"];
+const STATUSES = ["approved", "pending", "rejected"];
+
+function minCurated() {
+  const value = Number($("data-min-curated").value);
+  return Number.isInteger(value) && value >= 0 ? value : 0;
+}
+
+function renderDataStatus(status) {
+  const counts = status.counts ?? {};
+  const table = $("counts-table");
+  table.tHead.replaceChildren(h("tr", {}, h("th", { scope: "col" }, t("data.source")),
+    STATUSES.map((s) => h("th", { scope: "col", class: "num" }, t(`status.${s}`))),
+    h("th", { scope: "col", class: "num" }, t("data.total"))));
+  const sources = [...new Set([...SOURCES, ...Object.keys(counts)])];
+  table.tBodies[0].replaceChildren(...sources.map((source) => {
+    const row = counts[source] ?? {};
+    const total = row.total ?? STATUSES.reduce((sum, s) => sum + (Number(row[s]) || 0), 0);
+    return h("tr", { dataset: { source } }, h("th", { scope: "row" }, t(`source.${source}`)),
+      STATUSES.map((s) => h("td", { class: "num" }, formatNumber(row[s] ?? 0))),
+      h("td", { class: "num" }, formatNumber(total)));
+  }));
+
+  const curated = status.curated ?? counts.curated?.approved ?? 0;
+  const min = status.minCurated ?? minCurated();
+  const ready = $("data-ready");
+  ready.dataset.ready = status.ready ? "yes" : "no";
+  ready.textContent = t(status.ready ? "data.ready" : "data.notReady", { curated: formatNumber(curated), min: formatNumber(min) });
+
+  const exp = status.lastExport;
+  const job = normalizeJob(status.lastJob);
+  const active = status.activeAdapter;
+  const changed = status.changedSinceExport ?? exp?.changedSince;
+  fillFacts($("data-facts"), [
+    [t("data.lastExport"), exp ? formatDate(exp.time ?? exp.exportedAt ?? exp.createdAt) : t("data.never")],
+    [t("data.changedSince"), changed === undefined || changed === null ? t("unknown") : t(changed ? "yes" : "no")],
+    [t("data.lastJob"), job ? `${job.jobId} · ${t(`state.${job.state}`)}` : t("data.never")],
+    [t("data.activeAdapter"), active ? `${active.name} ${active.version}` : t("data.none")],
+  ]);
+}
+
+async function loadDataStatus() {
+  try {
+    renderDataStatus(await api.dataStatus(minCurated()));
+  } catch (error) {
+    if (error.status === 401) return askToken();
+    $("data-ready").dataset.ready = "unknown";
+    $("data-ready").textContent = `${t("err.prefix")}: ${error.message}`;
+    showError(error, t("data.heading"));
+  }
+}
+
+function renderPrepare(report) {
+  $("prepare-report").hidden = false;
+  const status = report.status ?? "unknown";
+  $("prepare-status").textContent = t("data.prepareStatus", { status: t(`severity.${status}`) });
+  $("prepare-status").dataset.status = status;
+  const checks = report.checks ?? [];
+  const body = $("checks-table").tBodies[0];
+  body.replaceChildren(...(checks.length ? checks.map((check) => h("tr", { dataset: { severity: check.severity } },
+    h("td", {}, h("span", { class: `severity severity-${check.severity}` }, t(`severity.${check.severity}`))),
+    h("td", { class: "num" }, formatNumber(check.count ?? 0)),
+    h("td", {}, check.message ?? check.name ?? ""))) : [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
+}
+
+async function runExport(event) {
+  await busy(event.currentTarget, t("data.exporting"), async () => {
+    try {
+      const summary = await api.exportData();
+      const count = summary?.counts?.merged?.total ?? summary?.total ?? summary?.counts?.total ?? "–";
+      showNotice(t("data.exported", { count: typeof count === "number" ? formatNumber(count) : count }));
+    } catch (error) {
+      showError(error, t("data.export"));
+    }
+  });
+  loadDataStatus();
+}
+
+async function runPrepare(event) {
+  await busy(event.currentTarget, t("data.preparing"), async () => {
+    try {
+      const report = await api.prepare({ minCurated: minCurated() });
+      renderPrepare(report);
+      showNotice(t("data.prepared", { status: t(`severity.${report.status}`) }));
+    } catch (error) {
+      // A failed check may come back as 409 with the report in `details`: show its table all the same.
+      if (error.details?.checks) renderPrepare(error.details);
+      showError(error, t("data.prepare"));
+    }
+  });
+}
+
+// ---- training ------------------------------------------------------------------------------------------
+
+const loraForm = new LoraForm($("lora-form"));
+const adapters = new AdapterView(() => loadDataStatus());
+const jobView = new JobView(() => {
+  adapters.load();
+  loadDataStatus();
+  loadHealth();
+});
+
+async function submitJob(button, call) {
+  await busy(button, null, async () => {
+    try {
+      const accepted = await call();
+      clearErrors("invalid_request");
+      showNotice(t("train.submitted", { jobId: accepted.jobId }));
+      jobView.follow(normalizeJob(accepted.job) ?? { jobId: accepted.jobId, state: "queued" });
+      loadHealth(); // a start may have started the trainer on demand
+    } catch (error) {
+      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
+      showError(error);
+    }
+  });
+}
+
+$("lora-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const params = loraForm.read();
+  if (params) submitJob($("start-button"), () => api.start(params));
+});
+
+$("quick-start-button").addEventListener("click", (event) => {
+  const body = loraForm.readSome(["adapterName", "datasetTier", "baseModel"]);
+  if (body) submitJob(event.currentTarget, () => api.quickStart(body));
+});
+
+$("example-button").addEventListener("click", (event) => submitJob(event.currentTarget, () => api.exampleAdapter({})));
+
+$("reset-button").addEventListener("click", () => loadDefaults());
+
+async function loadDefaults() {
+  try {
+    loraForm.fill(await api.defaults("luna"));
+  } catch (error) {
+    // Without the defaults endpoint the built-in Luna defaults stand; anything else is worth saying.
+    loraForm.fill({});
+    if (error.status !== 404 && error.status !== 405) showError(error, t("train.formLabel"));
+  }
+}
+
+async function loadLatestJob() {
+  try {
+    const job = await api.latestJob();
+    if (job?.jobId) jobView.follow(job);
+  } catch (error) {
+    // 404: no job yet, which the panel already says. 503: the trainer is offline, which the header says.
+    if (error.status !== 404 && error.status !== 503) showError(error, t("job.heading"));
+  }
+}
+
+// ---- start-up ------------------------------------------------------------------------------------------
+
+function refreshAll() {
+  loadHealth();
+  loadDataStatus();
+  adapters.load();
+  loadLatestJob();
+}
+
+translatePage();
+$("lang-switch").href = t("lang.switchHref");
+$("lang-switch").hreflang = lang === "de" ? "en" : "de";
+$("lang-switch").lang = lang === "de" ? "en" : "de";
+$("trainer-start").addEventListener("click", startTrainer);
+$("provider-refresh").addEventListener("click", () => loadHealth());
+$("data-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  loadDataStatus();
+});
+$("export-button").addEventListener("click", runExport);
+$("prepare-button").addEventListener("click", runPrepare);
+loadDefaults();
+refreshAll();
+// Light background refresh; the job itself is polled faster while one runs.
+setInterval(loadHealth, HEALTH_MS);
+setInterval(() => {
+  if (!jobView.job || FINAL_STATES.has(jobView.job.state)) loadDataStatus();
+}, DATA_MS);

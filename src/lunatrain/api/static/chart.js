@@ -1,0 +1,94 @@
+// A small SVG line chart for the live loss curve (train and val per step). Drawn by hand rather than with a
+// chart library: two series, linear axes and a legend are all the page needs, and SVG scales with the page
+// width and stays crisp. The numbers are also given as text (the <title>/<desc>), so the chart is not the
+// only way to read them.
+
+import { t, formatFloat } from "./i18n.js";
+
+const NS = "http://www.w3.org/2000/svg";
+const W = 640;
+const H = 240;
+const PAD = { left: 52, right: 14, top: 14, bottom: 34 };
+
+function el(name, attrs = {}, text) {
+  const node = document.createElementNS(NS, name);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** Round tick values spanning [lo, hi]: steps of 1, 2 or 5 × 10^k, about `count` of them. */
+function ticks(lo, hi, count) {
+  if (hi <= lo) return [lo];
+  const raw = (hi - lo) / count;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) ?? 10 * mag;
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+  return out;
+}
+
+/**
+ * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…]}) into the <svg> `svg`, replacing what was
+ * there. An empty series draws axes and a "no values yet" note.
+ */
+export function drawLossChart(svg, series) {
+  const train = (series.train ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+  const val = (series.val ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+  svg.replaceChildren();
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("role", "img");
+  const last = (pts) => (pts.length ? formatFloat(pts[pts.length - 1][1]) : "–");
+  svg.append(el("title", {}, t("job.chartLabel")));
+  svg.append(el("desc", {}, `${t("job.trainLoss")}: ${last(train)}; ${t("job.valLoss")}: ${last(val)}`));
+
+  const all = [...train, ...val];
+  const x0 = PAD.left;
+  const x1 = W - PAD.right;
+  const y0 = H - PAD.bottom;
+  const y1 = PAD.top;
+  if (!all.length) {
+    svg.append(el("rect", { x: x0, y: y1, width: x1 - x0, height: y0 - y1, class: "chart-frame" }));
+    svg.append(el("text", { x: (x0 + x1) / 2, y: (y0 + y1) / 2, "text-anchor": "middle", class: "chart-note" },
+      t("job.chartEmpty")));
+    return;
+  }
+  const xs = all.map((p) => p[0]);
+  const ys = all.map((p) => p[1]);
+  const xmin = Math.min(0, ...xs);
+  const xmax = Math.max(1, ...xs);
+  let ymin = Math.min(...ys);
+  let ymax = Math.max(...ys);
+  const pad = (ymax - ymin) * 0.08 || Math.abs(ymax) * 0.1 || 1;
+  ymin = Math.max(0, ymin - pad);
+  ymax += pad;
+  const sx = (x) => x0 + ((x - xmin) / (xmax - xmin)) * (x1 - x0);
+  const sy = (y) => y0 - ((y - ymin) / (ymax - ymin)) * (y0 - y1);
+
+  const grid = el("g", { class: "chart-grid" });
+  for (const v of ticks(ymin, ymax, 4)) {
+    grid.append(el("line", { x1: x0, x2: x1, y1: sy(v), y2: sy(v) }));
+    grid.append(el("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end" }, formatFloat(v, 3)));
+  }
+  for (const v of ticks(xmin, xmax, 6).filter(Number.isInteger)) {
+    grid.append(el("text", { x: sx(v), y: y0 + 16, "text-anchor": "middle" }, String(v)));
+  }
+  grid.append(el("text", { x: x1, y: H - 4, "text-anchor": "end" }, t("job.step")));
+  svg.append(grid);
+  svg.append(el("rect", { x: x0, y: y1, width: x1 - x0, height: y0 - y1, class: "chart-frame" }));
+
+  const path = (pts) => pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join("");
+  if (train.length) svg.append(el("path", { d: path(train), class: "chart-train" }));
+  if (val.length) {
+    svg.append(el("path", { d: path(val), class: "chart-val" }));
+    for (const [x, y] of val) svg.append(el("circle", { cx: sx(x), cy: sy(y), r: 3.5, class: "chart-val-dot" }));
+  }
+
+  // Legend, top right inside the frame.
+  const legend = el("g", { class: "chart-legend", transform: `translate(${x1 - 150},${y1 + 8})` });
+  legend.append(el("line", { x1: 0, x2: 22, y1: 6, y2: 6, class: "chart-train" }));
+  legend.append(el("text", { x: 28, y: 10 }, `${t("job.trainLoss")} ${last(train)}`));
+  legend.append(el("line", { x1: 0, x2: 22, y1: 24, y2: 24, class: "chart-val" }));
+  legend.append(el("text", { x: 28, y: 28 }, `${t("job.valLoss")} ${last(val)}`));
+  svg.append(legend);
+}

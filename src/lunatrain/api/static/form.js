@@ -1,0 +1,124 @@
+// The LoRA parameter form: built from params.js, filled with the profile defaults, validated before any
+// request, and annotated with the server's 422 field messages when the server disagrees.
+
+import { t } from "./i18n.js";
+import { FIELDS, GROUPS, FALLBACK_DEFAULTS, rangeText, collect } from "./params.js";
+import { h } from "./ui.js";
+
+const inputId = (name) => `f-${name}`;
+
+function fieldNode(field) {
+  const id = inputId(field.name);
+  const hintParts = [];
+  if (["int", "float"].includes(field.kind)) hintParts.push(rangeText(field));
+  if (field.hint) hintParts.push(t(field.hint));
+  else if (field.optional) hintParts.push(t("train.optional"));
+  const hint = hintParts.length ? h("span", { class: "hint", id: `${id}-hint` }, hintParts.join(" · ")) : null;
+  const error = h("span", { class: "field-error", id: `${id}-error`, hidden: true });
+  const describedBy = [hint && `${id}-hint`, `${id}-error`].filter(Boolean).join(" ");
+  const label = h("label", { for: id }, t(`field.${field.name}`), " ", h("code", {}, field.name));
+
+  let control;
+  if (field.kind === "select") {
+    control = h("select", { id, name: field.name, "aria-describedby": describedBy },
+      field.options.map((opt) => h("option", { value: opt }, t(`opt.${opt}`))));
+  } else if (field.kind === "checkbox") {
+    control = h("input", { id, name: field.name, type: "checkbox", "aria-describedby": describedBy });
+    return h("div", { class: "field checkbox", dataset: { field: field.name } }, control, label, error);
+  } else {
+    // Text inputs with an input mode rather than type=number: a value the browser cannot parse would read
+    // as empty there, and the message would say "required" instead of what is wrong.
+    const mode = field.kind === "int" ? "numeric" : field.kind === "float" ? "decimal" : "text";
+    control = h("input", {
+      id, name: field.name, type: "text", inputmode: mode, autocomplete: "off", spellcheck: "false",
+      "aria-describedby": describedBy, maxlength: field.maxLength,
+    });
+  }
+  return h("div", { class: "field", dataset: { field: field.name } }, label, control, hint, error);
+}
+
+export class LoraForm {
+  constructor(form) {
+    this.form = form;
+    this.defaults = { ...FALLBACK_DEFAULTS };
+    const container = form.querySelector("#lora-fields");
+    for (const group of GROUPS) {
+      const fields = FIELDS.filter((f) => f.group === group).map(fieldNode);
+      const fieldset = h("fieldset", { class: `group group-${group}` }, h("legend", {}, t(`train.group.${group}`)), fields);
+      // The rarely changed knobs fold away; they open by themselves when one of them is invalid.
+      container.append(group === "advanced"
+        ? h("details", { class: "advanced" }, h("summary", {}, t(`train.group.${group}`)), fieldset)
+        : fieldset);
+    }
+    this.summary = form.querySelector("#form-summary");
+    form.addEventListener("input", (event) => {
+      const name = event.target?.name;
+      if (name) this.setError(name, null);
+    });
+  }
+
+  control(name) {
+    return this.form.elements.namedItem(name);
+  }
+
+  /** Fill every field from `values` (server defaults when available). */
+  fill(values) {
+    this.defaults = { ...FALLBACK_DEFAULTS, ...values };
+    for (const field of FIELDS) {
+      const control = this.control(field.name);
+      const value = this.defaults[field.name];
+      if (field.kind === "checkbox") control.checked = Boolean(value);
+      else control.value = value === null || value === undefined ? "" : String(value);
+      this.setError(field.name, null);
+    }
+    this.summary.hidden = true;
+  }
+
+  setError(name, message) {
+    const control = this.control(name);
+    if (!control) return;
+    const error = this.form.querySelector(`#${inputId(name)}-error`);
+    error.textContent = message ?? "";
+    error.hidden = !message;
+    if (message) control.setAttribute("aria-invalid", "true");
+    else control.removeAttribute("aria-invalid");
+  }
+
+  /** Show `errors` (name → message) next to their fields and focus the first; returns how many. */
+  showErrors(errors) {
+    const names = FIELDS.map((f) => f.name).filter((n) => n in errors);
+    for (const field of FIELDS) this.setError(field.name, errors[field.name] ?? null);
+    if (!names.length) {
+      this.summary.hidden = true;
+      return 0;
+    }
+    this.summary.textContent = t("train.invalid", { count: names.length });
+    this.summary.hidden = false;
+    const first = this.control(names[0]);
+    first.closest("details")?.setAttribute("open", "");
+    for (const name of names) this.control(name).closest("details")?.setAttribute("open", "");
+    first.focus();
+    return names.length;
+  }
+
+  /** Validate the whole form: {params} when valid, else null after showing the messages. */
+  read() {
+    const { params, errors } = collect((field) => {
+      const control = this.control(field.name);
+      return field.kind === "checkbox" ? control.checked : control.value;
+    });
+    return this.showErrors(errors) ? null : params;
+  }
+
+  /** Only the named fields (quick start sends a few of them), validated the same way. */
+  readSome(names) {
+    const { params, errors } = collect((field) => {
+      const control = this.control(field.name);
+      if (!names.includes(field.name)) return field.kind === "checkbox" ? false : this.defaults[field.name] ?? "";
+      return field.kind === "checkbox" ? control.checked : control.value;
+    });
+    const relevant = Object.fromEntries(Object.entries(errors).filter(([n]) => names.includes(n)));
+    if (this.showErrors(relevant)) return null;
+    return Object.fromEntries(names.filter((n) => n in params).map((n) => [n, params[n]]));
+  }
+}

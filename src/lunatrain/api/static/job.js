@@ -1,0 +1,134 @@
+// The running job: progress polled from GET /lora/status?jobId=…, loss points read incrementally from the
+// job's events (so the chart survives a page reload and misses no step between two polls), cancel.
+
+import { api, FINAL_STATES } from "./api.js";
+import { drawLossChart } from "./chart.js";
+import { t, formatNumber, formatFloat, formatDuration } from "./i18n.js";
+import { fillFacts, showError, showNotice, clearErrors } from "./ui.js";
+
+const POLL_MS = 1000;
+
+/** Loss points in one event, whatever its type: a training step carries `loss`, an evaluation `valLoss`. */
+function pointsOf(event) {
+  const step = Number(event.step ?? event.progress?.step);
+  const out = {};
+  if (!Number.isFinite(step)) return out;
+  const train = event.loss ?? event.trainLoss ?? event.metrics?.loss;
+  const val = event.valLoss ?? event.metrics?.valLoss;
+  if (train !== undefined && train !== null && event.type !== "eval") out.train = [step, Number(train)];
+  if (val !== undefined && val !== null) out.val = [step, Number(val)];
+  return out;
+}
+
+export class JobView {
+  /** `onFinished(job)` runs once when a followed job reaches a final state. */
+  constructor(onFinished) {
+    this.onFinished = onFinished;
+    this.job = null;
+    this.timer = null;
+    this.els = Object.fromEntries(
+      ["job-none", "job-body", "job-id", "job-state", "job-percent", "job-progress", "job-facts", "job-error",
+        "cancel-button", "loss-chart"].map((id) => [id, document.getElementById(id)]));
+    this.els["cancel-button"].addEventListener("click", () => this.cancel());
+    drawLossChart(this.els["loss-chart"], {});
+  }
+
+  /** Follow `job` (a Job record): show it now, then poll until it ends. */
+  follow(job) {
+    clearTimeout(this.timer);
+    this.jobId = job.jobId;
+    this.cursor = 0;
+    this.series = { train: [], val: [] };
+    this.render(job);
+    this.readEvents().catch((error) => showError(error)).finally(() => {
+      drawLossChart(this.els["loss-chart"], this.series);
+      if (!FINAL_STATES.has(job.state)) this.schedule();
+    });
+  }
+
+  schedule() {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.poll(), POLL_MS);
+  }
+
+  async poll() {
+    const jobId = this.jobId;
+    try {
+      const job = await api.job(jobId);
+      if (jobId !== this.jobId) return; // another job was started meanwhile
+      await this.readEvents();
+      clearErrors("network");
+      clearErrors("service_unavailable");
+      this.render(job);
+      drawLossChart(this.els["loss-chart"], this.series);
+      if (FINAL_STATES.has(job.state)) {
+        showNotice(t("job.finished", { jobId: job.jobId, state: t(`state.${job.state}`) }));
+        this.onFinished(job);
+        return;
+      }
+    } catch (error) {
+      showError(error);
+    }
+    if (jobId === this.jobId) this.schedule();
+  }
+
+  async readEvents() {
+    // Several pages at most per poll; a long job's history arrives over a few polls rather than at once.
+    for (let page = 0; page < 5; page += 1) {
+      const { events = [], nextCursor } = await api.events(this.jobId, this.cursor);
+      for (const event of events) {
+        const { train, val } = pointsOf(event);
+        if (train) this.series.train.push(train);
+        if (val) this.series.val.push(val);
+      }
+      if (nextCursor === undefined || nextCursor === null || nextCursor === this.cursor || !events.length) return;
+      this.cursor = nextCursor;
+    }
+  }
+
+  render(job) {
+    this.job = job;
+    const e = this.els;
+    e["job-none"].hidden = true;
+    e["job-body"].hidden = false;
+    e["job-id"].textContent = `${t("job.id")} ${job.jobId}`;
+    e["job-state"].textContent = t(`state.${job.state}`);
+    e["job-state"].dataset.state = job.state;
+    const p = job.progress ?? {};
+    const percent = job.state === "succeeded" ? 100 : Math.max(0, Math.min(100, Number(p.percent) || 0));
+    e["job-progress"].value = percent;
+    e["job-percent"].textContent = `${formatNumber(percent, 0)} %`;
+    const m = job.metrics ?? {};
+    const facts = [
+      [t("job.state"), t(`state.${job.state}`)],
+      [t("job.step"), p.total ? `${formatNumber(p.step ?? 0)} / ${formatNumber(p.total)}` : formatNumber(p.step)],
+      [t("job.epoch"), formatFloat(p.epoch, 3)],
+      [t("job.tokensPerSecond"), formatNumber(m.tokensPerSecond ?? p.tokensPerSecond, 0)],
+      [t("job.eta"), FINAL_STATES.has(job.state) ? "–" : formatDuration(p.eta)],
+      [t("job.trainLoss"), formatFloat(m.loss ?? m.trainLoss)],
+      [t("job.valLoss"), formatFloat(m.valLoss)],
+    ];
+    if (job.device ?? job.params?.device) facts.push([t("provider.device"), String(job.device ?? job.params.device)]);
+    if (job.adapter) facts.push([t("job.adapter"), `${job.adapter.name} ${job.adapter.version}`]);
+    if (job.gate) facts.push([t("job.gate"), t(job.gate.passed ? "gate.passed" : "gate.failed")]);
+    fillFacts(e["job-facts"], facts);
+    e["job-error"].hidden = !job.error;
+    e["job-error"].textContent = job.error ? `${t("job.error")}: ${job.error.message}` : "";
+    e["cancel-button"].disabled = FINAL_STATES.has(job.state) || job.state === "cancelling";
+  }
+
+  async cancel() {
+    if (!this.jobId) return;
+    const button = this.els["cancel-button"];
+    button.disabled = true;
+    try {
+      const job = await api.cancel(this.jobId);
+      showNotice(t("job.cancelRequested", { jobId: this.jobId }));
+      this.render(job);
+      this.schedule();
+    } catch (error) {
+      showError(error);
+      button.disabled = false;
+    }
+  }
+}

@@ -1,0 +1,86 @@
+// Small DOM helpers shared by the panels: an element builder, the message live region and the confirm
+// dialog.
+
+import { t } from "./i18n.js";
+
+/** h("td", {class: "num"}, "3") — attributes starting with "on" become listeners; children may be strings. */
+export function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  node.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
+}
+
+const MAX_ALERTS = 4;
+
+/**
+ * Show an API error (or any Error) as one readable sentence in the assertive live region. The same text is
+ * not repeated while it is still shown, so a poller that keeps failing does not flood the page.
+ */
+export function showError(error, context = "") {
+  const alerts = document.getElementById("alerts");
+  const status = error?.status ? ` (${error.status})` : "";
+  const text = `${context ? `${context}: ` : `${t("err.prefix")}${status}: `}${error?.message || String(error)}`;
+  for (const existing of alerts.querySelectorAll(".message-text")) {
+    if (existing.textContent === text) return;
+  }
+  const item = h("div", { class: "message error", dataset: { code: error?.code ?? "" } },
+    h("span", { class: "message-text" }, text),
+    h("button", {
+      type: "button", class: "dismiss", "aria-label": t("messages.dismiss"), title: t("messages.dismiss"),
+      onclick: () => item.remove(),
+    }, "×"));
+  alerts.append(item);
+  while (alerts.children.length > MAX_ALERTS) alerts.firstElementChild.remove();
+}
+
+/** Clear error messages whose code matches (e.g. once the trainer is reachable again). */
+export function clearErrors(code) {
+  for (const item of document.querySelectorAll("#alerts .message")) {
+    if (!code || item.dataset.code === code) item.remove();
+  }
+}
+
+/** A short confirmation ("Job … gestartet"); replaces the previous one. */
+export function showNotice(text) {
+  const notices = document.getElementById("notices");
+  notices.replaceChildren(h("div", { class: "message notice" }, text));
+}
+
+/** Ask in the modal dialog; resolves true when confirmed. Esc and "Abbrechen" resolve false. */
+export function confirmDialog(text) {
+  const dialog = document.getElementById("confirm-dialog");
+  document.getElementById("confirm-text").textContent = text;
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
+    dialog.showModal();
+    // Start on the harmless choice, so an accidental Enter does not confirm.
+    dialog.querySelector('button[value="cancel"]').focus();
+  });
+}
+
+/** Run `work` with `button` disabled (and `busyText` on it), restoring it afterwards. */
+export async function busy(button, busyText, work) {
+  const label = button.textContent;
+  button.disabled = true;
+  button.setAttribute("aria-busy", "true");
+  if (busyText) button.textContent = busyText;
+  try {
+    return await work();
+  } finally {
+    button.disabled = false;
+    button.removeAttribute("aria-busy");
+    button.textContent = label;
+  }
+}
+
+/** A <dl> filled from [term, value] pairs (values may be nodes). */
+export function fillFacts(dl, pairs) {
+  dl.replaceChildren(...pairs.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value ?? "–")]));
+}

@@ -1,0 +1,130 @@
+"""Real services for the dashboard's browser tests: `lunatrain serve` as a process on a free port with its own
+data root; the trainer is started by the API itself (ensure on demand), as a user's click would start it.
+
+Also usable by hand to look at the page with live data:
+
+    .venv/bin/python tests/dashboard_helpers.py      # prints the URL; Ctrl-C stops everything
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+CHROMIUM = "/usr/bin/chromium"
+# No sandbox (containers), no GPU, and nothing that phones home: the browser only talks to our server.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Services:
+    home: Path
+    api_url: str
+    trainer_url: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def tail(self, lines: int = 40) -> str:
+        """The end of the server's log (and the trainer's), for a failing test's message."""
+        out = []
+        for path in [self.log, *sorted((self.home / "data" / "trainer").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+
+def start_services(home: Path, *, timeout: float = 60.0) -> Services:
+    """Start `lunatrain serve` on free ports under `home`; the trainer's URL points at another free port."""
+    api_port, trainer_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
+    env |= {
+        "ASSISTANT_HOME": str(home),
+        "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{trainer_port}",
+        # Two shared cores: one thread each for the API and the training child keeps the machine responsive.
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = home / "serve.log"
+    services = Services(home, f"http://127.0.0.1:{api_port}", env["ASSISTANT_LORA_TRAINER_URL"], log, env=env)
+    lunatrain = Path(sys.executable).with_name("lunatrain")
+    with log.open("wb") as out:
+        services.proc = subprocess.Popen(
+            [str(lunatrain), "serve", "--port", str(api_port), "--log-level", "warning"],
+            cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if services.proc.poll() is not None:
+            raise RuntimeError(f"lunatrain serve exited with {services.proc.returncode}:\n{services.tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(services.api_url + "/", timeout=2, trust_env=False).status_code == 200:
+                return services
+        time.sleep(0.3)
+    stop_services(services)
+    raise RuntimeError(f"lunatrain serve did not answer within {timeout}s:\n{services.tail()}")
+
+
+def _ours(proc: psutil.Process, home: Path) -> bool:
+    """A process we started: its environment names our temporary data root."""
+    with contextlib.suppress(psutil.Error):
+        return proc.environ().get("ASSISTANT_HOME") == str(home)
+    return False
+
+
+def stop_services(services: Services) -> None:
+    """Stop the API, then every process that runs on this test's data root (the trainer the API started and
+    its job children), each by its own pid."""
+    if services.proc and services.proc.poll() is None:
+        services.proc.send_signal(signal.SIGTERM)
+        try:
+            services.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            services.proc.kill()
+            services.proc.wait(5)
+    leftovers = [p for p in psutil.process_iter() if p.pid != os.getpid() and _ours(p, services.home)]
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(leftovers, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+if __name__ == "__main__":
+    root = Path(tempfile.mkdtemp(prefix="lunatrain-dash-"))
+    svc = start_services(root)
+    print(f"{svc.api_url}/   (data root {root}; Ctrl-C stops)", flush=True)
+    try:
+        svc.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_services(svc)
