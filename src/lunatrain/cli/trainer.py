@@ -1,0 +1,298 @@
+"""`lunatrain trainer`, `lunatrain health` and `lunatrain jobs …`: run, probe and drive the trainer service.
+
+`follow()` and `submit_and_follow()` are the live view that `lunatrain lora` uses: a rich progress bar on a
+terminal, plain lines otherwise; Ctrl-C detaches (the job keeps running in the trainer) and says how to
+come back. Exit codes: 0 succeeded, 1 failed or cancelled (or trainer offline), 2 usage, 130 detached.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+
+from .. import trainer_client
+from ..ensure import ensure_trainer
+from ..errors import LunaError, ServiceUnavailable
+from ..jobs import Event, Health, Job
+from ..params import LoraParams
+from ..settings import Settings, load_settings
+from .app import app, fail, is_tty
+
+EnsureOpt = Annotated[
+    bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+DETACHED = 130  # the shell's code for "ended by Ctrl-C": the job itself goes on
+
+jobs_app = typer.Typer(help="Trainer jobs: list, show, follow, cancel, events.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command("trainer")
+def trainer_cmd(
+    host: Annotated[str | None, typer.Option("--host", help="default: host of ASSISTANT_LORA_TRAINER_URL")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="default: port of ASSISTANT_LORA_TRAINER_URL")] = None,
+) -> None:
+    """Run the trainer service in the foreground (job queue, one child process per job)."""
+    from ..trainer_service import serve
+
+    try:
+        serve(load_settings(), host, port)
+    except LunaError as err:
+        raise fail(err) from None
+
+
+@app.command("health")
+def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
+    """Show the trainer's state: `Aktiv (CUDA)`, `Online (CPU)` or `Offline` (exit 1, for scripts)."""
+    try:
+        settings = load_settings()
+        health = ensure_trainer(settings, explicit=True) if ensure else trainer_client.probe(settings)
+    except LunaError as err:
+        raise fail(err) from None
+    label = trainer_client.label(health)
+    if as_json:
+        body: dict[str, Any] = {"label": label, "trainerUrl": settings.lora_trainer_url}
+        typer.echo(json.dumps(body | (health.wire() if health else {"status": "offline"}), indent=2))
+    else:
+        typer.echo(describe_health(settings, health))
+    if health is None:
+        raise typer.Exit(1)
+
+
+def describe_health(settings: Settings, health: Health | None) -> str:
+    label = trainer_client.label(health)
+    if health is None:
+        return (f"{label}: no trainer at {settings.lora_trainer_url}; start it with `lunatrain trainer` "
+                "or `lunatrain health --ensure-trainer`.")
+    d = health.device
+    memory = f", {_gib(d.memory_free)} free of {_gib(d.memory_total)}" if d.memory_total else ""
+    return (f"{label}: {d.type} {d.name}{memory}, bf16 {'yes' if d.bf16 else 'no'}; "
+            f"queue {health.queue.running} running, {health.queue.queued} queued; "
+            f"trainer {health.version} at {settings.lora_trainer_url}")
+
+
+def _gib(n: int | None) -> str:
+    return f"{(n or 0) / 2**30:.1f} GiB"
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+@jobs_app.command("list")
+def jobs_list(
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500)] = 20,
+    status: Annotated[str | None, typer.Option("--status", help="only jobs in this state")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest first."""
+    try:
+        jobs = trainer_client.list_jobs(load_settings(), limit=limit, status=status)
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps([j.wire() for j in jobs], indent=2, ensure_ascii=False))
+        return
+    if not jobs:
+        typer.echo("no jobs")
+    for job in jobs:
+        typer.echo(f"{job.id}  {job.status:<10} {job.created_at}  {job.params.get('adapterName')}  {summary(job)}")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
+    """Show one job (state, progress, adapter or error); exit 1 if it failed or was cancelled."""
+    try:
+        job = trainer_client.get_job(load_settings(), job_id)
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(json.dumps(job.wire(), indent=2, ensure_ascii=False) if as_json else f"{job.id}  {job.status}  {summary(job)}")
+    if job.status in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str) -> None:
+    """Follow a job's progress until it ends (Ctrl-C detaches)."""
+    try:
+        code = follow_and_report(load_settings(), job_id)
+    except LunaError as err:
+        raise fail(err) from None
+    raise typer.Exit(code)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a queued or running job (a running one stops at its next step; nothing is registered)."""
+    try:
+        job = trainer_client.cancel(load_settings(), job_id)
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"{job.id}  {job.status}")
+
+
+@jobs_app.command("events")
+def jobs_events(
+    job_id: str,
+    after: Annotated[int, typer.Option("--after", min=0, help="only events after this sequence number")] = 0,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a job's events (progress, eval, log, status), oldest first."""
+    try:
+        page = trainer_client.events(load_settings(), job_id, after=after, limit=limit)
+    except LunaError as err:
+        raise fail(err) from None
+    for ev in page.data:
+        typer.echo(json.dumps(ev.wire(), ensure_ascii=False) if as_json else f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}")
+
+
+# --- following a job -----------------------------------------------------------------------------
+def summary(job: Job) -> str:
+    if job.status == "succeeded" and job.adapter:
+        gate = job.gate or {}
+        verdict = "" if not gate else f", gate {'passed' if gate.get('passed') else gate.get('status') or 'not passed'}"
+        loss = job.metrics.get("valLoss", job.metrics.get("trainLoss"))
+        return f"adapter {job.adapter.name}@{job.adapter.version} ({job.adapter.path})" + (
+            f", val loss {loss:.4g}" if isinstance(loss, int | float) else "") + verdict
+    if job.error:
+        return f"{job.error.code}: {job.error.message}"
+    p = job.progress
+    if job.status in ("running", "cancelling") and p.total_steps:
+        return f"step {p.step}/{p.total_steps} ({p.percent:.0f}%)"
+    return ""
+
+
+def describe_event(ev: Event) -> str:
+    data = ev.model_extra or {}
+    if ev.type == "progress":
+        return "progress " + _progress_text(data)
+    if ev.type == "status":
+        extra = data.get("error") or {}
+        return f"status {data.get('status')}" + (f" ({extra.get('code')}: {extra.get('message')})" if extra else "") + (
+            f" - {data['message']}" if data.get("message") else "")
+    if ev.type == "log":
+        return f"log {data.get('message', '')}"
+    return f"{ev.type} " + " ".join(f"{k}={_num(v)}" for k, v in data.items())
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _progress_text(d: dict[str, Any]) -> str:
+    parts = [f"step {d.get('step')}/{d.get('totalSteps') or '?'}"]
+    for key, name in (("epoch", "epoch"), ("loss", "loss"), ("tokensPerSec", "tok/s"), ("etaSeconds", "eta s")):
+        if d.get(key) is not None:
+            parts.append(f"{name} {_num(d[key])}")
+    return ", ".join(parts)
+
+
+class _Plain:
+    """Line output for logs and pipes: every non-progress event, progress at most every 5 s or 10 %."""
+
+    def __init__(self) -> None:
+        self._last_t = 0.0
+        self._last_pct = -100.0
+
+    def __enter__(self) -> _Plain:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def show(self, ev: Event) -> None:
+        if ev.type == "progress":
+            d = ev.model_extra or {}
+            pct = float(d.get("percent") or 0)
+            if time.monotonic() - self._last_t < 5 and pct - self._last_pct < 10 and pct < 100:
+                return
+            self._last_t, self._last_pct = time.monotonic(), pct
+        typer.echo(describe_event(ev))
+
+
+class _Bar:
+    """Rich progress bar with step, loss, tokens/s and ETA; other events print above it."""
+
+    def __init__(self, job_id: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+        )
+        self._task = self._progress.add_task(job_id, total=None, info="")
+
+    def __enter__(self) -> _Bar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._progress.stop()
+
+    def show(self, ev: Event) -> None:
+        d = ev.model_extra or {}
+        if ev.type == "progress":
+            info = " ".join(
+                f"{name} {_num(d[key])}" for key, name in (("loss", "loss"), ("tokensPerSec", "tok/s")) if d.get(key) is not None
+            )
+            self._progress.update(self._task, completed=d.get("step") or 0, total=d.get("totalSteps"), info=info)
+        else:
+            self._progress.console.print(describe_event(ev), markup=False, highlight=False)
+
+
+def follow(settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s: float = 15.0) -> Job:
+    """Show a job's events as they come until it ends; return the final job. Ctrl-C raises KeyboardInterrupt."""
+    after, lost_since = 0, None
+    with _Bar(job_id) if is_tty() else _Plain() as view:
+        while True:
+            try:
+                page = trainer_client.events(settings, job_id, after=after, limit=500)
+                for ev in page.data:
+                    view.show(ev)
+                after = page.last_seq
+                if page.has_more:
+                    continue
+                job = trainer_client.get_job(settings, job_id)
+                lost_since = None
+            except ServiceUnavailable:
+                # A trainer restarting is not the end of the job: keep asking for a while.
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > unreachable_s:
+                    raise
+                time.sleep(1.0)
+                continue
+            if job.finished and not trainer_client.events(settings, job_id, after=after, limit=1).data:
+                return job
+            time.sleep(poll)
+
+
+def follow_and_report(settings: Settings, job_id: str) -> int:
+    try:
+        job = follow(settings, job_id)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\nDetached; job {job_id} keeps running in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
+            f"state: `lunatrain jobs show {job_id}`; stop it: `lunatrain jobs cancel {job_id}`.",
+            err=True,
+        )
+        return DETACHED
+    typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."))
+    return 0 if job.status == "succeeded" else 1
+
+
+def submit_and_follow(
+    settings: Settings, params: LoraParams, *, ensure: bool = False, request_id: str | None = None, detach: bool = False
+) -> int:
+    """`lunatrain lora` without --local: ensure the trainer (on demand unless disabled), submit, follow.
+
+    Returns the exit code: 0 succeeded, 1 failed/cancelled, 130 detached by Ctrl-C (0 with `detach`, which
+    only submits and prints the job id).
+    """
+    ensure_trainer(settings, explicit=ensure)
+    job = trainer_client.submit(settings, params, request_id)
+    typer.echo(f"Submitted job {job.id} ({job.status}) to {settings.lora_trainer_url}.")
+    if detach:
+        return 0
+    return follow_and_report(settings, job.id)

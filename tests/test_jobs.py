@@ -1,0 +1,182 @@
+"""Job store and restart recovery: states, idempotent submits, FIFO order, the event cursor, persistence
+across a reopen, and what a restarted trainer does with jobs its predecessor left running.
+
+Run: `.venv/bin/python -m pytest tests/test_jobs.py -q` (fast, no training).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from lunatrain.errors import Conflict, NotFound
+from lunatrain.jobs import JobStore, Progress, jobs_db_path
+from lunatrain.params import LoraParams, parse_params
+from lunatrain.trainer_service import _crash_error, recover
+from lunatrain.worker import error_code, fault_for
+
+
+@pytest.fixture
+def store(settings):
+    s = JobStore(jobs_db_path(settings.data_dir))
+    yield s
+    s.close()
+
+
+def queued(store: JobStore, params: LoraParams | None = None, request_id: str | None = None):
+    job, created = store.create(params or LoraParams(epochs=1), request_id)
+    assert created
+    return store.set_status(job.id, "queued")
+
+
+def test_create_queue_and_fifo_order(store):
+    first = queued(store, LoraParams(adapter_name="a"))
+    second = queued(store, LoraParams(adapter_name="b"))
+    assert first.status == "queued" and first.params["adapterName"] == "a" and first.error is None
+    assert [j.id for j in store.list()] == [second.id, first.id]  # newest first
+    assert store.next_queued().id == first.id  # runs oldest first
+    assert store.claim(first.id) and not store.claim(first.id)  # claimed once only
+    assert store.next_queued().id == second.id
+    assert store.counts() == {"running": 1, "queued": 1}
+    assert store.list(status="running")[0].attempts == 1
+
+
+def test_request_id_is_idempotent_and_refuses_other_params(store):
+    job, created = store.create(LoraParams(epochs=2), "retry-1")
+    again, created_again = store.create(parse_params({"epochs": 2}), "retry-1")
+    assert created and not created_again and again.id == job.id
+    with pytest.raises(Conflict, match="retry-1"):
+        store.create(LoraParams(epochs=3), "retry-1")
+    assert len(store.list()) == 1
+
+
+def test_cancel_rules(store):
+    waiting = queued(store)
+    assert store.request_cancel(waiting.id).status == "cancelled"
+    assert not store.claim(waiting.id)  # a cancelled job is never started
+    running = queued(store)
+    store.claim(running.id)
+    assert store.request_cancel(running.id).status == "cancelling"
+    assert store.request_cancel(running.id).status == "cancelling"  # idempotent
+    done = queued(store)
+    store.claim(done.id)
+    store.set_status(done.id, "succeeded", adapter={"name": "a", "version": "v1", "path": "data/adapters/a/v1"})
+    with pytest.raises(Conflict, match="already succeeded"):
+        store.request_cancel(done.id)
+    with pytest.raises(NotFound):
+        store.request_cancel("ftjob-nope")
+
+
+def test_event_cursor_progress_snapshot_and_non_finite_numbers(store):
+    job = queued(store)
+    store.claim(job.id)
+    for step in range(1, 6):
+        progress = Progress(step=step, total_steps=5, percent=step * 20.0, loss=float("nan") if step == 5 else 1.0)
+        store.add_event(job.id, "progress", {"step": step, "loss": progress.loss}, progress=progress)
+    store.add_event(job.id, "eval", {"valLoss": 0.5}, metrics={"valLoss": 0.5})
+    page = store.events(job.id, after=0, limit=3)
+    # status validating, queued, running, then the progress events
+    assert [e.type for e in page.data] == ["status", "status", "status"] and page.has_more and page.last_seq == 3
+    rest = store.events(job.id, after=page.last_seq, limit=100)
+    assert [e.seq for e in rest.data] == list(range(4, 10)) and not rest.has_more
+    assert rest.data[-2].model_extra["loss"] is None  # NaN is stored as null: JSON has no NaN
+    json.dumps([e.wire() for e in rest.data], allow_nan=False)
+    empty = store.events(job.id, after=rest.last_seq)
+    assert empty.data == [] and empty.last_seq == rest.last_seq
+    current = store.get(job.id)
+    assert current.progress.step == 5 and current.progress.loss is None and current.metrics == {"valLoss": 0.5}
+    with pytest.raises(NotFound):
+        store.events("ftjob-unknown")
+
+
+def test_jobs_survive_a_reopen(settings, store):
+    job = queued(store, LoraParams(adapter_name="kept"), "rid-1")
+    store.add_event(job.id, "log", {"message": "hello"})
+    store.close()
+    reopened = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        again = reopened.get(job.id)
+        assert again.status == "queued" and again.request_id == "rid-1" and again.params["adapterName"] == "kept"
+        assert reopened.events(job.id).data[-1].model_extra["message"] == "hello"
+    finally:
+        reopened.close()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _sleeper() -> subprocess.Popen:
+    # A stand-in for an orphaned worker: its own session, as the runner starts workers.
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+
+
+def test_recover_settles_running_jobs_and_stops_their_orphans(store):
+    plain = queued(store, LoraParams(adapter_name="plain"))
+    resumable = queued(store, LoraParams(adapter_name="resumable", resume=True))
+    cancelling = queued(store, LoraParams(adapter_name="cancelling"))
+    waiting = queued(store, LoraParams(adapter_name="waiting"))
+    orphan = _sleeper()
+    try:
+        for job in (plain, resumable, cancelling):
+            store.claim(job.id)
+        store.set_fields(plain.id, pid=orphan.pid, pid_started=psutil.Process(orphan.pid).create_time())
+        store.request_cancel(cancelling.id)
+
+        recover(store)
+
+        assert gone(orphan.pid)
+        failed = store.get(plain.id)
+        assert failed.status == "failed" and failed.error.code == "interrupted" and failed.finished_at
+        assert store.get(resumable.id).status == "queued"
+        assert store.get(cancelling.id).status == "cancelled"
+        assert store.get(waiting.id).status == "queued"
+        assert store.next_queued().id == resumable.id  # the resumed job keeps its place in the queue
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_recover_never_kills_a_reused_pid(store):
+    job = queued(store)
+    store.claim(job.id)
+    bystander = _sleeper()
+    try:
+        # The recorded create time does not match: this pid belongs to some other process now.
+        store.set_fields(job.id, pid=bystander.pid, pid_started=psutil.Process(bystander.pid).create_time() - 1000)
+        recover(store)
+        assert bystander.poll() is None
+        assert store.get(job.id).error.code == "interrupted"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_crash_error_names_signal_and_log(settings, tmp_path):
+    log = settings.data_dir / "trainer" / "logs" / "ftjob-x.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
+    err = _crash_error(-signal.SIGABRT, log, settings.home)
+    assert err["code"] == "child_crashed"
+    assert "SIGABRT" in err["message"] and "RuntimeError: boom" in err["message"]
+    assert "data/trainer/logs/ftjob-x.log" in err["message"]
+    assert "out-of-memory" in _crash_error(-signal.SIGKILL, log, settings.home)["message"]
+    assert "status 3" in _crash_error(3, log, settings.home)["message"]
+
+
+def test_fault_spec_and_error_codes():
+    assert fault_for("any", "crash") == "crash"
+    assert fault_for("b", "crash=a,nan=b") == "nan"
+    assert fault_for("c", "crash=a,nan=b") is None
+    assert fault_for("a", "bogus=a") is None and fault_for("a", "") is None
+    assert error_code(MemoryError()) == "out_of_memory"
+    assert error_code(RuntimeError("CUDA out of memory. Tried to allocate")) == "out_of_memory"
+    assert error_code(ValueError("x")) == "training_error"
