@@ -1,0 +1,574 @@
+"""Prepare (the guide's `train:prepare`): a preflight over the exported tier before any LoRA job.
+
+Every example of the tier is rendered with the base model's own chat template and tokenized with its own
+tokenizer (through `tokens.tokenize_tier`, so the tokenized cache that training reads is filled here), and
+then checked. All checks always run and are all reported; the status is `fail` when any check has a
+failing finding, `warn` when any warns, else `ok`. The report goes to reports/training/prepare-latest.json.
+
+Checks (id: severity when something is found):
+
+- export_summary (fail): a data file is missing, or its sha256 / record count differs from the summary
+  (edited by hand, or a torn copy); the fingerprint is then recomputed from the files as they are, so the
+  tokenized cache never serves tokens of other data.
+- malformed_record (fail): a line that is not JSON or has no usable `messages`.
+- export_stale (warn): the database changed since the export (store revision differs).
+- volume (fail): approved curated examples < minCurated; empty_train (fail): nothing to train on.
+- empty_response (fail), trivial_response (warn, fewer than 2 letters or digits).
+- duplicate_exact (warn): the same hash twice within a split; duplicate_across_splits (fail): one hash in
+  two splits (val/test would measure memorisation); duplicate_normalized (warn): different hashes, same
+  text after case/whitespace/punctuation folding.
+- truncated (warn): longer than maxSeqLength; no_trained_tokens (warn; fail when no train sample has any).
+- eot_not_trained (fail): an assistant turn whose trained span does not end with the end-of-turn token, so
+  the model would never learn to stop (truncated samples are left to the truncated check).
+- special_tokens_in_content (fail): a literal special token (e.g. `<|im_end|>`) typed inside a message;
+  the tokenizer turns it into a control token.
+- val_too_small (warn): val split empty although its ratio is > 0, or fewer than 5 samples.
+- token_stats, estimate (info): token length statistics and estimated steps and time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import export as export_mod
+from .errors import CheckFailed, NotFound
+from .fsio import atomic_write_json, read_json
+from .params import LoraParams
+from .settings import Settings
+
+Severity = Literal["info", "warn", "fail"]
+Status = Literal["ok", "warn", "fail"]
+REPORT_FILE = "prepare-latest.json"
+MAX_EXAMPLES = 5  # record ids listed per check
+MIN_VAL = 5  # below this a val loss is mostly noise
+ROLES = {"system", "user", "assistant"}
+
+# Rough effective training throughput (FLOP/s) per device kind for a LoRA step, at ~4 x params FLOP per
+# token (forward 2N, backward through activations 2N; frozen weights get no gradient). Calibrated on the
+# architecture notes' measurements (CPU: 16M-param Llama, ~1.6k tokens/s on 2 cores; H200: 1.2B Llama, ~33k
+# tokens/s). An order-of-magnitude estimate: the last job's measured speed replaces it when there is one.
+_FLOPS = {"cpu_per_thread": 5e10, "cuda": 1.0e14, "cuda_hopper": 1.6e14, "mps": 5e12}
+# Small models are bound by per-step overhead, not FLOPs: cap the estimate there.
+_MAX_TOKENS_PER_S = {"cpu": 20_000.0, "cuda": 500_000.0, "mps": 50_000.0}
+
+
+@dataclass
+class Check:
+    id: str
+    severity: Severity
+    count: int
+    examples: list[str]
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PrepareReport:
+    status: Status
+    tier: str
+    base_model: str
+    base_fingerprint: str
+    max_seq_length: int
+    dataset: dict[str, Any]
+    checks: list[Check]
+    tokens: dict[str, Any]
+    estimate: dict[str, Any]
+    cache: dict[str, Any]
+    created: str
+    path: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, check_id: str) -> Check:
+        return next(c for c in self.checks if c.id == check_id)
+
+    @property
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if c.severity in ("warn", "fail")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "tier": self.tier,
+            "baseModel": self.base_model,
+            "baseFingerprint": self.base_fingerprint,
+            "maxSeqLength": self.max_seq_length,
+            "dataset": self.dataset,
+            "checks": [c.to_dict() for c in self.checks],
+            "tokens": self.tokens,
+            "estimate": self.estimate,
+            "cache": self.cache,
+            "created": self.created,
+            "params": self.params,
+        }
+
+    def raise_on_fail(self) -> PrepareReport:
+        """Raise CheckFailed (exit 1) naming the failing checks; return self otherwise."""
+        failed = [c for c in self.checks if c.severity == "fail"]
+        if failed:
+            names = "; ".join(f"{c.id} ({c.count})" for c in failed)
+            raise CheckFailed(f"Preflight failed: {names}; see {self.path or REPORT_FILE} and fix the data.")
+        return self
+
+
+# --- the entry function -------------------------------------------------------------------------
+
+
+def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
+    """Run every preflight check on the exported `params.dataset_tier` and write prepare-latest.json.
+
+    Returns the report whatever its status (failure is data); `report.raise_on_fail()` turns a failing
+    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model.
+    """
+    from . import models, tokens
+
+    summary = export_mod.read_summary(settings)
+    if summary is None:
+        raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
+    tier = params.dataset_tier
+    info = models.resolve_base(params.base_model, settings)
+    tokenizer = models.load_tokenizer(info, settings)
+
+    checks: list[Check] = []
+    file_shas, mismatched = _verify_files(settings.training_dir, summary)
+    checks.append(_summary_check(mismatched))
+    fingerprint = _fingerprint(file_shas) if mismatched else summary["fingerprint"]
+    splits, bad_lines = _read_tier(settings.training_dir / export_mod.TIER_FILES[tier])
+    checks.append(_check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines"))
+    checks.append(_stale_check(settings, summary))
+
+    records = [r for s in export_mod.SPLITS for r in splits[s]]
+    curated_count = _count_lines(settings.training_dir / export_mod.CURATED_FILE)
+    checks += _volume_checks(curated_count, params.min_curated, len(splits["train"]))
+    checks += _content_checks(records, tokenizer)
+    checks += _duplicate_checks(records)
+
+    data = export_mod.TierData(tier, splits["train"], splits["val"], splits["test"], fingerprint, summary)
+    tokenized = tokens.tokenize_tier(settings, tier, tokenizer, params.max_seq_length, data=data)
+    eot_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    checks += _token_checks(data, tokenized, eot_id)
+    checks.append(_val_check(len(splits["val"]), float(summary.get("ratios", {}).get("val", 0.0))))
+
+    token_stats = dict(tokenized.stats)
+    checks.append(_stats_check(tokenized))
+    estimate = estimate_run(settings, params, tokenized, info)
+    checks.append(
+        Check("estimate", "info", estimate["optimizerSteps"], [], f"~{estimate['optimizerSteps']} optimizer steps, "
+              f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})")
+    )
+
+    status: Status = "fail" if any(c.severity == "fail" for c in checks) else (
+        "warn" if any(c.severity == "warn" for c in checks) else "ok")
+    report = PrepareReport(
+        status=status,
+        tier=tier,
+        base_model=info.id,
+        base_fingerprint=info.fingerprint,
+        max_seq_length=params.max_seq_length,
+        dataset={
+            "fingerprint": fingerprint,
+            "summaryFingerprint": summary.get("fingerprint"),
+            "storeRevision": summary.get("store_revision"),
+            "exportedAt": summary.get("exported_at"),
+            "counts": {s: len(splits[s]) for s in export_mod.SPLITS},
+            "curatedApproved": curated_count,
+        },
+        checks=checks,
+        tokens=token_stats,
+        estimate=estimate,
+        cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(tokenized.path)},
+        created=_now(),
+        params=params.wire(),
+    )
+    path = settings.reports_training_dir / REPORT_FILE
+    report.path = str(path)
+    atomic_write_json(path, report.to_dict())
+    return report
+
+
+def last_report(settings: Settings) -> dict[str, Any] | None:
+    """The last prepare report as written, or None."""
+    try:
+        return read_json(settings.reports_training_dir / REPORT_FILE)
+    except ValueError:
+        return None
+
+
+# --- export integrity ---------------------------------------------------------------------------
+
+
+def _verify_files(directory: Path, summary: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """sha256 of every data file as it is now, and the names that differ from the summary."""
+    shas: dict[str, str] = {}
+    mismatched: list[str] = []
+    expected = summary.get("files", {})
+    for name in export_mod.DATA_FILES:
+        path = directory / name
+        h, lines = hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as fh:
+                for line in fh:
+                    h.update(line)
+                    lines += 1
+        except FileNotFoundError:
+            shas[name] = "missing"
+            mismatched.append(name)
+            continue
+        shas[name] = h.hexdigest()
+        want = expected.get(name, {})
+        if shas[name] != want.get("sha256") or lines != want.get("records", lines):
+            mismatched.append(name)
+    return shas, mismatched
+
+
+def _fingerprint(shas: dict[str, str]) -> str:
+    # The export's own formula, applied to the files as they are.
+    return hashlib.sha256("".join(f"{n} {shas[n]}\n" for n in sorted(shas)).encode()).hexdigest()
+
+
+def _summary_check(mismatched: list[str]) -> Check:
+    if not mismatched:
+        return Check("export_summary", "info", 0, [], "every file matches the export summary (sha256, records)")
+    return Check(
+        "export_summary", "fail", len(mismatched), mismatched[:MAX_EXAMPLES],
+        f"{len(mismatched)} file(s) differ from the export summary (edited by hand or torn); run `lunatrain export`",
+    )
+
+
+def _read_tier(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
+    """The tier's records by split, and `file:line` of each line that is not a usable chat record."""
+    splits: dict[str, list[dict]] = {s: [] for s in export_mod.SPLITS}
+    bad: list[str] = []
+    try:
+        fh = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return splits, []  # reported by the export_summary check
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad.append(f"{path.name}:{n}")
+                continue
+            if not _well_formed(rec):
+                bad.append(f"{path.name}:{n}")
+                continue
+            splits[rec["split"]].append(rec)
+    return splits, bad
+
+
+def _well_formed(rec: Any) -> bool:
+    if not isinstance(rec, dict) or rec.get("split") not in export_mod.SPLITS:
+        return False
+    msgs = rec.get("messages")
+    return isinstance(msgs, list) and bool(msgs) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs
+    )
+
+
+def _stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
+    from . import store
+
+    db_file = settings.database_url.removeprefix("sqlite:///")
+    if settings.database_url.startswith("sqlite") and not Path(db_file).exists():
+        return Check("export_stale", "info", 0, [], "no database here; the export is checked as it is")
+    current = store.revision(settings)
+    if current == summary.get("store_revision"):
+        return Check("export_stale", "info", 0, [], "the export is up to date with the database")
+    return Check("export_stale", "warn", 1, [], "the database changed since the last export; run `lunatrain export`")
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+# --- record checks ------------------------------------------------------------------------------
+
+
+def _rid(rec: dict) -> str:
+    return str(rec.get("id") or str(rec.get("hash", ""))[:12])
+
+
+def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str) -> Check:
+    if not ids:
+        return Check(cid, "info", 0, [], ok)
+    return Check(cid, severity, len(ids), ids[:MAX_EXAMPLES], f"{len(ids)} {what}")
+
+
+def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
+    if curated < min_curated:
+        vol = Check("volume", "fail", curated, [],
+                    f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it")
+    else:
+        vol = Check("volume", "info", curated, [], f"{curated} approved curated examples (minCurated {min_curated})")
+    empty = (Check("empty_train", "fail", 0, [], "the tier's train split is empty: nothing to train on") if n_train == 0
+             else Check("empty_train", "info", n_train, [], f"{n_train} train samples"))
+    return [vol, empty]
+
+
+def _alnum(text: str) -> int:
+    return sum(1 for ch in text if ch.isalnum())
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """Every special token string of the tokenizer (longest first, so `<|im_end|>` wins over a prefix)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok.content))
+    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
+
+
+def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
+    empty, trivial, special = [], [], []
+    specials = special_tokens(tokenizer)
+    for rec in records:
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        if any(not a.strip() for a in answers):
+            empty.append(_rid(rec))
+        elif any(_alnum(a) < 2 for a in answers):
+            trivial.append(_rid(rec))
+        if specials and any(s in m["content"] for m in rec["messages"] for s in specials):
+            special.append(_rid(rec))
+    return [
+        _check("empty_response", "fail", empty, "samples with an empty assistant response", "no empty responses"),
+        _check("trivial_response", "warn", trivial, "samples with a trivial response (fewer than 2 letters or digits)",
+               "no trivial responses"),
+        _check("special_tokens_in_content", "fail", special,
+               "samples contain a literal special token in their text (the tokenizer turns it into a control token)",
+               "no special tokens inside message text"),
+    ]
+
+
+_PUNCT = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalize(text: str) -> str:
+    """Fold case, unicode width/compatibility forms, whitespace and punctuation: near-duplicates collide."""
+    return " ".join(_PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+def _duplicate_checks(records: list[dict]) -> list[Check]:
+    by_hash: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by_hash[str(rec.get("hash") or _content_hash(rec))].append(rec)
+    within, across = [], []
+    for group in by_hash.values():
+        if len({r["split"] for r in group}) > 1:
+            # name the copy that sits outside the first record's split: that is the one to remove
+            across.append(_rid(next(r for r in group if r["split"] != group[0]["split"])))
+        seen: set[str] = set()
+        for rec in group:
+            if rec["split"] in seen:
+                within.append(_rid(rec))
+            seen.add(rec["split"])
+    by_norm: dict[tuple, list[tuple[str, dict]]] = defaultdict(list)
+    for h, group in by_hash.items():
+        rec = group[0]
+        if not any(normalize(m["content"]) for m in rec["messages"] if m["role"] == "assistant"):
+            continue  # nothing left after folding: the empty/trivial checks report it
+        by_norm[tuple((m["role"], normalize(m["content"])) for m in rec["messages"])].append((h, rec))
+    near = [_rid(rec) for group in by_norm.values() if len(group) > 1 for _h, rec in group[1:]]
+    return [
+        _check("duplicate_exact", "warn", within, "repeated samples within a split (same hash)", "no exact duplicates"),
+        _check("duplicate_across_splits", "fail", across,
+               "hashes appear in more than one split (val/test would measure memorisation)", "no hash in two splits"),
+        _check("duplicate_normalized", "warn", near,
+               "samples duplicate another after folding case, whitespace and punctuation", "no normalized duplicates"),
+    ]
+
+
+def _content_hash(rec: dict) -> str:
+    return hashlib.sha256(json.dumps(rec["messages"], ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+# --- token checks -------------------------------------------------------------------------------
+
+
+def _labeled_runs(labels: list[int], ignore: int) -> Iterable[tuple[int, int]]:
+    start = None
+    for i, lab in enumerate(labels):
+        if lab != ignore and start is None:
+            start = i
+        elif lab == ignore and start is not None:
+            yield start, i
+            start = None
+    if start is not None:
+        yield start, len(labels)
+
+
+def _token_checks(data: Any, tokenized: Any, eot_id: int | None) -> list[Check]:
+    from .tokens import IGNORE
+
+    truncated, untrained, no_eot = [], [], []
+    train_with_tokens = 0
+    for split in export_mod.SPLITS:
+        for rec, enc in zip(getattr(data, split), tokenized.splits.get(split, []), strict=True):
+            rid = _rid(rec)
+            if enc.truncated:
+                truncated.append(rid)
+            if enc.n_supervised == 0:
+                untrained.append(rid)
+                continue
+            if split == "train":
+                train_with_tokens += 1
+            if enc.truncated:
+                continue  # its end was cut off: reported as truncated
+            if eot_id is None or any(enc.labels[b - 1] != eot_id for _a, b in _labeled_runs(enc.labels, IGNORE)):
+                no_eot.append(rid)
+    untrained_check = _check("no_trained_tokens", "warn", untrained,
+                             "samples have no trained token after masking (no assistant text left)",
+                             "every sample has trained tokens")
+    if untrained and data.train and train_with_tokens == 0:
+        untrained_check.severity = "fail"
+    return [
+        _check("truncated", "warn", truncated, f"samples are longer than maxSeqLength={tokenized.max_seq_length} and "
+               "will be cut (raise --max-seq-length or shorten them)", "no sample exceeds maxSeqLength"),
+        untrained_check,
+        _check("eot_not_trained", "fail", no_eot,
+               "samples have an assistant turn whose end-of-turn token is outside the loss mask "
+               "(the model would never learn to stop); check the chat template", "the end-of-turn token is trained"),
+    ]
+
+
+def _val_check(n_val: int, ratio: float) -> Check:
+    if ratio > 0 and n_val == 0:
+        return Check("val_too_small", "warn", 0, [], f"the val split is empty although its ratio is {ratio}: "
+                     "no validation loss; add examples or raise ASSISTANT_TRAIN_VAL_RATIO")
+    if 0 < n_val < MIN_VAL:
+        return Check("val_too_small", "warn", n_val, [],
+                     f"only {n_val} val samples (< {MIN_VAL}): the validation loss will be mostly noise")
+    return Check("val_too_small", "info", n_val, [], f"{n_val} val samples")
+
+
+def _stats_check(tokenized: Any) -> Check:
+    st = tokenized.stats.get("train", {})
+    return Check(
+        "token_stats", "info", st.get("count", 0), [],
+        f"train tokens per sample min/median/p95/max = {st.get('minLength', 0)}/{st.get('medianLength', 0)}/"
+        f"{st.get('p95Length', 0)}/{st.get('maxLength', 0)}; {st.get('supervisedTokens', 0)} trained tokens "
+        f"of {st.get('tokens', 0)}",
+    )
+
+
+# --- estimate -----------------------------------------------------------------------------------
+
+
+def optimizer_steps(lengths: list[int], params: LoraParams) -> int:
+    """Optimizer steps for one run: packed rows of maxSeqLength (or one sample per row), batchSize rows per
+    micro-batch, gradientAccumulation micro-batches per step, times epochs, capped by maxSteps."""
+    if not lengths:
+        return 0
+    if params.packing:
+        rows, fill = 0, params.max_seq_length
+        for n in lengths:  # greedy in order: a row is closed when the next sample does not fit
+            if fill + n > params.max_seq_length:
+                rows, fill = rows + 1, 0
+            fill += n
+    else:
+        rows = len(lengths)
+    micro = math.ceil(rows / params.batch_size)
+    steps = math.ceil(micro / params.gradient_accumulation) * params.epochs
+    return min(steps, params.max_steps) if params.max_steps else steps
+
+
+def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: Any) -> dict[str, Any]:
+    """Steps, tokens and seconds for training this tier: measured speed of the last job on the same base
+    model and device kind when there is one, else the FLOP-based estimate above."""
+    from . import models
+
+    device = models.resolve_device(params.device)
+    train = tokenized.train
+    steps = optimizer_steps([len(e) for e in train], params)
+    per_epoch = sum(len(e) for e in train)
+    full_steps = optimizer_steps([len(e) for e in train], params.model_copy(update={"max_steps": None}))
+    tokens = per_epoch * params.epochs * (steps / full_steps if full_steps else 0.0)
+    measured = _measured_speed(settings, info.fingerprint, device)
+    if measured:
+        tps, source = measured, "measured by the last job on this base model and device"
+    else:
+        tps, source = _flops_speed(info, device), "estimate from model size and device kind"
+    return {
+        "device": device,
+        "optimizerSteps": steps,
+        "tokens": int(tokens),
+        "tokensPerSecond": round(tps, 1),
+        "seconds": round(tokens / tps, 1) if tps else None,
+        "source": source,
+    }
+
+
+def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> float | None:
+    try:
+        last = read_json(settings.reports_training_dir / "lora-latest.json")
+    except ValueError:
+        return None
+    if not isinstance(last, dict):
+        return None
+    base = last.get("baseModel") or {}
+    metrics = last.get("metrics") or {}
+    dev = last.get("device") or {}
+    tps = metrics.get("tokensPerSecond") or metrics.get("tokens_per_second")
+    same_base = isinstance(base, dict) and base.get("fingerprint") == base_fingerprint
+    dev_type = dev.get("type") if isinstance(dev, dict) else dev
+    if same_base and dev_type == device and isinstance(tps, int | float) and tps > 0:
+        return float(tps)
+    return None
+
+
+def _param_count(path: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for w in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(w), framework="pt") as fh:
+            for k in fh.keys():
+                total += math.prod(fh.get_slice(k).get_shape())
+    return total
+
+
+def _flops_speed(info: Any, device: str) -> float:
+    import torch
+
+    n = max(_param_count(info.path), 1)
+    if device == "cuda":
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        flops = _FLOPS["cuda_hopper"] if re.search(r"H100|H200|H800|GH200", name) else _FLOPS["cuda"]
+        kind = "cuda"
+    elif device == "mps":
+        flops, kind = _FLOPS["mps"], "mps"
+    else:
+        flops, kind = _FLOPS["cpu_per_thread"] * torch.get_num_threads(), "cpu"
+    return min(flops / (4.0 * n), _MAX_TOKENS_PER_S[kind])
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")

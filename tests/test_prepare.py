@@ -1,0 +1,268 @@
+"""Preflight checks and the tokenized cache. Run: `pytest tests/test_prepare.py -q` (add `-m "not slow"`
+to skip the one that trains).
+
+The planted dataset holds exactly one instance of each record-level problem, so every check's count and
+example id are asserted exactly; the clean dataset must come out `ok`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import make_records
+from typer.testing import CliRunner
+
+from lunatrain import export as export_mod
+from lunatrain import models
+from lunatrain.cli import app
+from lunatrain.errors import CheckFailed, NotFound
+from lunatrain.params import parse_params
+from lunatrain.prepare import optimizer_steps, prepare
+
+MAX_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """luna-tiny built once per module (it takes seconds); each test copies it into its own data root."""
+    from lunatrain.settings import load_settings
+
+    root = tmp_path_factory.mktemp("tiny-home")
+    return models.ensure_tiny(load_settings(home=root))
+
+
+@pytest.fixture
+def tiny(settings, tiny_dir: Path) -> Path:
+    target = settings.models_dir / models.TINY_ID
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+def write_files(settings, records: list[dict], *, extra_curated_lines: tuple[str, ...] = ()) -> None:
+    """Write the export's files and a summary that matches them (the export's own format and formulas)."""
+    d = settings.training_dir
+    d.mkdir(parents=True, exist_ok=True)
+    line = lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"  # noqa: E731
+    curated = [r for r in records if r["source"] == "curated"]
+    content = {
+        export_mod.CURATED_FILE: "".join(map(line, curated)) + "".join(extra_curated_lines),
+        export_mod.MEMORY_FILE: "".join(line(r) for r in records if r["source"] == "memory"),
+        export_mod.MERGED_FILE: "".join(map(line, records)),
+    }
+    for split, name in export_mod.SPLIT_FILES.items():
+        content[name] = "".join(line(r) for r in curated if r["split"] == split)
+    files = {}
+    for name, text in content.items():
+        data = text.encode("utf-8")
+        (d / name).write_bytes(data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "records": text.count("\n"), "bytes": len(data)}
+    counts = {t: {"total": 0, "train": 0, "val": 0, "test": 0} for t in export_mod.TIERS}
+    for r in records:
+        for t in ("merged", r["source"] if r["source"] in ("curated", "memory") else "merged"):
+            counts[t]["total"] += 1
+            counts[t][r["split"]] += 1
+    fp = hashlib.sha256("".join(f"{n} {files[n]['sha256']}\n" for n in sorted(files)).encode()).hexdigest()
+    summary = {"format": export_mod.SUMMARY_FORMAT, "exported_at": "2025-01-01T00:00:00+00:00",
+               "store_revision": "none", "ratios": {"train": 0.8, "val": 0.2, "test": 0.0},
+               "counts": counts, "files": files, "fingerprint": fp}
+    (d / export_mod.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
+
+
+def clean_records(n: int = 60, val_every: int = 5) -> list[dict]:
+    out, seen = [], set()
+    for r in make_records(n, seed=3, val_every=val_every):
+        if r["hash"] not in seen:  # the generator repeats a few samples; an export never does
+            seen.add(r["hash"])
+            out.append(r | {"id": f"ex-{r['id']}"})
+    return out
+
+
+def _variant(rec: dict, rid: str, *, answer: str | None = None, messages: list | None = None, split: str | None = None,
+             rehash: bool = True) -> dict:
+    new = copy.deepcopy(rec)
+    new["id"] = rid
+    if messages is not None:
+        new["messages"] = messages
+    if answer is not None:
+        new["messages"][-1]["content"] = answer
+    if split is not None:
+        new["split"] = split
+    if rehash:
+        new["hash"] = hashlib.sha256(json.dumps(new["messages"], sort_keys=True).encode()).hexdigest()
+    return new
+
+
+def planted_records() -> list[dict]:
+    """A clean base (only 3 val samples: too few) plus one instance of each record-level problem."""
+    base = [r for r in clean_records(40, val_every=1000)]
+    curated_train = [r for r in base if r["source"] == "curated" and r["split"] == "train"]
+    for r in curated_train[:2]:
+        r["split"] = "val"
+    a, b, c = curated_train[2], curated_train[3], curated_train[4]
+    user = [{"role": "user", "content": "Erzähl mir was."}]
+    return base + [
+        _variant(a, "bad-empty", answer="   "),
+        _variant(a, "bad-trivial", answer="…"),
+        _variant(b, "bad-dup", rehash=False),  # same hash, same split
+        _variant(c, "bad-leak", rehash=False, split="val"),  # same hash, other split
+        _variant(a, "bad-near", messages=[{"role": m["role"], "content": "  " + m["content"].upper() + " !"}
+                                          for m in a["messages"]]),
+        _variant(a, "bad-long", answer="Eine sehr lange Antwort über Luna und ihre Aufgaben. " * 120),
+        _variant(a, "bad-noanswer", messages=user),
+        _variant(a, "bad-special", answer="Erledigt.<|im_end|> Noch etwas?"),
+    ]
+
+
+def params(**kw):
+    return parse_params({"max_seq_length": MAX_LEN, "batch_size": 2, "epochs": 1} | kw)
+
+
+EXPECTED = {  # check id -> (severity, count, example ids)
+    "export_summary": ("fail", 1, ["assistant-sft-memory.jsonl"]),
+    "malformed_record": ("fail", 1, [f"{export_mod.CURATED_FILE}:{{line}}"]),
+    "volume": ("fail", None, []),
+    "empty_train": ("info", None, []),
+    "empty_response": ("fail", 1, ["bad-empty"]),
+    "trivial_response": ("warn", 1, ["bad-trivial"]),
+    "special_tokens_in_content": ("fail", 1, ["bad-special"]),
+    "duplicate_exact": ("warn", 1, ["bad-dup"]),
+    "duplicate_across_splits": ("fail", 1, ["bad-leak"]),
+    "duplicate_normalized": ("warn", 1, ["bad-near"]),
+    "truncated": ("warn", 1, ["bad-long"]),
+    "no_trained_tokens": ("warn", 1, ["bad-noanswer"]),
+    "eot_not_trained": ("info", 0, []),
+    "val_too_small": ("warn", 3, []),
+    "export_stale": ("info", 0, []),
+}
+
+
+def test_planted_problems_are_each_reported_once(settings, tiny):
+    records = planted_records()
+    curated_lines = sum(1 for r in records if r["source"] == "curated")
+    write_files(settings, records, extra_curated_lines=('{"messages": "not a list", "split": "train"}\n',))
+    # an edit by hand after the export: the memory file no longer matches the summary
+    mem = settings.training_dir / export_mod.MEMORY_FILE
+    mem.write_text(mem.read_text("utf-8").replace("wohnt", "lebt", 1), "utf-8")
+
+    report = prepare(settings, params(min_curated=1000))
+
+    assert report.status == "fail"
+    got = {c.id: c for c in report.checks}
+    for cid, (severity, count, examples) in EXPECTED.items():
+        check = got[cid]
+        assert check.severity == severity, (cid, check)
+        if count is not None:
+            assert check.count == count, (cid, check)
+        assert check.examples == [e.replace("{line}", str(curated_lines + 1)) for e in examples], (cid, check)
+    assert got["volume"].count == curated_lines + 1  # lines in the curated file, the malformed one included
+    assert set(got) == set(EXPECTED) | {"token_stats", "estimate"}
+    written = json.loads(Path(report.path).read_text("utf-8"))
+    assert written["status"] == "fail"
+    assert {c["id"]: c["count"] for c in written["checks"]}["duplicate_across_splits"] == 1
+    with pytest.raises(CheckFailed, match="duplicate_across_splits"):
+        report.raise_on_fail()
+
+
+def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
+    records = clean_records()
+    write_files(settings, records)
+    report = prepare(settings, params(min_curated=10))
+    assert report.status == "ok", [c for c in report.problems]
+    assert report.raise_on_fail() is report
+    train = [r for r in records if r["source"] == "curated" and r["split"] == "train"]
+    stats = report.tokens["train"]
+    assert stats["count"] == len(train) == report.check("token_stats").count
+    assert 0 < stats["minLength"] <= stats["medianLength"] <= stats["p95Length"] <= stats["maxLength"] <= MAX_LEN
+    assert 0 < stats["supervisedTokens"] < stats["tokens"]
+    est = report.estimate
+    assert est["device"] == "cpu" and est["optimizerSteps"] >= 1 and est["seconds"] > 0
+    assert est["tokens"] == stats["tokens"]  # one epoch
+
+
+def test_missing_export_is_a_clear_error(settings, tiny):
+    with pytest.raises(NotFound, match="lunatrain export"):
+        prepare(settings, params())
+
+
+def test_val_split_empty_although_ratio_is_set(settings, tiny):
+    records = [r | {"split": "train"} for r in clean_records(30)]
+    write_files(settings, records)
+    check = prepare(settings, params()).check("val_too_small")
+    assert (check.severity, check.count) == ("warn", 0)
+    assert "empty" in check.message
+
+
+def test_template_that_does_not_train_the_end_of_turn_token_fails(settings, tiny):
+    """A chat template that closes assistant turns with a different token than the tokenizer's end of turn
+    (a classic model-change bug): every sample is flagged, the model would never learn to stop."""
+    broken = settings.models_dir / "tiny-broken-eot"
+    shutil.copytree(tiny, broken)
+    cfg_path = broken / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text("utf-8"))
+    cfg["chat_template"] = (
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+        "{%- if message['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- else %}{{- '<|im_end|>' }}{%- endif %}"
+        "{{- '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    cfg_path.write_text(json.dumps(cfg), "utf-8")
+    records = clean_records(30)
+    write_files(settings, records)
+    report = prepare(settings, params(base_model=str(broken)))
+    n = sum(1 for r in records if r["source"] == "curated")
+    check = report.check("eot_not_trained")
+    assert (check.severity, check.count, report.status) == ("fail", n, "fail")
+    # with the tokenizer's own template the same data is fine
+    assert prepare(settings, params()).check("eot_not_trained").count == 0
+
+
+def test_cache_hit_on_second_prepare_and_miss_on_template_or_length_change(settings, tiny):
+    write_files(settings, clean_records(30))
+    first = prepare(settings, params())
+    second = prepare(settings, params())
+    assert (first.cache["hit"], second.cache["hit"]) == (False, True)
+    assert first.cache["key"] == second.cache["key"]
+    assert second.tokens == first.tokens
+
+    shorter = prepare(settings, params(max_seq_length=64))
+    assert not shorter.cache["hit"] and shorter.cache["key"] != first.cache["key"]
+
+    variant = settings.models_dir / "tiny-template-variant"
+    shutil.copytree(tiny, variant)
+    cfg_path = variant / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text("utf-8"))
+    cfg["chat_template"] = "{#- same rendering, a different template text -#}" + cfg["chat_template"]
+    cfg_path.write_text(json.dumps(cfg), "utf-8")
+    other = prepare(settings, params(base_model=str(variant)))
+    assert not other.cache["hit"] and other.cache["key"] != first.cache["key"]
+    assert other.tokens == first.tokens  # same tokens, but never served from another template's entry
+    assert prepare(settings, params()).cache["hit"]
+
+
+def test_optimizer_steps_packing_and_accumulation():
+    p = parse_params({"max_seq_length": 100, "batch_size": 2, "epochs": 3, "gradient_accumulation": 2})
+    # packed greedily: [60,30] [50,40] [90] [20] -> 4 rows -> 2 micro-batches -> 1 step per epoch
+    assert optimizer_steps([60, 30, 50, 40, 90, 20], p) == 3
+    unpacked = p.model_copy(update={"packing": False})
+    assert optimizer_steps([60, 30, 50, 40, 90, 20], unpacked) == 6  # 6 rows -> 3 micro -> 2 steps x 3
+    assert optimizer_steps([60] * 40, p.model_copy(update={"max_steps": 5})) == 5
+    assert optimizer_steps([], p) == 0
+
+
+def test_cli_prints_table_and_exits_1_on_fail(settings, tiny):
+    records = planted_records()
+    write_files(settings, records)
+    result = CliRunner().invoke(app, ["prepare", "--maxSeqLength=512", "--min-curated", "5"])
+    assert result.exit_code == 1, result.output
+    assert "duplicate_across_splits" in result.output and "bad-leak" in result.output
+    assert "Preflight failed" in result.output
+    write_files(settings, clean_records())
+    result = CliRunner().invoke(app, ["prepare", "--max-seq-length", "512", "--minCurated=5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["status"] == "ok"
+    result = CliRunner().invoke(app, ["prepare", "--dataset-tier", "nope"])
+    assert result.exit_code == 2 and "datasetTier" in result.output
