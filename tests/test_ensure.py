@@ -1,0 +1,103 @@
+"""Ensure-on-demand: concurrent callers start exactly one real trainer; a trainer that cannot start fails
+clearly within the timeout, naming the log; with on-demand ensure off nothing is started.
+
+Run: `.venv/bin/python -m pytest tests/test_ensure.py -q` (starts real trainer processes on free ports).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from lunatrain.cli import app
+from lunatrain.ensure import ensure_trainer, log_path, pid_path
+from lunatrain.errors import ServiceUnavailable
+from lunatrain.settings import load_settings
+from trainer_helpers import free_port, gone, kill_trainers, trainer_processes, wait_for
+
+LABELS = ("Online (CPU)", "Aktiv (CUDA)")
+
+
+@pytest.fixture
+def port(home, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{port}")
+    yield port
+    kill_trainers(port)  # ensure starts detached trainers; never leave one behind
+
+
+@pytest.mark.slow
+def test_two_concurrent_callers_start_one_trainer(home, port):
+    settings = load_settings()
+    # One caller is this process (a thread), the other a separate CLI process: the lock works across both.
+    cli = subprocess.Popen(
+        [sys.executable, "-c", "from lunatrain.cli import main; main()", "health", "--ensure-trainer"],
+        cwd=home, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_trainer(settings, timeout=90))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    out, _ = cli.communicate(timeout=120)
+    for t in threads:
+        t.join(timeout=120)
+
+    assert cli.returncode == 0, out
+    assert any(label in out for label in LABELS), out
+    assert len(results) == 2 and all(h.status == "ok" for h in results)
+    procs = trainer_processes(port)
+    assert len(procs) == 1, [p.info["cmdline"] for p in procs]
+    assert int(pid_path(settings).read_text()) == procs[0].pid
+    assert log_path(settings).read_text().count("starting trainer") == 1  # one start, not one per caller
+    # A later call finds it healthy and starts nothing.
+    ensure_trainer(settings, timeout=10)
+    assert [p.pid for p in trainer_processes(port)] == [procs[0].pid]
+
+
+def test_start_command_that_exits_fails_fast_naming_the_log(home, port, monkeypatch):
+    cmd = shlex.join([sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"])
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
+    settings = load_settings()
+    with pytest.raises(ServiceUnavailable) as info:
+        ensure_trainer(settings, timeout=60)
+    assert "exited while starting (status 3)" in info.value.message
+    assert "reports/training/trainer.log" in info.value.message
+    assert "no GPU here" in log_path(settings).read_text()
+
+
+def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, port, monkeypatch):
+    cmd = shlex.join([sys.executable, "-c", "import time; time.sleep(300)", "never-healthy-marker"])
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
+    settings = load_settings()
+    with pytest.raises(ServiceUnavailable) as info:
+        ensure_trainer(settings, timeout=2)
+    assert "did not become healthy" in info.value.message and "within 2s" in info.value.message
+    assert "reports/training/trainer.log" in info.value.message
+    started = int(pid_path(settings).read_text())
+    assert wait_for(lambda: gone(started), 10)  # the half-started process is not left behind
+
+
+def test_on_demand_off_starts_nothing(home, port, monkeypatch):
+    monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
+    settings = load_settings()
+    with pytest.raises(ServiceUnavailable, match="ASSISTANT_LORA_ENSURE_ON_DEMAND=false"):
+        ensure_trainer(settings, timeout=5)
+    assert not log_path(settings).exists() and trainer_processes(port) == []
+
+
+def test_health_cli_offline_exits_1(home, port):
+    result = CliRunner().invoke(app, ["health"])
+    assert result.exit_code == 1
+    assert "Offline" in result.output and f"127.0.0.1:{port}" in result.output
+
+
+def test_bad_start_command_is_a_usage_error(home, port, monkeypatch):
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", "'unbalanced")
+    result = CliRunner().invoke(app, ["health", "--ensure-trainer"])
+    assert result.exit_code == 2 and "ASSISTANT_LORA_TRAINER_START_CMD" in result.output
