@@ -243,14 +243,12 @@ def test_cache_hit_on_second_prepare_and_miss_on_template_or_length_change(setti
     assert prepare(settings, params()).cache["hit"]
 
 
-def test_optimizer_steps_packing_and_accumulation():
-    p = parse_params({"max_seq_length": 100, "batch_size": 2, "epochs": 3, "gradient_accumulation": 2})
-    # packed greedily: [60,30] [50,40] [90] [20] -> 4 rows -> 2 micro-batches -> 1 step per epoch
-    assert optimizer_steps([60, 30, 50, 40, 90, 20], p) == 3
-    unpacked = p.model_copy(update={"packing": False})
-    assert optimizer_steps([60, 30, 50, 40, 90, 20], unpacked) == 6  # 6 rows -> 3 micro -> 2 steps x 3
-    assert optimizer_steps([60] * 40, p.model_copy(update={"max_steps": 5})) == 5
-    assert optimizer_steps([], p) == 0
+def test_optimizer_steps_match_the_training_loop():
+    p = parse_params({"batch_size": 2, "epochs": 3, "gradient_accumulation": 2})
+    assert optimizer_steps(9, p) == 9  # ceil(9 / 4) = 3 per epoch
+    assert optimizer_steps(9, p.model_copy(update={"packing": False})) == 9  # packing changes layout, not count
+    assert optimizer_steps(9, p.model_copy(update={"max_steps": 5})) == 5
+    assert optimizer_steps(0, p) == 0
 
 
 def test_cli_prints_table_and_exits_1_on_fail(settings, tiny):
@@ -266,3 +264,21 @@ def test_cli_prints_table_and_exits_1_on_fail(settings, tiny):
     assert json.loads(result.output)["status"] == "ok"
     result = CliRunner().invoke(app, ["prepare", "--dataset-tier", "nope"])
     assert result.exit_code == 2 and "datasetTier" in result.output
+
+
+def test_training_reads_the_tokens_prepare_cached(settings, tiny, monkeypatch):
+    """After prepare, a LoRA run tokenizes nothing: with the encoder disabled it still trains, from the
+    cache entry prepare wrote (same key)."""
+    from lunatrain import tokens, train
+
+    write_files(settings, clean_records(30))
+    report = prepare(settings, params())
+    assert not report.cache["hit"]
+
+    def no_tokenizing(*_a, **_k):
+        raise AssertionError("training tokenized again instead of using the cache")
+
+    monkeypatch.setattr(tokens, "encode_chat", no_tokenizing)
+    result = train.run_lora(params(max_steps=1, rank=4), settings)
+    assert result.ok, result.error
+    assert result.report["dataset"]["tokenCacheKey"] == report.cache["key"]

@@ -470,35 +470,25 @@ def _stats_check(tokenized: Any) -> Check:
 # --- estimate -----------------------------------------------------------------------------------
 
 
-def optimizer_steps(lengths: list[int], params: LoraParams) -> int:
-    """Optimizer steps for one run: packed rows of maxSeqLength (or one sample per row), batchSize rows per
-    micro-batch, gradientAccumulation micro-batches per step, times epochs, capped by maxSteps."""
-    if not lengths:
-        return 0
-    if params.packing:
-        rows, fill = 0, params.max_seq_length
-        for n in lengths:  # greedy in order: a row is closed when the next sample does not fit
-            if fill + n > params.max_seq_length:
-                rows, fill = rows + 1, 0
-            fill += n
-    else:
-        rows = len(lengths)
-    micro = math.ceil(rows / params.batch_size)
-    steps = math.ceil(micro / params.gradient_accumulation) * params.epochs
+def optimizer_steps(n_samples: int, params: LoraParams) -> int:
+    """Optimizer steps of a run, as the training loop counts them: batchSize samples per micro-batch
+    (packing changes the layout, never the count), gradientAccumulation micro-batches per step, epochs,
+    capped by maxSteps."""
+    per_epoch = math.ceil(n_samples / (params.batch_size * params.gradient_accumulation))
+    steps = per_epoch * params.epochs
     return min(steps, params.max_steps) if params.max_steps else steps
 
 
 def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: Any) -> dict[str, Any]:
-    """Steps, tokens and seconds for training this tier: measured speed of the last job on the same base
+    """Steps, tokens and seconds for training this tier: the measured speed of the last job on the same base
     model and device kind when there is one, else the FLOP-based estimate above."""
     from . import models
 
     device = models.resolve_device(params.device)
-    train = tokenized.train
-    steps = optimizer_steps([len(e) for e in train], params)
-    per_epoch = sum(len(e) for e in train)
-    full_steps = optimizer_steps([len(e) for e in train], params.model_copy(update={"max_steps": None}))
-    tokens = per_epoch * params.epochs * (steps / full_steps if full_steps else 0.0)
+    train = [e for e in tokenized.train if e.n_supervised]  # the loop skips samples with nothing to learn
+    steps = optimizer_steps(len(train), params)
+    full = optimizer_steps(len(train), params.model_copy(update={"max_steps": None}))
+    tokens = sum(len(e) for e in train) * params.epochs * (steps / full if full else 0.0)
     measured = _measured_speed(settings, info.fingerprint, device)
     if measured:
         tps, source = measured, "measured by the last job on this base model and device"
@@ -515,20 +505,17 @@ def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: A
 
 
 def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> float | None:
+    """tokens/s of the last finished job (lora-latest.json) when it ran on this base model and device kind."""
     try:
         last = read_json(settings.reports_training_dir / "lora-latest.json")
     except ValueError:
         return None
-    if not isinstance(last, dict):
+    if not isinstance(last, dict) or last.get("status") != "succeeded":
         return None
-    base = last.get("baseModel") or {}
-    metrics = last.get("metrics") or {}
-    dev = last.get("device") or {}
-    tps = metrics.get("tokensPerSecond") or metrics.get("tokens_per_second")
-    same_base = isinstance(base, dict) and base.get("fingerprint") == base_fingerprint
-    dev_type = dev.get("type") if isinstance(dev, dict) else dev
-    if same_base and dev_type == device and isinstance(tps, int | float) and tps > 0:
-        return float(tps)
+    base, metrics, dev = last.get("baseModel") or {}, last.get("metrics") or {}, last.get("device") or {}
+    tps = metrics.get("tokensPerSec")
+    if base.get("fingerprint") == base_fingerprint and dev.get("used") == device and isinstance(tps, int | float):
+        return float(tps) if tps > 0 else None
     return None
 
 
