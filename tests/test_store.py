@@ -1,0 +1,303 @@
+"""The example store on a real database: SQLite always, PostgreSQL when ASSISTANT_TEST_PG_URL is set.
+
+Run: `.venv/bin/python -m pytest tests/test_store.py -q` (PostgreSQL cases are skipped without the URL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from lunatrain import store
+from lunatrain.cli import app
+from lunatrain.errors import Conflict, NotFound, UsageError
+from lunatrain.settings import Settings, load_settings
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def _reset_postgres(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings pointing at an empty database of the parametrized backend."""
+    if request.param == "postgres":
+        url = os.environ.get("ASSISTANT_TEST_PG_URL")
+        if not url:
+            pytest.skip("ASSISTANT_TEST_PG_URL is not set: these cases need a real PostgreSQL")
+        _reset_postgres(url)
+        monkeypatch.setenv("ASSISTANT_DB_URL", url)
+    store.dispose_stores()
+    yield load_settings()
+    store.dispose_stores()
+
+
+def _snapshot(settings: Settings) -> tuple[str, dict, list, list]:
+    """Everything a failed operation must leave untouched."""
+    return (
+        store.revision(settings),
+        store.counts(settings),
+        [e.to_dict() for e in store.list_examples(settings, limit=10_000)],
+        [m.to_dict() for m in store.list_memory(settings, limit=10_000)],
+    )
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def test_open_migrates_empty_database_to_head_and_second_open_changes_nothing(db: Settings) -> None:
+    from alembic.script import ScriptDirectory
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+
+    st = store.open_store(db)
+    with st.read() as conn:
+        assert conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == head
+        tables = set(sa.inspect(conn).get_table_names())
+    assert {"examples", "memory_items", "deleted_hashes", "store_state", "alembic_version"} <= tables
+    rev = store.revision(db)
+
+    store.dispose_stores()  # a fresh process would open again from scratch
+    st2 = store.open_store(db)
+    assert st2 is not st
+    with st2.read() as conn:
+        assert conn.scalars(sa.text("SELECT version_num FROM alembic_version")).all() == [head]
+    assert store.revision(db) == rev
+
+
+@pytest.mark.slow  # starts three Python processes
+def test_concurrent_first_opens_migrate_once(home: Path) -> None:
+    # Several processes open a brand-new SQLite file at the same moment; the file lock serializes them.
+    code = (
+        "from lunatrain import store; from lunatrain.settings import load_settings;"
+        "s = load_settings(); store.add_example(s, prompt='hi from ' + __import__('sys').argv[1], response='hallo')"
+    )
+    env = {**os.environ, "ASSISTANT_HOME": str(home)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, stderr=subprocess.PIPE) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    settings = load_settings()
+    assert store.counts(settings)["totals"]["examples"] == 3
+    with store.open_store(settings).read() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM alembic_version")) == 1
+
+
+# --- examples -----------------------------------------------------------------------------------
+
+
+def test_add_example_round_trip(db: Settings) -> None:
+    ex = store.add_example(
+        db,
+        prompt="  Wie heißt du?  ",
+        response="Ich bin Luna.",
+        system="Du bist Luna.",
+        turns=[{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo!"}],
+        tags=["identity", "seed", "identity"],
+        conversation_id="c-1",
+        rating=5,
+    )
+    assert ex.prompt == "Wie heißt du?"  # trimmed
+    assert ex.source == "curated" and ex.status == "approved"
+    assert ex.tags == ("identity", "seed")
+    assert ex.messages()[0] == {"role": "system", "content": "Du bist Luna."}
+    assert ex.messages()[-1] == {"role": "assistant", "content": "Ich bin Luna."}
+    assert len(ex.hash) == 64
+    assert store.get_example(db, ex.id) == ex
+    conv = store.add_example(db, prompt="x", response="y", source="conversation")
+    assert conv.status == "pending"  # chat logs need review before training
+
+
+def test_same_content_after_normalization_is_a_duplicate(db: Settings) -> None:
+    store.add_example(db, prompt="Café?", response="Gern, ein Café.")
+    decomposed = unicodedata.normalize("NFD", "Café?")
+    assert decomposed != "Café?"
+    before = _snapshot(db)
+    with pytest.raises(Conflict, match="already exists"):
+        store.add_example(db, prompt=f" {decomposed}\n", response="Gern, ein Café. ")
+    assert _snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": "", "response": "a"}, "field 'prompt': is empty"),
+        ({"prompt": "q", "response": 3}, "field 'response': expected a string, got number"),
+        ({"prompt": "q", "response": "a", "rating": 9}, "field 'rating': must be between 1 and 5"),
+        ({"prompt": "q", "response": "a", "turns": [{"role": "tool", "content": "x"}]}, "turns\\[0\\].role"),
+        ({"prompt": "q", "response": "a", "source": "web"}, "Invalid source 'web'"),
+        ({"prompt": "q", "response": "a", "status": "done"}, "Invalid status 'done'"),
+    ],
+)
+def test_invalid_example_is_refused_and_changes_nothing(db: Settings, kwargs: dict, message: str) -> None:
+    store.add_example(db, prompt="schon da", response="ja")
+    before = _snapshot(db)
+    with pytest.raises(UsageError, match=message):
+        store.add_example(db, **kwargs)
+    assert _snapshot(db) == before
+
+
+def test_import_is_deduplicated_and_reimport_adds_nothing(db: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    lines = [{"prompt": f"Frage {i}", "response": f"Antwort {i}"} for i in range(20)]
+    lines.append({"prompt": "Frage 3", "response": "Antwort 3"})  # repeated inside the file
+    path.write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    first = store.import_file(db, path, source="curated", status="pending")
+    assert (first.records, first.added, first.skipped_duplicates) == (21, 20, 1)
+    assert first.formats == {"prompt-response": 21}
+    rev = store.revision(db)
+    again = store.import_file(db, path)
+    assert (again.added, again.skipped_duplicates) == (0, 21)
+    assert store.revision(db) == rev  # nothing changed, so no new revision
+    assert store.counts(db)["examples"]["curated"]["pending"] == 20
+
+
+def test_list_filters_and_pages(db: Settings) -> None:
+    for i in range(5):
+        store.add_example(db, prompt=f"p{i}", response="r", status="approved" if i % 2 else "pending")
+    store.add_example(db, prompt="m", response="r", source="memory")
+    assert [e.prompt for e in store.list_examples(db, status="pending")] == ["p0", "p2", "p4"]
+    assert [e.prompt for e in store.list_examples(db, source="memory")] == ["m"]
+    assert [e.prompt for e in store.list_examples(db, limit=2, offset=1)] == ["p1", "p2"]
+    with pytest.raises(UsageError):
+        store.list_examples(db, limit=0)
+
+
+def test_set_status_is_all_or_nothing(db: Settings) -> None:
+    a = store.add_example(db, prompt="a", response="1", status="pending")
+    b = store.add_example(db, prompt="b", response="2", status="pending")
+    before = _snapshot(db)
+    with pytest.raises(NotFound, match="9999"):
+        store.set_status(db, [a.id, 9999], "approved")
+    assert _snapshot(db) == before
+    assert store.set_status(db, [a.id, b.id], "approved") == 2
+    assert store.set_status(db, [a.id], "approved") == 0  # already approved: no change, no new revision
+    assert store.counts(db)["examples"]["curated"]["approved"] == 2
+
+
+def test_delete_leaves_tombstones_and_ids_are_never_reused(db: Settings) -> None:
+    a = store.add_example(db, prompt="vergiss das", response="ok")
+    b = store.add_example(db, prompt="behalte das", response="ok")
+    with pytest.raises(NotFound):
+        store.delete_examples(db, [a.id, 12345])
+    assert store.deleted_hashes(db) == {}
+    assert store.delete_examples(db, [a.id]) == 1
+    tomb = store.deleted_hashes(db)
+    assert list(tomb) == [a.hash] and tomb[a.hash].tzinfo is not None
+    c = store.add_example(db, prompt="neu", response="ok")
+    assert c.id > b.id
+    # The same content added again is no longer "deleted".
+    store.add_example(db, prompt="vergiss das", response="ok")
+    assert store.deleted_hashes(db) == {}
+
+
+def test_memory_items(db: Settings) -> None:
+    m = store.add_memory(db, question="Was trinke ich gern?", answer="Tee.", topic="Vorlieben", tags=["seed"])
+    assert (m.question, m.answer, m.topic, m.status) == ("Was trinke ich gern?", "Tee.", "Vorlieben", "approved")
+    with pytest.raises(Conflict):
+        store.add_memory(db, question="Was trinke ich gern?", answer="Tee.")
+    with pytest.raises(UsageError, match="field 'answer'"):
+        store.add_memory(db, question="q", answer="")
+    store.add_memory(db, question="Hund?", answer="Bruno.", status="pending")
+    assert [x.question for x in store.list_memory(db, status="pending")] == ["Hund?"]
+    assert store.set_memory_status(db, [m.id], "rejected") == 1
+    assert store.counts(db)["memory"] == {"approved": 0, "pending": 1, "rejected": 1}
+    store.delete_memory(db, [m.id])
+    assert m.hash in store.deleted_hashes(db)
+
+
+def test_revision_changes_with_every_change(db: Settings) -> None:
+    seen = [store.revision(db)]
+    ex = store.add_example(db, prompt="a", response="b")
+    seen.append(store.revision(db))
+    store.set_status(db, [ex.id], "rejected")
+    seen.append(store.revision(db))
+    mem = store.add_memory(db, question="q", answer="a")
+    seen.append(store.revision(db))
+    store.delete_memory(db, [mem.id])
+    seen.append(store.revision(db))
+    store.delete_examples(db, [ex.id])
+    seen.append(store.revision(db))
+    assert len(set(seen)) == len(seen)
+
+
+def test_counts_has_every_key(db: Settings) -> None:
+    c = store.counts(db)
+    assert set(c["examples"]) == {"curated", "memory", "conversation"}
+    assert all(set(v) == {"approved", "pending", "rejected"} for v in c["examples"].values())
+    assert c["totals"] == {"examples": 0, "memory": 0, "curated_approved": 0}
+
+
+def test_seed_loads_the_bundled_dataset_once(db: Settings) -> None:
+    res = store.load_seed(db)
+    assert res.examples_added >= 300 and res.memory_added >= 30
+    c = store.counts(db)
+    assert c["examples"]["curated"]["approved"] >= 250
+    assert c["examples"]["conversation"]["pending"] > 0 and c["examples"]["conversation"]["rejected"] > 0
+    multi = [e for e in store.list_examples(db, limit=1000) if e.turns]
+    assert multi and all(e.conversation_id for e in multi)
+    again = store.load_seed(db)
+    assert (again.examples_added, again.memory_added) == (0, 0)
+    assert again.examples_skipped == res.examples_added
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_examples_commands(home: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hallo! Ich bin Luna.", "--tag", "greeting"])
+    assert r.exit_code == 0, r.output
+    assert "Added example 1" in r.output
+    r = runner.invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hallo! Ich bin Luna."])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(app, ["examples", "add", "--prompt", "x", "--response", "y", "--rating", "7"])
+    assert r.exit_code == 2 and "rating" in r.output
+    r = runner.invoke(app, ["examples", "add", "--prompt", "x", "--response", "y", "--conversationId", "c9", "--status", "pending"])
+    assert r.exit_code == 0, r.output
+
+    r = runner.invoke(app, ["examples", "list", "--json"])
+    listed = json.loads(r.output)
+    assert [(e["id"], e["status"], e["conversation_id"]) for e in listed] == [(1, "approved", None), (2, "pending", "c9")]
+    r = runner.invoke(app, ["examples", "list", "--status", "pending"])
+    assert r.exit_code == 0 and r.output.startswith("2\tcurated\tpending")
+
+    assert runner.invoke(app, ["examples", "approve", "ex-2"]).exit_code == 0
+    r = runner.invoke(app, ["examples", "reject", "1", "77"])
+    assert r.exit_code == 1 and "No example with id 77" in r.output
+    r = runner.invoke(app, ["examples", "reject", "abc"])
+    assert r.exit_code == 2
+    assert runner.invoke(app, ["examples", "delete", "1"]).exit_code == 0
+    settings = load_settings()
+    assert store.counts(settings)["examples"]["curated"] == {"approved": 1, "pending": 0, "rejected": 0}
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n', encoding="utf-8")
+    r = runner.invoke(app, ["examples", "import", str(bad)])
+    assert r.exit_code == 2 and "bad.jsonl" in r.output and "line 1" in r.output and "'response'" in r.output
+
+    r = runner.invoke(app, ["memory", "add", "--question", "Wie heißt mein Hund?", "--answer", "Bruno."])
+    assert r.exit_code == 0, r.output
+    assert "Bruno" in runner.invoke(app, ["memory", "list"]).output
+    assert runner.invoke(app, ["memory", "delete", "mem-1"]).exit_code == 0
+
+    r = runner.invoke(app, ["examples", "seed"])
+    assert r.exit_code == 0 and "examples added" in r.output
