@@ -61,3 +61,11 @@ def test_unknown_and_unsafe_profile_names(settings: Settings) -> None:
         load_profile(settings, "nope")
     with pytest.raises(UsageError):
         load_profile(settings, "../etc/passwd")
+
+
+def test_gate_table_is_validated(settings: Settings, home: Path) -> None:
+    assert load_profile(settings, "luna").gate["maxValLossRatioVsBase"] == 1.0
+    (home / "profiles").mkdir()
+    (home / "profiles" / "g.toml").write_text("[gate]\nminGoldenPassRatio = 0.5\n")
+    with pytest.raises(UsageError, match="minGoldenPassRatio"):
+        load_profile(settings, "g")

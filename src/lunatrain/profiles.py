@@ -79,6 +79,12 @@ def load_profile(settings: Settings, name: str) -> Profile:
         gate=data.get("gate", {}),
     )
     # Validate now, so a bad key is reported against the profile file, not against a later flag.
+    from .evalgate import parse_thresholds
+
+    try:
+        parse_thresholds(profile.gate)
+    except UsageError as exc:
+        raise UsageError(f"Profile {path} [gate]: {exc.message}") from exc
     for quick in (False, True):
         try:
             profile.params(quick=quick)
