@@ -208,10 +208,14 @@ def detect_format(record: Mapping[str, Any]) -> str:
         return "openai"
     if "conversations" in record:
         return "sharegpt"
-    if "instruction" in record and "output" in record:
+    # One telltale key is enough: a record with "prompt" but no "response" is a prompt-response record
+    # with a missing field (a precise error), not a record of unknown shape.
+    if "instruction" in record:
         return "alpaca"
-    if "prompt" in record and "response" in record:
+    if "prompt" in record or "response" in record:
         return "prompt-response"
+    if "output" in record:
+        return "alpaca"
     raise RecordError(
         None,
         "unknown format: expected 'messages', 'conversations', 'instruction'/'output' or 'prompt'/'response'",
@@ -362,7 +366,11 @@ def _csv_row(row: dict[str | None, Any]) -> Any:
         return RecordError(None, "more cells than header columns")
     rec: dict[str, Any] = {}
     for key, value in row.items():
-        if key is None or value is None or value == "":
+        if key is None:
+            continue
+        if value is None or value == "":
+            # Keep the column: the header decides the shape, and an empty cell reads as "missing".
+            rec[key] = None
             continue
         if key in ("messages", "conversations") or (key == "tags" and value.lstrip().startswith("[")):
             try:

@@ -1,0 +1,166 @@
+"""Reading OpenAI / ShareGPT / Alpaca / prompt-response records from JSONL, JSON and CSV files, and the
+errors for bad files (each naming file, line and field, and importing nothing).
+
+Run: `.venv/bin/python -m pytest tests/test_formats.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from lunatrain import store
+from lunatrain.errors import UsageError
+from lunatrain.formats import ExampleDraft, content_hash, read_file
+from lunatrain.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    yield
+    store.dispose_stores()
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_every_shape_in_one_jsonl_file(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"messages": [{"role": "system", "content": "Du bist Luna."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hallo!"}], "tags": ["a"], "rating": 4},
+            {"conversations": [{"from": "human", "value": "Wer bist du?"}, {"from": "gpt", "value": "Luna."}],
+             "conversation_id": "c1"},
+            {"instruction": "Übersetze.", "input": "Hallo", "output": "Hello"},
+            {"instruction": "Sag Hallo.", "output": "Hallo!"},
+            {"prompt": "2+2?", "response": "4", "system": "Kurz antworten.", "tags": "math, kurz"},
+        ],
+    )
+    parsed = read_file(path)
+    assert parsed.formats == {"openai": 1, "sharegpt": 1, "alpaca": 2, "prompt-response": 1}
+    d = parsed.drafts
+    assert (d[0].system, d[0].prompt, d[0].response, d[0].tags, d[0].rating) == ("Du bist Luna.", "Hi", "Hallo!", ("a",), 4)
+    assert (d[1].prompt, d[1].response, d[1].conversation_id) == ("Wer bist du?", "Luna.", "c1")
+    assert d[2].prompt == "Übersetze.\n\nHallo" and d[2].response == "Hello"
+    assert d[3].prompt == "Sag Hallo."
+    assert (d[4].system, d[4].tags) == ("Kurz antworten.", ("kurz", "math"))
+
+
+def test_multi_turn_split_into_prior_turns_prompt_and_response(tmp_path: Path) -> None:
+    msgs = [
+        {"from": "system", "value": "Sei Luna."},
+        {"from": "human", "value": "Plan meinen Tag."},
+        {"from": "gpt", "value": "Welche Termine hast du?"},
+        {"from": "human", "value": "Meeting um 9."},
+        {"from": "gpt", "value": "Dann Fokuszeit ab 10."},
+        {"from": "human", "value": "Danke!"},  # no answer: dropped, not trained on
+    ]
+    (draft,) = read_file(_jsonl(tmp_path / "conv.jsonl", [{"conversations": msgs}])).drafts
+    assert draft.system == "Sei Luna."
+    assert draft.turns == (("user", "Plan meinen Tag."), ("assistant", "Welche Termine hast du?"))
+    assert (draft.prompt, draft.response) == ("Meeting um 9.", "Dann Fokuszeit ab 10.")
+
+
+def test_json_array_and_csv(tmp_path: Path) -> None:
+    arr = tmp_path / "data.json"
+    arr.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"instruction": "c", "output": "d"}]), encoding="utf-8")
+    assert [x.prompt for x in read_file(arr).drafts] == ["a", "c"]
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text(
+        'prompt,response,tags,rating,conversation_id\n"Hallo, Luna",Hallo!,greeting;seed,5,c7\n'
+        '"Multi\nline",ok,,,\n',
+        encoding="utf-8",
+    )
+    a, b = read_file(csv_path).drafts
+    assert (a.prompt, a.tags, a.rating, a.conversation_id) == ("Hallo, Luna", ("greeting", "seed"), 5, "c7")
+    assert b.prompt == "Multi\nline" and b.rating is None
+    msgs_csv = tmp_path / "msgs.csv"
+    msgs_csv.write_text(
+        'messages\n"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": ""Hey""}]"\n',
+        encoding="utf-8",
+    )
+    assert read_file(msgs_csv).drafts[0].response == "Hey"
+
+
+def test_forced_format_rejects_other_shapes(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "a", "response": "b"}])
+    assert read_file(path, "prompt-response").formats == {"prompt-response": 1}
+    with pytest.raises(UsageError, match="line 1: field 'messages': missing"):
+        read_file(path, "openai")
+    with pytest.raises(UsageError, match="Unknown format 'chatml'"):
+        read_file(path, "chatml")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("malformed.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "a",\n', r"malformed\.jsonl: 1 bad record.*line 2: malformed JSON"),
+        ("missing.jsonl", b'{"prompt": "a", "response": "b"}\n\n{"prompt": "x"}\n', r"missing\.jsonl.*line 3: field 'response': missing"),
+        ("types.jsonl", b'{"prompt": "a", "response": ["b"]}\n', r"types\.jsonl.*line 1: field 'response': expected a string, got list"),
+        ("rating.jsonl", b'{"prompt": "a", "response": "b", "rating": "great"}\n', r"line 1: field 'rating': expected a whole number"),
+        ("role.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n', r"line 1: field 'messages\[1\]\.role': unsupported role 'robot'"),
+        ("noanswer.jsonl", b'{"messages": [{"role": "user", "content": "a"}]}\n', r"line 1: field 'messages': no assistant turn"),
+        ("empty.jsonl", b"\n  \n", r"empty\.jsonl: the file is empty"),
+        ("latin1.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "Grüße", "response": "b"}\n'.encode("latin-1"), r"latin1\.jsonl: line 2 is not valid UTF-8 \(byte 0xfc\)"),
+        ("unknown.jsonl", b'{"question": "a", "answer": "b"}\n', r"unknown\.jsonl.*line 1: unknown format"),
+        ("array.json", b'[{"prompt": "a", "response": "b"}, {"prompt": 1, "response": "b"}]', r"array\.json.*record 2: field 'prompt': expected a string, got number"),
+        ("broken.json", b'[{"prompt": "a",\n "response": }]', r"broken\.json.*line 2: malformed JSON"),
+        ("bad.csv", b"prompt,response\nhello,\n", r"bad\.csv.*line 2: field 'response': missing"),
+        ("data.txt", b"prompt: a\n", r"data\.txt: unknown file type '\.txt'"),
+    ],
+)
+def test_bad_file_names_file_line_field_and_imports_nothing(
+    settings: Settings, tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
+    store.add_example(settings, prompt="schon da", response="bleibt")
+    before = (store.revision(settings), store.counts(settings))
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=expected) as info:
+        store.import_file(settings, path)
+    assert "Nothing was imported" in info.value.message or "unknown file type" in info.value.message
+    assert (store.revision(settings), store.counts(settings)) == before
+
+
+def test_all_problems_are_collected(tmp_path: Path) -> None:
+    records = [{"prompt": "ok", "response": "ok"}] + [{"prompt": f"p{i}"} for i in range(7)]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "many.jsonl", records))
+    assert "7 bad record(s)" in info.value.message and "(and 2 more)" in info.value.message
+    assert len(info.value.details) == 7
+    assert info.value.details[-1] == "many.jsonl line 8: field 'response': missing"
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="file not found"):
+        read_file(tmp_path / "nope.jsonl")
+
+
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30).filter(
+    lambda s: s.strip() != ""
+)
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(prompt=_text, response=_text, pad=st.sampled_from(["", " ", "\n", "\t "]))
+def test_hash_ignores_unicode_form_and_surrounding_whitespace(prompt: str, response: str, pad: str) -> None:
+    nfc = content_hash(None, (), prompt, response)
+    variant = content_hash(
+        "", (), pad + unicodedata.normalize("NFD", prompt) + pad, unicodedata.normalize("NFD", response) + pad
+    )
+    assert nfc == variant
+
+
+def test_hash_separates_fields() -> None:
+    assert content_hash(None, (), "ab", "c") != content_hash(None, (), "a", "bc")
+    assert content_hash("s", (), "p", "r") != content_hash(None, (), "p", "r")
+    assert content_hash(None, (("user", "x"),), "p", "r") != content_hash(None, (("assistant", "x"),), "p", "r")
+    assert ExampleDraft("p", "r").hash == content_hash(None, (), "p", "r")
