@@ -53,7 +53,8 @@ class Services:
     def tail(self, lines: int = 40) -> str:
         """The end of the server's log (and the trainer's), for a failing test's message."""
         out = []
-        for path in [self.log, *sorted((self.home / "data" / "trainer").glob("*.log"))]:
+        logs = [self.home / "reports" / "training" / "trainer.log", *sorted(self.home.glob("data/trainer/logs/*.log"))]
+        for path in [self.log, *logs]:
             with contextlib.suppress(OSError):
                 out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)

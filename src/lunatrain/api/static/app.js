@@ -32,7 +32,8 @@ function renderHealth(health) {
     // `device` is the trainer's {type, name, memoryTotal, bf16} object, or a plain name next to `deviceName`.
     const dev = typeof health.device === "object" && health.device ? health.device : {};
     const name = health.deviceName ?? dev.name ?? (typeof health.device === "string" ? health.device : null);
-    if (name) details.push(`${t("provider.device")}: ${name}`);
+    const kind = dev.type ? dev.type.toUpperCase() : "";
+    if (name || kind) details.push(`${t("provider.device")}: ${[kind, name].filter(Boolean).join(" ")}`);
     const memory = health.memoryTotal ?? dev.memoryTotal;
     if (memory) details.push(`${t("provider.memory")}: ${formatNumber(memory / 2 ** 30, 1)} GiB`);
     const bf16 = health.bf16 ?? dev.bf16;
@@ -223,7 +224,8 @@ $("reset-button").addEventListener("click", () => loadDefaults());
 
 async function loadDefaults() {
   try {
-    loraForm.fill(await api.defaults("luna"));
+    const { params } = await api.defaults("luna");
+    loraForm.fill(params);
   } catch (error) {
     // Without the defaults endpoint the built-in Luna defaults stand; anything else is worth saying.
     loraForm.fill({});

@@ -64,6 +64,8 @@ export class LoraForm {
   /** Fill every field from `values` (server defaults when available). */
   fill(values) {
     this.defaults = { ...FALLBACK_DEFAULTS, ...values };
+    // The server resolves alpha to 2 × rank; an empty field keeps following a rank the user changes.
+    if (this.defaults.alpha === 2 * this.defaults.rank) this.defaults.alpha = null;
     for (const field of FIELDS) {
       const control = this.control(field.name);
       const value = this.defaults[field.name];

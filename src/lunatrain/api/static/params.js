@@ -121,10 +121,14 @@ export function serverFieldErrors(error) {
     if (name && item.msg) found[name] = item.msg;
   }
   if (Object.keys(found).length) return found;
-  const body = String(error.message || "").replace(/^[^:]*?parameters:\s*/i, "");
+  const message = String(error.message || "");
+  const body = message.replace(/^[^:]*?parameters:\s*/i, "");
   for (const part of body.split(/;\s*/)) {
     const m = part.match(/^\s*([A-Za-z_]+)(?:\.[\w.]+)?:\s*(.+?)\.?\s*$/);
     if (m && names.has(toCamel(m[1]))) found[toCamel(m[1])] = m[2];
   }
+  // A sentence about one field ("baseModel './x' is neither …") belongs next to that field as a whole.
+  const lead = message.match(/^([A-Za-z]+)\b/);
+  if (!Object.keys(found).length && lead && names.has(lead[1])) found[lead[1]] = message;
   return found;
 }

@@ -1,0 +1,345 @@
+"""The training dashboard in a real headless Chromium against a real `lunatrain serve`, whose trainer the page
+itself starts; jobs train on the built-in tiny model on CPU. Nothing of the API is mocked.
+
+Run: `.venv/bin/python -m pytest tests/test_dashboard.py -q` (needs /usr/bin/chromium; CI installs it).
+Screenshots of every state land in test-output/<test name>/.
+
+The tests share one server (and its data root) and run in file order: the first one finds the trainer
+offline and starts it from the page; later ones build on the adapters trained before them.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, Services, start_services, stop_services
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}"),
+]
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+TRAIN_TIMEOUT_MS = 240_000  # a tiny-model job on two shared CPU cores, queue and gate included
+UI_TIMEOUT_MS = 15_000
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    svc = start_services(tmp_path_factory.mktemp("dashboard-home"))
+    try:
+        yield svc
+    finally:
+        stop_services(svc)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, services: Services, request: pytest.FixtureRequest) -> Iterator[object]:
+    """A fresh tab; the JavaScript errors it logs fail the test (a broken module shows as a blank panel)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    js_errors: list[str] = []
+    tab.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    try:
+        yield tab
+    finally:
+        context.close()
+    assert not js_errors, f"JavaScript errors on the page: {js_errors}\n{services.tail()}"
+
+
+@pytest.fixture(scope="module")
+def trainer_up(services: Services) -> None:
+    """The trainer running (for a test run on its own; in file order the first test has started it)."""
+    r = httpx.get(f"{services.api_url}/assistant/training/lora/provider-health",
+                  params={"ensureTrainer": "true"}, timeout=120, trust_env=False)
+    assert r.status_code == 200 and r.json()["label"] != "Offline", r.text
+
+
+@pytest.fixture(scope="module")
+def seeded(services: Services) -> None:
+    """The bundled example data in the store and exported, through the CLI as a user would do it."""
+    lunatrain = str(Path(sys.executable).with_name("lunatrain"))
+    for args in (["examples", "seed"], ["export"]):
+        done = subprocess.run([lunatrain, *args], cwd=services.home, env=services.env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+
+def shot(page, output_dir: Path, name: str) -> None:
+    page.screenshot(path=str(output_dir / f"{name}.png"), full_page=True)
+
+
+def open_page(page, services: Services, query: str = "") -> None:
+    page.goto(f"{services.api_url}/{query}")
+    # Loaded once the provider label left its "checking" state.
+    expect(page.locator("#provider-label")).not_to_have_attribute("data-state", "checking", timeout=UI_TIMEOUT_MS)
+
+
+def adapters_json(services: Services) -> dict:
+    r = httpx.get(f"{services.api_url}/assistant/training/adapters", timeout=30, trust_env=False)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def versions_of(services: Services, name: str) -> list[str]:
+    return [v["version"] for base in adapters_json(services)["bases"] for a in base["adapters"] if a["name"] == name
+            for v in a["versions"]]
+
+
+def train_example(page, output_dir: Path | None = None) -> str:
+    """Click "Beispiel-Adapter" and wait for the job to succeed; returns the job's adapter version."""
+    page.get_by_role("button", name="Beispiel-Adapter").click()
+    state = page.locator("#job-state")
+    expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
+    if output_dir:
+        # Progress while it runs: a percent bar and step counts (tiny jobs may finish before we look).
+        expect(state).to_have_attribute("data-state", re.compile("queued|validating|running|succeeded"))
+        shot(page, output_dir, "1-job-progress")
+    expect(state).to_have_attribute("data-state", "succeeded", timeout=TRAIN_TIMEOUT_MS)
+    facts = page.locator("#job-facts").inner_text()
+    match = re.search(r"example-adapter (v\d+)", facts)
+    assert match, facts
+    return match.group(1)
+
+
+# ---- tests, in the order a user meets the page ----------------------------------------------------------
+
+
+def test_offline_label_then_start_trainer_shows_online_cpu(page, services: Services, output_dir: Path) -> None:
+    open_page(page, services)
+    label = page.locator("#provider-label")
+    expect(label).to_have_text("Offline")
+    expect(label).to_have_attribute("data-state", "offline")
+    start = page.get_by_role("button", name="Trainer starten")
+    expect(start).to_be_visible()
+    shot(page, output_dir, "1-offline")
+
+    start.click()
+    expect(label).to_have_text("Online (CPU)", timeout=120_000)
+    expect(label).to_have_attribute("data-state", "cpu")
+    expect(start).to_be_hidden()
+    expect(page.locator("#provider-device")).to_contain_text("Gerät: CPU")
+    expect(page.locator("#notices")).to_contain_text("Trainer läuft: Online (CPU).")
+    shot(page, output_dir, "2-online-cpu")
+
+
+def test_invalid_values_show_their_messages_and_send_nothing(page, services: Services, output_dir: Path) -> None:
+    open_page(page, services)
+    posts: list[str] = []
+    page.on("request", lambda req: posts.append(req.url) if req.method == "POST" else None)
+    page.get_by_label("Rang").fill("0")
+    page.get_by_label("Lernrate").fill("schnell")
+    page.get_by_role("button", name="Training starten").click()
+
+    rank = page.locator("#f-rank")
+    expect(page.locator("#f-rank-error")).to_have_text("Erlaubt: 1 bis 1.024.")
+    expect(rank).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#f-learningRate-error")).to_have_text("Bitte eine Zahl eingeben.")
+    expect(page.locator("#form-summary")).to_have_text("Bitte die markierten Felder korrigieren (2).")
+    # Focus goes to the first bad field in form order (learningRate precedes rank), where a keyboard user
+    # continues.
+    expect(page.locator("#f-learningRate")).to_be_focused()
+    # The message is tied to the field for screen readers, not only placed next to it.
+    assert "f-rank-error" in rank.get_attribute("aria-describedby")
+    shot(page, output_dir, "1-invalid-rank")
+    page.wait_for_timeout(500)
+    assert posts == [], f"an invalid form sent requests: {posts}"
+
+    # Correcting the value clears its message as the user types.
+    rank.fill("8")
+    expect(page.locator("#f-rank-error")).to_be_hidden()
+    expect(rank).not_to_have_attribute("aria-invalid", "true")
+
+
+def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
+    page, services: Services, output_dir: Path, trainer_up: None
+) -> None:
+    # A value only the server can judge: a base model directory that does not exist under the data root.
+    open_page(page, services)
+    page.get_by_label("Basismodell").fill("./no-such-model")
+    page.get_by_role("button", name="Training starten").click()
+    alert = page.locator("#alerts .message", has_text="no-such-model")
+    expect(alert).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(alert).to_contain_text("(422)")
+    expect(page.locator("#f-baseModel-error")).to_contain_text("no-such-model")
+    expect(page.locator("#job-none")).to_be_visible()  # nothing was started
+    shot(page, output_dir, "1-server-422")
+
+
+def test_example_adapter_shows_progress_and_lands_in_the_registry(
+    page, services: Services, output_dir: Path, trainer_up: None
+) -> None:
+    open_page(page, services)
+    before = versions_of(services, "example-adapter")
+    version = train_example(page, output_dir)
+    assert version not in before
+
+    expect(page.locator("#job-progress")).to_have_attribute("value", "100")
+    expect(page.locator("#job-percent")).to_have_text("100 %")
+    # Step and total were reported, and the chart drew the training loss from the job's events.
+    expect(page.locator("#job-facts")).to_contain_text(re.compile(r"Schritt\s*\d+ / \d+"))
+    expect(page.locator("#loss-chart path.chart-train")).to_have_count(1)
+
+    row = page.locator(f'tr[data-adapter="example-adapter"][data-version="{version}"]')
+    expect(row).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(row.locator(".badge-latest")).to_have_text("neueste")
+    report = row.get_by_role("link", name=f"Trainingsbericht von example-adapter {version}")
+    expect(report).to_have_attribute("href", re.compile(rf"/adapters/example-adapter/versions/{version}/report$"))
+    shot(page, output_dir, "2-succeeded-registry")
+
+    # The linked report and loss curve are real files of that version.
+    r = httpx.get(services.api_url + report.get_attribute("href"), timeout=30, trust_env=False)
+    assert r.status_code == 200 and "json" in r.headers["content-type"], r.text[:300]
+    curve = row.get_by_role("link", name=f"Loss-Kurve von example-adapter {version}").get_attribute("href")
+    r = httpx.get(services.api_url + curve, timeout=30, trust_env=False)
+    assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cancel_a_running_job(page, services: Services, output_dir: Path, trainer_up: None, seeded: None) -> None:
+    open_page(page, services)
+    page.get_by_label("Adaptername").fill("cancel-me")
+    page.get_by_label("Epochen").fill("100")  # long enough to still be running when we cancel
+    page.get_by_role("button", name="Training starten").click()
+    state = page.locator("#job-state")
+    expect(state).to_have_attribute("data-state", "running", timeout=TRAIN_TIMEOUT_MS)
+    shot(page, output_dir, "1-running")
+
+    page.get_by_role("button", name="Abbrechen").click()
+    expect(page.locator("#notices")).to_contain_text("Abbruch von Job")
+    expect(state).to_have_attribute("data-state", "cancelled", timeout=60_000)
+    expect(state).to_have_text("abgebrochen")
+    expect(page.get_by_role("button", name="Abbrechen")).to_be_disabled()
+    shot(page, output_dir, "2-cancelled")
+    assert versions_of(services, "cancel-me") == []  # a cancelled run registers nothing
+
+
+def test_activate_moves_the_active_badge(page, services: Services, output_dir: Path, trainer_up: None) -> None:
+    open_page(page, services)
+    while len(versions_of(services, "example-adapter")) < 2:
+        train_example(page)
+    rows = page.locator('tr[data-adapter="example-adapter"]')
+    expect(rows).to_have_count(len(versions_of(services, "example-adapter")), timeout=UI_TIMEOUT_MS)
+    target = rows.filter(has_not=page.locator(".badge-active")).first
+    version = target.get_attribute("data-version")
+    activate = target.get_by_role("button", name=f"example-adapter {version} aktivieren")
+
+    # Cancelling the dialog changes nothing.
+    activate.click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text(f"example-adapter {version} aktivieren?")
+    shot(page, output_dir, "1-confirm")
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    expect(target.locator(".badge-active")).to_have_count(0)
+
+    activate.click()
+    page.get_by_role("button", name="Bestätigen").click()
+    expect(page.locator("#notices")).to_contain_text(f"example-adapter {version} ist jetzt aktiv.")
+    active_rows = page.locator('tr[data-adapter="example-adapter"]:has(.badge-active)')
+    expect(active_rows).to_have_count(1)
+    expect(active_rows).to_have_attribute("data-version", version)
+    expect(page.locator("#data-facts")).to_contain_text(f"example-adapter {version}")
+    shot(page, output_dir, "2-activated")
+    aliases = next(a["aliases"] for b in adapters_json(services)["bases"] for a in b["adapters"]
+                   if a["name"] == "example-adapter")
+    assert aliases["active"] == version
+
+
+def test_english_labels_with_lang_en(page, services: Services, output_dir: Path, trainer_up: None) -> None:
+    open_page(page, services, "?lang=en")
+    assert page.evaluate("document.documentElement.lang") == "en"
+    expect(page.locator("h1")).to_have_text("Luna · Adapter training")
+    expect(page.get_by_role("heading", name="Data", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Start training")).to_be_visible()
+    expect(page.get_by_role("button", name="Example adapter")).to_be_visible()
+    expect(page.get_by_label("Learning rate")).to_be_visible()
+    expect(page.locator("#provider-label")).to_have_text("Online (CPU)")  # the guide's label, untranslated
+    page.get_by_label("Rank").fill("0")
+    page.get_by_role("button", name="Start training").click()
+    expect(page.locator("#f-rank-error")).to_have_text("Allowed: 1 to 1,024.")
+    expect(page.get_by_role("link", name="Deutsch")).to_have_attribute("href", "?lang=de")
+    shot(page, output_dir, "1-english")
+
+
+def test_keyboard_reaches_every_control_in_order_and_every_input_is_labelled(
+    page, services: Services, output_dir: Path, trainer_up: None
+) -> None:
+    open_page(page, services)
+    # Folded fields are reachable once opened; opened without a click so that Tab starts at the page's top.
+    page.evaluate("document.querySelector('details.advanced').open = true")
+    expect(page.locator("#adapters-empty, .adapters-table").first).to_be_visible()
+    page.wait_for_timeout(500)
+
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter((el) => el.offsetParent !== null)
+        .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+        .map((el) => el.id || el.name)""")
+    assert unlabelled == []
+
+    expected = page.evaluate("""() => [...document.querySelectorAll(
+          'a[href], button, input, select, textarea, summary, [tabindex]:not([tabindex="-1"])')]
+        .filter((el) => !el.disabled && el.offsetParent !== null && getComputedStyle(el).visibility !== 'hidden')
+        .filter((el) => !el.closest('dialog:not([open])'))
+        .map((el) => el.id || el.textContent.trim().slice(0, 40))""")
+    seen: list[str] = []
+    no_outline: list[str] = []
+    for _ in range(len(expected) + 5):
+        page.keyboard.press("Tab")
+        info = page.evaluate("""() => { const el = document.activeElement;
+            if (!el || el === document.body) return {key: '', outline: true};  // focus left the page
+            const s = getComputedStyle(el);
+            return {key: el.id || el.textContent.trim().slice(0, 40),
+                    outline: s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2}; }""")
+        if seen and info["key"] == seen[0]:
+            break  # wrapped around
+        seen.append(info["key"])
+        if not info["outline"]:
+            no_outline.append(info["key"])
+        if len(seen) == 1:
+            shot(page, output_dir, "1-first-focus")
+        if info["key"] == "start-button":
+            shot(page, output_dir, "2-focus-start-button")
+    seen = [k for k in seen if k]  # the browser's own UI between wrap-arounds has no element key
+    # Tab order is document order (no positive tabindex anywhere) and reaches every control.
+    assert seen[: len(expected)] == expected
+    assert no_outline == [], f"focused without a visible outline: {no_outline}"
+
+
+def test_narrow_width_has_no_horizontal_scroll(browser, services: Services, output_dir: Path, trainer_up: None) -> None:
+    context = browser.new_context(viewport={"width": 360, "height": 780})
+    try:
+        page = context.new_page()
+        open_page(page, services)
+        expect(page.locator("#counts-table tbody tr")).to_have_count(3, timeout=UI_TIMEOUT_MS)
+        page.locator("details.advanced > summary").click()
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert widths[0] <= widths[1], f"page scrolls sideways at 360px: {widths}"
+        # Every control fits inside the viewport (wide tables scroll inside their own box instead).
+        overflowing = page.evaluate("""() => [...document.querySelectorAll('button, input, select, a, summary')]
+            .filter((el) => el.offsetParent !== null && !el.closest('.table-wrap'))
+            .filter((el) => el.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+            .map((el) => el.id || el.textContent.trim())""")
+        assert overflowing == []
+        shot(page, output_dir, "1-narrow-360")
+    finally:
+        context.close()
