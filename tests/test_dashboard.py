@@ -124,6 +124,33 @@ def train_example(page, output_dir: Path | None = None) -> str:
 # ---- tests, in the order a user meets the page ----------------------------------------------------------
 
 
+def test_form_mirrors_the_bounds_and_defaults_of_lora_params(page, services: Services) -> None:
+    """The page's client-side checks copy LoraParams' bounds; this catches the copy drifting from params.py."""
+    from lunatrain.params import LoraParams
+
+    open_page(page, services)
+    js = page.evaluate("async () => { const m = await import('/static/params.js');"
+                       " return {fields: m.FIELDS, defaults: m.FALLBACK_DEFAULTS}; }")
+    schema = LoraParams.model_json_schema(by_alias=True)["properties"]
+    not_in_form = {"targetModules", "resume"}  # a list and a recovery switch: CLI and API only
+    assert {f["name"] for f in js["fields"]} == set(schema) - not_in_form
+    for field in js["fields"]:
+        prop = schema[field["name"]]
+        prop = next((p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"), prop)
+        kind = {"integer": "int", "number": "float", "boolean": "checkbox"}.get(prop.get("type"), "text")
+        if "enum" in prop:
+            assert field["kind"] == "select" and field["options"] == prop["enum"], field
+            continue
+        assert field["kind"] == kind, field
+        assert field.get("min") == prop.get("minimum") and field.get("max") == prop.get("maximum"), field
+        assert field.get("gt") == prop.get("exclusiveMinimum") and field.get("lt") == prop.get("exclusiveMaximum"), field
+        assert field.get("maxLength") == prop.get("maxLength"), field
+        assert bool(field.get("optional")) == ("anyOf" in schema[field["name"]]), field
+    defaults = {k: v for k, v in LoraParams().wire().items() if k not in not_in_form}
+    defaults["alpha"] = None  # resolved to 2 x rank by the model; the form leaves it empty to follow rank
+    assert js["defaults"] == defaults
+
+
 def test_offline_label_then_start_trainer_shows_online_cpu(page, services: Services, output_dir: Path) -> None:
     open_page(page, services)
     label = page.locator("#provider-label")

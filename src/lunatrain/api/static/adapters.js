@@ -10,13 +10,14 @@ function versionNumber(version) {
   return m ? Number(m[1]) : -1;
 }
 
+// The gate's outcome as the registry records it: {status: "passed"|"failed"|"skipped"|"error", reason}.
 function gateCell(gate) {
   if (!gate) return h("td", {}, t("gate.none"));
-  const state = gate.passed === true ? "passed" : gate.passed === false ? "failed" : "skipped";
-  const reasons = Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "";
+  const state = gate.passed === true ? "passed" : gate.passed === false ? "failed" : gate.status ?? "skipped";
+  const reason = gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
-    reasons ? h("span", { class: "gate-reasons" }, reasons) : null);
+    reason ? h("span", { class: "gate-reasons" }, reason) : null);
 }
 
 export class AdapterView {
@@ -69,7 +70,8 @@ export class AdapterView {
     const badges = [
       isActive && h("span", { class: "badge badge-active" }, t("adapters.active")),
       aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
-      version.stale && h("span", { class: "badge badge-stale", title: t("adapters.staleTitle") }, t("adapters.stale")),
+      version.stale && h("span", { class: "badge badge-stale", title: version.stale.reason ?? t("adapters.staleTitle") },
+        t("adapters.stale")),
     ];
     const vars = { name, version: v };
     const actions = [
@@ -83,13 +85,13 @@ export class AdapterView {
       h("a", { href: api.curveUrl(name, v), target: "_blank", rel: "noopener",
         "aria-label": t("adapters.curveLabel", vars) }, t("adapters.curve")),
     ];
-    const base = metrics.baseValLoss ?? metrics.baseLoss;
+    const base = metrics.baseValLoss;
     return h("tr", { dataset: { adapter: name, version: v }, class: isActive ? "is-active" : null },
       h("th", { scope: "row" }, name),
       h("td", {}, v),
       h("td", {}, formatDate(version.created ?? version.createdAt)),
       h("td", { class: "num" }, `${formatFloat(metrics.valLoss)} (${formatFloat(base)})`),
-      gateCell(version.gate ?? metrics.gate),
+      gateCell(version.gate),
       h("td", { class: "badges" }, badges),
       h("td", { class: "row-actions" }, actions));
   }

@@ -29,18 +29,21 @@ function ticks(lo, hi, count) {
 }
 
 /**
- * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…]}) into the <svg> `svg`, replacing what was
- * there. An empty series draws axes and a "no values yet" note.
+ * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…], base: number|null}) into the <svg> `svg`,
+ * replacing what was there. `base` (the base model's val loss) is a dotted reference line: the adapter is
+ * worth having when its val curve ends below it. An empty series draws the frame and a "no values" note.
  */
 export function drawLossChart(svg, series) {
   const train = (series.train ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
   const val = (series.val ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+  const base = Number.isFinite(series.base) ? series.base : null;
   svg.replaceChildren();
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("role", "img");
   const last = (pts) => (pts.length ? formatFloat(pts[pts.length - 1][1]) : "–");
   svg.append(el("title", {}, t("job.chartLabel")));
-  svg.append(el("desc", {}, `${t("job.trainLoss")}: ${last(train)}; ${t("job.valLoss")}: ${last(val)}`));
+  svg.append(el("desc", {}, `${t("job.trainLoss")}: ${last(train)}; ${t("job.valLoss")}: ${last(val)}; `
+    + `${t("job.baseLoss")}: ${formatFloat(base)}`));
 
   const all = [...train, ...val];
   const x0 = PAD.left;
@@ -54,7 +57,7 @@ export function drawLossChart(svg, series) {
     return;
   }
   const xs = all.map((p) => p[0]);
-  const ys = all.map((p) => p[1]);
+  const ys = [...all.map((p) => p[1]), ...(base === null ? [] : [base])];
   const xmin = Math.min(0, ...xs);
   const xmax = Math.max(1, ...xs);
   let ymin = Math.min(...ys);
@@ -78,6 +81,7 @@ export function drawLossChart(svg, series) {
   svg.append(el("rect", { x: x0, y: y1, width: x1 - x0, height: y0 - y1, class: "chart-frame" }));
 
   const path = (pts) => pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join("");
+  if (base !== null) svg.append(el("line", { x1: x0, x2: x1, y1: sy(base), y2: sy(base), class: "chart-base" }));
   if (train.length) svg.append(el("path", { d: path(train), class: "chart-train" }));
   if (val.length) {
     svg.append(el("path", { d: path(val), class: "chart-val" }));
@@ -90,5 +94,9 @@ export function drawLossChart(svg, series) {
   legend.append(el("text", { x: 28, y: 10 }, `${t("job.trainLoss")} ${last(train)}`));
   legend.append(el("line", { x1: 0, x2: 22, y1: 24, y2: 24, class: "chart-val" }));
   legend.append(el("text", { x: 28, y: 28 }, `${t("job.valLoss")} ${last(val)}`));
+  if (base !== null) {
+    legend.append(el("line", { x1: 0, x2: 22, y1: 42, y2: 42, class: "chart-base" }));
+    legend.append(el("text", { x: 28, y: 46 }, `${t("job.baseLoss")} ${formatFloat(base)}`));
+  }
   svg.append(legend);
 }

@@ -8,16 +8,21 @@ import { fillFacts, showError, showNotice, clearErrors } from "./ui.js";
 
 const POLL_MS = 1000;
 
-/** Loss points in one event, whatever its type: a training step carries `loss`, an evaluation `valLoss`. */
-function pointsOf(event) {
-  const step = Number(event.step ?? event.progress?.step);
-  const out = {};
-  if (!Number.isFinite(step)) return out;
-  const train = event.loss ?? event.trainLoss ?? event.metrics?.loss;
-  const val = event.valLoss ?? event.metrics?.valLoss;
-  if (train !== undefined && train !== null && event.type !== "eval") out.train = [step, Number(train)];
-  if (val !== undefined && val !== null) out.val = [step, Number(val)];
-  return out;
+/**
+ * Add the loss points of one event to `series`: a training step (`progress`) carries `step` and `loss`; an
+ * evaluation (`eval`, at the end of an epoch) carries `valLoss` and `baseValLoss` but no step, so it is
+ * placed at the last step seen.
+ */
+function addPoints(series, event) {
+  const step = Number(event.step);
+  if (Number.isFinite(step)) series.lastStep = step;
+  if (event.type === "progress" && Number.isFinite(step) && Number.isFinite(event.loss)) {
+    series.train.push([step, event.loss]);
+  }
+  if (event.type === "eval") {
+    if (Number.isFinite(event.valLoss)) series.val.push([series.lastStep, event.valLoss]);
+    if (Number.isFinite(event.baseValLoss)) series.base = event.baseValLoss;
+  }
 }
 
 export class JobView {
@@ -38,7 +43,7 @@ export class JobView {
     clearTimeout(this.timer);
     this.jobId = job.jobId;
     this.cursor = 0;
-    this.series = { train: [], val: [] };
+    this.series = { train: [], val: [], base: null, lastStep: 0 };
     this.render(job);
     this.readEvents().catch((error) => showError(error)).finally(() => {
       drawLossChart(this.els["loss-chart"], this.series);
@@ -76,11 +81,7 @@ export class JobView {
     // Several pages at most per poll; a long job's history arrives over a few polls rather than at once.
     for (let page = 0; page < 5; page += 1) {
       const { events = [], nextCursor } = await api.events(this.jobId, this.cursor);
-      for (const event of events) {
-        const { train, val } = pointsOf(event);
-        if (train) this.series.train.push(train);
-        if (val) this.series.val.push(val);
-      }
+      for (const event of events) addPoints(this.series, event);
       if (nextCursor === undefined || nextCursor === null || nextCursor === this.cursor || !events.length) return;
       this.cursor = nextCursor;
     }

@@ -33,8 +33,8 @@ export const FIELDS = [
 
 export const GROUPS = ["adapter", "schedule", "lora", "advanced"];
 
-// The Luna profile (guide §5: adapterName, versioned, curated) on top of the library defaults. Replaced by
-// the server's resolved defaults when it offers them, so a changed profile file shows up here too.
+// LoraParams' own defaults, for the rare case that GET /lora/defaults cannot answer; normally the form
+// shows the Luna profile as the server resolves it, so a changed profile file shows up here too.
 export const FALLBACK_DEFAULTS = {
   adapterName: "luna-adapter",
   adapterStrategy: "versioned",
