@@ -152,7 +152,8 @@ function renderPrepare(report) {
   body.replaceChildren(...(checks.length ? checks.map((check) => h("tr", { dataset: { severity: check.severity } },
     h("td", {}, h("span", { class: `severity severity-${check.severity}` }, t(`severity.${check.severity}`))),
     h("td", { class: "num" }, formatNumber(check.count ?? 0)),
-    h("td", {}, check.message ?? check.name ?? ""))) : [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
+    h("td", {}, check.id ? h("code", {}, check.id) : null, check.id ? " " : null, check.message ?? ""))) :
+    [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
 }
 
 async function runExport(event) {
@@ -226,6 +227,9 @@ async function loadDefaults() {
   try {
     const { params } = await api.defaults("luna");
     loraForm.fill(params);
+    // The data panel's threshold starts at the profile's minCurated too, until the user sets their own.
+    const input = $("data-min-curated");
+    if (!input.dataset.touched && Number.isInteger(params.minCurated)) input.value = String(params.minCurated);
   } catch (error) {
     // Without the defaults endpoint the built-in Luna defaults stand; anything else is worth saying.
     loraForm.fill({});
@@ -264,8 +268,10 @@ $("data-form").addEventListener("submit", (event) => {
 });
 $("export-button").addEventListener("click", runExport);
 $("prepare-button").addEventListener("click", runPrepare);
-loadDefaults();
-refreshAll();
+$("data-min-curated").addEventListener("input", (event) => {
+  event.currentTarget.dataset.touched = "yes";
+});
+loadDefaults().finally(refreshAll);
 // Light background refresh; the job itself is polled faster while one runs.
 setInterval(loadHealth, HEALTH_MS);
 setInterval(() => {

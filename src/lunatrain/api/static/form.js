@@ -44,9 +44,12 @@ export class LoraForm {
     const container = form.querySelector("#lora-fields");
     for (const group of GROUPS) {
       const fields = FIELDS.filter((f) => f.group === group).map(fieldNode);
-      const fieldset = h("fieldset", { class: `group group-${group}` }, h("legend", {}, t(`train.group.${group}`)), fields);
+      const folded = group === "advanced";
+      // Inside <details> the summary already shows the group's name; the legend stays for screen readers.
+      const legend = h("legend", { class: folded ? "visually-hidden" : null }, t(`train.group.${group}`));
+      const fieldset = h("fieldset", { class: `group group-${group}` }, legend, fields);
       // The rarely changed knobs fold away; they open by themselves when one of them is invalid.
-      container.append(group === "advanced"
+      container.append(folded
         ? h("details", { class: "advanced" }, h("summary", {}, t(`train.group.${group}`)), fieldset)
         : fieldset);
     }

@@ -2,7 +2,7 @@
 // is caught next to its field before anything is sent. The server validates again and stays the authority:
 // its 422 names the field, and the page shows that message next to the same field.
 
-import { t, formatNumber } from "./i18n.js";
+import { t, formatNumber, formatFloat } from "./i18n.js";
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -61,7 +61,7 @@ export const FALLBACK_DEFAULTS = {
 
 /** The allowed range of a numeric field, as words ("1 bis 1024"). */
 export function rangeText(field) {
-  const n = (v) => formatNumber(v, Number.isInteger(v) ? 0 : 2);
+  const n = (v) => (Number.isInteger(v) ? formatNumber(v) : formatFloat(v));
   if (field.gt !== undefined) return t("train.rangeGt", { min: n(field.gt), max: n(field.max) });
   if (field.lt !== undefined) return t("train.rangeLt", { min: n(field.min), max: n(field.lt) });
   return t("train.range", { min: n(field.min), max: n(field.max) });
