@@ -55,8 +55,14 @@ def _samples(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 def make_records(n: int = 120, *, seed: int = 0, val_every: int = 8, multi_turn_every: int = 10) -> list[dict]:
     """Export records in the export's format; every `val_every`-th sample is in the val split."""
-    records = []
-    for i, (source, prompt, response) in enumerate(_samples(n, seed)):
+    records, seen = [], set()
+    for source, prompt, response in _samples(4 * n, seed):
+        if len(records) == n:
+            break
+        if (prompt, response) in seen:  # the export deduplicates by content; so does this fixture
+            continue
+        seen.add((prompt, response))
+        i = len(records)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
                     {"role": "assistant", "content": response}]
         if multi_turn_every and i % multi_turn_every == multi_turn_every - 1:
@@ -85,24 +91,35 @@ def tier_data(records: list[dict]) -> TierData:
     return TierData(by["train"], by["val"], by["test"], fp, {"fingerprint": fp, "counts": {k: len(v) for k, v in by.items()}})
 
 
-def _jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records), "utf-8")
+def _jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
+    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n" for r in records)
+    path.write_bytes(data.encode("utf-8"))
+    return {"sha256": hashlib.sha256(data.encode("utf-8")).hexdigest(), "count": len(records)}
 
 
-def write_export(settings: Any, records: list[dict] | None = None) -> TierData:
-    """Write the tier files and summary under settings.training_dir; return the data of all records (the merged tier)."""
+def write_export(settings: Any, records: list[dict] | None = None) -> Any:
+    """Write the tier files and a summary that `lunatrain.export.read_tier` accepts (same names, sha256s and
+    fingerprint rule as `lunatrain export`); return `read_tier(settings, "curated")`."""
+    from lunatrain.export import SUMMARY_FORMAT, read_tier
+
     records = make_records() if records is None else records
     d: Path = settings.training_dir
     d.mkdir(parents=True, exist_ok=True)
     curated = [r for r in records if r["source"] == "curated"]
     memory = [r for r in records if r["source"] == "memory"]
-    _jsonl(d / "assistant-sft-curated.jsonl", curated)
+    files = {"assistant-sft-curated.jsonl": _jsonl(d / "assistant-sft-curated.jsonl", curated)}
     for split in ("train", "val", "test"):
-        _jsonl(d / f"assistant-sft-curated-{split}.jsonl", [r for r in curated if r["split"] == split])
-    _jsonl(d / "assistant-sft-memory.jsonl", memory)
-    _jsonl(d / "assistant-sft.jsonl", records)
-    data = tier_data(records)
-    summary = {"fingerprint": data.fingerprint, "tiers": {
-        "curated": {"count": len(curated)}, "memory": {"count": len(memory)}, "merged": {"count": len(records)}}}
+        name = f"assistant-sft-curated-{split}.jsonl"
+        files[name] = _jsonl(d / name, [r for r in curated if r["split"] == split])
+    files["assistant-sft-memory.jsonl"] = _jsonl(d / "assistant-sft-memory.jsonl", memory)
+    files["assistant-sft.jsonl"] = _jsonl(d / "assistant-sft.jsonl", records)
+    fingerprint = hashlib.sha256("".join(f"{n} {files[n]['sha256']}\n" for n in sorted(files)).encode()).hexdigest()
+    counts = {
+        tier: {"total": len(rs), **{s: sum(1 for r in rs if r["split"] == s) for s in ("train", "val", "test")}}
+        for tier, rs in (("curated", curated), ("memory", memory), ("merged", records))
+    }
+    summary = {"format": SUMMARY_FORMAT, "exported_at": "2026-01-01T00:00:00+00:00", "store_revision": "test-1",
+               "ratios": {"train": 0.875, "val": 0.125, "test": 0.0}, "counts": counts, "files": files,
+               "fingerprint": fingerprint}
     (d / "assistant-sft-summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
-    return data
+    return read_tier(settings, "curated")

@@ -266,3 +266,74 @@ def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
             return splits
     except Exception:  # a damaged or foreign cache file is simply rebuilt
         return None
+
+
+# --- packing: samples → model rows ----------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One micro-batch laid out as rows. Samples sit side by side in a row with position ids restarting at
+    0, which (with no attention mask and no KV cache) makes transformers build a block-diagonal causal mask:
+    no sample attends to another. Unused row space is one pad block with its own positions, so it is
+    isolated the same way and needs no attention mask either."""
+
+    input_ids: Any  # LongTensor [rows, length]
+    position_ids: Any  # LongTensor [rows, length]
+    targets: Any  # LongTensor [rows, length]: the next token to predict at each position, IGNORE if none
+    segments: list[tuple[int, int, int]]  # per sample: (row, start, end)
+    n_tokens: int  # real (non-pad) tokens
+    n_supervised: int  # positions with a target
+
+    @property
+    def mask(self) -> Any:
+        return self.targets != IGNORE
+
+
+def shifted_targets(enc: Encoded) -> list[int]:
+    """Targets for each position of one sample: the label of the next token, IGNORE at the sample's last
+    position. Shifting per sample (before packing) is what keeps the first token of the next sample in a
+    row from being predicted from this one."""
+    return enc.labels[1:] + [IGNORE]
+
+
+def pack_rows(lengths: list[int], capacity: int, packing: bool = True) -> list[list[int]]:
+    """Indices grouped into rows: first-fit decreasing into rows of `capacity` tokens (a longer sample gets
+    a row of its own), or one sample per row when packing is off. Deterministic (stable sort)."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max(capacity, lengths[i]) - lengths[i])
+    return rows
+
+
+def make_batch(samples: list[Encoded], capacity: int, pad_id: int, *, packing: bool = True) -> Batch:
+    import torch
+
+    rows = pack_rows([len(s) for s in samples], capacity, packing)
+    width = max(sum(len(samples[i]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    segments: list[tuple[int, int, int]] = [(0, 0, 0)] * len(samples)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(samples[i])
+            ids[r, at : at + n] = torch.tensor(samples[i].input_ids)
+            pos[r, at : at + n] = torch.arange(n)
+            tgt[r, at : at + n] = torch.tensor(shifted_targets(samples[i]))
+            segments[i] = (r, at, at + n)
+            at += n
+        pos[r, at:] = torch.arange(width - at)  # the pad block: its own positions, never a target
+    n_sup = int((tgt != IGNORE).sum())
+    return Batch(ids, pos, tgt, segments, sum(len(s) for s in samples), n_sup)

@@ -1,0 +1,516 @@
+"""LoRA training: `run_lora(params, settings)` → a PEFT adapter in data/adapters/<name>/<version>/.
+
+Order of a run: validate everything (one UsageError listing every problem, nothing written) → load the
+base model and attach a fresh LoRA (never adapter on adapter) → base validation loss once (adapter off) →
+the loop below, with validation loss and a resumable checkpoint after each epoch → adapter + report into a
+work directory → moved into place and registered only on success.
+
+Batching: `batchSize` counts samples, with packing on or off, so packing never changes the optimization,
+only the speed. Each micro-batch of samples is laid out by `tokens.make_batch` (first-fit rows of
+`maxSeqLength` tokens, position ids restarting per sample); with no attention mask and `use_cache=False`
+transformers then isolates the samples from each other. The loss is the sum of token losses divided by
+the number of supervised tokens in the whole optimizer step (all accumulated micro-batches), so long and
+short samples weigh per token, whatever the batch layout.
+
+Determinism: the seed fixes LoRA init, dropout and the data order (a generator per epoch), so the same
+seed gives byte-identical adapter weights on CPU, and a run resumed from its epoch checkpoint (adapter,
+optimizer, scheduler and RNG state) ends exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__, registry
+from .errors import LunaError, UsageError
+from .fsio import atomic_write_bytes, atomic_write_json, dumps_json, read_json
+from .params import LoraParams, parse_params
+from .settings import Settings, check_name
+from .tokens import Batch, Encoded, make_batch
+
+Event = dict[str, Any]
+
+
+class Status(str, Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    adapter_name: str
+    version: str | None = None  # set when the adapter was registered
+    path: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, str] | None = None  # {"code", "message"} unless succeeded
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+
+class Stop(Exception):
+    """Ends the loop early with a status (cancelled, or failed with an error code such as nan_loss)."""
+
+    def __init__(self, status: Status, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, prepared and validated before the first write."""
+
+    params: LoraParams
+    settings: Settings
+    base: Any  # models.BaseModelInfo
+    tokenizer: Any
+    model: Any  # peft.PeftModel
+    device: str
+    autocast_dtype: Any  # torch dtype or None
+    data: Any  # export.TierData
+    tokens: Any  # tokens.TokenizedTier
+    train: list[Encoded]
+    val: list[Encoded]
+    steps_per_epoch: int
+    total_steps: int
+    work_dir: Path
+    optimizer: Any = None
+    scheduler: Any = None
+    # progress, restored from a checkpoint on resume
+    epoch: int = 0
+    step: int = 0
+    base_val_loss: float | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def run_lora(
+    params: LoraParams | dict,
+    settings: Settings,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    job_id: str | None = None,
+) -> TrainResult:
+    """Train one LoRA adapter. Bad input raises UsageError before anything is written; once training has
+    started every outcome is a TrainResult (failure is data: status + error in the report)."""
+    params = parse_params(params) if isinstance(params, dict) else params
+    emit = on_event or (lambda _e: None)
+    run = prepare(params, settings)
+    started = time.time()
+    status, error = Status.SUCCEEDED, None
+    try:
+        setup_optimizer(run)
+        if params.resume:
+            load_checkpoint(run, emit)
+        train(run, emit, should_stop)
+    except Stop as stop:
+        status, error = stop.status, {"code": stop.code, "message": stop.message}
+    except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
+        status, error = Status.FAILED, {"code": "error", "message": f"{type(exc).__name__}: {exc}"}
+    report = build_report(run, status, error, started, job_id)
+    if status is not Status.SUCCEEDED:
+        emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}"})
+        atomic_write_json(run.work_dir / "training-report.json", report)
+        registry.write_latest(settings, report)
+        return TrainResult(status, params.adapter_name, report=report, error=error)
+    return finish(run, report, emit)
+
+
+# --- validation and setup -------------------------------------------------------------------------
+
+
+def prepare(params: LoraParams, settings: Settings) -> Run:
+    """Check every input, collecting all problems into one UsageError; then load model and data.
+    Writes nothing but caches (luna-tiny build, tokenized data)."""
+    from .export import read_tier
+    from .models import resolve_base, resolve_device
+
+    problems: list[str] = []
+
+    def check(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except LunaError as err:
+            problems.append(err.message)
+            return None
+
+    check(lambda: check_name(params.adapter_name, "adapter name"))
+    device = check(lambda: resolve_device(params.device))
+    data = check(lambda: read_tier(settings, params.dataset_tier))
+    if data is not None and not data.train:
+        problems.append(f"The {params.dataset_tier} tier has no training samples; add examples and export again.")
+    if problems:  # cheap checks first: a bad request never builds or loads a model
+        raise UsageError(" ".join(problems))
+    base = check(lambda: resolve_base(params.base_model, settings))
+    if problems:
+        raise UsageError(" ".join(problems))
+    return _load(params, settings, base, device, data)
+
+
+def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any) -> Run:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .models import load_model, load_tokenizer
+    from .tokens import tokenize_tier
+
+    tokenizer = load_tokenizer(base, settings)
+    tokens = tokenize_tier(settings, params.dataset_tier, tokenizer, params.max_seq_length, data=data)
+    train_set = [e for e in tokens.train if e.n_supervised]  # nothing to learn from the others
+    val_set = [e for e in tokens.val if e.n_supervised]
+    if not train_set:
+        raise UsageError("No training sample has an assistant token left after masking and truncation; "
+                         "check the data or raise --max-seq-length.")
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    torch.manual_seed(params.seed)  # LoRA init draws from the global generator
+    model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32)
+    model.config.use_cache = False  # a KV cache in training breaks packed-sample isolation
+    targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
+    try:
+        model = get_peft_model(model, LoraConfig(
+            r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=targets,
+            bias="none", task_type="CAUSAL_LM",
+        ))
+    except ValueError as exc:
+        raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
+    per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation))
+    total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
+    return Run(
+        params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
+        autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
+        val=val_set, steps_per_epoch=per_epoch, total_steps=total, work_dir=_work_dir(params, settings, base, data),
+    )
+
+
+def run_key(params: LoraParams, base: Any, data: Any) -> str:
+    """Identity of a run for resuming: same parameters (resume/gate aside), data and base → same key."""
+    p = params.model_dump(mode="json", exclude={"resume", "gate", "min_curated"})
+    ident = {"params": p, "data": data.fingerprint, "base": base.fingerprint}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _work_dir(params: LoraParams, settings: Settings, base: Any, data: Any) -> Path:
+    root = settings.adapters_dir / params.adapter_name / ".work"
+    key = run_key(params, base, data)
+    if params.resume:
+        existing = sorted(root.glob(f"{key}-*/checkpoints/epoch-*/state.json"))
+        if existing:
+            return existing[-1].parents[2]
+    return root / f"{key}-{uuid.uuid4().hex[:8]}"
+
+
+def setup_optimizer(run: Run) -> None:
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(
+        trainable, lr=run.params.learning_rate, weight_decay=run.params.weight_decay,
+        fused=run.device == "cuda",
+    )
+    warmup = math.ceil(run.params.warmup_ratio * run.total_steps)
+    run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, warmup, run.total_steps)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def epoch_steps(run: Run, epoch: int) -> list[list[list[Encoded]]]:
+    """The epoch's optimizer steps, each a list of micro-batches of samples, in a seeded shuffled order."""
+    import torch
+
+    gen = torch.Generator().manual_seed(run.params.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(run.train), generator=gen).tolist()
+    bs = run.params.batch_size
+    micro = [[run.train[i] for i in order[k : k + bs]] for k in range(0, len(order), bs)]
+    ga = run.params.gradient_accumulation
+    return [micro[k : k + ga] for k in range(0, len(micro), ga)]
+
+
+def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None) -> None:
+    import torch
+
+    p, model, opt, sched = run.params, run.model, run.optimizer, run.scheduler
+    trainable = [x for x in model.parameters() if x.requires_grad]
+    if run.base_val_loss is None and run.val:
+        with model.disable_adapter():
+            run.base_val_loss = evaluate(run, run.val)
+        emit({"type": "eval", "epoch": 0, "valLoss": None, "baseValLoss": run.base_val_loss})
+    emit({"type": "log", "message": f"training {len(run.train)} samples, {run.total_steps} steps on {run.device}"})
+    t0, seconds0, tokens0, step0 = time.perf_counter(), run.train_seconds, run.tokens_seen, run.step
+    for epoch in range(run.epoch, p.epochs):
+        if run.step >= run.total_steps:
+            break
+        model.train()
+        epoch_losses: list[float] = []
+        for micro_batches in epoch_steps(run, epoch):
+            if run.step >= run.total_steps:
+                break
+            if should_stop is not None and should_stop():
+                raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
+            batches = [make_batch(s, p.max_seq_length, run.tokenizer.pad_token_id, packing=p.packing) for s in micro_batches]
+            n_supervised = sum(b.n_supervised for b in batches)  # normalizer for the whole optimizer step
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for batch in batches:
+                loss = loss_sum(run, batch) / n_supervised
+                loss.backward()
+                step_loss += loss.item()
+                run.tokens_seen += batch.n_tokens
+            if not math.isfinite(step_loss):
+                raise Stop(Status.FAILED, "nan_loss", f"loss became {step_loss} at step {run.step + 1}; "
+                           "lower the learning rate or check the data.")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise Stop(Status.FAILED, "nan_loss", f"gradient norm became {grad_norm} at step {run.step + 1}.")
+            opt.step()
+            sched.step()
+            run.step += 1
+            epoch_losses.append(step_loss)
+            lr = sched.get_last_lr()[0]
+            run.curve.append({"step": run.step, "epoch": epoch + 1, "loss": step_loss, "lr": lr, "gradNorm": grad_norm})
+            elapsed = time.perf_counter() - t0
+            run.train_seconds = seconds0 + elapsed
+            rate = (run.tokens_seen - tokens0) / elapsed if elapsed > 0 else 0.0
+            done = run.step - step0
+            emit({
+                "type": "progress", "step": run.step, "totalSteps": run.total_steps, "epoch": epoch + 1,
+                "epochs": p.epochs, "percent": round(100.0 * run.step / run.total_steps, 2), "loss": step_loss,
+                "lr": lr, "tokensPerSec": round(rate, 1),
+                "etaSeconds": round(elapsed / done * (run.total_steps - run.step), 1) if done else None,
+            })
+        val_loss = evaluate(run, run.val) if run.val else None
+        run.epochs.append({
+            "epoch": epoch + 1, "step": run.step, "valLoss": val_loss,
+            "trainLoss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
+        })
+        emit({"type": "eval", "epoch": epoch + 1, "valLoss": val_loss, "baseValLoss": run.base_val_loss})
+        run.epoch = epoch + 1
+        run.train_seconds = seconds0 + time.perf_counter() - t0
+        save_checkpoint(run)
+        emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved"})
+
+
+def loss_sum(run: Run, batch: Batch) -> Any:
+    """Sum of cross-entropy over the batch's supervised positions (float32)."""
+    import torch.nn.functional as F
+
+    logits, targets = forward_supervised(run.model, batch, run.device, run.autocast_dtype)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def forward_supervised(model: Any, batch: Batch, device: str, autocast_dtype: Any = None) -> tuple[Any, Any]:
+    """Logits at the supervised positions only ([n, vocab]) and their targets ([n]).
+
+    `logits_to_keep` with a boolean mask makes the model project only those hidden states onto the
+    vocabulary: prompt positions (often most of a chat sample) never pay for the output layer.
+    """
+    import torch
+
+    mask = batch.mask.to(device)
+    ctx = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        out = model(
+            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+            use_cache=False, logits_to_keep=mask,
+        )
+    logits = out.logits
+    if logits.dim() == 3:  # a model that ignores a mask in logits_to_keep returns every position
+        logits = logits[mask]
+    return logits, batch.targets.to(device)[mask]
+
+
+def evaluate(run: Run, samples: list[Encoded]) -> float:
+    """Mean token loss over `samples` (dropout off, no gradients)."""
+    import torch
+
+    run.model.eval()
+    total, count = 0.0, 0
+    bs = max(run.params.batch_size, 8)
+    with torch.no_grad():
+        for k in range(0, len(samples), bs):
+            batch = make_batch(samples[k : k + bs], run.params.max_seq_length, run.tokenizer.pad_token_id,
+                               packing=run.params.packing)
+            total += float(loss_sum(run, batch))
+            count += batch.n_supervised
+    run.model.train()
+    return total / count if count else float("nan")
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run) -> Path:
+    """adapter + optimizer (safetensors) and scheduler/RNG/progress (JSON + safetensors) for the finished
+    epoch; written to a temp dir and renamed, `state.json` last, so a checkpoint dir is always complete."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    ckpts = run.work_dir / "checkpoints"
+    final = ckpts / f"epoch-{run.epoch:03d}"
+    tmp = ckpts / f".epoch-{run.epoch:03d}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(run.model).items()}
+    atomic_write_bytes(tmp / "adapter.safetensors", save(adapter))
+    opt_state = run.optimizer.state_dict()
+    opt_tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items()
+                   for k, v in st.items() if isinstance(v, torch.Tensor)}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
+    atomic_write_bytes(tmp / "rng.safetensors", save(rng))
+    state = {
+        "epoch": run.epoch, "step": run.step, "paramGroups": opt_state["param_groups"],
+        "scheduler": run.scheduler.state_dict(), "baseValLoss": run.base_val_loss, "epochs": run.epochs,
+        "curve": run.curve, "tokensSeen": run.tokens_seen,
+        "trainSeconds": run.train_seconds,
+    }
+    atomic_write_json(tmp / "state.json", state)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in ckpts.glob("epoch-*"):  # keep the newest complete one only
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run: Run, emit: Callable[[Event], None]) -> bool:
+    """Restore the newest complete checkpoint of this run's work dir; False when there is none."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
+    if not found:
+        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh"})
+        return False
+    ckpt = found[-1].parent
+    state = read_json(ckpt / "state.json")
+    set_peft_model_state_dict(run.model, load_file(str(ckpt / "adapter.safetensors"), device=run.device))
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["paramGroups"]}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(idx), {})[name] = value
+    run.optimizer.load_state_dict(opt_state)
+    run.scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+    run.epoch, run.step, run.base_val_loss = state["epoch"], state["step"], state["baseValLoss"]
+    run.epochs, run.curve, run.tokens_seen = state["epochs"], state["curve"], state["tokensSeen"]
+    run.train_seconds, run.resumed_from = state["trainSeconds"], state["epoch"]
+    emit({"type": "log", "message": f"resumed from epoch {run.epoch} (step {run.step})"})
+    return True
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    out = {"lunatrain": __version__}
+    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def build_report(run: Run, status: Status, error: dict | None, started: float, job_id: str | None) -> dict[str, Any]:
+    from .models import device_info, template_hash, tokenizer_hash
+
+    p = run.params
+    last_val = run.epochs[-1]["valLoss"] if run.epochs else None
+    tps = run.tokens_seen / run.train_seconds if run.train_seconds > 0 else None
+    return {
+        "format": "lunatrain-training-report/1",
+        "status": status.value,
+        "error": error,
+        "jobId": job_id,
+        "adapterName": p.adapter_name,
+        "adapterStrategy": p.adapter_strategy,
+        "params": p.wire(),
+        "dataset": {
+            "tier": p.dataset_tier, "fingerprint": run.data.fingerprint, "export": run.data.summary,
+            "trainSamples": len(run.train), "valSamples": len(run.val),
+            "tokenStats": run.tokens.stats, "tokenCacheKey": run.tokens.key,
+        },
+        "baseModel": {"id": run.base.id, "revision": run.base.revision, "configSha256": run.base.config_sha256,
+                      "fingerprint": run.base.fingerprint},
+        "tokenizerHash": tokenizer_hash(run.tokenizer),
+        "templateHash": template_hash(run.tokenizer),
+        "metrics": {"valLoss": last_val, "baseValLoss": run.base_val_loss,
+                    "trainLoss": run.epochs[-1]["trainLoss"] if run.epochs else None,
+                    "steps": run.step, "totalSteps": run.total_steps, "tokensTrained": run.tokens_seen,
+                    "tokensPerSec": round(tps, 1) if tps else None},
+        "epochs": run.epochs,
+        "lossCurve": run.curve,
+        "resumedFromEpoch": run.resumed_from,
+        "device": {"used": run.device, "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
+                   **device_info()},
+        "packages": package_versions(),
+        "durationSeconds": round(time.time() - started, 3),
+        "trainSeconds": round(run.train_seconds, 3),
+    }
+
+
+def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> TrainResult:
+    """Write the adapter and its provenance into the work dir, then publish it (version + registry)."""
+    from .progress import plot_loss_curve
+
+    p, out = run.params, run.work_dir
+    # Name the base by what the user called it, not by this machine's cache path.
+    run.model.peft_config["default"].base_model_name_or_path = run.base.id
+    with warnings.catch_warnings():  # PEFT looks the base id up to check for resized vocabularies; we never resize
+        warnings.simplefilter("ignore", UserWarning)
+        run.model.save_pretrained(str(out), safe_serialization=True)
+    hashes = sorted({e.hash for e in run.train if e.hash})
+    atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
+    plot_loss_curve(out / "loss-curve.png", run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter itself is the final state
+    entry = {
+        "jobId": report["jobId"], "status": "succeeded", "strategy": p.adapter_strategy,
+        "baseModel": report["baseModel"], "datasetTier": p.dataset_tier, "datasetFingerprint": run.data.fingerprint,
+        "params": report["params"], "metrics": {k: report["metrics"][k] for k in ("valLoss", "baseValLoss", "trainLoss")},
+        "tokenizerHash": report["tokenizerHash"], "templateHash": report["templateHash"],
+        "trainSamples": len(run.train), "gate": None,
+    }
+
+    def write_report(final: dict[str, Any]) -> None:
+        report.update(version=final["version"], revision=final.get("revision"), path=final["path"],
+                      created=final["created"])
+        atomic_write_bytes(out / "training-report.json", dumps_json(report).encode())
+
+    entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report)
+    registry.write_latest(run.settings, report)
+    for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):  # older failed tries of this same run
+        shutil.rmtree(stale, ignore_errors=True)
+    path = run.settings.home / entry["path"]
+    emit({"type": "log", "message": f"adapter {p.adapter_name}@{entry['version']} written to {entry['path']}"})
+    return TrainResult(Status.SUCCEEDED, p.adapter_name, entry["version"], path, report, None)

@@ -1,0 +1,202 @@
+"""The LoRA loop on luna-tiny (CPU, float32). Run: `pytest tests/test_train.py -q`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_records, write_export
+
+from lunatrain import models, registry
+from lunatrain import train as train_mod
+from lunatrain.errors import UsageError
+from lunatrain.params import parse_params
+from lunatrain.tokens import IGNORE, encode_chat, make_batch, shifted_targets
+from lunatrain.train import Status, forward_supervised, run_lora
+
+FAST = {"epochs": 2, "batchSize": 4, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7}
+
+
+def _params(**over):
+    return parse_params(FAST | over)
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# --- packing ----------------------------------------------------------------------------------------
+
+
+def _samples(tok, n=5):
+    return [encode_chat(tok, r["messages"], 128) for r in make_records(n, multi_turn_every=2)]
+
+
+@pytest.mark.parametrize("capacity", [1024, 70])  # one row holding all; several rows with a pad block
+def test_packed_logits_and_loss_equal_one_by_one(settings, capacity):
+    tok = models.load_tokenizer(None, settings)
+    model = models.load_model(None, settings).eval()
+    samples = _samples(tok)
+    batch = make_batch(samples, capacity, tok.pad_token_id)
+    assert (batch.input_ids.shape[0] == 1) == (capacity == 1024)
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        packed_sum = torch.nn.functional.cross_entropy(*forward_supervised(model, batch, "cpu"), reduction="sum")
+        solo_sum, solo_n = 0.0, 0
+        for s, (row, a, b) in zip(samples, batch.segments, strict=True):
+            alone = model(input_ids=torch.tensor([s.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[row, a:b], alone, atol=1e-4, rtol=1e-4)
+            tgt = torch.tensor(shifted_targets(s))
+            solo_sum += float(torch.nn.functional.cross_entropy(alone, tgt, ignore_index=IGNORE, reduction="sum"))
+            solo_n += int((tgt != IGNORE).sum())
+    assert batch.n_supervised == solo_n
+    assert abs(float(packed_sum) / batch.n_supervised - solo_sum / solo_n) < 1e-4
+
+
+def test_without_restarting_positions_samples_would_leak(settings):
+    """The control for the test above: plain concatenation (positions running on) lets samples see each
+    other, so equality there is a real finding and not an accident of the model."""
+    tok = models.load_tokenizer(None, settings)
+    model = models.load_model(None, settings).eval()
+    a, b = _samples(tok, 2)
+    ids = torch.tensor([a.input_ids + b.input_ids])
+    with torch.no_grad():
+        joined = model(input_ids=ids, use_cache=False).logits[0, len(a):]
+        alone = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits[0]
+    assert (joined - alone).abs().max() > 1e-2
+
+
+def test_boundaries_are_never_targets(settings):
+    tok = models.load_tokenizer(None, settings)
+    samples = _samples(tok, 4)
+    batch = make_batch(samples, 1024, tok.pad_token_id)
+    for _row, _a, b in batch.segments:
+        assert batch.targets[0, b - 1] == IGNORE  # a sample's last token predicts nothing (not the next sample)
+    assert batch.n_tokens == sum(len(s) for s in samples)
+
+
+# --- training runs ----------------------------------------------------------------------------------
+
+
+def test_training_beats_the_base_model_and_writes_artifacts(settings):
+    write_export(settings)
+    events = []
+    result = run_lora(parse_params({"epochs": 3, "batchSize": 8, "rank": 8, "learningRate": 1e-2,
+                                    "maxSeqLength": 128, "adapterName": "luna-adapter"}),
+                      settings, on_event=events.append, job_id="job-1")
+    assert result.status is Status.SUCCEEDED, result.error
+    assert result.version == "v1" and result.path == settings.adapters_dir / "luna-adapter" / "v1"
+    names = {p.name for p in result.path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "training-report.json", "loss-curve.png",
+            "train-hashes.txt"} <= names and "checkpoints" not in names
+    report = json.loads((result.path / "training-report.json").read_text())
+    m = report["metrics"]
+    assert m["valLoss"] < m["baseValLoss"] - 0.5, m  # clearly learned something about the data
+    assert report["status"] == "succeeded" and report["version"] == "v1" and report["jobId"] == "job-1"
+    assert report["baseModel"]["fingerprint"] == models.resolve_base(None, settings).fingerprint
+    assert report["dataset"]["fingerprint"] and len(report["epochs"]) == 3 and len(report["lossCurve"]) == m["steps"]
+    assert set(report["packages"]) >= {"torch", "transformers", "peft", "lunatrain"}
+    hashes = (result.path / "train-hashes.txt").read_text().split()
+    assert len(hashes) == report["dataset"]["trainSamples"]
+    assert json.loads(registry.latest_report_path(settings).read_text())["version"] == "v1"
+    entry = registry.get_version(settings, "luna-adapter", "latest")
+    assert entry["version"] == "v1" and entry["metrics"]["valLoss"] == m["valLoss"] and entry["jobId"] == "job-1"
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == progress[-1]["totalSteps"] == m["steps"] and progress[-1]["percent"] == 100
+    assert {"loss", "tokensPerSec", "etaSeconds", "epoch"} <= set(progress[0])
+    assert [e["epoch"] for e in events if e["type"] == "eval"] == [0, 1, 2, 3]
+
+    from peft import PeftModel
+
+    base = models.load_model(None, settings).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(result.path)).eval()(input_ids=ids).logits
+    assert (tuned - before).abs().max() > 1e-3
+
+
+def test_same_seed_same_bytes_and_resume_matches(settings):
+    write_export(settings, make_records(40, val_every=5))
+    full = run_lora(_params(), settings)
+    again = run_lora(_params(), settings)
+    weights = (full.path / "adapter_model.safetensors").read_bytes()
+    assert (again.path / "adapter_model.safetensors").read_bytes() == weights
+
+    seen = []
+
+    def stop_after_first_epoch():
+        return any(e["type"] == "eval" and e["epoch"] == 1 for e in seen)
+
+    cut = run_lora(_params(), settings, on_event=seen.append, should_stop=stop_after_first_epoch)
+    assert cut.status is Status.CANCELLED and cut.error["code"] == "cancelled" and cut.version is None
+    assert json.loads(registry.latest_report_path(settings).read_text())["status"] == "cancelled"
+    resumed = run_lora(_params(resume=True), settings)
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1
+    assert (resumed.path / "adapter_model.safetensors").read_bytes() == weights
+    assert resumed.report["metrics"]["valLoss"] == full.report["metrics"]["valLoss"]
+    assert [v["version"] for v in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1", "v2", "v3"]
+    other = run_lora(_params(seed=8), settings)
+    assert (other.path / "adapter_model.safetensors").read_bytes() != weights
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"rank": 0}, "rank"),
+        ({"epochs": -1}, "epochs"),
+        ({"datasetTier": "gold"}, "datasetTier"),
+        ({"adapterName": "../x"}, "adapterName"),
+        ({"learningRate": 0}, "learningRate"),
+        ({"noSuchParam": 1}, "unknown parameter"),
+    ],
+)
+def test_bad_parameters_give_one_clear_error_and_write_nothing(settings, bad, match):
+    write_export(settings)
+    before = _files(settings.home)
+    with pytest.raises(UsageError, match=match) as err:
+        run_lora(FAST | bad, settings)
+    assert str(err.value).count("\n") == 0
+    assert _files(settings.home) == before
+
+
+def test_missing_export_and_missing_device_are_reported_together(settings):
+    with pytest.raises(UsageError) as err:
+        run_lora(_params(device="cuda") if not torch.cuda.is_available() else _params(), settings)
+    assert "export" in str(err.value)
+    if not torch.cuda.is_available():
+        assert "cuda" in str(err.value)
+    assert _files(settings.home) == []
+
+
+def test_nan_loss_fails_the_run_as_data(settings, monkeypatch):
+    write_export(settings, make_records(24))
+    real = train_mod.loss_sum
+    calls = []
+
+    def poisoned(run, batch):
+        calls.append(1)
+        loss = real(run, batch)
+        return loss * float("nan") if run.model.training and len(calls) > 3 else loss
+
+    monkeypatch.setattr(train_mod, "loss_sum", poisoned)
+    result = run_lora(_params(), settings)
+    assert result.status is Status.FAILED and result.error["code"] == "nan_loss"
+    assert "luna-adapter" not in registry.list_adapters(settings)
+    assert json.loads(registry.latest_report_path(settings).read_text())["error"]["code"] == "nan_loss"
+    assert not (settings.adapters_dir / "luna-adapter" / "v1").exists()
+
+
+def test_overwrite_replaces_one_slot_only_on_success(settings):
+    write_export(settings, make_records(24))
+    first = run_lora(_params(adapterStrategy="overwrite", epochs=1), settings)
+    second = run_lora(_params(adapterStrategy="overwrite", epochs=1, seed=9), settings)
+    assert first.version == second.version == "current"
+    slot = settings.adapters_dir / "luna-adapter" / "current"
+    assert slot.is_symlink() and (slot / "adapter_model.safetensors").is_file()
+    assert len(list((settings.adapters_dir / "luna-adapter" / ".slots").iterdir())) == 1
+    versions = registry.list_adapters(settings)["luna-adapter"]["versions"]
+    assert [(v["version"], v["revision"], v.get("replaced", False)) for v in versions] == [
+        ("current", 1, True), ("current", 2, False)]
+    assert registry.get_version(settings, "luna-adapter", "current")["revision"] == 2
