@@ -1,0 +1,82 @@
+"""Merge an adapter into its base model: `merge_adapter(settings, "luna-adapter@v3")`.
+
+A separate, explicit step (guide §7): the result is a plain Hugging Face model in
+data/models/merged/<name>-<version>/ (safetensors + tokenizer + chat template), loadable with
+`AutoModelForCausalLM.from_pretrained` and usable where PEFT is not. The merge is done in float32 and
+written to a temp directory that is renamed into place, then recorded on the version in the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import registry
+from .errors import Conflict
+from .fsio import atomic_write_json
+from .settings import Settings, check_name
+
+
+@dataclass
+class MergeResult:
+    name: str
+    version: str
+    path: Path  # the merged model directory
+    base_model: str
+    replaced: bool  # an earlier merge of the same version was replaced
+
+
+def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> MergeResult:
+    """Merge NAME@VERSION (or an alias: NAME@latest, NAME@active) into its base model.
+
+    Refuses when the base model found now is not the one the adapter was trained on (fingerprints differ),
+    unless `force`."""
+    import torch
+    from peft import PeftModel
+
+    from .models import load_model, load_tokenizer, resolve_base
+
+    name, version = registry.parse_ref(ref)
+    entry = registry.get_version(settings, name, version)
+    if entry.get("replaced"):
+        raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
+    trained_on = entry["baseModel"]
+    base = resolve_base(trained_on["id"], settings)
+    if base.fingerprint != trained_on["fingerprint"] and not force:
+        raise Conflict(
+            f"Base model {trained_on['id']!r} has changed since {name}@{entry['version']} was trained "
+            "(fingerprints differ); retrain, or pass --force to merge anyway."
+        )
+    label = check_name(f"{name}-{entry['version']}", "merged model name")
+    merged_root = settings.models_dir / "merged"
+    merged_root.mkdir(parents=True, exist_ok=True)
+    target = merged_root / label
+    tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=merged_root))
+    try:
+        model = load_model(base, settings, "cpu", torch.float32)
+        model = PeftModel.from_pretrained(model, str(registry.adapter_dir(settings, entry)))
+        merged = model.merge_and_unload()
+        merged.config.use_cache = True  # the merged model is for inference
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        load_tokenizer(base, settings).save_pretrained(str(tmp))
+        atomic_write_json(tmp / "lunatrain-merge.json", {
+            "adapter": f"{name}@{entry['version']}", "revision": entry.get("revision"),
+            "baseModel": trained_on, "adapterPath": entry["path"], "created": registry.now(),
+        })
+        replaced = target.exists()
+        if replaced:  # an earlier merge of the same adapter version: same content, rebuilt
+            old = merged_root / f".{label}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rel = str(target.relative_to(settings.home))
+    registry.annotate(settings, name, entry["version"], "merged", {"path": rel, "at": registry.now()})
+    return MergeResult(name, entry["version"], target, trained_on["id"], replaced)

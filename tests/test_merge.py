@@ -1,0 +1,47 @@
+"""Merging an adapter into its base. Run: `pytest tests/test_merge.py -q`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_records, write_export
+
+from lunatrain import models, registry
+from lunatrain.errors import Conflict
+from lunatrain.merge import merge_adapter
+from lunatrain.train import run_lora
+
+
+def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    write_export(settings, make_records(24))
+    trained = run_lora({"epochs": 1, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}, settings)
+    assert trained.ok
+    result = merge_adapter(settings, "luna-adapter@v1")
+    assert result.path == settings.models_dir / "merged" / "luna-adapter-v1"
+    merged = AutoModelForCausalLM.from_pretrained(result.path, use_safetensors=True, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(result.path)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Was ist 2 + 3?"}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]])
+    base = models.load_model(None, settings).eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        with_adapter = PeftModel.from_pretrained(base, str(trained.path)).eval()(input_ids=ids).logits
+        from_merged = merged(input_ids=ids).logits
+    assert (with_adapter - plain).abs().max() > 1e-3  # the adapter does change the model
+    torch.testing.assert_close(from_merged, with_adapter, atol=1e-4, rtol=1e-4)
+    assert not list(result.path.glob("*.bin")) and list(result.path.glob("*.safetensors"))
+    assert registry.get_version(settings, "luna-adapter", "v1")["merged"]["path"] == "data/models/merged/luna-adapter-v1"
+    assert merge_adapter(settings, "luna-adapter@latest").replaced
+
+
+def test_merge_refuses_when_the_base_changed(settings):
+    work = settings.adapters_dir / "a" / ".work" / "x"
+    work.mkdir(parents=True)
+    registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "luna-tiny", "fingerprint": "0" * 64}})
+    with pytest.raises(Conflict, match="changed"):
+        merge_adapter(settings, "a@v1")
+    assert not (settings.models_dir / "merged" / "a-v1").exists()

@@ -1,0 +1,105 @@
+"""The adapter registry: concurrent publishing, aliases, activation rules. Run: `pytest tests/test_registry.py -q`."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from lunatrain import models, registry
+from lunatrain.errors import Conflict, NotFound, UsageError
+from lunatrain.settings import load_settings
+
+
+def _entry(fingerprint: str, **extra) -> dict:
+    return {"baseModel": {"id": "luna-tiny", "fingerprint": fingerprint}, "datasetTier": "curated",
+            "datasetFingerprint": "d" * 64, "params": {"rank": 4}, "metrics": {"valLoss": 1.0}, "jobId": None} | extra
+
+
+def _publish(home: str, name: str, tag: str, strategy: str = "versioned") -> dict:
+    settings = load_settings(home=Path(home))
+    work = settings.adapters_dir / name / ".work" / tag
+    work.mkdir(parents=True)
+    (work / "adapter_model.safetensors").write_text(tag)
+    (work / "train-hashes.txt").write_text(f"hash-{tag}\n")
+    return registry.publish(settings, name, strategy, work, _entry("f" * 64, jobId=tag))
+
+
+def _publish_in_child(args: tuple[str, str]) -> str:
+    return _publish(args[0], "luna-adapter", args[1])["version"]
+
+
+def test_eight_processes_publishing_at_once_get_distinct_versions(settings):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        got = pool.map(_publish_in_child, [(str(settings.home), f"job{i}") for i in range(8)])
+    assert sorted(got, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 9)]
+    data = json.loads(registry.registry_path(settings).read_text())  # valid JSON
+    versions = data["adapters"]["luna-adapter"]["versions"]
+    assert sorted(v["version"] for v in versions) == sorted(got) and len(versions) == 8
+    assert sorted(v["jobId"] for v in versions) == [f"job{i}" for i in range(8)]
+    for v in versions:  # each directory holds the job that registered it
+        assert (settings.home / v["path"] / "adapter_model.safetensors").read_text() == v["jobId"]
+    assert data["adapters"]["luna-adapter"]["aliases"]["latest"] in got
+
+
+def test_versions_are_never_reused(settings):
+    _publish(str(settings.home), "a", "one")
+    # a crash after the move but before registering leaves a directory: its number is skipped
+    (settings.adapters_dir / "a" / "v2").mkdir()
+    assert _publish(str(settings.home), "a", "two")["version"] == "v3"
+
+
+def test_activate_refuses_a_foreign_base_unless_forced_and_rollback(settings):
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two", "three"):
+        work = settings.adapters_dir / "a" / ".work" / tag
+        work.mkdir(parents=True)
+        registry.publish(settings, "a", "versioned", work, _entry(fp))
+    work = settings.adapters_dir / "a" / ".work" / "foreign"
+    work.mkdir(parents=True)
+    registry.publish(settings, "a", "versioned", work, _entry("0" * 64) | {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}})
+
+    with pytest.raises(Conflict, match="org/other.*--force"):
+        registry.activate(settings, "a", "v4")
+    assert "active" not in registry.list_adapters(settings)["a"]["aliases"]
+    registry.activate(settings, "a", "v1")
+    registry.activate(settings, "a", "v2")
+    registry.activate(settings, "a", "v4", force=True)
+    assert registry.get_version(settings, "a", "active")["version"] == "v4"
+    assert registry.rollback(settings, "a")["version"] == "v2"
+    assert registry.get_version(settings, "a")["version"] == "v2"  # no version given: the active one
+    assert registry.get_version(settings, "a", "latest")["version"] == "v4"
+    hist = registry.list_adapters(settings)["a"]["activations"]
+    assert [(h["version"], h["previous"], h["forced"]) for h in hist] == [
+        ("v1", None, False), ("v2", "v1", False), ("v4", "v2", True), ("v2", "v4", False)]
+    groups = registry.by_base(settings)
+    assert sorted(len(g["versions"]) for g in groups.values()) == [1, 3] and groups["0" * 64]["baseModel"] == "org/other"
+
+
+def test_lookups_and_annotations(settings):
+    _publish(str(settings.home), "a", "one")
+    with pytest.raises(NotFound):
+        registry.get_version(settings, "b")
+    with pytest.raises(NotFound):
+        registry.get_version(settings, "a", "v9")
+    with pytest.raises(UsageError):
+        registry.parse_ref("../x@v1")
+    assert registry.parse_ref("a@v1") == ("a", "v1") and registry.parse_ref("a") == ("a", "")
+    registry.record_gate(settings, "a", "v1", {"status": "passed"})
+    assert registry.get_version(settings, "a", "v1")["gate"] == {"status": "passed"}
+    with pytest.raises(UsageError, match="cannot be changed"):
+        registry.annotate(settings, "a", "v1", "metrics", {})
+    with pytest.raises(UsageError, match="roll back"):
+        registry.rollback(settings, "a")
+
+
+def test_deleting_a_trained_example_marks_versions_stale(settings):
+    _publish(str(settings.home), "a", "one")
+    _publish(str(settings.home), "a", "two")
+    assert registry.mark_stale(settings, {"hash-two", "unrelated"}) == ["a@v2"]
+    assert registry.get_version(settings, "a", "v2")["stale"]["hashes"] == ["hash-two"]
+    assert "stale" not in registry.get_version(settings, "a", "v1")
+    assert registry.mark_stale(settings, {"hash-two"}) == []  # already marked
