@@ -153,8 +153,16 @@ class _Sink:
         self.tmp.unlink(missing_ok=True)
 
 
+# JSON allows these raw inside strings, but str.splitlines() and some editors break lines at them; escaped,
+# every reader sees exactly one record per "\n"-terminated line.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _dumps(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    if not text.isascii():
+        text = text.translate(_LINE_BREAKS)
+    return (text + "\n").encode("utf-8")
 
 
 def _example_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
@@ -340,7 +348,9 @@ def read_tier(settings: Settings, tier: Tier) -> TierData:
     if hashlib.sha256(data).hexdigest() != expected:
         raise CheckFailed(f"{path} does not match the export summary (changed or torn); run `lunatrain export` again.")
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    for line in data.decode("utf-8").splitlines():
+    for line in data.decode("utf-8").split("\n"):
+        if not line:
+            continue
         record = json.loads(line)
         by_split[record["split"]].append(record)
     return TierData(tier, by_split["train"], by_split["val"], by_split["test"], summary["fingerprint"], summary)

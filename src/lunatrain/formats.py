@@ -330,7 +330,8 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
     text = _decode(data, path)
     if suffix in (".jsonl", ".ndjson"):
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() would also break at U+2028 etc., which JSON allows in strings.
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

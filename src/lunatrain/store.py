@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -107,8 +107,30 @@ def _aware(value: datetime) -> datetime:
 # --- records ------------------------------------------------------------------------------------
 
 
+class _Record:
+    """Shared conversions of the stored records: from a database row, and to JSON-ready dicts."""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Any:
+        values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+        for name in ("turns", "tags"):
+            if name in values:
+                values[name] = tuple(values[name] or ())
+        values["created_at"], values["updated_at"] = _aware(values["created_at"]), _aware(values["updated_at"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        for name, value in out.items():
+            if isinstance(value, tuple):
+                out[name] = [dict(v) if isinstance(v, dict) else v for v in value]
+            elif isinstance(value, datetime):
+                out[name] = value.isoformat()
+        return out
+
+
 @dataclass(frozen=True)
-class Example:
+class Example(_Record):
     id: int
     hash: str
     prompt: str
@@ -128,26 +150,9 @@ class Example:
         msgs += [dict(t) for t in self.turns]
         return msgs + [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "hash": self.hash,
-            "prompt": self.prompt,
-            "response": self.response,
-            "system": self.system,
-            "turns": [dict(t) for t in self.turns],
-            "source": self.source,
-            "status": self.status,
-            "rating": self.rating,
-            "tags": list(self.tags),
-            "conversation_id": self.conversation_id,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-        }
-
 
 @dataclass(frozen=True)
-class MemoryItem:
+class MemoryItem(_Record):
     id: int
     hash: str
     topic: str | None
@@ -157,19 +162,6 @@ class MemoryItem:
     tags: tuple[str, ...]
     created_at: datetime
     updated_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "hash": self.hash,
-            "topic": self.topic,
-            "question": self.question,
-            "answer": self.answer,
-            "status": self.status,
-            "tags": list(self.tags),
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-        }
 
 
 @dataclass(frozen=True)
@@ -196,38 +188,6 @@ class SeedResult:
     memory_added: int
     memory_skipped: int
     files: list[str] = field(default_factory=list)
-
-
-def _example(row: Mapping[str, Any]) -> Example:
-    return Example(
-        id=row["id"],
-        hash=row["hash"],
-        prompt=row["prompt"],
-        response=row["response"],
-        system=row["system"],
-        turns=tuple(row["turns"] or ()),
-        source=row["source"],
-        status=row["status"],
-        rating=row["rating"],
-        tags=tuple(row["tags"] or ()),
-        conversation_id=row["conversation_id"],
-        created_at=_aware(row["created_at"]),
-        updated_at=_aware(row["updated_at"]),
-    )
-
-
-def _memory(row: Mapping[str, Any]) -> MemoryItem:
-    return MemoryItem(
-        id=row["id"],
-        hash=row["hash"],
-        topic=row["topic"],
-        question=row["question"],
-        answer=row["answer"],
-        status=row["status"],
-        tags=tuple(row["tags"] or ()),
-        created_at=_aware(row["created_at"]),
-        updated_at=_aware(row["updated_at"]),
-    )
 
 
 # --- engine, transactions, migrations -------------------------------------------------------------
@@ -454,7 +414,7 @@ def add_example(
             raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
         _add_drafts(conn, [draft], source, status_)
         row = conn.execute(sa.select(examples_table).where(examples_table.c.hash == draft.hash)).mappings().one()
-    return _example(row)
+    return Example.from_row(row)
 
 
 def import_file(
@@ -485,7 +445,7 @@ def get_example(settings: Settings, example_id: int) -> Example:
         row = conn.execute(sa.select(examples_table).where(examples_table.c.id == example_id)).mappings().first()
     if row is None:
         raise NotFound(f"No example with id {example_id}.")
-    return _example(row)
+    return Example.from_row(row)
 
 
 def list_examples(
@@ -505,7 +465,7 @@ def list_examples(
     if status is not None:
         query = query.where(examples_table.c.status == _check_choice(status, STATUSES, "status"))
     with open_store(settings).read() as conn:
-        return [_example(r) for r in conn.execute(query).mappings()]
+        return [Example.from_row(r) for r in conn.execute(query).mappings()]
 
 
 def _check_ids(conn: Connection, table: sa.Table, ids: Sequence[int], what: str) -> list[int]:
@@ -619,7 +579,7 @@ def add_memory(
         _forget_tombstones(conn, [draft.hash])
         _bump(conn)
         row = conn.execute(sa.select(memory_table).where(memory_table.c.hash == draft.hash)).mappings().one()
-    return _memory(row)
+    return MemoryItem.from_row(row)
 
 
 def list_memory(settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0) -> list[MemoryItem]:
@@ -629,7 +589,7 @@ def list_memory(settings: Settings, *, status: Status | None = None, limit: int 
     if status is not None:
         query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))
     with open_store(settings).read() as conn:
-        return [_memory(r) for r in conn.execute(query).mappings()]
+        return [MemoryItem.from_row(r) for r in conn.execute(query).mappings()]
 
 
 def set_memory_status(settings: Settings, ids: Sequence[int], status: Status) -> int:

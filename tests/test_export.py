@@ -1,0 +1,305 @@
+"""Export: byte-identical files, stable hash splits, conversations kept together, tiers, atomicity.
+
+Run: `.venv/bin/python -m pytest tests/test_export.py -q` (PostgreSQL cases need ASSISTANT_TEST_PG_URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from typer.testing import CliRunner
+
+from lunatrain import export as ex
+from lunatrain import store
+from lunatrain.cli import app
+from lunatrain.errors import CheckFailed, NotFound, UsageError
+from lunatrain.formats import make_draft
+from lunatrain.settings import Settings, load_settings
+from test_store import db  # noqa: F401  (the SQLite/PostgreSQL backend fixture)
+
+RECORD_KEYS = {"messages", "id", "hash", "source", "split", "conversation_id", "tags", "rating"}
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    yield
+    store.dispose_stores()
+
+
+def _drafts(n: int, prefix: str, *, conversations: int = 0, rng: random.Random | None = None) -> list:
+    rng = rng or random.Random(0)
+    out = []
+    for i in range(n):
+        conv = f"{prefix}-conv-{rng.randrange(conversations)}" if conversations and rng.random() < 0.5 else None
+        out.append(make_draft(prompt=f"{prefix} Frage {i} {rng.random()}", response=f"Antwort {i}", conversation_id=conv))
+    return out
+
+
+def _files(settings: Settings) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(settings.training_dir.iterdir()) if not p.name.startswith(".")}
+
+
+def _records(settings: Settings, name: str) -> list[dict]:
+    lines = (settings.training_dir / name).read_bytes().split(b"\n")
+    return [json.loads(line) for line in lines if line]
+
+
+def _splits(settings: Settings) -> dict[str, str]:
+    return {r["hash"]: r["split"] for r in _records(settings, ex.MERGED_FILE)}
+
+
+def test_same_database_exports_byte_identical_files(db: Settings) -> None:  # noqa: F811
+    store.load_seed(db)
+    first = ex.export(db, val_ratio=0.2, test_ratio=0.1)
+    files1 = _files(db)
+    second = ex.export(db, val_ratio=0.2, test_ratio=0.1)
+    files2 = _files(db)
+    data = [n for n in files1 if n != ex.SUMMARY_FILE]
+    assert sorted(files1) == sorted([*ex.DATA_FILES, ex.SUMMARY_FILE])
+    assert {n: files1[n] for n in data} == {n: files2[n] for n in data}
+    assert first.fingerprint == second.fingerprint
+    s1, s2 = json.loads(files1[ex.SUMMARY_FILE]), json.loads(files2[ex.SUMMARY_FILE])
+    s1.pop("exported_at"), s2.pop("exported_at")
+    assert s1 == s2
+
+
+def test_records_summary_and_tiers(settings: Settings) -> None:
+    store.load_seed(settings)
+    conv = store.add_example(settings, prompt="Chat-Frage", response="Chat-Antwort", source="conversation", status="approved")
+    mem_ex = store.add_example(settings, prompt="Mein Hund?", response="Bruno.", source="memory")
+    store.add_memory(settings, question="Mein Hund?", answer="Bruno.")  # same content as mem_ex
+    summary = ex.export(settings, val_ratio=0.15, test_ratio=0.05)
+    counts = store.counts(settings)
+
+    for name in ex.DATA_FILES:
+        lines = (settings.training_dir / name).read_text(encoding="utf-8").split("\n")[:-1]
+        records = [json.loads(line) for line in lines]
+        assert all(set(r) == RECORD_KEYS for r in records), name
+        assert all(r["split"] in ("train", "val", "test") for r in records), name
+        assert [r["hash"] for r in records] == sorted(r["hash"] for r in records), name
+        assert lines == [json.dumps(r, ensure_ascii=False, separators=(",", ":"), sort_keys=True) for r in records]
+        info = summary.files[name]
+        raw = (settings.training_dir / name).read_bytes()
+        assert info == {"sha256": hashlib.sha256(raw).hexdigest(), "records": len(records), "bytes": len(raw)}
+
+    curated = _records(settings, ex.CURATED_FILE)
+    assert len(curated) == counts["examples"]["curated"]["approved"]
+    assert {r["source"] for r in curated} == {"curated"}
+    for split in ex.SPLITS:
+        part = _records(settings, ex.SPLIT_FILES[split])
+        assert part == [r for r in curated if r["split"] == split]
+        assert summary.counts["curated"][split] == len(part)
+    first = curated[0]
+    assert first["messages"][-1]["role"] == "assistant" and first["id"].startswith("ex-")
+
+    memory = _records(settings, ex.MEMORY_FILE)
+    # approved memory items + the memory-source example, the duplicate counted once
+    assert len(memory) == counts["memory"]["approved"] + 1 - 1
+    assert [r["id"] for r in memory if r["hash"] == mem_ex.hash] == [f"ex-{mem_ex.id}"]
+
+    merged = _records(settings, ex.MERGED_FILE)
+    hashes = [r["hash"] for r in merged]
+    assert len(hashes) == len(set(hashes))
+    assert conv.hash in hashes and conv.hash not in {r["hash"] for r in curated}  # conversation: merged only
+    assert set(hashes) == {r["hash"] for r in curated} | {r["hash"] for r in memory} | {conv.hash}
+
+    s = ex.read_summary(settings)
+    assert s is not None and s["store_revision"] == store.revision(settings)
+    assert s["ratios"] == {"train": 0.8, "val": 0.15, "test": 0.05}
+    expected_fp = hashlib.sha256(
+        "".join(f"{n} {s['files'][n]['sha256']}\n" for n in sorted(ex.DATA_FILES)).encode()
+    ).hexdigest()
+    assert s["fingerprint"] == expected_fp == summary.fingerprint
+
+
+def _assert_stable(settings: Settings, before: dict[str, str], val: float, test: float) -> None:
+    ex.export(settings, val_ratio=val, test_ratio=test)
+    after = _splits(settings)
+    moved = {h for h in before if h in after and after[h] != before[h]}
+    assert not moved
+
+
+# No shrinking phase: each example builds a real database (about a second); a failure is printed as found.
+@hsettings(
+    max_examples=5,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    base=st.lists(
+        st.tuples(st.text(min_size=1, max_size=12).filter(str.strip), st.none() | st.sampled_from("abcdef")),
+        min_size=1,
+        max_size=40,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+    val=st.sampled_from([0.1, 0.25, 0.4]),
+    test=st.sampled_from([0.0, 0.1]),
+)
+def test_adding_or_deleting_other_examples_moves_no_sample(
+    tmp_path_factory: pytest.TempPathFactory, base: list, seed: int, val: float, test: float
+) -> None:
+    settings = load_settings(home=tmp_path_factory.mktemp("home"), db_url=None)
+    drafts = [make_draft(prompt=p, response="Antwort", conversation_id=c and f"conv-{c}") for p, c in base]
+    store.add_examples(settings, drafts)
+    ex.export(settings, val_ratio=val, test_ratio=test)
+    before = _splits(settings)
+    # 1,000 new examples, some of them joining the existing conversations.
+    rng = random.Random(seed)
+    new = [
+        make_draft(
+            prompt=f"neu {seed} {i}",
+            response=str(rng.random()),
+            conversation_id=rng.choice([None, None, "conv-a", "conv-c", f"new-{rng.randrange(50)}"]),
+        )
+        for i in range(1000)
+    ]
+    assert store.add_examples(settings, new).added == 1000
+    _assert_stable(settings, before, val, test)
+    doomed = [e.id for e in store.list_examples(settings, limit=2000) if rng.random() < 0.3]
+    if doomed:
+        store.delete_examples(settings, doomed)
+    _assert_stable(settings, before, val, test)
+    store.dispose_stores()
+
+
+def test_a_conversation_never_spans_two_splits(settings: Settings) -> None:
+    store.load_seed(settings)
+    store.add_examples(settings, _drafts(2000, "c", conversations=150))
+    ex.export(settings, val_ratio=0.3, test_ratio=0.2)
+    by_conv: dict[str, set[str]] = defaultdict(set)
+    for name in (ex.CURATED_FILE, ex.MERGED_FILE):
+        for r in _records(settings, name):
+            if r["conversation_id"]:
+                by_conv[r["conversation_id"]].add(r["split"])
+    assert len(by_conv) > 100
+    assert all(len(splits) == 1 for splits in by_conv.values())
+    assert {s for v in by_conv.values() for s in v} == {"train", "val", "test"}
+
+
+def test_split_fractions_follow_the_ratios(settings: Settings) -> None:
+    store.add_examples(settings, _drafts(10_000, "f"))
+    summary = ex.export(settings, val_ratio=0.1, test_ratio=0.05)
+    c = summary.counts["curated"]
+    assert c["total"] == 10_000
+    assert abs(c["val"] / 10_000 - 0.1) < 0.02
+    assert abs(c["test"] / 10_000 - 0.05) < 0.02
+    assert abs(c["train"] / 10_000 - 0.85) < 0.02
+
+
+def test_merged_val_and_test_never_hold_a_train_hash(settings: Settings) -> None:
+    # Memory items whose content equals curated examples in conversations: one hash, one split everywhere.
+    rng = random.Random(3)
+    for i in range(60):
+        prompt, answer = f"Erinnerung {i}?", f"Fakt {i}."
+        store.add_example(settings, prompt=prompt, response=answer, conversation_id=f"conv-{rng.randrange(5)}")
+        store.add_memory(settings, question=prompt, answer=answer)
+    store.add_examples(settings, _drafts(300, "m"))
+    ex.export(settings, val_ratio=0.3, test_ratio=0.2)
+    train_anywhere: set[str] = set()
+    for tier in ex.TIERS:
+        train_anywhere |= {r["hash"] for r in ex.read_tier(settings, tier).train}  # type: ignore[arg-type]
+    merged = ex.read_tier(settings, "merged")
+    assert merged.val and merged.test
+    assert not {r["hash"] for r in merged.val + merged.test} & train_anywhere
+    split_of_hash: dict[str, set[str]] = defaultdict(set)
+    for name in ex.DATA_FILES:
+        for r in _records(settings, name):
+            split_of_hash[r["hash"]].add(r["split"])
+    assert all(len(v) == 1 for v in split_of_hash.values())
+
+
+@pytest.mark.parametrize(
+    ("val", "test"),
+    [(-0.1, 0.0), (1.0, 0.0), (0.5, 0.5), (0.2, 1.2), (float("nan"), 0.0), (0.1, float("inf"))],
+)
+def test_invalid_ratios_write_nothing(settings: Settings, val: float, test: float) -> None:
+    store.add_examples(settings, _drafts(50, "r"))
+    with pytest.raises(UsageError, match="ratio"):
+        ex.export(settings, val_ratio=val, test_ratio=test)
+    assert not settings.training_dir.exists()
+    ex.export(settings)
+    before = _files(settings)
+    with pytest.raises(UsageError):
+        ex.export(settings, val_ratio=val, test_ratio=test)
+    assert _files(settings) == before
+
+
+def test_invalid_ratio_from_environment(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASSISTANT_TRAIN_VAL_RATIO", "1.5")
+    with pytest.raises(UsageError, match="ASSISTANT_TRAIN_VAL_RATIO"):
+        load_settings()
+    monkeypatch.setenv("ASSISTANT_TRAIN_VAL_RATIO", "0.6")
+    monkeypatch.setenv("ASSISTANT_TRAIN_TEST_RATIO", "0.5")
+    with pytest.raises(UsageError, match="below 1"):
+        ex.export(load_settings())
+
+
+def test_failure_during_export_keeps_the_previous_export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.add_examples(settings, _drafts(200, "a"))
+    ex.export(settings)
+    before = _files(settings)
+    store.add_examples(settings, _drafts(200, "b"))
+    monkeypatch.setattr(ex, "_PROGRESS_EVERY", 1)
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 150:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(settings, on_progress=interrupt)
+    assert _files(settings) == before
+    assert not list(settings.training_dir.glob(".*.tmp"))
+    assert ex.read_tier(settings, "curated").fingerprint == json.loads(before[ex.SUMMARY_FILE])["fingerprint"]
+
+
+def test_progress_reports_reach_the_total(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.add_examples(settings, _drafts(30, "p"))
+    store.add_memory(settings, question="q", answer="a")
+    monkeypatch.setattr(ex, "_PROGRESS_EVERY", 10)
+    calls: list[tuple[int, int]] = []
+    ex.export(settings, on_progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(10, 31), (20, 31), (30, 31), (31, 31)]
+
+
+def test_read_tier(settings: Settings) -> None:
+    with pytest.raises(NotFound, match="run `lunatrain export` first"):
+        ex.read_tier(settings, "curated")
+    assert ex.read_summary(settings) is None
+    store.load_seed(settings)
+    summary = ex.export(settings, val_ratio=0.2)
+    for tier in ex.TIERS:
+        data = ex.read_tier(settings, tier)  # type: ignore[arg-type]
+        c = summary.counts[tier]
+        assert (len(data.train), len(data.val), len(data.test)) == (c["train"], c["val"], c["test"])
+        assert data.fingerprint == summary.fingerprint and data.summary["counts"] == summary.counts
+    with pytest.raises(UsageError, match="Unknown dataset tier"):
+        ex.read_tier(settings, "all")  # type: ignore[arg-type]
+    path = settings.training_dir / ex.CURATED_FILE
+    path.write_bytes(path.read_bytes()[:-10])  # a torn file
+    with pytest.raises(CheckFailed, match="does not match the export summary"):
+        ex.read_tier(settings, "curated")
+    path.unlink()
+    with pytest.raises(CheckFailed, match="missing"):
+        ex.read_tier(settings, "curated")
+
+
+def test_cli_export(home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["examples", "seed"]).exit_code == 0
+    r = runner.invoke(app, ["export", "--valRatio", "0.2", "--test-ratio", "0.1"])
+    assert r.exit_code == 0, r.output
+    assert "curated\t" in r.output and str(home / "data" / "training") in r.output
+    summary = ex.read_summary(load_settings())
+    assert summary is not None and summary["ratios"]["val"] == 0.2
+    r = runner.invoke(app, ["export", "--val-ratio", "0.6", "--testRatio", "0.5"])
+    assert r.exit_code == 2 and "below 1" in r.output
+    r = runner.invoke(app, ["export", "--val-ratio", "abc"])
+    assert r.exit_code == 2
