@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import dashboard, examples, lora, pipeline
+from . import adapter_files, dashboard, examples, lora, pipeline
 
-ROUTERS = [lora.router, examples.router, pipeline.router, dashboard.router]
+ROUTERS = [lora.router, examples.router, pipeline.router, adapter_files.router, dashboard.router]
