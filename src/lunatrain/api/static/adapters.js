@@ -113,8 +113,9 @@ export class AdapterView {
     if (!(await confirmDialog(t("adapters.confirmRollback", { name })))) return;
     button.disabled = true;
     try {
-      const adapter = await api.rollback(name);
-      showNotice(t("adapters.rolledBack", { name, version: adapter?.aliases?.active ?? "–" }));
+      // The answer is the adapter (with its aliases) or the version now active; both name that version.
+      const result = await api.rollback(name);
+      showNotice(t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
       await this.reloadAfterChange();
     } catch (error) {
       showError(error);

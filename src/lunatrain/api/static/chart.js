@@ -1,14 +1,13 @@
-// A small SVG line chart for the live loss curve (train and val per step). Drawn by hand rather than with a
-// chart library: two series, linear axes and a legend are all the page needs, and SVG scales with the page
-// width and stays crisp. The numbers are also given as text (the <title>/<desc>), so the chart is not the
-// only way to read them.
+// A small SVG line chart for the live loss curve (train and val per step, the base model's val loss as a
+// reference). Drawn by hand rather than with a chart library: two series, linear axes and a legend are all
+// the page needs. The drawing uses the element's real pixel width, so the text stays 12px from phone to
+// desktop; the legend is HTML below the chart so it never covers the curves. The last values are also in
+// the SVG's <desc>, so the chart is not the only way to read them.
 
 import { t, formatFloat } from "./i18n.js";
 
 const NS = "http://www.w3.org/2000/svg";
-const W = 640;
-const H = 240;
-const PAD = { left: 52, right: 14, top: 14, bottom: 34 };
+const PAD = { left: 48, right: 12, top: 10, bottom: 34 };
 
 function el(name, attrs = {}, text) {
   const node = document.createElementNS(NS, name);
@@ -29,29 +28,43 @@ function ticks(lo, hi, count) {
 }
 
 /**
- * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…], base: number|null}) into the <svg> `svg`,
- * replacing what was there. `base` (the base model's val loss) is a dotted reference line: the adapter is
- * worth having when its val curve ends below it. An empty series draws the frame and a "no values" note.
+ * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…], base: number|null}) into the <svg> `svg` and
+ * its legend into `legend` (a <ul>), replacing what was there. `base` is the base model's val loss: the
+ * adapter is worth having when its val curve ends below that line. An empty series draws a "no values" note.
  */
-export function drawLossChart(svg, series) {
+export function drawLossChart(svg, legend, series) {
   const train = (series.train ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
   const val = (series.val ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
   const base = Number.isFinite(series.base) ? series.base : null;
+  const W = Math.max(240, Math.round(svg.parentElement?.clientWidth || 640));
+  const H = Math.round(Math.min(260, Math.max(180, W * 0.4)));
   svg.replaceChildren();
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("width", W);
+  svg.setAttribute("height", H);
   svg.setAttribute("role", "img");
   const last = (pts) => (pts.length ? formatFloat(pts[pts.length - 1][1]) : "–");
   svg.append(el("title", {}, t("job.chartLabel")));
   svg.append(el("desc", {}, `${t("job.trainLoss")}: ${last(train)}; ${t("job.valLoss")}: ${last(val)}; `
     + `${t("job.baseLoss")}: ${formatFloat(base)}`));
 
-  const all = [...train, ...val];
+  const items = [["chart-train", `${t("job.trainLoss")} ${last(train)}`], ["chart-val", `${t("job.valLoss")} ${last(val)}`]];
+  if (base !== null) items.push(["chart-base", `${t("job.baseLoss")} ${formatFloat(base)}`]);
+  legend.replaceChildren(...items.map(([cls, text]) => {
+    const li = document.createElement("li");
+    const swatch = el("svg", { width: 24, height: 10, "aria-hidden": "true" });
+    swatch.append(el("line", { x1: 0, x2: 24, y1: 5, y2: 5, class: cls }));
+    li.append(swatch, text);
+    return li;
+  }));
+
   const x0 = PAD.left;
   const x1 = W - PAD.right;
   const y0 = H - PAD.bottom;
   const y1 = PAD.top;
+  svg.append(el("rect", { x: x0, y: y1, width: x1 - x0, height: y0 - y1, class: "chart-frame" }));
+  const all = [...train, ...val];
   if (!all.length) {
-    svg.append(el("rect", { x: x0, y: y1, width: x1 - x0, height: y0 - y1, class: "chart-frame" }));
     svg.append(el("text", { x: (x0 + x1) / 2, y: (y0 + y1) / 2, "text-anchor": "middle", class: "chart-note" },
       t("job.chartEmpty")));
     return;
@@ -73,12 +86,11 @@ export function drawLossChart(svg, series) {
     grid.append(el("line", { x1: x0, x2: x1, y1: sy(v), y2: sy(v) }));
     grid.append(el("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end" }, formatFloat(v, 3)));
   }
-  for (const v of ticks(xmin, xmax, 6).filter(Number.isInteger)) {
+  for (const v of ticks(xmin, xmax, Math.max(2, Math.floor((x1 - x0) / 70))).filter(Number.isInteger)) {
     grid.append(el("text", { x: sx(v), y: y0 + 16, "text-anchor": "middle" }, String(v)));
   }
-  grid.append(el("text", { x: x1, y: H - 4, "text-anchor": "end" }, t("job.step")));
+  grid.append(el("text", { x: x1, y: H - 3, "text-anchor": "end" }, t("job.step")));
   svg.append(grid);
-  svg.append(el("rect", { x: x0, y: y1, width: x1 - x0, height: y0 - y1, class: "chart-frame" }));
 
   const path = (pts) => pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join("");
   if (base !== null) svg.append(el("line", { x1: x0, x2: x1, y1: sy(base), y2: sy(base), class: "chart-base" }));
@@ -87,16 +99,4 @@ export function drawLossChart(svg, series) {
     svg.append(el("path", { d: path(val), class: "chart-val" }));
     for (const [x, y] of val) svg.append(el("circle", { cx: sx(x), cy: sy(y), r: 3.5, class: "chart-val-dot" }));
   }
-
-  // Legend, top right inside the frame.
-  const legend = el("g", { class: "chart-legend", transform: `translate(${x1 - 150},${y1 + 8})` });
-  legend.append(el("line", { x1: 0, x2: 22, y1: 6, y2: 6, class: "chart-train" }));
-  legend.append(el("text", { x: 28, y: 10 }, `${t("job.trainLoss")} ${last(train)}`));
-  legend.append(el("line", { x1: 0, x2: 22, y1: 24, y2: 24, class: "chart-val" }));
-  legend.append(el("text", { x: 28, y: 28 }, `${t("job.valLoss")} ${last(val)}`));
-  if (base !== null) {
-    legend.append(el("line", { x1: 0, x2: 22, y1: 42, y2: 42, class: "chart-base" }));
-    legend.append(el("text", { x: 28, y: 46 }, `${t("job.baseLoss")} ${formatFloat(base)}`));
-  }
-  svg.append(legend);
 }

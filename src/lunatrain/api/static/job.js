@@ -19,6 +19,7 @@ function addPoints(series, event) {
   if (event.type === "progress" && Number.isFinite(step) && Number.isFinite(event.loss)) {
     series.train.push([step, event.loss]);
   }
+  if (event.type === "log" && event.message) series.lastLog = event.message;
   if (event.type === "eval") {
     if (Number.isFinite(event.valLoss)) series.val.push([series.lastStep, event.valLoss]);
     if (Number.isFinite(event.baseValLoss)) series.base = event.baseValLoss;
@@ -33,9 +34,21 @@ export class JobView {
     this.timer = null;
     this.els = Object.fromEntries(
       ["job-none", "job-body", "job-id", "job-state", "job-percent", "job-progress", "job-facts", "job-error",
-        "cancel-button", "loss-chart"].map((id) => [id, document.getElementById(id)]));
+        "cancel-button", "loss-chart", "loss-legend"].map((id) => [id, document.getElementById(id)]));
     this.els["cancel-button"].addEventListener("click", () => this.cancel());
-    drawLossChart(this.els["loss-chart"], {});
+    this.series = { train: [], val: [], base: null, lastStep: 0, lastLog: null };
+    // The chart is drawn at the figure's pixel width; redraw when that width changes (rotation, resize).
+    let width = 0;
+    new ResizeObserver(([entry]) => {
+      if (Math.round(entry.contentRect.width) !== width) {
+        width = Math.round(entry.contentRect.width);
+        this.draw();
+      }
+    }).observe(this.els["loss-chart"].parentElement);
+  }
+
+  draw() {
+    drawLossChart(this.els["loss-chart"], this.els["loss-legend"], this.series);
   }
 
   /** Follow `job` (a Job record): show it now, then poll until it ends. */
@@ -43,10 +56,11 @@ export class JobView {
     clearTimeout(this.timer);
     this.jobId = job.jobId;
     this.cursor = 0;
-    this.series = { train: [], val: [], base: null, lastStep: 0 };
+    this.series = { train: [], val: [], base: null, lastStep: 0, lastLog: null };
     this.render(job);
     this.readEvents().catch((error) => showError(error)).finally(() => {
-      drawLossChart(this.els["loss-chart"], this.series);
+      this.render(this.job);
+      this.draw();
       if (!FINAL_STATES.has(job.state)) this.schedule();
     });
   }
@@ -65,7 +79,7 @@ export class JobView {
       clearErrors("network");
       clearErrors("service_unavailable");
       this.render(job);
-      drawLossChart(this.els["loss-chart"], this.series);
+      this.draw();
       if (FINAL_STATES.has(job.state)) {
         showNotice(t("job.finished", { jobId: job.jobId, state: t(`state.${job.state}`) }));
         this.onFinished(job);
@@ -106,12 +120,15 @@ export class JobView {
       [t("job.epoch"), formatFloat(p.epoch, 3)],
       [t("job.tokensPerSecond"), formatNumber(m.tokensPerSecond ?? p.tokensPerSecond, 0)],
       [t("job.eta"), FINAL_STATES.has(job.state) ? "–" : formatDuration(p.eta)],
-      [t("job.trainLoss"), formatFloat(m.loss ?? m.trainLoss)],
+      [t("job.trainLoss"), formatFloat(m.trainLoss ?? m.loss ?? p.loss)],
       [t("job.valLoss"), formatFloat(m.valLoss)],
     ];
-    if (job.device ?? job.params?.device) facts.push([t("provider.device"), String(job.device ?? job.params.device)]);
+    const device = job.device ?? m.device;
+    if (device) facts.push([t("provider.device"), String(device)]);
     if (job.adapter) facts.push([t("job.adapter"), `${job.adapter.name} ${job.adapter.version}`]);
-    if (job.gate) facts.push([t("job.gate"), t(job.gate.passed ? "gate.passed" : "gate.failed")]);
+    if (job.gate) facts.push([t("job.gate"), t(`gate.${job.gate.status ?? (job.gate.passed ? "passed" : "failed")}`)]);
+    // The trainer's last log line says what a job does between steps (evaluating, gating, saving).
+    if (this.series.lastLog) facts.push([t("job.lastLog"), this.series.lastLog]);
     fillFacts(e["job-facts"], facts);
     e["job-error"].hidden = !job.error;
     e["job-error"].textContent = job.error ? `${t("job.error")}: ${job.error.message}` : "";
