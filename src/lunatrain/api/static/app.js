@@ -113,7 +113,7 @@ function renderDataStatus(status) {
       h("td", { class: "num" }, formatNumber(total)));
   }));
 
-  const curated = status.curated ?? counts.curated?.approved ?? 0;
+  const curated = status.curatedApproved ?? status.curated ?? counts.curated?.approved ?? 0;
   const min = status.minCurated ?? minCurated();
   const ready = $("data-ready");
   ready.dataset.ready = status.ready ? "yes" : "no";
