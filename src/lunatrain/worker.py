@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -40,10 +39,6 @@ FAULTS = ("crash", "error", "nan", "oom")
 
 
 class InjectedFault(RuntimeError):
-    pass
-
-
-class NonFiniteLoss(FloatingPointError):
     pass
 
 
@@ -100,15 +95,23 @@ def _watch_parent(stop: threading.Event, parent: int) -> None:
 
 def error_code(exc: BaseException) -> str:
     """Map an exception from the engine to a job error code."""
-    name = type(exc).__name__
-    if isinstance(exc, MemoryError) or name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+    if _is_oom(f"{type(exc).__name__}: {exc}"):
         return "out_of_memory"
-    if isinstance(exc, NonFiniteLoss):
-        return "nan_loss"
-    if isinstance(exc, InjectedFault):
-        return "training_error"
     code = getattr(exc, "code", None)
     return code if isinstance(code, str) and code else "training_error"
+
+
+def _is_oom(text: str) -> bool:
+    return any(s in text for s in ("OutOfMemoryError", "MemoryError", "out of memory"))
+
+
+def _normalize_error(error: dict[str, Any] | None) -> dict[str, str]:
+    """The engine reports a crash inside its loop as code `error`; name the common cause when it is one."""
+    error = error or {}
+    code, message = str(error.get("code") or "error"), str(error.get("message") or "")
+    if code == "error":
+        code = "out_of_memory" if _is_oom(message) else "training_error"
+    return {"code": code, "message": message or "training failed"}
 
 
 def _inject_nan() -> None:
@@ -135,16 +138,10 @@ def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: thread
     fault = fault_for(params.adapter_name)
     if fault == "nan":
         _inject_nan()
-    nonfinite: list[float] = []
 
     def on_event(event: dict[str, Any]) -> None:
-        if event.get("type") == "progress":
-            loss = event.get("loss")
-            if isinstance(loss, float) and not math.isfinite(loss):
-                nonfinite.append(loss)
-                stop.set()  # a NaN never recovers: stop at once instead of training garbage to the end
-            if fault in ("crash", "error", "oom"):
-                _fire(fault)
+        if event.get("type") == "progress" and fault in ("crash", "error", "oom"):
+            _fire(fault)
         channel.send(event)
         if channel.broken:
             stop.set()
@@ -152,18 +149,12 @@ def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: thread
     from .train import run_lora
 
     try:
+        # The engine itself stops with `nan_loss` on a non-finite loss and with `cancelled` on should_stop.
         result = run_lora(params, settings, on_event=on_event, should_stop=stop.is_set, job_id=job_id)
-    except NonFiniteLoss as exc:
-        return _failed("nan_loss", str(exc))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
         traceback.print_exc(file=sys.stderr)
-        if nonfinite:
-            return _failed("nan_loss", "The training loss became NaN/inf; lower the learning rate.")
-        return _failed(error_code(exc), f"{type(exc).__name__}: {exc}")
-    out = _result_dict(result)
-    if nonfinite:
-        # The engine stopped because we asked it to; the reason is the loss, not a cancel.
-        return _failed("nan_loss", f"The training loss became {nonfinite[0]} at a step; lower the learning rate.")
+        return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+    out = _result_dict(result, settings.home)
     if out["status"] == "succeeded" and params.gate and out.get("adapter"):
         out["gate"] = _gate(settings, out["adapter"], channel)
     return out
@@ -208,15 +199,15 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return {"value": str(obj)}
 
 
-def _result_dict(result: Any) -> dict[str, Any]:
-    data = _as_dict(result)
-    return {
-        "type": "result",
-        "status": data.get("status", "failed"),
-        "adapter": data.get("adapter"),
-        "metrics": data.get("metrics") or {},
-        "error": data.get("error"),
-    }
+def _result_dict(result: Any, home: Any) -> dict[str, Any]:
+    """The engine's TrainResult as the result line."""
+    status = getattr(result.status, "value", result.status)
+    adapter = None
+    if status == "succeeded" and result.version:
+        adapter = {"name": result.adapter_name, "version": result.version, "path": str(result.path)}
+    metrics = (result.report or {}).get("metrics") or {}
+    error = None if status == "succeeded" else _normalize_error(result.error)
+    return {"type": "result", "status": status, "adapter": adapter, "metrics": metrics, "error": error}
 
 
 def _failed(code: str, message: str) -> dict[str, Any]:
@@ -237,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.job, json.loads(args.params), channel, stop)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         traceback.print_exc(file=sys.stderr)
-        result = _failed(error_code(exc) if not hasattr(exc, "exit_code") else "invalid_request", str(exc))
+        result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
     channel.send(result)
     return 0 if result["status"] == "succeeded" else 1
 

@@ -1,0 +1,330 @@
+"""The trainer service end to end: a real `python -m lunatrain.trainer_service` on a free loopback port,
+real worker child processes, real training of luna-tiny on the seeded, exported example data.
+
+Shown here: submit -> succeeded with a registered adapter; one job per requestId; FIFO queue with one job
+running at a time; cancel of a running job (child gone, nothing registered); injected crash and NaN end
+their job `failed` with the right code while the service keeps serving; kill -9 of the trainer mid-job and
+a restart (job `interrupted`, or resumed from its checkpoint to success); 422/404 on bad requests.
+
+Run: `.venv/bin/python -m pytest tests/test_trainer_service.py -q` (a few minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+import httpx
+import psutil
+import pytest
+
+from lunatrain import export, registry, store, trainer_client
+from lunatrain.errors import Conflict, NotFound
+from lunatrain.jobs import TERMINAL, Job
+from lunatrain.models import ensure_tiny
+from lunatrain.params import parse_params
+from lunatrain.settings import Settings, load_settings
+from trainer_helpers import free_port, gone, start_trainer, stop_group, wait_for
+
+# Two steps on the small memory tier: a job is mostly process start-up and model loading.
+QUICK = {"datasetTier": "memory", "epochs": 1, "maxSteps": 2, "batchSize": 4, "gate": False}
+# Long enough to be caught running (stopped early by the tests).
+LONG = QUICK | {"epochs": 50, "maxSteps": None}
+FAULTS = "crash=crashy,nan=nanny"
+JOB_TIMEOUT = 480.0  # generous: these machines are shared and slow; a passing run takes a fraction
+
+
+@dataclass
+class Trainer:
+    proc: Popen
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return self.settings.lora_trainer_url
+
+
+def prepare_root(home: Path) -> None:
+    """The user's first steps: seed the bundled examples, export them, build the tiny base model."""
+    settings = load_settings(home=home)
+    store.load_seed(settings)
+    export.export(settings)
+    ensure_tiny(settings)
+
+
+def copy_root(src: Path, dst: Path) -> None:
+    """A second data root with the same export and model (a trainer holds its data root exclusively)."""
+    shutil.copytree(src / "data", dst / "data", ignore=shutil.ignore_patterns("trainer", "adapters"))
+
+
+def launch(home: Path, port: int | None = None, **env: str) -> Trainer:
+    port = port or free_port()
+    proc = start_trainer(home, port, **env)
+    return Trainer(proc, load_settings(home=home, lora_trainer_url=f"http://127.0.0.1:{port}"))
+
+
+def shutdown(trainer: Trainer) -> None:
+    """SIGTERM (the trainer stops its running child), then make sure nothing of it is left."""
+    workers = workers_of(trainer.settings.home)
+    stop_group(trainer.proc.pid, signal.SIGTERM)
+    try:
+        trainer.proc.wait(timeout=60)
+    except Exception:
+        stop_group(trainer.proc.pid)
+        trainer.proc.wait()
+    for w in workers:
+        stop_group(w.pid)
+
+
+def workers_of(home: Path) -> list[psutil.Process]:
+    """Worker processes whose data root is `home` (found by their environment)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "lunatrain.worker" in (proc.info["cmdline"] or []) and proc.environ().get("ASSISTANT_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def worker_for(job_id: str) -> psutil.Process:
+    def find() -> psutil.Process | None:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "lunatrain.worker" in cmd and job_id in cmd:
+                return proc
+        return None
+
+    proc = wait_for(find, 60)
+    assert proc is not None, f"no worker process for {job_id}"
+    return proc
+
+
+def wait_job(settings: Settings, job_id: str, until: frozenset[str] = TERMINAL, timeout: float = JOB_TIMEOUT) -> Job:
+    def state() -> Job | None:
+        job = trainer_client.get_job(settings, job_id)
+        return job if job.status in until else None
+
+    job = wait_for(state, timeout, 0.5)
+    assert job is not None, f"{job_id} not {sorted(until)} in {timeout}s: {trainer_client.get_job(settings, job_id)}"
+    return job
+
+
+def all_events(settings: Settings, job_id: str, page: int = 50) -> list:
+    out, after = [], 0
+    while True:
+        got = trainer_client.events(settings, job_id, after=after, limit=page)
+        out += got.data
+        after = got.last_seq
+        if not got.has_more:
+            return out
+
+
+def wait_event(settings: Settings, job_id: str, pred, timeout: float = JOB_TIMEOUT):
+    found = wait_for(lambda: next((e for e in all_events(settings, job_id) if pred(e)), None), timeout, 0.5)
+    assert found is not None, f"event not seen for {job_id}: {[e.wire() for e in all_events(settings, job_id)][-5:]}"
+    return found
+
+
+def running_with_steps(job: Job) -> bool:
+    return job.status == "running" and job.progress.step >= 1
+
+
+def versions(settings: Settings, name: str) -> list[dict]:
+    return registry.load(settings)["adapters"].get(name, {}).get("versions", [])
+
+
+def submit(settings: Settings, body: dict, request_id: str | None = None) -> Job:
+    return trainer_client.submit(settings, parse_params(body), request_id)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("trainer-service") / "home"
+    home.mkdir()
+    prepare_root(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def svc(root):
+    trainer = launch(root, LUNATRAIN_FAULT=FAULTS)
+    yield trainer
+    shutdown(trainer)
+
+
+# --- requests the service refuses -----------------------------------------------------------------
+def test_bad_requests_get_4xx_and_change_nothing(svc):
+    url, settings = svc.url, svc.settings
+    before = len(trainer_client.list_jobs(settings, limit=500))
+    cases = [
+        ({"learningRate": -1}, "learningRate"),
+        ({"epochs": 0, "rank": 5000}, "rank"),
+        ({"bogusField": 1}, "bogusField"),
+        ({"adapterName": "../etc"}, "adapterName"),
+        ({"requestId": "has space"}, "requestId"),
+        ({"targetModules": []}, "targetModules"),
+    ]
+    for body, field in cases:
+        r = httpx.post(url + "/jobs", json=body, trust_env=False)
+        assert r.status_code == 422, (body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request" and field in err["message"], err
+    for raw in (b"{not json", b"[1, 2]"):
+        r = httpx.post(url + "/jobs", content=raw, headers={"content-type": "application/json"}, trust_env=False)
+        assert r.status_code == 422, r.text
+    big = httpx.post(url + "/jobs", content=b"{" + b" " * 400_000 + b"}", trust_env=False)
+    assert big.status_code == 413
+    for method, path in (("GET", "/jobs/ftjob-000000"), ("GET", "/jobs/nope/events"), ("POST", "/jobs/nope/cancel")):
+        r = httpx.request(method, url + path, trust_env=False)
+        assert r.status_code == 404 and "No job" in r.json()["error"]["message"], r.text
+    for query in ("/jobs?limit=0", "/jobs?status=bogus", "/jobs/x/events?after=-1"):
+        r = httpx.get(url + query, trust_env=False)
+        assert r.status_code == 422, (query, r.text)
+    assert httpx.get(url + "/health", headers={"host": "evil.example"}, trust_env=False).status_code == 400
+    with pytest.raises(NotFound):
+        trainer_client.get_job(settings, "ftjob-unknown")
+    assert len(trainer_client.list_jobs(settings, limit=500)) == before
+
+
+# --- the happy path, idempotency and the queue -------------------------------------------------
+@pytest.mark.slow
+def test_submit_is_idempotent_queued_fifo_and_registers(svc):
+    url, settings = svc.url, svc.settings
+    body = QUICK | {"adapterName": "fifo-a", "requestId": "req-a"}
+    first = httpx.post(url + "/jobs", json=body, trust_env=False)
+    assert first.status_code == 202, first.text
+    a = first.json()
+    retry = httpx.post(url + "/jobs", json=body, trust_env=False)
+    assert retry.status_code == 200 and retry.json()["id"] == a["id"]
+    with pytest.raises(Conflict, match="req-a"):  # same key, other parameters
+        submit(settings, QUICK | {"adapterName": "fifo-a", "maxSteps": 3}, "req-a")
+    b = submit(settings, QUICK | {"adapterName": "fifo-b"})
+    assert b.status == "queued"
+
+    seen: set[tuple[str, str]] = set()
+
+    def both_done() -> bool:
+        ja, jb = trainer_client.get_job(settings, a["id"]), trainer_client.get_job(settings, b.id)
+        seen.add((ja.status, jb.status))
+        return ja.finished and jb.finished
+
+    assert wait_for(both_done, 2 * JOB_TIMEOUT, 0.3)
+    assert ("running", "running") not in seen  # one job at a time
+    ja, jb = trainer_client.get_job(settings, a["id"]), trainer_client.get_job(settings, b.id)
+    assert (ja.status, jb.status) == ("succeeded", "succeeded"), (ja.error, jb.error)
+    assert jb.started_at >= ja.finished_at  # FIFO: b started after a ended
+    assert [j.id for j in trainer_client.list_jobs(settings, limit=2)] == [b.id, ja.id]
+
+    for job, name in ((ja, "fifo-a"), (jb, "fifo-b")):
+        entries = versions(settings, name)
+        assert [e["jobId"] for e in entries] == [job.id]
+        assert job.adapter.version == entries[0]["version"] and job.adapter.path == entries[0]["path"]
+        assert (settings.home / job.adapter.path / "adapter_model.safetensors").is_file()
+        assert job.progress.step == 2 and job.progress.percent == 100.0 and job.error is None
+        assert job.metrics["steps"] == 2 and job.metrics["trainLoss"] > 0
+
+    events = all_events(settings, ja.id, page=3)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))  # contiguous cursor over pages
+    statuses = [e.model_extra["status"] for e in events if e.type == "status"]
+    assert statuses == ["validating", "queued", "running", "succeeded"]
+    assert [e.model_extra["step"] for e in events if e.type == "progress"] == [1, 2]
+    # A retry after the fact still returns the finished job and trains nothing new.
+    again = httpx.post(url + "/jobs", json=body, trust_env=False)
+    assert again.status_code == 200 and again.json()["status"] == "succeeded"
+    assert len(versions(settings, "fifo-a")) == 1
+
+
+# --- cancel ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cancel_running_job_stops_child_and_registers_nothing(svc):
+    settings = svc.settings
+    job = submit(settings, LONG | {"adapterName": "cancel-me"})
+    wait_for(lambda: running_with_steps(trainer_client.get_job(settings, job.id)), JOB_TIMEOUT, 0.3)
+    child = worker_for(job.id)
+    assert trainer_client.cancel(settings, job.id).status in ("cancelling", "cancelled")
+    final = wait_job(settings, job.id)
+    assert final.status == "cancelled" and final.adapter is None and final.error is None
+    assert wait_for(lambda: gone(child.pid), 30)
+    assert versions(settings, "cancel-me") == []
+    assert not list((settings.adapters_dir / "cancel-me").glob("v*"))
+    assert trainer_client.cancel(settings, job.id).status == "cancelled"  # idempotent
+    statuses = [e.model_extra["status"] for e in all_events(settings, job.id) if e.type == "status"]
+    assert statuses[-2:] == ["cancelling", "cancelled"]
+
+
+# --- child failures ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
+    settings = svc.settings
+    crashy = submit(settings, QUICK | {"adapterName": "crashy"})
+    nanny = submit(settings, QUICK | {"adapterName": "nanny"})
+    crashed = wait_job(settings, crashy.id)
+    assert crashed.status == "failed" and crashed.error.code == "child_crashed", crashed.error
+    assert "SIGABRT" in crashed.error.message and f"data/trainer/logs/{crashy.id}.log" in crashed.error.message
+    assert trainer_client.health(settings).status == "ok"
+    nan = wait_job(settings, nanny.id)
+    assert nan.status == "failed" and nan.error.code == "nan_loss", nan.error
+    health = trainer_client.health(settings)
+    assert health.status == "ok" and health.queue.running == 0 and svc.proc.poll() is None
+    assert versions(settings, "crashy") == [] and versions(settings, "nanny") == []
+
+
+# --- kill -9 of the trainer ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_path):
+    home = tmp_path / "home"
+    copy_root(root, home)
+    trainer = launch(home)
+    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
+    try:
+        job = submit(trainer.settings, LONG | {"adapterName": "killed"})
+        wait_for(lambda: running_with_steps(trainer_client.get_job(trainer.settings, job.id)), JOB_TIMEOUT, 0.3)
+        child = worker_for(job.id)
+        os.kill(trainer.proc.pid, signal.SIGKILL)
+        trainer.proc.wait()
+        trainer = launch(home, port)
+        final = wait_job(trainer.settings, job.id, timeout=60)
+        assert final.status == "failed" and final.error.code == "interrupted", final
+        assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
+        assert workers_of(home) == []
+        reg = registry.registry_path(trainer.settings)
+        assert not reg.exists() or "killed" not in json.loads(reg.read_text())["adapters"]
+        assert trainer_client.health(trainer.settings).queue.running == 0
+    finally:
+        shutdown(trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
+    home = tmp_path / "home"
+    copy_root(root, home)
+    trainer = launch(home)
+    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
+    try:
+        # Two short epochs on the memory tier (9 steps each); a checkpoint is written after each epoch.
+        job = submit(trainer.settings, QUICK | {"adapterName": "resumed", "epochs": 2, "maxSteps": None, "resume": True})
+        wait_event(trainer.settings, job.id, lambda e: e.type == "log" and "checkpoint saved" in e.model_extra["message"])
+        child = worker_for(job.id)
+        os.kill(trainer.proc.pid, signal.SIGKILL)
+        trainer.proc.wait()
+        trainer = launch(home, port)
+        final = wait_job(trainer.settings, job.id)
+        assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
+        assert final.status == "succeeded" and final.attempts == 2, final
+        messages = [e.model_extra.get("message", "") for e in all_events(trainer.settings, job.id)]
+        assert any(m.startswith("requeued after the trainer stopped") for m in messages if m)
+        assert any("resumed from epoch 1" in m for m in messages if m)
+        assert final.metrics["steps"] == final.metrics["totalSteps"] == 18
+        reg = json.loads(registry.registry_path(trainer.settings).read_text())  # valid JSON
+        assert [e["jobId"] for e in reg["adapters"]["resumed"]["versions"]] == [job.id]  # exactly one version
+    finally:
+        shutdown(trainer)
