@@ -103,3 +103,29 @@ def test_deleting_a_trained_example_marks_versions_stale(settings):
     assert registry.get_version(settings, "a", "v2")["stale"]["hashes"] == ["hash-two"]
     assert "stale" not in registry.get_version(settings, "a", "v1")
     assert registry.mark_stale(settings, {"hash-two"}) == []  # already marked
+
+
+def test_adapters_cli(settings):
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "seven"):
+        work = settings.adapters_dir / "a" / ".work" / tag
+        work.mkdir(parents=True)
+        registry.publish(settings, "a", "versioned", work, _entry(fp, params={"rank": len(tag) + 1}))
+    runner = CliRunner()
+    assert runner.invoke(app, ["adapters", "activate", "a@v1"]).exit_code == 0
+    assert runner.invoke(app, ["adapters", "activate", "a@v2"]).exit_code == 0
+    out = runner.invoke(app, ["adapters", "list"]).output
+    assert "base luna-tiny" in out and "a@v2" in out and "[latest] [active]" in out
+    listed = json.loads(runner.invoke(app, ["adapters", "list", "--json"]).output)
+    assert [v["version"] for v in listed["adapters"]["a"]["versions"]] == ["v1", "v2"]
+    assert runner.invoke(app, ["adapters", "rollback", "a"]).exit_code == 0
+    assert json.loads(runner.invoke(app, ["adapters", "show", "a"]).output)["version"] == "v1"
+    diff = runner.invoke(app, ["adapters", "diff", "a@v1", "a@v2"]).output
+    assert "params.rank: 4 -> 6" in diff and "datasetTier" not in diff
+    bad = runner.invoke(app, ["adapters", "show", "a@v7"])
+    assert bad.exit_code == 1 and "no version 'v7'" in bad.output
+    assert runner.invoke(app, ["adapters", "activate", "../x@v1"]).exit_code == 2

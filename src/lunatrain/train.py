@@ -189,11 +189,12 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False  # a KV cache in training breaks packed-sample isolation
     targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
+    config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(model, LoraConfig(
-            r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=targets,
-            bias="none", task_type="CAUSAL_LM",
-        ))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # PEFT calls a transformers API deprecated for v6
+            model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
     per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation))

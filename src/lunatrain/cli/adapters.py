@@ -1,0 +1,132 @@
+"""`lunatrain adapters list|show|activate|rollback|diff`: the adapter registry from the command line."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from .. import registry
+from ..errors import LunaError
+from ..settings import load_settings
+from .app import app, fail
+
+adapters_app = typer.Typer(help="Trained LoRA adapters: list, show, activate, roll back, compare.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "-" if x is None else str(x)
+
+
+def _badges(entry: dict[str, Any], aliases: dict[str, str]) -> str:
+    marks = [a for a in ("latest", "active") if aliases.get(a) == entry["version"] and not entry.get("replaced")]
+    if entry.get("replaced"):
+        marks.append("replaced")
+    if entry.get("stale"):
+        marks.append("stale: retrain needed")
+    gate = entry.get("gate")
+    if isinstance(gate, dict) and gate.get("status"):
+        marks.append(f"gate {gate['status']}")
+    if entry.get("merged"):
+        marks.append("merged")
+    return " ".join(f"[{m}]" for m in marks)
+
+
+@adapters_app.command("list")
+def list_cmd(as_json: JsonOpt = False) -> None:
+    """Every adapter version, grouped by the base model it was trained on."""
+    try:
+        settings = load_settings()
+        adapters = registry.list_adapters(settings)
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps({"adapters": adapters, "byBase": registry.by_base(settings)}, indent=2, sort_keys=True))
+        return
+    if not adapters:
+        typer.echo("No adapters yet; train one with `lunatrain lora` or `lunatrain luna`.")
+        return
+    for fingerprint, group in sorted(registry.by_base(settings).items(), key=lambda g: g[1]["baseModel"]):
+        typer.echo(f"base {group['baseModel']} (fingerprint {fingerprint[:12]})")
+        for e in group["versions"]:
+            aliases = adapters.get(e["name"], {}).get("aliases", {})
+            rev = f" rev {e['revision']}" if e.get("revision") else ""
+            m = e.get("metrics", {})
+            typer.echo(f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
+                       f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
+                       f"{_badges(e, aliases)}".rstrip())
+
+
+@adapters_app.command("show")
+def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERSION may be latest or active)")]) -> None:
+    """One version's registry entry and its training report."""
+    try:
+        settings = load_settings()
+        name, version = registry.parse_ref(ref)
+        entry = registry.get_version(settings, name, version)
+        report_path = registry.adapter_dir(settings, entry) / "training-report.json"
+    except LunaError as err:
+        raise fail(err) from None
+    out = dict(entry)
+    if report_path.is_file():
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        out["report"] = {k: report.get(k) for k in ("metrics", "epochs", "device", "packages", "durationSeconds")}
+    typer.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
+@adapters_app.command("activate")
+def activate_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    force: Annotated[bool, typer.Option("--force", help="activate even if it was trained on another base model")] = False,
+) -> None:
+    """Make a version the active adapter (refused if its base model is not the configured one)."""
+    try:
+        settings = load_settings()
+        name, version = registry.parse_ref(ref)
+        entry = registry.activate(settings, name, version or "latest", force=force, reason="cli")
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"{entry['name']}@{entry['version']} is now active.")
+
+
+@adapters_app.command("rollback")
+def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")]) -> None:
+    """Make the previously active version active again."""
+    try:
+        entry = registry.rollback(load_settings(), registry.parse_ref(name)[0])
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"{entry['name']}@{entry['version']} is active again.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else k)
+    return out
+
+
+@adapters_app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    b: Annotated[str, typer.Argument(help="NAME@VERSION")],
+) -> None:
+    """What differs between two versions: parameters, data, base model, metrics."""
+    try:
+        settings = load_settings()
+        ea, eb = (registry.get_version(settings, *registry.parse_ref(r)) for r in (a, b))
+    except LunaError as err:
+        raise fail(err) from None
+    keys = ("params", "datasetTier", "datasetFingerprint", "baseModel", "metrics", "tokenizerHash", "templateHash")
+    fa, fb = (_flat({k: e.get(k) for k in keys}) for e in (ea, eb))
+    rows = [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    if not rows:
+        typer.echo("No differences in parameters, data, base model or metrics.")
+    for k, va, vb in rows:
+        typer.echo(f"{k}: {_fmt(va)} -> {_fmt(vb)}")

@@ -1,0 +1,75 @@
+"""`lunatrain lora` (the guide's `train:lora`): train one LoRA adapter.
+
+By default the job is submitted to the trainer service (started on demand, see `--ensure-trainer`) and
+followed until it ends; `--local` trains in this process with a progress bar. Both paths are shared with
+`lunatrain auto/luna` (cli/flow.py), so a job behaves the same whichever command started it; after a
+successful run the eval gate decides whether the new version becomes active (unless `--no-gate`).
+Every LoRA parameter is an option in both spellings (`--learning-rate` / `--learningRate`), generated
+from LoraParams by `cli/options.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import LunaError
+from ..settings import load_settings
+from .app import app, fail
+from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, _local_lora, _service_lora, resolve
+from .options import lora_options
+
+
+def _describe(settings: Any, outcome: dict[str, Any]) -> list[str]:
+    from .. import registry
+
+    adapter = outcome.get("adapter")
+    if outcome.get("status") != "succeeded" or not adapter:
+        error = outcome.get("error") or {}
+        return [f"LoRA training {outcome.get('status')}: {error.get('message', 'no adapter was produced')}"]
+    entry = registry.get_version(settings, adapter["name"], adapter["version"])
+    metrics = entry.get("metrics", {})
+    lines = [f"Adapter {entry['name']}@{entry['version']} written to {entry['path']}."]
+    if metrics.get("valLoss") is not None:
+        base = metrics.get("baseValLoss")
+        lines.append(f"Validation loss {metrics['valLoss']:.4f}" + (f" (base model {base:.4f})." if base is not None else "."))
+    gate = entry.get("gate")
+    if gate:
+        lines.append(f"Eval gate: {gate.get('status', gate)}.")
+    return lines
+
+
+@app.command("lora")
+@lora_options
+def lora_cmd(
+    lora_flags: dict,
+    profile: ProfileOpt = None,
+    local: LocalOpt = False,
+    ensure_trainer_flag: EnsureOpt = False,
+    dry_run: DryRunOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+) -> None:
+    """Train a LoRA adapter on the exported data (train:lora): via the trainer service, or --local."""
+    from ..ensure import ensure_trainer
+
+    try:
+        settings = load_settings()
+        params, _gate = resolve(settings, profile, lora_flags)
+        if dry_run:
+            typer.echo(json.dumps({"command": "lora", "local": local, "params": params.wire()}, indent=2))
+            return
+        if ensure_trainer_flag and not local:
+            ensure_trainer(settings, explicit=True)
+        outcome = _local_lora(settings, params) if local else _service_lora(settings, params)
+        lines = _describe(settings, outcome)
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(outcome, indent=2, sort_keys=True))
+    else:
+        for line in lines:
+            typer.echo(line)
+    if outcome.get("status") != "succeeded":
+        raise typer.Exit(1)

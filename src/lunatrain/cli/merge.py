@@ -1,0 +1,26 @@
+"""`lunatrain merge --adapter NAME@VERSION`: write base + adapter as one plain Hugging Face model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import LunaError
+from ..settings import load_settings
+from .app import app, fail
+
+
+@app.command("merge")
+def merge_cmd(
+    adapter: Annotated[str, typer.Option("--adapter", help="NAME@VERSION (or NAME@active, NAME@latest)")],
+    force: Annotated[bool, typer.Option("--force", help="merge even if the base model changed since training")] = False,
+) -> None:
+    """Merge an adapter into its base model (safetensors, loadable by AutoModelForCausalLM)."""
+    from ..merge import merge_adapter
+
+    try:
+        result = merge_adapter(load_settings(), adapter, force=force)
+    except LunaError as err:
+        raise fail(err) from None
+    typer.echo(f"Merged {result.name}@{result.version} into {result.base_model}: {result.path}")
