@@ -126,6 +126,7 @@ def build_tiny_model(
     kv_heads: int = 2,
     intermediate: int | None = None,
     vocab: int = 3072,
+    model_vocab: int | None = None,
     max_positions: int = 4096,
     seed: int = TINY_SEED,
     corpus: list[str] | None = None,
@@ -134,14 +135,15 @@ def build_tiny_model(
 
     Deterministic: the same arguments give the same bytes (fixed seed, float32, sorted keys, no
     timestamps or version strings). `vocab` caps the tokenizer; the model's vocabulary is the tokenizer's
-    size rounded up to a multiple of 64. The benchmark builds a ~20M-parameter model with this.
+    size rounded up to a multiple of 64, or `model_vocab` when larger (the benchmark builds a ~17M-parameter
+    model with a 16k vocabulary this way, as a real model's output layer would weigh).
     """
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _train_tokenizer(tiny_corpus() if corpus is None else corpus, vocab)
-    n_vocab = -(-tok.get_vocab_size() // 64) * 64
+    n_vocab = max(-(-tok.get_vocab_size() // 64) * 64, model_vocab or 0)
     config = LlamaConfig(
         vocab_size=n_vocab,
         hidden_size=hidden,
