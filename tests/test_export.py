@@ -75,6 +75,11 @@ def test_records_summary_and_tiers(settings: Settings) -> None:
     conv = store.add_example(settings, prompt="Chat-Frage", response="Chat-Antwort", source="conversation", status="approved")
     mem_ex = store.add_example(settings, prompt="Mein Hund?", response="Bruno.", source="memory")
     store.add_memory(settings, question="Mein Hund?", answer="Bruno.")  # same content as mem_ex
+    tricky = store.add_example(  # everything the hand-assembled JSON lines must encode like json.dumps
+        settings, prompt='Sag "hallo" \\ und\tmehr\x01', response="Zeile\u2028Trenner \U0001f319 ünd\x85",
+        system="System\nprompt", turns=[{"role": "user", "content": "</script>"}, {"role": "assistant", "content": "ok"}],
+        tags=["Ümlaut", "a\"b"], conversation_id="c\u00e9-1", rating=3,
+    )
     summary = ex.export(settings, val_ratio=0.15, test_ratio=0.05)
     counts = store.counts(settings)
 
@@ -84,7 +89,10 @@ def test_records_summary_and_tiers(settings: Settings) -> None:
         assert all(set(r) == RECORD_KEYS for r in records), name
         assert all(r["split"] in ("train", "val", "test") for r in records), name
         assert [r["hash"] for r in records] == sorted(r["hash"] for r in records), name
-        assert lines == [json.dumps(r, ensure_ascii=False, separators=(",", ":"), sort_keys=True) for r in records]
+        assert lines == [
+            json.dumps(r, ensure_ascii=False, separators=(",", ":"), sort_keys=True).translate(ex._LINE_BREAKS)
+            for r in records
+        ]
         info = summary.files[name]
         raw = (settings.training_dir / name).read_bytes()
         assert info == {"sha256": hashlib.sha256(raw).hexdigest(), "records": len(records), "bytes": len(raw)}
@@ -105,6 +113,9 @@ def test_records_summary_and_tiers(settings: Settings) -> None:
     assert [r["id"] for r in memory if r["hash"] == mem_ex.hash] == [f"ex-{mem_ex.id}"]
 
     merged = _records(settings, ex.MERGED_FILE)
+    (tricky_rec,) = [r for r in merged if r["hash"] == tricky.hash]
+    assert tricky_rec["messages"] == tricky.messages() and tricky_rec["tags"] == ["a\"b", "Ümlaut"]
+    assert (tricky_rec["conversation_id"], tricky_rec["rating"]) == ("cé-1", 3)
     hashes = [r["hash"] for r in merged]
     assert len(hashes) == len(set(hashes))
     assert conv.hash in hashes and conv.hash not in {r["hash"] for r in curated}  # conversation: merged only
@@ -117,6 +128,15 @@ def test_records_summary_and_tiers(settings: Settings) -> None:
         "".join(f"{n} {s['files'][n]['sha256']}\n" for n in sorted(ex.DATA_FILES)).encode()
     ).hexdigest()
     assert s["fingerprint"] == expected_fp == summary.fingerprint
+
+
+def test_split_function_is_the_documented_formula() -> None:
+    for i in range(200):
+        key = f"conv:{i}" if i % 2 else hashlib.sha256(str(i).encode()).hexdigest()
+        u = int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 2**64
+        expected = "test" if u < 0.1 else "val" if u < 0.3 else "train"
+        assert ex.split_of(key, 0.2, 0.1) == expected
+    assert ex.split_key("abc", None) == "abc" and ex.split_key("abc", "c1") == "conv:c1"
 
 
 def _assert_stable(settings: Settings, before: dict[str, str], val: float, test: float) -> None:

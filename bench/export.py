@@ -1,0 +1,138 @@
+"""Export benchmark: wall time and peak memory of `lunatrain export` at 100k and 1M examples (SQLite).
+
+Run:  .venv/bin/python bench/export.py            # 100k and 1M (about 5-10 minutes on 2 cores)
+      .venv/bin/python bench/export.py --sizes 20000 100000 --workdir /tmp/b
+
+For each size it builds a synthetic database through the store's own bulk path (`add_examples`: one
+executemany per 50k rows), then runs every export in a fresh Python process that reports its own peak RSS
+(ru_maxrss), so the peaks are independent. The baseline in the same run is a process that only imports
+lunatrain and opens the store: export memory above that floor is what the streaming has to keep flat.
+Targets: 1M in under 60 s; peak RSS at 1M at most 1.3x the peak at 100k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+from lunatrain.settings import load_settings
+from lunatrain.store import open_store
+settings = load_settings(home=sys.argv[1], db_url=None)
+open_store(settings)
+t = time.perf_counter()
+summary = None
+if sys.argv[2] == "export":
+    from lunatrain.export import export
+    summary = export(settings)
+wall = time.perf_counter() - t
+print(json.dumps({
+    "wall_s": wall,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime")),
+    "records": summary.counts["merged"]["total"] if summary else 0,
+    "bytes": sum(f["bytes"] for f in summary.files.values()) if summary else 0,
+}))
+"""
+
+WORDS = (
+    "Luna Termin morgen Erinnerung Einkauf Bericht Meeting please help plan today write email short answer "
+    "Python Liste Datei Woche Frage Antwort kurz freundlich remind call mom weekend trip recipe pasta"
+).split()
+
+
+def _build(home: Path, n: int, seed: int = 0) -> float:
+    from lunatrain import store
+    from lunatrain.formats import make_draft
+    from lunatrain.settings import load_settings
+
+    settings = load_settings(home=home, db_url=None)
+    rng = random.Random(seed)
+    t = time.perf_counter()
+    # Realistic mix: mostly curated+approved, some memory/conversation sources, pending and rejected rows,
+    # a third in conversations, a few with a system prompt and prior turns.
+    groups = [("curated", "approved", 0.80), ("conversation", "approved", 0.08), ("memory", "approved", 0.04),
+              ("curated", "pending", 0.05), ("conversation", "rejected", 0.03)]
+    i = 0
+    for source, status, share in groups:
+        todo = int(n * share) if (source, status) != groups[-1][:2] else n - i
+        while todo > 0:
+            chunk = min(todo, 50_000)
+            drafts = []
+            for _ in range(chunk):
+                words = " ".join(rng.choices(WORDS, k=rng.randint(4, 12)))
+                turns = [("user", "Hallo Luna"), ("assistant", "Hallo! Was kann ich tun?")] if i % 10 == 0 else ()
+                drafts.append(make_draft(
+                    prompt=f"{words} #{i}?",
+                    response=" ".join(rng.choices(WORDS, k=rng.randint(8, 40))) + ".",
+                    system="Du bist Luna." if i % 20 == 0 else None,
+                    turns=turns,
+                    conversation_id=f"conv-{rng.randrange(n // 5 + 1)}" if rng.random() < 0.33 else None,
+                    tags=["bench"],
+                ))
+                i += 1
+            store.add_examples(settings, drafts, source=source, status=status)  # type: ignore[arg-type]
+            todo -= chunk
+    store.dispose_stores()
+    return time.perf_counter() - t
+
+
+def _child(home: Path, what: str) -> dict:
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CHILD, str(home), what], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lunatrain-bench-export"))
+    parser.add_argument("--keep", action="store_true", help="keep the databases and exports")
+    parser.add_argument("--build", nargs=2, metavar=("HOME", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        print(_build(Path(args.build[0]), int(args.build[1])))
+        return
+
+    rows = []
+    for n in args.sizes:
+        home = args.workdir / f"n{n}"
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        # Built in its own process: Linux keeps ru_maxrss across fork+exec, so a parent that grew while
+        # building would hand its size to every export child as a false "peak".
+        build = subprocess.run([sys.executable, __file__, "--build", str(home), str(n)], check=True,
+                               capture_output=True, text=True)
+        build_s = float(build.stdout.strip().splitlines()[-1])
+        db_mb = (home / "data" / "assistant.db").stat().st_size / 2**20
+        floor = _child(home, "open")
+        run = _child(home, "export")
+        rows.append((n, build_s, db_mb, floor["peak_rss_mb"], run))
+        print(f"  built {n:,} rows in {build_s:.0f}s; exported in {run['wall_s']:.1f}s", file=sys.stderr, flush=True)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+    print(f"{'examples':>10} {'exported':>9} {'db MB':>6} {'wall s':>7} {'cpu s':>6} {'records/s':>10} "
+          f"{'out MB':>7} {'peak RSS MB':>12} {'floor MB':>9} {'above floor':>12}")
+    for n, _build_s, db_mb, floor_mb, run in rows:
+        print(f"{n:>10,} {run['records']:>9,} {db_mb:>6.0f} {run['wall_s']:>7.1f} {run['cpu_s']:>6.1f} "
+              f"{run['records'] / run['wall_s']:>10,.0f} {run['bytes'] / 2**20:>7.0f} {run['peak_rss_mb']:>12.1f} "
+              f"{floor_mb:>9.1f} {run['peak_rss_mb'] - floor_mb:>12.1f}")
+    if len(rows) >= 2:
+        small, large = rows[0], rows[-1]
+        ratio = large[4]["peak_rss_mb"] / small[4]["peak_rss_mb"]
+        print(f"peak RSS {large[0]:,} / {small[0]:,}: {ratio:.2f}x (target <= 1.3x); "
+              f"{large[0]:,} export {large[4]['wall_s']:.1f}s (target < 60s at 1M)")
+
+
+if __name__ == "__main__":
+    main()
