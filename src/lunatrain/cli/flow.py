@@ -1,0 +1,111 @@
+"""`lunatrain auto` and `lunatrain luna` (the guide's `train:auto` / `train:luna`): the four steps in order.
+
+`luna` is `auto --profile luna`. Flags override the profile; `--dry-run` prints the resolved parameters
+and the steps as JSON and does nothing else (the docs and the guide's command lines are tested that way).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from .. import trainer_client
+from ..ensure import ensure_trainer
+from ..errors import LunaError
+from ..flow import STEPS, FlowResult, run_flow, summary_lines
+from ..params import LoraParams, parse_params
+from ..profiles import load_profile
+from ..settings import Settings, load_settings
+from .app import app, fail
+from .options import lora_options
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="a profile name (bundled or <home>/profiles/NAME.toml)")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="train in this process instead of the trainer service")]
+EnsureOpt = Annotated[bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer before anything else")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", "--dryRun", help="print the resolved parameters and steps; run nothing")]
+
+
+def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> tuple[LoraParams, dict[str, Any]]:
+    """Profile values under the given flags; the profile's gate thresholds (empty without a profile)."""
+    if profile:
+        loaded = load_profile(settings, profile)
+        return loaded.params(flags), loaded.gate
+    return parse_params(flags), {}
+
+
+def _local_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
+    from ..evalgate import gate_candidate
+    from ..progress import ProgressDisplay
+    from ..train import run_lora
+
+    with ProgressDisplay() as display:
+        result = run_lora(params, settings, on_event=display.on_event)
+    adapter = {"name": result.adapter_name, "version": result.version} if result.ok else None
+    if result.ok and params.gate:
+        gate_candidate(settings, result.adapter_name, result.version)
+    return {"status": result.status.value, "adapter": adapter, "error": result.error}
+
+
+def _service_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
+    from .trainer import follow_and_report
+
+    ensure_trainer(settings)
+    job = trainer_client.submit(settings, params, None)
+    typer.echo(f"Submitted job {job.id} to {settings.lora_trainer_url}.")
+    follow_and_report(settings, job.id)
+    job = trainer_client.get_job(settings, job.id)
+    return {"status": job.status, "jobId": job.id,
+            "adapter": job.adapter.model_dump() if job.adapter else None,
+            "error": job.error.model_dump() if job.error else None}
+
+
+def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool, ensure: bool, dry_run: bool) -> None:
+    try:
+        settings = load_settings()
+        params, gate = resolve(settings, profile, flags)
+        if dry_run:
+            typer.echo(json.dumps({"command": command, "profile": profile, "steps": list(STEPS), "local": local,
+                                   "ensureTrainer": ensure, "params": params.wire(), "gate": gate}, indent=2))
+            return
+        if ensure and not local:
+            ensure_trainer(settings, explicit=True)
+        result: FlowResult = run_flow(
+            settings, params, _local_lora if local else _service_lora, gate_thresholds=gate,
+            on_step=lambda name: typer.echo(f"==> {name}"),
+        )
+    except LunaError as err:
+        partial = err.details if isinstance(err.details, FlowResult) else None
+        if partial is not None:
+            for line in summary_lines(settings, partial):
+                typer.echo(line, err=True)
+        raise fail(err) from None
+    typer.echo("")
+    for line in summary_lines(settings, result):
+        typer.echo(line)
+
+
+@app.command("auto")
+@lora_options
+def auto_cmd(
+    lora_flags: dict,
+    profile: ProfileOpt = None,
+    local: LocalOpt = False,
+    ensure_trainer_flag: EnsureOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """The full flow (train:auto): eval-gate, export, prepare, lora — stops at the first failure."""
+    run("auto", profile, lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run)
+
+
+@app.command("luna")
+@lora_options
+def luna_cmd(
+    lora_flags: dict,
+    local: LocalOpt = False,
+    ensure_trainer_flag: EnsureOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """`auto` with the Luna profile (train:luna): luna-adapter, versioned, curated tier unless given."""
+    run("luna", "luna", lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run)
