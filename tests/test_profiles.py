@@ -69,3 +69,25 @@ def test_gate_table_is_validated(settings: Settings, home: Path) -> None:
     (home / "profiles" / "g.toml").write_text("[gate]\nminGoldenPassRatio = 0.5\n")
     with pytest.raises(UsageError, match="minGoldenPassRatio"):
         load_profile(settings, "g")
+
+
+def test_base_model_table_applies_under_flags(settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (home / "profiles").mkdir()
+    (home / "profiles" / "b.toml").write_text(
+        '[lora]\nlearningRate = 0.0002\nrank = 16\n[bases."org/big"]\nlearningRate = 0.00005\n'
+    )
+    profile = load_profile(settings, "b")
+    assert profile.params().learning_rate == 0.0002  # default base luna-tiny has no table here
+    assert profile.params({"baseModel": "org/big"}).learning_rate == 0.00005
+    assert profile.params({"baseModel": "org/big", "learningRate": 0.001}).learning_rate == 0.001
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", "org/big")
+    from lunatrain.settings import load_settings
+
+    assert load_profile(load_settings(), "b").params().learning_rate == 0.00005
+
+
+def test_bad_base_model_table_names_it(settings: Settings, home: Path) -> None:
+    (home / "profiles").mkdir()
+    (home / "profiles" / "c.toml").write_text('[bases."org/big"]\nrank = 0\n')
+    with pytest.raises(UsageError, match="org/big.*rank"):
+        load_profile(settings, "c")

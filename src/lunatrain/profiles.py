@@ -2,8 +2,10 @@
 
 Lookup order: `<data root>/profiles/<name>.toml` (the user's own, overriding), then the bundled
 `lunatrain/resources/profiles/<name>.toml`. A profile has a `[lora]` table (LoraParams in the guide's
-camelCase spelling), an optional `[quickStart]` table applied on top for quick-start runs, and an optional
-`[gate]` table of eval-gate thresholds. Every unknown key is an error that names the key and the file.
+camelCase spelling), optional `[bases."<base model>"]` tables applied on top when training on that base
+model (a model change usually needs its own learning rate or length), an optional `[quickStart]` table
+applied on top for quick-start runs, and an optional `[gate]` table of eval-gate thresholds. Flags win
+over all of them. Every unknown key is an error that names the key and the file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .errors import NotFound, UsageError
 from .params import LoraParams, parse_params
 from .settings import Settings, check_name
 
-_TOP_LEVEL = {"description", "lora", "quickStart", "gate"}
+_TOP_LEVEL = {"description", "lora", "bases", "quickStart", "gate"}
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,17 @@ class Profile:
     path: str
     description: str = ""
     lora: dict = field(default_factory=dict)
+    bases: dict = field(default_factory=dict)
     quick_start: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
+    default_base: str = "luna-tiny"  # ASSISTANT_BASE_MODEL when the profile was loaded
 
     def params(self, overrides: dict | None = None, *, quick: bool = False) -> LoraParams:
-        """Profile values, then the quick-start table, then explicit overrides (flags or a request body)."""
-        merged = dict(self.lora) | (dict(self.quick_start) if quick else {}) | dict(overrides or {})
+        """[lora], then the table for the base model in use, then [quickStart], then explicit overrides
+        (flags or a request body)."""
+        given = dict(overrides or {})
+        base = given.get("baseModel") or given.get("base_model") or self.lora.get("baseModel") or self.default_base
+        merged = dict(self.lora) | dict(self.bases.get(base, {})) | (dict(self.quick_start) if quick else {}) | given
         return parse_params(merged)
 
 
@@ -67,14 +74,19 @@ def load_profile(settings: Settings, name: str) -> Profile:
     unknown = sorted(set(data) - _TOP_LEVEL)
     if unknown:
         raise UsageError(f"Profile {path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOP_LEVEL))}).")
-    for table in ("lora", "quickStart", "gate"):
+    for table in ("lora", "bases", "quickStart", "gate"):
         if not isinstance(data.get(table, {}), dict):
             raise UsageError(f"Profile {path}: [{table}] must be a table.")
+    for base, table in data.get("bases", {}).items():
+        if not isinstance(table, dict):
+            raise UsageError(f"Profile {path}: [bases.{base!r}] must be a table.")
     profile = Profile(
         name=name,
         path=str(path),
         description=str(data.get("description", "")),
         lora=data.get("lora", {}),
+        bases=data.get("bases", {}),
+        default_base=settings.base_model,
         quick_start=data.get("quickStart", {}),
         gate=data.get("gate", {}),
     )
@@ -85,10 +97,11 @@ def load_profile(settings: Settings, name: str) -> Profile:
         parse_thresholds(profile.gate)
     except UsageError as exc:
         raise UsageError(f"Profile {path} [gate]: {exc.message}") from exc
-    for quick in (False, True):
+    checks = [("[lora]", {}, False), ("[quickStart]", {}, True)]
+    checks += [(f"[bases.{base!r}]", {"baseModel": base}, False) for base in profile.bases]
+    for table, given, quick in checks:
         try:
-            profile.params(quick=quick)
+            profile.params(given, quick=quick)
         except UsageError as exc:
-            table = "[lora]" if not quick else "[quickStart]"
             raise UsageError(f"Profile {path} {table}: {exc.message}") from exc
     return profile
