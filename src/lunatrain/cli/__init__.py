@@ -13,7 +13,7 @@ from ..errors import LunaError
 from .app import app, fail
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod != "app":
+    if _mod != "app" and not _mod.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod}")
 
 

@@ -1,0 +1,141 @@
+"""The docs cannot drift from the code: every shell command in README.md and both guides is extracted and
+the lunatrain ones are run against a real data root (seeded, exported, two small adapters trained).
+
+Rules: commands that start a training run (`lora`, `auto`, `luna`) run with `--dry-run` (their parameters
+are resolved and validated, nothing trains); the long-running servers (`serve`, `trainer`) answer `--help`
+(they are started for real by the API and trainer tests). Every other command runs for real and must exit
+0 (`health` may exit 1 while the trainer is offline, and must say so). curl lines must name a path of the
+API's OpenAPI schema; every inline `lunatrain SUBCOMMAND` names a real subcommand.
+
+Run: `.venv/bin/python -m pytest tests/test_docs.py -m slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "docs" / "training-guide.de.md", ROOT / "docs" / "training-guide.md"]
+TRAINING = {"lora", "auto", "luna"}
+SERVERS = {"serve", "trainer"}
+FENCE = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.M | re.S)
+
+
+def shell_lines(path: Path) -> list[str]:
+    lines = []
+    for block in FENCE.findall(path.read_text(encoding="utf-8")):
+        lines += [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return lines
+
+
+def split_env(line: str) -> tuple[dict[str, str], list[str]]:
+    words = shlex.split(line)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, words
+
+
+ALL_LINES = [(path.name, line) for path in DOCS for line in shell_lines(path)]
+LUNATRAIN_LINES = [(doc, line) for doc, line in ALL_LINES if split_env(line)[1][:1] == ["lunatrain"]]
+
+
+def test_the_docs_have_commands_to_check() -> None:
+    assert len(LUNATRAIN_LINES) >= 25, LUNATRAIN_LINES
+    for path in DOCS:
+        assert any(doc == path.name for doc, _ in LUNATRAIN_LINES), path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lunatrain.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    home = tmp_path_factory.mktemp("docs-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
+    env |= {"ASSISTANT_HOME": str(home), "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
+            "HF_HUB_OFFLINE": "1"}
+    quick = ["--local", "--epochs=1", "--maxSteps=2", "--no-gate"]
+    for argv in (["examples", "seed"], ["export"], ["lora", *quick], ["lora", *quick]):
+        done = _run(argv, env, home)
+        assert done.returncode == 0, (argv, done.stdout, done.stderr)
+    yield home, env
+    pid_file = home / "reports" / "training" / "trainer.pid"
+    if pid_file.exists():  # `lunatrain health --ensureTrainer` started one
+        try:
+            os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("doc", "line"), LUNATRAIN_LINES, ids=[f"{d}:{ln}" for d, ln in LUNATRAIN_LINES])
+def test_documented_command_runs(doc: str, line: str, doc_home: tuple[Path, dict[str, str]]) -> None:
+    home, base_env = doc_home
+    env_over, words = split_env(line)
+    argv = words[1:]
+    if argv[0] in TRAINING:
+        argv = argv + ([] if "--dry-run" in argv else ["--dry-run"])
+    elif argv[0] in SERVERS:
+        argv = [argv[0], "--help"]
+    done = _run(argv, base_env | env_over, home)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output
+    if argv[0] == "health" and done.returncode == 1:
+        assert "Offline" in output
+    else:
+        assert done.returncode == 0, f"{doc}: `{line}` exited {done.returncode}:\n{output}"
+
+
+def test_curl_lines_name_real_endpoints(settings) -> None:
+    from lunatrain.api.main import create_app
+
+    paths = set(create_app(settings).openapi()["paths"])
+    curls = [ln for _, ln in ALL_LINES if ln.startswith("curl ")]
+    assert curls
+    for line in curls:
+        url = next(w for w in shlex.split(line) if w.startswith("http"))
+        assert urlsplit(url).path in paths, line
+
+
+def test_inline_lunatrain_commands_exist() -> None:
+    from typer.main import get_command
+
+    from lunatrain.cli import app
+
+    commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    mentioned = set()
+    for path in DOCS:
+        mentioned |= set(re.findall(r"`lunatrain ([a-z][a-z-]+)", path.read_text(encoding="utf-8")))
+    assert mentioned
+    assert mentioned <= commands, mentioned - commands
+
+
+def test_readme_lists_every_setting() -> None:
+    from lunatrain.settings import Settings
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in Settings.model_fields:
+        assert f"`ASSISTANT_{name.upper()}`" in readme, name
