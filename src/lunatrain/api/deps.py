@@ -51,6 +51,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 def check_base_model(ref: str | None, settings: Settings) -> str | None:
     """A base model may be `luna-tiny`, a hub id (`org/name`) or a directory under the data root — never a
     path elsewhere on the machine, so a request cannot make the trainer read arbitrary files."""
+    try:
+        return _base_model(ref, settings)
+    except OSError:  # a name too long for the file system, say: not a directory we could use
+        raise UsageError(f"baseModel {ref[:80]!r} is neither luna-tiny, a hub id nor a model directory.") from None
+
+
+def _base_model(ref: str | None, settings: Settings) -> str | None:
     if ref is None or ref == "luna-tiny" or (_HUB_ID.match(ref) and ".." not in ref and not FsPath(ref).exists()):
         return ref
     if "\x00" in ref:

@@ -29,7 +29,8 @@ Tag = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class In(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # strict: `false` is not a ratio and "3" is not a count; JSON has the right types, so use them.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
 
 
 class Out(BaseModel):
@@ -52,6 +53,7 @@ class ErrorResponse(BaseModel):
 class StartRequest(LoraParams):
     """The LoRA parameters (params.py, bounds included) plus an optional idempotency key."""
 
+    model_config = ConfigDict(strict=True)
     request_id: RequestId | None = None
 
 

@@ -83,17 +83,17 @@ async def _set(settings, example_id: int, status: str) -> ExampleOut:
     return _example(await run_in_threadpool(store.get_example, settings, example_id))
 
 
-@router.post("/examples/{example_id}/approve", response_model=ExampleOut, responses=errors(404))
+@router.post("/examples/{example_id:int}/approve", response_model=ExampleOut, responses=errors(404))
 async def approve_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
     return await _set(settings, example_id, "approved")
 
 
-@router.post("/examples/{example_id}/reject", response_model=ExampleOut, responses=errors(404))
+@router.post("/examples/{example_id:int}/reject", response_model=ExampleOut, responses=errors(404))
 async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
     return await _set(settings, example_id, "rejected")
 
 
-@router.delete("/examples/{example_id}", response_model=Deleted, responses=errors(404))
+@router.delete("/examples/{example_id:int}", response_model=Deleted, responses=errors(404))
 async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
     await run_in_threadpool(store.delete_examples, settings, [example_id])
     return Deleted(deleted=example_id)
@@ -115,7 +115,7 @@ async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
     return MemoryOut.model_validate(item.to_dict())
 
 
-@router.delete("/memory/{item_id}", response_model=Deleted, responses=errors(404))
+@router.delete("/memory/{item_id:int}", response_model=Deleted, responses=errors(404))
 async def delete_memory(item_id: ItemId, settings: SettingsDep) -> Deleted:
     await run_in_threadpool(store.delete_memory, settings, [item_id])
     return Deleted(deleted=item_id)

@@ -95,6 +95,7 @@ async def quick_start(
     overrides = body.model_dump(include={"adapter_name", "dataset_tier", "base_model"}, exclude_none=True, by_alias=True)
     profile = await run_in_threadpool(profiles.load_profile, settings, body.profile)
     params = _with_base(profile.params(overrides, quick=True), settings)
+    await run_in_threadpool(ensure.ensure_trainer, settings)  # before the export: a refused start changes nothing
     summary = await run_in_threadpool(export_stage.export, settings)
     return await _submit(settings, params, body.request_id, export=camel(summary.to_dict()))
 

@@ -1,0 +1,168 @@
+"""End to end against real processes: `lunatrain serve` as a subprocess on a free port, its trainer on another
+free port started on demand by the API itself, a real LoRA job on the tiny model.
+
+Run: `.venv/bin/python -m pytest tests/test_api_e2e.py -q` (slow: a real training job; minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lunatrain.settings import load_settings
+
+pytestmark = pytest.mark.slow
+LUNATRAIN = str(Path(sys.executable).parent / "lunatrain")
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Api:
+    def __init__(self, home: Path, **env: str) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.trainer_port = _free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {
+            "ASSISTANT_HOME": str(home),
+            "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{self.trainer_port}",
+            "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
+        } | env
+        self.log = home / "serve.log"
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120, trust_env=False)
+
+    def __enter__(self) -> Api:
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(
+                [LUNATRAIN, "serve", "--port", str(self.port)], env=self.env, cwd=self.home, stdout=fh, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if self.client.get("/openapi.json").status_code == 200:
+                    return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve did not come up:\n{self.log.read_text()}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._stop_trainer()
+
+    def _stop_trainer(self) -> None:
+        # The trainer was started detached (its own session) by the API's ensure; end that process group.
+        pid_file = load_settings(home=self.home).reports_training_dir / "trainer.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            pid = int(pid_file.read_text().strip())
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(300):  # up to 30 s for a graceful stop, then force
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.killpg(pid, signal.SIGKILL)
+
+    def wait_job(self, job_id: str, limit_s: float = 900) -> dict:
+        deadline = time.monotonic() + limit_s
+        seen_states = set()
+        while True:
+            r = self.client.get("/assistant/training/lora/status", params={"jobId": job_id})
+            assert r.status_code == 200, r.text
+            job = r.json()
+            seen_states.add(job["state"])
+            if job["state"] in TERMINAL:
+                job["seenStates"] = sorted(seen_states)
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job['state']} after {limit_s}s")
+            time.sleep(1.0)
+
+
+@pytest.fixture
+def api(home: Path) -> Iterator[Api]:
+    with Api(home) as a:
+        yield a
+
+
+def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
+    health = api.client.get("/assistant/training/lora/provider-health").json()
+    assert health["label"] == "Offline" and health["reachable"] is False  # nothing started it yet
+
+    r = api.client.post("/assistant/training/lora/example-adapter", json={"requestId": "e2e-example-1"})
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    job_id = accepted["jobId"]
+    assert accepted["job"]["state"] in {"validating", "queued", "running"}
+    assert accepted["seeded"]["examplesAdded"] > 0 and accepted["export"]["counts"]["curated"]["total"] > 0
+
+    # The same requestId again is the same job, not a second one.
+    again = api.client.post("/assistant/training/lora/example-adapter", json={"requestId": "e2e-example-1"})
+    assert again.status_code == 202 and again.json()["jobId"] == job_id
+
+    job = api.wait_job(job_id)
+    assert job["state"] == "succeeded", job
+    assert job["adapter"]["name"] == "example-adapter" and job["adapter"]["version"] == "v1"
+    assert job["error"] is None and job["progress"]["percent"] == pytest.approx(100.0)
+    assert job["progress"]["total"] and job["progress"]["step"] == job["progress"]["total"]
+
+    health = api.client.get("/assistant/training/lora/provider-health").json()
+    assert health["reachable"] is True
+    assert health["label"] == ("Aktiv (CUDA)" if health["cudaAvailable"] else "Online (CPU)")
+    assert health["label"] == "Online (CPU)"  # these machines train on CPU
+
+    latest = api.client.get("/assistant/training/lora/status").json()
+    assert latest["jobId"] == job_id
+    events = api.client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": 0, "limit": 1000}).json()
+    assert any(e["type"] == "progress" for e in events["events"]) and events["nextCursor"] >= len(events["events"])
+    more = api.client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": events["nextCursor"]}).json()
+    assert more["events"] == [] or more["events"][0]["seq"] > events["nextCursor"]
+
+    jobs = api.client.get("/assistant/training/lora/jobs").json()["jobs"]
+    assert [j["jobId"] for j in jobs] == [job_id]
+    adapter = api.client.get("/assistant/training/adapters/example-adapter").json()
+    assert [v["version"] for v in adapter["versions"]] == ["v1"]
+    groups = api.client.get("/assistant/training/adapters").json()["bases"]
+    assert any(a["name"] == "example-adapter" for g in groups for a in g["adapters"])
+    status = api.client.get("/assistant/training/status", params={"minCurated": 1}).json()
+    assert status["ready"] is True
+
+    # A finished job cannot be cancelled; an unknown one is a 404.
+    assert api.client.post(f"/assistant/training/lora/jobs/{job_id}/cancel").status_code == 409
+    assert api.client.get("/assistant/training/lora/status", params={"jobId": "ftjob-doesnotexist"}).status_code == 404
+
+
+def test_with_ensure_off_and_no_trainer_start_is_503_and_health_offline(home: Path) -> None:
+    with Api(home, ASSISTANT_LORA_ENSURE_ON_DEMAND="false") as api:
+        for path, body in (
+            ("/assistant/training/lora/start", {"epochs": 1, "maxSteps": 2}),
+            ("/assistant/training/lora/quick-start", {}),
+            ("/assistant/training/lora/example-adapter", {}),
+        ):
+            r = api.client.post(path, json=body)
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "service_unavailable" and "ASSISTANT_LORA_ENSURE_ON_DEMAND" in err["message"]
+        health = api.client.get("/assistant/training/lora/provider-health")
+        assert health.status_code == 200 and health.json()["label"] == "Offline"
+        # A refused start changed nothing: the store was not seeded.
+        examples = api.client.get("/assistant/training/examples").json()
+        assert examples["count"] == 0
+        assert not (home / "reports" / "training" / "trainer.pid").exists()
