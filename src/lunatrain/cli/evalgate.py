@@ -1,0 +1,95 @@
+"""`lunatrain eval-gate` (the guide's `eval:gate`): evaluate the active adapter (or --adapter, or the base
+model) on the eval suite; exit 1 when a threshold fails or a metric regresses."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import LunaError
+from ..evalgate import GateReport, eval_gate
+from ..settings import load_settings
+from .app import app, fail, is_tty
+
+
+@app.command("eval-gate")
+def eval_gate_cmd(
+    adapter: Annotated[str | None, typer.Option("--adapter", help="NAME@VERSION, or NAME for its active version")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", "--baseModel",
+                                                   help="base model whose active adapter is gated (default ASSISTANT_BASE_MODEL)")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="thresholds from the profile's [gate] table")] = None,
+    min_golden_pass_rate: Annotated[float | None, typer.Option("--min-golden-pass-rate", "--minGoldenPassRate")] = None,
+    max_golden_pass_rate_drop: Annotated[float | None, typer.Option("--max-golden-pass-rate-drop", "--maxGoldenPassRateDrop")] = None,
+    max_val_loss_ratio_vs_base: Annotated[float | None, typer.Option("--max-val-loss-ratio-vs-base", "--maxValLossRatioVsBase")] = None,
+    max_loss_regression: Annotated[float | None, typer.Option("--max-loss-regression", "--maxLossRegression")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Evaluation gate: golden cases + val/test loss against the base model and the recorded baseline."""
+    try:
+        settings = load_settings()
+        thresholds: dict[str, Any] = {}
+        if profile:
+            from ..profiles import load_profile
+
+            thresholds |= load_profile(settings, profile).gate
+        flags = {"min_golden_pass_rate": min_golden_pass_rate, "max_golden_pass_rate_drop": max_golden_pass_rate_drop,
+                 "max_val_loss_ratio_vs_base": max_val_loss_ratio_vs_base, "max_loss_regression": max_loss_regression}
+        thresholds |= {k: v for k, v in flags.items() if v is not None}
+        report = eval_gate(settings, adapter=adapter, base_model=base_model, thresholds=thresholds)
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True))
+        else:
+            show(report)
+        report.raise_on_fail()
+    except LunaError as err:
+        raise fail(err) from None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def show(report: GateReport) -> None:
+    m, b, bl = report.metrics, report.base_metrics, report.baseline.get("metrics") or {}
+    rows = [
+        ("golden pass rate", m.get("goldenPassRate"), b.get("goldenPassRate"), bl.get("goldenPassRate")),
+        ("val loss", m.get("valLoss"), b.get("valLoss"), bl.get("valLoss")),
+        ("test loss", m.get("testLoss"), b.get("testLoss"), bl.get("testLoss")),
+        ("stopped", m.get("stoppedRate"), b.get("stoppedRate"), bl.get("stoppedRate")),
+    ]
+    title = f"eval gate: {report.decision.upper()}  {report.candidate['ref']} vs {report.baseline['ref']} " \
+            f"({report.baseline['source']})"
+    failed = [c for c in report.cases if not c["passed"]]
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for col in ("metric", "candidate", "base model", "baseline"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for name, *vals in rows:
+            table.add_row(name, *(_fmt(v) for v in vals))
+        console = Console()
+        console.print(table)
+        for c in failed:
+            bad = ", ".join(k["type"] for k in c["checks"] if not k["passed"])
+            console.print(f"  [yellow]case {c['id']}[/] failed: {bad}", markup=True, highlight=False)
+        for r in report.reasons:
+            console.print(f"  [bold red]{r}[/]", highlight=False)
+    else:
+        typer.echo(title)
+        typer.echo("metric\tcandidate\tbase\tbaseline")
+        for name, *vals in rows:
+            typer.echo("\t".join([name, *(_fmt(v) for v in vals)]))
+        for c in failed:
+            typer.echo(f"case {c['id']} failed: {', '.join(k['type'] for k in c['checks'] if not k['passed'])}")
+        for r in report.reasons:
+            typer.echo(f"reason: {r}")
+    for n in report.notes:
+        typer.echo(f"note: {n}")
+    typer.echo(f"{report.candidate['ref']}: {m.get('goldenPassed')}/{m.get('goldenTotal')} golden cases passed. "
+               f"Wrote {report.path}.")

@@ -1,0 +1,74 @@
+"""`lunatrain status`: data readiness and the last export, job, prepare and gate (GET /assistant/training/status)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import LunaError
+from ..settings import load_settings
+from ..status import STATUSES, training_status
+from .app import app, fail, is_tty
+
+
+@app.command("status")
+def status_cmd(
+    min_curated: Annotated[int, typer.Option("--min-curated", "--minCurated", min=0,
+                                             help="approved curated examples needed to be ready")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Data status: counts per source and curation status, readiness, last export, job, prepare, gate."""
+    try:
+        status = training_status(load_settings(), min_curated)
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(status, ensure_ascii=False, indent=2, sort_keys=True))
+        return
+    show(status)
+
+
+def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
+    exp, job, prep, gate, act = s["lastExport"], s["lastJob"], s["lastPrepare"], s["lastGate"], s["activeAdapter"]
+    changed = {True: " (database changed since: export again)", False: " (up to date)", None: ""}[s["changedSinceExport"]]
+    facts = [
+        ("ready", f"{'yes' if s['ready'] else 'no'}: {s['curated']} approved curated, minCurated {s['minCurated']}"),
+        ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
+        ("last job", f"{job['state']} {job['adapterName']}@{job['version'] or '-'} val loss "
+                     f"{job['metrics'].get('valLoss')}" if job else "never"),
+        ("last prepare", f"{prep['status']} ({prep['created']}){' failed: ' + ', '.join(prep['failed']) if prep['failed'] else ''}"
+         if prep else "never"),
+        ("last gate", f"{'passed' if gate['passed'] else 'failed'} {gate['candidate']} ({gate['created']})"
+         + (f": {'; '.join(gate['reasons'])}" if gate["reasons"] else "") if gate else "never"),
+        ("active adapter", f"{act['name']}@{act['version']} on {act['baseModel']}" if act else "none"),
+    ]
+    others = [a for a in s["activeAdapters"] if a is not act]
+    if others:
+        facts.append(("also active", ", ".join(f"{a['name']}@{a['version']} on {a['baseModel']}" for a in others)))
+    return facts
+
+
+def show(s: dict[str, Any]) -> None:
+    rows = [(src, *(s["counts"][src][k] for k in (*STATUSES, "total"))) for src in s["counts"]]
+    rows.append(("memory items", *(s["memory"][k] for k in (*STATUSES, "total"))))
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="training data", title_justify="left")
+        for col in ("source", *STATUSES, "total"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for row in rows:
+            table.add_row(*(str(v) for v in row))
+        console = Console()
+        console.print(table)
+        for key, value in _facts(s):
+            console.print(f"[bold]{key}:[/] {value}", highlight=False)
+    else:
+        typer.echo("source\t" + "\t".join((*STATUSES, "total")))
+        for row in rows:
+            typer.echo("\t".join(str(v) for v in row))
+        for key, value in _facts(s):
+            typer.echo(f"{key}: {value}")

@@ -1,0 +1,727 @@
+"""Eval gate (the guide's `eval:gate`): evaluate a candidate on the eval suite and decide pass or fail.
+
+Candidate: `--adapter NAME@VERSION` (or NAME: its active version), else the active adapter trained on the
+configured base model, else the base model itself. Evaluation:
+
+- golden cases from data/eval/*.jsonl (the shipped Luna suite is copied there when the folder has none, so
+  it can be edited): greedy generation through the chat template up to `maxNewTokens`, then checks;
+- loss (mean per trained token) on the val and test splits of the export, for the candidate and for the
+  base model (adapter switched off) on the same tokens.
+
+Eval file format, one JSON object per line: {"id", "prompt" (optionally "system") or "messages" ending with
+a user turn, "checks": [{"type", "value", "ignoreCase"?, "description"?}], "maxNewTokens"?, "tags"?,
+"description"?}. Check types: contains / not_contains (value: a string or a list: any of / none of),
+equals (whole answer, trimmed), regex (Python `re.search`), max_chars (answer length), stops (the answer
+ended with the end-of-turn token before the token limit). Every problem in every file is collected and
+reported with file and line, then the gate stops once.
+
+Decision (thresholds: `GateThresholds`; a profile's [gate] table sets them): fail when the golden pass
+rate is below `min_golden_pass_rate` (absolute, for real models), when val or test loss exceeds
+`max_val_loss_ratio_vs_base` x the base model's, or when the candidate regresses against the baseline —
+the golden pass rate drops by more than `max_golden_pass_rate_drop`, or a loss rises by more than
+`max_loss_regression` (relative). Baseline: the current active version of the candidate's adapter (its
+recorded gate metrics when they were measured on the same suite, data, base and length, else evaluated
+now), else the base model. On the built-in random-weight model only the relative rules mean anything,
+hence the absolute minimum defaults to 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from .errors import CheckFailed, Conflict, NotFound, UsageError
+from .fsio import atomic_write_json, read_json
+from .settings import Settings
+
+GATE_FORMAT = "lunatrain-eval-gate/1"
+REPORT_FILE = "eval-gate-latest.json"
+CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_TIER = "curated"
+GEN_BATCH = 32  # golden cases generated together
+SMALL_MODEL_PARAMS = 20_000_000
+_CASE_KEYS = {"id", "prompt", "system", "messages", "checks", "maxNewTokens", "tags", "description"}
+_CHECK_KEYS = {"type", "value", "ignoreCase", "description"}
+_ROLES = {"system", "user", "assistant"}
+
+
+# --- thresholds ---------------------------------------------------------------------------------
+
+
+class GateThresholds(BaseModel):
+    """Gate thresholds; snake_case or camelCase keys (a profile's [gate] table), unknown keys refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    min_golden_pass_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="absolute floor (real models)")
+    max_golden_pass_rate_drop: float = Field(default=0.0, ge=0.0, le=1.0, description="vs baseline")
+    max_val_loss_ratio_vs_base: float = Field(default=1.0, gt=0.0, le=100.0, description="candidate / base loss")
+    max_loss_regression: float = Field(default=0.02, ge=0.0, le=10.0, description="relative rise vs baseline")
+
+
+def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresholds:
+    if isinstance(data, GateThresholds):
+        return data
+    try:
+        return GateThresholds.model_validate(data or {})
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: "
+                 f"{'unknown threshold' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors()]
+        raise UsageError("Invalid gate thresholds: " + "; ".join(parts) + ".") from None
+
+
+# --- the suite ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalCheck:
+    type: str
+    value: Any = None
+    ignore_case: bool = False
+    description: str = ""
+
+    def run(self, output: str, stopped: bool) -> bool:
+        if self.type == "stops":
+            return stopped
+        if self.type == "max_chars":
+            return len(output) <= self.value
+        if self.type == "regex":
+            return re.search(self.value, output, re.IGNORECASE if self.ignore_case else 0) is not None
+        fold = (lambda s: s.casefold()) if self.ignore_case else (lambda s: s)
+        text = fold(output)
+        if self.type == "equals":
+            return text.strip() == fold(self.value).strip()
+        values = [self.value] if isinstance(self.value, str) else list(self.value)
+        found = any(fold(v) in text for v in values)
+        return found if self.type == "contains" else not found
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        if self.value is not None:
+            out["value"] = self.value
+        if self.ignore_case:
+            out["ignoreCase"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    id: str
+    messages: list[dict[str, str]]
+    checks: list[EvalCheck]
+    max_new_tokens: int
+    source: str  # file:line
+
+
+def shipped_suite_dir() -> Any:
+    return resources.files("lunatrain") / "resources" / "eval"
+
+
+def ensure_suite(settings: Settings) -> list[Path]:
+    """data/eval/*.jsonl; when there is none, the shipped golden suite is copied there first."""
+    settings.eval_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(settings.eval_dir.glob("*.jsonl"))
+    if not files:
+        for entry in shipped_suite_dir().iterdir():
+            if entry.name.endswith(".jsonl"):
+                with resources.as_file(entry) as src:
+                    shutil.copyfile(src, settings.eval_dir / entry.name)
+        files = sorted(settings.eval_dir.glob("*.jsonl"))
+    return files
+
+
+def load_suite(settings: Settings) -> list[EvalCase]:
+    """Every case of every suite file, validated; all problems of all files raise one UsageError."""
+    cases: list[EvalCase] = []
+    problems: list[str] = []
+    first_seen: dict[str, str] = {}
+    for path in ensure_suite(settings):
+        file_cases, file_problems = parse_suite_file(path)
+        problems += file_problems
+        for case in file_cases:
+            if case.id in first_seen:
+                problems.append(f"{case.source}: duplicate case id {case.id!r} (first at {first_seen[case.id]})")
+            else:
+                first_seen[case.id] = case.source
+                cases.append(case)
+    if problems:
+        raise UsageError(f"The eval suite has {len(problems)} problem(s): " + "; ".join(problems) + ".",
+                         details=problems)
+    if not cases:
+        raise UsageError(f"The eval suite in {settings.eval_dir} has no cases; add some or delete the files "
+                         "to get the shipped suite back.")
+    return cases
+
+
+def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
+    """The cases of one JSONL file and a `file:line: problem` entry for each problem found."""
+    cases: list[EvalCase] = []
+    problems: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        return [], [f"{path}: not UTF-8 text"]
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        case, errs = _parse_case(obj, where)
+        problems += [f"{where}: {e}" for e in errs]
+        if case is not None and not errs:
+            cases.append(case)
+    return cases, problems
+
+
+def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
+    if not isinstance(obj, dict):
+        return None, ["a case must be a JSON object"]
+    errs = [f"unknown key {k!r} (allowed: {', '.join(sorted(_CASE_KEYS))})" for k in sorted(set(obj) - _CASE_KEYS)]
+    cid = obj.get("id")
+    if not isinstance(cid, str) or not cid.strip():
+        errs.append("missing 'id' (a non-empty string)")
+    messages = _case_messages(obj, errs)
+    checks_raw = obj.get("checks")
+    checks: list[EvalCheck] = []
+    if not isinstance(checks_raw, list) or not checks_raw:
+        errs.append("missing 'checks' (a non-empty list)")
+    else:
+        for i, raw in enumerate(checks_raw, 1):
+            check = _parse_check(raw, f"check {i}", errs)
+            if check is not None:
+                checks.append(check)
+    max_new = obj.get("maxNewTokens", DEFAULT_MAX_NEW_TOKENS)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 4096:
+        errs.append(f"'maxNewTokens' must be an integer from 1 to 4096, got {max_new!r}")
+    if errs:
+        return None, errs
+    return EvalCase(cid, messages, checks, max_new, where), []
+
+
+def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
+    prompt, messages, system = obj.get("prompt"), obj.get("messages"), obj.get("system")
+    if prompt is not None and messages is not None:
+        errs.append("give either 'prompt' or 'messages', not both")
+        return []
+    if messages is None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            errs.append("missing 'prompt' (a non-empty string) or 'messages'")
+            return []
+        if system is not None and not isinstance(system, str):
+            errs.append("'system' must be a string")
+            return []
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if system is not None:
+        errs.append("'system' goes with 'prompt'; put a system message into 'messages' instead")
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in _ROLES and isinstance(m["content"], str)
+        for m in messages
+    )
+    if not ok:
+        errs.append("'messages' must be a non-empty list of {\"role\": system|user|assistant, \"content\": string}")
+        return []
+    if messages[-1]["role"] != "user":
+        errs.append("'messages' must end with a user message (the gate generates the answer)")
+    return [dict(m) for m in messages]
+
+
+def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
+    if not isinstance(raw, dict):
+        errs.append(f"{label} must be an object")
+        return None
+    bad = sorted(set(raw) - _CHECK_KEYS)
+    if bad:
+        errs.append(f"{label}: unknown key {bad[0]!r} (allowed: {', '.join(sorted(_CHECK_KEYS))})")
+    kind, value, ignore = raw.get("type"), raw.get("value"), raw.get("ignoreCase", False)
+    if kind not in CHECK_TYPES:
+        errs.append(f"{label}: unknown check type {kind!r} (use one of {', '.join(CHECK_TYPES)})")
+        return None
+    if not isinstance(ignore, bool):
+        errs.append(f"{label}: 'ignoreCase' must be true or false")
+    n = len(errs)
+    if kind in ("contains", "not_contains"):
+        if not (isinstance(value, str) and value) and not (
+            isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+        ):
+            errs.append(f"{label} ({kind}): 'value' must be a non-empty string or a list of them")
+    elif kind == "equals":
+        if not isinstance(value, str):
+            errs.append(f"{label} (equals): 'value' must be a string")
+    elif kind == "regex":
+        if not isinstance(value, str) or not value:
+            errs.append(f"{label} (regex): 'value' must be a non-empty string")
+        else:
+            try:
+                re.compile(value, re.IGNORECASE if ignore is True else 0)
+            except re.error as exc:
+                errs.append(f"{label}: bad regex {value!r}: {exc}")
+    elif kind == "max_chars":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errs.append(f"{label} (max_chars): 'value' must be a positive integer")
+    elif value not in (None, True):  # stops
+        errs.append(f"{label} (stops): takes no value (or true)")
+    if len(errs) > n:
+        return None
+    return EvalCheck(kind, None if kind == "stops" else value, bool(ignore), str(raw.get("description", "")))
+
+
+def suite_hash(cases: list[EvalCase]) -> str:
+    ident = [{"id": c.id, "messages": c.messages, "checks": [k.to_dict() for k in c.checks],
+              "maxNewTokens": c.max_new_tokens} for c in cases]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# --- evaluating models --------------------------------------------------------------------------
+
+
+class _Evaluator:
+    """One loaded base model with the adapters under test attached by name; `use(None)` is the base."""
+
+    def __init__(self, settings: Settings, base: Any, adapters: dict[str, Path]) -> None:
+        from . import models
+
+        self.device = models.resolve_device("auto")
+        self.tokenizer = models.load_tokenizer(base, settings)
+        model = models.load_model(base, settings, self.device)
+        self.peft = bool(adapters)
+        if adapters:
+            from peft import PeftModel
+
+            items = list(adapters.items())
+            model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
+            for name, path in items[1:]:
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        model.eval()
+        self.model = model
+        # Tiny matrices gain nothing from intra-op threads and lose a lot to their synchronisation
+        # (measured: a 17x64 @ 64x192 matmul, 0.1 ms on one thread, 7 ms on two on a busy 2-core machine).
+        self.threads = 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else None
+        tok = self.tokenizer
+        stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.stop_ids = sorted(stops)
+
+    @contextlib.contextmanager
+    def use(self, adapter: str | None):
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            if adapter is None and self.peft:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                if adapter is not None:
+                    self.model.set_adapter(adapter)
+                yield
+        finally:
+            torch.set_num_threads(before)
+
+    def golden(self, cases: list[EvalCase]) -> list[dict[str, Any]]:
+        """Greedy answers to every case, batched (left-padded) per token limit: one forward per new token
+        for the whole group instead of one per case."""
+        outputs: dict[str, tuple[str, bool, int]] = {}
+        groups: dict[int, list[EvalCase]] = {}
+        for case in cases:
+            groups.setdefault(case.max_new_tokens, []).append(case)
+        for limit, group in sorted(groups.items()):
+            for k in range(0, len(group), GEN_BATCH):
+                outputs |= self._generate(group[k : k + GEN_BATCH], limit)
+        results = []
+        for case in cases:
+            output, stopped, n_new = outputs[case.id]
+            checks = [{**c.to_dict(), "passed": c.run(output, stopped)} for c in case.checks]
+            results.append({
+                "id": case.id, "source": case.source, "prompt": case.messages[-1]["content"], "output": output,
+                "stopped": stopped, "newTokens": n_new, "checks": checks, "passed": all(c["passed"] for c in checks),
+            })
+        return results
+
+    def _generate(self, cases: list[EvalCase], limit: int) -> dict[str, tuple[str, bool, int]]:
+        import torch
+
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=True) for c in cases]
+        side = tok.padding_side
+        tok.padding_side = "left"  # answers start right after each prompt
+        try:
+            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
+        finally:
+            tok.padding_side = side
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc, max_new_tokens=limit, do_sample=False, eos_token_id=self.stop_ids,
+                pad_token_id=tok.pad_token_id,
+            )
+        result = {}
+        for case, row in zip(cases, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
+            end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            new = row if end is None else row[:end]
+            # keep every other special token in the text: a leaked <|im_start|> must be visible to checks
+            result[case.id] = (tok.decode(new, skip_special_tokens=False), end is not None, len(new) + (end is not None))
+        return result
+
+    def losses(self, tokenized: Any) -> dict[str, float | None]:
+        """Mean loss per trained token on the val and test splits (None for an empty split)."""
+        import torch
+        import torch.nn.functional as F
+
+        from .tokens import make_batch
+        from .train import forward_supervised
+
+        out: dict[str, float | None] = {}
+        for split in ("val", "test"):
+            samples = [e for e in tokenized.splits.get(split, []) if e.n_supervised]
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for k in range(0, len(samples), 8):
+                    batch = make_batch(samples[k : k + 8], tokenized.max_seq_length, self.tokenizer.pad_token_id)
+                    logits, targets = forward_supervised(self.model, batch, self.device)
+                    total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+                    count += int(targets.numel())
+            out[split] = total / count if count else None
+        return out
+
+
+def _golden_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
+    checks = [c for r in results for c in r["checks"]]
+    passed = sum(1 for r in results if r["passed"])
+    return {
+        "goldenPassed": passed,
+        "goldenTotal": len(results),
+        "goldenPassRate": passed / len(results) if results else 0.0,
+        "checksPassed": sum(1 for c in checks if c["passed"]),
+        "checksTotal": len(checks),
+        "stoppedRate": sum(1 for r in results if r["stopped"]) / len(results) if results else 0.0,
+    }
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GateReport:
+    decision: str  # pass | fail
+    reasons: list[str]
+    candidate: dict[str, Any]
+    baseline: dict[str, Any]
+    metrics: dict[str, Any]
+    base_metrics: dict[str, Any]
+    thresholds: dict[str, Any]
+    context: dict[str, Any]
+    cases: list[dict[str, Any]]
+    created: str
+    notes: list[str] = field(default_factory=list)
+    promoted: bool | None = None  # gate_candidate only
+    path: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "pass"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite({
+            "format": GATE_FORMAT, "decision": self.decision, "passed": self.passed, "reasons": self.reasons,
+            "candidate": self.candidate, "baseline": self.baseline, "metrics": self.metrics,
+            "baseMetrics": self.base_metrics, "thresholds": self.thresholds, "context": self.context,
+            "cases": self.cases, "created": self.created, "notes": self.notes, "promoted": self.promoted,
+        })
+
+    def gate_record(self) -> dict[str, Any]:
+        """What the registry keeps on the version (and what a later gate compares against)."""
+        return _finite({
+            "status": "passed" if self.passed else "failed", "passed": self.passed, "reasons": self.reasons,
+            "at": self.created, "metrics": self.metrics, "baseMetrics": self.base_metrics,
+            "context": self.context, "baseline": self.baseline.get("ref"), "promoted": self.promoted,
+            "thresholds": self.thresholds,
+        })
+
+    def raise_on_fail(self) -> GateReport:
+        if not self.passed:
+            raise CheckFailed(f"Eval gate failed for {self.candidate['ref']}: " + "; ".join(self.reasons)
+                              + f" (see {self.path or REPORT_FILE}).")
+        return self
+
+
+def eval_gate(
+    settings: Settings,
+    *,
+    adapter: str | None = None,
+    base_model: str | None = None,
+    thresholds: dict[str, Any] | GateThresholds | None = None,
+) -> GateReport:
+    """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION; or the base model when none is
+    active) and write reports/eval/eval-gate-latest.json. Returns the report whatever the decision;
+    `report.raise_on_fail()` turns a failed gate into CheckFailed."""
+    th = parse_thresholds(thresholds)
+    if adapter:
+        from . import registry
+
+        name, version = registry.parse_ref(adapter)
+        entry = registry.get_version(settings, name, version)
+    else:
+        entry = _active_for_base(settings, base_model)
+    report = _run(settings, entry, base_model, th)
+    _write(settings, report)
+    return report
+
+
+def gate_candidate(
+    settings: Settings,
+    name: str,
+    version: str,
+    *,
+    promote: bool = True,
+    thresholds: dict[str, Any] | GateThresholds | None = None,
+) -> GateReport:
+    """The post-training gate: evaluate NAME@VERSION against the current active version (else the base);
+    when it passes and `promote`, make it active. The outcome is recorded on the version either way."""
+    from . import registry
+
+    th = parse_thresholds(thresholds)
+    entry = registry.get_version(settings, name, version)
+    report = _run(settings, entry, None, th)
+    report.promoted = False
+    if report.passed and promote:
+        active = registry.list_adapters(settings)[name].get("aliases", {}).get("active")
+        if active == entry["version"]:
+            report.notes.append("already active")
+        else:
+            try:
+                registry.activate(settings, name, entry["version"], reason="eval gate passed")
+                report.promoted = True
+            except Conflict as err:  # e.g. trained on another base than the configured one
+                report.notes.append(f"not activated: {err.message}")
+    elif not report.passed:
+        report.notes.append("stays registered but inactive: " + "; ".join(report.reasons))
+    registry.record_gate(settings, name, entry["version"], report.gate_record())
+    _write(settings, report)
+    return report
+
+
+def last_report(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return read_json(settings.reports_eval_dir / REPORT_FILE)
+    except ValueError:
+        return None
+
+
+def _write(settings: Settings, report: GateReport) -> None:
+    path = settings.reports_eval_dir / REPORT_FILE
+    report.path = str(path)
+    atomic_write_json(path, report.to_dict())
+
+
+def _active_for_base(settings: Settings, base_model: str | None) -> dict[str, Any] | None:
+    """The active adapter trained on the configured (or given) base model; None when there is none."""
+    from . import models, registry
+
+    base = models.resolve_base(base_model, settings)
+    active = []
+    for name, adapter in sorted(registry.list_adapters(settings).items()):
+        if adapter.get("aliases", {}).get("active"):
+            entry = registry.get_version(settings, name, "active")
+            if entry.get("baseModel", {}).get("fingerprint") == base.fingerprint:
+                active.append(entry)
+    if len(active) > 1:
+        preferred = [e for e in active if e["name"] == "luna-adapter"]
+        if not preferred:
+            refs = ", ".join(f"{e['name']}@{e['version']}" for e in active)
+            raise UsageError(f"Several adapters are active on this base model ({refs}); name one with --adapter.")
+        return preferred[0]
+    return active[0] if active else None
+
+
+def _ref(entry: dict[str, Any] | None, base: Any) -> str:
+    return f"{entry['name']}@{entry['version']}" if entry else f"base:{base.id}"
+
+
+def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | None, th: GateThresholds) -> GateReport:
+    from . import models, registry
+
+    cases = load_suite(settings)
+    notes: list[str] = []
+    if entry is not None:
+        if entry.get("replaced"):
+            raise Conflict(f"{entry['name']}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
+        trained_on = entry.get("baseModel", {})
+        base = models.resolve_base(trained_on.get("id"), settings)
+        if base.fingerprint != trained_on.get("fingerprint"):
+            raise Conflict(f"{entry['name']}@{entry['version']} was trained on base model {trained_on.get('id')!r}, "
+                           "whose files have changed since (fingerprint differs); retrain it.")
+        params = entry.get("params") or {}
+        tier, max_len = entry.get("datasetTier", DEFAULT_TIER), int(params.get("maxSeqLength", 1024))
+    else:
+        base = models.resolve_base(base_model, settings)
+        tier, max_len = DEFAULT_TIER, 1024
+
+    # Baseline: the active version of the same adapter (when it is another version on the same base).
+    baseline_entry = None
+    if entry is not None:
+        active = registry.list_adapters(settings)[entry["name"]].get("aliases", {}).get("active")
+        if active:
+            candidate_active = registry.get_version(settings, entry["name"], "active")
+            if candidate_active.get("baseModel", {}).get("fingerprint") == base.fingerprint:
+                baseline_entry = candidate_active
+            else:
+                notes.append(f"the active {entry['name']}@{active} is on another base model; compared with the base")
+
+    adapters = {}
+    if entry is not None:
+        adapters["candidate"] = registry.adapter_dir(settings, entry)
+    ev = _Evaluator(settings, base, adapters)
+    tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
+    context = {
+        "format": GATE_FORMAT, "suite": suite_hash(cases), "tier": tier, "maxSeqLength": max_len,
+        "data": tokenized.fingerprint if tokenized else None, "base": base.fingerprint,
+    }
+
+    cand = "candidate" if entry is not None else None
+    with ev.use(cand):
+        results = ev.golden(cases)
+        cand_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}
+    metrics = _golden_metrics(results) | {"valLoss": cand_losses["val"], "testLoss": cand_losses["test"]}
+    with ev.use(None):
+        base_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}
+    base_metrics: dict[str, Any] = {"valLoss": base_losses["val"], "testLoss": base_losses["test"]}
+
+    baseline: dict[str, Any]
+    baseline_cases = None
+    if entry is None:
+        baseline = {"kind": "base", "ref": _ref(None, base), "source": "candidate itself", "metrics": metrics}
+    elif baseline_entry is not None and _comparable(baseline_entry, context):
+        baseline = {"kind": "adapter", "ref": _ref(baseline_entry, base), "source": "recorded",
+                    "metrics": baseline_entry["gate"]["metrics"]}
+    elif baseline_entry is not None and baseline_entry["version"] != entry["version"]:
+        ev2 = _Evaluator(settings, base, {"baseline": registry.adapter_dir(settings, baseline_entry)})
+        with ev2.use("baseline"):
+            bl_results = ev2.golden(cases)
+            bl_losses = ev2.losses(tokenized) if tokenized else {"val": None, "test": None}
+        baseline_cases = {r["id"]: r["passed"] for r in bl_results}
+        baseline = {"kind": "adapter", "ref": _ref(baseline_entry, base), "source": "evaluated",
+                    "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]}}
+    else:
+        with ev.use(None):
+            base_results = ev.golden(cases)
+        baseline_cases = {r["id"]: r["passed"] for r in base_results}
+        base_metrics |= _golden_metrics(base_results)
+        baseline = {"kind": "base", "ref": _ref(None, base), "source": "evaluated", "metrics": base_metrics}
+    if baseline_cases is not None:
+        for r in results:
+            r["baselinePassed"] = baseline_cases.get(r["id"])
+
+    reasons = decide(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
+    return GateReport(
+        decision="fail" if reasons else "pass",
+        reasons=reasons,
+        candidate={"kind": "adapter" if entry else "base", "ref": _ref(entry, base),
+                   "name": entry["name"] if entry else None, "version": entry["version"] if entry else None,
+                   "baseModel": base.id, "baseFingerprint": base.fingerprint, "tier": tier, "device": ev.device},
+        baseline=baseline,
+        metrics=metrics,
+        base_metrics=base_metrics,
+        thresholds=th.model_dump(),
+        context=context,
+        cases=results,
+        created=_now(),
+        notes=notes,
+    )
+
+
+def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, notes: list[str]) -> Any:
+    from .export import read_tier
+    from .tokens import tokenize_tier
+
+    try:
+        data = read_tier(settings, tier)
+    except NotFound:
+        notes.append("no export: losses on val/test were not measured")
+        return None
+    if not data.val and not data.test:
+        notes.append(f"the {tier} export has no val or test samples: losses were not measured")
+        return None
+    return tokenize_tier(settings, tier, tokenizer, max_len, data=data)
+
+
+def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:
+    gate = entry.get("gate") or {}
+    return gate.get("context") == context and isinstance(gate.get("metrics"), dict)
+
+
+def decide(
+    metrics: dict[str, Any],
+    base_metrics: dict[str, Any],
+    baseline: dict[str, Any],
+    th: GateThresholds,
+    *,
+    candidate_is_base: bool = False,
+) -> list[str]:
+    """Every failed rule as one reason (empty: pass). Also adds the loss ratios to `metrics`."""
+    reasons = []
+    rate = metrics["goldenPassRate"]
+    if rate < th.min_golden_pass_rate:
+        reasons.append(f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}")
+    for split in ("val", "test"):
+        loss, base_loss = metrics.get(f"{split}Loss"), base_metrics.get(f"{split}Loss")
+        if loss is None:
+            continue
+        if not math.isfinite(loss):
+            reasons.append(f"{split} loss is {loss}")
+            continue
+        if candidate_is_base or not base_loss:
+            continue
+        ratio = loss / base_loss
+        metrics[f"{split}LossRatioVsBase"] = ratio
+        if ratio > th.max_val_loss_ratio_vs_base:
+            reasons.append(f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
+                           f"(allowed {th.max_val_loss_ratio_vs_base})")
+    if candidate_is_base or baseline.get("source") == "candidate itself":
+        return reasons
+    bl = baseline.get("metrics") or {}
+    bl_rate = bl.get("goldenPassRate")
+    if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
+        reasons.append(f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
+                       f"allowed drop {th.max_golden_pass_rate_drop})")
+    if baseline.get("kind") == "adapter":  # against the base, the loss ratio rule above applies
+        for split in ("val", "test"):
+            loss, bl_loss = metrics.get(f"{split}Loss"), bl.get(f"{split}Loss")
+            if loss is not None and bl_loss and math.isfinite(loss) and loss > bl_loss * (1 + th.max_loss_regression):
+                reasons.append(f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
+                               f"allowed +{th.max_loss_regression:.0%})")
+    return reasons
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite numbers become their string form."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
