@@ -23,7 +23,10 @@ import httpx
 import psutil
 import pytest
 
+from typer.testing import CliRunner
+
 from lunatrain import export, registry, store, trainer_client
+from lunatrain.cli import app
 from lunatrain.errors import Conflict, NotFound
 from lunatrain.jobs import TERMINAL, Job
 from lunatrain.models import ensure_tiny
@@ -50,11 +53,15 @@ class Trainer:
 
 
 def prepare_root(home: Path) -> None:
-    """The user's first steps: seed the bundled examples, export them, build the tiny base model."""
+    """The user's first steps: seed the bundled examples, export them, build the tiny base model; and a
+    one-case eval suite, so the gate after a training job stays quick."""
     settings = load_settings(home=home)
     store.load_seed(settings)
     export.export(settings)
     ensure_tiny(settings)
+    case = {"id": "short", "prompt": "Wer bist du?", "checks": [{"type": "max_chars", "value": 4000}], "maxNewTokens": 4}
+    settings.eval_dir.mkdir(parents=True, exist_ok=True)
+    (settings.eval_dir / "mini.jsonl").write_text(json.dumps(case) + "\n")
 
 
 def copy_root(src: Path, dst: Path) -> None:
@@ -205,13 +212,15 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     assert retry.status_code == 200 and retry.json()["id"] == a["id"]
     with pytest.raises(Conflict, match="req-a"):  # same key, other parameters
         submit(settings, QUICK | {"adapterName": "fifo-a", "maxSteps": 3}, "req-a")
-    b = submit(settings, QUICK | {"adapterName": "fifo-b"})
+    b = submit(settings, QUICK | {"adapterName": "fifo-b", "gate": True})  # the eval gate runs after training
     assert b.status == "queued"
 
     seen: set[tuple[str, str]] = set()
 
     def both_done() -> bool:
-        ja, jb = trainer_client.get_job(settings, a["id"]), trainer_client.get_job(settings, b.id)
+        # One list request reads both jobs in one query: a consistent snapshot of the two states.
+        jobs = {j.id: j for j in trainer_client.list_jobs(settings, limit=500)}
+        ja, jb = jobs[a["id"]], jobs[b.id]
         seen.add((ja.status, jb.status))
         return ja.finished and jb.finished
 
@@ -230,6 +239,10 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
         assert job.progress.step == 2 and job.progress.percent == 100.0 and job.error is None
         assert job.metrics["steps"] == 2 and job.metrics["trainLoss"] > 0
 
+    assert ja.gate is None  # gate: false
+    gate = versions(settings, "fifo-b")[0]["gate"]
+    assert jb.gate["status"] == gate["status"] in ("passed", "failed") and jb.gate["reasons"] == gate["reasons"]
+
     events = all_events(settings, ja.id, page=3)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # contiguous cursor over pages
     statuses = [e.model_extra["status"] for e in events if e.type == "status"]
@@ -239,6 +252,14 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     again = httpx.post(url + "/jobs", json=body, trust_env=False)
     assert again.status_code == 200 and again.json()["status"] == "succeeded"
     assert len(versions(settings, "fifo-a")) == 1
+
+    # The CLI view of the same jobs (plain lines: the runner is not a terminal).
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": url}
+    followed = CliRunner().invoke(app, ["jobs", "follow", ja.id], env=env)
+    assert followed.exit_code == 0, followed.output
+    assert "progress step 2/2" in followed.output and f"succeeded: adapter fifo-a@{ja.adapter.version}" in followed.output
+    listed = CliRunner().invoke(app, ["jobs", "list", "--limit", "2"], env=env)
+    assert listed.exit_code == 0 and listed.output.index(jb.id) < listed.output.index(ja.id)
 
 
 # --- cancel ----------------------------------------------------------------------------------------
@@ -274,6 +295,11 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     health = trainer_client.health(settings)
     assert health.status == "ok" and health.queue.running == 0 and svc.proc.poll() is None
     assert versions(settings, "crashy") == [] and versions(settings, "nanny") == []
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
+    shown = CliRunner().invoke(app, ["jobs", "show", nanny.id], env=env)
+    assert shown.exit_code == 1 and "nan_loss" in shown.output
+    health_cli = CliRunner().invoke(app, ["health"], env=env)
+    assert health_cli.exit_code == 0 and ("Online (CPU)" in health_cli.output or "Aktiv (CUDA)" in health_cli.output)
 
 
 # --- kill -9 of the trainer ----------------------------------------------------------------------

@@ -177,6 +177,11 @@ class Runner:
         while not self._stopping.is_set():
             job = self.store.next_queued()
             if job is None:
+                if not self.settings.home.is_dir():
+                    # Data root deleted under us (e.g. a temp dir): nothing left to serve; exit cleanly.
+                    log.error("data root %s is gone; shutting down", self.settings.home)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
                 self._wake.wait(timeout=2.0)
                 self._wake.clear()
                 continue
@@ -213,17 +218,17 @@ class Runner:
             if self.store.get(job.id).status == "cancelling":  # cancel arrived before the child existed
                 self._terminate(proc)
             assert proc.stdout is not None
-            result = self._pump(job.id, proc.stdout)
+            result, trained = self._pump(job.id, proc.stdout)
             code = proc.wait()
         finally:
             signal_group(proc.pid, signal.SIGKILL)  # anything the child started and left behind
             with self._lock:
                 self._proc, self._job_id = None, None
-        self._finish(job.id, result, code, log_path)
+        self._finish(job.id, result, trained, code, log_path)
 
-    def _pump(self, job_id: str, stdout: IO[bytes]) -> dict[str, Any] | None:
-        """Record the child's event lines until it closes stdout; return its result line, if any."""
-        result = None
+    def _pump(self, job_id: str, stdout: IO[bytes]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Record the child's event lines until it closes stdout; return its result and trained lines."""
+        result = trained = None
         progress = Progress()
         while raw := stdout.readline(_MAX_LINE):
             try:
@@ -237,6 +242,8 @@ class Runner:
             if kind == "result":
                 result = event
                 continue
+            if kind == "trained":
+                trained = event
             snapshot = metrics = None
             if kind == "progress":
                 with contextlib.suppress(ValueError):
@@ -244,17 +251,23 @@ class Runner:
             elif kind == "eval":
                 metrics = {k: v for k, v in event.items() if isinstance(v, int | float) and k != "step"}
             self.store.add_event(job_id, kind, event, progress=snapshot, metrics=metrics)
-        return result
+        return result, trained
 
-    def _finish(self, job_id: str, result: dict[str, Any] | None, code: int, log_path: Path) -> None:
+    def _finish(
+        self, job_id: str, result: dict[str, Any] | None, trained: dict[str, Any] | None, code: int, log_path: Path
+    ) -> None:
         cancel_requested = self.store.get(job_id).status == "cancelling"
         status = (result or {}).get("status")
         metrics = (result or {}).get("metrics") or {}
-        if status == "succeeded":
-            # Training finished and registered: that stands even if a cancel came in during the last moments.
+        if status == "succeeded" or trained is not None:
+            # An adapter was registered: that stands, even if a cancel or a crash hit the eval gate after it.
+            gate = (result or {}).get("gate")
+            if status != "succeeded":
+                gate = {"status": "interrupted", "passed": False,
+                        "reasons": ["the eval gate did not finish; run `lunatrain eval-gate --adapter NAME@VERSION`"]}
             job = self.store.set_status(
-                job_id, "succeeded", adapter=_adapter(result, self.settings.home), metrics=metrics,
-                gate=(result or {}).get("gate"),
+                job_id, "succeeded", adapter=_adapter(result if status == "succeeded" else trained, self.settings.home),
+                metrics=metrics or (trained or {}).get("metrics") or {}, gate=gate,
             )
         elif cancel_requested:
             job = self.store.set_status(job_id, "cancelled", metrics=metrics or None, message="cancelled")

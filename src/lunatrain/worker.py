@@ -4,8 +4,9 @@
 
 The trainer starts one per job, in its own process group, with `ASSISTANT_HOME` set; it can also be run by
 hand to debug a job. Protocol: one JSON object per line on the original stdout — the engine's events
-(`progress`, `eval`, `log`), then exactly one `{"type": "result", "status", "adapter", "metrics", "error",
-"gate"}` as the last line. Everything else anything prints goes to stderr (the job's log file), so a stray
+(`progress`, `eval`, `log`), `{"type": "trained", "adapter", "metrics"}` as soon as an adapter is registered
+(before the eval gate runs on it), then exactly one `{"type": "result", "status", "adapter", "metrics",
+"error", "gate"}` as the last line. Everything else anything prints goes to stderr (the job's log file), so a stray
 `print` in a library can never corrupt the stream. A child that ends without a result line has crashed.
 
 Stopping: SIGTERM asks the engine to stop at the next step (result `cancelled`, nothing registered). When
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import IO, Any
 
 from .jobs import finite
@@ -155,8 +157,12 @@ def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: thread
         traceback.print_exc(file=sys.stderr)
         return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
     out = _result_dict(result, settings.home)
-    if out["status"] == "succeeded" and params.gate and out.get("adapter"):
-        out["gate"] = _gate(settings, out["adapter"], channel)
+    if out["status"] == "succeeded" and out.get("adapter"):
+        # Registered now: tell the trainer before the gate, so a cancel or crash during the gate cannot
+        # make a registered adapter look like a job that produced nothing.
+        channel.send({"type": "trained", "adapter": out["adapter"], "metrics": out["metrics"]})
+        if params.gate:
+            out["gate"] = _gate(settings, out["adapter"], channel)
     return out
 
 
@@ -170,33 +176,19 @@ def _fire(fault: str) -> None:
 
 
 def _gate(settings: Any, adapter: dict[str, Any], channel: Channel) -> dict[str, Any]:
-    """Run the eval gate on the new version; its failure never undoes the trained adapter."""
-    try:
-        from .evalgate import gate_candidate
-    except ImportError:
-        return {"status": "skipped", "reason": "eval gate not available"}
+    """Run the eval gate on the new version (promote on pass); its failure never undoes the adapter."""
+    from .evalgate import gate_candidate
+
     channel.send({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}"})
     try:
-        outcome = gate_candidate(settings, adapter["name"], adapter["version"], promote=True)
+        report = gate_candidate(settings, adapter["name"], adapter["version"], promote=True)
     except Exception as exc:  # noqa: BLE001 - a broken gate leaves the adapter registered, inactive
         traceback.print_exc(file=sys.stderr)
-        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    return finite(_as_dict(outcome))
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, dict):
-        return obj
-    for attr in ("to_dict", "model_dump"):
-        if callable(getattr(obj, attr, None)):
-            return getattr(obj, attr)()
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    return {"value": str(obj)}
+        return {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
+    record = report.gate_record()
+    channel.send({"type": "log", "message": f"eval gate {record['status']}"
+                  + (f": {'; '.join(record['reasons'])}" if record.get("reasons") else "")})
+    return finite(record)
 
 
 def _result_dict(result: Any, home: Any) -> dict[str, Any]:
@@ -204,7 +196,9 @@ def _result_dict(result: Any, home: Any) -> dict[str, Any]:
     status = getattr(result.status, "value", result.status)
     adapter = None
     if status == "succeeded" and result.version:
-        adapter = {"name": result.adapter_name, "version": result.version, "path": str(result.path)}
+        path = Path(result.path)
+        rel = path.relative_to(home) if path.is_relative_to(home) else path  # no machine layout in job JSON
+        adapter = {"name": result.adapter_name, "version": result.version, "path": str(rel)}
     metrics = (result.report or {}).get("metrics") or {}
     error = None if status == "succeeded" else _normalize_error(result.error)
     return {"type": "result", "status": status, "adapter": adapter, "metrics": metrics, "error": error}
@@ -234,4 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: with torch and tokenizer thread pools loaded it takes seconds, during
+    # which the job would wait for nothing. Everything the job wrote is already closed (atomic writes).
+    os._exit(code)

@@ -1,6 +1,6 @@
 """`lunatrain trainer`, `lunatrain health` and `lunatrain jobs …`: run, probe and drive the trainer service.
 
-`follow()` and `submit_and_follow()` are the live view that `lunatrain lora` uses: a rich progress bar on a
+`follow()` and `follow_and_report()` are the live view that `lunatrain lora` uses: a rich progress bar on a
 terminal, plain lines otherwise; Ctrl-C detaches (the job keeps running in the trainer) and says how to
 come back. Exit codes: 0 succeeded, 1 failed or cancelled (or trainer offline), 2 usage, 130 detached.
 """
@@ -17,7 +17,6 @@ from .. import trainer_client
 from ..ensure import ensure_trainer
 from ..errors import LunaError, ServiceUnavailable
 from ..jobs import Event, Health, Job
-from ..params import LoraParams
 from ..settings import Settings, load_settings
 from .app import app, fail, is_tty
 
@@ -269,6 +268,8 @@ def follow(settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s:
 
 
 def follow_and_report(settings: Settings, job_id: str) -> int:
+    """Follow the job, print its outcome; 0 succeeded, 1 failed or cancelled. Ctrl-C prints how to come
+    back and exits 130 (typer.Exit, so that callers such as `lunatrain lora` end the same way)."""
     try:
         job = follow(settings, job_id)
     except KeyboardInterrupt:
@@ -277,22 +278,6 @@ def follow_and_report(settings: Settings, job_id: str) -> int:
             f"state: `lunatrain jobs show {job_id}`; stop it: `lunatrain jobs cancel {job_id}`.",
             err=True,
         )
-        return DETACHED
+        raise typer.Exit(DETACHED) from None
     typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."))
     return 0 if job.status == "succeeded" else 1
-
-
-def submit_and_follow(
-    settings: Settings, params: LoraParams, *, ensure: bool = False, request_id: str | None = None, detach: bool = False
-) -> int:
-    """`lunatrain lora` without --local: ensure the trainer (on demand unless disabled), submit, follow.
-
-    Returns the exit code: 0 succeeded, 1 failed/cancelled, 130 detached by Ctrl-C (0 with `detach`, which
-    only submits and prints the job id).
-    """
-    ensure_trainer(settings, explicit=ensure)
-    job = trainer_client.submit(settings, params, request_id)
-    typer.echo(f"Submitted job {job.id} ({job.status}) to {settings.lora_trainer_url}.")
-    if detach:
-        return 0
-    return follow_and_report(settings, job.id)
