@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -200,3 +201,22 @@ def test_overwrite_replaces_one_slot_only_on_success(settings):
     assert [(v["version"], v["revision"], v.get("replaced", False)) for v in versions] == [
         ("current", 1, True), ("current", 2, False)]
     assert registry.get_version(settings, "luna-adapter", "current")["revision"] == 2
+
+
+@pytest.mark.slow
+def test_on_the_bundled_dataset_the_adapter_beats_the_base(settings):
+    """The whole data path: bundled seed → store → export → LoRA on the curated tier."""
+    from lunatrain import store
+    from lunatrain.export import export
+
+    store.load_seed(settings)
+    summary = export(settings)
+    result = run_lora({"epochs": 3, "batchSize": 8, "rank": 8, "learningRate": 1e-2, "maxSeqLength": 512}, settings)
+    assert result.ok, result.error
+    m = result.report["metrics"]
+    assert result.report["dataset"]["fingerprint"] == summary.fingerprint
+    assert result.report["dataset"]["valSamples"] > 0
+    assert m["valLoss"] < m["baseValLoss"] - 0.5, m
+    # and better than a uniform guess over the vocabulary: it learned the data, not just undid the init
+    vocab = models.load_model(None, settings).config.vocab_size
+    assert m["valLoss"] < math.log(vocab), (m, vocab)

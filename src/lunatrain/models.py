@@ -31,7 +31,7 @@ from .settings import Settings
 
 TINY_ID = "luna-tiny"
 # Bump when the recipe below changes in a way that changes the bytes (the manifest records it).
-TINY_RECIPE_VERSION = 1
+TINY_RECIPE_VERSION = 2
 TINY_SEED = 1234
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -129,6 +129,7 @@ def build_tiny_model(
     model_vocab: int | None = None,
     max_positions: int = 4096,
     seed: int = TINY_SEED,
+    embed_std: float = 0.1,
     corpus: list[str] | None = None,
 ) -> Path:
     """Write a Llama-architecture causal LM with random weights and a trained BPE tokenizer to `path`.
@@ -166,6 +167,10 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).float()
+        # Wider (tied) embeddings than the 0.02 of the other layers: with 0.02 the output layer can barely
+        # move the logits (|logit| <= |h| * |e| is tiny), so no adapter could show that it learned anything.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embed_std)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
     path.mkdir(parents=True, exist_ok=True)

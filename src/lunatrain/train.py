@@ -461,6 +461,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
             "tier": p.dataset_tier, "fingerprint": run.data.fingerprint, "export": run.data.summary,
             "trainSamples": len(run.train), "valSamples": len(run.val),
             "tokenStats": run.tokens.stats, "tokenCacheKey": run.tokens.key,
+            "tokenCacheHit": run.tokens.cache_hit,
         },
         "baseModel": {"id": run.base.id, "revision": run.base.revision, "configSha256": run.base.config_sha256,
                       "fingerprint": run.base.fingerprint},
