@@ -91,8 +91,9 @@ def shot(page, output_dir: Path, name: str) -> None:
 
 def open_page(page, services: Services, query: str = "") -> None:
     page.goto(f"{services.api_url}/{query}")
-    # Loaded once the provider label left its "checking" state.
+    # Loaded once the provider label left its "checking" state and the panels are no longer aria-busy.
     expect(page.locator("#provider-label")).not_to_have_attribute("data-state", "checking", timeout=UI_TIMEOUT_MS)
+    expect(page.locator("section[aria-busy]")).to_have_count(0, timeout=UI_TIMEOUT_MS)
 
 
 def adapters_json(services: Services) -> dict:
@@ -224,6 +225,39 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
     shot(page, output_dir, "1-server-422")
 
 
+def test_data_panel_counts_export_and_preflight(page, services: Services, output_dir: Path, seeded: None) -> None:
+    status = httpx.get(f"{services.api_url}/assistant/training/status", params={"minCurated": 30}, timeout=30,
+                       trust_env=False).json()
+    approved = status["counts"]["curated"]["approved"]
+    assert approved > 30  # the bundled dataset
+    open_page(page, services)
+    curated_row = page.locator('#counts-table tr[data-source="curated"]')
+    expect(curated_row.locator("td").first).to_have_text(f"{approved:,}".replace(",", "."))
+    expect(page.locator("#data-ready")).to_have_attribute("data-ready", "yes")
+
+    # A threshold above the data makes it "not ready", straight from the server's answer.
+    page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)").fill(str(approved + 1))
+    page.get_by_role("button", name="Aktualisieren").click()
+    expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
+    expect(page.locator("#data-ready")).to_contain_text("Nicht bereit")
+
+    page.get_by_role("button", name="Exportieren").click()
+    expect(page.locator("#notices")).to_contain_text("Export fertig", timeout=120_000)
+    facts = page.locator("#data-facts")
+    expect(facts).to_contain_text(re.compile(r"Datenbank seit Export geändert\s*nein"))
+
+    page.get_by_role("button", name="Preflight (prepare)").click()
+    expect(page.locator("#notices")).to_contain_text("Preflight fertig", timeout=300_000)
+    checks = page.locator("#checks-table tbody tr")
+    assert checks.count() >= 3
+    # Every row names its severity, a count and the check's id with its message.
+    for row in checks.all():
+        assert row.locator(".severity").inner_text().strip()
+        assert re.fullmatch(r"[\d.]+", row.locator("td.num").inner_text().strip())
+        assert row.locator("code").inner_text().strip()
+    shot(page, output_dir, "1-data-export-prepare")
+
+
 def test_example_adapter_shows_progress_and_lands_in_the_registry(
     page, services: Services, output_dir: Path, trainer_up: None
 ) -> None:
@@ -344,8 +378,6 @@ def test_keyboard_reaches_every_control_in_order_and_every_input_is_labelled(
     open_page(page, services)
     # Folded fields are reachable once opened; opened without a click so that Tab starts at the page's top.
     page.evaluate("document.querySelector('details.advanced').open = true")
-    expect(page.locator("#adapters-empty, .adapters-table").first).to_be_visible()
-    page.wait_for_timeout(500)
 
     unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
         .filter((el) => el.offsetParent !== null)
@@ -387,7 +419,7 @@ def test_narrow_width_has_no_horizontal_scroll(browser, services: Services, outp
     try:
         page = context.new_page()
         open_page(page, services)
-        expect(page.locator("#counts-table tbody tr")).to_have_count(3, timeout=UI_TIMEOUT_MS)
+        expect(page.locator("#counts-table tbody tr")).to_have_count(4, timeout=UI_TIMEOUT_MS)  # 3 sources + memory
         page.locator("details.advanced > summary").click()
         widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         assert widths[0] <= widths[1], f"page scrolls sideways at 360px: {widths}"

@@ -29,11 +29,15 @@ export class AdapterView {
   }
 
   async load() {
+    const section = document.getElementById("adapters");
+    section.setAttribute("aria-busy", "true");
     try {
       const { bases = [] } = await api.adapters();
       this.render(bases);
     } catch (error) {
       showError(error, t("adapters.heading"));
+    } finally {
+      section.removeAttribute("aria-busy");
     }
   }
 

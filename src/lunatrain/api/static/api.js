@@ -65,38 +65,15 @@ export const api = {
   start: (params) => post("/lora/start", params),
   quickStart: (body) => post("/lora/quick-start", body),
   exampleAdapter: (body) => post("/lora/example-adapter", body),
-  job: async (jobId) => normalizeJob(await get("/lora/status", { jobId })),
-  latestJob: async () => normalizeJob(await get("/lora/status")),
-  events: async (jobId, after) => normalizeEvents(await get(`/lora/jobs/${seg(jobId)}/events`, { after, limit: 500 })),
-  cancel: async (jobId) => normalizeJob(await post(`/lora/jobs/${seg(jobId)}/cancel`)),
+  job: (jobId) => get("/lora/status", { jobId }),
+  latestJob: () => get("/lora/status"),
+  events: (jobId, after) => get(`/lora/jobs/${seg(jobId)}/events`, { after, limit: 500 }),
+  cancel: (jobId) => post(`/lora/jobs/${seg(jobId)}/cancel`),
   adapters: () => get("/adapters"),
   activate: (name, version) => post(`/adapters/${seg(name)}/activate`, { version }),
   rollback: (name) => post(`/adapters/${seg(name)}/rollback`),
   reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
   curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
 };
-
-// The API documents `jobId`/`state`, `progress.total`/`eta` and `{events, nextCursor}`; the trainer's own
-// records say `id`/`status`, `totalSteps`/`etaSeconds`/`tokensPerSec` and `{data, lastSeq}`. Reading both
-// spellings in this one place keeps the panels simple whichever form a route passes through.
-export function normalizeJob(job) {
-  if (!job) return job;
-  const p = job.progress ?? {};
-  return {
-    ...job,
-    jobId: job.jobId ?? job.id,
-    state: job.state ?? job.status,
-    progress: {
-      ...p,
-      total: p.total ?? p.totalSteps,
-      eta: p.eta ?? p.etaSeconds,
-      tokensPerSecond: p.tokensPerSecond ?? p.tokensPerSec,
-    },
-  };
-}
-
-function normalizeEvents(page) {
-  return { events: page?.events ?? page?.data ?? [], nextCursor: page?.nextCursor ?? page?.lastSeq };
-}
 
 export const FINAL_STATES = new Set(["succeeded", "failed", "cancelled"]);

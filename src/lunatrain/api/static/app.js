@@ -1,7 +1,7 @@
 // The training dashboard: provider label, data status, the LoRA form with live job progress, and the adapter
 // registry. Plain ES modules against the assistant API (docs/api.md); no build step.
 
-import { api, setToken, normalizeJob, FINAL_STATES } from "./api.js";
+import { api, setToken, FINAL_STATES } from "./api.js";
 import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
 import { t, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
@@ -29,17 +29,14 @@ function renderHealth(health) {
   badge.dataset.state = state;
   const details = [];
   if (state !== "offline") {
-    // `device` is the trainer's {type, name, memoryTotal, bf16} object, or a plain name next to `deviceName`.
-    const dev = typeof health.device === "object" && health.device ? health.device : {};
-    const name = health.deviceName ?? dev.name ?? (typeof health.device === "string" ? health.device : null);
-    const kind = dev.type ? dev.type.toUpperCase() : "";
-    if (name || kind) details.push(`${t("provider.device")}: ${[kind, name].filter(Boolean).join(" ")}`);
-    const memory = health.memoryTotal ?? dev.memoryTotal;
-    if (memory) details.push(`${t("provider.memory")}: ${formatNumber(memory / 2 ** 30, 1)} GiB`);
-    const bf16 = health.bf16 ?? dev.bf16;
-    if (typeof bf16 === "boolean") details.push(`${t("provider.bf16")}: ${t(bf16 ? "yes" : "no")}`);
+    // The trainer's device: {type: "cpu"|"cuda", name, memoryTotal (bytes), bf16}.
+    const dev = health.device ?? {};
+    const name = [dev.type?.toUpperCase(), dev.name].filter(Boolean).join(" ");
+    if (name) details.push(`${t("provider.device")}: ${name}`);
+    if (dev.memoryTotal) details.push(`${t("provider.memory")}: ${formatNumber(dev.memoryTotal / 2 ** 30, 1)} GiB`);
+    if (typeof dev.bf16 === "boolean") details.push(`${t("provider.bf16")}: ${t(dev.bf16 ? "yes" : "no")}`);
   } else if (health.error) {
-    details.push(typeof health.error === "string" ? health.error : health.error.message ?? "");
+    details.push(health.error);
   }
   $("provider-device").textContent = details.join(" · ");
   $("trainer-start").hidden = state !== "offline";
@@ -104,9 +101,11 @@ function renderDataStatus(status) {
   table.tHead.replaceChildren(h("tr", {}, h("th", { scope: "col" }, t("data.source")),
     STATUSES.map((s) => h("th", { scope: "col", class: "num" }, t(`status.${s}`))),
     h("th", { scope: "col", class: "num" }, t("data.total"))));
-  const sources = [...new Set([...SOURCES, ...Object.keys(counts)])];
+  // Memory items (facts the assistant remembers) are counted apart from examples; they become samples on export.
+  const rows = { ...counts, ...(status.memory ? { memoryItems: status.memory } : {}) };
+  const sources = [...new Set([...SOURCES, ...Object.keys(rows)])];
   table.tBodies[0].replaceChildren(...sources.map((source) => {
-    const row = counts[source] ?? {};
+    const row = rows[source] ?? {};
     const total = row.total ?? STATUSES.reduce((sum, s) => sum + (Number(row[s]) || 0), 0);
     return h("tr", { dataset: { source } }, h("th", { scope: "row" }, t(`source.${source}`)),
       STATUSES.map((s) => h("td", { class: "num" }, formatNumber(row[s] ?? 0))),
@@ -120,18 +119,20 @@ function renderDataStatus(status) {
   ready.textContent = t(status.ready ? "data.ready" : "data.notReady", { curated: formatNumber(curated), min: formatNumber(min) });
 
   const exp = status.lastExport;
-  const job = normalizeJob(status.lastJob);
+  const job = status.lastJob;
   const active = status.activeAdapter;
   const changed = status.changedSinceExport ?? exp?.changedSince;
   fillFacts($("data-facts"), [
     [t("data.lastExport"), exp ? formatDate(exp.time ?? exp.exportedAt ?? exp.createdAt) : t("data.never")],
     [t("data.changedSince"), changed === undefined || changed === null ? t("unknown") : t(changed ? "yes" : "no")],
-    [t("data.lastJob"), job ? `${job.jobId} · ${t(`state.${job.state}`)}` : t("data.never")],
+    [t("data.lastJob"), job ? [job.jobId, t(`state.${job.state}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
+      .filter(Boolean).join(" · ") : t("data.never")],
     [t("data.activeAdapter"), active ? `${active.name} ${active.version}` : t("data.none")],
   ]);
 }
 
 async function loadDataStatus() {
+  $("data").setAttribute("aria-busy", "true");
   try {
     renderDataStatus(await api.dataStatus(minCurated()));
   } catch (error) {
@@ -139,7 +140,10 @@ async function loadDataStatus() {
     $("data-ready").dataset.ready = "unknown";
     $("data-ready").textContent = `${t("err.prefix")}: ${error.message}`;
     showError(error, t("data.heading"));
+  } finally {
+    $("data").removeAttribute("aria-busy");
   }
+  return null;
 }
 
 function renderPrepare(report) {
@@ -147,7 +151,9 @@ function renderPrepare(report) {
   const status = report.status ?? "unknown";
   $("prepare-status").textContent = t("data.prepareStatus", { status: t(`severity.${status}`) });
   $("prepare-status").dataset.status = status;
-  const checks = report.checks ?? [];
+  // Problems first (fail, warn), then the passed checks, each group in the report's order.
+  const rank = { fail: 0, error: 0, warn: 1 };
+  const checks = [...(report.checks ?? [])].sort((a, b) => (rank[a.severity] ?? 2) - (rank[b.severity] ?? 2));
   const body = $("checks-table").tBodies[0];
   body.replaceChildren(...(checks.length ? checks.map((check) => h("tr", { dataset: { severity: check.severity } },
     h("td", {}, h("span", { class: `severity severity-${check.severity}` }, t(`severity.${check.severity}`))),
@@ -199,7 +205,7 @@ async function submitJob(button, call) {
       const accepted = await call();
       clearErrors("invalid_request");
       showNotice(t("train.submitted", { jobId: accepted.jobId }));
-      jobView.follow(normalizeJob(accepted.job) ?? { jobId: accepted.jobId, state: "queued" });
+      jobView.follow(accepted.job);
       loadHealth(); // a start may have started the trainer on demand
     } catch (error) {
       if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));

@@ -94,10 +94,10 @@ export class JobView {
   async readEvents() {
     // Several pages at most per poll; a long job's history arrives over a few polls rather than at once.
     for (let page = 0; page < 5; page += 1) {
-      const { events = [], nextCursor } = await api.events(this.jobId, this.cursor);
+      const { events, nextCursor, hasMore } = await api.events(this.jobId, this.cursor);
       for (const event of events) addPoints(this.series, event);
-      if (nextCursor === undefined || nextCursor === null || nextCursor === this.cursor || !events.length) return;
       this.cursor = nextCursor;
+      if (!hasMore) return;
     }
   }
 
@@ -118,13 +118,12 @@ export class JobView {
       [t("job.state"), t(`state.${job.state}`)],
       [t("job.step"), p.total ? `${formatNumber(p.step ?? 0)} / ${formatNumber(p.total)}` : formatNumber(p.step)],
       [t("job.epoch"), formatFloat(p.epoch, 3)],
-      [t("job.tokensPerSecond"), formatNumber(m.tokensPerSecond ?? p.tokensPerSecond, 0)],
+      [t("job.tokensPerSecond"), formatNumber(p.tokensPerSec ?? m.tokensPerSec, 0)],
       [t("job.eta"), FINAL_STATES.has(job.state) ? "–" : formatDuration(p.eta)],
-      [t("job.trainLoss"), formatFloat(m.trainLoss ?? m.loss ?? p.loss)],
+      [t("job.trainLoss"), formatFloat(m.trainLoss ?? p.loss)],
       [t("job.valLoss"), formatFloat(m.valLoss)],
     ];
-    const device = job.device ?? m.device;
-    if (device) facts.push([t("provider.device"), String(device)]);
+    if (m.device) facts.push([t("provider.device"), String(m.device)]);
     if (job.adapter) facts.push([t("job.adapter"), `${job.adapter.name} ${job.adapter.version}`]);
     if (job.gate) facts.push([t("job.gate"), t(`gate.${job.gate.status ?? (job.gate.passed ? "passed" : "failed")}`)]);
     // The trainer's last log line says what a job does between steps (evaluating, gating, saving).
