@@ -1,0 +1,254 @@
+"""Eval gate: suite validation, checks, thresholds and decisions, and the gate on real adapters of the tiny
+model. Run: `pytest tests/test_evalgate.py -q` (the adapter flow is marked slow: `-m slow`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lunatrain import evalgate, models, registry
+from lunatrain.cli import app
+from lunatrain.errors import CheckFailed, UsageError
+from lunatrain.evalgate import EvalCheck, GateThresholds, decide, load_suite, parse_thresholds
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lunatrain.settings import load_settings
+
+    return models.ensure_tiny(load_settings(home=tmp_path_factory.mktemp("tiny-home")))
+
+
+@pytest.fixture
+def tiny(settings, tiny_dir: Path) -> Path:
+    target = settings.models_dir / models.TINY_ID
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+# --- the suite ----------------------------------------------------------------------------------
+
+GOOD = {"id": "ok", "prompt": "Wer bist du?", "checks": [{"type": "contains", "value": "Luna"}]}
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", "utf-8")
+
+
+def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
+    a = settings.eval_dir / "a.jsonl"
+    b = settings.eval_dir / "b.jsonl"
+    _write(a, [
+        json.dumps(GOOD),
+        '{"id": "broken", "prompt": "x", "checks": [',  # line 2: malformed JSON
+        json.dumps({"id": "re", "prompt": "x", "checks": [{"type": "regex", "value": "(unclosed"}]}),
+        "",
+        json.dumps({"id": "kind", "prompt": "x", "checks": [{"type": "startswith", "value": "L"}]}),  # line 5
+    ])
+    _write(b, [
+        json.dumps({"id": "noprompt", "checks": [{"type": "max_chars", "value": 10}]}),
+        json.dumps(GOOD),  # duplicate id across files
+        json.dumps({"id": "n", "prompt": "x", "checks": [{"type": "max_chars", "value": -1}], "extra": 1}),
+    ])
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    msg = info.value.message
+    assert msg.startswith("The eval suite has 7 problem(s)")
+    assert f"{a}:2: not valid JSON" in msg
+    assert f"{a}:3: check 1: bad regex '(unclosed'" in msg
+    assert f"{a}:5: check 1: unknown check type 'startswith'" in msg
+    assert f"{b}:1: missing 'prompt'" in msg
+    assert f"{b}:2: duplicate case id 'ok' (first at {a}:1)" in msg
+    assert f"{b}:3: unknown key 'extra'" in msg and f"{b}:3: check 1 (max_chars)" in msg
+    assert len(info.value.details) == 7
+
+
+def test_cli_reports_a_bad_eval_file_and_exits_2(settings):
+    _write(settings.eval_dir / "x.jsonl", ["not json"])
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code == 2
+    assert f"{settings.eval_dir / 'x.jsonl'}:1: not valid JSON" in result.output
+    assert not (settings.reports_eval_dir / evalgate.REPORT_FILE).exists()
+
+
+def test_shipped_suite_is_copied_when_none_exists_and_is_valid(settings):
+    cases = load_suite(settings)
+    copied = sorted(p.name for p in settings.eval_dir.glob("*.jsonl"))
+    assert copied == ["luna-golden.jsonl"]
+    assert 10 <= len(cases) <= 20
+    prompts = " ".join(c.messages[-1]["content"] for c in cases)
+    assert "Wer bist du?" in prompts and "Who are you?" in prompts  # German and English
+    kinds = {k.type for c in cases for k in c.checks}
+    assert kinds == set(evalgate.CHECK_TYPES)
+    # a user's own suite replaces it: nothing is copied next to it
+    shutil.rmtree(settings.eval_dir)
+    _write(settings.eval_dir / "mine.jsonl", [json.dumps(GOOD)])
+    assert [c.id for c in load_suite(settings)] == ["ok"]
+    assert sorted(p.name for p in settings.eval_dir.glob("*.jsonl")) == ["mine.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("check", "output", "stopped", "expected"),
+    [
+        (EvalCheck("contains", "Luna"), "Ich bin Luna.", True, True),
+        (EvalCheck("contains", "luna"), "Ich bin Luna.", True, False),
+        (EvalCheck("contains", "luna", ignore_case=True), "Ich bin Luna.", True, True),
+        (EvalCheck("contains", ["Mond", "Luna"]), "Luna hier", True, True),
+        (EvalCheck("not_contains", ["ChatGPT", "Alexa"]), "Ich bin Alexa", True, False),
+        (EvalCheck("not_contains", "<|im_start|>"), "Hallo", True, True),
+        (EvalCheck("equals", "Ja.", ignore_case=True), "  ja.\n", True, True),
+        (EvalCheck("equals", "Ja."), "Ja, klar.", True, False),
+        (EvalCheck("regex", r"^\d+ \+ \d+ = \d+\.$"), "2 + 2 = 4.", True, True),
+        (EvalCheck("regex", "berlin", ignore_case=True), "In Berlin.", True, True),
+        (EvalCheck("max_chars", 5), "Hallo", True, True),
+        (EvalCheck("max_chars", 4), "Hallo", True, False),
+        (EvalCheck("stops"), "Hallo", False, False),
+        (EvalCheck("stops"), "Hallo", True, True),
+    ],
+)
+def test_checks(check, output, stopped, expected):
+    assert check.run(output, stopped) is expected
+
+
+# --- thresholds and decisions -------------------------------------------------------------------
+
+
+def test_thresholds_defaults_spellings_and_errors():
+    assert parse_thresholds(None) == GateThresholds()
+    assert GateThresholds().model_dump() == {
+        "min_golden_pass_rate": 0.0, "max_golden_pass_rate_drop": 0.0,
+        "max_val_loss_ratio_vs_base": 1.0, "max_loss_regression": 0.02,
+    }
+    th = parse_thresholds({"minGoldenPassRate": 0.8, "max_loss_regression": 0.1})
+    assert (th.min_golden_pass_rate, th.max_loss_regression) == (0.8, 0.1)
+    with pytest.raises(UsageError) as info:
+        parse_thresholds({"minGoldenPassRatio": 0.5, "max_val_loss_ratio_vs_base": -1})
+    assert "minGoldenPassRatio: unknown threshold" in info.value.message
+    assert "max_val_loss_ratio_vs_base" in info.value.message
+
+
+def _m(rate, val, test=None):
+    return {"goldenPassRate": rate, "valLoss": val, "testLoss": test}
+
+
+def test_decide_rules():
+    th = GateThresholds()
+    base = {"valLoss": 8.0, "testLoss": None}
+    vs_base = {"kind": "base", "ref": "base:luna-tiny", "source": "evaluated", "metrics": base | {"goldenPassRate": 0.0}}
+    assert decide(_m(0.3, 7.0), base, vs_base, th) == []
+    assert "1.100 x the base model's" in decide(_m(0.3, 8.8), base, vs_base, th)[0]
+    assert "below the minimum 0.80" in decide(_m(0.3, 7.0), base, vs_base, parse_thresholds({"minGoldenPassRate": 0.8}))[0]
+    assert decide(_m(0.3, math.inf), base, vs_base, th) == ["val loss is inf"]
+
+    active = {"kind": "adapter", "ref": "luna-adapter@v1", "source": "recorded", "metrics": _m(0.5, 6.0)}
+    assert decide(_m(0.5, 6.1), base, active, th) == []  # within +2%
+    reasons = decide(_m(0.4, 6.5), base, active, th)
+    assert len(reasons) == 2 and "regresses against luna-adapter@v1" in reasons[0] and "val loss 6.5000" in reasons[1]
+    assert decide(_m(0.4, 6.0), base, active, parse_thresholds({"maxGoldenPassRateDrop": 0.1})) == []
+    # the base model judged alone: nothing to compare with but the absolute floor
+    assert decide(_m(0.0, 8.0), base, {"source": "candidate itself"}, th, candidate_is_base=True) == []
+
+
+def test_base_model_alone_is_evaluated_when_nothing_is_active(settings, tiny):
+    report = evalgate.eval_gate(settings)
+    assert report.candidate["kind"] == "base" and report.candidate["ref"] == "base:luna-tiny"
+    assert report.passed and report.reasons == []
+    assert report.metrics["goldenTotal"] == len(load_suite(settings))
+    assert report.metrics["valLoss"] is None and "no export" in report.notes[0]
+    written = json.loads((settings.reports_eval_dir / evalgate.REPORT_FILE).read_text("utf-8"))
+    assert written["decision"] == "pass" and written["candidate"]["kind"] == "base"
+    case = written["cases"][0]
+    assert {"id", "prompt", "output", "stopped", "checks", "passed"} <= set(case)
+    assert all({"type", "passed"} <= set(c) for c in case["checks"])
+    # an absolute floor from a profile makes the same base model fail (random weights pass nothing)
+    with pytest.raises(CheckFailed, match="below the minimum"):
+        evalgate.eval_gate(settings, thresholds={"minGoldenPassRate": 0.9}).raise_on_fail()
+
+
+# --- real adapters (slow) -----------------------------------------------------------------------
+
+
+def _derived_version(settings, source: dict, scale: float, name: str | None = None) -> dict:
+    """Register a copy of `source` (under `name`, default its own) whose LoRA B matrices are x `scale`."""
+    from safetensors.torch import load_file, save_file
+
+    name = name or source["name"]
+    work = settings.adapters_dir / name / ".work" / f"scaled-{scale}"
+    shutil.copytree(registry.adapter_dir(settings, source), work)
+    weights = work / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    scaled = {k: v * scale if "lora_B" in k else v for k, v in tensors.items()}
+    assert any("lora_B" in k for k in tensors)
+    save_file(scaled, str(weights), metadata={"format": "pt"})
+    keep = {k: v for k, v in source.items() if k not in ("name", "version", "path", "created", "gate")}
+    return registry.publish(settings, name, "versioned", work, keep | {"jobId": f"scaled-{scale}"})
+
+
+@pytest.mark.slow
+def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(settings, tiny):
+    import torch
+
+    from lunatrain import export, store, train
+    from lunatrain.profiles import load_profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's matrices are faster on one thread
+    try:
+        store.load_seed(settings)
+        export.export(settings)
+        params = load_profile(settings, "luna").params({"maxSteps": 40})
+        result = train.run_lora(params, settings)
+        assert result.ok, result.error
+
+        # v1 against the base model: better val loss, at least the base's golden pass rate -> active
+        g1 = evalgate.gate_candidate(settings, "luna-adapter", result.version)
+        assert g1.passed, g1.reasons
+        assert g1.baseline["kind"] == "base" and g1.promoted is True
+        assert g1.metrics["valLossRatioVsBase"] < 1.0
+        assert g1.metrics["goldenPassRate"] >= g1.base_metrics["goldenPassRate"]
+        v1 = registry.get_version(settings, "luna-adapter", "active")
+        assert v1["version"] == result.version and v1["gate"]["passed"] is True
+
+        # v2: LoRA B x1000. On this random-weight base the final RMSNorm bounds the logits, so the loss does
+        # not explode; it is still clearly worse than v1: refused, registered but inactive, reason recorded.
+        v2 = _derived_version(settings, v1, 1000.0)
+        g2 = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+        assert not g2.passed and g2.promoted is False
+        assert g2.baseline["ref"] == f"luna-adapter@{v1['version']}" and g2.baseline["source"] == "recorded"
+        assert any(r.startswith("val loss") and "regresses against" in r for r in g2.reasons), g2.reasons
+        assert registry.get_version(settings, "luna-adapter", "active")["version"] == v1["version"]
+        recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
+        assert recorded["passed"] is False and recorded["reasons"] == g2.reasons and recorded["promoted"] is False
+
+        # B x1e30 overflows: the loss is NaN and the answers leak special tokens. Under a name with no active
+        # version the baseline is the base model, and it is refused all the same.
+        broken = _derived_version(settings, v1, 1e30, name="luna-broken")
+        gb = evalgate.gate_candidate(settings, "luna-broken", broken["version"])
+        assert not gb.passed and gb.baseline["kind"] == "base"
+        assert "val loss is nan" in gb.reasons
+        assert registry.list_adapters(settings)["luna-broken"]["aliases"].get("active") is None
+        assert json.loads((settings.reports_eval_dir / evalgate.REPORT_FILE).read_text())["metrics"]["valLoss"] == "nan"
+
+        # v3: B x0 is exactly the base model: fine against the base rule, but a regression against v1
+        v3 = _derived_version(settings, v1, 0.0)
+        g3 = evalgate.gate_candidate(settings, "luna-adapter", v3["version"])
+        assert not g3.passed
+        assert g3.metrics["valLoss"] == pytest.approx(g3.base_metrics["valLoss"], rel=1e-5)
+        assert all("regresses against luna-adapter@" + v1["version"] in r for r in g3.reasons), g3.reasons
+        assert registry.get_version(settings, "luna-adapter", "active")["version"] == v1["version"]
+
+        # the guide's eval:gate step gates the active adapter against its recorded metrics
+        runner = CliRunner()
+        ok = runner.invoke(app, ["eval-gate"])
+        assert ok.exit_code == 0, ok.output
+        assert f"luna-adapter@{v1['version']}" in ok.output and "PASS" in ok.output
+        bad = runner.invoke(app, ["eval-gate", "--adapter", f"luna-adapter@{v2['version']}"])
+        assert bad.exit_code == 1 and "Eval gate failed" in bad.output
+    finally:
+        torch.set_num_threads(threads)
