@@ -1,0 +1,105 @@
+"""Training status (GET /assistant/training/status, `lunatrain status`). Run: `pytest tests/test_status.py -q`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lunatrain import export, registry, store
+from lunatrain.cli import app
+from lunatrain.errors import UsageError
+from lunatrain.fsio import atomic_write_json
+from lunatrain.status import training_status
+
+
+def test_fresh_data_root_reports_zeros_and_creates_nothing(settings, home):
+    status = training_status(settings, 5)
+    assert status["counts"]["curated"] == {"approved": 0, "pending": 0, "rejected": 0, "total": 0}
+    assert (status["curated"], status["ready"], status["minCurated"]) == (0, False, 5)
+    for key in ("lastExport", "lastJob", "activeAdapter", "lastPrepare", "lastGate", "changedSinceExport"):
+        assert status[key] is None, key
+    assert status["activeAdapters"] == []
+    assert list(home.iterdir()) == []  # no database, no model, no reports
+    assert training_status(settings, 0)["ready"] is True
+
+
+def test_counts_readiness_and_export_freshness(settings):
+    store.load_seed(settings)
+    counts = store.counts(settings)
+    approved = counts["examples"]["curated"]["approved"]
+    status = training_status(settings, approved)
+    assert status["ready"] is True and status["curated"] == approved
+    assert training_status(settings, approved + 1)["ready"] is False
+    assert status["counts"]["conversation"]["pending"] == counts["examples"]["conversation"]["pending"] > 0
+    assert status["memory"]["approved"] == counts["memory"]["approved"] > 0
+    assert status["memory"]["total"] == sum(counts["memory"].values())
+    assert status["lastExport"] is None and status["changedSinceExport"] is True  # data, never exported
+
+    summary = export.export(settings)
+    status = training_status(settings, 30)
+    assert status["lastExport"]["fingerprint"] == summary.fingerprint
+    assert status["lastExport"]["time"] == summary.exported_at
+    assert status["changedSinceExport"] is False
+
+    store.add_example(settings, prompt="Neue Frage?", response="Neue Antwort.", source="curated", status="approved")
+    status = training_status(settings, 30)
+    assert status["changedSinceExport"] is True and status["lastExport"]["changedSince"] is True
+    assert status["curated"] == approved + 1
+
+
+def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settings):
+    reports = settings.reports_training_dir
+    registry.write_latest(settings, {
+        "status": "failed", "jobId": "job-7", "adapterName": "luna-adapter", "version": None,
+        "metrics": {"valLoss": None, "steps": 3}, "error": {"code": "nan_loss", "message": "loss became nan"},
+    })
+    atomic_write_json(reports / "lora-adapters.json", {"format": registry.FORMAT, "adapters": {
+        "luna-adapter": {"versions": [
+            {"name": "luna-adapter", "version": "v1", "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
+             "datasetTier": "curated", "gate": {"passed": True, "reasons": []}},
+            {"name": "luna-adapter", "version": "v2", "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
+             "gate": {"passed": False, "reasons": ["val loss regresses"]}},
+        ], "aliases": {"latest": "v2", "active": "v1"}, "activations": []},
+        "other": {"versions": [{"name": "other", "version": "v1", "baseModel": {"id": "org/x", "fingerprint": "f2"}}],
+                  "aliases": {"latest": "v1"}, "activations": []},
+    }})
+    atomic_write_json(reports / "prepare-latest.json", {"status": "fail", "created": "t1", "tier": "curated", "checks": [
+        {"id": "volume", "severity": "fail"}, {"id": "truncated", "severity": "warn"}, {"id": "token_stats", "severity": "info"},
+    ]})
+    atomic_write_json(settings.reports_eval_dir / "eval-gate-latest.json", {
+        "decision": "fail", "passed": False, "candidate": {"ref": "luna-adapter@v2"}, "baseline": {"ref": "luna-adapter@v1"},
+        "reasons": ["val loss regresses"], "promoted": False, "created": "t2", "metrics": {"goldenPassRate": 0.5},
+    })
+    s = training_status(settings, 0)
+    assert s["lastJob"]["jobId"] == "job-7" and s["lastJob"]["state"] == "failed"
+    assert s["lastJob"]["error"]["code"] == "nan_loss"
+    assert s["activeAdapter"]["name"] == "luna-adapter" and s["activeAdapter"]["version"] == "v1"
+    assert s["activeAdapter"]["gate"] == {"passed": True, "reasons": []}
+    assert [a["name"] for a in s["activeAdapters"]] == ["luna-adapter"]  # `other` has no active version
+    assert s["lastPrepare"] == {"status": "fail", "created": "t1", "tier": "curated", "baseModel": None,
+                                "failed": ["volume"], "warned": ["truncated"]}
+    assert s["lastGate"]["candidate"] == "luna-adapter@v2" and s["lastGate"]["passed"] is False
+    assert s["lastGate"]["reasons"] == ["val loss regresses"]
+
+    # a torn report is shown as missing, never as an error
+    (reports / "prepare-latest.json").write_text("{not json", "utf-8")
+    assert training_status(settings, 0)["lastPrepare"] is None
+
+
+def test_bad_min_curated_is_a_usage_error(settings):
+    with pytest.raises(UsageError, match="minCurated"):
+        training_status(settings, -1)
+
+
+def test_cli_plain_and_json(settings):
+    store.load_seed(settings)
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "--minCurated=10000"])
+    assert result.exit_code == 0, result.output
+    assert "ready: no:" in result.output and "curated\t" in result.output and "last export: never" in result.output
+    result = runner.invoke(app, ["status", "--min-curated", "1", "--json"])
+    data = json.loads(result.output)
+    assert data["ready"] is True and data["minCurated"] == 1
+    assert runner.invoke(app, ["status", "--min-curated", "-3"]).exit_code == 2
