@@ -109,14 +109,23 @@ def versions_of(services: Services, name: str) -> list[str]:
 
 def train_example(page, output_dir: Path | None = None) -> str:
     """Click "Beispiel-Adapter" and wait for the job to succeed; returns the job's adapter version."""
+    # Record every (state, percent) the page shows, so the live progress can be checked after the fact.
+    page.evaluate("""() => { window.seenProgress = [];
+        new MutationObserver(() => window.seenProgress.push([document.querySelector('#job-state').dataset.state,
+                                                             document.querySelector('#job-progress').value]))
+          .observe(document.querySelector('#job'), {subtree: true, attributes: true, childList: true}); }""")
     page.get_by_role("button", name="Beispiel-Adapter").click()
     state = page.locator("#job-state")
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     if output_dir:
-        # Progress while it runs: a percent bar and step counts (tiny jobs may finish before we look).
-        expect(state).to_have_attribute("data-state", re.compile("queued|validating|running|succeeded"))
+        page.wait_for_function("""() => { const s = document.querySelector('#job-state').dataset.state;
+            const v = document.querySelector('#job-progress').value;
+            return (s === 'running' && v > 0 && v < 100) || s === 'succeeded'; }""", timeout=TRAIN_TIMEOUT_MS)
         shot(page, output_dir, "1-job-progress")
     expect(state).to_have_attribute("data-state", "succeeded", timeout=TRAIN_TIMEOUT_MS)
+    seen = page.evaluate("window.seenProgress")
+    # Polled once a second, a job of 20 steps on CPU shows at least one value between start and end.
+    assert any(s == "running" and 0 < v < 100 for s, v in seen), seen[-20:]
     facts = page.locator("#job-facts").inner_text()
     match = re.search(r"example-adapter (v\d+)", facts)
     assert match, facts

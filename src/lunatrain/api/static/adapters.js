@@ -96,8 +96,8 @@ export class AdapterView {
       h("td", {}, formatDate(version.created ?? version.createdAt)),
       h("td", { class: "num" }, `${formatFloat(metrics.valLoss)} (${formatFloat(base)})`),
       gateCell(version.gate),
-      h("td", { class: "badges" }, badges),
-      h("td", { class: "row-actions" }, actions));
+      h("td", {}, h("div", { class: "cell-flex" }, badges)),
+      h("td", {}, h("div", { class: "cell-flex" }, actions)));
   }
 
   async activate(name, version, button) {

@@ -120,7 +120,7 @@ export class JobView {
       [t("job.epoch"), formatFloat(p.epoch, 3)],
       [t("job.tokensPerSecond"), formatNumber(p.tokensPerSec ?? m.tokensPerSec, 0)],
       [t("job.eta"), FINAL_STATES.has(job.state) ? "–" : formatDuration(p.eta)],
-      [t("job.trainLoss"), formatFloat(m.trainLoss ?? p.loss)],
+      [t("job.stepLoss"), formatFloat(p.loss)],
       [t("job.valLoss"), formatFloat(m.valLoss)],
     ];
     if (m.device) facts.push([t("provider.device"), String(m.device)]);
