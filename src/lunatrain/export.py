@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, Literal, get_args
 import sqlalchemy as sa
 
 from .errors import CheckFailed, NotFound, UsageError
-from .fsio import _fsync_dir, atomic_write_json, file_lock, read_json
+from .fsio import fsync_dir, atomic_write_json, file_lock, read_json
 from .settings import Settings
 from .store import examples_table, memory_table, open_store, state_table, utcnow
 
@@ -293,7 +293,7 @@ def export(
             files = {name: sinks[name].finish() for name in DATA_FILES}
             for name in DATA_FILES:
                 os.replace(sinks[name].tmp, sinks[name].final)
-            _fsync_dir(out)
+            fsync_dir(out)
         except BaseException:
             for sink in sinks.values():
                 sink.discard()

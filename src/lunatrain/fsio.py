@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # The rename is durable only once the directory entry is on disk.
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -32,7 +32,7 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
