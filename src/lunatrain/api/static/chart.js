@@ -28,9 +28,10 @@ function ticks(lo, hi, count) {
 }
 
 /**
- * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…], base: number|null}) into the <svg> `svg` and
- * its legend into `legend` (a <ul>), replacing what was there. `base` is the base model's val loss: the
- * adapter is worth having when its val curve ends below that line. An empty series draws a "no values" note.
+ * Draw `series` ({train: [[step, loss]…], val: [[step, loss]…], base: number|null, total: steps|null}) into
+ * the <svg> `svg` and its legend into `legend` (a <ul>), replacing what was there. `base` is the base model's
+ * val loss: the adapter is worth having when its val curve ends below that line. An empty series draws a
+ * "no values" note.
  */
 export function drawLossChart(svg, legend, series) {
   const train = (series.train ?? []).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
@@ -72,7 +73,7 @@ export function drawLossChart(svg, legend, series) {
   const xs = all.map((p) => p[0]);
   const ys = [...all.map((p) => p[1]), ...(base === null ? [] : [base])];
   const xmin = Math.min(0, ...xs);
-  const xmax = Math.max(1, ...xs);
+  const xmax = Math.max(1, series.total ?? 0, ...xs); // the whole run's width: the curve grows into it
   let ymin = Math.min(...ys);
   let ymax = Math.max(...ys);
   const pad = (ymax - ymin) * 0.08 || Math.abs(ymax) * 0.1 || 1;

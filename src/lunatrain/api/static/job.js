@@ -110,6 +110,7 @@ export class JobView {
     e["job-state"].textContent = t(`state.${job.state}`);
     e["job-state"].dataset.state = job.state;
     const p = job.progress ?? {};
+    this.series.total = p.total ?? null;
     const percent = job.state === "succeeded" ? 100 : Math.max(0, Math.min(100, Number(p.percent) || 0));
     e["job-progress"].value = percent;
     e["job-percent"].textContent = `${formatNumber(percent, 0)} %`;
