@@ -14,6 +14,7 @@ from fastapi import Depends, Path, Request
 
 from ..errors import UsageError
 from ..settings import NAME_PATTERN, Settings, inside
+from .cache import Coalescer, fresh_reads
 from .schemas import JOB_ID_PATTERN, VERSION_PATTERN, ErrorResponse
 
 
@@ -22,6 +23,14 @@ def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_reads(request: Request) -> Coalescer:
+    return request.app.state.reads
+
+
+ReadsDep = Annotated[Coalescer, Depends(get_reads)]
+Fresh = Depends(fresh_reads)
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="adapter name")]
 Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=64, description="version, e.g. v3")]
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]

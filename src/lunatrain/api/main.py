@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from .. import store
 from ..settings import Settings, load_settings
 from . import handlers, routes
+from .cache import Coalescer
 from .security import GuardMiddleware, allowed_hostnames
 
 
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
 
     app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan)
     app.state.settings = settings
+    app.state.reads = Coalescer(ttl=0.5)
     handlers.install(app)
     for router in routes.ROUTERS:
         app.include_router(router)

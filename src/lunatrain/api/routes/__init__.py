@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
-from . import adapter_files, dashboard, examples, lora, pipeline
+from . import adapter_files, adapters, dashboard, examples, lora, pipeline, status
 
-ROUTERS = [lora.router, examples.router, pipeline.router, adapter_files.router, dashboard.router]
+ROUTERS = [
+    lora.router, status.router, examples.router, pipeline.router, adapters.router, adapter_files.router, dashboard.router
+]

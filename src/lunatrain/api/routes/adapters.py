@@ -10,10 +10,10 @@ from starlette.concurrency import run_in_threadpool
 from ... import registry
 from ...errors import NotFound
 from ...settings import Settings
-from ..deps import AdapterName, SettingsDep, Version, errors
+from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
 from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, Report, camel
 
-router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"])
+router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
 
 
 def _adapter(settings: Settings, name: str) -> AdapterOut:

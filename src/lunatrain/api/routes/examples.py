@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import formats, store
 from ...errors import UsageError
-from ..deps import ItemId, SettingsDep, errors
+from ..deps import Fresh, ItemId, SettingsDep, errors
 from ..schemas import (
     Deleted,
     ExampleIn,
@@ -24,7 +24,7 @@ from ..schemas import (
     Status,
 )
 
-router = APIRouter(prefix="/assistant/training", tags=["examples"])
+router = APIRouter(prefix="/assistant/training", tags=["examples"], dependencies=[Fresh])
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=2**62)]
 

@@ -17,7 +17,7 @@ from ... import export as export_stage
 from ...errors import NotFound, ServiceUnavailable
 from ...params import LoraParams
 from ...settings import Settings
-from ..deps import JobId, SettingsDep, check_base_model, errors
+from ..deps import Fresh, JobId, ReadsDep, SettingsDep, check_base_model, errors
 from ..schemas import (
     Defaults,
     EventPage,
@@ -32,7 +32,7 @@ from ..schemas import (
     camel,
 )
 
-router = APIRouter(prefix="/assistant/training/lora", tags=["lora"])
+router = APIRouter(prefix="/assistant/training/lora", tags=["lora"], dependencies=[Fresh])
 
 
 def job_view(job: Any) -> Job:
@@ -125,15 +125,22 @@ async def example_adapter(
 
 @router.get("/status", response_model=Job, responses=errors(404, 503))
 async def status(
-    settings: SettingsDep, job_id: Annotated[str | None, Query(alias="jobId", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")] = None
+    settings: SettingsDep,
+    reads: ReadsDep,
+    job_id: Annotated[str | None, Query(alias="jobId", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")] = None,
 ) -> Job:
-    """One job (the latest without `jobId`): state, progress, metrics, adapter, error."""
-    if job_id is not None:
-        return job_view(await run_in_threadpool(trainer_client.get_job, settings, job_id))
-    latest = await run_in_threadpool(lambda: trainer_client.list_jobs(settings, limit=1))
-    if not latest:
-        raise NotFound("No LoRA job has been submitted yet.")
-    return job_view(latest[0])
+    """One job (the latest without `jobId`): state, progress, metrics, adapter, error. Polled by every
+    open dashboard, so identical polls within half a second share one trainer call."""
+
+    def fetch() -> Job:
+        if job_id is not None:
+            return job_view(trainer_client.get_job(settings, job_id))
+        latest = trainer_client.list_jobs(settings, limit=1)
+        if not latest:
+            raise NotFound("No LoRA job has been submitted yet.")
+        return job_view(latest[0])
+
+    return await reads.get(("lora-status", job_id), fetch)
 
 
 @router.get("/defaults", response_model=Defaults, responses=errors(404))

@@ -10,11 +10,14 @@ from typing import Annotated
 from fastapi import APIRouter, Body
 from starlette.concurrency import run_in_threadpool
 
+from ... import evalgate
 from ... import export as export_stage
-from ..deps import SettingsDep, errors
-from ..schemas import ExportRequest, Report, camel
+from ... import prepare as prepare_stage
+from ... import profiles
+from ..deps import Fresh, SettingsDep, check_base_model, errors
+from ..schemas import EvalGateRequest, ExportRequest, PrepareRequest, Report, camel
 
-router = APIRouter(prefix="/assistant/training", tags=["pipeline"])
+router = APIRouter(prefix="/assistant/training", tags=["pipeline"], dependencies=[Fresh])
 
 
 @router.post("/export", response_model=Report, responses=errors(409))
@@ -24,3 +27,28 @@ async def export(settings: SettingsDep, body: Annotated[ExportRequest | None, Bo
         export_stage.export, settings, val_ratio=body.val_ratio, test_ratio=body.test_ratio
     )
     return Report.model_validate(camel(summary.to_dict()))
+
+
+@router.post("/prepare", response_model=Report, responses=errors(404))
+async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, Body()] = None) -> Report:
+    """The preflight report on the last export, whatever its status (`fail` is an answer, not an error);
+    404 when nothing has been exported yet."""
+    body = body or PrepareRequest()
+    overrides = body.model_dump(exclude={"profile"}, exclude_none=True, by_alias=True)
+    if "baseModel" in overrides:
+        overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
+
+    def run():
+        params = profiles.load_profile(settings, body.profile or "luna").params(overrides)
+        return prepare_stage.prepare(settings, params).to_dict()
+
+    return Report.model_validate(camel(await run_in_threadpool(run)))
+
+
+@router.post("/eval-gate", response_model=Report, responses=errors(404))
+async def eval_gate(settings: SettingsDep, body: Annotated[EvalGateRequest | None, Body()] = None) -> Report:
+    """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION) on the eval suite; the report says
+    `passed` and why. A failed gate is an answer (200), not an error."""
+    body = body or EvalGateRequest()
+    report = await run_in_threadpool(lambda: evalgate.eval_gate(settings, adapter=body.adapter).to_dict())
+    return Report.model_validate(camel(report))

@@ -1,0 +1,227 @@
+"""The assistant API in-process (no trainer running): shapes, error bodies, and that bad input changes nothing.
+
+Run: `.venv/bin/python -m pytest tests/test_api.py -q`
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lunatrain import store
+from lunatrain.api.deps import check_base_model
+from lunatrain.api.main import create_app
+from lunatrain.api.routes.lora import job_view
+from lunatrain.errors import UsageError
+from lunatrain.jobs import Job
+from lunatrain.settings import load_settings
+
+T = "/assistant/training"
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    # Bound, never listening: connections are refused and nobody else can take the port meanwhile.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def client(home: Path, dead_port: int) -> Iterator[TestClient]:
+    settings = load_settings(lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+        yield c
+    store.dispose_stores()
+
+
+def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
+    r = client.post(f"{T}/examples", json={"prompt": "Wie heißt du?", "response": "Ich bin Luna.", "tags": ["persona"]})
+    assert r.status_code == 201
+    ex = r.json()
+    assert ex["status"] == "approved" and ex["source"] == "curated" and ex["tags"] == ["persona"]
+    assert {"conversationId", "createdAt", "updatedAt"} <= set(ex)  # camelCase on the wire
+
+    dup = client.post(f"{T}/examples", json={"prompt": "Wie heißt du?", "response": "Ich bin Luna."})
+    assert dup.status_code == 409 and dup.json()["error"]["code"] == "conflict"
+
+    assert client.post(f"{T}/examples/{ex['id']}/reject").json()["status"] == "rejected"
+    listed = client.get(f"{T}/examples", params={"status": "rejected"}).json()
+    assert [e["id"] for e in listed["examples"]] == [ex["id"]] and listed["count"] == 1
+    assert client.post(f"{T}/examples/{ex['id']}/approve").json()["status"] == "approved"
+    assert client.delete(f"{T}/examples/{ex['id']}").json() == {"deleted": ex["id"]}
+    gone = client.delete(f"{T}/examples/{ex['id']}")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+def test_import_is_all_or_nothing_and_names_the_bad_record(client: TestClient, settings) -> None:
+    good = {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo!"}]}
+    bad = {"instruction": "Sag etwas", "output": ""}
+    r = client.post(f"{T}/examples/import", json={"records": [good, bad]})
+    assert r.status_code == 422
+    assert "records[1]" in r.json()["error"]["message"] and "output" in r.json()["error"]["message"]
+    assert store.counts(settings)["totals"]["examples"] == 0
+
+    alpaca = {"instruction": "Sag etwas", "output": "Etwas."}
+    r = client.post(f"{T}/examples/import", json={"records": [good, alpaca, good]})
+    assert r.status_code == 200
+    assert r.json() == {"records": 3, "added": 2, "duplicates": 1, "formats": {"openai": 2, "alpaca": 1}}
+    again = client.post(f"{T}/examples/import", json={"records": [good]}).json()
+    assert again["added"] == 0 and again["duplicates"] == 1
+
+
+def test_import_takes_records_never_a_path(client: TestClient) -> None:
+    r = client.post(f"{T}/examples/import", json={"path": "/etc/passwd"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_memory_items(client: TestClient) -> None:
+    r = client.post(f"{T}/memory", json={"question": "Lieblingsfarbe?", "answer": "Blau.", "topic": "prefs"})
+    assert r.status_code == 201 and r.json()["topic"] == "prefs"
+    items = client.get(f"{T}/memory").json()
+    assert items["count"] == 1 and items["items"][0]["answer"] == "Blau."
+    assert client.delete(f"{T}/memory/{r.json()['id']}").status_code == 200
+    assert client.get(f"{T}/memory").json()["count"] == 0
+
+
+def test_export_returns_the_summary_in_camel_case(client: TestClient, settings) -> None:
+    client.post(f"{T}/examples", json={"prompt": "a", "response": "b"})
+    r = client.post(f"{T}/export", json={"valRatio": 0.0})
+    assert r.status_code == 200
+    summary = r.json()
+    assert summary["counts"]["curated"]["total"] == 1 and "exportedAt" in summary and "storeRevision" in summary
+    assert "assistant-sft-curated.jsonl" in summary["files"]  # file names are keys, not camelCased
+    assert (settings.training_dir / "assistant-sft-summary.json").is_file()
+    bad = client.post(f"{T}/export", json={"valRatio": 0.6, "testRatio": 0.6})
+    assert bad.status_code == 422
+
+
+def test_training_status_and_readiness(client: TestClient) -> None:
+    for i in range(3):
+        client.post(f"{T}/examples", json={"prompt": f"q{i}", "response": f"a{i}"})
+    ready = client.get(f"{T}/status", params={"minCurated": 3}).json()
+    not_ready = client.get(f"{T}/status", params={"minCurated": 4}).json()
+    assert ready["ready"] is True and not_ready["ready"] is False
+    assert client.get(f"{T}/status", params={"minCurated": -1}).status_code == 422
+
+
+def test_provider_health_is_offline_not_an_error(client: TestClient) -> None:
+    r = client.get(f"{T}/lora/provider-health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["label"] == "Offline" and body["status"] == "offline" and body["cudaAvailable"] is False
+    assert "not reachable" in body["error"]
+
+
+def test_job_routes_without_trainer_are_503_and_change_nothing(client: TestClient, settings) -> None:
+    r = client.post(f"{T}/lora/start", json={"epochs": 1})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+    assert client.post(f"{T}/lora/quick-start").status_code == 503
+    assert client.post(f"{T}/lora/example-adapter").status_code == 503
+    assert store.counts(settings)["totals"]["examples"] == 0  # example-adapter did not seed
+    assert not (settings.training_dir / "assistant-sft-summary.json").exists()  # quick-start did not export
+    assert client.get(f"{T}/lora/status").status_code == 503
+    assert client.get(f"{T}/lora/jobs").status_code == 503
+
+
+def test_bad_parameters_are_422_naming_the_field(client: TestClient) -> None:
+    r = client.post(f"{T}/lora/start", json={"epochs": 0, "learningRate": "fast"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "invalid_request" and "epochs" in err["message"]
+    assert {tuple(d["loc"][-1:]) for d in err["details"]} >= {("epochs",), ("learningRate",)}
+    assert client.post(f"{T}/lora/quick-start", json={"profile": "nope"}).status_code == 404
+
+
+def test_malformed_json_and_unknown_routes_keep_the_error_shape(client: TestClient) -> None:
+    r = client.post(f"{T}/examples", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    r = client.get("/assistant/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.put(f"{T}/examples")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+
+
+def test_profile_defaults(client: TestClient) -> None:
+    body = client.get(f"{T}/lora/defaults").json()
+    assert body["profile"] == "luna" and body["params"]["adapterName"] == "luna-adapter"
+    assert body["quickStart"]["epochs"] == 1 and body["quickStart"]["maxSteps"]
+
+
+def test_adapters_empty_and_unknown(client: TestClient) -> None:
+    assert client.get(f"{T}/adapters").json() == {"bases": []}
+    assert client.get(f"{T}/adapters/luna-adapter").status_code == 404
+    assert client.post(f"{T}/adapters/luna-adapter/activate", json={"version": "v1"}).status_code == 404
+    assert client.post(f"{T}/adapters/luna-adapter/rollback").status_code == 404
+
+
+def test_job_view_adds_the_guide_names() -> None:
+    job = Job.model_validate({
+        "id": "ftjob-abc", "status": "running", "createdAt": "2025-01-01T00:00:00Z", "params": {},
+        "progress": {"step": 3, "totalSteps": 10, "percent": 30.0, "etaSeconds": 12.5},
+    })
+    view = job_view(job).model_dump(by_alias=True)
+    assert view["jobId"] == view["id"] == "ftjob-abc" and view["state"] == view["status"] == "running"
+    assert view["progress"]["total"] == 10 and view["progress"]["eta"] == 12.5 and view["progress"]["step"] == 3
+
+
+def test_base_model_must_be_tiny_a_hub_id_or_inside_the_data_root(settings) -> None:
+    (settings.home / "models" / "mine").mkdir(parents=True)
+    assert check_base_model("luna-tiny", settings) == "luna-tiny"
+    assert check_base_model("Qwen/Qwen2.5-0.5B", settings) == "Qwen/Qwen2.5-0.5B"
+    assert check_base_model("models/mine", settings) == str(settings.home / "models" / "mine")
+    assert check_base_model(str(settings.home / "models" / "mine"), settings) == str(settings.home / "models" / "mine")
+    for bad in ("/etc", "../x", "models/../../x", "/tmp", "./models/missing", "a" * 400):
+        with pytest.raises(UsageError):
+            check_base_model(bad, settings)
+    outside = settings.home.parent / "elsewhere"
+    outside.mkdir()
+    (settings.home / "models" / "link").symlink_to(outside)
+    with pytest.raises(UsageError):
+        check_base_model("models/link", settings)
+
+
+def test_status_reads_are_coalesced_but_never_stale_after_own_writes(client: TestClient) -> None:
+    before = client.get(f"{T}/status").json()["counts"]["curated"]["approved"]
+    client.post(f"{T}/examples", json={"prompt": "neu", "response": "frisch"})
+    after = client.get(f"{T}/status").json()["counts"]["curated"]["approved"]
+    assert after == before + 1
+
+
+def test_coalescer_shares_one_call_and_keeps_no_errors() -> None:
+    import asyncio
+    import threading
+
+    from lunatrain.api.cache import Coalescer
+
+    calls = []
+    gate = threading.Event()
+
+    def slow() -> int:
+        calls.append(1)
+        gate.wait(30)
+        return len(calls)
+
+    def boom() -> int:
+        calls.append(1)
+        raise ValueError("upstream down")
+
+    async def main() -> None:
+        reads = Coalescer(ttl=60)
+        waiting = [asyncio.ensure_future(reads.get("k", slow)) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await asyncio.gather(*waiting) == [1] * 20 and len(calls) == 1
+        assert await reads.get("k", slow) == 1 and len(calls) == 1  # still fresh: no new call
+        reads.clear()
+        assert await reads.get("k", slow) == 2
+        for _ in range(2):  # a failure is not remembered: the next read tries again
+            with pytest.raises(ValueError):
+                await reads.get("e", boom)
+        assert len(calls) == 4
+
+    asyncio.run(main())
