@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from lunatrain import export, registry, store, trainer_client
 from lunatrain.cli import app
-from lunatrain.errors import Conflict, NotFound
+from lunatrain.errors import Conflict, NotFound, UsageError
 from lunatrain.jobs import TERMINAL, Job
 from lunatrain.models import ensure_tiny
 from lunatrain.params import parse_params
@@ -198,6 +198,28 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
     with pytest.raises(NotFound):
         trainer_client.get_job(settings, "ftjob-unknown")
     assert len(trainer_client.list_jobs(settings, limit=500)) == before
+
+
+def test_token_required_when_set_and_public_bind_refused(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"ASSISTANT_HOME": str(home), "ASSISTANT_API_TOKEN": ""}
+    refused = CliRunner().invoke(app, ["trainer", "--host", "0.0.0.0", "--port", str(free_port())], env=env)
+    assert refused.exit_code == 2 and "ASSISTANT_API_TOKEN" in refused.output
+    trainer = launch(home, ASSISTANT_API_TOKEN="s3cret")
+    try:
+        assert httpx.get(trainer.url + "/health", trust_env=False).status_code == 401
+        wrong = httpx.get(trainer.url + "/jobs", headers={"authorization": "Bearer nope"}, trust_env=False)
+        assert wrong.status_code == 401
+        with pytest.raises(UsageError, match="ASSISTANT_API_TOKEN"):
+            trainer_client.health(trainer.settings)
+        authed = trainer.settings.model_copy(update={"api_token": "s3cret"})
+        assert trainer_client.health(authed).status == "ok" and trainer_client.list_jobs(authed) == []
+        # A second trainer on the same data root refuses to start: one queue per device and database.
+        second = CliRunner().invoke(app, ["trainer", "--port", str(free_port())], env=env)
+        assert second.exit_code == 1 and "already running" in second.output
+    finally:
+        shutdown(trainer)
 
 
 # --- the happy path, idempotency and the queue -------------------------------------------------

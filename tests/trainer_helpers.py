@@ -46,9 +46,10 @@ def trainer_env(home: Path, port: int, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-def healthy(url: str) -> dict[str, Any] | None:
+def healthy(url: str, token: str | None = None) -> dict[str, Any] | None:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.get(url + "/health", timeout=2.0, trust_env=False)
+        r = httpx.get(url + "/health", timeout=2.0, trust_env=False, headers=headers)
         return r.json() if r.status_code == 200 else None
     except httpx.HTTPError:
         return None
@@ -63,7 +64,8 @@ def start_trainer(home: Path, port: int, *, timeout: float = 90.0, **env: str) -
     )
     log.close()
     url = f"http://127.0.0.1:{port}"
-    if not wait_for(lambda: proc.poll() is not None or healthy(url), timeout) or proc.poll() is not None:
+    token = env.get("ASSISTANT_API_TOKEN")
+    if not wait_for(lambda: proc.poll() is not None or healthy(url, token), timeout) or proc.poll() is not None:
         stop_group(proc.pid)
         raise RuntimeError(f"trainer did not start: {(home / f'trainer-{port}.log').read_text()[-2000:]}")
     return proc

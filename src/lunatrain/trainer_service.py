@@ -338,7 +338,11 @@ def child_env(settings: Settings) -> dict[str, str]:
 def device_health() -> dict[str, Any]:
     from .models import device_info
 
-    return device_info()
+    try:
+        return device_info()
+    except Exception as exc:  # a broken driver must not turn /health into a 500: report it instead
+        log.warning("device info failed: %s", exc)
+        return {"cudaAvailable": False, "type": "unknown", "name": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
