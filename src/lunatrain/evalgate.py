@@ -3,17 +3,10 @@
 Candidate: `--adapter NAME@VERSION` (or NAME: its active version), else the active adapter trained on the
 configured base model, else the base model itself. Evaluation:
 
-- golden cases from data/eval/*.jsonl (the shipped Luna suite is copied there when the folder has none, so
-  it can be edited): greedy generation through the chat template up to `maxNewTokens`, then checks;
+- golden cases from the eval suite (`evalsuite`: data/eval/*.jsonl, the shipped Luna suite copied there
+  when the folder has none): greedy generation through the chat template up to `maxNewTokens`, then checks;
 - loss (mean per trained token) on the val and test splits of the export, for the candidate and for the
   base model (adapter switched off) on the same tokens.
-
-Eval file format, one JSON object per line: {"id", "prompt" (optionally "system") or "messages" ending with
-a user turn, "checks": [{"type", "value", "ignoreCase"?, "description"?}], "maxNewTokens"?, "tags"?,
-"description"?}. Check types: contains / not_contains (value: a string or a list: any of / none of),
-equals (whole answer, trimmed), regex (Python `re.search`), max_chars (answer length), stops (the answer
-ended with the end-of-turn token before the token limit). Every problem in every file is collected and
-reported with file and line, then the gate stops once.
 
 Decision (thresholds: `GateThresholds`; a profile's [gate] table sets them): fail when the golden pass
 rate is below `min_golden_pass_rate` (absolute, for real models), when val or test loss exceeds
@@ -28,13 +21,8 @@ hence the absolute minimum defaults to 0.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import re
-import shutil
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +30,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from .errors import CheckFailed, Conflict, NotFound, UsageError
+from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .settings import Settings
 
+__all__ = [  # the suite's names are re-exported: callers need only this module
+    "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "decide", "ensure_suite", "eval_gate",
+    "gate_candidate", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "suite_hash",
+]
+
 GATE_FORMAT = "lunatrain-eval-gate/1"
 REPORT_FILE = "eval-gate-latest.json"
-CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
-DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_TIER = "curated"
 GEN_BATCH = 32  # golden cases generated together
 SMALL_MODEL_PARAMS = 20_000_000
-_CASE_KEYS = {"id", "prompt", "system", "messages", "checks", "maxNewTokens", "tags", "description"}
-_CHECK_KEYS = {"type", "value", "ignoreCase", "description"}
-_ROLES = {"system", "user", "assistant"}
 
 
 # --- thresholds ---------------------------------------------------------------------------------
@@ -80,211 +69,6 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresh
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: "
                  f"{'unknown threshold' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors()]
         raise UsageError("Invalid gate thresholds: " + "; ".join(parts) + ".") from None
-
-
-# --- the suite ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalCheck:
-    type: str
-    value: Any = None
-    ignore_case: bool = False
-    description: str = ""
-
-    def run(self, output: str, stopped: bool) -> bool:
-        if self.type == "stops":
-            return stopped
-        if self.type == "max_chars":
-            return len(output) <= self.value
-        if self.type == "regex":
-            return re.search(self.value, output, re.IGNORECASE if self.ignore_case else 0) is not None
-        fold = (lambda s: s.casefold()) if self.ignore_case else (lambda s: s)
-        text = fold(output)
-        if self.type == "equals":
-            return text.strip() == fold(self.value).strip()
-        values = [self.value] if isinstance(self.value, str) else list(self.value)
-        found = any(fold(v) in text for v in values)
-        return found if self.type == "contains" else not found
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type}
-        if self.value is not None:
-            out["value"] = self.value
-        if self.ignore_case:
-            out["ignoreCase"] = True
-        return out
-
-
-@dataclass(frozen=True)
-class EvalCase:
-    id: str
-    messages: list[dict[str, str]]
-    checks: list[EvalCheck]
-    max_new_tokens: int
-    source: str  # file:line
-
-
-def shipped_suite_dir() -> Any:
-    return resources.files("lunatrain") / "resources" / "eval"
-
-
-def ensure_suite(settings: Settings) -> list[Path]:
-    """data/eval/*.jsonl; when there is none, the shipped golden suite is copied there first."""
-    settings.eval_dir.mkdir(parents=True, exist_ok=True)
-    files = sorted(settings.eval_dir.glob("*.jsonl"))
-    if not files:
-        for entry in shipped_suite_dir().iterdir():
-            if entry.name.endswith(".jsonl"):
-                with resources.as_file(entry) as src:
-                    shutil.copyfile(src, settings.eval_dir / entry.name)
-        files = sorted(settings.eval_dir.glob("*.jsonl"))
-    return files
-
-
-def load_suite(settings: Settings) -> list[EvalCase]:
-    """Every case of every suite file, validated; all problems of all files raise one UsageError."""
-    cases: list[EvalCase] = []
-    problems: list[str] = []
-    first_seen: dict[str, str] = {}
-    for path in ensure_suite(settings):
-        file_cases, file_problems = parse_suite_file(path)
-        problems += file_problems
-        for case in file_cases:
-            if case.id in first_seen:
-                problems.append(f"{case.source}: duplicate case id {case.id!r} (first at {first_seen[case.id]})")
-            else:
-                first_seen[case.id] = case.source
-                cases.append(case)
-    if problems:
-        raise UsageError(f"The eval suite has {len(problems)} problem(s): " + "; ".join(problems) + ".",
-                         details=problems)
-    if not cases:
-        raise UsageError(f"The eval suite in {settings.eval_dir} has no cases; add some or delete the files "
-                         "to get the shipped suite back.")
-    return cases
-
-
-def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
-    """The cases of one JSONL file and a `file:line: problem` entry for each problem found."""
-    cases: list[EvalCase] = []
-    problems: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        return [], [f"{path}: not UTF-8 text"]
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        case, errs = _parse_case(obj, where)
-        problems += [f"{where}: {e}" for e in errs]
-        if case is not None and not errs:
-            cases.append(case)
-    return cases, problems
-
-
-def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
-    if not isinstance(obj, dict):
-        return None, ["a case must be a JSON object"]
-    errs = [f"unknown key {k!r} (allowed: {', '.join(sorted(_CASE_KEYS))})" for k in sorted(set(obj) - _CASE_KEYS)]
-    cid = obj.get("id")
-    if not isinstance(cid, str) or not cid.strip():
-        errs.append("missing 'id' (a non-empty string)")
-    messages = _case_messages(obj, errs)
-    checks_raw = obj.get("checks")
-    checks: list[EvalCheck] = []
-    if not isinstance(checks_raw, list) or not checks_raw:
-        errs.append("missing 'checks' (a non-empty list)")
-    else:
-        for i, raw in enumerate(checks_raw, 1):
-            check = _parse_check(raw, f"check {i}", errs)
-            if check is not None:
-                checks.append(check)
-    max_new = obj.get("maxNewTokens", DEFAULT_MAX_NEW_TOKENS)
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 4096:
-        errs.append(f"'maxNewTokens' must be an integer from 1 to 4096, got {max_new!r}")
-    if errs:
-        return None, errs
-    return EvalCase(cid, messages, checks, max_new, where), []
-
-
-def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
-    prompt, messages, system = obj.get("prompt"), obj.get("messages"), obj.get("system")
-    if prompt is not None and messages is not None:
-        errs.append("give either 'prompt' or 'messages', not both")
-        return []
-    if messages is None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            errs.append("missing 'prompt' (a non-empty string) or 'messages'")
-            return []
-        if system is not None and not isinstance(system, str):
-            errs.append("'system' must be a string")
-            return []
-        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if system is not None:
-        errs.append("'system' goes with 'prompt'; put a system message into 'messages' instead")
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in _ROLES and isinstance(m["content"], str)
-        for m in messages
-    )
-    if not ok:
-        errs.append("'messages' must be a non-empty list of {\"role\": system|user|assistant, \"content\": string}")
-        return []
-    if messages[-1]["role"] != "user":
-        errs.append("'messages' must end with a user message (the gate generates the answer)")
-    return [dict(m) for m in messages]
-
-
-def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
-    if not isinstance(raw, dict):
-        errs.append(f"{label} must be an object")
-        return None
-    bad = sorted(set(raw) - _CHECK_KEYS)
-    if bad:
-        errs.append(f"{label}: unknown key {bad[0]!r} (allowed: {', '.join(sorted(_CHECK_KEYS))})")
-    kind, value, ignore = raw.get("type"), raw.get("value"), raw.get("ignoreCase", False)
-    if kind not in CHECK_TYPES:
-        errs.append(f"{label}: unknown check type {kind!r} (use one of {', '.join(CHECK_TYPES)})")
-        return None
-    if not isinstance(ignore, bool):
-        errs.append(f"{label}: 'ignoreCase' must be true or false")
-    n = len(errs)
-    if kind in ("contains", "not_contains"):
-        if not (isinstance(value, str) and value) and not (
-            isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
-        ):
-            errs.append(f"{label} ({kind}): 'value' must be a non-empty string or a list of them")
-    elif kind == "equals":
-        if not isinstance(value, str):
-            errs.append(f"{label} (equals): 'value' must be a string")
-    elif kind == "regex":
-        if not isinstance(value, str) or not value:
-            errs.append(f"{label} (regex): 'value' must be a non-empty string")
-        else:
-            try:
-                re.compile(value, re.IGNORECASE if ignore is True else 0)
-            except re.error as exc:
-                errs.append(f"{label}: bad regex {value!r}: {exc}")
-    elif kind == "max_chars":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            errs.append(f"{label} (max_chars): 'value' must be a positive integer")
-    elif value not in (None, True):  # stops
-        errs.append(f"{label} (stops): takes no value (or true)")
-    if len(errs) > n:
-        return None
-    return EvalCheck(kind, None if kind == "stops" else value, bool(ignore), str(raw.get("description", "")))
-
-
-def suite_hash(cases: list[EvalCase]) -> str:
-    ident = [{"id": c.id, "messages": c.messages, "checks": [k.to_dict() for k in c.checks],
-              "maxNewTokens": c.max_new_tokens} for c in cases]
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 # --- evaluating models --------------------------------------------------------------------------

@@ -338,13 +338,15 @@ def special_tokens(tokenizer: Any) -> list[str]:
 def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
     empty, trivial, special = [], [], []
     specials = special_tokens(tokenizer)
+    # one alternation scanned once per message instead of one substring search per special token
+    special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
     for rec in records:
         answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
         if any(not a.strip() for a in answers):
             empty.append(_rid(rec))
         elif any(_alnum(a) < 2 for a in answers):
             trivial.append(_rid(rec))
-        if specials and any(s in m["content"] for m in rec["messages"] for s in specials):
+        if special_re and any(special_re.search(m["content"]) for m in rec["messages"]):
             special.append(_rid(rec))
     return [
         _check("empty_response", "fail", empty, "samples with an empty assistant response", "no empty responses"),

@@ -1,0 +1,149 @@
+"""Preflight benchmark: throughput of `lunatrain prepare` (examples/s and tokens/s) with luna-tiny's tokenizer.
+
+Run:  .venv/bin/python bench/prepare.py                  # 100k synthetic chat examples (several minutes on 2 cores)
+      .venv/bin/python bench/prepare.py --n 20000 --baseline-n 2000 --workdir /tmp/bp
+
+It writes a synthetic curated export (the export's own file and summary format) of N chat examples
+(system prompt on a third, one in five multi-turn), then times `prepare()` twice in this process:
+
+- first run: every example rendered with the chat template, tokenized and masked (the cache is filled);
+- cached run: the same call again, served from the tokenized cache (what `lora` gets after `prepare`).
+
+Baseline in the same run: the usual Hugging Face way to get assistant masks,
+`tokenizer.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)` per example,
+on the first `--baseline-n` examples (the rates are per second, so the subsample compares fairly). The table
+is printed and saved to bench/results/prepare.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SYSTEM = "Du bist Luna, eine warmherzige, knappe persönliche Assistentin."
+WORDS = (
+    "Luna Termin morgen Erinnerung Einkauf Bericht Meeting please help plan today write email short answer "
+    "Python Liste Datei Woche Frage Antwort kurz freundlich remind call mom weekend trip recipe pasta Montag "
+    "Dienstag Zahnarzt Geburtstag Kuchen Bahn Ticket Urlaub Wetter Regen Sonne Buch lesen Musik Jazz"
+).split()
+
+
+def synthetic(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + rng.choice([".", "?", "!"])
+
+    out = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": SYSTEM}] if i % 3 == 0 else []
+        msgs += [{"role": "user", "content": text(3, 20)}, {"role": "assistant", "content": text(5, 60)}]
+        if i % 5 == 0:
+            msgs += [{"role": "user", "content": text(2, 10)}, {"role": "assistant", "content": text(3, 30)}]
+        h = hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()
+        split = "val" if i % 10 == 0 else "train"
+        out.append({"messages": msgs, "id": f"ex-{i + 1}", "hash": h, "source": "curated", "split": split,
+                    "conversation_id": None, "tags": [], "rating": None})
+    return out
+
+
+def write_export(training_dir: Path, records: list[dict]) -> None:
+    """The export's files and a matching summary (same formulas as lunatrain.export)."""
+    from lunatrain import export as ex
+
+    training_dir.mkdir(parents=True, exist_ok=True)
+    dump = lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"  # noqa: E731
+    lines = [dump(r) for r in records]
+    content = {ex.CURATED_FILE: "".join(lines), ex.MEMORY_FILE: "", ex.MERGED_FILE: "".join(lines)}
+    for split, name in ex.SPLIT_FILES.items():
+        content[name] = "".join(line for line, r in zip(lines, records, strict=True) if r["split"] == split)
+    files = {}
+    for name, text in content.items():
+        data = text.encode()
+        (training_dir / name).write_bytes(data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "records": text.count("\n"), "bytes": len(data)}
+    fp = hashlib.sha256("".join(f"{k} {files[k]['sha256']}\n" for k in sorted(files)).encode()).hexdigest()
+    counts = {t: {"total": 0, "train": 0, "val": 0, "test": 0} for t in ex.TIERS}
+    for r in records:
+        for t in ("curated", "merged"):
+            counts[t]["total"] += 1
+            counts[t][r["split"]] += 1
+    summary = {"format": ex.SUMMARY_FORMAT, "exported_at": "bench", "store_revision": "bench",
+               "ratios": {"train": 0.9, "val": 0.1, "test": 0.0}, "counts": counts, "files": files, "fingerprint": fp}
+    (training_dir / ex.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def baseline(tokenizer, records: list[dict], max_len: int) -> tuple[float, int]:
+    """Seconds and tokens for HF apply_chat_template with assistant masks, one example at a time."""
+    t = time.perf_counter()
+    tokens = 0
+    for r in records:
+        out = tokenizer.apply_chat_template(r["messages"], return_assistant_tokens_mask=True, return_dict=True,
+                                            truncation=True, max_length=max_len)
+        tokens += len(out["input_ids"])
+    return time.perf_counter() - t, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--baseline-n", type=int, default=10_000)
+    ap.add_argument("--max-seq-length", type=int, default=512)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lunatrain-bench-prepare"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prepare.md")
+    args = ap.parse_args()
+
+    from lunatrain import models
+    from lunatrain.params import parse_params
+    from lunatrain.prepare import prepare
+    from lunatrain.settings import load_settings
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    settings = load_settings(home=args.workdir)
+    tokenizer = models.load_tokenizer(None, settings)  # builds luna-tiny once, outside the timings
+    records = synthetic(args.n)
+    write_export(settings.training_dir, records)
+    params = parse_params({"max_seq_length": args.max_seq_length})
+
+    rows = []
+    for label in ("prepare, first run (tokenize + cache)", "prepare, cached run"):
+        t = time.perf_counter()
+        report = prepare(settings, params)
+        wall = time.perf_counter() - t
+        tokens = sum(s["tokens"] for s in report.tokens.values())
+        rows.append((label, args.n, wall, tokens, report.cache["hit"]))
+        print(f"{label}: {wall:.1f}s status={report.status} cache_hit={report.cache['hit']}", flush=True)
+    sub = records[: args.baseline_n]
+    wall, tokens = baseline(tokenizer, sub, args.max_seq_length)
+    rows.append(("baseline: HF apply_chat_template + assistant mask", len(sub), wall, tokens, None))
+
+    head = ["| run | examples | seconds | examples/s | tokens/s | cache hit |", "|---|---:|---:|---:|---:|---|"]
+    body = [f"| {label} | {n:,} | {w:.1f} | {n / w:,.0f} | {tok / w:,.0f} | {'' if hit is None else hit} |"
+            for label, n, w, tok, hit in rows]
+    first, cached = rows[0][2], rows[1][2]
+    base_rate = rows[2][1] / rows[2][2]
+    notes = [
+        "",
+        f"Cached run {first / cached:.1f}x faster than the first; first run "
+        f"{(args.n / first) / base_rate:.2f}x the baseline's examples/s (the baseline only tokenizes; "
+        "prepare also runs every check and writes the cache and report).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+        f"torch threads {__import__('torch').get_num_threads()}, maxSeqLength {args.max_seq_length}, "
+        f"tokens per example {rows[0][3] / args.n:.0f}. Timings on a shared machine vary by run.",
+    ]
+    table = "\n".join(["# Preflight (prepare) throughput, luna-tiny tokenizer", "", *head, *body, *notes]) + "\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
