@@ -3,7 +3,8 @@
     python -m lunatrain.worker --job JOBID --params '{"epochs": 1, ...}'
 
 The trainer starts one per job, in its own process group, with `ASSISTANT_HOME` set; it can also be run by
-hand to debug a job. Protocol: one JSON object per line on the original stdout — the engine's events
+hand to debug a job. `python -m lunatrain.worker --device-info` prints the device facts as JSON (the trainer
+asks a child for them, so that it never creates a CUDA context of its own). Protocol: one JSON object per line on the original stdout — the engine's events
 (`progress`, `eval`, `log`), `{"type": "trained", "adapter", "metrics"}` as soon as an adapter is registered
 (before the eval gate runs on it), then exactly one `{"type": "result", "status", "adapter", "metrics",
 "error", "gate"}` as the last line. Everything else anything prints goes to stderr (the job's log file), so a stray
@@ -210,9 +211,17 @@ def _failed(code: str, message: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lunatrain.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="job id (recorded with the adapter)")
-    parser.add_argument("--params", required=True, help="LoRA parameters, JSON object (wire form)")
+    parser.add_argument("--job", help="job id (recorded with the adapter)")
+    parser.add_argument("--params", help="LoRA parameters, JSON object (wire form)")
+    parser.add_argument("--device-info", action="store_true", help="print the device facts as JSON and exit")
     args = parser.parse_args(argv)
+    if args.device_info:
+        from .models import device_info
+
+        print(json.dumps(finite(device_info())), flush=True)
+        return 0
+    if not args.job or not args.params:
+        parser.error("--job and --params are required")
     channel = Channel(_take_stdout())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
