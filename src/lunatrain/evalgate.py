@@ -372,6 +372,9 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
     adapters = {}
     if entry is not None:
         adapters["candidate"] = registry.adapter_dir(settings, entry)
+    if baseline_entry is not None and baseline_entry["version"] != entry["version"]:
+        # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable
+        adapters["baseline"] = registry.adapter_dir(settings, baseline_entry)
     ev = _Evaluator(settings, base, adapters)
     tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
     context = {
@@ -396,10 +399,9 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
         baseline = {"kind": "adapter", "ref": _ref(baseline_entry, base), "source": "recorded",
                     "metrics": baseline_entry["gate"]["metrics"]}
     elif baseline_entry is not None and baseline_entry["version"] != entry["version"]:
-        ev2 = _Evaluator(settings, base, {"baseline": registry.adapter_dir(settings, baseline_entry)})
-        with ev2.use("baseline"):
-            bl_results = ev2.golden(cases)
-            bl_losses = ev2.losses(tokenized) if tokenized else {"val": None, "test": None}
+        with ev.use("baseline"):
+            bl_results = ev.golden(cases)
+            bl_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}
         baseline_cases = {r["id"]: r["passed"] for r in bl_results}
         baseline = {"kind": "adapter", "ref": _ref(baseline_entry, base), "source": "evaluated",
                     "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]}}
