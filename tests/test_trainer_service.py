@@ -306,8 +306,15 @@ def test_cancel_running_job_stops_child_and_registers_nothing(svc):
 @pytest.mark.slow
 def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     settings = svc.settings
-    crashy = submit(settings, QUICK | {"adapterName": "crashy"})
     nanny = submit(settings, QUICK | {"adapterName": "nanny"})
+    # The crashing job goes through `lunatrain lora` (its default path: ensure, submit, follow to the end).
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
+    flags = ["--adapter-name", "crashy", "--datasetTier", "memory", "--epochs", "1", "--max-steps", "2",
+             "--batch-size", "4", "--no-gate"]
+    cli = CliRunner().invoke(app, ["lora", *flags], env=env)
+    assert cli.exit_code == 1, cli.output
+    assert "Submitted job" in cli.output and "child_crashed" in cli.output
+    crashy = next(j for j in trainer_client.list_jobs(settings, limit=500) if j.params["adapterName"] == "crashy")
     crashed = wait_job(settings, crashy.id)
     assert crashed.status == "failed" and crashed.error.code == "child_crashed", crashed.error
     assert "SIGABRT" in crashed.error.message and f"data/trainer/logs/{crashy.id}.log" in crashed.error.message
@@ -317,7 +324,6 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     health = trainer_client.health(settings)
     assert health.status == "ok" and health.queue.running == 0 and svc.proc.poll() is None
     assert versions(settings, "crashy") == [] and versions(settings, "nanny") == []
-    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
     shown = CliRunner().invoke(app, ["jobs", "show", nanny.id], env=env)
     assert shown.exit_code == 1 and "nan_loss" in shown.output
     health_cli = CliRunner().invoke(app, ["health"], env=env)
