@@ -215,11 +215,11 @@ class _Bar:
     """Rich progress bar with step, loss, tokens/s and ETA; other events print above it."""
 
     def __init__(self, job_id: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+        # The ETA is the engine's (it knows the step time without model loading), so no rich time column.
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         )
         self._task = self._progress.add_task(job_id, total=None, info="")
 
@@ -234,7 +234,9 @@ class _Bar:
         d = ev.model_extra or {}
         if ev.type == "progress":
             info = " ".join(
-                f"{name} {_num(d[key])}" for key, name in (("loss", "loss"), ("tokensPerSec", "tok/s")) if d.get(key) is not None
+                f"{name} {_num(d[key])}"
+                for key, name in (("loss", "loss"), ("tokensPerSec", "tok/s"), ("etaSeconds", "eta s"))
+                if d.get(key) is not None
             )
             self._progress.update(self._task, completed=d.get("step") or 0, total=d.get("totalSteps"), info=info)
         else:
