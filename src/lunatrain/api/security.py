@@ -12,15 +12,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import logging
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import UsageError
 from ..settings import Settings
-
-log = logging.getLogger("lunatrain.api")
 
 # GETs that serve no data (the dashboard shell and the schema) stay reachable without a token, so a browser
 # can load the page that then asks for the token; everything else needs it.

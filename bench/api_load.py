@@ -1,0 +1,243 @@
+"""API under polling load while a job trains: latency and throughput of the status endpoints, and what the
+polling costs the training job.
+
+    .venv/bin/python bench/api_load.py [--clients 50] [--duration 30] [--interval 1.0] [--epochs 6]
+
+One run, everything real: a fresh data root seeded with the bundled dataset, `lunatrain serve` as a
+subprocess on a free port, its trainer started on demand on another free port. The same LoRA job (tiny model,
+same seed and data) runs twice: first unpolled, then with N clients each polling `GET lora/status?jobId=…`
+and `GET training/status?minCurated=30` every `--interval` seconds (a dashboard's rhythm; `--interval 0`
+polls back to back) for `--duration` seconds once training has started. Training speed is compared over the
+same optimizer steps in both runs (steps/s from the trainer's progress events × tokens per step from the
+training report), so warm-up and evaluation do not blur it. The table goes to stdout and to
+bench/results/api_load.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "api_load.md"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+class Serve:
+    def __init__(self, home: Path) -> None:
+        self.home, self.port = home, free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {
+            "ASSISTANT_HOME": str(home),
+            "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{free_port()}",
+            "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
+        }
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Serve:
+        exe = str(Path(sys.executable).parent / "lunatrain")
+        self.log = open(self.home / "serve.log", "wb")  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen([exe, "serve", "--port", str(self.port), "--log-level", "warning"],
+                                     env=self.env, cwd=self.home, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/openapi.json", timeout=5, trust_env=False).status_code == 200:
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise SystemExit(f"serve did not start; see {self.home / 'serve.log'}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.log.close()
+        pid_file = self.home / "reports" / "training" / "trainer.pid"  # the trainer the API started
+        with contextlib.suppress(OSError, ValueError):
+            os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+
+
+def submit(client: httpx.Client, name: str, epochs: int) -> str:
+    params = {"adapterName": name, "epochs": epochs, "baseModel": "luna-tiny", "datasetTier": "curated",
+              "gate": False, "seed": 7, "minCurated": 0, "learningRate": 1e-3, "maxSeqLength": 512}
+    r = client.post("/assistant/training/lora/start", json=params)
+    r.raise_for_status()
+    return r.json()["jobId"]
+
+
+def wait(client: httpx.Client, job_id: str, until: set[str], every: float = 2.0) -> dict:
+    while True:
+        job = client.get("/assistant/training/lora/status", params={"jobId": job_id}).json()
+        if job["state"] in until or job["state"] in TERMINAL:
+            return job
+        time.sleep(every)
+
+
+def progress_events(client: httpx.Client, job_id: str) -> list[dict]:
+    out, after = [], 0
+    while True:
+        page = client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": after, "limit": 1000}).json()
+        out += [e for e in page["events"] if e["type"] == "progress"]
+        if not page["hasMore"]:
+            return out
+        after = page["nextCursor"]
+
+
+def tokens_per_step(client: httpx.Client, job: dict) -> float:
+    a = job["adapter"]
+    report = client.get(f"/assistant/training/adapters/{a['name']}/versions/{a['version']}/report").json()
+    return report["metrics"]["tokensTrained"] / report["metrics"]["steps"]
+
+
+def steps_per_s(events: list[dict], lo: int, hi: int) -> float:
+    """Optimizer steps per second between the events of step `lo` and step `hi`."""
+    by_step = {e["step"]: ts(e["createdAt"]) for e in events}
+    return (hi - lo) / (by_step[hi] - by_step[lo])
+
+
+async def poll(url: str, job_id: str, clients: int, duration: float, interval: float) -> dict:
+    latencies: dict[str, list[float]] = {"lora/status": [], "training/status": []}
+    errors: list[str] = []
+    stop = time.monotonic() + duration
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, trust_env=False) as client:
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(interval * i / clients)  # spread the clients over one interval
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                for key, path, params in (
+                    ("lora/status", "/assistant/training/lora/status", {"jobId": job_id}),
+                    ("training/status", "/assistant/training/status", {"minCurated": 30}),
+                ):
+                    t = time.perf_counter()
+                    try:
+                        r = await client.get(path, params=params)
+                        if r.status_code != 200:
+                            errors.append(f"{key}: HTTP {r.status_code}")
+                    except httpx.HTTPError as exc:
+                        errors.append(f"{key}: {type(exc).__name__}")
+                    latencies[key].append(time.perf_counter() - t)
+                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(clients)))
+        elapsed = time.monotonic() - t0
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "window": (time.time() - elapsed, time.time())}
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000 if len(values) > 1 else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of polling")
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between one client's polls (0: no pause)")
+    ap.add_argument("--epochs", type=int, default=6, help="job length; the polled job must outlast --duration")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data root")
+    args = ap.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="lunatrain-apiload-"))
+    os.environ["ASSISTANT_HOME"] = str(home)
+    from lunatrain import export, store
+    from lunatrain.settings import load_settings
+
+    settings = load_settings(home=home)
+    store.load_seed(settings)
+    export.export(settings)
+    store.dispose_stores()
+    try:
+        with Serve(home) as serve, httpx.Client(base_url=serve.url, timeout=600, trust_env=False) as client:
+            print("unpolled run …", flush=True)
+            quiet_id = submit(client, "bench-unpolled", args.epochs)
+            quiet = wait(client, quiet_id, TERMINAL)
+            assert quiet["state"] == "succeeded", quiet
+            print("polled run …", flush=True)
+            busy_id = submit(client, "bench-polled", args.epochs)
+            while not progress_events(client, busy_id):  # training has started (model loaded, data tokenized)
+                time.sleep(0.5)
+            load = asyncio.run(poll(serve.url, busy_id, args.clients, args.duration, args.interval))
+            busy = wait(client, busy_id, TERMINAL)
+            assert busy["state"] == "succeeded", busy
+
+            quiet_ev, busy_ev = progress_events(client, quiet_id), progress_events(client, busy_id)
+            w0, w1 = load["window"]
+            in_window = [e["step"] for e in busy_ev if w0 <= ts(e["createdAt"]) <= w1]
+            lo, hi = min(in_window), max(in_window)
+            tps_step = tokens_per_step(client, quiet)
+            quiet_tps = steps_per_s(quiet_ev, lo, hi) * tps_step
+            busy_tps = steps_per_s(busy_ev, lo, hi) * tokens_per_step(client, busy)
+            device = client.get("/assistant/training/lora/provider-health").json()
+    finally:
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+    lat = load["latencies"]
+    n = sum(len(v) for v in lat.values())
+    slowdown = 100.0 * (1 - busy_tps / quiet_tps)
+    rows = [
+        "| endpoint | requests | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        *(f"| GET {k} | {len(v)} | {pct(v, 50):.1f} | {pct(v, 99):.1f} |" for k, v in lat.items()),
+        f"| **all** | {n} | {pct(sum(lat.values(), []), 50):.1f} | {pct(sum(lat.values(), []), 99):.1f} |",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| clients × interval | {args.clients} × {args.interval:g} s |",
+        f"| polling time | {load['elapsed']:.1f} s |",
+        f"| requests/s | {n / load['elapsed']:.1f} |",
+        f"| errors | {len(load['errors'])} |",
+        f"| training steps compared | {lo}–{hi} (of {quiet['progress']['total']}) |",
+        f"| tokens/s unpolled | {quiet_tps:,.0f} |",
+        f"| tokens/s polled | {busy_tps:,.0f} |",
+        f"| training slowdown under polling | {slowdown:+.1f}% (limit 10%) |",
+    ]
+    header = (
+        f"# API under polling load ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
+        f"`{' '.join(['bench/api_load.py', *sys.argv[1:]])}` on {platform.machine()} with {os.cpu_count()} CPU cores "
+        f"(shared with other work: noisy), trainer device `{(device.get('device') or {}).get('type', '?')}` "
+        f"({device.get('label')}); load generator, API, trainer and job all on this machine; "
+        f"tiny model, {args.epochs} epochs.\n\n"
+    )
+    table = header + "\n".join(rows) + "\n"
+    if load["errors"]:
+        table += "\nErrors (first 10): " + "; ".join(load["errors"][:10]) + "\n"
+    print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(table, encoding="utf-8")
+    if load["errors"] or slowdown > 10.0:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
