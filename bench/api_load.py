@@ -123,34 +123,64 @@ def steps_per_s(events: list[dict], lo: int, hi: int) -> float:
     return (hi - lo) / (by_step[hi] - by_step[lo])
 
 
-async def poll(url: str, job_id: str, clients: int, duration: float, interval: float) -> dict:
+class Conn:
+    """A minimal keep-alive HTTP/1.1 GET client: the load generator shares the 2 cores with the server and
+    the job, so it should cost as little CPU as possible (httpx costs several times more per request)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, target: str) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:]) if k.lower() == b"content-length")
+        await self.reader.readexactly(length)
+        if any(ln.lower() == b"connection: close" for ln in lines):
+            self.close()
+        return int(lines[0].split()[1])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def poll(port: int, job_id: str, clients: int, duration: float, interval: float) -> dict:
     latencies: dict[str, list[float]] = {"lora/status": [], "training/status": []}
     errors: list[str] = []
     stop = time.monotonic() + duration
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, trust_env=False) as client:
+    targets = (
+        ("lora/status", f"/assistant/training/lora/status?jobId={job_id}"),
+        ("training/status", "/assistant/training/status?minCurated=30"),
+    )
 
-        async def one(i: int) -> None:
-            await asyncio.sleep(interval * i / clients)  # spread the clients over one interval
-            while time.monotonic() < stop:
-                started = time.perf_counter()
-                for key, path, params in (
-                    ("lora/status", "/assistant/training/lora/status", {"jobId": job_id}),
-                    ("training/status", "/assistant/training/status", {"minCurated": 30}),
-                ):
-                    t = time.perf_counter()
-                    try:
-                        r = await client.get(path, params=params)
-                        if r.status_code != 200:
-                            errors.append(f"{key}: HTTP {r.status_code}")
-                    except httpx.HTTPError as exc:
-                        errors.append(f"{key}: {type(exc).__name__}")
-                    latencies[key].append(time.perf_counter() - t)
-                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
+    async def one(i: int) -> None:
+        conn = Conn(port)
+        await asyncio.sleep(interval * i / clients)  # spread the clients over one interval
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            for key, target in targets:
+                t = time.perf_counter()
+                try:
+                    status = await conn.get(target)
+                    if status != 200:
+                        errors.append(f"{key}: HTTP {status}")
+                except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration) as exc:
+                    errors.append(f"{key}: {type(exc).__name__}")
+                    conn.close()
+                latencies[key].append(time.perf_counter() - t)
+            await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
+        conn.close()
 
-        t0 = time.monotonic()
-        await asyncio.gather(*(one(i) for i in range(clients)))
-        elapsed = time.monotonic() - t0
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    elapsed = time.monotonic() - t0
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "window": (time.time() - elapsed, time.time())}
 
 
@@ -186,7 +216,7 @@ def main() -> None:
             busy_id = submit(client, "bench-polled", args.epochs)
             while not progress_events(client, busy_id):  # training has started (model loaded, data tokenized)
                 time.sleep(0.5)
-            load = asyncio.run(poll(serve.url, busy_id, args.clients, args.duration, args.interval))
+            load = asyncio.run(poll(serve.port, busy_id, args.clients, args.duration, args.interval))
             busy = wait(client, busy_id, TERMINAL)
             assert busy["state"] == "succeeded", busy
 

@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 
@@ -53,3 +54,13 @@ async def fresh_reads(request: Request) -> AsyncIterator[None]:
     yield
     if mutating:
         request.app.state.reads.clear()
+
+
+def rendered(model: BaseModel) -> bytes:
+    """The JSON a route with this response model would send; cached as bytes, so a cache hit costs no
+    validation and no serialization."""
+    return model.model_dump_json(by_alias=True).encode()
+
+
+def json_response(body: bytes) -> Response:
+    return Response(content=body, media_type="application/json")

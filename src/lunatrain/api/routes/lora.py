@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from ... import ensure, profiles, store, trainer_client
@@ -17,6 +17,7 @@ from ... import export as export_stage
 from ...errors import NotFound, ServiceUnavailable
 from ...params import LoraParams
 from ...settings import Settings
+from ..cache import json_response, rendered
 from ..deps import Fresh, JobId, ReadsDep, SettingsDep, check_base_model, errors
 from ..schemas import (
     Defaults,
@@ -128,19 +129,19 @@ async def status(
     settings: SettingsDep,
     reads: ReadsDep,
     job_id: Annotated[str | None, Query(alias="jobId", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")] = None,
-) -> Job:
+) -> Response:
     """One job (the latest without `jobId`): state, progress, metrics, adapter, error. Polled by every
-    open dashboard, so identical polls within half a second share one trainer call."""
+    open dashboard, so identical polls within half a second share one trainer call and one rendering."""
 
-    def fetch() -> Job:
+    def fetch() -> bytes:
         if job_id is not None:
-            return job_view(trainer_client.get_job(settings, job_id))
+            return rendered(job_view(trainer_client.get_job(settings, job_id)))
         latest = trainer_client.list_jobs(settings, limit=1)
         if not latest:
             raise NotFound("No LoRA job has been submitted yet.")
-        return job_view(latest[0])
+        return rendered(job_view(latest[0]))
 
-    return await reads.get(("lora-status", job_id), fetch)
+    return json_response(await reads.get(("lora-status", job_id), fetch))
 
 
 @router.get("/defaults", response_model=Defaults, responses=errors(404))

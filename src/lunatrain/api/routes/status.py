@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from ... import status as status_stage
+from ..cache import json_response, rendered
 from ..deps import ReadsDep, SettingsDep, errors
 from ..schemas import Report
 
@@ -19,7 +20,10 @@ async def training_status(
     settings: SettingsDep,
     reads: ReadsDep,
     min_curated: Annotated[int, Query(alias="minCurated", ge=0, le=10_000_000, description="ready threshold")] = 0,
-) -> Report:
+) -> Response:
     """Polled by every open dashboard: identical polls within half a second share one computation."""
-    status = await reads.get(("training-status", min_curated), lambda: status_stage.training_status(settings, min_curated))
-    return Report.model_validate(status)
+
+    def fetch() -> bytes:
+        return rendered(Report.model_validate(status_stage.training_status(settings, min_curated)))
+
+    return json_response(await reads.get(("training-status", min_curated), fetch))
