@@ -220,3 +220,21 @@ def test_on_the_bundled_dataset_the_adapter_beats_the_base(settings):
     # and better than a uniform guess over the vocabulary: it learned the data, not just undid the init
     vocab = models.load_model(None, settings).config.vocab_size
     assert m["valLoss"] < math.log(vocab), (m, vocab)
+
+
+def test_plain_progress_lines_for_logs():
+    import io
+
+    from lunatrain.progress import ProgressDisplay
+
+    out = io.StringIO()
+    with ProgressDisplay(tty=False, stream=out, every=0) as display:
+        display.on_event({"type": "eval", "epoch": 0, "valLoss": None, "baseValLoss": 8.0})
+        display.on_event({"type": "progress", "step": 2, "totalSteps": 4, "epoch": 1, "epochs": 2, "percent": 50.0,
+                          "loss": 7.5, "tokensPerSec": 1234.5, "etaSeconds": 75})
+        display.on_event({"type": "log", "message": "done"})
+    assert out.getvalue().splitlines() == [
+        "epoch 0: base val loss 8.0000",
+        "step 2/4 (50%) epoch 1 loss 7.5000 1,234 tok/s ETA 1:15",
+        "done",
+    ]

@@ -129,7 +129,7 @@ def build_tiny_model(
     model_vocab: int | None = None,
     max_positions: int = 4096,
     seed: int = TINY_SEED,
-    embed_std: float = 0.1,
+    embed_std: float | None = None,
     corpus: list[str] | None = None,
 ) -> Path:
     """Write a Llama-architecture causal LM with random weights and a trained BPE tokenizer to `path`.
@@ -169,8 +169,9 @@ def build_tiny_model(
         model = LlamaForCausalLM(config).float()
         # Wider (tied) embeddings than the 0.02 of the other layers: with 0.02 the output layer can barely
         # move the logits (|logit| <= |h| * |e| is tiny), so no adapter could show that it learned anything.
+        # 0.8/sqrt(hidden) keeps the initial logits' spread the same at any width (0.1 at hidden 64).
         with torch.no_grad():
-            model.get_input_embeddings().weight.normal_(0.0, embed_std)
+            model.get_input_embeddings().weight.normal_(0.0, embed_std or 0.8 / hidden**0.5)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
     path.mkdir(parents=True, exist_ok=True)

@@ -131,12 +131,18 @@ def run_lora(
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, {"code": "error", "message": f"{type(exc).__name__}: {exc}"}
     report = build_report(run, status, error, started, job_id)
-    if status is not Status.SUCCEEDED:
-        emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}"})
-        atomic_write_json(run.work_dir / "training-report.json", report)
-        registry.write_latest(settings, report)
-        return TrainResult(status, params.adapter_name, report=report, error=error)
-    return finish(run, report, emit)
+    if status is Status.SUCCEEDED:
+        try:
+            return finish(run, report, emit)
+        except LunaError:
+            raise
+        except Exception as exc:  # e.g. a full disk while saving: the run failed, the checkpoints remain
+            status, error = Status.FAILED, {"code": "save_failed", "message": f"{type(exc).__name__}: {exc}"}
+            report.update(status=status.value, error=error)
+    emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}"})
+    atomic_write_json(run.work_dir / "training-report.json", report)
+    registry.write_latest(settings, report)
+    return TrainResult(status, params.adapter_name, report=report, error=error)
 
 
 # --- validation and setup -------------------------------------------------------------------------
