@@ -238,3 +238,22 @@ def test_plain_progress_lines_for_logs():
         "step 2/4 (50%) epoch 1 loss 7.5000 1,234 tok/s ETA 1:15",
         "done",
     ]
+
+
+def test_older_transformers_without_masked_logits_give_the_same_loss(settings, monkeypatch):
+    """Releases whose logits_to_keep takes no boolean mask get full logits, masked afterwards: same numbers."""
+    from lunatrain import models, train
+    from lunatrain.tokens import encode_chat, make_batch
+
+    tok = models.load_tokenizer("luna-tiny", settings)
+    model = models.load_model("luna-tiny", settings, "cpu")
+    samples = [encode_chat(tok, m, 128) for m in (
+        [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo, ich bin Luna."}],
+        [{"role": "user", "content": "Wer bist du?"}, {"role": "assistant", "content": "Luna, deine Assistentin."}],
+    )]
+    batch = make_batch(samples, 128, tok.pad_token_id, packing=True)
+    with_mask, targets = train.forward_supervised(model, batch, "cpu")
+    monkeypatch.setattr(train, "masked_logits_supported", lambda: False)
+    full, targets2 = train.forward_supervised(model, batch, "cpu")
+    assert with_mask.shape == full.shape and (targets == targets2).all()
+    assert (with_mask - full).abs().max().item() < 1e-5

@@ -43,7 +43,6 @@ GATE_FORMAT = "lunatrain-eval-gate/1"
 REPORT_FILE = "eval-gate-latest.json"
 DEFAULT_TIER = "curated"
 GEN_BATCH = 32  # golden cases generated together
-SMALL_MODEL_PARAMS = 20_000_000
 
 
 # --- thresholds ---------------------------------------------------------------------------------
@@ -93,9 +92,6 @@ class _Evaluator:
                 model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.eval()
         self.model = model
-        # Tiny matrices gain nothing from intra-op threads and lose a lot to their synchronisation
-        # (measured: a 17x64 @ 64x192 matmul, 0.1 ms on one thread, 7 ms on two on a busy 2-core machine).
-        self.threads = 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else None
         tok = self.tokenizer
         stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -104,12 +100,9 @@ class _Evaluator:
 
     @contextlib.contextmanager
     def use(self, adapter: str | None):
-        import torch
+        from .models import cpu_threads_for
 
-        before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
+        with cpu_threads_for(self.model, self.device):
             if adapter is None and self.peft:
                 with self.model.disable_adapter():
                     yield
@@ -117,8 +110,6 @@ class _Evaluator:
                 if adapter is not None:
                     self.model.set_adapter(adapter)
                 yield
-        finally:
-            torch.set_num_threads(before)
 
     def golden(self, cases: list[EvalCase]) -> list[dict[str, Any]]:
         """Greedy answers to every case, batched (left-padded) per token limit: one forward per new token

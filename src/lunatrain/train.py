@@ -20,6 +20,7 @@ optimizer, scheduler and RNG state) ends exactly where an uninterrupted run ends
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -121,11 +122,14 @@ def run_lora(
     run = prepare(params, settings)
     started = time.time()
     status, error = Status.SUCCEEDED, None
+    from .models import cpu_threads_for
+
     try:
         setup_optimizer(run)
         if params.resume:
             load_checkpoint(run, emit)
-        train(run, emit, should_stop)
+        with cpu_threads_for(run.model, run.device):
+            train(run, emit, should_stop)
     except Stop as stop:
         status, error = stop.status, {"code": stop.code, "message": stop.message}
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
@@ -342,12 +346,22 @@ def forward_supervised(model: Any, batch: Batch, device: str, autocast_dtype: An
     with ctx:
         out = model(
             input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-            use_cache=False, logits_to_keep=mask,
+            use_cache=False, logits_to_keep=mask if masked_logits_supported() else 0,
         )
     logits = out.logits
     if logits.dim() == 3:  # a model that ignores a mask in logits_to_keep returns every position
         logits = logits[mask]
     return logits, batch.targets.to(device)[mask]
+
+
+@functools.cache
+def masked_logits_supported() -> bool:
+    """Whether this transformers release takes a boolean mask as `logits_to_keep` (newer 5.x releases);
+    older ones index hidden states as [:, keep, :], which fails for a 2-D mask, so they get every position
+    and the mask is applied to the logits instead."""
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
 
 
 def evaluate(run: Run, samples: list[Encoded]) -> float:
