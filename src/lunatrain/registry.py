@@ -262,6 +262,15 @@ def record_gate(settings: Settings, name: str, version: str, result: dict[str, A
     return annotate(settings, name, version, "gate", result)
 
 
+def refresh_stale(settings: Settings) -> list[str]:
+    """Mark versions trained on any content the store has deleted (its tombstones); call after a delete."""
+    from .store import deleted_hashes
+
+    if not registry_path(settings).exists():
+        return []
+    return mark_stale(settings, set(deleted_hashes(settings)))
+
+
 def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trained on a deleted example") -> list[str]:
     """Mark every version whose train-hashes.txt contains one of `deleted_hashes` as stale ("retrain
     needed"); returns the refs marked."""

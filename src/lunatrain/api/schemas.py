@@ -191,6 +191,7 @@ class ImportResult(Out):
 
 class Deleted(Out):
     deleted: int
+    stale_adapters: list[str] = Field(default_factory=list, description="versions trained on it: retrain needed")
 
 
 class MemoryIn(In):

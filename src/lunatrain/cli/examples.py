@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import store
+from .. import registry, store
 from ..errors import LunaError, UsageError
 from ..settings import load_settings
 from .app import app, fail, is_tty
@@ -147,10 +147,12 @@ def reject_cmd(ids: IdsArg) -> None:
 def delete_cmd(ids: IdsArg) -> None:
     """Delete examples; adapters trained on them are later marked stale."""
     try:
-        n = store.delete_examples(load_settings(), _ids(ids, "ex"))
+        settings = load_settings()
+        n = store.delete_examples(settings, _ids(ids, "ex"))
+        stale = registry.refresh_stale(settings)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"Deleted {n} example(s).")
+    typer.echo(f"Deleted {n} example(s)." + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else ""))
 
 
 @examples_app.command("seed")
@@ -205,7 +207,9 @@ def memory_list_cmd(
 def memory_delete_cmd(ids: Annotated[list[str], typer.Argument(help="memory ids (3 or mem-3)")]) -> None:
     """Forget memory items."""
     try:
-        n = store.delete_memory(load_settings(), _ids(ids, "mem"))
+        settings = load_settings()
+        n = store.delete_memory(settings, _ids(ids, "mem"))
+        stale = registry.refresh_stale(settings)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"Deleted {n} memory item(s).")
+    typer.echo(f"Deleted {n} memory item(s)." + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else ""))

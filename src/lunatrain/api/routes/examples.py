@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from ... import formats, store
+from ... import formats, registry, store
 from ...errors import UsageError
 from ..deps import Fresh, ItemId, SettingsDep, errors
 from ..schemas import (
@@ -96,7 +96,8 @@ async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOu
 @router.delete("/examples/{example_id:int}", response_model=Deleted, responses=errors(404))
 async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
     await run_in_threadpool(store.delete_examples, settings, [example_id])
-    return Deleted(deleted=example_id)
+    stale = await run_in_threadpool(registry.refresh_stale, settings)
+    return Deleted(deleted=example_id, stale_adapters=stale)
 
 
 @router.get("/memory", response_model=MemoryList, responses=errors())
@@ -118,4 +119,5 @@ async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
 @router.delete("/memory/{item_id:int}", response_model=Deleted, responses=errors(404))
 async def delete_memory(item_id: ItemId, settings: SettingsDep) -> Deleted:
     await run_in_threadpool(store.delete_memory, settings, [item_id])
-    return Deleted(deleted=item_id)
+    stale = await run_in_threadpool(registry.refresh_stale, settings)
+    return Deleted(deleted=item_id, stale_adapters=stale)
