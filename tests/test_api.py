@@ -53,7 +53,7 @@ def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
     listed = client.get(f"{T}/examples", params={"status": "rejected"}).json()
     assert [e["id"] for e in listed["examples"]] == [ex["id"]] and listed["count"] == 1
     assert client.post(f"{T}/examples/{ex['id']}/approve").json()["status"] == "approved"
-    assert client.delete(f"{T}/examples/{ex['id']}").json() == {"deleted": ex["id"]}
+    assert client.delete(f"{T}/examples/{ex['id']}").json() == {"deleted": ex["id"], "staleAdapters": []}
     gone = client.delete(f"{T}/examples/{ex['id']}")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
