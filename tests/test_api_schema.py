@@ -59,13 +59,20 @@ def _cleanup():
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: the same requests on every run, so CI cannot turn red on a lucky draw
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_operation_conforms_and_never_fails(case) -> None:
     # positive_data_acceptance is off: some rules cannot be written in a schema (a baseModel directory must
     # exist under the data root, a profile must exist), so schema-valid requests may rightly get a 422/404.
     # not_a_server_error is replaced by the assertion below: with the trainer down, job operations must
     # answer their declared 503 — and nothing else may answer any 5xx.
-    response = case.call_and_validate(excluded_checks=[positive_data_acceptance, not_a_server_error])
+    response = case.call()
+    if response.status_code == 413:
+        # A generated body over ASSISTANT_MAX_BODY_BYTES is refused while it streams, before the schema is
+        # consulted: a correct rejection that schemathesis' negative-data check does not count as one.
+        assert response.json()["error"]["code"] == "payload_too_large"
+        return
+    case.validate_response(response, excluded_checks=[positive_data_acceptance, not_a_server_error])
     if response.status_code >= 500:
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "service_unavailable"

@@ -12,6 +12,7 @@ Run: `.venv/bin/python -m pytest tests/test_trainer_service.py -q` (a few minute
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -376,7 +377,9 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
         assert final.status == "succeeded" and final.attempts == 2, final
         messages = [e.model_extra.get("message", "") for e in all_events(trainer.settings, job.id)]
         assert any(m.startswith("requeued after the trainer stopped") for m in messages if m)
-        assert any("resumed from epoch 1" in m for m in messages if m)
+        # The orphaned child may finish its second epoch before it notices the trainer is gone: the resume
+        # then starts from that later checkpoint — what matters is that it did not start over.
+        assert any(re.match(r"resumed from epoch [12] ", m) for m in messages if m), messages
         assert final.metrics["steps"] == final.metrics["totalSteps"] == 18
         reg = json.loads(registry.registry_path(trainer.settings).read_text())  # valid JSON
         assert [e["jobId"] for e in reg["adapters"]["resumed"]["versions"]] == [job.id]  # exactly one version
