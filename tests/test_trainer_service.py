@@ -365,8 +365,10 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
     trainer = launch(home)
     port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
     try:
-        # Two short epochs on the memory tier (9 steps each); a checkpoint is written after each epoch.
-        job = submit(trainer.settings, QUICK | {"adapterName": "resumed", "epochs": 2, "maxSteps": None, "resume": True})
+        # Three epochs on the memory tier, one sample per step so an epoch outlasts the test's polling; a
+        # checkpoint is written after each epoch.
+        job = submit(trainer.settings, QUICK | {"adapterName": "resumed", "epochs": 3, "maxSteps": None,
+                                                "batchSize": 1, "resume": True})
         wait_event(trainer.settings, job.id, lambda e: e.type == "log" and "checkpoint saved" in e.model_extra["message"])
         child = worker_for(job.id)
         os.kill(trainer.proc.pid, signal.SIGKILL)
@@ -377,10 +379,10 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
         assert final.status == "succeeded" and final.attempts == 2, final
         messages = [e.model_extra.get("message", "") for e in all_events(trainer.settings, job.id)]
         assert any(m.startswith("requeued after the trainer stopped") for m in messages if m)
-        # The orphaned child may finish its second epoch before it notices the trainer is gone: the resume
-        # then starts from that later checkpoint — what matters is that it did not start over.
+        # The orphan stops at its next step, but may have saved another epoch's checkpoint by then: the
+        # resume starts from the latest one — what matters is that it did not start over.
         assert any(re.match(r"resumed from epoch [12] ", m) for m in messages if m), messages
-        assert final.metrics["steps"] == final.metrics["totalSteps"] == 18
+        assert final.metrics["steps"] == final.metrics["totalSteps"]
         reg = json.loads(registry.registry_path(trainer.settings).read_text())  # valid JSON
         assert [e["jobId"] for e in reg["adapters"]["resumed"]["versions"]] == [job.id]  # exactly one version
     finally:

@@ -153,7 +153,11 @@ def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: thread
 
     try:
         # The engine itself stops with `nan_loss` on a non-finite loss and with `cancelled` on should_stop.
-        result = run_lora(params, settings, on_event=on_event, should_stop=stop.is_set, job_id=job_id)
+        # Checked before every step: an orphan (its trainer killed) must not train on and publish a version
+        # that the restarted trainer will produce again; the watchdog alone polls only once a second.
+        parent = os.getppid()
+        result = run_lora(params, settings, on_event=on_event, job_id=job_id,
+                          should_stop=lambda: stop.is_set() or os.getppid() != parent)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
         traceback.print_exc(file=sys.stderr)
         return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
