@@ -35,7 +35,7 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> t
     return parse_params(flags), {}
 
 
-def _local_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
+def local_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
     from ..evalgate import gate_candidate
     from ..progress import ProgressDisplay
     from ..train import run_lora
@@ -48,7 +48,7 @@ def _local_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
     return {"status": result.status.value, "adapter": adapter, "error": result.error}
 
 
-def _service_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
+def service_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
     from .trainer import follow_and_report
 
     ensure_trainer(settings)
@@ -72,7 +72,7 @@ def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
         result: FlowResult = run_flow(
-            settings, params, _local_lora if local else _service_lora, gate_thresholds=gate,
+            settings, params, local_lora if local else service_lora, gate_thresholds=gate,
             on_step=lambda name: typer.echo(f"==> {name}"),
         )
     except LunaError as err:

@@ -18,7 +18,7 @@ import typer
 from ..errors import LunaError
 from ..settings import load_settings
 from .app import app, fail
-from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, _local_lora, _service_lora, resolve
+from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, local_lora, service_lora, resolve
 from .options import lora_options
 
 
@@ -62,7 +62,7 @@ def lora_cmd(
             return
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)
-        outcome = _local_lora(settings, params) if local else _service_lora(settings, params)
+        outcome = local_lora(settings, params) if local else service_lora(settings, params)
         lines = _describe(settings, outcome)
     except LunaError as err:
         raise fail(err) from None
