@@ -6,6 +6,7 @@ and the steps as JSON and does nothing else (the docs and the guide's command li
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any
 
@@ -35,7 +36,8 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> t
     return parse_params(flags), {}
 
 
-def local_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
+def local_lora(settings: Settings, params: LoraParams, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate])."""
     from ..evalgate import gate_candidate
     from ..progress import ProgressDisplay
     from ..train import run_lora
@@ -44,7 +46,7 @@ def local_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
         result = run_lora(params, settings, on_event=display.on_event)
     adapter = {"name": result.adapter_name, "version": result.version} if result.ok else None
     if result.ok and params.gate:
-        gate_candidate(settings, result.adapter_name, result.version)
+        gate_candidate(settings, result.adapter_name, result.version, thresholds=gate)
     return {"status": result.status.value, "adapter": adapter, "error": result.error}
 
 
@@ -72,7 +74,7 @@ def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
         result: FlowResult = run_flow(
-            settings, params, local_lora if local else service_lora, gate_thresholds=gate,
+            settings, params, functools.partial(local_lora, gate=gate) if local else service_lora, gate_thresholds=gate,
             on_step=lambda name: typer.echo(f"==> {name}"),
         )
     except LunaError as err:

@@ -56,13 +56,13 @@ def lora_cmd(
 
     try:
         settings = load_settings()
-        params, _gate = resolve(settings, profile, lora_flags)
+        params, gate = resolve(settings, profile, lora_flags)
         if dry_run:
             typer.echo(json.dumps({"command": "lora", "local": local, "params": params.wire()}, indent=2))
             return
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)
-        outcome = local_lora(settings, params) if local else service_lora(settings, params)
+        outcome = local_lora(settings, params, gate) if local else service_lora(settings, params)
         lines = _describe(settings, outcome)
     except LunaError as err:
         raise fail(err) from None
