@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,20 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(finished: Path, target: Path) -> bool:
+    """Move a fully written directory into place, replacing an older one at `target`; returns whether one
+    was replaced. The old copy is first renamed aside, so `target` is never a half-removed tree."""
+    if not target.exists():
+        os.replace(finished, target)
+        return False
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(finished, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

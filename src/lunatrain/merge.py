@@ -8,7 +8,6 @@ written to a temp directory that is renamed into place, then recorded on the ver
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from . import registry
 from .errors import Conflict
-from .fsio import atomic_write_json
+from .fsio import atomic_write_json, replace_dir
 from .settings import Settings, check_name
 
 
@@ -66,15 +65,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             "adapter": f"{name}@{entry['version']}", "revision": entry.get("revision"),
             "baseModel": trained_on, "adapterPath": entry["path"], "created": registry.now(),
         })
-        replaced = target.exists()
-        if replaced:  # an earlier merge of the same adapter version: same content, rebuilt
-            old = merged_root / f".{label}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        # an earlier merge of the same adapter version is the same content, rebuilt
+        replaced = replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = str(target.relative_to(settings.home))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .fsio import atomic_write_text, dumps_json, file_lock
+from .fsio import atomic_write_text, dumps_json, file_lock, replace_dir
 from .settings import Settings
 
 TINY_ID = "luna-tiny"
@@ -220,14 +220,7 @@ def ensure_tiny(settings: Settings) -> Path:
         try:
             build_tiny_model(tmp)
             atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
-            if target.exists():
-                old = target.with_name(f".{TINY_ID}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
