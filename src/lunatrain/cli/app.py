@@ -6,7 +6,10 @@ Options are declared with both spellings, kebab-case first and the guide's camel
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -29,3 +32,12 @@ def fail(err: LunaError) -> typer.Exit:
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def print_report(report: Any, show: Callable[[Any], None], *, as_json: bool) -> None:
+    """A stage report as JSON (`--json`) or as `show` draws it; then exit 1 if the report failed."""
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True))
+    else:
+        show(report)
+    report.raise_on_fail()

@@ -3,7 +3,6 @@ model) on the eval suite; exit 1 when a threshold fails or a metric regresses.""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +10,7 @@ import typer
 from ..errors import LunaError
 from ..evalgate import GateReport, eval_gate
 from ..settings import load_settings
-from .app import app, fail, is_tty
+from .app import app, fail, is_tty, print_report
 
 
 @app.command("eval-gate")
@@ -38,11 +37,7 @@ def eval_gate_cmd(
                  "max_val_loss_ratio_vs_base": max_val_loss_ratio_vs_base, "max_loss_regression": max_loss_regression}
         thresholds |= {k: v for k, v in flags.items() if v is not None}
         report = eval_gate(settings, adapter=adapter, base_model=base_model, thresholds=thresholds)
-        if as_json:
-            typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True))
-        else:
-            show(report)
-        report.raise_on_fail()
+        print_report(report, show, as_json=as_json)
     except LunaError as err:
         raise fail(err) from None
 

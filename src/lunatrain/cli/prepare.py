@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -10,7 +9,7 @@ import typer
 from ..errors import LunaError
 from ..prepare import PrepareReport, prepare
 from ..settings import load_settings
-from .app import app, fail, is_tty
+from .app import app, fail, is_tty, print_report
 from .flow import ProfileOpt, resolve
 from .options import lora_options
 
@@ -29,11 +28,7 @@ def prepare_cmd(
         settings = load_settings()
         params, _gate = resolve(settings, profile, lora_flags)
         report = prepare(settings, params)
-        if as_json:
-            typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True))
-        else:
-            show(report)
-        report.raise_on_fail()
+        print_report(report, show, as_json=as_json)
     except LunaError as err:
         raise fail(err) from None
 
