@@ -70,7 +70,7 @@ def write_export(training_dir: Path, records: list[dict]) -> None:
         data = text.encode()
         (training_dir / name).write_bytes(data)
         files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "records": text.count("\n"), "bytes": len(data)}
-    fp = hashlib.sha256("".join(f"{k} {files[k]['sha256']}\n" for k in sorted(files)).encode()).hexdigest()
+    fp = ex.dataset_fingerprint({name: f["sha256"] for name, f in files.items()})
     counts = {t: {"total": 0, "train": 0, "val": 0, "test": 0} for t in ex.TIERS}
     for r in records:
         for t in ("curated", "merged"):

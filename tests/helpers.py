@@ -100,7 +100,7 @@ def _jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
 def write_export(settings: Any, records: list[dict] | None = None) -> Any:
     """Write the tier files and a summary that `lunatrain.export.read_tier` accepts (same names, sha256s and
     fingerprint rule as `lunatrain export`); return `read_tier(settings, "curated")`."""
-    from lunatrain.export import SUMMARY_FORMAT, read_tier
+    from lunatrain.export import SUMMARY_FORMAT, dataset_fingerprint, read_tier
 
     records = make_records() if records is None else records
     d: Path = settings.training_dir
@@ -113,7 +113,7 @@ def write_export(settings: Any, records: list[dict] | None = None) -> Any:
         files[name] = _jsonl(d / name, [r for r in curated if r["split"] == split])
     files["assistant-sft-memory.jsonl"] = _jsonl(d / "assistant-sft-memory.jsonl", memory)
     files["assistant-sft.jsonl"] = _jsonl(d / "assistant-sft.jsonl", records)
-    fingerprint = hashlib.sha256("".join(f"{n} {files[n]['sha256']}\n" for n in sorted(files)).encode()).hexdigest()
+    fingerprint = dataset_fingerprint({name: f["sha256"] for name, f in files.items()})
     counts = {
         tier: {"total": len(rs), **{s: sum(1 for r in rs if r["split"] == s) for s in ("train", "val", "test")}}
         for tier, rs in (("curated", curated), ("memory", memory), ("merged", records))

@@ -66,7 +66,7 @@ def write_files(settings, records: list[dict], *, extra_curated_lines: tuple[str
         for t in ("merged", r["source"] if r["source"] in ("curated", "memory") else "merged"):
             counts[t]["total"] += 1
             counts[t][r["split"]] += 1
-    fp = hashlib.sha256("".join(f"{n} {files[n]['sha256']}\n" for n in sorted(files)).encode()).hexdigest()
+    fp = export_mod.dataset_fingerprint({name: f["sha256"] for name, f in files.items()})
     summary = {"format": export_mod.SUMMARY_FORMAT, "exported_at": "2025-01-01T00:00:00+00:00",
                "store_revision": "none", "ratios": {"train": 0.8, "val": 0.2, "test": 0.0},
                "counts": counts, "files": files, "fingerprint": fp}

@@ -298,9 +298,7 @@ def export(
             for sink in sinks.values():
                 sink.discard()
             raise
-        fingerprint = hashlib.sha256(
-            "".join(f"{name} {files[name]['sha256']}\n" for name in sorted(DATA_FILES)).encode()
-        ).hexdigest()
+        fingerprint = dataset_fingerprint({name: files[name]["sha256"] for name in DATA_FILES})
         summary = ExportSummary(
             directory=out,
             exported_at=utcnow().isoformat(timespec="seconds"),
@@ -345,6 +343,11 @@ def read_summary(settings: Settings) -> dict[str, Any] | None:
     if summary is not None and (not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT):
         raise CheckFailed(f"{path} is not a lunatrain export summary; run `lunatrain export` again.")
     return summary
+
+
+def dataset_fingerprint(shas: dict[str, str]) -> str:
+    """The dataset fingerprint from each data file's sha256: independent of the export time."""
+    return hashlib.sha256("".join(f"{name} {shas[name]}\n" for name in sorted(shas)).encode()).hexdigest()
 
 
 def read_tier(settings: Settings, tier: Tier) -> TierData:

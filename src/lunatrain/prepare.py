@@ -142,7 +142,7 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
     checks: list[Check] = []
     file_shas, mismatched = _verify_files(settings.training_dir, summary)
     checks.append(_summary_check(mismatched))
-    fingerprint = _fingerprint(file_shas) if mismatched else summary["fingerprint"]
+    fingerprint = export_mod.dataset_fingerprint(file_shas) if mismatched else summary["fingerprint"]
     splits, bad_lines = _read_tier(settings.training_dir / export_mod.TIER_FILES[tier])
     checks.append(_check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines"))
     checks.append(_stale_check(settings, summary))
@@ -229,11 +229,6 @@ def _verify_files(directory: Path, summary: dict[str, Any]) -> tuple[dict[str, s
         if shas[name] != want.get("sha256") or lines != want.get("records", lines):
             mismatched.append(name)
     return shas, mismatched
-
-
-def _fingerprint(shas: dict[str, str]) -> str:
-    # The export's own formula, applied to the files as they are.
-    return hashlib.sha256("".join(f"{n} {shas[n]}\n" for n in sorted(shas)).encode()).hexdigest()
 
 
 def _summary_check(mismatched: list[str]) -> Check:

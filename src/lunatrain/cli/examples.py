@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -145,14 +146,19 @@ def reject_cmd(ids: IdsArg) -> None:
 
 @examples_app.command("delete")
 def delete_cmd(ids: IdsArg) -> None:
-    """Delete examples; adapters trained on them are later marked stale."""
+    """Delete examples; adapter versions trained on them are marked stale (retrain needed)."""
+    _delete(store.delete_examples, ids, "ex", "example(s)")
+
+
+def _delete(delete: Callable[..., int], ids: list[str], prefix: str, what: str) -> None:
+    """Delete, then mark the adapter versions trained on the deleted content stale, and say which."""
     try:
         settings = load_settings()
-        n = store.delete_examples(settings, _ids(ids, "ex"))
+        n = delete(settings, _ids(ids, prefix))
         stale = registry.refresh_stale(settings)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"Deleted {n} example(s)." + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else ""))
+    typer.echo(f"Deleted {n} {what}." + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else ""))
 
 
 @examples_app.command("seed")
@@ -205,11 +211,5 @@ def memory_list_cmd(
 
 @memory_app.command("delete")
 def memory_delete_cmd(ids: Annotated[list[str], typer.Argument(help="memory ids (3 or mem-3)")]) -> None:
-    """Forget memory items."""
-    try:
-        settings = load_settings()
-        n = store.delete_memory(settings, _ids(ids, "mem"))
-        stale = registry.refresh_stale(settings)
-    except LunaError as err:
-        raise fail(err) from None
-    typer.echo(f"Deleted {n} memory item(s)." + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else ""))
+    """Forget memory items; adapter versions trained on them are marked stale (retrain needed)."""
+    _delete(store.delete_memory, ids, "mem", "memory item(s)")
