@@ -10,8 +10,9 @@ masked prompt), with the same batch size, learning rate, schedule and number of 
 
 - `trainer-pad`: `transformers.Trainer` with a pad-to-longest collator (the common setup);
 - `trainer-flatten`: `Trainer` with `DataCollatorWithFlattening` (one row per batch, position ids);
-- `lunatrain`: our loop's step (`tokens.make_batch` first-fit rows + `train.forward_supervised`, AdamW,
-  clipping, cosine schedule), exactly as `train.train` runs it.
+- `lunatrain`: our loop's step as `train.train` runs it: `kernels.install` (per-sample attention, 16-bit
+  LoRA dropout), `tokens.make_batch` (one flat unpadded row) + `train.forward_supervised` (logits only at
+  supervised positions), AdamW, clipping, cosine schedule.
 
 Reported: real (non-pad) tokens per second over the timed steps (the first step is a warm-up and not
 timed), best of `--rounds` rounds run in rotating order, and each contender's ratio to the baselines. Only ratios within one run mean anything: these
@@ -65,15 +66,18 @@ def lora_model(path: Path, threads: int):
 
 
 def run_ours(path: Path, samples, args) -> tuple[int, float]:
-    """Our step, as in train.train: make_batch rows → supervised logits → sum CE / supervised tokens."""
+    """Our step, as in train.train: flat batch → supervised logits → sum CE / supervised tokens."""
     import torch
     import torch.nn.functional as F
     from transformers import get_cosine_schedule_with_warmup
 
+    from lunatrain import kernels
     from lunatrain.tokens import make_batch
     from lunatrain.train import forward_supervised
 
     model = lora_model(path, args.threads)
+    kernels.install(model, "cpu")
+    flat = kernels.uses_varlen(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
@@ -81,7 +85,7 @@ def run_ours(path: Path, samples, args) -> tuple[int, float]:
     tokens, start = 0, None
     for step in range(args.steps):
         chunk = samples[step * args.batch_size : (step + 1) * args.batch_size]
-        batch = make_batch(chunk, args.max_len, 0, packing=True)
+        batch = make_batch(chunk, args.max_len, 0, packing=True, flat=flat)
         opt.zero_grad(set_to_none=True)
         logits, targets = forward_supervised(model, batch, "cpu")
         loss = F.cross_entropy(logits.float(), targets, reduction="sum") / batch.n_supervised

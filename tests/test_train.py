@@ -98,6 +98,7 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     assert report["baseModel"]["fingerprint"] == models.resolve_base(None, settings).fingerprint
     assert report["dataset"]["fingerprint"] and len(report["epochs"]) == 3 and len(report["lossCurve"]) == m["steps"]
     assert set(report["packages"]) >= {"torch", "transformers", "peft", "lunatrain"}
+    assert report["kernels"] == {"attention": "varlen-sdpa", "dropout": "fast16"}
     hashes = (result.path / "train-hashes.txt").read_text().split()
     assert len(hashes) == report["dataset"]["trainSamples"]
     assert json.loads(registry.latest_report_path(settings).read_text())["version"] == "v1"
@@ -116,6 +117,23 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
         before = base(input_ids=ids).logits
         tuned = PeftModel.from_pretrained(base, str(result.path)).eval()(input_ids=ids).logits
     assert (tuned - before).abs().max() > 1e-3
+
+
+def test_packing_changes_speed_not_the_result(settings):
+    """Packed (one flat row, per-sample attention) and unpacked (a padded row per sample) training reach
+    the same adapter: batchSize counts samples either way and the loss is normalized per token."""
+    from safetensors.torch import load_file
+
+    write_export(settings, make_records(24, val_every=6))
+    packed = run_lora(_params(dropout=0.0, adapterName="packed"), settings)
+    unpacked = run_lora(_params(dropout=0.0, adapterName="unpacked", packing=False), settings)
+    a = load_file(str(packed.path / "adapter_model.safetensors"))
+    b = load_file(str(unpacked.path / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+    assert abs(packed.report["metrics"]["valLoss"] - unpacked.report["metrics"]["valLoss"]) < 1e-4
+    assert max(x.abs().max() for x in a.values() if x.ndim) > 1e-3  # it did train
 
 
 def test_same_seed_same_bytes_and_resume_matches(settings):

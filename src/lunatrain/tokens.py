@@ -276,7 +276,10 @@ class Batch:
     """One micro-batch laid out as rows. Samples sit side by side in a row with position ids restarting at
     0, which (with no attention mask and no KV cache) makes transformers build a block-diagonal causal mask:
     no sample attends to another. Unused row space is one pad block with its own positions, so it is
-    isolated the same way and needs no attention mask either."""
+    isolated the same way and needs no attention mask either.
+
+    The flat layout is one row with no padding at all, plus `cu_seqlens` (cumulative sample lengths) for
+    the per-sample attention in `kernels`; with plain SDPA the position ids still isolate the samples."""
 
     input_ids: Any  # LongTensor [rows, length]
     position_ids: Any  # LongTensor [rows, length]
@@ -284,6 +287,8 @@ class Batch:
     segments: list[tuple[int, int, int]]  # per sample: (row, start, end)
     n_tokens: int  # real (non-pad) tokens
     n_supervised: int  # positions with a target
+    cu_seqlens: Any = None  # IntTensor [samples + 1] in the flat layout, else None
+    max_length: int = 0  # longest sample (flat layout)
 
     @property
     def mask(self) -> Any:
@@ -316,9 +321,13 @@ def pack_rows(lengths: list[int], capacity: int, packing: bool = True) -> list[l
     return rows
 
 
-def make_batch(samples: list[Encoded], capacity: int, pad_id: int, *, packing: bool = True) -> Batch:
+def make_batch(samples: list[Encoded], capacity: int, pad_id: int, *, packing: bool = True, flat: bool = False) -> Batch:
+    """Lay samples out as first-fit rows of `capacity` tokens (or one padded row each without packing),
+    or, with `flat`, as one unpadded row."""
     import torch
 
+    if flat:
+        return _flat_batch(samples)
     rows = pack_rows([len(s) for s in samples], capacity, packing)
     width = max(sum(len(samples[i]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -337,3 +346,18 @@ def make_batch(samples: list[Encoded], capacity: int, pad_id: int, *, packing: b
         pos[r, at:] = torch.arange(width - at)  # the pad block: its own positions, never a target
     n_sup = int((tgt != IGNORE).sum())
     return Batch(ids, pos, tgt, segments, sum(len(s) for s in samples), n_sup)
+
+
+def _flat_batch(samples: list[Encoded]) -> Batch:
+    import torch
+
+    lengths = [len(s) for s in samples]
+    ids = torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.long).unsqueeze(0)
+    pos = torch.tensor([i for n in lengths for i in range(n)], dtype=torch.long).unsqueeze(0)
+    tgt = torch.tensor([t for s in samples for t in shifted_targets(s)], dtype=torch.long).unsqueeze(0)
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    starts = cu.tolist()
+    segments = [(0, starts[i], starts[i + 1]) for i in range(len(samples))]
+    n_sup = int((tgt != IGNORE).sum())
+    return Batch(ids, pos, tgt, segments, sum(lengths), n_sup, cu, max(lengths, default=0))

@@ -6,9 +6,10 @@ the loop below, with validation loss and a resumable checkpoint after each epoch
 work directory → moved into place and registered only on success.
 
 Batching: `batchSize` counts samples, with packing on or off, so packing never changes the optimization,
-only the speed. Each micro-batch of samples is laid out by `tokens.make_batch` (first-fit rows of
-`maxSeqLength` tokens, position ids restarting per sample); with no attention mask and `use_cache=False`
-transformers then isolates the samples from each other. The loss is the sum of token losses divided by
+only the speed. Each micro-batch of samples is laid out by `tokens.make_batch`: with the per-sample
+attention of `kernels` (most decoder architectures) as one unpadded row plus the sample boundaries;
+otherwise as first-fit rows of `maxSeqLength` tokens with position ids restarting per sample, which with
+no attention mask and `use_cache=False` makes transformers isolate the samples by a block mask. The loss is the sum of token losses divided by
 the number of supervised tokens in the whole optimizer step (all accumulated micro-batches), so long and
 short samples weigh per token, whatever the batch layout.
 
@@ -35,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, registry
+from . import __version__, kernels, registry
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json, read_json
 from .params import LoraParams, parse_params
@@ -91,6 +92,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     work_dir: Path
+    kernels: dict[str, str] = field(default_factory=dict)  # kernels.install's choice (attention, dropout)
     optimizer: Any = None
     scheduler: Any = None
     # progress, restored from a checkpoint on resume
@@ -207,12 +209,14 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
+    chosen = kernels.install(model, device)
     per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation))
     total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
     return Run(
         params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
         autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
         val=val_set, steps_per_epoch=per_epoch, total_steps=total, work_dir=_work_dir(params, settings, base, data),
+        kernels=chosen,
     )
 
 
@@ -282,7 +286,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 break
             if should_stop is not None and should_stop():
                 raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
-            batches = [make_batch(s, p.max_seq_length, run.tokenizer.pad_token_id, packing=p.packing) for s in micro_batches]
+            batches = [batch_of(run, s) for s in micro_batches]
             n_supervised = sum(b.n_supervised for b in batches)  # normalizer for the whole optimizer step
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -325,6 +329,13 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved"})
 
 
+def batch_of(run: Run, samples: list[Encoded]) -> Batch:
+    """Packed batches are one flat row when the model runs per-sample attention, first-fit rows otherwise."""
+    flat = run.params.packing and run.kernels.get("attention", "").startswith("varlen")
+    return make_batch(samples, run.params.max_seq_length, run.tokenizer.pad_token_id, packing=run.params.packing,
+                      flat=flat)
+
+
 def loss_sum(run: Run, batch: Batch) -> Any:
     """Sum of cross-entropy over the batch's supervised positions (float32)."""
     import torch.nn.functional as F
@@ -343,10 +354,15 @@ def forward_supervised(model: Any, batch: Batch, device: str, autocast_dtype: An
 
     mask = batch.mask.to(device)
     ctx = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    extra: dict[str, Any] = {}
+    if batch.cu_seqlens is not None:  # flat layout: where each sample starts, for per-sample attention
+        cu = batch.cu_seqlens.to(device)
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_length,
+                 "max_length_k": batch.max_length}
     with ctx:
         out = model(
             input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-            use_cache=False, logits_to_keep=mask if masked_logits_supported() else 0,
+            use_cache=False, logits_to_keep=mask if masked_logits_supported() else 0, **extra,
         )
     logits = out.logits
     if logits.dim() == 3:  # a model that ignores a mask in logits_to_keep returns every position
@@ -373,8 +389,7 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
     bs = max(run.params.batch_size, 8)
     with torch.no_grad():
         for k in range(0, len(samples), bs):
-            batch = make_batch(samples[k : k + bs], run.params.max_seq_length, run.tokenizer.pad_token_id,
-                               packing=run.params.packing)
+            batch = batch_of(run, samples[k : k + bs])
             total += float(loss_sum(run, batch))
             count += batch.n_supervised
     run.model.train()
@@ -496,6 +511,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "resumedFromEpoch": run.resumed_from,
         "device": {"used": run.device, "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
                    **device_info()},
+        "kernels": run.kernels,
         "packages": package_versions(),
         "durationSeconds": round(time.time() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),

@@ -1,0 +1,185 @@
+"""The training speed paths keep the math: per-sample attention on a flat row gives the logits and gradients
+of running each sample alone, and the 16-bit LoRA dropout is a dropout (rate, expectation, gradient,
+reproducibility)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_records
+from peft import LoraConfig, get_peft_model
+
+from lunatrain import kernels, models
+from lunatrain.tokens import IGNORE, encode_chat, make_batch, shifted_targets
+from lunatrain.train import forward_supervised
+
+
+def _samples(tok, n=5):
+    return [encode_chat(tok, r["messages"], 128) for r in make_records(n, multi_turn_every=2)]
+
+
+def _lora(model, dropout=0.0):
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    for name, p in peft_model.named_parameters():  # non-zero B so the adapter changes the logits
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return peft_model
+
+
+def _random_model(config_cls, **over):
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **over)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_flat_batch_layout(settings):
+    tok = models.load_tokenizer(None, settings)
+    samples = _samples(tok, 4)
+    batch = make_batch(samples, 64, tok.pad_token_id, flat=True)
+    lengths = [len(s) for s in samples]
+    assert batch.input_ids.shape == (1, sum(lengths))  # one row, no padding
+    assert batch.cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert batch.max_length == max(lengths)
+    for s, (row, a, b) in zip(samples, batch.segments, strict=True):
+        assert row == 0 and batch.input_ids[0, a:b].tolist() == s.input_ids
+        assert batch.position_ids[0, a:b].tolist() == list(range(len(s)))
+        assert batch.targets[0, a:b].tolist() == shifted_targets(s)
+    rows = make_batch(samples, 64, tok.pad_token_id)
+    assert (batch.n_tokens, batch.n_supervised) == (rows.n_tokens, rows.n_supervised)
+    assert rows.cu_seqlens is None
+
+
+def test_install_on_luna_tiny(settings):
+    model = _lora(models.load_model(None, settings), dropout=0.05)
+    assert kernels.install(model, "cpu") == {"attention": "varlen-sdpa", "dropout": "fast16"}
+    assert kernels.uses_varlen(model)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(d) is kernels.fast_dropout_class() and d.p == 0.05 for d in drops)
+
+
+def test_install_keeps_sdpa_where_unsupported(settings, monkeypatch):
+    monkeypatch.setattr(kernels, "varlen_supported", lambda _m: False)
+    model = _lora(models.load_model(None, settings))  # dropout 0: nothing to swap either
+    assert kernels.install(model, "cpu") == {"attention": "sdpa-block-mask", "dropout": "torch"}
+    assert not kernels.uses_varlen(model)
+
+
+def test_varlen_logits_and_gradients_equal_one_by_one(settings):
+    """Forward and backward of a flat row through per-sample attention (GQA: luna-tiny has fewer kv heads)
+    equal running each sample alone with the model's own SDPA attention."""
+    tok = models.load_tokenizer(None, settings)
+    samples = _samples(tok)
+    model = _lora(models.load_model(None, settings))
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    solo_loss = 0.0
+    solo_logits = []
+    for s in samples:
+        batch = make_batch([s], 128, tok.pad_token_id)
+        logits, targets = forward_supervised(model, batch, "cpu")
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss.backward()
+        solo_loss += loss.item()
+        solo_logits.append(logits.detach())
+    solo_grads = [p.grad.clone() for p in lora]
+    model.zero_grad(set_to_none=True)
+
+    kernels.install(model, "cpu")
+    flat = make_batch(samples, 128, tok.pad_token_id, flat=True)
+    logits, targets = forward_supervised(model, flat, "cpu")
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    loss.backward()
+    torch.testing.assert_close(logits.detach(), torch.cat(solo_logits), atol=1e-4, rtol=1e-4)
+    assert abs(float(loss) - solo_loss) / flat.n_supervised < 1e-4
+    for p, g in zip(lora, solo_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral-window", "qwen2"])
+def test_varlen_matches_unpacked_on_other_architectures(arch):
+    """Random small models of other families, including a sliding window shorter than the samples."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    model = {
+        "llama": lambda: _random_model(LlamaConfig),
+        "mistral-window": lambda: _random_model(MistralConfig, sliding_window=8),
+        "qwen2": lambda: _random_model(Qwen2Config),
+    }[arch]()
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 23, 1, 17]
+    seqs = [torch.randint(3, 512, (n,), generator=gen) for n in lengths]
+    with torch.no_grad():
+        alone = [model(input_ids=s[None], use_cache=False).logits[0] for s in seqs]
+        assert kernels.install(model, "cpu")["attention"] == "varlen-sdpa"
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        packed = model(input_ids=torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                       use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                       max_length_k=max(lengths)).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_without_boundaries_a_row_is_one_causal_sequence():
+    from transformers import LlamaConfig
+
+    model = _random_model(LlamaConfig)
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        kernels.install(model, "cpu")
+        out = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_boundary_changes_the_result():
+    """Control for the tests above: boundaries are really used (two samples joined into one differ)."""
+    from transformers import LlamaConfig
+
+    model = _random_model(LlamaConfig)
+    kernels.install(model, "cpu")
+    ids = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    pos = torch.cat([torch.arange(8), torch.arange(12)])[None]
+
+    def run(cu):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        return model(input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
+
+    with torch.no_grad():
+        assert (run([0, 8, 20]) - run([0, 20]))[0, 8:].abs().max() > 1e-3
+
+
+# --- dropout --------------------------------------------------------------------------------------
+
+
+def test_fast_dropout_rate_expectation_and_gradient():
+    drop = kernels.fast_dropout_class()(0.05).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    rate = 1 - kept.float().mean().item()
+    p_real = round(0.05 * 65536) / 65536
+    assert abs(rate - p_real) < 4 * (p_real * (1 - p_real) / x.numel()) ** 0.5  # within 4 standard errors
+    scale = 1 / (1 - p_real)
+    assert torch.all(y[kept] == scale)  # kept values scaled by the realized keep probability
+    assert abs(y.mean().item() - 1.0) < 2e-3
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * scale)
+    # same seed, same mask; another seed, another one
+    torch.manual_seed(0)
+    assert torch.equal(drop(x.detach()), y.detach())
+    torch.manual_seed(1)
+    assert not torch.equal(drop(x.detach()), y.detach())
+
+
+def test_fast_dropout_eval_and_odd_shapes():
+    drop = kernels.fast_dropout_class()(0.3)
+    x = torch.randn(3, 7, 5)  # 105 elements: not a multiple of four draws per word
+    assert drop.eval()(x) is x
+    out = drop.train()(x)
+    assert out.shape == x.shape and 0 < int((out == 0).sum()) < x.numel()
+    assert kernels.fast_dropout_class()(0.0).train()(x) is x
