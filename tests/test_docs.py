@@ -40,11 +40,17 @@ def shell_lines(path: Path) -> list[str]:
 
 
 def split_env(line: str) -> tuple[dict[str, str], list[str]]:
+    """Leading VAR=value words, and the command; `torchrun [options] -m lunatrain ARGS` counts as
+    `lunatrain ARGS` (the launcher's options are torch's, the arguments are ours)."""
     words = shlex.split(line)
     env = {}
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
         key, _, value = words.pop(0).partition("=")
         env[key] = value
+    if words[:1] == ["torchrun"] and "-m" in words:
+        at = words.index("-m")
+        if words[at + 1 : at + 2] == ["lunatrain"]:
+            words = ["lunatrain", *words[at + 2 :]]
     return env, words
 
 

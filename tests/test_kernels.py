@@ -10,7 +10,7 @@ from helpers import make_records
 from peft import LoraConfig, get_peft_model
 
 from lunatrain import kernels, models
-from lunatrain.tokens import IGNORE, encode_chat, make_batch, shifted_targets
+from lunatrain.tokens import encode_chat, make_batch, shifted_targets
 from lunatrain.train import forward_supervised
 
 

@@ -13,9 +13,12 @@ no attention mask and `use_cache=False` makes transformers isolate the samples b
 the number of supervised tokens in the whole optimizer step (all accumulated micro-batches), so long and
 short samples weigh per token, whatever the batch layout.
 
-Determinism: the seed fixes LoRA init, dropout and the data order (a generator per epoch), so the same
-seed gives byte-identical adapter weights on CPU, and a run resumed from its epoch checkpoint (adapter,
-optimizer, scheduler and RNG state) ends exactly where an uninterrupted run ends.
+Determinism: the seed fixes LoRA init, and with the epoch (and rank) the dropout stream and the data order,
+so the same seed gives byte-identical adapter weights on CPU, and a run resumed from its epoch checkpoint
+(adapter, optimizer and scheduler state) ends exactly where an uninterrupted run ends.
+
+Under `torchrun` the same loop runs data-parallel (`distributed`): micro-batches are dealt out across
+ranks, gradients summed, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, kernels, registry
+from . import __version__, distributed, kernels, registry
+from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json, read_json
 from .params import LoraParams, parse_params
@@ -93,6 +97,7 @@ class Run:
     total_steps: int
     work_dir: Path
     kernels: dict[str, str] = field(default_factory=dict)  # kernels.install's choice (attention, dropout)
+    world: World = distributed.SINGLE
     optimizer: Any = None
     scheduler: Any = None
     # progress, restored from a checkpoint on resume
@@ -120,8 +125,23 @@ def run_lora(
     """Train one LoRA adapter. Bad input raises UsageError before anything is written; once training has
     started every outcome is a TrainResult (failure is data: status + error in the report)."""
     params = parse_params(params) if isinstance(params, dict) else params
-    emit = on_event or (lambda _e: None)
-    run = prepare(params, settings)
+    world = distributed.from_env()
+    with distributed.process_group(world, _group_device(params)):
+        return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id)
+
+
+def _group_device(params: LoraParams) -> str:
+    from .models import resolve_device
+
+    try:
+        return resolve_device(params.device)
+    except LunaError:
+        return "cpu"  # prepare() reports the bad device on every rank
+
+
+def _run_lora(params: LoraParams, settings: Settings, world: World, emit: Callable[[Event], None],
+              should_stop: Callable[[], bool] | None, job_id: str | None) -> TrainResult:
+    run = prepare(params, settings, world)
     started = time.time()
     status, error = Status.SUCCEEDED, None
     from .models import cpu_threads_for
@@ -137,6 +157,19 @@ def run_lora(
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, {"code": "error", "message": f"{type(exc).__name__}: {exc}"}
     report = build_report(run, status, error, started, job_id)
+    if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
+        status_value, version, path, error = distributed.share(world, None)
+        return TrainResult(Status(status_value), params.adapter_name, version, Path(path) if path else None,
+                           report, error)
+    result = conclude(run, status, error, report, emit)
+    distributed.share(world, (result.status.value, result.version, str(result.path) if result.path else None,
+                              result.error))
+    return result
+
+
+def conclude(run: Run, status: Status, error: dict | None, report: dict[str, Any],
+             emit: Callable[[Event], None]) -> TrainResult:
+    """Publish a successful run; record a failed one (report in the work dir and as the latest report)."""
     if status is Status.SUCCEEDED:
         try:
             return finish(run, report, emit)
@@ -147,14 +180,14 @@ def run_lora(
             report.update(status=status.value, error=error)
     emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}"})
     atomic_write_json(run.work_dir / "training-report.json", report)
-    registry.write_latest(settings, report)
-    return TrainResult(status, params.adapter_name, report=report, error=error)
+    registry.write_latest(run.settings, report)
+    return TrainResult(status, run.params.adapter_name, report=report, error=error)
 
 
 # --- validation and setup -------------------------------------------------------------------------
 
 
-def prepare(params: LoraParams, settings: Settings) -> Run:
+def prepare(params: LoraParams, settings: Settings, world: World = distributed.SINGLE) -> Run:
     """Check every input, collecting all problems into one UsageError; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
     from .export import read_tier
@@ -179,10 +212,10 @@ def prepare(params: LoraParams, settings: Settings) -> Run:
     base = check(lambda: resolve_base(params.base_model, settings))
     if problems:
         raise UsageError(" ".join(problems))
-    return _load(params, settings, base, device, data)
+    return _load(params, settings, base, device, data, world)
 
 
-def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any) -> Run:
+def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any, world: World) -> Run:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -210,13 +243,14 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
     chosen = kernels.install(model, device)
-    per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation))
+    distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
+    per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation * world.size))
     total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
     return Run(
         params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
         autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
-        val=val_set, steps_per_epoch=per_epoch, total_steps=total, work_dir=_work_dir(params, settings, base, data),
-        kernels=chosen,
+        val=val_set, steps_per_epoch=per_epoch, total_steps=total,
+        work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
     )
 
 
@@ -254,21 +288,28 @@ def setup_optimizer(run: Run) -> None:
 
 
 def epoch_steps(run: Run, epoch: int) -> list[list[list[Encoded]]]:
-    """The epoch's optimizer steps, each a list of micro-batches of samples, in a seeded shuffled order."""
+    """The epoch's optimizer steps, each a list of micro-batches of samples, in a seeded shuffled order.
+    A step holds gradientAccumulation micro-batches per rank; rank r trains micro-batches r, r+N, …"""
     import torch
 
     gen = torch.Generator().manual_seed(run.params.seed * 1_000_003 + epoch)
     order = torch.randperm(len(run.train), generator=gen).tolist()
     bs = run.params.batch_size
     micro = [[run.train[i] for i in order[k : k + bs]] for k in range(0, len(order), bs)]
-    ga = run.params.gradient_accumulation
-    return [micro[k : k + ga] for k in range(0, len(micro), ga)]
+    per_step = run.params.gradient_accumulation * run.world.size
+    return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the dropout stream for one epoch on one rank: reseeding per epoch makes a resumed run draw
+    what the uninterrupted run drew, and ranks draw different masks."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little")
 
 
 def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None) -> None:
     import torch
 
-    p, model, opt, sched = run.params, run.model, run.optimizer, run.scheduler
+    p, model, opt, sched, world = run.params, run.model, run.optimizer, run.scheduler, run.world
     trainable = [x for x in model.parameters() if x.requires_grad]
     if run.base_val_loss is None and run.val:
         with model.disable_adapter():
@@ -280,21 +321,26 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         if run.step >= run.total_steps:
             break
         model.train()
+        torch.manual_seed(epoch_seed(p.seed, epoch, world.rank))
         epoch_losses: list[float] = []
         for micro_batches in epoch_steps(run, epoch):
             if run.step >= run.total_steps:
                 break
             if should_stop is not None and should_stop():
                 raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
-            batches = [batch_of(run, s) for s in micro_batches]
-            n_supervised = sum(b.n_supervised for b in batches)  # normalizer for the whole optimizer step
+            batches = [batch_of(run, s) for s in micro_batches[world.rank :: world.size]]
+            # normalizer for the whole optimizer step, over all micro-batches of all ranks
+            (n_supervised,) = distributed.sum_floats(world, [sum(b.n_supervised for b in batches)], run.device)
             opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss, step_tokens = 0.0, 0
             for batch in batches:
                 loss = loss_sum(run, batch) / n_supervised
                 loss.backward()
                 step_loss += loss.item()
-                run.tokens_seen += batch.n_tokens
+                step_tokens += batch.n_tokens
+            distributed.sum_grads(world, trainable)
+            step_loss, step_tokens = distributed.sum_floats(world, [step_loss, step_tokens], run.device)
+            run.tokens_seen += int(step_tokens)
             if not math.isfinite(step_loss):
                 raise Stop(Status.FAILED, "nan_loss", f"loss became {step_loss} at step {run.step + 1}; "
                            "lower the learning rate or check the data.")
@@ -325,7 +371,9 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         emit({"type": "eval", "epoch": epoch + 1, "valLoss": val_loss, "baseValLoss": run.base_val_loss})
         run.epoch = epoch + 1
         run.train_seconds = seconds0 + time.perf_counter() - t0
-        save_checkpoint(run)
+        if world.main:
+            save_checkpoint(run)
+        distributed.barrier(world)  # a rank that fails later finds this checkpoint complete on resume
         emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved"})
 
 
@@ -387,11 +435,13 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
     run.model.eval()
     total, count = 0.0, 0
     bs = max(run.params.batch_size, 8)
+    world = run.world
     with torch.no_grad():
-        for k in range(0, len(samples), bs):
+        for k in range(world.rank * bs, len(samples), bs * world.size):  # each rank its share of chunks
             batch = batch_of(run, samples[k : k + bs])
             total += float(loss_sum(run, batch))
             count += batch.n_supervised
+    total, count = distributed.sum_floats(world, [total, count], run.device)
     run.model.train()
     return total / count if count else float("nan")
 
@@ -400,7 +450,7 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """adapter + optimizer (safetensors) and scheduler/RNG/progress (JSON + safetensors) for the finished
+    """adapter + optimizer (safetensors) and scheduler/progress (JSON) for the finished
     epoch; written to a temp dir and renamed, `state.json` last, so a checkpoint dir is always complete."""
     import torch
     from peft import get_peft_model_state_dict
@@ -415,11 +465,7 @@ def save_checkpoint(run: Run) -> Path:
     opt_state = run.optimizer.state_dict()
     opt_tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items()
                    for k, v in st.items() if isinstance(v, torch.Tensor)}
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
-    atomic_write_bytes(tmp / "rng.safetensors", save(rng))
     state = {
         "epoch": run.epoch, "step": run.step, "paramGroups": opt_state["param_groups"],
         "scheduler": run.scheduler.state_dict(), "baseValLoss": run.base_val_loss, "epochs": run.epochs,
@@ -438,7 +484,6 @@ def save_checkpoint(run: Run) -> Path:
 
 def load_checkpoint(run: Run, emit: Callable[[Event], None]) -> bool:
     """Restore the newest complete checkpoint of this run's work dir; False when there is none."""
-    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -456,10 +501,6 @@ def load_checkpoint(run: Run, emit: Callable[[Event], None]) -> bool:
         opt_state["state"].setdefault(int(idx), {})[name] = value
     run.optimizer.load_state_dict(opt_state)
     run.scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
     run.epoch, run.step, run.base_val_loss = state["epoch"], state["step"], state["baseValLoss"]
     run.epochs, run.curve, run.tokens_seen = state["epochs"], state["curve"], state["tokensSeen"]
     run.train_seconds, run.resumed_from = state["trainSeconds"], state["epoch"]
@@ -512,6 +553,8 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "device": {"used": run.device, "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
                    **device_info()},
         "kernels": run.kernels,
+        "dataParallel": {"ranks": run.world.size,
+                         "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None},
         "packages": package_versions(),
         "durationSeconds": round(time.time() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),

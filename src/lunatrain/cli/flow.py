@@ -6,15 +6,16 @@ and the steps as JSON and does nothing else (the docs and the guide's command li
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from typing import Annotated, Any
 
 import typer
 
-from .. import trainer_client
+from .. import distributed, trainer_client
 from ..ensure import ensure_trainer
-from ..errors import LunaError
+from ..errors import LunaError, UsageError
 from ..flow import STEPS, FlowResult, run_flow, summary_lines
 from ..params import LoraParams, parse_params
 from ..profiles import load_profile
@@ -37,15 +38,18 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> t
 
 
 def local_lora(settings: Settings, params: LoraParams, gate: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate])."""
+    """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate]).
+    Under torchrun every rank trains; only rank 0 shows progress and gates."""
     from ..evalgate import gate_candidate
     from ..progress import ProgressDisplay
     from ..train import run_lora
 
-    with ProgressDisplay() as display:
-        result = run_lora(params, settings, on_event=display.on_event)
+    main = distributed.from_env().main
+    display = ProgressDisplay() if main else None
+    with display or contextlib.nullcontext():
+        result = run_lora(params, settings, on_event=display.on_event if display else None)
     adapter = {"name": result.adapter_name, "version": result.version} if result.ok else None
-    if result.ok and params.gate:
+    if result.ok and params.gate and main:
         gate_candidate(settings, result.adapter_name, result.version, thresholds=gate)
     return {"status": result.status.value, "adapter": adapter, "error": result.error}
 
@@ -71,6 +75,9 @@ def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool
             typer.echo(json.dumps({"command": command, "profile": profile, "steps": list(STEPS), "local": local,
                                    "ensureTrainer": ensure, "params": params.wire(), "gate": gate}, indent=2))
             return
+        if distributed.from_env().active:
+            raise UsageError(f"`lunatrain {command}` runs in one process; under torchrun run `lunatrain lora --local` "
+                             "after `lunatrain export` and `lunatrain prepare`.")
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
         result: FlowResult = run_flow(

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import distributed
 from ..errors import LunaError
 from ..settings import load_settings
 from .app import app, fail
@@ -57,12 +58,15 @@ def lora_cmd(
     try:
         settings = load_settings()
         params, gate = resolve(settings, profile, lora_flags)
+        local = local or distributed.from_env().active  # under torchrun the launched processes are the trainers
         if dry_run:
             typer.echo(json.dumps({"command": "lora", "local": local, "params": params.wire()}, indent=2))
             return
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)
         outcome = local_lora(settings, params, gate) if local else service_lora(settings, params)
+        if not distributed.from_env().main:  # under torchrun rank 0 reports for all
+            raise typer.Exit(0 if outcome.get("status") == "succeeded" else 1)
         lines = _describe(settings, outcome)
     except LunaError as err:
         raise fail(err) from None
