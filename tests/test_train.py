@@ -136,6 +136,26 @@ def test_packing_changes_speed_not_the_result(settings):
     assert max(x.abs().max() for x in a.values() if x.ndim) > 1e-3  # it did train
 
 
+def test_gradient_checkpointing_changes_memory_not_the_result(settings, monkeypatch):
+    """Recomputing activations in the backward pass replays the same dropout masks: same adapter."""
+    from safetensors.torch import load_file
+
+    from transformers import modeling_utils
+
+    write_export(settings, make_records(16, val_every=6))
+    plain = run_lora(_params(adapterName="plain"), settings)
+    calls = []
+    real = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ckpt = run_lora(_params(adapterName="ckpt", gradientCheckpointing=True), settings)
+    assert calls  # the decoder layers really were checkpointed
+    assert ckpt.report["params"]["gradientCheckpointing"] is True
+    a = load_file(str(plain.path / "adapter_model.safetensors"))
+    b = load_file(str(ckpt.path / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
 def test_same_seed_same_bytes_and_resume_matches(settings):
     write_export(settings, make_records(40, val_every=5))
     full = run_lora(_params(), settings)

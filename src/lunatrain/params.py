@@ -55,6 +55,7 @@ class LoraParams(CamelModel):
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     device: Device = "auto"
     packing: bool = True
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less memory, ~30% slower")
     resume: bool = False
     min_curated: int = Field(default=0, ge=0, le=10_000_000)
     gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")

@@ -242,6 +242,8 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
+    if params.gradient_checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
+        enable_checkpointing(model)
     chosen = kernels.install(model, device)
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
     per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation * world.size))
@@ -252,6 +254,14 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         val=val_set, steps_per_epoch=per_epoch, total_steps=total,
         work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
     )
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Activation checkpointing per decoder layer (the method's name changed within transformers 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def run_key(params: LoraParams, base: Any, data: Any) -> str:
