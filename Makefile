@@ -21,10 +21,10 @@ luna: setup
 	$(LUNATRAIN) luna
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
 
 bench: setup
 	$(PY) bench/export.py

@@ -12,8 +12,9 @@ import pytest
 
 from lunatrain.settings import Settings, load_settings
 
-# Keep torch small and predictable on the 2-core machines: one intra-op thread per test process.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep torch small and predictable on the 2-core machines: two intra-op threads, or one per worker when
+# `make test` runs two pytest-xdist workers side by side.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -25,6 +25,22 @@ from lunatrain.settings import Settings, load_settings
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+def _worker_database(url: str) -> str:
+    """The test database for this pytest-xdist worker: its own database on the same server (created on
+    first use), so workers never reset each other's schema. Without xdist, the URL as given."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return url
+    base = sa.engine.make_url(url)
+    name = f"{base.database}_{worker}"
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        if conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar() is None:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
 def _reset_postgres(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
@@ -40,6 +56,7 @@ def db(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.MonkeyPat
         url = os.environ.get("ASSISTANT_TEST_PG_URL")
         if not url:
             pytest.skip("ASSISTANT_TEST_PG_URL is not set: these cases need a real PostgreSQL")
+        url = _worker_database(url)
         _reset_postgres(url)
         monkeypatch.setenv("ASSISTANT_DB_URL", url)
     store.dispose_stores()
