@@ -350,10 +350,11 @@ def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str 
     return model.to(device)
 
 
-# Below this size a CPU matmul is too small to gain from intra-op threads and loses a lot to their
-# synchronisation (measured here: a 17x64 @ 64x192 matmul, 0.1 ms on one thread, 7 ms on two on a busy
-# 2-core machine; a tiny-model training step ran many times faster on one thread).
-SMALL_MODEL_PARAMS = 20_000_000
+# Below this size a CPU matmul is too small to gain from intra-op threads and can lose a lot to their
+# synchronisation on a busy machine (measured here: a 17x64 @ 64x192 matmul, 0.1 ms on one thread, 7 ms on
+# two on a busy 2-core machine). With packed flat batches the matmuls are large enough from ~1M parameters
+# up: on 2 quiet cores two threads trained 1.5-1.6x faster than one at 2.9M, 7.2M and 16.9M parameters.
+SMALL_MODEL_PARAMS = 1_000_000
 
 
 @contextlib.contextmanager
