@@ -91,3 +91,31 @@ def test_bad_base_model_table_names_it(settings: Settings, home: Path) -> None:
     (home / "profiles" / "c.toml").write_text('[bases."org/big"]\nrank = 0\n')
     with pytest.raises(UsageError, match="org/big.*rank"):
         load_profile(settings, "c")
+
+
+def test_profile_gate_goes_with_a_job_to_the_trainer(settings: Settings, home: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lunatrain lora --profile P` through the trainer service sends P's [gate] thresholds with the job,
+    so the gate after the run is the one `--local` would apply."""
+    from typer.testing import CliRunner
+
+    from lunatrain import trainer_client
+    from lunatrain.cli import app
+    from lunatrain.cli import flow as cli_flow
+
+    (home / "profiles").mkdir()
+    (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.5\n")
+    sent = {}
+
+    class Sent(Exception):
+        pass
+
+    def fake_submit(_settings, params, request_id=None, gate_thresholds=None):
+        sent.update(params=params, gate=gate_thresholds)
+        raise Sent
+
+    monkeypatch.setattr(cli_flow, "ensure_trainer", lambda *_a, **_k: None)
+    monkeypatch.setattr(trainer_client, "submit", fake_submit)
+    result = CliRunner().invoke(app, ["lora", "--profile", "strict", "--epochs", "2"])
+    assert isinstance(result.exception, Sent), result.output
+    assert sent["gate"] == {"maxValLossRatioVsBase": 0.5} and sent["params"].epochs == 2

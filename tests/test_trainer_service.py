@@ -178,6 +178,8 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
         ({"adapterName": "../etc"}, "adapterName"),
         ({"requestId": "has space"}, "requestId"),
         ({"targetModules": []}, "targetModules"),
+        ({"gateThresholds": {"bogus": 1}}, "gateThresholds"),
+        ({"gateThresholds": {"maxValLossRatioVsBase": 0}}, "gateThresholds"),
     ]
     for body, field in cases:
         r = httpx.post(url + "/jobs", json=body, trust_env=False)
@@ -235,8 +237,13 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     assert retry.status_code == 200 and retry.json()["id"] == a["id"]
     with pytest.raises(Conflict, match="req-a"):  # same key, other parameters
         submit(settings, QUICK | {"adapterName": "fifo-a", "maxSteps": 3}, "req-a")
-    b = submit(settings, QUICK | {"adapterName": "fifo-b", "gate": True})  # the eval gate runs after training
-    assert b.status == "queued"
+    with pytest.raises(Conflict, match="req-a"):  # same key and parameters, other gate thresholds
+        trainer_client.submit(settings, parse_params(QUICK | {"adapterName": "fifo-a"}), "req-a",
+                              {"maxLossRegression": 0.5})
+    # The eval gate runs after training, with this job's thresholds (here: a bar two steps cannot clear).
+    b = trainer_client.submit(settings, parse_params(QUICK | {"adapterName": "fifo-b", "gate": True}), None,
+                              {"maxValLossRatioVsBase": 0.01})
+    assert b.status == "queued" and b.gate_thresholds["maxValLossRatioVsBase"] == 0.01
 
     seen: set[tuple[str, str]] = set()
 
@@ -262,9 +269,11 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
         assert job.progress.step == 2 and job.progress.percent == 100.0 and job.error is None
         assert job.metrics["steps"] == 2 and job.metrics["trainLoss"] > 0
 
-    assert ja.gate is None  # gate: false
+    assert ja.gate is None and ja.gate_thresholds is None  # gate: false; no thresholds given
     gate = versions(settings, "fifo-b")[0]["gate"]
-    assert jb.gate["status"] == gate["status"] in ("passed", "failed") and jb.gate["reasons"] == gate["reasons"]
+    assert jb.gate["status"] == gate["status"] == "failed" and jb.gate["reasons"] == gate["reasons"]
+    assert any("x the base model's" in r and "(allowed 0.01)" in r for r in gate["reasons"]), gate["reasons"]
+    assert registry.list_adapters(settings)["fifo-b"]["aliases"].get("active") is None
 
     events = all_events(settings, ja.id, page=3)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # contiguous cursor over pages

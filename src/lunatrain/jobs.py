@@ -90,6 +90,8 @@ class Job(WireModel):
     adapter: AdapterRef | None = None
     error: JobError | None = None
     gate: dict[str, Any] | None = Field(default=None, description="eval-gate outcome after a successful run")
+    gate_thresholds: dict[str, Any] | None = Field(
+        default=None, description="thresholds of the eval gate after the run (a profile's [gate]); null: the defaults")
     attempts: int = Field(default=0, description="child processes started for this job (>1 after a resume)")
 
     @property
@@ -158,6 +160,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     adapter TEXT,
     error TEXT,
     gate TEXT,
+    gate_thresholds TEXT,                        -- the eval gate's thresholds for this job (NULL: defaults)
     attempts INTEGER NOT NULL DEFAULT 0,
     pid INTEGER,                                 -- the running child, its own process group leader
     pid_started REAL                             -- its create time: a reused pid is never killed by mistake
@@ -173,7 +176,7 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
-_JSON_COLUMNS = ("params", "progress", "metrics", "adapter", "error", "gate")
+_JSON_COLUMNS = ("params", "progress", "metrics", "adapter", "error", "gate", "gate_thresholds")
 
 
 class JobStore:
@@ -190,6 +193,9 @@ class JobStore:
         # NORMAL is durable across process crashes in WAL mode (only a power loss may drop the last commit).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "gate_thresholds" not in columns:  # a jobs.db from before per-job gate thresholds
+            self._db.execute("ALTER TABLE jobs ADD COLUMN gate_thresholds TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -243,11 +249,12 @@ class JobStore:
         return EventPage(data=data, has_more=len(rows) > limit, last_seq=data[-1].seq if data else after)
 
     # --- writing ---------------------------------------------------------------------------------
-    def create(self, params: LoraParams, request_id: str | None = None) -> tuple[Job, bool]:
+    def create(self, params: LoraParams, request_id: str | None = None,
+               gate_thresholds: dict[str, Any] | None = None) -> tuple[Job, bool]:
         """Insert a new job in `validating`; with a known `request_id` return that job instead.
 
-        Returns (job, created). Reusing a request id for different parameters is a Conflict: silently
-        returning the old job would hide that the new parameters were never trained.
+        Returns (job, created). Reusing a request id for different parameters (or gate thresholds) is a
+        Conflict: silently returning the old job would hide that the new parameters were never trained.
         """
         wire = params.wire()
         with self._lock, self._tx():
@@ -255,7 +262,7 @@ class JobStore:
                 row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None:
                     job = _job(row)
-                    if job.params != wire:
+                    if job.params != wire or job.gate_thresholds != gate_thresholds:
                         raise Conflict(
                             f"requestId {request_id!r} was already used for job {job.id} with other parameters; "
                             "use a new requestId."
@@ -263,8 +270,10 @@ class JobStore:
                     return job, False
             job_id = JOB_ID_PREFIX + uuid.uuid4().hex[:24]
             self._db.execute(
-                "INSERT INTO jobs (id, request_id, status, created_at, params, progress) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, request_id, "validating", now_iso(), _dump(wire), _dump(Progress().wire())),
+                "INSERT INTO jobs (id, request_id, status, created_at, params, progress, gate_thresholds)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request_id, "validating", now_iso(), _dump(wire), _dump(Progress().wire()),
+                 _dump(gate_thresholds)),
             )
             self._event(job_id, "status", {"status": "validating"})
         return self.get(job_id), True

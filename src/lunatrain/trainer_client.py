@@ -93,8 +93,14 @@ def probe(settings: Settings, *, timeout: float = 3.0) -> Health | None:
         return None
 
 
-def submit(settings: Settings, params: LoraParams, request_id: str | None = None) -> Job:
+def submit(settings: Settings, params: LoraParams, request_id: str | None = None,
+           gate_thresholds: dict[str, Any] | None = None) -> Job:
+    """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run."""
     body = params.wire() | ({"requestId": request_id} if request_id else {})
+    if gate_thresholds:
+        from .evalgate import parse_thresholds
+
+        body["gateThresholds"] = parse_thresholds(gate_thresholds).model_dump(by_alias=True)
     return Job.model_validate(_request(settings, "POST", "/jobs", json=body).json())
 
 

@@ -37,6 +37,7 @@ from pydantic import Field
 
 from . import __version__
 from .errors import Conflict, LunaError, UsageError
+from .evalgate import GateThresholds
 from .jobs import REQUEST_ID_PATTERN, EventPage, Health, Job, JobList, JobStore, Progress, Status, jobs_db_path
 from .params import LoraParams
 from .settings import Settings, load_settings
@@ -50,12 +51,17 @@ JobId = Annotated[str, PathParam(min_length=1, max_length=64)]
 
 
 class JobCreate(LoraParams):
-    """`POST /jobs` body: the LoRA parameters (wire form) plus an optional idempotency key."""
+    """`POST /jobs` body: the LoRA parameters (wire form), an optional idempotency key and the eval gate's
+    thresholds for this job (a profile's [gate]; omitted: the defaults)."""
 
     request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN, description="retry key")
+    gate_thresholds: GateThresholds | None = Field(default=None, description="eval gate thresholds")
 
     def params(self) -> LoraParams:
-        return LoraParams.model_validate(self.model_dump(exclude={"request_id"}))
+        return LoraParams.model_validate(self.model_dump(exclude={"request_id", "gate_thresholds"}))
+
+    def thresholds(self) -> dict[str, Any] | None:
+        return self.gate_thresholds.model_dump(by_alias=True) if self.gate_thresholds is not None else None
 
 
 # --- process groups ------------------------------------------------------------------------------
@@ -202,6 +208,8 @@ class Runner:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{job.id}.log"
         argv = [sys.executable, "-m", "lunatrain.worker", "--job", job.id, "--params", json.dumps(job.params)]
+        if job.gate_thresholds is not None:
+            argv += ["--gate-thresholds", json.dumps(job.gate_thresholds)]
         log.info("job %s running: %s", job.id, " ".join(argv[:5]))
         try:
             with open(log_path, "ab") as log_file, self._lock:
@@ -425,7 +433,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
 
     @app.post("/jobs", status_code=202, response_model=Job, response_model_by_alias=True)
     def submit(body: JobCreate, response: Response) -> Job:
-        job, created = store().create(body.params(), body.request_id)
+        job, created = store().create(body.params(), body.request_id, body.thresholds())
         if created:
             job = store().set_status(job.id, "queued")
             state["runner"].wake()

@@ -131,7 +131,8 @@ def _inject_nan() -> None:
     torch.nn.functional.cross_entropy = nan_cross_entropy  # type: ignore[assignment]
 
 
-def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: threading.Event) -> dict[str, Any]:
+def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: threading.Event,
+        gate_thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the job and return the result event (never raises for a failure of the run itself)."""
     from .params import parse_params
     from .settings import load_settings
@@ -167,7 +168,7 @@ def run(job_id: str, params_json: dict[str, Any], channel: Channel, stop: thread
         # make a registered adapter look like a job that produced nothing.
         channel.send({"type": "trained", "adapter": out["adapter"], "metrics": out["metrics"]})
         if params.gate:
-            out["gate"] = _gate(settings, out["adapter"], channel)
+            out["gate"] = _gate(settings, out["adapter"], channel, gate_thresholds)
     return out
 
 
@@ -180,13 +181,13 @@ def _fire(fault: str) -> None:
     raise InjectedFault("injected training error")
 
 
-def _gate(settings: Any, adapter: dict[str, Any], channel: Channel) -> dict[str, Any]:
+def _gate(settings: Any, adapter: dict[str, Any], channel: Channel, thresholds: dict[str, Any] | None) -> dict[str, Any]:
     """Run the eval gate on the new version (promote on pass); its failure never undoes the adapter."""
     from .evalgate import gate_candidate
 
     channel.send({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}"})
     try:
-        report = gate_candidate(settings, adapter["name"], adapter["version"], promote=True)
+        report = gate_candidate(settings, adapter["name"], adapter["version"], promote=True, thresholds=thresholds)
     except Exception as exc:  # noqa: BLE001 - a broken gate leaves the adapter registered, inactive
         traceback.print_exc(file=sys.stderr)
         return {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lunatrain.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--job", help="job id (recorded with the adapter)")
     parser.add_argument("--params", help="LoRA parameters, JSON object (wire form)")
+    parser.add_argument("--gate-thresholds", help="eval gate thresholds, JSON object (default: the defaults)")
     parser.add_argument("--device-info", action="store_true", help="print the device facts as JSON and exit")
     args = parser.parse_args(argv)
     if args.device_info:
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     _watch_parent(stop, os.getppid())
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}"})
     try:
-        result = run(args.job, json.loads(args.params), channel, stop)
+        thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
+        result = run(args.job, json.loads(args.params), channel, stop, thresholds)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         traceback.print_exc(file=sys.stderr)
         result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")

@@ -54,11 +54,12 @@ def local_lora(settings: Settings, params: LoraParams, gate: dict[str, Any] | No
     return {"status": result.status.value, "adapter": adapter, "error": result.error}
 
 
-def service_lora(settings: Settings, params: LoraParams) -> dict[str, Any]:
+def service_lora(settings: Settings, params: LoraParams, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Submit to the trainer service (the gate runs there, with `gate` thresholds) and follow the job."""
     from .trainer import follow_and_report
 
     ensure_trainer(settings)
-    job = trainer_client.submit(settings, params, None)
+    job = trainer_client.submit(settings, params, None, gate)
     typer.echo(f"Submitted job {job.id} to {settings.lora_trainer_url}.")
     follow_and_report(settings, job.id)
     job = trainer_client.get_job(settings, job.id)
@@ -81,7 +82,7 @@ def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
         result: FlowResult = run_flow(
-            settings, params, functools.partial(local_lora, gate=gate) if local else service_lora, gate_thresholds=gate,
+            settings, params, functools.partial(local_lora if local else service_lora, gate=gate), gate_thresholds=gate,
             on_step=lambda name: typer.echo(f"==> {name}"),
         )
     except LunaError as err:

@@ -64,7 +64,7 @@ def lora_cmd(
             return
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)
-        outcome = local_lora(settings, params, gate) if local else service_lora(settings, params)
+        outcome = local_lora(settings, params, gate) if local else service_lora(settings, params, gate)
         if not distributed.from_env().main:  # under torchrun rank 0 reports for all
             raise typer.Exit(0 if outcome.get("status") == "succeeded" else 1)
         lines = _describe(settings, outcome)

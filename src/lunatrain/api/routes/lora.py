@@ -45,10 +45,11 @@ def job_view(job: Any) -> Job:
     return Job.model_validate(data | {"jobId": data["id"], "state": data["status"], "progress": progress})
 
 
-async def _submit(settings: Settings, params: LoraParams, request_id: str | None, **extra: Any) -> JobAccepted:
+async def _submit(settings: Settings, params: LoraParams, request_id: str | None,
+                  gate: dict[str, Any] | None = None, **extra: Any) -> JobAccepted:
     # ensure_trainer returns at once when the trainer answers; with on-demand off it raises a clear 503.
     await run_in_threadpool(ensure.ensure_trainer, settings)
-    job = job_view(await run_in_threadpool(trainer_client.submit, settings, params, request_id))
+    job = job_view(await run_in_threadpool(trainer_client.submit, settings, params, request_id, gate))
     return JobAccepted(job_id=job.job_id, job=job, **extra)
 
 
@@ -98,7 +99,7 @@ async def quick_start(
     params = _with_base(profile.params(overrides, quick=True), settings)
     await run_in_threadpool(ensure.ensure_trainer, settings)  # before the export: a refused start changes nothing
     summary = await run_in_threadpool(export_stage.export, settings)
-    return await _submit(settings, params, body.request_id, export=camel(summary.to_dict()))
+    return await _submit(settings, params, body.request_id, profile.gate, export=camel(summary.to_dict()))
 
 
 @router.post("/example-adapter", status_code=202, response_model=JobAccepted, responses=errors(409, 503))
@@ -121,7 +122,7 @@ async def example_adapter(
     seeded, summary = await run_in_threadpool(prepare_data)
     profile = await run_in_threadpool(profiles.load_profile, settings, "luna")
     params = profile.params({"adapterName": body.adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True)
-    return await _submit(settings, params, body.request_id, seeded=seeded, export=summary)
+    return await _submit(settings, params, body.request_id, profile.gate, seeded=seeded, export=summary)
 
 
 @router.get("/status", response_model=Job, responses=errors(404, 503))
