@@ -18,7 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from trainbench import ROOT, Setup, make_samples, measure, table_rows
+from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
 
 def main() -> None:
@@ -70,14 +70,10 @@ def main() -> None:
         "",
         f"Best of {args.rounds} rounds in rotating order.",
         "",
-        "| contender | real tokens/s (best) | all rounds | vs trainer-pad | vs trainer-flatten |",
-        "|---|---:|---|---:|---:|",
+        *TABLE_HEAD,
         *table_rows("", rounds),
     ]
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table, encoding="utf-8")
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

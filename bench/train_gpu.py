@@ -17,7 +17,7 @@ import argparse
 import platform
 from pathlib import Path
 
-from trainbench import ROOT, Setup, make_samples, measure, table_rows
+from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
 # Published shapes of the architectures (config.json of each family), weights random.
 PRESETS = {
@@ -70,8 +70,8 @@ def main() -> None:
         f"{transformers.__version__}. Attention in lunatrain's loop: "
         f"{'varlen-flash' if args.device == 'cuda' and kernels.flash_varlen_ok() else 'varlen-sdpa'}.",
         "",
-        "| model / contender | real tokens/s (best) | all rounds | vs trainer-pad | vs trainer-flatten |",
-        "|---|---:|---|---:|---:|",
+        TABLE_HEAD[0].replace("| contender", "| model / contender"),
+        TABLE_HEAD[1],
     ]
     for name in args.presets:
         model_type, shape = PRESETS[name]
@@ -87,10 +87,7 @@ def main() -> None:
         rounds = measure(setup, samples, args.rounds, label=f"{name} ")
         suffix = " (checkpointing)" if setup.checkpointing else ""
         lines += table_rows(f"{name}{suffix} / ", rounds)
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table, encoding="utf-8")
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

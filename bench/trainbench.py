@@ -217,6 +217,18 @@ def best(rates: list[float | None]) -> float | None:
     return max(done) if done else None
 
 
+TABLE_HEAD = ["| contender | real tokens/s (best) | all rounds | vs trainer-pad | vs trainer-flatten |",
+              "|---|---:|---|---:|---:|"]
+
+
+def write_table(lines: list[str], out: Path) -> None:
+    """Print the table and save it (bench/results/…)."""
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table, encoding="utf-8")
+
+
 def table_rows(name_prefix: str, rounds: dict[str, list[float | None]]) -> list[str]:
     """Markdown rows: contender, best tokens/s, every round, ratio to trainer-pad and trainer-flatten."""
     pad, flat = best(rounds["trainer-pad"]), best(rounds["trainer-flatten"])

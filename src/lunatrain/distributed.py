@@ -2,10 +2,10 @@
 
 Launch: `torchrun --nproc-per-node N -m lunatrain lora ...` (under torchrun `lora` trains in-process).
 Every rank runs the same loop on the same LoRA initialisation (same seed); each optimizer step's
-micro-batches are dealt out across ranks, and after the backward pass the LoRA gradients are summed over all ranks in one flat all-reduce. The loss of
-every micro-batch is already divided by the supervised-token count of the whole step on all ranks, so
-the summed gradient is exactly the single-process gradient of that step: N ranks with `batchSize` b train
-like one process with `batchSize` N·b. (torch's DistributedDataParallel averages gradients, which is right
+micro-batches are dealt out across ranks, and after the backward pass the LoRA gradients are summed over
+all ranks in one flat all-reduce. The loss of every micro-batch is already divided by the supervised-token
+count of the whole step on all ranks, so the summed gradient is exactly the single-process gradient of
+that step: N ranks with `batchSize` b train like one process with `batchSize` N·b. (torch's DistributedDataParallel averages gradients, which is right
 only when every rank holds the same number of supervised tokens.) LoRA gradients are a few MB, so one
 all-reduce per step costs little next to the forward and backward passes.
 

@@ -9,9 +9,9 @@ Batching: `batchSize` counts samples, with packing on or off, so packing never c
 only the speed. Each micro-batch of samples is laid out by `tokens.make_batch`: with the per-sample
 attention of `kernels` (most decoder architectures) as one unpadded row plus the sample boundaries;
 otherwise as first-fit rows of `maxSeqLength` tokens with position ids restarting per sample, which with
-no attention mask and `use_cache=False` makes transformers isolate the samples by a block mask. The loss is the sum of token losses divided by
-the number of supervised tokens in the whole optimizer step (all accumulated micro-batches), so long and
-short samples weigh per token, whatever the batch layout.
+no attention mask and `use_cache=False` makes transformers isolate the samples by a block mask. The loss
+is the sum of token losses divided by the number of supervised tokens in the whole optimizer step (all
+accumulated micro-batches), so long and short samples weigh per token, whatever the batch layout.
 
 Determinism: the seed fixes LoRA init, and with the epoch (and rank) the dropout stream and the data order,
 so the same seed gives byte-identical adapter weights on CPU, and a run resumed from its epoch checkpoint
