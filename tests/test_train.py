@@ -156,6 +156,16 @@ def test_gradient_checkpointing_changes_memory_not_the_result(settings, monkeypa
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_checkpointing_on_a_model_without_it_is_a_usage_error(settings, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    write_export(settings, make_records(16, val_every=6))
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    with pytest.raises(UsageError, match="does not support gradientCheckpointing"):
+        run_lora(_params(adapterName="no-ckpt", gradientCheckpointing=True), settings)
+    assert not (settings.adapters_dir / "no-ckpt").exists()
+
+
 def test_same_seed_same_bytes_and_resume_matches(settings):
     write_export(settings, make_records(40, val_every=5))
     full = run_lora(_params(), settings)

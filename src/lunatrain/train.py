@@ -243,6 +243,8 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
     if params.gradient_checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; train without it.")
         enable_checkpointing(model)
     chosen = kernels.install(model, device)
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
