@@ -15,6 +15,7 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
+from lunatrain import ensure
 from lunatrain.cli import app
 from lunatrain.ensure import ensure_trainer, log_path, pid_path
 from lunatrain.errors import ServiceUnavailable
@@ -64,11 +65,17 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, port, monkeypa
     cmd = shlex.join([sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
     settings = load_settings()
+    old = "an earlier trainer's long log\n" * 10
+    log_path(settings).parent.mkdir(parents=True)
+    log_path(settings).write_text(old)
+    monkeypatch.setattr(ensure, "LOG_KEEP_BYTES", len(old) - 1)  # over the limit: moved aside at this start
     with pytest.raises(ServiceUnavailable) as info:
         ensure_trainer(settings, timeout=60)
     assert "exited while starting (status 3)" in info.value.message
     assert "reports/training/trainer.log" in info.value.message
     assert "no GPU here" in log_path(settings).read_text()
+    assert old not in log_path(settings).read_text()
+    assert log_path(settings).with_name("trainer.log.1").read_text() == old
 
 
 def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, port, monkeypatch):

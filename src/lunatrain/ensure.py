@@ -28,6 +28,9 @@ from .jobs import Health, now_iso
 from .settings import Settings
 
 _POLL_S = 0.25
+# trainer.log only grows while a trainer runs; at each start a log over this size moves to trainer.log.1
+# (replacing the one before), so the two together stay bounded however often the trainer restarts.
+LOG_KEEP_BYTES = 10 * 1024 * 1024
 _started: list[subprocess.Popen[bytes]] = []  # kept so that exited trainers get reaped, not left as zombies
 
 
@@ -86,6 +89,8 @@ def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
     argv = start_argv(settings)
     log = log_path(settings)
     log.parent.mkdir(parents=True, exist_ok=True)
+    if log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
+        os.replace(log, log.with_name(log.name + ".1"))
     env = dict(os.environ, ASSISTANT_HOME=str(settings.home))
     # An uninstalled checkout still starts the same lunatrain as the caller's.
     src = str(Path(__file__).resolve().parent.parent)
