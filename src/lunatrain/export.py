@@ -39,8 +39,9 @@ import sqlalchemy as sa
 
 from .errors import CheckFailed, NotFound, UsageError
 from .fsio import fsync_dir, atomic_write_json, file_lock, read_json
+from .schema import examples_table, memory_table, state_table
 from .settings import Settings
-from .store import examples_table, memory_table, open_store, state_table, utcnow
+from .store import open_store, utcnow
 
 Tier = Literal["curated", "memory", "merged"]
 TIERS: tuple[str, ...] = get_args(Tier)

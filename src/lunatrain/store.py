@@ -29,66 +29,13 @@ from sqlalchemy.engine import Connection, Engine
 from . import formats
 from .errors import Conflict, NotFound, UsageError
 from .formats import ExampleDraft, RecordError
+from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
 SOURCES: tuple[str, ...] = get_args(Source)
 STATUSES: tuple[str, ...] = get_args(Status)
-
-# Mirrors migrations/versions/*: these objects are for queries; the migrations own the schema.
-metadata = sa.MetaData()
-_HASH = sa.String(64).with_variant(sa.String(64, collation="C"), "postgresql")
-
-examples_table = sa.Table(
-    "examples",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("hash", _HASH, nullable=False, unique=True),
-    sa.Column("prompt", sa.Text, nullable=False),
-    sa.Column("response", sa.Text, nullable=False),
-    sa.Column("system", sa.Text),
-    sa.Column("turns", sa.JSON(none_as_null=True)),
-    sa.Column("source", sa.String(16), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("rating", sa.Integer),
-    sa.Column("tags", sa.JSON(none_as_null=True)),
-    sa.Column("conversation_id", sa.String(200)),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sqlite_autoincrement=True,
-)
-
-memory_table = sa.Table(
-    "memory_items",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("hash", _HASH, nullable=False, unique=True),
-    sa.Column("topic", sa.String(200)),
-    sa.Column("question", sa.Text, nullable=False),
-    sa.Column("answer", sa.Text, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("tags", sa.JSON(none_as_null=True)),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sqlite_autoincrement=True,
-)
-
-deleted_table = sa.Table(
-    "deleted_hashes",
-    metadata,
-    sa.Column("hash", _HASH, primary_key=True),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-state_table = sa.Table(
-    "store_state",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("instance", sa.String(32), nullable=False),
-    sa.Column("counter", sa.BigInteger, nullable=False),
-)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes

@@ -39,10 +39,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, distributed, kernels, registry
+from . import __version__, checkpoints, distributed, kernels, registry
 from .distributed import World
 from .errors import LunaError, UsageError
-from .fsio import atomic_write_bytes, atomic_write_json, dumps_json, read_json
+from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
 from .params import LoraParams, parse_params
 from .settings import Settings, check_name
 from .tokens import Batch, Encoded, make_batch
@@ -149,7 +149,7 @@ def _run_lora(params: LoraParams, settings: Settings, world: World, emit: Callab
     try:
         setup_optimizer(run)
         if params.resume:
-            load_checkpoint(run, emit)
+            checkpoints.load(run, emit)
         with cpu_threads_for(run.model, run.device):
             train(run, emit, should_stop)
     except Stop as stop:
@@ -384,7 +384,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         run.epoch = epoch + 1
         run.train_seconds = seconds0 + time.perf_counter() - t0
         if world.main:
-            save_checkpoint(run)
+            checkpoints.save(run)
         distributed.barrier(world)  # a rank that fails later finds this checkpoint complete on resume
         emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved"})
 
@@ -456,68 +456,6 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
     total, count = distributed.sum_floats(world, [total, count], run.device)
     run.model.train()
     return total / count if count else float("nan")
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-
-
-def save_checkpoint(run: Run) -> Path:
-    """adapter + optimizer (safetensors) and scheduler/progress (JSON) for the finished
-    epoch; written to a temp dir and renamed, `state.json` last, so a checkpoint dir is always complete."""
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save
-
-    ckpts = run.work_dir / "checkpoints"
-    final = ckpts / f"epoch-{run.epoch:03d}"
-    tmp = ckpts / f".epoch-{run.epoch:03d}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(run.model).items()}
-    atomic_write_bytes(tmp / "adapter.safetensors", save(adapter))
-    opt_state = run.optimizer.state_dict()
-    opt_tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items()
-                   for k, v in st.items() if isinstance(v, torch.Tensor)}
-    atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
-    state = {
-        "epoch": run.epoch, "step": run.step, "paramGroups": opt_state["param_groups"],
-        "scheduler": run.scheduler.state_dict(), "baseValLoss": run.base_val_loss, "epochs": run.epochs,
-        "curve": run.curve, "tokensSeen": run.tokens_seen,
-        "trainSeconds": run.train_seconds,
-    }
-    atomic_write_json(tmp / "state.json", state)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in ckpts.glob("epoch-*"):  # keep the newest complete one only
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(run: Run, emit: Callable[[Event], None]) -> bool:
-    """Restore the newest complete checkpoint of this run's work dir; False when there is none."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
-    if not found:
-        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh"})
-        return False
-    ckpt = found[-1].parent
-    state = read_json(ckpt / "state.json")
-    set_peft_model_state_dict(run.model, load_file(str(ckpt / "adapter.safetensors"), device=run.device))
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["paramGroups"]}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        opt_state["state"].setdefault(int(idx), {})[name] = value
-    run.optimizer.load_state_dict(opt_state)
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.epoch, run.step, run.base_val_loss = state["epoch"], state["step"], state["baseValLoss"]
-    run.epochs, run.curve, run.tokens_seen = state["epochs"], state["curve"], state["tokensSeen"]
-    run.train_seconds, run.resumed_from = state["trainSeconds"], state["epoch"]
-    emit({"type": "log", "message": f"resumed from epoch {run.epoch} (step {run.step})"})
-    return True
 
 
 # --- output ---------------------------------------------------------------------------------------

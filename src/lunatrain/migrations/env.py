@@ -6,8 +6,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+from lunatrain.schema import metadata
 from lunatrain.settings import load_settings
-from lunatrain.store import metadata
 
 connection = context.config.attributes.get("connection")
 
