@@ -95,7 +95,7 @@ def test_varlen_logits_and_gradients_equal_one_by_one(settings):
     loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     loss.backward()
     torch.testing.assert_close(logits.detach(), torch.cat(solo_logits), atol=1e-4, rtol=1e-4)
-    assert abs(float(loss) - solo_loss) / flat.n_supervised < 1e-4
+    assert abs(loss.item() - solo_loss) / flat.n_supervised < 1e-4
     for p, g in zip(lora, solo_grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
 
@@ -183,3 +183,49 @@ def test_fast_dropout_eval_and_odd_shapes():
     out = drop.train()(x)
     assert out.shape == x.shape and 0 < int((out == 0).sum()) < x.numel()
     assert kernels.fast_dropout_class()(0.0).train()(x) is x
+
+
+# --- CUDA varlen kernel: how the call adapts to the torch release (checked with stand-in kernels) ------
+
+
+def _reference(q, k, v, lengths):
+    """Per-sample causal attention in the kernel's layout: [T, H, D]."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+    parts = [torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
+             for a, b, c in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)]
+    return torch.cat(parts, dim=1).transpose(0, 1)
+
+
+def _old_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10/2.11 shape of varlen_attn: is_causal, no scale, no GQA."""
+    assert is_causal and query.shape[1] == key.shape[1] and query.dtype == key.dtype
+    lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
+    return _reference(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), lengths)
+
+
+def _new_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.13 shape: causality as window (-1, 0), scale and enable_gqa keywords."""
+    assert tuple(window_size) == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
+    lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
+    return _reference(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), lengths)
+
+
+@pytest.mark.parametrize("kernel", [_old_kernel, _new_kernel])
+def test_flash_varlen_call_fits_each_torch_signature(kernel, monkeypatch):
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    kernels._varlen_signature.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(4)
+        q = torch.randn(1, 4, 20, 16, generator=gen)
+        k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)  # GQA
+        cu = torch.tensor([0, 8, 20], dtype=torch.int32)
+        out = kernels._flash_varlen(q, k, v, cu, 12, 16 ** -0.5)
+        torch.testing.assert_close(out, _reference(q[0], k[0], v[0], [8, 12]))
+        if kernel is _old_kernel:  # no `scale` keyword: a non-default scale cannot be expressed
+            assert kernels._flash_varlen(q, k, v, cu, 12, 0.5) is None
+    finally:
+        kernels._varlen_signature.cache_clear()

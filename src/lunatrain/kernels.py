@@ -93,7 +93,9 @@ def varlen_attention(
         raise ValueError("per-sample attention expects one flat row per batch")
     if query.is_cuda and window is None and dropout == 0.0 and flash_varlen_ok():
         max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
-        return _flash_varlen(query, key, value, cu, max_len, scaling).unsqueeze(0), None
+        out = _flash_varlen(query, key, value, cu, max_len, scaling)
+        if out is not None:
+            return out.unsqueeze(0), None
     # split (not slicing): its backward is one concatenation, where each slice's backward would write a
     # full-length zero gradient per sample
     lengths = (cu[1:] - cu[:-1]).tolist()
@@ -119,14 +121,19 @@ def _sdpa_causal(q: Any, k: Any, v: Any, scale: float | None, dropout: float, wi
 
 
 def _flash_varlen(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
-    """torch's variable-length flash attention: [T, H, D] in, [T, H, D] out."""
+    """torch's variable-length flash attention: [T, H, D] in, [T, H, D] out; None when this torch's
+    signature cannot express the call (a non-default scale on a release without `scale`)."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
+    sig = _varlen_signature()
+    extra: dict[str, Any] = {}
+    if "scale" in sig:
+        extra["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-9:
+        return None
     q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))
     cu = cu.to(device=q.device, dtype=torch.int32)
-    sig = _varlen_signature()
-    extra: dict[str, Any] = {"scale": scale}
     if k3.shape[1] != q3.shape[1]:
         if "enable_gqa" in sig:
             extra["enable_gqa"] = True
@@ -161,6 +168,8 @@ def flash_varlen_ok() -> bool:
                    for _ in range(3))
         cu = torch.tensor([0, 20, 48], device="cuda", dtype=torch.int32)
         fast = _flash_varlen(q, k, v, cu, 28, None)
+        if fast is None:
+            return False
         fast.float().sum().backward()
         ref = torch.cat([_sdpa_causal(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, 0.0, None)
                          for s, e in ((0, 20), (20, 48))], dim=2)[0].transpose(0, 1)
