@@ -96,8 +96,9 @@ def varlen_attention(
         out = _flash_varlen(query, key, value, cu, max_len, scaling)
         if out is not None:
             return out.unsqueeze(0), None
-    # split (not slicing): its backward is one concatenation, where each slice's backward would write a
-    # full-length zero gradient per sample
+    # kv heads repeated once for the whole row, not once per sample; split (not slicing): its backward is
+    # one concatenation, where each slice's backward would write a full-length zero gradient per sample
+    key, value = _expand_kv(query, key, value)
     lengths = (cu[1:] - cu[:-1]).tolist()
     parts = [
         _sdpa_causal(q, k, v, scaling, dropout, window).transpose(1, 2)
@@ -106,13 +107,20 @@ def varlen_attention(
     return torch.cat(parts, dim=1), None
 
 
+def _expand_kv(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """Grouped-query attention: kv heads repeated to the query heads ([B, H, T, D]); works on every SDPA
+    backend, where `enable_gqa` does not."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    rep = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
 def _sdpa_causal(q: Any, k: Any, v: Any, scale: float | None, dropout: float, window: int | None) -> Any:
     import torch
     import torch.nn.functional as F
 
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat kv heads (works on every SDPA backend)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = _expand_kv(q, k, v)
     length = q.shape[2]
     if window is not None and length > window:  # sliding window: causal band of `window` keys
         band = torch.ones(length, length, dtype=torch.bool, device=q.device).tril().triu(-(window - 1))
@@ -138,8 +146,7 @@ def _flash_varlen(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | 
         if "enable_gqa" in sig:
             extra["enable_gqa"] = True
         else:
-            rep = q3.shape[1] // k3.shape[1]
-            k3, v3 = k3.repeat_interleave(rep, dim=1), v3.repeat_interleave(rep, dim=1)
+            k3, v3 = _expand_kv(q3, k3, v3)  # heads are dim 1 in [T, H, D] as in [B, H, T, D]
     if "is_causal" in sig:  # torch 2.10-2.11
         extra["is_causal"] = True
     else:  # later releases express causality as a (left, right) window

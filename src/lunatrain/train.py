@@ -391,7 +391,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:
     """Packed batches are one flat row when the model runs per-sample attention, first-fit rows otherwise."""
-    flat = run.params.packing and run.kernels.get("attention", "").startswith("varlen")
+    flat = run.params.packing and kernels.uses_varlen(run.model)
     return make_batch(samples, run.params.max_seq_length, run.tokenizer.pad_token_id, packing=run.params.packing,
                       flat=flat)
 
