@@ -15,9 +15,7 @@ from fastapi.testclient import TestClient
 from lunatrain import store
 from lunatrain.api.deps import check_base_model
 from lunatrain.api.main import create_app
-from lunatrain.api.routes.lora import job_view
 from lunatrain.errors import UsageError
-from lunatrain.jobs import Job
 from lunatrain.settings import load_settings
 
 T = "/assistant/training"
@@ -159,14 +157,16 @@ def test_adapters_empty_and_unknown(client: TestClient) -> None:
     assert client.post(f"{T}/adapters/luna-adapter/rollback").status_code == 404
 
 
-def test_job_view_adds_the_guide_names() -> None:
-    job = Job.model_validate({
-        "id": "ftjob-abc", "status": "running", "createdAt": "2025-01-01T00:00:00Z", "params": {},
-        "progress": {"step": 3, "totalSteps": 10, "percent": 30.0, "etaSeconds": 12.5},
-    })
-    view = job_view(job).model_dump(by_alias=True)
-    assert view["jobId"] == view["id"] == "ftjob-abc" and view["state"] == view["status"] == "running"
-    assert view["progress"]["total"] == 10 and view["progress"]["eta"] == 12.5 and view["progress"]["step"] == 3
+def test_api_and_trainer_share_one_job_model(client: TestClient) -> None:
+    """One vocabulary across the trainer boundary: the API's job schema is the trainer's, field for field."""
+    from lunatrain.service.app import create_app as trainer_app
+
+    api = client.get("/openapi.json").json()["components"]["schemas"]
+    trainer = trainer_app(load_settings()).openapi()["components"]["schemas"]
+    for name in ("Job", "Progress", "JobError", "EventPage", "JobList"):
+        assert api[name]["properties"].keys() == trainer[name]["properties"].keys(), name
+    assert api["JobAccepted"]["properties"]["job"] == {"$ref": "#/components/schemas/Job"}
+    assert "jobId" in api["JobAccepted"]["properties"]  # the guide's name for the 202's id
 
 
 def test_base_model_must_be_tiny_a_hub_id_or_inside_the_data_root(settings) -> None:

@@ -87,12 +87,12 @@ class Api:
             r = self.client.get("/assistant/training/lora/status", params={"jobId": job_id})
             assert r.status_code == 200, r.text
             job = r.json()
-            seen_states.add(job["state"])
-            if job["state"] in TERMINAL:
+            seen_states.add(job["status"])
+            if job["status"] in TERMINAL:
                 job["seenStates"] = sorted(seen_states)
                 return job
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {job['state']} after {limit_s}s")
+                raise AssertionError(f"job {job_id} still {job['status']} after {limit_s}s")
             time.sleep(1.0)
 
 
@@ -110,7 +110,7 @@ def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
     assert r.status_code == 202, r.text
     accepted = r.json()
     job_id = accepted["jobId"]
-    assert accepted["job"]["state"] in {"validating", "queued", "running"}
+    assert accepted["job"]["status"] in {"validating", "queued", "running"}
     assert accepted["seeded"]["examplesAdded"] > 0 and accepted["export"]["counts"]["curated"]["total"] > 0
 
     # The same requestId again is the same job, not a second one.
@@ -118,10 +118,10 @@ def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
     assert again.status_code == 202 and again.json()["jobId"] == job_id
 
     job = api.wait_job(job_id)
-    assert job["state"] == "succeeded", job
+    assert job["status"] == "succeeded", job
     assert job["adapter"]["name"] == "example-adapter" and job["adapter"]["version"] == "v1"
     assert job["error"] is None and job["progress"]["percent"] == pytest.approx(100.0)
-    assert job["progress"]["total"] and job["progress"]["step"] == job["progress"]["total"]
+    assert job["progress"]["totalSteps"] and job["progress"]["step"] == job["progress"]["totalSteps"]
 
     health = api.client.get("/assistant/training/lora/provider-health").json()
     assert health["reachable"] is True
@@ -129,14 +129,14 @@ def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
     assert health["label"] == "Online (CPU)"  # these machines train on CPU
 
     latest = api.client.get("/assistant/training/lora/status").json()
-    assert latest["jobId"] == job_id
+    assert latest["id"] == job_id
     events = api.client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": 0, "limit": 1000}).json()
-    assert any(e["type"] == "progress" for e in events["events"]) and events["nextCursor"] >= len(events["events"])
-    more = api.client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": events["nextCursor"]}).json()
-    assert more["events"] == [] or more["events"][0]["seq"] > events["nextCursor"]
+    assert any(e["type"] == "progress" for e in events["data"]) and events["lastSeq"] >= len(events["data"])
+    more = api.client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": events["lastSeq"]}).json()
+    assert more["data"] == [] or more["data"][0]["seq"] > events["lastSeq"]
 
-    jobs = api.client.get("/assistant/training/lora/jobs").json()["jobs"]
-    assert [j["jobId"] for j in jobs] == [job_id]
+    jobs = api.client.get("/assistant/training/lora/jobs").json()["data"]
+    assert [j["id"] for j in jobs] == [job_id]
     adapter = api.client.get("/assistant/training/adapters/example-adapter").json()
     assert [v["version"] for v in adapter["versions"]] == ["v1"]
     groups = api.client.get("/assistant/training/adapters").json()["bases"]

@@ -21,7 +21,7 @@ import uvicorn
 
 from lunatrain import store
 from lunatrain.api.main import create_app
-from lunatrain.api.security import check_bind, host_name
+from lunatrain.web.security import check_bind, host_name
 from lunatrain.errors import UsageError
 from lunatrain.settings import load_settings
 

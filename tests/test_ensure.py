@@ -15,9 +15,9 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from lunatrain import ensure
+from lunatrain.service import ensure
 from lunatrain.cli import app
-from lunatrain.ensure import ensure_trainer, log_path, pid_path
+from lunatrain.service.ensure import ensure_trainer, log_path, pid_path
 from lunatrain.errors import ServiceUnavailable
 from lunatrain.settings import load_settings
 from trainer_helpers import free_port, gone, kill_trainers, trainer_processes, wait_for

@@ -55,7 +55,8 @@ def test_guide_line_resolves(line: str, home: Path) -> None:
     if argv[0] == "luna":
         expected = LUNA_DEFAULTS | expected
         assert out["profile"] == "luna"
-    assert {k: out["params"][k] for k in expected} == expected
+    resolved = out["params"] | out["options"]
+    assert {k: resolved[k] for k in expected} == expected
     if "ensureTrainer" in out:  # lora's dry run has no flow steps to ensure before
         assert out["ensureTrainer"] == ("--ensureTrainer" in line)
 
@@ -69,7 +70,8 @@ def test_flags_in_both_spellings_and_forms_agree(home: Path) -> None:
     for argv in forms:
         result = CliRunner().invoke(app, argv + ["--dry-run"])
         assert result.exit_code == 0, result.output
-        outs.append(json.loads(result.stdout)["params"])
+        out = json.loads(result.stdout)
+        outs.append(out["params"] | out["options"])
     assert outs[0] == outs[1]
     assert (outs[0]["minCurated"], outs[0]["learningRate"], outs[0]["batchSize"]) == (30, 0.0001, 2)
 

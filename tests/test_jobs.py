@@ -15,10 +15,12 @@ import psutil
 import pytest
 
 from lunatrain.errors import Conflict, NotFound
-from lunatrain.jobs import JobStore, Progress, jobs_db_path
+from lunatrain.service.jobs import JobStore, Progress, jobs_db_path
 from lunatrain.params import LoraParams, parse_params
-from lunatrain.trainer_service import _crash_error, recover
-from lunatrain.worker import error_code, fault_for
+from lunatrain.service.recovery import recover
+from lunatrain.service.runner import _crash_error
+from lunatrain.service.worker import error_code
+from hooks.faulthooks import fault_for
 
 
 @pytest.fixture
@@ -119,7 +121,7 @@ def _sleeper() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
 
 
-def test_recover_settles_running_jobs_and_stops_their_orphans(store):
+def test_recover_settles_running_jobs_and_stops_their_orphans(store, settings):
     plain = queued(store, LoraParams(adapter_name="plain"))
     resumable = queued(store, LoraParams(adapter_name="resumable", resume=True))
     cancelling = queued(store, LoraParams(adapter_name="cancelling"))
@@ -131,7 +133,7 @@ def test_recover_settles_running_jobs_and_stops_their_orphans(store):
         store.set_fields(plain.id, pid=orphan.pid, pid_started=psutil.Process(orphan.pid).create_time())
         store.request_cancel(cancelling.id)
 
-        recover(store)
+        recover(settings, store)
 
         assert gone(orphan.pid)
         failed = store.get(plain.id)
@@ -145,19 +147,60 @@ def test_recover_settles_running_jobs_and_stops_their_orphans(store):
         orphan.wait()
 
 
-def test_recover_never_kills_a_reused_pid(store):
+def test_recover_never_kills_a_reused_pid(store, settings):
     job = queued(store)
     store.claim(job.id)
     bystander = _sleeper()
     try:
         # The recorded create time does not match: this pid belongs to some other process now.
         store.set_fields(job.id, pid=bystander.pid, pid_started=psutil.Process(bystander.pid).create_time() - 1000)
-        recover(store)
+        recover(settings, store)
         assert bystander.poll() is None
         assert store.get(job.id).error.code == "interrupted"
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_recover_settles_a_job_whose_adapter_was_saved_from_its_trained_event(store, settings):
+    """kill -9 of the trainer after the adapter was registered: the job is the adapter's, never "submit it
+    again", and with resume it is not queued again (one job, one version)."""
+    plain = queued(store, LoraParams(adapter_name="plain"))
+    resumable = queued(store, LoraParams(adapter_name="resumable", resume=True))
+    for job in (plain, resumable):
+        store.claim(job.id)
+        store.add_event(job.id, "trained", {"adapter": {"name": job.params["adapterName"], "version": "v1",
+                                                        "path": f"data/adapters/{job.params['adapterName']}/v1"}})
+    recover(settings, store)
+    for job in (plain, resumable):
+        done = store.get(job.id)
+        assert done.status == "succeeded" and done.error is None, done
+        assert (done.adapter.name, done.adapter.version) == (job.params["adapterName"], "v1")
+        assert done.gate["status"] == "interrupted" and "eval-gate" in done.gate["reasons"][0]
+    assert store.next_queued() is None
+
+
+def test_recover_takes_the_registry_entry_with_the_job_id(store, settings):
+    """The registry is the durable fact too: an entry carrying the job id settles the job (with its gate
+    when one was recorded), even when the trained event never reached the job store."""
+    from lunatrain import registry
+
+    job = queued(store, LoraParams(adapter_name="reg", resume=True))
+    store.claim(job.id)
+    work = settings.adapters_dir / "reg" / ".work" / "w1"
+    work.mkdir(parents=True)
+    (work / "adapter_model.safetensors").write_bytes(b"x")
+    entry = registry.publish(settings, "reg", "versioned", work, {"jobId": job.id, "status": "succeeded"})
+    registry.record_gate(settings, "reg", entry["version"], {"status": "passed", "passed": True, "reasons": []})
+    # Publishing again for the same job (a retried or resumed run) registers nothing new.
+    work2 = settings.adapters_dir / "reg" / ".work" / "w2"
+    work2.mkdir(parents=True)
+    again = registry.publish(settings, "reg", "versioned", work2, {"jobId": job.id, "status": "succeeded"})
+    assert again["version"] == entry["version"] and not work2.exists()
+    assert [v["version"] for v in registry.load(settings)["adapters"]["reg"]["versions"]] == ["v1"]
+    recover(settings, store)
+    done = store.get(job.id)
+    assert done.status == "succeeded" and done.adapter.version == "v1" and done.gate["status"] == "passed"
 
 
 def test_crash_error_names_signal_and_log(settings, tmp_path):

@@ -99,9 +99,9 @@ def test_profile_gate_goes_with_a_job_to_the_trainer(settings: Settings, home: P
     so the gate after the run is the one `--local` would apply."""
     from typer.testing import CliRunner
 
-    from lunatrain import trainer_client
     from lunatrain.cli import app
-    from lunatrain.cli import flow as cli_flow
+    from lunatrain.service import client as trainer_client
+    from lunatrain.service import ensure
 
     (home / "profiles").mkdir()
     (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.5\n")
@@ -110,11 +110,11 @@ def test_profile_gate_goes_with_a_job_to_the_trainer(settings: Settings, home: P
     class Sent(Exception):
         pass
 
-    def fake_submit(_settings, params, request_id=None, gate_thresholds=None):
+    def fake_submit(_settings, params, options=None, request_id=None, gate_thresholds=None):
         sent.update(params=params, gate=gate_thresholds)
         raise Sent
 
-    monkeypatch.setattr(cli_flow, "ensure_trainer", lambda *_a, **_k: None)
+    monkeypatch.setattr(ensure, "ensure_trainer", lambda *_a, **_k: None)
     monkeypatch.setattr(trainer_client, "submit", fake_submit)
     result = CliRunner().invoke(app, ["lora", "--profile", "strict", "--epochs", "2"])
     assert isinstance(result.exception, Sent), result.output

@@ -1,4 +1,4 @@
-"""The trainer service end to end: a real `python -m lunatrain.trainer_service` on a free loopback port,
+"""The trainer service end to end: a real `lunatrain trainer` on a free loopback port,
 real worker child processes, real training of luna-tiny on the seeded, exported example data.
 
 Shown here: submit -> succeeded with a registered adapter; one job per requestId; FIFO queue with one job
@@ -26,17 +26,18 @@ import pytest
 
 from typer.testing import CliRunner
 
-from lunatrain import export, registry, store, trainer_client
+from lunatrain import export, registry, store
 from lunatrain.cli import app
 from lunatrain.errors import Conflict, NotFound, UsageError
-from lunatrain.jobs import TERMINAL, Job
 from lunatrain.models import ensure_tiny
-from lunatrain.params import parse_params
+from lunatrain.params import parse_run
+from lunatrain.service import client as trainer_client
+from lunatrain.service.jobs import TERMINAL, Job
 from lunatrain.settings import Settings, load_settings
 from trainer_helpers import free_port, gone, start_trainer, stop_group, wait_for
 
 # Two steps on the small memory tier: a job is mostly process start-up and model loading.
-QUICK = {"datasetTier": "memory", "epochs": 1, "maxSteps": 2, "batchSize": 4, "gate": False}
+QUICK = {"datasetTier": "memory", "epochs": 1, "maxSteps": 2, "batchSize": 4, "gate": False, "baseModel": "luna-tiny"}
 # Long enough to be caught running (stopped early by the tests).
 LONG = QUICK | {"epochs": 50, "maxSteps": None}
 FAULTS = "crash=crashy,nan=nanny"
@@ -148,8 +149,15 @@ def versions(settings: Settings, name: str) -> list[dict]:
     return registry.load(settings)["adapters"].get(name, {}).get("versions", [])
 
 
-def submit(settings: Settings, body: dict, request_id: str | None = None) -> Job:
-    return trainer_client.submit(settings, parse_params(body), request_id)
+def submit(settings: Settings, flags: dict, request_id: str | None = None, thresholds: dict | None = None) -> Job:
+    params, options = parse_run(flags)
+    return trainer_client.submit(settings, params, options, request_id, thresholds)
+
+
+def wire(flags: dict, **extra: object) -> dict:
+    """The body a client posts to /jobs for these flags (parameters, options, extra keys)."""
+    params, options = parse_run(flags)
+    return params.wire() | {"options": options.wire()} | extra
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +170,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def svc(root):
-    trainer = launch(root, LUNATRAIN_FAULT=FAULTS)
+    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=str(Path(__file__).parent / "hooks"))
     yield trainer
     shutdown(trainer)
 
@@ -180,9 +188,10 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
         ({"targetModules": []}, "targetModules"),
         ({"gateThresholds": {"bogus": 1}}, "gateThresholds"),
         ({"gateThresholds": {"maxValLossRatioVsBase": 0}}, "gateThresholds"),
+        ({"baseModel": None}, "baseModel"),  # the client resolves it; the trainer never fills in its own
     ]
     for body, field in cases:
-        r = httpx.post(url + "/jobs", json=body, trust_env=False)
+        r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | body, trust_env=False)
         assert r.status_code == 422, (body, r.text)
         err = r.json()["error"]
         assert err["code"] == "invalid_request" and field in err["message"], err
@@ -229,7 +238,7 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
 @pytest.mark.slow
 def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     url, settings = svc.url, svc.settings
-    body = QUICK | {"adapterName": "fifo-a", "requestId": "req-a"}
+    body = wire(QUICK | {"adapterName": "fifo-a"}, requestId="req-a")
     first = httpx.post(url + "/jobs", json=body, trust_env=False)
     assert first.status_code == 202, first.text
     a = first.json()
@@ -238,11 +247,9 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     with pytest.raises(Conflict, match="req-a"):  # same key, other parameters
         submit(settings, QUICK | {"adapterName": "fifo-a", "maxSteps": 3}, "req-a")
     with pytest.raises(Conflict, match="req-a"):  # same key and parameters, other gate thresholds
-        trainer_client.submit(settings, parse_params(QUICK | {"adapterName": "fifo-a"}), "req-a",
-                              {"maxLossRegression": 0.5})
+        submit(settings, QUICK | {"adapterName": "fifo-a"}, "req-a", {"maxLossRegression": 0.5})
     # The eval gate runs after training, with this job's thresholds (here: a bar two steps cannot clear).
-    b = trainer_client.submit(settings, parse_params(QUICK | {"adapterName": "fifo-b", "gate": True}), None,
-                              {"maxValLossRatioVsBase": 0.01})
+    b = submit(settings, QUICK | {"adapterName": "fifo-b", "gate": True}, None, {"maxValLossRatioVsBase": 0.01})
     assert b.status == "queued" and b.gate_thresholds["maxValLossRatioVsBase"] == 0.01
 
     seen: set[tuple[str, str]] = set()

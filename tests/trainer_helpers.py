@@ -1,6 +1,6 @@
 """Helpers for tests that run the real trainer service as a process on a free loopback port.
 
-`free_port()` picks a port, `start_trainer(home, port, env)` starts `python -m lunatrain.trainer_service`
+`free_port()` picks a port, `start_trainer(home, port, env)` starts `lunatrain trainer`
 in its own process group and waits (bounded) until /health answers; `stop_group(pid)` ends a process group;
 `trainer_processes(port)` finds trainer processes by their command line (to count them, or to prove none
 is left). `wait_for(predicate, timeout)` polls until the predicate holds, and returns its last value.
@@ -58,7 +58,7 @@ def healthy(url: str, token: str | None = None) -> dict[str, Any] | None:
 def start_trainer(home: Path, port: int, *, timeout: float = 90.0, **env: str) -> subprocess.Popen:
     log = open(home / f"trainer-{port}.log", "ab")  # noqa: SIM115 - the child holds it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lunatrain.trainer_service", "--port", str(port)],
+        [sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)],
         cwd=home, env=trainer_env(home, port, **env), stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )
@@ -87,7 +87,8 @@ def trainer_processes(port: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmd = proc.info["cmdline"] or []
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and "lunatrain.trainer_service" in cmd and str(port) in cmd:
+        is_trainer = "lunatrain" in cmd and "trainer" in cmd
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and is_trainer and str(port) in cmd:
             found.append(proc)
     return found
 

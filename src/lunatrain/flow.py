@@ -1,9 +1,14 @@
-"""`auto` / `luna` (the guide's `train:auto` / `train:luna`): eval-gate → export → prepare → lora in the
-guide's production order, stopping at the first failure with one sentence that names the step and the fix.
+"""The guide's flows, in one place; the trainer's worker, the CLI and the API routes each make one call here.
 
-The lora step is passed in: the CLI submits to the trainer service and follows the job (or trains in
-process with `--local`); either way it returns the job's outcome as a dict, and this module reads the
-registry and the reports for the final summary.
+- `train_and_gate`: one LoRA run, then the eval gate on the new version (promoted when it passes) — what a
+  job does, in the trainer's child process or in-process with `--local`.
+- `submit`: the job submit of `lora`, `start`, `quick-start` and `example-adapter`: the base model resolved
+  where the user asked (never the trainer's own environment), minCurated checked, the trainer ensured.
+- `quick_start` / `example_adapter`: the API's one-click flows (export, optionally seed, then submit).
+- `run_flow` (`auto` / `luna`, the guide's `train:auto` / `train:luna`): eval-gate → export → prepare →
+  lora in the guide's production order, stopping at the first failure with one sentence that names the step
+  and the fix. Its lora step is passed in: submit to the trainer service and follow the job, or
+  `train_and_gate` in process; either way it returns the job's outcome as a dict.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from . import evalgate, export, prepare, registry
 from .errors import CheckFailed, LunaError
-from .params import LoraParams
+from .params import FlowOptions, LoraParams
 from .settings import Settings
 
 STEPS = ("eval-gate", "export", "prepare", "lora")
@@ -25,12 +30,135 @@ _FIX = {
     "eval-gate": "fix or roll back the active adapter (`lunatrain adapters rollback NAME`) and run again",
     "export": "check the database settings (ASSISTANT_DB_URL) and the split ratios, then run again",
     "prepare": "fix the examples listed in reports/training/prepare-latest.json, or lower --minCurated",
-    "lora": "see `lunatrain jobs show` and reports/training/lora-latest.json, then run again",
+    "lora": "see `lunatrain jobs list` and `lunatrain adapters show NAME`, then run again",
 }
 
-LoraStep = Callable[[Settings, LoraParams], dict[str, Any]]
-"""Runs one LoRA job; returns {"status": "succeeded"|"failed"|"cancelled", "adapter": {name, version,
-path} | None, "error": {code, message} | None, "jobId": str | None}."""
+Event = dict[str, Any]
+LoraStep = Callable[[Settings, LoraParams, FlowOptions], dict[str, Any]]
+"""Runs one LoRA job; returns its outcome: {"status": "succeeded"|"failed"|"cancelled", "adapter": {name,
+version, path} | None, "metrics": {...}, "error": {code, message} | None, "gate": the gate record | None,
+"jobId": str | None}."""
+
+
+# --- one run: train, then gate --------------------------------------------------------------------
+
+
+def train_and_gate(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    *,
+    thresholds: dict[str, Any] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    job_id: str | None = None,
+    on_trained: Callable[[dict[str, Any]], None] | None = None,
+    may_gate: Callable[[], bool] = lambda: True,
+) -> dict[str, Any]:
+    """Train one adapter; once it is registered call `on_trained(outcome)`, then (with `options.gate` and
+    while `may_gate()`) gate the new version with `thresholds`, promoting it when it passes. A failing gate
+    never undoes the adapter. Returns the outcome (see LoraStep)."""
+    from .train import run_lora
+
+    result = run_lora(params, settings, on_event=on_event, should_stop=should_stop, job_id=job_id)
+    adapter = None
+    if result.ok and result.version and result.path is not None:
+        path = result.path.relative_to(settings.home) if result.path.is_relative_to(settings.home) else result.path
+        adapter = {"name": result.adapter_name, "version": result.version, "path": str(path)}
+    error = None
+    if not result.ok:
+        error = result.error or {"code": "training_error", "message": "training failed"}
+    outcome: dict[str, Any] = {"status": result.status.value, "adapter": adapter, "error": error, "gate": None,
+                               "metrics": (result.report or {}).get("metrics") or {}, "jobId": job_id}
+    if adapter is None:
+        return outcome
+    if on_trained is not None:
+        on_trained(outcome)
+    if options.gate and may_gate():
+        emit = on_event or (lambda _e: None)
+        emit({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}"})
+        try:
+            report = evalgate.gate_candidate(settings, adapter["name"], adapter["version"], promote=True,
+                                             thresholds=thresholds)
+            outcome["gate"] = report.gate_record()
+        except Exception as exc:  # noqa: BLE001 - a broken gate never undoes the adapter: registered, inactive
+            outcome["gate"] = {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
+        reasons = "; ".join(outcome["gate"].get("reasons") or [])
+        emit({"type": "log", "message": f"eval gate {outcome['gate'].get('status')}" + (f": {reasons}" if reasons else "")})
+    return outcome
+
+
+# --- submitting a job to the trainer --------------------------------------------------------------
+
+
+def resolve_base(settings: Settings, params: LoraParams) -> LoraParams:
+    """The base model, resolved once where the user asked: flag > profile > this process's
+    ASSISTANT_BASE_MODEL > default. The job carries it; the trainer never substitutes its own."""
+    return params if params.base_model else params.model_copy(update={"base_model": settings.base_model})
+
+
+def check_min_curated(settings: Settings, options: FlowOptions) -> None:
+    """minCurated against the current export, with prepare's sentence; before any job starts."""
+    check = prepare.volume_check(prepare.curated_count(settings), options.min_curated)
+    if check.severity == "fail":
+        raise CheckFailed(f"Not enough data: {check.message}.")
+
+
+def submit(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    *,
+    thresholds: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> Any:
+    """Queue one job on this data root's trainer (started on demand) and return it (service.jobs.Job)."""
+    from .service import client
+    from .service.ensure import ensure_trainer
+
+    params = resolve_base(settings, params)
+    check_min_curated(settings, options)
+    ensure_trainer(settings)
+    return client.submit(settings, params, options, request_id, thresholds)
+
+
+def quick_start(settings: Settings, profile_name: str, overrides: dict[str, Any],
+                request_id: str | None = None) -> tuple[Any, export.ExportSummary]:
+    """The profile's parameters on its short schedule, on a fresh export of the store."""
+    from .profiles import load_profile
+    from .service.ensure import ensure_trainer
+
+    profile = load_profile(settings, profile_name)
+    params, options = profile.resolve(overrides, quick=True)
+    ensure_trainer(settings)  # before the export: a refused start changes nothing
+    summary = export.export(settings)
+    return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
+
+
+def example_adapter(settings: Settings, adapter_name: str,
+                    request_id: str | None = None) -> tuple[Any, dict[str, int] | None, export.ExportSummary]:
+    """An example adapter on the bundled dataset: seeded into an empty store, exported, submitted with the
+    Luna profile's short schedule. Returns the job, what was seeded (None when the store had data) and the
+    export summary."""
+    from . import store
+    from .profiles import load_profile
+    from .service.ensure import ensure_trainer
+
+    ensure_trainer(settings)  # first: a refused start leaves the store and the export untouched
+    totals = store.counts(settings)["totals"]
+    seeded = None
+    if totals["examples"] == 0 and totals["memory"] == 0:
+        res = store.load_seed(settings)
+        seeded = {"examplesAdded": res.examples_added, "memoryAdded": res.memory_added}
+    summary = export.export(settings)
+    profile = load_profile(settings, "luna")
+    params, options = profile.resolve({"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0},
+                                      quick=True)
+    job = submit(settings, params, options, thresholds=profile.gate, request_id=request_id)
+    return job, seeded, summary
+
+
+# --- auto / luna ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -45,6 +173,7 @@ class StepOutcome:
 @dataclass
 class FlowResult:
     params: LoraParams
+    options: FlowOptions = field(default_factory=FlowOptions)
     steps: list[StepOutcome] = field(default_factory=list)
     adapter: dict[str, Any] | None = None  # the registered version entry, when the lora step succeeded
 
@@ -56,14 +185,19 @@ class FlowResult:
 def run_flow(
     settings: Settings,
     params: LoraParams,
+    options: FlowOptions,
     lora_step: LoraStep,
     *,
+    adapter: str | None = None,
     gate_thresholds: dict[str, Any] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> FlowResult:
-    """Run the four steps in order. Returns the result when all pass; raises CheckFailed (exit 1) naming
-    the failed step and the fix, with the partial result in `details`."""
-    result = FlowResult(params=params)
+    """Run the four steps in order; the first gates `adapter` (NAME or NAME@VERSION) when given, else the
+    active adapter on the base model. Returns the result when all pass — including the eval gate on the newly
+    trained version, when gating is on; raises CheckFailed (exit 1) naming the failed step and the fix, with
+    the partial result in `details`."""
+    params = resolve_base(settings, params)
+    result = FlowResult(params=params, options=options)
 
     def step(name: str, fn: Callable[[], tuple[bool, str, dict[str, Any]]]) -> None:
         if on_step:
@@ -78,7 +212,7 @@ def run_flow(
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {_FIX[name]}.", details=result)
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
-        report = evalgate.eval_gate(settings, base_model=params.base_model, thresholds=gate_thresholds)
+        report = evalgate.eval_gate(settings, adapter=adapter, base_model=params.base_model, thresholds=gate_thresholds)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
         return report.passed, f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""), {
@@ -91,19 +225,24 @@ def run_flow(
                       f"fingerprint {summary.fingerprint[:12]}"), {"fingerprint": summary.fingerprint}
 
     def preflight() -> tuple[bool, str, dict[str, Any]]:
-        report = prepare.prepare(settings, params)
+        report = prepare.prepare(settings, params, min_curated=options.min_curated)
         problems = [f"{c.id} ({c.count})" for c in report.checks if c.severity == "fail"]
         text = f"status {report.status}" + (f": {', '.join(problems)}" if problems else "")
         return report.status != "fail", text, {"status": report.status, "path": str(report.path)}
 
     def lora() -> tuple[bool, str, dict[str, Any]]:
-        outcome = lora_step(settings, params)
-        adapter = outcome.get("adapter") or {}
-        if outcome.get("status") != "succeeded" or not adapter.get("version"):
+        outcome = lora_step(settings, params, options)
+        trained = outcome.get("adapter") or {}
+        if outcome.get("status") != "succeeded" or not trained.get("version"):
             err = outcome.get("error") or {}
             return False, f"job {outcome.get('status')}: {err.get('message', 'no adapter registered')}", outcome
-        result.adapter = registry.get_version(settings, adapter["name"], adapter["version"])
-        return True, f"{adapter['name']}@{adapter['version']}", outcome
+        result.adapter = registry.get_version(settings, trained["name"], trained["version"])
+        ref = f"{trained['name']}@{trained['version']}"
+        gate = outcome.get("gate") or {}
+        if options.gate and not gate.get("passed"):  # registered, but the gate kept it inactive: the flow failed
+            reasons = "; ".join(gate.get("reasons") or []) or gate.get("status") or "no gate outcome"
+            return False, f"{ref} was trained but the eval gate refused it ({reasons})", outcome
+        return True, ref, outcome
 
     step("eval-gate", gate_current)
     step("export", export_data)

@@ -29,6 +29,10 @@ class CamelModel(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
     )
 
+    def wire(self) -> dict:
+        """The camelCase JSON form (what the API and the trainer service exchange)."""
+        return self.model_dump(by_alias=True, mode="json")
+
 
 class LoraParams(CamelModel):
     """Everything a LoRA run needs. Defaults here are the library defaults; profiles override them."""
@@ -57,8 +61,6 @@ class LoraParams(CamelModel):
     packing: bool = True
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less memory, ~30% slower")
     resume: bool = False
-    min_curated: int = Field(default=0, ge=0, le=10_000_000)
-    gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
 
     @field_validator("target_modules")
     @classmethod
@@ -73,14 +75,17 @@ class LoraParams(CamelModel):
             object.__setattr__(self, "alpha", float(2 * self.rank))
         return self
 
-    def wire(self) -> dict:
-        """The camelCase JSON form (what the API and the trainer service exchange)."""
-        return self.model_dump(by_alias=True, mode="json")
+
+class FlowOptions(CamelModel):
+    """What a flow does around one LoRA run: not part of the run itself (nor of its resume identity)."""
+
+    min_curated: int = Field(default=0, ge=0, le=10_000_000, description="approved curated examples required")
+    gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
 
 
 def parse_params(data: dict, *, base: LoraParams | None = None) -> LoraParams:
     """Validate `data` (either spelling) on top of `base`; every problem is named in one UsageError."""
-    merged = (base.model_dump() if base else {}) | _snake_keys(data)
+    merged = (base.model_dump() if base else {}) | _snake_keys(LoraParams, data)
     if base is not None and "rank" in data and "alpha" not in data and base.alpha == 2 * base.rank:
         merged["alpha"] = None  # alpha followed the old rank; let it follow the new one
     try:
@@ -89,9 +94,29 @@ def parse_params(data: dict, *, base: LoraParams | None = None) -> LoraParams:
         raise UsageError(format_validation_error(exc), details=exc.errors(include_url=False)) from exc
 
 
-def _snake_keys(data: dict) -> dict:
-    fields = LoraParams.model_fields
-    by_alias = {info.alias or name: name for name, info in fields.items()}
+def parse_run(data: dict) -> tuple[LoraParams, FlowOptions]:
+    """Split flags or a request body (either spelling) into the run's parameters and the flow's options;
+    problems of both are named in one UsageError."""
+    option_keys = set(FlowOptions.model_fields) | {to_camel(k) for k in FlowOptions.model_fields}
+    lora = {k: v for k, v in data.items() if k not in option_keys}
+    errors: list[str] = []
+    params = options = None
+    try:
+        params = parse_params(lora)
+    except UsageError as err:
+        errors.append(err.message.removeprefix("Invalid parameters: ").rstrip("."))
+    try:
+        options = FlowOptions.model_validate(_snake_keys(FlowOptions, {k: v for k, v in data.items() if k in option_keys}))
+    except ValidationError as exc:
+        errors.append(format_validation_error(exc).removeprefix("Invalid parameters: ").rstrip("."))
+    if errors:
+        raise UsageError("Invalid parameters: " + "; ".join(errors) + ".")
+    assert params is not None and options is not None
+    return params, options
+
+
+def _snake_keys(model: type[BaseModel], data: dict) -> dict:
+    by_alias = {info.alias or name: name for name, info in model.model_fields.items()}
     return {by_alias.get(k, k): v for k, v in data.items()}
 
 

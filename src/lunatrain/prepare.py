@@ -124,7 +124,7 @@ class PrepareReport:
 # --- the entry function -------------------------------------------------------------------------
 
 
-def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
+def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0) -> PrepareReport:
     """Run every preflight check on the exported `params.dataset_tier` and write prepare-latest.json.
 
     Returns the report whatever its status (failure is data); `report.raise_on_fail()` turns a failing
@@ -148,8 +148,8 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
     checks.append(_stale_check(settings, summary))
 
     records = [r for s in export_mod.SPLITS for r in splits[s]]
-    curated_count = _count_lines(settings.training_dir / export_mod.CURATED_FILE)
-    checks += _volume_checks(curated_count, params.min_curated, len(splits["train"]))
+    curated = curated_count(settings)
+    checks += _volume_checks(curated, min_curated, len(splits["train"]))
     checks += _content_checks(records, tokenizer)
     checks += _duplicate_checks(records)
 
@@ -181,14 +181,14 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
             "storeRevision": summary.get("store_revision"),
             "exportedAt": summary.get("exported_at"),
             "counts": {s: len(splits[s]) for s in export_mod.SPLITS},
-            "curatedApproved": curated_count,
+            "curatedApproved": curated,
         },
         checks=checks,
         tokens=token_stats,
         estimate=estimate,
         cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(tokenized.path)},
         created=_now(),
-        params=params.wire(),
+        params=params.wire() | {"minCurated": min_curated},
     )
     path = settings.reports_training_dir / REPORT_FILE
     report.path = str(path)
@@ -306,12 +306,21 @@ def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str) -> 
     return Check(cid, severity, len(ids), ids[:MAX_EXAMPLES], f"{len(ids)} {what}")
 
 
-def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
+def curated_count(settings: Settings) -> int:
+    """Approved curated examples in the current export (what minCurated is checked against)."""
+    return _count_lines(settings.training_dir / export_mod.CURATED_FILE)
+
+
+def volume_check(curated: int, min_curated: int) -> Check:
+    """minCurated against the export: the same check (and sentence) for prepare and every job submit."""
     if curated < min_curated:
-        vol = Check("volume", "fail", curated, [],
-                    f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it")
-    else:
-        vol = Check("volume", "info", curated, [], f"{curated} approved curated examples (minCurated {min_curated})")
+        return Check("volume", "fail", curated, [],
+                     f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it")
+    return Check("volume", "info", curated, [], f"{curated} approved curated examples (minCurated {min_curated})")
+
+
+def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
+    vol = volume_check(curated, min_curated)
     empty = (Check("empty_train", "fail", 0, [], "the tier's train split is empty: nothing to train on") if n_train == 0
              else Check("empty_train", "info", n_train, [], f"{n_train} train samples"))
     return [vol, empty]

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import NotFound, UsageError
-from .params import LoraParams, parse_params
+from .params import FlowOptions, LoraParams, parse_run
 from .settings import Settings, check_name
 
 _TOP_LEVEL = {"description", "lora", "bases", "quickStart", "gate"}
@@ -33,13 +33,16 @@ class Profile:
     gate: dict = field(default_factory=dict)
     default_base: str = "luna-tiny"  # ASSISTANT_BASE_MODEL when the profile was loaded
 
-    def params(self, overrides: dict | None = None, *, quick: bool = False) -> LoraParams:
+    def resolve(self, overrides: dict | None = None, *, quick: bool = False) -> tuple[LoraParams, FlowOptions]:
         """[lora], then the table for the base model in use, then [quickStart], then explicit overrides
-        (flags or a request body)."""
+        (flags or a request body); split into the run's parameters and the flow's options (minCurated, gate)."""
         given = dict(overrides or {})
         base = given.get("baseModel") or given.get("base_model") or self.lora.get("baseModel") or self.default_base
         merged = dict(self.lora) | dict(self.bases.get(base, {})) | (dict(self.quick_start) if quick else {}) | given
-        return parse_params(merged)
+        return parse_run(merged)
+
+    def params(self, overrides: dict | None = None, *, quick: bool = False) -> LoraParams:
+        return self.resolve(overrides, quick=quick)[0]
 
 
 def _bundled(name: str) -> Path | None:
@@ -101,7 +104,7 @@ def load_profile(settings: Settings, name: str) -> Profile:
     checks += [(f"[bases.{base!r}]", {"baseModel": base}, False) for base in profile.bases]
     for table, given, quick in checks:
         try:
-            profile.params(given, quick=quick)
+            profile.resolve(given, quick=quick)
         except UsageError as exc:
             raise UsageError(f"Profile {path} {table}: {exc.message}") from exc
     return profile

@@ -99,6 +99,10 @@ def publish(
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
+        done = _by_job(data, entry.get("jobId"))
+        if done is not None:  # this job published already (a retried or resumed run): one job, one version
+            shutil.rmtree(work_dir, ignore_errors=True)
+            return done
         entry = dict(entry, name=name, created=entry.get("created") or now())
         if strategy == "overwrite":
             entry["version"] = SLOT
@@ -120,6 +124,18 @@ def publish(
         adapter["aliases"]["latest"] = entry["version"]
         _save(settings, data)
     return entry
+
+
+def _by_job(data: dict[str, Any], job_id: str | None) -> dict[str, Any] | None:
+    if not job_id:
+        return None
+    found = [e for a in data["adapters"].values() for e in a["versions"] if e.get("jobId") == job_id]
+    return found[-1] if found else None
+
+
+def find_by_job(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """The version a job registered, or None (publishing is idempotent per job id)."""
+    return _by_job(load(settings), job_id)
 
 
 def _swap_slot(root: Path, work_dir: Path) -> None:

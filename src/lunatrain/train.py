@@ -267,8 +267,8 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def run_key(params: LoraParams, base: Any, data: Any) -> str:
-    """Identity of a run for resuming: same parameters (resume/gate aside), data and base → same key."""
-    p = params.model_dump(mode="json", exclude={"resume", "gate", "min_curated"})
+    """Identity of a run for resuming: same parameters (resume aside), data and base → same key."""
+    p = params.model_dump(mode="json", exclude={"resume"})
     ident = {"params": p, "data": data.fingerprint, "base": base.fingerprint}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

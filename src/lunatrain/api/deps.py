@@ -15,7 +15,8 @@ from fastapi import Depends, Path, Request
 from ..errors import UsageError
 from ..settings import NAME_PATTERN, Settings, inside
 from .cache import Coalescer, fresh_reads
-from .schemas import JOB_ID_PATTERN, VERSION_PATTERN, ErrorResponse
+from ..service.jobs import JOB_ID_PATTERN
+from .schemas import VERSION_PATTERN, ErrorResponse
 
 
 def get_settings(request: Request) -> Settings:

@@ -12,9 +12,10 @@ from fastapi import FastAPI
 
 from .. import store
 from ..settings import Settings, load_settings
-from . import handlers, routes
+from ..web import handlers
+from ..web.security import GuardMiddleware, allowed_hostnames
+from . import routes
 from .cache import Coalescer
-from .security import GuardMiddleware, allowed_hostnames
 
 
 def create_app(settings: Settings | None = None, *, bound_host: str | None = None) -> FastAPI:

@@ -14,14 +14,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from ..params import LoraParams, Name, Tier
+from ..formats import RATING_MAX, RATING_MIN
+from ..params import FlowOptions, LoraParams, Name, Tier
+from ..service.jobs import Job, RequestId
 from ..settings import NAME_PATTERN
 
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
-JobState = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled", "cancelling"]
-RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="client id for idempotent retries")]
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 VERSION_PATTERN = NAME_PATTERN
 Text = Annotated[str, Field(min_length=1, max_length=100_000)]
 ShortText = Annotated[str, Field(max_length=200)]
@@ -50,8 +49,9 @@ class ErrorResponse(BaseModel):
 # --- jobs -----------------------------------------------------------------------------------------
 
 
-class StartRequest(LoraParams):
-    """The LoRA parameters (params.py, bounds included) plus an optional idempotency key."""
+class StartRequest(LoraParams, FlowOptions):
+    """The LoRA parameters (params.py, bounds included), the flow options (minCurated, gate) and an optional
+    idempotency key."""
 
     model_config = ConfigDict(strict=True)
     request_id: RequestId | None = None
@@ -70,56 +70,13 @@ class ExampleAdapterRequest(In):
     request_id: RequestId | None = None
 
 
-class Progress(Out):
-    """The trainer's progress snapshot plus the guide's short names (`total`, `eta` in seconds)."""
-
-    step: int = 0
-    total: int | None = None
-    epoch: float | None = None
-    percent: float = 0.0
-    eta: float | None = Field(default=None, description="seconds left, when known")
-    loss: float | None = None
-    tokens_per_sec: float | None = None
-
-
-class JobError(Out):
-    code: str
-    message: str
-
-
-class Job(Out):
-    """The trainer's job record (`id`, `status`, … are kept) with `jobId` and `state` added for the guide."""
-
-    job_id: str
-    id: str
-    state: JobState
-    status: JobState
-    request_id: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    progress: Progress = Field(default_factory=Progress)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    adapter: dict[str, Any] | None = None
-    error: JobError | None = None
-    created_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-
-
 class JobAccepted(Out):
+    """202 of the start endpoints: the guide's `jobId` and the job itself (the trainer's job model)."""
+
     job_id: str
     job: Job
     seeded: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
-
-
-class JobList(Out):
-    jobs: list[Job]
-
-
-class EventPage(Out):
-    events: list[dict[str, Any]]
-    next_cursor: int = Field(description="pass as `after` to continue")
-    has_more: bool
 
 
 class ProviderHealth(Out):
@@ -149,7 +106,7 @@ class ExampleIn(In):
     turns: list[Turn] = Field(default_factory=list, max_length=200)
     source: Source = "curated"
     status: Status | None = None
-    rating: int | None = Field(default=None, ge=-1000, le=1000)
+    rating: int | None = Field(default=None, ge=RATING_MIN, le=RATING_MAX)
     tags: list[Tag] = Field(default_factory=list, max_length=50)
     conversation_id: ShortText | None = None
 

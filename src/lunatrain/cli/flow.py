@@ -9,16 +9,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
-from .. import distributed, trainer_client
-from ..ensure import ensure_trainer
+from .. import distributed
 from ..errors import LunaError, UsageError
-from ..flow import STEPS, FlowResult, run_flow, summary_lines
-from ..params import LoraParams, parse_params
+from ..flow import STEPS, FlowResult, run_flow, submit, summary_lines, train_and_gate
+from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
+from ..service.ensure import ensure_trainer
 from ..settings import Settings, load_settings
 from .app import app, fail
 from .options import lora_options
@@ -27,54 +28,68 @@ ProfileOpt = Annotated[str | None, typer.Option("--profile", help="a profile nam
 LocalOpt = Annotated[bool, typer.Option("--local", help="train in this process instead of the trainer service")]
 EnsureOpt = Annotated[bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer before anything else")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", "--dryRun", help="print the resolved parameters and steps; run nothing")]
+AdapterOpt = Annotated[str | None, typer.Option(
+    "--adapter", help="the eval-gate step evaluates NAME or NAME@VERSION instead of the active adapter")]
 
 
-def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> tuple[LoraParams, dict[str, Any]]:
-    """Profile values under the given flags; the profile's gate thresholds (empty without a profile)."""
+@dataclass(frozen=True)
+class Resolved:
+    params: LoraParams
+    options: FlowOptions
+    gate: dict[str, Any]  # the profile's [gate] thresholds (empty: the defaults)
+
+
+def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> Resolved:
+    """Profile values under the given flags, the base model resolved (flag > profile > ASSISTANT_BASE_MODEL)."""
+    from ..flow import resolve_base
+
     if profile:
         loaded = load_profile(settings, profile)
-        return loaded.params(flags), loaded.gate
-    return parse_params(flags), {}
+        params, options = loaded.resolve(flags)
+        return Resolved(resolve_base(settings, params), options, loaded.gate)
+    params, options = parse_run(flags)
+    return Resolved(resolve_base(settings, params), options, {})
 
 
-def local_lora(settings: Settings, params: LoraParams, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+def local_lora(settings: Settings, params: LoraParams, options: FlowOptions,
+               gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate]).
     Under torchrun every rank trains; only rank 0 shows progress and gates."""
-    from ..evalgate import gate_candidate
+    from ..flow import check_min_curated
     from ..progress import ProgressDisplay
-    from ..train import run_lora
 
+    check_min_curated(settings, options)
     main = distributed.from_env().main
     display = ProgressDisplay() if main else None
     with display or contextlib.nullcontext():
-        result = run_lora(params, settings, on_event=display.on_event if display else None)
-    adapter = {"name": result.adapter_name, "version": result.version} if result.ok else None
-    if result.ok and params.gate and main:
-        gate_candidate(settings, result.adapter_name, result.version, thresholds=gate)
-    return {"status": result.status.value, "adapter": adapter, "error": result.error}
+        return train_and_gate(settings, params, options, thresholds=gate,
+                              on_event=display.on_event if display else None, may_gate=lambda: main)
 
 
-def service_lora(settings: Settings, params: LoraParams, gate: dict[str, Any] | None = None) -> dict[str, Any]:
+def service_lora(settings: Settings, params: LoraParams, options: FlowOptions,
+                 gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Submit to the trainer service (the gate runs there, with `gate` thresholds) and follow the job."""
+    from ..service import client
     from .trainer import follow_and_report
 
-    ensure_trainer(settings)
-    job = trainer_client.submit(settings, params, None, gate)
-    typer.echo(f"Submitted job {job.id} to {settings.lora_trainer_url}.")
+    job = submit(settings, params, options, thresholds=gate)
+    typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.")
     follow_and_report(settings, job.id)
-    job = trainer_client.get_job(settings, job.id)
-    return {"status": job.status, "jobId": job.id,
+    job = client.get_job(settings, job.id)
+    return {"status": job.status, "jobId": job.id, "metrics": job.metrics, "gate": job.gate,
             "adapter": job.adapter.model_dump() if job.adapter else None,
             "error": job.error.model_dump() if job.error else None}
 
 
-def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool, ensure: bool, dry_run: bool) -> None:
+def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool, ensure: bool, dry_run: bool,
+        adapter: str | None = None) -> None:
     try:
         settings = load_settings()
-        params, gate = resolve(settings, profile, flags)
+        r = resolve(settings, profile, flags)
         if dry_run:
             typer.echo(json.dumps({"command": command, "profile": profile, "steps": list(STEPS), "local": local,
-                                   "ensureTrainer": ensure, "params": params.wire(), "gate": gate}, indent=2))
+                                   "ensureTrainer": ensure, "params": r.params.wire(), "options": r.options.wire(),
+                                   "gate": r.gate, "adapter": adapter}, indent=2))
             return
         if distributed.from_env().active:
             raise UsageError(f"`lunatrain {command}` runs in one process; under torchrun run `lunatrain lora --local` "
@@ -82,8 +97,8 @@ def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
         result: FlowResult = run_flow(
-            settings, params, functools.partial(local_lora if local else service_lora, gate=gate), gate_thresholds=gate,
-            on_step=lambda name: typer.echo(f"==> {name}"),
+            settings, r.params, r.options, functools.partial(local_lora if local else service_lora, gate=r.gate),
+            adapter=adapter, gate_thresholds=r.gate, on_step=lambda name: typer.echo(f"==> {name}"),
         )
     except LunaError as err:
         partial = err.details if isinstance(err.details, FlowResult) else None
@@ -104,9 +119,10 @@ def auto_cmd(
     local: LocalOpt = False,
     ensure_trainer_flag: EnsureOpt = False,
     dry_run: DryRunOpt = False,
+    adapter: AdapterOpt = None,
 ) -> None:
     """The full flow (train:auto): eval-gate, export, prepare, lora — stops at the first failure."""
-    run("auto", profile, lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run)
+    run("auto", profile, lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run, adapter=adapter)
 
 
 @app.command("luna")
@@ -116,6 +132,7 @@ def luna_cmd(
     local: LocalOpt = False,
     ensure_trainer_flag: EnsureOpt = False,
     dry_run: DryRunOpt = False,
+    adapter: AdapterOpt = None,
 ) -> None:
     """`auto` with the Luna profile (train:luna): luna-adapter, versioned, curated tier unless given."""
-    run("luna", "luna", lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run)
+    run("luna", "luna", lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run, adapter=adapter)

@@ -53,18 +53,20 @@ def lora_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
     """Train a LoRA adapter on the exported data (train:lora): via the trainer service, or --local."""
-    from ..ensure import ensure_trainer
+    from ..service.ensure import ensure_trainer
 
     try:
         settings = load_settings()
-        params, gate = resolve(settings, profile, lora_flags)
+        r = resolve(settings, profile, lora_flags)
         local = local or distributed.from_env().active  # under torchrun the launched processes are the trainers
         if dry_run:
-            typer.echo(json.dumps({"command": "lora", "local": local, "params": params.wire()}, indent=2))
+            typer.echo(json.dumps({"command": "lora", "local": local, "params": r.params.wire(),
+                                   "options": r.options.wire()}, indent=2))
             return
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)
-        outcome = local_lora(settings, params, gate) if local else service_lora(settings, params, gate)
+        lora = local_lora if local else service_lora
+        outcome = lora(settings, r.params, r.options, r.gate)
         if not distributed.from_env().main:  # under torchrun rank 0 reports for all
             raise typer.Exit(0 if outcome.get("status") == "succeeded" else 1)
         lines = _describe(settings, outcome)
@@ -75,5 +77,6 @@ def lora_cmd(
     else:
         for line in lines:
             typer.echo(line)
-    if outcome.get("status") != "succeeded":
+    refused = r.options.gate and not (outcome.get("gate") or {}).get("passed")
+    if outcome.get("status") != "succeeded" or refused:  # trained but kept inactive by the gate: exit 1 too
         raise typer.Exit(1)

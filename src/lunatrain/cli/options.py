@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from pydantic.alias_generators import to_camel
 
-from ..params import LoraParams
+from ..params import FlowOptions, LoraParams
 
 
 def _cli_type(annotation: Any) -> type:
@@ -52,7 +52,9 @@ def _option(name: str, field: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None)
 
 
-_LORA_OPTIONS = [_option(name, field) for name, field in LoraParams.model_fields.items()]
+# The run's parameters, then the flow's options (minCurated, gate): one flag set, split again by parse_run.
+_FIELDS = LoraParams.model_fields | FlowOptions.model_fields
+_LORA_OPTIONS = [_option(name, field) for name, field in _FIELDS.items()]
 
 
 def lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -20,14 +20,15 @@ _STYLE = {"info": "green", "warn": "yellow", "fail": "bold red"}
 @lora_options
 def prepare_cmd(
     lora_flags: dict,
-    profile: ProfileOpt = None,
+    profile: ProfileOpt = "luna",
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
-    """Preflight: check every exported example with the base model's tokenizer and chat template."""
+    """Preflight: check every exported example with the base model's tokenizer and chat template, with the
+    values the flow would train with (the luna profile unless --profile names another)."""
     try:
         settings = load_settings()
-        params, _gate = resolve(settings, profile, lora_flags)
-        report = prepare(settings, params)
+        r = resolve(settings, profile, lora_flags)
+        report = prepare(settings, r.params, min_curated=r.options.min_curated)
         print_report(report, show, as_json=as_json)
     except LunaError as err:
         raise fail(err) from None

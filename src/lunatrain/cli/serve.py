@@ -18,7 +18,7 @@ def serve(
     import uvicorn
 
     from ..api.main import create_app
-    from ..api.security import check_bind
+    from ..web.security import check_bind
     from ..settings import load_settings
 
     try:

@@ -13,10 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import trainer_client
-from ..ensure import ensure_trainer
 from ..errors import LunaError, ServiceUnavailable
-from ..jobs import Event, Health, Job
+from ..service import client as trainer_client
+from ..service.ensure import ensure_trainer
+from ..service.jobs import Event, Health, Job
 from ..settings import Settings, load_settings
 from .app import app, fail, is_tty
 
@@ -36,10 +36,12 @@ def trainer_cmd(
     port: Annotated[int | None, typer.Option("--port", help="default: port of ASSISTANT_LORA_TRAINER_URL")] = None,
 ) -> None:
     """Run the trainer service in the foreground (job queue, one child process per job)."""
-    from ..trainer_service import serve
+    from ..service.app import serve
 
     try:
-        serve(load_settings(), host, port)
+        settings = load_settings()
+        default_host, default_port = trainer_client.trainer_address(settings)
+        serve(settings, host or default_host, port or default_port)
     except LunaError as err:
         raise fail(err) from None
 
@@ -54,7 +56,7 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
         raise fail(err) from None
     label = trainer_client.label(health)
     if as_json:
-        body: dict[str, Any] = {"label": label, "trainerUrl": settings.lora_trainer_url}
+        body: dict[str, Any] = {"label": label, "trainerUrl": trainer_client.base_url(settings)}
         typer.echo(json.dumps(body | (health.wire() if health else {"status": "offline"}), indent=2))
     else:
         typer.echo(describe_health(settings, health))
@@ -65,13 +67,13 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
 def describe_health(settings: Settings, health: Health | None) -> str:
     label = trainer_client.label(health)
     if health is None:
-        return (f"{label}: no trainer at {settings.lora_trainer_url}; start it with `lunatrain trainer` "
+        return (f"{label}: no trainer at {trainer_client.base_url(settings)}; start it with `lunatrain trainer` "
                 "or `lunatrain health --ensure-trainer`.")
     d = health.device
     memory = f", {_gib(d.memory_free)} free of {_gib(d.memory_total)}" if d.memory_total else ""
     return (f"{label}: {d.type} {d.name}{memory}, bf16 {'yes' if d.bf16 else 'no'}; "
             f"queue {health.queue.running} running, {health.queue.queued} queued; "
-            f"trainer {health.version} at {settings.lora_trainer_url}")
+            f"trainer {health.version} at {trainer_client.base_url(settings)}")
 
 
 def _gib(n: int | None) -> str:

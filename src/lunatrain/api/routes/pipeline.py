@@ -39,8 +39,8 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
         overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
 
     def run():
-        params = profiles.load_profile(settings, body.profile or "luna").params(overrides)
-        return prepare_stage.prepare(settings, params).to_dict()
+        params, options = profiles.load_profile(settings, body.profile or "luna").resolve(overrides)
+        return prepare_stage.prepare(settings, params, min_curated=options.min_curated).to_dict()
 
     return Report.model_validate(camel(await run_in_threadpool(run)))
 

@@ -246,7 +246,7 @@ async function loadDefaults() {
 async function loadLatestJob() {
   try {
     const job = await api.latestJob();
-    if (job?.jobId) jobView.follow(job);
+    if (job?.id) jobView.follow(job);
   } catch (error) {
     // 404: no job yet, which the panel already says. 503: the trainer is offline, which the header says.
     if (error.status !== 404 && error.status !== 503) showError(error, t("job.heading"));
@@ -281,5 +281,5 @@ loadDefaults().finally(refreshAll);
 // Light background refresh; the job itself is polled faster while one runs.
 setInterval(loadHealth, HEALTH_MS);
 setInterval(() => {
-  if (!jobView.job || FINAL_STATES.has(jobView.job.state)) loadDataStatus();
+  if (!jobView.job || FINAL_STATES.has(jobView.job.status)) loadDataStatus();
 }, DATA_MS);

@@ -54,14 +54,14 @@ export class JobView {
   /** Follow `job` (a Job record): show it now, then poll until it ends. */
   follow(job) {
     clearTimeout(this.timer);
-    this.jobId = job.jobId;
+    this.jobId = job.id;
     this.cursor = 0;
     this.series = { train: [], val: [], base: null, lastStep: 0, lastLog: null };
     this.render(job);
     this.readEvents().catch((error) => showError(error)).finally(() => {
       this.render(this.job);
       this.draw();
-      if (!FINAL_STATES.has(job.state)) this.schedule();
+      if (!FINAL_STATES.has(job.status)) this.schedule();
     });
   }
 
@@ -80,8 +80,8 @@ export class JobView {
       clearErrors("service_unavailable");
       this.render(job);
       this.draw();
-      if (FINAL_STATES.has(job.state)) {
-        showNotice(t("job.finished", { jobId: job.jobId, state: t(`state.${job.state}`) }));
+      if (FINAL_STATES.has(job.status)) {
+        showNotice(t("job.finished", { jobId: job.id, state: t(`state.${job.status}`) }));
         this.onFinished(job);
         return;
       }
@@ -94,9 +94,9 @@ export class JobView {
   async readEvents() {
     // Several pages at most per poll; a long job's history arrives over a few polls rather than at once.
     for (let page = 0; page < 5; page += 1) {
-      const { events, nextCursor, hasMore } = await api.events(this.jobId, this.cursor);
-      for (const event of events) addPoints(this.series, event);
-      this.cursor = nextCursor;
+      const { data, lastSeq, hasMore } = await api.events(this.jobId, this.cursor);
+      for (const event of data) addPoints(this.series, event);
+      this.cursor = lastSeq;
       if (!hasMore) return;
     }
   }
@@ -106,21 +106,21 @@ export class JobView {
     const e = this.els;
     e["job-none"].hidden = true;
     e["job-body"].hidden = false;
-    e["job-id"].textContent = `${t("job.id")} ${job.jobId}`;
-    e["job-state"].textContent = t(`state.${job.state}`);
-    e["job-state"].dataset.state = job.state;
+    e["job-id"].textContent = `${t("job.id")} ${job.id}`;
+    e["job-state"].textContent = t(`state.${job.status}`);
+    e["job-state"].dataset.state = job.status;
     const p = job.progress ?? {};
-    this.series.total = p.total ?? null;
-    const percent = job.state === "succeeded" ? 100 : Math.max(0, Math.min(100, Number(p.percent) || 0));
+    this.series.total = p.totalSteps ?? null;
+    const percent = job.status === "succeeded" ? 100 : Math.max(0, Math.min(100, Number(p.percent) || 0));
     e["job-progress"].value = percent;
     e["job-percent"].textContent = `${formatNumber(percent, 0)} %`;
     const m = job.metrics ?? {};
     const facts = [
-      [t("job.state"), t(`state.${job.state}`)],
-      [t("job.step"), p.total ? `${formatNumber(p.step ?? 0)} / ${formatNumber(p.total)}` : formatNumber(p.step)],
+      [t("job.status"), t(`state.${job.status}`)],
+      [t("job.step"), p.totalSteps ? `${formatNumber(p.step ?? 0)} / ${formatNumber(p.totalSteps)}` : formatNumber(p.step)],
       [t("job.epoch"), formatFloat(p.epoch, 3)],
       [t("job.tokensPerSecond"), formatNumber(p.tokensPerSec ?? m.tokensPerSec, 0)],
-      [t("job.eta"), FINAL_STATES.has(job.state) ? "–" : formatDuration(p.eta)],
+      [t("job.eta"), FINAL_STATES.has(job.status) ? "–" : formatDuration(p.etaSeconds)],
       [t("job.stepLoss"), formatFloat(p.loss)],
       [t("job.valLoss"), formatFloat(m.valLoss)],
     ];
@@ -132,7 +132,7 @@ export class JobView {
     fillFacts(e["job-facts"], facts);
     e["job-error"].hidden = !job.error;
     e["job-error"].textContent = job.error ? `${t("job.error")}: ${job.error.message}` : "";
-    e["cancel-button"].disabled = FINAL_STATES.has(job.state) || job.state === "cancelling";
+    e["cancel-button"].disabled = FINAL_STATES.has(job.status) || job.status === "cancelling";
   }
 
   async cancel() {

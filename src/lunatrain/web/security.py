@@ -1,4 +1,4 @@
-"""Request guards for the assistant API, as one pure ASGI middleware (R9).
+"""Request guards for both HTTP services (assistant API and trainer), as one pure ASGI middleware (R9).
 
 Order of checks, cheapest first: Host allowlist (400, DNS rebinding), cross-origin `Origin` (403, CSRF from a
 browser tab), bearer token when one is configured (401), then the body cap (413) which counts bytes while

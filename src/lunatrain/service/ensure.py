@@ -16,16 +16,19 @@ import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from . import trainer_client
-from .errors import ServiceUnavailable, UsageError
-from .fsio import atomic_write_text, file_lock
-from .jobs import Health, now_iso
-from .settings import Settings
+from ..errors import Conflict, ServiceUnavailable, UsageError
+from ..fsio import atomic_write_text, file_lock
+from ..settings import Settings
+from ..wire import now_iso
+from . import client as trainer_client
+from .jobs import Health
+from .lock import pid_path, write_pid
+from .spawn import child_env, lunatrain_argv
 
 _POLL_S = 0.25
 # trainer.log only grows while a trainer runs; at each start a log over this size moves to trainer.log.1
@@ -38,10 +41,6 @@ def log_path(settings: Settings) -> Path:
     return settings.reports_training_dir / "trainer.log"
 
 
-def pid_path(settings: Settings) -> Path:
-    return settings.reports_training_dir / "trainer.pid"
-
-
 def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit: bool = False) -> Health:
     """The trainer's health; start it and wait (at most `timeout`, default ASSISTANT_LORA_ENSURE_TIMEOUT)
     when it does not answer.
@@ -51,24 +50,45 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
     """
     _reap()
     health = trainer_client.probe(settings)
-    if health is not None:
+    if health is not None and trainer_client.serves_this_root(settings, health):
         return health
-    if not settings.lora_ensure_on_demand and not explicit:
+    if health is None and not settings.lora_ensure_on_demand and not explicit:
         raise ServiceUnavailable(
-            f"The trainer at {settings.lora_trainer_url} is not reachable and starting it on demand is off "
+            f"The trainer at {trainer_client.base_url(settings)} is not reachable and starting it on demand is off "
             "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`."
         )
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
     with file_lock(settings.data_dir / "trainer" / "ensure.lock"):
-        # Another caller may have started it while we waited for the lock.
+        # Another caller may have started it (or moved it to a port of its own) while we waited for the lock.
         health = trainer_client.probe(settings, timeout=1.0)
         if health is not None:
-            return health
+            if trainer_client.serves_this_root(settings, health):
+                return health
+            _claim_own_port(settings, health)
+            health = trainer_client.probe(settings, timeout=1.0)
+            if health is not None and trainer_client.serves_this_root(settings, health):
+                return health
         if time.monotonic() >= deadline:
             raise _timeout(settings, timeout)
         proc = start_trainer(settings)
         return _wait_healthy(settings, proc, deadline, timeout)
+
+
+def _claim_own_port(settings: Settings, health: Health) -> None:
+    """The trainer at our address serves another data root. With an address the user chose, refuse; else
+    record a free loopback port under this data root, where `start_trainer` then starts our own."""
+    other = health.data_root.path if health.data_root else "an unknown data root (an older trainer)"
+    if trainer_client.explicit_url(settings) or settings.lora_trainer_start_cmd:
+        raise Conflict(
+            f"The trainer at {trainer_client.base_url(settings)} serves {other}, not this data root "
+            f"{settings.home}; point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME="
+            f"{settings.home}, or unset it to let lunatrain start one on a free port."
+        )
+    with socket.socket() as s:  # the port is recorded before the trainer binds it; a clash fails that start
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    atomic_write_text(trainer_client.url_file(settings), f"http://127.0.0.1:{port}\n")
 
 
 def start_argv(settings: Settings) -> list[str]:
@@ -81,7 +101,7 @@ def start_argv(settings: Settings) -> list[str]:
             raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
         return argv
     host, port = trainer_client.trainer_address(settings)
-    return [sys.executable, "-m", "lunatrain.trainer_service", "--host", host, "--port", str(port)]
+    return lunatrain_argv("trainer", "--host", host, "--port", str(port))
 
 
 def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
@@ -91,10 +111,7 @@ def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     if log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
         os.replace(log, log.with_name(log.name + ".1"))
-    env = dict(os.environ, ASSISTANT_HOME=str(settings.home))
-    # An uninstalled checkout still starts the same lunatrain as the caller's.
-    src = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    env = child_env(settings)
     with open(log, "ab") as fh:
         fh.write(f"\n--- {now_iso()} starting trainer: {shlex.join(argv)}\n".encode())
         fh.flush()
@@ -106,7 +123,7 @@ def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
         except OSError as exc:
             raise ServiceUnavailable(f"Could not start the trainer ({shlex.join(argv)}): {exc}.") from None
     _started.append(proc)
-    atomic_write_text(pid_path(settings), f"{proc.pid}\n")
+    write_pid(settings, proc.pid)
     return proc
 
 
@@ -133,7 +150,7 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
 
 def _timeout(settings: Settings, timeout: float) -> ServiceUnavailable:
     return ServiceUnavailable(
-        f"The trainer did not become healthy at {settings.lora_trainer_url} within {timeout:g}s; "
+        f"The trainer did not become healthy at {trainer_client.base_url(settings)} within {timeout:g}s; "
         f"see {_rel(settings, log_path(settings))}."
     )
 

@@ -7,24 +7,47 @@ ServiceUnavailable; the trainer's 4xx answers come back as the matching LunaErro
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
-from .jobs import EventPage, Health, Job, JobList
-from .params import LoraParams
-from .settings import Settings
+from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
+from ..params import FlowOptions, LoraParams
+from ..settings import Settings
+from .jobs import EventPage, Health, Job, JobList, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
 LABEL_OFFLINE = "Offline"
 
 
+def url_file(settings: Settings) -> Path:
+    """Where a trainer started on a port of its own (the default port served another data root) is recorded."""
+    return settings.data_dir / "trainer" / "trainer.url"
+
+
+def explicit_url(settings: Settings) -> bool:
+    """Whether the user chose the trainer's address (ASSISTANT_LORA_TRAINER_URL or an override)."""
+    return "lora_trainer_url" in settings.model_fields_set
+
+
+def base_url(settings: Settings) -> str:
+    """The trainer for this data root: the configured URL when one was chosen; else the one recorded under
+    the data root, when the default port was found serving another data root; else the default."""
+    if not explicit_url(settings):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            recorded = url_file(settings).read_text(encoding="utf-8").strip()
+            if recorded.startswith("http://127.0.0.1:"):
+                return recorded
+    return settings.lora_trainer_url
+
+
 def trainer_address(settings: Settings) -> tuple[str, int]:
-    """Host and port of ASSISTANT_LORA_TRAINER_URL (where `lunatrain trainer` listens by default)."""
-    url = urlsplit(settings.lora_trainer_url)
+    """Host and port of the trainer for this data root (where `lunatrain trainer` listens by default)."""
+    url = urlsplit(base_url(settings))
     if url.scheme not in ("http", "https") or not url.hostname:
         raise UsageError(
             f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT."
@@ -46,15 +69,15 @@ def label(health: Health | None) -> str:
 def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
     trainer_address(settings)  # a malformed URL is a usage error, not "unreachable"
     headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
-    url = settings.lora_trainer_url.rstrip("/") + path
+    url = base_url(settings).rstrip("/") + path
     try:
         # trust_env=False: a proxy from the environment must never intercept a loopback trainer.
         with httpx.Client(timeout=timeout, trust_env=False, headers=headers) as client:
             response = client.request(method, url, **kwargs)
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(
-            f"The trainer at {settings.lora_trainer_url} is not reachable ({type(exc).__name__}); "
-            "start it with `lunatrain trainer` or pass --ensure-trainer."
+            f"The trainer at {base_url(settings)} is not reachable ({type(exc).__name__}); "
+            "start it with `lunatrain trainer`."
         ) from None
     if response.status_code >= 400:
         raise _error(response)
@@ -93,12 +116,19 @@ def probe(settings: Settings, *, timeout: float = 3.0) -> Health | None:
         return None
 
 
-def submit(settings: Settings, params: LoraParams, request_id: str | None = None,
+def serves_this_root(settings: Settings, health: Health) -> bool:
+    """Whether the trainer that answered serves this data root (an older trainer that does not say: no)."""
+    return health.data_root is not None and health.data_root.id == data_root_id(settings.home)
+
+
+def submit(settings: Settings, params: LoraParams, options: FlowOptions | None = None, request_id: str | None = None,
            gate_thresholds: dict[str, Any] | None = None) -> Job:
-    """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run."""
-    body = params.wire() | ({"requestId": request_id} if request_id else {})
+    """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run.
+    `params.base_model` must be resolved by the caller (the trainer never fills it in)."""
+    body = params.wire() | {"options": (options or FlowOptions()).wire()}
+    body |= {"requestId": request_id} if request_id else {}
     if gate_thresholds:
-        from .evalgate import parse_thresholds
+        from ..evalgate import parse_thresholds
 
         body["gateThresholds"] = parse_thresholds(gate_thresholds).model_dump(by_alias=True)
     return Job.model_validate(_request(settings, "POST", "/jobs", json=body).json())

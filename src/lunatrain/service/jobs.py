@@ -8,42 +8,30 @@ restarted trainer still knows every job and every event. Nothing here imports to
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import sqlite3
 import threading
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from .errors import Conflict, NotFound
-from .params import LoraParams
+from ..errors import Conflict, NotFound
+from ..params import FlowOptions, LoraParams
+from ..wire import finite, now_iso
 
 Status = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"validating", "queued", "running", "cancelling"})
 # Idempotency keys: what a client may send as `requestId` (no spaces, no path characters, bounded).
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN, description="client key for idempotent retries")]
 JOB_ID_PREFIX = "ftjob-"
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def finite(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None (json.dumps would write `NaN`, which no JSON parser accepts)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
+# What a job id may look like in a URL or a query (ours are `ftjob-` + 24 hex digits).
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
 class WireModel(BaseModel):
@@ -84,7 +72,8 @@ class Job(WireModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
-    params: dict[str, Any]
+    params: dict[str, Any] = Field(description="the LoRA parameters (wire form), baseModel always resolved")
+    options: FlowOptions = Field(default_factory=FlowOptions, description="gate on/off, minCurated")
     progress: Progress = Field(default_factory=Progress)
     metrics: dict[str, Any] = Field(default_factory=dict)
     adapter: AdapterRef | None = None
@@ -137,12 +126,24 @@ class QueueView(WireModel):
     queued: int = 0
 
 
+class DataRootView(WireModel):
+    id: str = Field(description="data_root_id() of the data root the trainer serves")
+    path: str = ""
+
+
 class Health(WireModel):
-    status: str = "ok"
+    status: str = Field(default="ok", description="ok, or degraded while a storage problem keeps jobs waiting")
     cuda_available: bool = False
     device: DeviceView = Field(default_factory=DeviceView)
     version: str = ""
     queue: QueueView = Field(default_factory=QueueView)
+    data_root: DataRootView | None = None
+    storage: str | None = Field(default=None, description="the storage problem, when there is one")
+
+
+def data_root_id(home: Path) -> str:
+    """A short id of a data root (its resolved path): what the trainer serves and a client compares with."""
+    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
 
 
 _SCHEMA = """
@@ -155,6 +156,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at TEXT,
     finished_at TEXT,
     params TEXT NOT NULL,
+    options TEXT,                                -- FlowOptions (gate on/off, minCurated)
     progress TEXT,
     metrics TEXT,
     adapter TEXT,
@@ -176,7 +178,7 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
-_JSON_COLUMNS = ("params", "progress", "metrics", "adapter", "error", "gate", "gate_thresholds")
+_JSON_COLUMNS = ("params", "options", "progress", "metrics", "adapter", "error", "gate", "gate_thresholds")
 
 
 class JobStore:
@@ -194,8 +196,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if "gate_thresholds" not in columns:  # a jobs.db from before per-job gate thresholds
-            self._db.execute("ALTER TABLE jobs ADD COLUMN gate_thresholds TEXT")
+        for column in ("gate_thresholds", "options"):  # a jobs.db from before these columns
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -206,7 +209,7 @@ class JobStore:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise NotFound(f"No job {job_id!r}: list jobs with `lunatrain jobs list` (GET /jobs).")
+            raise NotFound(f"No job {job_id!r}; `lunatrain jobs list` lists the jobs.")
         return _job(row)
 
     def list(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
@@ -248,21 +251,29 @@ class JobStore:
         data = [Event(seq=r[0], created_at=r[1], **(json.loads(r[3]) | {"type": r[2]})) for r in rows[:limit]]
         return EventPage(data=data, has_more=len(rows) > limit, last_seq=data[-1].seq if data else after)
 
+    def last_event(self, job_id: str, type_: str) -> dict[str, Any] | None:
+        """The data of the job's newest event of `type_`, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM events WHERE job_id = ? AND type = ? ORDER BY seq DESC LIMIT 1", (job_id, type_)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
     # --- writing ---------------------------------------------------------------------------------
-    def create(self, params: LoraParams, request_id: str | None = None,
-               gate_thresholds: dict[str, Any] | None = None) -> tuple[Job, bool]:
+    def create(self, params: LoraParams, request_id: str | None = None, gate_thresholds: dict[str, Any] | None = None,
+               *, options: FlowOptions | None = None) -> tuple[Job, bool]:
         """Insert a new job in `validating`; with a known `request_id` return that job instead.
 
         Returns (job, created). Reusing a request id for different parameters (or gate thresholds) is a
         Conflict: silently returning the old job would hide that the new parameters were never trained.
         """
-        wire = params.wire()
+        wire, opts = params.wire(), (options or FlowOptions()).wire()
         with self._lock, self._tx():
             if request_id is not None:
                 row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None:
                     job = _job(row)
-                    if job.params != wire or job.gate_thresholds != gate_thresholds:
+                    if job.params != wire or job.options.wire() != opts or job.gate_thresholds != gate_thresholds:
                         raise Conflict(
                             f"requestId {request_id!r} was already used for job {job.id} with other parameters; "
                             "use a new requestId."
@@ -270,9 +281,9 @@ class JobStore:
                     return job, False
             job_id = JOB_ID_PREFIX + uuid.uuid4().hex[:24]
             self._db.execute(
-                "INSERT INTO jobs (id, request_id, status, created_at, params, progress, gate_thresholds)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request_id, "validating", now_iso(), _dump(wire), _dump(Progress().wire()),
+                "INSERT INTO jobs (id, request_id, status, created_at, params, options, progress, gate_thresholds)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request_id, "validating", now_iso(), _dump(wire), _dump(opts), _dump(Progress().wire()),
                  _dump(gate_thresholds)),
             )
             self._event(job_id, "status", {"status": "validating"})
@@ -388,6 +399,8 @@ def _job(row: sqlite3.Row) -> Job:
     data = {k: row[k] for k in row.keys() if k not in ("seq", "pid", "pid_started")}
     for key in _JSON_COLUMNS:
         data[key] = json.loads(data[key]) if data[key] else None
+    if data["options"] is None:  # a job from before FlowOptions carried them among its params
+        data["options"] = {k: data["params"].pop(k) for k in ("minCurated", "gate") if k in data["params"]}
     data["progress"] = data["progress"] or {}
     data["metrics"] = data["metrics"] or {}
     return Job.model_validate(data)

@@ -1,0 +1,151 @@
+"""The trainer service's HTTP app: health, a FIFO job queue (one running job per device), job views.
+
+    lunatrain trainer [--host 127.0.0.1] [--port 5051]
+
+Endpoints: `GET /health`, `POST /jobs`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/events?after=N`,
+`POST /jobs/{id}/cancel` (shapes in `jobs.py`). Jobs and events persist in `data/trainer/jobs.db`; each job
+runs in a child process (`runner.py`, `worker.py`) that logs to `data/trainer/logs/<job>.log`. A restart
+settles what the previous trainer left unfinished (`recovery.py`). One trainer per data root (`lock.py`),
+and /health names that root so a client never submits into another project's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path as PathParam, Query, Response
+from pydantic import Field
+
+from .. import __version__
+from ..errors import UsageError
+from ..evalgate import GateThresholds
+from ..params import FlowOptions, LoraParams
+from ..settings import Settings
+from ..web.handlers import install
+from ..web.security import GuardMiddleware, allowed_hostnames, check_bind
+from . import lock
+from .device import DeviceProbe
+from .jobs import JOB_ID_PATTERN, EventPage, Health, Job, JobList, JobStore, RequestId, Status, data_root_id, jobs_db_path
+from .recovery import recover
+from .runner import Runner
+
+log = logging.getLogger("lunatrain.trainer")
+
+_MAX_BODY = 256 * 1024  # a job body is a few hundred bytes
+JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, max_length=64)]
+
+
+class JobCreate(LoraParams):
+    """`POST /jobs` body: the LoRA parameters (wire form; `baseModel` resolved by the client, never filled in
+    from the trainer's own environment), the flow options, an optional idempotency key and the eval gate's
+    thresholds for this job (a profile's [gate]; omitted: the defaults)."""
+
+    options: FlowOptions = Field(default_factory=FlowOptions, description="gate on/off, minCurated")
+    request_id: RequestId | None = None
+    gate_thresholds: GateThresholds | None = Field(default=None, description="eval gate thresholds")
+
+    def params(self) -> LoraParams:
+        if self.base_model is None:
+            raise UsageError("baseModel is required: the submitting client resolves it (flag, profile, or its own "
+                             "ASSISTANT_BASE_MODEL), so a job never trains on the trainer's default by accident.")
+        return LoraParams.model_validate(self.model_dump(exclude={"options", "request_id", "gate_thresholds"}))
+
+    def thresholds(self) -> dict[str, Any] | None:
+        return self.gate_thresholds.model_dump(by_alias=True) if self.gate_thresholds is not None else None
+
+
+def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        store = JobStore(jobs_db_path(settings.data_dir))
+        recover(settings, store)
+        runner = Runner(settings, store)
+        state.update(store=store, runner=runner, device=DeviceProbe(settings))
+        runner.start()
+        lock.write_pid(settings)
+        try:
+            yield
+        finally:
+            runner.stop()
+            store.close()
+            lock.remove_pid(settings)
+
+    app = FastAPI(title="lunatrain trainer", version=__version__, lifespan=lifespan)
+    install(app)
+    app.add_middleware(
+        GuardMiddleware, hosts=allowed_hostnames(settings, host), token=settings.api_token,
+        max_body_bytes=min(settings.max_body_bytes, _MAX_BODY),
+    )
+
+    def store() -> JobStore:
+        return state["store"]
+
+    @app.get("/health", response_model=Health, response_model_by_alias=True)
+    def health() -> Health:
+        info = state["device"].current()
+        counts = store().counts()
+        problem = state["runner"].storage_problem
+        return Health.model_validate({
+            "status": "degraded" if problem else "ok",
+            "cudaAvailable": bool(info.get("cudaAvailable")),
+            "device": info,
+            "version": __version__,
+            "queue": {"running": counts.get("running", 0) + counts.get("cancelling", 0),
+                      "queued": counts.get("queued", 0) + counts.get("validating", 0)},
+            # Non-loopback binds require the token for every request, so the path only reaches loopback or
+            # authorised callers.
+            "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
+            "storage": problem,
+        })
+
+    @app.post("/jobs", status_code=202, response_model=Job, response_model_by_alias=True)
+    def submit(body: JobCreate, response: Response) -> Job:
+        job, created = store().create(body.params(), body.request_id, body.thresholds(), options=body.options)
+        if created:
+            job = store().set_status(job.id, "queued")
+            state["runner"].wake()
+        else:
+            response.status_code = 200
+        return job
+
+    @app.get("/jobs", response_model=JobList, response_model_by_alias=True)
+    def list_jobs(
+        limit: Annotated[int, Query(ge=1, le=500)] = 20, status: Annotated[Status | None, Query()] = None
+    ) -> JobList:
+        return JobList(data=store().list(limit=limit, status=status))
+
+    @app.get("/jobs/{job_id}", response_model=Job, response_model_by_alias=True)
+    def get_job(job_id: JobId) -> Job:
+        return store().get(job_id)
+
+    @app.get("/jobs/{job_id}/events", response_model=EventPage, response_model_by_alias=True)
+    def job_events(
+        job_id: JobId,
+        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> EventPage:
+        return store().events(job_id, after=after, limit=limit)
+
+    @app.post("/jobs/{job_id}/cancel", response_model=Job, response_model_by_alias=True)
+    def cancel(job_id: JobId) -> Job:
+        return state["runner"].cancel(job_id)
+
+    return app
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run the trainer in the foreground until SIGINT/SIGTERM (`lunatrain trainer`)."""
+    import uvicorn
+
+    check_bind(host, settings.api_token)
+    if not 1 <= port <= 65535:
+        raise UsageError(f"Invalid port {port}: use 1-65535.")
+    lock.claim_data_root(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("trainer for %s on http://%s:%s", settings.home, host, port)
+    uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="info", access_log=False)

@@ -1,0 +1,61 @@
+"""The device facts the trainer reports in /health, probed without touching the GPU from the trainer itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import psutil
+
+from ..settings import Settings
+from .spawn import child_env, worker_argv
+
+log = logging.getLogger("lunatrain.trainer")
+
+
+# --- the HTTP app --------------------------------------------------------------------------------
+class DeviceProbe:
+    """The device facts for /health, measured once in a child process: creating a CUDA context here would
+    hold about half a GiB of GPU memory for the trainer's whole life, memory the jobs need. Free memory is
+    refreshed live (psutil on CPU, nvidia-smi on CUDA, at most every 2 s); the startup value otherwise."""
+
+    def __init__(self, settings: Settings) -> None:
+        argv = worker_argv("--device-info")
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=child_env(settings), check=True)
+            self.info: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            log.warning("device probe failed: %s", detail)
+            self.info = {"cudaAvailable": False, "type": "unknown", "name": f"device probe failed: {str(detail)[-200:]}"}
+        self._checked = 0.0
+
+    def current(self) -> dict[str, Any]:
+        if time.monotonic() - self._checked > 2.0:
+            self._checked = time.monotonic()
+            free = _free_memory(self.info.get("type"))
+            if free is not None:
+                total = self.info.get("memoryTotal")  # nvidia-smi rounds to MiB: never report more than total
+                self.info = self.info | {"memoryFree": min(free, total) if isinstance(total, int) else free}
+        return self.info
+
+
+def _free_memory(kind: str | None) -> int | None:
+    if kind == "cpu":
+        return int(psutil.virtual_memory().available)
+    if kind != "cuda" or not shutil.which("nvidia-smi"):
+        return None
+    # The device the jobs see first: CUDA_VISIBLE_DEVICES' first entry (an index or a UUID, both of which
+    # nvidia-smi -i accepts), else GPU 0.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+    argv = ["nvidia-smi", "-i", visible, "--query-gpu=memory.free", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=True).stdout
+        return int(float(out.strip().splitlines()[0])) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None

@@ -1,0 +1,44 @@
+"""One trainer per data root: an exclusive lock held for the process's life, and the pid file beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+from ..errors import Conflict
+from ..fsio import atomic_write_text
+from ..settings import Settings
+
+_instance_lock: IO[bytes] | None = None
+
+
+def claim_data_root(settings: Settings) -> None:
+    """Hold an exclusive lock for this process's life: two trainers on one data root would run two jobs
+    on one device and race on the same database. The kernel drops it when the process dies, even by -9."""
+    global _instance_lock
+    path = settings.data_dir / "trainer" / "trainer.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+b")  # noqa: SIM115 - held open on purpose until exit
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise Conflict(f"Another trainer is already running for the data root {settings.home}.") from None
+    _instance_lock = fh
+
+
+def pid_path(settings: Settings) -> Path:
+    return settings.reports_training_dir / "trainer.pid"
+
+
+def write_pid(settings: Settings, pid: int | None = None) -> None:
+    atomic_write_text(pid_path(settings), f"{pid or os.getpid()}\n")
+
+
+def remove_pid(settings: Settings) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if int(pid_path(settings).read_text().strip()) == os.getpid():
+            pid_path(settings).unlink()

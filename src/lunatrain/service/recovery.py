@@ -1,0 +1,116 @@
+"""Settling jobs after the trainer stopped: process-group signals, orphaned children, and every unfinished
+job's outcome decided from what was durably recorded.
+
+A job found `running`/`cancelling` when the trainer starts lost its trainer. Its child, if still alive and
+really the same process, is stopped. Then the facts decide, never a guess:
+- an adapter registered for the job (a registry entry carrying its job id, or its own `trained` event) means
+  the job `succeeded` with that adapter, whatever happened afterwards; its gate is marked interrupted unless
+  a gate outcome was recorded on the version. Such a job is never queued again, so one job never makes two
+  versions;
+- otherwise a requested cancel ends it `cancelled`; `resume: true` puts it back in the queue (the engine
+  continues from its last complete checkpoint); else it ends `failed` with code `interrupted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import psutil
+
+from .. import registry
+from ..errors import LunaError
+from ..settings import Settings
+from .jobs import Job, JobStore
+
+log = logging.getLogger("lunatrain.trainer")
+
+GATE_INTERRUPTED = {
+    "status": "interrupted", "passed": False,
+    "reasons": ["the eval gate did not finish; run `lunatrain eval-gate --adapter NAME@VERSION`"],
+}
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Send `sig` to the process group led by `pid`; False when the group is already gone."""
+    try:
+        os.killpg(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_orphan(pid: int, started: float | None, grace: float = 5.0) -> bool:
+    """Stop a child left behind by a previous trainer, if `pid` is still that very process.
+
+    The create time guards against a pid that was reused by an unrelated process since.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 0.5:
+            return False
+    except psutil.NoSuchProcess:
+        signal_group(pid, signal.SIGKILL)  # the leader is gone; stragglers of its group may not be
+        return False
+    signal_group(pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs([proc], timeout=grace)
+    if alive:
+        signal_group(pid, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=grace)
+    return True
+
+
+def recover(settings: Settings, store: JobStore) -> None:
+    """Settle every job a previous trainer left active (see the module docstring)."""
+    for job in store.with_status("running", "cancelling"):
+        pid, started = store.child(job.id)
+        if pid and stop_orphan(pid, started):
+            log.warning("stopped orphaned child %s of job %s", pid, job.id)
+        settle_interrupted(settings, store, job.id, cancel_requested=job.status == "cancelling")
+    for job in store.with_status("validating"):  # validated params were stored; only the queueing was lost
+        store.set_status(job.id, "queued")
+
+
+def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, cancel_requested: bool) -> Job:
+    """End (or requeue) a job whose child stopped without a result, from the recorded facts."""
+    job = store.get(job_id)
+    adapter = published_adapter(settings, store, job)
+    if adapter is not None:
+        entry = _registered(settings, job.id)
+        gate = (entry or {}).get("gate") or GATE_INTERRUPTED
+        return store.set_status(job_id, "succeeded", adapter=adapter, gate=gate,
+                                message="the adapter was registered before the trainer stopped")
+    if cancel_requested:
+        return store.set_status(job_id, "cancelled", message="cancelled (the trainer stopped meanwhile)")
+    if job.lora_params().resume:
+        return store.set_status(
+            job_id, "queued", message="requeued after the trainer stopped; resuming from the last checkpoint",
+            pid=None, pid_started=None,
+        )
+    return store.set_status(job_id, "failed", error={
+        "code": "interrupted",
+        "message": "The trainer stopped while this job was running and no adapter was registered; submit it "
+                   "again (with resume=true it continues from its last checkpoint).",
+    })
+
+
+def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str, Any] | None:
+    """The adapter this job registered, from the registry (entry with its job id) or its `trained` event."""
+    entry = _registered(settings, job.id)
+    if entry is not None:
+        return {"name": entry["name"], "version": entry["version"], "path": entry["path"]}
+    trained = store.last_event(job.id, "trained")
+    adapter = (trained or {}).get("adapter")
+    if isinstance(adapter, dict) and adapter.get("name") and adapter.get("version"):
+        return {"name": str(adapter["name"]), "version": str(adapter["version"]), "path": str(adapter.get("path", ""))}
+    return None
+
+
+def _registered(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    try:
+        return registry.find_by_job(settings, job_id)
+    except LunaError as err:  # an unreadable registry: the trained event is the remaining fact
+        log.warning("registry not readable while settling %s: %s", job_id, err.message)
+        return None

@@ -1,0 +1,269 @@
+"""The job runner: queued jobs one at a time, each in its own child process (`worker.py`) and process
+group, the child's event lines turned into job state, and every ending (result, crash, cancel, shutdown,
+storage error) recorded as exactly one terminal state."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from ..settings import Settings
+from .jobs import Job, JobStore, Progress
+from .recovery import GATE_INTERRUPTED, settle_interrupted, signal_group
+from .spawn import child_env, worker_argv
+
+log = logging.getLogger("lunatrain.trainer")
+
+CANCEL_GRACE_S = 15.0  # SIGTERM -> SIGKILL: the engine stops at the next step, a step rarely takes longer
+_MAX_LINE = 1 << 20  # an event line longer than this is a broken child, not an event
+
+
+def storage_error(exc: BaseException) -> dict[str, str]:
+    """A job error for a storage fault: `disk_full` for ENOSPC/"database or disk is full", else `storage_error`."""
+    text = f"{type(exc).__name__}: {exc}"
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text
+    if full:
+        return {"code": "disk_full", "message": f"The disk of the data root is full ({exc}); free space and submit again."}
+    return {"code": "storage_error", "message": f"The data root's storage failed ({text}); check the disk and submit again."}
+
+
+class Runner:
+    """Runs queued jobs one at a time, each in a child process, turning its event lines into job state."""
+
+    def __init__(self, settings: Settings, store: JobStore, *, cancel_grace: float = CANCEL_GRACE_S) -> None:
+        self.settings = settings
+        self.store = store
+        self.cancel_grace = cancel_grace
+        self.logs_dir = settings.data_dir / "trainer" / "logs"
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # guards _job_id/_proc between the runner thread and cancel requests
+        self._job_id: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._storage_problem: str | None = None
+        self._backoff = 0.0
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Shutdown: stop the running child; its job is settled like an interrupted one (or resumed later)."""
+        self._stopping.set()
+        self._wake.set()
+        with self._lock:
+            proc = self._proc
+        if proc is not None:
+            self._terminate(proc)
+        self._thread.join(timeout=self.cancel_grace + 10)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.store.request_cancel(job_id)
+        if job.status == "cancelling":
+            self._signal_if_current(job_id)
+        return job
+
+    def _signal_if_current(self, job_id: str) -> None:
+        with self._lock:
+            proc = self._proc if self._job_id == job_id else None
+        if proc is not None:
+            self._terminate(proc)
+
+    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        signal_group(proc.pid, signal.SIGTERM)
+
+        def kill_late() -> None:
+            if proc.poll() is None:
+                log.warning("child %s ignored SIGTERM for %.0fs; killing its group", proc.pid, self.cancel_grace)
+                signal_group(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(self.cancel_grace, kill_late)
+        timer.daemon = True
+        timer.start()
+
+    @property
+    def storage_problem(self) -> str | None:
+        """The storage error that keeps the runner backing off, for /health; None when it works."""
+        return self._storage_problem
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.store.next_queued()
+            except sqlite3.Error as exc:  # the jobs database itself is unusable: wait, never spin
+                self._back_off(exc)
+                continue
+            if job is None:
+                if not self.settings.home.is_dir():
+                    # Data root deleted under us (e.g. a temp dir): nothing left to serve; exit cleanly.
+                    log.error("data root %s is gone; shutting down", self.settings.home)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                self._wake.wait(timeout=2.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+                self._storage_problem, self._backoff = None, 0.0
+            except (sqlite3.Error, OSError) as exc:  # disk full, I/O error, damaged database
+                log.error("storage error on job %s: %s", job.id, exc)
+                with contextlib.suppress(Exception):
+                    self.store.set_status(job.id, "failed", error=storage_error(exc))
+                self._back_off(exc)
+            except Exception:  # the service must outlive any one job, whatever went wrong
+                log.exception("runner error on job %s", job.id)
+                with contextlib.suppress(Exception):
+                    self.store.set_status(
+                        job.id, "failed", error={"code": "trainer_error", "message": "Internal trainer error; see trainer.log."}
+                    )
+
+    def _back_off(self, exc: BaseException) -> None:
+        """Wait before the next try after a storage error (1 s doubling to 60 s): a full disk must leave the
+        trainer idle and healthy, never looping hot on the same failing job."""
+        self._storage_problem = storage_error(exc)["message"]
+        self._backoff = min(60.0, max(1.0, self._backoff * 2))
+        log.warning("storage problem, retrying in %.0fs: %s", self._backoff, self._storage_problem)
+        self._wake.wait(timeout=self._backoff)
+        self._wake.clear()
+
+    def _run(self, job: Job) -> None:
+        if not self.store.claim(job.id):
+            return  # cancelled between listing and claiming
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs_dir / f"{job.id}.log"
+        argv = worker_argv("--job", job.id, "--params", json.dumps(job.params), "--options", json.dumps(job.options.wire()))
+        if job.gate_thresholds is not None:
+            argv += ["--gate-thresholds", json.dumps(job.gate_thresholds)]
+        log.info("job %s running: %s", job.id, " ".join(argv[:5]))
+        try:
+            with open(log_path, "ab") as log_file, self._lock:
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
+                    env=child_env(self.settings), cwd=self.settings.home, start_new_session=True,
+                )
+                self._job_id = job.id
+                proc = self._proc
+        except OSError as exc:
+            self.store.set_status(job.id, "failed", error={"code": "child_start_failed", "message": str(exc)})
+            return
+        try:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.store.set_fields(job.id, pid=proc.pid, pid_started=psutil.Process(proc.pid).create_time())
+            if self.store.get(job.id).status == "cancelling":  # cancel arrived before the child existed
+                self._terminate(proc)
+            assert proc.stdout is not None
+            result, trained = self._pump(job.id, proc.stdout)
+            code = proc.wait()
+        finally:
+            signal_group(proc.pid, signal.SIGKILL)  # anything the child started and left behind
+            with self._lock:
+                self._proc, self._job_id = None, None
+        self._finish(job.id, result, trained, code, log_path)
+
+    def _pump(self, job_id: str, stdout: IO[bytes]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Record the child's event lines until it closes stdout; return its result and trained lines."""
+        result = trained = None
+        progress = Progress()
+        while raw := stdout.readline(_MAX_LINE):
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                self.store.add_event(job_id, "log", {"message": raw.decode("utf-8", "replace").strip()[:2000]})
+                continue
+            kind = str(event.pop("type", "log"))[:32]
+            if kind == "result":
+                result = event
+                continue
+            if kind == "trained":
+                trained = event
+            snapshot = metrics = None
+            if kind == "progress":
+                with contextlib.suppress(ValueError):
+                    snapshot = progress = Progress.model_validate(progress.wire() | event)
+            elif kind == "eval":
+                metrics = {k: v for k, v in event.items() if isinstance(v, int | float) and k != "step"}
+            self.store.add_event(job_id, kind, event, progress=snapshot, metrics=metrics)
+        return result, trained
+
+    def _finish(
+        self, job_id: str, result: dict[str, Any] | None, trained: dict[str, Any] | None, code: int, log_path: Path
+    ) -> None:
+        cancel_requested = self.store.get(job_id).status == "cancelling"
+        status = (result or {}).get("status")
+        metrics = (result or {}).get("metrics") or {}
+        if status == "succeeded" or trained is not None:
+            # An adapter was registered: that stands, even if a cancel or a crash hit the eval gate after it.
+            gate = (result or {}).get("gate") if status == "succeeded" else GATE_INTERRUPTED
+            job = self.store.set_status(
+                job_id, "succeeded", adapter=_adapter(result if status == "succeeded" else trained, self.settings.home),
+                metrics=metrics or (trained or {}).get("metrics") or {}, gate=gate,
+            )
+        elif cancel_requested:
+            job = self.store.set_status(job_id, "cancelled", metrics=metrics or None, message="cancelled")
+        elif self._stopping.is_set():
+            job = settle_interrupted(self.settings, self.store, job_id, cancel_requested=False)
+        elif status == "failed" and (result or {}).get("error"):
+            err = result["error"]  # type: ignore[index]
+            job = self.store.set_status(
+                job_id, "failed", metrics=metrics or None,
+                error={"code": str(err.get("code") or "training_error"), "message": str(err.get("message") or "")},
+            )
+        elif status == "cancelled":
+            # The child stopped on its own (it lost contact with us): the run was cut short.
+            job = self.store.set_status(
+                job_id, "failed", error={"code": "interrupted", "message": "The training process stopped early."}
+            )
+        else:
+            job = self.store.set_status(job_id, "failed", error=_crash_error(code, log_path, self.settings.home))
+        log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
+
+
+def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None:
+    adapter = (result or {}).get("adapter")
+    if not isinstance(adapter, dict):
+        return None
+    path = Path(str(adapter.get("path", "")))
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(home)  # a path relative to the data root does not leak the machine's layout
+    return {"name": str(adapter.get("name")), "version": str(adapter.get("version")), "path": str(path)}
+
+
+def _crash_error(code: int, log_path: Path, home: Path) -> dict[str, str]:
+    """A crashed child (no result line): name the signal or exit status and quote the log's last line."""
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        how = f"was killed by {name}"
+        if -code == signal.SIGKILL:
+            how += " (often the system's out-of-memory killer)"
+    else:
+        how = f"exited with status {code} without a result"
+    last = _last_line(log_path)
+    rel = log_path.relative_to(home) if log_path.is_relative_to(home) else log_path
+    return {
+        "code": "child_crashed",
+        "message": f"The training process {how}" + (f"; last log line: {last!r}" if last else "") + f"; see {rel}.",
+    }
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError), open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 8192))
+        lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else ""
+    return ""

@@ -1,0 +1,180 @@
+"""The child process that runs one LoRA job for the trainer service (internal protocol, started by runner.py).
+
+    python -m lunatrain.service.worker --job JOBID --params '{"epochs": 1, ...}' [--options '{"gate": true}']
+
+It runs `flow.train_and_gate` in its own process group, with `ASSISTANT_HOME` set. `--device-info` prints
+the device facts as JSON (the trainer asks a child for them, so that it never creates a CUDA context of its
+own). Protocol: one JSON object per line on the original stdout — the engine's events (`progress`, `eval`,
+`log`), `{"type": "trained", "adapter", "metrics"}` as soon as an adapter is registered (before the eval
+gate runs on it), then exactly one `{"type": "result", "status", "adapter", "metrics", "error", "gate"}` as
+the last line. Everything else anything prints goes to stderr (the job's log file), so a stray `print` in a
+library can never corrupt the stream. A child that ends without a result line has crashed.
+
+Stopping: SIGTERM asks the engine to stop at the next step (result `cancelled`, nothing registered). When
+the parent trainer dies, the next event write fails (broken pipe) and a watchdog notices the new parent;
+both stop the run the same way, so no orphan keeps training, and an orphan whose adapter was already
+registered does not run the gate (the restarted trainer records the job from the registry, and the gate as
+interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any
+
+from ..wire import finite
+
+
+class Channel:
+    """The event stream to the parent: the original stdout, one JSON line per event, flushed each time."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, event: dict[str, Any]) -> None:
+        line = json.dumps(finite(event), ensure_ascii=False, default=str)
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.broken = True  # the trainer is gone: nobody will record anything we do from here
+
+
+def _take_stdout() -> IO[str]:
+    # Keep the real stdout for events only; fd 1 becomes stderr for everything else (C code included).
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+
+
+def _watch_parent(stop: threading.Event, parent: int) -> None:
+    def loop() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                print("worker: the trainer process is gone; stopping", file=sys.stderr, flush=True)
+                stop.set()
+                # If the engine never checks should_stop again (stuck in a long step), do not linger.
+                time.sleep(30)
+                os._exit(75)
+
+    threading.Thread(target=loop, name="parent-watchdog", daemon=True).start()
+
+
+def error_code(exc: BaseException) -> str:
+    """Map an exception from the engine to a job error code."""
+    if _is_oom(f"{type(exc).__name__}: {exc}"):
+        return "out_of_memory"
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) and code else "training_error"
+
+
+def _is_oom(text: str) -> bool:
+    return any(s in text for s in ("OutOfMemoryError", "MemoryError", "out of memory"))
+
+
+def _normalize_error(error: dict[str, Any] | None) -> dict[str, str]:
+    """The engine reports a crash inside its loop as code `error`; name the common cause when it is one."""
+    error = error or {}
+    code, message = str(error.get("code") or "error"), str(error.get("message") or "")
+    if code == "error":
+        code = "out_of_memory" if _is_oom(message) else "training_error"
+    return {"code": code, "message": message or "training failed"}
+
+
+def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], channel: Channel,
+        stop: threading.Event, gate_thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the job and return the result event (never raises for a failure of the run itself)."""
+    from ..flow import train_and_gate
+    from ..params import FlowOptions, parse_params
+    from ..settings import load_settings
+
+    settings = load_settings()
+    params, options = parse_params(params_json), FlowOptions.model_validate(options_json)
+    parent = os.getppid()
+
+    def on_event(event: dict[str, Any]) -> None:
+        channel.send(event)
+        if channel.broken:
+            stop.set()
+
+    def orphaned() -> bool:
+        # Checked before every step: an orphan (its trainer killed) must not train on and publish a version
+        # that the restarted trainer will produce again; the watchdog alone polls only once a second.
+        return stop.is_set() or os.getppid() != parent
+
+    def on_trained(outcome: dict[str, Any]) -> None:
+        # Registered now: tell the trainer before the gate, so a cancel or crash during the gate cannot
+        # make a registered adapter look like a job that produced nothing.
+        channel.send({"type": "trained", "adapter": outcome["adapter"], "metrics": outcome["metrics"]})
+
+    try:
+        outcome = train_and_gate(settings, params, options, thresholds=gate_thresholds, on_event=on_event,
+                                 should_stop=orphaned, job_id=job_id, on_trained=on_trained,
+                                 may_gate=lambda: not (channel.broken or orphaned()))
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
+        traceback.print_exc(file=sys.stderr)
+        return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+    return _result_dict(outcome)
+
+
+def _result_dict(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The flow's outcome as the result line."""
+    error = None if outcome["status"] == "succeeded" else _normalize_error(outcome.get("error"))
+    return {"type": "result", "status": outcome["status"], "adapter": outcome.get("adapter"),
+            "metrics": outcome.get("metrics") or {}, "error": error, "gate": finite(outcome.get("gate"))}
+
+
+def _failed(code: str, message: str) -> dict[str, Any]:
+    return {"type": "result", "status": "failed", "adapter": None, "metrics": {}, "error": {"code": code, "message": message}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lunatrain.service.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", help="job id (recorded with the adapter)")
+    parser.add_argument("--params", help="LoRA parameters, JSON object (wire form)")
+    parser.add_argument("--options", default="{}", help="flow options, JSON object (gate, minCurated)")
+    parser.add_argument("--gate-thresholds", help="eval gate thresholds, JSON object (default: the defaults)")
+    parser.add_argument("--device-info", action="store_true", help="print the device facts as JSON and exit")
+    args = parser.parse_args(argv)
+    if args.device_info:
+        from ..models import device_info
+
+        print(json.dumps(finite(device_info())), flush=True)
+        return 0
+    if not args.job or not args.params:
+        parser.error("--job and --params are required")
+    channel = Channel(_take_stdout())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _watch_parent(stop, os.getppid())
+    channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}"})
+    try:
+        thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
+        result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
+    except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
+        traceback.print_exc(file=sys.stderr)
+        result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+    channel.send(result)
+    return 0 if result["status"] == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: with torch and tokenizer thread pools loaded it takes seconds, during
+    # which the job would wait for nothing. Everything the job wrote is already closed (atomic writes).
+    os._exit(code)

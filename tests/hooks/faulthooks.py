@@ -1,0 +1,78 @@
+"""Fault injection for tests: a trainer started with `LUNATRAIN_FAULT` and this folder on PYTHONPATH (see
+`sitecustomize.py` beside it) makes its job processes fail on purpose. Production code carries none of this.
+
+`LUNATRAIN_FAULT=KIND` applies to every job, `LUNATRAIN_FAULT=KIND=NAME[,…]` only to jobs whose adapterName is
+NAME. KIND is one of
+  crash  the process aborts (SIGABRT) at the first progress event, like a native crash in a kernel;
+  error  an exception is raised inside the training loop at the first progress event;
+  nan    the loss turns NaN from the first step on (cross-entropy returns NaN);
+  oom    an out-of-memory error is raised at the first progress event.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+FAULT_ENV = "LUNATRAIN_FAULT"
+FAULTS = ("crash", "error", "nan", "oom")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def fault_for(adapter_name: str, spec: str | None = None) -> str | None:
+    """The fault injected for a job with `adapter_name` under `spec` (default: the environment)."""
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, name = item.partition("=")
+        if kind in FAULTS and (not name or name == adapter_name):
+            return kind
+    return None
+
+
+def _fire(fault: str) -> None:
+    if fault == "crash":
+        sys.stderr.flush()
+        os.abort()
+    if fault == "oom":
+        raise MemoryError("injected out-of-memory fault")
+    raise InjectedFault("injected training error")
+
+
+def _inject_nan() -> None:
+    # A NaN from the loss function itself, so the real loop sees a real non-finite loss.
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+
+    def nan_cross_entropy(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **kwargs) * float("nan")
+
+    F.cross_entropy = nan_cross_entropy
+
+
+def install() -> None:
+    """Wrap `lunatrain.flow.train_and_gate` (what a job's worker runs) to inject the configured fault."""
+    from lunatrain import flow
+
+    real = flow.train_and_gate
+
+    def faulty(settings: Any, params: Any, options: Any, **kwargs: Any) -> Any:
+        fault = fault_for(params.adapter_name)
+        if fault == "nan":
+            _inject_nan()
+        elif fault is not None:
+            emit = kwargs.get("on_event") or (lambda _e: None)
+
+            def on_event(event: dict[str, Any]) -> None:
+                if event.get("type") == "progress":
+                    _fire(fault)
+                emit(event)
+
+            kwargs["on_event"] = on_event
+        return real(settings, params, options, **kwargs)
+
+    flow.train_and_gate = faulty
