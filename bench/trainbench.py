@@ -88,7 +88,8 @@ def run_ours(setup: Setup, samples: list[Any]) -> tuple[int, float]:
 
     from lunatrain import kernels
     from lunatrain.tokens import make_batch
-    from lunatrain.train import enable_checkpointing, forward_supervised
+    from lunatrain.compat import enable_checkpointing
+    from lunatrain.train import forward_supervised
 
     model = lora_model(setup)
     if setup.checkpointing:

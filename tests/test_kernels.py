@@ -9,7 +9,7 @@ import torch
 from helpers import make_records
 from peft import LoraConfig, get_peft_model
 
-from lunatrain import kernels, models
+from lunatrain import compat, kernels, models
 from lunatrain.tokens import encode_chat, make_batch, shifted_targets
 from lunatrain.train import forward_supervised
 
@@ -217,7 +217,7 @@ def test_flash_varlen_call_fits_each_torch_signature(kernel, monkeypatch):
     import torch.nn.attention.varlen as varlen
 
     monkeypatch.setattr(varlen, "varlen_attn", kernel)
-    kernels._varlen_signature.cache_clear()
+    compat.varlen_attn_signature.cache_clear()
     try:
         gen = torch.Generator().manual_seed(4)
         q = torch.randn(1, 4, 20, 16, generator=gen)
@@ -228,4 +228,4 @@ def test_flash_varlen_call_fits_each_torch_signature(kernel, monkeypatch):
         if kernel is _old_kernel:  # no `scale` keyword: a non-default scale cannot be expressed
             assert kernels._flash_varlen(q, k, v, cu, 12, 0.5) is None
     finally:
-        kernels._varlen_signature.cache_clear()
+        compat.varlen_attn_signature.cache_clear()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .fsio import atomic_write_bytes, atomic_write_json, read_json
 
 if TYPE_CHECKING:
-    from .train import Event, Run
+    from .train import Event, LoopState, Run
 
 
 def save(run: Run) -> Path:
@@ -51,15 +51,16 @@ def save(run: Run) -> Path:
     return final
 
 
-def load(run: Run, emit: Callable[[Event], None]) -> bool:
-    """Restore the newest complete checkpoint of this run's work dir; False when there is none."""
+def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
+    """Load the newest complete checkpoint of this run's work dir into its model, optimizer and scheduler;
+    return the loop state to continue from, or None when there is none."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
     if not found:
         emit({"type": "log", "message": "no checkpoint to resume from; starting fresh"})
-        return False
+        return None
     ckpt = found[-1].parent
     state = read_json(ckpt / "state.json")
     set_peft_model_state_dict(run.model, load_file(str(ckpt / "adapter.safetensors"), device=run.device))
@@ -70,8 +71,9 @@ def load(run: Run, emit: Callable[[Event], None]) -> bool:
         opt_state["state"].setdefault(int(idx), {})[name] = value
     run.optimizer.load_state_dict(opt_state)
     run.scheduler.load_state_dict(state["scheduler"])
-    run.epoch, run.step, run.base_val_loss = state["epoch"], state["step"], state["baseValLoss"]
-    run.epochs, run.curve, run.tokens_seen = state["epochs"], state["curve"], state["tokensSeen"]
-    run.train_seconds, run.resumed_from = state["trainSeconds"], state["epoch"]
-    emit({"type": "log", "message": f"resumed from epoch {run.epoch} (step {run.step})"})
-    return True
+    from .train import LoopState
+
+    emit({"type": "log", "message": f"resumed from epoch {state['epoch']} (step {state['step']})"})
+    return LoopState(epoch=state["epoch"], step=state["step"], base_val_loss=state["baseValLoss"],
+                     epochs=state["epochs"], curve=state["curve"], tokens_seen=state["tokensSeen"],
+                     train_seconds=state["trainSeconds"], resumed_from=state["epoch"])

@@ -21,8 +21,9 @@ the expectation is exactly the input. Same seed, same masks: runs stay byte-repr
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
+
+from . import compat
 
 ATTENTION = "lunatrain_varlen"
 _BITS = 16
@@ -52,11 +53,11 @@ def install(model: Any, device: str) -> dict[str, str]:
 def uses_varlen(model: Any) -> bool:
     """Whether `model` runs the per-sample attention (so batches should be laid out as one flat row)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base.config, "_attn_implementation", None) == ATTENTION
+    return compat.attn_implementation(base) == ATTENTION
 
 
 def varlen_supported(model: Any) -> bool:
-    if not getattr(model, "_supports_attention_backend", False):
+    if not compat.supports_attention_backend(model):
         return False
     for module in model.modules():
         if any(getattr(module, attr, None) is not None for attr in _UNSUPPORTED_ATTRS):
@@ -66,9 +67,7 @@ def varlen_supported(model: Any) -> bool:
 
 @functools.cache
 def register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION, varlen_attention)
+    compat.register_attention(ATTENTION, varlen_attention)
 
 
 # --- attention ------------------------------------------------------------------------------------
@@ -130,35 +129,19 @@ def _sdpa_causal(q: Any, k: Any, v: Any, scale: float | None, dropout: float, wi
 
 def _flash_varlen(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
     """torch's variable-length flash attention: [T, H, D] in, [T, H, D] out; None when this torch's
-    signature cannot express the call (a non-default scale on a release without `scale`)."""
+    signature cannot express the call (compat.varlen_attn_kwargs)."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
-    sig = _varlen_signature()
-    extra: dict[str, Any] = {}
-    if "scale" in sig:
-        extra["scale"] = scale
-    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-9:
-        return None
     q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))
+    gqa = k3.shape[1] != q3.shape[1]
+    extra = compat.varlen_attn_kwargs(scale, q.shape[-1], gqa)
+    if extra is None:
+        return None
+    if gqa and not compat.varlen_takes_gqa():
+        k3, v3 = _expand_kv(q3, k3, v3)  # heads are dim 1 in [T, H, D] as in [B, H, T, D]
     cu = cu.to(device=q.device, dtype=torch.int32)
-    if k3.shape[1] != q3.shape[1]:
-        if "enable_gqa" in sig:
-            extra["enable_gqa"] = True
-        else:
-            k3, v3 = _expand_kv(q3, k3, v3)  # heads are dim 1 in [T, H, D] as in [B, H, T, D]
-    if "is_causal" in sig:  # torch 2.10-2.11
-        extra["is_causal"] = True
-    else:  # later releases express causality as a (left, right) window
-        extra["window_size"] = (-1, 0)
     return varlen_attn(q3, k3, v3, cu, cu, max_len, max_len, **extra)
-
-
-@functools.cache
-def _varlen_signature() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 @functools.cache

@@ -8,6 +8,7 @@ never smuggle in `trust_remote_code`, a file path or a pickle.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -74,6 +75,18 @@ class LoraParams(CamelModel):
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(2 * self.rank))
         return self
+
+
+def steps_per_epoch(n_samples: int, params: LoraParams, world_size: int = 1) -> int:
+    """Optimizer steps per epoch as the training loop counts them: batchSize samples per micro-batch (packing
+    changes the layout, never the count), gradientAccumulation micro-batches per rank, `world_size` ranks."""
+    return math.ceil(n_samples / (params.batch_size * params.gradient_accumulation * world_size))
+
+
+def total_steps(n_samples: int, params: LoraParams, world_size: int = 1) -> int:
+    """Optimizer steps of the whole run: every epoch's, capped by maxSteps."""
+    steps = steps_per_epoch(n_samples, params, world_size) * params.epochs
+    return min(steps, params.max_steps) if params.max_steps else steps
 
 
 class FlowOptions(CamelModel):

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from . import export as export_mod
 from .errors import CheckFailed, NotFound
 from .fsio import atomic_write_json, read_json
-from .params import LoraParams
+from .params import LoraParams, total_steps
 from .settings import Settings
 
 Severity = Literal["info", "warn", "fail"]
@@ -477,12 +477,8 @@ def _stats_check(tokenized: Any) -> Check:
 
 
 def optimizer_steps(n_samples: int, params: LoraParams) -> int:
-    """Optimizer steps of a run, as the training loop counts them: batchSize samples per micro-batch
-    (packing changes the layout, never the count), gradientAccumulation micro-batches per step, epochs,
-    capped by maxSteps."""
-    per_epoch = math.ceil(n_samples / (params.batch_size * params.gradient_accumulation))
-    steps = per_epoch * params.epochs
-    return min(steps, params.max_steps) if params.max_steps else steps
+    """Optimizer steps of a run on one process, as the training loop counts them (params.total_steps)."""
+    return total_steps(n_samples, params)
 
 
 def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: Any) -> dict[str, Any]:

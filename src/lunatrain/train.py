@@ -24,7 +24,6 @@ ranks, gradients summed, and only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -37,15 +36,25 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, checkpoints, distributed, kernels, registry
+from .compat import enable_checkpointing, masked_logits_supported
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
-from .params import LoraParams, parse_params
+from .params import LoraParams, parse_params, steps_per_epoch, total_steps
 from .settings import Settings, check_name
 from .tokens import Batch, Encoded, make_batch
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from .export import TierData
+    from .models import BaseModelInfo
+    from .tokens import TokenizedTier
 
 Event = dict[str, Any]
 
@@ -79,28 +88,9 @@ class Stop(Exception):
 
 
 @dataclass
-class Run:
-    """Everything the loop needs, prepared and validated before the first write."""
+class LoopState:
+    """Where the loop stands: what an epoch checkpoint saves and a resume restores."""
 
-    params: LoraParams
-    settings: Settings
-    base: Any  # models.BaseModelInfo
-    tokenizer: Any
-    model: Any  # peft.PeftModel
-    device: str
-    autocast_dtype: Any  # torch dtype or None
-    data: Any  # export.TierData
-    tokens: Any  # tokens.TokenizedTier
-    train: list[Encoded]
-    val: list[Encoded]
-    steps_per_epoch: int
-    total_steps: int
-    work_dir: Path
-    kernels: dict[str, str] = field(default_factory=dict)  # kernels.install's choice (attention, dropout)
-    world: World = distributed.SINGLE
-    optimizer: Any = None
-    scheduler: Any = None
-    # progress, restored from a checkpoint on resume
     epoch: int = 0
     step: int = 0
     base_val_loss: float | None = None
@@ -109,6 +99,36 @@ class Run:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     resumed_from: int | None = None
+
+
+@dataclass
+class Run(LoopState):
+    """Everything the loop needs, prepared and validated before the first write, and its progress (the
+    LoopState fields, restored from a checkpoint on resume)."""
+
+    params: LoraParams = field(kw_only=True)
+    settings: Settings = field(kw_only=True)
+    base: BaseModelInfo = field(kw_only=True)
+    tokenizer: PreTrainedTokenizerBase = field(kw_only=True)
+    model: PeftModel = field(kw_only=True)
+    device: str = field(kw_only=True)
+    autocast_dtype: torch.dtype | None = field(kw_only=True)
+    data: TierData = field(kw_only=True)
+    tokens: TokenizedTier = field(kw_only=True)
+    train: list[Encoded] = field(kw_only=True)
+    val: list[Encoded] = field(kw_only=True)
+    steps_per_epoch: int = field(kw_only=True)
+    total_steps: int = field(kw_only=True)
+    work_dir: Path = field(kw_only=True)
+    kernels: dict[str, str] = field(default_factory=dict, kw_only=True)  # kernels.install's choice
+    world: World = field(default=distributed.SINGLE, kw_only=True)
+    optimizer: torch.optim.Optimizer | None = field(default=None, kw_only=True)
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, kw_only=True)
+
+    def restore(self, state: LoopState) -> None:
+        """Continue from a checkpoint's loop state."""
+        for name in LoopState.__dataclass_fields__:
+            setattr(self, name, getattr(state, name))
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -148,8 +168,8 @@ def _run_lora(params: LoraParams, settings: Settings, world: World, emit: Callab
 
     try:
         setup_optimizer(run)
-        if params.resume:
-            checkpoints.load(run, emit)
+        if params.resume and (state := checkpoints.load(run, emit)) is not None:
+            run.restore(state)
         with cpu_threads_for(run.model, run.device):
             train(run, emit, should_stop)
     except Stop as stop:
@@ -248,22 +268,14 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         enable_checkpointing(model)
     chosen = kernels.install(model, device)
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
-    per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation * world.size))
-    total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
+    per_epoch = steps_per_epoch(len(train_set), params, world.size)
+    total = total_steps(len(train_set), params, world.size)
     return Run(
         params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
         autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
         val=val_set, steps_per_epoch=per_epoch, total_steps=total,
         work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
     )
-
-
-def enable_checkpointing(model: Any) -> None:
-    """Activation checkpointing per decoder layer (the method's name changed within transformers 5.x)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def run_key(params: LoraParams, base: Any, data: Any) -> str:
@@ -430,16 +442,6 @@ def forward_supervised(model: Any, batch: Batch, device: str, autocast_dtype: An
     return logits, batch.targets.to(device)[mask]
 
 
-@functools.cache
-def masked_logits_supported() -> bool:
-    """Whether this transformers release takes a boolean mask as `logits_to_keep` (newer 5.x releases);
-    older ones index hidden states as [:, keep, :], which fails for a 2-D mask, so they get every position
-    and the mask is applied to the logits instead."""
-    from transformers import modeling_utils
-
-    return hasattr(modeling_utils, "slice_logits_to_keep")
-
-
 def evaluate(run: Run, samples: list[Encoded]) -> float:
     """Mean token loss over `samples` (dropout off, no gradients)."""
     import torch
@@ -524,7 +526,6 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     hashes = sorted({e.hash for e in run.train if e.hash})
     atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / "loss-curve.png", run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter itself is the final state
     entry = {
         "jobId": report["jobId"], "status": "succeeded", "strategy": p.adapter_strategy,
         "baseModel": report["baseModel"], "datasetTier": p.dataset_tier, "datasetFingerprint": run.data.fingerprint,
@@ -540,7 +541,10 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report)
     registry.write_latest(run.settings, report)
-    for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):  # older failed tries of this same run
+    # Published: only now are the epoch checkpoints (the resume point if publishing had failed) and older
+    # failed tries of this same run of no further use; the adapter itself is the final state.
+    shutil.rmtree(run.settings.home / entry["path"] / "checkpoints", ignore_errors=True)
+    for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     path = run.settings.home / entry["path"]
     emit({"type": "log", "message": f"adapter {p.adapter_name}@{entry['version']} written to {entry['path']}"})

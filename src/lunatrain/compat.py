@@ -1,0 +1,94 @@
+"""Every check that depends on a torch, transformers or PEFT release, in one place.
+
+Each entry says which releases it serves and when it can go. Nothing else in lunatrain reads a private
+attribute of these libraries or probes their signatures; tested ranges are pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+# --- transformers --------------------------------------------------------------------------------
+
+
+def supports_attention_backend(model: Any) -> bool:
+    """Whether the architecture routes attention through transformers' AttentionInterface (so a registered
+    function can replace it). transformers 5.x exposes this only as the private class flag
+    `_supports_attention_backend`; goes when a public capability query exists."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation a model runs (transformers 5.x keeps it in `config._attn_implementation`;
+    `set_attn_implementation` is the public setter, there is no public getter yet)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def register_attention(name: str, fn: Any) -> None:
+    """Register an attention function under `name` (transformers >= 4.48: a process-wide registry)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, fn)
+
+
+@functools.cache
+def masked_logits_supported() -> bool:
+    """Whether this transformers release takes a boolean mask as `logits_to_keep` (newer 5.x releases have
+    `modeling_utils.slice_logits_to_keep`); older ones index hidden states as [:, keep, :], which fails for a
+    2-D mask, so they get every position and the mask is applied to the logits instead. Goes once the
+    minimum transformers release in pyproject.toml has it."""
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing per decoder layer (works with frozen embeddings and replays
+    dropout's RNG). Later transformers 5.x releases renamed `gradient_checkpointing_enable` to
+    `activation_checkpointing_enable`; the fallback goes when the minimum release has the new name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# --- torch ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def varlen_attn_signature() -> frozenset[str]:
+    """Parameter names of `torch.nn.attention.varlen.varlen_attn` (new in torch 2.10; its keywords changed
+    between releases); empty where it does not exist."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_attn_kwargs(scale: float | None, head_dim: int, gqa: bool) -> dict[str, Any] | None:
+    """Keyword arguments for a causal `varlen_attn` call on this torch, or None when this release cannot
+    express it (a non-default scale before `scale` existed). Returns {"enable_gqa": True} only where the
+    kernel takes grouped kv heads itself; the caller repeats them otherwise (see `varlen_takes_gqa`).
+
+    torch 2.10-2.11 take `is_causal`; later releases express causality as a window (left, right) = (-1, 0).
+    Goes when the minimum torch release is one signature."""
+    sig = varlen_attn_signature()
+    extra: dict[str, Any] = {}
+    if "scale" in sig:
+        extra["scale"] = scale
+    elif scale is not None and abs(scale - head_dim**-0.5) > 1e-9:
+        return None
+    if gqa and "enable_gqa" in sig:
+        extra["enable_gqa"] = True
+    if "is_causal" in sig:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)
+    return extra
+
+
+def varlen_takes_gqa() -> bool:
+    return "enable_gqa" in varlen_attn_signature()
