@@ -9,10 +9,8 @@ Run: `.venv/bin/python -m pytest tests/test_api_schema.py -q` (bounded examples;
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import schemathesis
@@ -27,46 +25,46 @@ from lunatrain.settings import load_settings
 MAX_EXAMPLES = 10
 
 
-# A port bound but never listening: connections to it are refused, and no other process (say, another
-# test's trainer) can take it over while these tests run.
-_DEAD = socket.socket()
-_DEAD.bind(("127.0.0.1", 0))
+# The schema is read from an app built with default settings (building the app has no side effects); the
+# app the requests go to is built by the fixture below, with a data root and a refused trainer port of its
+# own, so nothing happens at collection.
+schema = schemathesis.openapi.from_dict(create_app(load_settings(api_token=None)).openapi())
 
 
-# Module level, not a fixture: schemathesis' lazy `from_fixture` loader breaks on pytest 9 (`_nodeid`).
-# The app gets a data root of its own, removed when the module's tests are done.
-_HOME = Path(tempfile.mkdtemp(prefix="lunatrain-schema-"))
-_SETTINGS = load_settings(
-    home=_HOME,
-    db_url=None,
-    api_token=None,
-    lora_ensure_on_demand=False,
-    # `?ensureTrainer=true` starts a trainer even with on-demand off; here that start fails at once (503)
-    lora_trainer_start_cmd="false",
-    lora_trainer_url=f"http://127.0.0.1:{_DEAD.getsockname()[1]}",
-    # schemathesis' ASGI client sends `Host: testserver`
-    allowed_hosts="127.0.0.1,localhost,testserver",
-)
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_SETTINGS))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cleanup():
-    yield
-    store.dispose_stores()
-    _DEAD.close()
-    shutil.rmtree(_HOME, ignore_errors=True)
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    # A port bound but never listening, held for the module's tests: connections are refused, and no other
+    # process (say, another test's trainer) can take it over meanwhile.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    home = tmp_path_factory.mktemp("schema-home")
+    settings = load_settings(
+        home=home,
+        db_url=None,
+        api_token=None,
+        lora_ensure_on_demand=False,
+        # `?ensureTrainer=true` starts a trainer even with on-demand off; here that start fails at once (503)
+        lora_trainer_start_cmd="false",
+        lora_trainer_url=f"http://127.0.0.1:{dead.getsockname()[1]}",
+        # schemathesis' ASGI client sends `Host: testserver`
+        allowed_hosts="127.0.0.1,localhost,testserver",
+    )
+    try:
+        yield create_app(settings)
+    finally:
+        store.dispose_stores()
+        dead.close()
 
 
 @schema.parametrize()
 # derandomize: the same requests on every run, so CI cannot turn red on a lucky draw
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_every_operation_conforms_and_never_fails(case) -> None:
+def test_every_operation_conforms_and_never_fails(case, app) -> None:
     # positive_data_acceptance is off: some rules cannot be written in a schema (a baseModel directory must
     # exist under the data root, a profile must exist), so schema-valid requests may rightly get a 422/404.
     # not_a_server_error is replaced by the assertion below: with the trainer down, job operations must
     # answer their declared 503 — and nothing else may answer any 5xx.
-    response = case.call()
+    response = case.call(app=app, base_url="http://testserver")
     if response.status_code == 413:
         # A generated body over ASSISTANT_MAX_BODY_BYTES is refused while it streams, before the schema is
         # consulted: a correct rejection that schemathesis' negative-data check does not count as one.

@@ -108,3 +108,67 @@ def test_bad_start_command_is_a_usage_error(home, port, monkeypatch):
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", "'unbalanced")
     result = CliRunner().invoke(app, ["health", "--ensure-trainer"])
     assert result.exit_code == 2 and "ASSISTANT_LORA_TRAINER_START_CMD" in result.output
+
+
+@pytest.mark.slow
+def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
+    """Two projects on one machine: the first one's trainer holds the default port. The second refuses it
+    when its URL was chosen explicitly (one sentence naming both roots), and otherwise starts a trainer of
+    its own on a free port recorded under its data root; jobs of either land in their own data root."""
+    from lunatrain import settings as settings_mod
+    from lunatrain.errors import Conflict
+    from lunatrain.service import client
+    from trainer_helpers import start_trainer, stop_group
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    shared = free_port()
+    for var in [v for v in os.environ if v.startswith("ASSISTANT_")]:
+        monkeypatch.delenv(var)
+    proc = start_trainer(first, shared)
+    own_port = None
+    try:
+        explicit = load_settings(home=second, lora_trainer_url=f"http://127.0.0.1:{shared}")
+        with pytest.raises(Conflict) as refused:
+            ensure_trainer(explicit, timeout=30)
+        assert str(first) in refused.value.message and str(second) in refused.value.message
+        assert not client.url_file(explicit).exists()
+
+        # Not chosen: the default address happens to be the first project's trainer.
+        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{shared}")
+        implicit = load_settings(home=second)
+        health = ensure_trainer(implicit, timeout=120)
+        own_port = int(client.url_file(implicit).read_text().rsplit(":", 1)[1])
+        assert own_port != shared and client.base_url(implicit) == f"http://127.0.0.1:{own_port}"
+        assert health.data_root.path == str(second.resolve())
+        assert client.health(implicit).data_root.path == str(second.resolve())
+        # the first project's trainer still serves the first project
+        assert client.health(load_settings(home=first, lora_trainer_url=f"http://127.0.0.1:{shared}")).data_root.path == str(first.resolve())
+    finally:
+        stop_group(proc.pid)
+        if own_port:
+            kill_trainers(own_port)
+
+
+def test_trainer_log_rolls_over_while_running(tmp_path):
+    """The trainer's log handler bounds its file while the process runs (not only at the next start)."""
+    import logging
+
+    from lunatrain.service.app import log_handler
+
+    path = tmp_path / "trainer.log"
+    handler = log_handler(path, max_bytes=4096)
+    logger = logging.getLogger("lunatrain.test-rollover")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(2000):
+            logger.warning("storage problem, retrying: %d %s", i, "x" * 40)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["trainer.log", "trainer.log.1"]
+    assert all((tmp_path / f).stat().st_size <= 4096 for f in files)
+    assert "1999" in path.read_text()

@@ -223,3 +223,42 @@ def test_fault_spec_and_error_codes():
     assert error_code(MemoryError()) == "out_of_memory"
     assert error_code(RuntimeError("CUDA out of memory. Tried to allocate")) == "out_of_memory"
     assert error_code(ValueError("x")) == "training_error"
+
+
+def test_runner_backs_off_on_storage_errors_and_fails_the_job(settings, store, monkeypatch):
+    """A full disk: claiming a job fails. The runner marks the job failed (disk_full) when it can, reports
+    the problem for /health and waits 1, 2, 4 … s between tries — never a hot loop on the same job."""
+    import errno
+    import sqlite3
+
+    from lunatrain.service.runner import Runner
+
+    job = queued(store)
+    runner = Runner(settings, store)
+    waits: list[float] = []
+
+    def claim(_job_id):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def wait(timeout=None):
+        waits.append(timeout)
+        if len(waits) == 4:
+            runner._stopping.set()
+        return False
+
+    monkeypatch.setattr(store, "claim", claim)
+    monkeypatch.setattr(store, "set_status", lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full")))
+    monkeypatch.setattr(runner._wake, "wait", wait)
+    runner._loop()
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    assert "full" in runner.storage_problem
+    assert store.get(job.id).status == "queued"  # nothing could be recorded; it is retried after the back-off
+
+    # With the database writable again but the job's own files failing (ENOSPC), the job ends disk_full.
+    monkeypatch.undo()
+    runner = Runner(settings, store)
+    monkeypatch.setattr(runner, "_run", lambda _job: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(runner._wake, "wait", lambda timeout=None: runner._stopping.set())
+    runner._loop()
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error.code == "disk_full", failed.error

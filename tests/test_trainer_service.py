@@ -95,7 +95,7 @@ def workers_of(home: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "lunatrain.worker" in (proc.info["cmdline"] or []) and proc.environ().get("ASSISTANT_HOME") == str(home):
+            if "lunatrain.service.worker" in (proc.info["cmdline"] or []) and proc.environ().get("ASSISTANT_HOME") == str(home):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -106,7 +106,7 @@ def worker_for(job_id: str) -> psutil.Process:
     def find() -> psutil.Process | None:
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info["cmdline"] or []
-            if "lunatrain.worker" in cmd and job_id in cmd:
+            if "lunatrain.service.worker" in cmd and job_id in cmd:
                 return proc
         return None
 

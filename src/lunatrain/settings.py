@@ -38,6 +38,11 @@ def inside(root: Path, *parts: str) -> Path:
     return path
 
 
+# Where `lunatrain trainer` listens unless ASSISTANT_LORA_TRAINER_URL says otherwise. A trainer found there
+# serving another data root makes this one start its own on a free port (service/ensure.py).
+DEFAULT_TRAINER_URL = "http://127.0.0.1:5051"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ASSISTANT_", extra="ignore")
 
@@ -46,7 +51,7 @@ class Settings(BaseSettings):
     train_val_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     train_test_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     base_model: str = Field(default="luna-tiny", description="hub id, local directory, or luna-tiny")
-    lora_trainer_url: str = "http://127.0.0.1:5051"
+    lora_trainer_url: str = Field(default_factory=lambda: DEFAULT_TRAINER_URL)
     lora_ensure_on_demand: bool = True
     lora_trainer_start_cmd: str | None = None
     lora_ensure_timeout: float = Field(default=60.0, gt=0)

@@ -80,7 +80,7 @@ class JobAccepted(Out):
 
 
 class ProviderHealth(Out):
-    status: Literal["ok", "offline"]
+    status: Literal["ok", "degraded", "offline"]
     reachable: bool
     cuda_available: bool
     label: Literal["Aktiv (CUDA)", "Online (CPU)", "Offline"]
@@ -88,6 +88,8 @@ class ProviderHealth(Out):
     queue: dict[str, Any] | None = None
     version: str | None = None
     trainer_url: str
+    data_root: dict[str, Any] | None = Field(default=None, description="the data root the trainer serves: id, path")
+    storage: str | None = Field(default=None, description="a storage problem keeping jobs from starting")
     error: str | None = None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -34,6 +35,7 @@ app.add_typer(jobs_app, name="jobs")
 def trainer_cmd(
     host: Annotated[str | None, typer.Option("--host", help="default: host of ASSISTANT_LORA_TRAINER_URL")] = None,
     port: Annotated[int | None, typer.Option("--port", help="default: port of ASSISTANT_LORA_TRAINER_URL")] = None,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help="log here, rolling over at 10 MB (default: stderr)")] = None,
 ) -> None:
     """Run the trainer service in the foreground (job queue, one child process per job)."""
     from ..service.app import serve
@@ -41,7 +43,7 @@ def trainer_cmd(
     try:
         settings = load_settings()
         default_host, default_port = trainer_client.trainer_address(settings)
-        serve(settings, host or default_host, port or default_port)
+        serve(settings, host or default_host, port or default_port, log_file)
     except LunaError as err:
         raise fail(err) from None
 
@@ -268,6 +270,11 @@ def follow(settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s:
                 continue
             if job.finished and not trainer_client.events(settings, job_id, after=after, limit=1).data:
                 return job
+            if job.status == "queued":
+                # A job that cannot start because the trainer's storage fails would wait forever: say why.
+                health = trainer_client.probe(settings)
+                if health is not None and health.storage:
+                    raise ServiceUnavailable(f"Job {job_id} cannot start: {health.storage}")
             time.sleep(poll)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path as PathParam, Query, Response
@@ -138,7 +140,16 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     return app
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def log_handler(path: Path | None, max_bytes: int = lock.TRAINER_LOG_BYTES) -> logging.Handler:
+    """Where the trainer logs: a file that rolls over to `<name>.1` at `max_bytes` (so a long-running or
+    misbehaving trainer never fills the disk with its log), or stderr."""
+    if path is None:
+        return logging.StreamHandler()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
+
+
+def serve(settings: Settings, host: str, port: int, log_file: Path | None = None) -> None:
     """Run the trainer in the foreground until SIGINT/SIGTERM (`lunatrain trainer`)."""
     import uvicorn
 
@@ -146,6 +157,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise UsageError(f"Invalid port {port}: use 1-65535.")
     lock.claim_data_root(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = log_handler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log.info("trainer for %s on http://%s:%s", settings.home, host, port)
-    uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="info", access_log=False)
+    # log_config=None: uvicorn's loggers propagate to the handler above instead of configuring their own.
+    uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="info", access_log=False,
+                log_config=None)

@@ -27,13 +27,14 @@ from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
 from .jobs import Health
-from .lock import pid_path, write_pid
+from .lock import TRAINER_LOG_BYTES, pid_path, write_pid
 from .spawn import child_env, lunatrain_argv
 
 _POLL_S = 0.25
-# trainer.log only grows while a trainer runs; at each start a log over this size moves to trainer.log.1
-# (replacing the one before), so the two together stay bounded however often the trainer restarts.
-LOG_KEEP_BYTES = 10 * 1024 * 1024
+# The trainer rolls trainer.log over itself while running (service/app.py); what its process writes to
+# stderr outside logging (a crash at start-up) lands in the same file, so a start also moves a log over
+# this size to trainer.log.1.
+LOG_KEEP_BYTES = TRAINER_LOG_BYTES
 _started: list[subprocess.Popen[bytes]] = []  # kept so that exited trainers get reaped, not left as zombies
 
 
@@ -101,7 +102,7 @@ def start_argv(settings: Settings) -> list[str]:
             raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
         return argv
     host, port = trainer_client.trainer_address(settings)
-    return lunatrain_argv("trainer", "--host", host, "--port", str(port))
+    return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))
 
 
 def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:

@@ -1,4 +1,4 @@
-"""One trainer per data root: an exclusive lock held for the process's life, and the pid file beside it."""
+"""One trainer per data root: an exclusive lock held for the process's life, the pid file, the log's bound."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..errors import Conflict
 from ..fsio import atomic_write_text
 from ..settings import Settings
 
+TRAINER_LOG_BYTES = 10 * 1024 * 1024  # trainer.log (and one trainer.log.1) stay under this while running
 _instance_lock: IO[bytes] | None = None
 
 

@@ -50,7 +50,7 @@ async def provider_health(
             )
     wire = health.wire()
     return ProviderHealth.model_validate(
-        wire | {"status": "ok", "reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
+        wire | {"reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
     )
 
 
