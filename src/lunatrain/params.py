@@ -59,6 +59,11 @@ class LoraParams(CamelModel):
     resume: bool = False
     min_curated: int = Field(default=0, ge=0, le=10_000_000)
     gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
+    # A name, never a path: the CLI stores a .jinja file under the data root and passes its name.
+    chat_template: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
+        description="chat template for base models without one: a bundled name (chatml) or a .jinja file (CLI)",
+    )
 
     @field_validator("target_modules")
     @classmethod
