@@ -83,7 +83,7 @@ def _span_by_prefix(tok: Any, messages: list[dict], i: int, text: str, content: 
     except Exception:  # templates that refuse partial conversations (e.g. must end with a user turn)
         return None
     if before is None:  # no prefix to render: the answer starts where its own header ends
-        start = upto.find(content.strip()) if content.strip() else -1
+        start = _find(upto, content, 0)[0] if content.strip() else -1
         if start < 0:
             return None
     else:
@@ -93,12 +93,29 @@ def _span_by_prefix(tok: Any, messages: list[dict], i: int, text: str, content: 
     return start, _turn_end(upto, start, content, eot)
 
 
-def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
-    """End of the trained text: just after the end-of-turn token that follows the content when there is one
-    (the newline a template puts after it is never generated, so it is not trained)."""
+def _visible(content: str) -> list[str]:
+    """How an answer may appear in the rendered text: as written, or (thinking templates that drop the
+    `<think>…</think>` block of earlier turns) only the part after the reasoning."""
     stripped = content.strip()
-    at = rendered.find(stripped, start) if stripped else start
-    after = at + len(stripped) if at >= 0 else start
+    answer = stripped.rsplit("</think>", 1)[-1].strip()
+    return [stripped] + ([answer] if answer and answer != stripped else [])
+
+
+def _find(text: str, content: str, start: int) -> tuple[int, int]:
+    """[at, end) of the answer's visible text in `text` from `start`; (-1, -1) when absent."""
+    for form in _visible(content):
+        at = text.find(form, start)
+        if at >= 0:
+            return at, at + len(form)
+    return -1, -1
+
+
+def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
+    """End of the trained text: just after the turn terminator that follows the content when there is one
+    (the newline a template puts after it is never generated, so it is not trained)."""
+    at, after = _find(rendered, content, start) if content.strip() else (start, start)
+    if at < 0:
+        after = start
     if eot:
         k = rendered.find(eot, after)
         if k >= 0 and not rendered[after:k].strip():
@@ -107,10 +124,9 @@ def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
 
 
 def _span_by_search(text: str, content: str, eot: str, cursor: int):
-    stripped = content.strip()
-    if not stripped:
+    if not content.strip():
         return None
-    at = text.find(stripped, cursor)
+    at, _end = _find(text, content, cursor)
     if at < 0:
         return None
     return at, _turn_end(text, at, content, eot)
