@@ -182,6 +182,13 @@ def store_template(path: str | Path, settings: Any) -> str:
     return name
 
 
+def cli_template(value: str, settings: Any) -> str:
+    """A command line's chatTemplate: a template name as is, a .jinja file stored and named."""
+    if value.endswith(".jinja") or "/" in value or "\\" in value:
+        return store_template(value, settings)
+    return check_name(value)
+
+
 def apply_template(tokenizer: Any, name: str | None, settings: Any, model_id: str) -> list[str]:
     """Put the chosen template on `tokenizer` and add the marker tokens it needs that the vocabulary lacks.
     Returns the added token strings. Raises UsageError when there is no template at all."""
@@ -214,3 +221,30 @@ def check_embedding_room(model: Any, tokenizer: Any, added: list[str], model_id:
                          f"{model_id!r} has no spare embedding rows for ({rows} rows); choose a template "
                          "built from its own special tokens.")
     return ids
+
+
+# --- what ships with adapters and merged models ---------------------------------------------------
+
+
+def write_generation_config(directory: str | Path, base_path: str | Path, terminator: Terminator,
+                            tokenizer: Any) -> dict[str, Any]:
+    """Write directory/generation_config.json: the base model's, with the turn terminator among its eos ids,
+    so plain `generate()` stops where training taught the model to stop."""
+    from .fsio import atomic_write_json
+
+    try:
+        config = json.loads((Path(base_path) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict):
+        config = {}
+    config.pop("transformers_version", None)
+    eos = list(generation_eos(base_path))
+    for tid in terminator.stop_ids:
+        if tid not in eos:
+            eos.append(tid)
+    config["eos_token_id"] = eos
+    if config.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
+        config["pad_token_id"] = tokenizer.pad_token_id
+    atomic_write_json(Path(directory) / "generation_config.json", config)
+    return config

@@ -529,6 +529,12 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     with warnings.catch_warnings():  # PEFT looks the base id up to check for resized vocabularies; we never resize
         warnings.simplefilter("ignore", UserWarning)
         run.model.save_pretrained(str(out), safe_serialization=True)
+    # The tokenizer with the template trained on (and any added markers) and a generation config that stops
+    # on the terminator travel with the adapter: inference needs exactly these to stop where training taught.
+    from .templates import write_generation_config
+
+    run.tokenizer.save_pretrained(str(out))
+    write_generation_config(out, run.base.path, run.tokens.terminator, run.tokenizer)
     hashes = sorted({e.hash for e in run.train if e.hash})
     atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / "loss-curve.png", run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
