@@ -1,8 +1,8 @@
 """Chat-template families: exactly each assistant answer plus its turn terminator is trained.
 
-Templates are written here in the shape and with the quirks of each family (not copied from any model);
-the tokenizer is luna-tiny's vocabulary with the family's special tokens added and its eos set the way the
-family's tokenizer sets it. Run: `pytest tests/test_families.py -q`.
+Templates (tests/family_templates.py) are written in the shape and with the quirks of each family (not
+copied from any model); the tokenizer is luna-tiny's vocabulary with the family's special tokens added and
+its eos set the way the family's tokenizer sets it. Run: `pytest tests/test_families.py -q`.
 """
 
 from __future__ import annotations
@@ -10,112 +10,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from family_templates import FAMILIES, family_tokenizer, save_vocab
 
-from lunatrain import models
 from lunatrain.templates import turn_terminator
 from lunatrain.tokens import IGNORE, assistant_spans, encode_chat
-
-CHATML_INSTRUCT = (
-    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-CHATML_BASE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-# Llama 3.x: BOS written by the template, header lines, an injected knowledge-date block in the system turn.
-LLAMA3 = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] | trim %}{%- set rest = messages[1:] %}"
-    "{%- else %}{%- set sys = '' %}{%- set rest = messages %}{%- endif %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nKnowledge cutoff: 2023\\n\\n' + sys + '<|eot_id|>' }}"
-    "{%- for m in rest %}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + (m['content'] | trim) + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-# Gemma 2/3: no system role (folded into the first user turn), the assistant is `model`.
-GEMMA = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set prefix = messages[0]['content'] + '\\n\\n' %}"
-    "{%- set rest = messages[1:] %}{%- else %}{%- set prefix = '' %}{%- set rest = messages %}{%- endif %}"
-    "{%- for m in rest %}"
-    "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-    "{{- '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
-)
-# Mistral [INST]: eos written after each answer, strict user/assistant alternation, system folded into the
-# last user turn.
-MISTRAL = (
-    "{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] %}{%- set rest = messages[1:] %}"
-    "{%- else %}{%- set sys = '' %}{%- set rest = messages %}{%- endif %}"
-    "{{- bos_token }}"
-    "{%- for m in rest %}"
-    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
-    "{%- if m['role'] == 'user' %}"
-    "{%- if loop.last or loop.revindex0 == 1 %}{%- if sys %}{%- set c = sys + '\\n\\n' + m['content'] %}"
-    "{%- else %}{%- set c = m['content'] %}{%- endif %}{%- else %}{%- set c = m['content'] %}{%- endif %}"
-    "{{- '[INST] ' + c + ' [/INST]' }}"
-    "{%- else %}{{- m['content'] + eos_token }}{%- endif %}"
-    "{%- endfor %}"
-)
-# Llama 2: <<SYS>> block inside the first [INST], BOS before and eos after every exchange.
-LLAMA2 = (
-    "{%- if messages[0]['role'] == 'system' %}{%- set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{%- set rest = messages[1:] %}{%- else %}{%- set sys = '' %}{%- set rest = messages %}{%- endif %}"
-    "{%- for m in rest %}"
-    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
-    "{%- if m['role'] == 'user' %}{{- bos_token + '[INST] ' + (sys if loop.first else '') + m['content'] | trim + ' [/INST]' }}"
-    "{%- else %}{{- ' ' + m['content'] | trim + ' ' + eos_token }}{%- endif %}"
-    "{%- endfor %}"
-)
-# Phi-3/4: <|end|> closes every turn; without a generation prompt the eos is appended at the very end.
-PHI3 = (
-    "{%- for m in messages %}{{- '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- else %}{{- eos_token }}{%- endif %}"
-)
-ZEPHYR = (
-    "{%- for m in messages %}{{- '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
-)
-# Qwen3 / DeepSeek-R1 style: ChatML; answers before the last user message lose their <think> block.
-THINKING = (
-    "{%- set ns = namespace(last_user=-1) %}"
-    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
-    "{%- for m in messages %}"
-    "{%- if m['role'] == 'assistant' %}"
-    "{%- set c = m['content'] %}"
-    "{%- if '</think>' in c %}{%- set reasoning = c.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
-    "{%- set c = c.split('</think>')[-1].lstrip('\\n') %}{%- else %}{%- set reasoning = '' %}{%- endif %}"
-    "{%- if loop.index0 > ns.last_user and reasoning %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + c + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>assistant\\n' + c + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-# name: (template, special tokens to add, bos, eos, expected terminator)
-FAMILIES = {
-    "chatml-instruct": (CHATML_INSTRUCT, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>"),
-    "chatml-base": (CHATML_BASE, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|endoftext|>", "<|im_end|>"),
-    "llama-3.0": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                           "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
-    "llama-3.1": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                           "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
-    "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
-    "mistral": (MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>"),
-    "llama-2": (LLAMA2, ["<s>", "</s>"], "<s>", "</s>", "</s>"),
-    "phi-3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], None, "<|endoftext|>",
-              "<|end|>"),
-    "zephyr": (ZEPHYR, ["<|system|>", "<|user|>", "<|assistant|>", "</s>"], None, "</s>", "</s>"),
-    "thinking": (THINKING, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], None, "<|im_end|>", "<|im_end|>"),
-}
 
 SYSTEM = {"role": "system", "content": "Du bist Luna. Antworte kurz."}
 TURNS = [
@@ -137,24 +35,7 @@ CONVERSATIONS = {
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory):
     """luna-tiny's tokenizer (vocabulary trained on the bundled text), saved once for the module."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("vocab")
-    tok = PreTrainedTokenizerFast(tokenizer_object=models._train_tokenizer(models.tiny_corpus(), 3072))
-    tok.save_pretrained(str(path))
-    return path
-
-
-def family_tokenizer(vocab_dir, family: str):
-    from transformers import AutoTokenizer
-
-    template, specials, bos, eos, _term = FAMILIES[family]
-    tok = AutoTokenizer.from_pretrained(str(vocab_dir))
-    tok.add_special_tokens({"extra_special_tokens": specials})
-    tok.eos_token = eos
-    tok.bos_token = bos
-    tok.chat_template = template
-    return tok
+    return save_vocab(tmp_path_factory.mktemp("vocab"))
 
 
 def _strip_think_unless_last(messages: list[dict], family: str) -> list[str]:
