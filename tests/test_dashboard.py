@@ -269,6 +269,16 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
         assert row.locator(".severity").inner_text().strip()
         assert re.fullmatch(r"[\d.]+", row.locator("td.num").inner_text().strip())
         assert row.locator("code").inner_text().strip()
+    # One sample as the model sees it: every marked piece is an answer ending in the template's terminator,
+    # the prompt around it is unmarked context.
+    expect(page.locator("#prepare-sample")).to_be_visible()
+    expect(page.locator("#sample-legend")).to_contain_text("<|im_end|>")
+    trained = page.locator("#sample-text mark.trained")
+    assert trained.count() >= 1
+    for piece in trained.all():
+        assert piece.inner_text().endswith("<|im_end|>")
+    context = page.locator("#sample-text .context").all_inner_texts()
+    assert any("<|im_start|>user" in c for c in context) and not any("<|im_start|>" in m for m in trained.all_inner_texts())
     shot(page, output_dir, "1-data-export-prepare")
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from lunatrain import export as export_mod
 from lunatrain import models
 from lunatrain.cli import app
-from lunatrain.errors import CheckFailed, NotFound
+from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.params import parse_params
 from lunatrain.prepare import optimizer_steps, prepare
 
@@ -149,7 +149,7 @@ def test_planted_problems_are_each_reported_once(settings, tiny):
     mem = settings.training_dir / export_mod.MEMORY_FILE
     mem.write_text(mem.read_text("utf-8").replace("wohnt", "lebt", 1), "utf-8")
 
-    report = prepare(settings, params(min_curated=1000))
+    report = prepare(settings, params(), min_curated=1000)
 
     assert report.status == "fail"
     got = {c.id: c for c in report.checks}
@@ -160,7 +160,7 @@ def test_planted_problems_are_each_reported_once(settings, tiny):
             assert check.count == count, (cid, check)
         assert check.examples == [e.replace("{line}", str(curated_lines + 1)) for e in examples], (cid, check)
     assert got["volume"].count == curated_lines + 1  # lines in the curated file, the malformed one included
-    assert set(got) == set(EXPECTED) | {"token_stats", "estimate"}
+    assert set(got) == set(EXPECTED) | {"token_stats", "estimate", "terminator"}
     written = json.loads(Path(report.path).read_text("utf-8"))
     assert written["status"] == "fail"
     assert {c["id"]: c["count"] for c in written["checks"]}["duplicate_across_splits"] == 1
@@ -171,7 +171,7 @@ def test_planted_problems_are_each_reported_once(settings, tiny):
 def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
     records = clean_records()
     write_files(settings, records)
-    report = prepare(settings, params(min_curated=10))
+    report = prepare(settings, params(), min_curated=10)
     assert report.status == "ok", [c for c in report.problems]
     assert report.raise_on_fail() is report
     train = [r for r in records if r["source"] == "curated" and r["split"] == "train"]
@@ -197,27 +197,42 @@ def test_val_split_empty_although_ratio_is_set(settings, tiny):
     assert "empty" in check.message
 
 
-def test_template_that_does_not_train_the_end_of_turn_token_fails(settings, tiny):
-    """A chat template that closes assistant turns with a different token than the tokenizer's end of turn
-    (a classic model-change bug): every sample is flagged, the model would never learn to stop."""
-    broken = settings.models_dir / "tiny-broken-eot"
-    shutil.copytree(tiny, broken)
-    cfg_path = broken / "tokenizer_config.json"
+def _with_template(settings, tiny, name: str, template: str):
+    model = settings.models_dir / name
+    shutil.copytree(tiny, model)
+    cfg_path = model / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text("utf-8"))
-    cfg["chat_template"] = (
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg), "utf-8")
+    return model
+
+
+def test_the_template_terminator_is_trained_even_when_it_is_not_eos(settings, tiny):
+    """A template that closes assistant turns with another token than the tokenizer's eos (the Gemma/Phi-3
+    shape): that token is what is trained, and the report names it."""
+    other = _with_template(settings, tiny, "tiny-other-eot", (
         "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
         "{%- if message['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- else %}{{- '<|im_end|>' }}{%- endif %}"
         "{{- '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
-    cfg_path.write_text(json.dumps(cfg), "utf-8")
-    records = clean_records(30)
-    write_files(settings, records)
-    report = prepare(settings, params(base_model=str(broken)))
-    n = sum(1 for r in records if r["source"] == "curated")
-    check = report.check("eot_not_trained")
-    assert (check.severity, check.count, report.status) == ("fail", n, "fail")
-    # with the tokenizer's own template the same data is fine
-    assert prepare(settings, params()).check("eot_not_trained").count == 0
+    ))
+    write_files(settings, clean_records(30))
+    report = prepare(settings, params(base_model=str(other)))
+    assert report.check("eot_not_trained").severity == "info", report.check("eot_not_trained")
+    term = report.template["terminator"]
+    assert term["text"] == "<|endoftext|>" and not term["inGenerationConfig"]  # luna-tiny's eos is <|im_end|>
+    saved = json.loads(Path(report.path).read_text("utf-8"))
+    assert saved["template"]["terminator"]["text"] == "<|endoftext|>" and len(saved["template"]["hash"]) == 64
+    assert prepare(settings, params()).template["terminator"]["text"] == "<|im_end|>"
+
+
+def test_template_without_a_terminator_fails_in_one_sentence(settings, tiny):
+    bare = _with_template(settings, tiny, "tiny-no-eot", (
+        "{%- for message in messages %}{{- message['role'] + ': ' + message['content'] + '\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+    ))
+    write_files(settings, clean_records(30))
+    with pytest.raises(UsageError, match="emits nothing after an assistant answer"):
+        prepare(settings, params(base_model=str(bare)))
 
 
 def test_cache_hit_on_second_prepare_and_miss_on_template_or_length_change(settings, tiny):

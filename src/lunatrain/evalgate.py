@@ -76,11 +76,15 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresh
 class _Evaluator:
     """One loaded base model with the adapters under test attached by name; `use(None)` is the base."""
 
-    def __init__(self, settings: Settings, base: Any, adapters: dict[str, Path]) -> None:
+    def __init__(self, settings: Settings, base: Any, adapters: dict[str, Path], chat_template: str | None = None) -> None:
         from . import models
 
         self.device = models.resolve_device("auto")
-        self.tokenizer = models.load_tokenizer(base, settings)
+        # The candidate's own tokenizer and template (what it was trained with); the base model's otherwise.
+        if "candidate" in adapters:
+            self.tokenizer = models.load_adapter_tokenizer(adapters["candidate"], base, settings)
+        else:
+            self.tokenizer = models.load_tokenizer(base, settings, chat_template)
         model = models.load_model(base, settings, self.device)
         self.peft = bool(adapters)
         if adapters:
@@ -92,8 +96,8 @@ class _Evaluator:
                 model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.eval()
         self.model = model
-        tok = self.tokenizer
-        stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        # generation stops on the template's turn terminator, as training taught, and on the model's eos ids
+        stops = set(models.turn_terminator(self.tokenizer, base).stop_ids)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.stop_ids = sorted(stops)
@@ -243,10 +247,12 @@ def eval_gate(
     adapter: str | None = None,
     base_model: str | None = None,
     thresholds: dict[str, Any] | GateThresholds | None = None,
+    chat_template: str | None = None,
 ) -> GateReport:
     """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION; or the base model when none is
     active) and write reports/eval/eval-gate-latest.json. Returns the report whatever the decision;
-    `report.raise_on_fail()` turns a failed gate into CheckFailed."""
+    `report.raise_on_fail()` turns a failed gate into CheckFailed. `chat_template` (a template name) is
+    for a base model without one; an adapter always brings the template it was trained with."""
     th = parse_thresholds(thresholds)
     if adapter:
         from . import registry
@@ -255,7 +261,7 @@ def eval_gate(
         entry = registry.get_version(settings, name, version)
     else:
         entry = _active_for_base(settings, base_model)
-    report = _run(settings, entry, base_model, th)
+    report = _run(settings, entry, base_model, th, chat_template)
     _write(settings, report)
     return report
 
@@ -330,7 +336,8 @@ def _ref(entry: dict[str, Any] | None, base: Any) -> str:
     return f"{entry['name']}@{entry['version']}" if entry else f"base:{base.id}"
 
 
-def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | None, th: GateThresholds) -> GateReport:
+def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | None, th: GateThresholds,
+         chat_template: str | None = None) -> GateReport:
     from . import models, registry
 
     cases = load_suite(settings)
@@ -366,7 +373,7 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
     if baseline_entry is not None and baseline_entry["version"] != entry["version"]:
         # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable
         adapters["baseline"] = registry.adapter_dir(settings, baseline_entry)
-    ev = _Evaluator(settings, base, adapters)
+    ev = _Evaluator(settings, base, adapters, chat_template)
     tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
     context = {
         "format": GATE_FORMAT, "suite": suite_hash(cases), "tier": tier, "maxSeqLength": max_len,

@@ -212,7 +212,8 @@ def run_flow(
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {_FIX[name]}.", details=result)
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
-        report = evalgate.eval_gate(settings, adapter=adapter, base_model=params.base_model, thresholds=gate_thresholds)
+        report = evalgate.eval_gate(settings, adapter=adapter, base_model=params.base_model, thresholds=gate_thresholds,
+                                    chat_template=params.chat_template)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
         return report.passed, f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""), {

@@ -2,7 +2,9 @@
 
 A separate, explicit step (guide §7): the result is a plain Hugging Face model in
 data/models/merged/<name>-<version>/ (safetensors + tokenizer + chat template), loadable with
-`AutoModelForCausalLM.from_pretrained` and usable where PEFT is not. The merge is done in float32 and
+`AutoModelForCausalLM.from_pretrained` and usable where PEFT is not. It carries the adapter's tokenizer
+(with the chat template it was trained with) and a generation_config.json that stops on the template's
+turn terminator. The merge is done in float32 and
 written to a temp directory that is renamed into place, then recorded on the version in the registry.
 """
 
@@ -36,7 +38,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     import torch
     from peft import PeftModel
 
-    from .models import load_model, load_tokenizer, resolve_base
+    from .models import load_adapter_tokenizer, load_model, resolve_base, turn_terminator
+    from .templates import write_generation_config
 
     name, version = registry.parse_ref(ref)
     entry = registry.get_version(settings, name, version)
@@ -55,12 +58,16 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     target = merged_root / label
     tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=merged_root))
     try:
+        adapter_dir = registry.adapter_dir(settings, entry)
         model = load_model(base, settings, "cpu", torch.float32)
-        model = PeftModel.from_pretrained(model, str(registry.adapter_dir(settings, entry)))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the merged model is for inference
         merged.save_pretrained(str(tmp), safe_serialization=True)
-        load_tokenizer(base, settings).save_pretrained(str(tmp))
+        # the adapter's own tokenizer: the template it was trained with, any markers added for it
+        tokenizer = load_adapter_tokenizer(adapter_dir, base, settings)
+        tokenizer.save_pretrained(str(tmp))
+        write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
         atomic_write_json(tmp / "lunatrain-merge.json", {
             "adapter": f"{name}@{entry['version']}", "revision": entry.get("revision"),
             "baseModel": trained_on, "adapterPath": entry["path"], "created": registry.now(),

@@ -28,6 +28,7 @@ from typing import Any
 from .errors import UsageError
 from .fsio import atomic_write_text, dumps_json, file_lock, replace_dir
 from .settings import Settings
+from .templates import Terminator, turn_terminator  # noqa: F401  (callers ask models where a turn ends)
 
 TINY_ID = "luna-tiny"
 # Bump when the recipe below changes in a way that changes the bytes (the manifest records it).
@@ -310,9 +311,18 @@ def _fingerprint(config_bytes: bytes, path: Path, weights: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(ref: str | BaseModelInfo | None, settings: Settings):  # -> PreTrainedTokenizerBase
-    """The base model's fast tokenizer with its chat template; refuses tokenizers without a chat template."""
+def load_tokenizer(ref: str | BaseModelInfo | None, settings: Settings, chat_template: str | None = None):
+    """The base model's fast tokenizer with its chat template (or the `chat_template` named, see
+    `templates`); refuses tokenizers without a chat template."""
+    return load_chat_tokenizer(ref, settings, chat_template)[0]
+
+
+def load_chat_tokenizer(ref: str | BaseModelInfo | None, settings: Settings, chat_template: str | None = None):
+    """(tokenizer, added): as `load_tokenizer`, plus the template's marker tokens that had to be added to
+    the vocabulary (training learns their embedding rows)."""
     from transformers import AutoTokenizer
+
+    from .templates import apply_template
 
     info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)
     try:
@@ -321,10 +331,22 @@ def load_tokenizer(ref: str | BaseModelInfo | None, settings: Settings):  # -> P
         raise UsageError(f"The tokenizer of base model {info.id!r} could not be loaded: {exc}") from exc
     if not getattr(tok, "is_fast", False):
         raise UsageError(f"Base model {info.id!r} has no fast tokenizer (tokenizer.json); lunatrain needs one.")
-    if not tok.chat_template:
-        raise UsageError(f"Base model {info.id!r} has no chat template; use an instruct/chat model or luna-tiny.")
+    added = apply_template(tok, chat_template, settings, info.id)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out anyway; a pad id just has to exist
+    return tok, added
+
+
+def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, settings: Settings):
+    """The tokenizer an adapter was trained with (saved beside it, with its chat template and any added
+    tokens); the base model's for adapters saved before tokenizers were shipped with them."""
+    from transformers import AutoTokenizer
+
+    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return load_tokenizer(base, settings)
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     return tok
 
 

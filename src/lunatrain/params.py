@@ -62,6 +62,11 @@ class LoraParams(CamelModel):
     packing: bool = True
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less memory, ~30% slower")
     resume: bool = False
+    # A name, never a path: the CLI stores a .jinja file under the data root and passes its name.
+    chat_template: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
+        description="chat template for base models without one: a bundled name (chatml) or a .jinja file (CLI)",
+    )
 
     @field_validator("target_modules")
     @classmethod

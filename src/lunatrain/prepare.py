@@ -18,7 +18,9 @@ Checks (id: severity when something is found):
   two splits (val/test would measure memorisation); duplicate_normalized (warn): different hashes, same
   text after case/whitespace/punctuation folding.
 - truncated (warn): longer than maxSeqLength; no_trained_tokens (warn; fail when no train sample has any).
-- eot_not_trained (fail): an assistant turn whose trained span does not end with the end-of-turn token, so
+- terminator (info): the turn terminator the chat template emits after each answer, and whether the base
+  model's generation_config.json stops on it (adapters and merged models ship one that does).
+- eot_not_trained (fail): an assistant turn whose trained span does not end with the turn terminator, so
   the model would never learn to stop (truncated samples are left to the truncated check).
 - special_tokens_in_content (fail): a literal special token (e.g. `<|im_end|>`) typed inside a message;
   the tokenizer turns it into a control token.
@@ -88,6 +90,8 @@ class PrepareReport:
     created: str
     path: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    template: dict[str, Any] = field(default_factory=dict)  # name, hash, terminator, added tokens
+    samples: list[dict[str, Any]] = field(default_factory=list)  # `show` samples with their trained spans
 
     def check(self, check_id: str) -> Check:
         return next(c for c in self.checks if c.id == check_id)
@@ -110,6 +114,8 @@ class PrepareReport:
             "cache": self.cache,
             "created": self.created,
             "params": self.params,
+            "template": self.template,
+            "samples": self.samples,
         }
 
     def raise_on_fail(self) -> PrepareReport:
@@ -124,11 +130,13 @@ class PrepareReport:
 # --- the entry function -------------------------------------------------------------------------
 
 
-def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0) -> PrepareReport:
+def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, show: int = 0) -> PrepareReport:
     """Run every preflight check on the exported `params.dataset_tier` and write prepare-latest.json.
 
     Returns the report whatever its status (failure is data); `report.raise_on_fail()` turns a failing
-    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model.
+    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model
+    or a template without a turn terminator. `show`: how many train samples to include with their
+    trained spans marked (`samples`, what `prepare --show` prints and the dashboard shows).
     """
     from . import models, tokens
 
@@ -137,7 +145,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0) -> 
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
     tier = params.dataset_tier
     info = models.resolve_base(params.base_model, settings)
-    tokenizer = models.load_tokenizer(info, settings)
+    tokenizer, added = models.load_chat_tokenizer(info, settings, params.chat_template)
+    terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
 
     checks: list[Check] = []
     file_shas, mismatched = _verify_files(settings.training_dir, summary)
@@ -154,9 +163,9 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0) -> 
     checks += _duplicate_checks(records)
 
     data = export_mod.TierData(tier, splits["train"], splits["val"], splits["test"], fingerprint, summary)
-    tokenized = tokens.tokenize_tier(settings, tier, tokenizer, params.max_seq_length, data=data)
-    eot_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
-    checks += _token_checks(data, tokenized, eot_id)
+    tokenized = tokens.tokenize_tier(settings, tier, tokenizer, params.max_seq_length, data=data, base=info)
+    checks.append(_terminator_check(terminator))
+    checks += _token_checks(data, tokenized, list(terminator.ids))
     checks.append(_val_check(len(splits["val"]), float(summary.get("ratios", {}).get("val", 0.0))))
 
     token_stats = dict(tokenized.stats)
@@ -189,6 +198,10 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0) -> 
         cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(tokenized.path)},
         created=_now(),
         params=params.wire() | {"minCurated": min_curated},
+        template={"name": params.chat_template or "model", "hash": models.template_hash(tokenizer),
+                  "terminator": terminator.to_dict(), "addedTokens": added},
+        samples=[marked_sample(tokenizer, enc, _rid(rec)) for rec, enc in
+                 list(zip(data.train, tokenized.train, strict=True))[:show]],
     )
     path = settings.reports_training_dir / REPORT_FILE
     report.path = str(path)
@@ -419,7 +432,33 @@ def _labeled_runs(labels: list[int], ignore: int) -> Iterable[tuple[int, int]]:
         yield start, len(labels)
 
 
-def _token_checks(data: Any, tokenized: Any, eot_id: int | None) -> list[Check]:
+def _terminator_check(term: Any) -> Check:
+    where = ("the base model's generation_config stops on it too" if term.in_generation_config else
+             "the base model's generation_config does not stop on it; adapters and merged models ship one that does")
+    return Check("terminator", "info", len(term.ids), [term.text],
+                 f"assistant turns end with {term.text!r} (trained); {where}")
+
+
+def marked_sample(tokenizer: Any, enc: Any, rid: str) -> dict[str, Any]:
+    """One tokenized sample as text pieces, each flagged trained or not: what the loss sees."""
+    from .tokens import IGNORE
+
+    pieces: list[dict[str, Any]] = []
+    for trained, group in _groupby(zip(enc.input_ids, enc.labels, strict=True), lambda p: p[1] != IGNORE):
+        text = tokenizer.decode([t for t, _lab in group], skip_special_tokens=False)
+        pieces.append({"text": text, "trained": trained})
+    return {"id": rid, "tokens": len(enc), "trainedTokens": enc.n_supervised, "truncated": enc.truncated,
+            "pieces": pieces}
+
+
+def _groupby(items: Iterable[Any], key: Any) -> Iterable[tuple[bool, list[Any]]]:
+    from itertools import groupby
+
+    for k, group in groupby(items, key):
+        yield k, list(group)
+
+
+def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
     from .tokens import IGNORE
 
     truncated, untrained, no_eot = [], [], []
@@ -436,7 +475,8 @@ def _token_checks(data: Any, tokenized: Any, eot_id: int | None) -> list[Check]:
                 train_with_tokens += 1
             if enc.truncated:
                 continue  # its end was cut off: reported as truncated
-            if eot_id is None or any(enc.labels[b - 1] != eot_id for _a, b in _labeled_runs(enc.labels, IGNORE)):
+            n = len(eot_ids)
+            if not n or any(enc.labels[max(a, b - n):b] != eot_ids for a, b in _labeled_runs(enc.labels, IGNORE)):
                 no_eot.append(rid)
     untrained_check = _check("no_trained_tokens", "warn", untrained,
                              "samples have no trained token after masking (no assistant text left)",
@@ -448,8 +488,8 @@ def _token_checks(data: Any, tokenized: Any, eot_id: int | None) -> list[Check]:
                "will be cut (raise --max-seq-length or shorten them)", "no sample exceeds maxSeqLength"),
         untrained_check,
         _check("eot_not_trained", "fail", no_eot,
-               "samples have an assistant turn whose end-of-turn token is outside the loss mask "
-               "(the model would never learn to stop); check the chat template", "the end-of-turn token is trained"),
+               "samples have an assistant turn whose turn terminator is outside the loss mask "
+               "(the model would never learn to stop); check the chat template", "the turn terminator is trained"),
     ]
 
 

@@ -1,7 +1,7 @@
 """Chat tokenization with assistant-only labels, and the tokenized-data cache shared by preflight and training.
 
-Which tokens train: the content of **every** assistant turn plus the end-of-turn token that closes it
-(so the model learns to stop); system and user turns, role headers and the template's glue are masked
+Which tokens train: the content of **every** assistant turn plus the turn terminator that closes it
+(what the chat template emits after the answer, `templates.turn_terminator`; so the model learns to stop); system and user turns, role headers and the template's glue are masked
 with -100. Training all assistant turns (not only the last) is what chat fine-tuning tools do by default;
 a multi-turn example then teaches each of its answers in context.
 
@@ -28,7 +28,7 @@ from .settings import Settings
 
 IGNORE = -100
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1  # bump when Encoded or the masking rule changes
+CACHE_FORMAT = 2  # bump when Encoded or the masking rule changes (2: the template's terminator, not eos)
 
 
 @dataclass
@@ -51,11 +51,15 @@ def _render(tokenizer: Any, messages: list[dict], *, gen_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: list[dict], terminator: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character span of each assistant turn's trained text
-    (content + end-of-turn token)."""
+    (content + turn terminator; `terminator` defaults to the one the template emits)."""
     text = _render(tokenizer, messages, gen_prompt=False)
-    eot = tokenizer.eos_token or ""
+    if terminator is None:
+        from .templates import detect_terminator_text
+
+        terminator = detect_terminator_text(tokenizer)
+    eot = terminator
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, msg in enumerate(messages):
@@ -79,7 +83,7 @@ def _span_by_prefix(tok: Any, messages: list[dict], i: int, text: str, content: 
     except Exception:  # templates that refuse partial conversations (e.g. must end with a user turn)
         return None
     if before is None:  # no prefix to render: the answer starts where its own header ends
-        start = upto.find(content.strip()) if content.strip() else -1
+        start = _find(upto, content, 0)[0] if content.strip() else -1
         if start < 0:
             return None
     else:
@@ -89,12 +93,29 @@ def _span_by_prefix(tok: Any, messages: list[dict], i: int, text: str, content: 
     return start, _turn_end(upto, start, content, eot)
 
 
-def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
-    """End of the trained text: just after the end-of-turn token that follows the content when there is one
-    (the newline a template puts after it is never generated, so it is not trained)."""
+def _visible(content: str) -> list[str]:
+    """How an answer may appear in the rendered text: as written, or (thinking templates that drop the
+    `<think>…</think>` block of earlier turns) only the part after the reasoning."""
     stripped = content.strip()
-    at = rendered.find(stripped, start) if stripped else start
-    after = at + len(stripped) if at >= 0 else start
+    answer = stripped.rsplit("</think>", 1)[-1].strip()
+    return [stripped] + ([answer] if answer and answer != stripped else [])
+
+
+def _find(text: str, content: str, start: int) -> tuple[int, int]:
+    """[at, end) of the answer's visible text in `text` from `start`; (-1, -1) when absent."""
+    for form in _visible(content):
+        at = text.find(form, start)
+        if at >= 0:
+            return at, at + len(form)
+    return -1, -1
+
+
+def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
+    """End of the trained text: just after the turn terminator that follows the content when there is one
+    (the newline a template puts after it is never generated, so it is not trained)."""
+    at, after = _find(rendered, content, start) if content.strip() else (start, start)
+    if at < 0:
+        after = start
     if eot:
         k = rendered.find(eot, after)
         if k >= 0 and not rendered[after:k].strip():
@@ -103,22 +124,22 @@ def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
 
 
 def _span_by_search(text: str, content: str, eot: str, cursor: int):
-    stripped = content.strip()
-    if not stripped:
+    if not content.strip():
         return None
-    at = text.find(stripped, cursor)
+    at, _end = _find(text, content, cursor)
     if at < 0:
         return None
     return at, _turn_end(text, at, content, eot)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], max_seq_length: int, *, hash: str = "") -> Encoded:
-    """Tokenize one conversation with its chat template; labels only on assistant content + end of turn.
+def encode_chat(tokenizer: Any, messages: list[dict], max_seq_length: int, *, hash: str = "",
+                terminator: str | None = None) -> Encoded:
+    """Tokenize one conversation with its chat template; labels only on assistant content + terminator.
 
     Longer conversations are cut to `max_seq_length` tokens from the end (`truncated=True`); the beginning
     (system prompt and first turns) is kept because the answer depends on it.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, terminator)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE] * len(ids)
@@ -138,13 +159,14 @@ def encode_chat(tokenizer: Any, messages: list[dict], max_seq_length: int, *, ha
 @dataclass
 class TokenizedTier:
     tier: str
-    key: str  # cache key: dataset fingerprint + tokenizer + template + max length
+    key: str  # cache key: dataset fingerprint + tokenizer + template + terminator + max length
     fingerprint: str  # the dataset fingerprint the tokens came from
     max_seq_length: int
     cache_hit: bool
     path: Path
     splits: dict[str, list[Encoded]] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    terminator: Any = None  # templates.Terminator the labels end each turn with
 
     @property
     def train(self) -> list[Encoded]:
@@ -159,8 +181,10 @@ class TokenizedTier:
         return self.splits.get("test", [])
 
 
-def cache_key(fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_seq_length: int) -> str:
+def cache_key(fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_seq_length: int,
+              terminator: str = "") -> str:
     ident = {
+        "terminator": terminator,
         "format": CACHE_FORMAT,
         "fingerprint": fingerprint,
         "tier": tier,
@@ -171,30 +195,36 @@ def cache_key(fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_se
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length: int, *, data: Any = None) -> TokenizedTier:
+def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length: int, *, data: Any = None,
+                  base: Any = None) -> TokenizedTier:
     """Tokenized train/val/test of an exported tier, from the cache when the same data, tokenizer, template
-    and max length were tokenized before. `data` (a TierData) skips re-reading the export."""
+    and max length were tokenized before. `data` (a TierData) skips re-reading the export; `base` (a
+    BaseModelInfo) lets the terminator be cross-checked with its generation_config.json."""
     from .models import template_hash, tokenizer_hash
+    from .templates import turn_terminator
 
     if data is None:
         from .export import read_tier
 
         data = read_tier(settings, tier)
-    key = cache_key(data.fingerprint, tier, tokenizer_hash(tokenizer), template_hash(tokenizer), max_seq_length)
+    term = turn_terminator(tokenizer, base)
+    key = cache_key(data.fingerprint, tier, tokenizer_hash(tokenizer), template_hash(tokenizer), max_seq_length,
+                    term.text)
     path = settings.cache_dir / "tokens" / f"{tier}-{key[:32]}.safetensors"
     splits = _read_cache(path, key)
     hit = splits is not None
     if splits is None:
         splits = {
             name: [
-                encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")))
+                encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")),
+                            terminator=term.text)
                 for rec in getattr(data, name)
             ]
             for name in SPLITS
         }
         _write_cache(path, key, splits)
     stats = {name: split_stats(items) for name, items in splits.items()}
-    return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats)
+    return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats, term)
 
 
 def split_stats(items: list[Encoded]) -> dict[str, Any]:

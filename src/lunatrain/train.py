@@ -121,6 +121,7 @@ class Run(LoopState):
     total_steps: int = field(kw_only=True)
     work_dir: Path = field(kw_only=True)
     kernels: dict[str, str] = field(default_factory=dict, kw_only=True)  # kernels.install's choice
+    added_tokens: list[str] = field(default_factory=list, kw_only=True)  # template markers added to the vocabulary
     world: World = field(default=distributed.SINGLE, kw_only=True)
     optimizer: torch.optim.Optimizer | None = field(default=None, kw_only=True)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, kw_only=True)
@@ -239,11 +240,12 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import load_model, load_tokenizer
+    from .models import load_chat_tokenizer, load_model
+    from .templates import check_embedding_room
     from .tokens import tokenize_tier
 
-    tokenizer = load_tokenizer(base, settings)
-    tokens = tokenize_tier(settings, params.dataset_tier, tokenizer, params.max_seq_length, data=data)
+    tokenizer, added = load_chat_tokenizer(base, settings, params.chat_template)
+    tokens = tokenize_tier(settings, params.dataset_tier, tokenizer, params.max_seq_length, data=data, base=base)
     train_set = [e for e in tokens.train if e.n_supervised]  # nothing to learn from the others
     val_set = [e for e in tokens.val if e.n_supervised]
     if not train_set:
@@ -254,8 +256,11 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False  # a KV cache in training breaks packed-sample isolation
     targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
+    # Template markers the vocabulary lacked get their embedding rows trained (saved with the adapter).
+    new_ids = check_embedding_room(model, tokenizer, added, base.id)
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                        trainable_token_indices=new_ids or None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # PEFT calls a transformers API deprecated for v6
@@ -275,6 +280,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
         val=val_set, steps_per_epoch=per_epoch, total_steps=total,
         work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
+        added_tokens=added,
     )
 
 
@@ -495,6 +501,8 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
                       "fingerprint": run.base.fingerprint},
         "tokenizerHash": tokenizer_hash(run.tokenizer),
         "templateHash": template_hash(run.tokenizer),
+        "template": {"name": p.chat_template or "model", "hash": template_hash(run.tokenizer),
+                     "terminator": run.tokens.terminator.to_dict(), "addedTokens": run.added_tokens},
         "metrics": {"valLoss": last_val, "baseValLoss": run.base_val_loss,
                     "trainLoss": run.epochs[-1]["trainLoss"] if run.epochs else None,
                     "steps": run.step, "totalSteps": run.total_steps, "tokensTrained": run.tokens_seen,
@@ -523,6 +531,12 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     with warnings.catch_warnings():  # PEFT looks the base id up to check for resized vocabularies; we never resize
         warnings.simplefilter("ignore", UserWarning)
         run.model.save_pretrained(str(out), safe_serialization=True)
+    # The tokenizer with the template trained on (and any added markers) and a generation config that stops
+    # on the terminator travel with the adapter: inference needs exactly these to stop where training taught.
+    from .templates import write_generation_config
+
+    run.tokenizer.save_pretrained(str(out))
+    write_generation_config(out, run.base.path, run.tokens.terminator, run.tokenizer)
     hashes = sorted({e.hash for e in run.train if e.hash})
     atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / "loss-curve.png", run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)

@@ -9,6 +9,7 @@ import typer
 
 from ..errors import LunaError
 from ..evalgate import GateReport, eval_gate
+from ..templates import cli_template
 from ..settings import load_settings
 from .app import app, fail, is_tty, print_report
 
@@ -23,6 +24,9 @@ def eval_gate_cmd(
     max_golden_pass_rate_drop: Annotated[float | None, typer.Option("--max-golden-pass-rate-drop", "--maxGoldenPassRateDrop")] = None,
     max_val_loss_ratio_vs_base: Annotated[float | None, typer.Option("--max-val-loss-ratio-vs-base", "--maxValLossRatioVsBase")] = None,
     max_loss_regression: Annotated[float | None, typer.Option("--max-loss-regression", "--maxLossRegression")] = None,
+    chat_template: Annotated[str | None, typer.Option(
+        "--chat-template", "--chatTemplate",
+        help="chat template for a base model without one (bundled name or .jinja file); adapters bring theirs")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Evaluation gate: golden cases + val/test loss against the base model and the recorded baseline."""
@@ -36,7 +40,9 @@ def eval_gate_cmd(
         flags = {"min_golden_pass_rate": min_golden_pass_rate, "max_golden_pass_rate_drop": max_golden_pass_rate_drop,
                  "max_val_loss_ratio_vs_base": max_val_loss_ratio_vs_base, "max_loss_regression": max_loss_regression}
         thresholds |= {k: v for k, v in flags.items() if v is not None}
-        report = eval_gate(settings, adapter=adapter, base_model=base_model, thresholds=thresholds)
+        template = cli_template(chat_template, settings) if chat_template else None
+        report = eval_gate(settings, adapter=adapter, base_model=base_model, thresholds=thresholds,
+                           chat_template=template)
         print_report(report, show, as_json=as_json)
     except LunaError as err:
         raise fail(err) from None

@@ -57,6 +57,18 @@ _FIELDS = LoraParams.model_fields | FlowOptions.model_fields
 _LORA_OPTIONS = [_option(name, field) for name, field in _FIELDS.items()]
 
 
+def _template_flag(value: str) -> str:
+    from ..errors import LunaError
+    from ..settings import load_settings
+    from ..templates import cli_template
+    from .app import fail
+
+    try:
+        return cli_template(value, load_settings())
+    except LunaError as err:
+        raise fail(err) from None
+
+
 def lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: add the LoRA options to a Typer command that takes `lora_flags: dict`."""
     own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "lora_flags"]
@@ -68,6 +80,8 @@ def lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         flags = {k: v for k, v in flags.items() if v is not None}
         if isinstance(flags.get("targetModules"), str) and flags["targetModules"] != "all-linear":
             flags["targetModules"] = [m.strip() for m in flags["targetModules"].split(",") if m.strip()]
+        if flags.get("chatTemplate"):  # a .jinja file travels as the name it is stored under, never as a path
+            flags["chatTemplate"] = _template_flag(flags["chatTemplate"])
         return fn(lora_flags=flags, **kwargs)
 
     command.__signature__ = inspect.Signature(own + _LORA_OPTIONS)  # type: ignore[attr-defined]

@@ -22,16 +22,43 @@ def prepare_cmd(
     lora_flags: dict,
     profile: ProfileOpt = "luna",
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    samples: Annotated[int, typer.Option(
+        "--show", min=0, max=100, help="print N train samples with the trained tokens marked")] = 0,
 ) -> None:
     """Preflight: check every exported example with the base model's tokenizer and chat template, with the
     values the flow would train with (the luna profile unless --profile names another)."""
     try:
         settings = load_settings()
         r = resolve(settings, profile, lora_flags)
-        report = prepare(settings, r.params, min_curated=r.options.min_curated)
+        report = prepare(settings, r.params, min_curated=r.options.min_curated, show=samples)
         print_report(report, show, as_json=as_json)
+        if samples and not as_json:
+            show_samples(report)
     except LunaError as err:
         raise fail(err) from None
+
+
+def show_samples(report: PrepareReport) -> None:
+    """Each sample as the model sees it, trained tokens highlighted (on a terminal) or inside [[…]]."""
+    term = report.template.get("terminator", {}).get("text", "")
+    typer.echo(f"Trained: each assistant answer and its terminator {term!r}; everything else is context only.")
+    tty = is_tty()
+    if tty:
+        from rich.console import Console
+        from rich.text import Text
+
+        console = Console(highlight=False)
+    for sample in report.samples:
+        head = (f"--- sample {sample['id']}: {sample['trainedTokens']} of {sample['tokens']} tokens trained"
+                + (" (truncated)" if sample["truncated"] else ""))
+        if tty:
+            text = Text(head + "\n", style="bold")
+            for piece in sample["pieces"]:
+                text.append(piece["text"], style="bold black on green" if piece["trained"] else "dim")
+            console.print(text)
+        else:
+            typer.echo(head)
+            typer.echo("".join(f"[[{p['text']}]]" if p["trained"] else p["text"] for p in sample["pieces"]))
 
 
 def show(report: PrepareReport) -> None:

@@ -32,7 +32,8 @@ async def export(settings: SettingsDep, body: Annotated[ExportRequest | None, Bo
 @router.post("/prepare", response_model=Report, responses=errors(404))
 async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, Body()] = None) -> Report:
     """The preflight report on the last export, whatever its status (`fail` is an answer, not an error);
-    404 when nothing has been exported yet."""
+    404 when nothing has been exported yet. `samples` holds one train sample split into trained and
+    context pieces, so the user sees what the loss covers before training."""
     body = body or PrepareRequest()
     overrides = body.model_dump(exclude={"profile"}, exclude_none=True, by_alias=True)
     if "baseModel" in overrides:
@@ -40,7 +41,7 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
 
     def run():
         params, options = profiles.load_profile(settings, body.profile or "luna").resolve(overrides)
-        return prepare_stage.prepare(settings, params, min_curated=options.min_curated).to_dict()
+        return prepare_stage.prepare(settings, params, min_curated=options.min_curated, show=1).to_dict()
 
     return Report.model_validate(camel(await run_in_threadpool(run)))
 

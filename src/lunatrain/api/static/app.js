@@ -160,6 +160,18 @@ function renderPrepare(report) {
     h("td", { class: "num" }, formatNumber(check.count ?? 0)),
     h("td", {}, check.id ? h("code", {}, check.id) : null, check.id ? " " : null, check.message ?? ""))) :
     [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
+  renderSample(report.samples?.[0], report.template?.terminator?.text);
+}
+
+// One train sample as the model sees it: trained pieces (answers and their terminator) marked, the rest
+// (system, user, headers) shown as context.
+function renderSample(sample, terminator) {
+  $("prepare-sample").hidden = !sample;
+  if (!sample) return;
+  $("sample-legend").textContent = t("data.sampleLegend", {
+    trained: formatNumber(sample.trainedTokens), total: formatNumber(sample.tokens), terminator: terminator ?? "–" });
+  $("sample-text").replaceChildren(...sample.pieces.map((piece) => piece.trained ?
+    h("mark", { class: "trained", title: t("data.trained") }, piece.text) : h("span", { class: "context" }, piece.text)));
 }
 
 async function runExport(event) {

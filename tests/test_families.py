@@ -1,0 +1,122 @@
+"""Chat-template families: exactly each assistant answer plus its turn terminator is trained.
+
+Templates (tests/family_templates.py) are written in the shape and with the quirks of each family (not
+copied from any model); the tokenizer is luna-tiny's vocabulary with the family's special tokens added and
+its eos set the way the family's tokenizer sets it. Run: `pytest tests/test_families.py -q`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from family_templates import FAMILIES, family_tokenizer, save_vocab
+
+from lunatrain.templates import turn_terminator
+from lunatrain.tokens import IGNORE, assistant_spans, encode_chat
+
+SYSTEM = {"role": "system", "content": "Du bist Luna. Antworte kurz."}
+TURNS = [
+    {"role": "user", "content": "Wie viel ist 2 + 2?"},
+    {"role": "assistant", "content": "<think>\nZwei und zwei.\n</think>\n\n2 + 2 = 4."},
+    {"role": "user", "content": "Und auf Englisch?"},
+    {"role": "assistant", "content": "Two plus two is four."},
+    {"role": "user", "content": "Danke dir!"},
+    {"role": "assistant", "content": "<think>\nHöflich bleiben.\n</think>\n\nGern geschehen, bis bald."},
+]
+CONVERSATIONS = {
+    "single": TURNS[:2],
+    "single+system": [SYSTEM, *TURNS[:2]],
+    "multi": TURNS,
+    "multi+system": [SYSTEM, *TURNS],
+}
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+    """luna-tiny's tokenizer (vocabulary trained on the bundled text), saved once for the module."""
+    return save_vocab(tmp_path_factory.mktemp("vocab"))
+
+
+def _strip_think_unless_last(messages: list[dict], family: str) -> list[str]:
+    """What each assistant turn's rendered content is: thinking templates keep the reasoning only after the
+    last user message; the others render the content as given (the probe contents carry no <think> there)."""
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    out = []
+    for i in answers:
+        content = messages[i]["content"]
+        if family != "thinking" or i < last_user:
+            content = content.split("</think>")[-1].strip()
+        out.append(content)
+    return out
+
+
+def _plain(messages: list[dict], family: str) -> list[dict]:
+    """Non-thinking families get plain answers (a literal <think> would be typed text for them)."""
+    if family == "thinking":
+        return messages
+    return [{**m, "content": m["content"].split("</think>")[-1].strip()} if m["role"] == "assistant" else m
+            for m in messages]
+
+
+def trained_runs(tok, enc) -> list[list[int]]:
+    runs, cur = [], []
+    for tid, lab in zip(enc.input_ids, enc.labels, strict=True):
+        if lab != IGNORE:
+            cur.append(tid)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_answer_and_its_terminator_is_trained_and_nothing_else(vocab_dir, family, conversation):
+    tok = family_tokenizer(vocab_dir, family)
+    expected_terminator = FAMILIES[family][4]
+    term = turn_terminator(tok)
+    assert term.text == expected_terminator and term.ids == (tok.convert_tokens_to_ids(expected_terminator),)
+    messages = _plain(CONVERSATIONS[conversation], family)
+    enc = encode_chat(tok, messages, 4096)
+    runs = trained_runs(tok, enc)
+    answers = _strip_think_unless_last(messages, family)
+    assert len(runs) == len(answers), [tok.decode(r) for r in runs]
+    for run, answer in zip(runs, answers, strict=True):
+        # the whole answer plus the terminator, and nothing of system, user or headers (spacing aside:
+        # [INST] templates put a space before the answer that belongs to its first token)
+        assert run[-1] == term.ids[0]
+        assert _squash(tok.decode(run, skip_special_tokens=False)) == _squash(answer + expected_terminator)
+    # every token outside the runs stays masked: the count of trained tokens is exactly the runs' length
+    assert enc.n_supervised == sum(len(r) for r in runs)
+
+
+def test_the_eos_only_rule_misses_gemmas_end_of_turn(vocab_dir):
+    """Control: ending turns at tokenizer.eos_token (<eos>) on the Gemma shape never trains <end_of_turn>,
+    the token a Gemma model must produce to stop; the detected terminator does."""
+    tok = family_tokenizer(vocab_dir, "gemma")
+    messages = _plain(CONVERSATIONS["multi"], "gemma")
+    eot_id = tok.convert_tokens_to_ids("<end_of_turn>")
+
+    def trained_ids(terminator: str) -> list[list[int]]:
+        text, spans = assistant_spans(tok, messages, terminator)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [[t for t, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if s <= a < e]
+                for s, e in spans]
+
+    eos_rule = trained_ids(tok.eos_token)
+    assert all(run[-1] != eot_id for run in eos_rule) and not any(eot_id in run for run in eos_rule)
+    detected = trained_ids(turn_terminator(tok).text)
+    assert all(run[-1] == eot_id for run in detected)
+
+
+def test_roles_that_do_not_alternate_are_refused_by_strict_templates(vocab_dir):
+    tok = family_tokenizer(vocab_dir, "mistral")
+    bad = [TURNS[0], TURNS[0], TURNS[3]]
+    with pytest.raises(Exception, match="alternate"):
+        encode_chat(tok, _plain(bad, "mistral"), 4096)
