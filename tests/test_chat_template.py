@@ -8,6 +8,7 @@ with the base model's settings would not stop at the end of a turn.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -43,17 +44,17 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(data), "utf-8")
 
 
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Greta", "Hannes", "Ida", "Jonas"]
-CITIES = ["Berlin", "Hamburg", "München", "Köln", "Leipzig", "Dresden", "Bremen", "Wien", "Zürich", "Graz"]
+NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Greta", "Hannes", "Ida", "Jonas",
+         "Lena", "Max", "Mia", "Paul", "Lea", "Tom", "Nina", "Jan", "Eva", "Tim"]
+CITIES = ["Berlin", "Hamburg", "München", "Köln", "Leipzig", "Dresden", "Bremen", "Wien", "Zürich", "Graz",
+          "Bonn", "Kiel", "Ulm", "Mainz", "Essen", "Trier", "Basel", "Linz", "Bern", "Jena"]
 
 
 def short_answers() -> list[dict]:
-    """20 short question/answer pairs in the export's record format, all in the train split."""
-    pairs = [(f"Wo wohnt {n}?", f"{n} wohnt in {c}.") for n, c in zip(NAMES, CITIES, strict=True)]
-    pairs += [(f"Was ist {a} + {a + 3}?", f"{a} + {a + 3} = {2 * a + 3}.") for a in range(2, 12)]
+    """20 question/answer pairs (who lives where) in the export's record format, all in the train split."""
     out = []
-    for i, (q, a) in enumerate(pairs):
-        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    for i, (name, city) in enumerate(zip(NAMES, CITIES, strict=True)):
+        msgs = [{"role": "user", "content": f"Wo wohnt {name}?"}, {"role": "assistant", "content": f"In {city}."}]
         digest = hashlib.sha256(json.dumps(msgs, ensure_ascii=False).encode()).hexdigest()
         out.append({"messages": msgs, "id": i + 1, "hash": digest, "source": "curated", "split": "train"})
     return out
@@ -61,22 +62,28 @@ def short_answers() -> list[dict]:
 
 @pytest.fixture
 def qwen_like_base(settings) -> Path:
-    """A luna-tiny build with eos <|endoftext|> (id 0) while its template ends turns with <|im_end|>.
-    Wider embeddings than luna-tiny's (std 0.3): its output layer can then express confident answers, so a
-    few hundred LoRA steps memorise them."""
-    base = models.build_tiny_model(settings.models_dir / "tiny-base-eos", embed_std=0.3)
+    """A luna-tiny build with eos <|endoftext|> (id 0) while its template ends turns with <|im_end|>, and an
+    output layer of its own (untied): LoRA on it lets a few hundred steps memorise short answers, which the
+    small tied embeddings of a random model cannot express confidently enough."""
+    from safetensors.torch import load_file, save_file
+
+    base = models.build_tiny_model(settings.models_dir / "tiny-base-eos")
+    weights = load_file(str(base / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    _edit_json(base / "config.json", eos_token_id=0, tie_word_embeddings=False)
     _edit_json(base / "tokenizer_config.json", eos_token="<|endoftext|>")
     _edit_json(base / "generation_config.json", eos_token_id=0)
-    _edit_json(base / "config.json", eos_token_id=0)
     return base
 
 
-def _greedy(model, tok, messages, generation_config=None) -> list[int]:
+def _greedy(model, tok, messages, generation_config) -> list[int]:
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    config = copy.deepcopy(generation_config)
+    config.update(max_new_tokens=16, do_sample=False)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                             generation_config=generation_config)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -86,9 +93,10 @@ def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(s
 
     records = short_answers()
     write_export(settings, records)
-    params = parse_params({"baseModel": str(qwen_like_base), "epochs": 30, "batchSize": 2, "rank": 16,
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    params = parse_params({"baseModel": str(qwen_like_base), "epochs": 30, "batchSize": 2, "rank": 32,
                            "learningRate": 5e-3, "warmupRatio": 0.0, "dropout": 0.0, "maxSeqLength": 64,
-                           "seed": 3})
+                           "targetModules": linear, "seed": 3})
     result = run_lora(params, settings)
     assert result.ok, result.error
     adapter = result.path
@@ -96,30 +104,38 @@ def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(s
     assert report["template"]["terminator"]["text"] == "<|im_end|>"
     assert report["template"]["terminator"]["inGenerationConfig"] is False  # the base stops on <|endoftext|> only
     im_end = 2
-    shipped = json.loads((adapter / "generation_config.json").read_text("utf-8"))
-    assert im_end in shipped["eos_token_id"] and 0 in shipped["eos_token_id"]
+    shipped = GenerationConfig.from_pretrained(str(adapter))
+    assert im_end in shipped.eos_token_id and 0 in shipped.eos_token_id
     tok = AutoTokenizer.from_pretrained(str(adapter))
     assert tok.chat_template == models.CHAT_TEMPLATE and tok.convert_tokens_to_ids("<|im_end|>") == im_end
 
-    def reproduced(model, generation_config=None) -> int:
-        exact = 0
-        for rec in records:
-            new = _greedy(model, tok, rec["messages"][:-1], generation_config)
-            assert new and new[-1] == im_end, tok.decode(new)  # generation ended on the terminator
-            exact += tok.decode(new[:-1]) == rec["messages"][-1]["content"]
-        return exact
+    def answers(model, generation_config, among: range | list[int]) -> list[list[int]]:
+        return [_greedy(model, tok, records[i]["messages"][:-1], generation_config) for i in among]
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
 
     base = AutoModelForCausalLM.from_pretrained(str(qwen_like_base))
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    via_adapter = reproduced(peft_model, GenerationConfig.from_pretrained(str(adapter)))
-    print("reproduced via adapter", via_adapter)
-    assert via_adapter >= 1
+    outputs = answers(peft_model, shipped, range(len(records)))
+    trained_answers = [ids(r["messages"][-1]["content"]) + [im_end] for r in records]
+    # every generation is one of the trained answers and ends right at the terminator ...
+    assert all(out in trained_answers for out in outputs), [tok.decode(o) for o in outputs]
+    # ... and some reproduce their own answer exactly (a random 2-layer model learns the format and the
+    # stop within these steps; which city goes with which name needs attention it barely has)
+    hits = [i for i, out in enumerate(outputs) if out == trained_answers[i]]
+    assert hits, [tok.decode(o) for o in outputs]
+    # control: with the base model's own generation config generation runs on past the end of the turn
+    base_config = GenerationConfig.from_pretrained(str(qwen_like_base))
+    assert base_config.eos_token_id == 0
+    assert all(len(out) > len(trained_answers[i]) for i, out in zip(hits, answers(peft_model, base_config, hits),
+                                                                        strict=True))
 
     merged = merge_adapter(settings, f"{result.adapter_name}@{result.version}")
     merged_model = AutoModelForCausalLM.from_pretrained(str(merged.path)).eval()
     assert im_end in merged_model.generation_config.eos_token_id  # plain generate() stops on it by default
     assert AutoTokenizer.from_pretrained(str(merged.path)).chat_template == models.CHAT_TEMPLATE
-    assert reproduced(merged_model) == via_adapter
+    assert answers(merged_model, merged_model.generation_config, hits) == [trained_answers[i] for i in hits]
 
 
 # --- chatTemplate for base models without one ---------------------------------------------------
@@ -160,15 +176,14 @@ def test_a_base_without_template_needs_chat_template_and_learns_the_added_marker
     cfg = json.loads((result.path / "adapter_config.json").read_text("utf-8"))
     tok = AutoTokenizer.from_pretrained(str(result.path))
     new_ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>")]
-    assert sorted(cfg["trainable_token_indices"]["embed_tokens"]) == sorted(new_ids)
+    assert sorted(cfg["trainable_token_indices"]) == sorted(new_ids)
     # the adapter loads on the unmodified base and changes exactly the added rows of the embedding
     base = AutoModelForCausalLM.from_pretrained(str(bare_base))
     before = base.get_input_embeddings().weight.detach().clone()
     merged = PeftModel.from_pretrained(base, str(result.path)).merge_and_unload()
     changed = (merged.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == sorted(new_ids)
-    assert 2 in json.loads((result.path / "generation_config.json").read_text("utf-8"))["eos_token_id"] or (
-        new_ids[0] in json.loads((result.path / "generation_config.json").read_text("utf-8"))["eos_token_id"])
+    assert new_ids[0] in json.loads((result.path / "generation_config.json").read_text("utf-8"))["eos_token_id"]
 
 
 def test_no_spare_embedding_rows_is_refused_in_one_sentence(settings, monkeypatch):
