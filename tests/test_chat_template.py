@@ -213,7 +213,7 @@ def test_prepare_show_marks_the_trained_tokens_and_takes_a_template_file(setting
     shutil.copytree(tiny_dir, settings.models_dir / models.TINY_ID)
     write_export(settings, make_records(24))
     runner = CliRunner()
-    r = runner.invoke(app, ["prepare", "--show", "2"])
+    r = runner.invoke(app, ["prepare", "--show", "2", "--minCurated=0"])
     assert r.exit_code == 0, r.output
     assert "terminator '<|im_end|>'" in r.output
     blocks = r.output.split("--- sample ")[1:]
@@ -226,7 +226,7 @@ def test_prepare_show_marks_the_trained_tokens_and_takes_a_template_file(setting
     # a .jinja file is stored under the data root and travels by name
     template = tmp_path / "my chat.jinja"
     template.write_text(models.CHAT_TEMPLATE.replace("<|im_end|>", "<|endoftext|>"), "utf-8")
-    r = runner.invoke(app, ["prepare", "--json", "--chatTemplate", str(template)])
+    r = runner.invoke(app, ["prepare", "--json", "--minCurated=0", "--chatTemplate", str(template)])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output[r.output.index("{"):])
     name = report["template"]["name"]

@@ -20,8 +20,7 @@ from lunatrain.cli import app
 from lunatrain.params import parse_params
 from lunatrain.train import Status, run_lora
 
-PARAMS = {"epochs": 2, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "dropout": 0.0,
-          "gate": False}
+PARAMS = {"epochs": 2, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "dropout": 0.0}
 
 
 def _free_port() -> int:
@@ -66,7 +65,8 @@ def test_two_ranks_train_like_one_process_with_the_combined_batch(settings, home
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     outcome = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0's report; rank 1 prints nothing
-    assert outcome["status"] == "succeeded" and outcome["adapter"] == {"name": "dp", "version": "v1"}
+    assert outcome["status"] == "succeeded" and outcome["adapter"] == {"name": "dp", "version": "v1",
+                                                                       "path": "data/adapters/dp/v1"}
 
     dp_dir = Path(home) / registry.get_version(settings, "dp", "v1")["path"]
     from safetensors.torch import load_file
