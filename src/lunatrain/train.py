@@ -43,6 +43,7 @@ from . import __version__, checkpoints, distributed, kernels, registry
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
+from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .params import LoraParams, parse_params
 from .settings import Settings, check_name
 from .tokens import Batch, Encoded, make_batch
@@ -97,6 +98,7 @@ class Run:
     total_steps: int
     work_dir: Path
     kernels: dict[str, str] = field(default_factory=dict)  # kernels.install's choice (attention, dropout)
+    loss: dict[str, Any] = field(default_factory=lambda: {"path": "plain"})  # chunked or plain, and why
     world: World = distributed.SINGLE
     optimizer: Any = None
     scheduler: Any = None
@@ -247,6 +249,9 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
             raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; train without it.")
         enable_checkpointing(model)
     chosen = kernels.install(model, device)
+    why_plain = lean_loss_check(model, device)
+    loss = {"path": "plain", "reason": why_plain} if why_plain else {
+        "path": "chunked", "chunkTokens": chunk_tokens(model.get_output_embeddings().weight.shape[0])}
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
     per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation * world.size))
     total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
@@ -255,6 +260,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
         val=val_set, steps_per_epoch=per_epoch, total_steps=total,
         work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
+        loss=loss,
     )
 
 
@@ -397,9 +403,12 @@ def batch_of(run: Run, samples: list[Encoded]) -> Batch:
 
 
 def loss_sum(run: Run, batch: Batch) -> Any:
-    """Sum of cross-entropy over the batch's supervised positions (float32)."""
+    """Sum of cross-entropy over the batch's supervised positions (float32): chunked (`loss`) where the
+    model allows, so the logits of the whole micro-batch never exist at once."""
     import torch.nn.functional as F
 
+    if run.loss["path"] == "chunked":
+        return chunked_loss_sum(run.model, batch, run.device, run.autocast_dtype, run.loss["chunkTokens"])
     logits, targets = forward_supervised(run.model, batch, run.device, run.autocast_dtype)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
@@ -503,6 +512,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "device": {"used": run.device, "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
                    **device_info()},
         "kernels": run.kernels,
+        "loss": run.loss,
         "dataParallel": {"ranks": run.world.size,
                          "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None},
         "packages": package_versions(),
