@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-# Logits per chunk, in elements: 2^26 float32 values are 256 MiB (512 tokens of a 128k vocabulary).
-CHUNK_ELEMENTS = 1 << 26
+# Logits per chunk, in elements: 2^24 float32 values are 64 MiB (128 tokens of a 128k vocabulary, 1024 of
+# a 16k one): small against the model, large enough that the output layer runs as a few big matmuls.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def chunk_tokens(vocab: int) -> int:

@@ -39,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, checkpoints, distributed, kernels, registry
+from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
@@ -99,6 +99,7 @@ class Run:
     work_dir: Path
     kernels: dict[str, str] = field(default_factory=dict)  # kernels.install's choice (attention, dropout)
     loss: dict[str, Any] = field(default_factory=lambda: {"path": "plain"})  # chunked or plain, and why
+    plan: Any = None  # memplan.MemoryPlan: the estimate and the checkpointing decision
     world: World = distributed.SINGLE
     optimizer: Any = None
     scheduler: Any = None
@@ -219,9 +220,8 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
 
 def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any, world: World) -> Run:
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from .models import load_model, load_tokenizer
+    from .models import load_tokenizer
     from .tokens import tokenize_tier
 
     tokenizer = load_tokenizer(base, settings)
@@ -232,8 +232,32 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         raise UsageError("No training sample has an assistant token left after masking and truncation; "
                          "check the data or raise --max-seq-length.")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    plan = memplan.check_fits(settings, params, memplan.device_memory(device), base=base,
+                              batch_tokens=memplan.largest_batch(train_set, params.batch_size))
+    model, chosen, loss = load_lora_model(params, settings, base, device, bf16, plan.checkpointing)
+    distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
+    per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation * world.size))
+    total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
+    return Run(
+        params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
+        autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
+        val=val_set, steps_per_epoch=per_epoch, total_steps=total,
+        work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
+        loss=loss, plan=plan,
+    )
+
+
+def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: str, bf16: bool,
+                    checkpointing: bool) -> tuple[Any, dict[str, str], dict[str, Any]]:
+    """The base model (quantized when asked) with a fresh LoRA, checkpointing and kernels in place; with
+    `kernels.install`'s choice and the loss path (`loss.lean_loss_check`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .models import load_model
+
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
-    model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32)
+    model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32, params.quantize)
     model.config.use_cache = False  # a KV cache in training breaks packed-sample isolation
     targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
@@ -244,7 +268,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
-    if params.gradient_checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
+    if checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; train without it.")
         enable_checkpointing(model)
@@ -252,16 +276,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     why_plain = lean_loss_check(model, device)
     loss = {"path": "plain", "reason": why_plain} if why_plain else {
         "path": "chunked", "chunkTokens": chunk_tokens(model.get_output_embeddings().weight.shape[0])}
-    distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
-    per_epoch = math.ceil(len(train_set) / (params.batch_size * params.gradient_accumulation * world.size))
-    total = per_epoch * params.epochs if params.max_steps is None else min(params.max_steps, per_epoch * params.epochs)
-    return Run(
-        params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
-        autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
-        val=val_set, steps_per_epoch=per_epoch, total_steps=total,
-        work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
-        loss=loss,
-    )
+    return model, chosen, loss
 
 
 def enable_checkpointing(model: Any) -> None:
@@ -513,12 +528,25 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
                    **device_info()},
         "kernels": run.kernels,
         "loss": run.loss,
+        "quantization": quantization(p.quantize, run.autocast_dtype),
+        "memoryPlan": run.plan.to_dict() if run.plan else None,
         "dataParallel": {"ranks": run.world.size,
                          "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None},
         "packages": package_versions(),
         "durationSeconds": round(time.time() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),
     }
+
+
+def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
+    """How the frozen base was held in training (None: full precision). The adapter itself is always an
+    ordinary float32 PEFT adapter for the unquantized base."""
+    if quantize == "none":
+        return None
+    compute = "bfloat16" if autocast_dtype is not None else "float32"
+    if quantize == "4bit":
+        return {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": compute}
+    return {"method": "bitsandbytes", "bits": 8, "type": "llm.int8", "computeDtype": compute}
 
 
 def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> TrainResult:
@@ -540,7 +568,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
         "baseModel": report["baseModel"], "datasetTier": p.dataset_tier, "datasetFingerprint": run.data.fingerprint,
         "params": report["params"], "metrics": {k: report["metrics"][k] for k in ("valLoss", "baseValLoss", "trainLoss")},
         "tokenizerHash": report["tokenizerHash"], "templateHash": report["templateHash"],
-        "trainSamples": len(run.train), "gate": None,
+        "trainSamples": len(run.train), "gate": None, "quantization": report["quantization"],
     }
 
     def write_report(final: dict[str, Any]) -> None:
