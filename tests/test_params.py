@@ -41,3 +41,18 @@ def test_target_modules_list_or_all_linear() -> None:
 def test_explicit_alpha_is_kept_over_base() -> None:
     base = parse_params({"rank": 8, "alpha": 4})
     assert parse_params({"rank": 32}, base=base).alpha == 4
+
+
+@pytest.mark.parametrize(("given", "stored"), [(True, "true"), (False, "false"), ("auto", "auto"), ("false", "false")])
+def test_gradient_checkpointing_takes_auto_and_still_booleans(given: object, stored: str) -> None:
+    assert LoraParams().gradient_checkpointing == "auto"
+    params = parse_params({"gradientCheckpointing": given})
+    assert params.gradient_checkpointing == stored and params.wire()["gradientCheckpointing"] == stored
+
+
+def test_quantize_names_its_choices() -> None:
+    assert LoraParams().quantize == "none" and parse_params({"quantize": "4bit"}).quantize == "4bit"
+    with pytest.raises(UsageError, match="quantize: Input should be 'none', '4bit' or '8bit'"):
+        parse_params({"quantize": "2bit"})
+    with pytest.raises(UsageError, match="gradientCheckpointing"):
+        parse_params({"gradientCheckpointing": "sometimes"})

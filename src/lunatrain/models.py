@@ -350,8 +350,14 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
     return tok
 
 
-def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None):
-    """Load the base causal LM from safetensors onto `device` (`dtype`: torch dtype or None for float32)."""
+def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None,
+               quantize: str = "none"):
+    """Load the base causal LM from safetensors onto `device` (`dtype`: torch dtype or None for float32).
+
+    `quantize` 4bit/8bit loads the linear layers of the decoder through bitsandbytes (QLoRA): NF4 with double
+    quantization computing in `dtype` (bfloat16 on CUDA, float32 on CPU), or LLM.int8. Embeddings and the
+    output layer stay in `dtype`. Such a model trains LoRA adapters but is never merged into (merge.py loads
+    the full-precision base)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -359,6 +365,10 @@ def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str 
 
     info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)
     hf_logging.disable_progress_bar()  # lunatrain shows its own progress; the per-tensor bar is noise
+    extra: dict[str, Any] = {}
+    if quantize != "none":
+        extra = {"quantization_config": quantization_config(quantize, dtype or torch.float32),
+                 "device_map": {"": torch.cuda.current_device() if device == "cuda" else "cpu"}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             info.path,
@@ -366,10 +376,40 @@ def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str 
             use_safetensors=True,
             trust_remote_code=False,
             local_files_only=True,
+            **extra,
         )
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"Base model {info.id!r} could not be loaded: {exc}") from exc
-    return model.to(device)
+    if quantize == "none":
+        return model.to(device)
+    # bitsandbytes repacks a 4-bit layer for its AVX512-BF16 CPU kernel the first time the layer runs in
+    # eval mode without gradients, for good, and that kernel has no backward: after the base validation
+    # loss every later training step would lose the gradients through the quantized layers.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model  # placed by device_map: bitsandbytes models refuse .to()
+
+
+def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.BitsAndBytesConfig
+    """NF4 + double quantization (QLoRA's recipe) for 4bit, LLM.int8 for 8bit."""
+    import logging
+
+    # bitsandbytes logs on every 8-bit matmul on CPU that inputs are cast to float16: noise in a training log
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise UsageError(f"quantize={quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.50'.") from exc
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UsageError(f"quantize must be none, 4bit or 8bit, not {quantize!r}.")
 
 
 # Below this size a CPU matmul is too small to gain from intra-op threads and can lose a lot to their

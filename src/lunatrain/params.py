@@ -20,6 +20,8 @@ from .settings import NAME_PATTERN
 Tier = Literal["curated", "memory", "merged"]
 Strategy = Literal["versioned", "overwrite"]
 Device = Literal["auto", "cpu", "cuda"]
+Switch = Literal["auto", "true", "false"]
+Quantize = Literal["none", "4bit", "8bit"]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 # Base model: a hub id (`org/name`), `luna-tiny`, or a local directory. Checked again when loading.
 BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00\n\r]+$")]
@@ -60,7 +62,10 @@ class LoraParams(CamelModel):
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     device: Device = "auto"
     packing: bool = True
-    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: Switch = Field(
+        default="auto", description="recompute activations in backward (less memory, ~30% slower); auto: only "
+        "when the memory plan needs it")
+    quantize: Quantize = Field(default="none", description="load the frozen base in 4 or 8 bits (QLoRA, bitsandbytes)")
     resume: bool = False
     # A name, never a path: the CLI stores a .jinja file under the data root and passes its name.
     chat_template: str | None = Field(
@@ -74,6 +79,12 @@ class LoraParams(CamelModel):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _switch_from_bool(cls, v: object) -> object:
+        # booleans were this field's type before `auto` existed; requests and profiles may still send them
+        return str(v).lower() if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _alpha_default(self) -> LoraParams:

@@ -92,6 +92,7 @@ class PrepareReport:
     params: dict[str, Any] = field(default_factory=dict)
     template: dict[str, Any] = field(default_factory=dict)  # name, hash, terminator, added tokens
     samples: list[dict[str, Any]] = field(default_factory=list)  # `show` samples with their trained spans
+    memory: dict[str, Any] = field(default_factory=dict)  # memplan.MemoryPlan.to_dict()
 
     def check(self, check_id: str) -> Check:
         return next(c for c in self.checks if c.id == check_id)
@@ -116,6 +117,7 @@ class PrepareReport:
             "params": self.params,
             "template": self.template,
             "samples": self.samples,
+            "memoryPlan": self.memory,
         }
 
     def raise_on_fail(self) -> PrepareReport:
@@ -123,7 +125,11 @@ class PrepareReport:
         failed = [c for c in self.checks if c.severity == "fail"]
         if failed:
             names = "; ".join(f"{c.id} ({c.count})" for c in failed)
-            raise CheckFailed(f"Preflight failed: {names}; see {self.path or REPORT_FILE} and fix the data.")
+            fix = "fix the data" if any(c.id != "memory_plan" for c in failed) else "change the options"
+            # the memory plan's own sentence names the option that would make the job fit
+            memory = next((f"; {c.message[0].lower()}{c.message[1:].rstrip('.')}" for c in failed
+                           if c.id == "memory_plan"), "")
+            raise CheckFailed(f"Preflight failed: {names}{memory}; see {self.path or REPORT_FILE} and {fix}.")
         return self
 
 
@@ -175,6 +181,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         Check("estimate", "info", estimate["optimizerSteps"], [], f"~{estimate['optimizerSteps']} optimizer steps, "
               f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})")
     )
+    memory = _memory_check(params, tokenized, info, estimate["device"])
+    checks.append(memory[0])
 
     status: Status = "fail" if any(c.severity == "fail" for c in checks) else (
         "warn" if any(c.severity == "warn" for c in checks) else "ok")
@@ -202,6 +210,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
                   "terminator": terminator.to_dict(), "addedTokens": added},
         samples=[marked_sample(tokenizer, enc, _rid(rec)) for rec, enc in
                  list(zip(data.train, tokenized.train, strict=True))[:show]],
+        memory=memory[1],
     )
     path = settings.reports_training_dir / REPORT_FILE
     report.path = str(path)
@@ -544,6 +553,16 @@ def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: A
         "seconds": round(tokens / tps, 1) if tps else None,
         "source": source,
     }
+
+
+def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) -> tuple[Check, dict[str, Any]]:
+    """The memory plan for the largest micro-batch of this data: fails when the job cannot fit."""
+    from . import memplan
+
+    train = [e for e in tokenized.train if e.n_supervised]
+    plan = memplan.plan(memplan.model_shape(info), params, memplan.device_memory(device),
+                        batch_tokens=memplan.largest_batch(train, params.batch_size) if train else None)
+    return Check("memory_plan", "info" if plan.fits else "fail", plan.total, [], plan.message), plan.to_dict()
 
 
 def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> float | None:

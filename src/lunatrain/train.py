@@ -38,11 +38,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, checkpoints, distributed, kernels, registry
+from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .compat import enable_checkpointing, masked_logits_supported
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
+from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .params import LoraParams, parse_params, steps_per_epoch, total_steps
 from .settings import Settings, check_name
 from .tokens import Batch, Encoded, make_batch
@@ -122,6 +123,8 @@ class Run(LoopState):
     work_dir: Path = field(kw_only=True)
     kernels: dict[str, str] = field(default_factory=dict, kw_only=True)  # kernels.install's choice
     added_tokens: list[str] = field(default_factory=list, kw_only=True)  # template markers added to the vocabulary
+    loss: dict[str, Any] = field(default_factory=lambda: {"path": "plain"}, kw_only=True)  # chunked or plain, and why
+    plan: memplan.MemoryPlan | None = field(default=None, kw_only=True)  # the estimate and checkpointing decision
     world: World = field(default=distributed.SINGLE, kw_only=True)
     optimizer: torch.optim.Optimizer | None = field(default=None, kw_only=True)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, kw_only=True)
@@ -238,10 +241,8 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
 
 def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any, world: World) -> Run:
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from .models import load_chat_tokenizer, load_model
-    from .templates import check_embedding_room
+    from .models import load_chat_tokenizer
     from .tokens import tokenize_tier
 
     tokenizer, added = load_chat_tokenizer(base, settings, params.chat_template)
@@ -252,12 +253,39 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         raise UsageError("No training sample has an assistant token left after masking and truncation; "
                          "check the data or raise --max-seq-length.")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    plan = memplan.check_fits(settings, params, memplan.device_memory(device), base=base,
+                              batch_tokens=memplan.largest_batch(train_set, params.batch_size))
+    model, chosen, loss = load_lora_model(params, settings, base, device, bf16, plan.checkpointing,
+                                          tokenizer=tokenizer, added=added)
+    distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
+    return Run(
+        params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
+        autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
+        val=val_set, steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
+        total_steps=total_steps(len(train_set), params, world.size),
+        work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
+        added_tokens=added, loss=loss, plan=plan,
+    )
+
+
+def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: str, bf16: bool,
+                    checkpointing: bool, *, tokenizer: Any = None,
+                    added: list[str] | None = None) -> tuple[Any, dict[str, str], dict[str, Any]]:
+    """The base model (quantized when asked) with a fresh LoRA, checkpointing and kernels in place; with
+    `kernels.install`'s choice and the loss path (`loss.lean_loss_check`). Template markers in `added`
+    (missing from the vocabulary) get their embedding rows trained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .models import load_model
+    from .templates import check_embedding_room
+
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
-    model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32)
+    model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32, params.quantize)
     model.config.use_cache = False  # a KV cache in training breaks packed-sample isolation
     targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
     # Template markers the vocabulary lacked get their embedding rows trained (saved with the adapter).
-    new_ids = check_embedding_room(model, tokenizer, added, base.id)
+    new_ids = check_embedding_room(model, tokenizer, added or [], base.id) if added else []
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM",
                         trainable_token_indices=new_ids or None)
@@ -267,21 +295,15 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
-    if params.gradient_checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
+    if checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; train without it.")
         enable_checkpointing(model)
     chosen = kernels.install(model, device)
-    distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
-    per_epoch = steps_per_epoch(len(train_set), params, world.size)
-    total = total_steps(len(train_set), params, world.size)
-    return Run(
-        params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
-        autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
-        val=val_set, steps_per_epoch=per_epoch, total_steps=total,
-        work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
-        added_tokens=added,
-    )
+    why_plain = lean_loss_check(model, device)
+    loss = {"path": "plain", "reason": why_plain} if why_plain else {
+        "path": "chunked", "chunkTokens": chunk_tokens(model.get_output_embeddings().weight.shape[0])}
+    return model, chosen, loss
 
 
 def run_key(params: LoraParams, base: Any, data: Any) -> str:
@@ -415,9 +437,12 @@ def batch_of(run: Run, samples: list[Encoded]) -> Batch:
 
 
 def loss_sum(run: Run, batch: Batch) -> Any:
-    """Sum of cross-entropy over the batch's supervised positions (float32)."""
+    """Sum of cross-entropy over the batch's supervised positions (float32): chunked (`loss`) where the
+    model allows, so the logits of the whole micro-batch never exist at once."""
     import torch.nn.functional as F
 
+    if run.loss["path"] == "chunked":
+        return chunked_loss_sum(run.model, batch, run.device, run.autocast_dtype, run.loss["chunkTokens"])
     logits, targets = forward_supervised(run.model, batch, run.device, run.autocast_dtype)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
@@ -513,12 +538,26 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "device": {"used": run.device, "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
                    **device_info()},
         "kernels": run.kernels,
+        "loss": run.loss,
+        "quantization": quantization(p.quantize, run.autocast_dtype),
+        "memoryPlan": run.plan.to_dict() if run.plan else None,
         "dataParallel": {"ranks": run.world.size,
                          "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None},
         "packages": package_versions(),
         "durationSeconds": round(time.time() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),
     }
+
+
+def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
+    """How the frozen base was held in training (None: full precision). The adapter itself is always an
+    ordinary float32 PEFT adapter for the unquantized base."""
+    if quantize == "none":
+        return None
+    compute = "bfloat16" if autocast_dtype is not None else "float32"
+    if quantize == "4bit":
+        return {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": compute}
+    return {"method": "bitsandbytes", "bits": 8, "type": "llm.int8", "computeDtype": compute}
 
 
 def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> TrainResult:
@@ -545,7 +584,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
         "baseModel": report["baseModel"], "datasetTier": p.dataset_tier, "datasetFingerprint": run.data.fingerprint,
         "params": report["params"], "metrics": {k: report["metrics"][k] for k in ("valLoss", "baseValLoss", "trainLoss")},
         "tokenizerHash": report["tokenizerHash"], "templateHash": report["templateHash"],
-        "trainSamples": len(run.train), "gate": None,
+        "trainSamples": len(run.train), "gate": None, "quantization": report["quantization"],
     }
 
     def write_report(final: dict[str, Any]) -> None:

@@ -1,0 +1,373 @@
+"""The memory plan: will a LoRA job fit this device, and with which options? `check_fits(settings, params,
+device)` answers before a job starts (prepare, job submit, the training loop's validation), so a job that
+cannot fit is refused with one sentence naming the option that would make it fit, instead of running
+until it dies out of memory.
+
+The estimate works from the base model's config.json alone (no weights are read) and counts, in bytes:
+
+- `weights`: every parameter in the compute dtype (float32 on CPU, bfloat16 on CUDA), except the decoder's
+  linear layers under `quantize` (NF4: ~0.52 bytes per weight with double-quantized scales; int8: ~1);
+- `lora`: LoRA parameters in float32 with their gradients and two AdamW moments (16 bytes each);
+- `activations`: what autograd keeps per token and layer for a micro-batch of `tokens`: the inputs of
+  norms, projections, attention and MLP, plus one copy of each LoRA input where dropout is on. With
+  gradient checkpointing only each layer's input is kept, and one layer's worth is rebuilt in backward;
+- `logits`: the cross-entropy at the supervised positions: their logits, float32 log-softmax and gradients
+  for all of them (plain path) or for one chunk (`loss.py`'s chunked path);
+- `overhead`: the runtime (CPU: the Python process with torch and transformers; CUDA: context, kernels'
+  workspace, allocator slack).
+
+The constants are checked against measured peaks by `bench/memory.py` (bench/results/memory.md).
+`gradientCheckpointing=auto` turns checkpointing on only when the job would not fit without it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from .errors import UsageError
+from .loss import chunk_tokens
+from .params import LoraParams
+from .settings import Settings
+
+GIB = 1 << 30
+# What a job may plan to use of the memory free when it starts: the rest is headroom for the estimate's
+# error, other processes (CPU) and allocator fragmentation (CUDA).
+BUDGET_FRACTION = {"cpu": 0.85, "cuda": 0.90}
+# The process itself: torch + transformers + PEFT + bitsandbytes imported (measured ~470 MiB RSS on CPU),
+# tokenizer and data; on CUDA the context, cuBLAS workspaces and the allocator's reserve.
+OVERHEAD = {"cpu": 640 << 20, "cuda": 1200 << 20}
+# Bytes per weight of a quantized linear layer: NF4 packs two per byte plus a float scale per 64 weights,
+# itself quantized to 8 bits per 256 scales (double quantization); int8 keeps a float scale per row.
+QUANT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Architectures whose logits the chunked loss does not reproduce (loss.lean_loss_check finds them at run
+# time; here the config keys tell, so the plan matches what the run will do).
+PLAIN_LOSS_KEYS = ("logits_scaling", "logit_scale")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a decoder-only transformer that decide its memory."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    chunked_loss: bool = True
+    varlen: bool = True  # per-sample attention (kernels.py); else a dense block mask per row
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], name: str) -> Shape:
+        cfg = cfg.get("text_config") or cfg  # multimodal configs keep the language model's shape inside
+        try:
+            hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or cfg["d_model"])
+            heads = int(cfg.get("num_attention_heads") or cfg["n_head"])
+            return cls(
+                name=name, hidden=hidden,
+                layers=int(cfg.get("num_hidden_layers") or cfg["n_layer"]),
+                heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
+                vocab=int(cfg["vocab_size"]),
+                tied=bool(cfg.get("tie_word_embeddings", True)),
+                chunked_loss=not any(cfg.get(k) not in (None, 1, 1.0) for k in PLAIN_LOSS_KEYS),
+                varlen=cfg.get("attn_logit_softcapping") is None,
+            )
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise UsageError(f"The config of base model {name!r} does not describe a decoder the memory plan "
+                             f"knows (missing {exc}).") from exc
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.module_dims().values())
+
+    @property
+    def params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.linear_params + (2 * self.layers + 1) * self.hidden
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a job asks of the device, besides the model: the options the estimate depends on."""
+
+    device: str  # cpu | cuda
+    tokens: int  # tokens of the largest micro-batch
+    supervised: int  # supervised positions in it
+    rows: int  # rows of that micro-batch when laid out without per-sample attention
+    rank: int
+    targets: tuple[str, ...]
+    dropout: bool
+    quantize: str
+    checkpointing: bool
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.device == "cuda" else 4  # bfloat16 on CUDA, float32 on CPU
+
+
+def _targeted(shape: Shape, job: Job) -> dict[str, tuple[int, int]]:
+    dims = shape.module_dims()
+    if job.targets == ("all-linear",):
+        return dims
+    named = {k: v for k, v in dims.items() if any(t == k or k.endswith(t) for t in job.targets)}
+    return named or dims  # modules the plan does not know by name: count as all-linear (an upper bound)
+
+
+def estimate(shape: Shape, job: Job) -> dict[str, int]:
+    """Peak bytes by component (see the module docstring) and their `total`."""
+    b = job.compute_bytes
+    h, i, kv = shape.hidden, shape.intermediate, 2 * shape.kv_heads * shape.head_dim
+    targeted = _targeted(shape, job)
+    if job.quantize == "none":
+        weights = shape.params * b
+    else:
+        weights = int(shape.linear_params * QUANT_BYTES[job.quantize]) + (shape.params - shape.linear_params) * b
+    lora = 16 * job.rank * shape.layers * sum(a + c for a, c in targeted.values())
+    # per token and layer, in elements: norms 2h each (input and normalized), q/k/v (h + kv), attention
+    # output and o_proj input (2h), MLP input (h), gate, up, activation and product (4i)
+    per_layer = 9 * h + kv + 4 * i
+    if job.dropout:  # PEFT keeps each LoRA module's dropped-out input for backward
+        per_layer += sum(a for a in (d[0] for d in targeted.values()))
+    per_layer += 2 * job.rank * len(targeted)  # LoRA A outputs and their scaled copies
+    if job.checkpointing:
+        activations = job.tokens * b * (shape.layers * h + per_layer)
+    else:
+        activations = job.tokens * b * shape.layers * per_layer
+    if not shape.varlen:  # a dense block mask per row, and eager attention's probabilities per layer
+        row = -(-job.tokens // job.rows)
+        activations += job.rows * row * row * (1 + (1 if job.checkpointing else shape.layers) * shape.heads * b)
+    per_logit = (4 if b == 4 else b + 4) + 8  # logits (+ float32 copy), log-softmax and its gradient
+    if shape.chunked_loss:
+        logits = min(job.supervised, chunk_tokens(shape.vocab)) * shape.vocab * per_logit + 2 * job.supervised * h * b
+    else:
+        logits = job.supervised * shape.vocab * per_logit
+    parts = {"weights": int(weights), "lora": lora, "activations": activations, "logits": logits,
+             "overhead": OVERHEAD[job.device]}
+    if job.device == "cuda":
+        parts["overhead"] += int(0.05 * sum(parts.values()))  # allocator fragmentation
+    return parts | {"total": sum(parts.values())}
+
+
+# --- the plan for one job ---------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryPlan:
+    base_model: str
+    device: str
+    free: int  # bytes free on the device when planned
+    budget: int  # what the job may use: BUDGET_FRACTION of free
+    fits: bool
+    checkpointing: bool  # the decision: requested, or auto and needed
+    checkpointing_reason: str
+    quantize: str
+    loss: str  # chunked | plain
+    tokens: int
+    supervised: int
+    parts: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    suggestion: str | None = None  # the option that would make a job fit that does not
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {
+            "baseModel": d["base_model"], "device": d["device"], "free": d["free"], "budget": d["budget"],
+            "fits": d["fits"], "gradientCheckpointing": d["checkpointing"],
+            "gradientCheckpointingReason": d["checkpointing_reason"], "quantize": d["quantize"], "loss": d["loss"],
+            "tokensPerMicroBatch": d["tokens"], "supervisedPerMicroBatch": d["supervised"], "bytes": d["parts"],
+            "total": d["total"], "suggestion": d["suggestion"], "message": d["message"],
+        }
+
+
+def plan(shape: Shape, params: LoraParams, device: dict[str, Any], *, batch_tokens: tuple[int, int] | None = None,
+         ) -> MemoryPlan:
+    """The plan for `params` on `device` (a `models.device_info()`-shaped dict: type, memoryFree) without
+    raising; `batch_tokens` = (tokens, supervised) of the largest micro-batch, else the worst case
+    batchSize x maxSeqLength, all supervised."""
+    kind = device["type"]
+    free = int(device.get("memoryFree") or 0)
+    budget = int(free * BUDGET_FRACTION.get(kind, 0.85))
+    tokens, supervised = batch_tokens or (params.batch_size * params.max_seq_length,) * 2
+    job = Job(device=kind, tokens=tokens, supervised=supervised,
+              rows=1 if params.packing and shape.varlen else params.batch_size, rank=params.rank,
+              targets=(params.target_modules,) if isinstance(params.target_modules, str) else tuple(params.target_modules),
+              dropout=params.dropout > 0, quantize=params.quantize, checkpointing=False)
+    switch = params.gradient_checkpointing
+    tries = [False, True] if switch == "auto" else [switch == "true"]
+    for ck in tries:
+        parts = estimate(shape, replace(job, checkpointing=ck))
+        if parts["total"] <= budget:
+            break
+    fits = parts["total"] <= budget
+    reason = ({"true": "requested", "false": "off as requested"}.get(switch)
+              or ("needed to fit" if ck else "not needed: the job fits without it"))
+    result = MemoryPlan(
+        base_model=shape.name, device=kind, free=free, budget=budget, fits=fits, checkpointing=ck,
+        checkpointing_reason=reason, quantize=params.quantize, loss="chunked" if shape.chunked_loss else "plain",
+        tokens=tokens, supervised=supervised, parts={k: v for k, v in parts.items() if k != "total"},
+        total=parts["total"],
+    )
+    need, have = _gib(parts["total"]), _gib(budget)
+    if fits:
+        result.message = (f"{shape.name} fits on {kind}: about {need} of {have} usable"
+                          f"{', with gradient checkpointing' if ck else ''}.")
+        return result
+    result.suggestion = _suggest(shape, params, job, budget)
+    fix = (f"it would fit with {result.suggestion}" if result.suggestion else
+           "not even 4-bit weights, one sample per micro-batch and maxSeqLength 256 would fit; use a smaller "
+           "base model or a device with more memory")
+    result.message = (f"This job needs about {need} on {kind} but only {have} is usable "
+                      f"({_gib(free)} free); {fix}.")
+    return result
+
+
+def _suggest(shape: Shape, params: LoraParams, job: Job, budget: int) -> str | None:
+    """The options that make the job fit, as flags: one change where one suffices (checkpointing when it
+    was off, 4-bit weights, a smaller batch with more accumulation, a shorter maxSeqLength), else these
+    combined in that order; None when even all of them together do not fit."""
+    ck = params.gradient_checkpointing != "false"
+
+    def fits(change: dict[str, Any]) -> bool:
+        tokens = min(job.tokens, change.get("batch", params.batch_size) * change.get("length", params.max_seq_length))
+        trial = replace(job, tokens=tokens, supervised=min(job.supervised, tokens),
+                        checkpointing=change.get("checkpointing", ck), quantize=change.get("quantize", job.quantize))
+        return estimate(shape, trial)["total"] <= budget
+
+    steps: list[dict[str, Any]] = []
+    if not ck:
+        steps.append({"checkpointing": True})
+    if params.quantize != "4bit":
+        steps.append({"quantize": "4bit"})
+    steps += [{"batch": b} for b in range(params.batch_size - 1, 0, -1)]
+    length = params.max_seq_length // 2
+    while length >= 256:
+        steps.append({"length": length})
+        length //= 2
+    for change in steps:  # one change
+        if fits(change):
+            return _flags(change, params)
+    combined: dict[str, Any] = {}
+    for change in steps:  # cumulative, then without the parts it turns out not to need
+        combined |= change
+        if fits(combined):
+            for key in list(combined):
+                lighter = {k: v for k, v in combined.items() if k != key}
+                if fits(lighter):
+                    combined = lighter
+            return _flags(combined, params)
+    return None
+
+
+def _flags(change: dict[str, Any], params: LoraParams) -> str:
+    flags = []
+    if change.get("checkpointing"):
+        flags.append("--gradientCheckpointing=true")
+    if "quantize" in change:
+        flags.append(f"--quantize={change['quantize']}")
+    if "batch" in change:  # the same samples per optimizer step, in more micro-batches
+        keep = -(-params.batch_size * params.gradient_accumulation // change["batch"])
+        flags.append(f"--batchSize={change['batch']} --gradientAccumulation={keep}")
+    if "length" in change:
+        flags.append(f"--maxSeqLength={change['length']}")
+    return " ".join(flags)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+# --- entry points -------------------------------------------------------------------------------------
+
+
+def check_fits(settings: Settings, params: LoraParams, device: dict[str, Any] | None = None, *,
+               base: Any = None, batch_tokens: tuple[int, int] | None = None) -> MemoryPlan:
+    """The plan for this job; raises UsageError (one sentence, naming the option that would make it fit)
+    when it cannot fit. `device`: a `models.device_info()` dict for the device the job will use (default:
+    the one `params.device` resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
+    from .models import resolve_base, resolve_device
+
+    if device is None:
+        device = device_memory(resolve_device(params.device))
+    info = base or resolve_base(params.base_model, settings)
+    result = plan(model_shape(info), params, device, batch_tokens=batch_tokens)
+    if not result.fits:
+        raise UsageError(result.message, details=[result.to_dict()])
+    return result
+
+
+def model_shape(info: Any) -> Shape:
+    """The Shape of a resolved base model, from its config.json."""
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"The config.json of base model {info.id!r} cannot be read: {exc}") from exc
+    return Shape.from_config(cfg, info.id)
+
+
+def device_memory(kind: str) -> dict[str, Any]:
+    """Type and free memory of the device a job runs on (`models.device_info()` describes the default one)."""
+    from .models import device_info
+
+    info = device_info()
+    if info["type"] == kind:
+        return info
+    import psutil  # a CPU job on a machine with a GPU
+
+    return {"type": "cpu", "memoryFree": int(psutil.virtual_memory().available),
+            "memoryTotal": int(psutil.virtual_memory().total)}
+
+
+def largest_batch(samples: list[Any], batch_size: int) -> tuple[int, int]:
+    """(tokens, supervised positions) that no micro-batch of `batch_size` of these samples exceeds."""
+    tokens = sorted((len(s) for s in samples), reverse=True)[:batch_size]
+    supervised = sorted((s.n_supervised for s in samples), reverse=True)[:batch_size]
+    return sum(tokens), sum(supervised)
+
+
+def reference_shapes() -> list[Shape]:
+    data = json.loads((resources.files("lunatrain") / "resources" / "memplan" / "reference-shapes.json").read_text())
+    return [Shape.from_config(s, s["name"]) for s in data["shapes"]]
+
+
+def capabilities(device: dict[str, Any], params: LoraParams | None = None) -> list[str]:
+    """`lunatrain health`'s "what this machine can train": for each reference shape, whether a LoRA job
+    with `params` (default: LoraParams(), r=16, 4 x 1024 tokens) fits as it is or with --quantize=4bit."""
+    params = params or LoraParams()
+    kind = device.get("type", "cpu")
+    head = (f"What this {kind} can train ({_gib(int(device.get('memoryFree') or 0))} free; LoRA r={params.rank}, "
+            f"{params.batch_size} x {params.max_seq_length} tokens per micro-batch):")
+    lines, plain, quantized = [head], None, None
+    for shape in reference_shapes():
+        as_is = plan(shape, params.model_copy(update={"quantize": "none"}), device)
+        q4 = plan(shape, params.model_copy(update={"quantize": "4bit"}), device)
+        if as_is.fits:
+            plain = shape.name
+            verdict = f"fits ({_gib(as_is.total)}{', checkpointing' if as_is.checkpointing else ''})"
+        elif q4.fits:
+            quantized = shape.name
+            verdict = f"fits with --quantize=4bit ({_gib(q4.total)}{', checkpointing' if q4.checkpointing else ''})"
+        else:
+            verdict = f"too large (needs {_gib(q4.total)} even in 4 bits)"
+        lines.append(f"  {shape.name:<14} {verdict}")
+    largest = [f"{plain} as it is" if plain else None, f"{quantized} with --quantize=4bit" if quantized else None]
+    lines.append("  largest: " + ("; ".join(x for x in largest if x) or "none of these shapes"))
+    return lines

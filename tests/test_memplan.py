@@ -1,0 +1,198 @@
+"""The memory plan: shapes from config.json, the checkpointing decision, refusals that name the option that
+would fit, and its place before a job (prepare, run_lora before the model loads). Run:
+`pytest tests/test_memplan.py -q`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_records, write_export
+
+from lunatrain import memplan, models
+from lunatrain.errors import CheckFailed, UsageError
+from lunatrain.params import LoraParams, parse_params
+
+GIB = 1 << 30
+CUDA_16 = {"type": "cuda", "memoryFree": 16 * GIB}
+
+
+def _shape(name: str) -> memplan.Shape:
+    return next(s for s in memplan.reference_shapes() if s.name == name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_shape_counts_the_parameters_of_the_real_model(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config)
+    shape = memplan.Shape.from_config(config.to_dict(), "x")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    assert shape.linear_params == linear
+
+
+def test_lora_bytes_match_the_peft_adapter_of_luna_tiny(settings):
+    """16 bytes (weight, gradient, two AdamW moments) per LoRA parameter PEFT actually creates."""
+    from peft import LoraConfig, get_peft_model
+
+    info = models.resolve_base(None, settings)
+    model = get_peft_model(models.load_model(info, settings), LoraConfig(r=8, target_modules="all-linear"))
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    job = memplan.Job("cpu", 100, 50, 1, 8, ("all-linear",), True, "none", False)
+    assert memplan.estimate(memplan.model_shape(info), job)["lora"] == 16 * n_lora
+    job = memplan.Job("cpu", 100, 50, 1, 8, ("q_proj", "v_proj"), True, "none", False)
+    model = get_peft_model(models.load_model(info, settings), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert memplan.estimate(memplan.model_shape(info), job)["lora"] == 16 * sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_auto_checkpointing_turns_on_only_when_needed():
+    shape, params = _shape("Llama-3.2-1B"), LoraParams(batch_size=4, max_seq_length=4096)
+    roomy = memplan.plan(shape, params, {"type": "cuda", "memoryFree": 140 * GIB})
+    assert roomy.fits and not roomy.checkpointing and roomy.checkpointing_reason.startswith("not needed")
+    tight = memplan.plan(shape, params, CUDA_16)
+    assert tight.fits and tight.checkpointing and tight.checkpointing_reason == "needed to fit"
+    assert tight.parts["activations"] < roomy.parts["activations"] / 4
+    forced = memplan.plan(shape, params.model_copy(update={"gradient_checkpointing": "true"}),
+                          {"type": "cuda", "memoryFree": 140 * GIB})
+    assert forced.checkpointing and forced.checkpointing_reason == "requested"
+
+
+def test_a_job_that_cannot_fit_names_the_option_that_would():
+    shape = _shape("Llama-3.1-8B")  # 16 GB of bf16 weights: not on a 16 GB card, but in 4 bits
+    plan = memplan.plan(shape, LoraParams(), CUDA_16)
+    assert not plan.fits and plan.suggestion == "--quantize=4bit"
+    assert plan.message.startswith("This job needs about") and "it would fit with --quantize=4bit" in plan.message
+    assert memplan.plan(shape, LoraParams(quantize="4bit"), CUDA_16).fits
+    # checkpointing switched off by hand: turning it back on is the smallest change
+    off = memplan.plan(_shape("Llama-3.2-1B"), LoraParams(max_seq_length=4096, gradient_checkpointing="false"), CUDA_16)
+    assert off.suggestion == "--gradientCheckpointing=true"
+    # already 4-bit: a smaller micro-batch, keeping the samples per optimizer step
+    long = LoraParams(quantize="4bit", batch_size=8, max_seq_length=8192)
+    plan = memplan.plan(shape, long, CUDA_16)
+    assert plan.suggestion and plan.suggestion.startswith("--batchSize=")
+    batch = int(plan.suggestion.split()[0].split("=")[1])
+    assert f"--gradientAccumulation={8 // batch}" in plan.suggestion
+    fixed = memplan.plan(shape, long.model_copy(update={"batch_size": batch}), CUDA_16)
+    assert fixed.fits
+    hopeless = memplan.plan(_shape("Llama-3.3-70B"), LoraParams(), {"type": "cuda", "memoryFree": 8 * GIB})
+    assert hopeless.suggestion is None and "use a smaller base model" in hopeless.message
+
+
+def test_chunked_loss_is_what_keeps_a_large_vocabulary_small():
+    shape = _shape("Llama-3.2-1B")
+    job = memplan.Job("cuda", 16384, 16384, 1, 16, ("all-linear",), True, "none", True)
+    chunked = memplan.estimate(shape, job)["logits"]
+    from dataclasses import replace
+
+    plain = memplan.estimate(replace(shape, chunked_loss=False), job)["logits"]
+    assert plain > 16384 * 128256 * 12 > 20 * chunked  # >25 GB of logits vs about 1 GB
+
+
+def test_check_fits_raises_one_sentence_for_luna_tiny_on_a_tiny_device(settings):
+    params = parse_params({"maxSeqLength": 4096, "batchSize": 64})
+    with pytest.raises(UsageError) as err:
+        memplan.check_fits(settings, params, {"type": "cpu", "memoryFree": 1200 << 20})
+    message = err.value.message
+    assert message.startswith("This job needs about") and message.count(". ") == 0 and message.endswith(".")
+    fix = message.split("it would fit with ")[1].rstrip(".")
+    batch, accumulation = (int(flag.split("=")[1]) for flag in fix.split())
+    assert fix.startswith("--batchSize=") and batch * accumulation >= 64
+    assert memplan.check_fits(settings, params.model_copy(update={"batch_size": batch}),
+                              {"type": "cpu", "memoryFree": 1200 << 20}).fits
+    plan = memplan.check_fits(settings, params, {"type": "cpu", "memoryFree": 64 * GIB})
+    assert plan.fits and plan.base_model == "luna-tiny" and plan.tokens == 64 * 4096
+
+
+def test_capabilities_list_the_reference_shapes(settings):
+    lines = memplan.capabilities({"type": "cuda", "memoryFree": 24 * GIB})
+    assert lines[0].startswith("What this cuda can train (24.0 GiB free; LoRA r=16, 4 x 1024 tokens")
+    assert len(lines) == len(memplan.reference_shapes()) + 2
+    verdict = {line.split()[0]: line for line in lines[1:-1]}
+    assert "fits (" in verdict["Qwen2.5-0.5B"] and "too large" in verdict["Llama-3.3-70B"]
+    assert "--quantize=4bit" in lines[-1]
+    assert memplan.capabilities({"type": "cpu", "memoryFree": 512 << 20})[-1] == "  largest: none of these shapes"
+
+
+# --- before a job ----------------------------------------------------------------------------------
+
+
+def _small_device(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(memplan, "device_memory", lambda kind: {"type": kind, "memoryFree": free})
+
+
+def test_run_lora_refuses_before_loading_the_model(settings, monkeypatch):
+    from lunatrain import train
+
+    write_export(settings, make_records(24, val_every=6))
+    _small_device(monkeypatch, 600 << 20)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    with pytest.raises(UsageError, match=r"^This job needs about .* on cpu but only"):
+        train.run_lora(parse_params({"adapterName": "nofit", "maxSeqLength": 128}), settings)
+    assert not (settings.adapters_dir / "nofit").exists()
+
+
+def test_auto_checkpointing_is_decided_by_the_plan_and_recorded(settings, monkeypatch):
+    """On a device where the job only fits with checkpointing, auto turns it on, and the report says so."""
+    from lunatrain import train
+
+    write_export(settings, make_records(24, val_every=6))
+    params = parse_params({"adapterName": "auto-ck", "epochs": 1, "maxSteps": 1, "maxSeqLength": 128, "rank": 4})
+    shape = memplan.model_shape(models.resolve_base(None, settings))
+    train_set = [e for e in _tokenized(settings).train if e.n_supervised]
+    tokens, supervised = memplan.largest_batch(train_set, params.batch_size)
+    sizes = {ck: memplan.estimate(shape, memplan.Job("cpu", tokens, supervised, 1, 4, ("all-linear",), True,
+                                                      "none", ck))["total"] for ck in (False, True)}
+    assert sizes[True] < sizes[False]
+    # free memory whose budget lies between the two estimates
+    _small_device(monkeypatch, int((sizes[True] + sizes[False]) / 2 / memplan.BUDGET_FRACTION["cpu"]))
+    seen = {}
+    real = train.load_lora_model
+
+    def spy(*args, **kwargs):
+        model, chosen, loss = real(*args, **kwargs)
+        seen["checkpointing"] = model.is_gradient_checkpointing
+        return model, chosen, loss
+
+    monkeypatch.setattr(train, "load_lora_model", spy)
+    result = train.run_lora(params, settings)
+    assert result.ok and seen["checkpointing"] is True
+    plan = result.report["memoryPlan"]
+    assert plan["gradientCheckpointing"] is True and plan["gradientCheckpointingReason"] == "needed to fit"
+    assert plan["tokensPerMicroBatch"] == tokens and result.report["params"]["gradientCheckpointing"] == "auto"
+    assert result.report["loss"] == {"path": "chunked", "chunkTokens": 5461}
+
+
+def _tokenized(settings):
+    from lunatrain.export import read_tier
+    from lunatrain.tokens import tokenize_tier
+
+    tok = models.load_tokenizer(None, settings)
+    return tokenize_tier(settings, "curated", tok, 128, data=read_tier(settings, "curated"))
+
+
+def test_prepare_writes_the_plan_and_fails_when_the_job_cannot_fit(settings, monkeypatch):
+    from lunatrain.prepare import prepare
+
+    write_export(settings, make_records(24, val_every=6))
+    report = prepare(settings, parse_params({"maxSeqLength": 128}))
+    check = report.check("memory_plan")
+    assert check.severity == "info" and check.message.startswith("luna-tiny fits on cpu")
+    written = json.loads((settings.reports_training_dir / "prepare-latest.json").read_text())
+    assert written["memoryPlan"]["fits"] is True and written["memoryPlan"]["bytes"]["weights"] > 0
+
+    _small_device(monkeypatch, 600 << 20)
+    report = prepare(settings, parse_params({"maxSeqLength": 128}))
+    assert report.status == "fail" and report.check("memory_plan").severity == "fail"
+    with pytest.raises(CheckFailed, match=r"^Preflight failed: memory_plan \(\d+\); this job needs about .*"
+                                          r"change the options\.$"):
+        report.raise_on_fail()

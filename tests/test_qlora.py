@@ -1,0 +1,141 @@
+"""QLoRA on luna-tiny, on CPU: the base held in 4 bits (NF4, double quantization) or 8 bits trains an
+ordinary PEFT adapter for the full-precision base, and merge uses the full-precision weights.
+Run: `pytest tests/test_qlora.py -q`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_records, write_export
+
+from lunatrain import models, registry, train
+from lunatrain.merge import merge_adapter
+from lunatrain.params import parse_params
+
+FAST = {"epochs": 3, "batchSize": 8, "rank": 8, "learningRate": 1e-2, "maxSeqLength": 128, "seed": 3}
+
+
+def _spy_base_layers(monkeypatch) -> dict:
+    """Record the class of the layers the LoRA wraps, as training sees them."""
+    seen: dict = {}
+    real = train.load_lora_model
+
+    def spy(*args, **kwargs):
+        model, chosen, loss = real(*args, **kwargs)
+        q = model.get_base_model().model.layers[0].self_attn.q_proj
+        seen["base_layer"] = type(q.base_layer).__name__
+        seen["loss"] = loss
+        return model, chosen, loss
+
+    monkeypatch.setattr(train, "load_lora_model", spy)
+    return seen
+
+
+def test_4bit_trains_an_ordinary_adapter_that_merges_into_the_full_precision_base(settings, monkeypatch):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    write_export(settings, make_records(48))
+    seen = _spy_base_layers(monkeypatch)
+    result = train.run_lora(parse_params(FAST | {"quantize": "4bit", "adapterName": "q4"}), settings)
+    assert result.ok, result.error
+    assert seen["base_layer"] == "Linear4bit" and seen["loss"]["path"] == "chunked"
+    m = result.report["metrics"]
+    assert m["valLoss"] < m["baseValLoss"] - 0.3, m  # it learned, in 4 bits
+    expected = {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"}
+    assert result.report["quantization"] == expected and result.report["params"]["quantize"] == "4bit"
+    assert registry.get_version(settings, "q4", "v1")["quantization"] == expected
+
+    # an ordinary PEFT adapter: float32 LoRA matrices only, loading on the unquantized base
+    config = json.loads((result.path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "luna-tiny" and config["r"] == 8
+    tensors = load_file(str(result.path / "adapter_model.safetensors"))
+    assert tensors and all(("lora_A" in k or "lora_B" in k) and v.dtype == torch.float32 for k, v in tensors.items())
+    base = models.load_model(None, settings).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(result.path)).eval()
+        assert type(tuned.get_base_model().model.layers[0].self_attn.q_proj.base_layer) is torch.nn.Linear
+        with_adapter = tuned(input_ids=ids).logits
+    assert (with_adapter - plain).abs().max() > 1e-3
+
+    # merge: W + scale * B @ A on the float32 weights of the base, never on dequantized 4-bit ones
+    merged_dir = merge_adapter(settings, "q4@v1").path
+    merged = load_file(str(merged_dir / "model.safetensors"))
+    original = load_file(str(models.resolve_base(None, settings).path) + "/model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    delta = (config["lora_alpha"] / config["r"]) * (b @ a)
+    torch.testing.assert_close(merged[key], original[key] + delta, atol=1e-6, rtol=0)
+    nf4 = _nf4_roundtrip(original[key])
+    assert (nf4 - original[key]).abs().max() > 100 * 1e-6  # 4-bit weights would be far outside that tolerance
+    assert torch.equal(merged["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+
+
+def _nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def test_8bit_trains_on_cpu(settings, monkeypatch):
+    write_export(settings, make_records(48))
+    seen = _spy_base_layers(monkeypatch)
+    result = train.run_lora(parse_params(FAST | {"quantize": "8bit", "adapterName": "q8"}), settings)
+    assert result.ok, result.error
+    assert seen["base_layer"] == "Linear8bitLt"
+    m = result.report["metrics"]
+    assert m["valLoss"] < m["baseValLoss"] - 0.3, m
+    assert result.report["quantization"]["bits"] == 8
+
+
+def test_full_precision_runs_record_no_quantization(settings):
+    write_export(settings, make_records(24, val_every=6))
+    result = train.run_lora(parse_params(FAST | {"epochs": 1, "maxSteps": 1, "adapterName": "fp"}), settings)
+    assert result.ok and result.report["quantization"] is None
+    assert registry.get_version(settings, "fp", "v1")["quantization"] is None
+
+
+def test_quantization_config_is_qlora_recipe():
+    config = models.quantization_config("4bit", torch.bfloat16)
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert models.quantization_config("8bit", torch.float32).load_in_8bit
+    with pytest.raises(Exception, match="quantize must be none, 4bit or 8bit"):
+        models.quantization_config("2bit", torch.float32)
+
+
+def test_an_eval_pass_leaves_4bit_gradients_intact(settings):
+    """bitsandbytes repacks a 4-bit layer for a faster CPU kernel the first time it runs in eval mode
+    without gradients (on CPUs with AVX512-BF16), and that kernel has no backward: training after the base
+    validation loss would silently lose the gradients through every quantized layer. The loader turns the
+    repacking off; the LoRA gradients after an eval pass are those before it."""
+    from peft import LoraConfig, get_peft_model
+
+    info = models.resolve_base(None, settings)
+    torch.manual_seed(0)
+    model = models.load_model(info, settings, "cpu", torch.float32, "4bit")
+    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear",
+                                             init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+    def grads():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = grads()
+    first = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert before[first].abs().max() > 0
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, msg=name)
