@@ -225,3 +225,31 @@ def test_coalescer_shares_one_call_and_keeps_no_errors() -> None:
         assert len(calls) == 4
 
     asyncio.run(main())
+
+
+def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: TestClient, settings) -> None:
+    from lunatrain import models, registry
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for base_id, fingerprint in (("luna-tiny", fp), ("org/new", "9" * 64)):
+        work = settings.adapters_dir / "a" / ".work" / base_id.replace("/", "_")
+        work.mkdir(parents=True)
+        entry = registry.publish(settings, "a", "versioned", work, {
+            "baseModel": {"id": base_id, "fingerprint": fingerprint}, "params": {}, "metrics": {}})
+        registry.activate(settings, "a", entry["version"], own_base=True)
+    groups = {g["baseModel"]: g["adapters"][0] for g in client.get(f"{T}/adapters").json()["bases"]}
+    assert groups["luna-tiny"]["aliases"]["active"] == "v1" and groups["org/new"]["aliases"]["active"] == "v2"
+    one = client.get(f"{T}/adapters/a").json()
+    assert one["aliases"]["active"] == "v1"  # on the configured base
+    states = {v["version"]: v["state"] for v in one["versions"]}
+    assert states["v1"]["active"] is True
+    assert states["v2"] == {"active": False, "code": "adapter.active_on_other_base", "reason": states["v2"]["reason"],
+                            "params": {"name": "a", "version": "v2", "baseModel": "org/new", "activeOn": "org/new"}}
+    r = client.post(f"{T}/adapters/a/deactivate", json={})
+    assert r.status_code == 200 and "active" not in r.json()["aliases"]
+    again = client.post(f"{T}/adapters/a/deactivate")
+    assert again.status_code == 422 and "not active on the configured base model" in again.json()["error"]["message"]
+    assert client.post(f"{T}/adapters/a/deactivate", json={"version": "v2"}).status_code == 200
+    assert registry.list_active(settings) == []
+    assert client.post(f"{T}/adapters/a/deactivate", json={"version": "../x"}).status_code == 422
+    assert client.post(f"{T}/adapters/zzz/deactivate").status_code == 404
