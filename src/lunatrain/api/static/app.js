@@ -96,13 +96,13 @@ function minCurated() {
 }
 
 function renderDataStatus(status) {
-  const counts = status.counts ?? {};
+  const counts = status.examples ?? {};
   const table = $("counts-table");
   table.tHead.replaceChildren(h("tr", {}, h("th", { scope: "col" }, t("data.source")),
     STATUSES.map((s) => h("th", { scope: "col", class: "num" }, t(`status.${s}`))),
     h("th", { scope: "col", class: "num" }, t("data.total"))));
   // Memory items (facts the assistant remembers) are counted apart from examples; they become samples on export.
-  const rows = { ...counts, ...(status.memory ? { memoryItems: status.memory } : {}) };
+  const rows = { ...counts, ...(status.memoryItems ? { memoryItems: status.memoryItems } : {}) };
   const sources = [...new Set([...SOURCES, ...Object.keys(rows)])];
   table.tBodies[0].replaceChildren(...sources.map((source) => {
     const row = rows[source] ?? {};
@@ -112,7 +112,7 @@ function renderDataStatus(status) {
       h("td", { class: "num" }, formatNumber(total)));
   }));
 
-  const curated = status.curatedApproved ?? status.curated ?? counts.curated?.approved ?? 0;
+  const curated = status.curatedApproved ?? counts.curated?.approved ?? 0;
   const min = status.minCurated ?? minCurated();
   const ready = $("data-ready");
   ready.dataset.ready = status.ready ? "yes" : "no";
