@@ -253,3 +253,24 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     assert registry.list_active(settings) == []
     assert client.post(f"{T}/adapters/a/deactivate", json={"version": "../x"}).status_code == 422
     assert client.post(f"{T}/adapters/zzz/deactivate").status_code == 404
+
+
+def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: TestClient, settings) -> None:
+    """Repro: an adapter directory as `baseModel` was accepted (202) and failed later with "has no config.json"."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    adapter = settings.adapters_dir / "luna-adapter" / "v1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    for ref in ("data/adapters/luna-adapter/v1", str(adapter)):
+        with pytest.raises(UsageError, match="is a LoRA adapter.*not supported") as err:
+            check_base_model(ref, settings)
+        assert err.value.code == "base_model.is_adapter"
+    r = client.post(f"{T}/lora/start", json={"baseModel": "data/adapters/luna-adapter/v1"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "base_model.is_adapter" and "adapter on an adapter" in r.json()["error"]["message"]
+    assert r.json()["error"]["params"] == {"baseModel": "data/adapters/luna-adapter/v1"}
+    cli = CliRunner().invoke(app, ["prepare", "--baseModel", "data/adapters/luna-adapter/v1"])
+    assert cli.exit_code == 2 and "is a LoRA adapter" in cli.output

@@ -90,10 +90,13 @@ class _Evaluator:
         if adapters:
             from peft import PeftModel
 
+            from .compat import peft_wrapping
+
             items = list(adapters.items())
-            model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
-            for name, path in items[1:]:
-                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
+                for name, path in items[1:]:
+                    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.eval()
         self.model = model
         tok = self.tokenizer

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
+from .compat import peft_wrapping
 from .errors import Conflict
 from .fsio import atomic_write_json, replace_dir
 from .settings import Settings, check_name
@@ -56,7 +57,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=merged_root))
     try:
         model = load_model(base, settings, "cpu", torch.float32)
-        model = PeftModel.from_pretrained(model, str(registry.adapter_dir(settings, entry)))
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(registry.adapter_dir(settings, entry)))
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the merged model is for inference
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -132,11 +132,11 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
     """
     from . import models, tokens
 
+    info = models.resolve_base(params.base_model, settings)  # a bad base model is a usage error, data or not
     summary = export_mod.read_summary(settings)
     if summary is None:
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
     tier = params.dataset_tier
-    info = models.resolve_base(params.base_model, settings)
     tokenizer = models.load_tokenizer(info, settings)
 
     checks: list[Check] = []

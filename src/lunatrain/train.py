@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, checkpoints, distributed, kernels, registry
+from .compat import peft_wrapping
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
@@ -237,8 +238,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # PEFT calls a transformers API deprecated for v6
+        with peft_wrapping():
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
