@@ -42,6 +42,17 @@ class Profile:
         return parse_params(merged)
 
 
+def resolve_params(settings: Settings, profile: str | None, flags: dict | None = None) -> tuple[LoraParams, dict]:
+    """What a run uses: the profile's [lora], its table for the base model in use (`baseModel` in the flags,
+    else the profile's, else ASSISTANT_BASE_MODEL), then the flags; plus the profile's [gate] thresholds.
+    Without a profile: the library defaults under the flags, and no thresholds. The flows and standalone
+    `prepare` resolve through here, so a preflight checks what the run will train."""
+    if profile:
+        loaded = load_profile(settings, profile)
+        return loaded.params(flags), dict(loaded.gate)
+    return parse_params(dict(flags or {})), {}
+
+
 def _bundled(name: str) -> Path | None:
     ref = resources.files("lunatrain") / "resources" / "profiles" / f"{name}.toml"
     return Path(str(ref)) if ref.is_file() else None

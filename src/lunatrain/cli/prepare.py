@@ -1,4 +1,7 @@
-"""`lunatrain prepare` (the guide's `train:prepare`): preflight of the exported tier; exit 1 on a failing check."""
+"""`lunatrain prepare` (the guide's `train:prepare`): preflight of the exported tier; exit 1 on a failing check.
+
+Parameters resolve as in `lunatrain luna` (the luna profile, its table for the base model, then the flags),
+so a standalone preflight checks at the length and volume the run will use; `--profile` picks another."""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import typer
 
 from ..errors import LunaError
 from ..prepare import PrepareReport, prepare
+from ..profiles import resolve_params
 from ..settings import load_settings
 from .app import app, fail, is_tty, print_report
-from .flow import ProfileOpt, resolve
 from .options import lora_options
+
+ProfileOpt = Annotated[str, typer.Option("--profile", help="the profile whose values apply under the flags "
+                                                          "(bundled or <home>/profiles/NAME.toml)")]
 
 _STYLE = {"info": "green", "warn": "yellow", "fail": "bold red"}
 
@@ -20,13 +26,13 @@ _STYLE = {"info": "green", "warn": "yellow", "fail": "bold red"}
 @lora_options
 def prepare_cmd(
     lora_flags: dict,
-    profile: ProfileOpt = None,
+    profile: ProfileOpt = "luna",
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Preflight: check every exported example with the base model's tokenizer and chat template."""
     try:
         settings = load_settings()
-        params, _gate = resolve(settings, profile, lora_flags)
+        params, _gate = resolve_params(settings, profile, lora_flags)
         report = prepare(settings, params)
         print_report(report, show, as_json=as_json)
     except LunaError as err:
