@@ -14,6 +14,7 @@ from helpers import make_records, write_export
 from typer.testing import CliRunner
 
 from lunatrain.cli import app
+from lunatrain.messages import CODES
 
 
 def _help(*args: str) -> str:
@@ -58,6 +59,7 @@ def test_standalone_prepare_checks_at_the_luna_profile_values(settings):
     result = CliRunner().invoke(app, ["prepare", "--json"])
     report = json.loads(result.output[: result.output.rindex("}") + 1])
     assert report["maxSeqLength"] == 512
+    assert all(c["code"] in CODES for c in report["checks"])  # each check says itself in a translatable form
     volume = next(c for c in report["checks"] if c["id"] == "volume")
     assert "minCurated 30" in volume["message"] or "30 required" in volume["message"]
     # flags still win, and --profile picks another profile

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .fsio import atomic_write_bytes, atomic_write_json, read_json
+from .messages import coded
 
 if TYPE_CHECKING:
     from .train import Event, Run
@@ -58,7 +59,7 @@ def load(run: Run, emit: Callable[[Event], None]) -> bool:
 
     found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
     if not found:
-        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh"})
+        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")})
         return False
     ckpt = found[-1].parent
     state = read_json(ckpt / "state.json")
@@ -73,5 +74,6 @@ def load(run: Run, emit: Callable[[Event], None]) -> bool:
     run.epoch, run.step, run.base_val_loss = state["epoch"], state["step"], state["baseValLoss"]
     run.epochs, run.curve, run.tokens_seen = state["epochs"], state["curve"], state["tokensSeen"]
     run.train_seconds, run.resumed_from = state["trainSeconds"], state["epoch"]
-    emit({"type": "log", "message": f"resumed from epoch {run.epoch} (step {run.step})"})
+    emit({"type": "log", "message": f"resumed from epoch {run.epoch} (step {run.step})",
+          **coded("log.resumed", epoch=run.epoch, step=run.step)})
     return True

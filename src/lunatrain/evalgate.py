@@ -35,11 +35,12 @@ from pydantic.alias_generators import to_camel
 from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
+from .messages import coded
 from .settings import Settings
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
     "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "decide", "ensure_suite", "eval_gate",
-    "gate_candidate", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "select_candidate",
+    "gate_candidate", "judge", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "select_candidate",
     "suite_hash",
 ]
 
@@ -213,6 +214,7 @@ class GateReport:
     cases: list[dict[str, Any]]
     created: str
     notes: list[str] = field(default_factory=list)
+    reason_codes: list[dict[str, Any]] = field(default_factory=list)  # `reasons` as {code, params}
     promoted: bool | None = None  # gate_candidate only
     path: str = ""
 
@@ -223,6 +225,7 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return _finite({
             "format": GATE_FORMAT, "decision": self.decision, "passed": self.passed, "reasons": self.reasons,
+            "reasonCodes": self.reason_codes,
             "candidate": self.candidate, "baseline": self.baseline, "metrics": self.metrics,
             "baseMetrics": self.base_metrics, "thresholds": self.thresholds, "context": self.context,
             "cases": self.cases, "created": self.created, "notes": self.notes, "promoted": self.promoted,
@@ -232,6 +235,7 @@ class GateReport:
         """What the registry keeps on the version (and what a later gate compares against)."""
         return _finite({
             "status": "passed" if self.passed else "failed", "passed": self.passed, "reasons": self.reasons,
+            "reasonCodes": self.reason_codes,
             "at": self.created, "metrics": self.metrics, "baseMetrics": self.base_metrics,
             "context": self.context, "baseline": self.baseline.get("ref"), "promoted": self.promoted,
             "thresholds": self.thresholds,
@@ -420,10 +424,11 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
         for r in results:
             r["baselinePassed"] = baseline_cases.get(r["id"])
 
-    reasons = decide(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
+    judged = judge(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
     return GateReport(
-        decision="fail" if reasons else "pass",
-        reasons=reasons,
+        decision="fail" if judged else "pass",
+        reasons=[text for text, _ in judged],
+        reason_codes=[c for _, c in judged],
         candidate={"kind": "adapter" if entry else "base", "ref": _ref(entry, base),
                    "name": entry["name"] if entry else None, "version": entry["version"] if entry else None,
                    "baseModel": base.id, "baseFingerprint": base.fingerprint, "tier": tier, "device": ev.device},
@@ -467,37 +472,56 @@ def decide(
     candidate_is_base: bool = False,
 ) -> list[str]:
     """Every failed rule as one reason (empty: pass). Also adds the loss ratios to `metrics`."""
-    reasons = []
+    return [text for text, _ in judge(metrics, base_metrics, baseline, th, candidate_is_base=candidate_is_base)]
+
+
+def judge(
+    metrics: dict[str, Any],
+    base_metrics: dict[str, Any],
+    baseline: dict[str, Any],
+    th: GateThresholds,
+    *,
+    candidate_is_base: bool = False,
+) -> list[tuple[str, dict[str, Any]]]:
+    """`decide`'s reasons, each with its code and parameters (messages.py) for a translated display."""
+    reasons: list[tuple[str, dict[str, Any]]] = []
     rate = metrics["goldenPassRate"]
     if rate < th.min_golden_pass_rate:
-        reasons.append(f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}")
+        reasons.append((f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}",
+                        coded("gate.below_minimum", rate=rate, minimum=th.min_golden_pass_rate)))
     for split in ("val", "test"):
         loss, base_loss = metrics.get(f"{split}Loss"), base_metrics.get(f"{split}Loss")
         if loss is None:
             continue
         if not math.isfinite(loss):
-            reasons.append(f"{split} loss is {loss}")
+            reasons.append((f"{split} loss is {loss}", coded("gate.loss_not_finite", split=split, loss=str(loss))))
             continue
         if candidate_is_base or not base_loss:
             continue
         ratio = loss / base_loss
         metrics[f"{split}LossRatioVsBase"] = ratio
         if ratio > th.max_val_loss_ratio_vs_base:
-            reasons.append(f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
-                           f"(allowed {th.max_val_loss_ratio_vs_base})")
+            reasons.append((f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
+                            f"(allowed {th.max_val_loss_ratio_vs_base})",
+                            coded("gate.loss_vs_base", split=split, loss=loss, ratio=ratio, baseLoss=base_loss,
+                                  allowed=th.max_val_loss_ratio_vs_base)))
     if candidate_is_base or baseline.get("source") == "candidate itself":
         return reasons
     bl = baseline.get("metrics") or {}
     bl_rate = bl.get("goldenPassRate")
     if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
-        reasons.append(f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
-                       f"allowed drop {th.max_golden_pass_rate_drop})")
+        reasons.append((f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
+                        f"allowed drop {th.max_golden_pass_rate_drop})",
+                        coded("gate.pass_rate_regression", rate=rate, baseline=baseline["ref"], baselineRate=bl_rate,
+                              allowedDrop=th.max_golden_pass_rate_drop)))
     if baseline.get("kind") == "adapter":  # against the base, the loss ratio rule above applies
         for split in ("val", "test"):
             loss, bl_loss = metrics.get(f"{split}Loss"), bl.get(f"{split}Loss")
             if loss is not None and bl_loss and math.isfinite(loss) and loss > bl_loss * (1 + th.max_loss_regression):
-                reasons.append(f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
-                               f"allowed +{th.max_loss_regression:.0%})")
+                reasons.append((f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
+                                f"allowed +{th.max_loss_regression:.0%})",
+                                coded("gate.loss_regression", split=split, loss=loss, baseline=baseline["ref"],
+                                      baselineLoss=bl_loss, allowed=th.max_loss_regression)))
     return reasons
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from .errors import Conflict, NotFound, UsageError
 from .fsio import atomic_write_json, file_lock, read_json
+from .messages import coded
 from .settings import Settings, check_name, inside
 
 FORMAT = "lunatrain-registry/1"
@@ -275,7 +276,7 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
     gate = entry.get("gate") or {}
 
     def state(active: bool, code: str, reason: str, **extra: Any) -> dict[str, Any]:
-        return {"active": active, "code": code, "params": params | extra, "reason": reason}
+        return {"active": active, **coded(code, **params, **extra), "reason": reason}
 
     if active_here == version:
         return state(True, "adapter.active", "active on the configured base model")
@@ -335,8 +336,10 @@ def activate(
         if trained_on.get("fingerprint") != base.fingerprint and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
-                f"base model is {base.id!r} (fingerprints differ); retrain on the new base or pass --force "
-                "(API: force: true)."
+                f"base model is {base.id!r} (fingerprints differ); retrain on the new base, or force the activation "
+                "(CLI `--force`, API `force: true`).",
+                code="adapter.foreign_base",
+                params={"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id},
             )
     with _lock(settings):
         data = load(settings)
@@ -367,7 +370,8 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
             hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []
         if not hits:
             what = f"{name}@{version} is not active" if version else f"{name} is not active on the configured base model"
-            raise UsageError(f"{what}; see `lunatrain adapters list`.")
+            raise UsageError(f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
+                             code="adapter.not_active", params={"name": name, "version": version or None})
         done = []
         for fp in hits:
             gone = adapter["activeByBase"].pop(fp)
@@ -395,10 +399,14 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         previous = next((v for v in reversed(history) if v != current), None)
         if current is None:
             raise UsageError(f"Adapter {name!r} is not active on the configured base model, so there is nothing to "
-                             f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION`.")
+                             f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION` "
+                             f"(POST /assistant/training/adapters/{name}/activate).",
+                             code="adapter.not_active", params={"name": name, "version": None})
         if previous is None:
             raise UsageError(f"Adapter {name!r} has no earlier active version on this base model to roll back to; "
-                             f"to stop using it, run `lunatrain adapters deactivate {name}`.")
+                             f"to stop using it, run `lunatrain adapters deactivate {name}` "
+                             f"(POST /assistant/training/adapters/{name}/deactivate).",
+                             code="adapter.no_earlier_version", params={"name": name})
         base_id = adapter["activeByBase"][fingerprint].get("baseModel")
         adapter["activeByBase"][fingerprint] = {"version": previous, "baseModel": base_id}
         adapter["activations"].append({"version": previous, "previous": current, "base": fingerprint, "at": now(),

@@ -275,6 +275,7 @@ def _last_gate(settings: Settings) -> dict[str, Any] | None:
         "baseline": (report.get("baseline") or {}).get("ref"),
         "created": report.get("created"),
         "reasons": report.get("reasons", []),
+        "reasonCodes": report.get("reasonCodes", []),
         "promoted": report.get("promoted"),
         "goldenPassRate": metrics.get("goldenPassRate"),
         "valLoss": metrics.get("valLoss"),

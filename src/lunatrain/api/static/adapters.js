@@ -2,7 +2,7 @@
 // every version with its losses, gate result, aliases and stale mark; activate and rollback after a confirm.
 
 import { api } from "./api.js";
-import { t, formatDate, formatFloat } from "./i18n.js";
+import { t, tMsg, formatDate, formatFloat } from "./i18n.js";
 import { h, showError, showNotice, confirmDialog } from "./ui.js";
 
 function versionNumber(version) {
@@ -14,7 +14,9 @@ function versionNumber(version) {
 function gateCell(gate) {
   if (!gate) return h("td", {}, t("gate.none"));
   const state = gate.passed === true ? "passed" : gate.passed === false ? "failed" : gate.status ?? "skipped";
-  const reason = gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
+  const coded = Array.isArray(gate.reasonCodes) && gate.reasonCodes.length
+    ? gate.reasonCodes.map((r, i) => tMsg(r.code, r.params, gate.reasons?.[i] ?? "")).join("; ") : null;
+  const reason = coded ?? gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
     reason ? h("span", { class: "gate-reasons" }, reason) : null);
@@ -76,9 +78,14 @@ export class AdapterView {
       aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
       version.stale && h("span", { class: "badge badge-stale", title: version.stale.reason ?? t("adapters.staleTitle") },
         t("adapters.stale")),
+      // Not active: always say why (another base, refused by the gate, another version …).
+      !isActive && version.state && h("span", { class: "inactive-reason" },
+        tMsg(version.state.code, version.state.params, version.state.reason)),
     ];
     const vars = { name, version: v };
     const actions = [
+      isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.deactivateLabel", vars),
+        onclick: (event) => this.deactivate(name, v, event.currentTarget) }, t("adapters.deactivate")),
       isActive
         ? h("button", { type: "button", class: "small", "aria-label": t("adapters.rollbackLabel", vars),
           onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback"))
@@ -106,6 +113,19 @@ export class AdapterView {
     try {
       await api.activate(name, version);
       showNotice(t("adapters.activated", { name, version }));
+      await this.reloadAfterChange();
+    } catch (error) {
+      showError(error);
+      button.disabled = false;
+    }
+  }
+
+  async deactivate(name, version, button) {
+    if (!(await confirmDialog(t("adapters.confirmDeactivate", { name, version })))) return;
+    button.disabled = true;
+    try {
+      await api.deactivate(name, version);
+      showNotice(t("adapters.deactivated", { name, version }));
       await this.reloadAfterChange();
     } catch (error) {
       showError(error);
