@@ -208,7 +208,7 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
     the newest revision is returned."""
     adapter = list_adapters(settings).get(name)
     if adapter is None:
-        raise NotFound(f"No adapter named {name!r} is registered; see `lunatrain adapters list`.")
+        raise _not_registered(name)
     wanted = version or "active"
     if wanted == "active":
         fingerprint = base or configured_base(settings).fingerprint
@@ -225,6 +225,11 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
     if entry is None:
         raise NotFound(f"Adapter {name!r} has no version {wanted!r}; see `lunatrain adapters show {name}`.")
     return entry
+
+
+def _not_registered(name: str) -> NotFound:
+    return NotFound(f"No adapter named {name!r} is registered; see `lunatrain adapters list` "
+                    "(GET /assistant/training/adapters).")
 
 
 def configured_base(settings: Settings, ref: str | None = None) -> Any:
@@ -358,7 +363,7 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
     on any base. Returns what was deactivated ({"name", "version", "base", "baseModel"})."""
     adapter = list_adapters(settings).get(name)
     if adapter is None:
-        raise NotFound(f"No adapter named {name!r} is registered; see `lunatrain adapters list`.")
+        raise _not_registered(name)
     fingerprint = None if version else configured_base(settings).fingerprint
     with _lock(settings):
         data = load(settings)
@@ -387,7 +392,7 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
     """The active version on the configured base model → the one active there before it (walking that
     base's activation history)."""
     if name not in list_adapters(settings):
-        raise NotFound(f"No adapter named {name!r} is registered.")
+        raise _not_registered(name)
     fingerprint = configured_base(settings).fingerprint
     with _lock(settings):
         data = load(settings)
