@@ -139,7 +139,10 @@ def train_short_version(page, name: str) -> None:
     page.get_by_label("Max. Schritte").fill("3")
     page.locator("details.advanced > summary").click()
     page.get_by_label("Eval-Gate nach dem Training").uncheck()
+    before = page.locator("#job-id").inner_text() if page.locator("#job-id").is_visible() else ""
     page.get_by_role("button", name="Training starten").click()
+    # The panel may still show an earlier job that succeeded: wait for the new job first.
+    expect(page.locator("#job-id")).not_to_have_text(before or "\x00", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#job-state")).to_have_attribute("data-state", "succeeded", timeout=TRAIN_TIMEOUT_MS)
 
 

@@ -14,7 +14,12 @@ from typer.testing import CliRunner
 from lunatrain import evalgate, models, registry
 from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
-from lunatrain.evalgate import EvalCheck, GateThresholds, decide, load_suite, parse_thresholds
+from lunatrain.evalgate import EvalCheck, GateThresholds, judge, load_suite, parse_thresholds
+
+
+def decide(*args, **kwargs) -> list[str]:
+    """The gate's reasons as the report lists them (English sentences)."""
+    return [text for text, _ in judge(*args, **kwargs)]
 
 
 @pytest.fixture(scope="module")

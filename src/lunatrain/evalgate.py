@@ -39,7 +39,7 @@ from .messages import coded
 from .settings import Settings
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
-    "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "decide", "ensure_suite", "eval_gate",
+    "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "ensure_suite", "eval_gate",
     "gate_candidate", "judge", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "select_candidate",
     "suite_hash",
 ]
@@ -463,18 +463,6 @@ def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:
     return gate.get("context") == context and isinstance(gate.get("metrics"), dict)
 
 
-def decide(
-    metrics: dict[str, Any],
-    base_metrics: dict[str, Any],
-    baseline: dict[str, Any],
-    th: GateThresholds,
-    *,
-    candidate_is_base: bool = False,
-) -> list[str]:
-    """Every failed rule as one reason (empty: pass). Also adds the loss ratios to `metrics`."""
-    return [text for text, _ in judge(metrics, base_metrics, baseline, th, candidate_is_base=candidate_is_base)]
-
-
 def judge(
     metrics: dict[str, Any],
     base_metrics: dict[str, Any],
@@ -483,7 +471,8 @@ def judge(
     *,
     candidate_is_base: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """`decide`'s reasons, each with its code and parameters (messages.py) for a translated display."""
+    """Every failed rule as (English reason, {code, params} for a translated display); empty: pass. Also adds
+    the loss ratios to `metrics`."""
     reasons: list[tuple[str, dict[str, Any]]] = []
     rate = metrics["goldenPassRate"]
     if rate < th.min_golden_pass_rate:

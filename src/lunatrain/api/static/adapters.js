@@ -107,12 +107,13 @@ export class AdapterView {
       h("td", {}, h("div", { class: "cell-flex" }, actions)));
   }
 
-  async activate(name, version, button) {
-    if (!(await confirmDialog(t("adapters.confirmActivate", { name, version })))) return;
+  /** Confirm `question`, run `call` with `button` disabled, show the notice `notice(result)`, reload. */
+  async change(question, button, call, notice) {
+    if (!(await confirmDialog(question))) return;
     button.disabled = true;
     try {
-      await api.activate(name, version);
-      showNotice(t("adapters.activated", { name, version }));
+      const result = await call();
+      showNotice(notice(result));
       await this.reloadAfterChange();
     } catch (error) {
       showError(error);
@@ -120,31 +121,20 @@ export class AdapterView {
     }
   }
 
-  async deactivate(name, version, button) {
-    if (!(await confirmDialog(t("adapters.confirmDeactivate", { name, version })))) return;
-    button.disabled = true;
-    try {
-      await api.deactivate(name, version);
-      showNotice(t("adapters.deactivated", { name, version }));
-      await this.reloadAfterChange();
-    } catch (error) {
-      showError(error);
-      button.disabled = false;
-    }
+  activate(name, version, button) {
+    return this.change(t("adapters.confirmActivate", { name, version }), button, () => api.activate(name, version),
+      () => t("adapters.activated", { name, version }));
   }
 
-  async rollback(name, button) {
-    if (!(await confirmDialog(t("adapters.confirmRollback", { name })))) return;
-    button.disabled = true;
-    try {
-      // The answer is the adapter (with its aliases) or the version now active; both name that version.
-      const result = await api.rollback(name);
-      showNotice(t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
-      await this.reloadAfterChange();
-    } catch (error) {
-      showError(error);
-      button.disabled = false;
-    }
+  deactivate(name, version, button) {
+    return this.change(t("adapters.confirmDeactivate", { name, version }), button, () => api.deactivate(name, version),
+      () => t("adapters.deactivated", { name, version }));
+  }
+
+  rollback(name, button) {
+    // The answer is the adapter (with its aliases) or the version now active; both name that version.
+    return this.change(t("adapters.confirmRollback", { name }), button, () => api.rollback(name),
+      (result) => t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
   }
 
   async reloadAfterChange() {
