@@ -123,7 +123,10 @@ def test_adapters_cli(settings):
     listed = json.loads(runner.invoke(app, ["adapters", "list", "--json"]).output)
     assert [v["version"] for v in listed["adapters"]["a"]["versions"]] == ["v1", "v2"]
     assert runner.invoke(app, ["adapters", "rollback", "a"]).exit_code == 0
-    assert json.loads(runner.invoke(app, ["adapters", "show", "a"]).output)["version"] == "v1"
+    shown = json.loads(runner.invoke(app, ["adapters", "show", "a"]).output)
+    assert shown["version"] == "v1" and shown["state"]["active"] is True
+    other = json.loads(runner.invoke(app, ["adapters", "show", "a@v2"]).output)["state"]
+    assert other["active"] is False and other["reason"] == "a@v1 is the active version"
     diff = runner.invoke(app, ["adapters", "diff", "a@v1", "a@v2"]).output
     assert "params.rank: 4 -> 6" in diff and "datasetTier" not in diff
     bad = runner.invoke(app, ["adapters", "show", "a@v7"])

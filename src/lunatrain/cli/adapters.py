@@ -72,7 +72,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 
 @adapters_app.command("show")
 def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERSION may be latest or active)")]) -> None:
-    """One version's registry entry and its training report."""
+    """One version's registry entry, whether it is active (or why not), and its training report."""
     try:
         settings = load_settings()
         name, version = registry.parse_ref(ref)
@@ -81,6 +81,10 @@ def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERS
     except LunaError as err:
         raise fail(err) from None
     out = dict(entry)
+    try:  # active on the configured base model, or why not
+        out["state"] = registry.activation_state(settings, entry, registry.configured_base(settings).fingerprint)
+    except LunaError as err:
+        out["state"] = {"active": False, "reason": f"the configured base model cannot be read: {err.message}"}
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
         out["report"] = {k: report.get(k) for k in ("metrics", "epochs", "device", "packages", "durationSeconds")}
