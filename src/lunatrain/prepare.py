@@ -143,11 +143,13 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
     """
     from . import models, tokens
 
-    info = models.resolve_base(params.base_model, settings)  # a bad base model is a usage error, data or not
+    if params.base_model:  # an adapter as base is a usage error, export or not (cheap: one file lookup)
+        models.refuse_adapter_dir(Path(params.base_model).expanduser(), params.base_model)
     summary = export_mod.read_summary(settings)
     if summary is None:
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
     tier = params.dataset_tier
+    info = models.resolve_base(params.base_model, settings)
     tokenizer = models.load_tokenizer(info, settings)
 
     checks: list[Check] = []
