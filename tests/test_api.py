@@ -274,3 +274,21 @@ def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: Te
     assert r.json()["error"]["params"] == {"baseModel": "data/adapters/luna-adapter/v1"}
     cli = CliRunner().invoke(app, ["prepare", "--baseModel", "data/adapters/luna-adapter/v1"])
     assert cli.exit_code == 2 and "is a LoRA adapter" in cli.output
+
+
+def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, settings) -> None:
+    """Repro: activating an adapter of another base answered 409 "… pass --force" (the API field is `force`)."""
+    from lunatrain import registry
+
+    work = settings.adapters_dir / "a" / ".work" / "x"
+    work.mkdir(parents=True)
+    registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}})
+    r = client.post(f"{T}/adapters/a/activate", json={"version": "v1"})
+    assert r.status_code == 409
+    error = r.json()["error"]
+    assert "force: true" in error["message"] and "pass --force" not in error["message"]
+    assert error["code"] == "adapter.foreign_base"
+    assert error["params"] == {"name": "a", "version": "v1", "baseModel": "org/other", "configured": "luna-tiny"}
+    assert client.post(f"{T}/adapters/a/activate", json={"version": "v1", "force": True}).status_code == 200
+    rolled = client.post(f"{T}/adapters/a/rollback").json()["error"]
+    assert rolled["code"] == "adapter.no_earlier_version" and "POST /assistant/training/adapters/a/deactivate" in rolled["message"]

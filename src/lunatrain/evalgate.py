@@ -345,7 +345,8 @@ def _active_for_base(settings: Settings, base_model: str | None) -> dict[str, An
             raise UsageError(
                 f"Several adapters are active on base model {base.id!r} ({', '.join(refs)}); gate one with "
                 f"`lunatrain eval-gate --adapter {active[0]['name']}`, or deactivate the others with "
-                f"`lunatrain adapters deactivate {active[-1]['name']}`.",
+                f"`lunatrain adapters deactivate {active[-1]['name']}` (API: `adapter` in POST /assistant/training/"
+                f"eval-gate, or POST /assistant/training/adapters/{active[-1]['name']}/deactivate).",
                 code="gate.several_active", params={"adapters": refs, "baseModel": base.id},
             )
         return preferred[0]

@@ -231,7 +231,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     val_set = [e for e in tokens.val if e.n_supervised]
     if not train_set:
         raise UsageError("No training sample has an assistant token left after masking and truncation; "
-                         "check the data or raise --max-seq-length.")
+                         "check the data or raise maxSeqLength.")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
     model = load_model(base, settings, device, torch.bfloat16 if bf16 else torch.float32)
