@@ -102,6 +102,9 @@ CODES: dict[str, str] = {
     "log.training_ended": "training ended (status, message)",
     "log.resume_fresh": "no checkpoint to resume from",
     "log.resumed": "resumed from a checkpoint (epoch, step)",
+    "log.gate_started": "the eval gate runs on the new version (name, version)",
+    "log.gate_passed": "the eval gate passed (name, version, promoted)",
+    "log.gate_failed": "the eval gate refused the new version (name, version, reasons)",
 }
 
 

@@ -281,6 +281,9 @@ const de = {
   "msg.log.training_ended": "Training beendet ({status})",
   "msg.log.resume_fresh": "Kein Checkpoint zum Fortsetzen; Neustart",
   "msg.log.resumed": "Fortgesetzt ab Epoche {epoch} (Schritt {step})",
+  "msg.log.gate_started": "Eval-Gate prüft {name} {version}",
+  "msg.log.gate_passed": "Eval-Gate bestanden: {name} {version}",
+  "msg.log.gate_failed": "Eval-Gate nicht bestanden: {name} {version} ({reasons})",
 };
 
 const en = {
@@ -562,6 +565,9 @@ const en = {
   "msg.log.training_ended": "Training ended ({status})",
   "msg.log.resume_fresh": "No checkpoint to resume from; starting fresh",
   "msg.log.resumed": "Resumed from epoch {epoch} (step {step})",
+  "msg.log.gate_started": "Eval gate checks {name} {version}",
+  "msg.log.gate_passed": "Eval gate passed: {name} {version}",
+  "msg.log.gate_failed": "Eval gate failed: {name} {version} ({reasons})",
 };
 
 const TEXTS = { de, en };
