@@ -126,6 +126,9 @@ function renderDataStatus(status) {
   fillFacts($("data-facts"), [
     [t("data.lastExport"), exp ? formatDate(exp.time ?? exp.exportedAt ?? exp.createdAt) : t("data.never")],
     [t("data.changedSince"), changed === undefined || changed === null ? t("unknown") : t(changed ? "yes" : "no")],
+    // Each tier: the volume rule (minCurated) and something to train on.
+    [t("data.tiers"), Object.entries(status.tiers ?? {})
+      .map(([tier, state]) => `${t(`opt.${tier}`)}: ${t(state.ready ? "yes" : "no")}`).join(" · ") || "–"],
     [t("data.lastJob"), job ? [job.jobId, t(`state.${job.state}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
       .filter(Boolean).join(" · ") : t("data.never")],
     [t("data.activeAdapter"), active ? `${active.name} ${active.version}` : t("data.none")],
