@@ -225,3 +225,70 @@ def test_coalescer_shares_one_call_and_keeps_no_errors() -> None:
         assert len(calls) == 4
 
     asyncio.run(main())
+
+
+def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: TestClient, settings) -> None:
+    from lunatrain import models, registry
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for base_id, fingerprint in (("luna-tiny", fp), ("org/new", "9" * 64)):
+        work = settings.adapters_dir / "a" / ".work" / base_id.replace("/", "_")
+        work.mkdir(parents=True)
+        entry = registry.publish(settings, "a", "versioned", work, {
+            "baseModel": {"id": base_id, "fingerprint": fingerprint}, "params": {}, "metrics": {}})
+        registry.activate(settings, "a", entry["version"], own_base=True)
+    groups = {g["baseModel"]: g["adapters"][0] for g in client.get(f"{T}/adapters").json()["bases"]}
+    assert groups["luna-tiny"]["aliases"]["active"] == "v1" and groups["org/new"]["aliases"]["active"] == "v2"
+    one = client.get(f"{T}/adapters/a").json()
+    assert one["aliases"]["active"] == "v1"  # on the configured base
+    states = {v["version"]: v["state"] for v in one["versions"]}
+    assert states["v1"]["active"] is True
+    assert states["v2"] == {"active": False, "code": "adapter.active_on_other_base", "reason": states["v2"]["reason"],
+                            "params": {"name": "a", "version": "v2", "baseModel": "org/new", "activeOn": "org/new"}}
+    r = client.post(f"{T}/adapters/a/deactivate", json={})
+    assert r.status_code == 200 and "active" not in r.json()["aliases"]
+    again = client.post(f"{T}/adapters/a/deactivate")
+    assert again.status_code == 422 and "not active on the configured base model" in again.json()["error"]["message"]
+    assert client.post(f"{T}/adapters/a/deactivate", json={"version": "v2"}).status_code == 200
+    assert registry.list_active(settings) == []
+    assert client.post(f"{T}/adapters/a/deactivate", json={"version": "../x"}).status_code == 422
+    assert client.post(f"{T}/adapters/zzz/deactivate").status_code == 404
+
+
+def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: TestClient, settings) -> None:
+    """Repro: an adapter directory as `baseModel` was accepted (202) and failed later with "has no config.json"."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    adapter = settings.adapters_dir / "luna-adapter" / "v1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    for ref in ("data/adapters/luna-adapter/v1", str(adapter)):
+        with pytest.raises(UsageError, match="is a LoRA adapter.*not supported") as err:
+            check_base_model(ref, settings)
+        assert err.value.code == "base_model.is_adapter"
+    r = client.post(f"{T}/lora/start", json={"baseModel": "data/adapters/luna-adapter/v1"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "base_model.is_adapter" and "adapter on an adapter" in r.json()["error"]["message"]
+    assert r.json()["error"]["params"] == {"baseModel": "data/adapters/luna-adapter/v1"}
+    cli = CliRunner().invoke(app, ["prepare", "--baseModel", "data/adapters/luna-adapter/v1"])
+    assert cli.exit_code == 2 and "is a LoRA adapter" in cli.output
+
+
+def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, settings) -> None:
+    """Repro: activating an adapter of another base answered 409 "… pass --force" (the API field is `force`)."""
+    from lunatrain import registry
+
+    work = settings.adapters_dir / "a" / ".work" / "x"
+    work.mkdir(parents=True)
+    registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}})
+    r = client.post(f"{T}/adapters/a/activate", json={"version": "v1"})
+    assert r.status_code == 409
+    error = r.json()["error"]
+    assert "force: true" in error["message"] and "pass --force" not in error["message"]
+    assert error["code"] == "adapter.foreign_base"
+    assert error["params"] == {"name": "a", "version": "v1", "baseModel": "org/other", "configured": "luna-tiny"}
+    assert client.post(f"{T}/adapters/a/activate", json={"version": "v1", "force": True}).status_code == 200
+    rolled = client.post(f"{T}/adapters/a/rollback").json()["error"]
+    assert rolled["code"] == "adapter.no_earlier_version" and "POST /assistant/training/adapters/a/deactivate" in rolled["message"]

@@ -143,7 +143,10 @@ def train_short_version(page, name: str) -> None:
     page.get_by_label("Max. Schritte").fill("3")
     page.locator("details.advanced > summary").click()
     page.get_by_label("Eval-Gate nach dem Training").uncheck()
+    before = page.locator("#job-id").inner_text() if page.locator("#job-id").is_visible() else ""
     page.get_by_role("button", name="Training starten").click()
+    # The panel may still show an earlier job that succeeded: wait for the new job first.
+    expect(page.locator("#job-id")).not_to_have_text(before or "\x00", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#job-state")).to_have_attribute("data-state", "succeeded", timeout=TRAIN_TIMEOUT_MS)
 
 
@@ -185,6 +188,9 @@ def test_offline_label_then_start_trainer_shows_online_cpu(page, services: Servi
     expect(label).to_have_attribute("data-state", "offline")
     start = page.get_by_role("button", name="Trainer starten")
     expect(start).to_be_visible()
+    # Next to Offline the page points to its own button, not to a command-line flag.
+    expect(page.locator("#provider-device")).to_contain_text("„Trainer starten“")
+    expect(page.locator("#provider-device")).not_to_contain_text("--")
     shot(page, output_dir, "1-offline")
 
     start.click()
@@ -264,11 +270,17 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     expect(page.locator("#notices")).to_contain_text("Preflight fertig", timeout=300_000)
     checks = page.locator("#checks-table tbody tr")
     assert checks.count() >= 3
-    # Every row names its severity, a count and the check's id with its message.
+    # Every row names its severity and a count; a problem also names the check's id. The messages are German,
+    # and a passed check reads "ok", not like a failure ("empty_train 242 train samples" was the old text).
     for row in checks.all():
         assert row.locator(".severity").inner_text().strip()
         assert re.fullmatch(r"[\d.]+", row.locator("td.num").inner_text().strip())
-        assert row.locator("code").inner_text().strip()
+        if row.get_attribute("data-severity") in ("warn", "fail"):
+            assert row.locator("code").inner_text().strip()
+    train_row = checks.filter(has_text="Trainingsbeispiele")
+    expect(train_row.locator(".severity")).to_have_text("ok")
+    expect(train_row.locator("code")).to_have_count(0)
+    expect(page.locator("#checks-table")).not_to_contain_text("train samples")
     # One sample as the model sees it: every marked piece is an answer ending in the template's terminator,
     # the prompt around it is unmarked context.
     expect(page.locator("#prepare-sample")).to_be_visible()

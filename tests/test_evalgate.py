@@ -13,8 +13,13 @@ from typer.testing import CliRunner
 
 from lunatrain import evalgate, models, registry
 from lunatrain.cli import app
-from lunatrain.errors import CheckFailed, UsageError
-from lunatrain.evalgate import EvalCheck, GateThresholds, decide, load_suite, parse_thresholds
+from lunatrain.errors import CheckFailed, NotFound, UsageError
+from lunatrain.evalgate import EvalCheck, GateThresholds, judge, load_suite, parse_thresholds
+
+
+def decide(*args, **kwargs) -> list[str]:
+    """The gate's reasons as the report lists them (English sentences)."""
+    return [text for text, _ in judge(*args, **kwargs)]
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +262,42 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
         assert bad.exit_code == 1 and "Eval gate failed" in bad.output
     finally:
         torch.set_num_threads(threads)
+
+
+# --- choosing the candidate: several adapters active on one base (fast, nothing is evaluated) ----------
+
+
+def _register_active(settings, name: str, fingerprint: str, base_id: str = "luna-tiny") -> dict:
+    work = settings.adapters_dir / name / ".work" / "w"
+    work.mkdir(parents=True)
+    entry = registry.publish(settings, name, "versioned", work, {
+        "baseModel": {"id": base_id, "fingerprint": fingerprint}, "datasetTier": "curated", "params": {}, "metrics": {}})
+    registry.activate(settings, name, entry["version"], own_base=True)
+    return entry
+
+
+def test_several_active_adapters_name_the_way_out_and_deactivate_resolves_it(settings, tiny):
+    """Repro: two custom-named adapters gated and active on luna-tiny left `eval-gate` and the flows with
+    "name one with --adapter" and no command to act on it."""
+    fp = models.resolve_base(None, settings).fingerprint
+    _register_active(settings, "mein-adapter", fp)
+    _register_active(settings, "test-adapter", fp)
+    with pytest.raises(UsageError) as err:
+        evalgate.select_candidate(settings)
+    msg = err.value.message
+    assert "mein-adapter@v1, test-adapter@v1" in msg
+    assert "lunatrain eval-gate --adapter mein-adapter" in msg and "lunatrain adapters deactivate test-adapter" in msg
+    assert err.value.code == "gate.several_active" and err.value.params["adapters"] == ["mein-adapter@v1", "test-adapter@v1"]
+    cli = CliRunner().invoke(app, ["eval-gate"])
+    assert cli.exit_code == 2 and "adapters deactivate" in cli.output
+    # each way out works: name one, prefer the flow's adapter (none active: the base model), or deactivate
+    assert evalgate.select_candidate(settings, adapter="test-adapter")["name"] == "test-adapter"
+    assert evalgate.select_candidate(settings, prefer="luna-adapter") is None
+    assert evalgate.select_candidate(settings, prefer="mein-adapter")["name"] == "mein-adapter"
+    assert CliRunner().invoke(app, ["adapters", "deactivate", "test-adapter"]).exit_code == 0
+    assert evalgate.select_candidate(settings)["name"] == "mein-adapter"
+    # an adapter active only on another base is not this base's candidate, and --adapter NAME says so
+    _register_active(settings, "fremd", "7" * 64, "org/other")
+    assert evalgate.select_candidate(settings)["name"] == "mein-adapter"
+    with pytest.raises(NotFound, match="no active version on base model 'luna-tiny'.*adapters activate fremd@VERSION"):
+        evalgate.select_candidate(settings, adapter="fremd")

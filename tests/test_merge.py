@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import make_records, write_export
 
-from lunatrain import models, registry
+from lunatrain import evalgate, models, registry
 from lunatrain.errors import Conflict
 from lunatrain.merge import merge_adapter
 from lunatrain.train import run_lora
@@ -19,7 +21,11 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):
     write_export(settings, make_records(24))
     trained = run_lora({"epochs": 1, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}, settings)
     assert trained.ok
-    result = merge_adapter(settings, "luna-adapter@v1")
+    with warnings.catch_warnings(record=True) as caught:  # repro: PEFT's FutureWarning reached the user
+        warnings.simplefilter("always")
+        result = merge_adapter(settings, "luna-adapter@v1")
+        evalgate._Evaluator(settings, models.resolve_base(None, settings), {"candidate": trained.path})
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert result.path == settings.models_dir / "merged" / "luna-adapter-v1"
     merged = AutoModelForCausalLM.from_pretrained(result.path, use_safetensors=True, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(result.path)

@@ -119,13 +119,93 @@ def test_adapters_cli(settings):
     assert runner.invoke(app, ["adapters", "activate", "a@v1"]).exit_code == 0
     assert runner.invoke(app, ["adapters", "activate", "a@v2"]).exit_code == 0
     out = runner.invoke(app, ["adapters", "list"]).output
-    assert "base luna-tiny" in out and "a@v2" in out and "[latest] [active]" in out
+    assert "base luna-tiny" in out and "a@v2" in out and "[latest] [active on luna-tiny]" in out
     listed = json.loads(runner.invoke(app, ["adapters", "list", "--json"]).output)
     assert [v["version"] for v in listed["adapters"]["a"]["versions"]] == ["v1", "v2"]
     assert runner.invoke(app, ["adapters", "rollback", "a"]).exit_code == 0
-    assert json.loads(runner.invoke(app, ["adapters", "show", "a"]).output)["version"] == "v1"
+    shown = json.loads(runner.invoke(app, ["adapters", "show", "a"]).output)
+    assert shown["version"] == "v1" and shown["state"]["active"] is True
+    other = json.loads(runner.invoke(app, ["adapters", "show", "a@v2"]).output)["state"]
+    assert other["active"] is False and other["reason"] == "a@v1 is the active version"
     diff = runner.invoke(app, ["adapters", "diff", "a@v1", "a@v2"]).output
     assert "params.rank: 4 -> 6" in diff and "datasetTier" not in diff
     bad = runner.invoke(app, ["adapters", "show", "a@v7"])
     assert bad.exit_code == 1 and "no version 'v7'" in bad.output
     assert runner.invoke(app, ["adapters", "activate", "../x@v1"]).exit_code == 2
+    off = runner.invoke(app, ["adapters", "deactivate", "a"])
+    assert off.exit_code == 0 and "a@v1 is no longer active on base model luna-tiny" in off.output
+    again = runner.invoke(app, ["adapters", "deactivate", "a"])
+    assert again.exit_code == 2 and "not active on the configured base model" in again.output
+    assert "[active" not in runner.invoke(app, ["adapters", "list"]).output
+
+
+def _publish_on(settings, name: str, base_id: str, fingerprint: str) -> dict:
+    work = settings.adapters_dir / name / ".work" / f"{base_id.replace('/', '_')}-{len(list(settings.adapters_dir.rglob('*')))}"
+    work.mkdir(parents=True)
+    return registry.publish(settings, name, "versioned", work,
+                            _entry(fingerprint) | {"baseModel": {"id": base_id, "fingerprint": fingerprint}})
+
+
+def test_active_is_kept_per_base_model(settings):
+    """A model change keeps the old base's active adapter: activating on the new base adds an entry."""
+    fp = models.resolve_base(None, settings).fingerprint
+    v1 = _publish_on(settings, "luna-adapter", "luna-tiny", fp)
+    v2 = _publish_on(settings, "luna-adapter", "org/new", "9" * 64)
+    registry.activate(settings, "luna-adapter", v1["version"])
+    registry.activate(settings, "luna-adapter", v2["version"], own_base=True)  # the gate's promotion on org/new
+    assert registry.active_version(settings, "luna-adapter", fp)["version"] == "v1"
+    assert registry.active_version(settings, "luna-adapter", "9" * 64)["version"] == "v2"
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"  # the configured base's
+    assert [(a["name"], a["version"], a["baseModel"]) for a in registry.list_active(settings)] == [
+        ("luna-adapter", "v1", "luna-tiny"), ("luna-adapter", "v2", "org/new")]
+    assert [a["version"] for a in registry.list_active(settings, fp)] == ["v1"]
+    # the "not active" state always says why
+    state = registry.activation_state(settings, v2, fp)
+    assert state["active"] is False and state["code"] == "adapter.active_on_other_base" and "org/new" in state["reason"]
+    assert registry.activation_state(settings, v1, fp)["active"] is True
+    v3 = _publish_on(settings, "luna-adapter", "org/other", "8" * 64)
+    assert registry.activation_state(settings, v3, fp)["code"] == "adapter.other_base"
+    # deactivating NAME acts on the configured base only; NAME@VERSION wherever that version is active
+    assert [d["version"] for d in registry.deactivate(settings, "luna-adapter")] == ["v1"]
+    assert registry.active_version(settings, "luna-adapter", "9" * 64)["version"] == "v2"
+    assert registry.get_version(settings, "luna-adapter")["version"] == "v3"  # nothing active here: latest
+    assert registry.deactivate(settings, "luna-adapter", "v2")[0]["baseModel"] == "org/new"
+    assert registry.list_active(settings) == []
+    with pytest.raises(UsageError, match="v2 is not active"):
+        registry.deactivate(settings, "luna-adapter", "v2")
+
+
+def test_rollback_walks_the_configured_base_history_only(settings):
+    fp = models.resolve_base(None, settings).fingerprint
+    for _ in range(2):
+        _publish_on(settings, "a", "luna-tiny", fp)
+    _publish_on(settings, "a", "org/new", "9" * 64)
+    registry.activate(settings, "a", "v1")
+    with pytest.raises(UsageError, match="adapters deactivate a"):  # the way out when there is nothing earlier
+        registry.rollback(settings, "a")
+    registry.activate(settings, "a", "v2")
+    registry.activate(settings, "a", "v3", own_base=True)  # another base: not part of this base's history
+    assert registry.rollback(settings, "a")["version"] == "v1"
+    assert registry.active_version(settings, "a", "9" * 64)["version"] == "v3"
+    registry.deactivate(settings, "a")
+    with pytest.raises(UsageError, match="not active on the configured base model.*adapters activate a@VERSION"):
+        registry.rollback(settings, "a")
+
+
+def test_a_registry_with_one_active_alias_is_migrated_on_the_next_write(settings):
+    fp = models.resolve_base(None, settings).fingerprint
+    _publish_on(settings, "a", "luna-tiny", fp)
+    _publish_on(settings, "a", "org/new", "9" * 64)
+    path = registry.registry_path(settings)
+    old = json.loads(path.read_text())
+    a = old["adapters"]["a"]
+    del a["activeByBase"]
+    a["aliases"]["active"] = "v2"  # the old shape: one alias across all bases
+    a["activations"] = [{"version": "v2", "previous": None, "at": "2026-01-01T00:00:00+00:00", "forced": False, "reason": "cli"}]
+    path.write_text(json.dumps(old))
+    assert registry.active_version(settings, "a", "9" * 64)["version"] == "v2"  # read in the new shape
+    registry.activate(settings, "a", "v1")  # the first write keeps v2 on its own base
+    saved = json.loads(path.read_text())["adapters"]["a"]
+    assert saved["activeByBase"] == {"9" * 64: {"version": "v2", "baseModel": "org/new"},
+                                     fp: {"version": "v1", "baseModel": "luna-tiny"}}
+    assert saved["aliases"]["active"] == "v1"  # the deprecated mirror: the latest activation still standing

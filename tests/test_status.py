@@ -98,8 +98,55 @@ def test_cli_plain_and_json(settings):
     runner = CliRunner()
     result = runner.invoke(app, ["status", "--minCurated=10000"])
     assert result.exit_code == 0, result.output
-    assert "ready: no:" in result.output and "curated\t" in result.output and "last export: never" in result.output
+    assert "ready: no:" in result.output and "curated examples\t" in result.output and "last export: never" in result.output
     result = runner.invoke(app, ["status", "--min-curated", "1", "--json"])
     data = json.loads(result.output)
     assert data["ready"] is True and data["minCurated"] == 1
     assert runner.invoke(app, ["status", "--min-curated", "-3"]).exit_code == 2
+
+
+def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
+    """Repro: a failed trainer job never writes lora-latest.json, so status showed an older succeeded one."""
+    from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
+    from lunatrain.params import LoraParams
+
+    registry.write_latest(settings, {"status": "succeeded", "jobId": "ftjob-old", "adapterName": "luna-adapter",
+                                     "version": "v1", "created": "2026-01-01T00:00:00+00:00", "metrics": {}})
+    db = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        job, _ = db.create(LoraParams(adapter_name="mein-adapter"))
+        db.set_status(job.id, "failed", error=JobError(code="nan_loss", message="loss became nan").wire())
+    finally:
+        db.close()
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["jobId"], last["state"], last["source"]) == (job.id, "failed", "trainer")
+    assert last["adapterName"] == "mein-adapter" and last["error"] == {"code": "nan_loss", "message": "loss became nan"}
+    out = CliRunner().invoke(app, ["status"]).output
+    assert f"last job: failed mein-adapter@- val loss None ({job.id}): loss became nan" in out
+
+
+def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch):
+    """Repro: minCurated defaulted to 0 (the Luna profile says 30), `ready` looked at the curated tier only,
+    no trainer health, and `counts.memory` (examples) sat beside `memory` (memory items)."""
+    import socket
+
+    from lunatrain.settings import load_settings
+
+    with socket.socket() as sock:  # bound, never listening: the trainer is certainly unreachable
+        sock.bind(("127.0.0.1", 0))
+        settings = load_settings(lora_trainer_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+        store.add_example(settings, prompt="Wer?", response="Luna.", source="curated", status="approved")
+        store.add_memory(settings, question="Wo wohnt Anna?", answer="In Köln.")
+        s = training_status(settings)
+        assert s["minCurated"] == 30 and s["ready"] is False
+        assert s["examples"]["curated"]["approved"] == 1 and s["examples"]["memory"]["total"] == 0
+        assert s["memoryItems"]["approved"] == 1 and s["curatedApproved"] == 1
+        assert s["counts"] == s["examples"] and s["memory"] == s["memoryItems"]  # the deprecated names, one release
+        assert s["tiers"]["curated"] == {"approved": 1, "ready": False,
+                                         "reason": "1 approved curated examples, 30 required (minCurated)"}
+        assert s["tiers"]["merged"]["approved"] == 2
+        ready = training_status(settings, 1)["tiers"]
+        assert ready["curated"]["ready"] and ready["merged"]["ready"] and ready["memory"]["ready"]
+        assert s["trainer"]["reachable"] is False and s["trainer"]["label"] == "Offline"
+        out = CliRunner().invoke(app, ["status"], env={"ASSISTANT_LORA_TRAINER_URL": settings.lora_trainer_url}).output
+        assert "minCurated 30" in out and "trainer: Offline" in out and "memory items\t1" in out

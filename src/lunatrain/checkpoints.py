@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .fsio import atomic_write_bytes, atomic_write_json, read_json
+from .messages import coded
 
 if TYPE_CHECKING:
     from .train import Event, LoopState, Run
@@ -59,7 +60,7 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
 
     found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
     if not found:
-        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh"})
+        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")})
         return None
     ckpt = found[-1].parent
     state = read_json(ckpt / "state.json")
@@ -73,7 +74,8 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
     run.scheduler.load_state_dict(state["scheduler"])
     from .train import LoopState
 
-    emit({"type": "log", "message": f"resumed from epoch {state['epoch']} (step {state['step']})"})
+    emit({"type": "log", "message": f"resumed from epoch {state['epoch']} (step {state['step']})",
+          **coded("log.resumed", epoch=state["epoch"], step=state["step"])})
     return LoopState(epoch=state["epoch"], step=state["step"], base_val_loss=state["baseValLoss"],
                      epochs=state["epochs"], curve=state["curve"], tokens_seen=state["tokensSeen"],
                      train_seconds=state["trainSeconds"], resumed_from=state["epoch"])

@@ -1,13 +1,17 @@
 """Every check that depends on a torch, transformers or PEFT release, in one place.
 
 Each entry says which releases it serves and when it can go. Nothing else in lunatrain reads a private
-attribute of these libraries or probes their signatures; tested ranges are pinned in pyproject.toml.
+attribute of these libraries, probes their signatures or silences their warnings; tested ranges are pinned
+in pyproject.toml.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 # --- transformers --------------------------------------------------------------------------------
@@ -92,3 +96,19 @@ def varlen_attn_kwargs(scale: float | None, head_dim: int, gqa: bool) -> dict[st
 
 def varlen_takes_gqa() -> bool:
     return "enable_gqa" in varlen_attn_signature()
+
+
+# --- PEFT ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around `get_peft_model` / `PeftModel.from_pretrained` / `load_adapter`.
+
+    PEFT (0.21, with transformers 5.24) asks the model `is_gradient_checkpointing`, which transformers 5.x deprecates for v6
+    with a FutureWarning on every call: noise for the user, nothing they can act on. Remove this when PEFT
+    asks `is_activation_checkpointing` instead.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 
 class LunaError(Exception):
-    """Base class: `str(err)` is the one sentence shown to the user."""
+    """Base class: `str(err)` is the one sentence shown to the user.
+
+    `code` says what happened in a machine-readable way and `params` holds the values the sentence names,
+    so the dashboard can say the same in the reader's language (`error.code`, `error.params` over HTTP;
+    every code has its strings in api/static/i18n.js, see `messages.py`)."""
 
     exit_code = 1
     http_status = 400
     code = "error"
 
-    def __init__(self, message: str, *, details: object | None = None) -> None:
+    def __init__(self, message: str, *, details: object | None = None, code: str | None = None,
+                 params: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        if code is not None:
+            self.code = code
+        self.params = params
 
 
 class UsageError(LunaError):

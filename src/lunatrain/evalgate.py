@@ -1,7 +1,10 @@
 """Eval gate (the guide's `eval:gate`): evaluate a candidate on the eval suite and decide pass or fail.
 
-Candidate: `--adapter NAME@VERSION` (or NAME: its active version), else the active adapter trained on the
-configured base model, else the base model itself. Evaluation:
+Candidate: `--adapter NAME@VERSION` (or NAME: its version active on the configured base model), else the
+adapter active on the configured base model (activation is per adapter name and base model; with several,
+luna-adapter, else an error naming `--adapter` and `lunatrain adapters deactivate`), else the base model
+itself. The flows name the adapter they train (`prefer`): its active version, else the base model.
+Evaluation:
 
 - golden cases from the eval suite (`evalsuite`: data/eval/*.jsonl, the shipped Luna suite copied there
   when the folder has none): greedy generation through the chat template up to `maxNewTokens`, then checks;
@@ -12,7 +15,7 @@ Decision (thresholds: `GateThresholds`; a profile's [gate] table sets them): fai
 rate is below `min_golden_pass_rate` (absolute, for real models), when val or test loss exceeds
 `max_val_loss_ratio_vs_base` x the base model's, or when the candidate regresses against the baseline —
 the golden pass rate drops by more than `max_golden_pass_rate_drop`, or a loss rises by more than
-`max_loss_regression` (relative). Baseline: the current active version of the candidate's adapter (its
+`max_loss_regression` (relative). Baseline: the active version of the candidate's adapter on its base (its
 recorded gate metrics when they were measured on the same suite, data, base and length, else evaluated
 now), else the base model. On the built-in random-weight model only the relative rules mean anything,
 hence the absolute minimum defaults to 0.
@@ -32,11 +35,13 @@ from pydantic.alias_generators import to_camel
 from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
+from .messages import coded
 from .settings import Settings
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
-    "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "decide", "ensure_suite", "eval_gate",
-    "gate_candidate", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "suite_hash",
+    "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "ensure_suite", "eval_gate",
+    "gate_candidate", "judge", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "select_candidate",
+    "suite_hash",
 ]
 
 GATE_FORMAT = "lunatrain-eval-gate/1"
@@ -90,10 +95,13 @@ class _Evaluator:
         if adapters:
             from peft import PeftModel
 
+            from .compat import peft_wrapping
+
             items = list(adapters.items())
-            model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
-            for name, path in items[1:]:
-                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
+                for name, path in items[1:]:
+                    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.eval()
         self.model = model
         # generation stops on the template's turn terminator, as training taught, and on the model's eos ids
@@ -210,6 +218,7 @@ class GateReport:
     cases: list[dict[str, Any]]
     created: str
     notes: list[str] = field(default_factory=list)
+    reason_codes: list[dict[str, Any]] = field(default_factory=list)  # `reasons` as {code, params}
     promoted: bool | None = None  # gate_candidate only
     path: str = ""
 
@@ -220,6 +229,7 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return _finite({
             "format": GATE_FORMAT, "decision": self.decision, "passed": self.passed, "reasons": self.reasons,
+            "reasonCodes": self.reason_codes,
             "candidate": self.candidate, "baseline": self.baseline, "metrics": self.metrics,
             "baseMetrics": self.base_metrics, "thresholds": self.thresholds, "context": self.context,
             "cases": self.cases, "created": self.created, "notes": self.notes, "promoted": self.promoted,
@@ -229,6 +239,7 @@ class GateReport:
         """What the registry keeps on the version (and what a later gate compares against)."""
         return _finite({
             "status": "passed" if self.passed else "failed", "passed": self.passed, "reasons": self.reasons,
+            "reasonCodes": self.reason_codes,
             "at": self.created, "metrics": self.metrics, "baseMetrics": self.base_metrics,
             "context": self.context, "baseline": self.baseline.get("ref"), "promoted": self.promoted,
             "thresholds": self.thresholds,
@@ -247,20 +258,18 @@ def eval_gate(
     adapter: str | None = None,
     base_model: str | None = None,
     thresholds: dict[str, Any] | GateThresholds | None = None,
+    prefer: str | None = None,
     chat_template: str | None = None,
 ) -> GateReport:
-    """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION; or the base model when none is
-    active) and write reports/eval/eval-gate-latest.json. Returns the report whatever the decision;
-    `report.raise_on_fail()` turns a failed gate into CheckFailed. `chat_template` (a template name) is
-    for a base model without one; an adapter always brings the template it was trained with."""
+    """Evaluate an adapter and write reports/eval/eval-gate-latest.json. The candidate: `adapter`
+    (NAME@VERSION, or NAME: its version active on the base model); else `prefer`'s active version on the
+    base model, else the base model itself (the flows pass the adapter they train); else the one adapter
+    active on the base model (luna-adapter when several are), else the base model. The base model is
+    `base_model` or the configured one. `chat_template` (a template name) is for a base model without one;
+    an adapter always brings the template it was trained with. Returns the report whatever the decision;
+    `report.raise_on_fail()` turns a failed gate into CheckFailed."""
     th = parse_thresholds(thresholds)
-    if adapter:
-        from . import registry
-
-        name, version = registry.parse_ref(adapter)
-        entry = registry.get_version(settings, name, version)
-    else:
-        entry = _active_for_base(settings, base_model)
+    entry = select_candidate(settings, adapter=adapter, base_model=base_model, prefer=prefer)
     report = _run(settings, entry, base_model, th, chat_template)
     _write(settings, report)
     return report
@@ -283,14 +292,15 @@ def gate_candidate(
     report = _run(settings, entry, None, th)
     report.promoted = False
     if report.passed and promote:
-        active = registry.list_adapters(settings)[name].get("aliases", {}).get("active")
-        if active == entry["version"]:
+        fingerprint = entry.get("baseModel", {}).get("fingerprint", "?")
+        active = registry.active_version(settings, name, fingerprint)
+        if active is not None and active["version"] == entry["version"]:
             report.notes.append("already active")
         else:
-            try:
-                registry.activate(settings, name, entry["version"], reason="eval gate passed")
+            try:  # on the base it was trained on: a new base never takes the old base's adapter away
+                registry.activate(settings, name, entry["version"], reason="eval gate passed", own_base=True)
                 report.promoted = True
-            except Conflict as err:  # e.g. trained on another base than the configured one
+            except Conflict as err:  # e.g. a replaced revision
                 report.notes.append(f"not activated: {err.message}")
     elif not report.passed:
         report.notes.append("stays registered but inactive: " + "; ".join(report.reasons))
@@ -312,22 +322,39 @@ def _write(settings: Settings, report: GateReport) -> None:
     atomic_write_json(path, report.to_dict())
 
 
+def select_candidate(
+    settings: Settings, *, adapter: str | None = None, base_model: str | None = None, prefer: str | None = None
+) -> dict[str, Any] | None:
+    """The registry entry `eval_gate` evaluates (None: the base model); see `eval_gate`. Raises UsageError
+    naming the way out when several adapters are active on the base model and none is named."""
+    from . import registry
+
+    if adapter:
+        name, version = registry.parse_ref(adapter)
+        base = None if version else registry.configured_base(settings, base_model).fingerprint
+        return registry.get_version(settings, name, version or "active", base=base)
+    if prefer:
+        return registry.active_version(settings, prefer, registry.configured_base(settings, base_model).fingerprint)
+    return _active_for_base(settings, base_model)
+
+
 def _active_for_base(settings: Settings, base_model: str | None) -> dict[str, Any] | None:
     """The active adapter trained on the configured (or given) base model; None when there is none."""
-    from . import models, registry
+    from . import registry
 
-    base = models.resolve_base(base_model, settings)
-    active = []
-    for name, adapter in sorted(registry.list_adapters(settings).items()):
-        if adapter.get("aliases", {}).get("active"):
-            entry = registry.get_version(settings, name, "active")
-            if entry.get("baseModel", {}).get("fingerprint") == base.fingerprint:
-                active.append(entry)
+    base = registry.configured_base(settings, base_model)
+    active = [a["entry"] for a in registry.list_active(settings, base.fingerprint)]
     if len(active) > 1:
         preferred = [e for e in active if e["name"] == "luna-adapter"]
         if not preferred:
-            refs = ", ".join(f"{e['name']}@{e['version']}" for e in active)
-            raise UsageError(f"Several adapters are active on this base model ({refs}); name one with --adapter.")
+            refs = [f"{e['name']}@{e['version']}" for e in active]
+            raise UsageError(
+                f"Several adapters are active on base model {base.id!r} ({', '.join(refs)}); gate one with "
+                f"`lunatrain eval-gate --adapter {active[0]['name']}`, or deactivate the others with "
+                f"`lunatrain adapters deactivate {active[-1]['name']}` (API: `adapter` in POST /assistant/training/"
+                f"eval-gate, or POST /assistant/training/adapters/{active[-1]['name']}/deactivate).",
+                code="gate.several_active", params={"adapters": refs, "baseModel": base.id},
+            )
         return preferred[0]
     return active[0] if active else None
 
@@ -356,16 +383,8 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
         base = models.resolve_base(base_model, settings)
         tier, max_len = DEFAULT_TIER, 1024
 
-    # Baseline: the active version of the same adapter (when it is another version on the same base).
-    baseline_entry = None
-    if entry is not None:
-        active = registry.list_adapters(settings)[entry["name"]].get("aliases", {}).get("active")
-        if active:
-            candidate_active = registry.get_version(settings, entry["name"], "active")
-            if candidate_active.get("baseModel", {}).get("fingerprint") == base.fingerprint:
-                baseline_entry = candidate_active
-            else:
-                notes.append(f"the active {entry['name']}@{active} is on another base model; compared with the base")
+    # Baseline: the active version of the same adapter on the same base model.
+    baseline_entry = registry.active_version(settings, entry["name"], base.fingerprint) if entry is not None else None
 
     adapters = {}
     if entry is not None:
@@ -413,10 +432,11 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
         for r in results:
             r["baselinePassed"] = baseline_cases.get(r["id"])
 
-    reasons = decide(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
+    judged = judge(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
     return GateReport(
-        decision="fail" if reasons else "pass",
-        reasons=reasons,
+        decision="fail" if judged else "pass",
+        reasons=[text for text, _ in judged],
+        reason_codes=[c for _, c in judged],
         candidate={"kind": "adapter" if entry else "base", "ref": _ref(entry, base),
                    "name": entry["name"] if entry else None, "version": entry["version"] if entry else None,
                    "baseModel": base.id, "baseFingerprint": base.fingerprint, "tier": tier, "device": ev.device},
@@ -451,46 +471,54 @@ def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:
     return gate.get("context") == context and isinstance(gate.get("metrics"), dict)
 
 
-def decide(
+def judge(
     metrics: dict[str, Any],
     base_metrics: dict[str, Any],
     baseline: dict[str, Any],
     th: GateThresholds,
     *,
     candidate_is_base: bool = False,
-) -> list[str]:
-    """Every failed rule as one reason (empty: pass). Also adds the loss ratios to `metrics`."""
-    reasons = []
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every failed rule as (English reason, {code, params} for a translated display); empty: pass. Also adds
+    the loss ratios to `metrics`."""
+    reasons: list[tuple[str, dict[str, Any]]] = []
     rate = metrics["goldenPassRate"]
     if rate < th.min_golden_pass_rate:
-        reasons.append(f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}")
+        reasons.append((f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}",
+                        coded("gate.below_minimum", rate=rate, minimum=th.min_golden_pass_rate)))
     for split in ("val", "test"):
         loss, base_loss = metrics.get(f"{split}Loss"), base_metrics.get(f"{split}Loss")
         if loss is None:
             continue
         if not math.isfinite(loss):
-            reasons.append(f"{split} loss is {loss}")
+            reasons.append((f"{split} loss is {loss}", coded("gate.loss_not_finite", split=split, loss=str(loss))))
             continue
         if candidate_is_base or not base_loss:
             continue
         ratio = loss / base_loss
         metrics[f"{split}LossRatioVsBase"] = ratio
         if ratio > th.max_val_loss_ratio_vs_base:
-            reasons.append(f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
-                           f"(allowed {th.max_val_loss_ratio_vs_base})")
+            reasons.append((f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
+                            f"(allowed {th.max_val_loss_ratio_vs_base})",
+                            coded("gate.loss_vs_base", split=split, loss=loss, ratio=ratio, baseLoss=base_loss,
+                                  allowed=th.max_val_loss_ratio_vs_base)))
     if candidate_is_base or baseline.get("source") == "candidate itself":
         return reasons
     bl = baseline.get("metrics") or {}
     bl_rate = bl.get("goldenPassRate")
     if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
-        reasons.append(f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
-                       f"allowed drop {th.max_golden_pass_rate_drop})")
+        reasons.append((f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
+                        f"allowed drop {th.max_golden_pass_rate_drop})",
+                        coded("gate.pass_rate_regression", rate=rate, baseline=baseline["ref"], baselineRate=bl_rate,
+                              allowedDrop=th.max_golden_pass_rate_drop)))
     if baseline.get("kind") == "adapter":  # against the base, the loss ratio rule above applies
         for split in ("val", "test"):
             loss, bl_loss = metrics.get(f"{split}Loss"), bl.get(f"{split}Loss")
             if loss is not None and bl_loss and math.isfinite(loss) and loss > bl_loss * (1 + th.max_loss_regression):
-                reasons.append(f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
-                               f"allowed +{th.max_loss_regression:.0%})")
+                reasons.append((f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
+                                f"allowed +{th.max_loss_regression:.0%})",
+                                coded("gate.loss_regression", split=split, loss=loss, baseline=baseline["ref"],
+                                      baselineLoss=bl_loss, allowed=th.max_loss_regression)))
     return reasons
 
 

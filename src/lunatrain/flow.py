@@ -212,7 +212,8 @@ def run_flow(
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {_FIX[name]}.", details=result)
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
-        report = evalgate.eval_gate(settings, adapter=adapter, base_model=params.base_model, thresholds=gate_thresholds,
+        report = evalgate.eval_gate(settings, adapter=adapter, prefer=params.adapter_name, base_model=params.base_model,
+                                    thresholds=gate_thresholds,
                                     chat_template=params.chat_template)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
@@ -260,10 +261,10 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         metrics = entry.get("metrics") or {}
         val, base = metrics.get("valLoss"), metrics.get("baseValLoss")
         gate = entry.get("gate") or {}
-        aliases = registry.list_adapters(settings).get(entry["name"], {}).get("aliases", {})
-        base_id = (entry.get("baseModel") or {}).get("id")
-        lines.append(f"adapter    {entry['name']}@{entry['version']} on {base_id}"
-                     + (" (active)" if aliases.get("active") == entry["version"] else " (not active)"))
+        trained_on = entry.get("baseModel") or {}
+        state = registry.activation_state(settings, entry, str(trained_on.get("fingerprint")))
+        lines.append(f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}"
+                     + (" (active)" if state["active"] else f" (not active: {state['reason']})"))
         if val is not None and base is not None:
             lines.append(f"val loss   {val:.4f} vs base {base:.4f} ({(1 - val / base) * 100:+.1f}% better)"
                          if base else f"val loss   {val:.4f}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
+from .compat import peft_wrapping
 from .errors import Conflict
 from .fsio import atomic_write_json, replace_dir
 from .settings import Settings, check_name
@@ -60,7 +61,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     try:
         adapter_dir = registry.adapter_dir(settings, entry)
         model = load_model(base, settings, "cpu", torch.float32)
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the merged model is for inference
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -250,6 +250,7 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
         path, revision = _from_hub(ref)
     else:
         raise UsageError(f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'.")
+    refuse_adapter_dir(path, ref)
     config = path / "config.json"
     if not config.is_file():
         raise UsageError(f"Base model {ref!r} has no config.json in {path}.")
@@ -263,6 +264,19 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
         revision=revision,
         config_sha256=hashlib.sha256(config_bytes).hexdigest(),
         fingerprint=_fingerprint(config_bytes, path, weights),
+    )
+
+
+def refuse_adapter_dir(path: str | Path | None, ref: str | None = None) -> None:
+    """A LoRA adapter (a directory with adapter_config.json) is not a base model: training on it would be
+    an adapter on an adapter, which lunatrain never does (guide §7). Refused with the reason and the way on."""
+    if path is None or not (Path(path) / "adapter_config.json").is_file():
+        return
+    raise UsageError(
+        f"baseModel {ref or str(path)!r} is a LoRA adapter (it has adapter_config.json), not a base model: an adapter "
+        "on an adapter is not supported. Train on the base model it was made for, or merge it first "
+        "(`lunatrain merge --adapter NAME@VERSION`) and use the merged model under data/models/merged/.",
+        code="base_model.is_adapter", params={"baseModel": ref or str(path)},
     )
 
 

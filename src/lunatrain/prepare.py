@@ -44,6 +44,7 @@ from typing import Any, Literal
 from . import export as export_mod
 from .errors import CheckFailed, NotFound
 from .fsio import atomic_write_json, read_json
+from .messages import coded
 from .params import LoraParams, total_steps
 from .settings import Settings
 
@@ -65,11 +66,21 @@ _MAX_TOKENS_PER_S = {"cpu": 20_000.0, "cuda": 500_000.0, "mps": 50_000.0}
 
 @dataclass
 class Check:
+    """One preflight check. `code` (check.<id>.<outcome>, see messages.py) and `params` say the same as the
+    English `message` in a form the dashboard translates; `passed` tells a passed check (info severity)
+    from an informational figure."""
+
     id: str
     severity: Severity
     count: int
     examples: list[str]
     message: str
+    code: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.code:
+            coded(self.code, **self.params)  # registered, or a test fails here
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +157,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     """
     from . import models, tokens
 
+    if params.base_model:  # an adapter as base is a usage error, export or not (cheap: one file lookup)
+        models.refuse_adapter_dir(Path(params.base_model).expanduser(), params.base_model)
     summary = export_mod.read_summary(settings)
     if summary is None:
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
@@ -179,7 +192,9 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     estimate = estimate_run(settings, params, tokenized, info)
     checks.append(
         Check("estimate", "info", estimate["optimizerSteps"], [], f"~{estimate['optimizerSteps']} optimizer steps, "
-              f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})")
+              f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})",
+              "check.estimate.measured" if estimate["source"].startswith("measured") else "check.estimate.computed",
+              {"steps": estimate["optimizerSteps"], "seconds": estimate["seconds"], "device": estimate["device"]})
     )
     memory = _memory_check(params, tokenized, info, estimate["device"])
     checks.append(memory[0])
@@ -255,10 +270,12 @@ def _verify_files(directory: Path, summary: dict[str, Any]) -> tuple[dict[str, s
 
 def _summary_check(mismatched: list[str]) -> Check:
     if not mismatched:
-        return Check("export_summary", "info", 0, [], "every file matches the export summary (sha256, records)")
+        return Check("export_summary", "info", 0, [], "every file matches the export summary (sha256, records)",
+                     "check.export_summary.ok")
     return Check(
         "export_summary", "fail", len(mismatched), mismatched[:MAX_EXAMPLES],
         f"{len(mismatched)} file(s) differ from the export summary (edited by hand or torn); run `lunatrain export`",
+        "check.export_summary.mismatch", {"count": len(mismatched)},
     )
 
 
@@ -300,11 +317,13 @@ def _stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
 
     db_file = settings.database_url.removeprefix("sqlite:///")
     if settings.database_url.startswith("sqlite") and not Path(db_file).exists():
-        return Check("export_stale", "info", 0, [], "no database here; the export is checked as it is")
+        return Check("export_stale", "info", 0, [], "no database here; the export is checked as it is",
+                     "check.export_stale.no_database")
     current = store.revision(settings)
     if current == summary.get("store_revision"):
-        return Check("export_stale", "info", 0, [], "the export is up to date with the database")
-    return Check("export_stale", "warn", 1, [], "the database changed since the last export; run `lunatrain export`")
+        return Check("export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok")
+    return Check("export_stale", "warn", 1, [], "the database changed since the last export; run `lunatrain export`",
+                 "check.export_stale.changed")
 
 
 def _count_lines(path: Path) -> int:
@@ -322,10 +341,12 @@ def _rid(rec: dict) -> str:
     return str(rec.get("id") or str(rec.get("hash", ""))[:12])
 
 
-def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str) -> Check:
+def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str, **params: Any) -> Check:
+    """A record check: passed (info, code check.<id>.ok) or `severity` with the records found (.found)."""
     if not ids:
-        return Check(cid, "info", 0, [], ok)
-    return Check(cid, severity, len(ids), ids[:MAX_EXAMPLES], f"{len(ids)} {what}")
+        return Check(cid, "info", 0, [], ok, f"check.{cid}.ok", params)
+    return Check(cid, severity, len(ids), ids[:MAX_EXAMPLES], f"{len(ids)} {what}", f"check.{cid}.found",
+                 {"count": len(ids), **params})
 
 
 def curated_count(settings: Settings) -> int:
@@ -337,14 +358,18 @@ def volume_check(curated: int, min_curated: int) -> Check:
     """minCurated against the export: the same check (and sentence) for prepare and every job submit."""
     if curated < min_curated:
         return Check("volume", "fail", curated, [],
-                     f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it")
-    return Check("volume", "info", curated, [], f"{curated} approved curated examples (minCurated {min_curated})")
+                     f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it",
+                     "check.volume.too_few", {"curated": curated, "minCurated": min_curated})
+    return Check("volume", "info", curated, [], f"{curated} approved curated examples (minCurated {min_curated})",
+                 "check.volume.ok", {"curated": curated, "minCurated": min_curated})
 
 
 def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
     vol = volume_check(curated, min_curated)
-    empty = (Check("empty_train", "fail", 0, [], "the tier's train split is empty: nothing to train on") if n_train == 0
-             else Check("empty_train", "info", n_train, [], f"{n_train} train samples"))
+    empty = (Check("empty_train", "fail", 0, [], "the tier's train split is empty: nothing to train on",
+                   "check.empty_train.empty") if n_train == 0
+             else Check("empty_train", "info", n_train, [], f"{n_train} train samples", "check.empty_train.ok",
+                        {"count": n_train}))
     return [vol, empty]
 
 
@@ -494,7 +519,8 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
         untrained_check.severity = "fail"
     return [
         _check("truncated", "warn", truncated, f"samples are longer than maxSeqLength={tokenized.max_seq_length} and "
-               "will be cut (raise --max-seq-length or shorten them)", "no sample exceeds maxSeqLength"),
+               "will be cut (raise maxSeqLength or shorten them)", "no sample exceeds maxSeqLength",
+               maxSeqLength=tokenized.max_seq_length),
         untrained_check,
         _check("eot_not_trained", "fail", no_eot,
                "samples have an assistant turn whose turn terminator is outside the loss mask "
@@ -505,11 +531,13 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
 def _val_check(n_val: int, ratio: float) -> Check:
     if ratio > 0 and n_val == 0:
         return Check("val_too_small", "warn", 0, [], f"the val split is empty although its ratio is {ratio}: "
-                     "no validation loss; add examples or raise ASSISTANT_TRAIN_VAL_RATIO")
+                     "no validation loss; add examples or raise ASSISTANT_TRAIN_VAL_RATIO",
+                     "check.val_too_small.empty", {"ratio": ratio})
     if 0 < n_val < MIN_VAL:
         return Check("val_too_small", "warn", n_val, [],
-                     f"only {n_val} val samples (< {MIN_VAL}): the validation loss will be mostly noise")
-    return Check("val_too_small", "info", n_val, [], f"{n_val} val samples")
+                     f"only {n_val} val samples (< {MIN_VAL}): the validation loss will be mostly noise",
+                     "check.val_too_small.few", {"count": n_val, "minimum": MIN_VAL})
+    return Check("val_too_small", "info", n_val, [], f"{n_val} val samples", "check.val_too_small.ok", {"count": n_val})
 
 
 def _stats_check(tokenized: Any) -> Check:
@@ -519,6 +547,8 @@ def _stats_check(tokenized: Any) -> Check:
         f"train tokens per sample min/median/p95/max = {st.get('minLength', 0)}/{st.get('medianLength', 0)}/"
         f"{st.get('p95Length', 0)}/{st.get('maxLength', 0)}; {st.get('supervisedTokens', 0)} trained tokens "
         f"of {st.get('tokens', 0)}",
+        "check.token_stats.info",
+        {k: st.get(k, 0) for k in ("minLength", "medianLength", "p95Length", "maxLength", "supervisedTokens", "tokens")},
     )
 
 

@@ -5,7 +5,14 @@ Shape of lora-adapters.json:
     {"format": "lunatrain-registry/1",
      "adapters": {NAME: {"versions": [ENTRY, ...],
                          "aliases": {"latest": "v3", "active": "v2"},
-                         "activations": [{"version", "previous", "at", "forced", "reason"}, ...]}}}
+                         "activeByBase": {BASE_FINGERPRINT: {"version": "v2", "baseModel": "luna-tiny"}, ...},
+                         "activations": [{"version", "previous", "base", "at", "forced", "reason"}, ...]}}}
+
+`active` is kept per adapter name and base model (keyed by the base's fingerprint: the same id with other
+weights is another base), so training on a new base never takes the old base's adapter away. An older file
+with one `aliases.active` is read as that version's base entry and written back in the new shape on the
+next update. `aliases.active` is still written for readers of the old format (deprecated): the version
+whose activation is the most recent one still standing, on whichever base.
 
 An ENTRY records one trained adapter: name, version, baseModel {id, fingerprint, revision, configSha256},
 datasetTier, datasetFingerprint, params, metrics {valLoss, baseValLoss, trainLoss}, path (relative to the
@@ -32,6 +39,7 @@ from typing import Any
 
 from .errors import Conflict, NotFound, UsageError
 from .fsio import atomic_write_json, file_lock, read_json
+from .messages import coded
 from .settings import Settings, check_name, inside
 
 FORMAT = "lunatrain-registry/1"
@@ -58,11 +66,44 @@ def now() -> str:
 
 
 def load(settings: Settings) -> dict[str, Any]:
-    """The registry as a dict (an empty one when no adapter was ever registered)."""
+    """The registry as a dict (an empty one when no adapter was ever registered), in the current shape."""
     data = read_json(registry_path(settings), None)
     if not isinstance(data, dict) or "adapters" not in data:
         data = {"format": FORMAT, "adapters": {}}
+    for adapter in data["adapters"].values():
+        _migrate_active(adapter)
     return data
+
+
+def _migrate_active(adapter: dict[str, Any]) -> None:
+    """A file from before per-base activation has one `aliases.active`: it becomes the entry for the base
+    that version was trained on (every write saves the new shape)."""
+    if "activeByBase" in adapter:
+        return
+    adapter["activeByBase"] = {}
+    version = adapter.get("aliases", {}).get("active")
+    entry = _entry(adapter, version) if version else None
+    if entry is not None:
+        base = entry.get("baseModel") or {}
+        adapter["activeByBase"][base.get("fingerprint", "?")] = {"version": version, "baseModel": base.get("id")}
+
+
+def _entry(adapter: dict[str, Any], version: str) -> dict[str, Any] | None:
+    matches = [e for e in adapter.get("versions", []) if e.get("version") == version]
+    return matches[-1] if matches else None
+
+
+def _sync_legacy_alias(adapter: dict[str, Any]) -> None:
+    """`aliases.active` for readers of the old format: the most recent activation still standing."""
+    standing = {(fp, a["version"]) for fp, a in adapter["activeByBase"].items()}
+    latest = next((h["version"] for h in reversed(adapter.get("activations", []))
+                   if (h.get("base"), h.get("version")) in standing), None)
+    if latest is None and standing:
+        latest = sorted(standing)[0][1]
+    if latest is None:
+        adapter.get("aliases", {}).pop("active", None)
+    else:
+        adapter["aliases"]["active"] = latest
 
 
 def _save(settings: Settings, data: dict[str, Any]) -> None:
@@ -70,7 +111,7 @@ def _save(settings: Settings, data: dict[str, Any]) -> None:
 
 
 def _adapter(data: dict[str, Any], name: str) -> dict[str, Any]:
-    return data["adapters"].setdefault(name, {"versions": [], "aliases": {}, "activations": []})
+    return data["adapters"].setdefault(name, {"versions": [], "aliases": {}, "activeByBase": {}, "activations": []})
 
 
 def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
@@ -177,19 +218,106 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return name, version or ""
 
 
-def get_version(settings: Settings, name: str, version: str = "") -> dict[str, Any]:
-    """One registry entry by version (`v3`, `current`) or alias (`latest`, `active`); empty: active, else
-    latest. For `current` the newest revision is returned."""
+def get_version(settings: Settings, name: str, version: str = "", *, base: str | None = None) -> dict[str, Any]:
+    """One registry entry by version (`v3`, `current`) or alias (`latest`, `active`: the version active on
+    base fingerprint `base`, default the configured base model); empty: active, else latest. For `current`
+    the newest revision is returned."""
     adapter = list_adapters(settings).get(name)
     if adapter is None:
-        raise NotFound(f"No adapter named {name!r} is registered; see `lunatrain adapters list`.")
-    aliases = adapter.get("aliases", {})
-    wanted = version or ("active" if aliases.get("active") else "latest")
-    resolved = aliases.get(wanted, wanted)
-    matches = [e for e in adapter["versions"] if e["version"] == resolved]
-    if not matches:
+        raise _not_registered(name)
+    wanted = version or "active"
+    if wanted == "active":
+        fingerprint = base or configured_base(settings).fingerprint
+        active = adapter["activeByBase"].get(fingerprint)
+        if active is None and not version:
+            wanted = "latest"
+        elif active is None:
+            raise NotFound(f"Adapter {name!r} has no active version on {_base_label(settings, fingerprint)}; "
+                           f"activate one with `lunatrain adapters activate {name}@VERSION`.")
+        else:
+            wanted = active["version"]
+    resolved = adapter.get("aliases", {}).get(wanted, wanted) if wanted == "latest" else wanted
+    entry = _entry(adapter, resolved)
+    if entry is None:
         raise NotFound(f"Adapter {name!r} has no version {wanted!r}; see `lunatrain adapters show {name}`.")
-    return matches[-1]
+    return entry
+
+
+def _not_registered(name: str) -> NotFound:
+    return NotFound(f"No adapter named {name!r} is registered; see `lunatrain adapters list` "
+                    "(GET /assistant/training/adapters).")
+
+
+def configured_base(settings: Settings, ref: str | None = None) -> Any:
+    """The base model runs use (ASSISTANT_BASE_MODEL unless `ref`), with its fingerprint."""
+    from .models import resolve_base
+
+    return resolve_base(ref, settings)
+
+
+def _base_label(settings: Settings, fingerprint: str) -> str:
+    for adapter in list_adapters(settings).values():
+        for e in adapter["versions"]:
+            if (e.get("baseModel") or {}).get("fingerprint") == fingerprint:
+                return f"base model {e['baseModel'].get('id')!r}"
+    return "this base model"
+
+
+def active_version(settings: Settings, name: str, base: str) -> dict[str, Any] | None:
+    """The entry of NAME active on base fingerprint `base`; None when none is."""
+    adapter = list_adapters(settings).get(name)
+    active = (adapter or {}).get("activeByBase", {}).get(base)
+    return _entry(adapter, active["version"]) if adapter and active else None
+
+
+def list_active(settings: Settings, base: str | None = None) -> list[dict[str, Any]]:
+    """Every active version, as {"name", "version", "base" (fingerprint), "baseModel" (id), "entry"}, sorted
+    by name then base model; only those on base fingerprint `base` when given."""
+    out = []
+    for name, adapter in sorted(list_adapters(settings).items()):
+        for fingerprint, active in sorted(adapter["activeByBase"].items(), key=lambda kv: str(kv[1].get("baseModel"))):
+            entry = _entry(adapter, active["version"])
+            if entry is None or (base is not None and fingerprint != base):
+                continue
+            out.append({"name": name, "version": active["version"], "base": fingerprint,
+                        "baseModel": active.get("baseModel"), "entry": entry})
+    return out
+
+
+def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> dict[str, Any]:
+    """Whether a version is active on base fingerprint `base`, and if not, why, as
+    {"active": bool, "code": str, "params": {...}, "reason": "one sentence"}."""
+    name, version = entry["name"], entry["version"]
+    adapter = list_adapters(settings).get(name) or {}
+    trained_on = entry.get("baseModel") or {}
+    params: dict[str, Any] = {"name": name, "version": version, "baseModel": trained_on.get("id")}
+    active_here = adapter.get("activeByBase", {}).get(base, {}).get("version")
+    elsewhere = [a.get("baseModel") for fp, a in adapter.get("activeByBase", {}).items()
+                 if fp != base and a.get("version") == version]
+    gate = entry.get("gate") or {}
+
+    def state(active: bool, code: str, reason: str, **extra: Any) -> dict[str, Any]:
+        return {"active": active, **coded(code, **params, **extra), "reason": reason}
+
+    if active_here == version:
+        return state(True, "adapter.active", "active on the configured base model")
+    if entry.get("replaced"):
+        return state(False, "adapter.replaced", "replaced by a newer revision of the same slot")
+    if elsewhere:
+        return state(False, "adapter.active_on_other_base", f"active on base model {elsewhere[0]!r}, not on the configured one",
+                     activeOn=elsewhere[0])
+    if trained_on.get("fingerprint") != base:
+        return state(False, "adapter.other_base", f"trained on another base model ({trained_on.get('id')!r})")
+    if gate and not gate.get("passed"):
+        reasons = "; ".join(gate.get("reasons") or []) or "no reason recorded"
+        return state(False, "adapter.gate_failed", f"the eval gate refused it: {reasons}", reasons=gate.get("reasons") or [])
+    if active_here:
+        return state(False, "adapter.other_version_active", f"{name}@{active_here} is the active version",
+                     activeVersion=active_here)
+    if gate and gate.get("passed"):
+        return state(False, "adapter.deactivated", f"deactivated; activate it with `lunatrain adapters activate {name}@{version}`")
+    return state(False, "adapter.not_gated", f"not activated (no eval gate ran); activate it with "
+                 f"`lunatrain adapters activate {name}@{version}`")
 
 
 def adapter_dir(settings: Settings, entry: dict[str, Any]) -> Path:
@@ -210,52 +338,111 @@ def by_base(settings: Settings) -> dict[str, dict[str, Any]]:
 # --- mutable aliases and annotations --------------------------------------------------------------
 
 
-def activate(settings: Settings, name: str, version: str, *, force: bool = False, reason: str = "") -> dict[str, Any]:
-    """Make NAME@VERSION the active adapter. Refused when it was trained on a different base model than the
-    configured one (its LoRA weights would not fit), unless `force`."""
-    from .models import resolve_base
-
+def activate(
+    settings: Settings, name: str, version: str, *, force: bool = False, reason: str = "", own_base: bool = False
+) -> dict[str, Any]:
+    """Make NAME@VERSION the active version of NAME on the configured base model (other bases keep theirs).
+    Refused when it was trained on a different base model than the configured one (its LoRA weights would
+    not fit), unless `force`. `own_base`: activate it on the base it was trained on, whichever that is (the
+    eval gate's promotion after training on a new base)."""
     entry = get_version(settings, name, version)
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
-    base = resolve_base(None, settings)
     trained_on = entry.get("baseModel", {})
-    if trained_on.get("fingerprint") != base.fingerprint and not force:
-        raise Conflict(
-            f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured base "
-            f"model is {base.id!r} (fingerprints differ); retrain on the new base or pass --force."
-        )
+    if own_base:
+        fingerprint, base_id = trained_on.get("fingerprint", "?"), trained_on.get("id")
+    else:
+        base = configured_base(settings)
+        fingerprint, base_id = base.fingerprint, base.id
+        if trained_on.get("fingerprint") != base.fingerprint and not force:
+            raise Conflict(
+                f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
+                f"base model is {base.id!r} (fingerprints differ); retrain on the new base, or force the activation "
+                "(CLI `--force`, API `force: true`).",
+                code="adapter.foreign_base",
+                params={"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id},
+            )
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
-        previous = adapter["aliases"].get("active")
-        adapter["aliases"]["active"] = entry["version"]
-        adapter["activations"].append(
-            {"version": entry["version"], "previous": previous, "at": now(), "forced": force, "reason": reason}
-        )
+        previous = adapter["activeByBase"].get(fingerprint, {}).get("version")
+        adapter["activeByBase"][fingerprint] = {"version": entry["version"], "baseModel": base_id}
+        adapter["activations"].append({"version": entry["version"], "previous": previous, "base": fingerprint,
+                                       "at": now(), "forced": force, "reason": reason})
+        _sync_legacy_alias(adapter)
         _save(settings, data)
     return entry
 
 
-def rollback(settings: Settings, name: str) -> dict[str, Any]:
-    """Active → the version that was active before it (walking the activation history)."""
+def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[str, Any]]:
+    """NAME is no longer active on the configured base model; with VERSION, that version is no longer active
+    on any base. Returns what was deactivated ({"name", "version", "base", "baseModel"})."""
+    adapter = list_adapters(settings).get(name)
+    if adapter is None:
+        raise _not_registered(name)
+    fingerprint = None if version else configured_base(settings).fingerprint
     with _lock(settings):
         data = load(settings)
-        adapter = data["adapters"].get(name)
-        if adapter is None:
-            raise NotFound(f"No adapter named {name!r} is registered.")
-        current = adapter["aliases"].get("active")
-        history = [a["version"] for a in adapter["activations"]]
+        adapter = _adapter(data, name)
+        if version:
+            version = adapter.get("aliases", {}).get(version, version) if version == "latest" else version
+            hits = [fp for fp, a in adapter["activeByBase"].items() if a["version"] == version]
+        else:
+            hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []
+        if not hits:
+            what = f"{name}@{version} is not active" if version else f"{name} is not active on the configured base model"
+            raise UsageError(f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
+                             code="adapter.not_active", params={"name": name, "version": version or None})
+        done = []
+        for fp in hits:
+            gone = adapter["activeByBase"].pop(fp)
+            adapter["activations"].append({"version": None, "previous": gone["version"], "base": fp, "at": now(),
+                                           "forced": False, "reason": "deactivated"})
+            done.append({"name": name, "version": gone["version"], "base": fp, "baseModel": gone.get("baseModel")})
+        _sync_legacy_alias(adapter)
+        _save(settings, data)
+    return done
+
+
+def rollback(settings: Settings, name: str) -> dict[str, Any]:
+    """The active version on the configured base model → the one active there before it (walking that
+    base's activation history)."""
+    if name not in list_adapters(settings):
+        raise _not_registered(name)
+    fingerprint = configured_base(settings).fingerprint
+    with _lock(settings):
+        data = load(settings)
+        adapter = _adapter(data, name)
+        current = adapter["activeByBase"].get(fingerprint, {}).get("version")
+        history = [h["version"] for h in adapter["activations"]
+                   if h.get("version") and _history_base(adapter, h) == fingerprint]
         # The most recent activation of something other than the current one, skipping rolled-back hops.
         previous = next((v for v in reversed(history) if v != current), None)
-        if current is None or previous is None:
-            raise UsageError(f"Adapter {name!r} has no earlier active version to roll back to.")
-        adapter["aliases"]["active"] = previous
-        adapter["activations"].append(
-            {"version": previous, "previous": current, "at": now(), "forced": False, "reason": "rollback"}
-        )
+        if current is None:
+            raise UsageError(f"Adapter {name!r} is not active on the configured base model, so there is nothing to "
+                             f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION` "
+                             f"(POST /assistant/training/adapters/{name}/activate).",
+                             code="adapter.not_active", params={"name": name, "version": None})
+        if previous is None:
+            raise UsageError(f"Adapter {name!r} has no earlier active version on this base model to roll back to; "
+                             f"to stop using it, run `lunatrain adapters deactivate {name}` "
+                             f"(POST /assistant/training/adapters/{name}/deactivate).",
+                             code="adapter.no_earlier_version", params={"name": name})
+        base_id = adapter["activeByBase"][fingerprint].get("baseModel")
+        adapter["activeByBase"][fingerprint] = {"version": previous, "baseModel": base_id}
+        adapter["activations"].append({"version": previous, "previous": current, "base": fingerprint, "at": now(),
+                                       "forced": False, "reason": "rollback"})
+        _sync_legacy_alias(adapter)
         _save(settings, data)
     return get_version(settings, name, previous)
+
+
+def _history_base(adapter: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """The base an activation record was for (older records name none: the version's own base)."""
+    if record.get("base"):
+        return record["base"]
+    entry = _entry(adapter, record.get("version") or "")
+    return (entry or {}).get("baseModel", {}).get("fingerprint")
 
 
 def annotate(settings: Settings, name: str, version: str, field: str, value: Any) -> dict[str, Any]:

@@ -1,8 +1,14 @@
 """Data and training status: what `GET /assistant/training/status?minCurated=…` and `lunatrain status` show.
 
-Read-only: counts come from the store, everything else from the artifacts the stages wrote (export
-summary, lora-latest.json, the registry, prepare-latest.json, eval-gate-latest.json). A fresh data root
-(no database file yet) reports zeros instead of creating one.
+Read-only: counts come from the store, the last job from the trainer's job store (`data/trainer/jobs.db`,
+failed jobs included) or the last in-process run's report (lora-latest.json), whichever is newer; the rest
+from the artifacts the stages wrote (export summary, the registry, prepare-latest.json,
+eval-gate-latest.json), plus a short health probe of the trainer. A fresh data root (no database file yet)
+reports zeros instead of creating one.
+
+Names: `examples` holds the examples per source (`examples.memory`: examples whose source is memory) and
+`memoryItems` the memory items (facts the assistant remembers). `counts` and `memory` are the same two
+objects under their old names, deprecated (see docs/api.md), as is `curated` (now `curatedApproved`).
 """
 
 from __future__ import annotations
@@ -14,13 +20,25 @@ from .fsio import read_json
 from .settings import Settings
 
 STATUSES = ("approved", "pending", "rejected")
+DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `lunatrain luna`
+PROBE_TIMEOUT = 0.5  # seconds: status is polled, and an unreachable trainer must not hold it up
 
 
-def training_status(settings: Settings, min_curated: int) -> dict[str, Any]:
-    """Counts per source and curation status, readiness, and the last export / job / prepare / gate plus the
-    active adapter(s), with camelCase keys."""
+def default_min_curated(settings: Settings) -> int:
+    """The Luna profile's minCurated (30 as shipped; a profile of your own in <data root>/profiles wins)."""
+    from .profiles import load_profile
+
+    return load_profile(settings, DEFAULT_PROFILE).params().min_curated
+
+
+def training_status(settings: Settings, min_curated: int | None = None) -> dict[str, Any]:
+    """Counts per source and curation status, readiness per tier, the trainer's health, and the last export
+    / job / prepare / gate plus the active adapter(s), with camelCase keys. `min_curated` None: the Luna
+    profile's."""
     from . import export, store
 
+    if min_curated is None:
+        min_curated = default_min_curated(settings)
     if min_curated < 0:
         from .errors import UsageError
 
@@ -51,12 +69,18 @@ def training_status(settings: Settings, min_curated: int) -> dict[str, Any]:
         changed = counts["curated"]["total"] + memory["total"] > 0 or None
 
     active = _active_adapters(settings)
+    tiers = _tiers(counts, memory, min_curated)
     return {
-        "counts": counts,
-        "memory": memory,
-        "curated": curated,
+        "examples": counts,
+        "memoryItems": memory,
+        "curatedApproved": curated,
+        "counts": counts,  # deprecated name of `examples`
+        "memory": memory,  # deprecated name of `memoryItems`
+        "curated": curated,  # deprecated name of `curatedApproved`
         "minCurated": min_curated,
-        "ready": curated >= min_curated,
+        "ready": curated >= min_curated,  # the volume rule; `tiers` also asks for something to train on
+        "tiers": tiers,
+        "trainer": _trainer(settings),
         "storeRevision": revision,
         "lastExport": last_export,
         "changedSinceExport": changed,
@@ -65,6 +89,43 @@ def training_status(settings: Settings, min_curated: int) -> dict[str, Any]:
         "activeAdapters": active,
         "lastPrepare": _last_prepare(settings),
         "lastGate": _last_gate(settings),
+    }
+
+
+def _tiers(counts: dict[str, dict[str, int]], memory: dict[str, int], min_curated: int) -> dict[str, Any]:
+    """Per tier: approved samples it would hold (before deduplication) and whether a run on it passes the
+    volume check (approved curated examples >= minCurated, the same rule `prepare` applies to every tier)
+    and has anything to train on. `reason` says what is missing."""
+    curated = counts["curated"]["approved"]
+    approved = {
+        "curated": curated,
+        "memory": counts["memory"]["approved"] + memory["approved"],
+        "merged": sum(c["approved"] for c in counts.values()) + memory["approved"],
+    }
+    out = {}
+    for tier, n in approved.items():
+        if curated < min_curated:
+            reason = f"{curated} approved curated examples, {min_curated} required (minCurated)"
+        elif n == 0:
+            reason = f"no approved samples for the {tier} tier"
+        else:
+            reason = None
+        out[tier] = {"approved": n, "ready": reason is None, "reason": reason}
+    return out
+
+
+def _trainer(settings: Settings) -> dict[str, Any]:
+    """Whether the trainer service answers, and its label (Aktiv (CUDA) / Online (CPU) / Offline)."""
+    from .service import client as trainer_client
+
+    health = _safe(lambda: trainer_client.probe(settings, timeout=PROBE_TIMEOUT))
+    return {
+        "reachable": health is not None,
+        "label": trainer_client.label(health),
+        "url": trainer_client.base_url(settings),
+        "cudaAvailable": bool(health and health.cuda_available),
+        "device": health.device.name if health else None,
+        "queue": health.queue.wire() if health else None,
     }
 
 
@@ -96,6 +157,47 @@ def _read(path: Path) -> Any:
 
 
 def _last_job(settings: Settings) -> dict[str, Any] | None:
+    """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
+    candidates = [j for j in (_last_store_job(settings), _last_local_run(settings)) if j is not None]
+    return max(candidates, key=lambda j: str(j.get("created") or "")) if candidates else None
+
+
+def _last_store_job(settings: Settings) -> dict[str, Any] | None:
+    from .service.jobs import JobStore, jobs_db_path
+
+    path = jobs_db_path(settings.data_dir)
+    if not path.is_file():  # never create the trainer's database from a status read
+        return None
+
+    def latest() -> Any:
+        db = JobStore(path)
+        try:
+            jobs = db.list(limit=1)
+        finally:
+            db.close()
+        return jobs[0] if jobs else None
+
+    job = _safe(latest)
+    if job is None:
+        return None
+    metrics = job.metrics or {}
+    return {
+        "jobId": job.id,
+        "state": job.status,
+        "source": "trainer",
+        "adapterName": (job.adapter.name if job.adapter else None) or job.params.get("adapterName"),
+        "version": job.adapter.version if job.adapter else None,
+        "created": job.created_at,
+        "finished": job.finished_at,
+        "durationSeconds": metrics.get("durationSeconds"),
+        "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
+        "error": job.error.wire() if job.error else None,
+        "gate": {"passed": job.gate.get("passed"), "promoted": job.gate.get("promoted"),
+                 "reasons": job.gate.get("reasons", [])} if isinstance(job.gate, dict) else None,
+    }
+
+
+def _last_local_run(settings: Settings) -> dict[str, Any] | None:
     report = _read(settings.reports_training_dir / "lora-latest.json")
     if not isinstance(report, dict):
         return None
@@ -103,35 +205,35 @@ def _last_job(settings: Settings) -> dict[str, Any] | None:
     return {
         "jobId": report.get("jobId"),
         "state": report.get("status"),
+        "source": "report",
         "adapterName": report.get("adapterName"),
         "version": report.get("version"),
         "created": report.get("created"),
+        "finished": None,
         "durationSeconds": report.get("durationSeconds"),
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": report.get("error"),
+        "gate": None,
     }
 
 
 def _active_adapters(settings: Settings) -> list[dict[str, Any]]:
+    """Every active version on every base model; `matchesBaseModel` marks the configured base's."""
     from . import models, registry
 
-    adapters = _safe(lambda: registry.list_adapters(settings)) or {}
+    active = _safe(lambda: registry.list_active(settings)) or []
     # resolve_base builds luna-tiny when missing: a status read must not, so an unbuilt one matches nothing.
     unbuilt = settings.base_model == models.TINY_ID and not (settings.models_dir / models.TINY_ID / "config.json").exists()
-    configured = _safe(lambda: models.resolve_base(None, settings)) if adapters and not unbuilt else None
+    configured = _safe(lambda: models.resolve_base(None, settings)) if active and not unbuilt else None
     out = []
-    for name, adapter in sorted(adapters.items()):
-        version = (adapter.get("aliases") or {}).get("active")
-        if not version:
-            continue
-        entry = next((e for e in reversed(adapter.get("versions", [])) if e.get("version") == version), {})
-        base = entry.get("baseModel") or {}
+    for a in active:
+        entry = a["entry"]
         gate = entry.get("gate") or {}
         out.append({
-            "name": name,
-            "version": version,
-            "baseModel": base.get("id"),
-            "matchesBaseModel": configured is not None and base.get("fingerprint") == configured.fingerprint,
+            "name": a["name"],
+            "version": a["version"],
+            "baseModel": a["baseModel"],
+            "matchesBaseModel": configured is not None and a["base"] == configured.fingerprint,
             "datasetTier": entry.get("datasetTier"),
             "stale": bool(entry.get("stale")),
             "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
@@ -173,6 +275,7 @@ def _last_gate(settings: Settings) -> dict[str, Any] | None:
         "baseline": (report.get("baseline") or {}).get("ref"),
         "created": report.get("created"),
         "reasons": report.get("reasons", []),
+        "reasonCodes": report.get("reasonCodes", []),
         "promoted": report.get("promoted"),
         "goldenPassRate": metrics.get("goldenPassRate"),
         "valLoss": metrics.get("valLoss"),

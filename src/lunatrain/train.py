@@ -39,11 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, checkpoints, distributed, kernels, memplan, registry
-from .compat import enable_checkpointing, masked_logits_supported
+from .compat import enable_checkpointing, masked_logits_supported, peft_wrapping
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
+from .messages import coded
 from .params import LoraParams, parse_params, steps_per_epoch, total_steps
 from .settings import Settings, check_name
 from .tokens import Batch, Encoded, make_batch
@@ -202,7 +203,8 @@ def conclude(run: Run, status: Status, error: dict | None, report: dict[str, Any
         except Exception as exc:  # e.g. a full disk while saving: the run failed, the checkpoints remain
             status, error = Status.FAILED, {"code": "save_failed", "message": f"{type(exc).__name__}: {exc}"}
             report.update(status=status.value, error=error)
-    emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}"})
+    emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}",
+          **coded("log.training_ended", status=status.value, message=error["message"] if error else "")})
     atomic_write_json(run.work_dir / "training-report.json", report)
     registry.write_latest(run.settings, report)
     return TrainResult(status, run.params.adapter_name, report=report, error=error)
@@ -251,7 +253,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     val_set = [e for e in tokens.val if e.n_supervised]
     if not train_set:
         raise UsageError("No training sample has an assistant token left after masking and truncation; "
-                         "check the data or raise --max-seq-length.")
+                         "check the data or raise maxSeqLength.")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     plan = memplan.check_fits(settings, params, memplan.device_memory(device), base=base,
                               batch_tokens=memplan.largest_batch(train_set, params.batch_size))
@@ -290,8 +292,7 @@ def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: s
                         target_modules=targets, bias="none", task_type="CAUSAL_LM",
                         trainable_token_indices=new_ids or None)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # PEFT calls a transformers API deprecated for v6
+        with peft_wrapping():
             model = get_peft_model(model, config)
     except ValueError as exc:
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
@@ -367,7 +368,8 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         with model.disable_adapter():
             run.base_val_loss = evaluate(run, run.val)
         emit({"type": "eval", "epoch": 0, "valLoss": None, "baseValLoss": run.base_val_loss})
-    emit({"type": "log", "message": f"training {len(run.train)} samples, {run.total_steps} steps on {run.device}"})
+    emit({"type": "log", "message": f"training {len(run.train)} samples, {run.total_steps} steps on {run.device}",
+          **coded("log.training_started", samples=len(run.train), steps=run.total_steps, device=run.device)})
     t0, seconds0, tokens0, step0 = time.perf_counter(), run.train_seconds, run.tokens_seen, run.step
     for epoch in range(run.epoch, p.epochs):
         if run.step >= run.total_steps:
@@ -426,7 +428,8 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         if world.main:
             checkpoints.save(run)
         distributed.barrier(world)  # a rank that fails later finds this checkpoint complete on resume
-        emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved"})
+        emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved",
+              **coded("log.epoch_done", epoch=epoch + 1, valLoss=val_loss)})
 
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:
@@ -600,5 +603,6 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     path = run.settings.home / entry["path"]
-    emit({"type": "log", "message": f"adapter {p.adapter_name}@{entry['version']} written to {entry['path']}"})
+    emit({"type": "log", "message": f"adapter {p.adapter_name}@{entry['version']} written to {entry['path']}",
+          **coded("log.adapter_written", name=p.adapter_name, version=entry["version"], path=entry["path"])})
     return TrainResult(Status.SUCCEEDED, p.adapter_name, entry["version"], path, report, None)

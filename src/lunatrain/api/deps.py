@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 
 from ..errors import UsageError
+from ..models import refuse_adapter_dir
 from ..settings import NAME_PATTERN, Settings, inside
 from .cache import Coalescer, fresh_reads
 from ..service.jobs import JOB_ID_PATTERN
@@ -62,7 +63,9 @@ def check_base_model(ref: str | None, settings: Settings) -> str | None:
     """A base model may be `luna-tiny`, a hub id (`org/name`) or a directory under the data root — never a
     path elsewhere on the machine, so a request cannot make the trainer read arbitrary files."""
     try:
-        return _base_model(ref, settings)
+        checked = _base_model(ref, settings)
+        refuse_adapter_dir(checked, ref)  # a directory must not be a LoRA adapter
+        return checked
     except OSError:  # a name too long for the file system, say: not a directory we could use
         raise UsageError(f"baseModel {ref[:80]!r} is neither luna-tiny, a hub id nor a model directory.") from None
 

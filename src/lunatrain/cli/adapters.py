@@ -1,4 +1,7 @@
-"""`lunatrain adapters list|show|activate|rollback|diff`: the adapter registry from the command line."""
+"""`lunatrain adapters list|show|activate|deactivate|rollback|diff`: the adapter registry from the command line.
+
+Activation is per base model: `activate`, `deactivate NAME` and `rollback` act on the configured base model
+(ASSISTANT_BASE_MODEL); adapters active on other bases stay as they are."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from ..errors import LunaError
 from ..settings import load_settings
 from .app import app, fail
 
-adapters_app = typer.Typer(help="Trained LoRA adapters: list, show, activate, roll back, compare.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Trained LoRA adapters: list, show, activate, deactivate, roll back, compare.",
+                           no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -22,8 +26,9 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else "-" if x is None else str(x)
 
 
-def _badges(entry: dict[str, Any], aliases: dict[str, str]) -> str:
-    marks = [a for a in ("latest", "active") if aliases.get(a) == entry["version"] and not entry.get("replaced")]
+def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str]) -> str:
+    marks = ["latest"] if aliases.get("latest") == entry["version"] and not entry.get("replaced") else []
+    marks += [f"active on {base}" for base in active_on]
     if entry.get("replaced"):
         marks.append("replaced")
     if entry.get("stale"):
@@ -38,14 +43,17 @@ def _badges(entry: dict[str, Any], aliases: dict[str, str]) -> str:
 
 @adapters_app.command("list")
 def list_cmd(as_json: JsonOpt = False) -> None:
-    """Every adapter version, grouped by the base model it was trained on."""
+    """Every adapter version, grouped by the base model it was trained on, with where it is active."""
     try:
         settings = load_settings()
         adapters = registry.list_adapters(settings)
+        active = registry.list_active(settings)
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps({"adapters": adapters, "byBase": registry.by_base(settings)}, indent=2, sort_keys=True))
+        typer.echo(json.dumps({"adapters": adapters, "byBase": registry.by_base(settings),
+                               "active": [{k: a[k] for k in ("name", "version", "base", "baseModel")} for a in active]},
+                              indent=2, sort_keys=True))
         return
     if not adapters:
         typer.echo("No adapters yet; train one with `lunatrain lora` or `lunatrain luna`.")
@@ -54,16 +62,17 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         typer.echo(f"base {group['baseModel']} (fingerprint {fingerprint[:12]})")
         for e in group["versions"]:
             aliases = adapters.get(e["name"], {}).get("aliases", {})
+            active_on = [str(a["baseModel"]) for a in active if (a["name"], a["version"]) == (e["name"], e["version"])]
             rev = f" rev {e['revision']}" if e.get("revision") else ""
             m = e.get("metrics", {})
             typer.echo(f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
                        f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
-                       f"{_badges(e, aliases)}".rstrip())
+                       f"{_badges(e, aliases, active_on)}".rstrip())
 
 
 @adapters_app.command("show")
 def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERSION may be latest or active)")]) -> None:
-    """One version's registry entry and its training report."""
+    """One version's registry entry, whether it is active (or why not), and its training report."""
     try:
         settings = load_settings()
         name, version = registry.parse_ref(ref)
@@ -72,6 +81,10 @@ def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERS
     except LunaError as err:
         raise fail(err) from None
     out = dict(entry)
+    try:  # active on the configured base model, or why not
+        out["state"] = registry.activation_state(settings, entry, registry.configured_base(settings).fingerprint)
+    except LunaError as err:
+        out["state"] = {"active": False, "reason": f"the configured base model cannot be read: {err.message}"}
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
         out["report"] = {k: report.get(k) for k in ("metrics", "epochs", "device", "packages", "durationSeconds")}
@@ -93,9 +106,24 @@ def activate_cmd(
     typer.echo(f"{entry['name']}@{entry['version']} is now active.")
 
 
+@adapters_app.command("deactivate")
+def deactivate_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME (on the configured base model) or NAME@VERSION (on every base)")],
+) -> None:
+    """Stop using an adapter: NAME is no longer active on the configured base model (NAME@VERSION: that
+    version on any base). Its versions stay registered; `activate` brings one back."""
+    try:
+        name, version = registry.parse_ref(ref)
+        done = registry.deactivate(load_settings(), name, version)
+    except LunaError as err:
+        raise fail(err) from None
+    for d in done:
+        typer.echo(f"{d['name']}@{d['version']} is no longer active on base model {d['baseModel']}.")
+
+
 @adapters_app.command("rollback")
 def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")]) -> None:
-    """Make the previously active version active again."""
+    """Make the version active before the current one on the configured base model active again."""
     try:
         entry = registry.rollback(load_settings(), registry.parse_ref(name)[0])
     except LunaError as err:

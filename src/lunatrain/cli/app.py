@@ -21,6 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: rich's option table cuts long option names at 80 columns (`--adapterName` became
+    # `--ad…`); the plain layout wraps the help text instead and shows both spellings in full.
+    rich_markup_mode=None,
 )
 
 

@@ -5,6 +5,10 @@
 That dict holds only the flags actually given, keyed by their camelCase wire names, ready to be laid over
 a profile with `Profile.params(flags)` or validated with `parse_params(flags)`: the values are not
 validated here, so the error names the parameter the same way everywhere.
+
+Help shows the values a run would use: for a command run with a profile (`luna`; `prepare`, whose default
+profile is luna; `auto --profile NAME`), `ProfileHelpCommand` rewrites each option's "default …" with the
+profile's value for the base model in use (`--baseModel` or ASSISTANT_BASE_MODEL) when `--help` is asked.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import typing
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import click
 import typer
 from pydantic.alias_generators import to_camel
+from typer.core import TyperCommand
 
+from ..errors import LunaError
 from ..params import FlowOptions, LoraParams
 
 
@@ -44,12 +51,16 @@ def _option(name: str, field: Any) -> inspect.Parameter:
         decls = [f"--{kebab}/--no-{kebab}"] + ([f"--{camel}/--no-{camel[0].upper()}{camel[1:]}"] if camel != kebab else [])
     else:
         decls = [f"--{kebab}"] + ([f"--{camel}"] if camel != kebab else [])
-    default = field.default if field.default is not None else "none"
-    help_text = (field.description + "; " if field.description else "") + f"default {default}"
-    if name == "target_modules":
-        help_text = "comma-separated module names, or all-linear; " + help_text
-    annotation = Annotated[kind | None, typer.Option(*decls, help=help_text, rich_help_panel="LoRA parameters")]
+    annotation = Annotated[kind | None, typer.Option(*decls, help=_help(name, field.default),
+                                                     rich_help_panel="LoRA parameters")]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None)
+
+
+def _help(name: str, default: Any) -> str:
+    field = _FIELDS[name]
+    shown = ",".join(default) if isinstance(default, list) else "none" if default is None else default
+    text = (field.description + "; " if field.description else "") + f"default {shown}"
+    return "comma-separated module names, or all-linear; " + text if name == "target_modules" else text
 
 
 # The run's parameters, then the flow's options (minCurated, gate): one flag set, split again by parse_run.
@@ -58,7 +69,6 @@ _LORA_OPTIONS = [_option(name, field) for name, field in _FIELDS.items()]
 
 
 def _template_flag(value: str) -> str:
-    from ..errors import LunaError
     from ..settings import load_settings
     from ..templates import cli_template
     from .app import fail
@@ -67,6 +77,59 @@ def _template_flag(value: str) -> str:
         return cli_template(value, load_settings())
     except LunaError as err:
         raise fail(err) from None
+
+
+def _flag(args: list[str], *names: str) -> str | None:
+    """The value given for an option in raw arguments (`--x v` or `--x=v`), before click parses them."""
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+class ProfileHelpCommand(TyperCommand):
+    """A command whose `--help` shows the profile's values as the defaults. The profile: `--profile` when
+    given, else `fixed_profile` (set for `luna`), else the default of the command's `profile` option."""
+
+    fixed_profile: str | None = None
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--help" in args:  # eager: shown while parsing, so the texts must be right before that
+            self._profile_help(args)
+        return super().parse_args(ctx, args)
+
+    def _profile_help(self, args: list[str]) -> None:
+        from ..profiles import load_profile
+        from ..settings import load_settings
+
+        given = {p.name: p.default for p in self.params}
+        profile = _flag(args, "--profile") or self.fixed_profile or given.get("profile")
+        if not profile:
+            return
+        base = _flag(args, "--base-model", "--baseModel")
+        try:
+            settings = load_settings()
+            params, options = load_profile(settings, profile).resolve({"baseModel": base} if base else {})
+        except LunaError:  # a bad profile or setting is reported when the command runs, not in its help
+            return
+        for param in self.params:
+            if param.name in _FIELDS:
+                source = options if param.name in FlowOptions.model_fields else params
+                param.help = _help(param.name, getattr(source, param.name))
+        base_id = params.base_model or settings.base_model
+        self.epilog = f"Defaults shown: the {profile} profile's values on base model {base_id}."
+
+
+def profile_help(app: typer.Typer, fixed: dict[str, str]) -> None:
+    """Give every registered command that has the LoRA options a profile-aware `--help`; `fixed` maps a
+    command name to the profile it always runs (luna -> luna)."""
+    for info in app.registered_commands:
+        if getattr(info.callback, "lora_options", False):
+            name = info.name or getattr(info.callback, "__name__", "")
+            info.cls = type("ProfileHelpCommand", (ProfileHelpCommand,), {"fixed_profile": fixed.get(name)})
 
 
 def lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -85,6 +148,7 @@ def lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(lora_flags=flags, **kwargs)
 
     command.__signature__ = inspect.Signature(own + _LORA_OPTIONS)  # type: ignore[attr-defined]
+    command.lora_options = True  # type: ignore[attr-defined]  # found by profile_help
     # typer must read the new signature, not the wrapped function's (nor its string annotations)
     del command.__wrapped__
     command.__annotations__ = {}

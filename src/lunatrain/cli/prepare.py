@@ -1,4 +1,7 @@
-"""`lunatrain prepare` (the guide's `train:prepare`): preflight of the exported tier; exit 1 on a failing check."""
+"""`lunatrain prepare` (the guide's `train:prepare`): preflight of the exported tier; exit 1 on a failing check.
+
+Parameters resolve as in `lunatrain luna` (the luna profile, its table for the base model, then the flags),
+so a standalone preflight checks at the length and volume the run will use; `--profile` picks another."""
 
 from __future__ import annotations
 
@@ -10,10 +13,18 @@ from ..errors import LunaError
 from ..prepare import PrepareReport, prepare
 from ..settings import load_settings
 from .app import app, fail, is_tty, print_report
-from .flow import ProfileOpt, resolve
+from .flow import resolve
 from .options import lora_options
 
-_STYLE = {"info": "green", "warn": "yellow", "fail": "bold red"}
+ProfileOpt = Annotated[str, typer.Option("--profile", help="the profile whose values apply under the flags "
+                                                          "(bundled or <home>/profiles/NAME.toml)")]
+
+_STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+
+
+def _shown(severity: str, code: str) -> str:
+    """A passed check reads "ok"; "info" is left for figures (token statistics, the estimate)."""
+    return "ok" if severity == "info" and code.endswith(".ok") else severity
 
 
 @app.command("prepare")
@@ -72,12 +83,13 @@ def show(report: PrepareReport) -> None:
         for col in ("check", "severity", "count", "examples", "message"):
             table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
         for c in report.checks:
-            sev = f"[{_STYLE[c.severity]}]{c.severity}[/]"
+            shown = _shown(c.severity, c.code)
+            sev = f"[{_STYLE[shown]}]{shown}[/]"
             table.add_row(c.id, sev, str(c.count), ", ".join(c.examples), c.message)
         Console().print(table)
     else:
         typer.echo(title)
         for c in report.checks:
             ex = f" [{', '.join(c.examples)}]" if c.examples else ""
-            typer.echo(f"{c.severity:<4} {c.id:<26} {c.count:>7}  {c.message}{ex}")
+            typer.echo(f"{_shown(c.severity, c.code):<4} {c.id:<26} {c.count:>7}  {c.message}{ex}")
     typer.echo(f"Wrote {report.path}.")

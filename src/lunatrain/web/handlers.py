@@ -1,4 +1,4 @@
-"""One error shape for every failure: `{"error": {"code", "message", "details"?}}`.
+"""One error shape for every failure: `{"error": {"code", "message", "params"?, "details"?}}`.
 
 LunaError subclasses carry their own status and code; FastAPI's validation errors become 422 with the
 offending fields listed; Starlette's 404/405 keep their status. The catch-all logs the traceback and
@@ -22,8 +22,11 @@ log = logging.getLogger("lunatrain.api")
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-def error_response(status: int, code: str, message: str, details: object | None = None, headers=None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, details: object | None = None, headers=None,
+                   params: dict | None = None) -> JSONResponse:
     body: dict = {"code": code, "message": message}
+    if params:
+        body["params"] = params
     if details is not None:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=headers)
@@ -31,7 +34,9 @@ def error_response(status: int, code: str, message: str, details: object | None 
 
 async def _luna(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LunaError)
-    return error_response(exc.http_status, exc.code, exc.message, _jsonable(exc.details))
+    params = _jsonable(exc.params) if exc.params else None
+    return error_response(exc.http_status, exc.code, exc.message, _jsonable(exc.details),
+                          params=params if isinstance(params, dict) else None)
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:

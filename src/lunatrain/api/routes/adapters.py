@@ -1,40 +1,68 @@
-"""The adapter registry: list (grouped by base model), show, activate (with force), rollback."""
+"""The adapter registry: list (grouped by base model), show, activate (with force), deactivate, rollback.
+
+Activation is per base model. In a base model's group, `aliases.active` is the version active on that base;
+in a single adapter's view it is the one active on the configured base model, and `activeByBase` has all.
+Every version carries `state` {active, code, params, reason}: why it is not active when it is not.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ... import registry
-from ...errors import NotFound
+from ...errors import LunaError, NotFound
 from ...settings import Settings
 from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
-from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, Report, camel
+from ..schemas import VERSION_PATTERN, ActivateRequest, AdapterGroups, AdapterOut, In, Report, camel
+
+
+class DeactivateRequest(In):
+    version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = None
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
+
+
+def _configured(settings: Settings) -> str | None:
+    try:
+        return registry.configured_base(settings).fingerprint
+    except LunaError:  # a configured base that cannot be read: nothing is active on it
+        return None
+
+
+def _view(settings: Settings, name: str, adapter: dict[str, Any], versions: list[dict], base: str | None) -> dict:
+    """One adapter as seen from base fingerprint `base`: its active version there and each version's state."""
+    aliases = {k: v for k, v in adapter.get("aliases", {}).items() if k != "active"}
+    active = adapter.get("activeByBase", {}).get(base or "")
+    if active:
+        aliases["active"] = active["version"]
+    states = [e | {"state": registry.activation_state(settings, e, base or "")} for e in versions]
+    return {"name": name, "aliases": aliases, "activeByBase": adapter.get("activeByBase", {}), "versions": states}
 
 
 def _adapter(settings: Settings, name: str) -> AdapterOut:
     adapter = registry.list_adapters(settings).get(name)
     if adapter is None:
         raise NotFound(f"No adapter named {name!r} is registered.")
-    return AdapterOut.model_validate(camel({"name": name, **adapter}))
+    return AdapterOut.model_validate(camel(_view(settings, name, adapter, adapter["versions"], _configured(settings))))
 
 
 def _groups(settings: Settings) -> AdapterGroups:
     """Per base model (by fingerprint: the same id with other weights is another base), its adapters."""
     bases: dict[str, dict[str, Any]] = {}
-    for name, adapter in sorted(registry.list_adapters(settings).items()):
+    adapters = registry.list_adapters(settings)
+    for name, adapter in sorted(adapters.items()):
         for entry in adapter.get("versions", []):
             base = entry.get("baseModel") or {}
             group = bases.setdefault(
                 base.get("fingerprint", "?"), {"baseModel": base.get("id", "?"), "fingerprint": base.get("fingerprint"), "adapters": {}}
             )
-            item = group["adapters"].setdefault(name, {"name": name, "aliases": adapter.get("aliases", {}), "versions": []})
-            item["versions"].append(entry)
-    out = [g | {"adapters": list(g["adapters"].values())} for g in bases.values()]
+            group["adapters"].setdefault(name, []).append(entry)
+    out = [g | {"adapters": [_view(settings, name, adapters[name], versions, fp) for name, versions in g["adapters"].items()]}
+           for fp, g in bases.items()]
     return AdapterGroups(bases=camel(out))
 
 
@@ -69,9 +97,24 @@ async def activate(
     return await run_in_threadpool(run)
 
 
+@router.post("/{name}/deactivate", response_model=AdapterOut, responses=errors(404))
+async def deactivate(
+    name: AdapterName, settings: SettingsDep, body: Annotated[DeactivateRequest | None, Body()] = None
+) -> AdapterOut:
+    """Stop using an adapter: without `version` it is no longer active on the configured base model; with
+    `version`, that version is no longer active on any base (422 when it is not active)."""
+    body = body or DeactivateRequest()
+
+    def run() -> AdapterOut:
+        registry.deactivate(settings, name, body.version or "")
+        return _adapter(settings, name)
+
+    return await run_in_threadpool(run)
+
+
 @router.post("/{name}/rollback", response_model=AdapterOut, responses=errors(404))
 async def rollback(name: AdapterName, settings: SettingsDep) -> AdapterOut:
-    """Active goes back to the version active before it (422 when there is none)."""
+    """On the configured base model, active goes back to the version active before it (422 when there is none)."""
 
     def run() -> AdapterOut:
         registry.rollback(settings, name)

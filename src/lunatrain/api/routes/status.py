@@ -1,5 +1,5 @@
-"""`GET /assistant/training/status`: the data status the guide's §9 names (counts, readiness, last export,
-last job, active adapter), straight from `status.training_status`."""
+"""`GET /assistant/training/status`: the data status the guide's §9 names (counts, readiness per tier, the
+trainer's health, last export, last job, active adapter), straight from `status.training_status`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ router = APIRouter(prefix="/assistant/training", tags=["status"])
 async def training_status(
     settings: SettingsDep,
     reads: ReadsDep,
-    min_curated: Annotated[int, Query(alias="minCurated", ge=0, le=10_000_000, description="ready threshold")] = 0,
+    min_curated: Annotated[int | None, Query(alias="minCurated", ge=0, le=10_000_000,
+                                             description="ready threshold (default: the Luna profile's)")] = None,
 ) -> Response:
     """Polled by every open dashboard: identical polls within half a second share one computation."""
 

@@ -2,7 +2,7 @@
 // every version with its losses, gate result, aliases and stale mark; activate and rollback after a confirm.
 
 import { api } from "./api.js";
-import { t, formatDate, formatFloat } from "./i18n.js";
+import { t, tMsg, formatDate, formatFloat } from "./i18n.js";
 import { h, showError, showNotice, confirmDialog } from "./ui.js";
 
 function versionNumber(version) {
@@ -14,7 +14,9 @@ function versionNumber(version) {
 function gateCell(gate) {
   if (!gate) return h("td", {}, t("gate.none"));
   const state = gate.passed === true ? "passed" : gate.passed === false ? "failed" : gate.status ?? "skipped";
-  const reason = gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
+  const coded = Array.isArray(gate.reasonCodes) && gate.reasonCodes.length
+    ? gate.reasonCodes.map((r, i) => tMsg(r.code, r.params, gate.reasons?.[i] ?? "")).join("; ") : null;
+  const reason = coded ?? gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
     reason ? h("span", { class: "gate-reasons" }, reason) : null);
@@ -76,9 +78,14 @@ export class AdapterView {
       aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
       version.stale && h("span", { class: "badge badge-stale", title: version.stale.reason ?? t("adapters.staleTitle") },
         t("adapters.stale")),
+      // Not active: always say why (another base, refused by the gate, another version …).
+      !isActive && version.state && h("span", { class: "inactive-reason" },
+        tMsg(version.state.code, version.state.params, version.state.reason)),
     ];
     const vars = { name, version: v };
     const actions = [
+      isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.deactivateLabel", vars),
+        onclick: (event) => this.deactivate(name, v, event.currentTarget) }, t("adapters.deactivate")),
       isActive
         ? h("button", { type: "button", class: "small", "aria-label": t("adapters.rollbackLabel", vars),
           onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback"))
@@ -100,12 +107,13 @@ export class AdapterView {
       h("td", {}, h("div", { class: "cell-flex" }, actions)));
   }
 
-  async activate(name, version, button) {
-    if (!(await confirmDialog(t("adapters.confirmActivate", { name, version })))) return;
+  /** Confirm `question`, run `call` with `button` disabled, show the notice `notice(result)`, reload. */
+  async change(question, button, call, notice) {
+    if (!(await confirmDialog(question))) return;
     button.disabled = true;
     try {
-      await api.activate(name, version);
-      showNotice(t("adapters.activated", { name, version }));
+      const result = await call();
+      showNotice(notice(result));
       await this.reloadAfterChange();
     } catch (error) {
       showError(error);
@@ -113,18 +121,20 @@ export class AdapterView {
     }
   }
 
-  async rollback(name, button) {
-    if (!(await confirmDialog(t("adapters.confirmRollback", { name })))) return;
-    button.disabled = true;
-    try {
-      // The answer is the adapter (with its aliases) or the version now active; both name that version.
-      const result = await api.rollback(name);
-      showNotice(t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
-      await this.reloadAfterChange();
-    } catch (error) {
-      showError(error);
-      button.disabled = false;
-    }
+  activate(name, version, button) {
+    return this.change(t("adapters.confirmActivate", { name, version }), button, () => api.activate(name, version),
+      () => t("adapters.activated", { name, version }));
+  }
+
+  deactivate(name, version, button) {
+    return this.change(t("adapters.confirmDeactivate", { name, version }), button, () => api.deactivate(name, version),
+      () => t("adapters.deactivated", { name, version }));
+  }
+
+  rollback(name, button) {
+    // The answer is the adapter (with its aliases) or the version now active; both name that version.
+    return this.change(t("adapters.confirmRollback", { name }), button, () => api.rollback(name),
+      (result) => t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
   }
 
   async reloadAfterChange() {

@@ -7,11 +7,12 @@ const BASE = "/assistant/training";
 const TOKEN_KEY = "lunatrain.apiToken";
 
 export class ApiError extends Error {
-  constructor(status, code, message, details = null) {
+  constructor(status, code, message, details = null, params = null) {
     super(message);
     this.status = status;
     this.code = code;
     this.details = details;
+    this.params = params; // the values the message names, for a translated text (messages.py codes)
   }
 }
 
@@ -47,7 +48,8 @@ async function request(method, path, { body, query } = {}) {
     const err = data?.error;
     const message = err?.message || (typeof data?.detail === "string" ? data.detail : "") ||
       `${t("err.http", { status: response.status })} ${response.statusText}`.trim();
-    throw new ApiError(response.status, err?.code || `http_${response.status}`, message, err?.details ?? null);
+    throw new ApiError(response.status, err?.code || `http_${response.status}`, message, err?.details ?? null,
+      err?.params ?? null);
   }
   return data;
 }
@@ -72,6 +74,7 @@ export const api = {
   adapters: () => get("/adapters"),
   activate: (name, version) => post(`/adapters/${seg(name)}/activate`, { version }),
   rollback: (name) => post(`/adapters/${seg(name)}/rollback`),
+  deactivate: (name, version) => post(`/adapters/${seg(name)}/deactivate`, version ? { version } : {}),
   reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
   curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
 };

@@ -4,7 +4,7 @@
 import { api, setToken, FINAL_STATES } from "./api.js";
 import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
-import { t, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
+import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
 import { JobView } from "./job.js";
 import { serverFieldErrors } from "./params.js";
 import { h, showError, showNotice, clearErrors, busy, fillFacts } from "./ui.js";
@@ -35,8 +35,9 @@ function renderHealth(health) {
     if (name) details.push(`${t("provider.device")}: ${name}`);
     if (dev.memoryTotal) details.push(`${t("provider.memory")}: ${formatNumber(dev.memoryTotal / 2 ** 30, 1)} GiB`);
     if (typeof dev.bf16 === "boolean") details.push(`${t("provider.bf16")}: ${t(dev.bf16 ? "yes" : "no")}`);
-  } else if (health.error) {
-    details.push(health.error);
+  } else {
+    // Point to this page's own button, not to a command-line flag (the server's sentence names those).
+    details.push(t("provider.offlineHint"));
   }
   $("provider-device").textContent = details.join(" · ");
   $("trainer-start").hidden = state !== "offline";
@@ -96,13 +97,13 @@ function minCurated() {
 }
 
 function renderDataStatus(status) {
-  const counts = status.counts ?? {};
+  const counts = status.examples ?? {};
   const table = $("counts-table");
   table.tHead.replaceChildren(h("tr", {}, h("th", { scope: "col" }, t("data.source")),
     STATUSES.map((s) => h("th", { scope: "col", class: "num" }, t(`status.${s}`))),
     h("th", { scope: "col", class: "num" }, t("data.total"))));
   // Memory items (facts the assistant remembers) are counted apart from examples; they become samples on export.
-  const rows = { ...counts, ...(status.memory ? { memoryItems: status.memory } : {}) };
+  const rows = { ...counts, ...(status.memoryItems ? { memoryItems: status.memoryItems } : {}) };
   const sources = [...new Set([...SOURCES, ...Object.keys(rows)])];
   table.tBodies[0].replaceChildren(...sources.map((source) => {
     const row = rows[source] ?? {};
@@ -112,7 +113,7 @@ function renderDataStatus(status) {
       h("td", { class: "num" }, formatNumber(total)));
   }));
 
-  const curated = status.curatedApproved ?? status.curated ?? counts.curated?.approved ?? 0;
+  const curated = status.curatedApproved ?? counts.curated?.approved ?? 0;
   const min = status.minCurated ?? minCurated();
   const ready = $("data-ready");
   ready.dataset.ready = status.ready ? "yes" : "no";
@@ -125,6 +126,9 @@ function renderDataStatus(status) {
   fillFacts($("data-facts"), [
     [t("data.lastExport"), exp ? formatDate(exp.time ?? exp.exportedAt ?? exp.createdAt) : t("data.never")],
     [t("data.changedSince"), changed === undefined || changed === null ? t("unknown") : t(changed ? "yes" : "no")],
+    // Each tier: the volume rule (minCurated) and something to train on.
+    [t("data.tiers"), Object.entries(status.tiers ?? {})
+      .map(([tier, state]) => `${t(`opt.${tier}`)}: ${t(state.ready ? "yes" : "no")}`).join(" · ") || "–"],
     [t("data.lastJob"), job ? [job.jobId, t(`state.${job.state}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
       .filter(Boolean).join(" · ") : t("data.never")],
     [t("data.activeAdapter"), active ? `${active.name} ${active.version}` : t("data.none")],
@@ -138,7 +142,7 @@ async function loadDataStatus() {
   } catch (error) {
     if (error.status === 401) return askToken();
     $("data-ready").dataset.ready = "unknown";
-    $("data-ready").textContent = `${t("err.prefix")}: ${error.message}`;
+    $("data-ready").textContent = `${t("err.prefix")}: ${errorText(error)}`;
     showError(error, t("data.heading"));
   } finally {
     $("data").removeAttribute("aria-busy");
@@ -155,10 +159,15 @@ function renderPrepare(report) {
   const rank = { fail: 0, error: 0, warn: 1 };
   const checks = [...(report.checks ?? [])].sort((a, b) => (rank[a.severity] ?? 2) - (rank[b.severity] ?? 2));
   const body = $("checks-table").tBodies[0];
+  // A passed check reads "ok" and says what was found fine; "info" stays for figures (statistics, estimate).
+  const shown = (check) => (check.severity === "info" && String(check.code ?? "").endsWith(".ok") ? "passed" : check.severity);
+  const problem = (check) => check.severity === "warn" || check.severity === "fail";
   body.replaceChildren(...(checks.length ? checks.map((check) => h("tr", { dataset: { severity: check.severity } },
-    h("td", {}, h("span", { class: `severity severity-${check.severity}` }, t(`severity.${check.severity}`))),
+    h("td", {}, h("span", { class: `severity severity-${shown(check) === "passed" ? "ok" : check.severity}` },
+      t(`severity.${shown(check)}`))),
     h("td", { class: "num" }, formatNumber(check.count ?? 0)),
-    h("td", {}, check.id ? h("code", {}, check.id) : null, check.id ? " " : null, check.message ?? ""))) :
+    h("td", {}, problem(check) && check.id ? h("code", {}, check.id) : null, problem(check) && check.id ? " " : null,
+      tMsg(check.code, check.params, check.message ?? "")))) :
     [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
   renderSample(report.samples?.[0], report.template?.terminator?.text);
 }

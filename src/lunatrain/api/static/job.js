@@ -3,7 +3,7 @@
 
 import { api, FINAL_STATES } from "./api.js";
 import { drawLossChart } from "./chart.js";
-import { t, formatNumber, formatFloat, formatDuration } from "./i18n.js";
+import { t, tMsg, errorText, formatNumber, formatFloat, formatDuration } from "./i18n.js";
 import { fillFacts, showError, showNotice, clearErrors } from "./ui.js";
 
 const POLL_MS = 1000;
@@ -19,7 +19,7 @@ function addPoints(series, event) {
   if (event.type === "progress" && Number.isFinite(step) && Number.isFinite(event.loss)) {
     series.train.push([step, event.loss]);
   }
-  if (event.type === "log" && event.message) series.lastLog = event.message;
+  if (event.type === "log" && event.message) series.lastLog = tMsg(event.code, event.params, event.message);
   if (event.type === "eval") {
     if (Number.isFinite(event.valLoss)) series.val.push([series.lastStep, event.valLoss]);
     if (Number.isFinite(event.baseValLoss)) series.base = event.baseValLoss;
@@ -131,7 +131,7 @@ export class JobView {
     if (this.series.lastLog) facts.push([t("job.lastLog"), this.series.lastLog]);
     fillFacts(e["job-facts"], facts);
     e["job-error"].hidden = !job.error;
-    e["job-error"].textContent = job.error ? `${t("job.error")}: ${job.error.message}` : "";
+    e["job-error"].textContent = job.error ? `${t("job.error")}: ${errorText(job.error)}` : "";
     e["cancel-button"].disabled = FINAL_STATES.has(job.status) || job.status === "cancelling";
   }
 

@@ -1,7 +1,7 @@
 // Small DOM helpers shared by the panels: an element builder, the message live region and the confirm
 // dialog.
 
-import { t } from "./i18n.js";
+import { t, errorText } from "./i18n.js";
 
 /** h("td", {class: "num"}, "3") — attributes starting with "on" become listeners; children may be strings. */
 export function h(tag, attrs = {}, ...children) {
@@ -25,7 +25,7 @@ const MAX_ALERTS = 4;
 export function showError(error, context = "") {
   const alerts = document.getElementById("alerts");
   const status = error?.status ? ` (${error.status})` : "";
-  const text = `${context ? `${context}: ` : `${t("err.prefix")}${status}: `}${error?.message || String(error)}`;
+  const text = `${context ? `${context}: ` : `${t("err.prefix")}${status}: `}${errorText(error)}`;
   for (const existing of alerts.querySelectorAll(".message-text")) {
     if (existing.textContent === text) return;
   }

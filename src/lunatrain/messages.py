@@ -1,0 +1,116 @@
+"""Every machine-readable message code the server can emit, in one registry.
+
+The API sends a code and its parameters beside each English sentence the dashboard shows: errors
+(`error.code`, `error.params`), preflight checks (`checks[].code`, `.params`), eval-gate reasons
+(`reasonCodes`), an adapter version's state (`state.code`) and job log lines (`code`, `params`). The
+dashboard says the same in the reader's language from `msg.<code>` in api/static/i18n.js; a test checks
+that every code here has a German and an English text there, and that the sources use no code missing here.
+Values: what the code means, for readers of the API docs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CODES: dict[str, str] = {
+    # errors (error.code): the class codes of errors.py, the HTTP layer's, and specific ones
+    "error": "a failure without a more specific code",
+    "invalid_request": "the request or a parameter is invalid (the message names it)",
+    "check_failed": "a data check or the eval gate did not pass",
+    "not_found": "the named resource does not exist",
+    "conflict": "the request conflicts with the current state",
+    "service_unavailable": "the trainer service cannot be reached",
+    "bad_request": "malformed request",
+    "unauthorized": "bearer token missing or wrong",
+    "method_not_allowed": "the path does not accept this method",
+    "payload_too_large": "request body over the size cap",
+    "internal": "unexpected server error",
+    "bad_host": "Host header not in ASSISTANT_ALLOWED_HOSTS",
+    "forbidden_origin": "cross-origin request refused",
+    "gate.several_active": "several adapters are active on the base model and none was named (adapters, baseModel)",
+    "base_model.is_adapter": "baseModel names a LoRA adapter directory, not a base model (baseModel)",
+    "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
+    "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
+    "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
+                            "(name, version, baseModel, configured)",
+    # job errors (job.error.code)
+    "nan_loss": "the loss or gradient norm became non-finite",
+    "cancelled": "the job was cancelled",
+    "save_failed": "the adapter could not be written",
+    "out_of_memory": "the device ran out of memory",
+    "training_error": "training failed",
+    "trainer_error": "internal trainer error",
+    "interrupted": "the training process stopped early",
+    "child_start_failed": "the training process could not be started",
+    "child_crashed": "the training process crashed",
+    # an adapter version's state (state.code): active, or why not; params always name, version, baseModel
+    "adapter.active": "active on the configured base model",
+    "adapter.replaced": "a newer revision replaced this slot",
+    "adapter.active_on_other_base": "active on another base model (activeOn)",
+    "adapter.other_base": "trained on another base model (baseModel)",
+    "adapter.gate_failed": "the eval gate refused it (reasons)",
+    "adapter.other_version_active": "another version of the adapter is active (name, activeVersion)",
+    "adapter.deactivated": "passed the gate, later deactivated or replaced by an activation",
+    "adapter.not_gated": "never gated, never activated",
+    # eval-gate reasons (reasonCodes[].code)
+    "gate.below_minimum": "golden pass rate below the absolute minimum (rate, minimum)",
+    "gate.loss_not_finite": "a loss is not a finite number (split, loss)",
+    "gate.loss_vs_base": "loss above the allowed ratio to the base model's (split, loss, ratio, baseLoss, allowed)",
+    "gate.pass_rate_regression": "golden pass rate dropped against the baseline (rate, baseline, baselineRate, allowedDrop)",
+    "gate.loss_regression": "loss rose against the baseline (split, loss, baseline, baselineLoss, allowed)",
+    # preflight checks (checks[].code): check.<id>.<outcome>
+    "check.export_summary.ok": "every file matches the export summary",
+    "check.export_summary.mismatch": "files differ from the export summary (count)",
+    "check.malformed_record.ok": "no malformed lines",
+    "check.malformed_record.found": "lines are not valid chat records (count)",
+    "check.export_stale.no_database": "no database here; the export is checked as it is",
+    "check.export_stale.ok": "the export is up to date with the database",
+    "check.export_stale.changed": "the database changed since the last export",
+    "check.volume.ok": "enough approved curated examples (curated, minCurated)",
+    "check.volume.too_few": "fewer approved curated examples than minCurated (curated, minCurated)",
+    "check.empty_train.ok": "train samples in the tier (count)",
+    "check.empty_train.empty": "the tier's train split is empty",
+    "check.empty_response.ok": "no empty responses",
+    "check.empty_response.found": "samples with an empty assistant response (count)",
+    "check.trivial_response.ok": "no trivial responses",
+    "check.trivial_response.found": "samples with a trivial response (count)",
+    "check.special_tokens_in_content.ok": "no special tokens inside message text",
+    "check.special_tokens_in_content.found": "samples contain a literal special token (count)",
+    "check.duplicate_exact.ok": "no exact duplicates",
+    "check.duplicate_exact.found": "repeated samples within a split (count)",
+    "check.duplicate_across_splits.ok": "no hash in two splits",
+    "check.duplicate_across_splits.found": "hashes in more than one split (count)",
+    "check.duplicate_normalized.ok": "no normalized duplicates",
+    "check.duplicate_normalized.found": "near-duplicates after folding case and punctuation (count)",
+    "check.truncated.ok": "no sample exceeds maxSeqLength (maxSeqLength)",
+    "check.truncated.found": "samples longer than maxSeqLength (count, maxSeqLength)",
+    "check.no_trained_tokens.ok": "every sample has trained tokens",
+    "check.no_trained_tokens.found": "samples without a trained token after masking (count)",
+    "check.eot_not_trained.ok": "the end-of-turn token is trained",
+    "check.eot_not_trained.found": "samples whose end-of-turn token is outside the loss mask (count)",
+    "check.val_too_small.ok": "val samples (count)",
+    "check.val_too_small.empty": "the val split is empty although its ratio is above 0 (ratio)",
+    "check.val_too_small.few": "too few val samples for a meaningful loss (count, minimum)",
+    "check.token_stats.info": "train token statistics (minLength, medianLength, p95Length, maxLength, "
+                              "supervisedTokens, tokens)",
+    "check.estimate.measured": "steps and time, from the last job's speed (steps, seconds, device)",
+    "check.estimate.computed": "steps and time, estimated from model size (steps, seconds, device)",
+    # job log lines (events of type log: code, params)
+    "log.training_started": "training begins (samples, steps, device)",
+    "log.epoch_done": "an epoch ended with a checkpoint (epoch, valLoss)",
+    "log.adapter_written": "the adapter was written (name, version, path)",
+    "log.training_ended": "training ended (status, message)",
+    "log.resume_fresh": "no checkpoint to resume from",
+    "log.resumed": "resumed from a checkpoint (epoch, step)",
+    "log.gate_started": "the eval gate runs on the new version (name, version)",
+    "log.gate_passed": "the eval gate passed (name, version, promoted)",
+    "log.gate_failed": "the eval gate refused the new version (name, version, reasons)",
+}
+
+
+def coded(code: str, **params: Any) -> dict[str, Any]:
+    """{"code", "params"} for a message; an unknown code is a programming error, caught by any test that
+    reaches it."""
+    if code not in CODES:
+        raise KeyError(f"message code {code!r} is not registered in lunatrain.messages.CODES")
+    return {"code": code, "params": params}

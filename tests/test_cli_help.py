@@ -1,0 +1,68 @@
+"""`--help` shows what a run would use, in full at 80 columns; standalone `prepare` resolves like `luna`.
+
+Run: `pytest tests/test_cli_help.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import make_records, write_export
+from typer.testing import CliRunner
+
+from lunatrain.cli import app
+from lunatrain.messages import CODES
+
+
+def _help(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_") or k == "ASSISTANT_HOME"}
+    out = subprocess.run([sys.executable, "-m", "lunatrain", *args, "--help"], env=env | {"COLUMNS": "80"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _default(help_text: str, option: str) -> str:
+    """The "default X" shown for `option` (its help may start on the next line)."""
+    lines = help_text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(option))
+    text = " ".join(line.strip() for line in lines[at : at + 2])
+    return text.split("default ", 1)[1].split()[0]
+
+
+def test_luna_help_shows_the_luna_profile_values_and_both_spellings_at_80_columns(home):
+    """Repro: `luna --help` listed the generic defaults (lr 0.0002, rank 16, maxSeqLength 1024, minCurated 0)
+    and rich cut the camelCase spellings at 80 columns (`--ad…`)."""
+    text = _help("luna")
+    assert "…" not in text  # option names are never cut; help texts wrap at 80 columns
+    for both in ("--adapter-name, --adapterName", "--learning-rate, --learningRate", "--min-curated, --minCurated",
+                 "--max-seq-length, --maxSeqLength", "--ensure-trainer, --ensureTrainer"):
+        assert both in text, both
+    # the luna profile on the built-in base model (its [bases."luna-tiny"] table)
+    assert [_default(text, o) for o in ("--learning-rate", "--rank", "--max-seq-length", "--min-curated")] == [
+        "0.01", "8", "512", "30"]
+    assert "the luna profile's values on base model luna-tiny" in text
+    # auto: the library defaults, unless a profile is named; then that profile's for the named base
+    generic = _help("auto")
+    assert [_default(generic, o) for o in ("--learning-rate", "--max-seq-length", "--min-curated")] == ["0.0002", "1024", "0"]
+    named = _help("auto", "--profile", "luna", "--baseModel", "org/other")
+    assert [_default(named, o) for o in ("--learning-rate", "--max-seq-length")] == ["0.0002", "512"]
+    assert "on base model org/other" in named
+
+
+def test_standalone_prepare_checks_at_the_luna_profile_values(settings):
+    """Repro: `prepare` checked at maxSeqLength 1024 and minCurated 0 while `luna` trains at 512 with 30."""
+    write_export(settings, make_records(40))
+    result = CliRunner().invoke(app, ["prepare", "--json"])
+    report = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert report["maxSeqLength"] == 512
+    assert all(c["code"] in CODES for c in report["checks"])  # each check says itself in a translatable form
+    volume = next(c for c in report["checks"] if c["id"] == "volume")
+    assert "minCurated 30" in volume["message"] or "30 required" in volume["message"]
+    # flags still win, and --profile picks another profile
+    flagged = CliRunner().invoke(app, ["prepare", "--json", "--maxSeqLength=256", "--minCurated=0"])
+    assert json.loads(flagged.output[: flagged.output.rindex("}") + 1])["maxSeqLength"] == 256
+    assert CliRunner().invoke(app, ["prepare", "--profile", "nope"]).exit_code == 1

@@ -1,0 +1,78 @@
+"""Every message code the server can emit has a German and an English text in the dashboard.
+
+The codes are collected from the Python sources (the places that set an error, job, check, gate-reason,
+adapter-state or log code), so a new code without a registry entry or a translation fails here.
+Run: `pytest tests/test_messages.py -q`
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lunatrain.messages import CODES, coded
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "lunatrain"
+I18N = SRC / "api" / "static" / "i18n.js"
+CODE = r"([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)"
+# Where a code is set: keyword or attribute `code = "x"`, a dict `"code": "x"`, `coded("x", …)`, a training
+# stop `Stop(Status.X, "x", …)`, the guard's `_reply(send, 400, "x", …)`, the HTTP layer's {404: "x"}, a
+# fallback `or "x"` after reading a code, the worker's `"x" if … else "y"`, and an adapter state `state(…, "x", …)`.
+PATTERNS = [
+    rf'\bcode\s*=\s*"{CODE}"', rf'"code":\s*"{CODE}"', rf'\bcoded\(\s*"{CODE}"', rf'Stop\(Status\.\w+,\s*"{CODE}"',
+    rf'_reply\(send,\s*\w+,\s*"{CODE}"', rf'\b\d{{3}}:\s*"{CODE}"', rf'get\("code"\)\s*or\s*"{CODE}"',
+    rf'code\s*=\s*"{CODE}"\s+if\b.*\belse\s+"{CODE}"', rf'\bstate\(\w+,\s*"{CODE}"', rf'"(check\.[a-z_]+\.[a-z_]+)"',
+]
+
+
+def _source_codes() -> set[str]:
+    found: set[str] = set()
+    for path in SRC.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for pattern in PATTERNS:
+            for match in re.finditer(pattern, text):
+                found.update(g for g in match.groups() if g)
+        # record checks build their codes from the id: check.<id>.ok / check.<id>.found
+        for cid in re.findall(r'\b_check\(\s*"(\w+)"', text):
+            found |= {f"check.{cid}.ok", f"check.{cid}.found"}
+    return found
+
+
+def _texts(lang: str) -> dict[str, str]:
+    source = I18N.read_text(encoding="utf-8")
+    block = re.search(rf"^const {lang} = \{{\n(.*?)^\}};", source, re.S | re.M)
+    assert block, f"no `const {lang} = {{…}};` in i18n.js"
+    return dict(re.findall(r'^\s*"([^"]+)":\s*"((?:[^"\\]|\\.)*)",?$', block.group(1), re.M))
+
+
+def test_the_sources_use_only_registered_codes():
+    found = _source_codes()
+    assert len(found) > 60  # the collection itself works (errors, jobs, checks, gate, states, logs)
+    assert {"not_found", "nan_loss", "bad_host", "check.volume.too_few", "gate.loss_regression",
+            "adapter.other_base", "log.epoch_done", "child_crashed"} <= found
+    missing = sorted(found - set(CODES))
+    assert missing == [], f"codes used in the sources but not registered in messages.CODES: {missing}"
+
+
+@pytest.mark.parametrize("lang", ["de", "en"])
+def test_every_code_has_a_text_in_both_languages(lang):
+    texts = _texts(lang)
+    missing = sorted(code for code in CODES if f"msg.{code}" not in texts)
+    assert missing == [], f"i18n.js ({lang}) has no msg.<code> for: {missing}"
+    # a placeholder in a text must be a parameter the code documents (its description names them)
+    for code, description in CODES.items():
+        for name in re.findall(r"\{(\w+)\}", texts[f"msg.{code}"]):
+            assert name in description, f"msg.{code} ({lang}) uses {{{name}}}, not among its parameters: {description}"
+
+
+def test_german_texts_are_german():
+    de, en = _texts("de"), _texts("en")
+    same = [k for k in CODES if de[f"msg.{k}"] == en[f"msg.{k}"]]
+    assert same == [], f"not translated: {same}"
+
+
+def test_an_unregistered_code_is_refused_at_once():
+    with pytest.raises(KeyError, match="not registered"):
+        coded("made.up")
