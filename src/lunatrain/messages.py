@@ -43,6 +43,8 @@ CODES: dict[str, str] = {
     "interrupted": "the training process stopped early",
     "child_start_failed": "the training process could not be started",
     "child_crashed": "the training process crashed",
+    "disk_full": "the data root's disk is full",
+    "storage_error": "the data root's storage failed (I/O error or a damaged database)",
     # an adapter version's state (state.code): active, or why not; params always name, version, baseModel
     "adapter.active": "active on the configured base model",
     "adapter.replaced": "a newer revision replaced this slot",
@@ -86,6 +88,13 @@ CODES: dict[str, str] = {
     "check.truncated.found": "samples longer than maxSeqLength (count, maxSeqLength)",
     "check.no_trained_tokens.ok": "every sample has trained tokens",
     "check.no_trained_tokens.found": "samples without a trained token after masking (count)",
+    "check.terminator.stops": "the turn terminator the template emits after each answer is trained; the base "
+                              "model's generation_config stops on it (terminator)",
+    "check.terminator.shipped": "the turn terminator is trained; adapters and merged models ship a "
+                                "generation_config that stops on it (terminator)",
+    "check.memory_plan.fits": "the job fits the device's memory (needGiB, budgetGiB)",
+    "check.memory_plan.too_big": "the job does not fit the device's memory (needGiB, budgetGiB); the message names "
+                                 "the option that makes it fit",
     "check.eot_not_trained.ok": "the end-of-turn token is trained",
     "check.eot_not_trained.found": "samples whose end-of-turn token is outside the loss mask (count)",
     "check.val_too_small.ok": "val samples (count)",

@@ -108,7 +108,7 @@ def total_steps(n_samples: int, params: LoraParams, world_size: int = 1) -> int:
 class FlowOptions(CamelModel):
     """What a flow does around one LoRA run: not part of the run itself (nor of its resume identity)."""
 
-    min_curated: int = Field(default=0, ge=0, le=10_000_000, description="approved curated examples required")
+    min_curated: int = Field(default=0, ge=0, le=10_000_000)
     gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
 
 

@@ -469,8 +469,9 @@ def _labeled_runs(labels: list[int], ignore: int) -> Iterable[tuple[int, int]]:
 def _terminator_check(term: Any) -> Check:
     where = ("the base model's generation_config stops on it too" if term.in_generation_config else
              "the base model's generation_config does not stop on it; adapters and merged models ship one that does")
+    code = "check.terminator.stops" if term.in_generation_config else "check.terminator.shipped"
     return Check("terminator", "info", len(term.ids), [term.text],
-                 f"assistant turns end with {term.text!r} (trained); {where}")
+                 f"assistant turns end with {term.text!r} (trained); {where}", code, {"terminator": term.text})
 
 
 def marked_sample(tokenizer: Any, enc: Any, rid: str) -> dict[str, Any]:
@@ -592,7 +593,10 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
     train = [e for e in tokenized.train if e.n_supervised]
     plan = memplan.plan(memplan.model_shape(info), params, memplan.device_memory(device),
                         batch_tokens=memplan.largest_batch(train, params.batch_size) if train else None)
-    return Check("memory_plan", "info" if plan.fits else "fail", plan.total, [], plan.message), plan.to_dict()
+    code = "check.memory_plan.fits" if plan.fits else "check.memory_plan.too_big"
+    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    return Check("memory_plan", "info" if plan.fits else "fail", plan.total, [], plan.message, code,
+                 {"needGiB": gib(plan.total), "budgetGiB": gib(plan.budget) if plan.budget else None}), plan.to_dict()
 
 
 def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> float | None:

@@ -28,7 +28,7 @@ def default_min_curated(settings: Settings) -> int:
     """The Luna profile's minCurated (30 as shipped; a profile of your own in <data root>/profiles wins)."""
     from .profiles import load_profile
 
-    return load_profile(settings, DEFAULT_PROFILE).params().min_curated
+    return load_profile(settings, DEFAULT_PROFILE).resolve()[1].min_curated
 
 
 def training_status(settings: Settings, min_curated: int | None = None) -> dict[str, Any]:

@@ -114,7 +114,9 @@ async def defaults(
 ) -> Defaults:
     """A profile's resolved parameters (wire form), for pre-filling a start form."""
     prof = await run_in_threadpool(profiles.load_profile, settings, profile)
-    return Defaults(profile=prof.name, params=prof.params().wire(), quick_start=prof.params(quick=True).wire())
+    (params, options), (quick, quick_options) = prof.resolve(), prof.resolve(quick=True)
+    return Defaults(profile=prof.name, params=params.wire() | options.wire(),
+                    quick_start=quick.wire() | quick_options.wire())
 
 
 @router.get("/jobs", response_model=JobList, responses=errors(503))
