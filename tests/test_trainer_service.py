@@ -319,6 +319,35 @@ def test_cancel_running_job_stops_child_and_registers_nothing(svc):
     assert statuses[-2:] == ["cancelling", "cancelled"]
 
 
+# --- the base model is the submitter's ------------------------------------------------------------
+@pytest.mark.slow
+def test_the_job_trains_on_the_base_model_the_client_resolved(svc):
+    """The guide's model change with a trainer already running: the trainer was started without
+    ASSISTANT_BASE_MODEL (so luna-tiny would be its own default); `lunatrain lora` run with
+    ASSISTANT_BASE_MODEL=<another model> sends that base, and the adapter is trained on it."""
+    from lunatrain.models import build_tiny_model
+
+    settings = svc.settings
+    other = settings.home / "models" / "other-base"
+    if not other.exists():
+        build_tiny_model(other, hidden=32, layers=1, heads=2, kv_heads=1, seed=7)
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url,
+           "ASSISTANT_BASE_MODEL": str(other)}
+    flags = ["--adapter-name", "moved", "--datasetTier", "memory", "--epochs", "1", "--max-steps", "1",
+             "--batch-size", "4", "--no-gate", "--json"]
+    cli = CliRunner().invoke(app, ["lora", *flags], env=env)
+    assert cli.exit_code == 0, cli.output
+    job = next(j for j in trainer_client.list_jobs(settings, limit=500) if j.params["adapterName"] == "moved")
+    assert job.params["baseModel"] == str(other)
+    entry = versions(settings, "moved")[0]
+    report = json.loads((settings.home / entry["path"] / "training-report.json").read_text())
+    assert entry["baseModel"]["id"] == report["baseModel"]["id"] == str(other)
+    from lunatrain.models import resolve_base
+
+    assert report["baseModel"]["fingerprint"] == resolve_base(str(other), settings).fingerprint
+    assert report["baseModel"]["fingerprint"] != resolve_base("luna-tiny", settings).fingerprint
+
+
 # --- child failures ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
