@@ -41,3 +41,21 @@ def test_target_modules_list_or_all_linear() -> None:
 def test_explicit_alpha_is_kept_over_base() -> None:
     base = parse_params({"rank": 8, "alpha": 4})
     assert parse_params({"rank": 32}, base=base).alpha == 4
+
+
+@pytest.mark.parametrize("name", ["a..b", "x..", "..", ".a", "a/b", "a" * 65, ""])
+def test_adapter_names_follow_the_one_name_rule(name: str) -> None:
+    """LoraParams, the API path parameters and settings.check_name refuse the same names (`..` included)."""
+    from lunatrain.settings import check_name
+
+    with pytest.raises(UsageError, match="adapterName"):
+        parse_params({"adapterName": name})
+    with pytest.raises(UsageError):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["a", "luna-adapter", "a.b.c", "Qwen2.5-0.5B", "v3", "a" * 64])
+def test_good_names_pass_everywhere(name: str) -> None:
+    from lunatrain.settings import check_name
+
+    assert parse_params({"adapterName": name}).adapter_name == name == check_name(name)
