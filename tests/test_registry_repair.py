@@ -26,6 +26,7 @@ DAMAGE = {
     "adapters is a list": lambda text: json.dumps({"format": registry.FORMAT, "adapters": []}),
     "versions not a list": lambda text: json.dumps({"adapters": {"a": {"versions": {"v1": {}}}}}),
     "entry without version": lambda text: json.dumps({"adapters": {"a": {"versions": [{"path": "x"}]}}}),
+    "path not a string": lambda text: json.dumps({"adapters": {"a": {"versions": [{"version": "v1", "path": 3}]}}}),
     "a JSON list": lambda text: "[]",
     "another format": lambda text: json.dumps({"format": "other/9", "adapters": {}}),
 }

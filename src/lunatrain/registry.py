@@ -98,8 +98,10 @@ def shape_problem(data: Any) -> str | None:
         if not isinstance(adapter, dict) or not isinstance(adapter.get("versions"), list):
             return f"adapter {name!r} has no list of versions"
         for i, entry in enumerate(adapter["versions"]):
-            if not isinstance(entry, dict) or not isinstance(entry.get("version"), str) or not isinstance(entry.get("path"), str):
-                return f"version {i + 1} of adapter {name!r} lacks a version name or path"
+            if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
+                return f"entry {i + 1} of adapter {name!r} has no version name"
+            if not isinstance(entry.get("path", ""), str):
+                return f"{name}@{entry['version']} has a path that is not a string"
         if not isinstance(adapter.get("aliases", {}), dict) or not isinstance(adapter.get("activations", []), list):
             return f"the aliases or activations of adapter {name!r} have the wrong type"
     return None
