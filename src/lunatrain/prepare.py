@@ -132,7 +132,8 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
     """
     from . import models, tokens
 
-    summary = export_mod.read_summary(settings)
+    directory = export_mod.export_dir(settings)  # resolved once: every file below comes from one export
+    summary = export_mod.read_summary(settings, directory)
     if summary is None:
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
     tier = params.dataset_tier
@@ -140,15 +141,15 @@ def prepare(settings: Settings, params: LoraParams) -> PrepareReport:
     tokenizer = models.load_tokenizer(info, settings)
 
     checks: list[Check] = []
-    file_shas, mismatched = _verify_files(settings.training_dir, summary)
+    file_shas, mismatched = _verify_files(directory, summary)
     checks.append(_summary_check(mismatched))
     fingerprint = export_mod.dataset_fingerprint(file_shas) if mismatched else summary["fingerprint"]
-    splits, bad_lines = _read_tier(settings.training_dir / export_mod.TIER_FILES[tier])
+    splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
     checks.append(_check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines"))
     checks.append(_stale_check(settings, summary))
 
     records = [r for s in export_mod.SPLITS for r in splits[s]]
-    curated_count = _count_lines(settings.training_dir / export_mod.CURATED_FILE)
+    curated_count = _count_lines(directory / export_mod.CURATED_FILE)
     checks += _volume_checks(curated_count, params.min_curated, len(splits["train"]))
     checks += _content_checks(records, tokenizer)
     checks += _duplicate_checks(records)
