@@ -19,12 +19,13 @@ def serve(
 
     from ..api.main import create_app
     from ..api.security import check_bind
-    from ..settings import load_settings
+    from ..settings import check_data_root, load_settings
 
     try:
         overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
+        check_data_root(settings)
         api = create_app(settings, bound_host=settings.api_host)
     except LunaError as err:
         raise fail(err) from None
