@@ -400,3 +400,33 @@ def test_a_failed_write_keeps_the_previous_export(settings: Settings, monkeypatc
     assert "previous data is intact" in err.value.message
     assert _files(settings) == before
     assert not [p for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_crash_right_after_the_first_rename_leaves_no_torn_export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported case: an export killed right after its first rename used to leave a new curated file
+    beside the old others and the old summary. In-process stand-in for the kill (the slow fault suite kills
+    a real child at every rename point)."""
+    import os
+
+    from lunatrain import prepare
+
+    store.add_examples(settings, _drafts(40, "a"))
+    old = ex.export(settings).fingerprint
+    store.add_examples(settings, _drafts(40, "b"))
+    real = os.replace
+    calls = []
+
+    def crash_after_first(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        calls.append(dst)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(os, "replace", crash_after_first)
+    with pytest.raises(SystemExit):
+        ex.export(settings)
+    monkeypatch.undo()
+    assert calls
+    summary = ex.read_summary(settings)
+    assert summary["fingerprint"] == old
+    assert prepare._verify_files(settings.training_dir, summary)[1] == []  # what a reader of the names sees
+    assert ex.read_tier(settings, "curated").fingerprint == old
