@@ -143,18 +143,31 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rows(section_text: str) -> list[Row]:
+    out = []
+    for line in section_text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[2].isdigit():
+            out.append(Row(cells[0], cells[1], int(cells[2]), int(cells[3]), cells[4]))
+    return out
+
+
 def record(section: str, rows: list[Row], note: str = "") -> str:
-    """Print the rows and put them into bench/results/faults.md under `## section`, replacing only that
-    section. Returns the rendered table."""
-    table = render(rows)
-    print(f"\n{section}\n{table}")
-    body = f"## {section}\n\n{note.strip() + chr(10) + chr(10) if note else ''}{table}"
+    """Print the rows and put them into bench/results/faults.md under `## section`: a row with the same
+    fault and target is replaced, other rows and sections stay (a run of a few tests updates just those).
+    Returns the rendered table."""
+    print(f"\n{section}\n{render(rows)}")
     TABLE.parent.mkdir(parents=True, exist_ok=True)
     text = TABLE.read_text(encoding="utf-8") if TABLE.exists() else (
         "# Fault injection\n\nWritten by the slow fault-injection tests (`pytest -m slow tests/test_faults_*.py`); "
-        "each section is replaced by its suite's last run.\n"
+        "each row is updated by the last run of its test.\n"
     )
     pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    found = pattern.search(text)
+    merged = {(r.fault, r.target): r for r in (_rows(found.group(0)) if found else [])}
+    merged.update({(r.fault, r.target): r for r in rows})
+    table = render(list(merged.values()))
+    body = f"## {section}\n\n{note.strip() + chr(10) + chr(10) if note else ''}{table}"
+    text = pattern.sub(lambda _: body + "\n", text) if found else text.rstrip("\n") + "\n\n" + body
     TABLE.write_text(text, encoding="utf-8")
     return table

@@ -118,6 +118,7 @@ def test_kill_export_at_every_rename_point(tmp_path: Path, layout: str) -> None:
         store.dispose_stores()
         _whole(settings)
         assert not list((settings.training_dir / ex.EXPORTS_DIR).glob("*.partial"))
+        assert not [p.name for p in settings.training_dir.glob(".*") if p.name not in (ex.EXPORTS_DIR, ".export.lock")]
         held += 1
         if when == "after":
             break

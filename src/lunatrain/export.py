@@ -266,6 +266,7 @@ def export(
         (out / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".export.lock"):
         with storage_guard(f"the export in {out}"):
+            _remove_leftovers(out)
             _adopt_flat_files(out)
             export_id = _new_id()
             work = out / EXPORTS_DIR / f"{export_id}.partial"
@@ -357,6 +358,14 @@ def _write_durable(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp names a crashed export left beside the names: link temps (killed between symlink and rename)
+    and the per-file temps of the layout before .exports/. Partial directories go with pruning."""
+    for pattern in (".assistant-sft*.tmp", ".assistant-sft*.link", f".{CURRENT_LINK}.*"):
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def _new_id() -> str:
