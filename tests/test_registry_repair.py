@@ -123,3 +123,23 @@ def test_publish_after_repair_keeps_numbering(settings):
     work = settings.adapters_dir / "a" / ".work" / "three"
     work.mkdir(parents=True)
     assert registry.publish(settings, "a", "versioned", work, _entry("f" * 64))["version"] == "v3"
+
+
+def test_deleting_an_example_works_with_a_damaged_registry_and_repair_marks_stale_later(settings):
+    from lunatrain import store
+    from lunatrain.formats import make_draft
+
+    store.add_examples(settings, [make_draft(prompt="weg damit", response="ok")])
+    example = store.list_examples(settings)[0]
+    _publish(str(settings.home), "a", "one")
+    hashes = settings.adapters_dir / "a" / "v1" / "train-hashes.txt"
+    hashes.write_text(example.hash + "\n")
+    report = registry.adapter_dir(settings, registry.get_version(settings, "a", "v1")) / "training-report.json"
+    report.write_text(json.dumps({"status": "succeeded", "version": "v1", "jobId": "one", "params": {}}))
+    registry.registry_path(settings).write_text("{")
+    r = CliRunner().invoke(app, ["examples", "delete", str(example.id)])
+    assert r.exit_code == 0, r.output  # the delete is not refused because of the registry
+    assert registry.registry_path(settings).read_text() == "{"
+    assert registry.repair(settings)["versions"] == 1
+    assert registry.get_version(settings, "a", "v1")["stale"]["hashes"] == [example.hash]
+    store.dispose_stores()

@@ -26,6 +26,7 @@ training-report.json (and, where the reports allow, the gate outcome, the active
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import Conflict, DamagedFile, NotFound, RegistryUnreadable, UsageError
+from .errors import Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
 from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .settings import Settings, check_name, inside
 
@@ -313,7 +314,12 @@ def refresh_stale(settings: Settings) -> list[str]:
 
     if not registry_path(settings).exists():
         return []
-    return mark_stale(settings, set(deleted_hashes(settings)))
+    try:
+        return mark_stale(settings, set(deleted_hashes(settings)))
+    except RegistryUnreadable:
+        # The delete itself succeeded; its tombstones stay in the store, and `adapters repair` marks the
+        # versions once the registry can be written again.
+        return []
 
 
 def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trained on a deleted example") -> list[str]:
@@ -362,6 +368,8 @@ def repair(settings: Settings) -> dict[str, Any]:
             os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
         rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name}
         _save(settings, rebuilt)
+    with contextlib.suppress(LunaError):  # stale marks come from the store's tombstones, when it can be read
+        refresh_stale(settings)
     count = sum(len(a["versions"]) for a in rebuilt["adapters"].values())
     return {"repaired": True, "damagedFile": str(aside), "versions": count, "adapters": sorted(rebuilt["adapters"])}
 
