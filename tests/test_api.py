@@ -171,11 +171,14 @@ def test_api_and_trainer_share_one_job_model(client: TestClient) -> None:
 
 def test_base_model_must_be_tiny_a_hub_id_or_inside_the_data_root(settings) -> None:
     (settings.home / "models" / "mine").mkdir(parents=True)
+    (settings.home / "models" / "mine" / "config.json").write_text("{}")
     assert check_base_model("luna-tiny", settings) == "luna-tiny"
     assert check_base_model("Qwen/Qwen2.5-0.5B", settings) == "Qwen/Qwen2.5-0.5B"
     assert check_base_model("models/mine", settings) == str(settings.home / "models" / "mine")
     assert check_base_model(str(settings.home / "models" / "mine"), settings) == str(settings.home / "models" / "mine")
-    for bad in ("/etc", "../x", "models/../../x", "/tmp", "./models/missing", "a" * 400):
+    for bad in ("/etc", "../x", "models/../../x", "/tmp", "./models/missing", "a" * 400,
+                # a root, never a model directory: the data root itself by any spelling, or a plain folder
+                "org/..", ".", "./", str(settings.home), "models/mine/..", "models"):
         with pytest.raises(UsageError):
             check_base_model(bad, settings)
     outside = settings.home.parent / "elsewhere"

@@ -43,7 +43,8 @@ def _drafts(n: int, prefix: str, *, conversations: int = 0, rng: random.Random |
 
 
 def _files(settings: Settings) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(settings.training_dir.iterdir()) if not p.name.startswith(".")}
+    # The guide's names (links into current/); `current` itself is a directory link and is skipped.
+    return {p.name: p.read_bytes() for p in sorted(settings.training_dir.iterdir()) if not p.name.startswith(".") and p.is_file()}
 
 
 def _records(settings: Settings, name: str) -> list[dict]:
@@ -276,7 +277,7 @@ def test_failure_during_export_keeps_the_previous_export(settings: Settings, mon
     with pytest.raises(KeyboardInterrupt):
         ex.export(settings, on_progress=interrupt)
     assert _files(settings) == before
-    assert not list(settings.training_dir.glob(".*.tmp"))
+    assert not list((settings.training_dir / ex.EXPORTS_DIR).glob("*.partial"))
     assert ex.read_tier(settings, "curated").fingerprint == json.loads(before[ex.SUMMARY_FILE])["fingerprint"]
 
 
@@ -306,7 +307,7 @@ def test_read_tier(settings: Settings) -> None:
     path.write_bytes(path.read_bytes()[:-10])  # a torn file
     with pytest.raises(CheckFailed, match="does not match the export summary"):
         ex.read_tier(settings, "curated")
-    path.unlink()
+    (ex.export_dir(settings) / ex.CURATED_FILE).unlink()
     with pytest.raises(CheckFailed, match="missing"):
         ex.read_tier(settings, "curated")
 
@@ -323,3 +324,109 @@ def test_cli_export(home: Path) -> None:
     assert r.exit_code == 2 and "below 1" in r.output
     r = runner.invoke(app, ["export", "--val-ratio", "abc"])
     assert r.exit_code == 2
+
+
+# --- all or nothing -------------------------------------------------------------------------------
+
+
+def _resolved(settings: Settings) -> dict[str, bytes]:
+    """What a reader of the guide's names sees, and that each name is a link through `current`."""
+    for name in (*ex.DATA_FILES, ex.SUMMARY_FILE):
+        assert (settings.training_dir / name).is_symlink(), name
+    return _files(settings)
+
+
+def test_an_export_is_one_directory_made_visible_by_one_link(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "retain_exports", 2)
+    store.add_examples(settings, _drafts(40, "a"))
+    first = ex.export(settings)
+    store.add_examples(settings, _drafts(40, "b"))
+    second = ex.export(settings)
+    current = settings.training_dir / ex.CURRENT_LINK
+    assert current.is_symlink() and ex.export_dir(settings).name == ex.current_id(settings) == ex.export_ids(settings)[-1]
+    files = _resolved(settings)
+    assert json.loads(files[ex.SUMMARY_FILE])["fingerprint"] == second.fingerprint != first.fingerprint
+    assert len(ex.export_ids(settings)) == 2
+    ex.export(settings)
+    ex.export(settings)
+    assert len(ex.export_ids(settings)) == 2  # older ones pruned, the current one kept
+    assert ex.read_tier(settings, "curated").fingerprint == second.fingerprint  # same content, same fingerprint
+
+
+def test_a_flat_export_from_before_is_adopted_first(settings: Settings) -> None:
+    """A data root exported by an earlier version holds plain files: they become the first export
+    directory (hard links), so the switch to the new export is again a single rename."""
+    store.add_examples(settings, _drafts(30, "a"))
+    ex.export(settings)
+    flat = _files(settings)
+    out = settings.training_dir
+    for name in flat:
+        (out / name).unlink()
+        (out / name).write_bytes(flat[name])
+    (out / ex.CURRENT_LINK).unlink()
+    import shutil
+
+    shutil.rmtree(out / ex.EXPORTS_DIR)
+    assert ex.read_tier(settings, "curated").fingerprint == json.loads(flat[ex.SUMMARY_FILE])["fingerprint"]
+    store.add_examples(settings, _drafts(30, "b"))
+    new = ex.export(settings)
+    assert json.loads(_resolved(settings)[ex.SUMMARY_FILE])["fingerprint"] == new.fingerprint
+    adopted = out / ex.EXPORTS_DIR / ex.export_ids(settings)[0]
+    assert {p.name: p.read_bytes() for p in adopted.iterdir()} == flat
+
+
+@pytest.mark.parametrize("errno_", ["ENOSPC", "EIO"])
+def test_a_failed_write_keeps_the_previous_export(settings: Settings, monkeypatch: pytest.MonkeyPatch, errno_: str) -> None:
+    import errno
+    import os
+
+    from lunatrain.errors import DiskFull, StorageError
+
+    store.add_examples(settings, _drafts(60, "a"))
+    ex.export(settings)
+    before = _files(settings)
+    store.add_examples(settings, _drafts(60, "b"))
+    code = getattr(errno, errno_)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(StorageError) as err:
+        ex.export(settings)
+    monkeypatch.undo()
+    assert isinstance(err.value, DiskFull) == (errno_ == "ENOSPC")
+    assert err.value.code == ("disk_full" if errno_ == "ENOSPC" else "storage_error")
+    assert "previous data is intact" in err.value.message
+    assert _files(settings) == before
+    assert not [p for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_crash_right_after_the_first_rename_leaves_no_torn_export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported case: an export killed right after its first rename used to leave a new curated file
+    beside the old others and the old summary. In-process stand-in for the kill (the slow fault suite kills
+    a real child at every rename point)."""
+    import os
+
+    from lunatrain import prepare
+
+    store.add_examples(settings, _drafts(40, "a"))
+    old = ex.export(settings).fingerprint
+    store.add_examples(settings, _drafts(40, "b"))
+    real = os.replace
+    calls = []
+
+    def crash_after_first(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        calls.append(dst)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(os, "replace", crash_after_first)
+    with pytest.raises(SystemExit):
+        ex.export(settings)
+    monkeypatch.undo()
+    assert calls
+    summary = ex.read_summary(settings)
+    assert summary["fingerprint"] == old
+    assert prepare._verify_files(settings.training_dir, summary)[1] == []  # what a reader of the names sees
+    assert ex.read_tier(settings, "curated").fingerprint == old

@@ -56,3 +56,21 @@ def test_quantize_names_its_choices() -> None:
         parse_params({"quantize": "2bit"})
     with pytest.raises(UsageError, match="gradientCheckpointing"):
         parse_params({"gradientCheckpointing": "sometimes"})
+
+
+@pytest.mark.parametrize("name", ["a..b", "x..", "..", ".a", "a/b", "a" * 65, ""])
+def test_adapter_names_follow_the_one_name_rule(name: str) -> None:
+    """LoraParams, the API path parameters and settings.check_name refuse the same names (`..` included)."""
+    from lunatrain.settings import check_name
+
+    with pytest.raises(UsageError, match="adapterName"):
+        parse_params({"adapterName": name})
+    with pytest.raises(UsageError):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["a", "luna-adapter", "a.b.c", "Qwen2.5-0.5B", "v3", "a" * 64])
+def test_good_names_pass_everywhere(name: str) -> None:
+    from lunatrain.settings import check_name
+
+    assert parse_params({"adapterName": name}).adapter_name == name == check_name(name)

@@ -56,3 +56,25 @@ class ServiceUnavailable(LunaError):
     exit_code = 1
     http_status = 503
     code = "service_unavailable"
+
+
+class StorageError(LunaError):
+    """A file or database the project keeps cannot be read or written (damaged, I/O error, read-only).
+    The services stay up and answer 503: the request was fine, the storage under it is not."""
+
+    exit_code = 1
+    http_status = 503
+    code = "storage_error"
+
+
+class DiskFull(StorageError):
+    code = "disk_full"
+
+
+class DamagedFile(StorageError, ValueError):
+    """A JSON file that exists but cannot be used (not JSON, cut short, wrong shape). A ValueError too, so
+    readers that treat an unreadable optional report as missing keep doing so."""
+
+
+class RegistryUnreadable(DamagedFile):
+    code = "registry_unreadable"

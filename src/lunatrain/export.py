@@ -16,20 +16,31 @@ never hold a hash that is train anywhere). Adding or removing other examples nev
 
 Records are sorted by hash and written as compact JSON with sorted keys: the same database gives
 byte-identical files. Rows are streamed from the database (ordered by hash in SQL) and written
-incrementally, so memory stays flat at any size. All files go to temp names and are fsynced, then renamed,
-summary last; `read_tier()` verifies each file against the summary's sha256, so even a crash inside the
-rename window is detected instead of used.
+incrementally, so memory stays flat at any size.
+
+All or nothing: each export is written whole (every file and the summary, fsynced) into its own directory
+`data/training/.exports/<id>.partial/`, renamed to `.exports/<id>/`, and then made visible by one atomic
+rename of the symlink `data/training/current -> .exports/<id>`. The guide's names
+(`data/training/assistant-sft-*.jsonl`, the summary) are fixed symlinks into `current/`, so they switch
+together with it. A crash at any point leaves either the previous export or the new one, never a mix;
+readers resolve `current` once (`export_dir()`) and read every file from that one directory. A data root
+from before this layout (plain files) is adopted first: hard links of its files become the first
+`.exports/` entry, so the switch from old to new is the same single rename. The newest
+`ASSISTANT_RETAIN_EXPORTS` export directories are kept (the current one always), older ones pruned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import heapq
 import json
 import math
 import os
-import tempfile
+import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +49,8 @@ from typing import Any, BinaryIO, Literal, get_args
 import sqlalchemy as sa
 
 from .errors import CheckFailed, NotFound, UsageError
-from .fsio import fsync_dir, atomic_write_json, file_lock, read_json
+from .errors import DamagedFile, StorageError
+from .fsio import dumps_json, file_lock, fsync_dir, read_json, storage_guard
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store, utcnow
@@ -54,6 +66,8 @@ SUMMARY_FILE = "assistant-sft-summary.json"
 TIER_FILES = {"curated": CURATED_FILE, "memory": MEMORY_FILE, "merged": MERGED_FILE}
 DATA_FILES = (CURATED_FILE, *SPLIT_FILES.values(), MEMORY_FILE, MERGED_FILE)
 SUMMARY_FORMAT = "lunatrain-export/1"
+CURRENT_LINK = "current"  # data/training/current -> .exports/<id>: the one pointer readers follow
+EXPORTS_DIR = ".exports"
 
 _FETCH = 5_000  # rows per database round trip
 _FLUSH_BYTES = 1 << 20  # buffer per output file before a write
@@ -117,11 +131,9 @@ class _Sink:
     """One output file under a temp name: buffered writes, running sha256, record and byte counts."""
 
     def __init__(self, directory: Path, name: str) -> None:
+        # The whole directory is the temp name (see the module docstring): files get their final names.
         self.name = name
-        self.final = directory / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        self.tmp = Path(tmp)
-        os.chmod(self.tmp, 0o644)  # mkstemp creates 0600; datasets are ordinary readable files
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.fh: BinaryIO = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
         self.records = 0
@@ -150,10 +162,10 @@ class _Sink:
         self.fh.close()
         return {"sha256": self.sha.hexdigest(), "records": self.records, "bytes": self.bytes}
 
-    def discard(self) -> None:
+    def close(self) -> None:
         if not self.fh.closed:
-            self.fh.close()
-        self.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a failed flush of a discarded file is of no interest
+                self.fh.close()
 
 
 # Records are assembled as text from pre-encoded pieces instead of json.dumps(sort_keys=True) per record:
@@ -241,78 +253,205 @@ def export(
     test_ratio: float | None = None,
     on_progress: ProgressFn | None = None,
 ) -> ExportSummary:
-    """Write all tiers, split files and the summary into `settings.training_dir` (see module docstring).
-    Invalid ratios raise UsageError before anything is written."""
+    """Write all tiers, split files and the summary as a new export in `settings.training_dir` and switch to
+    it in one step (see module docstring). Invalid ratios raise UsageError before anything is written; a
+    failed write (full disk, I/O error) raises DiskFull / StorageError and leaves the previous export."""
     val, test = check_ratios(
         settings.train_val_ratio if val_ratio is None else val_ratio,
         settings.train_test_ratio if test_ratio is None else test_ratio,
     )
     store = open_store(settings)
     out = settings.training_dir
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {t: {"total": 0, **{s: 0 for s in SPLITS}} for t in TIERS}
+    with storage_guard(out):
+        (out / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".export.lock"):
-        for stale in out.glob(".assistant-sft*.tmp"):  # left by an export that crashed
-            stale.unlink(missing_ok=True)
-        sinks = {name: _Sink(out, name) for name in DATA_FILES}
+        with storage_guard(f"the export in {out}"):
+            _remove_leftovers(out)
+            _adopt_flat_files(out)
+            export_id = _new_id()
+            work = out / EXPORTS_DIR / f"{export_id}.partial"
+            work.mkdir()
         try:
-            # One read transaction: examples, memory and revision come from the same snapshot.
-            with store.read() as conn:
-                state = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
-                store_rev = f"{state.instance[:12]}-{state.counter}"
-                total = conn.scalar(
-                    sa.select(sa.func.count()).select_from(examples_table).where(examples_table.c.status == "approved")
-                ) + conn.scalar(
-                    sa.select(sa.func.count()).select_from(memory_table).where(memory_table.c.status == "approved")
-                )
-                done = 0
-                last_memory = last_merged = None
-                # (hash, kind, row) tuples: kind breaks hash ties, so rows themselves are never compared.
-                rows = heapq.merge(_example_rows(conn), _memory_rows(conn))
-                for content_hash, kind, row in rows:
-                    split = split_of(split_key(content_hash, row.conversation_id), val, test)
-                    line = _record_line(kind, row, split)
-                    source = row.source if kind == 0 else "memory"
-                    if source == "curated":
-                        sinks[CURATED_FILE].write(line)
-                        sinks[SPLIT_FILES[split]].write(line)
-                        counts["curated"]["total"] += 1
-                        counts["curated"][split] += 1
-                    if source == "memory" and content_hash != last_memory:
-                        sinks[MEMORY_FILE].write(line)
-                        counts["memory"]["total"] += 1
-                        counts["memory"][split] += 1
-                        last_memory = content_hash
-                    if content_hash != last_merged:
-                        sinks[MERGED_FILE].write(line)
-                        counts["merged"]["total"] += 1
-                        counts["merged"][split] += 1
-                        last_merged = content_hash
-                    done += 1
-                    if on_progress and done % _PROGRESS_EVERY == 0:
-                        on_progress(done, total)
-            files = {name: sinks[name].finish() for name in DATA_FILES}
-            for name in DATA_FILES:
-                os.replace(sinks[name].tmp, sinks[name].final)
-            fsync_dir(out)
+            with storage_guard(f"the export in {out}"):
+                summary, done, total = _write_export(store, work, (val, test), on_progress)
+                final = work.with_name(export_id)
+                os.replace(work, final)
+                fsync_dir(final.parent)
+                _switch_current(out, export_id)
+                _link_names(out)
         except BaseException:
-            for sink in sinks.values():
-                sink.discard()
+            shutil.rmtree(work, ignore_errors=True)
             raise
-        fingerprint = dataset_fingerprint({name: files[name]["sha256"] for name in DATA_FILES})
-        summary = ExportSummary(
-            directory=out,
-            exported_at=utcnow().isoformat(timespec="seconds"),
-            store_revision=store_rev,
-            ratios={"train": round(1.0 - val - test, 10), "val": val, "test": test},
-            counts=counts,
-            files=files,
-            fingerprint=fingerprint,
-        )
-        atomic_write_json(out / SUMMARY_FILE, summary.to_dict())
+        # Pruning is housekeeping: the export is complete and visible, a failure here must not undo that.
+        with contextlib.suppress(OSError):
+            _prune(settings, settings.retain_exports)  # the lock is already held
     if on_progress:
         on_progress(done, total)
-    return summary
+    return dataclasses.replace(summary, directory=out)
+
+
+def _write_export(
+    store: Any, work: Path, ratios: tuple[float, float], on_progress: ProgressFn | None
+) -> tuple[ExportSummary, int, int]:
+    """Every data file and the summary, fsynced, into the fresh directory `work`."""
+    val, test = ratios
+    counts = {t: {"total": 0, **{s: 0 for s in SPLITS}} for t in TIERS}
+    sinks: dict[str, _Sink] = {}
+    try:
+        sinks.update((name, _Sink(work, name)) for name in DATA_FILES)
+        # One read transaction: examples, memory and revision come from the same snapshot.
+        with store.read() as conn:
+            state = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+            store_rev = f"{state.instance[:12]}-{state.counter}"
+            total = conn.scalar(
+                sa.select(sa.func.count()).select_from(examples_table).where(examples_table.c.status == "approved")
+            ) + conn.scalar(
+                sa.select(sa.func.count()).select_from(memory_table).where(memory_table.c.status == "approved")
+            )
+            done = 0
+            last_memory = last_merged = None
+            # (hash, kind, row) tuples: kind breaks hash ties, so rows themselves are never compared.
+            rows = heapq.merge(_example_rows(conn), _memory_rows(conn))
+            for content_hash, kind, row in rows:
+                split = split_of(split_key(content_hash, row.conversation_id), val, test)
+                line = _record_line(kind, row, split)
+                source = row.source if kind == 0 else "memory"
+                if source == "curated":
+                    sinks[CURATED_FILE].write(line)
+                    sinks[SPLIT_FILES[split]].write(line)
+                    counts["curated"]["total"] += 1
+                    counts["curated"][split] += 1
+                if source == "memory" and content_hash != last_memory:
+                    sinks[MEMORY_FILE].write(line)
+                    counts["memory"]["total"] += 1
+                    counts["memory"][split] += 1
+                    last_memory = content_hash
+                if content_hash != last_merged:
+                    sinks[MERGED_FILE].write(line)
+                    counts["merged"]["total"] += 1
+                    counts["merged"][split] += 1
+                    last_merged = content_hash
+                done += 1
+                if on_progress and done % _PROGRESS_EVERY == 0:
+                    on_progress(done, total)
+        files = {name: sinks[name].finish() for name in DATA_FILES}
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    summary = ExportSummary(
+        directory=work,
+        exported_at=utcnow().isoformat(timespec="seconds"),
+        store_revision=store_rev,
+        ratios={"train": round(1.0 - val - test, 10), "val": val, "test": test},
+        counts=counts,
+        files=files,
+        fingerprint=dataset_fingerprint({name: files[name]["sha256"] for name in DATA_FILES}),
+    )
+    _write_durable(work / SUMMARY_FILE, dumps_json(summary.to_dict()).encode("utf-8"))
+    fsync_dir(work)
+    return summary, done, total
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp names a crashed export left beside the names: link temps (killed between symlink and rename)
+    and the per-file temps of the layout before .exports/. Partial directories go with pruning."""
+    for pattern in (".assistant-sft*.tmp", ".assistant-sft*.link", f".{CURRENT_LINK}.*"):
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
+def _new_id() -> str:
+    # Sortable by time (pruning keeps the newest), unique across concurrent machines sharing a directory.
+    return utcnow().strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _switch_current(out: Path, export_id: str) -> None:
+    """Point `current` at `.exports/<export_id>` with one rename: the single step that makes it visible."""
+    tmp = out / f".{CURRENT_LINK}.{uuid.uuid4().hex[:8]}"
+    os.symlink(Path(EXPORTS_DIR, export_id), tmp)
+    os.replace(tmp, out / CURRENT_LINK)
+    fsync_dir(out)
+
+
+def _link_names(out: Path) -> None:
+    """Make each guide name a symlink into `current/` (a no-op once done: the links never change)."""
+    for name in (*DATA_FILES, SUMMARY_FILE):
+        path, want = out / name, Path(CURRENT_LINK, name)
+        if path.is_symlink() and Path(os.readlink(path)) == want:
+            continue
+        tmp = out / f".{name}.{uuid.uuid4().hex[:8]}.link"
+        os.symlink(want, tmp)
+        os.replace(tmp, path)
+    fsync_dir(out)
+
+
+def _adopt_flat_files(out: Path) -> None:
+    """A data root exported before `.exports/` existed holds plain files: hard-link them into an export
+    directory and point `current` at it, then turn the names into links (each one content-identical), so
+    the later switch to the new export is again one rename."""
+    if (out / CURRENT_LINK).is_symlink():
+        return
+    flat = [name for name in (*DATA_FILES, SUMMARY_FILE) if (out / name).is_file() and not (out / name).is_symlink()]
+    if not flat:
+        return
+    export_id = _new_id()
+    work = out / EXPORTS_DIR / f"{export_id}.partial"
+    work.mkdir()
+    for name in flat:
+        try:
+            os.link(out / name, work / name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(out / name, work / name)
+    fsync_dir(work)
+    os.replace(work, work.with_name(export_id))
+    fsync_dir(work.parent)
+    _switch_current(out, export_id)
+    _link_names(out)
+
+
+def export_ids(settings: Settings) -> list[str]:
+    """The complete export directories, oldest first."""
+    root = settings.training_dir / EXPORTS_DIR
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+    except FileNotFoundError:
+        return []
+
+
+def current_id(settings: Settings) -> str | None:
+    link = settings.training_dir / CURRENT_LINK
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def prune_exports(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path]:
+    """Export directories beyond the `keep` newest (the current one always stays) and partial ones left by
+    a crash; removed unless `dry_run`. Returns them. Takes the export lock, so it never races an export."""
+    out = settings.training_dir
+    if not (out / EXPORTS_DIR).is_dir():
+        return []
+    with file_lock(out / ".export.lock"):
+        return _prune(settings, keep, dry_run=dry_run)
+
+
+def _prune(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path]:
+    root = settings.training_dir / EXPORTS_DIR
+    current = current_id(settings)
+    ids = export_ids(settings)
+    kept = {current} | set(ids[-max(keep, 1):])
+    doomed = [root / i for i in ids if i not in kept]
+    doomed += sorted(p for p in root.iterdir() if p.name.endswith(".partial"))
+    if not dry_run:
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 # --- reading an export back ---------------------------------------------------------------------
@@ -334,13 +473,29 @@ class TierData:
         return self.train + self.val + self.test
 
 
-def read_summary(settings: Settings) -> dict[str, Any] | None:
-    """The last export's summary, or None when there has been no export."""
-    path = settings.training_dir / SUMMARY_FILE
+def export_dir(settings: Settings) -> Path:
+    """The directory of the current export, resolved once: read every file of one export from here, so a
+    new export switching in meanwhile can never mix two. A data root without `current` (no export yet, or
+    one written before `.exports/`) is read in place."""
+    out = settings.training_dir
+    link = out / CURRENT_LINK
+    if not link.is_symlink():
+        return out
+    target = out / os.readlink(link)
+    if not target.is_dir():
+        raise CheckFailed(f"{link} points to a missing export ({target.name}); run `lunatrain export` again.")
+    return target
+
+
+def read_summary(settings: Settings, directory: Path | None = None) -> dict[str, Any] | None:
+    """The summary of the export in `directory` (default: the current one), or None when there is none."""
+    path = (directory or export_dir(settings)) / SUMMARY_FILE
     try:
         summary = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except DamagedFile:
         raise CheckFailed(f"{path} is not valid JSON; run `lunatrain export` again.") from None
+    except StorageError as err:
+        raise CheckFailed(f"{err.message} Run `lunatrain export` again.") from None
     if summary is not None and (not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT):
         raise CheckFailed(f"{path} is not a lunatrain export summary; run `lunatrain export` again.")
     return summary
@@ -355,11 +510,12 @@ def read_tier(settings: Settings, tier: Tier) -> TierData:
     """Load one tier (curated | memory | merged) of the last export, verified against its summary."""
     if tier not in TIERS:
         raise UsageError(f"Unknown dataset tier {tier!r}: use one of {', '.join(TIERS)}.")
-    summary = read_summary(settings)
+    directory = export_dir(settings)
+    summary = read_summary(settings, directory)
     if summary is None:
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
     name = TIER_FILES[tier]
-    path = settings.training_dir / name
+    path = directory / name
     expected = summary.get("files", {}).get(name, {}).get("sha256")
     try:
         data = path.read_bytes()

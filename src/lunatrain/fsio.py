@@ -1,8 +1,14 @@
-"""Crash-safe file writes and inter-process locks shared by export, registry, reports and jobs."""
+"""Crash-safe file writes and inter-process locks shared by export, registry, reports and jobs.
+
+Storage faults become one sentence: a write that fails with ENOSPC raises DiskFull, any other OSError of a
+write StorageError (both leave the previous file in place); a JSON file that cannot be decoded raises
+DamagedFile naming it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -11,6 +17,31 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from .errors import DamagedFile, DiskFull, StorageError
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def storage_error(exc: OSError, what: object) -> StorageError:
+    """The one sentence for a failed write of `what` (a path or a description); the caller guarantees that
+    the previous data is still intact (every write here goes to a temp name first)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL:
+        return DiskFull(
+            f"The disk is full: writing {what} failed ({reason}); the previous data is intact. Free some space "
+            "(`lunatrain gc` removes what the retention policy allows) and try again."
+        )
+    return StorageError(f"Writing {what} failed: {reason}; the previous data is intact. Check the disk and try again.")
+
+
+@contextlib.contextmanager
+def storage_guard(what: object) -> Iterator[None]:
+    """Turn an OSError raised by the block's writes into storage_error(…, what)."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, what) from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -25,8 +56,9 @@ def fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
     """Write to a temp file beside `path`; fsync and rename over it only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with storage_guard(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -34,9 +66,11 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, path) from exc
         raise
 
 
@@ -73,10 +107,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """The decoded file, `default` when it does not exist, DamagedFile when it is not JSON (cut short, not
+    UTF-8, garbage) and StorageError when it cannot be read at all."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedFile(f"{path} is damaged (not valid JSON: {_where(exc)}).") from None
+    except OSError as exc:
+        raise StorageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+
+
+def _where(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return "not UTF-8 text"
 
 
 @contextlib.contextmanager

@@ -15,14 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .errors import UsageError
-from .settings import NAME_PATTERN
+from .settings import NAME_MAX, NAME_PATTERN
 
 Tier = Literal["curated", "memory", "merged"]
 Strategy = Literal["versioned", "overwrite"]
 Device = Literal["auto", "cpu", "cuda"]
 Switch = Literal["auto", "true", "false"]
 Quantize = Literal["none", "4bit", "8bit"]
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_MAX)]  # settings.check_name's rule
 # Base model: a hub id (`org/name`), `luna-tiny`, or a local directory. Checked again when loading.
 BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00\n\r]+$")]
 

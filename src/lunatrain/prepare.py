@@ -159,7 +159,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
 
     if params.base_model:  # an adapter as base is a usage error, export or not (cheap: one file lookup)
         models.refuse_adapter_dir(Path(params.base_model).expanduser(), params.base_model)
-    summary = export_mod.read_summary(settings)
+    directory = export_mod.export_dir(settings)  # resolved once: every file below comes from one export
+    summary = export_mod.read_summary(settings, directory)
     if summary is None:
         raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
     tier = params.dataset_tier
@@ -168,15 +169,15 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
 
     checks: list[Check] = []
-    file_shas, mismatched = _verify_files(settings.training_dir, summary)
+    file_shas, mismatched = _verify_files(directory, summary)
     checks.append(_summary_check(mismatched))
     fingerprint = export_mod.dataset_fingerprint(file_shas) if mismatched else summary["fingerprint"]
-    splits, bad_lines = _read_tier(settings.training_dir / export_mod.TIER_FILES[tier])
+    splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
     checks.append(_check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines"))
     checks.append(_stale_check(settings, summary))
 
     records = [r for s in export_mod.SPLITS for r in splits[s]]
-    curated = curated_count(settings)
+    curated = curated_count(settings, directory)
     checks += _volume_checks(curated, min_curated, len(splits["train"]))
     checks += _content_checks(records, tokenizer)
     checks += _duplicate_checks(records)
@@ -349,9 +350,9 @@ def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str, **p
                  {"count": len(ids), **params})
 
 
-def curated_count(settings: Settings) -> int:
+def curated_count(settings: Settings, directory: Path | None = None) -> int:
     """Approved curated examples in the current export (what minCurated is checked against)."""
-    return _count_lines(settings.training_dir / export_mod.CURATED_FILE)
+    return _count_lines((directory or export_mod.export_dir(settings)) / export_mod.CURATED_FILE)
 
 
 def volume_check(curated: int, min_curated: int) -> Check:

@@ -24,10 +24,16 @@ added later. Strategy `overwrite` keeps one slot named `current`; each run is st
 Every read-modify-write holds one file lock and replaces the file atomically, so concurrent jobs never
 lose an entry and a crash never leaves a torn file. Version numbers are allocated and the adapter directory
 is moved into place under the same lock, so two jobs can never claim the same version.
+
+A file that cannot be read (not JSON, cut short, the wrong shape) is never replaced: every reader raises
+RegistryUnreadable naming it and the fix, `lunatrain adapters repair`, which keeps the damaged file as
+`lora-adapters.json.damaged-<time>` and rebuilds the registry from each version folder's
+training-report.json (and, where the reports allow, the gate outcome, the active alias and merges).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -37,8 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import Conflict, NotFound, UsageError
-from .fsio import atomic_write_json, file_lock, read_json
+from .errors import Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
+from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .messages import coded
 from .settings import Settings, check_name, inside
 
@@ -66,13 +72,50 @@ def now() -> str:
 
 
 def load(settings: Settings) -> dict[str, Any]:
-    """The registry as a dict (an empty one when no adapter was ever registered), in the current shape."""
-    data = read_json(registry_path(settings), None)
-    if not isinstance(data, dict) or "adapters" not in data:
-        data = {"format": FORMAT, "adapters": {}}
+    """The registry as a dict (an empty one when no adapter was ever registered). A file that exists but
+    cannot be used raises RegistryUnreadable: it is never read as empty, so no write can replace it."""
+    path = registry_path(settings)
+    try:
+        data = read_json(path, None)
+    except DamagedFile as err:
+        raise _unreadable(path, err.message.removeprefix(f"{path} is ").rstrip(".")) from None
+    if data is None:
+        return {"format": FORMAT, "adapters": {}}
+    problem = shape_problem(data)
+    if problem:
+        raise _unreadable(path, problem)
     for adapter in data["adapters"].values():
         _migrate_active(adapter)
     return data
+
+
+def _unreadable(path: Path, why: str) -> RegistryUnreadable:
+    return RegistryUnreadable(
+        f"The adapter registry {path} cannot be read ({why}); it was left untouched. "
+        "Run `lunatrain adapters repair` to rebuild it from the adapter folders."
+    )
+
+
+def shape_problem(data: Any) -> str | None:
+    """What makes `data` not a registry, or None. Checks the structure every reader and writer relies on."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if data.get("format", FORMAT) != FORMAT:
+        return f"format {data.get('format')!r}, expected {FORMAT!r}"
+    adapters = data.get("adapters")
+    if not isinstance(adapters, dict):
+        return "no \"adapters\" object" if adapters is None else "\"adapters\" is not an object"
+    for name, adapter in adapters.items():
+        if not isinstance(adapter, dict) or not isinstance(adapter.get("versions"), list):
+            return f"adapter {name!r} has no list of versions"
+        for i, entry in enumerate(adapter["versions"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
+                return f"entry {i + 1} of adapter {name!r} has no version name"
+            if not isinstance(entry.get("path", ""), str):
+                return f"{name}@{entry['version']} has a path that is not a string"
+        if not isinstance(adapter.get("aliases", {}), dict) or not isinstance(adapter.get("activations", []), list):
+            return f"the aliases or activations of adapter {name!r} have the wrong type"
+    return None
 
 
 def _migrate_active(adapter: dict[str, Any]) -> None:
@@ -111,7 +154,11 @@ def _save(settings: Settings, data: dict[str, Any]) -> None:
 
 
 def _adapter(data: dict[str, Any], name: str) -> dict[str, Any]:
-    return data["adapters"].setdefault(name, {"versions": [], "aliases": {}, "activeByBase": {}, "activations": []})
+    adapter = data["adapters"].setdefault(name, {"versions": [], "aliases": {}, "activeByBase": {}, "activations": []})
+    adapter.setdefault("aliases", {})
+    adapter.setdefault("activations", [])
+    adapter.setdefault("activeByBase", {})
+    return adapter
 
 
 def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
@@ -471,7 +518,12 @@ def refresh_stale(settings: Settings) -> list[str]:
 
     if not registry_path(settings).exists():
         return []
-    return mark_stale(settings, set(deleted_hashes(settings)))
+    try:
+        return mark_stale(settings, set(deleted_hashes(settings)))
+    except RegistryUnreadable:
+        # The delete itself succeeded; its tombstones stay in the store, and `adapters repair` marks the
+        # versions once the registry can be written again.
+        return []
 
 
 def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trained on a deleted example") -> list[str]:
@@ -496,3 +548,132 @@ def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trai
         if marked:
             _save(settings, data)
     return marked
+
+
+# --- repair ---------------------------------------------------------------------------------------
+
+
+def repair(settings: Settings) -> dict[str, Any]:
+    """Rebuild lora-adapters.json from the version folders when it cannot be read (see module docstring).
+    Returns {"repaired": bool, "damagedFile": path or None, "versions": n, "adapters": [...]}; a readable
+    registry is left as it is."""
+    path = registry_path(settings)
+    with _lock(settings):
+        try:
+            data = load(settings)
+        except RegistryUnreadable:
+            data = None
+        if data is not None:
+            count = sum(len(a["versions"]) for a in data["adapters"].values())
+            return {"repaired": False, "damagedFile": None, "versions": count, "adapters": sorted(data["adapters"])}
+        rebuilt = rebuild(settings)
+        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+        with storage_guard(path):
+            os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
+        rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name}
+        _save(settings, rebuilt)
+    with contextlib.suppress(LunaError):  # stale marks come from the store's tombstones, when it can be read
+        refresh_stale(settings)
+    count = sum(len(a["versions"]) for a in rebuilt["adapters"].values())
+    return {"repaired": True, "damagedFile": str(aside), "versions": count, "adapters": sorted(rebuilt["adapters"])}
+
+
+def rebuild(settings: Settings) -> dict[str, Any]:
+    """A registry made from what lies on disk: each data/adapters/NAME/VERSION/training-report.json of a
+    succeeded run is one entry; `latest` is the newest; the last eval gate report restores its candidate's
+    gate outcome (and `active`, when it promoted it); merged models restore `merged`."""
+    data: dict[str, Any] = {"format": FORMAT, "adapters": {}}
+    root = settings.adapters_dir
+    for report_path in sorted(root.glob("*/*/training-report.json")) if root.is_dir() else []:
+        folder = report_path.parent
+        name = folder.parent.name
+        if not (_VERSION_RE.match(folder.name) or folder.name == SLOT) or name.startswith("."):
+            continue  # .work/ (unfinished runs) and .slots/ (reached through the `current` link)
+        try:
+            report = read_json(report_path)
+        except (DamagedFile, OSError):
+            continue  # a folder whose report is unreadable cannot be described; it stays on disk
+        if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
+            continue
+        _adapter(data, name)["versions"].append(_entry_from_report(name, folder, report))
+    for name, adapter in data["adapters"].items():
+        adapter["versions"].sort(key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or ""))
+        current = [e for e in adapter["versions"] if e["version"] == SLOT]
+        for old in current[:-1]:
+            old["replaced"] = True
+        adapter["aliases"]["latest"] = adapter["versions"][-1]["version"]
+    _restore_gate(settings, data)
+    _restore_merges(settings, data)
+    return data
+
+
+def _version_number(version: str) -> int:
+    m = _VERSION_RE.match(version)
+    return int(m.group(1)) if m else 0
+
+
+def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The registry entry `train.finish` wrote for this run, from its training report."""
+    dataset = report.get("dataset") or {}
+    params = report.get("params") or {}
+    metrics = report.get("metrics") or {}
+    entry = {
+        "jobId": report.get("jobId"), "status": "succeeded", "strategy": report.get("adapterStrategy"),
+        "baseModel": report.get("baseModel"), "datasetTier": dataset.get("tier") or params.get("datasetTier"),
+        "datasetFingerprint": dataset.get("fingerprint"), "params": params,
+        "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss")},
+        "tokenizerHash": report.get("tokenizerHash"), "templateHash": report.get("templateHash"),
+        "trainSamples": dataset.get("trainSamples"), "gate": None,
+        "name": name, "version": folder.name, "path": str(Path("data", "adapters", name, folder.name)),
+        "created": report.get("created"),
+    }
+    if report.get("revision") is not None:
+        entry["revision"] = report["revision"]
+    return entry
+
+
+def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
+    try:
+        gate = read_json(settings.reports_eval_dir / "eval-gate-latest.json")
+    except (DamagedFile, OSError):
+        return
+    if not isinstance(gate, dict):
+        return
+    ref = (gate.get("candidate") or {}).get("ref")
+    if not isinstance(ref, str) or "@" not in ref:
+        return
+    name, _, version = ref.partition("@")
+    adapter = data["adapters"].get(name)
+    entries = [e for e in (adapter or {}).get("versions", []) if e["version"] == version]
+    if not entries:
+        return
+    entries[-1]["gate"] = {
+        "status": "passed" if gate.get("passed") else "failed", "passed": gate.get("passed"),
+        "reasons": gate.get("reasons", []), "at": gate.get("created"), "metrics": gate.get("metrics"),
+        "baseMetrics": gate.get("baseMetrics"), "context": gate.get("context"),
+        "baseline": (gate.get("baseline") or {}).get("ref"), "promoted": gate.get("promoted"),
+        "thresholds": gate.get("thresholds"),
+    }
+    if gate.get("promoted"):
+        adapter["aliases"]["active"] = version
+        adapter["activations"].append(
+            {"version": version, "previous": None, "at": gate.get("created") or now(), "forced": False,
+             "reason": "restored by repair from the last eval gate report"}
+        )
+
+
+def _restore_merges(settings: Settings, data: dict[str, Any]) -> None:
+    merged_root = settings.models_dir / "merged"
+    for marker in sorted(merged_root.glob("*/lunatrain-merge.json")) if merged_root.is_dir() else []:
+        try:
+            info = read_json(marker)
+        except (DamagedFile, OSError):
+            continue
+        ref = info.get("adapter") if isinstance(info, dict) else None
+        if not isinstance(ref, str) or "@" not in ref:
+            continue
+        name, _, version = ref.partition("@")
+        for entry in reversed(data["adapters"].get(name, {}).get("versions", [])):
+            if entry["version"] == version:
+                entry["merged"] = {"path": str(marker.parent.relative_to(settings.home)), "at": info.get("created")}
+                break

@@ -15,16 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import UsageError
 
-# Adapter, profile, version and model names: no separators, no leading dot, bounded length.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Adapter, profile, version and model names: no separators, no leading dot, never `..`, at most NAME_MAX
+# characters. The one rule for every entry point: pydantic fields and FastAPI path parameters use
+# NAME_PATTERN with max_length=NAME_MAX, everything else check_name(). A dot must be followed by another
+# allowed character or end the name; written without lookarounds so that pydantic's Rust regex engine and
+# OpenAPI clients read the same pattern.
+NAME_MAX = 64
+NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
 def check_name(value: str, what: str = "name") -> str:
     """Return `value` if it is a safe name, else raise a UsageError naming the rule."""
-    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or len(value) > NAME_MAX or not _NAME_RE.match(value):
         raise UsageError(
-            f"Invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
+            f"Invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "and without '..'."
         )
     return value
 
@@ -60,6 +66,11 @@ class Settings(BaseSettings):
     api_token: str | None = None
     allowed_hosts: str = Field(default="127.0.0.1,localhost,::1,[::1]", description="comma-separated Host allowlist")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Retention (`lunatrain gc`, see retention.py): what is kept of finished work.
+    retain_exports: int = Field(default=3, ge=1, le=1000, description="export directories kept (current included)")
+    retain_jobs: int = Field(default=50, ge=0, description="finished jobs whose events and log are kept")
+    retain_job_days: float = Field(default=30.0, ge=0, description="events and logs of finished jobs older than this go")
+    retain_checkpoint_days: float = Field(default=7.0, ge=0, description="idle run work dirs (checkpoints) older than this go")
 
     @field_validator("home", mode="after")
     @classmethod
@@ -104,6 +115,25 @@ class Settings(BaseSettings):
         if self.db_url:
             return self.db_url
         return f"sqlite:///{self.data_dir / 'assistant.db'}"
+
+
+def check_data_root(settings: Settings) -> None:
+    """Refuse to start a service on a data root it cannot write: one sentence (UsageError, exit 2) instead
+    of a traceback from the first write. Creates data/ and reports/training/ and writes a probe file in each."""
+    import os
+    import tempfile
+
+    for directory in (settings.data_dir, settings.reports_training_dir):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UsageError(
+                f"The data root {settings.home} is not usable: cannot write in {directory} ({exc.strerror or exc}); "
+                "make it writable or point ASSISTANT_HOME at another directory."
+            ) from None
 
 
 def load_settings(**overrides: object) -> Settings:

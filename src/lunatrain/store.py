@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import formats
-from .errors import Conflict, NotFound, UsageError
+from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
 from .formats import ExampleDraft, RecordError
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
@@ -150,17 +150,46 @@ class Store:
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         """One transaction (a consistent snapshot on both databases) that changes nothing."""
-        with self.engine.connect() as conn, conn.begin():
+        with _storage_errors(self.engine), self.engine.connect() as conn, conn.begin():
             yield conn
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE), so writers
         queue on the busy timeout instead of failing when a read lock cannot be upgraded."""
-        with self.engine.connect() as conn:
+        with _storage_errors(self.engine), self.engine.connect() as conn:
             conn = conn.execution_options(luna_write=True)
             with conn.begin():
                 yield conn
+
+
+def database_name(engine: Engine) -> str:
+    """The SQLite file, or the server URL without its password: what a message names."""
+    url = engine.url
+    return url.database if url.get_backend_name() == "sqlite" and url.database else url.render_as_string(hide_password=True)
+
+
+def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
+    """One sentence for a database that is damaged, full or failing underneath a statement."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().rstrip(".")
+    where = database_name(engine)
+    if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
+        return DiskFull(f"The disk holding the database {where} is full ({reason}); nothing was changed. "
+                        "Free some space (`lunatrain gc` removes what the retention policy allows) and try again.")
+    return StorageError(f"The database {where} cannot be used ({reason}); restore it from a backup, or move it "
+                        "aside to start with an empty one.")
+
+
+@contextlib.contextmanager
+def _storage_errors(engine: Engine) -> Iterator[None]:
+    # A constraint violation is the caller's business (handled where it happens); anything else the
+    # database driver raises means the storage under it failed.
+    try:
+        yield
+    except sa.exc.IntegrityError:
+        raise
+    except (sa.exc.OperationalError, sa.exc.DatabaseError) as exc:
+        raise storage_error(exc, engine) from exc
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -220,9 +249,15 @@ def open_store(settings: Settings) -> Store:
             store = Store(engine)
             try:
                 _migrate(store)
-            except sa.exc.OperationalError as exc:
+            except StorageError as err:
                 engine.dispose()
-                raise UsageError(f"Cannot open the database {engine.url!r}: {exc.orig}.") from None
+                if isinstance(err.__cause__, sa.exc.OperationalError) and "unable to open" in str(err.__cause__):
+                    # not damage: a path or server that cannot be reached is a configuration mistake
+                    raise UsageError(f"Cannot open the database {engine.url!r}: {err.__cause__.orig}.") from None
+                raise
+            except OSError as exc:  # e.g. the data directory cannot be created
+                engine.dispose()
+                raise StorageError(f"Cannot open the database {database_name(engine)}: {exc.strerror or exc}.") from None
             _stores[key] = store
     return store
 

@@ -222,7 +222,7 @@ def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length:
             ]
             for name in SPLITS
         }
-        _write_cache(path, key, splits)
+        _write_cache(path, key, splits, data.fingerprint)
     stats = {name: split_stats(items) for name, items in splits.items()}
     return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats, term)
 
@@ -247,8 +247,9 @@ def split_stats(items: list[Encoded]) -> dict[str, Any]:
     }
 
 
-def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]]) -> None:
-    """One safetensors file (no pickle): per split the flat ids and labels, offsets, flags and hashes."""
+def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]], fingerprint: str = "") -> None:
+    """One safetensors file (no pickle): per split the flat ids and labels, offsets, flags and hashes. The
+    dataset fingerprint in the metadata lets retention keep only caches of the current export."""
     import torch
     from safetensors.torch import save
 
@@ -265,7 +266,7 @@ def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]]) -> None
         tensors[f"{name}.full_length"] = torch.tensor([e.full_length for e in items], dtype=torch.int64)
         hashes = "\n".join(e.hash for e in items).encode("utf-8")
         tensors[f"{name}.hashes"] = torch.frombuffer(bytearray(hashes), dtype=torch.uint8) if hashes else torch.zeros(0, dtype=torch.uint8)
-    atomic_write_bytes(path, save(tensors, metadata={"key": key, "format": str(CACHE_FORMAT)}))
+    atomic_write_bytes(path, save(tensors, metadata={"key": key, "format": str(CACHE_FORMAT), "fingerprint": fingerprint}))
 
 
 def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:

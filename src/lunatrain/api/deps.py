@@ -14,7 +14,7 @@ from fastapi import Depends, Path, Request
 
 from ..errors import UsageError
 from ..models import refuse_adapter_dir
-from ..settings import NAME_PATTERN, Settings, inside
+from ..settings import NAME_MAX, NAME_PATTERN, Settings, inside
 from .cache import Coalescer, fresh_reads
 from ..service.jobs import JOB_ID_PATTERN
 from .schemas import VERSION_PATTERN, ErrorResponse
@@ -33,8 +33,8 @@ def get_reads(request: Request) -> Coalescer:
 
 ReadsDep = Annotated[Coalescer, Depends(get_reads)]
 Fresh = Depends(fresh_reads)
-AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="adapter name")]
-Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=64, description="version, e.g. v3")]
+AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, description="adapter name")]
+Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=NAME_MAX, description="version, e.g. v3")]
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]
 ItemId = Annotated[int, Path(ge=1, le=2**62, description="numeric id")]
 
@@ -46,7 +46,7 @@ _DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Request body too large",
     422: "Invalid request (names the field)",
-    503: "Trainer service not reachable",
+    503: "Trainer service not reachable, or storage unusable (codes registry_unreadable, storage_error, disk_full)",
 }
 
 
@@ -60,8 +60,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 
 
 def check_base_model(ref: str | None, settings: Settings) -> str | None:
-    """A base model may be `luna-tiny`, a hub id (`org/name`) or a directory under the data root — never a
-    path elsewhere on the machine, so a request cannot make the trainer read arbitrary files."""
+    """A base model may be `luna-tiny`, a hub id (`org/name`) or a model directory under the data root —
+    never a path elsewhere on the machine nor the data root itself, so a request cannot make the trainer
+    read arbitrary files."""
     try:
         checked = _base_model(ref, settings)
         refuse_adapter_dir(checked, ref)  # a directory must not be a LoRA adapter
@@ -80,6 +81,11 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
     if candidate.is_absolute() and rel is candidate:
         raise UsageError(f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.")
     path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root
-    if not path.is_dir():
-        raise UsageError(f"baseModel {ref!r} is neither luna-tiny, a hub id (org/name) nor a model directory.")
+    # A model directory, never a root: `.`, `org/..` or the data root itself would hand the trainer every
+    # file under it. Hugging Face model directories carry config.json.
+    if path == settings.home.resolve() or not (path / "config.json").is_file():
+        raise UsageError(
+            f"baseModel {ref!r} is neither luna-tiny, a hub id (org/name) nor a model directory (with config.json) "
+            "under the data root."
+        )
     return str(path)

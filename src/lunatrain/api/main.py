@@ -6,11 +6,13 @@ the lifespan, never at import.
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from .. import store
+from ..errors import StorageError
 from ..settings import Settings, load_settings
 from ..web import handlers
 from ..web.security import GuardMiddleware, allowed_hostnames
@@ -23,7 +25,10 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store.open_store(settings)  # create/migrate the database before the first request, not during it
+        try:
+            store.open_store(settings)  # create/migrate the database before the first request, not during it
+        except StorageError as err:  # damaged: serve anyway, each request that needs it answers 503 with why
+            logging.getLogger("lunatrain.api").error("%s", err.message)
         yield
         store.dispose_stores()
 

@@ -1,4 +1,5 @@
-"""`lunatrain adapters list|show|activate|deactivate|rollback|diff`: the adapter registry from the command line.
+"""`lunatrain adapters list|show|activate|deactivate|rollback|diff|repair`: the adapter registry from the
+command line.
 
 Activation is per base model: `activate`, `deactivate NAME` and `rollback` act on the configured base model
 (ASSISTANT_BASE_MODEL); adapters active on other bases stay as they are."""
@@ -12,6 +13,7 @@ import typer
 
 from .. import registry
 from ..errors import LunaError
+from ..fsio import read_json
 from ..settings import load_settings
 from .app import app, fail
 
@@ -77,7 +79,7 @@ def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERS
         settings = load_settings()
         name, version = registry.parse_ref(ref)
         entry = registry.get_version(settings, name, version)
-        report_path = registry.adapter_dir(settings, entry) / "training-report.json"
+        report = read_json(registry.adapter_dir(settings, entry) / "training-report.json")
     except LunaError as err:
         raise fail(err) from None
     out = dict(entry)
@@ -85,8 +87,7 @@ def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERS
         out["state"] = registry.activation_state(settings, entry, registry.configured_base(settings).fingerprint)
     except LunaError as err:
         out["state"] = {"active": False, "reason": f"the configured base model cannot be read: {err.message}"}
-    if report_path.is_file():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
+    if isinstance(report, dict):
         out["report"] = {k: report.get(k) for k in ("metrics", "epochs", "device", "packages", "durationSeconds")}
     typer.echo(json.dumps(out, indent=2, sort_keys=True))
 
@@ -158,3 +159,18 @@ def diff_cmd(
         typer.echo("No differences in parameters, data, base model or metrics.")
     for k, va, vb in rows:
         typer.echo(f"{k}: {_fmt(va)} -> {_fmt(vb)}")
+
+
+@adapters_app.command("repair")
+def repair_cmd() -> None:
+    """Rebuild an unreadable registry from the adapter folders' training reports (the damaged file is kept
+    beside it as lora-adapters.json.damaged-<time>)."""
+    try:
+        result = registry.repair(load_settings())
+    except LunaError as err:
+        raise fail(err) from None
+    if not result["repaired"]:
+        typer.echo(f"The registry is readable ({result['versions']} versions); nothing to repair.")
+        return
+    typer.echo(f"Rebuilt the registry with {result['versions']} versions of {len(result['adapters'])} adapters; "
+               f"the damaged file is kept as {result['damagedFile']}.")

@@ -18,13 +18,14 @@ def serve(
     import uvicorn
 
     from ..api.main import create_app
+    from ..settings import check_data_root, load_settings
     from ..web.security import check_bind
-    from ..settings import load_settings
 
     try:
         overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
+        check_data_root(settings)
         api = create_app(settings, bound_host=settings.api_host)
     except LunaError as err:
         raise fail(err) from None

@@ -18,7 +18,7 @@ from ..errors import LunaError, ServiceUnavailable
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job
-from ..settings import Settings, load_settings
+from ..settings import Settings, check_data_root, load_settings
 from .app import app, fail, is_tty
 
 EnsureOpt = Annotated[
@@ -42,6 +42,7 @@ def trainer_cmd(
 
     try:
         settings = load_settings()
+        check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         default_host, default_port = trainer_client.trainer_address(settings)
         serve(settings, host or default_host, port or default_port, log_file)
     except LunaError as err:

@@ -66,23 +66,23 @@ def _groups(settings: Settings) -> AdapterGroups:
     return AdapterGroups(bases=camel(out))
 
 
-@router.get("", response_model=AdapterGroups, responses=errors())
+@router.get("", response_model=AdapterGroups, responses=errors(503))
 async def list_adapters(settings: SettingsDep) -> AdapterGroups:
     return await run_in_threadpool(_groups, settings)
 
 
-@router.get("/{name}", response_model=AdapterOut, responses=errors(404))
+@router.get("/{name}", response_model=AdapterOut, responses=errors(404, 503))
 async def show_adapter(name: AdapterName, settings: SettingsDep) -> AdapterOut:
     return await run_in_threadpool(_adapter, settings, name)
 
 
-@router.get("/{name}/versions/{version}", response_model=Report, responses=errors(404))
+@router.get("/{name}/versions/{version}", response_model=Report, responses=errors(404, 503))
 async def show_version(name: AdapterName, version: Version, settings: SettingsDep) -> Report:
     """One registry entry; `version` may also be an alias (`latest`, `active`)."""
     return Report.model_validate(camel(await run_in_threadpool(registry.get_version, settings, name, version)))
 
 
-@router.post("/{name}/activate", response_model=AdapterOut, responses=errors(404, 409))
+@router.post("/{name}/activate", response_model=AdapterOut, responses=errors(404, 409, 503))
 async def activate(
     name: AdapterName, settings: SettingsDep, body: Annotated[ActivateRequest | None, Body()] = None
 ) -> AdapterOut:
@@ -97,7 +97,7 @@ async def activate(
     return await run_in_threadpool(run)
 
 
-@router.post("/{name}/deactivate", response_model=AdapterOut, responses=errors(404))
+@router.post("/{name}/deactivate", response_model=AdapterOut, responses=errors(404, 503))
 async def deactivate(
     name: AdapterName, settings: SettingsDep, body: Annotated[DeactivateRequest | None, Body()] = None
 ) -> AdapterOut:
@@ -112,7 +112,7 @@ async def deactivate(
     return await run_in_threadpool(run)
 
 
-@router.post("/{name}/rollback", response_model=AdapterOut, responses=errors(404))
+@router.post("/{name}/rollback", response_model=AdapterOut, responses=errors(404, 503))
 async def rollback(name: AdapterName, settings: SettingsDep) -> AdapterOut:
     """On the configured base model, active goes back to the version active before it (422 when there is none)."""
 

@@ -1,0 +1,111 @@
+"""Growth of a data root over many short jobs, and what the default retention policy removes.
+
+Starts a real trainer on a free port for a fresh data root, submits N short LoRA jobs (tiny model, two
+optimizer steps, no gate), waits for all of them, then measures the job store (rows, events, file size),
+job logs, token caches, exports, adapter versions and the whole data root, before and after
+`retention.collect()` with the default settings.
+
+Run: `python bench/growth.py --jobs 50` (about 10 minutes on 2 CPU cores); prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _size(path: Path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def measure(settings) -> dict[str, int]:
+    from lunatrain.service.jobs import jobs_db_path
+
+    db_path = jobs_db_path(settings.data_dir)
+    db = sqlite3.connect(db_path)
+    jobs, events = (db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("jobs", "events"))
+    db.close()
+    logs = settings.data_dir / "trainer" / "logs"
+    return {
+        "jobs": jobs, "events": events,
+        "jobs.db bytes": sum(_size(Path(f"{db_path}{s}")) for s in ("", "-wal", "-shm")),
+        "logs": len(list(logs.glob("*.log"))), "logs bytes": _size(logs),
+        "token caches": len(list((settings.cache_dir / "tokens").glob("*.safetensors"))),
+        "token cache bytes": _size(settings.cache_dir / "tokens"),
+        "exports": len(list((settings.training_dir / ".exports").iterdir())),
+        "adapter bytes": _size(settings.adapters_dir),
+        "data root bytes": _size(settings.home),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--home", type=Path, default=None)
+    args = parser.parse_args()
+    home = args.home or Path(tempfile.mkdtemp(prefix="lunatrain-growth-"))
+    port = _free_port()
+    os.environ.update(ASSISTANT_HOME=str(home), ASSISTANT_LORA_TRAINER_URL=f"http://127.0.0.1:{port}",
+                      ASSISTANT_LORA_ENSURE_ON_DEMAND="false")
+    from lunatrain import export, retention, store, trainer_client
+    from lunatrain.params import parse_params
+    from lunatrain.settings import load_settings
+
+    settings = load_settings()
+    store.load_seed(settings)
+    for _ in range(4):  # a few exports, as a user re-exporting between runs would leave
+        export.export(settings)
+    log = open(home / "trainer.out", "wb")
+    trainer = subprocess.Popen([sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)], cwd=home,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while trainer_client.probe(settings) is None:
+            if time.monotonic() > deadline or trainer.poll() is not None:
+                raise SystemExit(f"the trainer did not start; see {home / 'trainer.out'}")
+            time.sleep(0.5)
+        params = parse_params({"adapterName": "growth", "epochs": 1, "maxSteps": 2, "rank": 4, "batchSize": 8,
+                               "maxSeqLength": 128, "gate": False, "device": "cpu"})
+        started = time.monotonic()
+        ids = [trainer_client.submit(settings, params).id for _ in range(args.jobs)]
+        while True:
+            states = [trainer_client.get_job(settings, j).status for j in ids]
+            if all(s in ("succeeded", "failed", "cancelled") for s in states):
+                break
+            time.sleep(2)
+        seconds = time.monotonic() - started
+    finally:
+        trainer.terminate()
+        trainer.wait(30)
+    before = measure(settings)
+    report = retention.collect(settings)
+    after = measure(settings)
+    print(f"{args.jobs} jobs in {seconds:.0f} s ({states.count('succeeded')} succeeded); data root {home}")
+    print(f"| measure | after {args.jobs} jobs | after `lunatrain gc` (defaults) | per job |")
+    print("|---|---:|---:|---:|")
+    for key in before:
+        print(f"| {key} | {before[key]:,} | {after[key]:,} | {before[key] / args.jobs:,.0f} |")
+    print(f"gc removed: {', '.join(f'{n} {k} ({b:,} bytes)' for k, (n, b) in sorted(report.by_kind().items())) or 'nothing'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""`lunatrain gc [--dry-run]`: apply the retention policy (retention.py, README "Retention")."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ..errors import LunaError
+from ..retention import collect
+from ..settings import load_settings
+from .app import app, fail
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+@app.command("gc")
+def gc_cmd(
+    dry_run: Annotated[bool, typer.Option("--dry-run", "--dryRun", help="only list what would be removed")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Remove old job events and logs, old exports, unused token caches and idle run checkpoints."""
+    try:
+        report = collect(load_settings(), dry_run=dry_run)
+    except LunaError as err:
+        raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        return
+    for item in report.items:
+        typer.echo(f"{item.kind:<12} {_mb(item.bytes):>10}  {item.path}  ({item.reason})")
+    verb = "Would remove" if dry_run else "Removed"
+    kinds = ", ".join(f"{n} {k}" for k, (n, _) in sorted(report.by_kind().items())) or "nothing"
+    typer.echo(f"{verb} {kinds}: {_mb(report.bytes)}.")

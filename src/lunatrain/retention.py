@@ -1,0 +1,203 @@
+"""Retention: what `lunatrain gc` removes so that disk use stays bounded while the history that matters stays.
+
+The policy (settings, ASSISTANT_* variables):
+
+- **Job events and logs** (`data/trainer/jobs.db` table `events`, `data/trainer/logs/<job>.log`): of a
+  finished job (succeeded, failed, cancelled) once it is not among the `RETAIN_JOBS` (50) most recent jobs
+  or finished more than `RETAIN_JOB_DAYS` (30) days ago. The job row itself stays (status, metrics,
+  adapter, error: one small row per job), so every job id still answers. Jobs that have not finished are
+  never touched.
+- **Exports** (`data/training/.exports/<id>/`): all but the `RETAIN_EXPORTS` (3) newest; the current one
+  always stays. Done after every export as well.
+- **Token caches** (`data/cache/tokens/*.safetensors`): every cache not made from the current export's
+  dataset fingerprint (it is rebuilt on demand, so the worst case is one re-tokenization).
+- **Run work directories** (`data/adapters/<name>/.work/<run>/`, epoch checkpoints of unfinished or failed
+  runs kept for `resume`): once nothing in them changed for `RETAIN_CHECKPOINT_DAYS` (7) days.
+- **Never**: the registry and its history, adapter versions, reports, the example database.
+
+`collect(settings, dry_run=True)` lists what would go with sizes; without dry_run it deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import struct
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from . import export
+from .errors import StorageError
+from .service.jobs import TERMINAL, jobs_db_path
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str  # job-events | job-log | export | token-cache | run-workdir
+    path: str  # relative to the data root (for job events: the database and the job id)
+    bytes: int
+    reason: str
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for i in self.items:
+            n, b = out.get(i.kind, (0, 0))
+            out[i.kind] = (n + 1, b + i.bytes)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dryRun": self.dry_run, "bytes": self.bytes,
+                "items": [{"kind": i.kind, "path": i.path, "bytes": i.bytes, "reason": i.reason} for i in self.items]}
+
+
+def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> GcReport:
+    """Apply the retention policy (module docstring); with `dry_run` only list what would go."""
+    now = now or datetime.now(UTC)
+    report = GcReport(dry_run)
+    try:
+        report.items += _jobs(settings, now, dry_run)
+        report.items += _exports(settings, dry_run)
+        report.items += _token_caches(settings, dry_run)
+        report.items += _work_dirs(settings, now, dry_run)
+    except sqlite3.Error as exc:
+        raise StorageError(f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({exc}).") from None
+    except OSError as exc:
+        raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}.") from None
+    return report
+
+
+def _rel(settings: Settings, path: Path) -> str:
+    try:
+        return str(path.relative_to(settings.home))
+    except ValueError:
+        return str(path)
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
+    path = jobs_db_path(settings.data_dir)
+    if not path.is_file():
+        return []
+    logs = settings.data_dir / "trainer" / "logs"
+    cutoff = now - timedelta(days=settings.retain_job_days)
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        rows = db.execute("SELECT id, status, finished_at, created_at FROM jobs ORDER BY seq DESC").fetchall()
+        doomed: list[tuple[str, str]] = []
+        for rank, (job_id, status, finished_at, created_at) in enumerate(rows):
+            if status not in TERMINAL:
+                continue
+            if rank >= settings.retain_jobs:
+                doomed.append((job_id, f"beyond the {settings.retain_jobs} most recent jobs"))
+            elif _parse(finished_at or created_at) < cutoff:
+                doomed.append((job_id, f"finished more than {settings.retain_job_days:g} days ago"))
+        items = []
+        for job_id, reason in doomed:
+            n, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(data) + LENGTH(type) + LENGTH(created_at)), 0) FROM events WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+            if n:
+                items.append(Item("job-events", f"{_rel(settings, path)}#{job_id} ({n} events)", int(size), reason))
+            log = logs / f"{job_id}.log"
+            if log.is_file():
+                items.append(Item("job-log", _rel(settings, log), log.stat().st_size, reason))
+        if not dry_run and doomed:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
+            db.execute("COMMIT")
+            for job_id, _ in doomed:
+                (logs / f"{job_id}.log").unlink(missing_ok=True)
+        return items
+    finally:
+        db.close()
+
+
+def _parse(stamp: str | None) -> datetime:
+    if not stamp:
+        return datetime.max.replace(tzinfo=UTC)  # no time recorded: never "too old"
+    value = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _exports(settings: Settings, dry_run: bool) -> list[Item]:
+    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=True)
+    items = [Item("export", _rel(settings, p), _size(p),
+                  "left by an interrupted export" if p.name.endswith(".partial")
+                  else f"older than the {settings.retain_exports} newest exports") for p in doomed]
+    if not dry_run and doomed:
+        export.prune_exports(settings, settings.retain_exports)
+    return items
+
+
+def cache_fingerprint(path: Path) -> str | None:
+    """The dataset fingerprint a token cache was made from (its safetensors metadata), without torch."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100_000_000:
+                return None
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta.get("fingerprint") if isinstance(meta, dict) else None
+
+
+def _token_caches(settings: Settings, dry_run: bool) -> list[Item]:
+    root = settings.cache_dir / "tokens"
+    if not root.is_dir():
+        return []
+    try:
+        summary = export.read_summary(settings)
+    except Exception:  # an unreadable export: no cache can be matched to it, but none is removed either
+        return []
+    current = summary.get("fingerprint") if summary else None
+    items = []
+    for path in sorted(root.glob("*.safetensors")):
+        if current is not None and cache_fingerprint(path) == current:
+            continue
+        items.append(Item("token-cache", _rel(settings, path), path.stat().st_size, "not made from the current export"))
+        if not dry_run:
+            path.unlink(missing_ok=True)
+    return items
+
+
+def _work_dirs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
+    root = settings.adapters_dir
+    if not root.is_dir():
+        return []
+    cutoff = now.timestamp() - settings.retain_checkpoint_days * 86400
+    items = []
+    for run in sorted(root.glob("*/.work/*")):
+        if not run.is_dir():
+            continue
+        newest = max([p.lstat().st_mtime for p in run.rglob("*")] + [run.lstat().st_mtime])
+        if newest >= cutoff:
+            continue
+        age = (time.time() - newest) / 86400
+        items.append(Item("run-workdir", _rel(settings, run), _size(run),
+                          f"unchanged for {age:.0f} days (over {settings.retain_checkpoint_days:g})"))
+        if not dry_run:
+            shutil.rmtree(run, ignore_errors=True)
+    return items

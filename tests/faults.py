@@ -1,0 +1,173 @@
+"""Fault injection for child processes, and the fault table in bench/results/faults.md.
+
+Production modules carry no fault hooks: `fault_env()` writes a `sitecustomize.py` into a temp folder put
+first on the child's PYTHONPATH. Python imports it at start-up; it wraps `os.replace`/`os.rename` (kill
+the process or raise before/after the k-th call), `os.fsync` and the `write` of files opened through
+`os.fdopen` (raise ENOSPC or EIO at the k-th call), counting only calls on paths that contain `under`.
+
+`record(section, rows)` prints a table and writes it as one section of bench/results/faults.md, leaving
+the other sections (other suites' rows) as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "bench" / "results" / "faults.md"
+KILLED = -9
+
+_SITECUSTOMIZE = r'''
+import errno as _errno, json as _json, os as _os, signal as _signal
+
+_spec = _json.loads(_os.environ.get("LUNA_FAULT") or "{}")
+_count = 0
+
+
+def _act():
+    if _spec["action"] == "kill":
+        _os.kill(_os.getpid(), _signal.SIGKILL)
+    code = getattr(_errno, _spec["action"])
+    raise OSError(code, _os.strerror(code))
+
+
+def _hit(path):
+    global _count
+    if _spec.get("under", "") not in str(path):
+        return False
+    _count += 1
+    return _count == _spec["at"]
+
+
+def _fd_path(fd):
+    try:
+        return _os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+if _spec.get("op") in ("replace", "rename"):
+    for _name in ("replace", "rename"):
+        def _wrap(real):
+            def renamed(src, dst, *a, **k):
+                hit = _hit(dst)
+                if hit and _spec.get("when", "before") == "before":
+                    _act()
+                out = real(src, dst, *a, **k)
+                if hit:
+                    _act()
+                return out
+            return renamed
+        setattr(_os, _name, _wrap(getattr(_os, _name)))
+
+if _spec.get("op") == "fsync":
+    _real_fsync = _os.fsync
+
+    def _fsync(fd):
+        if _hit(_fd_path(fd if isinstance(fd, int) else fd.fileno())):
+            _act()
+        return _real_fsync(fd)
+
+    _os.fsync = _fsync
+
+if _spec.get("op") == "write":
+    _real_fdopen = _os.fdopen
+
+    class _Failing:
+        def __init__(self, fh):
+            self._fh = fh
+            self._path = _fd_path(fh.fileno())
+
+        def write(self, data):
+            if _hit(self._path):
+                _act()
+            return self._fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+    def _fdopen(fd, *a, **k):
+        fh = _real_fdopen(fd, *a, **k)
+        return _Failing(fh) if "w" in (a[0] if a else k.get("mode", "r")) else fh
+
+    _os.fdopen = _fdopen
+'''
+
+
+def fault_env(tmp: Path, home: Path, **spec: object) -> dict[str, str]:
+    """Environment for a `python -m lunatrain …` child with one fault: op (replace | fsync | write), at (the
+    k-th matching call), action (kill | ENOSPC | EIO), when (before | after, for renames), under (a path
+    fragment; only matching calls count)."""
+    hook = tmp / "faulthook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
+    env.update(ASSISTANT_HOME=str(home), LUNA_FAULT=json.dumps(spec), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "src")]))
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lunatrain", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@dataclass
+class Row:
+    fault: str
+    target: str
+    injected: int
+    held: int
+    checked: str
+
+    @property
+    def ok(self) -> bool:
+        return self.injected == self.held
+
+
+def render(rows: list[Row]) -> str:
+    lines = ["| fault | target | injected | invariants held | checked after each |", "|---|---|---:|---:|---|"]
+    lines += [f"| {r.fault} | {r.target} | {r.injected} | {r.held} | {r.checked} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _rows(section_text: str) -> list[Row]:
+    out = []
+    for line in section_text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[2].isdigit():
+            out.append(Row(cells[0], cells[1], int(cells[2]), int(cells[3]), cells[4]))
+    return out
+
+
+def record(section: str, rows: list[Row], note: str = "") -> str:
+    """Print the rows and put them into bench/results/faults.md under `## section`: a row with the same
+    fault and target is replaced, other rows and sections stay (a run of a few tests updates just those).
+    Returns the rendered table."""
+    print(f"\n{section}\n{render(rows)}")
+    TABLE.parent.mkdir(parents=True, exist_ok=True)
+    text = TABLE.read_text(encoding="utf-8") if TABLE.exists() else (
+        "# Fault injection\n\nWritten by the slow fault-injection tests (`pytest -m slow tests/test_faults_*.py`); "
+        "each row is updated by the last run of its test.\n"
+    )
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.M | re.S)
+    found = pattern.search(text)
+    merged = {(r.fault, r.target): r for r in (_rows(found.group(0)) if found else [])}
+    merged.update({(r.fault, r.target): r for r in rows})
+    table = render(list(merged.values()))
+    body = f"## {section}\n\n{note.strip() + chr(10) + chr(10) if note else ''}{table}"
+    text = pattern.sub(lambda _: body + "\n", text) if found else text.rstrip("\n") + "\n\n" + body
+    TABLE.write_text(text, encoding="utf-8")
+    return table

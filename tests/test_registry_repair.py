@@ -1,0 +1,145 @@
+"""A registry that cannot be read is refused everywhere and never overwritten; `lunatrain adapters repair`
+rebuilds it from the version folders. Run: `pytest tests/test_registry_repair.py -q`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from lunatrain import evalgate, registry
+from lunatrain.cli import app
+from lunatrain.errors import RegistryUnreadable
+from lunatrain.params import parse_params
+from lunatrain.train import run_lora
+from test_registry import _entry, _publish
+from helpers import write_export
+
+FAST = {"epochs": 1, "batchSize": 8, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "maxSteps": 2}
+
+DAMAGE = {
+    "cut short": lambda text: text[: len(text) // 2],
+    "not JSON": lambda text: "\x00\x01garbage",
+    "no adapters key": lambda text: json.dumps({"format": registry.FORMAT}),
+    "adapters is a list": lambda text: json.dumps({"format": registry.FORMAT, "adapters": []}),
+    "versions not a list": lambda text: json.dumps({"adapters": {"a": {"versions": {"v1": {}}}}}),
+    "entry without version": lambda text: json.dumps({"adapters": {"a": {"versions": [{"path": "x"}]}}}),
+    "path not a string": lambda text: json.dumps({"adapters": {"a": {"versions": [{"version": "v1", "path": 3}]}}}),
+    "a JSON list": lambda text: "[]",
+    "another format": lambda text: json.dumps({"format": "other/9", "adapters": {}}),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_registry_is_refused_and_never_replaced(settings, kind):
+    _publish(str(settings.home), "a", "one")
+    path = registry.registry_path(settings)
+    damaged = DAMAGE[kind](path.read_text())
+    path.write_text(damaged)
+    for attempt in (
+        lambda: registry.list_adapters(settings),
+        lambda: registry.get_version(settings, "a", "v1"),
+        lambda: _publish(str(settings.home), "a", "two"),  # the write that used to replace it with one entry
+        lambda: registry.annotate(settings, "a", "v1", "stale", True),
+        lambda: registry.rollback(settings, "a"),
+        lambda: registry.mark_stale(settings, {"x"}),
+    ):
+        with pytest.raises(RegistryUnreadable, match="adapters repair") as err:
+            attempt()
+        assert str(path) in err.value.message and err.value.code == "registry_unreadable"
+    assert path.read_text() == damaged
+
+
+def test_cli_and_api_say_one_sentence(settings):
+    _publish(str(settings.home), "a", "one")
+    path = registry.registry_path(settings)
+    path.write_text(path.read_text()[:40])
+    runner = CliRunner()
+    for args in (["adapters", "list"], ["adapters", "show", "a"], ["adapters", "activate", "a@v1"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and "lunatrain adapters repair" in lines[0] and "Traceback" not in r.output
+    from lunatrain.api.main import create_app
+
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for url in ("/assistant/training/adapters", "/assistant/training/adapters/a"):
+            res = client.get(url)
+            assert res.status_code == 503, res.text
+            assert res.json()["error"]["code"] == "registry_unreadable"
+            assert "adapters repair" in res.json()["error"]["message"]
+
+
+def test_repair_of_a_readable_registry_changes_nothing(settings):
+    _publish(str(settings.home), "a", "one")
+    before = registry.registry_path(settings).read_bytes()
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0 and "nothing to repair" in r.output
+    assert registry.registry_path(settings).read_bytes() == before
+
+
+def test_repair_round_trips_a_real_registry(settings):
+    """Two real trained versions and an overwrite slot, a gate that promoted v2: the rebuilt registry
+    equals the original in every fact the folders and reports hold."""
+    write_export(settings)
+    v1 = run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
+    v2 = run_lora(parse_params(FAST | {"adapterName": "luna", "seed": 8}), settings)
+    slot = run_lora(parse_params(FAST | {"adapterName": "scratch", "adapterStrategy": "overwrite"}), settings)
+    assert (v1.version, v2.version, slot.version) == ("v1", "v2", "current")
+    evalgate.gate_candidate(settings, "luna", "v2", thresholds={"maxGoldenPassRateDrop": 1.0, "maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0})
+    original = registry.load(settings)
+    assert original["adapters"]["luna"]["aliases"].get("active") == "v2"
+
+    path = registry.registry_path(settings)
+    path.write_text(json.dumps({"format": registry.FORMAT}))  # wrong shape: every version would be lost
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0, r.output
+    kept = sorted(path.parent.glob("lora-adapters.json.damaged-*"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"format": registry.FORMAT}
+    rebuilt = registry.load(settings)
+    for name in ("luna", "scratch"):
+        want, got = original["adapters"][name], rebuilt["adapters"][name]
+        assert [e["version"] for e in got["versions"]] == [e["version"] for e in want["versions"]]
+        for w, g in zip(want["versions"], got["versions"], strict=True):
+            for key in ("jobId", "baseModel", "datasetTier", "datasetFingerprint", "params", "metrics", "path",
+                        "created", "tokenizerHash", "templateHash", "trainSamples", "strategy"):
+                assert g.get(key) == w.get(key), (name, key)
+        assert got["aliases"].get("latest") == want["aliases"].get("latest")
+    assert rebuilt["adapters"]["luna"]["aliases"]["active"] == "v2"
+    assert rebuilt["adapters"]["luna"]["versions"][-1]["gate"]["passed"] is True
+    # the registry works again: a new version is v3, activation history continues
+    assert run_lora(parse_params(FAST | {"adapterName": "luna"}), settings).version == "v3"
+    assert registry.get_version(settings, "luna", "active")["version"] == "v2"
+
+
+def test_publish_after_repair_keeps_numbering(settings):
+    for tag in ("one", "two"):
+        _publish(str(settings.home), "a", tag)
+    registry.registry_path(settings).write_text("{")
+    # without training reports the folders cannot be described; they still block their numbers
+    assert registry.repair(settings)["versions"] == 0
+    work = settings.adapters_dir / "a" / ".work" / "three"
+    work.mkdir(parents=True)
+    assert registry.publish(settings, "a", "versioned", work, _entry("f" * 64))["version"] == "v3"
+
+
+def test_deleting_an_example_works_with_a_damaged_registry_and_repair_marks_stale_later(settings):
+    from lunatrain import store
+    from lunatrain.formats import make_draft
+
+    store.add_examples(settings, [make_draft(prompt="weg damit", response="ok")])
+    example = store.list_examples(settings)[0]
+    _publish(str(settings.home), "a", "one")
+    hashes = settings.adapters_dir / "a" / "v1" / "train-hashes.txt"
+    hashes.write_text(example.hash + "\n")
+    report = registry.adapter_dir(settings, registry.get_version(settings, "a", "v1")) / "training-report.json"
+    report.write_text(json.dumps({"status": "succeeded", "version": "v1", "jobId": "one", "params": {}}))
+    registry.registry_path(settings).write_text("{")
+    r = CliRunner().invoke(app, ["examples", "delete", str(example.id)])
+    assert r.exit_code == 0, r.output  # the delete is not refused because of the registry
+    assert registry.registry_path(settings).read_text() == "{"
+    assert registry.repair(settings)["versions"] == 1
+    assert registry.get_version(settings, "a", "v1")["stale"]["hashes"] == [example.hash]
+    store.dispose_stores()

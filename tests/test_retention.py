@@ -1,0 +1,147 @@
+"""Retention: `lunatrain gc --dry-run` lists exactly what the policy removes, `gc` removes it, and the
+registry, adapter versions, unfinished jobs and the current export stay. Run: `pytest tests/test_retention.py -q`."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lunatrain import export as ex
+from lunatrain import retention, store
+from lunatrain.cli import app
+from lunatrain.formats import make_draft
+from lunatrain.service.jobs import JobStore, jobs_db_path
+from lunatrain.params import LoraParams
+from lunatrain.settings import Settings
+from test_registry import _publish
+
+
+def _cache(path: Path, fingerprint: str | None) -> None:
+    """A valid safetensors file without tensors, metadata as tokens._write_cache writes it."""
+    meta = {"key": "k", "format": "1"} | ({"fingerprint": fingerprint} if fingerprint else {})
+    header = json.dumps({"__metadata__": meta}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 1000)
+
+
+def _age(path: Path, days: float) -> None:
+    t = time.time() - days * 86400
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (t, t), follow_symlinks=False)
+
+
+def _world(settings: Settings) -> dict:
+    """Ten finished jobs (two of them 40 days old), one running; four exports; caches; run work dirs."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    logs = settings.data_dir / "trainer" / "logs"
+    logs.mkdir(parents=True)
+    ids = []
+    for i in range(10):
+        job, _ = jobs.create(LoraParams())
+        for step in range(5):
+            jobs.add_event(job.id, "log", {"message": f"step {step}"})
+        old = "2020-01-01T00:00:00.000Z" if i < 2 else None
+        jobs.set_status(job.id, "failed" if i % 3 else "succeeded", **({"finished_at": old} if old else {}))
+        (logs / f"{job.id}.log").write_text("x" * 500)
+        ids.append(job.id)
+    running, _ = jobs.create(LoraParams())
+    jobs.set_status(running.id, "running")
+    (logs / f"{running.id}.log").write_text("running")
+    jobs.close()
+
+    for i in range(4):
+        store.add_examples(settings, [make_draft(prompt=f"Frage {i}", response="Antwort")])
+        ex.export(settings)
+    fingerprint = ex.read_summary(settings)["fingerprint"]
+    tokens = settings.cache_dir / "tokens"
+    _cache(tokens / "curated-current.safetensors", fingerprint)
+    _cache(tokens / "curated-old.safetensors", "0" * 64)
+    _cache(tokens / "curated-unlabelled.safetensors", None)
+
+    _publish(str(settings.home), "a", "kept")  # a registered version: never touched
+    idle = settings.adapters_dir / "a" / ".work" / "idle-run"
+    (idle / "checkpoints" / "epoch-001").mkdir(parents=True)
+    (idle / "checkpoints" / "epoch-001" / "adapter.safetensors").write_bytes(b"w" * 2000)
+    _age(idle, 10)
+    fresh = settings.adapters_dir / "a" / ".work" / "fresh-run"
+    (fresh / "checkpoints").mkdir(parents=True)
+    return {"ids": ids, "running": running.id, "idle": idle, "fresh": fresh}
+
+
+def _state(settings: Settings) -> dict:
+    import sqlite3
+
+    db = sqlite3.connect(jobs_db_path(settings.data_dir))
+    events = dict(db.execute("SELECT job_id, COUNT(*) FROM events GROUP BY job_id").fetchall())
+    jobs = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    db.close()
+    files = sorted(str(p.relative_to(settings.home)) for p in settings.home.rglob("*") if p.is_file())
+    return {"events": events, "jobs": jobs, "files": files}
+
+
+def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASSISTANT_RETAIN_JOBS", "6")  # of 11 jobs: the 5 oldest finished ones go by count
+    monkeypatch.setenv("ASSISTANT_RETAIN_EXPORTS", "2")
+    w = _world(settings)
+    registry_before = (settings.reports_training_dir / "lora-adapters.json").read_bytes()
+    before = _state(settings)
+
+    r = CliRunner().invoke(app, ["gc", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    planned = json.loads(r.output)
+    assert _state(settings) == before  # a dry run changes nothing
+    kinds: dict[str, list[str]] = {}
+    for item in planned["items"]:
+        kinds.setdefault(item["kind"], []).append(item["path"])
+        assert item["bytes"] > 0
+    # newest first: the running job and the 5 newest finished are kept; ids[0..4] go (0, 1 are also old)
+    gone = w["ids"][:5]
+    assert sorted(kinds["job-log"]) == sorted(f"data/trainer/logs/{j}.log" for j in gone)
+    assert len(kinds["job-events"]) == 5
+    # four exports, the fixture's settings (3) pruned the first already; gc under RETAIN_EXPORTS=2 one more
+    assert len(kinds["export"]) == 1 and all(ex.current_id(settings) not in p for p in kinds["export"])
+    assert sorted(kinds["token-cache"]) == ["data/cache/tokens/curated-old.safetensors",
+                                            "data/cache/tokens/curated-unlabelled.safetensors"]
+    assert kinds["run-workdir"] == ["data/adapters/a/.work/idle-run"]
+    assert planned["bytes"] == sum(i["bytes"] for i in planned["items"])
+
+    r = CliRunner().invoke(app, ["gc"])
+    assert r.exit_code == 0 and "Removed" in r.output, r.output
+    after = _state(settings)
+    assert set(after["events"]) == set(before["events"]) - set(gone)
+    assert after["jobs"] == before["jobs"]  # job rows stay: every job id still answers
+    assert not w["idle"].exists() and w["fresh"].exists()
+    assert (settings.cache_dir / "tokens" / "curated-current.safetensors").exists()
+    assert len(ex.export_ids(settings)) == 2 and ex.read_tier(settings, "curated").records
+    assert (settings.reports_training_dir / "lora-adapters.json").read_bytes() == registry_before
+    assert (settings.data_dir / "trainer" / "logs" / f"{w['running']}.log").exists()
+    assert retention.collect(settings, dry_run=True).items == []  # nothing left to do
+
+
+def test_age_rule_removes_old_jobs_within_the_count(settings: Settings) -> None:
+    w = _world(settings)
+    report = retention.collect(settings, dry_run=True)
+    logs = {i.path for i in report.items if i.kind == "job-log"}
+    assert logs == {f"data/trainer/logs/{j}.log" for j in w["ids"][:2]}  # the two 40-day-old ones
+    assert all("days ago" in i.reason for i in report.items if i.kind == "job-log")
+
+
+def test_gc_on_an_empty_data_root(home: Path) -> None:
+    r = CliRunner().invoke(app, ["gc", "--dry-run"])
+    assert r.exit_code == 0 and "Would remove nothing" in r.output, r.output
+
+
+def test_cache_fingerprint_of_a_real_cache(settings: Settings) -> None:
+    from lunatrain import models, tokens
+    from helpers import write_export
+
+    write_export(settings)
+    tok = models.load_tokenizer(None, settings)
+    tier = tokens.tokenize_tier(settings, "curated", tok, 128)
+    assert retention.cache_fingerprint(tier.path) == ex.read_summary(settings)["fingerprint"]

@@ -1,0 +1,130 @@
+"""Damaged or full storage ends in one sentence: API 503 (`storage_error` / `disk_full`), CLI exit 1; an
+unusable data root stops `serve` with exit 2. Run: `pytest tests/test_storage_errors.py -q`."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from lunatrain import store
+from lunatrain.api.main import create_app
+from lunatrain.cli import app
+from lunatrain.errors import DiskFull, StorageError, UsageError
+from lunatrain.settings import Settings, check_data_root, load_settings
+
+T = "/assistant/training"
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    yield
+    store.dispose_stores()
+
+
+def _db(settings: Settings) -> Path:
+    return settings.data_dir / "assistant.db"
+
+
+def _seeded(settings: Settings) -> Path:
+    store.load_seed(settings)
+    store.dispose_stores()  # closed: SQLite checkpoints the WAL into the main file
+    return _db(settings)
+
+
+DAMAGE = {
+    "garbage": lambda data: os.urandom(4096),
+    "cut short": lambda data: data[: len(data) // 3],
+    "header only": lambda data: data[:100],
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_database_is_one_sentence_everywhere(settings: Settings, kind: str) -> None:
+    path = _seeded(settings)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(DAMAGE[kind](path.read_bytes()))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for url in (f"{T}/examples", f"{T}/status"):
+            res = client.get(url)
+            assert res.status_code == 503, (url, res.text)
+            err = res.json()["error"]
+            assert err["code"] == "storage_error" and str(path) in err["message"], err
+            assert "locked" not in err["message"]
+    store.dispose_stores()
+    runner = CliRunner()
+    for args in (["status"], ["examples", "list"], ["export"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.count("\n") == 1 and str(path) in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_database_emptied_while_serving(settings: Settings) -> None:
+    path = _seeded(settings)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.get(f"{T}/examples").status_code == 200
+        store.dispose_stores()
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(f"{path}{suffix}")
+            if p.exists():
+                p.write_bytes(b"" if not suffix else b"\x00" * 64)
+        res = client.get(f"{T}/examples")
+        # an empty file is a new empty database (SQLite's rule); garbage beside it is a damaged one
+        assert res.status_code in (200, 503), res.text
+        if res.status_code == 503:
+            assert res.json()["error"]["code"] == "storage_error" and "locked" not in res.text
+
+
+def test_a_full_database_is_disk_full_and_changes_nothing(settings: Settings) -> None:
+    """SQLite's own "database or disk is full" (max_page_count reached, as on a full disk)."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    engine = store.open_store(settings).engine
+    pages = sqlite3.connect(_db(settings)).execute("PRAGMA page_count").fetchone()[0]
+
+    @sa.event.listens_for(engine, "connect")
+    def _cap(dbapi_conn, _record) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    engine.dispose()
+    before = store.counts(settings)
+    big = "x" * 90_000  # below the API field limit, far above one free page
+    with pytest.raises(DiskFull, match="is full") as err:
+        store.add_example(settings, prompt="zweite", response=big)
+    assert err.value.code == "disk_full" and str(_db(settings)) in err.value.message
+    assert store.counts(settings) == before
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.post(f"{T}/examples", json={"prompt": "dritte", "response": big})
+        assert res.status_code == 503 and res.json()["error"]["code"] == "disk_full", res.text
+
+
+def test_data_root_that_is_not_usable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (home / "data").write_text("a file where the data directory belongs")
+    with pytest.raises(UsageError, match="not usable") as err:
+        check_data_root(load_settings())
+    assert str(home) in err.value.message
+    r = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "ASSISTANT_HOME" in r.output, r.output
+    r = CliRunner().invoke(app, ["trainer", "--port", "1"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "ASSISTANT_HOME" in r.output, r.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_data_root(home: Path) -> None:
+    home.chmod(0o555)
+    try:
+        r = CliRunner().invoke(app, ["serve", "--port", "1"])
+        assert r.exit_code == 2 and "not usable" in r.output, r.output
+    finally:
+        home.chmod(0o755)
+
+
+def test_storage_errors_are_503_and_one_sentence() -> None:
+    assert StorageError("x").http_status == 503 and StorageError("x").exit_code == 1
+    assert DiskFull("x").code == "disk_full"
