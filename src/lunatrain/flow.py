@@ -20,6 +20,7 @@ from typing import Any
 
 from . import evalgate, export, prepare, registry
 from .errors import CheckFailed, LunaError
+from .messages import coded
 from .params import FlowOptions, LoraParams
 from .settings import Settings
 
@@ -27,7 +28,8 @@ STEPS = ("eval-gate", "export", "prepare", "lora")
 
 # What to do when a step fails, said once at the end of the error sentence.
 _FIX = {
-    "eval-gate": "fix or roll back the active adapter (`lunatrain adapters rollback NAME`) and run again",
+    "eval-gate": "fix, roll back or deactivate the active adapter (`lunatrain adapters rollback NAME`, "
+                 "`lunatrain adapters deactivate NAME`) or name one with --adapter, and run again",
     "export": "check the database settings (ASSISTANT_DB_URL) and the split ratios, then run again",
     "prepare": "fix the examples listed in reports/training/prepare-latest.json, or lower --minCurated",
     "lora": "see `lunatrain jobs list` and `lunatrain adapters show NAME`, then run again",
@@ -76,7 +78,8 @@ def train_and_gate(
         on_trained(outcome)
     if options.gate and may_gate():
         emit = on_event or (lambda _e: None)
-        emit({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}"})
+        emit({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}",
+              **coded("log.gate_started", name=adapter["name"], version=adapter["version"])})
         try:
             report = evalgate.gate_candidate(settings, adapter["name"], adapter["version"], promote=True,
                                              thresholds=thresholds)
@@ -84,7 +87,10 @@ def train_and_gate(
         except Exception as exc:  # noqa: BLE001 - a broken gate never undoes the adapter: registered, inactive
             outcome["gate"] = {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
         reasons = "; ".join(outcome["gate"].get("reasons") or [])
-        emit({"type": "log", "message": f"eval gate {outcome['gate'].get('status')}" + (f": {reasons}" if reasons else "")})
+        passed = bool(outcome["gate"].get("passed"))
+        emit({"type": "log", "message": f"eval gate {outcome['gate'].get('status')}" + (f": {reasons}" if reasons else ""),
+              **coded("log.gate_passed" if passed else "log.gate_failed", name=adapter["name"],
+                      version=adapter["version"], reasons=reasons)})
     return outcome
 
 
@@ -93,8 +99,15 @@ def train_and_gate(
 
 def resolve_base(settings: Settings, params: LoraParams) -> LoraParams:
     """The base model, resolved once where the user asked: flag > profile > this process's
-    ASSISTANT_BASE_MODEL > default. The job carries it; the trainer never substitutes its own."""
-    return params if params.base_model else params.model_copy(update={"base_model": settings.base_model})
+    ASSISTANT_BASE_MODEL > default. The job carries it; the trainer never substitutes its own. An adapter
+    directory is refused here (adapter on adapter), before anything is submitted."""
+    from pathlib import Path
+
+    from .models import refuse_adapter_dir
+
+    base = params.base_model or settings.base_model
+    refuse_adapter_dir(Path(base).expanduser(), base)
+    return params if params.base_model else params.model_copy(update={"base_model": base})
 
 
 def check_min_curated(settings: Settings, options: FlowOptions) -> None:

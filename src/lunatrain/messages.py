@@ -44,6 +44,7 @@ CODES: dict[str, str] = {
     "child_start_failed": "the training process could not be started",
     "child_crashed": "the training process crashed",
     "disk_full": "the data root's disk is full",
+    "registry_unreadable": "the adapter registry file cannot be read; it is left untouched (adapters repair)",
     "storage_error": "the data root's storage failed (I/O error or a damaged database)",
     # an adapter version's state (state.code): active, or why not; params always name, version, baseModel
     "adapter.active": "active on the configured base model",

@@ -655,10 +655,13 @@ def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
         "thresholds": gate.get("thresholds"),
     }
     if gate.get("promoted"):
+        base = entries[-1].get("baseModel") or {}
+        fingerprint = base.get("fingerprint", "?")
         adapter["aliases"]["active"] = version
+        adapter["activeByBase"][fingerprint] = {"version": version, "baseModel": base.get("id")}
         adapter["activations"].append(
             {"version": version, "previous": None, "at": gate.get("created") or now(), "forced": False,
-             "reason": "restored by repair from the last eval gate report"}
+             "base": fingerprint, "reason": "restored by repair from the last eval gate report"}
         )
 
 

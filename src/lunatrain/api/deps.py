@@ -64,9 +64,7 @@ def check_base_model(ref: str | None, settings: Settings) -> str | None:
     never a path elsewhere on the machine nor the data root itself, so a request cannot make the trainer
     read arbitrary files."""
     try:
-        checked = _base_model(ref, settings)
-        refuse_adapter_dir(checked, ref)  # a directory must not be a LoRA adapter
-        return checked
+        return _base_model(ref, settings)
     except OSError:  # a name too long for the file system, say: not a directory we could use
         raise UsageError(f"baseModel {ref[:80]!r} is neither luna-tiny, a hub id nor a model directory.") from None
 
@@ -81,6 +79,7 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
     if candidate.is_absolute() and rel is candidate:
         raise UsageError(f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.")
     path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root
+    refuse_adapter_dir(path, ref)  # an adapter directory gets its own reason: adapter on adapter
     # A model directory, never a root: `.`, `org/..` or the data root itself would hand the trainer every
     # file under it. Hugging Face model directories carry config.json.
     if path == settings.home.resolve() or not (path / "config.json").is_file():

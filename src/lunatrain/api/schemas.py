@@ -39,6 +39,7 @@ class Out(BaseModel):
 class ErrorBody(BaseModel):
     code: str
     message: str
+    params: dict[str, Any] | None = Field(default=None, description="the values the message names (see messages.py)")
     details: Any | None = None
 
 
