@@ -209,7 +209,7 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
     adapter = list_adapters(settings).get(name)
     if adapter is None:
         raise _not_registered(name)
-    wanted = version or "active"
+    wanted = version or ("active" if adapter["activeByBase"] else "latest")  # nothing active: no base to resolve
     if wanted == "active":
         fingerprint = base or configured_base(settings).fingerprint
         active = adapter["activeByBase"].get(fingerprint)
