@@ -2,8 +2,8 @@
 
 Hypothesis walks random sequences of what a user can do — train adapters under custom names on two tiny base
 models (real `run_lora` runs, one optimizer step each), gate them (a pass promotes on the adapter's own base,
-as `gate_candidate` does; a failure records it), `adapters activate|deactivate|rollback` through the CLI, and
-switch the configured base model — and after every step checks that:
+as `gate_candidate` does; a failure records it), `adapters activate|deactivate|rollback` through the CLI
+(activate with or without `--force`), and switch the configured base model — and after every step checks:
 
 - the flows (`auto`/`luna`, which gate the adapter they train) always find their candidate;
 - `eval-gate` without `--adapter` either finds its candidate or fails with a sentence naming `lunatrain`
@@ -91,9 +91,9 @@ class FlowStates(RuleBasedStateMachine):
             registry.record_gate(s, name, result.version,
                                  {"status": "failed", "passed": False, "reasons": ["val loss regresses"]})
 
-    @rule(name=st.sampled_from(NAMES), which=st.sampled_from(("latest", "v1")))
-    def activate(self, name: str, which: str) -> None:
-        self.cli("adapters", "activate", f"{name}@{which}")
+    @rule(name=st.sampled_from(NAMES), which=st.sampled_from(("latest", "v1")), force=st.booleans())
+    def activate(self, name: str, which: str, force: bool) -> None:
+        self.cli("adapters", "activate", f"{name}@{which}", *(["--force"] if force else []))
 
     @rule(name=st.sampled_from(NAMES), versioned=st.booleans())
     def deactivate(self, name: str, versioned: bool) -> None:

@@ -341,8 +341,9 @@ def activate(
         if trained_on.get("fingerprint") != base.fingerprint and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
-                f"base model is {base.id!r} (fingerprints differ); retrain on the new base, or force the activation "
-                "(CLI `--force`, API `force: true`).",
+                f"base model is {base.id!r} (fingerprints differ); retrain it on this base (`lunatrain luna "
+                f"--adapterName {name}`), or force the activation (`lunatrain adapters activate {name}@{entry['version']} "
+                "--force`; API: `force: true`).",
                 code="adapter.foreign_base",
                 params={"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id},
             )
