@@ -2,8 +2,8 @@
 
 Hypothesis walks random sequences of what a user can do — train adapters under custom names on two tiny base
 models (real `run_lora` runs, one optimizer step each), gate them (a pass promotes on the adapter's own base,
-as `gate_candidate` does; a failure records it), `adapters activate|deactivate|rollback` through the CLI, and
-switch the configured base model — and after every step checks that:
+as `gate_candidate` does; a failure records it), `adapters activate|deactivate|rollback` through the CLI
+(activate with or without `--force`), and switch the configured base model — and after every step checks:
 
 - the flows (`auto`/`luna`, which gate the adapter they train) always find their candidate;
 - `eval-gate` without `--adapter` either finds its candidate or fails with a sentence naming `lunatrain`
@@ -16,6 +16,7 @@ Run: `pytest tests/test_flow_states.py -q`
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -39,11 +40,16 @@ _MODELS: dict[str, Path] = {}
 
 
 def _models() -> Path:
-    """Both base models, built once per test session and copied into each example's data root."""
+    """Both base models, built once per test session and copied into each example's data root. The second
+    is luna-tiny with one more config key: another fingerprint (what tells bases apart) without a second
+    build."""
     if "dir" not in _MODELS:
         root = Path(tempfile.mkdtemp(prefix="flow-states-models-"))
-        models.ensure_tiny(load_settings(home=root))
-        models.build_tiny_model(root / "data" / "models" / "other", seed=7)
+        tiny = models.ensure_tiny(load_settings(home=root))
+        other = root / "data" / "models" / "other"
+        shutil.copytree(tiny, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps(config | {"flow_states_variant": 2}))
         _MODELS["dir"] = root / "data" / "models"
     return _MODELS["dir"]
 
@@ -91,9 +97,9 @@ class FlowStates(RuleBasedStateMachine):
             registry.record_gate(s, name, result.version,
                                  {"status": "failed", "passed": False, "reasons": ["val loss regresses"]})
 
-    @rule(name=st.sampled_from(NAMES), which=st.sampled_from(("latest", "v1")))
-    def activate(self, name: str, which: str) -> None:
-        self.cli("adapters", "activate", f"{name}@{which}")
+    @rule(name=st.sampled_from(NAMES), which=st.sampled_from(("latest", "v1")), force=st.booleans())
+    def activate(self, name: str, which: str, force: bool) -> None:
+        self.cli("adapters", "activate", f"{name}@{which}", *(["--force"] if force else []))
 
     @rule(name=st.sampled_from(NAMES), versioned=st.booleans())
     def deactivate(self, name: str, versioned: bool) -> None:
@@ -148,7 +154,7 @@ class FlowStates(RuleBasedStateMachine):
 
 
 FlowStates.TestCase.settings = settings(
-    max_examples=4, stateful_step_count=6, deadline=None,
+    max_examples=3, stateful_step_count=6, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestFlowStates = FlowStates.TestCase

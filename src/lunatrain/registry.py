@@ -272,7 +272,7 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
     adapter = list_adapters(settings).get(name)
     if adapter is None:
         raise _not_registered(name)
-    wanted = version or "active"
+    wanted = version or ("active" if adapter["activeByBase"] else "latest")  # nothing active: no base to resolve
     if wanted == "active":
         fingerprint = base or configured_base(settings).fingerprint
         active = adapter["activeByBase"].get(fingerprint)
@@ -404,8 +404,9 @@ def activate(
         if trained_on.get("fingerprint") != base.fingerprint and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
-                f"base model is {base.id!r} (fingerprints differ); retrain on the new base, or force the activation "
-                "(CLI `--force`, API `force: true`).",
+                f"base model is {base.id!r} (fingerprints differ); retrain it on this base (`lunatrain luna "
+                f"--adapterName {name}`), or force the activation (`lunatrain adapters activate {name}@{entry['version']} "
+                "--force`; API: `force: true`).",
                 code="adapter.foreign_base",
                 params={"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id},
             )
