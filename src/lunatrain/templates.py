@@ -91,7 +91,7 @@ def detect_terminator_text(tokenizer: Any) -> str:
         end = _tail_after(tokenizer, [u1, a1], a1["content"], None)
     except UsageError:
         raise
-    except Exception as exc:  # a template that raises on a plain user/assistant exchange
+    except Exception as exc:  # a template that raises on a plain user/assistant exchange (jinja errors)
         raise UsageError(f"The chat template cannot render a simple conversation: {exc}") from exc
     try:
         between = _tail_after(tokenizer, [u1, a1, u2, a2], a1["content"], u2["content"])
