@@ -61,13 +61,14 @@ def short_answers() -> list[dict]:
 
 
 @pytest.fixture
-def qwen_like_base(settings) -> Path:
+def qwen_like_base(settings, tiny_dir) -> Path:
     """A luna-tiny build with eos <|endoftext|> (id 0) while its template ends turns with <|im_end|>, and an
     output layer of its own (untied): LoRA on it lets a few hundred steps memorise short answers, which the
     small tied embeddings of a random model cannot express confidently enough."""
     from safetensors.torch import load_file, save_file
 
-    base = models.build_tiny_model(settings.models_dir / "tiny-base-eos")
+    base = settings.models_dir / "tiny-base-eos"
+    shutil.copytree(tiny_dir, base)
     weights = load_file(str(base / "model.safetensors"))
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
