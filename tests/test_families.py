@@ -141,3 +141,20 @@ def test_terminator_is_cross_checked_with_generation_config(vocab_dir, tmp_path,
     # whatever the model's config says, generation stops on the terminator and on the eos
     assert set(term.ids) | {tok.eos_token_id} <= set(term.stop_ids)
     assert term.to_dict()["inGenerationConfig"] is inside
+
+
+def test_a_template_refusing_an_example_is_one_sentence_naming_it(vocab_dir):
+    """Gemma 2 style templates raise on a system turn, [INST] templates on roles out of order: prepare and
+    training name the example instead of failing with a template traceback."""
+    from helpers import make_records, tier_data
+
+    from lunatrain.errors import UsageError
+    from lunatrain.settings import load_settings
+    from lunatrain.tokens import tokenize_tier
+
+    tok = family_tokenizer(vocab_dir, "mistral")
+    records = make_records(4, multi_turn_every=0)
+    records[2]["messages"] = [records[2]["messages"][1], records[2]["messages"][1], records[2]["messages"][2]]
+    settings = load_settings(home=vocab_dir.parent / "home-refuses")
+    with pytest.raises(UsageError, match=r"^The chat template refuses example 3: Conversation roles must alternate"):
+        tokenize_tier(settings, "curated", tok, 256, data=tier_data(records))

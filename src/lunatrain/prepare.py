@@ -135,9 +135,10 @@ def prepare(settings: Settings, params: LoraParams, *, show: int = 0) -> Prepare
     """Run every preflight check on the exported `params.dataset_tier` and write prepare-latest.json.
 
     Returns the report whatever its status (failure is data); `report.raise_on_fail()` turns a failing
-    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model
-    or a template without a turn terminator. `show`: how many train samples to include with their
-    trained spans marked (`samples`, what `prepare --show` prints and the dashboard shows).
+    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model,
+    a template without a turn terminator, or one that refuses an example. `show`: how many train samples
+    to include with their trained spans marked (`samples`: what `prepare --show` prints and the dashboard
+    shows).
     """
     from . import models, tokens
 

@@ -218,16 +218,24 @@ def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length:
     hit = splits is not None
     if splits is None:
         splits = {
-            name: [
-                encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")),
-                            terminator=term.text)
-                for rec in getattr(data, name)
-            ]
+            name: [_encode_record(tokenizer, rec, max_seq_length, term.text) for rec in getattr(data, name)]
             for name in SPLITS
         }
         _write_cache(path, key, splits)
     stats = {name: split_stats(items) for name, items in splits.items()}
     return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats, term)
+
+
+def _encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: str) -> Encoded:
+    try:
+        return encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")),
+                           terminator=terminator)
+    except UsageError:
+        raise
+    except Exception as exc:  # the template's own raise_exception (e.g. no system role, roles must alternate)
+        rid = rec.get("id") or str(rec.get("hash", ""))[:12]
+        raise UsageError(f"The chat template refuses example {rid}: {exc}; fix the example or choose another "
+                         "template (--chatTemplate).") from exc
 
 
 def split_stats(items: list[Encoded]) -> dict[str, Any]:
