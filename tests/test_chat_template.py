@@ -185,6 +185,13 @@ def test_a_base_without_template_needs_chat_template_and_learns_the_added_marker
     changed = (merged.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == sorted(new_ids)
     assert new_ids[0] in json.loads((result.path / "generation_config.json").read_text("utf-8"))["eos_token_id"]
+    # merge keeps the learned rows, the tokenizer with the added markers and a config stopping on <|im_end|>
+    out = merge_adapter(settings, f"{result.adapter_name}@{result.version}")
+    merged_model = AutoModelForCausalLM.from_pretrained(str(out.path))
+    torch.testing.assert_close(merged_model.get_input_embeddings().weight, merged.get_input_embeddings().weight)
+    merged_tok = AutoTokenizer.from_pretrained(str(out.path))
+    assert merged_tok.convert_tokens_to_ids("<|im_end|>") == new_ids[0] and merged_tok.chat_template
+    assert new_ids[0] in merged_model.generation_config.eos_token_id
 
 
 def test_no_spare_embedding_rows_is_refused_in_one_sentence(settings, monkeypatch):
