@@ -269,3 +269,18 @@ def test_api_names_templates_never_paths_and_shows_a_marked_sample(settings, tin
     trained = [p["text"] for p in sample["pieces"] if p["trained"]]
     assert trained and all(t.endswith("<|im_end|>") for t in trained)
     assert sum(len(p["text"]) for p in sample["pieces"]) > sum(len(t) for t in trained)  # context is shown too
+
+
+def test_eval_gate_on_a_base_without_template_takes_chat_template(settings, bare_base):
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    write_export(settings, make_records(24))
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval-gate", "--baseModel", str(bare_base)])
+    assert r.exit_code == 2 and "has no chat template; choose one with --chatTemplate" in r.output, r.output
+    r = runner.invoke(app, ["eval-gate", "--baseModel", str(bare_base), "--chatTemplate", "chatml", "--json"])
+    assert r.exit_code in (0, 1), r.output  # a decision either way: the base model was evaluated
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["candidate"]["kind"] == "base" and report["metrics"]["goldenTotal"] > 0
