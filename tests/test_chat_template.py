@@ -61,13 +61,14 @@ def short_answers() -> list[dict]:
 
 
 @pytest.fixture
-def qwen_like_base(settings) -> Path:
+def qwen_like_base(settings, tiny_dir) -> Path:
     """A luna-tiny build with eos <|endoftext|> (id 0) while its template ends turns with <|im_end|>, and an
     output layer of its own (untied): LoRA on it lets a few hundred steps memorise short answers, which the
     small tied embeddings of a random model cannot express confidently enough."""
     from safetensors.torch import load_file, save_file
 
-    base = models.build_tiny_model(settings.models_dir / "tiny-base-eos")
+    base = settings.models_dir / "tiny-base-eos"
+    shutil.copytree(tiny_dir, base)
     weights = load_file(str(base / "model.safetensors"))
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
@@ -184,6 +185,13 @@ def test_a_base_without_template_needs_chat_template_and_learns_the_added_marker
     changed = (merged.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == sorted(new_ids)
     assert new_ids[0] in json.loads((result.path / "generation_config.json").read_text("utf-8"))["eos_token_id"]
+    # merge keeps the learned rows, the tokenizer with the added markers and a config stopping on <|im_end|>
+    out = merge_adapter(settings, f"{result.adapter_name}@{result.version}")
+    merged_model = AutoModelForCausalLM.from_pretrained(str(out.path))
+    torch.testing.assert_close(merged_model.get_input_embeddings().weight, merged.get_input_embeddings().weight)
+    merged_tok = AutoTokenizer.from_pretrained(str(out.path))
+    assert merged_tok.convert_tokens_to_ids("<|im_end|>") == new_ids[0] and merged_tok.chat_template
+    assert new_ids[0] in merged_model.generation_config.eos_token_id
 
 
 def test_no_spare_embedding_rows_is_refused_in_one_sentence(settings, monkeypatch):
@@ -261,3 +269,18 @@ def test_api_names_templates_never_paths_and_shows_a_marked_sample(settings, tin
     trained = [p["text"] for p in sample["pieces"] if p["trained"]]
     assert trained and all(t.endswith("<|im_end|>") for t in trained)
     assert sum(len(p["text"]) for p in sample["pieces"]) > sum(len(t) for t in trained)  # context is shown too
+
+
+def test_eval_gate_on_a_base_without_template_takes_chat_template(settings, bare_base):
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    write_export(settings, make_records(24))
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval-gate", "--baseModel", str(bare_base)])
+    assert r.exit_code == 2 and "has no chat template; choose one with --chatTemplate" in r.output, r.output
+    r = runner.invoke(app, ["eval-gate", "--baseModel", str(bare_base), "--chatTemplate", "chatml", "--json"])
+    assert r.exit_code in (0, 1), r.output  # a decision either way: the base model was evaluated
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["candidate"]["kind"] == "base" and report["metrics"]["goldenTotal"] > 0

@@ -120,3 +120,41 @@ def test_roles_that_do_not_alternate_are_refused_by_strict_templates(vocab_dir):
     bad = [TURNS[0], TURNS[0], TURNS[3]]
     with pytest.raises(Exception, match="alternate"):
         encode_chat(tok, _plain(bad, "mistral"), 4096)
+
+
+@pytest.mark.parametrize(("family", "eos_ids", "inside"), [
+    ("llama-3.0", "end_of_text", False),  # Llama 3.0: generation stops on <|end_of_text|> only
+    ("llama-3.1", ["end_of_text", "eot_id"], True),  # 3.1+: a list that includes <|eot_id|>
+    ("gemma", None, False),  # no generation_config.json at all
+])
+def test_terminator_is_cross_checked_with_generation_config(vocab_dir, tmp_path, family, eos_ids, inside):
+    import json
+    from types import SimpleNamespace
+
+    tok = family_tokenizer(vocab_dir, family)
+    ids = {"end_of_text": tok.convert_tokens_to_ids("<|end_of_text|>"), "eot_id": tok.convert_tokens_to_ids("<|eot_id|>")}
+    if eos_ids is not None:
+        value = [ids[k] for k in eos_ids] if isinstance(eos_ids, list) else ids[eos_ids]
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}), "utf-8")
+    term = turn_terminator(tok, SimpleNamespace(path=str(tmp_path)))
+    assert term.in_generation_config is inside
+    # whatever the model's config says, generation stops on the terminator and on the eos
+    assert set(term.ids) | {tok.eos_token_id} <= set(term.stop_ids)
+    assert term.to_dict()["inGenerationConfig"] is inside
+
+
+def test_a_template_refusing_an_example_is_one_sentence_naming_it(vocab_dir):
+    """Gemma 2 style templates raise on a system turn, [INST] templates on roles out of order: prepare and
+    training name the example instead of failing with a template traceback."""
+    from helpers import make_records, tier_data
+
+    from lunatrain.errors import UsageError
+    from lunatrain.settings import load_settings
+    from lunatrain.tokens import tokenize_tier
+
+    tok = family_tokenizer(vocab_dir, "mistral")
+    records = make_records(4, multi_turn_every=0)
+    records[2]["messages"] = [records[2]["messages"][1], records[2]["messages"][1], records[2]["messages"][2]]
+    settings = load_settings(home=vocab_dir.parent / "home-refuses")
+    with pytest.raises(UsageError, match=r"^The chat template refuses example 3: Conversation roles must alternate"):
+        tokenize_tier(settings, "curated", tok, 256, data=tier_data(records))

@@ -81,7 +81,8 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresh
 class _Evaluator:
     """One loaded base model with the adapters under test attached by name; `use(None)` is the base."""
 
-    def __init__(self, settings: Settings, base: Any, adapters: dict[str, Path], chat_template: str | None = None) -> None:
+    def __init__(self, settings: Settings, base: Any, adapters: dict[str, Path],
+                 chat_template: str | None = None) -> None:
         from . import models
 
         self.device = models.resolve_device("auto")

@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from .errors import UsageError
 from .settings import NAME_MAX, NAME_PATTERN
+from .templates import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
 Tier = Literal["curated", "memory", "merged"]
 Strategy = Literal["versioned", "overwrite"]
@@ -69,7 +70,7 @@ class LoraParams(CamelModel):
     resume: bool = False
     # A name, never a path: the CLI stores a .jinja file under the data root and passes its name.
     chat_template: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
+        default=None, pattern=TEMPLATE_NAME_PATTERN,
         description="chat template for base models without one: a bundled name (chatml) or a .jinja file (CLI)",
     )
 

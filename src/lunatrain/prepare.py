@@ -37,6 +37,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
+from itertools import groupby
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -151,9 +152,10 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     """Run every preflight check on the exported `params.dataset_tier` and write prepare-latest.json.
 
     Returns the report whatever its status (failure is data); `report.raise_on_fail()` turns a failing
-    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model
-    or a template without a turn terminator. `show`: how many train samples to include with their
-    trained spans marked (`samples`, what `prepare --show` prints and the dashboard shows).
+    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model,
+    a template without a turn terminator, or one that refuses an example. `show`: how many train samples
+    to include with their trained spans marked (`samples`: what `prepare --show` prints and the dashboard
+    shows).
     """
     from . import models, tokens
 
@@ -471,7 +473,7 @@ def _terminator_check(term: Any) -> Check:
     where = ("the base model's generation_config stops on it too" if term.in_generation_config else
              "the base model's generation_config does not stop on it; adapters and merged models ship one that does")
     code = "check.terminator.stops" if term.in_generation_config else "check.terminator.shipped"
-    return Check("terminator", "info", len(term.ids), [term.text],
+    return Check("terminator", "info", len(term.ids), [],
                  f"assistant turns end with {term.text!r} (trained); {where}", code, {"terminator": term.text})
 
 
@@ -479,19 +481,12 @@ def marked_sample(tokenizer: Any, enc: Any, rid: str) -> dict[str, Any]:
     """One tokenized sample as text pieces, each flagged trained or not: what the loss sees."""
     from .tokens import IGNORE
 
-    pieces: list[dict[str, Any]] = []
-    for trained, group in _groupby(zip(enc.input_ids, enc.labels, strict=True), lambda p: p[1] != IGNORE):
-        text = tokenizer.decode([t for t, _lab in group], skip_special_tokens=False)
-        pieces.append({"text": text, "trained": trained})
+    pieces = [
+        {"text": tokenizer.decode([t for t, _lab in group], skip_special_tokens=False), "trained": trained}
+        for trained, group in groupby(zip(enc.input_ids, enc.labels, strict=True), lambda p: p[1] != IGNORE)
+    ]
     return {"id": rid, "tokens": len(enc), "trainedTokens": enc.n_supervised, "truncated": enc.truncated,
             "pieces": pieces}
-
-
-def _groupby(items: Iterable[Any], key: Any) -> Iterable[tuple[bool, list[Any]]]:
-    from itertools import groupby
-
-    for k, group in groupby(items, key):
-        yield k, list(group)
 
 
 def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:

@@ -32,7 +32,8 @@ from typing import Any
 from .errors import UsageError
 
 # Bundled and stored template names: no path separators, so a name can never reach outside its folder.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"
+NAME_RE = re.compile(NAME_PATTERN)
 # Marker-like strings in a template's source that must be single tokens: <|im_start|>, <start_of_turn> …
 _MARKER = re.compile(r"<\|[A-Za-z0-9_.-]{1,40}\|>|<(?:start|end)_of_turn>")
 
@@ -91,7 +92,7 @@ def detect_terminator_text(tokenizer: Any) -> str:
         end = _tail_after(tokenizer, [u1, a1], a1["content"], None)
     except UsageError:
         raise
-    except Exception as exc:  # a template that raises on a plain user/assistant exchange
+    except Exception as exc:  # a template that raises on a plain user/assistant exchange (jinja errors)
         raise UsageError(f"The chat template cannot render a simple conversation: {exc}") from exc
     try:
         between = _tail_after(tokenizer, [u1, a1, u2, a2], a1["content"], u2["content"])

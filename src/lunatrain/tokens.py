@@ -1,9 +1,11 @@
 """Chat tokenization with assistant-only labels, and the tokenized-data cache shared by preflight and training.
 
-Which tokens train: the content of **every** assistant turn plus the turn terminator that closes it
-(what the chat template emits after the answer, `templates.turn_terminator`; so the model learns to stop); system and user turns, role headers and the template's glue are masked
-with -100. Training all assistant turns (not only the last) is what chat fine-tuning tools do by default;
-a multi-turn example then teaches each of its answers in context.
+Which tokens train: the content of **every** assistant turn plus the turn terminator that closes it (what
+the chat template emits after the answer, `templates.turn_terminator`, often not the eos token), so the
+model learns to stop; system and user turns, role headers and the template's glue are masked with -100.
+Training all assistant turns (not only the last) is what chat fine-tuning tools do by default; a
+multi-turn example then teaches each of its answers in context. Thinking templates that drop the
+`<think>…</think>` block of earlier turns train what they render: those turns' answers without it.
 
 How the spans are found, for any chat template: the conversation is rendered once as text and tokenized
 once (with character offsets); each assistant turn's character span is found by rendering the prefix
@@ -51,7 +53,8 @@ def _render(tokenizer: Any, messages: list[dict], *, gen_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], terminator: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: list[dict],
+                    terminator: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character span of each assistant turn's trained text
     (content + turn terminator; `terminator` defaults to the one the template emits)."""
     text = _render(tokenizer, messages, gen_prompt=False)
@@ -59,7 +62,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict], terminator: str | None
         from .templates import detect_terminator_text
 
         terminator = detect_terminator_text(tokenizer)
-    eot = terminator
+    eot = terminator  # "" (a template without one) trains the answer alone; prepare refuses such templates
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, msg in enumerate(messages):
@@ -215,16 +218,24 @@ def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length:
     hit = splits is not None
     if splits is None:
         splits = {
-            name: [
-                encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")),
-                            terminator=term.text)
-                for rec in getattr(data, name)
-            ]
+            name: [_encode_record(tokenizer, rec, max_seq_length, term.text) for rec in getattr(data, name)]
             for name in SPLITS
         }
         _write_cache(path, key, splits, data.fingerprint)
     stats = {name: split_stats(items) for name, items in splits.items()}
     return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats, term)
+
+
+def _encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: str) -> Encoded:
+    try:
+        return encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")),
+                           terminator=terminator)
+    except UsageError:
+        raise
+    except Exception as exc:  # the template's own raise_exception (e.g. no system role, roles must alternate)
+        rid = rec.get("id") or str(rec.get("hash", ""))[:12]
+        raise UsageError(f"The chat template refuses example {rid}: {exc}; fix the example or choose another "
+                         "template (--chatTemplate).") from exc
 
 
 def split_stats(items: list[Encoded]) -> dict[str, Any]:
