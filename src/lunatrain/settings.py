@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     api_token: str | None = None
     allowed_hosts: str = Field(default="127.0.0.1,localhost,::1,[::1]", description="comma-separated Host allowlist")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    infer_max_concurrent: int = Field(default=8, ge=1, le=256, description="chat answers generated at once; more get 429")
+    infer_max_tokens: int = Field(default=1024, ge=1, le=131072, description="cap on a chat request's max_tokens")
+    infer_max_adapters: int = Field(default=4, ge=1, le=64, description="adapters kept loaded (least recently used out)")
 
     @field_validator("home", mode="after")
     @classmethod
