@@ -45,3 +45,22 @@ def train_facts(settings: Any, facts: list[tuple[str, str]], name: str = "luna-a
                       settings)
     assert result.ok, result.error
     return result.version
+
+
+def random_adapter(settings: Any, name: str, seed: int) -> str:
+    """Register a LoRA adapter with random (non-zero) weights for the configured base, without training:
+    in a second, an adapter whose answers differ from the base's and from other seeds'."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lunatrain import models, registry
+
+    base = models.resolve_base(None, settings)
+    torch.manual_seed(seed)
+    model = get_peft_model(models.load_model(base, settings),
+                           LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    work = settings.adapters_dir / name / ".work" / f"random-{seed}"
+    model.save_pretrained(str(work), safe_serialization=True)
+    entry = {"jobId": f"random-{seed}", "status": "succeeded", "strategy": "versioned",
+             "baseModel": {"id": base.id, "fingerprint": base.fingerprint}}
+    return registry.publish(settings, name, "versioned", work, entry)["version"]

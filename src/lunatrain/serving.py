@@ -80,6 +80,8 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         return Target(model=base_id)
     try:
         name, version = registry.parse_ref(model)
+        if "@" in model and not version:
+            raise UsageError("an empty version")
         entry = registry.get_version(settings, name, version) if version else active_entry(settings, name)
     except UsageError:  # not even a well-formed name
         raise NotFound(f"The model {model[:80]!r} does not exist; GET /v1/models lists the models served here.",
@@ -239,6 +241,7 @@ class Engine:
             loaded = self._load(target)
         self._adapters.move_to_end(target.path)
         loaded.users += 1
+        self._evict()  # after pinning: the adapter just loaded is never the one to go
         return loaded
 
     def _load(self, target: Target) -> _Loaded:
@@ -261,7 +264,6 @@ class Engine:
         loaded = _Loaded(peft_name, tok, stop_ids(tok, path, Path(self.base_info().path)))
         self._adapters[path] = loaded
         self.loads += 1
-        self._evict()
         return loaded
 
     def _evict(self) -> None:
@@ -269,7 +271,8 @@ class Engine:
             if len(self._adapters) <= self.max_adapters:
                 return
             if old.users == 0:
-                self.model.delete_adapter(old.peft_name)
+                with warnings_quiet():  # PEFT says which adapter it made active instead; each step sets its own
+                    self.model.delete_adapter(old.peft_name)
                 del self._adapters[path]
 
     def release(self, target: Target) -> None:
