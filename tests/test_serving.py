@@ -155,3 +155,13 @@ def test_slots_refuse_beyond_the_limit() -> None:
     slots.release()
     slots.acquire()
     assert slots.busy == 2
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(5e-324, 1.0), (1e-3, 1.0), (2.0, 5e-324), (1.0, 1e-9), (1.0, 1.0)])
+def test_sampling_at_the_edges_of_its_bounds_picks_a_token(temperature: float, top_p: float) -> None:
+    import torch
+
+    logits = torch.tensor([80.0, -30.0, 79.0, 0.0])
+    pick = serving._pick(logits, serving.Sampling(max_tokens=1, temperature=temperature, top_p=top_p),
+                         torch.Generator().manual_seed(0))
+    assert pick in (0, 2) if top_p == 1.0 and temperature > 0.5 else pick == 0

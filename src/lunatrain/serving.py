@@ -159,13 +159,16 @@ def _adapter_tokenizer(path: Path, base_tokenizer: Any) -> Any:
 def _pick(logits: Any, s: Sampling, generator: Any) -> int:
     import torch
 
-    if s.temperature == 0:
+    logits = logits.float()
+    if s.temperature < 1e-4:  # 0 means greedy; a temperature that small is greedy in all but name
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    # Shifted so the largest is 0: dividing by a small temperature can then not overflow into inf/nan.
+    probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
     if s.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set whose mass reaches top_p (the first token always stays)
         drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= s.top_p
+        drop[0] = False  # a top_p below float32's resolution would otherwise drop everything
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -198,6 +201,7 @@ class Engine:
         self._adapters: OrderedDict[Path, _Loaded] = OrderedDict()
         self._names = itertools.count(1)
         self.loads = 0  # adapter loads so far (for tests and the log)
+        self.generated = 0  # tokens generated so far, all requests together
         self.cache_kw = "cache"
 
     def base_info(self) -> Any:
@@ -425,6 +429,7 @@ class Generation:
             logits = out.logits[0, -1].to("cpu")
         token = _pick(logits, self.sampling, self._generator)
         self._next_input = [token]
+        self.engine.generated += 1
         return token
 
     def _advance(self, final: bool = False) -> str:

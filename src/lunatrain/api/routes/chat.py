@@ -30,13 +30,16 @@ from ..deps import SettingsDep, errors
 # --- wire models ----------------------------------------------------------------------------------
 
 
+# strict: `0` is not `false` and "3" is not a count; JSON has the right types, so use them (as the rest of the API).
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str = Field(max_length=1_000_000)
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # `name` and other fields clients send are not used here
+    model_config = ConfigDict(extra="ignore", strict=True)  # `name` and other fields clients send: unused
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
@@ -48,17 +51,17 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     """OpenAI's chat request, the fields lunatrain honours; other fields clients send are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(min_length=1, max_length=200, description="the base model id, an adapter name "
-                       "(its active version) or name@version")
+    model: str = Field(min_length=1, max_length=200, examples=["luna-tiny", "luna-adapter", "luna-adapter@v1"],
+                       description="the base model id, an adapter name (its active version) or name@version")
     messages: list[Message] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=1, le=131072)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=131072)
@@ -183,6 +186,10 @@ class OpenAIRoute(APIRoute):
         return route
 
 
+_SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a chat.completion.chunk as JSON, or [DONE]"}},
+}
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIError, "description": text} for code, text in {
@@ -231,8 +238,9 @@ async def list_models(request: Request) -> ModelList:
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses=_ERRORS | {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                               "description": "the answer; with stream=true as server-sent events"}},
+    responses=_ERRORS | {200: {"description": "the answer; with stream=true as server-sent events",
+                               # before OpenAPI 3.2 an event stream's `schema` describes one event
+                               "content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
 )
 async def chat_completions(body: ChatRequest, request: Request, settings: SettingsDep):
     """Answer a chat with the base model, an adapter's active version, or name@version (OpenAI's format)."""
