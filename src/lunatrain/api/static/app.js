@@ -6,6 +6,7 @@ import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
 import { t, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
 import { JobView } from "./job.js";
+import { TryPanel } from "./tryit.js";
 import { serverFieldErrors } from "./params.js";
 import { h, showError, showNotice, clearErrors, busy, fillFacts } from "./ui.js";
 
@@ -192,9 +193,14 @@ async function runPrepare(event) {
 // ---- training ------------------------------------------------------------------------------------------
 
 const loraForm = new LoraForm($("lora-form"));
-const adapters = new AdapterView(() => loadDataStatus());
+const tryPanel = new TryPanel();
+const adapters = new AdapterView(() => {
+  loadDataStatus();
+  tryPanel.load();
+});
 const jobView = new JobView(() => {
   adapters.load();
+  tryPanel.load();
   loadDataStatus();
   loadHealth();
 });
@@ -259,6 +265,7 @@ function refreshAll() {
   loadHealth();
   loadDataStatus();
   adapters.load();
+  tryPanel.load();
   loadLatestJob();
 }
 
