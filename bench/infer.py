@@ -180,9 +180,10 @@ def report(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None
         lines.append(f"| {name} | {tokens:,} | {seconds:.2f} | {rate:,.0f} | {rate / reference:.2f}x |")
     lines += [
         "",
-        "The endpoint serves concurrent streams interleaved token by token on one model (one forward pass at a "
-        "time, each with its own KV cache and adapter), so N streams share one stream's throughput rather than "
-        "multiply it; generate() with a batch shows what batching in one process would add.",
+        "The endpoint runs one forward pass at a time (each stream with its own KV cache and adapter, "
+        "interleaved token by token), so concurrent streams gain only by overlapping each stream's work outside "
+        "the model (HTTP, SSE framing, the client) with other streams' forward passes; a batched forward pass, "
+        "as generate() with a batch does, is what would multiply throughput further.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
