@@ -165,3 +165,20 @@ def test_sampling_at_the_edges_of_its_bounds_picks_a_token(temperature: float, t
     pick = serving._pick(logits, serving.Sampling(max_tokens=1, temperature=temperature, top_p=top_p),
                          torch.Generator().manual_seed(0))
     assert pick in (0, 2) if top_p == 1.0 and temperature > 0.5 else pick == 0
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-load", "later-load"])
+def test_an_adapter_that_fails_to_load_leaves_nothing_half_loaded(settings, first: bool) -> None:
+    version = random_adapter(settings, "broken", 5)
+    weights = settings.adapters_dir / "broken" / version / "adapter_model.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    engine = serving.Engine(settings)
+    base, _ = answer(engine, "luna-tiny")
+    v1 = answer(serving.Engine(settings), "luna-adapter@v1")[1]
+    if not first:
+        answer(engine, "luna-adapter@v1")
+    with pytest.raises(Conflict, match="could not be loaded"):
+        engine.start(engine.resolve(f"broken@{version}"), HELLO, GREEDY)
+    assert all("broken" not in p for p in engine.loaded())
+    assert answer(engine, "luna-tiny")[0] == base
+    assert answer(engine, "luna-adapter@v1")[1] == v1

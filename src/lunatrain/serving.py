@@ -263,6 +263,14 @@ class Engine:
                     self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=peft_name,
                                                            is_trainable=False)
         except Exception as exc:
+            # Leave nothing half-loaded behind: a failed first load may have changed the base model's modules
+            # in place (reload it on the next request); a failed later one may have left a partial adapter.
+            if isinstance(self.model, PeftModel):
+                with contextlib.suppress(Exception):
+                    self.model.delete_adapter(peft_name)
+                self._on = _UNKNOWN
+            else:
+                self.model = None
             raise Conflict(f"{target.model} could not be loaded onto the base model: {exc}") from exc
         self.model.eval()
         self._on = _UNKNOWN
@@ -387,6 +395,9 @@ class Generation:
         import torch
 
         self._next_input = list(self.prompt_ids)
+        # The model object as it was at the start: the engine may wrap it in PEFT (same layers) or, after a
+        # failed first adapter load, drop it for a fresh one while this answer is still running on it.
+        self._model = self.engine.model
         self._generator = torch.Generator(device="cpu")
         seed = self.sampling.seed if self.sampling.seed is not None else time.time_ns()
         self._generator.manual_seed(seed % 2**63)
@@ -435,14 +446,14 @@ class Generation:
             if self._past is None:
                 from transformers import DynamicCache
 
-                self._past = DynamicCache(config=self.engine.model.config)
+                self._past = DynamicCache(config=self._model.config)
             ids = torch.tensor([self._next_input], device=self.engine.device)
             # The cache object grows in place; transformers renamed its argument within 5.x.
-            out = self.engine.model(input_ids=ids, use_cache=True, **{self.engine.cache_kw: self._past})
+            out = self._model(input_ids=ids, use_cache=True, **{self.engine.cache_kw: self._past})
             logits = out.logits[0, -1].to("cpu")
+            self.engine.generated += 1
         token = _pick(logits, self.sampling, self._generator)
         self._next_input = [token]
-        self.engine.generated += 1
         return token
 
     def _advance(self, final: bool = False) -> str:
