@@ -29,15 +29,19 @@ _SETTINGS = load_settings(
     home=_HOME, db_url=None, api_token=None, lora_ensure_on_demand=False, infer_max_tokens=8,
     allowed_hosts="127.0.0.1,localhost,testserver",  # schemathesis' ASGI client sends `Host: testserver`
 )
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_SETTINGS)).include(
-    path_regex=r"^/(v1/|assistant/chat/)"
-)
+_APP = create_app(_SETTINGS)
+# Served model names as examples, so that generated requests reach real generation, not only 404s. Added to
+# this test's copy of the schema only: the app-wide schema test would otherwise generate full answers too.
+_APP.openapi()["components"]["schemas"]["ChatRequest"]["properties"]["model"]["examples"] = ["luna-tiny"]
+schema = schemathesis.openapi.from_asgi("/openapi.json", _APP).include(path_regex=r"^/(v1/|assistant/chat/)")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _tiny_and_cleanup():
     models.ensure_tiny(_SETTINGS)
     yield
+    engine = getattr(_APP.state, "chat_engine", None)
+    assert engine is not None and engine.generated > 0, "no generated request reached the model"
     store.dispose_stores()
     shutil.rmtree(_HOME, ignore_errors=True)
 

@@ -60,7 +60,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(min_length=1, max_length=200, examples=["luna-tiny", "luna-adapter", "luna-adapter@v1"],
+    model: str = Field(min_length=1, max_length=200,
                        description="the base model id, an adapter name (its active version) or name@version")
     messages: list[Message] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=1, le=131072)
