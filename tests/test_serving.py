@@ -182,3 +182,22 @@ def test_an_adapter_that_fails_to_load_leaves_nothing_half_loaded(settings, firs
     assert all("broken" not in p for p in engine.loaded())
     assert answer(engine, "luna-tiny")[0] == base
     assert answer(engine, "luna-adapter@v1")[1] == v1
+
+
+def test_messages_the_chat_template_refuses_are_a_usage_error(settings) -> None:
+    from lunatrain.errors import UsageError
+
+    engine = serving.Engine(settings)
+    answer(engine, "luna-tiny")  # loads the base and its tokenizer
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + template
+    )
+    try:
+        with pytest.raises(UsageError, match="System role not supported") as info:
+            engine.start(engine.resolve("luna-tiny"), [{"role": "system", "content": "x"}, *HELLO], GREEDY)
+        assert info.value.details["param"] == "messages"
+        assert answer(engine, "luna-tiny")[1]  # and the engine still answers
+    finally:
+        engine.tokenizer.chat_template = template

@@ -308,7 +308,11 @@ class Engine:
             loaded = self._attach(target) if target.path else None
         try:
             tok = loaded.tokenizer if loaded else self.tokenizer
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates refuse what their model never saw, e.g. Gemma a system turn
+                raise UsageError(f"The chat template of {target.model} refuses these messages: {exc}",
+                                 details={"param": "messages", "code": "invalid_messages"}) from exc
             ids = tok(text, add_special_tokens=False)["input_ids"]
             limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
             if limit and len(ids) + sampling.max_tokens > limit:
