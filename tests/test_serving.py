@@ -201,3 +201,20 @@ def test_messages_the_chat_template_refuses_are_a_usage_error(settings) -> None:
         assert answer(engine, "luna-tiny")[1]  # and the engine still answers
     finally:
         engine.tokenizer.chat_template = template
+
+
+def test_an_answer_dropped_unfinished_gives_back_its_slot_and_adapter(settings) -> None:
+    import gc
+
+    engine = serving.Engine(settings, max_adapters=1)
+    slots = serving.Slots(1)
+    slots.acquire()
+    gen = engine.start(engine.resolve("luna-adapter@v1"), HELLO, GREEDY)
+    gen.on_close = slots.release
+    answer(engine, "luna-adapter@v2")
+    assert [Path(p).name for p in engine.loaded()] == ["v1"]  # pinned by the unfinished answer: v2 went
+    del gen  # e.g. a stream whose client left before its first event: no finally ever ran
+    gc.collect()
+    assert slots.busy == 0
+    answer(engine, "luna-adapter@v3")
+    assert [Path(p).name for p in engine.loaded()] == ["v3"]  # v1 unpinned, so the LRU bound holds again

@@ -20,6 +20,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,6 +395,7 @@ class Generation:
     _generator: Any = None
     _closed: bool = False
     _text: str = ""
+    on_close: Callable[[], None] | None = None  # frees what the caller holds for this answer (its slot)
 
     def __post_init__(self) -> None:
         import torch
@@ -480,12 +482,21 @@ class Generation:
         return piece
 
     def close(self) -> None:
-        """Free the KV cache and unpin the adapter (idempotent; also called when a client goes away)."""
+        """Free the KV cache, unpin the adapter and call `on_close` (idempotent; also when a client goes away)."""
         if not self._closed:
             self._closed = True
             self._past = None
-            if self.loaded is not None:
-                self.engine.release(self.target)
+            try:
+                if self.loaded is not None:
+                    self.engine.release(self.target)
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
+
+    def __del__(self) -> None:
+        # The last resort: a stream whose client left before it was ever iterated never runs its `finally`.
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class Slots:
@@ -494,7 +505,7 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._busy = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a garbage-collected Generation may release from anywhere
 
     def acquire(self) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -254,16 +255,18 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
     except BaseException:
         slots.release()
         raise
+    gen.on_close = slots.release  # from here on the answer gives its slot back, however it ends
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_events(gen, slots, ident, created, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # gen.close as background task too: it runs when a client leaves before the first event is sent.
+        return StreamingResponse(_events(gen, ident, created, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(gen.close))
     try:
         text = await run_in_threadpool(gen.run)
     finally:
         gen.close()
-        slots.release()
     return ChatCompletion(
         id=ident, created=created, model=target.model, usage=_usage(gen), system_fingerprint=_fingerprint(target),
         choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=gen.finish_reason or "stop")],
@@ -303,8 +306,7 @@ def _chunk(ident: str, created: int, model: str, delta: dict, finish: str | None
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(gen: serving.Generation, slots: serving.Slots, ident: str, created: int,
-                  usage: bool) -> AsyncIterator[str]:
+async def _events(gen: serving.Generation, ident: str, created: int, usage: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a role chunk, content chunks, a finish chunk, optionally a
     usage chunk, then `[DONE]`. A client that goes away cancels this at the next token; the finally frees
     the slot and the adapter either way."""
@@ -328,7 +330,6 @@ async def _events(gen: serving.Generation, slots: serving.Slots, ident: str, cre
         yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     finally:
         gen.close()
-        slots.release()
 
 
 # Not part of OpenAI's API, so outside /v1 and with lunatrain's usual error shape.
