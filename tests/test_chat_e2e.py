@@ -37,7 +37,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Services,
 @pytest.fixture
 def client(served) -> Iterator[openai.OpenAI]:
     svc, _ = served
-    with openai.OpenAI(base_url=svc.api_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    # The first answer loads torch, transformers, PEFT and the model: ~30 s on busy shared cores.
+    with openai.OpenAI(base_url=svc.api_url + "/v1", api_key="unused", max_retries=0, timeout=600) as c:
         yield c
 
 
