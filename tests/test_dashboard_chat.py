@@ -50,6 +50,8 @@ def test_base_and_adapter_answer_side_by_side(page, services: Services, output_d
     open_page(page, services)
     panel = page.locator("#try")
     expect(panel.get_by_role("heading", name="Ausprobieren")).to_be_visible()
+    assert page.locator("#try-model option").count() == 0  # nothing asked of the model until the panel shows
+    panel.scroll_into_view_if_needed()
     choice = page.get_by_label("Adapter-Version", exact=True)
     expect(choice.locator("option")).to_have_count(3, timeout=UI_TIMEOUT_MS)  # luna-adapter, @v1, @v2
     expect(choice).to_have_value("luna-adapter")
@@ -75,6 +77,7 @@ def test_base_and_adapter_answer_side_by_side(page, services: Services, output_d
 
 def test_an_empty_prompt_is_refused_on_the_page(page, services: Services) -> None:
     open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
     page.get_by_role("button", name="Senden").click()
     expect(page.locator("#try-prompt-error")).to_be_visible()
     expect(page.get_by_label("Nachricht", exact=True)).to_have_attribute("aria-invalid", "true")
@@ -84,6 +87,7 @@ def test_an_empty_prompt_is_refused_on_the_page(page, services: Services) -> Non
 def test_golden_cases_are_one_click_examples_in_english(page, services: Services, output_dir: Path) -> None:
     open_page(page, services, "?lang=en")
     expect(page.get_by_role("heading", name="Try it")).to_be_visible()
+    page.locator("#try").scroll_into_view_if_needed()
     examples = page.locator("#try-example-list button")
     expect(examples.first).to_be_visible(timeout=UI_TIMEOUT_MS)
     prompt = examples.first.text_content()

@@ -196,11 +196,11 @@ const loraForm = new LoraForm($("lora-form"));
 const tryPanel = new TryPanel();
 const adapters = new AdapterView(() => {
   loadDataStatus();
-  tryPanel.load();
+  tryPanel.refresh();
 });
 const jobView = new JobView(() => {
   adapters.load();
-  tryPanel.load();
+  tryPanel.refresh();
   loadDataStatus();
   loadHealth();
 });
@@ -265,7 +265,7 @@ function refreshAll() {
   loadHealth();
   loadDataStatus();
   adapters.load();
-  tryPanel.load();
+  tryPanel.refresh();
   loadLatestJob();
 }
 
@@ -285,6 +285,7 @@ $("data-min-curated").addEventListener("input", (event) => {
   event.currentTarget.dataset.touched = "yes";
 });
 loadDefaults().finally(refreshAll);
+tryPanel.start();
 // Light background refresh; the job itself is polled faster while one runs.
 setInterval(loadHealth, HEALTH_MS);
 setInterval(() => {

@@ -74,8 +74,30 @@ export class TryPanel {
     });
   }
 
-  /** Fill the model choice and the examples (again after an adapter was trained or activated). */
+  /**
+   * Start loading once the panel is first on screen: listing the models makes the API resolve the base model
+   * (building luna-tiny, importing torch), work no one should wait for who only came to train.
+   */
+  start() {
+    const section = $("try");
+    if (!("IntersectionObserver" in window)) return this.load();
+    const observer = new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting)) {
+        observer.disconnect();
+        this.load();
+      }
+    });
+    observer.observe(section);
+    return null;
+  }
+
+  /** Fill the model choice (again after an adapter was trained or activated, once the panel was shown). */
+  async refresh() {
+    if (this.loadedOnce) await this.load();
+  }
+
   async load() {
+    this.loadedOnce = true;
     try {
       const { data = [] } = await api.chatModels();
       this.render(data);
