@@ -49,6 +49,9 @@ def test_names_resolve_to_the_base_the_active_version_or_a_named_version(setting
     finally:
         registry.activate(settings, "luna-adapter", "v1")
     assert engine.resolve("luna-adapter@v3").path == settings.adapters_dir / "luna-adapter" / "v3"
+    ids = [m["id"] for m in engine.models()]
+    assert ids[:2] == ["luna-tiny", "luna-adapter"] and "other" not in ids  # `other` has no active version
+    assert {"luna-adapter@v1", "luna-adapter@v2", "luna-adapter@v3", "other@v1"} <= set(ids)
     for bad in ("../../etc/passwd", "/etc/passwd", "luna-adapter@../v1", "luna-adapter@v9", "nobody",
                 "org/model", "luna-adapter@", "luna-tiny@v1", "other"):  # `other` has no active version
         with pytest.raises(NotFound) as info:

@@ -59,9 +59,9 @@ class Sampling:
 # --- model names ----------------------------------------------------------------------------------
 
 
-def active_entry(settings: Settings, name: str) -> dict[str, Any]:
-    """The version an adapter name stands for: its active one. The one place that reads the `active` alias
-    (when the registry keeps it per base model, ask for the served base's here)."""
+def active_entry(settings: Settings, name: str, base_id: str, base_fingerprint: str) -> dict[str, Any]:
+    """The version an adapter name stands for: its active one. The one place that reads the `active` alias;
+    when the registry keeps it per (adapter, base model), ask it for the served base's here."""
     adapter = registry.list_adapters(settings).get(name)
     if adapter is None:
         raise NotFound(f"The model {name!r} does not exist; GET /v1/models lists the models served here.")
@@ -83,7 +83,10 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         name, version = registry.parse_ref(model)
         if "@" in model and not version:
             raise UsageError("an empty version")
-        entry = registry.get_version(settings, name, version) if version else active_entry(settings, name)
+        if version:
+            entry = registry.get_version(settings, name, version)
+        else:
+            entry = active_entry(settings, name, base_id, base_fingerprint)
     except UsageError:  # not even a well-formed name
         raise NotFound(f"The model {model[:80]!r} does not exist; GET /v1/models lists the models served here.",
                        details=_NO_MODEL) from None
@@ -104,23 +107,21 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
 
 
 def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> list[dict[str, Any]]:
-    """The names /v1/models lists: the base, each adapter with an active version, and every version trained
-    on the served base."""
+    """The names /v1/models lists: the base, each adapter with an active version on the served base, and
+    every version trained on the served base."""
     out = [{"id": base_id, "kind": "base"}]
     for name, adapter in sorted(registry.list_adapters(settings).items()):
         fits = [e for e in adapter.get("versions", [])
                 if not e.get("replaced") and (e.get("baseModel") or {}).get("fingerprint") == base_fingerprint]
-        active = adapter.get("aliases", {}).get("active")
-        if any(e["version"] == active for e in fits):
-            out.append({"id": name, "kind": "active", "version": active, "created": _created(fits, active)})
+        with contextlib.suppress(NotFound):
+            active = active_entry(settings, name, base_id, base_fingerprint)
+            if any(e["version"] == active["version"] for e in fits):
+                out.append({"id": name, "kind": "active", "version": active["version"],
+                            "created": active.get("created")})
         for e in fits:
             out.append({"id": f"{name}@{e['version']}", "kind": "version", "version": e["version"],
                         "created": e.get("created"), "gate": (e.get("gate") or {}).get("passed")})
     return out
-
-
-def _created(entries: list[dict[str, Any]], version: str) -> str | None:
-    return next((e.get("created") for e in reversed(entries) if e["version"] == version), None)
 
 
 # --- tokens ---------------------------------------------------------------------------------------
