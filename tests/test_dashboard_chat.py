@@ -16,18 +16,12 @@ from pathlib import Path
 import pytest
 
 from chat_helpers import FACTS_A, FACTS_B, train_facts
-from dashboard_helpers import CHROMIUM, Services, start_services, stop_services
+from dashboard_helpers import Services, start_services, stop_services
 from lunatrain import registry
 from lunatrain.settings import load_settings
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's Chromium at {CHROMIUM}"),
-]
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-expect = playwright_api.expect
-from test_dashboard import UI_TIMEOUT_MS, browser, open_page, page, shot  # noqa: E402,F401  (shared fixtures)
+# The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
+from test_dashboard import UI_TIMEOUT_MS, browser, expect, open_page, page, pytestmark, shot  # noqa: F401
 
 # The first answer of a server loads torch, transformers, PEFT and the model: ~30 s on busy shared cores.
 FIRST_ANSWER_MS = 300_000
