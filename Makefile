@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/prepare.py
 	$(PY) bench/train_cpu.py
 	$(PY) bench/api_load.py
+	$(PY) bench/infer.py
 
 clean:
 	rm -rf $(VENV) data reports test-output

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     retain_jobs: int = Field(default=50, ge=0, description="finished jobs whose events and log are kept")
     retain_job_days: float = Field(default=30.0, ge=0, description="events and logs of finished jobs older than this go")
     retain_checkpoint_days: float = Field(default=7.0, ge=0, description="idle run work dirs (checkpoints) older than this go")
+    infer_max_concurrent: int = Field(default=8, ge=1, le=256, description="chat answers generated at once; more get 429")
+    infer_max_tokens: int = Field(default=1024, ge=1, le=131072, description="cap on a chat request's max_tokens")
+    infer_max_adapters: int = Field(default=4, ge=1, le=64, description="adapters kept loaded (least recently used out)")
 
     @field_validator("home", mode="after")
     @classmethod

@@ -22,14 +22,18 @@ export function setToken(token) {
   else sessionStorage.removeItem(TOKEN_KEY);
 }
 
+/** Request headers with the bearer token when one was given (the chat panel streams with its own fetch). */
+export function authHeaders(extra = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : { ...extra };
+}
+
 async function request(method, path, { body, query } = {}) {
-  const url = new URL(BASE + path, location.origin);
+  const url = new URL(path.startsWith("/v1/") || path.startsWith("/assistant/chat/") ? path : BASE + path, location.origin);
   for (const [key, value] of Object.entries(query ?? {})) {
     if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, String(value));
   }
-  const headers = { Accept: "application/json" };
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  if (token) headers.Authorization = `Bearer ${token}`;
+  const headers = authHeaders({ Accept: "application/json" });
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
@@ -77,6 +81,8 @@ export const api = {
   deactivate: (name, version) => post(`/adapters/${seg(name)}/deactivate`, version ? { version } : {}),
   reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
   curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
+  chatModels: () => get("/v1/models"),
+  chatExamples: () => get("/assistant/chat/examples"),
 };
 
 export const FINAL_STATES = new Set(["succeeded", "failed", "cancelled"]);

@@ -6,6 +6,7 @@ import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
 import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
 import { JobView } from "./job.js";
+import { TryPanel } from "./tryit.js";
 import { serverFieldErrors } from "./params.js";
 import { h, showError, showNotice, clearErrors, busy, fillFacts } from "./ui.js";
 
@@ -213,9 +214,14 @@ async function runPrepare(event) {
 // ---- training ------------------------------------------------------------------------------------------
 
 const loraForm = new LoraForm($("lora-form"));
-const adapters = new AdapterView(() => loadDataStatus());
+const tryPanel = new TryPanel();
+const adapters = new AdapterView(() => {
+  loadDataStatus();
+  tryPanel.refresh();
+});
 const jobView = new JobView(() => {
   adapters.load();
+  tryPanel.refresh();
   loadDataStatus();
   loadHealth();
 });
@@ -280,6 +286,7 @@ function refreshAll() {
   loadHealth();
   loadDataStatus();
   adapters.load();
+  tryPanel.refresh();
   loadLatestJob();
 }
 
@@ -299,6 +306,7 @@ $("data-min-curated").addEventListener("input", (event) => {
   event.currentTarget.dataset.touched = "yes";
 });
 loadDefaults().finally(refreshAll);
+tryPanel.start();
 // Light background refresh; the job itself is polled faster while one runs.
 setInterval(loadHealth, HEALTH_MS);
 setInterval(() => {

@@ -301,6 +301,21 @@ const de = {
   "msg.log.gate_started": "Eval-Gate prüft {name} {version}",
   "msg.log.gate_passed": "Eval-Gate bestanden: {name} {version}",
   "msg.log.gate_failed": "Eval-Gate nicht bestanden: {name} {version} ({reasons})",
+  "try.heading": "Ausprobieren",
+  "try.intro": "Eine Nachricht, zwei Antworten: links das Basismodell, rechts die gewählte Adapter-Version (gierig dekodiert, temperature 0).",
+  "try.prompt": "Nachricht",
+  "try.model": "Adapter-Version",
+  "try.activeOption": "{name} (aktive Version)",
+  "try.noAdapter": "Noch kein Adapter für dieses Basismodell: erst trainieren, dann vergleichen.",
+  "try.send": "Senden",
+  "try.empty": "Bitte eine Nachricht eingeben.",
+  "try.examples": "Beispiele aus dem Eval-Gate",
+  "try.base": "Basismodell ({model})",
+  "try.adapter": "Adapter ({model})",
+  "try.adapterNone": "Adapter",
+  "try.answering": "Antwortet …",
+  "try.done": "Fertig · {tokens} Tokens",
+  "try.cut": "Abgeschnitten bei {tokens} Tokens (max_tokens)",
 };
 
 const en = {
@@ -602,6 +617,21 @@ const en = {
   "msg.log.gate_started": "Eval gate checks {name} {version}",
   "msg.log.gate_passed": "Eval gate passed: {name} {version}",
   "msg.log.gate_failed": "Eval gate failed: {name} {version} ({reasons})",
+  "try.heading": "Try it",
+  "try.intro": "One message, two answers: the base model on the left, the chosen adapter version on the right (greedy decoding, temperature 0).",
+  "try.prompt": "Message",
+  "try.model": "Adapter version",
+  "try.activeOption": "{name} (active version)",
+  "try.noAdapter": "No adapter for this base model yet: train one, then compare.",
+  "try.send": "Send",
+  "try.empty": "Please enter a message.",
+  "try.examples": "Examples from the eval gate",
+  "try.base": "Base model ({model})",
+  "try.adapter": "Adapter ({model})",
+  "try.adapterNone": "Adapter",
+  "try.answering": "Answering …",
+  "try.done": "Done · {tokens} tokens",
+  "try.cut": "Cut off at {tokens} tokens (max_tokens)",
 };
 
 const TEXTS = { de, en };

@@ -1,0 +1,344 @@
+"""The OpenAI-compatible chat API: `GET /v1/models`, `POST /v1/chat/completions` (plain and streamed), in the
+wire format of OpenAI's API, so the official `openai` client works with `base_url=http://127.0.0.1:5050/v1`.
+
+Errors here have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; invalid requests are 400
+(not FastAPI's 422), an unknown model 404, a full house 429. The serving engine (serving.py) is created on
+the first request and its model loaded then, never at startup.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ... import evalsuite, serving
+from ...errors import LunaError, UsageError
+from ...settings import Settings
+from ..deps import SettingsDep, errors
+
+# --- wire models ----------------------------------------------------------------------------------
+
+
+# strict: `0` is not `false` and "3" is not a count; JSON has the right types, so use them (as the rest of the API).
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text"]
+    text: str = Field(max_length=1_000_000)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # `name` and other fields clients send: unused
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat request, the fields lunatrain honours; other fields clients send are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = Field(min_length=1, max_length=200,
+                       description="the base model id, an adapter name (its active version) or name@version")
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = Field(default=None, ge=1, le=131072)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=131072)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    stop: Annotated[str, Field(min_length=1, max_length=256)] | list[
+        Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(default=None, max_length=4)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=1, description="one choice per request")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Example(BaseModel):
+    id: str
+    prompt: str
+    messages: list[dict[str, str]]
+    max_tokens: int
+
+
+class Examples(BaseModel):
+    examples: list[Example]
+
+
+# --- errors in OpenAI's shape ---------------------------------------------------------------------
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "server_error"}
+
+
+def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _from_luna(exc: LunaError) -> JSONResponse:
+    details = exc.details if isinstance(exc.details, dict) else {}
+    # 422 is FastAPI's; OpenAI answers every invalid request with 400 (and its client maps codes by that).
+    status = 400 if exc.http_status in (409, 422) else exc.http_status
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return openai_error(status, exc.message, param=details.get("param"), code=details.get("code", exc.code),
+                        headers=headers)
+
+
+def _from_validation(exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = ".".join(loc)
+    message = f"Invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed body')}."
+    return openai_error(400, message, param=loc[0] if loc else None, code="invalid_request")
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose every error, validation included, answers in OpenAI's error shape."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _from_validation(exc)
+            except LunaError as exc:
+                return _from_luna(exc)
+            except StarletteHTTPException as exc:
+                return openai_error(exc.status_code, str(exc.detail))
+
+        return route
+
+
+_SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a chat.completion.chunk as JSON, or [DONE]"}},
+}
+router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError, "description": text} for code, text in {
+        400: "Invalid request (OpenAI's invalid_request_error), or Host header not allowed",
+        401: "Bearer token missing or wrong (when ASSISTANT_API_TOKEN is set)",
+        403: "Cross-origin request refused",
+        404: "No such model",
+        413: "Request body too large",
+        429: "Every generation slot is busy; retry",
+    }.items()
+}
+
+
+# --- the engine, created on first use -------------------------------------------------------------
+
+
+def _engine(request: Request) -> tuple[serving.Engine, serving.Slots]:
+    state = request.app.state
+    engine = getattr(state, "chat_engine", None)
+    if engine is None:
+        settings: Settings = state.settings
+        engine = state.chat_engine = serving.Engine(settings, max_adapters=settings.infer_max_adapters)
+        state.chat_slots = serving.Slots(settings.infer_max_concurrent)
+    return engine, state.chat_slots
+
+
+def _created(stamp: str | None) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(stamp).timestamp()) if stamp else 0
+    except ValueError:
+        return 0
+
+
+@router.get("/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> ModelList:
+    """The models this server answers as: the base model, each adapter's active version (by its name) and
+    every adapter version trained on the served base (name@version)."""
+    engine, _ = _engine(request)
+    items = await run_in_threadpool(engine.models)
+    return ModelList(data=[ModelCard(id=m["id"], created=_created(m.get("created")),
+                                     owned_by="lunatrain" if m["kind"] != "base" else "base") for m in items])
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses=_ERRORS | {200: {"description": "the answer; with stream=true as server-sent events",
+                               # before OpenAPI 3.2 an event stream's `schema` describes one event
+                               "content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
+)
+async def chat_completions(body: ChatRequest, request: Request, settings: SettingsDep):
+    """Answer a chat with the base model, an adapter's active version, or name@version (OpenAI's format)."""
+    sampling = _sampling(body, settings)
+    engine, slots = _engine(request)
+    target = await run_in_threadpool(engine.resolve, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    slots.acquire()
+    try:
+        gen = await run_in_threadpool(engine.start, target, messages, sampling)
+    except BaseException:
+        slots.release()
+        raise
+    gen.on_close = slots.release  # from here on the answer gives its slot back, however it ends
+    ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        # gen.close as background task too: it runs when a client leaves before the first event is sent.
+        return StreamingResponse(_events(gen, ident, created, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(gen.close))
+    try:
+        text = await run_in_threadpool(gen.run)
+    finally:
+        gen.close()
+    return ChatCompletion(
+        id=ident, created=created, model=target.model, usage=_usage(gen), system_fingerprint=_fingerprint(target),
+        choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=gen.finish_reason or "stop")],
+    )
+
+
+def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
+    cap = settings.infer_max_tokens
+    wanted = body.max_completion_tokens or body.max_tokens
+    if wanted is not None and wanted > cap:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise UsageError(f"{param} {wanted} is over this server's cap of {cap} (ASSISTANT_INFER_MAX_TOKENS).",
+                        details={"param": param, "code": "invalid_value"})
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return serving.Sampling(
+        max_tokens=wanted or cap,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=stop,
+    )
+
+
+def _usage(gen: serving.Generation) -> Usage:
+    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                 total_tokens=gen.prompt_tokens + gen.completion_tokens)
+
+
+def _fingerprint(target: serving.Target) -> str:
+    return f"lunatrain-{target.model}"
+
+
+def _chunk(ident: str, created: int, model: str, delta: dict, finish: str | None) -> str:
+    data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": f"lunatrain-{model}",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _events(gen: serving.Generation, ident: str, created: int, usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: a role chunk, content chunks, a finish chunk, optionally a
+    usage chunk, then `[DONE]`. A client that goes away cancels this at the next token; the finally frees
+    the slot and the adapter either way."""
+    model = gen.target.model
+    try:
+        yield _chunk(ident, created, model, {"role": "assistant", "content": ""}, None)
+        while (piece := await run_in_threadpool(gen.step)) is not None:
+            yield _chunk(ident, created, model, {"content": piece}, None)
+        yield _chunk(ident, created, model, {}, gen.finish_reason or "stop")
+        if usage:
+            data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": _usage(gen).model_dump()}
+            yield f"data: {json.dumps(data)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # headers are sent: report in the stream, as OpenAI does, not as a 500
+        message = exc.message if isinstance(exc, LunaError) else "Generation failed; the server log has the details."
+        if not isinstance(exc, LunaError):
+            import logging
+
+            logging.getLogger("lunatrain.api").exception("chat stream failed", exc_info=exc)
+        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+    finally:
+        gen.close()
+
+
+# Not part of OpenAI's API, so outside /v1 and with lunatrain's usual error shape.
+examples_router = APIRouter(prefix="/assistant/chat", tags=["chat"])
+
+
+@examples_router.get("/examples", response_model=Examples, responses=errors())
+async def examples(settings: SettingsDep) -> Examples:
+    """The eval gate's golden cases as ready prompts (the dashboard's one-click examples)."""
+    cases = await run_in_threadpool(evalsuite.load_suite, settings)
+    return Examples(examples=[Example(id=c.id, prompt=c.messages[-1]["content"], messages=c.messages,
+                                      max_tokens=c.max_new_tokens) for c in cases])

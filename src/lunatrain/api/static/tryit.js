@@ -1,0 +1,200 @@
+// "Ausprobieren": one prompt, answered side by side by the base model and by a chosen adapter version, both
+// streamed from the OpenAI-compatible endpoint (/v1/chat/completions); the eval gate's golden cases are
+// one-click examples. Greedy decoding (temperature 0), so the two columns differ only by the adapter.
+
+import { api, authHeaders, ApiError } from "./api.js";
+import { t, formatNumber } from "./i18n.js";
+import { h, showError } from "./ui.js";
+
+const DEFAULT_MAX_TOKENS = 128;
+const $ = (id) => document.getElementById(id);
+
+/** POST a streamed chat request; `onPiece(text)` per content delta. Resolves {finish, usage, model}. */
+export async function streamChat(body, onPiece) {
+  let response;
+  try {
+    response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
+    });
+  } catch {
+    throw new ApiError(0, "network", t("err.network"));
+  }
+  if (!response.ok) {
+    const err = await response.json().catch(() => null);
+    throw new ApiError(response.status, err?.error?.code ?? `http_${response.status}`,
+      err?.error?.message ?? t("err.http", { status: response.status }));
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  const result = { finish: null, usage: null, model: body.model };
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return result;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    // Server-sent events are separated by a blank line; each of ours carries one `data:` line.
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return result;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new ApiError(500, chunk.error.code ?? "stream", chunk.error.message);
+        result.model = chunk.model ?? result.model;
+        if (chunk.usage) result.usage = chunk.usage;
+        const choice = chunk.choices?.[0];
+        if (choice?.delta?.content) onPiece(choice.delta.content);
+        if (choice?.finish_reason) result.finish = choice.finish_reason;
+      }
+    }
+  }
+}
+
+export class TryPanel {
+  constructor() {
+    this.form = $("try-form");
+    this.prompt = $("try-prompt");
+    this.select = $("try-model");
+    this.send = $("try-send");
+    this.base = null;
+    this.messages = null; // an example's full conversation (system prompt included), until the prompt is edited
+    this.maxTokens = DEFAULT_MAX_TOKENS;
+    this.form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.ask();
+    });
+    this.prompt.addEventListener("input", () => {
+      this.messages = null;
+      this.maxTokens = DEFAULT_MAX_TOKENS;
+    });
+  }
+
+  /**
+   * Start loading once the panel is first on screen: listing the models makes the API resolve the base model
+   * (building luna-tiny, importing torch), work no one should wait for who only came to train.
+   */
+  start() {
+    const section = $("try");
+    if (!("IntersectionObserver" in window)) return this.load();
+    const observer = new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting)) {
+        observer.disconnect();
+        this.load();
+      }
+    });
+    observer.observe(section);
+    return null;
+  }
+
+  /** Fill the model choice (again after an adapter was trained or activated, once the panel was shown). */
+  async refresh() {
+    if (this.loadedOnce) await this.load();
+  }
+
+  async load() {
+    this.loadedOnce = true;
+    try {
+      const { data = [] } = await api.chatModels();
+      this.render(data);
+    } catch (error) {
+      if (error.status !== 401) showError(error, t("try.heading"));
+    }
+    if (!$("try-example-list").children.length) this.loadExamples();
+  }
+
+  render(models) {
+    const base = models.find((m) => m.owned_by === "base");
+    this.base = base?.id ?? null;
+    $("try-base-label").textContent = t("try.base", { model: this.base ?? "–" });
+    const adapters = models.filter((m) => m.owned_by !== "base");
+    const previous = this.select.value;
+    // Adapter names first (their active version, resolved per request), then every version by name.
+    const active = adapters.filter((m) => !m.id.includes("@"));
+    const versions = adapters.filter((m) => m.id.includes("@"));
+    this.select.replaceChildren(
+      ...active.map((m) => h("option", { value: m.id }, t("try.activeOption", { name: m.id }))),
+      ...versions.map((m) => h("option", { value: m.id }, m.id)),
+    );
+    if ([...this.select.options].some((o) => o.value === previous)) this.select.value = previous;
+    const none = adapters.length === 0;
+    this.select.disabled = none;
+    $("try-no-adapter").hidden = !none;
+    this.send.disabled = this.base === null;
+  }
+
+  async loadExamples() {
+    try {
+      const { examples = [] } = await api.chatExamples();
+      $("try-examples").hidden = examples.length === 0;
+      $("try-example-list").replaceChildren(...examples.map((example) => h("li", {},
+        h("button", {
+          type: "button", class: "small example", dataset: { case: example.id },
+          title: example.prompt, onclick: () => this.useExample(example),
+        }, example.prompt))));
+    } catch (error) {
+      $("try-examples").hidden = true;
+      if (error.status !== 401) showError(error, t("try.examples"));
+    }
+  }
+
+  useExample(example) {
+    this.prompt.value = example.prompt;
+    this.messages = example.messages;
+    this.maxTokens = Math.min(example.max_tokens ?? DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS * 4);
+    this.ask();
+  }
+
+  async ask() {
+    const text = this.prompt.value.trim();
+    if (!text) {
+      this.prompt.setAttribute("aria-invalid", "true");
+      $("try-prompt-error").hidden = false;
+      this.prompt.focus();
+      return;
+    }
+    this.prompt.removeAttribute("aria-invalid");
+    $("try-prompt-error").hidden = true;
+    const messages = this.messages ?? [{ role: "user", content: text }];
+    const columns = [["base", this.base]];
+    if (!this.select.disabled && this.select.value) columns.push(["adapter", this.select.value]);
+    else this.column("adapter").text.textContent = "";
+    this.send.disabled = true;
+    this.send.setAttribute("aria-busy", "true");
+    try {
+      await Promise.all(columns.map(([key, model]) => this.answer(key, model, messages)));
+    } finally {
+      this.send.disabled = false;
+      this.send.removeAttribute("aria-busy");
+    }
+  }
+
+  column(key) {
+    return { box: $(`try-${key}-box`), text: $(`try-${key}`), meta: $(`try-${key}-meta`), label: $(`try-${key}-label`) };
+  }
+
+  async answer(key, model, messages) {
+    const col = this.column(key);
+    col.text.textContent = "";
+    col.meta.textContent = t("try.answering");
+    col.box.setAttribute("aria-busy", "true");
+    col.box.dataset.state = "streaming";
+    try {
+      const result = await streamChat({ model, messages, temperature: 0, max_tokens: this.maxTokens },
+        (piece) => col.text.append(piece));
+      if (key === "adapter") col.label.textContent = t("try.adapter", { model: result.model });
+      const tokens = result.usage ? formatNumber(result.usage.completion_tokens) : "–";
+      col.meta.textContent = t(result.finish === "length" ? "try.cut" : "try.done", { tokens });
+      col.box.dataset.state = "done";
+    } catch (error) {
+      col.meta.textContent = `${t("err.prefix")}: ${error.message}`;
+      col.box.dataset.state = "error";
+    } finally {
+      col.box.removeAttribute("aria-busy");
+    }
+  }
+}

@@ -1,0 +1,524 @@
+"""Using an adapter: one base model in memory, its LoRA adapters loaded on demand, chat answers token by token.
+
+`Engine` holds the configured base model (loaded on the first request, never at import or startup) and up to
+`ASSISTANT_INFER_MAX_ADAPTERS` adapters attached to it through PEFT (`load_adapter` / `set_adapter`), least
+recently used first out. A model name is the base model's id, an adapter name (its *active* version, read
+from the registry on every request, so an activation is used by the next request without a restart) or
+`name@version`.
+
+Generation is a small loop with a KV cache per request (`Generation.step` → the next piece of text), so a
+stream can be sent and stopped token by token. Every forward pass holds the engine's lock and sets its own
+adapter first: concurrent requests interleave token by token, and no request ever runs on a half-loaded
+adapter or on another request's adapter. Adapters in use are pinned and never evicted under a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import Conflict, LunaError, NotFound, UsageError
+from .settings import Settings
+
+
+class TooBusy(LunaError):
+    """Every generation slot is taken: answer 429 rather than queue without bound."""
+
+    http_status = 429
+    code = "rate_limit_exceeded"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a model name resolved to: the base model alone, or one registered adapter version on it."""
+
+    model: str  # the name answers carry: the base id, or name@version
+    adapter: str | None = None
+    version: str | None = None
+    path: Path | None = None  # the adapter directory (resolved: a new `current` revision is a new key)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+# --- model names ----------------------------------------------------------------------------------
+
+
+def active_entry(settings: Settings, name: str, base_id: str, base_fingerprint: str) -> dict[str, Any]:
+    """The version an adapter name stands for: its active one. The one place that reads the `active` alias;
+    when the registry keeps it per (adapter, base model), ask it for the served base's here."""
+    adapter = registry.list_adapters(settings).get(name)
+    if adapter is None:
+        raise NotFound(f"The model {name!r} does not exist; GET /v1/models lists the models served here.")
+    version = adapter.get("aliases", {}).get("active")
+    if not version:
+        raise NotFound(f"Adapter {name!r} has no active version; activate one or name a version ({name}@v1).")
+    return registry.get_version(settings, name, version)
+
+
+_NO_MODEL = {"param": "model", "code": "model_not_found"}
+
+
+def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str) -> Target:
+    """A request's `model` → Target. Names only: anything that is not the base id or a registered adapter
+    is a 404, whatever it looks like (a path, a URL, `..`)."""
+    if model == base_id:
+        return Target(model=base_id)
+    try:
+        name, version = registry.parse_ref(model)
+        if "@" in model and not version:
+            raise UsageError("an empty version")
+        if version:
+            entry = registry.get_version(settings, name, version)
+        else:
+            entry = active_entry(settings, name, base_id, base_fingerprint)
+    except UsageError:  # not even a well-formed name
+        raise NotFound(f"The model {model[:80]!r} does not exist; GET /v1/models lists the models served here.",
+                       details=_NO_MODEL) from None
+    except NotFound as exc:
+        raise NotFound(exc.message, details=_NO_MODEL) from None
+    if entry.get("replaced"):
+        raise NotFound(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.",
+                       details=_NO_MODEL)
+    trained_on = entry.get("baseModel") or {}
+    if trained_on.get("fingerprint") != base_fingerprint:
+        raise Conflict(f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this "
+                       f"server runs {base_id!r}; its LoRA weights do not fit.",
+                       details={"param": "model", "code": "model_base_mismatch"})
+    path = registry.adapter_dir(settings, entry).resolve()
+    if not (path / "adapter_config.json").is_file():
+        raise NotFound(f"The files of {name}@{entry['version']} are missing under data/adapters.", details=_NO_MODEL)
+    return Target(model=f"{name}@{entry['version']}", adapter=name, version=entry["version"], path=path)
+
+
+def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> list[dict[str, Any]]:
+    """The names /v1/models lists: the base, each adapter with an active version on the served base, and
+    every version trained on the served base."""
+    out = [{"id": base_id, "kind": "base"}]
+    for name, adapter in sorted(registry.list_adapters(settings).items()):
+        fits = [e for e in adapter.get("versions", [])
+                if not e.get("replaced") and (e.get("baseModel") or {}).get("fingerprint") == base_fingerprint]
+        with contextlib.suppress(NotFound):
+            active = active_entry(settings, name, base_id, base_fingerprint)
+            if any(e["version"] == active["version"] for e in fits):
+                out.append({"id": name, "kind": "active", "version": active["version"],
+                            "created": active.get("created")})
+        for e in fits:
+            out.append({"id": f"{name}@{e['version']}", "kind": "version", "version": e["version"],
+                        "created": e.get("created"), "gate": (e.get("gate") or {}).get("passed")})
+    return out
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+def stop_ids(tokenizer: Any, *dirs: Path | None) -> list[int]:
+    """The token ids that end an answer: the eos ids of `generation_config.json` in each directory given
+    (the adapter's, then the base's) and the tokenizer's eos. The one place to add the chat template's own
+    turn terminator once models can name it."""
+    ids: set[int] = set()
+    for d in dirs:
+        if d is None:
+            continue
+        try:
+            eos = json.loads((d / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        ids |= {i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _adapter_tokenizer(path: Path, base_tokenizer: Any) -> Any:
+    """The adapter directory's own tokenizer (and chat template) when it ships one, else the base's."""
+    if not (path / "tokenizer_config.json").is_file():
+        return base_tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise UsageError(f"The tokenizer in {path.name} could not be loaded: {exc}") from exc
+    return tok if tok.chat_template else base_tokenizer
+
+
+def _pick(logits: Any, s: Sampling, generator: Any) -> int:
+    import torch
+
+    logits = logits.float()
+    if s.temperature < 1e-4:  # 0 means greedy; a temperature that small is greedy in all but name
+        return int(torch.argmax(logits))
+    # Shifted so the largest is 0: dividing by a small temperature can then not overflow into inf/nan.
+    probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= s.top_p
+        drop[0] = False  # a top_p below float32's resolution would otherwise drop everything
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    peft_name: str
+    tokenizer: Any
+    stop_ids: list[int]
+    users: int = 0
+
+
+class Engine:
+    """The served base model and its loaded adapters. Thread-safe; every torch call holds `lock`."""
+
+    def __init__(self, settings: Settings, *, max_adapters: int = 4) -> None:
+        self.settings = settings
+        self.max_adapters = max(1, max_adapters)
+        self.lock = threading.RLock()
+        self._info: Any = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = "cpu"
+        self._small = False
+        self._stop_ids: list[int] = []
+        self._adapters: OrderedDict[Path, _Loaded] = OrderedDict()
+        self._names = itertools.count(1)
+        self.loads = 0  # adapter loads so far (for tests and the log)
+        self.generated = 0  # tokens generated so far, all requests together
+        self._on: Any = _UNKNOWN  # the PEFT adapter switched on now (None: adapters off)
+        self.cache_kw = "cache"
+
+    def base_info(self) -> Any:
+        """The configured base model's identity (id, fingerprint) without loading its weights."""
+        if self._info is None:
+            from .models import resolve_base
+
+            with self.lock:
+                if self._info is None:
+                    self._info = resolve_base(None, self.settings)
+        return self._info
+
+    def resolve(self, model: str) -> Target:
+        info = self.base_info()
+        return resolve(self.settings, model, info.id, info.fingerprint)
+
+    def models(self) -> list[dict[str, Any]]:
+        info = self.base_info()
+        return served_models(self.settings, info.id, info.fingerprint)
+
+    def _ensure_base(self) -> None:
+        if self.model is not None:
+            return
+        from . import models
+
+        info = self.base_info()
+        self.device = models.resolve_device("auto")
+        self.tokenizer = models.load_tokenizer(info, self.settings)
+        model = models.load_model(info, self.settings, self.device)
+        model.eval()
+        self._small = self.device == "cpu" and sum(p.numel() for p in model.parameters()) < models.SMALL_MODEL_PARAMS
+        self._stop_ids = stop_ids(self.tokenizer, Path(info.path))
+        self.cache_kw = _cache_argument(model)
+        self.model = model
+
+    def _attach(self, target: Target) -> _Loaded:
+        """The loaded adapter for `target` (loading it, evicting the least recently used idle one), pinned."""
+        assert target.path is not None
+        loaded = self._adapters.get(target.path)
+        if loaded is None:
+            loaded = self._load(target)
+        self._adapters.move_to_end(target.path)
+        loaded.users += 1
+        self._evict()  # after pinning: the adapter just loaded is never the one to go
+        return loaded
+
+    def _load(self, target: Target) -> _Loaded:
+        from peft import PeftModel
+
+        path = target.path
+        assert path is not None
+        peft_name = f"adapter{next(self._names)}"  # PEFT names are module keys: no dots or @
+        try:
+            with warnings_quiet():
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=peft_name,
+                                                           is_trainable=False)
+        except Exception as exc:
+            # Leave nothing half-loaded behind: a failed first load may have changed the base model's modules
+            # in place (reload it on the next request); a failed later one may have left a partial adapter.
+            if isinstance(self.model, PeftModel):
+                with contextlib.suppress(Exception):
+                    self.model.delete_adapter(peft_name)
+                self._on = _UNKNOWN
+            else:
+                self.model = None
+            raise Conflict(f"{target.model} could not be loaded onto the base model: {exc}") from exc
+        self.model.eval()
+        self._on = _UNKNOWN
+        tok = _adapter_tokenizer(path, self.tokenizer)
+        loaded = _Loaded(peft_name, tok, stop_ids(tok, path, Path(self.base_info().path)))
+        self._adapters[path] = loaded
+        self.loads += 1
+        return loaded
+
+    def _evict(self) -> None:
+        for path, old in list(self._adapters.items()):
+            if len(self._adapters) <= self.max_adapters:
+                return
+            if old.users == 0:
+                with warnings_quiet():  # PEFT says which adapter it made active instead; each step sets its own
+                    self.model.delete_adapter(old.peft_name)
+                self._on = _UNKNOWN
+                del self._adapters[path]
+
+    def release(self, target: Target) -> None:
+        with self.lock:
+            loaded = self._adapters.get(target.path) if target.path else None
+            if loaded is not None:
+                loaded.users -= 1
+                self._evict()  # an adapter kept over the bound while in use goes now
+
+    def loaded(self) -> list[str]:
+        return [str(p) for p in self._adapters]
+
+    def start(self, target: Target, messages: list[dict[str, str]], sampling: Sampling) -> Generation:
+        """Load what `target` needs, render the prompt with its chat template, check the context length.
+        Errors here come before any answer is sent."""
+        with self.lock:
+            self._ensure_base()
+            loaded = self._attach(target) if target.path else None
+        try:
+            tok = loaded.tokenizer if loaded else self.tokenizer
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates refuse what their model never saw, e.g. Gemma a system turn
+                raise UsageError(f"The chat template of {target.model} refuses these messages: {exc}",
+                                 details={"param": "messages", "code": "invalid_messages"}) from exc
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+            if limit and len(ids) + sampling.max_tokens > limit:
+                raise UsageError(
+                    f"The prompt has {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is over the "
+                    f"model's context of {limit} tokens.", details={"param": "messages", "code": "context_length_exceeded"})
+            return Generation(self, target, loaded, tok, ids, sampling)
+        except Exception:
+            if loaded is not None:
+                self.release(target)
+            raise
+
+    @contextlib.contextmanager
+    def _using(self, loaded: _Loaded | None):
+        """Hold the lock with `loaded`'s adapter switched on (None: all adapters off)."""
+        import torch
+
+        with self.lock, torch.inference_mode():
+            threads = torch.get_num_threads()
+            if self._small:  # tiny matmuls lose more to thread sync than they gain (models.cpu_threads_for)
+                torch.set_num_threads(1)
+            try:
+                self._switch(loaded.peft_name if loaded else None)
+                yield
+            finally:
+                if self._small:
+                    torch.set_num_threads(threads)
+
+    def _switch(self, wanted: str | None) -> None:
+        """Make `wanted` the adapter in use (None: adapters off). PEFT's set_adapter walks every module (half
+        of a luna-tiny token's time), so it runs only when the adapter changes, not on every token."""
+        from peft import PeftModel
+
+        if wanted == self._on or not isinstance(self.model, PeftModel):
+            return
+        if wanted is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            if self._on is None or self._on is _UNKNOWN:
+                self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(wanted)
+        self._on = wanted
+
+
+_UNKNOWN = object()  # after a load or an eviction PEFT may have changed the active adapter itself
+
+
+def _cache_argument(model: Any) -> str:
+    """`cache` (transformers from 5.x's rename on) or `past_key_values` (5.0 and earlier 5.x releases)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():  # PEFT warns about base ids it cannot look up; the base is given here
+        warnings.simplefilter("ignore")
+        yield
+
+
+@dataclass
+class Generation:
+    """One answer being generated: `step()` returns the next piece of text, or None when done."""
+
+    engine: Engine
+    target: Target
+    loaded: _Loaded | None
+    tokenizer: Any
+    prompt_ids: list[int]
+    sampling: Sampling
+    new_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    _emitted: int = 0
+    _past: Any = None
+    _next_input: list[int] | None = None
+    _generator: Any = None
+    _closed: bool = False
+    _text: str = ""
+    on_close: Callable[[], None] | None = None  # frees what the caller holds for this answer (its slot)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self._next_input = list(self.prompt_ids)
+        # The model object as it was at the start: the engine may wrap it in PEFT (same layers) or, after a
+        # failed first adapter load, drop it for a fresh one while this answer is still running on it.
+        self._model = self.engine.model
+        self._generator = torch.Generator(device="cpu")
+        seed = self.sampling.seed if self.sampling.seed is not None else time.time_ns()
+        self._generator.manual_seed(seed % 2**63)
+        self._stops = self.loaded.stop_ids if self.loaded else self.engine._stop_ids
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.new_ids)
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def step(self) -> str | None:
+        """Generate until there is new text to show (or the answer ended); None once finished."""
+        while self.finish_reason is None:
+            if len(self.new_ids) >= self.sampling.max_tokens:
+                self.finish_reason = "length"
+                break
+            token = self._forward()
+            if token in self._stops:
+                self.finish_reason = "stop"
+                break
+            self.new_ids.append(token)
+            piece = self._advance()
+            if piece:
+                return piece
+        piece = self._advance(final=True)
+        self.close()
+        return piece or None
+
+    def run(self) -> str:
+        """The whole answer at once."""
+        while self.step() is not None:
+            pass
+        return self._text
+
+    def _forward(self) -> int:
+        import torch
+
+        with self.engine._using(self.loaded):
+            if self._past is None:
+                from transformers import DynamicCache
+
+                self._past = DynamicCache(config=self._model.config)
+            ids = torch.tensor([self._next_input], device=self.engine.device)
+            # The cache object grows in place; transformers renamed its argument within 5.x.
+            out = self._model(input_ids=ids, use_cache=True, **{self.engine.cache_kw: self._past})
+            logits = out.logits[0, -1].to("cpu")
+            self.engine.generated += 1
+        token = _pick(logits, self.sampling, self._generator)
+        self._next_input = [token]
+        return token
+
+    def _advance(self, final: bool = False) -> str:
+        """Text decoded so far minus what was already returned, holding back an incomplete character and
+        anything that may be the start of a stop string; cuts the answer at a stop string."""
+        full = self.tokenizer.decode(self.new_ids, skip_special_tokens=True)
+        hits = [at for stop in self.sampling.stop if stop and (at := full.find(stop)) >= 0]
+        if hits:
+            full, final = full[: min(hits)], True
+            self.finish_reason = "stop"
+        if final:
+            safe = len(full)
+            self._text = full
+        else:
+            safe = len(full) - max((len(s) - 1 for s in self.sampling.stop), default=0)
+            if full.endswith("\ufffd"):  # half a character: wait for the token that completes it
+                safe = min(safe, len(full) - 1)
+        piece = full[self._emitted:safe] if safe > self._emitted else ""
+        self._emitted = max(self._emitted, safe)
+        return piece
+
+    def close(self) -> None:
+        """Free the KV cache, unpin the adapter and call `on_close` (idempotent; also when a client goes away)."""
+        if not self._closed:
+            self._closed = True
+            self._past = None
+            try:
+                if self.loaded is not None:
+                    self.engine.release(self.target)
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
+
+    def __del__(self) -> None:
+        # The last resort: a stream whose client left before it was ever iterated never runs its `finally`.
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class Slots:
+    """At most `limit` generations at once; the next one is refused (429), never queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._busy = 0
+        self._lock = threading.RLock()  # re-entrant: a garbage-collected Generation may release from anywhere
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._busy >= self.limit:
+                raise TooBusy(f"All {self.limit} generation slots are busy; retry in a moment.",
+                              details={"code": "rate_limit_exceeded"})
+            self._busy += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    @property
+    def busy(self) -> int:
+        return self._busy

@@ -1,0 +1,176 @@
+"""The chat endpoint's HTTP rules, in-process: OpenAI's error shape and status codes, the bearer token, the
+body and `max_tokens` caps, names only (never a path), and the concurrency limit that answers 429 instead
+of queueing. Only the base model luna-tiny is served here (built once per module).
+
+Run: `.venv/bin/python -m pytest tests/test_chat_api.py -q` (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lunatrain import models, store
+from lunatrain.api.main import create_app
+from lunatrain.settings import load_settings
+
+TOKEN = "chat-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    home = tmp_path_factory.mktemp("chat-api-home")
+    settings = load_settings(home=home, api_token=TOKEN, max_body_bytes=4096, infer_max_tokens=64,
+                             infer_max_concurrent=2, lora_ensure_on_demand=False)
+    models.ensure_tiny(settings)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1", headers=AUTH) as c:
+        yield c
+    store.dispose_stores()
+
+
+def chat(client: TestClient, **body) -> tuple[int, dict]:
+    payload = {"model": "luna-tiny", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 4,
+               "temperature": 0} | body
+    r = client.post("/v1/chat/completions", json=payload)
+    return r.status_code, r.json()
+
+
+def assert_openai_error(body: dict, type_: str) -> dict:
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["type"] == type_ and err["message"].endswith(".")
+    return err
+
+
+def test_an_answer_has_openais_fields(client: TestClient) -> None:
+    status, body = chat(client)
+    assert status == 200, body
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 4
+
+
+def test_the_token_is_required_when_set(client: TestClient) -> None:
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        r = client.get("/v1/models", headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/models").json()["data"][0]["id"] == "luna-tiny"
+
+
+@pytest.mark.parametrize("model", [
+    "../../etc/passwd", "/etc/passwd", "data/models/luna-tiny", "luna-adapter", "luna-adapter@v1",
+    "luna-adapter@../../x", "http://example.com/model", "a" * 200, "luna-tiny@v1", "LUNA-TINY",
+])
+def test_anything_but_a_served_name_is_404_model_not_found(client: TestClient, model: str) -> None:
+    status, body = chat(client, model=model)
+    assert status == 404
+    err = assert_openai_error(body, "invalid_request_error")
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": "Hallo"}, "messages"),
+    ({"max_tokens": 65}, "max_tokens"),
+    ({"max_tokens": None, "max_completion_tokens": 1000}, "max_completion_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ""}, "stop"),
+    ({"model": None}, "model"),
+])
+def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body: dict, param: str) -> None:
+    status, answer = chat(client, **body)
+    assert status == 400, answer
+    assert assert_openai_error(answer, "invalid_request_error")["param"] == param
+
+
+def test_malformed_json_is_400_in_openais_shape(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", content=b'{"model": "luna-tiny", "messages": [',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert_openai_error(r.json(), "invalid_request_error")
+
+
+def test_a_prompt_over_the_context_is_400_before_any_generation(client: TestClient) -> None:
+    long_text = "Hallo " * 600  # ~600 tokens, under the body cap
+    client.app.state.settings.infer_max_tokens = 4096
+    try:
+        status, body = chat(client, max_tokens=4000, messages=[{"role": "user", "content": long_text}])
+    finally:
+        client.app.state.settings.infer_max_tokens = 64
+    assert status == 400
+    assert assert_openai_error(body, "invalid_request_error")["code"] == "context_length_exceeded"
+
+
+def test_bodies_over_the_cap_are_413(client: TestClient) -> None:
+    status, body = chat(client, messages=[{"role": "user", "content": "x" * 5000}])
+    assert status == 413 and body["error"]["code"] == "payload_too_large"
+
+
+def test_a_full_house_answers_429_at_once_and_frees_its_slots(client: TestClient) -> None:
+    client.get("/v1/models")  # creates the engine and its slots
+    slots = client.app.state.chat_slots
+    for _ in range(slots.limit):
+        slots.acquire()
+    try:
+        r = client.post("/v1/chat/completions", json={"model": "luna-tiny", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert assert_openai_error(r.json(), "rate_limit_error")["code"] == "rate_limit_exceeded"
+    finally:
+        for _ in range(slots.limit):
+            slots.release()
+    assert chat(client)[0] == 200
+    assert slots.busy == 0  # plain, streamed and refused requests all gave their slot back
+    with client.stream("POST", "/v1/chat/completions", json={"model": "luna-tiny", "stream": True, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": "x"}]}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and slots.busy == 0
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot(home, client) -> None:
+    import shutil
+
+    import httpx
+
+    shutil.copytree(client.app.state.settings.models_dir, home / "data" / "models")  # the module's luna-tiny
+
+    from test_api_security import Server
+
+    with Server(infer_max_tokens=4000) as srv:
+        app = srv.server.config.app
+        url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
+        body = {"model": "luna-tiny", "stream": True, "max_tokens": 4000, "temperature": 0,
+                "messages": [{"role": "user", "content": "x"}]}
+        with httpx.Client(trust_env=False, timeout=120) as http, http.stream("POST", url, json=body) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+            slots = app.state.chat_slots
+            assert slots.busy == 1
+        # The connection is gone: the server notices at its next token and ends the generation early.
+        engine = app.state.chat_engine
+        for _ in range(600):
+            if slots.busy == 0:
+                break
+            threading.Event().wait(0.1)
+        assert slots.busy == 0
+        assert engine.generated < 4000, "the generation ran to its end instead of stopping with its client"
+
+
+def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
+    r = client.get("/assistant/chat/examples")
+    assert r.status_code == 200
+    examples = r.json()["examples"]
+    assert examples and all(e["prompt"] and e["messages"][-1]["role"] == "user" for e in examples)

@@ -1,0 +1,94 @@
+"""The dashboard's "Ausprobieren" panel in a real headless Chromium against a real `lunatrain serve`: a luna-tiny
+adapter trained to memorise a few answers gives them in the adapter column while the base model's column
+does not, both streamed; the gate's golden cases are one-click examples; German by default, English with
+?lang=en.
+
+Run: `.venv/bin/python -m pytest tests/test_dashboard_chat.py -q` (needs /usr/bin/chromium). Screenshots land
+in test-output/<test name>/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chat_helpers import FACTS_A, FACTS_B, train_facts
+from dashboard_helpers import Services, start_services, stop_services
+from lunatrain import registry
+from lunatrain.settings import load_settings
+
+# The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
+from test_dashboard import UI_TIMEOUT_MS, browser, expect, open_page, page, pytestmark, shot  # noqa: F401
+
+# The first answer of a server loads torch, transformers, PEFT and the model: ~30 s on busy shared cores.
+FIRST_ANSWER_MS = 300_000
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    home = tmp_path_factory.mktemp("try-home")
+    settings = load_settings(home=home)
+    registry.activate(settings, "luna-adapter", train_facts(settings, FACTS_A))
+    train_facts(settings, FACTS_B)  # v2, not active
+    svc = start_services(home)
+    try:
+        yield svc
+    finally:
+        stop_services(svc)
+
+
+def test_base_and_adapter_answer_side_by_side(page, services: Services, output_dir: Path) -> None:
+    open_page(page, services)
+    panel = page.locator("#try")
+    expect(panel.get_by_role("heading", name="Ausprobieren")).to_be_visible()
+    assert page.locator("#try-model option").count() == 0  # nothing asked of the model until the panel shows
+    panel.scroll_into_view_if_needed()
+    choice = page.get_by_label("Adapter-Version", exact=True)
+    expect(choice.locator("option")).to_have_count(3, timeout=UI_TIMEOUT_MS)  # luna-adapter, @v1, @v2
+    expect(choice).to_have_value("luna-adapter")
+    expect(choice.locator("option").first).to_have_text("luna-adapter (aktive Version)")
+
+    question, answer = FACTS_A[0]
+    page.get_by_label("Nachricht", exact=True).fill(question)
+    page.get_by_role("button", name="Senden").click()
+    expect(page.locator("#try-adapter")).to_have_text(answer, timeout=FIRST_ANSWER_MS)
+    expect(page.locator("#try-adapter-label")).to_have_text("Adapter (luna-adapter@v1)")
+    expect(page.locator("#try-base-box")).to_have_attribute("data-state", "done", timeout=FIRST_ANSWER_MS)
+    expect(page.locator("#try-base-label")).to_have_text("Basismodell (luna-tiny)")
+    assert answer not in page.locator("#try-base").text_content()
+    expect(page.locator("#try-adapter-meta")).to_contain_text("Fertig")
+    shot(page, output_dir, "1-side-by-side")
+
+    # Another version by name: its own answer to the same question.
+    choice.select_option("luna-adapter@v2")
+    page.get_by_role("button", name="Senden").click()
+    expect(page.locator("#try-adapter")).to_have_text(FACTS_B[0][1], timeout=FIRST_ANSWER_MS)
+    expect(page.locator("#try-adapter-label")).to_have_text("Adapter (luna-adapter@v2)")
+
+
+def test_an_empty_prompt_is_refused_on_the_page(page, services: Services) -> None:
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    page.get_by_role("button", name="Senden").click()
+    expect(page.locator("#try-prompt-error")).to_be_visible()
+    expect(page.get_by_label("Nachricht", exact=True)).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#try-base-box")).not_to_have_attribute("data-state", "done")
+
+
+def test_golden_cases_are_one_click_examples_in_english(page, services: Services, output_dir: Path) -> None:
+    open_page(page, services, "?lang=en")
+    expect(page.get_by_role("heading", name="Try it")).to_be_visible()
+    page.locator("#try").scroll_into_view_if_needed()
+    examples = page.locator("#try-example-list button")
+    expect(examples.first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    prompt = examples.first.text_content()
+    examples.first.click()
+    expect(page.get_by_label("Message", exact=True)).to_have_value(prompt)
+    for column in ("#try-base-box", "#try-adapter-box"):
+        expect(page.locator(column)).to_have_attribute("data-state", "done", timeout=FIRST_ANSWER_MS)
+    expect(page.locator("#try-adapter-meta")).to_contain_text(re.compile(r"^(Done|Cut off)"))
+    expect(page.locator("#try-base-label")).to_have_text("Base model (luna-tiny)")
+    shot(page, output_dir, "2-example-english")

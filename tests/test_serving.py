@@ -1,0 +1,223 @@
+"""The serving engine (serving.py) on luna-tiny with random-weight adapters: model names resolve through the
+registry (the active version read fresh), adapters load on demand under an LRU bound and are never evicted
+while in use, concurrent requests on different adapters get exactly the answers they get alone, stop ids
+and stop strings end answers.
+
+Run: `.venv/bin/python -m pytest tests/test_serving.py -q` (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from chat_helpers import random_adapter
+from lunatrain import registry, serving
+from lunatrain.errors import Conflict, NotFound
+from lunatrain.settings import load_settings
+
+GREEDY = serving.Sampling(max_tokens=12, temperature=0)
+HELLO = [{"role": "user", "content": "Wie heißt mein Hund?"}]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory):
+    s = load_settings(home=tmp_path_factory.mktemp("serving-home"))
+    for seed in (1, 2, 3):
+        random_adapter(s, "luna-adapter", seed)  # v1, v2, v3
+    random_adapter(s, "other", 4)
+    registry.activate(s, "luna-adapter", "v1")
+    return s
+
+
+def answer(engine: serving.Engine, model: str, sampling: serving.Sampling = GREEDY) -> tuple[str, list[int]]:
+    gen = engine.start(engine.resolve(model), HELLO, sampling)
+    text = gen.run()
+    return text, gen.new_ids
+
+
+def test_names_resolve_to_the_base_the_active_version_or_a_named_version(settings) -> None:
+    engine = serving.Engine(settings)
+    assert engine.resolve("luna-tiny").adapter is None
+    assert engine.resolve("luna-adapter").model == "luna-adapter@v1"
+    registry.activate(settings, "luna-adapter", "v2")
+    try:
+        assert engine.resolve("luna-adapter").model == "luna-adapter@v2"  # read fresh, no cache in between
+    finally:
+        registry.activate(settings, "luna-adapter", "v1")
+    assert engine.resolve("luna-adapter@v3").path == settings.adapters_dir / "luna-adapter" / "v3"
+    ids = [m["id"] for m in engine.models()]
+    assert ids[:2] == ["luna-tiny", "luna-adapter"] and "other" not in ids  # `other` has no active version
+    assert {"luna-adapter@v1", "luna-adapter@v2", "luna-adapter@v3", "other@v1"} <= set(ids)
+    for bad in ("../../etc/passwd", "/etc/passwd", "luna-adapter@../v1", "luna-adapter@v9", "nobody",
+                "org/model", "luna-adapter@", "luna-tiny@v1", "other"):  # `other` has no active version
+        with pytest.raises(NotFound) as info:
+            engine.resolve(bad)
+        assert info.value.details["code"] == "model_not_found"
+
+
+def test_an_adapter_of_another_base_is_refused(settings) -> None:
+    engine = serving.Engine(settings)
+    data = registry.load(settings)
+    entry = dict(data["adapters"]["other"]["versions"][0], version="v2", path="data/adapters/other/v2")
+    entry["baseModel"] = {"id": "org/else", "fingerprint": "0" * 64}
+    data["adapters"]["other"]["versions"].append(entry)
+    registry.registry_path(settings).write_text(json.dumps(data))
+    try:
+        with pytest.raises(Conflict, match="trained on base model 'org/else'"):
+            engine.resolve("other@v2")
+        assert "other@v2" not in [m["id"] for m in engine.models()]
+    finally:
+        data["adapters"]["other"]["versions"].pop()
+        registry.registry_path(settings).write_text(json.dumps(data))
+
+
+def test_adapters_change_the_answer_and_the_lru_keeps_at_most_the_bound(settings) -> None:
+    engine = serving.Engine(settings, max_adapters=2)
+    base, _ = answer(engine, "luna-tiny")
+    answers = {ref: answer(engine, ref)[1] for ref in ("luna-adapter@v1", "luna-adapter@v2", "luna-adapter@v3")}
+    assert len({tuple(v) for v in answers.values()}) == 3, "each adapter answers differently"
+    assert len(engine.loaded()) == 2 and engine.loads == 3
+    assert answer(engine, "luna-tiny")[0] == base  # adapters switched off for the base model
+    # v1 was evicted: asking again loads it again and gives the same answer as before
+    assert answer(engine, "luna-adapter@v1")[1] == answers["luna-adapter@v1"] and engine.loads == 4
+
+
+def test_an_adapter_in_use_is_not_evicted_under_its_request(settings) -> None:
+    engine = serving.Engine(settings, max_adapters=1)
+    alone = answer(engine, "luna-adapter@v1")[1]
+    gen = engine.start(engine.resolve("luna-adapter@v1"), HELLO, GREEDY)
+    gen.step()
+    other = engine.start(engine.resolve("luna-adapter@v2"), HELLO, GREEDY)
+    assert len(engine.loaded()) == 2  # over the bound while both are in use
+    other.run()
+    assert [Path(p).name for p in engine.loaded()] == ["v1"]  # the idle one went, not the one in use
+    gen.run()
+    assert gen.new_ids == alone
+
+
+def test_concurrent_requests_on_different_adapters_get_their_own_answers(settings) -> None:
+    engine = serving.Engine(settings, max_adapters=4)
+    refs = ["luna-tiny", "luna-adapter@v1", "luna-adapter@v2", "luna-adapter@v3"]
+    alone = {ref: answer(engine, ref)[1] for ref in refs}
+    together: dict[str, list[int]] = {}
+    start = threading.Barrier(len(refs) * 2)
+
+    def run(ref: str, key: str) -> None:
+        gen = engine.start(engine.resolve(ref), HELLO, GREEDY)
+        start.wait(timeout=60)
+        gen.run()
+        together[key] = gen.new_ids
+
+    threads = [threading.Thread(target=run, args=(ref, f"{ref}#{i}")) for ref in refs for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert {k: v for k, v in together.items()} == {f"{r}#{i}": alone[r] for r in refs for i in range(2)}
+
+
+def test_stop_ids_are_the_union_of_generation_configs_and_the_tokenizer(settings, tmp_path: Path) -> None:
+    from lunatrain import models
+
+    tok = models.load_tokenizer(None, settings)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "generation_config.json").write_text("{not json")
+    base_dir = Path(models.resolve_base(None, settings).path)
+    ids = serving.stop_ids(tok, tmp_path / "a", tmp_path / "b", base_dir, None)
+    assert ids == sorted({5, 7, tok.eos_token_id, tok.convert_tokens_to_ids(models.IM_END)})
+
+
+def test_stop_strings_cut_the_answer_and_seeds_repeat(settings) -> None:
+    engine = serving.Engine(settings)
+    sampled = serving.Sampling(max_tokens=16, temperature=1.0, seed=11)
+    full, _ = answer(engine, "luna-adapter@v2", sampled)
+    assert answer(engine, "luna-adapter@v2", sampled)[0] == full
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = engine.start(engine.resolve("luna-adapter@v2"), HELLO,
+                       serving.Sampling(max_tokens=16, temperature=1.0, seed=11, stop=(stop,)))
+    pieces = []
+    while (piece := cut.step()) is not None:
+        pieces.append(piece)
+    assert "".join(pieces) == cut.text == full[: full.find(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_slots_refuse_beyond_the_limit() -> None:
+    slots = serving.Slots(2)
+    slots.acquire()
+    slots.acquire()
+    with pytest.raises(serving.TooBusy):
+        slots.acquire()
+    slots.release()
+    slots.acquire()
+    assert slots.busy == 2
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(5e-324, 1.0), (1e-3, 1.0), (2.0, 5e-324), (1.0, 1e-9), (1.0, 1.0)])
+def test_sampling_at_the_edges_of_its_bounds_picks_a_token(temperature: float, top_p: float) -> None:
+    import torch
+
+    logits = torch.tensor([80.0, -30.0, 79.0, 0.0])
+    pick = serving._pick(logits, serving.Sampling(max_tokens=1, temperature=temperature, top_p=top_p),
+                         torch.Generator().manual_seed(0))
+    assert pick in (0, 2) if top_p == 1.0 and temperature > 0.5 else pick == 0
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-load", "later-load"])
+def test_an_adapter_that_fails_to_load_leaves_nothing_half_loaded(settings, first: bool) -> None:
+    version = random_adapter(settings, "broken", 5)
+    weights = settings.adapters_dir / "broken" / version / "adapter_model.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    engine = serving.Engine(settings)
+    base, _ = answer(engine, "luna-tiny")
+    v1 = answer(serving.Engine(settings), "luna-adapter@v1")[1]
+    if not first:
+        answer(engine, "luna-adapter@v1")
+    with pytest.raises(Conflict, match="could not be loaded"):
+        engine.start(engine.resolve(f"broken@{version}"), HELLO, GREEDY)
+    assert all("broken" not in p for p in engine.loaded())
+    assert answer(engine, "luna-tiny")[0] == base
+    assert answer(engine, "luna-adapter@v1")[1] == v1
+
+
+def test_messages_the_chat_template_refuses_are_a_usage_error(settings) -> None:
+    from lunatrain.errors import UsageError
+
+    engine = serving.Engine(settings)
+    answer(engine, "luna-tiny")  # loads the base and its tokenizer
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + template
+    )
+    try:
+        with pytest.raises(UsageError, match="System role not supported") as info:
+            engine.start(engine.resolve("luna-tiny"), [{"role": "system", "content": "x"}, *HELLO], GREEDY)
+        assert info.value.details["param"] == "messages"
+        assert answer(engine, "luna-tiny")[1]  # and the engine still answers
+    finally:
+        engine.tokenizer.chat_template = template
+
+
+def test_an_answer_dropped_unfinished_gives_back_its_slot_and_adapter(settings) -> None:
+    import gc
+
+    engine = serving.Engine(settings, max_adapters=1)
+    slots = serving.Slots(1)
+    slots.acquire()
+    gen = engine.start(engine.resolve("luna-adapter@v1"), HELLO, GREEDY)
+    gen.on_close = slots.release
+    answer(engine, "luna-adapter@v2")
+    assert [Path(p).name for p in engine.loaded()] == ["v1"]  # pinned by the unfinished answer: v2 went
+    del gen  # e.g. a stream whose client left before its first event: no finally ever ran
+    gc.collect()
+    assert slots.busy == 0
+    answer(engine, "luna-adapter@v3")
+    assert [Path(p).name for p in engine.loaded()] == ["v3"]  # v1 unpinned, so the LRU bound holds again
