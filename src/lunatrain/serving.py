@@ -60,15 +60,15 @@ class Sampling:
 
 
 def active_entry(settings: Settings, name: str, base_id: str, base_fingerprint: str) -> dict[str, Any]:
-    """The version an adapter name stands for: its active one. The one place that reads the `active` alias;
-    when the registry keeps it per (adapter, base model), ask it for the served base's here."""
-    adapter = registry.list_adapters(settings).get(name)
-    if adapter is None:
+    """The version an adapter name stands for: its version active on the served base model (the registry
+    keeps `active` per adapter name and base model). The one place that reads it."""
+    if name not in registry.list_adapters(settings):
         raise NotFound(f"The model {name!r} does not exist; GET /v1/models lists the models served here.")
-    version = adapter.get("aliases", {}).get("active")
-    if not version:
-        raise NotFound(f"Adapter {name!r} has no active version; activate one or name a version ({name}@v1).")
-    return registry.get_version(settings, name, version)
+    entry = registry.active_version(settings, name, base_fingerprint)
+    if entry is None:
+        raise NotFound(f"Adapter {name!r} has no active version on {base_id}; activate one or name a version "
+                       f"({name}@v1).")
+    return entry
 
 
 _NO_MODEL = {"param": "model", "code": "model_not_found"}
@@ -128,10 +128,17 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
 
 
 def stop_ids(tokenizer: Any, *dirs: Path | None) -> list[int]:
-    """The token ids that end an answer: the eos ids of `generation_config.json` in each directory given
-    (the adapter's, then the base's) and the tokenizer's eos. The one place to add the chat template's own
-    turn terminator once models can name it."""
+    """The token ids that end an answer: the chat template's turn terminator (as training taught it, see
+    templates.turn_terminator), the eos ids of `generation_config.json` in each directory given (the
+    adapter's, then the base's) and the tokenizer's eos."""
+    from .errors import LunaError
+    from .templates import turn_terminator
+
     ids: set[int] = set()
+    try:
+        ids |= set(turn_terminator(tokenizer).stop_ids)
+    except LunaError:  # a template that closes turns with nothing: the eos ids below are all there is
+        pass
     for d in dirs:
         if d is None:
             continue
