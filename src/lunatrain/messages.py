@@ -33,6 +33,18 @@ CODES: dict[str, str] = {
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
                             "(name, version, baseModel, configured)",
+    # chat endpoint errors (/v1/…, OpenAI's error shape: error.type and error.code)
+    "invalid_request_error": "chat: the request is invalid (the message names the parameter)",
+    "authentication_error": "chat: bearer token missing or wrong",
+    "permission_error": "chat: the request is not allowed from here",
+    "rate_limit_error": "chat: all answer slots are busy; retry shortly",
+    "rate_limit_exceeded": "chat: all answer slots are busy; retry shortly",
+    "server_error": "chat: the answer failed on the server",
+    "model_not_found": "chat: no such model is served here",
+    "model_base_mismatch": "chat: the adapter was trained on another base model than the one served",
+    "invalid_messages": "chat: the messages cannot be rendered with the chat template",
+    "context_length_exceeded": "chat: the messages and max_tokens exceed the model's context",
+    "invalid_value": "chat: a parameter has an invalid value",
     # job errors (job.error.code)
     "nan_loss": "the loss or gradient norm became non-finite",
     "cancelled": "the job was cancelled",

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 from ..formats import RATING_MAX, RATING_MIN
 from ..params import FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
-from ..settings import NAME_PATTERN
+from ..settings import NAME_MAX, NAME_PATTERN
 
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
@@ -206,9 +206,16 @@ class Report(Out):
 # --- adapters -------------------------------------------------------------------------------------
 
 
+Version = Annotated[str, Field(pattern=VERSION_PATTERN, max_length=NAME_MAX)]
+
+
 class ActivateRequest(In):
-    version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = None
+    version: Version | None = None
     force: bool = False
+
+
+class DeactivateRequest(In):
+    version: Version | None = None
 
 
 class AdapterOut(Out):

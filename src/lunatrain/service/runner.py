@@ -232,6 +232,21 @@ class Runner:
         else:
             job = self.store.set_status(job_id, "failed", error=_crash_error(code, log_path, self.settings.home))
         log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
+        self._collect()
+
+    def _collect(self) -> None:
+        """The retention policy after every finished job (retention.py), so growth stays bounded without
+        anyone running `lunatrain gc`; a failure to clean up never touches the job's outcome."""
+        from ..errors import LunaError
+        from ..retention import collect
+
+        try:
+            report = collect(self.settings)
+        except LunaError as err:
+            log.warning("retention skipped: %s", err.message)
+            return
+        if report.items:
+            log.info("retention removed %d item(s)", len(report.items))
 
 
 def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None:

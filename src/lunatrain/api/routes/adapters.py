@@ -10,18 +10,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
-from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ... import registry
 from ...errors import LunaError, NotFound
 from ...settings import Settings
 from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
-from ..schemas import VERSION_PATTERN, ActivateRequest, AdapterGroups, AdapterOut, In, Report, camel
+from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report, camel
 
-
-class DeactivateRequest(In):
-    version: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = None
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
 
