@@ -36,6 +36,7 @@ from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
+from .wire import finite, now_iso
 from .settings import Settings
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
@@ -45,7 +46,7 @@ __all__ = [  # the suite's names are re-exported: callers need only this module
 ]
 
 GATE_FORMAT = "lunatrain-eval-gate/1"
-REPORT_FILE = "eval-gate-latest.json"
+REPORT_FILE = "eval-gate-latest.json"  # settings.eval_report's name, for messages
 DEFAULT_TIER = "curated"
 GEN_BATCH = 32  # golden cases generated together
 
@@ -228,7 +229,7 @@ class GateReport:
         return self.decision == "pass"
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite({
+        return finite({
             "format": GATE_FORMAT, "decision": self.decision, "passed": self.passed, "reasons": self.reasons,
             "reasonCodes": self.reason_codes,
             "candidate": self.candidate, "baseline": self.baseline, "metrics": self.metrics,
@@ -238,7 +239,7 @@ class GateReport:
 
     def gate_record(self) -> dict[str, Any]:
         """What the registry keeps on the version (and what a later gate compares against)."""
-        return _finite({
+        return finite({
             "status": "passed" if self.passed else "failed", "passed": self.passed, "reasons": self.reasons,
             "reasonCodes": self.reason_codes,
             "at": self.created, "metrics": self.metrics, "baseMetrics": self.base_metrics,
@@ -312,13 +313,13 @@ def gate_candidate(
 
 def last_report(settings: Settings) -> dict[str, Any] | None:
     try:
-        return read_json(settings.reports_eval_dir / REPORT_FILE)
+        return read_json(settings.eval_report)
     except ValueError:
         return None
 
 
 def _write(settings: Settings, report: GateReport) -> None:
-    path = settings.reports_eval_dir / REPORT_FILE
+    path = settings.eval_report
     report.path = str(path)
     atomic_write_json(path, report.to_dict())
 
@@ -447,7 +448,7 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
         thresholds=th.model_dump(),
         context=context,
         cases=results,
-        created=_now(),
+        created=now_iso(),
         notes=notes,
     )
 
@@ -521,20 +522,3 @@ def judge(
                                 coded("gate.loss_regression", split=split, loss=loss, baseline=baseline["ref"],
                                       baselineLoss=bl_loss, allowed=th.max_loss_regression)))
     return reasons
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: non-finite numbers become their string form."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -46,12 +46,13 @@ from . import export as export_mod
 from .errors import CheckFailed, NotFound
 from .fsio import atomic_write_json, read_json
 from .messages import coded
+from .wire import now_iso
 from .params import LoraParams, total_steps
 from .settings import Settings
 
 Severity = Literal["info", "warn", "fail"]
 Status = Literal["ok", "warn", "fail"]
-REPORT_FILE = "prepare-latest.json"
+REPORT_FILE = "prepare-latest.json"  # settings.prepare_report's name, for messages
 MAX_EXAMPLES = 5  # record ids listed per check
 MIN_VAL = 5  # below this a val loss is mostly noise
 ROLES = {"system", "user", "assistant"}
@@ -222,7 +223,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         tokens=token_stats,
         estimate=estimate,
         cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(tokenized.path)},
-        created=_now(),
+        created=now_iso(),
         params=params.wire() | {"minCurated": min_curated},
         template={"name": params.chat_template or "model", "hash": models.template_hash(tokenizer),
                   "terminator": terminator.to_dict(), "addedTokens": added},
@@ -230,7 +231,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
                  list(zip(data.train, tokenized.train, strict=True))[:show]],
         memory=memory[1],
     )
-    path = settings.reports_training_dir / REPORT_FILE
+    path = settings.prepare_report
     report.path = str(path)
     atomic_write_json(path, report.to_dict())
     return report
@@ -239,7 +240,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
 def last_report(settings: Settings) -> dict[str, Any] | None:
     """The last prepare report as written, or None."""
     try:
-        return read_json(settings.reports_training_dir / REPORT_FILE)
+        return read_json(settings.prepare_report)
     except ValueError:
         return None
 
@@ -598,7 +599,7 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
 def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> float | None:
     """tokens/s of the last finished job (lora-latest.json) when it ran on this base model and device kind."""
     try:
-        last = read_json(settings.reports_training_dir / "lora-latest.json")
+        last = read_json(settings.lora_latest_report)
     except ValueError:
         return None
     if not isinstance(last, dict) or last.get("status") != "succeeded":
@@ -644,9 +645,3 @@ def _duration(seconds: float | None) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f}min"
     return f"{seconds / 3600:.1f}h"
-
-
-def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -46,6 +46,7 @@ from typing import Any
 from .errors import Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
 from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .messages import coded
+from .wire import now_iso as now
 from .settings import Settings, check_name, inside
 
 FORMAT = "lunatrain-registry/1"
@@ -56,19 +57,15 @@ ANNOTATIONS = ("gate", "merged", "stale", "replaced")
 
 
 def registry_path(settings: Settings) -> Path:
-    return settings.reports_training_dir / "lora-adapters.json"
+    return settings.registry_file
 
 
 def latest_report_path(settings: Settings) -> Path:
-    return settings.reports_training_dir / "lora-latest.json"
+    return settings.lora_latest_report
 
 
 def _lock(settings: Settings):
     return file_lock(settings.reports_training_dir / ".lora-adapters.lock")
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def load(settings: Settings) -> dict[str, Any]:
@@ -635,7 +632,7 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
 
 def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
     try:
-        gate = read_json(settings.reports_eval_dir / "eval-gate-latest.json")
+        gate = read_json(settings.eval_report)
     except (DamagedFile, OSError):
         return
     if not isinstance(gate, dict):

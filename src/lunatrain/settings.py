@@ -113,6 +113,23 @@ class Settings(BaseSettings):
     def reports_eval_dir(self) -> Path:
         return self.home / "reports" / "eval"
 
+    # The reports the guide names, each written by one stage and read by status, the flows and the API.
+    @property
+    def prepare_report(self) -> Path:
+        return self.reports_training_dir / "prepare-latest.json"
+
+    @property
+    def lora_latest_report(self) -> Path:
+        return self.reports_training_dir / "lora-latest.json"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.reports_training_dir / "lora-adapters.json"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.reports_eval_dir / "eval-gate-latest.json"
+
     @property
     def database_url(self) -> str:
         if self.db_url:

@@ -198,7 +198,7 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
 
 
 def _last_local_run(settings: Settings) -> dict[str, Any] | None:
-    report = _read(settings.reports_training_dir / "lora-latest.json")
+    report = _read(settings.lora_latest_report)
     if not isinstance(report, dict):
         return None
     metrics = report.get("metrics") or {}
@@ -249,7 +249,7 @@ def _preferred(active: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _last_prepare(settings: Settings) -> dict[str, Any] | None:
-    report = _read(settings.reports_training_dir / "prepare-latest.json")
+    report = _read(settings.prepare_report)
     if not isinstance(report, dict):
         return None
     checks = report.get("checks") or []
@@ -264,7 +264,7 @@ def _last_prepare(settings: Settings) -> dict[str, Any] | None:
 
 
 def _last_gate(settings: Settings) -> dict[str, Any] | None:
-    report = _read(settings.reports_eval_dir / "eval-gate-latest.json")
+    report = _read(settings.eval_report)
     if not isinstance(report, dict):
         return None
     metrics = report.get("metrics") or {}
