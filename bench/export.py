@@ -42,10 +42,7 @@ print(json.dumps({
 }))
 """
 
-WORDS = (
-    "Luna Termin morgen Erinnerung Einkauf Bericht Meeting please help plan today write email short answer "
-    "Python Liste Datei Woche Frage Antwort kurz freundlich remind call mom weekend trip recipe pasta"
-).split()
+WORDS = ["Luna", "Termin", "morgen", "Erinnerung", "Einkauf", "Bericht", "Meeting", "please", "help", "plan", "today", "write", "email", "short", "answer", "Python", "Liste", "Datei", "Woche", "Frage", "Antwort", "kurz", "freundlich", "remind", "call", "mom", "weekend", "trip", "recipe", "pasta"]
 
 
 def _build(home: Path, n: int, seed: int = 0) -> float:

@@ -87,8 +87,8 @@ def run_ours(setup: Setup, samples: list[Any]) -> tuple[int, float]:
     from transformers import get_cosine_schedule_with_warmup
 
     from lunatrain import kernels
-    from lunatrain.tokens import make_batch
     from lunatrain.compat import enable_checkpointing
+    from lunatrain.tokens import make_batch
     from lunatrain.train import forward_supervised
 
     model = lora_model(setup)

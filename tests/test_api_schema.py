@@ -13,13 +13,14 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from schema_helpers import drive, operations
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from lunatrain import store
 from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
+
+from schema_helpers import drive, operations
 
 MAX_EXAMPLES = 10
 

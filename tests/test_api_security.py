@@ -21,9 +21,9 @@ import uvicorn
 
 from lunatrain import store
 from lunatrain.api.main import create_app
-from lunatrain.web.security import check_bind, host_name
 from lunatrain.errors import UsageError
 from lunatrain.settings import load_settings
+from lunatrain.web.security import check_bind, host_name
 
 TOKEN = "s3cret-token-for-tests"
 LIMIT = 2048

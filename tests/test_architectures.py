@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from family_templates import ARCHITECTURES, FAMILIES, build_arch_model, save_vocab
-from helpers import make_records, write_export
 
 from lunatrain.evalgate import gate_candidate
 from lunatrain.merge import merge_adapter
 from lunatrain.params import parse_params
 from lunatrain.prepare import prepare
 from lunatrain.train import run_lora
+
+from family_templates import ARCHITECTURES, FAMILIES, build_arch_model, save_vocab
+from helpers import make_records, write_export
 
 
 @pytest.fixture(scope="module")

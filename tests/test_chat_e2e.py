@@ -8,15 +8,15 @@ Run: `.venv/bin/python -m pytest tests/test_chat_e2e.py -q` (slow: two short tra
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-
 from chat_helpers import FACTS_A, FACTS_B, train_facts
-from dashboard_helpers import Services, start_services, stop_services
+
 from lunatrain import registry
 from lunatrain.settings import load_settings
+
+from dashboard_helpers import Services, start_services, stop_services
 
 pytestmark = pytest.mark.slow
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from schema_helpers import drive, operations
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from lunatrain import models, store
 from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
+
+from schema_helpers import drive, operations
 
 MAX_EXAMPLES = 25
 CHAT_PATHS = r"^/(v1/|assistant/chat/)"

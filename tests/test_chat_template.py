@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_records, write_export
 
 from lunatrain import models, registry
 from lunatrain.errors import UsageError
@@ -25,6 +24,8 @@ from lunatrain.merge import merge_adapter
 from lunatrain.params import parse_params
 from lunatrain.prepare import prepare
 from lunatrain.train import run_lora
+
+from helpers import make_records, write_export
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 
-from helpers import make_records, write_export
 from typer.testing import CliRunner
 
 from lunatrain.cli import app
 from lunatrain.messages import CODES
+
+from helpers import make_records, write_export
 
 
 def _help(*args: str) -> str:

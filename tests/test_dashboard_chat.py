@@ -14,14 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from chat_helpers import FACTS_A, FACTS_B, train_facts
-from dashboard_helpers import Services, start_services, stop_services
-from lunatrain import registry
-from lunatrain.settings import load_settings
 
 # The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
 from test_dashboard import UI_TIMEOUT_MS, browser, expect, open_page, page, pytestmark, shot  # noqa: F401
+
+from lunatrain import registry
+from lunatrain.settings import load_settings
+
+from dashboard_helpers import Services, start_services, stop_services
 
 # The first answer of a server loads torch, transformers, PEFT and the model: ~30 s on busy shared cores.
 FIRST_ANSWER_MS = 300_000

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_records, write_export
 from typer.testing import CliRunner
 
 from lunatrain import distributed, registry
 from lunatrain.cli import app
 from lunatrain.params import parse_params
 from lunatrain.train import Status, run_lora
+
+from helpers import make_records, write_export
 
 PARAMS = {"epochs": 2, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "dropout": 0.0}
 

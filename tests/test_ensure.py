@@ -15,11 +15,12 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from lunatrain.service import ensure
 from lunatrain.cli import app
-from lunatrain.service.ensure import ensure_trainer, log_path, pid_path
 from lunatrain.errors import ServiceUnavailable
+from lunatrain.service import ensure
+from lunatrain.service.ensure import ensure_trainer, log_path, pid_path
 from lunatrain.settings import load_settings
+
 from trainer_helpers import free_port, gone, kill_trainers, trainer_processes, wait_for
 
 LABELS = ("Online (CPU)", "Aktiv (CUDA)")
@@ -118,6 +119,7 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
     from lunatrain import settings as settings_mod
     from lunatrain.errors import Conflict
     from lunatrain.service import client
+
     from trainer_helpers import start_trainer, stop_group
 
     first, second = tmp_path / "first", tmp_path / "second"

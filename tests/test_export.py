@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from test_store import db  # noqa: F401  (the SQLite/PostgreSQL backend fixture)
 from typer.testing import CliRunner
 
 from lunatrain import export as ex
@@ -22,7 +25,6 @@ from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.formats import make_draft
 from lunatrain.settings import Settings, load_settings
-from test_store import db  # noqa: F401  (the SQLite/PostgreSQL backend fixture)
 
 RECORD_KEYS = {"messages", "id", "hash", "source", "split", "conversation_id", "tags", "rating"}
 

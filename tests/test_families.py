@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from family_templates import FAMILIES, family_tokenizer, save_vocab
 
 from lunatrain.templates import turn_terminator
 from lunatrain.tokens import IGNORE, assistant_spans, encode_chat
+
+from family_templates import FAMILIES, family_tokenizer, save_vocab
 
 SYSTEM = {"role": "system", "content": "Du bist Luna. Antworte kurz."}
 TURNS = [
@@ -146,11 +147,11 @@ def test_terminator_is_cross_checked_with_generation_config(vocab_dir, tmp_path,
 def test_a_template_refusing_an_example_is_one_sentence_naming_it(vocab_dir):
     """Gemma 2 style templates raise on a system turn, [INST] templates on roles out of order: prepare and
     training name the example instead of failing with a template traceback."""
-    from helpers import make_records, tier_data
-
     from lunatrain.errors import UsageError
     from lunatrain.settings import load_settings
     from lunatrain.tokens import tokenize_tier
+
+    from helpers import make_records, tier_data
 
     tok = family_tokenizer(vocab_dir, "mistral")
     records = make_records(4, multi_turn_every=0)

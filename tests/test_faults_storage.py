@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from faults import KILLED, Row, fault_env, record, run_cli
 from lunatrain import export as ex
 from lunatrain import prepare, registry, store
 from lunatrain.formats import make_draft
 from lunatrain.settings import Settings, load_settings
+
+from faults import KILLED, Row, fault_env, record, run_cli
 
 pytestmark = pytest.mark.slow
 ROWS: list[Row] = []

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from helpers import make_records, write_export
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -32,6 +31,8 @@ from lunatrain import evalgate, models, registry
 from lunatrain.cli import app
 from lunatrain.errors import LunaError
 from lunatrain.settings import load_settings
+
+from helpers import make_records, write_export
 
 NAMES = ("luna-adapter", "mein-adapter", "test-adapter")
 BASES = ("luna-tiny", "other")  # the built-in model and a second tiny model with other weights

@@ -15,11 +15,12 @@ import psutil
 import pytest
 
 from lunatrain.errors import Conflict, NotFound
-from lunatrain.service.jobs import JobStore, Progress, jobs_db_path
 from lunatrain.params import LoraParams, parse_params
+from lunatrain.service.jobs import JobStore, Progress, jobs_db_path
 from lunatrain.service.recovery import recover
 from lunatrain.service.runner import _crash_error
 from lunatrain.service.worker import error_code
+
 from hooks.faulthooks import fault_for
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_records
 from peft import LoraConfig, get_peft_model
 
 from lunatrain import compat, kernels, models
 from lunatrain.tokens import encode_chat, make_batch, shifted_targets
 from lunatrain.train import forward_supervised
+
+from helpers import make_records
 
 
 def _samples(tok, n=5):

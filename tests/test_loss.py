@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_records
 
 from lunatrain import loss, models
 from lunatrain.tokens import encode_chat, make_batch
 from lunatrain.train import forward_supervised
 
+from helpers import make_records
+
 
 def _tiny(kind: str):
     """In-memory causal LMs (float32, random weights) that share luna-tiny's 3072-token vocabulary."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     common = {"vocab_size": 3072, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}

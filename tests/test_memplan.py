@@ -8,11 +8,12 @@ import json
 
 import pytest
 import torch
-from helpers import make_records, write_export
 
 from lunatrain import memplan, models
 from lunatrain.errors import CheckFailed, UsageError
 from lunatrain.params import LoraParams, parse_params
+
+from helpers import make_records, write_export
 
 GIB = 1 << 30
 CUDA_16 = {"type": "cuda", "memoryFree": 16 * GIB}

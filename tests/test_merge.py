@@ -6,12 +6,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_records, write_export
 
 from lunatrain import evalgate, models, registry
 from lunatrain.errors import Conflict
 from lunatrain.merge import merge_adapter
 from lunatrain.train import run_lora
+
+from helpers import make_records, write_export
 
 
 def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):

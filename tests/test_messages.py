@@ -23,7 +23,7 @@ CODE = r"([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)"
 PATTERNS = [
     rf'\bcode\s*=\s*"{CODE}"', rf'"code":\s*"{CODE}"', rf'\bcoded\(\s*"{CODE}"', rf'Stop\(Status\.\w+,\s*"{CODE}"',
     rf'_reply\(send,\s*\w+,\s*"{CODE}"', rf'\b\d{{3}}:\s*"{CODE}"', rf'get\("code"\)\s*or\s*"{CODE}"',
-    rf'code\s*=\s*"{CODE}"\s+if\b.*\belse\s+"{CODE}"', rf'\bstate\(\w+,\s*"{CODE}"', rf'"(check\.[a-z_]+\.[a-z_]+)"',
+    rf'code\s*=\s*"{CODE}"\s+if\b.*\belse\s+"{CODE}"', rf'\bstate\(\w+,\s*"{CODE}"', r'"(check\.[a-z_]+\.[a-z_]+)"',
 ]
 
 

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_records
 from typer.testing import CliRunner
 
 from lunatrain import export as export_mod
@@ -23,6 +22,8 @@ from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.params import parse_params
 from lunatrain.prepare import optimizer_steps, prepare
+
+from helpers import make_records
 
 MAX_LEN = 512
 

@@ -8,11 +8,12 @@ import json
 
 import pytest
 import torch
-from helpers import make_records, write_export
 
 from lunatrain import models, registry, train
 from lunatrain.merge import merge_adapter
 from lunatrain.params import parse_params
+
+from helpers import make_records, write_export
 
 FAST = {"epochs": 3, "batchSize": 8, "rank": 8, "learningRate": 1e-2, "maxSeqLength": 128, "seed": 3}
 

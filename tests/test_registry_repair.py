@@ -14,8 +14,9 @@ from lunatrain.cli import app
 from lunatrain.errors import RegistryUnreadable
 from lunatrain.params import parse_params
 from lunatrain.train import run_lora
-from test_registry import _entry, _publish
+
 from helpers import write_export
+from test_registry import _entry, _publish
 
 FAST = {"epochs": 1, "batchSize": 8, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "maxSteps": 2}
 

@@ -16,9 +16,10 @@ from lunatrain import export as ex
 from lunatrain import retention, store
 from lunatrain.cli import app
 from lunatrain.formats import make_draft
-from lunatrain.service.jobs import JobStore, jobs_db_path
 from lunatrain.params import LoraParams
+from lunatrain.service.jobs import JobStore, jobs_db_path
 from lunatrain.settings import Settings
+
 from test_registry import _publish
 
 
@@ -139,6 +140,7 @@ def test_gc_on_an_empty_data_root(home: Path) -> None:
 
 def test_cache_fingerprint_of_a_real_cache(settings: Settings) -> None:
     from lunatrain import models, tokens
+
     from helpers import write_export
 
     write_export(settings)

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from chat_helpers import random_adapter
+
 from lunatrain import registry, serving
 from lunatrain.errors import Conflict, NotFound
 from lunatrain.settings import load_settings

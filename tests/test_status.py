@@ -107,8 +107,8 @@ def test_cli_plain_and_json(settings):
 
 def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
     """Repro: a failed trainer job never writes lora-latest.json, so status showed an older succeeded one."""
-    from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
     from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
 
     registry.write_latest(settings, {"status": "succeeded", "jobId": "ftjob-old", "adapterName": "luna-adapter",
                                      "version": "v1", "created": "2026-01-01T00:00:00+00:00", "metrics": {}})

@@ -78,8 +78,8 @@ def _snapshot(settings: Settings) -> tuple[str, dict, list, list]:
 
 
 def test_open_migrates_empty_database_to_head_and_second_open_changes_nothing(db: Settings) -> None:
-    from alembic.script import ScriptDirectory
     from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
     cfg = Config()
     cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))

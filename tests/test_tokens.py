@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import make_records, tier_data
 
 from lunatrain import models
 from lunatrain.tokens import IGNORE, encode_chat, tokenize_tier
+
+from helpers import make_records, tier_data
 
 CONVO = [
     {"role": "system", "content": "Du bist Luna."},

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from helpers import make_records, write_export
 
 from lunatrain import models, registry
 from lunatrain import train as train_mod
@@ -15,6 +14,8 @@ from lunatrain.errors import UsageError
 from lunatrain.params import parse_params
 from lunatrain.tokens import IGNORE, encode_chat, make_batch, shifted_targets
 from lunatrain.train import Status, forward_supervised, run_lora
+
+from helpers import make_records, write_export
 
 FAST = {"epochs": 2, "batchSize": 4, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7}
 
@@ -139,7 +140,6 @@ def test_packing_changes_speed_not_the_result(settings):
 def test_gradient_checkpointing_changes_memory_not_the_result(settings, monkeypatch):
     """Recomputing activations in the backward pass replays the same dropout masks: same adapter."""
     from safetensors.torch import load_file
-
     from transformers import modeling_utils
 
     write_export(settings, make_records(16, val_every=6))

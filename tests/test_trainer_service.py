@@ -12,8 +12,8 @@ Run: `.venv/bin/python -m pytest tests/test_trainer_service.py -q` (a few minute
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ from subprocess import Popen
 import httpx
 import psutil
 import pytest
-
 from typer.testing import CliRunner
 
 from lunatrain import export, registry, store
@@ -34,6 +33,7 @@ from lunatrain.params import parse_run
 from lunatrain.service import client as trainer_client
 from lunatrain.service.jobs import TERMINAL, Job
 from lunatrain.settings import Settings, load_settings
+
 from trainer_helpers import free_port, gone, start_trainer, stop_group, wait_for
 
 # Two steps on the small memory tier: a job is mostly process start-up and model loading.

@@ -36,8 +36,8 @@ from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
-from .wire import finite, now_iso
 from .settings import Settings
+from .wire import finite, now_iso
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
     "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "ensure_suite", "eval_gate",

@@ -48,8 +48,7 @@ from typing import Any, BinaryIO, Literal, get_args
 
 import sqlalchemy as sa
 
-from .errors import CheckFailed, NotFound, UsageError
-from .errors import DamagedFile, StorageError
+from .errors import CheckFailed, DamagedFile, NotFound, StorageError, UsageError
 from .fsio import dumps_json, file_lock, fsync_dir, read_json, storage_guard
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings

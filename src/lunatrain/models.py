@@ -374,7 +374,6 @@ def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str 
     the full-precision base)."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)

@@ -37,8 +37,8 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
-from itertools import groupby
 from dataclasses import asdict, dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,9 +46,9 @@ from . import export as export_mod
 from .errors import CheckFailed, NotFound
 from .fsio import atomic_write_json, read_json
 from .messages import coded
-from .wire import now_iso
 from .params import LoraParams, total_steps
 from .settings import Settings
+from .wire import now_iso
 
 Severity = Literal["info", "warn", "fail"]
 Status = Literal["ok", "warn", "fail"]

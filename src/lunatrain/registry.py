@@ -46,8 +46,8 @@ from typing import Any
 from .errors import Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
 from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .messages import coded
-from .wire import now_iso as now
 from .settings import Settings, check_name, inside
+from .wire import now_iso as now
 
 FORMAT = "lunatrain-registry/1"
 SLOT = "current"  # the single version of the overwrite strategy
@@ -594,7 +594,7 @@ def rebuild(settings: Settings) -> dict[str, Any]:
         if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
             continue
         _adapter(data, name)["versions"].append(_entry_from_report(name, folder, report))
-    for name, adapter in data["adapters"].items():
+    for adapter in data["adapters"].values():
         adapter["versions"].sort(key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or ""))
         current = [e for e in adapter["versions"] if e["version"] == SLOT]
         for old in current[:-1]:

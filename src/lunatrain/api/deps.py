@@ -14,9 +14,9 @@ from fastapi import Depends, Path, Request
 
 from ..errors import UsageError
 from ..models import refuse_adapter_dir
+from ..service.jobs import JOB_ID_PATTERN
 from ..settings import NAME_MAX, NAME_PATTERN, Settings, inside
 from .cache import Coalescer, fresh_reads
-from ..service.jobs import JOB_ID_PATTERN
 from .schemas import VERSION_PATTERN, ErrorResponse
 
 

@@ -9,8 +9,8 @@ import typer
 
 from ..errors import LunaError
 from ..evalgate import GateReport, eval_gate
-from ..templates import cli_template
 from ..settings import load_settings
+from ..templates import cli_template
 from .app import app, fail, is_tty, print_report
 
 

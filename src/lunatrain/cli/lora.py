@@ -19,7 +19,7 @@ from .. import distributed
 from ..errors import LunaError
 from ..settings import load_settings
 from .app import app, fail
-from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, local_lora, service_lora, resolve
+from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, local_lora, resolve, service_lora
 from .options import lora_options
 
 

@@ -18,7 +18,8 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path as PathParam, Query, Response
+from fastapi import FastAPI, Query, Response
+from fastapi import Path as PathParam
 from pydantic import Field
 
 from .. import __version__
@@ -30,7 +31,18 @@ from ..web.handlers import install
 from ..web.security import GuardMiddleware, allowed_hostnames, check_bind
 from . import lock
 from .device import DeviceProbe
-from .jobs import JOB_ID_PATTERN, EventPage, Health, Job, JobList, JobStore, RequestId, Status, data_root_id, jobs_db_path
+from .jobs import (
+    JOB_ID_PATTERN,
+    EventPage,
+    Health,
+    Job,
+    JobList,
+    JobStore,
+    RequestId,
+    Status,
+    data_root_id,
+    jobs_db_path,
+)
 from .recovery import recover
 from .runner import Runner
 

@@ -27,7 +27,7 @@ from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
 from .jobs import Health
-from .lock import TRAINER_LOG_BYTES, pid_path, write_pid
+from .lock import TRAINER_LOG_BYTES, write_pid
 from .spawn import child_env, lunatrain_argv
 
 _POLL_S = 0.25

@@ -18,7 +18,6 @@ from ...settings import Settings
 from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
 from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report, camel
 
-
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
 
 

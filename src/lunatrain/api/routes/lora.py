@@ -7,7 +7,7 @@ call goes through the thread pool and the event loop keeps serving status polls 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +21,15 @@ from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, Status
 from ...settings import Settings
 from ..cache import json_response, rendered
 from ..deps import Fresh, JobId, ReadsDep, SettingsDep, check_base_model, errors
-from ..schemas import Defaults, ExampleAdapterRequest, JobAccepted, ProviderHealth, QuickStartRequest, StartRequest, camel
+from ..schemas import (
+    Defaults,
+    ExampleAdapterRequest,
+    JobAccepted,
+    ProviderHealth,
+    QuickStartRequest,
+    StartRequest,
+    camel,
+)
 
 router = APIRouter(prefix="/assistant/training/lora", tags=["lora"], dependencies=[Fresh])
 

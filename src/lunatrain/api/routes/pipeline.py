@@ -10,10 +10,9 @@ from typing import Annotated
 from fastapi import APIRouter, Body
 from starlette.concurrency import run_in_threadpool
 
-from ... import evalgate
+from ... import evalgate, profiles
 from ... import export as export_stage
 from ... import prepare as prepare_stage
-from ... import profiles
 from ..deps import Fresh, SettingsDep, check_base_model, errors
 from ..schemas import EvalGateRequest, ExportRequest, PrepareRequest, Report, camel
 
