@@ -204,3 +204,8 @@ def test_largest_batch_bounds_every_micro_batch():
     samples = [Encoded(list(range(n)), [IGNORE] * (n - s) + [1] * s) for n, s in ((10, 2), (50, 5), (30, 25), (5, 5))]
     assert memplan.largest_batch(samples, 2) == (50 + 30, 25 + 5)
     assert memplan.largest_batch(samples, 10) == (95, 37)
+
+
+def test_a_cpu_job_on_a_gpu_machine_is_planned_against_the_cpu(settings):
+    plan = memplan.check_fits(settings, parse_params({"device": "cpu"}), {"type": "cuda", "memoryFree": 1})
+    assert plan.device == "cpu" and plan.fits

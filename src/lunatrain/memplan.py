@@ -312,7 +312,7 @@ def check_fits(settings: Settings, params: LoraParams, device: dict[str, Any] | 
     the one `params.device` resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
     from .models import resolve_base, resolve_device
 
-    if device is None:
+    if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
     result = plan(model_shape(info), params, device, batch_tokens=batch_tokens)
