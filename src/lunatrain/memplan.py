@@ -50,7 +50,6 @@ MMAP_CEILING = 32 << 20
 # Bytes per weight of a quantized linear layer: NF4 packs two per byte plus a float scale per 64 weights,
 # itself quantized to 8 bits per 256 scales (double quantization); int8 keeps a float scale per row.
 QUANT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Architectures whose logits the chunked loss does not reproduce (loss.lean_loss_check finds them at run
 # time; here the config keys tell, so the plan matches what the run will do).
 PLAIN_LOSS_KEYS = ("logits_scaling", "logit_scale")
