@@ -160,7 +160,7 @@ def test_planted_problems_are_each_reported_once(settings, tiny):
             assert check.count == count, (cid, check)
         assert check.examples == [e.replace("{line}", str(curated_lines + 1)) for e in examples], (cid, check)
     assert got["volume"].count == curated_lines + 1  # lines in the curated file, the malformed one included
-    assert set(got) == set(EXPECTED) | {"token_stats", "estimate"}
+    assert set(got) == set(EXPECTED) | {"token_stats", "estimate", "memory_plan"}
     written = json.loads(Path(report.path).read_text("utf-8"))
     assert written["status"] == "fail"
     assert {c["id"]: c["count"] for c in written["checks"]}["duplicate_across_splits"] == 1
