@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/export.py
 	$(PY) bench/prepare.py
 	$(PY) bench/train_cpu.py
+	$(PY) bench/memory.py
 	$(PY) bench/api_load.py
 	$(PY) bench/infer.py
 

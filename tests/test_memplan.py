@@ -197,3 +197,16 @@ def test_prepare_writes_the_plan_and_fails_when_the_job_cannot_fit(settings, mon
     with pytest.raises(CheckFailed, match=r"^Preflight failed: memory_plan \(\d+\); this job needs about .*"
                                           r"change the options\.$"):
         report.raise_on_fail()
+
+
+def test_largest_batch_bounds_every_micro_batch():
+    from lunatrain.tokens import IGNORE, Encoded
+
+    samples = [Encoded(list(range(n)), [IGNORE] * (n - s) + [1] * s) for n, s in ((10, 2), (50, 5), (30, 25), (5, 5))]
+    assert memplan.largest_batch(samples, 2) == (50 + 30, 25 + 5)
+    assert memplan.largest_batch(samples, 10) == (95, 37)
+
+
+def test_a_cpu_job_on_a_gpu_machine_is_planned_against_the_cpu(settings):
+    plan = memplan.check_fits(settings, parse_params({"device": "cpu"}), {"type": "cuda", "memoryFree": 1})
+    assert plan.device == "cpu" and plan.fits

@@ -83,8 +83,11 @@ def chunked_loss_sum(model: Any, batch: Any, device: str, autocast_dtype: Any = 
     hidden, targets = hidden[mask], batch.targets.to(device)[mask]
     size = chunk or chunk_tokens(head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
+    # one chunk: its logits are made right before backward needs them, so keeping them costs nothing extra
+    # and recomputing them would only cost time
+    recompute = torch.is_grad_enabled() and hidden.shape[0] > size
     for h, t in zip(hidden.split(size), targets.split(size), strict=True):
-        if torch.is_grad_enabled():  # backward recomputes this chunk's logits instead of keeping them
+        if recompute:  # backward recomputes this chunk's logits instead of keeping them
             total = total + checkpoint(_chunk_loss, h, t, head, cap, device, autocast_dtype, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, t, head, cap, device, autocast_dtype)

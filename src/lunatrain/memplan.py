@@ -13,6 +13,8 @@ The estimate works from the base model's config.json alone (no weights are read)
   gradient checkpointing only each layer's input is kept, and one layer's worth is rebuilt in backward;
 - `logits`: the cross-entropy at the supervised positions: their logits, float32 log-softmax and gradients
   for all of them (plain path) or for one chunk (`loss.py`'s chunked path);
+- `allocator`: on CPU, what the C allocator keeps of the memory a step frees (`CPU_ALLOCATOR_SLACK`):
+  the resident size is what the system runs out of;
 - `overhead`: the runtime (CPU: the Python process with torch and transformers; CUDA: context, kernels'
   workspace, allocator slack).
 
@@ -39,10 +41,15 @@ BUDGET_FRACTION = {"cpu": 0.85, "cuda": 0.90}
 # The process itself: torch + transformers + PEFT + bitsandbytes imported (measured ~470 MiB RSS on CPU),
 # tokenizer and data; on CUDA the context, cuBLAS workspaces and the allocator's reserve.
 OVERHEAD = {"cpu": 640 << 20, "cuda": 1200 << 20}
+# On CPU, glibc's malloc keeps most blocks a training step frees in its heap: tensors under its dynamic
+# mmap threshold, which rises up to 32 MiB; larger ones are unmapped when freed. So the process's resident
+# size grows by a share of all the per-layer tensors under 32 MiB the step ever allocates, with or without
+# checkpointing. Measured on the 20M model (bench/memory.py): 0.65-0.95 of them.
+CPU_ALLOCATOR_SLACK = 0.8
+MMAP_CEILING = 32 << 20
 # Bytes per weight of a quantized linear layer: NF4 packs two per byte plus a float scale per 64 weights,
 # itself quantized to 8 bits per 256 scales (double quantization); int8 keeps a float scale per row.
 QUANT_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Architectures whose logits the chunked loss does not reproduce (loss.lean_loss_check finds them at run
 # time; here the config keys tell, so the plan matches what the run will do).
 PLAIN_LOSS_KEYS = ("logits_scaling", "logit_scale")
@@ -141,14 +148,15 @@ def estimate(shape: Shape, job: Job) -> dict[str, int]:
     lora = 16 * job.rank * shape.layers * sum(a + c for a, c in targeted.values())
     # per token and layer, in elements: norms 2h each (input and normalized), q/k/v (h + kv), attention
     # output and o_proj input (2h), MLP input (h), gate, up, activation and product (4i)
-    per_layer = 9 * h + kv + 4 * i
-    if job.dropout:  # PEFT keeps each LoRA module's dropped-out input for backward
-        per_layer += sum(a for a in (d[0] for d in targeted.values()))
-    per_layer += 2 * job.rank * len(targeted)  # LoRA A outputs and their scaled copies
-    if job.checkpointing:
-        activations = job.tokens * b * (shape.layers * h + per_layer)
-    else:
-        activations = job.tokens * b * shape.layers * per_layer
+    dropped = [d[0] for d in targeted.values()] if job.dropout else []  # PEFT keeps each dropped-out input
+    widths = [(h, 9 + sum(1 for w in dropped if w == h)), (i, 4 + sum(1 for w in dropped if w == i))]
+    per_layer = sum(w * n for w, n in widths) + kv + 2 * job.rank * len(targeted)  # + LoRA A outputs
+    every_layer = job.tokens * b * shape.layers * per_layer
+    activations = job.tokens * b * (shape.layers * h + per_layer) if job.checkpointing else every_layer
+    allocator = 0
+    if job.device == "cpu":  # glibc keeps the step's freed blocks below its mmap ceiling (CPU_ALLOCATOR_SLACK)
+        kept = sum(w * n for w, n in widths if job.tokens * w * b < MMAP_CEILING)
+        allocator = int(CPU_ALLOCATOR_SLACK * job.tokens * b * shape.layers * kept)
     if not shape.varlen:  # a dense block mask per row, and eager attention's probabilities per layer
         row = -(-job.tokens // job.rows)
         activations += job.rows * row * row * (1 + (1 if job.checkpointing else shape.layers) * shape.heads * b)
@@ -158,7 +166,7 @@ def estimate(shape: Shape, job: Job) -> dict[str, int]:
     else:
         logits = job.supervised * shape.vocab * per_logit
     parts = {"weights": int(weights), "lora": lora, "activations": activations, "logits": logits,
-             "overhead": OVERHEAD[job.device]}
+             "allocator": allocator, "overhead": OVERHEAD[job.device]}
     if job.device == "cuda":
         parts["overhead"] += int(0.05 * sum(parts.values()))  # allocator fragmentation
     return parts | {"total": sum(parts.values())}
@@ -303,7 +311,7 @@ def check_fits(settings: Settings, params: LoraParams, device: dict[str, Any] | 
     the one `params.device` resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
     from .models import resolve_base, resolve_device
 
-    if device is None:
+    if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
     result = plan(model_shape(info), params, device, batch_tokens=batch_tokens)

@@ -298,7 +298,9 @@ def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: s
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
     if checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; train without it.")
+            fix = ("train without it" if params.gradient_checkpointing == "true" else "this job needs it to fit in "
+                   "memory: try --quantize=4bit, a smaller --batchSize or a shorter --maxSeqLength")
+            raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; {fix}.")
         enable_checkpointing(model)
     chosen = kernels.install(model, device)
     why_plain = lean_loss_check(model, device)
