@@ -189,6 +189,8 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
         ({"gateThresholds": {"bogus": 1}}, "gateThresholds"),
         ({"gateThresholds": {"maxValLossRatioVsBase": 0}}, "gateThresholds"),
         ({"baseModel": None}, "baseModel"),  # the client resolves it; the trainer never fills in its own
+        # the memory plan refuses a job this device cannot hold, naming what would make it fit
+        ({"batchSize": 1024, "maxSeqLength": 131072, "gradientCheckpointing": "false"}, "fit"),
     ]
     for body, field in cases:
         r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | body, trust_env=False)
@@ -207,6 +209,7 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
         r = httpx.get(url + query, trust_env=False)
         assert r.status_code == 422, (query, r.text)
     assert httpx.get(url + "/health", headers={"host": "evil.example"}, trust_env=False).status_code == 400
+    assert trainer_client.health(settings).can_train[0].startswith("What this cpu can train")
     with pytest.raises(NotFound):
         trainer_client.get_job(settings, "ftjob-unknown")
     assert len(trainer_client.list_jobs(settings, limit=500)) == before

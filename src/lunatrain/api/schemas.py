@@ -91,6 +91,7 @@ class ProviderHealth(Out):
     trainer_url: str
     data_root: dict[str, Any] | None = Field(default=None, description="the data root the trainer serves: id, path")
     storage: str | None = Field(default=None, description="a storage problem keeping jobs from starting")
+    can_train: list[str] = Field(default_factory=list, description="what the trainer's device can train")
     error: str | None = None
 
 

@@ -74,9 +74,12 @@ def describe_health(settings: Settings, health: Health | None) -> str:
                 "or `lunatrain health --ensure-trainer`.")
     d = health.device
     memory = f", {_gib(d.memory_free)} free of {_gib(d.memory_total)}" if d.memory_total else ""
-    return (f"{label}: {d.type} {d.name}{memory}, bf16 {'yes' if d.bf16 else 'no'}; "
-            f"queue {health.queue.running} running, {health.queue.queued} queued; "
-            f"trainer {health.version} at {trainer_client.base_url(settings)}")
+    return "\n".join([
+        f"{label}: {d.type} {d.name}{memory}, bf16 {'yes' if d.bf16 else 'no'}; "
+        f"queue {health.queue.running} running, {health.queue.queued} queued; "
+        f"trainer {health.version} at {trainer_client.base_url(settings)}",
+        *health.can_train,
+    ])
 
 
 def _gib(n: int | None) -> str:

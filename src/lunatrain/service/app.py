@@ -22,7 +22,7 @@ from fastapi import FastAPI, Query, Response
 from fastapi import Path as PathParam
 from pydantic import Field
 
-from .. import __version__
+from .. import __version__, memplan
 from ..errors import UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
@@ -115,11 +115,16 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             # authorised callers.
             "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
             "storage": problem,
+            "canTrain": memplan.capabilities(info),
         })
 
     @app.post("/jobs", status_code=202, response_model=Job, response_model_by_alias=True)
     def submit(body: JobCreate, response: Response) -> Job:
-        job, created = store().create(body.params(), body.request_id, body.thresholds(), options=body.options)
+        params = body.params()
+        # The memory plan before the job is queued: one that cannot fit this device is refused now (422,
+        # naming the option that would make it fit) instead of running until it dies out of memory.
+        memplan.check_fits(settings, params, state["device"].current())
+        job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
         if created:
             job = store().set_status(job.id, "queued")
             state["runner"].wake()

@@ -139,6 +139,7 @@ class Health(WireModel):
     queue: QueueView = Field(default_factory=QueueView)
     data_root: DataRootView | None = None
     storage: str | None = Field(default=None, description="the storage problem, when there is one")
+    can_train: list[str] = Field(default_factory=list, description="what this device can train (memplan)")
 
 
 def data_root_id(home: Path) -> str:
