@@ -6,6 +6,7 @@ Run all tests: `make test`; the quick subset without end-to-end flows: `make tes
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from lunatrain.settings import Settings, load_settings
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# luna-tiny is built once per machine and copied into each test's data root (models.ensure_tiny keeps the
+# build in the user cache); tests use a cache of their own, never the user's.
+os.environ.setdefault("XDG_CACHE_HOME", os.path.join(tempfile.gettempdir(), "lunatrain-test-cache"))
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from lunatrain.cli import app
 from lunatrain.errors import ServiceUnavailable
 from lunatrain.service import ensure
-from lunatrain.service.ensure import ensure_trainer, log_path, pid_path
+from lunatrain.service.ensure import ensure_trainer, log_path
+from lunatrain.service.lock import pid_path
 from lunatrain.settings import load_settings
 
 from trainer_helpers import free_port, gone, kill_trainers, trainer_processes, wait_for

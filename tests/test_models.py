@@ -17,8 +17,11 @@ def _digest(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
-def test_luna_tiny_is_built_with_identical_bytes(settings, tmp_path):
+def test_luna_tiny_is_built_with_identical_bytes(settings, tmp_path, monkeypatch):
+    # two real builds: each with an empty machine cache of its own
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-1"))
     first = models.resolve_base(None, settings)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-2"))
     other = load_settings(home=tmp_path / "other")
     second = models.resolve_base("luna-tiny", other)
     assert first.path != second.path
@@ -30,6 +33,21 @@ def test_luna_tiny_is_built_with_identical_bytes(settings, tmp_path):
     mtime = Path(first.path, "model.safetensors").stat().st_mtime_ns
     assert models.resolve_base(None, settings).fingerprint == first.fingerprint
     assert Path(first.path, "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_another_data_root_copies_luna_tiny_from_the_machine_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    built = models.resolve_base("luna-tiny", load_settings(home=tmp_path / "a"))
+    cached = list((tmp_path / "cache" / "lunatrain").iterdir())
+    assert [p.name for p in cached] == [f"luna-tiny-{models._tiny_recipe()[:16]}"]
+
+    def no_build(*_a, **_k):
+        raise AssertionError("built again although the machine cache holds this recipe")
+
+    monkeypatch.setattr(models, "build_tiny_model", no_build)
+    copied = models.resolve_base("luna-tiny", load_settings(home=tmp_path / "b"))
+    assert copied.path != built.path and copied.fingerprint == built.fingerprint
+    assert _digest(Path(copied.path)) == _digest(Path(built.path))
 
 
 def test_luna_tiny_loads_as_a_chat_model(settings):

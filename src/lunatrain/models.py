@@ -208,6 +208,9 @@ def ensure_tiny(settings: Settings) -> Path:
     """Build data/models/luna-tiny if missing or built by a different recipe; return its directory.
 
     Built in a temp dir and renamed into place under a lock, so concurrent callers never see half a model.
+    The build is deterministic, so a finished one is also kept in the user's cache directory
+    (`$XDG_CACHE_HOME/lunatrain`, else `~/.cache/lunatrain`) by recipe: another data root on the same machine
+    copies it instead of training the tokenizer and building the model again.
     """
     target = settings.models_dir / TINY_ID
     manifest = target / "luna-tiny.json"
@@ -219,12 +222,37 @@ def ensure_tiny(settings: Settings) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_ID}.", dir=settings.models_dir))
         try:
-            build_tiny_model(tmp)
-            atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
+            cached = _tiny_cache() / f"{TINY_ID}-{recipe[:16]}"
+            if _manifest_recipe(cached / "luna-tiny.json") == recipe:
+                shutil.rmtree(tmp)
+                shutil.copytree(cached, tmp)
+            else:
+                build_tiny_model(tmp)
+                atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
+                _keep_in_cache(tmp, cached)
             replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _tiny_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lunatrain"
+
+
+def _keep_in_cache(built: Path, cached: Path) -> None:
+    """Copy a finished build into the machine cache, whole or not at all (a copy renamed into place); the
+    cache is an optimisation, so any failure to write it is ignored."""
+    with contextlib.suppress(OSError):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+        try:
+            shutil.rmtree(staging)
+            shutil.copytree(built, staging)
+            os.rename(staging, cached)  # fails when another process cached it first: theirs is identical
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _manifest_recipe(manifest: Path) -> str | None:
