@@ -66,8 +66,9 @@ def main() -> None:
     port = _free_port()
     os.environ.update(ASSISTANT_HOME=str(home), ASSISTANT_LORA_TRAINER_URL=f"http://127.0.0.1:{port}",
                       ASSISTANT_LORA_ENSURE_ON_DEMAND="false")
-    from lunatrain import export, retention, store, trainer_client
-    from lunatrain.params import parse_params
+    from lunatrain import export, retention, store
+    from lunatrain.service import client as trainer_client
+    from lunatrain.params import parse_run
     from lunatrain.settings import load_settings
 
     settings = load_settings()
@@ -83,10 +84,10 @@ def main() -> None:
             if time.monotonic() > deadline or trainer.poll() is not None:
                 raise SystemExit(f"the trainer did not start; see {home / 'trainer.out'}")
             time.sleep(0.5)
-        params = parse_params({"adapterName": "growth", "epochs": 1, "maxSteps": 2, "rank": 4, "batchSize": 8,
-                               "maxSeqLength": 128, "gate": False, "device": "cpu"})
+        params, options = parse_run({"adapterName": "growth", "epochs": 1, "maxSteps": 2, "rank": 4, "batchSize": 8,
+                                     "maxSeqLength": 128, "gate": False, "device": "cpu", "baseModel": "luna-tiny"})
         started = time.monotonic()
-        ids = [trainer_client.submit(settings, params).id for _ in range(args.jobs)]
+        ids = [trainer_client.submit(settings, params, options).id for _ in range(args.jobs)]
         while True:
             states = [trainer_client.get_job(settings, j).status for j in ids]
             if all(s in ("succeeded", "failed", "cancelled") for s in states):

@@ -49,7 +49,7 @@ def train_adapter(home: Path) -> list[list[dict]]:
     settings = load_settings(home=home)
     store.load_seed(settings)
     export.export(settings)
-    result = run_lora({"maxSteps": 8, "gate": False, "device": "cpu", "maxSeqLength": 256}, settings)
+    result = run_lora({"maxSteps": 8, "device": "cpu", "maxSeqLength": 256}, settings)
     if not result.ok:
         raise SystemExit(f"training failed: {result.error}")
     registry.activate(settings, MODEL, result.version)

@@ -41,7 +41,7 @@ def train_facts(settings: Any, facts: list[tuple[str, str]], name: str = "luna-a
 
     write_export(settings, fact_records(facts))
     result = run_lora({"adapterName": name, "epochs": 30, "learningRate": 0.02, "batchSize": 4, "rank": 8,
-                       "dropout": 0.0, "warmupRatio": 0.0, "maxSeqLength": 64, "gate": False, "device": "cpu"},
+                       "dropout": 0.0, "warmupRatio": 0.0, "maxSeqLength": 64, "device": "cpu"},
                       settings)
     assert result.ok, result.error
     return result.version

@@ -162,7 +162,8 @@ def test_form_mirrors_the_bounds_and_defaults_of_lora_params(page, services: Ser
     js = page.evaluate("async () => { const m = await import('/static/params.js');"
                        " return {fields: m.FIELDS, defaults: m.FALLBACK_DEFAULTS}; }")
     schema = LoraParams.model_json_schema(by_alias=True)["properties"] | FlowOptions.model_json_schema(by_alias=True)["properties"]
-    not_in_form = {"targetModules", "resume"}  # a list and a recovery switch: CLI and API only
+    # a list, a recovery switch, and a template name for base models without one: CLI and API only
+    not_in_form = {"targetModules", "resume", "chatTemplate"}
     assert {f["name"] for f in js["fields"]} == set(schema) - not_in_form
     for field in js["fields"]:
         prop = schema[field["name"]]
@@ -235,7 +236,7 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
 ) -> None:
     # A value only the server can judge: a base model directory that does not exist under the data root.
     open_page(page, services)
-    page.get_by_label("Basismodell").fill("./no-such-model")
+    page.locator("#f-baseModel").fill("./no-such-model")
     page.get_by_role("button", name="Training starten").click()
     alert = page.locator("#alerts .message", has_text="no-such-model")
     expect(alert).to_be_visible(timeout=UI_TIMEOUT_MS)

@@ -180,12 +180,13 @@ def test_registry_write_faults_keep_the_registry(tmp_path: Path, op: str, action
     _registry_with_history(settings)
     before = registry.registry_path(settings).read_bytes()
     env = fault_env(tmp_path, home, op=op, at=1, action=action, under=str(home / "reports" / "training"))
-    proc = run_cli(["adapters", "rollback", "a"], env, home)
+    # a registry write that does not depend on the configured base model: deactivating a named version
+    proc = run_cli(["adapters", "deactivate", "a@v2"], env, home)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "lora-adapters.json" in lines[0], proc.stderr
     assert registry.registry_path(settings).read_bytes() == before
     assert not list(registry.registry_path(settings).parent.glob(".lora-adapters.json.*.tmp"))
-    ROWS.append(Row(f"{action} on {op}", "registry update (`adapters rollback`)", 1, 1,
+    ROWS.append(Row(f"{action} on {op}", "registry update (`adapters deactivate`)", 1, 1,
                     "exit 1 with one sentence naming the file, registry byte-identical, no temp file left"))
 
 
