@@ -1,0 +1,55 @@
+"""The flows' own rules at every entry point: minCurated before any job starts (CLI `lora`, local or
+through the trainer, and `POST …/lora/start`), and exit 1 when the eval gate refuses a freshly trained
+adapter. Run: `.venv/bin/python -m pytest tests/test_flow_entry.py -q`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+from helpers import make_records, write_export
+from typer.testing import CliRunner
+
+from lunatrain import registry
+from lunatrain.api.main import create_app
+from lunatrain.cli import app
+from lunatrain.service.jobs import jobs_db_path
+
+FAST = ["--epochs", "1", "--maxSteps", "2", "--batchSize", "8", "--rank", "4", "--maxSeqLength", "128"]
+
+
+def test_min_curated_is_checked_before_any_job_starts(settings, monkeypatch):
+    """Repro: `lunatrain lora --minCurated=500` and `POST …/lora/start {"minCurated": 500}` trained anyway."""
+    write_export(settings, make_records(40))
+    curated = sum(1 for _ in (settings.training_dir / "assistant-sft-curated.jsonl").open())
+    # an unreachable trainer that must not even be started: the check comes first
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")
+    for extra in ([], ["--local"]):
+        r = CliRunner().invoke(app, ["lora", *FAST, "--minCurated=500", *extra])
+        assert r.exit_code == 1, r.output
+        assert f"{curated} approved curated examples, 500 required (minCurated)" in r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.post("/assistant/training/lora/start", json={"minCurated": 500, "epochs": 1})
+    assert res.status_code == 409 and res.json()["error"]["code"] == "check_failed", res.text
+    assert "500 required (minCurated)" in res.json()["error"]["message"]
+    assert registry.list_adapters(settings) == {}  # nothing trained
+    assert not jobs_db_path(settings.data_dir).exists()  # nothing submitted: no trainer was ever asked
+    assert not (settings.reports_training_dir / "trainer.pid").exists()  # and none started
+
+
+def test_exit_1_when_the_gate_refuses_the_new_adapter(settings, home):
+    """Repro: the gate refused the new adapter (it stays registered, inactive) and the command exited 0."""
+    write_export(settings, make_records(40))
+    (home / "profiles").mkdir()
+    # a bar no adapter clears: val loss at most 1% of the base model's
+    (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")
+    r = CliRunner().invoke(app, ["lora", "--local", "--profile", "strict", *FAST, "--json"])
+    assert r.exit_code == 1, r.output
+    outcome = json.loads(r.stdout[r.stdout.index("{"):])
+    assert outcome["status"] == "succeeded" and outcome["gate"]["passed"] is False
+    entry = registry.get_version(settings, outcome["adapter"]["name"], outcome["adapter"]["version"])
+    assert entry["gate"]["passed"] is False  # registered, kept inactive, and the exit code says so
+    # without the gate the same run is a success
+    r = CliRunner().invoke(app, ["lora", "--local", "--profile", "strict", *FAST, "--no-gate"])
+    assert r.exit_code == 0, r.output
