@@ -7,3 +7,8 @@ if os.environ.get("LUNATRAIN_FAULT"):
     import faulthooks
 
     faulthooks.install()
+
+if os.environ.get("LUNA_KILL"):  # kill -9 at exact points of a job (killpoints.py)
+    import killpoints
+
+    killpoints.install()

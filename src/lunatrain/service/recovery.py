@@ -78,9 +78,7 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
     job = store.get(job_id)
     adapter = published_adapter(settings, store, job)
     if adapter is not None:
-        entry = _registered(settings, job.id)
-        gate = (entry or {}).get("gate") or GATE_INTERRUPTED
-        return store.set_status(job_id, "succeeded", adapter=adapter, gate=gate,
+        return store.set_status(job_id, "succeeded", adapter=adapter, gate=recorded_gate(settings, job.id),
                                 message="the adapter was registered before the trainer stopped")
     if cancel_requested:
         return store.set_status(job_id, "cancelled", message="cancelled (the trainer stopped meanwhile)")
@@ -106,6 +104,12 @@ def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str
     if isinstance(adapter, dict) and adapter.get("name") and adapter.get("version"):
         return {"name": str(adapter["name"]), "version": str(adapter["version"]), "path": str(adapter.get("path", ""))}
     return None
+
+
+def recorded_gate(settings: Settings, job_id: str) -> dict[str, Any]:
+    """The gate outcome recorded on the job's version (the gate finished, its report never reached the
+    trainer), else interrupted."""
+    return (_registered(settings, job_id) or {}).get("gate") or GATE_INTERRUPTED
 
 
 def _registered(settings: Settings, job_id: str) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ import psutil
 
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress
-from .recovery import GATE_INTERRUPTED, settle_interrupted, signal_group
+from .recovery import published_adapter, recorded_gate, settle_interrupted, signal_group
 from .spawn import child_env, worker_argv
 
 log = logging.getLogger("lunatrain.trainer")
@@ -207,9 +207,17 @@ class Runner:
         cancel_requested = self.store.get(job_id).status == "cancelling"
         status = (result or {}).get("status")
         metrics = (result or {}).get("metrics") or {}
+        if status != "succeeded" and trained is None:
+            # A child killed after registering its adapter but before its `trained` line reached us: the
+            # registry entry carrying this job id is the fact, so the job succeeded with that version (a
+            # "failed, submit it again" would make a second version of what exists).
+            registered = published_adapter(self.settings, self.store, self.store.get(job_id))
+            trained = {"adapter": registered} if registered is not None else None
         if status == "succeeded" or trained is not None:
             # An adapter was registered: that stands, even if a cancel or a crash hit the eval gate after it.
-            gate = (result or {}).get("gate") if status == "succeeded" else GATE_INTERRUPTED
+            # Without a result, a gate that recorded its outcome on the version before the child died is what
+            # happened (it may have promoted the version); else the gate was interrupted.
+            gate = (result or {}).get("gate") if status == "succeeded" else recorded_gate(self.settings, job_id)
             job = self.store.set_status(
                 job_id, "succeeded", adapter=_adapter(result if status == "succeeded" else trained, self.settings.home),
                 metrics=metrics or (trained or {}).get("metrics") or {}, gate=gate,

@@ -1,0 +1,224 @@
+"""Fault injection for the trainer service: kill -9 of the trainer and of a job's worker at seeded points
+of real jobs (real `lunatrain trainer` processes, real worker children, luna-tiny), then the invariants.
+
+Points (tests/hooks/killpoints.py kills from inside the worker, so each point is exact): mid-step after the
+k-th progress event, once the adapter is registered (before and after the `trained` event), as the eval
+gate begins and after it recorded, and between the registry's read and its replace. The trainer is killed
+with and without `resume: true` and restarted on the same data root; a killed worker leaves its trainer
+running. After each iteration: the registry loads and every version folder in it is complete; no job id
+has two versions; no job is left active once the trainer settled it; a job whose adapter was registered
+ended `succeeded` with that adapter; one that registered nothing ended failed (or, resumed, succeeded).
+
+The table goes to bench/results/faults.md ("Trainer and worker kill -9").
+Run: `pytest -m slow tests/test_faults_trainer.py -p no:cacheprovider` (a few minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import faults
+import pytest
+from test_trainer_service import (
+    QUICK,
+    launch,
+    prepare_root,
+    shutdown,
+    submit,
+    workers_of,
+)
+from trainer_helpers import wait_for
+
+from lunatrain import registry
+from lunatrain.errors import ServiceUnavailable
+from lunatrain.service import client as trainer_client
+from lunatrain.service.jobs import TERMINAL, Job
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+HOOKS = Path(__file__).parent / "hooks"
+# Three steps: a kill after step 1 or 2 is mid-run. A job is mostly process start-up and model loading.
+FLAGS = QUICK | {"maxSteps": 3}
+SETTLE_S = 300.0  # bound on a job reaching a final state (resumed jobs train again); a passing run takes seconds
+ACTIVE = ("running", "queued", "cancelling", "validating")
+REGISTERED_POINTS = ("published", "trained", "gatestart", "gateend")
+POINT_TEXT = {
+    "progress": "mid-step (after progress event k)",
+    "published": "adapter registered, before the trained event",
+    "trained": "after the trained event",
+    "gatestart": "during the gate (as it begins)",
+    "gateend": "during the gate (after it recorded)",
+    "registry": "between registry read and replace",
+}
+CHECKED = "invariants 1-5 (see above)"
+TRAINER_SEEDS = range(100, 116)  # 16 iterations: every trainer point with and without resume
+WORKER_SEEDS = range(200, 214)  # 14 iterations
+
+
+@dataclass(frozen=True)
+class Plan:
+    seed: int
+    target: str  # "t" trainer, "w" worker
+    point: str
+    k: int
+    resume: bool
+    gate: bool
+
+    @property
+    def adapter(self) -> str:
+        return f"kf-{self.target}-{self.point}-{self.k}-s{self.seed}"
+
+    @property
+    def flags(self) -> dict:
+        return FLAGS | {"adapterName": self.adapter, "resume": self.resume, "gate": self.gate}
+
+
+def plans(target: str, seeds: range) -> list[Plan]:
+    """One plan per seed: the points in turn (each with resume off and on for the trainer), the step k, the
+    registry write and whether the gate runs drawn from the seed."""
+    points = ["progress", "trained", "gatestart", "registry"] if target == "t" else list(POINT_TEXT)
+    if target == "t":
+        points += ["published", "gateend", "progress", "registry"]
+    out = []
+    for i, seed in enumerate(seeds):
+        rng = random.Random(seed)
+        point = points[i % len(points)]
+        gate = point.startswith("gate") or rng.random() < 0.3
+        k = rng.randint(1, 2) if point == "progress" or (point == "registry" and gate) else 1
+        resume = (i // len(points)) % 2 == 1 if target == "t" else rng.random() < 0.5
+        out.append(Plan(seed, target, point, k, resume, gate))
+    return out
+
+
+def fresh_root(tmp_path_factory, name: str) -> tuple[Path, dict[str, str]]:
+    home = tmp_path_factory.mktemp(name) / "home"
+    home.mkdir()
+    prepare_root(home)
+    markers = home.parent / "kill-markers"
+    markers.mkdir()
+    # The worktree's src after the hooks: the trainer (and through spawn.child_env its workers) runs this
+    # checkout's lunatrain, with the kill points installed in the workers.
+    env = {"LUNA_KILL": str(markers), "PYTHONPATH": os.pathsep.join([str(HOOKS), str(faults.ROOT / "src")])}
+    return home, env
+
+
+def killed(home: Path, job: Job) -> str | None:
+    marker = home.parent / "kill-markers" / f"{job.id}.killed"
+    return marker.read_text() if marker.exists() else None
+
+
+def killed_or_done(trainer, job: Job) -> bool:
+    """The trainer died (killed at the point), or the job ended without reaching it."""
+    if trainer.proc.poll() is not None:
+        return True
+    try:
+        return trainer_client.get_job(trainer.settings, job.id).status in TERMINAL
+    except ServiceUnavailable:  # dying right now: the next poll sees its exit
+        return False
+
+
+def settled(settings, job_id: str) -> Job:
+    job = wait_for(lambda: (j := trainer_client.get_job(settings, job_id)).status in TERMINAL and j, SETTLE_S, 0.5)
+    return job or trainer_client.get_job(settings, job_id)
+
+
+def invariants(settings, plan: Plan, job: Job, home: Path) -> list[str]:
+    """Every broken invariant as one line (empty when all held)."""
+    broken = []
+    try:
+        reg = registry.load(settings)
+    except Exception as exc:  # noqa: BLE001 - an unreadable registry is itself the finding
+        return [f"registry does not load: {exc}"]
+    entries = [e for a in reg["adapters"].values() for e in a["versions"]]
+    for e in entries:
+        folder = settings.home / e["path"]
+        for name in ("adapter_model.safetensors", "training-report.json"):
+            if not (folder / name).is_file():
+                broken.append(f"{e['name']}@{e['version']} lacks {name}")
+    ids = Counter(e.get("jobId") for e in entries if e.get("jobId"))
+    broken += [f"job {j} has {n} versions" for j, n in ids.items() if n > 1]
+    stuck = [j.id for j in trainer_client.list_jobs(settings, limit=500) if j.status in ACTIVE]
+    broken += [f"jobs left active: {stuck}"] if stuck else []
+    entry = registry.find_by_job(settings, job.id)
+    if entry is not None:
+        if job.status != "succeeded" or job.adapter is None or (job.adapter.name, job.adapter.version) != (
+                entry["name"], entry["version"]):
+            broken.append(f"registered {entry['name']}@{entry['version']} but the job ended {job.status}: "
+                          f"{job.error and job.error.message}")
+        recorded = (entry.get("gate") or {}).get("status")
+        if recorded and (job.gate or {}).get("status") != recorded:
+            broken.append(f"the version's gate was {recorded}, the job says {job.gate}")
+    elif job.status == "succeeded" or plan.point in REGISTERED_POINTS:
+        broken.append(f"job {job.status} with adapter {job.adapter} but nothing registered for it")
+    elif job.status not in ("failed", "cancelled"):
+        broken.append(f"job ended {job.status}")
+    if plan.point in ("progress", "registry") and plan.target == "t" and plan.resume and entry is None:
+        broken.append(f"resume: true, but the job ended {job.status} ({job.error and job.error.code})")
+    if workers_of(home):
+        broken.append("a worker is left running")
+    return broken
+
+
+def run_kind(tmp_path_factory, target: str, seeds: range) -> tuple[list[faults.Row], list[str]]:
+    home, env = fresh_root(tmp_path_factory, f"kill-{target}")
+    trainer = launch(home, **env)
+    port = int(trainer.url.rsplit(":", 1)[1])
+    tally: dict[tuple[str, bool], list[int]] = {}  # (point, resume) -> [injected, held]
+    failures = []
+    try:
+        for plan in plans(target, seeds):
+            job = submit(trainer.settings, plan.flags)
+            if target == "t":
+                # The hook kills the trainer at the point; then a new trainer on the same data root settles it.
+                wait_for(lambda t=trainer, j=job: killed_or_done(t, j), SETTLE_S, 0.3)
+                if trainer.proc.poll() is not None:
+                    trainer = launch(home, port, **env)
+            final = settled(trainer.settings, job.id)
+            wait_for(lambda: not workers_of(home), 60)  # a worker still finishing, or an orphan being stopped
+            injected = killed(home, final)
+            broken = [] if injected else [f"the kill at {plan.point} was never reached (job {final.status})"]
+            broken += invariants(trainer.settings, plan, final, home)
+            got = tally.setdefault((plan.point, plan.resume), [0, 0])
+            got[0] += 1
+            got[1] += not broken
+            print(f"{plan.adapter} resume={plan.resume} gate={plan.gate}: {final.status}"
+                  f"{' ' + final.error.code if final.error else ''} {'ok' if not broken else broken}", flush=True)
+            failures += [f"{plan.adapter}: {b}" for b in broken]
+    finally:
+        shutdown(trainer)
+    who = "trainer" if target == "t" else "worker"
+    rows = [faults.Row(f"kill -9 {POINT_TEXT[point]}", f"{who}, resume {'on' if resume else 'off'}",
+                       *tally[point, resume], CHECKED)
+            for point in POINT_TEXT for resume in (False, True) if (point, resume) in tally]
+    return rows, failures
+
+
+@pytest.fixture(scope="module")
+def table():
+    rows: list[faults.Row] = []
+    yield rows
+    if rows:
+        faults.record("Trainer and worker kill -9", rows, note=(
+            "Real `lunatrain trainer` processes and worker children on luna-tiny (3 steps, memory tier, the gate "
+            "on for some jobs), killed with SIGKILL from inside the worker at the point (tests/hooks/killpoints.py); "
+            "after a trainer kill a new trainer starts on the same data root. Seeds: trainer 100-115, worker "
+            "200-213. Checked after each: (1) the registry loads and every version folder in it has its weights "
+            "and training report; (2) no job id has two versions; (3) no job is left running/queued/cancelling; "
+            "(4) a job whose adapter was registered ended `succeeded` with it, its gate as recorded on the "
+            "version; (5) the kill was reached and no worker is left running."))
+
+
+def test_kill_9_of_the_trainer_at_seeded_points(tmp_path_factory, table):
+    rows, failures = run_kind(tmp_path_factory, "t", TRAINER_SEEDS)
+    table += rows
+    assert not failures, "\n".join(failures)
+
+
+def test_kill_9_of_the_worker_at_seeded_points(tmp_path_factory, table):
+    rows, failures = run_kind(tmp_path_factory, "w", WORKER_SEEDS)
+    table += rows
+    assert not failures, "\n".join(failures)
