@@ -78,8 +78,10 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         store = JobStore(jobs_db_path(settings.data_dir))
         recover(settings, store)
-        runner = Runner(settings, store)
-        state.update(store=store, runner=runner, device=DeviceProbe(settings))
+        device = DeviceProbe(settings)
+        gpus = int(device.info.get("count") or 0) if device.info.get("type") == "cuda" else 0
+        runner = Runner(settings, store, gpus=gpus)
+        state.update(store=store, runner=runner, device=device)
         runner.start()
         lock.write_pid(settings)
         try:

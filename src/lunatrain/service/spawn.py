@@ -26,6 +26,21 @@ def lunatrain_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "lunatrain", *args]
 
 
-def worker_argv(*args: str) -> list[str]:
-    """A job's child process (internal protocol, see worker.py)."""
-    return [sys.executable, "-m", "lunatrain.service.worker", *args]
+def worker_argv(*args: str, ranks: int = 1) -> list[str]:
+    """A job's child process (internal protocol, see worker.py); with `ranks` > 1 the worker runs under
+    torchrun, one process per rank (data parallel, see distributed.py). `--standalone` lets torchrun's
+    agent bind a free loopback port itself and hand it to the ranks, so no port is picked here and raced
+    for; `--max-restarts 0`: a failed rank fails the job, it is never silently rerun."""
+    worker = ["-m", "lunatrain.service.worker", *args]
+    if ranks <= 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(ranks), "--max-restarts", "0", *worker]
+
+
+def job_ranks(settings: Settings, device: str | None, gpus: int) -> int:
+    """How many processes train one job: ASSISTANT_LORA_GPUS when set, else every visible GPU (`gpus`,
+    from the device probe) for a job that may use CUDA, else one."""
+    if settings.lora_gpus is not None:
+        return settings.lora_gpus
+    return gpus if gpus > 1 and device in (None, "auto", "cuda") else 1
