@@ -1,7 +1,8 @@
 """Data-parallel jobs through the real trainer service: with ASSISTANT_LORA_GPUS=2 on CPU the trainer runs
 each job's worker under torchrun as two gloo ranks. Shown here: the registered adapter equals a
 single-process run with the combined batch; cancel stops every rank and registers nothing; kill -9 of one
-rank fails the job with an error naming that rank and its signal, and the registry stays whole.
+rank fails the job with an error naming that rank and its signal, and the registry stays whole; kill -9 of
+the trainer stops the ranks and the restarted trainer settles the job like any other.
 
 Run: `.venv/bin/python -m pytest tests/test_service_dataparallel.py -q` (a few minutes on 2 CPU cores).
 """
@@ -25,7 +26,7 @@ from lunatrain.train import Status, run_lora
 
 from test_trainer_service import (
     JOB_TIMEOUT, LONG, QUICK, copy_root, launch, prepare_root, running_with_steps, shutdown, submit, versions,
-    wait_job,
+    wait_job, workers_of,
 )
 from trainer_helpers import gone, wait_for
 
@@ -72,10 +73,11 @@ def rank_of(proc: psutil.Process) -> int:
 
 
 def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_batch(svc, tmp_path):
-    flags = QUICK | SAME | {"adapterName": "dp"}
+    flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
     job = submit(svc.settings, flags)
     final = wait_job(svc.settings, job.id)
     assert final.status == "succeeded", final
+    assert final.gate is not None and final.gate["status"] in ("passed", "failed"), final.gate  # rank 0 gated
     assert final.metrics["steps"] == 3
     assert final.progress.step == 3 and final.progress.total_steps == 3  # rank 0's progress, once per step
 
@@ -127,3 +129,25 @@ def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whol
     # the service goes on: the next job runs on both ranks again
     again = wait_job(settings, submit(settings, QUICK | SAME | {"maxSteps": 1, "adapterName": "dp-after"}).id)
     assert again.status == "succeeded", again
+
+
+def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(root, tmp_path):
+    home = tmp_path / "home"
+    copy_root(root, home)
+    trainer = launch(home, ASSISTANT_LORA_GPUS="2")
+    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
+    try:
+        job = submit(trainer.settings, LONG | SAME | {"maxSteps": None, "adapterName": "dp-orphan"})
+        wait_for(lambda: running_with_steps(trainer_client.get_job(trainer.settings, job.id)), JOB_TIMEOUT, 0.3)
+        agent, ranks = job_processes(job.id)
+        os.kill(trainer.proc.pid, signal.SIGKILL)
+        trainer.proc.wait()
+        trainer = launch(home, port, ASSISTANT_LORA_GPUS="2")
+        final = wait_job(trainer.settings, job.id, timeout=60)
+        assert final.status == "failed" and final.error.code == "interrupted", final
+        assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 60), "an orphaned rank kept running"
+        assert workers_of(home) == []
+        registry.load(trainer.settings)
+        assert versions(trainer.settings, "dp-orphan") == []
+    finally:
+        shutdown(trainer)

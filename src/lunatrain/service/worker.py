@@ -132,6 +132,7 @@ def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], 
     settings = load_settings()
     params, options = parse_params(params_json), FlowOptions.model_validate(options_json)
     parent = os.getppid()
+    main = distributed.from_env().main  # under torchrun only rank 0 gates (and promotes) the new version
 
     def on_event(event: dict[str, Any]) -> None:
         channel.send(event)
@@ -151,7 +152,7 @@ def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], 
     try:
         outcome = train_and_gate(settings, params, options, thresholds=gate_thresholds, on_event=on_event,
                                  should_stop=orphaned, job_id=job_id, on_trained=on_trained,
-                                 may_gate=lambda: not (channel.broken or orphaned()))
+                                 may_gate=lambda: main and not (channel.broken or orphaned()))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
         traceback.print_exc(file=sys.stderr)
         return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
