@@ -9,8 +9,11 @@ Run: `.venv/bin/python -m pytest tests/test_service_dataparallel.py -q` (a few m
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -19,8 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from lunatrain import registry
+from lunatrain.errors import UsageError
 from lunatrain.params import parse_run
 from lunatrain.service import client as trainer_client
+from lunatrain.service.runner import _rank_crash_error
+from lunatrain.service.spawn import child_env, job_ranks, worker_argv
 from lunatrain.settings import load_settings
 from lunatrain.train import Status, run_lora
 
@@ -30,13 +36,61 @@ from test_trainer_service import (
 )
 from trainer_helpers import gone, wait_for
 
-pytestmark = pytest.mark.slow
-
 # dropout 0 and one seed: both ranks start from the same LoRA weights and draw no masks, so two ranks with
 # batchSize 2 take exactly the steps of one process with batchSize 4.
 SAME = {"batchSize": 2, "dropout": 0.0, "seed": 7, "learningRate": 5e-3, "maxSteps": 3}
 
 
+# --- how a job is launched (fast) -----------------------------------------------------------------
+def test_one_rank_is_the_plain_worker_and_more_run_under_torchrun():
+    assert worker_argv("--job", "j", ranks=1) == [sys.executable, "-m", "lunatrain.service.worker", "--job", "j"]
+    argv = worker_argv("--job", "j", ranks=3)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "3" and argv[argv.index("--max-restarts") + 1] == "0"
+    assert argv[-4:] == ["-m", "lunatrain.service.worker", "--job", "j"]
+
+
+def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
+    auto = load_settings(home=tmp_path)
+    assert auto.lora_gpus is None
+    assert [job_ranks(auto, d, 0) for d in ("auto", "cpu", "cuda")] == [1, 1, 1]  # CPU machine
+    assert [job_ranks(auto, d, 4) for d in ("auto", None, "cuda", "cpu")] == [4, 4, 4, 1]  # a CPU job: one
+    assert job_ranks(load_settings(home=tmp_path, lora_gpus=2), "cpu", 0) == 2  # explicit: gloo on CPU
+    for bad in (0, -1, "two"):
+        with pytest.raises(UsageError, match="ASSISTANT_LORA_GPUS"):
+            load_settings(home=tmp_path, lora_gpus=bad)
+
+
+def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
+    log = tmp_path / "data" / "trainer" / "logs" / "j.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("RuntimeError: [gloo] Connection reset by peer\nRoot Cause (first observed failure):\n[0]:\n"
+                   "  time      : 2026-01-01_00:00:00\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
+                   "  exitcode  : -9 (pid: 42)  (SIGKILL)\n  error_file: <N/A>\n")
+    err = _rank_crash_error(1, 2, log, tmp_path)
+    assert err == {"code": "child_crashed", "message": "Rank 1 of the 2 training processes was killed by SIGKILL "
+                   "(often the system's out-of-memory killer); the other ranks were stopped; see data/trainer/logs/j.log."}
+    log.write_text("no report\n")
+    assert _rank_crash_error(1, 2, log, tmp_path)["message"].startswith(
+        "The training processes (2 ranks under torchrun) exited with status 1 without a result")
+
+
+def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
+    """Bad parameters fail before any collective: rank 0 writes the one result line, rank 1 nothing, and
+    both exit 0 (an orderly ending), so a failing torchrun means a crashed rank."""
+    env = child_env(load_settings(home=tmp_path)) | {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    argv = worker_argv("--job", "j", "--params", json.dumps({"epochs": "many"}))
+    out = {}
+    for rank in ("0", "1"):
+        out[rank] = subprocess.run(argv, env=env | {"RANK": rank}, cwd=tmp_path, capture_output=True, text=True,
+                                   timeout=120)
+        assert out[rank].returncode == 0, out[rank].stderr[-2000:]
+    lines = [json.loads(ln) for ln in out["0"].stdout.splitlines()]
+    assert lines[-1]["type"] == "result" and lines[-1]["status"] == "failed" and "epochs" in lines[-1]["error"]["message"]
+    assert out["1"].stdout == "" and "(rank 1 of 2)" in out["1"].stderr
+
+
+# --- through the real service (slow) --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("dataparallel") / "home"
@@ -72,6 +126,7 @@ def rank_of(proc: psutil.Process) -> int:
     return int(proc.environ()["RANK"])
 
 
+@pytest.mark.slow
 def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_batch(svc, tmp_path):
     flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
     job = submit(svc.settings, flags)
@@ -97,6 +152,7 @@ def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_bat
     assert [v["jobId"] for v in versions(svc.settings, "dp")] == [job.id]  # rank 0 alone registered
 
 
+@pytest.mark.slow
 def test_cancel_stops_every_rank_and_registers_nothing(svc):
     settings = svc.settings
     job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": "dp-cancel"})
@@ -111,6 +167,7 @@ def test_cancel_stops_every_rank_and_registers_nothing(svc):
     assert not list((settings.adapters_dir / "dp-cancel").glob("v*"))
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whole(svc):
     settings = svc.settings
     job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": "dp-killed"})
@@ -131,6 +188,7 @@ def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whol
     assert again.status == "succeeded", again
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(root, tmp_path):
     home = tmp_path / "home"
     copy_root(root, home)
