@@ -14,26 +14,36 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer_service import (
+    JOB_TIMEOUT,
+    LONG,
+    QUICK,
+    copy_root,
+    launch,
+    root,  # noqa: F401 - the module's prepared data root (a fixture)
+    running_with_steps,
+    shutdown,
+    submit,
+    versions,
+    wait_job,
+    workers_of,
+)
 
 from lunatrain import registry
 from lunatrain.errors import UsageError
 from lunatrain.params import parse_run
 from lunatrain.service import client as trainer_client
+from lunatrain.service.jobs import Job
 from lunatrain.service.runner import _rank_crash_error
 from lunatrain.service.spawn import child_env, job_ranks, worker_argv
-from lunatrain.settings import load_settings
+from lunatrain.settings import Settings, load_settings
 from lunatrain.train import Status, run_lora
 
-from test_trainer_service import (
-    JOB_TIMEOUT, LONG, QUICK, copy_root, launch, prepare_root, running_with_steps, shutdown, submit, versions,
-    wait_job, workers_of,
-)
 from trainer_helpers import gone, wait_for
 
 # dropout 0 and one seed: both ranks start from the same LoRA weights and draw no masks, so two ranks with
@@ -92,14 +102,6 @@ def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
 
 # --- through the real service (slow) --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("dataparallel") / "home"
-    home.mkdir()
-    prepare_root(home)
-    return home
-
-
-@pytest.fixture(scope="module")
 def svc(root):
     trainer = launch(root, ASSISTANT_LORA_GPUS="2")
     yield trainer
@@ -124,6 +126,13 @@ def job_processes(job_id: str, ranks: int = 2) -> tuple[psutil.Process, list[psu
 
 def rank_of(proc: psutil.Process) -> int:
     return int(proc.environ()["RANK"])
+
+
+def start_long(settings: Settings, name: str) -> tuple[Job, psutil.Process, list[psutil.Process]]:
+    """A job that runs until stopped, caught after its first step: the job, torchrun's agent, its ranks."""
+    job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": name})
+    wait_for(lambda: running_with_steps(trainer_client.get_job(settings, job.id)), JOB_TIMEOUT, 0.3)
+    return job, *job_processes(job.id)
 
 
 @pytest.mark.slow
@@ -155,9 +164,7 @@ def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_bat
 @pytest.mark.slow
 def test_cancel_stops_every_rank_and_registers_nothing(svc):
     settings = svc.settings
-    job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": "dp-cancel"})
-    wait_for(lambda: running_with_steps(trainer_client.get_job(settings, job.id)), JOB_TIMEOUT, 0.3)
-    agent, ranks = job_processes(job.id)
+    job, agent, ranks = start_long(settings, "dp-cancel")
     assert sorted(rank_of(r) for r in ranks) == [0, 1]
     assert trainer_client.cancel(settings, job.id).status in ("cancelling", "cancelled")
     final = wait_job(settings, job.id)
@@ -170,9 +177,7 @@ def test_cancel_stops_every_rank_and_registers_nothing(svc):
 @pytest.mark.slow
 def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whole(svc):
     settings = svc.settings
-    job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": "dp-killed"})
-    wait_for(lambda: running_with_steps(trainer_client.get_job(settings, job.id)), JOB_TIMEOUT, 0.3)
-    agent, ranks = job_processes(job.id)
+    job, agent, ranks = start_long(settings, "dp-killed")
     os.kill(next(r.pid for r in ranks if rank_of(r) == 1), signal.SIGKILL)
     final = wait_job(settings, job.id)
     assert final.status == "failed" and final.adapter is None, final
@@ -195,9 +200,7 @@ def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(roo
     trainer = launch(home, ASSISTANT_LORA_GPUS="2")
     port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
     try:
-        job = submit(trainer.settings, LONG | SAME | {"maxSteps": None, "adapterName": "dp-orphan"})
-        wait_for(lambda: running_with_steps(trainer_client.get_job(trainer.settings, job.id)), JOB_TIMEOUT, 0.3)
-        agent, ranks = job_processes(job.id)
+        job, agent, ranks = start_long(trainer.settings, "dp-orphan")
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()
         trainer = launch(home, port, ASSISTANT_LORA_GPUS="2")
