@@ -82,7 +82,7 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
                    "(often the system's out-of-memory killer); the other ranks were stopped; see data/trainer/logs/j.log."}
     log.write_text("no report\n")
     assert _rank_crash_error(1, 2, log, tmp_path)["message"].startswith(
-        "The training processes (2 ranks under torchrun) exited with status 1 without a result")
+        "The torchrun launcher of the 2 training processes exited with status 1 without a result")
 
 
 def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
@@ -191,6 +191,20 @@ def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whol
     # the service goes on: the next job runs on both ranks again
     again = wait_job(settings, submit(settings, QUICK | SAME | {"maxSteps": 1, "adapterName": "dp-after"}).id)
     assert again.status == "succeeded", again
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_jobs_process_group_takes_every_rank_with_it(svc):
+    """What the trainer does when a cancel outlasts its grace: SIGKILL to the job's process group. torchrun
+    keeps its ranks out of that group; they die with their launcher all the same."""
+    settings = svc.settings
+    job, agent, ranks = start_long(settings, "dp-group-killed")
+    os.killpg(agent.pid, signal.SIGKILL)
+    final = wait_job(settings, job.id)
+    assert final.status == "failed" and final.error.code == "child_crashed", final
+    assert final.error.message.startswith("The torchrun launcher of the 2 training processes was killed by SIGKILL")
+    assert wait_for(lambda: all(gone(p.pid) for p in ranks), 30), "a rank outlived its launcher"
+    assert versions(settings, "dp-group-killed") == []
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The job runner: queued jobs one at a time, each in its own child process (`worker.py`) and process
 group, the child's event lines turned into job state, and every ending (result, crash, cancel, shutdown,
-storage error) recorded as exactly one terminal state."""
+storage error) recorded as exactly one terminal state. A job on several GPUs (ASSISTANT_LORA_GPUS, see
+spawn.job_ranks) has torchrun as that child, with one worker per rank under it; rank 0's lines are the
+job's, and a rank that dies fails the job naming it."""
 
 from __future__ import annotations
 
@@ -302,7 +304,7 @@ def _rank_crash_error(code: int, ranks: int, log_path: Path, home: Path) -> dict
         rank, status = found[-1]
         what = f"rank {rank} of the {ranks} training processes {_how(int(status))}; the other ranks were stopped"
     else:
-        what = f"the training processes ({ranks} ranks under torchrun) {_how(code)}"
+        what = f"the torchrun launcher of the {ranks} training processes {_how(code)}"
     return {"code": "child_crashed", "message": f"{what[0].upper()}{what[1:]}; see {_relative(log_path, home)}."}
 
 

@@ -79,13 +79,14 @@ def _silence_stdout() -> None:
 
 
 def _die_with_parent() -> None:
-    """A rank's parent is torchrun's agent: if the agent is killed (the trainer SIGKILLs the job's process
-    group after a cancel grace; torchrun starts each rank in a session of its own, out of that group's
-    reach), the kernel sends this rank SIGTERM, which stops it like a cancel. Linux only; elsewhere the
-    parent watchdog notices within a second."""
+    """A rank's parent is torchrun's agent, which starts each rank in a session of its own, out of reach of
+    a signal to the job's process group. SIGTERM to the group reaches the agent, which passes it on to the
+    ranks (they stop like one worker on cancel). SIGKILL to the group (a cancel past its grace, recovery
+    after a trainer restart) kills only the agent: the kernel then kills this rank too, as it would the one
+    worker of a single-process job. Linux only; elsewhere the parent watchdog stops an orphaned rank."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _watch_parent(stop: threading.Event, parent: int) -> None:
