@@ -45,6 +45,7 @@ from .jobs import (
 )
 from .recovery import recover
 from .runner import Runner
+from .spawn import job_ranks
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -109,7 +110,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         return Health.model_validate({
             "status": "degraded" if problem else "ok",
             "cudaAvailable": bool(info.get("cudaAvailable")),
-            "device": info,
+            "device": info | {"ranks": job_ranks(settings, "auto", state["runner"].gpus)},
             "version": __version__,
             "queue": {"running": counts.get("running", 0) + counts.get("cancelling", 0),
                       "queued": counts.get("queued", 0) + counts.get("validating", 0)},
