@@ -65,7 +65,12 @@ def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
     assert auto.lora_gpus is None
     assert [job_ranks(auto, d, 0) for d in ("auto", "cpu", "cuda")] == [1, 1, 1]  # CPU machine
     assert [job_ranks(auto, d, 4) for d in ("auto", None, "cuda", "cpu")] == [4, 4, 4, 1]  # a CPU job: one
-    assert job_ranks(load_settings(home=tmp_path, lora_gpus=2), "cpu", 0) == 2  # explicit: gloo on CPU
+    two = load_settings(home=tmp_path, lora_gpus=2)
+    assert [job_ranks(two, d, 0) for d in ("auto", "cpu")] == [2, 2]  # explicit on a CPU machine: gloo
+    assert job_ranks(two, "cuda", 2) == 2 and job_ranks(two, "cpu", 1) == 2
+    with pytest.raises(UsageError, match=r"ASSISTANT_LORA_GPUS=2 asks for more training processes than the 1 "
+                                         r"visible GPU\(s\); set it to 1 or less"):
+        job_ranks(two, "auto", 1)
     for bad in (0, -1, "two"):
         with pytest.raises(UsageError, match="ASSISTANT_LORA_GPUS"):
             load_settings(home=tmp_path, lora_gpus=bad)

@@ -127,6 +127,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         # The memory plan before the job is queued: one that cannot fit this device is refused now (422,
         # naming the option that would make it fit) instead of running until it dies out of memory.
         memplan.check_fits(settings, params, state["device"].current())
+        job_ranks(settings, params.device, state["runner"].gpus)  # 422 when more ranks than GPUs are set
         job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
         if created:
             job = store().set_status(job.id, "queued")

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import psutil
 
+from ..errors import LunaError
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress
 from .recovery import GATE_INTERRUPTED, settle_interrupted, signal_group
@@ -153,7 +154,11 @@ class Runner:
         args = ["--job", job.id, "--params", json.dumps(job.params), "--options", json.dumps(job.options.wire())]
         if job.gate_thresholds is not None:
             args += ["--gate-thresholds", json.dumps(job.gate_thresholds)]
-        ranks = job_ranks(self.settings, job.params.get("device"), self.gpus)
+        try:
+            ranks = job_ranks(self.settings, job.params.get("device"), self.gpus)
+        except LunaError as err:  # queued before a restart with another ASSISTANT_LORA_GPUS
+            self.store.set_status(job.id, "failed", error={"code": err.code, "message": err.message})
+            return
         argv = worker_argv(*args, ranks=ranks)
         log.info("job %s running on %d process(es): %s", job.id, ranks, " ".join(argv[: len(argv) - len(args) + 2]))
         try:

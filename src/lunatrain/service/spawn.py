@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import UsageError
 from ..settings import Settings
 
 _SRC = str(Path(__file__).resolve().parents[2])  # the directory holding the `lunatrain` package
@@ -40,7 +41,12 @@ def worker_argv(*args: str, ranks: int = 1) -> list[str]:
 
 def job_ranks(settings: Settings, device: str | None, gpus: int) -> int:
     """How many processes train one job: ASSISTANT_LORA_GPUS when set, else every visible GPU (`gpus`,
-    from the device probe) for a job that may use CUDA, else one."""
-    if settings.lora_gpus is not None:
-        return settings.lora_gpus
-    return gpus if gpus > 1 and device in (None, "auto", "cuda") else 1
+    from the device probe) for a job that may use CUDA, else one. More processes than GPUs for a CUDA job
+    is a UsageError (NCCL cannot put two ranks on one GPU); on CPU any number runs (gloo)."""
+    on_gpus = gpus >= 1 and device in (None, "auto", "cuda")
+    if settings.lora_gpus is None:
+        return gpus if on_gpus else 1
+    if on_gpus and settings.lora_gpus > gpus:
+        raise UsageError(f"ASSISTANT_LORA_GPUS={settings.lora_gpus} asks for more training processes than the "
+                         f"{gpus} visible GPU(s); set it to {gpus} or less (or train with device=cpu).")
+    return settings.lora_gpus
