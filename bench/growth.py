@@ -67,8 +67,8 @@ def main() -> None:
     os.environ.update(ASSISTANT_HOME=str(home), ASSISTANT_LORA_TRAINER_URL=f"http://127.0.0.1:{port}",
                       ASSISTANT_LORA_ENSURE_ON_DEMAND="false")
     from lunatrain import export, retention, store
-    from lunatrain.service import client as trainer_client
     from lunatrain.params import parse_run
+    from lunatrain.service import client as trainer_client
     from lunatrain.settings import load_settings
 
     settings = load_settings()

@@ -21,7 +21,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import faults
 import pytest
 from test_trainer_service import (
     QUICK,
@@ -31,12 +30,14 @@ from test_trainer_service import (
     submit,
     workers_of,
 )
-from trainer_helpers import wait_for
 
 from lunatrain import registry
 from lunatrain.errors import ServiceUnavailable
 from lunatrain.service import client as trainer_client
 from lunatrain.service.jobs import TERMINAL, Job
+
+import faults
+from trainer_helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -186,7 +187,7 @@ def run_kind(tmp_path_factory, target: str, seeds: range) -> tuple[list[faults.R
             got[0] += 1
             got[1] += not broken
             print(f"{plan.adapter} resume={plan.resume} gate={plan.gate}: {final.status}"
-                  f"{' ' + final.error.code if final.error else ''} {'ok' if not broken else broken}", flush=True)
+                  f"{' ' + final.error.code if final.error else ''} {broken or 'ok'}", flush=True)
             failures += [f"{plan.adapter}: {b}" for b in broken]
     finally:
         shutdown(trainer)

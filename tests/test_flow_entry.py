@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 
 from fastapi.testclient import TestClient
-from helpers import make_records, write_export
 from typer.testing import CliRunner
 
 from lunatrain import registry
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.service.jobs import jobs_db_path
+
+from helpers import make_records, write_export
 
 FAST = ["--epochs", "1", "--maxSteps", "2", "--batchSize", "8", "--rank", "4", "--maxSeqLength", "128"]
 

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     lora_ensure_on_demand: bool = True
     lora_trainer_start_cmd: str | None = None
     lora_ensure_timeout: float = Field(default=60.0, gt=0)
+    lora_gpus: int | None = Field(
+        default=None, ge=1, le=64,
+        description="processes per LoRA job, one per GPU (torchrun); default every visible GPU on CUDA, 1 on CPU; "
+                    "a number > 1 on CPU runs that many gloo processes",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=5050, ge=1, le=65535)
     api_token: str | None = None

@@ -382,11 +382,15 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         for micro_batches in epoch_steps(run, epoch):
             if run.step >= run.total_steps:
                 break
-            if should_stop is not None and should_stop():
-                raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
             batches = [batch_of(run, s) for s in micro_batches[world.rank :: world.size]]
-            # normalizer for the whole optimizer step, over all micro-batches of all ranks
-            (n_supervised,) = distributed.sum_floats(world, [sum(b.n_supervised for b in batches)], run.device)
+            # normalizer for the whole optimizer step, over all micro-batches of all ranks; the stop request
+            # rides along, so every rank stops at the same step (a rank that stopped alone would leave the
+            # others waiting in the next all-reduce)
+            stopping = float(should_stop is not None and should_stop())
+            n_supervised, stopping = distributed.sum_floats(
+                world, [sum(b.n_supervised for b in batches), stopping], run.device)
+            if stopping:
+                raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
             opt.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
             for batch in batches:

@@ -45,6 +45,7 @@ from .jobs import (
 )
 from .recovery import recover
 from .runner import Runner
+from .spawn import job_ranks
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -78,8 +79,10 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         store = JobStore(jobs_db_path(settings.data_dir))
         recover(settings, store)
-        runner = Runner(settings, store)
-        state.update(store=store, runner=runner, device=DeviceProbe(settings))
+        device = DeviceProbe(settings)
+        gpus = int(device.info.get("count") or 0) if device.info.get("type") == "cuda" else 0
+        runner = Runner(settings, store, gpus=gpus)
+        state.update(store=store, runner=runner, device=device)
         runner.start()
         lock.write_pid(settings)
         try:
@@ -107,7 +110,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         return Health.model_validate({
             "status": "degraded" if problem else "ok",
             "cudaAvailable": bool(info.get("cudaAvailable")),
-            "device": info,
+            "device": info | {"ranks": job_ranks(settings, "auto", state["runner"].gpus)},
             "version": __version__,
             "queue": {"running": counts.get("running", 0) + counts.get("cancelling", 0),
                       "queued": counts.get("queued", 0) + counts.get("validating", 0)},
@@ -124,6 +127,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         # The memory plan before the job is queued: one that cannot fit this device is refused now (422,
         # naming the option that would make it fit) instead of running until it dies out of memory.
         memplan.check_fits(settings, params, state["device"].current())
+        job_ranks(settings, params.device, state["runner"].gpus)  # 422 when more ranks than GPUs are set
         job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
         if created:
             job = store().set_status(job.id, "queued")

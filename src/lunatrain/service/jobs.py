@@ -119,6 +119,7 @@ class DeviceView(WireModel):
     memory_total: int | None = None
     memory_free: int | None = None
     bf16: bool = False
+    ranks: int = Field(default=1, description="processes a job trains on: one per GPU (ASSISTANT_LORA_GPUS)")
 
 
 class QueueView(WireModel):

@@ -1,6 +1,8 @@
 """The job runner: queued jobs one at a time, each in its own child process (`worker.py`) and process
 group, the child's event lines turned into job state, and every ending (result, crash, cancel, shutdown,
-storage error) recorded as exactly one terminal state."""
+storage error) recorded as exactly one terminal state. A job on several GPUs (ASSISTANT_LORA_GPUS, see
+spawn.job_ranks) has torchrun as that child, with one worker per rank under it; rank 0's lines are the
+job's, and a rank that dies fails the job naming it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -18,10 +21,11 @@ from typing import IO, Any
 
 import psutil
 
+from ..errors import LunaError
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress
 from .recovery import published_adapter, recorded_gate, settle_interrupted, signal_group
-from .spawn import child_env, worker_argv
+from .spawn import child_env, job_ranks, worker_argv
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -41,10 +45,12 @@ def storage_error(exc: BaseException) -> dict[str, str]:
 class Runner:
     """Runs queued jobs one at a time, each in a child process, turning its event lines into job state."""
 
-    def __init__(self, settings: Settings, store: JobStore, *, cancel_grace: float = CANCEL_GRACE_S) -> None:
+    def __init__(self, settings: Settings, store: JobStore, *, cancel_grace: float = CANCEL_GRACE_S,
+                 gpus: int = 0) -> None:
         self.settings = settings
         self.store = store
         self.cancel_grace = cancel_grace
+        self.gpus = gpus  # visible CUDA devices (device probe): the default number of ranks per job
         self.logs_dir = settings.data_dir / "trainer" / "logs"
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -145,10 +151,16 @@ class Runner:
             return  # cancelled between listing and claiming
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{job.id}.log"
-        argv = worker_argv("--job", job.id, "--params", json.dumps(job.params), "--options", json.dumps(job.options.wire()))
+        args = ["--job", job.id, "--params", json.dumps(job.params), "--options", json.dumps(job.options.wire())]
         if job.gate_thresholds is not None:
-            argv += ["--gate-thresholds", json.dumps(job.gate_thresholds)]
-        log.info("job %s running: %s", job.id, " ".join(argv[:5]))
+            args += ["--gate-thresholds", json.dumps(job.gate_thresholds)]
+        try:
+            ranks = job_ranks(self.settings, job.params.get("device"), self.gpus)
+        except LunaError as err:  # queued before a restart with another ASSISTANT_LORA_GPUS
+            self.store.set_status(job.id, "failed", error={"code": err.code, "message": err.message})
+            return
+        argv = worker_argv(*args, ranks=ranks)
+        log.info("job %s running on %d process(es): %s", job.id, ranks, " ".join(argv[: len(argv) - len(args) + 2]))
         try:
             with open(log_path, "ab") as log_file, self._lock:
                 self._proc = subprocess.Popen(
@@ -172,7 +184,7 @@ class Runner:
             signal_group(proc.pid, signal.SIGKILL)  # anything the child started and left behind
             with self._lock:
                 self._proc, self._job_id = None, None
-        self._finish(job.id, result, trained, code, log_path)
+        self._finish(job.id, result, trained, code, log_path, ranks)
 
     def _pump(self, job_id: str, stdout: IO[bytes]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """Record the child's event lines until it closes stdout; return its result and trained lines."""
@@ -202,7 +214,8 @@ class Runner:
         return result, trained
 
     def _finish(
-        self, job_id: str, result: dict[str, Any] | None, trained: dict[str, Any] | None, code: int, log_path: Path
+        self, job_id: str, result: dict[str, Any] | None, trained: dict[str, Any] | None, code: int, log_path: Path,
+        ranks: int = 1,
     ) -> None:
         cancel_requested = self.store.get(job_id).status == "cancelling"
         status = (result or {}).get("status")
@@ -226,6 +239,10 @@ class Runner:
             job = self.store.set_status(job_id, "cancelled", metrics=metrics or None, message="cancelled")
         elif self._stopping.is_set():
             job = settle_interrupted(self.settings, self.store, job_id, cancel_requested=False)
+        elif ranks > 1 and code != 0:
+            # Every rank exits 0 after an orderly ending (worker.py), so torchrun failing means a rank died;
+            # rank 0's own result then only reports losing its peer, the dead rank is the cause.
+            job = self.store.set_status(job_id, "failed", error=_rank_crash_error(code, ranks, log_path, self.settings.home))
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
             job = self.store.set_status(
@@ -269,24 +286,52 @@ def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None
 
 def _crash_error(code: int, log_path: Path, home: Path) -> dict[str, str]:
     """A crashed child (no result line): name the signal or exit status and quote the log's last line."""
+    last = _last_line(log_path)
+    return {
+        "code": "child_crashed",
+        "message": f"The training process {_how(code)}" + (f"; last log line: {last!r}" if last else "")
+                   + f"; see {_relative(log_path, home)}.",
+    }
+
+
+def _how(code: int) -> str:
+    """How a process ended, from its exit status (negative: the signal that killed it)."""
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         how = f"was killed by {name}"
         if -code == signal.SIGKILL:
             how += " (often the system's out-of-memory killer)"
+        return how
+    return f"exited with status {code} without a result"
+
+
+# torchrun's report of the first rank that failed ("Root Cause (first observed failure)"), in the job log
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+
+
+def _rank_crash_error(code: int, ranks: int, log_path: Path, home: Path) -> dict[str, str]:
+    """A data-parallel job whose torchrun failed: name the rank that died first and how, as torchrun
+    recorded it in the job log (else torchrun's own exit status)."""
+    found = _ROOT_CAUSE.findall(_tail(log_path, 16384))  # the last report: a resumed job appends to its log
+    if found:
+        rank, status = found[-1]
+        what = f"rank {rank} of the {ranks} training processes {_how(int(status))}; the other ranks were stopped"
     else:
-        how = f"exited with status {code} without a result"
-    last = _last_line(log_path)
-    rel = log_path.relative_to(home) if log_path.is_relative_to(home) else log_path
-    return {
-        "code": "child_crashed",
-        "message": f"The training process {how}" + (f"; last log line: {last!r}" if last else "") + f"; see {rel}.",
-    }
+        what = f"the torchrun launcher of the {ranks} training processes {_how(code)}"
+    return {"code": "child_crashed", "message": f"{what[0].upper()}{what[1:]}; see {_relative(log_path, home)}."}
+
+
+def _relative(path: Path, home: Path) -> Path:
+    return path.relative_to(home) if path.is_relative_to(home) else path
+
+
+def _tail(path: Path, size: int) -> str:
+    with contextlib.suppress(OSError), open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - size))
+        return fh.read().decode("utf-8", "replace")
+    return ""
 
 
 def _last_line(path: Path) -> str:
-    with contextlib.suppress(OSError), open(path, "rb") as fh:
-        fh.seek(max(0, path.stat().st_size - 8192))
-        lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-        return lines[-1][:300] if lines else ""
-    return ""
+    lines = [ln.strip() for ln in _tail(path, 8192).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import UsageError
 from ..settings import Settings
 
 _SRC = str(Path(__file__).resolve().parents[2])  # the directory holding the `lunatrain` package
@@ -26,6 +27,26 @@ def lunatrain_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "lunatrain", *args]
 
 
-def worker_argv(*args: str) -> list[str]:
-    """A job's child process (internal protocol, see worker.py)."""
-    return [sys.executable, "-m", "lunatrain.service.worker", *args]
+def worker_argv(*args: str, ranks: int = 1) -> list[str]:
+    """A job's child process (internal protocol, see worker.py); with `ranks` > 1 the worker runs under
+    torchrun, one process per rank (data parallel, see distributed.py). `--standalone` lets torchrun's
+    agent bind a free loopback port itself and hand it to the ranks, so no port is picked here and raced
+    for; `--max-restarts 0`: a failed rank fails the job, it is never silently rerun."""
+    worker = ["-m", "lunatrain.service.worker", *args]
+    if ranks <= 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(ranks), "--max-restarts", "0", *worker]
+
+
+def job_ranks(settings: Settings, device: str | None, gpus: int) -> int:
+    """How many processes train one job: ASSISTANT_LORA_GPUS when set, else every visible GPU (`gpus`,
+    from the device probe) for a job that may use CUDA, else one. More processes than GPUs for a CUDA job
+    is a UsageError (NCCL cannot put two ranks on one GPU); on CPU any number runs (gloo)."""
+    on_gpus = gpus >= 1 and device in (None, "auto", "cuda")
+    if settings.lora_gpus is None:
+        return gpus if on_gpus else 1
+    if on_gpus and settings.lora_gpus > gpus:
+        raise UsageError(f"ASSISTANT_LORA_GPUS={settings.lora_gpus} asks for more training processes than the "
+                         f"{gpus} visible GPU(s); set it to {gpus} or less (or train with device=cpu).")
+    return settings.lora_gpus

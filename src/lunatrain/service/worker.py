@@ -10,6 +10,12 @@ gate runs on it), then exactly one `{"type": "result", "status", "adapter", "met
 the last line. Everything else anything prints goes to stderr (the job's log file), so a stray `print` in a
 library can never corrupt the stream. A child that ends without a result line has crashed.
 
+Under torchrun (the trainer starts N > 1 ranks, see spawn.worker_argv) every rank runs this same module;
+only rank 0 speaks the protocol on stdout, the other ranks' stdout goes to stderr (the job log) and their
+events are dropped: they train in lockstep with rank 0, which reports for all. A rank's exit status says
+only whether it ended in order (0, its outcome is in rank 0's result line) or crashed, so torchrun's own
+exit status tells the trainer whether some rank died.
+
 Stopping: SIGTERM asks the engine to stop at the next step (result `cancelled`, nothing registered). When
 the parent trainer dies, the next event write fails (broken pipe) and a watchdog notices the new parent;
 both stop the run the same way, so no orphan keeps training, and an orphan whose adapter was already
@@ -20,6 +26,8 @@ interrupted).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -29,18 +37,22 @@ import time
 import traceback
 from typing import IO, Any
 
+from .. import distributed
 from ..wire import finite
 
 
 class Channel:
-    """The event stream to the parent: the original stdout, one JSON line per event, flushed each time."""
+    """The event stream to the parent: the original stdout, one JSON line per event, flushed each time.
+    Without a stream (a rank other than 0) events go nowhere."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str] | None) -> None:
         self._stream = stream
         self._lock = threading.Lock()
         self.broken = False
 
     def send(self, event: dict[str, Any]) -> None:
+        if self._stream is None:
+            return
         line = json.dumps(finite(event), ensure_ascii=False, default=str)
         with self._lock:
             if self.broken:
@@ -58,6 +70,23 @@ def _take_stdout() -> IO[str]:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
+
+
+def _silence_stdout() -> None:
+    # A rank other than 0: it inherited the event pipe as fd 1; nothing of it may reach the trainer.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def _die_with_parent() -> None:
+    """A rank's parent is torchrun's agent, which starts each rank in a session of its own, out of reach of
+    a signal to the job's process group. SIGTERM to the group reaches the agent, which passes it on to the
+    ranks (they stop like one worker on cancel). SIGKILL to the group (a cancel past its grace, recovery
+    after a trainer restart) kills only the agent: the kernel then kills this rank too, as it would the one
+    worker of a single-process job. Linux only; elsewhere the parent watchdog stops an orphaned rank."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _watch_parent(stop: threading.Event, parent: int) -> None:
@@ -104,6 +133,7 @@ def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], 
     settings = load_settings()
     params, options = parse_params(params_json), FlowOptions.model_validate(options_json)
     parent = os.getppid()
+    main = distributed.from_env().main  # under torchrun only rank 0 gates (and promotes) the new version
 
     def on_event(event: dict[str, Any]) -> None:
         channel.send(event)
@@ -123,7 +153,7 @@ def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], 
     try:
         outcome = train_and_gate(settings, params, options, thresholds=gate_thresholds, on_event=on_event,
                                  should_stop=orphaned, job_id=job_id, on_trained=on_trained,
-                                 may_gate=lambda: not (channel.broken or orphaned()))
+                                 may_gate=lambda: main and not (channel.broken or orphaned()))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
         traceback.print_exc(file=sys.stderr)
         return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
@@ -156,11 +186,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.job or not args.params:
         parser.error("--job and --params are required")
-    channel = Channel(_take_stdout())
+    world = distributed.from_env()
+    if world.main:
+        channel = Channel(_take_stdout())  # rank 0 (or the only process) speaks for the job
+    else:
+        _silence_stdout()
+        channel = Channel(None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _watch_parent(stop, os.getppid())
-    channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}"})
+    parent = os.getppid()
+    if world.active:
+        _die_with_parent()
+        if os.getppid() != parent:  # the agent died before the line above took effect
+            stop.set()
+    _watch_parent(stop, parent)
+    rank = f" (rank {world.rank} of {world.size})" if world.active else ""
+    print(f"worker {os.getpid()} started for {args.job}{rank}", file=sys.stderr, flush=True)
+    channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}"})
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
@@ -168,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
     channel.send(result)
+    if world.active:
+        # Under torchrun an orderly ending is 0 on every rank whatever the outcome (rank 0's result line
+        # carries it): a non-zero status of torchrun then means a rank crashed.
+        return 0
     return 0 if result["status"] == "succeeded" else 1
 
 

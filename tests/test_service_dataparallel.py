@@ -1,0 +1,234 @@
+"""Data-parallel jobs through the real trainer service: with ASSISTANT_LORA_GPUS=2 on CPU the trainer runs
+each job's worker under torchrun as two gloo ranks. Shown here: the registered adapter equals a
+single-process run with the combined batch; cancel stops every rank and registers nothing; kill -9 of one
+rank fails the job with an error naming that rank and its signal, and the registry stays whole; kill -9 of
+the trainer stops the ranks and the restarted trainer settles the job like any other.
+
+Run: `.venv/bin/python -m pytest tests/test_service_dataparallel.py -q` (a few minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer_service import (
+    JOB_TIMEOUT,
+    LONG,
+    QUICK,
+    copy_root,
+    launch,
+    root,  # noqa: F401 - the module's prepared data root (a fixture)
+    running_with_steps,
+    shutdown,
+    submit,
+    versions,
+    wait_job,
+    workers_of,
+)
+
+from lunatrain import registry
+from lunatrain.errors import UsageError
+from lunatrain.params import parse_run
+from lunatrain.service import client as trainer_client
+from lunatrain.service.jobs import Job
+from lunatrain.service.runner import _rank_crash_error
+from lunatrain.service.spawn import child_env, job_ranks, worker_argv
+from lunatrain.settings import Settings, load_settings
+from lunatrain.train import Status, run_lora
+
+from trainer_helpers import gone, wait_for
+
+# dropout 0 and one seed: both ranks start from the same LoRA weights and draw no masks, so two ranks with
+# batchSize 2 take exactly the steps of one process with batchSize 4.
+SAME = {"batchSize": 2, "dropout": 0.0, "seed": 7, "learningRate": 5e-3, "maxSteps": 3}
+
+
+# --- how a job is launched (fast) -----------------------------------------------------------------
+def test_one_rank_is_the_plain_worker_and_more_run_under_torchrun():
+    assert worker_argv("--job", "j", ranks=1) == [sys.executable, "-m", "lunatrain.service.worker", "--job", "j"]
+    argv = worker_argv("--job", "j", ranks=3)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "3" and argv[argv.index("--max-restarts") + 1] == "0"
+    assert argv[-4:] == ["-m", "lunatrain.service.worker", "--job", "j"]
+
+
+def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
+    auto = load_settings(home=tmp_path)
+    assert auto.lora_gpus is None
+    assert [job_ranks(auto, d, 0) for d in ("auto", "cpu", "cuda")] == [1, 1, 1]  # CPU machine
+    assert [job_ranks(auto, d, 4) for d in ("auto", None, "cuda", "cpu")] == [4, 4, 4, 1]  # a CPU job: one
+    two = load_settings(home=tmp_path, lora_gpus=2)
+    assert [job_ranks(two, d, 0) for d in ("auto", "cpu")] == [2, 2]  # explicit on a CPU machine: gloo
+    assert job_ranks(two, "cuda", 2) == 2 and job_ranks(two, "cpu", 1) == 2
+    with pytest.raises(UsageError, match=r"ASSISTANT_LORA_GPUS=2 asks for more training processes than the 1 "
+                                         r"visible GPU\(s\); set it to 1 or less"):
+        job_ranks(two, "auto", 1)
+    for bad in (0, -1, "two"):
+        with pytest.raises(UsageError, match="ASSISTANT_LORA_GPUS"):
+            load_settings(home=tmp_path, lora_gpus=bad)
+
+
+def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
+    log = tmp_path / "data" / "trainer" / "logs" / "j.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("RuntimeError: [gloo] Connection reset by peer\nRoot Cause (first observed failure):\n[0]:\n"
+                   "  time      : 2026-01-01_00:00:00\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
+                   "  exitcode  : -9 (pid: 42)  (SIGKILL)\n  error_file: <N/A>\n")
+    err = _rank_crash_error(1, 2, log, tmp_path)
+    assert err == {"code": "child_crashed", "message": "Rank 1 of the 2 training processes was killed by SIGKILL "
+                   "(often the system's out-of-memory killer); the other ranks were stopped; see data/trainer/logs/j.log."}
+    log.write_text("no report\n")
+    assert _rank_crash_error(1, 2, log, tmp_path)["message"].startswith(
+        "The torchrun launcher of the 2 training processes exited with status 1 without a result")
+
+
+def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
+    """Bad parameters fail before any collective: rank 0 writes the one result line, rank 1 nothing, and
+    both exit 0 (an orderly ending), so a failing torchrun means a crashed rank."""
+    env = child_env(load_settings(home=tmp_path)) | {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    argv = worker_argv("--job", "j", "--params", json.dumps({"epochs": "many"}))
+    out = {}
+    for rank in ("0", "1"):
+        out[rank] = subprocess.run(argv, env=env | {"RANK": rank}, cwd=tmp_path, capture_output=True, text=True,
+                                   timeout=120)
+        assert out[rank].returncode == 0, out[rank].stderr[-2000:]
+    lines = [json.loads(ln) for ln in out["0"].stdout.splitlines()]
+    assert lines[-1]["type"] == "result" and lines[-1]["status"] == "failed" and "epochs" in lines[-1]["error"]["message"]
+    assert out["1"].stdout == "" and "(rank 1 of 2)" in out["1"].stderr
+
+
+# --- through the real service (slow) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def svc(root):
+    trainer = launch(root, ASSISTANT_LORA_GPUS="2")
+    yield trainer
+    shutdown(trainer)
+
+
+def job_processes(job_id: str, ranks: int = 2) -> tuple[psutil.Process, list[psutil.Process]]:
+    """torchrun's agent for the job and its rank processes (once all of them run)."""
+
+    def find() -> tuple[psutil.Process, list[psutil.Process]] | None:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "torch.distributed.run" in cmd and job_id in cmd:
+                with_rank = [c for c in proc.children() if "lunatrain.service.worker" in c.cmdline()]
+                return (proc, with_rank) if len(with_rank) == ranks else None
+        return None
+
+    found = wait_for(find, 60)
+    assert found is not None, f"no torchrun agent with {ranks} ranks for {job_id}"
+    return found
+
+
+def rank_of(proc: psutil.Process) -> int:
+    return int(proc.environ()["RANK"])
+
+
+def start_long(settings: Settings, name: str) -> tuple[Job, psutil.Process, list[psutil.Process]]:
+    """A job that runs until stopped, caught after its first step: the job, torchrun's agent, its ranks."""
+    job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": name})
+    wait_for(lambda: running_with_steps(trainer_client.get_job(settings, job.id)), JOB_TIMEOUT, 0.3)
+    return job, *job_processes(job.id)
+
+
+@pytest.mark.slow
+def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_batch(svc, tmp_path):
+    assert trainer_client.health(svc.settings).device.ranks == 2
+    flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
+    job = submit(svc.settings, flags)
+    final = wait_job(svc.settings, job.id)
+    assert final.status == "succeeded", final
+    assert final.gate is not None and final.gate["status"] in ("passed", "failed"), final.gate  # rank 0 gated
+    assert final.metrics["steps"] == 3
+    assert final.progress.step == 3 and final.progress.total_steps == 3  # rank 0's progress, once per step
+
+    # The reference: one process, batchSize 4, on a copy of the same data root.
+    home = tmp_path / "single"
+    copy_root(svc.settings.home, home)
+    params, _ = parse_run(flags | {"batchSize": 4, "adapterName": "single"})
+    single = run_lora(params, load_settings(home=home))
+    assert single.status is Status.SUCCEEDED, single.error
+
+    a = load_file(str(single.path / "adapter_model.safetensors"))
+    b = load_file(str(svc.settings.home / final.adapter.path / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    assert final.metrics["tokensTrained"] == single.report["metrics"]["tokensTrained"]
+    assert [v["jobId"] for v in versions(svc.settings, "dp")] == [job.id]  # rank 0 alone registered
+
+
+@pytest.mark.slow
+def test_cancel_stops_every_rank_and_registers_nothing(svc):
+    settings = svc.settings
+    job, agent, ranks = start_long(settings, "dp-cancel")
+    assert sorted(rank_of(r) for r in ranks) == [0, 1]
+    assert trainer_client.cancel(settings, job.id).status in ("cancelling", "cancelled")
+    final = wait_job(settings, job.id)
+    assert final.status == "cancelled" and final.adapter is None and final.error is None, final
+    assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 30), "a rank outlived the cancel"
+    assert versions(settings, "dp-cancel") == []
+    assert not list((settings.adapters_dir / "dp-cancel").glob("v*"))
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whole(svc):
+    settings = svc.settings
+    job, agent, ranks = start_long(settings, "dp-killed")
+    os.kill(next(r.pid for r in ranks if rank_of(r) == 1), signal.SIGKILL)
+    final = wait_job(settings, job.id)
+    assert final.status == "failed" and final.adapter is None, final
+    assert final.error.code == "child_crashed", final.error
+    assert final.error.message.startswith("Rank 1 of the 2 training processes was killed by SIGKILL"), final.error
+    assert f"trainer/logs/{job.id}.log" in final.error.message
+    assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 30), "a rank outlived the crash"
+    registry.load(settings)  # still valid
+    assert versions(settings, "dp-killed") == []
+    assert not list((settings.adapters_dir / "dp-killed").glob("v*"))
+    # the service goes on: the next job runs on both ranks again
+    again = wait_job(settings, submit(settings, QUICK | SAME | {"maxSteps": 1, "adapterName": "dp-after"}).id)
+    assert again.status == "succeeded", again
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_jobs_process_group_takes_every_rank_with_it(svc):
+    """What the trainer does when a cancel outlasts its grace: SIGKILL to the job's process group. torchrun
+    keeps its ranks out of that group; they die with their launcher all the same."""
+    settings = svc.settings
+    job, agent, ranks = start_long(settings, "dp-group-killed")
+    os.killpg(agent.pid, signal.SIGKILL)
+    final = wait_job(settings, job.id)
+    assert final.status == "failed" and final.error.code == "child_crashed", final
+    assert final.error.message.startswith("The torchrun launcher of the 2 training processes was killed by SIGKILL")
+    assert wait_for(lambda: all(gone(p.pid) for p in ranks), 30), "a rank outlived its launcher"
+    assert versions(settings, "dp-group-killed") == []
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(root, tmp_path):
+    home = tmp_path / "home"
+    copy_root(root, home)
+    trainer = launch(home, ASSISTANT_LORA_GPUS="2")
+    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
+    try:
+        job, agent, ranks = start_long(trainer.settings, "dp-orphan")
+        os.kill(trainer.proc.pid, signal.SIGKILL)
+        trainer.proc.wait()
+        trainer = launch(home, port, ASSISTANT_LORA_GPUS="2")
+        final = wait_job(trainer.settings, job.id, timeout=60)
+        assert final.status == "failed" and final.error.code == "interrupted", final
+        assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 60), "an orphaned rank kept running"
+        assert workers_of(home) == []
+        registry.load(trainer.settings)
+        assert versions(trainer.settings, "dp-orphan") == []
+    finally:
+        shutdown(trainer)
