@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lunatrain.fsio import file_lock
+
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "bench" / "results" / "faults.md"
 KILLED = -9
@@ -158,6 +160,11 @@ def record(section: str, rows: list[Row], note: str = "") -> str:
     Returns the rendered table."""
     print(f"\n{section}\n{render(rows)}")
     TABLE.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(TABLE.with_name(".faults.md.lock")):  # two xdist workers may record sections at once
+        return _record(section, rows, note)
+
+
+def _record(section: str, rows: list[Row], note: str) -> str:
     text = TABLE.read_text(encoding="utf-8") if TABLE.exists() else (
         "# Fault injection\n\nWritten by the slow fault-injection tests (`pytest -m slow tests/test_faults_*.py`); "
         "each row is updated by the last run of its test.\n"

@@ -198,28 +198,24 @@ def run_kind(tmp_path_factory, target: str, seeds: range) -> tuple[list[faults.R
     return rows, failures
 
 
-@pytest.fixture(scope="module")
-def table():
-    rows: list[faults.Row] = []
-    yield rows
+NOTE = (
+    "Real `lunatrain trainer` processes and worker children on luna-tiny (3 steps, memory tier, the gate "
+    "on for some jobs), killed with SIGKILL from inside the worker at the point (tests/hooks/killpoints.py); "
+    "after a trainer kill a new trainer starts on the same data root. Seeds: trainer 100-115, worker "
+    "200-213. Checked after each: (1) the registry loads and every version folder in it has its weights "
+    "and training report; (2) no job id has two versions; (3) no job is left running/queued/cancelling; "
+    "(4) a job whose adapter was registered ended `succeeded` with it, its gate as recorded on the "
+    "version; (5) the kill was reached and no worker is left running.")
+
+
+def check_kind(tmp_path_factory, target: str, seeds: range, section: str) -> None:
+    """Run one kind's seeded iterations, record its rows in bench/results/faults.md, fail on any break.
+    (The worker kind lives in test_faults_worker.py, so pytest-xdist runs the two kinds side by side.)"""
+    rows, failures = run_kind(tmp_path_factory, target, seeds)
     if rows:
-        faults.record("Trainer and worker kill -9", rows, note=(
-            "Real `lunatrain trainer` processes and worker children on luna-tiny (3 steps, memory tier, the gate "
-            "on for some jobs), killed with SIGKILL from inside the worker at the point (tests/hooks/killpoints.py); "
-            "after a trainer kill a new trainer starts on the same data root. Seeds: trainer 100-115, worker "
-            "200-213. Checked after each: (1) the registry loads and every version folder in it has its weights "
-            "and training report; (2) no job id has two versions; (3) no job is left running/queued/cancelling; "
-            "(4) a job whose adapter was registered ended `succeeded` with it, its gate as recorded on the "
-            "version; (5) the kill was reached and no worker is left running."))
-
-
-def test_kill_9_of_the_trainer_at_seeded_points(tmp_path_factory, table):
-    rows, failures = run_kind(tmp_path_factory, "t", TRAINER_SEEDS)
-    table += rows
+        faults.record(section, rows, note=NOTE)
     assert not failures, "\n".join(failures)
 
 
-def test_kill_9_of_the_worker_at_seeded_points(tmp_path_factory, table):
-    rows, failures = run_kind(tmp_path_factory, "w", WORKER_SEEDS)
-    table += rows
-    assert not failures, "\n".join(failures)
+def test_kill_9_of_the_trainer_at_seeded_points(tmp_path_factory):
+    check_kind(tmp_path_factory, "t", TRAINER_SEEDS, "Trainer kill -9")
