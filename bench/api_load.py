@@ -61,8 +61,13 @@ class Serve:
     def __enter__(self) -> Serve:
         exe = str(Path(sys.executable).parent / "lunatrain")
         self.log = open(self.home / "serve.log", "wb")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen([exe, "serve", "--port", str(self.port), "--log-level", "warning"],
-                                     env=self.env, cwd=self.home, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [exe, "serve", "--port", str(self.port), "--log-level", "warning"],
+            env=self.env,
+            cwd=self.home,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
@@ -86,8 +91,17 @@ class Serve:
 
 
 def submit(client: httpx.Client, name: str, epochs: int) -> str:
-    params = {"adapterName": name, "epochs": epochs, "baseModel": "luna-tiny", "datasetTier": "curated",
-              "gate": False, "seed": 7, "minCurated": 0, "learningRate": 1e-3, "maxSeqLength": 512}
+    params = {
+        "adapterName": name,
+        "epochs": epochs,
+        "baseModel": "luna-tiny",
+        "datasetTier": "curated",
+        "gate": False,
+        "seed": 7,
+        "minCurated": 0,
+        "learningRate": 1e-3,
+        "maxSeqLength": 512,
+    }
     r = client.post("/assistant/training/lora/start", json=params)
     r.raise_for_status()
     return r.json()["jobId"]
@@ -104,7 +118,9 @@ def wait(client: httpx.Client, job_id: str, until: set[str], every: float = 2.0)
 def progress_events(client: httpx.Client, job_id: str) -> list[dict]:
     out, after = [], 0
     while True:
-        page = client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": after, "limit": 1000}).json()
+        page = client.get(
+            f"/assistant/training/lora/jobs/{job_id}/events", params={"after": after, "limit": 1000}
+        ).json()
         out += [e for e in page["events"] if e["type"] == "progress"]
         if not page["hasMore"]:
             return out
@@ -181,7 +197,12 @@ async def poll(port: int, job_id: str, clients: int, duration: float, interval: 
     t0 = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(clients)))
     elapsed = time.monotonic() - t0
-    return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "window": (time.time() - elapsed, time.time())}
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "elapsed": elapsed,
+        "window": (time.time() - elapsed, time.time()),
+    }
 
 
 def pct(values: list[float], q: float) -> float:

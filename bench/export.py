@@ -42,7 +42,38 @@ print(json.dumps({
 }))
 """
 
-WORDS = ["Luna", "Termin", "morgen", "Erinnerung", "Einkauf", "Bericht", "Meeting", "please", "help", "plan", "today", "write", "email", "short", "answer", "Python", "Liste", "Datei", "Woche", "Frage", "Antwort", "kurz", "freundlich", "remind", "call", "mom", "weekend", "trip", "recipe", "pasta"]
+WORDS = [
+    "Luna",
+    "Termin",
+    "morgen",
+    "Erinnerung",
+    "Einkauf",
+    "Bericht",
+    "Meeting",
+    "please",
+    "help",
+    "plan",
+    "today",
+    "write",
+    "email",
+    "short",
+    "answer",
+    "Python",
+    "Liste",
+    "Datei",
+    "Woche",
+    "Frage",
+    "Antwort",
+    "kurz",
+    "freundlich",
+    "remind",
+    "call",
+    "mom",
+    "weekend",
+    "trip",
+    "recipe",
+    "pasta",
+]
 
 
 def _build(home: Path, n: int, seed: int = 0) -> float:
@@ -55,8 +86,13 @@ def _build(home: Path, n: int, seed: int = 0) -> float:
     t = time.perf_counter()
     # Realistic mix: mostly curated+approved, some memory/conversation sources, pending and rejected rows,
     # a third in conversations, a few with a system prompt and prior turns.
-    groups = [("curated", "approved", 0.80), ("conversation", "approved", 0.08), ("memory", "approved", 0.04),
-              ("curated", "pending", 0.05), ("conversation", "rejected", 0.03)]
+    groups = [
+        ("curated", "approved", 0.80),
+        ("conversation", "approved", 0.08),
+        ("memory", "approved", 0.04),
+        ("curated", "pending", 0.05),
+        ("conversation", "rejected", 0.03),
+    ]
     i = 0
     for source, status, share in groups:
         todo = int(n * share) if (source, status) != groups[-1][:2] else n - i
@@ -66,14 +102,16 @@ def _build(home: Path, n: int, seed: int = 0) -> float:
             for _ in range(chunk):
                 words = " ".join(rng.choices(WORDS, k=rng.randint(4, 12)))
                 turns = [("user", "Hallo Luna"), ("assistant", "Hallo! Was kann ich tun?")] if i % 10 == 0 else ()
-                drafts.append(make_draft(
-                    prompt=f"{words} #{i}?",
-                    response=" ".join(rng.choices(WORDS, k=rng.randint(8, 40))) + ".",
-                    system="Du bist Luna." if i % 20 == 0 else None,
-                    turns=turns,
-                    conversation_id=f"conv-{rng.randrange(n // 5 + 1)}" if rng.random() < 0.33 else None,
-                    tags=["bench"],
-                ))
+                drafts.append(
+                    make_draft(
+                        prompt=f"{words} #{i}?",
+                        response=" ".join(rng.choices(WORDS, k=rng.randint(8, 40))) + ".",
+                        system="Du bist Luna." if i % 20 == 0 else None,
+                        turns=turns,
+                        conversation_id=f"conv-{rng.randrange(n // 5 + 1)}" if rng.random() < 0.33 else None,
+                        tags=["bench"],
+                    )
+                )
                 i += 1
             store.add_examples(settings, drafts, source=source, status=status)  # type: ignore[arg-type]
             todo -= chunk
@@ -107,8 +145,9 @@ def main() -> None:
         home.mkdir(parents=True)
         # Built in its own process: Linux keeps ru_maxrss across fork+exec, so a parent that grew while
         # building would hand its size to every export child as a false "peak".
-        build = subprocess.run([sys.executable, __file__, "--build", str(home), str(n)], check=True,
-                               capture_output=True, text=True)
+        build = subprocess.run(
+            [sys.executable, __file__, "--build", str(home), str(n)], check=True, capture_output=True, text=True
+        )
         build_s = float(build.stdout.strip().splitlines()[-1])
         db_mb = (home / "data" / "assistant.db").stat().st_size / 2**20
         floor = _child(home, "open")
@@ -118,17 +157,23 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
 
-    print(f"{'examples':>10} {'exported':>9} {'db MB':>6} {'wall s':>7} {'cpu s':>6} {'records/s':>10} "
-          f"{'out MB':>7} {'peak RSS MB':>12} {'floor MB':>9} {'above floor':>12}")
+    print(
+        f"{'examples':>10} {'exported':>9} {'db MB':>6} {'wall s':>7} {'cpu s':>6} {'records/s':>10} "
+        f"{'out MB':>7} {'peak RSS MB':>12} {'floor MB':>9} {'above floor':>12}"
+    )
     for n, _build_s, db_mb, floor_mb, run in rows:
-        print(f"{n:>10,} {run['records']:>9,} {db_mb:>6.0f} {run['wall_s']:>7.1f} {run['cpu_s']:>6.1f} "
-              f"{run['records'] / run['wall_s']:>10,.0f} {run['bytes'] / 2**20:>7.0f} {run['peak_rss_mb']:>12.1f} "
-              f"{floor_mb:>9.1f} {run['peak_rss_mb'] - floor_mb:>12.1f}")
+        print(
+            f"{n:>10,} {run['records']:>9,} {db_mb:>6.0f} {run['wall_s']:>7.1f} {run['cpu_s']:>6.1f} "
+            f"{run['records'] / run['wall_s']:>10,.0f} {run['bytes'] / 2**20:>7.0f} {run['peak_rss_mb']:>12.1f} "
+            f"{floor_mb:>9.1f} {run['peak_rss_mb'] - floor_mb:>12.1f}"
+        )
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]
         ratio = large[4]["peak_rss_mb"] / small[4]["peak_rss_mb"]
-        print(f"peak RSS {large[0]:,} / {small[0]:,}: {ratio:.2f}x (target <= 1.3x); "
-              f"{large[0]:,} export {large[4]['wall_s']:.1f}s (target < 60s at 1M)")
+        print(
+            f"peak RSS {large[0]:,} / {small[0]:,}: {ratio:.2f}x (target <= 1.3x); "
+            f"{large[0]:,} export {large[4]['wall_s']:.1f}s (target < 60s at 1M)"
+        )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ def measure(settings) -> dict[str, int]:
     db.close()
     logs = settings.data_dir / "trainer" / "logs"
     return {
-        "jobs": jobs, "events": events,
+        "jobs": jobs,
+        "events": events,
         "jobs.db bytes": sum(_size(Path(f"{db_path}{s}")) for s in ("", "-wal", "-shm")),
-        "logs": len(list(logs.glob("*.log"))), "logs bytes": _size(logs),
+        "logs": len(list(logs.glob("*.log"))),
+        "logs bytes": _size(logs),
         "token caches": len(list((settings.cache_dir / "tokens").glob("*.safetensors"))),
         "token cache bytes": _size(settings.cache_dir / "tokens"),
         "exports": len(list((settings.training_dir / ".exports").iterdir())),
@@ -64,8 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="lunatrain-growth-"))
     port = _free_port()
-    os.environ.update(ASSISTANT_HOME=str(home), ASSISTANT_LORA_TRAINER_URL=f"http://127.0.0.1:{port}",
-                      ASSISTANT_LORA_ENSURE_ON_DEMAND="false")
+    os.environ.update(
+        ASSISTANT_HOME=str(home),
+        ASSISTANT_LORA_TRAINER_URL=f"http://127.0.0.1:{port}",
+        ASSISTANT_LORA_ENSURE_ON_DEMAND="false",
+    )
     from lunatrain import export, retention, store
     from lunatrain.params import parse_run
     from lunatrain.service import client as trainer_client
@@ -76,16 +81,32 @@ def main() -> None:
     for _ in range(4):  # a few exports, as a user re-exporting between runs would leave
         export.export(settings)
     log = open(home / "trainer.out", "wb")
-    trainer = subprocess.Popen([sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)], cwd=home,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)],
+        cwd=home,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while trainer_client.probe(settings) is None:
             if time.monotonic() > deadline or trainer.poll() is not None:
                 raise SystemExit(f"the trainer did not start; see {home / 'trainer.out'}")
             time.sleep(0.5)
-        params, options = parse_run({"adapterName": "growth", "epochs": 1, "maxSteps": 2, "rank": 4, "batchSize": 8,
-                                     "maxSeqLength": 128, "gate": False, "device": "cpu", "baseModel": "luna-tiny"})
+        params, options = parse_run(
+            {
+                "adapterName": "growth",
+                "epochs": 1,
+                "maxSteps": 2,
+                "rank": 4,
+                "batchSize": 8,
+                "maxSeqLength": 128,
+                "gate": False,
+                "device": "cpu",
+                "baseModel": "luna-tiny",
+            }
+        )
         started = time.monotonic()
         ids = [trainer_client.submit(settings, params, options).id for _ in range(args.jobs)]
         while True:
@@ -105,7 +126,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for key in before:
         print(f"| {key} | {before[key]:,} | {after[key]:,} | {before[key] / args.jobs:,.0f} |")
-    print(f"gc removed: {', '.join(f'{n} {k} ({b:,} bytes)' for k, (n, b) in sorted(report.by_kind().items())) or 'nothing'}")
+    print(
+        f"gc removed: {', '.join(f'{n} {k} ({b:,} bytes)' for k, (n, b) in sorted(report.by_kind().items())) or 'nothing'}"
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,14 @@ def train_adapter(home: Path) -> list[list[dict]]:
 
 
 def stream_one(client: httpx.Client, messages: list[dict], max_tokens: int) -> int:
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     tokens = 0
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
@@ -123,9 +129,10 @@ def in_process(home: Path, prompts: list[list[dict]], max_tokens: int, batch: in
         start = time.perf_counter()
         for k in range(0, len(texts), batch):
             enc = tok(texts[k : k + batch], add_special_tokens=False, padding=True, return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tok.pad_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            out = model.generate(
+                **enc, max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id
+            )
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
                 end = next((i for i, t in enumerate(row) if t in stops), len(row))
                 tokens += end
         elapsed = time.perf_counter() - start
@@ -150,12 +157,17 @@ def main() -> None:
         with Serve(home) as serve:
             endpoint(serve.url, prompts[:2], args.max_tokens, 1)  # warm-up: loads base and adapter
             rows.append(("endpoint, 1 stream", *endpoint(serve.url, prompts, args.max_tokens, 1)))
-            rows.append((f"endpoint, {args.concurrency} concurrent streams",
-                         *endpoint(serve.url, prompts, args.max_tokens, args.concurrency)))
+            rows.append(
+                (
+                    f"endpoint, {args.concurrency} concurrent streams",
+                    *endpoint(serve.url, prompts, args.max_tokens, args.concurrency),
+                )
+            )
         in_process(home, prompts[:2], args.max_tokens, 1)  # warm-up
         rows.append(("generate(), 1 at a time", *in_process(home, prompts, args.max_tokens, 1)))
-        rows.append((f"generate(), batch of {args.concurrency}",
-                     *in_process(home, prompts, args.max_tokens, args.concurrency)))
+        rows.append(
+            (f"generate(), batch of {args.concurrency}", *in_process(home, prompts, args.max_tokens, args.concurrency))
+        )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     report(rows, args)

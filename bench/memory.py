@@ -55,8 +55,14 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
     torch.set_num_threads(2)
     settings = load_settings()
     base = models.resolve_base(model_dir, settings)
-    params = parse_params({"rank": 16, "dropout": 0.05, "quantize": quantize,
-                           "gradientCheckpointing": "true" if checkpointing else "false"})
+    params = parse_params(
+        {
+            "rank": 16,
+            "dropout": 0.05,
+            "quantize": quantize,
+            "gradientCheckpointing": "true" if checkpointing else "false",
+        }
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model, _kernels, loss = train.load_lora_model(params, settings, base, "cpu", False, checkpointing)
     if path == "plain":
@@ -67,9 +73,23 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
     cut = int(tokens * 0.4)
     sample = Encoded(ids, [IGNORE] * cut + ids[cut:], False, tokens)
     batch = make_batch([sample], tokens, 0, flat=True)
-    run = train.Run(params=params, settings=settings, base=base, tokenizer=None, model=model, device="cpu",
-                    autocast_dtype=None, data=None, tokens=None, train=[], val=[], steps_per_epoch=1, total_steps=2,
-                    work_dir=Path("."), loss=loss)
+    run = train.Run(
+        params=params,
+        settings=settings,
+        base=base,
+        tokenizer=None,
+        model=model,
+        device="cpu",
+        autocast_dtype=None,
+        data=None,
+        tokens=None,
+        train=[],
+        val=[],
+        steps_per_epoch=1,
+        total_steps=2,
+        work_dir=Path("."),
+        loss=loss,
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
@@ -78,8 +98,7 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         (train.loss_sum(run, batch) / batch.n_supervised).backward()
         opt.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak": peak, "runtime": before * 1024, "supervised": batch.n_supervised,
-                      "loss": loss["path"]}))
+    print(json.dumps({"peak": peak, "runtime": before * 1024, "supervised": batch.n_supervised, "loss": loss["path"]}))
 
 
 def measure(model_dir: Path, tokens: int, checkpointing: bool, path: str, quantize: str, live: bool) -> dict:
@@ -116,18 +135,41 @@ def main() -> None:
             for ck, loss_path, quantize in VARIANTS:
                 got = measure(path, tokens, ck, loss_path, quantize, live=False)
                 live = measure(path, tokens, ck, loss_path, quantize, live=True)
-                job = Job(device="cpu", tokens=tokens, supervised=got["supervised"], rows=1, rank=16,
-                          targets=("all-linear",), dropout=True, quantize=quantize, checkpointing=ck)
+                job = Job(
+                    device="cpu",
+                    tokens=tokens,
+                    supervised=got["supervised"],
+                    rows=1,
+                    rank=16,
+                    targets=("all-linear",),
+                    dropout=True,
+                    quantize=quantize,
+                    checkpointing=ck,
+                )
                 est = memplan.estimate(replace(shape, chunked_loss=loss_path == "chunked"), job)
                 slack = est["allocator"]
-                rows.append({"model": label, "params": params_m, "tokens": tokens, "ck": ck, "loss": got["loss"],
-                             "quantize": quantize, "est": est, "slack": slack, "peak": got["peak"],
-                             "live": live["peak"]})
+                rows.append(
+                    {
+                        "model": label,
+                        "params": params_m,
+                        "tokens": tokens,
+                        "ck": ck,
+                        "loss": got["loss"],
+                        "quantize": quantize,
+                        "est": est,
+                        "slack": slack,
+                        "peak": got["peak"],
+                        "live": live["peak"],
+                    }
+                )
                 r = rows[-1]
-                print(f"{label:<10} ck={ck!s:<5} loss={r['loss']:<8} q={quantize:<5} "
-                      f"estimate {est['total'] / 2**20:8.1f} MiB  measured {r['peak'] / 2**20:8.1f} MiB  "
-                      f"ratio {r['peak'] / est['total']:.2f}; live {(est['total'] - slack) / 2**20:8.1f} "
-                      f"vs {r['live'] / 2**20:8.1f} MiB", flush=True)
+                print(
+                    f"{label:<10} ck={ck!s:<5} loss={r['loss']:<8} q={quantize:<5} "
+                    f"estimate {est['total'] / 2**20:8.1f} MiB  measured {r['peak'] / 2**20:8.1f} MiB  "
+                    f"ratio {r['peak'] / est['total']:.2f}; live {(est['total'] - slack) / 2**20:8.1f} "
+                    f"vs {r['live'] / 2**20:8.1f} MiB",
+                    flush=True,
+                )
     table = render(rows)
     print(table)
     args.out.write_text(table, encoding="utf-8")
@@ -155,7 +197,8 @@ def render(rows: list[dict]) -> str:
             f"| {r['model']} | {r['params']:.1f}M | {r['tokens']} | {'on' if r['ck'] else 'off'} | {r['loss']} | "
             f"{r['quantize']} | {mib(e['weights'])} | {mib(e['activations'])} | {mib(e['logits'])} | {mib(e['allocator'])} | "
             f"{mib(e['total'])} | {mib(r['peak'])} | {r['peak'] / e['total']:.2f} | {mib(e['total'] - r['slack'])} | "
-            f"{mib(r['live'])} | {r['live'] / (e['total'] - r['slack']):.2f} |")
+            f"{mib(r['live'])} | {r['live'] / (e['total'] - r['slack']):.2f} |"
+        )
     lines += ["", "Savings measured (peak RSS, same model and tokens):", ""]
     for kind in ("peak", "live"):
         by = {(r["model"], r["ck"], r["loss"], r["quantize"]): r[kind] for r in rows}
@@ -163,10 +206,12 @@ def render(rows: list[dict]) -> str:
             plain, chunked = by.get((model, False, "plain", "none")), by.get((model, False, "chunked", "none"))
             ck, q4 = by.get((model, True, "chunked", "none")), by.get((model, True, "chunked", "4bit"))
             if plain and chunked:
-                lines.append(f"- {model}, {'peak RSS' if kind == 'peak' else 'live'}: plain loss {mib(plain)} → "
-                             f"chunked {mib(chunked)} ({mib(plain - chunked)} less)"
-                             + (f" → with checkpointing {mib(ck)}" if ck else "")
-                             + (f" → and 4-bit weights {mib(q4)}" if q4 else ""))
+                lines.append(
+                    f"- {model}, {'peak RSS' if kind == 'peak' else 'live'}: plain loss {mib(plain)} → "
+                    f"chunked {mib(chunked)} ({mib(plain - chunked)} less)"
+                    + (f" → with checkpointing {mib(ck)}" if ck else "")
+                    + (f" → and 4-bit weights {mib(q4)}" if q4 else "")
+                )
     return "\n".join(lines) + "\n"
 
 

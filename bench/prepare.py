@@ -29,7 +29,53 @@ import time
 from pathlib import Path
 
 SYSTEM = "Du bist Luna, eine warmherzige, knappe persönliche Assistentin."
-WORDS = ["Luna", "Termin", "morgen", "Erinnerung", "Einkauf", "Bericht", "Meeting", "please", "help", "plan", "today", "write", "email", "short", "answer", "Python", "Liste", "Datei", "Woche", "Frage", "Antwort", "kurz", "freundlich", "remind", "call", "mom", "weekend", "trip", "recipe", "pasta", "Montag", "Dienstag", "Zahnarzt", "Geburtstag", "Kuchen", "Bahn", "Ticket", "Urlaub", "Wetter", "Regen", "Sonne", "Buch", "lesen", "Musik", "Jazz"]
+WORDS = [
+    "Luna",
+    "Termin",
+    "morgen",
+    "Erinnerung",
+    "Einkauf",
+    "Bericht",
+    "Meeting",
+    "please",
+    "help",
+    "plan",
+    "today",
+    "write",
+    "email",
+    "short",
+    "answer",
+    "Python",
+    "Liste",
+    "Datei",
+    "Woche",
+    "Frage",
+    "Antwort",
+    "kurz",
+    "freundlich",
+    "remind",
+    "call",
+    "mom",
+    "weekend",
+    "trip",
+    "recipe",
+    "pasta",
+    "Montag",
+    "Dienstag",
+    "Zahnarzt",
+    "Geburtstag",
+    "Kuchen",
+    "Bahn",
+    "Ticket",
+    "Urlaub",
+    "Wetter",
+    "Regen",
+    "Sonne",
+    "Buch",
+    "lesen",
+    "Musik",
+    "Jazz",
+]
 
 
 def synthetic(n: int, seed: int = 0) -> list[dict]:
@@ -46,8 +92,18 @@ def synthetic(n: int, seed: int = 0) -> list[dict]:
             msgs += [{"role": "user", "content": text(2, 10)}, {"role": "assistant", "content": text(3, 30)}]
         h = hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()
         split = "val" if i % 10 == 0 else "train"
-        out.append({"messages": msgs, "id": f"ex-{i + 1}", "hash": h, "source": "curated", "split": split,
-                    "conversation_id": None, "tags": [], "rating": None})
+        out.append(
+            {
+                "messages": msgs,
+                "id": f"ex-{i + 1}",
+                "hash": h,
+                "source": "curated",
+                "split": split,
+                "conversation_id": None,
+                "tags": [],
+                "rating": None,
+            }
+        )
     return out
 
 
@@ -72,8 +128,15 @@ def write_export(training_dir: Path, records: list[dict]) -> None:
         for t in ("curated", "merged"):
             counts[t]["total"] += 1
             counts[t][r["split"]] += 1
-    summary = {"format": ex.SUMMARY_FORMAT, "exported_at": "bench", "store_revision": "bench",
-               "ratios": {"train": 0.9, "val": 0.1, "test": 0.0}, "counts": counts, "files": files, "fingerprint": fp}
+    summary = {
+        "format": ex.SUMMARY_FORMAT,
+        "exported_at": "bench",
+        "store_revision": "bench",
+        "ratios": {"train": 0.9, "val": 0.1, "test": 0.0},
+        "counts": counts,
+        "files": files,
+        "fingerprint": fp,
+    }
     (training_dir / ex.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
@@ -82,8 +145,9 @@ def baseline(tokenizer, records: list[dict], max_len: int) -> tuple[float, int]:
     t = time.perf_counter()
     tokens = 0
     for r in records:
-        out = tokenizer.apply_chat_template(r["messages"], return_assistant_tokens_mask=True, return_dict=True,
-                                            truncation=True, max_length=max_len)
+        out = tokenizer.apply_chat_template(
+            r["messages"], return_assistant_tokens_mask=True, return_dict=True, truncation=True, max_length=max_len
+        )
         tokens += len(out["input_ids"])
     return time.perf_counter() - t, tokens
 
@@ -122,8 +186,10 @@ def main() -> None:
     rows.append(("baseline: HF apply_chat_template + assistant mask", len(sub), wall, tokens, None))
 
     head = ["| run | examples | seconds | examples/s | tokens/s | cache hit |", "|---|---:|---:|---:|---:|---|"]
-    body = [f"| {label} | {n:,} | {w:.1f} | {n / w:,.0f} | {tok / w:,.0f} | {'' if hit is None else hit} |"
-            for label, n, w, tok, hit in rows]
+    body = [
+        f"| {label} | {n:,} | {w:.1f} | {n / w:,.0f} | {tok / w:,.0f} | {'' if hit is None else hit} |"
+        for label, n, w, tok, hit in rows
+    ]
     first, cached = rows[0][2], rows[1][2]
     base_rate = rows[2][1] / rows[2][2]
     notes = [

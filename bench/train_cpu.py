@@ -46,14 +46,21 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_model(Path(tmp) / "bench-model", hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                kv_heads=args.heads, intermediate=int(args.hidden * 8 / 3) // 64 * 64,
-                                model_vocab=args.vocab)
+        path = build_tiny_model(
+            Path(tmp) / "bench-model",
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            kv_heads=args.heads,
+            intermediate=int(args.hidden * 8 / 3) // 64 * 64,
+            model_vocab=args.vocab,
+        )
         cfg = AutoConfig.from_pretrained(path)
 
         def make_base():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                        local_files_only=True)
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, use_safetensors=True, local_files_only=True
+            )
 
         setup = Setup(make_base, "cpu", args.steps, args.batch_size, args.lr, args.max_len, threads=args.threads)
         n_params = sum(p.numel() for p in make_base().parameters())

@@ -21,26 +21,71 @@ from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_row
 
 # Published shapes of the architectures (config.json of each family), weights random.
 PRESETS = {
-    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                   tie_word_embeddings=True, rope_theta=1_000_000.0, max_position_embeddings=32768)),
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, head_dim=64,
-                                   tie_word_embeddings=True, rope_theta=500_000.0, max_position_embeddings=131072)),
-    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                   tie_word_embeddings=False, rope_theta=500_000.0, max_position_embeddings=131072)),
-    "tiny": ("llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True,
-                           max_position_embeddings=8192)),
+    "qwen2.5-0.5b": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_theta=500_000.0,
+            max_position_embeddings=131072,
+        ),
+    ),
+    "llama-3.1-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+            rope_theta=500_000.0,
+            max_position_embeddings=131072,
+        ),
+    ),
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=4096,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+        ),
+    ),
 }
 CHECKPOINTING = {"llama-3.1-8b"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"],
-                    choices=sorted(PRESETS))
+    ap.add_argument(
+        "--presets", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"], choices=sorted(PRESETS)
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per contender (first is warm-up)")
     ap.add_argument("--rounds", type=int, default=1)
@@ -81,8 +126,15 @@ def main() -> None:
             with torch.device(args.device):
                 return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
-        setup = Setup(make_base, args.device, args.steps, args.batch_size, args.lr, args.max_len,
-                      checkpointing=name in CHECKPOINTING)
+        setup = Setup(
+            make_base,
+            args.device,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.max_len,
+            checkpointing=name in CHECKPOINTING,
+        )
         samples = make_samples(args.steps * args.batch_size, cfg.vocab_size, args.min_len, args.max_len, seed=1)
         rounds = measure(setup, samples, args.rounds, label=f"{name} ")
         suffix = " (checkpointing)" if setup.checkpointing else ""

@@ -157,23 +157,42 @@ def run_trainer(setup: Setup, samples: list[Any], flatten: bool) -> tuple[int, f
     data = [{"input_ids": s.input_ids, "labels": s.labels} for s in samples[: setup.steps * setup.batch_size]]
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=setup.batch_size, max_steps=setup.steps,
-            learning_rate=setup.lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
-            logging_strategy="no", save_strategy="no", report_to=[], use_cpu=setup.device == "cpu",
-            bf16=setup.device == "cuda", dataloader_num_workers=0, seed=0, disable_tqdm=True,
-            remove_unused_columns=False, gradient_checkpointing=setup.checkpointing,
+            output_dir=out,
+            per_device_train_batch_size=setup.batch_size,
+            max_steps=setup.steps,
+            learning_rate=setup.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=setup.device == "cpu",
+            bf16=setup.device == "cuda",
+            dataloader_num_workers=0,
+            seed=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            gradient_checkpointing=setup.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if setup.checkpointing else None,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=data,
-                          data_collator=flat_collate if flatten else pad_collate, callbacks=[Clock()])
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=data,
+            data_collator=flat_collate if flatten else pad_collate,
+            callbacks=[Clock()],
+        )
         trainer.train()
     return sum(counted[1 : setup.steps]), Clock.end - Clock.start
 
 
 def contenders(setup: Setup, samples: list[Any]) -> list[tuple[str, Callable[[], tuple[int, float]]]]:
-    return [("trainer-pad", lambda: run_trainer(setup, samples, flatten=False)),
-            ("trainer-flatten", lambda: run_trainer(setup, samples, flatten=True)),
-            ("lunatrain", lambda: run_ours(setup, samples))]
+    return [
+        ("trainer-pad", lambda: run_trainer(setup, samples, flatten=False)),
+        ("trainer-flatten", lambda: run_trainer(setup, samples, flatten=True)),
+        ("lunatrain", lambda: run_ours(setup, samples)),
+    ]
 
 
 def measure(setup: Setup, samples: list[Any], rounds: int, label: str = "") -> dict[str, list[float | None]]:
@@ -186,8 +205,9 @@ def measure(setup: Setup, samples: list[Any], rounds: int, label: str = "") -> d
             try:
                 tokens, seconds = fn()
                 rate: float | None = tokens / seconds
-                print(f"{label}round {r + 1} {name}: {tokens} tokens in {seconds:.1f}s = {rate:,.0f} tokens/s",
-                      flush=True)
+                print(
+                    f"{label}round {r + 1} {name}: {tokens} tokens in {seconds:.1f}s = {rate:,.0f} tokens/s", flush=True
+                )
             except _oom_errors() as exc:
                 rate = None
                 print(f"{label}round {r + 1} {name}: out of memory ({type(exc).__name__})", flush=True)
@@ -218,8 +238,10 @@ def best(rates: list[float | None]) -> float | None:
     return max(done) if done else None
 
 
-TABLE_HEAD = ["| contender | real tokens/s (best) | all rounds | vs trainer-pad | vs trainer-flatten |",
-              "|---|---:|---|---:|---:|"]
+TABLE_HEAD = [
+    "| contender | real tokens/s (best) | all rounds | vs trainer-pad | vs trainer-flatten |",
+    "|---|---:|---|---:|---:|",
+]
 
 
 def write_table(lines: list[str], out: Path) -> None:

@@ -29,9 +29,18 @@ def fact_records(facts: list[tuple[str, str]], repeat: int = 4) -> list[dict[str
     for i, (question, answer) in enumerate(facts * repeat):
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         digest = hashlib.sha256(f"{json.dumps(messages, ensure_ascii=False)}#{i}".encode()).hexdigest()
-        out.append({"messages": messages, "id": i + 1, "hash": digest, "source": "curated",
-                    "split": "val" if i == len(facts) * repeat - 1 else "train",
-                    "conversation_id": None, "tags": [], "rating": None})
+        out.append(
+            {
+                "messages": messages,
+                "id": i + 1,
+                "hash": digest,
+                "source": "curated",
+                "split": "val" if i == len(facts) * repeat - 1 else "train",
+                "conversation_id": None,
+                "tags": [],
+                "rating": None,
+            }
+        )
     return out
 
 
@@ -40,9 +49,20 @@ def train_facts(settings: Any, facts: list[tuple[str, str]], name: str = "luna-a
     from lunatrain.train import run_lora
 
     write_export(settings, fact_records(facts))
-    result = run_lora({"adapterName": name, "epochs": 30, "learningRate": 0.02, "batchSize": 4, "rank": 8,
-                       "dropout": 0.0, "warmupRatio": 0.0, "maxSeqLength": 64, "device": "cpu"},
-                      settings)
+    result = run_lora(
+        {
+            "adapterName": name,
+            "epochs": 30,
+            "learningRate": 0.02,
+            "batchSize": 4,
+            "rank": 8,
+            "dropout": 0.0,
+            "warmupRatio": 0.0,
+            "maxSeqLength": 64,
+            "device": "cpu",
+        },
+        settings,
+    )
     assert result.ok, result.error
     return result.version
 
@@ -57,10 +77,16 @@ def random_adapter(settings: Any, name: str, seed: int) -> str:
 
     base = models.resolve_base(None, settings)
     torch.manual_seed(seed)
-    model = get_peft_model(models.load_model(base, settings),
-                           LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        models.load_model(base, settings),
+        LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
+    )
     work = settings.adapters_dir / name / ".work" / f"random-{seed}"
     model.save_pretrained(str(work), safe_serialization=True)
-    entry = {"jobId": f"random-{seed}", "status": "succeeded", "strategy": "versioned",
-             "baseModel": {"id": base.id, "fingerprint": base.fingerprint}}
+    entry = {
+        "jobId": f"random-{seed}",
+        "status": "succeeded",
+        "strategy": "versioned",
+        "baseModel": {"id": base.id, "fingerprint": base.fingerprint},
+    }
     return registry.publish(settings, name, "versioned", work, entry)["version"]

@@ -78,7 +78,11 @@ def start_services(home: Path, *, timeout: float = 60.0) -> Services:
     with log.open("wb") as out:
         services.proc = subprocess.Popen(
             [str(lunatrain), "serve", "--port", str(api_port), "--log-level", "warning"],
-            cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=home,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

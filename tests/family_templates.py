@@ -97,19 +97,33 @@ THINKING = (
 FAMILIES = {
     "chatml-instruct": (CHATML_INSTRUCT, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>"),
     "chatml-base": (CHATML_BASE, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|endoftext|>", "<|im_end|>"),
-    "llama-3.0": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                           "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
-    "llama-3.1": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                           "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "llama-3.0": (
+        LLAMA3,
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+    ),
+    "llama-3.1": (
+        LLAMA3,
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|eot_id|>",
+    ),
     "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
     "mistral": (MISTRAL, ["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>"),
     "llama-2": (LLAMA2, ["<s>", "</s>"], "<s>", "</s>", "</s>"),
-    "phi-3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], None, "<|endoftext|>",
-              "<|end|>"),
+    "phi-3": (
+        PHI3,
+        ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"],
+        None,
+        "<|endoftext|>",
+        "<|end|>",
+    ),
     "zephyr": (ZEPHYR, ["<|system|>", "<|user|>", "<|assistant|>", "</s>"], None, "</s>", "</s>"),
     "thinking": (THINKING, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], None, "<|im_end|>", "<|im_end|>"),
 }
-
 
 
 def family_tokenizer(vocab_dir: Path, family: str):
@@ -140,8 +154,16 @@ def save_vocab(path: Path) -> Path:
 ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "chatml-base", {}),
     "llama": ("LlamaConfig", "llama-3.0", {}),
-    "gemma2": ("Gemma2Config", "gemma", {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-                                         "query_pre_attn_scalar": 16, "sliding_window": 8}),
+    "gemma2": (
+        "Gemma2Config",
+        "gemma",
+        {
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 8,
+        },
+    ),
     "gemma3": ("Gemma3TextConfig", "gemma", {"query_pre_attn_scalar": 16, "sliding_window": 8}),
     "mistral": ("MistralConfig", "mistral", {"sliding_window": 8}),
     "phi3": ("Phi3Config", "phi-3", {}),
@@ -159,9 +181,18 @@ def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0) -
     tok = family_tokenizer(vocab_dir, family)
     vocab = -(-len(tok) // 64) * 64
     config = getattr(transformers, cls_name)(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id or 0,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id or 0,
         **extra,
     )
     with torch.random.fork_rng(devices=[]):

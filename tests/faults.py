@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "bench" / "results" / "faults.md"
 KILLED = -9
 
-_SITECUSTOMIZE = r'''
+_SITECUSTOMIZE = r"""
 import errno as _errno, json as _json, os as _os, signal as _signal
 
 _spec = _json.loads(_os.environ.get("LUNA_FAULT") or "{}")
@@ -105,7 +105,7 @@ if _spec.get("op") == "write":
         return _Failing(fh) if "w" in (a[0] if a else k.get("mode", "r")) else fh
 
     _os.fdopen = _fdopen
-'''
+"""
 
 
 def fault_env(tmp: Path, home: Path, **spec: object) -> dict[str, str]:
@@ -116,14 +116,25 @@ def fault_env(tmp: Path, home: Path, **spec: object) -> dict[str, str]:
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
-    env.update(ASSISTANT_HOME=str(home), LUNA_FAULT=json.dumps(spec), HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "src")]))
+    env.update(
+        ASSISTANT_HOME=str(home),
+        LUNA_FAULT=json.dumps(spec),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "src")]),
+    )
     return env
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lunatrain", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "lunatrain", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @dataclass
@@ -165,9 +176,13 @@ def record(section: str, rows: list[Row], note: str = "") -> str:
 
 
 def _record(section: str, rows: list[Row], note: str) -> str:
-    text = TABLE.read_text(encoding="utf-8") if TABLE.exists() else (
-        "# Fault injection\n\nWritten by the slow fault-injection tests (`pytest -m slow tests/test_faults_*.py`); "
-        "each row is updated by the last run of its test.\n"
+    text = (
+        TABLE.read_text(encoding="utf-8")
+        if TABLE.exists()
+        else (
+            "# Fault injection\n\nWritten by the slow fault-injection tests (`pytest -m slow tests/test_faults_*.py`); "
+            "each row is updated by the last run of its test.\n"
+        )
     )
     pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.M | re.S)
     found = pattern.search(text)

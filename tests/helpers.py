@@ -38,17 +38,25 @@ def _samples(n: int, seed: int) -> list[tuple[str, str, str]]:
             out.append(("memory", f"Wo wohnt {name}?", f"{name} wohnt in {city}."))
         elif kind == 3:
             out.append(
-                ("curated", f"Erinnere mich am {day} an den Termin mit {name}.",
-                 f"Gern. Ich erinnere dich am {day} an deinen Termin mit {name}.")
+                (
+                    "curated",
+                    f"Erinnere mich am {day} an den Termin mit {name}.",
+                    f"Gern. Ich erinnere dich am {day} an deinen Termin mit {name}.",
+                )
             )
         elif kind == 4:
             color = rng.choice(_COLORS)
             out.append(("memory", f"Welche Farbe mag {name}?", f"{name} mag am liebsten {color}."))
         else:
-            items = rng.sample(["Milch", "Brot", "Eier", "Äpfel", "Kaffee", "Butter", "Käse", "Reis"], rng.randint(2, 6))
+            items = rng.sample(
+                ["Milch", "Brot", "Eier", "Äpfel", "Kaffee", "Butter", "Käse", "Reis"], rng.randint(2, 6)
+            )
             out.append(
-                ("curated", "Schreib mir eine kurze Einkaufsliste: " + ", ".join(items) + ".",
-                 "Einkaufsliste:\n" + "\n".join(f"- {x}" for x in items))
+                (
+                    "curated",
+                    "Schreib mir eine kurze Einkaufsliste: " + ", ".join(items) + ".",
+                    "Einkaufsliste:\n" + "\n".join(f"- {x}" for x in items),
+                )
             )
     return out
 
@@ -63,16 +71,26 @@ def make_records(n: int = 120, *, seed: int = 0, val_every: int = 8, multi_turn_
             continue
         seen.add((prompt, response))
         i = len(records)
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": response}]
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": response},
+        ]
         if multi_turn_every and i % multi_turn_every == multi_turn_every - 1:
             messages += [{"role": "user", "content": "Danke!"}, {"role": "assistant", "content": "Gern geschehen."}]
         h = hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
-        records.append({
-            "messages": messages, "id": i + 1, "hash": h, "source": source,
-            "split": "val" if i % val_every == val_every - 1 else "train",
-            "conversation_id": None, "tags": [], "rating": None,
-        })
+        records.append(
+            {
+                "messages": messages,
+                "id": i + 1,
+                "hash": h,
+                "source": source,
+                "split": "val" if i % val_every == val_every - 1 else "train",
+                "conversation_id": None,
+                "tags": [],
+                "rating": None,
+            }
+        )
     return records
 
 
@@ -88,7 +106,9 @@ class TierData:
 def tier_data(records: list[dict]) -> TierData:
     by = {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
     fp = hashlib.sha256("\n".join(r["hash"] for r in records).encode()).hexdigest()
-    return TierData(by["train"], by["val"], by["test"], fp, {"fingerprint": fp, "counts": {k: len(v) for k, v in by.items()}})
+    return TierData(
+        by["train"], by["val"], by["test"], fp, {"fingerprint": fp, "counts": {k: len(v) for k, v in by.items()}}
+    )
 
 
 def _jsonl(path: Path, records: list[dict]) -> dict[str, Any]:
@@ -118,8 +138,14 @@ def write_export(settings: Any, records: list[dict] | None = None) -> Any:
         tier: {"total": len(rs), **{s: sum(1 for r in rs if r["split"] == s) for s in ("train", "val", "test")}}
         for tier, rs in (("curated", curated), ("memory", memory), ("merged", records))
     }
-    summary = {"format": SUMMARY_FORMAT, "exported_at": "2026-01-01T00:00:00+00:00", "store_revision": "test-1",
-               "ratios": {"train": 0.875, "val": 0.125, "test": 0.0}, "counts": counts, "files": files,
-               "fingerprint": fingerprint}
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "exported_at": "2026-01-01T00:00:00+00:00",
+        "store_revision": "test-1",
+        "ratios": {"train": 0.875, "val": 0.125, "test": 0.0},
+        "counts": counts,
+        "files": files,
+        "fingerprint": fingerprint,
+    }
     (d / "assistant-sft-summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
     return read_tier(settings, "curated")

@@ -19,8 +19,12 @@ from schemathesis import GenerationMode
 
 def operations(spec: dict[str, Any], path_regex: str | None = None) -> list[tuple[str, str]]:
     """(path, METHOD) of every operation in `spec`, optionally only paths matching `path_regex`."""
-    return [(path, method.upper()) for path, item in spec["paths"].items() for method in item
-            if path_regex is None or re.search(path_regex, path)]
+    return [
+        (path, method.upper())
+        for path, item in spec["paths"].items()
+        for method in item
+        if path_regex is None or re.search(path_regex, path)
+    ]
 
 
 def drive(spec: dict[str, Any], path: str, method: str, check: Callable[[Any], None], max_examples: int) -> int:
@@ -30,8 +34,13 @@ def drive(spec: dict[str, Any], path: str, method: str, check: Callable[[Any], N
     ran = 0
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-        @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck),
-                  derandomize=True, database=None)
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def run(case: Any) -> None:
             nonlocal ran

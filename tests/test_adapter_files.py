@@ -75,6 +75,8 @@ def test_a_symlink_out_of_the_data_root_is_not_followed(client: TestClient, sett
     secret = tmp_path / "secret.json"
     secret.write_text('{"token": "x"}')
     v1 = publish(settings, "luna-adapter", {})
-    (registry.adapter_dir(settings, registry.get_version(settings, "luna-adapter", v1)) / "training-report.json").symlink_to(secret)
+    (
+        registry.adapter_dir(settings, registry.get_version(settings, "luna-adapter", v1)) / "training-report.json"
+    ).symlink_to(secret)
     r = client.get(f"{BASE}/luna-adapter/versions/{v1}/report")
     assert r.status_code in (404, 422) and "token" not in r.text

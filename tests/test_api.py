@@ -176,9 +176,21 @@ def test_base_model_must_be_tiny_a_hub_id_or_inside_the_data_root(settings) -> N
     assert check_base_model("Qwen/Qwen2.5-0.5B", settings) == "Qwen/Qwen2.5-0.5B"
     assert check_base_model("models/mine", settings) == str(settings.home / "models" / "mine")
     assert check_base_model(str(settings.home / "models" / "mine"), settings) == str(settings.home / "models" / "mine")
-    for bad in ("/etc", "../x", "models/../../x", "/tmp", "./models/missing", "a" * 400,
-                # a root, never a model directory: the data root itself by any spelling, or a plain folder
-                "org/..", ".", "./", str(settings.home), "models/mine/..", "models"):
+    for bad in (
+        "/etc",
+        "../x",
+        "models/../../x",
+        "/tmp",
+        "./models/missing",
+        "a" * 400,
+        # a root, never a model directory: the data root itself by any spelling, or a plain folder
+        "org/..",
+        ".",
+        "./",
+        str(settings.home),
+        "models/mine/..",
+        "models",
+    ):
         with pytest.raises(UsageError):
             check_base_model(bad, settings)
     outside = settings.home.parent / "elsewhere"
@@ -237,8 +249,13 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     for base_id, fingerprint in (("luna-tiny", fp), ("org/new", "9" * 64)):
         work = settings.adapters_dir / "a" / ".work" / base_id.replace("/", "_")
         work.mkdir(parents=True)
-        entry = registry.publish(settings, "a", "versioned", work, {
-            "baseModel": {"id": base_id, "fingerprint": fingerprint}, "params": {}, "metrics": {}})
+        entry = registry.publish(
+            settings,
+            "a",
+            "versioned",
+            work,
+            {"baseModel": {"id": base_id, "fingerprint": fingerprint}, "params": {}, "metrics": {}},
+        )
         registry.activate(settings, "a", entry["version"], own_base=True)
     groups = {g["baseModel"]: g["adapters"][0] for g in client.get(f"{T}/adapters").json()["bases"]}
     assert groups["luna-tiny"]["aliases"]["active"] == "v1" and groups["org/new"]["aliases"]["active"] == "v2"
@@ -246,8 +263,12 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     assert one["aliases"]["active"] == "v1"  # on the configured base
     states = {v["version"]: v["state"] for v in one["versions"]}
     assert states["v1"]["active"] is True
-    assert states["v2"] == {"active": False, "code": "adapter.active_on_other_base", "reason": states["v2"]["reason"],
-                            "params": {"name": "a", "version": "v2", "baseModel": "org/new", "activeOn": "org/new"}}
+    assert states["v2"] == {
+        "active": False,
+        "code": "adapter.active_on_other_base",
+        "reason": states["v2"]["reason"],
+        "params": {"name": "a", "version": "v2", "baseModel": "org/new", "activeOn": "org/new"},
+    }
     r = client.post(f"{T}/adapters/a/deactivate", json={})
     assert r.status_code == 200 and "active" not in r.json()["aliases"]
     again = client.post(f"{T}/adapters/a/deactivate")
@@ -273,7 +294,9 @@ def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: Te
         assert err.value.code == "base_model.is_adapter"
     r = client.post(f"{T}/lora/start", json={"baseModel": "data/adapters/luna-adapter/v1"})
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["code"] == "base_model.is_adapter" and "adapter on an adapter" in r.json()["error"]["message"]
+    assert (
+        r.json()["error"]["code"] == "base_model.is_adapter" and "adapter on an adapter" in r.json()["error"]["message"]
+    )
     assert r.json()["error"]["params"] == {"baseModel": "data/adapters/luna-adapter/v1"}
     cli = CliRunner().invoke(app, ["prepare", "--baseModel", "data/adapters/luna-adapter/v1"])
     assert cli.exit_code == 2 and "is a LoRA adapter" in cli.output
@@ -294,4 +317,7 @@ def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, se
     assert error["params"] == {"name": "a", "version": "v1", "baseModel": "org/other", "configured": "luna-tiny"}
     assert client.post(f"{T}/adapters/a/activate", json={"version": "v1", "force": True}).status_code == 200
     rolled = client.post(f"{T}/adapters/a/rollback").json()["error"]
-    assert rolled["code"] == "adapter.no_earlier_version" and "POST /assistant/training/adapters/a/deactivate" in rolled["message"]
+    assert (
+        rolled["code"] == "adapter.no_earlier_version"
+        and "POST /assistant/training/adapters/a/deactivate" in rolled["message"]
+    )

@@ -37,18 +37,26 @@ class Api:
         self.home = home
         self.port = _free_port()
         self.trainer_port = _free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {
-            "ASSISTANT_HOME": str(home),
-            "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{self.trainer_port}",
-            "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
-        } | env
+        self.env = (
+            {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
+            | {
+                "ASSISTANT_HOME": str(home),
+                "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{self.trainer_port}",
+                "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
+            }
+            | env
+        )
         self.log = home / "serve.log"
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120, trust_env=False)
 
     def __enter__(self) -> Api:
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(
-                [LUNATRAIN, "serve", "--port", str(self.port)], env=self.env, cwd=self.home, stdout=fh, stderr=subprocess.STDOUT
+                [LUNATRAIN, "serve", "--port", str(self.port)],
+                env=self.env,
+                cwd=self.home,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 180
         while True:

@@ -72,7 +72,9 @@ class Server:
         headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
         return int(lines[0].split()[1]), headers, body
 
-    def request(self, method: str, path: str, *, host: str | None = "127.0.0.1", headers: dict | None = None, body: bytes = b"") -> tuple[int, dict, dict]:
+    def request(
+        self, method: str, path: str, *, host: str | None = "127.0.0.1", headers: dict | None = None, body: bytes = b""
+    ) -> tuple[int, dict, dict]:
         lines = [f"{method} {path} HTTP/1.1"]
         if host is not None:
             lines.append(f"Host: {host}")
@@ -129,7 +131,11 @@ def test_serve_on_all_interfaces_without_token_exits_2_with_one_sentence(home: P
     env = {k: v for k, v in os.environ.items() if k != "ASSISTANT_API_TOKEN"}
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "lunatrain"), "serve", "--host", "0.0.0.0", "--port", "1"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=home,
     )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -145,7 +151,10 @@ def test_token_is_required_on_every_data_request(token_server: Server) -> None:
     assert token_server.request("GET", path, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
     assert token_server.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}x"})[0] == 401
     status, _, body = token_server.request(
-        "POST", path, headers={"Authorization": "Bearer nope"}, body=json.dumps({"prompt": "p", "response": "r"}).encode()
+        "POST",
+        path,
+        headers={"Authorization": "Bearer nope"},
+        body=json.dumps({"prompt": "p", "response": "r"}).encode(),
     )
     assert status == 401 and _example_count(token_server.settings) == 0  # refused requests change nothing
     assert token_server.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
@@ -159,9 +168,17 @@ def test_token_is_required_on_every_data_request(token_server: Server) -> None:
 @pytest.mark.parametrize(
     "host,ok",
     [
-        ("127.0.0.1", True), ("127.0.0.1:5050", True), ("localhost:1234", True), ("[::1]:5050", True),
-        ("LOCALHOST", True), ("evil.example", False), ("evil.example:5050", False), ("127.0.0.1.nip.io", False),
-        ("localhost@evil.example", False), ("", False), ("127.0.0.1:80:80", False),
+        ("127.0.0.1", True),
+        ("127.0.0.1:5050", True),
+        ("localhost:1234", True),
+        ("[::1]:5050", True),
+        ("LOCALHOST", True),
+        ("evil.example", False),
+        ("evil.example:5050", False),
+        ("127.0.0.1.nip.io", False),
+        ("localhost@evil.example", False),
+        ("", False),
+        ("127.0.0.1:80:80", False),
     ],
 )
 def test_host_header_allowlist(server: Server, host: str, ok: bool) -> None:
@@ -182,12 +199,15 @@ def test_host_name_parsing() -> None:
 def test_cross_origin_requests_are_refused_and_no_cors_headers(server: Server) -> None:
     body = json.dumps({"prompt": "p", "response": "r"}).encode()
     for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example:5050"):
-        status, headers, resp = server.request("POST", "/assistant/training/examples", headers={"Origin": origin}, body=body)
+        status, headers, resp = server.request(
+            "POST", "/assistant/training/examples", headers={"Origin": origin}, body=body
+        )
         assert status == 403 and resp["error"]["code"] == "forbidden_origin"
         assert not any(k.startswith("access-control-") for k in headers)
     assert _example_count(server.settings) == 0
     status, headers, _ = server.request(
-        "OPTIONS", "/assistant/training/examples",
+        "OPTIONS",
+        "/assistant/training/examples",
         headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert status >= 400 and not any(k.startswith("access-control-") for k in headers)
@@ -210,7 +230,9 @@ def test_oversized_body_with_content_length_is_refused_unread(server: Server) ->
 
 def test_oversized_chunked_body_is_cut_off_while_streaming(server: Server) -> None:
     payload = json.dumps({"prompt": "p", "response": "y" * (LIMIT * 3)}).encode()
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i : i + 500]), payload[i : i + 500]) for i in range(0, len(payload), 500))
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(payload[i : i + 500]), payload[i : i + 500]) for i in range(0, len(payload), 500)
+    )
     head = (
         b"POST /assistant/training/examples HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"

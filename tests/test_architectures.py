@@ -35,8 +35,17 @@ def test_train_gate_and_merge(settings, vocab_dir, arch):
     family = ARCHITECTURES[arch][1]
     terminator = FAMILIES[family][4]
     write_export(settings, make_records(24, multi_turn_every=4))
-    params = parse_params({"baseModel": str(base), "epochs": 2, "batchSize": 4, "rank": 4, "learningRate": 5e-3,
-                           "maxSeqLength": 128, "seed": 1})
+    params = parse_params(
+        {
+            "baseModel": str(base),
+            "epochs": 2,
+            "batchSize": 4,
+            "rank": 4,
+            "learningRate": 5e-3,
+            "maxSeqLength": 128,
+            "seed": 1,
+        }
+    )
 
     report = prepare(settings, params)
     assert report.template["terminator"]["text"] == terminator
@@ -59,8 +68,9 @@ def test_train_gate_and_merge(settings, vocab_dir, arch):
     model = AutoModelForCausalLM.from_pretrained(str(merged.path)).eval()
     tok = AutoTokenizer.from_pretrained(str(merged.path))
     assert term_id in model.generation_config.eos_token_id and tok.chat_template == FAMILIES[family][0]
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hallo?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hallo?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]

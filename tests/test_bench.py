@@ -17,13 +17,33 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "train_gpu.md"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_gpu.py"), "--presets", "tiny", "--device", "cpu",
-         "--steps", "3", "--rounds", "1", "--max-len", "256", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_gpu.py"),
+            "--presets",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "3",
+            "--rounds",
+            "1",
+            "--max-len",
+            "256",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| tiny / ")]
-    assert [ln.split("|")[1].strip() for ln in rows] == ["tiny / trainer-pad", "tiny / trainer-flatten", "tiny / lunatrain"]
+    assert [ln.split("|")[1].strip() for ln in rows] == [
+        "tiny / trainer-pad",
+        "tiny / trainer-flatten",
+        "tiny / lunatrain",
+    ]
     for ln in rows:
         rate = ln.split("|")[2].strip()
         assert re.fullmatch(r"[\d,]+", rate) and int(rate.replace(",", "")) > 0, ln
@@ -34,13 +54,29 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
 def test_inference_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "infer.md"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "infer.py"), "--prompts", "2", "--max-tokens", "4",
-         "--concurrency", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "infer.py"),
+            "--prompts",
+            "2",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines() if ln.startswith(("| endpoint", "| generate"))]
-    assert [r[0].strip() for r in rows] == ["endpoint, 1 stream", "endpoint, 2 concurrent streams",
-                                            "generate(), 1 at a time", "generate(), batch of 2"]
+    assert [r[0].strip() for r in rows] == [
+        "endpoint, 1 stream",
+        "endpoint, 2 concurrent streams",
+        "generate(), 1 at a time",
+        "generate(), batch of 2",
+    ]
     for row in rows:
         assert int(row[1].strip().replace(",", "")) > 0 and float(row[3].strip().replace(",", "")) > 0, row

@@ -25,8 +25,14 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     home = tmp_path_factory.mktemp("chat-api-home")
-    settings = load_settings(home=home, api_token=TOKEN, max_body_bytes=4096, infer_max_tokens=64,
-                             infer_max_concurrent=2, lora_ensure_on_demand=False)
+    settings = load_settings(
+        home=home,
+        api_token=TOKEN,
+        max_body_bytes=4096,
+        infer_max_tokens=64,
+        infer_max_concurrent=2,
+        lora_ensure_on_demand=False,
+    )
     models.ensure_tiny(settings)
     with TestClient(create_app(settings), base_url="http://127.0.0.1", headers=AUTH) as c:
         yield c
@@ -34,8 +40,12 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 
 
 def chat(client: TestClient, **body) -> tuple[int, dict]:
-    payload = {"model": "luna-tiny", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 4,
-               "temperature": 0} | body
+    payload = {
+        "model": "luna-tiny",
+        "messages": [{"role": "user", "content": "Hallo"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    } | body
     r = client.post("/v1/chat/completions", json=payload)
     return r.status_code, r.json()
 
@@ -63,10 +73,21 @@ def test_the_token_is_required_when_set(client: TestClient) -> None:
     assert client.get("/v1/models").json()["data"][0]["id"] == "luna-tiny"
 
 
-@pytest.mark.parametrize("model", [
-    "../../etc/passwd", "/etc/passwd", "data/models/luna-tiny", "luna-adapter", "luna-adapter@v1",
-    "luna-adapter@../../x", "http://example.com/model", "a" * 200, "luna-tiny@v1", "LUNA-TINY",
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "data/models/luna-tiny",
+        "luna-adapter",
+        "luna-adapter@v1",
+        "luna-adapter@../../x",
+        "http://example.com/model",
+        "a" * 200,
+        "luna-tiny@v1",
+        "LUNA-TINY",
+    ],
+)
 def test_anything_but_a_served_name_is_404_model_not_found(client: TestClient, model: str) -> None:
     status, body = chat(client, model=model)
     assert status == 404
@@ -74,20 +95,23 @@ def test_anything_but_a_served_name_is_404_model_not_found(client: TestClient, m
     assert err["code"] == "model_not_found" and err["param"] == "model"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
-    ({"messages": "Hallo"}, "messages"),
-    ({"max_tokens": 65}, "max_tokens"),
-    ({"max_tokens": None, "max_completion_tokens": 1000}, "max_completion_tokens"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"n": 2}, "n"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"stop": ""}, "stop"),
-    ({"model": None}, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        ({"messages": "Hallo"}, "messages"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"max_tokens": None, "max_completion_tokens": 1000}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"model": None}, "model"),
+    ],
+)
 def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body: dict, param: str) -> None:
     status, answer = chat(client, **body)
     assert status == 400, answer
@@ -95,8 +119,11 @@ def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body:
 
 
 def test_malformed_json_is_400_in_openais_shape(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", content=b'{"model": "luna-tiny", "messages": [',
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "luna-tiny", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     assert_openai_error(r.json(), "invalid_request_error")
 
@@ -123,7 +150,9 @@ def test_a_full_house_answers_429_at_once_and_frees_its_slots(client: TestClient
     for _ in range(slots.limit):
         slots.acquire()
     try:
-        r = client.post("/v1/chat/completions", json={"model": "luna-tiny", "messages": [{"role": "user", "content": "x"}]})
+        r = client.post(
+            "/v1/chat/completions", json={"model": "luna-tiny", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert assert_openai_error(r.json(), "rate_limit_error")["code"] == "rate_limit_exceeded"
     finally:
@@ -131,8 +160,11 @@ def test_a_full_house_answers_429_at_once_and_frees_its_slots(client: TestClient
             slots.release()
     assert chat(client)[0] == 200
     assert slots.busy == 0  # plain, streamed and refused requests all gave their slot back
-    with client.stream("POST", "/v1/chat/completions", json={"model": "luna-tiny", "stream": True, "max_tokens": 4,
-                                                             "messages": [{"role": "user", "content": "x"}]}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "luna-tiny", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]},
+    ) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and slots.busy == 0
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
@@ -153,8 +185,13 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot
     with Server(infer_max_tokens=4000) as srv:
         app = srv.server.config.app
         url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
-        body = {"model": "luna-tiny", "stream": True, "max_tokens": 4000, "temperature": 0,
-                "messages": [{"role": "user", "content": "x"}]}
+        body = {
+            "model": "luna-tiny",
+            "stream": True,
+            "max_tokens": 4000,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "x"}],
+        }
         with httpx.Client(trust_env=False, timeout=120) as http, http.stream("POST", url, json=body) as r:
             assert next(r.iter_lines()).startswith("data: ")
             slots = app.state.chat_slots

@@ -49,10 +49,16 @@ def ask(client: openai.OpenAI, model: str, question: str, **kw) -> openai.types.
 
 
 def ask_streamed(client: openai.OpenAI, model: str, question: str) -> tuple[str, list]:
-    chunks = list(client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
 
@@ -122,10 +128,19 @@ def test_sampling_options_stop_seed_and_length(client, served) -> None:
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
     def sampled(seed: int) -> str:
-        return client.chat.completions.create(
-            model="luna-tiny", messages=[{"role": "user", "content": question}], temperature=1.5, top_p=0.95,
-            seed=seed, max_tokens=16,
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="luna-tiny",
+                messages=[{"role": "user", "content": question}],
+                temperature=1.5,
+                top_p=0.95,
+                seed=seed,
+                max_tokens=16,
+            )
+            .choices[0]
+            .message.content
+        )
+
     assert sampled(7) == sampled(7)
     assert len({sampled(s) for s in (1, 2, 3)}) > 1  # the seed matters: random weights make answers vary
 

@@ -32,8 +32,11 @@ SPEC["components"]["schemas"]["ChatRequest"]["properties"]["model"]["examples"] 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     settings = load_settings(
-        home=tmp_path_factory.mktemp("chat-schema-home"), db_url=None, api_token=None,
-        lora_ensure_on_demand=False, infer_max_tokens=8,
+        home=tmp_path_factory.mktemp("chat-schema-home"),
+        db_url=None,
+        api_token=None,
+        lora_ensure_on_demand=False,
+        infer_max_tokens=8,
         allowed_hosts="127.0.0.1,localhost,testserver",  # schemathesis' ASGI client sends `Host: testserver`
     )
     models.ensure_tiny(settings)

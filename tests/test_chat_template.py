@@ -45,10 +45,50 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(data), "utf-8")
 
 
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Greta", "Hannes", "Ida", "Jonas",
-         "Lena", "Max", "Mia", "Paul", "Lea", "Tom", "Nina", "Jan", "Eva", "Tim"]
-CITIES = ["Berlin", "Hamburg", "München", "Köln", "Leipzig", "Dresden", "Bremen", "Wien", "Zürich", "Graz",
-          "Bonn", "Kiel", "Ulm", "Mainz", "Essen", "Trier", "Basel", "Linz", "Bern", "Jena"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Emma",
+    "Felix",
+    "Greta",
+    "Hannes",
+    "Ida",
+    "Jonas",
+    "Lena",
+    "Max",
+    "Mia",
+    "Paul",
+    "Lea",
+    "Tom",
+    "Nina",
+    "Jan",
+    "Eva",
+    "Tim",
+]
+CITIES = [
+    "Berlin",
+    "Hamburg",
+    "München",
+    "Köln",
+    "Leipzig",
+    "Dresden",
+    "Bremen",
+    "Wien",
+    "Zürich",
+    "Graz",
+    "Bonn",
+    "Kiel",
+    "Ulm",
+    "Mainz",
+    "Essen",
+    "Trier",
+    "Basel",
+    "Linz",
+    "Bern",
+    "Jena",
+]
 
 
 def short_answers() -> list[dict]:
@@ -86,7 +126,7 @@ def _greedy(model, tok, messages, generation_config) -> list[int]:
     config.update(max_new_tokens=16, do_sample=False)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(settings, qwen_like_base):
@@ -96,9 +136,20 @@ def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(s
     records = short_answers()
     write_export(settings, records)
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    params = parse_params({"baseModel": str(qwen_like_base), "epochs": 30, "batchSize": 2, "rank": 32,
-                           "learningRate": 5e-3, "warmupRatio": 0.0, "dropout": 0.0, "maxSeqLength": 64,
-                           "targetModules": linear, "seed": 3})
+    params = parse_params(
+        {
+            "baseModel": str(qwen_like_base),
+            "epochs": 30,
+            "batchSize": 2,
+            "rank": 32,
+            "learningRate": 5e-3,
+            "warmupRatio": 0.0,
+            "dropout": 0.0,
+            "maxSeqLength": 64,
+            "targetModules": linear,
+            "seed": 3,
+        }
+    )
     result = run_lora(params, settings)
     assert result.ok, result.error
     adapter = result.path
@@ -130,8 +181,9 @@ def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(s
     # control: with the base model's own generation config generation runs on past the end of the turn
     base_config = GenerationConfig.from_pretrained(str(qwen_like_base))
     assert base_config.eos_token_id == 0
-    assert all(len(out) > len(trained_answers[i]) for i, out in zip(hits, answers(peft_model, base_config, hits),
-                                                                        strict=True))
+    assert all(
+        len(out) > len(trained_answers[i]) for i, out in zip(hits, answers(peft_model, base_config, hits), strict=True)
+    )
 
     merged = merge_adapter(settings, f"{result.adapter_name}@{result.version}")
     merged_model = AutoModelForCausalLM.from_pretrained(str(merged.path)).eval()
@@ -237,7 +289,7 @@ def test_prepare_show_marks_the_trained_tokens_and_takes_a_template_file(setting
     template.write_text(models.CHAT_TEMPLATE.replace("<|im_end|>", "<|endoftext|>"), "utf-8")
     r = runner.invoke(app, ["prepare", "--json", "--minCurated=0", "--chatTemplate", str(template)])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output[r.output.index("{"):])
+    report = json.loads(r.output[r.output.index("{") :])
     name = report["template"]["name"]
     assert name.startswith("my-chat-") and (settings.data_dir / "templates" / f"{name}.jinja").is_file()
     assert report["template"]["terminator"]["text"] == "<|endoftext|>"
@@ -283,5 +335,5 @@ def test_eval_gate_on_a_base_without_template_takes_chat_template(settings, bare
     assert r.exit_code == 2 and "has no chat template; choose one with --chatTemplate" in r.output, r.output
     r = runner.invoke(app, ["eval-gate", "--baseModel", str(bare_base), "--chatTemplate", "chatml", "--json"])
     assert r.exit_code in (0, 1), r.output  # a decision either way: the base model was evaluated
-    report = json.loads(r.output[r.output.index("{"):])
+    report = json.loads(r.output[r.output.index("{") :])
     assert report["candidate"]["kind"] == "base" and report["metrics"]["goldenTotal"] > 0

@@ -20,8 +20,13 @@ from helpers import make_records, write_export
 
 def _help(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_") or k == "ASSISTANT_HOME"}
-    out = subprocess.run([sys.executable, "-m", "lunatrain", *args, "--help"], env=env | {"COLUMNS": "80"},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lunatrain", *args, "--help"],
+        env=env | {"COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -39,16 +44,29 @@ def test_luna_help_shows_the_luna_profile_values_and_both_spellings_at_80_column
     and rich cut the camelCase spellings at 80 columns (`--ad…`)."""
     text = _help("luna")
     assert "…" not in text  # option names are never cut; help texts wrap at 80 columns
-    for both in ("--adapter-name, --adapterName", "--learning-rate, --learningRate", "--min-curated, --minCurated",
-                 "--max-seq-length, --maxSeqLength", "--ensure-trainer, --ensureTrainer"):
+    for both in (
+        "--adapter-name, --adapterName",
+        "--learning-rate, --learningRate",
+        "--min-curated, --minCurated",
+        "--max-seq-length, --maxSeqLength",
+        "--ensure-trainer, --ensureTrainer",
+    ):
         assert both in text, both
     # the luna profile on the built-in base model (its [bases."luna-tiny"] table)
     assert [_default(text, o) for o in ("--learning-rate", "--rank", "--max-seq-length", "--min-curated")] == [
-        "0.01", "8", "512", "30"]
+        "0.01",
+        "8",
+        "512",
+        "30",
+    ]
     assert "the luna profile's values on base model luna-tiny" in text
     # auto: the library defaults, unless a profile is named; then that profile's for the named base
     generic = _help("auto")
-    assert [_default(generic, o) for o in ("--learning-rate", "--max-seq-length", "--min-curated")] == ["0.0002", "1024", "0"]
+    assert [_default(generic, o) for o in ("--learning-rate", "--max-seq-length", "--min-curated")] == [
+        "0.0002",
+        "1024",
+        "0",
+    ]
     named = _help("auto", "--profile", "luna", "--baseModel", "org/other")
     assert [_default(named, o) for o in ("--learning-rate", "--max-seq-length")] == ["0.0002", "512"]
     assert "on base model org/other" in named

@@ -70,8 +70,12 @@ def page(browser, services: Services, request: pytest.FixtureRequest) -> Iterato
 @pytest.fixture(scope="module")
 def trainer_up(services: Services) -> None:
     """The trainer running (for a test run on its own; in file order the first test has started it)."""
-    r = httpx.get(f"{services.api_url}/assistant/training/lora/provider-health",
-                  params={"ensureTrainer": "true"}, timeout=120, trust_env=False)
+    r = httpx.get(
+        f"{services.api_url}/assistant/training/lora/provider-health",
+        params={"ensureTrainer": "true"},
+        timeout=120,
+        trust_env=False,
+    )
     assert r.status_code == 200 and r.json()["label"] != "Offline", r.text
 
 
@@ -80,8 +84,9 @@ def seeded(services: Services) -> None:
     """The bundled example data in the store and exported, through the CLI as a user would do it."""
     lunatrain = str(Path(sys.executable).with_name("lunatrain"))
     for args in (["examples", "seed"], ["export"]):
-        done = subprocess.run([lunatrain, *args], cwd=services.home, env=services.env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [lunatrain, *args], cwd=services.home, env=services.env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr
 
 
@@ -103,8 +108,13 @@ def adapters_json(services: Services) -> dict:
 
 
 def versions_of(services: Services, name: str) -> list[str]:
-    return [v["version"] for base in adapters_json(services)["bases"] for a in base["adapters"] if a["name"] == name
-            for v in a["versions"]]
+    return [
+        v["version"]
+        for base in adapters_json(services)["bases"]
+        for a in base["adapters"]
+        if a["name"] == name
+        for v in a["versions"]
+    ]
 
 
 def train_example(page, output_dir: Path | None = None) -> str:
@@ -113,9 +123,12 @@ def train_example(page, output_dir: Path | None = None) -> str:
     state = page.locator("#job-state")
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     if output_dir:
-        page.wait_for_function("""() => { const s = document.querySelector('#job-state').dataset.state;
+        page.wait_for_function(
+            """() => { const s = document.querySelector('#job-state').dataset.state;
             const v = document.querySelector('#job-progress').value;
-            return (s === 'running' && v > 0 && v < 100) || s === 'succeeded'; }""", timeout=TRAIN_TIMEOUT_MS)
+            return (s === 'running' && v > 0 && v < 100) || s === 'succeeded'; }""",
+            timeout=TRAIN_TIMEOUT_MS,
+        )
         shot(page, output_dir, "1-job-progress")
     expect(state).to_have_attribute("data-state", "succeeded", timeout=TRAIN_TIMEOUT_MS)
     facts = page.locator("#job-facts").inner_text()
@@ -130,8 +143,12 @@ def progress_percents(services: Services, adapter_name: str) -> list[float]:
     r = httpx.get(f"{services.api_url}/assistant/training/lora/jobs", params={"limit": 50}, timeout=30, trust_env=False)
     assert r.status_code == 200, r.text
     job = next(j for j in r.json()["data"] if j["params"].get("adapterName") == adapter_name)
-    r = httpx.get(f"{services.api_url}/assistant/training/lora/jobs/{job['id']}/events", params={"limit": 1000},
-                  timeout=30, trust_env=False)
+    r = httpx.get(
+        f"{services.api_url}/assistant/training/lora/jobs/{job['id']}/events",
+        params={"limit": 1000},
+        timeout=30,
+        trust_env=False,
+    )
     assert r.status_code == 200, r.text
     return [float(e["percent"]) for e in r.json()["data"] if e["type"] == "progress"]
 
@@ -159,9 +176,14 @@ def test_form_mirrors_the_bounds_and_defaults_of_lora_params(page, services: Ser
     from lunatrain.params import FlowOptions, LoraParams
 
     open_page(page, services)
-    js = page.evaluate("async () => { const m = await import('/static/params.js');"
-                       " return {fields: m.FIELDS, defaults: m.FALLBACK_DEFAULTS}; }")
-    schema = LoraParams.model_json_schema(by_alias=True)["properties"] | FlowOptions.model_json_schema(by_alias=True)["properties"]
+    js = page.evaluate(
+        "async () => { const m = await import('/static/params.js');"
+        " return {fields: m.FIELDS, defaults: m.FALLBACK_DEFAULTS}; }"
+    )
+    schema = (
+        LoraParams.model_json_schema(by_alias=True)["properties"]
+        | FlowOptions.model_json_schema(by_alias=True)["properties"]
+    )
     # a list, a recovery switch, and a template name for base models without one: CLI and API only
     not_in_form = {"targetModules", "resume", "chatTemplate"}
     assert {f["name"] for f in js["fields"]} == set(schema) - not_in_form
@@ -174,7 +196,9 @@ def test_form_mirrors_the_bounds_and_defaults_of_lora_params(page, services: Ser
             continue
         assert field["kind"] == kind, field
         assert field.get("min") == prop.get("minimum") and field.get("max") == prop.get("maximum"), field
-        assert field.get("gt") == prop.get("exclusiveMinimum") and field.get("lt") == prop.get("exclusiveMaximum"), field
+        assert field.get("gt") == prop.get("exclusiveMinimum") and field.get("lt") == prop.get("exclusiveMaximum"), (
+            field
+        )
         assert field.get("maxLength") == prop.get("maxLength"), field
         assert bool(field.get("optional")) == ("anyOf" in schema[field["name"]]), field
     defaults = {k: v for k, v in (LoraParams().wire() | FlowOptions().wire()).items() if k not in not_in_form}
@@ -247,8 +271,9 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
 
 
 def test_data_panel_counts_export_and_preflight(page, services: Services, output_dir: Path, seeded: None) -> None:
-    status = httpx.get(f"{services.api_url}/assistant/training/status", params={"minCurated": 30}, timeout=30,
-                       trust_env=False).json()
+    status = httpx.get(
+        f"{services.api_url}/assistant/training/status", params={"minCurated": 30}, timeout=30, trust_env=False
+    ).json()
     approved = status["counts"]["curated"]["approved"]
     assert approved > 30  # the bundled dataset
     open_page(page, services)
@@ -291,7 +316,9 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     for piece in trained.all():
         assert piece.inner_text().endswith("<|im_end|>")
     context = page.locator("#sample-text .context").all_inner_texts()
-    assert any("<|im_start|>user" in c for c in context) and not any("<|im_start|>" in m for m in trained.all_inner_texts())
+    assert any("<|im_start|>user" in c for c in context) and not any(
+        "<|im_start|>" in m for m in trained.all_inner_texts()
+    )
     shot(page, output_dir, "1-data-export-prepare")
 
 

@@ -59,15 +59,46 @@ def test_two_ranks_train_like_one_process_with_the_combined_batch(settings, home
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
     env |= {"ASSISTANT_HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "lunatrain", "lora", "--json",
-           "--adapterName", "dp", "--batchSize", "2", "--epochs", "2", "--rank", "4", "--learningRate", "5e-3",
-           "--maxSeqLength", "128", "--seed", "7", "--dropout", "0", "--no-gate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "lunatrain",
+        "lora",
+        "--json",
+        "--adapterName",
+        "dp",
+        "--batchSize",
+        "2",
+        "--epochs",
+        "2",
+        "--rank",
+        "4",
+        "--learningRate",
+        "5e-3",
+        "--maxSeqLength",
+        "128",
+        "--seed",
+        "7",
+        "--dropout",
+        "0",
+        "--no-gate",
+    ]
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    outcome = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0's report; rank 1 prints nothing
-    assert outcome["status"] == "succeeded" and outcome["adapter"] == {"name": "dp", "version": "v1",
-                                                                       "path": "data/adapters/dp/v1"}
+    outcome = json.loads(proc.stdout[proc.stdout.index("{") :])  # rank 0's report; rank 1 prints nothing
+    assert outcome["status"] == "succeeded" and outcome["adapter"] == {
+        "name": "dp",
+        "version": "v1",
+        "path": "data/adapters/dp/v1",
+    }
 
     dp_dir = Path(home) / registry.get_version(settings, "dp", "v1")["path"]
     from safetensors.torch import load_file

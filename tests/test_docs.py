@@ -56,8 +56,9 @@ def split_env(line: str) -> tuple[dict[str, str], list[str]]:
 
 ALL_LINES = [(path.name, line) for path in DOCS for line in shell_lines(path)]
 # Each distinct command once (both guides quote the same lines), named by the first doc that has it.
-LUNATRAIN_LINES = list({line: (doc, line) for doc, line in reversed(ALL_LINES)
-                        if split_env(line)[1][:1] == ["lunatrain"]}.values())[::-1]
+LUNATRAIN_LINES = list(
+    {line: (doc, line) for doc, line in reversed(ALL_LINES) if split_env(line)[1][:1] == ["lunatrain"]}.values()
+)[::-1]
 
 
 def test_the_docs_have_commands_to_check() -> None:
@@ -74,7 +75,11 @@ def _free_port() -> int:
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lunatrain.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "lunatrain.cli", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -83,8 +88,11 @@ def _run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) 
 def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
     home = tmp_path_factory.mktemp("docs-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
-    env |= {"ASSISTANT_HOME": str(home), "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
-            "HF_HUB_OFFLINE": "1"}
+    env |= {
+        "ASSISTANT_HOME": str(home),
+        "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
+        "HF_HUB_OFFLINE": "1",
+    }
     quick = ["--local", "--epochs=1", "--maxSteps=2", "--no-gate"]
     for argv in (["examples", "seed"], ["export"], ["lora", *quick], ["lora", *quick]):
         done = _run(argv, env, home)

@@ -41,7 +41,11 @@ def test_two_concurrent_callers_start_one_trainer(home, port):
     # One caller is this process (a thread), the other a separate CLI process: the lock works across both.
     cli = subprocess.Popen(
         [sys.executable, "-c", "from lunatrain.cli import main; main()", "health", "--ensure-trainer"],
-        cwd=home, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=home,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     results: list[object] = []
     threads = [threading.Thread(target=lambda: results.append(ensure_trainer(settings, timeout=90))) for _ in range(2)]
@@ -147,7 +151,9 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
         assert health.data_root.path == str(second.resolve())
         assert client.health(implicit).data_root.path == str(second.resolve())
         # the first project's trainer still serves the first project
-        assert client.health(load_settings(home=first, lora_trainer_url=f"http://127.0.0.1:{shared}")).data_root.path == str(first.resolve())
+        assert client.health(
+            load_settings(home=first, lora_trainer_url=f"http://127.0.0.1:{shared}")
+        ).data_root.path == str(first.resolve())
     finally:
         stop_group(proc.pid)
         if own_port:

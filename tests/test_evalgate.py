@@ -49,18 +49,24 @@ def _write(path: Path, lines: list[str]) -> None:
 def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     a = settings.eval_dir / "a.jsonl"
     b = settings.eval_dir / "b.jsonl"
-    _write(a, [
-        json.dumps(GOOD),
-        '{"id": "broken", "prompt": "x", "checks": [',  # line 2: malformed JSON
-        json.dumps({"id": "re", "prompt": "x", "checks": [{"type": "regex", "value": "(unclosed"}]}),
-        "",
-        json.dumps({"id": "kind", "prompt": "x", "checks": [{"type": "startswith", "value": "L"}]}),  # line 5
-    ])
-    _write(b, [
-        json.dumps({"id": "noprompt", "checks": [{"type": "max_chars", "value": 10}]}),
-        json.dumps(GOOD),  # duplicate id across files
-        json.dumps({"id": "n", "prompt": "x", "checks": [{"type": "max_chars", "value": -1}], "extra": 1}),
-    ])
+    _write(
+        a,
+        [
+            json.dumps(GOOD),
+            '{"id": "broken", "prompt": "x", "checks": [',  # line 2: malformed JSON
+            json.dumps({"id": "re", "prompt": "x", "checks": [{"type": "regex", "value": "(unclosed"}]}),
+            "",
+            json.dumps({"id": "kind", "prompt": "x", "checks": [{"type": "startswith", "value": "L"}]}),  # line 5
+        ],
+    )
+    _write(
+        b,
+        [
+            json.dumps({"id": "noprompt", "checks": [{"type": "max_chars", "value": 10}]}),
+            json.dumps(GOOD),  # duplicate id across files
+            json.dumps({"id": "n", "prompt": "x", "checks": [{"type": "max_chars", "value": -1}], "extra": 1}),
+        ],
+    )
     with pytest.raises(UsageError) as info:
         load_suite(settings)
     msg = info.value.message
@@ -127,8 +133,10 @@ def test_checks(check, output, stopped, expected):
 def test_thresholds_defaults_spellings_and_errors():
     assert parse_thresholds(None) == GateThresholds()
     assert GateThresholds().model_dump() == {
-        "min_golden_pass_rate": 0.0, "max_golden_pass_rate_drop": 0.0,
-        "max_val_loss_ratio_vs_base": 1.0, "max_loss_regression": 0.02,
+        "min_golden_pass_rate": 0.0,
+        "max_golden_pass_rate_drop": 0.0,
+        "max_val_loss_ratio_vs_base": 1.0,
+        "max_loss_regression": 0.02,
     }
     th = parse_thresholds({"minGoldenPassRate": 0.8, "max_loss_regression": 0.1})
     assert (th.min_golden_pass_rate, th.max_loss_regression) == (0.8, 0.1)
@@ -145,10 +153,17 @@ def _m(rate, val, test=None):
 def test_decide_rules():
     th = GateThresholds()
     base = {"valLoss": 8.0, "testLoss": None}
-    vs_base = {"kind": "base", "ref": "base:luna-tiny", "source": "evaluated", "metrics": base | {"goldenPassRate": 0.0}}
+    vs_base = {
+        "kind": "base",
+        "ref": "base:luna-tiny",
+        "source": "evaluated",
+        "metrics": base | {"goldenPassRate": 0.0},
+    }
     assert decide(_m(0.3, 7.0), base, vs_base, th) == []
     assert "1.100 x the base model's" in decide(_m(0.3, 8.8), base, vs_base, th)[0]
-    assert "below the minimum 0.80" in decide(_m(0.3, 7.0), base, vs_base, parse_thresholds({"minGoldenPassRate": 0.8}))[0]
+    assert (
+        "below the minimum 0.80" in decide(_m(0.3, 7.0), base, vs_base, parse_thresholds({"minGoldenPassRate": 0.8}))[0]
+    )
     assert decide(_m(0.3, math.inf), base, vs_base, th) == ["val loss is inf"]
 
     active = {"kind": "adapter", "ref": "luna-adapter@v1", "source": "recorded", "metrics": _m(0.5, 6.0)}
@@ -270,8 +285,18 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
 def _register_active(settings, name: str, fingerprint: str, base_id: str = "luna-tiny") -> dict:
     work = settings.adapters_dir / name / ".work" / "w"
     work.mkdir(parents=True)
-    entry = registry.publish(settings, name, "versioned", work, {
-        "baseModel": {"id": base_id, "fingerprint": fingerprint}, "datasetTier": "curated", "params": {}, "metrics": {}})
+    entry = registry.publish(
+        settings,
+        name,
+        "versioned",
+        work,
+        {
+            "baseModel": {"id": base_id, "fingerprint": fingerprint},
+            "datasetTier": "curated",
+            "params": {},
+            "metrics": {},
+        },
+    )
     registry.activate(settings, name, entry["version"], own_base=True)
     return entry
 
@@ -287,7 +312,10 @@ def test_several_active_adapters_name_the_way_out_and_deactivate_resolves_it(set
     msg = err.value.message
     assert "mein-adapter@v1, test-adapter@v1" in msg
     assert "lunatrain eval-gate --adapter mein-adapter" in msg and "lunatrain adapters deactivate test-adapter" in msg
-    assert err.value.code == "gate.several_active" and err.value.params["adapters"] == ["mein-adapter@v1", "test-adapter@v1"]
+    assert err.value.code == "gate.several_active" and err.value.params["adapters"] == [
+        "mein-adapter@v1",
+        "test-adapter@v1",
+    ]
     cli = CliRunner().invoke(app, ["eval-gate"])
     assert cli.exit_code == 2 and "adapters deactivate" in cli.output
     # each way out works: name one, prefer the flow's adapter (none active: the base model), or deactivate

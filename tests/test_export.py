@@ -40,13 +40,19 @@ def _drafts(n: int, prefix: str, *, conversations: int = 0, rng: random.Random |
     out = []
     for i in range(n):
         conv = f"{prefix}-conv-{rng.randrange(conversations)}" if conversations and rng.random() < 0.5 else None
-        out.append(make_draft(prompt=f"{prefix} Frage {i} {rng.random()}", response=f"Antwort {i}", conversation_id=conv))
+        out.append(
+            make_draft(prompt=f"{prefix} Frage {i} {rng.random()}", response=f"Antwort {i}", conversation_id=conv)
+        )
     return out
 
 
 def _files(settings: Settings) -> dict[str, bytes]:
     # The guide's names (links into current/); `current` itself is a directory link and is skipped.
-    return {p.name: p.read_bytes() for p in sorted(settings.training_dir.iterdir()) if not p.name.startswith(".") and p.is_file()}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(settings.training_dir.iterdir())
+        if not p.name.startswith(".") and p.is_file()
+    }
 
 
 def _records(settings: Settings, name: str) -> list[dict]:
@@ -75,13 +81,20 @@ def test_same_database_exports_byte_identical_files(db: Settings) -> None:  # no
 
 def test_records_summary_and_tiers(settings: Settings) -> None:
     store.load_seed(settings)
-    conv = store.add_example(settings, prompt="Chat-Frage", response="Chat-Antwort", source="conversation", status="approved")
+    conv = store.add_example(
+        settings, prompt="Chat-Frage", response="Chat-Antwort", source="conversation", status="approved"
+    )
     mem_ex = store.add_example(settings, prompt="Mein Hund?", response="Bruno.", source="memory")
     store.add_memory(settings, question="Mein Hund?", answer="Bruno.")  # same content as mem_ex
     tricky = store.add_example(  # everything the hand-assembled JSON lines must encode like json.dumps
-        settings, prompt='Sag "hallo" \\ und\tmehr\x01', response="Zeile\u2028Trenner \U0001f319 ünd\x85",
-        system="System\nprompt", turns=[{"role": "user", "content": "</script>"}, {"role": "assistant", "content": "ok"}],
-        tags=["Ümlaut", "a\"b"], conversation_id="c\u00e9-1", rating=3,
+        settings,
+        prompt='Sag "hallo" \\ und\tmehr\x01',
+        response="Zeile\u2028Trenner \U0001f319 ünd\x85",
+        system="System\nprompt",
+        turns=[{"role": "user", "content": "</script>"}, {"role": "assistant", "content": "ok"}],
+        tags=["Ümlaut", 'a"b'],
+        conversation_id="c\u00e9-1",
+        rating=3,
     )
     summary = ex.export(settings, val_ratio=0.15, test_ratio=0.05)
     counts = store.counts(settings)
@@ -117,7 +130,7 @@ def test_records_summary_and_tiers(settings: Settings) -> None:
 
     merged = _records(settings, ex.MERGED_FILE)
     (tricky_rec,) = [r for r in merged if r["hash"] == tricky.hash]
-    assert tricky_rec["messages"] == tricky.messages() and tricky_rec["tags"] == ["a\"b", "Ümlaut"]
+    assert tricky_rec["messages"] == tricky.messages() and tricky_rec["tags"] == ['a"b', "Ümlaut"]
     assert (tricky_rec["conversation_id"], tricky_rec["rating"]) == ("cé-1", 3)
     hashes = [r["hash"] for r in merged]
     assert len(hashes) == len(set(hashes))
@@ -338,14 +351,18 @@ def _resolved(settings: Settings) -> dict[str, bytes]:
     return _files(settings)
 
 
-def test_an_export_is_one_directory_made_visible_by_one_link(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_export_is_one_directory_made_visible_by_one_link(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(settings, "retain_exports", 2)
     store.add_examples(settings, _drafts(40, "a"))
     first = ex.export(settings)
     store.add_examples(settings, _drafts(40, "b"))
     second = ex.export(settings)
     current = settings.training_dir / ex.CURRENT_LINK
-    assert current.is_symlink() and ex.export_dir(settings).name == ex.current_id(settings) == ex.export_ids(settings)[-1]
+    assert (
+        current.is_symlink() and ex.export_dir(settings).name == ex.current_id(settings) == ex.export_ids(settings)[-1]
+    )
     files = _resolved(settings)
     assert json.loads(files[ex.SUMMARY_FILE])["fingerprint"] == second.fingerprint != first.fingerprint
     assert len(ex.export_ids(settings)) == 2
@@ -378,7 +395,9 @@ def test_a_flat_export_from_before_is_adopted_first(settings: Settings) -> None:
 
 
 @pytest.mark.parametrize("errno_", ["ENOSPC", "EIO"])
-def test_a_failed_write_keeps_the_previous_export(settings: Settings, monkeypatch: pytest.MonkeyPatch, errno_: str) -> None:
+def test_a_failed_write_keeps_the_previous_export(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, errno_: str
+) -> None:
     import errno
     import os
 
@@ -404,7 +423,9 @@ def test_a_failed_write_keeps_the_previous_export(settings: Settings, monkeypatc
     assert not [p for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir() if p.name.endswith(".partial")]
 
 
-def test_a_crash_right_after_the_first_rename_leaves_no_torn_export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_right_after_the_first_rename_leaves_no_torn_export(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The reported case: an export killed right after its first rename used to leave a new curated file
     beside the old others and the old summary. In-process stand-in for the kill (the slow fault suite kills
     a real child at every rename point)."""

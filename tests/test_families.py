@@ -57,8 +57,10 @@ def _plain(messages: list[dict], family: str) -> list[dict]:
     """Non-thinking families get plain answers (a literal <think> would be typed text for them)."""
     if family == "thinking":
         return messages
-    return [{**m, "content": m["content"].split("</think>")[-1].strip()} if m["role"] == "assistant" else m
-            for m in messages]
+    return [
+        {**m, "content": m["content"].split("</think>")[-1].strip()} if m["role"] == "assistant" else m
+        for m in messages
+    ]
 
 
 def trained_runs(tok, enc) -> list[list[int]]:
@@ -107,8 +109,10 @@ def test_the_eos_only_rule_misses_gemmas_end_of_turn(vocab_dir):
     def trained_ids(terminator: str) -> list[list[int]]:
         text, spans = assistant_spans(tok, messages, terminator)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [[t for t, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if s <= a < e]
-                for s, e in spans]
+        return [
+            [t for t, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if s <= a < e]
+            for s, e in spans
+        ]
 
     eos_rule = trained_ids(tok.eos_token)
     assert all(run[-1] != eot_id for run in eos_rule) and not any(eot_id in run for run in eos_rule)
@@ -123,17 +127,23 @@ def test_roles_that_do_not_alternate_are_refused_by_strict_templates(vocab_dir):
         encode_chat(tok, _plain(bad, "mistral"), 4096)
 
 
-@pytest.mark.parametrize(("family", "eos_ids", "inside"), [
-    ("llama-3.0", "end_of_text", False),  # Llama 3.0: generation stops on <|end_of_text|> only
-    ("llama-3.1", ["end_of_text", "eot_id"], True),  # 3.1+: a list that includes <|eot_id|>
-    ("gemma", None, False),  # no generation_config.json at all
-])
+@pytest.mark.parametrize(
+    ("family", "eos_ids", "inside"),
+    [
+        ("llama-3.0", "end_of_text", False),  # Llama 3.0: generation stops on <|end_of_text|> only
+        ("llama-3.1", ["end_of_text", "eot_id"], True),  # 3.1+: a list that includes <|eot_id|>
+        ("gemma", None, False),  # no generation_config.json at all
+    ],
+)
 def test_terminator_is_cross_checked_with_generation_config(vocab_dir, tmp_path, family, eos_ids, inside):
     import json
     from types import SimpleNamespace
 
     tok = family_tokenizer(vocab_dir, family)
-    ids = {"end_of_text": tok.convert_tokens_to_ids("<|end_of_text|>"), "eot_id": tok.convert_tokens_to_ids("<|eot_id|>")}
+    ids = {
+        "end_of_text": tok.convert_tokens_to_ids("<|end_of_text|>"),
+        "eot_id": tok.convert_tokens_to_ids("<|eot_id|>"),
+    }
     if eos_ids is not None:
         value = [ids[k] for k in eos_ids] if isinstance(eos_ids, list) else ids[eos_ids]
         (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}), "utf-8")

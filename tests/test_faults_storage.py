@@ -30,9 +30,12 @@ ROWS: list[Row] = []
 def _table():
     yield
     if ROWS:
-        record("Storage: export, registry, database", ROWS,
-               "Each fault in a real child process (`python -m lunatrain …`); the hook is a test-only "
-               "sitecustomize.py (tests/faults.py).")
+        record(
+            "Storage: export, registry, database",
+            ROWS,
+            "Each fault in a real child process (`python -m lunatrain …`); the hook is a test-only "
+            "sitecustomize.py (tests/faults.py).",
+        )
 
 
 def _whole(settings: Settings, *, first: bool = False) -> str:
@@ -97,8 +100,15 @@ def test_kill_export_at_every_rename_point(tmp_path: Path, layout: str) -> None:
     while True:
         # before each rename point in turn; once they are all known, once more right after the last one
         when = "before" if points is None else "after"
-        env = fault_env(tmp_path, home, op="replace", at=at if points is None else points, action="kill",
-                        when=when, under=str(home / "data" / "training"))
+        env = fault_env(
+            tmp_path,
+            home,
+            op="replace",
+            at=at if points is None else points,
+            action="kill",
+            when=when,
+            under=str(home / "data" / "training"),
+        )
         proc = run_cli(["export"], env, home)
         if proc.returncode != KILLED:
             assert proc.returncode == 0 and points is None, proc.stderr
@@ -128,9 +138,16 @@ def test_kill_export_at_every_rename_point(tmp_path: Path, layout: str) -> None:
         at += 1
     assert seen <= {old, new} and kills >= 3
     assert old in seen and new in seen  # early kills leave the previous export, late ones the new: never a mix
-    ROWS.append(Row("kill -9 before each rename/replace, and after the last", f"`lunatrain export` ({layout} data root)", kills, held,
-                    "previous export intact or new one whole (sha256 of every file through `current` and through "
-                    "the guide's names), prepare's export_summary check passes, the next export succeeds"))
+    ROWS.append(
+        Row(
+            "kill -9 before each rename/replace, and after the last",
+            f"`lunatrain export` ({layout} data root)",
+            kills,
+            held,
+            "previous export intact or new one whole (sha256 of every file through `current` and through "
+            "the guide's names), prepare's export_summary check passes, the next export succeeds",
+        )
+    )
 
 
 @pytest.mark.parametrize("op", ["write", "fsync"])
@@ -155,18 +172,35 @@ def test_export_write_faults_keep_the_previous_export(tmp_path: Path, op: str, a
         assert _whole(settings) == old
         assert sorted(p.name for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir()) == before
         held += 1
-    ROWS.append(Row(f"{action} on {op}", "`lunatrain export`", injected, held,
-                    "exit 1 with one sentence (`disk_full` / `storage_error`), previous export intact, no partial "
-                    "directory left"))
+    ROWS.append(
+        Row(
+            f"{action} on {op}",
+            "`lunatrain export`",
+            injected,
+            held,
+            "exit 1 with one sentence (`disk_full` / `storage_error`), previous export intact, no partial "
+            "directory left",
+        )
+    )
 
 
 def _registry_with_history(settings: Settings) -> None:
-    entry = {"baseModel": {"id": "luna-tiny", "fingerprint": "f"}, "datasetTier": "curated", "params": {}, "metrics": {}}
-    data = {"format": registry.FORMAT, "adapters": {"a": {
-        "versions": [entry | {"name": "a", "version": v, "path": f"data/adapters/a/{v}"} for v in ("v1", "v2")],
-        "aliases": {"latest": "v2", "active": "v2"},
-        "activations": [{"version": "v1", "previous": None}, {"version": "v2", "previous": "v1"}],
-    }}}
+    entry = {
+        "baseModel": {"id": "luna-tiny", "fingerprint": "f"},
+        "datasetTier": "curated",
+        "params": {},
+        "metrics": {},
+    }
+    data = {
+        "format": registry.FORMAT,
+        "adapters": {
+            "a": {
+                "versions": [entry | {"name": "a", "version": v, "path": f"data/adapters/a/{v}"} for v in ("v1", "v2")],
+                "aliases": {"latest": "v2", "active": "v2"},
+                "activations": [{"version": "v1", "previous": None}, {"version": "v2", "previous": "v1"}],
+            }
+        },
+    }
     registry.registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
     registry.registry_path(settings).write_text(json.dumps(data))
 
@@ -186,8 +220,15 @@ def test_registry_write_faults_keep_the_registry(tmp_path: Path, op: str, action
     assert proc.returncode == 1 and len(lines) == 1 and "lora-adapters.json" in lines[0], proc.stderr
     assert registry.registry_path(settings).read_bytes() == before
     assert not list(registry.registry_path(settings).parent.glob(".lora-adapters.json.*.tmp"))
-    ROWS.append(Row(f"{action} on {op}", "registry update (`adapters deactivate`)", 1, 1,
-                    "exit 1 with one sentence naming the file, registry byte-identical, no temp file left"))
+    ROWS.append(
+        Row(
+            f"{action} on {op}",
+            "registry update (`adapters deactivate`)",
+            1,
+            1,
+            "exit 1 with one sentence naming the file, registry byte-identical, no temp file left",
+        )
+    )
 
 
 def test_damaged_registry_and_database_in_real_processes(tmp_path: Path) -> None:
@@ -196,18 +237,27 @@ def test_damaged_registry_and_database_in_real_processes(tmp_path: Path) -> None
     settings = load_settings(home=home)
     env = fault_env(tmp_path, home)
     injected = held = 0
-    for damage in ("{\"format\": \"lunatrain-registry/1\"}", "{\"adapters\": {\"a\": {\"vers", ""):
+    for damage in ('{"format": "lunatrain-registry/1"}', '{"adapters": {"a": {"vers', ""):
         _registry_with_history(settings)
         path = registry.registry_path(settings)
         path.write_text(damage)
         injected += 1
         for args in (["adapters", "list"], ["adapters", "rollback", "a"]):
             proc = run_cli(args, env, home)
-            assert proc.returncode == 1 and "adapters repair" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+            assert proc.returncode == 1 and "adapters repair" in proc.stderr and proc.stderr.count("\n") == 1, (
+                proc.stderr
+            )
         assert path.read_text() == damage
         held += 1
-    ROWS.append(Row("registry damaged (wrong shape, cut short, empty)", "`adapters list`, `adapters rollback`",
-                    injected, held, "exit 1, one sentence naming `lunatrain adapters repair`, file never replaced"))
+    ROWS.append(
+        Row(
+            "registry damaged (wrong shape, cut short, empty)",
+            "`adapters list`, `adapters rollback`",
+            injected,
+            held,
+            "exit 1, one sentence naming `lunatrain adapters repair`, file never replaced",
+        )
+    )
 
     _add(settings, "db")
     db = settings.data_dir / "assistant.db"
@@ -223,8 +273,15 @@ def test_damaged_registry_and_database_in_real_processes(tmp_path: Path) -> None
             assert proc.returncode == 1 and str(db) in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
             assert "Traceback" not in proc.stderr
         held += 1
-    ROWS.append(Row("database damaged (cut in half, garbage, header only)", "`status`, `examples list`, `export`",
-                    injected, held, "exit 1, one sentence naming the database file (`storage_error` over HTTP)"))
+    ROWS.append(
+        Row(
+            "database damaged (cut in half, garbage, header only)",
+            "`status`, `examples list`, `export`",
+            injected,
+            held,
+            "exit 1, one sentence naming the database file (`storage_error` over HTTP)",
+        )
+    )
 
 
 def test_full_database_is_disk_full_and_changes_nothing(settings: Settings) -> None:
@@ -256,5 +313,12 @@ def test_full_database_is_disk_full_and_changes_nothing(settings: Settings) -> N
             held += 1
         assert client.get("/assistant/training/examples").status_code == 200  # reads still work
     store.dispose_stores()
-    ROWS.append(Row("SQLite full (page limit)", "`POST /examples`", injected, held,
-                    "503 `disk_full` naming the database, nothing written, reads still answer"))
+    ROWS.append(
+        Row(
+            "SQLite full (page limit)",
+            "`POST /examples`",
+            injected,
+            held,
+            "503 `disk_full` naming the database, nothing written, reads still answer",
+        )
+    )

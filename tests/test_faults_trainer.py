@@ -146,10 +146,15 @@ def invariants(settings, plan: Plan, job: Job, home: Path) -> list[str]:
     broken += [f"jobs left active: {stuck}"] if stuck else []
     entry = registry.find_by_job(settings, job.id)
     if entry is not None:
-        if job.status != "succeeded" or job.adapter is None or (job.adapter.name, job.adapter.version) != (
-                entry["name"], entry["version"]):
-            broken.append(f"registered {entry['name']}@{entry['version']} but the job ended {job.status}: "
-                          f"{job.error and job.error.message}")
+        if (
+            job.status != "succeeded"
+            or job.adapter is None
+            or (job.adapter.name, job.adapter.version) != (entry["name"], entry["version"])
+        ):
+            broken.append(
+                f"registered {entry['name']}@{entry['version']} but the job ended {job.status}: "
+                f"{job.error and job.error.message}"
+            )
         recorded = (entry.get("gate") or {}).get("status")
         if recorded and (job.gate or {}).get("status") != recorded:
             broken.append(f"the version's gate was {recorded}, the job says {job.gate}")
@@ -186,15 +191,23 @@ def run_kind(tmp_path_factory, target: str, seeds: range) -> tuple[list[faults.R
             got = tally.setdefault((plan.point, plan.resume), [0, 0])
             got[0] += 1
             got[1] += not broken
-            print(f"{plan.adapter} resume={plan.resume} gate={plan.gate}: {final.status}"
-                  f"{' ' + final.error.code if final.error else ''} {broken or 'ok'}", flush=True)
+            print(
+                f"{plan.adapter} resume={plan.resume} gate={plan.gate}: {final.status}"
+                f"{' ' + final.error.code if final.error else ''} {broken or 'ok'}",
+                flush=True,
+            )
             failures += [f"{plan.adapter}: {b}" for b in broken]
     finally:
         shutdown(trainer)
     who = "trainer" if target == "t" else "worker"
-    rows = [faults.Row(f"kill -9 {POINT_TEXT[point]}", f"{who}, resume {'on' if resume else 'off'}",
-                       *tally[point, resume], CHECKED)
-            for point in POINT_TEXT for resume in (False, True) if (point, resume) in tally]
+    rows = [
+        faults.Row(
+            f"kill -9 {POINT_TEXT[point]}", f"{who}, resume {'on' if resume else 'off'}", *tally[point, resume], CHECKED
+        )
+        for point in POINT_TEXT
+        for resume in (False, True)
+        if (point, resume) in tally
+    ]
     return rows, failures
 
 
@@ -205,7 +218,8 @@ NOTE = (
     "200-213. Checked after each: (1) the registry loads and every version folder in it has its weights "
     "and training report; (2) no job id has two versions; (3) no job is left running/queued/cancelling; "
     "(4) a job whose adapter was registered ended `succeeded` with it, its gate as recorded on the "
-    "version; (5) the kill was reached and no worker is left running.")
+    "version; (5) the kill was reached and no worker is left running."
+)
 
 
 def check_kind(tmp_path_factory, target: str, seeds: range, section: str) -> None:

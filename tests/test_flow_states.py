@@ -74,8 +74,9 @@ class FlowStates(RuleBasedStateMachine):
         return load_settings(home=self.home, base_model=self.ref(self.base))
 
     def cli(self, *args: str):
-        result = self.runner.invoke(app, list(args), env={"ASSISTANT_HOME": str(self.home),
-                                                          "ASSISTANT_BASE_MODEL": self.ref(self.base)})
+        result = self.runner.invoke(
+            app, list(args), env={"ASSISTANT_HOME": str(self.home), "ASSISTANT_BASE_MODEL": self.ref(self.base)}
+        )
         assert result.exit_code in (0, 1, 2), result.output
         if result.exit_code:  # a refusal is one sentence that names what to run instead
             assert result.output.startswith("error: ") and COMMAND.search(result.output), result.output
@@ -88,15 +89,25 @@ class FlowStates(RuleBasedStateMachine):
         from lunatrain.train import run_lora
 
         s = self.settings()
-        result = run_lora({"adapterName": name, "baseModel": self.ref(base), "maxSteps": 1, "batchSize": 4, "rank": 2,
-                           "maxSeqLength": 64}, s)
+        result = run_lora(
+            {
+                "adapterName": name,
+                "baseModel": self.ref(base),
+                "maxSteps": 1,
+                "batchSize": 4,
+                "rank": 2,
+                "maxSeqLength": 64,
+            },
+            s,
+        )
         assert result.ok, result.error
         if passes:  # what gate_candidate does on a pass: active on the base it was trained on
             registry.activate(s, name, result.version, reason="eval gate passed", own_base=True)
             registry.record_gate(s, name, result.version, {"status": "passed", "passed": True, "reasons": []})
         else:
-            registry.record_gate(s, name, result.version,
-                                 {"status": "failed", "passed": False, "reasons": ["val loss regresses"]})
+            registry.record_gate(
+                s, name, result.version, {"status": "failed", "passed": False, "reasons": ["val loss regresses"]}
+            )
 
     @rule(name=st.sampled_from(NAMES), which=st.sampled_from(("latest", "v1")), force=st.booleans())
     def activate(self, name: str, which: str, force: bool) -> None:
@@ -155,7 +166,9 @@ class FlowStates(RuleBasedStateMachine):
 
 
 FlowStates.TestCase.settings = settings(
-    max_examples=3, stateful_step_count=6, deadline=None,
+    max_examples=3,
+    stateful_step_count=6,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestFlowStates = FlowStates.TestCase

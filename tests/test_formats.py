@@ -37,10 +37,19 @@ def test_every_shape_in_one_jsonl_file(tmp_path: Path) -> None:
     path = _jsonl(
         tmp_path / "mixed.jsonl",
         [
-            {"messages": [{"role": "system", "content": "Du bist Luna."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hallo!"}], "tags": ["a"], "rating": 4},
-            {"conversations": [{"from": "human", "value": "Wer bist du?"}, {"from": "gpt", "value": "Luna."}],
-             "conversation_id": "c1"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Du bist Luna."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hallo!"},
+                ],
+                "tags": ["a"],
+                "rating": 4,
+            },
+            {
+                "conversations": [{"from": "human", "value": "Wer bist du?"}, {"from": "gpt", "value": "Luna."}],
+                "conversation_id": "c1",
+            },
             {"instruction": "Übersetze.", "input": "Hallo", "output": "Hello"},
             {"instruction": "Sag Hallo.", "output": "Hallo!"},
             {"prompt": "2+2?", "response": "4", "system": "Kurz antworten.", "tags": "math, kurz"},
@@ -49,7 +58,13 @@ def test_every_shape_in_one_jsonl_file(tmp_path: Path) -> None:
     parsed = read_file(path)
     assert parsed.formats == {"openai": 1, "sharegpt": 1, "alpaca": 2, "prompt-response": 1}
     d = parsed.drafts
-    assert (d[0].system, d[0].prompt, d[0].response, d[0].tags, d[0].rating) == ("Du bist Luna.", "Hi", "Hallo!", ("a",), 4)
+    assert (d[0].system, d[0].prompt, d[0].response, d[0].tags, d[0].rating) == (
+        "Du bist Luna.",
+        "Hi",
+        "Hallo!",
+        ("a",),
+        4,
+    )
     assert (d[1].prompt, d[1].response, d[1].conversation_id) == ("Wer bist du?", "Luna.", "c1")
     assert d[2].prompt == "Übersetze.\n\nHallo" and d[2].response == "Hello"
     assert d[3].prompt == "Sag Hallo."
@@ -73,12 +88,13 @@ def test_multi_turn_split_into_prior_turns_prompt_and_response(tmp_path: Path) -
 
 def test_json_array_and_csv(tmp_path: Path) -> None:
     arr = tmp_path / "data.json"
-    arr.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"instruction": "c", "output": "d"}]), encoding="utf-8")
+    arr.write_text(
+        json.dumps([{"prompt": "a", "response": "b"}, {"instruction": "c", "output": "d"}]), encoding="utf-8"
+    )
     assert [x.prompt for x in read_file(arr).drafts] == ["a", "c"]
     csv_path = tmp_path / "data.csv"
     csv_path.write_text(
-        'prompt,response,tags,rating,conversation_id\n"Hallo, Luna",Hallo!,greeting;seed,5,c7\n'
-        '"Multi\nline",ok,,,\n',
+        'prompt,response,tags,rating,conversation_id\n"Hallo, Luna",Hallo!,greeting;seed,5,c7\n"Multi\nline",ok,,,\n',
         encoding="utf-8",
     )
     a, b = read_file(csv_path).drafts
@@ -104,16 +120,48 @@ def test_forced_format_rejects_other_shapes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [
-        ("malformed.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "a",\n', r"malformed\.jsonl: 1 bad record.*line 2: malformed JSON"),
-        ("missing.jsonl", b'{"prompt": "a", "response": "b"}\n\n{"prompt": "x"}\n', r"missing\.jsonl.*line 3: field 'response': missing"),
-        ("types.jsonl", b'{"prompt": "a", "response": ["b"]}\n', r"types\.jsonl.*line 1: field 'response': expected a string, got list"),
-        ("rating.jsonl", b'{"prompt": "a", "response": "b", "rating": "great"}\n', r"line 1: field 'rating': expected a whole number"),
-        ("role.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n', r"line 1: field 'messages\[1\]\.role': unsupported role 'robot'"),
-        ("noanswer.jsonl", b'{"messages": [{"role": "user", "content": "a"}]}\n', r"line 1: field 'messages': no assistant turn"),
+        (
+            "malformed.jsonl",
+            b'{"prompt": "a", "response": "b"}\n{"prompt": "a",\n',
+            r"malformed\.jsonl: 1 bad record.*line 2: malformed JSON",
+        ),
+        (
+            "missing.jsonl",
+            b'{"prompt": "a", "response": "b"}\n\n{"prompt": "x"}\n',
+            r"missing\.jsonl.*line 3: field 'response': missing",
+        ),
+        (
+            "types.jsonl",
+            b'{"prompt": "a", "response": ["b"]}\n',
+            r"types\.jsonl.*line 1: field 'response': expected a string, got list",
+        ),
+        (
+            "rating.jsonl",
+            b'{"prompt": "a", "response": "b", "rating": "great"}\n',
+            r"line 1: field 'rating': expected a whole number",
+        ),
+        (
+            "role.jsonl",
+            b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
+            r"line 1: field 'messages\[1\]\.role': unsupported role 'robot'",
+        ),
+        (
+            "noanswer.jsonl",
+            b'{"messages": [{"role": "user", "content": "a"}]}\n',
+            r"line 1: field 'messages': no assistant turn",
+        ),
         ("empty.jsonl", b"\n  \n", r"empty\.jsonl: the file is empty"),
-        ("latin1.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "Grüße", "response": "b"}\n'.encode("latin-1"), r"latin1\.jsonl: line 2 is not valid UTF-8 \(byte 0xfc\)"),
+        (
+            "latin1.jsonl",
+            '{"prompt": "a", "response": "b"}\n{"prompt": "Grüße", "response": "b"}\n'.encode("latin-1"),
+            r"latin1\.jsonl: line 2 is not valid UTF-8 \(byte 0xfc\)",
+        ),
         ("unknown.jsonl", b'{"question": "a", "answer": "b"}\n', r"unknown\.jsonl.*line 1: unknown format"),
-        ("array.json", b'[{"prompt": "a", "response": "b"}, {"prompt": 1, "response": "b"}]', r"array\.json.*record 2: field 'prompt': expected a string, got number"),
+        (
+            "array.json",
+            b'[{"prompt": "a", "response": "b"}, {"prompt": 1, "response": "b"}]',
+            r"array\.json.*record 2: field 'prompt': expected a string, got number",
+        ),
         ("broken.json", b'[{"prompt": "a",\n "response": }]', r"broken\.json.*line 2: malformed JSON"),
         ("bad.csv", b"prompt,response\nhello,\n", r"bad\.csv.*line 2: field 'response': missing"),
         ("data.txt", b"prompt: a\n", r"data\.txt: unknown file type '\.txt'"),

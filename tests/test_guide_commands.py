@@ -21,15 +21,28 @@ GUIDE_LINES = {
     "npm run train:luna": {},
     "npm run train:luna -- --ensureTrainer": {},
     "npm run train:luna -- --minCurated=30 --epochs=4 --learningRate=0.0001": {
-        "minCurated": 30, "epochs": 4, "learningRate": 0.0001},
+        "minCurated": 30,
+        "epochs": 4,
+        "learningRate": 0.0001,
+    },
     "npm run train:luna -- --datasetTier=merged --batchSize=4 --rank=32": {
-        "datasetTier": "merged", "batchSize": 4, "rank": 32, "alpha": 64.0},
+        "datasetTier": "merged",
+        "batchSize": 4,
+        "rank": 32,
+        "alpha": 64.0,
+    },
     "npm run train:auto": {},
     "npm run train:lora": {},
 }
 LUNA_DEFAULTS = {"adapterName": "luna-adapter", "adapterStrategy": "versioned", "datasetTier": "curated"}
-PACKAGE_SCRIPTS = {"eval:gate": "eval-gate", "train:export": "export", "train:prepare": "prepare",
-                   "train:lora": "lora", "train:auto": "auto", "train:luna": "luna"}
+PACKAGE_SCRIPTS = {
+    "eval:gate": "eval-gate",
+    "train:export": "export",
+    "train:prepare": "prepare",
+    "train:lora": "lora",
+    "train:auto": "auto",
+    "train:luna": "luna",
+}
 
 
 def translate(line: str) -> list[str]:

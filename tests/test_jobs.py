@@ -170,8 +170,17 @@ def test_recover_settles_a_job_whose_adapter_was_saved_from_its_trained_event(st
     resumable = queued(store, LoraParams(adapter_name="resumable", resume=True))
     for job in (plain, resumable):
         store.claim(job.id)
-        store.add_event(job.id, "trained", {"adapter": {"name": job.params["adapterName"], "version": "v1",
-                                                        "path": f"data/adapters/{job.params['adapterName']}/v1"}})
+        store.add_event(
+            job.id,
+            "trained",
+            {
+                "adapter": {
+                    "name": job.params["adapterName"],
+                    "version": "v1",
+                    "path": f"data/adapters/{job.params['adapterName']}/v1",
+                }
+            },
+        )
     recover(settings, store)
     for job in (plain, resumable):
         done = store.get(job.id)
@@ -248,7 +257,9 @@ def test_runner_backs_off_on_storage_errors_and_fails_the_job(settings, store, m
         return False
 
     monkeypatch.setattr(store, "claim", claim)
-    monkeypatch.setattr(store, "set_status", lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full")))
+    monkeypatch.setattr(
+        store, "set_status", lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full"))
+    )
     monkeypatch.setattr(runner._wake, "wait", wait)
     runner._loop()
     assert waits == [1.0, 2.0, 4.0, 8.0]
@@ -258,7 +269,9 @@ def test_runner_backs_off_on_storage_errors_and_fails_the_job(settings, store, m
     # With the database writable again but the job's own files failing (ENOSPC), the job ends disk_full.
     monkeypatch.undo()
     runner = Runner(settings, store)
-    monkeypatch.setattr(runner, "_run", lambda _job: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        runner, "_run", lambda _job: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    )
     monkeypatch.setattr(runner._wake, "wait", lambda timeout=None: runner._stopping.set())
     runner._loop()
     failed = store.get(job.id)

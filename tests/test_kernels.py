@@ -31,8 +31,16 @@ def _lora(model, dropout=0.0):
 
 def _random_model(config_cls, **over):
     torch.manual_seed(0)
-    cfg = config_cls(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **over)
+    cfg = config_cls(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **over,
+    )
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(cfg).eval()
@@ -118,9 +126,15 @@ def test_varlen_matches_unpacked_on_other_architectures(arch):
         alone = [model(input_ids=s[None], use_cache=False).logits[0] for s in seqs]
         assert kernels.install(model, "cpu")["attention"] == "varlen-sdpa"
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        packed = model(input_ids=torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-                       use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
-                       max_length_k=max(lengths)).logits[0]
+        packed = model(
+            input_ids=torch.cat(seqs)[None],
+            position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max(lengths),
+            max_length_k=max(lengths),
+        ).logits[0]
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
@@ -193,8 +207,10 @@ def _reference(q, k, v, lengths):
     """Per-sample causal attention in the kernel's layout: [T, H, D]."""
     rep = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
-    parts = [torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
-             for a, b, c in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
+        for a, b, c in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
+    ]
     return torch.cat(parts, dim=1).transpose(0, 1)
 
 
@@ -205,8 +221,23 @@ def _old_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=F
     return _reference(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), lengths)
 
 
-def _new_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def _new_kernel(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """torch 2.13 shape: causality as window (-1, 0), scale and enable_gqa keywords."""
     assert tuple(window_size) == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
     lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
@@ -224,7 +255,7 @@ def test_flash_varlen_call_fits_each_torch_signature(kernel, monkeypatch):
         q = torch.randn(1, 4, 20, 16, generator=gen)
         k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)  # GQA
         cu = torch.tensor([0, 8, 20], dtype=torch.int32)
-        out = kernels._flash_varlen(q, k, v, cu, 12, 16 ** -0.5)
+        out = kernels._flash_varlen(q, k, v, cu, 12, 16**-0.5)
         torch.testing.assert_close(out, _reference(q[0], k[0], v[0], [8, 12]))
         if kernel is _old_kernel:  # no `scale` keyword: a non-default scale cannot be expressed
             assert kernels._flash_varlen(q, k, v, cu, 12, 0.5) is None

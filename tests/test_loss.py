@@ -24,14 +24,22 @@ def _tiny(kind: str):
         LlamaForCausalLM,
     )
 
-    common = {"vocab_size": 3072, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+    common = {
+        "vocab_size": 3072,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
     torch.manual_seed(0)
     if kind == "untied":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).float()
     if kind == "gemma2-softcap":
-        config = Gemma2Config(**common, head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=None,
-                              query_pre_attn_scalar=16)
+        config = Gemma2Config(
+            **common, head_dim=16, final_logit_softcapping=3.0, attn_logit_softcapping=None, query_pre_attn_scalar=16
+        )
         return Gemma2ForCausalLM(config).float()
     if kind == "granite-scaled":
         return GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0)).float()
@@ -143,5 +151,6 @@ def test_flat_batches_with_per_sample_attention_give_the_same_loss(settings):
     batch = _batch(settings, flat=True)
     assert batch.cu_seqlens is not None
     with torch.no_grad():
-        torch.testing.assert_close(loss.chunked_loss_sum(model, batch, "cpu", chunk=9), _plain(model, batch),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loss.chunked_loss_sum(model, batch, "cpu", chunk=9), _plain(model, batch), rtol=1e-5, atol=1e-5
+        )

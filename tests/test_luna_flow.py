@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 
 GUIDE_DATASET_FILES = [
-    "assistant-sft-curated.jsonl", "assistant-sft-curated-train.jsonl", "assistant-sft-curated-val.jsonl",
-    "assistant-sft-curated-test.jsonl", "assistant-sft-memory.jsonl", "assistant-sft.jsonl",
+    "assistant-sft-curated.jsonl",
+    "assistant-sft-curated-train.jsonl",
+    "assistant-sft-curated-val.jsonl",
+    "assistant-sft-curated-test.jsonl",
+    "assistant-sft-memory.jsonl",
+    "assistant-sft.jsonl",
 ]
 
 
@@ -35,8 +39,11 @@ def fresh(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     home = tmp_path / "fresh"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
-    env |= {"ASSISTANT_HOME": str(home), "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
-            "HF_HUB_OFFLINE": "1"}
+    env |= {
+        "ASSISTANT_HOME": str(home),
+        "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
+        "HF_HUB_OFFLINE": "1",
+    }
     yield home, env
     pid_file = home / "reports" / "training" / "trainer.pid"
     if pid_file.exists():
@@ -47,8 +54,9 @@ def fresh(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
 
 
 def lunatrain(home: Path, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lunatrain.cli", *argv], cwd=home, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "lunatrain.cli", *argv], cwd=home, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def _valid_jsonl(path: Path) -> int:
@@ -90,7 +98,9 @@ def test_luna_from_an_empty_data_root_twice(fresh: tuple[Path, dict[str, str]]) 
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "luna-tiny"
     assert (adapter / "adapter_model.safetensors").stat().st_size > 1000
-    assert json.loads((adapter / "training-report.json").read_text())["dataset"]["fingerprint"] == summary["fingerprint"]
+    assert (
+        json.loads((adapter / "training-report.json").read_text())["dataset"]["fingerprint"] == summary["fingerprint"]
+    )
     assert (adapter / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     second = lunatrain(home, env, "luna", "--epochs=1")

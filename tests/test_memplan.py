@@ -27,13 +27,21 @@ def _shape(name: str) -> memplan.Shape:
 def test_the_shape_counts_the_parameters_of_the_real_model(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = LlamaForCausalLM(config)
     shape = memplan.Shape.from_config(config.to_dict(), "x")
     assert shape.params == sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
     assert shape.linear_params == linear
 
 
@@ -49,7 +57,8 @@ def test_lora_bytes_match_the_peft_adapter_of_luna_tiny(settings):
     job = memplan.Job("cpu", 100, 50, 1, 8, ("q_proj", "v_proj"), True, "none", False)
     model = get_peft_model(models.load_model(info, settings), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     assert memplan.estimate(memplan.model_shape(info), job)["lora"] == 16 * sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 def test_auto_checkpointing_turns_on_only_when_needed():
@@ -59,8 +68,9 @@ def test_auto_checkpointing_turns_on_only_when_needed():
     tight = memplan.plan(shape, params, CUDA_16)
     assert tight.fits and tight.checkpointing and tight.checkpointing_reason == "needed to fit"
     assert tight.parts["activations"] < roomy.parts["activations"] / 4
-    forced = memplan.plan(shape, params.model_copy(update={"gradient_checkpointing": "true"}),
-                          {"type": "cuda", "memoryFree": 140 * GIB})
+    forced = memplan.plan(
+        shape, params.model_copy(update={"gradient_checkpointing": "true"}), {"type": "cuda", "memoryFree": 140 * GIB}
+    )
     assert forced.checkpointing and forced.checkpointing_reason == "requested"
 
 
@@ -104,8 +114,9 @@ def test_check_fits_raises_one_sentence_for_luna_tiny_on_a_tiny_device(settings)
     fix = message.split("it would fit with ")[1].rstrip(".")
     batch, accumulation = (int(flag.split("=")[1]) for flag in fix.split())
     assert fix.startswith("--batchSize=") and batch * accumulation >= 64
-    assert memplan.check_fits(settings, params.model_copy(update={"batch_size": batch}),
-                              {"type": "cpu", "memoryFree": 1200 << 20}).fits
+    assert memplan.check_fits(
+        settings, params.model_copy(update={"batch_size": batch}), {"type": "cpu", "memoryFree": 1200 << 20}
+    ).fits
     plan = memplan.check_fits(settings, params, {"type": "cpu", "memoryFree": 64 * GIB})
     assert plan.fits and plan.base_model == "luna-tiny" and plan.tokens == 64 * 4096
 
@@ -151,8 +162,12 @@ def test_auto_checkpointing_is_decided_by_the_plan_and_recorded(settings, monkey
     shape = memplan.model_shape(models.resolve_base(None, settings))
     train_set = [e for e in _tokenized(settings).train if e.n_supervised]
     tokens, supervised = memplan.largest_batch(train_set, params.batch_size)
-    sizes = {ck: memplan.estimate(shape, memplan.Job("cpu", tokens, supervised, 1, 4, ("all-linear",), True,
-                                                      "none", ck))["total"] for ck in (False, True)}
+    sizes = {
+        ck: memplan.estimate(shape, memplan.Job("cpu", tokens, supervised, 1, 4, ("all-linear",), True, "none", ck))[
+            "total"
+        ]
+        for ck in (False, True)
+    }
     assert sizes[True] < sizes[False]
     # free memory whose budget lies between the two estimates
     _small_device(monkeypatch, int((sizes[True] + sizes[False]) / 2 / memplan.BUDGET_FRACTION["cpu"]))
@@ -194,8 +209,11 @@ def test_prepare_writes_the_plan_and_fails_when_the_job_cannot_fit(settings, mon
     _small_device(monkeypatch, 600 << 20)
     report = prepare(settings, parse_params({"maxSeqLength": 128}))
     assert report.status == "fail" and report.check("memory_plan").severity == "fail"
-    with pytest.raises(CheckFailed, match=r"^Preflight failed: memory_plan \(\d+\); this job needs about .*"
-                                          r"change the options\.$"):
+    with pytest.raises(
+        CheckFailed,
+        match=r"^Preflight failed: memory_plan \(\d+\); this job needs about .*"
+        r"change the options\.$",
+    ):
         report.raise_on_fail()
 
 

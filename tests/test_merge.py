@@ -31,8 +31,16 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):
     merged = AutoModelForCausalLM.from_pretrained(result.path, use_safetensors=True, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(result.path)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Was ist 2 + 3?"}],
-                                                add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]])
+    ids = torch.tensor(
+        [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Was ist 2 + 3?"}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        ]
+    )
     base = models.load_model(None, settings).eval()
     with torch.no_grad():
         plain = base(input_ids=ids).logits
@@ -41,7 +49,9 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):
     assert (with_adapter - plain).abs().max() > 1e-3  # the adapter does change the model
     torch.testing.assert_close(from_merged, with_adapter, atol=1e-4, rtol=1e-4)
     assert not list(result.path.glob("*.bin")) and list(result.path.glob("*.safetensors"))
-    assert registry.get_version(settings, "luna-adapter", "v1")["merged"]["path"] == "data/models/merged/luna-adapter-v1"
+    assert (
+        registry.get_version(settings, "luna-adapter", "v1")["merged"]["path"] == "data/models/merged/luna-adapter-v1"
+    )
     assert merge_adapter(settings, "luna-adapter@latest").replaced
 
 

@@ -21,9 +21,16 @@ CODE = r"([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)"
 # stop `Stop(Status.X, "x", …)`, the guard's `_reply(send, 400, "x", …)`, the HTTP layer's {404: "x"}, a
 # fallback `or "x"` after reading a code, the worker's `"x" if … else "y"`, and an adapter state `state(…, "x", …)`.
 PATTERNS = [
-    rf'\bcode\s*=\s*"{CODE}"', rf'"code":\s*"{CODE}"', rf'\bcoded\(\s*"{CODE}"', rf'Stop\(Status\.\w+,\s*"{CODE}"',
-    rf'_reply\(send,\s*\w+,\s*"{CODE}"', rf'\b\d{{3}}:\s*"{CODE}"', rf'get\("code"\)\s*or\s*"{CODE}"',
-    rf'code\s*=\s*"{CODE}"\s+if\b.*\belse\s+"{CODE}"', rf'\bstate\(\w+,\s*"{CODE}"', r'"(check\.[a-z_]+\.[a-z_]+)"',
+    rf'\bcode\s*=\s*"{CODE}"',
+    rf'"code":\s*"{CODE}"',
+    rf'\bcoded\(\s*"{CODE}"',
+    rf'Stop\(Status\.\w+,\s*"{CODE}"',
+    rf'_reply\(send,\s*\w+,\s*"{CODE}"',
+    rf'\b\d{{3}}:\s*"{CODE}"',
+    rf'get\("code"\)\s*or\s*"{CODE}"',
+    rf'code\s*=\s*"{CODE}"\s+if\b.*\belse\s+"{CODE}"',
+    rf'\bstate\(\w+,\s*"{CODE}"',
+    r'"(check\.[a-z_]+\.[a-z_]+)"',
 ]
 
 
@@ -50,8 +57,16 @@ def _texts(lang: str) -> dict[str, str]:
 def test_the_sources_use_only_registered_codes():
     found = _source_codes()
     assert len(found) > 60  # the collection itself works (errors, jobs, checks, gate, states, logs)
-    assert {"not_found", "nan_loss", "bad_host", "check.volume.too_few", "gate.loss_regression",
-            "adapter.other_base", "log.epoch_done", "child_crashed"} <= found
+    assert {
+        "not_found",
+        "nan_loss",
+        "bad_host",
+        "check.volume.too_few",
+        "gate.loss_regression",
+        "adapter.other_base",
+        "log.epoch_done",
+        "child_crashed",
+    } <= found
     missing = sorted(found - set(CODES))
     assert missing == [], f"codes used in the sources but not registered in messages.CODES: {missing}"
 

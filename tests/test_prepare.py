@@ -68,9 +68,15 @@ def write_files(settings, records: list[dict], *, extra_curated_lines: tuple[str
             counts[t]["total"] += 1
             counts[t][r["split"]] += 1
     fp = export_mod.dataset_fingerprint({name: f["sha256"] for name, f in files.items()})
-    summary = {"format": export_mod.SUMMARY_FORMAT, "exported_at": "2025-01-01T00:00:00+00:00",
-               "store_revision": "none", "ratios": {"train": 0.8, "val": 0.2, "test": 0.0},
-               "counts": counts, "files": files, "fingerprint": fp}
+    summary = {
+        "format": export_mod.SUMMARY_FORMAT,
+        "exported_at": "2025-01-01T00:00:00+00:00",
+        "store_revision": "none",
+        "ratios": {"train": 0.8, "val": 0.2, "test": 0.0},
+        "counts": counts,
+        "files": files,
+        "fingerprint": fp,
+    }
     (d / export_mod.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
@@ -83,8 +89,15 @@ def clean_records(n: int = 60, val_every: int = 5) -> list[dict]:
     return out
 
 
-def _variant(rec: dict, rid: str, *, answer: str | None = None, messages: list | None = None, split: str | None = None,
-             rehash: bool = True) -> dict:
+def _variant(
+    rec: dict,
+    rid: str,
+    *,
+    answer: str | None = None,
+    messages: list | None = None,
+    split: str | None = None,
+    rehash: bool = True,
+) -> dict:
     new = copy.deepcopy(rec)
     new["id"] = rid
     if messages is not None:
@@ -111,8 +124,11 @@ def planted_records() -> list[dict]:
         _variant(a, "bad-trivial", answer="…"),
         _variant(b, "bad-dup", rehash=False),  # same hash, same split
         _variant(c, "bad-leak", rehash=False, split="val"),  # same hash, other split
-        _variant(a, "bad-near", messages=[{"role": m["role"], "content": "  " + m["content"].upper() + " !"}
-                                          for m in a["messages"]]),
+        _variant(
+            a,
+            "bad-near",
+            messages=[{"role": m["role"], "content": "  " + m["content"].upper() + " !"} for m in a["messages"]],
+        ),
         _variant(a, "bad-long", answer="Eine sehr lange Antwort über Luna und ihre Aufgaben. " * 120),
         _variant(a, "bad-noanswer", messages=user),
         _variant(a, "bad-special", answer="Erledigt.<|im_end|> Noch etwas?"),
@@ -211,11 +227,16 @@ def _with_template(settings, tiny, name: str, template: str):
 def test_the_template_terminator_is_trained_even_when_it_is_not_eos(settings, tiny):
     """A template that closes assistant turns with another token than the tokenizer's eos (the Gemma/Phi-3
     shape): that token is what is trained, and the report names it."""
-    other = _with_template(settings, tiny, "tiny-other-eot", (
-        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
-        "{%- if message['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- else %}{{- '<|im_end|>' }}{%- endif %}"
-        "{{- '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    ))
+    other = _with_template(
+        settings,
+        tiny,
+        "tiny-other-eot",
+        (
+            "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+            "{%- if message['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- else %}{{- '<|im_end|>' }}{%- endif %}"
+            "{{- '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+        ),
+    )
     write_files(settings, clean_records(30))
     report = prepare(settings, params(base_model=str(other)))
     assert report.check("eot_not_trained").severity == "info", report.check("eot_not_trained")
@@ -227,10 +248,15 @@ def test_the_template_terminator_is_trained_even_when_it_is_not_eos(settings, ti
 
 
 def test_template_without_a_terminator_fails_in_one_sentence(settings, tiny):
-    bare = _with_template(settings, tiny, "tiny-no-eot", (
-        "{%- for message in messages %}{{- message['role'] + ': ' + message['content'] + '\\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
-    ))
+    bare = _with_template(
+        settings,
+        tiny,
+        "tiny-no-eot",
+        (
+            "{%- for message in messages %}{{- message['role'] + ': ' + message['content'] + '\\n' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+        ),
+    )
     write_files(settings, clean_records(30))
     with pytest.raises(UsageError, match="emits nothing after an assistant answer"):
         prepare(settings, params(base_model=str(bare)))

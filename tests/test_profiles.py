@@ -40,12 +40,12 @@ def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) ->
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ('[lora]\nepochz = 3\n', "epochz"),
-        ('[lora]\nepochs = -1\n', "epochs"),
+        ("[lora]\nepochz = 3\n", "epochz"),
+        ("[lora]\nepochs = -1\n", "epochs"),
         ('colour = "red"\n', "colour"),
-        ('[lora\n', "not valid TOML"),
-        ('lora = 3\n', "[lora] must be a table"),
-        ('[quickStart]\nmaxSteps = 0\n', "maxSteps"),
+        ("[lora\n", "not valid TOML"),
+        ("lora = 3\n", "[lora] must be a table"),
+        ("[quickStart]\nmaxSteps = 0\n", "maxSteps"),
     ],
 )
 def test_bad_profile_is_a_usage_error_naming_the_key(settings: Settings, home: Path, text: str, needle: str) -> None:
@@ -93,8 +93,9 @@ def test_bad_base_model_table_names_it(settings: Settings, home: Path) -> None:
         load_profile(settings, "c")
 
 
-def test_profile_gate_goes_with_a_job_to_the_trainer(settings: Settings, home: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_profile_gate_goes_with_a_job_to_the_trainer(
+    settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`lunatrain lora --profile P` through the trainer service sends P's [gate] thresholds with the job,
     so the gate after the run is the one `--local` would apply."""
     from typer.testing import CliRunner

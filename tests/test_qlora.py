@@ -121,8 +121,9 @@ def test_an_eval_pass_leaves_4bit_gradients_intact(settings):
     info = models.resolve_base(None, settings)
     torch.manual_seed(0)
     model = models.load_model(info, settings, "cpu", torch.float32, "4bit")
-    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear",
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
 
     def grads():

@@ -14,8 +14,14 @@ from lunatrain.settings import load_settings
 
 
 def _entry(fingerprint: str, **extra) -> dict:
-    return {"baseModel": {"id": "luna-tiny", "fingerprint": fingerprint}, "datasetTier": "curated",
-            "datasetFingerprint": "d" * 64, "params": {"rank": 4}, "metrics": {"valLoss": 1.0}, "jobId": None} | extra
+    return {
+        "baseModel": {"id": "luna-tiny", "fingerprint": fingerprint},
+        "datasetTier": "curated",
+        "datasetFingerprint": "d" * 64,
+        "params": {"rank": 4},
+        "metrics": {"valLoss": 1.0},
+        "jobId": None,
+    } | extra
 
 
 def _publish(home: str, name: str, tag: str, strategy: str = "versioned") -> dict:
@@ -60,7 +66,9 @@ def test_activate_refuses_a_foreign_base_unless_forced_and_rollback(settings):
         registry.publish(settings, "a", "versioned", work, _entry(fp))
     work = settings.adapters_dir / "a" / ".work" / "foreign"
     work.mkdir(parents=True)
-    registry.publish(settings, "a", "versioned", work, _entry("0" * 64) | {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}})
+    registry.publish(
+        settings, "a", "versioned", work, _entry("0" * 64) | {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}}
+    )
 
     with pytest.raises(Conflict, match="org/other.*--force"):
         registry.activate(settings, "a", "v4")
@@ -74,9 +82,15 @@ def test_activate_refuses_a_foreign_base_unless_forced_and_rollback(settings):
     assert registry.get_version(settings, "a", "latest")["version"] == "v4"
     hist = registry.list_adapters(settings)["a"]["activations"]
     assert [(h["version"], h["previous"], h["forced"]) for h in hist] == [
-        ("v1", None, False), ("v2", "v1", False), ("v4", "v2", True), ("v2", "v4", False)]
+        ("v1", None, False),
+        ("v2", "v1", False),
+        ("v4", "v2", True),
+        ("v2", "v4", False),
+    ]
     groups = registry.by_base(settings)
-    assert sorted(len(g["versions"]) for g in groups.values()) == [1, 3] and groups["0" * 64]["baseModel"] == "org/other"
+    assert (
+        sorted(len(g["versions"]) for g in groups.values()) == [1, 3] and groups["0" * 64]["baseModel"] == "org/other"
+    )
 
 
 def test_lookups_and_annotations(settings):
@@ -140,10 +154,20 @@ def test_adapters_cli(settings):
 
 
 def _publish_on(settings, name: str, base_id: str, fingerprint: str) -> dict:
-    work = settings.adapters_dir / name / ".work" / f"{base_id.replace('/', '_')}-{len(list(settings.adapters_dir.rglob('*')))}"
+    work = (
+        settings.adapters_dir
+        / name
+        / ".work"
+        / f"{base_id.replace('/', '_')}-{len(list(settings.adapters_dir.rglob('*')))}"
+    )
     work.mkdir(parents=True)
-    return registry.publish(settings, name, "versioned", work,
-                            _entry(fingerprint) | {"baseModel": {"id": base_id, "fingerprint": fingerprint}})
+    return registry.publish(
+        settings,
+        name,
+        "versioned",
+        work,
+        _entry(fingerprint) | {"baseModel": {"id": base_id, "fingerprint": fingerprint}},
+    )
 
 
 def test_active_is_kept_per_base_model(settings):
@@ -157,7 +181,9 @@ def test_active_is_kept_per_base_model(settings):
     assert registry.active_version(settings, "luna-adapter", "9" * 64)["version"] == "v2"
     assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"  # the configured base's
     assert [(a["name"], a["version"], a["baseModel"]) for a in registry.list_active(settings)] == [
-        ("luna-adapter", "v1", "luna-tiny"), ("luna-adapter", "v2", "org/new")]
+        ("luna-adapter", "v1", "luna-tiny"),
+        ("luna-adapter", "v2", "org/new"),
+    ]
     assert [a["version"] for a in registry.list_active(settings, fp)] == ["v1"]
     # the "not active" state always says why
     state = registry.activation_state(settings, v2, fp)
@@ -201,11 +227,15 @@ def test_a_registry_with_one_active_alias_is_migrated_on_the_next_write(settings
     a = old["adapters"]["a"]
     del a["activeByBase"]
     a["aliases"]["active"] = "v2"  # the old shape: one alias across all bases
-    a["activations"] = [{"version": "v2", "previous": None, "at": "2026-01-01T00:00:00+00:00", "forced": False, "reason": "cli"}]
+    a["activations"] = [
+        {"version": "v2", "previous": None, "at": "2026-01-01T00:00:00+00:00", "forced": False, "reason": "cli"}
+    ]
     path.write_text(json.dumps(old))
     assert registry.active_version(settings, "a", "9" * 64)["version"] == "v2"  # read in the new shape
     registry.activate(settings, "a", "v1")  # the first write keeps v2 on its own base
     saved = json.loads(path.read_text())["adapters"]["a"]
-    assert saved["activeByBase"] == {"9" * 64: {"version": "v2", "baseModel": "org/new"},
-                                     fp: {"version": "v1", "baseModel": "luna-tiny"}}
+    assert saved["activeByBase"] == {
+        "9" * 64: {"version": "v2", "baseModel": "org/new"},
+        fp: {"version": "v1", "baseModel": "luna-tiny"},
+    }
     assert saved["aliases"]["active"] == "v1"  # the deprecated mirror: the latest activation still standing

@@ -89,7 +89,12 @@ def test_repair_round_trips_a_real_registry(settings):
     v2 = run_lora(parse_params(FAST | {"adapterName": "luna", "seed": 8}), settings)
     slot = run_lora(parse_params(FAST | {"adapterName": "scratch", "adapterStrategy": "overwrite"}), settings)
     assert (v1.version, v2.version, slot.version) == ("v1", "v2", "current")
-    evalgate.gate_candidate(settings, "luna", "v2", thresholds={"maxGoldenPassRateDrop": 1.0, "maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0})
+    evalgate.gate_candidate(
+        settings,
+        "luna",
+        "v2",
+        thresholds={"maxGoldenPassRateDrop": 1.0, "maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
+    )
     original = registry.load(settings)
     assert original["adapters"]["luna"]["aliases"].get("active") == "v2"
 
@@ -104,8 +109,20 @@ def test_repair_round_trips_a_real_registry(settings):
         want, got = original["adapters"][name], rebuilt["adapters"][name]
         assert [e["version"] for e in got["versions"]] == [e["version"] for e in want["versions"]]
         for w, g in zip(want["versions"], got["versions"], strict=True):
-            for key in ("jobId", "baseModel", "datasetTier", "datasetFingerprint", "params", "metrics", "path",
-                        "created", "tokenizerHash", "templateHash", "trainSamples", "strategy"):
+            for key in (
+                "jobId",
+                "baseModel",
+                "datasetTier",
+                "datasetFingerprint",
+                "params",
+                "metrics",
+                "path",
+                "created",
+                "tokenizerHash",
+                "templateHash",
+                "trainSamples",
+                "strategy",
+            ):
                 assert g.get(key) == w.get(key), (name, key)
         assert got["aliases"].get("latest") == want["aliases"].get("latest")
     assert rebuilt["adapters"]["luna"]["aliases"]["active"] == "v2"

@@ -107,8 +107,10 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
     assert len(kinds["job-events"]) == 5
     # four exports, the fixture's settings (3) pruned the first already; gc under RETAIN_EXPORTS=2 one more
     assert len(kinds["export"]) == 1 and all(ex.current_id(settings) not in p for p in kinds["export"])
-    assert sorted(kinds["token-cache"]) == ["data/cache/tokens/curated-old.safetensors",
-                                            "data/cache/tokens/curated-unlabelled.safetensors"]
+    assert sorted(kinds["token-cache"]) == [
+        "data/cache/tokens/curated-old.safetensors",
+        "data/cache/tokens/curated-unlabelled.safetensors",
+    ]
     assert kinds["run-workdir"] == ["data/adapters/a/.work/idle-run"]
     assert planned["bytes"] == sum(i["bytes"] for i in planned["items"])
 

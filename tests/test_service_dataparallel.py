@@ -68,8 +68,11 @@ def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
     two = load_settings(home=tmp_path, lora_gpus=2)
     assert [job_ranks(two, d, 0) for d in ("auto", "cpu")] == [2, 2]  # explicit on a CPU machine: gloo
     assert job_ranks(two, "cuda", 2) == 2 and job_ranks(two, "cpu", 1) == 2
-    with pytest.raises(UsageError, match=r"ASSISTANT_LORA_GPUS=2 asks for more training processes than the 1 "
-                                         r"visible GPU\(s\); set it to 1 or less"):
+    with pytest.raises(
+        UsageError,
+        match=r"ASSISTANT_LORA_GPUS=2 asks for more training processes than the 1 "
+        r"visible GPU\(s\); set it to 1 or less",
+    ):
         job_ranks(two, "auto", 1)
     for bad in (0, -1, "two"):
         with pytest.raises(UsageError, match="ASSISTANT_LORA_GPUS"):
@@ -79,15 +82,21 @@ def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
 def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
     log = tmp_path / "data" / "trainer" / "logs" / "j.log"
     log.parent.mkdir(parents=True)
-    log.write_text("RuntimeError: [gloo] Connection reset by peer\nRoot Cause (first observed failure):\n[0]:\n"
-                   "  time      : 2026-01-01_00:00:00\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
-                   "  exitcode  : -9 (pid: 42)  (SIGKILL)\n  error_file: <N/A>\n")
+    log.write_text(
+        "RuntimeError: [gloo] Connection reset by peer\nRoot Cause (first observed failure):\n[0]:\n"
+        "  time      : 2026-01-01_00:00:00\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
+        "  exitcode  : -9 (pid: 42)  (SIGKILL)\n  error_file: <N/A>\n"
+    )
     err = _rank_crash_error(1, 2, log, tmp_path)
-    assert err == {"code": "child_crashed", "message": "Rank 1 of the 2 training processes was killed by SIGKILL "
-                   "(often the system's out-of-memory killer); the other ranks were stopped; see data/trainer/logs/j.log."}
+    assert err == {
+        "code": "child_crashed",
+        "message": "Rank 1 of the 2 training processes was killed by SIGKILL "
+        "(often the system's out-of-memory killer); the other ranks were stopped; see data/trainer/logs/j.log.",
+    }
     log.write_text("no report\n")
     assert _rank_crash_error(1, 2, log, tmp_path)["message"].startswith(
-        "The torchrun launcher of the 2 training processes exited with status 1 without a result")
+        "The torchrun launcher of the 2 training processes exited with status 1 without a result"
+    )
 
 
 def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
@@ -97,11 +106,14 @@ def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
     argv = worker_argv("--job", "j", "--params", json.dumps({"epochs": "many"}))
     out = {}
     for rank in ("0", "1"):
-        out[rank] = subprocess.run(argv, env=env | {"RANK": rank}, cwd=tmp_path, capture_output=True, text=True,
-                                   timeout=120)
+        out[rank] = subprocess.run(
+            argv, env=env | {"RANK": rank}, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
         assert out[rank].returncode == 0, out[rank].stderr[-2000:]
     lines = [json.loads(ln) for ln in out["0"].stdout.splitlines()]
-    assert lines[-1]["type"] == "result" and lines[-1]["status"] == "failed" and "epochs" in lines[-1]["error"]["message"]
+    assert (
+        lines[-1]["type"] == "result" and lines[-1]["status"] == "failed" and "epochs" in lines[-1]["error"]["message"]
+    )
     assert out["1"].stdout == "" and "(rank 1 of 2)" in out["1"].stderr
 
 

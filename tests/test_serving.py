@@ -52,8 +52,17 @@ def test_names_resolve_to_the_base_the_active_version_or_a_named_version(setting
     ids = [m["id"] for m in engine.models()]
     assert ids[:2] == ["luna-tiny", "luna-adapter"] and "other" not in ids  # `other` has no active version
     assert {"luna-adapter@v1", "luna-adapter@v2", "luna-adapter@v3", "other@v1"} <= set(ids)
-    for bad in ("../../etc/passwd", "/etc/passwd", "luna-adapter@../v1", "luna-adapter@v9", "nobody",
-                "org/model", "luna-adapter@", "luna-tiny@v1", "other"):  # `other` has no active version
+    for bad in (
+        "../../etc/passwd",
+        "/etc/passwd",
+        "luna-adapter@../v1",
+        "luna-adapter@v9",
+        "nobody",
+        "org/model",
+        "luna-adapter@",
+        "luna-tiny@v1",
+        "other",
+    ):  # `other` has no active version
         with pytest.raises(NotFound) as info:
             engine.resolve(bad)
         assert info.value.details["code"] == "model_not_found"
@@ -140,8 +149,11 @@ def test_stop_strings_cut_the_answer_and_seeds_repeat(settings) -> None:
     assert answer(engine, "luna-adapter@v2", sampled)[0] == full
     assert len(full) > 4
     stop = full[2:4]
-    cut = engine.start(engine.resolve("luna-adapter@v2"), HELLO,
-                       serving.Sampling(max_tokens=16, temperature=1.0, seed=11, stop=(stop,)))
+    cut = engine.start(
+        engine.resolve("luna-adapter@v2"),
+        HELLO,
+        serving.Sampling(max_tokens=16, temperature=1.0, seed=11, stop=(stop,)),
+    )
     pieces = []
     while (piece := cut.step()) is not None:
         pieces.append(piece)
@@ -165,8 +177,9 @@ def test_sampling_at_the_edges_of_its_bounds_picks_a_token(temperature: float, t
     import torch
 
     logits = torch.tensor([80.0, -30.0, 79.0, 0.0])
-    pick = serving._pick(logits, serving.Sampling(max_tokens=1, temperature=temperature, top_p=top_p),
-                         torch.Generator().manual_seed(0))
+    pick = serving._pick(
+        logits, serving.Sampling(max_tokens=1, temperature=temperature, top_p=top_p), torch.Generator().manual_seed(0)
+    )
     assert pick in (0, 2) if top_p == 1.0 and temperature > 0.5 else pick == 0
 
 

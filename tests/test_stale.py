@@ -18,8 +18,9 @@ from lunatrain.train import run_lora
 def _trained_adapter(settings: Settings) -> tuple[set[str], dict]:
     store.load_seed(settings)
     export.export(settings)
-    result = run_lora({"epochs": 1, "maxSteps": 2, "batchSize": 4, "rank": 4, "maxSeqLength": 128,
-                       "adapterName": "st"}, settings)
+    result = run_lora(
+        {"epochs": 1, "maxSteps": 2, "batchSize": 4, "rank": 4, "maxSeqLength": 128, "adapterName": "st"}, settings
+    )
     assert result.ok, result.error
     trained = set((result.path / "train-hashes.txt").read_text().split())
     return trained, {e.hash: e.id for e in store.list_examples(settings, limit=10_000)}

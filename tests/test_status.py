@@ -51,35 +51,89 @@ def test_counts_readiness_and_export_freshness(settings):
 
 def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settings):
     reports = settings.reports_training_dir
-    registry.write_latest(settings, {
-        "status": "failed", "jobId": "job-7", "adapterName": "luna-adapter", "version": None,
-        "metrics": {"valLoss": None, "steps": 3}, "error": {"code": "nan_loss", "message": "loss became nan"},
-    })
-    atomic_write_json(reports / "lora-adapters.json", {"format": registry.FORMAT, "adapters": {
-        "luna-adapter": {"versions": [
-            {"name": "luna-adapter", "version": "v1", "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
-             "datasetTier": "curated", "gate": {"passed": True, "reasons": []}},
-            {"name": "luna-adapter", "version": "v2", "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
-             "gate": {"passed": False, "reasons": ["val loss regresses"]}},
-        ], "aliases": {"latest": "v2", "active": "v1"}, "activations": []},
-        "other": {"versions": [{"name": "other", "version": "v1", "baseModel": {"id": "org/x", "fingerprint": "f2"}}],
-                  "aliases": {"latest": "v1"}, "activations": []},
-    }})
-    atomic_write_json(reports / "prepare-latest.json", {"status": "fail", "created": "t1", "tier": "curated", "checks": [
-        {"id": "volume", "severity": "fail"}, {"id": "truncated", "severity": "warn"}, {"id": "token_stats", "severity": "info"},
-    ]})
-    atomic_write_json(settings.reports_eval_dir / "eval-gate-latest.json", {
-        "decision": "fail", "passed": False, "candidate": {"ref": "luna-adapter@v2"}, "baseline": {"ref": "luna-adapter@v1"},
-        "reasons": ["val loss regresses"], "promoted": False, "created": "t2", "metrics": {"goldenPassRate": 0.5},
-    })
+    registry.write_latest(
+        settings,
+        {
+            "status": "failed",
+            "jobId": "job-7",
+            "adapterName": "luna-adapter",
+            "version": None,
+            "metrics": {"valLoss": None, "steps": 3},
+            "error": {"code": "nan_loss", "message": "loss became nan"},
+        },
+    )
+    atomic_write_json(
+        reports / "lora-adapters.json",
+        {
+            "format": registry.FORMAT,
+            "adapters": {
+                "luna-adapter": {
+                    "versions": [
+                        {
+                            "name": "luna-adapter",
+                            "version": "v1",
+                            "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
+                            "datasetTier": "curated",
+                            "gate": {"passed": True, "reasons": []},
+                        },
+                        {
+                            "name": "luna-adapter",
+                            "version": "v2",
+                            "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
+                            "gate": {"passed": False, "reasons": ["val loss regresses"]},
+                        },
+                    ],
+                    "aliases": {"latest": "v2", "active": "v1"},
+                    "activations": [],
+                },
+                "other": {
+                    "versions": [{"name": "other", "version": "v1", "baseModel": {"id": "org/x", "fingerprint": "f2"}}],
+                    "aliases": {"latest": "v1"},
+                    "activations": [],
+                },
+            },
+        },
+    )
+    atomic_write_json(
+        reports / "prepare-latest.json",
+        {
+            "status": "fail",
+            "created": "t1",
+            "tier": "curated",
+            "checks": [
+                {"id": "volume", "severity": "fail"},
+                {"id": "truncated", "severity": "warn"},
+                {"id": "token_stats", "severity": "info"},
+            ],
+        },
+    )
+    atomic_write_json(
+        settings.reports_eval_dir / "eval-gate-latest.json",
+        {
+            "decision": "fail",
+            "passed": False,
+            "candidate": {"ref": "luna-adapter@v2"},
+            "baseline": {"ref": "luna-adapter@v1"},
+            "reasons": ["val loss regresses"],
+            "promoted": False,
+            "created": "t2",
+            "metrics": {"goldenPassRate": 0.5},
+        },
+    )
     s = training_status(settings, 0)
     assert s["lastJob"]["jobId"] == "job-7" and s["lastJob"]["state"] == "failed"
     assert s["lastJob"]["error"]["code"] == "nan_loss"
     assert s["activeAdapter"]["name"] == "luna-adapter" and s["activeAdapter"]["version"] == "v1"
     assert s["activeAdapter"]["gate"] == {"passed": True, "reasons": []}
     assert [a["name"] for a in s["activeAdapters"]] == ["luna-adapter"]  # `other` has no active version
-    assert s["lastPrepare"] == {"status": "fail", "created": "t1", "tier": "curated", "baseModel": None,
-                                "failed": ["volume"], "warned": ["truncated"]}
+    assert s["lastPrepare"] == {
+        "status": "fail",
+        "created": "t1",
+        "tier": "curated",
+        "baseModel": None,
+        "failed": ["volume"],
+        "warned": ["truncated"],
+    }
     assert s["lastGate"]["candidate"] == "luna-adapter@v2" and s["lastGate"]["passed"] is False
     assert s["lastGate"]["reasons"] == ["val loss regresses"]
 
@@ -98,7 +152,11 @@ def test_cli_plain_and_json(settings):
     runner = CliRunner()
     result = runner.invoke(app, ["status", "--minCurated=10000"])
     assert result.exit_code == 0, result.output
-    assert "ready: no:" in result.output and "curated examples\t" in result.output and "last export: never" in result.output
+    assert (
+        "ready: no:" in result.output
+        and "curated examples\t" in result.output
+        and "last export: never" in result.output
+    )
     result = runner.invoke(app, ["status", "--min-curated", "1", "--json"])
     data = json.loads(result.output)
     assert data["ready"] is True and data["minCurated"] == 1
@@ -110,8 +168,17 @@ def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
     from lunatrain.params import LoraParams
     from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
 
-    registry.write_latest(settings, {"status": "succeeded", "jobId": "ftjob-old", "adapterName": "luna-adapter",
-                                     "version": "v1", "created": "2026-01-01T00:00:00+00:00", "metrics": {}})
+    registry.write_latest(
+        settings,
+        {
+            "status": "succeeded",
+            "jobId": "ftjob-old",
+            "adapterName": "luna-adapter",
+            "version": "v1",
+            "created": "2026-01-01T00:00:00+00:00",
+            "metrics": {},
+        },
+    )
     db = JobStore(jobs_db_path(settings.data_dir))
     try:
         job, _ = db.create(LoraParams(adapter_name="mein-adapter"))
@@ -142,8 +209,11 @@ def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch):
         assert s["examples"]["curated"]["approved"] == 1 and s["examples"]["memory"]["total"] == 0
         assert s["memoryItems"]["approved"] == 1 and s["curatedApproved"] == 1
         assert s["counts"] == s["examples"] and s["memory"] == s["memoryItems"]  # the deprecated names, one release
-        assert s["tiers"]["curated"] == {"approved": 1, "ready": False,
-                                         "reason": "1 approved curated examples, 30 required (minCurated)"}
+        assert s["tiers"]["curated"] == {
+            "approved": 1,
+            "ready": False,
+            "reason": "1 approved curated examples, 30 required (minCurated)",
+        }
         assert s["tiers"]["merged"]["approved"] == 2
         ready = training_status(settings, 1)["tiers"]
         assert ready["curated"]["ready"] and ready["merged"]["ready"] and ready["memory"]["ready"]

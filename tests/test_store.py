@@ -281,19 +281,26 @@ def test_seed_loads_the_bundled_dataset_once(db: Settings) -> None:
 
 def test_cli_examples_commands(home: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    r = runner.invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hallo! Ich bin Luna.", "--tag", "greeting"])
+    r = runner.invoke(
+        app, ["examples", "add", "--prompt", "Hallo", "--response", "Hallo! Ich bin Luna.", "--tag", "greeting"]
+    )
     assert r.exit_code == 0, r.output
     assert "Added example 1" in r.output
     r = runner.invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hallo! Ich bin Luna."])
     assert r.exit_code == 1 and "already exists" in r.output
     r = runner.invoke(app, ["examples", "add", "--prompt", "x", "--response", "y", "--rating", "7"])
     assert r.exit_code == 2 and "rating" in r.output
-    r = runner.invoke(app, ["examples", "add", "--prompt", "x", "--response", "y", "--conversationId", "c9", "--status", "pending"])
+    r = runner.invoke(
+        app, ["examples", "add", "--prompt", "x", "--response", "y", "--conversationId", "c9", "--status", "pending"]
+    )
     assert r.exit_code == 0, r.output
 
     r = runner.invoke(app, ["examples", "list", "--json"])
     listed = json.loads(r.output)
-    assert [(e["id"], e["status"], e["conversation_id"]) for e in listed] == [(1, "approved", None), (2, "pending", "c9")]
+    assert [(e["id"], e["status"], e["conversation_id"]) for e in listed] == [
+        (1, "approved", None),
+        (2, "pending", "c9"),
+    ]
     r = runner.invoke(app, ["examples", "list", "--status", "pending"])
     assert r.exit_code == 0 and r.output.startswith("2\tcurated\tpending")
 

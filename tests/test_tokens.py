@@ -38,7 +38,10 @@ def _runs(enc):
 def test_only_assistant_content_and_end_of_turn_are_trained(tok):
     enc = encode_chat(tok, CONVO, 512)
     runs = _runs(enc)
-    assert [tok.decode(enc.input_ids[a:b]) for a, b in runs] == ["2 + 2 = 4.<|im_end|>", "Two plus two is four.<|im_end|>"]
+    assert [tok.decode(enc.input_ids[a:b]) for a, b in runs] == [
+        "2 + 2 = 4.<|im_end|>",
+        "Two plus two is four.<|im_end|>",
+    ]
     # labels are the tokens themselves where trained (the shift happens in the loss)
     assert all(lab in (IGNORE, tid) for lab, tid in zip(enc.labels, enc.input_ids, strict=True))
     assert not enc.truncated and enc.full_length == len(enc)
@@ -67,7 +70,10 @@ def test_templates_that_rewrite_earlier_turns_fall_back_to_search(tok):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     enc = encode_chat(tok, CONVO, 512)
-    assert [tok.decode(enc.input_ids[a:b]) for a, b in _runs(enc)] == ["2 + 2 = 4.<|im_end|>", "Two plus two is four.<|im_end|>"]
+    assert [tok.decode(enc.input_ids[a:b]) for a, b in _runs(enc)] == [
+        "2 + 2 = 4.<|im_end|>",
+        "Two plus two is four.<|im_end|>",
+    ]
 
 
 def test_truncation_is_flagged(tok):

@@ -64,7 +64,7 @@ def test_without_restarting_positions_samples_would_leak(settings):
     a, b = _samples(tok, 2)
     ids = torch.tensor([a.input_ids + b.input_ids])
     with torch.no_grad():
-        joined = model(input_ids=ids, use_cache=False).logits[0, len(a):]
+        joined = model(input_ids=ids, use_cache=False).logits[0, len(a) :]
         alone = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits[0]
     assert (joined - alone).abs().max() > 1e-2
 
@@ -84,14 +84,31 @@ def test_boundaries_are_never_targets(settings):
 def test_training_beats_the_base_model_and_writes_artifacts(settings):
     write_export(settings)
     events = []
-    result = run_lora(parse_params({"epochs": 3, "batchSize": 8, "rank": 8, "learningRate": 1e-2,
-                                    "maxSeqLength": 128, "adapterName": "luna-adapter"}),
-                      settings, on_event=events.append, job_id="job-1")
+    result = run_lora(
+        parse_params(
+            {
+                "epochs": 3,
+                "batchSize": 8,
+                "rank": 8,
+                "learningRate": 1e-2,
+                "maxSeqLength": 128,
+                "adapterName": "luna-adapter",
+            }
+        ),
+        settings,
+        on_event=events.append,
+        job_id="job-1",
+    )
     assert result.status is Status.SUCCEEDED, result.error
     assert result.version == "v1" and result.path == settings.adapters_dir / "luna-adapter" / "v1"
     names = {p.name for p in result.path.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "training-report.json", "loss-curve.png",
-            "train-hashes.txt"} <= names and "checkpoints" not in names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training-report.json",
+        "loss-curve.png",
+        "train-hashes.txt",
+    } <= names and "checkpoints" not in names
     report = json.loads((result.path / "training-report.json").read_text())
     m = report["metrics"]
     assert m["valLoss"] < m["baseValLoss"] - 0.5, m  # clearly learned something about the data
@@ -247,7 +264,9 @@ def test_overwrite_replaces_one_slot_only_on_success(settings):
     assert len(list((settings.adapters_dir / "luna-adapter" / ".slots").iterdir())) == 1
     versions = registry.list_adapters(settings)["luna-adapter"]["versions"]
     assert [(v["version"], v["revision"], v.get("replaced", False)) for v in versions] == [
-        ("current", 1, True), ("current", 2, False)]
+        ("current", 1, True),
+        ("current", 2, False),
+    ]
     assert registry.get_version(settings, "luna-adapter", "current")["revision"] == 2
 
 
@@ -278,8 +297,19 @@ def test_plain_progress_lines_for_logs():
     out = io.StringIO()
     with ProgressDisplay(tty=False, stream=out, every=0) as display:
         display.on_event({"type": "eval", "epoch": 0, "valLoss": None, "baseValLoss": 8.0})
-        display.on_event({"type": "progress", "step": 2, "totalSteps": 4, "epoch": 1, "epochs": 2, "percent": 50.0,
-                          "loss": 7.5, "tokensPerSec": 1234.5, "etaSeconds": 75})
+        display.on_event(
+            {
+                "type": "progress",
+                "step": 2,
+                "totalSteps": 4,
+                "epoch": 1,
+                "epochs": 2,
+                "percent": 50.0,
+                "loss": 7.5,
+                "tokensPerSec": 1234.5,
+                "etaSeconds": 75,
+            }
+        )
         display.on_event({"type": "log", "message": "done"})
     assert out.getvalue().splitlines() == [
         "epoch 0: base val loss 8.0000",
@@ -295,10 +325,13 @@ def test_older_transformers_without_masked_logits_give_the_same_loss(settings, m
 
     tok = models.load_tokenizer("luna-tiny", settings)
     model = models.load_model("luna-tiny", settings, "cpu")
-    samples = [encode_chat(tok, m, 128) for m in (
-        [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo, ich bin Luna."}],
-        [{"role": "user", "content": "Wer bist du?"}, {"role": "assistant", "content": "Luna, deine Assistentin."}],
-    )]
+    samples = [
+        encode_chat(tok, m, 128)
+        for m in (
+            [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo, ich bin Luna."}],
+            [{"role": "user", "content": "Wer bist du?"}, {"role": "assistant", "content": "Luna, deine Assistentin."}],
+        )
+    ]
     batch = make_batch(samples, 128, tok.pad_token_id, packing=True)
     with_mask, targets = train.forward_supervised(model, batch, "cpu")
     monkeypatch.setattr(train, "masked_logits_supported", lambda: False)

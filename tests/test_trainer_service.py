@@ -61,7 +61,12 @@ def prepare_root(home: Path) -> None:
     store.load_seed(settings)
     export.export(settings)
     ensure_tiny(settings)
-    case = {"id": "short", "prompt": "Wer bist du?", "checks": [{"type": "max_chars", "value": 4000}], "maxNewTokens": 4}
+    case = {
+        "id": "short",
+        "prompt": "Wer bist du?",
+        "checks": [{"type": "max_chars", "value": 4000}],
+        "maxNewTokens": 4,
+    }
     settings.eval_dir.mkdir(parents=True, exist_ok=True)
     (settings.eval_dir / "mini.jsonl").write_text(json.dumps(case) + "\n")
 
@@ -95,7 +100,9 @@ def workers_of(home: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "lunatrain.service.worker" in (proc.info["cmdline"] or []) and proc.environ().get("ASSISTANT_HOME") == str(home):
+            if "lunatrain.service.worker" in (proc.info["cmdline"] or []) and proc.environ().get(
+                "ASSISTANT_HOME"
+            ) == str(home):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -299,7 +306,9 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": url}
     followed = CliRunner().invoke(app, ["jobs", "follow", ja.id], env=env)
     assert followed.exit_code == 0, followed.output
-    assert "progress step 2/2" in followed.output and f"succeeded: adapter fifo-a@{ja.adapter.version}" in followed.output
+    assert (
+        "progress step 2/2" in followed.output and f"succeeded: adapter fifo-a@{ja.adapter.version}" in followed.output
+    )
     listed = CliRunner().invoke(app, ["jobs", "list", "--limit", "2"], env=env)
     assert listed.exit_code == 0 and listed.output.index(jb.id) < listed.output.index(ja.id)
 
@@ -334,10 +343,25 @@ def test_the_job_trains_on_the_base_model_the_client_resolved(svc):
     other = settings.home / "models" / "other-base"
     if not other.exists():
         build_tiny_model(other, hidden=32, layers=1, heads=2, kv_heads=1, seed=7)
-    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url,
-           "ASSISTANT_BASE_MODEL": str(other)}
-    flags = ["--adapter-name", "moved", "--datasetTier", "memory", "--epochs", "1", "--max-steps", "1",
-             "--batch-size", "4", "--no-gate", "--json"]
+    env = {
+        "ASSISTANT_HOME": str(settings.home),
+        "ASSISTANT_LORA_TRAINER_URL": svc.url,
+        "ASSISTANT_BASE_MODEL": str(other),
+    }
+    flags = [
+        "--adapter-name",
+        "moved",
+        "--datasetTier",
+        "memory",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--no-gate",
+        "--json",
+    ]
     cli = CliRunner().invoke(app, ["lora", *flags], env=env)
     assert cli.exit_code == 0, cli.output
     job = next(j for j in trainer_client.list_jobs(settings, limit=500) if j.params["adapterName"] == "moved")
@@ -358,8 +382,19 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     nanny = submit(settings, QUICK | {"adapterName": "nanny"})
     # The crashing job goes through `lunatrain lora` (its default path: ensure, submit, follow to the end).
     env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
-    flags = ["--adapter-name", "crashy", "--datasetTier", "memory", "--epochs", "1", "--max-steps", "2",
-             "--batch-size", "4", "--no-gate"]
+    flags = [
+        "--adapter-name",
+        "crashy",
+        "--datasetTier",
+        "memory",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-gate",
+    ]
     cli = CliRunner().invoke(app, ["lora", *flags], env=env)
     assert cli.exit_code == 1, cli.output
     assert "Submitted job" in cli.output and "child_crashed" in cli.output
@@ -415,9 +450,13 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
     try:
         # Three epochs on the memory tier, one sample per step so an epoch outlasts the test's polling; a
         # checkpoint is written after each epoch.
-        job = submit(trainer.settings, QUICK | {"adapterName": "resumed", "epochs": 3, "maxSteps": None,
-                                                "batchSize": 1, "resume": True})
-        wait_event(trainer.settings, job.id, lambda e: e.type == "log" and "checkpoint saved" in e.model_extra["message"])
+        job = submit(
+            trainer.settings,
+            QUICK | {"adapterName": "resumed", "epochs": 3, "maxSteps": None, "batchSize": 1, "resume": True},
+        )
+        wait_event(
+            trainer.settings, job.id, lambda e: e.type == "log" and "checkpoint saved" in e.model_extra["message"]
+        )
         child = worker_for(job.id)
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()

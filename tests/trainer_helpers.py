@@ -59,8 +59,12 @@ def start_trainer(home: Path, port: int, *, timeout: float = 90.0, **env: str) -
     log = open(home / f"trainer-{port}.log", "ab")  # noqa: SIM115 - the child holds it
     proc = subprocess.Popen(
         [sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)],
-        cwd=home, env=trainer_env(home, port, **env), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        cwd=home,
+        env=trainer_env(home, port, **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     log.close()
     url = f"http://127.0.0.1:{port}"

@@ -33,13 +33,22 @@ def save(run: Run) -> Path:
     adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(run.model).items()}
     atomic_write_bytes(tmp / "adapter.safetensors", save(adapter))
     opt_state = run.optimizer.state_dict()
-    opt_tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items()
-                   for k, v in st.items() if isinstance(v, torch.Tensor)}
+    opt_tensors = {
+        f"{i}.{k}": v.detach().cpu().contiguous()
+        for i, st in opt_state["state"].items()
+        for k, v in st.items()
+        if isinstance(v, torch.Tensor)
+    }
     atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
     state = {
-        "epoch": run.epoch, "step": run.step, "paramGroups": opt_state["param_groups"],
-        "scheduler": run.scheduler.state_dict(), "baseValLoss": run.base_val_loss, "epochs": run.epochs,
-        "curve": run.curve, "tokensSeen": run.tokens_seen,
+        "epoch": run.epoch,
+        "step": run.step,
+        "paramGroups": opt_state["param_groups"],
+        "scheduler": run.scheduler.state_dict(),
+        "baseValLoss": run.base_val_loss,
+        "epochs": run.epochs,
+        "curve": run.curve,
+        "tokensSeen": run.tokens_seen,
         "trainSeconds": run.train_seconds,
     }
     atomic_write_json(tmp / "state.json", state)
@@ -74,8 +83,20 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
     run.scheduler.load_state_dict(state["scheduler"])
     from .train import LoopState
 
-    emit({"type": "log", "message": f"resumed from epoch {state['epoch']} (step {state['step']})",
-          **coded("log.resumed", epoch=state["epoch"], step=state["step"])})
-    return LoopState(epoch=state["epoch"], step=state["step"], base_val_loss=state["baseValLoss"],
-                     epochs=state["epochs"], curve=state["curve"], tokens_seen=state["tokensSeen"],
-                     train_seconds=state["trainSeconds"], resumed_from=state["epoch"])
+    emit(
+        {
+            "type": "log",
+            "message": f"resumed from epoch {state['epoch']} (step {state['step']})",
+            **coded("log.resumed", epoch=state["epoch"], step=state["step"]),
+        }
+    )
+    return LoopState(
+        epoch=state["epoch"],
+        step=state["step"],
+        base_val_loss=state["baseValLoss"],
+        epochs=state["epochs"],
+        curve=state["curve"],
+        tokens_seen=state["tokensSeen"],
+        train_seconds=state["trainSeconds"],
+        resumed_from=state["epoch"],
+    )

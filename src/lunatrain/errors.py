@@ -18,8 +18,14 @@ class LunaError(Exception):
     http_status = 400
     code = "error"
 
-    def __init__(self, message: str, *, details: object | None = None, code: str | None = None,
-                 params: dict[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: object | None = None,
+        code: str | None = None,
+        params: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details

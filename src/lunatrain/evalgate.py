@@ -40,8 +40,20 @@ from .settings import Settings
 from .wire import finite, now_iso
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
-    "CHECK_TYPES", "EvalCase", "EvalCheck", "GateReport", "GateThresholds", "ensure_suite", "eval_gate",
-    "gate_candidate", "judge", "last_report", "load_suite", "parse_suite_file", "parse_thresholds", "select_candidate",
+    "CHECK_TYPES",
+    "EvalCase",
+    "EvalCheck",
+    "GateReport",
+    "GateThresholds",
+    "ensure_suite",
+    "eval_gate",
+    "gate_candidate",
+    "judge",
+    "last_report",
+    "load_suite",
+    "parse_suite_file",
+    "parse_thresholds",
+    "select_candidate",
     "suite_hash",
 ]
 
@@ -71,8 +83,11 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresh
     try:
         return GateThresholds.model_validate(data or {})
     except ValidationError as exc:
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: "
-                 f"{'unknown threshold' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors()]
+        parts = [
+            f"{'.'.join(str(p) for p in e['loc'])}: "
+            f"{'unknown threshold' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors()
+        ]
         raise UsageError("Invalid gate thresholds: " + "; ".join(parts) + ".") from None
 
 
@@ -82,8 +97,9 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresh
 class _Evaluator:
     """One loaded base model with the adapters under test attached by name; `use(None)` is the base."""
 
-    def __init__(self, settings: Settings, base: Any, adapters: dict[str, Path],
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, base: Any, adapters: dict[str, Path], chat_template: str | None = None
+    ) -> None:
         from . import models
 
         self.device = models.resolve_device("auto")
@@ -139,10 +155,18 @@ class _Evaluator:
         for case in cases:
             output, stopped, n_new = outputs[case.id]
             checks = [{**c.to_dict(), "passed": c.run(output, stopped)} for c in case.checks]
-            results.append({
-                "id": case.id, "source": case.source, "prompt": case.messages[-1]["content"], "output": output,
-                "stopped": stopped, "newTokens": n_new, "checks": checks, "passed": all(c["passed"] for c in checks),
-            })
+            results.append(
+                {
+                    "id": case.id,
+                    "source": case.source,
+                    "prompt": case.messages[-1]["content"],
+                    "output": output,
+                    "stopped": stopped,
+                    "newTokens": n_new,
+                    "checks": checks,
+                    "passed": all(c["passed"] for c in checks),
+                }
+            )
         return results
 
     def _generate(self, cases: list[EvalCase], limit: int) -> dict[str, tuple[str, bool, int]]:
@@ -158,15 +182,22 @@ class _Evaluator:
             tok.padding_side = side
         with torch.no_grad():
             out = self.model.generate(
-                **enc, max_new_tokens=limit, do_sample=False, eos_token_id=self.stop_ids,
+                **enc,
+                max_new_tokens=limit,
+                do_sample=False,
+                eos_token_id=self.stop_ids,
                 pad_token_id=tok.pad_token_id,
             )
         result = {}
-        for case, row in zip(cases, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
+        for case, row in zip(cases, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
             end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             new = row if end is None else row[:end]
             # keep every other special token in the text: a leaked <|im_start|> must be visible to checks
-            result[case.id] = (tok.decode(new, skip_special_tokens=False), end is not None, len(new) + (end is not None))
+            result[case.id] = (
+                tok.decode(new, skip_special_tokens=False),
+                end is not None,
+                len(new) + (end is not None),
+            )
         return result
 
     def losses(self, tokenized: Any) -> dict[str, float | None]:
@@ -229,28 +260,51 @@ class GateReport:
         return self.decision == "pass"
 
     def to_dict(self) -> dict[str, Any]:
-        return finite({
-            "format": GATE_FORMAT, "decision": self.decision, "passed": self.passed, "reasons": self.reasons,
-            "reasonCodes": self.reason_codes,
-            "candidate": self.candidate, "baseline": self.baseline, "metrics": self.metrics,
-            "baseMetrics": self.base_metrics, "thresholds": self.thresholds, "context": self.context,
-            "cases": self.cases, "created": self.created, "notes": self.notes, "promoted": self.promoted,
-        })
+        return finite(
+            {
+                "format": GATE_FORMAT,
+                "decision": self.decision,
+                "passed": self.passed,
+                "reasons": self.reasons,
+                "reasonCodes": self.reason_codes,
+                "candidate": self.candidate,
+                "baseline": self.baseline,
+                "metrics": self.metrics,
+                "baseMetrics": self.base_metrics,
+                "thresholds": self.thresholds,
+                "context": self.context,
+                "cases": self.cases,
+                "created": self.created,
+                "notes": self.notes,
+                "promoted": self.promoted,
+            }
+        )
 
     def gate_record(self) -> dict[str, Any]:
         """What the registry keeps on the version (and what a later gate compares against)."""
-        return finite({
-            "status": "passed" if self.passed else "failed", "passed": self.passed, "reasons": self.reasons,
-            "reasonCodes": self.reason_codes,
-            "at": self.created, "metrics": self.metrics, "baseMetrics": self.base_metrics,
-            "context": self.context, "baseline": self.baseline.get("ref"), "promoted": self.promoted,
-            "thresholds": self.thresholds,
-        })
+        return finite(
+            {
+                "status": "passed" if self.passed else "failed",
+                "passed": self.passed,
+                "reasons": self.reasons,
+                "reasonCodes": self.reason_codes,
+                "at": self.created,
+                "metrics": self.metrics,
+                "baseMetrics": self.base_metrics,
+                "context": self.context,
+                "baseline": self.baseline.get("ref"),
+                "promoted": self.promoted,
+                "thresholds": self.thresholds,
+            }
+        )
 
     def raise_on_fail(self) -> GateReport:
         if not self.passed:
-            raise CheckFailed(f"Eval gate failed for {self.candidate['ref']}: " + "; ".join(self.reasons)
-                              + f" (see {self.path or REPORT_FILE}).")
+            raise CheckFailed(
+                f"Eval gate failed for {self.candidate['ref']}: "
+                + "; ".join(self.reasons)
+                + f" (see {self.path or REPORT_FILE})."
+            )
         return self
 
 
@@ -355,7 +409,8 @@ def _active_for_base(settings: Settings, base_model: str | None) -> dict[str, An
                 f"`lunatrain eval-gate --adapter {active[0]['name']}`, or deactivate the others with "
                 f"`lunatrain adapters deactivate {active[-1]['name']}` (API: `adapter` in POST /assistant/training/"
                 f"eval-gate, or POST /assistant/training/adapters/{active[-1]['name']}/deactivate).",
-                code="gate.several_active", params={"adapters": refs, "baseModel": base.id},
+                code="gate.several_active",
+                params={"adapters": refs, "baseModel": base.id},
             )
         return preferred[0]
     return active[0] if active else None
@@ -365,20 +420,29 @@ def _ref(entry: dict[str, Any] | None, base: Any) -> str:
     return f"{entry['name']}@{entry['version']}" if entry else f"base:{base.id}"
 
 
-def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | None, th: GateThresholds,
-         chat_template: str | None = None) -> GateReport:
+def _run(
+    settings: Settings,
+    entry: dict[str, Any] | None,
+    base_model: str | None,
+    th: GateThresholds,
+    chat_template: str | None = None,
+) -> GateReport:
     from . import models, registry
 
     cases = load_suite(settings)
     notes: list[str] = []
     if entry is not None:
         if entry.get("replaced"):
-            raise Conflict(f"{entry['name']}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
+            raise Conflict(
+                f"{entry['name']}@{entry['version']} revision {entry.get('revision')} was replaced and is gone."
+            )
         trained_on = entry.get("baseModel", {})
         base = models.resolve_base(trained_on.get("id"), settings)
         if base.fingerprint != trained_on.get("fingerprint"):
-            raise Conflict(f"{entry['name']}@{entry['version']} was trained on base model {trained_on.get('id')!r}, "
-                           "whose files have changed since (fingerprint differs); retrain it.")
+            raise Conflict(
+                f"{entry['name']}@{entry['version']} was trained on base model {trained_on.get('id')!r}, "
+                "whose files have changed since (fingerprint differs); retrain it."
+            )
         params = entry.get("params") or {}
         tier, max_len = entry.get("datasetTier", DEFAULT_TIER), int(params.get("maxSeqLength", 1024))
     else:
@@ -397,8 +461,12 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
     ev = _Evaluator(settings, base, adapters, chat_template)
     tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
     context = {
-        "format": GATE_FORMAT, "suite": suite_hash(cases), "tier": tier, "maxSeqLength": max_len,
-        "data": tokenized.fingerprint if tokenized else None, "base": base.fingerprint,
+        "format": GATE_FORMAT,
+        "suite": suite_hash(cases),
+        "tier": tier,
+        "maxSeqLength": max_len,
+        "data": tokenized.fingerprint if tokenized else None,
+        "base": base.fingerprint,
     }
 
     cand = "candidate" if entry is not None else None
@@ -415,15 +483,23 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
     if entry is None:
         baseline = {"kind": "base", "ref": _ref(None, base), "source": "candidate itself", "metrics": metrics}
     elif baseline_entry is not None and _comparable(baseline_entry, context):
-        baseline = {"kind": "adapter", "ref": _ref(baseline_entry, base), "source": "recorded",
-                    "metrics": baseline_entry["gate"]["metrics"]}
+        baseline = {
+            "kind": "adapter",
+            "ref": _ref(baseline_entry, base),
+            "source": "recorded",
+            "metrics": baseline_entry["gate"]["metrics"],
+        }
     elif baseline_entry is not None and baseline_entry["version"] != entry["version"]:
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
             bl_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}
         baseline_cases = {r["id"]: r["passed"] for r in bl_results}
-        baseline = {"kind": "adapter", "ref": _ref(baseline_entry, base), "source": "evaluated",
-                    "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]}}
+        baseline = {
+            "kind": "adapter",
+            "ref": _ref(baseline_entry, base),
+            "source": "evaluated",
+            "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]},
+        }
     else:
         with ev.use(None):
             base_results = ev.golden(cases)
@@ -439,9 +515,16 @@ def _run(settings: Settings, entry: dict[str, Any] | None, base_model: str | Non
         decision="fail" if judged else "pass",
         reasons=[text for text, _ in judged],
         reason_codes=[c for _, c in judged],
-        candidate={"kind": "adapter" if entry else "base", "ref": _ref(entry, base),
-                   "name": entry["name"] if entry else None, "version": entry["version"] if entry else None,
-                   "baseModel": base.id, "baseFingerprint": base.fingerprint, "tier": tier, "device": ev.device},
+        candidate={
+            "kind": "adapter" if entry else "base",
+            "ref": _ref(entry, base),
+            "name": entry["name"] if entry else None,
+            "version": entry["version"] if entry else None,
+            "baseModel": base.id,
+            "baseFingerprint": base.fingerprint,
+            "tier": tier,
+            "device": ev.device,
+        },
         baseline=baseline,
         metrics=metrics,
         base_metrics=base_metrics,
@@ -486,8 +569,12 @@ def judge(
     reasons: list[tuple[str, dict[str, Any]]] = []
     rate = metrics["goldenPassRate"]
     if rate < th.min_golden_pass_rate:
-        reasons.append((f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}",
-                        coded("gate.below_minimum", rate=rate, minimum=th.min_golden_pass_rate)))
+        reasons.append(
+            (
+                f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}",
+                coded("gate.below_minimum", rate=rate, minimum=th.min_golden_pass_rate),
+            )
+        )
     for split in ("val", "test"):
         loss, base_loss = metrics.get(f"{split}Loss"), base_metrics.get(f"{split}Loss")
         if loss is None:
@@ -500,25 +587,54 @@ def judge(
         ratio = loss / base_loss
         metrics[f"{split}LossRatioVsBase"] = ratio
         if ratio > th.max_val_loss_ratio_vs_base:
-            reasons.append((f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
-                            f"(allowed {th.max_val_loss_ratio_vs_base})",
-                            coded("gate.loss_vs_base", split=split, loss=loss, ratio=ratio, baseLoss=base_loss,
-                                  allowed=th.max_val_loss_ratio_vs_base)))
+            reasons.append(
+                (
+                    f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
+                    f"(allowed {th.max_val_loss_ratio_vs_base})",
+                    coded(
+                        "gate.loss_vs_base",
+                        split=split,
+                        loss=loss,
+                        ratio=ratio,
+                        baseLoss=base_loss,
+                        allowed=th.max_val_loss_ratio_vs_base,
+                    ),
+                )
+            )
     if candidate_is_base or baseline.get("source") == "candidate itself":
         return reasons
     bl = baseline.get("metrics") or {}
     bl_rate = bl.get("goldenPassRate")
     if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
-        reasons.append((f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
-                        f"allowed drop {th.max_golden_pass_rate_drop})",
-                        coded("gate.pass_rate_regression", rate=rate, baseline=baseline["ref"], baselineRate=bl_rate,
-                              allowedDrop=th.max_golden_pass_rate_drop)))
+        reasons.append(
+            (
+                f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
+                f"allowed drop {th.max_golden_pass_rate_drop})",
+                coded(
+                    "gate.pass_rate_regression",
+                    rate=rate,
+                    baseline=baseline["ref"],
+                    baselineRate=bl_rate,
+                    allowedDrop=th.max_golden_pass_rate_drop,
+                ),
+            )
+        )
     if baseline.get("kind") == "adapter":  # against the base, the loss ratio rule above applies
         for split in ("val", "test"):
             loss, bl_loss = metrics.get(f"{split}Loss"), bl.get(f"{split}Loss")
             if loss is not None and bl_loss and math.isfinite(loss) and loss > bl_loss * (1 + th.max_loss_regression):
-                reasons.append((f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
-                                f"allowed +{th.max_loss_regression:.0%})",
-                                coded("gate.loss_regression", split=split, loss=loss, baseline=baseline["ref"],
-                                      baselineLoss=bl_loss, allowed=th.max_loss_regression)))
+                reasons.append(
+                    (
+                        f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
+                        f"allowed +{th.max_loss_regression:.0%})",
+                        coded(
+                            "gate.loss_regression",
+                            split=split,
+                            loss=loss,
+                            baseline=baseline["ref"],
+                            baselineLoss=bl_loss,
+                            allowed=th.max_loss_regression,
+                        ),
+                    )
+                )
     return reasons

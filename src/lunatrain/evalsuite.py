@@ -105,11 +105,14 @@ def load_suite(settings: Settings) -> list[EvalCase]:
                 first_seen[case.id] = case.source
                 cases.append(case)
     if problems:
-        raise UsageError(f"The eval suite has {len(problems)} problem(s): " + "; ".join(problems) + ".",
-                         details=problems)
+        raise UsageError(
+            f"The eval suite has {len(problems)} problem(s): " + "; ".join(problems) + ".", details=problems
+        )
     if not cases:
-        raise UsageError(f"The eval suite in {settings.eval_dir} has no cases; add some or delete the files "
-                         "to get the shipped suite back.")
+        raise UsageError(
+            f"The eval suite in {settings.eval_dir} has no cases; add some or delete the files "
+            "to get the shipped suite back."
+        )
     return cases
 
 
@@ -177,12 +180,19 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system is not None:
         errs.append("'system' goes with 'prompt'; put a system message into 'messages' instead")
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in _ROLES and isinstance(m["content"], str)
-        for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict)
+            and set(m) == {"role", "content"}
+            and m["role"] in _ROLES
+            and isinstance(m["content"], str)
+            for m in messages
+        )
     )
     if not ok:
-        errs.append("'messages' must be a non-empty list of {\"role\": system|user|assistant, \"content\": string}")
+        errs.append('\'messages\' must be a non-empty list of {"role": system|user|assistant, "content": string}')
         return []
     if messages[-1]["role"] != "user":
         errs.append("'messages' must end with a user message (the gate generates the answer)")
@@ -230,6 +240,13 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
 
 
 def suite_hash(cases: list[EvalCase]) -> str:
-    ident = [{"id": c.id, "messages": c.messages, "checks": [k.to_dict() for k in c.checks],
-              "maxNewTokens": c.max_new_tokens} for c in cases]
+    ident = [
+        {
+            "id": c.id,
+            "messages": c.messages,
+            "checks": [k.to_dict() for k in c.checks],
+            "maxNewTokens": c.max_new_tokens,
+        }
+        for c in cases
+    ]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -187,14 +187,34 @@ def _tags_json(raw: str | None) -> str:
 
 
 def _line(
-    *, rid: str, content_hash: str, source: str, split: str, conversation_id: str | None,
-    rating: int | None, tags_raw: str | None, messages: list[str],
+    *,
+    rid: str,
+    content_hash: str,
+    source: str,
+    split: str,
+    conversation_id: str | None,
+    rating: int | None,
+    tags_raw: str | None,
+    messages: list[str],
 ) -> bytes:
     text = (
-        '{"conversation_id":' + ("null" if conversation_id is None else _enc(conversation_id))
-        + ',"hash":"' + content_hash + '","id":"' + rid + '","messages":[' + ",".join(messages)
-        + '],"rating":' + ("null" if rating is None else str(rating))
-        + ',"source":"' + source + '","split":"' + split + '","tags":' + _tags_json(tags_raw) + "}"
+        '{"conversation_id":'
+        + ("null" if conversation_id is None else _enc(conversation_id))
+        + ',"hash":"'
+        + content_hash
+        + '","id":"'
+        + rid
+        + '","messages":['
+        + ",".join(messages)
+        + '],"rating":'
+        + ("null" if rating is None else str(rating))
+        + ',"source":"'
+        + source
+        + '","split":"'
+        + split
+        + '","tags":'
+        + _tags_json(tags_raw)
+        + "}"
     )
     if not text.isascii():
         text = text.translate(_LINE_BREAKS)
@@ -205,10 +225,17 @@ def _example_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
     ex = examples_table
     query = (
         sa.select(
-            ex.c.id, ex.c.hash, ex.c.prompt, ex.c.response, ex.c.system,
+            ex.c.id,
+            ex.c.hash,
+            ex.c.prompt,
+            ex.c.response,
+            ex.c.system,
             # JSON columns as their stored text: decoded only when present (turns) or cached (tags).
-            sa.cast(ex.c.turns, sa.Text).label("turns"), ex.c.source, ex.c.rating,
-            sa.cast(ex.c.tags, sa.Text).label("tags"), ex.c.conversation_id,
+            sa.cast(ex.c.turns, sa.Text).label("turns"),
+            ex.c.source,
+            ex.c.rating,
+            sa.cast(ex.c.tags, sa.Text).label("tags"),
+            ex.c.conversation_id,
         )
         .where(ex.c.status == "approved")
         .order_by(ex.c.hash)
@@ -220,7 +247,9 @@ def _example_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
 def _memory_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
     m, ex = memory_table, examples_table
     query = (
-        sa.select(m.c.id, m.c.hash, m.c.question, m.c.answer, sa.cast(m.c.tags, sa.Text).label("tags"), ex.c.conversation_id)
+        sa.select(
+            m.c.id, m.c.hash, m.c.question, m.c.answer, sa.cast(m.c.tags, sa.Text).label("tags"), ex.c.conversation_id
+        )
         .select_from(m.outerjoin(ex, ex.c.hash == m.c.hash))
         .where(m.c.status == "approved")
         .order_by(m.c.hash)
@@ -236,12 +265,24 @@ def _record_line(kind: int, row: Any, split: str) -> bytes:
             messages += [_message(t["role"], t["content"]) for t in json.loads(row.turns)]
         messages += [_message("user", row.prompt), _message("assistant", row.response)]
         return _line(
-            rid=f"ex-{row.id}", content_hash=row.hash, source=row.source, split=split,
-            conversation_id=row.conversation_id, rating=row.rating, tags_raw=row.tags, messages=messages,
+            rid=f"ex-{row.id}",
+            content_hash=row.hash,
+            source=row.source,
+            split=split,
+            conversation_id=row.conversation_id,
+            rating=row.rating,
+            tags_raw=row.tags,
+            messages=messages,
         )
     return _line(
-        rid=f"mem-{row.id}", content_hash=row.hash, source="memory", split=split, conversation_id=None,
-        rating=None, tags_raw=row.tags, messages=[_message("user", row.question), _message("assistant", row.answer)],
+        rid=f"mem-{row.id}",
+        content_hash=row.hash,
+        source="memory",
+        split=split,
+        conversation_id=None,
+        rating=None,
+        tags_raw=row.tags,
+        messages=[_message("user", row.question), _message("assistant", row.answer)],
     )
 
 
@@ -444,7 +485,7 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path
     root = settings.training_dir / EXPORTS_DIR
     current = current_id(settings)
     ids = export_ids(settings)
-    kept = {current} | set(ids[-max(keep, 1):])
+    kept = {current} | set(ids[-max(keep, 1) :])
     doomed = [root / i for i in ids if i not in kept]
     doomed += sorted(p for p in root.iterdir() if p.name.endswith(".partial"))
     if not dry_run:

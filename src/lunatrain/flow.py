@@ -29,7 +29,7 @@ STEPS = ("eval-gate", "export", "prepare", "lora")
 # What to do when a step fails, said once at the end of the error sentence.
 _FIX = {
     "eval-gate": "fix, roll back or deactivate the active adapter (`lunatrain adapters rollback NAME`, "
-                 "`lunatrain adapters deactivate NAME`) or name one with --adapter, and run again",
+    "`lunatrain adapters deactivate NAME`) or name one with --adapter, and run again",
     "export": "check the database settings (ASSISTANT_DB_URL) and the split ratios, then run again",
     "prepare": "fix the examples listed in reports/training/prepare-latest.json, or lower --minCurated",
     "lora": "see `lunatrain jobs list` and `lunatrain adapters show NAME`, then run again",
@@ -70,27 +70,48 @@ def train_and_gate(
     error = None
     if not result.ok:
         error = result.error or {"code": "training_error", "message": "training failed"}
-    outcome: dict[str, Any] = {"status": result.status.value, "adapter": adapter, "error": error, "gate": None,
-                               "metrics": (result.report or {}).get("metrics") or {}, "jobId": job_id}
+    outcome: dict[str, Any] = {
+        "status": result.status.value,
+        "adapter": adapter,
+        "error": error,
+        "gate": None,
+        "metrics": (result.report or {}).get("metrics") or {},
+        "jobId": job_id,
+    }
     if adapter is None:
         return outcome
     if on_trained is not None:
         on_trained(outcome)
     if options.gate and may_gate():
         emit = on_event or (lambda _e: None)
-        emit({"type": "log", "message": f"eval gate for {adapter['name']}@{adapter['version']}",
-              **coded("log.gate_started", name=adapter["name"], version=adapter["version"])})
+        emit(
+            {
+                "type": "log",
+                "message": f"eval gate for {adapter['name']}@{adapter['version']}",
+                **coded("log.gate_started", name=adapter["name"], version=adapter["version"]),
+            }
+        )
         try:
-            report = evalgate.gate_candidate(settings, adapter["name"], adapter["version"], promote=True,
-                                             thresholds=thresholds)
+            report = evalgate.gate_candidate(
+                settings, adapter["name"], adapter["version"], promote=True, thresholds=thresholds
+            )
             outcome["gate"] = report.gate_record()
         except Exception as exc:  # noqa: BLE001 - a broken gate never undoes the adapter: registered, inactive
             outcome["gate"] = {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
         reasons = "; ".join(outcome["gate"].get("reasons") or [])
         passed = bool(outcome["gate"].get("passed"))
-        emit({"type": "log", "message": f"eval gate {outcome['gate'].get('status')}" + (f": {reasons}" if reasons else ""),
-              **coded("log.gate_passed" if passed else "log.gate_failed", name=adapter["name"],
-                      version=adapter["version"], reasons=reasons)})
+        emit(
+            {
+                "type": "log",
+                "message": f"eval gate {outcome['gate'].get('status')}" + (f": {reasons}" if reasons else ""),
+                **coded(
+                    "log.gate_passed" if passed else "log.gate_failed",
+                    name=adapter["name"],
+                    version=adapter["version"],
+                    reasons=reasons,
+                ),
+            }
+        )
     return outcome
 
 
@@ -135,8 +156,9 @@ def submit(
     return client.submit(settings, params, options, request_id, thresholds)
 
 
-def quick_start(settings: Settings, profile_name: str, overrides: dict[str, Any],
-                request_id: str | None = None) -> tuple[Any, export.ExportSummary]:
+def quick_start(
+    settings: Settings, profile_name: str, overrides: dict[str, Any], request_id: str | None = None
+) -> tuple[Any, export.ExportSummary]:
     """The profile's parameters on its short schedule, on a fresh export of the store."""
     from .profiles import load_profile
     from .service.ensure import ensure_trainer
@@ -148,8 +170,9 @@ def quick_start(settings: Settings, profile_name: str, overrides: dict[str, Any]
     return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
 
 
-def example_adapter(settings: Settings, adapter_name: str,
-                    request_id: str | None = None) -> tuple[Any, dict[str, int] | None, export.ExportSummary]:
+def example_adapter(
+    settings: Settings, adapter_name: str, request_id: str | None = None
+) -> tuple[Any, dict[str, int] | None, export.ExportSummary]:
     """An example adapter on the bundled dataset: seeded into an empty store, exported, submitted with the
     Luna profile's short schedule. Returns the job, what was seeded (None when the store had data) and the
     export summary."""
@@ -165,8 +188,9 @@ def example_adapter(settings: Settings, adapter_name: str,
         seeded = {"examplesAdded": res.examples_added, "memoryAdded": res.memory_added}
     summary = export.export(settings)
     profile = load_profile(settings, "luna")
-    params, options = profile.resolve({"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0},
-                                      quick=True)
+    params, options = profile.resolve(
+        {"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True
+    )
     job = submit(settings, params, options, thresholds=profile.gate, request_id=request_id)
     return job, seeded, summary
 
@@ -225,19 +249,33 @@ def run_flow(
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {_FIX[name]}.", details=result)
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
-        report = evalgate.eval_gate(settings, adapter=adapter, prefer=params.adapter_name, base_model=params.base_model,
-                                    thresholds=gate_thresholds,
-                                    chat_template=params.chat_template)
+        report = evalgate.eval_gate(
+            settings,
+            adapter=adapter,
+            prefer=params.adapter_name,
+            base_model=params.base_model,
+            thresholds=gate_thresholds,
+            chat_template=params.chat_template,
+        )
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
-        return report.passed, f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""), {
-            "decision": report.decision, "path": report.path}
+        return (
+            report.passed,
+            f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""),
+            {"decision": report.decision, "path": report.path},
+        )
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:
         summary = export.export(settings)
         curated = summary.counts["curated"]
-        return True, (f"{curated['total']} curated samples ({curated['train']} train, {curated['val']} val), "
-                      f"fingerprint {summary.fingerprint[:12]}"), {"fingerprint": summary.fingerprint}
+        return (
+            True,
+            (
+                f"{curated['total']} curated samples ({curated['train']} train, {curated['val']} val), "
+                f"fingerprint {summary.fingerprint[:12]}"
+            ),
+            {"fingerprint": summary.fingerprint},
+        )
 
     def preflight() -> tuple[bool, str, dict[str, Any]]:
         report = prepare.prepare(settings, params, min_curated=options.min_curated)
@@ -276,15 +314,22 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         gate = entry.get("gate") or {}
         trained_on = entry.get("baseModel") or {}
         state = registry.activation_state(settings, entry, str(trained_on.get("fingerprint")))
-        lines.append(f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}"
-                     + (" (active)" if state["active"] else f" (not active: {state['reason']})"))
+        lines.append(
+            f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}"
+            + (" (active)" if state["active"] else f" (not active: {state['reason']})")
+        )
         if val is not None and base is not None:
-            lines.append(f"val loss   {val:.4f} vs base {base:.4f} ({(1 - val / base) * 100:+.1f}% better)"
-                         if base else f"val loss   {val:.4f}")
+            lines.append(
+                f"val loss   {val:.4f} vs base {base:.4f} ({(1 - val / base) * 100:+.1f}% better)"
+                if base
+                else f"val loss   {val:.4f}"
+            )
         if gate:
             reasons = "; ".join(gate.get("reasons") or [])
             lines.append(f"gate       {gate.get('status')}" + (f": {reasons}" if reasons else ""))
         lines.append(f"files      {entry.get('path')}/ (adapter, training-report.json, loss-curve.png)")
-    lines.append(f"reports    {settings.reports_training_dir}/ (lora-latest.json, lora-adapters.json, "
-                 f"prepare-latest.json), {settings.reports_eval_dir}/eval-gate-latest.json")
+    lines.append(
+        f"reports    {settings.reports_training_dir}/ (lora-latest.json, lora-adapters.json, "
+        f"prepare-latest.json), {settings.reports_eval_dir}/eval-gate-latest.json"
+    )
     return lines

@@ -359,7 +359,9 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
             # Line of the row's end; header is line 1, so the first data row reports line 2.
             yield f"line {reader.line_num}", _csv_row(row)
     else:
-        raise UsageError(f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv.")
+        raise UsageError(
+            f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
+        )
 
 
 def _csv_row(row: dict[str | None, Any]) -> Any:

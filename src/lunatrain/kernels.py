@@ -74,8 +74,14 @@ def register() -> None:
 
 
 def varlen_attention(
-    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-    dropout: float = 0.0, **kwargs: Any,
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers attention interface: query [1, H, T, D], key/value [1, Hkv, T, D] → [1, T, H, D].
 
@@ -154,15 +160,19 @@ def flash_varlen_ok() -> bool:
         return False
     try:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, 4, 48, 64, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(1, 4, 48, 64, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+            for _ in range(3)
+        )
         cu = torch.tensor([0, 20, 48], device="cuda", dtype=torch.int32)
         fast = _flash_varlen(q, k, v, cu, 28, None)
         if fast is None:
             return False
         fast.float().sum().backward()
-        ref = torch.cat([_sdpa_causal(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, 0.0, None)
-                         for s, e in ((0, 20), (20, 48))], dim=2)[0].transpose(0, 1)
+        ref = torch.cat(
+            [_sdpa_causal(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, 0.0, None) for s, e in ((0, 20), (20, 48))],
+            dim=2,
+        )[0].transpose(0, 1)
         return bool(torch.allclose(fast.float(), ref.float(), atol=2e-2, rtol=2e-2))
     except Exception:  # no kernel for this GPU/dtype, or a signature this code does not know
         return False

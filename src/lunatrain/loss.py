@@ -64,8 +64,7 @@ def _chunk_loss(hidden: Any, targets: Any, head: Any, cap: float | None, device:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def chunked_loss_sum(model: Any, batch: Any, device: str, autocast_dtype: Any = None,
-                     chunk: int | None = None) -> Any:
+def chunked_loss_sum(model: Any, batch: Any, device: str, autocast_dtype: Any = None, chunk: int | None = None) -> Any:
     """Sum of cross-entropy over the batch's supervised positions (float32), chunk by chunk."""
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -75,11 +74,16 @@ def chunked_loss_sum(model: Any, batch: Any, device: str, autocast_dtype: Any = 
     extra: dict[str, Any] = {}
     if batch.cu_seqlens is not None:  # flat layout: where each sample starts, for per-sample attention
         cu = batch.cu_seqlens.to(device)
-        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_length,
-                 "max_length_k": batch.max_length}
+        extra = {
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": batch.max_length,
+            "max_length_k": batch.max_length,
+        }
     with _autocast(device, autocast_dtype):
-        hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                         use_cache=False, **extra).last_hidden_state
+        hidden = decoder(
+            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False, **extra
+        ).last_hidden_state
     hidden, targets = hidden[mask], batch.targets.to(device)[mask]
     size = chunk or chunk_tokens(head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)

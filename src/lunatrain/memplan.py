@@ -78,7 +78,8 @@ class Shape:
             hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or cfg["d_model"])
             heads = int(cfg.get("num_attention_heads") or cfg["n_head"])
             return cls(
-                name=name, hidden=hidden,
+                name=name,
+                hidden=hidden,
                 layers=int(cfg.get("num_hidden_layers") or cfg["n_layer"]),
                 heads=heads,
                 kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -90,14 +91,22 @@ class Shape:
                 varlen=cfg.get("attn_logit_softcapping") is None,
             )
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-            raise UsageError(f"The config of base model {name!r} does not describe a decoder the memory plan "
-                             f"knows (missing {exc}).") from exc
+            raise UsageError(
+                f"The config of base model {name!r} does not describe a decoder the memory plan knows (missing {exc})."
+            ) from exc
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer."""
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -165,8 +174,14 @@ def estimate(shape: Shape, job: Job) -> dict[str, int]:
         logits = min(job.supervised, chunk_tokens(shape.vocab)) * shape.vocab * per_logit + 2 * job.supervised * h * b
     else:
         logits = job.supervised * shape.vocab * per_logit
-    parts = {"weights": int(weights), "lora": lora, "activations": activations, "logits": logits,
-             "allocator": allocator, "overhead": OVERHEAD[job.device]}
+    parts = {
+        "weights": int(weights),
+        "lora": lora,
+        "activations": activations,
+        "logits": logits,
+        "allocator": allocator,
+        "overhead": OVERHEAD[job.device],
+    }
     if job.device == "cuda":
         parts["overhead"] += int(0.05 * sum(parts.values()))  # allocator fragmentation
     return parts | {"total": sum(parts.values())}
@@ -196,16 +211,31 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {
-            "baseModel": d["base_model"], "device": d["device"], "free": d["free"], "budget": d["budget"],
-            "fits": d["fits"], "gradientCheckpointing": d["checkpointing"],
-            "gradientCheckpointingReason": d["checkpointing_reason"], "quantize": d["quantize"], "loss": d["loss"],
-            "tokensPerMicroBatch": d["tokens"], "supervisedPerMicroBatch": d["supervised"], "bytes": d["parts"],
-            "total": d["total"], "suggestion": d["suggestion"], "message": d["message"],
+            "baseModel": d["base_model"],
+            "device": d["device"],
+            "free": d["free"],
+            "budget": d["budget"],
+            "fits": d["fits"],
+            "gradientCheckpointing": d["checkpointing"],
+            "gradientCheckpointingReason": d["checkpointing_reason"],
+            "quantize": d["quantize"],
+            "loss": d["loss"],
+            "tokensPerMicroBatch": d["tokens"],
+            "supervisedPerMicroBatch": d["supervised"],
+            "bytes": d["parts"],
+            "total": d["total"],
+            "suggestion": d["suggestion"],
+            "message": d["message"],
         }
 
 
-def plan(shape: Shape, params: LoraParams, device: dict[str, Any], *, batch_tokens: tuple[int, int] | None = None,
-         ) -> MemoryPlan:
+def plan(
+    shape: Shape,
+    params: LoraParams,
+    device: dict[str, Any],
+    *,
+    batch_tokens: tuple[int, int] | None = None,
+) -> MemoryPlan:
     """The plan for `params` on `device` (a `models.device_info()`-shaped dict: type, memoryFree) without
     raising; `batch_tokens` = (tokens, supervised) of the largest micro-batch, else the worst case
     batchSize x maxSeqLength, all supervised."""
@@ -213,10 +243,17 @@ def plan(shape: Shape, params: LoraParams, device: dict[str, Any], *, batch_toke
     free = int(device.get("memoryFree") or 0)
     budget = int(free * BUDGET_FRACTION.get(kind, 0.85))
     tokens, supervised = batch_tokens or (params.batch_size * params.max_seq_length,) * 2
-    job = Job(device=kind, tokens=tokens, supervised=supervised,
-              rows=1 if params.packing and shape.varlen else params.batch_size, rank=params.rank,
-              targets=(params.target_modules,) if isinstance(params.target_modules, str) else tuple(params.target_modules),
-              dropout=params.dropout > 0, quantize=params.quantize, checkpointing=False)
+    job = Job(
+        device=kind,
+        tokens=tokens,
+        supervised=supervised,
+        rows=1 if params.packing and shape.varlen else params.batch_size,
+        rank=params.rank,
+        targets=(params.target_modules,) if isinstance(params.target_modules, str) else tuple(params.target_modules),
+        dropout=params.dropout > 0,
+        quantize=params.quantize,
+        checkpointing=False,
+    )
     switch = params.gradient_checkpointing
     tries = [False, True] if switch == "auto" else [switch == "true"]
     for ck in tries:
@@ -224,25 +261,39 @@ def plan(shape: Shape, params: LoraParams, device: dict[str, Any], *, batch_toke
         if parts["total"] <= budget:
             break
     fits = parts["total"] <= budget
-    reason = ({"true": "requested", "false": "off as requested"}.get(switch)
-              or ("needed to fit" if ck else "not needed: the job fits without it"))
+    reason = {"true": "requested", "false": "off as requested"}.get(switch) or (
+        "needed to fit" if ck else "not needed: the job fits without it"
+    )
     result = MemoryPlan(
-        base_model=shape.name, device=kind, free=free, budget=budget, fits=fits, checkpointing=ck,
-        checkpointing_reason=reason, quantize=params.quantize, loss="chunked" if shape.chunked_loss else "plain",
-        tokens=tokens, supervised=supervised, parts={k: v for k, v in parts.items() if k != "total"},
+        base_model=shape.name,
+        device=kind,
+        free=free,
+        budget=budget,
+        fits=fits,
+        checkpointing=ck,
+        checkpointing_reason=reason,
+        quantize=params.quantize,
+        loss="chunked" if shape.chunked_loss else "plain",
+        tokens=tokens,
+        supervised=supervised,
+        parts={k: v for k, v in parts.items() if k != "total"},
         total=parts["total"],
     )
     need, have = _gib(parts["total"]), _gib(budget)
     if fits:
-        result.message = (f"{shape.name} fits on {kind}: about {need} of {have} usable"
-                          f"{', with gradient checkpointing' if ck else ''}.")
+        result.message = (
+            f"{shape.name} fits on {kind}: about {need} of {have} usable"
+            f"{', with gradient checkpointing' if ck else ''}."
+        )
         return result
     result.suggestion = _suggest(shape, params, job, budget)
-    fix = (f"it would fit with {result.suggestion}" if result.suggestion else
-           "not even 4-bit weights, one sample per micro-batch and maxSeqLength 256 would fit; use a smaller "
-           "base model or a device with more memory")
-    result.message = (f"This job needs about {need} on {kind} but only {have} is usable "
-                      f"({_gib(free)} free); {fix}.")
+    fix = (
+        f"it would fit with {result.suggestion}"
+        if result.suggestion
+        else "not even 4-bit weights, one sample per micro-batch and maxSeqLength 256 would fit; use a smaller "
+        "base model or a device with more memory"
+    )
+    result.message = f"This job needs about {need} on {kind} but only {have} is usable ({_gib(free)} free); {fix}."
     return result
 
 
@@ -254,8 +305,13 @@ def _suggest(shape: Shape, params: LoraParams, job: Job, budget: int) -> str | N
 
     def fits(change: dict[str, Any]) -> bool:
         tokens = min(job.tokens, change.get("batch", params.batch_size) * change.get("length", params.max_seq_length))
-        trial = replace(job, tokens=tokens, supervised=min(job.supervised, tokens),
-                        checkpointing=change.get("checkpointing", ck), quantize=change.get("quantize", job.quantize))
+        trial = replace(
+            job,
+            tokens=tokens,
+            supervised=min(job.supervised, tokens),
+            checkpointing=change.get("checkpointing", ck),
+            quantize=change.get("quantize", job.quantize),
+        )
         return estimate(shape, trial)["total"] <= budget
 
     steps: list[dict[str, Any]] = []
@@ -304,8 +360,14 @@ def _gib(n: int) -> str:
 # --- entry points -------------------------------------------------------------------------------------
 
 
-def check_fits(settings: Settings, params: LoraParams, device: dict[str, Any] | None = None, *,
-               base: Any = None, batch_tokens: tuple[int, int] | None = None) -> MemoryPlan:
+def check_fits(
+    settings: Settings,
+    params: LoraParams,
+    device: dict[str, Any] | None = None,
+    *,
+    base: Any = None,
+    batch_tokens: tuple[int, int] | None = None,
+) -> MemoryPlan:
     """The plan for this job; raises UsageError (one sentence, naming the option that would make it fit)
     when it cannot fit. `device`: a `models.device_info()` dict for the device the job will use (default:
     the one `params.device` resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
@@ -340,8 +402,11 @@ def device_memory(kind: str) -> dict[str, Any]:
         return info
     import psutil  # a CPU job on a machine with a GPU
 
-    return {"type": "cpu", "memoryFree": int(psutil.virtual_memory().available),
-            "memoryTotal": int(psutil.virtual_memory().total)}
+    return {
+        "type": "cpu",
+        "memoryFree": int(psutil.virtual_memory().available),
+        "memoryTotal": int(psutil.virtual_memory().total),
+    }
 
 
 def largest_batch(samples: list[Any], batch_size: int) -> tuple[int, int]:
@@ -361,8 +426,10 @@ def capabilities(device: dict[str, Any], params: LoraParams | None = None) -> li
     with `params` (default: LoraParams(), r=16, 4 x 1024 tokens) fits as it is or with --quantize=4bit."""
     params = params or LoraParams()
     kind = device.get("type", "cpu")
-    head = (f"What this {kind} can train ({_gib(int(device.get('memoryFree') or 0))} free; LoRA r={params.rank}, "
-            f"{params.batch_size} x {params.max_seq_length} tokens per micro-batch):")
+    head = (
+        f"What this {kind} can train ({_gib(int(device.get('memoryFree') or 0))} free; LoRA r={params.rank}, "
+        f"{params.batch_size} x {params.max_seq_length} tokens per micro-batch):"
+    )
     lines, plain, quantized = [head], None, None
     for shape in reference_shapes():
         as_is = plan(shape, params.model_copy(update={"quantize": "none"}), device)

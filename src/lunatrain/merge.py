@@ -70,10 +70,16 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         tokenizer = load_adapter_tokenizer(adapter_dir, base, settings)
         tokenizer.save_pretrained(str(tmp))
         write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
-        atomic_write_json(tmp / "lunatrain-merge.json", {
-            "adapter": f"{name}@{entry['version']}", "revision": entry.get("revision"),
-            "baseModel": trained_on, "adapterPath": entry["path"], "created": registry.now(),
-        })
+        atomic_write_json(
+            tmp / "lunatrain-merge.json",
+            {
+                "adapter": f"{name}@{entry['version']}",
+                "revision": entry.get("revision"),
+                "baseModel": trained_on,
+                "adapterPath": entry["path"],
+                "created": registry.now(),
+            },
+        )
         # an earlier merge of the same adapter version is the same content, rebuilt
         replaced = replace_dir(tmp, target)
     finally:

@@ -32,7 +32,7 @@ CODES: dict[str, str] = {
     "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
-                            "(name, version, baseModel, configured)",
+    "(name, version, baseModel, configured)",
     # chat endpoint errors (/v1/…, OpenAI's error shape: error.type and error.code)
     "invalid_request_error": "chat: the request is invalid (the message names the parameter)",
     "authentication_error": "chat: bearer token missing or wrong",
@@ -102,19 +102,19 @@ CODES: dict[str, str] = {
     "check.no_trained_tokens.ok": "every sample has trained tokens",
     "check.no_trained_tokens.found": "samples without a trained token after masking (count)",
     "check.terminator.stops": "the turn terminator the template emits after each answer is trained; the base "
-                              "model's generation_config stops on it (terminator)",
+    "model's generation_config stops on it (terminator)",
     "check.terminator.shipped": "the turn terminator is trained; adapters and merged models ship a "
-                                "generation_config that stops on it (terminator)",
+    "generation_config that stops on it (terminator)",
     "check.memory_plan.fits": "the job fits the device's memory (needGiB, budgetGiB)",
     "check.memory_plan.too_big": "the job does not fit the device's memory (needGiB, budgetGiB); the message names "
-                                 "the option that makes it fit",
+    "the option that makes it fit",
     "check.eot_not_trained.ok": "the end-of-turn token is trained",
     "check.eot_not_trained.found": "samples whose end-of-turn token is outside the loss mask (count)",
     "check.val_too_small.ok": "val samples (count)",
     "check.val_too_small.empty": "the val split is empty although its ratio is above 0 (ratio)",
     "check.val_too_small.few": "too few val samples for a meaningful loss (count, minimum)",
     "check.token_stats.info": "train token statistics (minLength, medianLength, p95Length, maxLength, "
-                              "supervisedTokens, tokens)",
+    "supervisedTokens, tokens)",
     "check.estimate.measured": "steps and time, from the last job's speed (steps, seconds, device)",
     "check.estimate.computed": "steps and time, estimated from model size (steps, seconds, device)",
     # job log lines (events of type log: code, params)

@@ -277,7 +277,9 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     elif _HUB_ID.match(ref):
         path, revision = _from_hub(ref)
     else:
-        raise UsageError(f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'.")
+        raise UsageError(
+            f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'."
+        )
     refuse_adapter_dir(path, ref)
     config = path / "config.json"
     if not config.is_file():
@@ -304,7 +306,8 @@ def refuse_adapter_dir(path: str | Path | None, ref: str | None = None) -> None:
         f"baseModel {ref or str(path)!r} is a LoRA adapter (it has adapter_config.json), not a base model: an adapter "
         "on an adapter is not supported. Train on the base model it was made for, or merge it first "
         "(`lunatrain merge --adapter NAME@VERSION`) and use the merged model under data/models/merged/.",
-        code="base_model.is_adapter", params={"baseModel": ref or str(path)},
+        code="base_model.is_adapter",
+        params={"baseModel": ref or str(path)},
     )
 
 
@@ -392,8 +395,9 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
     return tok
 
 
-def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None,
-               quantize: str = "none"):
+def load_model(
+    ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None, quantize: str = "none"
+):
     """Load the base causal LM from safetensors onto `device` (`dtype`: torch dtype or None for float32).
 
     `quantize` 4bit/8bit loads the linear layers of the decoder through bitsandbytes (QLoRA): NF4 with double
@@ -408,8 +412,10 @@ def load_model(ref: str | BaseModelInfo | None, settings: Settings, device: str 
     hf_logging.disable_progress_bar()  # lunatrain shows its own progress; the per-tensor bar is noise
     extra: dict[str, Any] = {}
     if quantize != "none":
-        extra = {"quantization_config": quantization_config(quantize, dtype or torch.float32),
-                 "device_map": {"": torch.cuda.current_device() if device == "cuda" else "cpu"}}
+        extra = {
+            "quantization_config": quantization_config(quantize, dtype or torch.float32),
+            "device_map": {"": torch.cuda.current_device() if device == "cuda" else "cpu"},
+        }
     try:
         model = AutoModelForCausalLM.from_pretrained(
             info.path,
@@ -446,8 +452,12 @@ def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.B
     except ImportError as exc:
         raise UsageError(f"quantize={quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.50'.") from exc
     if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise UsageError(f"quantize must be none, 4bit or 8bit, not {quantize!r}.")
@@ -532,5 +542,7 @@ def tokenizer_hash(tok: Any) -> str:
 
 
 def template_hash(tok: Any) -> str:
-    template = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template, sort_keys=True)
+    template = (
+        tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template, sort_keys=True)
+    )
     return hashlib.sha256((template or "").encode("utf-8")).hexdigest()

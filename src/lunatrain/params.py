@@ -52,9 +52,7 @@ class LoraParams(CamelModel):
     rank: int = Field(default=16, ge=1, le=1024)
     alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="None: 2 x rank")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | Literal["all-linear"] = (
-        "all-linear"
-    )
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | Literal["all-linear"] = "all-linear"
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -64,13 +62,16 @@ class LoraParams(CamelModel):
     device: Device = "auto"
     packing: bool = True
     gradient_checkpointing: Switch = Field(
-        default="auto", description="recompute activations in backward (less memory, ~30% slower); auto: only "
-        "when the memory plan needs it")
+        default="auto",
+        description="recompute activations in backward (less memory, ~30% slower); auto: only "
+        "when the memory plan needs it",
+    )
     quantize: Quantize = Field(default="none", description="load the frozen base in 4 or 8 bits (QLoRA, bitsandbytes)")
     resume: bool = False
     # A name, never a path: the CLI stores a .jinja file under the data root and passes its name.
     chat_template: str | None = Field(
-        default=None, pattern=TEMPLATE_NAME_PATTERN,
+        default=None,
+        pattern=TEMPLATE_NAME_PATTERN,
         description="chat template for base models without one: a bundled name (chatml) or a .jinja file (CLI)",
     )
 
@@ -136,7 +137,9 @@ def parse_run(data: dict) -> tuple[LoraParams, FlowOptions]:
     except UsageError as err:
         errors.append(err.message.removeprefix("Invalid parameters: ").rstrip("."))
     try:
-        options = FlowOptions.model_validate(_snake_keys(FlowOptions, {k: v for k, v in data.items() if k in option_keys}))
+        options = FlowOptions.model_validate(
+            _snake_keys(FlowOptions, {k: v for k, v in data.items() if k in option_keys})
+        )
     except ValidationError as exc:
         errors.append(format_validation_error(exc).removeprefix("Invalid parameters: ").rstrip("."))
     if errors:

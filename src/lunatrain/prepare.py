@@ -140,8 +140,9 @@ class PrepareReport:
             names = "; ".join(f"{c.id} ({c.count})" for c in failed)
             fix = "fix the data" if any(c.id != "memory_plan" for c in failed) else "change the options"
             # the memory plan's own sentence names the option that would make the job fit
-            memory = next((f"; {c.message[0].lower()}{c.message[1:].rstrip('.')}" for c in failed
-                           if c.id == "memory_plan"), "")
+            memory = next(
+                (f"; {c.message[0].lower()}{c.message[1:].rstrip('.')}" for c in failed if c.id == "memory_plan"), ""
+            )
             raise CheckFailed(f"Preflight failed: {names}{memory}; see {self.path or REPORT_FILE} and {fix}.")
         return self
 
@@ -176,7 +177,9 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     checks.append(_summary_check(mismatched))
     fingerprint = export_mod.dataset_fingerprint(file_shas) if mismatched else summary["fingerprint"]
     splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
-    checks.append(_check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines"))
+    checks.append(
+        _check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines")
+    )
     checks.append(_stale_check(settings, summary))
 
     records = [r for s in export_mod.SPLITS for r in splits[s]]
@@ -195,16 +198,25 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     checks.append(_stats_check(tokenized))
     estimate = estimate_run(settings, params, tokenized, info)
     checks.append(
-        Check("estimate", "info", estimate["optimizerSteps"], [], f"~{estimate['optimizerSteps']} optimizer steps, "
-              f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})",
-              "check.estimate.measured" if estimate["source"].startswith("measured") else "check.estimate.computed",
-              {"steps": estimate["optimizerSteps"], "seconds": estimate["seconds"], "device": estimate["device"]})
+        Check(
+            "estimate",
+            "info",
+            estimate["optimizerSteps"],
+            [],
+            f"~{estimate['optimizerSteps']} optimizer steps, "
+            f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})",
+            "check.estimate.measured" if estimate["source"].startswith("measured") else "check.estimate.computed",
+            {"steps": estimate["optimizerSteps"], "seconds": estimate["seconds"], "device": estimate["device"]},
+        )
     )
     memory = _memory_check(params, tokenized, info, estimate["device"])
     checks.append(memory[0])
 
-    status: Status = "fail" if any(c.severity == "fail" for c in checks) else (
-        "warn" if any(c.severity == "warn" for c in checks) else "ok")
+    status: Status = (
+        "fail"
+        if any(c.severity == "fail" for c in checks)
+        else ("warn" if any(c.severity == "warn" for c in checks) else "ok")
+    )
     report = PrepareReport(
         status=status,
         tier=tier,
@@ -225,10 +237,16 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(tokenized.path)},
         created=now_iso(),
         params=params.wire() | {"minCurated": min_curated},
-        template={"name": params.chat_template or "model", "hash": models.template_hash(tokenizer),
-                  "terminator": terminator.to_dict(), "addedTokens": added},
-        samples=[marked_sample(tokenizer, enc, _rid(rec)) for rec, enc in
-                 list(zip(data.train, tokenized.train, strict=True))[:show]],
+        template={
+            "name": params.chat_template or "model",
+            "hash": models.template_hash(tokenizer),
+            "terminator": terminator.to_dict(),
+            "addedTokens": added,
+        },
+        samples=[
+            marked_sample(tokenizer, enc, _rid(rec))
+            for rec, enc in list(zip(data.train, tokenized.train, strict=True))[:show]
+        ],
         memory=memory[1],
     )
     path = settings.prepare_report
@@ -274,12 +292,22 @@ def _verify_files(directory: Path, summary: dict[str, Any]) -> tuple[dict[str, s
 
 def _summary_check(mismatched: list[str]) -> Check:
     if not mismatched:
-        return Check("export_summary", "info", 0, [], "every file matches the export summary (sha256, records)",
-                     "check.export_summary.ok")
+        return Check(
+            "export_summary",
+            "info",
+            0,
+            [],
+            "every file matches the export summary (sha256, records)",
+            "check.export_summary.ok",
+        )
     return Check(
-        "export_summary", "fail", len(mismatched), mismatched[:MAX_EXAMPLES],
+        "export_summary",
+        "fail",
+        len(mismatched),
+        mismatched[:MAX_EXAMPLES],
         f"{len(mismatched)} file(s) differ from the export summary (edited by hand or torn); run `lunatrain export`",
-        "check.export_summary.mismatch", {"count": len(mismatched)},
+        "check.export_summary.mismatch",
+        {"count": len(mismatched)},
     )
 
 
@@ -311,8 +339,10 @@ def _well_formed(rec: Any) -> bool:
     if not isinstance(rec, dict) or rec.get("split") not in export_mod.SPLITS:
         return False
     msgs = rec.get("messages")
-    return isinstance(msgs, list) and bool(msgs) and all(
-        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs
+    return (
+        isinstance(msgs, list)
+        and bool(msgs)
+        and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs)
     )
 
 
@@ -321,13 +351,27 @@ def _stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
 
     db_file = settings.database_url.removeprefix("sqlite:///")
     if settings.database_url.startswith("sqlite") and not Path(db_file).exists():
-        return Check("export_stale", "info", 0, [], "no database here; the export is checked as it is",
-                     "check.export_stale.no_database")
+        return Check(
+            "export_stale",
+            "info",
+            0,
+            [],
+            "no database here; the export is checked as it is",
+            "check.export_stale.no_database",
+        )
     current = store.revision(settings)
     if current == summary.get("store_revision"):
-        return Check("export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok")
-    return Check("export_stale", "warn", 1, [], "the database changed since the last export; run `lunatrain export`",
-                 "check.export_stale.changed")
+        return Check(
+            "export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok"
+        )
+    return Check(
+        "export_stale",
+        "warn",
+        1,
+        [],
+        "the database changed since the last export; run `lunatrain export`",
+        "check.export_stale.changed",
+    )
 
 
 def _count_lines(path: Path) -> int:
@@ -349,8 +393,15 @@ def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str, **p
     """A record check: passed (info, code check.<id>.ok) or `severity` with the records found (.found)."""
     if not ids:
         return Check(cid, "info", 0, [], ok, f"check.{cid}.ok", params)
-    return Check(cid, severity, len(ids), ids[:MAX_EXAMPLES], f"{len(ids)} {what}", f"check.{cid}.found",
-                 {"count": len(ids), **params})
+    return Check(
+        cid,
+        severity,
+        len(ids),
+        ids[:MAX_EXAMPLES],
+        f"{len(ids)} {what}",
+        f"check.{cid}.found",
+        {"count": len(ids), **params},
+    )
 
 
 def curated_count(settings: Settings, directory: Path | None = None) -> int:
@@ -361,19 +412,42 @@ def curated_count(settings: Settings, directory: Path | None = None) -> int:
 def volume_check(curated: int, min_curated: int) -> Check:
     """minCurated against the export: the same check (and sentence) for prepare and every job submit."""
     if curated < min_curated:
-        return Check("volume", "fail", curated, [],
-                     f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it",
-                     "check.volume.too_few", {"curated": curated, "minCurated": min_curated})
-    return Check("volume", "info", curated, [], f"{curated} approved curated examples (minCurated {min_curated})",
-                 "check.volume.ok", {"curated": curated, "minCurated": min_curated})
+        return Check(
+            "volume",
+            "fail",
+            curated,
+            [],
+            f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it",
+            "check.volume.too_few",
+            {"curated": curated, "minCurated": min_curated},
+        )
+    return Check(
+        "volume",
+        "info",
+        curated,
+        [],
+        f"{curated} approved curated examples (minCurated {min_curated})",
+        "check.volume.ok",
+        {"curated": curated, "minCurated": min_curated},
+    )
 
 
 def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
     vol = volume_check(curated, min_curated)
-    empty = (Check("empty_train", "fail", 0, [], "the tier's train split is empty: nothing to train on",
-                   "check.empty_train.empty") if n_train == 0
-             else Check("empty_train", "info", n_train, [], f"{n_train} train samples", "check.empty_train.ok",
-                        {"count": n_train}))
+    empty = (
+        Check(
+            "empty_train",
+            "fail",
+            0,
+            [],
+            "the tier's train split is empty: nothing to train on",
+            "check.empty_train.empty",
+        )
+        if n_train == 0
+        else Check(
+            "empty_train", "info", n_train, [], f"{n_train} train samples", "check.empty_train.ok", {"count": n_train}
+        )
+    )
     return [vol, empty]
 
 
@@ -405,11 +479,20 @@ def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
             special.append(_rid(rec))
     return [
         _check("empty_response", "fail", empty, "samples with an empty assistant response", "no empty responses"),
-        _check("trivial_response", "warn", trivial, "samples with a trivial response (fewer than 2 letters or digits)",
-               "no trivial responses"),
-        _check("special_tokens_in_content", "fail", special,
-               "samples contain a literal special token in their text (the tokenizer turns it into a control token)",
-               "no special tokens inside message text"),
+        _check(
+            "trivial_response",
+            "warn",
+            trivial,
+            "samples with a trivial response (fewer than 2 letters or digits)",
+            "no trivial responses",
+        ),
+        _check(
+            "special_tokens_in_content",
+            "fail",
+            special,
+            "samples contain a literal special token in their text (the tokenizer turns it into a control token)",
+            "no special tokens inside message text",
+        ),
     ]
 
 
@@ -444,10 +527,20 @@ def _duplicate_checks(records: list[dict]) -> list[Check]:
     near = [_rid(rec) for group in by_norm.values() if len(group) > 1 for _h, rec in group[1:]]
     return [
         _check("duplicate_exact", "warn", within, "repeated samples within a split (same hash)", "no exact duplicates"),
-        _check("duplicate_across_splits", "fail", across,
-               "hashes appear in more than one split (val/test would measure memorisation)", "no hash in two splits"),
-        _check("duplicate_normalized", "warn", near,
-               "samples duplicate another after folding case, whitespace and punctuation", "no normalized duplicates"),
+        _check(
+            "duplicate_across_splits",
+            "fail",
+            across,
+            "hashes appear in more than one split (val/test would measure memorisation)",
+            "no hash in two splits",
+        ),
+        _check(
+            "duplicate_normalized",
+            "warn",
+            near,
+            "samples duplicate another after folding case, whitespace and punctuation",
+            "no normalized duplicates",
+        ),
     ]
 
 
@@ -471,11 +564,21 @@ def _labeled_runs(labels: list[int], ignore: int) -> Iterable[tuple[int, int]]:
 
 
 def _terminator_check(term: Any) -> Check:
-    where = ("the base model's generation_config stops on it too" if term.in_generation_config else
-             "the base model's generation_config does not stop on it; adapters and merged models ship one that does")
+    where = (
+        "the base model's generation_config stops on it too"
+        if term.in_generation_config
+        else "the base model's generation_config does not stop on it; adapters and merged models ship one that does"
+    )
     code = "check.terminator.stops" if term.in_generation_config else "check.terminator.shipped"
-    return Check("terminator", "info", len(term.ids), [],
-                 f"assistant turns end with {term.text!r} (trained); {where}", code, {"terminator": term.text})
+    return Check(
+        "terminator",
+        "info",
+        len(term.ids),
+        [],
+        f"assistant turns end with {term.text!r} (trained); {where}",
+        code,
+        {"terminator": term.text},
+    )
 
 
 def marked_sample(tokenizer: Any, enc: Any, rid: str) -> dict[str, Any]:
@@ -486,8 +589,13 @@ def marked_sample(tokenizer: Any, enc: Any, rid: str) -> dict[str, Any]:
         {"text": tokenizer.decode([t for t, _lab in group], skip_special_tokens=False), "trained": trained}
         for trained, group in groupby(zip(enc.input_ids, enc.labels, strict=True), lambda p: p[1] != IGNORE)
     ]
-    return {"id": rid, "tokens": len(enc), "trainedTokens": enc.n_supervised, "truncated": enc.truncated,
-            "pieces": pieces}
+    return {
+        "id": rid,
+        "tokens": len(enc),
+        "trainedTokens": enc.n_supervised,
+        "truncated": enc.truncated,
+        "pieces": pieces,
+    }
 
 
 def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
@@ -508,45 +616,79 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
             if enc.truncated:
                 continue  # its end was cut off: reported as truncated
             n = len(eot_ids)
-            if not n or any(enc.labels[max(a, b - n):b] != eot_ids for a, b in _labeled_runs(enc.labels, IGNORE)):
+            if not n or any(enc.labels[max(a, b - n) : b] != eot_ids for a, b in _labeled_runs(enc.labels, IGNORE)):
                 no_eot.append(rid)
-    untrained_check = _check("no_trained_tokens", "warn", untrained,
-                             "samples have no trained token after masking (no assistant text left)",
-                             "every sample has trained tokens")
+    untrained_check = _check(
+        "no_trained_tokens",
+        "warn",
+        untrained,
+        "samples have no trained token after masking (no assistant text left)",
+        "every sample has trained tokens",
+    )
     if untrained and data.train and train_with_tokens == 0:
         untrained_check.severity = "fail"
     return [
-        _check("truncated", "warn", truncated, f"samples are longer than maxSeqLength={tokenized.max_seq_length} and "
-               "will be cut (raise maxSeqLength or shorten them)", "no sample exceeds maxSeqLength",
-               maxSeqLength=tokenized.max_seq_length),
+        _check(
+            "truncated",
+            "warn",
+            truncated,
+            f"samples are longer than maxSeqLength={tokenized.max_seq_length} and "
+            "will be cut (raise maxSeqLength or shorten them)",
+            "no sample exceeds maxSeqLength",
+            maxSeqLength=tokenized.max_seq_length,
+        ),
         untrained_check,
-        _check("eot_not_trained", "fail", no_eot,
-               "samples have an assistant turn whose turn terminator is outside the loss mask "
-               "(the model would never learn to stop); check the chat template", "the turn terminator is trained"),
+        _check(
+            "eot_not_trained",
+            "fail",
+            no_eot,
+            "samples have an assistant turn whose turn terminator is outside the loss mask "
+            "(the model would never learn to stop); check the chat template",
+            "the turn terminator is trained",
+        ),
     ]
 
 
 def _val_check(n_val: int, ratio: float) -> Check:
     if ratio > 0 and n_val == 0:
-        return Check("val_too_small", "warn", 0, [], f"the val split is empty although its ratio is {ratio}: "
-                     "no validation loss; add examples or raise ASSISTANT_TRAIN_VAL_RATIO",
-                     "check.val_too_small.empty", {"ratio": ratio})
+        return Check(
+            "val_too_small",
+            "warn",
+            0,
+            [],
+            f"the val split is empty although its ratio is {ratio}: "
+            "no validation loss; add examples or raise ASSISTANT_TRAIN_VAL_RATIO",
+            "check.val_too_small.empty",
+            {"ratio": ratio},
+        )
     if 0 < n_val < MIN_VAL:
-        return Check("val_too_small", "warn", n_val, [],
-                     f"only {n_val} val samples (< {MIN_VAL}): the validation loss will be mostly noise",
-                     "check.val_too_small.few", {"count": n_val, "minimum": MIN_VAL})
+        return Check(
+            "val_too_small",
+            "warn",
+            n_val,
+            [],
+            f"only {n_val} val samples (< {MIN_VAL}): the validation loss will be mostly noise",
+            "check.val_too_small.few",
+            {"count": n_val, "minimum": MIN_VAL},
+        )
     return Check("val_too_small", "info", n_val, [], f"{n_val} val samples", "check.val_too_small.ok", {"count": n_val})
 
 
 def _stats_check(tokenized: Any) -> Check:
     st = tokenized.stats.get("train", {})
     return Check(
-        "token_stats", "info", st.get("count", 0), [],
+        "token_stats",
+        "info",
+        st.get("count", 0),
+        [],
         f"train tokens per sample min/median/p95/max = {st.get('minLength', 0)}/{st.get('medianLength', 0)}/"
         f"{st.get('p95Length', 0)}/{st.get('maxLength', 0)}; {st.get('supervisedTokens', 0)} trained tokens "
         f"of {st.get('tokens', 0)}",
         "check.token_stats.info",
-        {k: st.get(k, 0) for k in ("minLength", "medianLength", "p95Length", "maxLength", "supervisedTokens", "tokens")},
+        {
+            k: st.get(k, 0)
+            for k in ("minLength", "medianLength", "p95Length", "maxLength", "supervisedTokens", "tokens")
+        },
     )
 
 
@@ -588,12 +730,23 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
     from . import memplan
 
     train = [e for e in tokenized.train if e.n_supervised]
-    plan = memplan.plan(memplan.model_shape(info), params, memplan.device_memory(device),
-                        batch_tokens=memplan.largest_batch(train, params.batch_size) if train else None)
+    plan = memplan.plan(
+        memplan.model_shape(info),
+        params,
+        memplan.device_memory(device),
+        batch_tokens=memplan.largest_batch(train, params.batch_size) if train else None,
+    )
     code = "check.memory_plan.fits" if plan.fits else "check.memory_plan.too_big"
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
-    return Check("memory_plan", "info" if plan.fits else "fail", plan.total, [], plan.message, code,
-                 {"needGiB": gib(plan.total), "budgetGiB": gib(plan.budget) if plan.budget else None}), plan.to_dict()
+    return Check(
+        "memory_plan",
+        "info" if plan.fits else "fail",
+        plan.total,
+        [],
+        plan.message,
+        code,
+        {"needGiB": gib(plan.total), "budgetGiB": gib(plan.budget) if plan.budget else None},
+    ), plan.to_dict()
 
 
 def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> float | None:

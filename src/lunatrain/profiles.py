@@ -57,7 +57,9 @@ def profile_path(settings: Settings, name: str) -> Path:
         return user
     bundled = _bundled(name)
     if bundled is None:
-        raise NotFound(f"Profile {name!r} not found: create {user} or use one of: {', '.join(list_profiles(settings))}.")
+        raise NotFound(
+            f"Profile {name!r} not found: create {user} or use one of: {', '.join(list_profiles(settings))}."
+        )
     return bundled
 
 

@@ -16,7 +16,11 @@ def _fmt_eta(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class ProgressDisplay:
@@ -63,14 +67,22 @@ class ProgressDisplay:
         if kind == "progress":
             loss, tps = f"{event['loss']:.4f}", f"{event.get('tokensPerSec') or 0:,.0f}"
             if self._progress is not None:
-                self._progress.update(self._task, total=event["totalSteps"], completed=event["step"],
-                                      description=f"epoch {event['epoch']}/{event.get('epochs', '?')}", loss=loss, tps=tps)
+                self._progress.update(
+                    self._task,
+                    total=event["totalSteps"],
+                    completed=event["step"],
+                    description=f"epoch {event['epoch']}/{event.get('epochs', '?')}",
+                    loss=loss,
+                    tps=tps,
+                )
                 return
             now = time.monotonic()
             if now - self._last >= self.every or event["step"] == event["totalSteps"]:
                 self._last = now
-                self._line(f"step {event['step']}/{event['totalSteps']} ({event['percent']:.0f}%) epoch {event['epoch']} "
-                           f"loss {loss} {tps} tok/s ETA {_fmt_eta(event.get('etaSeconds'))}")
+                self._line(
+                    f"step {event['step']}/{event['totalSteps']} ({event['percent']:.0f}%) epoch {event['epoch']} "
+                    f"loss {loss} {tps} tok/s ETA {_fmt_eta(event.get('etaSeconds'))}"
+                )
         elif kind == "eval":
             val, base = event.get("valLoss"), event.get("baseValLoss")
             parts = [f"epoch {event['epoch']}:"]
@@ -87,7 +99,9 @@ class ProgressDisplay:
             print(text, file=self.stream, flush=True)
 
 
-def plot_loss_curve(path: Path, curve: list[dict], epochs: list[dict], base_val_loss: float | None, *, title: str = "") -> Path:
+def plot_loss_curve(
+    path: Path, curve: list[dict], epochs: list[dict], base_val_loss: float | None, *, title: str = ""
+) -> Path:
     """Training loss per step, validation loss per epoch and the base model's validation loss as a line."""
     import matplotlib
 

@@ -101,7 +101,7 @@ def shape_problem(data: Any) -> str | None:
         return f"format {data.get('format')!r}, expected {FORMAT!r}"
     adapters = data.get("adapters")
     if not isinstance(adapters, dict):
-        return "no \"adapters\" object" if adapters is None else "\"adapters\" is not an object"
+        return 'no "adapters" object' if adapters is None else '"adapters" is not an object'
     for name, adapter in adapters.items():
         if not isinstance(adapter, dict) or not isinstance(adapter.get("versions"), list):
             return f"adapter {name!r} has no list of versions"
@@ -136,8 +136,14 @@ def _entry(adapter: dict[str, Any], version: str) -> dict[str, Any] | None:
 def _sync_legacy_alias(adapter: dict[str, Any]) -> None:
     """`aliases.active` for readers of the old format: the most recent activation still standing."""
     standing = {(fp, a["version"]) for fp, a in adapter["activeByBase"].items()}
-    latest = next((h["version"] for h in reversed(adapter.get("activations", []))
-                   if (h.get("base"), h.get("version")) in standing), None)
+    latest = next(
+        (
+            h["version"]
+            for h in reversed(adapter.get("activations", []))
+            if (h.get("base"), h.get("version")) in standing
+        ),
+        None,
+    )
     if latest is None and standing:
         latest = sorted(standing)[0][1]
     if latest is None:
@@ -276,8 +282,10 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
         if active is None and not version:
             wanted = "latest"
         elif active is None:
-            raise NotFound(f"Adapter {name!r} has no active version on {_base_label(settings, fingerprint)}; "
-                           f"activate one with `lunatrain adapters activate {name}@VERSION`.")
+            raise NotFound(
+                f"Adapter {name!r} has no active version on {_base_label(settings, fingerprint)}; "
+                f"activate one with `lunatrain adapters activate {name}@VERSION`."
+            )
         else:
             wanted = active["version"]
     resolved = adapter.get("aliases", {}).get(wanted, wanted) if wanted == "latest" else wanted
@@ -288,8 +296,9 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
 
 
 def _not_registered(name: str) -> NotFound:
-    return NotFound(f"No adapter named {name!r} is registered; see `lunatrain adapters list` "
-                    "(GET /assistant/training/adapters).")
+    return NotFound(
+        f"No adapter named {name!r} is registered; see `lunatrain adapters list` (GET /assistant/training/adapters)."
+    )
 
 
 def configured_base(settings: Settings, ref: str | None = None) -> Any:
@@ -323,8 +332,15 @@ def list_active(settings: Settings, base: str | None = None) -> list[dict[str, A
             entry = _entry(adapter, active["version"])
             if entry is None or (base is not None and fingerprint != base):
                 continue
-            out.append({"name": name, "version": active["version"], "base": fingerprint,
-                        "baseModel": active.get("baseModel"), "entry": entry})
+            out.append(
+                {
+                    "name": name,
+                    "version": active["version"],
+                    "base": fingerprint,
+                    "baseModel": active.get("baseModel"),
+                    "entry": entry,
+                }
+            )
     return out
 
 
@@ -336,8 +352,11 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
     trained_on = entry.get("baseModel") or {}
     params: dict[str, Any] = {"name": name, "version": version, "baseModel": trained_on.get("id")}
     active_here = adapter.get("activeByBase", {}).get(base, {}).get("version")
-    elsewhere = [a.get("baseModel") for fp, a in adapter.get("activeByBase", {}).items()
-                 if fp != base and a.get("version") == version]
+    elsewhere = [
+        a.get("baseModel")
+        for fp, a in adapter.get("activeByBase", {}).items()
+        if fp != base and a.get("version") == version
+    ]
     gate = entry.get("gate") or {}
 
     def state(active: bool, code: str, reason: str, **extra: Any) -> dict[str, Any]:
@@ -348,20 +367,37 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
     if entry.get("replaced"):
         return state(False, "adapter.replaced", "replaced by a newer revision of the same slot")
     if elsewhere:
-        return state(False, "adapter.active_on_other_base", f"active on base model {elsewhere[0]!r}, not on the configured one",
-                     activeOn=elsewhere[0])
+        return state(
+            False,
+            "adapter.active_on_other_base",
+            f"active on base model {elsewhere[0]!r}, not on the configured one",
+            activeOn=elsewhere[0],
+        )
     if trained_on.get("fingerprint") != base:
         return state(False, "adapter.other_base", f"trained on another base model ({trained_on.get('id')!r})")
     if gate and not gate.get("passed"):
         reasons = "; ".join(gate.get("reasons") or []) or "no reason recorded"
-        return state(False, "adapter.gate_failed", f"the eval gate refused it: {reasons}", reasons=gate.get("reasons") or [])
+        return state(
+            False, "adapter.gate_failed", f"the eval gate refused it: {reasons}", reasons=gate.get("reasons") or []
+        )
     if active_here:
-        return state(False, "adapter.other_version_active", f"{name}@{active_here} is the active version",
-                     activeVersion=active_here)
+        return state(
+            False,
+            "adapter.other_version_active",
+            f"{name}@{active_here} is the active version",
+            activeVersion=active_here,
+        )
     if gate and gate.get("passed"):
-        return state(False, "adapter.deactivated", f"deactivated; activate it with `lunatrain adapters activate {name}@{version}`")
-    return state(False, "adapter.not_gated", f"not activated (no eval gate ran); activate it with "
-                 f"`lunatrain adapters activate {name}@{version}`")
+        return state(
+            False,
+            "adapter.deactivated",
+            f"deactivated; activate it with `lunatrain adapters activate {name}@{version}`",
+        )
+    return state(
+        False,
+        "adapter.not_gated",
+        f"not activated (no eval gate ran); activate it with `lunatrain adapters activate {name}@{version}`",
+    )
 
 
 def adapter_dir(settings: Settings, entry: dict[str, Any]) -> Path:
@@ -405,15 +441,28 @@ def activate(
                 f"--adapterName {name}`), or force the activation (`lunatrain adapters activate {name}@{entry['version']} "
                 "--force`; API: `force: true`).",
                 code="adapter.foreign_base",
-                params={"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id},
+                params={
+                    "name": name,
+                    "version": entry["version"],
+                    "baseModel": trained_on.get("id"),
+                    "configured": base.id,
+                },
             )
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
         previous = adapter["activeByBase"].get(fingerprint, {}).get("version")
         adapter["activeByBase"][fingerprint] = {"version": entry["version"], "baseModel": base_id}
-        adapter["activations"].append({"version": entry["version"], "previous": previous, "base": fingerprint,
-                                       "at": now(), "forced": force, "reason": reason})
+        adapter["activations"].append(
+            {
+                "version": entry["version"],
+                "previous": previous,
+                "base": fingerprint,
+                "at": now(),
+                "forced": force,
+                "reason": reason,
+            }
+        )
         _sync_legacy_alias(adapter)
         _save(settings, data)
     return entry
@@ -435,14 +484,27 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
         else:
             hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []
         if not hits:
-            what = f"{name}@{version} is not active" if version else f"{name} is not active on the configured base model"
-            raise UsageError(f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
-                             code="adapter.not_active", params={"name": name, "version": version or None})
+            what = (
+                f"{name}@{version} is not active" if version else f"{name} is not active on the configured base model"
+            )
+            raise UsageError(
+                f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
+                code="adapter.not_active",
+                params={"name": name, "version": version or None},
+            )
         done = []
         for fp in hits:
             gone = adapter["activeByBase"].pop(fp)
-            adapter["activations"].append({"version": None, "previous": gone["version"], "base": fp, "at": now(),
-                                           "forced": False, "reason": "deactivated"})
+            adapter["activations"].append(
+                {
+                    "version": None,
+                    "previous": gone["version"],
+                    "base": fp,
+                    "at": now(),
+                    "forced": False,
+                    "reason": "deactivated",
+                }
+            )
             done.append({"name": name, "version": gone["version"], "base": fp, "baseModel": gone.get("baseModel")})
         _sync_legacy_alias(adapter)
         _save(settings, data)
@@ -459,24 +521,41 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         data = load(settings)
         adapter = _adapter(data, name)
         current = adapter["activeByBase"].get(fingerprint, {}).get("version")
-        history = [h["version"] for h in adapter["activations"]
-                   if h.get("version") and _history_base(adapter, h) == fingerprint]
+        history = [
+            h["version"]
+            for h in adapter["activations"]
+            if h.get("version") and _history_base(adapter, h) == fingerprint
+        ]
         # The most recent activation of something other than the current one, skipping rolled-back hops.
         previous = next((v for v in reversed(history) if v != current), None)
         if current is None:
-            raise UsageError(f"Adapter {name!r} is not active on the configured base model, so there is nothing to "
-                             f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION` "
-                             f"(POST /assistant/training/adapters/{name}/activate).",
-                             code="adapter.not_active", params={"name": name, "version": None})
+            raise UsageError(
+                f"Adapter {name!r} is not active on the configured base model, so there is nothing to "
+                f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION` "
+                f"(POST /assistant/training/adapters/{name}/activate).",
+                code="adapter.not_active",
+                params={"name": name, "version": None},
+            )
         if previous is None:
-            raise UsageError(f"Adapter {name!r} has no earlier active version on this base model to roll back to; "
-                             f"to stop using it, run `lunatrain adapters deactivate {name}` "
-                             f"(POST /assistant/training/adapters/{name}/deactivate).",
-                             code="adapter.no_earlier_version", params={"name": name})
+            raise UsageError(
+                f"Adapter {name!r} has no earlier active version on this base model to roll back to; "
+                f"to stop using it, run `lunatrain adapters deactivate {name}` "
+                f"(POST /assistant/training/adapters/{name}/deactivate).",
+                code="adapter.no_earlier_version",
+                params={"name": name},
+            )
         base_id = adapter["activeByBase"][fingerprint].get("baseModel")
         adapter["activeByBase"][fingerprint] = {"version": previous, "baseModel": base_id}
-        adapter["activations"].append({"version": previous, "previous": current, "base": fingerprint, "at": now(),
-                                       "forced": False, "reason": "rollback"})
+        adapter["activations"].append(
+            {
+                "version": previous,
+                "previous": current,
+                "base": fingerprint,
+                "at": now(),
+                "forced": False,
+                "reason": "rollback",
+            }
+        )
         _sync_legacy_alias(adapter)
         _save(settings, data)
     return get_version(settings, name, previous)
@@ -595,7 +674,9 @@ def rebuild(settings: Settings) -> dict[str, Any]:
             continue
         _adapter(data, name)["versions"].append(_entry_from_report(name, folder, report))
     for adapter in data["adapters"].values():
-        adapter["versions"].sort(key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or ""))
+        adapter["versions"].sort(
+            key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or "")
+        )
         current = [e for e in adapter["versions"] if e["version"] == SLOT]
         for old in current[:-1]:
             old["replaced"] = True
@@ -616,13 +697,21 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
     params = report.get("params") or {}
     metrics = report.get("metrics") or {}
     entry = {
-        "jobId": report.get("jobId"), "status": "succeeded", "strategy": report.get("adapterStrategy"),
-        "baseModel": report.get("baseModel"), "datasetTier": dataset.get("tier") or params.get("datasetTier"),
-        "datasetFingerprint": dataset.get("fingerprint"), "params": params,
+        "jobId": report.get("jobId"),
+        "status": "succeeded",
+        "strategy": report.get("adapterStrategy"),
+        "baseModel": report.get("baseModel"),
+        "datasetTier": dataset.get("tier") or params.get("datasetTier"),
+        "datasetFingerprint": dataset.get("fingerprint"),
+        "params": params,
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss")},
-        "tokenizerHash": report.get("tokenizerHash"), "templateHash": report.get("templateHash"),
-        "trainSamples": dataset.get("trainSamples"), "gate": None,
-        "name": name, "version": folder.name, "path": str(Path("data", "adapters", name, folder.name)),
+        "tokenizerHash": report.get("tokenizerHash"),
+        "templateHash": report.get("templateHash"),
+        "trainSamples": dataset.get("trainSamples"),
+        "gate": None,
+        "name": name,
+        "version": folder.name,
+        "path": str(Path("data", "adapters", name, folder.name)),
         "created": report.get("created"),
     }
     if report.get("revision") is not None:
@@ -646,10 +735,15 @@ def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
     if not entries:
         return
     entries[-1]["gate"] = {
-        "status": "passed" if gate.get("passed") else "failed", "passed": gate.get("passed"),
-        "reasons": gate.get("reasons", []), "at": gate.get("created"), "metrics": gate.get("metrics"),
-        "baseMetrics": gate.get("baseMetrics"), "context": gate.get("context"),
-        "baseline": (gate.get("baseline") or {}).get("ref"), "promoted": gate.get("promoted"),
+        "status": "passed" if gate.get("passed") else "failed",
+        "passed": gate.get("passed"),
+        "reasons": gate.get("reasons", []),
+        "at": gate.get("created"),
+        "metrics": gate.get("metrics"),
+        "baseMetrics": gate.get("baseMetrics"),
+        "context": gate.get("context"),
+        "baseline": (gate.get("baseline") or {}).get("ref"),
+        "promoted": gate.get("promoted"),
         "thresholds": gate.get("thresholds"),
     }
     if gate.get("promoted"):
@@ -658,8 +752,14 @@ def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
         adapter["aliases"]["active"] = version
         adapter["activeByBase"][fingerprint] = {"version": version, "baseModel": base.get("id")}
         adapter["activations"].append(
-            {"version": version, "previous": None, "at": gate.get("created") or now(), "forced": False,
-             "base": fingerprint, "reason": "restored by repair from the last eval gate report"}
+            {
+                "version": version,
+                "previous": None,
+                "at": gate.get("created") or now(),
+                "forced": False,
+                "base": fingerprint,
+                "reason": "restored by repair from the last eval gate report",
+            }
         )
 
 

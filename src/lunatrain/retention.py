@@ -61,8 +61,11 @@ class GcReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dryRun": self.dry_run, "bytes": self.bytes,
-                "items": [{"kind": i.kind, "path": i.path, "bytes": i.bytes, "reason": i.reason} for i in self.items]}
+        return {
+            "dryRun": self.dry_run,
+            "bytes": self.bytes,
+            "items": [{"kind": i.kind, "path": i.path, "bytes": i.bytes, "reason": i.reason} for i in self.items],
+        }
 
 
 def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> GcReport:
@@ -142,9 +145,17 @@ def _parse(stamp: str | None) -> datetime:
 
 def _exports(settings: Settings, dry_run: bool) -> list[Item]:
     doomed = export.prune_exports(settings, settings.retain_exports, dry_run=True)
-    items = [Item("export", _rel(settings, p), _size(p),
-                  "left by an interrupted export" if p.name.endswith(".partial")
-                  else f"older than the {settings.retain_exports} newest exports") for p in doomed]
+    items = [
+        Item(
+            "export",
+            _rel(settings, p),
+            _size(p),
+            "left by an interrupted export"
+            if p.name.endswith(".partial")
+            else f"older than the {settings.retain_exports} newest exports",
+        )
+        for p in doomed
+    ]
     if not dry_run and doomed:
         export.prune_exports(settings, settings.retain_exports)
     return items
@@ -196,8 +207,14 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
         if newest >= cutoff:
             continue
         age = (time.time() - newest) / 86400
-        items.append(Item("run-workdir", _rel(settings, run), _size(run),
-                          f"unchanged for {age:.0f} days (over {settings.retain_checkpoint_days:g})"))
+        items.append(
+            Item(
+                "run-workdir",
+                _rel(settings, run),
+                _size(run),
+                f"unchanged for {age:.0f} days (over {settings.retain_checkpoint_days:g})",
+            )
+        )
         if not dry_run:
             shutil.rmtree(run, ignore_errors=True)
     return items

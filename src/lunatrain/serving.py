@@ -66,8 +66,9 @@ def active_entry(settings: Settings, name: str, base_id: str, base_fingerprint: 
         raise NotFound(f"The model {name!r} does not exist; GET /v1/models lists the models served here.")
     entry = registry.active_version(settings, name, base_fingerprint)
     if entry is None:
-        raise NotFound(f"Adapter {name!r} has no active version on {base_id}; activate one or name a version "
-                       f"({name}@v1).")
+        raise NotFound(
+            f"Adapter {name!r} has no active version on {base_id}; activate one or name a version ({name}@v1)."
+        )
     return entry
 
 
@@ -88,18 +89,22 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         else:
             entry = active_entry(settings, name, base_id, base_fingerprint)
     except UsageError:  # not even a well-formed name
-        raise NotFound(f"The model {model[:80]!r} does not exist; GET /v1/models lists the models served here.",
-                       details=_NO_MODEL) from None
+        raise NotFound(
+            f"The model {model[:80]!r} does not exist; GET /v1/models lists the models served here.", details=_NO_MODEL
+        ) from None
     except NotFound as exc:
         raise NotFound(exc.message, details=_NO_MODEL) from None
     if entry.get("replaced"):
-        raise NotFound(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.",
-                       details=_NO_MODEL)
+        raise NotFound(
+            f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.", details=_NO_MODEL
+        )
     trained_on = entry.get("baseModel") or {}
     if trained_on.get("fingerprint") != base_fingerprint:
-        raise Conflict(f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this "
-                       f"server runs {base_id!r}; its LoRA weights do not fit.",
-                       details={"param": "model", "code": "model_base_mismatch"})
+        raise Conflict(
+            f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this "
+            f"server runs {base_id!r}; its LoRA weights do not fit.",
+            details={"param": "model", "code": "model_base_mismatch"},
+        )
     path = registry.adapter_dir(settings, entry).resolve()
     if not (path / "adapter_config.json").is_file():
         raise NotFound(f"The files of {name}@{entry['version']} are missing under data/adapters.", details=_NO_MODEL)
@@ -111,16 +116,27 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
     every version trained on the served base."""
     out = [{"id": base_id, "kind": "base"}]
     for name, adapter in sorted(registry.list_adapters(settings).items()):
-        fits = [e for e in adapter.get("versions", [])
-                if not e.get("replaced") and (e.get("baseModel") or {}).get("fingerprint") == base_fingerprint]
+        fits = [
+            e
+            for e in adapter.get("versions", [])
+            if not e.get("replaced") and (e.get("baseModel") or {}).get("fingerprint") == base_fingerprint
+        ]
         with contextlib.suppress(NotFound):
             active = active_entry(settings, name, base_id, base_fingerprint)
             if any(e["version"] == active["version"] for e in fits):
-                out.append({"id": name, "kind": "active", "version": active["version"],
-                            "created": active.get("created")})
+                out.append(
+                    {"id": name, "kind": "active", "version": active["version"], "created": active.get("created")}
+                )
         for e in fits:
-            out.append({"id": f"{name}@{e['version']}", "kind": "version", "version": e["version"],
-                        "created": e.get("created"), "gate": (e.get("gate") or {}).get("passed")})
+            out.append(
+                {
+                    "id": f"{name}@{e['version']}",
+                    "kind": "version",
+                    "version": e["version"],
+                    "created": e.get("created"),
+                    "gate": (e.get("gate") or {}).get("passed"),
+                }
+            )
     return out
 
 
@@ -269,8 +285,9 @@ class Engine:
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
                 else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=peft_name,
-                                                           is_trainable=False)
+                    self.model = PeftModel.from_pretrained(
+                        self.model, str(path), adapter_name=peft_name, is_trainable=False
+                    )
         except Exception as exc:
             # Leave nothing half-loaded behind: a failed first load may have changed the base model's modules
             # in place (reload it on the next request); a failed later one may have left a partial adapter.
@@ -320,14 +337,18 @@ class Engine:
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # templates refuse what their model never saw, e.g. Gemma a system turn
-                raise UsageError(f"The chat template of {target.model} refuses these messages: {exc}",
-                                 details={"param": "messages", "code": "invalid_messages"}) from exc
+                raise UsageError(
+                    f"The chat template of {target.model} refuses these messages: {exc}",
+                    details={"param": "messages", "code": "invalid_messages"},
+                ) from exc
             ids = tok(text, add_special_tokens=False)["input_ids"]
             limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
             if limit and len(ids) + sampling.max_tokens > limit:
                 raise UsageError(
                     f"The prompt has {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is over the "
-                    f"model's context of {limit} tokens.", details={"param": "messages", "code": "context_length_exceeded"})
+                    f"model's context of {limit} tokens.",
+                    details={"param": "messages", "code": "context_length_exceeded"},
+                )
             return Generation(self, target, loaded, tok, ids, sampling)
         except Exception:
             if loaded is not None:
@@ -485,7 +506,7 @@ class Generation:
             safe = len(full) - max((len(s) - 1 for s in self.sampling.stop), default=0)
             if full.endswith("\ufffd"):  # half a character: wait for the token that completes it
                 safe = min(safe, len(full) - 1)
-        piece = full[self._emitted:safe] if safe > self._emitted else ""
+        piece = full[self._emitted : safe] if safe > self._emitted else ""
         self._emitted = max(self._emitted, safe)
         return piece
 
@@ -518,8 +539,10 @@ class Slots:
     def acquire(self) -> None:
         with self._lock:
             if self._busy >= self.limit:
-                raise TooBusy(f"All {self.limit} generation slots are busy; retry in a moment.",
-                              details={"code": "rate_limit_exceeded"})
+                raise TooBusy(
+                    f"All {self.limit} generation slots are busy; retry in a moment.",
+                    details={"code": "rate_limit_exceeded"},
+                )
             self._busy += 1
 
     def release(self) -> None:

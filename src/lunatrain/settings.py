@@ -62,9 +62,11 @@ class Settings(BaseSettings):
     lora_trainer_start_cmd: str | None = None
     lora_ensure_timeout: float = Field(default=60.0, gt=0)
     lora_gpus: int | None = Field(
-        default=None, ge=1, le=64,
+        default=None,
+        ge=1,
+        le=64,
         description="processes per LoRA job, one per GPU (torchrun); default every visible GPU on CUDA, 1 on CPU; "
-                    "a number > 1 on CPU runs that many gloo processes",
+        "a number > 1 on CPU runs that many gloo processes",
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=5050, ge=1, le=65535)
@@ -74,11 +76,19 @@ class Settings(BaseSettings):
     # Retention (`lunatrain gc`, see retention.py): what is kept of finished work.
     retain_exports: int = Field(default=3, ge=1, le=1000, description="export directories kept (current included)")
     retain_jobs: int = Field(default=50, ge=0, description="finished jobs whose events and log are kept")
-    retain_job_days: float = Field(default=30.0, ge=0, description="events and logs of finished jobs older than this go")
-    retain_checkpoint_days: float = Field(default=7.0, ge=0, description="idle run work dirs (checkpoints) older than this go")
-    infer_max_concurrent: int = Field(default=8, ge=1, le=256, description="chat answers generated at once; more get 429")
+    retain_job_days: float = Field(
+        default=30.0, ge=0, description="events and logs of finished jobs older than this go"
+    )
+    retain_checkpoint_days: float = Field(
+        default=7.0, ge=0, description="idle run work dirs (checkpoints) older than this go"
+    )
+    infer_max_concurrent: int = Field(
+        default=8, ge=1, le=256, description="chat answers generated at once; more get 429"
+    )
     infer_max_tokens: int = Field(default=1024, ge=1, le=131072, description="cap on a chat request's max_tokens")
-    infer_max_adapters: int = Field(default=4, ge=1, le=64, description="adapters kept loaded (least recently used out)")
+    infer_max_adapters: int = Field(
+        default=4, ge=1, le=64, description="adapters kept loaded (least recently used out)"
+    )
 
     @field_validator("home", mode="after")
     @classmethod

@@ -45,9 +45,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         raise UsageError(f"minCurated must be 0 or more, got {min_curated}.")
     have_db = _has_database(settings)
     raw = store.counts(settings) if have_db else None
-    counts = {
-        source: _with_total((raw or {}).get("examples", {}).get(source, {})) for source in store.SOURCES
-    }
+    counts = {source: _with_total((raw or {}).get("examples", {}).get(source, {})) for source in store.SOURCES}
     memory = _with_total((raw or {}).get("memory", {}))
     curated = counts["curated"]["approved"]
     revision = store.revision(settings) if have_db else None
@@ -192,8 +190,13 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
         "durationSeconds": metrics.get("durationSeconds"),
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": job.error.wire() if job.error else None,
-        "gate": {"passed": job.gate.get("passed"), "promoted": job.gate.get("promoted"),
-                 "reasons": job.gate.get("reasons", [])} if isinstance(job.gate, dict) else None,
+        "gate": {
+            "passed": job.gate.get("passed"),
+            "promoted": job.gate.get("promoted"),
+            "reasons": job.gate.get("reasons", []),
+        }
+        if isinstance(job.gate, dict)
+        else None,
     }
 
 
@@ -223,21 +226,25 @@ def _active_adapters(settings: Settings) -> list[dict[str, Any]]:
 
     active = _safe(lambda: registry.list_active(settings)) or []
     # resolve_base builds luna-tiny when missing: a status read must not, so an unbuilt one matches nothing.
-    unbuilt = settings.base_model == models.TINY_ID and not (settings.models_dir / models.TINY_ID / "config.json").exists()
+    unbuilt = (
+        settings.base_model == models.TINY_ID and not (settings.models_dir / models.TINY_ID / "config.json").exists()
+    )
     configured = _safe(lambda: models.resolve_base(None, settings)) if active and not unbuilt else None
     out = []
     for a in active:
         entry = a["entry"]
         gate = entry.get("gate") or {}
-        out.append({
-            "name": a["name"],
-            "version": a["version"],
-            "baseModel": a["baseModel"],
-            "matchesBaseModel": configured is not None and a["base"] == configured.fingerprint,
-            "datasetTier": entry.get("datasetTier"),
-            "stale": bool(entry.get("stale")),
-            "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
-        })
+        out.append(
+            {
+                "name": a["name"],
+                "version": a["version"],
+                "baseModel": a["baseModel"],
+                "matchesBaseModel": configured is not None and a["base"] == configured.fingerprint,
+                "datasetTier": entry.get("datasetTier"),
+                "stale": bool(entry.get("stale")),
+                "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
+            }
+        )
     return out
 
 

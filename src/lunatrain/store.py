@@ -166,7 +166,11 @@ class Store:
 def database_name(engine: Engine) -> str:
     """The SQLite file, or the server URL without its password: what a message names."""
     url = engine.url
-    return url.database if url.get_backend_name() == "sqlite" and url.database else url.render_as_string(hide_password=True)
+    return (
+        url.database
+        if url.get_backend_name() == "sqlite" and url.database
+        else url.render_as_string(hide_password=True)
+    )
 
 
 def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
@@ -174,10 +178,14 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
     reason = str(getattr(exc, "orig", None) or exc).strip().rstrip(".")
     where = database_name(engine)
     if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
-        return DiskFull(f"The disk holding the database {where} is full ({reason}); nothing was changed. "
-                        "Free some space (`lunatrain gc` removes what the retention policy allows) and try again.")
-    return StorageError(f"The database {where} cannot be used ({reason}); restore it from a backup, or move it "
-                        "aside to start with an empty one.")
+        return DiskFull(
+            f"The disk holding the database {where} is full ({reason}); nothing was changed. "
+            "Free some space (`lunatrain gc` removes what the retention policy allows) and try again."
+        )
+    return StorageError(
+        f"The database {where} cannot be used ({reason}); restore it from a backup, or move it "
+        "aside to start with an empty one."
+    )
 
 
 @contextlib.contextmanager
@@ -257,7 +265,9 @@ def open_store(settings: Settings) -> Store:
                 raise
             except OSError as exc:  # e.g. the data directory cannot be created
                 engine.dispose()
-                raise StorageError(f"Cannot open the database {database_name(engine)}: {exc.strerror or exc}.") from None
+                raise StorageError(
+                    f"Cannot open the database {database_name(engine)}: {exc.strerror or exc}."
+                ) from None
             _stores[key] = store
     return store
 
@@ -534,7 +544,9 @@ def add_memory(
     except RecordError as err:
         # The draft calls them prompt/response; the caller knows them as question/answer.
         names = {"prompt": "question", "response": "answer"}
-        raise UsageError(f"Invalid memory item: field '{names.get(err.field or '', err.field)}': {err.message}.") from None
+        raise UsageError(
+            f"Invalid memory item: field '{names.get(err.field or '', err.field)}': {err.message}."
+        ) from None
     if topic is not None and not isinstance(topic, str):
         raise UsageError("Invalid memory item: field 'topic': expected a string.")
     topic_ = formats.normalize_text(topic) if topic else None
@@ -564,7 +576,9 @@ def add_memory(
     return MemoryItem.from_row(row)
 
 
-def list_memory(settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0) -> list[MemoryItem]:
+def list_memory(
+    settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
+) -> list[MemoryItem]:
     if limit < 1 or offset < 0:
         raise UsageError("limit must be at least 1 and offset at least 0.")
     query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)

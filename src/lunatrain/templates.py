@@ -65,8 +65,13 @@ class Terminator:
         return sorted(ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "ids": list(self.ids), "generationEos": list(self.generation_eos),
-                "inGenerationConfig": self.in_generation_config, "stopIds": self.stop_ids}
+        return {
+            "text": self.text,
+            "ids": list(self.ids),
+            "generationEos": list(self.generation_eos),
+            "inGenerationConfig": self.in_generation_config,
+            "stopIds": self.stop_ids,
+        }
 
 
 def _render(tokenizer: Any, messages: list[dict]) -> str:
@@ -78,7 +83,7 @@ def _tail_after(tokenizer: Any, messages: list[dict], answer: str, until: str | 
     at = text.find(answer)
     if at < 0:
         raise UsageError("The chat template drops the assistant's answer; it cannot be trained on.")
-    tail = text[at + len(answer):]
+    tail = text[at + len(answer) :]
     if until is not None and until in tail:
         tail = tail[: tail.index(until)]
     return tail
@@ -132,8 +137,10 @@ def turn_terminator(tokenizer: Any, base_info: Any = None) -> Terminator:
     Raises UsageError when the template closes assistant turns with nothing."""
     text = detect_terminator_text(tokenizer)
     if not text:
-        raise UsageError("The chat template emits nothing after an assistant answer, so a model could never learn "
-                         "where its turn ends; choose a template that closes assistant turns (--chatTemplate).")
+        raise UsageError(
+            "The chat template emits nothing after an assistant answer, so a model could never learn "
+            "where its turn ends; choose a template that closes assistant turns (--chatTemplate)."
+        )
     ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     return Terminator(text, ids, generation_eos(getattr(base_info, "path", None)), tokenizer.eos_token_id)
 
@@ -148,8 +155,10 @@ def bundled_names() -> list[str]:
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise UsageError(f"chatTemplate {name!r} is not a template name; name a bundled template "
-                         f"({', '.join(bundled_names())}) or pass a .jinja file on the command line.")
+        raise UsageError(
+            f"chatTemplate {name!r} is not a template name; name a bundled template "
+            f"({', '.join(bundled_names())}) or pass a .jinja file on the command line."
+        )
     return name
 
 
@@ -196,8 +205,10 @@ def apply_template(tokenizer: Any, name: str | None, settings: Any, model_id: st
     if name:
         tokenizer.chat_template = load_template(name, settings)
     if not tokenizer.chat_template:
-        raise UsageError(f"Base model {model_id!r} has no chat template; choose one with --chatTemplate "
-                         f"({', '.join(bundled_names())}, or a .jinja file).")
+        raise UsageError(
+            f"Base model {model_id!r} has no chat template; choose one with --chatTemplate "
+            f"({', '.join(bundled_names())}, or a .jinja file)."
+        )
     if not name:
         return []
     source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
@@ -218,17 +229,20 @@ def check_embedding_room(model: Any, tokenizer: Any, added: list[str], model_id:
     ids = added_token_ids(tokenizer, added)
     rows = model.get_input_embeddings().weight.shape[0]
     if ids and max(ids) >= rows:
-        raise UsageError(f"The chat template needs {len(ids)} token(s) ({', '.join(added)}) that base model "
-                         f"{model_id!r} has no spare embedding rows for ({rows} rows); choose a template "
-                         "built from its own special tokens.")
+        raise UsageError(
+            f"The chat template needs {len(ids)} token(s) ({', '.join(added)}) that base model "
+            f"{model_id!r} has no spare embedding rows for ({rows} rows); choose a template "
+            "built from its own special tokens."
+        )
     return ids
 
 
 # --- what ships with adapters and merged models ---------------------------------------------------
 
 
-def write_generation_config(directory: str | Path, base_path: str | Path, terminator: Terminator,
-                            tokenizer: Any) -> dict[str, Any]:
+def write_generation_config(
+    directory: str | Path, base_path: str | Path, terminator: Terminator, tokenizer: Any
+) -> dict[str, Any]:
     """Write directory/generation_config.json: the base model's, with the turn terminator among its eos ids,
     so plain `generate()` stops where training taught the model to stop."""
     from .fsio import atomic_write_json

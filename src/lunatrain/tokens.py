@@ -53,8 +53,9 @@ def _render(tokenizer: Any, messages: list[dict], *, gen_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict],
-                    terminator: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: list[dict], terminator: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character span of each assistant turn's trained text
     (content + turn terminator; `terminator` defaults to the one the template emits)."""
     text = _render(tokenizer, messages, gen_prompt=False)
@@ -135,8 +136,9 @@ def _span_by_search(text: str, content: str, eot: str, cursor: int):
     return at, _turn_end(text, at, content, eot)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], max_seq_length: int, *, hash: str = "",
-                terminator: str | None = None) -> Encoded:
+def encode_chat(
+    tokenizer: Any, messages: list[dict], max_seq_length: int, *, hash: str = "", terminator: str | None = None
+) -> Encoded:
     """Tokenize one conversation with its chat template; labels only on assistant content + terminator.
 
     Longer conversations are cut to `max_seq_length` tokens from the end (`truncated=True`); the beginning
@@ -184,8 +186,9 @@ class TokenizedTier:
         return self.splits.get("test", [])
 
 
-def cache_key(fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_seq_length: int,
-              terminator: str = "") -> str:
+def cache_key(
+    fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_seq_length: int, terminator: str = ""
+) -> str:
     ident = {
         "terminator": terminator,
         "format": CACHE_FORMAT,
@@ -198,8 +201,9 @@ def cache_key(fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_se
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length: int, *, data: Any = None,
-                  base: Any = None) -> TokenizedTier:
+def tokenize_tier(
+    settings: Settings, tier: str, tokenizer: Any, max_seq_length: int, *, data: Any = None, base: Any = None
+) -> TokenizedTier:
     """Tokenized train/val/test of an exported tier, from the cache when the same data, tokenizer, template
     and max length were tokenized before. `data` (a TierData) skips re-reading the export; `base` (a
     BaseModelInfo) lets the terminator be cross-checked with its generation_config.json."""
@@ -211,8 +215,9 @@ def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length:
 
         data = read_tier(settings, tier)
     term = turn_terminator(tokenizer, base)
-    key = cache_key(data.fingerprint, tier, tokenizer_hash(tokenizer), template_hash(tokenizer), max_seq_length,
-                    term.text)
+    key = cache_key(
+        data.fingerprint, tier, tokenizer_hash(tokenizer), template_hash(tokenizer), max_seq_length, term.text
+    )
     path = settings.cache_dir / "tokens" / f"{tier}-{key[:32]}.safetensors"
     splits = _read_cache(path, key)
     hit = splits is not None
@@ -228,14 +233,17 @@ def tokenize_tier(settings: Settings, tier: str, tokenizer: Any, max_seq_length:
 
 def _encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: str) -> Encoded:
     try:
-        return encode_chat(tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")),
-                           terminator=terminator)
+        return encode_chat(
+            tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")), terminator=terminator
+        )
     except UsageError:
         raise
     except Exception as exc:  # the template's own raise_exception (e.g. no system role, roles must alternate)
         rid = rec.get("id") or str(rec.get("hash", ""))[:12]
-        raise UsageError(f"The chat template refuses example {rid}: {exc}; fix the example or choose another "
-                         "template (--chatTemplate).") from exc
+        raise UsageError(
+            f"The chat template refuses example {rid}: {exc}; fix the example or choose another "
+            "template (--chatTemplate)."
+        ) from exc
 
 
 def split_stats(items: list[Encoded]) -> dict[str, Any]:
@@ -276,8 +284,12 @@ def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]], fingerp
         tensors[f"{name}.truncated"] = torch.tensor([e.truncated for e in items], dtype=torch.uint8)
         tensors[f"{name}.full_length"] = torch.tensor([e.full_length for e in items], dtype=torch.int64)
         hashes = "\n".join(e.hash for e in items).encode("utf-8")
-        tensors[f"{name}.hashes"] = torch.frombuffer(bytearray(hashes), dtype=torch.uint8) if hashes else torch.zeros(0, dtype=torch.uint8)
-    atomic_write_bytes(path, save(tensors, metadata={"key": key, "format": str(CACHE_FORMAT), "fingerprint": fingerprint}))
+        tensors[f"{name}.hashes"] = (
+            torch.frombuffer(bytearray(hashes), dtype=torch.uint8) if hashes else torch.zeros(0, dtype=torch.uint8)
+        )
+    atomic_write_bytes(
+        path, save(tensors, metadata={"key": key, "format": str(CACHE_FORMAT), "fingerprint": fingerprint})
+    )
 
 
 def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
@@ -363,7 +375,9 @@ def pack_rows(lengths: list[int], capacity: int, packing: bool = True) -> list[l
     return rows
 
 
-def make_batch(samples: list[Encoded], capacity: int, pad_id: int, *, packing: bool = True, flat: bool = False) -> Batch:
+def make_batch(
+    samples: list[Encoded], capacity: int, pad_id: int, *, packing: bool = True, flat: bool = False
+) -> Batch:
     """Lay samples out as first-fit rows of `capacity` tokens (or one padded row each without packing),
     or, with `flat`, as one unpadded row."""
     import torch

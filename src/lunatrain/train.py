@@ -164,8 +164,14 @@ def _group_device(params: LoraParams) -> str:
         return "cpu"  # prepare() reports the bad device on every rank
 
 
-def _run_lora(params: LoraParams, settings: Settings, world: World, emit: Callable[[Event], None],
-              should_stop: Callable[[], bool] | None, job_id: str | None) -> TrainResult:
+def _run_lora(
+    params: LoraParams,
+    settings: Settings,
+    world: World,
+    emit: Callable[[Event], None],
+    should_stop: Callable[[], bool] | None,
+    job_id: str | None,
+) -> TrainResult:
     run = prepare(params, settings, world)
     started = time.time()
     status, error = Status.SUCCEEDED, None
@@ -184,16 +190,19 @@ def _run_lora(params: LoraParams, settings: Settings, world: World, emit: Callab
     report = build_report(run, status, error, started, job_id)
     if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
         status_value, version, path, error = distributed.share(world, None)
-        return TrainResult(Status(status_value), params.adapter_name, version, Path(path) if path else None,
-                           report, error)
+        return TrainResult(
+            Status(status_value), params.adapter_name, version, Path(path) if path else None, report, error
+        )
     result = conclude(run, status, error, report, emit)
-    distributed.share(world, (result.status.value, result.version, str(result.path) if result.path else None,
-                              result.error))
+    distributed.share(
+        world, (result.status.value, result.version, str(result.path) if result.path else None, result.error)
+    )
     return result
 
 
-def conclude(run: Run, status: Status, error: dict | None, report: dict[str, Any],
-             emit: Callable[[Event], None]) -> TrainResult:
+def conclude(
+    run: Run, status: Status, error: dict | None, report: dict[str, Any], emit: Callable[[Event], None]
+) -> TrainResult:
     """Publish a successful run; record a failed one (report in the work dir and as the latest report)."""
     if status is Status.SUCCEEDED:
         try:
@@ -203,8 +212,13 @@ def conclude(run: Run, status: Status, error: dict | None, report: dict[str, Any
         except Exception as exc:  # e.g. a full disk while saving: the run failed, the checkpoints remain
             status, error = Status.FAILED, {"code": "save_failed", "message": f"{type(exc).__name__}: {exc}"}
             report.update(status=status.value, error=error)
-    emit({"type": "log", "message": f"training {status.value}: {error['message'] if error else ''}",
-          **coded("log.training_ended", status=status.value, message=error["message"] if error else "")})
+    emit(
+        {
+            "type": "log",
+            "message": f"training {status.value}: {error['message'] if error else ''}",
+            **coded("log.training_ended", status=status.value, message=error["message"] if error else ""),
+        }
+    )
     atomic_write_json(run.work_dir / "training-report.json", report)
     registry.write_latest(run.settings, report)
     return TrainResult(status, run.params.adapter_name, report=report, error=error)
@@ -252,27 +266,56 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     train_set = [e for e in tokens.train if e.n_supervised]  # nothing to learn from the others
     val_set = [e for e in tokens.val if e.n_supervised]
     if not train_set:
-        raise UsageError("No training sample has an assistant token left after masking and truncation; "
-                         "check the data or raise maxSeqLength.")
+        raise UsageError(
+            "No training sample has an assistant token left after masking and truncation; "
+            "check the data or raise maxSeqLength."
+        )
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    plan = memplan.check_fits(settings, params, memplan.device_memory(device), base=base,
-                              batch_tokens=memplan.largest_batch(train_set, params.batch_size))
-    model, chosen, loss = load_lora_model(params, settings, base, device, bf16, plan.checkpointing,
-                                          tokenizer=tokenizer, added=added)
+    plan = memplan.check_fits(
+        settings,
+        params,
+        memplan.device_memory(device),
+        base=base,
+        batch_tokens=memplan.largest_batch(train_set, params.batch_size),
+    )
+    model, chosen, loss = load_lora_model(
+        params, settings, base, device, bf16, plan.checkpointing, tokenizer=tokenizer, added=added
+    )
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
     return Run(
-        params=params, settings=settings, base=base, tokenizer=tokenizer, model=model, device=device,
-        autocast_dtype=torch.bfloat16 if bf16 else None, data=data, tokens=tokens, train=train_set,
-        val=val_set, steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
+        params=params,
+        settings=settings,
+        base=base,
+        tokenizer=tokenizer,
+        model=model,
+        device=device,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        data=data,
+        tokens=tokens,
+        train=train_set,
+        val=val_set,
+        steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
         total_steps=total_steps(len(train_set), params, world.size),
-        work_dir=distributed.share(world, _work_dir(params, settings, base, data)), kernels=chosen, world=world,
-        added_tokens=added, loss=loss, plan=plan,
+        work_dir=distributed.share(world, _work_dir(params, settings, base, data)),
+        kernels=chosen,
+        world=world,
+        added_tokens=added,
+        loss=loss,
+        plan=plan,
     )
 
 
-def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: str, bf16: bool,
-                    checkpointing: bool, *, tokenizer: Any = None,
-                    added: list[str] | None = None) -> tuple[Any, dict[str, str], dict[str, Any]]:
+def load_lora_model(
+    params: LoraParams,
+    settings: Settings,
+    base: Any,
+    device: str,
+    bf16: bool,
+    checkpointing: bool,
+    *,
+    tokenizer: Any = None,
+    added: list[str] | None = None,
+) -> tuple[Any, dict[str, str], dict[str, Any]]:
     """The base model (quantized when asked) with a fresh LoRA, checkpointing and kernels in place; with
     `kernels.install`'s choice and the loss path (`loss.lean_loss_check`). Template markers in `added`
     (missing from the vocabulary) get their embedding rows trained."""
@@ -288,9 +331,15 @@ def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: s
     targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
     # Template markers the vocabulary lacked get their embedding rows trained (saved with the adapter).
     new_ids = check_embedding_room(model, tokenizer, added or [], base.id) if added else []
-    config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                        trainable_token_indices=new_ids or None)
+    config = LoraConfig(
+        r=params.rank,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        trainable_token_indices=new_ids or None,
+    )
     try:
         with peft_wrapping():
             model = get_peft_model(model, config)
@@ -298,14 +347,21 @@ def load_lora_model(params: LoraParams, settings: Settings, base: Any, device: s
         raise UsageError(f"targetModules {params.target_modules!r} do not fit base model {base.id!r}: {exc}") from exc
     if checkpointing:  # non-reentrant: works with frozen embeddings, replays dropout's RNG
         if not getattr(model, "supports_gradient_checkpointing", False):
-            fix = ("train without it" if params.gradient_checkpointing == "true" else "this job needs it to fit in "
-                   "memory: try --quantize=4bit, a smaller --batchSize or a shorter --maxSeqLength")
+            fix = (
+                "train without it"
+                if params.gradient_checkpointing == "true"
+                else "this job needs it to fit in "
+                "memory: try --quantize=4bit, a smaller --batchSize or a shorter --maxSeqLength"
+            )
             raise UsageError(f"Base model {base.id!r} does not support gradientCheckpointing; {fix}.")
         enable_checkpointing(model)
     chosen = kernels.install(model, device)
     why_plain = lean_loss_check(model, device)
-    loss = {"path": "plain", "reason": why_plain} if why_plain else {
-        "path": "chunked", "chunkTokens": chunk_tokens(model.get_output_embeddings().weight.shape[0])}
+    loss = (
+        {"path": "plain", "reason": why_plain}
+        if why_plain
+        else {"path": "chunked", "chunkTokens": chunk_tokens(model.get_output_embeddings().weight.shape[0])}
+    )
     return model, chosen, loss
 
 
@@ -332,7 +388,9 @@ def setup_optimizer(run: Run) -> None:
 
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     run.optimizer = torch.optim.AdamW(
-        trainable, lr=run.params.learning_rate, weight_decay=run.params.weight_decay,
+        trainable,
+        lr=run.params.learning_rate,
+        weight_decay=run.params.weight_decay,
         fused=run.device == "cuda",
     )
     warmup = math.ceil(run.params.warmup_ratio * run.total_steps)
@@ -370,8 +428,13 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         with model.disable_adapter():
             run.base_val_loss = evaluate(run, run.val)
         emit({"type": "eval", "epoch": 0, "valLoss": None, "baseValLoss": run.base_val_loss})
-    emit({"type": "log", "message": f"training {len(run.train)} samples, {run.total_steps} steps on {run.device}",
-          **coded("log.training_started", samples=len(run.train), steps=run.total_steps, device=run.device)})
+    emit(
+        {
+            "type": "log",
+            "message": f"training {len(run.train)} samples, {run.total_steps} steps on {run.device}",
+            **coded("log.training_started", samples=len(run.train), steps=run.total_steps, device=run.device),
+        }
+    )
     t0, seconds0, tokens0, step0 = time.perf_counter(), run.train_seconds, run.tokens_seen, run.step
     for epoch in range(run.epoch, p.epochs):
         if run.step >= run.total_steps:
@@ -388,7 +451,8 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             # others waiting in the next all-reduce)
             stopping = float(should_stop is not None and should_stop())
             n_supervised, stopping = distributed.sum_floats(
-                world, [sum(b.n_supervised for b in batches), stopping], run.device)
+                world, [sum(b.n_supervised for b in batches), stopping], run.device
+            )
             if stopping:
                 raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
             opt.zero_grad(set_to_none=True)
@@ -402,8 +466,11 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             step_loss, step_tokens = distributed.sum_floats(world, [step_loss, step_tokens], run.device)
             run.tokens_seen += int(step_tokens)
             if not math.isfinite(step_loss):
-                raise Stop(Status.FAILED, "nan_loss", f"loss became {step_loss} at step {run.step + 1}; "
-                           "lower the learning rate or check the data.")
+                raise Stop(
+                    Status.FAILED,
+                    "nan_loss",
+                    f"loss became {step_loss} at step {run.step + 1}; lower the learning rate or check the data.",
+                )
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise Stop(Status.FAILED, "nan_loss", f"gradient norm became {grad_norm} at step {run.step + 1}.")
@@ -417,32 +484,50 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             run.train_seconds = seconds0 + elapsed
             rate = (run.tokens_seen - tokens0) / elapsed if elapsed > 0 else 0.0
             done = run.step - step0
-            emit({
-                "type": "progress", "step": run.step, "totalSteps": run.total_steps, "epoch": epoch + 1,
-                "epochs": p.epochs, "percent": round(100.0 * run.step / run.total_steps, 2), "loss": step_loss,
-                "lr": lr, "tokensPerSec": round(rate, 1),
-                "etaSeconds": round(elapsed / done * (run.total_steps - run.step), 1) if done else None,
-            })
+            emit(
+                {
+                    "type": "progress",
+                    "step": run.step,
+                    "totalSteps": run.total_steps,
+                    "epoch": epoch + 1,
+                    "epochs": p.epochs,
+                    "percent": round(100.0 * run.step / run.total_steps, 2),
+                    "loss": step_loss,
+                    "lr": lr,
+                    "tokensPerSec": round(rate, 1),
+                    "etaSeconds": round(elapsed / done * (run.total_steps - run.step), 1) if done else None,
+                }
+            )
         val_loss = evaluate(run, run.val) if run.val else None
-        run.epochs.append({
-            "epoch": epoch + 1, "step": run.step, "valLoss": val_loss,
-            "trainLoss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
-        })
+        run.epochs.append(
+            {
+                "epoch": epoch + 1,
+                "step": run.step,
+                "valLoss": val_loss,
+                "trainLoss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
+            }
+        )
         emit({"type": "eval", "epoch": epoch + 1, "valLoss": val_loss, "baseValLoss": run.base_val_loss})
         run.epoch = epoch + 1
         run.train_seconds = seconds0 + time.perf_counter() - t0
         if world.main:
             checkpoints.save(run)
         distributed.barrier(world)  # a rank that fails later finds this checkpoint complete on resume
-        emit({"type": "log", "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved",
-              **coded("log.epoch_done", epoch=epoch + 1, valLoss=val_loss)})
+        emit(
+            {
+                "type": "log",
+                "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved",
+                **coded("log.epoch_done", epoch=epoch + 1, valLoss=val_loss),
+            }
+        )
 
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:
     """Packed batches are one flat row when the model runs per-sample attention, first-fit rows otherwise."""
     flat = run.params.packing and kernels.uses_varlen(run.model)
-    return make_batch(samples, run.params.max_seq_length, run.tokenizer.pad_token_id, packing=run.params.packing,
-                      flat=flat)
+    return make_batch(
+        samples, run.params.max_seq_length, run.tokenizer.pad_token_id, packing=run.params.packing, flat=flat
+    )
 
 
 def loss_sum(run: Run, batch: Batch) -> Any:
@@ -469,12 +554,19 @@ def forward_supervised(model: Any, batch: Batch, device: str, autocast_dtype: An
     extra: dict[str, Any] = {}
     if batch.cu_seqlens is not None:  # flat layout: where each sample starts, for per-sample attention
         cu = batch.cu_seqlens.to(device)
-        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_length,
-                 "max_length_k": batch.max_length}
+        extra = {
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": batch.max_length,
+            "max_length_k": batch.max_length,
+        }
     with ctx:
         out = model(
-            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-            use_cache=False, logits_to_keep=mask if masked_logits_supported() else 0, **extra,
+            input_ids=batch.input_ids.to(device),
+            position_ids=batch.position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=mask if masked_logits_supported() else 0,
+            **extra,
         )
     logits = out.logits
     if logits.dim() == 3:  # a model that ignores a mask in logits_to_keep returns every position
@@ -526,32 +618,54 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "adapterStrategy": p.adapter_strategy,
         "params": p.wire(),
         "dataset": {
-            "tier": p.dataset_tier, "fingerprint": run.data.fingerprint, "export": run.data.summary,
-            "trainSamples": len(run.train), "valSamples": len(run.val),
-            "tokenStats": run.tokens.stats, "tokenCacheKey": run.tokens.key,
+            "tier": p.dataset_tier,
+            "fingerprint": run.data.fingerprint,
+            "export": run.data.summary,
+            "trainSamples": len(run.train),
+            "valSamples": len(run.val),
+            "tokenStats": run.tokens.stats,
+            "tokenCacheKey": run.tokens.key,
             "tokenCacheHit": run.tokens.cache_hit,
         },
-        "baseModel": {"id": run.base.id, "revision": run.base.revision, "configSha256": run.base.config_sha256,
-                      "fingerprint": run.base.fingerprint},
+        "baseModel": {
+            "id": run.base.id,
+            "revision": run.base.revision,
+            "configSha256": run.base.config_sha256,
+            "fingerprint": run.base.fingerprint,
+        },
         "tokenizerHash": tokenizer_hash(run.tokenizer),
         "templateHash": template_hash(run.tokenizer),
-        "template": {"name": p.chat_template or "model", "hash": template_hash(run.tokenizer),
-                     "terminator": run.tokens.terminator.to_dict(), "addedTokens": run.added_tokens},
-        "metrics": {"valLoss": last_val, "baseValLoss": run.base_val_loss,
-                    "trainLoss": run.epochs[-1]["trainLoss"] if run.epochs else None,
-                    "steps": run.step, "totalSteps": run.total_steps, "tokensTrained": run.tokens_seen,
-                    "tokensPerSec": round(tps, 1) if tps else None},
+        "template": {
+            "name": p.chat_template or "model",
+            "hash": template_hash(run.tokenizer),
+            "terminator": run.tokens.terminator.to_dict(),
+            "addedTokens": run.added_tokens,
+        },
+        "metrics": {
+            "valLoss": last_val,
+            "baseValLoss": run.base_val_loss,
+            "trainLoss": run.epochs[-1]["trainLoss"] if run.epochs else None,
+            "steps": run.step,
+            "totalSteps": run.total_steps,
+            "tokensTrained": run.tokens_seen,
+            "tokensPerSec": round(tps, 1) if tps else None,
+        },
         "epochs": run.epochs,
         "lossCurve": run.curve,
         "resumedFromEpoch": run.resumed_from,
-        "device": {"used": run.device, "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
-                   **device_info()},
+        "device": {
+            "used": run.device,
+            "dtype": "bfloat16" if run.autocast_dtype is not None else "float32",
+            **device_info(),
+        },
         "kernels": run.kernels,
         "loss": run.loss,
         "quantization": quantization(p.quantize, run.autocast_dtype),
         "memoryPlan": run.plan.to_dict() if run.plan else None,
-        "dataParallel": {"ranks": run.world.size,
-                         "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None},
+        "dataParallel": {
+            "ranks": run.world.size,
+            "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None,
+        },
         "packages": package_versions(),
         "durationSeconds": round(time.time() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),
@@ -589,16 +703,25 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / "loss-curve.png", run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
     entry = {
-        "jobId": report["jobId"], "status": "succeeded", "strategy": p.adapter_strategy,
-        "baseModel": report["baseModel"], "datasetTier": p.dataset_tier, "datasetFingerprint": run.data.fingerprint,
-        "params": report["params"], "metrics": {k: report["metrics"][k] for k in ("valLoss", "baseValLoss", "trainLoss")},
-        "tokenizerHash": report["tokenizerHash"], "templateHash": report["templateHash"],
-        "trainSamples": len(run.train), "gate": None, "quantization": report["quantization"],
+        "jobId": report["jobId"],
+        "status": "succeeded",
+        "strategy": p.adapter_strategy,
+        "baseModel": report["baseModel"],
+        "datasetTier": p.dataset_tier,
+        "datasetFingerprint": run.data.fingerprint,
+        "params": report["params"],
+        "metrics": {k: report["metrics"][k] for k in ("valLoss", "baseValLoss", "trainLoss")},
+        "tokenizerHash": report["tokenizerHash"],
+        "templateHash": report["templateHash"],
+        "trainSamples": len(run.train),
+        "gate": None,
+        "quantization": report["quantization"],
     }
 
     def write_report(final: dict[str, Any]) -> None:
-        report.update(version=final["version"], revision=final.get("revision"), path=final["path"],
-                      created=final["created"])
+        report.update(
+            version=final["version"], revision=final.get("revision"), path=final["path"], created=final["created"]
+        )
         atomic_write_bytes(out / "training-report.json", dumps_json(report).encode())
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report)
@@ -609,6 +732,11 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     path = run.settings.home / entry["path"]
-    emit({"type": "log", "message": f"adapter {p.adapter_name}@{entry['version']} written to {entry['path']}",
-          **coded("log.adapter_written", name=p.adapter_name, version=entry["version"], path=entry["path"])})
+    emit(
+        {
+            "type": "log",
+            "message": f"adapter {p.adapter_name}@{entry['version']} written to {entry['path']}",
+            **coded("log.adapter_written", name=p.adapter_name, version=entry["version"], path=entry["path"]),
+        }
+    )
     return TrainResult(Status.SUCCEEDED, p.adapter_name, entry["version"], path, report, None)

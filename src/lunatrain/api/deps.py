@@ -75,7 +75,11 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
     if "\x00" in ref:
         raise UsageError("baseModel must be luna-tiny, a hub id (org/name) or a directory under the data root.")
     candidate = FsPath(ref)
-    rel = candidate.relative_to(settings.home) if candidate.is_absolute() and candidate.is_relative_to(settings.home) else candidate
+    rel = (
+        candidate.relative_to(settings.home)
+        if candidate.is_absolute() and candidate.is_relative_to(settings.home)
+        else candidate
+    )
     if candidate.is_absolute() and rel is candidate:
         raise UsageError(f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.")
     path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root

@@ -197,7 +197,9 @@ class PrepareRequest(In):
 
 
 class EvalGateRequest(In):
-    adapter: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")] | None = None
+    adapter: (
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")] | None
+    ) = None
 
 
 class Report(Out):

@@ -17,8 +17,9 @@ from ..fsio import read_json
 from ..settings import load_settings
 from .app import app, fail
 
-adapters_app = typer.Typer(help="Trained LoRA adapters: list, show, activate, deactivate, roll back, compare.",
-                           no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="Trained LoRA adapters: list, show, activate, deactivate, roll back, compare.", no_args_is_help=True
+)
 app.add_typer(adapters_app, name="adapters")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -53,9 +54,17 @@ def list_cmd(as_json: JsonOpt = False) -> None:
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps({"adapters": adapters, "byBase": registry.by_base(settings),
-                               "active": [{k: a[k] for k in ("name", "version", "base", "baseModel")} for a in active]},
-                              indent=2, sort_keys=True))
+        typer.echo(
+            json.dumps(
+                {
+                    "adapters": adapters,
+                    "byBase": registry.by_base(settings),
+                    "active": [{k: a[k] for k in ("name", "version", "base", "baseModel")} for a in active],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
         return
     if not adapters:
         typer.echo("No adapters yet; train one with `lunatrain lora` or `lunatrain luna`.")
@@ -67,13 +76,17 @@ def list_cmd(as_json: JsonOpt = False) -> None:
             active_on = [str(a["baseModel"]) for a in active if (a["name"], a["version"]) == (e["name"], e["version"])]
             rev = f" rev {e['revision']}" if e.get("revision") else ""
             m = e.get("metrics", {})
-            typer.echo(f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
-                       f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
-                       f"{_badges(e, aliases, active_on)}".rstrip())
+            typer.echo(
+                f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
+                f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
+                f"{_badges(e, aliases, active_on)}".rstrip()
+            )
 
 
 @adapters_app.command("show")
-def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERSION may be latest or active)")]) -> None:
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERSION may be latest or active)")],
+) -> None:
     """One version's registry entry, whether it is active (or why not), and its training report."""
     try:
         settings = load_settings()
@@ -95,7 +108,9 @@ def show_cmd(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERS
 @adapters_app.command("activate")
 def activate_cmd(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
-    force: Annotated[bool, typer.Option("--force", help="activate even if it was trained on another base model")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="activate even if it was trained on another base model")
+    ] = False,
 ) -> None:
     """Make a version the active adapter (refused if its base model is not the configured one)."""
     try:
@@ -172,5 +187,7 @@ def repair_cmd() -> None:
     if not result["repaired"]:
         typer.echo(f"The registry is readable ({result['versions']} versions); nothing to repair.")
         return
-    typer.echo(f"Rebuilt the registry with {result['versions']} versions of {len(result['adapters'])} adapters; "
-               f"the damaged file is kept as {result['damagedFile']}.")
+    typer.echo(
+        f"Rebuilt the registry with {result['versions']} versions of {len(result['adapters'])} adapters; "
+        f"the damaged file is kept as {result['damagedFile']}."
+    )

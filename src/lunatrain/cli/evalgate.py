@@ -16,17 +16,34 @@ from .app import app, fail, is_tty, print_report
 
 @app.command("eval-gate")
 def eval_gate_cmd(
-    adapter: Annotated[str | None, typer.Option("--adapter", help="NAME@VERSION, or NAME for its active version")] = None,
-    base_model: Annotated[str | None, typer.Option("--base-model", "--baseModel",
-                                                   help="base model whose active adapter is gated (default ASSISTANT_BASE_MODEL)")] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="NAME@VERSION, or NAME for its active version")
+    ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            "--baseModel",
+            help="base model whose active adapter is gated (default ASSISTANT_BASE_MODEL)",
+        ),
+    ] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="thresholds from the profile's [gate] table")] = None,
     min_golden_pass_rate: Annotated[float | None, typer.Option("--min-golden-pass-rate", "--minGoldenPassRate")] = None,
-    max_golden_pass_rate_drop: Annotated[float | None, typer.Option("--max-golden-pass-rate-drop", "--maxGoldenPassRateDrop")] = None,
-    max_val_loss_ratio_vs_base: Annotated[float | None, typer.Option("--max-val-loss-ratio-vs-base", "--maxValLossRatioVsBase")] = None,
+    max_golden_pass_rate_drop: Annotated[
+        float | None, typer.Option("--max-golden-pass-rate-drop", "--maxGoldenPassRateDrop")
+    ] = None,
+    max_val_loss_ratio_vs_base: Annotated[
+        float | None, typer.Option("--max-val-loss-ratio-vs-base", "--maxValLossRatioVsBase")
+    ] = None,
     max_loss_regression: Annotated[float | None, typer.Option("--max-loss-regression", "--maxLossRegression")] = None,
-    chat_template: Annotated[str | None, typer.Option(
-        "--chat-template", "--chatTemplate",
-        help="chat template for a base model without one (bundled name or .jinja file); adapters bring theirs")] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            "--chatTemplate",
+            help="chat template for a base model without one (bundled name or .jinja file); adapters bring theirs",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Evaluation gate: golden cases + val/test loss against the base model and the recorded baseline."""
@@ -37,12 +54,17 @@ def eval_gate_cmd(
             from ..profiles import load_profile
 
             thresholds |= load_profile(settings, profile).gate
-        flags = {"min_golden_pass_rate": min_golden_pass_rate, "max_golden_pass_rate_drop": max_golden_pass_rate_drop,
-                 "max_val_loss_ratio_vs_base": max_val_loss_ratio_vs_base, "max_loss_regression": max_loss_regression}
+        flags = {
+            "min_golden_pass_rate": min_golden_pass_rate,
+            "max_golden_pass_rate_drop": max_golden_pass_rate_drop,
+            "max_val_loss_ratio_vs_base": max_val_loss_ratio_vs_base,
+            "max_loss_regression": max_loss_regression,
+        }
         thresholds |= {k: v for k, v in flags.items() if v is not None}
         template = cli_template(chat_template, settings) if chat_template else None
-        report = eval_gate(settings, adapter=adapter, base_model=base_model, thresholds=thresholds,
-                           chat_template=template)
+        report = eval_gate(
+            settings, adapter=adapter, base_model=base_model, thresholds=thresholds, chat_template=template
+        )
         print_report(report, show, as_json=as_json)
     except LunaError as err:
         raise fail(err) from None
@@ -62,8 +84,10 @@ def show(report: GateReport) -> None:
         ("test loss", m.get("testLoss"), b.get("testLoss"), bl.get("testLoss")),
         ("stopped", m.get("stoppedRate"), b.get("stoppedRate"), bl.get("stoppedRate")),
     ]
-    title = f"eval gate: {report.decision.upper()}  {report.candidate['ref']} vs {report.baseline['ref']} " \
-            f"({report.baseline['source']})"
+    title = (
+        f"eval gate: {report.decision.upper()}  {report.candidate['ref']} vs {report.baseline['ref']} "
+        f"({report.baseline['source']})"
+    )
     failed = [c for c in report.cases if not c["passed"]]
     if is_tty():
         from rich.console import Console
@@ -92,5 +116,7 @@ def show(report: GateReport) -> None:
             typer.echo(f"reason: {r}")
     for n in report.notes:
         typer.echo(f"note: {n}")
-    typer.echo(f"{report.candidate['ref']}: {m.get('goldenPassed')}/{m.get('goldenTotal')} golden cases passed. "
-               f"Wrote {report.path}.")
+    typer.echo(
+        f"{report.candidate['ref']}: {m.get('goldenPassed')}/{m.get('goldenTotal')} golden cases passed. "
+        f"Wrote {report.path}."
+    )

@@ -184,7 +184,9 @@ def memory_add_cmd(
 ) -> None:
     """Remember a fact."""
     try:
-        item = store.add_memory(load_settings(), question=question, answer=answer, topic=topic, status=status, tags=tag or [])  # type: ignore[arg-type]
+        item = store.add_memory(
+            load_settings(), question=question, answer=answer, topic=topic, status=status, tags=tag or []
+        )  # type: ignore[arg-type]
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"Added memory item {item.id}.")

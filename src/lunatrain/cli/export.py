@@ -30,7 +30,9 @@ def export_cmd(
             with Progress(transient=True) as bar:
                 task = bar.add_task("exporting", total=None)
                 summary = export(
-                    settings, val_ratio=val_ratio, test_ratio=test_ratio,
+                    settings,
+                    val_ratio=val_ratio,
+                    test_ratio=test_ratio,
                     on_progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )
         else:

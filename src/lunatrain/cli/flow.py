@@ -24,12 +24,20 @@ from ..settings import Settings, load_settings
 from .app import app, fail
 from .options import lora_options
 
-ProfileOpt = Annotated[str | None, typer.Option("--profile", help="a profile name (bundled or <home>/profiles/NAME.toml)")]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", help="a profile name (bundled or <home>/profiles/NAME.toml)")
+]
 LocalOpt = Annotated[bool, typer.Option("--local", help="train in this process instead of the trainer service")]
-EnsureOpt = Annotated[bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer before anything else")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", "--dryRun", help="print the resolved parameters and steps; run nothing")]
-AdapterOpt = Annotated[str | None, typer.Option(
-    "--adapter", help="the eval-gate step evaluates NAME or NAME@VERSION instead of the active adapter")]
+EnsureOpt = Annotated[
+    bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer before anything else")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", "--dryRun", help="print the resolved parameters and steps; run nothing")
+]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option("--adapter", help="the eval-gate step evaluates NAME or NAME@VERSION instead of the active adapter"),
+]
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,9 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> R
     return Resolved(resolve_base(settings, params), options, {})
 
 
-def local_lora(settings: Settings, params: LoraParams, options: FlowOptions,
-               gate: dict[str, Any] | None = None) -> dict[str, Any]:
+def local_lora(
+    settings: Settings, params: LoraParams, options: FlowOptions, gate: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate]).
     Under torchrun every rank trains; only rank 0 shows progress and gates."""
     from ..flow import check_min_curated
@@ -62,12 +71,19 @@ def local_lora(settings: Settings, params: LoraParams, options: FlowOptions,
     main = distributed.from_env().main
     display = ProgressDisplay() if main else None
     with display or contextlib.nullcontext():
-        return train_and_gate(settings, params, options, thresholds=gate,
-                              on_event=display.on_event if display else None, may_gate=lambda: main)
+        return train_and_gate(
+            settings,
+            params,
+            options,
+            thresholds=gate,
+            on_event=display.on_event if display else None,
+            may_gate=lambda: main,
+        )
 
 
-def service_lora(settings: Settings, params: LoraParams, options: FlowOptions,
-                 gate: dict[str, Any] | None = None) -> dict[str, Any]:
+def service_lora(
+    settings: Settings, params: LoraParams, options: FlowOptions, gate: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Submit to the trainer service (the gate runs there, with `gate` thresholds) and follow the job."""
     from ..service import client
     from .trainer import follow_and_report
@@ -76,29 +92,62 @@ def service_lora(settings: Settings, params: LoraParams, options: FlowOptions,
     typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.")
     follow_and_report(settings, job.id)
     job = client.get_job(settings, job.id)
-    return {"status": job.status, "jobId": job.id, "metrics": job.metrics, "gate": job.gate,
-            "adapter": job.adapter.model_dump() if job.adapter else None,
-            "error": job.error.model_dump() if job.error else None}
+    return {
+        "status": job.status,
+        "jobId": job.id,
+        "metrics": job.metrics,
+        "gate": job.gate,
+        "adapter": job.adapter.model_dump() if job.adapter else None,
+        "error": job.error.model_dump() if job.error else None,
+    }
 
 
-def run(command: str, profile: str | None, flags: dict[str, Any], *, local: bool, ensure: bool, dry_run: bool,
-        adapter: str | None = None) -> None:
+def run(
+    command: str,
+    profile: str | None,
+    flags: dict[str, Any],
+    *,
+    local: bool,
+    ensure: bool,
+    dry_run: bool,
+    adapter: str | None = None,
+) -> None:
     try:
         settings = load_settings()
         r = resolve(settings, profile, flags)
         if dry_run:
-            typer.echo(json.dumps({"command": command, "profile": profile, "steps": list(STEPS), "local": local,
-                                   "ensureTrainer": ensure, "params": r.params.wire(), "options": r.options.wire(),
-                                   "gate": r.gate, "adapter": adapter}, indent=2))
+            typer.echo(
+                json.dumps(
+                    {
+                        "command": command,
+                        "profile": profile,
+                        "steps": list(STEPS),
+                        "local": local,
+                        "ensureTrainer": ensure,
+                        "params": r.params.wire(),
+                        "options": r.options.wire(),
+                        "gate": r.gate,
+                        "adapter": adapter,
+                    },
+                    indent=2,
+                )
+            )
             return
         if distributed.from_env().active:
-            raise UsageError(f"`lunatrain {command}` runs in one process; under torchrun run `lunatrain lora --local` "
-                             "after `lunatrain export` and `lunatrain prepare`.")
+            raise UsageError(
+                f"`lunatrain {command}` runs in one process; under torchrun run `lunatrain lora --local` "
+                "after `lunatrain export` and `lunatrain prepare`."
+            )
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
         result: FlowResult = run_flow(
-            settings, r.params, r.options, functools.partial(local_lora if local else service_lora, gate=r.gate),
-            adapter=adapter, gate_thresholds=r.gate, on_step=lambda name: typer.echo(f"==> {name}"),
+            settings,
+            r.params,
+            r.options,
+            functools.partial(local_lora if local else service_lora, gate=r.gate),
+            adapter=adapter,
+            gate_thresholds=r.gate,
+            on_step=lambda name: typer.echo(f"==> {name}"),
         )
     except LunaError as err:
         partial = err.details if isinstance(err.details, FlowResult) else None

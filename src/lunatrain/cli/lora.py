@@ -35,7 +35,9 @@ def _describe(settings: Any, outcome: dict[str, Any]) -> list[str]:
     lines = [f"Adapter {entry['name']}@{entry['version']} written to {entry['path']}."]
     if metrics.get("valLoss") is not None:
         base = metrics.get("baseValLoss")
-        lines.append(f"Validation loss {metrics['valLoss']:.4f}" + (f" (base model {base:.4f})." if base is not None else "."))
+        lines.append(
+            f"Validation loss {metrics['valLoss']:.4f}" + (f" (base model {base:.4f})." if base is not None else ".")
+        )
     gate = entry.get("gate")
     if gate:
         lines.append(f"Eval gate: {gate.get('status', gate)}.")
@@ -60,8 +62,12 @@ def lora_cmd(
         r = resolve(settings, profile, lora_flags)
         local = local or distributed.from_env().active  # under torchrun the launched processes are the trainers
         if dry_run:
-            typer.echo(json.dumps({"command": "lora", "local": local, "params": r.params.wire(),
-                                   "options": r.options.wire()}, indent=2))
+            typer.echo(
+                json.dumps(
+                    {"command": "lora", "local": local, "params": r.params.wire(), "options": r.options.wire()},
+                    indent=2,
+                )
+            )
             return
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)

@@ -48,11 +48,14 @@ def _option(name: str, field: Any) -> inspect.Parameter:
     kind = _cli_type(field.annotation)
     kebab, camel = name.replace("_", "-"), to_camel(name)
     if kind is bool:
-        decls = [f"--{kebab}/--no-{kebab}"] + ([f"--{camel}/--no-{camel[0].upper()}{camel[1:]}"] if camel != kebab else [])
+        decls = [f"--{kebab}/--no-{kebab}"] + (
+            [f"--{camel}/--no-{camel[0].upper()}{camel[1:]}"] if camel != kebab else []
+        )
     else:
         decls = [f"--{kebab}"] + ([f"--{camel}"] if camel != kebab else [])
-    annotation = Annotated[kind | None, typer.Option(*decls, help=_help(name, field.default),
-                                                     rich_help_panel="LoRA parameters")]
+    annotation = Annotated[
+        kind | None, typer.Option(*decls, help=_help(name, field.default), rich_help_panel="LoRA parameters")
+    ]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None)
 
 

@@ -16,8 +16,12 @@ from .app import app, fail, is_tty, print_report
 from .flow import resolve
 from .options import lora_options
 
-ProfileOpt = Annotated[str, typer.Option("--profile", help="the profile whose values apply under the flags "
-                                                          "(bundled or <home>/profiles/NAME.toml)")]
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        "--profile", help="the profile whose values apply under the flags (bundled or <home>/profiles/NAME.toml)"
+    ),
+]
 
 _STYLE = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
 
@@ -33,8 +37,9 @@ def prepare_cmd(
     lora_flags: dict,
     profile: ProfileOpt = "luna",
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
-    samples: Annotated[int, typer.Option(
-        "--show", min=0, max=100, help="print N train samples with the trained tokens marked")] = 0,
+    samples: Annotated[
+        int, typer.Option("--show", min=0, max=100, help="print N train samples with the trained tokens marked")
+    ] = 0,
 ) -> None:
     """Preflight: check every exported example with the base model's tokenizer and chat template, with the
     values the flow would train with (the luna profile unless --profile names another)."""
@@ -60,8 +65,9 @@ def show_samples(report: PrepareReport) -> None:
 
         console = Console(highlight=False)
     for sample in report.samples:
-        head = (f"--- sample {sample['id']}: {sample['trainedTokens']} of {sample['tokens']} tokens trained"
-                + (" (truncated)" if sample["truncated"] else ""))
+        head = f"--- sample {sample['id']}: {sample['trainedTokens']} of {sample['tokens']} tokens trained" + (
+            " (truncated)" if sample["truncated"] else ""
+        )
         if tty:
             text = Text(head + "\n", style="bold")
             for piece in sample["pieces"]:
@@ -73,8 +79,10 @@ def show_samples(report: PrepareReport) -> None:
 
 
 def show(report: PrepareReport) -> None:
-    title = (f"prepare: {report.status.upper()}  tier={report.tier} base={report.base_model} "
-             f"maxSeqLength={report.max_seq_length} cache={'hit' if report.cache['hit'] else 'miss'}")
+    title = (
+        f"prepare: {report.status.upper()}  tier={report.tier} base={report.base_model} "
+        f"maxSeqLength={report.max_seq_length} cache={'hit' if report.cache['hit'] else 'miss'}"
+    )
     if is_tty():
         from rich.console import Console
         from rich.table import Table

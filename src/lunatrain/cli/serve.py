@@ -31,5 +31,10 @@ def serve(
         raise fail(err) from None
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
     uvicorn.run(
-        api, host=settings.api_host, port=settings.api_port, log_level=log_level, proxy_headers=False, server_header=False
+        api,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=log_level,
+        proxy_headers=False,
+        server_header=False,
     )

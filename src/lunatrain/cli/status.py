@@ -15,9 +15,15 @@ from .app import app, fail, is_tty
 
 @app.command("status")
 def status_cmd(
-    min_curated: Annotated[int | None, typer.Option(
-        "--min-curated", "--minCurated", min=0,
-        help="approved curated examples needed to be ready  [default: the luna profile's, 30 as shipped]")] = None,
+    min_curated: Annotated[
+        int | None,
+        typer.Option(
+            "--min-curated",
+            "--minCurated",
+            min=0,
+            help="approved curated examples needed to be ready  [default: the luna profile's, 30 as shipped]",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
 ) -> None:
     """Data status: counts per source and curation status, readiness, last export, job, prepare, gate."""
@@ -33,24 +39,47 @@ def status_cmd(
 
 def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
     exp, job, prep, gate, act = s["lastExport"], s["lastJob"], s["lastPrepare"], s["lastGate"], s["activeAdapter"]
-    changed = {True: " (database changed since: export again)", False: " (up to date)", None: ""}[s["changedSinceExport"]]
+    changed = {True: " (database changed since: export again)", False: " (up to date)", None: ""}[
+        s["changedSinceExport"]
+    ]
     trainer = s["trainer"]
-    tiers = "; ".join(f"{tier} {'yes' if t['ready'] else 'no'} ({t['approved']} approved)"
-                      for tier, t in s["tiers"].items())
+    tiers = "; ".join(
+        f"{tier} {'yes' if t['ready'] else 'no'} ({t['approved']} approved)" for tier, t in s["tiers"].items()
+    )
     facts = [
-        ("ready", f"{'yes' if s['ready'] else 'no'}: {s['curatedApproved']} approved curated, minCurated {s['minCurated']}"),
+        (
+            "ready",
+            f"{'yes' if s['ready'] else 'no'}: {s['curatedApproved']} approved curated, minCurated {s['minCurated']}",
+        ),
         ("ready per tier", tiers),
-        ("trainer", f"{trainer['label']} ({trainer['url']})" + ("" if trainer["reachable"] else
-                    "; it starts on demand, or run `lunatrain trainer`")),
+        (
+            "trainer",
+            f"{trainer['label']} ({trainer['url']})"
+            + ("" if trainer["reachable"] else "; it starts on demand, or run `lunatrain trainer`"),
+        ),
         ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
-        ("last job", f"{job['state']} {job['adapterName']}@{job['version'] or '-'} val loss "
-                     f"{job['metrics'].get('valLoss')}" + (f" ({job['jobId']})" if job.get("jobId") else "")
-                     + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")
-         if job else "never"),
-        ("last prepare", f"{prep['status']} ({prep['created']}){' failed: ' + ', '.join(prep['failed']) if prep['failed'] else ''}"
-         if prep else "never"),
-        ("last gate", f"{'passed' if gate['passed'] else 'failed'} {gate['candidate']} ({gate['created']})"
-         + (f": {'; '.join(gate['reasons'])}" if gate["reasons"] else "") if gate else "never"),
+        (
+            "last job",
+            f"{job['state']} {job['adapterName']}@{job['version'] or '-'} val loss "
+            f"{job['metrics'].get('valLoss')}"
+            + (f" ({job['jobId']})" if job.get("jobId") else "")
+            + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")
+            if job
+            else "never",
+        ),
+        (
+            "last prepare",
+            f"{prep['status']} ({prep['created']}){' failed: ' + ', '.join(prep['failed']) if prep['failed'] else ''}"
+            if prep
+            else "never",
+        ),
+        (
+            "last gate",
+            f"{'passed' if gate['passed'] else 'failed'} {gate['candidate']} ({gate['created']})"
+            + (f": {'; '.join(gate['reasons'])}" if gate["reasons"] else "")
+            if gate
+            else "never",
+        ),
         ("active adapter", f"{act['name']}@{act['version']} on {act['baseModel']}" if act else "none"),
     ]
     others = [a for a in s["activeAdapters"] if a is not act]

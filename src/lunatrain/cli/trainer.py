@@ -35,7 +35,9 @@ app.add_typer(jobs_app, name="jobs")
 def trainer_cmd(
     host: Annotated[str | None, typer.Option("--host", help="default: host of ASSISTANT_LORA_TRAINER_URL")] = None,
     port: Annotated[int | None, typer.Option("--port", help="default: port of ASSISTANT_LORA_TRAINER_URL")] = None,
-    log_file: Annotated[Path | None, typer.Option("--log-file", help="log here, rolling over at 10 MB (default: stderr)")] = None,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="log here, rolling over at 10 MB (default: stderr)")
+    ] = None,
 ) -> None:
     """Run the trainer service in the foreground (job queue, one child process per job)."""
     from ..service.app import serve
@@ -70,16 +72,20 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
 def describe_health(settings: Settings, health: Health | None) -> str:
     label = trainer_client.label(health)
     if health is None:
-        return (f"{label}: no trainer at {trainer_client.base_url(settings)}; start it with `lunatrain trainer` "
-                "or `lunatrain health --ensure-trainer`.")
+        return (
+            f"{label}: no trainer at {trainer_client.base_url(settings)}; start it with `lunatrain trainer` "
+            "or `lunatrain health --ensure-trainer`."
+        )
     d = health.device
     memory = f", {_gib(d.memory_free)} free of {_gib(d.memory_total)}" if d.memory_total else ""
-    return "\n".join([
-        f"{label}: {d.type} {d.name}{memory}, bf16 {'yes' if d.bf16 else 'no'}; "
-        f"queue {health.queue.running} running, {health.queue.queued} queued; "
-        f"trainer {health.version} at {trainer_client.base_url(settings)}",
-        *health.can_train,
-    ])
+    return "\n".join(
+        [
+            f"{label}: {d.type} {d.name}{memory}, bf16 {'yes' if d.bf16 else 'no'}; "
+            f"queue {health.queue.running} running, {health.queue.queued} queued; "
+            f"trainer {health.version} at {trainer_client.base_url(settings)}",
+            *health.can_train,
+        ]
+    )
 
 
 def _gib(n: int | None) -> str:
@@ -114,7 +120,9 @@ def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
         job = trainer_client.get_job(load_settings(), job_id)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(json.dumps(job.wire(), indent=2, ensure_ascii=False) if as_json else f"{job.id}  {job.status}  {summary(job)}")
+    typer.echo(
+        json.dumps(job.wire(), indent=2, ensure_ascii=False) if as_json else f"{job.id}  {job.status}  {summary(job)}"
+    )
     if job.status in ("failed", "cancelled"):
         raise typer.Exit(1)
 
@@ -152,7 +160,11 @@ def jobs_events(
     except LunaError as err:
         raise fail(err) from None
     for ev in page.data:
-        typer.echo(json.dumps(ev.wire(), ensure_ascii=False) if as_json else f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}")
+        typer.echo(
+            json.dumps(ev.wire(), ensure_ascii=False)
+            if as_json
+            else f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}"
+        )
 
 
 # --- following a job -----------------------------------------------------------------------------
@@ -161,8 +173,11 @@ def summary(job: Job) -> str:
         gate = job.gate or {}
         verdict = "" if not gate else f", gate {'passed' if gate.get('passed') else gate.get('status') or 'not passed'}"
         loss = job.metrics.get("valLoss", job.metrics.get("trainLoss"))
-        return f"adapter {job.adapter.name}@{job.adapter.version} ({job.adapter.path})" + (
-            f", val loss {loss:.4g}" if isinstance(loss, int | float) else "") + verdict
+        return (
+            f"adapter {job.adapter.name}@{job.adapter.version} ({job.adapter.path})"
+            + (f", val loss {loss:.4g}" if isinstance(loss, int | float) else "")
+            + verdict
+        )
     if job.error:
         return f"{job.error.code}: {job.error.message}"
     p = job.progress
@@ -177,8 +192,11 @@ def describe_event(ev: Event) -> str:
         return "progress " + _progress_text(data)
     if ev.type == "status":
         extra = data.get("error") or {}
-        return f"status {data.get('status')}" + (f" ({extra.get('code')}: {extra.get('message')})" if extra else "") + (
-            f" - {data['message']}" if data.get("message") else "")
+        return (
+            f"status {data.get('status')}"
+            + (f" ({extra.get('code')}: {extra.get('message')})" if extra else "")
+            + (f" - {data['message']}" if data.get("message") else "")
+        )
     if ev.type == "log":
         return f"log {data.get('message', '')}"
     return f"{ev.type} " + " ".join(f"{k}={_num(v)}" for k, v in data.items())
@@ -227,7 +245,10 @@ class _Bar:
 
         # The ETA is the engine's (it knows the step time without model loading), so no rich time column.
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
         )
         self._task = self._progress.add_task(job_id, total=None, info="")
 

@@ -64,8 +64,10 @@ class JobCreate(LoraParams):
 
     def params(self) -> LoraParams:
         if self.base_model is None:
-            raise UsageError("baseModel is required: the submitting client resolves it (flag, profile, or its own "
-                             "ASSISTANT_BASE_MODEL), so a job never trains on the trainer's default by accident.")
+            raise UsageError(
+                "baseModel is required: the submitting client resolves it (flag, profile, or its own "
+                "ASSISTANT_BASE_MODEL), so a job never trains on the trainer's default by accident."
+            )
         return LoraParams.model_validate(self.model_dump(exclude={"options", "request_id", "gate_thresholds"}))
 
     def thresholds(self) -> dict[str, Any] | None:
@@ -95,7 +97,9 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     app = FastAPI(title="lunatrain trainer", version=__version__, lifespan=lifespan)
     install(app)
     app.add_middleware(
-        GuardMiddleware, hosts=allowed_hostnames(settings, host), token=settings.api_token,
+        GuardMiddleware,
+        hosts=allowed_hostnames(settings, host),
+        token=settings.api_token,
         max_body_bytes=min(settings.max_body_bytes, _MAX_BODY),
     )
 
@@ -107,19 +111,23 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         info = state["device"].current()
         counts = store().counts()
         problem = state["runner"].storage_problem
-        return Health.model_validate({
-            "status": "degraded" if problem else "ok",
-            "cudaAvailable": bool(info.get("cudaAvailable")),
-            "device": info | {"ranks": job_ranks(settings, "auto", state["runner"].gpus)},
-            "version": __version__,
-            "queue": {"running": counts.get("running", 0) + counts.get("cancelling", 0),
-                      "queued": counts.get("queued", 0) + counts.get("validating", 0)},
-            # Non-loopback binds require the token for every request, so the path only reaches loopback or
-            # authorised callers.
-            "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
-            "storage": problem,
-            "canTrain": memplan.capabilities(info),
-        })
+        return Health.model_validate(
+            {
+                "status": "degraded" if problem else "ok",
+                "cudaAvailable": bool(info.get("cudaAvailable")),
+                "device": info | {"ranks": job_ranks(settings, "auto", state["runner"].gpus)},
+                "version": __version__,
+                "queue": {
+                    "running": counts.get("running", 0) + counts.get("cancelling", 0),
+                    "queued": counts.get("queued", 0) + counts.get("validating", 0),
+                },
+                # Non-loopback binds require the token for every request, so the path only reaches loopback or
+                # authorised callers.
+                "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
+                "storage": problem,
+                "canTrain": memplan.capabilities(info),
+            }
+        )
 
     @app.post("/jobs", status_code=202, response_model=Job, response_model_by_alias=True)
     def submit(body: JobCreate, response: Response) -> Job:
@@ -183,5 +191,6 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log.info("trainer for %s on http://%s:%s", settings.home, host, port)
     # log_config=None: uvicorn's loggers propagate to the handler above instead of configuring their own.
-    uvicorn.run(create_app(settings, host=host), host=host, port=port, log_level="info", access_log=False,
-                log_config=None)
+    uvicorn.run(
+        create_app(settings, host=host), host=host, port=port, log_level="info", access_log=False, log_config=None
+    )

@@ -49,9 +49,7 @@ def trainer_address(settings: Settings) -> tuple[str, int]:
     """Host and port of the trainer for this data root (where `lunatrain trainer` listens by default)."""
     url = urlsplit(base_url(settings))
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise UsageError(
-            f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT."
-        )
+        raise UsageError(f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT.")
     try:
         port = url.port or (443 if url.scheme == "https" else 80)
     except ValueError as exc:
@@ -121,8 +119,13 @@ def serves_this_root(settings: Settings, health: Health) -> bool:
     return health.data_root is not None and health.data_root.id == data_root_id(settings.home)
 
 
-def submit(settings: Settings, params: LoraParams, options: FlowOptions | None = None, request_id: str | None = None,
-           gate_thresholds: dict[str, Any] | None = None) -> Job:
+def submit(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions | None = None,
+    request_id: str | None = None,
+    gate_thresholds: dict[str, Any] | None = None,
+) -> Job:
     """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run.
     `params.base_model` must be resolved by the caller (the trainer never fills it in)."""
     body = params.wire() | {"options": (options or FlowOptions()).wire()}

@@ -32,7 +32,11 @@ class DeviceProbe:
         except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
             detail = getattr(exc, "stderr", "") or str(exc)
             log.warning("device probe failed: %s", detail)
-            self.info = {"cudaAvailable": False, "type": "unknown", "name": f"device probe failed: {str(detail)[-200:]}"}
+            self.info = {
+                "cudaAvailable": False,
+                "type": "unknown",
+                "name": f"device probe failed: {str(detail)[-200:]}",
+            }
         self._checked = 0.0
 
     def current(self) -> dict[str, Any]:

@@ -118,8 +118,13 @@ def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
         fh.flush()
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                cwd=settings.home, env=env, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=settings.home,
+                env=env,
+                start_new_session=True,
             )
         except OSError as exc:
             raise ServiceUnavailable(f"Could not start the trainer ({shlex.join(argv)}): {exc}.") from None
@@ -137,9 +142,7 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
         code = proc.poll()
         # Exit 0 may be a start command that daemonizes and returns; keep polling for that one.
         if code not in (None, 0):
-            raise ServiceUnavailable(
-                f"The trainer exited while starting (status {code}); see {rel_log} for why."
-            )
+            raise ServiceUnavailable(f"The trainer exited while starting (status {code}); see {rel_log} for why.")
         if time.monotonic() >= deadline:
             if proc.poll() is None:  # half-started: do not leave it behind to confuse the next attempt
                 with contextlib.suppress(ProcessLookupError, PermissionError):

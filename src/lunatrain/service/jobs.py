@@ -80,7 +80,8 @@ class Job(WireModel):
     error: JobError | None = None
     gate: dict[str, Any] | None = Field(default=None, description="eval-gate outcome after a successful run")
     gate_thresholds: dict[str, Any] | None = Field(
-        default=None, description="thresholds of the eval gate after the run (a profile's [gate]); null: the defaults")
+        default=None, description="thresholds of the eval gate after the run (a profile's [gate]); null: the defaults"
+    )
     attempts: int = Field(default=0, description="child processes started for this job (>1 after a resume)")
 
     @property
@@ -262,8 +263,14 @@ class JobStore:
         return json.loads(row[0]) if row else None
 
     # --- writing ---------------------------------------------------------------------------------
-    def create(self, params: LoraParams, request_id: str | None = None, gate_thresholds: dict[str, Any] | None = None,
-               *, options: FlowOptions | None = None) -> tuple[Job, bool]:
+    def create(
+        self,
+        params: LoraParams,
+        request_id: str | None = None,
+        gate_thresholds: dict[str, Any] | None = None,
+        *,
+        options: FlowOptions | None = None,
+    ) -> tuple[Job, bool]:
         """Insert a new job in `validating`; with a known `request_id` return that job instead.
 
         Returns (job, created). Reusing a request id for different parameters (or gate thresholds) is a
@@ -285,8 +292,16 @@ class JobStore:
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, status, created_at, params, options, progress, gate_thresholds)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request_id, "validating", now_iso(), _dump(wire), _dump(opts), _dump(Progress().wire()),
-                 _dump(gate_thresholds)),
+                (
+                    job_id,
+                    request_id,
+                    "validating",
+                    now_iso(),
+                    _dump(wire),
+                    _dump(opts),
+                    _dump(Progress().wire()),
+                    _dump(gate_thresholds),
+                ),
             )
             self._event(job_id, "status", {"status": "validating"})
         return self.get(job_id), True

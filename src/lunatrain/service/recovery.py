@@ -28,7 +28,8 @@ from .jobs import Job, JobStore
 log = logging.getLogger("lunatrain.trainer")
 
 GATE_INTERRUPTED = {
-    "status": "interrupted", "passed": False,
+    "status": "interrupted",
+    "passed": False,
     "reasons": ["the eval gate did not finish; run `lunatrain eval-gate --adapter NAME@VERSION`"],
 }
 
@@ -78,20 +79,32 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
     job = store.get(job_id)
     adapter = published_adapter(settings, store, job)
     if adapter is not None:
-        return store.set_status(job_id, "succeeded", adapter=adapter, gate=recorded_gate(settings, job.id),
-                                message="the adapter was registered before the trainer stopped")
+        return store.set_status(
+            job_id,
+            "succeeded",
+            adapter=adapter,
+            gate=recorded_gate(settings, job.id),
+            message="the adapter was registered before the trainer stopped",
+        )
     if cancel_requested:
         return store.set_status(job_id, "cancelled", message="cancelled (the trainer stopped meanwhile)")
     if job.lora_params().resume:
         return store.set_status(
-            job_id, "queued", message="requeued after the trainer stopped; resuming from the last checkpoint",
-            pid=None, pid_started=None,
+            job_id,
+            "queued",
+            message="requeued after the trainer stopped; resuming from the last checkpoint",
+            pid=None,
+            pid_started=None,
         )
-    return store.set_status(job_id, "failed", error={
-        "code": "interrupted",
-        "message": "The trainer stopped while this job was running and no adapter was registered; submit it "
-                   "again (with resume=true it continues from its last checkpoint).",
-    })
+    return store.set_status(
+        job_id,
+        "failed",
+        error={
+            "code": "interrupted",
+            "message": "The trainer stopped while this job was running and no adapter was registered; submit it "
+            "again (with resume=true it continues from its last checkpoint).",
+        },
+    )
 
 
 def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str, Any] | None:

@@ -38,15 +38,22 @@ def storage_error(exc: BaseException) -> dict[str, str]:
     text = f"{type(exc).__name__}: {exc}"
     full = getattr(exc, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text
     if full:
-        return {"code": "disk_full", "message": f"The disk of the data root is full ({exc}); free space and submit again."}
-    return {"code": "storage_error", "message": f"The data root's storage failed ({text}); check the disk and submit again."}
+        return {
+            "code": "disk_full",
+            "message": f"The disk of the data root is full ({exc}); free space and submit again.",
+        }
+    return {
+        "code": "storage_error",
+        "message": f"The data root's storage failed ({text}); check the disk and submit again.",
+    }
 
 
 class Runner:
     """Runs queued jobs one at a time, each in a child process, turning its event lines into job state."""
 
-    def __init__(self, settings: Settings, store: JobStore, *, cancel_grace: float = CANCEL_GRACE_S,
-                 gpus: int = 0) -> None:
+    def __init__(
+        self, settings: Settings, store: JobStore, *, cancel_grace: float = CANCEL_GRACE_S, gpus: int = 0
+    ) -> None:
         self.settings = settings
         self.store = store
         self.cancel_grace = cancel_grace
@@ -134,7 +141,9 @@ class Runner:
                 log.exception("runner error on job %s", job.id)
                 with contextlib.suppress(Exception):
                     self.store.set_status(
-                        job.id, "failed", error={"code": "trainer_error", "message": "Internal trainer error; see trainer.log."}
+                        job.id,
+                        "failed",
+                        error={"code": "trainer_error", "message": "Internal trainer error; see trainer.log."},
                     )
 
     def _back_off(self, exc: BaseException) -> None:
@@ -164,8 +173,13 @@ class Runner:
         try:
             with open(log_path, "ab") as log_file, self._lock:
                 self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-                    env=child_env(self.settings), cwd=self.settings.home, start_new_session=True,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=log_file,
+                    env=child_env(self.settings),
+                    cwd=self.settings.home,
+                    start_new_session=True,
                 )
                 self._job_id = job.id
                 proc = self._proc
@@ -214,7 +228,12 @@ class Runner:
         return result, trained
 
     def _finish(
-        self, job_id: str, result: dict[str, Any] | None, trained: dict[str, Any] | None, code: int, log_path: Path,
+        self,
+        job_id: str,
+        result: dict[str, Any] | None,
+        trained: dict[str, Any] | None,
+        code: int,
+        log_path: Path,
         ranks: int = 1,
     ) -> None:
         cancel_requested = self.store.get(job_id).status == "cancelling"
@@ -232,8 +251,11 @@ class Runner:
             # happened (it may have promoted the version); else the gate was interrupted.
             gate = (result or {}).get("gate") if status == "succeeded" else recorded_gate(self.settings, job_id)
             job = self.store.set_status(
-                job_id, "succeeded", adapter=_adapter(result if status == "succeeded" else trained, self.settings.home),
-                metrics=metrics or (trained or {}).get("metrics") or {}, gate=gate,
+                job_id,
+                "succeeded",
+                adapter=_adapter(result if status == "succeeded" else trained, self.settings.home),
+                metrics=metrics or (trained or {}).get("metrics") or {},
+                gate=gate,
             )
         elif cancel_requested:
             job = self.store.set_status(job_id, "cancelled", metrics=metrics or None, message="cancelled")
@@ -242,11 +264,15 @@ class Runner:
         elif ranks > 1 and code != 0:
             # Every rank exits 0 after an orderly ending (worker.py), so torchrun failing means a rank died;
             # rank 0's own result then only reports losing its peer, the dead rank is the cause.
-            job = self.store.set_status(job_id, "failed", error=_rank_crash_error(code, ranks, log_path, self.settings.home))
+            job = self.store.set_status(
+                job_id, "failed", error=_rank_crash_error(code, ranks, log_path, self.settings.home)
+            )
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
             job = self.store.set_status(
-                job_id, "failed", metrics=metrics or None,
+                job_id,
+                "failed",
+                metrics=metrics or None,
                 error={"code": str(err.get("code") or "training_error"), "message": str(err.get("message") or "")},
             )
         elif status == "cancelled":
@@ -289,8 +315,9 @@ def _crash_error(code: int, log_path: Path, home: Path) -> dict[str, str]:
     last = _last_line(log_path)
     return {
         "code": "child_crashed",
-        "message": f"The training process {_how(code)}" + (f"; last log line: {last!r}" if last else "")
-                   + f"; see {_relative(log_path, home)}.",
+        "message": f"The training process {_how(code)}"
+        + (f"; last log line: {last!r}" if last else "")
+        + f"; see {_relative(log_path, home)}.",
     }
 
 

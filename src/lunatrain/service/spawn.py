@@ -35,8 +35,19 @@ def worker_argv(*args: str, ranks: int = 1) -> list[str]:
     worker = ["-m", "lunatrain.service.worker", *args]
     if ranks <= 1:
         return [sys.executable, *worker]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc-per-node", str(ranks), "--max-restarts", "0", *worker]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(ranks),
+        "--max-restarts",
+        "0",
+        *worker,
+    ]
 
 
 def job_ranks(settings: Settings, device: str | None, gpus: int) -> int:
@@ -47,6 +58,8 @@ def job_ranks(settings: Settings, device: str | None, gpus: int) -> int:
     if settings.lora_gpus is None:
         return gpus if on_gpus else 1
     if on_gpus and settings.lora_gpus > gpus:
-        raise UsageError(f"ASSISTANT_LORA_GPUS={settings.lora_gpus} asks for more training processes than the "
-                         f"{gpus} visible GPU(s); set it to {gpus} or less (or train with device=cpu).")
+        raise UsageError(
+            f"ASSISTANT_LORA_GPUS={settings.lora_gpus} asks for more training processes than the "
+            f"{gpus} visible GPU(s); set it to {gpus} or less (or train with device=cpu)."
+        )
     return settings.lora_gpus

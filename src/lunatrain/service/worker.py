@@ -123,8 +123,14 @@ def _normalize_error(error: dict[str, Any] | None) -> dict[str, str]:
     return {"code": code, "message": message or "training failed"}
 
 
-def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], channel: Channel,
-        stop: threading.Event, gate_thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    job_id: str,
+    params_json: dict[str, Any],
+    options_json: dict[str, Any],
+    channel: Channel,
+    stop: threading.Event,
+    gate_thresholds: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run the job and return the result event (never raises for a failure of the run itself)."""
     from ..flow import train_and_gate
     from ..params import FlowOptions, parse_params
@@ -151,9 +157,17 @@ def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], 
         channel.send({"type": "trained", "adapter": outcome["adapter"], "metrics": outcome["metrics"]})
 
     try:
-        outcome = train_and_gate(settings, params, options, thresholds=gate_thresholds, on_event=on_event,
-                                 should_stop=orphaned, job_id=job_id, on_trained=on_trained,
-                                 may_gate=lambda: main and not (channel.broken or orphaned()))
+        outcome = train_and_gate(
+            settings,
+            params,
+            options,
+            thresholds=gate_thresholds,
+            on_event=on_event,
+            should_stop=orphaned,
+            job_id=job_id,
+            on_trained=on_trained,
+            may_gate=lambda: main and not (channel.broken or orphaned()),
+        )
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
         traceback.print_exc(file=sys.stderr)
         return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
@@ -163,12 +177,24 @@ def run(job_id: str, params_json: dict[str, Any], options_json: dict[str, Any], 
 def _result_dict(outcome: dict[str, Any]) -> dict[str, Any]:
     """The flow's outcome as the result line."""
     error = None if outcome["status"] == "succeeded" else _normalize_error(outcome.get("error"))
-    return {"type": "result", "status": outcome["status"], "adapter": outcome.get("adapter"),
-            "metrics": outcome.get("metrics") or {}, "error": error, "gate": finite(outcome.get("gate"))}
+    return {
+        "type": "result",
+        "status": outcome["status"],
+        "adapter": outcome.get("adapter"),
+        "metrics": outcome.get("metrics") or {},
+        "error": error,
+        "gate": finite(outcome.get("gate")),
+    }
 
 
 def _failed(code: str, message: str) -> dict[str, Any]:
-    return {"type": "result", "status": "failed", "adapter": None, "metrics": {}, "error": {"code": code, "message": message}}
+    return {
+        "type": "result",
+        "status": "failed",
+        "adapter": None,
+        "metrics": {},
+        "error": {"code": code, "message": message},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,18 @@ from ..errors import LunaError
 
 log = logging.getLogger("lunatrain.api")
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
-def error_response(status: int, code: str, message: str, details: object | None = None, headers=None,
-                   params: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: object | None = None, headers=None, params: dict | None = None
+) -> JSONResponse:
     body: dict = {"code": code, "message": message}
     if params:
         body["params"] = params
@@ -35,8 +42,13 @@ def error_response(status: int, code: str, message: str, details: object | None 
 async def _luna(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LunaError)
     params = _jsonable(exc.params) if exc.params else None
-    return error_response(exc.http_status, exc.code, exc.message, _jsonable(exc.details),
-                          params=params if isinstance(params, dict) else None)
+    return error_response(
+        exc.http_status,
+        exc.code,
+        exc.message,
+        _jsonable(exc.details),
+        params=params if isinstance(params, dict) else None,
+    )
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:

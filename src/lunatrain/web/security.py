@@ -38,9 +38,7 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, token: str | None) -> None:
     """Refuse a non-loopback bind without a token: the API can start training and delete data."""
     if not is_loopback(host) and not token:
-        raise UsageError(
-            f"Refusing to listen on {host} without ASSISTANT_API_TOKEN; set a token or bind to 127.0.0.1."
-        )
+        raise UsageError(f"Refusing to listen on {host} without ASSISTANT_API_TOKEN; set a token or bind to 127.0.0.1.")
 
 
 def allowed_hostnames(settings: Settings, bound_host: str | None = None) -> frozenset[str]:
@@ -89,9 +87,7 @@ class BodyTooLarge(Exception):
 
 
 class GuardMiddleware:
-    def __init__(
-        self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int) -> None:
         self.app = app
         self.hosts = frozenset(hosts)
         self.token = token.encode() if token else None
@@ -121,7 +117,9 @@ class GuardMiddleware:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             status, code = (413, "payload_too_large") if declared.isdigit() else (400, "bad_request")
-            await _reply(send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True)
+            await _reply(
+                send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True
+            )
             return
         await self._capped(scope, receive, send)
 

@@ -53,11 +53,19 @@ def _groups(settings: Settings) -> AdapterGroups:
         for entry in adapter.get("versions", []):
             base = entry.get("baseModel") or {}
             group = bases.setdefault(
-                base.get("fingerprint", "?"), {"baseModel": base.get("id", "?"), "fingerprint": base.get("fingerprint"), "adapters": {}}
+                base.get("fingerprint", "?"),
+                {"baseModel": base.get("id", "?"), "fingerprint": base.get("fingerprint"), "adapters": {}},
             )
             group["adapters"].setdefault(name, []).append(entry)
-    out = [g | {"adapters": [_view(settings, name, adapters[name], versions, fp) for name, versions in g["adapters"].items()]}
-           for fp, g in bases.items()]
+    out = [
+        g
+        | {
+            "adapters": [
+                _view(settings, name, adapters[name], versions, fp) for name, versions in g["adapters"].items()
+            ]
+        }
+        for fp, g in bases.items()
+    ]
     return AdapterGroups(bases=camel(out))
 
 

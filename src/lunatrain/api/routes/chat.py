@@ -61,16 +61,22 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(min_length=1, max_length=200,
-                       description="the base model id, an adapter name (its active version) or name@version")
+    model: str = Field(
+        min_length=1,
+        max_length=200,
+        description="the base model id, an adapter name (its active version) or name@version",
+    )
     messages: list[Message] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=1, le=131072)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=131072)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    stop: Annotated[str, Field(min_length=1, max_length=256)] | list[
-        Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(default=None, max_length=4)
+    stop: (
+        Annotated[str, Field(min_length=1, max_length=256)]
+        | list[Annotated[str, Field(min_length=1, max_length=256)]]
+        | None
+    ) = Field(default=None, max_length=4)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="one choice per request")
@@ -140,13 +146,26 @@ class Examples(BaseModel):
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------------
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
 
 
-def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
@@ -156,8 +175,9 @@ def _from_luna(exc: LunaError) -> JSONResponse:
     # 422 is FastAPI's; OpenAI answers every invalid request with 400 (and its client maps codes by that).
     status = 400 if exc.http_status in (409, 422) else exc.http_status
     headers = {"Retry-After": "1"} if status == 429 else None
-    return openai_error(status, exc.message, param=details.get("param"), code=details.get("code", exc.code),
-                        headers=headers)
+    return openai_error(
+        status, exc.message, param=details.get("param"), code=details.get("code", exc.code), headers=headers
+    )
 
 
 def _from_validation(exc: RequestValidationError) -> JSONResponse:
@@ -188,12 +208,14 @@ class OpenAIRoute(APIRoute):
 
 
 _SSE_EVENT = {
-    "type": "object", "required": ["data"],
+    "type": "object",
+    "required": ["data"],
     "properties": {"data": {"type": "string", "description": "a chat.completion.chunk as JSON, or [DONE]"}},
 }
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=OpenAIRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIError, "description": text} for code, text in {
+    code: {"model": OpenAIError, "description": text}
+    for code, text in {
         400: "Invalid request (OpenAI's invalid_request_error), or Host header not allowed",
         401: "Bearer token missing or wrong (when ASSISTANT_API_TOKEN is set)",
         403: "Cross-origin request refused",
@@ -232,16 +254,27 @@ async def list_models(request: Request) -> ModelList:
     every adapter version trained on the served base (name@version)."""
     engine, _ = _engine(request)
     items = await run_in_threadpool(engine.models)
-    return ModelList(data=[ModelCard(id=m["id"], created=_created(m.get("created")),
-                                     owned_by="lunatrain" if m["kind"] != "base" else "base") for m in items])
+    return ModelList(
+        data=[
+            ModelCard(
+                id=m["id"], created=_created(m.get("created")), owned_by="lunatrain" if m["kind"] != "base" else "base"
+            )
+            for m in items
+        ]
+    )
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses=_ERRORS | {200: {"description": "the answer; with stream=true as server-sent events",
-                               # before OpenAPI 3.2 an event stream's `schema` describes one event
-                               "content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
+    responses=_ERRORS
+    | {
+        200: {
+            "description": "the answer; with stream=true as server-sent events",
+            # before OpenAPI 3.2 an event stream's `schema` describes one event
+            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+        }
+    },
 )
 async def chat_completions(body: ChatRequest, request: Request, settings: SettingsDep):
     """Answer a chat with the base model, an adapter's active version, or name@version (OpenAI's format)."""
@@ -260,15 +293,22 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         # gen.close as background task too: it runs when a client leaves before the first event is sent.
-        return StreamingResponse(_events(gen, ident, created, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                 background=BackgroundTask(gen.close))
+        return StreamingResponse(
+            _events(gen, ident, created, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(gen.close),
+        )
     try:
         text = await run_in_threadpool(gen.run)
     finally:
         gen.close()
     return ChatCompletion(
-        id=ident, created=created, model=target.model, usage=_usage(gen), system_fingerprint=_fingerprint(target),
+        id=ident,
+        created=created,
+        model=target.model,
+        usage=_usage(gen),
+        system_fingerprint=_fingerprint(target),
         choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=gen.finish_reason or "stop")],
     )
 
@@ -278,8 +318,10 @@ def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
     wanted = body.max_completion_tokens or body.max_tokens
     if wanted is not None and wanted > cap:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise UsageError(f"{param} {wanted} is over this server's cap of {cap} (ASSISTANT_INFER_MAX_TOKENS).",
-                        details={"param": param, "code": "invalid_value"})
+        raise UsageError(
+            f"{param} {wanted} is over this server's cap of {cap} (ASSISTANT_INFER_MAX_TOKENS).",
+            details={"param": param, "code": "invalid_value"},
+        )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return serving.Sampling(
         max_tokens=wanted or cap,
@@ -291,8 +333,11 @@ def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
 
 
 def _usage(gen: serving.Generation) -> Usage:
-    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                 total_tokens=gen.prompt_tokens + gen.completion_tokens)
+    return Usage(
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens,
+        total_tokens=gen.prompt_tokens + gen.completion_tokens,
+    )
 
 
 def _fingerprint(target: serving.Target) -> str:
@@ -300,9 +345,14 @@ def _fingerprint(target: serving.Target) -> str:
 
 
 def _chunk(ident: str, created: int, model: str, delta: dict, finish: str | None) -> str:
-    data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": f"lunatrain-{model}",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    data = {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": f"lunatrain-{model}",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -317,8 +367,14 @@ async def _events(gen: serving.Generation, ident: str, created: int, usage: bool
             yield _chunk(ident, created, model, {"content": piece}, None)
         yield _chunk(ident, created, model, {}, gen.finish_reason or "stop")
         if usage:
-            data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": _usage(gen).model_dump()}
+            data = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": _usage(gen).model_dump(),
+            }
             yield f"data: {json.dumps(data)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are sent: report in the stream, as OpenAI does, not as a 500
@@ -340,5 +396,9 @@ examples_router = APIRouter(prefix="/assistant/chat", tags=["chat"])
 async def examples(settings: SettingsDep) -> Examples:
     """The eval gate's golden cases as ready prompts (the dashboard's one-click examples)."""
     cases = await run_in_threadpool(evalsuite.load_suite, settings)
-    return Examples(examples=[Example(id=c.id, prompt=c.messages[-1]["content"], messages=c.messages,
-                                      max_tokens=c.max_new_tokens) for c in cases])
+    return Examples(
+        examples=[
+            Example(id=c.id, prompt=c.messages[-1]["content"], messages=c.messages, max_tokens=c.max_new_tokens)
+            for c in cases
+        ]
+    )

@@ -10,7 +10,13 @@ from fastapi.responses import FileResponse
 from ...errors import NotFound, UsageError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml", ".png": "image/png"}
+_TYPES = {
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
 
 router = APIRouter(include_in_schema=False)
 

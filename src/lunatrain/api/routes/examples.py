@@ -35,9 +35,15 @@ def _example(ex: store.Example) -> ExampleOut:
 
 @router.get("/examples", response_model=ExampleList, responses=errors())
 async def list_examples(
-    settings: SettingsDep, status: Status | None = None, source: Source | None = None, limit: Limit = 50, offset: Offset = 0
+    settings: SettingsDep,
+    status: Status | None = None,
+    source: Source | None = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> ExampleList:
-    rows = await run_in_threadpool(store.list_examples, settings, source=source, status=status, limit=limit, offset=offset)
+    rows = await run_in_threadpool(
+        store.list_examples, settings, source=source, status=status, limit=limit, offset=offset
+    )
     return ExampleList(examples=[_example(r) for r in rows], count=len(rows))
 
 
@@ -101,7 +107,9 @@ async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
 
 
 @router.get("/memory", response_model=MemoryList, responses=errors())
-async def list_memory(settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0) -> MemoryList:
+async def list_memory(
+    settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0
+) -> MemoryList:
     rows = await run_in_threadpool(store.list_memory, settings, status=status, limit=limit, offset=offset)
     return MemoryList(items=[MemoryOut.model_validate(r.to_dict()) for r in rows], count=len(rows))
 

@@ -53,8 +53,12 @@ async def provider_health(
             health = await run_in_threadpool(trainer_client.health, settings)
         except ServiceUnavailable as err:
             return ProviderHealth(
-                status="offline", reachable=False, cuda_available=False, label=trainer_client.LABEL_OFFLINE,
-                trainer_url=url, error=err.message,
+                status="offline",
+                reachable=False,
+                cuda_available=False,
+                label=trainer_client.LABEL_OFFLINE,
+                trainer_url=url,
+                error=err.message,
             )
     wire = health.wire()
     return ProviderHealth.model_validate(
@@ -68,18 +72,19 @@ async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
     params = LoraParams.model_validate(body.model_dump(include=set(LoraParams.model_fields)))
     options = FlowOptions.model_validate(body.model_dump(include=set(FlowOptions.model_fields)))
     # ensure_trainer inside returns at once when the trainer answers; with on-demand off it raises a clear 503.
-    job = await run_in_threadpool(flow.submit, settings, _with_base(params, settings), options,
-                                  request_id=body.request_id)
+    job = await run_in_threadpool(
+        flow.submit, settings, _with_base(params, settings), options, request_id=body.request_id
+    )
     return JobAccepted(job_id=job.id, job=job)
 
 
 @router.post("/quick-start", status_code=202, response_model=JobAccepted, responses=errors(404, 409, 503))
-async def quick_start(
-    settings: SettingsDep, body: Annotated[QuickStartRequest | None, Body()] = None
-) -> JobAccepted:
+async def quick_start(settings: SettingsDep, body: Annotated[QuickStartRequest | None, Body()] = None) -> JobAccepted:
     """The profile's parameters on its short schedule, on a fresh export of the store."""
     body = body or QuickStartRequest()
-    overrides = body.model_dump(include={"adapter_name", "dataset_tier", "base_model"}, exclude_none=True, by_alias=True)
+    overrides = body.model_dump(
+        include={"adapter_name", "dataset_tier", "base_model"}, exclude_none=True, by_alias=True
+    )
     if "baseModel" in overrides:
         overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
     job, summary = await run_in_threadpool(flow.quick_start, settings, body.profile, overrides, body.request_id)
@@ -123,8 +128,9 @@ async def defaults(
     """A profile's resolved parameters (wire form), for pre-filling a start form."""
     prof = await run_in_threadpool(profiles.load_profile, settings, profile)
     (params, options), (quick, quick_options) = prof.resolve(), prof.resolve(quick=True)
-    return Defaults(profile=prof.name, params=params.wire() | options.wire(),
-                    quick_start=quick.wire() | quick_options.wire())
+    return Defaults(
+        profile=prof.name, params=params.wire() | options.wire(), quick_start=quick.wire() | quick_options.wire()
+    )
 
 
 @router.get("/jobs", response_model=JobList, responses=errors(503))

@@ -19,8 +19,10 @@ router = APIRouter(prefix="/assistant/training", tags=["status"])
 async def training_status(
     settings: SettingsDep,
     reads: ReadsDep,
-    min_curated: Annotated[int | None, Query(alias="minCurated", ge=0, le=10_000_000,
-                                             description="ready threshold (default: the Luna profile's)")] = None,
+    min_curated: Annotated[
+        int | None,
+        Query(alias="minCurated", ge=0, le=10_000_000, description="ready threshold (default: the Luna profile's)"),
+    ] = None,
 ) -> Response:
     """Polled by every open dashboard: identical polls within half a second share one computation."""
 
