@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LUNATRAIN := $(VENV)/bin/lunatrain
 
-.PHONY: setup luna test test-fast bench clean
+.PHONY: setup luna test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,10 +21,14 @@ luna: setup
 	$(LUNATRAIN) luna
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 bench: setup
 	$(PY) bench/export.py
