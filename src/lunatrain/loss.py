@@ -71,19 +71,8 @@ def chunked_loss_sum(model: Any, batch: Any, device: str, autocast_dtype: Any = 
 
     decoder, head, cap = _parts(model)
     mask = batch.mask.to(device)
-    extra: dict[str, Any] = {}
-    if batch.cu_seqlens is not None:  # flat layout: where each sample starts, for per-sample attention
-        cu = batch.cu_seqlens.to(device)
-        extra = {
-            "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu,
-            "max_length_q": batch.max_length,
-            "max_length_k": batch.max_length,
-        }
     with _autocast(device, autocast_dtype):
-        hidden = decoder(
-            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False, **extra
-        ).last_hidden_state
+        hidden = decoder(**batch.model_inputs(device), use_cache=False).last_hidden_state
     hidden, targets = hidden[mask], batch.targets.to(device)[mask]
     size = chunk or chunk_tokens(head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)

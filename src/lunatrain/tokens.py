@@ -348,6 +348,20 @@ class Batch:
     def mask(self) -> Any:
         return self.targets != IGNORE
 
+    def model_inputs(self, device: str) -> dict[str, Any]:
+        """The keyword arguments of a forward pass over this batch on `device`: ids and positions, plus where
+        each sample starts in the flat layout (for the per-sample attention in `kernels`)."""
+        inputs: dict[str, Any] = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device)}
+        if self.cu_seqlens is not None:
+            cu = self.cu_seqlens.to(device)
+            inputs |= {
+                "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu,
+                "max_length_q": self.max_length,
+                "max_length_k": self.max_length,
+            }
+        return inputs
+
 
 def shifted_targets(enc: Encoded) -> list[int]:
     """Targets for each position of one sample: the label of the next token, IGNORE at the sample's last

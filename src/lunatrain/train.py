@@ -551,22 +551,11 @@ def forward_supervised(model: Any, batch: Batch, device: str, autocast_dtype: An
 
     mask = batch.mask.to(device)
     ctx = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    extra: dict[str, Any] = {}
-    if batch.cu_seqlens is not None:  # flat layout: where each sample starts, for per-sample attention
-        cu = batch.cu_seqlens.to(device)
-        extra = {
-            "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu,
-            "max_length_q": batch.max_length,
-            "max_length_k": batch.max_length,
-        }
     with ctx:
         out = model(
-            input_ids=batch.input_ids.to(device),
-            position_ids=batch.position_ids.to(device),
+            **batch.model_inputs(device),
             use_cache=False,
             logits_to_keep=mask if masked_logits_supported() else 0,
-            **extra,
         )
     logits = out.logits
     if logits.dim() == 3:  # a model that ignores a mask in logits_to_keep returns every position
