@@ -98,6 +98,18 @@ def varlen_takes_gqa() -> bool:
     return "enable_gqa" in varlen_attn_signature()
 
 
+# --- bitsandbytes --------------------------------------------------------------------------------
+
+
+def quiet_bitsandbytes() -> None:
+    """PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 bitsandbytes (0.50) then
+    logs that an optional kernel package is missing (it falls back to its own kernel). Without this, that line
+    would open every command's output and every trainer log. Goes when bitsandbytes stops logging it."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 # --- PEFT ----------------------------------------------------------------------------------------
 
 
