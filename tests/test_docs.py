@@ -1,5 +1,8 @@
 """The docs cannot drift from the code: every shell command in README.md and both guides is extracted and
 the lunatrain ones are run against a real data root (seeded, exported, two small adapters trained).
+They run in this process through the CLI's own entry (typer's runner: the same command functions, options
+and exit codes as the `lunatrain` script), so a documented command costs its own work, not a fresh
+interpreter importing torch; the console script itself is run as a process by test_cli_help.py.
 
 Rules: commands that start a training run (`lora`, `auto`, `luna`) run with `--dry-run` (their parameters
 are resolved and validated, nothing trains); the long-running servers (`serve`, `trainer`) answer `--help`
@@ -12,14 +15,14 @@ Run: `.venv/bin/python -m pytest tests/test_docs.py -m slow`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -73,21 +76,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lunatrain.cli", *argv],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    output: str
+
+
+def _run(argv: list[str], env: dict[str, str | None], cwd: Path) -> Ran:
+    """`lunatrain ARGV` in this process, in `cwd`, with `env` set for the call only (None unsets)."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(app, argv, env=env)
+    output = result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # What the script would print as a traceback: a crash, never a documented outcome.
+        output += f"\nTraceback: {result.exception!r}"
+    return Ran(result.exit_code, output)
 
 
 @pytest.fixture(scope="module")
-def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str | None]]]:
     home = tmp_path_factory.mktemp("docs-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("ASSISTANT_")}
     env |= {
         "ASSISTANT_HOME": str(home),
         "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
@@ -96,7 +109,7 @@ def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     quick = ["--local", "--epochs=1", "--maxSteps=2", "--no-gate"]
     for argv in (["examples", "seed"], ["export"], ["lora", *quick], ["lora", *quick]):
         done = _run(argv, env, home)
-        assert done.returncode == 0, (argv, done.stdout, done.stderr)
+        assert done.returncode == 0, (argv, done.output)
     yield home, env
     pid_file = home / "reports" / "training" / "trainer.pid"
     if pid_file.exists():  # `lunatrain health --ensureTrainer` started one
@@ -108,7 +121,7 @@ def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("doc", "line"), LUNATRAIN_LINES, ids=[f"{d}:{ln}" for d, ln in LUNATRAIN_LINES])
-def test_documented_command_runs(doc: str, line: str, doc_home: tuple[Path, dict[str, str]]) -> None:
+def test_documented_command_runs(doc: str, line: str, doc_home: tuple[Path, dict[str, str | None]]) -> None:
     home, base_env = doc_home
     env_over, words = split_env(line)
     argv = words[1:]
@@ -117,7 +130,7 @@ def test_documented_command_runs(doc: str, line: str, doc_home: tuple[Path, dict
     elif argv[0] in SERVERS:
         argv = [argv[0], "--help"]
     done = _run(argv, base_env | env_over, home)
-    output = done.stdout + done.stderr
+    output = done.output
     assert "Traceback" not in output, output
     if argv[0] == "health" and done.returncode == 1:
         assert "Offline" in output
