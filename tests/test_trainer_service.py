@@ -95,14 +95,18 @@ def shutdown(trainer: Trainer) -> None:
         stop_group(w.pid)
 
 
-def workers_of(home: Path) -> list[psutil.Process]:
-    """Worker processes whose data root is `home` (found by their environment)."""
+def workers_of(home: Path, warm: bool = False) -> list[psutil.Process]:
+    """Job processes whose data root is `home` (found by their environment); with `warm`, the trainer's warm
+    worker (service/warm.py) instead, which lives as long as its trainer."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "lunatrain.service.worker" in (proc.info["cmdline"] or []) and proc.environ().get(
-                "ASSISTANT_HOME"
-            ) == str(home):
+            cmd = proc.info["cmdline"] or []
+            if (
+                "lunatrain.service.worker" in cmd
+                and ("--warm" in cmd) == warm
+                and proc.environ().get("ASSISTANT_HOME") == str(home)
+            ):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -426,8 +430,11 @@ def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_
         job = submit(trainer.settings, LONG | {"adapterName": "killed"})
         wait_for(lambda: running_with_steps(trainer_client.get_job(trainer.settings, job.id)), JOB_TIMEOUT, 0.3)
         child = worker_for(job.id)
+        warm = workers_of(home, warm=True)  # the job was forked from it: it must go with its trainer
+        assert len(warm) == 1 and child.ppid() == warm[0].pid, (warm, child.ppid())
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()
+        assert wait_for(lambda: gone(warm[0].pid), 60), "the warm worker outlived its trainer"
         trainer = launch(home, port)
         final = wait_job(trainer.settings, job.id, timeout=60)
         assert final.status == "failed" and final.error.code == "interrupted", final

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         description="processes per LoRA job, one per GPU (torchrun); default every visible GPU on CUDA, 1 on CPU; "
         "a number > 1 on CPU runs that many gloo processes",
     )
+    lora_warm_worker: bool = Field(
+        default=True,
+        description="on a machine without CUDA, start each single-process job by fork from a worker that "
+        "imported torch, transformers and PEFT once (seconds sooner); false: a fresh process per job",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=5050, ge=1, le=65535)
     api_token: str | None = None

@@ -2,7 +2,8 @@
 
 Active in a job's worker process only, when `LUNA_KILL` is set (to a folder for the once-markers). The
 point comes from the job's adapterName, `kf-TARGET-POINT[-ARG]-…`:
-  TARGET  `t` kills the trainer (the worker's parent), `w` the worker itself; both with SIGKILL;
+  TARGET  `t` kills the trainer (the worker's parent, or grandparent through the warm worker), `w` the
+          worker itself; both with SIGKILL;
   POINT   `progress-K`  after the K-th progress event reached the trainer,
           `published`   the adapter is registered, the trainer not yet told (before the `trained` event),
           `trained`     right after the `trained` event was sent,
@@ -47,7 +48,15 @@ def _kill(target: str, job_id: str) -> None:
         return  # this job was killed once already: its resumed run goes through
     os.write(fd, target.encode())
     os.close(fd)
-    os.kill(os.getppid() if target == "t" else os.getpid(), signal.SIGKILL)
+    os.kill(_trainer() if target == "t" else os.getpid(), signal.SIGKILL)
+
+
+def _trainer() -> int:
+    """The trainer's pid: the parent, or the parent's parent when this job was forked by the warm worker."""
+    parent = os.getppid()
+    if b"--warm" in Path(f"/proc/{parent}/cmdline").read_bytes():
+        return int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return parent
 
 
 def install() -> None:

@@ -46,6 +46,7 @@ from .jobs import (
 from .recovery import recover
 from .runner import Runner
 from .spawn import job_ranks
+from .warm import WarmWorker
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -81,9 +82,10 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         store = JobStore(jobs_db_path(settings.data_dir))
         recover(settings, store)
-        device = DeviceProbe(settings)
+        warm = WarmWorker(settings)
+        device = DeviceProbe(settings, warm)
         gpus = int(device.info.get("count") or 0) if device.info.get("type") == "cuda" else 0
-        runner = Runner(settings, store, gpus=gpus)
+        runner = Runner(settings, store, gpus=gpus, warm=warm)
         state.update(store=store, runner=runner, device=device)
         runner.start()
         lock.write_pid(settings)

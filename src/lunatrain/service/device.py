@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -13,7 +12,7 @@ from typing import Any
 import psutil
 
 from ..settings import Settings
-from .spawn import child_env, worker_argv
+from .warm import WarmWorker
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -24,18 +23,15 @@ class DeviceProbe:
     hold about half a GiB of GPU memory for the trainer's whole life, memory the jobs need. Free memory is
     refreshed live (psutil on CPU, nvidia-smi on CUDA, at most every 2 s); the startup value otherwise."""
 
-    def __init__(self, settings: Settings) -> None:
-        argv = worker_argv("--device-info")
+    def __init__(self, settings: Settings, warm: WarmWorker) -> None:
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=child_env(settings), check=True)
-            self.info: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-            detail = getattr(exc, "stderr", "") or str(exc)
-            log.warning("device probe failed: %s", detail)
+            self.info: dict[str, Any] = warm.start()  # the warm worker measures first (warm.py)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.warning("device probe failed: %s", exc)
             self.info = {
                 "cudaAvailable": False,
                 "type": "unknown",
-                "name": f"device probe failed: {str(detail)[-200:]}",
+                "name": f"device probe failed: {str(exc)[-200:]}",
             }
         self._checked = 0.0
 

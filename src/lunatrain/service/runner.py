@@ -26,6 +26,7 @@ from ..settings import Settings
 from .jobs import Job, JobStore, Progress
 from .recovery import published_adapter, recorded_gate, settle_interrupted, signal_group
 from .spawn import child_env, job_ranks, worker_argv
+from .warm import Forked, WarmWorker
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -52,9 +53,16 @@ class Runner:
     """Runs queued jobs one at a time, each in a child process, turning its event lines into job state."""
 
     def __init__(
-        self, settings: Settings, store: JobStore, *, cancel_grace: float = CANCEL_GRACE_S, gpus: int = 0
+        self,
+        settings: Settings,
+        store: JobStore,
+        *,
+        cancel_grace: float = CANCEL_GRACE_S,
+        gpus: int = 0,
+        warm: WarmWorker | None = None,
     ) -> None:
         self.settings = settings
+        self.warm = warm  # forks single-process jobs while it lives (warm.py); None: every job starts fresh
         self.store = store
         self.cancel_grace = cancel_grace
         self.gpus = gpus  # visible CUDA devices (device probe): the default number of ranks per job
@@ -63,7 +71,7 @@ class Runner:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # guards _job_id/_proc between the runner thread and cancel requests
         self._job_id: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Forked | subprocess.Popen[bytes] | None = None
         self._storage_problem: str | None = None
         self._backoff = 0.0
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
@@ -83,6 +91,8 @@ class Runner:
         if proc is not None:
             self._terminate(proc)
         self._thread.join(timeout=self.cancel_grace + 10)
+        if self.warm is not None:
+            self.warm.close()
 
     def cancel(self, job_id: str) -> Job:
         job = self.store.request_cancel(job_id)
@@ -96,7 +106,7 @@ class Runner:
         if proc is not None:
             self._terminate(proc)
 
-    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+    def _terminate(self, proc: Forked | subprocess.Popen[bytes]) -> None:
         signal_group(proc.pid, signal.SIGTERM)
 
         def kill_late() -> None:
@@ -169,20 +179,27 @@ class Runner:
             self.store.set_status(job.id, "failed", error={"code": err.code, "message": err.message})
             return
         argv = worker_argv(*args, ranks=ranks)
-        log.info("job %s running on %d process(es): %s", job.id, ranks, " ".join(argv[: len(argv) - len(args) + 2]))
         try:
-            with open(log_path, "ab") as log_file, self._lock:
-                self._proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=log_file,
-                    env=child_env(self.settings),
-                    cwd=self.settings.home,
-                    start_new_session=True,
+            with open(log_path, "ab") as log_file:
+                # A single-process job forks from the warm worker when it can (milliseconds instead of a
+                # fresh interpreter's imports); else, and for torchrun, a fresh process.
+                proc: Forked | subprocess.Popen[bytes] | None = (
+                    self.warm.spawn(args, log_file) if self.warm is not None and ranks == 1 else None
                 )
-                self._job_id = job.id
-                proc = self._proc
+                how = "forked from the warm worker" if proc is not None else " ".join(argv[: len(argv) - len(args) + 2])
+                if proc is None:
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=log_file,
+                        env=child_env(self.settings),
+                        cwd=self.settings.home,
+                        start_new_session=True,
+                    )
+            log.info("job %s running on %d process(es): %s", job.id, ranks, how)
+            with self._lock:
+                self._proc, self._job_id = proc, job.id
         except OSError as exc:
             self.store.set_status(job.id, "failed", error={"code": "child_start_failed", "message": str(exc)})
             return

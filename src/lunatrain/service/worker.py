@@ -78,7 +78,7 @@ def _silence_stdout() -> None:
     sys.stdout = sys.stderr
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """A rank's parent is torchrun's agent, which starts each rank in a session of its own, out of reach of
     a signal to the job's process group. SIGTERM to the group reaches the agent, which passes it on to the
     ranks (they stop like one worker on cancel). SIGKILL to the group (a cancel past its grace, recovery
@@ -204,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help="flow options, JSON object (gate, minCurated)")
     parser.add_argument("--gate-thresholds", help="eval gate thresholds, JSON object (default: the defaults)")
     parser.add_argument("--device-info", action="store_true", help="print the device facts as JSON and exit")
+    parser.add_argument("--warm", type=int, metavar="FD", help="serve as the warm worker on this socket (warm.py)")
+    parser.add_argument("--no-forks", action="store_true", help="with --warm: report the device facts, then exit")
     args = parser.parse_args(argv)
+    if args.warm is not None:
+        from .warm import serve
+
+        return serve(args.warm, forks=not args.no_forks)
     if args.device_info:
         from ..models import device_info
 
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     parent = os.getppid()
     if world.active:
-        _die_with_parent()
+        die_with_parent()
         if os.getppid() != parent:  # the agent died before the line above took effect
             stop.set()
     _watch_parent(stop, parent)

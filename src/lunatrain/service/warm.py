@@ -1,0 +1,312 @@
+"""The warm worker: the trainer's first child measures the device (for /health) and, on a machine without
+CUDA, stays, so that each single-process job starts by fork() from a process that has imported torch,
+transformers and PEFT once. A fresh interpreter spends about 6 s of CPU on those imports on a 2-core
+machine, which is most of a short job; a fork takes milliseconds and shares the imported pages.
+
+Protocol, over a SOCK_SEQPACKET socketpair (one message per JSON object; the child's end is `--warm FD`):
+  child -> trainer  {"device": {...}, "forks": bool}   first, the device facts; forks=false: it exits now
+  trainer -> child  {"argv": [...]} + two fds          run `worker.main(argv)` with fd 1 = the job's event
+                                                       pipe and fd 2 = its log file, in a new session
+  child -> trainer  {"pid": N} | {"error": "..."}      the job's process (or why no fork was possible)
+  child -> trainer  {"exit": N, "code": C}             a job process ended (C as Popen reports it)
+
+The job process is the same `worker.main` a fresh `python -m lunatrain.service.worker` runs, titled like
+one (`--job ID` in its command line). It sees the warm worker as its parent, which dies with the trainer
+(PR_SET_PDEATHSIG), so an orphaned job stops exactly as before. Never forked: jobs on CUDA machines (the
+probe created a CUDA context, which a forked child cannot use), jobs under torchrun, and any job when
+ASSISTANT_LORA_WARM_WORKER=false; they start a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any
+
+import psutil
+
+from ..settings import Settings
+from .spawn import child_env
+
+log = logging.getLogger("lunatrain.trainer")
+
+_MAX_MESSAGE = 1 << 20
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+class Forked:
+    """A job process forked by the warm worker, with the part of `subprocess.Popen` the runner uses: `pid`,
+    `stdout` (the event pipe), `poll()` and `wait()` (exit statuses arrive as messages from the warm worker)."""
+
+    def __init__(self, warm: WarmWorker, pid: int, stdout: IO[bytes]) -> None:
+        self.pid, self.stdout, self._warm = pid, stdout, warm
+        self.returncode: int | None = None
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._started = psutil.Process(pid).create_time()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None:
+            message = self._warm.receive()
+            if message is None:
+                # The warm worker died: nobody can report this process's status. It stops on its own once it
+                # sees its parent gone (worker.py); wait for that, and report it as killed.
+                self._wait_gone()
+                self.returncode = -signal.SIGKILL
+            elif message.get("exit") == self.pid:
+                self.returncode = int(message["code"])
+        return self.returncode
+
+    def _wait_gone(self) -> None:
+        while True:
+            try:
+                proc = psutil.Process(self.pid)
+                if proc.create_time() != self._started or proc.status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.5)
+
+
+class WarmWorker:
+    """The trainer's side: starts the child, reads the device facts, forks jobs while the child lives."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Start the child and return the device facts it measured; raises OSError or ValueError when it
+        could not (the caller reports a failed probe)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "lunatrain.service.worker", "--warm", str(theirs.fileno())]
+        if not self.settings.lora_warm_worker:
+            argv.append("--no-forks")
+        env = child_env(self.settings)
+        # numpy's OpenBLAS starts a thread pool when torch imports it; with one thread it starts none, and
+        # the fork below needs a single-threaded process (jobs do their math in torch, not numpy's BLAS).
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                env=env,
+                cwd=self.settings.home,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+        ours.settimeout(timeout)
+        try:
+            first = self.receive()
+        finally:
+            ours.settimeout(None)
+        if first is None or "device" not in first:
+            self.close()
+            raise ValueError(f"the device probe ended without an answer (exit {self._exit_code()})")
+        if not first.get("forks"):
+            self.close()
+        return first["device"]
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._sock is not None and self._proc.poll() is None
+
+    def spawn(self, argv: list[str], log_file: IO[bytes]) -> Forked | None:
+        """Fork a job process running `worker.main(argv)`; None when the warm worker cannot (then the caller
+        starts a fresh process)."""
+        if not self.alive:
+            return None
+        assert self._sock is not None
+        read_end, write_end = os.pipe()
+        try:
+            _send(self._sock, {"argv": argv}, [write_end, log_file.fileno()])
+            reply = self.receive()
+            while reply is not None and "exit" in reply:  # a late status of an earlier job: not the answer
+                reply = self.receive()
+        except OSError as exc:
+            log.warning("warm worker unusable (%s); starting jobs fresh", exc)
+            reply = None
+        finally:
+            os.close(write_end)
+        if reply is None or not isinstance(reply.get("pid"), int):
+            os.close(read_end)
+            if reply is not None:
+                log.warning("warm worker could not fork (%s); starting the job fresh", reply.get("error"))
+            self.close()
+            return None
+        return Forked(self, reply["pid"], os.fdopen(read_end, "rb"))
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next message, or None once the child is gone."""
+        if self._sock is None:
+            return None
+        try:
+            data = self._sock.recv(_MAX_MESSAGE)
+        except OSError:
+            data = b""
+        if not data:
+            return None
+        message = json.loads(data)
+        return message if isinstance(message, dict) else None
+
+    def close(self) -> None:
+        """Stop the child (it exits when its socket closes; a job it forked runs on in its own session)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def _exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+
+# --- the child ------------------------------------------------------------------------------------
+
+
+def serve(fd: int, forks: bool = True) -> int:
+    """The child's main loop (`python -m lunatrain.service.worker --warm FD`)."""
+    from ..models import device_info
+    from .worker import die_with_parent
+
+    sock = socket.socket(fileno=fd)
+    parent = os.getppid()
+    die_with_parent()  # the trainer killed (even by SIGKILL): this process goes with it
+    if os.getppid() != parent:
+        return 0
+    info = device_info()
+    # A CUDA context (created by the probe) does not survive fork(): GPU jobs start fresh.
+    forks = forks and info.get("type") == "cpu"
+    _send(sock, {"device": info, "forks": forks})
+    if not forks:
+        return 0
+    # SIGCHLD wakes the loop through this pipe, so a job's exit status reaches the trainer at once.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    preloaded = False
+    while True:
+        for key, _mask in selector.select(timeout=5.0):
+            if key.fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+                continue
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 2)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                return 0  # the trainer closed its end (shutdown) or died
+            if not preloaded:
+                _preload()
+                preloaded = True
+            _send(sock, _fork(json.loads(data)["argv"], fds, close=[sock, selector, wake_r, wake_w]))
+        _reap(sock)
+
+
+def _preload() -> None:
+    """Import what every job imports, once (module code only: no thread starts and no tensor is made, so
+    the forked process starts from a clean torch)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from .. import evalgate, flow, train  # noqa: F401
+
+
+def _fork(argv: list[str], fds: list[int], close: list[Any]) -> dict[str, Any]:
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
+    if threads != 1 or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        # fork() copies only the calling thread; a lock held by another one would never be released.
+        return {"error": f"{threads} threads in the warm worker" if threads != 1 else "bad request"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _job(argv, *fds, close=close)
+    for fd in fds:
+        os.close(fd)
+    return {"pid": pid}
+
+
+def _job(argv: list[str], events_fd: int, log_fd: int, close: list[Any]) -> None:
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for item in close:  # the warm worker's socket, selector and wake-up pipe are not the job's
+            if isinstance(item, int):
+                os.close(item)
+            else:
+                item.close()
+        os.setsid()  # its own process group, like a fresh worker: cancel and cleanup signal the group
+        os.dup2(events_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(events_fd)
+        os.close(log_fd)
+        _retitle(argv)
+        from .worker import main
+
+        code = main(argv)
+    except BaseException:  # noqa: BLE001 - this process must end here, never return into the fork loop
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _retitle(argv: list[str]) -> None:
+    """Show the job in `ps` (and to anything that finds workers by command line) like a fresh worker."""
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    job = argv[argv.index("--job") + 1] if "--job" in argv else "?"
+    setproctitle.setproctitle(f"{sys.executable} -m lunatrain.service.worker --job {job}")
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        with contextlib.suppress(OSError):
+            _send(sock, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})

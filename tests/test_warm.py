@@ -1,0 +1,107 @@
+"""The warm worker (service/warm.py): it reports the device, forks single-process jobs that train exactly what
+a fresh worker process trains, reports their exit statuses, and when it cannot fork (switched off, or dead)
+the trainer starts the job fresh. A forked job shows `--job ID` in its command line like a fresh one.
+
+The trainer-level behaviour (jobs forked in a running trainer, the warm worker dying with a killed trainer)
+is covered by test_trainer_service.py and the kill -9 suites, whose jobs run forked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lunatrain.service.spawn import child_env
+from lunatrain.service.warm import WarmWorker
+from lunatrain.settings import load_settings
+
+from test_trainer_service import QUICK, prepare_root
+from trainer_helpers import gone, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+PARAMS = {k: v for k, v in QUICK.items() if k != "gate"}  # the gate is a flow option, not a parameter
+
+
+def job_argv(job_id: str, **params: object) -> list[str]:
+    return ["--job", job_id, "--params", json.dumps(PARAMS | params), "--options", json.dumps({"gate": False})]
+
+
+def lines(stream) -> list[dict]:
+    return [json.loads(raw) for raw in stream.read().splitlines() if raw.strip()]
+
+
+def adapter_bytes(home: Path, result: dict) -> bytes:
+    return (home / result["adapter"]["path"] / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("warm") / "home"
+    root.mkdir()
+    prepare_root(root)
+    return root
+
+
+def test_forked_job_trains_what_a_fresh_process_trains_and_reports_its_exit(home: Path) -> None:
+    settings = load_settings(home=home)
+    warm = WarmWorker(settings)
+    try:
+        device = warm.start()
+        assert device["type"] == "cpu" and warm.alive
+        with open(home / "forked.log", "ab") as log:
+            forked = warm.spawn(job_argv("job-forked", adapterName="forked"), log)
+        assert forked is not None
+        titled = ["lunatrain.service.worker", "--job", "job-forked"]  # set by the job right after the fork
+        assert wait_for(lambda: psutil.Process(forked.pid).cmdline()[-3:] == titled, 30)
+        assert os.getpgid(forked.pid) == forked.pid  # its own process group, which cancel signals
+        events = lines(forked.stdout)
+        assert forked.wait() == 0 and forked.poll() == 0
+        result = events[-1]
+        assert result["type"] == "result" and result["status"] == "succeeded", events
+        assert any(e["type"] == "progress" for e in events)
+
+        # A failing job: exit status 1 and its result line, like a fresh worker.
+        with open(home / "bad.log", "ab") as log:
+            bad = warm.spawn(job_argv("job-bad", adapterName="bad", baseModel="no-such-model"), log)
+        assert bad is not None
+        assert lines(bad.stdout)[-1]["status"] == "failed"
+        assert bad.wait() == 1
+
+        # The same job in a fresh interpreter: the same bytes.
+        fresh = subprocess.run(
+            [sys.executable, "-m", "lunatrain.service.worker", *job_argv("job-fresh", adapterName="fresh")],
+            env=child_env(settings),
+            cwd=home,
+            capture_output=True,
+            timeout=600,
+        )
+        assert fresh.returncode == 0, fresh.stderr[-2000:]
+        fresh_result = json.loads(fresh.stdout.splitlines()[-1])
+        assert adapter_bytes(home, fresh_result) == adapter_bytes(home, result)
+
+        # The warm worker gone (killed): no fork, the trainer starts the next job fresh.
+        pid = warm._proc.pid
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: gone(pid), 30)
+        with open(home / "after.log", "ab") as log:
+            assert warm.spawn(job_argv("job-after"), log) is None
+        assert not warm.alive
+    finally:
+        warm.close()
+
+
+def test_switched_off_it_only_reports_the_device(home: Path) -> None:
+    warm = WarmWorker(load_settings(home=home, lora_warm_worker=False))
+    device = warm.start()
+    assert device["type"] == "cpu" and not warm.alive
+    with open(home / "off.log", "ab") as log:
+        assert warm.spawn(job_argv("job-off"), log) is None
