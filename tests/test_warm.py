@@ -17,12 +17,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_trainer_service import QUICK, prepare_root
 
 from lunatrain.service.spawn import child_env
 from lunatrain.service.warm import WarmWorker
 from lunatrain.settings import load_settings
 
-from test_trainer_service import QUICK, prepare_root
 from trainer_helpers import gone, wait_for
 
 pytestmark = pytest.mark.slow
