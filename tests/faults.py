@@ -191,5 +191,5 @@ def _record(section: str, rows: list[Row], note: str) -> str:
     table = render(list(merged.values()))
     body = f"## {section}\n\n{note.strip() + chr(10) + chr(10) if note else ''}{table}"
     text = pattern.sub(lambda _: body + "\n", text) if found else text.rstrip("\n") + "\n\n" + body
-    TABLE.write_text(text, encoding="utf-8")
+    TABLE.write_text(text.rstrip("\n") + "\n", encoding="utf-8")  # a rerun leaves the file as it was
     return table
