@@ -169,14 +169,14 @@ def invariants(settings, plan: Plan, job: Job, home: Path) -> list[str]:
     return broken
 
 
-def run_kind(tmp_path_factory, target: str, seeds: range) -> tuple[list[faults.Row], list[str]]:
+def run_kind(tmp_path_factory, target: str, todo: list[Plan]) -> tuple[list[faults.Row], list[str]]:
     home, env = fresh_root(tmp_path_factory, f"kill-{target}")
     trainer = launch(home, **env)
     port = int(trainer.url.rsplit(":", 1)[1])
     tally: dict[tuple[str, bool], list[int]] = {}  # (point, resume) -> [injected, held]
     failures = []
     try:
-        for plan in plans(target, seeds):
+        for plan in todo:
             job = submit(trainer.settings, plan.flags)
             if target == "t":
                 # The hook kills the trainer at the point; then a new trainer on the same data root settles it.
@@ -222,14 +222,19 @@ NOTE = (
 )
 
 
-def check_kind(tmp_path_factory, target: str, seeds: range, section: str) -> None:
-    """Run one kind's seeded iterations, record its rows in bench/results/faults.md, fail on any break.
-    (The worker kind lives in test_faults_worker.py, so pytest-xdist runs the two kinds side by side.)"""
-    rows, failures = run_kind(tmp_path_factory, target, seeds)
+def check_kind(tmp_path_factory, target: str, todo: list[Plan], section: str) -> None:
+    """Run seeded iterations, record their rows in bench/results/faults.md, fail on any break. (The worker
+    kind lives in test_faults_worker.py and the trainer kills with resume on in test_faults_trainer_resume.py:
+    pytest-xdist runs files side by side.)"""
+    rows, failures = run_kind(tmp_path_factory, target, todo)
     if rows:
         faults.record(section, rows, note=NOTE)
     assert not failures, "\n".join(failures)
 
 
+def trainer_plans(resume: bool) -> list[Plan]:
+    return [plan for plan in plans("t", TRAINER_SEEDS) if plan.resume == resume]
+
+
 def test_kill_9_of_the_trainer_at_seeded_points(tmp_path_factory):
-    check_kind(tmp_path_factory, "t", TRAINER_SEEDS, "Trainer kill -9")
+    check_kind(tmp_path_factory, "t", trainer_plans(resume=False), "Trainer kill -9")
