@@ -6,6 +6,7 @@ Run all tests: `make test`; the quick subset without end-to-end flows: `make tes
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,3 +50,51 @@ def output_dir(request: pytest.FixtureRequest) -> Path:
     path = OUTPUT_DIR / request.node.name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """luna-tiny, built (or taken from the machine cache) once per session; read-only: copy it to change it."""
+    from lunatrain.models import ensure_tiny
+
+    return ensure_tiny(load_settings(home=tmp_path_factory.mktemp("tiny-home")))
+
+
+@pytest.fixture
+def tiny(settings: Settings, tiny_dir: Path) -> Path:
+    """luna-tiny in this test's data root (a copy of the session's)."""
+    from lunatrain.models import TINY_ID
+
+    target = settings.models_dir / TINY_ID
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+TRAINED_PARAMS = {"epochs": 1, "maxSteps": 4, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}
+
+
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    """One data root for the session: the bundled examples seeded and exported, and luna-adapter@v1 trained
+    on them (TRAINED_PARAMS: a few steps at a high learning rate, so the adapter visibly changes the model).
+    Read-only: tests that change anything use `trained_home`, a copy in their own data root."""
+    from lunatrain import export, store
+    from lunatrain.models import TINY_ID
+    from lunatrain.train import run_lora
+
+    root = tmp_path_factory.mktemp("trained") / "home"
+    settings = load_settings(home=root, db_url=None)
+    shutil.copytree(tiny_dir, settings.models_dir / TINY_ID)
+    store.load_seed(settings)
+    export.export(settings)
+    result = run_lora(TRAINED_PARAMS, settings)
+    assert result.ok and result.version == "v1", result.error
+    store.dispose_stores()  # the copies get engines of their own
+    return root
+
+
+@pytest.fixture
+def trained_home(home: Path, trained_root: Path) -> Path:
+    """This test's data root as a copy of `trained_root` (examples, export, luna-tiny, luna-adapter@v1)."""
+    shutil.copytree(trained_root, home, dirs_exist_ok=True, symlinks=True)
+    return home

@@ -105,6 +105,16 @@ def server(home: Path) -> Iterator[Server]:
         yield srv
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the many parametrized refusals below, which change nothing: a server start with its
+    database migrations costs more than the request."""
+    home = tmp_path_factory.mktemp("security") / "home"
+    home.mkdir()
+    with Server(home=home) as srv:
+        yield srv
+
+
 @pytest.fixture
 def token_server(home: Path) -> Iterator[Server]:
     with Server(api_token=TOKEN) as srv:
@@ -273,8 +283,8 @@ def test_malformed_content_length_is_a_400(server: Server) -> None:
         "/static/%2e%2e/main.py",
     ],
 )
-def test_traversal_names_are_refused(server: Server, path: str) -> None:
-    status, _, body = server.request("GET" if "approve" not in path else "POST", path)
+def test_traversal_names_are_refused(shared_server: Server, path: str) -> None:
+    status, _, body = shared_server.request("GET" if "approve" not in path else "POST", path)
     assert 400 <= status < 500 and "error" in body
 
 
@@ -298,6 +308,6 @@ def test_traversal_names_are_refused(server: Server, path: str) -> None:
         {"outputDir": "/tmp"},
     ],
 )
-def test_start_refuses_paths_and_unknown_flags(server: Server, params: dict) -> None:
-    status, _, body = server.request("POST", "/assistant/training/lora/start", body=json.dumps(params).encode())
+def test_start_refuses_paths_and_unknown_flags(shared_server: Server, params: dict) -> None:
+    status, _, body = shared_server.request("POST", "/assistant/training/lora/start", body=json.dumps(params).encode())
     assert status == 422 and body["error"]["code"] == "invalid_request", body

@@ -22,20 +22,6 @@ def decide(*args, **kwargs) -> list[str]:
     return [text for text, _ in judge(*args, **kwargs)]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lunatrain.settings import load_settings
-
-    return models.ensure_tiny(load_settings(home=tmp_path_factory.mktemp("tiny-home")))
-
-
-@pytest.fixture
-def tiny(settings, tiny_dir: Path) -> Path:
-    target = settings.models_dir / models.TINY_ID
-    shutil.copytree(tiny_dir, target)
-    return target
-
-
 # --- the suite ----------------------------------------------------------------------------------
 
 GOOD = {"id": "ok", "prompt": "Wer bist du?", "checks": [{"type": "contains", "value": "Luna"}]}

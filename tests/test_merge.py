@@ -10,22 +10,17 @@ import torch
 from lunatrain import evalgate, models, registry
 from lunatrain.errors import Conflict
 from lunatrain.merge import merge_adapter
-from lunatrain.train import run_lora
-
-from helpers import make_records, write_export
 
 
-def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):
+def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_home, settings):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    write_export(settings, make_records(24))
-    trained = run_lora({"epochs": 1, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}, settings)
-    assert trained.ok
+    adapter = settings.adapters_dir / "luna-adapter" / "v1"  # trained by the session's fixture
     with warnings.catch_warnings(record=True) as caught:  # repro: PEFT's FutureWarning reached the user
         warnings.simplefilter("always")
         result = merge_adapter(settings, "luna-adapter@v1")
-        evalgate._Evaluator(settings, models.resolve_base(None, settings), {"candidate": trained.path})
+        evalgate._Evaluator(settings, models.resolve_base(None, settings), {"candidate": adapter})
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert result.path == settings.models_dir / "merged" / "luna-adapter-v1"
     merged = AutoModelForCausalLM.from_pretrained(result.path, use_safetensors=True, local_files_only=True).eval()
@@ -44,7 +39,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(settings):
     base = models.load_model(None, settings).eval()
     with torch.no_grad():
         plain = base(input_ids=ids).logits
-        with_adapter = PeftModel.from_pretrained(base, str(trained.path)).eval()(input_ids=ids).logits
+        with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=ids).logits
         from_merged = merged(input_ids=ids).logits
     assert (with_adapter - plain).abs().max() > 1e-3  # the adapter does change the model
     torch.testing.assert_close(from_merged, with_adapter, atol=1e-4, rtol=1e-4)

@@ -17,7 +17,6 @@ import pytest
 from typer.testing import CliRunner
 
 from lunatrain import export as export_mod
-from lunatrain import models
 from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.params import parse_params
@@ -26,22 +25,6 @@ from lunatrain.prepare import optimizer_steps, prepare
 from helpers import make_records
 
 MAX_LEN = 512
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """luna-tiny built once per module (it takes seconds); each test copies it into its own data root."""
-    from lunatrain.settings import load_settings
-
-    root = tmp_path_factory.mktemp("tiny-home")
-    return models.ensure_tiny(load_settings(home=root))
-
-
-@pytest.fixture
-def tiny(settings, tiny_dir: Path) -> Path:
-    target = settings.models_dir / models.TINY_ID
-    shutil.copytree(tiny_dir, target)
-    return target
 
 
 def write_files(settings, records: list[dict], *, extra_curated_lines: tuple[str, ...] = ()) -> None:
