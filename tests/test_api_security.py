@@ -137,6 +137,7 @@ def test_non_loopback_bind_needs_a_token() -> None:
         check_bind(host, TOKEN)
 
 
+@pytest.mark.slow
 def test_serve_on_all_interfaces_without_token_exits_2_with_one_sentence(home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ASSISTANT_API_TOKEN"}
     proc = subprocess.run(

@@ -20,6 +20,9 @@ from lunatrain.train import run_lora
 from family_templates import ARCHITECTURES, FAMILIES, build_arch_model, save_vocab
 from helpers import make_records, write_export
 
+# Six whole flows (prepare, train, gate, merge, generate): the end-to-end tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory):

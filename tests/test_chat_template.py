@@ -129,6 +129,7 @@ def _greedy(model, tok, messages, generation_config) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
+@pytest.mark.slow
 def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(settings, qwen_like_base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig

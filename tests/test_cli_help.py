@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from lunatrain.cli import app
@@ -39,6 +40,7 @@ def _default(help_text: str, option: str) -> str:
     return text.split("default ", 1)[1].split()[0]
 
 
+@pytest.mark.slow
 def test_luna_help_shows_the_luna_profile_values_and_both_spellings_at_80_columns(home):
     """Repro: `luna --help` listed the generic defaults (lr 0.0002, rank 16, maxSeqLength 1024, minCurated 0)
     and rich cut the camelCase spellings at 80 columns (`--ad…`)."""

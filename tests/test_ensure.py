@@ -84,6 +84,7 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, port, monkeypa
     assert log_path(settings).with_name("trainer.log.1").read_text() == old
 
 
+@pytest.mark.slow
 def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, port, monkeypatch):
     cmd = shlex.join([sys.executable, "-c", "import time; time.sleep(300)", "never-healthy-marker"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)

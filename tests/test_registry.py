@@ -37,6 +37,7 @@ def _publish_in_child(args: tuple[str, str]) -> str:
     return _publish(args[0], "luna-adapter", args[1])["version"]
 
 
+@pytest.mark.slow
 def test_eight_processes_publishing_at_once_get_distinct_versions(settings):
     ctx = mp.get_context("spawn")
     with ctx.Pool(8) as pool:

@@ -99,6 +99,7 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
     """Bad parameters fail before any collective: rank 0 writes the one result line, rank 1 nothing, and
     both exit 0 (an orderly ending), so a failing torchrun means a crashed rank."""

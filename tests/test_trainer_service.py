@@ -187,6 +187,7 @@ def svc(root):
 
 
 # --- requests the service refuses -----------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_requests_get_4xx_and_change_nothing(svc):
     url, settings = svc.url, svc.settings
     before = len(trainer_client.list_jobs(settings, limit=500))
@@ -226,6 +227,7 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
     assert len(trainer_client.list_jobs(settings, limit=500)) == before
 
 
+@pytest.mark.slow
 def test_token_required_when_set_and_public_bind_refused(tmp_path):
     home = tmp_path / "home"
     home.mkdir()

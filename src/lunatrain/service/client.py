@@ -8,6 +8,7 @@ ServiceUnavailable; the trainer's 4xx answers come back as the matching LunaErro
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,14 +65,27 @@ def label(health: Health | None) -> str:
     return LABEL_CUDA if health.cuda_available else LABEL_CPU
 
 
+_shared: httpx.Client | None = None
+_shared_lock = threading.Lock()
+
+
+def _client() -> httpx.Client:
+    """One connection pool per process: building a client (its TLS context) costs tens of milliseconds, and
+    the API and `lora` poll the trainer every second. trust_env=False: a proxy from the environment must
+    never intercept a loopback trainer. httpx clients are safe to share between threads."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = httpx.Client(trust_env=False)
+        return _shared
+
+
 def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
     trainer_address(settings)  # a malformed URL is a usage error, not "unreachable"
     headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     url = base_url(settings).rstrip("/") + path
     try:
-        # trust_env=False: a proxy from the environment must never intercept a loopback trainer.
-        with httpx.Client(timeout=timeout, trust_env=False, headers=headers) as client:
-            response = client.request(method, url, **kwargs)
+        response = _client().request(method, url, headers=headers, timeout=timeout, **kwargs)
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(
             f"The trainer at {base_url(settings)} is not reachable ({type(exc).__name__}); "
