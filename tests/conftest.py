@@ -98,3 +98,24 @@ def trained_home(home: Path, trained_root: Path) -> Path:
     """This test's data root as a copy of `trained_root` (examples, export, luna-tiny, luna-adapter@v1)."""
     shutil.copytree(trained_root, home, dirs_exist_ok=True, symlinks=True)
     return home
+
+
+# The longest files first (measured, slowest first): pytest-xdist hands out whole files in collection order
+# (`--dist loadfile`), so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_faults_trainer.py",
+    "test_faults_trainer_resume.py",
+    "test_service_dataparallel.py",
+    "test_trainer_service.py",
+    "test_dashboard.py",
+    "test_faults_storage.py",
+    "test_faults_worker.py",
+    "test_luna_flow.py",
+    "test_bench.py",
+    "test_warm.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
