@@ -30,10 +30,14 @@ def serve(
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
         check_data_root(settings)
+        sock = listen.bind(settings.api_host, settings.api_port)  # first: a port in use changes nothing
+    except LunaError as err:
+        raise fail(err) from None
+    try:
         api = create_app(settings, bound_host=settings.api_host)
-        sock = listen.bind(settings.api_host, settings.api_port)
         address = listen.record(sock, settings.api_url_file)
     except LunaError as err:
+        sock.close()
         raise fail(err) from None
     typer.echo(f"assistant API for {settings.home} on {address}", err=True)
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
