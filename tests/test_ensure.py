@@ -62,6 +62,7 @@ def test_two_concurrent_callers_start_one_trainer(home, any_port):
     assert len(results) == 2 and all(h.status == "ok" for h in results)
     procs = trainer_processes(home)
     assert len(procs) == 1, [p.info["cmdline"] for p in procs]
+    assert procs[0].info["cmdline"][-4:-2] == ["--port", "0"]  # binds a port itself, none picked for it
     # it bound a port of its own and recorded it; every caller got the health of that trainer
     recorded = client.url_file(settings).read_text().strip()
     assert recorded.startswith("http://127.0.0.1:") and not recorded.endswith(":0")

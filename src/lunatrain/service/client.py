@@ -70,9 +70,11 @@ def trainer_address(settings: Settings) -> tuple[str, int]:
     if url.scheme not in ("http", "https") or not url.hostname:
         raise UsageError(f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT.")
     try:
-        port = url.port or (443 if url.scheme == "https" else 80)
+        port = url.port
     except ValueError as exc:
         raise UsageError(f"Invalid port in ASSISTANT_LORA_TRAINER_URL: {exc}.") from None
+    if port is None:  # none given: the scheme's (0 stays 0: any free port)
+        port = 443 if url.scheme == "https" else 80
     return url.hostname, port
 
 
