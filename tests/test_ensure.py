@@ -168,6 +168,33 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
         kill_trainers(second)
 
 
+@pytest.mark.slow
+def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch):
+    """Nothing answers at the address our last trainer recorded, a port of its own: the new one binds a free
+    port rather than the configured one, which may still be taken (here: it is)."""
+    import socket
+
+    from lunatrain import settings as settings_mod
+
+    with socket.socket() as stale, socket.socket() as taken:  # bound, never listening: refused, and held
+        stale.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{taken.getsockname()[1]}")
+        settings = load_settings()
+        client.url_file(settings).parent.mkdir(parents=True)
+        client.url_file(settings).write_text(f"http://127.0.0.1:{stale.getsockname()[1]}\n")
+        try:
+            health = ensure_trainer(settings, timeout=120)
+            assert health.data_root.path == str(home.resolve())
+            own = client.url_file(settings).read_text().strip()
+            used = {stale.getsockname()[1], taken.getsockname()[1], 0}
+            assert own.startswith("http://127.0.0.1:") and int(own.rsplit(":", 1)[1]) not in used
+            [started] = trainer_processes(home)
+            assert started.info["cmdline"][-4:-2] == ["--port", "0"], started.info["cmdline"]
+        finally:
+            kill_trainers(home)
+
+
 def test_trainer_log_rolls_over_while_running(tmp_path):
     """The trainer's log handler bounds its file while the process runs (not only at the next start)."""
     import logging

@@ -77,7 +77,9 @@ def test_only_a_loopback_record_is_followed_and_port_0_goes_by_the_record(home):
     # a record naming another host never sends this client (and its token) there
     settings.trainer_url_file.write_text("http://192.0.2.7:6123\n")
     assert client.base_url(settings) == settings.lora_trainer_url
-    settings.trainer_url_file.unlink()
+    # where a trainer starts by default is the configured address, never a record of where the last one was
+    settings.trainer_url_file.write_text("http://127.0.0.1:6123\n")
+    assert client.trainer_address(settings) == ("127.0.0.1", 5051)
     assert client.trainer_address(load_settings(lora_trainer_url="http://127.0.0.1:0")) == ("127.0.0.1", 0)
 
 

@@ -178,7 +178,9 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def svc(root):
-    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=str(Path(__file__).parent / "hooks"))
+    # The fault hooks first, then this checkout's lunatrain (not whichever one the interpreter has installed).
+    hooks, src = Path(__file__).parent / "hooks", Path(__file__).parents[1] / "src"
+    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=os.pathsep.join([str(hooks), str(src)]))
     yield trainer
     shutdown(trainer)
 

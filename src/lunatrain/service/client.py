@@ -65,8 +65,9 @@ def _recorded_url(settings: Settings) -> str | None:
 
 
 def trainer_address(settings: Settings) -> tuple[str, int]:
-    """Host and port of the trainer for this data root (where `lunatrain trainer` listens by default)."""
-    url = urlsplit(base_url(settings))
+    """Host and port of the configured trainer URL: where `lunatrain trainer` listens by default (port 0: a
+    free port). Where a running trainer is comes from `base_url`, which follows its record."""
+    url = urlsplit(settings.lora_trainer_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise UsageError(f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT.")
     try:

@@ -69,6 +69,10 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
                 return health
             _refuse_chosen_address(settings, health)
             port = 0  # our address serves another data root: ours goes on a free port and records it
+        elif trainer_client.base_url(settings).rstrip("/") != settings.lora_trainer_url.rstrip("/"):
+            # Nothing answers where our last trainer recorded it served, a port other than the configured one
+            # (which may have been taken then, and still be): start on a free port again.
+            port = 0
         if time.monotonic() >= deadline:
             raise _timeout(settings, timeout)
         proc = start_trainer(settings, port=port)
@@ -89,8 +93,8 @@ def _refuse_chosen_address(settings: Settings, health: Health) -> None:
 
 
 def start_argv(settings: Settings, port: int | None = None) -> list[str]:
-    """How the trainer is started: ASSISTANT_LORA_TRAINER_START_CMD, else `lunatrain trainer` on this data
-    root's address (`port` instead of its port when given; 0: a free one)."""
+    """How the trainer is started: ASSISTANT_LORA_TRAINER_START_CMD, else `lunatrain trainer` on the host and
+    port of ASSISTANT_LORA_TRAINER_URL (`port` instead when given; 0: a free one)."""
     if settings.lora_trainer_start_cmd:
         try:
             argv = shlex.split(settings.lora_trainer_start_cmd)
@@ -99,8 +103,8 @@ def start_argv(settings: Settings, port: int | None = None) -> list[str]:
         if not argv:
             raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
         return argv
-    host, own_port = trainer_client.trainer_address(settings)
-    port = own_port if port is None else port
+    host, configured = trainer_client.trainer_address(settings)
+    port = configured if port is None else port
     return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))
 
 
