@@ -1,5 +1,6 @@
-"""Real services for the dashboard's browser tests: `lunatrain serve` as a process on a free port with its own
-data root; the trainer is started by the API itself (ensure on demand), as a user's click would start it.
+"""Real services for the dashboard's browser tests: `lunatrain serve` as a process on a port it binds itself
+(`--port 0`, the address read from data/api/api.url) with its own data root; the trainer is started by the API
+itself (ensure on demand, likewise on a port of its own), as a user's click would start it.
 
 Also usable by hand to look at the page with live data:
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from trainer_helpers import recorded_url
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox (containers), no GPU, and nothing that phones home: the browser only talks to our server.
@@ -33,12 +35,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -61,23 +57,25 @@ class Services:
 
 
 def start_services(home: Path, *, timeout: float = 60.0) -> Services:
-    """Start `lunatrain serve` on free ports under `home`; the trainer's URL points at another free port."""
-    api_port, trainer_port = free_port(), free_port()
+    """Start `lunatrain serve` under `home` on a port it binds itself; the trainer's address is "any free
+    port", so the trainer the API starts binds one too and records it under `home`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
     env |= {
         "ASSISTANT_HOME": str(home),
-        "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{trainer_port}",
+        "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
         # Two shared cores: one thread each for the API and the training child keeps the machine responsive.
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
     log = home / "serve.log"
-    services = Services(home, f"http://127.0.0.1:{api_port}", env["ASSISTANT_LORA_TRAINER_URL"], log, env=env)
+    record = home / "data" / "api" / "api.url"
+    record.unlink(missing_ok=True)  # an earlier server's address is not this one's
+    services = Services(home, "", env["ASSISTANT_LORA_TRAINER_URL"], log, env=env)
     lunatrain = Path(sys.executable).with_name("lunatrain")
     with log.open("wb") as out:
         services.proc = subprocess.Popen(
-            [str(lunatrain), "serve", "--port", str(api_port), "--log-level", "warning"],
+            [str(lunatrain), "serve", "--port", "0", "--log-level", "warning"],
             cwd=home,
             env=env,
             stdout=out,
@@ -85,14 +83,17 @@ def start_services(home: Path, *, timeout: float = 60.0) -> Services:
             start_new_session=True,
         )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    services.api_url = recorded_url(record, services.proc, timeout) or ""
+    while services.api_url and time.monotonic() < deadline:
         if services.proc.poll() is not None:
-            raise RuntimeError(f"lunatrain serve exited with {services.proc.returncode}:\n{services.tail()}")
+            break
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(services.api_url + "/", timeout=2, trust_env=False).status_code == 200:
                 return services
         time.sleep(0.3)
     stop_services(services)
+    if services.proc.poll() is not None:
+        raise RuntimeError(f"lunatrain serve exited with {services.proc.returncode}:\n{services.tail()}")
     raise RuntimeError(f"lunatrain serve did not answer within {timeout}s:\n{services.tail()}")
 
 

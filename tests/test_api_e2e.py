@@ -1,5 +1,6 @@
-"""End to end against real processes: `lunatrain serve` as a subprocess on a free port, its trainer on another
-free port started on demand by the API itself, a real LoRA job on the tiny model.
+"""End to end against real processes: `lunatrain serve` as a subprocess on a port it binds itself (`--port 0`,
+read back from data/api/api.url), its trainer started on demand by the API itself on a port of its own, a real
+LoRA job on the tiny model.
 
 Run: `.venv/bin/python -m pytest tests/test_api_e2e.py -q` (slow: a real training job; minutes on 2 cores).
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,44 +21,45 @@ import pytest
 
 from lunatrain.settings import load_settings
 
+from trainer_helpers import recorded_url
+
 pytestmark = pytest.mark.slow
 LUNATRAIN = str(Path(sys.executable).parent / "lunatrain")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Api:
     def __init__(self, home: Path, **env: str) -> None:
         self.home = home
-        self.port = _free_port()
-        self.trainer_port = _free_port()
+        self.record = load_settings(home=home).api_url_file
         self.env = (
             {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
             | {
                 "ASSISTANT_HOME": str(home),
-                "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{self.trainer_port}",
+                # any free port: the trainer the API starts binds one itself and records it under `home`
+                "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
                 "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
             }
             | env
         )
         self.log = home / "serve.log"
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120, trust_env=False)
 
     def __enter__(self) -> Api:
+        self.record.unlink(missing_ok=True)  # an earlier server's address is not this one's
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(
-                [LUNATRAIN, "serve", "--port", str(self.port)],
+                [LUNATRAIN, "serve", "--port", "0"],
                 env=self.env,
                 cwd=self.home,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 180
+        url = recorded_url(self.record, self.proc, 180)
+        if not url:
+            self.proc.kill()
+            raise RuntimeError(f"serve did not record its address:\n{self.log.read_text()}")
+        self.client = httpx.Client(base_url=url, timeout=120, trust_env=False)
         while True:
             with contextlib.suppress(httpx.TransportError):
                 if self.client.get("/openapi.json").status_code == 200:

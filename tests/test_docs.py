@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +69,6 @@ def test_the_docs_have_commands_to_check() -> None:
         assert any(doc == path.name for doc, ln in ALL_LINES if split_env(ln)[1][:1] == ["lunatrain"]), path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Ran:
     returncode: int
@@ -103,7 +96,8 @@ def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("ASSISTANT_")}
     env |= {
         "ASSISTANT_HOME": str(home),
-        "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
+        # Port 0: `health --ensureTrainer` starts a trainer on a port the OS picks (the trainer records it).
+        "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
         "HF_HUB_OFFLINE": "1",
     }
     quick = ["--local", "--epochs=1", "--maxSteps=2", "--no-gate"]

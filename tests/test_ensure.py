@@ -1,7 +1,8 @@
 """Ensure-on-demand: concurrent callers start exactly one real trainer; a trainer that cannot start fails
 clearly within the timeout, naming the log; with on-demand ensure off nothing is started.
 
-Run: `.venv/bin/python -m pytest tests/test_ensure.py -q` (starts real trainer processes on free ports).
+Run: `.venv/bin/python -m pytest tests/test_ensure.py -q` (starts real trainer processes, each on a port it
+binds itself and records under its data root).
 """
 
 from __future__ import annotations
@@ -17,26 +18,27 @@ from typer.testing import CliRunner
 
 from lunatrain.cli import app
 from lunatrain.errors import ServiceUnavailable
-from lunatrain.service import ensure
+from lunatrain.service import client, ensure
 from lunatrain.service.ensure import ensure_trainer, log_path
 from lunatrain.service.lock import pid_path
 from lunatrain.settings import load_settings
 
-from trainer_helpers import free_port, gone, kill_trainers, trainer_processes, wait_for
+from trainer_helpers import gone, kill_trainers, trainer_processes, wait_for
 
 LABELS = ("Online (CPU)", "Aktiv (CUDA)")
 
 
 @pytest.fixture
-def port(home, monkeypatch):
-    port = free_port()
-    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{port}")
-    yield port
-    kill_trainers(port)  # ensure starts detached trainers; never leave one behind
+def any_port(home, monkeypatch):
+    """The trainer's address is "any free port on 127.0.0.1": a trainer ensure starts binds one itself and
+    records it; until then nothing listens at the configured address (port 0 refuses connections)."""
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")
+    yield
+    kill_trainers(home)  # ensure starts detached trainers; never leave one behind
 
 
 @pytest.mark.slow
-def test_two_concurrent_callers_start_one_trainer(home, port):
+def test_two_concurrent_callers_start_one_trainer(home, any_port):
     settings = load_settings()
     # One caller is this process (a thread), the other a separate CLI process: the lock works across both.
     cli = subprocess.Popen(
@@ -58,16 +60,21 @@ def test_two_concurrent_callers_start_one_trainer(home, port):
     assert cli.returncode == 0, out
     assert any(label in out for label in LABELS), out
     assert len(results) == 2 and all(h.status == "ok" for h in results)
-    procs = trainer_processes(port)
+    procs = trainer_processes(home)
     assert len(procs) == 1, [p.info["cmdline"] for p in procs]
+    assert procs[0].info["cmdline"][-4:-2] == ["--port", "0"]  # binds a port itself, none picked for it
+    # it bound a port of its own and recorded it; every caller got the health of that trainer
+    recorded = client.url_file(settings).read_text().strip()
+    assert recorded.startswith("http://127.0.0.1:") and not recorded.endswith(":0")
+    assert client.base_url(settings) == recorded and client.health(settings).data_root.path == str(home.resolve())
     assert int(pid_path(settings).read_text()) == procs[0].pid
     assert log_path(settings).read_text().count("starting trainer") == 1  # one start, not one per caller
     # A later call finds it healthy and starts nothing.
     ensure_trainer(settings, timeout=10)
-    assert [p.pid for p in trainer_processes(port)] == [procs[0].pid]
+    assert [p.pid for p in trainer_processes(home)] == [procs[0].pid]
 
 
-def test_start_command_that_exits_fails_fast_naming_the_log(home, port, monkeypatch):
+def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monkeypatch):
     cmd = shlex.join([sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
     settings = load_settings()
@@ -85,7 +92,7 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, port, monkeypa
 
 
 @pytest.mark.slow
-def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, port, monkeypatch):
+def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, any_port, monkeypatch):
     cmd = shlex.join([sys.executable, "-c", "import time; time.sleep(300)", "never-healthy-marker"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
     settings = load_settings()
@@ -97,21 +104,21 @@ def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, port, mo
     assert wait_for(lambda: gone(started), 10)  # the half-started process is not left behind
 
 
-def test_on_demand_off_starts_nothing(home, port, monkeypatch):
+def test_on_demand_off_starts_nothing(home, any_port, monkeypatch):
     monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
     settings = load_settings()
     with pytest.raises(ServiceUnavailable, match="ASSISTANT_LORA_ENSURE_ON_DEMAND=false"):
         ensure_trainer(settings, timeout=5)
-    assert not log_path(settings).exists() and trainer_processes(port) == []
+    assert not log_path(settings).exists() and trainer_processes(home) == []
 
 
-def test_health_cli_offline_exits_1(home, port):
+def test_health_cli_offline_exits_1(home, any_port):
     result = CliRunner().invoke(app, ["health"])
     assert result.exit_code == 1
-    assert "Offline" in result.output and f"127.0.0.1:{port}" in result.output
+    assert "Offline" in result.output and "127.0.0.1:0" in result.output
 
 
-def test_bad_start_command_is_a_usage_error(home, port, monkeypatch):
+def test_bad_start_command_is_a_usage_error(home, any_port, monkeypatch):
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", "'unbalanced")
     result = CliRunner().invoke(app, ["health", "--ensure-trainer"])
     assert result.exit_code == 2 and "ASSISTANT_LORA_TRAINER_START_CMD" in result.output
@@ -119,46 +126,74 @@ def test_bad_start_command_is_a_usage_error(home, port, monkeypatch):
 
 @pytest.mark.slow
 def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
-    """Two projects on one machine: the first one's trainer holds the default port. The second refuses it
+    """Two projects on one machine: the first one's trainer holds the default address. The second refuses it
     when its URL was chosen explicitly (one sentence naming both roots), and otherwise starts a trainer of
-    its own on a free port recorded under its data root; jobs of either land in their own data root."""
+    its own on a port the OS picks, which that trainer records under its data root; jobs of either land in
+    their own data root."""
     from lunatrain import settings as settings_mod
     from lunatrain.errors import Conflict
-    from lunatrain.service import client
 
     from trainer_helpers import start_trainer, stop_group
 
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    shared = free_port()
     for var in [v for v in os.environ if v.startswith("ASSISTANT_")]:
         monkeypatch.delenv(var)
-    proc = start_trainer(first, shared)
-    own_port = None
+    proc = start_trainer(first)
+    shared = proc.url
     try:
-        explicit = load_settings(home=second, lora_trainer_url=f"http://127.0.0.1:{shared}")
+        explicit = load_settings(home=second, lora_trainer_url=shared)
         with pytest.raises(Conflict) as refused:
             ensure_trainer(explicit, timeout=30)
         assert str(first) in refused.value.message and str(second) in refused.value.message
-        assert not client.url_file(explicit).exists()
+        assert not client.url_file(explicit).exists() and trainer_processes(second) == []
 
         # Not chosen: the default address happens to be the first project's trainer.
-        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{shared}")
+        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", shared)
         implicit = load_settings(home=second)
         health = ensure_trainer(implicit, timeout=120)
-        own_port = int(client.url_file(implicit).read_text().rsplit(":", 1)[1])
-        assert own_port != shared and client.base_url(implicit) == f"http://127.0.0.1:{own_port}"
         assert health.data_root.path == str(second.resolve())
-        assert client.health(implicit).data_root.path == str(second.resolve())
-        # the first project's trainer still serves the first project
-        assert client.health(
-            load_settings(home=first, lora_trainer_url=f"http://127.0.0.1:{shared}")
-        ).data_root.path == str(first.resolve())
+        own = client.url_file(implicit).read_text().strip()
+        assert own.startswith("http://127.0.0.1:") and own not in (shared, "http://127.0.0.1:0")
+        assert client.base_url(implicit) == own and client.health(implicit).data_root.path == str(second.resolve())
+        # started on a port it bound itself, not on one picked here and bound later
+        [started] = trainer_processes(second)
+        assert started.info["cmdline"][-4:-2] == ["--port", "0"], started.info["cmdline"]
+        assert f"trainer for {second.resolve()} on {own}" in log_path(implicit).read_text()
+        # the first project's trainer still serves the first project, and its record still names it
+        assert client.health(load_settings(home=first, lora_trainer_url=shared)).data_root.path == str(first.resolve())
+        assert client.url_file(load_settings(home=first)).read_text().strip() == shared
     finally:
         stop_group(proc.pid)
-        if own_port:
-            kill_trainers(own_port)
+        kill_trainers(second)
+
+
+@pytest.mark.slow
+def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch):
+    """Nothing answers at the address our last trainer recorded, a port of its own: the new one binds a free
+    port rather than the configured one, which may still be taken (here: it is)."""
+    import socket
+
+    from lunatrain import settings as settings_mod
+
+    with socket.socket() as stale, socket.socket() as taken:  # bound, never listening: refused, and held
+        stale.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{taken.getsockname()[1]}")
+        settings = load_settings()
+        client.url_file(settings).parent.mkdir(parents=True)
+        client.url_file(settings).write_text(f"http://127.0.0.1:{stale.getsockname()[1]}\n")
+        try:
+            health = ensure_trainer(settings, timeout=120)
+            assert health.data_root.path == str(home.resolve())
+            own = client.url_file(settings).read_text().strip()
+            used = {stale.getsockname()[1], taken.getsockname()[1], 0}
+            assert own.startswith("http://127.0.0.1:") and int(own.rsplit(":", 1)[1]) not in used
+            [started] = trainer_processes(home)
+            assert started.info["cmdline"][-4:-2] == ["--port", "0"], started.info["cmdline"]
+        finally:
+            kill_trainers(home)
 
 
 def test_trainer_log_rolls_over_while_running(tmp_path):

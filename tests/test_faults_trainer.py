@@ -172,7 +172,6 @@ def invariants(settings, plan: Plan, job: Job, home: Path) -> list[str]:
 def run_kind(tmp_path_factory, target: str, todo: list[Plan]) -> tuple[list[faults.Row], list[str]]:
     home, env = fresh_root(tmp_path_factory, f"kill-{target}")
     trainer = launch(home, **env)
-    port = int(trainer.url.rsplit(":", 1)[1])
     tally: dict[tuple[str, bool], list[int]] = {}  # (point, resume) -> [injected, held]
     failures = []
     try:
@@ -182,7 +181,7 @@ def run_kind(tmp_path_factory, target: str, todo: list[Plan]) -> tuple[list[faul
                 # The hook kills the trainer at the point; then a new trainer on the same data root settles it.
                 wait_for(lambda t=trainer, j=job: killed_or_done(t, j), SETTLE_S, 0.3)
                 if trainer.proc.poll() is not None:
-                    trainer = launch(home, port, **env)
+                    trainer = launch(home, **env)  # a port of its own (0): nothing to race for
             final = settled(trainer.settings, job.id)
             wait_for(lambda: not workers_of(home), 60)  # a worker still finishing, or an orphan being stopped
             injected = killed(home, final)

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,12 +27,6 @@ GUIDE_DATASET_FILES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     home = tmp_path / "fresh"
@@ -41,7 +34,8 @@ def fresh(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
     env |= {
         "ASSISTANT_HOME": str(home),
-        "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{_free_port()}",
+        # Any free port: the trainer the CLI starts binds one itself and records it under the data root.
+        "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
         "HF_HUB_OFFLINE": "1",
     }
     yield home, env

@@ -231,12 +231,11 @@ def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(roo
     home = tmp_path / "home"
     copy_root(root, home)
     trainer = launch(home, ASSISTANT_LORA_GPUS="2")
-    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
     try:
         job, agent, ranks = start_long(trainer.settings, "dp-orphan")
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()
-        trainer = launch(home, port, ASSISTANT_LORA_GPUS="2")
+        trainer = launch(home, ASSISTANT_LORA_GPUS="2")
         final = wait_job(trainer.settings, job.id, timeout=60)
         assert final.status == "failed" and final.error.code == "interrupted", final
         assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 60), "an orphaned rank kept running"

@@ -34,7 +34,7 @@ from lunatrain.service import client as trainer_client
 from lunatrain.service.jobs import TERMINAL, Job
 from lunatrain.settings import Settings, load_settings
 
-from trainer_helpers import free_port, gone, start_trainer, stop_group, wait_for
+from trainer_helpers import gone, start_trainer, stop_group, wait_for
 
 # Two steps on the small memory tier: a job is mostly process start-up and model loading.
 QUICK = {"datasetTier": "memory", "epochs": 1, "maxSteps": 2, "batchSize": 4, "gate": False, "baseModel": "luna-tiny"}
@@ -77,9 +77,10 @@ def copy_root(src: Path, dst: Path) -> None:
 
 
 def launch(home: Path, port: int | None = None, **env: str) -> Trainer:
-    port = port or free_port()
-    proc = start_trainer(home, port, **env)
-    return Trainer(proc, load_settings(home=home, lora_trainer_url=f"http://127.0.0.1:{port}"))
+    """A trainer on `home`, on `port` or (by default) on a port it binds itself; its settings point at the
+    address it recorded."""
+    proc = start_trainer(home, port or 0, **env)
+    return Trainer(proc, load_settings(home=home, lora_trainer_url=proc.url))
 
 
 def shutdown(trainer: Trainer) -> None:
@@ -181,7 +182,9 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def svc(root):
-    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=str(Path(__file__).parent / "hooks"))
+    # The fault hooks first, then this checkout's lunatrain (not whichever one the interpreter has installed).
+    hooks, src = Path(__file__).parent / "hooks", Path(__file__).parents[1] / "src"
+    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=os.pathsep.join([str(hooks), str(src)]))
     yield trainer
     shutdown(trainer)
 
@@ -232,7 +235,7 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {"ASSISTANT_HOME": str(home), "ASSISTANT_API_TOKEN": ""}
-    refused = CliRunner().invoke(app, ["trainer", "--host", "0.0.0.0", "--port", str(free_port())], env=env)
+    refused = CliRunner().invoke(app, ["trainer", "--host", "0.0.0.0", "--port", "0"], env=env)
     assert refused.exit_code == 2 and "ASSISTANT_API_TOKEN" in refused.output
     trainer = launch(home, ASSISTANT_API_TOKEN="s3cret")
     try:
@@ -244,7 +247,7 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
         authed = trainer.settings.model_copy(update={"api_token": "s3cret"})
         assert trainer_client.health(authed).status == "ok" and trainer_client.list_jobs(authed) == []
         # A second trainer on the same data root refuses to start: one queue per device and database.
-        second = CliRunner().invoke(app, ["trainer", "--port", str(free_port())], env=env)
+        second = CliRunner().invoke(app, ["trainer", "--port", "0"], env=env)
         assert second.exit_code == 1 and "already running" in second.output
     finally:
         shutdown(trainer)
@@ -427,7 +430,6 @@ def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_
     home = tmp_path / "home"
     copy_root(root, home)
     trainer = launch(home)
-    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
     try:
         job = submit(trainer.settings, LONG | {"adapterName": "killed"})
         wait_for(lambda: running_with_steps(trainer_client.get_job(trainer.settings, job.id)), JOB_TIMEOUT, 0.3)
@@ -437,7 +439,7 @@ def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()
         assert wait_for(lambda: gone(warm[0].pid), 60), "the warm worker outlived its trainer"
-        trainer = launch(home, port)
+        trainer = launch(home)
         final = wait_job(trainer.settings, job.id, timeout=60)
         assert final.status == "failed" and final.error.code == "interrupted", final
         assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
@@ -455,7 +457,6 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
     home = tmp_path / "home"
     copy_root(root, home)
     trainer = launch(home)
-    port = int(trainer.settings.lora_trainer_url.rsplit(":", 1)[1])
     try:
         # Three epochs on the memory tier, one sample per step so an epoch outlasts the test's polling; a
         # checkpoint is written after each epoch.
@@ -469,7 +470,7 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
         child = worker_for(job.id)
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()
-        trainer = launch(home, port)
+        trainer = launch(home)
         final = wait_job(trainer.settings, job.id)
         assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
         assert final.status == "succeeded" and final.attempts == 2, final

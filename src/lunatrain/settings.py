@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         "imported torch, transformers and PEFT once (seconds sooner); false: a fresh process per job",
     )
     api_host: str = "127.0.0.1"
-    api_port: int = Field(default=5050, ge=1, le=65535)
+    api_port: int = Field(default=5050, ge=0, le=65535, description="0: a free port, recorded in data/api/api.url")
     api_token: str | None = None
     allowed_hosts: str = Field(default="127.0.0.1,localhost,::1,[::1]", description="comma-separated Host allowlist")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
@@ -124,6 +124,15 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    # Where each running service records the address it serves (its port may be one the OS chose).
+    @property
+    def trainer_url_file(self) -> Path:
+        return self.data_dir / "trainer" / "trainer.url"
+
+    @property
+    def api_url_file(self) -> Path:
+        return self.data_dir / "api" / "api.url"
 
     @property
     def reports_training_dir(self) -> Path:

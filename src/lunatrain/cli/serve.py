@@ -1,4 +1,7 @@
-"""`lunatrain serve`: the assistant API (default 127.0.0.1:5050, ASSISTANT_API_HOST / ASSISTANT_API_PORT)."""
+"""`lunatrain serve`: the assistant API (default 127.0.0.1:5050, ASSISTANT_API_HOST / ASSISTANT_API_PORT).
+
+Port 0 asks the OS for a free port; the address served is recorded in data/api/api.url either way.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ from .app import app, fail
 @app.command()
 def serve(
     host: str = typer.Option(None, "--host", help="address to bind; non-loopback needs ASSISTANT_API_TOKEN"),
-    port: int = typer.Option(None, "--port", min=1, max=65535, help="port (default ASSISTANT_API_PORT, 5050)"),
+    port: int = typer.Option(
+        None, "--port", min=0, max=65535, help="port (default ASSISTANT_API_PORT, 5050); 0: a free port"
+    ),
     log_level: str = typer.Option("info", "--log-level", "--logLevel", help="uvicorn log level"),
 ) -> None:
-    """Run the assistant API (OpenAPI at /docs, dashboard at /)."""
-    import uvicorn
-
+    """Run the assistant API (OpenAPI at /docs, dashboard at /); its address is recorded in data/api/api.url."""
     from ..api.main import create_app
     from ..settings import check_data_root, load_settings
+    from ..web import listen
     from ..web.security import check_bind
 
     try:
@@ -26,15 +30,15 @@ def serve(
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
         check_data_root(settings)
-        api = create_app(settings, bound_host=settings.api_host)
+        sock = listen.bind(settings.api_host, settings.api_port)  # first: a port in use changes nothing
     except LunaError as err:
         raise fail(err) from None
+    try:
+        api = create_app(settings, bound_host=settings.api_host)
+        address = listen.record(sock, settings.api_url_file)
+    except LunaError as err:
+        sock.close()
+        raise fail(err) from None
+    typer.echo(f"assistant API for {settings.home} on {address}", err=True)
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
-    uvicorn.run(
-        api,
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level=log_level,
-        proxy_headers=False,
-        server_header=False,
-    )
+    listen.serve(api, sock, log_level=log_level, proxy_headers=False, server_header=False)

@@ -34,19 +34,23 @@ app.add_typer(jobs_app, name="jobs")
 @app.command("trainer")
 def trainer_cmd(
     host: Annotated[str | None, typer.Option("--host", help="default: host of ASSISTANT_LORA_TRAINER_URL")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="default: port of ASSISTANT_LORA_TRAINER_URL")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="default: port of ASSISTANT_LORA_TRAINER_URL; 0: a free port"),
+    ] = None,
     log_file: Annotated[
         Path | None, typer.Option("--log-file", help="log here, rolling over at 10 MB (default: stderr)")
     ] = None,
 ) -> None:
-    """Run the trainer service in the foreground (job queue, one child process per job)."""
+    """Run the trainer service in the foreground (job queue, one child process per job); the address it
+    serves is recorded in data/trainer/trainer.url, where clients of this data root look."""
     from ..service.app import serve
 
     try:
         settings = load_settings()
         check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         default_host, default_port = trainer_client.trainer_address(settings)
-        serve(settings, host or default_host, port or default_port, log_file)
+        serve(settings, host or default_host, default_port if port is None else port, log_file)
     except LunaError as err:
         raise fail(err) from None
 

@@ -1,6 +1,6 @@
 """The trainer service's HTTP app: health, a FIFO job queue (one running job per device), job views.
 
-    lunatrain trainer [--host 127.0.0.1] [--port 5051]
+    lunatrain trainer [--host 127.0.0.1] [--port 5051]   (--port 0: a free port, recorded in data/trainer/trainer.url)
 
 Endpoints: `GET /health`, `POST /jobs`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/events?after=N`,
 `POST /jobs/{id}/cancel` (shapes in `jobs.py`). Jobs and events persist in `data/trainer/jobs.db`; each job
@@ -27,6 +27,7 @@ from ..errors import UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
+from ..web import listen
 from ..web.handlers import install
 from ..web.security import GuardMiddleware, allowed_hostnames, check_bind
 from . import lock
@@ -181,18 +182,22 @@ def log_handler(path: Path | None, max_bytes: int = lock.TRAINER_LOG_BYTES) -> l
 
 
 def serve(settings: Settings, host: str, port: int, log_file: Path | None = None) -> None:
-    """Run the trainer in the foreground until SIGINT/SIGTERM (`lunatrain trainer`)."""
-    import uvicorn
+    """Run the trainer in the foreground until SIGINT/SIGTERM (`lunatrain trainer`); port 0: a free port.
 
+    The address it serves is recorded in data/trainer/trainer.url (where clients of this data root look)
+    once the socket listens and the data root is ours: never before, so a trainer that cannot start (port
+    taken, data root held by another trainer) leaves the record alone."""
     check_bind(host, settings.api_token)
-    if not 1 <= port <= 65535:
-        raise UsageError(f"Invalid port {port}: use 1-65535.")
-    lock.claim_data_root(settings)
+    sock = listen.bind(host, port)
+    try:
+        lock.claim_data_root(settings)
+    except BaseException:
+        sock.close()
+        raise
+    address = listen.record(sock, settings.trainer_url_file)
     handler = log_handler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    log.info("trainer for %s on http://%s:%s", settings.home, host, port)
+    log.info("trainer for %s on %s", settings.home, address)
     # log_config=None: uvicorn's loggers propagate to the handler above instead of configuring their own.
-    uvicorn.run(
-        create_app(settings, host=host), host=host, port=port, log_level="info", access_log=False, log_config=None
-    )
+    listen.serve(create_app(settings, host=host), sock, log_level="info", access_log=False, log_config=None)

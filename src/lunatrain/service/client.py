@@ -18,6 +18,7 @@ import httpx
 from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
+from ..web.security import is_loopback
 from .jobs import EventPage, Health, Job, JobList, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
@@ -26,8 +27,8 @@ LABEL_OFFLINE = "Offline"
 
 
 def url_file(settings: Settings) -> Path:
-    """Where a trainer started on a port of its own (the default port served another data root) is recorded."""
-    return settings.data_dir / "trainer" / "trainer.url"
+    """Where the trainer of this data root records the address it serves, each time it starts."""
+    return settings.trainer_url_file
 
 
 def explicit_url(settings: Settings) -> bool:
@@ -36,25 +37,46 @@ def explicit_url(settings: Settings) -> bool:
 
 
 def base_url(settings: Settings) -> str:
-    """The trainer for this data root: the configured URL when one was chosen; else the one recorded under
-    the data root, when the default port was found serving another data root; else the default."""
-    if not explicit_url(settings):
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            recorded = url_file(settings).read_text(encoding="utf-8").strip()
-            if recorded.startswith("http://127.0.0.1:"):
-                return recorded
-    return settings.lora_trainer_url
+    """The trainer for this data root: the configured URL when one was chosen; else the address the data
+    root's trainer recorded when it last started (a port of its own when the default port served another
+    data root); else the default. A chosen URL with port 0 ("any free port") also goes by the record."""
+    configured = settings.lora_trainer_url
+    if not explicit_url(settings) or _any_port(configured):
+        recorded = _recorded_url(settings)
+        if recorded:
+            return recorded
+    return configured
+
+
+def _any_port(url: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return urlsplit(url).port == 0
+    return False
+
+
+def _recorded_url(settings: Settings) -> str | None:
+    """The recorded address, if it is a loopback http:// URL with a port: a file under the data root never
+    sends this client (and its token) to another host."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        recorded = url_file(settings).read_text(encoding="utf-8").strip()
+        url = urlsplit(recorded)
+        if url.scheme == "http" and url.hostname and is_loopback(url.hostname) and url.port and not url.path:
+            return recorded
+    return None
 
 
 def trainer_address(settings: Settings) -> tuple[str, int]:
-    """Host and port of the trainer for this data root (where `lunatrain trainer` listens by default)."""
-    url = urlsplit(base_url(settings))
+    """Host and port of the configured trainer URL: where `lunatrain trainer` listens by default (port 0: a
+    free port). Where a running trainer is comes from `base_url`, which follows its record."""
+    url = urlsplit(settings.lora_trainer_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise UsageError(f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT.")
     try:
-        port = url.port or (443 if url.scheme == "https" else 80)
+        port = url.port
     except ValueError as exc:
         raise UsageError(f"Invalid port in ASSISTANT_LORA_TRAINER_URL: {exc}.") from None
+    if port is None:  # none given: the scheme's (0 stays 0: any free port)
+        port = 443 if url.scheme == "https" else 80
     return url.hostname, port
 
 

@@ -2,7 +2,8 @@
 
 One function for the assistant API (`?ensureTrainer=true`, the start endpoints) and the CLI
 (`--ensure-trainer`). The trainer is started detached — its own session, so it outlives the caller and a
-Ctrl-C in the caller's terminal never reaches it — on the host and port of ASSISTANT_LORA_TRAINER_URL, or
+Ctrl-C in the caller's terminal never reaches it — on the host and port of ASSISTANT_LORA_TRAINER_URL (on a
+free port the OS picks when that address serves another data root), or
 by ASSISTANT_LORA_TRAINER_START_CMD (split like a shell would, never run through one). Its output goes to
 `reports/training/trainer.log`, its pid to `reports/training/trainer.pid`.
 
@@ -16,13 +17,12 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from ..errors import Conflict, ServiceUnavailable, UsageError
-from ..fsio import atomic_write_text, file_lock
+from ..fsio import file_lock
 from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
@@ -61,38 +61,40 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
     with file_lock(settings.data_dir / "trainer" / "ensure.lock"):
-        # Another caller may have started it (or moved it to a port of its own) while we waited for the lock.
+        # Another caller may have started it while we waited for the lock.
         health = trainer_client.probe(settings, timeout=1.0)
+        port = None
         if health is not None:
             if trainer_client.serves_this_root(settings, health):
                 return health
-            _claim_own_port(settings, health)
-            health = trainer_client.probe(settings, timeout=1.0)
-            if health is not None and trainer_client.serves_this_root(settings, health):
-                return health
+            _refuse_chosen_address(settings, health)
+            port = 0  # our address serves another data root: ours goes on a free port and records it
+        elif trainer_client.base_url(settings).rstrip("/") != settings.lora_trainer_url.rstrip("/"):
+            # Nothing answers where our last trainer recorded it served, a port other than the configured one
+            # (which may have been taken then, and still be): start on a free port again.
+            port = 0
         if time.monotonic() >= deadline:
             raise _timeout(settings, timeout)
-        proc = start_trainer(settings)
+        proc = start_trainer(settings, port=port)
         return _wait_healthy(settings, proc, deadline, timeout)
 
 
-def _claim_own_port(settings: Settings, health: Health) -> None:
+def _refuse_chosen_address(settings: Settings, health: Health) -> None:
     """The trainer at our address serves another data root. With an address the user chose, refuse; else
-    record a free loopback port under this data root, where `start_trainer` then starts our own."""
-    other = health.data_root.path if health.data_root else "an unknown data root (an older trainer)"
+    the caller starts our own trainer on a port the OS picks, and that trainer records it under this data
+    root (binding the port itself: a port picked here and bound later could be taken in between)."""
     if trainer_client.explicit_url(settings) or settings.lora_trainer_start_cmd:
+        other = health.data_root.path if health.data_root else "an unknown data root (an older trainer)"
         raise Conflict(
             f"The trainer at {trainer_client.base_url(settings)} serves {other}, not this data root "
             f"{settings.home}; point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME="
             f"{settings.home}, or unset it to let lunatrain start one on a free port."
         )
-    with socket.socket() as s:  # the port is recorded before the trainer binds it; a clash fails that start
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    atomic_write_text(trainer_client.url_file(settings), f"http://127.0.0.1:{port}\n")
 
 
-def start_argv(settings: Settings) -> list[str]:
+def start_argv(settings: Settings, port: int | None = None) -> list[str]:
+    """How the trainer is started: ASSISTANT_LORA_TRAINER_START_CMD, else `lunatrain trainer` on the host and
+    port of ASSISTANT_LORA_TRAINER_URL (`port` instead when given; 0: a free one)."""
     if settings.lora_trainer_start_cmd:
         try:
             argv = shlex.split(settings.lora_trainer_start_cmd)
@@ -101,13 +103,14 @@ def start_argv(settings: Settings) -> list[str]:
         if not argv:
             raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
         return argv
-    host, port = trainer_client.trainer_address(settings)
+    host, configured = trainer_client.trainer_address(settings)
+    port = configured if port is None else port
     return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))
 
 
-def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
+def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Popen[bytes]:
     """Start the trainer detached, logging to trainer.log; does not wait for it."""
-    argv = start_argv(settings)
+    argv = start_argv(settings, port)
     log = log_path(settings)
     log.parent.mkdir(parents=True, exist_ok=True)
     if log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
@@ -136,8 +139,10 @@ def start_trainer(settings: Settings) -> subprocess.Popen[bytes]:
 def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> Health:
     rel_log = _rel(settings, log_path(settings))
     while True:
+        # Until the new trainer records its address, the record (or the default) may still name another
+        # data root's trainer: only our own data root's answer counts.
         health = trainer_client.probe(settings, timeout=1.0)
-        if health is not None:
+        if health is not None and trainer_client.serves_this_root(settings, health):
             return health
         code = proc.poll()
         # Exit 0 may be a start command that daemonizes and returns; keep polling for that one.

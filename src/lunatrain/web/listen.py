@@ -1,0 +1,78 @@
+"""Listening sockets for both HTTP services: the server binds its port itself and says which one it got.
+
+Port 0 asks the OS for a free port. Binding here (not in uvicorn) lets the caller record the address the
+server actually serves before uvicorn starts: the socket already listens, so a client that connects in
+between waits in the backlog instead of being refused. Picking a "free" port by binding and closing a
+socket, then starting a server on that number later, races with every other process on the machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..errors import StorageError, UsageError
+from ..fsio import atomic_write_text
+
+BACKLOG = 2048  # uvicorn's default
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (0: a free port the OS chooses); a port that is taken or an
+    address that cannot be bound is a UsageError of one sentence."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"Invalid port {port}: use 1-65535, or 0 for a free port.")
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # A restart right after the previous server on this port ended must not fail on its TIME_WAIT
+        # connections (Linux still refuses a port another socket listens on).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bare, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"Port {port} on {host} is already in use; stop what listens there or pick another port "
+                "(--port 0 picks a free one)."
+            ) from None
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"Cannot listen on {host} port {port}: {reason}.") from None
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    """The http:// address a local client uses to reach this socket (a wildcard bind is reached on loopback)."""
+    host, port = sock.getsockname()[:2]
+    addr = ipaddress.ip_address(host)
+    if addr.is_unspecified:
+        addr = ipaddress.ip_address("::1" if addr.version == 6 else "127.0.0.1")
+    return f"http://[{addr}]:{port}" if addr.version == 6 else f"http://{addr}:{port}"
+
+
+def record(sock: socket.socket, path: Path) -> str:
+    """Write the socket's address to `path` (atomically: a reader never sees half of it); return it."""
+    address = url(sock)
+    try:
+        atomic_write_text(path, address + "\n")
+    except OSError as exc:
+        sock.close()
+        raise StorageError(f"Could not record the address {address} in {path}: {exc.strerror or exc}.") from None
+    return address
+
+
+def serve(app: Any, sock: socket.socket, **config: Any) -> None:
+    """Run uvicorn on the already listening socket until SIGINT/SIGTERM; `config` goes to uvicorn.Config."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,164 @@
+"""Both servers bind their port themselves (`--port 0`: one the OS picks) and record the address they serve,
+so no test or product path picks a "free" port that another process can take before it is bound.
+
+Run: `.venv/bin/python -m pytest tests/test_ports.py -q` (starts real trainer and API processes).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from lunatrain.cli import app
+from lunatrain.errors import UsageError
+from lunatrain.service import client
+from lunatrain.settings import load_settings
+from lunatrain.web import listen
+
+from trainer_helpers import healthy, recorded_url, start_trainer, stop_group, trainer_env
+
+LUNATRAIN = str(Path(sys.executable).parent / "lunatrain")
+
+
+@pytest.fixture
+def busy() -> Iterator[int]:
+    """A port something listens on for the whole test."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock.getsockname()[1]
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_bind_port_0_listens_on_a_port_the_os_picked():
+    sock = listen.bind("127.0.0.1", 0)
+    try:
+        url = listen.url(sock)
+        assert url == f"http://127.0.0.1:{sock.getsockname()[1]}" and _port(url) > 0
+        # already listening: a client that connects before the server runs waits in the backlog
+        with socket.create_connection(("127.0.0.1", _port(url)), timeout=5):
+            pass
+    finally:
+        sock.close()
+    wildcard = listen.bind("0.0.0.0", 0)
+    try:
+        assert listen.url(wildcard) == f"http://127.0.0.1:{wildcard.getsockname()[1]}"  # reached on loopback
+    finally:
+        wildcard.close()
+
+
+def test_bind_refuses_a_port_in_use_and_one_out_of_range(busy):
+    with pytest.raises(UsageError) as info:
+        listen.bind("127.0.0.1", busy)
+    assert info.value.message == (
+        f"Port {busy} on 127.0.0.1 is already in use; stop what listens there or pick another port "
+        "(--port 0 picks a free one)."
+    )
+    with pytest.raises(UsageError, match="Invalid port 70000"):
+        listen.bind("127.0.0.1", 70000)
+
+
+def test_only_a_loopback_record_is_followed_and_port_0_goes_by_the_record(home):
+    settings = load_settings()
+    settings.trainer_url_file.parent.mkdir(parents=True)
+    settings.trainer_url_file.write_text("http://127.0.0.1:6123\n")
+    assert client.base_url(settings) == "http://127.0.0.1:6123"
+    assert client.base_url(load_settings(lora_trainer_url="http://127.0.0.1:0")) == "http://127.0.0.1:6123"
+    assert client.base_url(load_settings(lora_trainer_url="http://127.0.0.1:7000")) == "http://127.0.0.1:7000"
+    # a record naming another host never sends this client (and its token) there
+    settings.trainer_url_file.write_text("http://192.0.2.7:6123\n")
+    assert client.base_url(settings) == settings.lora_trainer_url
+    # where a trainer starts by default is the configured address, never a record of where the last one was
+    settings.trainer_url_file.write_text("http://127.0.0.1:6123\n")
+    assert client.trainer_address(settings) == ("127.0.0.1", 5051)
+    assert client.trainer_address(load_settings(lora_trainer_url="http://127.0.0.1:0")) == ("127.0.0.1", 0)
+
+
+@pytest.mark.slow
+def test_trainers_on_port_0_record_where_they_listen_and_two_at_once_differ(tmp_path):
+    homes = [tmp_path / "a", tmp_path / "b"]
+    started: dict[Path, subprocess.Popen] = {}
+    errors: list[BaseException] = []
+
+    def start(home: Path) -> None:
+        home.mkdir()
+        try:
+            started[home] = start_trainer(home)  # `lunatrain trainer --port 0`
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(h,)) for h in homes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    try:
+        assert not errors, errors
+        urls = [started[h].url for h in homes]
+        assert all(u.startswith("http://127.0.0.1:") and _port(u) > 0 for u in urls), urls
+        assert _port(urls[0]) != _port(urls[1])
+        for home, url in zip(homes, urls, strict=True):
+            assert (home / "data" / "trainer" / "trainer.url").read_text() == url + "\n"
+            assert healthy(url)["dataRoot"]["path"] == str(home.resolve())
+            # a client of this data root, with no address configured, finds it through the record
+            assert client.health(load_settings(home=home)).data_root.path == str(home.resolve())
+    finally:
+        for proc in started.values():
+            stop_group(proc.pid)
+
+
+@pytest.mark.slow
+def test_serve_on_port_0_records_its_address_and_answers_there(home):
+    record = load_settings().api_url_file
+    log = home / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [LUNATRAIN, "serve", "--port", "0"],
+            cwd=home,
+            env=trainer_env(home) | {"ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = recorded_url(record, proc, 120)
+        assert url and url.startswith("http://127.0.0.1:") and _port(url) > 0, log.read_text()
+        # The socket listened before the address was recorded: this request waits in the backlog until the
+        # app has started, instead of being refused.
+        with httpx.Client(base_url=url, timeout=120, trust_env=False) as http:
+            assert http.get("/openapi.json").status_code == 200
+            status = http.get("/assistant/training/status")
+            assert status.status_code == 200 and status.json()["trainer"]["label"] == "Offline"
+        assert f"assistant API for {home.resolve()} on {url}" in log.read_text()
+    finally:
+        stop_group(proc.pid)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("command", ["trainer", "serve"])
+def test_a_port_in_use_is_one_sentence_exit_2_and_changes_nothing(home, busy, command):
+    settings = load_settings()
+    records = [settings.trainer_url_file, settings.api_url_file]
+    for path in records:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("http://127.0.0.1:6123\n")
+    result = CliRunner().invoke(app, [command, "--port", str(busy)])
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"error: Port {busy} on 127.0.0.1 is already in use; stop what listens there or pick another port "
+        "(--port 0 picks a free one).\n"
+    )
+    assert [p.read_text() for p in records] == ["http://127.0.0.1:6123\n"] * 2
+    assert not (settings.data_dir / "trainer" / "trainer.lock").exists()  # the data root was never claimed
+    for port in ("-1", "65536"):
+        out_of_range = CliRunner().invoke(app, [command, "--port", port])
+        assert out_of_range.exit_code == 2 and "Invalid value for '--port'" in out_of_range.output
