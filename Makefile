@@ -21,10 +21,10 @@ luna: setup
 	$(LUNATRAIN) luna
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -n 2 --dist worksteal -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,39 +37,37 @@ RESULTS = ROOT / "bench" / "results" / "api_load.md"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 class Serve:
     def __init__(self, home: Path) -> None:
-        self.home, self.port = home, free_port()
+        self.home = home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {
             "ASSISTANT_HOME": str(home),
-            "ASSISTANT_LORA_TRAINER_URL": f"http://127.0.0.1:{free_port()}",
+            # Port 0 everywhere: the servers bind free ports themselves and record them (no port to race for).
+            "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
             "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
         }
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""
 
     def __enter__(self) -> Serve:
         exe = str(Path(sys.executable).parent / "lunatrain")
         self.log = open(self.home / "serve.log", "wb")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
-            [exe, "serve", "--port", str(self.port), "--log-level", "warning"],
+            [exe, "serve", "--port", "0", "--log-level", "warning"],
             env=self.env,
             cwd=self.home,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 180
+        record = self.home / "data" / "api" / "api.url"
         while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
+            if not self.url and record.exists():
+                self.url = record.read_text().strip()
+            with contextlib.suppress(httpx.TransportError, httpx.UnsupportedProtocol):
                 if httpx.get(self.url + "/openapi.json", timeout=5, trust_env=False).status_code == 200:
                     return self
             if self.proc.poll() is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,12 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _size(path: Path) -> int:
@@ -65,10 +58,11 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=None)
     args = parser.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="lunatrain-growth-"))
-    port = _free_port()
     os.environ.update(
         ASSISTANT_HOME=str(home),
-        ASSISTANT_LORA_TRAINER_URL=f"http://127.0.0.1:{port}",
+        # Port 0: the trainer binds a free port and records it in data/trainer/trainer.url, where the
+        # client looks when the configured port is 0.
+        ASSISTANT_LORA_TRAINER_URL="http://127.0.0.1:0",
         ASSISTANT_LORA_ENSURE_ON_DEMAND="false",
     )
     from lunatrain import export, retention, store
@@ -82,7 +76,7 @@ def main() -> None:
         export.export(settings)
     log = open(home / "trainer.out", "wb")
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)],
+        [sys.executable, "-m", "lunatrain", "trainer", "--port", "0"],
         cwd=home,
         stdout=log,
         stderr=subprocess.STDOUT,

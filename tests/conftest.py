@@ -100,8 +100,9 @@ def trained_home(home: Path, trained_root: Path) -> Path:
     return home
 
 
-# The longest files first (measured, slowest first): pytest-xdist hands out whole files in collection order
-# (`--dist loadfile`), so a long file collected last would run alone at the end while the other worker idles.
+# The longest files first (measured, slowest first). `make test` runs `--dist worksteal`: each worker starts
+# on a part of the collection and an idle one takes pending tests from the other; a long test that starts
+# last would run alone at the end. (Module fixtures are then built by each worker that runs the module.)
 LONGEST_FIRST = (
     "test_faults_trainer.py",
     "test_faults_trainer_resume.py",

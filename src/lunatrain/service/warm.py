@@ -216,7 +216,9 @@ def serve(fd: int, forks: bool = True) -> int:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    preloaded = False
+    # Right away, not at the first job: the trainer already answers /health, and its first job then starts
+    # as fast as every later one (a job that arrives meanwhile waits in the socket).
+    _preload()
     while True:
         for key, _mask in selector.select(timeout=5.0):
             if key.fd == wake_r:
@@ -229,9 +231,6 @@ def serve(fd: int, forks: bool = True) -> int:
                 data, fds = b"", []
             if not data:
                 return 0  # the trainer closed its end (shutdown) or died
-            if not preloaded:
-                _preload()
-                preloaded = True
             _send(sock, _fork(json.loads(data)["argv"], fds, close=[sock, selector, wake_r, wake_w]))
         _reap(sock)
 
