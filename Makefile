@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/memory.py
 	$(PY) bench/api_load.py
 	$(PY) bench/infer.py
+	$(PY) bench/job_start.py
 
 clean:
 	rm -rf $(VENV) data reports test-output
