@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_trainer_service import QUICK, prepare_root
+from test_trainer_service import QUICK, root  # noqa: F401 - `root`: a prepared data root, per module
 
 from lunatrain.service.spawn import child_env
 from lunatrain.service.warm import WarmWorker
@@ -43,15 +43,8 @@ def adapter_bytes(home: Path, result: dict) -> bytes:
     return (home / result["adapter"]["path"] / "adapter_model.safetensors").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("warm") / "home"
-    root.mkdir()
-    prepare_root(root)
-    return root
-
-
-def test_forked_job_trains_what_a_fresh_process_trains_and_reports_its_exit(home: Path) -> None:
+def test_forked_job_trains_what_a_fresh_process_trains_and_reports_its_exit(root: Path) -> None:
+    home = root
     settings = load_settings(home=home)
     warm = WarmWorker(settings)
     try:
@@ -99,7 +92,8 @@ def test_forked_job_trains_what_a_fresh_process_trains_and_reports_its_exit(home
         warm.close()
 
 
-def test_switched_off_it_only_reports_the_device(home: Path) -> None:
+def test_switched_off_it_only_reports_the_device(root: Path) -> None:
+    home = root
     warm = WarmWorker(load_settings(home=home, lora_warm_worker=False))
     device = warm.start()
     assert device["type"] == "cpu" and not warm.alive
