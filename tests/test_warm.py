@@ -2,6 +2,7 @@
 a fresh worker process trains, reports their exit statuses, and when it cannot fork (switched off, or dead)
 the trainer starts the job fresh. A forked job shows `--job ID` in its command line like a fresh one.
 
+A warm worker that stops answering is given up after a bounded wait.
 The trainer-level behaviour (jobs forked in a running trainer, the warm worker dying with a killed trainer)
 is covered by test_trainer_service.py and the kill -9 suites, whose jobs run forked.
 """
@@ -81,13 +82,16 @@ def test_forked_job_trains_what_a_fresh_process_trains_and_reports_its_exit(root
         fresh_result = json.loads(fresh.stdout.splitlines()[-1])
         assert adapter_bytes(home, fresh_result) == adapter_bytes(home, result)
 
-        # The warm worker gone (killed): no fork, the trainer starts the next job fresh.
+        # A warm worker that stops answering (here: stopped): after a bounded wait the job starts fresh
+        # (spawn gives None) and the unusable warm worker is killed; from then on, no fork at all.
         pid = warm._proc.pid
-        os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: gone(pid), 30)
+        warm.answer_timeout = 2.0
+        os.kill(pid, signal.SIGSTOP)
+        with open(home / "stuck.log", "ab") as log:
+            assert warm.spawn(job_argv("job-stuck"), log) is None
+        assert wait_for(lambda: gone(pid), 30) and not warm.alive
         with open(home / "after.log", "ab") as log:
             assert warm.spawn(job_argv("job-after"), log) is None
-        assert not warm.alive
     finally:
         warm.close()
 
@@ -99,3 +103,23 @@ def test_switched_off_it_only_reports_the_device(root: Path) -> None:
     assert device["type"] == "cpu" and not warm.alive
     with open(home / "off.log", "ab") as log:
         assert warm.spawn(job_argv("job-off"), log) is None
+
+
+def test_a_job_whose_warm_worker_dies_stops_and_is_reported_killed(root: Path) -> None:
+    """The warm worker killed mid-job (say, by the OOM killer): the job sees its parent gone and stops
+    without registering anything, and the trainer's wait ends with SIGKILL instead of hanging."""
+    warm = WarmWorker(load_settings(home=root))
+    try:
+        warm.start()
+        with open(root / "orphan.log", "ab") as log:
+            job = warm.spawn(job_argv("job-orphan", adapterName="orphan", epochs=50, maxSteps=None), log)
+        assert job is not None
+        first = json.loads(next(line for line in job.stdout if b'"progress"' in line))
+        assert first["type"] == "progress"
+        os.kill(warm._proc.pid, signal.SIGKILL)
+        rest = lines(job.stdout)
+        assert rest[-1]["type"] == "result" and rest[-1]["status"] == "cancelled", rest[-1]
+        assert job.wait() == -signal.SIGKILL
+        assert not list(root.glob("data/adapters/orphan/v*"))  # nothing registered
+    finally:
+        warm.close()

@@ -58,6 +58,7 @@ class Forked:
     def __init__(self, warm: WarmWorker, pid: int, stdout: IO[bytes]) -> None:
         self.pid, self.stdout, self._warm = pid, stdout, warm
         self.returncode: int | None = None
+        self._started = 0.0
         with contextlib.suppress(psutil.NoSuchProcess):
             self._started = psutil.Process(pid).create_time()
 
@@ -90,12 +91,13 @@ class Forked:
 class WarmWorker:
     """The trainer's side: starts the child, reads the device facts, forks jobs while the child lives."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, answer_timeout: float = 300.0) -> None:
         self.settings = settings
+        self.answer_timeout = answer_timeout  # for the device facts, and for the pid of a forked job
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
 
-    def start(self, timeout: float = 300.0) -> dict[str, Any]:
+    def start(self) -> dict[str, Any]:
         """Start the child and return the device facts it measured; raises OSError or ValueError when it
         could not (the caller reports a failed probe)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -119,7 +121,7 @@ class WarmWorker:
         finally:
             theirs.close()
         self._sock = ours
-        ours.settimeout(timeout)
+        ours.settimeout(self.answer_timeout)
         try:
             first = self.receive()
         finally:
@@ -142,6 +144,9 @@ class WarmWorker:
             return None
         assert self._sock is not None
         read_end, write_end = os.pipe()
+        # Bounded: a warm worker that never answers (stuck importing) must not hold up the queue; the job
+        # then starts fresh.
+        self._sock.settimeout(self.answer_timeout)
         try:
             _send(self._sock, {"argv": argv}, [write_end, log_file.fileno()])
             reply = self.receive()
@@ -152,11 +157,13 @@ class WarmWorker:
             reply = None
         finally:
             os.close(write_end)
+            if self._sock is not None:
+                self._sock.settimeout(None)
         if reply is None or not isinstance(reply.get("pid"), int):
             os.close(read_end)
             if reply is not None:
                 log.warning("warm worker could not fork (%s); starting the job fresh", reply.get("error"))
-            self.close()
+            self.close(grace=10.0 if reply is not None else 0.0)  # no answer at all: it is not coming back
             return None
         return Forked(self, reply["pid"], os.fdopen(read_end, "rb"))
 
@@ -173,14 +180,15 @@ class WarmWorker:
         message = json.loads(data)
         return message if isinstance(message, dict) else None
 
-    def close(self) -> None:
-        """Stop the child (it exits when its socket closes; a job it forked runs on in its own session)."""
+    def close(self, grace: float = 10.0) -> None:
+        """Stop the child: it exits when its socket closes, else it is killed after `grace` seconds. (A job
+        it forked is in a session of its own; it stops once it sees its parent gone.)"""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         if self._proc is not None:
             try:
-                self._proc.wait(timeout=10)
+                self._proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
