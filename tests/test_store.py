@@ -325,3 +325,24 @@ def test_cli_examples_commands(home: Path, tmp_path: Path) -> None:
 
     r = runner.invoke(app, ["examples", "seed"])
     assert r.exit_code == 0 and "examples added" in r.output
+
+
+def test_schema_head_is_the_newest_migration() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == store.SCHEMA_HEAD
+
+
+@pytest.mark.slow
+def test_a_database_at_head_opens_without_alembic(settings: Settings) -> None:
+    """The first open migrates (alembic); every later process finds the schema at head and skips it."""
+    store.open_store(settings)
+    code = (
+        "import sys; from lunatrain import store; from lunatrain.settings import load_settings; "
+        "store.open_store(load_settings()); print('alembic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr

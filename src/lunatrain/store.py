@@ -224,7 +224,21 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+# The newest migration's revision (migrations/versions/): a database already there needs no alembic at all,
+# which saves every process that opens it a few hundred milliseconds (test_store checks this is alembic's head).
+SCHEMA_HEAD = "0001"
+
+
+def _at_head(store: Store) -> bool:
+    with store.read() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return False
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD
+
+
 def _migrate(store: Store) -> None:
+    if _at_head(store):
+        return
     from alembic import command
     from alembic.config import Config
 
