@@ -54,9 +54,10 @@ def test_forked_job_trains_what_a_fresh_process_trains_and_reports_its_exit(root
         with open(home / "forked.log", "ab") as log:
             forked = warm.spawn(job_argv("job-forked", adapterName="forked"), log)
         assert forked is not None
+        # Its own process group as soon as its pid is known: a cancel signals the group at once.
+        assert os.getpgid(forked.pid) == forked.pid
         titled = ["lunatrain.service.worker", "--job", "job-forked"]  # set by the job right after the fork
         assert wait_for(lambda: psutil.Process(forked.pid).cmdline()[-3:] == titled, 30)
-        assert os.getpgid(forked.pid) == forked.pid  # its own process group, which cancel signals
         events = lines(forked.stdout)
         assert forked.wait() == 0 and forked.poll() == 0
         result = events[-1]

@@ -98,7 +98,9 @@ def _client() -> httpx.Client:
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = httpx.Client(trust_env=False)
+            # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive ends on the server
+            # side: a request never goes out on a connection the trainer is closing.
+            _shared = httpx.Client(trust_env=False, limits=httpx.Limits(keepalive_expiry=2.0))
         return _shared
 
 

@@ -187,6 +187,10 @@ class Runner:
                     self.warm.spawn(args, log_file) if self.warm is not None and ranks == 1 else None
                 )
                 how = "forked from the warm worker" if proc is not None else " ".join(argv[: len(argv) - len(args) + 2])
+                if proc is None and self._stopping.is_set():
+                    # Shutting down while the warm worker was asked: leave the claimed job to recovery.
+                    log.info("job %s not started: the trainer is stopping", job.id)
+                    return
                 if proc is None:
                     proc = subprocess.Popen(
                         argv,
@@ -200,6 +204,8 @@ class Runner:
             log.info("job %s running on %d process(es): %s", job.id, ranks, how)
             with self._lock:
                 self._proc, self._job_id = proc, job.id
+            if self._stopping.is_set():  # stop() ran while the process was starting: it saw no _proc
+                self._terminate(proc)
         except OSError as exc:
             self.store.set_status(job.id, "failed", error={"code": "child_start_failed", "message": str(exc)})
             return

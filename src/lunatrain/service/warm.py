@@ -106,7 +106,8 @@ class WarmWorker:
             argv.append("--no-forks")
         env = child_env(self.settings)
         # numpy's OpenBLAS starts a thread pool when torch imports it; with one thread it starts none, and
-        # the fork below needs a single-threaded process (jobs do their math in torch, not numpy's BLAS).
+        # fork() needs a single-threaded process. Jobs do their math in torch (MKL on x86), not numpy's
+        # BLAS; where torch uses OpenBLAS itself, the child does not fork (serve()).
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         try:
             self._proc = subprocess.Popen(
@@ -118,6 +119,9 @@ class WarmWorker:
                 cwd=self.settings.home,
                 start_new_session=True,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._sock = ours
@@ -140,15 +144,15 @@ class WarmWorker:
     def spawn(self, argv: list[str], log_file: IO[bytes]) -> Forked | None:
         """Fork a job process running `worker.main(argv)`; None when the warm worker cannot (then the caller
         starts a fresh process)."""
-        if not self.alive:
+        sock = self._sock
+        if not self.alive or sock is None:
             return None
-        assert self._sock is not None
         read_end, write_end = os.pipe()
         # Bounded: a warm worker that never answers (stuck importing) must not hold up the queue; the job
         # then starts fresh.
-        self._sock.settimeout(self.answer_timeout)
+        sock.settimeout(self.answer_timeout)
         try:
-            _send(self._sock, {"argv": argv}, [write_end, log_file.fileno()])
+            _send(sock, {"argv": argv}, [write_end, log_file.fileno()])
             reply = self.receive()
             while reply is not None and "exit" in reply:  # a late status of an earlier job: not the answer
                 reply = self.receive()
@@ -157,8 +161,8 @@ class WarmWorker:
             reply = None
         finally:
             os.close(write_end)
-            if self._sock is not None:
-                self._sock.settimeout(None)
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
         if reply is None or not isinstance(reply.get("pid"), int):
             os.close(read_end)
             if reply is not None:
@@ -169,23 +173,21 @@ class WarmWorker:
 
     def receive(self) -> dict[str, Any] | None:
         """The next message, or None once the child is gone."""
-        if self._sock is None:
+        sock = self._sock  # close() may run on another thread (the trainer's shutdown)
+        if sock is None:
             return None
         try:
-            data = self._sock.recv(_MAX_MESSAGE)
-        except OSError:
-            data = b""
-        if not data:
+            message = json.loads(sock.recv(_MAX_MESSAGE) or b"null")
+        except (OSError, ValueError):  # gone, timed out, or not our protocol: all the same to the caller
             return None
-        message = json.loads(data)
         return message if isinstance(message, dict) else None
 
     def close(self, grace: float = 10.0) -> None:
         """Stop the child: it exits when its socket closes, else it is killed after `grace` seconds. (A job
         it forked is in a session of its own; it stops once it sees its parent gone.)"""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=grace)
@@ -211,8 +213,10 @@ def serve(fd: int, forks: bool = True) -> int:
     if os.getppid() != parent:
         return 0
     info = device_info()
-    # A CUDA context (created by the probe) does not survive fork(): GPU jobs start fresh.
-    forks = forks and info.get("type") == "cpu"
+    # A CUDA context (created by the probe) does not survive fork(): GPU jobs start fresh. So do jobs where
+    # torch itself does its BLAS with OpenBLAS (some aarch64 builds): OPENBLAS_NUM_THREADS=1 (see start())
+    # would make their matrix products single-threaded.
+    forks = forks and info.get("type") == "cpu" and not _torch_uses_openblas()
     _send(sock, {"device": info, "forks": forks})
     if not forks:
         return 0
@@ -243,6 +247,12 @@ def serve(fd: int, forks: bool = True) -> int:
         _reap(sock)
 
 
+def _torch_uses_openblas() -> bool:
+    import torch
+
+    return "BLAS_INFO=open" in torch.__config__.show()
+
+
 def _preload() -> None:
     """Import what every job imports, once (module code only: no thread starts and no tensor is made, so
     the forked process starts from a clean torch)."""
@@ -261,9 +271,18 @@ def _fork(argv: list[str], fds: list[int], close: list[Any]) -> dict[str, Any]:
         return {"error": f"{threads} threads in the warm worker" if threads != 1 else "bad request"}
     sys.stdout.flush()
     sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        # Its own session first, before the trainer learns the pid: a cancel that signals the job's
+        # process group right away must find that group.
+        os.setsid()
+        os.close(ready_r)
+        os.close(ready_w)
         _job(argv, *fds, close=close)
+    os.close(ready_w)
+    os.read(ready_r, 1)  # EOF once the child closed its end, i.e. after setsid()
+    os.close(ready_r)
     for fd in fds:
         os.close(fd)
     return {"pid": pid}
@@ -279,7 +298,6 @@ def _job(argv: list[str], events_fd: int, log_fd: int, close: list[Any]) -> None
                 os.close(item)
             else:
                 item.close()
-        os.setsid()  # its own process group, like a fresh worker: cancel and cleanup signal the group
         os.dup2(events_fd, 1)
         os.dup2(log_fd, 2)
         os.close(events_fd)
