@@ -48,7 +48,9 @@ def timed_jobs(home: Path, warm: bool, jobs: int) -> list[float]:
             params = parse_params(PARAMS | {"adapterName": f"start-{'warm' if warm else 'fresh'}-{i}"})
             t0 = time.perf_counter()
             job = client.submit(settings, params, FlowOptions(gate=False))
+            job_deadline = time.monotonic() + 600  # a job of 3 steps; a hung one fails the benchmark
             while (job := client.get_job(settings, job.id)).status not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < job_deadline, f"job {job.id} still {job.status} after 600 s"
                 time.sleep(0.05)
             assert job.status == "succeeded", job
             if i:  # the first job of each trainer is not counted

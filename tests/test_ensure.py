@@ -64,7 +64,7 @@ def test_two_concurrent_callers_start_one_trainer(home, any_port):
     assert len(procs) == 1, [p.info["cmdline"] for p in procs]
     assert procs[0].info["cmdline"][-4:-2] == ["--port", "0"]  # binds a port itself, none picked for it
     # it bound a port of its own and recorded it; every caller got the health of that trainer
-    recorded = client.url_file(settings).read_text().strip()
+    recorded = settings.trainer_url_file.read_text().strip()
     assert recorded.startswith("http://127.0.0.1:") and not recorded.endswith(":0")
     assert client.base_url(settings) == recorded and client.health(settings).data_root.path == str(home.resolve())
     assert int(pid_path(settings).read_text()) == procs[0].pid
@@ -147,14 +147,14 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
         with pytest.raises(Conflict) as refused:
             ensure_trainer(explicit, timeout=30)
         assert str(first) in refused.value.message and str(second) in refused.value.message
-        assert not client.url_file(explicit).exists() and trainer_processes(second) == []
+        assert not explicit.trainer_url_file.exists() and trainer_processes(second) == []
 
         # Not chosen: the default address happens to be the first project's trainer.
         monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", shared)
         implicit = load_settings(home=second)
         health = ensure_trainer(implicit, timeout=120)
         assert health.data_root.path == str(second.resolve())
-        own = client.url_file(implicit).read_text().strip()
+        own = implicit.trainer_url_file.read_text().strip()
         assert own.startswith("http://127.0.0.1:") and own not in (shared, "http://127.0.0.1:0")
         assert client.base_url(implicit) == own and client.health(implicit).data_root.path == str(second.resolve())
         # started on a port it bound itself, not on one picked here and bound later
@@ -163,7 +163,7 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
         assert f"trainer for {second.resolve()} on {own}" in log_path(implicit).read_text()
         # the first project's trainer still serves the first project, and its record still names it
         assert client.health(load_settings(home=first, lora_trainer_url=shared)).data_root.path == str(first.resolve())
-        assert client.url_file(load_settings(home=first)).read_text().strip() == shared
+        assert load_settings(home=first).trainer_url_file.read_text().strip() == shared
     finally:
         stop_group(proc.pid)
         kill_trainers(second)
@@ -182,12 +182,12 @@ def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch):
         taken.bind(("127.0.0.1", 0))
         monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{taken.getsockname()[1]}")
         settings = load_settings()
-        client.url_file(settings).parent.mkdir(parents=True)
-        client.url_file(settings).write_text(f"http://127.0.0.1:{stale.getsockname()[1]}\n")
+        settings.trainer_url_file.parent.mkdir(parents=True)
+        settings.trainer_url_file.write_text(f"http://127.0.0.1:{stale.getsockname()[1]}\n")
         try:
             health = ensure_trainer(settings, timeout=120)
             assert health.data_root.path == str(home.resolve())
-            own = client.url_file(settings).read_text().strip()
+            own = settings.trainer_url_file.read_text().strip()
             used = {stale.getsockname()[1], taken.getsockname()[1], 0}
             assert own.startswith("http://127.0.0.1:") and int(own.rsplit(":", 1)[1]) not in used
             [started] = trainer_processes(home)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,11 +23,6 @@ from .jobs import EventPage, Health, Job, JobList, data_root_id
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
 LABEL_OFFLINE = "Offline"
-
-
-def url_file(settings: Settings) -> Path:
-    """Where the trainer of this data root records the address it serves, each time it starts."""
-    return settings.trainer_url_file
 
 
 def explicit_url(settings: Settings) -> bool:
@@ -58,7 +52,7 @@ def _recorded_url(settings: Settings) -> str | None:
     """The recorded address, if it is a loopback http:// URL with a port: a file under the data root never
     sends this client (and its token) to another host."""
     with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
-        recorded = url_file(settings).read_text(encoding="utf-8").strip()
+        recorded = settings.trainer_url_file.read_text(encoding="utf-8").strip()
         url = urlsplit(recorded)
         if url.scheme == "http" and url.hostname and is_loopback(url.hostname) and url.port and not url.path:
             return recorded

@@ -78,6 +78,8 @@ class Forked:
         return self.returncode
 
     def _wait_gone(self) -> None:
+        # Unbounded on purpose, yet it ends: an orphaned job stops at its next step, and its watchdog exits
+        # the process 30 s after noticing at the latest (worker.py).
         while True:
             try:
                 proc = psutil.Process(self.pid)
