@@ -2,9 +2,11 @@
 
     python -m lunatrain.service.worker --job JOBID --params '{"epochs": 1, ...}' [--options '{"gate": true}']
 
-It runs `flow.train_and_gate` in its own process group, with `ASSISTANT_HOME` set. `--device-info` prints
-the device facts as JSON (the trainer asks a child for them, so that it never creates a CUDA context of its
-own). Protocol: one JSON object per line on the original stdout — the engine's events (`progress`, `eval`,
+It runs `flow.train_and_gate` in its own process group, with `ASSISTANT_HOME` set. `--warm FD` makes it the
+trainer's warm worker instead (warm.py: it measures the device, so that the trainer never creates a CUDA
+context of its own, and on CPU machines forks jobs that run this same `main`).
+
+Protocol: one JSON object per line on the original stdout — the engine's events (`progress`, `eval`,
 `log`), `{"type": "trained", "adapter", "metrics"}` as soon as an adapter is registered (before the eval
 gate runs on it), then exactly one `{"type": "result", "status", "adapter", "metrics", "error", "gate"}` as
 the last line. Everything else anything prints goes to stderr (the job's log file), so a stray `print` in a
@@ -203,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", help="LoRA parameters, JSON object (wire form)")
     parser.add_argument("--options", default="{}", help="flow options, JSON object (gate, minCurated)")
     parser.add_argument("--gate-thresholds", help="eval gate thresholds, JSON object (default: the defaults)")
-    parser.add_argument("--device-info", action="store_true", help="print the device facts as JSON and exit")
     parser.add_argument("--warm", type=int, metavar="FD", help="serve as the warm worker on this socket (warm.py)")
     parser.add_argument("--no-forks", action="store_true", help="with --warm: report the device facts, then exit")
     args = parser.parse_args(argv)
@@ -211,11 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         from .warm import serve
 
         return serve(args.warm, forks=not args.no_forks)
-    if args.device_info:
-        from ..models import device_info
-
-        print(json.dumps(finite(device_info())), flush=True)
-        return 0
     if not args.job or not args.params:
         parser.error("--job and --params are required")
     world = distributed.from_env()
