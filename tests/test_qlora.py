@@ -5,6 +5,9 @@ Run: `pytest tests/test_qlora.py -q`."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +144,68 @@ def test_an_eval_pass_leaves_4bit_gradients_intact(settings):
     assert before[first].abs().max() > 0
     for name, g in before.items():
         torch.testing.assert_close(after[name], g, msg=name)
+
+
+# --- bitsandbytes only where something quantizes (compat.without_bitsandbytes) -----------------------------
+
+_WITHOUT = """
+import sys
+from lunatrain import compat
+compat.without_bitsandbytes()
+import peft, transformers
+from peft.import_utils import is_bnb_available
+from transformers.utils import is_bitsandbytes_available
+assert sys.modules["bitsandbytes"] is None and not is_bnb_available() and not is_bitsandbytes_available()
+assert "torch._inductor.compile_fx" not in sys.modules  # what bitsandbytes would have imported
+try:
+    compat.with_bitsandbytes()
+except RuntimeError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_will_not_quantize_loads_peft_without_bitsandbytes(settings):
+    out = subprocess.run([sys.executable, "-c", _WITHOUT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "quantized training needs a new process" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_quantized_although_it_starts_without_bitsandbytes(settings):
+    """`lunatrain` marks bitsandbytes absent at start (cli.main); `lora --local --quantize 4bit` lifts that
+    before PEFT is imported, so the adapter trains on 4-bit layers."""
+    write_export(settings, make_records(24, val_every=6))
+    flags = ["--local", "--quantize", "4bit", "--adapterName", "q4cli", "--epochs", "1", "--maxSteps", "1"]
+    env = os.environ | {"ASSISTANT_HOME": str(settings.home)}
+    out = subprocess.run(
+        [sys.executable, "-m", "lunatrain", "lora", *flags, "--no-gate", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=settings.home,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert registry.get_version(settings, "q4cli", "v1")["quantization"]["bits"] == 4
+
+
+def test_with_bitsandbytes_lifts_the_mark_only_before_peft_is_imported(monkeypatch):
+    import importlib.util
+
+    from lunatrain import compat
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    peft_module = sys.modules.get("peft")
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    compat.without_bitsandbytes()
+    assert sys.modules["bitsandbytes"] is None and importlib.util.find_spec("bitsandbytes") is None
+    compat.with_bitsandbytes()
+    assert "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes") is not None
+    compat.without_bitsandbytes()
+    monkeypatch.setitem(sys.modules, "peft", peft_module)
+    with pytest.raises(RuntimeError, match="quantized training needs a new process"):
+        compat.with_bitsandbytes()
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    compat.without_bitsandbytes()  # PEFT loaded: no effect
+    assert "bitsandbytes" not in sys.modules

@@ -384,6 +384,19 @@ def test_the_job_trains_on_the_base_model_the_client_resolved(svc):
     assert report["baseModel"]["fingerprint"] != resolve_base("luna-tiny", settings).fingerprint
 
 
+def test_a_quantized_job_starts_fresh_and_trains_in_4_bits(svc):
+    """The warm worker holds PEFT loaded without bitsandbytes (compat.without_bitsandbytes), so the trainer
+    starts a quantized job as a fresh process, which loads it; a plain job is forked as before."""
+    settings = svc.settings
+    plain = wait_job(settings, submit(settings, QUICK | {"adapterName": "plain"}).id)
+    quantized = wait_job(settings, submit(settings, QUICK | {"adapterName": "q4", "quantize": "4bit"}).id)
+    assert plain.status == quantized.status == "succeeded", (plain.error, quantized.error)
+    assert versions(settings, "q4")[0]["quantization"]["bits"] == 4
+    log = (settings.home / "trainer-0.log").read_text()
+    assert f"job {plain.id} running on 1 process(es): forked from the warm worker" in log
+    assert re.search(rf"job {quantized.id} running on 1 process\(es\): \S+ -m lunatrain\.service\.worker", log)
+
+
 # --- child failures ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):

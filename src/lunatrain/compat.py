@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -108,6 +109,27 @@ def quiet_bitsandbytes() -> None:
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def without_bitsandbytes() -> None:
+    """For a process that will not quantize (called where it starts). PEFT (0.21) imports bitsandbytes when
+    it is installed, and bitsandbytes (0.50) imports torch's inductor compiler with it: about 2.3 s of CPU
+    on a 2-core machine, a quarter of what starting a job costs. A None entry in `sys.modules` makes
+    `importlib.util.find_spec` answer "not installed", which is how PEFT and transformers both check, so
+    neither imports it. No effect once PEFT or bitsandbytes is imported. Goes when bitsandbytes imports its
+    compiler lazily."""
+    if "peft" not in sys.modules and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
+def with_bitsandbytes() -> None:
+    """Before a process that started `without_bitsandbytes()` quantizes after all. PEFT decides once, when it
+    is imported, whether bitsandbytes exists: after that the process cannot quantize, and says so."""
+    if "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None:
+        return
+    if "peft" in sys.modules:
+        raise RuntimeError("this process loaded PEFT without bitsandbytes; quantized training needs a new process")
+    del sys.modules["bitsandbytes"]
 
 
 # --- PEFT ----------------------------------------------------------------------------------------

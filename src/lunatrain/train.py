@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, checkpoints, distributed, kernels, memplan, registry
-from .compat import enable_checkpointing, masked_logits_supported, peft_wrapping
+from .compat import enable_checkpointing, masked_logits_supported, peft_wrapping, with_bitsandbytes
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
@@ -319,6 +319,8 @@ def load_lora_model(
     """The base model (quantized when asked) with a fresh LoRA, checkpointing and kernels in place; with
     `kernels.install`'s choice and the loss path (`loss.lean_loss_check`). Template markers in `added`
     (missing from the vocabulary) get their embedding rows trained."""
+    if params.quantize != "none":
+        with_bitsandbytes()  # before PEFT's import: it looks for bitsandbytes only then
     import torch
     from peft import LoraConfig, get_peft_model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ..compat import without_bitsandbytes
 from ..errors import LunaError
 from .app import app, fail
 from .options import profile_help
@@ -22,6 +23,9 @@ profile_help(app, {"luna": "luna"})
 
 
 def main() -> None:
+    # The console script, not `app`: a test's in-process runner must keep its own imports. A command that
+    # trains quantized lifts this before PEFT is imported (train.build).
+    without_bitsandbytes()
     try:
         app()
     except LunaError as err:  # raised by an entry function outside a command's own handler

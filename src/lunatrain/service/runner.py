@@ -182,10 +182,10 @@ class Runner:
         try:
             with open(log_path, "ab") as log_file:
                 # A single-process job forks from the warm worker when it can (milliseconds instead of a
-                # fresh interpreter's imports); else, and for torchrun, a fresh process.
-                proc: Forked | subprocess.Popen[bytes] | None = (
-                    self.warm.spawn(args, log_file) if self.warm is not None and ranks == 1 else None
-                )
+                # fresh interpreter's imports); else, and for torchrun, a fresh process. So does a quantized
+                # job: the warm worker has PEFT loaded without bitsandbytes (warm._preload).
+                warm = self.warm if ranks == 1 and job.params.get("quantize", "none") == "none" else None
+                proc: Forked | subprocess.Popen[bytes] | None = warm.spawn(args, log_file) if warm is not None else None
                 how = "forked from the warm worker" if proc is not None else " ".join(argv[: len(argv) - len(args) + 2])
                 if proc is None and self._stopping.is_set():
                     # Shutting down while the warm worker was asked: leave the claimed job to recovery.

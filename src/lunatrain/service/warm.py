@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import psutil
 
+from ..compat import without_bitsandbytes
 from ..settings import Settings
 from .spawn import child_env
 
@@ -257,7 +258,8 @@ def _torch_uses_openblas() -> bool:
 
 def _preload() -> None:
     """Import what every job imports, once (module code only: no thread starts and no tensor is made, so
-    the forked process starts from a clean torch)."""
+    the forked process starts from a clean torch). Not bitsandbytes: a quantized job starts fresh (runner)."""
+    without_bitsandbytes()
     import peft  # noqa: F401
     import transformers  # noqa: F401
 

@@ -40,6 +40,7 @@ import traceback
 from typing import IO, Any
 
 from .. import distributed
+from ..compat import without_bitsandbytes
 from ..wire import finite
 
 
@@ -233,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}"})
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
-        result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
+        params = json.loads(args.params)
+        if isinstance(params, dict) and params.get("quantize", "none") == "none":
+            without_bitsandbytes()  # only a quantized job needs it (compat.without_bitsandbytes says why)
+        result = run(args.job, params, json.loads(args.options), channel, stop, thresholds)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         traceback.print_exc(file=sys.stderr)
         result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
