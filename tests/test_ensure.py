@@ -33,6 +33,7 @@ def any_port(home, monkeypatch):
     """The trainer's address is "any free port on 127.0.0.1": a trainer ensure starts binds one itself and
     records it; until then nothing listens at the configured address (port 0 refuses connections)."""
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")
+    monkeypatch.setenv("ASSISTANT_LORA_WARM_WORKER", "false")  # these trainers run no job: spare their imports
     yield
     kill_trainers(home)  # ensure starts detached trainers; never leave one behind
 
@@ -140,7 +141,7 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
     second.mkdir()
     for var in [v for v in os.environ if v.startswith("ASSISTANT_")]:
         monkeypatch.delenv(var)
-    proc = start_trainer(first)
+    proc = start_trainer(first, ASSISTANT_LORA_WARM_WORKER="false")  # it runs no job
     shared = proc.url
     try:
         explicit = load_settings(home=second, lora_trainer_url=shared)

@@ -92,7 +92,8 @@ def test_trainers_on_port_0_record_where_they_listen_and_two_at_once_differ(tmp_
     def start(home: Path) -> None:
         home.mkdir()
         try:
-            started[home] = start_trainer(home)  # `lunatrain trainer --port 0`
+            # `lunatrain trainer --port 0`; no job runs here, so no warm worker (its imports are seconds of CPU)
+            started[home] = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
         except BaseException as exc:  # noqa: BLE001 - reported by the test below
             errors.append(exc)
 

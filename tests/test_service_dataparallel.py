@@ -156,6 +156,8 @@ def start_long(settings: Settings, name: str) -> tuple[Job, psutil.Process, list
 @pytest.mark.slow
 def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_batch(svc, tmp_path):
     assert trainer_client.health(svc.settings).device.ranks == 2
+    # Every job of this trainer runs under torchrun: it keeps no warm worker (nothing would be forked).
+    assert workers_of(svc.settings.home, warm=True) == []
     flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
     job = submit(svc.settings, flags)
     final = wait_job(svc.settings, job.id)

@@ -237,7 +237,7 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
     env = {"ASSISTANT_HOME": str(home), "ASSISTANT_API_TOKEN": ""}
     refused = CliRunner().invoke(app, ["trainer", "--host", "0.0.0.0", "--port", "0"], env=env)
     assert refused.exit_code == 2 and "ASSISTANT_API_TOKEN" in refused.output
-    trainer = launch(home, ASSISTANT_API_TOKEN="s3cret")
+    trainer = launch(home, ASSISTANT_API_TOKEN="s3cret", ASSISTANT_LORA_WARM_WORKER="false")  # no job runs here
     try:
         assert httpx.get(trainer.url + "/health", trust_env=False).status_code == 401
         wrong = httpx.get(trainer.url + "/jobs", headers={"authorization": "Bearer nope"}, trust_env=False)

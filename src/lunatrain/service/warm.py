@@ -105,7 +105,9 @@ class WarmWorker:
         could not (the caller reports a failed probe)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "lunatrain.service.worker", "--warm", str(theirs.fileno())]
-        if not self.settings.lora_warm_worker:
+        # Nothing to fork when switched off, or when every job runs under torchrun (ASSISTANT_LORA_GPUS > 1):
+        # then the child only measures the device, without the imports a job needs.
+        if not self.settings.lora_warm_worker or (self.settings.lora_gpus or 1) > 1:
             argv.append("--no-forks")
         env = child_env(self.settings)
         # numpy's OpenBLAS starts a thread pool when torch imports it; with one thread it starts none, and
