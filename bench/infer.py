@@ -35,6 +35,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_load import Serve  # noqa: E402  (same folder: the `lunatrain serve` subprocess helper)
 
+from lunatrain.compat import without_bitsandbytes  # noqa: E402
+
+without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes' import costs
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "infer.md"
 MODEL = "luna-adapter"

@@ -20,6 +20,10 @@ from pathlib import Path
 
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
+from lunatrain.compat import without_bitsandbytes
+
+without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes' import costs
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

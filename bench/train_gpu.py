@@ -19,6 +19,10 @@ from pathlib import Path
 
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
+from lunatrain.compat import without_bitsandbytes
+
+without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes' import costs
+
 # Published shapes of the architectures (config.json of each family), weights random.
 PRESETS = {
     "qwen2.5-0.5b": (
