@@ -6,6 +6,7 @@ Run: `.venv/bin/python -m pytest tests/test_ports.py -q` (starts real trainer an
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from lunatrain.service import client
 from lunatrain.settings import load_settings
 from lunatrain.web import listen
 
-from trainer_helpers import healthy, recorded_url, start_trainer, stop_group, trainer_env
+from trainer_helpers import healthy, read_url, recorded_url, start_trainer, stop_group, trainer_env
 
 LUNATRAIN = str(Path(sys.executable).parent / "lunatrain")
 
@@ -54,6 +55,20 @@ def test_bind_port_0_listens_on_a_port_the_os_picked():
         assert listen.url(wildcard) == f"http://127.0.0.1:{wildcard.getsockname()[1]}"  # reached on loopback
     finally:
         wildcard.close()
+
+
+def test_a_record_is_forgotten_only_while_it_names_the_server(tmp_path):
+    record = tmp_path / "api.url"
+    sock = listen.bind("127.0.0.1", 0)
+    try:
+        ours = listen.record(sock, record)
+    finally:
+        sock.close()
+    listen.forget(record, "http://127.0.0.1:1")  # another server's address: not ours to remove
+    assert read_url(record) == ours
+    listen.forget(record, ours)
+    assert not record.exists()
+    listen.forget(record, ours)  # already gone: nothing to do
 
 
 def test_bind_refuses_a_port_in_use_and_one_out_of_range(busy):
@@ -112,6 +127,11 @@ def test_trainers_on_port_0_record_where_they_listen_and_two_at_once_differ(tmp_
             assert healthy(url)["dataRoot"]["path"] == str(home.resolve())
             # a client of this data root, with no address configured, finds it through the record
             assert client.health(load_settings(home=home)).data_root.path == str(home.resolve())
+        # Stopped in order, a trainer takes its record with it; the other one's stays.
+        stop_group(started[homes[0]].pid, signal.SIGTERM)
+        assert started[homes[0]].wait(timeout=60) == 128 + signal.SIGTERM
+        assert not (homes[0] / "data" / "trainer" / "trainer.url").exists()
+        assert read_url(homes[1] / "data" / "trainer" / "trainer.url") == urls[1]
     finally:
         for proc in started.values():
             stop_group(proc.pid)
@@ -140,6 +160,8 @@ def test_serve_on_port_0_records_its_address_and_answers_there(home):
             status = http.get("/assistant/training/status")
             assert status.status_code == 200 and status.json()["trainer"]["label"] == "Offline"
         assert f"assistant API for {home.resolve()} on {url}" in log.read_text()
+        stop_group(proc.pid, signal.SIGTERM)  # stopped in order: no address left behind
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM and not record.exists()
     finally:
         stop_group(proc.pid)
         proc.wait(timeout=30)

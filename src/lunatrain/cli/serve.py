@@ -41,4 +41,4 @@ def serve(
         raise fail(err) from None
     typer.echo(f"assistant API for {settings.home} on {address}", err=True)
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
-    listen.serve(api, sock, log_level=log_level, proxy_headers=False, server_header=False)
+    listen.serve(api, sock, settings.api_url_file, log_level=log_level, proxy_headers=False, server_header=False)

@@ -200,4 +200,11 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log.info("trainer for %s on %s", settings.home, address)
     # log_config=None: uvicorn's loggers propagate to the handler above instead of configuring their own.
-    listen.serve(create_app(settings, host=host), sock, log_level="info", access_log=False, log_config=None)
+    listen.serve(
+        create_app(settings, host=host),
+        sock,
+        settings.trainer_url_file,
+        log_level="info",
+        access_log=False,
+        log_config=None,
+    )

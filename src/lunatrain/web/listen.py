@@ -8,8 +8,10 @@ socket, then starting a server on that number later, races with every other proc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -66,13 +68,33 @@ def record(sock: socket.socket, path: Path) -> str:
     return address
 
 
-def serve(app: Any, sock: socket.socket, **config: Any) -> None:
-    """Run uvicorn on the already listening socket until SIGINT/SIGTERM; `config` goes to uvicorn.Config."""
+def forget(path: Path, address: str) -> None:
+    """Remove the record at `path` if it still names `address`: a server that stops in order leaves no
+    address behind that clients would try (one that is killed does; clients treat it as stale). Another
+    server of the data root that recorded itself since keeps its record."""
+    with contextlib.suppress(OSError):
+        if path.read_text() == address + "\n":
+            path.unlink()
+
+
+def serve(app: Any, sock: socket.socket, record: Path | None = None, **config: Any) -> None:
+    """Run uvicorn on the already listening socket until SIGINT/SIGTERM; `record` is the file its address
+    was recorded in (removed at the end, see forget); `config` goes to uvicorn.Config."""
     import uvicorn
 
+    address = url(sock)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
+    # uvicorn ends a graceful shutdown by raising the signal again under the handler it found; under the
+    # default one a SIGTERM would end the process right there, before the finally below.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if record is not None:
+            forget(record, address)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # the shell's status for "ended by this signal"
