@@ -77,8 +77,8 @@ def forget(path: Path, address: str) -> None:
             path.unlink()
 
 
-def serve(app: Any, sock: socket.socket, record: Path | None = None, **config: Any) -> None:
-    """Run uvicorn on the already listening socket until SIGINT/SIGTERM; `record` is the file its address
+def serve(app: Any, sock: socket.socket, recorded: Path | None = None, **config: Any) -> None:
+    """Run uvicorn on the already listening socket until SIGINT/SIGTERM; `recorded` is the file its address
     was recorded in (removed at the end, see forget); `config` goes to uvicorn.Config."""
     import uvicorn
 
@@ -92,8 +92,8 @@ def serve(app: Any, sock: socket.socket, record: Path | None = None, **config: A
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if record is not None:
-            forget(record, address)
+        if recorded is not None:
+            forget(recorded, address)
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
