@@ -29,7 +29,7 @@ def timed_jobs(home: Path, warm: bool, jobs: int) -> list[float]:
     from lunatrain.service import client
     from lunatrain.settings import load_settings
 
-    record = home / "data" / "trainer" / "trainer.url"
+    record = load_settings(home=home).trainer_url_file
     record.unlink(missing_ok=True)
     env = os.environ | {"ASSISTANT_HOME": str(home), "ASSISTANT_LORA_WARM_WORKER": str(warm).lower()}
     log = open(home / f"trainer-warm-{warm}.log", "wb")  # noqa: SIM115 - the child holds it
@@ -37,11 +37,13 @@ def timed_jobs(home: Path, warm: bool, jobs: int) -> list[float]:
         [sys.executable, "-m", "lunatrain", "trainer", "--port", "0"], cwd=home, env=env, stdout=log, stderr=log
     )
     try:
-        deadline = time.monotonic() + 120
-        while not record.exists() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # bounded polls: a trainer that never comes up fails the benchmark
+        while not record.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, f"the trainer did not start; see {log.name}"
             time.sleep(0.1)
         settings = load_settings(home=home, lora_trainer_url=record.read_text().strip())
-        while client.probe(settings) is None and time.monotonic() < deadline:
+        while client.probe(settings) is None:
+            assert time.monotonic() < deadline, f"the trainer at {settings.lora_trainer_url} never answered"
             time.sleep(0.1)
         took = []
         for i in range(jobs + 1):
