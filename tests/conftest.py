@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -120,3 +121,38 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+# The fast tier (`make test-fast`, "not slow") stays fast only while no test in it starts our services,
+# commands, jobs or torchrun: each such process imports torch, transformers and PEFT or starts a server.
+# A test that does must carry the slow mark; one without it fails here, naming the process it started.
+# (Stand-in processes such as `python -c "import time; ..."` are fine in the fast tier.)
+_running: dict[str, pytest.Item | None] = {"item": None}
+_popen_init = subprocess.Popen.__init__
+
+
+def _heavy(args: object) -> bool:
+    argv = [str(a) for a in args] if isinstance(args, list | tuple) else str(args).split()
+    if argv and Path(argv[0]).name == "lunatrain":
+        return True
+    modules = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-m"]
+    return any(m.split(".")[0] == "lunatrain" or m.startswith("torch.distributed") for m in modules)
+
+
+def _guarded_popen_init(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+    item = _running["item"]
+    if item is not None and item.get_closest_marker("slow") is None and _heavy(args):
+        raise AssertionError(f"{item.nodeid} starts {args!r} but is not marked slow (pytest.mark.slow)")
+    _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running["item"] = item
+    try:
+        yield
+    finally:
+        _running["item"] = None

@@ -384,6 +384,7 @@ def test_the_job_trains_on_the_base_model_the_client_resolved(svc):
     assert report["baseModel"]["fingerprint"] != resolve_base("luna-tiny", settings).fingerprint
 
 
+@pytest.mark.slow
 def test_a_quantized_job_starts_fresh_and_trains_in_4_bits(svc):
     """The warm worker holds PEFT loaded without bitsandbytes (compat.without_bitsandbytes), so the trainer
     starts a quantized job as a fresh process, which loads it; a plain job is forked as before."""
