@@ -101,26 +101,52 @@ def trained_home(home: Path, trained_root: Path) -> Path:
     return home
 
 
-# The longest files first (measured, slowest first). `make test` runs `--dist worksteal`: each worker starts
-# on a part of the collection and an idle one takes pending tests from the other; a long test that starts
-# last would run alone at the end. (Module fixtures are then built by each worker that runs the module.)
-LONGEST_FIRST = (
-    "test_faults_trainer.py",
-    "test_faults_trainer_resume.py",
-    "test_service_dataparallel.py",
-    "test_trainer_service.py",
-    "test_dashboard.py",
-    "test_faults_storage.py",
-    "test_faults_worker.py",
-    "test_luna_flow.py",
-    "test_bench.py",
-    "test_warm.py",
-)
+# The files that take longest, with their seconds in one serial run (bench/results/test_suite.md). They start
+# first, spread over the workers: `make test` runs `--dist worksteal`, which hands each worker an equal,
+# contiguous share of the collection and lets an idle worker take tests from the end of another's share. So
+# each share is one worker's long files (balanced by these seconds, longest first) followed by short tests,
+# and what is left to take at the end is short. (A long file's module fixtures are built once, by one worker.)
+LONGEST = {
+    "test_faults_trainer.py": 76,
+    "test_faults_trainer_resume.py": 73,
+    "test_service_dataparallel.py": 66,
+    "test_trainer_service.py": 54,
+    "test_faults_storage.py": 45,
+    "test_dashboard.py": 40,
+    "test_luna_flow.py": 35,
+    "test_faults_worker.py": 27,
+    "test_bench.py": 22,
+    "test_warm.py": 22,
+    "test_dashboard_chat.py": 18,
+    "test_qlora.py": 18,
+    "test_api_schema.py": 17,
+    "test_api_e2e.py": 17,
+    "test_ensure.py": 16,
+    "test_distributed.py": 12,
+}
 
 
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected: the shares are counted on what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    by_file: dict[str, list[pytest.Item]] = {}
+    rest = []
+    for item in items:
+        (by_file.setdefault(item.path.name, []) if item.path.name in LONGEST else rest).append(item)
+    shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for name in sorted(by_file, key=LONGEST.__getitem__, reverse=True):
+        k = load.index(min(load))  # longest processing time first: each file to the least loaded worker
+        shares[k] += by_file[name]
+        load[k] += LONGEST[name]
+    ordered, left = [], len(items)
+    for k, share in enumerate(shares):
+        size = left // (workers - k)  # how worksteal sizes the k-th worker's share
+        fill = max(0, size - len(share))
+        ordered += share + rest[:fill]
+        rest = rest[fill:]
+        left -= size
+    items[:] = ordered + rest
 
 
 # The fast tier (`make test-fast`, "not slow") stays fast only while no test in it starts our services,
