@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/api_load.py
 	$(PY) bench/infer.py
 	$(PY) bench/job_start.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) data reports test-output

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lunatrain.settings import Settings, load_settings
+from lunatrain.startup import collector_paused
 
 # Keep torch small and predictable on the 2-core machines: two intra-op threads, or one per worker when
 # `make test` runs two pytest-xdist workers side by side.
@@ -25,6 +26,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XDG_CACHE_HOME", os.path.join(tempfile.gettempdir(), "lunatrain-test-cache"))
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session: pytest.Session):
+    """Collecting imports torch, transformers and PEFT with the test modules: as in the processes that train,
+    no cyclic collection while they load, and what they made is frozen, so that the collections during the
+    run do not walk it again and again (startup.py)."""
+    with collector_paused():
+        yield
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ import psutil
 
 from ..compat import without_bitsandbytes
 from ..settings import Settings
+from ..startup import collector_paused, import_training_stack
 from .spawn import child_env
 
 log = logging.getLogger("lunatrain.trainer")
@@ -217,7 +218,8 @@ def serve(fd: int, forks: bool = True) -> int:
     die_with_parent()  # the trainer killed (even by SIGKILL): this process goes with it
     if os.getppid() != parent:
         return 0
-    info = device_info()
+    with collector_paused():  # the probe imports torch (startup.py says why)
+        info = device_info()
     # A CUDA context (created by the probe) does not survive fork(): GPU jobs start fresh. So do jobs where
     # torch itself does its BLAS with OpenBLAS (some aarch64 builds): OPENBLAS_NUM_THREADS=1 (see start())
     # would make their matrix products single-threaded.
@@ -262,10 +264,9 @@ def _preload() -> None:
     """Import what every job imports, once (module code only: no thread starts and no tensor is made, so
     the forked process starts from a clean torch). Not bitsandbytes: a quantized job starts fresh (runner)."""
     without_bitsandbytes()
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    from .. import evalgate, flow, train  # noqa: F401
+    with collector_paused():
+        import_training_stack()
+        from .. import evalgate, flow, train  # noqa: F401
 
 
 def _fork(argv: list[str], fds: list[int], close: list[Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from typing import IO, Any
 
 from .. import distributed
 from ..compat import without_bitsandbytes
+from ..startup import import_training_stack
 from ..wire import finite
 
 
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         params = json.loads(args.params)
         if isinstance(params, dict) and params.get("quantize", "none") == "none":
             without_bitsandbytes()  # only a quantized job needs it (compat.without_bitsandbytes says why)
+        import_training_stack()  # a fresh process: at its least cost (startup.py); forked: loaded already
         result = run(args.job, params, json.loads(args.options), channel, stop, thresholds)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         traceback.print_exc(file=sys.stderr)
