@@ -11,12 +11,14 @@ import pkgutil
 
 from ..compat import without_bitsandbytes
 from ..errors import LunaError
+from ..startup import collector_paused
 from .app import app, fail
 from .options import profile_help
 
-for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod != "app" and not _mod.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod}")
+with collector_paused():  # start-up of every command: 20 % less CPU (startup.py says why)
+    for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if _mod != "app" and not _mod.startswith("_"):
+            importlib.import_module(f"{__name__}.{_mod}")
 
 # `--help` of commands with LoRA options shows their profile's values; `luna` always runs the luna profile.
 profile_help(app, {"luna": "luna"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from ..errors import LunaError
+from ..startup import collector_paused
 from .app import app, fail
 
 
@@ -20,10 +21,11 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", "--logLevel", help="uvicorn log level"),
 ) -> None:
     """Run the assistant API (OpenAPI at /docs, dashboard at /); its address is recorded in data/api/api.url."""
-    from ..api.main import create_app
-    from ..settings import check_data_root, load_settings
-    from ..web import listen
-    from ..web.security import check_bind
+    with collector_paused():  # the API's imports (startup.py)
+        from ..api.main import create_app
+        from ..settings import check_data_root, load_settings
+        from ..web import listen
+        from ..web.security import check_bind
 
     try:
         overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}

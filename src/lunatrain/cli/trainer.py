@@ -19,6 +19,7 @@ from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job
 from ..settings import Settings, check_data_root, load_settings
+from ..startup import collector_paused
 from .app import app, fail, is_tty
 
 EnsureOpt = Annotated[
@@ -44,7 +45,8 @@ def trainer_cmd(
 ) -> None:
     """Run the trainer service in the foreground (job queue, one child process per job); the address it
     serves is recorded in data/trainer/trainer.url, where clients of this data root look."""
-    from ..service.app import serve
+    with collector_paused():  # the service's imports (startup.py)
+        from ..service.app import serve
 
     try:
         settings = load_settings()
