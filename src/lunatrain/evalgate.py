@@ -428,7 +428,9 @@ def _run(
     chat_template: str | None = None,
 ) -> GateReport:
     from . import models, registry
+    from .startup import import_training_stack
 
+    import_training_stack()  # in a command's own process: at the imports' least cost (startup.py)
     cases = load_suite(settings)
     notes: list[str] = []
     if entry is not None:

@@ -36,6 +36,9 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
 
     Refuses when the base model found now is not the one the adapter was trained on (fingerprints differ),
     unless `force`."""
+    from .startup import import_training_stack
+
+    import_training_stack()  # in a command's own process: at the imports' least cost (startup.py)
     import torch
     from peft import PeftModel
 

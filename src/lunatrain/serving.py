@@ -252,7 +252,9 @@ class Engine:
         if self.model is not None:
             return
         from . import models
+        from .startup import import_training_stack
 
+        import_training_stack()  # the first chat request: at the imports' least cost (startup.py)
         info = self.base_info()
         self.device = models.resolve_device("auto")
         self.tokenizer = models.load_tokenizer(info, self.settings)

@@ -47,6 +47,7 @@ from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded
 from .params import LoraParams, parse_params, steps_per_epoch, total_steps
 from .settings import Settings, check_name
+from .startup import import_training_stack
 from .tokens import Batch, Encoded, make_batch
 
 if TYPE_CHECKING:
@@ -150,6 +151,9 @@ def run_lora(
     """Train one LoRA adapter. Bad input raises UsageError before anything is written; once training has
     started every outcome is a TrainResult (failure is data: status + error in the report)."""
     params = parse_params(params) if isinstance(params, dict) else params
+    if params.quantize != "none":
+        with_bitsandbytes()  # before PEFT's import: it looks for bitsandbytes only then
+    import_training_stack()  # in a command's own process: at the imports' least cost (startup.py)
     world = distributed.from_env()
     with distributed.process_group(world, _group_device(params)):
         return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id)
