@@ -73,3 +73,10 @@ def test_ticks_are_round_and_steps_whole():
     assert _nice_ticks(2.93, 3.12) == [2.95, 3.0, 3.05, 3.1]
     assert _nice_ticks(0.9, 3.1, whole=True) == [1, 2, 3]
     assert _nice_ticks(5.0, 5.0) == [5.0, 5.2, 5.4, 5.6, 5.8, 6.0]  # an empty range: one unit
+
+
+def test_a_long_name_in_the_title_stays_inside_the_image(tmp_path: Path):
+    image = Image.open(plot_loss_curve(tmp_path / "w.png", CURVE, EPOCHS, 2.9, title="W" * 64)).convert("RGB")
+    title_band = [image.getpixel((x, y)) for y in range(2, 30) for x in (0, 1, 2, 697, 698, 699)]
+    assert all(p == (255, 255, 255) for p in title_band), "the title runs past the image's edges"
+    assert any(p != (255, 255, 255) for p in (image.getpixel((x, 15)) for x in range(40, 660))), "no title"

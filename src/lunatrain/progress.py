@@ -189,7 +189,13 @@ def plot_loss_curve(
         draw.ellipse([cx - 5 * k, cy - 5 * k, cx + 5 * k, cy + 5 * k], fill=_VAL)
     draw.rectangle([left, top, right, bottom], outline=_INK, width=k)
 
-    draw.text(((left + right) / 2, 10 * k), f"LoRA training {title}".strip(), font=big, fill=_INK, anchor="mt")
+    heading, middle = f"LoRA training {title}".strip(), (left + right) / 2
+    room = 2 * (width - middle - 10 * k)  # centred over the plot: a long adapter name gets a smaller font
+    size = 13 * k
+    while size > 6 * k and draw.textlength(heading, font=big) > room:
+        size -= k
+        big = ImageFont.load_default(size=size)
+    draw.text((middle, 10 * k), heading, font=big, fill=_INK, anchor="mt")
     draw.text(((left + right) / 2, height - 6 * k), "optimizer step", font=font, fill=_INK, anchor="md")
     label = "loss (per supervised token)"
     box = draw.textbbox((0, 0), label, font=font)
