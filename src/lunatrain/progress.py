@@ -196,7 +196,7 @@ def plot_loss_curve(
         size -= k
         big = ImageFont.load_default(size=size)
     draw.text((middle, 10 * k), heading, font=big, fill=_INK, anchor="mt")
-    draw.text(((left + right) / 2, height - 6 * k), "optimizer step", font=font, fill=_INK, anchor="md")
+    draw.text((middle, height - 6 * k), "optimizer step", font=font, fill=_INK, anchor="md")
     label = "loss (per supervised token)"
     box = draw.textbbox((0, 0), label, font=font)
     side = Image.new("RGB", (box[2] + 2 * k, box[3] + 2 * k), "white")

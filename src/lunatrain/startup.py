@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from collections.abc import Iterator
 
 
@@ -34,8 +35,6 @@ def import_training_stack() -> None:
     """Import torch, transformers and PEFT now, with the collector paused (nothing to do when PEFT is loaded
     already, e.g. in a job forked from the warm worker). Whether bitsandbytes comes with PEFT is the caller's
     choice (`compat.without_bitsandbytes`), made before this."""
-    import sys
-
     if "peft" in sys.modules:
         return
     with collector_paused():

@@ -151,12 +151,18 @@ def run_lora(
     """Train one LoRA adapter. Bad input raises UsageError before anything is written; once training has
     started every outcome is a TrainResult (failure is data: status + error in the report)."""
     params = parse_params(params) if isinstance(params, dict) else params
-    if params.quantize != "none":
-        with_bitsandbytes()  # before PEFT's import: it looks for bitsandbytes only then
-    import_training_stack()  # in a command's own process: at the imports' least cost (startup.py)
+    _import_stack(params)
     world = distributed.from_env()
     with distributed.process_group(world, _group_device(params)):
         return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id)
+
+
+def _import_stack(params: LoraParams) -> None:
+    """torch, transformers and PEFT at the imports' least cost (startup.py) in a command's own process; a run
+    that quantizes lifts the bitsandbytes block first (PEFT looks for bitsandbytes only when imported)."""
+    if params.quantize != "none":
+        with_bitsandbytes()
+    import_training_stack()
 
 
 def _group_device(params: LoraParams) -> str:
@@ -323,8 +329,7 @@ def load_lora_model(
     """The base model (quantized when asked) with a fresh LoRA, checkpointing and kernels in place; with
     `kernels.install`'s choice and the loss path (`loss.lean_loss_check`). Template markers in `added`
     (missing from the vocabulary) get their embedding rows trained."""
-    if params.quantize != "none":
-        with_bitsandbytes()  # before PEFT's import: it looks for bitsandbytes only then
+    _import_stack(params)  # run_lora did it; bench/memory.py calls this directly
     import torch
     from peft import LoraConfig, get_peft_model
 
