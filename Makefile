@@ -6,7 +6,11 @@ LUNATRAIN := $(VENV)/bin/lunatrain
 
 .PHONY: setup luna test test-fast lint bench clean
 
+# pip byte-compiles what it installs, but not this editable checkout: compile src here (only what changed), so
+# the processes the flow and the tests start (trainers, workers, commands) load bytecode instead of compiling
+# about 70 modules each, even where PYTHONDONTWRITEBYTECODE keeps Python from caching them itself.
 setup: $(VENV)/.installed
+	@$(PY) -m compileall -q src
 
 # torch==2.13.0 first: it is the CPU build; letting pip resolve torch on its own pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
