@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,8 +103,10 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
 @pytest.mark.slow
 def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
     """Bad parameters fail before any collective: rank 0 writes the one result line, rank 1 nothing, and
-    both exit 0 (an orderly ending), so a failing torchrun means a crashed rank."""
+    both exit 0 (an orderly ending), so a failing torchrun means a crashed rank. They fail before torch is
+    even imported (Python's import log, -X importtime, has no line for it)."""
     env = child_env(load_settings(home=tmp_path)) | {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    env["PYTHONPROFILEIMPORTTIME"] = "1"
     argv = worker_argv("--job", "j", "--params", json.dumps({"epochs": "many"}))
     out = {}
     for rank in ("0", "1"):
@@ -116,6 +119,9 @@ def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
         lines[-1]["type"] == "result" and lines[-1]["status"] == "failed" and "epochs" in lines[-1]["error"]["message"]
     )
     assert out["1"].stdout == "" and "(rank 1 of 2)" in out["1"].stderr
+    for done in out.values():
+        imported = re.findall(r"^import time:.*\|\s*([\w.]+)$", done.stderr, re.M)
+        assert "lunatrain.params" in imported and "torch" not in imported
 
 
 # --- through the real service (slow) --------------------------------------------------------------

@@ -135,13 +135,19 @@ def run(
     stop: threading.Event,
     gate_thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the job and return the result event (never raises for a failure of the run itself)."""
-    from ..flow import train_and_gate
+    """Run the job and return the result event (never raises for a failure of the run itself; bad settings
+    or parameters raise, before anything heavy is imported)."""
     from ..params import FlowOptions, parse_params
     from ..settings import load_settings
 
     settings = load_settings()
     params, options = parse_params(params_json), FlowOptions.model_validate(options_json)
+    # Checked first: a job with bad parameters fails in a fraction of a second, not after the 4-second import.
+    if params.quantize == "none":
+        without_bitsandbytes()  # only a quantized job needs it (compat.without_bitsandbytes says why)
+    import_training_stack()  # a fresh process: at its least cost (startup.py); forked: loaded already
+    from ..flow import train_and_gate
+
     parent = os.getppid()
     main = distributed.from_env().main  # under torchrun only rank 0 gates (and promotes) the new version
 
@@ -235,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}"})
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
-        params = json.loads(args.params)
-        if isinstance(params, dict) and params.get("quantize", "none") == "none":
-            without_bitsandbytes()  # only a quantized job needs it (compat.without_bitsandbytes says why)
-        import_training_stack()  # a fresh process: at its least cost (startup.py); forked: loaded already
-        result = run(args.job, params, json.loads(args.options), channel, stop, thresholds)
+        result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         traceback.print_exc(file=sys.stderr)
         result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
