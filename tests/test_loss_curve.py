@@ -80,3 +80,19 @@ def test_a_long_name_in_the_title_stays_inside_the_image(tmp_path: Path):
     title_band = [image.getpixel((x, y)) for y in range(2, 30) for x in (0, 1, 2, 697, 698, 699)]
     assert all(p == (255, 255, 255) for p in title_band), "the title runs past the image's edges"
     assert any(p != (255, 255, 255) for p in (image.getpixel((x, 15)) for x in range(40, 660))), "no title"
+
+
+def test_long_tick_labels_move_the_plot_instead_of_running_past_the_edge(tmp_path: Path):
+    """A loss in the millions with a small spread: tick labels like 1234567.80 push the plot right, clear of
+    the rotated axis label and the image's edge; ordinary numbers keep the usual layout."""
+    huge = [{"step": i, "loss": 1_234_567.8 + 0.01 * (i % 7)} for i in range(1, 41)]
+    rows, frames = range(60, 330, 2), {}
+    for name, curve, epochs in (("huge", huge, []), ("usual", CURVE, EPOCHS)):
+        image = Image.open(plot_loss_curve(tmp_path / f"{name}.png", curve, epochs, None)).convert("RGB")
+        ink = [sum(image.getpixel((x, y)) != (255, 255, 255) for y in rows) for x in range(200)]
+        frames[name] = frame = next(x for x, n in enumerate(ink) if n > 0.9 * len(rows))  # the plot's left border
+        assert ink[0] == ink[1] == 0, f"{name}: something reaches the image's left edge"
+        label_end = next((x for x in range(2, frame) if ink[x] == 0 and any(ink[2:x])), None)  # after the axis label
+        assert label_end is not None, f"{name}: the axis label runs into the tick labels"
+        assert any(ink[label_end : frame - 6]), f"{name}: no tick labels between the axis label and the plot"
+    assert frames["usual"] in range(66, 74) and frames["huge"] > frames["usual"] + 10, frames

@@ -154,11 +154,17 @@ def plot_loss_curve(
     xticks, yticks = _nice_ticks(x0, x1, whole=True), _nice_ticks(y0, y1)  # steps are whole numbers
 
     k = _SCALE
+    font, big = ImageFont.load_default(size=11 * k), ImageFont.load_default(size=13 * k)
+    label = "loss (per supervised token)"
+    label_h = font.getbbox(label)[3]
+    # The plot moves right when the widest y tick label needs it (a loss in the millions): from the image's
+    # edge, the rotated axis label, a gap, the tick labels, the tick marks.
+    widest = max((font.getlength(_tick_text(v, yticks)) for v in yticks), default=0.0)
     width, height = _SIZE[0] * k, _SIZE[1] * k
-    left, top, right, bottom = _BOX[0] * k, _BOX[1] * k, width - _BOX[2] * k, height - _BOX[3] * k
+    left = max(_BOX[0] * k, math.ceil(4 * k + label_h + 2 * k + 6 * k + widest + 6 * k))
+    top, right, bottom = _BOX[1] * k, width - _BOX[2] * k, height - _BOX[3] * k
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font, big = ImageFont.load_default(size=11 * k), ImageFont.load_default(size=13 * k)
 
     def at(x: float, y: float) -> tuple[float, float]:
         return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
@@ -197,7 +203,6 @@ def plot_loss_curve(
         big = ImageFont.load_default(size=size)
     draw.text((middle, 10 * k), heading, font=big, fill=_INK, anchor="mt")
     draw.text((middle, height - 6 * k), "optimizer step", font=font, fill=_INK, anchor="md")
-    label = "loss (per supervised token)"
     box = draw.textbbox((0, 0), label, font=font)
     side = Image.new("RGB", (box[2] + 2 * k, box[3] + 2 * k), "white")
     ImageDraw.Draw(side).text((k, 0), label, font=font, fill=_INK)
