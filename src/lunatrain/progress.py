@@ -156,12 +156,12 @@ def plot_loss_curve(
     k = _SCALE
     font, big = ImageFont.load_default(size=11 * k), ImageFont.load_default(size=13 * k)
     label = "loss (per supervised token)"
-    label_h = font.getbbox(label)[3]
+    box = font.getbbox(label)  # the axis label's box, before it is turned upright
     # The plot moves right when the widest y tick label needs it (a loss in the millions): from the image's
     # edge, the rotated axis label, a gap, the tick labels, the tick marks.
     widest = max((font.getlength(_tick_text(v, yticks)) for v in yticks), default=0.0)
     width, height = _SIZE[0] * k, _SIZE[1] * k
-    left = max(_BOX[0] * k, math.ceil(4 * k + label_h + 2 * k + 6 * k + widest + 6 * k))
+    left = max(_BOX[0] * k, math.ceil(4 * k + box[3] + 2 * k + 6 * k + widest + 6 * k))
     top, right, bottom = _BOX[1] * k, width - _BOX[2] * k, height - _BOX[3] * k
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -203,7 +203,6 @@ def plot_loss_curve(
         big = ImageFont.load_default(size=size)
     draw.text((middle, 10 * k), heading, font=big, fill=_INK, anchor="mt")
     draw.text((middle, height - 6 * k), "optimizer step", font=font, fill=_INK, anchor="md")
-    box = draw.textbbox((0, 0), label, font=font)
     side = Image.new("RGB", (box[2] + 2 * k, box[3] + 2 * k), "white")
     ImageDraw.Draw(side).text((k, 0), label, font=font, fill=_INK)
     side = side.rotate(90, expand=True)
