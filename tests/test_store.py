@@ -118,6 +118,36 @@ def test_concurrent_first_opens_migrate_once(home: Path) -> None:
         assert conn.scalar(sa.text("SELECT count(*) FROM alembic_version")) == 1
 
 
+def test_connections_opening_a_new_file_together_wait_for_each_other(tmp_path: Path) -> None:
+    """While one connection turns a brand-new file to WAL, SQLite fails another's switch at once ("database
+    is locked") without waiting on the busy timeout; the store's connections must wait instead. Threads
+    with an engine each stand in for processes (sqlite3 releases the GIL): 100 new files, 3 at a time."""
+    import threading
+
+    failures: list[str] = []
+
+    def first_open(url: str, start: threading.Barrier) -> None:
+        engine = store._sqlite_engine(url)
+        start.wait()
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+            failures.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            engine.dispose()
+
+    for i in range(100):
+        start = threading.Barrier(3)
+        url = f"sqlite:///{tmp_path / f'new-{i}.db'}"
+        threads = [threading.Thread(target=first_open, args=(url, start)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures, f"{len(failures)} of 300 first opens failed: {failures[0]}"
+
+
 # --- examples -----------------------------------------------------------------------------------
 
 
