@@ -90,8 +90,12 @@ def test_chunked_loss_and_lora_gradients_equal_the_plain_path(settings, kind):
     if kind == "untied":
         assert any("lm_head" in n for n in plain_grads)
     for name, g in plain_grads.items():
-        assert g.abs().max() > 0, name
-        torch.testing.assert_close(chunked_grads[name], g, rtol=1e-5, atol=1e-5, msg=name)
+        scale = float(g.abs().max())
+        assert scale > 0, name
+        # Both paths sum the same float32 terms in a different order (chunks; the CPU's matmul kernels), so
+        # elements agree to within rounding of the gradient's own size: the loss is a sum over ~100
+        # positions and its gradients reach ~100, where a fixed 1e-5 would ask for more than float32 holds.
+        torch.testing.assert_close(chunked_grads[name], g, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_softcapping_matters_so_the_gemma_case_tests_something(settings):
