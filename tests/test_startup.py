@@ -35,9 +35,17 @@ def test_a_collector_that_was_off_stays_off():
         gc.enable()
 
 
-def test_importing_the_stack_again_is_free():
+def test_importing_the_stack_again_is_free(monkeypatch):
     import peft  # noqa: F401 - loaded: what a job forked from the warm worker finds
 
+    from lunatrain import startup
+
+    def pause_again():
+        raise AssertionError("the collector was paused (and everything frozen) again")
+
+    monkeypatch.setattr(startup, "collector_paused", pause_again)
     before = gc.get_freeze_count()
     import_training_stack()
-    assert gc.get_freeze_count() == before
+    # A second freeze would add every object made since the first. (The count can drop meanwhile: frozen
+    # objects are still freed when their last reference goes, e.g. by another test's thread.)
+    assert gc.get_freeze_count() <= before
