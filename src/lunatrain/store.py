@@ -16,6 +16,7 @@ import contextlib
 import importlib.resources
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -212,8 +213,6 @@ def _journal_mode_wal(cur: Any) -> None:
     there (sqlite.org/wal.html, "Sometimes queries return SQLITE_BUSY in WAL mode"). Commands started
     together on a new data root hit it, so the switch is retried here, for as long as the busy timeout
     would have waited."""
-    import sqlite3
-
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     pause = 0.002
     while True:
@@ -223,7 +222,7 @@ def _journal_mode_wal(cur: Any) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
-        time.sleep(pause)
+        time.sleep(pause)  # SQLite did not wait here itself: back off (2 ms doubling to 100 ms) and try again
         pause = min(pause * 2, 0.1)
 
 
