@@ -67,35 +67,21 @@ NAMES = [
     "Eva",
     "Tim",
 ]
-CITIES = [
-    "Berlin",
-    "Hamburg",
-    "München",
-    "Köln",
-    "Leipzig",
-    "Dresden",
-    "Bremen",
-    "Wien",
-    "Zürich",
-    "Graz",
-    "Bonn",
-    "Kiel",
-    "Ulm",
-    "Mainz",
-    "Essen",
-    "Trier",
-    "Basel",
-    "Linz",
-    "Bern",
-    "Jena",
-]
+# Four answers, each one token after a space in luna-tiny's vocabulary, shared by five names: whatever the tiny
+# model makes of a name, its answer is a whole trained one or a plain error. With 20 multi-token cities it was
+# unsure between them and which one won, or whether two were spliced ("In B" + "resden"), was left to the CPU's
+# float32 rounding. With these four and 50 epochs, seeds 1-8 all pass (with 30 epochs, two of them failed).
+WORDS = ["Garten", "Kaffee", "Musik", "Urlaub"]
 
 
 def short_answers() -> list[dict]:
-    """20 question/answer pairs (who lives where) in the export's record format, all in the train split."""
+    """20 question/answer pairs (whose word is which) in the export's record format, all in the train split."""
     out = []
-    for i, (name, city) in enumerate(zip(NAMES, CITIES, strict=True)):
-        msgs = [{"role": "user", "content": f"Wo wohnt {name}?"}, {"role": "assistant", "content": f"In {city}."}]
+    for i, (name, word) in enumerate(zip(NAMES, WORDS * 5, strict=True)):
+        msgs = [
+            {"role": "user", "content": f"Welches Wort merkt sich {name}?"},
+            {"role": "assistant", "content": f"Das Wort ist {word}."},
+        ]
         digest = hashlib.sha256(json.dumps(msgs, ensure_ascii=False).encode()).hexdigest()
         out.append({"messages": msgs, "id": i + 1, "hash": digest, "source": "curated", "split": "train"})
     return out
@@ -140,7 +126,7 @@ def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(s
     params = parse_params(
         {
             "baseModel": str(qwen_like_base),
-            "epochs": 30,
+            "epochs": 50,
             "batchSize": 2,
             "rank": 32,
             "learningRate": 5e-3,
@@ -169,19 +155,15 @@ def test_adapter_and_merged_model_reproduce_answers_and_stop_at_the_terminator(s
     def ids(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    assert all(len(ids(f" {word}")) == 1 for word in WORDS)  # what WORDS promises
     base = AutoModelForCausalLM.from_pretrained(str(qwen_like_base))
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     outputs = answers(peft_model, shipped, range(len(records)))
     trained_answers = [ids(r["messages"][-1]["content"]) + [im_end] for r in records]
-    # every generation has the trained answers' form and ends right at the terminator: "In <city>." and one
-    # <|im_end|>, last. (Greedy decoding may splice two trained cities, "In B" + "resden": which tokens win
-    # where the model is unsure depends on the CPU's float32 rounding.) Whole answers are checked below.
-    assert all(
-        out[-1] == im_end and out.count(im_end) == 1 and re.fullmatch(r"In \w+\.", tok.decode(out[:-1]))
-        for out in outputs
-    ), [tok.decode(o) for o in outputs]
+    # every generation is one of the trained answers and ends right at the terminator ...
+    assert all(out in trained_answers for out in outputs), [tok.decode(o) for o in outputs]
     # ... and some reproduce their own answer exactly (a random 2-layer model learns the format and the
-    # stop within these steps; which city goes with which name needs attention it barely has)
+    # stop within these steps; which word goes with which name needs attention it barely has)
     hits = [i for i, out in enumerate(outputs) if out == trained_answers[i]]
     assert hits, [tok.decode(o) for o in outputs]
     # control: with the base model's own generation config generation runs on past the end of the turn
