@@ -276,3 +276,33 @@ def test_runner_backs_off_on_storage_errors_and_fails_the_job(settings, store, m
     runner._loop()
     failed = store.get(job.id)
     assert failed.status == "failed" and failed.error.code == "disk_full", failed.error
+
+
+def test_job_stores_opening_a_new_file_together_wait_for_each_other(tmp_path):
+    """The jobs database has the same SQLite behaviour as the example store (test_store.py): while one
+    connection turns a new file to WAL, another's switch fails at once with "database is locked" instead of
+    waiting. A trainer starting while `lunatrain status` reads its jobs opens it like that. Threads stand in
+    for processes (sqlite3 releases the GIL): 100 new files, 3 stores at a time."""
+    import threading
+
+    failures: list[str] = []
+
+    def first_open(path, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            jobs = JobStore(path)
+            try:
+                assert jobs._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            finally:
+                jobs.close()
+        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    for i in range(100):
+        start = threading.Barrier(3)
+        threads = [threading.Thread(target=first_open, args=(tmp_path / f"jobs-{i}.db", start)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures, f"{len(failures)} of 300 first opens failed: {failures[0]}"

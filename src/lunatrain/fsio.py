@@ -1,4 +1,5 @@
-"""Crash-safe file writes and inter-process locks shared by export, registry, reports and jobs.
+"""Crash-safe file writes and inter-process locks shared by export, registry, reports and jobs, and the way
+every SQLite file of ours is opened by several processes at once.
 
 Storage faults become one sentence: a write that fails with ENOSPC raises DiskFull, any other OSError of a
 write StorageError (both leave the previous file in place); a JSON file that cannot be decoded raises
@@ -13,7 +14,9 @@ import fcntl
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -135,3 +138,30 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --- SQLite files shared by processes ---------------------------------------------------------------
+
+SQLITE_BUSY_TIMEOUT_S = 30  # how long a statement waits for another process's lock before it fails
+
+
+def sqlite_wal(db: Any) -> None:
+    """`PRAGMA journal_mode = WAL` on a sqlite3 connection or cursor, waiting out other processes that are
+    opening the same file.
+
+    While one connection turns a new file to WAL (or the last one to close a WAL file cleans up after it),
+    another one's switch fails at once with "database is locked": SQLite does not call the busy handler
+    there (sqlite.org/wal.html, "Sometimes queries return SQLITE_BUSY in WAL mode"). Commands started
+    together on a new data root hit it, and so does a status read while the trainer starts; the switch is
+    retried here, for as long as the busy timeout would have waited."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    pause = 0.002
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)  # SQLite did not wait here itself: back off (2 ms doubling to 100 ms) and try again
+        pause = min(pause * 2, 0.1)

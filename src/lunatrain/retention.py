@@ -32,6 +32,7 @@ from typing import Any
 
 from . import export
 from .errors import StorageError
+from .fsio import SQLITE_BUSY_TIMEOUT_S
 from .service.jobs import TERMINAL, jobs_db_path
 from .settings import Settings
 
@@ -103,7 +104,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
         return []
     logs = settings.data_dir / "trainer" / "logs"
     cutoff = now - timedelta(days=settings.retain_job_days)
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
     try:
         rows = db.execute("SELECT id, status, finished_at, created_at FROM jobs ORDER BY seq DESC").fetchall()
         doomed: list[tuple[str, str]] = []

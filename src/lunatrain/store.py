@@ -16,9 +16,7 @@ import contextlib
 import importlib.resources
 import json
 import os
-import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -31,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from . import formats
 from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
 from .formats import ExampleDraft, RecordError
+from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 
@@ -202,43 +201,19 @@ def _storage_errors(engine: Engine) -> Iterator[None]:
         raise storage_error(exc, engine) from exc
 
 
-BUSY_TIMEOUT_S = 30  # how long a statement waits for another process's lock before it fails
-
-
-def _journal_mode_wal(cur: Any) -> None:
-    """`PRAGMA journal_mode = WAL`, waiting out other processes that are opening the same file.
-
-    While one connection turns a new file to WAL (or the last one to close a WAL file cleans up after it),
-    another one's switch fails at once with "database is locked": SQLite does not call the busy handler
-    there (sqlite.org/wal.html, "Sometimes queries return SQLITE_BUSY in WAL mode"). Commands started
-    together on a new data root hit it, so the switch is retried here, for as long as the busy timeout
-    would have waited."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    pause = 0.002
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(pause)  # SQLite did not wait here itself: back off (2 ms doubling to 100 ms) and try again
-        pause = min(pause * 2, 0.1)
-
-
 def _sqlite_engine(url: str) -> Engine:
     db_path = sa.engine.make_url(url).database
     if db_path and db_path != ":memory:":
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's BEGIN below control transactions instead of pysqlite's implicit ones.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-        _journal_mode_wal(cur)  # readers never block the writer (export vs. ingest)
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+        sqlite_wal(cur)  # readers never block the writer (export vs. ingest)
         cur.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster commits
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from ..errors import Conflict, NotFound
+from ..fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from ..params import FlowOptions, LoraParams
 from ..wire import finite, now_iso
 
@@ -192,9 +193,9 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        sqlite_wal(self._db)
         # NORMAL is durable across process crashes in WAL mode (only a power loss may drop the last commit).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
