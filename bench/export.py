@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from words import EXPORT_WORDS as WORDS
+
 CHILD = r"""
 import json, resource, sys, time
 from lunatrain.settings import load_settings
@@ -41,39 +43,6 @@ print(json.dumps({
     "bytes": sum(f["bytes"] for f in summary.files.values()) if summary else 0,
 }))
 """
-
-WORDS = [
-    "Luna",
-    "Termin",
-    "morgen",
-    "Erinnerung",
-    "Einkauf",
-    "Bericht",
-    "Meeting",
-    "please",
-    "help",
-    "plan",
-    "today",
-    "write",
-    "email",
-    "short",
-    "answer",
-    "Python",
-    "Liste",
-    "Datei",
-    "Woche",
-    "Frage",
-    "Antwort",
-    "kurz",
-    "freundlich",
-    "remind",
-    "call",
-    "mom",
-    "weekend",
-    "trip",
-    "recipe",
-    "pasta",
-]
 
 
 def _build(home: Path, n: int, seed: int = 0) -> float:

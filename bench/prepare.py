@@ -28,54 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from words import WORDS
+
 SYSTEM = "Du bist Luna, eine warmherzige, knappe persönliche Assistentin."
-WORDS = [
-    "Luna",
-    "Termin",
-    "morgen",
-    "Erinnerung",
-    "Einkauf",
-    "Bericht",
-    "Meeting",
-    "please",
-    "help",
-    "plan",
-    "today",
-    "write",
-    "email",
-    "short",
-    "answer",
-    "Python",
-    "Liste",
-    "Datei",
-    "Woche",
-    "Frage",
-    "Antwort",
-    "kurz",
-    "freundlich",
-    "remind",
-    "call",
-    "mom",
-    "weekend",
-    "trip",
-    "recipe",
-    "pasta",
-    "Montag",
-    "Dienstag",
-    "Zahnarzt",
-    "Geburtstag",
-    "Kuchen",
-    "Bahn",
-    "Ticket",
-    "Urlaub",
-    "Wetter",
-    "Regen",
-    "Sonne",
-    "Buch",
-    "lesen",
-    "Musik",
-    "Jazz",
-]
 
 
 def synthetic(n: int, seed: int = 0) -> list[dict]:

@@ -1,0 +1,55 @@
+"""The made-up vocabulary of the data benchmarks (bench/export.py, bench/prepare.py): German and English
+words of an assistant's everyday requests, so that tokenized lengths look like real conversations.
+
+`EXPORT_WORDS` is the first 30 of them: the export benchmark's examples were drawn from that list, and
+drawing from it again keeps its figures comparable with the earlier results.
+"""
+
+WORDS = [
+    "Luna",
+    "Termin",
+    "morgen",
+    "Erinnerung",
+    "Einkauf",
+    "Bericht",
+    "Meeting",
+    "please",
+    "help",
+    "plan",
+    "today",
+    "write",
+    "email",
+    "short",
+    "answer",
+    "Python",
+    "Liste",
+    "Datei",
+    "Woche",
+    "Frage",
+    "Antwort",
+    "kurz",
+    "freundlich",
+    "remind",
+    "call",
+    "mom",
+    "weekend",
+    "trip",
+    "recipe",
+    "pasta",
+    "Montag",
+    "Dienstag",
+    "Zahnarzt",
+    "Geburtstag",
+    "Kuchen",
+    "Bahn",
+    "Ticket",
+    "Urlaub",
+    "Wetter",
+    "Regen",
+    "Sonne",
+    "Buch",
+    "lesen",
+    "Musik",
+    "Jazz",
+]
+EXPORT_WORDS = WORDS[:30]
