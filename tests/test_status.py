@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -41,6 +42,8 @@ def test_counts_readiness_and_export_freshness(settings):
     status = training_status(settings, 30)
     assert status["lastExport"]["fingerprint"] == summary.fingerprint
     assert status["lastExport"]["time"] == summary.exported_at
+    # the one timestamp format of every report, job and registry entry (wire.now_iso): UTC, milliseconds, Z
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", summary.exported_at), summary.exported_at
     assert status["changedSinceExport"] is False
 
     store.add_example(settings, prompt="Neue Frage?", response="Neue Antwort.", source="curated", status="approved")

@@ -52,7 +52,8 @@ from .errors import CheckFailed, DamagedFile, NotFound, StorageError, UsageError
 from .fsio import dumps_json, file_lock, fsync_dir, read_json, storage_guard
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
-from .store import open_store, utcnow
+from .store import open_store
+from .wire import now_iso, utc_now
 
 Tier = Literal["curated", "memory", "merged"]
 TIERS: tuple[str, ...] = get_args(Tier)
@@ -380,7 +381,7 @@ def _write_export(
             sink.close()
     summary = ExportSummary(
         directory=work,
-        exported_at=utcnow().isoformat(timespec="seconds"),
+        exported_at=now_iso(),
         store_revision=store_rev,
         ratios={"train": round(1.0 - val - test, 10), "val": val, "test": test},
         counts=counts,
@@ -410,7 +411,7 @@ def _remove_leftovers(out: Path) -> None:
 
 def _new_id() -> str:
     # Sortable by time (pruning keeps the newest), unique across concurrent machines sharing a directory.
-    return utcnow().strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+    return utc_now().strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def _switch_current(out: Path, export_id: str) -> None:

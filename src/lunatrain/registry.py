@@ -39,7 +39,6 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .messages import coded
 from .settings import Settings, check_name, inside
 from .wire import now_iso as now
+from .wire import utc_now
 
 FORMAT = "lunatrain-registry/1"
 SLOT = "current"  # the single version of the overwrite strategy
@@ -644,7 +644,7 @@ def repair(settings: Settings) -> dict[str, Any]:
             count = sum(len(a["versions"]) for a in data["adapters"].values())
             return {"repaired": False, "damagedFile": None, "versions": count, "adapters": sorted(data["adapters"])}
         rebuilt = rebuild(settings)
-        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+        aside = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
         with storage_guard(path):
             os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
         rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name}

@@ -35,6 +35,7 @@ from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S
 from .service.jobs import TERMINAL, jobs_db_path
 from .settings import Settings
+from .wire import utc_now
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class GcReport:
 
 def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> GcReport:
     """Apply the retention policy (module docstring); with `dry_run` only list what would go."""
-    now = now or datetime.now(UTC)
+    now = now or utc_now()
     report = GcReport(dry_run)
     try:
         report.items += _jobs(settings, now, dry_run)

@@ -32,6 +32,7 @@ from .formats import ExampleDraft, RecordError
 from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
+from .wire import utc_now
 
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
@@ -41,10 +42,6 @@ STATUSES: tuple[str, ...] = get_args(Status)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes
 _CHUNK = 500  # ids/hashes per IN (...) clause: far below every driver's parameter limit
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(value: datetime) -> datetime:
@@ -344,7 +341,7 @@ def _add_drafts(conn: Connection, drafts: Iterable[ExampleDraft], source: str, s
         total += 1
         unique.setdefault(draft.hash, draft)
     existing = _existing(conn, examples_table, list(unique))
-    now = utcnow()
+    now = utc_now()
     rows = [
         {
             "hash": h,
@@ -498,7 +495,7 @@ def _set_status(settings: Settings, table: sa.Table, ids: Sequence[int], status:
             changed += conn.execute(
                 table.update()
                 .where(table.c.id.in_(wanted[i : i + _CHUNK]), table.c.status != status)
-                .values(status=status, updated_at=utcnow())
+                .values(status=status, updated_at=utc_now())
             ).rowcount
         if changed:
             _bump(conn)
@@ -514,7 +511,7 @@ def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) 
     other = memory_table if table is examples_table else examples_table
     with open_store(settings).write() as conn:
         wanted = _check_ids(conn, table, ids, kind)
-        now = utcnow()
+        now = utc_now()
         for i in range(0, len(wanted), _CHUNK):
             chunk = wanted[i : i + _CHUNK]
             hashes = list(conn.scalars(sa.select(table.c.hash).where(table.c.id.in_(chunk))))
@@ -572,7 +569,7 @@ def add_memory(
         dup = _existing(conn, memory_table, [draft.hash])
         if dup:
             raise Conflict(f"A memory item with the same question and answer already exists (id {dup[draft.hash]}).")
-        now = utcnow()
+        now = utc_now()
         conn.execute(
             memory_table.insert().values(
                 hash=draft.hash,

@@ -1,7 +1,8 @@
 """How values cross process and file boundaries: one timestamp format and one rule for non-finite numbers.
 
-Every report, registry entry, job and event uses `now_iso()` (UTC, milliseconds, `Z`), so timestamps from
-different stages sort and compare as text; `finite()` makes any value JSON-safe (NaN and ±inf become null:
+Every report, export summary, registry entry, job and event uses `now_iso()` (UTC, milliseconds, `Z`), so
+timestamps from different stages sort and compare as text; `utc_now()` is the same clock as a value (database
+columns, ages, file-name stamps); `finite()` makes any value JSON-safe (NaN and ±inf become null:
 `json.dumps` would write `NaN`, which no JSON parser accepts).
 """
 
@@ -12,8 +13,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def finite(value: Any) -> Any:
