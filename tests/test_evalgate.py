@@ -71,7 +71,7 @@ def test_cli_reports_a_bad_eval_file_and_exits_2(settings):
     result = CliRunner().invoke(app, ["eval-gate"])
     assert result.exit_code == 2
     assert f"{settings.eval_dir / 'x.jsonl'}:1: not valid JSON" in result.output
-    assert not (settings.reports_eval_dir / evalgate.REPORT_FILE).exists()
+    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
 
 
 def test_shipped_suite_is_copied_when_none_exists_and_is_valid(settings):
@@ -167,7 +167,7 @@ def test_base_model_alone_is_evaluated_when_nothing_is_active(settings, tiny):
     assert report.passed and report.reasons == []
     assert report.metrics["goldenTotal"] == len(load_suite(settings))
     assert report.metrics["valLoss"] is None and "no export" in report.notes[0]
-    written = json.loads((settings.reports_eval_dir / evalgate.REPORT_FILE).read_text("utf-8"))
+    written = json.loads((settings.reports_eval_dir / "eval-gate-latest.json").read_text("utf-8"))
     assert written["decision"] == "pass" and written["candidate"]["kind"] == "base"
     case = written["cases"][0]
     assert {"id", "prompt", "output", "stopped", "checks", "passed"} <= set(case)
@@ -239,7 +239,7 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
         assert not gb.passed and gb.baseline["kind"] == "base"
         assert "val loss is nan" in gb.reasons
         assert registry.list_adapters(settings)["luna-broken"]["aliases"].get("active") is None
-        assert json.loads((settings.reports_eval_dir / evalgate.REPORT_FILE).read_text())["metrics"]["valLoss"] is None
+        assert json.loads((settings.reports_eval_dir / "eval-gate-latest.json").read_text())["metrics"]["valLoss"] is None
 
         # v3: B x0 is exactly the base model: fine against the base rule, but a regression against v1. The
         # suite changed since v1 was gated, so v1's record is not comparable and v1 is evaluated again.

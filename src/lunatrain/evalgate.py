@@ -36,7 +36,7 @@ from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
-from .settings import Settings
+from .settings import EVAL_REPORT, Settings
 from .wire import finite, now_iso
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
@@ -58,7 +58,6 @@ __all__ = [  # the suite's names are re-exported: callers need only this module
 ]
 
 GATE_FORMAT = "lunatrain-eval-gate/1"
-REPORT_FILE = "eval-gate-latest.json"  # settings.eval_report's name, for messages
 DEFAULT_TIER = "curated"
 GEN_BATCH = 32  # golden cases generated together
 
@@ -303,7 +302,7 @@ class GateReport:
             raise CheckFailed(
                 f"Eval gate failed for {self.candidate['ref']}: "
                 + "; ".join(self.reasons)
-                + f" (see {self.path or REPORT_FILE})."
+                + f" (see {self.path or EVAL_REPORT})."
             )
         return self
 

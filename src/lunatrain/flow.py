@@ -327,7 +327,7 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         if gate:
             reasons = "; ".join(gate.get("reasons") or [])
             lines.append(f"gate       {gate.get('status')}" + (f": {reasons}" if reasons else ""))
-        lines.append(f"files      {entry.get('path')}/ (adapter, training-report.json, loss-curve.png)")
+        lines.append(f"files      {entry.get('path')}/ (adapter, {registry.REPORT_FILE}, {registry.LOSS_CURVE_FILE})")
     lines.append(
         f"reports    {settings.reports_training_dir}/ (lora-latest.json, lora-adapters.json, "
         f"prepare-latest.json), {settings.reports_eval_dir}/eval-gate-latest.json"

@@ -47,12 +47,11 @@ from .errors import CheckFailed, NotFound
 from .fsio import atomic_write_json, read_json
 from .messages import coded
 from .params import LoraParams, total_steps
-from .settings import Settings
+from .settings import PREPARE_REPORT, Settings
 from .wire import now_iso
 
 Severity = Literal["info", "warn", "fail"]
 Status = Literal["ok", "warn", "fail"]
-REPORT_FILE = "prepare-latest.json"  # settings.prepare_report's name, for messages
 MAX_EXAMPLES = 5  # record ids listed per check
 MIN_VAL = 5  # below this a val loss is mostly noise
 ROLES = {"system", "user", "assistant"}
@@ -143,7 +142,7 @@ class PrepareReport:
             memory = next(
                 (f"; {c.message[0].lower()}{c.message[1:].rstrip('.')}" for c in failed if c.id == "memory_plan"), ""
             )
-            raise CheckFailed(f"Preflight failed: {names}{memory}; see {self.path or REPORT_FILE} and {fix}.")
+            raise CheckFailed(f"Preflight failed: {names}{memory}; see {self.path or PREPARE_REPORT} and {fix}.")
         return self
 
 

@@ -49,6 +49,10 @@ from .settings import Settings, check_name, inside
 from .wire import now_iso as now
 from .wire import utc_now
 
+# What each version folder holds besides the PEFT files: written by train.py, read by repair, the CLI and the API.
+REPORT_FILE = "training-report.json"
+LOSS_CURVE_FILE = "loss-curve.png"
+
 FORMAT = "lunatrain-registry/1"
 SLOT = "current"  # the single version of the overwrite strategy
 _VERSION_RE = re.compile(r"^v(\d+)$")
@@ -661,7 +665,7 @@ def rebuild(settings: Settings) -> dict[str, Any]:
     gate outcome (and `active`, when it promoted it); merged models restore `merged`."""
     data: dict[str, Any] = {"format": FORMAT, "adapters": {}}
     root = settings.adapters_dir
-    for report_path in sorted(root.glob("*/*/training-report.json")) if root.is_dir() else []:
+    for report_path in sorted(root.glob(f"*/*/{REPORT_FILE}")) if root.is_dir() else []:
         folder = report_path.parent
         name = folder.parent.name
         if not (_VERSION_RE.match(folder.name) or folder.name == SLOT) or name.startswith("."):

@@ -47,6 +47,9 @@ def inside(root: Path, *parts: str) -> Path:
 # Where `lunatrain trainer` listens unless ASSISTANT_LORA_TRAINER_URL says otherwise. A trainer found there
 # serving another data root makes this one start its own on a free port (service/ensure.py).
 DEFAULT_TRAINER_URL = "http://127.0.0.1:5051"
+# The latest preflight and gate reports (the guide's names), under reports/training and reports/eval.
+PREPARE_REPORT = "prepare-latest.json"
+EVAL_REPORT = "eval-gate-latest.json"
 
 
 class Settings(BaseSettings):
@@ -145,7 +148,7 @@ class Settings(BaseSettings):
     # The reports the guide names, each written by one stage and read by status, the flows and the API.
     @property
     def prepare_report(self) -> Path:
-        return self.reports_training_dir / "prepare-latest.json"
+        return self.reports_training_dir / PREPARE_REPORT
 
     @property
     def lora_latest_report(self) -> Path:
@@ -157,7 +160,7 @@ class Settings(BaseSettings):
 
     @property
     def eval_report(self) -> Path:
-        return self.reports_eval_dir / "eval-gate-latest.json"
+        return self.reports_eval_dir / EVAL_REPORT
 
     @property
     def database_url(self) -> str:

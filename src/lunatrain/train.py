@@ -229,7 +229,7 @@ def conclude(
             **coded("log.training_ended", status=status.value, message=error["message"] if error else ""),
         }
     )
-    atomic_write_json(run.work_dir / "training-report.json", report)
+    atomic_write_json(run.work_dir / registry.REPORT_FILE, report)
     registry.write_latest(run.settings, report)
     return TrainResult(status, run.params.adapter_name, report=report, error=error)
 
@@ -701,7 +701,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     write_generation_config(out, run.base.path, run.tokens.terminator, run.tokenizer)
     hashes = sorted({e.hash for e in run.train if e.hash})
     atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
-    plot_loss_curve(out / "loss-curve.png", run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
+    plot_loss_curve(out / registry.LOSS_CURVE_FILE, run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
     entry = {
         "jobId": report["jobId"],
         "status": "succeeded",
@@ -722,7 +722,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
         report.update(
             version=final["version"], revision=final.get("revision"), path=final["path"], created=final["created"]
         )
-        atomic_write_bytes(out / "training-report.json", dumps_json(report).encode())
+        atomic_write_bytes(out / registry.REPORT_FILE, dumps_json(report).encode())
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report)
     registry.write_latest(run.settings, report)

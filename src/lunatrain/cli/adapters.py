@@ -92,7 +92,7 @@ def show_cmd(
         settings = load_settings()
         name, version = registry.parse_ref(ref)
         entry = registry.get_version(settings, name, version)
-        report = read_json(registry.adapter_dir(settings, entry) / "training-report.json")
+        report = read_json(registry.adapter_dir(settings, entry) / registry.REPORT_FILE)
     except LunaError as err:
         raise fail(err) from None
     out = dict(entry)

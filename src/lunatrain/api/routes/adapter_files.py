@@ -16,7 +16,10 @@ from ..deps import AdapterName, SettingsDep, Version, errors
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"])
 
-_FILES = {"report": ("training-report.json", "application/json"), "loss-curve.png": ("loss-curve.png", "image/png")}
+_FILES = {
+    "report": (registry.REPORT_FILE, "application/json"),
+    "loss-curve.png": (registry.LOSS_CURVE_FILE, "image/png"),
+}
 
 
 def _file(settings: Settings, name: str, version: str, kind: str) -> FileResponse:
