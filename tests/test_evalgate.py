@@ -239,7 +239,9 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
         assert not gb.passed and gb.baseline["kind"] == "base"
         assert "val loss is nan" in gb.reasons
         assert registry.list_adapters(settings)["luna-broken"]["aliases"].get("active") is None
-        assert json.loads((settings.reports_eval_dir / "eval-gate-latest.json").read_text())["metrics"]["valLoss"] is None
+        assert (
+            json.loads((settings.reports_eval_dir / "eval-gate-latest.json").read_text())["metrics"]["valLoss"] is None
+        )
 
         # v3: B x0 is exactly the base model: fine against the base rule, but a regression against v1. The
         # suite changed since v1 was gated, so v1's record is not comparable and v1 is evaluated again.

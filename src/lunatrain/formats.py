@@ -22,6 +22,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,16 @@ _ROLE_ALIASES = {
 def normalize_text(value: str) -> str:
     """NFC + trim: the same visible text always gives the same hash, whatever editor produced it."""
     return unicodedata.normalize("NFC", value).strip()
+
+
+def checked_text(value: str, field_name: str | None) -> str:
+    """`normalize_text`, refusing what cannot be stored as UTF-8: a lone surrogate, which a JSON escape
+    (`"\\ud800"`) or an undecodable byte in a command-line argument makes (Python's surrogateescape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError(field_name, "is not valid Unicode text (it holds a lone surrogate)") from None
+    return normalize_text(value)
 
 
 def content_hash(system: str | None, turns: Sequence[tuple[str, str]], prompt: str, response: str) -> str:
@@ -115,7 +126,7 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
         value = "".join(str(p.get("text", "")) for p in value)
     if not isinstance(value, str):
         raise RecordError(field_name, f"expected a string, got {_type_name(value)}")
-    text = normalize_text(value)
+    text = checked_text(value, field_name)
     if not text:
         if required:
             raise RecordError(field_name, "is empty")
@@ -134,7 +145,7 @@ def _tags(value: Any) -> tuple[str, ...]:
     for i, tag in enumerate(value):
         if not isinstance(tag, str):
             raise RecordError(f"tags[{i}]", f"expected a string, got {_type_name(tag)}")
-        tag = normalize_text(tag)
+        tag = checked_text(tag, f"tags[{i}]")
         if len(tag) > MAX_TAG_LEN:
             raise RecordError(f"tags[{i}]", f"longer than {MAX_TAG_LEN} characters")
         if tag:
@@ -145,7 +156,9 @@ def _tags(value: Any) -> tuple[str, ...]:
 def _rating(value: Any) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses; past 9 digits it is out of range
+    # anyway, and int() of thousands of digits is refused too.
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RecordError("rating", f"expected a whole number, got {_type_name(value)}")
@@ -161,7 +174,7 @@ def _conversation_id(value: Any) -> str | None:
         value = str(value)
     if not isinstance(value, str):
         raise RecordError("conversation_id", f"expected a string, got {_type_name(value)}")
-    value = normalize_text(value)
+    value = checked_text(value, "conversation_id")
     if len(value) > MAX_CONVERSATION_ID_LEN:
         raise RecordError("conversation_id", f"longer than {MAX_CONVERSATION_ID_LEN} characters")
     return value or None
@@ -336,13 +349,13 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
                 continue
             try:
                 yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"line {lineno}", RecordError(None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+            except (ValueError, RecursionError) as exc:
+                yield f"line {lineno}", RecordError(None, _malformed(exc))
     elif suffix == ".json":
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield f"line {exc.lineno}", RecordError(None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+        except (ValueError, RecursionError) as exc:
+            yield f"line {getattr(exc, 'lineno', 1)}", RecordError(None, _malformed(exc))
             return
         if isinstance(doc, dict):
             doc = [doc]
@@ -355,13 +368,25 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:
             return
-        for row in reader:
-            # Line of the row's end; header is line 1, so the first data row reports line 2.
-            yield f"line {reader.line_num}", _csv_row(row)
+        try:
+            for row in reader:
+                # Line of the row's end; header is line 1, so the first data row reports line 2.
+                yield f"line {reader.line_num}", _csv_row(row)
+        except csv.Error as exc:  # e.g. a cell over the csv module's field size limit: the reader cannot go on
+            yield f"line {reader.line_num}", RecordError(None, f"unreadable CSV ({exc})")
     else:
         raise UsageError(
             f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
         )
+
+
+def _malformed(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "malformed JSON (nested too deeply)"
+    # e.g. a number of more digits than Python converts; the advice after the colon is for programmers
+    return f"malformed JSON ({str(exc).split(':')[0]})"
 
 
 def _csv_row(row: dict[str | None, Any]) -> Any:
@@ -389,11 +414,18 @@ def read_file(path: Path, fmt: str = "auto") -> ParsedFile:
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
     try:
+        if path.is_dir():
+            raise IsADirectoryError
+        # A pipe or a device would be read until a writer comes or forever (/dev/zero): regular files only.
+        if path.exists() and not path.is_file():
+            raise UsageError(f"Cannot import {path}: it is not a regular file.")
         data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"Cannot import {path}: file not found.") from None
     except IsADirectoryError:
         raise UsageError(f"Cannot import {path}: it is a directory, not a file.") from None
+    except OSError as exc:  # not a directory on the way, a name too long, no permission
+        raise UsageError(f"Cannot import {path}: {exc.strerror or exc}.") from None
     drafts: list[ExampleDraft] = []
     formats: dict[str, int] = {}
     problems: list[str] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,11 +85,12 @@ class Settings(BaseSettings):
     # Retention (`lunatrain gc`, see retention.py): what is kept of finished work.
     retain_exports: int = Field(default=3, ge=1, le=1000, description="export directories kept (current included)")
     retain_jobs: int = Field(default=50, ge=0, description="finished jobs whose events and log are kept")
+    # At most 100 years: a larger age (or inf) is no date at all, and date arithmetic overflows on it.
     retain_job_days: float = Field(
-        default=30.0, ge=0, description="events and logs of finished jobs older than this go"
+        default=30.0, ge=0, le=36500, description="events and logs of finished jobs older than this go"
     )
     retain_checkpoint_days: float = Field(
-        default=7.0, ge=0, description="idle run work dirs (checkpoints) older than this go"
+        default=7.0, ge=0, le=36500, description="idle run work dirs (checkpoints) older than this go"
     )
     infer_max_concurrent: int = Field(
         default=8, ge=1, le=256, description="chat answers generated at once; more get 429"
@@ -101,7 +103,30 @@ class Settings(BaseSettings):
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+        try:
+            home = v.expanduser().resolve()
+        except RuntimeError:  # "~user/..." for a user this machine does not have
+            raise ValueError(f"cannot find the home directory in {str(v)!r}") from None
+        # A file where the data root (or a folder above it) belongs: say so now, not as a traceback from the
+        # first mkdir deep inside whichever stage runs first.
+        for path in (home, *home.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise ValueError(f"{home} is not a directory" + (f" ({path} is a file)" if path != home else ""))
+                break
+        return home
+
+    @field_validator("lora_trainer_url", mode="after")
+    @classmethod
+    def _trainer_url(cls, v: str) -> str:
+        url = urlsplit(v)
+        try:
+            url.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+        except ValueError as exc:
+            raise ValueError(f"{v!r} has an invalid port ({exc})") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{v!r} is not an http://HOST:PORT address")
+        return v
 
     # --- paths under the data root -------------------------------------------------------------
     @property
@@ -201,5 +226,6 @@ def _first_error(exc: ValueError) -> str:
     if callable(errors):
         first = errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
-        return f"ASSISTANT_{loc.upper()}: {first.get('msg')}" if loc else str(first.get("msg"))
+        msg = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's own ValueError
+        return f"ASSISTANT_{loc.upper()}: {msg}" if loc else msg
     return str(exc)

@@ -172,9 +172,20 @@ def database_name(engine: Engine) -> str:
 
 
 def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
-    """One sentence for a database that is damaged, full or failing underneath a statement."""
-    reason = str(getattr(exc, "orig", None) or exc).strip().rstrip(".")
+    """One sentence for a database that is damaged, full, failing underneath a statement, or a server that
+    does not answer."""
+    orig = getattr(exc, "orig", None)
+    reason = " ".join(str(orig or exc).split()).rstrip(".")  # one line: libpq's messages span several
     where = database_name(engine)
+    if engine.dialect.name != "sqlite" and isinstance(exc, sa.exc.OperationalError):
+        # libpq failing to connect has no SQLSTATE; a server refusing or ending the connection has class 08
+        # (connection exception) or 57P (shutting down, starting up). Nothing is wrong with the data then.
+        state = getattr(orig, "sqlstate", None)
+        if state is None or state.startswith(("08", "57P")):
+            return StorageError(
+                f"Cannot connect to the database {where} ({reason}); check that its server runs and that "
+                "ASSISTANT_DB_URL names it. Nothing was changed."
+            )
     if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
         return DiskFull(
             f"The disk holding the database {where} is full ({reason}); nothing was changed. "
@@ -264,11 +275,20 @@ def open_store(settings: Settings) -> Store:
         if store is None:
             try:
                 engine = _sqlite_engine(url) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
-            except (sa.exc.ArgumentError, ImportError) as exc:
-                raise UsageError(f"Invalid database URL {url!r}: {exc}.") from None
+            # ValueError/TypeError: a URL part the dialect converts (a port that is no number, `?timeout=abc`).
+            except (sa.exc.ArgumentError, ImportError, ValueError, TypeError) as exc:
+                raise UsageError(f"Invalid database URL {_hidden(url)!r}: {exc}; check ASSISTANT_DB_URL.") from None
+            except OSError as exc:  # the SQLite file's folder cannot be created (a file in its way, no access)
+                raise UsageError(
+                    f"Cannot create the folder of the database {_hidden(url)!r} ({exc.strerror or exc}); "
+                    "check ASSISTANT_DB_URL."
+                ) from None
             store = Store(engine)
             try:
                 _migrate(store)
+            except (ValueError, TypeError) as exc:  # some URL parts are only converted when connecting
+                engine.dispose()
+                raise UsageError(f"Invalid database URL {_hidden(url)!r}: {exc}; check ASSISTANT_DB_URL.") from None
             except StorageError as err:
                 engine.dispose()
                 if isinstance(err.__cause__, sa.exc.OperationalError) and "unable to open" in str(err.__cause__):
@@ -284,12 +304,30 @@ def open_store(settings: Settings) -> Store:
     return store
 
 
+def _hidden(url: str) -> str:
+    """The URL as a message may show it: without its password."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError, TypeError):
+        return url.split("@")[-1] if "@" in url else url
+
+
 def dispose_stores() -> None:
     """Close every engine this process opened (tests, and services on shutdown)."""
     with _stores_lock:
         for store in _stores.values():
             store.engine.dispose()
         _stores.clear()
+
+
+# The largest id, offset or count a caller may name: within SQLite's and PostgreSQL's 64-bit integers, with
+# room to add to it (the API's bounds are the same).
+INT_MAX = 2**62
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not (1 <= limit <= INT_MAX and 0 <= offset <= INT_MAX):
+        raise UsageError(f"limit must be between 1 and {INT_MAX} and offset between 0 and {INT_MAX}.")
 
 
 def _bump(conn: Connection) -> None:
@@ -461,8 +499,7 @@ def list_examples(
     offset: int = 0,
 ) -> list[Example]:
     """Examples in insertion order (id), optionally filtered."""
-    if limit < 1 or offset < 0:
-        raise UsageError("limit must be at least 1 and offset at least 0.")
+    _check_page(limit, offset)
     query = sa.select(examples_table).order_by(examples_table.c.id).limit(limit).offset(offset)
     if source is not None:
         query = query.where(examples_table.c.source == _check_choice(source, SOURCES, "source"))
@@ -561,7 +598,10 @@ def add_memory(
         ) from None
     if topic is not None and not isinstance(topic, str):
         raise UsageError("Invalid memory item: field 'topic': expected a string.")
-    topic_ = formats.normalize_text(topic) if topic else None
+    try:
+        topic_ = formats.checked_text(topic, "topic") if topic else None
+    except RecordError as err:
+        raise UsageError(f"Invalid memory item: {err.describe()}.") from None
     if topic_ is not None and len(topic_) > 200:
         raise UsageError("Invalid memory item: field 'topic': longer than 200 characters.")
     _check_choice(status, STATUSES, "status")
@@ -591,8 +631,7 @@ def add_memory(
 def list_memory(
     settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
 ) -> list[MemoryItem]:
-    if limit < 1 or offset < 0:
-        raise UsageError("limit must be at least 1 and offset at least 0.")
+    _check_page(limit, offset)
     query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)
     if status is not None:
         query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))

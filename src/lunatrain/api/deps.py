@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..models import refuse_adapter_dir
 from ..service.jobs import JOB_ID_PATTERN
 from ..settings import NAME_MAX, NAME_PATTERN, Settings, inside
+from ..store import INT_MAX
 from .cache import Coalescer, fresh_reads
 from .schemas import VERSION_PATTERN, ErrorResponse
 
@@ -36,7 +37,7 @@ Fresh = Depends(fresh_reads)
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, description="adapter name")]
 Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=NAME_MAX, description="version, e.g. v3")]
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]
-ItemId = Annotated[int, Path(ge=1, le=2**62, description="numeric id")]
+ItemId = Annotated[int, Path(ge=1, le=INT_MAX, description="numeric id")]
 
 _DESCRIPTIONS = {
     400: "Malformed request or Host header not allowed",

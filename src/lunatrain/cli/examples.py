@@ -21,6 +21,8 @@ app.add_typer(memory_app, name="memory")
 
 SourceOpt = Annotated[str | None, typer.Option("--source", help="curated | memory | conversation")]
 StatusOpt = Annotated[str | None, typer.Option("--status", help="approved | pending | rejected")]
+_LISTED = 20  # problems of a refused import listed one per line
+
 IdsArg = Annotated[list[str], typer.Argument(help="example ids (12 or ex-12)")]
 
 
@@ -29,7 +31,8 @@ def _ids(raw: list[str], prefix: str) -> list[int]:
     ids = []
     for value in raw:
         text = value.removeprefix(f"{prefix}-")
-        if not text.isdigit():
+        # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and no more than an id can be.
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= store.INT_MAX):
             raise UsageError(f"Invalid id {value!r}: use a number such as 12 or {prefix}-12.")
         ids.append(int(text))
     return ids
@@ -97,8 +100,11 @@ def import_cmd(
         res = store.import_file(load_settings(), file, source=source, status=status, fmt=fmt)  # type: ignore[arg-type]
     except LunaError as err:
         if isinstance(err.details, list) and len(err.details) > 1:
-            for problem in err.details:
+            # The first problems, each on a line; a file of thousands of bad records says how many more.
+            for problem in err.details[:_LISTED]:
                 typer.echo(f"  {problem}", err=True)
+            if len(err.details) > _LISTED:
+                typer.echo(f"  … and {len(err.details) - _LISTED} more", err=True)
         raise fail(err) from None
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
     typer.echo(f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}).")

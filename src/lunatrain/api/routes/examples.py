@@ -26,7 +26,7 @@ from ..schemas import (
 
 router = APIRouter(prefix="/assistant/training", tags=["examples"], dependencies=[Fresh])
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0, le=2**62)]
+Offset = Annotated[int, Query(ge=0, le=store.INT_MAX)]
 
 
 def _example(ex: store.Example) -> ExampleOut:

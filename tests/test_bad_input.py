@@ -1,0 +1,252 @@
+"""Bad input a careless or hostile user gives ends in one sentence and changes nothing: the command line exits
+1 or 2 with one `error:` line (never a traceback), an import file is refused with the line at fault, and the
+API answers 4xx. Covered here: a data root that is a file, database URLs that fail inside the driver, a
+database server that does not answer, ids and list bounds beyond 64 bits, digits `int()` refuses (`²`),
+text that is not valid Unicode (a lone surrogate), import files that are too deep, too large a number, a CSV
+cell over the csv module's limit, a path that is not a regular file, and settings out of range.
+Run: `pytest tests/test_bad_input.py -q`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner, Result
+
+from lunatrain import store
+from lunatrain.api.main import create_app
+from lunatrain.cli import app
+from lunatrain.service.jobs import JobStore, jobs_db_path
+from lunatrain.settings import Settings, load_settings
+
+T = "/assistant/training"
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+def one_sentence(r: Result, code: int | tuple[int, ...] = (1, 2)) -> str:
+    """The call failed with exit `code` and printed exactly one `error:` line; returns that line."""
+    codes = code if isinstance(code, tuple) else (code,)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code in codes, (r.exit_code, r.output)
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert "Traceback" not in r.output and "\t" not in lines[0]
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` with its size and modification time: what a failed call must leave alone."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = (Path(dirpath) / name).stat()
+            out[str(Path(dirpath) / name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def seeded(settings: Settings) -> Settings:
+    store.load_seed(settings)
+    store.dispose_stores()  # closed: the WAL is folded into the file, so a read changes no file
+    return settings
+
+
+# --- the data root and the database -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["is a file", "under a file"])
+@pytest.mark.parametrize(
+    "command", [("examples", "list"), ("export",), ("status",), ("adapters", "repair"), ("memory", "list")]
+)
+def test_a_data_root_that_is_a_file_is_named_in_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, command: tuple[str, ...]
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file")
+    monkeypatch.setenv("ASSISTANT_HOME", str(blocker if where == "is a file" else blocker / "home"))
+    line = one_sentence(run(*command), 2)
+    assert "ASSISTANT_HOME" in line and "not a directory" in line, line
+    assert blocker.read_text() == "a file" and not (tmp_path / "home").exists()
+
+
+def test_a_data_root_with_an_unknown_user_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASSISTANT_HOME", "~no-such-user-lunatrain/x")
+    assert "ASSISTANT_HOME" in one_sentence(run("status"), 2)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://x@127.0.0.1:notaport/y",  # SQLAlchemy parses the port only when it connects
+        "sqlite:///{home}/x.db?timeout=abc",
+        "sqlite:///{blocker}/x.db",  # its folder would have to be created under a file
+    ],
+)
+def test_database_urls_that_fail_inside_the_driver(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    monkeypatch.setenv("ASSISTANT_DB_URL", url.format(home=home, blocker=blocker))
+    before = snapshot(tmp_path)
+    line = one_sentence(run("examples", "list"), 2)
+    assert "database" in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_database_server_that_does_not_answer_is_not_called_damaged(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Port 1 on loopback: nothing listens, the connection is refused at once.
+    monkeypatch.setenv("ASSISTANT_DB_URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    line = one_sentence(run("examples", "list"), 1)
+    assert "cannot connect" in line.lower() and "ASSISTANT_DB_URL" in line, line
+    assert "backup" not in line and "move it aside" not in line, line
+    with TestClient(create_app(load_settings()), base_url="http://127.0.0.1") as client:
+        res = client.get(f"{T}/examples")
+    assert res.status_code == 503 and "\n" not in res.json()["error"]["message"], res.text
+
+
+# --- ids, bounds and text -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("examples", "approve", "²"),  # a digit to str.isdigit(), not to int()
+        ("examples", "delete", "ex-³"),
+        ("memory", "delete", "²"),
+        ("examples", "approve", "99999999999999999999999"),  # beyond SQLite's 64-bit integers
+        ("examples", "reject", "ex-99999999999999999999999"),
+        ("examples", "list", "--limit", "99999999999999999999999"),
+        ("examples", "list", "--offset", "99999999999999999999"),
+        ("memory", "list", "--limit", "99999999999999999999999"),
+    ],
+)
+def test_ids_and_bounds_that_are_no_64_bit_numbers(seeded: Settings, args: tuple[str, ...]) -> None:
+    before = snapshot(seeded.home)
+    one_sentence(run(*args), 2)
+    assert snapshot(seeded.home) == before
+
+
+def test_text_that_is_not_valid_unicode_is_refused_everywhere(seeded: Settings) -> None:
+    before = snapshot(seeded.home)
+    # A byte that is not UTF-8 in an argument reaches Python as a lone surrogate (surrogateescape).
+    line = one_sentence(run("examples", "add", "--prompt", "bad\udcffbyte", "--response", "ok"), 2)
+    assert "'prompt'" in line and "Unicode" in line, line
+    line = one_sentence(run("memory", "add", "--question", "Wer?", "--answer", "ok\udcff"), 2)
+    assert "'answer'" in line, line
+    assert snapshot(seeded.home) == before
+    counts = store.counts(seeded)
+    # Over HTTP the import route takes free-form records: a JSON escape makes the lone surrogate.
+    records = [
+        '{"prompt": "a\\ud800", "response": "r"}',
+        '{"prompt": "a", "response": "r", "tags": ["x\\udc00"]}',
+        '{"prompt": "a", "response": "r", "conversation_id": "c\\ud800"}',
+        '{"messages": [{"role": "system", "content": "s\\udfff"}, {"role": "user", "content": "u"},'
+        ' {"role": "assistant", "content": "a"}]}',
+        '{"prompt": "a", "response": "r", "rating": "\\u00b2"}',
+    ]
+    with TestClient(create_app(seeded), base_url="http://127.0.0.1") as client:
+        for record in records:
+            body = '{"records": [' + record + "]}"
+            res = client.post(
+                f"{T}/examples/import", content=body.encode(), headers={"content-type": "application/json"}
+            )
+            assert res.status_code == 422 and res.json()["error"]["code"] == "invalid_request", (record, res.text)
+        assert client.get(f"{T}/examples").status_code == 200
+    assert store.counts(seeded) == counts
+
+
+# --- import files ---------------------------------------------------------------------------------------------
+
+
+def _deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("rating.csv", "prompt,response,rating\nhallo,welt,²\n".encode(), r"line 2: field 'rating': expected"),
+        (
+            "huge.jsonl",
+            b'{"prompt": "p", "response": "r", "rating": ' + b"9" * 5000 + b"}\n",
+            r"line 1: malformed JSON",
+        ),
+        ("deep.json", _deep(100_000), r"line 1: malformed JSON"),
+        ("deep.jsonl", _deep(100_000) + b"\n", r"line 1: malformed JSON"),
+        ("big.csv", b"prompt,response\n" + b"x" * 200_000 + b",ok\n", r"big\.csv.*line \d+: unreadable CSV"),
+        ("surrogate.jsonl", b'{"prompt": "a\\ud800", "response": "r"}\n', r"line 1: field 'prompt'.*Unicode"),
+    ],
+)
+def test_import_files_that_break_the_parsers(
+    seeded: Settings, tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = snapshot(seeded.home)
+    r = run("examples", "import", str(path))
+    line = one_sentence(r, 2)
+    assert re.search(expected, line), line
+    assert snapshot(seeded.home) == before
+
+
+def test_import_paths_that_are_no_regular_file(seeded: Settings, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    before = snapshot(seeded.home)
+    for path, says in (
+        (fifo, "not a regular file"),
+        (Path("/dev/zero"), "not a regular file"),  # read to the end, it never ends
+        (blocker / "x.jsonl", "Not a directory"),
+        (tmp_path / ("n" * 300 + ".jsonl"), "too long"),
+    ):
+        line = one_sentence(run("examples", "import", str(path)), 2)
+        assert says in line, line
+    assert snapshot(seeded.home) == before
+
+
+def test_a_file_with_many_bad_records_prints_a_bounded_list(seeded: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(2000)))
+    r = run("examples", "import", str(path))
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "2000 bad record(s)" in lines[-1], lines[-1]
+    # the first problems, each on a line, then how many more there are; not 2,000 lines
+    assert 2 < len(lines) <= 25, len(lines)
+    assert "many.jsonl line 1: field 'response': missing" in lines[0]
+    assert any("1980 more" in line for line in lines), lines
+
+
+# --- settings -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "command"),
+    [
+        ("ASSISTANT_RETAIN_JOB_DAYS", "1e10", ("gc", "--dry-run")),
+        ("ASSISTANT_RETAIN_JOB_DAYS", "inf", ("gc", "--dry-run")),
+        ("ASSISTANT_RETAIN_CHECKPOINT_DAYS", "1e10", ("gc", "--dry-run")),
+        ("ASSISTANT_LORA_TRAINER_URL", "notaurl", ("status",)),
+        ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:99999", ("status",)),
+    ],
+)
+def test_settings_out_of_range_are_refused_by_every_command(
+    seeded: Settings, monkeypatch: pytest.MonkeyPatch, name: str, value: str, command: tuple[str, ...]
+) -> None:
+    JobStore(jobs_db_path(seeded.data_dir)).close()  # retention reads the jobs' ages from it
+    store_before = snapshot(seeded.home)
+    monkeypatch.setenv(name, value)
+    assert name in one_sentence(run(*command), 2)
+    assert snapshot(seeded.home) == store_before
