@@ -250,3 +250,28 @@ def test_settings_out_of_range_are_refused_by_every_command(
     monkeypatch.setenv(name, value)
     assert name in one_sentence(run(*command), 2)
     assert snapshot(seeded.home) == store_before
+
+
+# --- names and values the flags take --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("adapters", "show", "luna-adapter@"), "no version after '@'"),
+        (("adapters", "activate", "luna-adapter@"), "no version after '@'"),
+        (("adapters", "rollback", "luna-adapter@v1"), "rollback takes an adapter name"),  # @v1 was ignored
+        (("eval-gate", "--min-golden-pass-rate", "2"), "minGoldenPassRate:"),  # the flag's name, not min_golden_…
+        (("eval-gate", "--min-golden-pass-rate", "nan"), "minGoldenPassRate: Input should be a finite number"),
+        (("prepare", "--dropout", "nan"), "dropout: Input should be a finite number"),  # not "less than 1"
+        (("jobs", "list", "--status", "bogus"), "Unknown job status 'bogus'"),  # refused before asking the trainer
+    ],
+)
+def test_flag_values_are_refused_with_their_own_names(
+    seeded: Settings, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], says: str
+) -> None:
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")  # nothing listens there
+    before = snapshot(seeded.home)
+    line = one_sentence(run(*args), 2)
+    assert says in line, line
+    assert snapshot(seeded.home) == before

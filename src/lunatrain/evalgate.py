@@ -36,6 +36,7 @@ from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
+from .params import format_validation_error
 from .settings import EVAL_REPORT, Settings
 from .wire import finite, now_iso
 
@@ -68,7 +69,9 @@ GEN_BATCH = 32  # golden cases generated together
 class GateThresholds(BaseModel):
     """Gate thresholds; snake_case or camelCase keys (a profile's [gate] table), unknown keys refused."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     min_golden_pass_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="absolute floor (real models)")
     max_golden_pass_rate_drop: float = Field(default=0.0, ge=0.0, le=1.0, description="vs baseline")
@@ -82,12 +85,7 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresh
     try:
         return GateThresholds.model_validate(data or {})
     except ValidationError as exc:
-        parts = [
-            f"{'.'.join(str(p) for p in e['loc'])}: "
-            f"{'unknown threshold' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in exc.errors()
-        ]
-        raise UsageError("Invalid gate thresholds: " + "; ".join(parts) + ".") from None
+        raise UsageError(format_validation_error(exc, "gate thresholds", "unknown threshold")) from None
 
 
 # --- evaluating models --------------------------------------------------------------------------

@@ -29,8 +29,14 @@ BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\
 
 
 class CamelModel(BaseModel):
+    # allow_inf_nan=False: NaN is "a finite number expected", not "should be less than 1" (NaN fails every bound)
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        allow_inf_nan=False,
     )
 
     def wire(self) -> dict:
@@ -153,11 +159,12 @@ def _snake_keys(model: type[BaseModel], data: dict) -> dict:
     return {by_alias.get(k, k): v for k, v in data.items()}
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, what: str = "parameters", unknown: str = "unknown parameter") -> str:
+    """One sentence naming each bad field as the flags and the API spell it (camelCase)."""
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "body"
         loc = to_camel(loc) if "_" in loc else loc
-        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = unknown if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{loc}: {msg}")
-    return "Invalid parameters: " + "; ".join(parts) + "."
+    return f"Invalid {what}: " + "; ".join(parts) + "."

@@ -265,11 +265,13 @@ def list_adapters(settings: Settings) -> dict[str, Any]:
 
 def parse_ref(ref: str) -> tuple[str, str]:
     """'name@version' (or 'name', meaning its active version, else latest) → (name, version-or-alias)."""
-    name, _, version = ref.partition("@")
+    name, at, version = ref.partition("@")
     check_name(name, "adapter name")
+    if at and not version:
+        raise UsageError(f"{ref!r} names no version after '@': use NAME or NAME@VERSION (such as {name}@v1).")
     if version:
         check_name(version, "adapter version")
-    return name, version or ""
+    return name, version
 
 
 def get_version(settings: Settings, name: str, version: str = "", *, base: str | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import registry
-from ..errors import LunaError
+from ..errors import LunaError, UsageError
 from ..fsio import read_json
 from ..settings import load_settings
 from .app import app, fail
@@ -141,7 +141,10 @@ def deactivate_cmd(
 def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")]) -> None:
     """Make the version active before the current one on the configured base model active again."""
     try:
-        entry = registry.rollback(load_settings(), registry.parse_ref(name)[0])
+        adapter, version = registry.parse_ref(name)
+        if version:  # the version to go back to is the one before the active one: naming one would be ignored
+            raise UsageError(f"rollback takes an adapter name, not {name!r}; to make {name} active, use `activate`.")
+        entry = registry.rollback(load_settings(), adapter)
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is active again.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,7 +18,7 @@ from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageErr
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import is_loopback
-from .jobs import EventPage, Health, Job, JobList, data_root_id
+from .jobs import EventPage, Health, Job, JobList, Status, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
@@ -174,6 +174,8 @@ def get_job(settings: Settings, job_id: str) -> Job:
 
 
 def list_jobs(settings: Settings, *, limit: int = 20, status: str | None = None) -> list[Job]:
+    if status and status not in get_args(Status):  # a typo is the caller's, whether or not the trainer runs
+        raise UsageError(f"Unknown job status {status!r}: use one of {', '.join(get_args(Status))}.")
     query: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
     return JobList.model_validate(_request(settings, "GET", "/jobs", params=query).json()).data
 
