@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from test_store import db  # noqa: F401 - the SQLite/PostgreSQL backend fixture
 from typer.testing import CliRunner, Result
 
 from lunatrain import store
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
+from lunatrain.errors import UsageError
 from lunatrain.service.jobs import JobStore, jobs_db_path
 from lunatrain.settings import Settings, load_settings
+from lunatrain.web.security import GuardMiddleware
 
 T = "/assistant/training"
 
@@ -275,3 +278,125 @@ def test_flag_values_are_refused_with_their_own_names(
     line = one_sentence(run(*args), 2)
     assert says in line, line
     assert snapshot(seeded.home) == before
+
+
+# --- the API --------------------------------------------------------------------------------------------------
+
+
+def test_dashboard_paths_the_file_system_refuses_are_404(settings: Settings) -> None:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for path in (
+            "/static/%00",
+            "/static/app.js%00",
+            "/static/a%00b",
+            "/static/" + "a" * 256,
+            "/static/" + "é" * 300,
+        ):
+            res = client.get(path)
+            assert res.status_code == 404 and res.json()["error"]["code"] == "not_found", (path, res.text)
+        # HEAD wherever GET serves a file (the request guard lets both through without a token)
+        for path in ("/", "/static/app.js"):
+            get, head = client.get(path), client.head(path)
+            assert get.status_code == head.status_code == 200, (path, head.status_code)
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+
+
+IMPORT_REFUSED = {
+    "non-text content part": {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": None}]},
+            {"role": "assistant", "content": "a"},
+        ]
+    },
+    "numeric content part": {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}, {"role": "assistant", "content": "a"}]
+    },
+    "list in a content part": {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": ["x"]}]},
+            {"role": "assistant", "content": "a"},
+        ]
+    },
+    "prompt over the limit": {"prompt": "x" * 100_001, "response": "r"},
+    "5000 tags": {"prompt": "p", "response": "r", "tags": ",".join(f"t{i}" for i in range(5000))},
+    "NUL in a prompt": {"prompt": "nul\x00", "response": "r"},
+    "NUL in a tag": {"prompt": "p", "response": "r", "tags": ["t\x00"]},
+    "NUL in a system turn": {
+        "messages": [
+            {"role": "system", "content": "\x00s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("record", IMPORT_REFUSED.values(), ids=IMPORT_REFUSED.keys())
+def test_import_records_meet_the_limits_of_a_single_example(seeded: Settings, record: dict) -> None:
+    counts = store.counts(seeded)
+    with TestClient(create_app(seeded), base_url="http://127.0.0.1") as client:
+        res = client.post(f"{T}/examples/import", json={"records": [record]})
+        assert res.status_code == 422 and "records[0]" in res.json()["error"]["message"], res.text
+    assert store.counts(seeded) == counts
+
+
+def test_nul_is_refused_in_every_text_field(seeded: Settings) -> None:
+    counts = store.counts(seeded)
+    with TestClient(create_app(seeded), base_url="http://127.0.0.1") as client:
+        for route, body in (
+            ("examples", {"prompt": "nul\x00", "response": "r"}),
+            ("examples", {"prompt": "p", "response": "r", "system": "\x00"}),
+            ("examples", {"prompt": "p", "response": "r", "conversationId": "c\x00"}),
+            ("memory", {"question": "q", "answer": "a", "topic": "t\x00"}),
+            ("memory", {"question": "q\x00", "answer": "a"}),
+        ):
+            res = client.post(f"{T}/{route}", json=body)
+            assert res.status_code == 422 and "NUL" in res.json()["error"]["message"], (body, res.text)
+    assert store.counts(seeded) == counts
+
+
+def test_nul_never_reaches_either_database(db: Settings) -> None:  # noqa: F811
+    # PostgreSQL cannot store NUL in text: it would fail as a storage error (503, "restore from a backup")
+    with pytest.raises(UsageError, match="NUL"):
+        store.add_example(db, prompt="a\x00b", response="r")
+    with pytest.raises(UsageError, match="NUL"):
+        store.add_memory(db, question="q", answer="a", tags=["t\x00"])
+    assert store.counts(db)["examples"]["curated"]["approved"] == 0
+
+
+@pytest.mark.parametrize("declared", ["\u00b2", "9" * 5000, "-1", "1e3", ""])
+def test_a_content_length_that_is_no_number_is_400(declared: str) -> None:
+    # h11 refuses these before the app; another ASGI server (or an in-process caller) may not.
+    import asyncio
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the guard let the request through")
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = GuardMiddleware(app, hosts={"127.0.0.1"}, token=None, max_body_bytes=1024)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/assistant/training/examples",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-length", declared.encode())],
+    }
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 400, sent
+
+
+def test_deactivate_takes_the_active_alias_like_activate(trained_home: Path) -> None:
+    settings = load_settings()
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.post(f"{T}/adapters/luna-adapter/activate", json={"version": "v1"})
+        assert res.status_code == 200 and res.json()["aliases"]["active"] == "v1", res.text
+        res = client.post(f"{T}/adapters/luna-adapter/deactivate", json={"version": "active"})
+        assert res.status_code == 200 and res.json()["aliases"].get("active") is None, res.text
+        res = client.post(f"{T}/adapters/luna-adapter/deactivate", json={"version": "active"})
+        assert res.status_code == 422, res.text  # nothing active any more

@@ -34,6 +34,10 @@ from .errors import UsageError
 Format = Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"]
 FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "alpaca", "prompt-response")
 RATING_MIN, RATING_MAX = 1, 5
+# One example's limits, wherever it comes from (API, CLI, import file): the API's request models use them too.
+MAX_TEXT_LEN = 100_000  # characters of a prompt, response, system prompt or turn, after normalization
+MAX_TURNS = 200  # prior turns of a multi-turn example
+MAX_TAGS = 50
 MAX_TAG_LEN = 64
 MAX_CONVERSATION_ID_LEN = 200
 # How many individual problems the one-sentence message lists before "and N more".
@@ -63,6 +67,8 @@ def checked_text(value: str, field_name: str | None) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise RecordError(field_name, "is not valid Unicode text (it holds a lone surrogate)") from None
+    if "\x00" in value:  # PostgreSQL cannot store it in text; no chat template expects it
+        raise RecordError(field_name, "contains a NUL character")
     return normalize_text(value)
 
 
@@ -122,11 +128,15 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
             raise RecordError(field_name, "missing")
         return None
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        # OpenAI content parts: only text parts carry training content.
-        value = "".join(str(p.get("text", "")) for p in value)
+        # OpenAI content parts: only text parts carry training content, and their text is a string.
+        if not all(isinstance(p.get("text"), str) for p in value):
+            raise RecordError(field_name, "expected text parts whose 'text' is a string")
+        value = "".join(p["text"] for p in value)
     if not isinstance(value, str):
         raise RecordError(field_name, f"expected a string, got {_type_name(value)}")
     text = checked_text(value, field_name)
+    if len(text) > MAX_TEXT_LEN:
+        raise RecordError(field_name, f"longer than {MAX_TEXT_LEN} characters")
     if not text:
         if required:
             raise RecordError(field_name, "is empty")
@@ -141,6 +151,8 @@ def _tags(value: Any) -> tuple[str, ...]:
         value = value.replace(";", ",").split(",")
     if not isinstance(value, list):
         raise RecordError("tags", f"expected a list of strings, got {_type_name(value)}")
+    if len(value) > MAX_TAGS:
+        raise RecordError("tags", f"more than {MAX_TAGS} tags")
     tags: set[str] = set()
     for i, tag in enumerate(value):
         if not isinstance(tag, str):
@@ -192,6 +204,8 @@ def make_draft(
 ) -> ExampleDraft:
     """Validate and normalize one example; raises RecordError naming the bad field."""
     norm_turns: list[tuple[str, str]] = []
+    if len(turns or ()) > MAX_TURNS:
+        raise RecordError("turns", f"more than {MAX_TURNS} prior turns")
     for i, turn in enumerate(turns or ()):
         if isinstance(turn, tuple) and len(turn) == 2:
             role, content = turn

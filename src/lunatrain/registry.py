@@ -480,6 +480,8 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
     adapter = list_adapters(settings).get(name)
     if adapter is None:
         raise _not_registered(name)
+    if version == "active":  # the alias activate and show resolve: the version active on the configured base
+        version = ""
     fingerprint = None if version else configured_base(settings).fingerprint
     with _lock(settings):
         data = load(settings)

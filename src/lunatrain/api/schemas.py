@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from ..formats import RATING_MAX, RATING_MIN
+from ..formats import MAX_CONVERSATION_ID_LEN, MAX_TAG_LEN, MAX_TAGS, MAX_TEXT_LEN, MAX_TURNS, RATING_MAX, RATING_MIN
 from ..params import FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
 from ..settings import NAME_MAX, NAME_PATTERN
@@ -22,9 +22,9 @@ from ..settings import NAME_MAX, NAME_PATTERN
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
 VERSION_PATTERN = NAME_PATTERN
-Text = Annotated[str, Field(min_length=1, max_length=100_000)]
-ShortText = Annotated[str, Field(max_length=200)]
-Tag = Annotated[str, Field(min_length=1, max_length=64)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LEN)]
+ShortText = Annotated[str, Field(max_length=MAX_CONVERSATION_ID_LEN)]
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN)]
 
 
 class In(BaseModel):
@@ -106,12 +106,12 @@ class Turn(In):
 class ExampleIn(In):
     prompt: Text
     response: Text
-    system: Annotated[str, Field(max_length=100_000)] | None = None
-    turns: list[Turn] = Field(default_factory=list, max_length=200)
+    system: Annotated[str, Field(max_length=MAX_TEXT_LEN)] | None = None
+    turns: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS)
     source: Source = "curated"
     status: Status | None = None
     rating: int | None = Field(default=None, ge=RATING_MIN, le=RATING_MAX)
-    tags: list[Tag] = Field(default_factory=list, max_length=50)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
     conversation_id: ShortText | None = None
 
 
@@ -160,7 +160,7 @@ class MemoryIn(In):
     answer: Text
     topic: ShortText | None = None
     status: Status = "approved"
-    tags: list[Tag] = Field(default_factory=list, max_length=50)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
 class MemoryOut(Out):

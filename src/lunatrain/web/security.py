@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -115,8 +116,10 @@ class GuardMiddleware:
             )
             return
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            status, code = (413, "payload_too_large") if declared.isdigit() else (400, "bad_request")
+        # ASCII digits only, and few enough for int() (h11 refuses others first; other servers may not)
+        number = declared is not None and re.fullmatch(r"[0-9]{1,30}", declared) is not None
+        if declared is not None and (not number or int(declared) > self.max_body):
+            status, code = (413, "payload_too_large") if number else (400, "bad_request")
             await _reply(
                 send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True
             )

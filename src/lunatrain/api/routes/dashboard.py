@@ -21,22 +21,27 @@ _TYPES = {
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+# HEAD too: the request guard lets GET and HEAD of these paths through without a token (web/security.py).
+@router.api_route("/", methods=["GET", "HEAD"])
 async def index() -> FileResponse:
     return _file("index.html")
 
 
-@router.get("/static/{path:path}")
+@router.api_route("/static/{path:path}", methods=["GET", "HEAD"])
 async def static(path: str) -> FileResponse:
     return _file(path)
 
 
 def _file(rel: str) -> FileResponse:
     root = STATIC.resolve()
-    target = (root / rel).resolve()
-    # The joined path must stay inside static/: `..` or a symlink out of it is refused, not followed.
-    if root not in target.parents:
-        raise UsageError("Invalid static file path.")
-    if not target.is_file():
-        raise NotFound(f"No dashboard file {rel!r}.")
+    try:
+        target = (root / rel).resolve()
+        # The joined path must stay inside static/: `..` or a symlink out of it is refused, not followed.
+        if root not in target.parents:
+            raise UsageError("Invalid static file path.")
+        found = target.is_file()
+    except (ValueError, OSError):  # a NUL in the path; a name longer than the file system allows
+        found = False
+    if not found:
+        raise NotFound(f"No dashboard file {rel[:200]!r}.")
     return FileResponse(target, media_type=_TYPES.get(target.suffix), headers={"Cache-Control": "no-cache"})
