@@ -118,6 +118,29 @@ def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body:
     assert assert_openai_error(answer, "invalid_request_error")["param"] == param
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        '[{"role": "user", "content": "\\ud800"}]',  # a lone surrogate: valid JSON, no text a tokenizer encodes
+        '[{"role": "system", "content": "ok \\udc80"}, {"role": "user", "content": "Hallo"}]',
+        '[{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]',
+    ],
+)
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_text_that_is_not_unicode_is_400_naming_messages(client: TestClient, messages: str, stream: str) -> None:
+    body = f'{{"model": "luna-tiny", "messages": {messages}, "max_tokens": 4, "stream": {stream}}}'
+    r = client.post("/v1/chat/completions", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert assert_openai_error(r.json(), "invalid_request_error")["param"] == "messages"
+
+
+def test_stop_is_one_string_of_any_length_or_up_to_four(client: TestClient) -> None:
+    # The four is the list's bound, not the string's length.
+    for stop in ("Observation:", ["Observation:"], ["a", "b", "c", "d"]):
+        status, answer = chat(client, stop=stop)
+        assert status == 200, (stop, answer)
+
+
 def test_malformed_json_is_400_in_openais_shape(client: TestClient) -> None:
     r = client.post(
         "/v1/chat/completions",

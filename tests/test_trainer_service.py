@@ -191,8 +191,12 @@ def svc(root):
 
 # --- requests the service refuses -----------------------------------------------------------------
 @pytest.mark.slow
-def test_bad_requests_get_4xx_and_change_nothing(svc):
+def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
     url, settings = svc.url, svc.settings
+    odd = tmp_path / "odd-model"  # a model directory whose config.json is a list
+    odd.mkdir()
+    (odd / "config.json").write_text("[]")
+    (odd / "model.safetensors").write_bytes(b"")
     before = len(trainer_client.list_jobs(settings, limit=500))
     cases = [
         ({"learningRate": -1}, "learningRate"),
@@ -206,6 +210,16 @@ def test_bad_requests_get_4xx_and_change_nothing(svc):
         ({"baseModel": None}, "baseModel"),  # the client resolves it; the trainer never fills in its own
         # the memory plan refuses a job this device cannot hold, naming what would make it fit
         ({"batchSize": 1024, "maxSeqLength": 131072, "gradientCheckpointing": "false"}, "fit"),
+        # strict JSON, nested bodies included: a string is no number, and "yes" no boolean
+        ({"epochs": True}, "epochs"),
+        ({"batchSize": "4"}, "batchSize"),
+        ({"packing": "yes"}, "packing"),
+        ({"options": {"gate": "false"}}, "gate"),
+        ({"gateThresholds": {"maxValLossRatioVsBase": "1.5"}}, "maxValLossRatioVsBase"),
+        # base models the file system cannot look up, or whose config is no object
+        ({"baseModel": "~no-such-user-lunatrain/x"}, "Base model"),
+        ({"baseModel": "m" * 300}, "Base model"),
+        ({"baseModel": str(odd)}, "not a JSON object"),
     ]
     for body, field in cases:
         r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | body, trust_env=False)

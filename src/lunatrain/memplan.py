@@ -390,6 +390,8 @@ def model_shape(info: Any) -> Shape:
         cfg = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"The config.json of base model {info.id!r} cannot be read: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
     return Shape.from_config(cfg, info.id)
 
 

@@ -269,11 +269,16 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     """Find the base model's local directory (building luna-tiny if needed) and compute its identity."""
     ref = ref or settings.base_model
     revision = None
+    try:
+        local = Path(ref).expanduser()
+        is_dir = "\x00" not in ref and local.is_dir()
+    except (RuntimeError, OSError):  # "~user" of no such user; a name longer than the file system allows
+        is_dir = False
     if ref == TINY_ID:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = ensure_tiny(settings)
-    elif Path(ref).expanduser().is_dir():
-        path = Path(ref).expanduser().resolve()
+    elif is_dir:
+        path = local.resolve()
     elif _HUB_ID.match(ref):
         path, revision = _from_hub(ref)
     else:

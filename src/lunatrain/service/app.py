@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Response
 from fastapi import Path as PathParam
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .. import __version__, memplan
 from ..errors import UsageError
@@ -55,14 +55,25 @@ _MAX_BODY = 256 * 1024  # a job body is a few hundred bytes
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, max_length=64)]
 
 
+# Strict JSON, as the assistant API's bodies: `"3"` is no number and `"yes"` no boolean. A model's strict
+# setting does not reach the models nested in it, hence the strict twins of the two nested ones.
+class _StrictOptions(FlowOptions):
+    model_config = ConfigDict(strict=True)
+
+
+class _StrictThresholds(GateThresholds):
+    model_config = ConfigDict(strict=True)
+
+
 class JobCreate(LoraParams):
     """`POST /jobs` body: the LoRA parameters (wire form; `baseModel` resolved by the client, never filled in
     from the trainer's own environment), the flow options, an optional idempotency key and the eval gate's
     thresholds for this job (a profile's [gate]; omitted: the defaults)."""
 
-    options: FlowOptions = Field(default_factory=FlowOptions, description="gate on/off, minCurated")
+    model_config = ConfigDict(strict=True)
+    options: _StrictOptions = Field(default_factory=_StrictOptions, description="gate on/off, minCurated")
     request_id: RequestId | None = None
-    gate_thresholds: GateThresholds | None = Field(default=None, description="eval gate thresholds")
+    gate_thresholds: _StrictThresholds | None = Field(default=None, description="eval gate thresholds")
 
     def params(self) -> LoraParams:
         if self.base_model is None:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,18 +32,30 @@ from ..deps import SettingsDep, errors
 
 
 # strict: `0` is not `false` and "3" is not a count; JSON has the right types, so use them (as the rest of the API).
+def _unicode(value: str) -> str:
+    # A lone surrogate (the JSON escape "\\ud800") is a Python str but no text a tokenizer can encode.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
 
     type: Literal["text"]
-    text: str = Field(max_length=1_000_000)
+    text: Annotated[Text, Field(max_length=1_000_000)]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # `name` and other fields clients send: unused
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -74,9 +86,9 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: (
         Annotated[str, Field(min_length=1, max_length=256)]
-        | list[Annotated[str, Field(min_length=1, max_length=256)]]
+        | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)]
         | None
-    ) = Field(default=None, max_length=4)
+    ) = None  # one string, or up to four
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="one choice per request")
