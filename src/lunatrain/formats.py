@@ -60,13 +60,23 @@ def normalize_text(value: str) -> str:
     return unicodedata.normalize("NFC", value).strip()
 
 
-def checked_text(value: str, field_name: str | None) -> str:
-    """`normalize_text`, refusing what cannot be stored as UTF-8: a lone surrogate, which a JSON escape
-    (`"\\ud800"`) or an undecodable byte in a command-line argument makes (Python's surrogateescape)."""
+NOT_UNICODE = "is not valid Unicode text (it holds a lone surrogate)"
+
+
+def is_unicode(value: str) -> bool:
+    """False for a str with a lone surrogate, which a JSON escape (`"\\ud800"`) or an undecodable byte in a
+    command-line argument (Python's surrogateescape) makes: it has no UTF-8 form to store or tokenize."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise RecordError(field_name, "is not valid Unicode text (it holds a lone surrogate)") from None
+        return False
+    return True
+
+
+def checked_text(value: str, field_name: str | None) -> str:
+    """`normalize_text`, refusing what cannot be stored: a lone surrogate, or NUL."""
+    if not is_unicode(value):
+        raise RecordError(field_name, NOT_UNICODE)
     if "\x00" in value:  # PostgreSQL cannot store it in text; no chat template expects it
         raise RecordError(field_name, "contains a NUL character")
     return normalize_text(value)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import evalsuite, serving
 from ...errors import LunaError, UsageError
+from ...formats import NOT_UNICODE, is_unicode
 from ...settings import Settings
 from ..deps import SettingsDep, errors
 
@@ -33,11 +34,8 @@ from ..deps import SettingsDep, errors
 
 # strict: `0` is not `false` and "3" is not a count; JSON has the right types, so use them (as the rest of the API).
 def _unicode(value: str) -> str:
-    # A lone surrogate (the JSON escape "\\ud800") is a Python str but no text a tokenizer can encode.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
+    if not is_unicode(value):  # a Python str, but no text a tokenizer can encode
+        raise ValueError(NOT_UNICODE)
     return value
 
 
