@@ -62,13 +62,9 @@ def _recorded_url(settings: Settings) -> str | None:
 def trainer_address(settings: Settings) -> tuple[str, int]:
     """Host and port of the configured trainer URL: where `lunatrain trainer` listens by default (port 0: a
     free port). Where a running trainer is comes from `base_url`, which follows its record."""
-    url = urlsplit(settings.lora_trainer_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise UsageError(f"Invalid ASSISTANT_LORA_TRAINER_URL {settings.lora_trainer_url!r}: use http://HOST:PORT.")
-    try:
-        port = url.port
-    except ValueError as exc:
-        raise UsageError(f"Invalid port in ASSISTANT_LORA_TRAINER_URL: {exc}.") from None
+    url = urlsplit(settings.lora_trainer_url)  # its scheme, host and port were checked when the settings loaded
+    port = url.port
+    assert url.hostname, settings.lora_trainer_url
     if port is None:  # none given: the scheme's (0 stays 0: any free port)
         port = 443 if url.scheme == "https" else 80
     return url.hostname, port
