@@ -22,6 +22,7 @@ from pathlib import Path
 from lunatrain.fsio import file_lock
 
 ROOT = Path(__file__).resolve().parent.parent
+HOOKS = ROOT / "tests" / "hooks"  # sitecustomize.py there installs faulthooks.py and killpoints.py
 TABLE = ROOT / "bench" / "results" / "faults.md"
 KILLED = -9
 
@@ -106,6 +107,18 @@ if _spec.get("op") == "write":
 
     _os.fdopen = _fdopen
 """
+
+
+def with_hooks() -> str:
+    """PYTHONPATH for a trainer (and through spawn.child_env its workers) with the hooks in tests/hooks first,
+    then this checkout's src (not whichever lunatrain the interpreter has installed)."""
+    return os.pathsep.join([str(HOOKS), str(ROOT / "src")])
+
+
+def kill_env(markers: Path) -> dict[str, str]:
+    """Environment for a trainer whose workers kill at the point their job's adapterName names (killpoints.py);
+    `markers` gets one file per killed job."""
+    return {"LUNA_KILL": str(markers), "PYTHONPATH": with_hooks()}
 
 
 def fault_env(tmp: Path, home: Path, **spec: object) -> dict[str, str]:

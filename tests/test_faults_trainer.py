@@ -15,7 +15,6 @@ Run: `pytest -m slow tests/test_faults_trainer.py -p no:cacheprovider` (a few mi
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from trainer_helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-HOOKS = Path(__file__).parent / "hooks"
 # Three steps: a kill after step 1 or 2 is mid-run. A job is mostly process start-up and model loading.
 FLAGS = QUICK | {"maxSteps": 3}
 SETTLE_S = 300.0  # bound on a job reaching a final state (resumed jobs train again); a passing run takes seconds
@@ -101,10 +99,7 @@ def fresh_root(tmp_path_factory, name: str) -> tuple[Path, dict[str, str]]:
     prepare_root(home)
     markers = home.parent / "kill-markers"
     markers.mkdir()
-    # The worktree's src after the hooks: the trainer (and through spawn.child_env its workers) runs this
-    # checkout's lunatrain, with the kill points installed in the workers.
-    env = {"LUNA_KILL": str(markers), "PYTHONPATH": os.pathsep.join([str(HOOKS), str(faults.ROOT / "src")])}
-    return home, env
+    return home, faults.kill_env(markers)
 
 
 def killed(home: Path, job: Job) -> str | None:

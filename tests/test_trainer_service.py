@@ -34,6 +34,7 @@ from lunatrain.service import client as trainer_client
 from lunatrain.service.jobs import TERMINAL, Job
 from lunatrain.settings import Settings, load_settings
 
+import faults
 from trainer_helpers import gone, start_trainer, stop_group, wait_for
 
 # Two steps on the small memory tier: a job is mostly process start-up and model loading.
@@ -147,12 +148,6 @@ def all_events(settings: Settings, job_id: str, page: int = 50) -> list:
             return out
 
 
-def wait_event(settings: Settings, job_id: str, pred, timeout: float = JOB_TIMEOUT):
-    found = wait_for(lambda: next((e for e in all_events(settings, job_id) if pred(e)), None), timeout, 0.5)
-    assert found is not None, f"event not seen for {job_id}: {[e.wire() for e in all_events(settings, job_id)][-5:]}"
-    return found
-
-
 def running_with_steps(job: Job) -> bool:
     return job.status == "running" and job.progress.step >= 1
 
@@ -182,9 +177,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def svc(root):
-    # The fault hooks first, then this checkout's lunatrain (not whichever one the interpreter has installed).
-    hooks, src = Path(__file__).parent / "hooks", Path(__file__).parents[1] / "src"
-    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=os.pathsep.join([str(hooks), str(src)]))
+    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=faults.with_hooks())
     yield trainer
     shutdown(trainer)
 
@@ -484,23 +477,25 @@ def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_
 def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
     home = tmp_path / "home"
     copy_root(root, home)
-    trainer = launch(home)
+    markers = tmp_path / "kill-markers"
+    markers.mkdir()
+    env = faults.kill_env(markers)
+    trainer = launch(home, **env)
     try:
-        # Three epochs on the memory tier, one sample per step so an epoch outlasts the test's polling; a
-        # checkpoint is written after each epoch.
+        # Three epochs, a checkpoint after each. The job's worker kills its trainer the moment epoch 1's
+        # checkpoint event has reached it (tests/hooks/killpoints.py): a test polling from outside could see
+        # the event only after the last epoch had ended.
         job = submit(
             trainer.settings,
-            QUICK | {"adapterName": "resumed", "epochs": 3, "maxSteps": None, "batchSize": 1, "resume": True},
+            QUICK | {"adapterName": "kf-t-checkpoint-1", "epochs": 3, "maxSteps": None, "resume": True},
         )
-        wait_event(
-            trainer.settings, job.id, lambda e: e.type == "log" and "checkpoint saved" in e.model_extra["message"]
-        )
-        child = worker_for(job.id)
-        os.kill(trainer.proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: trainer.proc.poll() is not None, JOB_TIMEOUT), "the trainer was not killed"
         trainer.proc.wait()
-        trainer = launch(home)
+        target, child = (markers / f"{job.id}.killed").read_text().split()
+        assert target == "t"
+        trainer = launch(home, **env)
         final = wait_job(trainer.settings, job.id)
-        assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
+        assert wait_for(lambda: gone(int(child)), 60), "the orphaned worker kept running"
         assert final.status == "succeeded" and final.attempts == 2, final
         messages = [e.model_extra.get("message", "") for e in all_events(trainer.settings, job.id)]
         assert any(m.startswith("requeued after the trainer stopped") for m in messages if m)
@@ -509,6 +504,6 @@ def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
         assert any(re.match(r"resumed from epoch [12] ", m) for m in messages if m), messages
         assert final.metrics["steps"] == final.metrics["totalSteps"]
         reg = json.loads(registry.registry_path(trainer.settings).read_text())  # valid JSON
-        assert [e["jobId"] for e in reg["adapters"]["resumed"]["versions"]] == [job.id]  # exactly one version
+        assert [e["jobId"] for e in reg["adapters"]["kf-t-checkpoint-1"]["versions"]] == [job.id]  # exactly one
     finally:
         shutdown(trainer)

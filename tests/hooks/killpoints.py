@@ -7,10 +7,12 @@ point comes from the job's adapterName, `kf-TARGET-POINT[-ARG]-…`:
   POINT   `progress-K`  after the K-th progress event reached the trainer,
           `published`   the adapter is registered, the trainer not yet told (before the `trained` event),
           `trained`     right after the `trained` event was sent,
+          `checkpoint-K` after the K-th epoch checkpoint was saved and its log event reached the trainer,
           `gatestart`   as the eval gate begins, `gateend` once the gate recorded (and maybe promoted),
           `registry-K`  at the K-th replace of lora-adapters.json, after the registry was read under its
                         lock and before the new file replaces it.
-Each job is killed at most once (a marker per job id), so a resumed run of the same job goes through.
+Each job is killed at most once (a marker per job id, holding the target and the killing worker's pid), so a
+resumed run of the same job goes through.
 Killing from inside the worker makes the point exact; polling from outside could never hit it reliably.
 """
 
@@ -46,7 +48,7 @@ def _kill(target: str, job_id: str) -> None:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return  # this job was killed once already: its resumed run goes through
-    os.write(fd, target.encode())
+    os.write(fd, f"{target} {os.getpid()}".encode())
     os.close(fd)
     os.kill(_trainer() if target == "t" else os.getpid(), signal.SIGKILL)
 
@@ -87,13 +89,16 @@ def install() -> None:
     def train_and_gate(settings: Any, params: Any, options: Any, **kw: Any) -> Any:
         state["plan"], state["job"] = parse(params.adapter_name), kw.get("job_id")
         emit, trained = kw.get("on_event") or (lambda _e: None), kw.get("on_trained") or (lambda _o: None)
-        seen = {"progress": 0}
+        seen = {"progress": 0, "checkpoint": 0}
 
         def on_event(event: dict[str, Any]) -> None:
             emit(event)
             if event.get("type") == "progress":
                 seen["progress"] += 1
                 at("progress", seen["progress"])
+            if event.get("type") == "log" and "checkpoint saved" in str(event.get("message")):
+                seen["checkpoint"] += 1
+                at("checkpoint", seen["checkpoint"])
 
         def on_trained(outcome: dict[str, Any]) -> None:
             at("published")
