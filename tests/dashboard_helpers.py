@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from trainer_helpers import recorded_url
+from trainer_helpers import ON_DEMAND_ENV, recorded_url
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox (containers), no GPU, and nothing that phones home: the browser only talks to our server.
@@ -67,7 +67,7 @@ def start_services(home: Path, *, timeout: float = 60.0) -> Services:
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
-    }
+    } | ON_DEMAND_ENV
     log = home / "serve.log"
     record = home / "data" / "api" / "api.url"
     record.unlink(missing_ok=True)  # an earlier server's address is not this one's

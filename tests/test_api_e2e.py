@@ -21,7 +21,7 @@ import pytest
 
 from lunatrain.settings import load_settings
 
-from trainer_helpers import recorded_url
+from trainer_helpers import ON_DEMAND_ENV, recorded_url
 
 pytestmark = pytest.mark.slow
 LUNATRAIN = str(Path(sys.executable).parent / "lunatrain")
@@ -38,8 +38,8 @@ class Api:
                 "ASSISTANT_HOME": str(home),
                 # any free port: the trainer the API starts binds one itself and records it under `home`
                 "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
-                "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
             }
+            | ON_DEMAND_ENV
             | env
         )
         self.log = home / "serve.log"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -32,6 +33,9 @@ expect = playwright_api.expect
 # A tiny-model job with its eval gate takes about a minute on two idle cores, several on busy shared ones.
 TRAIN_TIMEOUT_MS = 480_000
 UI_TIMEOUT_MS = 15_000
+# Every expectation waits that long by default (Playwright's own default, 5 s, is short for a server round trip
+# on a loaded machine); test_dashboard_chat.py shares this `expect`.
+expect.set_options(timeout=UI_TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
@@ -281,9 +285,30 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     expect(curated_row.locator("td").first).to_have_text(f"{approved:,}".replace(",", "."))
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "yes")
 
-    # A threshold above the data makes it "not ready", straight from the server's answer.
+    # A threshold above the data makes it "not ready", straight from the server's answer. The answer to the
+    # request before it (the old threshold: ready) is held back and arrives last: it must not win.
+    held = []
+
+    def hold_first(route) -> None:
+        if held:
+            route.continue_()
+        else:  # answered now, delivered later
+            held.append((route, route.fetch()))
+
+    page.route(lambda url: urlsplit(url).path.endswith("/assistant/training/status"), hold_first)
+    with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/assistant/training/status")):
+        page.get_by_role("button", name="Aktualisieren").click()
     page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)").fill(str(approved + 1))
     page.get_by_role("button", name="Aktualisieren").click()
+    expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
+    route, answer = held[0]
+    assert answer.json()["ready"] is True
+    with page.expect_request_finished(lambda r: r.url == route.request.url):
+        route.fulfill(response=answer)
+    # The page has the stale answer now; a few event-loop turns for its code to run (were it to render it,
+    # it would have done so by then: this wait can only hide a failure, never cause one).
+    page.evaluate("() => new Promise((done) => setTimeout(done, 200))")
+    page.unroute_all()
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
     expect(page.locator("#data-ready")).to_contain_text("Nicht bereit")
 
@@ -355,10 +380,29 @@ def test_example_adapter_shows_progress_and_lands_in_the_registry(
 
 
 def test_cancel_a_running_job(page, services: Services, output_dir: Path, trainer_up: None, seeded: None) -> None:
-    open_page(page, services)
+    # The page asks for the latest job as it loads. That answer (an earlier test's finished job) is held back
+    # here until the user has started a new job: arriving late, it must not take the panel over.
+    held = []
+
+    def hold_first(route) -> None:
+        if held:
+            route.continue_()
+        else:  # answered now, delivered later
+            held.append((route, route.fetch()))
+
+    page.route(lambda url: urlsplit(url).path.endswith("/lora/status") and not urlsplit(url).query, hold_first)
+    with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/lora/status")):
+        page.goto(f"{services.api_url}/")  # asked once the form holds the profile's defaults
     page.get_by_label("Adaptername").fill("cancel-me")
     page.get_by_label("Epochen").fill("100")  # long enough to still be running when we cancel
     page.get_by_role("button", name="Training starten").click()
+    expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
+    started = page.locator("#job-id").inner_text()
+    route, answer = held[0]
+    assert f'"{started.split()[-1]}"' not in answer.text()  # the answer names the earlier job
+    route.fulfill(response=answer)
+    expect(page.locator("#training")).not_to_have_attribute("aria-busy", "true", timeout=UI_TIMEOUT_MS)
+    expect(page.locator("#job-id")).to_have_text(started)
     state = page.locator("#job-state")
     expect(state).to_have_attribute("data-state", "running", timeout=TRAIN_TIMEOUT_MS)
     shot(page, output_dir, "1-running")

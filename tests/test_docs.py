@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from trainer_helpers import ON_DEMAND_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "docs" / "training-guide.de.md", ROOT / "docs" / "training-guide.md"]
 TRAINING = {"lora", "auto", "luna"}
@@ -99,7 +101,7 @@ def doc_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
         # Port 0: `health --ensureTrainer` starts a trainer on a port the OS picks (the trainer records it).
         "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
         "HF_HUB_OFFLINE": "1",
-    }
+    } | ON_DEMAND_ENV
     quick = ["--local", "--epochs=1", "--maxSteps=2", "--no-gate"]
     for argv in (["examples", "seed"], ["export"], ["lora", *quick], ["lora", *quick]):
         done = _run(argv, env, home)

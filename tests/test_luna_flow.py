@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer_helpers import ON_DEMAND_ENV
+
 GUIDE_DATASET_FILES = [
     "assistant-sft-curated.jsonl",
     "assistant-sft-curated-train.jsonl",
@@ -37,7 +39,7 @@ def fresh(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         # Any free port: the trainer the CLI starts binds one itself and records it under the data root.
         "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
         "HF_HUB_OFFLINE": "1",
-    }
+    } | ON_DEMAND_ENV
     yield home, env
     pid_file = home / "reports" / "training" / "trainer.pid"
     if pid_file.exists():

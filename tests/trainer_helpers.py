@@ -6,6 +6,7 @@ until the address it records in data/trainer/trainer.url answers /health; the pr
 `recorded_url(path, proc, timeout)` waits for such a record; `stop_group(pid)` ends a process group;
 `trainer_processes(home)` finds the trainer processes of a data root (to count them, or to prove none is
 left). `wait_for(predicate, timeout)` polls until the predicate holds, and returns its last value.
+`ON_DEMAND_ENV` is the environment for a test whose command starts the trainer on demand.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ import httpx
 import psutil
 
 T = TypeVar("T")
+
+
+# For tests whose command or API server starts the trainer on demand: a cold start is two interpreters (the
+# trainer, then its warm worker importing torch to measure the device before /health answers), which on a
+# loaded 2-core machine can outlast the default 60 s; the test's own bounds apply instead.
+ON_DEMAND_ENV = {"ASSISTANT_LORA_ENSURE_TIMEOUT": "300"}
 
 
 class TrainerProcess(subprocess.Popen):

@@ -136,17 +136,24 @@ function renderDataStatus(status) {
   ]);
 }
 
+// Requests overlap (the background refresh, a new threshold, an export): only the latest one's answer is shown,
+// or a slow earlier answer would overwrite a later one's figures.
+let dataRequests = 0;
+
 async function loadDataStatus() {
+  const mine = ++dataRequests;
   $("data").setAttribute("aria-busy", "true");
   try {
-    renderDataStatus(await api.dataStatus(minCurated()));
+    const status = await api.dataStatus(minCurated());
+    if (mine === dataRequests) renderDataStatus(status);
   } catch (error) {
+    if (mine !== dataRequests) return null;
     if (error.status === 401) return askToken();
     $("data-ready").dataset.ready = "unknown";
     $("data-ready").textContent = `${t("err.prefix")}: ${errorText(error)}`;
     showError(error, t("data.heading"));
   } finally {
-    $("data").removeAttribute("aria-busy");
+    if (mine === dataRequests) $("data").removeAttribute("aria-busy");
   }
   return null;
 }
@@ -271,12 +278,16 @@ async function loadDefaults() {
 }
 
 async function loadLatestJob() {
+  $("training").setAttribute("aria-busy", "true");
   try {
     const job = await api.latestJob();
-    if (job?.id) jobView.follow(job);
+    // A job started on this page while the answer was on its way is the one to follow, not this earlier one.
+    if (job?.id && !jobView.jobId) jobView.follow(job);
   } catch (error) {
     // 404: no job yet, which the panel already says. 503: the trainer is offline, which the header says.
     if (error.status !== 404 && error.status !== 503) showError(error, t("job.heading"));
+  } finally {
+    $("training").removeAttribute("aria-busy");
   }
 }
 
