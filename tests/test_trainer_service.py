@@ -460,7 +460,7 @@ def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_
         os.kill(trainer.proc.pid, signal.SIGKILL)
         trainer.proc.wait()
         assert wait_for(lambda: gone(warm[0].pid), 60), "the warm worker outlived its trainer"
-        trainer = launch(home)
+        trainer = launch(home, ASSISTANT_LORA_WARM_WORKER="false")  # it runs no job: it settles the killed one
         final = wait_job(trainer.settings, job.id, timeout=60)
         assert final.status == "failed" and final.error.code == "interrupted", final
         assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
