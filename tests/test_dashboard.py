@@ -105,6 +105,22 @@ def open_page(page, services: Services, query: str = "") -> None:
     expect(page.locator("section[aria-busy]")).to_have_count(0, timeout=UI_TIMEOUT_MS)
 
 
+def hold_first_answer(page, matches) -> list:
+    """Route the page's requests whose URL `matches`: the first one is answered by the server at once but reaches
+    the page only when the test calls `route.fulfill(response=answer)` on the returned list's `(route, answer)`;
+    later ones go through. For answers that arrive out of order."""
+    held = []
+
+    def hold(route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append((route, route.fetch()))
+
+    page.route(matches, hold)
+    return held
+
+
 def adapters_json(services: Services) -> dict:
     r = httpx.get(f"{services.api_url}/assistant/training/adapters", timeout=30, trust_env=False)
     assert r.status_code == 200, r.text
@@ -287,15 +303,7 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
 
     # A threshold above the data makes it "not ready", straight from the server's answer. The answer to the
     # request before it (the old threshold: ready) is held back and arrives last: it must not win.
-    held = []
-
-    def hold_first(route) -> None:
-        if held:
-            route.continue_()
-        else:  # answered now, delivered later
-            held.append((route, route.fetch()))
-
-    page.route(lambda url: urlsplit(url).path.endswith("/assistant/training/status"), hold_first)
+    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/status"))
     with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/assistant/training/status")):
         page.get_by_role("button", name="Aktualisieren").click()
     page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)").fill(str(approved + 1))
@@ -382,15 +390,7 @@ def test_example_adapter_shows_progress_and_lands_in_the_registry(
 def test_cancel_a_running_job(page, services: Services, output_dir: Path, trainer_up: None, seeded: None) -> None:
     # The page asks for the latest job as it loads. That answer (an earlier test's finished job) is held back
     # here until the user has started a new job: arriving late, it must not take the panel over.
-    held = []
-
-    def hold_first(route) -> None:
-        if held:
-            route.continue_()
-        else:  # answered now, delivered later
-            held.append((route, route.fetch()))
-
-    page.route(lambda url: urlsplit(url).path.endswith("/lora/status") and not urlsplit(url).query, hold_first)
+    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/lora/status") and not urlsplit(url).query)
     with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/lora/status")):
         page.goto(f"{services.api_url}/")  # asked once the form holds the profile's defaults
     page.get_by_label("Adaptername").fill("cancel-me")
