@@ -98,11 +98,14 @@ def shot(page, output_dir: Path, name: str) -> None:
     page.screenshot(path=str(output_dir / f"{name}.png"), full_page=True)
 
 
-def open_page(page, services: Services, query: str = "") -> None:
+def open_page(page, services: Services, query: str = "", held: str = "") -> None:
+    """Open the dashboard and wait until it has loaded; `held`: a panel (CSS selector) whose answer the test
+    holds back, so it stays busy."""
     page.goto(f"{services.api_url}/{query}")
     # Loaded once the provider label left its "checking" state and the panels are no longer aria-busy.
     expect(page.locator("#provider-label")).not_to_have_attribute("data-state", "checking", timeout=UI_TIMEOUT_MS)
-    expect(page.locator("section[aria-busy]")).to_have_count(0, timeout=UI_TIMEOUT_MS)
+    busy = f"section[aria-busy]:not({held})" if held else "section[aria-busy]"
+    expect(page.locator(busy)).to_have_count(0, timeout=UI_TIMEOUT_MS)
 
 
 def hold_first_answer(page, matches) -> list:
@@ -121,20 +124,32 @@ def hold_first_answer(page, matches) -> list:
     return held
 
 
+def deliver_late(page, held: list) -> None:
+    """Hand the page the answer `hold_first_answer` held back, then give its code a few event-loop turns to
+    handle it (were it to render the answer, it would have by then: the wait can hide a failure, never cause
+    one). Later requests are no longer routed."""
+    route, answer = held[0]
+    with page.expect_request_finished(lambda r: r.url == route.request.url):
+        route.fulfill(response=answer)
+    page.evaluate("() => new Promise((done) => setTimeout(done, 200))")
+    page.unroute_all()
+
+
 def adapters_json(services: Services) -> dict:
     r = httpx.get(f"{services.api_url}/assistant/training/adapters", timeout=30, trust_env=False)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def versions_of(services: Services, name: str) -> list[str]:
+def versions_in(table: dict, name: str) -> list[str]:
+    """The versions of adapter `name` in an answer of GET /adapters."""
     return [
-        v["version"]
-        for base in adapters_json(services)["bases"]
-        for a in base["adapters"]
-        if a["name"] == name
-        for v in a["versions"]
+        v["version"] for base in table["bases"] for a in base["adapters"] if a["name"] == name for v in a["versions"]
     ]
+
+
+def versions_of(services: Services, name: str) -> list[str]:
+    return versions_in(adapters_json(services), name)
 
 
 def train_example(page, output_dir: Path | None = None) -> str:
@@ -309,14 +324,8 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)").fill(str(approved + 1))
     page.get_by_role("button", name="Aktualisieren").click()
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
-    route, answer = held[0]
-    assert answer.json()["ready"] is True
-    with page.expect_request_finished(lambda r: r.url == route.request.url):
-        route.fulfill(response=answer)
-    # The page has the stale answer now; a few event-loop turns for its code to run (were it to render it,
-    # it would have done so by then: this wait can only hide a failure, never cause one).
-    page.evaluate("() => new Promise((done) => setTimeout(done, 200))")
-    page.unroute_all()
+    assert held[0][1].json()["ready"] is True
+    deliver_late(page, held)
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
     expect(page.locator("#data-ready")).to_contain_text("Nicht bereit")
 
@@ -398,9 +407,8 @@ def test_cancel_a_running_job(page, services: Services, output_dir: Path, traine
     page.get_by_role("button", name="Training starten").click()
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     started = page.locator("#job-id").inner_text()
-    route, answer = held[0]
-    assert f'"{started.split()[-1]}"' not in answer.text()  # the answer names the earlier job
-    route.fulfill(response=answer)
+    assert f'"{started.split()[-1]}"' not in held[0][1].text()  # the answer names the earlier job
+    deliver_late(page, held)
     expect(page.locator("#training")).not_to_have_attribute("aria-busy", "true", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#job-id")).to_have_text(started)
     state = page.locator("#job-state")
@@ -423,12 +431,19 @@ def aliases_of(services: Services, name: str) -> dict:
 def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
     page, services: Services, output_dir: Path, trainer_up: None, seeded: None
 ) -> None:
-    open_page(page, services)
+    # The adapter table's first answer (from before the version trained below) is held back until the finished
+    # job's reload has shown that version: arriving last, it must not take the version off the table again.
+    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/adapters"))
+    open_page(page, services, held="#adapters")
     if not versions_of(services, "example-adapter"):
         train_example(page)  # gated: becomes active when it passes
     train_short_version(page, "example-adapter")  # not gated: registered, inactive
     rows = page.locator('tr[data-adapter="example-adapter"]')
     expect(rows).to_have_count(len(versions_of(services, "example-adapter")), timeout=UI_TIMEOUT_MS)
+    stale = versions_in(held[0][1].json(), "example-adapter")
+    assert len(stale) < len(versions_of(services, "example-adapter"))  # the held answer is an older table
+    deliver_late(page, held)
+    expect(rows).to_have_count(len(versions_of(services, "example-adapter")))
     target = rows.filter(has_not=page.locator(".badge-active")).first
     version = target.get_attribute("data-version")
     previous = aliases_of(services, "example-adapter").get("active")

@@ -3,7 +3,7 @@
 
 import { api } from "./api.js";
 import { t, tMsg, formatDate, formatFloat } from "./i18n.js";
-import { h, showError, showNotice, confirmDialog } from "./ui.js";
+import { h, showError, showNotice, confirmDialog, turns } from "./ui.js";
 
 function versionNumber(version) {
   const m = /^v(\d+)$/.exec(version ?? "");
@@ -28,18 +28,20 @@ export class AdapterView {
     this.afterChange = afterChange;
     this.groups = document.getElementById("adapter-groups");
     this.empty = document.getElementById("adapters-empty");
+    this.turns = turns(); // start-up, a finished job and activate/rollback each reload the table
   }
 
   async load() {
     const section = document.getElementById("adapters");
+    const current = this.turns();
     section.setAttribute("aria-busy", "true");
     try {
       const { bases = [] } = await api.adapters();
-      this.render(bases);
+      if (current()) this.render(bases);
     } catch (error) {
-      showError(error, t("adapters.heading"));
+      if (current()) showError(error, t("adapters.heading"));
     } finally {
-      section.removeAttribute("aria-busy");
+      if (current()) section.removeAttribute("aria-busy");
     }
   }
 

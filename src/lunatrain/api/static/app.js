@@ -8,7 +8,7 @@ import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } fro
 import { JobView } from "./job.js";
 import { TryPanel } from "./tryit.js";
 import { serverFieldErrors } from "./params.js";
-import { h, showError, showNotice, clearErrors, busy, fillFacts } from "./ui.js";
+import { h, showError, showNotice, clearErrors, busy, fillFacts, turns } from "./ui.js";
 
 const HEALTH_MS = 15000;
 const DATA_MS = 15000;
@@ -136,24 +136,22 @@ function renderDataStatus(status) {
   ]);
 }
 
-// Requests overlap (the background refresh, a new threshold, an export): only the latest one's answer is shown,
-// or a slow earlier answer would overwrite a later one's figures.
-let dataRequests = 0;
+const dataTurns = turns(); // the background refresh, a new threshold and an export each ask
 
 async function loadDataStatus() {
-  const mine = ++dataRequests;
+  const current = dataTurns();
   $("data").setAttribute("aria-busy", "true");
   try {
     const status = await api.dataStatus(minCurated());
-    if (mine === dataRequests) renderDataStatus(status);
+    if (current()) renderDataStatus(status);
   } catch (error) {
-    if (mine !== dataRequests) return null;
+    if (!current()) return null;
     if (error.status === 401) return askToken();
     $("data-ready").dataset.ready = "unknown";
     $("data-ready").textContent = `${t("err.prefix")}: ${errorText(error)}`;
     showError(error, t("data.heading"));
   } finally {
-    if (mine === dataRequests) $("data").removeAttribute("aria-busy");
+    if (current()) $("data").removeAttribute("aria-busy");
   }
   return null;
 }

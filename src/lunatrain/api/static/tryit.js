@@ -4,7 +4,7 @@
 
 import { api, authHeaders, ApiError } from "./api.js";
 import { t, formatNumber } from "./i18n.js";
-import { h, showError } from "./ui.js";
+import { h, showError, turns } from "./ui.js";
 
 const DEFAULT_MAX_TOKENS = 128;
 const $ = (id) => document.getElementById(id);
@@ -64,6 +64,7 @@ export class TryPanel {
     this.base = null;
     this.messages = null; // an example's full conversation (system prompt included), until the prompt is edited
     this.maxTokens = DEFAULT_MAX_TOKENS;
+    this.turns = turns(); // the model list is reloaded after each trained or activated adapter
     this.form.addEventListener("submit", (event) => {
       event.preventDefault();
       this.ask();
@@ -98,11 +99,12 @@ export class TryPanel {
 
   async load() {
     this.loadedOnce = true;
+    const current = this.turns();
     try {
       const { data = [] } = await api.chatModels();
-      this.render(data);
+      if (current()) this.render(data);
     } catch (error) {
-      if (error.status !== 401) showError(error, t("try.heading"));
+      if (error.status !== 401 && current()) showError(error, t("try.heading"));
     }
     if (!$("try-example-list").children.length) this.loadExamples();
   }

@@ -80,6 +80,18 @@ export async function busy(button, busyText, work) {
   }
 }
 
+/** For a panel loaded from several places whose requests can overlap (a background refresh, a user's action):
+ * `const latest = turns()` once, then `const current = latest()` before each request and `current()` after it
+ * says whether it is still the newest; only the newest answer is shown, or a slow earlier answer would
+ * overwrite a later one's. */
+export function turns() {
+  let last = 0;
+  return () => {
+    const mine = ++last;
+    return () => mine === last;
+  };
+}
+
 /** A <dl> filled from [term, value] pairs (values may be nodes). */
 export function fillFacts(dl, pairs) {
   dl.replaceChildren(...pairs.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value ?? "–")]));
