@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -108,31 +110,38 @@ def open_page(page, services: Services, query: str = "", held: str = "") -> None
     expect(page.locator(busy)).to_have_count(0, timeout=UI_TIMEOUT_MS)
 
 
-def hold_first_answer(page, matches) -> list:
-    """Route the page's requests whose URL `matches`: the first one is answered by the server at once but reaches
-    the page only when the test calls `route.fulfill(response=answer)` on the returned list's `(route, answer)`;
-    later ones go through. For answers that arrive out of order."""
-    held = []
+@dataclass
+class Held:
+    """The first answer to the page's requests whose URL `matches`, held back (see `hold_first_answer`)."""
+
+    matches: Callable[[str], bool]
+    route: Any = None
+    answer: Any = None  # the server's response, fetched when the page asked
+
+
+def hold_first_answer(page, matches: Callable[[str], bool]) -> Held:
+    """Route the page's requests whose URL `matches`: the first one is answered by the server at once but
+    reaches the page only at `deliver_late`; later ones go through. For answers that arrive out of order."""
+    held = Held(matches)
 
     def hold(route) -> None:
-        if held:
+        if held.route is not None:
             route.continue_()
         else:
-            held.append((route, route.fetch()))
+            held.route, held.answer = route, route.fetch()
 
     page.route(matches, hold)
     return held
 
 
-def deliver_late(page, held: list) -> None:
+def deliver_late(page, held: Held) -> None:
     """Hand the page the answer `hold_first_answer` held back, then give its code a few event-loop turns to
     handle it (were it to render the answer, it would have by then: the wait can hide a failure, never cause
-    one). Later requests are no longer routed."""
-    route, answer = held[0]
-    with page.expect_request_finished(lambda r: r.url == route.request.url):
-        route.fulfill(response=answer)
+    one). Later requests of that kind are no longer routed."""
+    with page.expect_request_finished(lambda r: r.url == held.route.request.url):
+        held.route.fulfill(response=held.answer)
     page.evaluate("() => new Promise((done) => setTimeout(done, 200))")
-    page.unroute_all()
+    page.unroute(held.matches)
 
 
 def adapters_json(services: Services) -> dict:
@@ -324,7 +333,7 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)").fill(str(approved + 1))
     page.get_by_role("button", name="Aktualisieren").click()
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
-    assert held[0][1].json()["ready"] is True
+    assert held.answer.json()["ready"] is True
     deliver_late(page, held)
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
     expect(page.locator("#data-ready")).to_contain_text("Nicht bereit")
@@ -407,7 +416,7 @@ def test_cancel_a_running_job(page, services: Services, output_dir: Path, traine
     page.get_by_role("button", name="Training starten").click()
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     started = page.locator("#job-id").inner_text()
-    assert f'"{started.split()[-1]}"' not in held[0][1].text()  # the answer names the earlier job
+    assert f'"{started.split()[-1]}"' not in held.answer.text()  # the answer names the earlier job
     deliver_late(page, held)
     expect(page.locator("#training")).not_to_have_attribute("aria-busy", "true", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#job-id")).to_have_text(started)
@@ -431,19 +440,28 @@ def aliases_of(services: Services, name: str) -> dict:
 def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
     page, services: Services, output_dir: Path, trainer_up: None, seeded: None
 ) -> None:
-    # The adapter table's first answer (from before the version trained below) is held back until the finished
-    # job's reload has shown that version: arriving last, it must not take the version off the table again.
-    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/adapters"))
+    # The first answers of the adapter table and of the try panel's model list (from before the version trained
+    # below) are held back until the finished job's reloads have shown that version: arriving last, they must
+    # not take it off the page again.
+    table = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/adapters"))
+    models = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/v1/models"))
     open_page(page, services, held="#adapters")
+    with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/v1/models")):
+        page.locator("#try").scroll_into_view_if_needed()  # the try panel asks once it is shown
     if not versions_of(services, "example-adapter"):
         train_example(page)  # gated: becomes active when it passes
     train_short_version(page, "example-adapter")  # not gated: registered, inactive
+    count = len(versions_of(services, "example-adapter"))
     rows = page.locator('tr[data-adapter="example-adapter"]')
-    expect(rows).to_have_count(len(versions_of(services, "example-adapter")), timeout=UI_TIMEOUT_MS)
-    stale = versions_in(held[0][1].json(), "example-adapter")
-    assert len(stale) < len(versions_of(services, "example-adapter"))  # the held answer is an older table
-    deliver_late(page, held)
-    expect(rows).to_have_count(len(versions_of(services, "example-adapter")))
+    choices = page.locator('#try-model option[value^="example-adapter@"]')
+    expect(rows).to_have_count(count, timeout=UI_TIMEOUT_MS)
+    expect(choices).to_have_count(count, timeout=UI_TIMEOUT_MS)
+    assert len(versions_in(table.answer.json(), "example-adapter")) < count  # the held answers are older
+    assert sum(m["id"].startswith("example-adapter@") for m in models.answer.json()["data"]) < count
+    deliver_late(page, table)
+    deliver_late(page, models)
+    expect(rows).to_have_count(count)
+    expect(choices).to_have_count(count)
     target = rows.filter(has_not=page.locator(".badge-active")).first
     version = target.get_attribute("data-version")
     previous = aliases_of(services, "example-adapter").get("active")
