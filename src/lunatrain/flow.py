@@ -328,8 +328,9 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
             reasons = "; ".join(gate.get("reasons") or [])
             lines.append(f"gate       {gate.get('status')}" + (f": {reasons}" if reasons else ""))
         lines.append(f"files      {entry.get('path')}/ (adapter, {registry.REPORT_FILE}, {registry.LOSS_CURVE_FILE})")
+    written = (settings.lora_latest_report, settings.registry_file, settings.prepare_report)
     lines.append(
-        f"reports    {settings.reports_training_dir}/ (lora-latest.json, lora-adapters.json, "
-        f"prepare-latest.json), {settings.reports_eval_dir}/eval-gate-latest.json"
+        f"reports    {settings.reports_training_dir}/ ({', '.join(path.name for path in written)}), "
+        f"{settings.eval_report}"
     )
     return lines

@@ -32,7 +32,6 @@ from ..deps import SettingsDep, errors
 # --- wire models ----------------------------------------------------------------------------------
 
 
-# strict: `0` is not `false` and "3" is not a count; JSON has the right types, so use them (as the rest of the API).
 def _unicode(value: str) -> str:
     if not is_unicode(value):  # a Python str, but no text a tokenizer can encode
         raise ValueError(NOT_UNICODE)
@@ -42,6 +41,7 @@ def _unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+# strict: `0` is not `false` and "3" is not a count; JSON has the right types, so use them (as the rest of the API).
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
 
