@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -53,6 +54,14 @@ def _models() -> Path:
         (other / "config.json").write_text(json.dumps(config | {"flow_states_variant": 2}))
         _MODELS["dir"] = root / "data" / "models"
     return _MODELS["dir"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_models():
+    """The session's base models live outside pytest's tmp_path (a state machine takes no fixtures)."""
+    yield
+    if "dir" in _MODELS:
+        shutil.rmtree(_MODELS.pop("dir").parents[1], ignore_errors=True)
 
 
 class FlowStates(RuleBasedStateMachine):

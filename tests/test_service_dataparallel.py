@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -59,6 +60,9 @@ def test_one_rank_is_the_plain_worker_and_more_run_under_torchrun():
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert argv[argv.index("--nproc-per-node") + 1] == "3" and argv[argv.index("--max-restarts") + 1] == "0"
     assert argv[-4:] == ["-m", "lunatrain.service.worker", "--job", "j"]
+    assert "--log-dir" not in argv  # torchrun's default, a temp folder; the runner always names one
+    kept = worker_argv("--job", "j", ranks=2, log_dir=Path("logs/j.torchrun"))
+    assert kept[kept.index("--log-dir") + 1] == "logs/j.torchrun" and kept[-4:] == argv[-4:]
 
 
 def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
@@ -126,8 +130,10 @@ def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
 
 # --- through the real service (slow) --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def svc(root):
-    trainer = launch(root, ASSISTANT_LORA_GPUS="2")
+def svc(root, tmp_path_factory):
+    # A temp folder of its own: torchrun's agent would put a log folder there if not told where (see the
+    # first test below).
+    trainer = launch(root, ASSISTANT_LORA_GPUS="2", TMPDIR=str(tmp_path_factory.mktemp("svc-tmp")))
     yield trainer
     shutdown(trainer)
 
@@ -186,6 +192,11 @@ def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_bat
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
     assert final.metrics["tokensTrained"] == single.report["metrics"]["tokensTrained"]
     assert [v["jobId"] for v in versions(svc.settings, "dp")] == [job.id]  # rank 0 alone registered
+
+    # torchrun's per-rank logs are kept beside the job's log, not left in the machine's temp folder.
+    ranks_dir = svc.settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
+    assert sorted(p.name for p in ranks_dir.glob("*/attempt_0/*") if p.is_dir()) == ["0", "1"]
+    assert list(Path(psutil.Process(svc.proc.pid).environ()["TMPDIR"]).glob("torchelastic_*")) == []
 
 
 @pytest.mark.slow

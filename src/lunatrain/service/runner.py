@@ -178,7 +178,7 @@ class Runner:
         except LunaError as err:  # queued before a restart with another ASSISTANT_LORA_GPUS
             self.store.set_status(job.id, "failed", error={"code": err.code, "message": err.message})
             return
-        argv = worker_argv(*args, ranks=ranks)
+        argv = worker_argv(*args, ranks=ranks, log_dir=self.logs_dir / f"{job.id}.torchrun")
         try:
             with open(log_path, "ab") as log_file:
                 # A single-process job forks from the warm worker when it can (milliseconds instead of a

@@ -27,11 +27,13 @@ def lunatrain_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "lunatrain", *args]
 
 
-def worker_argv(*args: str, ranks: int = 1) -> list[str]:
+def worker_argv(*args: str, ranks: int = 1, log_dir: Path | None = None) -> list[str]:
     """A job's child process (internal protocol, see worker.py); with `ranks` > 1 the worker runs under
     torchrun, one process per rank (data parallel, see distributed.py). `--standalone` lets torchrun's
     agent bind a free loopback port itself and hand it to the ranks, so no port is picked here and raced
-    for; `--max-restarts 0`: a failed rank fails the job, it is never silently rerun."""
+    for; `--max-restarts 0`: a failed rank fails the job, it is never silently rerun. `log_dir` is where
+    torchrun keeps its per-rank files (a rank's error.json among them); without it torchrun makes a
+    `torchelastic_*` folder in the system's temp folder for every job and never removes it."""
     worker = ["-m", "lunatrain.service.worker", *args]
     if ranks <= 1:
         return [sys.executable, *worker]
@@ -46,6 +48,7 @@ def worker_argv(*args: str, ranks: int = 1) -> list[str]:
         str(ranks),
         "--max-restarts",
         "0",
+        *(["--log-dir", str(log_dir)] if log_dir is not None else []),
         *worker,
     ]
 
