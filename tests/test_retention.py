@@ -37,6 +37,13 @@ def _age(path: Path, days: float) -> None:
         os.utime(p, (t, t), follow_symlinks=False)
 
 
+def _ranks_log(logs: Path, job_id: str) -> None:
+    for rank in ("0", "1"):
+        folder = logs / f"{job_id}.torchrun" / "run_x" / "attempt_0" / rank
+        folder.mkdir(parents=True)
+        (folder / "error.json").write_text("{}")
+
+
 def _world(settings: Settings) -> dict:
     """Ten finished jobs (two of them 40 days old), one running; four exports; caches; run work dirs."""
     jobs = JobStore(jobs_db_path(settings.data_dir))
@@ -50,10 +57,13 @@ def _world(settings: Settings) -> dict:
         old = "2020-01-01T00:00:00.000Z" if i < 2 else None
         jobs.set_status(job.id, "failed" if i % 3 else "succeeded", **({"finished_at": old} if old else {}))
         (logs / f"{job.id}.log").write_text("x" * 500)
+        if i % 4 == 0:  # a data-parallel job: torchrun's per-rank files beside its log
+            _ranks_log(logs, job.id)
         ids.append(job.id)
     running, _ = jobs.create(LoraParams())
     jobs.set_status(running.id, "running")
     (logs / f"{running.id}.log").write_text("running")
+    _ranks_log(logs, running.id)
     jobs.close()
 
     for i in range(4):
@@ -103,7 +113,9 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
         assert item["bytes"] > 0
     # newest first: the running job and the 5 newest finished are kept; ids[0..4] go (0, 1 are also old)
     gone = w["ids"][:5]
-    assert sorted(kinds["job-log"]) == sorted(f"data/trainer/logs/{j}.log" for j in gone)
+    assert sorted(kinds["job-log"]) == sorted(
+        [f"data/trainer/logs/{j}.log" for j in gone] + [f"data/trainer/logs/{j}.torchrun" for j in gone[::4]]
+    )
     assert len(kinds["job-events"]) == 5
     # four exports, the fixture's settings (3) pruned the first already; gc under RETAIN_EXPORTS=2 one more
     assert len(kinds["export"]) == 1 and all(ex.current_id(settings) not in p for p in kinds["export"])
@@ -123,7 +135,11 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
     assert (settings.cache_dir / "tokens" / "curated-current.safetensors").exists()
     assert len(ex.export_ids(settings)) == 2 and ex.read_tier(settings, "curated").records
     assert (settings.reports_training_dir / "lora-adapters.json").read_bytes() == registry_before
-    assert (settings.data_dir / "trainer" / "logs" / f"{w['running']}.log").exists()
+    logs = settings.data_dir / "trainer" / "logs"
+    assert (logs / f"{w['running']}.log").exists() and (logs / f"{w['running']}.torchrun").is_dir()
+    assert sorted(p.name for p in logs.glob("*.torchrun")) == sorted(
+        f"{j}.torchrun" for j in (w["running"], w["ids"][8])
+    )
     assert retention.collect(settings, dry_run=True).items == []  # nothing left to do
 
 
@@ -131,7 +147,8 @@ def test_age_rule_removes_old_jobs_within_the_count(settings: Settings) -> None:
     w = _world(settings)
     report = retention.collect(settings, dry_run=True)
     logs = {i.path for i in report.items if i.kind == "job-log"}
-    assert logs == {f"data/trainer/logs/{j}.log" for j in w["ids"][:2]}  # the two 40-day-old ones
+    old = w["ids"][:2]  # the two 40-day-old ones; the first ran under torchrun
+    assert logs == {f"data/trainer/logs/{j}.log" for j in old} | {f"data/trainer/logs/{old[0]}.torchrun"}
     assert all("days ago" in i.reason for i in report.items if i.kind == "job-log")
 
 

@@ -2,7 +2,8 @@
 
 The policy (settings, ASSISTANT_* variables):
 
-- **Job events and logs** (`data/trainer/jobs.db` table `events`, `data/trainer/logs/<job>.log`): of a
+- **Job events and logs** (`data/trainer/jobs.db` table `events`, `data/trainer/logs/<job>.log` and, for a
+  data-parallel job, torchrun's per-rank files in `data/trainer/logs/<job>.torchrun/`): of a
   finished job (succeeded, failed, cancelled) once it is not among the `RETAIN_JOBS` (50) most recent jobs
   or finished more than `RETAIN_JOB_DAYS` (30) days ago. The job row itself stays (status, metrics,
   adapter, error: one small row per job), so every job id still answers. Jobs that have not finished are
@@ -127,12 +128,16 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             log = logs / f"{job_id}.log"
             if log.is_file():
                 items.append(Item("job-log", _rel(settings, log), log.stat().st_size, reason))
+            ranks = logs / f"{job_id}.torchrun"
+            if ranks.is_dir():
+                items.append(Item("job-log", _rel(settings, ranks), _size(ranks), reason))
         if not dry_run and doomed:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
             db.execute("COMMIT")
             for job_id, _ in doomed:
                 (logs / f"{job_id}.log").unlink(missing_ok=True)
+                shutil.rmtree(logs / f"{job_id}.torchrun", ignore_errors=True)
         return items
     finally:
         db.close()
