@@ -60,6 +60,8 @@ def test_two_ranks_train_like_one_process_with_the_combined_batch(settings, home
         "2",
         # torchrun's agent binds a free loopback port itself (as the trainer's workers are started)
         "--standalone",
+        "--log-dir",  # else a torchelastic_* folder in /tmp that torchrun never removes
+        str(home.parent / "torchrun-logs"),
         "-m",
         "lunatrain",
         "lora",
