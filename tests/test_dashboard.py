@@ -389,6 +389,9 @@ def test_example_adapter_shows_progress_and_lands_in_the_registry(
     # Step and total were reported, and the chart drew the training loss from the job's events.
     expect(page.locator("#job-facts")).to_contain_text(re.compile(r"Schritt\s*\d+ / \d+"))
     expect(page.locator("#loss-chart path.chart-train")).to_have_count(1)
+    # The data panel's last job is this one, with its status in words.
+    job_id = page.locator("#job-id").inner_text().split()[-1]
+    expect(page.locator("#data-facts")).to_contain_text(f"{job_id} · erfolgreich")
 
     row = page.locator(f'tr[data-adapter="example-adapter"][data-version="{version}"]')
     expect(row).to_be_visible(timeout=UI_TIMEOUT_MS)

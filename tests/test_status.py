@@ -124,7 +124,7 @@ def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settin
         },
     )
     s = training_status(settings, 0)
-    assert s["lastJob"]["jobId"] == "job-7" and s["lastJob"]["state"] == "failed"
+    assert s["lastJob"]["jobId"] == "job-7" and s["lastJob"]["status"] == "failed" and "state" not in s["lastJob"]
     assert s["lastJob"]["error"]["code"] == "nan_loss"
     assert s["activeAdapter"]["name"] == "luna-adapter" and s["activeAdapter"]["version"] == "v1"
     assert s["activeAdapter"]["gate"] == {"passed": True, "reasons": []}
@@ -189,7 +189,7 @@ def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
     finally:
         db.close()
     last = training_status(settings, 0)["lastJob"]
-    assert (last["jobId"], last["state"], last["source"]) == (job.id, "failed", "trainer")
+    assert (last["jobId"], last["status"], last["source"]) == (job.id, "failed", "trainer")
     assert last["adapterName"] == "mein-adapter" and last["error"] == {"code": "nan_loss", "message": "loss became nan"}
     out = CliRunner().invoke(app, ["status"]).output
     assert f"last job: failed mein-adapter@- val loss None ({job.id}): loss became nan" in out

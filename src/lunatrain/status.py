@@ -181,7 +181,7 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
     metrics = job.metrics or {}
     return {
         "jobId": job.id,
-        "state": job.status,
+        "status": job.status,
         "source": "trainer",
         "adapterName": (job.adapter.name if job.adapter else None) or job.params.get("adapterName"),
         "version": job.adapter.version if job.adapter else None,
@@ -207,7 +207,7 @@ def _last_local_run(settings: Settings) -> dict[str, Any] | None:
     metrics = report.get("metrics") or {}
     return {
         "jobId": report.get("jobId"),
-        "state": report.get("status"),
+        "status": report.get("status"),
         "source": "report",
         "adapterName": report.get("adapterName"),
         "version": report.get("version"),

@@ -60,7 +60,7 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
         (
             "last job",
-            f"{job['state']} {job['adapterName']}@{job['version'] or '-'} val loss "
+            f"{job['status']} {job['adapterName']}@{job['version'] or '-'} val loss "
             f"{job['metrics'].get('valLoss')}"
             + (f" ({job['jobId']})" if job.get("jobId") else "")
             + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")

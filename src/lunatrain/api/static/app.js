@@ -130,7 +130,7 @@ function renderDataStatus(status) {
     // Each tier: the volume rule (minCurated) and something to train on.
     [t("data.tiers"), Object.entries(status.tiers ?? {})
       .map(([tier, state]) => `${t(`opt.${tier}`)}: ${t(state.ready ? "yes" : "no")}`).join(" · ") || "–"],
-    [t("data.lastJob"), job ? [job.jobId, t(`state.${job.state}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
+    [t("data.lastJob"), job ? [job.jobId, t(`state.${job.status}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
       .filter(Boolean).join(" · ") : t("data.never")],
     [t("data.activeAdapter"), active ? `${active.name} ${active.version}` : t("data.none")],
   ]);
