@@ -22,7 +22,7 @@ from . import evalgate, export, prepare, registry
 from .errors import CheckFailed, LunaError
 from .messages import coded
 from .params import FlowOptions, LoraParams
-from .settings import Settings
+from .settings import PREPARE_REPORT, Settings
 
 STEPS = ("eval-gate", "export", "prepare", "lora")
 
@@ -31,7 +31,7 @@ _FIX = {
     "eval-gate": "fix, roll back or deactivate the active adapter (`lunatrain adapters rollback NAME`, "
     "`lunatrain adapters deactivate NAME`) or name one with --adapter, and run again",
     "export": "check the database settings (ASSISTANT_DB_URL) and the split ratios, then run again",
-    "prepare": "fix the examples listed in reports/training/prepare-latest.json, or lower --minCurated",
+    "prepare": f"fix the examples listed in reports/training/{PREPARE_REPORT}, or lower --minCurated",
     "lora": "see `lunatrain jobs list` and `lunatrain adapters show NAME`, then run again",
 }
 

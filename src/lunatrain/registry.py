@@ -52,6 +52,7 @@ from .wire import utc_now
 # What each version folder holds besides the PEFT files: written by train.py, read by repair, the CLI and the API.
 REPORT_FILE = "training-report.json"
 LOSS_CURVE_FILE = "loss-curve.png"
+TRAIN_HASHES_FILE = "train-hashes.txt"  # the content hashes of the examples trained on (stale marking)
 
 FORMAT = "lunatrain-registry/1"
 SLOT = "current"  # the single version of the overwrite strategy
@@ -621,7 +622,7 @@ def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trai
             for e in adapter["versions"]:
                 if e.get("stale") or e.get("replaced"):
                     continue
-                hashes_file = settings.home / e["path"] / "train-hashes.txt"
+                hashes_file = settings.home / e["path"] / TRAIN_HASHES_FILE
                 try:
                     trained = set(hashes_file.read_text(encoding="utf-8").split())
                 except OSError:

@@ -700,7 +700,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     run.tokenizer.save_pretrained(str(out))
     write_generation_config(out, run.base.path, run.tokens.terminator, run.tokenizer)
     hashes = sorted({e.hash for e in run.train if e.hash})
-    atomic_write_bytes(out / "train-hashes.txt", "".join(h + "\n" for h in hashes).encode())
+    atomic_write_bytes(out / registry.TRAIN_HASHES_FILE, "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / registry.LOSS_CURVE_FILE, run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
     entry = {
         "jobId": report["jobId"],
