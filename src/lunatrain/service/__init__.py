@@ -8,6 +8,7 @@
 - `device.py`   the device facts for /health
 - `lock.py`     one trainer per data root; the pid file
 - `worker.py`   the child process (calls `flow.train_and_gate`)
+- `warm.py`     the warm worker: imports the training stack once, then forks each single-process job
 - `ensure.py`   start the trainer on demand
 - `client.py`   the typed client the CLI and the assistant API use
 - `spawn.py`    the one way to start our own processes

@@ -38,7 +38,7 @@ import psutil
 from ..compat import without_bitsandbytes
 from ..settings import Settings
 from ..startup import collector_paused, import_training_stack
-from .spawn import child_env
+from .spawn import child_env, worker_argv
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -105,7 +105,7 @@ class WarmWorker:
         """Start the child and return the device facts it measured; raises OSError or ValueError when it
         could not (the caller reports a failed probe)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "lunatrain.service.worker", "--warm", str(theirs.fileno())]
+        argv = worker_argv("--warm", str(theirs.fileno()))
         # Nothing to fork when switched off, or when every job runs under torchrun (ASSISTANT_LORA_GPUS > 1):
         # then the child only measures the device, without the imports a job needs.
         if not self.settings.lora_warm_worker or (self.settings.lora_gpus or 1) > 1:
