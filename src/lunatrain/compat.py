@@ -27,12 +27,15 @@ def supports_attention_backend(model: Any) -> bool:
 
 def attn_implementation(model: Any) -> str | None:
     """The attention implementation a model runs (transformers 5.x keeps it in `config._attn_implementation`;
-    `set_attn_implementation` is the public setter, there is no public getter yet)."""
+    `set_attn_implementation` is the public setter, there is no public getter yet). Goes when a public getter
+    exists."""
     return getattr(model.config, "_attn_implementation", None)
 
 
 def register_attention(name: str, fn: Any) -> None:
-    """Register an attention function under `name` (transformers >= 4.48: a process-wide registry)."""
+    """Register an attention function under `name` (transformers >= 4.48: a process-wide registry, so
+    registering is global to the process; `kernels.py` registers each name once). Stays while that registry
+    is how an attention backend is plugged in."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, fn)
@@ -57,6 +60,13 @@ def enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def generation_cache_argument(model: Any) -> str:
+    """The keyword a causal LM's `forward` takes its KV cache by: `cache` (later transformers 5.x releases
+    renamed it) or `past_key_values` (5.0 and the earlier 5.x releases). Goes when the minimum transformers
+    release in pyproject.toml has `cache`."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 # --- torch ---------------------------------------------------------------------------------------
@@ -96,6 +106,8 @@ def varlen_attn_kwargs(scale: float | None, head_dim: int, gqa: bool) -> dict[st
 
 
 def varlen_takes_gqa() -> bool:
+    """Whether `varlen_attn` takes grouped kv heads itself (`enable_gqa`, newer torch releases); else the
+    caller repeats them. Goes with `varlen_attn_kwargs`, when the minimum torch release is one signature."""
     return "enable_gqa" in varlen_attn_signature()
 
 
@@ -132,6 +144,17 @@ def with_bitsandbytes() -> None:
     del sys.modules["bitsandbytes"]
 
 
+def keep_4bit_gradients(model: Any) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer for its AVX512-BF16 CPU kernel the first time the layer runs
+    in eval mode without gradients, for good, and that kernel has no backward: after the base validation loss
+    every later training step would lose the gradients through the quantized layers. So that path is
+    switched off on every layer that has it (its public flag `support_avx512bf16_for_cpu`). Goes when the
+    kernel has a backward, or the repacking is undone for training."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 # --- PEFT ----------------------------------------------------------------------------------------
 
 
@@ -145,4 +168,16 @@ def peft_wrapping() -> Iterator[None]:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def peft_quiet(category: type[Warning] = Warning) -> Iterator[None]:
+    """Around PEFT loading, deleting or saving an adapter where lunatrain already handles what PEFT (0.21)
+    warns about: saving, it looks the base id up to check for a resized vocabulary and warns that a local
+    base cannot be looked up (lunatrain never resizes it); loading or deleting one of several adapters, it
+    says which adapter it made active instead (the chat server sets the adapter for every step itself).
+    Nothing a user can act on. Goes when PEFT stops warning about local bases and active adapters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category)
         yield

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .compat import keep_4bit_gradients
 from .errors import UsageError
 from .fsio import atomic_write_text, dumps_json, file_lock, replace_dir
 from .settings import Settings
@@ -436,12 +437,7 @@ def load_model(
         raise UsageError(f"Base model {info.id!r} could not be loaded: {exc}") from exc
     if quantize == "none":
         return model.to(device)
-    # bitsandbytes repacks a 4-bit layer for its AVX512-BF16 CPU kernel the first time the layer runs in
-    # eval mode without gradients, for good, and that kernel has no backward: after the base validation
-    # loss every later training step would lose the gradients through the quantized layers.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_gradients(model)  # else an eval pass takes the gradients off the 4-bit layers for good
     return model  # placed by device_map: bitsandbytes models refuse .to()
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
+from .compat import generation_cache_argument, peft_quiet
 from .errors import Conflict, LunaError, NotFound, UsageError
 from .settings import Settings
 
@@ -262,7 +263,7 @@ class Engine:
         model.eval()
         self._small = self.device == "cpu" and sum(p.numel() for p in model.parameters()) < models.SMALL_MODEL_PARAMS
         self._stop_ids = stop_ids(self.tokenizer, Path(info.path))
-        self.cache_kw = _cache_argument(model)
+        self.cache_kw = generation_cache_argument(model)
         self.model = model
 
     def _attach(self, target: Target) -> _Loaded:
@@ -283,7 +284,7 @@ class Engine:
         assert path is not None
         peft_name = f"adapter{next(self._names)}"  # PEFT names are module keys: no dots or @
         try:
-            with warnings_quiet():
+            with peft_quiet():
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
                 else:
@@ -313,7 +314,7 @@ class Engine:
             if len(self._adapters) <= self.max_adapters:
                 return
             if old.users == 0:
-                with warnings_quiet():  # PEFT says which adapter it made active instead; each step sets its own
+                with peft_quiet():  # PEFT says which adapter it made active instead; each step sets its own
                     self.model.delete_adapter(old.peft_name)
                 self._on = _UNKNOWN
                 del self._adapters[path]
@@ -390,22 +391,6 @@ class Engine:
 
 
 _UNKNOWN = object()  # after a load or an eviction PEFT may have changed the active adapter itself
-
-
-def _cache_argument(model: Any) -> str:
-    """`cache` (transformers from 5.x's rename on) or `past_key_values` (5.0 and earlier 5.x releases)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-@contextlib.contextmanager
-def warnings_quiet():
-    import warnings
-
-    with warnings.catch_warnings():  # PEFT warns about base ids it cannot look up; the base is given here
-        warnings.simplefilter("ignore")
-        yield
 
 
 @dataclass

@@ -30,7 +30,6 @@ import math
 import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, checkpoints, distributed, kernels, memplan, registry
-from .compat import enable_checkpointing, masked_logits_supported, peft_wrapping, with_bitsandbytes
+from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
 from .distributed import World
 from .errors import LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
@@ -690,8 +689,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
     p, out = run.params, run.work_dir
     # Name the base by what the user called it, not by this machine's cache path.
     run.model.peft_config["default"].base_model_name_or_path = run.base.id
-    with warnings.catch_warnings():  # PEFT looks the base id up to check for resized vocabularies; we never resize
-        warnings.simplefilter("ignore", UserWarning)
+    with peft_quiet(UserWarning):
         run.model.save_pretrained(str(out), safe_serialization=True)
     # The tokenizer with the template trained on (and any added markers) and a generation config that stops
     # on the terminator travel with the adapter: inference needs exactly these to stop where training taught.
