@@ -48,7 +48,7 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
     import torch
 
     from lunatrain import models, train
-    from lunatrain.params import parse_params
+    from lunatrain.params import parse_params, steps_per_epoch, total_steps
     from lunatrain.settings import load_settings
     from lunatrain.tokens import IGNORE, Encoded, make_batch
 
@@ -61,6 +61,7 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
             "dropout": 0.05,
             "quantize": quantize,
             "gradientCheckpointing": "true" if checkpointing else "false",
+            "epochs": STEPS,  # one sample: one step per epoch
         }
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -85,15 +86,15 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         tokens=None,
         train=[],
         val=[],
-        steps_per_epoch=1,
-        total_steps=2,
+        steps_per_epoch=steps_per_epoch(1, params),
+        total_steps=total_steps(1, params),
         work_dir=Path("."),
         loss=loss,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
-    for _ in range(STEPS):
+    for _ in range(run.total_steps):
         opt.zero_grad(set_to_none=True)
         (train.loss_sum(run, batch) / batch.n_supervised).backward()
         opt.step()
