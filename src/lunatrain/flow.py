@@ -42,6 +42,18 @@ version, path} | None, "metrics": {...}, "error": {code, message} | None, "gate"
 "jobId": str | None}."""
 
 
+def job_outcome(job: Any) -> dict[str, Any]:
+    """The outcome (see LoraStep) of a job the trainer ran (service.jobs.Job), as a local run returns it."""
+    return {
+        "status": job.status,
+        "adapter": job.adapter.model_dump() if job.adapter else None,
+        "error": job.error.model_dump() if job.error else None,
+        "gate": job.gate,
+        "metrics": job.metrics,
+        "jobId": job.id,
+    }
+
+
 # --- one run: train, then gate --------------------------------------------------------------------
 
 

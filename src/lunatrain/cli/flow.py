@@ -16,7 +16,7 @@ import typer
 
 from .. import distributed
 from ..errors import LunaError, UsageError
-from ..flow import STEPS, FlowResult, run_flow, submit, summary_lines, train_and_gate
+from ..flow import STEPS, FlowResult, job_outcome, run_flow, submit, summary_lines, train_and_gate
 from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
 from ..service.ensure import ensure_trainer
@@ -91,15 +91,7 @@ def service_lora(
     job = submit(settings, params, options, thresholds=gate)
     typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.")
     follow_and_report(settings, job.id)
-    job = client.get_job(settings, job.id)
-    return {
-        "status": job.status,
-        "jobId": job.id,
-        "metrics": job.metrics,
-        "gate": job.gate,
-        "adapter": job.adapter.model_dump() if job.adapter else None,
-        "error": job.error.model_dump() if job.error else None,
-    }
+    return job_outcome(client.get_job(settings, job.id))
 
 
 def run(
