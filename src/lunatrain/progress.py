@@ -143,11 +143,12 @@ def plot_loss_curve(
     PNG of 700x400 pixels (the same bytes for the same numbers)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    def finite(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    def plottable(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        """The points a line can pass through: a nan or inf loss (a diverged step) is left out, not drawn."""
         return [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
 
-    train = finite([(c["step"], c["loss"]) for c in curve])
-    vals = finite([(e["step"], e["valLoss"]) for e in epochs if e.get("valLoss") is not None])
+    train = plottable([(c["step"], c["loss"]) for c in curve])
+    vals = plottable([(e["step"], e["valLoss"]) for e in epochs if e.get("valLoss") is not None])
     base = base_val_loss if base_val_loss is not None and math.isfinite(base_val_loss) else None
     x0, x1 = _span([x for x, _ in train + vals], 0.03)
     y0, y1 = _span([y for _, y in train + vals] + ([base] if base is not None else []), 0.06)
