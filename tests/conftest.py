@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from lunatrain.settings import Settings, load_settings
 from lunatrain.startup import collector_paused
@@ -26,6 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XDG_CACHE_HOME", os.path.join(tempfile.gettempdir(), "lunatrain-test-cache"))
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+# Property tests draw the same examples on every run (derived from each test's name), so that no run fails on
+# an example the runs before it never drew. `HYPOTHESIS_PROFILE=explore` draws new ones each run, to look for
+# bugs; a failure it finds then belongs in the test as an @example.
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from lunatrain import models, store
+from lunatrain import models, serving, store
 from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
 
@@ -196,7 +196,7 @@ def test_a_full_house_answers_429_at_once_and_frees_its_slots(client: TestClient
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot(home, client) -> None:
+def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot(home, client, monkeypatch) -> None:
     import shutil
 
     import httpx
@@ -205,6 +205,17 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot
 
     from test_api_security import Server
 
+    # The answer is held after a few tokens until the client has left (the server runs in this process): it
+    # cannot end on its own first, however slowly this test's thread is scheduled. 4000 tokens run otherwise.
+    left = threading.Event()
+    forward = serving.Generation._forward
+
+    def paced(gen: serving.Generation) -> int:
+        if gen.engine.generated >= 8:
+            left.wait(120)
+        return forward(gen)
+
+    monkeypatch.setattr(serving.Generation, "_forward", paced)
     with Server(infer_max_tokens=4000) as srv:
         app = srv.server.config.app
         url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
@@ -216,14 +227,16 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot
             "messages": [{"role": "user", "content": "x"}],
         }
         with httpx.Client(trust_env=False, timeout=120) as http, http.stream("POST", url, json=body) as r:
-            assert next(r.iter_lines()).startswith("data: ")
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
             slots = app.state.chat_slots
             if slots.busy != 1:  # the answer already ended: say how, from the rest of its stream
-                rest = r.read().decode(errors="replace")
+                rest = "\n".join(lines)
                 pytest.fail(
                     f"slot free after the first event; {app.state.chat_engine.generated} tokens, then {rest[-800:]!r}"
                 )
         # The connection is gone: the server notices at its next token and ends the generation early.
+        left.set()
         engine = app.state.chat_engine
         for _ in range(600):
             if slots.busy == 0:
