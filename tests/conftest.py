@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from lunatrain.settings import Settings, load_settings
@@ -30,9 +31,11 @@ OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
 
 # Property tests draw the same examples on every run (derived from each test's name), so that no run fails on
 # an example the runs before it never drew. `HYPOTHESIS_PROFILE=explore` draws new ones each run, to look for
-# bugs; a failure it finds then belongs in the test as an @example.
-hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
-hypothesis_settings.register_profile("explore", derandomize=False)
+# bugs; a failure it finds then belongs in the test as an @example. Neither fails a test for being slow to
+# generate its examples (a wall-clock check, which a loaded machine can trip).
+_quiet = [HealthCheck.too_slow]
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, suppress_health_check=_quiet)
+hypothesis_settings.register_profile("explore", derandomize=False, suppress_health_check=_quiet)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 

@@ -167,7 +167,7 @@ def _assert_stable(settings: Settings, before: dict[str, str], val: float, test:
     max_examples=5,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     base=st.lists(

@@ -24,6 +24,7 @@ import pytest
 from test_trainer_service import (
     QUICK,
     launch,
+    poll_job,
     prepare_root,
     shutdown,
     submit,
@@ -118,7 +119,7 @@ def killed_or_done(trainer, job: Job) -> bool:
 
 
 def settled(settings, job_id: str) -> Job:
-    job = wait_for(lambda: (j := trainer_client.get_job(settings, job_id)).status in TERMINAL and j, SETTLE_S, 0.5)
+    job = wait_for(lambda: (j := poll_job(settings, job_id)) is not None and j.status in TERMINAL and j, SETTLE_S, 0.5)
     return job or trainer_client.get_job(settings, job_id)
 
 

@@ -192,6 +192,7 @@ def test_fast_dropout_rate_expectation_and_gradient():
 
 
 def test_fast_dropout_eval_and_odd_shapes():
+    torch.manual_seed(0)  # the same draws whichever tests ran before on this worker
     drop = kernels.fast_dropout_class()(0.3)
     x = torch.randn(3, 7, 5)  # 105 elements: not a multiple of four draws per word
     assert drop.eval()(x) is x

@@ -27,6 +27,7 @@ from test_trainer_service import (
     QUICK,
     copy_root,
     launch,
+    poll_job,
     root,  # noqa: F401 - the module's prepared data root (a fixture)
     running_with_steps,
     shutdown,
@@ -161,7 +162,7 @@ def rank_of(proc: psutil.Process) -> int:
 def start_long(settings: Settings, name: str) -> tuple[Job, psutil.Process, list[psutil.Process]]:
     """A job that runs until stopped, caught after its first step: the job, torchrun's agent, its ranks."""
     job = submit(settings, LONG | SAME | {"maxSteps": None, "adapterName": name})
-    wait_for(lambda: running_with_steps(trainer_client.get_job(settings, job.id)), JOB_TIMEOUT, 0.3)
+    wait_for(lambda: running_with_steps(poll_job(settings, job.id)), JOB_TIMEOUT, 0.3)
     return job, *job_processes(job.id)
 
 

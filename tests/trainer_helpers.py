@@ -78,7 +78,7 @@ def recorded_url(path: Path, proc: subprocess.Popen, timeout: float) -> str | No
     return found if isinstance(found, str) else None
 
 
-def start_trainer(home: Path, port: int = 0, *, timeout: float = 90.0, **env: str) -> TrainerProcess:
+def start_trainer(home: Path, port: int = 0, *, timeout: float = 300.0, **env: str) -> TrainerProcess:
     """Start `lunatrain trainer --port PORT` on `home` and wait until it answers where it says it listens."""
     record = home / "data" / "trainer" / "trainer.url"
     record.unlink(missing_ok=True)  # an earlier trainer's address is not this one's
