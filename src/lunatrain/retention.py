@@ -34,7 +34,7 @@ from typing import Any
 from . import export
 from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S
-from .service.jobs import TERMINAL, jobs_db_path
+from .service.jobs import TERMINAL, jobs_db_path, ranks_log_dir
 from .settings import Settings
 from .wire import utc_now
 
@@ -128,7 +128,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             log = logs / f"{job_id}.log"
             if log.is_file():
                 items.append(Item("job-log", _rel(settings, log), log.stat().st_size, reason))
-            ranks = logs / f"{job_id}.torchrun"
+            ranks = ranks_log_dir(logs, job_id)
             if ranks.is_dir():
                 items.append(Item("job-log", _rel(settings, ranks), _size(ranks), reason))
         if not dry_run and doomed:
@@ -137,7 +137,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             db.execute("COMMIT")
             for job_id, _ in doomed:
                 (logs / f"{job_id}.log").unlink(missing_ok=True)
-                shutil.rmtree(logs / f"{job_id}.torchrun", ignore_errors=True)
+                shutil.rmtree(ranks_log_dir(logs, job_id), ignore_errors=True)
         return items
     finally:
         db.close()

@@ -426,3 +426,8 @@ def _job(row: sqlite3.Row) -> Job:
 
 def jobs_db_path(data_dir: Path) -> Path:
     return data_dir / "trainer" / "jobs.db"
+
+
+def ranks_log_dir(logs: Path, job_id: str) -> Path:
+    """torchrun's per-rank files of a data-parallel job, in the trainer's `logs` folder beside the job's log."""
+    return logs / f"{job_id}.torchrun"

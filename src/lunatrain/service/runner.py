@@ -23,7 +23,7 @@ import psutil
 
 from ..errors import LunaError
 from ..settings import Settings
-from .jobs import Job, JobStore, Progress
+from .jobs import Job, JobStore, Progress, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, settle_interrupted, signal_group
 from .spawn import child_env, job_ranks, worker_argv
 from .warm import Forked, WarmWorker
@@ -178,7 +178,7 @@ class Runner:
         except LunaError as err:  # queued before a restart with another ASSISTANT_LORA_GPUS
             self.store.set_status(job.id, "failed", error={"code": err.code, "message": err.message})
             return
-        argv = worker_argv(*args, ranks=ranks, log_dir=self.logs_dir / f"{job.id}.torchrun")
+        argv = worker_argv(*args, ranks=ranks, log_dir=ranks_log_dir(self.logs_dir, job.id))
         try:
             with open(log_path, "ab") as log_file:
                 # A single-process job forks from the warm worker when it can (milliseconds instead of a
