@@ -1,7 +1,7 @@
 """The warm worker: the trainer's first child measures the device (for /health) and, on a machine without
 CUDA, stays, so that each single-process job starts by fork() from a process that has imported torch,
-transformers and PEFT once. A fresh interpreter spends about 6 s of CPU on those imports on a 2-core
-machine, which is most of a short job; a fork takes milliseconds and shares the imported pages.
+transformers and PEFT once. A fresh interpreter spends 2.5 to 6 s of CPU on those imports, depending on the
+CPU, which is most of a short job; a fork takes milliseconds and shares the imported pages.
 
 Protocol, over a SOCK_SEQPACKET socketpair (one message per JSON object; the child's end is `--warm FD`):
   child -> trainer  {"device": {...}, "forks": bool}   first, the device facts; forks=false: it exits now
