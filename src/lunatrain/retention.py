@@ -34,7 +34,7 @@ from typing import Any
 from . import export
 from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S
-from .service.jobs import TERMINAL, jobs_db_path, ranks_log_dir
+from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir
 from .settings import Settings
 from .wire import utc_now
 
@@ -125,7 +125,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             ).fetchone()
             if n:
                 items.append(Item("job-events", f"{_rel(settings, path)}#{job_id} ({n} events)", int(size), reason))
-            log = logs / f"{job_id}.log"
+            log = job_log_path(logs, job_id)
             if log.is_file():
                 items.append(Item("job-log", _rel(settings, log), log.stat().st_size, reason))
             ranks = ranks_log_dir(logs, job_id)
@@ -136,7 +136,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
             db.execute("COMMIT")
             for job_id, _ in doomed:
-                (logs / f"{job_id}.log").unlink(missing_ok=True)
+                job_log_path(logs, job_id).unlink(missing_ok=True)
                 shutil.rmtree(ranks_log_dir(logs, job_id), ignore_errors=True)
         return items
     finally:

@@ -428,6 +428,11 @@ def jobs_db_path(data_dir: Path) -> Path:
     return data_dir / "trainer" / "jobs.db"
 
 
+def job_log_path(logs: Path, job_id: str) -> Path:
+    """A job's log (its worker's stdout and stderr), in the trainer's `logs` folder."""
+    return logs / f"{job_id}.log"
+
+
 def ranks_log_dir(logs: Path, job_id: str) -> Path:
     """torchrun's per-rank files of a data-parallel job, in the trainer's `logs` folder beside the job's log."""
     return logs / f"{job_id}.torchrun"

@@ -23,7 +23,7 @@ import psutil
 
 from ..errors import LunaError
 from ..settings import Settings
-from .jobs import Job, JobStore, Progress, ranks_log_dir
+from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, settle_interrupted, signal_group
 from .spawn import child_env, job_ranks, worker_argv
 from .warm import Forked, WarmWorker
@@ -169,7 +169,7 @@ class Runner:
         if not self.store.claim(job.id):
             return  # cancelled between listing and claiming
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs_dir / f"{job.id}.log"
+        log_path = job_log_path(self.logs_dir, job.id)
         args = ["--job", job.id, "--params", json.dumps(job.params), "--options", json.dumps(job.options.wire())]
         if job.gate_thresholds is not None:
             args += ["--gate-thresholds", json.dumps(job.gate_thresholds)]
