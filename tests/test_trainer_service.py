@@ -43,6 +43,7 @@ QUICK = {"datasetTier": "memory", "epochs": 1, "maxSteps": 2, "batchSize": 4, "g
 LONG = QUICK | {"epochs": 50, "maxSteps": None}
 FAULTS = "crash=crashy,nan=nanny"
 JOB_TIMEOUT = 480.0  # generous: these machines are shared and slow; a passing run takes a fraction
+HTTP_TIMEOUT_S = 60.0  # one raw request to a trainer that a loaded machine keeps busy (httpx's own default is 5 s)
 
 
 @dataclass
@@ -224,24 +225,29 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
         ({"baseModel": str(odd)}, "not a JSON object"),
     ]
     for body, field in cases:
-        r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | body, trust_env=False, timeout=60)
+        r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | body, trust_env=False, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 422, (body, r.text)
         err = r.json()["error"]
         assert err["code"] == "invalid_request" and field in err["message"], err
     for raw in (b"{not json", b"[1, 2]"):
         r = httpx.post(
-            url + "/jobs", content=raw, headers={"content-type": "application/json"}, trust_env=False, timeout=60
+            url + "/jobs",
+            content=raw,
+            headers={"content-type": "application/json"},
+            trust_env=False,
+            timeout=HTTP_TIMEOUT_S,
         )
         assert r.status_code == 422, r.text
-    big = httpx.post(url + "/jobs", content=b"{" + b" " * 400_000 + b"}", trust_env=False, timeout=60)
+    big = httpx.post(url + "/jobs", content=b"{" + b" " * 400_000 + b"}", trust_env=False, timeout=HTTP_TIMEOUT_S)
     assert big.status_code == 413
     for method, path in (("GET", "/jobs/ftjob-000000"), ("GET", "/jobs/nope/events"), ("POST", "/jobs/nope/cancel")):
-        r = httpx.request(method, url + path, trust_env=False, timeout=60)
+        r = httpx.request(method, url + path, trust_env=False, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 404 and "No job" in r.json()["error"]["message"], r.text
     for query in ("/jobs?limit=0", "/jobs?status=bogus", "/jobs/x/events?after=-1"):
-        r = httpx.get(url + query, trust_env=False, timeout=60)
+        r = httpx.get(url + query, trust_env=False, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 422, (query, r.text)
-    assert httpx.get(url + "/health", headers={"host": "evil.example"}, trust_env=False, timeout=60).status_code == 400
+    evil = httpx.get(url + "/health", headers={"host": "evil.example"}, trust_env=False, timeout=HTTP_TIMEOUT_S)
+    assert evil.status_code == 400
     assert trainer_client.health(settings).can_train[0].startswith("What this cpu can train")
     with pytest.raises(NotFound):
         trainer_client.get_job(settings, "ftjob-unknown")
@@ -257,8 +263,10 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
     assert refused.exit_code == 2 and "ASSISTANT_API_TOKEN" in refused.output
     trainer = launch(home, ASSISTANT_API_TOKEN="s3cret", ASSISTANT_LORA_WARM_WORKER="false")  # no job runs here
     try:
-        assert httpx.get(trainer.url + "/health", trust_env=False, timeout=60).status_code == 401
-        wrong = httpx.get(trainer.url + "/jobs", headers={"authorization": "Bearer nope"}, trust_env=False, timeout=60)
+        assert httpx.get(trainer.url + "/health", trust_env=False, timeout=HTTP_TIMEOUT_S).status_code == 401
+        wrong = httpx.get(
+            trainer.url + "/jobs", headers={"authorization": "Bearer nope"}, trust_env=False, timeout=HTTP_TIMEOUT_S
+        )
         assert wrong.status_code == 401
         with pytest.raises(UsageError, match="ASSISTANT_API_TOKEN"):
             trainer_client.health(trainer.settings)
@@ -276,10 +284,10 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
 def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     url, settings = svc.url, svc.settings
     body = wire(QUICK | {"adapterName": "fifo-a"}, requestId="req-a")
-    first = httpx.post(url + "/jobs", json=body, trust_env=False, timeout=60)
+    first = httpx.post(url + "/jobs", json=body, trust_env=False, timeout=HTTP_TIMEOUT_S)
     assert first.status_code == 202, first.text
     a = first.json()
-    retry = httpx.post(url + "/jobs", json=body, trust_env=False, timeout=60)
+    retry = httpx.post(url + "/jobs", json=body, trust_env=False, timeout=HTTP_TIMEOUT_S)
     assert retry.status_code == 200 and retry.json()["id"] == a["id"]
     with pytest.raises(Conflict, match="req-a"):  # same key, other parameters
         submit(settings, QUICK | {"adapterName": "fifo-a", "maxSteps": 3}, "req-a")
@@ -325,7 +333,7 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     assert statuses == ["validating", "queued", "running", "succeeded"]
     assert [e.model_extra["step"] for e in events if e.type == "progress"] == [1, 2]
     # A retry after the fact still returns the finished job and trains nothing new.
-    again = httpx.post(url + "/jobs", json=body, trust_env=False, timeout=60)
+    again = httpx.post(url + "/jobs", json=body, trust_env=False, timeout=HTTP_TIMEOUT_S)
     assert again.status_code == 200 and again.json()["status"] == "succeeded"
     assert len(versions(settings, "fifo-a")) == 1
 
