@@ -13,8 +13,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,11 +115,20 @@ def open_page(page, services: Services, query: str = "", held: str = "") -> None
 
 @dataclass
 class Held:
-    """The first answer to the page's requests whose URL `matches`, held back (see `hold_first_answer`)."""
+    """The first request of the page's whose URL `matches`, held back (see `hold_first_answer`)."""
 
     matches: Callable[[str], bool]
-    route: Any = None
-    answer: Any = None  # the server's response, fetched when the page asked
+    route: Any = None  # claimed as the request comes, before its answer is fetched
+    response: Any = None  # the server's response, fetched when the page asked
+
+    def answer(self, page) -> Any:
+        """The server's answer to the held request. Fetching it may still be under way (a slow server): the
+        page's event loop turns until it is there."""
+        for _ in range(UI_TIMEOUT_MS // 50):
+            if self.response is not None:
+                return self.response
+            page.wait_for_timeout(50)
+        raise AssertionError(f"no answer within {UI_TIMEOUT_MS} ms to the held request {self.route.request.url}")
 
 
 def hold_first_answer(page, matches: Callable[[str], bool]) -> Held:
@@ -127,8 +139,11 @@ def hold_first_answer(page, matches: Callable[[str], bool]) -> Held:
     def hold(route) -> None:
         if held.route is not None:
             route.continue_()
-        else:
-            held.route, held.answer = route, route.fetch()
+            return
+        # Claimed before fetching: `route.fetch()` turns the event loop, and a second request that comes while
+        # the first one's answer is slow must go through, not be held too and replace the first.
+        held.route = route
+        held.response = route.fetch()
 
     page.route(matches, hold)
     return held
@@ -138,8 +153,9 @@ def deliver_late(page, held: Held) -> None:
     """Hand the page the answer `hold_first_answer` held back, then give its code a few event-loop turns to
     handle it (were it to render the answer, it would have by then: the wait can hide a failure, never cause
     one). Later requests of that kind are no longer routed."""
+    answer = held.answer(page)
     with page.expect_request_finished(lambda r: r.url == held.route.request.url):
-        held.route.fulfill(response=held.answer)
+        held.route.fulfill(response=answer)
     page.evaluate("() => new Promise((done) => setTimeout(done, 200))")
     page.unroute(held.matches)
 
@@ -209,6 +225,53 @@ def train_short_version(page, name: str) -> None:
     # The panel may still show an earlier job that succeeded: wait for the new job first.
     expect(page.locator("#job-id")).not_to_have_text(before or "\x00", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#job-state")).to_have_attribute("data-state", "succeeded", timeout=TRAIN_TIMEOUT_MS)
+
+
+class SlowAnswers(BaseHTTPRequestHandler):
+    """A page that fetches /answer?n=1 and then /answer?n=2 at once; the server takes 0.5 s for the first
+    answer and 1 s for the second (a loaded server, for the test of `hold_first_answer` itself)."""
+
+    PAGE = b"""<!doctype html><title>slow</title><script>
+      window.got = [];
+      for (const n of [1, 2]) fetch("/answer?n=" + n).then((r) => r.text()).then((text) => window.got.push(text));
+    </script>"""
+
+    def do_GET(self) -> None:  # noqa: N802 (the handler's name is http.server's)
+        query = urlsplit(self.path).query
+        if query:
+            n = int(query.removeprefix("n="))
+            time.sleep(0.5 * n)
+        body = str(n).encode() if query else self.PAGE
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain" if query else "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hold_first_answer_holds_the_first_request_and_lets_a_second_through_while_the_first_is_slow(page) -> None:
+    # Before the hold was claimed ahead of the fetch, the second request (sent while the first one's answer was
+    # still on its way) was held too and replaced the first: the page never got it, and the test holding "the
+    # first answer" inspected the second (a CI failure of the data panel's test on a loaded machine).
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowAnswers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        held = hold_first_answer(page, lambda url: urlsplit(url).path == "/answer")
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_function("() => window.got.length === 1", timeout=UI_TIMEOUT_MS)
+        assert page.evaluate("window.got") == ["2"]  # the second went through
+        assert urlsplit(held.route.request.url).query == "n=1"
+        assert held.answer(page).text() == "1"
+        deliver_late(page, held)
+        assert page.evaluate("window.got") == ["2", "1"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 # ---- tests, in the order a user meets the page ----------------------------------------------------------
@@ -333,7 +396,7 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)").fill(str(approved + 1))
     page.get_by_role("button", name="Aktualisieren").click()
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
-    assert held.answer.json()["ready"] is True
+    assert held.answer(page).json()["ready"] is True
     deliver_late(page, held)
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "no")
     expect(page.locator("#data-ready")).to_contain_text("Nicht bereit")
@@ -419,7 +482,7 @@ def test_cancel_a_running_job(page, services: Services, output_dir: Path, traine
     page.get_by_role("button", name="Training starten").click()
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     started = page.locator("#job-id").inner_text()
-    assert f'"{started.split()[-1]}"' not in held.answer.text()  # the answer names the earlier job
+    assert f'"{started.split()[-1]}"' not in held.answer(page).text()  # the answer names the earlier job
     deliver_late(page, held)
     expect(page.locator("#training")).not_to_have_attribute("aria-busy", "true", timeout=UI_TIMEOUT_MS)
     expect(page.locator("#job-id")).to_have_text(started)
@@ -459,8 +522,8 @@ def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
     choices = page.locator('#try-model option[value^="example-adapter@"]')
     expect(rows).to_have_count(count, timeout=UI_TIMEOUT_MS)
     expect(choices).to_have_count(count, timeout=UI_TIMEOUT_MS)
-    assert len(versions_in(table.answer.json(), "example-adapter")) < count  # the held answers are older
-    assert sum(m["id"].startswith("example-adapter@") for m in models.answer.json()["data"]) < count
+    assert len(versions_in(table.answer(page).json(), "example-adapter")) < count  # the held answers are older
+    assert sum(m["id"].startswith("example-adapter@") for m in models.answer(page).json()["data"]) < count
     deliver_late(page, table)
     deliver_late(page, models)
     expect(rows).to_have_count(count)
