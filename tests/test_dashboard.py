@@ -115,7 +115,7 @@ def open_page(page, services: Services, query: str = "", held: str = "") -> None
 
 @dataclass
 class Held:
-    """The first request of the page's whose URL `matches`, held back (see `hold_first_answer`)."""
+    """The page's first request whose URL `matches`, held back (see `hold_first_answer`)."""
 
     matches: Callable[[str], bool]
     route: Any = None  # claimed as the request comes, before its answer is fetched
@@ -241,9 +241,11 @@ class SlowAnswers(BaseHTTPRequestHandler):
         if query:
             n = int(query.removeprefix("n="))
             time.sleep(0.5 * n)
-        body = str(n).encode() if query else self.PAGE
+            body, kind = str(n).encode(), "text/plain"
+        else:
+            body, kind = self.PAGE, "text/html"
         self.send_response(200)
-        self.send_header("Content-Type", "text/plain" if query else "text/html")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
