@@ -240,6 +240,8 @@ class SlowAnswers(BaseHTTPRequestHandler):
         query = urlsplit(self.path).query
         if query:
             n = int(query.removeprefix("n="))
+            # The slow server is the point of this server: request 1 must still be on its way when request 2
+            # reaches the route handler. The test's outcome does not depend on these times, only the old bug's.
             time.sleep(0.5 * n)
             body, kind = str(n).encode(), "text/plain"
         else:
