@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -228,8 +227,9 @@ def train_short_version(page, name: str) -> None:
 
 
 class SlowAnswers(BaseHTTPRequestHandler):
-    """A page that fetches /answer?n=1 and then /answer?n=2 at once; the server takes 0.5 s for the first
-    answer and 1 s for the second (a loaded server, for the test of `hold_first_answer` itself)."""
+    """A page that fetches /answer?n=1 and then /answer?n=2 at once. The server answers the first only once
+    the second has reached it: a server slow enough that request 1 is still on its way while request 2
+    passes the route handler, without depending on how slow (for the test of `hold_first_answer` itself)."""
 
     PAGE = b"""<!doctype html><title>slow</title><script>
       window.got = [];
@@ -240,9 +240,12 @@ class SlowAnswers(BaseHTTPRequestHandler):
         query = urlsplit(self.path).query
         if query:
             n = int(query.removeprefix("n="))
-            # The slow server is the point of this server: request 1 must still be on its way when request 2
-            # reaches the route handler. The test's outcome does not depend on these times, only the old bug's.
-            time.sleep(0.5 * n)
+            second: threading.Event = self.server.second_arrived  # type: ignore[attr-defined]
+            if n == 2:
+                second.set()
+            elif not second.wait(UI_TIMEOUT_MS / 1000):
+                self.send_error(504, "request 2 never came")
+                return
             body, kind = str(n).encode(), "text/plain"
         else:
             body, kind = self.PAGE, "text/html"
@@ -261,6 +264,7 @@ def test_hold_first_answer_holds_the_first_request_and_lets_a_second_through_whi
     # still on its way) was held too and replaced the first: the page never got it, and the test holding "the
     # first answer" inspected the second (a CI failure of the data panel's test on a loaded machine).
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowAnswers)
+    server.second_arrived = threading.Event()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
