@@ -150,10 +150,13 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
             ensure_trainer(explicit, timeout=30)
         assert str(first) in refused.value.message and str(second) in refused.value.message
         assert not explicit.trainer_url_file.exists() and trainer_processes(second) == []
+        assert_refused_everywhere(explicit, first, second, "ASSISTANT_LORA_TRAINER_URL")
 
         # Not chosen: the default address happens to be the first project's trainer.
         monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", shared)
         implicit = load_settings(home=second)
+        # Until it has a trainer of its own, the other project's is not one to read from either.
+        assert_refused_everywhere(implicit, first, second, "the next job starts it")
         health = ensure_trainer(implicit, timeout=120)
         assert health.data_root.path == str(second.resolve())
         own = implicit.trainer_url_file.read_text().strip()
@@ -169,6 +172,42 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
     finally:
         stop_group(proc.pid)
         kill_trainers(second)
+
+
+def assert_refused_everywhere(settings, first, second, fix: str) -> None:
+    """Every call of this data root's clients to the other project's trainer is refused with one sentence
+    naming both roots, before that trainer acts on it: reading, following or cancelling its jobs, its
+    health in the CLI, the API's provider health (Offline) and status. A job id it does not know is the
+    refusal too, not its 404."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain import store
+    from lunatrain.api.main import create_app
+    from lunatrain.errors import Conflict
+    from lunatrain.status import training_status
+
+    unknown = "ftjob-" + "0" * 24
+    calls = {
+        "list": lambda: client.list_jobs(settings),
+        "show": lambda: client.get_job(settings, unknown),
+        "events": lambda: client.events(settings, unknown),
+        "cancel": lambda: client.cancel(settings, unknown),
+        "health": lambda: client.own_health(settings),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Conflict) as refused:
+            call()
+        message = refused.value.message
+        assert str(first) in message and str(second) in message and fix in message, (name, message)
+
+    assert training_status(settings)["trainer"]["label"] == "Offline"
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        health = api.get("/assistant/training/lora/provider-health").json()
+        assert health["label"] == "Offline" and not health["reachable"] and str(first) in health["error"]
+        for method, path in [("GET", "jobs"), ("GET", "status"), ("POST", f"jobs/{unknown}/cancel")]:
+            r = api.request(method, f"/assistant/training/lora/{path}")
+            assert r.status_code == 409 and str(second) in r.json()["error"]["message"], (path, r.text)
+    store.dispose_stores()
 
 
 @pytest.mark.slow

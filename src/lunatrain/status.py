@@ -116,7 +116,8 @@ def _trainer(settings: Settings) -> dict[str, Any]:
     """Whether the trainer service answers, and its label (Aktiv (CUDA) / Online (CPU) / Offline)."""
     from .service import client as trainer_client
 
-    health = _safe(lambda: trainer_client.probe(settings, timeout=PROBE_TIMEOUT))
+    # Another project's trainer at this root's address is not this root's trainer: Offline.
+    health = _safe(lambda: trainer_client.own_health(settings, timeout=PROBE_TIMEOUT))
     return {
         "reachable": health is not None,
         "label": trainer_client.label(health),

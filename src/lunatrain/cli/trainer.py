@@ -62,7 +62,13 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
     """Show the trainer's state: `Aktiv (CUDA)`, `Online (CPU)` or `Offline` (exit 1, for scripts)."""
     try:
         settings = load_settings()
-        health = ensure_trainer(settings, explicit=True) if ensure else trainer_client.probe(settings)
+        if ensure:
+            health = ensure_trainer(settings, explicit=True)
+        else:
+            try:
+                health = trainer_client.own_health(settings)
+            except ServiceUnavailable:
+                health = None
     except LunaError as err:
         raise fail(err) from None
     label = trainer_client.label(health)

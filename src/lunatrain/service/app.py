@@ -18,12 +18,12 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Response
+from fastapi import Depends, FastAPI, Header, Query, Response
 from fastapi import Path as PathParam
 from pydantic import ConfigDict, Field
 
 from .. import __version__, memplan
-from ..errors import UsageError
+from ..errors import Conflict, UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
@@ -33,6 +33,7 @@ from ..web.security import GuardMiddleware, allowed_hostnames, check_bind
 from . import lock
 from .device import DeviceProbe
 from .jobs import (
+    DATA_ROOT_HEADER,
     JOB_ID_PATTERN,
     EventPage,
     Health,
@@ -120,6 +121,21 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     def store() -> JobStore:
         return state["store"]
 
+    own_root = data_root_id(settings.home)
+
+    def same_data_root(
+        expected: Annotated[str | None, Header(alias=DATA_ROOT_HEADER, description="the client's data root id")] = None,
+    ) -> None:
+        # Checked before a job is read, submitted or cancelled: a client whose trainer died and whose address
+        # another project's trainer now holds must not list, follow or cancel that project's jobs.
+        if expected is not None and expected != own_root:
+            raise Conflict(
+                f"This trainer serves {settings.home}, not the data root the request was made for.",
+                details={"dataRoot": {"id": own_root, "path": str(settings.home)}},
+            )
+
+    checked = [Depends(same_data_root)]
+
     @app.get("/health", response_model=Health, response_model_by_alias=True)
     def health() -> Health:
         info = state["device"].current()
@@ -143,7 +159,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             }
         )
 
-    @app.post("/jobs", status_code=202, response_model=Job, response_model_by_alias=True)
+    @app.post("/jobs", dependencies=checked, status_code=202, response_model=Job, response_model_by_alias=True)
     def submit(body: JobCreate, response: Response) -> Job:
         params = body.params()
         # The memory plan before the job is queued: one that cannot fit this device is refused now (422,
@@ -158,17 +174,17 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             response.status_code = 200
         return job
 
-    @app.get("/jobs", response_model=JobList, response_model_by_alias=True)
+    @app.get("/jobs", dependencies=checked, response_model=JobList, response_model_by_alias=True)
     def list_jobs(
         limit: Annotated[int, Query(ge=1, le=500)] = 20, status: Annotated[Status | None, Query()] = None
     ) -> JobList:
         return JobList(data=store().list(limit=limit, status=status))
 
-    @app.get("/jobs/{job_id}", response_model=Job, response_model_by_alias=True)
+    @app.get("/jobs/{job_id}", dependencies=checked, response_model=Job, response_model_by_alias=True)
     def get_job(job_id: JobId) -> Job:
         return store().get(job_id)
 
-    @app.get("/jobs/{job_id}/events", response_model=EventPage, response_model_by_alias=True)
+    @app.get("/jobs/{job_id}/events", dependencies=checked, response_model=EventPage, response_model_by_alias=True)
     def job_events(
         job_id: JobId,
         after: Annotated[int, Query(ge=0, le=2**62)] = 0,
@@ -176,7 +192,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     ) -> EventPage:
         return store().events(job_id, after=after, limit=limit)
 
-    @app.post("/jobs/{job_id}/cancel", response_model=Job, response_model_by_alias=True)
+    @app.post("/jobs/{job_id}/cancel", dependencies=checked, response_model=Job, response_model_by_alias=True)
     def cancel(job_id: JobId) -> Job:
         return state["runner"].cancel(job_id)
 

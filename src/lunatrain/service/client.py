@@ -18,7 +18,7 @@ from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageErr
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import is_loopback
-from .jobs import EventPage, Health, Job, JobList, Status, data_root_id
+from .jobs import DATA_ROOT_HEADER, EventPage, Health, Job, JobList, Status, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
@@ -96,7 +96,8 @@ def _client() -> httpx.Client:
 
 def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
     trainer_address(settings)  # a malformed URL is a usage error, not "unreachable"
-    headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    headers = {DATA_ROOT_HEADER: data_root_id(settings.home)}
+    headers |= {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     url = base_url(settings).rstrip("/") + path
     try:
         response = _client().request(method, url, headers=headers, timeout=timeout, **kwargs)
@@ -106,11 +107,11 @@ def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.
             "start it with `lunatrain trainer`."
         ) from None
     if response.status_code >= 400:
-        raise _error(response)
+        raise _error(settings, response)
     return response
 
 
-def _error(response: httpx.Response) -> LunaError:
+def _error(settings: Settings, response: httpx.Response) -> LunaError:
     try:
         body = response.json()
         err = body.get("error") or {}
@@ -122,6 +123,9 @@ def _error(response: httpx.Response) -> LunaError:
     if status == 404:
         return NotFound(message)
     if status == 409:
+        other = details.get("dataRoot") if isinstance(details, dict) else None
+        if isinstance(other, dict):  # the trainer at our address serves another project's data root
+            return other_data_root(settings, str(other.get("path") or "another data root"))
         return Conflict(message)
     if status == 401:
         return UsageError(f"{message} Set ASSISTANT_API_TOKEN to the trainer's token.")
@@ -132,6 +136,15 @@ def _error(response: httpx.Response) -> LunaError:
 
 def health(settings: Settings, *, timeout: float = 3.0) -> Health:
     return Health.model_validate(_request(settings, "GET", "/health", timeout=timeout).json())
+
+
+def own_health(settings: Settings, *, timeout: float = 3.0) -> Health:
+    """The health of this data root's trainer: ServiceUnavailable when nothing answers, and the
+    other-data-root Conflict when another project's trainer holds the address."""
+    answer = health(settings, timeout=timeout)
+    if not serves_this_root(settings, answer):
+        raise other_data_root(settings, served_root(answer))
+    return answer
 
 
 def probe(settings: Settings, *, timeout: float = 3.0) -> Health | None:
@@ -145,6 +158,25 @@ def probe(settings: Settings, *, timeout: float = 3.0) -> Health | None:
 def serves_this_root(settings: Settings, health: Health) -> bool:
     """Whether the trainer that answered serves this data root (an older trainer that does not say: no)."""
     return health.data_root is not None and health.data_root.id == data_root_id(settings.home)
+
+
+def served_root(health: Health) -> str:
+    return health.data_root.path if health.data_root else "an unknown data root (an older trainer)"
+
+
+def other_data_root(settings: Settings, other: str) -> Conflict:
+    """The one sentence for "the trainer at our address serves another project's data root", naming both
+    roots and the way out: with a chosen address, point it elsewhere; else this root's own trainer is not
+    running, and the next job (or `lunatrain trainer --port 0`) starts it on a free port."""
+    url = base_url(settings)
+    if explicit_url(settings) or settings.lora_trainer_start_cmd:
+        fix = (
+            f"point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME={settings.home}, "
+            "or unset it to let lunatrain start one on a free port"
+        )
+    else:
+        fix = "this data root's trainer is not running: the next job starts it, or `lunatrain trainer --port 0`"
+    return Conflict(f"The trainer at {url} serves {other}, not this data root {settings.home}; {fix}.")
 
 
 def submit(

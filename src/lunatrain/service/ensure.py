@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import Conflict, ServiceUnavailable, UsageError
+from ..errors import ServiceUnavailable, UsageError
 from ..fsio import file_lock
 from ..settings import Settings
 from ..wire import now_iso
@@ -85,12 +85,7 @@ def _refuse_chosen_address(settings: Settings, health: Health) -> None:
     the caller starts our own trainer on a port the OS picks, and that trainer records it under this data
     root (binding the port itself: a port picked here and bound later could be taken in between)."""
     if trainer_client.explicit_url(settings) or settings.lora_trainer_start_cmd:
-        other = health.data_root.path if health.data_root else "an unknown data root (an older trainer)"
-        raise Conflict(
-            f"The trainer at {trainer_client.base_url(settings)} serves {other}, not this data root "
-            f"{settings.home}; point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME="
-            f"{settings.home}, or unset it to let lunatrain start one on a free port."
-        )
+        raise trainer_client.other_data_root(settings, trainer_client.served_root(health))
 
 
 def start_argv(settings: Settings, port: int | None = None) -> list[str]:

@@ -145,6 +145,10 @@ class Health(WireModel):
     can_train: list[str] = Field(default_factory=list, description="what this device can train (memplan)")
 
 
+# The header a client names its data root in (its id); the trainer refuses job requests for another root.
+DATA_ROOT_HEADER = "X-Lunatrain-Data-Root"
+
+
 def data_root_id(home: Path) -> str:
     """A short id of a data root (its resolved path): what the trainer serves and a client compares with."""
     return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]

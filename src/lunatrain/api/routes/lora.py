@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from ... import flow, profiles
-from ...errors import NotFound, ServiceUnavailable
+from ...errors import Conflict, NotFound, ServiceUnavailable
 from ...params import FlowOptions, LoraParams
 from ...service import client as trainer_client
 from ...service import ensure
@@ -44,25 +44,26 @@ async def provider_health(
     settings: SettingsDep,
     ensure_trainer: Annotated[bool, Query(alias="ensureTrainer", description="start the trainer first")] = False,
 ) -> ProviderHealth:
-    """Always 200 with `label` Offline when the trainer is down; 503 only when an asked-for start fails."""
-    url = trainer_client.base_url(settings)
+    """Always 200 with `label` Offline when this data root's trainer is down (another project's trainer at
+    its address included); 503 only when an asked-for start fails."""
     if ensure_trainer:
         health = await run_in_threadpool(lambda: ensure.ensure_trainer(settings, explicit=True))
     else:
         try:
-            health = await run_in_threadpool(trainer_client.health, settings)
-        except ServiceUnavailable as err:
+            health = await run_in_threadpool(trainer_client.own_health, settings)
+        except (ServiceUnavailable, Conflict) as err:
             return ProviderHealth(
                 status="offline",
                 reachable=False,
                 cuda_available=False,
                 label=trainer_client.LABEL_OFFLINE,
-                trainer_url=url,
+                trainer_url=trainer_client.base_url(settings),
                 error=err.message,
             )
-    wire = health.wire()
+    # The address after the ensure: a trainer it started may listen on a port of its own (recorded).
+    url = trainer_client.base_url(settings)
     return ProviderHealth.model_validate(
-        wire | {"reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
+        health.wire() | {"reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
     )
 
 
