@@ -219,6 +219,23 @@ def test_rollback_walks_the_configured_base_history_only(settings):
         registry.rollback(settings, "a")
 
 
+def test_rollback_walks_back_through_the_history_never_forward(settings):
+    """Each rollback goes one activation further back; the version just rolled back from is never the
+    next target (no toggling between the last two), and at the first activation it stops."""
+    fp = models.resolve_base(None, settings).fingerprint
+    for _ in range(3):
+        _publish_on(settings, "a", "luna-tiny", fp)
+    for version in ("v1", "v2", "v2", "v3"):  # activating the active version again is no extra step back
+        registry.activate(settings, "a", version)
+    assert registry.rollback(settings, "a")["version"] == "v2"
+    assert registry.rollback(settings, "a")["version"] == "v1"
+    with pytest.raises(UsageError, match="no earlier active version"):
+        registry.rollback(settings, "a")
+    assert registry.active_version(settings, "a", fp)["version"] == "v1"
+    registry.activate(settings, "a", "v3")  # a new activation starts from where the rollbacks left off
+    assert registry.rollback(settings, "a")["version"] == "v1"
+
+
 def test_a_registry_with_one_active_alias_is_migrated_on_the_next_write(settings):
     fp = models.resolve_base(None, settings).fingerprint
     _publish_on(settings, "a", "luna-tiny", fp)

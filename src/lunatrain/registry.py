@@ -530,13 +530,7 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         data = load(settings)
         adapter = _adapter(data, name)
         current = adapter["activeByBase"].get(fingerprint, {}).get("version")
-        history = [
-            h["version"]
-            for h in adapter["activations"]
-            if h.get("version") and _history_base(adapter, h) == fingerprint
-        ]
-        # The most recent activation of something other than the current one, skipping rolled-back hops.
-        previous = next((v for v in reversed(history) if v != current), None)
+        previous = _earlier_version(adapter, fingerprint, current)
         if current is None:
             raise UsageError(
                 f"Adapter {name!r} is not active on the configured base model, so there is nothing to "
@@ -568,6 +562,25 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         _sync_legacy_alias(adapter)
         _save(settings, data)
     return get_version(settings, name, previous)
+
+
+def _earlier_version(adapter: dict[str, Any], fingerprint: str, current: str | None) -> str | None:
+    """The version a rollback returns to: the base's activations replayed as a stack (an activation pushes,
+    a rollback pops back to its target), so each rollback goes one step further back and never returns to
+    the version it just left."""
+    stack: list[str] = []
+    for record in adapter["activations"]:
+        version = record.get("version")
+        if not version or _history_base(adapter, record) != fingerprint:
+            continue
+        if record.get("reason") == "rollback":
+            while stack and stack[-1] != version:
+                stack.pop()
+        if not stack or stack[-1] != version:  # activating the active version again is no step
+            stack.append(version)
+    while stack and stack[-1] == current:
+        stack.pop()
+    return stack[-1] if stack else None
 
 
 def _history_base(adapter: dict[str, Any], record: dict[str, Any]) -> str | None:
