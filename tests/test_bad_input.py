@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,55 @@ def test_flag_values_are_refused_with_their_own_names(
     line = one_sentence(run(*args), 2)
     assert says in line, line
     assert snapshot(seeded.home) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("lora", "--bogus"), "No such option: --bogus (`"),  # then the command path, as this process is named
+        (("lora", "--batchSize=1e3"), "Invalid value for '--batch-size' / '--batchSize'"),
+        (("status", "--minCurated=-1"), "greater than or equal to 0"),
+        (("examples", "list", "--rating", "abc"), "No such option: --rating"),
+        (("adapters", "activate"), "Missing argument"),
+        (("nonsense",), "No such command 'nonsense'"),
+        (("serve", "--log-level", "bogus"), "Unknown --log-level 'bogus'"),  # before anything listens
+        (("trainer", "--port", "0", "--log-file", "."), "Cannot write the log file ."),  # a directory
+    ],
+)
+def test_the_console_script_says_parser_errors_in_one_sentence(
+    seeded: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args, says: str
+) -> None:
+    """What the parser refuses (an unknown option, a value of the wrong type, a missing argument) is one
+    sentence and exit 2 from the `lunatrain` console script, like every other failure; a server whose
+    options are wrong records no address."""
+    from lunatrain.cli import main
+
+    monkeypatch.chdir(seeded.home)
+    monkeypatch.setattr(sys, "argv", ["lunatrain", *args])
+    before = snapshot(seeded.home)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (exited.value, lines)
+    assert says in lines[0], lines[0]
+    after = snapshot(seeded.home)
+    after.pop(str(seeded.data_dir / "trainer" / "trainer.lock"), None)  # the empty file a trainer locks the root by
+    assert after == before
+    assert not seeded.trainer_url_file.exists() and not seeded.api_url_file.exists()
+
+
+def test_the_console_script_without_a_command_shows_the_help(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lunatrain.cli import main
+
+    for args, code in (([], 2), (["jobs"], 2), (["--help"], 0)):
+        monkeypatch.setattr(sys, "argv", ["lunatrain", *args])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        out = capsys.readouterr()
+        assert exited.value.code == code and "Usage: " in out.out + out.err and "Commands:" in out.out + out.err
 
 
 # --- the API --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every check that depends on a torch, transformers or PEFT release, in one place.
+"""Every check that depends on a torch, transformers, PEFT (or typer) release, in one place.
 
 Each entry says which releases it serves and when it can go. Nothing else in lunatrain reads a private
 attribute of these libraries, probes their signatures or silences their warnings; tested ranges are pinned
@@ -181,3 +181,17 @@ def peft_quiet(category: type[Warning] = Warning) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category)
         yield
+
+
+# --- typer ---------------------------------------------------------------------------------------
+
+
+def click_errors() -> Any:
+    """The module holding the command line parser's exceptions (UsageError, ClickException,
+    NoArgsIsHelpError): typer >= 0.2x vendors click as `typer._click` and raises its classes, older typer
+    raises click's own. Goes when typer exports its usage error classes publicly."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions

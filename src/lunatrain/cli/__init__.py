@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..compat import without_bitsandbytes
+import typer
+
+from ..compat import click_errors, without_bitsandbytes
 from ..errors import LunaError
 from ..startup import collector_paused
 from .app import app, fail
@@ -28,10 +30,27 @@ def main() -> None:
     # The console script, not `app`: a test's in-process runner must keep its own imports. A command that
     # trains quantized lifts this before PEFT is imported (train.build).
     without_bitsandbytes()
+    errors = click_errors()
     try:
-        app()
+        # Not standalone: click's own usage errors (an unknown option, a value of the wrong type) come here
+        # as exceptions, to be said in one sentence like every other failure instead of click's four lines.
+        code = app(standalone_mode=False)
+    except errors.NoArgsIsHelpError as err:  # bare `lunatrain` or a group: the help, as click does
+        err.show()
+        raise SystemExit(err.exit_code) from None
+    except errors.UsageError as err:
+        command = err.ctx.command_path if err.ctx else "lunatrain"
+        typer.echo(f"error: {err.format_message()} (`{command} --help` lists the options).", err=True)
+        raise SystemExit(2) from None
+    except errors.ClickException as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        raise SystemExit(err.exit_code) from None
+    except typer.Abort:  # Ctrl-C outside a command's own handler
+        typer.echo("Aborted.", err=True)
+        raise SystemExit(130) from None
     except LunaError as err:  # raised by an entry function outside a command's own handler
         raise SystemExit(fail(err).exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import typer
 
-from ..errors import LunaError
+from ..errors import LunaError, UsageError
 from ..startup import collector_paused
 from .app import app, fail
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 @app.command()
@@ -18,7 +20,9 @@ def serve(
     port: int = typer.Option(
         None, "--port", min=0, max=65535, help="port (default ASSISTANT_API_PORT, 5050); 0: a free port"
     ),
-    log_level: str = typer.Option("info", "--log-level", "--logLevel", help="uvicorn log level"),
+    log_level: str = typer.Option(
+        "info", "--log-level", "--logLevel", help=f"uvicorn log level: {', '.join(LOG_LEVELS)}"
+    ),
 ) -> None:
     """Run the assistant API (OpenAPI at /docs, dashboard at /); its address is recorded in data/api/api.url."""
     with collector_paused():  # the API's imports (startup.py)
@@ -28,6 +32,8 @@ def serve(
         from ..web.security import check_bind
 
     try:
+        if log_level not in LOG_LEVELS:  # before anything listens or is recorded
+            raise UsageError(f"Unknown --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}.")
         overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)

@@ -204,8 +204,11 @@ def log_handler(path: Path | None, max_bytes: int = lock.TRAINER_LOG_BYTES) -> l
     misbehaving trainer never fills the disk with its log), or stderr."""
     if path is None:
         return logging.StreamHandler()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"Cannot write the log file {path}: {exc.strerror or exc}.") from None
 
 
 def serve(settings: Settings, host: str, port: int, log_file: Path | None = None) -> None:
@@ -218,11 +221,11 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     sock = listen.bind(host, port)
     try:
         lock.claim_data_root(settings)
+        handler = log_handler(log_file)  # before the record: a log that cannot be written leaves none behind
     except BaseException:
         sock.close()
         raise
     address = listen.record(sock, settings.trainer_url_file)
-    handler = log_handler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log.info("trainer for %s on %s", settings.home, address)
