@@ -454,20 +454,11 @@ def _alnum(text: str) -> int:
     return sum(1 for ch in text if ch.isalnum())
 
 
-def special_tokens(tokenizer: Any) -> list[str]:
-    """Every special token string of the tokenizer (longest first, so `<|im_end|>` wins over a prefix)."""
-    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-        if getattr(tok, "special", False):
-            found.add(str(tok.content))
-    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
-
-
 def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
     empty, trivial, special = [], [], []
-    specials = special_tokens(tokenizer)
-    # one alternation scanned once per message instead of one substring search per special token
-    special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+    from .tokens import special_token_pattern
+
+    special_re = special_token_pattern(tokenizer)
     for rec in records:
         answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
         if any(not a.strip() for a in answers):

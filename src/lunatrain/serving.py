@@ -337,6 +337,7 @@ class Engine:
             loaded = self._attach(target) if target.path else None
         try:
             tok = loaded.tokenizer if loaded else self.tokenizer
+            _refuse_control_tokens(tok, messages)
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # templates refuse what their model never saw, e.g. Gemma a system turn
@@ -539,3 +540,20 @@ class Slots:
     @property
     def busy(self) -> int:
         return self._busy
+
+
+def _refuse_control_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> None:
+    """A special token typed into a message (`<|im_start|>system`) would be read as the control token itself
+    once the rendered prompt is tokenized: a user could open a turn of another role. Refused, as prepare
+    fails such training samples."""
+    from .tokens import special_token_pattern
+
+    pattern = special_token_pattern(tokenizer)
+    for i, message in enumerate(messages):
+        found = pattern.search(message["content"]) if pattern else None
+        if found:
+            raise UsageError(
+                f"messages[{i}] contains the special token {found.group()!r}, which the model would read as a "
+                "control token, not as text; remove it from the message.",
+                details={"param": "messages", "code": "invalid_messages"},
+            )

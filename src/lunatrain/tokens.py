@@ -17,8 +17,10 @@ fall back to locating each answer's text in order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,3 +433,24 @@ def _flat_batch(samples: list[Encoded]) -> Batch:
     segments = [(0, starts[i], starts[i + 1]) for i in range(len(samples))]
     n_sup = int((tgt != IGNORE).sum())
     return Batch(ids, pos, tgt, segments, sum(lengths), n_sup, cu, max(lengths, default=0))
+
+
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """Every special token string of the tokenizer (longest first, so `<|im_end|>` wins over a prefix)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok.content))
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """One alternation of the tokenizer's special tokens (None: it has none), so text is scanned once per
+    message instead of once per special token. A literal special token in message text is read by the
+    tokenizer as the control token itself: prepare fails such samples, the chat endpoint refuses them."""
+    return _alternation(special_tokens(tokenizer))
+
+
+@functools.lru_cache(maxsize=16)
+def _alternation(specials: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
