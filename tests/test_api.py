@@ -277,6 +277,9 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     assert registry.list_active(settings) == []
     assert client.post(f"{T}/adapters/a/deactivate", json={"version": "../x"}).status_code == 422
     assert client.post(f"{T}/adapters/zzz/deactivate").status_code == 404
+    unknown = client.post(f"{T}/adapters/a/deactivate", json={"version": "v99"})  # as activate: no such version
+    assert unknown.status_code == 404 and "no version 'v99'" in unknown.json()["error"]["message"]
+    assert client.post(f"{T}/adapters/a/deactivate", json={"version": "v1"}).status_code == 422  # exists, inactive
 
 
 def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: TestClient, settings) -> None:

@@ -153,6 +153,20 @@ def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
     status = api.client.get("/assistant/training/status", params={"minCurated": 1}).json()
     assert status["ready"] is True
 
+    # Refused starts change nothing: no export, no seeding, no job.
+    before = status["lastExport"]
+    for path, body, code in (
+        ("quick-start", {"requestId": "e2e-example-1"}, 409),  # that requestId names a job of other parameters
+        ("quick-start", {"baseModel": "nonexistent-org/model"}, 422),  # not in the local cache
+        ("example-adapter", {"requestId": "e2e-example-1", "adapterName": "other-adapter"}, 409),
+        ("start", {"chatTemplate": "nonexistent", "maxSteps": 1}, 422),  # refused now, not a failed job later
+    ):
+        r = api.client.post(f"/assistant/training/lora/{path}", json=body)
+        assert r.status_code == code, (path, body, r.text)
+        now = api.client.get("/assistant/training/status", params={"minCurated": 1}).json()["lastExport"]
+        assert now == before, (path, body)
+    assert [j["id"] for j in api.client.get("/assistant/training/lora/jobs").json()["data"]] == [job_id]
+
     # A finished job cannot be cancelled; an unknown one is a 404.
     assert api.client.post(f"/assistant/training/lora/jobs/{job_id}/cancel").status_code == 409
     assert api.client.get("/assistant/training/lora/status", params={"jobId": "ftjob-doesnotexist"}).status_code == 404

@@ -195,6 +195,24 @@ def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
     assert f"last job: failed mein-adapter@- val loss None ({job.id}): loss became nan" in out
 
 
+def test_a_trainer_job_is_shown_from_its_own_record_not_its_report(settings):
+    """Repro: the report a trainer job writes (lora-latest.json, created when the adapter is saved) is newer
+    than the job's createdAt, so status showed the report (no finish time, no gate) for the same job."""
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    db = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        job, _ = db.create(LoraParams(adapter_name="mein-adapter"))
+        db.set_status(job.id, "succeeded", gate={"passed": True, "promoted": True, "reasons": []})
+    finally:
+        db.close()
+    later = "2999-01-01T00:00:00+00:00"
+    registry.write_latest(settings, {"status": "succeeded", "jobId": job.id, "created": later, "metrics": {}})
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["jobId"], last["source"]) == (job.id, "trainer") and last["gate"]["passed"] is True, last
+
+
 def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch):
     """Repro: minCurated defaulted to 0 (the Luna profile says 30), `ready` looked at the curated tier only,
     no trainer health, and `counts.memory` (examples) sat beside `memory` (memory items)."""

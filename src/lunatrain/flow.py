@@ -143,9 +143,11 @@ def resolve_base(settings: Settings, params: LoraParams) -> LoraParams:
     return params if params.base_model else params.model_copy(update={"base_model": base})
 
 
-def check_min_curated(settings: Settings, options: FlowOptions) -> None:
-    """minCurated against the current export, with prepare's sentence; before any job starts."""
-    check = prepare.volume_check(prepare.curated_count(settings), options.min_curated)
+def check_min_curated(settings: Settings, options: FlowOptions, curated: int | None = None) -> None:
+    """minCurated against the current export (or `curated` examples), with prepare's sentence; before any job
+    starts."""
+    count = prepare.curated_count(settings) if curated is None else curated
+    check = prepare.volume_check(count, options.min_curated)
     if check.severity == "fail":
         raise CheckFailed(f"Not enough data: {check.message}.")
 
@@ -168,16 +170,39 @@ def submit(
     return client.submit(settings, params, options, request_id, thresholds)
 
 
+def check_before_export(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    *,
+    thresholds: dict[str, Any] | None,
+    request_id: str | None,
+    curated: int,
+) -> None:
+    """Everything `submit` would refuse, checked before a one-click flow seeds or exports, so that a refused
+    start changes nothing: the base model, minCurated against the `curated` approved examples the export
+    will hold, and the trainer's own checks (parameters, memory plan, template, requestId) without queueing.
+    """
+    from .service import client
+    from .service.ensure import ensure_trainer
+
+    params = resolve_base(settings, params)
+    ensure_trainer(settings)
+    check_min_curated(settings, options, curated)
+    client.check(settings, params, options, request_id, thresholds)
+
+
 def quick_start(
     settings: Settings, profile_name: str, overrides: dict[str, Any], request_id: str | None = None
 ) -> tuple[Any, export.ExportSummary]:
     """The profile's parameters on its short schedule, on a fresh export of the store."""
+    from . import store
     from .profiles import load_profile
-    from .service.ensure import ensure_trainer
 
     profile = load_profile(settings, profile_name)
     params, options = profile.resolve(overrides, quick=True)
-    ensure_trainer(settings)  # before the export: a refused start changes nothing
+    curated = store.counts(settings)["totals"]["curated_approved"]  # what the export will write to the tier
+    check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=curated)
     summary = export.export(settings)
     return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
 
@@ -190,19 +215,19 @@ def example_adapter(
     export summary."""
     from . import store
     from .profiles import load_profile
-    from .service.ensure import ensure_trainer
 
-    ensure_trainer(settings)  # first: a refused start leaves the store and the export untouched
+    profile = load_profile(settings, "luna")
+    params, options = profile.resolve(
+        {"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True
+    )
+    # first: a refused start leaves the store and the export untouched
+    check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=0)
     totals = store.counts(settings)["totals"]
     seeded = None
     if totals["examples"] == 0 and totals["memory"] == 0:
         res = store.load_seed(settings)
         seeded = {"examplesAdded": res.examples_added, "memoryAdded": res.memory_added}
     summary = export.export(settings)
-    profile = load_profile(settings, "luna")
-    params, options = profile.resolve(
-        {"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True
-    )
     job = submit(settings, params, options, thresholds=profile.gate, request_id=request_id)
     return job, seeded, summary
 

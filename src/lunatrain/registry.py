@@ -489,6 +489,8 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
         adapter = _adapter(data, name)
         if version:
             version = adapter.get("aliases", {}).get(version, version) if version == "latest" else version
+            if _entry(adapter, version) is None:  # a version that does not exist is a 404, as for activate
+                raise NotFound(f"Adapter {name!r} has no version {version!r}; see `lunatrain adapters show {name}`.")
             hits = [fp for fp, a in adapter["activeByBase"].items() if a["version"] == version]
         else:
             hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []

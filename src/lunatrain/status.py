@@ -157,7 +157,10 @@ def _read(path: Path) -> Any:
 
 def _last_job(settings: Settings) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
-    candidates = [j for j in (_last_store_job(settings), _last_local_run(settings)) if j is not None]
+    job, run = _last_store_job(settings), _last_local_run(settings)
+    if job is not None and run is not None and run["jobId"] == job["jobId"]:
+        return job  # the report of that same job: the trainer's record is the whole story (finish, gate)
+    candidates = [j for j in (job, run) if j is not None]
     return max(candidates, key=lambda j: str(j.get("created") or "")) if candidates else None
 
 

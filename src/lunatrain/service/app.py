@@ -27,6 +27,7 @@ from ..errors import Conflict, UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
+from ..templates import load_template
 from ..web import listen
 from ..web.handlers import install
 from ..web.security import GuardMiddleware, allowed_hostnames, check_bind
@@ -38,6 +39,7 @@ from .jobs import (
     EventPage,
     Health,
     Job,
+    JobCheck,
     JobList,
     JobStore,
     RequestId,
@@ -159,13 +161,27 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             }
         )
 
-    @app.post("/jobs", dependencies=checked, status_code=202, response_model=Job, response_model_by_alias=True)
-    def submit(body: JobCreate, response: Response) -> Job:
+    def accepted(body: JobCreate) -> LoraParams:
+        """The job's parameters, if this trainer can run them; the 422 otherwise."""
         params = body.params()
         # The memory plan before the job is queued: one that cannot fit this device is refused now (422,
         # naming the option that would make it fit) instead of running until it dies out of memory.
         memplan.check_fits(settings, params, state["device"].current())
         job_ranks(settings, params.device, state["runner"].gpus)  # 422 when more ranks than GPUs are set
+        if params.chat_template:
+            load_template(params.chat_template, settings)  # an unknown name: 422 now, not a failed job later
+        return params
+
+    @app.post("/jobs/check", dependencies=checked, response_model=JobCheck, response_model_by_alias=True)
+    def check(body: JobCreate) -> JobCheck:
+        """Whether `POST /jobs` would accept this body (its 4xx otherwise), creating nothing: a client checks
+        before it exports, so a refused start changes nothing. `job`: the one its requestId already names."""
+        params = accepted(body)
+        return JobCheck(job=store().existing(params, body.request_id, body.thresholds(), options=body.options))
+
+    @app.post("/jobs", dependencies=checked, status_code=202, response_model=Job, response_model_by_alias=True)
+    def submit(body: JobCreate, response: Response) -> Job:
+        params = accepted(body)
         job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
         if created:
             job = store().set_status(job.id, "queued")

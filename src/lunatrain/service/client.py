@@ -18,7 +18,7 @@ from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageErr
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import is_loopback
-from .jobs import DATA_ROOT_HEADER, EventPage, Health, Job, JobList, Status, data_root_id
+from .jobs import DATA_ROOT_HEADER, EventPage, Health, Job, JobCheck, JobList, Status, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
@@ -188,13 +188,33 @@ def submit(
 ) -> Job:
     """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run.
     `params.base_model` must be resolved by the caller (the trainer never fills it in)."""
+    body = _job_body(params, options, request_id, gate_thresholds)
+    return Job.model_validate(_request(settings, "POST", "/jobs", json=body).json())
+
+
+def check(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions | None = None,
+    request_id: str | None = None,
+    gate_thresholds: dict[str, Any] | None = None,
+) -> Job | None:
+    """Raise what `submit` would be refused with (bad parameters, a requestId used for others), creating
+    nothing; return the job the requestId already names (an idempotent retry), else None."""
+    body = _job_body(params, options, request_id, gate_thresholds)
+    return JobCheck.model_validate(_request(settings, "POST", "/jobs/check", json=body).json()).job
+
+
+def _job_body(
+    params: LoraParams, options: FlowOptions | None, request_id: str | None, gate_thresholds: dict[str, Any] | None
+) -> dict[str, Any]:
     body = params.wire() | {"options": (options or FlowOptions()).wire()}
     body |= {"requestId": request_id} if request_id else {}
     if gate_thresholds:
         from ..evalgate import parse_thresholds
 
         body["gateThresholds"] = parse_thresholds(gate_thresholds).model_dump(by_alias=True)
-    return Job.model_validate(_request(settings, "POST", "/jobs", json=body).json())
+    return body
 
 
 def get_job(settings: Settings, job_id: str) -> Job:

@@ -115,6 +115,13 @@ class JobList(WireModel):
     data: list[Job]
 
 
+class JobCheck(WireModel):
+    """`POST /jobs/check`: the job would be accepted; `job` is the one its requestId already names (an
+    idempotent retry), else null."""
+
+    job: Job | None = None
+
+
 class DeviceView(WireModel):
     type: str = "cpu"
     name: str = "cpu"
@@ -283,16 +290,9 @@ class JobStore:
         """
         wire, opts = params.wire(), (options or FlowOptions()).wire()
         with self._lock, self._tx():
-            if request_id is not None:
-                row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
-                if row is not None:
-                    job = _job(row)
-                    if job.params != wire or job.options.wire() != opts or job.gate_thresholds != gate_thresholds:
-                        raise Conflict(
-                            f"requestId {request_id!r} was already used for job {job.id} with other parameters; "
-                            "use a new requestId."
-                        )
-                    return job, False
+            job = self._same_request(request_id, wire, opts, gate_thresholds)
+            if job is not None:
+                return job, False
             job_id = JOB_ID_PREFIX + uuid.uuid4().hex[:24]
             self._db.execute(
                 "INSERT INTO jobs (id, request_id, status, created_at, params, options, progress, gate_thresholds)"
@@ -310,6 +310,34 @@ class JobStore:
             )
             self._event(job_id, "status", {"status": "validating"})
         return self.get(job_id), True
+
+    def existing(
+        self,
+        params: LoraParams,
+        request_id: str | None,
+        gate_thresholds: dict[str, Any] | None = None,
+        *,
+        options: FlowOptions | None = None,
+    ) -> Job | None:
+        """What `create` would return for a known `request_id` (or its Conflict), without creating anything."""
+        with self._lock:
+            return self._same_request(request_id, params.wire(), (options or FlowOptions()).wire(), gate_thresholds)
+
+    def _same_request(
+        self, request_id: str | None, wire: dict[str, Any], opts: dict[str, Any], thresholds: dict[str, Any] | None
+    ) -> Job | None:
+        if request_id is None:
+            return None
+        row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        job = _job(row)
+        if job.params != wire or job.options.wire() != opts or job.gate_thresholds != thresholds:
+            raise Conflict(
+                f"requestId {request_id!r} was already used for job {job.id} with other parameters; "
+                "use a new requestId."
+            )
+        return job
 
     def set_status(self, job_id: str, status: Status, *, message: str | None = None, **fields: Any) -> Job:
         """Move a job to `status` (and set columns in `fields`), appending a status event."""
