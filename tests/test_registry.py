@@ -120,6 +120,18 @@ def test_deleting_a_trained_example_marks_versions_stale(settings):
     assert registry.mark_stale(settings, {"hash-two"}) == []  # already marked
 
 
+def test_a_delete_names_every_version_trained_on_it_stale_before_or_not(settings):
+    """Repro: deleting a second example an already stale version was trained on answered `staleAdapters: []`."""
+    _publish(str(settings.home), "a", "one")
+    two = _publish(str(settings.home), "a", "two")
+    with open(settings.home / two["path"] / "train-hashes.txt", "a") as fh:
+        fh.write("hash-three\n")
+    assert registry.mark_stale(settings, {"hash-two"}, trained_on={"hash-two"}) == ["a@v2"]
+    assert registry.mark_stale(settings, {"hash-two", "hash-three"}, trained_on={"hash-three"}) == ["a@v2"]
+    assert registry.get_version(settings, "a", "v2")["stale"]["hashes"] == ["hash-two"]  # its first reason stays
+    assert registry.mark_stale(settings, {"hash-two", "hash-three"}) == []  # nothing newly marked
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

@@ -40,9 +40,12 @@ def test_api_delete_reports_stale_adapters(trained_home: Path, settings: Setting
     from lunatrain.api.main import create_app
 
     trained, ids = _trained_adapter(settings)
-    victim = next(h for h in sorted(trained) if h in ids)
+    victim, second = [h for h in sorted(trained) if h in ids][:2]
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         response = client.delete(f"/assistant/training/examples/{ids[victim]}")
+        # A second example it was trained on names it again: stale already, and trained on this one too.
+        again = client.delete(f"/assistant/training/examples/{ids[second]}")
     assert response.status_code == 200, response.text
     assert response.json()["staleAdapters"] == ["luna-adapter@v1"]
+    assert again.json()["staleAdapters"] == ["luna-adapter@v1"], again.text
     assert json.loads(registry.registry_path(settings).read_text())["adapters"]["luna-adapter"]["versions"][0]["stale"]

@@ -246,7 +246,7 @@ def test_delete_leaves_tombstones_and_ids_are_never_reused(db: Settings) -> None
     with pytest.raises(NotFound):
         store.delete_examples(db, [a.id, 12345])
     assert store.deleted_hashes(db) == {}
-    assert store.delete_examples(db, [a.id]) == 1
+    assert store.delete_examples(db, [a.id]).count == 1
     tomb = store.deleted_hashes(db)
     assert list(tomb) == [a.hash] and tomb[a.hash].tzinfo is not None
     c = store.add_example(db, prompt="neu", response="ok")

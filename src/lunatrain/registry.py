@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -613,29 +613,38 @@ def record_gate(settings: Settings, name: str, version: str, result: dict[str, A
     return annotate(settings, name, version, "gate", result)
 
 
-def refresh_stale(settings: Settings) -> list[str]:
-    """Mark versions trained on any content the store has deleted (its tombstones); call after a delete."""
+def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
+    """Mark versions trained on any content the store has deleted (its tombstones); call after a delete.
+    Returns the versions marked now, and every version trained on the `deleted` hashes (those of the delete
+    just made), whether marked now or by an earlier delete."""
     from .store import deleted_hashes
 
     if not registry_path(settings).exists():
         return []
     try:
-        return mark_stale(settings, set(deleted_hashes(settings)))
+        return mark_stale(settings, set(deleted_hashes(settings)), trained_on=set(deleted))
     except RegistryUnreadable:
         # The delete itself succeeded; its tombstones stay in the store, and `adapters repair` marks the
         # versions once the registry can be written again.
         return []
 
 
-def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trained on a deleted example") -> list[str]:
+def mark_stale(
+    settings: Settings,
+    deleted_hashes: set[str],
+    reason: str = "trained on a deleted example",
+    *,
+    trained_on: Iterable[str] = (),
+) -> list[str]:
     """Mark every version whose train-hashes.txt contains one of `deleted_hashes` as stale ("retrain
-    needed"); returns the refs marked."""
-    marked = []
+    needed"); returns the refs marked, plus those of the versions (stale already or not) trained on one of
+    `trained_on`."""
+    out, changed, trained_on = [], False, set(trained_on)
     with _lock(settings):
         data = load(settings)
         for name, adapter in data["adapters"].items():
             for e in adapter["versions"]:
-                if e.get("stale") or e.get("replaced"):
+                if e.get("replaced") or (e.get("stale") and not trained_on):
                     continue
                 hashes_file = settings.home / e["path"] / TRAIN_HASHES_FILE
                 try:
@@ -643,12 +652,15 @@ def mark_stale(settings: Settings, deleted_hashes: set[str], reason: str = "trai
                 except OSError:
                     continue
                 hit = trained & deleted_hashes
-                if hit:
+                if hit and not e.get("stale"):
                     e["stale"] = {"reason": reason, "hashes": sorted(hit)[:20], "at": now()}
-                    marked.append(f"{name}@{e['version']}")
-        if marked:
+                    changed = True
+                    out.append(f"{name}@{e['version']}")
+                elif trained & trained_on:
+                    out.append(f"{name}@{e['version']}")
+        if changed:
             _save(settings, data)
-    return marked
+    return out
 
 
 # --- repair ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -544,8 +544,14 @@ def set_status(settings: Settings, ids: Sequence[int], status: Status) -> int:
     return _set_status(settings, examples_table, ids, status, "example")
 
 
-def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) -> int:
+class Deletion(NamedTuple):
+    count: int
+    hashes: list[str]  # content hashes now gone from the store (tombstoned): what adapters were trained on
+
+
+def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) -> Deletion:
     other = memory_table if table is examples_table else examples_table
+    tombstoned: list[str] = []
     with open_store(settings).write() as conn:
         wanted = _check_ids(conn, table, ids, kind)
         now = utc_now()
@@ -559,11 +565,12 @@ def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) 
             _forget_tombstones(conn, gone)
             if gone:
                 conn.execute(deleted_table.insert(), [{"hash": h, "kind": kind, "deleted_at": now} for h in gone])
+            tombstoned += gone
         _bump(conn)
-    return len(wanted)
+    return Deletion(len(wanted), tombstoned)
 
 
-def delete_examples(settings: Settings, ids: Sequence[int]) -> int:
+def delete_examples(settings: Settings, ids: Sequence[int]) -> Deletion:
     """Delete examples (all or nothing) and remember their content hashes as deleted."""
     return _delete(settings, examples_table, ids, "example")
 
@@ -643,7 +650,7 @@ def set_memory_status(settings: Settings, ids: Sequence[int], status: Status) ->
     return _set_status(settings, memory_table, ids, status, "memory item")
 
 
-def delete_memory(settings: Settings, ids: Sequence[int]) -> int:
+def delete_memory(settings: Settings, ids: Sequence[int]) -> Deletion:
     """Delete memory items (all or nothing) and remember their hashes as deleted."""
     return _delete(settings, memory_table, ids, "memory item")
 

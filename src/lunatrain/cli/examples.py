@@ -156,15 +156,18 @@ def delete_cmd(ids: IdsArg) -> None:
     _delete(store.delete_examples, ids, "ex", "example(s)")
 
 
-def _delete(delete: Callable[..., int], ids: list[str], prefix: str, what: str) -> None:
+def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, what: str) -> None:
     """Delete, then mark the adapter versions trained on the deleted content stale, and say which."""
     try:
         settings = load_settings()
-        n = delete(settings, _ids(ids, prefix))
-        stale = registry.refresh_stale(settings)
+        deletion = delete(settings, _ids(ids, prefix))
+        stale = registry.refresh_stale(settings, deletion.hashes)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"Deleted {n} {what}." + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else ""))
+    typer.echo(
+        f"Deleted {deletion.count} {what}."
+        + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else "")
+    )
 
 
 @examples_app.command("seed")

@@ -101,8 +101,8 @@ async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOu
 
 @router.delete("/examples/{example_id:int}", response_model=Deleted, responses=errors(404))
 async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
-    await run_in_threadpool(store.delete_examples, settings, [example_id])
-    stale = await run_in_threadpool(registry.refresh_stale, settings)
+    deletion = await run_in_threadpool(store.delete_examples, settings, [example_id])
+    stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
     return Deleted(deleted=example_id, stale_adapters=stale)
 
 
@@ -126,6 +126,6 @@ async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
 
 @router.delete("/memory/{item_id:int}", response_model=Deleted, responses=errors(404))
 async def delete_memory(item_id: ItemId, settings: SettingsDep) -> Deleted:
-    await run_in_threadpool(store.delete_memory, settings, [item_id])
-    stale = await run_in_threadpool(registry.refresh_stale, settings)
+    deletion = await run_in_threadpool(store.delete_memory, settings, [item_id])
+    stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
     return Deleted(deleted=item_id, stale_adapters=stale)
