@@ -414,6 +414,32 @@ def test_nul_never_reaches_either_database(db: Settings) -> None:  # noqa: F811
     assert store.counts(db)["examples"]["curated"]["approved"] == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        (f"{T}/export", '{"valRatio": NaN}', 422, "valRatio: Input should be a finite number"),
+        (f"{T}/lora/start", '{"learningRate": Infinity}', 422, "learningRate: Input should be a finite number"),
+        (
+            "/v1/chat/completions",
+            '{"model": "luna-tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+            400,
+            "finite number",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"model": "luna-tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": NaN}',
+            400,
+            "finite number",
+        ),
+    ],
+)
+def test_non_finite_numbers_are_said_as_such_by_the_api(settings: Settings, path, body, status, says) -> None:
+    """Repro: NaN fails every bound, so the answer said "less than 1" instead of naming the real problem."""
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status and says in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("declared", ["\u00b2", "9" * 5000, "-1", "1e3", ""])
 def test_a_content_length_that_is_no_number_is_400(declared: str) -> None:
     # h11 refuses these before the app; another ASGI server (or an in-process caller) may not.

@@ -29,7 +29,10 @@ Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN)]
 
 class In(BaseModel):
     # strict: `false` is not a ratio and "3" is not a count; JSON has the right types, so use them.
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
+    # allow_inf_nan=False: NaN is "a finite number expected", not "less than 1" (NaN fails every bound).
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True, allow_inf_nan=False
+    )
 
 
 class Out(BaseModel):

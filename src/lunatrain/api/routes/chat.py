@@ -69,7 +69,7 @@ class StreamOptions(BaseModel):
 class ChatRequest(BaseModel):
     """OpenAI's chat request, the fields lunatrain honours; other fields clients send are ignored."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)  # NaN: "a finite number"
 
     model: str = Field(
         min_length=1,
