@@ -189,6 +189,8 @@ def _deep(n: int) -> bytes:
         ("deep.jsonl", _deep(100_000) + b"\n", r"line 1: malformed JSON"),
         ("big.csv", b"prompt,response\n" + b"x" * 200_000 + b",ok\n", r"big\.csv.*line \d+: unreadable CSV"),
         ("surrogate.jsonl", b'{"prompt": "a\\ud800", "response": "r"}\n', r"line 1: field 'prompt'.*Unicode"),
+        # a column named twice: one of its cells would be dropped without a word
+        ("twice.csv", b"prompt,response,prompt\na,b,c\n", r"line 1: field 'prompt': the header names it twice"),
     ],
 )
 def test_import_files_that_break_the_parsers(
@@ -269,6 +271,8 @@ def test_settings_out_of_range_are_refused_by_every_command(
         (("eval-gate", "--min-golden-pass-rate", "nan"), "minGoldenPassRate: Input should be a finite number"),
         (("prepare", "--dropout", "nan"), "dropout: Input should be a finite number"),  # not "less than 1"
         (("jobs", "list", "--status", "bogus"), "Unknown job status 'bogus'"),  # refused before asking the trainer
+        (("luna", "--adapter", "../x"), "Invalid adapter name"),  # not "Step eval-gate failed" (exit 1)
+        (("auto", "--adapter", "a@"), "no version after '@'"),
     ],
 )
 def test_flag_values_are_refused_with_their_own_names(

@@ -35,6 +35,12 @@ def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) ->
     assert "mine" in list_profiles(settings) and "luna" in list_profiles(settings)
     params = load_profile(settings, "mine").params()
     assert (params.adapter_name, params.epochs) == ("mine", 7)
+    # A directory named like a profile is none: not listed as one to use, and not found.
+    (home / "profiles" / "dir.toml").mkdir()
+    assert "dir" not in list_profiles(settings)
+    with pytest.raises(NotFound, match="Profile 'dir' not found") as missing:
+        load_profile(settings, "dir")
+    assert "dir," not in missing.value.message and "mine" in missing.value.message
 
 
 @pytest.mark.parametrize(

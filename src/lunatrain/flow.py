@@ -271,6 +271,10 @@ def run_flow(
     trained version, when gating is on; raises CheckFailed (exit 1) naming the failed step and the fix, with
     the partial result in `details`."""
     params = resolve_base(settings, params)
+    if adapter:
+        from .registry import parse_ref
+
+        parse_ref(adapter)  # a malformed name is the caller's mistake (exit 2), not a failed gate step
     result = FlowResult(params=params, options=options)
 
     def step(name: str, fn: Callable[[], tuple[bool, str, dict[str, Any]]]) -> None:

@@ -392,6 +392,10 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:
             return
+        twice = next((name for i, name in enumerate(reader.fieldnames) if name in reader.fieldnames[:i]), None)
+        if twice is not None:  # DictReader keeps the last cell of a repeated column and drops the others
+            yield "line 1", RecordError(twice, "the header names it twice")
+            return
         try:
             for row in reader:
                 # Line of the row's end; header is line 1, so the first data row reports line 2.

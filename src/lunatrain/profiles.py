@@ -64,7 +64,7 @@ def profile_path(settings: Settings, name: str) -> Path:
 
 
 def list_profiles(settings: Settings) -> list[str]:
-    names = {p.stem for p in (settings.home / "profiles").glob("*.toml")}
+    names = {p.stem for p in (settings.home / "profiles").glob("*.toml") if p.is_file()}  # as profile_path reads
     bundled_dir = resources.files("lunatrain") / "resources" / "profiles"
     names |= {Path(str(p)).stem for p in bundled_dir.iterdir() if str(p).endswith(".toml")}
     return sorted(names)
