@@ -71,6 +71,13 @@ def test_cli_and_api_say_one_sentence(settings):
             assert res.status_code == 503, res.text
             assert res.json()["error"]["code"] == "registry_unreadable"
             assert "adapters repair" in res.json()["error"]["message"]
+        # Status still answers, but names the damage instead of saying that nothing is active.
+        status = client.get("/assistant/training/status").json()
+        assert status["activeAdapters"] == [] and len(status["problems"]) == 1
+        assert "adapters repair" in status["problems"][0]
+    r = runner.invoke(app, ["status"])
+    assert r.exit_code == 0 and "active adapter: none" not in r.output, r.output
+    assert "active adapter: unknown" in r.output and "lunatrain adapters repair" in r.output
 
 
 def test_repair_of_a_readable_registry_changes_nothing(settings):

@@ -66,7 +66,8 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     elif revision is not None:
         changed = counts["curated"]["total"] + memory["total"] > 0 or None
 
-    active = _active_adapters(settings)
+    problems: list[str] = []
+    active = _active_adapters(settings, problems)
     tiers = _tiers(counts, memory, min_curated)
     return {
         "examples": counts,
@@ -87,6 +88,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "activeAdapters": active,
         "lastPrepare": _last_prepare(settings),
         "lastGate": _last_gate(settings),
+        "problems": problems,
     }
 
 
@@ -224,11 +226,19 @@ def _last_local_run(settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def _active_adapters(settings: Settings) -> list[dict[str, Any]]:
-    """Every active version on every base model; `matchesBaseModel` marks the configured base's."""
+def _active_adapters(settings: Settings, problems: list[str]) -> list[dict[str, Any]]:
+    """Every active version on every base model; `matchesBaseModel` marks the configured base's. A registry
+    that cannot be read is a problem named with its fix (`problems`), not "nothing is active"."""
     from . import models, registry
+    from .errors import LunaError, RegistryUnreadable
 
-    active = _safe(lambda: registry.list_active(settings)) or []
+    try:
+        active = registry.list_active(settings)
+    except RegistryUnreadable as err:
+        problems.append(err.message)
+        active = []
+    except (LunaError, ValueError, OSError):
+        active = []
     # resolve_base builds luna-tiny when missing: a status read must not, so an unbuilt one matches nothing.
     unbuilt = (
         settings.base_model == models.TINY_ID and not (settings.models_dir / models.TINY_ID / "config.json").exists()

@@ -80,11 +80,16 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
             if gate
             else "never",
         ),
-        ("active adapter", f"{act['name']}@{act['version']} on {act['baseModel']}" if act else "none"),
+        (
+            "active adapter",
+            # with a problem (a damaged registry) "none" would not be the truth
+            f"{act['name']}@{act['version']} on {act['baseModel']}" if act else "unknown" if s["problems"] else "none",
+        ),
     ]
     others = [a for a in s["activeAdapters"] if a is not act]
     if others:
         facts.append(("also active", ", ".join(f"{a['name']}@{a['version']} on {a['baseModel']}" for a in others)))
+    facts += [("problem", problem) for problem in s["problems"]]
     return facts
 
 
