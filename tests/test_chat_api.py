@@ -147,6 +147,18 @@ def test_a_special_token_typed_into_a_message_is_400_not_a_control_token(client:
     assert status == 200, answer
 
 
+def test_paths_and_methods_no_chat_route_takes_answer_in_openais_shape(client: TestClient) -> None:
+    """Repro: GET /v1/chat/completions (405) and /v1/nope (404) answered in lunatrain's own error shape."""
+    for method, path, status in (("GET", "/v1/chat/completions", 405), ("GET", "/v1/nope", 404)):
+        r = client.request(method, path)
+        assert r.status_code == status, r.text
+        assert_openai_error(r.json(), "invalid_request_error")
+    assert client.request("GET", "/v1/chat/completions").headers["Allow"] == "POST"
+    # The schema promises what the routes answer: 400 for an invalid request, never FastAPI's 422.
+    responses = client.get("/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "400" in responses and "422" not in responses
+
+
 def test_stop_is_one_string_of_any_length_or_up_to_four(client: TestClient) -> None:
     # The four is the list's bound, not the string's length.
     for stop in ("Observation:", ["Observation:"], ["a", "b", "c", "d"]):

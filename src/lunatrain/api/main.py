@@ -35,9 +35,26 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
     app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.reads = Coalescer(ttl=0.5)
-    handlers.install(app)
+    handlers.install(app, openai_prefix="/v1")
     for router in routes.ROUTERS:
         app.include_router(router)
+    _without_fastapi_422_on_chat(app)
     hosts = allowed_hostnames(settings, bound_host)
     app.add_middleware(GuardMiddleware, hosts=hosts, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def _without_fastapi_422_on_chat(app: FastAPI) -> None:
+    """FastAPI declares 422 on every route with a body; the chat routes answer every invalid request with
+    400 in OpenAI's shape (routes/chat.py), so their schema must not promise a 422 that never comes."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        schema = generate()  # cached by FastAPI after the first call; removing again is a no-op
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

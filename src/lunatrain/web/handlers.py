@@ -64,6 +64,20 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    response = _http_error(request, exc)
+    prefix = getattr(request.app.state, "openai_prefix", None)
+    if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
+        # No route matched under the OpenAI-compatible prefix: answer in OpenAI's error shape, as its routes do.
+        import json
+
+        err = json.loads(response.body)["error"]
+        body = {"message": err["message"], "type": "invalid_request_error", "param": None, "code": err["code"]}
+        headers = {k: v for k, v in response.headers.items() if k.lower() == "allow"}
+        return JSONResponse({"error": body}, status_code=response.status_code, headers=headers or None)
+    return response
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else "Request failed."
     headers = dict(getattr(exc, "headers", None) or {})
@@ -92,7 +106,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "Internal error; the server log has the details.")
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
+    """The handlers; under `openai_prefix` (the chat routes' `/v1`) a path or method no route takes is
+    answered in OpenAI's error shape."""
+    app.state.openai_prefix = openai_prefix
     app.add_exception_handler(LunaError, _luna)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -32,13 +32,13 @@ def _file(settings: Settings, name: str, version: str, kind: str) -> FileRespons
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/{name}/versions/{version}/report", response_class=FileResponse, responses=errors(404))
+@router.get("/{name}/versions/{version}/report", response_class=FileResponse, responses=errors(404, 503))
 async def training_report(name: AdapterName, version: Version, settings: SettingsDep) -> FileResponse:
     """The version's training report (params, dataset fingerprint, metrics, loss curve, provenance)."""
     return await run_in_threadpool(_file, settings, name, version, "report")
 
 
-@router.get("/{name}/versions/{version}/loss-curve.png", response_class=FileResponse, responses=errors(404))
+@router.get("/{name}/versions/{version}/loss-curve.png", response_class=FileResponse, responses=errors(404, 503))
 async def loss_curve(name: AdapterName, version: Version, settings: SettingsDep) -> FileResponse:
     """The version's loss curve image (train and val loss per step)."""
     return await run_in_threadpool(_file, settings, name, version, "loss-curve.png")

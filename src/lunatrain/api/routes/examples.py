@@ -33,7 +33,7 @@ def _example(ex: store.Example) -> ExampleOut:
     return ExampleOut.model_validate(ex.to_dict())
 
 
-@router.get("/examples", response_model=ExampleList, responses=errors())
+@router.get("/examples", response_model=ExampleList, responses=errors(503))
 async def list_examples(
     settings: SettingsDep,
     status: Status | None = None,
@@ -47,7 +47,7 @@ async def list_examples(
     return ExampleList(examples=[_example(r) for r in rows], count=len(rows))
 
 
-@router.post("/examples", status_code=201, response_model=ExampleOut, responses=errors(409))
+@router.post("/examples", status_code=201, response_model=ExampleOut, responses=errors(409, 503))
 async def add_example(body: ExampleIn, settings: SettingsDep) -> ExampleOut:
     ex = await run_in_threadpool(
         lambda: store.add_example(
@@ -66,7 +66,7 @@ async def add_example(body: ExampleIn, settings: SettingsDep) -> ExampleOut:
     return _example(ex)
 
 
-@router.post("/examples/import", response_model=ImportResult, responses=errors(409))
+@router.post("/examples/import", response_model=ImportResult, responses=errors(409, 503))
 async def import_examples(body: ImportRequest, settings: SettingsDep) -> ImportResult:
     drafts, shapes, problems = [], {}, []
     for i, record in enumerate(body.records):
@@ -89,24 +89,24 @@ async def _set(settings, example_id: int, status: str) -> ExampleOut:
     return _example(await run_in_threadpool(store.get_example, settings, example_id))
 
 
-@router.post("/examples/{example_id:int}/approve", response_model=ExampleOut, responses=errors(404))
+@router.post("/examples/{example_id:int}/approve", response_model=ExampleOut, responses=errors(404, 503))
 async def approve_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
     return await _set(settings, example_id, "approved")
 
 
-@router.post("/examples/{example_id:int}/reject", response_model=ExampleOut, responses=errors(404))
+@router.post("/examples/{example_id:int}/reject", response_model=ExampleOut, responses=errors(404, 503))
 async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
     return await _set(settings, example_id, "rejected")
 
 
-@router.delete("/examples/{example_id:int}", response_model=Deleted, responses=errors(404))
+@router.delete("/examples/{example_id:int}", response_model=Deleted, responses=errors(404, 503))
 async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
     deletion = await run_in_threadpool(store.delete_examples, settings, [example_id])
     stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
     return Deleted(deleted=example_id, stale_adapters=stale)
 
 
-@router.get("/memory", response_model=MemoryList, responses=errors())
+@router.get("/memory", response_model=MemoryList, responses=errors(503))
 async def list_memory(
     settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0
 ) -> MemoryList:
@@ -114,7 +114,7 @@ async def list_memory(
     return MemoryList(items=[MemoryOut.model_validate(r.to_dict()) for r in rows], count=len(rows))
 
 
-@router.post("/memory", status_code=201, response_model=MemoryOut, responses=errors(409))
+@router.post("/memory", status_code=201, response_model=MemoryOut, responses=errors(409, 503))
 async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
     item = await run_in_threadpool(
         lambda: store.add_memory(
@@ -124,7 +124,7 @@ async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
     return MemoryOut.model_validate(item.to_dict())
 
 
-@router.delete("/memory/{item_id:int}", response_model=Deleted, responses=errors(404))
+@router.delete("/memory/{item_id:int}", response_model=Deleted, responses=errors(404, 503))
 async def delete_memory(item_id: ItemId, settings: SettingsDep) -> Deleted:
     deletion = await run_in_threadpool(store.delete_memory, settings, [item_id])
     stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)

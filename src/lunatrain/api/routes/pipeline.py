@@ -19,7 +19,7 @@ from ..schemas import EvalGateRequest, ExportRequest, PrepareRequest, Report, ca
 router = APIRouter(prefix="/assistant/training", tags=["pipeline"], dependencies=[Fresh])
 
 
-@router.post("/export", response_model=Report, responses=errors(409))
+@router.post("/export", response_model=Report, responses=errors(409, 503))
 async def export(settings: SettingsDep, body: Annotated[ExportRequest | None, Body()] = None) -> Report:
     body = body or ExportRequest()
     summary = await run_in_threadpool(
@@ -28,7 +28,7 @@ async def export(settings: SettingsDep, body: Annotated[ExportRequest | None, Bo
     return Report.model_validate(camel(summary.to_dict()))
 
 
-@router.post("/prepare", response_model=Report, responses=errors(404))
+@router.post("/prepare", response_model=Report, responses=errors(404, 503))
 async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, Body()] = None) -> Report:
     """The preflight report on the last export, whatever its status (`fail` is an answer, not an error);
     404 when nothing has been exported yet. `samples` holds one train sample split into trained and
@@ -45,7 +45,7 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
     return Report.model_validate(camel(await run_in_threadpool(run)))
 
 
-@router.post("/eval-gate", response_model=Report, responses=errors(404))
+@router.post("/eval-gate", response_model=Report, responses=errors(404, 503))
 async def eval_gate(settings: SettingsDep, body: Annotated[EvalGateRequest | None, Body()] = None) -> Report:
     """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION) on the eval suite; the report says
     `passed` and why. A failed gate is an answer (200), not an error."""

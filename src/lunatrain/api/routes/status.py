@@ -15,7 +15,7 @@ from ..schemas import Report
 router = APIRouter(prefix="/assistant/training", tags=["status"])
 
 
-@router.get("/status", response_model=Report, responses=errors())
+@router.get("/status", response_model=Report, responses=errors(503))
 async def training_status(
     settings: SettingsDep,
     reads: ReadsDep,
