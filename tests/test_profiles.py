@@ -126,3 +126,23 @@ def test_profile_gate_goes_with_a_job_to_the_trainer(
     result = CliRunner().invoke(app, ["lora", "--profile", "strict", "--epochs", "2"])
     assert isinstance(result.exception, Sent), result.output
     assert sent["gate"] == {"maxValLossRatioVsBase": 0.5} and sent["params"].epochs == 2
+
+
+def test_standalone_lora_trains_what_standalone_prepare_checks(settings: Settings) -> None:
+    """Repro: `prepare` resolved the luna profile (maxSeqLength 512, minCurated 30, its luna-tiny table) while
+    a plain `lora` trained on the built-in defaults (1024, 0, another learning rate): the standard order
+    export → prepare → lora checked one run and trained another, and missed prepare's token cache."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    params, options = load_profile(settings, "luna").resolve()
+    result = CliRunner().invoke(app, ["lora", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["params"] == params.wire() | {"baseModel": "luna-tiny"} and shown["options"] == options.wire()
+    assert (shown["params"]["maxSeqLength"], shown["options"]["minCurated"]) == (512, 30)
+    other = json.loads(CliRunner().invoke(app, ["lora", "--dry-run", "--profile", "luna", "--rank", "4"]).output)
+    assert other["params"]["rank"] == 4

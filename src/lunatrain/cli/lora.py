@@ -5,7 +5,9 @@ followed until it ends; `--local` trains in this process with a progress bar. Bo
 `lunatrain auto/luna` (cli/flow.py), so a job behaves the same whichever command started it; after a
 successful run the eval gate decides whether the new version becomes active (unless `--no-gate`).
 Every LoRA parameter is an option in both spellings (`--learning-rate` / `--learningRate`), generated
-from LoraParams by `cli/options.py`.
+from LoraParams by `cli/options.py`. Parameters resolve as in `lunatrain prepare` and `luna` (the luna
+profile, its table for the base model, then the flags), so the standard order export → prepare → lora
+trains what prepare checked; `--profile` picks another.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ def _describe(settings: Any, outcome: dict[str, Any]) -> list[str]:
 @lora_options
 def lora_cmd(
     lora_flags: dict,
-    profile: ProfileOpt = None,
+    profile: ProfileOpt = "luna",
     local: LocalOpt = False,
     ensure_trainer_flag: EnsureOpt = False,
     dry_run: DryRunOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
-    """Train a LoRA adapter on the exported data (train:lora): via the trainer service, or --local."""
+    """Train a LoRA adapter on the exported data (train:lora): via the trainer service, or --local; with the
+    values prepare checks (the luna profile unless --profile names another)."""
     from ..service.ensure import ensure_trainer
 
     try:
