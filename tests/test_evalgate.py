@@ -181,7 +181,9 @@ def test_base_model_alone_is_evaluated_when_nothing_is_active(settings, tiny):
 # --- real adapters (slow) -----------------------------------------------------------------------
 
 
-def _derived_version(settings, source: dict, scale: float, name: str | None = None) -> dict:
+def _derived_version(
+    settings, source: dict, scale: float, name: str | None = None, strategy: str = "versioned", stage: bool = False
+) -> dict:
     """Register a copy of `source` (under `name`, default its own) whose LoRA B matrices are x `scale`."""
     from safetensors.torch import load_file, save_file
 
@@ -193,8 +195,8 @@ def _derived_version(settings, source: dict, scale: float, name: str | None = No
     scaled = {k: v * scale if "lora_B" in k else v for k, v in tensors.items()}
     assert any("lora_B" in k for k in tensors)
     save_file(scaled, str(weights), metadata={"format": "pt"})
-    keep = {k: v for k, v in source.items() if k not in ("name", "version", "path", "created", "gate")}
-    return registry.publish(settings, name, "versioned", work, keep | {"jobId": f"scaled-{scale}"})
+    keep = {k: v for k, v in source.items() if k not in ("name", "version", "path", "created", "gate", "revision")}
+    return registry.publish(settings, name, strategy, work, keep | {"jobId": f"scaled-{scale}"}, stage=stage)
 
 
 @pytest.mark.slow
@@ -264,6 +266,62 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
         assert f"luna-adapter@{v1['version']}" in ok.output and "PASS" in ok.output
         bad = runner.invoke(app, ["eval-gate", "--adapter", f"luna-adapter@{v2['version']}"])
         assert bad.exit_code == 1 and "Eval gate failed" in bad.output
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_an_overwrite_run_takes_the_slot_only_when_the_gate_passes(settings, tiny):
+    """Repro: an overwrite run replaced the active slot before its gate ran, so the gate compared it with
+    itself ("already active"), passed a regression, and a refused run would have been served anyway."""
+    import torch
+
+    from lunatrain import export, store
+    from lunatrain.flow import train_and_gate
+    from lunatrain.params import FlowOptions
+    from lunatrain.profiles import load_profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's matrices are faster on one thread
+    try:
+        store.load_seed(settings)
+        export.export(settings)
+        params = load_profile(settings, "luna").params({"maxSteps": 40, "adapterStrategy": "overwrite"})
+        first = train_and_gate(settings, params, FlowOptions(gate=True))
+        assert first["status"] == "succeeded" and first["gate"]["passed"], first
+        assert first["adapter"] == {
+            "name": "luna-adapter",
+            "version": "current",
+            "path": "data/adapters/luna-adapter/current",
+            "revision": 1,
+        }
+        rev1 = registry.get_version(settings, "luna-adapter", "active")
+        assert rev1["revision"] == 1 and "staged" not in rev1
+        served = (settings.adapters_dir / "luna-adapter" / "current" / "adapter_model.safetensors").read_bytes()
+
+        # Revision 2 is the base model (B x0): a regression against revision 1. It waits beside the slot,
+        # is judged against revision 1 (not itself), is refused, and never reaches what is served.
+        staged = _derived_version(settings, rev1, 0.0, strategy="overwrite", stage=True)
+        assert staged["revision"] == 2 and registry.get_version(settings, "luna-adapter", "current")["revision"] == 1
+        g2 = evalgate.gate_candidate(settings, "luna-adapter", "current", revision=2)
+        assert not g2.passed and g2.promoted is False, g2.reasons
+        assert g2.baseline["ref"] == "luna-adapter@current" and g2.baseline["kind"] == "adapter"
+        assert any("regresses against" in r for r in g2.reasons), g2.reasons
+        assert (settings.adapters_dir / "luna-adapter" / "current" / "adapter_model.safetensors").read_bytes() == served
+        assert registry.get_version(settings, "luna-adapter", "active")["revision"] == 1
+        refused = registry.get_revision(settings, "luna-adapter", 2)
+        assert refused["replaced"] and refused["gate"]["passed"] is False and "staged" not in refused
+        assert not (settings.home / staged["staged"]).exists()
+
+        # Revision 3 equals revision 1 (B x1): no regression, so it takes the slot, which stays active.
+        _derived_version(settings, rev1, 1.0, strategy="overwrite", stage=True)
+        g3 = evalgate.gate_candidate(settings, "luna-adapter", "current", revision=3)
+        assert g3.passed and g3.promoted is True, g3.reasons
+        active = registry.get_version(settings, "luna-adapter", "active")
+        assert active["revision"] == 3 and active["gate"]["passed"] is True
+        assert registry.get_revision(settings, "luna-adapter", 1)["replaced"] is True
+        slots = list((settings.adapters_dir / "luna-adapter" / ".slots").iterdir())
+        assert len(slots) == 1 and (settings.adapters_dir / "luna-adapter" / "current").resolve() == slots[0]
     finally:
         torch.set_num_threads(threads)
 

@@ -333,22 +333,33 @@ def gate_candidate(
     name: str,
     version: str,
     *,
+    revision: int | None = None,
     promote: bool = True,
     thresholds: dict[str, Any] | GateThresholds | None = None,
 ) -> GateReport:
-    """The post-training gate: evaluate NAME@VERSION against the current active version (else the base);
-    when it passes and `promote`, make it active. The outcome is recorded on the version either way."""
+    """The post-training gate: evaluate NAME@VERSION (of the overwrite slot: its `revision`) against the
+    current active version (else the base); when it passes and `promote`, make it active. The outcome is
+    recorded on the version either way. A staged overwrite revision takes the slot only when it passes."""
     from . import registry
 
     th = parse_thresholds(thresholds)
-    entry = registry.get_version(settings, name, version)
+    entry = (
+        registry.get_revision(settings, name, revision) if revision else registry.get_version(settings, name, version)
+    )
     report = _run(settings, entry, None, th)
     report.promoted = False
-    if report.passed and promote:
-        fingerprint = entry.get("baseModel", {}).get("fingerprint", "?")
-        active = registry.active_version(settings, name, fingerprint)
-        if active is not None and active["version"] == entry["version"]:
+    fingerprint = entry.get("baseModel", {}).get("fingerprint", "?")
+    active_before = registry.active_version(settings, name, fingerprint)
+    if entry.get("staged"):
+        entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed)
+    if report.passed and entry.get("replaced"):  # settled as not kept before this gate finished
+        report.notes.append(f"not kept: revision {entry.get('revision')} no longer exists")
+    elif report.passed and promote:
+        if registry.same_entry(active_before, entry):
             report.notes.append("already active")
+        elif active_before is not None and active_before["version"] == entry["version"]:
+            report.promoted = True  # the active slot now holds it
+            report.notes.append(f"replaced {name}@{entry['version']} revision {active_before.get('revision')}")
         else:
             try:  # on the base it was trained on: a new base never takes the old base's adapter away
                 registry.activate(settings, name, entry["version"], reason="eval gate passed", own_base=True)
@@ -357,7 +368,7 @@ def gate_candidate(
                 report.notes.append(f"not activated: {err.message}")
     elif not report.passed:
         report.notes.append("stays registered but inactive: " + "; ".join(report.reasons))
-    registry.record_gate(settings, name, entry["version"], report.gate_record())
+    registry.record_gate(settings, name, entry["version"], report.gate_record(), revision=entry.get("revision"))
     _write(settings, report)
     return report
 
@@ -454,7 +465,7 @@ def _run(
     adapters = {}
     if entry is not None:
         adapters["candidate"] = registry.adapter_dir(settings, entry)
-    if baseline_entry is not None and baseline_entry["version"] != entry["version"]:
+    if baseline_entry is not None and not registry.same_entry(baseline_entry, entry):
         # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable
         adapters["baseline"] = registry.adapter_dir(settings, baseline_entry)
     ev = _Evaluator(settings, base, adapters, chat_template)
@@ -488,7 +499,7 @@ def _run(
             "source": "recorded",
             "metrics": baseline_entry["gate"]["metrics"],
         }
-    elif baseline_entry is not None and baseline_entry["version"] != entry["version"]:
+    elif baseline_entry is not None and not registry.same_entry(baseline_entry, entry):
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
             bl_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}

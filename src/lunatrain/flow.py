@@ -74,11 +74,14 @@ def train_and_gate(
     never undoes the adapter. Returns the outcome (see LoraStep)."""
     from .train import run_lora
 
-    result = run_lora(params, settings, on_event=on_event, should_stop=should_stop, job_id=job_id)
+    # An overwrite run the gate will judge waits beside its slot: it replaces what is served only if it passes.
+    result = run_lora(params, settings, on_event=on_event, should_stop=should_stop, job_id=job_id, stage=options.gate)
     adapter = None
+    revision = (result.report or {}).get("revision")
     if result.ok and result.version and result.path is not None:
         path = result.path.relative_to(settings.home) if result.path.is_relative_to(settings.home) else result.path
-        adapter = {"name": result.adapter_name, "version": result.version, "path": str(path)}
+        path = (result.report or {}).get("path") or path  # the slot's, not where a staged run waits
+        adapter = {"name": result.adapter_name, "version": result.version, "path": str(path), "revision": revision}
     error = None
     if not result.ok:
         error = result.error or {"code": "training_error", "message": "training failed"}
@@ -94,6 +97,8 @@ def train_and_gate(
         return outcome
     if on_trained is not None:
         on_trained(outcome)
+    if options.gate and not may_gate() and revision is not None:
+        registry.settle_slot(settings, adapter["name"], revision, keep=False)  # not judged: the slot keeps its own
     if options.gate and may_gate():
         emit = on_event or (lambda _e: None)
         emit(
@@ -105,11 +110,13 @@ def train_and_gate(
         )
         try:
             report = evalgate.gate_candidate(
-                settings, adapter["name"], adapter["version"], promote=True, thresholds=thresholds
+                settings, adapter["name"], adapter["version"], revision=revision, promote=True, thresholds=thresholds
             )
             outcome["gate"] = report.gate_record()
         except Exception as exc:  # noqa: BLE001 - a broken gate never undoes the adapter: registered, inactive
             outcome["gate"] = {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
+            if revision is not None:  # a staged overwrite run that was not judged never takes the slot
+                registry.settle_slot(settings, adapter["name"], revision, keep=False)
         reasons = "; ".join(outcome["gate"].get("reasons") or [])
         passed = bool(outcome["gate"].get("passed"))
         emit(

@@ -19,7 +19,9 @@ datasetTier, datasetFingerprint, params, metrics {valLoss, baseValLoss, trainLos
 data root), jobId, created, tokenizerHash, templateHash. Entries are append-only: a version name is never
 reused and its training facts never change; only annotations (`gate`, `merged`, `stale`, `replaced`) are
 added later. Strategy `overwrite` keeps one slot named `current`; each run is still appended (with a
-`revision` number) and older ones are marked `replaced`, so the history stays complete.
+`revision` number) and older ones are marked `replaced`, so the history stays complete. A run that the
+eval gate will judge is first `staged` (its files beside the slot, the entry not yet what `current`
+names): the slot takes it only when the gate passes, and a failing one never reaches what is served.
 
 Every read-modify-write holds one file lock and replaces the file atomically, so concurrent jobs never
 lose an entry and a crash never leaves a torn file. Version numbers are allocated and the adapter directory
@@ -134,8 +136,17 @@ def _migrate_active(adapter: dict[str, Any]) -> None:
 
 
 def _entry(adapter: dict[str, Any], version: str) -> dict[str, Any] | None:
-    matches = [e for e in adapter.get("versions", []) if e.get("version") == version]
+    # A staged overwrite revision is not yet what its version name (`current`) stands for, and one the gate
+    # refused never was: the slot holds the newest revision that is neither.
+    matches = [e for e in adapter.get("versions", []) if e.get("version") == version and not e.get("staged")]
+    if version == SLOT:
+        matches = [e for e in matches if not e.get("replaced")] or matches
     return matches[-1] if matches else None
+
+
+def same_entry(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two entries are one run: the same version and, for the overwrite slot, the same revision."""
+    return a is not None and b is not None and (a["version"], a.get("revision")) == (b["version"], b.get("revision"))
 
 
 def _sync_legacy_alias(adapter: dict[str, Any]) -> None:
@@ -185,10 +196,13 @@ def publish(
     work_dir: Path,
     entry: dict[str, Any],
     before_move: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    stage: bool = False,
 ) -> dict[str, Any]:
     """Allocate the version, move `work_dir` into data/adapters/NAME/VERSION and register `entry`, all under
     the registry lock. `before_move(entry)` runs once the version is known (to write the final report into
-    the work dir). Returns the registered entry."""
+    the work dir). `stage` (overwrite only: a gate will judge the run): the run waits beside the slot until
+    `settle_slot`. Returns the registered entry."""
     check_name(name, "adapter name")
     root = settings.adapters_dir / name
     root.mkdir(parents=True, exist_ok=True)
@@ -206,14 +220,18 @@ def publish(
         else:
             entry["version"] = _next_version(settings, name, adapter["versions"])
         entry["path"] = str(Path("data", "adapters", name, entry["version"]))
+        staged = root / ".slots" / f"{SLOT}-{uuid.uuid4().hex[:12]}" if strategy == "overwrite" and stage else None
+        if staged is not None:
+            entry["staged"] = str(Path("data", "adapters", name, ".slots", staged.name))
         if before_move:
             before_move(entry)
         target = inside(settings.home, entry["path"])
-        if strategy == "overwrite":
+        if staged is not None:
+            staged.parent.mkdir(exist_ok=True)
+            os.replace(work_dir, staged)
+        elif strategy == "overwrite":
             _swap_slot(root, work_dir)
-            for old in adapter["versions"]:
-                if old["version"] == SLOT:
-                    old["replaced"] = True
+            _replace_older(adapter)
         else:
             os.replace(work_dir, target)
         adapter["versions"].append(entry)
@@ -234,6 +252,35 @@ def find_by_job(settings: Settings, job_id: str) -> dict[str, Any] | None:
     return _by_job(load(settings), job_id)
 
 
+def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> dict[str, Any]:
+    """A staged overwrite revision after its gate: `keep` (it passed) puts it in the slot, replacing the
+    older revisions; otherwise its files go and the slot keeps serving what it held (the entry stays in the
+    history, `replaced`, with its gate outcome). Settling twice changes nothing."""
+    with _lock(settings):
+        data = load(settings)
+        adapter = _adapter(data, name)
+        entry = next((e for e in adapter["versions"] if e["version"] == SLOT and e.get("revision") == revision), None)
+        if entry is None:
+            raise NotFound(f"Adapter {name}@{SLOT} has no revision {revision}.")
+        staged = entry.pop("staged", None)
+        if staged is None:
+            return entry
+        if keep:
+            _point_slot(settings.adapters_dir / name, inside(settings.home, staged))
+            _replace_older(adapter, entry)
+        else:
+            shutil.rmtree(inside(settings.home, staged), ignore_errors=True)
+            entry["replaced"] = True
+        _save(settings, data)
+    return entry
+
+
+def _replace_older(adapter: dict[str, Any], newest: dict[str, Any] | None = None) -> None:
+    for old in adapter["versions"]:
+        if old["version"] == SLOT and old is not newest:
+            old["replaced"] = True
+
+
 def _swap_slot(root: Path, work_dir: Path) -> None:
     """Point the `current` slot at the new run with one atomic rename of a symlink: readers see either the
     old adapter or the new one, never a missing or half-copied directory."""
@@ -241,6 +288,11 @@ def _swap_slot(root: Path, work_dir: Path) -> None:
     slots.mkdir(exist_ok=True)
     new = slots / f"{SLOT}-{uuid.uuid4().hex[:12]}"
     os.replace(work_dir, new)
+    _point_slot(root, new)
+
+
+def _point_slot(root: Path, new: Path) -> None:
+    """Repoint the `current` link at `new` (a folder in .slots) atomically and remove the folder it left."""
     link = root / SLOT
     old = link.resolve() if link.is_symlink() else None
     tmp = root / f".{SLOT}.{uuid.uuid4().hex[:8]}"
@@ -408,7 +460,18 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
 
 
 def adapter_dir(settings: Settings, entry: dict[str, Any]) -> Path:
-    return inside(settings.home, entry["path"])
+    return inside(settings.home, entry.get("staged") or entry["path"])
+
+
+def get_revision(settings: Settings, name: str, revision: int) -> dict[str, Any]:
+    """One revision of NAME's overwrite slot, staged or not (the eval gate's candidate)."""
+    adapter = list_adapters(settings).get(name)
+    if adapter is None:
+        raise _not_registered(name)
+    for entry in adapter["versions"]:
+        if entry["version"] == SLOT and entry.get("revision") == revision:
+            return entry
+    raise NotFound(f"Adapter {name}@{SLOT} has no revision {revision}.")
 
 
 def by_base(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -593,24 +656,34 @@ def _history_base(adapter: dict[str, Any], record: dict[str, Any]) -> str | None
     return (entry or {}).get("baseModel", {}).get("fingerprint")
 
 
-def annotate(settings: Settings, name: str, version: str, field: str, value: Any) -> dict[str, Any]:
-    """Set an annotation (`gate`, `merged`, `stale`, `replaced`) on one entry; facts stay untouched."""
+def annotate(
+    settings: Settings, name: str, version: str, field: str, value: Any, *, revision: int | None = None
+) -> dict[str, Any]:
+    """Set an annotation (`gate`, `merged`, `stale`, `replaced`) on one entry (of the overwrite slot: the
+    revision it holds, or `revision`); facts stay untouched."""
     if field not in ANNOTATIONS:
         raise UsageError(f"Registry field {field!r} cannot be changed; only {', '.join(ANNOTATIONS)} can.")
     with _lock(settings):
         data = load(settings)
-        adapter = data["adapters"].get(name)
-        entries = [e for e in (adapter or {}).get("versions", []) if e["version"] == version]
+        adapter = data["adapters"].get(name) or {}
+        entries = [
+            e
+            for e in adapter.get("versions", [])
+            if e["version"] == version and (revision is None or e.get("revision") == revision)
+        ]
         if not entries:
             raise NotFound(f"Adapter {name}@{version} is not registered.")
-        entries[-1][field] = value
+        target = entries[-1] if revision is not None else (_entry(adapter, version) or entries[-1])
+        target[field] = value
         _save(settings, data)
-    return entries[-1]
+    return target
 
 
-def record_gate(settings: Settings, name: str, version: str, result: dict[str, Any]) -> dict[str, Any]:
+def record_gate(
+    settings: Settings, name: str, version: str, result: dict[str, Any], *, revision: int | None = None
+) -> dict[str, Any]:
     """Store the eval gate's outcome on a version (e.g. {"status": "passed", "reason": ..., "at": ...})."""
-    return annotate(settings, name, version, "gate", result)
+    return annotate(settings, name, version, "gate", result, revision=revision)
 
 
 def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:

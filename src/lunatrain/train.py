@@ -146,14 +146,16 @@ def run_lora(
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     job_id: str | None = None,
+    stage: bool = False,
 ) -> TrainResult:
     """Train one LoRA adapter. Bad input raises UsageError before anything is written; once training has
-    started every outcome is a TrainResult (failure is data: status + error in the report)."""
+    started every outcome is a TrainResult (failure is data: status + error in the report). `stage`: an
+    eval gate will judge the run, so an overwrite run waits beside its slot (registry.settle_slot)."""
     params = parse_params(params) if isinstance(params, dict) else params
     _import_stack(params)
     world = distributed.from_env()
     with distributed.process_group(world, _group_device(params)):
-        return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id)
+        return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id, stage)
 
 
 def _import_stack(params: LoraParams) -> None:
@@ -180,6 +182,7 @@ def _run_lora(
     emit: Callable[[Event], None],
     should_stop: Callable[[], bool] | None,
     job_id: str | None,
+    stage: bool = False,
 ) -> TrainResult:
     run = prepare(params, settings, world)
     started = time.time()
@@ -202,7 +205,7 @@ def _run_lora(
         return TrainResult(
             Status(status_value), params.adapter_name, version, Path(path) if path else None, report, error
         )
-    result = conclude(run, status, error, report, emit)
+    result = conclude(run, status, error, report, emit, stage=stage)
     distributed.share(
         world, (result.status.value, result.version, str(result.path) if result.path else None, result.error)
     )
@@ -210,12 +213,18 @@ def _run_lora(
 
 
 def conclude(
-    run: Run, status: Status, error: dict | None, report: dict[str, Any], emit: Callable[[Event], None]
+    run: Run,
+    status: Status,
+    error: dict | None,
+    report: dict[str, Any],
+    emit: Callable[[Event], None],
+    *,
+    stage: bool = False,
 ) -> TrainResult:
     """Publish a successful run; record a failed one (report in the work dir and as the latest report)."""
     if status is Status.SUCCEEDED:
         try:
-            return finish(run, report, emit)
+            return finish(run, report, emit, stage=stage)
         except LunaError:
             raise
         except Exception as exc:  # e.g. a full disk while saving: the run failed, the checkpoints remain
@@ -682,7 +691,7 @@ def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
     return {"method": "bitsandbytes", "bits": 8, "type": "llm.int8", "computeDtype": compute}
 
 
-def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> TrainResult:
+def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, stage: bool = False) -> TrainResult:
     """Write the adapter and its provenance into the work dir, then publish it (version + registry)."""
     from .progress import plot_loss_curve
 
@@ -722,14 +731,14 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None]) -> T
         )
         atomic_write_bytes(out / registry.REPORT_FILE, dumps_json(report).encode())
 
-    entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report)
+    entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report, stage=stage)
     registry.write_latest(run.settings, report)
     # Published: only now are the epoch checkpoints (the resume point if publishing had failed) and older
     # failed tries of this same run of no further use; the adapter itself is the final state.
-    shutil.rmtree(run.settings.home / entry["path"] / "checkpoints", ignore_errors=True)
+    path = registry.adapter_dir(run.settings, entry)
+    shutil.rmtree(path / "checkpoints", ignore_errors=True)
     for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    path = run.settings.home / entry["path"]
     emit(
         {
             "type": "log",

@@ -32,9 +32,18 @@ def _describe(settings: Any, outcome: dict[str, Any]) -> list[str]:
     if outcome.get("status") != "succeeded" or not adapter:
         error = outcome.get("error") or {}
         return [f"LoRA training {outcome.get('status')}: {error.get('message', 'no adapter was produced')}"]
-    entry = registry.get_version(settings, adapter["name"], adapter["version"])
+    revision = adapter.get("revision")
+    entry = (
+        registry.get_revision(settings, adapter["name"], revision)
+        if revision
+        else registry.get_version(settings, adapter["name"], adapter["version"])
+    )
     metrics = entry.get("metrics", {})
     lines = [f"Adapter {entry['name']}@{entry['version']} written to {entry['path']}."]
+    if revision and entry.get("replaced"):  # a staged overwrite run the gate refused: the slot kept its own
+        lines = [
+            f"Adapter {entry['name']}@{entry['version']} revision {revision} was not kept: {entry['path']} still holds the revision before it."
+        ]
     if metrics.get("valLoss") is not None:
         base = metrics.get("baseValLoss")
         lines.append(

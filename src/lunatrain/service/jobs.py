@@ -58,6 +58,7 @@ class AdapterRef(WireModel):
     name: str
     version: str
     path: str
+    revision: int | None = Field(default=None, description="the overwrite slot's run (null for a versioned adapter)")
 
 
 class JobError(WireModel):
