@@ -322,6 +322,13 @@ def test_an_overwrite_run_takes_the_slot_only_when_the_gate_passes(settings, tin
         assert registry.get_revision(settings, "luna-adapter", 1)["replaced"] is True
         slots = list((settings.adapters_dir / "luna-adapter" / ".slots").iterdir())
         assert len(slots) == 1 and (settings.adapters_dir / "luna-adapter" / "current").resolve() == slots[0]
+        listed = {
+            line.split()[2]: line
+            for line in CliRunner().invoke(app, ["adapters", "list"]).output.splitlines()
+            if " rev " in line
+        }
+        assert "[active on luna-tiny]" in listed["3"], listed  # only the revision the slot holds
+        assert all("active on" not in listed[r] and "[replaced]" in listed[r] for r in ("1", "2")), listed
     finally:
         torch.set_num_threads(threads)
 

@@ -421,10 +421,11 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
     def state(active: bool, code: str, reason: str, **extra: Any) -> dict[str, Any]:
         return {"active": active, **coded(code, **params, **extra), "reason": reason}
 
-    if active_here == version:
-        return state(True, "adapter.active", "active on the configured base model")
+    # A replaced or staged revision shares the slot's name but is not what the slot holds: never active.
     if entry.get("replaced"):
         return state(False, "adapter.replaced", "replaced by a newer revision of the same slot")
+    if active_here == version and not entry.get("staged"):
+        return state(True, "adapter.active", "active on the configured base model")
     if elsewhere:
         return state(
             False,

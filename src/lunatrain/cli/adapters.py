@@ -73,7 +73,9 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         typer.echo(f"base {group['baseModel']} (fingerprint {fingerprint[:12]})")
         for e in group["versions"]:
             aliases = adapters.get(e["name"], {}).get("aliases", {})
-            active_on = [str(a["baseModel"]) for a in active if (a["name"], a["version"]) == (e["name"], e["version"])]
+            active_on = [
+                str(a["baseModel"]) for a in active if a["name"] == e["name"] and registry.same_entry(a["entry"], e)
+            ]
             rev = f" rev {e['revision']}" if e.get("revision") else ""
             m = e.get("metrics", {})
             typer.echo(
