@@ -115,6 +115,11 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     assert report["status"] == "succeeded" and report["version"] == "v1" and report["jobId"] == "job-1"
     assert report["baseModel"]["fingerprint"] == models.resolve_base(None, settings).fingerprint
     assert report["dataset"]["fingerprint"] and len(report["epochs"]) == 3 and len(report["lossCurve"]) == m["steps"]
+    # The curve's lr is the rate each step ran at: the warmup's first step at 0, the peak right after the
+    # warmup, and the cosine's last step above 0 (the rate after it would be 0).
+    curve, warmup = report["lossCurve"], math.ceil(0.05 * m["steps"])
+    assert curve[0]["lr"] == 0.0 and curve[warmup]["lr"] == pytest.approx(report["params"]["learningRate"])
+    assert curve[-1]["lr"] > 0.0
     assert set(report["packages"]) >= {"torch", "transformers", "peft", "lunatrain"}
     assert report["kernels"] == {"attention": "varlen-sdpa", "dropout": "fast16"}
     hashes = (result.path / "train-hashes.txt").read_text().split()
@@ -205,6 +210,24 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
     assert [v["version"] for v in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1", "v2", "v3"]
     other = run_lora(_params(seed=8), settings)
     assert (other.path / "adapter_model.safetensors").read_bytes() != weights
+
+
+def test_resume_continues_the_try_that_got_furthest(settings):
+    """Repro: with checkpoints of several tries of one run, resume took whichever work dir's random suffix
+    sorted last (epoch 1 over epoch 2), and the publish then deleted the better checkpoint."""
+    from types import SimpleNamespace
+
+    from lunatrain.train import _work_dir, run_key
+
+    params = _params(resume=True)
+    base, data = SimpleNamespace(fingerprint="b" * 64), SimpleNamespace(fingerprint="d" * 64)
+    root = settings.adapters_dir / params.adapter_name / ".work"
+    key = run_key(params, base, data)
+    for suffix, epoch in (("0000aaaa", 2), ("ffffffff", 1), ("77777777", 1)):  # the furthest sorts first
+        ckpt = root / f"{key}-{suffix}" / "checkpoints" / f"epoch-{epoch:03d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text("{}")
+    assert _work_dir(params, settings, base, data) == root / f"{key}-0000aaaa"
 
 
 @pytest.mark.parametrize(

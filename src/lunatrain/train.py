@@ -395,9 +395,12 @@ def _work_dir(params: LoraParams, settings: Settings, base: Any, data: Any) -> P
     root = settings.adapters_dir / params.adapter_name / ".work"
     key = run_key(params, base, data)
     if params.resume:
-        existing = sorted(root.glob(f"{key}-*/checkpoints/epoch-*/state.json"))
+        # Several tries of this run may have left checkpoints (each try has its own work dir): resume the one
+        # that got furthest (epoch names are zero-padded), the newest of equals — not whichever random suffix
+        # sorts last.
+        existing = list(root.glob(f"{key}-*/checkpoints/epoch-*/state.json"))
         if existing:
-            return existing[-1].parents[2]
+            return max(existing, key=lambda p: (p.parent.name, p.stat().st_mtime_ns)).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
 
 
@@ -493,11 +496,11 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise Stop(Status.FAILED, "nan_loss", f"gradient norm became {grad_norm} at step {run.step + 1}.")
+            lr = sched.get_last_lr()[0]  # the rate this step runs at (after sched.step() it is the next one's)
             opt.step()
             sched.step()
             run.step += 1
             epoch_losses.append(step_loss)
-            lr = sched.get_last_lr()[0]
             run.curve.append({"step": run.step, "epoch": epoch + 1, "loss": step_loss, "lr": lr, "gradNorm": grad_norm})
             elapsed = time.perf_counter() - t0
             run.train_seconds = seconds0 + elapsed
