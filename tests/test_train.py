@@ -212,6 +212,16 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
     assert (other.path / "adapter_model.safetensors").read_bytes() != weights
 
 
+def test_train_hashes_name_only_the_samples_the_steps_took(settings):
+    """Repro: a run cut short by maxSteps listed every train sample in train-hashes.txt, so deleting an
+    example it never saw marked it "retrain needed"."""
+    write_export(settings, make_records(40, val_every=5))
+    result = run_lora(_params(maxSteps=1), settings)
+    assert result.ok, result.error
+    hashes = (result.path / "train-hashes.txt").read_text().split()
+    assert len(hashes) == FAST["batchSize"] < result.report["dataset"]["trainSamples"]
+
+
 def test_resume_continues_the_try_that_got_furthest(settings):
     """Repro: with checkpoints of several tries of one run, resume took whichever work dir's random suffix
     sorted last (epoch 1 over epoch 2), and the publish then deleted the better checkpoint."""

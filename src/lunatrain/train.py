@@ -435,6 +435,21 @@ def epoch_steps(run: Run, epoch: int) -> list[list[list[Encoded]]]:
     return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
 
 
+def trained_samples(run: Run) -> list[Encoded]:
+    """The samples the run's optimizer steps took, every rank's: the whole train split unless maxSteps ended
+    the run inside an epoch. Recomputed from the seeded order (the same the loop used, also across a
+    resume), for marking the run stale when one of them is deleted."""
+    out: list[Encoded] = []
+    step = 0
+    for epoch in range(run.params.epochs):
+        for micro_batches in epoch_steps(run, epoch):
+            if step >= run.total_steps:
+                return out
+            out += [sample for micro in micro_batches for sample in micro]
+            step += 1
+    return out
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of the dropout stream for one epoch on one rank: reseeding per epoch makes a resumed run draw
     what the uninterrupted run drew, and ranks draw different masks."""
@@ -709,7 +724,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
 
     run.tokenizer.save_pretrained(str(out))
     write_generation_config(out, run.base.path, run.tokens.terminator, run.tokenizer)
-    hashes = sorted({e.hash for e in run.train if e.hash})
+    hashes = sorted({e.hash for e in trained_samples(run) if e.hash})
     atomic_write_bytes(out / registry.TRAIN_HASHES_FILE, "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / registry.LOSS_CURVE_FILE, run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
     entry = {
