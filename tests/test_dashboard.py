@@ -333,7 +333,20 @@ def test_offline_label_then_start_trainer_shows_online_cpu(page, services: Servi
     expect(page.locator("#provider-device")).not_to_contain_text("--")
     shot(page, output_dir, "1-offline")
 
+    # A job an earlier trainer ran: the job panel could not ask for it while the trainer was down, and shows
+    # it once the button has started one (it said "Kein Job gestartet." until a reload).
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
+
+    store = JobStore(jobs_db_path(services.home / "data"))
+    try:
+        earlier, _ = store.create(LoraParams(adapter_name="earlier", base_model="luna-tiny"))
+        store.set_status(earlier.id, "failed", error=JobError(code="interrupted", message="stopped").wire())
+    finally:
+        store.close()
+
     start.click()
+    expect(page.locator("#job-id")).to_contain_text(earlier.id, timeout=120_000)
     expect(label).to_have_text("Online (CPU)", timeout=120_000)
     expect(label).to_have_attribute("data-state", "cpu")
     expect(start).to_be_hidden()
@@ -395,6 +408,19 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     curated_row = page.locator('#counts-table tr[data-source="curated"]')
     expect(curated_row.locator("td").first).to_have_text(f"{approved:,}".replace(",", "."))
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "yes")
+
+    # A threshold the server refuses is an alert, said once ("Ungültige Anfrage: Invalid request: …" was the
+    # old text); the next good answer clears it instead of leaving the page contradicting itself.
+    threshold = page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)")
+    threshold.fill("100000000")
+    page.get_by_role("button", name="Aktualisieren").click()
+    alert = page.locator("#alerts .message-text")
+    expect(alert).to_contain_text("minCurated")
+    assert "Invalid request: " not in alert.inner_text() and alert.inner_text().count("Ungültige Anfrage") == 1
+    threshold.fill("30")
+    page.get_by_role("button", name="Aktualisieren").click()
+    expect(page.locator("#data-ready")).to_have_attribute("data-ready", "yes")
+    expect(page.locator("#alerts .message")).to_have_count(0)
 
     # A threshold above the data makes it "not ready", straight from the server's answer. The answer to the
     # request before it (the old threshold: ready) is held back and arrives last: it must not win.
@@ -572,6 +598,17 @@ def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
         expect(page.locator("#alerts .message", has_text="example-adapter")).to_be_visible()
         expect(active_rows).to_have_attribute("data-version", version)
     shot(page, output_dir, "3-rolled-back")
+
+    # Another tab deactivates it meanwhile: this page's button is out of date. The refusal is shown and the
+    # table reloads to what is true now, instead of offering the same refused change again.
+    answer = httpx.post(
+        f"{services.api_url}/assistant/training/adapters/example-adapter/deactivate", timeout=30, trust_env=False
+    )
+    assert answer.status_code == 200, answer.text
+    active_rows.get_by_role("button", name="example-adapter auf diesem Basismodell deaktivieren").click()
+    page.get_by_role("button", name="Bestätigen").click()
+    expect(page.locator("#alerts .message", has_text="example-adapter ist hier nicht aktiv.")).to_be_visible()
+    expect(active_rows).to_have_count(0)
 
 
 def test_english_labels_with_lang_en(page, services: Services, output_dir: Path, trainer_up: None) -> None:

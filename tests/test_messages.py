@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -91,3 +92,25 @@ def test_german_texts_are_german():
 def test_an_unregistered_code_is_refused_at_once():
     with pytest.raises(KeyError, match="not registered"):
         coded("made.up")
+
+
+def test_every_key_the_dashboard_asks_for_has_a_text_in_both_languages():
+    """Repro: the job details showed the raw key `job.status` (no text in either language), and a gate the
+    trainer settled as `interrupted` would have shown `gate.interrupted`."""
+    from lunatrain.service.jobs import Status
+    from lunatrain.service.recovery import GATE_INTERRUPTED
+
+    static = SRC / "api" / "static"
+    keys = set()
+    for js in static.glob("*.js"):
+        keys |= set(re.findall(r'\bt\(\s*"([A-Za-z0-9_.]+)"', js.read_text(encoding="utf-8")))
+    html = (static / "index.html").read_text(encoding="utf-8")
+    keys |= set(re.findall(r'data-i18n="([A-Za-z0-9_.]+)"', html))
+    keys |= {key for pair in re.findall(r'data-i18n-attr="([^"]+)"', html) for key in re.findall(r":([\w.]+)", pair)}
+    assert len(keys) > 100  # the collection itself works
+    # keys built from a value: a job's status and the gate's status (passed, failed, error, interrupted)
+    keys |= {f"state.{s}" for s in get_args(Status)}
+    keys |= {f"gate.{s}" for s in ("passed", "failed", "error", GATE_INTERRUPTED["status"])}
+    for lang in ("de", "en"):
+        missing = sorted(keys - set(_texts(lang)))
+        assert missing == [], f"i18n.js ({lang}) has no text for: {missing}"

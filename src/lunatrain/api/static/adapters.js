@@ -120,6 +120,8 @@ export class AdapterView {
     } catch (error) {
       showError(error);
       button.disabled = false;
+      // Refused because the table is out of date (another tab or a job changed it): show what is true now.
+      if (error.status === 409 || error.status === 422 || error.status === 404) await this.reloadAfterChange();
     }
   }
 

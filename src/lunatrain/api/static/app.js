@@ -8,7 +8,7 @@ import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } fro
 import { JobView } from "./job.js";
 import { TryPanel } from "./tryit.js";
 import { serverFieldErrors } from "./params.js";
-import { h, showError, showNotice, clearErrors, busy, fillFacts, turns } from "./ui.js";
+import { h, showError, showNotice, clearErrors, clearErrorsOf, busy, fillFacts, turns } from "./ui.js";
 
 const HEALTH_MS = 15000;
 const DATA_MS = 15000;
@@ -62,7 +62,10 @@ async function startTrainer() {
   const button = $("trainer-start");
   await busy(button, t("provider.starting"), async () => {
     const health = await loadHealth(true);
-    if (health && providerState(health) !== "offline") showNotice(t("provider.started", { label: health.label }));
+    if (health && providerState(health) !== "offline") {
+      showNotice(t("provider.started", { label: health.label }));
+      if (!jobView.jobId) loadLatestJob(); // the job panel could not ask while the trainer was down
+    }
   });
   if (!button.hidden) button.focus();
   else $("provider-refresh").focus();
@@ -143,7 +146,10 @@ async function loadDataStatus() {
   $("data").setAttribute("aria-busy", "true");
   try {
     const status = await api.dataStatus(minCurated());
-    if (current()) renderDataStatus(status);
+    if (current()) {
+      renderDataStatus(status);
+      clearErrorsOf(t("data.heading")); // an earlier failure of this panel is no longer true
+    }
   } catch (error) {
     if (!current()) return null;
     if (error.status === 401) return askToken();
@@ -207,6 +213,7 @@ async function runPrepare(event) {
     try {
       const report = await api.prepare({ minCurated: minCurated() });
       renderPrepare(report);
+      clearErrorsOf(t("data.prepare"));
       showNotice(t("data.prepared", { status: t(`severity.${report.status}`) }));
     } catch (error) {
       // A failed check may come back as 409 with the report in `details`: show its table all the same.

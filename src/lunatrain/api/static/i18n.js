@@ -141,6 +141,7 @@ const de = {
   "job.heading": "Aktueller Job",
   "job.none": "Kein Job gestartet.",
   "job.id": "Job",
+  "job.status": "Status",
   "job.state": "Zustand",
   "job.progress": "Fortschritt",
   "job.step": "Schritt",
@@ -199,6 +200,7 @@ const de = {
   "gate.failed": "nicht bestanden",
   "gate.skipped": "übersprungen",
   "gate.error": "Fehler im Gate",
+  "gate.interrupted": "nicht zu Ende geprüft",
   "gate.none": "–",
   "dialog.confirm": "Bestätigen",
   "dialog.cancel": "Abbrechen",
@@ -285,7 +287,7 @@ const de = {
   "msg.server_error": "Die Antwort ist auf dem Server fehlgeschlagen",
   "msg.model_not_found": "Dieses Modell wird hier nicht angeboten",
   "msg.model_base_mismatch": "Der Adapter wurde auf einem anderen Basismodell trainiert als dem hier geladenen",
-  "msg.invalid_messages": "Die Nachrichten passen nicht zum Chat-Template",
+  "msg.invalid_messages": "Die Nachrichten passen nicht zum Chat-Template oder enthalten ein Steuerzeichen des Modells",
   "msg.context_length_exceeded": "Nachrichten und max_tokens überschreiten den Kontext des Modells",
   "msg.invalid_value": "Ein Parameter hat einen ungültigen Wert",
   "msg.disk_full": "Der Datenträger des Datenverzeichnisses ist voll",
@@ -468,6 +470,7 @@ const en = {
   "job.heading": "Current job",
   "job.none": "No job started.",
   "job.id": "Job",
+  "job.status": "Status",
   "job.state": "State",
   "job.progress": "Progress",
   "job.step": "Step",
@@ -526,6 +529,7 @@ const en = {
   "gate.failed": "failed",
   "gate.skipped": "skipped",
   "gate.error": "gate error",
+  "gate.interrupted": "not finished",
   "gate.none": "–",
   "dialog.confirm": "Confirm",
   "dialog.cancel": "Cancel",
@@ -612,7 +616,7 @@ const en = {
   "msg.server_error": "The answer failed on the server",
   "msg.model_not_found": "No such model is served here",
   "msg.model_base_mismatch": "The adapter was trained on another base model than the one loaded here",
-  "msg.invalid_messages": "The messages do not fit the chat template",
+  "msg.invalid_messages": "The messages do not fit the chat template or contain one of the model's control tokens",
   "msg.context_length_exceeded": "Messages and max_tokens exceed the model's context",
   "msg.invalid_value": "A parameter has an invalid value",
   "msg.disk_full": "The data root's disk is full",
@@ -691,7 +695,9 @@ export function tMsg(code, params = {}, fallback = "") {
 export function errorText(error) {
   if (!error?.code || !(`msg.${error.code}` in TEXTS[lang])) return error?.message ?? String(error);
   if (error.params && Object.keys(error.params).length) return tMsg(error.code, error.params, error.message);
-  return error.message ? `${tMsg(error.code)}: ${error.message}` : tMsg(error.code);
+  // The label says what the server's sentence begins with ("Invalid request: …"): say it once.
+  const message = error.message?.replace(/^Invalid request: /, "");
+  return message ? `${tMsg(error.code)}: ${message}` : tMsg(error.code);
 }
 
 /** Fill every `[data-i18n]` element's text and `[data-i18n-attr]` attributes ("attr:key;attr:key"). */

@@ -3,7 +3,7 @@
 // one-click examples. Greedy decoding (temperature 0), so the two columns differ only by the adapter.
 
 import { api, authHeaders, ApiError } from "./api.js";
-import { t, formatNumber } from "./i18n.js";
+import { t, formatNumber, errorText } from "./i18n.js";
 import { h, showError, turns } from "./ui.js";
 
 const DEFAULT_MAX_TOKENS = 128;
@@ -193,7 +193,7 @@ export class TryPanel {
       col.meta.textContent = t(result.finish === "length" ? "try.cut" : "try.done", { tokens });
       col.box.dataset.state = "done";
     } catch (error) {
-      col.meta.textContent = `${t("err.prefix")}: ${error.message}`;
+      col.meta.textContent = `${t("err.prefix")}: ${errorText(error)}`;
       col.box.dataset.state = "error";
     } finally {
       col.box.removeAttribute("aria-busy");

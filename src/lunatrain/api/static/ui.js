@@ -29,7 +29,7 @@ export function showError(error, context = "") {
   for (const existing of alerts.querySelectorAll(".message-text")) {
     if (existing.textContent === text) return;
   }
-  const item = h("div", { class: "message error", dataset: { code: error?.code ?? "" } },
+  const item = h("div", { class: "message error", dataset: { code: error?.code ?? "", context } },
     h("span", { class: "message-text" }, text),
     h("button", {
       type: "button", class: "dismiss", "aria-label": t("messages.dismiss"), title: t("messages.dismiss"),
@@ -43,6 +43,13 @@ export function showError(error, context = "") {
 export function clearErrors(code) {
   for (const item of document.querySelectorAll("#alerts .message")) {
     if (!code || item.dataset.code === code) item.remove();
+  }
+}
+
+/** Clear the error messages a panel showed (its `context`) once the same action succeeds. */
+export function clearErrorsOf(context) {
+  for (const item of document.querySelectorAll("#alerts .message")) {
+    if (item.dataset.context === context) item.remove();
   }
 }
 
