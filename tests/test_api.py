@@ -191,8 +191,10 @@ def test_base_model_must_be_tiny_a_hub_id_or_inside_the_data_root(settings) -> N
         "models/mine/..",
         "models",
     ):
-        with pytest.raises(UsageError):
+        with pytest.raises(UsageError) as refused:
             check_base_model(bad, settings)
+        # about the field, first word first: the dashboard shows it next to the base model input
+        assert refused.value.message.startswith(f"baseModel {bad[:80]!r}"), refused.value.message
     outside = settings.home.parent / "elsewhere"
     outside.mkdir()
     (settings.home / "models" / "link").symlink_to(outside)

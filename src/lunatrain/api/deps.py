@@ -83,7 +83,10 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
     )
     if candidate.is_absolute() and rel is candidate:
         raise UsageError(f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.")
-    path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root
+    try:
+        path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root
+    except UsageError:  # said about the field, so a form can show it next to it
+        raise UsageError(f"baseModel {ref!r} leaves the data root; put the model under {settings.home}.") from None
     refuse_adapter_dir(path, ref)  # an adapter directory gets its own reason: adapter on adapter
     # A model directory, never a root: `.`, `org/..` or the data root itself would hand the trainer every
     # file under it. Hugging Face model directories carry config.json.
