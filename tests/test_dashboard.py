@@ -10,6 +10,7 @@ offline and starts it from the page; later ones build on the adapters trained be
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -345,8 +346,15 @@ def test_offline_label_then_start_trainer_shows_online_cpu(page, services: Servi
     finally:
         store.close()
 
-    start.click()
-    expect(page.locator("#job-id")).to_contain_text(earlier.id, timeout=120_000)
+    try:
+        start.click()
+        expect(page.locator("#job-id")).to_contain_text(earlier.id, timeout=120_000)
+    finally:  # the later tests of this module start from a trainer that has run no job
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(jobs_db_path(services.home / "data"))) as db, db:
+            db.execute("DELETE FROM events WHERE job_id = ?", (earlier.id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (earlier.id,))
     expect(label).to_have_text("Online (CPU)", timeout=120_000)
     expect(label).to_have_attribute("data-state", "cpu")
     expect(start).to_be_hidden()
@@ -587,15 +595,18 @@ def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
     shot(page, output_dir, "2-activated")
     assert aliases_of(services, "example-adapter")["active"] == version
 
-    # Rollback (offered on the active row) returns to the version that was active before.
-    active_rows.get_by_role("button", name="Rollback von example-adapter").click()
-    expect(dialog).to_contain_text("Rollback von example-adapter")
-    page.get_by_role("button", name="Bestätigen").click()
+    # Rollback (offered on the active row when there is an earlier version) returns to the one active before.
+    rollback = active_rows.get_by_role("button", name="Rollback von example-adapter")
     if previous:
+        rollback.click()
+        expect(dialog).to_contain_text("Rollback von example-adapter")
+        page.get_by_role("button", name="Bestätigen").click()
         expect(page.locator("#notices")).to_contain_text(f"aktiv ist jetzt {previous}")
         expect(active_rows).to_have_attribute("data-version", previous)
-    else:  # nothing was active before: the API refuses, and the page says so
-        expect(page.locator("#alerts .message", has_text="example-adapter")).to_be_visible()
+        # Back at the first activation there is nothing earlier: no rollback is offered any more.
+        expect(rollback).to_have_count(0)
+    else:  # nothing was active before: nothing to roll back to, and none is offered
+        expect(rollback).to_have_count(0)
         expect(active_rows).to_have_attribute("data-version", version)
     shot(page, output_dir, "3-rolled-back")
 
@@ -633,6 +644,14 @@ def test_keyboard_reaches_every_control_in_order_and_every_input_is_labelled(
     open_page(page, services)
     # Folded fields are reachable once opened; opened without a click so that Tab starts at the page's top.
     page.evaluate("document.querySelector('details.advanced').open = true")
+    # The try panel asks for its models once it is shown, and its model list is disabled while no adapter
+    # exists: let it answer first, or tabbing down to it would change the controls under the count.
+    page.locator("#try").scroll_into_view_if_needed()
+    page.wait_for_function(
+        "() => document.getElementById('try-model').options.length > 0"
+        " || !document.getElementById('try-no-adapter').hidden"
+    )
+    page.evaluate("window.scrollTo(0, 0)")
 
     unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
         .filter((el) => el.offsetParent !== null)

@@ -630,6 +630,13 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
     return get_version(settings, name, previous)
 
 
+def rollback_target(adapter: dict[str, Any], fingerprint: str) -> str | None:
+    """The version a rollback of this adapter on base `fingerprint` would make active (None: nothing to go
+    back to, or nothing active there)."""
+    current = adapter.get("activeByBase", {}).get(fingerprint, {}).get("version")
+    return _earlier_version(adapter, fingerprint, current) if current else None
+
+
 def _earlier_version(adapter: dict[str, Any], fingerprint: str, current: str | None) -> str | None:
     """The version a rollback returns to: the base's activations replayed as a stack (an activation pushes,
     a rollback pops back to its target), so each rollback goes one step further back and never returns to

@@ -35,7 +35,13 @@ def _view(settings: Settings, name: str, adapter: dict[str, Any], versions: list
     if active:
         aliases["active"] = active["version"]
     states = [e | {"state": registry.activation_state(settings, e, base or "")} for e in versions]
-    return {"name": name, "aliases": aliases, "activeByBase": adapter.get("activeByBase", {}), "versions": states}
+    return {
+        "name": name,
+        "aliases": aliases,
+        "activeByBase": adapter.get("activeByBase", {}),
+        "rollbackTo": registry.rollback_target(adapter, base or ""),  # null: no earlier version to go back to
+        "versions": states,
+    }
 
 
 def _adapter(settings: Settings, name: str) -> AdapterOut:

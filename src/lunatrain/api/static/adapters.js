@@ -73,7 +73,8 @@ export class AdapterView {
     const { name } = adapter;
     const v = version.version;
     const aliases = adapter.aliases ?? {};
-    const isActive = aliases.active === v;
+    // The server's state, not the name: every revision of an overwrite slot is called "current".
+    const isActive = version.state?.active ?? aliases.active === v;
     const metrics = version.metrics ?? {};
     const badges = [
       isActive && h("span", { class: "badge badge-active" }, t("adapters.active")),
@@ -88,11 +89,12 @@ export class AdapterView {
     const actions = [
       isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.deactivateLabel", vars),
         onclick: (event) => this.deactivate(name, v, event.currentTarget) }, t("adapters.deactivate")),
-      isActive
-        ? h("button", { type: "button", class: "small", "aria-label": t("adapters.rollbackLabel", vars),
-          onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback"))
-        : h("button", { type: "button", class: "small", "aria-label": t("adapters.activateLabel", vars),
-          onclick: (event) => this.activate(name, v, event.currentTarget) }, t("adapters.activate")),
+      // Rollback only where there is an earlier version to go back to (the server says which).
+      isActive && adapter.rollbackTo && h("button", { type: "button", class: "small",
+        "aria-label": t("adapters.rollbackLabel", vars),
+        onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback")),
+      !isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.activateLabel", vars),
+        onclick: (event) => this.activate(name, v, event.currentTarget) }, t("adapters.activate")),
       h("a", { href: api.reportUrl(name, v), target: "_blank", rel: "noopener",
         "aria-label": t("adapters.reportLabel", vars) }, t("adapters.report")),
       h("a", { href: api.curveUrl(name, v), target: "_blank", rel: "noopener",
