@@ -2,8 +2,9 @@
 
     lunatrain trainer [--host 127.0.0.1] [--port 5051]   (--port 0: a free port, recorded in data/trainer/trainer.url)
 
-Endpoints: `GET /health`, `POST /jobs`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/events?after=N`,
-`POST /jobs/{id}/cancel` (shapes in `jobs.py`). Jobs and events persist in `data/trainer/jobs.db`; each job
+Endpoints: `GET /health`, `POST /jobs`, `POST /jobs/check` (the same checks, nothing queued), `GET /jobs`,
+`GET /jobs/{id}`, `GET /jobs/{id}/events?after=N`, `POST /jobs/{id}/cancel` (shapes in `jobs.py`); every job
+route refuses a request that names another data root (`X-Lunatrain-Data-Root`). Jobs and events persist in `data/trainer/jobs.db`; each job
 runs in a child process (`runner.py`, `worker.py`) that logs to `data/trainer/logs/<job>.log`. A restart
 settles what the previous trainer left unfinished (`recovery.py`). One trainer per data root (`lock.py`),
 and /health names that root so a client never submits into another project's data.
