@@ -98,9 +98,10 @@ def train_and_gate(
         return outcome
     if on_trained is not None:
         on_trained(outcome)
-    if options.gate and not may_gate() and revision is not None:
+    judged = options.gate and may_gate()  # asked once: both branches below must see the same answer
+    if options.gate and not judged and revision is not None:
         registry.settle_slot(settings, adapter["name"], revision, keep=False)  # not judged: the slot keeps its own
-    if options.gate and may_gate():
+    if judged:
         emit = on_event or (lambda _e: None)
         emit(
             {
