@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -211,6 +212,42 @@ def test_recover_takes_the_registry_entry_with_the_job_id(store, settings):
     recover(settings, store)
     done = store.get(job.id)
     assert done.status == "succeeded" and done.adapter.version == "v1" and done.gate["status"] == "passed"
+
+
+def test_recover_does_not_keep_an_overwrite_run_whose_gate_never_finished(store, settings):
+    """kill -9 of the trainer during the gate of an overwrite run: the run waited beside the slot for the
+    gate's verdict. The restarted trainer settles the job with its adapter, and the slot keeps serving the
+    revision it held: the unjudged run's files go, its entry stays in the history (replaced)."""
+    from lunatrain import registry
+
+    def run(tag: str) -> Path:
+        work = settings.adapters_dir / "ow" / ".work" / tag
+        work.mkdir(parents=True)
+        (work / "adapter_model.safetensors").write_bytes(tag.encode())
+        return work
+
+    first = registry.publish(settings, "ow", "overwrite", run("r1"), {"status": "succeeded"})
+    job = queued(store, LoraParams(adapter_name="ow", adapter_strategy="overwrite"))
+    store.claim(job.id)
+    staged = registry.publish(settings, "ow", "overwrite", run("r2"), {"jobId": job.id}, stage=True)
+    assert staged["revision"] == 2 and (settings.home / staged["staged"]).is_dir()
+
+    recover(settings, store)
+
+    done = store.get(job.id)
+    assert done.status == "succeeded" and (done.adapter.name, done.adapter.version) == ("ow", "current")
+    assert done.gate["status"] == "interrupted" and done.gate["passed"] is False
+    assert "not kept" in done.gate["reasons"][0]
+    second = registry.get_revision(settings, "ow", 2)
+    assert second["replaced"] and "staged" not in second
+    assert not (settings.home / staged["staged"]).exists()
+    assert registry.get_version(settings, "ow", "current")["revision"] == first["revision"] == 1
+    assert (settings.adapters_dir / "ow" / "current" / "adapter_model.safetensors").read_bytes() == b"r1"
+    assert [p.name for p in (settings.adapters_dir / "ow" / ".slots").iterdir()] == [
+        (settings.adapters_dir / "ow" / "current").resolve().name
+    ]
+    recover(settings, store)  # a second restart changes nothing
+    assert store.get(job.id).gate == done.gate and registry.get_revision(settings, "ow", 2) == second
 
 
 def test_crash_error_names_signal_and_log(settings, tmp_path):

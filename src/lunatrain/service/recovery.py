@@ -6,7 +6,7 @@ really the same process, is stopped. Then the facts decide, never a guess:
 - an adapter registered for the job (a registry entry carrying its job id, or its own `trained` event) means
   the job `succeeded` with that adapter, whatever happened afterwards; its gate is marked interrupted unless
   a gate outcome was recorded on the version. Such a job is never queued again, so one job never makes two
-  versions;
+  versions. An overwrite run still staged (its gate was to decide whether it takes the slot) is not kept;
 - otherwise a requested cancel ends it `cancelled`; `resume: true` puts it back in the queue (the engine
   continues from its last complete checkpoint); else it ends `failed` with code `interrupted`.
 """
@@ -31,6 +31,12 @@ GATE_INTERRUPTED = {
     "status": "interrupted",
     "passed": False,
     "reasons": ["the eval gate did not finish; run `lunatrain eval-gate --adapter NAME@VERSION`"],
+}
+
+GATE_NOT_KEPT = {
+    "status": "interrupted",
+    "passed": False,
+    "reasons": ["the eval gate did not finish, so the overwrite run was not kept: the slot serves what it held"],
 }
 
 
@@ -79,11 +85,12 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
     job = store.get(job_id)
     adapter = published_adapter(settings, store, job)
     if adapter is not None:
+        unjudged = settle_staged(settings, job.id)
         return store.set_status(
             job_id,
             "succeeded",
             adapter=adapter,
-            gate=recorded_gate(settings, job.id),
+            gate=GATE_NOT_KEPT if unjudged else recorded_gate(settings, job.id),
             message="the adapter was registered before the trainer stopped",
         )
     if cancel_requested:
@@ -117,6 +124,23 @@ def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str
     if isinstance(adapter, dict) and adapter.get("name") and adapter.get("version"):
         return {"name": str(adapter["name"]), "version": str(adapter["version"]), "path": str(adapter.get("path", ""))}
     return None
+
+
+def settle_staged(settings: Settings, job_id: str) -> bool:
+    """A staged overwrite run of this job (its gate was to decide whether it takes the slot) that the gate never
+    settled: the slot keeps what it held and the run's files go, as when a gate is skipped
+    (flow.train_and_gate); its entry stays in the history, replaced. True when it settled one now. (The gate
+    settles the run before it records its outcome, so a staged run has no recorded outcome to go by.)"""
+    entry = _registered(settings, job_id)
+    if not entry or not entry.get("staged"):
+        return False
+    try:
+        registry.settle_slot(settings, entry["name"], int(entry["revision"]), keep=False)
+    except LunaError as err:  # the registry cannot be written now: the run stays staged, never served
+        log.warning("could not settle the staged run of %s: %s", job_id, err.message)
+        return False
+    log.warning("job %s: its gate did not finish; the overwrite run was not kept", job_id)
+    return True
 
 
 def recorded_gate(settings: Settings, job_id: str) -> dict[str, Any]:
