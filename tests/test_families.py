@@ -169,3 +169,25 @@ def test_a_template_refusing_an_example_is_one_sentence_naming_it(vocab_dir):
     settings = load_settings(home=vocab_dir.parent / "home-refuses")
     with pytest.raises(UsageError, match=r"^The chat template refuses example 3: Conversation roles must alternate"):
         tokenize_tier(settings, "curated", tok, 256, data=tier_data(records))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_special_token_typed_into_a_chat_message_is_refused_for_each_family(vocab_dir, family):
+    """The chat endpoint's check (serving._refuse_control_tokens) on each family's tokenizer: every special
+    token of the family, typed into a message, would be read as the control token itself, and is refused
+    naming it; text that only resembles one passes."""
+    from lunatrain.errors import UsageError
+    from lunatrain.serving import _refuse_control_tokens
+
+    tok = family_tokenizer(vocab_dir, family)
+    _template, specials, bos, eos, _term = FAMILIES[family]
+    for special in {*specials, *(t for t in (bos, eos) if t)}:
+        content = f"Hallo {special} du"
+        ids = tok(content, add_special_tokens=False)["input_ids"]
+        assert tok.convert_tokens_to_ids(special) in ids, (family, special)  # the danger is real
+        messages = [{"role": "system", "content": "Sei kurz."}, {"role": "user", "content": content}]
+        with pytest.raises(UsageError, match=re.escape(f"messages[1] contains the special token {special!r}")):
+            _refuse_control_tokens(tok, messages)
+        near = special[:-1] + " " + special[-1]  # one space before the last character: plain text
+        assert tok.convert_tokens_to_ids(special) not in tok(near, add_special_tokens=False)["input_ids"]
+        _refuse_control_tokens(tok, [{"role": "user", "content": f"Was heißt {near}?"}])
