@@ -285,6 +285,39 @@ def test_flag_values_are_refused_with_their_own_names(
     assert snapshot(seeded.home) == before
 
 
+# --- data that is not there, for every command that reads it ------------------------------------------------
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["no export", "empty export"])
+def test_missing_training_data_is_the_same_failure_for_prepare_and_lora(settings: Settings, exported: bool) -> None:
+    """No export, or an export without training samples: the command line is right, the data is not there, so
+    `prepare` and `lora --local` exit 1 with the same sentence (SPEC: 1 a data check failed, 2 usage), and
+    neither writes an adapter or a job."""
+    if exported:
+        assert run("export").exit_code == 0
+    says = "has no training samples" if exported else "No export found"
+    kept = ("/reports/", "/data/models/", "/data/cache/")  # prepare's report, and the caches of the base model
+
+    def files() -> set[str]:
+        return {p for p in snapshot(settings.home) if not any(k in p for k in kept)}
+
+    before = files()
+    for args in (("prepare", "--min-curated", "0"), ("lora", "--local", "--min-curated", "0")):
+        r = run(*args)
+        if args[0] == "prepare" and exported:  # prepare reports its checks, then one sentence on stderr
+            assert r.exit_code == 1 and "empty_train" in r.output, r.output
+            continue
+        assert says in one_sentence(r, 1), args
+    assert files() == before
+
+
+def test_a_usage_error_beside_missing_data_is_exit_2_naming_both(settings: Settings) -> None:
+    """The caller's mistake decides the exit code when the data is missing as well, and one sentence names both
+    problems, so that one run shows everything to fix."""
+    line = one_sentence(run("lora", "--local", "--min-curated", "0", "--device", "cuda"), 2)
+    assert "CUDA" in line and "No export found" in line, line
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
 from .distributed import World
-from .errors import LunaError, UsageError
+from .errors import CheckFailed, LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded
@@ -246,31 +246,44 @@ def conclude(
 
 
 def prepare(params: LoraParams, settings: Settings, world: World = distributed.SINGLE) -> Run:
-    """Check every input, collecting all problems into one UsageError; then load model and data.
+    """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
     from .export import read_tier
     from .models import resolve_base, resolve_device
 
-    problems: list[str] = []
+    problems: list[LunaError] = []
 
     def check(fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except LunaError as err:
-            problems.append(err.message)
+            problems.append(err)
             return None
 
     check(lambda: check_name(params.adapter_name, "adapter name"))
     device = check(lambda: resolve_device(params.device))
     data = check(lambda: read_tier(settings, params.dataset_tier))
     if data is not None and not data.train:
-        problems.append(f"The {params.dataset_tier} tier has no training samples; add examples and export again.")
+        problems.append(
+            CheckFailed(f"The {params.dataset_tier} tier has no training samples; add examples and export again.")
+        )
     if problems:  # cheap checks first: a bad request never builds or loads a model
-        raise UsageError(" ".join(problems))
+        raise one_error(problems)
     base = check(lambda: resolve_base(params.base_model, settings))
     if problems:
-        raise UsageError(" ".join(problems))
+        raise one_error(problems)
     return _load(params, settings, base, device, data, world)
+
+
+def one_error(problems: list[LunaError]) -> LunaError:
+    """Every problem in one sentence, with the exit code and HTTP status `lunatrain prepare` gives the same
+    problem: a single one as it is (its code and parameters too); several as the caller's mistake when one of
+    them is (exit 2, 422: fix the command first), else as the first one's kind (no export: 1, a damaged file:
+    503)."""
+    if len(problems) == 1:
+        return problems[0]
+    kind = UsageError if any(isinstance(p, UsageError) for p in problems) else type(problems[0])
+    return kind(" ".join(p.message for p in problems))
 
 
 def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any, world: World) -> Run:
