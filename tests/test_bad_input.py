@@ -318,6 +318,60 @@ def test_a_usage_error_beside_missing_data_is_exit_2_naming_both(settings: Setti
     assert "CUDA" in line and "No export found" in line, line
 
 
+# --- patterns said in words ---------------------------------------------------------------------------------
+
+
+def _patterns(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["pattern"]} if isinstance(node.get("pattern"), str) else set()
+        return found.union(*(_patterns(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_patterns(v) for v in node))
+    return set()
+
+
+def test_every_pattern_of_the_api_and_the_trainer_has_its_rule_in_words(settings: Settings) -> None:
+    """A refusal names the rule, never the regular expression: each pattern in the API's and the trainer's
+    OpenAPI documents (fields, path and query parameters) is registered with words (errors.pattern)."""
+    from lunatrain.errors import PATTERN_RULES
+    from lunatrain.service.app import create_app as trainer_app
+
+    found = _patterns(create_app(settings).openapi()) | _patterns(trainer_app(settings).openapi())
+    assert len(found) >= 6, found  # names, versions, job and request ids, template names, modules, refs
+    assert found - PATTERN_RULES.keys() == set()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "says"),
+    [
+        ("post", f"{T}/lora/start", {"adapterName": "../x"}, "adapterName: should be letters, digits, '.', '_' or"),
+        ("post", f"{T}/lora/start", {"requestId": "a b"}, "requestId: should be 1-128 letters, digits"),
+        ("post", f"{T}/lora/start", {"targetModules": ["q proj"]}, "should be module names of 1-64 letters"),
+        ("post", f"{T}/lora/start", {"chatTemplate": "../t"}, "chatTemplate: should be a template name"),
+        ("post", f"{T}/adapters/a..b/activate", None, "name: should be letters, digits"),
+        ("get", f"{T}/lora/jobs/-x", None, "should be a job id"),
+        ("get", f"{T}/lora/defaults?profile=a..b", None, "profile: should be letters, digits"),
+        ("post", f"{T}/eval-gate", {"adapter": "a@@b"}, "adapter: should be an adapter name, optionally with @"),
+    ],
+)
+def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
+    settings: Settings, method: str, path: str, body: dict | None, says: str
+) -> None:
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1:5050")
+    r = client.request(method.upper(), path, json=body)
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["code"] == "invalid_request", r.text
+    assert says in error["message"], error["message"]
+    assert "pattern" not in error["message"] and "[A-Za-z" not in r.text, r.text  # details too: no regex
+
+
+def test_the_command_line_says_a_pattern_in_words(seeded: Settings) -> None:
+    before = snapshot(seeded.home)
+    line = one_sentence(run("lora", "--local", "--adapter-name", "../x"), 2)
+    assert "adapterName: should be letters, digits, '.', '_' or '-'" in line and "[A-Za-z" not in line, line
+    assert snapshot(seeded.home) == before
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

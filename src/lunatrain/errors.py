@@ -1,10 +1,33 @@
 """Errors that every entry point (CLI, HTTP, trainer) turns into one clear sentence.
 
 `UsageError` is the caller's mistake (CLI exit 2, HTTP 4xx); `CheckFailed` is a gate or data check that
-did not pass (CLI exit 1); `NotFound` and `Conflict` map to 404 and 409 over HTTP.
+did not pass (CLI exit 1); `NotFound` and `Conflict` map to 404 and 409 over HTTP. `field_message` says a
+validation error of pydantic or FastAPI in words, a pattern as the rule registered for it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# What each pattern a field or parameter must match means, in words (registered with `pattern()` where the
+# pattern is defined): a refusal names the rule, never the regular expression.
+PATTERN_RULES: dict[str, str] = {}
+
+
+def pattern(regex: str, rule: str) -> str:
+    """Register `rule` as the words for `regex`; returns `regex`, for pydantic's and FastAPI's `pattern=`."""
+    PATTERN_RULES[regex] = rule
+    return regex
+
+
+def field_message(error: Mapping[str, Any]) -> str:
+    """pydantic's message for one validation error, with a pattern said as its rule."""
+    if error.get("type") == "string_pattern_mismatch":
+        rule = PATTERN_RULES.get(str((error.get("ctx") or {}).get("pattern")))
+        if rule:
+            return rule
+    return str(error.get("msg", ""))
 
 
 class LunaError(Exception):

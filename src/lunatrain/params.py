@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import UsageError
+from .errors import UsageError, field_message, pattern
 from .settings import NAME_MAX, NAME_PATTERN
 from .templates import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
@@ -25,7 +25,9 @@ Switch = Literal["auto", "true", "false"]
 Quantize = Literal["none", "4bit", "8bit"]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_MAX)]  # settings.check_name's rule
 # Base model: a hub id (`org/name`), `luna-tiny`, or a local directory. Checked again when loading.
-BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\x00\n\r]+$")]
+ONE_LINE = pattern(r"^[^\x00\n\r]+$", "should be one line, without NUL characters")
+BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=ONE_LINE)]
+MODULE_NAME = pattern(r"^[A-Za-z0-9_.]{1,64}$", "should be module names of 1-64 letters, digits, '_' or '.'")
 
 
 class CamelModel(BaseModel):
@@ -58,7 +60,7 @@ class LoraParams(CamelModel):
     rank: int = Field(default=16, ge=1, le=1024)
     alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="None: 2 x rank")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | Literal["all-linear"] = "all-linear"
+    target_modules: list[Annotated[str, Field(pattern=MODULE_NAME)]] | Literal["all-linear"] = "all-linear"
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -165,6 +167,6 @@ def format_validation_error(exc: ValidationError, what: str = "parameters", unkn
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "body"
         loc = to_camel(loc) if "_" in loc else loc
-        msg = unknown if err["type"] == "extra_forbidden" else err["msg"]
+        msg = unknown if err["type"] == "extra_forbidden" else field_message(err)
         parts.append(f"{loc}: {msg}")
     return f"Invalid {what}: " + "; ".join(parts) + "."

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import UsageError
+from .errors import UsageError, pattern
 
 # Adapter, profile, version and model names: no separators, no leading dot, never `..`, at most NAME_MAX
 # characters. The one rule for every entry point: pydantic fields and FastAPI path parameters use
@@ -22,7 +22,10 @@ from .errors import UsageError
 # allowed character or end the name; written without lookarounds so that pydantic's Rust regex engine and
 # OpenAPI clients read the same pattern.
 NAME_MAX = 64
-NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+NAME_PATTERN = pattern(
+    r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$",
+    "should be letters, digits, '.', '_' or '-', starting with a letter or digit and without '..'",
+)
 _NAME_RE = re.compile(NAME_PATTERN)
 
 

@@ -29,10 +29,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, pattern
 
 # Bundled and stored template names: no path separators, so a name can never reach outside its folder.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"
+NAME_PATTERN = pattern(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$",
+    "should be a template name: 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
 NAME_RE = re.compile(NAME_PATTERN)
 # Marker-like strings in a template's source that must be single tokens: <|im_start|>, <start_of_turn> …
 _MARKER = re.compile(r"<\|[A-Za-z0-9_.-]{1,40}\|>|<(?:start|end)_of_turn>")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from ..errors import pattern
 from ..formats import MAX_CONVERSATION_ID_LEN, MAX_TAG_LEN, MAX_TAGS, MAX_TEXT_LEN, MAX_TURNS, RATING_MAX, RATING_MIN
 from ..params import FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
@@ -22,6 +23,11 @@ from ..settings import NAME_MAX, NAME_PATTERN
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
 VERSION_PATTERN = NAME_PATTERN
+# NAME or NAME@VERSION, as `eval-gate --adapter` takes it (registry.parse_ref checks the names themselves).
+ADAPTER_REF = pattern(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
+    "should be an adapter name, optionally with @VERSION (e.g. luna-adapter@v3)",
+)
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LEN)]
 ShortText = Annotated[str, Field(max_length=MAX_CONVERSATION_ID_LEN)]
 Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN)]
@@ -200,9 +206,7 @@ class PrepareRequest(In):
 
 
 class EvalGateRequest(In):
-    adapter: (
-        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")] | None
-    ) = None
+    adapter: Annotated[str, Field(pattern=ADAPTER_REF)] | None = None
 
 
 class Report(Out):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, NotFound, pattern
 from ..fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from ..params import FlowOptions, LoraParams
 from ..wire import finite, now_iso
@@ -28,11 +28,17 @@ Status = Literal["validating", "queued", "running", "cancelling", "succeeded", "
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"validating", "queued", "running", "cancelling"})
 # Idempotency keys: what a client may send as `requestId` (no spaces, no path characters, bounded).
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+REQUEST_ID_PATTERN = pattern(
+    r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+    "should be 1-128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
+)
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN, description="client key for idempotent retries")]
 JOB_ID_PREFIX = "ftjob-"
 # What a job id may look like in a URL or a query (ours are `ftjob-` + 24 hex digits).
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+JOB_ID_PATTERN = pattern(
+    r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+    "should be a job id: 1-64 letters, digits, '_' or '-', starting with a letter or digit (e.g. ftjob-…)",
+)
 
 
 class WireModel(BaseModel):

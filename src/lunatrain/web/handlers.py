@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ..errors import LunaError
+from ..errors import LunaError, field_message
 
 log = logging.getLogger("lunatrain.api")
 
@@ -55,7 +55,7 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # Only loc/msg/type: the raw input may be bytes or huge, and echoing it back helps nobody.
     details = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": field_message(e), "type": str(e.get("type", ""))}
         for e in exc.errors()
     ]
     summary = "; ".join(f"{'.'.join(d['loc'][1:] or d['loc'])}: {d['msg']}" for d in details[:5])

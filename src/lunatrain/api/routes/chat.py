@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import evalsuite, serving
-from ...errors import LunaError, UsageError
+from ...errors import LunaError, UsageError, field_message
 from ...formats import NOT_UNICODE, is_unicode
 from ...settings import Settings
 from ..deps import SettingsDep, errors
@@ -194,7 +194,7 @@ def _from_validation(exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     where = ".".join(loc)
-    message = f"Invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed body')}."
+    message = f"Invalid request: {where + ': ' if where else ''}{field_message(first) or 'malformed body'}."
     return openai_error(400, message, param=loc[0] if loc else None, code="invalid_request")
 
 

@@ -18,7 +18,7 @@ from ...params import FlowOptions, LoraParams
 from ...service import client as trainer_client
 from ...service import ensure
 from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, Status
-from ...settings import Settings
+from ...settings import NAME_MAX, NAME_PATTERN, Settings
 from ..cache import json_response, rendered
 from ..deps import Fresh, JobId, ReadsDep, SettingsDep, check_base_model, errors
 from ..schemas import (
@@ -124,7 +124,7 @@ async def status(
 
 @router.get("/defaults", response_model=Defaults, responses=errors(404))
 async def defaults(
-    settings: SettingsDep, profile: Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = "luna"
+    settings: SettingsDep, profile: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX)] = "luna"
 ) -> Defaults:
     """A profile's resolved parameters (wire form), for pre-filling a start form."""
     prof = await run_in_threadpool(profiles.load_profile, settings, profile)
