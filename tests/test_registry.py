@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,71 @@ def test_a_registry_with_one_active_alias_is_migrated_on_the_next_write(settings
         fp: {"version": "v1", "baseModel": "luna-tiny"},
     }
     assert saved["aliases"]["active"] == "v1"  # the deprecated mirror: the latest activation still standing
+
+
+def _overwrite_run(home: str, tag: str, *, stage: bool) -> dict:
+    settings = load_settings(home=Path(home))
+    work = settings.adapters_dir / "ow" / ".work" / tag
+    work.mkdir(parents=True)
+    (work / "adapter_model.safetensors").write_text(tag)
+    return registry.publish(settings, "ow", "overwrite", work, _entry("f" * 64), stage=stage)
+
+
+def _stage_and_stop(home: str, tag: str) -> None:
+    """A `lora --local` run killed while its gate judged: staged, then the process is gone."""
+    _overwrite_run(home, tag, stage=True)
+
+
+def _stage_in_a_process_that_stops(settings, tag: str) -> dict:
+    child = mp.get_context("spawn").Process(target=_stage_and_stop, args=(str(settings.home), tag))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    return next(
+        e
+        for e in registry.load(settings)["adapters"]["ow"]["versions"]
+        if e.get("stagedBy", {}).get("pid") == child.pid
+    )
+
+
+def test_a_staged_run_whose_process_stopped_is_settled_not_kept_by_repair_and_by_the_next_run(settings):
+    """Killed mid-gate outside the trainer, an overwrite run would stay staged forever (never served, never
+    removed). `adapters repair` and the next run of the same adapter settle it as an unjudged run: the slot keeps
+    what it held, the run's files go, the entry stays, replaced. A run whose process still runs, or that was
+    staged on another host, is left alone."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    slot = settings.adapters_dir / "ow" / "current"
+    home = str(settings.home)
+    _overwrite_run(home, "r1", stage=False)
+    live = _overwrite_run(home, "r2", stage=True)  # this process judges it: it runs
+    assert live["stagedBy"]["pid"] == os.getpid()
+    orphan = _stage_in_a_process_that_stops(settings, "r3")
+    assert orphan["revision"] == 3 and (settings.home / orphan["staged"]).is_dir()
+
+    out = CliRunner().invoke(app, ["adapters", "repair"])
+    assert (
+        out.exit_code == 0 and "Settled ow@current revision 3: its process stopped before the eval gate" in out.output
+    )
+    third = registry.get_revision(settings, "ow", 3)
+    assert third["replaced"] is True and "staged" not in third and "stagedBy" not in third
+    assert not (settings.home / orphan["staged"]).exists()
+    assert (slot / "adapter_model.safetensors").read_text() == "r1"
+    assert registry.get_revision(settings, "ow", 2)["staged"] == live["staged"]  # alive: untouched
+    assert registry.repair(settings)["settled"] == []  # settling twice changes nothing
+
+    elsewhere = _stage_in_a_process_that_stops(settings, "r4")
+    data = json.loads(registry.registry_path(settings).read_text())
+    for entry in data["adapters"]["ow"]["versions"]:
+        if entry.get("revision") == elsewhere["revision"]:
+            entry["stagedBy"]["host"] = "another-host"  # its process may run there: unsure, so left alone
+    registry.registry_path(settings).write_text(json.dumps(data))
+    gone = _stage_in_a_process_that_stops(settings, "r5")
+
+    _overwrite_run(home, "r6", stage=False)  # the next run of the adapter settles what it can be sure of
+    assert registry.get_revision(settings, "ow", gone["revision"])["replaced"] is True
+    assert not (settings.home / gone["staged"]).exists()
+    assert registry.get_revision(settings, "ow", elsewhere["revision"])["staged"] == elsewhere["staged"]
+    assert (slot / "adapter_model.safetensors").read_text() == "r6"

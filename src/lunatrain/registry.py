@@ -21,7 +21,9 @@ reused and its training facts never change; only annotations (`gate`, `merged`, 
 added later. Strategy `overwrite` keeps one slot named `current`; each run is still appended (with a
 `revision` number) and older ones are marked `replaced`, so the history stays complete. A run that the
 eval gate will judge is first `staged` (its files beside the slot, the entry not yet what `current`
-names): the slot takes it only when the gate passes, and a failing one never reaches what is served.
+names): the slot takes it only when the gate passes, and a failing one never reaches what is served. A
+staged run records its process (`stagedBy`); one whose process stopped before the gate decided is settled
+as not kept by the next publish to that adapter or by `lunatrain adapters repair` (a job's, by the trainer).
 
 Every read-modify-write holds one file lock and replaces the file atomically, so concurrent jobs never
 lose an entry and a crash never leaves a torn file. Version numbers are allocated and the adapter directory
@@ -39,6 +41,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -223,6 +226,8 @@ def publish(
         staged = root / ".slots" / f"{SLOT}-{uuid.uuid4().hex[:12]}" if strategy == "overwrite" and stage else None
         if staged is not None:
             entry["staged"] = str(Path("data", "adapters", name, ".slots", staged.name))
+            entry["stagedBy"] = _this_process()
+        _settle_orphans(settings, adapter)  # a staged run whose process stopped before its gate decided
         if before_move:
             before_move(entry)
         target = inside(settings.home, entry["path"])
@@ -263,6 +268,7 @@ def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> 
         if entry is None:
             raise NotFound(f"Adapter {name}@{SLOT} has no revision {revision}.")
         staged = entry.pop("staged", None)
+        entry.pop("stagedBy", None)
         if staged is None:
             return entry
         if keep:
@@ -273,6 +279,44 @@ def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> 
             entry["replaced"] = True
         _save(settings, data)
     return entry
+
+
+def _this_process() -> dict[str, Any]:
+    """Who will settle a staged run: this process (a pid alone may be reused, so its start time too), on this
+    host (a data root on a shared disk may be written from several)."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _gone(owner: Any) -> bool:
+    """True only when `owner` ran on this host and that process no longer runs; unsure means False."""
+    import psutil
+
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(int(owner["pid"]))
+        return abs(proc.create_time() - float(owner["started"])) > 0.5 or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def _settle_orphans(settings: Settings, adapter: dict[str, Any]) -> list[dict[str, Any]]:
+    """Settle each staged run of `adapter` whose process stopped before its gate decided (a `lunatrain lora
+    --local` killed mid-gate), as an unjudged run is settled: the slot keeps what it held, the run's files go,
+    its entry stays in the history, replaced. A job's run is left to the trainer's recovery, which also records
+    the job's gate. Call under the lock; the caller saves. Returns the entries settled."""
+    settled = []
+    for entry in adapter["versions"]:
+        if entry.get("staged") and not entry.get("jobId") and _gone(entry.get("stagedBy")):
+            shutil.rmtree(inside(settings.home, entry.pop("staged")), ignore_errors=True)
+            entry.pop("stagedBy", None)
+            entry["replaced"] = True
+            settled.append(entry)
+    return settled
 
 
 def _replace_older(adapter: dict[str, Any], newest: dict[str, Any] | None = None) -> None:
@@ -749,8 +793,9 @@ def mark_stale(
 
 def repair(settings: Settings) -> dict[str, Any]:
     """Rebuild lora-adapters.json from the version folders when it cannot be read (see module docstring).
-    Returns {"repaired": bool, "damagedFile": path or None, "versions": n, "adapters": [...]}; a readable
-    registry is left as it is."""
+    Returns {"repaired": bool, "damagedFile": path or None, "versions": n, "adapters": [...], "settled": [...]};
+    in a readable registry only the staged runs whose process stopped before its gate decided are settled
+    (`settled` names them), as the next run of the same adapter would."""
     path = registry_path(settings)
     with _lock(settings):
         try:
@@ -758,8 +803,21 @@ def repair(settings: Settings) -> dict[str, Any]:
         except RegistryUnreadable:
             data = None
         if data is not None:
+            settled = [
+                f"{e['name']}@{SLOT} revision {e['revision']}"
+                for a in data["adapters"].values()
+                for e in _settle_orphans(settings, a)
+            ]
+            if settled:
+                _save(settings, data)
             count = sum(len(a["versions"]) for a in data["adapters"].values())
-            return {"repaired": False, "damagedFile": None, "versions": count, "adapters": sorted(data["adapters"])}
+            return {
+                "repaired": False,
+                "damagedFile": None,
+                "versions": count,
+                "adapters": sorted(data["adapters"]),
+                "settled": settled,
+            }
         rebuilt = rebuild(settings)
         aside = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
         with storage_guard(path):
@@ -769,7 +827,13 @@ def repair(settings: Settings) -> dict[str, Any]:
     with contextlib.suppress(LunaError):  # stale marks come from the store's tombstones, when it can be read
         refresh_stale(settings)
     count = sum(len(a["versions"]) for a in rebuilt["adapters"].values())
-    return {"repaired": True, "damagedFile": str(aside), "versions": count, "adapters": sorted(rebuilt["adapters"])}
+    return {
+        "repaired": True,
+        "damagedFile": str(aside),
+        "versions": count,
+        "adapters": sorted(rebuilt["adapters"]),
+        "settled": [],
+    }
 
 
 def rebuild(settings: Settings) -> dict[str, Any]:

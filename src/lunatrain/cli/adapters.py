@@ -184,13 +184,16 @@ def diff_cmd(
 @adapters_app.command("repair")
 def repair_cmd() -> None:
     """Rebuild an unreadable registry from the adapter folders' training reports (the damaged file is kept
-    beside it as lora-adapters.json.damaged-<time>)."""
+    beside it as lora-adapters.json.damaged-<time>); settle overwrite runs left staged by a stopped process."""
     try:
         result = registry.repair(load_settings())
     except LunaError as err:
         raise fail(err) from None
+    for run in result["settled"]:
+        typer.echo(f"Settled {run}: its process stopped before the eval gate decided, so the slot kept its own.")
     if not result["repaired"]:
-        typer.echo(f"The registry is readable ({result['versions']} versions); nothing to repair.")
+        if not result["settled"]:
+            typer.echo(f"The registry is readable ({result['versions']} versions); nothing to repair.")
         return
     typer.echo(
         f"Rebuilt the registry with {result['versions']} versions of {len(result['adapters'])} adapters; "
