@@ -285,6 +285,45 @@ def test_flag_values_are_refused_with_their_own_names(
     assert snapshot(seeded.home) == before
 
 
+# --- text a user wrote, on a terminal -----------------------------------------------------------------------
+
+
+def test_brackets_in_stored_text_show_as_written_on_a_terminal(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal the lists are rich tables, and rich reads `[...]` as markup: a stray `[/]` raised
+    MarkupError (a traceback) and `[b]fett[/b]` lost its brackets. Stored text shows as it was written."""
+    from lunatrain.cli import examples as examples_cli
+
+    monkeypatch.setattr(examples_cli, "is_tty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "200")  # no folding inside a cell
+    assert run("examples", "add", "--prompt", "Was bedeutet [/] in Regex?", "--response", "[b]fett[/b]").exit_code == 0
+    assert run("memory", "add", "--question", "Tag [/foo]?", "--answer", "[red]x[/red]").exit_code == 0
+    listed = run("examples", "list")
+    assert listed.exit_code == 0 and listed.exception is None, listed.output
+    assert "Was bedeutet [/] in Regex?" in listed.output and "[b]fett[/b]" in listed.output, listed.output
+    memory = run("memory", "list")
+    assert memory.exit_code == 0 and "Tag [/foo]?" in memory.output and "[red]x[/red]" in memory.output, memory.output
+
+
+def test_a_path_named_like_markup_shows_as_written_in_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunatrain.cli import status as status_cli
+
+    home = tmp_path / "[bold]luna"  # rich would print it bold, without the brackets
+    home.mkdir()
+    monkeypatch.setenv("ASSISTANT_HOME", str(home))
+    monkeypatch.chdir(home)
+    monkeypatch.setattr(status_cli, "is_tty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")  # nothing listens there
+    registry_file = load_settings().registry_file  # damaged: its problem sentence names its path
+    registry_file.parent.mkdir(parents=True)
+    registry_file.write_text("{")
+    r = run("status")
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert f"{home}/reports" in r.output.replace("\n", ""), r.output
+
+
 # --- data that is not there, for every command that reads it ------------------------------------------------
 
 

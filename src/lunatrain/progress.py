@@ -95,7 +95,7 @@ class ProgressDisplay:
 
     def _line(self, text: str) -> None:
         if self._progress is not None:
-            self._progress.console.print(text)
+            self._progress.console.print(text, markup=False, highlight=False)  # messages may quote user text
         else:
             print(text, file=self.stream, flush=True)
 

@@ -37,6 +37,14 @@ def is_tty() -> bool:
     return sys.stdout.isatty()
 
 
+def as_written(value: object) -> str:
+    """`value` for a rich table cell or markup line: text a user wrote ("[/]", "[b]bold[/b]") shows as written,
+    never read as rich markup (a stray closing tag would raise MarkupError)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def print_report(report: Any, show: Callable[[Any], None], *, as_json: bool) -> None:
     """A stage report as JSON (`--json`) or as `show` draws it; then exit 1 if the report failed."""
     if as_json:

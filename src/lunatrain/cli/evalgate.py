@@ -11,7 +11,7 @@ from ..errors import LunaError
 from ..evalgate import GateReport, eval_gate
 from ..settings import load_settings
 from ..templates import cli_template
-from .app import app, fail, is_tty, print_report
+from .app import app, as_written, fail, is_tty, print_report
 
 
 @app.command("eval-gate")
@@ -93,7 +93,7 @@ def show(report: GateReport) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=title, title_justify="left")
+        table = Table(title=as_written(title), title_justify="left")
         for col in ("metric", "candidate", "base model", "baseline"):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for name, *vals in rows:
@@ -102,9 +102,9 @@ def show(report: GateReport) -> None:
         console.print(table)
         for c in failed:
             bad = ", ".join(k["type"] for k in c["checks"] if not k["passed"])
-            console.print(f"  [yellow]case {c['id']}[/] failed: {bad}", markup=True, highlight=False)
+            console.print(f"  [yellow]case {as_written(c['id'])}[/] failed: {bad}", highlight=False)
         for r in report.reasons:
-            console.print(f"  [bold red]{r}[/]", highlight=False)
+            console.print(f"  [bold red]{as_written(r)}[/]", highlight=False)
     else:
         typer.echo(title)
         typer.echo("metric\tcandidate\tbase\tbaseline")

@@ -12,7 +12,7 @@ import typer
 from .. import registry, store
 from ..errors import LunaError, UsageError
 from ..settings import load_settings
-from .app import app, fail, is_tty
+from .app import app, as_written, fail, is_tty
 
 examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
 memory_app = typer.Typer(help="Facts Luna remembers; exported as question/answer samples.", no_args_is_help=True)
@@ -47,7 +47,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         for col in columns:
             table.add_column(col, overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(as_written(cell) for cell in row))
         Console().print(table)
     else:
         for row in rows:

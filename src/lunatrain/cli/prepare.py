@@ -12,7 +12,7 @@ import typer
 from ..errors import LunaError
 from ..prepare import PrepareReport, prepare
 from ..settings import load_settings
-from .app import app, fail, is_tty, print_report
+from .app import app, as_written, fail, is_tty, print_report
 from .flow import resolve
 from .options import lora_options
 
@@ -87,13 +87,13 @@ def show(report: PrepareReport) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=title, title_justify="left")
+        table = Table(title=as_written(title), title_justify="left")
         for col in ("check", "severity", "count", "examples", "message"):
             table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
         for c in report.checks:
             shown = _shown(c.severity, c.code)
             sev = f"[{_STYLE[shown]}]{shown}[/]"
-            table.add_row(c.id, sev, str(c.count), ", ".join(c.examples), c.message)
+            table.add_row(c.id, sev, str(c.count), as_written(", ".join(c.examples)), as_written(c.message))
         Console().print(table)
     else:
         typer.echo(title)

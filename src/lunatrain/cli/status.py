@@ -10,7 +10,7 @@ import typer
 from ..errors import LunaError
 from ..settings import load_settings
 from ..status import STATUSES, training_status
-from .app import app, fail, is_tty
+from .app import app, as_written, fail, is_tty
 
 
 @app.command("status")
@@ -108,7 +108,7 @@ def show(s: dict[str, Any]) -> None:
         console = Console()
         console.print(table)
         for key, value in _facts(s):
-            console.print(f"[bold]{key}:[/] {value}", highlight=False)
+            console.print(f"[bold]{key}:[/] {as_written(value)}", highlight=False)
     else:
         typer.echo("source\t" + "\t".join((*STATUSES, "total")))
         for row in rows:
