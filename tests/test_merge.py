@@ -57,3 +57,27 @@ def test_merge_refuses_when_the_base_changed(settings):
     with pytest.raises(Conflict, match="changed"):
         merge_adapter(settings, "a@v1")
     assert not (settings.models_dir / "merged" / "a-v1").exists()
+
+
+@pytest.mark.parametrize("gone", ["adapter_model.safetensors", "adapter_config.json", "the folder"])
+def test_a_version_whose_files_are_gone_is_one_sentence_for_merge_and_the_gate(trained_home, settings, gone):
+    """Files deleted by hand (or a disk restored in part): `merge` and `eval-gate` name the version and the
+    missing file in one sentence, exit 1, instead of PEFT's traceback (a repo-id error, a missing config), and
+    merge writes nothing."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    folder = settings.adapters_dir / "luna-adapter" / "v1"
+    if gone == "the folder":
+        shutil.rmtree(folder)
+    else:
+        (folder / gone).unlink()
+    missing = "adapter_config.json, adapter_model.safetensors" if gone == "the folder" else gone
+    says = f"error: The files of luna-adapter@v1 are missing under data/adapters ({missing}); train it again."
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1 and r.output.strip().splitlines() == [says], (args, r.output)
+    assert not (settings.models_dir / "merged").exists()

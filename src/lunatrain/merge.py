@@ -56,13 +56,13 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             f"Base model {trained_on['id']!r} has changed since {name}@{entry['version']} was trained "
             "(fingerprints differ); retrain, or pass --force to merge anyway."
         )
+    adapter_dir = registry.loadable_dir(settings, entry)  # before anything is written
     label = check_name(f"{name}-{entry['version']}", "merged model name")
     merged_root = settings.models_dir / "merged"
     merged_root.mkdir(parents=True, exist_ok=True)
     target = merged_root / label
     tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=merged_root))
     try:
-        adapter_dir = registry.adapter_dir(settings, entry)
         model = load_model(base, settings, "cpu", torch.float32)
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -508,6 +508,23 @@ def adapter_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     return inside(settings.home, entry.get("staged") or entry["path"])
 
 
+# What PEFT needs to load an adapter folder (train.py saves the weights as safetensors).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
+    """`entry`'s folder for loading its weights (merge, the gate, serving); NotFound naming the version when a
+    file PEFT needs is gone (deleted by hand, a disk restored in part), instead of PEFT's own error."""
+    path = adapter_dir(settings, entry)
+    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+    if missing:
+        raise NotFound(
+            f"The files of {entry.get('name')}@{entry.get('version')} are missing under data/adapters "
+            f"({', '.join(missing)}); train it again."
+        )
+    return path
+
+
 def get_revision(settings: Settings, name: str, revision: int) -> dict[str, Any]:
     """One revision of NAME's overwrite slot, staged or not (the eval gate's candidate)."""
     adapter = list_adapters(settings).get(name)
