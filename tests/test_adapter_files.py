@@ -32,7 +32,13 @@ def publish(settings: Settings, name: str, files: dict[str, bytes]) -> str:
     work.mkdir(parents=True)
     for fname, data in files.items():
         (work / fname).write_bytes(data)
-    entry = registry.publish(settings, name, "versioned", work, {"metrics": {"valLoss": 1.0}})
+    entry = registry.publish(
+        settings,
+        name,
+        "versioned",
+        work,
+        {"metrics": {"valLoss": 1.0}, "baseModel": {"id": "luna-tiny", "fingerprint": "f" * 64}},
+    )
     return entry["version"]
 
 

@@ -24,6 +24,9 @@ from lunatrain.service.worker import error_code
 
 from hooks.faulthooks import fault_for
 
+# What every registry entry records (registry._entry_problem); the tests here publish minimal ones.
+BASE = {"baseModel": {"id": "luna-tiny", "fingerprint": "f" * 64}}
+
 
 @pytest.fixture
 def store(settings):
@@ -201,12 +204,12 @@ def test_recover_takes_the_registry_entry_with_the_job_id(store, settings):
     work = settings.adapters_dir / "reg" / ".work" / "w1"
     work.mkdir(parents=True)
     (work / "adapter_model.safetensors").write_bytes(b"x")
-    entry = registry.publish(settings, "reg", "versioned", work, {"jobId": job.id, "status": "succeeded"})
+    entry = registry.publish(settings, "reg", "versioned", work, {"jobId": job.id, "status": "succeeded"} | BASE)
     registry.record_gate(settings, "reg", entry["version"], {"status": "passed", "passed": True, "reasons": []})
     # Publishing again for the same job (a retried or resumed run) registers nothing new.
     work2 = settings.adapters_dir / "reg" / ".work" / "w2"
     work2.mkdir(parents=True)
-    again = registry.publish(settings, "reg", "versioned", work2, {"jobId": job.id, "status": "succeeded"})
+    again = registry.publish(settings, "reg", "versioned", work2, {"jobId": job.id, "status": "succeeded"} | BASE)
     assert again["version"] == entry["version"] and not work2.exists()
     assert [v["version"] for v in registry.load(settings)["adapters"]["reg"]["versions"]] == ["v1"]
     recover(settings, store)
@@ -226,10 +229,10 @@ def test_recover_does_not_keep_an_overwrite_run_whose_gate_never_finished(store,
         (work / "adapter_model.safetensors").write_bytes(tag.encode())
         return work
 
-    first = registry.publish(settings, "ow", "overwrite", run("r1"), {"status": "succeeded"})
+    first = registry.publish(settings, "ow", "overwrite", run("r1"), {"status": "succeeded"} | BASE)
     job = queued(store, LoraParams(adapter_name="ow", adapter_strategy="overwrite"))
     store.claim(job.id)
-    staged = registry.publish(settings, "ow", "overwrite", run("r2"), {"jobId": job.id}, stage=True)
+    staged = registry.publish(settings, "ow", "overwrite", run("r2"), {"jobId": job.id} | BASE, stage=True)
     assert staged["revision"] == 2 and (settings.home / staged["staged"]).is_dir()
 
     recover(settings, store)

@@ -28,6 +28,13 @@ DAMAGE = {
     "versions not a list": lambda text: json.dumps({"adapters": {"a": {"versions": {"v1": {}}}}}),
     "entry without version": lambda text: json.dumps({"adapters": {"a": {"versions": [{"path": "x"}]}}}),
     "path not a string": lambda text: json.dumps({"adapters": {"a": {"versions": [{"version": "v1", "path": 3}]}}}),
+    "base model not an object": lambda text: json.dumps(
+        {"adapters": {"a": {"versions": [{"version": "v1", "name": "a", "path": "x", "baseModel": 5}]}}}
+    ),
+    "entry without name or path": lambda text: json.dumps({"adapters": {"a": {"versions": [{"version": "v1"}]}}}),
+    "entry of another adapter": lambda text: json.dumps(
+        {"adapters": {"a": {"versions": [_entry("f" * 64, version="v1", name="b", path="x")]}}}
+    ),
     "a JSON list": lambda text: "[]",
     "another format": lambda text: json.dumps({"format": "other/9", "adapters": {}}),
 }
@@ -160,7 +167,10 @@ def test_deleting_an_example_works_with_a_damaged_registry_and_repair_marks_stal
     hashes = settings.adapters_dir / "a" / "v1" / "train-hashes.txt"
     hashes.write_text(example.hash + "\n")
     report = registry.adapter_dir(settings, registry.get_version(settings, "a", "v1")) / "training-report.json"
-    report.write_text(json.dumps({"status": "succeeded", "version": "v1", "jobId": "one", "params": {}}))
+    base = {"id": "luna-tiny", "fingerprint": "f" * 64}  # a training report always names its base model
+    report.write_text(
+        json.dumps({"status": "succeeded", "version": "v1", "jobId": "one", "params": {}, "baseModel": base})
+    )
     registry.registry_path(settings).write_text("{")
     r = CliRunner().invoke(app, ["examples", "delete", str(example.id)])
     assert r.exit_code == 0, r.output  # the delete is not refused because of the registry
@@ -168,3 +178,31 @@ def test_deleting_an_example_works_with_a_damaged_registry_and_repair_marks_stal
     assert registry.repair(settings)["versions"] == 1
     assert registry.get_version(settings, "a", "v1")["stale"]["hashes"] == [example.hash]
     store.dispose_stores()
+
+
+def test_an_entry_readers_cannot_use_is_a_damaged_registry_everywhere(settings):
+    """An entry without the facts every reader takes from it (here a base model that is a number) was read as
+    whole: `/v1/models` and chat answered 500, `adapters list`/`show`/`merge` ended in a traceback, and
+    `adapters repair` said there was nothing to repair. It is a damaged registry like any other."""
+    from lunatrain.api.main import create_app
+
+    path = registry.registry_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DAMAGE["base model not an object"](""))
+    runner = CliRunner()
+    for args in (["adapters", "list"], ["adapters", "show", "a@v1"], ["merge", "--adapter", "a@v1"]):
+        r = runner.invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and "lunatrain adapters repair" in lines[0], (args, r.output)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for res in (
+            client.get("/v1/models"),
+            client.post(
+                "/v1/chat/completions", json={"model": "a@v1", "messages": [{"role": "user", "content": "Hi"}]}
+            ),
+        ):
+            assert res.status_code == 503, res.text
+            assert "adapters repair" in res.json()["error"]["message"] and res.json()["error"]["type"], res.text
+    r = runner.invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0 and "Rebuilt the registry with 0 versions" in r.output, r.output
+    assert registry.list_adapters(settings) == {}

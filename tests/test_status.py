@@ -75,6 +75,7 @@ def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settin
                         {
                             "name": "luna-adapter",
                             "version": "v1",
+                            "path": "data/adapters/luna-adapter/v1",
                             "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
                             "datasetTier": "curated",
                             "gate": {"passed": True, "reasons": []},
@@ -82,6 +83,7 @@ def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settin
                         {
                             "name": "luna-adapter",
                             "version": "v2",
+                            "path": "data/adapters/luna-adapter/v2",
                             "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
                             "gate": {"passed": False, "reasons": ["val loss regresses"]},
                         },
@@ -90,7 +92,14 @@ def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settin
                     "activations": [],
                 },
                 "other": {
-                    "versions": [{"name": "other", "version": "v1", "baseModel": {"id": "org/x", "fingerprint": "f2"}}],
+                    "versions": [
+                        {
+                            "name": "other",
+                            "version": "v1",
+                            "path": "data/adapters/other/v1",
+                            "baseModel": {"id": "org/x", "fingerprint": "f2"},
+                        }
+                    ],
                     "aliases": {"latest": "v1"},
                     "activations": [],
                 },

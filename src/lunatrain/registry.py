@@ -118,10 +118,24 @@ def shape_problem(data: Any) -> str | None:
         for i, entry in enumerate(adapter["versions"]):
             if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
                 return f"entry {i + 1} of adapter {name!r} has no version name"
-            if not isinstance(entry.get("path", ""), str):
-                return f"{name}@{entry['version']} has a path that is not a string"
+            problem = _entry_problem(name, entry)
+            if problem:
+                return f"{name}@{entry['version']} {problem}"
         if not isinstance(adapter.get("aliases", {}), dict) or not isinstance(adapter.get("activations", []), list):
             return f"the aliases or activations of adapter {name!r} have the wrong type"
+    return None
+
+
+def _entry_problem(name: str, entry: dict[str, Any]) -> str | None:
+    """What every reader takes from an entry without checking: its name, the folder of its files and the base
+    model it was trained on (id and fingerprint)."""
+    if entry.get("name") != name:
+        return f"names another adapter ({entry.get('name')!r})"
+    if not isinstance(entry.get("path"), str) or not entry["path"]:
+        return "has no path"
+    base = entry.get("baseModel")
+    if not (isinstance(base, dict) and isinstance(base.get("id"), str) and isinstance(base.get("fingerprint"), str)):
+        return "has no base model (id and fingerprint)"
     return None
 
 
@@ -870,7 +884,9 @@ def rebuild(settings: Settings) -> dict[str, Any]:
             continue  # a folder whose report is unreadable cannot be described; it stays on disk
         if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
             continue
-        _adapter(data, name)["versions"].append(_entry_from_report(name, folder, report))
+        entry = _entry_from_report(name, folder, report)
+        if _entry_problem(name, entry) is None:  # a report that cannot say what it was trained on stays on disk
+            _adapter(data, name)["versions"].append(entry)
     for adapter in data["adapters"].values():
         adapter["versions"].sort(
             key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or "")
