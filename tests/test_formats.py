@@ -214,3 +214,110 @@ def test_hash_separates_fields() -> None:
     assert content_hash("s", (), "p", "r") != content_hash(None, (), "p", "r")
     assert content_hash(None, (("user", "x"),), "p", "r") != content_hash(None, (("assistant", "x"),), "p", "r")
     assert ExampleDraft("p", "r").hash == content_hash(None, (), "p", "r")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "messages": [
+                {"role": "system", "content": ""},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hallo"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": " \n"},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hallo"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": ""},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hallo"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hallo"}], "system": ""},
+    ],
+)
+def test_empty_system_turn_means_no_system_prompt(tmp_path: Path, record: dict) -> None:
+    # Chat exports often carry an empty system turn; the flat shapes already read "system": "" as none.
+    (draft,) = read_file(_jsonl(tmp_path / "chat.jsonl", [record])).drafts
+    (flat,) = read_file(_jsonl(tmp_path / "flat.jsonl", [{"prompt": "Hi", "response": "Hallo", "system": ""}])).drafts
+    assert (draft.system, draft.prompt, draft.response) == (None, "Hi", "Hallo")
+    assert draft.hash == flat.hash
+
+
+def test_empty_user_or_assistant_turn_is_still_refused(tmp_path: Path) -> None:
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": ""},
+                {"role": "user", "content": ""},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]},
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "empty.jsonl", records))
+    assert info.value.details == [
+        "empty.jsonl line 1: field 'messages[1].content': is empty",
+        "empty.jsonl line 2: field 'conversations[1].value': is empty",
+    ]
+
+
+def test_turn_errors_name_the_index_in_the_records_own_list(tmp_path: Path) -> None:
+    system = {"role": "system", "content": "Sei Luna."}
+    records = [
+        {"messages": [system, {"role": "user", "content": "Hi"}, system, {"role": "assistant", "content": "a"}]},
+        {"messages": [system, {"role": "assistant", "content": "a"}]},
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "turns.jsonl", records))
+    assert info.value.details == [
+        "turns.jsonl line 1: field 'messages[2]': a system message is only allowed first",
+        "turns.jsonl line 2: field 'messages[1]': the last assistant turn must follow a user turn",
+    ]
+    # A record-level ShareGPT system prompt is used when the list has none, and the list's own one wins.
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hallo"}]
+    own = [{"from": "system", "value": "Eigener."}, *conv]
+    a, b = read_file(
+        _jsonl(
+            tmp_path / "sg.jsonl", [{"conversations": conv, "system": "Top."}, {"conversations": own, "system": "Top."}]
+        )
+    ).drafts
+    assert (a.system, b.system) == ("Top.", "Eigener.")
+
+
+@pytest.mark.parametrize(
+    ("lines", "bad_line"),
+    [
+        # header, five rows, then the oversized cell on line 7
+        (["prompt,response", *(f"p{i},r{i}" for i in range(5)), "{big},ok"], 7),
+        # a quoted cell over three lines before it: lines are file lines, not records
+        (["prompt,response", '"eins\nzwei\ndrei",r', *(f"p{i},r{i}" for i in range(3)), "{big},ok"], 8),
+        (["{big},response", "p,r"], 1),
+    ],
+)
+def test_csv_cell_over_the_field_limit_names_its_line(tmp_path: Path, lines: list[str], bad_line: int) -> None:
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(lines).replace("{big}", "x" * 140_000) + "\n", encoding="utf-8")
+    with pytest.raises(UsageError) as info:
+        read_file(path)
+    assert info.value.details == [f"big.csv line {bad_line}: unreadable CSV (field larger than field limit (131072))"]
+
+
+def test_csv_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "blank.csv"
+    path.write_text("\n  \nprompt,response\nHi2,Hallo2\n\nHi3,Hallo3\n", encoding="utf-8")
+    assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("Hi2", "Hallo2"), ("Hi3", "Hallo3")]
+    path.write_text("\nprompt,response\nhello,\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"line 3: field 'response': missing"):
+        read_file(path)
+    path.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="the file is empty"):
+        read_file(path)

@@ -259,21 +259,25 @@ def detect_format(record: Mapping[str, Any]) -> str:
     )
 
 
-def _from_turns(turns: list[tuple[str, str]], list_field: str, common: dict[str, Any]) -> ExampleDraft:
-    """Split a conversation into system, prior turns, prompt and response."""
-    system = None
-    if turns and turns[0][0] == "system":
-        system = turns.pop(0)[1]
-    for i, (role, _) in enumerate(turns):
-        if role == "system":
+def _from_turns(
+    turns: list[tuple[str, str]], list_field: str, common: dict[str, Any], system: Any = None
+) -> ExampleDraft:
+    """Split a conversation into system, prior turns, prompt and response; a leading system turn wins over
+    `system` (a record-level system prompt). An empty system turn means no system prompt."""
+    # Indices stay those of the record's own list, so every error names the turn the user sees.
+    start = 1 if turns and turns[0][0] == "system" else 0
+    if start:
+        system = turns[0][1]
+    for i in range(start, len(turns)):
+        if turns[i][0] == "system":
             raise RecordError(f"{list_field}[{i}]", "a system message is only allowed first")
     last_assistant = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last_assistant is None:
         raise RecordError(list_field, "no assistant turn (nothing to learn)")
-    if last_assistant == 0 or turns[last_assistant - 1][0] != "user":
+    if last_assistant == start or turns[last_assistant - 1][0] != "user":
         raise RecordError(f"{list_field}[{last_assistant}]", "the last assistant turn must follow a user turn")
     # Turns after the last answer have no target; they are dropped rather than trained on.
-    prior = turns[: last_assistant - 1]
+    prior = turns[start : last_assistant - 1]
     return make_draft(
         prompt=turns[last_assistant - 1][1],
         response=turns[last_assistant][1],
@@ -300,8 +304,11 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
             raise RecordError(f"{list_field}[{i}].{role_key}", "missing")
         if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
             raise RecordError(f"{list_field}[{i}].{role_key}", f"unsupported role {role!r}")
-        content = _text(msg.get(text_key), f"{list_field}[{i}].{text_key}")
-        turns.append((_ROLE_ALIASES[role.lower()], content or ""))
+        role = _ROLE_ALIASES[role.lower()]
+        # An empty system turn is common in exports and means "no system prompt", as an empty "system" field
+        # does in the other shapes; an empty user or assistant turn has nothing to train on.
+        content = _text(msg.get(text_key), f"{list_field}[{i}].{text_key}", required=role != "system")
+        turns.append((role, content or ""))
     return turns
 
 
@@ -319,9 +326,7 @@ def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
         draft = _from_turns(_turn_list(record, "messages", "role", "content"), "messages", common)
     elif shape == "sharegpt":
         turns = _turn_list(record, "conversations", "from", "value")
-        if record.get("system") is not None and not (turns and turns[0][0] == "system"):
-            turns.insert(0, ("system", _text(record.get("system"), "system") or ""))
-        draft = _from_turns(turns, "conversations", common)
+        draft = _from_turns(turns, "conversations", common, system=record.get("system"))
     elif shape == "alpaca":
         instruction = _text(record.get("instruction"), "instruction")
         extra = _text(record.get("input"), "input", required=False)
@@ -389,19 +394,25 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(doc, start=1):
             yield f"record {i}", rec
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames:
-            return
-        twice = next((name for i, name in enumerate(reader.fieldnames) if name in reader.fieldnames[:i]), None)
-        if twice is not None:  # DictReader keeps the last cell of a repeated column and drops the others
-            yield "line 1", RecordError(twice, "the header names it twice")
-            return
+        # csv.reader, not DictReader: DictReader's line_num lags one row behind after a csv.Error, and it takes
+        # a blank first line for an empty header.
+        rows = csv.reader(io.StringIO(text, newline=""))
         try:
-            for row in reader:
-                # Line of the row's end; header is line 1, so the first data row reports line 2.
-                yield f"line {reader.line_num}", _csv_row(row)
+            # A blank or whitespace-only line is no header: skip it, as blank lines between rows are skipped.
+            header = next((row for row in rows if not _blank_csv_line(row)), None)
+            if header is None:
+                return
+            twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+            if twice is not None:  # one of the repeated column's cells would be dropped without a word
+                yield f"line {rows.line_num}", RecordError(twice, "the header names it twice")
+                return
+            for row in rows:
+                if row:
+                    # Line of the row's end: with the header on line 1, the first data row reports line 2.
+                    yield f"line {rows.line_num}", _csv_row(header, row)
         except csv.Error as exc:  # e.g. a cell over the csv module's field size limit: the reader cannot go on
-            yield f"line {reader.line_num}", RecordError(None, f"unreadable CSV ({exc})")
+            # The reader has counted the line it stopped in, which is inside the bad record.
+            yield f"line {rows.line_num}", RecordError(None, f"unreadable CSV ({exc})")
     else:
         raise UsageError(
             f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
@@ -417,14 +428,17 @@ def _malformed(exc: ValueError | RecursionError) -> str:
     return f"malformed JSON ({str(exc).split(':')[0]})"
 
 
-def _csv_row(row: dict[str | None, Any]) -> Any:
-    if None in row:
+def _blank_csv_line(row: list[str]) -> bool:
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def _csv_row(header: list[str], row: list[str]) -> Any:
+    if len(row) > len(header):
         return RecordError(None, "more cells than header columns")
     rec: dict[str, Any] = {}
-    for key, value in row.items():
-        if key is None:
-            continue
-        if value is None or value == "":
+    # A short row's missing cells count as empty cells.
+    for key, value in zip(header, row + [""] * (len(header) - len(row)), strict=True):
+        if value == "":
             # Keep the column: the header decides the shape, and an empty cell reads as "missing".
             rec[key] = None
             continue
