@@ -211,6 +211,39 @@ def test_adding_or_deleting_other_examples_moves_no_sample(
     store.dispose_stores()
 
 
+def test_an_example_that_is_not_exported_moves_no_memory_item(db: Settings) -> None:  # noqa: F811
+    """A memory item shares the split of an example with the same content (one sample in the merged tier,
+    kept with its conversation). A pending or rejected example is not exported, so it must not move the
+    memory item: it did, because the item took the conversation id of any example with its hash."""
+    item = store.add_memory(db, question="Wo wohne ich?", answer="In Berlin.")
+    conv = next(
+        f"c{i}"
+        for i in range(1000)
+        if ex.split_of(ex.split_key(item.hash, f"c{i}"), 0.3, 0.0) != ex.split_of(item.hash, 0.3, 0.0)
+    )
+    ex.export(db, val_ratio=0.3, test_ratio=0.0)
+    before = _splits(db)
+    added = store.add_examples(
+        db,
+        [make_draft(prompt="Wo wohne ich?", response="In Berlin.", conversation_id=conv)],
+        source="conversation",
+        status="pending",
+    )
+    assert added.added == 1
+    for status in ("pending", "rejected"):
+        store.set_status(db, [e.id for e in store.list_examples(db)], status)
+        ex.export(db, val_ratio=0.3, test_ratio=0.0)
+        assert _splits(db) == before, status
+        memory = [r for r in _records(db, ex.MEMORY_FILE) if r["id"] == f"mem-{item.id}"]
+        assert [r["split"] for r in memory] == [before[item.hash]], status
+    # Approved, the example is exported: the one sample follows its conversation, in both tiers.
+    store.set_status(db, [e.id for e in store.list_examples(db)], "approved")
+    ex.export(db, val_ratio=0.3, test_ratio=0.0)
+    moved = ex.split_of(ex.split_key(item.hash, conv), 0.3, 0.0)
+    assert _splits(db)[item.hash] == moved != before[item.hash]
+    assert [r["split"] for r in _records(db, ex.MEMORY_FILE)] == [moved]
+
+
 def test_a_conversation_never_spans_two_splits(settings: Settings) -> None:
     store.load_seed(settings)
     store.add_examples(settings, _drafts(2000, "c", conversations=150))

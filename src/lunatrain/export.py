@@ -251,7 +251,9 @@ def _memory_rows(conn: sa.Connection) -> Iterator[tuple[str, int, Any]]:
         sa.select(
             m.c.id, m.c.hash, m.c.question, m.c.answer, sa.cast(m.c.tags, sa.Text).label("tags"), ex.c.conversation_id
         )
-        .select_from(m.outerjoin(ex, ex.c.hash == m.c.hash))
+        # The conversation of an exported example with the same content (the merged tier's one sample stays
+        # with its conversation); an example that is not exported (pending, rejected) must move nothing.
+        .select_from(m.outerjoin(ex, sa.and_(ex.c.hash == m.c.hash, ex.c.status == "approved")))
         .where(m.c.status == "approved")
         .order_by(m.c.hash)
     )
