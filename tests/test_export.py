@@ -244,6 +244,26 @@ def test_an_example_that_is_not_exported_moves_no_memory_item(db: Settings) -> N
     assert [r["split"] for r in _records(db, ex.MEMORY_FILE)] == [moved]
 
 
+def test_one_exchange_with_other_system_prompts_or_turns_stays_in_one_split(settings: Settings) -> None:
+    """The split hashes prompt and response (SPEC, the guide), not the system prompt or earlier turns: the same
+    exchange stored five times with other system prompts was split into train and val, so val measured
+    memorisation. Without a system prompt and turns the key is the content hash, as before."""
+    systems = [None, "Sei kurz.", "Du bist Luna.", "Antworte auf Deutsch.", "Sei freundlich.", "Sprich wie ein Pirat."]
+    pairs = [("Wie heißt du?", "Ich heiße Luna."), ("Was ist 2 + 3?", "5"), ("Hallo!", "Hallo, wie geht's?")]
+    drafts = [make_draft(prompt=p, response=r, system=s) for p, r in pairs for s in systems]
+    drafts += [make_draft(prompt=p, response=r, turns=[("user", "Vorher"), ("assistant", "Ja.")]) for p, r in pairs]
+    assert store.add_examples(settings, drafts).added == len(drafts)
+    ex.export(settings, val_ratio=0.5, test_ratio=0.0)
+    for name in (ex.CURATED_FILE, ex.MERGED_FILE):
+        by_pair: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for r in _records(settings, name):
+            by_pair[(r["messages"][-2]["content"], r["messages"][-1]["content"])].add(r["split"])
+        assert all(len(by_pair[p]) == 1 for p in pairs), (name, dict(by_pair))
+        for p in pairs:  # the split of the plain exchange, whose key is its content hash
+            plain = make_draft(prompt=p[0], response=p[1]).hash
+            assert by_pair[p] == {ex.split_of(plain, 0.5, 0.0)}
+
+
 def test_a_conversation_never_spans_two_splits(settings: Settings) -> None:
     store.load_seed(settings)
     store.add_examples(settings, _drafts(2000, "c", conversations=150))

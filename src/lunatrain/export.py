@@ -49,6 +49,7 @@ from typing import Any, BinaryIO, Literal, get_args
 import sqlalchemy as sa
 
 from .errors import CheckFailed, DamagedFile, NotFound, StorageError, UsageError
+from .formats import content_hash as content_hash_of
 from .fsio import dumps_json, file_lock, fsync_dir, read_json, storage_guard
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
@@ -86,8 +87,19 @@ def split_of(key: str, val_ratio: float, test_ratio: float) -> str:
     return "train"
 
 
-def split_key(content_hash: str, conversation_id: str | None) -> str:
-    return f"conv:{conversation_id}" if conversation_id else content_hash
+def split_key(pair_hash: str, conversation_id: str | None) -> str:
+    return f"conv:{conversation_id}" if conversation_id else pair_hash
+
+
+def pair_hash(kind: int, row: Any, content_hash: str) -> str:
+    """What the split hashes without a conversation: prompt and response only (SPEC, the guide), so the same
+    exchange told with another system prompt or after other turns lands in the same split instead of in train
+    and val at once. For a sample without system prompt and turns (and every memory item) that is its content
+    hash, so their splits are those of the content hash."""
+    turns = row.turns if kind == 0 else None
+    if kind == 1 or (not row.system and (not turns or turns == "null" or turns == "[]")):
+        return content_hash
+    return content_hash_of(None, (), row.prompt, row.response)
 
 
 def check_ratios(val_ratio: float, test_ratio: float) -> tuple[float, float]:
@@ -356,7 +368,7 @@ def _write_export(
             # (hash, kind, row) tuples: kind breaks hash ties, so rows themselves are never compared.
             rows = heapq.merge(_example_rows(conn), _memory_rows(conn))
             for content_hash, kind, row in rows:
-                split = split_of(split_key(content_hash, row.conversation_id), val, test)
+                split = split_of(split_key(pair_hash(kind, row, content_hash), row.conversation_id), val, test)
                 line = _record_line(kind, row, split)
                 source = row.source if kind == 0 else "memory"
                 if source == "curated":
