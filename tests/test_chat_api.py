@@ -276,3 +276,83 @@ def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
     assert r.status_code == 200
     examples = r.json()["examples"]
     assert examples and all(e["prompt"] and e["messages"][-1]["role"] == "user" for e in examples)
+
+
+def test_without_max_tokens_a_long_prompt_is_answered_up_to_the_end_of_the_context(client: TestClient) -> None:
+    """Repro: with the default cap of 1024, a prompt of ~3,400 tokens (of luna-tiny's 4096) was answered with
+    `max_tokens: 5` but refused without it, "with max_tokens 1024", a number the client never sent."""
+    settings = client.app.state.settings
+    payload = {"model": "luna-tiny", "temperature": 0, "messages": [{"role": "user", "content": "~x" * 1700}]}
+    settings.infer_max_tokens = 1024
+    try:
+        r = client.post("/v1/chat/completions", json=payload)
+        explicit = client.post("/v1/chat/completions", json=payload | {"max_tokens": 1024})
+    finally:
+        settings.infer_max_tokens = 64
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] > 4096 - 1024, usage  # the cap alone would not fit beside this prompt
+    assert usage["completion_tokens"] > 0 and usage["total_tokens"] <= 4096, usage
+    # A max_tokens the client did send is its own: one that does not fit stays refused.
+    assert explicit.status_code == 400, explicit.text
+    err = assert_openai_error(explicit.json(), "invalid_request_error")
+    assert err["code"] == "context_length_exceeded" and "max_tokens 1024" in err["message"]
+
+
+def test_without_max_tokens_only_a_prompt_that_fills_the_context_is_refused(client: TestClient) -> None:
+    """A prompt of the whole context leaves no room for any answer (built in-process: the HTTP body cap of
+    this module's app is smaller than such a prompt)."""
+    from lunatrain.api.routes import chat as chat_route
+    from lunatrain.errors import LunaError
+
+    messages = [{"role": "user", "content": "~x" * 2100}]  # ~4,200 tokens
+    body = chat_route.ChatRequest.model_validate_json(json.dumps({"model": "luna-tiny", "messages": messages}))
+    sampling = chat_route._sampling(body, client.app.state.settings)
+    client.get("/v1/models")  # creates the engine
+    engine = client.app.state.chat_engine
+    with pytest.raises(LunaError) as refused:
+        engine.start(engine.resolve("luna-tiny"), messages, sampling)
+    assert refused.value.details["code"] == "context_length_exceeded"
+    assert "leaves no room for an answer" in refused.value.message and "max_tokens" not in refused.value.message
+
+
+def test_a_model_is_retrieved_by_its_id_as_the_list_shows_it(client: TestClient, monkeypatch) -> None:
+    """Repro: GET /v1/models/{model} answered 404 "No such endpoint.", so the official client's
+    `models.retrieve` failed. Ids hold `@` (name@version) and, for a hub base model, `/`."""
+    from dataclasses import replace
+
+    from openai import OpenAI
+
+    from lunatrain import registry
+
+    settings = client.app.state.settings
+    client.get("/v1/models")  # creates the engine
+    engine = client.app.state.chat_engine
+    info = engine.base_info()
+    monkeypatch.setattr(engine, "_info", replace(info, id="luna/tiny"))  # a base id with a `/`, as Qwen/…
+    work = settings.home / "work-retrieved"
+    work.mkdir()
+    registry.publish(
+        settings, "retrieved", "versioned", work, {"baseModel": {"id": "luna/tiny", "fingerprint": info.fingerprint}}
+    )
+    listed = client.get("/v1/models").json()["data"]
+    assert {"luna/tiny", "retrieved@v1"} <= {card["id"] for card in listed}, listed
+    for card in listed:
+        for path in (card["id"], card["id"].replace("/", "%2F")):
+            r = client.get(f"/v1/models/{path}")
+            assert r.status_code == 200, (path, r.text)
+            assert r.json() == card
+    # The official client, unchanged, through this app.
+    official = OpenAI(base_url="http://127.0.0.1/v1", api_key=TOKEN, http_client=client, max_retries=0)
+    for card in listed:
+        assert official.models.retrieve(card["id"]).model_dump(exclude_unset=True) == card
+
+
+@pytest.mark.parametrize(
+    "model", ["luna-adapter", "luna-tiny@v1", "retrieved@v9", "Qwen/Qwen2.5-0.5B", "Qwen%2FQwen2.5-0.5B", "a" * 300]
+)
+def test_retrieving_a_model_not_served_is_404_model_not_found(client: TestClient, model: str) -> None:
+    r = client.get(f"/v1/models/{model}")
+    assert r.status_code == 404, r.text
+    err = assert_openai_error(r.json(), "invalid_request_error")
+    assert err["code"] == "model_not_found" and err["param"] == "model"

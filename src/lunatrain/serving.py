@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # True when max_tokens is the server's cap, not a number the client asked for: the answer may then also
+    # end at the end of the model's context, and only a prompt that leaves no room at all is refused.
+    up_to_context: bool = False
 
 
 # --- model names ----------------------------------------------------------------------------------
@@ -139,6 +142,16 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
                 }
             )
     return out
+
+
+def served_model(settings: Settings, model: str, base_id: str, base_fingerprint: str) -> dict[str, Any]:
+    """The entry of served_models named `model` (GET /v1/models/{model}); any other name is a 404."""
+    for entry in served_models(settings, base_id, base_fingerprint):
+        if entry["id"] == model:
+            return entry
+    raise NotFound(
+        f"The model {model[:80]!r} does not exist; GET /v1/models lists the models served here.", details=_NO_MODEL
+    )
 
 
 # --- tokens ---------------------------------------------------------------------------------------
@@ -249,6 +262,10 @@ class Engine:
         info = self.base_info()
         return served_models(self.settings, info.id, info.fingerprint)
 
+    def served_model(self, model: str) -> dict[str, Any]:
+        info = self.base_info()
+        return served_model(self.settings, model, info.id, info.fingerprint)
+
     def _ensure_base(self) -> None:
         if self.model is not None:
             return
@@ -347,7 +364,15 @@ class Engine:
                 ) from exc
             ids = tok(text, add_special_tokens=False)["input_ids"]
             limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-            if limit and len(ids) + sampling.max_tokens > limit:
+            if limit and sampling.up_to_context:
+                if len(ids) >= limit:
+                    raise UsageError(
+                        f"The prompt has {len(ids)} tokens, which leaves no room for an answer in the model's "
+                        f"context of {limit} tokens.",
+                        details={"param": "messages", "code": "context_length_exceeded"},
+                    )
+                sampling = replace(sampling, max_tokens=min(sampling.max_tokens, limit - len(ids)))
+            elif limit and len(ids) + sampling.max_tokens > limit:
                 raise UsageError(
                     f"The prompt has {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is over the "
                     f"model's context of {limit} tokens.",

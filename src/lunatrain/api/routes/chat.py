@@ -1,5 +1,6 @@
-"""The OpenAI-compatible chat API: `GET /v1/models`, `POST /v1/chat/completions` (plain and streamed), in the
-wire format of OpenAI's API, so the official `openai` client works with `base_url=http://127.0.0.1:5050/v1`.
+"""The OpenAI-compatible chat API: `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/chat/completions`
+(plain and streamed), in the wire format of OpenAI's API, so the official `openai` client works with
+`base_url=http://127.0.0.1:5050/v1`.
 
 Errors here have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; invalid requests are 400
 (not FastAPI's 422), an unknown model 404, a full house 429. The serving engine (serving.py) is created on
@@ -264,13 +265,20 @@ async def list_models(request: Request) -> ModelList:
     every adapter version trained on the served base (name@version)."""
     engine, _ = _engine(request)
     items = await run_in_threadpool(engine.models)
-    return ModelList(
-        data=[
-            ModelCard(
-                id=m["id"], created=_created(m.get("created")), owned_by="lunatrain" if m["kind"] != "base" else "base"
-            )
-            for m in items
-        ]
+    return ModelList(data=[_card(m) for m in items])
+
+
+# `path`: a base model's hub id has a `/` (Qwen/Qwen2.5-0.5B), which the official client sends as %2F.
+@router.get("/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """One model as GET /v1/models lists it: the base model's id, an adapter name or name@version."""
+    engine, _ = _engine(request)
+    return _card(await run_in_threadpool(engine.served_model, model))
+
+
+def _card(m: dict[str, Any]) -> ModelCard:
+    return ModelCard(
+        id=m["id"], created=_created(m.get("created")), owned_by="lunatrain" if m["kind"] != "base" else "base"
     )
 
 
@@ -335,6 +343,7 @@ def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return serving.Sampling(
         max_tokens=wanted or cap,
+        up_to_context=wanted is None,  # the client set no length: the cap is ours, so a long prompt shortens it
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
