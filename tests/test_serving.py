@@ -234,3 +234,17 @@ def test_an_answer_dropped_unfinished_gives_back_its_slot_and_adapter(settings) 
     assert slots.busy == 0
     answer(engine, "luna-adapter@v3")
     assert [Path(p).name for p in engine.loaded()] == ["v3"]  # v1 unpinned, so the LRU bound holds again
+
+
+@pytest.mark.parametrize("gone", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_version_whose_files_are_gone_is_model_not_found_naming_the_file(settings, gone: str) -> None:
+    """Weights deleted by hand passed the check (it looked at the config only) and failed later, at load."""
+    seed = 6 if gone == "adapter_model.safetensors" else 7  # its own job id: publishing is idempotent per job
+    name = f"gone-{seed}"
+    version = random_adapter(settings, name, seed)
+    (settings.adapters_dir / name / version / gone).unlink()
+    with pytest.raises(
+        NotFound, match=f"The files of {name}@{version} are missing under data/adapters \\({gone}\\)"
+    ) as info:
+        serving.Engine(settings).resolve(f"{name}@{version}")
+    assert info.value.details["code"] == "model_not_found"

@@ -109,9 +109,10 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
             f"server runs {base_id!r}; its LoRA weights do not fit.",
             details={"param": "model", "code": "model_base_mismatch"},
         )
-    path = registry.adapter_dir(settings, entry).resolve()
-    if not (path / "adapter_config.json").is_file():
-        raise NotFound(f"The files of {name}@{entry['version']} are missing under data/adapters.", details=_NO_MODEL)
+    try:
+        path = registry.loadable_dir(settings, entry).resolve()
+    except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms
+        raise NotFound(exc.message, details=_NO_MODEL) from None
     return Target(model=f"{name}@{entry['version']}", adapter=name, version=entry["version"], path=path)
 
 
