@@ -248,3 +248,30 @@ def test_a_version_whose_files_are_gone_is_model_not_found_naming_the_file(setti
     ) as info:
         serving.Engine(settings).resolve(f"{name}@{version}")
     assert info.value.details["code"] == "model_not_found"
+
+
+def test_a_version_of_another_base_activated_with_force_is_served(settings) -> None:
+    """`adapters activate --force` is the owner saying the weights fit this base (the same base re-downloaded,
+    say). The registry then shows the version active here, and serving refused it all the same
+    (model_base_mismatch) and left it out of /v1/models. It serves what the registry says is active."""
+    engine = serving.Engine(settings)
+    data = registry.load(settings)
+    saved = json.dumps(data)
+    entry = dict(data["adapters"]["other"]["versions"][0], version="v2", jobId="elsewhere")
+    entry["baseModel"] = {"id": "org/else", "fingerprint": "0" * 64}  # its weights are other@v1's: they fit
+    data["adapters"]["other"]["versions"].append(entry)
+    registry.registry_path(settings).write_text(json.dumps(data))
+    try:
+        with pytest.raises(Conflict, match="trained on base model 'org/else'"):
+            engine.resolve("other@v2")
+        registry.activate(settings, "other", "v2", force=True)
+        assert engine.resolve("other").model == engine.resolve("other@v2").model == "other@v2"
+        ids = [m["id"] for m in engine.models()]
+        assert "other" in ids and "other@v2" in ids
+        assert answer(engine, "other@v2")[1] == answer(engine, "other@v1")[1]  # the same weights
+        registry.deactivate(settings, "other")
+        with pytest.raises(Conflict, match="trained on base model 'org/else'"):
+            engine.resolve("other@v2")
+        assert "other@v2" not in [m["id"] for m in engine.models()]
+    finally:
+        registry.registry_path(settings).write_text(saved)

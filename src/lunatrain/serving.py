@@ -103,7 +103,7 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
             f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.", details=_NO_MODEL
         )
     trained_on = entry.get("baseModel") or {}
-    if trained_on.get("fingerprint") != base_fingerprint:
+    if not _fits(entry, base_fingerprint, registry.active_version(settings, name, base_fingerprint)):
         raise Conflict(
             f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this "
             f"server runs {base_id!r}; its LoRA weights do not fit.",
@@ -116,15 +116,22 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
     return Target(model=f"{name}@{entry['version']}", adapter=name, version=entry["version"], path=path)
 
 
+def _fits(entry: dict[str, Any], base_fingerprint: str, active: dict[str, Any] | None) -> bool:
+    """Whether `entry`'s LoRA weights are served on this base: trained on it, or the version active on it
+    (only `adapters activate --force` makes a version of another base active here: its owner said it fits,
+    e.g. the same base re-downloaded, or merged into a copy of itself)."""
+    trained_on = (entry.get("baseModel") or {}).get("fingerprint")
+    return trained_on == base_fingerprint or registry.same_entry(entry, active)
+
+
 def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> list[dict[str, Any]]:
     """The names /v1/models lists: the base, each adapter with an active version on the served base, and
-    every version trained on the served base."""
+    every version served on it (_fits)."""
     out = [{"id": base_id, "kind": "base"}]
     for name, adapter in sorted(registry.list_adapters(settings).items()):
+        active_here = registry.active_version(settings, name, base_fingerprint)
         fits = [
-            e
-            for e in adapter.get("versions", [])
-            if not e.get("replaced") and (e.get("baseModel") or {}).get("fingerprint") == base_fingerprint
+            e for e in adapter.get("versions", []) if not e.get("replaced") and _fits(e, base_fingerprint, active_here)
         ]
         with contextlib.suppress(NotFound):
             active = active_entry(settings, name, base_id, base_fingerprint)
