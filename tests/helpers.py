@@ -149,3 +149,15 @@ def write_export(settings: Any, records: list[dict] | None = None) -> Any:
     }
     (d / "assistant-sft-summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", "utf-8")
     return read_tier(settings, "curated")
+
+
+def adapter_work_dir(settings: Any, name: str, tag: str) -> Path:
+    """A run's work folder holding the files a version must have to be activated or served
+    (registry.ADAPTER_FILES), each containing `tag`: for registry tests that need no real weights."""
+    from lunatrain import registry
+
+    work = settings.adapters_dir / name / ".work" / tag
+    work.mkdir(parents=True)
+    for file_name in registry.ADAPTER_FILES:
+        (work / file_name).write_text(tag)
+    return work

@@ -18,6 +18,8 @@ from lunatrain.api.main import create_app
 from lunatrain.errors import UsageError
 from lunatrain.settings import load_settings
 
+from helpers import adapter_work_dir
+
 T = "/assistant/training"
 
 
@@ -249,8 +251,7 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
 
     fp = models.resolve_base(None, settings).fingerprint
     for base_id, fingerprint in (("luna-tiny", fp), ("org/new", "9" * 64)):
-        work = settings.adapters_dir / "a" / ".work" / base_id.replace("/", "_")
-        work.mkdir(parents=True)
+        work = adapter_work_dir(settings, "a", base_id.replace("/", "_"))
         entry = registry.publish(
             settings,
             "a",
@@ -311,8 +312,7 @@ def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, se
     """Repro: activating an adapter of another base answered 409 "… pass --force" (the API field is `force`)."""
     from lunatrain import registry
 
-    work = settings.adapters_dir / "a" / ".work" / "x"
-    work.mkdir(parents=True)
+    work = adapter_work_dir(settings, "a", "x")
     registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}})
     r = client.post(f"{T}/adapters/a/activate", json={"version": "v1"})
     assert r.status_code == 409

@@ -16,6 +16,8 @@ from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.evalgate import EvalCheck, GateThresholds, judge, load_suite, parse_thresholds
 
+from helpers import adapter_work_dir
+
 
 def decide(*args, **kwargs) -> list[str]:
     """The gate's reasons as the report lists them (English sentences)."""
@@ -337,8 +339,7 @@ def test_an_overwrite_run_takes_the_slot_only_when_the_gate_passes(settings, tin
 
 
 def _register_active(settings, name: str, fingerprint: str, base_id: str = "luna-tiny") -> dict:
-    work = settings.adapters_dir / name / ".work" / "w"
-    work.mkdir(parents=True)
+    work = adapter_work_dir(settings, name, "w")
     entry = registry.publish(
         settings,
         name,

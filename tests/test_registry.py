@@ -13,6 +13,8 @@ from lunatrain import models, registry
 from lunatrain.errors import Conflict, NotFound, UsageError
 from lunatrain.settings import load_settings
 
+from helpers import adapter_work_dir
+
 
 def _entry(fingerprint: str, **extra) -> dict:
     return {
@@ -27,9 +29,7 @@ def _entry(fingerprint: str, **extra) -> dict:
 
 def _publish(home: str, name: str, tag: str, strategy: str = "versioned") -> dict:
     settings = load_settings(home=Path(home))
-    work = settings.adapters_dir / name / ".work" / tag
-    work.mkdir(parents=True)
-    (work / "adapter_model.safetensors").write_text(tag)
+    work = adapter_work_dir(settings, name, tag)
     (work / "train-hashes.txt").write_text(f"hash-{tag}\n")
     return registry.publish(settings, name, strategy, work, _entry("f" * 64, jobId=tag))
 
@@ -63,11 +63,9 @@ def test_versions_are_never_reused(settings):
 def test_activate_refuses_a_foreign_base_unless_forced_and_rollback(settings):
     fp = models.resolve_base(None, settings).fingerprint
     for tag in ("one", "two", "three"):
-        work = settings.adapters_dir / "a" / ".work" / tag
-        work.mkdir(parents=True)
+        work = adapter_work_dir(settings, "a", tag)
         registry.publish(settings, "a", "versioned", work, _entry(fp))
-    work = settings.adapters_dir / "a" / ".work" / "foreign"
-    work.mkdir(parents=True)
+    work = adapter_work_dir(settings, "a", "foreign")
     registry.publish(
         settings, "a", "versioned", work, _entry("0" * 64) | {"baseModel": {"id": "org/other", "fingerprint": "0" * 64}}
     )
@@ -140,8 +138,7 @@ def test_adapters_cli(settings):
 
     fp = models.resolve_base(None, settings).fingerprint
     for tag in ("one", "seven"):
-        work = settings.adapters_dir / "a" / ".work" / tag
-        work.mkdir(parents=True)
+        work = adapter_work_dir(settings, "a", tag)
         registry.publish(settings, "a", "versioned", work, _entry(fp, params={"rank": len(tag) + 1}))
     runner = CliRunner()
     assert runner.invoke(app, ["adapters", "activate", "a@v1"]).exit_code == 0
@@ -168,13 +165,9 @@ def test_adapters_cli(settings):
 
 
 def _publish_on(settings, name: str, base_id: str, fingerprint: str) -> dict:
-    work = (
-        settings.adapters_dir
-        / name
-        / ".work"
-        / f"{base_id.replace('/', '_')}-{len(list(settings.adapters_dir.rglob('*')))}"
+    work = adapter_work_dir(
+        settings, name, f"{base_id.replace('/', '_')}-{len(list(settings.adapters_dir.rglob('*')))}"
     )
-    work.mkdir(parents=True)
     return registry.publish(
         settings,
         name,
@@ -274,9 +267,7 @@ def test_a_registry_with_one_active_alias_is_migrated_on_the_next_write(settings
 
 def _overwrite_run(home: str, tag: str, *, stage: bool) -> dict:
     settings = load_settings(home=Path(home))
-    work = settings.adapters_dir / "ow" / ".work" / tag
-    work.mkdir(parents=True)
-    (work / "adapter_model.safetensors").write_text(tag)
+    work = adapter_work_dir(settings, "ow", tag)
     return registry.publish(settings, "ow", "overwrite", work, _entry("f" * 64), stage=stage)
 
 
@@ -338,3 +329,23 @@ def test_a_staged_run_whose_process_stopped_is_settled_not_kept_by_repair_and_by
     assert not (settings.home / gone["staged"]).exists()
     assert registry.get_revision(settings, "ow", elsewhere["revision"])["staged"] == elsewhere["staged"]
     assert (slot / "adapter_model.safetensors").read_text() == "r6"
+
+
+def test_a_version_whose_files_are_gone_is_not_activated(settings):
+    """It was: /v1/models then listed it, and every chat request answered that its files are missing."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two"):
+        work = adapter_work_dir(settings, "a", tag)
+        registry.publish(settings, "a", "versioned", work, _entry(fp, jobId=tag))
+    assert CliRunner().invoke(app, ["adapters", "activate", "a@v2"]).exit_code == 0
+    (settings.adapters_dir / "a" / "v1" / "adapter_model.safetensors").unlink()
+    before = registry.registry_path(settings).read_bytes()
+    r = CliRunner().invoke(app, ["adapters", "activate", "a@v1"])
+    assert r.exit_code == 1 and r.output.strip() == (
+        "error: The files of a@v1 are missing under data/adapters (adapter_model.safetensors); train it again."
+    ), r.output
+    assert registry.registry_path(settings).read_bytes() == before  # a@v2 stays active

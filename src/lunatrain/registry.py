@@ -574,6 +574,7 @@ def activate(
     entry = get_version(settings, name, version)
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
+    loadable_dir(settings, entry)  # an active version whose files are gone would be listed and never served
     trained_on = entry.get("baseModel", {})
     if own_base:
         fingerprint, base_id = trained_on.get("fingerprint", "?"), trained_on.get("id")
