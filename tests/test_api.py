@@ -326,3 +326,26 @@ def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, se
         rolled["code"] == "adapter.no_earlier_version"
         and "POST /assistant/training/adapters/a/deactivate" in rolled["message"]
     )
+
+
+def test_memory_items_approve_and_reject(client: TestClient, settings) -> None:
+    """Repro: memory items had no approve/reject route, so a pending item could only be deleted."""
+    r = client.post(f"{T}/memory", json={"question": "Lieblingsfarbe?", "answer": "Blau.", "status": "pending"})
+    item = r.json()
+    ok = client.post(f"{T}/memory/{item['id']}/approve")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["status"] == "approved" and ok.json()["id"] == item["id"] and "updatedAt" in ok.json()
+    assert [m["id"] for m in client.get(f"{T}/memory", params={"status": "approved"}).json()["items"]] == [item["id"]]
+    rejected = client.post(f"{T}/memory/{item['id']}/reject")
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected", rejected.text
+
+    before = (store.revision(settings), [m.to_dict() for m in store.list_memory(settings)])
+    for action in ("approve", "reject"):
+        unknown = client.post(f"{T}/memory/999/{action}")
+        assert unknown.status_code == 404, unknown.text
+        assert unknown.json()["error"]["code"] == "not_found"
+        assert unknown.json()["error"]["message"] == "No memory item with id 999; nothing was changed."
+        for bad in ("0", "99999999999999999999999"):  # below 1, beyond a 64-bit id
+            refused = client.post(f"{T}/memory/{bad}/{action}")
+            assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request", refused.text
+    assert (store.revision(settings), [m.to_dict() for m in store.list_memory(settings)]) == before

@@ -376,3 +376,50 @@ def test_a_database_at_head_opens_without_alembic(settings: Settings) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_cli_memory_approve_and_reject(db: Settings) -> None:
+    """Repro: memory items had no approve/reject command, so a pending or rejected item could only be deleted."""
+    runner = CliRunner()
+    dog = store.add_memory(db, question="Wie heißt mein Hund?", answer="Bruno.", status="pending")
+    home_ = store.add_memory(db, question="Wo wohne ich?", answer="In Berlin.", status="pending")
+    tea = store.add_memory(db, question="Was trinke ich gern?", answer="Tee.", status="rejected")
+
+    r = runner.invoke(app, ["memory", "approve", str(dog.id), f"mem-{tea.id}"])  # both id forms, several at once
+    assert r.exit_code == 0 and r.output.strip() == "2 memory item(s) set to approved.", r.output
+    r = runner.invoke(app, ["memory", "reject", f"mem-{home_.id}"])
+    assert r.exit_code == 0 and r.output.strip() == "1 memory item(s) set to rejected.", r.output
+    r = runner.invoke(app, ["memory", "reject", str(home_.id)])  # already rejected: nothing to change
+    assert r.exit_code == 0 and r.output.strip() == "0 memory item(s) set to rejected.", r.output
+    assert {m.id: m.status for m in store.list_memory(db)} == {
+        dog.id: "approved",
+        home_.id: "rejected",
+        tea.id: "approved",
+    }
+
+    before = _snapshot(db)
+    r = runner.invoke(app, ["memory", "reject", str(dog.id), "mem-77"])  # one unknown id: none of them changes
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "error: No memory item with id 77; nothing was changed."
+    ], r.output
+    for bad in ("ex-1", "abc", "0"):  # an example's id form is no memory id
+        r = runner.invoke(app, ["memory", "approve", bad])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: Invalid id"), r.output
+    assert _snapshot(db) == before
+
+
+def test_approved_memory_items_reach_the_export_and_rejected_ones_do_not(db: Settings) -> None:
+    """Repro: the seed's pending and rejected memory items stayed out of every export, with no way to approve them."""
+    runner = CliRunner()
+    store.add_example(db, prompt="Hallo", response="Hallo! Ich bin Luna.")
+    kept = store.add_memory(db, question="Wie heißt mein Hund?", answer="Bruno.", status="pending")
+    dropped = store.add_memory(db, question="Wo wohne ich?", answer="In Berlin.")
+    revived = store.add_memory(db, question="Was trinke ich gern?", answer="Tee.", status="rejected")
+    assert runner.invoke(app, ["memory", "approve", str(kept.id), f"mem-{revived.id}"]).exit_code == 0
+    assert runner.invoke(app, ["memory", "reject", f"mem-{dropped.id}"]).exit_code == 0
+
+    r = runner.invoke(app, ["export"])
+    assert r.exit_code == 0, r.output
+    lines = (db.training_dir / "assistant-sft-memory.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines if line) == sorted([f"mem-{kept.id}", f"mem-{revived.id}"])

@@ -483,11 +483,15 @@ def import_file(
 
 
 def get_example(settings: Settings, example_id: int) -> Example:
+    return Example.from_row(_get_row(settings, examples_table, example_id, "example"))
+
+
+def _get_row(settings: Settings, table: sa.Table, item_id: int, what: str) -> Any:
     with open_store(settings).read() as conn:
-        row = conn.execute(sa.select(examples_table).where(examples_table.c.id == example_id)).mappings().first()
+        row = conn.execute(sa.select(table).where(table.c.id == item_id)).mappings().first()
     if row is None:
-        raise NotFound(f"No example with id {example_id}.")
-    return Example.from_row(row)
+        raise NotFound(f"No {what} with id {item_id}.")
+    return row
 
 
 def list_examples(
@@ -646,7 +650,13 @@ def list_memory(
         return [MemoryItem.from_row(r) for r in conn.execute(query).mappings()]
 
 
+def get_memory(settings: Settings, item_id: int) -> MemoryItem:
+    return MemoryItem.from_row(_get_row(settings, memory_table, item_id, "memory item"))
+
+
 def set_memory_status(settings: Settings, ids: Sequence[int], status: Status) -> int:
+    """Set the curation status of memory items (only approved ones are exported); returns how many changed.
+    Unknown ids → NotFound, no change."""
     return _set_status(settings, memory_table, ids, status, "memory item")
 
 

@@ -24,6 +24,7 @@ StatusOpt = Annotated[str | None, typer.Option("--status", help="approved | pend
 _LISTED = 20  # problems of a refused import listed one per line
 
 IdsArg = Annotated[list[str], typer.Argument(help="example ids (12 or ex-12)")]
+MemIdsArg = Annotated[list[str], typer.Argument(help="memory ids (3 or mem-3)")]
 
 
 def _ids(raw: list[str], prefix: str) -> list[int]:
@@ -130,24 +131,25 @@ def list_cmd(
     _table("examples", ["id", "source", "status", "prompt", "response"], rows)
 
 
-def _curate(ids: list[str], status: str) -> None:
+def _curate(set_status: Callable[..., int], ids: list[str], prefix: str, what: str, status: store.Status) -> None:
+    """Set the curation status of examples or memory items: all ids or none (an unknown one changes nothing)."""
     try:
-        changed = store.set_status(load_settings(), _ids(ids, "ex"), status)  # type: ignore[arg-type]
+        changed = set_status(load_settings(), _ids(ids, prefix), status)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"{changed} example(s) set to {status}.")
+    typer.echo(f"{changed} {what} set to {status}.")
 
 
 @examples_app.command("approve")
 def approve_cmd(ids: IdsArg) -> None:
     """Approve examples: they are exported for training."""
-    _curate(ids, "approved")
+    _curate(store.set_status, ids, "ex", "example(s)", "approved")
 
 
 @examples_app.command("reject")
 def reject_cmd(ids: IdsArg) -> None:
     """Reject examples: they stay stored but are never exported."""
-    _curate(ids, "rejected")
+    _curate(store.set_status, ids, "ex", "example(s)", "rejected")
 
 
 @examples_app.command("delete")
@@ -220,7 +222,19 @@ def memory_list_cmd(
     _table("memory", ["id", "status", "topic", "question", "answer"], rows)
 
 
+@memory_app.command("approve")
+def memory_approve_cmd(ids: MemIdsArg) -> None:
+    """Approve memory items: they are exported for training."""
+    _curate(store.set_memory_status, ids, "mem", "memory item(s)", "approved")
+
+
+@memory_app.command("reject")
+def memory_reject_cmd(ids: MemIdsArg) -> None:
+    """Reject memory items: they stay stored but are never exported."""
+    _curate(store.set_memory_status, ids, "mem", "memory item(s)", "rejected")
+
+
 @memory_app.command("delete")
-def memory_delete_cmd(ids: Annotated[list[str], typer.Argument(help="memory ids (3 or mem-3)")]) -> None:
+def memory_delete_cmd(ids: MemIdsArg) -> None:
     """Forget memory items; adapter versions trained on them are marked stale (retrain needed)."""
     _delete(store.delete_memory, ids, "mem", "memory item(s)")

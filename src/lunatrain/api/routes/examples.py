@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from ... import formats, registry, store
 from ...errors import UsageError
+from ...settings import Settings
 from ..deps import Fresh, ItemId, SettingsDep, errors
 from ..schemas import (
     Deleted,
@@ -27,10 +29,15 @@ from ..schemas import (
 router = APIRouter(prefix="/assistant/training", tags=["examples"], dependencies=[Fresh])
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=store.INT_MAX)]
+R = TypeVar("R", store.Example, store.MemoryItem)
 
 
 def _example(ex: store.Example) -> ExampleOut:
     return ExampleOut.model_validate(ex.to_dict())
+
+
+def _memory(item: store.MemoryItem) -> MemoryOut:
+    return MemoryOut.model_validate(item.to_dict())
 
 
 @router.get("/examples", response_model=ExampleList, responses=errors(503))
@@ -84,19 +91,26 @@ async def import_examples(body: ImportRequest, settings: SettingsDep) -> ImportR
     return ImportResult(records=len(drafts), added=result.added, duplicates=result.skipped_duplicates, formats=shapes)
 
 
-async def _set(settings, example_id: int, status: str) -> ExampleOut:
-    await run_in_threadpool(store.set_status, settings, [example_id], status)
-    return _example(await run_in_threadpool(store.get_example, settings, example_id))
+async def _set(
+    settings: Settings,
+    set_status: Callable[[Settings, list[int], store.Status], int],
+    get: Callable[[Settings, int], R],
+    item_id: int,
+    status: store.Status,
+) -> R:
+    """Curate one example or memory item and read it back; an unknown id is NotFound (404), nothing changed."""
+    await run_in_threadpool(set_status, settings, [item_id], status)
+    return await run_in_threadpool(get, settings, item_id)
 
 
 @router.post("/examples/{example_id:int}/approve", response_model=ExampleOut, responses=errors(404, 503))
 async def approve_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
-    return await _set(settings, example_id, "approved")
+    return _example(await _set(settings, store.set_status, store.get_example, example_id, "approved"))
 
 
 @router.post("/examples/{example_id:int}/reject", response_model=ExampleOut, responses=errors(404, 503))
 async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
-    return await _set(settings, example_id, "rejected")
+    return _example(await _set(settings, store.set_status, store.get_example, example_id, "rejected"))
 
 
 @router.delete("/examples/{example_id:int}", response_model=Deleted, responses=errors(404, 503))
@@ -111,7 +125,7 @@ async def list_memory(
     settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0
 ) -> MemoryList:
     rows = await run_in_threadpool(store.list_memory, settings, status=status, limit=limit, offset=offset)
-    return MemoryList(items=[MemoryOut.model_validate(r.to_dict()) for r in rows], count=len(rows))
+    return MemoryList(items=[_memory(r) for r in rows], count=len(rows))
 
 
 @router.post("/memory", status_code=201, response_model=MemoryOut, responses=errors(409, 503))
@@ -121,7 +135,17 @@ async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
             settings, question=body.question, answer=body.answer, topic=body.topic, status=body.status, tags=body.tags
         )
     )
-    return MemoryOut.model_validate(item.to_dict())
+    return _memory(item)
+
+
+@router.post("/memory/{item_id:int}/approve", response_model=MemoryOut, responses=errors(404, 503))
+async def approve_memory(item_id: ItemId, settings: SettingsDep) -> MemoryOut:
+    return _memory(await _set(settings, store.set_memory_status, store.get_memory, item_id, "approved"))
+
+
+@router.post("/memory/{item_id:int}/reject", response_model=MemoryOut, responses=errors(404, 503))
+async def reject_memory(item_id: ItemId, settings: SettingsDep) -> MemoryOut:
+    return _memory(await _set(settings, store.set_memory_status, store.get_memory, item_id, "rejected"))
 
 
 @router.delete("/memory/{item_id:int}", response_model=Deleted, responses=errors(404, 503))
