@@ -404,6 +404,25 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
     assert "pattern" not in error["message"] and "[A-Za-z" not in r.text, r.text  # details too: no regex
 
 
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"{bad", "Invalid request: the body is not valid JSON (Expecting property name enclosed in double quotes)."),
+        (b'{"targetModules": ["q proj"]}', "Invalid request: targetModules.0: should be module names of 1-64"),
+    ],
+)
+def test_api_validation_messages_name_fields_without_pydantic_internals(
+    settings: Settings, body: bytes, says: str
+) -> None:
+    """Was "Invalid request: 1: JSON decode error." (the character offset as a field) and
+    "targetModules.list[constrained-str].0: String should match pattern '^[A-Za-z0-9_.]{1,64}$'"."""
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1:5050")
+    r = client.post(f"{T}/lora/start", content=body, headers={"Content-Type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and message.startswith(says), message
+    assert "constrained" not in message and "list[" not in message
+
+
 def test_the_command_line_says_a_pattern_in_words(seeded: Settings) -> None:
     before = snapshot(seeded.home)
     line = one_sentence(run("lora", "--local", "--adapter-name", "../x"), 2)

@@ -119,6 +119,34 @@ def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body:
 
 
 @pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"stop": ["a", "b", "c", "d", "e"]}, "Invalid request: stop: List should have at most 4 items"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "Invalid request: messages.0.content.0.type: Input should be 'text'.",
+        ),
+    ],
+)
+def test_invalid_requests_say_what_is_wrong_without_pydantic_internals(
+    client: TestClient, body: dict, says: str
+) -> None:
+    """A value that fits none of a union's members was said as the first member's complaint, at pydantic's
+    internal location ("stop.constrained-str: Input should be a valid string" for five stop strings)."""
+    status, answer = chat(client, **body)
+    message = assert_openai_error(answer, "invalid_request_error")["message"]
+    assert status == 400 and message.startswith(says), message
+    assert "constrained" not in message and "function-after" not in message and "list[" not in message
+
+
+def test_a_body_that_is_not_json_is_said_so_without_a_parameter(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", content=b"{bad", headers={"Content-Type": "application/json"})
+    err = assert_openai_error(r.json(), "invalid_request_error")
+    assert r.status_code == 400 and err["param"] is None, r.text  # was "1", the character offset
+    assert err["message"].startswith("Invalid request: the body is not valid JSON (Expecting property name"), err
+
+
+@pytest.mark.parametrize(
     "messages",
     [
         '[{"role": "user", "content": "\\ud800"}]',  # a lone surrogate: valid JSON, no text a tokenizer encodes

@@ -1,13 +1,15 @@
 """Errors that every entry point (CLI, HTTP, trainer) turns into one clear sentence.
 
 `UsageError` is the caller's mistake (CLI exit 2, HTTP 4xx); `CheckFailed` is a gate or data check that
-did not pass (CLI exit 1); `NotFound` and `Conflict` map to 404 and 409 over HTTP. `field_message` says a
-validation error of pydantic or FastAPI in words, a pattern as the rule registered for it.
+did not pass (CLI exit 1); `NotFound` and `Conflict` map to 404 and 409 over HTTP. `said` turns the
+validation errors of pydantic or FastAPI into (field, words) pairs: a pattern as the rule registered for it,
+the field as the request spells it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # What each pattern a field or parameter must match means, in words (registered with `pattern()` where the
@@ -27,7 +29,44 @@ def field_message(error: Mapping[str, Any]) -> str:
         rule = PATTERN_RULES.get(str((error.get("ctx") or {}).get("pattern")))
         if rule:
             return rule
+    if error.get("type") == "json_invalid":  # FastAPI's: loc ends in a character offset, not a field
+        return f"the body is not valid JSON ({(error.get('ctx') or {}).get('error', 'cannot be parsed')})"
     return str(error.get("msg", ""))
+
+
+# The steps pydantic names inside a field on the way to an error: a union's members (`constrained-str`,
+# `list[TextPart]`, `literal['all-linear']`) and validators (`function-after[_unicode(), str]`). No field or
+# parameter of ours looks like one.
+_STEP = re.compile(
+    r"[\[(]|^(constrained-\w+|function-\w+|json-or-python|lax-or-strict|str|int|float|bool|list|dict|none)$"
+)
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """An error's location as the request spells it, without pydantic's steps: `stop`, `messages.0.content`."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or not _STEP.search(str(p)))
+
+
+def said(errors: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(field, words, pydantic's error type) for each validation error worth saying. A value that fits none of a union's members gets
+    one error per member; where another error names what is wrong with it (a list of 5 where at most 4 are
+    allowed), the members' "should be a valid string" is left out."""
+    errors = list(errors)
+    out = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            out.append(("", field_message(err), "json_invalid"))
+            continue
+        path = field_path(loc)
+        wrong_member = str(err.get("type", "")).endswith("_type") and field_path(loc) != ".".join(map(str, loc))
+        if wrong_member and any(
+            o is not err and field_path(tuple(o.get("loc", ()))).startswith(path) and o.get("type") != err.get("type")
+            for o in errors
+        ):
+            continue
+        out.append((path, field_message(err), str(err.get("type", ""))))
+    return out
 
 
 class LunaError(Exception):

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import UsageError, field_message, pattern
+from .errors import UsageError, pattern, said
 from .settings import NAME_MAX, NAME_PATTERN
 from .templates import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
@@ -164,9 +164,8 @@ def _snake_keys(model: type[BaseModel], data: dict) -> dict:
 def format_validation_error(exc: ValidationError, what: str = "parameters", unknown: str = "unknown parameter") -> str:
     """One sentence naming each bad field as the flags and the API spell it (camelCase)."""
     parts = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
+    for loc, msg, kind in said(exc.errors(include_url=False)):
+        loc = loc or "body"
         loc = to_camel(loc) if "_" in loc else loc
-        msg = unknown if err["type"] == "extra_forbidden" else field_message(err)
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {unknown if kind == 'extra_forbidden' else msg}")
     return f"Invalid {what}: " + "; ".join(parts) + "."

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ..errors import LunaError, field_message
+from ..errors import LunaError, field_message, said
 
 log = logging.getLogger("lunatrain.api")
 
@@ -58,7 +58,10 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
         {"loc": [str(p) for p in e.get("loc", ())], "msg": field_message(e), "type": str(e.get("type", ""))}
         for e in exc.errors()
     ]
-    summary = "; ".join(f"{'.'.join(d['loc'][1:] or d['loc'])}: {d['msg']}" for d in details[:5])
+    # The field without its place (body, path, query), as the request spells it; a body that is no JSON at all
+    # has no field.
+    parts = [(path.split(".", 1)[1] if "." in path else "", words) for path, words, _ in said(exc.errors())]
+    summary = "; ".join(f"{field}: {words}" if field else words for field, words in parts[:5])
     return error_response(422, "invalid_request", f"Invalid request: {summary}.", details)
 
 

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import evalsuite, serving
-from ...errors import LunaError, UsageError, field_message
+from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode
 from ...settings import Settings
 from ..deps import SettingsDep, errors
@@ -192,11 +192,10 @@ def _from_luna(exc: LunaError) -> JSONResponse:
 
 
 def _from_validation(exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    where = ".".join(loc)
-    message = f"Invalid request: {where + ': ' if where else ''}{field_message(first) or 'malformed body'}."
-    return openai_error(400, message, param=loc[0] if loc else None, code="invalid_request")
+    path, words, _ = (said(exc.errors()) or [("", "malformed body", "")])[0]
+    where = path.removeprefix("body").removeprefix(".")
+    message = f"Invalid request: {where + ': ' if where else ''}{words}."
+    return openai_error(400, message, param=where.split(".")[0] if where else None, code="invalid_request")
 
 
 class OpenAIRoute(APIRoute):
