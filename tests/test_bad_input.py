@@ -273,6 +273,10 @@ def test_settings_out_of_range_are_refused_by_every_command(
         (("jobs", "list", "--status", "bogus"), "Unknown job status 'bogus'"),  # refused before asking the trainer
         (("luna", "--adapter", "../x"), "Invalid adapter name"),  # not "Step eval-gate failed" (exit 1)
         (("auto", "--adapter", "a@"), "no version after '@'"),
+        # a chat request for that name would reach the base model: the adapter could never be asked for
+        (("lora", "--adapter-name", "luna-tiny"), "adapterName 'luna-tiny' is the name of the base model"),
+        (("lora", "--local", "--adapterName=luna-tiny"), "adapterName 'luna-tiny' is the name of the base model"),
+        (("luna", "--adapterName=luna-tiny"), "adapterName 'luna-tiny' is the name of the base model"),
     ],
 )
 def test_flag_values_are_refused_with_their_own_names(
@@ -625,3 +629,19 @@ def test_deactivate_takes_the_active_alias_like_activate(trained_home: Path) -> 
         assert res.status_code == 200 and res.json()["aliases"].get("active") is None, res.text
         res = client.post(f"{T}/adapters/luna-adapter/deactivate", json={"version": "active"})
         assert res.status_code == 422, res.text  # nothing active any more
+
+
+def test_the_api_refuses_an_adapter_named_like_its_base(seeded: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")  # refused before any trainer is asked
+    client = TestClient(create_app(load_settings()), base_url="http://127.0.0.1:5050")
+
+    def files() -> dict[str, tuple[int, int]]:  # SQLite's -wal/-shm come with any read
+        return {p: v for p, v in snapshot(seeded.home).items() if not p.endswith(("-wal", "-shm"))}
+
+    before = files()
+    for path in ("/lora/start", "/lora/quick-start"):
+        body = {"adapterName": "luna-tiny", "minCurated": 0} if path == "/lora/start" else {"adapterName": "luna-tiny"}
+        r = client.post(f"{T}{path}", json=body)
+        assert r.status_code == 422, (path, r.text)
+        assert "adapterName 'luna-tiny' is the name of the base model" in r.json()["error"]["message"]
+    assert files() == before

@@ -275,3 +275,19 @@ def test_a_version_of_another_base_activated_with_force_is_served(settings) -> N
         assert "other@v2" not in [m["id"] for m in engine.models()]
     finally:
         registry.registry_path(settings).write_text(saved)
+
+
+def test_an_adapter_named_like_the_base_is_listed_by_its_versions_only(settings) -> None:
+    """Registered before training refused such names: /v1/models listed "luna-tiny" twice, once for the base
+    and once for the adapter, and a request for it always reached the base. Its versions stay reachable."""
+    engine = serving.Engine(settings)
+    saved = registry.registry_path(settings).read_text()
+    try:
+        version = random_adapter(settings, "luna-tiny", 8)
+        registry.activate(settings, "luna-tiny", version)
+        ids = [m["id"] for m in engine.models()]
+        assert ids.count("luna-tiny") == 1 and f"luna-tiny@{version}" in ids
+        assert engine.resolve("luna-tiny").adapter is None  # the base
+        assert engine.resolve(f"luna-tiny@{version}").adapter == "luna-tiny"
+    finally:
+        registry.registry_path(settings).write_text(saved)

@@ -146,9 +146,11 @@ def resolve_base(settings: Settings, params: LoraParams) -> LoraParams:
     from pathlib import Path
 
     from .models import refuse_adapter_dir
+    from .params import check_adapter_name
 
     base = params.base_model or settings.base_model
     refuse_adapter_dir(Path(base).expanduser(), base)
+    check_adapter_name(params, base)
     return params if params.base_model else params.model_copy(update={"base_model": base})
 
 

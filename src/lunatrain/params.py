@@ -161,6 +161,16 @@ def _snake_keys(model: type[BaseModel], data: dict) -> dict:
     return {by_alias.get(k, k): v for k, v in data.items()}
 
 
+def check_adapter_name(params: LoraParams, base_ref: str) -> None:
+    """An adapter is not named like the base model it is trained on: `/v1` answers a request for that name with
+    the base model itself, so the adapter could never be reached by its name."""
+    if params.adapter_name == base_ref:
+        raise UsageError(
+            f"adapterName {params.adapter_name!r} is the name of the base model it would be trained on; a chat "
+            "request naming it would reach the base model. Choose another name."
+        )
+
+
 def format_validation_error(exc: ValidationError, what: str = "parameters", unknown: str = "unknown parameter") -> str:
     """One sentence naming each bad field as the flags and the API spell it (camelCase)."""
     parts = []

@@ -133,12 +133,10 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
         fits = [
             e for e in adapter.get("versions", []) if not e.get("replaced") and _fits(e, base_fingerprint, active_here)
         ]
-        with contextlib.suppress(NotFound):
-            active = active_entry(settings, name, base_id, base_fingerprint)
-            if any(e["version"] == active["version"] for e in fits):
-                out.append(
-                    {"id": name, "kind": "active", "version": active["version"], "created": active.get("created")}
-                )
+        # An adapter named like the base is listed by its versions only: a request for the name reaches the base.
+        active = active_here if name != base_id else None
+        if active is not None and any(e["version"] == active["version"] for e in fits):
+            out.append({"id": name, "kind": "active", "version": active["version"], "created": active.get("created")})
         for e in fits:
             out.append(
                 {

@@ -44,7 +44,7 @@ from .errors import CheckFailed, LunaError, UsageError
 from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded
-from .params import LoraParams, parse_params, steps_per_epoch, total_steps
+from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoch, total_steps
 from .settings import Settings, check_name
 from .startup import import_training_stack
 from .tokens import Batch, Encoded, make_batch
@@ -261,6 +261,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
             return None
 
     check(lambda: check_name(params.adapter_name, "adapter name"))
+    check(lambda: check_adapter_name(params, params.base_model or settings.base_model))
     device = check(lambda: resolve_device(params.device))
     data = check(lambda: read_tier(settings, params.dataset_tier))
     if data is not None and not data.train:
