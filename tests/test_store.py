@@ -5,10 +5,12 @@ Run: `.venv/bin/python -m pytest tests/test_store.py -q` (PostgreSQL cases are s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from typer.testing import CliRunner
 from lunatrain import store
 from lunatrain.cli import app
 from lunatrain.errors import Conflict, NotFound, UsageError
+from lunatrain.formats import make_draft
 from lunatrain.settings import Settings, load_settings
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -423,3 +426,75 @@ def test_approved_memory_items_reach_the_export_and_rejected_ones_do_not(db: Set
     assert r.exit_code == 0, r.output
     lines = (db.training_dir / "assistant-sft-memory.jsonl").read_text(encoding="utf-8").splitlines()
     assert sorted(json.loads(line)["id"] for line in lines if line) == sorted([f"mem-{kept.id}", f"mem-{revived.id}"])
+
+
+def _both_checked_before_either_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers that each find the content absent before either inserts it: the race of two processes
+    adding the same content. Each waits after its check until the other has checked too, or 2 s when the
+    store lets only one writer in at a time (then the second checks after the first committed)."""
+    barrier = threading.Barrier(2)
+    original = store._existing
+
+    def existing(*args, **kwargs):
+        found = original(*args, **kwargs)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=2)
+        return found
+
+    monkeypatch.setattr(store, "_existing", existing)
+
+
+def _twice_at_once(call) -> list:
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test looks at
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_two_writers_adding_the_same_memory_item_at_once(db: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL the second insert failed on the unique hash with a traceback (two `examples seed` at
+    once); writers now queue as on SQLite, and the second finds the item there (Conflict, one sentence)."""
+    store.add_memory(db, question="schon da", answer="ja")  # the store and its schema exist before the race
+    _both_checked_before_either_writes(monkeypatch)
+    results = _twice_at_once(lambda: store.add_memory(db, question="Wo wohne ich?", answer="In Berlin."))
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "MemoryItem"], results
+    assert [i.question for i in store.list_memory(db)].count("Wo wohne ich?") == 1
+
+
+def test_two_writers_importing_the_same_examples_at_once_both_succeed(
+    db: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL one of two imports sharing examples failed ("run the command again") and used up ids, so
+    the same examples got other ids than on SQLite. Both succeed now, the second skipping what the first added."""
+    store.add_examples(db, [make_draft(prompt="schon da", response="ja")])
+    _both_checked_before_either_writes(monkeypatch)
+    drafts = [make_draft(prompt=f"Frage {i}", response=f"Antwort {i}") for i in range(20)]
+    results = _twice_at_once(lambda: store.add_examples(db, drafts))
+    assert all(isinstance(r, store.AddResult) for r in results), results
+    assert sorted((r.added, r.skipped_duplicates) for r in results) == [(0, 20), (20, 0)]
+    assert [e.id for e in store.list_examples(db, limit=100)] == list(range(1, 22))  # no ids used up
+
+
+def test_an_id_beyond_the_column_is_not_found_not_a_damaged_database(db: Settings) -> None:
+    """ids are 32-bit on PostgreSQL: 3000000000 made the server refuse the query, which was reported as a
+    damaged database ("restore it from a backup"). No example or memory item can have such an id."""
+    store.add_examples(db, [make_draft(prompt="a", response="b")])
+    for call in (
+        lambda: store.set_status(db, [3_000_000_000], "approved"),
+        lambda: store.set_memory_status(db, [3_000_000_000], "approved"),
+        lambda: store.delete_examples(db, [2**62]),
+        lambda: store.get_example(db, 3_000_000_000),
+        lambda: store.get_memory(db, 2**62),
+    ):
+        with pytest.raises(NotFound, match=r"^No (example|memory item) with id \d+"):
+            call()

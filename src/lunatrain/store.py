@@ -41,6 +41,10 @@ STATUSES: tuple[str, ...] = get_args(Status)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes
+_PG_WRITE_LOCK = 0x4C554E57  # "LUNW": writers queue, as SQLite's BEGIN IMMEDIATE makes them
+# The largest id a row can have: `id` is a 32-bit integer on PostgreSQL (a 64-bit one on SQLite). A larger
+# one names no row; the server would refuse the query rather than find nothing.
+_PG_MAX_ID = 2**31 - 1
 _CHUNK = 500  # ids/hashes per IN (...) clause: far below every driver's parameter limit
 
 
@@ -154,11 +158,21 @@ class Store:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE), so writers
-        queue on the busy timeout instead of failing when a read lock cannot be upgraded."""
+        queue on the busy timeout instead of failing when a read lock cannot be upgraded. On PostgreSQL an
+        advisory lock held to the end of the transaction makes writers queue the same way: a writer's check
+        ("is this content stored?") and its insert are then never interleaved with another's (two `examples
+        seed` at once), and the same data gets the same ids on both databases."""
         with _storage_errors(self.engine), self.engine.connect() as conn:
             conn = conn.execution_options(luna_write=True)
             with conn.begin():
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_WRITE_LOCK})
                 yield conn
+
+
+def _holds(dialect: str, item_id: int) -> bool:
+    """Whether `item_id` fits the id column of this database (see _PG_MAX_ID)."""
+    return dialect != "postgresql" or item_id <= _PG_MAX_ID
 
 
 def database_name(engine: Engine) -> str:
@@ -487,8 +501,11 @@ def get_example(settings: Settings, example_id: int) -> Example:
 
 
 def _get_row(settings: Settings, table: sa.Table, item_id: int, what: str) -> Any:
-    with open_store(settings).read() as conn:
-        row = conn.execute(sa.select(table).where(table.c.id == item_id)).mappings().first()
+    store = open_store(settings)
+    row = None
+    if _holds(store.dialect, item_id):
+        with store.read() as conn:
+            row = conn.execute(sa.select(table).where(table.c.id == item_id)).mappings().first()
     if row is None:
         raise NotFound(f"No {what} with id {item_id}.")
     return row
@@ -518,8 +535,9 @@ def _check_ids(conn: Connection, table: sa.Table, ids: Sequence[int], what: str)
     if not wanted:
         raise UsageError(f"Name at least one {what} id.")
     found: set[int] = set()
-    for i in range(0, len(wanted), _CHUNK):
-        found.update(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(wanted[i : i + _CHUNK]))))
+    held = [i for i in wanted if _holds(conn.dialect.name, i)]
+    for i in range(0, len(held), _CHUNK):
+        found.update(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(held[i : i + _CHUNK]))))
     missing = [i for i in wanted if i not in found]
     if missing:
         shown = ", ".join(map(str, missing[:10]))
