@@ -277,6 +277,9 @@ def test_settings_out_of_range_are_refused_by_every_command(
         (("lora", "--adapter-name", "luna-tiny"), "adapterName 'luna-tiny' is the name of the base model"),
         (("lora", "--local", "--adapterName=luna-tiny"), "adapterName 'luna-tiny' is the name of the base model"),
         (("luna", "--adapterName=luna-tiny"), "adapterName 'luna-tiny' is the name of the base model"),
+        # the caller's mistake inside a flow step was "Step prepare failed: …; fix the examples listed …" (exit 1)
+        (("luna", "--local", "--chatTemplate=nonexist"), "Unknown chatTemplate 'nonexist'; bundled templates:"),
+        (("luna", "--local", "--device=cuda"), "CUDA"),
     ],
 )
 def test_flag_values_are_refused_with_their_own_names(
@@ -645,3 +648,13 @@ def test_the_api_refuses_an_adapter_named_like_its_base(seeded: Settings, monkey
         assert r.status_code == 422, (path, r.text)
         assert "adapterName 'luna-tiny' is the name of the base model" in r.json()["error"]["message"]
     assert files() == before
+
+
+def test_a_usage_error_met_inside_a_flow_step_is_exit_2_with_its_own_sentence(seeded: Settings) -> None:
+    """Every error inside a `luna`/`auto` step was made a failed check (exit 1) with the step's fixed advice
+    ("fix, roll back or deactivate the active adapter" for a base model that is not there)."""
+    r = run("luna", "--local", "--baseModel=org/not-cached")
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: Step eval-gate failed: Base model 'org/not-cached' is not in the local"), last
+    assert "deactivate the active adapter" not in r.output

@@ -191,6 +191,25 @@ def test_the_command_line_trains_quantized_although_it_starts_without_bitsandbyt
     assert registry.get_version(settings, "q4cli", "v1")["quantization"]["bits"] == 4
 
 
+@pytest.mark.slow
+def test_the_luna_flow_trains_quantized_although_its_gate_step_loads_peft_first(settings):
+    """`luna --quantize 4bit --local` ended in a traceback ("this process loaded PEFT without bitsandbytes"):
+    its first step, the eval gate, loaded PEFT before the lora step could lift the mark. The flow lifts it
+    before its first step when the run quantizes."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    store.dispose_stores()
+    flags = ["--local", "--quantize", "4bit", "--adapterName", "q4luna", "--epochs", "1", "--maxSteps", "1"]
+    env = os.environ | {"ASSISTANT_HOME": str(settings.home)}
+    out = subprocess.run(
+        [sys.executable, "-m", "lunatrain", "luna", *flags], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: the gate may refuse a one-step adapter
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert registry.get_version(settings, "q4luna", "v1")["quantization"]["bits"] == 4
+
+
 def test_with_bitsandbytes_lifts_the_mark_only_before_peft_is_imported(monkeypatch):
     import importlib.util
 

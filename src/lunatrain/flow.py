@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import evalgate, export, prepare, registry
-from .errors import CheckFailed, LunaError
+from .compat import with_bitsandbytes
+from .errors import CheckFailed, LunaError, UsageError
 from .messages import coded
 from .params import FlowOptions, LoraParams
 from .settings import PREPARE_REPORT, Settings
@@ -286,6 +287,14 @@ def run_flow(
         from .registry import parse_ref
 
         parse_ref(adapter)  # a malformed name is the caller's mistake (exit 2), not a failed gate step
+    if params.chat_template:  # an unknown one is the caller's mistake: said before the export changes anything
+        from .templates import load_template
+
+        load_template(params.chat_template, settings)
+    if params.quantize != "none":
+        # The gate step loads PEFT before the lora step trains: PEFT must find bitsandbytes when it does
+        # (a command starts without it; compat.with_bitsandbytes says why).
+        with_bitsandbytes()
     result = FlowResult(params=params, options=options)
 
     def step(name: str, fn: Callable[[], tuple[bool, str, dict[str, Any]]]) -> None:
@@ -294,6 +303,11 @@ def run_flow(
         started = time.monotonic()
         try:
             ok, summary, detail = fn()
+        except UsageError as err:  # the caller's mistake, met in this step: its own sentence and exit 2
+            result.steps.append(StepOutcome(name, False, round(time.monotonic() - started, 3), err.message, {}))
+            raise UsageError(
+                f"Step {name} failed: {err.message}", details=result, code=err.code, params=err.params
+            ) from None
         except LunaError as err:
             ok, summary, detail = False, err.message, {"code": err.code}
         result.steps.append(StepOutcome(name, ok, round(time.monotonic() - started, 3), summary, detail))

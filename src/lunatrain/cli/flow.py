@@ -132,6 +132,10 @@ def run(
             )
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
+        if local:  # this process trains: a device it does not have is said before any step changes anything
+            from ..models import resolve_device
+
+            resolve_device(r.params.device)
         result: FlowResult = run_flow(
             settings,
             r.params,
