@@ -52,6 +52,13 @@ def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) ->
         ("[lora\n", "not valid TOML"),
         ("lora = 3\n", "[lora] must be a table"),
         ("[quickStart]\nmaxSteps = 0\n", "maxSteps"),
+        # TOML has types: these were converted (epochs 1, 4, learningRate 0.1, minCurated 1), as a flag's text is
+        ("[lora]\nepochs = true\n", "[lora]: Invalid parameters: epochs: Input should be a valid integer"),
+        ('[lora]\nepochs = "4"\n', "[lora]: Invalid parameters: epochs: Input should be a valid integer"),
+        ('[lora]\nlearningRate = "0.1"\n', "learningRate: Input should be a valid number"),
+        ("[lora]\nminCurated = true\n", "minCurated: Input should be a valid integer"),
+        # named against the table it is in, not against [lora] resolved on that base
+        ('[bases."luna-tiny"]\nrank = "x"\n', "[bases.'luna-tiny']: Invalid parameters: rank"),
     ],
 )
 def test_bad_profile_is_a_usage_error_naming_the_key(settings: Settings, home: Path, text: str, needle: str) -> None:

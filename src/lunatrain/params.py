@@ -122,18 +122,19 @@ class FlowOptions(CamelModel):
     gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
 
 
-def parse_params(data: dict, *, base: LoraParams | None = None) -> LoraParams:
-    """Validate `data` (either spelling) on top of `base`; every problem is named in one UsageError."""
+def parse_params(data: dict, *, base: LoraParams | None = None, strict: bool = False) -> LoraParams:
+    """Validate `data` (either spelling) on top of `base`; every problem is named in one UsageError.
+    `strict`: values must have their field's type already (a profile's TOML), none is converted."""
     merged = (base.model_dump() if base else {}) | _snake_keys(LoraParams, data)
     if base is not None and "rank" in data and "alpha" not in data and base.alpha == 2 * base.rank:
         merged["alpha"] = None  # alpha followed the old rank; let it follow the new one
     try:
-        return LoraParams.model_validate(merged)
+        return LoraParams.model_validate(merged, strict=strict)
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc), details=exc.errors(include_url=False)) from exc
 
 
-def parse_run(data: dict) -> tuple[LoraParams, FlowOptions]:
+def parse_run(data: dict, *, strict: bool = False) -> tuple[LoraParams, FlowOptions]:
     """Split flags or a request body (either spelling) into the run's parameters and the flow's options;
     problems of both are named in one UsageError."""
     option_keys = set(FlowOptions.model_fields) | {to_camel(k) for k in FlowOptions.model_fields}
@@ -141,12 +142,12 @@ def parse_run(data: dict) -> tuple[LoraParams, FlowOptions]:
     errors: list[str] = []
     params = options = None
     try:
-        params = parse_params(lora)
+        params = parse_params(lora, strict=strict)
     except UsageError as err:
         errors.append(err.message.removeprefix("Invalid parameters: ").rstrip("."))
     try:
         options = FlowOptions.model_validate(
-            _snake_keys(FlowOptions, {k: v for k, v in data.items() if k in option_keys})
+            _snake_keys(FlowOptions, {k: v for k, v in data.items() if k in option_keys}), strict=strict
         )
     except ValidationError as exc:
         errors.append(format_validation_error(exc).removeprefix("Invalid parameters: ").rstrip("."))

@@ -102,6 +102,15 @@ def load_profile(settings: Settings, name: str) -> Profile:
         parse_thresholds(profile.gate)
     except UsageError as exc:
         raise UsageError(f"Profile {path} [gate]: {exc.message}") from exc
+    # Each table on its own, its values as TOML typed them: "4" or true where a number belongs is a mistake
+    # here (a flag's text is converted; a profile's is not), and it is named against the table it is in.
+    tables = [("[lora]", profile.lora), ("[quickStart]", profile.quick_start)]
+    tables += [(f"[bases.{base!r}]", values) for base, values in profile.bases.items()]
+    for table, values in tables:
+        try:
+            parse_run(dict(values), strict=True)
+        except UsageError as exc:
+            raise UsageError(f"Profile {path} {table}: {exc.message}") from exc
     checks = [("[lora]", {}, False), ("[quickStart]", {}, True)]
     checks += [(f"[bases.{base!r}]", {"baseModel": base}, False) for base in profile.bases]
     for table, given, quick in checks:
