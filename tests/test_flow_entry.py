@@ -54,3 +54,17 @@ def test_exit_1_when_the_gate_refuses_the_new_adapter(settings, home):
     # without the gate the same run is a success
     r = CliRunner().invoke(app, ["lora", "--local", "--profile", "strict", *FAST, "--no-gate"])
     assert r.exit_code == 0, r.output
+
+
+def test_the_flow_summary_counts_the_tier_it_trains_on(settings):
+    """`luna --datasetTier=merged` trained the merged tier but its export line counted the curated one."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["luna", "--local", "--datasetTier=merged", *FAST, "--no-gate"])
+    counts = json.loads((settings.training_dir / "assistant-sft-summary.json").read_text())["counts"]
+    store.dispose_stores()
+    assert r.exit_code in (0, 1), r.output
+    merged = counts["merged"]
+    assert f"{merged['total']} merged samples ({merged['train']} train, {merged['val']} val)" in r.output
+    assert merged["total"] != counts["curated"]["total"]  # the two lines differ, so the test tells them apart

@@ -333,11 +333,12 @@ def run_flow(
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:
         summary = export.export(settings)
-        curated = summary.counts["curated"]
+        tier = params.dataset_tier  # the tier this run trains on, not always the curated one
+        counts = summary.counts[tier]
         return (
             True,
             (
-                f"{curated['total']} curated samples ({curated['train']} train, {curated['val']} val), "
+                f"{counts['total']} {tier} samples ({counts['train']} train, {counts['val']} val), "
                 f"fingerprint {summary.fingerprint[:12]}"
             ),
             {"fingerprint": summary.fingerprint},
