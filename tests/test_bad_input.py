@@ -658,3 +658,14 @@ def test_a_usage_error_met_inside_a_flow_step_is_exit_2_with_its_own_sentence(se
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("error: Step eval-gate failed: Base model 'org/not-cached' is not in the local"), last
     assert "deactivate the active adapter" not in r.output
+
+
+def test_a_postgres_url_in_the_hosts_spelling_names_the_scheme_to_use(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """postgres:// (Heroku's and many hosts' spelling) failed with "Can't load plugin: sqlalchemy.dialects:postgres"
+    and no hint."""
+    monkeypatch.setenv("ASSISTANT_DB_URL", "postgres://luna:secret@127.0.0.1:9/luna")
+    line = one_sentence(run("examples", "list"), 2)
+    assert line.endswith("use the scheme postgresql+psycopg:// instead of postgres://."), line
+    assert "secret" not in line

@@ -291,7 +291,11 @@ def open_store(settings: Settings) -> Store:
                 engine = _sqlite_engine(url) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
             # ValueError/TypeError: a URL part the dialect converts (a port that is no number, `?timeout=abc`).
             except (sa.exc.ArgumentError, ImportError, ValueError, TypeError) as exc:
-                raise UsageError(f"Invalid database URL {_hidden(url)!r}: {exc}; check ASSISTANT_DB_URL.") from None
+                # postgres://, as many hosts write it, names no SQLAlchemy dialect: name the one to use
+                fix = "check ASSISTANT_DB_URL"
+                if url.startswith("postgres://"):
+                    fix = "use the scheme postgresql+psycopg:// instead of postgres://"
+                raise UsageError(f"Invalid database URL {_hidden(url)!r}: {exc}; {fix}.") from None
             except OSError as exc:  # the SQLite file's folder cannot be created (a file in its way, no access)
                 raise UsageError(
                     f"Cannot create the folder of the database {_hidden(url)!r} ({exc.strerror or exc}); "
