@@ -441,6 +441,8 @@ def test_the_command_line_says_a_pattern_in_words(seeded: Settings) -> None:
     ("args", "says"),
     [
         (("lora", "--bogus"), "No such option: --bogus (`"),  # then the command path, as this process is named
+        # click gives this one no context: the command was "lunatrain", and a full stop stood before the bracket
+        (("luna", "--ensureTrainer=true"), "does not take a value (`lunatrain luna --help` lists the options)."),
         (("lora", "--batchSize=1e3"), "Invalid value for '--batch-size' / '--batchSize'"),
         (("status", "--minCurated=-1"), "greater than or equal to 0"),
         (("examples", "list", "--rating", "abc"), "No such option: --rating"),

@@ -7,7 +7,9 @@ stage never means editing a central list.
 from __future__ import annotations
 
 import importlib
+import itertools
 import pkgutil
+import sys
 
 import typer
 
@@ -39,8 +41,12 @@ def main() -> None:
         err.show()
         raise SystemExit(err.exit_code) from None
     except errors.UsageError as err:
-        command = err.ctx.command_path if err.ctx else "lunatrain"
-        typer.echo(f"error: {err.format_message()} (`{command} --help` lists the options).", err=True)
+        # Some parser errors come without their command's context (an option given a value it does not take):
+        # the command is then the words before the first option.
+        words = list(itertools.takewhile(lambda a: not a.startswith("-"), sys.argv[1:3]))
+        command = err.ctx.command_path if err.ctx else " ".join(["lunatrain", *words])
+        message = err.format_message().rstrip(".")
+        typer.echo(f"error: {message} (`{command} --help` lists the options).", err=True)
         raise SystemExit(2) from None
     except errors.ClickException as err:
         typer.echo(f"error: {err.format_message()}", err=True)
