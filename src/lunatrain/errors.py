@@ -2,8 +2,8 @@
 
 `UsageError` is the caller's mistake (CLI exit 2, HTTP 4xx); `CheckFailed` is a gate or data check that
 did not pass (CLI exit 1); `NotFound` and `Conflict` map to 404 and 409 over HTTP. `said` turns the
-validation errors of pydantic or FastAPI into (field, words) pairs: a pattern as the rule registered for it,
-the field as the request spells it.
+validation errors of pydantic or FastAPI into (field, words, type) triples: a pattern as the rule registered
+for it, the field as the request spells it.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def field_path(loc: Iterable[Any]) -> str:
 
 
 def said(errors: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """(field, words, pydantic's error type) for each validation error worth saying. A value that fits none of a union's members gets
-    one error per member; where another error names what is wrong with it (a list of 5 where at most 4 are
-    allowed), the members' "should be a valid string" is left out."""
+    """(field, words, pydantic's error type) for each validation error worth saying. A value that fits none of
+    a union's members gets one error per member; where another error names what is wrong with it (a list of 5
+    where at most 4 are allowed), the members' "should be a valid string" is left out."""
     errors = list(errors)
     out = []
     for err in errors:
@@ -59,7 +59,7 @@ def said(errors: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
             out.append(("", field_message(err), "json_invalid"))
             continue
         path = field_path(loc)
-        wrong_member = str(err.get("type", "")).endswith("_type") and field_path(loc) != ".".join(map(str, loc))
+        wrong_member = str(err.get("type", "")).endswith("_type") and path != ".".join(map(str, loc))
         if wrong_member and any(
             o is not err and field_path(tuple(o.get("loc", ()))).startswith(path) and o.get("type") != err.get("type")
             for o in errors

@@ -436,8 +436,13 @@ def _base_label(settings: Settings, fingerprint: str) -> str:
 def active_version(settings: Settings, name: str, base: str) -> dict[str, Any] | None:
     """The entry of NAME active on base fingerprint `base`; None when none is."""
     adapter = list_adapters(settings).get(name)
-    active = (adapter or {}).get("activeByBase", {}).get(base)
-    return _entry(adapter, active["version"]) if adapter and active else None
+    return active_of(adapter, base) if adapter else None
+
+
+def active_of(adapter: dict[str, Any], base: str) -> dict[str, Any] | None:
+    """active_version for an adapter already read (one of list_adapters' values)."""
+    active = adapter.get("activeByBase", {}).get(base)
+    return _entry(adapter, active["version"]) if active else None
 
 
 def list_active(settings: Settings, base: str | None = None) -> list[dict[str, Any]]:

@@ -129,7 +129,7 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
     every version served on it (_fits)."""
     out = [{"id": base_id, "kind": "base"}]
     for name, adapter in sorted(registry.list_adapters(settings).items()):
-        active_here = registry.active_version(settings, name, base_fingerprint)
+        active_here = registry.active_of(adapter, base_fingerprint)  # this listing's read, not one per adapter
         fits = [
             e for e in adapter.get("versions", []) if not e.get("replaced") and _fits(e, base_fingerprint, active_here)
         ]
