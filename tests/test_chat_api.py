@@ -384,3 +384,68 @@ def test_retrieving_a_model_not_served_is_404_model_not_found(client: TestClient
     assert r.status_code == 404, r.text
     err = assert_openai_error(r.json(), "invalid_request_error")
     assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+        ({"tool_choice": "required"}, "tool_choice", "unsupported_value"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "unsupported_value"),
+        ({"function_call": {"name": "f"}}, "function_call", "unsupported_value"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "unsupported_value",
+        ),
+        ({"response_format": {}}, "response_format", "unsupported_value"),
+        ({"logprobs": True}, "logprobs", "unsupported_value"),
+        ({"top_logprobs": 3}, "top_logprobs", "unsupported_value"),
+        ({"logit_bias": {"42": 5}}, "logit_bias", "unsupported_parameter"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_what_the_server_cannot_honour_is_400_not_silently_ignored(
+    client: TestClient, body: dict, param: str, code: str, stream: bool
+) -> None:
+    """JSON mode, tools, log-probabilities and logit bias would each change the answer; answering prose as if
+    they had been honoured misleads the client, so they are refused naming the parameter."""
+    status, answer = chat(client, stream=stream, **body)
+    err = assert_openai_error(answer, "invalid_request_error")
+    assert status == 400 and err["param"] == param and err["code"] == code, answer
+    assert err["message"].startswith(f"{param}: "), err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tools": [], "tool_choice": "none"},
+        {"tool_choice": "auto", "function_call": "none"},
+        {"response_format": {"type": "text"}},
+        {"logprobs": False, "top_logprobs": 0, "logit_bias": {}},
+        {"presence_penalty": 0, "frequency_penalty": -0.5},
+        {"user": "u-1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True, "service_tier": "auto"},
+    ],
+)
+def test_the_neutral_values_clients_send_by_default_are_answered(client: TestClient, body: dict) -> None:
+    status, answer = chat(client, **body)
+    assert status == 200, answer
+    assert answer["choices"][0]["message"]["content"] is not None
+
+
+@pytest.mark.parametrize(
+    ("param", "value"), [("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("presence_penalty", "1")]
+)
+def test_penalties_outside_openais_range_are_400_naming_them(client: TestClient, param: str, value) -> None:
+    status, answer = chat(client, **{param: value})
+    assert status == 400 and assert_openai_error(answer, "invalid_request_error")["param"] == param, answer
+
+
+def test_a_frequency_penalty_changes_a_greedy_answer_that_repeats_tokens(client: TestClient) -> None:
+    """Greedy luna-tiny repeats tokens within 32; a penalty of 2 per earlier use must steer it elsewhere."""
+    plain = chat(client, max_tokens=32)[1]["choices"][0]["message"]["content"]
+    penalised = chat(client, max_tokens=32, frequency_penalty=2.0)[1]["choices"][0]["message"]["content"]
+    assert chat(client, max_tokens=32, frequency_penalty=2.0)[1]["choices"][0]["message"]["content"] == penalised
+    assert penalised != plain, plain

@@ -154,3 +154,8 @@ def test_errors_come_in_openais_shape_through_the_client(client) -> None:
     assert too_many.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="luna-tiny", messages=[])
+    with pytest.raises(openai.BadRequestError) as json_mode:  # refused, not answered in prose
+        ask(client, "luna-tiny", "Hallo?", response_format={"type": "json_object"})
+    assert json_mode.value.body["param"] == "response_format" and json_mode.value.body["code"] == "unsupported_value"
+    penalised = ask(client, "luna-tiny", "Hallo?", max_tokens=4, presence_penalty=0.5, frequency_penalty=0.5)
+    assert penalised.usage.completion_tokens <= 4

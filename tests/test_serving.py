@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,20 @@ def test_an_adapter_named_like_the_base_is_listed_by_its_versions_only(settings)
         assert engine.resolve(f"luna-tiny@{version}").adapter == "luna-tiny"
     finally:
         registry.registry_path(settings).write_text(saved)
+
+
+def test_presence_and_frequency_penalties_lower_only_the_tokens_already_generated() -> None:
+    """OpenAI's definitions, over the tokens this answer generated so far: each such token's logit minus
+    presence_penalty once and frequency_penalty per time it was generated."""
+    import torch
+
+    logits = torch.tensor([3.0, 2.5, 0.0])
+    greedy = serving.Sampling(max_tokens=1, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert serving._pick(logits, greedy, g, [0, 0]) == 0
+    assert serving._pick(logits, replace(greedy, presence_penalty=1.0), g, [0]) == 1  # 3 - 1 < 2.5
+    assert serving._pick(logits, replace(greedy, presence_penalty=1.0), g, [2]) == 0  # another token's use
+    assert serving._pick(logits, replace(greedy, frequency_penalty=0.3), g, [0]) == 0  # 3 - 0.3 > 2.5
+    assert serving._pick(logits, replace(greedy, frequency_penalty=0.3), g, [0, 0]) == 1  # 3 - 0.6 < 2.5
+    assert serving._pick(torch.tensor([2.5, 3.0]), replace(greedy, presence_penalty=-1.0), g, [0]) == 0
+    assert logits.tolist() == [3.0, 2.5, 0.0]  # the caller's logits are left as they were

@@ -20,7 +20,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,10 @@ class Sampling:
     # True when max_tokens is the server's cap, not a number the client asked for: the answer may then also
     # end at the end of the model's context, and only a prompt that leaves no room at all is refused.
     up_to_context: bool = False
+    # OpenAI's penalties (-2..2) over the tokens this answer has generated so far (as vLLM reads them; the
+    # prompt is not counted): a token's logit minus presence_penalty once and frequency_penalty per use.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 # --- model names ----------------------------------------------------------------------------------
@@ -201,10 +205,14 @@ def _adapter_tokenizer(path: Path, base_tokenizer: Any) -> Any:
     return tok if tok.chat_template else base_tokenizer
 
 
-def _pick(logits: Any, s: Sampling, generator: Any) -> int:
+def _pick(logits: Any, s: Sampling, generator: Any, generated: Sequence[int] = ()) -> int:
     import torch
 
-    logits = logits.float()
+    logits = logits.float()  # a copy for any other dtype; cloned below before it is changed in place
+    if generated and (s.presence_penalty or s.frequency_penalty):
+        ids, counts = torch.unique(torch.tensor(generated, dtype=torch.long), return_counts=True)
+        logits = logits.clone()
+        logits[ids] -= s.presence_penalty + s.frequency_penalty * counts.float()
     if s.temperature < 1e-4:  # 0 means greedy; a temperature that small is greedy in all but name
         return int(torch.argmax(logits))
     # Shifted so the largest is 0: dividing by a small temperature can then not overflow into inf/nan.
@@ -506,7 +514,7 @@ class Generation:
             out = self._model(input_ids=ids, use_cache=True, **{self.engine.cache_kw: self._past})
             logits = out.logits[0, -1].to("cpu")
             self.engine.generated += 1
-        token = _pick(logits, self.sampling, self._generator)
+        token = _pick(logits, self.sampling, self._generator, self.new_ids)
         self._next_input = [token]
         return token
 

@@ -68,7 +68,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat request, the fields lunatrain honours; other fields clients send are ignored."""
+    """OpenAI's chat request: the fields lunatrain honours, and those it cannot honour (tools, JSON mode,
+    log-probabilities, logit bias), which `_refuse_unsupported` lets through only at their neutral values.
+    Other fields clients send (`user`, `metadata`, `store`, …) do not change an answer and are ignored."""
 
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)  # NaN: "a finite number"
 
@@ -91,6 +93,17 @@ class ChatRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="one choice per request")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # Not honoured: accepted at their neutral values only (see _refuse_unsupported).
+    tools: list[Any] | None = Field(default=None, description="only [] (this server calls no tools)")
+    tool_choice: Any = Field(default=None, description='only "none" or "auto"')
+    functions: list[Any] | None = Field(default=None, description="only []")
+    function_call: Any = Field(default=None, description='only "none" or "auto"')
+    response_format: dict[str, Any] | None = Field(default=None, description='only {"type": "text"}')
+    logprobs: bool | None = Field(default=None, description="only false")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="only 0")
+    logit_bias: dict[str, Any] | None = Field(default=None, description="only {}")
 
 
 class ErrorDetail(BaseModel):
@@ -330,7 +343,32 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
     )
 
 
+def _refuse_unsupported(body: ChatRequest) -> None:
+    """A request for what this server cannot do is refused, naming the parameter: answering prose where JSON,
+    a tool call or log-probabilities were asked for would look like an answer to the request and is not. The
+    neutral values that clients send by default (an empty list, "none", {"type": "text"}, false) pass."""
+
+    def refuse(param: str, words: str, code: str = "unsupported_value") -> None:
+        raise UsageError(f"{param}: {words}", details={"param": param, "code": code})
+
+    for param in ("tools", "functions"):
+        if getattr(body, param):
+            refuse(param, "this server calls no tools; send the request without them.", "unsupported_parameter")
+    for param in ("tool_choice", "function_call"):
+        if getattr(body, param) not in (None, "none", "auto"):
+            refuse(param, 'this server calls no tools, so only "none" or "auto" can be chosen.')
+    if body.response_format is not None and body.response_format != {"type": "text"}:
+        refuse("response_format", 'this server answers in plain text only ({"type": "text"}); no JSON mode.')
+    if body.logprobs:
+        refuse("logprobs", "this server does not return log-probabilities.")
+    if body.top_logprobs:
+        refuse("top_logprobs", "this server does not return log-probabilities.")
+    if body.logit_bias:
+        refuse("logit_bias", "this server does not bias tokens; send the request without it.", "unsupported_parameter")
+
+
 def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
+    _refuse_unsupported(body)
     cap = settings.infer_max_tokens
     wanted = body.max_completion_tokens or body.max_tokens
     if wanted is not None and wanted > cap:
@@ -347,6 +385,8 @@ def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=stop,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
     )
 
 
