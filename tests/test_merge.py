@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import stat
 import warnings
 
 import pytest
 import torch
 
-from lunatrain import evalgate, models, registry
+from lunatrain import evalgate, fsio, models, registry
 from lunatrain.errors import Conflict
 from lunatrain.merge import merge_adapter
 
@@ -48,6 +49,12 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_home, settin
         registry.get_version(settings, "luna-adapter", "v1")["merged"]["path"] == "data/models/merged/luna-adapter-v1"
     )
     assert merge_adapter(settings, "luna-adapter@latest").replaced
+    # repro: the merged folder was 0700 and its files 0600 (temp-name modes), so a server running as another
+    # user could not read the model a umask of 022 should have made readable to it
+    umask = fsio.current_umask()
+    assert stat.S_IMODE(result.path.stat().st_mode) == 0o777 & ~umask
+    for written in ("config.json", "lunatrain-merge.json", "generation_config.json"):
+        assert stat.S_IMODE((result.path / written).stat().st_mode) == 0o666 & ~umask, written
 
 
 def test_merge_refuses_when_the_base_changed(settings):

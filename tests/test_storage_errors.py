@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from lunatrain import store
+from lunatrain import fsio, store
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.errors import DiskFull, StorageError, UsageError
+from lunatrain.fsio import atomic_write_text
 from lunatrain.settings import Settings, check_data_root, load_settings
 
 T = "/assistant/training"
@@ -128,3 +130,22 @@ def test_read_only_data_root(home: Path) -> None:
 def test_storage_errors_are_503_and_one_sentence() -> None:
     assert StorageError("x").http_status == 503 and StorageError("x").exit_code == 1
     assert DiskFull("x").code == "disk_full"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_files_and_folders_written_by_rename_get_the_modes_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    """A temp name (mkstemp 0600, mkdtemp 0700) renamed into place kept its private mode: an export, a report
+    or a merged model was unreadable to anyone else whatever the umask said."""
+    old = os.umask(umask)
+    try:
+        assert fsio.current_umask() == umask
+        atomic_write_text(tmp_path / "report.json", "{}\n")
+        folder = fsio.staging_dir(tmp_path, "merged-v1")
+        os.umask(0o002)  # read when used, not once per process
+        atomic_write_text(tmp_path / "later.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert folder.parent == tmp_path and folder.name.startswith(".merged-v1.") and not list(folder.iterdir())
+    assert stat.S_IMODE((tmp_path / "later.json").stat().st_mode) == 0o664

@@ -56,13 +56,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it: os.umask can only be read by setting it, which would
+    race with threads creating files meanwhile. (Linux: /proc; elsewhere the common 022.)"""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A new empty folder in `parent` to build `name` in before replace_dir moves it into place. mkdtemp
+    makes it 0700, which a rename keeps: it gets the mode a plain mkdir would (0777 less the umask)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    path.chmod(0o777 & ~current_umask())
+    return path
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Write to a temp file beside `path`; fsync and rename over it only if the block succeeds."""
+    """Write to a temp file beside `path`; fsync and rename over it only if the block succeeds. The file gets
+    the mode a plain open would give it (0666 less the umask), not mkstemp's 0600."""
     with storage_guard(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()

@@ -11,14 +11,13 @@ written to a temp directory that is renamed into place, then recorded on the ver
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
 from .compat import peft_wrapping
 from .errors import Conflict
-from .fsio import atomic_write_json, replace_dir
+from .fsio import atomic_write_json, replace_dir, staging_dir
 from .settings import Settings, check_name
 
 
@@ -58,10 +57,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         )
     adapter_dir = registry.loadable_dir(settings, entry)  # before anything is written
     label = check_name(f"{name}-{entry['version']}", "merged model name")
-    merged_root = settings.models_dir / "merged"
-    merged_root.mkdir(parents=True, exist_ok=True)
-    target = merged_root / label
-    tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=merged_root))
+    target = settings.models_dir / "merged" / label
+    tmp = staging_dir(target.parent, label)
     try:
         model = load_model(base, settings, "cpu", torch.float32)
         with peft_wrapping():

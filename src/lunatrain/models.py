@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from .compat import keep_4bit_gradients
 from .errors import UsageError
-from .fsio import atomic_write_text, dumps_json, file_lock, replace_dir
+from .fsio import atomic_write_text, current_umask, dumps_json, file_lock, replace_dir, staging_dir
 from .settings import Settings
 from .templates import Terminator, turn_terminator  # noqa: F401  (callers ask models where a turn ends)
 
@@ -221,12 +220,13 @@ def ensure_tiny(settings: Settings) -> Path:
     with file_lock(settings.models_dir / f".{TINY_ID}.lock"):
         if _manifest_recipe(manifest) == recipe:
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_ID}.", dir=settings.models_dir))
+        tmp = staging_dir(settings.models_dir, TINY_ID)
         try:
             cached = _tiny_cache() / f"{TINY_ID}-{recipe[:16]}"
             if _manifest_recipe(cached / "luna-tiny.json") == recipe:
                 shutil.rmtree(tmp)
-                shutil.copytree(cached, tmp)
+                shutil.copytree(cached, tmp)  # copies the cache's modes: a cache written before fsio's fix has 0700
+                tmp.chmod(0o777 & ~current_umask())
             else:
                 build_tiny_model(tmp)
                 atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
@@ -246,8 +246,7 @@ def _keep_in_cache(built: Path, cached: Path) -> None:
     """Copy a finished build into the machine cache, whole or not at all (a copy renamed into place); the
     cache is an optimisation, so any failure to write it is ignored."""
     with contextlib.suppress(OSError):
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+        staging = staging_dir(cached.parent, cached.name)
         try:
             shutil.rmtree(staging)
             shutil.copytree(built, staging)
