@@ -16,6 +16,7 @@ import contextlib
 import importlib.resources
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -312,6 +313,11 @@ def open_store(settings: Settings) -> Store:
                 if isinstance(err.__cause__, sa.exc.OperationalError) and "unable to open" in str(err.__cause__):
                     # not damage: a path or server that cannot be reached is a configuration mistake
                     raise UsageError(f"Cannot open the database {engine.url!r}: {err.__cause__.orig}.") from None
+                option = _BAD_URL_OPTION.search(str(getattr(err.__cause__, "orig", "")))
+                if option:  # libpq refused an option of the URL before connecting: nothing is wrong with the data
+                    raise UsageError(
+                        f"Invalid database URL {_hidden(url)!r}: {' '.join(option.group(0).split()).rstrip('.')}; check ASSISTANT_DB_URL."
+                    ) from None
                 raise
             except OSError as exc:  # e.g. the data directory cannot be created
                 engine.dispose()
@@ -320,6 +326,13 @@ def open_store(settings: Settings) -> Store:
                 ) from None
             _stores[key] = store
     return store
+
+
+# libpq's words for a URL option it refuses while parsing the connection string, before any connection:
+# an unknown name, or a value it cannot take (`connect_timeout=abc`, `sslmode=bogus`).
+_BAD_URL_OPTION = re.compile(
+    r"(invalid connection option|bad value for|invalid integer value|invalid \w+ value)\b.*", re.DOTALL
+)
 
 
 def _hidden(url: str) -> str:
