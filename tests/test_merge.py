@@ -53,7 +53,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_home, settin
     # user could not read the model a umask of 022 should have made readable to it
     umask = fsio.current_umask()
     assert stat.S_IMODE(result.path.stat().st_mode) == 0o777 & ~umask
-    for written in ("config.json", "lunatrain-merge.json", "generation_config.json"):
+    for written in ("config.json", "lunatrain-merge.json", "generation_config.json", "model.safetensors"):
         assert stat.S_IMODE((result.path / written).stat().st_mode) == 0o666 & ~umask, written
 
 

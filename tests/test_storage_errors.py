@@ -149,3 +149,16 @@ def test_files_and_folders_written_by_rename_get_the_modes_the_umask_gives(tmp_p
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert folder.parent == tmp_path and folder.name.startswith(".merged-v1.") and not list(folder.iterdir())
     assert stat.S_IMODE((tmp_path / "later.json").stat().st_mode) == 0o664
+
+
+def test_weights_written_by_libraries_get_the_modes_the_umask_gives(trained_root: Path) -> None:
+    """safetensors creates its files 0600 whatever the umask: a trained adapter's and luna-tiny's weights were
+    unreadable to a server running as another user, while the JSON files beside them were readable."""
+    umask = fsio.current_umask()
+    settings = load_settings(home=trained_root, db_url=None)
+    folders = [settings.adapters_dir / "luna-adapter" / "v1", settings.models_dir / "luna-tiny"]
+    for folder in folders:
+        assert (folder / "config.json").exists() or (folder / "adapter_config.json").exists(), folder
+        for path in folder.rglob("*"):
+            want = 0o777 & ~umask if path.is_dir() else 0o666 & ~umask
+            assert stat.S_IMODE(path.stat().st_mode) == want, path

@@ -76,6 +76,16 @@ def staging_dir(parent: Path, name: str) -> Path:
     return path
 
 
+def give_umask_modes(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a plain open/mkdir would (0666/0777 less the
+    umask). safetensors creates its files 0600 whatever the umask, so weights written by a library into a
+    folder we publish would be the one thing in it another user (a server, a backup) cannot read."""
+    umask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
     """Write to a temp file beside `path`; fsync and rename over it only if the block succeeds. The file gets

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from .compat import peft_wrapping
 from .errors import Conflict
-from .fsio import atomic_write_json, replace_dir, staging_dir
+from .fsio import atomic_write_json, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings, check_name
 
 
@@ -80,6 +80,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
                 "created": registry.now(),
             },
         )
+        give_umask_modes(tmp)  # safetensors wrote the weights 0600
         # an earlier merge of the same adapter version is the same content, rebuilt
         replaced = replace_dir(tmp, target)
     finally:

@@ -26,7 +26,7 @@ from typing import Any
 
 from .compat import keep_4bit_gradients
 from .errors import UsageError
-from .fsio import atomic_write_text, current_umask, dumps_json, file_lock, replace_dir, staging_dir
+from .fsio import atomic_write_text, dumps_json, file_lock, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings
 from .templates import Terminator, turn_terminator  # noqa: F401  (callers ask models where a turn ends)
 
@@ -225,12 +225,12 @@ def ensure_tiny(settings: Settings) -> Path:
             cached = _tiny_cache() / f"{TINY_ID}-{recipe[:16]}"
             if _manifest_recipe(cached / "luna-tiny.json") == recipe:
                 shutil.rmtree(tmp)
-                shutil.copytree(cached, tmp)  # copies the cache's modes: a cache written before fsio's fix has 0700
-                tmp.chmod(0o777 & ~current_umask())
+                shutil.copytree(cached, tmp)  # copies the cache's modes, which an older release left private
             else:
                 build_tiny_model(tmp)
                 atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
                 _keep_in_cache(tmp, cached)
+            give_umask_modes(tmp)  # safetensors wrote the weights 0600
             replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

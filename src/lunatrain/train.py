@@ -41,7 +41,7 @@ from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
 from .distributed import World
 from .errors import CheckFailed, LunaError, UsageError
-from .fsio import atomic_write_bytes, atomic_write_json, dumps_json
+from .fsio import atomic_write_bytes, atomic_write_json, dumps_json, give_umask_modes
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded
 from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoch, total_steps
@@ -738,6 +738,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
 
     run.tokenizer.save_pretrained(str(out))
     write_generation_config(out, run.base.path, run.tokens.terminator, run.tokenizer)
+    give_umask_modes(out)  # safetensors wrote the weights 0600
     hashes = sorted({e.hash for e in trained_samples(run) if e.hash})
     atomic_write_bytes(out / registry.TRAIN_HASHES_FILE, "".join(h + "\n" for h in hashes).encode())
     plot_loss_curve(out / registry.LOSS_CURVE_FILE, run.curve, run.epochs, run.base_val_loss, title=p.adapter_name)
