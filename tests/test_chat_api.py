@@ -122,6 +122,22 @@ def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body:
     ("body", "says"),
     [
         ({"stop": ["a", "b", "c", "d", "e"]}, "Invalid request: stop: List should have at most 4 items"),
+        # every member refused it by type: was "malformed body" with no parameter
+        ({"stop": 5}, "Invalid request: stop: Input should be a valid string or a valid list."),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            "Invalid request: messages.0.content: Input should be a valid string or a valid list.",
+        ),
+        # a user turn without text was answered as if the user had sent an empty message
+        (
+            {"messages": [{"role": "user", "content": None}]},
+            "Invalid request: messages.0.content: a user message needs content",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "Du bist Luna."}, {"role": "user"}]},
+            "Invalid request: messages.1.content: a user message needs content",
+        ),
+        ({"messages": [{"role": "user", "content": "a\x00b"}]}, "Invalid request: messages.0.content: contains a NUL"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "Invalid request: messages.0.content.0.type: Input should be 'text'.",

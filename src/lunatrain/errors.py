@@ -31,7 +31,7 @@ def field_message(error: Mapping[str, Any]) -> str:
             return rule
     if error.get("type") == "json_invalid":  # FastAPI's: loc ends in a character offset, not a field
         return f"the body is not valid JSON ({(error.get('ctx') or {}).get('error', 'cannot be parsed')})"
-    return str(error.get("msg", ""))
+    return str(error.get("msg", "")).removeprefix("Value error, ")  # pydantic's prefix for our validators' words
 
 
 # The steps pydantic names inside a field on the way to an error: a union's members (`constrained-str`,
@@ -50,22 +50,27 @@ def field_path(loc: Iterable[Any]) -> str:
 def said(errors: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     """(field, words, pydantic's error type) for each validation error worth saying. A value that fits none of
     a union's members gets one error per member; where another error names what is wrong with it (a list of 5
-    where at most 4 are allowed), the members' "should be a valid string" is left out."""
+    where at most 4 are allowed), the members' "should be a valid string" is left out, and where none does
+    (5 for a string or a list of strings) the members' wishes are said as one: "a valid string or a valid
+    list"."""
     errors = list(errors)
-    out = []
+    out: list[tuple[str, str, str]] = []
+    members: dict[str, list[Mapping[str, Any]]] = {}  # a union's per-member type errors, by field
     for err in errors:
         loc = tuple(err.get("loc", ()))
         if err.get("type") == "json_invalid":
             out.append(("", field_message(err), "json_invalid"))
             continue
         path = field_path(loc)
-        wrong_member = str(err.get("type", "")).endswith("_type") and path != ".".join(map(str, loc))
-        if wrong_member and any(
-            o is not err and field_path(tuple(o.get("loc", ()))).startswith(path) and o.get("type") != err.get("type")
-            for o in errors
-        ):
+        if str(err.get("type", "")).endswith("_type") and path != ".".join(map(str, loc)):
+            members.setdefault(path, []).append(err)
+        else:
+            out.append((path, field_message(err), str(err.get("type", ""))))
+    for path, errs in members.items():
+        if any(f"{said}.".startswith(f"{path}.") for said, _, _ in out):
             continue
-        out.append((path, field_message(err), str(err.get("type", ""))))
+        wishes = list(dict.fromkeys(field_message(e).removeprefix("Input should be ") for e in errs))
+        out.append((path, "Input should be " + " or ".join(wishes), str(errs[0].get("type", ""))))
     return out
 
 

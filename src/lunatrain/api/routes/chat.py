@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +36,8 @@ from ..deps import SettingsDep, errors
 def _unicode(value: str) -> str:
     if not is_unicode(value):  # a Python str, but no text a tokenizer can encode
         raise ValueError(NOT_UNICODE)
+    if "\x00" in value:  # as for stored examples (formats.checked_text): no chat template expects it
+        raise ValueError("contains a NUL character")
     return value
 
 
@@ -54,7 +56,16 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # `name` and other fields clients send: unused
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = Field(default=None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _needs_content(cls, value: object, info: ValidationInfo) -> object:
+        # An assistant turn may come back without text (a client replaying a turn that called tools); a
+        # system, developer or user turn without text would be rendered as an empty turn the user never wrote.
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"a {info.data['role']} message needs content (a string or a list of text parts)")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):
