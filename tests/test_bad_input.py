@@ -271,6 +271,8 @@ def test_settings_out_of_range_are_refused_by_every_command(
     [
         (("adapters", "show", "luna-adapter@"), "no version after '@'"),
         (("adapters", "activate", "luna-adapter@"), "no version after '@'"),
+        # was: the latest version became active, even one the eval gate had refused
+        (("adapters", "activate", "luna-adapter"), "activate takes NAME@VERSION"),
         (("adapters", "rollback", "luna-adapter@v1"), "rollback takes an adapter name"),  # @v1 was ignored
         (("eval-gate", "--min-golden-pass-rate", "2"), "minGoldenPassRate:"),  # the flag's name, not min_golden_…
         (("eval-gate", "--min-golden-pass-rate", "nan"), "minGoldenPassRate: Input should be a finite number"),

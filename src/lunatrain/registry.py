@@ -61,6 +61,7 @@ TRAIN_HASHES_FILE = "train-hashes.txt"  # the content hashes of the examples tra
 
 FORMAT = "lunatrain-registry/1"
 SLOT = "current"  # the single version of the overwrite strategy
+ALIASES = ("latest", "active")  # names get_version resolves to a version; never a version's own name
 _VERSION_RE = re.compile(r"^v(\d+)$")
 # Fields a later step may add or change on an existing entry; everything else is immutable.
 ANNOTATIONS = ("gate", "merged", "stale", "replaced")

@@ -90,8 +90,9 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         return Target(model=base_id)
     try:
         name, version = registry.parse_ref(model)
-        if "@" in model and not version:
-            raise UsageError("an empty version")
+        if "@" in model and version in ("", *registry.ALIASES):
+            # only what /v1/models lists: `name` is the active version; `name@latest` could be a refused one
+            raise UsageError("an empty version or an alias")
         if version:
             entry = registry.get_version(settings, name, version)
         else:

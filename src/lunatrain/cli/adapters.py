@@ -118,7 +118,11 @@ def activate_cmd(
     try:
         settings = load_settings()
         name, version = registry.parse_ref(ref)
-        entry = registry.activate(settings, name, version or "latest", force=force, reason="cli")
+        if not version:  # the latest version may be one the eval gate refused: which one is the user's choice
+            raise UsageError(
+                f"activate takes NAME@VERSION, not {ref!r}; `lunatrain adapters show {name}` lists the versions."
+            )
+        entry = registry.activate(settings, name, version, force=force, reason="cli")
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is now active.")
