@@ -122,9 +122,13 @@ def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
     assert accepted["job"]["status"] in {"validating", "queued", "running"}
     assert accepted["seeded"]["examplesAdded"] > 0 and accepted["export"]["counts"]["curated"]["total"] > 0
 
-    # The same requestId again is the same job, not a second one.
+    # The same requestId again is the same job, not a second one, and exports nothing: a retry re-exported,
+    # replacing the tier the job trains from
+    exported = api.client.get("/assistant/training/status").json()["lastExport"]
     again = api.client.post("/assistant/training/lora/example-adapter", json={"requestId": "e2e-example-1"})
     assert again.status_code == 202 and again.json()["jobId"] == job_id
+    assert again.json()["export"] is None and again.json()["seeded"] is None, again.json()
+    assert api.client.get("/assistant/training/status").json()["lastExport"] == exported
 
     job = api.wait_job(job_id)
     assert job["status"] == "succeeded", job

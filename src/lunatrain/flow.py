@@ -190,41 +190,49 @@ def check_before_export(
     thresholds: dict[str, Any] | None,
     request_id: str | None,
     curated: int,
-) -> None:
+) -> Any:
     """Everything `submit` would refuse, checked before a one-click flow seeds or exports, so that a refused
-    start changes nothing: the base model, minCurated against the `curated` approved examples the export
-    will hold, and the trainer's own checks (parameters, memory plan, template, requestId) without queueing.
+    start changes nothing: the base model, the trainer's own checks (parameters, memory plan, template,
+    requestId) without queueing, and minCurated against the `curated` approved examples the export will hold.
+    Returns the job `request_id` already names (a retry: the flow must not seed or export again), else None.
     """
     from .service import client
     from .service.ensure import ensure_trainer
 
     params = resolve_base(settings, params)
     ensure_trainer(settings)
-    check_min_curated(settings, options, curated)
-    client.check(settings, params, options, request_id, thresholds)
+    existing = client.check(settings, params, options, request_id, thresholds)
+    if existing is None:
+        check_min_curated(settings, options, curated)
+    return existing
 
 
 def quick_start(
     settings: Settings, profile_name: str, overrides: dict[str, Any], request_id: str | None = None
-) -> tuple[Any, export.ExportSummary]:
-    """The profile's parameters on its short schedule, on a fresh export of the store."""
+) -> tuple[Any, export.ExportSummary | None]:
+    """The profile's parameters on its short schedule, on a fresh export of the store. A retry (a requestId
+    that names a job of the same parameters) returns that job and exports nothing (summary None)."""
     from . import store
     from .profiles import load_profile
 
     profile = load_profile(settings, profile_name)
     params, options = profile.resolve(overrides, quick=True)
     curated = store.counts(settings)["totals"]["curated_approved"]  # what the export will write to the tier
-    check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=curated)
+    existing = check_before_export(
+        settings, params, options, thresholds=profile.gate, request_id=request_id, curated=curated
+    )
+    if existing is not None:
+        return existing, None
     summary = export.export(settings)
     return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
 
 
 def example_adapter(
     settings: Settings, adapter_name: str, request_id: str | None = None
-) -> tuple[Any, dict[str, int] | None, export.ExportSummary]:
+) -> tuple[Any, dict[str, int] | None, export.ExportSummary | None]:
     """An example adapter on the bundled dataset: seeded into an empty store, exported, submitted with the
     Luna profile's short schedule. Returns the job, what was seeded (None when the store had data) and the
-    export summary."""
+    export summary; a retry of the same requestId returns its job and neither seeds nor exports (None, None)."""
     from . import store
     from .profiles import load_profile
 
@@ -233,7 +241,9 @@ def example_adapter(
         {"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True
     )
     # first: a refused start leaves the store and the export untouched
-    check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=0)
+    existing = check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=0)
+    if existing is not None:
+        return existing, None, None
     totals = store.counts(settings)["totals"]
     seeded = None
     if totals["examples"] == 0 and totals["memory"] == 0:
