@@ -279,10 +279,14 @@ def test_optimizer_steps_match_the_training_loop():
 def test_cli_prints_table_and_exits_1_on_fail(settings, tiny):
     records = planted_records()
     write_files(settings, records)
-    result = CliRunner().invoke(app, ["prepare", "--maxSeqLength=512", "--min-curated", "5"])
+    result = CliRunner().invoke(app, ["prepare", "--maxSeqLength=512", "--min-curated", "5", "--show", "2"])
     assert result.exit_code == 1, result.output
     assert "duplicate_across_splits" in result.output and "bad-leak" in result.output
     assert "Preflight failed" in result.output
+    # the samples asked for are shown before the failure (they were not shown at all): they help find why
+    assert result.output.count("--- sample ") == 2 and result.output.index("--- sample") < result.output.index(
+        "Preflight failed"
+    ), result.output
     write_files(settings, clean_records())
     result = CliRunner().invoke(app, ["prepare", "--max-seq-length", "512", "--minCurated=5", "--json"])
     assert result.exit_code == 0, result.output
@@ -307,3 +311,15 @@ def test_training_reads_the_tokens_prepare_cached(settings, tiny, monkeypatch):
     result = train.run_lora(params(max_steps=1, rank=4), settings)
     assert result.ok, result.error
     assert result.report["dataset"]["tokenCacheKey"] == report.cache["key"]
+
+
+def test_a_sample_longer_than_the_models_context_gives_no_transformers_warning(settings, tiny, capfd):
+    """transformers warned "Token indices sequence length is longer than the specified maximum sequence length
+    for this model (10012 > 4096)…" into prepare's output: samples are cut to maxSeqLength before any model
+    sees them, and the `truncated` check already names them."""
+    records = clean_records(30)
+    long = _variant(records[0], "ex-long", answer="wort " * 5000)
+    write_files(settings, [*records, long])
+    report = prepare(settings, params())
+    assert "ex-long" in next(c for c in report.checks if c.id == "truncated").examples
+    assert "Token indices sequence length" not in capfd.readouterr().err

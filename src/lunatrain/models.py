@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .compat import keep_4bit_gradients
+from .compat import keep_4bit_gradients, quiet_too_long_warning
 from .errors import UsageError
 from .fsio import atomic_write_text, dumps_json, file_lock, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings
@@ -384,6 +384,7 @@ def load_chat_tokenizer(ref: str | BaseModelInfo | None, settings: Settings, cha
     added = apply_template(tok, chat_template, settings, info.id)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out anyway; a pad id just has to exist
+    quiet_too_long_warning(tok)
     return tok, added
 
 
@@ -397,6 +398,7 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
     tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    quiet_too_long_warning(tok)
     return tok
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .compat import generation_cache_argument, peft_quiet
+from .compat import generation_cache_argument, peft_quiet, quiet_too_long_warning
 from .errors import Conflict, LunaError, NotFound, UsageError
 from .settings import Settings
 
@@ -203,6 +203,7 @@ def _adapter_tokenizer(path: Path, base_tokenizer: Any) -> Any:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"The tokenizer in {path.name} could not be loaded: {exc}") from exc
+    quiet_too_long_warning(tok)  # a prompt over the context is refused in one sentence (Engine.start)
     return tok if tok.chat_template else base_tokenizer
 
 

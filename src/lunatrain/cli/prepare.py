@@ -47,9 +47,13 @@ def prepare_cmd(
         settings = load_settings()
         r = resolve(settings, profile, lora_flags)
         report = prepare(settings, r.params, min_curated=r.options.min_curated, show=samples)
-        print_report(report, show, as_json=as_json)
-        if samples and not as_json:
-            show_samples(report)
+
+        def draw(report: PrepareReport) -> None:  # the samples too when the check fails: they help find why
+            show(report)
+            if samples:
+                show_samples(report)
+
+        print_report(report, draw, as_json=as_json)
     except LunaError as err:
         raise fail(err) from None
 
