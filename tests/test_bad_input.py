@@ -423,18 +423,43 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
     [
         (b"{bad", "Invalid request: the body is not valid JSON (Expecting property name enclosed in double quotes)."),
         (b'{"targetModules": ["q proj"]}', "Invalid request: targetModules.0: should be module names of 1-64"),
+        # a value neither member takes: both wishes (was only "Input should be 'all-linear'")
+        (
+            b'{"targetModules": "q proj"}',
+            "Invalid request: targetModules: Input should be a valid list or 'all-linear'.",
+        ),
+        # a list: what is wrong inside it, not that it is not 'all-linear' as well
+        (b'{"targetModules": ["q_proj", 5]}', "Invalid request: targetModules.1: Input should be a valid string."),
     ],
 )
 def test_api_validation_messages_name_fields_without_pydantic_internals(
     settings: Settings, body: bytes, says: str
 ) -> None:
     """Was "Invalid request: 1: JSON decode error." (the character offset as a field) and
-    "targetModules.list[constrained-str].0: String should match pattern '^[A-Za-z0-9_.]{1,64}$'"."""
+    "targetModules.list[constrained-str].0: String should match pattern '^[A-Za-z0-9_.]{1,64}$'"; the
+    `details` list still carried pydantic's steps in `loc`."""
     client = TestClient(create_app(settings), base_url="http://127.0.0.1:5050")
     r = client.post(f"{T}/lora/start", content=body, headers={"Content-Type": "application/json"})
     message = r.json()["error"]["message"]
     assert r.status_code == 422 and message.startswith(says), message
-    assert "constrained" not in message and "list[" not in message
+    assert "constrained" not in r.text and "list[" not in r.text and "literal[" not in r.text, r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("/lora/jobs/bad%20id", "jobId: should be a job id"),
+        ("/lora/jobs/bad%20id/events", "jobId: should be a job id"),
+        ("/examples/0/approve", "id: Input should be greater than or equal to 1"),
+        ("/memory/0/reject", "id: Input should be greater than or equal to 1"),
+    ],
+)
+def test_path_parameters_are_named_as_the_docs_name_them(settings: Settings, path: str, says: str) -> None:
+    """Was "job_id: …" and "example_id: …" / "item_id: …": the handler's names, not `{jobId}` and `{id}`."""
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1:5050")
+    r = client.post(f"{T}{path}") if path.endswith(("approve", "reject")) else client.get(f"{T}{path}")
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith(f"Invalid request: {says}"), r.text
+    assert "_id" not in r.text, r.text
 
 
 def test_the_command_line_says_a_pattern_in_words(seeded: Settings) -> None:

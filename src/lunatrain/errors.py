@@ -47,25 +47,35 @@ def field_path(loc: Iterable[Any]) -> str:
     return ".".join(str(p) for p in loc if isinstance(p, int) or not _STEP.search(str(p)))
 
 
+def _wrong_member(err: Mapping[str, Any]) -> bool:
+    """A union member refusing the value as a whole (a string offered to the list member, a list to the
+    'all-linear' literal): pydantic's location then ends in the member's step."""
+    loc = tuple(err.get("loc", ()))
+    kind = str(err.get("type", ""))
+    return (
+        (kind.endswith("_type") or kind == "literal_error")
+        and bool(loc)
+        and not isinstance(loc[-1], int)
+        and bool(_STEP.search(str(loc[-1])))
+    )
+
+
 def said(errors: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     """(field, words, pydantic's error type) for each validation error worth saying. A value that fits none of
-    a union's members gets one error per member; where another error names what is wrong with it (a list of 5
-    where at most 4 are allowed), the members' "should be a valid string" is left out, and where none does
-    (5 for a string or a list of strings) the members' wishes are said as one: "a valid string or a valid
-    list"."""
+    a union's members gets one error per member. Where another error names what is wrong with it (a list of
+    5 where at most 4 are allowed, an item of the list that is no string), the members that refused the value
+    as a whole are left out; where none does (5 for a string or a list), their wishes are said as one: "a
+    valid string or a valid list"."""
     errors = list(errors)
     out: list[tuple[str, str, str]] = []
-    members: dict[str, list[Mapping[str, Any]]] = {}  # a union's per-member type errors, by field
+    members: dict[str, list[Mapping[str, Any]]] = {}  # by field: the members that refused the whole value
     for err in errors:
-        loc = tuple(err.get("loc", ()))
         if err.get("type") == "json_invalid":
             out.append(("", field_message(err), "json_invalid"))
-            continue
-        path = field_path(loc)
-        if str(err.get("type", "")).endswith("_type") and path != ".".join(map(str, loc)):
-            members.setdefault(path, []).append(err)
+        elif _wrong_member(err):
+            members.setdefault(field_path(err.get("loc", ())), []).append(err)
         else:
-            out.append((path, field_message(err), str(err.get("type", ""))))
+            out.append((field_path(err.get("loc", ())), field_message(err), str(err.get("type", ""))))
     for path, errs in members.items():
         if any(f"{said}.".startswith(f"{path}.") for said, _, _ in out):
             continue

@@ -36,8 +36,9 @@ ReadsDep = Annotated[Coalescer, Depends(get_reads)]
 Fresh = Depends(fresh_reads)
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, description="adapter name")]
 Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=NAME_MAX, description="version, e.g. v3")]
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]
-ItemId = Annotated[int, Path(ge=1, le=INT_MAX, description="numeric id")]
+# The docs' names for the path segments (`{jobId}`, `{id}`), which errors name too; routes spell them so.
+JobId = Annotated[str, Path(alias="jobId", pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]
+ItemId = Annotated[int, Path(alias="id", ge=1, le=INT_MAX, description="numeric id")]
 
 _DESCRIPTIONS = {
     400: "Malformed request or Host header not allowed",

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ..errors import LunaError, field_message, said
+from ..errors import LunaError, said
 
 log = logging.getLogger("lunatrain.api")
 
@@ -53,14 +53,13 @@ async def _luna(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    # Only loc/msg/type: the raw input may be bytes or huge, and echoing it back helps nobody.
-    details = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": field_message(e), "type": str(e.get("type", ""))}
-        for e in exc.errors()
-    ]
+    # Only loc/msg/type, as the message says them: the raw input may be bytes or huge, and echoing it back
+    # helps nobody; pydantic's steps inside a field (`list[constrained-str]`) are no field of the request.
+    errors = said(exc.errors())
+    details = [{"loc": path.split(".") if path else [], "msg": words, "type": kind} for path, words, kind in errors]
     # The field without its place (body, path, query), as the request spells it; a body that is no JSON at all
     # has no field.
-    parts = [(path.split(".", 1)[1] if "." in path else "", words) for path, words, _ in said(exc.errors())]
+    parts = [(path.split(".", 1)[1] if "." in path else "", words) for path, words, _ in errors]
     summary = "; ".join(f"{field}: {words}" if field else words for field, words in parts[:5])
     return error_response(422, "invalid_request", f"Invalid request: {summary}.", details)
 

@@ -143,12 +143,12 @@ async def list_jobs(
     return JobList(data=await run_in_threadpool(lambda: trainer_client.list_jobs(settings, limit=limit, status=status)))
 
 
-@router.get("/jobs/{job_id}", response_model=Job, responses=errors(404, 503))
+@router.get("/jobs/{jobId}", response_model=Job, responses=errors(404, 503))
 async def get_job(job_id: JobId, settings: SettingsDep) -> Job:
     return await run_in_threadpool(trainer_client.get_job, settings, job_id)
 
 
-@router.get("/jobs/{job_id}/events", response_model=EventPage, responses=errors(404, 503))
+@router.get("/jobs/{jobId}/events", response_model=EventPage, responses=errors(404, 503))
 async def job_events(
     job_id: JobId,
     settings: SettingsDep,
@@ -158,6 +158,6 @@ async def job_events(
     return await run_in_threadpool(lambda: trainer_client.events(settings, job_id, after=after, limit=limit))
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, responses=errors(404, 409, 503))
+@router.post("/jobs/{jobId}/cancel", status_code=202, response_model=Job, responses=errors(404, 409, 503))
 async def cancel_job(job_id: JobId, settings: SettingsDep) -> Job:
     return await run_in_threadpool(trainer_client.cancel, settings, job_id)
