@@ -321,3 +321,16 @@ def test_csv_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(UsageError, match="the file is empty"):
         read_file(path)
+
+
+def test_csv_header_names_match_without_case_or_surrounding_spaces(tmp_path: Path) -> None:
+    """A spreadsheet's "Prompt, Response" header was refused as an unknown format."""
+    path = tmp_path / "sheet.csv"
+    path.write_text("Prompt, Response ,TAGS,ConversationId\nHi,Hallo,a;b,c1\n", encoding="utf-8")
+    (draft,) = read_file(path).drafts
+    assert (draft.prompt, draft.response, draft.tags, draft.conversation_id) == ("Hi", "Hallo", ("a", "b"), "c1")
+    path.write_text("Instruction,Output\nSag hallo,Hallo\n", encoding="utf-8")
+    assert read_file(path).drafts[0].response == "Hallo"
+    path.write_text("prompt,Prompt,response\na,b,c\n", encoding="utf-8")  # one column, twice: refused, as before
+    with pytest.raises(UsageError, match="field 'prompt': the header names it twice"):
+        read_file(path)

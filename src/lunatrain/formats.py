@@ -402,6 +402,7 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
             header = next((row for row in rows if not _blank_csv_line(row)), None)
             if header is None:
                 return
+            header = [_CSV_COLUMNS.get(name.strip().casefold(), name.strip()) for name in header]
             twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
             if twice is not None:  # one of the repeated column's cells would be dropped without a word
                 yield f"line {rows.line_num}", RecordError(twice, "the header names it twice")
@@ -426,6 +427,27 @@ def _malformed(exc: ValueError | RecursionError) -> str:
         return "malformed JSON (nested too deeply)"
     # e.g. a number of more digits than Python converts; the advice after the colon is for programmers
     return f"malformed JSON ({str(exc).split(':')[0]})"
+
+
+# The fields a record's shapes read, by their case-folded names: a spreadsheet's header ("Prompt, Response")
+# names them in its own case and spacing.
+_CSV_COLUMNS = {
+    name.casefold(): name
+    for name in (
+        "messages",
+        "conversations",
+        "instruction",
+        "input",
+        "output",
+        "prompt",
+        "response",
+        "system",
+        "tags",
+        "rating",
+        "conversation_id",
+        "conversationId",
+    )
+}
 
 
 def _blank_csv_line(row: list[str]) -> bool:
