@@ -6,7 +6,14 @@ adapter. Run: `.venv/bin/python -m pytest tests/test_flow_entry.py -q`.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -68,3 +75,37 @@ def test_the_flow_summary_counts_the_tier_it_trains_on(settings):
     merged = counts["merged"]
     assert f"{merged['total']} merged samples ({merged['train']} train, {merged['val']} val)" in r.output
     assert merged["total"] != counts["curated"]["total"]  # the two lines differ, so the test tells them apart
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tiny):
+    """Ctrl-C on `lora --local` ended the process with exit 130 and not a word: no report, no sentence, and
+    nothing said about the epoch checkpoints a `--resume` continues from. The first Ctrl-C now stops the loop
+    after the step it is in (as a cancel does), the run is recorded as cancelled, and one sentence says so."""
+    write_export(settings)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("lunatrain")), "lora", "--local", "--epochs=100", "--batchSize=2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        # the second epoch has begun: the first one's checkpoint exists, and 99 are left to interrupt
+        for line in proc.stdout:
+            if line.startswith("epoch 1 done"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    sentence = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: Interrupted: training stopped at step \d+ of \d+ and is recorded as cancelled; "
+        r"run the same command with --resume to continue from the last epoch checkpoint\.",
+        sentence,
+    ), err
+    assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
+    assert not registry.list_adapters(settings)  # nothing was registered

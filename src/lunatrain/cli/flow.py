@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -59,26 +61,67 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> R
     return Resolved(resolve_base(settings, params), options, {})
 
 
+class _CtrlC:
+    """While training in this process: the first Ctrl-C asks the loop to stop after the step it is in (as a
+    cancel does: the run is recorded, its epoch checkpoints stay for --resume); a second one interrupts at
+    once. Under torchrun every rank gets the signal and the ranks agree on the step to stop at."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, _signum: int, _frame: Any) -> None:
+        self.pressed = True
+        self.restore()  # the next Ctrl-C is Python's KeyboardInterrupt
+        typer.echo("\nCtrl-C: stopping after this step (press it again to quit at once).", err=True)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __exit__(self, *_exc: object) -> None:
+        self.restore()
+
+
 def local_lora(
     settings: Settings, params: LoraParams, options: FlowOptions, gate: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate]).
-    Under torchrun every rank trains; only rank 0 shows progress and gates."""
+    Under torchrun every rank trains; only rank 0 shows progress and gates. Ctrl-C while training ends the
+    command with exit 130 and a sentence on how to resume."""
     from ..flow import check_min_curated
     from ..progress import ProgressDisplay
 
     check_min_curated(settings, options)
     main = distributed.from_env().main
     display = ProgressDisplay() if main else None
-    with display or contextlib.nullcontext():
-        return train_and_gate(
+    with _CtrlC() as ctrl_c, display or contextlib.nullcontext():
+        outcome = train_and_gate(
             settings,
             params,
             options,
             thresholds=gate,
             on_event=display.on_event if display else None,
+            should_stop=lambda: ctrl_c.pressed,
+            on_trained=lambda _outcome: ctrl_c.restore(),  # trained: a Ctrl-C during the gate is an interrupt
             may_gate=lambda: main,
         )
+    if ctrl_c.pressed and outcome["status"] == "cancelled":
+        if main:
+            typer.echo(
+                f"error: Interrupted: training stopped at {outcome['error']['message'].removeprefix('cancelled at ')} "
+                "and is recorded as cancelled; run the same command with --resume to continue from the last "
+                "epoch checkpoint.",
+                err=True,
+            )
+        raise typer.Exit(130)
+    return outcome
 
 
 def service_lora(
