@@ -703,3 +703,37 @@ def test_a_postgres_url_in_the_hosts_spelling_names_the_scheme_to_use(
     line = one_sentence(run("examples", "list"), 2)
     assert line.endswith("use the scheme postgresql+psycopg:// instead of postgres://."), line
     assert "secret" not in line
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_another_media_type_is_415_saying_so(seeded: Settings, content_type: str | None) -> None:
+    """`curl -d '{…}' URL` sends form encoding: the answer was 422 "Input should be a valid dictionary or
+    object to extract fields from", which says nothing about the missing header."""
+    client = TestClient(create_app(seeded), base_url="http://127.0.0.1:5050")
+    headers = {"Content-Type": content_type} if content_type else {}
+    before = snapshot(seeded.home)
+    r = client.post(f"{T}/examples", content=b'{"prompt": "a", "response": "b"}', headers=headers)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"]["code"] == "unsupported_media_type"
+    said_type = repr(content_type) if content_type else "none"
+    assert r.json()["error"]["message"] == (
+        f"Send the body as JSON with Content-Type: application/json (the request's Content-Type: {said_type})."
+    )
+    chat = client.post("/v1/chat/completions", content=b'{"model": "luna-tiny", "messages": []}', headers=headers)
+    assert chat.status_code == 415 and chat.json()["error"]["type"] == "invalid_request_error", chat.text
+    assert snapshot(seeded.home) == before
+    # JSON's own media types pass (a charset, application/*+json)
+    for fine in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = client.post(f"{T}/examples", content=b'{"prompt": "a", "response": "b"}', headers={"Content-Type": fine})
+        assert r.status_code in (201, 409), (fine, r.text)
+
+
+@pytest.mark.parametrize("path", [f"{T}/status", f"{T}/examples", "/v1/models", f"{T}/lora/defaults"])
+def test_head_answers_as_get_without_a_body(settings: Settings, path: str) -> None:
+    """HEAD was 405 on every API route (HTTP says a server that answers GET answers HEAD)."""
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1:5050")
+    got = client.get(path)
+    head = client.head(path)
+    assert got.status_code == 200 and head.status_code == 200, head.text
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    assert client.head(f"{T}/examples/import").status_code == 405  # a POST-only route stays 405

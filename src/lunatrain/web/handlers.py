@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LunaError, said
 
@@ -25,6 +26,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    415: "unsupported_media_type",
 }
 
 
@@ -51,8 +53,27 @@ async def _luna(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _validation(_: Request, exc: Exception) -> JSONResponse:
+def not_json(request: Request) -> str | None:
+    """The sentence for a request whose body is not declared JSON, else None. FastAPI reads such a body as
+    bytes and refuses it as "not a valid dictionary", which hides the cause: `curl -d` sends form encoding
+    unless told `-H 'Content-Type: application/json'`."""
+    headers = request.headers
+    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+        return None  # no body: the route's own errors say what is missing
+    declared = headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return None
+    return (
+        "Send the body as JSON with Content-Type: application/json "
+        f"(the request's Content-Type: {repr(declared) if declared else 'none'})."
+    )
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if (problem := not_json(request)) is not None:
+        return error_response(415, "unsupported_media_type", problem)
     # Only loc/msg/type, as the message says them: the raw input may be bytes or huge, and echoing it back
     # helps nobody; pydantic's steps inside a field (`list[constrained-str]`) are no field of the request.
     errors = said(exc.errors())
@@ -110,8 +131,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
     """The handlers; under `openai_prefix` (the chat routes' `/v1`) a path or method no route takes is
-    answered in OpenAI's error shape."""
+    answered in OpenAI's error shape. HEAD is answered as GET without the body."""
     app.state.openai_prefix = openai_prefix
+    app.add_middleware(HeadAsGet)
     app.add_exception_handler(LunaError, _luna)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
@@ -127,3 +149,24 @@ def _jsonable(details: object) -> object:
         return jsonable_encoder(details)
     except Exception:  # details are a courtesy; never let them turn a 4xx into a 500
         return str(details)
+
+
+class HeadAsGet:
+    """HEAD on a GET route: FastAPI's routes take only the methods they declare, so HEAD was a 405 everywhere,
+    though HTTP asks a server that answers GET to answer HEAD. The route runs as GET; its status and headers
+    go out, its body does not (the server would drop it too; this keeps in-process clients right)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)

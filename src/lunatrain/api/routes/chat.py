@@ -28,6 +28,7 @@ from ... import evalsuite, serving
 from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode
 from ...settings import Settings
+from ...web.handlers import not_json
 from ..deps import SettingsDep, errors
 
 # --- wire models ----------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ _TYPES = {
     404: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
 }
@@ -232,6 +234,8 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                if (problem := not_json(request)) is not None:
+                    return openai_error(415, problem, code="unsupported_media_type")
                 return _from_validation(exc)
             except LunaError as exc:
                 return _from_luna(exc)
