@@ -384,3 +384,12 @@ def test_several_active_adapters_name_the_way_out_and_deactivate_resolves_it(set
     assert evalgate.select_candidate(settings)["name"] == "mein-adapter"
     with pytest.raises(NotFound, match="no active version on base model 'luna-tiny'.*adapters activate fremd@VERSION"):
         evalgate.select_candidate(settings, adapter="fremd")
+    # with luna-adapter among several, it is the candidate, and the report says which others were passed over
+    # (they were passed over without a word)
+    _register_active(settings, "luna-adapter", fp)
+    notes: list[str] = []
+    assert evalgate.select_candidate(settings, notes=notes)["name"] == "luna-adapter"
+    assert notes == [
+        "several adapters are active on base model 'luna-tiny' (luna-adapter@v1, mein-adapter@v1): gated "
+        "luna-adapter, the assistant's own; gate another with --adapter NAME"
+    ], notes

@@ -322,8 +322,10 @@ def eval_gate(
     an adapter always brings the template it was trained with. Returns the report whatever the decision;
     `report.raise_on_fail()` turns a failed gate into CheckFailed."""
     th = parse_thresholds(thresholds)
-    entry = select_candidate(settings, adapter=adapter, base_model=base_model, prefer=prefer)
+    notes: list[str] = []
+    entry = select_candidate(settings, adapter=adapter, base_model=base_model, prefer=prefer, notes=notes)
     report = _run(settings, entry, base_model, th, chat_template)
+    report.notes[:0] = notes
     _write(settings, report)
     return report
 
@@ -387,10 +389,16 @@ def _write(settings: Settings, report: GateReport) -> None:
 
 
 def select_candidate(
-    settings: Settings, *, adapter: str | None = None, base_model: str | None = None, prefer: str | None = None
+    settings: Settings,
+    *,
+    adapter: str | None = None,
+    base_model: str | None = None,
+    prefer: str | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any] | None:
     """The registry entry `eval_gate` evaluates (None: the base model); see `eval_gate`. Raises UsageError
-    naming the way out when several adapters are active on the base model and none is named."""
+    naming the way out when several adapters are active on the base model and none is named; when
+    luna-adapter is chosen among several, `notes` gets a line naming the others."""
     from . import registry
 
     if adapter:
@@ -399,10 +407,10 @@ def select_candidate(
         return registry.get_version(settings, name, version or "active", base=base)
     if prefer:
         return registry.active_version(settings, prefer, registry.configured_base(settings, base_model).fingerprint)
-    return _active_for_base(settings, base_model)
+    return _active_for_base(settings, base_model, notes if notes is not None else [])
 
 
-def _active_for_base(settings: Settings, base_model: str | None) -> dict[str, Any] | None:
+def _active_for_base(settings: Settings, base_model: str | None, notes: list[str]) -> dict[str, Any] | None:
     """The active adapter trained on the configured (or given) base model; None when there is none."""
     from . import registry
 
@@ -420,6 +428,11 @@ def _active_for_base(settings: Settings, base_model: str | None) -> dict[str, An
                 code="gate.several_active",
                 params={"adapters": refs, "baseModel": base.id},
             )
+        refs = ", ".join(f"{e['name']}@{e['version']}" for e in active)
+        notes.append(
+            f"several adapters are active on base model {base.id!r} ({refs}): gated luna-adapter, the "
+            "assistant's own; gate another with --adapter NAME"
+        )
         return preferred[0]
     return active[0] if active else None
 
