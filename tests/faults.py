@@ -5,19 +5,27 @@ first on the child's PYTHONPATH. Python imports it at start-up; it wraps `os.rep
 the process or raise before/after the k-th call), `os.fsync` and the `write` of files opened through
 `os.fdopen` (raise ENOSPC or EIO at the k-th call), counting only calls on paths that contain `under`.
 
+`read_only(path)` makes a folder and everything under it read-only for the block: by its modes for a
+user, by a read-only bind mount for root (whom modes do not stop; the tests run as root here).
+
 `record(section, rows)` prints a table and writes it as one section of bench/results/faults.md, leaving
 the other sections (other suites' rows) as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from lunatrain.fsio import file_lock
 
@@ -148,6 +156,33 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 12
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` (created if missing) and everything under it read-only for the block, then as before. Skips the
+    test where neither way is open (root without the right to mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        modes = {p: stat.S_IMODE(p.lstat().st_mode) for p in [path, *path.rglob("*")] if not p.is_symlink()}
+        for p, mode in modes.items():
+            p.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make {path} read-only for root: {mounted.stderr.strip()}")
+    try:
+        if os.access(path, os.W_OK):  # an old mount(8) binds first and ignores `ro`
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True, capture_output=True)
+        yield
+    finally:
+        # lazy: a file the code under test left open must not keep the folder read-only for the tests after it
+        subprocess.run(["umount", "--lazy", str(path)], check=True, capture_output=True)
 
 
 @dataclass

@@ -21,6 +21,8 @@ from lunatrain.errors import DiskFull, StorageError, UsageError
 from lunatrain.fsio import atomic_write_text
 from lunatrain.settings import Settings, check_data_root, load_settings
 
+from faults import read_only
+
 T = "/assistant/training"
 
 
@@ -162,3 +164,31 @@ def test_weights_written_by_libraries_get_the_modes_the_umask_gives(trained_root
         for path in folder.rglob("*"):
             want = 0o777 & ~umask if path.is_dir() else 0o666 & ~umask
             assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+ADAPTER_COMMANDS = [
+    ["adapters", "activate", "luna-adapter@v1"],
+    ["adapters", "deactivate", "luna-adapter"],
+    ["adapters", "rollback", "luna-adapter"],
+    ["adapters", "repair"],
+]
+
+
+@pytest.mark.parametrize("lock", ["there", "never made"])
+def test_adapter_commands_on_a_read_only_registry(trained_home: Path, settings: Settings, lock: str) -> None:
+    """Repro: with reports/training read-only, `adapters activate|deactivate|rollback|repair` (and the API's
+    activate) ended in an OSError traceback (a 500) from opening the registry lock for writing. Now one
+    sentence naming the lock file, exit 1 (503), and the registry as it was."""
+    folder = settings.reports_training_dir
+    lock_file = folder / ".lora-adapters.lock"
+    if lock == "never made":
+        lock_file.unlink()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client, read_only(folder):
+        for args in ADAPTER_COMMANDS:
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 1 and r.output.count("\n") == 1, (args, r.output)
+            assert r.output.startswith(f"error: Writing the lock file {lock_file} failed"), (args, r.output)
+        res = client.post(f"{T}/adapters/luna-adapter/activate", json={"version": "v1"})
+        assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

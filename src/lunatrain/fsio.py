@@ -162,9 +162,15 @@ def _where(exc: ValueError) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (flock) held for the block; works across processes on one machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
+    """Exclusive advisory lock (flock) held for the block; works across processes on one machine. A lock file
+    that cannot be created or opened (a read-only folder, a full disk) is a StorageError: the writes it
+    guards could not happen either, and nothing has changed yet."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+b")  # closed below, after the block
+    except OSError as exc:
+        raise storage_error(exc, f"the lock file {path}") from exc
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
