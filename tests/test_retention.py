@@ -20,6 +20,7 @@ from lunatrain.params import LoraParams
 from lunatrain.service.jobs import JobStore, jobs_db_path
 from lunatrain.settings import Settings
 
+from faults import read_only
 from test_registry import _publish
 
 
@@ -150,6 +151,23 @@ def test_age_rule_removes_old_jobs_within_the_count(settings: Settings) -> None:
     old = w["ids"][:2]  # the two 40-day-old ones; the first ran under torchrun
     assert logs == {f"data/trainer/logs/{j}.log" for j in old} | {f"data/trainer/logs/{old[0]}.torchrun"}
     assert all("days ago" in i.reason for i in report.items if i.kind == "job-log")
+
+
+def test_dry_run_on_a_read_only_data_root(settings: Settings) -> None:
+    """Repro: `gc --dry-run` on a read-only data root (a backup, a mounted snapshot) failed ("Cleaning up …
+    failed: Read-only file system"), though a dry run only reads: it opened the export lock for writing. It
+    lists the same plan as on a writable root; `gc` itself says in one sentence that it cannot remove."""
+    _world(settings)
+    planned = retention.collect(settings, dry_run=True).to_dict()
+    before = _state(settings)
+    with read_only(settings.home):
+        r = CliRunner().invoke(app, ["gc", "--dry-run", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output) == planned
+        r = CliRunner().invoke(app, ["gc"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: "), r.output
+        assert "Traceback" not in r.output
+    assert _state(settings) == before
 
 
 def test_gc_on_an_empty_data_root(home: Path) -> None:

@@ -488,11 +488,12 @@ def current_id(settings: Settings) -> str | None:
 
 def prune_exports(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path]:
     """Export directories beyond the `keep` newest (the current one always stays) and partial ones left by
-    a crash; removed unless `dry_run`. Returns them. Takes the export lock, so it never races an export."""
+    a crash; removed unless `dry_run`. Returns them. Takes the export lock, so it never races an export (a
+    dry run only reads: a shared one, which a read-only data root does not refuse)."""
     out = settings.training_dir
     if not (out / EXPORTS_DIR).is_dir():
         return []
-    with file_lock(out / ".export.lock"):
+    with file_lock(out / ".export.lock", shared=dry_run):
         return _prune(settings, keep, dry_run=dry_run)
 
 

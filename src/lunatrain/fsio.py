@@ -161,17 +161,27 @@ def _where(exc: ValueError) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (flock) held for the block; works across processes on one machine. A lock file
-    that cannot be created or opened (a read-only folder, a full disk) is a StorageError: the writes it
-    guards could not happen either, and nothing has changed yet."""
+def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Advisory lock (flock) held for the block; works across processes on one machine. Exclusive, for a
+    writer: a lock file that cannot be created or opened (a read-only folder, a full disk) is a StorageError,
+    since the writes it guards could not happen either, and nothing has changed yet. `shared`, for a reader
+    that only looks: where the lock file cannot be written (a read-only data root: a backup, a mounted
+    snapshot) it is taken as it is, read-only, and where there is none the block runs without it, so that a
+    read never fails for want of a write it does not need."""
+    fh = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+b")  # closed below, after the block
     except OSError as exc:
-        raise storage_error(exc, f"the lock file {path}") from exc
+        if not shared:
+            raise storage_error(exc, f"the lock file {path}") from exc
+        with contextlib.suppress(OSError):
+            fh = open(path, "rb")  # flock works on a read-only descriptor too
+    if fh is None:
+        yield
+        return
     with fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

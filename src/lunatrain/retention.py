@@ -22,6 +22,7 @@ The policy (settings, ASSISTANT_* variables):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import struct
@@ -106,7 +107,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
         return []
     logs = settings.data_dir / "trainer" / "logs"
     cutoff = now - timedelta(days=settings.retain_job_days)
-    db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+    db = _open_jobs(path, dry_run)
     try:
         rows = db.execute("SELECT id, status, finished_at, created_at FROM jobs ORDER BY seq DESC").fetchall()
         doomed: list[tuple[str, str]] = []
@@ -141,6 +142,18 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
         return items
     finally:
         db.close()
+
+
+def _open_jobs(path: Path, dry_run: bool) -> sqlite3.Connection:
+    """The jobs database; for a dry run read-only. SQLite opens a WAL-mode file only with its index (-shm)
+    beside it, which it cannot create in a folder it may not write (a read-only data root): there, when no
+    write-ahead log is left over either (every job store closed cleanly), the file alone is the whole
+    database and is read as immutable. (Immutable skips the log, so with one left over it is not used.)"""
+    if not dry_run:
+        return sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+    sealed = not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists()
+    frozen = "&immutable=1" if sealed else ""
+    return sqlite3.connect(f"{path.as_uri()}?mode=ro{frozen}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
 
 
 def _parse(stamp: str | None) -> datetime:
