@@ -22,6 +22,7 @@ from lunatrain.fsio import atomic_write_text
 from lunatrain.settings import Settings, check_data_root, load_settings
 
 from faults import read_only
+from helpers import make_records, write_export
 
 T = "/assistant/training"
 
@@ -192,3 +193,22 @@ def test_adapter_commands_on_a_read_only_registry(trained_home: Path, settings: 
         res = client.post(f"{T}/adapters/luna-adapter/activate", json={"version": "v1"})
         assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+FAST = ["--epochs", "1", "--maxSteps", "2", "--batchSize", "8", "--rank", "4", "--maxSeqLength", "128"]
+
+
+@pytest.mark.parametrize("folder", ["reports/training", "data/adapters", "."])
+def test_lora_refuses_before_training_where_it_could_not_publish(settings: Settings, tiny: Path, folder: str) -> None:
+    """Repro: `lora --local` with the registry (reports/training) or the adapter folder read-only trained a
+    whole epoch, then failed at publish (a traceback from the registry lock, or "training failed: OSError").
+    Now it refuses in one sentence before it trains, and changes nothing."""
+    write_export(settings, make_records(40))
+    (settings.home / folder).mkdir(parents=True, exist_ok=True)
+    before = sorted(settings.home.rglob("*"))
+    with read_only(settings.home / folder):
+        r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated", "0", "--no-gate"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: Cannot train luna-adapter: nothing can be written in "), r.output
+    assert "ASSISTANT_HOME" in r.output
+    assert sorted(settings.home.rglob("*")) == before  # not even a work dir or a latest report

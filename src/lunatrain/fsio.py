@@ -17,7 +17,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,6 +45,37 @@ def storage_guard(what: object) -> Iterator[None]:
         yield
     except OSError as exc:
         raise storage_error(exc, what) from exc
+
+
+def probe_writable(folder: Path) -> None:
+    """Raise the OSError a write in `folder` would meet, by creating and removing a file there, or, where
+    `folder` does not exist yet, in the nearest folder above it (where it would be made). Creates nothing."""
+    here = folder
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=here)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable(folders: Iterable[Path], doing: str) -> None:
+    """Refuse to start `doing` ("train luna-adapter") when one of `folders` cannot be written: one sentence
+    before the work, not an OSError once it is done (a whole epoch of training, a merge). StorageError, exit 1
+    and 503; DiskFull where the disk is full."""
+    for folder in folders:
+        try:
+            probe_writable(folder)
+        except OSError as exc:
+            full = exc.errno in _FULL
+            fix = (
+                "free some space (`lunatrain gc` removes what the retention policy allows)"
+                if full
+                else "make it writable or point ASSISTANT_HOME at another data root"
+            )
+            raise (DiskFull if full else StorageError)(
+                f"Cannot {doing}: nothing can be written in {folder} ({exc.strerror or exc}); nothing was "
+                f"changed. To go on, {fix}."
+            ) from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -207,6 +207,13 @@ def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
     return f"v{max(used, default=0) + 1}"
 
 
+def publish_folders(settings: Settings, name: str) -> list[Path]:
+    """Where a run of adapter `name` writes on its way to `publish`: its work dir and checkpoints, the version
+    folder or the overwrite slot, the registry and its lock. Training checks them before it starts."""
+    root = settings.adapters_dir / name
+    return [root / ".work", root / ".slots", root, settings.reports_training_dir]
+
+
 def publish(
     settings: Settings,
     name: str,

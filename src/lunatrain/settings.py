@@ -200,15 +200,12 @@ class Settings(BaseSettings):
 def check_data_root(settings: Settings) -> None:
     """Refuse to start a service on a data root it cannot write: one sentence (UsageError, exit 2) instead
     of a traceback from the first write. Creates data/ and reports/training/ and writes a probe file in each."""
-    import os
-    import tempfile
+    from .fsio import probe_writable
 
     for directory in (settings.data_dir, settings.reports_training_dir):
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(directory)
         except OSError as exc:
             raise UsageError(
                 f"The data root {settings.home} is not usable: cannot write in {directory} ({exc.strerror or exc}); "

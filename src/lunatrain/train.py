@@ -41,7 +41,7 @@ from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
 from .distributed import World
 from .errors import CheckFailed, LunaError, UsageError
-from .fsio import atomic_write_bytes, atomic_write_json, dumps_json, give_umask_modes
+from .fsio import atomic_write_bytes, atomic_write_json, check_writable, dumps_json, give_umask_modes
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded
 from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoch, total_steps
@@ -270,6 +270,8 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
         )
     if problems:  # cheap checks first: a bad request never builds or loads a model
         raise one_error(problems)
+    # The run ends by publishing: storage that cannot take the adapter is said now, not after the training.
+    check_writable(registry.publish_folders(settings, params.adapter_name), f"train {params.adapter_name}")
     base = check(lambda: resolve_base(params.base_model, settings))
     if problems:
         raise one_error(problems)
