@@ -212,3 +212,17 @@ def test_lora_refuses_before_training_where_it_could_not_publish(settings: Setti
     assert r.output.startswith("error: Cannot train luna-adapter: nothing can be written in "), r.output
     assert "ASSISTANT_HOME" in r.output
     assert sorted(settings.home.rglob("*")) == before  # not even a work dir or a latest report
+
+
+@pytest.mark.parametrize("folder", ["data/models/merged", "data/models", "reports/training"])
+def test_merge_refuses_where_it_could_not_write(trained_home: Path, settings: Settings, folder: str) -> None:
+    """Repro: `merge` with data/models/merged read-only ended in an OSError traceback; with the registry
+    read-only it wrote the merged model, then failed to record it. Now one sentence before the merge, exit 1,
+    and nothing written."""
+    (settings.home / folder).mkdir(parents=True, exist_ok=True)
+    before = sorted(settings.home.rglob("*"))
+    with read_only(settings.home / folder):
+        r = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: Cannot merge luna-adapter@v1: nothing can be written in "), r.output
+    assert sorted(settings.home.rglob("*")) == before

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from .compat import peft_wrapping
 from .errors import Conflict
-from .fsio import atomic_write_json, give_umask_modes, replace_dir, staging_dir
+from .fsio import atomic_write_json, check_writable, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings, check_name
 
 
@@ -58,6 +58,9 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     adapter_dir = registry.loadable_dir(settings, entry)  # before anything is written
     label = check_name(f"{name}-{entry['version']}", "merged model name")
     target = settings.models_dir / "merged" / label
+    # The model goes to data/models/merged and is recorded in the registry: storage that cannot take either
+    # is said before the merge, not as an OSError (or a merged model the registry never heard of) after it.
+    check_writable([target.parent, settings.reports_training_dir], f"merge {name}@{entry['version']}")
     tmp = staging_dir(target.parent, label)
     try:
         model = load_model(base, settings, "cpu", torch.float32)
