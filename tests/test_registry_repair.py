@@ -206,3 +206,20 @@ def test_an_entry_readers_cannot_use_is_a_damaged_registry_everywhere(settings):
     r = runner.invoke(app, ["adapters", "repair"])
     assert r.exit_code == 0 and "Rebuilt the registry with 0 versions" in r.output, r.output
     assert registry.list_adapters(settings) == {}
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b'{"a": \n', "(not valid JSON: Expecting value at line 2 column 1)"),
+        (b"\xff\xfe{}", "(not UTF-8 text)"),
+    ],
+)
+def test_the_reason_a_registry_cannot_be_read_is_said_once(settings, content, why):
+    path = registry.registry_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with pytest.raises(RegistryUnreadable) as err:
+        registry.list_adapters(settings)
+    assert f"{path} cannot be read {why}; it was left untouched." in err.value.message
+    assert "damaged (" not in err.value.message

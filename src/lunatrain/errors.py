@@ -156,7 +156,10 @@ class DiskFull(StorageError):
 
 class DamagedFile(StorageError, ValueError):
     """A JSON file that exists but cannot be used (not JSON, cut short, wrong shape). A ValueError too, so
-    readers that treat an unreadable optional report as missing keep doing so."""
+    readers that treat an unreadable optional report as missing keep doing so. `why` is the reason alone
+    (without the path), for a caller that words its own sentence around it."""
+
+    why = "damaged"
 
 
 class RegistryUnreadable(DamagedFile):

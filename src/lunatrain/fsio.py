@@ -180,14 +180,16 @@ def read_json(path: Path, default: Any = None) -> Any:
     except FileNotFoundError:
         return default
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DamagedFile(f"{path} is damaged (not valid JSON: {_where(exc)}).") from None
+        damaged = DamagedFile(f"{path} is damaged ({_why(exc)}).")
+        damaged.why = _why(exc)
+        raise damaged from None
     except OSError as exc:
         raise StorageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
 
 
-def _where(exc: ValueError) -> str:
+def _why(exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        return f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
     return "not UTF-8 text"
 
 

@@ -86,7 +86,7 @@ def load(settings: Settings) -> dict[str, Any]:
     try:
         data = read_json(path, None)
     except DamagedFile as err:
-        raise _unreadable(path, err.message.removeprefix(f"{path} is ").rstrip(".")) from None
+        raise _unreadable(path, err.why) from None
     if data is None:
         return {"format": FORMAT, "adapters": {}}
     problem = shape_problem(data)
