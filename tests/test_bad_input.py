@@ -737,3 +737,20 @@ def test_head_answers_as_get_without_a_body(settings: Settings, path: str) -> No
     assert got.status_code == 200 and head.status_code == 200, head.text
     assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
     assert client.head(f"{T}/examples/import").status_code == 405  # a POST-only route stays 405
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("examples", "list", "--limit", "0"), "limit must be 1 or more (got 0)."),
+        (("memory", "list", "--offset", "-1"), "offset must be 0 or more (got -1)."),
+        (
+            ("examples", "list", "--limit", "99999999999999999999"),
+            "limit must be at most 2^62 (got 99999999999999999999).",
+        ),
+    ],
+)
+def test_a_page_bound_out_of_range_names_the_bound_and_its_rule(seeded: Settings, args, said) -> None:
+    line = one_sentence(run(*args), 2)
+    assert line == f"error: {said}", line
+    assert "4611686018427387904" not in line

@@ -357,8 +357,11 @@ INT_MAX = 2**62
 
 
 def _check_page(limit: int, offset: int) -> None:
-    if not (1 <= limit <= INT_MAX and 0 <= offset <= INT_MAX):
-        raise UsageError(f"limit must be between 1 and {INT_MAX} and offset between 0 and {INT_MAX}.")
+    for name, value, least in (("limit", limit, 1), ("offset", offset, 0)):
+        if value < least:
+            raise UsageError(f"{name} must be {least} or more (got {value}).")
+        if value > INT_MAX:
+            raise UsageError(f"{name} must be at most 2^62 (got {value}).")
 
 
 def _bump(conn: Connection) -> None:
