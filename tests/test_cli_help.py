@@ -87,3 +87,16 @@ def test_standalone_prepare_checks_at_the_luna_profile_values(settings):
     flagged = CliRunner().invoke(app, ["prepare", "--json", "--maxSeqLength=256", "--minCurated=0"])
     assert json.loads(flagged.output[: flagged.output.rindex("}") + 1])["maxSeqLength"] == 256
     assert CliRunner().invoke(app, ["prepare", "--profile", "nope"]).exit_code == 1
+
+
+def test_an_option_without_a_value_says_what_it_falls_back_to():
+    """Repro: `lora --help` showed `--baseModel` as "None: ASSISTANT_BASE_MODEL; default none"."""
+    text = CliRunner().invoke(app, ["lora", "--help"], env={"COLUMNS": "200"}).output
+    flat = " ".join(text.split())  # help texts wrap; the words stay in order
+    assert "None:" not in flat
+    assert "hub id, local folder or luna-tiny; default ASSISTANT_BASE_MODEL, else luna-tiny" in flat
+    assert "LoRA scale numerator (unset: 2 x rank); default 16.0" in flat  # the luna profile sets it
+    generic = " ".join(CliRunner().invoke(app, ["auto", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "LoRA scale numerator; default 2 x rank" in generic
+    assert "cap on optimizer steps; default no cap" in flat
+    assert "(QLoRA, bitsandbytes); default none" in flat  # a value of its own: no quantization

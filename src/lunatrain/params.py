@@ -52,20 +52,22 @@ class LoraParams(CamelModel):
     adapter_name: Name = "luna-adapter"
     adapter_strategy: Strategy = "versioned"
     dataset_tier: Tier = "curated"
-    base_model: BaseModelRef | None = Field(default=None, description="None: ASSISTANT_BASE_MODEL")
+    base_model: BaseModelRef | None = Field(
+        default=None, description="hub id, local folder or luna-tiny; unset: ASSISTANT_BASE_MODEL, else luna-tiny"
+    )
     epochs: int = Field(default=3, ge=1, le=100)
     learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
     batch_size: int = Field(default=4, ge=1, le=1024)
     gradient_accumulation: int = Field(default=1, ge=1, le=1024)
     rank: int = Field(default=16, ge=1, le=1024)
-    alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="None: 2 x rank")
+    alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="LoRA scale numerator; unset: 2 x rank")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[Annotated[str, Field(pattern=MODULE_NAME)]] | Literal["all-linear"] = "all-linear"
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0, le=1000.0)
-    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on optimizer steps")
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="cap on optimizer steps; unset: no cap")
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     device: Device = "auto"
     packing: bool = True
@@ -80,7 +82,7 @@ class LoraParams(CamelModel):
     chat_template: str | None = Field(
         default=None,
         pattern=TEMPLATE_NAME_PATTERN,
-        description="chat template for base models without one: a bundled name (chatml) or a .jinja file (CLI)",
+        description="chat template for base models without one: a bundled name (chatml) or a .jinja file (CLI); unset: the model's own",
     )
 
     @field_validator("target_modules")

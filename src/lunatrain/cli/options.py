@@ -61,8 +61,13 @@ def _option(name: str, field: Any) -> inspect.Parameter:
 
 def _help(name: str, default: Any) -> str:
     field = _FIELDS[name]
-    shown = ",".join(default) if isinstance(default, list) else "none" if default is None else default
-    text = (field.description + "; " if field.description else "") + f"default {shown}"
+    description, unset, fallback = (field.description or "").partition("; unset: ")
+    if default is None and unset:  # no value of its own: say what the run takes instead
+        shown: Any = fallback
+    else:
+        shown = ",".join(default) if isinstance(default, list) else "none" if default is None else default
+        description += f" (unset: {fallback})" if unset else ""
+    text = (description + "; " if description else "") + f"default {shown}"
     return "comma-separated module names, or all-linear; " + text if name == "target_modules" else text
 
 
