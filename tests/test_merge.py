@@ -88,3 +88,26 @@ def test_a_version_whose_files_are_gone_is_one_sentence_for_merge_and_the_gate(t
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1 and r.output.strip().splitlines() == [says], (args, r.output)
     assert not (settings.models_dir / "merged").exists()
+
+
+def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(settings):
+    """Repro: `merge --adapter a` merged the latest version, which may be one the gate refused, when none was
+    active. A bare name is the active version; without one the command names the versions to choose from."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    from helpers import adapter_work_dir
+
+    work = adapter_work_dir(settings, "a", "x")
+    registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "luna-tiny", "fingerprint": "0" * 64}})
+    r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [
+        "error: Adapter 'a' has no active version on this base model to merge; "
+        "name the version: `lunatrain merge --adapter a@VERSION` (see `lunatrain adapters show a`)."
+    ]
+    assert not (settings.models_dir / "merged").exists()
+    registry.activate(settings, "a", "v1", force=True)
+    with pytest.raises(Conflict, match="a@v1 was trained"):  # the active version it found, refused on the base
+        merge_adapter(settings, "a")

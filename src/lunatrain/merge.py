@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import registry
 from .compat import peft_wrapping
-from .errors import Conflict
+from .errors import Conflict, NotFound
 from .fsio import atomic_write_json, check_writable, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings, check_name
 
@@ -45,7 +45,14 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     from .templates import write_generation_config
 
     name, version = registry.parse_ref(ref)
-    entry = registry.get_version(settings, name, version)
+    # A bare name is the version served now; never the latest, which may be one the gate refused.
+    base_now = registry.configured_base(settings).fingerprint
+    if not version and registry.get_version(settings, name) and not registry.active_version(settings, name, base_now):
+        raise NotFound(
+            f"Adapter {name!r} has no active version on this base model to merge; name the version: "
+            f"`lunatrain merge --adapter {name}@VERSION` (see `lunatrain adapters show {name}`)."
+        )
+    entry = registry.get_version(settings, name, version or "active")
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
     trained_on = entry["baseModel"]

@@ -13,7 +13,13 @@ from .app import app, fail
 
 @app.command("merge")
 def merge_cmd(
-    adapter: Annotated[str, typer.Option("--adapter", help="NAME@VERSION (or NAME@active, NAME@latest)")],
+    adapter: Annotated[
+        str,
+        typer.Option(
+            "--adapter",
+            help="NAME@VERSION, NAME@latest, or NAME (NAME@active): the version active on the configured base",
+        ),
+    ],
     force: Annotated[bool, typer.Option("--force", help="merge even if the base model changed since training")] = False,
 ) -> None:
     """Merge an adapter into its base model (safetensors, loadable by AutoModelForCausalLM)."""
