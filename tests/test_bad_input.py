@@ -754,3 +754,18 @@ def test_a_page_bound_out_of_range_names_the_bound_and_its_rule(seeded: Settings
     line = one_sentence(run(*args), 2)
     assert line == f"error: {said}", line
     assert "4611686018427387904" not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("examples", "add", "--prompt", "p", "--response", "r", "--tag", ""),
+        ("memory", "add", "--question", "q", "--answer", "a", "--tag", "ok", "--tag", "  "),
+    ],
+)
+def test_an_empty_tag_is_refused_as_the_api_refuses_it(seeded: Settings, args: tuple[str, ...]) -> None:
+    """Repro: `memory add --tag ""` added the item without the tag; POST /memory answers 422 for it."""
+    before = snapshot(seeded.home)
+    line = one_sentence(run(*args), 2)
+    assert line.startswith("error: --tag must not be empty"), line
+    assert snapshot(seeded.home) == before

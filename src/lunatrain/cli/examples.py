@@ -39,6 +39,13 @@ def _ids(raw: list[str], prefix: str) -> list[int]:
     return ids
 
 
+def _tags(given: list[str] | None) -> list[str]:
+    """--tag values as given; an empty one is refused, as the API refuses it, rather than dropped unseen."""
+    if any(not t.strip() for t in given or []):
+        raise fail(UsageError("--tag must not be empty: give a word such as --tag greeting, or leave --tag out."))
+    return given or []
+
+
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     if is_tty():
         from rich.console import Console
@@ -72,6 +79,7 @@ def add_cmd(
     rating: Annotated[int | None, typer.Option("--rating", help="1-5")] = None,
 ) -> None:
     """Add one example (approved by default; pending for source=conversation)."""
+    tags = _tags(tag)
     try:
         ex = store.add_example(
             load_settings(),
@@ -80,7 +88,7 @@ def add_cmd(
             system=system,
             source=source,  # type: ignore[arg-type]
             status=status,  # type: ignore[arg-type]
-            tags=tag or [],
+            tags=tags,
             conversation_id=conversation_id,
             rating=rating,
         )
@@ -194,9 +202,10 @@ def memory_add_cmd(
     tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
 ) -> None:
     """Remember a fact."""
+    tags = _tags(tag)
     try:
         item = store.add_memory(
-            load_settings(), question=question, answer=answer, topic=topic, status=status, tags=tag or []
+            load_settings(), question=question, answer=answer, topic=topic, status=status, tags=tags
         )  # type: ignore[arg-type]
     except LunaError as err:
         raise fail(err) from None
