@@ -315,3 +315,14 @@ def test_presence_and_frequency_penalties_lower_only_the_tokens_already_generate
     assert serving._pick(logits, replace(greedy, frequency_penalty=0.3), g, [0, 0]) == 1  # 3 - 0.6 < 2.5
     assert serving._pick(torch.tensor([2.5, 3.0]), replace(greedy, presence_penalty=-1.0), g, [0]) == 0
     assert logits.tolist() == [3.0, 2.5, 0.0]  # the caller's logits are left as they were
+
+
+def test_models_list_the_base_then_every_active_name_then_the_versions(tmp_path: Path) -> None:
+    """As docs/api.md says (a model picker shows the names to use first); they came interleaved per adapter."""
+    own = load_settings(home=tmp_path)
+    for name, seed in (("b-adapter", 1), ("b-adapter", 2), ("a-adapter", 3), ("c-unused", 4)):
+        random_adapter(own, name, seed)
+    registry.activate(own, "a-adapter", "v1")
+    registry.activate(own, "b-adapter", "v2")
+    ids = [m["id"] for m in serving.Engine(own).models()]
+    assert ids == ["luna-tiny", "a-adapter", "b-adapter", "a-adapter@v1", "b-adapter@v1", "b-adapter@v2", "c-unused@v1"]

@@ -132,7 +132,8 @@ def _fits(entry: dict[str, Any], base_fingerprint: str, active: dict[str, Any] |
 def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> list[dict[str, Any]]:
     """The names /v1/models lists: the base, each adapter with an active version on the served base, and
     every version served on it (_fits)."""
-    out = [{"id": base_id, "kind": "base"}]
+    names: list[dict[str, Any]] = []  # listed before every version: the ids a client is meant to pick
+    versions: list[dict[str, Any]] = []
     for name, adapter in sorted(registry.list_adapters(settings).items()):
         active_here = registry.active_of(adapter, base_fingerprint)  # this listing's read, not one per adapter
         fits = [
@@ -141,9 +142,9 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
         # An adapter named like the base is listed by its versions only: a request for the name reaches the base.
         active = active_here if name != base_id else None
         if active is not None and any(e["version"] == active["version"] for e in fits):
-            out.append({"id": name, "kind": "active", "version": active["version"], "created": active.get("created")})
+            names.append({"id": name, "kind": "active", "version": active["version"], "created": active.get("created")})
         for e in fits:
-            out.append(
+            versions.append(
                 {
                     "id": f"{name}@{e['version']}",
                     "kind": "version",
@@ -152,6 +153,7 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
                     "gate": (e.get("gate") or {}).get("passed"),
                 }
             )
+    out = [{"id": base_id, "kind": "base"}, *names, *versions]
     return out
 
 
