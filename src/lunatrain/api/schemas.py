@@ -228,9 +228,14 @@ class DeactivateRequest(In):
     version: Version | None = None
 
 
+class Aliases(Out):
+    latest: str | None = Field(default=None, description="the newest version")
+    active: str | None = Field(default=None, description="the version active on the base in view; null: none")
+
+
 class AdapterOut(Out):
     name: str
-    aliases: dict[str, Any] = Field(default_factory=dict)
+    aliases: Aliases = Field(default_factory=Aliases)
     versions: list[dict[str, Any]] = Field(default_factory=list)
 
 

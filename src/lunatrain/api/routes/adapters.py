@@ -30,10 +30,9 @@ def _configured(settings: Settings) -> str | None:
 
 def _view(settings: Settings, name: str, adapter: dict[str, Any], versions: list[dict], base: str | None) -> dict:
     """One adapter as seen from base fingerprint `base`: its active version there and each version's state."""
-    aliases = {k: v for k, v in adapter.get("aliases", {}).items() if k != "active"}
     active = adapter.get("activeByBase", {}).get(base or "")
-    if active:
-        aliases["active"] = active["version"]
+    # Both keys always: `active: null` says "none active here" (the file's `aliases.active` is another base's).
+    aliases = {"latest": adapter.get("aliases", {}).get("latest"), "active": active["version"] if active else None}
     states = [e | {"state": registry.activation_state(settings, e, base or "")} for e in versions]
     return {
         "name": name,
