@@ -371,3 +371,25 @@ def test_older_transformers_without_masked_logits_give_the_same_loss(settings, m
     full, targets2 = train.forward_supervised(model, batch, "cpu")
     assert with_mask.shape == full.shape and (targets == targets2).all()
     assert (with_mask - full).abs().max().item() < 1e-5
+
+
+def test_the_training_report_names_every_field_in_camel_case(trained_root) -> None:
+    """Repro: the report's dataset.export was the export summary as stored (exported_at, store_revision),
+    while every other field, and POST /export, say exportedAt and storeRevision."""
+    import re
+
+    from lunatrain.settings import load_settings
+
+    settings = load_settings(home=trained_root, db_url=None)
+    report = json.loads(settings.lora_latest_report.read_text())
+    snake = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
+
+    def snake_keys(obj: object, at: str = "") -> list[str]:
+        if isinstance(obj, dict):
+            return [f"{at}.{k}" for k in obj if snake.match(str(k))] + [
+                x for k, v in obj.items() for x in snake_keys(v, f"{at}.{k}")
+            ]
+        return [x for v in obj for x in snake_keys(v, at)] if isinstance(obj, list) else []
+
+    assert snake_keys(report) == []
+    assert report["dataset"]["export"]["exportedAt"] and report["dataset"]["export"]["storeRevision"]

@@ -48,6 +48,7 @@ from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoc
 from .settings import Settings, check_name
 from .startup import import_training_stack
 from .tokens import Batch, Encoded, make_batch
+from .wire import camel
 
 if TYPE_CHECKING:
     import torch
@@ -662,7 +663,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "dataset": {
             "tier": p.dataset_tier,
             "fingerprint": run.data.fingerprint,
-            "export": run.data.summary,
+            "export": camel(run.data.summary),  # as POST /export answers it
             "trainSamples": len(run.train),
             "valSamples": len(run.val),
             "tokenStats": run.tokens.stats,

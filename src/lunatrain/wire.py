@@ -3,14 +3,18 @@
 Every report, export summary, registry entry, job and event uses `now_iso()` (UTC, milliseconds, `Z`), so
 timestamps from different stages sort and compare as text; `utc_now()` is the same clock as a value (database
 columns, ages, file-name stamps); `finite()` makes any value JSON-safe (NaN and ±inf become null:
-`json.dumps` would write `NaN`, which no JSON parser accepts).
+`json.dumps` would write `NaN`, which no JSON parser accepts); `camel()` gives a stage's snake_case dict the
+camelCase names every API answer and report uses.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
+
+from pydantic.alias_generators import to_camel
 
 
 def utc_now() -> datetime:
@@ -30,3 +34,16 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
+
+
+_SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
+
+
+def camel(obj: Any) -> Any:
+    """camelCase the snake_case keys of a stage's report, recursively; other keys (file names, tier names,
+    `adapter@v1`) stay as they are."""
+    if isinstance(obj, dict):
+        return {(to_camel(k) if isinstance(k, str) and _SNAKE.match(k) else k): camel(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [camel(v) for v in obj]
+    return obj

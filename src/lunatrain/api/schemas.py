@@ -8,7 +8,6 @@ API's schema.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -247,16 +246,3 @@ class Defaults(Out):
     profile: str
     params: dict[str, Any]
     quick_start: dict[str, Any]
-
-
-_SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
-
-
-def camel(obj: Any) -> Any:
-    """camelCase the snake_case keys of a stage's report, recursively; other keys (file names, tier names,
-    `adapter@v1`) stay as they are."""
-    if isinstance(obj, dict):
-        return {(to_camel(k) if isinstance(k, str) and _SNAKE.match(k) else k): camel(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [camel(v) for v in obj]
-    return obj

@@ -15,8 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from ... import registry
 from ...errors import LunaError, NotFound
 from ...settings import Settings
+from ...wire import camel
 from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
-from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report, camel
+from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
 

@@ -19,6 +19,7 @@ from ...service import client as trainer_client
 from ...service import ensure
 from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, Status
 from ...settings import NAME_MAX, NAME_PATTERN, Settings
+from ...wire import camel
 from ..cache import json_response, rendered
 from ..deps import Fresh, JobId, ReadsDep, SettingsDep, check_base_model, errors
 from ..schemas import (
@@ -28,7 +29,6 @@ from ..schemas import (
     ProviderHealth,
     QuickStartRequest,
     StartRequest,
-    camel,
 )
 
 router = APIRouter(prefix="/assistant/training/lora", tags=["lora"], dependencies=[Fresh])

@@ -13,8 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from ... import evalgate, profiles
 from ... import export as export_stage
 from ... import prepare as prepare_stage
+from ...wire import camel
 from ..deps import Fresh, SettingsDep, check_base_model, errors
-from ..schemas import EvalGateRequest, ExportRequest, PrepareRequest, Report, camel
+from ..schemas import EvalGateRequest, ExportRequest, PrepareRequest, Report
 
 router = APIRouter(prefix="/assistant/training", tags=["pipeline"], dependencies=[Fresh])
 
