@@ -21,6 +21,7 @@ from lunatrain import registry
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.service.jobs import jobs_db_path
+from lunatrain.settings import load_settings
 
 from helpers import make_records, write_export
 
@@ -44,6 +45,25 @@ def test_min_curated_is_checked_before_any_job_starts(settings, monkeypatch):
     assert registry.list_adapters(settings) == {}  # nothing trained
     assert not jobs_db_path(settings.data_dir).exists()  # nothing submitted: no trainer was ever asked
     assert not (settings.reports_training_dir / "trainer.pid").exists()  # and none started
+
+
+def test_lora_start_with_a_profile_takes_its_values_under_the_body(settings, monkeypatch):
+    """`POST …/lora/start` ran the library defaults only, while `lunatrain lora` runs the luna profile: with
+    `profile` it resolves as the CLI does (the profile's minCurated here, checked before any trainer call)."""
+    write_export(settings, make_records(20))
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")  # never reached when refused
+    monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")  # past the checks: 503, no trainer started
+    start = "/assistant/training/lora/start"
+    with TestClient(create_app(load_settings()), base_url="http://127.0.0.1") as client:
+        refused = client.post(start, json={"profile": "luna", "epochs": 1})
+        assert refused.status_code == 409 and "30 required (minCurated)" in refused.json()["error"]["message"]
+        # the body's value wins over the profile's; then the unreachable trainer is the answer
+        assert client.post(start, json={"profile": "luna", "minCurated": 5}).status_code == 503
+        assert client.post(start, json={"epochs": 1}).status_code == 503  # no profile: library defaults (0)
+        missing = client.post(start, json={"profile": "nope"})
+        assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"], missing.text
+        assert client.post(start, json={"profile": "../x"}).status_code == 422
+    assert not jobs_db_path(settings.data_dir).exists()
 
 
 def test_exit_1_when_the_gate_refuses_the_new_adapter(settings, home):

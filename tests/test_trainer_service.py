@@ -11,6 +11,7 @@ Run: `.venv/bin/python -m pytest tests/test_trainer_service.py -q` (a few minute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -408,6 +409,36 @@ def test_the_job_trains_on_the_base_model_the_client_resolved(svc):
 
     assert report["baseModel"]["fingerprint"] == resolve_base(str(other), settings).fingerprint
     assert report["baseModel"]["fingerprint"] != resolve_base("luna-tiny", settings).fingerprint
+
+
+@pytest.mark.slow
+def test_lora_start_with_the_luna_profile_queues_what_lunatrain_lora_would(svc):
+    """`POST …/lora/start {"profile": "luna", …}`: the profile's values and its luna-tiny table under the
+    body's fields, as `lunatrain lora` resolves them; without `profile`, the library defaults."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    body = {"adapterName": "profiled", "epochs": 1, "maxSteps": 1, "gate": False, "minCurated": 0}
+    with TestClient(create_app(svc.settings), base_url="http://127.0.0.1") as client:
+        with_profile = client.post("/assistant/training/lora/start", json=body | {"profile": "luna"})
+        plain = client.post("/assistant/training/lora/start", json=body | {"adapterName": "plain"})
+    assert with_profile.status_code == plain.status_code == 202, (with_profile.text, plain.text)
+    for accepted in (with_profile, plain):  # only the queued parameters matter here
+        with contextlib.suppress(Conflict):  # one that already finished is left as it ended
+            trainer_client.cancel(svc.settings, accepted.json()["jobId"])
+    picked = ("learningRate", "rank", "batchSize", "maxSeqLength", "epochs", "maxSteps")
+    luna = with_profile.json()["job"]["params"]
+    assert {k: luna[k] for k in picked} == {
+        "learningRate": 0.01,
+        "rank": 8,
+        "batchSize": 8,
+        "maxSeqLength": 512,
+        "epochs": 1,
+        "maxSteps": 1,
+    }
+    library = plain.json()["job"]["params"]
+    assert (library["learningRate"], library["rank"], library["maxSeqLength"]) == (2e-4, 16, 1024)
 
 
 @pytest.mark.slow

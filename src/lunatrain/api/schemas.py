@@ -59,10 +59,15 @@ class ErrorResponse(BaseModel):
 
 
 class StartRequest(LoraParams, FlowOptions):
-    """The LoRA parameters (params.py, bounds included), the flow options (minCurated, gate) and an optional
-    idempotency key."""
+    """The LoRA parameters (params.py, bounds included), the flow options (minCurated, gate), an optional
+    profile whose values the given fields override, and an optional idempotency key."""
 
     model_config = ConfigDict(strict=True)
+    profile: Name | None = Field(
+        default=None,
+        description="take this profile's values (its [lora], its table for the base model, its [gate]) for "
+        "every field not given, as `lunatrain lora --profile NAME` does; null: the library defaults",
+    )
     request_id: RequestId | None = None
 
 

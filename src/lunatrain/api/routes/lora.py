@@ -67,14 +67,25 @@ async def provider_health(
     )
 
 
-@router.post("/start", status_code=202, response_model=JobAccepted, responses=errors(409, 503))
+@router.post("/start", status_code=202, response_model=JobAccepted, responses=errors(404, 409, 503))
 async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
-    """Submit a LoRA job with these parameters; the same `requestId` again returns the same job."""
-    params = LoraParams.model_validate(body.model_dump(include=set(LoraParams.model_fields)))
-    options = FlowOptions.model_validate(body.model_dump(include=set(FlowOptions.model_fields)))
+    """Submit a LoRA job with these parameters (over a profile's values when `profile` is named); the same
+    `requestId` again returns the same job."""
+    fields = set(LoraParams.model_fields) | set(FlowOptions.model_fields)
+    thresholds = None
+    if body.profile is None:
+        params = LoraParams.model_validate(body.model_dump(include=set(LoraParams.model_fields)))
+        options = FlowOptions.model_validate(body.model_dump(include=set(FlowOptions.model_fields)))
+    else:  # as the CLI resolves it: profile, its table for the base in use, then what the body gives
+        given = body.model_dump(mode="json", include=fields, exclude_unset=True, by_alias=True)
+        profile = await run_in_threadpool(profiles.load_profile, settings, body.profile)
+        params, options = profile.resolve(given)
+        thresholds = profile.gate
     # ensure_trainer inside returns at once when the trainer answers; with on-demand off it raises a clear 503.
     job = await run_in_threadpool(
-        flow.submit, settings, _with_base(params, settings), options, request_id=body.request_id
+        lambda: flow.submit(
+            settings, _with_base(params, settings), options, thresholds=thresholds, request_id=body.request_id
+        )
     )
     return JobAccepted(job_id=job.id, job=job)
 
