@@ -105,7 +105,7 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
     assert r.exit_code == 1, r.output
     assert r.output.strip().splitlines() == [
         "error: Adapter 'a' has no active version on this base model to merge; "
-        "name the version: `lunatrain merge --adapter a@VERSION` (see `lunatrain adapters show a`)."
+        "name the version: `lunatrain merge --adapter a@VERSION` (`lunatrain adapters list` shows its versions)."
     ]
     assert not (settings.models_dir / "merged").exists()
     registry.activate(settings, "a", "v1", force=True)

@@ -349,3 +349,20 @@ def test_a_version_whose_files_are_gone_is_not_activated(settings):
         "error: The files of a@v1 are missing under data/adapters (adapter_model.safetensors); train it again."
     ), r.output
     assert registry.registry_path(settings).read_bytes() == before  # a@v2 stays active
+
+
+def test_a_version_not_named_points_at_the_command_that_lists_the_versions(settings):
+    """The sentences said `lunatrain adapters show NAME` lists the versions; it shows one."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    _publish(str(settings.home), "a", "one")
+    _publish(str(settings.home), "a", "two")
+    with pytest.raises(NotFound) as err:
+        registry.get_version(settings, "a", "v9")
+    assert err.value.message.endswith("`lunatrain adapters list` shows its versions.")
+    refused = CliRunner().invoke(app, ["adapters", "activate", "a"])
+    assert refused.exit_code == 2 and "`lunatrain adapters list` shows its versions." in refused.output
+    listed = CliRunner().invoke(app, ["adapters", "list"])
+    assert listed.exit_code == 0 and "a@v1" in listed.output and "a@v2" in listed.output, listed.output

@@ -50,7 +50,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     if not version and registry.get_version(settings, name) and not registry.active_version(settings, name, base_now):
         raise NotFound(
             f"Adapter {name!r} has no active version on this base model to merge; name the version: "
-            f"`lunatrain merge --adapter {name}@VERSION` (see `lunatrain adapters show {name}`)."
+            f"`lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows its versions)."
         )
     entry = registry.get_version(settings, name, version or "active")
     if entry.get("replaced"):

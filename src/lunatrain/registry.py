@@ -416,7 +416,7 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
     resolved = adapter.get("aliases", {}).get(wanted, wanted) if wanted == "latest" else wanted
     entry = _entry(adapter, resolved)
     if entry is None:
-        raise NotFound(f"Adapter {name!r} has no version {wanted!r}; see `lunatrain adapters show {name}`.")
+        raise NotFound(f"Adapter {name!r} has no version {wanted!r}; `lunatrain adapters list` shows its versions.")
     return entry
 
 
@@ -643,7 +643,9 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
         if version:
             version = adapter.get("aliases", {}).get(version, version) if version == "latest" else version
             if _entry(adapter, version) is None:  # a version that does not exist is a 404, as for activate
-                raise NotFound(f"Adapter {name!r} has no version {version!r}; see `lunatrain adapters show {name}`.")
+                raise NotFound(
+                    f"Adapter {name!r} has no version {version!r}; `lunatrain adapters list` shows its versions."
+                )
             hits = [fp for fp, a in adapter["activeByBase"].items() if a["version"] == version]
         else:
             hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []

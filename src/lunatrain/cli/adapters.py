@@ -119,9 +119,7 @@ def activate_cmd(
         settings = load_settings()
         name, version = registry.parse_ref(ref)
         if not version:  # the latest version may be one the eval gate refused: which one is the user's choice
-            raise UsageError(
-                f"activate takes NAME@VERSION, not {ref!r}; `lunatrain adapters show {name}` lists the versions."
-            )
+            raise UsageError(f"activate takes NAME@VERSION, not {ref!r}; `lunatrain adapters list` shows its versions.")
         entry = registry.activate(settings, name, version, force=force, reason="cli")
     except LunaError as err:
         raise fail(err) from None
