@@ -178,24 +178,25 @@ def assert_refused_everywhere(settings, first, second, fix: str) -> None:
     """Every call of this data root's clients to the other project's trainer is refused with one sentence
     naming both roots, before that trainer acts on it: reading, following or cancelling its jobs, its
     health in the CLI, the API's provider health (Offline) and status. A job id it does not know is the
-    refusal too, not its 404."""
+    refusal too, not its 404. Reads are not a conflict: this root's trainer is not running (503); cancelling
+    through the other project's trainer is (409)."""
     from fastapi.testclient import TestClient
 
     from lunatrain import store
     from lunatrain.api.main import create_app
-    from lunatrain.errors import Conflict
+    from lunatrain.errors import Conflict, ServiceUnavailable
     from lunatrain.status import training_status
 
     unknown = "ftjob-" + "0" * 24
     calls = {
-        "list": lambda: client.list_jobs(settings),
-        "show": lambda: client.get_job(settings, unknown),
-        "events": lambda: client.events(settings, unknown),
-        "cancel": lambda: client.cancel(settings, unknown),
-        "health": lambda: client.own_health(settings),
+        "list": (ServiceUnavailable, lambda: client.list_jobs(settings)),
+        "show": (ServiceUnavailable, lambda: client.get_job(settings, unknown)),
+        "events": (ServiceUnavailable, lambda: client.events(settings, unknown)),
+        "cancel": (Conflict, lambda: client.cancel(settings, unknown)),
+        "health": (Conflict, lambda: client.own_health(settings)),
     }
-    for name, call in calls.items():
-        with pytest.raises(Conflict) as refused:
+    for name, (refusal, call) in calls.items():
+        with pytest.raises(refusal) as refused:
             call()
         message = refused.value.message
         assert str(first) in message and str(second) in message and fix in message, (name, message)
@@ -204,9 +205,15 @@ def assert_refused_everywhere(settings, first, second, fix: str) -> None:
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
         health = api.get("/assistant/training/lora/provider-health").json()
         assert health["label"] == "Offline" and not health["reachable"] and str(first) in health["error"]
-        for method, path in [("GET", "jobs"), ("GET", "status"), ("POST", f"jobs/{unknown}/cancel")]:
+        for method, path, code in [
+            ("GET", "jobs", 503),
+            ("GET", "status", 503),
+            ("GET", f"jobs/{unknown}", 503),
+            ("POST", f"jobs/{unknown}/cancel", 409),
+        ]:
             r = api.request(method, f"/assistant/training/lora/{path}")
-            assert r.status_code == 409 and str(second) in r.json()["error"]["message"], (path, r.text)
+            message = r.json()["error"]["message"]
+            assert r.status_code == code and str(first) in message and str(second) in message, (path, r.text)
     store.dispose_stores()
 
 

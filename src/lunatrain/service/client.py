@@ -2,17 +2,20 @@
 
 Every function takes the settings (trainer URL, token) first. An unreachable trainer raises
 ServiceUnavailable; the trainer's 4xx answers come back as the matching LunaError (422 -> UsageError,
-404 -> NotFound, 409 -> Conflict) carrying the trainer's own message.
+404 -> NotFound, 409 -> Conflict) carrying the trainer's own message. Reads of jobs are never a conflict: when
+what answers at the trainer's address is not this data root's trainer (another project's, or no lunatrain
+trainer at all), this root's trainer is not running, and a read raises ServiceUnavailable saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import BaseModel
 
 from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
 from ..params import FlowOptions, LoraParams
@@ -23,6 +26,8 @@ from .jobs import DATA_ROOT_HEADER, EventPage, Health, Job, JobCheck, JobList, S
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
 LABEL_OFFLINE = "Offline"
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def explicit_url(settings: Settings) -> bool:
@@ -125,7 +130,7 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
     if status == 409:
         other = details.get("dataRoot") if isinstance(details, dict) else None
         if isinstance(other, dict):  # the trainer at our address serves another project's data root
-            return other_data_root(settings, str(other.get("path") or "another data root"))
+            return other_data_root(settings, another_root(str(other.get("path") or "unknown")))
         return Conflict(message)
     if status == 401:
         return UsageError(f"{message} Set ASSISTANT_API_TOKEN to the trainer's token.")
@@ -135,15 +140,20 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
 
 
 def health(settings: Settings, *, timeout: float = 3.0) -> Health:
-    return Health.model_validate(_request(settings, "GET", "/health", timeout=timeout).json())
+    """The health of whatever answers at the trainer's address. An answer that is no trainer's health (a
+    404 page, JSON of another shape) is a Health that names no data root: no data root's trainer answered."""
+    try:
+        return Health.model_validate(_request(settings, "GET", "/health", timeout=timeout).json())
+    except (NotFound, Conflict, ValueError):
+        return Health(status="unknown")
 
 
 def own_health(settings: Settings, *, timeout: float = 3.0) -> Health:
     """The health of this data root's trainer: ServiceUnavailable when nothing answers, and the
-    other-data-root Conflict when another project's trainer holds the address."""
+    other-data-root Conflict when another project's trainer (or another service) holds the address."""
     answer = health(settings, timeout=timeout)
     if not serves_this_root(settings, answer):
-        raise other_data_root(settings, served_root(answer))
+        raise other_data_root(settings, holder(answer))
     return answer
 
 
@@ -160,23 +170,94 @@ def serves_this_root(settings: Settings, health: Health) -> bool:
     return health.data_root is not None and health.data_root.id == data_root_id(settings.home)
 
 
-def served_root(health: Health) -> str:
-    return health.data_root.path if health.data_root else "an unknown data root (an older trainer)"
+FOREIGN = "a service that is not a lunatrain trainer (or a trainer too old to name its data root)"
 
 
-def other_data_root(settings: Settings, other: str) -> Conflict:
-    """The one sentence for "the trainer at our address serves another project's data root", naming both
-    roots and the way out: with a chosen address, point it elsewhere; else this root's own trainer is not
-    running, and the next job (or `lunatrain trainer --port 0`) starts it on a free port."""
-    url = base_url(settings)
-    if explicit_url(settings) or settings.lora_trainer_start_cmd:
-        fix = (
-            f"point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME={settings.home}, "
-            "or unset it to let lunatrain start one on a free port"
-        )
+def holder(health: Health) -> str:
+    """Words naming what answered at our address when it is not this data root's trainer."""
+    return another_root(health.data_root.path) if health.data_root else FOREIGN
+
+
+def another_root(path: str) -> str:
+    return f"the trainer of another data root ({path})"
+
+
+class OtherDataRoot(Conflict):
+    """The trainer's address is held by another project's trainer or another service (`holder` names it)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+def other_data_root(settings: Settings, holder: str) -> OtherDataRoot:
+    """The one sentence for "our address is held by another project's trainer" (or by another service:
+    `holder` names it), naming both roots and the way out: with a chosen address, point it elsewhere; else
+    this root's own trainer is not running, and the next job (or `lunatrain trainer --port 0`) starts it on a
+    free port. Refusing to act there is a conflict; for reads see `held_by_another`."""
+    if _chosen(settings):
+        fix = _point_elsewhere(settings)
     else:
         fix = "this data root's trainer is not running: the next job starts it, or `lunatrain trainer --port 0`"
-    return Conflict(f"The trainer at {url} serves {other}, not this data root {settings.home}; {fix}.")
+    url = base_url(settings)
+    message = (
+        f"The trainer address {url} is held by {holder}, not by this data root's trainer ({settings.home}); {fix}."
+    )
+    return OtherDataRoot(message, holder)
+
+
+def held_by_another(settings: Settings, holder: str) -> ServiceUnavailable:
+    """What a read of jobs says when `holder` answers at our address instead of this data root's trainer:
+    that trainer is not running, so there is nothing to read (503, not a conflict), and how to start it."""
+    if _chosen(settings):
+        fix = _point_elsewhere(settings)
+    else:
+        fix = (
+            "start this data root's trainer on another port with `lunatrain trainer --port 0` "
+            "(the next job starts it there too)"
+        )
+    return ServiceUnavailable(
+        f"The trainer address {base_url(settings)} is held by {holder}, and this data root's trainer "
+        f"({settings.home}) is not running; {fix}."
+    )
+
+
+def _chosen(settings: Settings) -> bool:
+    return explicit_url(settings) or bool(settings.lora_trainer_start_cmd)
+
+
+def _point_elsewhere(settings: Settings) -> str:
+    return (
+        f"point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME={settings.home}, "
+        "or unset it to let lunatrain start one on a free port"
+    )
+
+
+def _read(settings: Settings, path: str, model: type[_M], **kwargs: Any) -> _M:
+    """GET of job data: when this data root's trainer does not answer it, there is nothing to read
+    (ServiceUnavailable naming who holds the address)."""
+    return _call(settings, "GET", path, model, **kwargs)
+
+
+def _call(settings: Settings, method: str, path: str, model: type[_M], **kwargs: Any) -> _M:
+    """A job request, its answer validated as `model`. An answer that is not our trainer's (another
+    project's trainer refusing us, a 404 page, JSON of another shape) is checked against the health of
+    whoever holds the address: when that is not this data root's trainer, a read is ServiceUnavailable and
+    a change the other-data-root Conflict, both naming it. A 401 (a trainer that wants a token) cannot be
+    told apart and stands."""
+    refusal = held_by_another if method == "GET" else other_data_root
+    try:
+        return model.model_validate(_request(settings, method, path, **kwargs).json())
+    except OtherDataRoot as err:
+        raise refusal(settings, err.holder) from None
+    except (NotFound, Conflict, UsageError, ValueError) as err:
+        try:
+            answer = health(settings)
+        except UsageError:
+            raise err from None
+        if serves_this_root(settings, answer):
+            raise
+        raise refusal(settings, holder(answer)) from None
 
 
 def submit(
@@ -189,7 +270,7 @@ def submit(
     """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run.
     `params.base_model` must be resolved by the caller (the trainer never fills it in)."""
     body = _job_body(params, options, request_id, gate_thresholds)
-    return Job.model_validate(_request(settings, "POST", "/jobs", json=body).json())
+    return _call(settings, "POST", "/jobs", Job, json=body)
 
 
 def check(
@@ -202,7 +283,7 @@ def check(
     """Raise what `submit` would be refused with (bad parameters, a requestId used for others), creating
     nothing; return the job the requestId already names (an idempotent retry), else None."""
     body = _job_body(params, options, request_id, gate_thresholds)
-    return JobCheck.model_validate(_request(settings, "POST", "/jobs/check", json=body).json()).job
+    return _call(settings, "POST", "/jobs/check", JobCheck, json=body).job
 
 
 def _job_body(
@@ -218,23 +299,23 @@ def _job_body(
 
 
 def get_job(settings: Settings, job_id: str) -> Job:
-    return Job.model_validate(_request(settings, "GET", f"/jobs/{_segment(job_id)}").json())
+    return _read(settings, f"/jobs/{_segment(job_id)}", Job)
 
 
 def list_jobs(settings: Settings, *, limit: int = 20, status: str | None = None) -> list[Job]:
     if status and status not in get_args(Status):  # a typo is the caller's, whether or not the trainer runs
         raise UsageError(f"Unknown job status {status!r}: use one of {', '.join(get_args(Status))}.")
     query: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
-    return JobList.model_validate(_request(settings, "GET", "/jobs", params=query).json()).data
+    return _read(settings, "/jobs", JobList, params=query).data
 
 
 def events(settings: Settings, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
     query = {"after": after, "limit": limit}
-    return EventPage.model_validate(_request(settings, "GET", f"/jobs/{_segment(job_id)}/events", params=query).json())
+    return _read(settings, f"/jobs/{_segment(job_id)}/events", EventPage, params=query)
 
 
 def cancel(settings: Settings, job_id: str) -> Job:
-    return Job.model_validate(_request(settings, "POST", f"/jobs/{_segment(job_id)}/cancel").json())
+    return _call(settings, "POST", f"/jobs/{_segment(job_id)}/cancel", Job)
 
 
 def _segment(job_id: str) -> str:

@@ -85,7 +85,7 @@ def _refuse_chosen_address(settings: Settings, health: Health) -> None:
     the caller starts our own trainer on a port the OS picks, and that trainer records it under this data
     root (binding the port itself: a port picked here and bound later could be taken in between)."""
     if trainer_client.explicit_url(settings) or settings.lora_trainer_start_cmd:
-        raise trainer_client.other_data_root(settings, trainer_client.served_root(health))
+        raise trainer_client.other_data_root(settings, trainer_client.holder(health))
 
 
 def start_argv(settings: Settings, port: int | None = None) -> list[str]:

@@ -1,0 +1,89 @@
+"""Reading jobs when this data root's trainer is not running and something else holds its address: another
+project's trainer, or a service that is no lunatrain trainer at all. A read is not a conflict: the API answers
+503 (declared in its OpenAPI) and the CLI one sentence, naming who holds the address and how to start this
+root's trainer on another port.
+
+The peer at the trainer's address is played by an httpx transport (tests/peer_helpers.py: no server, no
+subprocess); the real other-project trainer is in tests/test_ensure.py. Run: `.venv/bin/python -m pytest tests/test_trainer_reads.py -q`.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from lunatrain import settings as settings_mod
+from lunatrain import store
+from lunatrain.api.main import create_app
+from lunatrain.cli import app
+from lunatrain.errors import ServiceUnavailable
+from lunatrain.service import client
+from lunatrain.settings import load_settings
+
+from peer_helpers import PEERS, playing
+
+JOB = "ftjob-" + "0" * 24
+READS = [
+    "/assistant/training/lora/status",
+    f"/assistant/training/lora/status?jobId={JOB}",
+    "/assistant/training/lora/jobs",
+    f"/assistant/training/lora/jobs/{JOB}",
+    f"/assistant/training/lora/jobs/{JOB}/events",
+]
+
+
+@pytest.fixture(params=list(PEERS))
+def held(request, home, monkeypatch) -> Iterator[tuple[settings_mod.Settings, str]]:
+    """This data root's trainer is not running; its default address answers with the peer. Yields the
+    settings and the words that name the peer."""
+    handler, words = PEERS[request.param]
+    with socket.socket() as dead:  # the address: bound, never listening (were the peer not played, refused)
+        dead.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{dead.getsockname()[1]}")
+        monkeypatch.setattr(client, "_shared", playing(handler))
+        yield load_settings(), words
+    store.dispose_stores()
+
+
+def assert_says_who_and_how(message: str, settings, words: str) -> None:
+    assert words in message and str(settings.home) in message, message
+    assert "`lunatrain trainer --port 0`" in message, message
+
+
+def test_job_reads_are_503_naming_the_holder_and_the_way_out(held):
+    settings, words = held
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        spec = api.app.openapi()
+        for url in READS:
+            r = api.get(url)
+            assert r.status_code == 503, (url, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "service_unavailable", (url, error)
+            assert_says_who_and_how(error["message"], settings, words)
+            path = url.split("?")[0].replace(JOB, "{jobId}")
+            assert "503" in spec["paths"][path]["get"]["responses"], path
+
+
+def test_client_reads_raise_service_unavailable(held):
+    settings, words = held
+    for read in (
+        lambda: client.list_jobs(settings),
+        lambda: client.get_job(settings, JOB),
+        lambda: client.events(settings, JOB),
+    ):
+        with pytest.raises(ServiceUnavailable) as refused:
+            read()
+        assert_says_who_and_how(refused.value.message, settings, words)
+
+
+def test_cli_job_reads_say_who_holds_the_address(held):
+    settings, words = held
+    for argv in (["jobs", "list"], ["jobs", "show", JOB], ["jobs", "events", JOB]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 1, (argv, r.output)
+        assert r.output.startswith("error: "), (argv, r.output)
+        assert_says_who_and_how(r.output.replace("\n", " "), settings, words)
