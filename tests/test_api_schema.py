@@ -2,7 +2,9 @@
 
 Each operation gets generated requests — valid and invalid — and every response must be declared, match its
 schema and never be a 5xx. The data root is a fresh temp directory and the trainer URL points at a closed
-port with ensure-on-demand off, so nothing trains and job endpoints answer their declared 503.
+port with ensure-on-demand off, so nothing trains and job endpoints answer their declared 503. The job
+endpoints are walked once more with something else at the trainer's address (another project's trainer, a
+service that is no trainer: tests/peer_helpers.py), whose answers must come back as declared codes too.
 
 Run: `.venv/bin/python -m pytest tests/test_api_schema.py -q` (bounded examples; well under a minute).
 """
@@ -20,6 +22,7 @@ from lunatrain import store
 from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
 
+from peer_helpers import PEERS, playing
 from schema_helpers import drive, operations
 
 MAX_EXAMPLES = 10
@@ -59,6 +62,37 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 @pytest.mark.parametrize(("path", "method"), operations(SPEC), ids=lambda v: v)
 def test_every_operation_conforms_and_never_fails(path: str, method: str, app) -> None:
     assert drive(SPEC, path, method, lambda case: _check(case, app), MAX_EXAMPLES) > 0
+
+
+@pytest.fixture(scope="module", params=list(PEERS))
+def held_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The app of a data root whose trainer is not running, while a peer holds the trainer's address."""
+    from lunatrain.service import client
+
+    handler, _words = PEERS[request.param]
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    settings = load_settings(
+        home=tmp_path_factory.mktemp("schema-held"),
+        db_url=None,
+        api_token=None,
+        lora_ensure_on_demand=False,
+        lora_trainer_start_cmd="false",
+        lora_trainer_url=f"http://127.0.0.1:{dead.getsockname()[1]}",
+        allowed_hosts="127.0.0.1,localhost,testserver",
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client, "_shared", playing(handler))
+        try:
+            yield create_app(settings)
+        finally:
+            store.dispose_stores()
+            dead.close()
+
+
+@pytest.mark.parametrize(("path", "method"), operations(SPEC, "/lora/"), ids=lambda v: v)
+def test_job_operations_answer_declared_codes_when_a_peer_holds_the_trainer_port(path, method, held_app) -> None:
+    assert drive(SPEC, path, method, lambda case: _check(case, held_app), MAX_EXAMPLES) > 0
 
 
 def _check(case, app) -> None:

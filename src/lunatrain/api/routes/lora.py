@@ -47,7 +47,10 @@ async def provider_health(
     """Always 200 with `label` Offline when this data root's trainer is down (another project's trainer at
     its address included); 503 only when an asked-for start fails."""
     if ensure_trainer:
-        health = await run_in_threadpool(lambda: ensure.ensure_trainer(settings, explicit=True))
+        try:
+            health = await run_in_threadpool(lambda: ensure.ensure_trainer(settings, explicit=True))
+        except Conflict as err:  # the chosen address is held by something else: no trainer could be started
+            raise ServiceUnavailable(err.message) from None
     else:
         try:
             health = await run_in_threadpool(trainer_client.own_health, settings)
