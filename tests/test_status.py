@@ -222,6 +222,29 @@ def test_a_trainer_job_is_shown_from_its_own_record_not_its_report(settings):
     assert (last["jobId"], last["source"]) == (job.id, "trainer") and last["gate"]["passed"] is True, last
 
 
+def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
+    """Repro: `lunatrain status` showed lastJob.durationSeconds null for every job the trainer ran (it read
+    a metric the trainer never records); the job's own startedAt and finishedAt say how long it ran."""
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    db = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        queued, _ = db.create(LoraParams(adapter_name="mein-adapter"))
+        db.set_status(queued.id, "cancelled")  # cancelled while queued: it never started, so no duration
+        assert training_status(settings, 0)["lastJob"]["durationSeconds"] is None
+        job, _ = db.create(LoraParams(adapter_name="mein-adapter"))
+        db.set_status(job.id, "running", started_at="2026-01-01T12:00:00.000Z")
+        assert training_status(settings, 0)["lastJob"]["durationSeconds"] is None  # still running
+        db.set_status(job.id, "succeeded", finished_at="2026-01-01T12:01:30.250Z")
+    finally:
+        db.close()
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["jobId"], last["durationSeconds"]) == (job.id, 90.25), last
+    out = CliRunner().invoke(app, ["status", "--json"]).output
+    assert json.loads(out)["lastJob"]["durationSeconds"] == 90.25
+
+
 def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch):
     """Repro: minCurated defaulted to 0 (the Luna profile says 30), `ready` looked at the curated tier only,
     no trainer health, and `counts.memory` (examples) sat beside `memory` (memory items)."""

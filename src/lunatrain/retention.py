@@ -37,7 +37,7 @@ from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir
 from .settings import Settings
-from .wire import utc_now
+from .wire import parse_iso, utc_now
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,7 @@ def _open_jobs(path: Path, dry_run: bool) -> sqlite3.Connection:
 def _parse(stamp: str | None) -> datetime:
     if not stamp:
         return datetime.max.replace(tzinfo=UTC)  # no time recorded: never "too old"
-    value = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return parse_iso(stamp)
 
 
 def _exports(settings: Settings, dry_run: bool) -> list[Item]:

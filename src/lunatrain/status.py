@@ -18,6 +18,7 @@ from typing import Any
 
 from .fsio import read_json
 from .settings import Settings
+from .wire import seconds_between
 
 STATUSES = ("approved", "pending", "rejected")
 DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `lunatrain luna`
@@ -193,7 +194,8 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
         "version": job.adapter.version if job.adapter else None,
         "created": job.created_at,
         "finished": job.finished_at,
-        "durationSeconds": metrics.get("durationSeconds"),
+        # From start to finish (the trainer records no duration metric); None while it runs or if it never ran.
+        "durationSeconds": seconds_between(job.started_at, job.finished_at),
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": job.error.wire() if job.error else None,
         "gate": {

@@ -2,9 +2,10 @@
 
 Every report, export summary, registry entry, job and event uses `now_iso()` (UTC, milliseconds, `Z`), so
 timestamps from different stages sort and compare as text; `utc_now()` is the same clock as a value (database
-columns, ages, file-name stamps); `finite()` makes any value JSON-safe (NaN and ±inf become null:
-`json.dumps` would write `NaN`, which no JSON parser accepts); `camel()` gives a stage's snake_case dict the
-camelCase names every API answer and report uses.
+columns, ages, file-name stamps); `parse_iso()` reads such a stamp back (older ones with `+00:00` too) and
+`seconds_between()` is the time from one to another; `finite()` makes any value JSON-safe (NaN and ±inf
+become null: `json.dumps` would write `NaN`, which no JSON parser accepts); `camel()` gives a stage's
+snake_case dict the camelCase names every API answer and report uses.
 """
 
 from __future__ import annotations
@@ -23,6 +24,24 @@ def utc_now() -> datetime:
 
 def now_iso() -> str:
     return utc_now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(stamp: str) -> datetime:
+    """A timestamp as `now_iso()` writes it (or with `+00:00`); one without a zone is taken as UTC. Raises
+    ValueError for anything else."""
+    value = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds from `start` to `end` (two timestamps), to the millisecond; None when either is missing or
+    unreadable."""
+    if not start or not end:
+        return None
+    try:
+        return round((parse_iso(end) - parse_iso(start)).total_seconds(), 3)
+    except ValueError:
+        return None
 
 
 def finite(value: Any) -> Any:
