@@ -97,6 +97,22 @@ def test_the_flow_summary_counts_the_tier_it_trains_on(settings):
     assert merged["total"] != counts["curated"]["total"]  # the two lines differ, so the test tells them apart
 
 
+def test_a_failed_flow_names_only_the_reports_that_exist(settings, tiny):
+    """Repro: `luna` failing at prepare listed lora-latest.json and lora-adapters.json among its reports,
+    which no step had written."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST, "--minCurated=100000"])
+    store.dispose_stores()
+    assert r.exit_code == 1 and "Step prepare failed" in r.output, r.output
+    [line] = [line for line in r.output.splitlines() if line.startswith("reports ")]
+    for report in (settings.lora_latest_report, settings.registry_file):
+        assert not report.exists() and report.name not in line, line
+    for report in (settings.prepare_report, settings.eval_report):
+        assert report.exists() and report.name in line, line
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tiny):
     """Ctrl-C on `lora --local` ended the process with exit 130 and not a word: no report, no sentence, and

@@ -404,10 +404,16 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         if gate:
             reasons = "; ".join(gate.get("reasons") or [])
             lines.append(f"gate       {gate.get('status')}" + (f": {reasons}" if reasons else ""))
-        lines.append(f"files      {entry.get('path')}/ (adapter, {registry.REPORT_FILE}, {registry.LOSS_CURVE_FILE})")
-    written = (settings.lora_latest_report, settings.registry_file, settings.prepare_report)
-    lines.append(
-        f"reports    {settings.reports_training_dir}/ ({', '.join(path.name for path in written)}), "
-        f"{settings.eval_report}"
+        folder = settings.home / str(entry.get("path"))  # a registry path is relative to the data root
+        files = ["adapter"] + [f for f in (registry.REPORT_FILE, registry.LOSS_CURVE_FILE) if (folder / f).is_file()]
+        lines.append(f"files      {entry.get('path')}/ ({', '.join(files)})")
+    # Only the reports that exist: a flow that failed early never wrote the later steps' reports.
+    training = [
+        p.name for p in (settings.lora_latest_report, settings.registry_file, settings.prepare_report) if p.is_file()
+    ]
+    where = ([f"{settings.reports_training_dir}/ ({', '.join(training)})"] if training else []) + (
+        [str(settings.eval_report)] if settings.eval_report.is_file() else []
     )
+    if where:
+        lines.append(f"reports    {', '.join(where)}")
     return lines
