@@ -17,7 +17,7 @@ import typer
 from ..errors import LunaError, ServiceUnavailable
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job
+from ..service.jobs import Event, Health, Job, JobList
 from ..settings import Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from .app import app, fail, is_tty
@@ -111,13 +111,13 @@ def jobs_list(
     status: Annotated[str | None, typer.Option("--status", help="only jobs in this state")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (--json: the API's `{object: "list", data: [Job]}`)."""
     try:
         jobs = trainer_client.list_jobs(load_settings(), limit=limit, status=status)
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps([j.wire() for j in jobs], indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(JobList(data=jobs).wire(), indent=2, ensure_ascii=False))
         return
     if not jobs:
         typer.echo("no jobs")
@@ -166,17 +166,17 @@ def jobs_events(
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 100,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a job's events (progress, eval, log, status), oldest first."""
+    """Print a job's events (progress, eval, log, status), oldest first (--json: the API's event page, with
+    `hasMore` and `lastSeq` to pass as --after; an empty `data` past the end)."""
     try:
         page = trainer_client.events(load_settings(), job_id, after=after, limit=limit)
     except LunaError as err:
         raise fail(err) from None
+    if as_json:
+        typer.echo(json.dumps(page.wire(), indent=2, ensure_ascii=False))
+        return
     for ev in page.data:
-        typer.echo(
-            json.dumps(ev.wire(), ensure_ascii=False)
-            if as_json
-            else f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}"
-        )
+        typer.echo(f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}")
 
 
 # --- following a job -----------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""`--json` prints one JSON document on stdout, in the shape the assistant API answers for the same read
+(camelCase, the API's list and page documents); what a command says while it works goes to stderr, so
+`lunatrain … --json | jq` always reads JSON.
+
+Run: `.venv/bin/python -m pytest tests/test_cli_json.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from lunatrain import store
+from lunatrain.api.main import create_app
+from lunatrain.cli import app
+from lunatrain.errors import NotFound
+from lunatrain.params import parse_run
+from lunatrain.service import client as trainer_client
+from lunatrain.service.jobs import Health, JobList, JobStore, data_root_id, jobs_db_path
+from lunatrain.settings import Settings
+
+T = "/assistant/training"
+
+
+@pytest.fixture
+def trainer(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobStore]:
+    """This data root's job store behind the trainer's read routes, in this process: the trainer client's
+    requests are answered from it with the trainer's own wire models (the real trainer app would start a
+    device-probing worker process: a slow test)."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        path, query = request.url.path.strip("/").split("/"), request.url.params
+        try:
+            if path == ["health"]:
+                body = Health(data_root={"id": data_root_id(settings.home), "path": str(settings.home)}).wire()
+            elif path == ["jobs"]:
+                body = JobList(data=jobs.list(limit=int(query["limit"]), status=query.get("status"))).wire()
+            elif len(path) == 3 and path[0] == "jobs" and path[2] == "events":
+                body = jobs.events(path[1], after=int(query["after"]), limit=int(query["limit"])).wire()
+            else:
+                return httpx.Response(404, json={"error": {"code": "not_found", "message": "no such route"}})
+        except NotFound as err:
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": err.message}})
+        return httpx.Response(200, json=body)
+
+    monkeypatch.setattr(trainer_client, "_shared", httpx.Client(transport=httpx.MockTransport(answer)))
+    yield jobs
+    jobs.close()
+
+
+def ended_job(jobs: JobStore, adapter: str) -> str:
+    """A job recorded as cancelled before it ran, with its status events."""
+    job, _ = jobs.create(parse_run({"adapterName": adapter, "baseModel": "luna-tiny"})[0])
+    jobs.set_status(job.id, "queued")
+    jobs.set_status(job.id, "cancelled", message="cancelled before it started")
+    return job.id
+
+
+def stdout_json(args: list[str]) -> object:
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)  # the whole of stdout: one document
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+def test_jobs_list_json_is_the_apis_job_list(settings: Settings, trainer: JobStore) -> None:
+    """`jobs list --json` printed a bare array; the API answers `{object: "list", data: [Job]}`."""
+    ended_job(trainer, "first")
+    ended_job(trainer, "second")
+    listed = stdout_json(["jobs", "list", "--json"])
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        assert listed == api.get(f"{T}/lora/jobs", params={"limit": 20}).json()
+    assert listed["object"] == "list" and [j["params"]["adapterName"] for j in listed["data"]] == ["second", "first"]
+    store.dispose_stores()
+
+
+def test_jobs_events_json_is_the_apis_event_page_also_past_the_end(settings: Settings, trainer: JobStore) -> None:
+    """`jobs events --json` printed JSON Lines without `hasMore`/`lastSeq`, and nothing at all past the end;
+    it prints the API's EventPage, with an empty `data` past the end, so a script can page with `--after`."""
+    job_id = ended_job(trainer, "paged")
+    first = stdout_json(["jobs", "events", job_id, "--limit", "2", "--json"])
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        assert first == api.get(f"{T}/lora/jobs/{job_id}/events", params={"after": 0, "limit": 2}).json()
+    assert first["object"] == "list" and first["hasMore"] is True and len(first["data"]) == 2
+    assert first["lastSeq"] == first["data"][-1]["seq"]
+    rest = stdout_json(["jobs", "events", job_id, "--after", str(first["lastSeq"]), "--json"])
+    assert rest["hasMore"] is False and [e["status"] for e in rest["data"]] == ["cancelled"]
+    end = rest["lastSeq"]
+    past = stdout_json(["jobs", "events", job_id, "--after", str(end), "--json"])
+    assert past == {"object": "list", "data": [], "hasMore": False, "lastSeq": end}
+    # without --json: the lines as before, and nothing past the end
+    r = CliRunner().invoke(app, ["jobs", "events", job_id, "--after", str(end)])
+    assert r.exit_code == 0 and r.stdout == ""
+    store.dispose_stores()
