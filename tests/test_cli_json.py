@@ -98,3 +98,20 @@ def test_jobs_events_json_is_the_apis_event_page_also_past_the_end(settings: Set
     r = CliRunner().invoke(app, ["jobs", "events", job_id, "--after", str(end)])
     assert r.exit_code == 0 and r.stdout == ""
     store.dispose_stores()
+
+
+# --- examples and memory -------------------------------------------------------------------------
+def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settings) -> None:
+    """`examples list --json` and `memory list --json` printed snake_case keys (`conversation_id`,
+    `created_at`); each item is now the API's Example / MemoryItem, field for field (the list stays an array)."""
+    store.add_example(settings, prompt="Hallo", response="Hallo! Ich bin Luna.", conversation_id="c9", tags=["a"])
+    store.add_example(settings, prompt="Wer bist du?", response="Luna.", source="conversation")
+    store.add_memory(settings, question="Wie heißt mein Hund?", answer="Bruno.", topic="family")
+    examples = stdout_json(["examples", "list", "--json"])
+    memory = stdout_json(["memory", "list", "--json"])
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        assert examples == api.get(f"{T}/examples").json()["examples"]
+        assert memory == api.get(f"{T}/memory").json()["items"]
+    assert examples[0]["conversationId"] == "c9" and "createdAt" in examples[0] and "created_at" not in examples[0]
+    assert memory[0]["topic"] == "family" and "updatedAt" in memory[0] and "updated_at" not in memory[0]
+    store.dispose_stores()

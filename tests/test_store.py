@@ -330,7 +330,7 @@ def test_cli_examples_commands(home: Path, tmp_path: Path) -> None:
 
     r = runner.invoke(app, ["examples", "list", "--json"])
     listed = json.loads(r.output)
-    assert [(e["id"], e["status"], e["conversation_id"]) for e in listed] == [
+    assert [(e["id"], e["status"], e["conversationId"]) for e in listed] == [
         (1, "approved", None),
         (2, "pending", "c9"),
     ]

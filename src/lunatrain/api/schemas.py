@@ -8,7 +8,7 @@ API's schema.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -18,6 +18,9 @@ from ..formats import MAX_CONVERSATION_ID_LEN, MAX_TAG_LEN, MAX_TAGS, MAX_TEXT_L
 from ..params import FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
 from ..settings import NAME_MAX, NAME_PATTERN
+
+if TYPE_CHECKING:
+    from .. import store
 
 Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
@@ -42,6 +45,10 @@ class In(BaseModel):
 
 class Out(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON the API answers with this model (what the CLI's `--json` prints for the same read)."""
+        return self.model_dump(by_alias=True, mode="json")
 
 
 class ErrorBody(BaseModel):
@@ -150,6 +157,10 @@ class ExampleOut(Out):
     created_at: str
     updated_at: str
 
+    @classmethod
+    def of(cls, example: store.Example) -> ExampleOut:
+        return cls.model_validate(example.to_dict())
+
 
 class ExampleList(Out):
     examples: list[ExampleOut]
@@ -186,6 +197,10 @@ class MemoryOut(Out):
     tags: list[str] = Field(default_factory=list)
     created_at: str
     updated_at: str
+
+    @classmethod
+    def of(cls, item: store.MemoryItem) -> MemoryOut:
+        return cls.model_validate(item.to_dict())
 
 
 class MemoryList(Out):

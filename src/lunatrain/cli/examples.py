@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import registry, store
+from ..api.schemas import ExampleOut, MemoryOut
 from ..errors import LunaError, UsageError
 from ..settings import load_settings
 from .app import app, as_written, fail, is_tty
@@ -125,7 +126,7 @@ def list_cmd(
     status: StatusOpt = None,
     limit: Annotated[int, typer.Option("--limit")] = 50,
     offset: Annotated[int, typer.Option("--offset")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON (one array)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON: one array of the API's Example")] = False,
 ) -> None:
     """List examples in the order they were added."""
     try:
@@ -133,7 +134,7 @@ def list_cmd(
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps([e.to_dict() for e in items], ensure_ascii=False, indent=2))
+        typer.echo(json.dumps([ExampleOut.of(e).wire() for e in items], ensure_ascii=False, indent=2))
         return
     rows = [[str(e.id), e.source, e.status, _short(e.prompt, 40), _short(e.response)] for e in items]
     _table("examples", ["id", "source", "status", "prompt", "response"], rows)
@@ -217,7 +218,7 @@ def memory_list_cmd(
     status: StatusOpt = None,
     limit: Annotated[int, typer.Option("--limit")] = 50,
     offset: Annotated[int, typer.Option("--offset")] = 0,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON: one array of the API's MemoryItem")] = False,
 ) -> None:
     """List memory items."""
     try:
@@ -225,7 +226,7 @@ def memory_list_cmd(
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps([m.to_dict() for m in items], ensure_ascii=False, indent=2))
+        typer.echo(json.dumps([MemoryOut.of(m).wire() for m in items], ensure_ascii=False, indent=2))
         return
     rows = [[str(m.id), m.status, m.topic or "", _short(m.question, 40), _short(m.answer)] for m in items]
     _table("memory", ["id", "status", "topic", "question", "answer"], rows)

@@ -32,12 +32,7 @@ Offset = Annotated[int, Query(ge=0, le=store.INT_MAX)]
 R = TypeVar("R", store.Example, store.MemoryItem)
 
 
-def _example(ex: store.Example) -> ExampleOut:
-    return ExampleOut.model_validate(ex.to_dict())
-
-
-def _memory(item: store.MemoryItem) -> MemoryOut:
-    return MemoryOut.model_validate(item.to_dict())
+_example, _memory = ExampleOut.of, MemoryOut.of
 
 
 @router.get("/examples", response_model=ExampleList, responses=errors(503))
