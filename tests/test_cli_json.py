@@ -24,6 +24,8 @@ from lunatrain.service import client as trainer_client
 from lunatrain.service.jobs import Health, JobList, JobStore, data_root_id, jobs_db_path
 from lunatrain.settings import Settings
 
+from helpers import make_records, write_export
+
 T = "/assistant/training"
 
 
@@ -66,6 +68,36 @@ def stdout_json(args: list[str]) -> object:
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)  # the whole of stdout: one document
+
+
+# --- lora ----------------------------------------------------------------------------------------
+FAST = [
+    "--epochs",
+    "1",
+    "--maxSteps",
+    "2",
+    "--batchSize",
+    "8",
+    "--rank",
+    "4",
+    "--maxSeqLength",
+    "128",
+    "--minCurated=0",
+]
+
+
+def test_lora_local_json_prints_only_the_outcome_on_stdout(settings: Settings) -> None:
+    """`lora --local --json | jq` broke: the progress lines came first on stdout. They go to stderr now."""
+    write_export(settings, make_records(40))
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--no-gate", "--json"])
+    assert r.exit_code == 0, r.output
+    outcome = json.loads(r.stdout)  # the whole of stdout
+    assert outcome["status"] == "succeeded" and outcome["adapter"]["version"] == "v1"
+    assert "step 2/2" in r.stderr  # the progress is still shown, beside the document
+    # without --json the progress stays where it was, before the outcome's lines
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--no-gate"])
+    assert r.exit_code == 0 and "step 2/2" in r.stdout and "@v2 written to" in r.stdout, r.output
+    store.dispose_stores()
 
 
 # --- jobs ----------------------------------------------------------------------------------------

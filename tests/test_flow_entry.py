@@ -74,7 +74,7 @@ def test_exit_1_when_the_gate_refuses_the_new_adapter(settings, home):
     (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")
     r = CliRunner().invoke(app, ["lora", "--local", "--profile", "strict", *FAST, "--json"])
     assert r.exit_code == 1, r.output
-    outcome = json.loads(r.stdout[r.stdout.index("{") :])
+    outcome = json.loads(r.stdout)  # stdout is the outcome alone (the progress went to stderr)
     assert outcome["status"] == "succeeded" and outcome["gate"]["passed"] is False
     entry = registry.get_version(settings, outcome["adapter"]["name"], outcome["adapter"]["version"])
     assert entry["gate"]["passed"] is False  # registered, kept inactive, and the exit code says so

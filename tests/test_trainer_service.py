@@ -442,6 +442,21 @@ def test_lora_start_with_the_luna_profile_queues_what_lunatrain_lora_would(svc):
 
 
 @pytest.mark.slow
+def test_lora_json_through_the_trainer_prints_only_the_outcome_on_stdout(svc):
+    """`lunatrain lora --json | jq` broke: "Submitted job …", the followed events and "Job … succeeded" came
+    first on stdout. With --json they go to stderr and stdout is the outcome document alone."""
+    settings = svc.settings
+    flags = ["--adapterName", "json-out", "--datasetTier", "memory", "--epochs", "1", "--maxSteps", "2"]
+    flags += ["--batchSize", "4", "--baseModel", "luna-tiny", "--no-gate", "--json"]
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
+    cli = CliRunner().invoke(app, ["lora", *flags], env=env)
+    assert cli.exit_code == 0, cli.output
+    outcome = json.loads(cli.stdout)  # the whole of stdout
+    assert outcome["status"] == "succeeded" and outcome["adapter"]["name"] == "json-out"
+    assert "Submitted job" in cli.stderr and f"Job {outcome['jobId']} succeeded" in cli.stderr, cli.stderr
+
+
+@pytest.mark.slow
 def test_a_quantized_job_starts_fresh_and_trains_in_4_bits(svc):
     """The warm worker holds PEFT loaded without bitsandbytes (compat.without_bitsandbytes), so the trainer
     starts a quantized job as a fresh process, which loads it; a plain job is forked as before."""

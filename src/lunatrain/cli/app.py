@@ -33,8 +33,9 @@ def fail(err: LunaError) -> typer.Exit:
     return typer.Exit(err.exit_code)
 
 
-def is_tty() -> bool:
-    return sys.stdout.isatty()
+def is_tty(err: bool = False) -> bool:
+    """Whether stdout (stderr with `err`) is a terminal."""
+    return (sys.stderr if err else sys.stdout).isatty()
 
 
 def as_written(value: object) -> str:

@@ -90,17 +90,25 @@ class _CtrlC:
 
 
 def local_lora(
-    settings: Settings, params: LoraParams, options: FlowOptions, gate: dict[str, Any] | None = None
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    gate: dict[str, Any] | None = None,
+    *,
+    stderr: bool = False,
 ) -> dict[str, Any]:
     """Train in this process, then gate the new version with `gate` thresholds (a profile's [gate]).
     Under torchrun every rank trains; only rank 0 shows progress and gates. Ctrl-C while training ends the
-    command with exit 130 and a sentence on how to resume."""
+    command with exit 130 and a sentence on how to resume. `stderr`: the progress goes there (`--json`,
+    whose stdout is the outcome alone)."""
+    import sys
+
     from ..flow import check_min_curated
     from ..progress import ProgressDisplay
 
     check_min_curated(settings, options)
     main = distributed.from_env().main
-    display = ProgressDisplay() if main else None
+    display = ProgressDisplay(stream=sys.stderr if stderr else None) if main else None
     with _CtrlC() as ctrl_c, display or contextlib.nullcontext():
         outcome = train_and_gate(
             settings,
@@ -125,15 +133,21 @@ def local_lora(
 
 
 def service_lora(
-    settings: Settings, params: LoraParams, options: FlowOptions, gate: dict[str, Any] | None = None
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    gate: dict[str, Any] | None = None,
+    *,
+    stderr: bool = False,
 ) -> dict[str, Any]:
-    """Submit to the trainer service (the gate runs there, with `gate` thresholds) and follow the job."""
+    """Submit to the trainer service (the gate runs there, with `gate` thresholds) and follow the job;
+    `stderr`: what it says while following goes there (`--json`)."""
     from ..service import client
     from .trainer import follow_and_report
 
     job = submit(settings, params, options, thresholds=gate)
-    typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.")
-    follow_and_report(settings, job.id)
+    typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.", err=stderr)
+    follow_and_report(settings, job.id, stderr=stderr)
     return job_outcome(client.get_job(settings, job.id))
 
 

@@ -84,7 +84,7 @@ def lora_cmd(
         if ensure_trainer_flag and not local:
             ensure_trainer(settings, explicit=True)
         lora = local_lora if local else service_lora
-        outcome = lora(settings, r.params, r.options, r.gate)
+        outcome = lora(settings, r.params, r.options, r.gate, stderr=as_json)  # --json: stdout is the outcome
         if not distributed.from_env().main:  # under torchrun rank 0 reports for all
             raise typer.Exit(0 if outcome.get("status") == "succeeded" else 1)
         lines = _describe(settings, outcome)

@@ -229,7 +229,8 @@ def _progress_text(d: dict[str, Any]) -> str:
 class _Plain:
     """Line output for logs and pipes: every non-progress event, progress at most every 5 s or 10 %."""
 
-    def __init__(self) -> None:
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
         self._last_t = 0.0
         self._last_pct = -100.0
 
@@ -246,13 +247,14 @@ class _Plain:
             if time.monotonic() - self._last_t < 5 and pct - self._last_pct < 10 and pct < 100:
                 return
             self._last_t, self._last_pct = time.monotonic(), pct
-        typer.echo(describe_event(ev))
+        typer.echo(describe_event(ev), err=self._stderr)
 
 
 class _Bar:
     """Rich progress bar with step, loss, tokens/s and ETA; other events print above it."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, stderr: bool = False) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         # The ETA is the engine's (it knows the step time without model loading), so no rich time column.
@@ -261,6 +263,7 @@ class _Bar:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
+            console=Console(stderr=stderr),
         )
         self._task = self._progress.add_task(job_id, total=None, info="")
 
@@ -284,10 +287,13 @@ class _Bar:
             self._progress.console.print(describe_event(ev), markup=False, highlight=False)
 
 
-def follow(settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s: float = 15.0) -> Job:
-    """Show a job's events as they come until it ends; return the final job. Ctrl-C raises KeyboardInterrupt."""
+def follow(
+    settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s: float = 15.0, stderr: bool = False
+) -> Job:
+    """Show a job's events as they come (on stderr with `stderr`) until it ends; return the final job.
+    Ctrl-C raises KeyboardInterrupt."""
     after, lost_since = 0, None
-    with _Bar(job_id) if is_tty() else _Plain() as view:
+    with _Bar(job_id, stderr) if is_tty(stderr) else _Plain(stderr) as view:
         while True:
             try:
                 page = trainer_client.events(settings, job_id, after=after, limit=500)
@@ -315,11 +321,12 @@ def follow(settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s:
             time.sleep(poll)
 
 
-def follow_and_report(settings: Settings, job_id: str) -> int:
-    """Follow the job, print its outcome; 0 succeeded, 1 failed or cancelled. Ctrl-C prints how to come
-    back and exits 130 (typer.Exit, so that callers such as `lunatrain lora` end the same way)."""
+def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) -> int:
+    """Follow the job, print its outcome (on stderr with `stderr`: `lora --json`, whose stdout is the outcome
+    document); 0 succeeded, 1 failed or cancelled. Ctrl-C prints how to come back and exits 130 (typer.Exit,
+    so that callers such as `lunatrain lora` end the same way)."""
     try:
-        job = follow(settings, job_id)
+        job = follow(settings, job_id, stderr=stderr)
     except KeyboardInterrupt:
         typer.echo(
             f"\nDetached; job {job_id} keeps running in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
@@ -327,5 +334,5 @@ def follow_and_report(settings: Settings, job_id: str) -> int:
             err=True,
         )
         raise typer.Exit(DETACHED) from None
-    typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."))
+    typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."), err=stderr)
     return 0 if job.status == "succeeded" else 1
