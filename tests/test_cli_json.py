@@ -147,3 +147,56 @@ def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settin
     assert examples[0]["conversationId"] == "c9" and "createdAt" in examples[0] and "created_at" not in examples[0]
     assert memory[0]["topic"] == "family" and "updatedAt" in memory[0] and "updated_at" not in memory[0]
     store.dispose_stores()
+
+
+# --- health --------------------------------------------------------------------------------------
+def answering(monkeypatch: pytest.MonkeyPatch, response: httpx.Response) -> None:
+    """Whatever listens at the trainer's address answers every request with `response`."""
+    client = httpx.Client(transport=httpx.MockTransport(lambda _request: response))
+    monkeypatch.setattr(trainer_client, "_shared", client)
+
+
+def health_json(*args: str) -> tuple[int, dict]:
+    r = CliRunner().invoke(app, ["health", *args, "--json"])
+    return r.exit_code, json.loads(r.stdout)  # the whole of stdout, whatever the outcome
+
+
+def test_health_json_is_one_document_for_every_outcome(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`health --json` printed no JSON when the trainer's address was held by another data root's trainer
+    or by something that is no trainer at all. Every outcome is now one document on stdout, in the API's
+    provider-health shape (`error` says what is wrong), with the exit code as before: 0 only when this data
+    root's trainer answers, 1 otherwise, 2 for a usage error."""
+    other = {"id": "0123456789abcdef", "path": "/srv/other-project"}
+    answering(monkeypatch, httpx.Response(200, json=Health(data_root=other).wire()))
+    code, body = health_json()
+    assert code == 1 and body["label"] == "Offline" and body["reachable"] is False
+    assert "/srv/other-project" in body["error"] and str(settings.home) in body["error"]
+    assert body["trainerUrl"] == "http://127.0.0.1:5051"
+
+    answering(monkeypatch, httpx.Response(200, html="<html>a web server</html>"))
+    code, body = health_json()
+    assert code == 1 and body["label"] == "Offline" and "not a lunatrain trainer" in body["error"], body
+    answering(monkeypatch, httpx.Response(404, text="Not Found"))
+    code, body = health_json()
+    assert code == 1 and body["label"] == "Offline" and "Not Found" in body["error"], body
+
+    ours = Health(data_root={"id": data_root_id(settings.home), "path": str(settings.home)})
+    answering(monkeypatch, httpx.Response(200, json=ours.wire()))
+    code, body = health_json()
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        assert body == api.get(f"{T}/lora/provider-health").json()  # the API's document, field for field
+    assert code == 0 and body["label"] == "Online (CPU)" and body["reachable"] is True and body["error"] is None
+    store.dispose_stores()
+
+
+def test_health_json_offline_and_usage_errors_are_json_too(home, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")  # nothing answers there
+    code, body = health_json()
+    assert code == 1 and body["label"] == "Offline" and body["status"] == "offline"
+    assert "not reachable" in body["error"] and body["trainerUrl"] == "http://127.0.0.1:0"
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", "'unbalanced")
+    code, body = health_json("--ensure-trainer")
+    assert code == 2 and "ASSISTANT_LORA_TRAINER_START_CMD" in body["error"] and body["label"] == "Offline"
+    monkeypatch.setenv("ASSISTANT_LORA_ENSURE_TIMEOUT", "-1")  # settings that do not load
+    code, body = health_json()
+    assert code == 2 and "ASSISTANT_LORA_ENSURE_TIMEOUT" in body["error"], body

@@ -7,6 +7,7 @@ binds itself and records under its data root).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -151,12 +152,14 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
         assert str(first) in refused.value.message and str(second) in refused.value.message
         assert not explicit.trainer_url_file.exists() and trainer_processes(second) == []
         assert_refused_everywhere(explicit, first, second, "ASSISTANT_LORA_TRAINER_URL")
+        assert_health_json_says_why(second, first, ASSISTANT_LORA_TRAINER_URL=shared)
 
         # Not chosen: the default address happens to be the first project's trainer.
         monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", shared)
         implicit = load_settings(home=second)
         # Until it has a trainer of its own, the other project's is not one to read from either.
         assert_refused_everywhere(implicit, first, second, "the next job starts it")
+        assert_health_json_says_why(second, first)  # the user's case: the default port held by another root
         health = ensure_trainer(implicit, timeout=120)
         assert health.data_root.path == str(second.resolve())
         own = implicit.trainer_url_file.read_text().strip()
@@ -172,6 +175,16 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
     finally:
         stop_group(proc.pid)
         kill_trainers(second)
+
+
+def assert_health_json_says_why(home, other, **env: str) -> None:
+    """`health --json` printed no JSON here (only the error sentence): it prints one document, Offline, whose
+    `error` names both roots, and exits 1 as before."""
+    r = CliRunner().invoke(app, ["health", "--json"], env={"ASSISTANT_HOME": str(home), **env})
+    assert r.exit_code == 1, r.output
+    body = json.loads(r.stdout)
+    assert body["label"] == "Offline" and body["reachable"] is False, body
+    assert str(other) in body["error"] and str(home) in body["error"], body
 
 
 def assert_refused_everywhere(settings, first, second, fix: str) -> None:

@@ -8,6 +8,7 @@ come back. Exit codes: 0 succeeded, 1 failed or cancelled (or trainer offline), 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +19,7 @@ from ..errors import LunaError, ServiceUnavailable
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job, JobList
-from ..settings import Settings, check_data_root, load_settings
+from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from .app import app, fail, is_tty
 
@@ -26,6 +27,7 @@ EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+URL_VAR = "ASSISTANT_LORA_TRAINER_URL"
 DETACHED = 130  # the shell's code for "ended by Ctrl-C": the job itself goes on
 
 jobs_app = typer.Typer(help="Trainer jobs: list, show, follow, cancel, events.", no_args_is_help=True)
@@ -59,7 +61,9 @@ def trainer_cmd(
 
 @app.command("health")
 def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
-    """Show the trainer's state: `Aktiv (CUDA)`, `Online (CPU)` or `Offline` (exit 1, for scripts)."""
+    """Show the trainer's state: `Aktiv (CUDA)`, `Online (CPU)` or `Offline` (exit 1, for scripts); --json:
+    the API's provider-health document whatever the outcome, `error` saying what is wrong."""
+    settings, health, problem = None, None, None
     try:
         settings = load_settings()
         if ensure:
@@ -67,18 +71,41 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
         else:
             try:
                 health = trainer_client.own_health(settings)
-            except ServiceUnavailable:
-                health = None
+            except ServiceUnavailable as err:
+                problem = err
     except LunaError as err:
-        raise fail(err) from None
-    label = trainer_client.label(health)
+        if not as_json:
+            raise fail(err) from None
+        problem = err
     if as_json:
-        body: dict[str, Any] = {"label": label, "trainerUrl": trainer_client.base_url(settings)}
-        typer.echo(json.dumps(body | (health.wire() if health else {"status": "offline"}), indent=2))
-    else:
-        typer.echo(describe_health(settings, health))
+        typer.echo(json.dumps(_health_document(settings, health, problem), indent=2, ensure_ascii=False))
+        if health is None:
+            raise typer.Exit(problem.exit_code if problem else 1)
+        return
+    assert settings is not None
+    typer.echo(describe_health(settings, health))
     if health is None:
         raise typer.Exit(1)
+
+
+def _health_document(settings: Settings | None, health: Health | None, problem: LunaError | None) -> dict[str, Any]:
+    """What GET …/lora/provider-health answers for the same outcome (api/routes/lora.py)."""
+    from ..api.schemas import ProviderHealth
+
+    # Settings that do not load name no trainer: the address configured, as given.
+    url = trainer_client.base_url(settings) if settings else os.environ.get(URL_VAR) or DEFAULT_TRAINER_URL
+    if health is None:
+        offline = ProviderHealth(
+            status="offline",
+            reachable=False,
+            cuda_available=False,
+            label=trainer_client.LABEL_OFFLINE,
+            trainer_url=url,
+            error=problem.message if problem else None,
+        )
+        return offline.wire()
+    found = health.wire() | {"reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
+    return ProviderHealth.model_validate(found).wire()
 
 
 def describe_health(settings: Settings, health: Health | None) -> str:
