@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -101,8 +102,6 @@ def local_lora(
     Under torchrun every rank trains; only rank 0 shows progress and gates. Ctrl-C while training ends the
     command with exit 130 and a sentence on how to resume. `stderr`: the progress goes there (`--json`,
     whose stdout is the outcome alone)."""
-    import sys
-
     from ..flow import check_min_curated
     from ..progress import ProgressDisplay
 

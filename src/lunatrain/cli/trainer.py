@@ -27,7 +27,6 @@ EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
-URL_VAR = "ASSISTANT_LORA_TRAINER_URL"
 DETACHED = 130  # the shell's code for "ended by Ctrl-C": the job itself goes on
 
 jobs_app = typer.Typer(help="Trainer jobs: list, show, follow, cancel, events.", no_args_is_help=True)
@@ -92,8 +91,9 @@ def _health_document(settings: Settings | None, health: Health | None, problem: 
     """What GET …/lora/provider-health answers for the same outcome (api/routes/lora.py)."""
     from ..api.schemas import ProviderHealth
 
-    # Settings that do not load name no trainer: the address configured, as given.
-    url = trainer_client.base_url(settings) if settings else os.environ.get(URL_VAR) or DEFAULT_TRAINER_URL
+    # Settings that did not load have no address: the one configured, as given.
+    url = trainer_client.base_url(settings) if settings else os.environ.get("ASSISTANT_LORA_TRAINER_URL")
+    url = url or DEFAULT_TRAINER_URL
     if health is None:
         offline = ProviderHealth(
             status="offline",
