@@ -178,7 +178,7 @@ def test_health_json_is_one_document_for_every_outcome(settings: Settings, monke
     assert code == 1 and body["label"] == "Offline" and "not a lunatrain trainer" in body["error"], body
     answering(monkeypatch, httpx.Response(404, text="Not Found"))
     code, body = health_json()
-    assert code == 1 and body["label"] == "Offline" and "Not Found" in body["error"], body
+    assert code == 1 and body["label"] == "Offline" and "not a lunatrain trainer" in body["error"], body
 
     ours = Health(data_root={"id": data_root_id(settings.home), "path": str(settings.home)})
     answering(monkeypatch, httpx.Response(200, json=ours.wire()))
