@@ -11,8 +11,10 @@ Run: `.venv/bin/python -m pytest tests/test_api_schema.py -q` (bounded examples;
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from schemathesis.checks import not_a_server_error
@@ -34,13 +36,13 @@ MAX_EXAMPLES = 10
 SPEC = create_app(load_settings(api_token=None)).openapi()
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    # A port bound but never listening, held for the module's tests: connections are refused, and no other
-    # process (say, another test's trainer) can take it over meanwhile.
+@contextlib.contextmanager
+def _app_of(home: Path) -> Iterator[object]:
+    """The app of a data root whose trainer is down. The trainer's port is bound but never listening, held
+    while the app is in use: connections are refused, and no other process (say, another test's trainer)
+    can take it over meanwhile."""
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
-    home = tmp_path_factory.mktemp("schema-home")
     settings = load_settings(
         home=home,
         db_url=None,
@@ -59,6 +61,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         dead.close()
 
 
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    with _app_of(tmp_path_factory.mktemp("schema-home")) as made:
+        yield made
+
+
 @pytest.mark.parametrize(("path", "method"), operations(SPEC), ids=lambda v: v)
 def test_every_operation_conforms_and_never_fails(path: str, method: str, app) -> None:
     assert drive(SPEC, path, method, lambda case: _check(case, app), MAX_EXAMPLES) > 0
@@ -70,24 +78,9 @@ def held_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     from lunatrain.service import client
 
     handler, _words = PEERS[request.param]
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    settings = load_settings(
-        home=tmp_path_factory.mktemp("schema-held"),
-        db_url=None,
-        api_token=None,
-        lora_ensure_on_demand=False,
-        lora_trainer_start_cmd="false",
-        lora_trainer_url=f"http://127.0.0.1:{dead.getsockname()[1]}",
-        allowed_hosts="127.0.0.1,localhost,testserver",
-    )
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, _app_of(tmp_path_factory.mktemp("schema-held")) as made:
         patch.setattr(client, "_shared", playing(handler))
-        try:
-            yield create_app(settings)
-        finally:
-            store.dispose_stores()
-            dead.close()
+        yield made
 
 
 @pytest.mark.parametrize(("path", "method"), operations(SPEC, "/lora/"), ids=lambda v: v)
