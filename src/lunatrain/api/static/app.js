@@ -201,6 +201,9 @@ async function runExport(event) {
       const summary = await api.exportData();
       const count = summary?.counts?.merged?.total ?? summary?.total ?? summary?.counts?.total ?? "–";
       showNotice(t("data.exported", { count: typeof count === "number" ? formatNumber(count) : count }));
+      // An earlier export's failure, and a preflight refused for want of an export, are no longer true.
+      clearErrorsOf(t("data.export"));
+      clearErrorsOf(t("data.prepare"), "not_found");
     } catch (error) {
       showError(error, t("data.export"));
     }

@@ -46,10 +46,11 @@ export function clearErrors(code) {
   }
 }
 
-/** Clear the error messages a panel showed (its `context`) once the same action succeeds. */
-export function clearErrorsOf(context) {
+/** Clear the error messages a panel showed (its `context`) once the same action succeeds; with `code`, only
+ * those of that code. */
+export function clearErrorsOf(context, code) {
   for (const item of document.querySelectorAll("#alerts .message")) {
-    if (item.dataset.context === context) item.remove();
+    if (item.dataset.context === context && (!code || item.dataset.code === code)) item.remove();
   }
 }
 
