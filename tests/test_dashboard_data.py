@@ -54,3 +54,23 @@ def test_a_successful_export_clears_the_errors_it_made_stale(page, services: Ser
     shot(page, output_dir, "1-export-after-failure")
     # Neither the export's failure nor "no export yet" is true any more.
     expect(alerts).to_have_count(0)
+
+
+def test_an_invalid_threshold_is_marked_and_not_sent(page, services: Services, output_dir: Path) -> None:
+    open_page(page, services)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/assistant/training/prepare" in r.url else None)
+    threshold = page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)")
+    threshold.fill("-5")
+    page.get_by_role("button", name="Preflight (prepare)").click()
+    expect(threshold).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#data-min-curated-error")).to_have_text("Erlaubt: ganze Zahl ab 0.")
+    expect(threshold).to_be_focused()
+    shot(page, output_dir, "1-invalid-threshold")
+    # A valid value clears the mark and is what the next preflight asks with.
+    threshold.fill("3")
+    expect(threshold).not_to_have_attribute("aria-invalid", "true")
+    with page.expect_request("**/assistant/training/prepare") as asked:
+        page.get_by_role("button", name="Preflight (prepare)").click()
+    assert json.loads(asked.value.post_data or "{}") == {"minCurated": 3}
+    assert len(sent) == 1, sent

@@ -95,9 +95,29 @@ $("token-form").addEventListener("submit", (event) => {
 const SOURCES = ["curated", "memory", "conversation"];
 const STATUSES = ["approved", "pending", "rejected"];
 
+/** The threshold the user set, or undefined (the server's default) while the field holds no whole number ≥ 0. */
 function minCurated() {
-  const value = Number($("data-min-curated").value);
-  return Number.isInteger(value) && value >= 0 ? value : 0;
+  const text = $("data-min-curated").value.trim();
+  const value = Number(text);
+  return text !== "" && Number.isInteger(value) && value >= 0 ? value : undefined;
+}
+
+/** The threshold for an action the user asked for: marked and focused when it is not a whole number ≥ 0
+ * (a value the panel would otherwise replace by another without saying so); null then. */
+function checkedMinCurated() {
+  const input = $("data-min-curated");
+  const error = $("data-min-curated-error");
+  const value = minCurated();
+  const invalid = value === undefined;
+  error.textContent = invalid ? t("data.minInvalid") : "";
+  error.hidden = !invalid;
+  if (invalid) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+    return null;
+  }
+  input.removeAttribute("aria-invalid");
+  return value;
 }
 
 function renderDataStatus(status) {
@@ -212,9 +232,11 @@ async function runExport(event) {
 }
 
 async function runPrepare(event) {
+  const min = checkedMinCurated();
+  if (min === null) return;
   await busy(event.currentTarget, t("data.preparing"), async () => {
     try {
-      const report = await api.prepare({ minCurated: minCurated() });
+      const report = await api.prepare({ minCurated: min });
       renderPrepare(report);
       clearErrorsOf(t("data.prepare"));
       showNotice(t("data.prepared", { status: t(`severity.${report.status}`) }));
@@ -317,12 +339,14 @@ $("trainer-start").addEventListener("click", startTrainer);
 $("provider-refresh").addEventListener("click", () => loadHealth());
 $("data-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  loadDataStatus();
+  if (checkedMinCurated() !== null) loadDataStatus();
 });
 $("export-button").addEventListener("click", runExport);
 $("prepare-button").addEventListener("click", runPrepare);
 $("data-min-curated").addEventListener("input", (event) => {
   event.currentTarget.dataset.touched = "yes";
+  event.currentTarget.removeAttribute("aria-invalid");
+  $("data-min-curated-error").hidden = true;
 });
 loadDefaults().finally(refreshAll);
 tryPanel.start();
