@@ -74,3 +74,45 @@ def test_an_invalid_threshold_is_marked_and_not_sent(page, services: Services, o
         page.get_by_role("button", name="Preflight (prepare)").click()
     assert json.loads(asked.value.post_data or "{}") == {"minCurated": 3}
     assert len(sent) == 1, sent
+
+
+def test_a_job_poll_error_is_cleared_once_the_polls_answer_again(page, services: Services, output_dir: Path) -> None:
+    # The trainer's answers for one running job, replaced on the way: the first poll of the job fails with a
+    # bare 500 (a proxy's page, no JSON); the next one, held until the test has seen the error, says the job
+    # succeeded.
+    job = {"id": "ftjob-review", "status": "running", "progress": {"step": 1, "totalSteps": 4, "percent": 25}}
+    done = job | {"status": "succeeded", "progress": {"step": 4, "totalSteps": 4, "percent": 100}}
+    polls = {"n": 0}
+    held: list = []
+
+    def trainer(route) -> None:
+        if "jobId=" not in route.request.url:  # the page's "latest job" on load
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(job))
+            return
+        polls["n"] += 1
+        if polls["n"] == 1:
+            route.fulfill(status=500, content_type="text/html", body="<h1>oops</h1>")
+            return
+        held.append(route)
+
+    page.route("**/assistant/training/lora/status*", trainer)
+    page.route(
+        "**/assistant/training/lora/jobs/*/events*",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps({"data": [], "lastSeq": 0, "hasMore": False})
+        ),
+    )
+    open_page(page, services)
+    alerts = page.locator("#alerts .message")
+    expect(alerts).to_have_count(1)
+    expect(alerts).to_contain_text("500")
+    for _ in range(300):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the page did not poll the job again"
+    held.pop().fulfill(status=200, content_type="application/json", body=json.dumps(done))
+    expect(page.locator("#job-state")).to_have_attribute("data-state", "succeeded")
+    shot(page, output_dir, "1-job-after-poll-error")
+    # The failed poll is history: the job's panel answers again and says how it ended.
+    expect(alerts).to_have_count(0)

@@ -4,7 +4,7 @@
 import { api, FINAL_STATES } from "./api.js";
 import { drawLossChart } from "./chart.js";
 import { t, tMsg, errorText, formatNumber, formatFloat, formatDuration } from "./i18n.js";
-import { fillFacts, showError, showNotice, clearErrors } from "./ui.js";
+import { fillFacts, showError, showNotice, clearErrors, clearErrorsOf } from "./ui.js";
 
 const POLL_MS = 1000;
 
@@ -58,7 +58,7 @@ export class JobView {
     this.cursor = 0;
     this.series = { train: [], val: [], base: null, lastStep: 0, lastLog: null };
     this.render(job);
-    this.readEvents().catch((error) => showError(error)).finally(() => {
+    this.readEvents().catch((error) => showError(error, t("job.heading"))).finally(() => {
       this.render(this.job);
       this.draw();
       if (!FINAL_STATES.has(job.status)) this.schedule();
@@ -78,6 +78,7 @@ export class JobView {
       await this.readEvents();
       clearErrors("network");
       clearErrors("service_unavailable");
+      clearErrorsOf(t("job.heading")); // an earlier failed poll of this panel is no longer true
       this.render(job);
       this.draw();
       if (FINAL_STATES.has(job.status)) {
@@ -86,7 +87,7 @@ export class JobView {
         return;
       }
     } catch (error) {
-      showError(error);
+      showError(error, t("job.heading"));
     }
     if (jobId === this.jobId) this.schedule();
   }
