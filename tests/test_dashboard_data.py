@@ -116,3 +116,35 @@ def test_a_job_poll_error_is_cleared_once_the_polls_answer_again(page, services:
     shot(page, output_dir, "1-job-after-poll-error")
     # The failed poll is history: the job's panel answers again and says how it ended.
     expect(alerts).to_have_count(0)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"), [("", "Training beendet (abgebrochen)"), ("?lang=en", "Training ended (cancelled)")]
+)
+def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
+    page, services: Services, query: str, said: str
+) -> None:
+    # A cancelled job as the trainer reports it (its answers replaced on the way): its last log line is the
+    # trainer's "training ended" with the state as a code.
+    job = {"id": "ftjob-ended", "status": "cancelled", "progress": {"step": 2, "totalSteps": 4, "percent": 50}}
+    ended = {
+        "seq": 1,
+        "type": "log",
+        "message": "training cancelled: ",
+        "code": "log.training_ended",
+        "params": {"status": "cancelled", "message": ""},
+    }
+    page.route(
+        "**/assistant/training/lora/status*",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(job)),
+    )
+    page.route(
+        "**/assistant/training/lora/jobs/*/events*",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps({"data": [ended], "lastSeq": 1, "hasMore": False}),
+        ),
+    )
+    open_page(page, services, query)
+    expect(page.locator("#job-facts")).to_contain_text(said)

@@ -690,6 +690,8 @@ export function tMsg(code, params = {}, fallback = "") {
   const vars = {};
   for (const [name, value] of Object.entries(params ?? {})) {
     vars[name] = typeof value === "number" ? formatFloat(value) : Array.isArray(value) ? value.join(", ") : value;
+    // A job's state ("cancelled") is a code: said in the page's words, as the job panel says it.
+    if (name === "status" && `state.${value}` in TEXTS[lang]) vars[name] = t(`state.${value}`);
   }
   return t(key, vars);
 }
