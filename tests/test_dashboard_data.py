@@ -148,3 +148,22 @@ def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
     )
     open_page(page, services, query)
     expect(page.locator("#job-facts")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "Daten: Der Server hat mit HTTP 502 ohne Begründung geantwortet."),
+        ("?lang=en", "Data: The server answered HTTP 502 without saying why."),
+    ],
+)
+def test_an_error_page_without_a_message_is_said_in_the_pages_language(
+    page, services: Services, query: str, said: str
+) -> None:
+    # A proxy's error page in front of the API: no JSON, only a status line whose reason phrase is English.
+    page.route(
+        "**/assistant/training/status*",
+        lambda route: route.fulfill(status=502, content_type="text/html", body="<h1>Bad Gateway</h1>"),
+    )
+    open_page(page, services, query)
+    expect(page.locator("#alerts .message-text")).to_have_text(said)

@@ -50,8 +50,9 @@ async function request(method, path, { body, query } = {}) {
   }
   if (!response.ok) {
     const err = data?.error;
+    // Without a message (a proxy's error page) the status says it; its reason phrase is English, so not that.
     const message = err?.message || (typeof data?.detail === "string" ? data.detail : "") ||
-      `${t("err.http", { status: response.status })} ${response.statusText}`.trim();
+      t("err.http", { status: response.status });
     throw new ApiError(response.status, err?.code || `http_${response.status}`, message, err?.details ?? null,
       err?.params ?? null);
   }

@@ -136,7 +136,7 @@ const de = {
   "err.tooLong": "Höchstens {max} Zeichen.",
   "err.choice": "Ungültige Auswahl.",
   "err.network": "Der Server ist nicht erreichbar.",
-  "err.http": "Fehler {status}",
+  "err.http": "Der Server hat mit HTTP {status} ohne Begründung geantwortet.",
   "err.prefix": "Fehler",
 
   "job.heading": "Aktueller Job",
@@ -467,7 +467,7 @@ const en = {
   "err.tooLong": "At most {max} characters.",
   "err.choice": "Invalid choice.",
   "err.network": "The server cannot be reached.",
-  "err.http": "Error {status}",
+  "err.http": "The server answered HTTP {status} without saying why.",
   "err.prefix": "Error",
 
   "job.heading": "Current job",
