@@ -167,3 +167,31 @@ def test_an_error_page_without_a_message_is_said_in_the_pages_language(
     )
     open_page(page, services, query)
     expect(page.locator("#alerts .message-text")).to_have_text(said)
+
+
+def test_a_refused_activation_gives_the_keyboard_back_its_button(page, services: Services) -> None:
+    # One trained version in the registry and a server that fails to activate it (answers replaced on the way).
+    version = {"version": "v1", "created": "2026-01-01T00:00:00Z", "metrics": {"valLoss": 1.5, "baseValLoss": 2.0}}
+    table = {
+        "bases": [
+            {"baseModel": "luna-tiny", "adapters": [{"name": "luna-adapter", "aliases": {}, "versions": [version]}]}
+        ]
+    }
+    page.route(
+        "**/assistant/training/adapters",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(table)),
+    )
+    failure = {"error": {"code": "internal_error", "message": "registry locked"}}
+    page.route(
+        "**/assistant/training/adapters/*/activate",
+        lambda route: route.fulfill(status=500, content_type="application/json", body=json.dumps(failure)),
+    )
+    open_page(page, services)
+    activate = page.get_by_role("button", name="luna-adapter v1 aktivieren")
+    activate.focus()
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name="Bestätigen").press("Enter")
+    expect(page.locator("#alerts .message", has_text="registry locked")).to_be_visible()
+    # Keyboard users stay where they were, on the button they can press again, not back at the page's start.
+    expect(activate).to_be_enabled()
+    expect(activate).to_be_focused()

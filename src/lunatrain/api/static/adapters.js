@@ -122,6 +122,8 @@ export class AdapterView {
     } catch (error) {
       showError(error);
       button.disabled = false;
+      // Disabling it took the focus away (to the page's start): give it back, so the keyboard can retry.
+      if (button.isConnected) button.focus();
       // Refused because the table is out of date (another tab or a job changed it): show what is true now.
       if (error.status === 409 || error.status === 422 || error.status === 404) await this.reloadAfterChange();
     }
