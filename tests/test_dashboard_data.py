@@ -1,6 +1,7 @@
-"""The dashboard's data panel in a real headless Chromium against a real `lunatrain serve` (no training): what
-an export and a preflight say when they fail and when they succeed after a failure, and a threshold the panel
-cannot use. Server errors are the server's own, or one answer replaced on the way (`page.route`).
+"""The dashboard's error paths in a real headless Chromium against a real `lunatrain serve` (no training): what
+the data panel, the job panel and the adapter table say when an answer fails and once the next one succeeds,
+a threshold the data panel cannot use, and server codes said in the page's language. Server errors are the
+server's own, or an answer replaced on the way (`page.route`), which also stands in for a job or an adapter.
 
 Run: `.venv/bin/python -m pytest tests/test_dashboard_data.py -q` (needs /usr/bin/chromium).
 """
