@@ -196,3 +196,36 @@ def test_a_refused_activation_gives_the_keyboard_back_its_button(page, services:
     # Keyboard users stay where they were, on the button they can press again, not back at the page's start.
     expect(activate).to_be_enabled()
     expect(activate).to_be_focused()
+
+
+def test_cancel_keeps_the_keyboard_in_the_job_panel(page, services: Services) -> None:
+    # A running job and a trainer that accepts its cancel (answers replaced on the way); the job stays in
+    # "cancelling", so the pressed button stays disabled.
+    job = {"id": "ftjob-cancel", "status": "running", "progress": {"step": 1, "totalSteps": 400, "percent": 0.25}}
+    cancelling = job | {"status": "cancelling"}
+    page.route(
+        "**/assistant/training/lora/status*",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps(cancelling if "jobId=" in route.request.url else job),
+        ),
+    )
+    page.route(
+        "**/assistant/training/lora/jobs/*/events*",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps({"data": [], "lastSeq": 0, "hasMore": False})
+        ),
+    )
+    page.route(
+        "**/assistant/training/lora/jobs/*/cancel",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(cancelling)),
+    )
+    open_page(page, services)
+    cancel = page.get_by_role("button", name="Abbrechen")
+    cancel.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#notices")).to_contain_text("Abbruch von Job ftjob-cancel angefordert")
+    expect(cancel).to_be_disabled()
+    # The disabled button cannot hold the focus: the job's panel does, not the page's start.
+    expect(page.locator("#job-heading")).to_be_focused()

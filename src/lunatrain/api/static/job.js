@@ -145,9 +145,17 @@ export class JobView {
       showNotice(t("job.cancelRequested", { jobId: this.jobId }));
       this.render(job);
       this.schedule();
+      // The button stays disabled while the job is cancelled, and a disabled button loses the focus to the
+      // page's start: keep keyboard users in the job's panel.
+      if (button.disabled) {
+        const heading = document.getElementById("job-heading");
+        heading.setAttribute("tabindex", "-1");
+        heading.focus();
+      }
     } catch (error) {
       showError(error);
       button.disabled = false;
+      button.focus();
     }
   }
 }
