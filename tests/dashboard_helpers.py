@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,16 @@ def _ours(proc: psutil.Process, home: Path) -> bool:
     with contextlib.suppress(psutil.Error):
         return proc.environ().get("ASSISTANT_HOME") == str(home)
     return False
+
+
+@contextlib.contextmanager
+def running_services(home: Path) -> Iterator[Services]:
+    """start_services for the block, stopped after it whatever happens (a module fixture's lifetime)."""
+    svc = start_services(home)
+    try:
+        yield svc
+    finally:
+        stop_services(svc)
 
 
 def stop_services(services: Services) -> None:

@@ -16,7 +16,7 @@ from chat_helpers import FACTS_A, FACTS_B, train_facts
 from lunatrain import registry
 from lunatrain.settings import load_settings
 
-from dashboard_helpers import Services, start_services, stop_services
+from dashboard_helpers import Services, running_services
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Services,
     settings = load_settings(home=home)
     versions = {"a": train_facts(settings, FACTS_A), "b": train_facts(settings, FACTS_B)}
     registry.activate(settings, "luna-adapter", versions["a"])
-    svc = start_services(home)
-    try:
+    with running_services(home) as svc:
         yield svc, versions
-    finally:
-        stop_services(svc)
 
 
 @pytest.fixture

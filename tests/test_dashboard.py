@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, Services, start_services, stop_services
+from dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, Services, running_services
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,11 +45,8 @@ expect.set_options(timeout=UI_TIMEOUT_MS)
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    svc = start_services(tmp_path_factory.mktemp("dashboard-home"))
-    try:
+    with running_services(tmp_path_factory.mktemp("dashboard-home")) as svc:
         yield svc
-    finally:
-        stop_services(svc)
 
 
 @pytest.fixture(scope="module")

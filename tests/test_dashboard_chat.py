@@ -22,7 +22,7 @@ from test_dashboard import UI_TIMEOUT_MS, browser, expect, open_page, page, pyte
 from lunatrain import registry
 from lunatrain.settings import load_settings
 
-from dashboard_helpers import Services, start_services, stop_services
+from dashboard_helpers import Services, running_services
 
 # The first answer of a server loads torch, transformers, PEFT and the model: ~30 s on busy shared cores.
 FIRST_ANSWER_MS = 300_000
@@ -34,11 +34,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     settings = load_settings(home=home)
     registry.activate(settings, "luna-adapter", train_facts(settings, FACTS_A))
     train_facts(settings, FACTS_B)  # v2, not active
-    svc = start_services(home)
-    try:
+    with running_services(home) as svc:
         yield svc
-    finally:
-        stop_services(svc)
 
 
 def test_base_and_adapter_answer_side_by_side(page, services: Services, output_dir: Path) -> None:

@@ -17,16 +17,22 @@ import pytest
 # The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
 from test_dashboard import browser, expect, open_page, page, pytestmark, shot  # noqa: F401
 
-from dashboard_helpers import Services, start_services, stop_services
+from dashboard_helpers import Services, running_services
+
+NO_EVENTS = {"data": [], "lastSeq": 0, "hasMore": False}  # a job's event page with nothing in it
+
+
+def answer(page, pattern: str, body: object, status: int = 200) -> None:
+    """Requests matching `pattern` are answered with `body` as JSON, on the way, instead of by the server."""
+    page.route(
+        pattern, lambda route: route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+    )
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    svc = start_services(tmp_path_factory.mktemp("data-home"))
-    try:
+    with running_services(tmp_path_factory.mktemp("data-home")) as svc:
         yield svc
-    finally:
-        stop_services(svc)
 
 
 def test_a_successful_export_clears_the_errors_it_made_stale(page, services: Services, output_dir: Path) -> None:
@@ -97,12 +103,7 @@ def test_a_job_poll_error_is_cleared_once_the_polls_answer_again(page, services:
         held.append(route)
 
     page.route("**/assistant/training/lora/status*", trainer)
-    page.route(
-        "**/assistant/training/lora/jobs/*/events*",
-        lambda route: route.fulfill(
-            status=200, content_type="application/json", body=json.dumps({"data": [], "lastSeq": 0, "hasMore": False})
-        ),
-    )
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
     open_page(page, services)
     alerts = page.locator("#alerts .message")
     expect(alerts).to_have_count(1)
@@ -135,18 +136,8 @@ def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
         "code": "log.training_ended",
         "params": {"status": "cancelled", "message": ""},
     }
-    page.route(
-        "**/assistant/training/lora/status*",
-        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(job)),
-    )
-    page.route(
-        "**/assistant/training/lora/jobs/*/events*",
-        lambda route: route.fulfill(
-            status=200,
-            content_type="application/json",
-            body=json.dumps({"data": [ended], "lastSeq": 1, "hasMore": False}),
-        ),
-    )
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": [ended], "lastSeq": 1, "hasMore": False})
     open_page(page, services, query)
     expect(page.locator("#job-facts")).to_contain_text(said)
 
@@ -178,15 +169,9 @@ def test_a_refused_activation_gives_the_keyboard_back_its_button(page, services:
             {"baseModel": "luna-tiny", "adapters": [{"name": "luna-adapter", "aliases": {}, "versions": [version]}]}
         ]
     }
-    page.route(
-        "**/assistant/training/adapters",
-        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(table)),
-    )
+    answer(page, "**/assistant/training/adapters", table)
     failure = {"error": {"code": "internal_error", "message": "registry locked"}}
-    page.route(
-        "**/assistant/training/adapters/*/activate",
-        lambda route: route.fulfill(status=500, content_type="application/json", body=json.dumps(failure)),
-    )
+    answer(page, "**/assistant/training/adapters/*/activate", failure, status=500)
     open_page(page, services)
     activate = page.get_by_role("button", name="luna-adapter v1 aktivieren")
     activate.focus()
@@ -211,16 +196,8 @@ def test_cancel_keeps_the_keyboard_in_the_job_panel(page, services: Services) ->
             body=json.dumps(cancelling if "jobId=" in route.request.url else job),
         ),
     )
-    page.route(
-        "**/assistant/training/lora/jobs/*/events*",
-        lambda route: route.fulfill(
-            status=200, content_type="application/json", body=json.dumps({"data": [], "lastSeq": 0, "hasMore": False})
-        ),
-    )
-    page.route(
-        "**/assistant/training/lora/jobs/*/cancel",
-        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(cancelling)),
-    )
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    answer(page, "**/assistant/training/lora/jobs/*/cancel", cancelling)
     open_page(page, services)
     cancel = page.get_by_role("button", name="Abbrechen")
     cancel.focus()
