@@ -349,3 +349,14 @@ def test_memory_items_approve_and_reject(client: TestClient, settings) -> None:
             refused = client.post(f"{T}/memory/{bad}/{action}")
             assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request", refused.text
     assert (store.revision(settings), [m.to_dict() for m in store.list_memory(settings)]) == before
+
+
+def test_a_step_without_an_export_is_a_coded_404_naming_the_folder(client: TestClient, home: Path) -> None:
+    """The dashboard says it in the reader's language from the code and its parameters (it showed the English
+    sentence on the German page)."""
+    r = client.post(f"{T}/prepare", json={})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    folder = str(load_settings().training_dir)
+    assert error["code"] == "export.missing" and error["params"] == {"dir": folder}
+    assert error["message"] == f"No export found in {folder}; run `lunatrain export` first."

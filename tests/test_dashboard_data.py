@@ -41,6 +41,9 @@ def test_a_successful_export_clears_the_errors_it_made_stale(page, services: Ser
     # Preflight before any export: the server refuses (nothing to check yet).
     page.get_by_role("button", name="Preflight (prepare)").click()
     expect(alerts.filter(has_text="Preflight (prepare)")).to_have_count(1)
+    # in the page's language (it showed the server's English sentence), naming the folder
+    expect(alerts.filter(has_text="Preflight (prepare)")).to_contain_text("Noch kein Export in /")
+    expect(alerts.filter(has_text="No export found")).to_have_count(0)
     # The first export fails with a server error, the second goes through.
     failed = {"n": 0}
 

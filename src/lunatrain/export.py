@@ -562,6 +562,16 @@ def dataset_fingerprint(shas: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{name} {shas[name]}\n" for name in sorted(shas)).encode()).hexdigest()
 
 
+def no_export(settings: Settings) -> NotFound:
+    """The one refusal of every step that needs an export when there is none (coded: the dashboard says it
+    in the reader's language)."""
+    return NotFound(
+        f"No export found in {settings.training_dir}; run `lunatrain export` first.",
+        code="export.missing",
+        params={"dir": str(settings.training_dir)},
+    )
+
+
 def read_tier(settings: Settings, tier: Tier) -> TierData:
     """Load one tier (curated | memory | merged) of the last export, verified against its summary."""
     if tier not in TIERS:
@@ -569,7 +579,7 @@ def read_tier(settings: Settings, tier: Tier) -> TierData:
     directory = export_dir(settings)
     summary = read_summary(settings, directory)
     if summary is None:
-        raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
+        raise no_export(settings)
     name = TIER_FILES[tier]
     path = directory / name
     expected = summary.get("files", {}).get(name, {}).get("sha256")

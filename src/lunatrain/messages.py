@@ -28,6 +28,7 @@ CODES: dict[str, str] = {
     "internal": "unexpected server error",
     "bad_host": "Host header not in ASSISTANT_ALLOWED_HOSTS",
     "forbidden_origin": "cross-origin request refused",
+    "export.missing": "a step needs the export and there is none yet (dir)",
     "gate.several_active": "several adapters are active on the base model and none was named (adapters, baseModel)",
     "base_model.is_adapter": "baseModel names a LoRA adapter directory, not a base model (baseModel)",
     "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import export as export_mod
-from .errors import CheckFailed, NotFound
+from .errors import CheckFailed
 from .fsio import atomic_write_json, read_json
 from .messages import coded
 from .params import LoraParams, total_steps
@@ -165,7 +165,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     directory = export_mod.export_dir(settings)  # resolved once: every file below comes from one export
     summary = export_mod.read_summary(settings, directory)
     if summary is None:
-        raise NotFound(f"No export found in {settings.training_dir}; run `lunatrain export` first.")
+        raise export_mod.no_export(settings)
     tier = params.dataset_tier
     info = models.resolve_base(params.base_model, settings)
     tokenizer, added = models.load_chat_tokenizer(info, settings, params.chat_template)

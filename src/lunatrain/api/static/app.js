@@ -223,7 +223,7 @@ async function runExport(event) {
       showNotice(t("data.exported", { count: typeof count === "number" ? formatNumber(count) : count }));
       // An earlier export's failure, and a preflight refused for want of an export, are no longer true.
       clearErrorsOf(t("data.export"));
-      clearErrorsOf(t("data.prepare"), "not_found");
+      clearErrorsOf(t("data.prepare"), "export.missing");
     } catch (error) {
       showError(error, t("data.export"));
     }
