@@ -203,3 +203,29 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         yield
     finally:
         _running["item"] = None
+
+
+def _trainer_logs(item: pytest.Item) -> list[Path]:
+    """The trainer logs of the data roots a test used: a fixture holding `settings` (a trainer, a service)
+    or Settings itself."""
+    homes = set()
+    for value in getattr(item, "funcargs", {}).values():
+        settings = value if isinstance(value, Settings) else getattr(value, "settings", None)
+        if isinstance(settings, Settings):
+            homes.add(settings.home)
+    logs: list[Path] = []
+    for home in sorted(homes):
+        logs += sorted(home.glob("trainer-*.log"))
+        logs += [p for p in (home / "reports" / "training" / "trainer.log",) if p.is_file()]
+    return logs
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    # A failure that happened inside a trainer (a job "failed" with "see trainer.log") is explained by that
+    # log, which lives in a temporary data root gone by the time anyone reads the report: attach its end.
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for log in _trainer_logs(item):
+            report.sections.append((f"trainer log {log.name}", log.read_text(errors="replace")[-4000:]))
