@@ -5,6 +5,8 @@ first on the child's PYTHONPATH. Python imports it at start-up; it wraps `os.rep
 the process or raise before/after the k-th call), `os.fsync` and the `write` of files opened through
 `os.fdopen` (raise ENOSPC or EIO at the k-th call), counting only calls on paths that contain `under`.
 
+`small_disk(path, size)` mounts a tmpfs of that size there, a disk that fills up for real.
+
 `read_only(path)` makes a folder and everything under it read-only for the block: by its modes for a
 user, by a read-only bind mount for root (whom modes do not stop; the tests run as root here).
 
@@ -182,6 +184,22 @@ def read_only(path: Path) -> Iterator[None]:
         yield
     finally:
         # lazy: a file the code under test left open must not keep the folder read-only for the tests after it
+        subprocess.run(["umount", "--lazy", str(path)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[None]:
+    """A tmpfs of `size` ("2m") mounted on `path` (created if missing) for the block: writes past it fail
+    with ENOSPC, as on a full disk. Skips the test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small disk on {path}: {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
         subprocess.run(["umount", "--lazy", str(path)], check=True, capture_output=True)
 
 

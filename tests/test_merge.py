@@ -111,3 +111,29 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
     registry.activate(settings, "a", "v1", force=True)
     with pytest.raises(Conflict, match="a@v1 was trained"):  # the active version it found, refused on the base
         merge_adapter(settings, "a")
+
+
+def test_a_full_disk_during_the_merge_is_one_sentence_and_keeps_the_previous_merge(trained_home, settings):
+    """Repro: a disk filling up while the merged weights were written ended `lunatrain merge` in a traceback
+    (safetensors' SafetensorError "… No space left on device (os error 28)", no OSError). Now: exit 1, the
+    disk-full sentence, the earlier merge of the version and its registry record as they were."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    import faults
+
+    merged = settings.models_dir / "merged"
+    with faults.small_disk(merged, "2m"):  # room for one merge of luna-tiny (1.4 MB), not for a second beside it
+        first = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+        assert first.exit_code == 0, first.output
+        before = {p.name: p.read_bytes() for p in (merged / "luna-adapter-v1").iterdir()}
+        record = registry.get_version(settings, "luna-adapter", "v1")["merged"]
+        again = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+        assert again.exit_code == 1, again.output
+        lines = again.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: The disk is full: writing the merged model"), lines
+        assert "previous data is intact" in lines[0] and "lunatrain gc" in lines[0]
+        assert {p.name: p.read_bytes() for p in (merged / "luna-adapter-v1").iterdir()} == before
+        assert [p.name for p in merged.iterdir()] == ["luna-adapter-v1"]  # no staging folder left behind
+        assert registry.get_version(settings, "luna-adapter", "v1")["merged"] == record

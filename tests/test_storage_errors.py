@@ -222,3 +222,25 @@ def test_merge_refuses_where_it_could_not_write(trained_home: Path, settings: Se
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert r.output.startswith("error: Cannot merge luna-adapter@v1: nothing can be written in "), r.output
     assert sorted(settings.home.rglob("*")) == before
+
+
+def test_an_os_error_a_rust_writer_names_in_its_message_is_a_storage_error() -> None:
+    """safetensors (SafetensorError) and tokenizers (Exception) report a failed write only in their message,
+    "… No space left on device (os error 28)": storage_guard makes it the same sentence as an OSError, and
+    lets every other exception through unchanged."""
+    from safetensors import SafetensorError
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert fsio.os_error_of(full).errno == 28
+    assert fsio.os_error_of(Exception("I/O error: Input/output error (os error 5)")).errno == 5
+    assert fsio.os_error_of(ValueError("tensor is not contiguous")) is None
+    with (
+        pytest.raises(DiskFull, match="The disk is full: writing the weights failed"),
+        fsio.storage_guard("the weights"),
+    ):
+        raise full
+    with pytest.raises(StorageError, match="Writing the weights failed: Input/output error"):
+        with fsio.storage_guard("the weights"):
+            raise Exception("I/O error: Input/output error (os error 5)")
+    with pytest.raises(ValueError, match="contiguous"), fsio.storage_guard("the weights"):
+        raise ValueError("tensor is not contiguous")

@@ -393,3 +393,34 @@ def test_the_training_report_names_every_field_in_camel_case(trained_root) -> No
 
     assert snake_keys(report) == []
     assert report["dataset"]["export"]["exportedAt"] and report["dataset"]["export"]["storeRevision"]
+
+
+def test_a_disk_filling_up_fails_the_run_as_disk_full_and_the_checkpoint_resumes_it(settings):
+    """Repro: a disk that filled up while the adapter was saved ended the run `save_failed` with safetensors'
+    "SafetensorError: … (os error 28)", and its half-written files then kept the failure report from being
+    written (a DiskFull traceback out of run_lora); one that filled up at a checkpoint was code `error`.
+    Now both are `disk_full` with the storage sentence, the partial save is gone, the checkpoint stays, and
+    a resume once there is room publishes the run."""
+    import subprocess
+
+    import faults
+
+    write_export(settings, make_records(40, val_every=5))
+    params = {"epochs": 1, "maxSteps": 2}
+    # 64k: not even the epoch checkpoint fits; 256k: the checkpoint and report fit, the saved adapter
+    # (weights, then the 190 KB tokenizer) does not
+    with faults.small_disk(settings.adapters_dir, "64k"):
+        at_checkpoint = run_lora(_params(**params), settings)
+    assert at_checkpoint.status is Status.FAILED and at_checkpoint.error["code"] == "disk_full", at_checkpoint.error
+    with faults.small_disk(settings.adapters_dir, "256k"):
+        at_save = run_lora(_params(**params), settings)
+        assert at_save.status is Status.FAILED and at_save.error["code"] == "disk_full", at_save.error
+        message = at_save.error["message"]
+        assert message.startswith("The disk is full: writing the adapter in ") and "lunatrain gc" in message
+        (work,) = (settings.adapters_dir / "luna-adapter" / ".work").iterdir()
+        assert sorted(p.name for p in work.iterdir()) == ["checkpoints", registry.REPORT_FILE]
+        assert json.loads((work / registry.REPORT_FILE).read_text())["error"]["code"] == "disk_full"
+        assert registry.list_adapters(settings) == {}
+        subprocess.run(["mount", "-o", "remount,size=8m", str(settings.adapters_dir)], check=True)
+        resumed = run_lora(_params(resume=True, **params), settings)
+        assert resumed.ok and resumed.version == "v1" and resumed.report["resumedFromEpoch"] == 1, resumed.error

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -38,13 +39,33 @@ def storage_error(exc: OSError, what: object) -> StorageError:
     return StorageError(f"Writing {what} failed: {reason}; the previous data is intact. Check the disk and try again.")
 
 
+# How a Rust writer (safetensors' SafetensorError, tokenizers' Exception) reports the OS error it met: only
+# in its message, as "I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, or the one a Rust-backed writer named in its message; None if none."""
+    if isinstance(exc, OSError):
+        return exc
+    found = _RUST_OS_ERROR.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
 @contextlib.contextmanager
 def storage_guard(what: object) -> Iterator[None]:
-    """Turn an OSError raised by the block's writes into storage_error(…, what)."""
+    """Turn an OSError raised by the block's writes (or one a Rust-backed writer such as safetensors reported
+    in its own exception type) into storage_error(…, what); anything else passes unchanged."""
     try:
         yield
-    except OSError as exc:
-        raise storage_error(exc, what) from exc
+    except Exception as exc:
+        os_exc = os_error_of(exc)
+        if os_exc is None:
+            raise
+        raise storage_error(os_exc, what) from exc
 
 
 def probe_writable(folder: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import registry
 from .compat import peft_wrapping
 from .errors import Conflict, NotFound
-from .fsio import atomic_write_json, check_writable, give_umask_modes, replace_dir, staging_dir
+from .fsio import atomic_write_json, check_writable, give_umask_modes, replace_dir, staging_dir, storage_guard
 from .settings import Settings, check_name
 
 
@@ -75,24 +75,27 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the merged model is for inference
-        merged.save_pretrained(str(tmp), safe_serialization=True)
         # the adapter's own tokenizer: the template it was trained with, any markers added for it
         tokenizer = load_adapter_tokenizer(adapter_dir, base, settings)
-        tokenizer.save_pretrained(str(tmp))
-        write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
-        atomic_write_json(
-            tmp / "lunatrain-merge.json",
-            {
-                "adapter": f"{name}@{entry['version']}",
-                "revision": entry.get("revision"),
-                "baseModel": trained_on,
-                "adapterPath": entry["path"],
-                "created": registry.now(),
-            },
-        )
-        give_umask_modes(tmp)  # safetensors wrote the weights 0600
-        # an earlier merge of the same adapter version is the same content, rebuilt
-        replaced = replace_dir(tmp, target)
+        # A disk filling up while the model is written is one sentence; the staging folder goes (finally), so
+        # an earlier merge of this version and its registry record stay as they were.
+        with storage_guard(f"the merged model {label}"):
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
+            atomic_write_json(
+                tmp / "lunatrain-merge.json",
+                {
+                    "adapter": f"{name}@{entry['version']}",
+                    "revision": entry.get("revision"),
+                    "baseModel": trained_on,
+                    "adapterPath": entry["path"],
+                    "created": registry.now(),
+                },
+            )
+            give_umask_modes(tmp)  # safetensors wrote the weights 0600
+            # an earlier merge of the same adapter version is the same content, rebuilt
+            replaced = replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = str(target.relative_to(settings.home))

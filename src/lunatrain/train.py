@@ -41,7 +41,15 @@ from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
 from .distributed import World
 from .errors import CheckFailed, LunaError, UsageError
-from .fsio import atomic_write_bytes, atomic_write_json, check_writable, dumps_json, give_umask_modes
+from .fsio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    dumps_json,
+    give_umask_modes,
+    os_error_of,
+    storage_error,
+)
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded
 from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoch, total_steps
@@ -199,7 +207,7 @@ def _run_lora(
     except Stop as stop:
         status, error = stop.status, {"code": stop.code, "message": stop.message}
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
-        status, error = Status.FAILED, {"code": "error", "message": f"{type(exc).__name__}: {exc}"}
+        status, error = Status.FAILED, failure(exc, "error", "a checkpoint")
     report = build_report(run, status, error, started, job_id)
     if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
         status_value, version, path, error = distributed.share(world, None)
@@ -213,6 +221,18 @@ def _run_lora(
     return result
 
 
+def failure(exc: Exception, code: str, writing: str) -> dict[str, str]:
+    """The run's error for `exc`: a LunaError (a full disk met by a checkpoint write) keeps its code and
+    sentence, an OS error (safetensors reports ENOSPC only inside its own exception's text) becomes the
+    storage sentence for `writing`, anything else `code` with the exception as it is."""
+    if isinstance(exc, LunaError):
+        return {"code": exc.code, "message": exc.message}
+    if (os_exc := os_error_of(exc)) is not None:
+        err = storage_error(os_exc, writing)
+        return {"code": err.code, "message": err.message}
+    return {"code": code, "message": f"{type(exc).__name__}: {exc}"}
+
+
 def conclude(
     run: Run,
     status: Status,
@@ -224,13 +244,19 @@ def conclude(
 ) -> TrainResult:
     """Publish a successful run; record a failed one (report in the work dir and as the latest report)."""
     if status is Status.SUCCEEDED:
+        before = {p.name for p in run.work_dir.iterdir()}
         try:
             return finish(run, report, emit, stage=stage)
         except LunaError:
             raise
         except Exception as exc:  # e.g. a full disk while saving: the run failed, the checkpoints remain
-            status, error = Status.FAILED, {"code": "save_failed", "message": f"{type(exc).__name__}: {exc}"}
+            status, error = Status.FAILED, failure(exc, "save_failed", f"the adapter in {run.work_dir}")
             report.update(status=status.value, error=error)
+            # What the save wrote in part goes: on a full disk it holds the space the report below needs,
+            # and a resume writes it again from the checkpoint.
+            for part in run.work_dir.iterdir():
+                if part.name not in before:
+                    shutil.rmtree(part) if part.is_dir() else part.unlink(missing_ok=True)
     emit(
         {
             "type": "log",
