@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from lunatrain import registry
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
+from lunatrain.prepare import volume_check
 from lunatrain.service.jobs import jobs_db_path
 from lunatrain.settings import load_settings
 
@@ -111,6 +112,26 @@ def test_a_failed_flow_names_only_the_reports_that_exist(settings, tiny):
         assert not report.exists() and report.name not in line, line
     for report in (settings.prepare_report, settings.eval_report):
         assert report.exists() and report.name in line, line
+
+
+def test_a_flow_on_an_empty_store_says_how_to_get_examples(settings, tiny):
+    """Repro: `lunatrain luna` before any example was added or seeded failed with "volume (0), empty_train
+    (0); fix the examples listed in reports/training/prepare-latest.json, or lower --minCurated": there were
+    no examples to fix, and nothing named how to get some. The step and the check now name the commands."""
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    assert r.exit_code == 1, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: Step prepare failed: status fail: volume (0), empty_train (0); "), error
+    assert "fix the examples listed" not in error
+    for command in ("lunatrain examples add", "lunatrain examples import", "lunatrain examples seed"):
+        assert command in error, error
+    report = json.loads(settings.prepare_report.read_text())
+    [volume] = [c for c in report["checks"] if c["id"] == "volume"]
+    assert volume["code"] == "check.volume.none" and "`lunatrain examples seed`" in volume["message"], volume
+    # with examples that fall short of minCurated, the sentence stays the one about curating more
+    few = volume_check(10, 30)
+    assert few.code == "check.volume.too_few" and few.message.endswith("curate more or lower it"), few
+    assert volume_check(0, 0).severity == "info"  # minCurated 0: an empty store is no problem of volume
 
 
 @pytest.mark.slow

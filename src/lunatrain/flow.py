@@ -322,7 +322,8 @@ def run_flow(
             ok, summary, detail = False, err.message, {"code": err.code}
         result.steps.append(StepOutcome(name, ok, round(time.monotonic() - started, 3), summary, detail))
         if not ok:
-            raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {_FIX[name]}.", details=result)
+            fix = detail.get("fix") or _FIX[name]
+            raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {fix}.", details=result)
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
         report = evalgate.eval_gate(
@@ -358,7 +359,10 @@ def run_flow(
         report = prepare.prepare(settings, params, min_curated=options.min_curated)
         problems = [f"{c.id} ({c.count})" for c in report.checks if c.severity == "fail"]
         text = f"status {report.status}" + (f": {', '.join(problems)}" if problems else "")
-        return report.status != "fail", text, {"status": report.status, "path": str(report.path)}
+        detail: dict[str, Any] = {"status": report.status, "path": str(report.path)}
+        if any(c.code == "check.volume.none" for c in report.checks):  # no examples to fix: where to get some
+            detail["fix"] = f"{prepare.GET_EXAMPLES}, then run again"
+        return report.status != "fail", text, detail
 
     def lora() -> tuple[bool, str, dict[str, Any]]:
         outcome = lora_step(settings, params, options)

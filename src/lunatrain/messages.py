@@ -85,6 +85,7 @@ CODES: dict[str, str] = {
     "check.export_stale.changed": "the database changed since the last export",
     "check.volume.ok": "enough approved curated examples (curated, minCurated)",
     "check.volume.too_few": "fewer approved curated examples than minCurated (curated, minCurated)",
+    "check.volume.none": "no approved curated examples yet; names the commands that add some (minCurated)",
     "check.empty_train.ok": "train samples in the tier (count)",
     "check.empty_train.empty": "the tier's train split is empty",
     "check.empty_response.ok": "no empty responses",

@@ -408,8 +408,25 @@ def curated_count(settings: Settings, directory: Path | None = None) -> int:
     return _count_lines((directory or export_mod.export_dir(settings)) / export_mod.CURATED_FILE)
 
 
+# Where examples come from, for a store that has none approved yet.
+GET_EXAMPLES = (
+    "add or import examples (`lunatrain examples add`, `lunatrain examples import FILE`; approve pending ones "
+    "with `lunatrain examples approve`) or load the bundled ones (`lunatrain examples seed`)"
+)
+
+
 def volume_check(curated: int, min_curated: int) -> Check:
     """minCurated against the export: the same check (and sentence) for prepare and every job submit."""
+    if curated == 0 < min_curated:  # a first run: nothing to curate yet, so say where examples come from
+        return Check(
+            "volume",
+            "fail",
+            0,
+            [],
+            f"no approved curated examples yet, {min_curated} required (minCurated): {GET_EXAMPLES}",
+            "check.volume.none",
+            {"minCurated": min_curated},
+        )
     if curated < min_curated:
         return Check(
             "volume",
