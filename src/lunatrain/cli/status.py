@@ -60,8 +60,12 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
         (
             "last job",
-            f"{job['status']} {job['adapterName']}@{job['version'] or '-'} val loss "
-            f"{job['metrics'].get('valLoss')}"
+            f"{job['status']} {job['adapterName']}@{job['version'] or '-'}"
+            + (
+                f" val loss {val:.4f}"
+                if isinstance(val := (job.get("metrics") or {}).get("valLoss"), int | float)
+                else ""
+            )
             + (f" ({job['jobId']})" if job.get("jobId") else "")
             + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")
             if job
