@@ -69,6 +69,23 @@ def test_bad_profile_is_a_usage_error_naming_the_key(settings: Settings, home: P
     assert needle in err.value.message and "bad.toml" in err.value.message
 
 
+def test_every_bad_table_of_a_profile_is_named_at_once(settings: Settings, home: Path) -> None:
+    """Repro: a profile with mistakes in [gate], [lora] and [bases.…] named only the [gate] one; fixing it
+    met the next, one run at a time. All are named in one sentence, each against its table."""
+    (home / "profiles").mkdir()
+    (home / "profiles" / "many.toml").write_text(
+        '[lora]\nepochs = "drei"\n[gate]\nmaxValLossRatioVsBase = -1\n[bases."org/big"]\nrank = 0\n'
+        "[quickStart]\nmaxSteps = 0\n"
+    )
+    with pytest.raises(UsageError) as err:
+        load_profile(settings, "many")
+    message = err.value.message
+    assert message.startswith(f"Profile {home / 'profiles' / 'many.toml'} [gate]: Invalid gate thresholds: "), message
+    for table, key in (("[lora]", "epochs"), ("[quickStart]", "maxSteps"), ("[bases.'org/big']", "rank")):
+        assert f"; {table}: Invalid parameters: {key}" in message, message
+    assert message.count("many.toml") == 1
+
+
 def test_unknown_and_unsafe_profile_names(settings: Settings) -> None:
     with pytest.raises(NotFound, match="luna"):
         load_profile(settings, "nope")

@@ -95,27 +95,30 @@ def load_profile(settings: Settings, name: str) -> Profile:
         quick_start=data.get("quickStart", {}),
         gate=data.get("gate", {}),
     )
-    # Validate now, so a bad key is reported against the profile file, not against a later flag.
+    # Validate now, so a bad key is reported against the profile file, not against a later flag; every table
+    # at once, so that fixing one mistake does not just uncover the next.
     from .evalgate import parse_thresholds
 
+    problems: list[str] = []
     try:
         parse_thresholds(profile.gate)
     except UsageError as exc:
-        raise UsageError(f"Profile {path} [gate]: {exc.message}") from exc
+        problems.append(f"[gate]: {exc.message}")
     # Each table on its own, its values as TOML typed them: "4" or true where a number belongs is a mistake
     # here (a flag's text is converted; a profile's is not), and it is named against the table it is in.
-    tables = [("[lora]", profile.lora), ("[quickStart]", profile.quick_start)]
-    tables += [(f"[bases.{base!r}]", values) for base, values in profile.bases.items()]
-    for table, values in tables:
+    tables = [("[lora]", profile.lora, {}, False), ("[quickStart]", profile.quick_start, {}, True)]
+    tables += [(f"[bases.{base!r}]", values, {"baseModel": base}, False) for base, values in profile.bases.items()]
+    for table, values, _given, _quick in tables:
         try:
             parse_run(dict(values), strict=True)
         except UsageError as exc:
-            raise UsageError(f"Profile {path} {table}: {exc.message}") from exc
-    checks = [("[lora]", {}, False), ("[quickStart]", {}, True)]
-    checks += [(f"[bases.{base!r}]", {"baseModel": base}, False) for base in profile.bases]
-    for table, given, quick in checks:
-        try:
-            profile.resolve(given, quick=quick)
-        except UsageError as exc:
-            raise UsageError(f"Profile {path} {table}: {exc.message}") from exc
+            problems.append(f"{table}: {exc.message}")
+    if not problems:  # the tables resolved together (a base's table over [lora]), once each is valid alone
+        for table, _values, given, quick in tables:
+            try:
+                profile.resolve(given, quick=quick)
+            except UsageError as exc:
+                problems.append(f"{table}: {exc.message}")
+    if problems:
+        raise UsageError(f"Profile {path} {'; '.join(p.rstrip('.') for p in problems)}.")
     return profile
