@@ -49,6 +49,7 @@ def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) ->
         ("[lora]\nepochz = 3\n", "epochz"),
         ("[lora]\nepochs = -1\n", "epochs"),
         ('colour = "red"\n', "colour"),
+        ('params = 1\ncolour = "red"\n', "unknown keys 'colour', 'params' (allowed: "),  # all of them, not one
         ("[lora\n", "not valid TOML"),
         ("lora = 3\n", "[lora] must be a table"),
         ("[quickStart]\nmaxSteps = 0\n", "maxSteps"),

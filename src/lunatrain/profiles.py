@@ -78,7 +78,11 @@ def load_profile(settings: Settings, name: str) -> Profile:
         raise UsageError(f"Profile {path} is not valid TOML: {exc}.") from exc
     unknown = sorted(set(data) - _TOP_LEVEL)
     if unknown:
-        raise UsageError(f"Profile {path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOP_LEVEL))}).")
+        keys = ", ".join(repr(k) for k in unknown)
+        raise UsageError(
+            f"Profile {path}: unknown key{'s' if len(unknown) > 1 else ''} {keys} "
+            f"(allowed: {', '.join(sorted(_TOP_LEVEL))})."
+        )
     for table in ("lora", "bases", "quickStart", "gate"):
         if not isinstance(data.get(table, {}), dict):
             raise UsageError(f"Profile {path}: [{table}] must be a table.")
