@@ -145,6 +145,15 @@ def test_ids_and_bounds_that_are_no_64_bit_numbers(seeded: Settings, args: tuple
     assert snapshot(seeded.home) == before
 
 
+def test_a_too_long_conversation_id_is_named_as_the_flag_and_the_api_name_it(seeded: Settings) -> None:
+    """Repro: `examples add --conversationId <500 chars>` said "field 'conversation_id'", a name neither the
+    command line nor the API uses."""
+    before = snapshot(seeded.home)
+    line = one_sentence(run("examples", "add", "--prompt", "p", "--response", "r", "--conversationId", "c" * 500), 2)
+    assert line == "error: Invalid example: field 'conversationId': longer than 200 characters.", line
+    assert snapshot(seeded.home) == before
+
+
 def test_text_that_is_not_valid_unicode_is_refused_everywhere(seeded: Settings) -> None:
     before = snapshot(seeded.home)
     # A byte that is not UTF-8 in an argument reaches Python as a lone surrogate (surrogateescape).

@@ -481,6 +481,9 @@ def add_example(
             rating=rating,
         )
     except RecordError as err:
+        # An import file may spell it conversation_id; the command line and the API call it conversationId.
+        if err.field == "conversation_id":
+            err = RecordError("conversationId", err.message)
         raise UsageError(f"Invalid example: {err.describe()}.") from None
     _check_choice(source, SOURCES, "source")
     status_ = _default_status(source, status)
