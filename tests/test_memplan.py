@@ -123,7 +123,8 @@ def test_check_fits_raises_one_sentence_for_luna_tiny_on_a_tiny_device(settings)
 
 def test_capabilities_list_the_reference_shapes(settings):
     lines = memplan.capabilities({"type": "cuda", "memoryFree": 24 * GIB})
-    assert lines[0].startswith("What this cuda can train (24.0 GiB free; LoRA r=16, 4 x 1024 tokens")
+    # repro: the head named only the free memory, so "needs 20.2 GiB" beside "22.0 GiB free" read as wrong
+    assert lines[0].startswith("What this cuda can train (24.0 GiB free, 21.6 GiB usable; LoRA r=16, 4 x 1024 tokens")
     assert len(lines) == len(memplan.reference_shapes()) + 2
     verdict = {line.split()[0]: line for line in lines[1:-1]}
     assert "fits (" in verdict["Qwen2.5-0.5B"] and "too large" in verdict["Llama-3.3-70B"]

@@ -241,7 +241,7 @@ def plan(
     batchSize x maxSeqLength, all supervised."""
     kind = device["type"]
     free = int(device.get("memoryFree") or 0)
-    budget = int(free * BUDGET_FRACTION.get(kind, 0.85))
+    budget = usable(free, kind)
     tokens, supervised = batch_tokens or (params.batch_size * params.max_seq_length,) * 2
     job = Job(
         device=kind,
@@ -423,13 +423,21 @@ def reference_shapes() -> list[Shape]:
     return [Shape.from_config(s, s["name"]) for s in data["shapes"]]
 
 
+def usable(free: int, kind: str) -> int:
+    """What a job may plan to use of `free` bytes on a device of `kind` (BUDGET_FRACTION says why not all)."""
+    return int(free * BUDGET_FRACTION.get(kind, 0.85))
+
+
 def capabilities(device: dict[str, Any], params: LoraParams | None = None) -> list[str]:
     """`lunatrain health`'s "what this machine can train": for each reference shape, whether a LoRA job
     with `params` (default: LoraParams(), r=16, 4 x 1024 tokens) fits as it is or with --quantize=4bit."""
     params = params or LoraParams()
     kind = device.get("type", "cpu")
+    free = int(device.get("memoryFree") or 0)
+    # The verdicts compare against the usable part of the free memory: name both, or "needs 20.2 GiB" beside
+    # "22.0 GiB free" reads as a contradiction.
     head = (
-        f"What this {kind} can train ({_gib(int(device.get('memoryFree') or 0))} free; LoRA r={params.rank}, "
+        f"What this {kind} can train ({_gib(free)} free, {_gib(usable(free, kind))} usable; LoRA r={params.rank}, "
         f"{params.batch_size} x {params.max_seq_length} tokens per micro-batch):"
     )
     lines, plain, quantized = [head], None, None
