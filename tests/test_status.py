@@ -278,3 +278,37 @@ def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch):
         assert s["trainer"]["reachable"] is False and s["trainer"]["label"] == "Offline"
         out = CliRunner().invoke(app, ["status"], env={"ASSISTANT_LORA_TRAINER_URL": settings.lora_trainer_url}).output
         assert "minCurated 30" in out and "trainer: Offline" in out and "memory items\t1" in out
+
+
+def test_active_adapter_is_none_when_only_another_base_has_one(settings, tiny):
+    """Repro: after switching back to luna-tiny and deactivating its adapter, status named the adapter active on
+    the other base as "active adapter", which the served base cannot use (chat answers 404 for its name)."""
+    atomic_write_json(
+        settings.registry_file,
+        {
+            "format": registry.FORMAT,
+            "adapters": {
+                "luna-adapter": {
+                    "versions": [
+                        {
+                            "name": "luna-adapter",
+                            "version": "v1",
+                            "path": "data/adapters/luna-adapter/v1",
+                            "baseModel": {"id": "org/x", "fingerprint": "f2"},
+                            "datasetTier": "curated",
+                        }
+                    ],
+                    "aliases": {"latest": "v1", "active": "v1"},
+                    "activations": [],
+                }
+            },
+        },
+    )
+    s = training_status(settings, 0)
+    assert [(a["name"], a["baseModel"], a["matchesBaseModel"]) for a in s["activeAdapters"]] == [
+        ("luna-adapter", "org/x", False)
+    ]
+    assert s["activeAdapter"] is None  # none on the configured base (luna-tiny)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "active adapter: none" in result.output and "also active: luna-adapter@v1 on org/x" in result.output

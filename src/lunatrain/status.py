@@ -68,7 +68,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         changed = counts["curated"]["total"] + memory["total"] > 0 or None
 
     problems: list[str] = []
-    active = _active_adapters(settings, problems)
+    active, base_known = _active_adapters(settings, problems)
     tiers = _tiers(counts, memory, min_curated)
     return {
         "examples": counts,
@@ -85,7 +85,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "lastExport": last_export,
         "changedSinceExport": changed,
         "lastJob": _last_job(settings),
-        "activeAdapter": _preferred(active),
+        "activeAdapter": _preferred(active, base_known),
         "activeAdapters": active,
         "lastPrepare": _last_prepare(settings),
         "lastGate": _last_gate(settings),
@@ -228,9 +228,10 @@ def _last_local_run(settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def _active_adapters(settings: Settings, problems: list[str]) -> list[dict[str, Any]]:
+def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict[str, Any]], bool]:
     """Every active version on every base model; `matchesBaseModel` marks the configured base's. A registry
-    that cannot be read is a problem named with its fix (`problems`), not "nothing is active"."""
+    that cannot be read is a problem named with its fix (`problems`), not "nothing is active". Also says
+    whether the configured base could be identified (else no entry can match it)."""
     from . import models, registry
     from .errors import LunaError, RegistryUnreadable
 
@@ -261,12 +262,14 @@ def _active_adapters(settings: Settings, problems: list[str]) -> list[dict[str, 
                 "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
             }
         )
-    return out
+    return out, configured is not None
 
 
-def _preferred(active: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The adapter the assistant uses: luna-adapter when active, else the first active one on this base."""
-    on_base = [a for a in active if a["matchesBaseModel"]] or active
+def _preferred(active: list[dict[str, Any]], base_known: bool) -> dict[str, Any] | None:
+    """The adapter the assistant uses: luna-adapter when active, else the first active one on this base. An
+    adapter active only on another base is not it (the served base cannot load it; it is under
+    `activeAdapters`); only when the configured base cannot be identified is any active one the best guess."""
+    on_base = [a for a in active if a["matchesBaseModel"]] or ([] if base_known else active)
     luna = [a for a in on_base if a["name"] == "luna-adapter"]
     return (luna or on_base or [None])[0]
 
