@@ -207,6 +207,24 @@ def test_an_adapter_that_fails_to_load_leaves_nothing_half_loaded(settings, firs
     assert answer(engine, "luna-adapter@v1")[1] == v1
 
 
+def test_weights_of_another_shape_are_one_sentence_naming_the_misfit(settings) -> None:
+    """Repro: an adapter of another base model activated with --force (a Qwen-shaped one on luna-tiny) answered
+    400 with torch's whole state_dict error, one line per LoRA tensor (about 4 kB on a 2-layer model)."""
+    from safetensors.torch import load_file, save_file
+
+    version = random_adapter(settings, "misfit", 11)
+    weights = settings.adapters_dir / "misfit" / version / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: t.new_zeros(t.shape[0], t.shape[1] + 8) if t.ndim == 2 else t for k, t in tensors.items()}, weights)
+    engine = serving.Engine(settings)
+    with pytest.raises(Conflict, match="could not be loaded") as info:
+        engine.start(engine.resolve(f"misfit@{version}"), HELLO, GREEDY)
+    message = info.value.message
+    assert "\n" not in message and len(message) < 600, message
+    assert "its LoRA weights do not fit this base model" in message and "tensors differ in shape" in message
+    assert answer(engine, "luna-tiny")[1]  # and the engine still answers
+
+
 def test_messages_the_chat_template_refuses_are_a_usage_error(settings) -> None:
     from lunatrain.errors import UsageError
 

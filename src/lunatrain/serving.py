@@ -335,7 +335,16 @@ class Engine:
                 self._on = _UNKNOWN
             else:
                 self.model = None
-            raise Conflict(f"{target.model} could not be loaded onto the base model: {exc}") from exc
+            # torch lists every tensor whose shape differs, one line each (kilobytes for an adapter of another
+            # base model activated with --force): say what it means, with the first one as the example.
+            misfits = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
+            reason = (
+                f"its LoRA weights do not fit this base model ({len(misfits)} tensors differ in shape, first "
+                f"{misfits[0].removeprefix('size mismatch for ').rstrip('.')})"
+                if misfits
+                else str(exc)
+            )
+            raise Conflict(f"{target.model} could not be loaded onto the base model: {reason}") from exc
         self.model.eval()
         self._on = _UNKNOWN
         tok = _adapter_tokenizer(path, self.tokenizer)
