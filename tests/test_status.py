@@ -312,3 +312,40 @@ def test_active_adapter_is_none_when_only_another_base_has_one(settings, tiny):
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "active adapter: none" in result.output and "also active: luna-adapter@v1 on org/x" in result.output
+
+
+def test_last_job_prepare_and_gate_name_their_base_model(settings):
+    """Repro: after `lunatrain luna --baseModel=org/x` status on luna-tiny said "last gate: passed
+    luna-adapter@v2" next to "active adapter: luna-adapter@v1 on luna-tiny", with nothing saying v2's gate,
+    job and prepare were for another base model."""
+    registry.write_latest(
+        settings,
+        {
+            "status": "succeeded",
+            "jobId": None,
+            "adapterName": "luna-adapter",
+            "version": "v2",
+            "created": "2026-01-01T00:00:00+00:00",
+            "baseModel": {"id": "org/x", "fingerprint": "f2"},
+            "metrics": {"valLoss": 1.5},
+        },
+    )
+    atomic_write_json(settings.prepare_report, {"status": "ok", "created": "t1", "baseModel": "org/x", "checks": []})
+    atomic_write_json(
+        settings.eval_report,
+        {
+            "decision": "pass",
+            "passed": True,
+            "candidate": {"ref": "luna-adapter@v2", "kind": "adapter", "baseModel": "org/x"},
+            "baseline": {"ref": "luna-adapter@v1"},
+            "reasons": [],
+            "created": "t2",
+        },
+    )
+    s = training_status(settings, 0)
+    assert s["lastJob"]["baseModel"] == s["lastGate"]["baseModel"] == s["lastPrepare"]["baseModel"] == "org/x"
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "last job: succeeded luna-adapter@v2 on org/x val loss 1.5000" in result.output
+    assert "last prepare: ok on org/x (t1)" in result.output
+    assert "last gate: passed luna-adapter@v2 on org/x (t2)" in result.output

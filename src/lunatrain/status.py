@@ -192,6 +192,8 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
         "source": "trainer",
         "adapterName": (job.adapter.name if job.adapter else None) or job.params.get("adapterName"),
         "version": job.adapter.version if job.adapter else None,
+        # Which base it trained on: after a switch of base model the last job may be for another one.
+        "baseModel": job.params.get("baseModel"),
         "created": job.created_at,
         "finished": job.finished_at,
         # From start to finish (the trainer records no duration metric); None while it runs or if it never ran.
@@ -219,6 +221,7 @@ def _last_local_run(settings: Settings) -> dict[str, Any] | None:
         "source": "report",
         "adapterName": report.get("adapterName"),
         "version": report.get("version"),
+        "baseModel": (report.get("baseModel") or {}).get("id") or (report.get("params") or {}).get("baseModel"),
         "created": report.get("created"),
         "finished": None,
         "durationSeconds": report.get("durationSeconds"),
@@ -298,6 +301,7 @@ def _last_gate(settings: Settings) -> dict[str, Any] | None:
         "decision": report.get("decision"),
         "passed": report.get("passed"),
         "candidate": (report.get("candidate") or {}).get("ref"),
+        "baseModel": (report.get("candidate") or {}).get("baseModel"),  # the base it was gated on
         "baseline": (report.get("baseline") or {}).get("ref"),
         "created": report.get("created"),
         "reasons": report.get("reasons", []),

@@ -60,7 +60,7 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
         (
             "last job",
-            f"{job['status']} {job['adapterName']}@{job['version'] or '-'}"
+            f"{job['status']} {job['adapterName']}@{job['version'] or '-'}{_on(job)}"
             + (
                 f" val loss {val:.4f}"
                 if isinstance(val := (job.get("metrics") or {}).get("valLoss"), int | float)
@@ -73,13 +73,13 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "last prepare",
-            f"{prep['status']} ({prep['created']}){' failed: ' + ', '.join(prep['failed']) if prep['failed'] else ''}"
+            f"{prep['status']}{_on(prep)} ({prep['created']}){' failed: ' + ', '.join(prep['failed']) if prep['failed'] else ''}"
             if prep
             else "never",
         ),
         (
             "last gate",
-            f"{'passed' if gate['passed'] else 'failed'} {gate['candidate']} ({gate['created']})"
+            f"{'passed' if gate['passed'] else 'failed'} {gate['candidate']}{_on(gate)} ({gate['created']})"
             + (f": {'; '.join(gate['reasons'])}" if gate["reasons"] else "")
             if gate
             else "never",
@@ -95,6 +95,13 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         facts.append(("also active", ", ".join(f"{a['name']}@{a['version']} on {a['baseModel']}" for a in others)))
     facts += [("problem", problem) for problem in s["problems"]]
     return facts
+
+
+def _on(report: dict[str, Any]) -> str:
+    """The " on BASE" of a stage's last report: after a switch of base model it may be for another base than the
+    active adapter's line names. Nothing for a base model's own gate (its ref, base:ID, names it)."""
+    base = report.get("baseModel")
+    return f" on {base}" if base and report.get("candidate") != f"base:{base}" else ""
 
 
 def show(s: dict[str, Any]) -> None:
