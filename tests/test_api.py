@@ -285,6 +285,20 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     assert client.post(f"{T}/adapters/a/deactivate", json={"version": "v1"}).status_code == 422  # exists, inactive
 
 
+def test_a_model_directory_named_relative_to_the_data_root_is_taken_from_anywhere(settings, tmp_path, monkeypatch):
+    """Repro: `lunatrain serve` started outside its data root took baseModel "models/mine" for a hub id (no such
+    path from its working directory); the trainer, working in the data root, trained on the directory and
+    the registry recorded "models/mine", so eval-gate and merge from any other directory failed ("not in the
+    local Hugging Face cache")."""
+    (settings.home / "models" / "mine").mkdir(parents=True)
+    (settings.home / "models" / "mine" / "config.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert check_base_model("models/mine", settings) == str(settings.home / "models" / "mine")
+    assert check_base_model("Qwen/Qwen2.5-0.5B", settings) == "Qwen/Qwen2.5-0.5B"  # no such directory: a hub id
+
+
 def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: TestClient, settings) -> None:
     """Repro: an adapter directory as `baseModel` was accepted (202) and failed later with "has no config.json"."""
     from typer.testing import CliRunner

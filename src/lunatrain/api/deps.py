@@ -72,7 +72,13 @@ def check_base_model(ref: str | None, settings: Settings) -> str | None:
 
 
 def _base_model(ref: str | None, settings: Settings) -> str | None:
-    if ref is None or ref == "luna-tiny" or (_HUB_ID.match(ref) and ".." not in ref and not FsPath(ref).exists()):
+    # A relative name is a directory under the data root when one is there (not under this process's working
+    # directory: the trainer works in the data root), else a hub id.
+    if (
+        ref is None
+        or ref == "luna-tiny"
+        or (_HUB_ID.match(ref) and ".." not in ref and not (settings.home / ref).exists())
+    ):
         return ref
     if "\x00" in ref:
         raise UsageError("baseModel must be luna-tiny, a hub id (org/name) or a directory under the data root.")
