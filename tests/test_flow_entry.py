@@ -166,3 +166,22 @@ def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tin
     ), err
     assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
     assert not registry.list_adapters(settings)  # nothing was registered
+
+
+def test_a_base_model_directory_relative_to_the_working_directory_reaches_the_trainer_absolute(
+    settings, tmp_path, monkeypatch
+):
+    """Repro: in `models/`, `lunatrain lora --baseModel=qwen-tiny` failed (exit 2, "neither 'luna-tiny', a
+    local model directory, nor a hub id") while `--local` trained: the trainer works in the data root and got
+    the name relative to the user's working directory."""
+    from lunatrain.cli.flow import resolve
+
+    work = tmp_path / "work"
+    (work / "mine").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for profile in (None, "luna"):
+        assert resolve(settings, profile, {"baseModel": "mine"}).params.base_model == str(work / "mine")
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", "./mine")
+    assert resolve(load_settings(), None, {}).params.base_model == str(work / "mine")
+    for ref in ("luna-tiny", "Qwen/Qwen2.5-0.5B"):  # no such directory: passed on as named
+        assert resolve(settings, None, {"baseModel": ref}).params.base_model == ref

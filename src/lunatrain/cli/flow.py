@@ -57,9 +57,25 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> R
     if profile:
         loaded = load_profile(settings, profile)
         params, options = loaded.resolve(flags)
-        return Resolved(resolve_base(settings, params), options, loaded.gate)
+        return Resolved(_absolute_dir(resolve_base(settings, params)), options, loaded.gate)
     params, options = parse_run(flags)
-    return Resolved(resolve_base(settings, params), options, {})
+    return Resolved(_absolute_dir(resolve_base(settings, params)), options, {})
+
+
+def _absolute_dir(params: LoraParams) -> LoraParams:
+    """A base model directory named relative to the working directory, as its absolute path: the trainer works
+    in the data root, where the same name is another path or none, and the registry records the name, which
+    eval-gate and merge from another directory could not find. (models.resolve_base takes a directory before a
+    hub id, so this is the directory a --local run trains on.)"""
+    from pathlib import Path
+
+    from ..models import TINY_ID
+
+    base = params.base_model
+    with contextlib.suppress(OSError, RuntimeError):  # a name too long for the file system; "~nosuchuser"
+        if base and base != TINY_ID and "\x00" not in base and Path(base).expanduser().is_dir():
+            return params.model_copy(update={"base_model": str(Path(base).expanduser().resolve())})
+    return params
 
 
 class _CtrlC:
