@@ -465,3 +465,18 @@ def test_a_frequency_penalty_changes_a_greedy_answer_that_repeats_tokens(client:
     penalised = chat(client, max_tokens=32, frequency_penalty=2.0)[1]["choices"][0]["message"]["content"]
     assert chat(client, max_tokens=32, frequency_penalty=2.0)[1]["choices"][0]["message"]["content"] == penalised
     assert penalised != plain, plain
+
+
+def test_a_base_model_in_a_local_directory_is_served_under_its_configured_path(tmp_path) -> None:
+    """docs/api.md: a base model configured as a directory has that path as its id; /v1/models lists it and
+    chat answers it, while any other path stays 404."""
+    home = tmp_path / "home"
+    tiny = models.ensure_tiny(load_settings(home=home))
+    settings = load_settings(home=home, base_model=str(tiny), lora_ensure_on_demand=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [str(tiny)]
+        status, body = chat(c, model=str(tiny))
+        assert status == 200 and body["model"] == str(tiny), body
+        status, body = chat(c, model=str(tiny.parent))
+        assert status == 404 and assert_openai_error(body, "invalid_request_error")["code"] == "model_not_found"
+    store.dispose_stores()

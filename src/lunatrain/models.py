@@ -279,6 +279,8 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
         path = ensure_tiny(settings)
     elif is_dir:
         path = local.resolve()
+    elif ref.startswith(("/", "~", "./", "../")):  # written as a path: no hub id looks like this
+        raise UsageError(f"Base model directory {ref!r} does not exist.")
     elif _HUB_ID.match(ref):
         path, revision = _from_hub(ref)
     else:
