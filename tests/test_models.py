@@ -86,6 +86,17 @@ def test_bad_base_models_are_refused(settings, tmp_path):
         with pytest.raises(UsageError) as err:
             models.resolve_base(path, settings)
         assert err.value.message == f"Base model directory {path!r} does not exist.", err.value.message
+
+
+def test_a_base_recorded_relative_to_the_data_root_is_found_from_any_directory(settings, tmp_path, monkeypatch):
+    """Repro: a job submitted with baseModel "models/other" (relative: the trainer works in the data root)
+    recorded that name; `eval-gate` and `merge` run from another directory then took it for a hub id ("not
+    in the local Hugging Face cache")."""
+    models.build_tiny_model(settings.home / "models" / "other", seed=3)
+    monkeypatch.chdir(tmp_path)
+    found = models.resolve_base("models/other", settings)
+    assert found.path == str((settings.home / "models" / "other").resolve())
+    assert found.fingerprint == models.resolve_base(str(settings.home / "models" / "other"), settings).fingerprint
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UsageError, match="config.json"):

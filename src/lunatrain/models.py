@@ -272,13 +272,18 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     try:
         local = Path(ref).expanduser()
         is_dir = "\x00" not in ref and local.is_dir()
+        # A relative directory as the trainer (working in the data root) took it: registry entries written
+        # before the command line and the API made such names absolute still name their base this way.
+        in_root = not is_dir and "\x00" not in ref and not local.is_absolute() and (settings.home / local).is_dir()
     except (RuntimeError, OSError):  # "~user" of no such user; a name longer than the file system allows
-        is_dir = False
+        is_dir = in_root = False
     if ref == TINY_ID:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = ensure_tiny(settings)
     elif is_dir:
         path = local.resolve()
+    elif in_root:
+        path = (settings.home / local).resolve()
     elif ref.startswith(("/", "~", "./", "../")):  # written as a path: no hub id looks like this
         raise UsageError(f"Base model directory {ref!r} does not exist.")
     elif _HUB_ID.match(ref):
