@@ -209,3 +209,34 @@ def test_cancel_keeps_the_keyboard_in_the_job_panel(page, services: Services) ->
     expect(cancel).to_be_disabled()
     # The disabled button cannot hold the focus: the job's panel does, not the page's start.
     expect(page.locator("#job-heading")).to_be_focused()
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "said"),
+    [
+        # a bare status page: the sentence names the status, so the prefix does not name it again
+        (
+            500,
+            "text/html",
+            "<h1>Internal Server Error</h1>",
+            "Fehler: Der Server hat mit HTTP 500 ohne Begründung geantwortet.",
+        ),
+        # a refusal with a message of its own: the prefix names the status the message does not
+        (
+            503,
+            "application/json",
+            json.dumps({"error": {"code": "odd_case", "message": "Gerade nicht."}}),
+            "Fehler (503): Gerade nicht.",
+        ),
+    ],
+)
+def test_an_error_names_its_http_status_once(page, services: Services, status, content_type, body, said) -> None:
+    """Repro: a start answered by a bare 500 said "Fehler (500): Der Server hat mit HTTP 500 ohne Begründung
+    geantwortet." — the status twice."""
+    page.route(
+        "**/assistant/training/lora/quick-start",
+        lambda route: route.fulfill(status=status, content_type=content_type, body=body),
+    )
+    open_page(page, services)
+    page.get_by_role("button", name="Schnellstart").click()
+    expect(page.locator("#alerts .message-text")).to_have_text(said)

@@ -24,7 +24,8 @@ const MAX_ALERTS = 4;
  */
 export function showError(error, context = "") {
   const alerts = document.getElementById("alerts");
-  const status = error?.status ? ` (${error.status})` : "";
+  // The status in the prefix, unless the sentence is the one that says only the status (err.http).
+  const status = error?.status && error.code !== `http_${error.status}` ? ` (${error.status})` : "";
   const text = `${context ? `${context}: ` : `${t("err.prefix")}${status}: `}${errorText(error)}`;
   for (const existing of alerts.querySelectorAll(".message-text")) {
     if (existing.textContent === text) return;
