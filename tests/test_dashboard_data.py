@@ -147,6 +147,25 @@ def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
 
 @pytest.mark.parametrize(
     ("query", "said"),
+    [("", "Fehler: Der Loss wurde ungültig (NaN/unendlich)"), ("?lang=en", "Error: The loss became invalid")],
+)
+def test_a_failed_job_says_why_in_the_pages_language(page, services: Services, query: str, said: str) -> None:
+    # A job the trainer ended `failed`: the panel names its error (translated by its code), not only the state.
+    job = {
+        "id": "ftjob-failed",
+        "status": "failed",
+        "progress": {"step": 1, "totalSteps": 4, "percent": 25},
+        "error": {"code": "nan_loss", "message": "loss became nan at step 2"},
+    }
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services, query)
+    expect(page.locator("#job-error")).to_be_visible()
+    expect(page.locator("#job-error")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
     [
         ("", "Daten: Der Server hat mit HTTP 502 ohne Begründung geantwortet."),
         ("?lang=en", "Data: The server answered HTTP 502 without saying why."),
