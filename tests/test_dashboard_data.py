@@ -9,6 +9,7 @@ Run: `.venv/bin/python -m pytest tests/test_dashboard_data.py -q` (needs /usr/bi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +260,17 @@ def test_an_error_names_its_http_status_once(page, services: Services, status, c
     open_page(page, services)
     page.get_by_role("button", name="Schnellstart").click()
     expect(page.locator("#alerts .message-text")).to_have_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "button", "said"),
+    [
+        ("", "Schnellstart", "nur Adaptername, Datensatz und Basismodell"),
+        ("?lang=en", "Quick start", "only the adapter name"),
+    ],
+)
+def test_quick_start_says_which_fields_of_the_form_it_takes(page, services: Services, query, button, said) -> None:
+    """Repro: quick start took three fields of the form and ignored the rest (epochs, rank, …) without a word;
+    the button's description now says so, in the page's language."""
+    open_page(page, services, query)
+    expect(page.get_by_role("button", name=button, exact=True)).to_have_accessible_description(re.compile(said))
