@@ -312,6 +312,16 @@ def test_active_adapter_is_none_when_only_another_base_has_one(settings, tiny):
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "active adapter: none" in result.output and "also active: luna-adapter@v1 on org/x" in result.output
+    # A configured base that cannot be found: the adapter shown is only a guess, and status says so.
+    gone = str(settings.home / "models" / "gone")
+    from lunatrain.settings import load_settings
+
+    guessed = training_status(load_settings(base_model=gone), 0)
+    assert guessed["activeAdapter"]["name"] == "luna-adapter", guessed["activeAdapter"]
+    assert guessed["problems"] == [
+        f"The configured base model cannot be used (Base model directory {gone!r} does not exist), so the "
+        "active adapter shown is a guess; set ASSISTANT_BASE_MODEL to the base model in use."
+    ], guessed["problems"]
 
 
 def test_last_job_prepare_and_gate_name_their_base_model(settings):

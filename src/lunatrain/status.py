@@ -249,7 +249,17 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
     unbuilt = (
         settings.base_model == models.TINY_ID and not (settings.models_dir / models.TINY_ID / "config.json").exists()
     )
-    configured = _safe(lambda: models.resolve_base(None, settings)) if active and not unbuilt else None
+    configured = None
+    if active and not unbuilt:
+        try:
+            configured = models.resolve_base(None, settings)
+        except (LunaError, ValueError, OSError) as err:
+            # Which adapter is served depends on it: say why it is unknown, and that the one shown is a guess.
+            reason = getattr(err, "message", None) or str(err)
+            problems.append(
+                f"The configured base model cannot be used ({reason.rstrip('.')}), so the active adapter "
+                "shown is a guess; set ASSISTANT_BASE_MODEL to the base model in use."
+            )
     out = []
     for a in active:
         entry = a["entry"]
