@@ -15,6 +15,17 @@ from lunatrain.fsio import atomic_write_json
 from lunatrain.status import training_status
 
 
+def _version(name: str, version: str, base: str, fingerprint: str, **extra) -> dict:
+    """A curated registry entry of `name@version` trained on `base` (its fingerprint given)."""
+    return {
+        "name": name,
+        "version": version,
+        "path": f"data/adapters/{name}/{version}",
+        "baseModel": {"id": base, "fingerprint": fingerprint},
+        "datasetTier": "curated",
+    } | extra
+
+
 def test_fresh_data_root_reports_zeros_and_creates_nothing(settings, home):
     status = training_status(settings, 5)
     assert status["counts"]["curated"] == {"approved": 0, "pending": 0, "rejected": 0, "total": 0}
@@ -72,14 +83,7 @@ def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settin
             "adapters": {
                 "luna-adapter": {
                     "versions": [
-                        {
-                            "name": "luna-adapter",
-                            "version": "v1",
-                            "path": "data/adapters/luna-adapter/v1",
-                            "baseModel": {"id": "luna-tiny", "fingerprint": "f1"},
-                            "datasetTier": "curated",
-                            "gate": {"passed": True, "reasons": []},
-                        },
+                        _version("luna-adapter", "v1", "luna-tiny", "f1", gate={"passed": True, "reasons": []}),
                         {
                             "name": "luna-adapter",
                             "version": "v2",
@@ -289,15 +293,7 @@ def test_active_adapter_is_none_when_only_another_base_has_one(settings, tiny):
             "format": registry.FORMAT,
             "adapters": {
                 "luna-adapter": {
-                    "versions": [
-                        {
-                            "name": "luna-adapter",
-                            "version": "v1",
-                            "path": "data/adapters/luna-adapter/v1",
-                            "baseModel": {"id": "org/x", "fingerprint": "f2"},
-                            "datasetTier": "curated",
-                        }
-                    ],
+                    "versions": [_version("luna-adapter", "v1", "org/x", "f2")],
                     "aliases": {"latest": "v1", "active": "v1"},
                     "activations": [],
                 }
