@@ -265,25 +265,33 @@ def _manifest_recipe(manifest: Path) -> str | None:
 # --- resolving and loading ------------------------------------------------------------------------
 
 
+def local_dir(ref: str, root: Path | None = None) -> Path | None:
+    """The directory `ref` names, absolute: as written (from the working directory, `~` expanded), else, for
+    a relative name and a `root`, under that root; None when it names no directory. With `root` the data
+    root, a relative name is found as the trainer (working there) took it: registry entries written before
+    the command line and the API made such names absolute still name their base this way."""
+    if "\x00" in ref:
+        return None
+    try:
+        local = Path(ref).expanduser()
+        if local.is_dir():
+            return local.resolve()
+        if root is not None and not local.is_absolute() and (root / local).is_dir():
+            return (root / local).resolve()
+    except (RuntimeError, OSError):  # "~user" of no such user; a name longer than the file system allows
+        pass
+    return None
+
+
 def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     """Find the base model's local directory (building luna-tiny if needed) and compute its identity."""
     ref = ref or settings.base_model
     revision = None
-    try:
-        local = Path(ref).expanduser()
-        is_dir = "\x00" not in ref and local.is_dir()
-        # A relative directory as the trainer (working in the data root) took it: registry entries written
-        # before the command line and the API made such names absolute still name their base this way.
-        in_root = not is_dir and "\x00" not in ref and not local.is_absolute() and (settings.home / local).is_dir()
-    except (RuntimeError, OSError):  # "~user" of no such user; a name longer than the file system allows
-        is_dir = in_root = False
     if ref == TINY_ID:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = ensure_tiny(settings)
-    elif is_dir:
-        path = local.resolve()
-    elif in_root:
-        path = (settings.home / local).resolve()
+    elif (found := local_dir(ref, settings.home)) is not None:
+        path = found
     elif ref.startswith(("/", "~", "./", "../")):  # written as a path: no hub id looks like this
         raise UsageError(f"Base model directory {ref!r} does not exist.")
     elif _HUB_ID.match(ref):

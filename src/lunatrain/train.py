@@ -207,7 +207,7 @@ def _run_lora(
     except Stop as stop:
         status, error = stop.status, {"code": stop.code, "message": stop.message}
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
-        status, error = Status.FAILED, failure(exc, "error", "a checkpoint")
+        status, error = Status.FAILED, failure(exc, "error")
     report = build_report(run, status, error, started, job_id)
     if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
         status_value, version, path, error = distributed.share(world, None)
@@ -221,13 +221,13 @@ def _run_lora(
     return result
 
 
-def failure(exc: Exception, code: str, writing: str) -> dict[str, str]:
+def failure(exc: Exception, code: str, writing: str | None = None) -> dict[str, str]:
     """The run's error for `exc`: a LunaError (a full disk met by a checkpoint write) keeps its code and
-    sentence, an OS error (safetensors reports ENOSPC only inside its own exception's text) becomes the
-    storage sentence for `writing`, anything else `code` with the exception as it is."""
+    sentence; with `writing` (what the failed block wrote), an OS error (safetensors reports ENOSPC only inside
+    its own exception's text) becomes the storage sentence for it; anything else `code` with the exception."""
     if isinstance(exc, LunaError):
         return {"code": exc.code, "message": exc.message}
-    if (os_exc := os_error_of(exc)) is not None:
+    if writing is not None and (os_exc := os_error_of(exc)) is not None:
         err = storage_error(os_exc, writing)
         return {"code": err.code, "message": err.message}
     return {"code": code, "message": f"{type(exc).__name__}: {exc}"}

@@ -67,14 +67,11 @@ def _absolute_dir(params: LoraParams) -> LoraParams:
     in the data root, where the same name is another path or none, and the registry records the name, which
     eval-gate and merge from another directory could not find. (models.resolve_base takes a directory before a
     hub id, so this is the directory a --local run trains on.)"""
-    from pathlib import Path
-
-    from ..models import TINY_ID
+    from ..models import TINY_ID, local_dir
 
     base = params.base_model
-    with contextlib.suppress(OSError, RuntimeError):  # a name too long for the file system; "~nosuchuser"
-        if base and base != TINY_ID and "\x00" not in base and Path(base).expanduser().is_dir():
-            return params.model_copy(update={"base_model": str(Path(base).expanduser().resolve())})
+    if base and base != TINY_ID and (found := local_dir(base)) is not None:
+        return params.model_copy(update={"base_model": str(found)})
     return params
 
 
