@@ -48,6 +48,36 @@ def test_min_curated_is_checked_before_any_job_starts(settings, monkeypatch):
     assert not (settings.reports_training_dir / "trainer.pid").exists()  # and none started
 
 
+def test_lora_before_any_export_says_to_export_not_to_add_examples(settings, monkeypatch):
+    """Repro: after `lunatrain examples seed` (273 approved curated examples), `lunatrain lora` said "no approved
+    curated examples yet … load the bundled ones (`lunatrain examples seed`)": the examples were there, the
+    export was not. Every entry point now names the missing step, as `prepare` does."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    store.dispose_stores()
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")  # the check comes before any trainer
+    says = f"No export found in {settings.training_dir}; run `lunatrain export` first."
+    for extra in ([], ["--local"]):
+        r = CliRunner().invoke(app, ["lora", *FAST, "--minCurated=30", *extra])
+        assert r.exit_code == 1, r.output
+        assert says in r.output and "examples seed" not in r.output, r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.post("/assistant/training/lora/start", json={"minCurated": 30, "epochs": 1})
+    assert res.status_code == 404 and res.json()["error"]["code"] == "export.missing", res.text
+    assert res.json()["error"]["message"] == says
+    assert not jobs_db_path(settings.data_dir).exists()  # nothing submitted
+    assert not settings.training_dir.exists() or not any(settings.training_dir.iterdir())  # nothing exported
+    # an export older than the examples: the sentence says so beside the count
+    write_export(settings, make_records(5))
+    r = CliRunner().invoke(app, ["lora", *FAST, "--minCurated=30"])
+    assert r.exit_code == 1, r.output
+    assert (
+        "30 required (minCurated); curate more or lower it; the database changed since the last export; run "
+        "`lunatrain export`." in " ".join(r.output.split())
+    ), r.output
+
+
 def test_lora_start_with_a_profile_takes_its_values_under_the_body(settings, monkeypatch):
     """`POST …/lora/start` ran the library defaults only, while `lunatrain lora` runs the luna profile: with
     `profile` it resolves as the CLI does (the profile's minCurated here, checked before any trainer call)."""

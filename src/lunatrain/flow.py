@@ -157,11 +157,22 @@ def resolve_base(settings: Settings, params: LoraParams) -> LoraParams:
 
 def check_min_curated(settings: Settings, options: FlowOptions, curated: int | None = None) -> None:
     """minCurated against the current export (or `curated` examples), with prepare's sentence; before any job
-    starts."""
+    starts. Short of it, the sentence names the missing step when the examples are in the database but not
+    (all) in the export: no export at all, or one older than the database."""
+    from . import export
+
     count = prepare.curated_count(settings) if curated is None else curated
     check = prepare.volume_check(count, options.min_curated)
-    if check.severity == "fail":
-        raise CheckFailed(f"Not enough data: {check.message}.")
+    if check.severity != "fail":
+        return
+    if curated is None:
+        summary = export.read_summary(settings)
+        if summary is None:
+            raise export.no_export(settings)
+        stale = prepare.stale_check(settings, summary)
+        if stale.severity == "warn":
+            raise CheckFailed(f"Not enough data: {check.message}; {stale.message}.")
+    raise CheckFailed(f"Not enough data: {check.message}.")
 
 
 def submit(

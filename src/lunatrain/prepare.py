@@ -179,7 +179,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     checks.append(
         _check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines")
     )
-    checks.append(_stale_check(settings, summary))
+    checks.append(stale_check(settings, summary))
 
     records = [r for s in export_mod.SPLITS for r in splits[s]]
     curated = curated_count(settings, directory)
@@ -345,7 +345,8 @@ def _well_formed(rec: Any) -> bool:
     )
 
 
-def _stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
+def stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
+    """Whether the database changed since the export with this summary (a warning: the export is used as it is)."""
     from . import store
 
     db_file = settings.database_url.removeprefix("sqlite:///")
