@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -131,6 +132,10 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     assert progress[-1]["step"] == progress[-1]["totalSteps"] == m["steps"] and progress[-1]["percent"] == 100
     assert {"loss", "tokensPerSec", "etaSeconds", "epoch"} <= set(progress[0])
     assert [e["epoch"] for e in events if e["type"] == "eval"] == [0, 1, 2, 3]
+    epochs_done = [e["message"] for e in events if e.get("code") == "log.epoch_done"]
+    assert len(epochs_done) == 3 and all(
+        re.fullmatch(r"epoch \d done: val loss \d+\.\d{4}, checkpoint saved", m) for m in epochs_done
+    ), epochs_done
 
     from peft import PeftModel
 
@@ -349,6 +354,45 @@ def test_plain_progress_lines_for_logs():
         "step 2/4 (50%) epoch 1 loss 7.5000 1,234 tok/s ETA 1:15",
         "done",
     ]
+
+
+def test_a_job_followed_from_the_trainer_reads_like_a_local_run():
+    """Repro: `lunatrain lora` (following the trainer's job) printed "tok/s 1.155e+04", "log epoch 1 done: val
+    loss 8.418889999389648, …" and "trained adapter={'name': 't1', …} metrics={…}" (Python reprs), where a
+    local run says "11,550 tok/s" and "val loss 8.4189". One wording now serves both."""
+    from lunatrain.cli.trainer import describe_event
+    from lunatrain.service.jobs import Event
+
+    def ev(kind: str, **data) -> Event:
+        return Event.model_validate({"seq": 1, "createdAt": "2026-01-01T00:00:00Z", "type": kind, **data})
+
+    step = {"step": 3, "totalSteps": 3, "epoch": 1, "percent": 100.0, "loss": 8.369, "tokensPerSec": 11549.7}
+    assert describe_event(ev("progress", **step, etaSeconds=0)) == (
+        "progress step 3/3 (100%) epoch 1 loss 8.3690 11,550 tok/s ETA 0:00"
+    )
+    assert describe_event(ev("eval", epoch=1, valLoss=8.418889, baseValLoss=8.466328)) == (
+        "eval epoch 1: val loss 8.4189 base val loss 8.4663"
+    )
+    trained = ev(
+        "trained",
+        adapter={"name": "t1", "version": "v1", "path": "data/adapters/t1/v1"},
+        metrics={"valLoss": 8.418889, "trainLoss": 8.453877, "steps": 3},
+    )
+    assert describe_event(trained) == (
+        "trained adapter t1@v1 registered (data/adapters/t1/v1): val loss 8.4189, train loss 8.4539"
+    )
+    assert describe_event(ev("progress", step=1, totalSteps=None)) == "progress step 1/?"  # fields it lacks: left out
+
+
+def test_an_epoch_without_a_validation_split_says_so_in_its_log(settings):
+    """Repro: an export without val samples logged "epoch 1 done: val loss None, checkpoint saved"."""
+    write_export(settings, make_records(24, val_every=10**6))
+    events = []
+    result = run_lora(_params(epochs=1, maxSteps=2), settings, on_event=events.append)
+    assert result.status is Status.SUCCEEDED, result.error
+    [said] = [e for e in events if e.get("code", "").startswith("log.epoch_done")]
+    assert said["message"] == "epoch 1 done, checkpoint saved" and said["code"] == "log.epoch_done_no_val", said
+    assert said["params"] == {"epoch": 1}
 
 
 def test_older_transformers_without_masked_logits_give_the_same_loss(settings, monkeypatch):

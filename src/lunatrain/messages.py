@@ -123,6 +123,7 @@ CODES: dict[str, str] = {
     # job log lines (events of type log: code, params)
     "log.training_started": "training begins (samples, steps, device)",
     "log.epoch_done": "an epoch ended with a checkpoint (epoch, valLoss)",
+    "log.epoch_done_no_val": "an epoch ended with a checkpoint, without a validation split (epoch)",
     "log.adapter_written": "the adapter was written (name, version, path)",
     "log.training_ended": "training ended (status, message)",
     "log.resume_fresh": "no checkpoint to resume from",

@@ -24,6 +24,42 @@ def _fmt_eta(seconds: float | None) -> str:
     )
 
 
+def event_line(event: dict[str, Any]) -> str | None:
+    """One training event (progress, eval, log, trained) as a plain line; None for other kinds. The one wording
+    of a local run's display, of following a trainer job and of `jobs events`: losses to 4 places, tokens/s
+    whole, fields the event lacks left out."""
+    kind = event.get("type")
+    if kind == "progress":
+        step = f"step {event.get('step')}/{event.get('totalSteps') or '?'}"
+        if event.get("percent") is not None:
+            step += f" ({event['percent']:.0f}%)"
+        return " ".join([step, *progress_details(event)])
+    if kind == "eval":
+        val, base = event.get("valLoss"), event.get("baseValLoss")
+        parts = [f"epoch {event.get('epoch')}:"]
+        parts += [f"val loss {val:.4f}"] if isinstance(val, int | float) else []
+        parts += [f"base val loss {base:.4f}"] if isinstance(base, int | float) else []
+        return " ".join(parts)
+    if kind == "log":
+        return str(event.get("message", ""))
+    if kind == "trained":
+        adapter, metrics = event.get("adapter") or {}, event.get("metrics") or {}
+        line = f"adapter {adapter.get('name')}@{adapter.get('version')} registered ({adapter.get('path')})"
+        losses = [(n, metrics.get(k)) for n, k in (("val loss", "valLoss"), ("train loss", "trainLoss"))]
+        said = [f"{n} {v:.4f}" for n, v in losses if isinstance(v, int | float)]
+        return line + (": " + ", ".join(said) if said else "")
+    return None
+
+
+def progress_details(event: dict[str, Any]) -> list[str]:
+    """A progress event's epoch, loss, tokens/s and ETA, as `event_line` says them (a bar shows the step)."""
+    parts = [f"epoch {event['epoch']}"] if event.get("epoch") is not None else []
+    parts += [f"loss {event['loss']:.4f}"] if isinstance(event.get("loss"), int | float) else []
+    parts += [f"{event['tokensPerSec']:,.0f} tok/s"] if isinstance(event.get("tokensPerSec"), int | float) else []
+    parts += [f"ETA {_fmt_eta(event['etaSeconds'])}"] if event.get("etaSeconds") is not None else []
+    return parts
+
+
 class ProgressDisplay:
     """Use as a context manager and pass `display.on_event` as `on_event`.
 
@@ -64,34 +100,24 @@ class ProgressDisplay:
             self._progress.__exit__(*exc)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "progress":
-            loss, tps = f"{event['loss']:.4f}", f"{event.get('tokensPerSec') or 0:,.0f}"
+        if event.get("type") == "progress":
             if self._progress is not None:
                 self._progress.update(
                     self._task,
                     total=event["totalSteps"],
                     completed=event["step"],
                     description=f"epoch {event['epoch']}/{event.get('epochs', '?')}",
-                    loss=loss,
-                    tps=tps,
+                    loss=f"{event['loss']:.4f}",
+                    tps=f"{event.get('tokensPerSec') or 0:,.0f}",
                 )
                 return
             now = time.monotonic()
-            if now - self._last >= self.every or event["step"] == event["totalSteps"]:
-                self._last = now
-                self._line(
-                    f"step {event['step']}/{event['totalSteps']} ({event['percent']:.0f}%) epoch {event['epoch']} "
-                    f"loss {loss} {tps} tok/s ETA {_fmt_eta(event.get('etaSeconds'))}"
-                )
-        elif kind == "eval":
-            val, base = event.get("valLoss"), event.get("baseValLoss")
-            parts = [f"epoch {event['epoch']}:"]
-            parts += [f"val loss {val:.4f}"] if val is not None else []
-            parts += [f"base val loss {base:.4f}"] if base is not None else []
-            self._line(" ".join(parts))
-        elif kind == "log":
-            self._line(str(event.get("message", "")))
+            if now - self._last < self.every and event["step"] != event["totalSteps"]:
+                return
+            self._last = now
+        line = event_line(event)
+        if line is not None:
+            self._line(line)
 
     def _line(self, text: str) -> None:
         if self._progress is not None:

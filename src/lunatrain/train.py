@@ -593,13 +593,17 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         if world.main:
             checkpoints.save(run)
         distributed.barrier(world)  # a rank that fails later finds this checkpoint complete on resume
-        emit(
-            {
-                "type": "log",
-                "message": f"epoch {epoch + 1} done: val loss {val_loss}, checkpoint saved",
+        if val_loss is None:  # an export without a validation split
+            said = {
+                "message": f"epoch {epoch + 1} done, checkpoint saved",
+                **coded("log.epoch_done_no_val", epoch=epoch + 1),
+            }
+        else:
+            said = {
+                "message": f"epoch {epoch + 1} done: val loss {val_loss:.4f}, checkpoint saved",
                 **coded("log.epoch_done", epoch=epoch + 1, valLoss=val_loss),
             }
-        )
+        emit({"type": "log", **said})
 
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import LunaError, ServiceUnavailable
+from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job, JobList
@@ -226,9 +227,11 @@ def summary(job: Job) -> str:
 
 
 def describe_event(ev: Event) -> str:
+    """An event as one line after its type: a training event in the local run's wording (progress.event_line)."""
     data = ev.model_extra or {}
-    if ev.type == "progress":
-        return "progress " + _progress_text(data)
+    line = event_line({"type": ev.type, **data})
+    if line is not None:
+        return f"{ev.type} {line}"
     if ev.type == "status":
         extra = data.get("error") or {}
         return (
@@ -236,21 +239,11 @@ def describe_event(ev: Event) -> str:
             + (f" ({extra.get('code')}: {extra.get('message')})" if extra else "")
             + (f" - {data['message']}" if data.get("message") else "")
         )
-    if ev.type == "log":
-        return f"log {data.get('message', '')}"
     return f"{ev.type} " + " ".join(f"{k}={_num(v)}" for k, v in data.items())
 
 
 def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _progress_text(d: dict[str, Any]) -> str:
-    parts = [f"step {d.get('step')}/{d.get('totalSteps') or '?'}"]
-    for key, name in (("epoch", "epoch"), ("loss", "loss"), ("tokensPerSec", "tok/s"), ("etaSeconds", "eta s")):
-        if d.get(key) is not None:
-            parts.append(f"{name} {_num(d[key])}")
-    return ", ".join(parts)
 
 
 class _Plain:
@@ -304,11 +297,7 @@ class _Bar:
     def show(self, ev: Event) -> None:
         d = ev.model_extra or {}
         if ev.type == "progress":
-            info = " ".join(
-                f"{name} {_num(d[key])}"
-                for key, name in (("loss", "loss"), ("tokensPerSec", "tok/s"), ("etaSeconds", "eta s"))
-                if d.get(key) is not None
-            )
+            info = " ".join(progress_details(d))  # the step is the bar's own column
             self._progress.update(self._task, completed=d.get("step") or 0, total=d.get("totalSteps"), info=info)
         else:
             self._progress.console.print(describe_event(ev), markup=False, highlight=False)
