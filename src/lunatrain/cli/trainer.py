@@ -215,7 +215,7 @@ def summary(job: Job) -> str:
         loss = job.metrics.get("valLoss", job.metrics.get("trainLoss"))
         return (
             f"adapter {job.adapter.name}@{job.adapter.version} ({job.adapter.path})"
-            + (f", val loss {loss:.4g}" if isinstance(loss, int | float) else "")
+            + (f", val loss {loss:.4f}" if isinstance(loss, int | float) else "")
             + verdict
         )
     if job.error:
