@@ -355,3 +355,26 @@ def test_last_job_prepare_and_gate_name_their_base_model(settings):
     assert "last job: succeeded luna-adapter@v2 on org/x val loss 1.5000" in result.output
     assert "last prepare: ok on org/x (t1)" in result.output
     assert "last gate: passed luna-adapter@v2 on org/x (t2)" in result.output
+
+
+def test_a_stale_active_adapter_says_retrain_needed(settings, tiny):
+    """Repro: after deleting an example the active adapter was trained on, `adapters list` said "stale: retrain
+    needed" and `status --json` had `stale: true`, but the plain `status` line named the adapter as if nothing
+    had happened."""
+    from lunatrain import models
+
+    fingerprint = models.resolve_base(None, settings).fingerprint
+    stale = {"reason": "trained on deleted examples", "hashes": ["ab" * 32], "at": "2026-01-01T00:00:00Z"}
+    entries = [_version("luna-adapter", "v1", "luna-tiny", fingerprint, stale=stale)]
+    aliases = {"latest": "v1", "active": "v1"}
+    atomic_write_json(
+        settings.registry_file,
+        {
+            "format": registry.FORMAT,
+            "adapters": {"luna-adapter": {"versions": entries, "aliases": aliases, "activations": []}},
+        },
+    )
+    assert training_status(settings, 0)["activeAdapter"]["stale"] is True
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "active adapter: luna-adapter@v1 on luna-tiny (stale: retrain needed)" in result.output, result.output

@@ -87,7 +87,12 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "active adapter",
             # with a problem (a damaged registry) "none" would not be the truth
-            f"{act['name']}@{act['version']} on {act['baseModel']}" if act else "unknown" if s["problems"] else "none",
+            f"{act['name']}@{act['version']} on {act['baseModel']}"
+            + (" (stale: retrain needed)" if act.get("stale") else "")  # as `adapters list` marks it
+            if act
+            else "unknown"
+            if s["problems"]
+            else "none",
         ),
     ]
     others = [a for a in s["activeAdapters"] if a is not act]
