@@ -274,3 +274,18 @@ def test_quick_start_says_which_fields_of_the_form_it_takes(page, services: Serv
     the button's description now says so, in the page's language."""
     open_page(page, services, query)
     expect(page.get_by_role("button", name=button, exact=True)).to_have_accessible_description(re.compile(said))
+
+
+@pytest.mark.parametrize(("query", "said"), [("", "t1 v1 · neu trainieren"), ("?lang=en", "t1 v1 · retrain needed")])
+def test_a_stale_active_adapter_says_retrain_needed_in_the_data_panel(page, services: Services, query, said) -> None:
+    """Repro: after deleting examples the active adapter was trained on, the adapter table marked it "neu
+    trainieren" but the data panel's "Aktiver Adapter" named it as if it were current."""
+
+    def stale_active(route) -> None:
+        status = route.fetch().json()
+        status["activeAdapter"] = {"name": "t1", "version": "v1", "baseModel": "luna-tiny", "stale": True}
+        route.fulfill(json=status)
+
+    page.route("**/assistant/training/status*", stale_active)
+    open_page(page, services, query)
+    expect(page.locator("#data-facts")).to_contain_text(said)

@@ -155,7 +155,9 @@ function renderDataStatus(status) {
       .map(([tier, state]) => `${t(`opt.${tier}`)}: ${t(state.ready ? "yes" : "no")}`).join(" · ") || "–"],
     [t("data.lastJob"), job ? [job.jobId, t(`state.${job.status}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
       .filter(Boolean).join(" · ") : t("data.never")],
-    [t("data.activeAdapter"), active ? `${active.name} ${active.version}` : t("data.none")],
+    // Stale: examples it was trained on were deleted (the adapter table marks it the same way).
+    [t("data.activeAdapter"), active
+      ? `${active.name} ${active.version}${active.stale ? ` · ${t("adapters.stale")}` : ""}` : t("data.none")],
   ]);
 }
 
