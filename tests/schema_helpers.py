@@ -16,6 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+# A request's answer is what is checked, not its speed: schemathesis' default read timeout (10 s) is a
+# wall-clock limit that a loaded machine trips (`POST /prepare` loads the tokenizer and reads the export; it
+# took over 10 s with other test suites beside it). Every answer here ends on its own, streams included (a
+# chat stream ends at max_tokens), so a generous bound only matters when something hangs.
+REQUEST_TIMEOUT_S = 300.0
+
+
+def call(case: Any, app: Any) -> Any:
+    """Send one generated case to the ASGI `app` and return the response."""
+    return case.call(app=app, base_url="http://testserver", timeout=REQUEST_TIMEOUT_S)
+
 
 def operations(spec: dict[str, Any], path_regex: str | None = None) -> list[tuple[str, str]]:
     """(path, METHOD) of every operation in `spec`, optionally only paths matching `path_regex`."""

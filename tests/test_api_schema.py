@@ -25,7 +25,7 @@ from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
 
 from peer_helpers import PEERS, playing
-from schema_helpers import drive, operations
+from schema_helpers import call, drive, operations
 
 MAX_EXAMPLES = 10
 
@@ -93,7 +93,7 @@ def _check(case, app) -> None:
     # exist under the data root, a profile must exist), so schema-valid requests may rightly get a 422/404.
     # not_a_server_error is replaced by the assertion below: with the trainer down, job operations must
     # answer their declared 503 — and nothing else may answer any 5xx.
-    response = case.call(app=app, base_url="http://testserver")
+    response = call(case, app)
     if response.status_code == 413:
         # A generated body over ASSISTANT_MAX_BODY_BYTES is refused while it streams, before the schema is
         # consulted: a correct rejection that schemathesis' negative-data check does not count as one.

@@ -17,7 +17,7 @@ from lunatrain import models, store
 from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
 
-from schema_helpers import drive, operations
+from schema_helpers import call, drive, operations
 
 MAX_EXAMPLES = 25
 CHAT_PATHS = r"^/(v1/|assistant/chat/)"
@@ -65,7 +65,7 @@ def test_chat_routes_conform_and_never_fail(path: str, method: str, app) -> None
 def _check(case, app) -> None:
     # positive_data_acceptance is off: a schema-valid model name may name no registered adapter (404), and
     # max_tokens over the configured cap is refused (400); neither rule fits in a static schema.
-    response = case.call(app=app, base_url="http://testserver")
+    response = call(case, app)
     if response.status_code == 413:
         assert response.json()["error"]["code"] == "payload_too_large"
         return

@@ -100,3 +100,25 @@ def test_an_option_without_a_value_says_what_it_falls_back_to():
     assert "LoRA scale numerator; default 2 x rank" in generic
     assert "cap on optimizer steps; default no cap" in flat
     assert "(QLoRA, bitsandbytes); default none" in flat  # a value of its own: no quantization
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Repro: `eval-gate --help` listed its four thresholds with no word on what they bound or their defaults;
+    `examples list --limit`, `memory add --topic` and others were bare names too."""
+    import typer
+
+    def commands(group, path=()):
+        for name, sub in group.commands.items():
+            yield from commands(sub, (*path, name)) if hasattr(sub, "commands") else [((*path, name), sub)]
+
+    found = list(commands(typer.main.get_command(app)))
+    assert len(found) > 30  # the walk reaches the subcommands
+    bare = [
+        f"{' '.join(path)} {param.opts[0]}"
+        for path, command in found
+        for param in command.params
+        if param.param_type_name == "option" and param.name != "help" and not param.help
+    ]
+    assert bare == [], bare
+    text = " ".join(CliRunner().invoke(app, ["eval-gate", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "largest relative rise of val or test loss against the baseline; default 0.02, or --profile's [gate]" in text

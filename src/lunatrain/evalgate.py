@@ -73,10 +73,18 @@ class GateThresholds(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
     )
 
-    min_golden_pass_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="absolute floor (real models)")
-    max_golden_pass_rate_drop: float = Field(default=0.0, ge=0.0, le=1.0, description="vs baseline")
-    max_val_loss_ratio_vs_base: float = Field(default=1.0, gt=0.0, le=100.0, description="candidate / base loss")
-    max_loss_regression: float = Field(default=0.02, ge=0.0, le=10.0, description="relative rise vs baseline")
+    min_golden_pass_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="lowest golden pass rate, 0 to 1 (an absolute floor, for real models)"
+    )
+    max_golden_pass_rate_drop: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="largest drop of the golden pass rate against the baseline, 0 to 1"
+    )
+    max_val_loss_ratio_vs_base: float = Field(
+        default=1.0, gt=0.0, le=100.0, description="largest val or test loss as a multiple of the base model's"
+    )
+    max_loss_regression: float = Field(
+        default=0.02, ge=0.0, le=10.0, description="largest relative rise of val or test loss against the baseline"
+    )
 
 
 def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresholds:

@@ -8,10 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import LunaError
-from ..evalgate import GateReport, eval_gate
+from ..evalgate import GateReport, GateThresholds, eval_gate
 from ..settings import load_settings
 from ..templates import cli_template
 from .app import app, as_written, fail, is_tty, print_report
+
+
+def _threshold_help(field: str) -> str:
+    """A threshold flag's help: what it bounds and its default, from GateThresholds (one place for both)."""
+    info = GateThresholds.model_fields[field]
+    return f"{info.description}; default {info.default}, or --profile's [gate] value"
 
 
 @app.command("eval-gate")
@@ -28,14 +34,30 @@ def eval_gate_cmd(
         ),
     ] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="thresholds from the profile's [gate] table")] = None,
-    min_golden_pass_rate: Annotated[float | None, typer.Option("--min-golden-pass-rate", "--minGoldenPassRate")] = None,
+    min_golden_pass_rate: Annotated[
+        float | None,
+        typer.Option("--min-golden-pass-rate", "--minGoldenPassRate", help=_threshold_help("min_golden_pass_rate")),
+    ] = None,
     max_golden_pass_rate_drop: Annotated[
-        float | None, typer.Option("--max-golden-pass-rate-drop", "--maxGoldenPassRateDrop")
+        float | None,
+        typer.Option(
+            "--max-golden-pass-rate-drop",
+            "--maxGoldenPassRateDrop",
+            help=_threshold_help("max_golden_pass_rate_drop"),
+        ),
     ] = None,
     max_val_loss_ratio_vs_base: Annotated[
-        float | None, typer.Option("--max-val-loss-ratio-vs-base", "--maxValLossRatioVsBase")
+        float | None,
+        typer.Option(
+            "--max-val-loss-ratio-vs-base",
+            "--maxValLossRatioVsBase",
+            help=_threshold_help("max_val_loss_ratio_vs_base"),
+        ),
     ] = None,
-    max_loss_regression: Annotated[float | None, typer.Option("--max-loss-regression", "--maxLossRegression")] = None,
+    max_loss_regression: Annotated[
+        float | None,
+        typer.Option("--max-loss-regression", "--maxLossRegression", help=_threshold_help("max_loss_regression")),
+    ] = None,
     chat_template: Annotated[
         str | None,
         typer.Option(

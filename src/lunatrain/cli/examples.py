@@ -22,6 +22,8 @@ app.add_typer(memory_app, name="memory")
 
 SourceOpt = Annotated[str | None, typer.Option("--source", help="curated | memory | conversation")]
 StatusOpt = Annotated[str | None, typer.Option("--status", help="approved | pending | rejected")]
+LimitOpt = Annotated[int, typer.Option("--limit", help="at most this many")]
+OffsetOpt = Annotated[int, typer.Option("--offset", help="skip this many first (pages with --limit)")]
 _LISTED = 20  # problems of a refused import listed one per line
 
 IdsArg = Annotated[list[str], typer.Argument(help="example ids (12 or ex-12)")]
@@ -76,7 +78,9 @@ def add_cmd(
     source: Annotated[str, typer.Option("--source", help="curated | memory | conversation")] = "curated",
     status: StatusOpt = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="a tag (repeatable)")] = None,
-    conversation_id: Annotated[str | None, typer.Option("--conversation-id", "--conversationId")] = None,
+    conversation_id: Annotated[
+        str | None, typer.Option("--conversation-id", "--conversationId", help="the conversation it comes from")
+    ] = None,
     rating: Annotated[int | None, typer.Option("--rating", help="1-5")] = None,
 ) -> None:
     """Add one example (approved by default; pending for source=conversation)."""
@@ -124,8 +128,8 @@ def import_cmd(
 def list_cmd(
     source: SourceOpt = None,
     status: StatusOpt = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
-    offset: Annotated[int, typer.Option("--offset")] = 0,
+    limit: LimitOpt = 50,
+    offset: OffsetOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: one array of the API's Example")] = False,
 ) -> None:
     """List examples in the order they were added."""
@@ -198,9 +202,9 @@ def seed_cmd() -> None:
 def memory_add_cmd(
     question: Annotated[str, typer.Option("--question", help="how the fact is asked")],
     answer: Annotated[str, typer.Option("--answer", help="Luna's answer")],
-    topic: Annotated[str | None, typer.Option("--topic")] = None,
-    status: Annotated[str, typer.Option("--status")] = "approved",
-    tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+    topic: Annotated[str | None, typer.Option("--topic", help="what the fact is about, to find it again")] = None,
+    status: Annotated[str, typer.Option("--status", help="approved | pending | rejected")] = "approved",
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="a tag (repeatable)")] = None,
 ) -> None:
     """Remember a fact."""
     tags = _tags(tag)
@@ -216,8 +220,8 @@ def memory_add_cmd(
 @memory_app.command("list")
 def memory_list_cmd(
     status: StatusOpt = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
-    offset: Annotated[int, typer.Option("--offset")] = 0,
+    limit: LimitOpt = 50,
+    offset: OffsetOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: one array of the API's MemoryItem")] = False,
 ) -> None:
     """List memory items."""

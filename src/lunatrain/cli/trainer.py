@@ -135,7 +135,7 @@ def _gib(n: int | None) -> str:
 # --- jobs ----------------------------------------------------------------------------------------
 @jobs_app.command("list")
 def jobs_list(
-    limit: Annotated[int, typer.Option("--limit", min=1, max=500)] = 20,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="at most this many, newest first")] = 20,
     status: Annotated[str | None, typer.Option("--status", help="only jobs in this state")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -191,7 +191,7 @@ def jobs_cancel(job_id: str) -> None:
 def jobs_events(
     job_id: str,
     after: Annotated[int, typer.Option("--after", min=0, help="only events after this sequence number")] = 0,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="at most this many events")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a job's events (progress, eval, log, status), oldest first (--json: the API's event page, with
