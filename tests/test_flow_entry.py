@@ -126,6 +126,20 @@ def test_the_flow_summary_counts_the_tier_it_trains_on(settings):
     merged = counts["merged"]
     assert f"{merged['total']} merged samples ({merged['train']} train, {merged['val']} val)" in r.output
     assert merged["total"] != counts["curated"]["total"]  # the two lines differ, so the test tells them apart
+    said = (
+        r"val loss   \d+\.\d{4} vs base \d+\.\d{4} \((about the same as|\d+\.\d% (lower|higher) than) the base model\)"
+    )
+    assert re.search(said, r.output), r.output
+
+
+def test_the_flow_summary_says_in_words_how_the_val_loss_compares_with_the_base():
+    """Repro: the summary said "val loss 8.0573 vs base 8.0577 (+0.0% better)", and a worse adapter read
+    "-3.0% better"."""
+    from lunatrain.flow import versus_base
+
+    assert versus_base(8.0573, 8.0577) == "about the same as the base model"
+    assert versus_base(6.0, 8.0) == "25.0% lower than the base model"
+    assert versus_base(8.24, 8.0) == "3.0% higher than the base model"
 
 
 def test_a_failed_flow_names_only_the_reports_that_exist(settings, tiny):

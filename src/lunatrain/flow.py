@@ -396,6 +396,15 @@ def run_flow(
     return result
 
 
+def versus_base(val: float, base: float) -> str:
+    """How the adapter's val loss compares with the base model's, in words: lower is better, and a difference
+    below 0.05% is no difference worth a sign."""
+    change = (val - base) / base
+    if abs(change) < 0.0005:
+        return "about the same as the base model"
+    return f"{abs(change):.1%} {'lower' if change < 0 else 'higher'} than the base model"
+
+
 def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     """The closing summary a person reads: adapter, val loss vs base, gate, where the files are."""
     lines = [f"{s.step:<10} {'ok' if s.ok else 'FAILED':<6} {s.seconds:7.1f}s  {s.summary}" for s in result.steps]
@@ -411,11 +420,7 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
             + (" (active)" if state["active"] else f" (not active: {state['reason']})")
         )
         if val is not None and base is not None:
-            lines.append(
-                f"val loss   {val:.4f} vs base {base:.4f} ({(1 - val / base) * 100:+.1f}% better)"
-                if base
-                else f"val loss   {val:.4f}"
-            )
+            lines.append(f"val loss   {val:.4f} vs base {base:.4f}" + (f" ({versus_base(val, base)})" if base else ""))
         if gate:
             reasons = "; ".join(gate.get("reasons") or [])
             lines.append(f"gate       {gate.get('status')}" + (f": {reasons}" if reasons else ""))
