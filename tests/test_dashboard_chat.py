@@ -9,6 +9,7 @@ in test-output/<test name>/.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,36 @@ def test_base_and_adapter_answer_side_by_side(page, services: Services, output_d
     page.get_by_role("button", name="Senden").click()
     expect(page.locator("#try-adapter")).to_have_text(FACTS_B[0][1], timeout=FIRST_ANSWER_MS)
     expect(page.locator("#try-adapter-label")).to_have_text("Adapter (luna-adapter@v2)")
+
+
+def test_an_answer_of_only_line_breaks_is_said_not_shown_as_an_empty_box(page, services: Services) -> None:
+    """Repro: luna-tiny's greedy answer to "Hallo, wer bist du?" was 128 line breaks; both columns looked empty
+    under "Cut off at 128 tokens", as if nothing had come back."""
+    chunk = {"object": "chat.completion.chunk", "model": "luna-tiny", "created": 0, "id": "c"}
+    events = [
+        chunk
+        | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "\n\n \n"}, "finish_reason": None}]},
+        chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+        chunk | {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}},
+    ]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(content_type="text/event-stream", body=body))
+    open_page(page, services, "?lang=en")
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.get_by_label("Adapter version", exact=True).locator("option")).to_have_count(3, timeout=UI_TIMEOUT_MS)
+    page.get_by_label("Message", exact=True).fill("Hallo, wer bist du?")
+    page.get_by_role("button", name="Send").click()
+    for column in ("base", "adapter"):
+        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", "done", timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#try-{column}-meta")).to_have_text(
+            "Cut off at 3 tokens (max_tokens) · the answer is only spaces and line breaks"
+        )
+    # A real answer says nothing of the kind (the base model's, from the server).
+    page.unroute("**/v1/chat/completions")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#try-base-box")).to_have_attribute("data-state", "done", timeout=FIRST_ANSWER_MS)
+    if page.locator("#try-base").text_content().strip():
+        expect(page.locator("#try-base-meta")).not_to_contain_text("line breaks")
 
 
 def test_an_empty_prompt_is_refused_on_the_page(page, services: Services) -> None:

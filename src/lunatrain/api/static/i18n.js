@@ -335,6 +335,7 @@ const de = {
   "try.answering": "Antwortet …",
   "try.done": "Fertig · {tokens} Tokens",
   "try.cut": "Abgeschnitten bei {tokens} Tokens (max_tokens)",
+  "try.blank": "die Antwort besteht nur aus Leerzeichen und Zeilenumbrüchen",
 };
 
 const en = {
@@ -670,6 +671,7 @@ const en = {
   "try.answering": "Answering …",
   "try.done": "Done · {tokens} tokens",
   "try.cut": "Cut off at {tokens} tokens (max_tokens)",
+  "try.blank": "the answer is only spaces and line breaks",
 };
 
 const TEXTS = { de, en };

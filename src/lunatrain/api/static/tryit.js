@@ -191,6 +191,8 @@ export class TryPanel {
       if (key === "adapter") col.label.textContent = t("try.adapter", { model: result.model });
       const tokens = result.usage ? formatNumber(result.usage.completion_tokens) : "–";
       col.meta.textContent = t(result.finish === "length" ? "try.cut" : "try.done", { tokens });
+      // An answer of only spaces and line breaks shows as an empty box: say so, or it looks like nothing came.
+      if (col.text.textContent && !col.text.textContent.trim()) col.meta.textContent += ` · ${t("try.blank")}`;
       col.box.dataset.state = "done";
     } catch (error) {
       col.meta.textContent = `${t("err.prefix")}: ${errorText(error)}`;
