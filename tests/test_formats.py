@@ -334,3 +334,22 @@ def test_csv_header_names_match_without_case_or_surrounding_spaces(tmp_path: Pat
     path.write_text("prompt,Prompt,response\na,b,c\n", encoding="utf-8")  # one column, twice: refused, as before
     with pytest.raises(UsageError, match="field 'prompt': the header names it twice"):
         read_file(path)
+
+
+def test_a_json_file_holding_json_lines_is_read_line_by_line(tmp_path: Path) -> None:
+    """`datasets.Dataset.to_json("x.json")` writes JSON Lines under a .json name; it was refused as
+    "line 2: malformed JSON (Extra data …)"."""
+    path = _jsonl(tmp_path / "hf.json", [{"prompt": "a", "response": "b"}, {"instruction": "c", "output": "d"}])
+    assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("a", "b"), ("c", "d")]
+    # a bad line among them is named by its line, as in a .jsonl file
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"line 2: field 'response': missing"):
+        read_file(path)
+    # a pretty-printed document with something after it is that error, not a file of bad lines
+    path.write_text('[\n  {"prompt": "a", "response": "b"}\n]\n]\n', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"1 bad record\(s\) — line 4: malformed JSON \(Extra data"):
+        read_file(path)
+    # one document that is malformed on its own is still reported as such
+    path.write_text('[{"prompt": "a", "response": "b"},]', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"line 1: malformed JSON"):
+        read_file(path)

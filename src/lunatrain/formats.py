@@ -372,17 +372,19 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
     text = _decode(data, path)
     if suffix in (".jsonl", ".ndjson"):
-        # Split on "\n" only: str.splitlines() would also break at U+2028 etc., which JSON allows in strings.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                yield f"line {lineno}", RecordError(None, _malformed(exc))
+        yield from _json_lines(text)
     elif suffix == ".json":
         try:
             doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data" and "\n" not in text[: exc.pos].strip():
+                # A one-line document and more after it: JSON Lines under a .json name, as
+                # `datasets.Dataset.to_json` writes by default. Read it as such, so each line is checked and named
+                # on its own. (After a document of several lines, the extra data is the error to name.)
+                yield from _json_lines(text)
+                return
+            yield f"line {exc.lineno}", RecordError(None, _malformed(exc))
+            return
         except (ValueError, RecursionError) as exc:
             yield f"line {getattr(exc, 'lineno', 1)}", RecordError(None, _malformed(exc))
             return
@@ -418,6 +420,17 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         raise UsageError(
             f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
         )
+
+
+def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
+    # Split on "\n" only: str.splitlines() would also break at U+2028 etc., which JSON allows in strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            yield f"line {lineno}", RecordError(None, _malformed(exc))
 
 
 def _malformed(exc: ValueError | RecursionError) -> str:
