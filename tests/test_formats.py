@@ -353,3 +353,21 @@ def test_a_json_file_holding_json_lines_is_read_line_by_line(tmp_path: Path) -> 
     path.write_text('[{"prompt": "a", "response": "b"},]', encoding="utf-8")
     with pytest.raises(UsageError, match=r"line 1: malformed JSON"):
         read_file(path)
+
+
+def test_csv_separated_by_semicolons_or_tabs_is_read(tmp_path: Path) -> None:
+    """Excel in a German locale saves "CSV (Trennzeichen-getrennt)" with ';' between cells; such a file was
+    refused as "unknown format". The header decides the separator: the one that names known columns."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes('\ufeffPrompt;Response;Tags\r\n"Hallo; Luna";Hallo!;a,b\r\nWie geht\'s?;Gut.;\r\n'.encode())
+    drafts = read_file(path).drafts
+    assert [(d.prompt, d.response, d.tags) for d in drafts] == [
+        ("Hallo; Luna", "Hallo!", ("a", "b")),
+        ("Wie geht's?", "Gut.", ()),
+    ]
+    path.write_text("prompt\tresponse\nHi\tHallo\n", encoding="utf-8")
+    assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("Hi", "Hallo")]
+    # a comma-separated file whose cells hold semicolons keeps the comma
+    path.write_text("prompt,response,tags\nHi; du,Hallo,a;b\n", encoding="utf-8")
+    (draft,) = read_file(path).drafts
+    assert (draft.prompt, draft.tags) == ("Hi; du", ("a", "b"))

@@ -398,7 +398,7 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
     elif suffix == ".csv":
         # csv.reader, not DictReader: DictReader's line_num lags one row behind after a csv.Error, and it takes
         # a blank first line for an empty header.
-        rows = csv.reader(io.StringIO(text, newline=""))
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text))
         try:
             # A blank or whitespace-only line is no header: skip it, as blank lines between rows are skipped.
             header = next((row for row in rows if not _blank_csv_line(row)), None)
@@ -461,6 +461,26 @@ _CSV_COLUMNS = {
         "conversationId",
     )
 }
+
+
+# Cell separators a spreadsheet saves "CSV" with: ',' and, in locales whose decimal mark is the comma (German
+# Excel's "CSV (Trennzeichen-getrennt)"), ';'; tab for a tab-separated export.
+_CSV_DELIMITERS = (",", ";", "\t")
+
+
+def _csv_delimiter(text: str) -> str:
+    """The separator under which the header (first non-blank line) names the most known columns; ',' on a
+    tie. The header decides, not the cells: a comma file's cells may hold ';' (tags "a;b"), and vice versa."""
+    header = next((line for line in text.split("\n") if line.strip()), "")
+
+    def known(delimiter: str) -> int:
+        try:
+            row = next(csv.reader([header], delimiter=delimiter), [])
+        except csv.Error:  # e.g. a cell over the field size limit: reading the file names its line
+            return 0
+        return sum(name.strip().casefold() in _CSV_COLUMNS for name in row)
+
+    return max(_CSV_DELIMITERS, key=known)  # max keeps the first of equals: ','
 
 
 def _blank_csv_line(row: list[str]) -> bool:
