@@ -371,3 +371,20 @@ def test_csv_separated_by_semicolons_or_tabs_is_read(tmp_path: Path) -> None:
     path.write_text("prompt,response,tags\nHi; du,Hallo,a;b\n", encoding="utf-8")
     (draft,) = read_file(path).drafts
     assert (draft.prompt, draft.tags) == ("Hi; du", ("a", "b"))
+
+
+def test_a_whole_rating_written_as_a_decimal_is_read(tmp_path: Path) -> None:
+    """pandas writes an integer column with a gap as floats ("4.0" in CSV, 4.0 in JSON); such a file was
+    refused with "field 'rating': expected a whole number, got number"."""
+    path = tmp_path / "pandas.csv"
+    path.write_text("prompt,response,rating\np1,r1,4.0\np2,r2,\np3,r3, 5.00 \n", encoding="utf-8")
+    assert [d.rating for d in read_file(path).drafts] == [4, None, 5]
+    path = _jsonl(tmp_path / "pandas.jsonl", [{"prompt": "p", "response": "r", "rating": 3.0}])
+    assert read_file(path).drafts[0].rating == 3
+    # a fraction is no rating, and the message shows the value
+    _jsonl(path, [{"prompt": "p", "response": "r", "rating": 4.5}])
+    with pytest.raises(UsageError, match=r"field 'rating': expected a whole number, got 4\.5"):
+        read_file(path)
+    _jsonl(path, [{"prompt": "p", "response": "r", "rating": 6.0}])
+    with pytest.raises(UsageError, match=r"field 'rating': must be between 1 and 5, got 6"):
+        read_file(path)

@@ -180,7 +180,13 @@ def _rating(value: Any) -> int | None:
         return None
     # ASCII digits only: str.isdigit() also takes "²", which int() refuses; past 9 digits it is out of range
     # anyway, and int() of thousands of digits is refused too.
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
+    # A whole number written as a decimal ("4.0", 4.0) is one too: pandas writes an integer column with a gap
+    # (a missing rating) as floats, in CSV and in JSON.
+    if isinstance(value, str) and (whole := re.fullmatch(r"(-?[0-9]{1,9})(?:\.0*)?", value.strip())):
+        value = int(whole[1])
+    if isinstance(value, float) and abs(value) < 1e9:
+        if not value.is_integer():
+            raise RecordError("rating", f"expected a whole number, got {value}")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RecordError("rating", f"expected a whole number, got {_type_name(value)}")
