@@ -388,3 +388,25 @@ def test_a_whole_rating_written_as_a_decimal_is_read(tmp_path: Path) -> None:
     _jsonl(path, [{"prompt": "p", "response": "r", "rating": 6.0}])
     with pytest.raises(UsageError, match=r"field 'rating': must be between 1 and 5, got 6"):
         read_file(path)
+
+
+def test_turns_in_either_key_convention_are_read_in_both_list_shapes(tmp_path: Path) -> None:
+    """Unsloth's `standardize_sharegpt` keeps the `conversations` list but writes role/content turns, and some
+    exports put from/value turns under `messages`; both were refused ("field 'conversations[0].from': missing")."""
+    path = _jsonl(
+        tmp_path / "mixed-keys.jsonl",
+        [
+            {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hallo"}]},
+            {"messages": [{"from": "human", "value": "Na?"}, {"from": "gpt", "value": "Gut."}]},
+        ],
+    )
+    parsed = read_file(path)
+    assert [(d.prompt, d.response) for d in parsed.drafts] == [("Hi", "Hallo"), ("Na?", "Gut.")]
+    assert parsed.formats == {"sharegpt": 1, "openai": 1}
+    # errors name the key the turn uses
+    _jsonl(path, [{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}])
+    with pytest.raises(UsageError, match=r"field 'conversations\[1\]\.content': missing"):
+        read_file(path)
+    _jsonl(path, [{"conversations": [{"value": "Hi"}, {"from": "gpt", "value": "x"}]}])
+    with pytest.raises(UsageError, match=r"field 'conversations\[0\]\.from': missing"):
+        read_file(path)

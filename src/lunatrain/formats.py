@@ -7,6 +7,9 @@ Shapes, detected per record (or forced with `fmt`):
 - ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}`` (input optional, joined below the instruction)
 - ``prompt-response``: ``{"prompt": ..., "response": ...}`` (optional ``system``)
 
+A turn of either list takes role/content or from/value keys (Unsloth writes role/content turns under
+``conversations``).
+
 Every shape may also carry ``tags`` (list or comma-separated string), ``conversation_id`` and ``rating``.
 A conversation becomes one example: its last assistant turn is the response, the user turn right before it
 the prompt, everything earlier the prior turns; the system prompt is kept. All errors of a file are
@@ -293,6 +296,19 @@ def _from_turns(
     )
 
 
+# The (role, text) keys of a turn: OpenAI's and ShareGPT's.
+_TURN_KEYS = (("role", "content"), ("from", "value"))
+
+
+def _turn_keys(msg: Mapping[str, Any], role_key: str, text_key: str) -> tuple[str, str]:
+    """The keys a turn uses: its list shape's own, or the other shape's when it has that role key instead."""
+    if role_key not in msg:
+        for other_role, other_text in _TURN_KEYS:
+            if other_role in msg:
+                return other_role, other_text
+    return role_key, text_key
+
+
 def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_key: str) -> list[tuple[str, str]]:
     raw = record.get(list_field)
     if raw is None:
@@ -305,15 +321,18 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
             raise RecordError(f"{list_field}[{i}]", f"expected an object, got {_type_name(msg)}")
-        role = msg.get(role_key)
+        # A turn may use the other shape's keys: Unsloth's standardize_sharegpt writes role/content turns under
+        # "conversations", and some exports write from/value turns under "messages".
+        r_key, t_key = _turn_keys(msg, role_key, text_key)
+        role = msg.get(r_key)
         if role is None:
-            raise RecordError(f"{list_field}[{i}].{role_key}", "missing")
+            raise RecordError(f"{list_field}[{i}].{r_key}", "missing")
         if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
-            raise RecordError(f"{list_field}[{i}].{role_key}", f"unsupported role {role!r}")
+            raise RecordError(f"{list_field}[{i}].{r_key}", f"unsupported role {role!r}")
         role = _ROLE_ALIASES[role.lower()]
         # An empty system turn is common in exports and means "no system prompt", as an empty "system" field
         # does in the other shapes; an empty user or assistant turn has nothing to train on.
-        content = _text(msg.get(text_key), f"{list_field}[{i}].{text_key}", required=role != "system")
+        content = _text(msg.get(t_key), f"{list_field}[{i}].{t_key}", required=role != "system")
         turns.append((role, content or ""))
     return turns
 
