@@ -410,3 +410,12 @@ def test_turns_in_either_key_convention_are_read_in_both_list_shapes(tmp_path: P
     _jsonl(path, [{"conversations": [{"value": "Hi"}, {"from": "gpt", "value": "x"}]}])
     with pytest.raises(UsageError, match=r"field 'conversations\[0\]\.from': missing"):
         read_file(path)
+
+
+def test_a_byte_order_mark_at_the_start_of_a_later_line_is_ignored(tmp_path: Path) -> None:
+    """`cat a.jsonl b.jsonl` of two files saved with a BOM (Windows editors) carries b's BOM into the middle;
+    that line was refused as "malformed JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) …)"."""
+    path = tmp_path / "joined.jsonl"
+    one = '\ufeff{"prompt": "a", "response": "b"}\n'
+    path.write_text(one + one.replace('"a"', '"c"'), encoding="utf-8")
+    assert [d.prompt for d in read_file(path).drafts] == ["a", "c"]

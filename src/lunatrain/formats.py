@@ -453,7 +453,9 @@ def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"line {lineno}", json.loads(line)
+            # A BOM inside the text is one a concatenation (`cat a.jsonl b.jsonl`) carried in from a file's start:
+            # a marker, not content, as the one at the file's start is.
+            yield f"line {lineno}", json.loads(line.removeprefix("\ufeff"))
         except (ValueError, RecursionError) as exc:
             yield f"line {lineno}", RecordError(None, _malformed(exc))
 
