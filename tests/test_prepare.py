@@ -245,6 +245,54 @@ def test_template_without_a_terminator_fails_in_one_sentence(settings, tiny):
         prepare(settings, params(base_model=str(bare)))
 
 
+STRICT_ROLES = (
+    "{%- for m in messages %}{%- if not loop.first and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant') }}{%- endif %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_every_example_the_template_refuses_is_one_failing_check(settings, tiny):
+    """A template that refuses an example ([INST]-style strict alternation) stopped prepare at the first one
+    with exit 2 and no report, so fixing N examples took N runs; all problems are collected, then it fails
+    once (with the other checks still run on the rest)."""
+    strict = _with_template(settings, tiny, "tiny-strict", STRICT_ROLES)
+    records = clean_records(30)
+    train = [r for r in records if r["source"] == "curated" and r["split"] == "train"]
+    val = [r for r in records if r["source"] == "curated" and r["split"] == "val"]
+
+    def twice_user(rec: dict, rid: str) -> dict:
+        user = next(m for m in rec["messages"] if m["role"] == "user")
+        return _variant(rec, rid, messages=[user, copy.deepcopy(user), rec["messages"][-1]])
+
+    records += [twice_user(train[0], "bad-roles-1"), twice_user(val[0], "bad-roles-2")]
+    write_files(settings, records)
+
+    report = prepare(settings, params(base_model=str(strict)), min_curated=1)
+    check = report.check("template_refused")
+    assert (check.severity, check.count, check.examples) == ("fail", 2, ["bad-roles-1", "bad-roles-2"]), check
+    assert "Conversation roles must alternate" in check.message
+    assert report.status == "fail"
+    assert report.check("token_stats").count == len(train)  # the refused ones left out, the rest checked
+    saved = json.loads(Path(report.path).read_text("utf-8"))
+    assert saved["status"] == "fail" and "template_refused" in {c["id"] for c in saved["checks"]}
+    with pytest.raises(CheckFailed, match="template_refused"):
+        report.raise_on_fail()
+    # the CLI: the check's table and one failing sentence, exit 1 (a data check), not a usage error
+    result = CliRunner().invoke(app, ["prepare", f"--baseModel={strict}", "--minCurated=1"])
+    assert result.exit_code == 1 and "bad-roles-1, bad-roles-2" in result.output, result.output
+    # training still refuses the tier (its tokens are never cached without the refused examples)
+    from lunatrain.export import read_tier
+    from lunatrain.models import load_chat_tokenizer, resolve_base
+    from lunatrain.tokens import tokenize_tier
+
+    info = resolve_base(str(strict), settings)
+    tok, _ = load_chat_tokenizer(info, settings, None)
+    with pytest.raises(UsageError, match="refuses example bad-roles-1"):
+        tokenize_tier(settings, "curated", tok, MAX_LEN, data=read_tier(settings, "curated"), base=info)
+
+
 def test_cache_hit_on_second_prepare_and_miss_on_template_or_length_change(settings, tiny):
     write_files(settings, clean_records(30))
     first = prepare(settings, params())

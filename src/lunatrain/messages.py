@@ -92,6 +92,8 @@ CODES: dict[str, str] = {
     "check.empty_response.found": "samples with an empty assistant response (count)",
     "check.trivial_response.ok": "no trivial responses",
     "check.trivial_response.found": "samples with a trivial response (count)",
+    "check.template_refused.ok": "the chat template renders every example",
+    "check.template_refused.found": "examples the chat template refuses (count, reason: the first one's)",
     "check.special_tokens_in_content.ok": "no special tokens inside message text",
     "check.special_tokens_in_content.found": "samples contain a literal special token (count)",
     "check.duplicate_exact.ok": "no exact duplicates",

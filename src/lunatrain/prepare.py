@@ -22,6 +22,8 @@ Checks (id: severity when something is found):
   model's generation_config.json stops on it (adapters and merged models ship one that does).
 - eot_not_trained (fail): an assistant turn whose trained span does not end with the turn terminator, so
   the model would never learn to stop (truncated samples are left to the truncated check).
+- template_refused (fail, only when found): examples the chat template raises on (e.g. roles that do not
+  alternate for an [INST] template), all of them; the other checks run on the rest.
 - special_tokens_in_content (fail): a literal special token (e.g. `<|im_end|>`) typed inside a message;
   the tokenizer turns it into a control token.
 - val_too_small (warn): val split empty although its ratio is > 0, or fewer than 5 samples.
@@ -37,7 +39,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Literal
@@ -153,12 +155,12 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     """Run every preflight check on the exported `params.dataset_tier` and write prepare-latest.json.
 
     Returns the report whatever its status (failure is data); `report.raise_on_fail()` turns a failing
-    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model,
-    a template without a turn terminator, or one that refuses an example. `show`: how many train samples
-    to include with their trained spans marked (`samples`: what `prepare --show` prints and the dashboard
-    shows).
+    status into CheckFailed. Raises NotFound when there is no export and UsageError for a bad base model
+    or a template without a turn terminator (examples the template refuses are the failing check
+    template_refused). `show`: how many train samples to include with their trained spans marked
+    (`samples`: what `prepare --show` prints and the dashboard shows).
     """
-    from . import models, tokens
+    from . import models
 
     if params.base_model:  # an adapter as base is a usage error, export or not (cheap: one file lookup)
         models.refuse_adapter_dir(Path(params.base_model).expanduser(), params.base_model)
@@ -188,7 +190,9 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     checks += _duplicate_checks(records)
 
     data = export_mod.TierData(tier, splits["train"], splits["val"], splits["test"], fingerprint, summary)
-    tokenized = tokens.tokenize_tier(settings, tier, tokenizer, params.max_seq_length, data=data, base=info)
+    tokenized, data, refused = _tokenize(settings, tokenizer, params.max_seq_length, data, info, terminator.text)
+    if refused:
+        checks.append(_refused_check(refused))
     checks.append(_terminator_check(terminator))
     checks += _token_checks(data, tokenized, list(terminator.ids))
     checks.append(_val_check(len(splits["val"]), float(summary.get("ratios", {}).get("val", 0.0))))
@@ -383,6 +387,49 @@ def _count_lines(path: Path) -> int:
 
 
 # --- record checks ------------------------------------------------------------------------------
+
+
+def _tokenize(
+    settings: Settings, tokenizer: Any, max_seq_length: int, data: Any, info: Any, terminator: str
+) -> tuple[Any, Any, list[Any]]:
+    """(tokenized tier, the records it holds, TemplateRefused of every example the chat template refuses).
+
+    Tokenizing stops at the first refused example, so a user fixing N of them needed N runs. On a refusal
+    each record is tried once more to collect them all, and the rest is tokenized under a fingerprint of its
+    own: the other checks still run on it, and training, which reads the cache by the export's fingerprint,
+    never finds tokens of the tier without the refused examples (it refuses the tier until they are fixed)."""
+    from . import tokens
+
+    try:
+        return tokens.tokenize_tier(settings, data.tier, tokenizer, max_seq_length, data=data, base=info), data, []
+    except tokens.TemplateRefused:
+        pass
+    refused: list[tokens.TemplateRefused] = []
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for split in export_mod.SPLITS:
+        kept[split] = []
+        for rec in getattr(data, split):
+            try:
+                tokens.encode_record(tokenizer, rec, max_seq_length, terminator)
+            except tokens.TemplateRefused as err:
+                refused.append(err)
+            else:
+                kept[split].append(rec)
+    rest = replace(data, **kept, fingerprint=f"{data.fingerprint}-without-refused")
+    tokenized = tokens.tokenize_tier(settings, data.tier, tokenizer, max_seq_length, data=rest, base=info)
+    return tokenized, rest, refused
+
+
+def _refused_check(refused: list[Any]) -> Check:
+    first = refused[0].reason
+    return _check(
+        "template_refused",
+        "fail",
+        [err.record_id for err in refused],
+        f"examples the chat template refuses (first: {first}); fix them or choose another template (--chatTemplate)",
+        "the chat template renders every example",
+        reason=first,
+    )
 
 
 def _rid(rec: dict) -> str:

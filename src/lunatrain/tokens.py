@@ -225,7 +225,7 @@ def tokenize_tier(
     hit = splits is not None
     if splits is None:
         splits = {
-            name: [_encode_record(tokenizer, rec, max_seq_length, term.text) for rec in getattr(data, name)]
+            name: [encode_record(tokenizer, rec, max_seq_length, term.text) for rec in getattr(data, name)]
             for name in SPLITS
         }
         _write_cache(path, key, splits, data.fingerprint)
@@ -233,7 +233,20 @@ def tokenize_tier(
     return TokenizedTier(tier, key, data.fingerprint, max_seq_length, hit, path, splits, stats, term)
 
 
-def _encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: str) -> Encoded:
+class TemplateRefused(UsageError):
+    """The chat template raised on one example (its own raise_exception). `record_id` and `reason` let
+    prepare collect every refused example into one check instead of stopping at the first."""
+
+    def __init__(self, record_id: str, reason: str) -> None:
+        super().__init__(
+            f"The chat template refuses example {record_id}: {reason}; fix the example or choose another "
+            "template (--chatTemplate)."
+        )
+        self.record_id, self.reason = record_id, reason
+
+
+def encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: str) -> Encoded:
+    """One exported record's tokens and labels; TemplateRefused when the chat template raises on it."""
     try:
         return encode_chat(
             tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")), terminator=terminator
@@ -241,11 +254,7 @@ def _encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: s
     except UsageError:
         raise
     except Exception as exc:  # the template's own raise_exception (e.g. no system role, roles must alternate)
-        rid = rec.get("id") or str(rec.get("hash", ""))[:12]
-        raise UsageError(
-            f"The chat template refuses example {rid}: {exc}; fix the example or choose another "
-            "template (--chatTemplate)."
-        ) from exc
+        raise TemplateRefused(str(rec.get("id") or str(rec.get("hash", ""))[:12]), str(exc)) from exc
 
 
 def split_stats(items: list[Encoded]) -> dict[str, Any]:
