@@ -274,6 +274,15 @@ def test_memory_items(db: Settings) -> None:
     assert m.hash in store.deleted_hashes(db)
 
 
+def test_a_blank_topic_is_no_topic(db: Settings) -> None:
+    """`memory add --topic "  "` stored the topic "" (listed as "" instead of null), while a blank system
+    prompt of an example is no system prompt; a topic is trimmed like every other text."""
+    blank = store.add_memory(db, question="Farbe?", answer="Blau.", topic="   ")
+    assert blank.topic is None
+    assert store.add_memory(db, question="Tier?", answer="Katze.", topic="  Vorlieben ").topic == "Vorlieben"
+    assert [m.topic for m in store.list_memory(db)] == [None, "Vorlieben"]
+
+
 def test_revision_changes_with_every_change(db: Settings) -> None:
     seen = [store.revision(db)]
     ex = store.add_example(db, prompt="a", response="b")

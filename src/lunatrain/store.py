@@ -651,7 +651,8 @@ def add_memory(
     if topic is not None and not isinstance(topic, str):
         raise UsageError("Invalid memory item: field 'topic': expected a string.")
     try:
-        topic_ = formats.checked_text(topic, "topic") if topic else None
+        # A blank topic is no topic (null), as a blank system prompt is no system prompt, not "".
+        topic_ = (formats.checked_text(topic, "topic") or None) if topic else None
     except RecordError as err:
         raise UsageError(f"Invalid memory item: {err.describe()}.") from None
     if topic_ is not None and len(topic_) > 200:
