@@ -129,6 +129,10 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
 
     r = CliRunner().invoke(app, ["gc"])
     assert r.exit_code == 0 and "Removed" in r.output, r.output
+    # one line per item, then the sum in words ("Removed 1 export, 5 job-events, 7 job-log, …" read wrong)
+    assert r.output.splitlines()[-1].startswith(
+        "Removed 1 export, 5 jobs' events, 7 job logs, 1 run work directory, 2 token caches: "
+    ), r.output
     after = _state(settings)
     assert set(after["events"]) == set(before["events"]) - set(gone)
     assert after["jobs"] == before["jobs"]  # job rows stay: every job id still answers

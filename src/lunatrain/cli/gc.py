@@ -12,6 +12,21 @@ from ..retention import collect
 from ..settings import load_settings
 from .app import app, fail
 
+# Each kind in the closing sum, singular and plural: the kind ids of the item lines read as words there
+# ("Removed 2 export, 5 job-events" did not).
+_KIND_WORDS = {
+    "export": ("export", "exports"),
+    "job-events": ("job's events", "jobs' events"),
+    "job-log": ("job log", "job logs"),
+    "run-workdir": ("run work directory", "run work directories"),
+    "token-cache": ("token cache", "token caches"),
+}
+
+
+def _counted(kind: str, n: int) -> str:
+    one, many = _KIND_WORDS.get(kind, (kind, kind))
+    return f"{n} {one if n == 1 else many}"
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
@@ -33,5 +48,5 @@ def gc_cmd(
     for item in report.items:
         typer.echo(f"{item.kind:<12} {_mb(item.bytes):>10}  {item.path}  ({item.reason})")
     verb = "Would remove" if dry_run else "Removed"
-    kinds = ", ".join(f"{n} {k}" for k, (n, _) in sorted(report.by_kind().items())) or "nothing"
+    kinds = ", ".join(_counted(k, n) for k, (n, _) in sorted(report.by_kind().items())) or "nothing"
     typer.echo(f"{verb} {kinds}: {_mb(report.bytes)}.")
