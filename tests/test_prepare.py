@@ -293,6 +293,37 @@ def test_every_example_the_template_refuses_is_one_failing_check(settings, tiny)
         tokenize_tier(settings, "curated", tok, MAX_LEN, data=read_tier(settings, "curated"), base=info)
 
 
+# Renders only the last assistant turn (as some templates show only the final answer of a conversation).
+LAST_ANSWER_ONLY = (
+    "{%- for m in messages %}{%- if m['role'] != 'assistant' or loop.last %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_template_that_drops_an_assistant_turn_names_the_example_in_the_refused_check(settings, tiny):
+    """Repro: a template that drops an earlier assistant turn stopped prepare with "The chat template drops or
+    rewrites assistant turn 2; it cannot be trained on." naming no example, and at the first one only."""
+    dropping = _with_template(settings, tiny, "tiny-last-answer", LAST_ANSWER_ONLY)
+    records = clean_records(30)
+    curated = [r for r in records if r["source"] == "curated"]
+
+    def two_answers(rec: dict, rid: str) -> dict:
+        user, answer = rec["messages"][-2], rec["messages"][-1]
+        earlier = [{"role": "user", "content": "Hallo!"}, {"role": "assistant", "content": "Hallo, ich bin Luna."}]
+        return _variant(rec, rid, messages=[*earlier, copy.deepcopy(user), copy.deepcopy(answer)])
+
+    records += [two_answers(curated[0], "two-answers-1"), two_answers(curated[1], "two-answers-2")]
+    write_files(settings, records)
+    report = prepare(settings, params(base_model=str(dropping)), min_curated=1)
+    check = report.check("template_refused")
+    several = [r["id"] for r in records if sum(m["role"] == "assistant" for m in r["messages"]) > 1]
+    assert {"two-answers-1", "two-answers-2"} <= set(several)
+    assert (check.severity, sorted(check.examples)) == ("fail", sorted(several)), check
+    assert "drops or rewrites assistant turn 2" in check.message, check.message
+    assert report.check("token_stats").count > 0  # the rest was checked
+
+
 def test_cache_hit_on_second_prepare_and_miss_on_template_or_length_change(settings, tiny):
     write_files(settings, clean_records(30))
     first = prepare(settings, params())

@@ -55,6 +55,14 @@ def _render(tokenizer: Any, messages: list[dict], *, gen_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
 
 
+class TurnDropped(UsageError):
+    """The rendered conversation lacks an assistant turn's text: the template drops or rewrites it."""
+
+    def __init__(self, turn: int) -> None:
+        self.reason = f"it drops or rewrites assistant turn {turn}, which therefore cannot be trained on"
+        super().__init__(f"The chat template {self.reason}.")
+
+
 def assistant_spans(
     tokenizer: Any, messages: list[dict], terminator: str | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -76,7 +84,7 @@ def assistant_spans(
         if span is None:
             span = _span_by_search(text, content, eot, cursor)
         if span is None:
-            raise UsageError(f"The chat template drops or rewrites assistant turn {i + 1}; it cannot be trained on.")
+            raise TurnDropped(i + 1)
         spans.append(span)
         cursor = span[1]
     return text, spans
@@ -251,10 +259,16 @@ def encode_record(tokenizer: Any, rec: dict, max_seq_length: int, terminator: st
         return encode_chat(
             tokenizer, rec["messages"], max_seq_length, hash=str(rec.get("hash", "")), terminator=terminator
         )
+    except TurnDropped as exc:  # named with its example, and collected by prepare like a refusal
+        raise TemplateRefused(_record_id(rec), exc.reason) from exc
     except UsageError:
         raise
     except Exception as exc:  # the template's own raise_exception (e.g. no system role, roles must alternate)
-        raise TemplateRefused(str(rec.get("id") or str(rec.get("hash", ""))[:12]), str(exc)) from exc
+        raise TemplateRefused(_record_id(rec), str(exc)) from exc
+
+
+def _record_id(rec: dict) -> str:
+    return str(rec.get("id") or str(rec.get("hash", ""))[:12])
 
 
 def split_stats(items: list[Encoded]) -> dict[str, Any]:
