@@ -289,3 +289,30 @@ def test_a_stale_active_adapter_says_retrain_needed_in_the_data_panel(page, serv
     page.route("**/assistant/training/status*", stale_active)
     open_page(page, services, query)
     expect(page.locator("#data-facts")).to_contain_text(said)
+
+
+def test_a_check_counting_one_record_is_said_in_the_singular(page, services: Services) -> None:
+    """Repro: the preflight table said "1 Beispiele mit leerer Antwort" and "1 samples with an empty response"."""
+
+    def check(count: int) -> dict:
+        return {
+            "id": "empty_response",
+            "severity": "fail",
+            "count": count,
+            "examples": ["ex-1", "ex-2"][:count],
+            "message": "server sentence",
+            "code": "check.empty_response.found",
+            "params": {"count": count},
+        }
+
+    for query, one, two in (
+        ("", "1 Beispiel mit leerer Antwort", "2 Beispiele mit leerer Antwort"),
+        ("?lang=en", "1 sample with an empty response", "2 samples with an empty response"),
+    ):
+        page.unroute("**/assistant/training/prepare")
+        answer(page, "**/assistant/training/prepare", {"status": "fail", "checks": [check(1), check(2)]})
+        open_page(page, services, query)
+        page.locator("#prepare-button").click()
+        rows = page.locator("#checks-table tbody tr")
+        expect(rows.nth(0)).to_contain_text(one)
+        expect(rows.nth(1)).to_contain_text(two)

@@ -114,3 +114,17 @@ def test_every_key_the_dashboard_asks_for_has_a_text_in_both_languages():
     for lang in ("de", "en"):
         missing = sorted(keys - set(_texts(lang)))
         assert missing == [], f"i18n.js ({lang}) has no text for: {missing}"
+
+
+def test_a_count_of_one_has_its_own_wording_in_both_languages():
+    """Repro: the dashboard said "1 Beispiele mit leerer Antwort" / "1 samples with an empty response". A text
+    counting records has a `.one` variant (tMsg takes it for count 1) with the same placeholders."""
+    de, en = _texts("de"), _texts("en")
+    counted = sorted(k for k in de if k.startswith("msg.check.") and "{count}" in de[k] and not k.endswith(".one"))
+    assert len(counted) >= 10  # the found-checks and the val split
+    for lang, texts in (("de", de), ("en", en)):
+        missing = [k for k in counted if f"{k}.one" not in texts]
+        assert missing == [], f"i18n.js ({lang}) has no singular text for: {missing}"
+        for key in counted:
+            assert set(re.findall(r"\{(\w+)\}", texts[f"{key}.one"])) == set(re.findall(r"\{(\w+)\}", texts[key])), key
+    assert de["msg.check.empty_response.found.one"] == "{count} Beispiel mit leerer Antwort"

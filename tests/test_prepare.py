@@ -402,3 +402,23 @@ def test_a_sample_longer_than_the_models_context_gives_no_transformers_warning(s
     report = prepare(settings, params())
     assert "ex-long" in next(c for c in report.checks if c.id == "truncated").examples
     assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_a_check_that_finds_one_record_says_it_in_the_singular():
+    """Repro: "1 samples with an empty assistant response", "only 1 val samples", "1 lines are not valid chat
+    records"."""
+    from lunatrain.prepare import _check, _val_check, volume_check
+
+    assert _check("malformed_record", "fail", ["a"], "lines are not valid chat records", "ok").message == (
+        "1 line is not a valid chat record"
+    )
+    assert _check("empty_response", "fail", ["a"], "samples with an empty assistant response", "ok").message == (
+        "1 sample with an empty assistant response"
+    )
+    truncated = "samples are longer than maxSeqLength=64 and will be cut (raise maxSeqLength or shorten them)"
+    assert _check("truncated", "warn", ["a"], truncated, "ok").message == (
+        "1 sample is longer than maxSeqLength=64 and will be cut (raise maxSeqLength or shorten it)"
+    )
+    assert _check("truncated", "warn", ["a", "b"], truncated, "ok").message == f"2 {truncated}"  # several: as written
+    assert _val_check(1, 0.1).message.startswith("only 1 val sample (")
+    assert volume_check(1, 30).message.startswith("1 approved curated example, 30 required")

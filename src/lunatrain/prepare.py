@@ -308,7 +308,8 @@ def _summary_check(mismatched: list[str]) -> Check:
         "fail",
         len(mismatched),
         mismatched[:MAX_EXAMPLES],
-        f"{len(mismatched)} file(s) differ from the export summary (edited by hand or torn); run `lunatrain export`",
+        f"{_n(len(mismatched), 'file')} {'differs' if len(mismatched) == 1 else 'differ'} from the export summary "
+        "(edited by hand or torn); run `lunatrain export`",
         "check.export_summary.mismatch",
         {"count": len(mismatched)},
     )
@@ -436,8 +437,45 @@ def _rid(rec: dict) -> str:
     return str(rec.get("id") or str(rec.get("hash", ""))[:12])
 
 
+# A check's sentence is written for several records; these make it read right for one ("1 sample is …").
+_SINGULAR = (
+    ("lines are ", "line is "),
+    ("samples are ", "sample is "),
+    ("samples have ", "sample has "),
+    ("samples contain ", "sample contains "),
+    ("samples duplicate ", "sample duplicates "),
+    ("samples ", "sample "),
+    ("repeated samples ", "repeated sample "),
+    ("hashes appear ", "hash appears "),
+    ("examples ", "example "),
+)
+_SINGULAR_LATER = (
+    ("(first: ", "("),
+    ("fix them", "fix it"),
+    ("in their text", "in its text"),
+    ("shorten them", "shorten it"),
+    ("not valid chat records", "not a valid chat record"),
+)
+
+
+def _n(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless there is one ("1 val sample", "2 val samples")."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _one(what: str) -> str:
+    for many, one in _SINGULAR:
+        if what.startswith(many):
+            what = one + what[len(many) :]
+            break
+    for many, one in _SINGULAR_LATER:
+        what = what.replace(many, one)
+    return what
+
+
 def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str, **params: Any) -> Check:
-    """A record check: passed (info, code check.<id>.ok) or `severity` with the records found (.found)."""
+    """A record check: passed (info, code check.<id>.ok) or `severity` with the records found (.found).
+    `what` is said of several records; for one, `_one` makes it singular."""
     if not ids:
         return Check(cid, "info", 0, [], ok, f"check.{cid}.ok", params)
     return Check(
@@ -445,7 +483,7 @@ def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str, **p
         severity,
         len(ids),
         ids[:MAX_EXAMPLES],
-        f"{len(ids)} {what}",
+        f"{len(ids)} {what if len(ids) > 1 else _one(what)}",
         f"check.{cid}.found",
         {"count": len(ids), **params},
     )
@@ -481,7 +519,7 @@ def volume_check(curated: int, min_curated: int) -> Check:
             "fail",
             curated,
             [],
-            f"{curated} approved curated examples, {min_curated} required (minCurated); curate more or lower it",
+            f"{_n(curated, 'approved curated example')}, {min_curated} required (minCurated); curate more or lower it",
             "check.volume.too_few",
             {"curated": curated, "minCurated": min_curated},
         )
@@ -490,7 +528,7 @@ def volume_check(curated: int, min_curated: int) -> Check:
         "info",
         curated,
         [],
-        f"{curated} approved curated examples (minCurated {min_curated})",
+        f"{_n(curated, 'approved curated example')} (minCurated {min_curated})",
         "check.volume.ok",
         {"curated": curated, "minCurated": min_curated},
     )
@@ -509,7 +547,7 @@ def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
         )
         if n_train == 0
         else Check(
-            "empty_train", "info", n_train, [], f"{n_train} train samples", "check.empty_train.ok", {"count": n_train}
+            "empty_train", "info", n_train, [], _n(n_train, "train sample"), "check.empty_train.ok", {"count": n_train}
         )
     )
     return [vol, empty]
@@ -722,11 +760,13 @@ def _val_check(n_val: int, ratio: float) -> Check:
             "warn",
             n_val,
             [],
-            f"only {n_val} val samples (< {MIN_VAL}): the validation loss will be mostly noise",
+            f"only {_n(n_val, 'val sample')} (< {MIN_VAL}): the validation loss will be mostly noise",
             "check.val_too_small.few",
             {"count": n_val, "minimum": MIN_VAL},
         )
-    return Check("val_too_small", "info", n_val, [], f"{n_val} val samples", "check.val_too_small.ok", {"count": n_val})
+    return Check(
+        "val_too_small", "info", n_val, [], _n(n_val, "val sample"), "check.val_too_small.ok", {"count": n_val}
+    )
 
 
 def _stats_check(tokenized: Any) -> Check:
