@@ -332,8 +332,17 @@ def test_invalid_ratio_from_environment(home: Path, monkeypatch: pytest.MonkeyPa
         load_settings()
     monkeypatch.setenv("ASSISTANT_TRAIN_VAL_RATIO", "0.6")
     monkeypatch.setenv("ASSISTANT_TRAIN_TEST_RATIO", "0.5")
-    with pytest.raises(UsageError, match="below 1"):
+    with pytest.raises(UsageError) as refused:
         ex.export(load_settings())
+    # named by where each ratio came from (it said "val ratio + test ratio must be below 1", lowercase, no source)
+    assert refused.value.message == (
+        "The val ratio (ASSISTANT_TRAIN_VAL_RATIO) and the test ratio (ASSISTANT_TRAIN_TEST_RATIO) must add up to "
+        "less than 1 so that something is left to train on, got 0.6 + 0.5."
+    )
+    with pytest.raises(
+        UsageError, match=r"^The val ratio \(valRatio\) and the test ratio \(ASSISTANT_TRAIN_TEST_RATIO\)"
+    ):
+        ex.export(load_settings(), val_ratio=0.7)
 
 
 def test_failure_during_export_keeps_the_previous_export(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -394,7 +403,10 @@ def test_cli_export(home: Path) -> None:
     summary = ex.read_summary(load_settings())
     assert summary is not None and summary["ratios"]["val"] == 0.2
     r = runner.invoke(app, ["export", "--val-ratio", "0.6", "--testRatio", "0.5"])
-    assert r.exit_code == 2 and "below 1" in r.output
+    assert (
+        r.exit_code == 2
+        and "The val ratio (valRatio) and the test ratio (testRatio) must add up to less than 1" in r.output
+    )
     r = runner.invoke(app, ["export", "--val-ratio", "abc"])
     assert r.exit_code == 2
 

@@ -102,15 +102,21 @@ def pair_hash(kind: int, row: Any, content_hash: str) -> str:
     return content_hash_of(None, (), row.prompt, row.response)
 
 
-def check_ratios(val_ratio: float, test_ratio: float) -> tuple[float, float]:
-    for name, value in (("val ratio", val_ratio), ("test ratio", test_ratio)):
+def check_ratios(
+    val_ratio: float, test_ratio: float, sources: tuple[str, str] = ("valRatio", "testRatio")
+) -> tuple[float, float]:
+    """The split ratios, checked; `sources` name where each came from (a flag or an environment variable), so
+    that a refusal says what to change."""
+    names = (f"val ratio ({sources[0]})", f"test ratio ({sources[1]})")
+    for name, value in zip(names, (val_ratio, test_ratio), strict=True):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise UsageError(f"The {name} must be a number, got {value!r}.")
         if not 0.0 <= value < 1.0:
             raise UsageError(f"The {name} must be at least 0 and below 1, got {value}.")
     if val_ratio + test_ratio >= 1.0:
         raise UsageError(
-            f"val ratio + test ratio must be below 1 so that something is left to train on, got {val_ratio} + {test_ratio}."
+            f"The {names[0]} and the {names[1]} must add up to less than 1 so that something is left to train "
+            f"on, got {val_ratio} + {test_ratio}."
         )
     return float(val_ratio), float(test_ratio)
 
@@ -314,6 +320,10 @@ def export(
     val, test = check_ratios(
         settings.train_val_ratio if val_ratio is None else val_ratio,
         settings.train_test_ratio if test_ratio is None else test_ratio,
+        (
+            "ASSISTANT_TRAIN_VAL_RATIO" if val_ratio is None else "valRatio",
+            "ASSISTANT_TRAIN_TEST_RATIO" if test_ratio is None else "testRatio",
+        ),
     )
     store = open_store(settings)
     out = settings.training_dir
