@@ -419,3 +419,24 @@ def test_a_byte_order_mark_at_the_start_of_a_later_line_is_ignored(tmp_path: Pat
     one = '\ufeff{"prompt": "a", "response": "b"}\n'
     path.write_text(one + one.replace('"a"', '"c"'), encoding="utf-8")
     assert [d.prompt for d in read_file(path).drafts] == ["a", "c"]
+
+
+def test_an_openai_weight_0_turn_is_refused_not_trained(tmp_path: Path) -> None:
+    """Repro: OpenAI's fine-tuning format marks an assistant message `"weight": 0` as not to be trained on; the
+    import dropped the key and every assistant turn was trained. Until turns can be kept as context only, such a
+    record is refused naming the turn; weight 1 (the default) is read as before."""
+    user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hallo"}
+    records = [
+        {"messages": [user, answer | {"weight": 0}, {"role": "user", "content": "Und?"}, answer | {"weight": 1}]},
+        {"messages": [user, answer | {"weight": 0.5}]},
+        {"messages": [user, answer | {"weight": 1}]},
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "weights.jsonl", records))
+    assert info.value.details == [
+        "weights.jsonl line 1: field 'messages[1].weight': 0 (not trained on) is not supported, every assistant "
+        "turn is trained; remove the turn or its weight",
+        "weights.jsonl line 2: field 'messages[1].weight': must be 0 or 1, got 0.5",
+    ]
+    [draft] = read_file(_jsonl(tmp_path / "one.jsonl", records[2:])).drafts
+    assert (draft.prompt, draft.response) == ("Hi", "Hallo")

@@ -333,8 +333,25 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
         # An empty system turn is common in exports and means "no system prompt", as an empty "system" field
         # does in the other shapes; an empty user or assistant turn has nothing to train on.
         content = _text(msg.get(t_key), f"{list_field}[{i}].{t_key}", required=role != "system")
+        _check_weight(msg, f"{list_field}[{i}].weight")
         turns.append((role, content or ""))
     return turns
+
+
+def _check_weight(msg: Mapping[str, Any], field_name: str) -> None:
+    """OpenAI's per-message `weight`: 1 (trained, the default) is read; 0 asks for a turn kept as context only,
+    which lunatrain cannot do (every assistant turn of an example is trained), so it is refused rather than
+    silently trained on."""
+    if "weight" not in msg:
+        return
+    weight = msg["weight"]
+    if weight == 0 and not isinstance(weight, bool):
+        raise RecordError(
+            field_name,
+            "0 (not trained on) is not supported, every assistant turn is trained; remove the turn or its weight",
+        )
+    if isinstance(weight, bool) or weight != 1:
+        raise RecordError(field_name, f"must be 0 or 1, got {weight!r}")
 
 
 def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
