@@ -357,24 +357,36 @@ def test_last_job_prepare_and_gate_name_their_base_model(settings):
     assert "last gate: passed luna-adapter@v2 on org/x (t2)" in result.output
 
 
-def test_a_stale_active_adapter_says_retrain_needed(settings, tiny):
-    """Repro: after deleting an example the active adapter was trained on, `adapters list` said "stale: retrain
-    needed" and `status --json` had `stale: true`, but the plain `status` line named the adapter as if nothing
-    had happened."""
-    from lunatrain import models
+def test_plain_status_says_when_the_active_adapter_needs_retraining(settings, tiny):
+    """Repro: after `lunatrain examples delete` of an example luna-adapter@v1 was trained on, `adapters list`
+    said "[stale: retrain needed]" and `status --json` "stale": true, but `lunatrain status` showed "active
+    adapter: luna-adapter@v1 on luna-tiny" with nothing about it."""
+    from lunatrain.models import resolve_base
 
-    fingerprint = models.resolve_base(None, settings).fingerprint
-    stale = {"reason": "trained on deleted examples", "hashes": ["ab" * 32], "at": "2026-01-01T00:00:00Z"}
-    entries = [_version("luna-adapter", "v1", "luna-tiny", fingerprint, stale=stale)]
-    aliases = {"latest": "v1", "active": "v1"}
+    fingerprint = resolve_base(None, settings).fingerprint
+    stale = {"reason": "trained on a deleted example", "hashes": ["h"], "at": "t"}
     atomic_write_json(
         settings.registry_file,
         {
             "format": registry.FORMAT,
-            "adapters": {"luna-adapter": {"versions": entries, "aliases": aliases, "activations": []}},
+            "adapters": {
+                "luna-adapter": {
+                    "versions": [_version("luna-adapter", "v1", "luna-tiny", fingerprint, stale=stale)],
+                    "activeByBase": {fingerprint: {"version": "v1", "baseModel": "luna-tiny"}},
+                    "aliases": {"latest": "v1", "active": "v1"},
+                    "activations": [],
+                },
+                "other": {
+                    "versions": [_version("other", "v1", "luna-tiny", fingerprint, stale=stale)],
+                    "activeByBase": {fingerprint: {"version": "v1", "baseModel": "luna-tiny"}},
+                    "aliases": {"latest": "v1", "active": "v1"},
+                    "activations": [],
+                },
+            },
         },
     )
-    assert training_status(settings, 0)["activeAdapter"]["stale"] is True
+    assert [a["stale"] for a in training_status(settings, 0)["activeAdapters"]] == [True, True]
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
-    assert "active adapter: luna-adapter@v1 on luna-tiny (stale: retrain needed)" in result.output, result.output
+    assert "active adapter: luna-adapter@v1 on luna-tiny (stale: retrain needed)\n" in result.output, result.output
+    assert "also active: other@v1 on luna-tiny (stale: retrain needed)\n" in result.output, result.output

@@ -87,19 +87,20 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "active adapter",
             # with a problem (a damaged registry) "none" would not be the truth
-            f"{act['name']}@{act['version']} on {act['baseModel']}"
-            + (" (stale: retrain needed)" if act.get("stale") else "")  # as `adapters list` marks it
-            if act
-            else "unknown"
-            if s["problems"]
-            else "none",
+            _adapter(act) if act else "unknown" if s["problems"] else "none",
         ),
     ]
     others = [a for a in s["activeAdapters"] if a is not act]
     if others:
-        facts.append(("also active", ", ".join(f"{a['name']}@{a['version']} on {a['baseModel']}" for a in others)))
+        facts.append(("also active", ", ".join(_adapter(a) for a in others)))
     facts += [("problem", problem) for problem in s["problems"]]
     return facts
+
+
+def _adapter(a: dict[str, Any]) -> str:
+    """An active adapter as status names it: one that was trained on a since deleted example is still served,
+    and the plain output says so as `adapters list` does (`--json` has it as `stale`)."""
+    return f"{a['name']}@{a['version']} on {a['baseModel']}" + (" (stale: retrain needed)" if a.get("stale") else "")
 
 
 def _on(report: dict[str, Any]) -> str:
