@@ -137,3 +137,21 @@ def test_a_full_disk_during_the_merge_is_one_sentence_and_keeps_the_previous_mer
         assert {p.name: p.read_bytes() for p in (merged / "luna-adapter-v1").iterdir()} == before
         assert [p.name for p in merged.iterdir()] == ["luna-adapter-v1"]  # no staging folder left behind
         assert registry.get_version(settings, "luna-adapter", "v1")["merged"] == record
+
+
+def test_merging_a_newer_overwrite_revision_takes_the_merged_record_off_the_one_it_replaced(trained_home, settings):
+    """Repro: `lunatrain merge --adapter ow` after a second overwrite run rewrote data/models/merged/ow-current
+    with revision 2, but `adapters list` still showed revision 1 as [merged] at that path, which no longer
+    holds it."""
+    import shutil
+
+    trained = registry.get_version(settings, "luna-adapter", "v1")
+    source = settings.adapters_dir / "luna-adapter" / "v1"
+    for tag in ("r1", "r2"):
+        work = settings.adapters_dir / "ow" / ".work" / tag
+        shutil.copytree(source, work)
+        registry.publish(settings, "ow", "overwrite", work, {"baseModel": trained["baseModel"]})
+        merge_adapter(settings, "ow@latest")
+    merged = {e["revision"]: e.get("merged") for e in registry.list_adapters(settings)["ow"]["versions"]}
+    assert merged[2]["path"] == "data/models/merged/ow-current", merged
+    assert merged[1] is None, merged  # its merged model was replaced by revision 2's

@@ -99,5 +99,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = str(target.relative_to(settings.home))
-    registry.annotate(settings, name, entry["version"], "merged", {"path": rel, "at": registry.now()})
+    registry.annotate(
+        settings, name, entry["version"], "merged", {"path": rel, "at": registry.now()}, revision=entry.get("revision")
+    )
     return MergeResult(name, entry["version"], target, trained_on["id"], replaced)

@@ -774,6 +774,12 @@ def annotate(
             raise NotFound(f"Adapter {name}@{version} is not registered.")
         target = entries[-1] if revision is not None else (_entry(adapter, version) or entries[-1])
         target[field] = value
+        if field == "merged" and isinstance(value, dict):
+            # Every revision of the overwrite slot merges into the same folder (NAME-current): the one merged
+            # before no longer lies there, and listing it as merged would name another revision's model.
+            for other in adapter.get("versions", []):
+                if other is not target and (other.get("merged") or {}).get("path") == value.get("path"):
+                    del other["merged"]
         _save(settings, data)
     return target
 
