@@ -49,3 +49,23 @@ def test_api_delete_reports_stale_adapters(trained_home: Path, settings: Setting
     assert response.json()["staleAdapters"] == ["luna-adapter@v1"]
     assert again.json()["staleAdapters"] == ["luna-adapter@v1"], again.text
     assert json.loads(registry.registry_path(settings).read_text())["adapters"]["luna-adapter"]["versions"][0]["stale"]
+
+
+def test_a_version_trained_after_the_delete_on_the_older_export_is_stale_at_once(
+    trained_home: Path, settings: Settings
+) -> None:
+    """Repro: an example deleted after `lunatrain export` was still in the export; `lunatrain lora` trained
+    luna-adapter@v2 on it and registered it without the stale mark, which only `adapters repair` added later,
+    so the registry said different things about the same version before and after a repair."""
+    from conftest import TRAINED_PARAMS
+
+    from lunatrain.train import run_lora
+
+    trained, ids = _trained_adapter(settings)
+    victim = next(h for h in sorted(trained) if h in ids)
+    assert CliRunner().invoke(app, ["examples", "delete", str(ids[victim])]).exit_code == 0
+    result = run_lora(TRAINED_PARAMS, settings)  # the same export: the deleted example is in it
+    assert result.ok and result.version == "v2", result.error
+    assert victim in (settings.adapters_dir / "luna-adapter" / "v2" / "train-hashes.txt").read_text().split()
+    stale = registry.get_version(settings, "luna-adapter", "v2").get("stale")
+    assert stale and victim in stale["hashes"], stale

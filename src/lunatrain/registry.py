@@ -795,9 +795,9 @@ def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
     """Mark versions trained on any content the store has deleted (its tombstones); call after a delete.
     Returns the versions marked now, and every version trained on the `deleted` hashes (those of the delete
     just made), whether marked now or by an earlier delete."""
-    from .store import deleted_hashes
+    from .store import deleted_hashes, has_database
 
-    if not registry_path(settings).exists():
+    if not registry_path(settings).exists() or not has_database(settings):  # no store: nothing was deleted
         return []
     try:
         return mark_stale(settings, set(deleted_hashes(settings)), trained_on=set(deleted))

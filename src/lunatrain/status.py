@@ -44,7 +44,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         from .errors import UsageError
 
         raise UsageError(f"minCurated must be 0 or more, got {min_curated}.")
-    have_db = _has_database(settings)
+    have_db = store.has_database(settings)
     raw = store.counts(settings) if have_db else None
     counts = {source: _with_total((raw or {}).get("examples", {}).get(source, {})) for source in store.SOURCES}
     memory = _with_total((raw or {}).get("memory", {}))
@@ -129,13 +129,6 @@ def _trainer(settings: Settings) -> dict[str, Any]:
         "device": health.device.name if health else None,
         "queue": health.queue.wire() if health else None,
     }
-
-
-def _has_database(settings: Settings) -> bool:
-    url = settings.database_url
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///")).exists()
-    return True  # a server database: the store opens (and migrates) it
 
 
 def _with_total(row: dict[str, int]) -> dict[str, int]:

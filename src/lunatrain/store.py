@@ -620,6 +620,14 @@ def delete_examples(settings: Settings, ids: Sequence[int]) -> Deletion:
     return _delete(settings, examples_table, ids, "example")
 
 
+def has_database(settings: Settings) -> bool:
+    """Whether the store exists: reads that can do without it (status, stale marks) must not create it."""
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).exists()
+    return True  # a server database: the store opens (and migrates) it
+
+
 def deleted_hashes(settings: Settings) -> dict[str, datetime]:
     """Content hashes deleted from the store (examples and memory) → when; for marking adapters stale."""
     with open_store(settings).read() as conn:

@@ -799,6 +799,10 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report, stage=stage)
     registry.write_latest(run.settings, report)
+    # An example deleted after the export this run trained on marked only the versions that existed then: this
+    # one is marked now, not only by a later `adapters repair` (the registry would say two things about it).
+    with contextlib.suppress(LunaError):  # a store that cannot be read now: the adapter is published all the same
+        registry.refresh_stale(run.settings)
     # Published: only now are the epoch checkpoints (the resume point if publishing had failed) and older
     # failed tries of this same run of no further use; the adapter itself is the final state.
     path = registry.adapter_dir(run.settings, entry)
