@@ -131,6 +131,24 @@ def test_a_delete_names_every_version_trained_on_it_stale_before_or_not(settings
     assert registry.mark_stale(settings, {"hash-two", "hash-three"}) == []  # nothing newly marked
 
 
+def test_adapters_diff_shows_small_and_close_floats_as_different(settings):
+    """Repro: `adapters diff luna-adapter@v3 luna-adapter@v4` printed "params.learningRate: 0.5000 -> 0.0000"
+    for a learning rate of 1e-05 (four decimals), and two losses equal to four decimals looked unchanged."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag, lr, val in (("one", 0.5, 8.19341), ("two", 1e-05, 8.19344)):
+        work = adapter_work_dir(settings, "a", tag)
+        registry.publish(
+            settings, "a", "versioned", work, _entry(fp, params={"learningRate": lr}, metrics={"valLoss": val})
+        )
+    diff = CliRunner().invoke(app, ["adapters", "diff", "a@v1", "a@v2"])
+    assert diff.exit_code == 0, diff.output
+    assert diff.output.splitlines() == ["metrics.valLoss: 8.19341 -> 8.19344", "params.learningRate: 0.5 -> 1e-05"]
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

@@ -180,7 +180,19 @@ def diff_cmd(
     if not rows:
         typer.echo("No differences in parameters, data, base model or metrics.")
     for k, va, vb in rows:
-        typer.echo(f"{k}: {_fmt(va)} -> {_fmt(vb)}")
+        typer.echo(f"{k}: {_differing(va, vb)}")
+
+
+def _differing(a: Any, b: Any) -> str:
+    """Two values that differ, written so that they read differently: floats with as many significant digits
+    as that takes (a learning rate of 1e-05 is not 0.0000, two losses equal to four places are not equal)."""
+    if not (isinstance(a, float) or isinstance(b, float)):
+        return f"{_fmt(a)} -> {_fmt(b)}"
+    for digits in range(5, 18):
+        sa, sb = (f"{x:.{digits}g}" if isinstance(x, float) else _fmt(x) for x in (a, b))
+        if sa != sb:
+            break
+    return f"{sa} -> {sb}"
 
 
 @adapters_app.command("repair")
