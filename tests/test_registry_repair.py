@@ -136,6 +136,7 @@ def test_repair_round_trips_a_real_registry(settings):
                 "templateHash",
                 "trainSamples",
                 "strategy",
+                "quantization",
             ):
                 assert g.get(key) == w.get(key), (name, key)
         assert got["aliases"].get("latest") == want["aliases"].get("latest")
@@ -223,3 +224,25 @@ def test_the_reason_a_registry_cannot_be_read_is_said_once(settings, content, wh
         registry.list_adapters(settings)
     assert f"{path} cannot be read {why}; it was left untouched." in err.value.message
     assert "damaged (" not in err.value.message
+
+
+def test_repair_keeps_the_quantization_a_version_was_trained_with(settings):
+    """Repro: after `adapters repair` the entry of a version trained with --quantize=4bit had no
+    `quantization`, though its training report has it and the README says the registry records it."""
+    quantized = {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"}
+    folder = settings.adapters_dir / "q" / "v1"
+    folder.mkdir(parents=True)
+    report = {
+        "status": "succeeded",
+        "version": "v1",
+        "adapterStrategy": "versioned",
+        "baseModel": {"id": "luna-tiny", "fingerprint": "f" * 64},
+        "params": {"quantize": "4bit"},
+        "metrics": {"valLoss": 1.0},
+        "quantization": quantized,
+    }
+    (folder / registry.REPORT_FILE).write_text(json.dumps(report))
+    registry.registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    registry.registry_path(settings).write_text("[")  # damaged: repair rebuilds it from the folders
+    assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
+    assert registry.get_version(settings, "q", "v1").get("quantization") == quantized

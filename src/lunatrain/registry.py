@@ -945,6 +945,7 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
         "templateHash": report.get("templateHash"),
         "trainSamples": dataset.get("trainSamples"),
         "gate": None,
+        "quantization": report.get("quantization"),  # as train.finish registers it: the README says it is kept
         "name": name,
         "version": folder.name,
         "path": str(Path("data", "adapters", name, folder.name)),
