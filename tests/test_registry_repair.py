@@ -246,3 +246,29 @@ def test_repair_keeps_the_quantization_a_version_was_trained_with(settings):
     registry.registry_path(settings).write_text("[")  # damaged: repair rebuilds it from the folders
     assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
     assert registry.get_version(settings, "q", "v1").get("quantization") == quantized
+
+
+def test_repair_gives_a_merged_model_only_to_the_revision_it_was_merged_from(settings):
+    """Repro: revision 1 of an overwrite slot merged, revision 2 trained and not merged: after `adapters
+    repair` revision 2 was listed as [merged], though data/models/merged/ow-current holds revision 1."""
+    folder = settings.adapters_dir / "ow" / "current"
+    folder.mkdir(parents=True)
+    base = {"id": "luna-tiny", "fingerprint": "f" * 64}
+    report = {"status": "succeeded", "version": "current", "revision": 2, "adapterStrategy": "overwrite"}
+    (folder / registry.REPORT_FILE).write_text(json.dumps(report | {"baseModel": base}))
+    merged = settings.models_dir / "merged" / "ow-current"
+    merged.mkdir(parents=True)
+    marker = {"adapter": "ow@current", "revision": 1, "baseModel": base, "created": "t"}
+    (merged / "lunatrain-merge.json").write_text(json.dumps(marker))
+    registry.registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    registry.registry_path(settings).write_text("[")  # damaged: repair rebuilds it from the folders
+    assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
+    assert registry.get_version(settings, "ow", "current").get("merged") is None
+    marker["revision"] = 2  # merged from the revision the slot holds: restored
+    (merged / "lunatrain-merge.json").write_text(json.dumps(marker))
+    registry.registry_path(settings).write_text("[")
+    assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
+    assert registry.get_version(settings, "ow", "current")["merged"] == {
+        "path": "data/models/merged/ow-current",
+        "at": "t",
+    }

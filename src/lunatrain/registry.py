@@ -1012,6 +1012,7 @@ def _restore_merges(settings: Settings, data: dict[str, Any]) -> None:
             continue
         name, _, version = ref.partition("@")
         for entry in reversed(data["adapters"].get(name, {}).get("versions", [])):
-            if entry["version"] == version:
+            # an overwrite slot's merged folder may hold an older revision than the slot: not this entry's model
+            if entry["version"] == version and info.get("revision") in (None, entry.get("revision")):
                 entry["merged"] = {"path": str(marker.parent.relative_to(settings.home)), "at": info.get("created")}
                 break
