@@ -149,6 +149,33 @@ def test_adapters_diff_shows_small_and_close_floats_as_different(settings):
     assert diff.output.splitlines() == ["metrics.valLoss: 8.19341 -> 8.19344", "params.learningRate: 0.5 -> 1e-05"]
 
 
+def test_adapters_list_marks_a_version_whose_files_are_gone(settings):
+    """Repro: with data/adapters/a/v1 deleted by hand, `adapters list` still showed "a@v1 … [active on
+    luna-tiny]" with nothing saying it can no longer be served, merged or gated (those say so in one
+    sentence)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two"):
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+    registry.activate(settings, "a", "v1")
+    shutil.rmtree(settings.adapters_dir / "a" / "v1")
+    out = CliRunner().invoke(app, ["adapters", "list"]).output
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["a@v1"].endswith("[active on luna-tiny] [files missing: train it again]"), out
+    assert "files missing" not in lines["a@v2"], out
+    # a path that leaves the data root (a hand-edited registry) is listed the same way, not a traceback
+    data = json.loads(registry.registry_path(settings).read_text())
+    data["adapters"]["a"]["versions"][1]["path"] = "../outside"
+    registry.registry_path(settings).write_text(json.dumps(data))
+    listed = CliRunner().invoke(app, ["adapters", "list"])
+    assert listed.exit_code == 0 and listed.output.rstrip().endswith("[files missing: train it again]"), listed.output
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

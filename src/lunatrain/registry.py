@@ -539,12 +539,17 @@ def adapter_dir(settings: Settings, entry: dict[str, Any]) -> Path:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def missing_files(settings: Settings, entry: dict[str, Any]) -> list[str]:
+    """The files PEFT needs that `entry`'s folder lacks (none: it can be loaded)."""
+    path = adapter_dir(settings, entry)
+    return [f for f in ADAPTER_FILES if not (path / f).is_file()]
+
+
 def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     """`entry`'s folder for loading its weights (merge, the gate, serving); NotFound naming the version when a
     file PEFT needs is gone (deleted by hand, a disk restored in part), instead of PEFT's own error."""
     path = adapter_dir(settings, entry)
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
+    if missing := missing_files(settings, entry):
         raise NotFound(
             f"The files of {entry.get('name')}@{entry.get('version')} are missing under data/adapters "
             f"({', '.join(missing)}); train it again."

@@ -29,7 +29,7 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else "-" if x is None else str(x)
 
 
-def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str]) -> str:
+def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str], *, missing: bool = False) -> str:
     marks = ["latest"] if aliases.get("latest") == entry["version"] and not entry.get("replaced") else []
     marks += [f"active on {base}" for base in active_on]
     if entry.get("replaced"):
@@ -41,6 +41,8 @@ def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str]
         marks.append(f"gate {gate['status']}")
     if entry.get("merged"):
         marks.append("merged")
+    if missing:  # deleted by hand: still registered (and maybe active), but nothing can load it
+        marks.append("files missing: train it again")
     return " ".join(f"[{m}]" for m in marks)
 
 
@@ -78,10 +80,14 @@ def list_cmd(as_json: JsonOpt = False) -> None:
             ]
             rev = f" rev {e['revision']}" if e.get("revision") else ""
             m = e.get("metrics", {})
+            try:
+                missing = not e.get("replaced") and bool(registry.missing_files(settings, e))
+            except LunaError:  # a path that leaves the data root: nothing can load it either
+                missing = True
             typer.echo(
                 f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
                 f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
-                f"{_badges(e, aliases, active_on)}".rstrip()
+                f"{_badges(e, aliases, active_on, missing=missing)}".rstrip()
             )
 
 
