@@ -244,3 +244,27 @@ def test_an_os_error_a_rust_writer_names_in_its_message_is_a_storage_error() -> 
             raise Exception("I/O error: Input/output error (os error 5)")
     with pytest.raises(ValueError, match="contiguous"), fsio.storage_guard("the weights"):
         raise ValueError("tensor is not contiguous")
+
+
+def test_storage_messages_are_one_sentence() -> None:
+    """Repro: `lunatrain status` with ASSISTANT_DB_URL naming a server that is not running printed "error: Cannot
+    connect to the database … names it. Nothing was changed." (two sentences), as did the disk-full and failed
+    write messages ("… the previous data is intact. Free some space …")."""
+    import errno
+    import re
+
+    pg = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:1/x")  # never connects
+    refused = sa.exc.OperationalError("SELECT 1", {}, Exception("connection failed: Connection refused"))
+    full = sa.exc.OperationalError("INSERT", {}, Exception("database or disk is full"))
+    messages = [
+        store.storage_error(refused, pg).message,
+        store.storage_error(full, sa.create_engine("sqlite://")).message,
+        fsio.storage_error(OSError(errno.ENOSPC, "No space left on device"), "the registry").message,
+        fsio.storage_error(OSError(errno.EIO, "Input/output error"), "the registry").message,
+    ]
+    for message in messages:
+        assert message.endswith(".") and not re.search(r"\.\s", message), message
+    assert "nothing was changed" in messages[0] and "ASSISTANT_DB_URL" in messages[0]
+    assert "nothing was changed" in messages[1] and "lunatrain gc" in messages[1]
+    assert "previous data is intact" in messages[2] and "lunatrain gc" in messages[2]
+    assert "previous data is intact" in messages[3] and "check the disk" in messages[3]

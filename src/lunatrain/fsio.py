@@ -33,10 +33,12 @@ def storage_error(exc: OSError, what: object) -> StorageError:
     reason = exc.strerror or str(exc)
     if exc.errno in _FULL:
         return DiskFull(
-            f"The disk is full: writing {what} failed ({reason}); the previous data is intact. Free some space "
-            "(`lunatrain gc` removes what the retention policy allows) and try again."
+            f"The disk is full: writing {what} failed ({reason}) and the previous data is intact; free some "
+            "space (`lunatrain gc` removes what the retention policy allows) and try again."
         )
-    return StorageError(f"Writing {what} failed: {reason}; the previous data is intact. Check the disk and try again.")
+    return StorageError(
+        f"Writing {what} failed: {reason}, and the previous data is intact; check the disk and try again."
+    )
 
 
 # How a Rust writer (safetensors' SafetensorError, tokenizers' Exception) reports the OS error it met: only

@@ -198,13 +198,13 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
         state = getattr(orig, "sqlstate", None)
         if state is None or state.startswith(("08", "57P")):
             return StorageError(
-                f"Cannot connect to the database {where} ({reason}); check that its server runs and that "
-                "ASSISTANT_DB_URL names it. Nothing was changed."
+                f"Cannot connect to the database {where} ({reason}), so nothing was changed; check that its "
+                "server runs and that ASSISTANT_DB_URL names it."
             )
     if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
         return DiskFull(
-            f"The disk holding the database {where} is full ({reason}); nothing was changed. "
-            "Free some space (`lunatrain gc` removes what the retention policy allows) and try again."
+            f"The disk holding the database {where} is full ({reason}), so nothing was changed; free some "
+            "space (`lunatrain gc` removes what the retention policy allows) and try again."
         )
     return StorageError(
         f"The database {where} cannot be used ({reason}); restore it from a backup, or move it "
