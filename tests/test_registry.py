@@ -176,6 +176,26 @@ def test_adapters_list_marks_a_version_whose_files_are_gone(settings):
     assert listed.exit_code == 0 and listed.output.rstrip().endswith("[files missing: train it again]"), listed.output
 
 
+def test_rollback_refuses_a_version_whose_files_are_gone_and_changes_nothing(settings):
+    """Repro: with luna-adapter/v1 deleted by hand, `adapters activate luna-adapter@v1` was refused, but
+    `adapters rollback luna-adapter` made v1 active ("luna-adapter@v1 is active again."), an adapter that is
+    listed as active and can never be served."""
+    import shutil
+
+    from lunatrain.errors import NotFound
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two"):
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+    registry.activate(settings, "a", "v1")
+    registry.activate(settings, "a", "v2")
+    shutil.rmtree(settings.adapters_dir / "a" / "v1")
+    before = registry.registry_path(settings).read_bytes()
+    with pytest.raises(NotFound, match=r"The files of a@v1 are missing"):
+        registry.rollback(settings, "a")
+    assert registry.registry_path(settings).read_bytes() == before
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

@@ -709,6 +709,9 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
                 code="adapter.no_earlier_version",
                 params={"name": name},
             )
+        # as activate refuses it: a version whose files are gone would be listed as active and never served
+        if (target := _entry(adapter, previous)) is not None:
+            loadable_dir(settings, target)
         base_id = adapter["activeByBase"][fingerprint].get("baseModel")
         adapter["activeByBase"][fingerprint] = {"version": previous, "baseModel": base_id}
         adapter["activations"].append(
