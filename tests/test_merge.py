@@ -155,3 +155,25 @@ def test_merging_a_newer_overwrite_revision_takes_the_merged_record_off_the_one_
     merged = {e["revision"]: e.get("merged") for e in registry.list_adapters(settings)["ow"]["versions"]}
     assert merged[2]["path"] == "data/models/merged/ow-current", merged
     assert merged[1] is None, merged  # its merged model was replaced by revision 2's
+
+
+def test_a_base_model_that_is_gone_is_named_with_the_adapter_and_the_way_on(settings):
+    """Repro: merging an adapter whose base model directory was moved away said only "Base model directory
+    '…/tiny2' does not exist." with exit 2 (a usage error), though the command was right: nothing named the
+    adapter or what to do."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    from helpers import adapter_work_dir
+
+    gone = str(settings.home / "models" / "tiny2")
+    work = adapter_work_dir(settings, "a", "x")
+    registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": gone, "fingerprint": "0" * 64}})
+    r = CliRunner().invoke(app, ["merge", "--adapter", "a@v1"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [
+        f"error: a@v1 was trained on base model {gone!r}, which cannot be used now (Base model directory "
+        f"{gone!r} does not exist); put that base model back to merge it."
+    ]
+    assert not (settings.models_dir / "merged").exists()
