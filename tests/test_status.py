@@ -390,3 +390,47 @@ def test_plain_status_says_when_the_active_adapter_needs_retraining(settings, ti
     assert result.exit_code == 0, result.output
     assert "active adapter: luna-adapter@v1 on luna-tiny (stale: retrain needed)\n" in result.output, result.output
     assert "also active: other@v1 on luna-tiny (stale: retrain needed)\n" in result.output, result.output
+
+
+def test_the_last_local_runs_gate_comes_from_its_registry_entry(settings):
+    """Repro: after `lunatrain lora --local` (the gate refused the new version) `status --json` had
+    "lastJob": {…, "gate": null}, while a trainer job's lastJob carries its gate; the decision was in the
+    registry entry of that very version."""
+    refused = {"status": "failed", "passed": False, "promoted": False, "reasons": ["val loss regresses"]}
+    registry.write_latest(
+        settings,
+        {
+            "status": "succeeded",
+            "jobId": None,
+            "adapterName": "ow",
+            "version": "current",
+            "revision": 2,
+            "created": "2026-01-01T00:00:00+00:00",
+            "metrics": {"valLoss": 1.5},
+        },
+    )
+    slot = {"version": "current", "path": "data/adapters/ow/current"}
+    atomic_write_json(
+        settings.registry_file,
+        {
+            "format": registry.FORMAT,
+            "adapters": {
+                "ow": {
+                    "versions": [
+                        _version("ow", "current", "luna-tiny", "f1", revision=1, gate={"passed": True}) | slot,
+                        _version("ow", "current", "luna-tiny", "f1", revision=2, gate=refused, replaced=True) | slot,
+                    ],
+                    "aliases": {"latest": "current"},
+                    "activations": [],
+                }
+            },
+        },
+    )
+    job = training_status(settings, 0)["lastJob"]
+    assert job["source"] == "report" and job["gate"] == {
+        "passed": False,
+        "promoted": False,
+        "reasons": ["val loss regresses"],
+    }, job
+    registry.write_latest(settings, {"status": "failed", "jobId": None, "adapterName": "ow", "version": None})
+    assert training_status(settings, 0)["lastJob"]["gate"] is None  # a run that made no version had no gate

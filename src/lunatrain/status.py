@@ -220,8 +220,32 @@ def _last_local_run(settings: Settings) -> dict[str, Any] | None:
         "durationSeconds": report.get("durationSeconds"),
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": report.get("error"),
-        "gate": None,
+        "gate": _gate_of(settings, report),
     }
+
+
+def _gate_of(settings: Settings, report: dict[str, Any]) -> dict[str, Any] | None:
+    """The eval gate's decision on the version an in-process run made, as a trainer job carries its own: it is
+    kept on that version's registry entry (the revision's, for the overwrite slot). None: no version, no gate
+    ran (`--no-gate`), or a registry that cannot be read (said under `problems`)."""
+    from . import registry
+    from .errors import LunaError
+
+    name, version = report.get("adapterName"), report.get("version")
+    if not name or not version:
+        return None
+    try:
+        entries = registry.list_adapters(settings).get(name, {}).get("versions", [])
+    except (LunaError, ValueError, OSError):
+        return None
+    revision = report.get("revision")
+    for entry in reversed(entries):
+        if entry.get("version") == version and (revision is None or entry.get("revision") == revision):
+            gate = entry.get("gate")
+            if not isinstance(gate, dict):
+                return None
+            return {"passed": gate.get("passed"), "promoted": gate.get("promoted"), "reasons": gate.get("reasons", [])}
+    return None
 
 
 def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict[str, Any]], bool]:
