@@ -244,8 +244,11 @@ def test_repair_keeps_the_quantization_a_version_was_trained_with(settings):
     (folder / registry.REPORT_FILE).write_text(json.dumps(report))
     registry.registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
     registry.registry_path(settings).write_text("[")  # damaged: repair rebuilds it from the folders
-    assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0 and "Rebuilt the registry with 1 version of 1 adapter;" in r.output, r.output
     assert registry.get_version(settings, "q", "v1").get("quantization") == quantized
+    r = CliRunner().invoke(app, ["adapters", "repair"])  # repro: "(1 versions)", "1 versions of 1 adapters"
+    assert r.output.strip() == "The registry is readable (1 version); nothing to repair.", r.output
 
 
 def test_repair_gives_a_merged_model_only_to_the_revision_it_was_merged_from(settings):

@@ -213,9 +213,13 @@ def repair_cmd() -> None:
         typer.echo(f"Settled {run}: its process stopped before the eval gate decided, so the slot kept its own.")
     if not result["repaired"]:
         if not result["settled"]:
-            typer.echo(f"The registry is readable ({result['versions']} versions); nothing to repair.")
+            typer.echo(f"The registry is readable ({_count(result['versions'], 'version')}); nothing to repair.")
         return
     typer.echo(
-        f"Rebuilt the registry with {result['versions']} versions of {len(result['adapters'])} adapters; "
-        f"the damaged file is kept as {result['damagedFile']}."
+        f"Rebuilt the registry with {_count(result['versions'], 'version')} of "
+        f"{_count(len(result['adapters']), 'adapter')}; the damaged file is kept as {result['damagedFile']}."
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"  # "1 version", not "1 versions"
