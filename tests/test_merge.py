@@ -177,3 +177,8 @@ def test_a_base_model_that_is_gone_is_named_with_the_adapter_and_the_way_on(sett
         f"{gone!r} does not exist); put that base model back to merge it."
     ]
     assert not (settings.models_dir / "merged").exists()
+    r = CliRunner().invoke(app, ["eval-gate", "--adapter", "a@v1"])  # the gate said the same bare sentence
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"error: a@v1 was trained on base model {gone!r}, which cannot be used now (Base model directory "
+        f"{gone!r} does not exist); put that base model back to gate it."
+    ], r.output

@@ -468,7 +468,7 @@ def _run(
                 f"{entry['name']}@{entry['version']} revision {entry.get('revision')} was replaced and is gone."
             )
         trained_on = entry.get("baseModel", {})
-        base = models.resolve_base(trained_on.get("id"), settings)
+        base = registry.trained_base(settings, entry, "gate it")
         if base.fingerprint != trained_on.get("fingerprint"):
             raise Conflict(
                 f"{entry['name']}@{entry['version']} was trained on base model {trained_on.get('id')!r}, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import registry
 from .compat import peft_wrapping
-from .errors import Conflict, NotFound, UsageError
+from .errors import Conflict, NotFound
 from .fsio import atomic_write_json, check_writable, give_umask_modes, replace_dir, staging_dir, storage_guard
 from .settings import Settings, check_name
 
@@ -41,7 +41,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     import torch
     from peft import PeftModel
 
-    from .models import load_adapter_tokenizer, load_model, resolve_base, turn_terminator
+    from .models import load_adapter_tokenizer, load_model, turn_terminator
     from .templates import write_generation_config
 
     name, version = registry.parse_ref(ref)
@@ -56,14 +56,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
     trained_on = entry["baseModel"]
-    try:
-        base = resolve_base(trained_on["id"], settings)
-    except UsageError as err:
-        # The command is right; the base the adapter needs is missing or broken: say which adapter and the way on
-        raise NotFound(
-            f"{name}@{entry['version']} was trained on base model {trained_on['id']!r}, which cannot be used now "
-            f"({err.message.rstrip('.')}); put that base model back to merge it."
-        ) from None
+    base = registry.trained_base(settings, entry, "merge it")
     if base.fingerprint != trained_on["fingerprint"] and not force:
         raise Conflict(
             f"Base model {trained_on['id']!r} has changed since {name}@{entry['version']} was trained "

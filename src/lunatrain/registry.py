@@ -433,6 +433,21 @@ def configured_base(settings: Settings, ref: str | None = None) -> Any:
     return resolve_base(ref, settings)
 
 
+def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
+    """The base model `entry` was trained on, as found now. When it cannot be used (a directory moved away), the
+    command was right and the base is missing: one sentence naming the version, and what to do (`to_do`)."""
+    from .models import resolve_base
+
+    base_id = (entry.get("baseModel") or {}).get("id")
+    try:
+        return resolve_base(base_id, settings)
+    except UsageError as err:
+        raise NotFound(
+            f"{entry.get('name')}@{entry.get('version')} was trained on base model {base_id!r}, which cannot be "
+            f"used now ({err.message.rstrip('.')}); put that base model back to {to_do}."
+        ) from None
+
+
 def _base_label(settings: Settings, fingerprint: str) -> str:
     for adapter in list_adapters(settings).values():
         for e in adapter["versions"]:
