@@ -115,6 +115,37 @@ def test_on_demand_off_starts_nothing(home, any_port, monkeypatch):
     assert not log_path(settings).exists() and trainer_processes(home) == []
 
 
+def test_on_demand_off_starts_nothing_when_another_data_root_holds_the_address(home, monkeypatch):
+    """Repro: with ASSISTANT_LORA_ENSURE_ON_DEMAND=false and the default address held by another project's
+    trainer, POST /lora/start answered 202 after starting a trainer of this data root on a free port."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain import store
+    from lunatrain.api.main import create_app
+    from lunatrain.service.jobs import DataRootView, Health
+
+    other = home.parent / "other-project"
+    monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
+    monkeypatch.delenv("ASSISTANT_LORA_TRAINER_URL", raising=False)  # the default address, not one chosen
+    foreign = Health(data_root=DataRootView(id="0" * 16, path=str(other)))
+    monkeypatch.setattr(client, "probe", lambda settings, timeout=3.0: foreign)
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("a trainer was started with on-demand ensure off")
+
+    monkeypatch.setattr(ensure, "start_trainer", started)
+    settings = load_settings()
+    with pytest.raises(ServiceUnavailable) as refused:
+        ensure_trainer(settings, timeout=5)
+    message = refused.value.message
+    assert "ASSISTANT_LORA_ENSURE_ON_DEMAND=false" in message and str(other) in message, message
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:5050") as api:
+        r = api.post("/assistant/training/lora/start", json={})
+    store.dispose_stores()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+    assert not log_path(settings).exists() and trainer_processes(home) == []
+
+
 def test_health_cli_offline_exits_1(home, any_port):
     result = CliRunner().invoke(app, ["health"])
     assert result.exit_code == 1

@@ -53,10 +53,19 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
     health = trainer_client.probe(settings)
     if health is not None and trainer_client.serves_this_root(settings, health):
         return health
-    if health is None and not settings.lora_ensure_on_demand and not explicit:
+    if not settings.lora_ensure_on_demand and not explicit:
+        if health is None:
+            raise ServiceUnavailable(
+                f"The trainer at {trainer_client.base_url(settings)} is not reachable and starting it on demand is "
+                "off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`."
+            )
+        # Another data root's trainer (or another service) answers at our address: this root's trainer is not
+        # running either, and starting one on a free port is starting it on demand, which is off.
+        _refuse_chosen_address(settings, health)
         raise ServiceUnavailable(
-            f"The trainer at {trainer_client.base_url(settings)} is not reachable and starting it on demand is off "
-            "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`."
+            f"The trainer address {trainer_client.base_url(settings)} is held by {trainer_client.holder(health)}, "
+            f"and this data root's trainer ({settings.home}) is not running; starting it on demand is off "
+            "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false): start it with `lunatrain trainer --port 0`."
         )
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
