@@ -431,6 +431,9 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
     ("body", "says"),
     [
         (b"{bad", "Invalid request: the body is not valid JSON (Expecting property name enclosed in double quotes)."),
+        # was 400 "There was an error parsing the body", no cause and no period
+        (b'{"adapterName": "\xff"}', "Invalid request: the body is not valid JSON (not UTF-8 text)."),
+        (b"[" * 100_000 + b"]" * 100_000, "Invalid request: the body is not valid JSON (nested too deeply)."),
         (b'{"targetModules": ["q proj"]}', "Invalid request: targetModules.0: should be module names of 1-64"),
         # a value neither member takes: both wishes (was only "Input should be 'all-linear'")
         (

@@ -163,6 +163,21 @@ def test_a_body_that_is_not_json_is_said_so_without_a_parameter(client: TestClie
 
 
 @pytest.mark.parametrize(
+    ("body", "why"),
+    [(b'{"model": "luna-tiny", "messages": "\xff"}', "not UTF-8 text"), (b"[" * 3000, "nested too deeply")],
+)
+def test_a_body_that_cannot_be_decoded_is_said_so_like_malformed_json(
+    client: TestClient, body: bytes, why: str
+) -> None:
+    """Repro: a body that is not UTF-8 or is nested too deeply was 400 "There was an error parsing the body",
+    with no cause, no period and `code: null`, unlike any other malformed body."""
+    r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    err = assert_openai_error(r.json(), "invalid_request_error")
+    assert r.status_code == 400 and err["param"] is None and err["code"] == "invalid_request", r.text
+    assert err["message"] == f"Invalid request: the body is not valid JSON ({why}).", err
+
+
+@pytest.mark.parametrize(
     "messages",
     [
         '[{"role": "user", "content": "\\ud800"}]',  # a lone surrogate: valid JSON, no text a tokenizer encodes

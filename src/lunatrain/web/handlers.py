@@ -85,8 +85,24 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", f"Invalid request: {summary}.", details)
 
 
+def undecodable_body(exc: StarletteHTTPException) -> RequestValidationError | None:
+    """The validation error for a JSON body FastAPI could not even decode, else None. FastAPI says malformed
+    JSON as `json_invalid` with the parser's reason, but a body that is not UTF-8 or is nested deeper than the
+    parser recurses only as a bare 400 "There was an error parsing the body" (the cause chained, unsaid): the
+    same fault as malformed JSON, so it is said the same way, with its reason."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, (UnicodeDecodeError, RecursionError)):
+        return None
+    why = "not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else "nested too deeply"
+    return RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "ctx": {"error": why}}]
+    )
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if (invalid := undecodable_body(exc)) is not None:
+        return await _validation(request, invalid)
     response = _http_error(request, exc)
     prefix = getattr(request.app.state, "openai_prefix", None)
     if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):

@@ -28,7 +28,7 @@ from ... import evalsuite, serving
 from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode
 from ...settings import Settings
-from ...web.handlers import not_json
+from ...web.handlers import not_json, undecodable_body
 from ..deps import SettingsDep, errors
 
 # --- wire models ----------------------------------------------------------------------------------
@@ -240,6 +240,8 @@ class OpenAIRoute(APIRoute):
             except LunaError as exc:
                 return _from_luna(exc)
             except StarletteHTTPException as exc:
+                if (invalid := undecodable_body(exc)) is not None:
+                    return _from_validation(invalid)
                 return openai_error(exc.status_code, str(exc.detail))
 
         return route
