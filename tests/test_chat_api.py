@@ -8,6 +8,7 @@ Run: `.venv/bin/python -m pytest tests/test_chat_api.py -q` (seconds).
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 
@@ -494,4 +495,34 @@ def test_a_base_model_in_a_local_directory_is_served_under_its_configured_path(t
         assert status == 200 and body["model"] == str(tiny), body
         status, body = chat(c, model=str(tiny.parent))
         assert status == 404 and assert_openai_error(body, "invalid_request_error")["code"] == "model_not_found"
+    store.dispose_stores()
+
+
+@pytest.mark.parametrize("damage", ["missing", "weights", "config"])
+def test_a_base_model_the_server_cannot_load_is_503_not_the_clients_fault(tmp_path, damage: str) -> None:
+    """Repro: with ASSISTANT_BASE_MODEL naming a directory that is gone, or whose weights or config.json are
+    damaged, GET /v1/models or every chat request answered 400 invalid_request_error, which tells a client
+    (the official one raises BadRequestError) that its own request was wrong, and not to retry."""
+    home = tmp_path / "home"
+    served = tmp_path / "models" / "base"
+    shutil.copytree(models.ensure_tiny(load_settings(home=home)), served)
+    if damage == "missing":
+        shutil.rmtree(served)
+    elif damage == "weights":
+        with open(served / "model.safetensors", "r+b") as fh:
+            fh.truncate(100)
+    else:
+        (served / "config.json").write_text("{bad", encoding="utf-8")
+    settings = load_settings(home=home, base_model=str(served), lora_ensure_on_demand=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:5050") as c:
+        r = c.get("/v1/models")
+        if damage == "missing":
+            assert r.status_code == 503, r.text
+            assert assert_openai_error(r.json(), "server_error")["code"] == "base_model_unavailable"
+        for stream in (False, True):
+            status, body = chat(c, model=str(served), stream=stream)
+            assert status == 503, body
+            err = assert_openai_error(body, "server_error")
+            assert err["code"] == "base_model_unavailable" and str(served) in err["message"], err
+            assert "ASSISTANT_BASE_MODEL" in err["message"], err
     store.dispose_stores()

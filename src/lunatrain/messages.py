@@ -44,6 +44,7 @@ CODES: dict[str, str] = {
     "server_error": "chat: the answer failed on the server",
     "model_not_found": "chat: no such model is served here",
     "model_base_mismatch": "chat: the adapter was trained on another base model than the one served",
+    "base_model_unavailable": "chat: the configured base model (ASSISTANT_BASE_MODEL) cannot be found or loaded",
     "invalid_messages": "chat: the chat template refuses the messages, or one contains a special token of the model",
     "context_length_exceeded": "chat: the messages and max_tokens exceed the model's context",
     "invalid_value": "chat: a parameter has an invalid value",

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import registry
 from .compat import generation_cache_argument, peft_quiet, quiet_too_long_warning
-from .errors import Conflict, LunaError, NotFound, UsageError
+from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
 from .settings import Settings
 
 
@@ -269,7 +269,10 @@ class Engine:
 
             with self.lock:
                 if self._info is None:
-                    self._info = resolve_base(None, self.settings)
+                    try:
+                        self._info = resolve_base(None, self.settings)
+                    except UsageError as exc:
+                        raise _base_unavailable(exc) from exc
         return self._info
 
     def resolve(self, model: str) -> Target:
@@ -293,8 +296,11 @@ class Engine:
         import_training_stack()  # the first chat request: at the imports' least cost (startup.py)
         info = self.base_info()
         self.device = models.resolve_device("auto")
-        self.tokenizer = models.load_tokenizer(info, self.settings)
-        model = models.load_model(info, self.settings, self.device)
+        try:
+            self.tokenizer = models.load_tokenizer(info, self.settings)
+            model = models.load_model(info, self.settings, self.device)
+        except UsageError as exc:
+            raise _base_unavailable(exc) from exc
         model.eval()
         self._small = self.device == "cpu" and sum(p.numel() for p in model.parameters()) < models.SMALL_MODEL_PARAMS
         self._stop_ids = stop_ids(self.tokenizer, Path(info.path))
@@ -444,6 +450,15 @@ class Engine:
 
 
 _UNKNOWN = object()  # after a load or an eviction PEFT may have changed the active adapter itself
+
+
+def _base_unavailable(exc: UsageError) -> ServiceUnavailable:
+    """The configured base model cannot be found or loaded: the server's state, not the request's fault. As a
+    503 a client neither blames its request (400 is "fix what you sent") nor stops retrying for good."""
+    return ServiceUnavailable(
+        f"{exc.message.rstrip('.')}; this server answers no model until ASSISTANT_BASE_MODEL names one it can load.",
+        details={"code": "base_model_unavailable"},
+    )
 
 
 @dataclass
