@@ -526,3 +526,34 @@ def test_a_base_model_the_server_cannot_load_is_503_not_the_clients_fault(tmp_pa
             assert err["code"] == "base_model_unavailable" and str(served) in err["message"], err
             assert "ASSISTANT_BASE_MODEL" in err["message"], err
     store.dispose_stores()
+
+
+def test_an_adapter_whose_weights_are_damaged_is_503_and_one_that_does_not_fit_is_model_base_mismatch(
+    client: TestClient,
+) -> None:
+    """Repro: a registered version whose adapter_model.safetensors was cut short answered 400
+    invalid_request_error with code "conflict", blaming a request that named a listed model; and weights of
+    another shape (a version activated with --force) came as the same undocumented "conflict", not the
+    documented model_base_mismatch."""
+    from chat_helpers import random_adapter
+    from safetensors.torch import load_file, save_file
+
+    settings = client.app.state.settings
+    damaged = random_adapter(settings, "damaged", 5)
+    with open(settings.adapters_dir / "damaged" / damaged / "adapter_model.safetensors", "r+b") as fh:
+        fh.truncate(100)
+    misfit = random_adapter(settings, "misfit", 11)
+    weights = settings.adapters_dir / "misfit" / misfit / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: t.new_zeros(t.shape[0], t.shape[1] + 8) if t.ndim == 2 else t for k, t in tensors.items()}, weights)
+    for stream in (False, True):
+        status, body = chat(client, model=f"damaged@{damaged}", stream=stream)
+        assert status == 503, body
+        err = assert_openai_error(body, "server_error")
+        assert err["code"] == "storage_error" and err["param"] == "model" and "damaged@v1" in err["message"], err
+        status, body = chat(client, model=f"misfit@{misfit}", stream=stream)
+        assert status == 400, body
+        err = assert_openai_error(body, "invalid_request_error")
+        assert err["code"] == "model_base_mismatch" and err["param"] == "model", err
+    assert chat(client)[0] == 200  # the base still answers, and the slots were given back
+    assert client.app.state.chat_slots.busy == 0

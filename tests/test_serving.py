@@ -17,7 +17,7 @@ import pytest
 from chat_helpers import random_adapter
 
 from lunatrain import registry, serving
-from lunatrain.errors import Conflict, NotFound
+from lunatrain.errors import Conflict, NotFound, StorageError
 from lunatrain.settings import load_settings
 
 GREEDY = serving.Sampling(max_tokens=12, temperature=0)
@@ -200,7 +200,7 @@ def test_an_adapter_that_fails_to_load_leaves_nothing_half_loaded(settings, firs
     v1 = answer(serving.Engine(settings), "luna-adapter@v1")[1]
     if not first:
         answer(engine, "luna-adapter@v1")
-    with pytest.raises(Conflict, match="could not be loaded"):
+    with pytest.raises(StorageError, match="could not be loaded"):  # the files are damaged, not the request
         engine.start(engine.resolve(f"broken@{version}"), HELLO, GREEDY)
     assert all("broken" not in p for p in engine.loaded())
     assert answer(engine, "luna-tiny")[0] == base

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import registry
 from .compat import generation_cache_argument, peft_quiet, quiet_too_long_warning
-from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
+from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
 from .settings import Settings
 
 
@@ -344,13 +344,20 @@ class Engine:
             # torch lists every tensor whose shape differs, one line each (kilobytes for an adapter of another
             # base model activated with --force): say what it means, with the first one as the example.
             misfits = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
-            reason = (
-                f"its LoRA weights do not fit this base model ({len(misfits)} tensors differ in shape, first "
-                f"{misfits[0].removeprefix('size mismatch for ').rstrip('.')})"
-                if misfits
-                else str(exc)
-            )
-            raise Conflict(f"{target.model} could not be loaded onto the base model: {reason}") from exc
+            if misfits:  # the request named weights of another base model: the documented 400
+                raise Conflict(
+                    f"{target.model} could not be loaded onto the base model: its LoRA weights do not fit this "
+                    f"base model ({len(misfits)} tensors differ in shape, first "
+                    f"{misfits[0].removeprefix('size mismatch for ').rstrip('.')}).",
+                    details={"param": "model", "code": "model_base_mismatch"},
+                ) from exc
+            # Anything else is the version's files (cut short, not safetensors, a config PEFT cannot read): the
+            # request named a listed model and was fine, the storage under it is not (503, as StorageError says).
+            raise StorageError(
+                f"{target.model} could not be loaded onto the base model: {exc}; its files under data/adapters "
+                "may be damaged: train it again or use another version.",
+                details={"param": "model", "code": "storage_error"},
+            ) from exc
         self.model.eval()
         self._on = _UNKNOWN
         tok = _adapter_tokenizer(path, self.tokenizer)

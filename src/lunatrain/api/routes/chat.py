@@ -262,7 +262,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         404: "No such model",
         413: "Request body too large",
         429: "Every generation slot is busy; retry",
-        503: "The configured base model cannot be found or loaded (base_model_unavailable)",
+        503: "The base model (base_model_unavailable) or the adapter's files (storage_error) cannot be loaded",
     }.items()
 }
 
