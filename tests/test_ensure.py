@@ -144,6 +144,10 @@ def test_on_demand_off_starts_nothing_when_another_data_root_holds_the_address(h
     store.dispose_stores()
     assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
     assert not log_path(settings).exists() and trainer_processes(home) == []
+    # Reading or cancelling jobs there said "the next job starts it", which it then did not.
+    for refusal in (client.other_data_root, client.held_by_another):
+        message = refusal(settings, client.holder(foreign)).message
+        assert "next job" not in message and "lunatrain trainer --port 0" in message, message
 
 
 def test_health_cli_offline_exits_1(home, any_port):

@@ -197,6 +197,8 @@ def other_data_root(settings: Settings, holder: str) -> OtherDataRoot:
     free port. Refusing to act there is a conflict; for reads see `held_by_another`."""
     if _chosen(settings):
         fix = _point_elsewhere(settings)
+    elif not settings.lora_ensure_on_demand:  # then no job starts it (ensure.py): only the user can
+        fix = "this data root's trainer is not running: start it with `lunatrain trainer --port 0`"
     else:
         fix = "this data root's trainer is not running: the next job starts it, or `lunatrain trainer --port 0`"
     url = base_url(settings)
@@ -212,10 +214,9 @@ def held_by_another(settings: Settings, holder: str) -> ServiceUnavailable:
     if _chosen(settings):
         fix = _point_elsewhere(settings)
     else:
-        fix = (
-            "start this data root's trainer on another port with `lunatrain trainer --port 0` "
-            "(the next job starts it there too)"
-        )
+        fix = "start this data root's trainer on another port with `lunatrain trainer --port 0`"
+        if settings.lora_ensure_on_demand:  # with on-demand ensure off no job starts it (ensure.py)
+            fix += " (the next job starts it there too)"
     return ServiceUnavailable(
         f"The trainer address {base_url(settings)} is held by {holder}, and this data root's trainer "
         f"({settings.home}) is not running; {fix}."
