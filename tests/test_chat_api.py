@@ -331,6 +331,50 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot
         assert engine.generated < 4000, "the generation ran to its end instead of stopping with its client"
 
 
+def test_a_client_that_leaves_before_a_plain_answer_stops_its_generation_and_frees_its_slot(
+    home, client, monkeypatch
+) -> None:
+    """Repro: a non-streamed request whose client gave up (its read timeout, Ctrl-C; the official client then
+    retries, twice by default) kept generating up to max_tokens and held its slot all that time, so a few
+    impatient clients filled every slot (429 for everyone) with answers nobody would read."""
+    import httpx
+
+    shutil.copytree(client.app.state.settings.models_dir, home / "data" / "models")  # the module's luna-tiny
+
+    from test_api_security import Server
+
+    left = threading.Event()
+    forward = serving.Generation._forward
+
+    def paced(gen: serving.Generation) -> int:  # held after a few tokens until the client has left
+        if gen.engine.generated >= 8:
+            left.wait(120)
+        return forward(gen)
+
+    monkeypatch.setattr(serving.Generation, "_forward", paced)
+    with Server(infer_max_tokens=4000) as srv:
+        app = srv.server.config.app
+        url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
+        body = {
+            "model": "luna-tiny",
+            "max_tokens": 4000,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "x"}],
+        }
+        with httpx.Client(trust_env=False, timeout=httpx.Timeout(60, read=3)) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(url, json=body)
+        assert app.state.chat_slots.busy == 1  # still held by the answer nobody waits for
+        left.set()
+        slots, engine = app.state.chat_slots, app.state.chat_engine
+        for _ in range(600):
+            if slots.busy == 0:
+                break
+            threading.Event().wait(0.1)
+        assert slots.busy == 0
+        assert engine.generated < 4000, "the generation ran to its end instead of stopping with its client"
+
+
 def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
     r = client.get("/assistant/chat/examples")
     assert r.status_code == 200

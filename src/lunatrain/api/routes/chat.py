@@ -348,7 +348,7 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
             background=BackgroundTask(gen.close),
         )
     try:
-        text = await run_in_threadpool(gen.run)
+        text = await _answer(gen, request)
     finally:
         gen.close()
     return ChatCompletion(
@@ -359,6 +359,16 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
         system_fingerprint=_fingerprint(target),
         choices=[Choice(index=0, message=AssistantMessage(content=text), finish_reason=gen.finish_reason or "stop")],
     )
+
+
+async def _answer(gen: serving.Generation, request: Request) -> str:
+    """The whole answer, generated a piece at a time as a stream is: a client that leaves (its read timeout,
+    Ctrl-C; the official client then retries) ends the generation at the next piece and frees its slot,
+    instead of holding it up to max_tokens for an answer nobody reads."""
+    while await run_in_threadpool(gen.step) is not None:
+        if await request.is_disconnected():
+            break
+    return gen.text
 
 
 def _refuse_unsupported(body: ChatRequest) -> None:
