@@ -601,3 +601,25 @@ def test_an_adapter_whose_weights_are_damaged_is_503_and_one_that_does_not_fit_i
         assert err["code"] == "model_base_mismatch" and err["param"] == "model", err
     assert chat(client)[0] == 200  # the base still answers, and the slots were given back
     assert client.app.state.chat_slots.busy == 0
+
+
+def test_the_base_model_is_retrieved_like_it_is_answered_while_the_registry_is_unreadable(client: TestClient) -> None:
+    """Repro: with reports/training/lora-adapters.json damaged, chat with the base model answered, but
+    GET /v1/models/luna-tiny was 503 registry_unreadable: the base needs no registry, for either."""
+    from lunatrain import registry
+
+    path = registry.registry_path(client.app.state.settings)
+    saved = path.read_bytes() if path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{damaged", encoding="utf-8")
+    try:
+        assert chat(client)[0] == 200
+        r = client.get("/v1/models/luna-tiny")
+        assert r.status_code == 200 and r.json()["id"] == "luna-tiny" and r.json()["owned_by"] == "base", r.text
+        r = client.get("/v1/models/luna-adapter")  # an adapter does need it: said, not guessed
+        assert r.status_code == 503 and assert_openai_error(r.json(), "server_error")["code"] == "registry_unreadable"
+    finally:
+        if saved is None:
+            path.unlink()
+        else:
+            path.write_bytes(saved)

@@ -159,6 +159,8 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
 
 def served_model(settings: Settings, model: str, base_id: str, base_fingerprint: str) -> dict[str, Any]:
     """The entry of served_models named `model` (GET /v1/models/{model}); any other name is a 404."""
+    if model == base_id:  # as `resolve` answers it: the base needs no registry read (which may fail)
+        return {"id": base_id, "kind": "base"}
     for entry in served_models(settings, base_id, base_fingerprint):
         if entry["id"] == model:
             return entry
