@@ -642,6 +642,16 @@ def test_non_finite_numbers_are_said_as_such_by_the_api(settings: Settings, path
     assert r.status_code == status and says in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("path", [f"{T}/examples", f"{T}/memory", f"{T}/examples/import"])
+def test_a_missing_body_is_said_as_such(settings: Settings, path: str) -> None:
+    """Repro: POST without a body where one is required said "Invalid request: Field required." (which field?)."""
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        r = client.post(path, headers={"Content-Type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["code"] == "invalid_request", r.text
+    assert error["message"] == "Invalid request: the body is missing; send a JSON object.", r.text
+
+
 @pytest.mark.parametrize("declared", ["\u00b2", "9" * 5000, "-1", "1e3", ""])
 def test_a_content_length_that_is_no_number_is_400(declared: str) -> None:
     # h11 refuses these before the app; another ASGI server (or an in-process caller) may not.

@@ -163,6 +163,14 @@ def test_a_body_that_is_not_json_is_said_so_without_a_parameter(client: TestClie
     assert err["message"].startswith("Invalid request: the body is not valid JSON (Expecting property name"), err
 
 
+def test_a_missing_body_is_said_as_such(client: TestClient) -> None:
+    """Repro: POST /v1/chat/completions without a body said "Invalid request: Field required."."""
+    r = client.post("/v1/chat/completions")
+    err = assert_openai_error(r.json(), "invalid_request_error")
+    assert r.status_code == 400 and err["param"] is None, r.text
+    assert err["message"] == "Invalid request: the body is missing; send a JSON object.", err
+
+
 @pytest.mark.parametrize(
     ("body", "why"),
     [(b'{"model": "luna-tiny", "messages": "\xff"}', "not UTF-8 text"), (b"[" * 3000, "nested too deeply")],

@@ -29,6 +29,8 @@ def field_message(error: Mapping[str, Any]) -> str:
         rule = PATTERN_RULES.get(str((error.get("ctx") or {}).get("pattern")))
         if rule:
             return rule
+    if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+        return "the body is missing; send a JSON object"  # was "Field required", naming no field
     if error.get("type") == "json_invalid":  # FastAPI's: loc ends in a character offset, not a field
         return f"the body is not valid JSON ({(error.get('ctx') or {}).get('error', 'cannot be parsed')})"
     return str(error.get("msg", "")).removeprefix("Value error, ")  # pydantic's prefix for our validators' words
