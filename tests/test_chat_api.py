@@ -631,3 +631,19 @@ def test_the_base_model_is_retrieved_like_it_is_answered_while_the_registry_is_u
             path.unlink()
         else:
             path.write_bytes(saved)
+
+
+def test_a_base_model_in_a_deep_directory_is_answered_under_the_id_the_list_shows(tmp_path) -> None:
+    """Repro: a base model configured as a directory whose path is over 200 characters was listed by
+    /v1/models under that path, but a chat request naming it was 400 "model: String should have at most 200
+    characters": the id the server gave could not be used."""
+    home = tmp_path / "home"
+    deep = tmp_path.joinpath(*["models-of-this-machine"] * 10, "luna-tiny")
+    shutil.copytree(models.ensure_tiny(load_settings(home=home)), deep)
+    assert len(str(deep)) > 200
+    settings = load_settings(home=home, base_model=str(deep), lora_ensure_on_demand=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:5050") as c:
+        [listed] = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        status, body = chat(c, model=listed)
+        assert status == 200 and body["model"] == listed, body
+    store.dispose_stores()

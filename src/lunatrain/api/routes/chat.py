@@ -88,7 +88,7 @@ class ChatRequest(BaseModel):
 
     model: str = Field(
         min_length=1,
-        max_length=200,
+        max_length=4096,  # a base model configured as a directory is named by its path (PATH_MAX on Linux)
         description="the base model id, an adapter name (its active version) or name@version",
     )
     messages: list[Message] = Field(min_length=1, max_length=1024)
