@@ -647,3 +647,15 @@ def test_a_base_model_in_a_deep_directory_is_answered_under_the_id_the_list_show
         status, body = chat(c, model=listed)
         assert status == 200 and body["model"] == listed, body
     store.dispose_stores()
+
+
+def test_the_base_model_is_listed_with_the_time_it_was_created(client: TestClient) -> None:
+    """Repro: the base model's `created` was 0 (1 January 1970 to a client that shows it), while adapters had
+    theirs; it is when the model's config.json was written (built, downloaded or copied)."""
+    from pathlib import Path
+
+    client.get("/v1/models")  # creates the engine
+    config = Path(client.app.state.chat_engine.base_info().path) / "config.json"
+    [base] = [card for card in client.get("/v1/models").json()["data"] if card["owned_by"] == "base"]
+    assert base["created"] == int(config.stat().st_mtime) > 0, base
+    assert client.get(f"/v1/models/{base['id']}").json() == base

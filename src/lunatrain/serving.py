@@ -283,11 +283,24 @@ class Engine:
 
     def models(self) -> list[dict[str, Any]]:
         info = self.base_info()
-        return served_models(self.settings, info.id, info.fingerprint)
+        return [self._dated(e) for e in served_models(self.settings, info.id, info.fingerprint)]
 
     def served_model(self, model: str) -> dict[str, Any]:
         info = self.base_info()
-        return served_model(self.settings, model, info.id, info.fingerprint)
+        return self._dated(served_model(self.settings, model, info.id, info.fingerprint))
+
+    def _dated(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """`entry` with the base model's `created`, as adapters carry the registry's: when its config.json was
+        written here (built, downloaded or copied). Without one, OpenAI's `created` would say 1970."""
+        if entry["kind"] != "base":
+            return entry
+        from datetime import UTC, datetime
+
+        try:
+            stamp = (Path(self.base_info().path) / "config.json").stat().st_mtime
+        except OSError:
+            return entry
+        return {**entry, "created": datetime.fromtimestamp(stamp, UTC).isoformat()}
 
     def _ensure_base(self) -> None:
         if self.model is not None:
