@@ -390,6 +390,16 @@ def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
     assert examples and all(e["prompt"] and e["messages"][-1]["role"] == "user" for e in examples)
 
 
+def test_the_examples_ask_for_no_more_tokens_than_this_server_allows(client: TestClient) -> None:
+    """Repro: with ASSISTANT_INFER_MAX_TOKENS=64 the examples offered max_tokens 128 (the golden cases'
+    max_new_tokens), and sending one as offered was 400 "max_tokens 128 is over this server's cap of 64"."""
+    examples = client.get("/assistant/chat/examples").json()["examples"]
+    assert max(e["max_tokens"] for e in examples) == 64
+    example = examples[0]
+    status, body = chat(client, messages=example["messages"], max_tokens=example["max_tokens"])
+    assert status == 200, body
+
+
 def test_without_max_tokens_a_long_prompt_is_answered_up_to_the_end_of_the_context(client: TestClient) -> None:
     """Repro: with the default cap of 1024, a prompt of ~3,400 tokens (of luna-tiny's 4096) was answered with
     `max_tokens: 5` but refused without it, "with max_tokens 1024", a number the client never sent."""

@@ -482,9 +482,13 @@ examples_router = APIRouter(prefix="/assistant/chat", tags=["chat"])
 async def examples(settings: SettingsDep) -> Examples:
     """The eval gate's golden cases as ready prompts (the dashboard's one-click examples)."""
     cases = await run_in_threadpool(evalsuite.load_suite, settings)
+    # Ready to send: never more tokens than this server's cap, which would refuse the example as offered.
+    cap = settings.infer_max_tokens
     return Examples(
         examples=[
-            Example(id=c.id, prompt=c.messages[-1]["content"], messages=c.messages, max_tokens=c.max_new_tokens)
+            Example(
+                id=c.id, prompt=c.messages[-1]["content"], messages=c.messages, max_tokens=min(c.max_new_tokens, cap)
+            )
             for c in cases
         ]
     )
