@@ -393,8 +393,10 @@ def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
 def test_the_examples_ask_for_no_more_tokens_than_this_server_allows(client: TestClient) -> None:
     """Repro: with ASSISTANT_INFER_MAX_TOKENS=64 the examples offered max_tokens 128 (the golden cases'
     max_new_tokens), and sending one as offered was 400 "max_tokens 128 is over this server's cap of 64"."""
-    examples = client.get("/assistant/chat/examples").json()["examples"]
+    offered = client.get("/assistant/chat/examples").json()
+    examples = offered["examples"]
     assert max(e["max_tokens"] for e in examples) == 64
+    assert offered["max_tokens"] == 64  # the cap itself, for prompts the page's user types
     example = examples[0]
     status, body = chat(client, messages=example["messages"], max_tokens=example["max_tokens"])
     assert status == 200, body

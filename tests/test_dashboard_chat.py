@@ -98,6 +98,31 @@ def test_an_answer_of_only_line_breaks_is_said_not_shown_as_an_empty_box(page, s
         expect(page.locator("#try-base-meta")).not_to_contain_text("line breaks")
 
 
+def test_a_typed_prompt_asks_for_no_more_tokens_than_the_server_allows(page, services: Services) -> None:
+    """Repro: with ASSISTANT_INFER_MAX_TOKENS=64 every typed prompt was refused ("max_tokens 128 is over this
+    server's cap of 64"): the page always asked for 128. It takes the cap the examples answer names."""
+
+    def cap_64(route) -> None:
+        offered = route.fetch().json()
+        route.fulfill(json=offered | {"max_tokens": 64})
+
+    asked: list[int] = []
+
+    def record(route) -> None:
+        asked.append(json.loads(route.request.post_data)["max_tokens"])
+        route.fulfill(status=400, json={"error": {"message": "stop here", "type": "invalid_request_error"}})
+
+    page.route("**/assistant/chat/examples", cap_64)
+    page.route("**/v1/chat/completions", record)
+    open_page(page, services, "?lang=en")
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-example-list li").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    page.get_by_label("Message", exact=True).fill("Hallo")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#try-base-box")).to_have_attribute("data-state", "error", timeout=UI_TIMEOUT_MS)
+    assert asked and set(asked) == {64}, asked
+
+
 def test_an_empty_prompt_is_refused_on_the_page(page, services: Services) -> None:
     open_page(page, services)
     page.locator("#try").scroll_into_view_if_needed()

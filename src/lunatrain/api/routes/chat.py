@@ -178,6 +178,7 @@ class Example(BaseModel):
 
 class Examples(BaseModel):
     examples: list[Example]
+    max_tokens: int = Field(description="this server's cap on a request's max_tokens (ASSISTANT_INFER_MAX_TOKENS)")
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------------
@@ -490,5 +491,6 @@ async def examples(settings: SettingsDep) -> Examples:
                 id=c.id, prompt=c.messages[-1]["content"], messages=c.messages, max_tokens=min(c.max_new_tokens, cap)
             )
             for c in cases
-        ]
+        ],
+        max_tokens=cap,
     )

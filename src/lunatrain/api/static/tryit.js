@@ -63,6 +63,7 @@ export class TryPanel {
     this.send = $("try-send");
     this.base = null;
     this.messages = null; // an example's full conversation (system prompt included), until the prompt is edited
+    this.cap = null; // the server's cap on max_tokens, once the examples said it
     this.maxTokens = DEFAULT_MAX_TOKENS;
     this.turns = turns(); // the model list is reloaded after each trained or activated adapter
     this.form.addEventListener("submit", (event) => {
@@ -71,7 +72,7 @@ export class TryPanel {
     });
     this.prompt.addEventListener("input", () => {
       this.messages = null;
-      this.maxTokens = DEFAULT_MAX_TOKENS;
+      this.maxTokens = this.typedMaxTokens();
     });
   }
 
@@ -129,9 +130,16 @@ export class TryPanel {
     this.send.disabled = this.base === null;
   }
 
+  typedMaxTokens() {
+    return this.cap ? Math.min(DEFAULT_MAX_TOKENS, this.cap) : DEFAULT_MAX_TOKENS;
+  }
+
   async loadExamples() {
     try {
-      const { examples = [] } = await api.chatExamples();
+      const { examples = [], max_tokens: cap } = await api.chatExamples();
+      // A typed prompt asks for no more than this server allows (ASSISTANT_INFER_MAX_TOKENS may be below 128).
+      if (cap) this.cap = cap;
+      if (!this.messages) this.maxTokens = this.typedMaxTokens();
       $("try-examples").hidden = examples.length === 0;
       $("try-example-list").replaceChildren(...examples.map((example) => h("li", {},
         h("button", {
