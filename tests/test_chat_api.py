@@ -671,3 +671,15 @@ def test_the_base_model_is_listed_with_the_time_it_was_created(client: TestClien
     [base] = [card for card in client.get("/v1/models").json()["data"] if card["owned_by"] == "base"]
     assert base["created"] == int(config.stat().st_mtime) > 0, base
     assert client.get(f"/v1/models/{base['id']}").json() == base
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_a_length_over_any_bound_is_refused_naming_this_servers_cap(client: TestClient, param: str) -> None:
+    """Repro: max_tokens 200000 was refused citing the schema's bound of 131072; the client then sent 100000
+    and was refused again, now for the server's cap of 1024. One refusal names the bound that holds."""
+    for wanted in (200_000, 2**70):
+        status, body = chat(client, **{"max_tokens": None, param: wanted})
+        assert status == 400, body
+        err = assert_openai_error(body, "invalid_request_error")
+        assert err["message"] == f"{param} {wanted} is over this server's cap of 64 (ASSISTANT_INFER_MAX_TOKENS).", err
+        assert err["param"] == param

@@ -92,8 +92,10 @@ class ChatRequest(BaseModel):
         description="the base model id, an adapter name (its active version) or name@version",
     )
     messages: list[Message] = Field(min_length=1, max_length=1024)
-    max_tokens: int | None = Field(default=None, ge=1, le=131072)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=131072)
+    # No upper bound here: the bound is this server's cap (ASSISTANT_INFER_MAX_TOKENS), which _sampling names
+    # in its refusal; a fixed schema bound above it refused 200,000 citing 131072, and then 100,000 for the cap.
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
