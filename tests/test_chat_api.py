@@ -683,3 +683,14 @@ def test_a_length_over_any_bound_is_refused_naming_this_servers_cap(client: Test
         err = assert_openai_error(body, "invalid_request_error")
         assert err["message"] == f"{param} {wanted} is over this server's cap of 64 (ASSISTANT_INFER_MAX_TOKENS).", err
         assert err["param"] == param
+
+
+def test_stream_options_without_a_stream_is_refused_as_openai_refuses_it(client: TestClient) -> None:
+    """Repro: `stream_options: {include_usage: true}` on a plain request was ignored without a word; OpenAI's API
+    answers 400 for it. A null value (what some clients send by default) passes."""
+    status, body = chat(client, stream_options={"include_usage": True})
+    assert status == 400, body
+    err = assert_openai_error(body, "invalid_request_error")
+    assert (err["param"], err["message"]) == ("stream_options", "stream_options: only allowed with stream: true.")
+    assert chat(client, stream_options=None)[0] == 200
+    assert chat(client, stream=False)[0] == 200

@@ -396,6 +396,8 @@ def _refuse_unsupported(body: ChatRequest) -> None:
         refuse("top_logprobs", "this server does not return log-probabilities.")
     if body.logit_bias:
         refuse("logit_bias", "this server does not bias tokens; send the request without it.", "unsupported_parameter")
+    if body.stream_options is not None and not body.stream:  # as OpenAI answers it: asked for, it would be ignored
+        refuse("stream_options", "only allowed with stream: true.", "invalid_value")
 
 
 def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
