@@ -456,6 +456,8 @@ def test_a_model_is_retrieved_by_its_id_as_the_list_shows_it(client: TestClient,
     monkeypatch.setattr(engine, "_info", replace(info, id="luna/tiny"))  # a base id with a `/`, as Qwen/…
     work = settings.home / "work-retrieved"
     work.mkdir()
+    for name in registry.ADAPTER_FILES:  # listed only with its files there (their content is never read here)
+        (work / name).write_text("{}")
     registry.publish(
         settings, "retrieved", "versioned", work, {"baseModel": {"id": "luna/tiny", "fingerprint": info.fingerprint}}
     )

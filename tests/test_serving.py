@@ -267,12 +267,18 @@ def test_a_version_whose_files_are_gone_is_model_not_found_naming_the_file(setti
     seed = 6 if gone == "adapter_model.safetensors" else 7  # its own job id: publishing is idempotent per job
     name = f"gone-{seed}"
     version = random_adapter(settings, name, seed)
+    registry.activate(settings, name, version)
+    engine = serving.Engine(settings)
+    assert {name, f"{name}@{version}"} <= {m["id"] for m in engine.models()}
     (settings.adapters_dir / name / version / gone).unlink()
     with pytest.raises(
         NotFound, match=f"The files of {name}@{version} are missing under data/adapters \\({gone}\\)"
     ) as info:
-        serving.Engine(settings).resolve(f"{name}@{version}")
+        engine.resolve(f"{name}@{version}")
     assert info.value.details["code"] == "model_not_found"
+    # Repro: /v1/models still listed it (name and version), each a 404 when asked for; it lists what it serves.
+    assert not {name, f"{name}@{version}"} & {m["id"] for m in engine.models()}
+    assert "luna-adapter@v1" in {m["id"] for m in engine.models()}  # the others stay listed
 
 
 def test_a_version_of_another_base_activated_with_force_is_served(settings) -> None:

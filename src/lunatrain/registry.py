@@ -560,6 +560,14 @@ def missing_files(settings: Settings, entry: dict[str, Any]) -> list[str]:
     return [f for f in ADAPTER_FILES if not (path / f).is_file()]
 
 
+def loadable(settings: Settings, entry: dict[str, Any]) -> bool:
+    """Whether `entry`'s folder holds what PEFT loads (a path that leaves the data root holds nothing)."""
+    try:
+        return not missing_files(settings, entry)
+    except LunaError:
+        return False
+
+
 def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     """`entry`'s folder for loading its weights (merge, the gate, serving); NotFound naming the version when a
     file PEFT needs is gone (deleted by hand, a disk restored in part), instead of PEFT's own error."""

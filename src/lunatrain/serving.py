@@ -136,8 +136,12 @@ def served_models(settings: Settings, base_id: str, base_fingerprint: str) -> li
     versions: list[dict[str, Any]] = []
     for name, adapter in sorted(registry.list_adapters(settings).items()):
         active_here = registry.active_of(adapter, base_fingerprint)  # this listing's read, not one per adapter
+        # What a request can be answered with: not replaced, fitting this base, its files there (a version
+        # deleted by hand is marked in `adapters list`, and a 404 when asked for; it is not offered).
         fits = [
-            e for e in adapter.get("versions", []) if not e.get("replaced") and _fits(e, base_fingerprint, active_here)
+            e
+            for e in adapter.get("versions", [])
+            if not e.get("replaced") and _fits(e, base_fingerprint, active_here) and registry.loadable(settings, e)
         ]
         # An adapter named like the base is listed by its versions only: a request for the name reaches the base.
         active = active_here if name != base_id else None

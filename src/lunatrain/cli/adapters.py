@@ -80,10 +80,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
             ]
             rev = f" rev {e['revision']}" if e.get("revision") else ""
             m = e.get("metrics", {})
-            try:
-                missing = not e.get("replaced") and bool(registry.missing_files(settings, e))
-            except LunaError:  # a path that leaves the data root: nothing can load it either
-                missing = True
+            missing = not e.get("replaced") and not registry.loadable(settings, e)
             typer.echo(
                 f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
                 f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
