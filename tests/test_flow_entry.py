@@ -229,3 +229,28 @@ def test_a_base_model_directory_relative_to_the_working_directory_reaches_the_tr
     assert resolve(load_settings(), None, {}).params.base_model == str(work / "mine")
     for ref in ("luna-tiny", "Qwen/Qwen2.5-0.5B"):  # no such directory: passed on as named
         assert resolve(settings, None, {"baseModel": ref}).params.base_model == ref
+
+
+def test_the_last_jobs_report_carries_its_gate_and_whether_an_overwrite_run_was_kept(settings, home):
+    """Repro: after an overwrite run the gate refused, lora-latest.json named data/adapters/ow/current (which
+    still holds the revision before it) with no gate at all, as if it were what is served."""
+    write_export(settings, make_records(40))
+    (home / "profiles").mkdir()
+    (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")
+    # a bar every adapter clears (two steps may not beat the base model yet)
+    (home / "profiles" / "lenient.toml").write_text("[gate]\nmaxValLossRatioVsBase = 100.0\nmaxLossRegression = 10.0\n")
+    overwrite = ["lora", "--local", *FAST, "--adapterName", "ow", "--adapterStrategy", "overwrite"]
+    assert CliRunner().invoke(app, [*overwrite, "--profile", "lenient"]).exit_code == 0
+    latest = json.loads(settings.lora_latest_report.read_text())
+    assert (latest["revision"], latest["gate"]["passed"], latest["kept"]) == (1, True, True), latest
+    assert CliRunner().invoke(app, [*overwrite, "--profile", "strict"]).exit_code == 1
+    latest = json.loads(settings.lora_latest_report.read_text())
+    assert (latest["revision"], latest["gate"]["passed"], latest["kept"]) == (2, False, False), latest
+    assert "val loss" in latest["gate"]["reasons"][0]
+    # a versioned run: its gate, and nothing about a slot
+    assert (
+        CliRunner().invoke(app, ["lora", "--local", *FAST, "--adapterName", "vs", "--profile", "lenient"]).exit_code
+        == 0
+    )
+    latest = json.loads(settings.lora_latest_report.read_text())
+    assert latest["adapterName"] == "vs" and latest["gate"]["passed"] is True and "kept" not in latest

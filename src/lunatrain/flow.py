@@ -122,6 +122,10 @@ def train_and_gate(
                 registry.settle_slot(settings, adapter["name"], revision, keep=False)
         reasons = "; ".join(outcome["gate"].get("reasons") or [])
         passed = bool(outcome["gate"].get("passed"))
+        # The last job's report says what became of it: the gate's decision and, for an overwrite run, whether
+        # it took the slot (refused, its report's path still holds the revision before it).
+        kept = {"kept": passed} if revision is not None else {}
+        registry.annotate_latest(settings, result.report or {}, gate=outcome["gate"], **kept)
         emit(
             {
                 "type": "log",
@@ -159,8 +163,6 @@ def check_min_curated(settings: Settings, options: FlowOptions, curated: int | N
     """minCurated against the current export (or `curated` examples), with prepare's sentence; before any job
     starts. Short of it, the sentence names the missing step when the examples are in the database but not
     (all) in the export: no export at all, or one older than the database."""
-    from . import export
-
     count = prepare.curated_count(settings) if curated is None else curated
     check = prepare.volume_check(count, options.min_curated)
     if check.severity != "fail":

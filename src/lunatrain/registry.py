@@ -374,6 +374,22 @@ def write_latest(settings: Settings, report: dict[str, Any]) -> None:
     atomic_write_json(latest_report_path(settings), report)
 
 
+_RUN_KEYS = ("adapterName", "version", "revision", "jobId", "created")  # what tells one run's report from another's
+
+
+def annotate_latest(settings: Settings, run: dict[str, Any], **fields: Any) -> None:
+    """Add `fields` (the gate's decision, once it ran) to lora-latest.json while it is still the report of
+    `run`: another run may have written it since, and that report is not this run's to change. Best effort:
+    the registry entry already holds the decision, so an unreadable report is left as it is."""
+    with file_lock(latest_report_path(settings).with_name(".lora-latest.lock")):
+        try:
+            latest = read_json(latest_report_path(settings))
+        except LunaError:
+            return
+        if isinstance(latest, dict) and all(latest.get(k) == run.get(k) for k in _RUN_KEYS):
+            atomic_write_json(latest_report_path(settings), latest | fields)
+
+
 # --- reading --------------------------------------------------------------------------------------
 
 
