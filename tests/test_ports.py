@@ -71,6 +71,29 @@ def test_a_record_is_forgotten_only_while_it_names_the_server(tmp_path):
     listen.forget(record, ours)  # already gone: nothing to do
 
 
+def test_a_second_server_of_the_data_root_gives_the_record_back_when_it_stops(tmp_path):
+    """Repro: with two `lunatrain serve` on one data root, the second one's record replaced the first one's,
+    and when the second stopped it removed the record: clients of the data root no longer found the API that
+    was still running. A server that stops puts back the record it replaced while that server still listens."""
+    record = tmp_path / "api.url"
+    first, second = listen.bind("127.0.0.1", 0), listen.bind("127.0.0.1", 0)
+    try:
+        theirs = listen.record(first, record)
+        previous = listen.recorded(record)
+        ours = listen.record(second, record)
+        assert previous == theirs != ours
+        listen.forget(record, ours, previous)
+        assert read_url(record) == theirs  # the first server still listens: its record is back
+        listen.record(second, record)
+        first.close()
+        listen.forget(record, ours, previous)
+        assert not record.exists()  # the one it replaced is gone too: nothing to put back
+    finally:
+        first.close()
+        second.close()
+    assert listen.recorded(tmp_path / "none.url") is None
+
+
 def test_bind_refuses_a_port_in_use_and_one_out_of_range(busy):
     with pytest.raises(UsageError) as info:
         listen.bind("127.0.0.1", busy)

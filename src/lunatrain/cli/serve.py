@@ -43,10 +43,13 @@ def serve(
         raise fail(err) from None
     try:
         api = create_app(settings, bound_host=settings.api_host)
+        previous = listen.recorded(settings.api_url_file)  # another server of this data root: given back at exit
         address = listen.record(sock, settings.api_url_file)
     except LunaError as err:
         sock.close()
         raise fail(err) from None
     typer.echo(f"assistant API for {settings.home} on {address}", err=True)
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
-    listen.serve(api, sock, settings.api_url_file, log_level=log_level, proxy_headers=False, server_header=False)
+    listen.serve(
+        api, sock, settings.api_url_file, previous, log_level=log_level, proxy_headers=False, server_header=False
+    )

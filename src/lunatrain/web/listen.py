@@ -68,18 +68,46 @@ def record(sock: socket.socket, path: Path) -> str:
     return address
 
 
-def forget(path: Path, address: str) -> None:
+def recorded(path: Path) -> str | None:
+    """The address recorded at `path`, if any (read before a server records its own: see forget)."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def forget(path: Path, address: str, previous: str | None = None) -> None:
     """Remove the record at `path` if it still names `address`: a server that stops in order leaves no
     address behind that clients would try (one that is killed does; clients treat it as stale). Another
-    server of the data root that recorded itself since keeps its record."""
+    server of the data root that recorded itself since keeps its record. `previous`, the record this server
+    replaced when it started (a second `lunatrain serve` on the data root), is put back while that server
+    still listens, so that its clients find it again."""
     with contextlib.suppress(OSError):
-        if path.read_text() == address + "\n":
+        if path.read_text() != address + "\n":
+            return
+        if previous and previous != address and _listening(previous):
+            atomic_write_text(path, previous + "\n")
+        else:
             path.unlink()
 
 
-def serve(app: Any, sock: socket.socket, recorded: Path | None = None, **config: Any) -> None:
+def _listening(address: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address)
+        with socket.create_connection((parts.hostname or "", parts.port or 0), timeout=2.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def serve(
+    app: Any, sock: socket.socket, recorded: Path | None = None, previous: str | None = None, **config: Any
+) -> None:
     """Run uvicorn on the already listening socket until SIGINT/SIGTERM; `recorded` is the file its address
-    was recorded in (removed at the end, see forget); `config` goes to uvicorn.Config."""
+    was recorded in, `previous` the record it replaced (both for forget, at the end); `config` goes to
+    uvicorn.Config."""
     import uvicorn
 
     address = url(sock)
@@ -93,7 +121,7 @@ def serve(app: Any, sock: socket.socket, recorded: Path | None = None, **config:
     finally:
         sock.close()
         if recorded is not None:
-            forget(recorded, address)
+            forget(recorded, address, previous)
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
