@@ -7,8 +7,10 @@ Run: `.venv/bin/python -m pytest tests/test_chat_api.py -q` (seconds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -289,36 +291,54 @@ def test_a_full_house_answers_429_at_once_and_frees_its_slots(client: TestClient
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot(home, client, monkeypatch) -> None:
-    import shutil
-
-    import httpx
-
-    shutil.copytree(client.app.state.settings.models_dir, home / "data" / "models")  # the module's luna-tiny
-
+@contextlib.contextmanager
+def _held_answers(home, client, monkeypatch) -> Iterator[tuple[object, int, threading.Event, threading.Event]]:
+    """A real server (uvicorn in this process, max_tokens up to 4000) whose answers hold after a few tokens
+    until the test says the client has left: an answer cannot end on its own first, however slowly this test's
+    thread is scheduled (4000 tokens run otherwise). Yields (app, its port, held: an answer is waiting,
+    left: let it go on)."""
     from test_api_security import Server
 
-    # The answer is held after a few tokens until the client has left (the server runs in this process): it
-    # cannot end on its own first, however slowly this test's thread is scheduled. 4000 tokens run otherwise.
-    left = threading.Event()
+    shutil.copytree(client.app.state.settings.models_dir, home / "data" / "models")  # the module's luna-tiny
+    held, left = threading.Event(), threading.Event()
     forward = serving.Generation._forward
 
     def paced(gen: serving.Generation) -> int:
         if gen.engine.generated >= 8:
+            held.set()
             left.wait(120)
         return forward(gen)
 
     monkeypatch.setattr(serving.Generation, "_forward", paced)
     with Server(infer_max_tokens=4000) as srv:
-        app = srv.server.config.app
-        url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
-        body = {
-            "model": "luna-tiny",
-            "stream": True,
-            "max_tokens": 4000,
-            "temperature": 0,
-            "messages": [{"role": "user", "content": "x"}],
-        }
+        yield srv.server.config.app, srv.port, held, left
+
+
+def _ends_early(app) -> None:
+    """The answer whose client left ends at its next token and frees its slot, long before max_tokens."""
+    slots, engine = app.state.chat_slots, app.state.chat_engine
+    for _ in range(600):
+        if slots.busy == 0:
+            break
+        threading.Event().wait(0.1)
+    assert slots.busy == 0
+    assert engine.generated < 4000, "the generation ran to its end instead of stopping with its client"
+
+
+LONG_ANSWER = {
+    "model": "luna-tiny",
+    "max_tokens": 4000,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "x"}],
+}
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot(home, client, monkeypatch) -> None:
+    import httpx
+
+    with _held_answers(home, client, monkeypatch) as (app, port, _held, left):
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = LONG_ANSWER | {"stream": True}
         with httpx.Client(trust_env=False, timeout=120) as http, http.stream("POST", url, json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
@@ -328,15 +348,8 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation_and_frees_its_slot
                 pytest.fail(
                     f"slot free after the first event; {app.state.chat_engine.generated} tokens, then {rest[-800:]!r}"
                 )
-        # The connection is gone: the server notices at its next token and ends the generation early.
-        left.set()
-        engine = app.state.chat_engine
-        for _ in range(600):
-            if slots.busy == 0:
-                break
-            threading.Event().wait(0.1)
-        assert slots.busy == 0
-        assert engine.generated < 4000, "the generation ran to its end instead of stopping with its client"
+        left.set()  # the connection is gone: the server notices at its next token
+        _ends_early(app)
 
 
 def test_a_client_that_leaves_before_a_plain_answer_stops_its_generation_and_frees_its_slot(
@@ -345,42 +358,15 @@ def test_a_client_that_leaves_before_a_plain_answer_stops_its_generation_and_fre
     """Repro: a non-streamed request whose client gave up (its read timeout, Ctrl-C; the official client then
     retries, twice by default) kept generating up to max_tokens and held its slot all that time, so a few
     impatient clients filled every slot (429 for everyone) with answers nobody would read."""
-    import httpx
-
-    shutil.copytree(client.app.state.settings.models_dir, home / "data" / "models")  # the module's luna-tiny
-
-    from test_api_security import Server
-
-    left = threading.Event()
-    forward = serving.Generation._forward
-
-    def paced(gen: serving.Generation) -> int:  # held after a few tokens until the client has left
-        if gen.engine.generated >= 8:
-            left.wait(120)
-        return forward(gen)
-
-    monkeypatch.setattr(serving.Generation, "_forward", paced)
-    with Server(infer_max_tokens=4000) as srv:
-        app = srv.server.config.app
-        url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
-        body = {
-            "model": "luna-tiny",
-            "max_tokens": 4000,
-            "temperature": 0,
-            "messages": [{"role": "user", "content": "x"}],
-        }
-        with httpx.Client(trust_env=False, timeout=httpx.Timeout(60, read=3)) as http:
-            with pytest.raises(httpx.ReadTimeout):
-                http.post(url, json=body)
-        assert app.state.chat_slots.busy == 1  # still held by the answer nobody waits for
-        left.set()
-        slots, engine = app.state.chat_slots, app.state.chat_engine
-        for _ in range(600):
-            if slots.busy == 0:
-                break
-            threading.Event().wait(0.1)
-        assert slots.busy == 0
-        assert engine.generated < 4000, "the generation ran to its end instead of stopping with its client"
+    with _held_answers(home, client, monkeypatch) as (app, port, held, left):
+        payload = json.dumps(LONG_ANSWER).encode()
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+            sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            assert held.wait(120), "the answer never started"
+            assert app.state.chat_slots.busy == 1  # held by the answer, which its client is about to leave
+        left.set()  # the client closed its connection before any answer
+        _ends_early(app)
 
 
 def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
