@@ -182,3 +182,24 @@ def test_a_base_model_that_is_gone_is_named_with_the_adapter_and_the_way_on(sett
         f"error: a@v1 was trained on base model {gone!r}, which cannot be used now (Base model directory "
         f"{gone!r} does not exist); put that base model back to gate it."
     ], r.output
+
+
+def test_merge_says_when_it_replaces_an_earlier_merge_and_when_the_gate_refused_the_version(trained_home, settings):
+    """Repro: merging a version twice, or merging one the eval gate refused, said the same plain "Merged …" as
+    a first merge of a promoted version; the code knew both facts and said neither."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    target = settings.models_dir / "merged" / "luna-adapter-v1"
+    first = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert first.exit_code == 0, first.output
+    assert first.output.strip().splitlines() == [f"Merged luna-adapter@v1 into luna-tiny: {target}."]
+    refused = {"status": "failed", "passed": False, "reasons": ["val loss 8.4 is 1.0 x the base model's"]}
+    registry.annotate(settings, "luna-adapter", "v1", "gate", refused)
+    again = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert again.exit_code == 0, again.output
+    assert again.output.strip().splitlines() == [
+        f"Merged luna-adapter@v1 into luna-tiny: {target} (it replaces the earlier merge of this version).",
+        "Note: the eval gate refused this version (val loss 8.4 is 1.0 x the base model's).",
+    ]

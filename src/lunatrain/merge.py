@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import registry
 from .compat import peft_wrapping
@@ -28,6 +29,7 @@ class MergeResult:
     path: Path  # the merged model directory
     base_model: str
     replaced: bool  # an earlier merge of the same version was replaced
+    gate: dict[str, Any] | None = None  # the version's eval gate record (a refused one may still be merged)
 
 
 def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> MergeResult:
@@ -102,4 +104,4 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     registry.annotate(
         settings, name, entry["version"], "merged", {"path": rel, "at": registry.now()}, revision=entry.get("revision")
     )
-    return MergeResult(name, entry["version"], target, trained_on["id"], replaced)
+    return MergeResult(name, entry["version"], target, trained_on["id"], replaced, entry.get("gate"))

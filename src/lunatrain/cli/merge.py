@@ -29,4 +29,11 @@ def merge_cmd(
         result = merge_adapter(load_settings(), adapter, force=force)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"Merged {result.name}@{result.version} into {result.base_model}: {result.path}")
+    said = f"Merged {result.name}@{result.version} into {result.base_model}: {result.path}"
+    if result.replaced:
+        said += " (it replaces the earlier merge of this version)"
+    typer.echo(said + ".")
+    gate = result.gate or {}
+    if gate and not gate.get("passed"):  # merging is the owner's call; saying what the gate found is ours
+        reasons = "; ".join(gate.get("reasons") or []) or gate.get("status") or "not passed"
+        typer.echo(f"Note: the eval gate refused this version ({reasons}).")
