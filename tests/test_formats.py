@@ -440,3 +440,19 @@ def test_an_openai_weight_0_turn_is_refused_not_trained(tmp_path: Path) -> None:
     ]
     [draft] = read_file(_jsonl(tmp_path / "one.jsonl", records[2:])).drafts
     assert (draft.prompt, draft.response) == ("Hi", "Hallo")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_with_its_byte_order_mark_is_read(tmp_path: Path, encoding: str) -> None:
+    """Repro: a file written by Windows PowerShell 5 (`Get-Content a.jsonl > b.jsonl`: UTF-16 with a byte order
+    mark) was refused as "line 1 is not valid UTF-8 (byte 0xff)"; the mark says how to read it."""
+    path = tmp_path / "ps.jsonl"
+    text = '{"prompt": "Grüß dich", "response": "Hallo 👋"}\r\n{"prompt": "b", "response": "c"}\r\n'
+    data = text.encode(encoding)
+    path.write_bytes(data if data.startswith((b"\xff\xfe", b"\xfe\xff")) else b"\xfe\xff" + data)
+    drafts = read_file(path).drafts
+    assert [(d.prompt, d.response) for d in drafts] == [("Grüß dich", "Hallo 👋"), ("b", "c")]
+    # cut inside a character: still one sentence, nothing imported
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(UsageError, match="starts as UTF-16 text but is not valid UTF-16"):
+        read_file(path)

@@ -21,6 +21,7 @@ normalized, trimmed system prompt, prior turns, prompt and response.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -399,6 +400,16 @@ class ParsedFile:
 
 
 def _decode(data: bytes, path: Path) -> str:
+    # UTF-16 with its byte order mark: what Windows PowerShell 5 writes with `>` and Excel's "Unicode text".
+    # The mark says the encoding, so it is read as that; without a mark, UTF-8 is the only one assumed.
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise UsageError(
+                f"Cannot import {path.name}: it starts as UTF-16 text but is not valid UTF-16; save the file as "
+                "UTF-8. Nothing was imported."
+            ) from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
