@@ -236,6 +236,34 @@ def test_import_paths_that_are_no_regular_file(seeded: Settings, tmp_path: Path)
     assert snapshot(seeded.home) == before
 
 
+def test_skip_bad_imports_the_good_records_and_lists_the_bad_ones(seeded: Settings, tmp_path: Path) -> None:
+    """A mixed file (a few tool-call conversations, a record without an answer) could only be imported after
+    cleaning it by hand: one bad record imported nothing. `--skip-bad` imports the rest and lists what it left
+    out; a file with no good record is still refused, changing nothing."""
+    from lunatrain import store
+
+    path = tmp_path / "mixed.jsonl"
+    good = [{"prompt": f"Frage {i}?", "response": f"Antwort {i}."} for i in range(3)]
+    tool = {"messages": [{"role": "user", "content": "Wetter?"}, {"role": "tool", "content": "{}"}]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good[0], tool, good[1], {"prompt": "x"}, good[2]]))
+    before = snapshot(seeded.home)
+    refused = run("examples", "import", str(path))
+    assert refused.exit_code == 2 and snapshot(seeded.home) == before, refused.output
+    total = len(store.list_examples(seeded, limit=10_000))
+    r = run("examples", "import", str(path), "--skip-bad")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0] == "Imported mixed.jsonl: 3 added, 0 already present (3 prompt-response); 2 bad records left out:"
+    assert lines[1].startswith("  mixed.jsonl line 2: field 'messages[1].role': unsupported role 'tool'"), lines
+    assert lines[2] == "  mixed.jsonl line 4: field 'response': missing", lines
+    assert len(store.list_examples(seeded, limit=10_000)) == total + 3
+    nothing_good = tmp_path / "bad.jsonl"
+    nothing_good.write_text(json.dumps({"prompt": "x"}) + "\n")
+    before = snapshot(seeded.home)
+    assert "1 bad record" in one_sentence(run("examples", "import", str(nothing_good), "--skipBad"), 2)
+    assert snapshot(seeded.home) == before
+
+
 def test_a_file_with_many_bad_records_prints_a_bounded_list(seeded: Settings, tmp_path: Path) -> None:
     path = tmp_path / "many.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(2000)))

@@ -397,6 +397,7 @@ class ParsedFile:
     path: Path
     drafts: list[ExampleDraft]
     formats: dict[str, int]
+    bad: list[str] = field(default_factory=list)  # with skip_bad: "FILE line N: problem" of each record left out
 
 
 def _decode(data: bytes, path: Path) -> str:
@@ -561,8 +562,10 @@ def _csv_row(header: list[str], row: list[str]) -> Any:
     return rec
 
 
-def read_file(path: Path, fmt: str = "auto") -> ParsedFile:
-    """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list)."""
+def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False) -> ParsedFile:
+    """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list).
+    `skip_bad`: the good records are returned and the bad ones listed in `bad` instead (a file without any
+    good record is still refused)."""
     if fmt not in FORMATS:
         raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
     try:
@@ -591,7 +594,7 @@ def read_file(path: Path, fmt: str = "auto") -> ParsedFile:
             continue
         drafts.append(draft)
         formats[shape] = formats.get(shape, 0) + 1
-    if problems:
+    if problems and not (skip_bad and drafts):
         shown = "; ".join(problems[:_SHOWN_ERRORS])
         more = f" (and {len(problems) - _SHOWN_ERRORS} more)" if len(problems) > _SHOWN_ERRORS else ""
         raise UsageError(
@@ -600,4 +603,4 @@ def read_file(path: Path, fmt: str = "auto") -> ParsedFile:
         )
     if not drafts:
         raise UsageError(f"Cannot import {path.name}: the file is empty (no records). Nothing was imported.")
-    return ParsedFile(path=path, drafts=drafts, formats=formats)
+    return ParsedFile(path=path, drafts=drafts, formats=formats, bad=[f"{path.name} {p}" for p in problems])

@@ -129,6 +129,7 @@ class ImportResult:
     skipped_duplicates: int
     formats: dict[str, int]
     revision: str
+    bad: tuple[str, ...] = ()  # with skip_bad: the records left out, "FILE line N: problem"
 
 
 @dataclass(frozen=True)
@@ -503,11 +504,13 @@ def import_file(
     source: Source = "curated",
     status: Status | None = None,
     fmt: str = "auto",
+    skip_bad: bool = False,
 ) -> ImportResult:
-    """Import a JSONL/JSON/CSV file in one transaction: any bad record → UsageError, nothing imported."""
+    """Import a JSONL/JSON/CSV file in one transaction: any bad record → UsageError, nothing imported; with
+    `skip_bad` the good records are imported and the bad ones returned in `bad`."""
     _check_choice(source, SOURCES, "source")
     _default_status(source, status)
-    parsed = formats.read_file(Path(path), fmt)
+    parsed = formats.read_file(Path(path), fmt, skip_bad=skip_bad)
     result = add_examples(settings, parsed.drafts, source=source, status=status)
     return ImportResult(
         path=str(path),
@@ -516,6 +519,7 @@ def import_file(
         skipped_duplicates=result.skipped_duplicates,
         formats=parsed.formats,
         revision=result.revision,
+        bad=tuple(parsed.bad),
     )
 
 

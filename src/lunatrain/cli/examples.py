@@ -108,20 +108,44 @@ def import_cmd(
     source: Annotated[str, typer.Option("--source", help="curated | memory | conversation")] = "curated",
     status: StatusOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | sharegpt | alpaca | prompt-response")] = "auto",
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad",
+            "--skipBad",
+            help="import the good records and list the bad ones (without it a bad record imports nothing)",
+        ),
+    ] = False,
 ) -> None:
-    """Import a file in one transaction: a bad record imports nothing; known content is skipped."""
+    """Import a file in one transaction: a bad record imports nothing (unless --skip-bad); known content is
+    skipped."""
     try:
-        res = store.import_file(load_settings(), file, source=source, status=status, fmt=fmt)  # type: ignore[arg-type]
+        res = store.import_file(
+            load_settings(),
+            file,
+            source=source,  # type: ignore[arg-type]
+            status=status,  # type: ignore[arg-type]
+            fmt=fmt,
+            skip_bad=skip_bad,
+        )
     except LunaError as err:
         if isinstance(err.details, list) and len(err.details) > 1:
-            # The first problems, each on a line; a file of thousands of bad records says how many more.
-            for problem in err.details[:_LISTED]:
-                typer.echo(f"  {problem}", err=True)
-            if len(err.details) > _LISTED:
-                typer.echo(f"  … and {len(err.details) - _LISTED} more", err=True)
+            _list_problems(err.details)
         raise fail(err) from None
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
-    typer.echo(f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}).")
+    left_out = f"; {len(res.bad)} bad record{'s' if len(res.bad) != 1 else ''} left out:" if res.bad else "."
+    typer.echo(
+        f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}){left_out}"
+    )
+    _list_problems(list(res.bad))
+
+
+def _list_problems(problems: list[str]) -> None:
+    """The first problems, each on a line (stderr); a file of thousands of bad records says how many more."""
+    for problem in problems[:_LISTED]:
+        typer.echo(f"  {problem}", err=True)
+    if len(problems) > _LISTED:
+        typer.echo(f"  … and {len(problems) - _LISTED} more", err=True)
 
 
 @examples_app.command("list")
