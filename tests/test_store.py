@@ -507,3 +507,34 @@ def test_an_id_beyond_the_column_is_not_found_not_a_damaged_database(db: Setting
     ):
         with pytest.raises(NotFound, match=r"^No (example|memory item) with id \d+"):
             call()
+
+
+def test_a_reimported_export_keeps_its_memory_samples_apart_from_curated_ones(settings, tmp_path: Path) -> None:
+    """Repro: importing lunatrain's own merged export (assistant-sft.jsonl, e.g. to move the data to another
+    database) made every memory sample a curated example: the record's `source` was ignored, so the curated
+    tier grew by the memory facts. Without --source a record's own source (one of ours) is kept; a source of
+    another dataset's own meaning is not; --source still decides for every record."""
+    from lunatrain import export
+    from lunatrain.settings import load_settings
+
+    store.load_seed(settings)
+    summary = export.export(settings)
+    merged = settings.training_dir / export.TIER_FILES["merged"]
+    other = load_settings(home=tmp_path / "other")
+    store.import_file(other, merged)
+    by_source = {
+        src: len(store.list_examples(other, source=src, limit=100_000)) for src in ("curated", "memory", "conversation")
+    }
+    counts = summary.counts if hasattr(summary, "counts") else summary["counts"]
+    assert by_source == {"curated": counts["curated"]["total"], "memory": counts["memory"]["total"], "conversation": 0}
+    assert all(e.status == "approved" for e in store.list_examples(other, limit=100_000))
+    # another dataset's `source` column (its own provenance) is not ours: curated, as without it
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"prompt": "p", "response": "r", "source": "wikipedia"}) + "\n")
+    store.import_file(other, foreign)
+    assert [e.source for e in store.list_examples(other, limit=100_000) if e.prompt == "p"] == ["curated"]
+    # --source for every record
+    third = load_settings(home=tmp_path / "third")
+    store.import_file(third, merged, source="curated")
+    assert len(store.list_examples(third, source="memory", limit=100_000)) == 0
+    store.dispose_stores()

@@ -31,7 +31,7 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .errors import UsageError
 
@@ -98,6 +98,11 @@ def content_hash(system: str | None, turns: Sequence[tuple[str, str]], prompt: s
     return hashlib.sha256(encoded).hexdigest()
 
 
+# Where an example came from (the examples table's `source`).
+Source = Literal["curated", "memory", "conversation"]
+SOURCES: tuple[str, ...] = get_args(Source)
+
+
 @dataclass(frozen=True)
 class ExampleDraft:
     """A validated, normalized example that is not yet stored."""
@@ -110,6 +115,9 @@ class ExampleDraft:
     conversation_id: str | None = None
     rating: int | None = None
     hash: str = field(default="", compare=False)
+    # The record's own `source` when it names one of ours (lunatrain's export writes it): a re-imported export
+    # keeps its memory samples apart from curated ones. Not part of the content, so not of the hash.
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hash", content_hash(self.system, self.turns, self.prompt, self.response))
@@ -221,8 +229,10 @@ def make_draft(
     tags: Any = None,
     conversation_id: Any = None,
     rating: Any = None,
+    source: Any = None,
 ) -> ExampleDraft:
-    """Validate and normalize one example; raises RecordError naming the bad field."""
+    """Validate and normalize one example; raises RecordError naming the bad field. A `source` that is not
+    one of lunatrain's (other datasets use the field for their own provenance) is not the example's."""
     norm_turns: list[tuple[str, str]] = []
     if len(turns or ()) > MAX_TURNS:
         raise RecordError("turns", f"more than {MAX_TURNS} prior turns")
@@ -244,6 +254,7 @@ def make_draft(
         tags=_tags(tags),
         conversation_id=_conversation_id(conversation_id),
         rating=_rating(rating),
+        source=source if isinstance(source, str) and source in SOURCES else None,
     )
 
 
@@ -364,6 +375,7 @@ def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
         "tags": record.get("tags"),
         "conversation_id": record.get("conversation_id", record.get("conversationId")),
         "rating": record.get("rating"),
+        "source": record.get("source"),
     }
     if shape == "openai":
         draft = _from_turns(_turn_list(record, "messages", "role", "content"), "messages", common)

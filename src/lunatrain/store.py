@@ -29,15 +29,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import formats
 from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
-from .formats import ExampleDraft, RecordError
+from .formats import SOURCES, ExampleDraft, RecordError, Source
 from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import utc_now
 
-Source = Literal["curated", "memory", "conversation"]
 Status = Literal["approved", "pending", "rejected"]
-SOURCES: tuple[str, ...] = get_args(Source)
 STATUSES: tuple[str, ...] = get_args(Status)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -407,7 +405,11 @@ def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
         conn.execute(deleted_table.delete().where(deleted_table.c.hash.in_(hashes[i : i + _CHUNK])))
 
 
-def _add_drafts(conn: Connection, drafts: Iterable[ExampleDraft], source: str, status: str) -> tuple[int, int]:
+def _add_drafts(
+    conn: Connection, drafts: Iterable[ExampleDraft], source: str | None, status: str | None
+) -> tuple[int, int]:
+    """Insert the drafts whose content is new. `source` None: each draft's own (a record that named one of
+    ours), else curated; `status` None: the source's default."""
     unique: dict[str, ExampleDraft] = {}
     total = 0
     for draft in drafts:
@@ -422,8 +424,8 @@ def _add_drafts(conn: Connection, drafts: Iterable[ExampleDraft], source: str, s
             "response": d.response,
             "system": d.system,
             "turns": [{"role": r, "content": c} for r, c in d.turns] or None,
-            "source": source,
-            "status": status,
+            "source": (src := source or d.source or "curated"),
+            "status": _default_status(src, status),
             "rating": d.rating,
             "tags": list(d.tags) or None,
             "conversation_id": d.conversation_id,
@@ -444,14 +446,21 @@ def _add_drafts(conn: Connection, drafts: Iterable[ExampleDraft], source: str, s
 
 
 def add_examples(
-    settings: Settings, drafts: Iterable[ExampleDraft], *, source: Source = "curated", status: Status | None = None
+    settings: Settings,
+    drafts: Iterable[ExampleDraft],
+    *,
+    source: Source | None = "curated",
+    status: Status | None = None,
 ) -> AddResult:
-    """Add validated drafts in one transaction; content already stored (or repeated) is skipped."""
-    _check_choice(source, SOURCES, "source")
-    status_ = _default_status(source, status)
+    """Add validated drafts in one transaction; content already stored (or repeated) is skipped. `source`
+    None: each draft's own (see _add_drafts)."""
+    if source is not None:
+        _check_choice(source, SOURCES, "source")
+    if status is not None:
+        _check_choice(status, STATUSES, "status")
     store = open_store(settings)
     with store.write() as conn:
-        added, skipped = _add_drafts(conn, drafts, source, status_)
+        added, skipped = _add_drafts(conn, drafts, source, status)
         rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
     return AddResult(added=added, skipped_duplicates=skipped, revision=f"{rev.instance[:12]}-{rev.counter}")
 
@@ -501,15 +510,18 @@ def import_file(
     settings: Settings,
     path: Path | str,
     *,
-    source: Source = "curated",
+    source: Source | None = None,
     status: Status | None = None,
     fmt: str = "auto",
     skip_bad: bool = False,
 ) -> ImportResult:
     """Import a JSONL/JSON/CSV file in one transaction: any bad record → UsageError, nothing imported; with
-    `skip_bad` the good records are imported and the bad ones returned in `bad`."""
-    _check_choice(source, SOURCES, "source")
-    _default_status(source, status)
+    `skip_bad` the good records are imported and the bad ones returned in `bad`. `source` None: a record's
+    own when it names one of lunatrain's (its export writes it), else curated."""
+    if source is not None:
+        _check_choice(source, SOURCES, "source")
+    if status is not None:
+        _check_choice(status, STATUSES, "status")
     parsed = formats.read_file(Path(path), fmt, skip_bad=skip_bad)
     result = add_examples(settings, parsed.drafts, source=source, status=status)
     return ImportResult(

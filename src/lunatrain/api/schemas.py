@@ -138,7 +138,9 @@ class ExampleIn(In):
 class ImportRequest(In):
     records: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"] = "auto"
-    source: Source = "curated"
+    source: Source | None = Field(
+        default=None, description="for every record; null: a record's own source when it is one of these, else curated"
+    )
     status: Status | None = None
 
 

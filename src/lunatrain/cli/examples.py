@@ -105,7 +105,14 @@ def add_cmd(
 @examples_app.command("import")
 def import_cmd(
     file: Annotated[Path, typer.Argument(help=".jsonl, .json or .csv")],
-    source: Annotated[str, typer.Option("--source", help="curated | memory | conversation")] = "curated",
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source",
+            help="curated | memory | conversation for every record; unset: a record's own `source` when it is one "
+            "of these (as lunatrain's export writes it), else curated",
+        ),
+    ] = None,
     status: StatusOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | sharegpt | alpaca | prompt-response")] = "auto",
     skip_bad: Annotated[
