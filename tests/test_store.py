@@ -528,6 +528,12 @@ def test_a_reimported_export_keeps_its_memory_samples_apart_from_curated_ones(se
     counts = summary.counts if hasattr(summary, "counts") else summary["counts"]
     assert by_source == {"curated": counts["curated"]["total"], "memory": counts["memory"]["total"], "conversation": 0}
     assert all(e.status == "approved" for e in store.list_examples(other, limit=100_000))
+    # an approved conversation example exported in the merged tier comes back approved, not up for review
+    line = json.dumps({"prompt": "Wie war dein Tag?", "response": "Gut, danke!", "source": "conversation"})
+    (tmp_path / "conv.jsonl").write_text(line + "\n")
+    store.import_file(other, tmp_path / "conv.jsonl")
+    [conv] = store.list_examples(other, source="conversation", limit=10)
+    assert conv.status == "approved"
     # another dataset's `source` column (its own provenance) is not ours: curated, as without it
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text(json.dumps({"prompt": "p", "response": "r", "source": "wikipedia"}) + "\n")

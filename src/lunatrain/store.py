@@ -409,7 +409,7 @@ def _add_drafts(
     conn: Connection, drafts: Iterable[ExampleDraft], source: str | None, status: str | None
 ) -> tuple[int, int]:
     """Insert the drafts whose content is new. `source` None: each draft's own (a record that named one of
-    ours), else curated; `status` None: the source's default."""
+    ours; approved unless `status`), else curated; `status` None: the source's default."""
     unique: dict[str, ExampleDraft] = {}
     total = 0
     for draft in drafts:
@@ -425,7 +425,9 @@ def _add_drafts(
             "system": d.system,
             "turns": [{"role": r, "content": c} for r, c in d.turns] or None,
             "source": (src := source or d.source or "curated"),
-            "status": _default_status(src, status),
+            # A record's own source comes from lunatrain's export, which holds approved examples only: it stays
+            # approved (a conversation example would otherwise go back to review).
+            "status": _default_status(src, status or ("approved" if source is None and d.source else None)),
             "rating": d.rating,
             "tags": list(d.tags) or None,
             "conversation_id": d.conversation_id,
