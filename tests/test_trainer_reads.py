@@ -87,3 +87,21 @@ def test_cli_job_reads_say_who_holds_the_address(held):
         assert r.exit_code == 1, (argv, r.output)
         assert r.output.startswith("error: "), (argv, r.output)
         assert_says_who_and_how(r.output.replace("\n", " "), settings, words)
+
+
+def test_following_a_job_whose_trainer_stays_away_names_the_job(home, monkeypatch):
+    """Repro: `lunatrain lora` following a job whose trainer was killed gave up with only "error: The trainer
+    at http://127.0.0.1:33999 is not reachable (ConnectError); start it with `lunatrain trainer`." - the job id
+    was gone from the screen's last lines, so the user could not look up how the job ended."""
+    from lunatrain.cli import trainer as trainer_cli
+
+    def unreachable(*_args, **_kwargs):
+        raise ServiceUnavailable("The trainer at http://127.0.0.1:9 is not reachable (ConnectError); start it.")
+
+    monkeypatch.setattr(client, "events", unreachable)
+    monkeypatch.setattr(trainer_cli.time, "sleep", lambda _s: None)  # no waiting between the tries
+    with pytest.raises(ServiceUnavailable) as lost:
+        trainer_cli.follow(load_settings(), JOB, unreachable_s=0.0)
+    message = lost.value.message
+    assert "not reachable (ConnectError)" in message, message  # the cause, as before
+    assert f"`lunatrain jobs show {JOB}`" in message and f"`lunatrain jobs follow {JOB}`" in message, message

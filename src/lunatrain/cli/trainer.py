@@ -320,11 +320,17 @@ def follow(
                     continue
                 job = trainer_client.get_job(settings, job_id)
                 lost_since = None
-            except ServiceUnavailable:
+            except ServiceUnavailable as err:
                 # A trainer restarting is not the end of the job: keep asking for a while.
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > unreachable_s:
-                    raise
+                    # The job's outcome is unknown here: name the job, or the user (whose screen shows the
+                    # job id many lines up, if at all) has no way to look it up once the trainer is back.
+                    raise ServiceUnavailable(
+                        f"Stopped following job {job_id}: {err.message.rstrip('.')}; once it is back, "
+                        f"`lunatrain jobs follow {job_id}` continues and `lunatrain jobs show {job_id}` says "
+                        "how the job ended."
+                    ) from None
                 time.sleep(1.0)
                 continue
             if job.finished and not trainer_client.events(settings, job_id, after=after, limit=1).data:
