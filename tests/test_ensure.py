@@ -91,6 +91,9 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monk
     assert "no GPU here" in log_path(settings).read_text()
     assert old not in log_path(settings).read_text()
     assert log_path(settings).with_name("trainer.log.1").read_text() == old
+    # Repro: reports/training/trainer.pid kept naming the process that had exited, so `kill $(cat …)` could
+    # hit whatever reused that pid; a start that failed leaves no pid file behind.
+    assert not pid_path(settings).exists()
 
 
 @pytest.mark.slow
@@ -98,13 +101,17 @@ def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, any_port
     cmd = shlex.join([sys.executable, "-c", "import time; time.sleep(300)", "never-healthy-marker"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
     settings = load_settings()
+    procs = []
+    real_start = ensure.start_trainer
+    monkeypatch.setattr(ensure, "start_trainer", lambda *a, **k: procs.append(real_start(*a, **k)) or procs[-1])
     with pytest.raises(ServiceUnavailable) as info:
         # 5 s: time enough to reach the start even on a loaded machine (the deadline counts from the call)
         ensure_trainer(settings, timeout=5)
     assert "did not become healthy" in info.value.message and "within 5s" in info.value.message
     assert "reports/training/trainer.log" in info.value.message
-    started = int(pid_path(settings).read_text())
+    [started] = [p.pid for p in procs]
     assert wait_for(lambda: gone(started), 10)  # the half-started process is not left behind
+    assert not pid_path(settings).exists()  # nor its pid file
 
 
 def test_on_demand_off_starts_nothing(home, any_port, monkeypatch):

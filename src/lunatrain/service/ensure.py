@@ -27,7 +27,7 @@ from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
 from .jobs import Health
-from .lock import TRAINER_LOG_BYTES, write_pid
+from .lock import TRAINER_LOG_BYTES, remove_pid, write_pid
 from .spawn import child_env, lunatrain_argv
 
 _POLL_S = 0.25
@@ -86,7 +86,13 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
         if time.monotonic() >= deadline:
             raise _timeout(settings, timeout)
         proc = start_trainer(settings, port=port)
-        return _wait_healthy(settings, proc, deadline, timeout)
+        try:
+            return _wait_healthy(settings, proc, deadline, timeout)
+        except ServiceUnavailable:
+            # The process it names exited or was stopped: a pid file left naming it would send the next
+            # `kill $(cat trainer.pid)` to whatever reuses that pid.
+            remove_pid(settings, proc.pid)
+            raise
 
 
 def _refuse_chosen_address(settings: Settings, health: Health) -> None:

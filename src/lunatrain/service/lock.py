@@ -39,7 +39,8 @@ def write_pid(settings: Settings, pid: int | None = None) -> None:
     atomic_write_text(pid_path(settings), f"{pid or os.getpid()}\n")
 
 
-def remove_pid(settings: Settings) -> None:
+def remove_pid(settings: Settings, pid: int | None = None) -> None:
+    """Remove the pid file if it still names `pid` (default: this process), never another trainer's."""
     with contextlib.suppress(OSError, ValueError):
-        if int(pid_path(settings).read_text().strip()) == os.getpid():
+        if int(pid_path(settings).read_text().strip()) == (pid or os.getpid()):
             pid_path(settings).unlink()
