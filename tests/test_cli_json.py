@@ -132,6 +132,19 @@ def test_jobs_events_json_is_the_apis_event_page_also_past_the_end(settings: Set
     store.dispose_stores()
 
 
+def test_jobs_events_text_says_when_more_events_follow(settings: Settings, trainer: JobStore) -> None:
+    """Repro: `lunatrain jobs events JOB` on a job of 926 events printed the first 100 and stopped, exit 0,
+    with nothing saying the list was cut short or how to read on."""
+    job_id = ended_job(trainer, "cut")
+    r = CliRunner().invoke(app, ["jobs", "events", job_id, "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 2, r.stdout  # stdout stays the events, one a line
+    assert f"`lunatrain jobs events {job_id} --after 2`" in r.stderr, r.stderr
+    r = CliRunner().invoke(app, ["jobs", "events", job_id])  # all of them: nothing more to say
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    store.dispose_stores()
+
+
 # --- examples and memory -------------------------------------------------------------------------
 def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settings) -> None:
     """`examples list --json` and `memory list --json` printed snake_case keys (`conversation_id`,

@@ -205,6 +205,10 @@ def jobs_events(
         return
     for ev in page.data:
         typer.echo(f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}")
+    if page.has_more:
+        # A page is --limit events: without this line a cut-short list reads as the whole job. On stderr, so
+        # that stdout stays one event a line.
+        typer.echo(f"More events follow: `lunatrain jobs events {job_id} --after {page.last_seq}`.", err=True)
 
 
 # --- following a job -----------------------------------------------------------------------------
