@@ -265,6 +265,22 @@ def test_crash_error_names_signal_and_log(settings, tmp_path):
     assert "status 3" in _crash_error(3, log, settings.home)["message"]
 
 
+def test_a_workers_log_events_reach_its_job_log(capfd):
+    """Repro: a job killed by SIGKILL in its second epoch failed with "last log line: 'worker 29724 started
+    for ftjob-…'", and data/trainer/logs/<job>.log held that one line: the worker's log events (samples,
+    epochs done, adapter written) went only to the event stream, so the log and the crash message read as
+    if the job had died while starting."""
+    import io
+
+    from lunatrain.service.worker import Channel
+
+    events = io.StringIO()
+    Channel(events).send({"type": "log", "message": "epoch 1 done: val loss 7.8748, checkpoint saved"})
+    Channel(events).send({"type": "progress", "step": 3})
+    assert [json.loads(line)["type"] for line in events.getvalue().splitlines()] == ["log", "progress"]
+    assert capfd.readouterr().err.splitlines() == ["epoch 1 done: val loss 7.8748, checkpoint saved"]
+
+
 def test_fault_spec_and_error_codes():
     assert fault_for("any", "crash") == "crash"
     assert fault_for("b", "crash=a,nan=b") == "nan"

@@ -55,6 +55,10 @@ class Channel:
         self.broken = False
 
     def send(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "log" and event.get("message"):
+            # The job's log file (stderr) gets the log events too: it is what a crash message quotes the last
+            # line of, and without them it held only the start line, as if the job had died starting.
+            print(event["message"], file=sys.stderr, flush=True)
         if self._stream is None:
             return
         line = json.dumps(finite(event), ensure_ascii=False, default=str)
@@ -237,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
     _watch_parent(stop, parent)
     rank = f" (rank {world.rank} of {world.size})" if world.active else ""
-    print(f"worker {os.getpid()} started for {args.job}{rank}", file=sys.stderr, flush=True)
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}"})
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
