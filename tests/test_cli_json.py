@@ -202,6 +202,19 @@ def test_health_json_is_one_document_for_every_outcome(settings: Settings, monke
     store.dispose_stores()
 
 
+def test_offline_with_a_port_0_address_names_no_address_at_port_0(home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repro: with ASSISTANT_LORA_TRAINER_URL=http://127.0.0.1:0 and the trainer stopped, `lunatrain health`
+    said "Offline: no trainer at http://127.0.0.1:0" and `jobs list` "The trainer at http://127.0.0.1:0 is not
+    reachable": port 0 is no address (any free port), and the sentence did not say where the real one is kept."""
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")
+    for argv in (["health"], ["jobs", "list"], ["health", "--json"]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 1, (argv, r.output)
+        said = r.output.replace("\n", " ")
+        assert "at http://127.0.0.1:0" not in said and "data/trainer/trainer.url" in said, (argv, said)
+        assert str(home) in said, (argv, said)
+
+
 def test_health_json_offline_and_usage_errors_are_json_too(home, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")  # nothing answers there
     code, body = health_json()

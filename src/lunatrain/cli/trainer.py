@@ -113,7 +113,7 @@ def describe_health(settings: Settings, health: Health | None) -> str:
     label = trainer_client.label(health)
     if health is None:
         return (
-            f"{label}: no trainer at {trainer_client.base_url(settings)}; start it with `lunatrain trainer` "
+            f"{label}: no trainer {trainer_client.where(settings)}; start it with `lunatrain trainer` "
             "or `lunatrain health --ensure-trainer`."
         )
     d = health.device

@@ -53,6 +53,18 @@ def _any_port(url: str) -> bool:
     return False
 
 
+def where(settings: Settings) -> str:
+    """Where the trainer is looked for, in a sentence ("The trainer {where} is not reachable"): `at URL`; a
+    URL with port 0 and no record is no address (any free port), so name the data root and the record."""
+    url = base_url(settings)
+    if _any_port(url):
+        return (
+            f"for {settings.home} (ASSISTANT_LORA_TRAINER_URL {url}: a free port, which a running trainer "
+            "records in data/trainer/trainer.url)"
+        )
+    return f"at {url}"
+
+
 def _recorded_url(settings: Settings) -> str | None:
     """The recorded address, if it is a loopback http:// URL with a port: a file under the data root never
     sends this client (and its token) to another host."""
@@ -108,8 +120,7 @@ def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.
         response = _client().request(method, url, headers=headers, timeout=timeout, **kwargs)
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(
-            f"The trainer at {base_url(settings)} is not reachable ({type(exc).__name__}); "
-            "start it with `lunatrain trainer`."
+            f"The trainer {where(settings)} is not reachable ({type(exc).__name__}); start it with `lunatrain trainer`."
         ) from None
     if response.status_code >= 400:
         raise _error(settings, response)

@@ -56,7 +56,7 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
     if not settings.lora_ensure_on_demand and not explicit:
         if health is None:
             raise ServiceUnavailable(
-                f"The trainer at {trainer_client.base_url(settings)} is not reachable and starting it on demand is "
+                f"The trainer {trainer_client.where(settings)} is not reachable and starting it on demand is "
                 "off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`."
             )
         # Another data root's trainer (or another service) answers at our address: this root's trainer is not
@@ -170,7 +170,7 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
 
 def _timeout(settings: Settings, timeout: float) -> ServiceUnavailable:
     return ServiceUnavailable(
-        f"The trainer did not become healthy at {trainer_client.base_url(settings)} within {timeout:g}s; "
+        f"The trainer did not become healthy {trainer_client.where(settings)} within {timeout:g}s; "
         f"see {_rel(settings, log_path(settings))}."
     )
 
