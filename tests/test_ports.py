@@ -208,3 +208,27 @@ def test_a_port_in_use_is_one_sentence_exit_2_and_changes_nothing(home, busy, co
     for port in ("-1", "65536"):
         out_of_range = CliRunner().invoke(app, [command, "--port", port])
         assert out_of_range.exit_code == 2 and "Invalid value for '--port'" in out_of_range.output
+
+
+def test_a_second_trainer_of_the_data_root_names_where_the_first_one_runs(home, monkeypatch):
+    """Repro: a second `lunatrain trainer` on a data root said only "Another trainer is already running for
+    the data root /tmp/jt/home." - not which process, nor at which address (with --port 0 it is a port the
+    OS picked), so the user could neither use that trainer nor stop it."""
+    from lunatrain.errors import Conflict
+    from lunatrain.service import lock
+
+    settings = load_settings()
+    monkeypatch.setattr(lock, "_instance_lock", None)
+    lock.claim_data_root(settings)  # the first trainer, in this process
+    held = lock._instance_lock
+    try:
+        lock.write_pid(settings, 4242)
+        settings.trainer_url_file.write_text("http://127.0.0.1:40001\n")
+        with pytest.raises(Conflict) as refused:
+            lock.claim_data_root(settings)  # the second one
+    finally:
+        assert held is not None
+        held.close()
+    message = refused.value.message
+    assert "already running" in message and str(settings.home) in message, message
+    assert "pid 4242" in message and "http://127.0.0.1:40001" in message, message

@@ -27,8 +27,23 @@ def claim_data_root(settings: Settings) -> None:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise Conflict(f"Another trainer is already running for the data root {settings.home}.") from None
+        raise Conflict(
+            f"Another trainer is already running for the data root {settings.home}{_running_where(settings)}; "
+            "use it, or stop it before starting another."
+        ) from None
     _instance_lock = fh
+
+
+def _running_where(settings: Settings) -> str:
+    """` (pid N, at URL)` from the running trainer's pid file and address record, as far as they are there:
+    with --port 0 its address is a port the OS picked, which the user cannot guess."""
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        found.append(f"pid {int(pid_path(settings).read_text().strip())}")
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if url := settings.trainer_url_file.read_text(encoding="utf-8").strip():
+            found.append(f"at {url}")
+    return f" ({', '.join(found)})" if found else ""
 
 
 def pid_path(settings: Settings) -> Path:
