@@ -145,6 +145,19 @@ def test_jobs_events_text_says_when_more_events_follow(settings: Settings, train
     store.dispose_stores()
 
 
+def test_jobs_events_of_a_job_whose_events_gc_removed_says_so(settings: Settings, trainer: JobStore) -> None:
+    """Repro: after `lunatrain gc`, `lunatrain jobs events JOB` of an older job printed nothing at all, exit 0,
+    as if the job had never done anything."""
+    from lunatrain.retention import collect
+
+    job_id = ended_job(trainer, "collected")
+    collect(settings.model_copy(update={"retain_jobs": 0}))
+    r = CliRunner().invoke(app, ["jobs", "events", job_id])
+    assert r.exit_code == 0 and r.stdout == "", r.output
+    assert f"Job {job_id} has no events" in r.stderr and "`lunatrain gc`" in r.stderr, r.stderr
+    store.dispose_stores()
+
+
 # --- examples and memory -------------------------------------------------------------------------
 def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settings) -> None:
     """`examples list --json` and `memory list --json` printed snake_case keys (`conversation_id`,

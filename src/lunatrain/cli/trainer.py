@@ -205,6 +205,15 @@ def jobs_events(
         return
     for ev in page.data:
         typer.echo(f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}")
+    if not page.data and after == 0:
+        # Every job records its status events, so none at all means the retention policy removed them; an
+        # empty output would read as a job that never did anything.
+        typer.echo(
+            f"Job {job_id} has no events: `lunatrain gc` (and the trainer after each job) removes those of older "
+            "finished jobs (ASSISTANT_RETAIN_JOBS, ASSISTANT_RETAIN_JOB_DAYS); `lunatrain jobs show` still shows "
+            "its outcome.",
+            err=True,
+        )
     if page.has_more:
         # A page is --limit events: without this line a cut-short list reads as the whole job. On stderr, so
         # that stdout stays one event a line.
