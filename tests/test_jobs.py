@@ -152,6 +152,17 @@ def test_recover_settles_running_jobs_and_stops_their_orphans(store, settings):
         orphan.wait()
 
 
+def test_an_interrupted_job_says_how_to_resume_in_the_callers_terms(store, settings):
+    """Repro: `lunatrain lora` and `jobs show` said "submit it again (with resume=true it continues from its
+    last checkpoint)": `resume=true` is neither the CLI's flag nor the API's JSON."""
+    job = queued(store, LoraParams(adapter_name="cut"))
+    store.claim(job.id)
+    recover(settings, store)
+    message = store.get(job.id).error.message
+    assert "resume=true" not in message, message
+    assert "`lunatrain lora --resume`" in message and '`"resume": true`' in message, message
+
+
 def test_recover_never_kills_a_reused_pid(store, settings):
     job = queued(store)
     store.claim(job.id)

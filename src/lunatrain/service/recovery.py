@@ -108,8 +108,10 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
         "failed",
         error={
             "code": "interrupted",
+            # Read by CLI and API users alike: name the switch in both their terms.
             "message": "The trainer stopped while this job was running and no adapter was registered; submit it "
-            "again (with resume=true it continues from its last checkpoint).",
+            'again (with `lunatrain lora --resume`, or `"resume": true` in the API, it continues from its last '
+            "checkpoint).",
         },
     )
 
