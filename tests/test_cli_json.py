@@ -158,6 +158,18 @@ def test_jobs_events_of_a_job_whose_events_gc_removed_says_so(settings: Settings
     store.dispose_stores()
 
 
+@pytest.mark.parametrize("job_id", ["", "_x", "a" * 65, "x/y"])
+def test_jobs_commands_refuse_a_malformed_job_id_saying_what_one_looks_like(settings: Settings, job_id: str) -> None:
+    """Repro: `lunatrain jobs show ''` said only "Invalid job id ''."; `jobs show _x` went to the trainer and
+    came back as "Invalid request: job_id: should be …", naming a parameter the command line does not have.
+    Every one is now refused before any request, in one sentence that says what a job id looks like."""
+    for argv in (["jobs", "show", job_id], ["jobs", "cancel", job_id], ["jobs", "events", job_id]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 2, (argv, r.output)
+        said = r.output.replace("\n", " ")
+        assert f"Invalid job id {job_id!r}: 1-64 letters, digits" in said and "job_id" not in said, (argv, said)
+
+
 # --- examples and memory -------------------------------------------------------------------------
 def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settings) -> None:
     """`examples list --json` and `memory list --json` printed snake_case keys (`conversation_id`,

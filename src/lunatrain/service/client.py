@@ -10,6 +10,7 @@ trainer at all), this root's trainer is not running, and a read raises ServiceUn
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from typing import Any, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -17,11 +18,11 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
-from ..errors import Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
+from ..errors import PATTERN_RULES, Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import is_loopback
-from .jobs import DATA_ROOT_HEADER, EventPage, Health, Job, JobCheck, JobList, Status, data_root_id
+from .jobs import DATA_ROOT_HEADER, JOB_ID_PATTERN, EventPage, Health, Job, JobCheck, JobList, Status, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
@@ -331,7 +332,9 @@ def cancel(settings: Settings, job_id: str) -> Job:
 
 
 def _segment(job_id: str) -> str:
-    # Job ids are opaque tokens; refuse anything that would change the URL's path instead of naming a job.
-    if not job_id or len(job_id) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id):
-        raise UsageError(f"Invalid job id {job_id!r}.")
+    # Job ids are opaque tokens; refuse anything that would change the URL's path instead of naming a job. The
+    # trainer's own rule, checked here: an id it refuses would come back naming its path parameter (`job_id`).
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
+        rule = PATTERN_RULES[JOB_ID_PATTERN].removeprefix("should be a job id: ")
+        raise UsageError(f"Invalid job id {job_id!r}: {rule}; `lunatrain jobs list` lists the jobs.")
     return job_id
