@@ -94,6 +94,12 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monk
     # Repro: reports/training/trainer.pid kept naming the process that had exited, so `kill $(cat …)` could
     # hit whatever reused that pid; a start that failed leaves no pid file behind.
     assert not pid_path(settings).exists()
+    # A start that failed while a trainer whose pid the file named is alive (it did not answer in time, and
+    # the new one found the data root taken) gives that trainer its pid file back.
+    pid_path(settings).write_text(f"{os.getpid()}\n")
+    with pytest.raises(ServiceUnavailable):
+        ensure_trainer(settings, timeout=60)
+    assert pid_path(settings).read_text() == f"{os.getpid()}\n"
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
 from .jobs import Health
-from .lock import TRAINER_LOG_BYTES, remove_pid, write_pid
+from .lock import TRAINER_LOG_BYTES, read_pid, remove_pid, write_pid
 from .spawn import child_env, lunatrain_argv
 
 _POLL_S = 0.25
@@ -85,13 +85,15 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
             port = 0
         if time.monotonic() >= deadline:
             raise _timeout(settings, timeout)
+        previous = read_pid(settings)
         proc = start_trainer(settings, port=port)
         try:
             return _wait_healthy(settings, proc, deadline, timeout)
         except ServiceUnavailable:
             # The process it names exited or was stopped: a pid file left naming it would send the next
-            # `kill $(cat trainer.pid)` to whatever reuses that pid.
-            remove_pid(settings, proc.pid)
+            # `kill $(cat trainer.pid)` to whatever reuses that pid. A trainer that is still running (one that
+            # answered too slowly, whose data root the new one found taken) gets its record back.
+            remove_pid(settings, proc.pid, previous=previous)
             raise
 
 

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from ..errors import Conflict
 from ..fsio import atomic_write_text
 from ..settings import Settings
@@ -54,8 +56,19 @@ def write_pid(settings: Settings, pid: int | None = None) -> None:
     atomic_write_text(pid_path(settings), f"{pid or os.getpid()}\n")
 
 
-def remove_pid(settings: Settings, pid: int | None = None) -> None:
-    """Remove the pid file if it still names `pid` (default: this process), never another trainer's."""
+def read_pid(settings: Settings) -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        if int(pid_path(settings).read_text().strip()) == (pid or os.getpid()):
+        return int(pid_path(settings).read_text().strip())
+    return None
+
+
+def remove_pid(settings: Settings, pid: int | None = None, previous: int | None = None) -> None:
+    """Remove the pid file if it still names `pid` (default: this process), never another trainer's; with
+    `previous` (what the file named before `pid` was written) still running, give the file back to it."""
+    if read_pid(settings) != (pid or os.getpid()):
+        return
+    with contextlib.suppress(OSError):
+        if previous is not None and psutil.pid_exists(previous):
+            write_pid(settings, previous)
+        else:
             pid_path(settings).unlink()
