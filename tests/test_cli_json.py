@@ -170,6 +170,14 @@ def test_jobs_commands_refuse_a_malformed_job_id_saying_what_one_looks_like(sett
         assert f"Invalid job id {job_id!r}: 1-64 letters, digits" in said and "job_id" not in said, (argv, said)
 
 
+def test_jobs_list_with_a_status_and_nothing_in_it_names_the_status(settings: Settings, trainer: JobStore) -> None:
+    """Repro: `lunatrain jobs list --status running` printed "no jobs" although the trainer had finished jobs."""
+    ended_job(trainer, "done")
+    r = CliRunner().invoke(app, ["jobs", "list", "--status", "running"])
+    assert r.exit_code == 0 and r.stdout == "no running jobs\n", r.output
+    store.dispose_stores()
+
+
 # --- examples and memory -------------------------------------------------------------------------
 def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settings) -> None:
     """`examples list --json` and `memory list --json` printed snake_case keys (`conversation_id`,

@@ -148,7 +148,7 @@ def jobs_list(
         typer.echo(json.dumps(JobList(data=jobs).wire(), indent=2, ensure_ascii=False))
         return
     if not jobs:
-        typer.echo("no jobs")
+        typer.echo(f"no {status} jobs" if status else "no jobs")  # "no jobs" under a filter reads as none at all
     for job in jobs:
         typer.echo(f"{job.id}  {job.status:<10} {job.created_at}  {job.params.get('adapterName')}  {summary(job)}")
 
