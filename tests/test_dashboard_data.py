@@ -316,3 +316,41 @@ def test_a_check_counting_one_record_is_said_in_the_singular(page, services: Ser
         rows = page.locator("#checks-table tbody tr")
         expect(rows.nth(0)).to_contain_text(one)
         expect(rows.nth(1)).to_contain_text(two)
+
+
+@pytest.mark.parametrize(
+    ("query", "typed", "steps"),
+    [("", "10.000", 10_000), ("", "10000", 10_000), ("?lang=en", "10,000", 10_000), ("?lang=en", "10000", 10_000)],
+)
+def test_a_whole_number_with_thousands_separators_is_read_in_the_pages_locale(
+    page, services: Services, query: str, typed: str, steps: int
+) -> None:
+    """Repro: the hint writes "1 bis 1.000.000"; typing "10.000" into Max. Schritte as the hint writes it sent
+    maxSteps 10 (the dot read as a decimal point), and "10,000" on the English page did the same."""
+    page.route(
+        "**/assistant/training/lora/start",
+        lambda route: route.fulfill(
+            status=503, content_type="application/json", body=json.dumps({"error": {"code": "x", "message": "no"}})
+        ),
+    )
+    open_page(page, services, query)
+    page.locator("#f-maxSteps").fill(typed)
+    with page.expect_request("**/assistant/training/lora/start") as asked:
+        page.locator("#start-button").click()
+    assert json.loads(asked.value.post_data or "{}")["maxSteps"] == steps
+
+
+@pytest.mark.parametrize(("query", "typed"), [("", "1,000"), ("?lang=en", "1.000"), ("", "3.5"), ("?lang=en", "1,5")])
+def test_a_whole_number_with_a_separator_it_cannot_mean_is_refused(page, services: Services, query, typed) -> None:
+    """A separator the page's locale does not group with is a decimal mark: "1,000" on the German page is one,
+    not a thousand, and is said to be no whole number rather than sent as 1."""
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/lora/start" in r.url else None)
+    open_page(page, services, query)
+    page.locator("#f-epochs").fill(typed)
+    page.locator("#start-button").click()
+    expect(page.locator("#f-epochs")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#f-epochs-error")).to_have_text(
+        "Bitte eine ganze Zahl eingeben." if not query else "Please enter a whole number."
+    )
+    assert sent == []

@@ -720,6 +720,9 @@ export const lang = (() => {
 
 const locale = lang === "de" ? "de-DE" : "en-GB";
 
+/** The page's thousands separator ("." in German, "," in English), as formatNumber writes it in the hints. */
+export const groupSeparator = new Intl.NumberFormat(locale).formatToParts(1000).find((p) => p.type === "group")?.value ?? "";
+
 /** The text for `key` with `{name}` placeholders filled; the key itself if missing (visible, not blank). */
 export function t(key, vars = {}) {
   const text = TEXTS[lang][key] ?? TEXTS.de[key] ?? key;

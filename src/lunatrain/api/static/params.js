@@ -2,7 +2,7 @@
 // is caught next to its field before anything is sent. The server validates again and stays the authority:
 // its 422 names the field, and the page shows that message next to the same field.
 
-import { t, formatNumber, formatFloat } from "./i18n.js";
+import { t, formatNumber, formatFloat, groupSeparator } from "./i18n.js";
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -86,7 +86,15 @@ export function checkField(field, raw) {
     return [text, null];
   }
   // Numbers: accept a decimal comma too, as German users type it.
-  const normal = text.replace(",", ".");
+  let normal = text.replace(",", ".");
+  if (field.kind === "int") {
+    // A whole number may be grouped the way the hints write it ("1.000.000" in German, "1,000,000" in
+    // English). Any other "." or "," is a decimal mark, so "10.000" must not be read as ten (nor "1,000" on
+    // the German page as one): a whole number has none.
+    const grouped = new RegExp(`^[+-]?\\d{1,3}(${groupSeparator === "." ? "\\." : groupSeparator}\\d{3})+$`);
+    normal = grouped.test(text) ? text.split(groupSeparator).join("") : text;
+    if (/[.,]/.test(normal)) return [undefined, t("err.integer")];
+  }
   if (!/^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(normal)) {
     return [undefined, t(field.kind === "int" ? "err.integer" : "err.number")];
   }
