@@ -354,3 +354,25 @@ def test_a_whole_number_with_a_separator_it_cannot_mean_is_refused(page, service
         "Bitte eine ganze Zahl eingeben." if not query else "Please enter a whole number."
     )
     assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [("", "12.345 Beispiele mit leerer Antwort"), ("?lang=en", "12,345 samples with an empty response")],
+)
+def test_a_large_count_in_a_server_message_is_said_exactly(page, services: Services, query: str, said: str) -> None:
+    """Repro: numbers in a server message were rounded to four significant digits, so a check counting 12345
+    records said "12.350 Beispiele mit leerer Antwort"."""
+    check = {
+        "id": "empty_response",
+        "severity": "fail",
+        "count": 12345,
+        "examples": ["ex-1"],
+        "message": "server sentence",
+        "code": "check.empty_response.found",
+        "params": {"count": 12345},
+    }
+    answer(page, "**/assistant/training/prepare", {"status": "fail", "checks": [check]})
+    open_page(page, services, query)
+    page.locator("#prepare-button").click()
+    expect(page.locator("#checks-table tbody tr").first).to_contain_text(said)

@@ -740,7 +740,9 @@ export function tMsg(code, params = {}, fallback = "") {
   const key = params?.count === 1 && `${many}.one` in TEXTS[lang] ? `${many}.one` : many;
   const vars = {};
   for (const [name, value] of Object.entries(params ?? {})) {
-    vars[name] = typeof value === "number" ? formatFloat(value) : Array.isArray(value) ? value.join(", ") : value;
+    // A count or a length is said exactly ("12.345", not rounded to four significant digits as a loss is).
+    const number = (n) => (Number.isInteger(n) ? formatNumber(n) : formatFloat(n));
+    vars[name] = typeof value === "number" ? number(value) : Array.isArray(value) ? value.join(", ") : value;
     // A job's state ("cancelled") is a code: said in the page's words, as the job panel says it.
     if (name === "status" && `state.${value}` in TEXTS[lang]) vars[name] = t(`state.${value}`);
   }
