@@ -376,3 +376,26 @@ def test_a_large_count_in_a_server_message_is_said_exactly(page, services: Servi
     open_page(page, services, query)
     page.locator("#prepare-button").click()
     expect(page.locator("#checks-table tbody tr").first).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [("", "Mit einem inzwischen gelöschten Beispiel trainiert"), ("?lang=en", "Trained on an example deleted since")],
+)
+def test_the_retrain_badge_explains_itself_in_the_pages_language(page, services: Services, query, said) -> None:
+    """Repro: the "neu trainieren" badge's tooltip was the registry's English sentence ("trained on a deleted
+    example") on the German page too."""
+    version = {
+        "version": "v1",
+        "created": "2026-01-01T00:00:00Z",
+        "metrics": {"valLoss": 1.5, "baseValLoss": 2.0},
+        "stale": {"reason": "trained on a deleted example", "hashes": ["abc"], "at": "2026-01-02T00:00:00Z"},
+    }
+    table = {
+        "bases": [
+            {"baseModel": "luna-tiny", "adapters": [{"name": "luna-adapter", "aliases": {}, "versions": [version]}]}
+        ]
+    }
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services, query)
+    expect(page.locator(".badge-stale")).to_have_attribute("title", said)

@@ -79,8 +79,8 @@ export class AdapterView {
     const badges = [
       isActive && h("span", { class: "badge badge-active" }, t("adapters.active")),
       aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
-      version.stale && h("span", { class: "badge badge-stale", title: version.stale.reason ?? t("adapters.staleTitle") },
-        t("adapters.stale")),
+      // The registry's reason is an English sentence without a code: the tooltip says it in the page's words.
+      version.stale && h("span", { class: "badge badge-stale", title: t("adapters.staleTitle") }, t("adapters.stale")),
       // Not active: always say why (another base, refused by the gate, another version …).
       !isActive && version.state && h("span", { class: "inactive-reason" },
         tMsg(version.state.code, version.state.params, version.state.reason)),
