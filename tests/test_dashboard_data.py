@@ -399,3 +399,18 @@ def test_the_retrain_badge_explains_itself_in_the_pages_language(page, services:
     answer(page, "**/assistant/training/adapters", table)
     open_page(page, services, query)
     expect(page.locator(".badge-stale")).to_have_attribute("title", said)
+
+
+@pytest.mark.parametrize(("query", "tick"), [("", "10.000"), ("?lang=en", "10,000")])
+def test_the_loss_charts_step_axis_writes_numbers_in_the_pages_locale(page, services: Services, query, tick) -> None:
+    """Repro: the chart's step axis wrote "10000" under a job whose facts said "Schritt 12.000 / 20.000"."""
+    job = {"id": "ftjob-long", "status": "running", "progress": {"step": 12_000, "totalSteps": 20_000, "percent": 60}}
+    points = [
+        {"seq": i + 1, "type": "progress", "step": s, "loss": 2.0 - i * 0.1} for i, s in enumerate((1, 6000, 12_000))
+    ]
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": points, "lastSeq": 3, "hasMore": False})
+    open_page(page, services, query)
+    axis = page.locator("#loss-chart .chart-grid text")
+    expect(axis.filter(has_text=re.compile(rf"^{re.escape(tick)}$"))).to_have_count(1)
+    expect(axis.filter(has_text=re.compile(r"^\d{5}$"))).to_have_count(0)

@@ -4,7 +4,7 @@
 // desktop; the legend is HTML below the chart so it never covers the curves. The last values are also in
 // the SVG's <desc>, so the chart is not the only way to read them.
 
-import { t, formatFloat } from "./i18n.js";
+import { t, formatFloat, formatNumber } from "./i18n.js";
 
 const NS = "http://www.w3.org/2000/svg";
 const PAD = { left: 48, right: 12, top: 10, bottom: 34 };
@@ -88,7 +88,8 @@ export function drawLossChart(svg, legend, series) {
     grid.append(el("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end" }, formatFloat(v, 3)));
   }
   for (const v of ticks(xmin, xmax, Math.max(2, Math.floor((x1 - x0) / 70))).filter(Number.isInteger)) {
-    grid.append(el("text", { x: sx(v), y: y0 + 16, "text-anchor": "middle" }, String(v)));
+    // Grouped as the job's facts write the same steps ("12.000 / 20.000"), not as bare digits.
+    grid.append(el("text", { x: sx(v), y: y0 + 16, "text-anchor": "middle" }, formatNumber(v)));
   }
   grid.append(el("text", { x: x1, y: H - 3, "text-anchor": "end" }, t("job.step")));
   svg.append(grid);
