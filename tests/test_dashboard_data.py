@@ -414,3 +414,33 @@ def test_the_loss_charts_step_axis_writes_numbers_in_the_pages_locale(page, serv
     axis = page.locator("#loss-chart .chart-grid text")
     expect(axis.filter(has_text=re.compile(rf"^{re.escape(tick)}$"))).to_have_count(1)
     expect(axis.filter(has_text=re.compile(r"^\d{5}$"))).to_have_count(0)
+
+
+def test_send_without_a_model_list_asks_for_it_again_instead_of_sending_no_model(page, services: Services) -> None:
+    """Repro: when listing the models failed, "Senden" sent the message with no model and showed the server's
+    "Ungültige Anfrage: model: Input should be a valid string." under the base model's column."""
+    models = {"n": 0}
+
+    def failing_models(route) -> None:
+        models["n"] += 1
+        body = {"error": {"code": "internal_error", "message": "model list failed"}}
+        route.fulfill(status=500, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/models*", failing_models)
+    chats: list[str] = []
+    page.on("request", lambda r: chats.append(r.url) if "/v1/chat/completions" in r.url else None)
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    alerts = page.locator("#alerts .message")
+    expect(alerts.filter(has_text="model list failed")).to_have_count(1)
+    page.get_by_label("Nachricht").fill("Hallo")
+    with page.expect_request("**/v1/models*"):  # the send asks for the list again
+        page.get_by_role("button", name="Senden").click()
+    expect(page.get_by_role("button", name="Senden")).to_be_enabled()
+    expect(page.locator("#try-base-meta")).not_to_contain_text("Input should be")
+    assert chats == [], chats
+    # Once the list answers, the same button sends to the base model.
+    page.unroute("**/v1/models*")
+    with page.expect_request("**/v1/chat/completions") as asked:
+        page.get_by_role("button", name="Senden").click()
+    assert json.loads(asked.value.post_data or "{}")["model"] == "luna-tiny"

@@ -169,6 +169,12 @@ export class TryPanel {
     }
     this.prompt.removeAttribute("aria-invalid");
     $("try-prompt-error").hidden = true;
+    // Without the model list (it failed, or has not come yet) there is no base model to ask: ask for the list
+    // again rather than send a request without a model, which the server refuses in its own words.
+    if (this.base === null) {
+      await this.load();
+      if (this.base === null) return;
+    }
     const messages = this.messages ?? [{ role: "user", content: text }];
     const columns = [["base", this.base]];
     if (!this.select.disabled && this.select.value) columns.push(["adapter", this.select.value]);
