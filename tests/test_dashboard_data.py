@@ -444,3 +444,23 @@ def test_send_without_a_model_list_asks_for_it_again_instead_of_sending_no_model
     with page.expect_request("**/v1/chat/completions") as asked:
         page.get_by_role("button", name="Senden").click()
     assert json.loads(asked.value.post_data or "{}")["model"] == "luna-tiny"
+
+
+@pytest.mark.parametrize(
+    ("button", "route", "body", "notice"),
+    [
+        ("Exportieren", "**/assistant/training/export", {"counts": {"merged": {"total": 5}}}, "Export fertig"),
+        ("Preflight (prepare)", "**/assistant/training/prepare", {"status": "ok", "checks": []}, "Preflight"),
+    ],
+)
+def test_a_data_action_keeps_the_keyboard_on_its_button(page, services: Services, button, route, body, notice) -> None:
+    """Repro: the button was disabled while it worked, which sends the focus to the page's start; after an
+    export by keyboard, the next Tab began again at "Zum Inhalt springen"."""
+    answer(page, route, body)
+    open_page(page, services)
+    action = page.get_by_role("button", name=button, exact=True)
+    action.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#notices")).to_contain_text(notice)
+    expect(action).to_be_enabled()
+    expect(action).to_be_focused()

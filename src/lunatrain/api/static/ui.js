@@ -77,6 +77,7 @@ export function confirmDialog(text) {
 /** Run `work` with `button` disabled (and `busyText` on it), restoring it afterwards. */
 export async function busy(button, busyText, work) {
   const label = button.textContent;
+  const hadFocus = document.activeElement === button;
   button.disabled = true;
   button.setAttribute("aria-busy", "true");
   if (busyText) button.textContent = busyText;
@@ -86,6 +87,10 @@ export async function busy(button, busyText, work) {
     button.disabled = false;
     button.removeAttribute("aria-busy");
     button.textContent = label;
+    // Disabling the button sent the focus to the page's start: give it back to a keyboard user, unless the
+    // work moved it somewhere on purpose (a field marked invalid).
+    const lost = document.activeElement === null || document.activeElement === document.body;
+    if (hadFocus && lost && button.isConnected && !button.hidden) button.focus();
   }
 }
 
