@@ -464,3 +464,28 @@ def test_a_data_action_keeps_the_keyboard_on_its_button(page, services: Services
     expect(page.locator("#notices")).to_contain_text(notice)
     expect(action).to_be_enabled()
     expect(action).to_be_focused()
+
+
+def test_send_by_keyboard_keeps_the_focus_on_send(page, services: Services) -> None:
+    """Repro: Send was disabled while the answers streamed, which sends the focus to the page's start; after
+    the answer a keyboard user's next Tab began again at "Zum Inhalt springen"."""
+    answer(
+        page, "**/v1/models*", {"object": "list", "data": [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]}
+    )
+    chunk = {"model": "luna-tiny", "choices": [{"index": 0, "delta": {"content": "Hallo!"}, "finish_reason": "stop"}]}
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(
+            status=200, content_type="text/event-stream", body=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+        ),
+    )
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-base-label")).to_contain_text("luna-tiny")
+    page.get_by_label("Nachricht").fill("Hallo")
+    send = page.get_by_role("button", name="Senden")
+    send.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#try-base")).to_have_text("Hallo!")
+    expect(send).to_be_enabled()
+    expect(send).to_be_focused()

@@ -179,6 +179,7 @@ export class TryPanel {
     const columns = [["base", this.base]];
     if (!this.select.disabled && this.select.value) columns.push(["adapter", this.select.value]);
     else this.column("adapter").text.textContent = "";
+    const hadFocus = document.activeElement === this.send;
     this.send.disabled = true;
     this.send.setAttribute("aria-busy", "true");
     try {
@@ -186,6 +187,9 @@ export class TryPanel {
     } finally {
       this.send.disabled = false;
       this.send.removeAttribute("aria-busy");
+      // Disabling Send sent the focus to the page's start: give it back to the keyboard user who pressed it.
+      const lost = document.activeElement === null || document.activeElement === document.body;
+      if (hadFocus && lost) this.send.focus();
     }
   }
 
