@@ -489,3 +489,19 @@ def test_send_by_keyboard_keeps_the_focus_on_send(page, services: Services) -> N
     expect(page.locator("#try-base")).to_have_text("Hallo!")
     expect(send).to_be_enabled()
     expect(send).to_be_focused()
+
+
+@pytest.mark.parametrize(
+    ("query", "typed", "said"), [("", "1.000", "mindestens 1.000"), ("?lang=en", "1,000", "least 1,000")]
+)
+def test_the_data_threshold_reads_a_grouped_number_in_the_pages_locale(
+    page, services: Services, query, typed, said
+) -> None:
+    """Repro: "1.000" as the threshold asked the server with minCurated=1 ("Bereit: 273 von mindestens 1")."""
+    open_page(page, services, query)
+    threshold = page.locator("#data-min-curated")
+    threshold.fill(typed)
+    with page.expect_request(re.compile(r".*/assistant/training/status\?minCurated=1000$")):
+        threshold.press("Enter")
+    expect(page.locator("#data-ready")).to_contain_text(said)
+    expect(threshold).not_to_have_attribute("aria-invalid", "true")

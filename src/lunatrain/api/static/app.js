@@ -7,7 +7,7 @@ import { LoraForm } from "./form.js";
 import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
 import { JobView } from "./job.js";
 import { TryPanel } from "./tryit.js";
-import { serverFieldErrors } from "./params.js";
+import { serverFieldErrors, checkField, FIELDS } from "./params.js";
 import { h, showError, showNotice, clearErrors, clearErrorsOf, busy, fillFacts, turns } from "./ui.js";
 
 const HEALTH_MS = 15000;
@@ -94,12 +94,14 @@ $("token-form").addEventListener("submit", (event) => {
 
 const SOURCES = ["curated", "memory", "conversation"];
 const STATUSES = ["approved", "pending", "rejected"];
+// The form's minCurated without its upper bound: above it, the server's refusal names the parameter.
+const MIN_CURATED_FIELD = { ...FIELDS.find((f) => f.name === "minCurated"), max: Infinity };
 
 /** The threshold the user set, or undefined (the server's default) while the field holds no whole number ≥ 0. */
 function minCurated() {
-  const text = $("data-min-curated").value.trim();
-  const value = Number(text);
-  return text !== "" && Number.isInteger(value) && value >= 0 ? value : undefined;
+  // Read as the form reads its own minCurated: "1.000" is a thousand on the German page, not one.
+  const [value, error] = checkField(MIN_CURATED_FIELD, $("data-min-curated").value);
+  return error || value === null ? undefined : value;
 }
 
 /** The threshold for an action the user asked for: marked and focused when it is not a whole number ≥ 0
