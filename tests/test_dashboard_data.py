@@ -505,3 +505,16 @@ def test_the_data_threshold_reads_a_grouped_number_in_the_pages_locale(
         threshold.press("Enter")
     expect(page.locator("#data-ready")).to_contain_text(said)
     expect(threshold).not_to_have_attribute("aria-invalid", "true")
+
+
+def test_a_long_remaining_time_is_said_in_hours(page, services: Services) -> None:
+    """Repro: a job with two hours to go said "Restzeit 125 min 0 s"."""
+    job = {
+        "id": "ftjob-slow",
+        "status": "running",
+        "progress": {"step": 10, "totalSteps": 400, "percent": 2.5, "etaSeconds": 7530},
+    }
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services)
+    expect(page.locator("#job-facts")).to_contain_text("Restzeit2 h 5 min")

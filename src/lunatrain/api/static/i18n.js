@@ -793,5 +793,7 @@ export function formatDuration(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(Number(seconds))) return "–";
   const s = Math.max(0, Math.round(Number(seconds)));
   const m = Math.floor(s / 60);
+  // Hours for a long run ("2 h 5 min", not "125 min 30 s"); seconds no longer matter there.
+  if (m >= 60) return `${Math.floor(m / 60)} h ${m % 60} min`;
   return m ? `${m} min ${s % 60} s` : `${s} s`;
 }
