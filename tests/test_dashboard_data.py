@@ -518,3 +518,13 @@ def test_a_long_remaining_time_is_said_in_hours(page, services: Services) -> Non
     answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
     open_page(page, services)
     expect(page.locator("#job-facts")).to_contain_text("Restzeit2 h 5 min")
+
+
+@pytest.mark.parametrize(("query", "said"), [("", "30 %"), ("?lang=en", "30%")])
+def test_the_jobs_percentage_is_written_as_the_pages_language_writes_it(page, services: Services, query, said) -> None:
+    """Repro: the English page wrote the progress as "30 %", with the German space before the sign."""
+    job = {"id": "ftjob-third", "status": "running", "progress": {"step": 3, "totalSteps": 10, "percent": 30}}
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services, query)
+    expect(page.locator("#job-percent")).to_have_text(said)

@@ -114,7 +114,8 @@ export class JobView {
     this.series.total = p.totalSteps ?? null;
     const percent = job.status === "succeeded" ? 100 : Math.max(0, Math.min(100, Number(p.percent) || 0));
     e["job-progress"].value = percent;
-    e["job-percent"].textContent = `${formatNumber(percent, 0)} %`;
+    // "30 %" in German, "30%" in English: each language's own way of writing it.
+    e["job-percent"].textContent = t("job.percent", { percent: formatNumber(percent, 0) });
     const m = job.metrics ?? {};
     const facts = [
       [t("job.status"), t(`state.${job.status}`)],
