@@ -12,6 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """`n` and a noun in the English sentences beside the codes: "1 version", "2 versions" (`many`: a plural
+    that is not `one` + "s")."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 CODES: dict[str, str] = {
     # errors (error.code): the class codes of errors.py, the HTTP layer's, and specific ones
     "error": "a failure without a more specific code",

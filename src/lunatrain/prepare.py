@@ -47,7 +47,7 @@ from typing import Any, Literal
 from . import export as export_mod
 from .errors import CheckFailed
 from .fsio import atomic_write_json, read_json
-from .messages import coded
+from .messages import coded, counted
 from .params import LoraParams, total_steps
 from .settings import PREPARE_REPORT, Settings
 from .wire import now_iso
@@ -308,7 +308,7 @@ def _summary_check(mismatched: list[str]) -> Check:
         "fail",
         len(mismatched),
         mismatched[:MAX_EXAMPLES],
-        f"{_n(len(mismatched), 'file')} {'differs' if len(mismatched) == 1 else 'differ'} from the export summary "
+        f"{counted(len(mismatched), 'file')} {'differs' if len(mismatched) == 1 else 'differ'} from the export summary "
         "(edited by hand or torn); run `lunatrain export`",
         "check.export_summary.mismatch",
         {"count": len(mismatched)},
@@ -354,8 +354,7 @@ def stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
     """Whether the database changed since the export with this summary (a warning: the export is used as it is)."""
     from . import store
 
-    db_file = settings.database_url.removeprefix("sqlite:///")
-    if settings.database_url.startswith("sqlite") and not Path(db_file).exists():
+    if not store.has_database(settings):
         return Check(
             "export_stale",
             "info",
@@ -458,11 +457,6 @@ _SINGULAR_LATER = (
 )
 
 
-def _n(count: int, noun: str) -> str:
-    """`count` and `noun`, plural unless there is one ("1 val sample", "2 val samples")."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _one(what: str) -> str:
     for many, one in _SINGULAR:
         if what.startswith(many):
@@ -519,7 +513,7 @@ def volume_check(curated: int, min_curated: int) -> Check:
             "fail",
             curated,
             [],
-            f"{_n(curated, 'approved curated example')}, {min_curated} required (minCurated); curate more or lower it",
+            f"{counted(curated, 'approved curated example')}, {min_curated} required (minCurated); curate more or lower it",
             "check.volume.too_few",
             {"curated": curated, "minCurated": min_curated},
         )
@@ -528,7 +522,7 @@ def volume_check(curated: int, min_curated: int) -> Check:
         "info",
         curated,
         [],
-        f"{_n(curated, 'approved curated example')} (minCurated {min_curated})",
+        f"{counted(curated, 'approved curated example')} (minCurated {min_curated})",
         "check.volume.ok",
         {"curated": curated, "minCurated": min_curated},
     )
@@ -547,7 +541,13 @@ def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
         )
         if n_train == 0
         else Check(
-            "empty_train", "info", n_train, [], _n(n_train, "train sample"), "check.empty_train.ok", {"count": n_train}
+            "empty_train",
+            "info",
+            n_train,
+            [],
+            counted(n_train, "train sample"),
+            "check.empty_train.ok",
+            {"count": n_train},
         )
     )
     return [vol, empty]
@@ -760,12 +760,12 @@ def _val_check(n_val: int, ratio: float) -> Check:
             "warn",
             n_val,
             [],
-            f"only {_n(n_val, 'val sample')} (< {MIN_VAL}): the validation loss will be mostly noise",
+            f"only {counted(n_val, 'val sample')} (< {MIN_VAL}): the validation loss will be mostly noise",
             "check.val_too_small.few",
             {"count": n_val, "minimum": MIN_VAL},
         )
     return Check(
-        "val_too_small", "info", n_val, [], _n(n_val, "val sample"), "check.val_too_small.ok", {"count": n_val}
+        "val_too_small", "info", n_val, [], counted(n_val, "val sample"), "check.val_too_small.ok", {"count": n_val}
     )
 
 

@@ -371,7 +371,12 @@ def _point_slot(root: Path, new: Path) -> None:
 
 
 def write_latest(settings: Settings, report: dict[str, Any]) -> None:
-    atomic_write_json(latest_report_path(settings), report)
+    with _latest_lock(settings):  # annotate_latest reads, then writes: never across another run's report
+        atomic_write_json(latest_report_path(settings), report)
+
+
+def _latest_lock(settings: Settings) -> Any:
+    return file_lock(latest_report_path(settings).with_name(".lora-latest.lock"))
 
 
 _RUN_KEYS = ("adapterName", "version", "revision", "jobId", "created")  # what tells one run's report from another's
@@ -381,7 +386,7 @@ def annotate_latest(settings: Settings, run: dict[str, Any], **fields: Any) -> N
     """Add `fields` (the gate's decision, once it ran) to lora-latest.json while it is still the report of
     `run`: another run may have written it since, and that report is not this run's to change. Best effort:
     the registry entry already holds the decision, so an unreadable report is left as it is."""
-    with file_lock(latest_report_path(settings).with_name(".lora-latest.lock")):
+    with _latest_lock(settings):
         try:
             latest = read_json(latest_report_path(settings))
         except LunaError:

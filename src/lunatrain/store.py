@@ -383,6 +383,14 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
+def _check_choices(source: str | None, status: str | None) -> None:
+    """A source and a status given for every record are known ones (None: each record's own, or the default)."""
+    if source is not None:
+        _check_choice(source, SOURCES, "source")
+    if status is not None:
+        _check_choice(status, STATUSES, "status")
+
+
 def _default_status(source: str, status: str | None) -> str:
     # Hand-written and imported data is curated by the person adding it; conversation logs need review.
     if status is None:
@@ -456,10 +464,7 @@ def add_examples(
 ) -> AddResult:
     """Add validated drafts in one transaction; content already stored (or repeated) is skipped. `source`
     None: each draft's own (see _add_drafts)."""
-    if source is not None:
-        _check_choice(source, SOURCES, "source")
-    if status is not None:
-        _check_choice(status, STATUSES, "status")
+    _check_choices(source, status)
     store = open_store(settings)
     with store.write() as conn:
         added, skipped = _add_drafts(conn, drafts, source, status)
@@ -520,10 +525,7 @@ def import_file(
     """Import a JSONL/JSON/CSV file in one transaction: any bad record → UsageError, nothing imported; with
     `skip_bad` the good records are imported and the bad ones returned in `bad`. `source` None: a record's
     own when it names one of lunatrain's (its export writes it), else curated."""
-    if source is not None:
-        _check_choice(source, SOURCES, "source")
-    if status is not None:
-        _check_choice(status, STATUSES, "status")
+    _check_choices(source, status)
     parsed = formats.read_file(Path(path), fmt, skip_bad=skip_bad)
     result = add_examples(settings, parsed.drafts, source=source, status=status)
     return ImportResult(
@@ -641,8 +643,9 @@ def delete_examples(settings: Settings, ids: Sequence[int]) -> Deletion:
 def has_database(settings: Settings) -> bool:
     """Whether the store exists: reads that can do without it (status, stale marks) must not create it."""
     url = settings.database_url
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///")).exists()
+    if url.startswith("sqlite"):  # sqlite:///FILE, sqlite+pysqlite:///FILE; no file (in memory): none to read
+        _, sep, path = url.partition(":///")
+        return bool(sep and path) and Path(path).exists()
     return True  # a server database: the store opens (and migrates) it
 
 

@@ -14,6 +14,7 @@ import typer
 from .. import registry
 from ..errors import LunaError, UsageError
 from ..fsio import read_json
+from ..messages import counted
 from ..settings import load_settings
 from .app import app, fail
 
@@ -210,13 +211,9 @@ def repair_cmd() -> None:
         typer.echo(f"Settled {run}: its process stopped before the eval gate decided, so the slot kept its own.")
     if not result["repaired"]:
         if not result["settled"]:
-            typer.echo(f"The registry is readable ({_count(result['versions'], 'version')}); nothing to repair.")
+            typer.echo(f"The registry is readable ({counted(result['versions'], 'version')}); nothing to repair.")
         return
     typer.echo(
-        f"Rebuilt the registry with {_count(result['versions'], 'version')} of "
-        f"{_count(len(result['adapters']), 'adapter')}; the damaged file is kept as {result['damagedFile']}."
+        f"Rebuilt the registry with {counted(result['versions'], 'version')} of "
+        f"{counted(len(result['adapters']), 'adapter')}; the damaged file is kept as {result['damagedFile']}."
     )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"  # "1 version", not "1 versions"

@@ -12,6 +12,7 @@ import typer
 from .. import registry, store
 from ..api.schemas import ExampleOut, MemoryOut
 from ..errors import LunaError, UsageError
+from ..messages import counted
 from ..settings import load_settings
 from .app import app, as_written, fail, is_tty
 
@@ -140,7 +141,7 @@ def import_cmd(
             _list_problems(err.details)
         raise fail(err) from None
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
-    left_out = f"; {len(res.bad)} bad record{'s' if len(res.bad) != 1 else ''} left out:" if res.bad else "."
+    left_out = f"; {counted(len(res.bad), 'bad record')} left out:" if res.bad else "."
     typer.echo(
         f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}){left_out}"
     )

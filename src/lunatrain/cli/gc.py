@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LunaError
+from ..messages import counted
 from ..retention import collect
 from ..settings import load_settings
 from .app import app, fail
@@ -24,8 +25,7 @@ _KIND_WORDS = {
 
 
 def _counted(kind: str, n: int) -> str:
-    one, many = _KIND_WORDS.get(kind, (kind, kind))
-    return f"{n} {one if n == 1 else many}"
+    return counted(n, *_KIND_WORDS.get(kind, (kind, kind)))
 
 
 def _mb(n: int) -> str:

@@ -39,9 +39,7 @@ def claim_data_root(settings: Settings) -> None:
 def _running_where(settings: Settings) -> str:
     """` (pid N, at URL)` from the running trainer's pid file and address record, as far as they are there:
     with --port 0 its address is a port the OS picked, which the user cannot guess."""
-    found = []
-    with contextlib.suppress(OSError, ValueError):
-        found.append(f"pid {int(pid_path(settings).read_text().strip())}")
+    found = [f"pid {pid}"] if (pid := read_pid(settings)) is not None else []
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if url := settings.trainer_url_file.read_text(encoding="utf-8").strip():
             found.append(f"at {url}")
