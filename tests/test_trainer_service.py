@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -507,68 +506,3 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     assert shown.exit_code == 1 and "nan_loss" in shown.output
     health_cli = CliRunner().invoke(app, ["health"], env=env)
     assert health_cli.exit_code == 0 and ("Online (CPU)" in health_cli.output or "Aktiv (CUDA)" in health_cli.output)
-
-
-# --- kill -9 of the trainer ----------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_kill_9_mid_job_then_restart_ends_interrupted_without_orphans(root, tmp_path):
-    home = tmp_path / "home"
-    copy_root(root, home)
-    trainer = launch(home)
-    try:
-        job = submit(trainer.settings, LONG | {"adapterName": "killed"})
-        wait_for(lambda: running_with_steps(poll_job(trainer.settings, job.id)), JOB_TIMEOUT, 0.3)
-        child = worker_for(job.id)
-        warm = workers_of(home, warm=True)  # the job was forked from it: it must go with its trainer
-        assert len(warm) == 1 and child.ppid() == warm[0].pid, (warm, child.ppid())
-        os.kill(trainer.proc.pid, signal.SIGKILL)
-        trainer.proc.wait()
-        assert wait_for(lambda: gone(warm[0].pid), 60), "the warm worker outlived its trainer"
-        trainer = launch(home, ASSISTANT_LORA_WARM_WORKER="false")  # it runs no job: it settles the killed one
-        final = wait_job(trainer.settings, job.id, timeout=60)
-        assert final.status == "failed" and final.error.code == "interrupted", final
-        assert wait_for(lambda: gone(child.pid), 60), "the orphaned worker kept running"
-        assert workers_of(home) == []
-        reg = registry.registry_path(trainer.settings)
-        assert not reg.exists() or "killed" not in json.loads(reg.read_text())["adapters"]
-        assert trainer_client.health(trainer.settings).queue.running == 0
-    finally:
-        shutdown(trainer)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_kill_9_with_resume_continues_from_the_checkpoint(root, tmp_path):
-    home = tmp_path / "home"
-    copy_root(root, home)
-    markers = tmp_path / "kill-markers"
-    markers.mkdir()
-    env = faults.kill_env(markers)
-    trainer = launch(home, **env)
-    try:
-        # Three epochs, a checkpoint after each. The job's worker kills its trainer the moment epoch 1's
-        # checkpoint event has reached it (tests/hooks/killpoints.py): a test polling from outside could see
-        # the event only after the last epoch had ended.
-        job = submit(
-            trainer.settings,
-            QUICK | {"adapterName": "kf-t-checkpoint-1", "epochs": 3, "maxSteps": None, "resume": True},
-        )
-        assert wait_for(lambda: trainer.proc.poll() is not None, JOB_TIMEOUT), "the trainer was not killed"
-        trainer.proc.wait()
-        target, child = (markers / f"{job.id}.killed").read_text().split()
-        assert target == "t"
-        trainer = launch(home, **env)
-        final = wait_job(trainer.settings, job.id)
-        assert wait_for(lambda: gone(int(child)), 60), "the orphaned worker kept running"
-        assert final.status == "succeeded" and final.attempts == 2, final
-        messages = [e.model_extra.get("message", "") for e in all_events(trainer.settings, job.id)]
-        assert any(m.startswith("requeued after the trainer stopped") for m in messages if m)
-        # The orphan stops at its next step, but may have saved another epoch's checkpoint by then: the
-        # resume starts from the latest one — what matters is that it did not start over.
-        assert any(re.match(r"resumed from epoch [12] ", m) for m in messages if m), messages
-        assert final.metrics["steps"] == final.metrics["totalSteps"]
-        reg = json.loads(registry.registry_path(trainer.settings).read_text())  # valid JSON
-        assert [e["jobId"] for e in reg["adapters"]["kf-t-checkpoint-1"]["versions"]] == [job.id]  # exactly one
-    finally:
-        shutdown(trainer)

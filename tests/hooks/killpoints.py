@@ -11,8 +11,8 @@ point comes from the job's adapterName, `kf-TARGET-POINT[-ARG]-…`:
           `gatestart`   as the eval gate begins, `gateend` once the gate recorded (and maybe promoted),
           `registry-K`  at the K-th replace of lora-adapters.json, after the registry was read under its
                         lock and before the new file replaces it.
-Each job is killed at most once (a marker per job id, holding the target and the killing worker's pid), so a
-resumed run of the same job goes through.
+Each job is killed at most once (a marker per job id, holding the target, the killing worker's pid and its
+parent's), so a resumed run of the same job goes through.
 Killing from inside the worker makes the point exact; polling from outside could never hit it reliably.
 """
 
@@ -48,7 +48,7 @@ def _kill(target: str, job_id: str) -> None:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return  # this job was killed once already: its resumed run goes through
-    os.write(fd, f"{target} {os.getpid()}".encode())
+    os.write(fd, f"{target} {os.getpid()} {os.getppid()}".encode())
     os.close(fd)
     os.kill(_trainer() if target == "t" else os.getpid(), signal.SIGKILL)
 
