@@ -669,6 +669,44 @@ def add_memory(
 ) -> MemoryItem:
     """Remember a fact as a question and its answer (exported as a user/assistant sample).
     Raises UsageError for invalid fields and Conflict when the same question/answer is stored."""
+    values = _memory_values(question=question, answer=answer, topic=topic, status=status, tags=tags)
+    with open_store(settings).write() as conn:
+        dup = _existing(conn, memory_table, [values["hash"]])
+        if dup:
+            raise Conflict(
+                f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
+            )
+        _insert_memory(conn, [values])
+        row = conn.execute(sa.select(memory_table).where(memory_table.c.hash == values["hash"])).mappings().one()
+    return MemoryItem.from_row(row)
+
+
+def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> int:
+    """Store the memory items (validated first, all of them) whose question/answer is new, in one
+    transaction; returns how many were added."""
+    rows: dict[str, dict[str, Any]] = {}
+    for item in items:
+        values = _memory_values(**item)
+        rows.setdefault(values["hash"], values)  # the first of two equal items in one batch
+    with open_store(settings).write() as conn:
+        stored = _existing(conn, memory_table, list(rows))
+        new = [v for h, v in rows.items() if h not in stored]
+        if new:
+            _insert_memory(conn, new)
+    return len(new)
+
+
+def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    now = utc_now()
+    conn.execute(memory_table.insert(), [r | {"created_at": now, "updated_at": now} for r in rows])
+    _forget_tombstones(conn, [r["hash"] for r in rows])
+    _bump(conn)
+
+
+def _memory_values(
+    *, question: str, answer: str, topic: str | None = None, status: Status = "approved", tags: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A memory item's row (without timestamps); UsageError names the first invalid field."""
     try:
         draft = formats.make_draft(prompt=question, response=answer, tags=list(tags))
     except RecordError as err:
@@ -687,27 +725,14 @@ def add_memory(
     if topic_ is not None and len(topic_) > 200:
         raise UsageError("Invalid memory item: field 'topic': longer than 200 characters.")
     _check_choice(status, STATUSES, "status")
-    with open_store(settings).write() as conn:
-        dup = _existing(conn, memory_table, [draft.hash])
-        if dup:
-            raise Conflict(f"A memory item with the same question and answer already exists (id {dup[draft.hash]}).")
-        now = utc_now()
-        conn.execute(
-            memory_table.insert().values(
-                hash=draft.hash,
-                topic=topic_,
-                question=draft.prompt,
-                answer=draft.response,
-                status=status,
-                tags=list(draft.tags) or None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        _forget_tombstones(conn, [draft.hash])
-        _bump(conn)
-        row = conn.execute(sa.select(memory_table).where(memory_table.c.hash == draft.hash)).mappings().one()
-    return MemoryItem.from_row(row)
+    return {
+        "hash": draft.hash,
+        "topic": topic_,
+        "question": draft.prompt,
+        "answer": draft.response,
+        "status": status,
+        "tags": list(draft.tags) or None,
+    }
 
 
 def list_memory(
@@ -775,22 +800,21 @@ def load_seed(settings: Settings) -> SeedResult:
         with importlib.resources.as_file(seed_dir / entry["file"]) as path:
             files.append(entry["file"])
             if entry["kind"] == "memory":
-                for line in path.read_text(encoding="utf-8").splitlines():
-                    if not line.strip():
-                        continue
-                    item = json.loads(line)
-                    try:
-                        add_memory(
-                            settings,
-                            question=item["question"],
-                            answer=item["answer"],
-                            topic=item.get("topic"),
-                            status=item.get("status", entry.get("status", "approved")),
-                            tags=item.get("tags", ()),
-                        )
-                        mem_added += 1
-                    except Conflict:
-                        mem_skipped += 1
+                # One transaction for the file: a write per item (and its commit) would make seeding slow.
+                items = [
+                    {
+                        "question": item["question"],
+                        "answer": item["answer"],
+                        "topic": item.get("topic"),
+                        "status": item.get("status", entry.get("status", "approved")),
+                        "tags": item.get("tags", ()),
+                    }
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and (item := json.loads(line))
+                ]
+                added = _add_memory_items(settings, items)
+                mem_added += added
+                mem_skipped += len(items) - added
             else:
                 res = import_file(settings, path, source=entry["source"], status=entry["status"])
                 ex_added += res.added
