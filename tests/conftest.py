@@ -5,6 +5,7 @@ Run all tests: `make test`; the quick subset without end-to-end flows: `make tes
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import typer.testing
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
@@ -28,6 +30,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XDG_CACHE_HOME", os.path.join(tempfile.gettempdir(), "lunatrain-test-cache"))
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+# typer's CliRunner builds the click command tree from the app's function signatures on every invoke (about
+# 70 ms for lunatrain's app, evaluating each annotation), which hundreds of in-process CLI tests repeat. The
+# tree depends only on the code, not on the environment or the arguments: build it once per app.
+_typer_command = typer.testing._get_command  # type: ignore[attr-defined]
+typer.testing._get_command = functools.cache(_typer_command)  # type: ignore[attr-defined]
 
 # Property tests draw the same examples on every run (derived from each test's name), so that no run fails on
 # an example the runs before it never drew. `HYPOTHESIS_PROFILE=explore` draws new ones each run, to look for
