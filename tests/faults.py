@@ -1,7 +1,8 @@
 """Fault injection for child processes, and the fault table in bench/results/faults.md.
 
 Production modules carry no fault hooks: `fault_env()` writes a `sitecustomize.py` into a temp folder put
-first on the child's PYTHONPATH. Python imports it at start-up; it wraps `os.replace`/`os.rename` (kill
+first on the child's PYTHONPATH. Python imports it at start-up (a run of `ForkedCli`, forked from a process
+that imported the CLI once, imports it before the command runs); it wraps `os.replace`/`os.rename` (kill
 the process or raise before/after the k-th call), `os.fsync` and the `write` of files opened through
 `os.fdopen` (raise ENOSPC or EIO at the k-th call), counting only calls on paths that contain `under`.
 
@@ -17,9 +18,13 @@ the other sections (other suites' rows) as they are.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import locale
 import os
 import re
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -131,6 +136,15 @@ def kill_env(markers: Path) -> dict[str, str]:
     return {"LUNA_KILL": str(markers), "PYTHONPATH": with_hooks()}
 
 
+def cli_env(home: Path | None = None) -> dict[str, str]:
+    """This process's environment without its ASSISTANT_ settings (the data root `home`, if given), offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
+    if home is not None:
+        env["ASSISTANT_HOME"] = str(home)
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
+    return env
+
+
 def fault_env(tmp: Path, home: Path, **spec: object) -> dict[str, str]:
     """Environment for a `python -m lunatrain …` child with one fault: op (replace | fsync | write), at (the
     k-th matching call), action (kill | ENOSPC | EIO), when (before | after, for renames), under (a path
@@ -138,13 +152,8 @@ def fault_env(tmp: Path, home: Path, **spec: object) -> dict[str, str]:
     hook = tmp / "faulthook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
-    env.update(
-        ASSISTANT_HOME=str(home),
-        LUNA_FAULT=json.dumps(spec),
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "src")]),
-    )
+    env = cli_env(home)
+    env.update(LUNA_FAULT=json.dumps(spec), PYTHONPATH=os.pathsep.join([str(hook), env["PYTHONPATH"]]))
     return env
 
 
@@ -158,6 +167,78 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 12
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+# What a run's environment may set beyond the zygote's own (pytest names the test phase in one): nothing
+# lunatrain reads while it is imported.
+_PER_RUN = ("ASSISTANT_", "LUNA_FAULT", "PYTHONPATH", "PYTEST_CURRENT_TEST")
+
+
+class ForkedCli:
+    """`run_cli` at a fraction of its CPU: each `python -m lunatrain …` is forked from one process that
+    imported the CLI once (tests/hooks/zygote.py) instead of starting an interpreter and importing it anew,
+    about 0.5 CPU-seconds a run. Every run is still a process of its own, killed for real by a fault hook's
+    SIGKILL, with its own exit status and output; its fault hook (a sitecustomize.py first on its PYTHONPATH)
+    is imported before the command runs. `tmp` holds the runs' output files and the zygote's own log."""
+
+    def __init__(self, tmp: Path) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp, self.base, self.runs = tmp, cli_env(), itertools.count()
+        self.zygote: subprocess.Popen | None = None
+
+    def __call__(
+        self, args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        own = {k: v for k, v in env.items() if not k.startswith(_PER_RUN)}
+        assert own == {k: v for k, v in self.base.items() if not k.startswith(_PER_RUN)}, "not the zygote's env"
+        assert env.get("PYTHONPATH", "").endswith(self.base["PYTHONPATH"]), env.get("PYTHONPATH")
+        k = next(self.runs)
+        out, err = self.tmp / f"{k}.out", self.tmp / f"{k}.err"
+        request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        zygote = self._started()
+        assert zygote.stdin is not None and zygote.stdout is not None
+        with contextlib.suppress(BrokenPipeError):  # it died: said below
+            zygote.stdin.write(json.dumps(request).encode() + b"\n")
+            zygote.stdin.flush()
+        ready, _, _ = select.select([zygote.stdout], [], [], timeout)
+        answer = zygote.stdout.readline() if ready else b""
+        if not answer:  # the run hangs (it and the zygote are ended) or the zygote died (its log says why)
+            self.close()
+            if not ready:
+                raise subprocess.TimeoutExpired(args, timeout)
+            raise AssertionError((self.tmp / "zygote.log").read_text(errors="replace"))
+        result = subprocess.CompletedProcess(args, json.loads(answer)["returncode"], _text(out), _text(err))
+        out.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
+        return result
+
+    def _started(self) -> subprocess.Popen:
+        if self.zygote is None:  # the first run, or the first after one that failed
+            with (self.tmp / "zygote.log").open("wb") as log:
+                self.zygote = subprocess.Popen(
+                    [sys.executable, str(HOOKS / "zygote.py"), "-m", "lunatrain", "--preload", "lunatrain.cli"],
+                    env=self.base,
+                    cwd=self.tmp,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    start_new_session=True,  # so that ending it ends a run still going too
+                )
+        return self.zygote
+
+    def close(self) -> None:
+        if self.zygote is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.zygote.pid, signal.SIGKILL)
+            self.zygote.communicate()
+            self.zygote = None
+
+
+def _text(path: Path) -> str:
+    """A run's output as subprocess.run(text=True) gives it: locale encoding, universal newlines."""
+    data = path.read_bytes() if path.exists() else b""
+    text = data.decode("utf-8" if sys.flags.utf8_mode else locale.getencoding())
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 @contextlib.contextmanager

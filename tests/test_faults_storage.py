@@ -2,7 +2,8 @@
 and EIO on write and fsync of the export and the registry, a damaged database and registry. After each
 fault the invariants are checked, and the counts go into bench/results/faults.md.
 
-Run: `pytest -m slow tests/test_faults_storage.py -q -s` (about two minutes on 2 CPU cores).
+Run: `pytest -m slow tests/test_faults_storage.py -q -s` (about ten CPU-seconds: the `lunatrain` commands are
+forked from one process that imported the CLI once, `faults.ForkedCli`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from lunatrain import prepare, registry, store
 from lunatrain.formats import make_draft
 from lunatrain.settings import Settings, load_settings
 
-from faults import KILLED, Row, fault_env, record, run_cli
+from faults import KILLED, ForkedCli, Row, fault_env, record
 
 pytestmark = pytest.mark.slow
 ROWS: list[Row] = []
@@ -33,9 +35,18 @@ def _table():
         record(
             "Storage: export, registry, database",
             ROWS,
-            "Each fault in a real child process (`python -m lunatrain …`); the hook is a test-only "
-            "sitecustomize.py (tests/faults.py).",
+            "Each fault in a real child process (`python -m lunatrain …`, forked from one that imported the "
+            "CLI once); the hook is a test-only sitecustomize.py (tests/faults.py).",
         )
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkedCli]:
+    """`faults.run_cli` for this module's tests: each command a real process, forked from one that imported
+    the CLI once (about 60 commands here; start-up was most of their CPU)."""
+    run = ForkedCli(tmp_path_factory.mktemp("cli"))
+    yield run
+    run.close()
 
 
 def _whole(settings: Settings, *, first: bool = False) -> str:
@@ -79,7 +90,7 @@ def _flatten(settings: Settings) -> None:
 
 
 @pytest.mark.parametrize("layout", ["fresh", "second", "flat"])
-def test_kill_export_at_every_rename_point(tmp_path: Path, layout: str) -> None:
+def test_kill_export_at_every_rename_point(cli: ForkedCli, tmp_path: Path, layout: str) -> None:
     home = tmp_path / "home"
     home.mkdir()
     settings = load_settings(home=home)
@@ -109,7 +120,7 @@ def test_kill_export_at_every_rename_point(tmp_path: Path, layout: str) -> None:
             when=when,
             under=str(home / "data" / "training"),
         )
-        proc = run_cli(["export"], env, home)
+        proc = cli(["export"], env, home)
         if proc.returncode != KILLED:
             assert proc.returncode == 0 and points is None, proc.stderr
             new = _whole(settings)
@@ -150,21 +161,34 @@ def test_kill_export_at_every_rename_point(tmp_path: Path, layout: str) -> None:
     )
 
 
-@pytest.mark.parametrize("op", ["write", "fsync"])
-@pytest.mark.parametrize("action", ["ENOSPC", "EIO"])
-def test_export_write_faults_keep_the_previous_export(tmp_path: Path, op: str, action: str) -> None:
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def exported_then_grown(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A data root with one export (its fingerprint returned) and 3000 examples added since, built once:
+    each test gets a copy of it (adding the 3000 examples took about 0.15 CPU-seconds a test)."""
+    home = tmp_path_factory.mktemp("grown") / "home"
     home.mkdir()
     settings = load_settings(home=home)
     _add(settings, "alt")
     old = ex.export(settings).fingerprint
     store.dispose_stores()
     _add(settings, "neu", 3000)  # several buffer flushes, so a write fails mid-file
+    return home, old
+
+
+@pytest.mark.parametrize("op", ["write", "fsync"])
+@pytest.mark.parametrize("action", ["ENOSPC", "EIO"])
+def test_export_write_faults_keep_the_previous_export(
+    cli: ForkedCli, exported_then_grown: tuple[Path, str], tmp_path: Path, op: str, action: str
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(exported_then_grown[0], home, symlinks=True)
+    settings = load_settings(home=home)
+    old = exported_then_grown[1]
     before = sorted(p.name for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir())
     injected = held = 0
     for at in (1, 3):
         env = fault_env(tmp_path, home, op=op, at=at, action=action, under=str(home / "data" / "training"))
-        proc = run_cli(["export"], env, home)
+        proc = cli(["export"], env, home)
         injected += 1
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
@@ -207,7 +231,7 @@ def _registry_with_history(settings: Settings) -> None:
 
 @pytest.mark.parametrize("op", ["write", "fsync", "replace"])
 @pytest.mark.parametrize("action", ["ENOSPC", "EIO"])
-def test_registry_write_faults_keep_the_registry(tmp_path: Path, op: str, action: str) -> None:
+def test_registry_write_faults_keep_the_registry(cli: ForkedCli, tmp_path: Path, op: str, action: str) -> None:
     home = tmp_path / "home"
     home.mkdir()
     settings = load_settings(home=home)
@@ -215,7 +239,7 @@ def test_registry_write_faults_keep_the_registry(tmp_path: Path, op: str, action
     before = registry.registry_path(settings).read_bytes()
     env = fault_env(tmp_path, home, op=op, at=1, action=action, under=str(home / "reports" / "training"))
     # a registry write that does not depend on the configured base model: deactivating a named version
-    proc = run_cli(["adapters", "deactivate", "a@v2"], env, home)
+    proc = cli(["adapters", "deactivate", "a@v2"], env, home)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "lora-adapters.json" in lines[0], proc.stderr
     assert registry.registry_path(settings).read_bytes() == before
@@ -231,7 +255,7 @@ def test_registry_write_faults_keep_the_registry(tmp_path: Path, op: str, action
     )
 
 
-def test_damaged_registry_and_database_in_real_processes(tmp_path: Path) -> None:
+def test_damaged_registry_and_database_in_real_processes(cli: ForkedCli, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     settings = load_settings(home=home)
@@ -243,7 +267,7 @@ def test_damaged_registry_and_database_in_real_processes(tmp_path: Path) -> None
         path.write_text(damage)
         injected += 1
         for args in (["adapters", "list"], ["adapters", "rollback", "a"]):
-            proc = run_cli(args, env, home)
+            proc = cli(args, env, home)
             assert proc.returncode == 1 and "adapters repair" in proc.stderr and proc.stderr.count("\n") == 1, (
                 proc.stderr
             )
@@ -269,7 +293,7 @@ def test_damaged_registry_and_database_in_real_processes(tmp_path: Path) -> None
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         injected += 1
         for args in (["status"], ["examples", "list"], ["export"]):
-            proc = run_cli(args, env, home)
+            proc = cli(args, env, home)
             assert proc.returncode == 1 and str(db) in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
             assert "Traceback" not in proc.stderr
         held += 1
