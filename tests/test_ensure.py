@@ -111,9 +111,10 @@ def test_trainer_that_never_gets_healthy_times_out_and_is_stopped(home, any_port
     real_start = ensure.start_trainer
     monkeypatch.setattr(ensure, "start_trainer", lambda *a, **k: procs.append(real_start(*a, **k)) or procs[-1])
     with pytest.raises(ServiceUnavailable) as info:
-        # 5 s: time enough to reach the start even on a loaded machine (the deadline counts from the call)
-        ensure_trainer(settings, timeout=5)
-    assert "did not become healthy" in info.value.message and "within 5s" in info.value.message
+        # 3 s: time enough to reach the start even on a loaded machine (the deadline counts from the call);
+        # the command never answers, so the test waits all of it
+        ensure_trainer(settings, timeout=3)
+    assert "did not become healthy" in info.value.message and "within 3s" in info.value.message
     assert "reports/training/trainer.log" in info.value.message
     [started] = [p.pid for p in procs]
     assert wait_for(lambda: gone(started), 10)  # the half-started process is not left behind
@@ -191,7 +192,9 @@ def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
     second.mkdir()
     for var in [v for v in os.environ if v.startswith("ASSISTANT_")]:
         monkeypatch.delenv(var)
-    proc = start_trainer(first, ASSISTANT_LORA_WARM_WORKER="false")  # it runs no job
+    # Neither trainer runs a job (the second one, started by ensure, takes this environment): spare their imports.
+    monkeypatch.setenv("ASSISTANT_LORA_WARM_WORKER", "false")
+    proc = start_trainer(first, ASSISTANT_LORA_WARM_WORKER="false")
     shared = proc.url
     try:
         explicit = load_settings(home=second, lora_trainer_url=shared)
@@ -290,6 +293,7 @@ def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch):
         stale.bind(("127.0.0.1", 0))
         taken.bind(("127.0.0.1", 0))
         monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{taken.getsockname()[1]}")
+        monkeypatch.setenv("ASSISTANT_LORA_WARM_WORKER", "false")  # it runs no job: spare its imports
         settings = load_settings()
         settings.trainer_url_file.parent.mkdir(parents=True)
         settings.trainer_url_file.write_text(f"http://127.0.0.1:{stale.getsockname()[1]}\n")

@@ -131,12 +131,17 @@ def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
 
 # --- through the real service (slow) --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def svc(root, tmp_path_factory):
+def svc_env(tmp_path_factory) -> dict[str, str]:
     # A temp folder of its own: torchrun's agent would put a log folder there if not told where (see the
     # first test below).
-    trainer = launch(root, ASSISTANT_LORA_GPUS="2", TMPDIR=str(tmp_path_factory.mktemp("svc-tmp")))
+    return {"ASSISTANT_LORA_GPUS": "2", "TMPDIR": str(tmp_path_factory.mktemp("svc-tmp"))}
+
+
+@pytest.fixture(scope="module")
+def svc(root, svc_env):
+    trainer = launch(root, **svc_env)
     yield trainer
-    shutdown(trainer)
+    shutdown(trainer)  # the one running now: a test that restarts the trainer puts the new one in its place
 
 
 def job_processes(job_id: str, ranks: int = 2) -> tuple[psutil.Process, list[psutil.Process]]:
@@ -167,13 +172,32 @@ def start_long(settings: Settings, name: str) -> tuple[Job, psutil.Process, list
 
 
 @pytest.mark.slow
-def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_batch(svc, tmp_path):
-    assert trainer_client.health(svc.settings).device.ranks == 2
+def test_kill_9_of_one_rank_fails_the_job_and_the_next_job_trains_like_one_process_with_the_combined_batch(
+    svc, tmp_path
+):
+    """kill -9 of one rank fails its job with an error naming that rank, and the registry stays whole. The
+    service goes on: the next job runs on both ranks again, and the adapter it registers is that of one
+    process with the combined batch (one job for both checks: a two-rank job starts three fresh interpreters)."""
+    settings = svc.settings
+    assert trainer_client.health(settings).device.ranks == 2
     # Every job of this trainer runs under torchrun: it keeps no warm worker (nothing would be forked).
-    assert workers_of(svc.settings.home, warm=True) == []
+    assert workers_of(settings.home, warm=True) == []
+
+    job, agent, ranks = start_long(settings, "dp-killed")
+    os.kill(next(r.pid for r in ranks if rank_of(r) == 1), signal.SIGKILL)
+    final = wait_job(settings, job.id)
+    assert final.status == "failed" and final.adapter is None, final
+    assert final.error.code == "child_crashed", final.error
+    assert final.error.message.startswith("Rank 1 of the 2 training processes was killed by SIGKILL"), final.error
+    assert f"trainer/logs/{job.id}.log" in final.error.message
+    assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 30), "a rank outlived the crash"
+    registry.load(settings)  # still valid
+    assert versions(settings, "dp-killed") == []
+    assert not list((settings.adapters_dir / "dp-killed").glob("v*"))
+
     flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
-    job = submit(svc.settings, flags)
-    final = wait_job(svc.settings, job.id)
+    job = submit(settings, flags)
+    final = wait_job(settings, job.id)
     assert final.status == "succeeded", final
     assert final.gate is not None and final.gate["status"] in ("passed", "failed"), final.gate  # rank 0 gated
     assert final.metrics["steps"] == 3
@@ -181,21 +205,21 @@ def test_two_rank_job_registers_the_adapter_of_one_process_with_the_combined_bat
 
     # The reference: one process, batchSize 4, on a copy of the same data root.
     home = tmp_path / "single"
-    copy_root(svc.settings.home, home)
+    copy_root(settings.home, home)
     params, _ = parse_run(flags | {"batchSize": 4, "adapterName": "single"})
     single = run_lora(params, load_settings(home=home))
     assert single.status is Status.SUCCEEDED, single.error
 
     a = load_file(str(single.path / "adapter_model.safetensors"))
-    b = load_file(str(svc.settings.home / final.adapter.path / "adapter_model.safetensors"))
+    b = load_file(str(settings.home / final.adapter.path / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
     assert final.metrics["tokensTrained"] == single.report["metrics"]["tokensTrained"]
-    assert [v["jobId"] for v in versions(svc.settings, "dp")] == [job.id]  # rank 0 alone registered
+    assert [v["jobId"] for v in versions(settings, "dp")] == [job.id]  # rank 0 alone registered
 
     # torchrun's per-rank logs are kept beside the job's log, not left in the machine's temp folder.
-    ranks_dir = svc.settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
+    ranks_dir = settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
     assert sorted(p.name for p in ranks_dir.glob("*/attempt_0/*") if p.is_dir()) == ["0", "1"]
     assert list(Path(psutil.Process(svc.proc.pid).environ()["TMPDIR"]).glob("torchelastic_*")) == []
 
@@ -214,25 +238,6 @@ def test_cancel_stops_every_rank_and_registers_nothing(svc):
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_rank_fails_the_job_naming_it_and_leaves_the_registry_whole(svc):
-    settings = svc.settings
-    job, agent, ranks = start_long(settings, "dp-killed")
-    os.kill(next(r.pid for r in ranks if rank_of(r) == 1), signal.SIGKILL)
-    final = wait_job(settings, job.id)
-    assert final.status == "failed" and final.adapter is None, final
-    assert final.error.code == "child_crashed", final.error
-    assert final.error.message.startswith("Rank 1 of the 2 training processes was killed by SIGKILL"), final.error
-    assert f"trainer/logs/{job.id}.log" in final.error.message
-    assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 30), "a rank outlived the crash"
-    registry.load(settings)  # still valid
-    assert versions(settings, "dp-killed") == []
-    assert not list((settings.adapters_dir / "dp-killed").glob("v*"))
-    # the service goes on: the next job runs on both ranks again
-    again = wait_job(settings, submit(settings, QUICK | SAME | {"maxSteps": 1, "adapterName": "dp-after"}).id)
-    assert again.status == "succeeded", again
-
-
-@pytest.mark.slow
 def test_kill_9_of_the_jobs_process_group_takes_every_rank_with_it(svc):
     """What the trainer does when a cancel outlasts its grace: SIGKILL to the job's process group. torchrun
     keeps its ranks out of that group; they die with their launcher all the same."""
@@ -247,20 +252,18 @@ def test_kill_9_of_the_jobs_process_group_takes_every_rank_with_it(svc):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(root, tmp_path):
-    home = tmp_path / "home"
-    copy_root(root, home)
-    trainer = launch(home, ASSISTANT_LORA_GPUS="2")
-    try:
-        job, agent, ranks = start_long(trainer.settings, "dp-orphan")
-        os.kill(trainer.proc.pid, signal.SIGKILL)
-        trainer.proc.wait()
-        trainer = launch(home, ASSISTANT_LORA_GPUS="2")
-        final = wait_job(trainer.settings, job.id, timeout=60)
-        assert final.status == "failed" and final.error.code == "interrupted", final
-        assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 60), "an orphaned rank kept running"
-        assert workers_of(home) == []
-        registry.load(trainer.settings)
-        assert versions(trainer.settings, "dp-orphan") == []
-    finally:
-        shutdown(trainer)
+def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(svc, svc_env):
+    """The module's trainer is the one killed (one trainer start fewer); the restarted one takes its place for
+    the tests after this one."""
+    home = svc.settings.home
+    job, agent, ranks = start_long(svc.settings, "dp-orphan")
+    os.kill(svc.proc.pid, signal.SIGKILL)
+    svc.proc.wait()
+    restarted = launch(home, **svc_env)
+    svc.proc, svc.settings = restarted.proc, restarted.settings
+    final = wait_job(svc.settings, job.id, timeout=60)
+    assert final.status == "failed" and final.error.code == "interrupted", final
+    assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 60), "an orphaned rank kept running"
+    assert workers_of(home) == []
+    registry.load(svc.settings)
+    assert versions(svc.settings, "dp-orphan") == []
