@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -437,17 +438,42 @@ def test_approved_memory_items_reach_the_export_and_rejected_ones_do_not(db: Set
     assert sorted(json.loads(line)["id"] for line in lines if line) == sorted([f"mem-{kept.id}", f"mem-{revived.id}"])
 
 
+def _write_lock_taken(conn: sa.Connection) -> bool:
+    """Whether some transaction holds the store's write lock (SQLite: the file's, as BEGIN IMMEDIATE takes
+    it; PostgreSQL: the writers' advisory lock), asked on a connection of its own that does not wait."""
+    url = conn.engine.url
+    if url.get_backend_name() == "sqlite":
+        probe = sqlite3.connect(url.database, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()  # rolls back the probe's own transaction, had it begun
+        return False
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as probe:
+            got = probe.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": store._PG_WRITE_LOCK})
+            return not got.scalar()  # the probe's own lock, had it got one, ends with its transaction
+    finally:
+        engine.dispose()
+
+
 def _both_checked_before_either_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two writers that each find the content absent before either inserts it: the race of two processes
-    adding the same content. Each waits after its check until the other has checked too, or 2 s when the
-    store lets only one writer in at a time (then the second checks after the first committed)."""
+    adding the same content. Each waits after its check until the other has checked too (2 s at most).
+    It does not wait while the store's write lock is taken, as when the store lets one writer in at a time:
+    either this writer holds it, and the other can only check after this one committed, or the other holds
+    it and has checked already (the race happened). Waiting would only end by the timeout then."""
     barrier = threading.Barrier(2)
     original = store._existing
 
-    def existing(*args, **kwargs):
-        found = original(*args, **kwargs)
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=2)
+    def existing(conn, *args, **kwargs):
+        found = original(conn, *args, **kwargs)
+        if not _write_lock_taken(conn):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=2)
         return found
 
     monkeypatch.setattr(store, "_existing", existing)
