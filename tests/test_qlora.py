@@ -196,10 +196,16 @@ def test_the_luna_flow_trains_quantized_although_its_gate_step_loads_peft_first(
     """`luna --quantize 4bit --local` ended in a traceback ("this process loaded PEFT without bitsandbytes"):
     its first step, the eval gate, loaded PEFT before the lora step could lift the mark. The flow lifts it
     before its first step when the run quantizes."""
-    from lunatrain import store
+    from lunatrain import evalsuite, store
 
     store.load_seed(settings)
     store.dispose_stores()
+    # Two golden cases with short answers: the gate loads PEFT all the same, and the untrained model's
+    # answers to the whole shipped suite (up to 128 tokens each, twice) would be a good part of the run.
+    shipped = (evalsuite.shipped_suite_dir() / "luna-golden.jsonl").read_text("utf-8").splitlines()
+    cases = [json.loads(line) | {"maxNewTokens": 8} for line in shipped[:2]]
+    settings.eval_dir.mkdir(parents=True, exist_ok=True)
+    (settings.eval_dir / "luna-golden.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases), "utf-8")
     flags = ["--local", "--quantize", "4bit", "--adapterName", "q4luna", "--epochs", "1", "--maxSteps", "1"]
     env = os.environ | {"ASSISTANT_HOME": str(settings.home)}
     out = subprocess.run(
