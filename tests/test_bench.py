@@ -1,5 +1,6 @@
-"""The training benchmarks keep working: the GPU benchmark's tiny preset runs on CPU end to end (the same
-contenders and table code as bench/train_cpu.py) and reports a rate for every contender."""
+"""The benchmarks keep working: the GPU training benchmark's tiny preset runs on CPU end to end (the same
+contenders and table code as bench/train_cpu.py) and reports a rate for every contender, and the chat
+serving benchmark reports tokens and a rate for the endpoint and for generate()."""
 
 from __future__ import annotations
 
@@ -12,39 +13,61 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Both scripts run as __main__ with their own command lines, one after the other in one process: each
+# would otherwise spend seconds of CPU importing torch, transformers and PEFT for itself.
+_RUN_BOTH = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1])  # the bench folder, as running a script there puts it first
+for argv in ({gpu!r}, {infer!r}):
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
 
 @pytest.mark.slow
-def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "train_gpu.md"
+def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
+    gpu_out, infer_out = tmp_path / "train_gpu.md", tmp_path / "infer.md"
+    gpu = [
+        str(ROOT / "bench" / "train_gpu.py"),
+        "--presets",
+        "tiny",
+        "--device",
+        "cpu",
+        # the least that still times a step of every contender: one warm-up step and one timed, four short
+        # samples of different lengths a step (so pad-to-longest still pads)
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--min-len",
+        "16",
+        "--max-len",
+        "64",
+        "--rounds",
+        "1",
+        "--out",
+        str(gpu_out),
+    ]
+    infer = [
+        str(ROOT / "bench" / "infer.py"),
+        "--prompts",
+        "2",
+        "--max-tokens",
+        "4",
+        "--concurrency",
+        "2",
+        "--out",
+        str(infer_out),
+    ]
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "train_gpu.py"),
-            "--presets",
-            "tiny",
-            "--device",
-            "cpu",
-            # the least that still times a step of every contender: one warm-up step and one timed, four
-            # short samples of different lengths a step (so pad-to-longest still pads)
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--min-len",
-            "16",
-            "--max-len",
-            "64",
-            "--rounds",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-c", _RUN_BOTH.format(gpu=gpu, infer=infer), str(ROOT / "bench")],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| tiny / ")]
+
+    rows = [ln for ln in gpu_out.read_text().splitlines() if ln.startswith("| tiny / ")]
     assert [ln.split("|")[1].strip() for ln in rows] == [
         "tiny / trainer-pad",
         "tiny / trainer-flatten",
@@ -53,31 +76,11 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     for ln in rows:
         rate = ln.split("|")[2].strip()
         assert re.fullmatch(r"[\d,]+", rate) and int(rate.replace(",", "")) > 0, ln
-    assert "Attention in lunatrain's loop: varlen-sdpa" in out.read_text()
+    assert "Attention in lunatrain's loop: varlen-sdpa" in gpu_out.read_text()
 
-
-@pytest.mark.slow
-def test_inference_benchmark_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "infer.md"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "infer.py"),
-            "--prompts",
-            "2",
-            "--max-tokens",
-            "4",
-            "--concurrency",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines() if ln.startswith(("| endpoint", "| generate"))]
+    rows = [
+        ln.split("|")[1:-1] for ln in infer_out.read_text().splitlines() if ln.startswith(("| endpoint", "| generate"))
+    ]
     assert [r[0].strip() for r in rows] == [
         "endpoint, 1 stream",
         "endpoint, 2 concurrent streams",
