@@ -3,7 +3,7 @@ architectures with random weights (nothing is downloaded), in one run.
 
 Run (on a CUDA machine):  python bench/train_gpu.py                       (all presets, ~5-8 minutes)
                           python bench/train_gpu.py --presets llama-3.2-1b --rounds 2
-Smoke test anywhere:      python bench/train_gpu.py --presets tiny --device cpu --steps 3 --rounds 1 --out /tmp/t.md
+Smoke test anywhere:      python bench/train_gpu.py --presets tiny --device cpu --steps 2 --threads 1 --out /tmp/t.md
 
 Contenders and method as in bench/trainbench.py: same LoRA (r=16, all linear layers), bf16 autocast on
 CUDA, same samples (lengths spread 128-4096 tokens, log-uniform), batch 8, same learning rate and schedule.
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--min-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads with --device cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_gpu.md")
     args = ap.parse_args()
 
@@ -138,6 +139,7 @@ def main() -> None:
             args.lr,
             args.max_len,
             checkpointing=name in CHECKPOINTING,
+            threads=args.threads,
         )
         samples = make_samples(args.steps * args.batch_size, cfg.vocab_size, args.min_len, args.max_len, seed=1)
         rounds = measure(setup, samples, args.rounds, label=f"{name} ")
