@@ -130,28 +130,28 @@ def trained_home(home: Path, trained_root: Path) -> Path:
     return home
 
 
-# The files that take longest, with their seconds in one serial run (bench/results/test_suite.md). They start
+# The files that take longest, with their seconds in a whole-suite run (bench/results/test_suite.md). They start
 # first, spread over the workers: `make test` runs `--dist worksteal`, which hands each worker an equal,
 # contiguous share of the collection and lets an idle worker take tests from the end of another's share. So
 # each share is one worker's long files (balanced by these seconds, longest first) followed by short tests,
 # and what is left to take at the end is short. (A long file's module fixtures are built once, by one worker.)
 LONGEST = {
-    "test_faults_trainer.py": 76,
-    "test_faults_trainer_resume.py": 73,
-    "test_service_dataparallel.py": 66,
-    "test_trainer_service.py": 54,
-    "test_faults_storage.py": 45,
-    "test_dashboard.py": 40,
-    "test_luna_flow.py": 35,
-    "test_faults_worker.py": 27,
-    "test_bench.py": 22,
-    "test_warm.py": 22,
-    "test_dashboard_chat.py": 18,
-    "test_qlora.py": 18,
-    "test_api_schema.py": 17,
-    "test_api_e2e.py": 17,
-    "test_ensure.py": 16,
-    "test_distributed.py": 12,
+    "test_faults_trainer_resume.py": 50,
+    "test_service_dataparallel.py": 49,
+    "test_dashboard.py": 44,
+    "test_faults_trainer.py": 42,
+    "test_luna_flow.py": 33,
+    "test_faults_worker.py": 28,
+    "test_qlora.py": 24,
+    "test_trainer_service.py": 20,
+    "test_api_schema.py": 19,
+    "test_dashboard_chat.py": 17,
+    "test_flow_entry.py": 15,
+    "test_warm.py": 15,
+    "test_ensure.py": 13,
+    "test_api_e2e.py": 13,
+    "test_bench.py": 13,
+    "test_distributed.py": 9,
 }
 
 
