@@ -126,9 +126,10 @@ def killed(home: Path, job: Job) -> list[str] | None:
     return marker.read_text().split() if marker.exists() else None
 
 
-def warm_pid(home: Path) -> int:
-    """The warm worker of the trainer that just answered /health (it answers after the worker's probe)."""
-    warm = workers_of(home, warm=True)
+def warm_pid(home: Path, trainer) -> int:
+    """The warm worker of a trainer that answered /health (it answers after the worker's probe): its child.
+    (A job it forks carries its command line until the job renames itself: a child of the warm worker.)"""
+    warm = [w for w in workers_of(home, warm=True) if w.ppid() == trainer.proc.pid]
     assert len(warm) == 1, warm
     return warm[0].pid
 
@@ -222,7 +223,7 @@ def resumed_from_checkpoint(settings, job: Job) -> list[str]:
 def run_kind(tmp_path_factory, target: str, todo: list[Plan]) -> tuple[list[faults.Row], list[str]]:
     home, env = fresh_root(tmp_path_factory, f"kill-{target}")
     trainer = launch(home, **env)
-    warm = warm_pid(home)
+    warm = warm_pid(home, trainer)
     tally: dict[tuple[str, bool], list[int]] = {}  # (point, resume) -> [injected, held]
     failures = []
     try:
@@ -237,7 +238,7 @@ def run_kind(tmp_path_factory, target: str, todo: list[Plan]) -> tuple[list[faul
                     if not wait_for(lambda: not workers_of(home, warm=True), 60):
                         broken.append("the warm worker outlived its trainer")
                     trainer = launch(home, **env)  # a port of its own (0): nothing to race for
-                    warm = warm_pid(home)
+                    warm = warm_pid(home, trainer)
             final = settled(trainer.settings, job.id)
             wait_for(lambda: not workers_of(home), 60)  # a worker still finishing, or an orphan being stopped
             injected = killed(home, final)
