@@ -100,13 +100,10 @@ def plans(target: str, seeds: range) -> list[Plan]:
         rng = random.Random(seed)
         point = points[i % len(points)] if target == "w" or i < 2 * len(points) else "checkpoint"
         # The trainer's resumed registry kill runs the gate, so its k may hit the gate's own registry write.
-        gate = point.startswith("gate") or (target == "t" and point == "registry" and i >= len(points))
-        gate = gate or rng.random() < 0.3
+        gated = point.startswith("gate") or (target == "t" and point == "registry" and i >= len(points))
+        gate = gated or rng.random() < 0.3
         k = rng.randint(1, 2) if point == "progress" or (point == "registry" and gate) else 1
-        if target == "t":
-            resume = i >= len(points)
-        else:
-            resume = rng.random() < 0.5
+        resume = i >= len(points) if target == "t" else rng.random() < 0.5
         out.append(Plan(seed, target, point, k, resume, gate))
     return out
 

@@ -704,7 +704,7 @@ def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _memory_values(
-    *, question: str, answer: str, topic: str | None = None, status: Status = "approved", tags: Sequence[str] = ()
+    *, question: str, answer: str, topic: str | None, status: Status, tags: Sequence[str]
 ) -> dict[str, Any]:
     """A memory item's row (without timestamps); UsageError names the first invalid field."""
     try:
@@ -801,6 +801,7 @@ def load_seed(settings: Settings) -> SeedResult:
             files.append(entry["file"])
             if entry["kind"] == "memory":
                 # One transaction for the file: a write per item (and its commit) would make seeding slow.
+                lines = path.read_text(encoding="utf-8").splitlines()
                 items = [
                     {
                         "question": item["question"],
@@ -809,8 +810,7 @@ def load_seed(settings: Settings) -> SeedResult:
                         "status": item.get("status", entry.get("status", "approved")),
                         "tags": item.get("tags", ()),
                     }
-                    for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and (item := json.loads(line))
+                    for item in (json.loads(line) for line in lines if line.strip())
                 ]
                 added = _add_memory_items(settings, items)
                 mem_added += added
