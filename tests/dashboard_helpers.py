@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -96,6 +97,67 @@ def start_services(home: Path, *, timeout: float = 60.0) -> Services:
     if services.proc.poll() is not None:
         raise RuntimeError(f"lunatrain serve exited with {services.proc.returncode}:\n{services.tail()}")
     raise RuntimeError(f"lunatrain serve did not answer within {timeout}s:\n{services.tail()}")
+
+
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+class Tab:
+    """The page a test gets: the module's one browser tab, lent to it. The listeners a test adds are removed
+    when it gives the tab back, so the next test starts with none of them; everything else is the page's own."""
+
+    def __init__(self, page: Any) -> None:
+        self._page = page
+        self._added: list[tuple[str, Callable[..., Any]]] = []
+
+    def on(self, event: str, handler: Callable[..., Any]) -> None:
+        self._added.append((event, handler))
+        self._page.on(event, handler)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._page, name)
+
+
+class Tabs:
+    """One tab for a module's tests in turn, instead of a new browser context each: a new tab costs Chromium
+    about 0.6 CPU-s more than a page load in a reused one (bench/results/test_suite.md). Between tests the tab
+    is cleared of routes, listeners and the page's session storage and left on about:blank (the page's timers
+    stop there); after a failed test, or when clearing fails, the next test gets a new one, so that a broken
+    page never fails the tests after it."""
+
+    def __init__(self, browser: Any) -> None:
+        self.browser = browser
+        self._context: Any = None
+        self._tab: Tab | None = None
+
+    def lend(self) -> Tab:
+        if self._tab is None:
+            self._context = self.browser.new_context(viewport=VIEWPORT)
+            self._tab = Tab(self._context.new_page())
+        return self._tab
+
+    def give_back(self, tab: Tab, *, keep: bool) -> None:
+        page = tab._page
+        try:
+            for event, handler in tab._added:
+                page.remove_listener(event, handler)
+            tab._added.clear()
+            if keep:
+                page.unroute_all(behavior="ignoreErrors")
+                if page.url.startswith("http"):
+                    page.evaluate("sessionStorage.clear()")
+                page.goto("about:blank")
+                page.set_viewport_size(VIEWPORT)
+                return
+        except Exception:  # noqa: BLE001 - a tab that cannot be cleared is replaced, like one after a failure
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self._context is not None:
+            with contextlib.suppress(Exception):
+                self._context.close()
+        self._context, self._tab = None, None
 
 
 def _ours(proc: psutil.Process, home: Path) -> bool:

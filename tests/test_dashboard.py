@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, Services, running_services
+from dashboard_helpers import CHROMIUM, CHROMIUM_ARGS, Services, Tabs, running_services
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,17 +59,25 @@ def browser() -> Iterator[object]:
             b.close()
 
 
+@pytest.fixture(scope="module")
+def tabs(browser) -> Iterator[Tabs]:
+    pool = Tabs(browser)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def page(browser, services: Services, request: pytest.FixtureRequest) -> Iterator[object]:
-    """A fresh tab; the JavaScript errors it logs fail the test (a broken module shows as a blank panel)."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    tab = context.new_page()
+def page(tabs: Tabs, services: Services, request: pytest.FixtureRequest) -> Iterator[object]:
+    """The module's tab, blank (see `Tabs`); the JavaScript errors it logs fail the test (a broken module shows as
+    a blank panel)."""
+    failed_before = request.session.testsfailed
+    tab = tabs.lend()
     js_errors: list[str] = []
     tab.on("pageerror", lambda exc: js_errors.append(str(exc)))
     try:
         yield tab
     finally:
-        context.close()
+        tabs.give_back(tab, keep=request.session.testsfailed == failed_before and not js_errors)
     assert not js_errors, f"JavaScript errors on the page: {js_errors}\n{services.tail()}"
 
 

@@ -18,7 +18,7 @@ import pytest
 from chat_helpers import FACTS_A, FACTS_B, train_facts
 
 # The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
-from test_dashboard import UI_TIMEOUT_MS, browser, expect, open_page, page, pytestmark, shot  # noqa: F401
+from test_dashboard import UI_TIMEOUT_MS, browser, expect, open_page, page, pytestmark, shot, tabs  # noqa: F401
 
 from lunatrain import registry
 from lunatrain.settings import load_settings

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 # The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
-from test_dashboard import browser, expect, open_page, page, pytestmark, shot  # noqa: F401
+from test_dashboard import browser, expect, open_page, page, pytestmark, shot, tabs  # noqa: F401
 
 from dashboard_helpers import Services, running_services
 
