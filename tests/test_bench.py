@@ -14,18 +14,29 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Both scripts run as __main__ with their own command lines, one after the other in one process: each
-# would otherwise spend seconds of CPU importing torch, transformers and PEFT for itself.
+# would otherwise spend seconds of CPU importing torch, transformers and PEFT for itself. A script that fails
+# does not keep the next one from running; each one's stderr ends with a line of its own (MARK).
+MARK = "=== bench script ended: "
 _RUN_BOTH = """
-import runpy, sys
+import runpy, sys, traceback
 sys.path.insert(0, sys.argv[1])  # the bench folder, as running a script there puts it first
+failed = 0
 for argv in ({gpu!r}, {infer!r}):
     sys.argv = list(argv)
-    runpy.run_path(argv[0], run_name="__main__")
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        failed += exc.code not in (0, None)
+    except BaseException:
+        traceback.print_exc()
+        failed += 1
+    print({mark!r} + argv[0], file=sys.stderr, flush=True)
+sys.exit(1 if failed else 0)
 """
 
 
 @pytest.mark.slow
-def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
+def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path, subtests) -> None:
     gpu_out, infer_out = tmp_path / "train_gpu.md", tmp_path / "infer.md"
     gpu = [
         str(ROOT / "bench" / "train_gpu.py"),
@@ -62,32 +73,41 @@ def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         str(infer_out),
     ]
     done = subprocess.run(
-        [sys.executable, "-c", _RUN_BOTH.format(gpu=gpu, infer=infer), str(ROOT / "bench")],
+        [sys.executable, "-c", _RUN_BOTH.format(gpu=gpu, infer=infer, mark=MARK), str(ROOT / "bench")],
         capture_output=True,
         text=True,
         timeout=900,
     )
+    # Each script's stderr, for its own subtest's message.
+    err = dict(zip((gpu[0], infer[0]), done.stderr.split(MARK), strict=False))
+
+    with subtests.test("bench/train_gpu.py"):
+        assert gpu_out.is_file(), err.get(gpu[0], done.stderr)[-3000:]
+        rows = [ln for ln in gpu_out.read_text().splitlines() if ln.startswith("| tiny / ")]
+        assert [ln.split("|")[1].strip() for ln in rows] == [
+            "tiny / trainer-pad",
+            "tiny / trainer-flatten",
+            "tiny / lunatrain",
+        ]
+        for ln in rows:
+            rate = ln.split("|")[2].strip()
+            assert re.fullmatch(r"[\d,]+", rate) and int(rate.replace(",", "")) > 0, ln
+        assert "Attention in lunatrain's loop: varlen-sdpa" in gpu_out.read_text()
+
+    with subtests.test("bench/infer.py"):
+        assert infer_out.is_file(), err.get(infer[0], done.stderr)[-3000:]
+        rows = [
+            ln.split("|")[1:-1]
+            for ln in infer_out.read_text().splitlines()
+            if ln.startswith(("| endpoint", "| generate"))
+        ]
+        assert [r[0].strip() for r in rows] == [
+            "endpoint, 1 stream",
+            "endpoint, 2 concurrent streams",
+            "generate(), 1 at a time",
+            "generate(), batch of 2",
+        ]
+        for row in rows:
+            assert int(row[1].strip().replace(",", "")) > 0 and float(row[3].strip().replace(",", "")) > 0, row
+
     assert done.returncode == 0, done.stderr[-3000:]
-
-    rows = [ln for ln in gpu_out.read_text().splitlines() if ln.startswith("| tiny / ")]
-    assert [ln.split("|")[1].strip() for ln in rows] == [
-        "tiny / trainer-pad",
-        "tiny / trainer-flatten",
-        "tiny / lunatrain",
-    ]
-    for ln in rows:
-        rate = ln.split("|")[2].strip()
-        assert re.fullmatch(r"[\d,]+", rate) and int(rate.replace(",", "")) > 0, ln
-    assert "Attention in lunatrain's loop: varlen-sdpa" in gpu_out.read_text()
-
-    rows = [
-        ln.split("|")[1:-1] for ln in infer_out.read_text().splitlines() if ln.startswith(("| endpoint", "| generate"))
-    ]
-    assert [r[0].strip() for r in rows] == [
-        "endpoint, 1 stream",
-        "endpoint, 2 concurrent streams",
-        "generate(), 1 at a time",
-        "generate(), batch of 2",
-    ]
-    for row in rows:
-        assert int(row[1].strip().replace(",", "")) > 0 and float(row[3].strip().replace(",", "")) > 0, row

@@ -173,55 +173,58 @@ def start_long(settings: Settings, name: str) -> tuple[Job, psutil.Process, list
 
 @pytest.mark.slow
 def test_kill_9_of_one_rank_fails_the_job_and_the_next_job_trains_like_one_process_with_the_combined_batch(
-    svc, tmp_path
+    svc, tmp_path, subtests
 ):
     """kill -9 of one rank fails its job with an error naming that rank, and the registry stays whole. The
     service goes on: the next job runs on both ranks again, and the adapter it registers is that of one
-    process with the combined batch (one job for both checks: a two-rank job starts three fresh interpreters)."""
+    process with the combined batch. One test for both (a two-rank job starts three fresh interpreters), each
+    half a subtest of its own: a failure of the first does not keep the second from running and reporting."""
     settings = svc.settings
-    assert trainer_client.health(settings).device.ranks == 2
-    # Every job of this trainer runs under torchrun: it keeps no warm worker (nothing would be forked).
-    assert workers_of(settings.home, warm=True) == []
+    with subtests.test("kill -9 of one rank fails the job"):
+        assert trainer_client.health(settings).device.ranks == 2
+        # Every job of this trainer runs under torchrun: it keeps no warm worker (nothing would be forked).
+        assert workers_of(settings.home, warm=True) == []
 
-    job, agent, ranks = start_long(settings, "dp-killed")
-    os.kill(next(r.pid for r in ranks if rank_of(r) == 1), signal.SIGKILL)
-    final = wait_job(settings, job.id)
-    assert final.status == "failed" and final.adapter is None, final
-    assert final.error.code == "child_crashed", final.error
-    assert final.error.message.startswith("Rank 1 of the 2 training processes was killed by SIGKILL"), final.error
-    assert f"trainer/logs/{job.id}.log" in final.error.message
-    assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 30), "a rank outlived the crash"
-    registry.load(settings)  # still valid
-    assert versions(settings, "dp-killed") == []
-    assert not list((settings.adapters_dir / "dp-killed").glob("v*"))
+        job, agent, ranks = start_long(settings, "dp-killed")
+        os.kill(next(r.pid for r in ranks if rank_of(r) == 1), signal.SIGKILL)
+        final = wait_job(settings, job.id)
+        assert final.status == "failed" and final.adapter is None, final
+        assert final.error.code == "child_crashed", final.error
+        assert final.error.message.startswith("Rank 1 of the 2 training processes was killed by SIGKILL"), final.error
+        assert f"trainer/logs/{job.id}.log" in final.error.message
+        assert wait_for(lambda: all(gone(p.pid) for p in [agent, *ranks]), 30), "a rank outlived the crash"
+        registry.load(settings)  # still valid
+        assert versions(settings, "dp-killed") == []
+        assert not list((settings.adapters_dir / "dp-killed").glob("v*"))
 
-    flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
-    job = submit(settings, flags)
-    final = wait_job(settings, job.id)
-    assert final.status == "succeeded", final
-    assert final.gate is not None and final.gate["status"] in ("passed", "failed"), final.gate  # rank 0 gated
-    assert final.metrics["steps"] == 3
-    assert final.progress.step == 3 and final.progress.total_steps == 3  # rank 0's progress, once per step
+    with subtests.test("the next job trains like one process with the combined batch"):
+        flags = QUICK | SAME | {"adapterName": "dp", "gate": True}
+        job = submit(settings, flags)
+        final = wait_job(settings, job.id)
+        assert final.status == "succeeded", final
+        assert final.gate is not None and final.gate["status"] in ("passed", "failed"), final.gate  # rank 0 gated
+        assert final.metrics["steps"] == 3
+        assert final.progress.step == 3 and final.progress.total_steps == 3  # rank 0's progress, once per step
 
-    # The reference: one process, batchSize 4, on a copy of the same data root.
-    home = tmp_path / "single"
-    copy_root(settings.home, home)
-    params, _ = parse_run(flags | {"batchSize": 4, "adapterName": "single"})
-    single = run_lora(params, load_settings(home=home))
-    assert single.status is Status.SUCCEEDED, single.error
+        # The reference: one process, batchSize 4, on a copy of the same data root.
+        home = tmp_path / "single"
+        copy_root(settings.home, home)
+        params, _ = parse_run(flags | {"batchSize": 4, "adapterName": "single"})
+        single = run_lora(params, load_settings(home=home))
+        assert single.status is Status.SUCCEEDED, single.error
 
-    a = load_file(str(single.path / "adapter_model.safetensors"))
-    b = load_file(str(settings.home / final.adapter.path / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
-    assert final.metrics["tokensTrained"] == single.report["metrics"]["tokensTrained"]
-    assert [v["jobId"] for v in versions(settings, "dp")] == [job.id]  # rank 0 alone registered
+        a = load_file(str(single.path / "adapter_model.safetensors"))
+        b = load_file(str(settings.home / final.adapter.path / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+        assert final.metrics["tokensTrained"] == single.report["metrics"]["tokensTrained"]
+        assert [v["jobId"] for v in versions(settings, "dp")] == [job.id]  # rank 0 alone registered
 
-    # torchrun's per-rank logs are kept beside the job's log, not left in the machine's temp folder.
-    ranks_dir = settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
-    assert sorted(p.name for p in ranks_dir.glob("*/attempt_0/*") if p.is_dir()) == ["0", "1"]
-    assert list(Path(psutil.Process(svc.proc.pid).environ()["TMPDIR"]).glob("torchelastic_*")) == []
+        # torchrun's per-rank logs are kept beside the job's log, not left in the machine's temp folder.
+        ranks_dir = settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
+        assert sorted(p.name for p in ranks_dir.glob("*/attempt_0/*") if p.is_dir()) == ["0", "1"]
+        assert list(Path(psutil.Process(svc.proc.pid).environ()["TMPDIR"]).glob("torchelastic_*")) == []
 
 
 @pytest.mark.slow
