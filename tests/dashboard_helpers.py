@@ -58,18 +58,23 @@ class Services:
         return "\n".join(out)
 
 
-def start_services(home: Path, *, timeout: float = 60.0) -> Services:
+def start_services(home: Path, *, timeout: float = 60.0, **extra_env: str) -> Services:
     """Start `lunatrain serve` under `home` on a port it binds itself; the trainer's address is "any free
-    port", so the trainer the API starts binds one too and records it under `home`."""
+    port", so the trainer the API starts binds one too and records it under `home`. `extra_env`: more
+    settings for the server (e.g. ASSISTANT_API_TOKEN)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")}
-    env |= {
-        "ASSISTANT_HOME": str(home),
-        "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
-        # Two shared cores: one thread each for the API and the training child keeps the machine responsive.
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    } | ON_DEMAND_ENV
+    env |= (
+        {
+            "ASSISTANT_HOME": str(home),
+            "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
+            # Two shared cores: one thread each for the API and the training child keeps the machine responsive.
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+        | ON_DEMAND_ENV
+        | extra_env
+    )
     log = home / "serve.log"
     record = home / "data" / "api" / "api.url"
     record.unlink(missing_ok=True)  # an earlier server's address is not this one's
@@ -168,9 +173,9 @@ def _ours(proc: psutil.Process, home: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_services(home: Path) -> Iterator[Services]:
+def running_services(home: Path, **extra_env: str) -> Iterator[Services]:
     """start_services for the block, stopped after it whatever happens (a module fixture's lifetime)."""
-    svc = start_services(home)
+    svc = start_services(home, **extra_env)
     try:
         yield svc
     finally:

@@ -528,3 +528,53 @@ def test_the_jobs_percentage_is_written_as_the_pages_language_writes_it(page, se
     answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
     open_page(page, services, query)
     expect(page.locator("#job-percent")).to_have_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "locked", "hint"),
+    [
+        ("", "Token nötig", "API-Token fehlt oder ist falsch"),
+        ("?lang=en", "Token needed", "API token missing or wrong"),
+    ],
+    ids=["de", "en"],
+)
+def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
+    page, tmp_path_factory: pytest.TempPathFactory, output_dir: Path, query, locked, hint
+) -> None:
+    """Repro: with ASSISTANT_API_TOKEN set, the page showed its token form, but the trainer's label said
+    "Prüfe …" for good, as if an answer were still coming; three panels each reported the refusal, and the
+    adapter panel said that no adapter had been trained yet."""
+    token = "s3cret-token"
+    with running_services(tmp_path_factory.mktemp("token-home"), ASSISTANT_API_TOKEN=token) as svc:
+        page.goto(f"{svc.api_url}/{query}")
+        label = page.locator("#provider-label")
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(page.locator("#api-token")).to_be_focused()
+        expect(page.locator("section[aria-busy]")).to_have_count(0)  # every panel's call was answered (401)
+        expect(label).to_have_attribute("data-state", "locked")
+        expect(label).to_have_text(locked)
+        expect(page.locator("#provider-device")).to_have_text(hint)
+        expect(page.locator("#trainer-start")).to_be_hidden()
+        expect(page.locator("#alerts .message")).to_have_count(0)  # the form and the label say it, once
+        expect(page.locator("#adapters-empty")).to_be_hidden()
+        shot(page, output_dir, "1-token-asked")
+
+        # A wrong token is refused: the form comes back and nothing loads.
+        with page.expect_response(lambda r: r.status == 401 and "/assistant/training/" in r.url):
+            page.fill("#api-token", "wrong")
+            page.locator("#token-form button[type=submit]").click()
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(page.locator("section[aria-busy]")).to_have_count(0)
+        expect(label).to_have_attribute("data-state", "locked")
+        expect(page.locator("#alerts .message")).to_have_count(0)
+
+        # The right one: every panel loads, and the label tells the trainer's state (not started here).
+        page.fill("#api-token", token)
+        page.locator("#token-form button[type=submit]").click()
+        expect(page.locator("#token-form")).to_be_hidden()
+        expect(label).to_have_attribute("data-state", "offline")
+        expect(page.locator("section[aria-busy]")).to_have_count(0)
+        expect(page.locator("#data-ready")).not_to_have_attribute("data-ready", "unknown")
+        expect(page.locator("#trainer-start")).to_be_visible()
+        expect(page.locator("#adapters-empty")).to_be_visible()  # now it is known: none yet
+        shot(page, output_dir, "2-token-given")

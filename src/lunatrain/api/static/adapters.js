@@ -39,7 +39,10 @@ export class AdapterView {
       const { bases = [] } = await api.adapters();
       if (current()) this.render(bases);
     } catch (error) {
-      if (current()) showError(error, t("adapters.heading"));
+      if (current()) {
+        this.empty.hidden = true; // not "no adapters yet": the list could not be read
+        showError(error, t("adapters.heading"));
+      }
     } finally {
       if (current()) section.removeAttribute("aria-busy");
     }

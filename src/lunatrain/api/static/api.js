@@ -22,6 +22,13 @@ export function setToken(token) {
   else sessionStorage.removeItem(TOKEN_KEY);
 }
 
+let unauthorized = () => {};
+
+/** What the page does when the API refuses a call for a missing or wrong token (app.js asks for it). */
+export function onUnauthorized(handler) {
+  unauthorized = handler;
+}
+
 /** Request headers with the bearer token when one was given (the chat panel streams with its own fetch). */
 export function authHeaders(extra = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
@@ -49,6 +56,7 @@ async function request(method, path, { body, query } = {}) {
     data = null; // a proxy's HTML error page: fall through to the status line below
   }
   if (!response.ok) {
+    if (response.status === 401) unauthorized();
     const err = data?.error;
     // Without a message (a proxy's error page) the status says it; its reason phrase is English, so not that.
     const message = err?.message || (typeof data?.detail === "string" ? data.detail : "") ||

@@ -1,7 +1,7 @@
 // The training dashboard: provider label, data status, the LoRA form with live job progress, and the adapter
 // registry. Plain ES modules against the assistant API (docs/api.md); no build step.
 
-import { api, setToken, FINAL_STATES } from "./api.js";
+import { api, setToken, onUnauthorized, FINAL_STATES } from "./api.js";
 import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
 import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
@@ -74,6 +74,12 @@ async function startTrainer() {
 // ---- token (only when the API runs with ASSISTANT_API_TOKEN) ------------------------------------------
 
 function askToken() {
+  // Every panel needs the token, the trainer's status too: the label says so instead of "checking" for good.
+  const badge = $("provider-label");
+  badge.textContent = t("provider.locked");
+  badge.dataset.state = "locked";
+  $("provider-device").textContent = t("msg.unauthorized");
+  $("trainer-start").hidden = true;
   const form = $("token-form");
   if (form.hidden) {
     form.hidden = false;
@@ -81,6 +87,8 @@ function askToken() {
   }
   return null;
 }
+
+onUnauthorized(askToken);
 
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();

@@ -211,6 +211,7 @@ const de = {
   "severity.passed": "ok",
   // Server messages by code (lunatrain/messages.py); parameters fill the {placeholders}.
   "provider.offlineHint": "Nicht erreichbar – mit „Trainer starten“ starten.",
+  "provider.locked": "Token nötig",
   "adapters.deactivate": "Deaktivieren",
   "adapters.deactivateLabel": "{name} auf diesem Basismodell deaktivieren",
   "adapters.confirmDeactivate": "{name} {version} deaktivieren? Der Adapter bleibt registriert.",
@@ -566,6 +567,7 @@ const en = {
   "severity.passed": "ok",
   // Server messages by code (lunatrain/messages.py); parameters fill the {placeholders}.
   "provider.offlineHint": "Not reachable – start it with “Start trainer”.",
+  "provider.locked": "Token needed",
   "adapters.deactivate": "Deactivate",
   "adapters.deactivateLabel": "Deactivate {name} on this base model",
   "adapters.confirmDeactivate": "Deactivate {name} {version}? The adapter stays registered.",

@@ -23,6 +23,9 @@ const MAX_ALERTS = 4;
  * not repeated while it is still shown, so a poller that keeps failing does not flood the page.
  */
 export function showError(error, context = "") {
+  // A missing or wrong API token is said once, by the token form and the trainer's label (app.js), not by
+  // every panel whose call it refused.
+  if (error?.status === 401) return;
   const alerts = document.getElementById("alerts");
   // The status in the prefix, unless the sentence is the one that says only the status (err.http).
   const status = error?.status && error.code !== `http_${error.status}` ? ` (${error.status})` : "";
