@@ -122,7 +122,11 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     assert curve[0]["lr"] == 0.0 and curve[warmup]["lr"] == pytest.approx(report["params"]["learningRate"])
     assert curve[-1]["lr"] > 0.0
     assert set(report["packages"]) >= {"torch", "transformers", "peft", "lunatrain"}
-    assert report["kernels"] == {"attention": "varlen-sdpa", "dropout": "fast16"}
+    # device auto: a GPU where there is one, with its flash kernel and torch's dropout (seen on an H200)
+    on_gpu = {"attention": "varlen-flash", "dropout": "torch"}
+    assert report["kernels"] == (
+        on_gpu if torch.cuda.is_available() else {"attention": "varlen-sdpa", "dropout": "fast16"}
+    )
     hashes = (result.path / "train-hashes.txt").read_text().split()
     assert len(hashes) == report["dataset"]["trainSamples"]
     assert json.loads(registry.latest_report_path(settings).read_text())["version"] == "v1"
@@ -158,9 +162,13 @@ def test_packing_changes_speed_not_the_result(settings):
     a = load_file(str(packed.path / "adapter_model.safetensors"))
     b = load_file(str(unpacked.path / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
+    # On CPU both run in float32: the same adapter. On a GPU (device auto) both run under bf16 autocast, whose
+    # rounding differs between one flat row and padded rows: the same up to that (on an H200: weights within
+    # 4.7e-3 of each other, the largest 0.13; val losses 2.6e-4 apart, at 8.26).
+    atol, rtol, loss_tol = (2e-2, 0.0, 1e-3) if torch.cuda.is_available() else (1e-4, 1e-3, 1e-4)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
-    assert abs(packed.report["metrics"]["valLoss"] - unpacked.report["metrics"]["valLoss"]) < 1e-4
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=rtol)
+    assert abs(packed.report["metrics"]["valLoss"] - unpacked.report["metrics"]["valLoss"]) < loss_tol
     assert max(x.abs().max() for x in a.values() if x.ndim) > 1e-3  # it did train
 
 
@@ -265,12 +273,11 @@ def test_bad_parameters_give_one_clear_error_and_write_nothing(settings, bad, ma
     assert _files(settings.home) == before
 
 
-def test_missing_export_and_missing_device_are_reported_together(settings):
+def test_missing_export_and_missing_device_are_reported_together(settings, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU, also on a machine that has one
     with pytest.raises(UsageError) as err:
-        run_lora(_params(device="cuda") if not torch.cuda.is_available() else _params(), settings)
-    assert "export" in str(err.value)
-    if not torch.cuda.is_available():
-        assert "cuda" in str(err.value)
+        run_lora(_params(device="cuda"), settings)
+    assert "export" in str(err.value) and "cuda" in str(err.value)
     assert _files(settings.home) == []
 
 
