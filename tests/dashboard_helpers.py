@@ -112,15 +112,19 @@ class Tab:
     when it gives the tab back, so the next test starts with none of them; everything else is the page's own."""
 
     def __init__(self, page: Any) -> None:
-        self._page = page
+        self.page = page
         self._added: list[tuple[str, Callable[..., Any]]] = []
 
     def on(self, event: str, handler: Callable[..., Any]) -> None:
         self._added.append((event, handler))
-        self._page.on(event, handler)
+        self.page.on(event, handler)
+
+    def forget_listeners(self) -> None:
+        while self._added:
+            self.page.remove_listener(*self._added.pop())
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._page, name)
+        return getattr(self.page, name)
 
 
 class Tabs:
@@ -142,11 +146,9 @@ class Tabs:
         return self._tab
 
     def give_back(self, tab: Tab, *, keep: bool) -> None:
-        page = tab._page
+        page = tab.page
         try:
-            for event, handler in tab._added:
-                page.remove_listener(event, handler)
-            tab._added.clear()
+            tab.forget_listeners()
             if keep:
                 page.unroute_all(behavior="ignoreErrors")
                 if page.url.startswith("http"):

@@ -51,7 +51,7 @@ async function loadHealth(ensureTrainer = false) {
     if (providerState(health) !== "offline") clearErrors("service_unavailable");
     return health;
   } catch (error) {
-    if (error.status === 401) return askToken();
+    if (error.status === 401) return null; // request() has asked for the token (onUnauthorized)
     renderHealth({ label: "Offline", reachable: false, error: error.message });
     showError(error, t("provider.heading"));
     return null;
@@ -184,7 +184,7 @@ async function loadDataStatus() {
     }
   } catch (error) {
     if (!current()) return null;
-    if (error.status === 401) return askToken();
+    if (error.status === 401) return null; // request() has asked for the token (onUnauthorized)
     $("data-ready").dataset.ready = "unknown";
     $("data-ready").textContent = `${t("err.prefix")}: ${errorText(error)}`;
     showError(error, t("data.heading"));

@@ -105,7 +105,7 @@ export class TryPanel {
       const { data = [] } = await api.chatModels();
       if (current()) this.render(data);
     } catch (error) {
-      if (error.status !== 401 && current()) showError(error, t("try.heading"));
+      if (current()) showError(error, t("try.heading"));
     }
     if (!$("try-example-list").children.length) this.loadExamples();
   }
@@ -148,7 +148,7 @@ export class TryPanel {
         }, example.prompt))));
     } catch (error) {
       $("try-examples").hidden = true;
-      if (error.status !== 401) showError(error, t("try.examples"));
+      showError(error, t("try.examples"));
     }
   }
 
