@@ -123,6 +123,27 @@ def test_a_typed_prompt_asks_for_no_more_tokens_than_the_server_allows(page, ser
     assert asked and set(asked) == {64}, asked
 
 
+def test_a_refused_token_while_chatting_asks_for_the_token(page, services: Services) -> None:
+    """Repro: the chat panel streams with its own fetch, so a 401 there (a server restarted with another
+    ASSISTANT_API_TOKEN) only showed the refusal in both columns; the token form, which every other panel's
+    401 brings up, stayed hidden and the trainer's label went on as if nothing were wrong."""
+    refusal = {"error": {"message": "Missing or wrong bearer token.", "type": "authentication_error"}}
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=401, json=refusal))
+    open_page(page, services, "?lang=en")
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-example-list li").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(page.locator("#token-form")).to_be_hidden()
+    page.get_by_label("Message", exact=True).fill("Hallo")
+    page.get_by_role("button", name="Send").click()
+    for column in ("base", "adapter"):
+        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", "error", timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#try-{column}-meta")).to_contain_text("Missing or wrong bearer token.")
+    expect(page.locator("#token-form")).to_be_visible()
+    expect(page.locator("#api-token")).to_be_focused()
+    expect(page.locator("#provider-label")).to_have_text("Token needed")
+    expect(page.locator("#alerts .message")).to_have_count(0)  # the form says it, not a panel message too
+
+
 def test_an_empty_prompt_is_refused_on_the_page(page, services: Services) -> None:
     open_page(page, services)
     page.locator("#try").scroll_into_view_if_needed()

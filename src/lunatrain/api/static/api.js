@@ -29,6 +29,11 @@ export function onUnauthorized(handler) {
   unauthorized = handler;
 }
 
+/** A call was refused for a missing or wrong token: request() says so, and the chat panel's own fetch. */
+export function tokenRefused() {
+  unauthorized();
+}
+
 /** Request headers with the bearer token when one was given (the chat panel streams with its own fetch). */
 export function authHeaders(extra = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
@@ -56,7 +61,7 @@ async function request(method, path, { body, query } = {}) {
     data = null; // a proxy's HTML error page: fall through to the status line below
   }
   if (!response.ok) {
-    if (response.status === 401) unauthorized();
+    if (response.status === 401) tokenRefused();
     const err = data?.error;
     // Without a message (a proxy's error page) the status says it; its reason phrase is English, so not that.
     const message = err?.message || (typeof data?.detail === "string" ? data.detail : "") ||

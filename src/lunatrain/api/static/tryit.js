@@ -2,7 +2,7 @@
 // streamed from the OpenAI-compatible endpoint (/v1/chat/completions); the eval gate's golden cases are
 // one-click examples. Greedy decoding (temperature 0), so the two columns differ only by the adapter.
 
-import { api, authHeaders, ApiError } from "./api.js";
+import { api, authHeaders, ApiError, tokenRefused } from "./api.js";
 import { t, formatNumber, errorText } from "./i18n.js";
 import { h, showError, turns } from "./ui.js";
 
@@ -22,6 +22,7 @@ export async function streamChat(body, onPiece) {
     throw new ApiError(0, "network", t("err.network"));
   }
   if (!response.ok) {
+    if (response.status === 401) tokenRefused(); // the page asks for the token, as for any other panel's call
     const err = await response.json().catch(() => null);
     throw new ApiError(response.status, err?.error?.code ?? `http_${response.status}`,
       err?.error?.message ?? t("err.http", { status: response.status }));
