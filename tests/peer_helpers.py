@@ -1,5 +1,6 @@
 """What may answer at the trainer's address instead of this data root's trainer, played by an httpx transport
-(no server, no subprocess): another project's trainer, a web page's 404, JSON of another shape.
+(no server, no subprocess): another project's trainer, a web page's 404, JSON of another shape, a
+service that wants a token of its own.
 
 `PEERS[name]` is (handler, words the client's sentence names it by); `playing(handler)` is the httpx client
 to put in place of the trainer client's shared one (`lunatrain.service.client._shared`).
@@ -31,10 +32,17 @@ def json_service(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json={"hello": "world"})
 
 
+def token_service(request: httpx.Request) -> httpx.Response:
+    """A service of some other kind that wants a bearer token for everything (a 401 carrying no realm of ours)."""
+    body = {"error": {"message": "Missing or wrong bearer token."}}
+    return httpx.Response(401, json=body, headers={"WWW-Authenticate": 'Bearer realm="grafana"'})
+
+
 PEERS: dict[str, tuple[Callable[[httpx.Request], httpx.Response], str]] = {
     "other-root-trainer": (other_root_trainer, OTHER_ROOT),
     "html-service": (html_service, "not a lunatrain trainer"),
     "json-service": (json_service, "not a lunatrain trainer"),
+    "token-service": (token_service, "not a lunatrain trainer"),
 }
 
 

@@ -158,7 +158,11 @@ def test_token_is_required_on_every_data_request(token_server: Server) -> None:
     path = "/assistant/training/examples"
     assert token_server.request("GET", path)[0] == 401
     status, headers, body = token_server.request("GET", path, headers={"Authorization": "Bearer wrong"})
-    assert status == 401 and body["error"]["code"] == "unauthorized" and headers["www-authenticate"] == "Bearer"
+    assert (
+        status == 401
+        and body["error"]["code"] == "unauthorized"
+        and headers["www-authenticate"] == 'Bearer realm="lunatrain-api"'
+    )
     assert token_server.request("GET", path, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
     assert token_server.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}x"})[0] == 401
     status, _, body = token_server.request(

@@ -696,7 +696,7 @@ def test_a_content_length_that_is_no_number_is_400(declared: str) -> None:
     async def send(message):
         sent.append(message)
 
-    guard = GuardMiddleware(app, hosts={"127.0.0.1"}, token=None, max_body_bytes=1024)
+    guard = GuardMiddleware(app, hosts={"127.0.0.1"}, token=None, max_body_bytes=1024, realm="test")
     scope = {
         "type": "http",
         "method": "POST",

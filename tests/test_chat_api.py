@@ -72,7 +72,7 @@ def test_an_answer_has_openais_fields(client: TestClient) -> None:
 def test_the_token_is_required_when_set(client: TestClient) -> None:
     for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
         r = client.get("/v1/models", headers=headers)
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="lunatrain-api"'
     assert client.get("/v1/models").json()["data"][0]["id"] == "luna-tiny"
 
 

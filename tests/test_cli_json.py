@@ -225,6 +225,16 @@ def test_health_json_is_one_document_for_every_outcome(settings: Settings, monke
     answering(monkeypatch, httpx.Response(404, text="Not Found"))
     code, body = health_json()
     assert code == 1 and body["label"] == "Offline" and "not a lunatrain trainer" in body["error"], body
+    # A 401 names who wants the token: another service (its own realm) is no trainer of ours; our trainer
+    # (its realm) wants the token this command was not given.
+    refusal = {"error": {"code": "unauthorized", "message": "Missing or wrong bearer token."}}
+    answering(monkeypatch, httpx.Response(401, json=refusal, headers={"WWW-Authenticate": 'Bearer realm="grafana"'}))
+    code, body = health_json()
+    assert code == 1 and body["label"] == "Offline" and "not a lunatrain trainer" in body["error"], body
+    trainer_realm = {"WWW-Authenticate": 'Bearer realm="lunatrain-trainer"'}
+    answering(monkeypatch, httpx.Response(401, json=refusal, headers=trainer_realm))
+    code, body = health_json()
+    assert code == 2 and "ASSISTANT_API_TOKEN" in body["error"], body
 
     ours = Health(data_root={"id": data_root_id(settings.home), "path": str(settings.home)})
     answering(monkeypatch, httpx.Response(200, json=ours.wire()))

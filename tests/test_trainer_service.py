@@ -263,7 +263,9 @@ def test_token_required_when_set_and_public_bind_refused(tmp_path):
     assert refused.exit_code == 2 and "ASSISTANT_API_TOKEN" in refused.output
     trainer = launch(home, ASSISTANT_API_TOKEN="s3cret", ASSISTANT_LORA_WARM_WORKER="false")  # no job runs here
     try:
-        assert httpx.get(trainer.url + "/health", trust_env=False, timeout=HTTP_TIMEOUT_S).status_code == 401
+        refused = httpx.get(trainer.url + "/health", trust_env=False, timeout=HTTP_TIMEOUT_S)
+        # The realm tells a client it is a lunatrain trainer that wants another token, not another service.
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == 'Bearer realm="lunatrain-trainer"'
         wrong = httpx.get(
             trainer.url + "/jobs", headers={"authorization": "Bearer nope"}, trust_env=False, timeout=HTTP_TIMEOUT_S
         )

@@ -31,7 +31,7 @@ from ..settings import Settings
 from ..templates import load_template
 from ..web import listen
 from ..web.handlers import install
-from ..web.security import GuardMiddleware, allowed_hostnames, check_bind
+from ..web.security import TRAINER_REALM, GuardMiddleware, allowed_hostnames, check_bind
 from . import lock
 from .device import DeviceProbe
 from .jobs import (
@@ -119,6 +119,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         hosts=allowed_hostnames(settings, host),
         token=settings.api_token,
         max_body_bytes=min(settings.max_body_bytes, _MAX_BODY),
+        realm=TRAINER_REALM,
     )
 
     def store() -> JobStore:

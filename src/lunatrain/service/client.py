@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from ..errors import PATTERN_RULES, Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
-from ..web.security import is_loopback
+from ..web.security import TRAINER_REALM, bearer_realm, is_loopback
 from .jobs import DATA_ROOT_HEADER, JOB_ID_PATTERN, EventPage, Health, Job, JobCheck, JobList, Status, data_root_id
 
 LABEL_CUDA = "Aktiv (CUDA)"
@@ -145,6 +145,9 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
             return other_data_root(settings, another_root(str(other.get("path") or "unknown")))
         return Conflict(message)
     if status == 401:
+        if bearer_realm(response.headers.get("www-authenticate")) != TRAINER_REALM:
+            # Another service wants a token of its own: asking for "the trainer's token" would mislead.
+            return Conflict(f"What answers {where(settings)} refused us (401): {FOREIGN}.")
         return UsageError(f"{message} Set ASSISTANT_API_TOKEN to the trainer's token.")
     if status < 500:
         return UsageError(message, details=details)
@@ -256,8 +259,8 @@ def _call(settings: Settings, method: str, path: str, model: type[_M], **kwargs:
     """A job request, its answer validated as `model`. An answer that is not our trainer's (another
     project's trainer refusing us, a 404 page, JSON of another shape) is checked against the health of
     whoever holds the address: when that is not this data root's trainer, a read is ServiceUnavailable and
-    a change the other-data-root Conflict, both naming it. A 401 (a trainer that wants a token) cannot be
-    told apart and stands."""
+    a change the other-data-root Conflict, both naming it. A 401 of our trainer's realm (a trainer that wants
+    another token) stands: no health can be read without that token."""
     refusal = held_by_another if method == "GET" else other_data_root
     try:
         return model.model_validate(_request(settings, method, path, **kwargs).json())

@@ -24,6 +24,16 @@ from ..settings import Settings
 # can load the page that then asks for the token; everything else needs it.
 _PUBLIC_PREFIXES = ("/static/",)
 _PUBLIC_PATHS = frozenset({"/", "/index.html", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
+# The realm of a 401's WWW-Authenticate names the service that wants the token, so a client can tell a
+# lunatrain trainer that wants another token from another service holding the trainer's address.
+API_REALM = "lunatrain-api"
+TRAINER_REALM = "lunatrain-trainer"
+
+
+def bearer_realm(header: str | None) -> str | None:
+    """The realm of a `WWW-Authenticate: Bearer realm="..."` header, else None."""
+    match = re.match(r'\s*Bearer\s+(?:.*,\s*)?realm="([^"]*)"', header or "", re.IGNORECASE)
+    return match.group(1) if match else None
 
 
 def is_loopback(host: str) -> bool:
@@ -88,8 +98,11 @@ class BodyTooLarge(Exception):
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int, realm: str
+    ) -> None:
         self.app = app
+        self.challenge = f'Bearer realm="{realm}"'.encode()
         self.hosts = frozenset(hosts)
         self.token = token.encode() if token else None
         self.max_body = max_body_bytes
@@ -112,7 +125,11 @@ class GuardMiddleware:
             return
         if self.token is not None and not _public(scope) and not self._authorized(headers):
             await _reply(
-                send, 401, "unauthorized", "Missing or wrong bearer token.", extra=[(b"www-authenticate", b"Bearer")]
+                send,
+                401,
+                "unauthorized",
+                "Missing or wrong bearer token.",
+                extra=[(b"www-authenticate", self.challenge)],
             )
             return
         declared = headers.get("content-length")
