@@ -96,8 +96,10 @@ def test_repair_of_a_readable_registry_changes_nothing(settings):
 
 
 def test_repair_round_trips_a_real_registry(settings):
-    """Two real trained versions and an overwrite slot, a gate that promoted v2: the rebuilt registry
-    equals the original in every fact the folders and reports hold."""
+    """Two real trained versions and an overwrite slot, a gate that promoted v2, a manual activation rolled
+    back, then a gate that refused v1: the rebuilt registry equals the original in every fact, each gate
+    outcome, what is active and the activation history included. Repro: repair restored only the last gate
+    report's outcome, so v2's was lost, and v2 was no longer active (the last gate, v1's, promoted nothing)."""
     write_export(settings)
     v1 = run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
     v2 = run_lora(parse_params(FAST | {"adapterName": "luna", "seed": 8}), settings)
@@ -109,8 +111,17 @@ def test_repair_round_trips_a_real_registry(settings):
         "v2",
         thresholds={"maxGoldenPassRateDrop": 1.0, "maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
     )
+    registry.activate(settings, "luna", "v1", reason="cli")
+    registry.rollback(settings, "luna")
+    refused = evalgate.gate_candidate(settings, "luna", "v1", thresholds={"maxValLossRatioVsBase": 0.001})
+    assert not refused.passed and not refused.promoted
     original = registry.load(settings)
     assert original["adapters"]["luna"]["aliases"].get("active") == "v2"
+    assert [a["reason"] for a in original["adapters"]["luna"]["activations"]] == ["eval gate passed", "cli", "rollback"]
+
+    journal = settings.adapters_dir / "luna" / registry.ACTIVATIONS_FILE
+    with journal.open("a") as f:
+        f.write('{"version": "v1", "ba')  # a line cut short by a crash: read past, not applied
 
     path = registry.registry_path(settings)
     path.write_text(json.dumps({"format": registry.FORMAT}))  # wrong shape: every version would be lost
@@ -140,11 +151,16 @@ def test_repair_round_trips_a_real_registry(settings):
             ):
                 assert g.get(key) == w.get(key), (name, key)
         assert got["aliases"].get("latest") == want["aliases"].get("latest")
+        assert [g.get("gate") for g in got["versions"]] == [w.get("gate") for w in want["versions"]], name
+        for key in ("aliases", "activeByBase", "activations"):
+            assert got[key] == want[key], (name, key)
     assert rebuilt["adapters"]["luna"]["aliases"]["active"] == "v2"
-    assert rebuilt["adapters"]["luna"]["versions"][-1]["gate"]["passed"] is True
+    assert [e["gate"]["passed"] for e in rebuilt["adapters"]["luna"]["versions"]] == [False, True]
     # the registry works again: a new version is v3, activation history continues
     assert run_lora(parse_params(FAST | {"adapterName": "luna"}), settings).version == "v3"
     assert registry.get_version(settings, "luna", "active")["version"] == "v2"
+    registry.activate(settings, "luna", "v1", reason="cli")  # after the torn line, the journal goes on on a new line
+    assert json.loads(journal.read_text().splitlines()[-1])["version"] == "v1"
 
 
 def test_publish_after_repair_keeps_numbering(settings):

@@ -32,12 +32,15 @@ is moved into place under the same lock, so two jobs can never claim the same ve
 A file that cannot be read (not JSON, cut short, the wrong shape) is never replaced: every reader raises
 RegistryUnreadable naming it and the fix, `lunatrain adapters repair`, which keeps the damaged file as
 `lora-adapters.json.damaged-<time>` and rebuilds the registry from each version folder's
-training-report.json (and, where the reports allow, the gate outcome, the active alias and merges).
+training-report.json and gate.json, each adapter's activations.jsonl (what is active, and the history), and
+the merged models' markers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -54,10 +57,16 @@ from .settings import Settings, check_name, inside
 from .wire import now_iso as now
 from .wire import utc_now
 
+log = logging.getLogger("lunatrain.registry")
+
 # What each version folder holds besides the PEFT files: written by train.py, read by repair, the CLI and the API.
 REPORT_FILE = "training-report.json"
 LOSS_CURVE_FILE = "loss-curve.png"
 TRAIN_HASHES_FILE = "train-hashes.txt"  # the content hashes of the examples trained on (stale marking)
+GATE_FILE = "gate.json"  # the eval gate's outcome for this version, as the registry records it (for repair)
+# Beside the version folders (data/adapters/NAME/): one line per change of what is active, as the registry's
+# `activations` records it plus the base's id, so `adapters repair` restores what was active and the history.
+ACTIVATIONS_FILE = "activations.jsonl"
 
 FORMAT = "lunatrain-registry/1"
 SLOT = "current"  # the single version of the overwrite strategy
@@ -196,6 +205,23 @@ def _adapter(data: dict[str, Any], name: str) -> dict[str, Any]:
     adapter.setdefault("activations", [])
     adapter.setdefault("activeByBase", {})
     return adapter
+
+
+def _journal(settings: Settings, name: str, record: dict[str, Any], base_id: str | None) -> None:
+    """Append an activation change (saved in the registry already) to the adapter's activations.jsonl, under
+    the registry's lock. The registry stays the record: a line that cannot be written costs only `adapters
+    repair` that step, so a full disk here does not turn a change that was made into an error."""
+    line = json.dumps(record | {"baseModel": base_id}, ensure_ascii=False) + "\n"
+    try:
+        with (settings.adapters_dir / name / ACTIVATIONS_FILE).open("a+b") as f:
+            if f.tell() > 0:  # after a line a crash cut short, start a new one (the torn one is read past)
+                f.seek(-1, os.SEEK_END)
+                line = line if f.read(1) == b"\n" else "\n" + line
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        log.warning("could not record %s's activation change in %s: %s", name, ACTIVATIONS_FILE, exc)
 
 
 def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
@@ -662,18 +688,18 @@ def activate(
         adapter = _adapter(data, name)
         previous = adapter["activeByBase"].get(fingerprint, {}).get("version")
         adapter["activeByBase"][fingerprint] = {"version": entry["version"], "baseModel": base_id}
-        adapter["activations"].append(
-            {
-                "version": entry["version"],
-                "previous": previous,
-                "base": fingerprint,
-                "at": now(),
-                "forced": force,
-                "reason": reason,
-            }
-        )
+        record = {
+            "version": entry["version"],
+            "previous": previous,
+            "base": fingerprint,
+            "at": now(),
+            "forced": force,
+            "reason": reason,
+        }
+        adapter["activations"].append(record)
         _sync_legacy_alias(adapter)
         _save(settings, data)
+        _journal(settings, name, record, base_id)
     return entry
 
 
@@ -708,21 +734,24 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
                 params={"name": name, "version": version or None},
             )
         done = []
+        records = []
         for fp in hits:
             gone = adapter["activeByBase"].pop(fp)
-            adapter["activations"].append(
-                {
-                    "version": None,
-                    "previous": gone["version"],
-                    "base": fp,
-                    "at": now(),
-                    "forced": False,
-                    "reason": "deactivated",
-                }
-            )
+            record = {
+                "version": None,
+                "previous": gone["version"],
+                "base": fp,
+                "at": now(),
+                "forced": False,
+                "reason": "deactivated",
+            }
+            adapter["activations"].append(record)
+            records.append((record, gone.get("baseModel")))
             done.append({"name": name, "version": gone["version"], "base": fp, "baseModel": gone.get("baseModel")})
         _sync_legacy_alias(adapter)
         _save(settings, data)
+        for record, base_id in records:
+            _journal(settings, name, record, base_id)
     return done
 
 
@@ -758,18 +787,18 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
             loadable_dir(settings, target)
         base_id = adapter["activeByBase"][fingerprint].get("baseModel")
         adapter["activeByBase"][fingerprint] = {"version": previous, "baseModel": base_id}
-        adapter["activations"].append(
-            {
-                "version": previous,
-                "previous": current,
-                "base": fingerprint,
-                "at": now(),
-                "forced": False,
-                "reason": "rollback",
-            }
-        )
+        record = {
+            "version": previous,
+            "previous": current,
+            "base": fingerprint,
+            "at": now(),
+            "forced": False,
+            "reason": "rollback",
+        }
+        adapter["activations"].append(record)
         _sync_legacy_alias(adapter)
         _save(settings, data)
+        _journal(settings, name, record, base_id)
     return get_version(settings, name, previous)
 
 
@@ -839,8 +868,17 @@ def annotate(
 def record_gate(
     settings: Settings, name: str, version: str, result: dict[str, Any], *, revision: int | None = None
 ) -> dict[str, Any]:
-    """Store the eval gate's outcome on a version (e.g. {"status": "passed", "reason": ..., "at": ...})."""
-    return annotate(settings, name, version, "gate", result, revision=revision)
+    """Store the eval gate's outcome on a version (e.g. {"status": "passed", "reason": ..., "at": ...}), and a
+    copy in its folder (gate.json), from which `adapters repair` restores every version's outcome. Not for a
+    slot revision that is staged or was not kept: its folder is not (or no longer) the one `current` names."""
+    entry = annotate(settings, name, version, "gate", result, revision=revision)
+    folder = settings.home / entry["path"]
+    if not entry.get("replaced") and not entry.get("staged") and folder.is_dir():
+        try:
+            atomic_write_json(folder / GATE_FILE, result)
+        except (OSError, LunaError) as exc:  # the registry holds the outcome; only a repair would miss it
+            log.warning("could not keep the gate outcome of %s@%s in its folder: %s", name, version, exc)
+    return entry
 
 
 def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
@@ -943,8 +981,10 @@ def repair(settings: Settings) -> dict[str, Any]:
 
 def rebuild(settings: Settings) -> dict[str, Any]:
     """A registry made from what lies on disk: each data/adapters/NAME/VERSION/training-report.json of a
-    succeeded run is one entry; `latest` is the newest; the last eval gate report restores its candidate's
-    gate outcome (and `active`, when it promoted it); merged models restore `merged`."""
+    succeeded run is one entry, with the gate outcome its gate.json keeps; `latest` is the newest; each
+    adapter's activations.jsonl restores what is active on each base and the activation history; merged
+    models restore `merged`. For folders from before gate.json and activations.jsonl, the last eval gate
+    report restores its candidate's outcome (and `active`, when it promoted it)."""
     data: dict[str, Any] = {"format": FORMAT, "adapters": {}}
     root = settings.adapters_dir
     for report_path in sorted(root.glob(f"*/*/{REPORT_FILE}")) if root.is_dir() else []:
@@ -959,6 +999,7 @@ def rebuild(settings: Settings) -> dict[str, Any]:
         if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
             continue
         entry = _entry_from_report(name, folder, report)
+        entry["gate"] = _kept_gate(folder)
         if _entry_problem(name, entry) is None:  # a report that cannot say what it was trained on stays on disk
             _adapter(data, name)["versions"].append(entry)
     for adapter in data["adapters"].values():
@@ -969,9 +1010,55 @@ def rebuild(settings: Settings) -> dict[str, Any]:
         for old in current[:-1]:
             old["replaced"] = True
         adapter["aliases"]["latest"] = adapter["versions"][-1]["version"]
-    _restore_gate(settings, data)
+    journaled = _restore_activations(settings, data)
+    _restore_gate(settings, data, journaled)
     _restore_merges(settings, data)
     return data
+
+
+def _kept_gate(folder: Path) -> dict[str, Any] | None:
+    """The gate outcome `record_gate` kept in a version folder; None when it has none (or an unreadable one)."""
+    try:
+        gate = read_json(folder / GATE_FILE)
+    except (DamagedFile, OSError):
+        return None
+    return gate if isinstance(gate, dict) else None
+
+
+def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[str]:
+    """Replay each adapter's activations.jsonl: its `activations` history and what is active on each base.
+    A line that cannot be read (the torn last line of a crash) is skipped; a version whose folder is gone
+    is not made active. Returns the adapters restored this way."""
+    restored = set()
+    for name, adapter in data["adapters"].items():
+        try:
+            lines = (settings.adapters_dir / name / ACTIVATIONS_FILE).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            version = record.get("version") if isinstance(record, dict) else None
+            if (
+                not isinstance(record, dict)
+                or not isinstance(record.get("base"), str)
+                or not isinstance(version, str | None)
+            ):
+                continue
+            base_id = record.pop("baseModel", None)
+            if version is None:
+                adapter["activeByBase"].pop(record["base"], None)
+            else:
+                adapter["activeByBase"][record["base"]] = {"version": version, "baseModel": base_id}
+            adapter["activations"].append(record)
+            restored.add(name)
+        known = {e["version"] for e in adapter["versions"]}
+        for fingerprint in [fp for fp, a in adapter["activeByBase"].items() if a["version"] not in known]:
+            del adapter["activeByBase"][fingerprint]
+        _sync_legacy_alias(adapter)
+    return restored
 
 
 def _version_number(version: str) -> int:
@@ -1008,7 +1095,9 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
     return entry
 
 
-def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
+def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[str]) -> None:
+    """The last eval gate report's outcome for its candidate, when its folder kept none; and its promotion,
+    when the adapter's activations.jsonl did not say what is active."""
     try:
         gate = read_json(settings.eval_report)
     except (DamagedFile, OSError):
@@ -1023,19 +1112,20 @@ def _restore_gate(settings: Settings, data: dict[str, Any]) -> None:
     entries = [e for e in (adapter or {}).get("versions", []) if e["version"] == version]
     if not entries:
         return
-    entries[-1]["gate"] = {
-        "status": "passed" if gate.get("passed") else "failed",
-        "passed": gate.get("passed"),
-        "reasons": gate.get("reasons", []),
-        "at": gate.get("created"),
-        "metrics": gate.get("metrics"),
-        "baseMetrics": gate.get("baseMetrics"),
-        "context": gate.get("context"),
-        "baseline": (gate.get("baseline") or {}).get("ref"),
-        "promoted": gate.get("promoted"),
-        "thresholds": gate.get("thresholds"),
-    }
-    if gate.get("promoted"):
+    if entries[-1]["gate"] is None:
+        entries[-1]["gate"] = {
+            "status": "passed" if gate.get("passed") else "failed",
+            "passed": gate.get("passed"),
+            "reasons": gate.get("reasons", []),
+            "at": gate.get("created"),
+            "metrics": gate.get("metrics"),
+            "baseMetrics": gate.get("baseMetrics"),
+            "context": gate.get("context"),
+            "baseline": (gate.get("baseline") or {}).get("ref"),
+            "promoted": gate.get("promoted"),
+            "thresholds": gate.get("thresholds"),
+        }
+    if gate.get("promoted") and name not in journaled:
         base = entries[-1].get("baseModel") or {}
         fingerprint = base.get("fingerprint", "?")
         adapter["aliases"]["active"] = version
