@@ -105,3 +105,45 @@ def test_following_a_job_whose_trainer_stays_away_names_the_job(home, monkeypatc
     message = lost.value.message
     assert "not reachable (ConnectError)" in message, message  # the cause, as before
     assert f"`lunatrain jobs show {JOB}`" in message and f"`lunatrain jobs follow {JOB}`" in message, message
+
+
+def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(home, monkeypatch, capsys):
+    """Repro: `lunatrain lora` following a job when its trainer was stopped (Ctrl-C: an orderly stop, which
+    settles the running job as interrupted before the trainer exits) waited, then gave up with "Stopped
+    following job ...: not reachable", although the job's outcome was recorded in the trainer's database
+    under this data root. The follower now reads it there: the events it had not shown, then the outcome."""
+    from lunatrain.cli import trainer as trainer_cli
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    settings = load_settings()
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        settled, _ = jobs.create(LoraParams(epochs=1))
+        jobs.add_event(settled.id, "progress", {"step": 1, "totalSteps": 4, "loss": 2.5})
+        jobs.set_status(
+            settled.id,
+            "failed",
+            message="the trainer stopped",
+            error={"code": "interrupted", "message": "The trainer stopped while the job ran."},
+        )
+        waiting, _ = jobs.create(LoraParams(epochs=1))
+        jobs.set_status(waiting.id, "queued", message="requeued after the trainer stopped")
+    finally:
+        jobs.close()
+
+    def unreachable(*_args, **_kwargs):
+        raise ServiceUnavailable("The trainer at http://127.0.0.1:9 is not reachable (ConnectError); start it.")
+
+    monkeypatch.setattr(client, "events", unreachable)
+    monkeypatch.setattr(client, "get_job", unreachable)
+    monkeypatch.setattr(trainer_cli.time, "sleep", lambda _s: None)
+    job = trainer_cli.follow(settings, settled.id, unreachable_s=60.0)  # no waiting: a settled job is over
+    assert job.status == "failed" and job.error.code == "interrupted", job
+    shown = capsys.readouterr()
+    assert "the trainer stopped" in shown.out + shown.err, shown
+
+    # A job the trainer will run again (resume) is not over: the follower gives up as before, saying so.
+    with pytest.raises(ServiceUnavailable) as lost:
+        trainer_cli.follow(settings, waiting.id, unreachable_s=0.0)
+    assert "queued" in lost.value.message and f"`lunatrain jobs follow {waiting.id}`" in lost.value.message

@@ -161,18 +161,11 @@ def _last_job(settings: Settings) -> dict[str, Any] | None:
 
 
 def _last_store_job(settings: Settings) -> dict[str, Any] | None:
-    from .service.jobs import JobStore, jobs_db_path
-
-    path = jobs_db_path(settings.data_dir)
-    if not path.is_file():  # never create the trainer's database from a status read
-        return None
+    from .service.jobs import existing_store
 
     def latest() -> Any:
-        db = JobStore(path)
-        try:
-            jobs = db.list(limit=1)
-        finally:
-            db.close()
+        with existing_store(settings.data_dir) as db:
+            jobs = db.list(limit=1) if db is not None else []
         return jobs[0] if jobs else None
 
     job = _safe(latest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from ..errors import LunaError, ServiceUnavailable
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job, JobList
+from ..service.jobs import Event, Health, Job, JobList, existing_store
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from .app import app, fail, is_tty
@@ -334,13 +335,23 @@ def follow(
                 job = trainer_client.get_job(settings, job_id)
                 lost_since = None
             except ServiceUnavailable as err:
+                # The trainer is away. What it recorded before it went lies in its database under this data
+                # root: a job it settled as it stopped (an orderly stop: failed, interrupted) is over, and
+                # that is the outcome to report, at once.
+                recorded, missed = _recorded(settings, job_id, after)
+                for ev in missed:
+                    view.show(ev)
+                    after = ev.seq
+                if recorded is not None and recorded.finished:
+                    return recorded
                 # A trainer restarting is not the end of the job: keep asking for a while.
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > unreachable_s:
-                    # The job's outcome is unknown here: name the job, or the user (whose screen shows the
-                    # job id many lines up, if at all) has no way to look it up once the trainer is back.
+                    # The outcome is not known yet: name the job, or the user (whose screen shows the job id
+                    # many lines up, if at all) has no way to look it up once the trainer is back.
+                    state = f" (last recorded as {recorded.status})" if recorded is not None else ""
                     raise ServiceUnavailable(
-                        f"Stopped following job {job_id}: {err.message.rstrip('.')}; once it is back, "
+                        f"Stopped following job {job_id}{state}: {err.message.rstrip('.')}; once it is back, "
                         f"`lunatrain jobs follow {job_id}` continues and `lunatrain jobs show {job_id}` says "
                         "how the job ended."
                     ) from None
@@ -354,6 +365,24 @@ def follow(
                 if health is not None and health.storage:
                     raise ServiceUnavailable(f"Job {job_id} cannot start: {health.storage}")
             time.sleep(poll)
+
+
+def _recorded(settings: Settings, job_id: str, after: int) -> tuple[Job | None, list[Event]]:
+    """The job as the trainer's database under this data root records it, and its events after `after`;
+    (None, []) when it holds no such job or cannot be read (a trainer elsewhere keeps its own)."""
+    try:
+        with existing_store(settings.data_dir) as store:
+            if store is None:
+                return None, []
+            job, events = store.get(job_id), []
+            while True:
+                page = store.events(job_id, after=after, limit=500)
+                events += page.data
+                if not page.has_more:
+                    return job, events
+                after = page.last_seq
+    except (LunaError, sqlite3.Error, OSError):
+        return None, []
 
 
 def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) -> int:

@@ -8,11 +8,13 @@ restarted trainer still knows every job and every event. Nothing here imports to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -465,6 +467,21 @@ def _job(row: sqlite3.Row) -> Job:
 
 def jobs_db_path(data_dir: Path) -> Path:
     return data_dir / "trainer" / "jobs.db"
+
+
+@contextlib.contextmanager
+def existing_store(data_dir: Path) -> Iterator[JobStore | None]:
+    """The trainer's database, for a read from outside the trainer (`status`, a follower whose trainer is
+    away); None when there is none: a read never creates it."""
+    path = jobs_db_path(data_dir)
+    if not path.is_file():
+        yield None
+        return
+    store = JobStore(path)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def job_log_path(logs: Path, job_id: str) -> Path:
