@@ -58,6 +58,29 @@ def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
+def test_an_example_turn_with_weight_0_is_context_only_and_said_so(client: TestClient, settings) -> None:
+    """A prior assistant turn may be context only (`weight: 0`, OpenAI's key): stored, answered back and
+    listed with it; weight 0 on a user turn, which is never trained, is a 422 that adds nothing."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hallo", "weight": 0}]
+    r = client.post(f"{T}/examples", json={"prompt": "Und?", "response": "Gut", "turns": turns})
+    assert r.status_code == 201, r.text
+    assert r.json()["turns"] == [{"role": "user", "content": "Hi"}, turns[1]]
+    assert client.get(f"{T}/examples").json()["examples"][0]["turns"][1] == turns[1]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hallo"}]
+    assert client.post(f"{T}/examples", json={"prompt": "Und?", "response": "Gut", "turns": plain}).status_code == 201
+
+    bad = [{"role": "user", "content": "Hi", "weight": 0}, {"role": "assistant", "content": "Hallo"}]
+    r = client.post(f"{T}/examples", json={"prompt": "Und?", "response": "Anders", "turns": bad})
+    assert r.status_code == 422 and "turns[0].weight" in r.json()["error"]["message"], r.text
+    assert (
+        client.post(
+            f"{T}/examples", json={"prompt": "a", "response": "b", "turns": [plain[1] | {"weight": 2}]}
+        ).status_code
+        == 422
+    )
+    assert store.counts(settings)["totals"]["examples"] == 2
+
+
 def test_import_is_all_or_nothing_and_names_the_bad_record(client: TestClient, settings) -> None:
     good = {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo!"}]}
     bad = {"instruction": "Sag etwas", "output": ""}

@@ -23,7 +23,7 @@ from lunatrain import export as ex
 from lunatrain import store
 from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
-from lunatrain.formats import make_draft
+from lunatrain.formats import make_draft, read_file
 from lunatrain.settings import Settings, load_settings
 
 RECORD_KEYS = {"messages", "id", "hash", "source", "split", "conversation_id", "tags", "rating"}
@@ -262,6 +262,26 @@ def test_one_exchange_with_other_system_prompts_or_turns_stays_in_one_split(sett
         for p in pairs:  # the split of the plain exchange, whose key is its content hash
             plain = make_draft(prompt=p[0], response=p[1]).hash
             assert by_pair[p] == {ex.split_of(plain, 0.5, 0.0)}
+
+
+def test_a_turn_kept_as_context_is_exported_with_weight_0_and_reimports_as_the_same_example(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """OpenAI's `weight: 0` survives the round trip: stored on the turn, written on the tier's message (the key
+    in sorted order, as every line's keys), and the exported file imports again as the same content hash."""
+    draft = make_draft(prompt="Und?", response="Gut", turns=[("user", "Hi"), ("assistant", "Hallo", 0)])
+    other = make_draft(prompt="Und?", response="Gut", turns=[("user", "Hi"), ("assistant", "Hallo")])
+    assert draft.hash != other.hash and store.add_examples(settings, [draft, other]).added == 2
+    [stored] = [e for e in store.list_examples(settings) if e.hash == draft.hash]
+    assert stored.turns[1] == {"role": "assistant", "content": "Hallo", "weight": 0}
+    ex.export(settings)
+    path = ex.export_dir(settings) / ex.CURATED_FILE
+    lines = {json.loads(line)["hash"]: line for line in path.read_text("utf-8").splitlines()}
+    assert '{"content":"Hallo","role":"assistant","weight":0}' in lines[draft.hash]
+    assert '"weight"' not in lines[other.hash]
+    copy = tmp_path / "again.jsonl"
+    copy.write_text("".join(lines[h] + "\n" for h in (draft.hash, other.hash)), "utf-8")
+    assert [d.hash for d in read_file(copy).drafts] == [draft.hash, other.hash]
 
 
 def test_a_conversation_never_spans_two_splits(settings: Settings) -> None:

@@ -99,6 +99,28 @@ def test_every_answer_and_its_terminator_is_trained_and_nothing_else(vocab_dir, 
     assert enc.n_supervised == sum(len(r) for r in runs)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_answer_with_weight_0_is_context_and_only_the_others_are_trained(vocab_dir, family):
+    """OpenAI's `weight: 0`: the middle answer is rendered (the later turns see it) but none of its tokens,
+    nor its terminator, is trained; the first and last answers are, exactly as without weights."""
+    tok = family_tokenizer(vocab_dir, family)
+    term = turn_terminator(tok)
+    messages = _plain([SYSTEM, *TURNS], family)
+    messages[4] = messages[4] | {"weight": 0}  # "Two plus two is four."
+    enc = encode_chat(tok, messages, 4096)
+    text, _spans = assistant_spans(tok, messages)
+    assert "Two plus two is four." in text  # still in the context
+    runs = trained_runs(tok, enc)
+    answers = _strip_think_unless_last(messages, family)
+    assert len(answers) == 3 and len(runs) == 2, [tok.decode(r) for r in runs]
+    for run, answer in zip(runs, [answers[0], answers[2]], strict=True):
+        assert run[-1] == term.ids[0]
+        assert _squash(tok.decode(run, skip_special_tokens=False)) == _squash(answer + term.text)
+    assert enc.n_supervised == sum(len(r) for r in runs)
+    unweighted = encode_chat(tok, [{k: v for k, v in m.items() if k != "weight"} for m in messages], 4096)
+    assert unweighted.input_ids == enc.input_ids  # the key changes what trains, not what is rendered
+
+
 def test_the_eos_only_rule_misses_gemmas_end_of_turn(vocab_dir):
     """Control: ending turns at tokenizer.eos_token (<eos>) on the Gemma shape never trains <end_of_turn>,
     the token a Gemma model must produce to stop; the detected terminator does."""

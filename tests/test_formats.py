@@ -421,25 +421,49 @@ def test_a_byte_order_mark_at_the_start_of_a_later_line_is_ignored(tmp_path: Pat
     assert [d.prompt for d in read_file(path).drafts] == ["a", "c"]
 
 
-def test_an_openai_weight_0_turn_is_refused_not_trained(tmp_path: Path) -> None:
-    """Repro: OpenAI's fine-tuning format marks an assistant message `"weight": 0` as not to be trained on; the
-    import dropped the key and every assistant turn was trained. Until turns can be kept as context only, such a
-    record is refused naming the turn; weight 1 (the default) is read as before."""
+def test_an_openai_weight_0_turn_is_kept_as_context_only(tmp_path: Path) -> None:
+    """OpenAI's fine-tuning format marks an assistant message `"weight": 0` as not to be trained on. Such a turn
+    is kept as context only (`context_only`, part of the content hash); the answer trained is the last one with
+    weight 1, and turns after it are dropped as after any last answer. Weights other than 0 and 1, weight 0 on
+    a turn that is never trained, and a conversation with no trained answer are refused naming the field."""
     user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hallo"}
+    more, good = {"role": "user", "content": "Und?"}, {"role": "assistant", "content": "Gut"}
     records = [
-        {"messages": [user, answer | {"weight": 0}, {"role": "user", "content": "Und?"}, answer | {"weight": 1}]},
+        {"messages": [user, answer | {"weight": 0}, more, good | {"weight": 1}]},
+        {"messages": [user, answer, more, good | {"weight": 0}]},
+        {"messages": [user, answer, more, good]},
+    ]
+    context, trailing, plain = read_file(_jsonl(tmp_path / "ok.jsonl", records)).drafts
+    assert (context.prompt, context.response, context.turns) == (
+        "Und?",
+        "Gut",
+        (("user", "Hi"), ("assistant", "Hallo")),
+    )
+    assert context.context_only == (1,) and plain.context_only == ()
+    assert context.hash != plain.hash  # the same words, trained differently: another example
+    assert context.stored_turns() == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hallo", "weight": 0},
+    ]
+    assert (trailing.prompt, trailing.response, trailing.turns) == ("Hi", "Hallo", ())
+    # Without weights the hash is the one it always was (stored examples keep theirs).
+    assert plain.hash == content_hash(None, (("user", "Hi"), ("assistant", "Hallo")), "Und?", "Gut")
+
+    bad = [
         {"messages": [user, answer | {"weight": 0.5}]},
-        {"messages": [user, answer | {"weight": 1}]},
+        {"messages": [user, answer | {"weight": True}]},
+        {"messages": [user | {"weight": 0}, answer]},
+        {"messages": [user, answer | {"weight": 0}]},
     ]
     with pytest.raises(UsageError) as info:
-        read_file(_jsonl(tmp_path / "weights.jsonl", records))
+        read_file(_jsonl(tmp_path / "weights.jsonl", bad))
     assert info.value.details == [
-        "weights.jsonl line 1: field 'messages[1].weight': 0 (not trained on) is not supported, every assistant "
-        "turn is trained; remove the turn or its weight",
-        "weights.jsonl line 2: field 'messages[1].weight': must be 0 or 1, got 0.5",
+        "weights.jsonl line 1: field 'messages[1].weight': must be 0 or 1, got 0.5",
+        "weights.jsonl line 2: field 'messages[1].weight': must be 0 or 1, got True",
+        "weights.jsonl line 3: field 'messages[0].weight': 0 (not trained on) is for assistant turns; no other "
+        "turn is trained",
+        "weights.jsonl line 4: field 'messages': every assistant turn has weight 0 (nothing to learn)",
     ]
-    [draft] = read_file(_jsonl(tmp_path / "one.jsonl", records[2:])).drafts
-    assert (draft.prompt, draft.response) == ("Hi", "Hallo")
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])

@@ -195,8 +195,10 @@ _enc = json.encoder.encode_basestring  # type: ignore[attr-defined]
 _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
 
-def _message(role: str, content: str) -> str:
-    return '{"content":' + _enc(content) + ',"role":"' + role + '"}'
+def _message(role: str, content: str, weight: int | None = None) -> str:
+    # Keys in sorted order, as json.dumps(sort_keys=True) writes them; `weight` only on a turn kept as context.
+    tail = ',"weight":0}' if weight == 0 else "}"
+    return '{"content":' + _enc(content) + ',"role":"' + role + '"' + tail
 
 
 @functools.lru_cache(maxsize=4096)
@@ -283,7 +285,7 @@ def _record_line(kind: int, row: Any, split: str) -> bytes:
     if kind == 0:
         messages = [_message("system", row.system)] if row.system else []
         if row.turns and row.turns != "null":
-            messages += [_message(t["role"], t["content"]) for t in json.loads(row.turns)]
+            messages += [_message(t["role"], t["content"], t.get("weight")) for t in json.loads(row.turns)]
         messages += [_message("user", row.prompt), _message("assistant", row.response)]
         return _line(
             rid=f"ex-{row.id}",

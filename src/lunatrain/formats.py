@@ -12,11 +12,14 @@ A turn of either list takes role/content or from/value keys (Unsloth writes role
 
 Every shape may also carry ``tags`` (list or comma-separated string), ``conversation_id`` and ``rating``.
 A conversation becomes one example: its last assistant turn is the response, the user turn right before it
-the prompt, everything earlier the prior turns; the system prompt is kept. All errors of a file are
+the prompt, everything earlier the prior turns; the system prompt is kept. An assistant turn with OpenAI's
+``"weight": 0`` is kept as context only (rendered, never trained on; `ExampleDraft.context_only`), and the
+response is then the last turn with weight 1. All errors of a file are
 collected and raised once, each naming file, line (record number for JSON arrays) and field.
 
 The content hash lives here too because it is a pure function of the normalized text: sha256 over the NFC
-normalized, trimmed system prompt, prior turns, prompt and response.
+normalized, trimmed system prompt, prior turns, prompt and response (and which turns are context only,
+when any is).
 """
 
 from __future__ import annotations
@@ -86,14 +89,22 @@ def checked_text(value: str, field_name: str | None) -> str:
     return normalize_text(value)
 
 
-def content_hash(system: str | None, turns: Sequence[tuple[str, str]], prompt: str, response: str) -> str:
+def content_hash(
+    system: str | None,
+    turns: Sequence[tuple[str, str]],
+    prompt: str,
+    response: str,
+    context_only: Sequence[int] = (),
+) -> str:
     # A JSON array keeps field boundaries unambiguous ("a"+"bc" must not equal "ab"+"c").
-    payload = [
+    payload: list[Any] = [
         normalize_text(system or ""),
         [[role, normalize_text(content)] for role, content in turns],
         normalize_text(prompt),
         normalize_text(response),
     ]
+    if context_only:  # only then: every example without such turns keeps the hash it always had
+        payload.append(sorted(context_only))
     encoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()
 
@@ -111,6 +122,8 @@ class ExampleDraft:
     response: str
     system: str | None = None
     turns: tuple[tuple[str, str], ...] = ()
+    # Indices into `turns` of the assistant turns kept as context only, not trained on (OpenAI's `weight: 0`).
+    context_only: tuple[int, ...] = ()
     tags: tuple[str, ...] = ()
     conversation_id: str | None = None
     rating: int | None = None
@@ -120,7 +133,18 @@ class ExampleDraft:
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hash", content_hash(self.system, self.turns, self.prompt, self.response))
+        object.__setattr__(
+            self, "hash", content_hash(self.system, self.turns, self.prompt, self.response, self.context_only)
+        )
+
+    def stored_turns(self) -> list[dict[str, Any]] | None:
+        """The prior turns as the examples table keeps them: role and content, and `weight: 0` on a turn
+        kept as context only (OpenAI's key, so an export of them reads as their import did)."""
+        out = [
+            {"role": r, "content": c} | ({"weight": 0} if i in self.context_only else {})
+            for i, (r, c) in enumerate(self.turns)
+        ]
+        return out or None
 
 
 class RecordError(ValueError):
@@ -225,32 +249,39 @@ def make_draft(
     prompt: Any,
     response: Any,
     system: Any = None,
-    turns: Sequence[Mapping[str, Any]] | Sequence[tuple[str, str]] | None = None,
+    turns: Sequence[Mapping[str, Any]] | Sequence[tuple[str, str]] | Sequence[tuple[str, str, int]] | None = None,
     tags: Any = None,
     conversation_id: Any = None,
     rating: Any = None,
     source: Any = None,
 ) -> ExampleDraft:
     """Validate and normalize one example; raises RecordError naming the bad field. A `source` that is not
-    one of lunatrain's (other datasets use the field for their own provenance) is not the example's."""
+    one of lunatrain's (other datasets use the field for their own provenance) is not the example's. A prior
+    turn may carry a weight (a third tuple item, or the mapping's `weight`): 0 keeps an assistant turn as
+    context only."""
     norm_turns: list[tuple[str, str]] = []
+    context_only: list[int] = []
     if len(turns or ()) > MAX_TURNS:
         raise RecordError("turns", f"more than {MAX_TURNS} prior turns")
     for i, turn in enumerate(turns or ()):
-        if isinstance(turn, tuple) and len(turn) == 2:
-            role, content = turn
+        if isinstance(turn, tuple) and len(turn) in (2, 3):
+            role, content, weight = (*turn, 1)[:3]
         elif isinstance(turn, Mapping):
             role, content = turn.get("role"), turn.get("content")
+            weight = _weight(turn, role, f"turns[{i}].weight")
         else:
             raise RecordError(f"turns[{i}]", "expected an object with role and content")
         if role not in ("user", "assistant"):
             raise RecordError(f"turns[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
         norm_turns.append((role, _text(content, f"turns[{i}].content") or ""))
+        if weight == 0:
+            context_only.append(i)
     return ExampleDraft(
         prompt=_text(prompt, "prompt") or "",
         response=_text(response, "response") or "",
         system=_text(system, "system", required=False),
         turns=tuple(norm_turns),
+        context_only=tuple(context_only),
         tags=_tags(tags),
         conversation_id=_conversation_id(conversation_id),
         rating=_rating(rating),
@@ -281,10 +312,11 @@ def detect_format(record: Mapping[str, Any]) -> str:
 
 
 def _from_turns(
-    turns: list[tuple[str, str]], list_field: str, common: dict[str, Any], system: Any = None
+    turns: list[tuple[str, str, int]], list_field: str, common: dict[str, Any], system: Any = None
 ) -> ExampleDraft:
     """Split a conversation into system, prior turns, prompt and response; a leading system turn wins over
-    `system` (a record-level system prompt). An empty system turn means no system prompt."""
+    `system` (a record-level system prompt). An empty system turn means no system prompt. The response is the
+    last assistant turn that is trained (weight 1); earlier ones with weight 0 stay as context only."""
     # Indices stay those of the record's own list, so every error names the turn the user sees.
     start = 1 if turns and turns[0][0] == "system" else 0
     if start:
@@ -292,12 +324,14 @@ def _from_turns(
     for i in range(start, len(turns)):
         if turns[i][0] == "system":
             raise RecordError(f"{list_field}[{i}]", "a system message is only allowed first")
-    last_assistant = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    last_assistant = max((i for i, (role, _, w) in enumerate(turns) if role == "assistant" and w), default=None)
     if last_assistant is None:
+        if any(role == "assistant" for role, _, _ in turns):
+            raise RecordError(list_field, "every assistant turn has weight 0 (nothing to learn)")
         raise RecordError(list_field, "no assistant turn (nothing to learn)")
     if last_assistant == start or turns[last_assistant - 1][0] != "user":
         raise RecordError(f"{list_field}[{last_assistant}]", "the last assistant turn must follow a user turn")
-    # Turns after the last answer have no target; they are dropped rather than trained on.
+    # Turns after the last trained answer have no target; they are dropped rather than trained on.
     prior = turns[start : last_assistant - 1]
     return make_draft(
         prompt=turns[last_assistant - 1][1],
@@ -321,7 +355,9 @@ def _turn_keys(msg: Mapping[str, Any], role_key: str, text_key: str) -> tuple[st
     return role_key, text_key
 
 
-def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_key: str) -> list[tuple[str, str]]:
+def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_key: str) -> list[tuple[str, str, int]]:
+    """The record's turns as (role, content, weight); weight 0 (OpenAI's) marks an assistant turn kept as
+    context only."""
     raw = record.get(list_field)
     if raw is None:
         raise RecordError(list_field, "missing")
@@ -329,7 +365,7 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
         raise RecordError(list_field, f"expected a list, got {_type_name(raw)}")
     if not raw:
         raise RecordError(list_field, "is empty")
-    turns: list[tuple[str, str]] = []
+    turns: list[tuple[str, str, int]] = []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
             raise RecordError(f"{list_field}[{i}]", f"expected an object, got {_type_name(msg)}")
@@ -345,25 +381,19 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
         # An empty system turn is common in exports and means "no system prompt", as an empty "system" field
         # does in the other shapes; an empty user or assistant turn has nothing to train on.
         content = _text(msg.get(t_key), f"{list_field}[{i}].{t_key}", required=role != "system")
-        _check_weight(msg, f"{list_field}[{i}].weight")
-        turns.append((role, content or ""))
+        turns.append((role, content or "", _weight(msg, role, f"{list_field}[{i}].weight")))
     return turns
 
 
-def _check_weight(msg: Mapping[str, Any], field_name: str) -> None:
-    """OpenAI's per-message `weight`: 1 (trained, the default) is read; 0 asks for a turn kept as context only,
-    which lunatrain cannot do (every assistant turn of an example is trained), so it is refused rather than
-    silently trained on."""
-    if "weight" not in msg:
-        return
-    weight = msg["weight"]
-    if weight == 0 and not isinstance(weight, bool):
-        raise RecordError(
-            field_name,
-            "0 (not trained on) is not supported, every assistant turn is trained; remove the turn or its weight",
-        )
-    if isinstance(weight, bool) or weight != 1:
+def _weight(msg: Mapping[str, Any], role: Any, field_name: str) -> int:
+    """OpenAI's per-message `weight`: 1 (trained, the default) or 0 (an assistant turn kept as context only,
+    not trained on). Only assistant turns are trained, so only they may say 0."""
+    weight = msg.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
         raise RecordError(field_name, f"must be 0 or 1, got {weight!r}")
+    if weight == 0 and role != "assistant":
+        raise RecordError(field_name, "0 (not trained on) is for assistant turns; no other turn is trained")
+    return int(weight)
 
 
 def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:

@@ -563,7 +563,8 @@ def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
 
     special_re = special_token_pattern(tokenizer)
     for rec in records:
-        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        # the answers that are trained (a turn with weight 0 is context only, as a user turn is)
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant" and m.get("weight", 1) != 0]
         if any(not a.strip() for a in answers):
             empty.append(_rid(rec))
         elif any(_alnum(a) < 2 for a in answers):

@@ -431,7 +431,7 @@ def _add_drafts(
             "prompt": d.prompt,
             "response": d.response,
             "system": d.system,
-            "turns": [{"role": r, "content": c} for r, c in d.turns] or None,
+            "turns": d.stored_turns(),
             "source": (src := source or d.source or "curated"),
             # A record's own source comes from lunatrain's export, which holds approved examples only: it stays
             # approved (a conversation example would otherwise go back to review).
@@ -478,7 +478,7 @@ def add_example(
     prompt: str,
     response: str,
     system: str | None = None,
-    turns: Sequence[Mapping[str, str]] | None = None,
+    turns: Sequence[Mapping[str, Any]] | None = None,
     source: Source = "curated",
     status: Status | None = None,
     rating: int | None = None,

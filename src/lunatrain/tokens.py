@@ -4,7 +4,8 @@ Which tokens train: the content of **every** assistant turn plus the turn termin
 the chat template emits after the answer, `templates.turn_terminator`, often not the eos token), so the
 model learns to stop; system and user turns, role headers and the template's glue are masked with -100.
 Training all assistant turns (not only the last) is what chat fine-tuning tools do by default; a
-multi-turn example then teaches each of its answers in context. Thinking templates that drop the
+multi-turn example then teaches each of its answers in context. An assistant turn with `"weight": 0`
+(OpenAI's fine-tuning format) is context only: rendered, and masked like a user turn. Thinking templates that drop the
 `<think>…</think>` block of earlier turns train what they render: those turns' answers without it.
 
 How the spans are found, for any chat template: the conversation is rendered once as text and tokenized
@@ -66,8 +67,10 @@ class TurnDropped(UsageError):
 def assistant_spans(
     tokenizer: Any, messages: list[dict], terminator: str | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character span of each assistant turn's trained text
-    (content + turn terminator; `terminator` defaults to the one the template emits)."""
+    """The rendered conversation and the [start, end) character span of each trained assistant turn's text
+    (content + turn terminator; `terminator` defaults to the one the template emits). A turn with weight 0 is
+    located all the same (the next one is searched after it) but not trained, and may be dropped by the
+    template."""
     text = _render(tokenizer, messages, gen_prompt=False)
     if terminator is None:
         from .templates import detect_terminator_text
@@ -83,9 +86,13 @@ def assistant_spans(
         span = _span_by_prefix(tokenizer, messages, i, text, content, eot)
         if span is None:
             span = _span_by_search(text, content, eot, cursor)
-        if span is None:
+        trained = msg.get("weight", 1) != 0
+        if span is None and trained:
             raise TurnDropped(i + 1)
-        spans.append(span)
+        if span is None:
+            continue
+        if trained:
+            spans.append(span)
         cursor = span[1]
     return text, spans
 

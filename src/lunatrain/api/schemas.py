@@ -121,6 +121,9 @@ class ProviderHealth(Out):
 class Turn(In):
     role: Literal["user", "assistant"]
     content: Text
+    weight: Literal[0, 1] = Field(
+        default=1, description="0: an assistant turn kept as context only, not trained on (OpenAI's `weight`)"
+    )
 
 
 class ExampleIn(In):
@@ -150,7 +153,9 @@ class ExampleOut(Out):
     prompt: str
     response: str
     system: str | None = None
-    turns: list[dict[str, str]] = Field(default_factory=list)
+    turns: list[dict[str, str | int]] = Field(
+        default_factory=list, description="{role, content}, and `weight: 0` on an assistant turn kept as context only"
+    )
     source: str
     status: str
     rating: int | None = None
