@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lunatrain import store
 from lunatrain.errors import UsageError
-from lunatrain.formats import ExampleDraft, content_hash, read_file
+from lunatrain.formats import ExampleDraft, RecordError, content_hash, make_draft, read_file
 from lunatrain.settings import Settings
 
 
@@ -464,6 +464,10 @@ def test_an_openai_weight_0_turn_is_kept_as_context_only(tmp_path: Path) -> None
         "turn is trained",
         "weights.jsonl line 4: field 'messages': every assistant turn has weight 0 (nothing to learn)",
     ]
+    # The same rules for a caller's own turns (the API's, the store's).
+    for turn, why in ((("user", "Hi", 0), "for assistant turns"), (("assistant", "Hallo", 5), "must be 0 or 1")):
+        with pytest.raises(RecordError, match=why):
+            make_draft(prompt="Und?", response="Gut", turns=[turn])
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])

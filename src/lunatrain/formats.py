@@ -265,14 +265,15 @@ def make_draft(
         raise RecordError("turns", f"more than {MAX_TURNS} prior turns")
     for i, turn in enumerate(turns or ()):
         if isinstance(turn, tuple) and len(turn) in (2, 3):
-            role, content, weight = (*turn, 1)[:3]
+            role, content, *rest = turn
+            turn = {"role": role, "content": content} | ({"weight": rest[0]} if rest else {})
         elif isinstance(turn, Mapping):
             role, content = turn.get("role"), turn.get("content")
-            weight = _weight(turn, role, f"turns[{i}].weight")
         else:
             raise RecordError(f"turns[{i}]", "expected an object with role and content")
         if role not in ("user", "assistant"):
             raise RecordError(f"turns[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
+        weight = _weight(turn, role, f"turns[{i}].weight")
         norm_turns.append((role, _text(content, f"turns[{i}].content") or ""))
         if weight == 0:
             context_only.append(i)
