@@ -291,3 +291,53 @@ def test_repair_gives_a_merged_model_only_to_the_revision_it_was_merged_from(set
         "path": "data/models/merged/ow-current",
         "at": "t",
     }
+
+
+def _version_folder(settings, name: str, version: str, fingerprint: str, **extra) -> None:
+    folder = settings.adapters_dir / name / version
+    folder.mkdir(parents=True)
+    report = {
+        "status": "succeeded",
+        "version": version,
+        "baseModel": {"id": f"base-{fingerprint[0]}", "fingerprint": fingerprint},
+    } | extra
+    (folder / registry.REPORT_FILE).write_text(json.dumps(report))
+
+
+def _repair_from_scratch(settings) -> dict:
+    registry.registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    registry.registry_path(settings).write_text("[")  # damaged: repair rebuilds it from the folders
+    assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
+    return registry.load(settings)
+
+
+def test_repair_keeps_a_promotion_from_before_the_journal_on_a_base_the_journal_never_names(settings):
+    """v1 was promoted by a gate on base A before activations.jsonl existed; v2 was then activated on base B
+    (the only journal line). The journal speaks for base B only, so the last gate report still restores v1
+    on base A. An overwrite slot that holds another revision than the report judged gets no outcome from it."""
+    a, b = "a" * 64, "b" * 64
+    _version_folder(settings, "q", "v1", a)
+    _version_folder(settings, "q", "v2", b)
+    line = {
+        "version": "v2",
+        "previous": None,
+        "base": b,
+        "at": "t2",
+        "forced": False,
+        "reason": "cli",
+        "baseModel": "base-b",
+    }
+    (settings.adapters_dir / "q" / registry.ACTIVATIONS_FILE).write_text(json.dumps(line) + "\n")
+    settings.eval_report.parent.mkdir(parents=True, exist_ok=True)
+    report = {"candidate": {"ref": "q@v1"}, "passed": True, "promoted": True, "created": "t1"}
+    settings.eval_report.write_text(json.dumps(report))
+    adapter = _repair_from_scratch(settings)["adapters"]["q"]
+    assert adapter["activeByBase"] == {
+        b: {"version": "v2", "baseModel": "base-b"},
+        a: {"version": "v1", "baseModel": "base-a"},
+    }
+    assert adapter["versions"][0]["gate"]["passed"] is True and adapter["versions"][1]["gate"] is None
+
+    _version_folder(settings, "ow", "current", a, revision=2, adapterStrategy="overwrite")
+    settings.eval_report.write_text(json.dumps({"candidate": {"ref": "ow@current", "revision": 1}, "passed": False}))
+    assert _repair_from_scratch(settings)["adapters"]["ow"]["versions"][0]["gate"] is None

@@ -551,6 +551,7 @@ def _run(
             "ref": _ref(entry, base),
             "name": entry["name"] if entry else None,
             "version": entry["version"] if entry else None,
+            "revision": entry.get("revision") if entry else None,  # of the overwrite slot; repair checks it
             "baseModel": base.id,
             "baseFingerprint": base.fingerprint,
             "tier": tier,

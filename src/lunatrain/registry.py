@@ -845,23 +845,31 @@ def annotate(
         raise UsageError(f"Registry field {field!r} cannot be changed; only {', '.join(ANNOTATIONS)} can.")
     with _lock(settings):
         data = load(settings)
-        adapter = data["adapters"].get(name) or {}
-        entries = [
-            e
-            for e in adapter.get("versions", [])
-            if e["version"] == version and (revision is None or e.get("revision") == revision)
-        ]
-        if not entries:
-            raise NotFound(f"Adapter {name}@{version} is not registered.")
-        target = entries[-1] if revision is not None else (_entry(adapter, version) or entries[-1])
-        target[field] = value
-        if field == "merged" and isinstance(value, dict):
-            # Every revision of the overwrite slot merges into the same folder (NAME-current): the one merged
-            # before no longer lies there, and listing it as merged would name another revision's model.
-            for other in adapter.get("versions", []):
-                if other is not target and (other.get("merged") or {}).get("path") == value.get("path"):
-                    del other["merged"]
+        target = _annotate(data, name, version, field, value, revision)
         _save(settings, data)
+    return target
+
+
+def _annotate(
+    data: dict[str, Any], name: str, version: str, field: str, value: Any, revision: int | None
+) -> dict[str, Any]:
+    """`annotate` on a loaded registry (the caller holds the lock and saves it)."""
+    adapter = data["adapters"].get(name) or {}
+    entries = [
+        e
+        for e in adapter.get("versions", [])
+        if e["version"] == version and (revision is None or e.get("revision") == revision)
+    ]
+    if not entries:
+        raise NotFound(f"Adapter {name}@{version} is not registered.")
+    target = entries[-1] if revision is not None else (_entry(adapter, version) or entries[-1])
+    target[field] = value
+    if field == "merged" and isinstance(value, dict):
+        # Every revision of the overwrite slot merges into the same folder (NAME-current): the one merged
+        # before no longer lies there, and listing it as merged would name another revision's model.
+        for other in adapter.get("versions", []):
+            if other is not target and (other.get("merged") or {}).get("path") == value.get("path"):
+                del other["merged"]
     return target
 
 
@@ -871,13 +879,16 @@ def record_gate(
     """Store the eval gate's outcome on a version (e.g. {"status": "passed", "reason": ..., "at": ...}), and a
     copy in its folder (gate.json), from which `adapters repair` restores every version's outcome. Not for a
     slot revision that is staged or was not kept: its folder is not (or no longer) the one `current` names."""
-    entry = annotate(settings, name, version, "gate", result, revision=revision)
-    folder = settings.home / entry["path"]
-    if not entry.get("replaced") and not entry.get("staged") and folder.is_dir():
-        try:
-            atomic_write_json(folder / GATE_FILE, result)
-        except (OSError, LunaError) as exc:  # the registry holds the outcome; only a repair would miss it
-            log.warning("could not keep the gate outcome of %s@%s in its folder: %s", name, version, exc)
+    with _lock(settings):  # one lock for both: no publish can point `current` elsewhere in between
+        data = load(settings)
+        entry = _annotate(data, name, version, "gate", result, revision)
+        _save(settings, data)
+        folder = settings.home / entry["path"]
+        if not entry.get("replaced") and not entry.get("staged") and folder.is_dir():
+            try:
+                atomic_write_json(folder.resolve() / GATE_FILE, result)
+            except (OSError, LunaError) as exc:  # the registry holds the outcome; only a repair would miss it
+                log.warning("could not keep the gate outcome of %s@%s in its folder: %s", name, version, exc)
     return entry
 
 
@@ -1025,11 +1036,11 @@ def _kept_gate(folder: Path) -> dict[str, Any] | None:
     return gate if isinstance(gate, dict) else None
 
 
-def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[str]:
+def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[tuple[str, str]]:
     """Replay each adapter's activations.jsonl: its `activations` history and what is active on each base.
     A line that cannot be read (the torn last line of a crash) is skipped; a version whose folder is gone
-    is not made active. Returns the adapters restored this way."""
-    restored = set()
+    is not made active. Returns the (adapter, base fingerprint) pairs the journals speak for."""
+    restored: set[tuple[str, str]] = set()
     for name, adapter in data["adapters"].items():
         try:
             lines = (settings.adapters_dir / name / ACTIVATIONS_FILE).read_text(encoding="utf-8").splitlines()
@@ -1053,7 +1064,7 @@ def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[str]:
             else:
                 adapter["activeByBase"][record["base"]] = {"version": version, "baseModel": base_id}
             adapter["activations"].append(record)
-            restored.add(name)
+            restored.add((name, record["base"]))
         known = {e["version"] for e in adapter["versions"]}
         for fingerprint in [fp for fp, a in adapter["activeByBase"].items() if a["version"] not in known]:
             del adapter["activeByBase"][fingerprint]
@@ -1095,9 +1106,9 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
     return entry
 
 
-def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[str]) -> None:
+def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[tuple[str, str]]) -> None:
     """The last eval gate report's outcome for its candidate, when its folder kept none; and its promotion,
-    when the adapter's activations.jsonl did not say what is active."""
+    when the adapter's activations.jsonl says nothing of that base (a promotion from before the journal)."""
     try:
         gate = read_json(settings.eval_report)
     except (DamagedFile, OSError):
@@ -1110,8 +1121,9 @@ def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[str])
     name, _, version = ref.partition("@")
     adapter = data["adapters"].get(name)
     entries = [e for e in (adapter or {}).get("versions", []) if e["version"] == version]
-    if not entries:
-        return
+    revision = (gate.get("candidate") or {}).get("revision")
+    if not entries or (revision is not None and entries[-1].get("revision") != revision):
+        return  # the overwrite slot holds another revision than the one this report judged
     if entries[-1]["gate"] is None:
         entries[-1]["gate"] = {
             "status": "passed" if gate.get("passed") else "failed",
@@ -1125,9 +1137,9 @@ def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[str])
             "promoted": gate.get("promoted"),
             "thresholds": gate.get("thresholds"),
         }
-    if gate.get("promoted") and name not in journaled:
-        base = entries[-1].get("baseModel") or {}
-        fingerprint = base.get("fingerprint", "?")
+    base = entries[-1].get("baseModel") or {}
+    fingerprint = base.get("fingerprint", "?")
+    if gate.get("promoted") and (name, fingerprint) not in journaled:
         adapter["aliases"]["active"] = version
         adapter["activeByBase"][fingerprint] = {"version": version, "baseModel": base.get("id")}
         adapter["activations"].append(
