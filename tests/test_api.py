@@ -72,12 +72,9 @@ def test_an_example_turn_with_weight_0_is_context_only_and_said_so(client: TestC
     bad = [{"role": "user", "content": "Hi", "weight": 0}, {"role": "assistant", "content": "Hallo"}]
     r = client.post(f"{T}/examples", json={"prompt": "Und?", "response": "Anders", "turns": bad})
     assert r.status_code == 422 and "turns[0].weight" in r.json()["error"]["message"], r.text
-    assert (
-        client.post(
-            f"{T}/examples", json={"prompt": "a", "response": "b", "turns": [plain[1] | {"weight": 2}]}
-        ).status_code
-        == 422
-    )
+    for weight in (2, True, False, 0.0):  # as a file import: 0 or 1, nothing that only equals them
+        turn = plain[1] | {"weight": weight}
+        assert client.post(f"{T}/examples", json={"prompt": "a", "response": "b", "turns": [turn]}).status_code == 422
     assert store.counts(settings)["totals"]["examples"] == 2
 
 

@@ -235,6 +235,10 @@ def test_health_json_is_one_document_for_every_outcome(settings: Settings, monke
     answering(monkeypatch, httpx.Response(401, json=refusal, headers=trainer_realm))
     code, body = health_json()
     assert code == 2 and "ASSISTANT_API_TOKEN" in body["error"], body
+    # A challenge naming no realm (a trainer from before the realm, or a service that names none): both causes.
+    answering(monkeypatch, httpx.Response(401, json=refusal, headers={"WWW-Authenticate": "Bearer"}))
+    code, body = health_json()
+    assert code == 2 and "ASSISTANT_API_TOKEN" in body["error"] and "another service holds" in body["error"], body
 
     ours = Health(data_root={"id": data_root_id(settings.home), "path": str(settings.home)})
     answering(monkeypatch, httpx.Response(200, json=ours.wire()))

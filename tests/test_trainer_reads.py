@@ -9,7 +9,9 @@ subprocess); the real other-project trainer is in tests/test_ensure.py. Run: `.v
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sqlite3
 from collections.abc import Iterator
 
 import pytest
@@ -131,6 +133,11 @@ def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(h
         jobs.set_status(waiting.id, "queued", message="requeued after the trainer stopped")
     finally:
         jobs.close()
+    # The follower only reads: a database it finds in rollback-journal mode stays so (opening it as the
+    # trainer does would switch it to WAL, a write on a file the trainer may still be using).
+    db = jobs_db_path(settings.data_dir)
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        raw.execute("PRAGMA journal_mode=DELETE")
 
     def unreachable(*_args, **_kwargs):
         raise ServiceUnavailable("The trainer at http://127.0.0.1:9 is not reachable (ConnectError); start it.")
@@ -142,6 +149,8 @@ def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(h
     assert job.status == "failed" and job.error.code == "interrupted", job
     shown = capsys.readouterr()
     assert "the trainer stopped" in shown.out + shown.err, shown
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
     # A job the trainer will run again (resume) is not over: the follower gives up as before, saying so.
     with pytest.raises(ServiceUnavailable) as lost:

@@ -22,7 +22,6 @@ The policy (settings, ASSISTANT_* variables):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import struct
@@ -35,7 +34,7 @@ from typing import Any
 from . import export
 from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S
-from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir
+from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
 from .wire import parse_iso, utc_now
 
@@ -145,15 +144,10 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
 
 
 def _open_jobs(path: Path, dry_run: bool) -> sqlite3.Connection:
-    """The jobs database; for a dry run read-only. SQLite opens a WAL-mode file only with its index (-shm)
-    beside it, which it cannot create in a folder it may not write (a read-only data root): there, when no
-    write-ahead log is left over either (every job store closed cleanly), the file alone is the whole
-    database and is read as immutable. (Immutable skips the log, so with one left over it is not used.)"""
+    """The jobs database; for a dry run read-only (`jobs.read_only_connection`)."""
     if not dry_run:
         return sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
-    sealed = not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists()
-    frozen = "&immutable=1" if sealed else ""
-    return sqlite3.connect(f"{path.as_uri()}?mode=ro{frozen}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+    return read_only_connection(path)
 
 
 def _parse(stamp: str | None) -> datetime:

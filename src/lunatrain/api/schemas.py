@@ -121,8 +121,13 @@ class ProviderHealth(Out):
 class Turn(In):
     role: Literal["user", "assistant"]
     content: Text
-    weight: Literal[0, 1] = Field(
-        default=1, description="0: an assistant turn kept as context only, not trained on (OpenAI's `weight`)"
+    # strict: JSON true/false or 0.0 are no weight (a file import refuses them too)
+    weight: int = Field(
+        default=1,
+        ge=0,
+        le=1,
+        strict=True,
+        description="0: an assistant turn kept as context only, not trained on (OpenAI's `weight`)",
     )
 
 

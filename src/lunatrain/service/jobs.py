@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -209,10 +210,15 @@ class JobStore:
     """The jobs database. One connection guarded by a lock: the service's request threads and its runner
     thread share it, and SQLite serializes writers anyway."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only`: a reader beside the trainer (or after it): no schema, no journal-mode change, no write."""
         self.path = path
         self._lock = threading.RLock()
+        if read_only:
+            self._db = read_only_connection(path)
+            self._db.row_factory = sqlite3.Row
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S)
         self._db.row_factory = sqlite3.Row
         sqlite_wal(self._db)
@@ -456,8 +462,8 @@ def _dump(value: Any) -> str | None:
 
 def _job(row: sqlite3.Row) -> Job:
     data = {k: row[k] for k in row.keys() if k not in ("seq", "pid", "pid_started")}
-    for key in _JSON_COLUMNS:
-        data[key] = json.loads(data[key]) if data[key] else None
+    for key in _JSON_COLUMNS:  # .get: a database from before a column, read without migrating it
+        data[key] = json.loads(data[key]) if data.get(key) else None
     if data["options"] is None:  # a job from before FlowOptions carried them among its params
         data["options"] = {k: data["params"].pop(k) for k in ("minCurated", "gate") if k in data["params"]}
     data["progress"] = data["progress"] or {}
@@ -469,6 +475,18 @@ def jobs_db_path(data_dir: Path) -> Path:
     return data_dir / "trainer" / "jobs.db"
 
 
+def read_only_connection(path: Path) -> sqlite3.Connection:
+    """The jobs database opened read-only. SQLite opens a WAL-mode file only with its index (-shm) beside it,
+    which it cannot create in a folder it may not write (a read-only data root): there, when no write-ahead
+    log is left over either (every job store closed cleanly), the file alone is the whole database and is
+    read as immutable. (Immutable skips the log, so with one left over it is not used.)"""
+    sealed = not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists()
+    frozen = "&immutable=1" if sealed else ""
+    return sqlite3.connect(
+        f"{path.as_uri()}?mode=ro{frozen}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
+    )
+
+
 @contextlib.contextmanager
 def existing_store(data_dir: Path) -> Iterator[JobStore | None]:
     """The trainer's database, for a read from outside the trainer (`status`, a follower whose trainer is
@@ -477,7 +495,7 @@ def existing_store(data_dir: Path) -> Iterator[JobStore | None]:
     if not path.is_file():
         yield None
         return
-    store = JobStore(path)
+    store = JobStore(path, read_only=True)
     try:
         yield store
     finally:

@@ -32,8 +32,11 @@ TRAINER_REALM = "lunatrain-trainer"
 
 def bearer_realm(header: str | None) -> str | None:
     """The realm of a `WWW-Authenticate: Bearer realm="..."` header, else None."""
-    match = re.match(r'\s*Bearer\s+(?:.*,\s*)?realm="([^"]*)"', header or "", re.IGNORECASE)
-    return match.group(1) if match else None
+    # The Bearer challenge's own parameters: up to the next challenge's scheme (a token followed by a space).
+    match = re.search(r"\bBearer\s+((?:[^,]*?(?:,\s*|$))*?)(?:[A-Za-z][\w-]*\s+[\w-]+=|$)", header or "", re.I)
+    params = match.group(1) if match else ""
+    realm = re.search(r'(?:^|,)\s*realm\s*=\s*(?:"([^"]*)"|([^\s,]+))', params, re.I)
+    return (realm.group(1) if realm.group(1) is not None else realm.group(2)) if realm else None
 
 
 def is_loopback(host: str) -> bool:
