@@ -396,6 +396,22 @@ def test_a_staged_run_whose_process_stopped_is_settled_not_kept_by_repair_and_by
     assert (slot / "adapter_model.safetensors").read_text() == "r6"
 
 
+def test_a_run_that_passes_its_gate_after_a_newer_run_took_the_slot_does_not_take_it_back(settings):
+    """Repro: revision 2 staged for its gate, revision 3 published ungated meanwhile (so 2 was marked
+    replaced), then 2 passed: the slot pointed back at 2's files while every revision was marked replaced and
+    `current` named 3. The newest run keeps the slot; 2's files go and its entry stays, replaced."""
+    home, slot = str(settings.home), settings.adapters_dir / "ow" / "current"
+    _overwrite_run(home, "r1", stage=False)
+    staged = _overwrite_run(home, "r2", stage=True)
+    _overwrite_run(home, "r3", stage=False)
+    settled = registry.settle_slot(settings, "ow", staged["revision"], keep=True)
+    assert settled["replaced"] is True and "staged" not in settled
+    assert not (settings.home / staged["staged"]).exists()
+    assert (slot / "adapter_model.safetensors").read_text() == "r3"
+    current = registry.get_version(settings, "ow", "current")
+    assert current["revision"] == 3 and not current.get("replaced")
+
+
 def test_a_version_whose_files_are_gone_is_not_activated(settings):
     """It was: /v1/models then listed it, and every chat request answered that its files are missing."""
     from typer.testing import CliRunner

@@ -307,8 +307,9 @@ def find_by_job(settings: Settings, job_id: str) -> dict[str, Any] | None:
 
 def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> dict[str, Any]:
     """A staged overwrite revision after its gate: `keep` (it passed) puts it in the slot, replacing the
-    older revisions; otherwise its files go and the slot keeps serving what it held (the entry stays in the
-    history, `replaced`, with its gate outcome). Settling twice changes nothing."""
+    older revisions, unless a newer run took the slot meanwhile; otherwise its files go and the slot keeps
+    serving what it held (the entry stays in the history, `replaced`, with its gate outcome). Settling twice
+    changes nothing."""
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
@@ -319,7 +320,9 @@ def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> 
         entry.pop("stagedBy", None)
         if staged is None:
             return entry
-        if keep:
+        # A newer run took the slot while this one waited for its gate (an ungated publish marks every older
+        # revision replaced): the newest stays, whatever this gate decided.
+        if keep and not entry.get("replaced"):
             _point_slot(settings.adapters_dir / name, inside(settings.home, staged))
             _replace_older(adapter, entry)
         else:
