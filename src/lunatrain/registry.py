@@ -207,6 +207,19 @@ def _adapter(data: dict[str, Any], name: str) -> dict[str, Any]:
     return adapter
 
 
+def _save_activations(
+    settings: Settings, data: dict[str, Any], name: str, changes: list[tuple[dict[str, Any], str | None]]
+) -> None:
+    """Record activation changes (each a history record and its base's id; `activeByBase` already updated):
+    in the registry's history, saved, then in the adapter's journal. The caller holds the lock."""
+    adapter = data["adapters"][name]
+    adapter["activations"] += [record for record, _ in changes]
+    _sync_legacy_alias(adapter)
+    _save(settings, data)
+    for record, base_id in changes:
+        _journal(settings, name, record, base_id)
+
+
 def _journal(settings: Settings, name: str, record: dict[str, Any], base_id: str | None) -> None:
     """Append an activation change (saved in the registry already) to the adapter's activations.jsonl, under
     the registry's lock. The registry stays the record: a line that cannot be written costs only `adapters
@@ -699,10 +712,7 @@ def activate(
             "forced": force,
             "reason": reason,
         }
-        adapter["activations"].append(record)
-        _sync_legacy_alias(adapter)
-        _save(settings, data)
-        _journal(settings, name, record, base_id)
+        _save_activations(settings, data, name, [(record, base_id)])
     return entry
 
 
@@ -736,8 +746,7 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
                 code="adapter.not_active",
                 params={"name": name, "version": version or None},
             )
-        done = []
-        records = []
+        done, records = [], []
         for fp in hits:
             gone = adapter["activeByBase"].pop(fp)
             record = {
@@ -748,13 +757,9 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
                 "forced": False,
                 "reason": "deactivated",
             }
-            adapter["activations"].append(record)
             records.append((record, gone.get("baseModel")))
             done.append({"name": name, "version": gone["version"], "base": fp, "baseModel": gone.get("baseModel")})
-        _sync_legacy_alias(adapter)
-        _save(settings, data)
-        for record, base_id in records:
-            _journal(settings, name, record, base_id)
+        _save_activations(settings, data, name, records)
     return done
 
 
@@ -798,10 +803,7 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
             "forced": False,
             "reason": "rollback",
         }
-        adapter["activations"].append(record)
-        _sync_legacy_alias(adapter)
-        _save(settings, data)
-        _journal(settings, name, record, base_id)
+        _save_activations(settings, data, name, [(record, base_id)])
     return get_version(settings, name, previous)
 
 
@@ -1054,12 +1056,10 @@ def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[tuple[
                 record = json.loads(line)
             except ValueError:
                 continue
-            version = record.get("version") if isinstance(record, dict) else None
-            if (
-                not isinstance(record, dict)
-                or not isinstance(record.get("base"), str)
-                or not isinstance(version, str | None)
-            ):
+            if not isinstance(record, dict) or not isinstance(record.get("base"), str):
+                continue
+            version = record.get("version")
+            if not isinstance(version, str | None):
                 continue
             base_id = record.pop("baseModel", None)
             if version is None:

@@ -5,8 +5,9 @@ the chat template emits after the answer, `templates.turn_terminator`, often not
 model learns to stop; system and user turns, role headers and the template's glue are masked with -100.
 Training all assistant turns (not only the last) is what chat fine-tuning tools do by default; a
 multi-turn example then teaches each of its answers in context. An assistant turn with `"weight": 0`
-(OpenAI's fine-tuning format) is context only: rendered, and masked like a user turn. Thinking templates that drop the
-`<think>…</think>` block of earlier turns train what they render: those turns' answers without it.
+(OpenAI's fine-tuning format) is context only: rendered, and masked like a user turn. Thinking templates
+that drop the `<think>…</think>` block of earlier turns train what they render: those turns' answers
+without it.
 
 How the spans are found, for any chat template: the conversation is rendered once as text and tokenized
 once (with character offsets); each assistant turn's character span is found by rendering the prefix

@@ -146,15 +146,15 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
         return Conflict(message)
     if status == 401:
         realm = bearer_realm(response.headers.get("www-authenticate"))
-        if realm is not None and realm != TRAINER_REALM:
-            # Another service wants a token of its own: asking for "the trainer's token" would mislead.
-            return Conflict(f"What answers {where(settings)} refused us (401): {FOREIGN}.")
+        if realm == TRAINER_REALM:
+            return UsageError(f"{message} Set ASSISTANT_API_TOKEN to the trainer's token.")
         if realm is None:  # a trainer from before the realm, or a service that names none: say both
             return UsageError(
                 f"{message} If it is this data root's trainer, set ASSISTANT_API_TOKEN to its token; if not, "
                 f"another service holds {base_url(settings)}."
             )
-        return UsageError(f"{message} Set ASSISTANT_API_TOKEN to the trainer's token.")
+        # Another service wants a token of its own: asking for "the trainer's token" would mislead.
+        return Conflict(f"What answers {where(settings)} refused us (401): {FOREIGN}.")
     if status < 500:
         return UsageError(message, details=details)
     return ServiceUnavailable(f"The trainer failed to answer ({status}): {message}")
