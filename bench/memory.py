@@ -1,7 +1,9 @@
-"""The memory plan's estimate against measured peaks: CPU peak RSS of a fresh process per configuration.
+"""The memory plan's estimate against measured peaks: CPU peak RSS (or, on CUDA, the device memory) of a
+fresh process per configuration.
 
 Run:  .venv/bin/python bench/memory.py            (about 2-3 minutes on 2 cores)
       .venv/bin/python bench/memory.py --only 20M  (one model)
+      python bench/memory.py --device cuda         (on a CUDA machine: three published shapes, ~3-5 minutes)
 
 Each row trains three optimizer steps in a new child process, exactly as `train.train` does: the base model
 loaded by `train.load_lora_model` (LoRA r=16 on all linear layers, dropout 0.05, kernels installed, the
@@ -12,6 +14,12 @@ what the C allocator kept of freed memory; a second run of each row measures liv
 estimate is `memplan.estimate` for the same shape and options; ratio = measured / estimate. Models:
 luna-tiny (~0.3M parameters) and a ~20M-parameter Llama architecture with a 16k vocabulary built by
 `models.build_tiny_model`. The table is printed and written to bench/results/memory.md.
+
+On CUDA the models are the published shapes of bench/shapes.py (random bfloat16 weights written to disk
+once, so that each child loads them as a job does, quantized ones included), bf16 autocast. The child
+reports the device memory in use at the end (`torch.cuda.mem_get_info`: the CUDA context and everything
+the caching allocator reserved, which it keeps) and the allocator's peaks; the table goes to
+bench/results/memory_gpu.md.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -39,10 +49,27 @@ MODELS = [
 # (checkpointing, loss path, quantize)
 VARIANTS = [(False, "plain", "none"), (False, "chunked", "none"), (True, "chunked", "none"), (True, "chunked", "4bit")]
 STEPS = 3
+# On CUDA: (preset of bench/shapes.py, tokens per micro-batch). 4096 tokens is the plan's default job
+# (batch 4 x 1024), the one `lunatrain health`'s fit table is computed for.
+GPU_MODELS = [("qwen2.5-0.5b", 4096), ("llama-3.2-1b", 4096), ("llama-3.1-8b", 4096)]
 
 
-def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize: str) -> None:
-    """One measurement (run in a fresh process): STEPS training steps, then print the peak RSS as JSON."""
+def build_preset(name: str, out: Path) -> None:
+    """Write a random-weight bfloat16 model of a published shape (run in a fresh process on the GPU)."""
+    import torch
+    from shapes import PRESETS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, shape = PRESETS[name]
+    cfg = AutoConfig.for_model(model_type, **shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+
+
+def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize: str, device: str) -> None:
+    """One measurement (run in a fresh process): STEPS training steps, then print the peak as JSON."""
     import resource
 
     import torch
@@ -65,7 +92,8 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         }
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model, _kernels, loss = train.load_lora_model(params, settings, base, "cpu", False, checkpointing)
+    cuda = device == "cuda"
+    model, _kernels, loss = train.load_lora_model(params, settings, base, device, cuda, checkpointing)
     if path == "plain":
         loss = {"path": "plain"}
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -80,8 +108,8 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         base=base,
         tokenizer=None,
         model=model,
-        device="cpu",
-        autocast_dtype=None,
+        device=device,
+        autocast_dtype=torch.bfloat16 if cuda else None,
         data=None,
         tokens=None,
         train=[],
@@ -98,14 +126,31 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         opt.zero_grad(set_to_none=True)
         (train.loss_sum(run, batch) / batch.n_supervised).backward()
         opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak": peak, "runtime": before * 1024, "supervised": batch.n_supervised, "loss": loss["path"]}))
+    out = {"supervised": batch.n_supervised, "loss": loss["path"]}
+    if cuda:
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        # `peak`: the device memory in use (context + what the caching allocator reserved and keeps, which
+        # is at least its peak); `allocated`: the largest total of live tensors; `reserved`: the allocator's
+        # largest reservation.
+        out |= {
+            "peak": total - free,
+            "allocated": torch.cuda.max_memory_allocated(),
+            "reserved": torch.cuda.max_memory_reserved(),
+        }
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        out |= {"peak": peak, "runtime": before * 1024}
+    print(json.dumps(out))
 
 
-def measure(model_dir: Path, tokens: int, checkpointing: bool, path: str, quantize: str, live: bool) -> dict:
+def measure(
+    model_dir: Path, tokens: int, checkpointing: bool, path: str, quantize: str, live: bool, device: str = "cpu"
+) -> dict:
     """Peak RSS of a child process; `live`: with glibc's mmap threshold fixed at 64 KiB, so that freed tensors
     go back to the system at once and the peak is that of the tensors alive at one time."""
     cmd = [sys.executable, __file__, "--child", str(model_dir), str(tokens), str(int(checkpointing)), path, quantize]
+    cmd.append(device)
     env = os.environ | {"OMP_NUM_THREADS": "2", "ASSISTANT_HOME": str(model_dir.parent)}
     if live:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -118,8 +163,13 @@ def measure(model_dir: Path, tokens: int, checkpointing: bool, path: str, quanti
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="measure only this model label")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", type=Path, help="default: bench/results/memory.md (memory_gpu.md with --device cuda)")
     args = ap.parse_args()
+    if args.device == "cuda":
+        gpu_main(args.only, args.out or ROOT / "bench" / "results" / "memory_gpu.md")
+        return
+    args.out = args.out or ROOT / "bench" / "results" / "memory.md"
 
     from lunatrain import memplan
     from lunatrain.memplan import Job
@@ -176,6 +226,73 @@ def main() -> None:
     args.out.write_text(table, encoding="utf-8")
 
 
+def gpu_main(only: str | None, out: Path) -> None:
+    """The plan against the device memory on CUDA, for the published shapes of bench/shapes.py."""
+
+    from lunatrain import memplan
+    from lunatrain.memplan import Job
+
+    rows = []
+    header = gpu_header()
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, tokens in GPU_MODELS:
+            if only and label != only:
+                continue
+            path = Path(tmp) / label
+            built = subprocess.run([sys.executable, __file__, "--build", label, str(path)], check=False)
+            if built.returncode != 0:
+                raise SystemExit(f"building {label} failed")
+            shape = memplan.Shape.from_config(json.loads((path / "config.json").read_text()), label)
+            for ck, loss_path, quantize in VARIANTS:
+                try:
+                    got = measure(path, tokens, ck, loss_path, quantize, live=False, device="cuda")
+                except SystemExit as failed:  # one configuration that fails (out of memory) ends no others
+                    print(failed, flush=True)
+                    continue
+                job = Job("cuda", tokens, got["supervised"], 1, 16, ("all-linear",), True, quantize, ck)
+                est = memplan.estimate(replace(shape, chunked_loss=loss_path == "chunked"), job)
+                rows.append({"model": label, "params": shape.params / 1e9, "tokens": tokens, "ck": ck} | got)
+                rows[-1] |= {"quantize": quantize, "est": est}
+                print(gpu_row(rows[-1]), flush=True)
+            shutil.rmtree(path)  # an 8B model is 16 GB of disk
+            # rewrite the table after each model: a run cut short keeps what it measured
+            out.write_text("\n".join(header + [gpu_row(r) for r in rows]) + "\n", encoding="utf-8")
+    print(out.read_text())
+
+
+def gpu_header() -> list[str]:
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(0)
+    return [
+        f"# Memory plan: estimate vs measured device memory ({name})",
+        "",
+        f"`python bench/memory.py --device cuda`: torch {torch.__version__}, transformers {transformers.__version__}.",
+        "Random bfloat16 weights of published shapes (bench/shapes.py), loaded from disk as a job loads them; each row",
+        f"a fresh process training {STEPS} optimizer steps on one flat micro-batch (60% supervised), LoRA r=16 on all",
+        "linear layers, dropout 0.05, bf16 autocast. MiB. `in use`: the device memory in use after the steps (the CUDA",
+        "context and all the caching allocator reserved); `allocated`: the allocator's peak of live tensors, against",
+        "the estimate without its `overhead` (context, workspaces, fragmentation).",
+        "",
+        "| model | params | tokens | checkpointing | loss | quantize | weights | activations | logits | overhead "
+        "| estimate | in use | in use/estimate | estimate w/o overhead | allocated | ratio |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+
+def gpu_row(r: dict) -> str:
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    e = r["est"]
+    bare = e["total"] - e["overhead"]
+    return (
+        f"| {r['model']} | {r['params']:.2f}B | {r['tokens']} | {'on' if r['ck'] else 'off'} | {r['loss']} | "
+        f"{r['quantize']} | {mib(e['weights'])} | {mib(e['activations'])} | {mib(e['logits'])} | "
+        f"{mib(e['overhead'])} | {mib(e['total'])} | {mib(r['peak'])} | {r['peak'] / e['total']:.2f} | "
+        f"{mib(bare)} | {mib(r['allocated'])} | {r['allocated'] / bare:.2f} |"
+    )
+
+
 def render(rows: list[dict]) -> str:
     mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
     lines = [
@@ -218,7 +335,9 @@ def render(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, model_dir, tokens, ck, path, quantize = sys.argv
-        child(model_dir, int(tokens), ck == "1", path, quantize)
+        _, _, model_dir, tokens, ck, path, quantize, device = sys.argv
+        child(model_dir, int(tokens), ck == "1", path, quantize, device)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--build":
+        build_preset(sys.argv[2], Path(sys.argv[3]))
     else:
         main()

@@ -229,3 +229,47 @@ def test_largest_batch_bounds_every_micro_batch():
 def test_a_cpu_job_on_a_gpu_machine_is_planned_against_the_cpu(settings):
     plan = memplan.check_fits(settings, parse_params({"device": "cpu"}), {"type": "cuda", "memoryFree": 1})
     assert plan.device == "cpu" and plan.fits
+
+
+def _measured_gpu_rows() -> list[dict]:
+    """The rows of bench/results/memory_gpu.md: device memory measured on an H200 per shape and option."""
+    from pathlib import Path
+
+    table = Path(__file__).resolve().parent.parent / "bench" / "results" / "memory_gpu.md"
+    rows = []
+    for line in table.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 16 and cells[2].isdigit():
+            mib = lambda s: int(s.replace(",", "")) << 20  # noqa: E731
+            rows.append(
+                {
+                    "model": cells[0],
+                    "tokens": int(cells[2]),
+                    "checkpointing": cells[3] == "on",
+                    "chunked": cells[4] == "chunked",
+                    "quantize": cells[5],
+                    "in_use": mib(cells[11]),
+                }
+            )
+    return rows
+
+
+def test_the_estimate_admits_no_job_the_gpu_measurements_show_does_not_fit():
+    """The plan against bench/results/memory_gpu.md (three published shapes, bf16 and 4-bit, with and without
+    checkpointing, measured on an H200): a job the plan admits uses at most BUDGET_FRACTION of the free
+    memory by its estimate, so the measured memory must stay under estimate / BUDGET_FRACTION; and the plan
+    must not refuse jobs that fit by far (a third over the measured memory)."""
+    from dataclasses import replace
+
+    names = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
+    rows = _measured_gpu_rows()
+    assert len(rows) == 12 and {r["model"] for r in rows} == set(names)
+    for r in rows:
+        shape = replace(_shape(names[r["model"]]), chunked_loss=r["chunked"])
+        supervised = r["tokens"] - int(r["tokens"] * 0.4)  # bench/memory.py's micro-batch: the last 60% supervised
+        job = memplan.Job(
+            "cuda", r["tokens"], supervised, 1, 16, ("all-linear",), True, r["quantize"], r["checkpointing"]
+        )
+        estimate = memplan.estimate(shape, job)["total"]
+        ratio = r["in_use"] / estimate
+        assert 0.75 <= ratio <= 1 / memplan.BUDGET_FRACTION["cuda"], (r, estimate, ratio)

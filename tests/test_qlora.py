@@ -1,5 +1,6 @@
-"""QLoRA on luna-tiny, on CPU: the base held in 4 bits (NF4, double quantization) or 8 bits trains an
-ordinary PEFT adapter for the full-precision base, and merge uses the full-precision weights.
+"""QLoRA on luna-tiny: the base held in 4 bits (NF4, double quantization) or 8 bits trains an ordinary PEFT
+adapter for the full-precision base, and merge uses the full-precision weights. On CPU here; where a GPU
+is visible, `device: auto` trains there (computing in bfloat16), and the same tests check that path.
 Run: `pytest tests/test_qlora.py -q`."""
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def test_4bit_trains_an_ordinary_adapter_that_merges_into_the_full_precision_bas
     assert seen["base_layer"] == "Linear4bit" and seen["loss"]["path"] == "chunked"
     m = result.report["metrics"]
     assert m["valLoss"] < m["baseValLoss"] - 0.3, m  # it learned, in 4 bits
-    expected = {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"}
+    compute = "bfloat16" if torch.cuda.is_available() else "float32"  # the autocast dtype of the device
+    expected = {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": compute}
     assert result.report["quantization"] == expected and result.report["params"]["quantize"] == "4bit"
     assert registry.get_version(settings, "q4", "v1")["quantization"] == expected
 
@@ -87,7 +89,7 @@ def _nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)
 
 
-def test_8bit_trains_on_cpu(settings, monkeypatch):
+def test_8bit_trains_an_adapter(settings, monkeypatch):
     write_export(settings, make_records(48))
     seen = _spy_base_layers(monkeypatch)
     result = train.run_lora(parse_params(FAST | {"quantize": "8bit", "adapterName": "q8"}), settings)
