@@ -1,62 +1,44 @@
-"""Published shapes of real architectures (each family's config.json), for the GPU benchmarks: models built
-from them have random weights, so nothing is downloaded. Shared by bench/train_gpu.py and bench/memory.py."""
+"""Published shapes of real architectures, for the GPU benchmarks: models built from them have random weights,
+so nothing is downloaded. Shared by bench/train_gpu.py and bench/memory.py.
 
-PRESETS = {
-    "qwen2.5-0.5b": (
-        "qwen2",
-        dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-            rope_theta=1_000_000.0,
-            max_position_embeddings=32768,
-        ),
-    ),
-    "llama-3.2-1b": (
-        "llama",
-        dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            head_dim=64,
-            tie_word_embeddings=True,
-            rope_theta=500_000.0,
-            max_position_embeddings=131072,
-        ),
-    ),
-    "llama-3.1-8b": (
-        "llama",
-        dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            tie_word_embeddings=False,
-            rope_theta=500_000.0,
-            max_position_embeddings=131072,
-        ),
-    ),
+The dimensions are those of the memory plan's reference shapes (the published config.json values that
+`lunatrain health` plans with, src/lunatrain/resources/memplan/reference-shapes.json), so the benchmarks
+measure exactly the shapes the plan describes; each preset adds the architecture and what the shape alone
+does not say (RoPE base, context length)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_REFERENCE = Path(__file__).resolve().parent.parent / "src/lunatrain/resources/memplan/reference-shapes.json"
+
+
+def _published(name: str) -> dict[str, Any]:
+    shapes = json.loads(_REFERENCE.read_text(encoding="utf-8"))["shapes"]
+    return {k: v for k, v in next(s for s in shapes if s["name"] == name).items() if k != "name"}
+
+
+# preset -> (model_type, config values); `REFERENCE` names each preset's reference shape.
+REFERENCE = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2.5-0.5b": ("qwen2", _published("Qwen2.5-0.5B") | {"rope_theta": 1e6, "max_position_embeddings": 32768}),
+    "llama-3.2-1b": ("llama", _published("Llama-3.2-1B") | {"rope_theta": 5e5, "max_position_embeddings": 131072}),
+    "llama-3.1-8b": ("llama", _published("Llama-3.1-8B") | {"rope_theta": 5e5, "max_position_embeddings": 131072}),
+    # a smoke-test shape for --device cpu
     "tiny": (
         "llama",
-        dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=4096,
-            tie_word_embeddings=True,
-            max_position_embeddings=8192,
-        ),
+        {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 4096,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 8192,
+        },
     ),
 }
 CHECKPOINTING = {"llama-3.1-8b"}
