@@ -59,7 +59,9 @@ def build_preset(name: str, out: Path) -> None:
     import torch
     from shapes import PRESETS
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a shard bar per model is noise in the benchmark's output
     model_type, shape = PRESETS[name]
     cfg = AutoConfig.for_model(model_type, **shape)
     torch.manual_seed(0)
