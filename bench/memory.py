@@ -133,13 +133,8 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         # `peak`: the device memory in use (context + what the caching allocator reserved and keeps, which
-        # is at least its peak); `allocated`: the largest total of live tensors; `reserved`: the allocator's
-        # largest reservation.
-        out |= {
-            "peak": total - free,
-            "allocated": torch.cuda.max_memory_allocated(),
-            "reserved": torch.cuda.max_memory_reserved(),
-        }
+        # is at least its peak); `allocated`: the largest total of live tensors.
+        out |= {"peak": total - free, "allocated": torch.cuda.max_memory_allocated()}
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         out |= {"peak": peak, "runtime": before * 1024}
@@ -149,8 +144,9 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
 def measure(
     model_dir: Path, tokens: int, checkpointing: bool, path: str, quantize: str, live: bool, device: str = "cpu"
 ) -> dict:
-    """Peak RSS of a child process; `live`: with glibc's mmap threshold fixed at 64 KiB, so that freed tensors
-    go back to the system at once and the peak is that of the tensors alive at one time."""
+    """Peak RSS of a child process (on CUDA: its device memory, see `child`); `live` (CPU): with glibc's mmap
+    threshold fixed at 64 KiB, so that freed tensors go back to the system at once and the peak is that of the
+    tensors alive at one time."""
     cmd = [sys.executable, __file__, "--child", str(model_dir), str(tokens), str(int(checkpointing)), path, quantize]
     cmd.append(device)
     env = os.environ | {"OMP_NUM_THREADS": "2", "ASSISTANT_HOME": str(model_dir.parent)}
@@ -230,7 +226,6 @@ def main() -> None:
 
 def gpu_main(only: str | None, out: Path) -> None:
     """The plan against the device memory on CUDA, for the published shapes of bench/shapes.py."""
-
     from lunatrain import memplan
     from lunatrain.memplan import Job
 
