@@ -18,8 +18,9 @@ luna-tiny (~0.3M parameters) and a ~20M-parameter Llama architecture with a 16k 
 On CUDA the models are the published shapes of bench/shapes.py (random bfloat16 weights written to disk
 once, so that each child loads them as a job does, quantized ones included), bf16 autocast. The child
 reports the device memory in use at the end (`torch.cuda.mem_get_info`: the CUDA context and everything
-the caching allocator reserved, which it keeps) and the allocator's peaks; the table goes to
-bench/results/memory_gpu.md.
+the caching allocator reserved, which it keeps; every process on the device counts, so run it on an idle
+GPU) and the allocator's peak of live tensors; the table goes to bench/results/memory_gpu.md. With `--only`
+the other models' rows and the text below the table are kept.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ MODELS = [
 # (checkpointing, loss path, quantize)
 VARIANTS = [(False, "plain", "none"), (False, "chunked", "none"), (True, "chunked", "none"), (True, "chunked", "4bit")]
 STEPS = 3
-# On CUDA: (preset of bench/shapes.py, tokens per micro-batch). 4096 tokens is the plan's default job
-# (batch 4 x 1024), the one `lunatrain health`'s fit table is computed for.
+# On CUDA: (preset of bench/shapes.py, tokens per micro-batch). 4096 tokens is the size of the plan's default
+# job (batch 4 x 1024) that `lunatrain health`'s fit table is computed for; that table counts every position
+# as supervised, these rows 60% of them, as in chat data.
 GPU_MODELS = [("qwen2.5-0.5b", 4096), ("llama-3.2-1b", 4096), ("llama-3.1-8b", 4096)]
 
 
@@ -229,8 +231,7 @@ def gpu_main(only: str | None, out: Path) -> None:
     from lunatrain import memplan
     from lunatrain.memplan import Job
 
-    rows = []
-    header = gpu_header()
+    by_model, tail = _table_of(out) if only and out.is_file() else ({}, [])
     with tempfile.TemporaryDirectory() as tmp:
         for label, tokens in GPU_MODELS:
             if only and label != only:
@@ -240,6 +241,7 @@ def gpu_main(only: str | None, out: Path) -> None:
             if built.returncode != 0:
                 raise SystemExit(f"building {label} failed")
             shape = memplan.Shape.from_config(json.loads((path / "config.json").read_text()), label)
+            by_model[label] = []
             for ck, loss_path, quantize in VARIANTS:
                 try:
                     got = measure(path, tokens, ck, loss_path, quantize, live=False, device="cuda")
@@ -248,13 +250,27 @@ def gpu_main(only: str | None, out: Path) -> None:
                     continue
                 job = Job("cuda", tokens, got["supervised"], 1, 16, ("all-linear",), True, quantize, ck)
                 est = memplan.estimate(replace(shape, chunked_loss=loss_path == "chunked"), job)
-                rows.append({"model": label, "params": shape.params / 1e9, "tokens": tokens, "ck": ck} | got)
-                rows[-1] |= {"quantize": quantize, "est": est}
-                print(gpu_row(rows[-1]), flush=True)
+                row = {"model": label, "params": shape.params / 1e9, "tokens": tokens, "ck": ck} | got
+                by_model[label].append(gpu_row(row | {"quantize": quantize, "est": est}))
+                print(by_model[label][-1], flush=True)
             shutil.rmtree(path)  # an 8B model is 16 GB of disk
             # rewrite the table after each model: a run cut short keeps what it measured
-            out.write_text("\n".join(header + [gpu_row(r) for r in rows]) + "\n", encoding="utf-8")
-    print(out.read_text())
+            rows = [r for m, _ in GPU_MODELS for r in by_model.get(m, [])]
+            out.write_text("\n".join(gpu_header() + rows + tail) + "\n", encoding="utf-8")
+    if out.is_file():
+        print(out.read_text())
+
+
+def _table_of(out: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """An earlier table's rows by model, and the lines below the table (its reading)."""
+    lines = out.read_text(encoding="utf-8").splitlines()
+    by_model: dict[str, list[str]] = {}
+    last = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines) - 1)
+    for line in lines[: last + 1]:
+        model = line.strip("|").split("|")[0].strip()
+        if any(model == m for m, _ in GPU_MODELS):
+            by_model.setdefault(model, []).append(line)
+    return by_model, lines[last + 1 :]
 
 
 def gpu_header() -> list[str]:
@@ -265,16 +281,17 @@ def gpu_header() -> list[str]:
     return [
         f"# Memory plan: estimate vs measured device memory ({name})",
         "",
-        f"`python bench/memory.py --device cuda`: torch {torch.__version__}, transformers {transformers.__version__}.",
+        f"`python bench/memory.py --device cuda` on one {name}: torch {torch.__version__}, transformers "
+        f"{transformers.__version__}.",
         "Random bfloat16 weights of published shapes (bench/shapes.py), loaded from disk as a job loads them; each row",
         f"a fresh process training {STEPS} optimizer steps on one flat micro-batch (60% supervised), LoRA r=16 on all",
         "linear layers, dropout 0.05, bf16 autocast. MiB. `in use`: the device memory in use after the steps (the CUDA",
         "context and all the caching allocator reserved); `allocated`: the allocator's peak of live tensors, against",
         "the estimate without its `overhead` (context, workspaces, fragmentation).",
         "",
-        "| model | params | tokens | checkpointing | loss | quantize | weights | activations | logits | overhead "
-        "| estimate | in use | in use/estimate | estimate w/o overhead | allocated | ratio |",
-        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | tokens | supervised | checkpointing | loss | quantize | weights | activations | logits "
+        "| overhead | estimate | in use | in use/estimate | estimate w/o overhead | allocated | ratio |",
+        "|---|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
 
@@ -283,7 +300,8 @@ def gpu_row(r: dict) -> str:
     e = r["est"]
     bare = e["total"] - e["overhead"]
     return (
-        f"| {r['model']} | {r['params']:.2f}B | {r['tokens']} | {'on' if r['ck'] else 'off'} | {r['loss']} | "
+        f"| {r['model']} | {r['params']:.2f}B | {r['tokens']} | {r['supervised']} | {'on' if r['ck'] else 'off'} | "
+        f"{r['loss']} | "
         f"{r['quantize']} | {mib(e['weights'])} | {mib(e['activations'])} | {mib(e['logits'])} | "
         f"{mib(e['overhead'])} | {mib(e['total'])} | {mib(r['peak'])} | {r['peak'] / e['total']:.2f} | "
         f"{mib(bare)} | {mib(r['allocated'])} | {r['allocated'] / bare:.2f} |"

@@ -20,8 +20,7 @@ def _published(name: str) -> dict[str, Any]:
     return {k: v for k, v in next(s for s in shapes if s["name"] == name).items() if k != "name"}
 
 
-# preset -> (model_type, config values); `REFERENCE` names each preset's reference shape.
-REFERENCE = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
+# preset -> (model_type, config values)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2.5-0.5b": ("qwen2", _published("Qwen2.5-0.5B") | {"rope_theta": 1e6, "max_position_embeddings": 32768}),
     "llama-3.2-1b": ("llama", _published("Llama-3.2-1B") | {"rope_theta": 5e5, "max_position_embeddings": 131072}),

@@ -232,25 +232,14 @@ def test_a_cpu_job_on_a_gpu_machine_is_planned_against_the_cpu(settings):
 
 
 def _measured_gpu_rows() -> list[dict]:
-    """The rows of bench/results/memory_gpu.md: device memory measured on an H200 per shape and option."""
+    """The rows of bench/results/memory_gpu.md (device memory measured on an H200 per shape and option), each
+    as {column name: cell}."""
     from pathlib import Path
 
     table = Path(__file__).resolve().parent.parent / "bench" / "results" / "memory_gpu.md"
-    rows = []
-    for line in table.read_text(encoding="utf-8").splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 16 and cells[2].isdigit():
-            mib = lambda s: int(s.replace(",", "")) << 20  # noqa: E731
-            rows.append(
-                {
-                    "model": cells[0],
-                    "tokens": int(cells[2]),
-                    "checkpointing": cells[3] == "on",
-                    "chunked": cells[4] == "chunked",
-                    "quantize": cells[5],
-                    "in_use": mib(cells[11]),
-                }
-            )
+    lines = [line.strip().strip("|") for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].split("|")]
+    rows = [dict(zip(head, (c.strip() for c in line.split("|")), strict=True)) for line in lines[2:]]
     return rows
 
 
@@ -262,14 +251,15 @@ def test_the_estimate_admits_no_job_the_gpu_measurements_show_does_not_fit():
     from dataclasses import replace
 
     names = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
+    mib = lambda cell: int(cell.replace(",", "")) << 20  # noqa: E731
     rows = _measured_gpu_rows()
     assert len(rows) == 12 and {r["model"] for r in rows} == set(names)
     for r in rows:
-        shape = replace(_shape(names[r["model"]]), chunked_loss=r["chunked"])
-        supervised = r["tokens"] - int(r["tokens"] * 0.4)  # bench/memory.py's micro-batch: the last 60% supervised
+        shape = replace(_shape(names[r["model"]]), chunked_loss=r["loss"] == "chunked")
+        ck = {"on": True, "off": False}[r["checkpointing"]]
         job = memplan.Job(
-            "cuda", r["tokens"], supervised, 1, 16, ("all-linear",), True, r["quantize"], r["checkpointing"]
+            "cuda", int(r["tokens"]), int(r["supervised"]), 1, 16, ("all-linear",), True, r["quantize"], ck
         )
         estimate = memplan.estimate(shape, job)["total"]
-        ratio = r["in_use"] / estimate
+        ratio = mib(r["in use"]) / estimate
         assert 0.75 <= ratio <= 1 / memplan.BUDGET_FRACTION["cuda"], (r, estimate, ratio)

@@ -1,6 +1,7 @@
 """QLoRA on luna-tiny: the base held in 4 bits (NF4, double quantization) or 8 bits trains an ordinary PEFT
 adapter for the full-precision base, and merge uses the full-precision weights. On CPU here; where a GPU
-is visible, `device: auto` trains there (computing in bfloat16), and the same tests check that path.
+is visible, `device: auto` trains there (computing in bfloat16 where it is supported), and the same tests
+check that path.
 Run: `pytest tests/test_qlora.py -q`."""
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def test_4bit_trains_an_ordinary_adapter_that_merges_into_the_full_precision_bas
     assert seen["base_layer"] == "Linear4bit" and seen["loss"]["path"] == "chunked"
     m = result.report["metrics"]
     assert m["valLoss"] < m["baseValLoss"] - 0.3, m  # it learned, in 4 bits
-    compute = "bfloat16" if torch.cuda.is_available() else "float32"  # the autocast dtype of the device
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    compute = "bfloat16" if bf16 else "float32"  # the compute dtype train.py chooses for the device
     expected = {"method": "bitsandbytes", "bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": compute}
     assert result.report["quantization"] == expected and result.report["params"]["quantize"] == "4bit"
     assert registry.get_version(settings, "q4", "v1")["quantization"] == expected
