@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 _REFERENCE = Path(__file__).resolve().parent.parent / "src/lunatrain/resources/memplan/reference-shapes.json"
+_SHAPES = {s.pop("name"): s for s in json.loads(_REFERENCE.read_text(encoding="utf-8"))["shapes"]}
 
 
 def _published(name: str) -> dict[str, Any]:
-    shapes = json.loads(_REFERENCE.read_text(encoding="utf-8"))["shapes"]
-    return {k: v for k, v in next(s for s in shapes if s["name"] == name).items() if k != "name"}
+    return dict(_SHAPES[name])
 
 
 # preset -> (model_type, config values)
