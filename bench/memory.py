@@ -36,6 +36,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from shapes import build_on_disk
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,22 +55,6 @@ STEPS = 3
 # job (batch 4 x 1024) that `lunatrain health`'s fit table is computed for; that table counts every position
 # as supervised, these rows 60% of them, as in chat data.
 GPU_MODELS = [("qwen2.5-0.5b", 4096), ("llama-3.2-1b", 4096), ("llama-3.1-8b", 4096)]
-
-
-def build_preset(name: str, out: Path) -> None:
-    """Write a random-weight bfloat16 model of a published shape (run in a fresh process on the GPU)."""
-    import torch
-    from shapes import PRESETS
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a shard bar per model is noise in the benchmark's output
-    model_type, shape = PRESETS[name]
-    cfg = AutoConfig.for_model(model_type, **shape)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(out)
 
 
 def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize: str, device: str) -> None:
@@ -236,9 +222,7 @@ def gpu_main(only: str | None, out: Path) -> None:
             if only and label != only:
                 continue
             path = Path(tmp) / label
-            built = subprocess.run([sys.executable, __file__, "--build", label, str(path)], check=False)
-            if built.returncode != 0:
-                raise SystemExit(f"building {label} failed")
+            build_on_disk(label, path)
             shape = memplan.Shape.from_config(json.loads((path / "config.json").read_text()), label)
             by_model[label] = []
             for ck, loss_path, quantize in VARIANTS:
@@ -351,7 +335,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, model_dir, tokens, ck, path, quantize, device = sys.argv
         child(model_dir, int(tokens), ck == "1", path, quantize, device)
-    elif len(sys.argv) > 1 and sys.argv[1] == "--build":
-        build_preset(sys.argv[2], Path(sys.argv[3]))
     else:
         main()

@@ -4,11 +4,16 @@ so nothing is downloaded. Shared by bench/train_gpu.py and bench/memory.py.
 The dimensions are those of the memory plan's reference shapes (the published config.json values that
 `lunatrain health` plans with, src/lunatrain/resources/memplan/reference-shapes.json), so the benchmarks
 measure exactly the shapes the plan describes; each preset adds the architecture and what the shape alone
-does not say (RoPE base, context length)."""
+does not say (RoPE base, context length).
+
+`build_on_disk` writes a preset's random bfloat16 weights to a folder, for the benchmarks that load a model
+as a job does (from disk, quantized ones included)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +46,32 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 CHECKPOINTING = {"llama-3.1-8b"}
+
+
+def build_on_disk(name: str, out: Path, device: str = "cuda") -> None:
+    """Write preset `name` with random bfloat16 weights to `out`. On a GPU in a fresh process, so that none of
+    the device memory it took stays with the benchmark (`python bench/shapes.py NAME OUT DEVICE`)."""
+    if device == "cpu":
+        _build(name, out, device)
+        return
+    built = subprocess.run([sys.executable, __file__, name, str(out), device], check=False)
+    if built.returncode != 0:
+        raise SystemExit(f"building {name} failed")
+
+
+def _build(name: str, out: Path, device: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a shard bar per model is noise in a benchmark's output
+    model_type, shape = PRESETS[name]
+    cfg = AutoConfig.for_model(model_type, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    _build(sys.argv[1], Path(sys.argv[2]), sys.argv[3])

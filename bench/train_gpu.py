@@ -3,26 +3,33 @@ architectures with random weights (nothing is downloaded), in one run.
 
 Run (on a CUDA machine):  python bench/train_gpu.py                       (all presets, ~5-8 minutes)
                           python bench/train_gpu.py --presets llama-3.2-1b --rounds 2
+                          python bench/train_gpu.py --quantize 4bit   (QLoRA: table in train_gpu_4bit.md)
 Smoke test anywhere:      python bench/train_gpu.py --presets tiny --device cpu --steps 2 --threads 1 --out /tmp/t.md
 
 Contenders and method as in bench/trainbench.py: same LoRA (r=16, all linear layers), bf16 autocast on
 CUDA, same samples (lengths spread 128-4096 tokens, log-uniform), batch 8, same learning rate and schedule.
 The 8B preset uses activation checkpointing for every contender (as one would to fit it). A contender
 that runs out of memory is reported as OOM. The table goes to bench/results/train_gpu.md.
+
+With `--quantize 4bit` every contender trains on the same 4-bit base (QLoRA: NF4, double quantization, the
+job's compute dtype), loaded from disk by `models.load_model` exactly as a job loads it; the random weights
+are written to a temporary folder first (bench/shapes.py). The Trainer contenders get that model as it is,
+not through PEFT's `prepare_model_for_kbit_training`, which would add float32 copies of the norms and
+checkpointing for them alone. The table goes to bench/results/train_gpu_4bit.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
-from shapes import CHECKPOINTING, PRESETS
+from shapes import CHECKPOINTING, PRESETS, build_on_disk
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
-from lunatrain.compat import without_bitsandbytes
-
-without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes' import costs
+from lunatrain.compat import with_bitsandbytes, without_bitsandbytes
 
 
 def main() -> None:
@@ -38,21 +45,32 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2, help="torch threads with --device cpu")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_gpu.md")
+    ap.add_argument("--quantize", default="none", choices=["none", "4bit"], help="4bit: QLoRA on a 4-bit base")
+    ap.add_argument("--out", type=Path, help="default: bench/results/train_gpu.md (train_gpu_4bit.md with 4bit)")
     args = ap.parse_args()
+    quantized = args.quantize == "4bit"
+    out = args.out or ROOT / "bench" / "results" / ("train_gpu_4bit.md" if quantized else "train_gpu.md")
+    # bitsandbytes' import costs seconds: only a 4-bit run lets PEFT find it (it looks once, when it loads)
+    if quantized:
+        with_bitsandbytes()
+    else:
+        without_bitsandbytes()
 
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lunatrain import kernels
+    from lunatrain import kernels, models
+    from lunatrain.settings import load_settings
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; use --device cpu for a smoke test")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    precision = "bf16 autocast" if args.device == "cuda" else "float32"
     lines = [
-        f"# Training throughput on {gpu} (LoRA r=16, all linear layers, {'bf16 autocast' if args.device == 'cuda' else 'float32'})",
+        f"# Training throughput on {gpu} (LoRA r=16, all linear layers, "
+        f"{'4-bit NF4 base, ' if quantized else ''}{precision})",
         "",
         f"Random-weight models with the published shapes. Data: {args.steps * args.batch_size} samples, lengths "
         f"{args.min_len}-{args.max_len} (log-uniform), 40% masked prompt. Batch {args.batch_size}, {args.steps} steps "
@@ -63,11 +81,18 @@ def main() -> None:
         TABLE_HEAD[0].replace("| contender", "| model / contender"),
         TABLE_HEAD[1],
     ]
+    tmp = tempfile.TemporaryDirectory()  # the 4-bit runs' bases on disk (an 8B model is 16 GB)
+    settings = load_settings()
     for name in args.presets:
         model_type, shape = PRESETS[name]
         cfg = AutoConfig.for_model(model_type, **shape)
+        on_disk = Path(tmp.name) / name
+        if quantized:
+            build_on_disk(name, on_disk, args.device)
 
-        def make_base(cfg=cfg):
+        def make_base(cfg=cfg, on_disk=on_disk):
+            if quantized:
+                return models.load_model(str(on_disk), settings, args.device, dtype, "4bit")
             with torch.device(args.device):
                 return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
@@ -85,7 +110,9 @@ def main() -> None:
         rounds = measure(setup, samples, args.rounds, label=f"{name} ")
         suffix = " (checkpointing)" if setup.checkpointing else ""
         lines += table_rows(f"{name}{suffix} / ", rounds)
-    write_table(lines, args.out)
+        shutil.rmtree(on_disk, ignore_errors=True)
+        write_table(lines, out)  # after each model: a run cut short keeps what it measured
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
