@@ -56,6 +56,7 @@ def main() -> None:
     else:
         without_bitsandbytes()
 
+    import peft
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -68,51 +69,58 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     precision = "bf16 autocast" if args.device == "cuda" else "float32"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, PEFT {peft.__version__}"
+    if quantized:
+        import bitsandbytes as bnb
+
+        versions += f", bitsandbytes {bnb.__version__}"
     lines = [
         f"# Training throughput on {gpu} (LoRA r=16, all linear layers, "
         f"{'4-bit NF4 base, ' if quantized else ''}{precision})",
         "",
         f"Random-weight models with the published shapes. Data: {args.steps * args.batch_size} samples, lengths "
         f"{args.min_len}-{args.max_len} (log-uniform), 40% masked prompt. Batch {args.batch_size}, {args.steps} steps "
-        f"(first untimed), lr {args.lr}, best of {args.rounds} round(s). torch {torch.__version__}, transformers "
-        f"{transformers.__version__}. Attention in lunatrain's loop: "
+        f"(first untimed), lr {args.lr}, best of {args.rounds} round(s). {versions}. Attention in lunatrain's loop: "
         f"{'varlen-flash' if args.device == 'cuda' and kernels.flash_varlen_ok() else 'varlen-sdpa'}.",
         "",
         TABLE_HEAD[0].replace("| contender", "| model / contender"),
         TABLE_HEAD[1],
     ]
-    tmp = tempfile.TemporaryDirectory()  # the 4-bit runs' bases on disk (an 8B model is 16 GB)
-    settings = load_settings()
-    for name in args.presets:
-        model_type, shape = PRESETS[name]
-        cfg = AutoConfig.for_model(model_type, **shape)
-        on_disk = Path(tmp.name) / name
-        if quantized:
-            build_on_disk(name, on_disk, args.device)
-
-        def make_base(cfg=cfg, on_disk=on_disk):
+    settings = load_settings() if quantized else None
+    with tempfile.TemporaryDirectory() as tmp:  # the 4-bit runs' bases on disk (an 8B model is 16 GB)
+        for name in args.presets:
+            model_type, shape = PRESETS[name]
+            cfg = AutoConfig.for_model(model_type, **shape)
+            on_disk = Path(tmp) / name
             if quantized:
-                return models.load_model(str(on_disk), settings, args.device, dtype, "4bit")
-            with torch.device(args.device):
-                return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+                build_on_disk(name, on_disk, args.device)
 
-        setup = Setup(
-            make_base,
-            args.device,
-            args.steps,
-            args.batch_size,
-            args.lr,
-            args.max_len,
-            checkpointing=name in CHECKPOINTING,
-            threads=args.threads,
-        )
-        samples = make_samples(args.steps * args.batch_size, cfg.vocab_size, args.min_len, args.max_len, seed=1)
-        rounds = measure(setup, samples, args.rounds, label=f"{name} ")
-        suffix = " (checkpointing)" if setup.checkpointing else ""
-        lines += table_rows(f"{name}{suffix} / ", rounds)
-        shutil.rmtree(on_disk, ignore_errors=True)
-        write_table(lines, out)  # after each model: a run cut short keeps what it measured
-    tmp.cleanup()
+            def make_base(cfg=cfg, on_disk=on_disk, name=name):
+                if not quantized:
+                    with torch.device(args.device):
+                        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+                model = models.load_model(str(on_disk), settings, args.device, dtype, "4bit")
+                # a table titled "4-bit" must come from 4-bit layers, not from a load that quietly did not quantize
+                if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+                    raise SystemExit(f"{name}: the base loaded without 4-bit layers")
+                return model
+
+            setup = Setup(
+                make_base,
+                args.device,
+                args.steps,
+                args.batch_size,
+                args.lr,
+                args.max_len,
+                checkpointing=name in CHECKPOINTING,
+                threads=args.threads,
+            )
+            samples = make_samples(args.steps * args.batch_size, cfg.vocab_size, args.min_len, args.max_len, seed=1)
+            rounds = measure(setup, samples, args.rounds, label=f"{name} ")
+            suffix = " (checkpointing)" if setup.checkpointing else ""
+            lines += table_rows(f"{name}{suffix} / ", rounds)
+            shutil.rmtree(on_disk, ignore_errors=True)
+            write_table(lines, out)  # after each model: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The scripts run as __main__ with their own command lines, one after the other in one process: each
 # would otherwise spend seconds of CPU importing torch, transformers and PEFT for itself. A script that fails
 # does not keep the next one from running; each one's stderr ends with a line of its own (MARK). The 4-bit
-# run goes first: PEFT must load with bitsandbytes for it, and a full-precision run does not mind.
+# run goes first: PEFT must load with bitsandbytes for it, and a full-precision run does not mind (so here
+# the full-precision run has bitsandbytes loaded, which a run of its own would spare itself).
 MARK = "=== bench script ended: "
 _RUN_ALL = """
 import runpy, sys, traceback
