@@ -75,6 +75,15 @@ def settings(home: Path) -> Settings:
 
 
 @pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process sees no CUDA GPU, also on a machine that has one: for tests of what happens without one
+    (device `auto` is the CPU, `cuda` is refused), which the GPU checks run too."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
 def output_dir(request: pytest.FixtureRequest) -> Path:
     """A folder under test-output/ for screenshots and other artifacts a person may want to look at."""
     path = OUTPUT_DIR / request.node.name

@@ -326,6 +326,7 @@ def test_settings_out_of_range_are_refused_by_every_command(
         (("luna", "--local", "--device=cuda"), "CUDA"),
     ],
 )
+@pytest.mark.usefixtures("no_gpu")  # `--device=cuda` is refused on a machine without a GPU
 def test_flag_values_are_refused_with_their_own_names(
     seeded: Settings, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], says: str
 ) -> None:
@@ -401,6 +402,7 @@ def test_missing_training_data_is_the_same_failure_for_prepare_and_lora(settings
     assert files() == before
 
 
+@pytest.mark.usefixtures("no_gpu")  # the usage error: `--device cuda` without a GPU
 def test_a_usage_error_beside_missing_data_is_exit_2_naming_both(settings: Settings) -> None:
     """The caller's mistake decides the exit code when the data is missing as well, and one sentence names both
     problems, so that one run shows everything to fix."""

@@ -139,6 +139,7 @@ def _small_device(monkeypatch, free: int) -> None:
     monkeypatch.setattr(memplan, "device_memory", lambda kind: {"type": kind, "memoryFree": free})
 
 
+@pytest.mark.usefixtures("no_gpu")  # device auto: the CPU, as the messages say
 def test_run_lora_refuses_before_loading_the_model(settings, monkeypatch):
     from lunatrain import train
 
@@ -154,6 +155,7 @@ def test_run_lora_refuses_before_loading_the_model(settings, monkeypatch):
     assert not (settings.adapters_dir / "nofit").exists()
 
 
+@pytest.mark.usefixtures("no_gpu")  # device auto: the CPU, as the messages say
 def test_auto_checkpointing_is_decided_by_the_plan_and_recorded(settings, monkeypatch):
     """On a device where the job only fits with checkpointing, auto turns it on, and the report says so."""
     from lunatrain import train
@@ -197,6 +199,7 @@ def _tokenized(settings):
     return tokenize_tier(settings, "curated", tok, 128, data=read_tier(settings, "curated"))
 
 
+@pytest.mark.usefixtures("no_gpu")  # device auto: the CPU, as the messages say
 def test_prepare_writes_the_plan_and_fails_when_the_job_cannot_fit(settings, monkeypatch):
     from lunatrain.prepare import prepare
 

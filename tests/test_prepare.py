@@ -168,6 +168,7 @@ def test_planted_problems_are_each_reported_once(settings, tiny):
         report.raise_on_fail()
 
 
+@pytest.mark.usefixtures("no_gpu")  # the estimate for device auto: the CPU
 def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
     records = clean_records()
     write_files(settings, records)

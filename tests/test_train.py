@@ -274,8 +274,7 @@ def test_bad_parameters_give_one_clear_error_and_write_nothing(settings, bad, ma
     assert _files(settings.home) == before
 
 
-def test_missing_export_and_missing_device_are_reported_together(settings, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU, also on a machine that has one
+def test_missing_export_and_missing_device_are_reported_together(settings, no_gpu):
     with pytest.raises(UsageError) as err:
         run_lora(_params(device="cuda"), settings)
     assert "export" in str(err.value) and "cuda" in str(err.value)
