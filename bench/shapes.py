@@ -59,18 +59,30 @@ def build_on_disk(name: str, out: Path, device: str = "cuda") -> None:
         raise SystemExit(f"building {name} failed")
 
 
+def config(name: str) -> Any:
+    """The transformers config of preset `name`."""
+    from transformers import AutoConfig
+
+    model_type, shape = PRESETS[name]
+    return AutoConfig.for_model(model_type, **shape)
+
+
+def random_model(name: str, device: str, dtype: Any) -> Any:
+    """Preset `name` with random weights (seed 0), built on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config(name), dtype=dtype)
+
+
 def _build(name: str, out: Path, device: str) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a shard bar per model is noise in a benchmark's output
-    model_type, shape = PRESETS[name]
-    cfg = AutoConfig.for_model(model_type, **shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(out)
+    random_model(name, device, torch.bfloat16).save_pretrained(out)
 
 
 if __name__ == "__main__":

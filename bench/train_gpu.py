@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shapes import CHECKPOINTING, PRESETS, build_on_disk
+from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
 from lunatrain.compat import with_bitsandbytes, without_bitsandbytes
@@ -59,7 +59,6 @@ def main() -> None:
     import peft
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from lunatrain import kernels, models
     from lunatrain.settings import load_settings
@@ -89,16 +88,14 @@ def main() -> None:
     settings = load_settings() if quantized else None
     with tempfile.TemporaryDirectory() as tmp:  # the 4-bit runs' bases on disk (an 8B model is 16 GB)
         for name in args.presets:
-            model_type, shape = PRESETS[name]
-            cfg = AutoConfig.for_model(model_type, **shape)
+            cfg = config(name)
             on_disk = Path(tmp) / name
             if quantized:
                 build_on_disk(name, on_disk, args.device)
 
-            def make_base(cfg=cfg, on_disk=on_disk, name=name):
+            def make_base(on_disk=on_disk, name=name):
                 if not quantized:
-                    with torch.device(args.device):
-                        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+                    return random_model(name, args.device, dtype)
                 model = models.load_model(str(on_disk), settings, args.device, dtype, "4bit")
                 # a table titled "4-bit" must come from 4-bit layers, not from a load that quietly did not quantize
                 if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
