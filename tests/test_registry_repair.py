@@ -36,6 +36,9 @@ DAMAGE = {
         {"adapters": {"a": {"versions": [_entry("f" * 64, version="v1", name="b", path="x")]}}}
     ),
     "a JSON list": lambda text: "[]",
+    # `null` is JSON too: read as "no file", it let the next publish replace every entry with its own.
+    "JSON null": lambda text: "null",
+    "a JSON number": lambda text: "0",
     "another format": lambda text: json.dumps({"format": "other/9", "adapters": {}}),
 }
 

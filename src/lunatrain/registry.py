@@ -92,11 +92,12 @@ def load(settings: Settings) -> dict[str, Any]:
     """The registry as a dict (an empty one when no adapter was ever registered). A file that exists but
     cannot be used raises RegistryUnreadable: it is never read as empty, so no write can replace it."""
     path = registry_path(settings)
+    missing = object()  # not None: a file holding `null` is a damaged registry, not an absent one
     try:
-        data = read_json(path, None)
+        data = read_json(path, missing)
     except DamagedFile as err:
         raise _unreadable(path, err.why) from None
-    if data is None:
+    if data is missing:
         return {"format": FORMAT, "adapters": {}}
     problem = shape_problem(data)
     if problem:
@@ -113,10 +114,21 @@ def _unreadable(path: Path, why: str) -> RegistryUnreadable:
     )
 
 
+# How a registry reader names what it found instead of an object.
+_JSON_KIND = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
+
+
 def shape_problem(data: Any) -> str | None:
     """What makes `data` not a registry, or None. Checks the structure every reader and writer relies on."""
     if not isinstance(data, dict):
-        return f"a JSON {type(data).__name__}, not an object"
+        return f"JSON {_JSON_KIND.get(type(data), type(data).__name__)}, not an object"
     if data.get("format", FORMAT) != FORMAT:
         return f"format {data.get('format')!r}, expected {FORMAT!r}"
     adapters = data.get("adapters")
