@@ -570,3 +570,42 @@ def test_a_reimported_export_keeps_its_memory_samples_apart_from_curated_ones(se
     store.import_file(third, merged, source="curated")
     assert len(store.list_examples(third, source="memory", limit=100_000)) == 0
     store.dispose_stores()
+
+
+def test_an_imported_records_own_status_is_kept_and_a_foreign_one_refused(db: Settings, tmp_path: Path) -> None:
+    """Repro: a record's `status` was ignored, so re-importing an `examples list --json` dump made its rejected
+    and pending examples approved training data. A status of ours is kept (unless --status decides for every
+    record); any other is a bad record, named by line and field, and nothing is imported."""
+    path = tmp_path / "dump.jsonl"
+    records = [
+        {"prompt": "abgelehnt", "response": "a", "status": "rejected"},
+        {"prompt": "offen", "response": "a", "status": "pending", "source": "conversation"},
+        {"prompt": "gut", "response": "a", "status": "approved"},
+        {"prompt": "ohne", "response": "a"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    store.import_file(db, path)
+    got = {e.prompt: (e.source, e.status) for e in store.list_examples(db, limit=100)}
+    assert got == {
+        "abgelehnt": ("curated", "rejected"),
+        "offen": ("conversation", "pending"),
+        "gut": ("curated", "approved"),
+        "ohne": ("curated", "approved"),
+    }
+    # --status decides for every record, as --source does
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "neu", "response": "a", "status": "rejected"}) + "\n", encoding="utf-8")
+    store.import_file(db, other, status="pending")
+    assert [e.status for e in store.list_examples(db, limit=100) if e.prompt == "neu"] == ["pending"]
+    # a status that is not one of ours is refused, naming file, line and field; nothing is imported
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"prompt": "x", "response": "a"})
+        + "\n"
+        + json.dumps({"prompt": "y", "response": "a", "status": "done"}),
+        encoding="utf-8",
+    )
+    before = _snapshot(db)
+    with pytest.raises(UsageError, match=r"line 2.*field 'status'.*approved, pending or rejected"):
+        store.import_file(db, bad)
+    assert _snapshot(db) == before

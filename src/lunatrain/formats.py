@@ -109,9 +109,11 @@ def content_hash(
     return hashlib.sha256(encoded).hexdigest()
 
 
-# Where an example came from (the examples table's `source`).
+# Where an example came from (the examples table's `source`), and where its curation stands (`status`).
 Source = Literal["curated", "memory", "conversation"]
 SOURCES: tuple[str, ...] = get_args(Source)
+Status = Literal["approved", "pending", "rejected"]
+STATUSES: tuple[str, ...] = get_args(Status)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class ExampleDraft:
     # The record's own `source` when it names one of ours (lunatrain's export writes it): a re-imported export
     # keeps its memory samples apart from curated ones. Not part of the content, so not of the hash.
     source: str | None = field(default=None, compare=False)
+    # The record's own curation status (an `examples list --json` dump carries it), likewise.
+    status: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -254,9 +258,12 @@ def make_draft(
     conversation_id: Any = None,
     rating: Any = None,
     source: Any = None,
+    status: Any = None,
 ) -> ExampleDraft:
     """Validate and normalize one example; raises RecordError naming the bad field. A `source` that is not
-    one of lunatrain's (other datasets use the field for their own provenance) is not the example's. A prior
+    one of lunatrain's (other datasets use the field for their own provenance) is not the example's; a
+    `status` that is not one of ours is refused instead, since taking it as approved would train on what
+    its author may have meant to hold back. A prior
     turn may carry a weight (a third tuple item, or the mapping's `weight`): 0 keeps an assistant turn as
     context only."""
     norm_turns: list[tuple[str, str]] = []
@@ -287,7 +294,17 @@ def make_draft(
         conversation_id=_conversation_id(conversation_id),
         rating=_rating(rating),
         source=source if isinstance(source, str) and source in SOURCES else None,
+        status=_status(status),
     )
+
+
+def _status(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in STATUSES:
+        shown = repr(value) if isinstance(value, str) else _type_name(value)
+        raise RecordError("status", f"must be approved, pending or rejected, got {shown}")
+    return value
 
 
 # --- record shapes ------------------------------------------------------------------------------
@@ -407,6 +424,7 @@ def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
         "conversation_id": record.get("conversation_id", record.get("conversationId")),
         "rating": record.get("rating"),
         "source": record.get("source"),
+        "status": record.get("status"),
     }
     if shape == "openai":
         draft = _from_turns(_turn_list(record, "messages", "role", "content"), "messages", common)

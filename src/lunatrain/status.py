@@ -16,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .formats import STATUSES
 from .fsio import read_json
 from .settings import Settings
 from .wire import seconds_between
 
-STATUSES = ("approved", "pending", "rejected")
 DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `lunatrain luna`
 PROBE_TIMEOUT = 0.5  # seconds: status is polled, and an unreachable trainer must not hold it up
 

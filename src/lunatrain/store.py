@@ -22,21 +22,18 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import formats
 from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
-from .formats import SOURCES, ExampleDraft, RecordError, Source
+from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
 from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import utc_now
-
-Status = Literal["approved", "pending", "rejected"]
-STATUSES: tuple[str, ...] = get_args(Status)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes
@@ -417,7 +414,8 @@ def _add_drafts(
     conn: Connection, drafts: Iterable[ExampleDraft], source: str | None, status: str | None
 ) -> tuple[int, int]:
     """Insert the drafts whose content is new. `source` None: each draft's own (a record that named one of
-    ours; approved unless `status`), else curated; `status` None: the source's default."""
+    ours; approved unless `status`), else curated; `status` None: each draft's own, else the source's
+    default."""
     unique: dict[str, ExampleDraft] = {}
     total = 0
     for draft in drafts:
@@ -435,7 +433,7 @@ def _add_drafts(
             "source": (src := source or d.source or "curated"),
             # A record's own source comes from lunatrain's export, which holds approved examples only: it stays
             # approved (a conversation example would otherwise go back to review).
-            "status": _default_status(src, status or ("approved" if source is None and d.source else None)),
+            "status": _default_status(src, status or d.status or ("approved" if source is None and d.source else None)),
             "rating": d.rating,
             "tags": list(d.tags) or None,
             "conversation_id": d.conversation_id,

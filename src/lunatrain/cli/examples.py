@@ -114,7 +114,14 @@ def import_cmd(
             "of these (as lunatrain's export writes it), else curated",
         ),
     ] = None,
-    status: StatusOpt = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            help="approved | pending | rejected for every record; unset: a record's own `status` (another value "
+            "is a bad record), else approved (pending with --source conversation)",
+        ),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | sharegpt | alpaca | prompt-response")] = "auto",
     skip_bad: Annotated[
         bool,
