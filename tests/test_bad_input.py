@@ -277,6 +277,27 @@ def test_a_file_with_many_bad_records_prints_a_bounded_list(seeded: Settings, tm
     assert any("1980 more" in line for line in lines), lines
 
 
+@pytest.mark.parametrize("path", [f"{T}/examples", f"{T}/lora/start", f"{T}/examples/import", f"{T}/eval-gate"])
+def test_a_body_of_many_unknown_keys_gets_a_short_refusal(settings: Settings, path: str) -> None:
+    """Repro: 900,000 unknown keys (a body under the 10 MiB cap) were answered with an 81 MB error that listed
+    each key twice, and the API answered nothing else for 10 s while it built it. Up to MAX_KEYS keys each
+    unknown one is named (the sentence the first few, the details at most a hundred); beyond, the object is
+    refused as a whole. Either answer is short."""
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for keys, said in (
+            (150, r"\(and 1\d\d more\)\.$"),
+            (20_000, r"an object of 200\d\d keys; at most 200 are read"),
+        ):
+            body = '{"prompt": "p", "response": "r", ' + ", ".join(f'"k{i}": 0' for i in range(keys)) + "}"
+            res = client.post(path, content=body, headers={"content-type": "application/json"})
+            assert res.status_code == 422, res.text
+            error = res.json()["error"]
+            assert error["code"] == "invalid_request"
+            assert re.search(said, error["message"]), error["message"]
+            assert 1 <= len(error["details"]) <= 100
+            assert len(res.content) < 16_000, len(res.content)
+
+
 # --- settings -------------------------------------------------------------------------------------------------
 
 

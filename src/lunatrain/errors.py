@@ -9,8 +9,20 @@ for it, the field as the request spells it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+# A refusal's sentence names the first SHOWN_PROBLEMS problems and its details list at most LISTED_PROBLEMS:
+# a body of a million unknown keys gets a short answer, not one many times its own size.
+SHOWN_PROBLEMS = 5
+LISTED_PROBLEMS = 100
+
+
+def some(problems: Sequence[str], sep: str = "; ") -> str:
+    """The first SHOWN_PROBLEMS of `problems` joined by `sep`, then how many more there are."""
+    more = len(problems) - SHOWN_PROBLEMS
+    return sep.join(problems[:SHOWN_PROBLEMS]) + (f" (and {more} more)" if more > 0 else "")
+
 
 # What each pattern a field or parameter must match means, in words (registered with `pattern()` where the
 # pattern is defined): a refusal names the rule, never the regular expression.

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from .errors import CheckFailed, Conflict, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
-from .params import format_validation_error
+from .params import FewKeys, format_validation_error
 from .settings import EVAL_REPORT, Settings
 from .wire import finite, now_iso
 
@@ -66,7 +66,7 @@ GEN_BATCH = 32  # golden cases generated together
 # --- thresholds ---------------------------------------------------------------------------------
 
 
-class GateThresholds(BaseModel):
+class GateThresholds(FewKeys):
     """Gate thresholds; snake_case or camelCase keys (a profile's [gate] table), unknown keys refused."""
 
     model_config = ConfigDict(

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .errors import UsageError
+from .errors import UsageError, some
 
 Format = Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"]
 FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "alpaca", "prompt-response")
@@ -47,8 +47,6 @@ MAX_TURNS = 200  # prior turns of a multi-turn example
 MAX_TAGS = 50
 MAX_TAG_LEN = 64
 MAX_CONVERSATION_ID_LEN = 200
-# How many individual problems the one-sentence message lists before "and N more".
-_SHOWN_ERRORS = 5
 
 _ROLE_ALIASES = {
     "system": "system",
@@ -656,10 +654,8 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False) -> Parse
         drafts.append(draft)
         formats[shape] = formats.get(shape, 0) + 1
     if problems and not (skip_bad and drafts):
-        shown = "; ".join(problems[:_SHOWN_ERRORS])
-        more = f" (and {len(problems) - _SHOWN_ERRORS} more)" if len(problems) > _SHOWN_ERRORS else ""
         raise UsageError(
-            f"Cannot import {path.name}: {len(problems)} bad record(s) — {shown}{more}. Nothing was imported.",
+            f"Cannot import {path.name}: {len(problems)} bad record(s) — {some(problems)}. Nothing was imported.",
             details=[f"{path.name} {p}" for p in problems],
         )
     if not drafts:

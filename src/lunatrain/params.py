@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import UsageError, pattern, said
+from .errors import LISTED_PROBLEMS, UsageError, pattern, said, some
 from .settings import NAME_MAX, NAME_PATTERN
 from .templates import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
@@ -30,7 +30,24 @@ BaseModelRef = Annotated[str, Field(min_length=1, max_length=512, pattern=ONE_LI
 MODULE_NAME = pattern(r"^[A-Za-z0-9_.]{1,64}$", "should be module names of 1-64 letters, digits, '_' or '.'")
 
 
-class CamelModel(BaseModel):
+# The most keys one object of a request may have: well above any model's fields in both spellings. Beyond it
+# the object is refused as a whole, where pydantic would name each unknown key: a 10 MiB body of them took
+# seconds of CPU to refuse and answered with an error many times its own size.
+MAX_KEYS = 200
+
+
+class FewKeys(BaseModel):
+    """A request object of more than MAX_KEYS keys is one error (inherit to get the check)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and len(data) > MAX_KEYS:
+            raise ValueError(f"an object of {len(data)} keys; at most {MAX_KEYS} are read")
+        return data
+
+
+class CamelModel(FewKeys):
     # allow_inf_nan=False: NaN is "a finite number expected", not "should be less than 1" (NaN fails every bound)
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -133,7 +150,7 @@ def parse_params(data: dict, *, base: LoraParams | None = None, strict: bool = F
     try:
         return LoraParams.model_validate(merged, strict=strict)
     except ValidationError as exc:
-        raise UsageError(format_validation_error(exc), details=exc.errors(include_url=False)) from exc
+        raise UsageError(format_validation_error(exc), details=exc.errors(include_url=False)[:LISTED_PROBLEMS]) from exc
 
 
 def parse_run(data: dict, *, strict: bool = False) -> tuple[LoraParams, FlowOptions]:
@@ -181,4 +198,4 @@ def format_validation_error(exc: ValidationError, what: str = "parameters", unkn
         loc = loc or "body"
         loc = to_camel(loc) if "_" in loc else loc
         parts.append(f"{loc}: {unknown if kind == 'extra_forbidden' else msg}")
-    return f"Invalid {what}: " + "; ".join(parts) + "."
+    return f"Invalid {what}: " + some(parts) + "."

@@ -15,7 +15,7 @@ from pydantic.alias_generators import to_camel
 
 from ..errors import pattern
 from ..formats import MAX_CONVERSATION_ID_LEN, MAX_TAG_LEN, MAX_TAGS, MAX_TEXT_LEN, MAX_TURNS, RATING_MAX, RATING_MIN
-from ..params import FlowOptions, LoraParams, Name, Tier
+from ..params import FewKeys, FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
 from ..settings import NAME_MAX, NAME_PATTERN
 
@@ -35,7 +35,7 @@ ShortText = Annotated[str, Field(max_length=MAX_CONVERSATION_ID_LEN)]
 Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN)]
 
 
-class In(BaseModel):
+class In(FewKeys):
     # strict: `false` is not a ratio and "3" is not a count; JSON has the right types, so use them.
     # allow_inf_nan=False: NaN is "a finite number expected", not "less than 1" (NaN fails every bound).
     model_config = ConfigDict(

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import LunaError, said
+from ..errors import LISTED_PROBLEMS, LunaError, said, some
 
 log = logging.getLogger("lunatrain.api")
 
@@ -77,11 +77,14 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     # Only loc/msg/type, as the message says them: the raw input may be bytes or huge, and echoing it back
     # helps nobody; pydantic's steps inside a field (`list[constrained-str]`) are no field of the request.
     errors = said(exc.errors())
-    details = [{"loc": path.split(".") if path else [], "msg": words, "type": kind} for path, words, kind in errors]
+    details = [
+        {"loc": path.split(".") if path else [], "msg": words, "type": kind}
+        for path, words, kind in errors[:LISTED_PROBLEMS]
+    ]
     # The field without its place (body, path, query), as the request spells it; a body that is no JSON at all
     # has no field.
     parts = [(path.split(".", 1)[1] if "." in path else "", words) for path, words, _ in errors]
-    summary = "; ".join(f"{field}: {words}" if field else words for field, words in parts[:5])
+    summary = some([f"{field}: {words}" if field else words for field, words in parts])
     return error_response(422, "invalid_request", f"Invalid request: {summary}.", details)
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from ... import formats, registry, store
-from ...errors import UsageError
+from ...errors import LISTED_PROBLEMS, UsageError, some
 from ...settings import Settings
 from ..deps import Fresh, ItemId, SettingsDep, errors
 from ..schemas import (
@@ -80,8 +80,7 @@ async def import_examples(body: ImportRequest, settings: SettingsDep) -> ImportR
         drafts.append(draft)
         shapes[shape] = shapes.get(shape, 0) + 1
     if problems:  # all or nothing: one bad record imports none
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UsageError(f"Nothing imported: {'; '.join(problems[:5])}{more}.", details=problems[:100])
+        raise UsageError(f"Nothing imported: {some(problems)}.", details=problems[:LISTED_PROBLEMS])
     result = await run_in_threadpool(store.add_examples, settings, drafts, source=body.source, status=body.status)
     return ImportResult(records=len(drafts), added=result.added, duplicates=result.skipped_duplicates, formats=shapes)
 
