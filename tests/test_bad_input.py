@@ -201,6 +201,17 @@ def _deep(n: int) -> bytes:
         ),
         ("deep.json", _deep(100_000), r"line 1: malformed JSON"),
         ("deep.jsonl", _deep(100_000) + b"\n", r"line 1: malformed JSON"),
+        # a JSON cell of a CSV file: was a traceback
+        (
+            "deepcell.csv",
+            b'messages\n"' + _deep(30_000) + b'"\n',
+            r"line 2: field 'messages': malformed JSON in cell \(nested too deeply\)",
+        ),
+        (
+            "longcell.csv",
+            b'tags,prompt,response\n"[' + b"9" * 5000 + b']",p,r\n',
+            r"line 2: field 'tags': malformed JSON in cell \(a number of over 4300 digits\)",
+        ),
         ("big.csv", b"prompt,response\n" + b"x" * 200_000 + b",ok\n", r"big\.csv.*line \d+: unreadable CSV"),
         ("surrogate.jsonl", b'{"prompt": "a\\ud800", "response": "r"}\n', r"line 1: field 'prompt'.*Unicode"),
         # a column named twice: one of its cells would be dropped without a word
@@ -485,6 +496,11 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
         # was 400 "There was an error parsing the body", no cause and no period
         (b'{"adapterName": "\xff"}', "Invalid request: the body is not valid JSON (not UTF-8 text)."),
         (b"[" * 100_000 + b"]" * 100_000, "Invalid request: the body is not valid JSON (nested too deeply)."),
+        # a number of more digits than Python converts: was 400 "There was an error parsing the body"
+        (
+            b'{"rank": ' + b"9" * 5000 + b"}",
+            "Invalid request: the body is not valid JSON (a number of over 4300 digits).",
+        ),
         (b'{"targetModules": ["q proj"]}', "Invalid request: targetModules.0: should be module names of 1-64"),
         # a value neither member takes: both wishes (was only "Input should be 'all-linear'")
         (

@@ -176,7 +176,11 @@ def test_a_missing_body_is_said_as_such(client: TestClient) -> None:
 # 100,000 levels: deeper than the JSON parser of any supported Python recurses (3.12 and 3.13 read 3,000)
 @pytest.mark.parametrize(
     ("body", "why"),
-    [(b'{"model": "luna-tiny", "messages": "\xff"}', "not UTF-8 text"), (b"[" * 100_000, "nested too deeply")],
+    [
+        (b'{"model": "luna-tiny", "messages": "\xff"}', "not UTF-8 text"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"model": "luna-tiny", "max_tokens": ' + b"9" * 5000 + b"}", "a number of over 4300 digits"),
+    ],
 )
 def test_a_body_that_cannot_be_decoded_is_said_so_like_malformed_json(
     client: TestClient, body: bytes, why: str

@@ -68,6 +68,18 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     assert len(info.value.details) == 7
 
 
+def test_eval_lines_the_json_parser_gives_up_on_are_named_like_malformed_ones(settings):
+    """Repro: a golden-case line nested too deeply, or with a number of more digits than Python converts, was
+    a traceback: only the parser's JSONDecodeError was caught."""
+    path = settings.eval_dir / "x.jsonl"
+    _write(path, [json.dumps(GOOD), "[" * 100_000 + "]" * 100_000, '{"id": ' + "9" * 5000 + "}"])
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    msg = info.value.message
+    assert f"{path}:2: not valid JSON (nested too deeply)" in msg
+    assert f"{path}:3: not valid JSON (a number of over 4300 digits)" in msg
+
+
 def test_cli_reports_a_bad_eval_file_and_exits_2(settings):
     _write(settings.eval_dir / "x.jsonl", ["not json"])
     result = CliRunner().invoke(app, ["eval-gate"])

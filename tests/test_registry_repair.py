@@ -39,6 +39,9 @@ DAMAGE = {
     # `null` is JSON too: read as "no file", it let the next publish replace every entry with its own.
     "JSON null": lambda text: "null",
     "a JSON number": lambda text: "0",
+    # JSON the parser gives up on without a JSONDecodeError: each was a traceback
+    "nested too deeply": lambda text: "[" * 100_000 + "]" * 100_000,
+    "a number of too many digits": lambda text: '{"adapters": ' + "9" * 5000 + "}",
     "another format": lambda text: json.dumps({"format": "other/9", "adapters": {}}),
 }
 

@@ -8,9 +8,29 @@ for it, the field as the request spells it.
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+# What json.loads raises for a text it cannot read: its JSONDecodeError, UnicodeDecodeError for bytes that are
+# no UTF-8 (both ValueErrors), a plain ValueError for a number of more digits than Python converts, and
+# RecursionError for nesting deeper than it recurses. Catch all of them wherever the text is not our own.
+JSON_FAULTS = (ValueError, RecursionError)
+
+
+def json_fault(exc: BaseException) -> str:
+    """Why json.loads gave up, in words; for a JSONDecodeError the parser's own message (the caller says
+    where: a line, a column)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return f"a number of over {sys.get_int_max_str_digits()} digits"
+
 
 # A refusal's sentence names the first SHOWN_PROBLEMS problems and its details list at most LISTED_PROBLEMS:
 # a body of a million unknown keys gets a short answer, not one many times its own size.

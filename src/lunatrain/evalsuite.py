@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import JSON_FAULTS, UsageError, json_fault
 from .settings import Settings
 
 CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
@@ -130,8 +130,9 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
         where = f"{path}:{n}"
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+        except JSON_FAULTS as exc:
+            at = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            problems.append(f"{where}: not valid JSON ({json_fault(exc)}{at})")
             continue
         case, errs = _parse_case(obj, where)
         problems += [f"{where}: {e}" for e in errs]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .errors import UsageError, some
+from .errors import JSON_FAULTS, UsageError, json_fault, some
 
 Format = Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"]
 FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "alpaca", "prompt-response")
@@ -498,7 +498,7 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
                 return
             yield f"line {exc.lineno}", RecordError(None, _malformed(exc))
             return
-        except (ValueError, RecursionError) as exc:
+        except JSON_FAULTS as exc:
             yield f"line {getattr(exc, 'lineno', 1)}", RecordError(None, _malformed(exc))
             return
         if isinstance(doc, dict):
@@ -544,17 +544,14 @@ def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
             # A BOM inside the text is one a concatenation (`cat a.jsonl b.jsonl`) carried in from a file's start:
             # a marker, not content, as the one at the file's start is.
             yield f"line {lineno}", json.loads(line.removeprefix("\ufeff"))
-        except (ValueError, RecursionError) as exc:
+        except JSON_FAULTS as exc:
             yield f"line {lineno}", RecordError(None, _malformed(exc))
 
 
 def _malformed(exc: ValueError | RecursionError) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"malformed JSON ({exc.msg} at column {exc.colno})"
-    if isinstance(exc, RecursionError):
-        return "malformed JSON (nested too deeply)"
-    # e.g. a number of more digits than Python converts; the advice after the colon is for programmers
-    return f"malformed JSON ({str(exc).split(':')[0]})"
+    return f"malformed JSON ({json_fault(exc)})"
 
 
 # The fields a record's shapes read, by their case-folded names: a spreadsheet's header ("Prompt, Response")
@@ -615,8 +612,8 @@ def _csv_row(header: list[str], row: list[str]) -> Any:
         if key in ("messages", "conversations") or (key == "tags" and value.lstrip().startswith("[")):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                return RecordError(key, f"malformed JSON in cell ({exc.msg})")
+            except JSON_FAULTS as exc:
+                return RecordError(key, f"malformed JSON in cell ({json_fault(exc)})")
         rec[key] = value
     return rec
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import DamagedFile, DiskFull, StorageError
+from .errors import JSON_FAULTS, DamagedFile, DiskFull, StorageError, json_fault
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -202,7 +202,7 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except JSON_FAULTS as exc:
         damaged = DamagedFile(f"{path} is damaged ({_why(exc)}).")
         damaged.why = _why(exc)
         raise damaged from None
@@ -210,10 +210,12 @@ def read_json(path: Path, default: Any = None) -> Any:
         raise StorageError(f"Cannot read {path}: {exc.strerror or exc}.") from None
 
 
-def _why(exc: ValueError) -> str:
+def _why(exc: ValueError | RecursionError) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-    return "not UTF-8 text"
+    if isinstance(exc, UnicodeDecodeError):
+        return json_fault(exc)
+    return f"not valid JSON: {json_fault(exc)}"
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import export as export_mod
-from .errors import CheckFailed
+from .errors import JSON_FAULTS, CheckFailed
 from .fsio import atomic_write_json, read_json
 from .messages import coded, counted
 from .params import LoraParams, total_steps
@@ -329,7 +329,7 @@ def _read_tier(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except JSON_FAULTS:
                 bad.append(f"{path.name}:{n}")
                 continue
             if not _well_formed(rec):

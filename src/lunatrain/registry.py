@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
+from .errors import JSON_FAULTS, Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
 from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .messages import coded
 from .settings import Settings, check_name, inside
@@ -1066,7 +1066,7 @@ def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[tuple[
         for line in lines:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except JSON_FAULTS:
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("base"), str):
                 continue

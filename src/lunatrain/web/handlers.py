@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import LISTED_PROBLEMS, LunaError, said, some
+from ..errors import JSON_FAULTS, LISTED_PROBLEMS, LunaError, json_fault, said, some
 
 log = logging.getLogger("lunatrain.api")
 
@@ -94,11 +94,10 @@ def undecodable_body(exc: StarletteHTTPException) -> RequestValidationError | No
     parser recurses only as a bare 400 "There was an error parsing the body" (the cause chained, unsaid): the
     same fault as malformed JSON, so it is said the same way, with its reason."""
     cause = exc.__cause__
-    if exc.status_code != 400 or not isinstance(cause, (UnicodeDecodeError, RecursionError)):
+    if exc.status_code != 400 or not isinstance(cause, JSON_FAULTS):
         return None
-    why = "not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else "nested too deeply"
     return RequestValidationError(
-        [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "ctx": {"error": why}}]
+        [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "ctx": {"error": json_fault(cause)}}]
     )
 
 
