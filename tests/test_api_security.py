@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
 from lunatrain import store
 from lunatrain.api.main import create_app
@@ -173,8 +175,34 @@ def test_token_is_required_on_every_data_request(token_server: Server) -> None:
     )
     assert status == 401 and _example_count(token_server.settings) == 0  # refused requests change nothing
     assert token_server.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
-    # The schema holds no data: readable without the token so /docs loads in a browser.
+    # The schema holds no data: readable without the token so /docs loads in a browser, with its files.
     assert token_server.request("GET", "/openapi.json")[0] == 200
+
+
+@pytest.mark.parametrize("factory", ["api", "trainer"])
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_schema_pages_load_every_file_from_the_service_itself(tmp_path: Path, factory: str, page: str) -> None:
+    """Repro: /docs and /redoc loaded Swagger UI and ReDoc (and a favicon, and fonts) from CDNs: blank without
+    internet, and third-party script on a service that only its own pages should talk to. Every file a page
+    names is on the service itself, and each one is served, without the token as the schema is."""
+    settings = load_settings(home=tmp_path, api_token=TOKEN)
+    if factory == "api":
+        app = create_app(settings)
+    else:
+        from lunatrain.service.app import create_app as create_trainer
+
+        app = create_trainer(settings)
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the pages need no store, no worker
+    res = client.get(page)
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/html"), res.text
+    html = res.text
+    assert "//" not in html.replace("http://127.0.0.1", ""), html  # no URL of another host, not even //cdn
+    files = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', html) + re.findall(r"url: ?'([^']+)'", html)
+    files += re.findall(r'spec-url="([^"]+)"', html)
+    assert len(files) >= 2, html
+    for url in files:
+        got = client.get(url)
+        assert got.status_code == 200 and len(got.content) > 100, (url, got.status_code)
 
 
 # --- Host and Origin ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from .. import store
 from ..errors import StorageError
 from ..settings import Settings, load_settings
-from ..web import handlers
+from ..web import docs, handlers
 from ..web.security import API_REALM, GuardMiddleware, allowed_hostnames
 from . import routes
 from .cache import Coalescer
@@ -32,10 +32,11 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
         yield
         store.dispose_stores()
 
-    app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan)
+    app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.reads = Coalescer(ttl=0.5)
     handlers.install(app, openai_prefix="/v1")
+    docs.install(app)
     for router in routes.ROUTERS:
         app.include_router(router)
     _without_fastapi_422_on_chat(app)

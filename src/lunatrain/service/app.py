@@ -29,7 +29,7 @@ from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..templates import load_template
-from ..web import listen
+from ..web import docs, listen
 from ..web.handlers import install
 from ..web.security import TRAINER_REALM, GuardMiddleware, allowed_hostnames, check_bind
 from . import lock
@@ -112,8 +112,9 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             store.close()
             lock.remove_pid(settings)
 
-    app = FastAPI(title="lunatrain trainer", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="lunatrain trainer", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install(app)
+    docs.install(app)
     app.add_middleware(
         GuardMiddleware,
         hosts=allowed_hostnames(settings, host),
