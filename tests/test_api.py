@@ -39,6 +39,45 @@ def client(home: Path, dead_port: int) -> Iterator[TestClient]:
     store.dispose_stores()
 
 
+def _bodyless_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route that changes something and takes no body."""
+    from lunatrain.api import routes
+
+    found = []
+    for router in routes.ROUTERS:
+        for route in router.routes:
+            methods = getattr(route, "methods", set()) & {"POST", "PUT", "PATCH", "DELETE"}
+            if methods and getattr(route, "body_field", None) is None:
+                found += [(m, route.path) for m in methods]
+    return sorted(found)
+
+
+def test_a_route_that_takes_no_body_refuses_one_and_changes_nothing(client: TestClient) -> None:
+    """Repro: `POST /examples/4/approve` with `{"status": "rejected"}` approved, and `DELETE` with a body
+    deleted: the body was ignored, so a client that thought it sent options got a success it did not mean.
+    Every such route refuses a body with content (nothing, `{}` and `null` are none: the dashboard posts `{}`)."""
+    made = client.post(f"{T}/examples", json={"prompt": "p", "response": "r"}).json()
+    item = client.post(f"{T}/memory", json={"question": "Was trinke ich?", "answer": "Tee."}).json()
+    ids = {"{id:int}": str(made["id"]), "{jobId}": "ftjob-nothing", "{name}": "luna-adapter"}
+    bodyless = _bodyless_routes()
+    assert len(bodyless) >= 8, bodyless
+    before = (client.get(f"{T}/examples").json(), client.get(f"{T}/memory").json())
+    for method, path in bodyless:
+        url = path
+        for key, value in ids.items():
+            url = url.replace(key, str(item["id"]) if key == "{id:int}" and "/memory" in path else value)
+        res = client.request(method, url, json={"status": "rejected"})
+        assert res.status_code == 422, (method, url, res.text)
+        assert (
+            res.json()["error"]["message"] == "This request takes no body; send none (what it acts on is in its path)."
+        )
+    assert (client.get(f"{T}/examples").json(), client.get(f"{T}/memory").json()) == before
+    # nothing, {} and null are no body: the request goes through
+    assert client.post(f"{T}/examples/{made['id']}/reject", json={}).json()["status"] == "rejected"
+    assert client.post(f"{T}/examples/{made['id']}/approve", content=b"null").json()["status"] == "approved"
+    assert client.post(f"{T}/examples/{made['id']}/reject").json()["status"] == "rejected"
+
+
 def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
     r = client.post(f"{T}/examples", json={"prompt": "Wie heißt du?", "response": "Ich bin Luna.", "tags": ["persona"]})
     assert r.status_code == 201

@@ -16,7 +16,7 @@ from ... import registry
 from ...errors import LunaError, NotFound
 from ...settings import Settings
 from ...wire import camel
-from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
+from ..deps import AdapterName, Fresh, NoBody, SettingsDep, Version, errors
 from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
@@ -121,7 +121,7 @@ async def deactivate(
     return await run_in_threadpool(run)
 
 
-@router.post("/{name}/rollback", response_model=AdapterOut, responses=errors(404, 503))
+@router.post("/{name}/rollback", response_model=AdapterOut, dependencies=[NoBody], responses=errors(404, 503))
 async def rollback(name: AdapterName, settings: SettingsDep) -> AdapterOut:
     """On the configured base model, active goes back to the version active before it (422 when there is none)."""
 

@@ -21,7 +21,7 @@ from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, Status
 from ...settings import NAME_MAX, NAME_PATTERN, Settings
 from ...wire import camel
 from ..cache import json_response, rendered
-from ..deps import Fresh, JobId, ReadsDep, SettingsDep, check_base_model, errors
+from ..deps import Fresh, JobId, NoBody, ReadsDep, SettingsDep, check_base_model, errors
 from ..schemas import (
     Defaults,
     ExampleAdapterRequest,
@@ -172,6 +172,8 @@ async def job_events(
     return await run_in_threadpool(lambda: trainer_client.events(settings, job_id, after=after, limit=limit))
 
 
-@router.post("/jobs/{jobId}/cancel", status_code=202, response_model=Job, responses=errors(404, 409, 503))
+@router.post(
+    "/jobs/{jobId}/cancel", status_code=202, response_model=Job, dependencies=[NoBody], responses=errors(404, 409, 503)
+)
 async def cancel_job(job_id: JobId, settings: SettingsDep) -> Job:
     return await run_in_threadpool(trainer_client.cancel, settings, job_id)
