@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -51,21 +52,61 @@ def test_api_delete_reports_stale_adapters(trained_home: Path, settings: Setting
     assert json.loads(registry.registry_path(settings).read_text())["adapters"]["luna-adapter"]["versions"][0]["stale"]
 
 
-def test_a_version_trained_after_the_delete_on_the_older_export_is_stale_at_once(
+def test_lora_refuses_an_export_that_holds_deleted_examples_and_prepare_fails_on_it(
     trained_home: Path, settings: Settings
 ) -> None:
-    """Repro: an example deleted after `lunatrain export` was still in the export; `lunatrain lora` trained
-    luna-adapter@v2 on it and registered it without the stale mark, which only `adapters repair` added later,
-    so the registry said different things about the same version before and after a repair."""
+    """Repro: an example deleted after `lunatrain export` was still in the export, and `lunatrain lora` trained
+    luna-adapter@v2 on it without a word (and the gate made it active, stale from birth). Content the user
+    deleted is not trained on: the run is refused before anything is loaded or written, and the preflight
+    fails on it, both saying to export again; after an export it trains."""
+    from conftest import TRAINED_PARAMS
+
+    from lunatrain import prepare
+    from lunatrain.errors import CheckFailed
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    trained, ids = _trained_adapter(settings)
+    victim = next(h for h in sorted(trained) if h in ids)
+    assert CliRunner().invoke(app, ["examples", "delete", str(ids[victim])]).exit_code == 0
+    with pytest.raises(CheckFailed) as refused:
+        run_lora(TRAINED_PARAMS, settings)  # the same export: the deleted example is in it
+    assert refused.value.message == (
+        "The export holds 1 example deleted since it was written; run `lunatrain export` first, "
+        "so that deleted content is not trained on."
+    )
+    assert [e["version"] for e in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]  # nothing new
+    report = prepare.prepare(settings, parse_params(TRAINED_PARAMS))
+    [check] = [c for c in report.checks if c.id == "export_stale"]
+    assert (report.status, check.severity, check.count, check.code) == ("fail", "fail", 1, "check.export_stale.deleted")
+    assert check.message == "1 example in the export was deleted since; run `lunatrain export`"
+    assert CliRunner().invoke(app, ["export"]).exit_code == 0
+    result = run_lora(TRAINED_PARAMS, settings)
+    assert result.ok and result.version == "v2", result.error
+    assert victim not in (settings.adapters_dir / "luna-adapter" / "v2" / "train-hashes.txt").read_text().split()
+
+
+def test_a_version_whose_example_is_deleted_while_it_trains_is_stale_at_once(
+    trained_home: Path, settings: Settings
+) -> None:
+    """An example deleted while a run trains on it marked only the versions that existed then: the new one
+    is marked as it is registered, not only by a later `adapters repair` (the registry would say two things
+    about the same version before and after a repair)."""
     from conftest import TRAINED_PARAMS
 
     from lunatrain.train import run_lora
 
     trained, ids = _trained_adapter(settings)
     victim = next(h for h in sorted(trained) if h in ids)
-    assert CliRunner().invoke(app, ["examples", "delete", str(ids[victim])]).exit_code == 0
-    result = run_lora(TRAINED_PARAMS, settings)  # the same export: the deleted example is in it
-    assert result.ok and result.version == "v2", result.error
+    deleted: list[int] = []
+
+    def delete_once(event: dict) -> None:  # the first step is done: the data is loaded, the run is training
+        if event.get("type") == "progress" and not deleted:
+            assert CliRunner().invoke(app, ["examples", "delete", str(ids[victim])]).exit_code == 0
+            deleted.append(ids[victim])
+
+    result = run_lora(TRAINED_PARAMS, settings, on_event=delete_once)
+    assert deleted and result.ok and result.version == "v2", result.error
     assert victim in (settings.adapters_dir / "luna-adapter" / "v2" / "train-hashes.txt").read_text().split()
     stale = registry.get_version(settings, "luna-adapter", "v2").get("stale")
     assert stale and victim in stale["hashes"], stale

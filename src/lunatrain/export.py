@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args
@@ -582,6 +582,17 @@ def no_export(settings: Settings) -> NotFound:
         code="export.missing",
         params={"dir": str(settings.training_dir)},
     )
+
+
+def deleted_since(settings: Settings, summary: dict[str, Any], hashes: Iterable[str]) -> list[str]:
+    """Those of `hashes` (records of the export that `summary` describes) whose content was deleted from the
+    store after that export: no run may train on them. Cheap when nothing changed (the store's revision)."""
+    from . import store
+
+    if not store.has_database(settings) or store.revision(settings) == summary.get("store_revision"):
+        return []
+    gone = store.deleted_hashes(settings)
+    return sorted({h for h in hashes if h in gone})
 
 
 def read_tier(settings: Settings, tier: Tier) -> TierData:

@@ -91,6 +91,7 @@ CODES: dict[str, str] = {
     "check.export_stale.no_database": "no database here; the export is checked as it is",
     "check.export_stale.ok": "the export is up to date with the database",
     "check.export_stale.changed": "the database changed since the last export",
+    "check.export_stale.deleted": "examples in the export were deleted from the database since (count)",
     "check.volume.ok": "enough approved curated examples (curated, minCurated)",
     "check.volume.too_few": "fewer approved curated examples than minCurated (curated, minCurated)",
     "check.volume.none": "no approved curated examples yet; names the commands that add some (minCurated)",

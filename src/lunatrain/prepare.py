@@ -11,7 +11,8 @@ Checks (id: severity when something is found):
   (edited by hand, or a torn copy); the fingerprint is then recomputed from the files as they are, so the
   tokenized cache never serves tokens of other data.
 - malformed_record (fail): a line that is not JSON or has no usable `messages`.
-- export_stale (warn): the database changed since the export (store revision differs).
+- export_stale (warn): the database changed since the export (store revision differs); fail when records of
+  the export were deleted from it since (a run refuses to train on them).
 - volume (fail): approved curated examples < minCurated; empty_train (fail): nothing to train on.
 - empty_response (fail), trivial_response (warn, fewer than 2 letters or digits).
 - duplicate_exact (warn): the same hash twice within a split; duplicate_across_splits (fail): one hash in
@@ -181,9 +182,9 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     checks.append(
         _check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines")
     )
-    checks.append(stale_check(settings, summary))
-
     records = [r for s in export_mod.SPLITS for r in splits[s]]
+    checks.append(stale_check(settings, summary, records))
+
     curated = curated_count(settings, directory)
     checks += _volume_checks(curated, min_curated, len(splits["train"]))
     checks += _content_checks(records, tokenizer)
@@ -350,8 +351,9 @@ def _well_formed(rec: Any) -> bool:
     )
 
 
-def stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
-    """Whether the database changed since the export with this summary (a warning: the export is used as it is)."""
+def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[dict[str, Any]] = ()) -> Check:
+    """Whether the database changed since the export with this summary: a warning (the export is used as it
+    is), unless some of `records` were deleted since, which fails."""
     from . import store
 
     if not store.has_database(settings):
@@ -367,6 +369,20 @@ def stale_check(settings: Settings, summary: dict[str, Any]) -> Check:
     if current == summary.get("store_revision"):
         return Check(
             "export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok"
+        )
+    # A run refuses to train on content deleted since (train.prepare): the preflight fails on it the same way.
+    gone = export_mod.deleted_since(settings, summary, (r.get("hash") for r in records))
+    if gone:
+        one = len(gone) == 1
+        return Check(
+            "export_stale",
+            "fail",
+            len(gone),
+            gone[:MAX_EXAMPLES],
+            f"{len(gone)} example{'' if one else 's'} in the export {'was' if one else 'were'} deleted since; "
+            "run `lunatrain export`",
+            "check.export_stale.deleted",
+            {"count": len(gone)},
         )
     return Check(
         "export_stale",
