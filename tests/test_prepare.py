@@ -423,3 +423,64 @@ def test_a_check_that_finds_one_record_says_it_in_the_singular():
     assert _check("truncated", "warn", ["a", "b"], truncated, "ok").message == f"2 {truncated}"  # several: as written
     assert _val_check(1, 0.1).message.startswith("only 1 val sample (")
     assert volume_check(1, 30).message.startswith("1 approved curated example, 30 required")
+
+
+def test_target_modules_the_base_model_lacks_are_refused_by_prepare_and_by_the_run(settings, tiny):
+    """Repro: `prepare --targetModules=foo` passed (the run then refused it), and `q_proj,zzz` passed both:
+    PEFT refuses only a list that matches nothing, so the mistyped name was left out without a word. Both
+    refuse it now, naming it and the model's linear layers, before anything is written."""
+    from lunatrain.train import run_lora
+
+    write_files(settings, clean_records())
+    expected = (
+        "targetModules ['zzz'] name no module of base model 'luna-tiny'; its linear layers are down_proj, "
+        "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or use all-linear)."
+    )
+    bad = params(targetModules=["q_proj", "zzz"])
+    with pytest.raises(UsageError) as refused:
+        prepare(settings, bad)
+    assert refused.value.message == expected
+    assert not settings.prepare_report.exists()
+    with pytest.raises(UsageError) as refused:
+        run_lora(bad, settings)
+    assert refused.value.message == expected
+    assert not settings.adapters_dir.exists() or not any(settings.adapters_dir.iterdir())
+    assert prepare(settings, params(targetModules=["q_proj", "v_proj"])).status != "fail"
+
+
+@pytest.fixture(scope="module")
+def arch_vocab(tmp_path_factory):
+    from family_templates import save_vocab
+
+    return save_vocab(tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.mark.parametrize(
+    ("arch", "linear"),
+    [
+        ("qwen2", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        ("llama", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        ("gemma2", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        ("gemma3", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        ("mistral", "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        ("phi3", "down_proj, gate_up_proj, o_proj, qkv_proj"),  # fused projections: q_proj is no module here
+    ],
+)
+def test_target_modules_are_checked_against_each_familys_own_layers(settings, arch_vocab, arch, linear):
+    """The names come from the model built on the meta device from its config.json, as each family names its
+    layers; the model the run loads has the same ones."""
+    from transformers import AutoModelForCausalLM
+
+    from lunatrain.models import check_target_modules, module_kinds, resolve_base
+
+    from family_templates import build_arch_model
+
+    path = build_arch_model(settings.models_dir / f"tiny-{arch}", arch_vocab, arch)
+    info = resolve_base(str(path), settings)
+    kinds = module_kinds(info)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert kinds == {n: type(m).__name__ for n, m in loaded.named_modules()}
+    check_target_modules(linear.split(", "), kinds, info.id)
+    with pytest.raises(UsageError) as refused:
+        check_target_modules(["q_proj", "v_proj", "o_proj"] if arch == "phi3" else ["qkv_proj"], kinds, info.id)
+    assert refused.value.message.endswith(f"its linear layers are {linear} (or use all-linear).")

@@ -457,6 +457,41 @@ def load_model(
     return model  # placed by device_map: bitsandbytes models refuse .to()
 
 
+def module_kinds(info: BaseModelInfo) -> dict[str, str]:
+    """Each module's qualified name → its class name, from the base model's config alone: the model is built
+    on the meta device, so no weight is read and no memory is taken (prepare checks targetModules with it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(info.path, trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:
+        raise UsageError(f"Base model {info.id!r} could not be built from its config.json: {exc}") from exc
+    return {name: type(module).__name__ for name, module in model.named_modules()}
+
+
+# The layer classes LoRA adapts that the listing of a model's layers names (bitsandbytes' after quantizing,
+# GPT-2's Conv1D).
+_LINEAR = {"Linear", "Linear4bit", "Linear8bitLt", "Conv1D"}
+
+
+def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_id: str) -> None:
+    """Every name in `targets` is a module of the model (PEFT's rule: the qualified name is the target or ends
+    in `.target`). PEFT itself refuses only a list that matches nothing: a mistyped name beside good ones
+    would be left out without a word, and the adapter would train fewer layers than asked."""
+    if isinstance(targets, str):  # "all-linear"
+        return
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in kinds)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, kind in kinds.items() if kind in _LINEAR} - {"lm_head"})
+        raise UsageError(
+            f"targetModules {unknown!r} name no module of base model {base_id!r}; its linear layers are "
+            f"{', '.join(linear)} (or use all-linear)."
+        )
+
+
 def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.BitsAndBytesConfig
     """NF4 + double quantization (QLoRA's recipe) for 4bit, LLM.int8 for 8bit."""
     import logging

@@ -393,7 +393,7 @@ def load_lora_model(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import load_model
+    from .models import check_target_modules, load_model
     from .templates import check_embedding_room
 
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
@@ -411,6 +411,7 @@ def load_lora_model(
         task_type="CAUSAL_LM",
         trainable_token_indices=new_ids or None,
     )
+    check_target_modules(params.target_modules, {n: type(m).__name__ for n, m in model.named_modules()}, base.id)
     try:
         with peft_wrapping():
             model = get_peft_model(model, config)
