@@ -145,6 +145,17 @@ def test_forced_format_rejects_other_shapes(tmp_path: Path) -> None:
             b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
             r"line 1: field 'messages\[1\]\.role': unsupported role 'robot'",
         ),
+        (  # was "expected a string, got list", although text parts are taken: name the part that is not
+            "image.jsonl",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "Was ist das?"}, '
+            b'{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "Ein Bild."}]}\n',
+            r"line 1: field 'messages\[0\]\.content\[1\]\.type': 'image_url' parts cannot be trained on; only text parts",
+        ),
+        (
+            "part.jsonl",
+            b'{"prompt": [{"type": "text", "text": "a"}, "b"], "response": "c"}\n',
+            r"line 1: field 'prompt\[1\]': expected a content part \(an object with a type\), got string",
+        ),
         (
             "noanswer.jsonl",
             b'{"messages": [{"role": "user", "content": "a"}]}\n',

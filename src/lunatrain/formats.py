@@ -175,8 +175,16 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
         if required:
             raise RecordError(field_name, "missing")
         return None
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+    if isinstance(value, list) and any(isinstance(p, dict) for p in value):
         # OpenAI content parts: only text parts carry training content, and their text is a string.
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or "type" not in part:
+                got = _type_name(part) if not isinstance(part, dict) else "an object without a type"
+                raise RecordError(f"{field_name}[{i}]", f"expected a content part (an object with a type), got {got}")
+            if part["type"] != "text":
+                raise RecordError(
+                    f"{field_name}[{i}].type", f"{part['type']!r} parts cannot be trained on; only text parts"
+                )
         if not all(isinstance(p.get("text"), str) for p in value):
             raise RecordError(field_name, "expected text parts whose 'text' is a string")
         value = "".join(p["text"] for p in value)
