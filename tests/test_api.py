@@ -202,7 +202,11 @@ def test_malformed_json_and_unknown_routes_keep_the_error_shape(client: TestClie
     r = client.get("/assistant/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = client.put(f"{T}/examples")
-    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    # HEAD too: every GET route answers it (handlers.HeadAsGet); the header left it out
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+    assert r.json()["error"]["message"] == "Method PUT not allowed here; use GET, HEAD or POST."
+    head = client.head(f"{T}/examples")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_profile_defaults(client: TestClient) -> None:

@@ -128,7 +128,8 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette names only the first route on the path; list every method the path accepts.
         allowed = _methods(request)
         headers["Allow"] = ", ".join(allowed)
-        message = f"Method {request.method} not allowed here; use {' or '.join(allowed)}."
+        choices = " or ".join(allowed) if len(allowed) < 3 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        message = f"Method {request.method} not allowed here; use {choices}."
     return error_response(exc.status_code, code, message, headers=headers or None)
 
 
@@ -139,6 +140,8 @@ def _methods(request: Request) -> list[str]:
         scope = dict(request.scope, method=method)
         if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
             allowed.append(method)
+    if "GET" in allowed and "HEAD" not in allowed:  # HeadAsGet answers HEAD wherever GET is answered
+        allowed.insert(allowed.index("GET") + 1, "HEAD")
     return allowed
 
 
