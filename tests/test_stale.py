@@ -110,3 +110,19 @@ def test_a_version_whose_example_is_deleted_while_it_trains_is_stale_at_once(
     assert victim in (settings.adapters_dir / "luna-adapter" / "v2" / "train-hashes.txt").read_text().split()
     stale = registry.get_version(settings, "luna-adapter", "v2").get("stale")
     assert stale and victim in stale["hashes"], stale
+
+
+def test_a_store_that_cannot_be_read_does_not_stop_a_run_on_its_export(settings: Settings, tiny: Path) -> None:
+    """A run needs only the export: when the database does not answer, whether the export holds deleted
+    content cannot be known, and the run trains (as it registers even when marking stale versions fails)."""
+    from conftest import TRAINED_PARAMS
+
+    from lunatrain.settings import load_settings
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(40))
+    away = load_settings(home=settings.home, db_url="postgresql+psycopg://nobody:x@127.0.0.1:1/none")
+    result = run_lora(TRAINED_PARAMS, away)
+    assert result.ok and result.version == "v1", result.error

@@ -595,6 +595,21 @@ def deleted_since(settings: Settings, summary: dict[str, Any], hashes: Iterable[
     return sorted({h for h in hashes if h in gone})
 
 
+def refuse_deleted(settings: Settings, data: TierData) -> None:
+    """CheckFailed when `data` holds content deleted from the store since its export: no run trains on it. A
+    store that cannot be read refuses nothing: a run needs only the export (the version is marked stale when
+    the store is read next, at a delete or a repair)."""
+    try:
+        gone = deleted_since(settings, data.summary, (r["hash"] for r in data.records))
+    except StorageError:
+        return
+    if gone:
+        raise CheckFailed(
+            f"The export holds {len(gone)} example{'s' if len(gone) != 1 else ''} deleted since it was written; "
+            "run `lunatrain export` first, so that deleted content is not trained on."
+        )
+
+
 def read_tier(settings: Settings, tier: Tier) -> TierData:
     """Load one tier (curated | memory | merged) of the last export, verified against its summary."""
     if tier not in TIERS:

@@ -275,7 +275,7 @@ def conclude(
 def prepare(params: LoraParams, settings: Settings, world: World = distributed.SINGLE) -> Run:
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
-    from .export import deleted_since, read_tier
+    from .export import read_tier, refuse_deleted
     from .models import resolve_base, resolve_device
 
     problems: list[LunaError] = []
@@ -295,15 +295,8 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
         problems.append(
             CheckFailed(f"The {params.dataset_tier} tier has no training samples; add examples and export again.")
         )
-    if data is not None and (
-        gone := check(lambda: deleted_since(settings, data.summary, (r["hash"] for r in data.records)))
-    ):
-        problems.append(
-            CheckFailed(
-                f"The export holds {len(gone)} example{'s' if len(gone) != 1 else ''} deleted since it was written; "
-                "run `lunatrain export` first, so that deleted content is not trained on."
-            )
-        )
+    if data is not None:
+        check(lambda: refuse_deleted(settings, data))
     if problems:  # cheap checks first: a bad request never builds or loads a model
         raise one_error(problems)
     # The run ends by publishing: storage that cannot take the adapter is said now, not after the training.
