@@ -437,3 +437,17 @@ def test_a_step_without_an_export_is_a_coded_404_naming_the_folder(client: TestC
     folder = str(load_settings().training_dir)
     assert error["code"] == "export.missing" and error["params"] == {"dir": folder}
     assert error["message"] == f"No export found in {folder}; run `lunatrain export` first."
+
+
+def test_import_takes_a_records_own_status_unless_the_request_sets_one(client: TestClient) -> None:
+    records = [
+        {"prompt": "a", "response": "r", "status": "rejected"},
+        {"prompt": "b", "response": "r", "status": "done"},
+    ]
+    refused = client.post(f"{T}/examples/import", json={"records": records})
+    assert refused.status_code == 422 and "records[1]: field 'status'" in refused.json()["error"]["message"]
+    assert client.get(f"{T}/examples").json()["count"] == 0
+    assert client.post(f"{T}/examples/import", json={"records": records[:1]}).json()["added"] == 1
+    assert client.post(f"{T}/examples/import", json={"records": records, "status": "pending"}).json()["added"] == 1
+    got = {e["prompt"]: e["status"] for e in client.get(f"{T}/examples").json()["examples"]}
+    assert got == {"a": "rejected", "b": "pending"}

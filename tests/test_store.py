@@ -609,3 +609,9 @@ def test_an_imported_records_own_status_is_kept_and_a_foreign_one_refused(db: Se
     with pytest.raises(UsageError, match=r"line 2.*field 'status'.*approved, pending or rejected"):
         store.import_file(db, bad)
     assert _snapshot(db) == before
+    # unless --status decides for every record: then the record's field (another dataset's) is not read
+    store.import_file(db, bad, status="pending")
+    assert {e.prompt: e.status for e in store.list_examples(db, limit=100) if e.prompt in "xy"} == {
+        "x": "pending",
+        "y": "pending",
+    }

@@ -420,8 +420,9 @@ def _weight(msg: Mapping[str, Any], role: Any, field_name: str) -> int:
     return int(weight)
 
 
-def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
-    """One decoded record → (draft, detected format). Raises RecordError."""
+def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> tuple[ExampleDraft, str]:
+    """One decoded record → (draft, detected format). Raises RecordError. `own_status` False: the caller
+    sets every record's status, so the record's own `status` (perhaps another dataset's field) is not read."""
     if not isinstance(record, dict):
         raise RecordError(None, f"expected a JSON object, got {_type_name(record)}")
     shape = detect_format(record) if fmt == "auto" else fmt
@@ -430,7 +431,7 @@ def parse_record(record: Any, fmt: str = "auto") -> tuple[ExampleDraft, str]:
         "conversation_id": record.get("conversation_id", record.get("conversationId")),
         "rating": record.get("rating"),
         "source": record.get("source"),
-        "status": record.get("status"),
+        "status": record.get("status") if own_status else None,
     }
     if shape == "openai":
         draft = _from_turns(_turn_list(record, "messages", "role", "content"), "messages", common)
@@ -626,7 +627,7 @@ def _csv_row(header: list[str], row: list[str]) -> Any:
     return rec
 
 
-def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False) -> ParsedFile:
+def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_status: bool = True) -> ParsedFile:
     """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list).
     `skip_bad`: the good records are returned and the bad ones listed in `bad` instead (a file without any
     good record is still refused)."""
@@ -652,7 +653,7 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False) -> Parse
         try:
             if isinstance(rec, RecordError):
                 raise rec
-            draft, shape = parse_record(rec, fmt)
+            draft, shape = parse_record(rec, fmt, own_status=own_status)
         except RecordError as err:
             problems.append(f"{where}: {err.describe()}")
             continue

@@ -524,7 +524,7 @@ def import_file(
     `skip_bad` the good records are imported and the bad ones returned in `bad`. `source` None: a record's
     own when it names one of lunatrain's (its export writes it), else curated."""
     _check_choices(source, status)
-    parsed = formats.read_file(Path(path), fmt, skip_bad=skip_bad)
+    parsed = formats.read_file(Path(path), fmt, skip_bad=skip_bad, own_status=status is None)
     result = add_examples(settings, parsed.drafts, source=source, status=status)
     return ImportResult(
         path=str(path),

@@ -73,7 +73,7 @@ async def import_examples(body: ImportRequest, settings: SettingsDep) -> ImportR
     drafts, shapes, problems = [], {}, []
     for i, record in enumerate(body.records):
         try:
-            draft, shape = formats.parse_record(record, body.format)
+            draft, shape = formats.parse_record(record, body.format, own_status=body.status is None)
         except formats.RecordError as err:
             problems.append(f"records[{i}]: {err.describe()}")
             continue
