@@ -501,6 +501,11 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
             b'{"rank": ' + b"9" * 5000 + b"}",
             "Invalid request: the body is not valid JSON (a number of over 4300 digits).",
         ),
+        # a list a model could never need: refused by its length (a million names took seconds to refuse)
+        (
+            b'{"targetModules": [' + b'"q", ' * 65 + b'"q"]}',
+            "Invalid request: targetModules: List should have at most 64",
+        ),
         (b'{"targetModules": ["q proj"]}', "Invalid request: targetModules.0: should be module names of 1-64"),
         # a value neither member takes: both wishes (was only "Input should be 'all-linear'")
         (

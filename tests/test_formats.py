@@ -252,6 +252,14 @@ def test_hash_separates_fields() -> None:
             ]
         },
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hallo"}], "system": ""},
+        # no content parts at all: no text, as an empty string
+        {
+            "messages": [
+                {"role": "system", "content": []},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hallo"},
+            ]
+        },
     ],
 )
 def test_empty_system_turn_means_no_system_prompt(tmp_path: Path, record: dict) -> None:

@@ -29,7 +29,9 @@ def json_fault(exc: BaseException) -> str:
         return "nested too deeply"
     if isinstance(exc, UnicodeDecodeError):
         return "not UTF-8 text"
-    return f"a number of over {sys.get_int_max_str_digits()} digits"
+    if "integer string conversion" in str(exc):  # int()'s own words for the limit
+        return f"a number of over {sys.get_int_max_str_digits()} digits"
+    return str(exc)
 
 
 # A refusal's sentence names the first SHOWN_PROBLEMS problems and its details list at most LISTED_PROBLEMS:

@@ -175,7 +175,7 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
         if required:
             raise RecordError(field_name, "missing")
         return None
-    if isinstance(value, list) and any(isinstance(p, dict) for p in value):
+    if isinstance(value, list) and (not value or any(isinstance(p, dict) for p in value)):
         # OpenAI content parts: only text parts carry training content, and their text is a string.
         for i, part in enumerate(value):
             if not isinstance(part, dict) or "type" not in part:

@@ -79,7 +79,11 @@ class LoraParams(CamelModel):
     rank: int = Field(default=16, ge=1, le=1024)
     alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="LoRA scale numerator; unset: 2 x rank")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[Annotated[str, Field(pattern=MODULE_NAME)]] | Literal["all-linear"] = "all-linear"
+    # At most 64 names: a model has a handful of distinct layer names, and a list of a million took seconds of
+    # the API's event loop to refuse.
+    target_modules: (
+        Annotated[list[Annotated[str, Field(pattern=MODULE_NAME)]], Field(max_length=64)] | Literal["all-linear"]
+    ) = "all-linear"
     max_seq_length: int = Field(default=1024, ge=16, le=131072)
     warmup_ratio: float = Field(default=0.05, ge=0.0, le=0.5)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
