@@ -207,6 +207,11 @@ def test_malformed_json_and_unknown_routes_keep_the_error_shape(client: TestClie
     assert r.json()["error"]["message"] == "Method PUT not allowed here; use GET, HEAD or POST."
     head = client.head(f"{T}/examples")
     assert head.status_code == 200 and head.content == b""
+    # inside a static mount no route of ours matches: its files take GET and HEAD (was an empty Allow)
+    for path in ("/docs-assets/swagger-ui.css", "/static/app.js"):
+        r = client.post(path)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", (path, r.headers)
+        assert r.json()["error"]["message"] == "Method POST not allowed here; use GET or HEAD."
 
 
 def test_profile_defaults(client: TestClient) -> None:

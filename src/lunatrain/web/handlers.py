@@ -126,7 +126,9 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "No such endpoint."
     if exc.status_code == 405:
         # Starlette names only the first route on the path; list every method the path accepts.
-        allowed = _methods(request)
+        # No route of ours matches a path inside a static mount (the dashboard's files, the docs' files): those
+        # answer GET and HEAD.
+        allowed = _methods(request) or ["GET", "HEAD"]
         headers["Allow"] = ", ".join(allowed)
         choices = " or ".join(allowed) if len(allowed) < 3 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
         message = f"Method {request.method} not allowed here; use {choices}."
