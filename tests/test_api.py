@@ -76,6 +76,7 @@ def test_a_route_that_takes_no_body_refuses_one_and_changes_nothing(client: Test
     assert client.post(f"{T}/examples/{made['id']}/reject", json={}).json()["status"] == "rejected"
     assert client.post(f"{T}/examples/{made['id']}/approve", content=b"null").json()["status"] == "approved"
     assert client.post(f"{T}/examples/{made['id']}/reject").json()["status"] == "rejected"
+    assert client.post(f"{T}/examples/{made['id']}/approve", content=b"{ \n}").json()["status"] == "approved"
 
 
 def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:

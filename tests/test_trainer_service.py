@@ -243,6 +243,9 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
     for method, path in (("GET", "/jobs/ftjob-000000"), ("GET", "/jobs/nope/events"), ("POST", "/jobs/nope/cancel")):
         r = httpx.request(method, url + path, trust_env=False, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 404 and "No job" in r.json()["error"]["message"], r.text
+    # a body where none is taken is refused, not ignored (as on the API's routes)
+    r = httpx.post(url + "/jobs/nope/cancel", json={"force": True}, trust_env=False, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 422 and "takes no body" in r.json()["error"]["message"], r.text
     for query in ("/jobs?limit=0", "/jobs?status=bogus", "/jobs/x/events?after=-1"):
         r = httpx.get(url + query, trust_env=False, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 422, (query, r.text)

@@ -17,6 +17,7 @@ from ..models import refuse_adapter_dir
 from ..service.jobs import JOB_ID_PATTERN
 from ..settings import NAME_MAX, NAME_PATTERN, Settings, inside
 from ..store import INT_MAX
+from ..web.handlers import no_body
 from .cache import Coalescer, fresh_reads
 from .schemas import VERSION_PATTERN, ErrorResponse
 
@@ -26,16 +27,6 @@ def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-async def no_body(request: Request) -> None:
-    """For a route that takes no body: one with content is refused, not ignored, since a client that thinks it
-    sends options (`{"status": "rejected"}` to approve) would get a success it did not mean. Nothing, `{}` and
-    `null` are no content (the dashboard sends `{}` with every POST)."""
-    if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
-        return
-    if (await request.body()).strip() not in (b"", b"{}", b"null"):
-        raise UsageError("This request takes no body; send none (what it acts on is in its path).")
 
 
 NoBody = Depends(no_body)

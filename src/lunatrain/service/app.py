@@ -30,7 +30,7 @@ from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..templates import load_template
 from ..web import docs, listen
-from ..web.handlers import install
+from ..web.handlers import install, no_body
 from ..web.security import TRAINER_REALM, GuardMiddleware, allowed_hostnames, check_bind
 from . import lock
 from .device import DeviceProbe
@@ -211,7 +211,12 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     ) -> EventPage:
         return store().events(job_id, after=after, limit=limit)
 
-    @app.post("/jobs/{job_id}/cancel", dependencies=checked, response_model=Job, response_model_by_alias=True)
+    @app.post(
+        "/jobs/{job_id}/cancel",
+        dependencies=[*checked, Depends(no_body)],
+        response_model=Job,
+        response_model_by_alias=True,
+    )
     def cancel(job_id: JobId) -> Job:
         return state["runner"].cancel(job_id)
 

@@ -7,6 +7,7 @@ answers a generic 500 without it — the last resort, which the tests show is ne
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import JSON_FAULTS, LISTED_PROBLEMS, LunaError, json_fault, said, some
+from ..errors import JSON_FAULTS, LISTED_PROBLEMS, LunaError, UsageError, json_fault, said, some
 
 log = logging.getLogger("lunatrain.api")
 
@@ -68,6 +69,23 @@ def not_json(request: Request) -> str | None:
         "Send the body as JSON with Content-Type: application/json "
         f"(the request's Content-Type: {repr(declared) if declared else 'none'})."
     )
+
+
+async def no_body(request: Request) -> None:
+    """A dependency for a route that takes no body: one with content is refused, not ignored, since a client
+    that thinks it sends options (`{"status": "rejected"}` to approve) would get a success it did not mean.
+    Nothing, an empty object and `null` are no content (the dashboard sends `{}` with every POST)."""
+    if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
+        return
+    body = (await request.body()).strip()
+    if not body:
+        return
+    try:
+        empty = json.loads(body) in ({}, None)
+    except JSON_FAULTS:
+        empty = False
+    if not empty:
+        raise UsageError("This request takes no body; send none (what it acts on is in its path).")
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
