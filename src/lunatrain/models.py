@@ -459,7 +459,8 @@ def load_model(
 
 def module_kinds(info: BaseModelInfo) -> dict[str, str]:
     """Each module's qualified name → its class name, from the base model's config alone: the model is built
-    on the meta device, so no weight is read and no memory is taken (prepare checks targetModules with it)."""
+    on the meta device, so no weight is read and no memory is taken (prepare and the run check targetModules
+    with it, before any weight is loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -276,7 +276,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
     from .export import read_tier, refuse_deleted
-    from .models import resolve_base, resolve_device
+    from .models import check_target_modules, module_kinds, resolve_base, resolve_device
 
     problems: list[LunaError] = []
 
@@ -302,6 +302,9 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     # The run ends by publishing: storage that cannot take the adapter is said now, not after the training.
     check_writable(registry.publish_folders(settings, params.adapter_name), f"train {params.adapter_name}")
     base = check(lambda: resolve_base(params.base_model, settings))
+    if base is not None and not isinstance(params.target_modules, str):
+        # From the model built on the meta device, as prepare checks them: a mistyped name costs no weight load.
+        check(lambda: check_target_modules(params.target_modules, module_kinds(base), base.id))
     if problems:
         raise one_error(problems)
     return _load(params, settings, base, device, data, world)
@@ -386,7 +389,7 @@ def load_lora_model(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import check_target_modules, load_model
+    from .models import load_model
     from .templates import check_embedding_room
 
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
@@ -404,7 +407,6 @@ def load_lora_model(
         task_type="CAUSAL_LM",
         trainable_token_indices=new_ids or None,
     )
-    check_target_modules(params.target_modules, {n: type(m).__name__ for n, m in model.named_modules()}, base.id)
     try:
         with peft_wrapping():
             model = get_peft_model(model, config)
