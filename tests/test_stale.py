@@ -80,6 +80,7 @@ def test_lora_refuses_an_export_that_holds_deleted_examples_and_prepare_fails_on
     [check] = [c for c in report.checks if c.id == "export_stale"]
     assert (report.status, check.severity, check.count, check.code) == ("fail", "fail", 1, "check.export_stale.deleted")
     assert check.message == "1 example in the export was deleted since; run `lunatrain export`"
+    assert check.examples == [f"ex-{ids[victim]}"]  # the export's id, as the other checks name records
     assert CliRunner().invoke(app, ["export"]).exit_code == 0
     result = run_lora(TRAINED_PARAMS, settings)
     assert result.ok and result.version == "v2", result.error

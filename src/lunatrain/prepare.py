@@ -373,14 +373,15 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
             "export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok"
         )
     # A run refuses to train on content deleted since (train.prepare): the preflight fails on it the same way.
-    gone = export_mod.deleted_since(settings, summary, (r.get("hash") for r in records))
+    records = list(records)
+    gone = set(export_mod.deleted_since(settings, summary, (r.get("hash") for r in records)))
     if gone:
         one = len(gone) == 1
         return Check(
             "export_stale",
             "fail",
             len(gone),
-            gone[:MAX_EXAMPLES],
+            sorted({str(r.get("id")) for r in records if r.get("hash") in gone})[:MAX_EXAMPLES],  # ids, as the others
             f"{len(gone)} example{'' if one else 's'} in the export {'was' if one else 'were'} deleted since; "
             "run `lunatrain export`",
             "check.export_stale.deleted",
