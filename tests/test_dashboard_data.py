@@ -580,12 +580,9 @@ def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
         shot(page, output_dir, "2-token-given")
 
 
-@pytest.mark.parametrize(("path", "operation"), [("/docs", ".opblock"), ("/redoc", "[data-section-id*='/operation/']")])
-def test_the_schema_pages_show_every_operation_with_nothing_fetched_from_elsewhere(
-    page, services: Services, path: str, operation: str
-) -> None:
-    """/docs and /redoc render in a browser that can reach nothing but the API (they were blank offline: their
-    scripts came from a CDN), and list as many operations as the schema has."""
+def test_the_schema_page_shows_every_operation_with_nothing_fetched_from_elsewhere(page, services: Services) -> None:
+    """/docs renders in a browser that can reach nothing but the API (it was blank offline: its scripts came
+    from a CDN), and lists as many operations as the schema has."""
     elsewhere: list[str] = []
 
     def only_the_api(route) -> None:
@@ -598,6 +595,6 @@ def test_the_schema_pages_show_every_operation_with_nothing_fetched_from_elsewhe
     page.route("**/*", only_the_api)
     schema = page.request.get(f"{services.api_url}/openapi.json").json()
     operations = sum(len(methods) for methods in schema["paths"].values())
-    page.goto(f"{services.api_url}{path}")
-    expect(page.locator(operation)).to_have_count(operations)
+    page.goto(f"{services.api_url}/docs")
+    expect(page.locator(".opblock")).to_have_count(operations)
     assert elsewhere == []

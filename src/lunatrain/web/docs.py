@@ -1,9 +1,10 @@
-"""/docs (Swagger UI) and /redoc for both HTTP services, from files installed with the package.
+"""/docs (Swagger UI) for both HTTP services, from files installed with the package.
 
 FastAPI's own pages load Swagger UI and ReDoc from a CDN: offline (where these services often run) the page
 stays blank, and online it runs third-party script on a service whose defence against browsers is that only
-its own pages talk to it. The `fastapi-offline` distribution ships both as static files; only those files are
-used here, served under ASSETS by the app itself.
+its own pages talk to it. The `fastapi-offline` distribution ships Swagger UI as static files; only those are
+used here, served under ASSETS by the app itself. No /redoc: ReDoc's bundle fetches its logo from its CDN
+whatever it is told.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -21,7 +22,7 @@ _FILES = Path(fastapi_offline.__file__).parent / "static"
 
 
 def install(app: FastAPI) -> None:
-    """Serve the schema's pages at /docs and /redoc; `app` must be made with `docs_url=None, redoc_url=None`."""
+    """Serve the schema's page at /docs; `app` must be made with `docs_url=None, redoc_url=None`."""
     assert app.docs_url is None and app.redoc_url is None, "FastAPI's own pages load their scripts from a CDN"
     openapi_url = app.openapi_url or "/openapi.json"
     app.mount(ASSETS, StaticFiles(directory=_FILES), name="docs-assets")
@@ -34,14 +35,7 @@ def install(app: FastAPI) -> None:
             swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS}/favicon.png",
-        )
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url=openapi_url,
-            title=f"{app.title} — ReDoc",
-            redoc_js_url=f"{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{ASSETS}/favicon.png",
-            with_google_fonts=False,
+            # Swagger UI's own default sends the schema to validator.swagger.io for a badge (it skips that only
+            # for a schema on localhost, not on another host this service may be reached by).
+            swagger_ui_parameters={"validatorUrl": None},
         )

@@ -23,7 +23,7 @@ from ..settings import Settings
 # GETs that serve no data (the dashboard shell and the schema) stay reachable without a token, so a browser
 # can load the page that then asks for the token; everything else needs it.
 _PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
-_PUBLIC_PATHS = frozenset({"/", "/index.html", "/docs", "/redoc", "/openapi.json", "/favicon.ico"})
+_PUBLIC_PATHS = frozenset({"/", "/index.html", "/docs", "/openapi.json", "/favicon.ico"})
 # The realm of a 401's WWW-Authenticate names the service that wants the token, so a client can tell a
 # lunatrain trainer that wants another token from another service holding the trainer's address.
 API_REALM = "lunatrain-api"
