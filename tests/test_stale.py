@@ -127,3 +127,23 @@ def test_a_store_that_cannot_be_read_does_not_stop_a_run_on_its_export(settings:
     away = load_settings(home=settings.home, db_url="postgresql+psycopg://nobody:x@127.0.0.1:1/none")
     result = run_lora(TRAINED_PARAMS, away)
     assert result.ok and result.version == "v1", result.error
+
+
+def test_a_job_on_an_export_that_holds_deleted_examples_is_refused_before_it_is_queued(
+    trained_home: Path, settings: Settings
+) -> None:
+    """As minCurated is: the answer to the request (409), not a job that fails once a trainer runs it. No
+    trainer is reachable here, so any other path would be a 503."""
+    from lunatrain.api.main import create_app
+    from lunatrain.settings import load_settings
+
+    trained, ids = _trained_adapter(settings)
+    victim = next(h for h in sorted(trained) if h in ids)
+    assert CliRunner().invoke(app, ["examples", "delete", str(ids[victim])]).exit_code == 0
+    offline = load_settings(home=settings.home, lora_ensure_on_demand=False, lora_trainer_url="http://127.0.0.1:9")
+    with TestClient(create_app(offline), base_url="http://127.0.0.1") as client:
+        refused = client.post("/assistant/training/lora/start", json={"maxSteps": 2})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["message"].startswith("The export holds 1 example deleted since it was written")
+        assert CliRunner().invoke(app, ["export"]).exit_code == 0  # now the trainer's absence is what is said
+        assert client.post("/assistant/training/lora/start", json={"maxSteps": 2}).status_code == 503

@@ -48,7 +48,7 @@ from typing import Any, BinaryIO, Literal, get_args
 
 import sqlalchemy as sa
 
-from .errors import CheckFailed, DamagedFile, NotFound, StorageError, UsageError
+from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
 from .formats import content_hash as content_hash_of
 from .fsio import dumps_json, file_lock, fsync_dir, read_json, storage_guard
 from .schema import examples_table, memory_table, state_table
@@ -608,6 +608,24 @@ def refuse_deleted(settings: Settings, data: TierData) -> None:
             f"The export holds {len(gone)} example{'s' if len(gone) != 1 else ''} deleted since it was written; "
             "run `lunatrain export` first, so that deleted content is not trained on."
         )
+
+
+def refuse_deleted_before_queueing(settings: Settings, tier: Tier) -> None:
+    """refuse_deleted for `tier` of the last export, before a job is queued (as minCurated is checked), so the
+    refusal is the request's answer rather than a failed job. The tier is read only when the store changed
+    since the export; no export, or one that cannot be read, refuses nothing here: the run says why."""
+    from . import store
+
+    try:
+        summary = read_summary(settings)
+        if summary is None or not store.has_database(settings):
+            return
+        if store.revision(settings) == summary.get("store_revision"):
+            return
+        data = read_tier(settings, tier)
+    except LunaError:
+        return
+    refuse_deleted(settings, data)
 
 
 def read_tier(settings: Settings, tier: Tier) -> TierData:
