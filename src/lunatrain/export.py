@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args
@@ -584,48 +584,30 @@ def no_export(settings: Settings) -> NotFound:
     )
 
 
-def deleted_since(settings: Settings, summary: dict[str, Any], hashes: Iterable[str]) -> list[str]:
-    """Those of `hashes` (records of the export that `summary` describes) whose content was deleted from the
-    store after that export: no run may train on them. Cheap when nothing changed (the store's revision)."""
+def refuse_deleted(settings: Settings, tier: Tier, data: TierData | None = None) -> None:
+    """CheckFailed when `tier` of the last export (`data`, when the caller read it already) holds content
+    deleted from the store since: no run trains on it. Before a job is queued (as minCurated is checked) and
+    again by the run. The tier is read only when the store changed since the export (its revision). No
+    export, one that cannot be read, or a store that cannot be read refuses nothing here: the run says what
+    is wrong with the export, and a run needs only the export (a version trained meanwhile is marked stale
+    when the store is read next, at a delete or a repair)."""
     from . import store
 
-    if not store.has_database(settings) or store.revision(settings) == summary.get("store_revision"):
-        return []
-    gone = store.deleted_hashes(settings)
-    return sorted({h for h in hashes if h in gone})
-
-
-def refuse_deleted(settings: Settings, data: TierData) -> None:
-    """CheckFailed when `data` holds content deleted from the store since its export: no run trains on it. A
-    store that cannot be read refuses nothing: a run needs only the export (the version is marked stale when
-    the store is read next, at a delete or a repair)."""
     try:
-        gone = deleted_since(settings, data.summary, (r["hash"] for r in data.records))
-    except StorageError:
+        summary = data.summary if data is not None else read_summary(settings)
+        if summary is None or not store.has_database(settings):
+            return
+        if store.revision(settings) == summary.get("store_revision"):
+            return
+        data = data or read_tier(settings, tier)
+        gone = store.deleted_hashes(settings).keys() & {r["hash"] for r in data.records}
+    except LunaError:
         return
     if gone:
         raise CheckFailed(
             f"The export holds {len(gone)} example{'s' if len(gone) != 1 else ''} deleted since it was written; "
             "run `lunatrain export` first, so that deleted content is not trained on."
         )
-
-
-def refuse_deleted_before_queueing(settings: Settings, tier: Tier) -> None:
-    """refuse_deleted for `tier` of the last export, before a job is queued (as minCurated is checked), so the
-    refusal is the request's answer rather than a failed job. The tier is read only when the store changed
-    since the export; no export, or one that cannot be read, refuses nothing here: the run says why."""
-    from . import store
-
-    try:
-        summary = read_summary(settings)
-        if summary is None or not store.has_database(settings):
-            return
-        if store.revision(settings) == summary.get("store_revision"):
-            return
-        data = read_tier(settings, tier)
-    except LunaError:
-        return
-    refuse_deleted(settings, data)
 
 
 def read_tier(settings: Settings, tier: Tier) -> TierData:

@@ -191,7 +191,7 @@ def submit(
 
     params = resolve_base(settings, params)
     check_min_curated(settings, options)
-    export.refuse_deleted_before_queueing(settings, params.dataset_tier)
+    export.refuse_deleted(settings, params.dataset_tier)
     ensure_trainer(settings)
     return client.submit(settings, params, options, request_id, thresholds)
 

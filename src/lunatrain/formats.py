@@ -164,7 +164,8 @@ class RecordError(ValueError):
 # --- validation of single values ----------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, as an error says what it got."""
     return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}.get(
         type(value), "null" if value is None else type(value).__name__
     )
@@ -179,7 +180,7 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
         # OpenAI content parts: only text parts carry training content, and their text is a string.
         for i, part in enumerate(value):
             if not isinstance(part, dict) or "type" not in part:
-                got = _type_name(part) if not isinstance(part, dict) else "an object without a type"
+                got = json_type(part) if not isinstance(part, dict) else "an object without a type"
                 raise RecordError(f"{field_name}[{i}]", f"expected a content part (an object with a type), got {got}")
             if part["type"] != "text":
                 raise RecordError(
@@ -189,7 +190,7 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
             raise RecordError(field_name, "expected text parts whose 'text' is a string")
         value = "".join(p["text"] for p in value)
     if not isinstance(value, str):
-        raise RecordError(field_name, f"expected a string, got {_type_name(value)}")
+        raise RecordError(field_name, f"expected a string, got {json_type(value)}")
     text = checked_text(value, field_name)
     if len(text) > MAX_TEXT_LEN:
         raise RecordError(field_name, f"longer than {MAX_TEXT_LEN} characters")
@@ -206,13 +207,13 @@ def _tags(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.replace(";", ",").split(",")
     if not isinstance(value, list):
-        raise RecordError("tags", f"expected a list of strings, got {_type_name(value)}")
+        raise RecordError("tags", f"expected a list of strings, got {json_type(value)}")
     if len(value) > MAX_TAGS:
         raise RecordError("tags", f"more than {MAX_TAGS} tags")
     tags: set[str] = set()
     for i, tag in enumerate(value):
         if not isinstance(tag, str):
-            raise RecordError(f"tags[{i}]", f"expected a string, got {_type_name(tag)}")
+            raise RecordError(f"tags[{i}]", f"expected a string, got {json_type(tag)}")
         tag = checked_text(tag, f"tags[{i}]")
         if len(tag) > MAX_TAG_LEN:
             raise RecordError(f"tags[{i}]", f"longer than {MAX_TAG_LEN} characters")
@@ -235,7 +236,7 @@ def _rating(value: Any) -> int | None:
             raise RecordError("rating", f"expected a whole number, got {value}")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecordError("rating", f"expected a whole number, got {_type_name(value)}")
+        raise RecordError("rating", f"expected a whole number, got {json_type(value)}")
     if not RATING_MIN <= value <= RATING_MAX:
         raise RecordError("rating", f"must be between {RATING_MIN} and {RATING_MAX}, got {value}")
     return value
@@ -247,7 +248,7 @@ def _conversation_id(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise RecordError("conversation_id", f"expected a string, got {_type_name(value)}")
+        raise RecordError("conversation_id", f"expected a string, got {json_type(value)}")
     value = checked_text(value, "conversation_id")
     if len(value) > MAX_CONVERSATION_ID_LEN:
         raise RecordError("conversation_id", f"longer than {MAX_CONVERSATION_ID_LEN} characters")
@@ -308,7 +309,7 @@ def _status(value: Any) -> str | None:
     if value is None:
         return None
     if value not in STATUSES:
-        shown = repr(value) if isinstance(value, str) else _type_name(value)
+        shown = repr(value) if isinstance(value, str) else json_type(value)
         raise RecordError("status", f"must be approved, pending or rejected, got {shown}")
     return value
 
@@ -386,13 +387,13 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
     if raw is None:
         raise RecordError(list_field, "missing")
     if not isinstance(raw, list):
-        raise RecordError(list_field, f"expected a list, got {_type_name(raw)}")
+        raise RecordError(list_field, f"expected a list, got {json_type(raw)}")
     if not raw:
         raise RecordError(list_field, "is empty")
     turns: list[tuple[str, str, int]] = []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
-            raise RecordError(f"{list_field}[{i}]", f"expected an object, got {_type_name(msg)}")
+            raise RecordError(f"{list_field}[{i}]", f"expected an object, got {json_type(msg)}")
         # A turn may use the other shape's keys: Unsloth's standardize_sharegpt writes role/content turns under
         # "conversations", and some exports write from/value turns under "messages".
         r_key, t_key = _turn_keys(msg, role_key, text_key)
@@ -424,7 +425,7 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
     """One decoded record → (draft, detected format). Raises RecordError. `own_status` False: the caller
     sets every record's status, so the record's own `status` (perhaps another dataset's field) is not read."""
     if not isinstance(record, dict):
-        raise RecordError(None, f"expected a JSON object, got {_type_name(record)}")
+        raise RecordError(None, f"expected a JSON object, got {json_type(record)}")
     shape = detect_format(record) if fmt == "auto" else fmt
     common = {
         "tags": record.get("tags"),
@@ -513,7 +514,7 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         if isinstance(doc, dict):
             doc = [doc]
         if not isinstance(doc, list):
-            yield "line 1", RecordError(None, f"expected a JSON array of records, got {_type_name(doc)}")
+            yield "line 1", RecordError(None, f"expected a JSON array of records, got {json_type(doc)}")
             return
         for i, rec in enumerate(doc, start=1):
             yield f"record {i}", rec

@@ -473,9 +473,9 @@ def module_kinds(info: BaseModelInfo) -> dict[str, str]:
     return {name: type(module).__name__ for name, module in model.named_modules()}
 
 
-# The layer classes LoRA adapts that the listing of a model's layers names (bitsandbytes' after quantizing,
-# GPT-2's Conv1D).
-_LINEAR = {"Linear", "Linear4bit", "Linear8bitLt", "Conv1D"}
+# The layer classes the refusal lists as the model's linear layers (GPT-2 writes its own, Conv1D). The names
+# come from the model built on the meta device, never quantized, so bitsandbytes' classes do not occur.
+_LINEAR = {"Linear", "Conv1D"}
 
 
 def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_id: str) -> None:

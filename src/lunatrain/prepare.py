@@ -372,9 +372,9 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
         return Check(
             "export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok"
         )
-    # A run refuses to train on content deleted since (train.prepare): the preflight fails on it the same way.
+    # A run refuses to train on content deleted since (export.refuse_deleted): the preflight fails on it too.
     records = list(records)
-    gone = set(export_mod.deleted_since(settings, summary, (r.get("hash") for r in records)))
+    gone = store.deleted_hashes(settings).keys() & {r.get("hash") for r in records}
     if gone:
         one = len(gone) == 1
         return Check(

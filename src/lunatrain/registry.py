@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JSON_FAULTS, Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
+from .formats import json_type
 from .fsio import atomic_write_json, file_lock, read_json, storage_guard
 from .messages import coded
 from .settings import Settings, check_name, inside
@@ -114,21 +115,10 @@ def _unreadable(path: Path, why: str) -> RegistryUnreadable:
     )
 
 
-# How a registry reader names what it found instead of an object.
-_JSON_KIND = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "true or false",
-    type(None): "null",
-}
-
-
 def shape_problem(data: Any) -> str | None:
     """What makes `data` not a registry, or None. Checks the structure every reader and writer relies on."""
     if not isinstance(data, dict):
-        return f"JSON {_JSON_KIND.get(type(data), type(data).__name__)}, not an object"
+        return f"a JSON {json_type(data)}, not an object"
     if data.get("format", FORMAT) != FORMAT:
         return f"format {data.get('format')!r}, expected {FORMAT!r}"
     adapters = data.get("adapters")

@@ -296,7 +296,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
             CheckFailed(f"The {params.dataset_tier} tier has no training samples; add examples and export again.")
         )
     if data is not None:
-        check(lambda: refuse_deleted(settings, data))
+        check(lambda: refuse_deleted(settings, params.dataset_tier, data))
     if problems:  # cheap checks first: a bad request never builds or loads a model
         raise one_error(problems)
     # The run ends by publishing: storage that cannot take the adapter is said now, not after the training.
