@@ -112,10 +112,18 @@ def planted_records() -> list[dict]:
             "bad-near",
             messages=[{"role": m["role"], "content": "  " + m["content"].upper() + " !"} for m in a["messages"]],
         ),
-        _variant(a, "bad-long", answer="Eine sehr lange Antwort über Luna und ihre Aufgaben. " * 120),
+        _variant(a, "bad-long", messages=_turn("Was kannst du?", "Eine sehr lange Antwort über Luna. " * 120)),
         _variant(a, "bad-noanswer", messages=user),
-        _variant(a, "bad-special", answer="Erledigt.<|im_end|> Noch etwas?"),
+        _variant(a, "bad-special", messages=_turn("Bist du fertig?", "Erledigt.<|im_end|> Noch etwas?")),
+        # one question, two different facts: the adapter would learn either, or a blend
+        _variant(a, "bad-fact-1", messages=_turn("Wie heißt mein Hund?", "Dein Hund heißt Bruno.")),
+        _variant(a, "bad-fact-2", messages=_turn("Wie heißt mein Hund?", "Dein Hund heißt Bello.")),
+        _variant(a, "bad-fact-3", messages=_turn("wie heißt mein Hund", "Dein Hund heißt BRUNO!")),  # fact 1 again
     ]
+
+
+def _turn(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
 def params(**kw):
@@ -132,7 +140,8 @@ EXPECTED = {  # check id -> (severity, count, example ids)
     "special_tokens_in_content": ("fail", 1, ["bad-special"]),
     "duplicate_exact": ("warn", 1, ["bad-dup"]),
     "duplicate_across_splits": ("fail", 1, ["bad-leak"]),
-    "duplicate_normalized": ("warn", 1, ["bad-near"]),
+    "duplicate_normalized": ("warn", 2, ["bad-near", "bad-fact-3"]),
+    "conflicting_answers": ("warn", 2, ["bad-fact-1", "bad-fact-2"]),
     "truncated": ("warn", 1, ["bad-long"]),
     "no_trained_tokens": ("warn", 1, ["bad-noanswer"]),
     "eot_not_trained": ("info", 0, []),

@@ -111,6 +111,8 @@ CODES: dict[str, str] = {
     "check.duplicate_across_splits.found": "hashes in more than one split (count)",
     "check.duplicate_normalized.ok": "no normalized duplicates",
     "check.duplicate_normalized.found": "near-duplicates after folding case and punctuation (count)",
+    "check.conflicting_answers.ok": "no question with different answers",
+    "check.conflicting_answers.found": "samples answer the same question differently (count)",
     "check.truncated.ok": "no sample exceeds maxSeqLength (maxSeqLength)",
     "check.truncated.found": "samples longer than maxSeqLength (count, maxSeqLength)",
     "check.no_trained_tokens.ok": "every sample has trained tokens",

@@ -17,7 +17,9 @@ Checks (id: severity when something is found):
 - empty_response (fail), trivial_response (warn, fewer than 2 letters or digits).
 - duplicate_exact (warn): the same hash twice within a split; duplicate_across_splits (fail): one hash in
   two splits (val/test would measure memorisation); duplicate_normalized (warn): different hashes, same
-  text after case/whitespace/punctuation folding.
+  text after case/whitespace/punctuation folding; conflicting_answers (warn): samples that ask the same
+  (system prompt and turns before the last answer, folded the same way) and answer differently, one per
+  distinct answer: a fact taught two ways is learned as either, or as a blend.
 - truncated (warn): longer than maxSeqLength; no_trained_tokens (warn; fail when no train sample has any).
 - terminator (info): the turn terminator the chat template emits after each answer, and whether the base
   model's generation_config.json stops on it (adapters and merged models ship one that does).
@@ -638,6 +640,13 @@ def _duplicate_checks(records: list[dict]) -> list[Check]:
             continue  # nothing left after folding: the empty/trivial checks report it
         by_norm[tuple((m["role"], normalize(m["content"])) for m in rec["messages"])].append((h, rec))
     near = [_rid(rec) for group in by_norm.values() if len(group) > 1 for _h, rec in group[1:]]
+    # The same question (everything before the last turn) under different answers: per question, the first
+    # sample of each distinct answer, so the user sees every version and keeps one.
+    answers: dict[tuple, dict[tuple[str, str], str]] = defaultdict(dict)
+    for key, group in by_norm.items():
+        if key[-1][0] == "assistant" and key[-1][1]:
+            answers[key[:-1]].setdefault(key[-1], _rid(group[0][1]))
+    conflicting = [rid for by_answer in answers.values() if len(by_answer) > 1 for rid in by_answer.values()]
     return [
         _check("duplicate_exact", "warn", within, "repeated samples within a split (same hash)", "no exact duplicates"),
         _check(
@@ -653,6 +662,13 @@ def _duplicate_checks(records: list[dict]) -> list[Check]:
             near,
             "samples duplicate another after folding case, whitespace and punctuation",
             "no normalized duplicates",
+        ),
+        _check(
+            "conflicting_answers",
+            "warn",
+            conflicting,
+            "samples answer a question that another sample answers differently (keep one answer per question)",
+            "no question with different answers",
         ),
     ]
 
