@@ -11,6 +11,7 @@ offline and starts it from the page; later ones build on the adapters trained be
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -422,10 +423,19 @@ def test_data_panel_counts_export_and_preflight(page, services: Services, output
     expect(curated_row.locator("td").first).to_have_text(f"{approved:,}".replace(",", "."))
     expect(page.locator("#data-ready")).to_have_attribute("data-ready", "yes")
 
-    # A threshold the server refuses is an alert, said once ("Ungültige Anfrage: Invalid request: …" was the
-    # old text); the next good answer clears it instead of leaving the page contradicting itself.
+    # A threshold above the server's bound is marked at the field, in the page's words, and not sent.
     threshold = page.get_by_label("Mindestanzahl kuratierter Beispiele (minCurated)")
     threshold.fill("100000000")
+    page.get_by_role("button", name="Aktualisieren").click()
+    expect(page.locator("#data-min-curated-error")).to_have_text("Erlaubt: ganze Zahl von 0 bis 10.000.000.")
+    # One the server refuses all the same is an alert, said once ("Ungültige Anfrage: Invalid request: …" was
+    # the old text); the next good answer clears it instead of leaving the page contradicting itself.
+    refusal = {"error": {"code": "invalid_request", "message": "Invalid request: minCurated: Input should be less"}}
+    page.route(
+        "**/assistant/training/status?minCurated=31",
+        lambda route: route.fulfill(status=422, content_type="application/json", body=json.dumps(refusal)),
+    )
+    threshold.fill("31")
     page.get_by_role("button", name="Aktualisieren").click()
     alert = page.locator("#alerts .message-text")
     expect(alert).to_contain_text("minCurated")

@@ -75,7 +75,7 @@ def test_an_invalid_threshold_is_marked_and_not_sent(page, services: Services, o
     threshold.fill("-5")
     page.get_by_role("button", name="Preflight (prepare)").click()
     expect(threshold).to_have_attribute("aria-invalid", "true")
-    expect(page.locator("#data-min-curated-error")).to_have_text("Erlaubt: ganze Zahl ab 0.")
+    expect(page.locator("#data-min-curated-error")).to_have_text("Erlaubt: ganze Zahl von 0 bis 10.000.000.")
     expect(threshold).to_be_focused()
     shot(page, output_dir, "1-invalid-threshold")
     # A valid value clears the mark and is what the next preflight asks with.
@@ -598,3 +598,282 @@ def test_the_schema_page_shows_every_operation_with_nothing_fetched_from_elsewhe
     page.goto(f"{services.api_url}/docs")
     expect(page.locator(".opblock")).to_have_count(operations)
     assert elsewhere == []
+
+
+def _job(job_id: str, status: str, name: str) -> dict:
+    return {"id": job_id, "status": status, "params": {"adapterName": name}, "progress": {"step": 1, "totalSteps": 4}}
+
+
+def test_a_job_queued_behind_a_running_one_leaves_that_one_in_reach(page, services: Services) -> None:
+    """Repro: with one job running, "Beispiel-Adapter" queued a second; the panel switched to it, said
+    "started", and nothing on the page showed or could cancel the running job, not even after a reload (the
+    panel then showed the queued job, cancelled meanwhile). Jobs as the trainer reports them, replaced on the way."""
+    running = _job("ftjob-running", "running", "long-run")
+    queued = _job("ftjob-queued", "queued", "example-adapter")
+    jobs = {"running": [running], "queued": []}
+
+    def job_list(route) -> None:
+        status = re.search(r"status=(\w+)", route.request.url)
+        data = jobs.get(status.group(1) if status else "", [])
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"data": data}))
+
+    page.route("**/assistant/training/lora/jobs?*", job_list)
+    page.route(
+        "**/assistant/training/lora/status?jobId=*",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps(running if "ftjob-running" in route.request.url else queued),
+        ),
+    )
+    # The latest job is a finished one; the running one is what the panel shows as the page loads.
+    answer(page, "**/assistant/training/lora/status", _job("ftjob-old", "succeeded", "old"))
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+
+    def start(route) -> None:
+        jobs["queued"] = [queued]
+        route.fulfill(
+            status=202, content_type="application/json", body=json.dumps({"jobId": queued["id"], "job": queued})
+        )
+
+    page.route("**/assistant/training/lora/example-adapter", start)
+    open_page(page, services)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-running")
+
+    page.get_by_role("button", name="Beispiel-Adapter").click()
+    expect(page.locator("#notices")).to_have_text("Job ftjob-queued wartet hinter ftjob-running.")
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-queued")
+    other = page.get_by_role("button", name="Job ftjob-running (long-run, läuft) anzeigen")
+    expect(other).to_be_visible()
+    other.click()
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-running")
+    expect(page.get_by_role("button", name="Job ftjob-queued (example-adapter, wartet) anzeigen")).to_be_visible()
+
+    # The running job fails: said as bad news, not in the colour of success; the queued one is current now.
+    running["status"] = "failed"
+    jobs.update(running=[], queued=[queued | {"status": "running"}])
+    queued["status"] = "running"
+    expect(page.locator("#notices .message.warning")).to_have_text("Job ftjob-running: fehlgeschlagen.")
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-queued")
+    expect(page.locator("#job-others")).to_be_hidden()
+
+
+def test_a_job_started_elsewhere_is_followed_without_a_reload(page, services: Services) -> None:
+    """Repro: a second tab kept showing the finished job while another tab's new job ran; only a reload
+    showed it. The page's clock is run forward to its next background refresh instead of waiting for it."""
+    jobs: dict[str, list] = {"running": []}
+
+    def job_list(route) -> None:
+        status = re.search(r"status=(\w+)", route.request.url)
+        data = jobs.get(status.group(1) if status else "", [])
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"data": data}))
+
+    page.clock.install()
+    page.route("**/assistant/training/lora/jobs?*", job_list)
+    answer(page, "**/assistant/training/lora/status", _job("ftjob-done", "succeeded", "old"))
+    answer(page, "**/assistant/training/lora/status?jobId=*", _job("ftjob-elsewhere", "running", "other-tab"))
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-done")
+    jobs["running"] = [_job("ftjob-elsewhere", "running", "other-tab")]
+    page.clock.run_for(16_000)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-elsewhere")
+
+
+def _adapters(name: str) -> dict:
+    """An adapter table with one version the eval gate refused."""
+    version = {
+        "version": "v1",
+        "created": "2026-12-01T10:00:00+00:00",
+        "metrics": {"valLoss": 2.5, "baseValLoss": 2.4},
+        "gate": {"passed": False, "status": "failed", "reasons": ["val loss rose"]},
+        "state": {"active": False, "code": "adapter.gate_failed", "params": {}, "reason": "refused"},
+    }
+    return {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": name, "aliases": {}, "versions": [version]}]}]}
+
+
+def test_report_links_send_the_token_and_a_refused_version_is_named_before_activating(page, services: Services) -> None:
+    """Repro: with an API token, "Bericht" and "Loss-Kurve" opened a tab that said only `unauthorized` (a
+    plain link sends no token); activating a version the eval gate refused asked the same question as any
+    other; a 64-character adapter name pushed the table's actions out of view."""
+    name = "x" * 64
+    answer(page, "**/assistant/training/adapters", _adapters(name))
+    sent: list[str | None] = []
+
+    def report(route) -> None:
+        sent.append(route.request.headers.get("authorization"))
+        if route.request.headers.get("authorization") == "Bearer t0ken":
+            route.fulfill(status=200, content_type="application/json", body=json.dumps({"report": "of v1"}))
+        else:
+            route.fulfill(status=401, content_type="application/json", body=json.dumps({"error": {"code": "x"}}))
+
+    page.route(f"**/adapters/{name}/versions/v1/report", report)
+    page.goto(f"{services.api_url}/")
+    page.evaluate("sessionStorage.setItem('lunatrain.apiToken', 't0ken')")
+    open_page(page, services)
+    with page.context.expect_page() as opened:
+        page.get_by_role("link", name=f"Trainingsbericht von {name} v1").click()
+    tab = opened.value
+    expect(tab.locator("body")).to_contain_text('"report": "of v1"')
+    tab.close()
+    assert sent == ["Bearer t0ken"]
+
+    wrap = page.locator(".adapter-group .table-wrap")
+    assert wrap.evaluate("(el) => el.scrollWidth <= el.clientWidth"), "the table scrolls sideways"
+    page.get_by_role("button", name=f"{name} v1 aktivieren").click()
+    expect(page.locator("#confirm-text")).to_contain_text(f"Das Eval-Gate hat {name} v1 abgelehnt.")
+    page.keyboard.press("Escape")
+
+
+@pytest.mark.parametrize(
+    ("query", "typed", "sent"),
+    [
+        (
+            "",
+            {"alpha": "2.048", "maxGradNorm": "1.000", "learningRate": "0,0002", "weightDecay": "0.002"},
+            {"alpha": 2048, "maxGradNorm": 1000, "learningRate": 0.0002, "weightDecay": 0.002},
+        ),
+        (
+            "?lang=en",
+            {"alpha": "2,048.5", "maxGradNorm": "1,000", "learningRate": "0.0002", "weightDecay": "0,5"},
+            {"alpha": 2048.5, "maxGradNorm": 1000, "learningRate": 0.0002, "weightDecay": 0.5},
+        ),
+    ],
+    ids=["de", "en"],
+)
+def test_a_decimal_field_reads_thousands_separators_as_the_hints_write_them(
+    page, services: Services, query: str, typed: dict, sent: dict
+) -> None:
+    """Repro: the hint says "höchstens 4.096"; "2.048" typed into alpha was sent as 2.048, and "1.000" into
+    maxGradNorm as 1 (and "2,048" on the English page likewise)."""
+    answer(page, "**/assistant/training/lora/start", {"error": {"code": "x", "message": "no"}}, status=503)
+    open_page(page, services, query)
+    page.evaluate("document.querySelector('details.advanced').open = true")
+    for field, text in typed.items():
+        page.locator(f"#f-{field}").fill(text)
+    with page.expect_request("**/assistant/training/lora/start") as asked:
+        page.locator("#start-button").click()
+    body = json.loads(asked.value.post_data or "{}")
+    assert {k: body.get(k) for k in sent} == sent
+
+
+def test_switching_the_language_keeps_what_was_typed(page, services: Services) -> None:
+    """Repro: epochs 7 and minCurated 12 typed, then "English": the form showed the defaults again."""
+    open_page(page, services)
+    page.locator("#f-epochs").fill("7")
+    page.locator("#f-alpha").fill("2.048")  # two thousand and forty-eight on this page, and on the next
+    page.locator("#data-min-curated").fill("1.200")
+    page.locator("#lang-switch").click()
+    expect(page.locator("html")).to_have_attribute("lang", "en")
+    open_page(page, services, "?lang=en")
+    expect(page.locator("#f-epochs")).to_have_value("7")
+    expect(page.locator("#f-alpha")).to_have_value("2048")
+    expect(page.locator("#data-min-curated")).to_have_value("1200")
+    page.reload()  # said once: a later load shows the profile's values again
+    expect(page.locator("#f-epochs")).not_to_have_value("7")
+
+
+def test_a_page_that_cannot_reach_its_server_says_so_and_a_click_keeps_its_error(page, services: Services) -> None:
+    """Repro: with the API down, the header offered "Trainer starten" (which needs that API); once it was back,
+    "Trainer: Der Server ist nicht erreichbar" stayed; and the poll errors pushed the error of the user's own
+    click out of the list."""
+    open_page(page, services)
+    page.route("**/assistant/training/**", lambda route: route.abort())
+    page.locator("#provider-refresh").click()
+    expect(page.locator("#provider-device")).to_contain_text("Die Seite erreicht ihren Server nicht")
+    expect(page.locator("#trainer-start")).to_be_hidden()
+    page.get_by_role("button", name="Exportieren").click()
+    clicked = page.locator("#alerts .message", has_text="Exportieren:")
+    expect(clicked).to_have_count(1)
+    # Background refreshes that fail in other words fill the list: the click's error stays.
+    page.evaluate(
+        """async () => {
+            const { showError } = await import('/static/ui.js');
+            for (const n of [1, 2, 3, 4, 5]) showError({ code: 'network', message: `poll ${n}` }, `Panel ${n}`,
+                { background: true });
+        }"""
+    )
+    expect(page.locator("#alerts .message")).to_have_count(4)
+    expect(clicked).to_have_count(1)
+    page.unroute("**/assistant/training/**")
+    page.locator("#provider-refresh").click()
+    expect(page.locator("#provider-label")).not_to_have_attribute("data-state", "checking")
+    expect(page.locator("#alerts .message[data-code=network]")).to_have_count(0)
+
+
+@pytest.mark.parametrize(
+    ("query", "log", "error"),
+    [
+        (
+            "",
+            "Eval-Gate nicht bestanden: luna-adapter v8 (val-Loss 2,5 schlechter als luna-adapter@v1 (2,4; erlaubt +2 %))",
+            "Fehler: Der Datensatz „Memory“ hat keine Trainingsbeispiele",
+        ),
+        (
+            "?lang=en",
+            "Eval gate failed: luna-adapter v8 (val loss 2.5 regresses against luna-adapter@v1 (2.4; allowed +2%))",
+            "Error: The memory tier has no training samples",
+        ),
+    ],
+    ids=["de", "en"],
+)
+def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
+    page, services: Services, query: str, log: str, error: str
+) -> None:
+    """Repro: the German page said "Eval-Gate nicht bestanden: … (golden pass rate 0.00 regresses against …)"
+    and "Fehler: Prüfung nicht bestanden: The memory tier has no training samples"; the English gate text said
+    "allowed +2%" where the page said "+0,02"."""
+    reason = {
+        "code": "gate.loss_regression",
+        "params": {"split": "val", "loss": 2.5, "baseline": "luna-adapter@v1", "baselineLoss": 2.4, "allowed": 0.02},
+    }
+    gate = {
+        "seq": 1,
+        "type": "log",
+        "message": "eval gate failed: val loss 2.5000 regresses against luna-adapter@v1 (2.4000, allowed +2%)",
+        "code": "log.gate_failed",
+        "params": {"name": "luna-adapter", "version": "v8", "reasons": "English", "reasonCodes": [reason]},
+    }
+    job = {
+        "id": "ftjob-refused",
+        "status": "failed",
+        "error": {
+            "code": "train.no_samples",
+            "message": "The memory tier has no training samples; add examples and export again.",
+            "params": {"tier": "memory"},
+        },
+    }
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": [gate], "lastSeq": 1, "hasMore": False})
+    open_page(page, services, query)
+    expect(page.locator("#job-facts")).to_contain_text(log)
+    expect(page.locator("#job-error")).to_contain_text(error)
+
+
+@pytest.mark.parametrize(
+    ("query", "exported", "volume"),
+    [
+        ("", "Export fertig: 1 Beispiel.", "1 freigegebenes kuratiertes Beispiel (minCurated 1)"),
+        ("?lang=en", "Export done: 1 example.", "1 approved curated example (minCurated 1)"),
+    ],
+    ids=["de", "en"],
+)
+def test_one_exported_example_is_said_in_the_singular(
+    page, services: Services, query: str, exported: str, volume: str
+) -> None:
+    """Repro: "Export fertig: 1 Beispiele." and "1 freigegebene kuratierte Beispiele (minCurated 1)"."""
+    answer(page, "**/assistant/training/export", {"counts": {"merged": {"total": 1}}})
+    check = {
+        "id": "volume",
+        "severity": "info",
+        "count": 1,
+        "message": "1 approved curated example (minCurated 1)",
+        "code": "check.volume.ok",
+        "params": {"curated": 1, "minCurated": 1},
+    }
+    answer(page, "**/assistant/training/prepare", {"status": "ok", "checks": [check]})
+    open_page(page, services, query)
+    page.locator("#export-button").click()
+    expect(page.locator("#notices")).to_have_text(exported)
+    page.locator("#prepare-button").click()
+    expect(page.locator("#checks-table tbody tr").first).to_contain_text(volume)

@@ -332,6 +332,13 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     assert any("x the base model's" in r and "(allowed 0.01)" in r for r in gate["reasons"]), gate["reasons"]
     assert registry.list_adapters(settings)["fifo-b"]["aliases"].get("active") is None
 
+    # Every log line comes with its code (the dashboard says it in the page's language), the gate's reasons too.
+    for job in (ja, jb):
+        logs = [e.model_extra for e in all_events(settings, job.id) if e.type == "log"]
+        assert logs and all(e.get("code") for e in logs), [e for e in logs if not e.get("code")]
+    refused = [e.model_extra for e in all_events(settings, jb.id) if e.model_extra.get("code") == "log.gate_failed"]
+    assert [r["code"] for r in refused[0]["params"]["reasonCodes"]] == ["gate.loss_vs_base"], refused
+
     events = all_events(settings, ja.id, page=3)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # contiguous cursor over pages
     statuses = [e.model_extra["status"] for e in events if e.type == "status"]

@@ -666,6 +666,7 @@ def judge(
                             baseline=baseline["ref"],
                             baselineLoss=bl_loss,
                             allowed=th.max_loss_regression,
+                            allowedPercent=round(th.max_loss_regression * 100, 6),
                         ),
                     )
                 )

@@ -135,6 +135,7 @@ def train_and_gate(
                     name=adapter["name"],
                     version=adapter["version"],
                     reasons=reasons,
+                    reasonCodes=outcome["gate"].get("reasonCodes") or [],
                 ),
             }
         )

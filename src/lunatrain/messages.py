@@ -36,6 +36,8 @@ CODES: dict[str, str] = {
     "bad_host": "Host header not in ASSISTANT_ALLOWED_HOSTS",
     "forbidden_origin": "cross-origin request refused",
     "export.missing": "a step needs the export and there is none yet (dir)",
+    "train.no_samples": "the dataset tier has no training samples in the export (tier)",
+    "device.no_cuda": "device cuda was asked for and no CUDA GPU is available",
     "gate.several_active": "several adapters are active on the base model and none was named (adapters, baseModel)",
     "base_model.is_adapter": "baseModel names a LoRA adapter directory, not a base model (baseModel)",
     "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
@@ -82,7 +84,7 @@ CODES: dict[str, str] = {
     "gate.loss_not_finite": "a loss is not a finite number (split, loss)",
     "gate.loss_vs_base": "loss above the allowed ratio to the base model's (split, loss, ratio, baseLoss, allowed)",
     "gate.pass_rate_regression": "golden pass rate dropped against the baseline (rate, baseline, baselineRate, allowedDrop)",
-    "gate.loss_regression": "loss rose against the baseline (split, loss, baseline, baselineLoss, allowed)",
+    "gate.loss_regression": "loss rose against the baseline (split, loss, baseline, baselineLoss, allowed, allowedPercent)",
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",
@@ -143,7 +145,9 @@ CODES: dict[str, str] = {
     "log.resumed": "resumed from a checkpoint (epoch, step)",
     "log.gate_started": "the eval gate runs on the new version (name, version)",
     "log.gate_passed": "the eval gate passed (name, version, promoted)",
-    "log.gate_failed": "the eval gate refused the new version (name, version, reasons)",
+    "log.gate_failed": "the eval gate refused the new version (name, version, reasons, reasonCodes)",
+    "log.worker_started": "the job's process started (pid)",
+    "log.rank_started": "one process of a data-parallel job started (pid, rank, size)",
 }
 
 

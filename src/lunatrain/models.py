@@ -546,7 +546,11 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
+        raise UsageError(
+            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.",
+            code="device.no_cuda",
+            params={"device": "cuda"},
+        )
     return device
 
 

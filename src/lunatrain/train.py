@@ -293,7 +293,11 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     data = check(lambda: read_tier(settings, params.dataset_tier))
     if data is not None and not data.train:
         problems.append(
-            CheckFailed(f"The {params.dataset_tier} tier has no training samples; add examples and export again.")
+            CheckFailed(
+                f"The {params.dataset_tier} tier has no training samples; add examples and export again.",
+                code="train.no_samples",
+                params={"tier": params.dataset_tier},
+            )
         )
     if data is not None:
         check(lambda: refuse_deleted(settings, params.dataset_tier, data))

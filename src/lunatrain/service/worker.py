@@ -41,6 +41,7 @@ from typing import IO, Any
 
 from .. import distributed
 from ..compat import without_bitsandbytes
+from ..messages import coded
 from ..startup import import_training_stack
 from ..wire import finite
 
@@ -241,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
     _watch_parent(stop, parent)
     rank = f" (rank {world.rank} of {world.size})" if world.active else ""
-    channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}"})
+    started = (
+        coded("log.rank_started", pid=os.getpid(), rank=world.rank, size=world.size)
+        if world.active
+        else coded("log.worker_started", pid=os.getpid())
+    )
+    channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}", **started})
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)

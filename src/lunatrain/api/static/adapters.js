@@ -1,7 +1,7 @@
 // The adapter registry, one table per base model (guide §7: the same export trained on several bases):
 // every version with its losses, gate result, aliases and stale mark; activate and rollback after a confirm.
 
-import { api } from "./api.js";
+import { api, hasToken, openWithToken } from "./api.js";
 import { t, tMsg, formatDate, formatFloat } from "./i18n.js";
 import { h, showError, showNotice, confirmDialog, turns } from "./ui.js";
 
@@ -20,6 +20,16 @@ function gateCell(gate) {
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
     reason ? h("span", { class: "gate-reasons" }, reason) : null);
+}
+
+/** A link to a file of a version (report, loss curve). A plain link cannot send the API's token: with one,
+ * a click fetches the file with it and shows it in the new tab (api.openWithToken). */
+function fileLink(href, label, text) {
+  return h("a", { href, target: "_blank", rel: "noopener", "aria-label": label, onclick: (event) => {
+    if (!hasToken()) return;
+    event.preventDefault();
+    openWithToken(href).catch((error) => showError(error, t("adapters.heading")));
+  } }, text);
 }
 
 export class AdapterView {
@@ -97,11 +107,10 @@ export class AdapterView {
         "aria-label": t("adapters.rollbackLabel", vars),
         onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback")),
       !isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.activateLabel", vars),
-        onclick: (event) => this.activate(name, v, event.currentTarget) }, t("adapters.activate")),
-      h("a", { href: api.reportUrl(name, v), target: "_blank", rel: "noopener",
-        "aria-label": t("adapters.reportLabel", vars) }, t("adapters.report")),
-      h("a", { href: api.curveUrl(name, v), target: "_blank", rel: "noopener",
-        "aria-label": t("adapters.curveLabel", vars) }, t("adapters.curve")),
+        onclick: (event) => this.activate(name, v, event.currentTarget, version.gate?.passed === false) },
+      t("adapters.activate")),
+      fileLink(api.reportUrl(name, v), t("adapters.reportLabel", vars), t("adapters.report")),
+      fileLink(api.curveUrl(name, v), t("adapters.curveLabel", vars), t("adapters.curve")),
     ];
     const base = metrics.baseValLoss;
     return h("tr", { dataset: { adapter: name, version: v }, class: isActive ? "is-active" : null },
@@ -132,8 +141,10 @@ export class AdapterView {
     }
   }
 
-  activate(name, version, button) {
-    return this.change(t("adapters.confirmActivate", { name, version }), button, () => api.activate(name, version),
+  /** `refused`: the eval gate refused this version; the question says so before it replaces the active one. */
+  activate(name, version, button, refused = false) {
+    const question = t(refused ? "adapters.confirmActivateRefused" : "adapters.confirmActivate", { name, version });
+    return this.change(question, button, () => api.activate(name, version),
       () => t("adapters.activated", { name, version }));
   }
 

@@ -87,6 +87,7 @@ export const api = {
   exampleAdapter: (body) => post("/lora/example-adapter", body),
   job: (jobId) => get("/lora/status", { jobId }),
   latestJob: () => get("/lora/status"),
+  jobs: (status, limit = 20) => get("/lora/jobs", { status, limit }),
   events: (jobId, after) => get(`/lora/jobs/${seg(jobId)}/events`, { after, limit: 500 }),
   cancel: (jobId) => post(`/lora/jobs/${seg(jobId)}/cancel`),
   adapters: () => get("/adapters"),
@@ -100,3 +101,42 @@ export const api = {
 };
 
 export const FINAL_STATES = new Set(["succeeded", "failed", "cancelled"]);
+
+/** Whether the page sends a token (the API runs with ASSISTANT_API_TOKEN and the user gave it). */
+export function hasToken() {
+  return Boolean(sessionStorage.getItem(TOKEN_KEY));
+}
+
+/**
+ * Open `url` (a file of the API: a report, a loss curve) in a new tab with the token, which a plain link
+ * cannot send: the tab opens now, while the click still counts as the user's (a tab opened after the
+ * download would be a blocked pop-up), and shows the file once it arrived. Throws an ApiError as request() does.
+ */
+export async function openWithToken(url) {
+  const tab = window.open("", "_blank");
+  try {
+    let response;
+    try {
+      response = await fetch(url, { headers: authHeaders() });
+    } catch {
+      throw new ApiError(0, "network", t("err.network"));
+    }
+    if (!response.ok) {
+      if (response.status === 401) tokenRefused();
+      let err = null;
+      try {
+        err = (await response.json())?.error ?? null;
+      } catch {
+        err = null;
+      }
+      throw new ApiError(response.status, err?.code || `http_${response.status}`,
+        err?.message || t("err.http", { status: response.status }), err?.details ?? null, err?.params ?? null);
+    }
+    const file = URL.createObjectURL(await response.blob());
+    if (tab) tab.location.href = file;
+    setTimeout(() => URL.revokeObjectURL(file), 60_000); // the tab has read it by then
+  } catch (error) {
+    tab?.close();
+    throw error;
+  }
+}

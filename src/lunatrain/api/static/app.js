@@ -24,6 +24,7 @@ function providerState(health) {
 
 function renderHealth(health) {
   const state = providerState(health);
+  const apiDown = Boolean(health.apiDown); // the page's own server did not answer: no trainer to start from here
   const badge = $("provider-label");
   // The label comes from the server verbatim: it is the guide's wording and the same in both languages.
   badge.textContent = health.label ?? (state === "offline" ? "Offline" : state);
@@ -38,22 +39,24 @@ function renderHealth(health) {
     if (typeof dev.bf16 === "boolean") details.push(`${t("provider.bf16")}: ${t(dev.bf16 ? "yes" : "no")}`);
   } else {
     // Point to this page's own button, not to a command-line flag (the server's sentence names those).
-    details.push(t("provider.offlineHint"));
+    details.push(t(apiDown ? "provider.apiDown" : "provider.offlineHint"));
   }
   $("provider-device").textContent = details.join(" · ");
-  $("trainer-start").hidden = state !== "offline";
+  $("trainer-start").hidden = state !== "offline" || apiDown;
 }
 
-async function loadHealth(ensureTrainer = false) {
+/** `background`: the periodic refresh, not a click (its error gives way to a click's, see showError). */
+async function loadHealth(ensureTrainer = false, background = false) {
   try {
     const health = await api.health(ensureTrainer);
     renderHealth(health);
+    clearErrors("network"); // the server answered: "cannot be reached" is no longer true, whichever panel said it
     if (providerState(health) !== "offline") clearErrors("service_unavailable");
     return health;
   } catch (error) {
     if (error.status === 401) return null; // request() has asked for the token (onUnauthorized)
-    renderHealth({ label: "Offline", reachable: false, error: error.message });
-    showError(error, t("provider.heading"));
+    renderHealth({ label: "Offline", reachable: false, apiDown: error.code === "network", error: error.message });
+    showError(error, t("provider.heading"), { background });
     return null;
   }
 }
@@ -102,8 +105,8 @@ $("token-form").addEventListener("submit", (event) => {
 
 const SOURCES = ["curated", "memory", "conversation"];
 const STATUSES = ["approved", "pending", "rejected"];
-// The form's minCurated without its upper bound: above it, the server's refusal names the parameter.
-const MIN_CURATED_FIELD = { ...FIELDS.find((f) => f.name === "minCurated"), max: Infinity };
+// The form's minCurated, with the bounds the server has for it too.
+const MIN_CURATED_FIELD = FIELDS.find((f) => f.name === "minCurated");
 
 /** The threshold the user set, or undefined (the server's default) while the field holds no whole number ≥ 0. */
 function minCurated() {
@@ -119,7 +122,8 @@ function checkedMinCurated() {
   const error = $("data-min-curated-error");
   const value = minCurated();
   const invalid = value === undefined;
-  error.textContent = invalid ? t("data.minInvalid") : "";
+  error.textContent = invalid
+    ? t("data.minInvalid", { min: formatNumber(MIN_CURATED_FIELD.min), max: formatNumber(MIN_CURATED_FIELD.max) }) : "";
   error.hidden = !invalid;
   if (invalid) {
     input.setAttribute("aria-invalid", "true");
@@ -173,7 +177,7 @@ function renderDataStatus(status) {
 
 const dataTurns = turns(); // the background refresh, a new threshold and an export each ask
 
-async function loadDataStatus() {
+async function loadDataStatus(background = false) {
   const current = dataTurns();
   $("data").setAttribute("aria-busy", "true");
   try {
@@ -187,7 +191,7 @@ async function loadDataStatus() {
     if (error.status === 401) return null; // request() has asked for the token (onUnauthorized)
     $("data-ready").dataset.ready = "unknown";
     $("data-ready").textContent = `${t("err.prefix")}: ${errorText(error)}`;
-    showError(error, t("data.heading"));
+    showError(error, t("data.heading"), { background });
   } finally {
     if (current()) $("data").removeAttribute("aria-busy");
   }
@@ -280,8 +284,11 @@ async function submitJob(button, call) {
     try {
       const accepted = await call();
       clearErrors("invalid_request");
-      showNotice(t("train.submitted", { jobId: accepted.jobId }));
       jobView.follow(accepted.job);
+      // Started, or waiting behind a job that runs (perhaps one another tab started): say which.
+      const ahead = (await jobView.loadActive())?.find((job) => job.id !== accepted.jobId);
+      showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
+        : t("train.submitted", { jobId: accepted.jobId }));
       loadHealth(); // a start may have started the trainer on demand
     } catch (error) {
       if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
@@ -322,6 +329,9 @@ async function loadDefaults() {
 async function loadLatestJob() {
   $("training").setAttribute("aria-busy", "true");
   try {
+    // A job that runs (or waits) comes first, even when a later one has ended already (a queued job
+    // cancelled while an earlier one still runs); loadActive follows it.
+    if ((await jobView.loadActive())?.length) return;
     const job = await api.latestJob();
     // A job started on this page while the answer was on its way is the one to follow, not this earlier one.
     if (job?.id && !jobView.jobId) jobView.follow(job);
@@ -360,10 +370,56 @@ $("data-min-curated").addEventListener("input", (event) => {
   event.currentTarget.removeAttribute("aria-invalid");
   $("data-min-curated-error").hidden = true;
 });
-loadDefaults().finally(refreshAll);
+// The other language is another page load: what was typed in the form goes along (this tab only), as values
+// where they read as one (so "2.048" typed on the German page is 2048 on the English one too), else as typed.
+const TYPED_KEY = "lunatrain.typed";
+$("lang-switch").addEventListener("click", () => {
+  const values = {};
+  for (const field of FIELDS) {
+    const control = loraForm.control(field.name);
+    const raw = field.kind === "checkbox" ? control.checked : control.value;
+    const [value, error] = checkField(field, raw);
+    values[field.name] = error ? raw : value ?? "";
+  }
+  const threshold = $("data-min-curated");
+  const minCurated = threshold.dataset.touched
+    ? checkField(MIN_CURATED_FIELD, threshold.value)[0] ?? threshold.value : null;
+  sessionStorage.setItem(TYPED_KEY, JSON.stringify({ values, minCurated }));
+});
+
+function restoreTyped() {
+  const saved = sessionStorage.getItem(TYPED_KEY);
+  sessionStorage.removeItem(TYPED_KEY);
+  let typed;
+  try {
+    typed = JSON.parse(saved ?? "null");
+  } catch {
+    typed = null;
+  }
+  if (!typed?.values) return;
+  for (const field of FIELDS) {
+    const control = loraForm.control(field.name);
+    if (!(field.name in typed.values) || !control) continue;
+    if (field.kind === "checkbox") control.checked = Boolean(typed.values[field.name]);
+    else control.value = String(typed.values[field.name] ?? "");
+  }
+  if (typed.minCurated !== null && typed.minCurated !== undefined) {
+    $("data-min-curated").value = String(typed.minCurated);
+    $("data-min-curated").dataset.touched = "yes";
+  }
+}
+
+loadDefaults().finally(() => {
+  restoreTyped();
+  refreshAll();
+});
 tryPanel.start();
-// Light background refresh; the job itself is polled faster while one runs.
-setInterval(loadHealth, HEALTH_MS);
+// Light background refresh; the job itself is polled faster while one runs. With no job running here, the
+// refresh also looks for one started elsewhere (another tab, the command line), and the panel follows it.
+setInterval(() => loadHealth(false, true), HEALTH_MS);
 setInterval(() => {
-  if (!jobView.job || FINAL_STATES.has(jobView.job.status)) loadDataStatus();
+  if (!jobView.job || FINAL_STATES.has(jobView.job.status)) {
+    loadDataStatus(true);
+    jobView.loadActive();
+  }
 }, DATA_MS);

@@ -24,7 +24,7 @@ const de = {
   "data.heading": "Daten",
   "data.minCurated": "Mindestanzahl kuratierter Beispiele (minCurated)",
   "data.refresh": "Aktualisieren",
-  "data.minInvalid": "Erlaubt: ganze Zahl ab 0.",
+  "data.minInvalid": "Erlaubt: ganze Zahl von {min} bis {max}.",
   "data.ready": "Bereit: {curated} von mindestens {min} kuratierten Beispielen",
   "data.notReady": "Nicht bereit: {curated} von mindestens {min} kuratierten Beispielen",
   "data.countsCaption": "Beispiele nach Quelle und Status",
@@ -42,6 +42,7 @@ const de = {
   "data.exporting": "Export läuft …",
   "data.preparing": "Preflight läuft …",
   "data.exported": "Export fertig: {count} Beispiele.",
+  "data.exported.one": "Export fertig: {count} Beispiel.",
   "data.prepared": "Preflight fertig: {status}.",
   "data.prepareHeading": "Preflight-Bericht",
   "data.prepareStatus": "Ergebnis: {status}",
@@ -83,6 +84,7 @@ const de = {
   "train.reset": "Profil-Standardwerte",
   "train.invalid": "Bitte die markierten Felder korrigieren ({count}).",
   "train.submitted": "Job {jobId} gestartet.",
+  "train.queued": "Job {jobId} wartet hinter {ahead}.",
   "train.optional": "optional",
   "train.range": "{min} bis {max}",
   "train.rangeGt": "größer als {min}, höchstens {max}",
@@ -158,6 +160,9 @@ const de = {
   "job.cancel": "Abbrechen",
   "job.cancelRequested": "Abbruch von Job {jobId} angefordert.",
   "job.finished": "Job {jobId}: {state}.",
+  "job.others": "Weitere Jobs:",
+  "job.other": "{jobId} · {name} · {state}",
+  "job.otherLabel": "Job {jobId} ({name}, {state}) anzeigen",
   "job.chartLabel": "Loss-Verlauf: Training und Validierung je Schritt",
   "job.chartEmpty": "Noch keine Loss-Werte.",
   "job.trainLoss": "Train-Loss",
@@ -196,6 +201,7 @@ const de = {
   "adapters.curve": "Loss-Kurve",
   "adapters.curveLabel": "Loss-Kurve von {name} {version}",
   "adapters.confirmActivate": "{name} {version} aktivieren? Die aktuell aktive Version wird ersetzt.",
+  "adapters.confirmActivateRefused": "Das Eval-Gate hat {name} {version} abgelehnt. Trotzdem aktivieren? Die aktuell aktive Version wird ersetzt.",
   "adapters.confirmRollback": "Rollback von {name} auf die vorher aktive Version?",
   "adapters.activated": "{name} {version} ist jetzt aktiv.",
   "adapters.rolledBack": "Rollback von {name}: aktiv ist jetzt {version}.",
@@ -211,6 +217,7 @@ const de = {
   "severity.passed": "ok",
   // Server messages by code (lunatrain/messages.py); parameters fill the {placeholders}.
   "provider.offlineHint": "Nicht erreichbar – mit „Trainer starten“ starten.",
+  "provider.apiDown": "Die Seite erreicht ihren Server nicht – läuft `lunatrain serve` noch?",
   "provider.locked": "Token nötig",
   "adapters.deactivate": "Deaktivieren",
   "adapters.deactivateLabel": "{name} auf diesem Basismodell deaktivieren",
@@ -228,6 +235,8 @@ const de = {
   "msg.payload_too_large": "Anfrage zu groß",
   "msg.unsupported_media_type": "Anfrage nicht als JSON gesendet",
   "msg.export.missing": "Noch kein Export in {dir}; zuerst „Exportieren“ ausführen.",
+  "msg.train.no_samples": "Der Datensatz „{tier}“ hat keine Trainingsbeispiele: Beispiele hinzufügen und neu exportieren",
+  "msg.device.no_cuda": "Gerät „{device}“ gewählt, aber keine CUDA-GPU verfügbar: Gerät „CPU“ oder „automatisch“ wählen",
   "msg.internal": "Interner Fehler; Details stehen im Server-Log",
   "msg.bad_host": "Host-Header nicht erlaubt (ASSISTANT_ALLOWED_HOSTS)",
   "msg.forbidden_origin": "Anfragen von fremden Seiten sind nicht erlaubt",
@@ -257,7 +266,7 @@ const de = {
   "msg.gate.loss_not_finite": "{split}-Loss ist {loss}",
   "msg.gate.loss_vs_base": "{split}-Loss {loss} ist das {ratio}-fache des Basismodells ({baseLoss}; erlaubt {allowed})",
   "msg.gate.pass_rate_regression": "Golden-Quote {rate} schlechter als {baseline} ({baselineRate}; erlaubter Rückgang {allowedDrop})",
-  "msg.gate.loss_regression": "{split}-Loss {loss} schlechter als {baseline} ({baselineLoss}; erlaubt +{allowed})",
+  "msg.gate.loss_regression": "{split}-Loss {loss} schlechter als {baseline} ({baselineLoss}; erlaubt +{allowedPercent} %)",
   "msg.check.export_summary.ok": "Alle Dateien passen zur Export-Zusammenfassung",
   "msg.check.export_summary.mismatch": "{count} Dateien weichen von der Export-Zusammenfassung ab; neu exportieren",
   "msg.check.export_summary.mismatch.one": "{count} Datei weicht von der Export-Zusammenfassung ab; neu exportieren",
@@ -270,7 +279,9 @@ const de = {
   "msg.check.export_stale.deleted": "{count} Beispiele im Export wurden seitdem gelöscht; neu exportieren",
   "msg.check.export_stale.deleted.one": "{count} Beispiel im Export wurde seitdem gelöscht; neu exportieren",
   "msg.check.volume.ok": "{curated} freigegebene kuratierte Beispiele (minCurated {minCurated})",
+  "msg.check.volume.ok.one": "{curated} freigegebenes kuratiertes Beispiel (minCurated {minCurated})",
   "msg.check.volume.too_few": "{curated} freigegebene kuratierte Beispiele, {minCurated} nötig (minCurated): mehr kuratieren oder minCurated senken",
+  "msg.check.volume.too_few.one": "{curated} freigegebenes kuratiertes Beispiel, {minCurated} nötig (minCurated): mehr kuratieren oder minCurated senken",
   "msg.check.volume.none": "Noch keine freigegebenen kuratierten Beispiele, {minCurated} nötig (minCurated): Beispiele hinzufügen oder importieren (`lunatrain examples add`, `lunatrain examples import DATEI`; offene mit `lunatrain examples approve` freigeben) oder die mitgelieferten laden (`lunatrain examples seed`)",
   "msg.check.empty_train.ok": "{count} Trainingsbeispiele",
   "msg.check.empty_train.ok.one": "{count} Trainingsbeispiel",
@@ -345,6 +356,8 @@ const de = {
   "msg.log.gate_started": "Eval-Gate prüft {name} {version}",
   "msg.log.gate_passed": "Eval-Gate bestanden: {name} {version}",
   "msg.log.gate_failed": "Eval-Gate nicht bestanden: {name} {version} ({reasons})",
+  "msg.log.worker_started": "Prozess {pid} gestartet",
+  "msg.log.rank_started": "Prozess {pid} gestartet (Rang {rank} von {size})",
   "try.heading": "Ausprobieren",
   "try.intro": "Eine Nachricht, zwei Antworten: links das Basismodell, rechts die gewählte Adapter-Version (gierig dekodiert, temperature 0).",
   "try.prompt": "Nachricht",
@@ -359,6 +372,7 @@ const de = {
   "try.adapterNone": "Adapter",
   "try.answering": "Antwortet …",
   "try.done": "Fertig · {tokens} Tokens",
+  "try.done.one": "Fertig · {tokens} Token",
   "try.cut": "Abgeschnitten bei {tokens} Tokens (max_tokens)",
   "try.blank": "die Antwort besteht nur aus Leerzeichen und Zeilenumbrüchen",
 };
@@ -385,7 +399,7 @@ const en = {
   "data.heading": "Data",
   "data.minCurated": "Minimum curated examples (minCurated)",
   "data.refresh": "Refresh",
-  "data.minInvalid": "Allowed: a whole number from 0.",
+  "data.minInvalid": "Allowed: a whole number from {min} to {max}.",
   "data.ready": "Ready: {curated} of at least {min} curated examples",
   "data.notReady": "Not ready: {curated} of at least {min} curated examples",
   "data.countsCaption": "Examples by source and status",
@@ -403,6 +417,7 @@ const en = {
   "data.exporting": "Exporting …",
   "data.preparing": "Running preflight …",
   "data.exported": "Export done: {count} examples.",
+  "data.exported.one": "Export done: {count} example.",
   "data.prepared": "Preflight done: {status}.",
   "data.prepareHeading": "Preflight report",
   "data.prepareStatus": "Result: {status}",
@@ -444,6 +459,7 @@ const en = {
   "train.reset": "Profile defaults",
   "train.invalid": "Please correct the marked fields ({count}).",
   "train.submitted": "Job {jobId} started.",
+  "train.queued": "Job {jobId} is queued behind {ahead}.",
   "train.optional": "optional",
   "train.range": "{min} to {max}",
   "train.rangeGt": "above {min}, at most {max}",
@@ -519,6 +535,9 @@ const en = {
   "job.cancel": "Cancel",
   "job.cancelRequested": "Cancellation of job {jobId} requested.",
   "job.finished": "Job {jobId}: {state}.",
+  "job.others": "Other jobs:",
+  "job.other": "{jobId} · {name} · {state}",
+  "job.otherLabel": "Show job {jobId} ({name}, {state})",
   "job.chartLabel": "Loss curve: training and validation per step",
   "job.chartEmpty": "No loss values yet.",
   "job.trainLoss": "train loss",
@@ -557,6 +576,7 @@ const en = {
   "adapters.curve": "Loss curve",
   "adapters.curveLabel": "Loss curve of {name} {version}",
   "adapters.confirmActivate": "Activate {name} {version}? It replaces the currently active version.",
+  "adapters.confirmActivateRefused": "The eval gate refused {name} {version}. Activate it anyway? It replaces the currently active version.",
   "adapters.confirmRollback": "Roll {name} back to the previously active version?",
   "adapters.activated": "{name} {version} is now active.",
   "adapters.rolledBack": "Rolled back {name}: {version} is now active.",
@@ -572,6 +592,7 @@ const en = {
   "severity.passed": "ok",
   // Server messages by code (lunatrain/messages.py); parameters fill the {placeholders}.
   "provider.offlineHint": "Not reachable – start it with “Start trainer”.",
+  "provider.apiDown": "The page cannot reach its server – is `lunatrain serve` still running?",
   "provider.locked": "Token needed",
   "adapters.deactivate": "Deactivate",
   "adapters.deactivateLabel": "Deactivate {name} on this base model",
@@ -589,6 +610,8 @@ const en = {
   "msg.payload_too_large": "Request too large",
   "msg.unsupported_media_type": "Request not sent as JSON",
   "msg.export.missing": "No export in {dir} yet; run “Export” first.",
+  "msg.train.no_samples": "The {tier} tier has no training samples: add examples and export again",
+  "msg.device.no_cuda": "Device {device} was chosen but no CUDA GPU is available: choose CPU or automatic",
   "msg.internal": "Internal error; the server log has the details",
   "msg.bad_host": "Host header not allowed (ASSISTANT_ALLOWED_HOSTS)",
   "msg.forbidden_origin": "Cross-origin requests are not allowed",
@@ -618,7 +641,7 @@ const en = {
   "msg.gate.loss_not_finite": "{split} loss is {loss}",
   "msg.gate.loss_vs_base": "{split} loss {loss} is {ratio} x the base model's ({baseLoss}; allowed {allowed})",
   "msg.gate.pass_rate_regression": "golden pass rate {rate} regresses against {baseline} ({baselineRate}; allowed drop {allowedDrop})",
-  "msg.gate.loss_regression": "{split} loss {loss} regresses against {baseline} ({baselineLoss}; allowed +{allowed})",
+  "msg.gate.loss_regression": "{split} loss {loss} regresses against {baseline} ({baselineLoss}; allowed +{allowedPercent}%)",
   "msg.check.export_summary.ok": "Every file matches the export summary",
   "msg.check.export_summary.mismatch": "{count} files differ from the export summary; export again",
   "msg.check.export_summary.mismatch.one": "{count} file differs from the export summary; export again",
@@ -631,7 +654,9 @@ const en = {
   "msg.check.export_stale.deleted": "{count} examples in the export were deleted since; export again",
   "msg.check.export_stale.deleted.one": "{count} example in the export was deleted since; export again",
   "msg.check.volume.ok": "{curated} approved curated examples (minCurated {minCurated})",
+  "msg.check.volume.ok.one": "{curated} approved curated example (minCurated {minCurated})",
   "msg.check.volume.too_few": "{curated} approved curated examples, {minCurated} required (minCurated): curate more or lower minCurated",
+  "msg.check.volume.too_few.one": "{curated} approved curated example, {minCurated} required (minCurated): curate more or lower minCurated",
   "msg.check.volume.none": "No approved curated examples yet, {minCurated} required (minCurated): add or import examples (`lunatrain examples add`, `lunatrain examples import FILE`; approve pending ones with `lunatrain examples approve`) or load the bundled ones (`lunatrain examples seed`)",
   "msg.check.empty_train.ok": "{count} train samples",
   "msg.check.empty_train.ok.one": "{count} train sample",
@@ -706,6 +731,8 @@ const en = {
   "msg.log.gate_started": "Eval gate checks {name} {version}",
   "msg.log.gate_passed": "Eval gate passed: {name} {version}",
   "msg.log.gate_failed": "Eval gate failed: {name} {version} ({reasons})",
+  "msg.log.worker_started": "Process {pid} started",
+  "msg.log.rank_started": "Process {pid} started (rank {rank} of {size})",
   "try.heading": "Try it",
   "try.intro": "One message, two answers: the base model on the left, the chosen adapter version on the right (greedy decoding, temperature 0).",
   "try.prompt": "Message",
@@ -720,6 +747,7 @@ const en = {
   "try.adapterNone": "Adapter",
   "try.answering": "Answering …",
   "try.done": "Done · {tokens} tokens",
+  "try.done.one": "Done · {tokens} token",
   "try.cut": "Cut off at {tokens} tokens (max_tokens)",
   "try.blank": "the answer is only spaces and line breaks",
 };
@@ -737,8 +765,18 @@ const locale = lang === "de" ? "de-DE" : "en-GB";
 /** The page's thousands separator ("." in German, "," in English), as formatNumber writes it in the hints. */
 export const groupSeparator = new Intl.NumberFormat(locale).formatToParts(1000).find((p) => p.type === "group")?.value ?? "";
 
+/** `key`, or its `.one` form when the number the text counts is 1 ("1 Beispiel", not "1 Beispiele"): `count`
+ * when the text has it, else its first placeholder (a number, or one formatted: "1" in both languages). */
+function counted(key, vars) {
+  const one = `${key}.one`;
+  if (!(one in TEXTS[lang])) return key;
+  const name = vars && "count" in vars ? "count" : TEXTS[lang][key]?.match(/\{(\w+)\}/)?.[1];
+  return name && String(vars?.[name]) === "1" ? one : key;
+}
+
 /** The text for `key` with `{name}` placeholders filled; the key itself if missing (visible, not blank). */
 export function t(key, vars = {}) {
+  key = counted(key, vars);
   const text = TEXTS[lang][key] ?? TEXTS.de[key] ?? key;
   return text.replace(/\{(\w+)\}/g, (_, name) => (name in vars ? String(vars[name]) : `{${name}}`));
 }
@@ -748,17 +786,25 @@ export function t(key, vars = {}) {
  * lists joined); `fallback` (the server's English sentence) when the code has no text here.
  */
 export function tMsg(code, params = {}, fallback = "") {
-  const many = `msg.${code}`;
-  if (!code || !(many in TEXTS[lang])) return fallback || code || "";
-  // A text counting one record has its own wording ("1 Beispiel mit …", not "1 Beispiele mit …").
-  const key = params?.count === 1 && `${many}.one` in TEXTS[lang] ? `${many}.one` : many;
+  const key = `msg.${code}`;
+  if (!code || !(key in TEXTS[lang])) return fallback || code || "";
   const vars = {};
   for (const [name, value] of Object.entries(params ?? {})) {
     // A count or a length is said exactly ("12.345", not rounded to four significant digits as a loss is).
     const number = (n) => (Number.isInteger(n) ? formatNumber(n) : formatFloat(n));
     vars[name] = typeof value === "number" ? number(value) : Array.isArray(value) ? value.join(", ") : value;
-    // A job's state ("cancelled") is a code: said in the page's words, as the job panel says it.
+    // A job's state ("cancelled") is a code: said in the page's words, as the job panel says it; so are a
+    // dataset tier and a device, as the form's choices say them.
     if (name === "status" && `state.${value}` in TEXTS[lang]) vars[name] = t(`state.${value}`);
+    if ((name === "tier" || name === "device") && `opt.${value}` in TEXTS[lang]) vars[name] = t(`opt.${value}`);
+  }
+  // The eval gate's reasons, each in the page's words when they come with codes (the sentence is English).
+  if (Array.isArray(params?.reasonCodes) && params.reasonCodes.length) {
+    vars.reasons = params.reasonCodes.map((r) => tMsg(r.code, r.params)).join("; ");
+  }
+  // A relative rise as the English sentence says it ("+2%"); reasons recorded before it was sent say a fraction.
+  if (typeof params?.allowed === "number" && params.allowedPercent === undefined) {
+    vars.allowedPercent = formatFloat(params.allowed * 100);
   }
   return t(key, vars);
 }

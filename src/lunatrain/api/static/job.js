@@ -4,9 +4,15 @@
 import { api, FINAL_STATES } from "./api.js";
 import { drawLossChart } from "./chart.js";
 import { t, tMsg, errorText, formatNumber, formatFloat, formatDuration } from "./i18n.js";
-import { fillFacts, showError, showNotice, clearErrors, clearErrorsOf } from "./ui.js";
+import { h, fillFacts, showError, showNotice, clearErrors, clearErrorsOf } from "./ui.js";
 
 const POLL_MS = 1000;
+// A trainer that does not answer is asked less often, up to this (the header says it is down meanwhile).
+const POLL_MAX_MS = 15000;
+// The jobs besides the followed one (another tab's, one queued behind it) are looked for this often.
+const OTHERS_MS = 5000;
+// Unfinished states, the order the list shows them in: what runs, then what waits (the next to run first).
+const ACTIVE_STATES = ["running", "cancelling", "validating", "queued"];
 
 /**
  * Add the loss points of one event to `series`: a training step (`progress`) carries `step` and `loss`; an
@@ -34,7 +40,10 @@ export class JobView {
     this.timer = null;
     this.els = Object.fromEntries(
       ["job-none", "job-body", "job-id", "job-state", "job-percent", "job-progress", "job-facts", "job-error",
-        "cancel-button", "loss-chart", "loss-legend"].map((id) => [id, document.getElementById(id)]));
+        "cancel-button", "loss-chart", "loss-legend", "job-others"].map((id) => [id, document.getElementById(id)]));
+    this.active = []; // every unfinished job, as loadActive() last found them
+    this.failures = 0; // polls in a row that failed: the next waits longer
+    this.othersAt = 0; // when the other jobs were last looked for
     this.els["cancel-button"].addEventListener("click", () => this.cancel());
     this.series = { train: [], val: [], base: null, lastStep: 0, lastLog: null };
     // The chart is drawn at the figure's pixel width; redraw when that width changes (rotation, resize).
@@ -57,7 +66,9 @@ export class JobView {
     this.jobId = job.id;
     this.cursor = 0;
     this.series = { train: [], val: [], base: null, lastStep: 0, lastLog: null };
+    this.failures = 0;
     this.render(job);
+    this.renderOthers();
     this.readEvents().catch((error) => showError(error, t("job.heading"))).finally(() => {
       this.render(this.job);
       this.draw();
@@ -67,7 +78,40 @@ export class JobView {
 
   schedule() {
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.poll(), POLL_MS);
+    this.timer = setTimeout(() => this.poll(), Math.min(POLL_MAX_MS, POLL_MS * 2 ** this.failures));
+  }
+
+  /**
+   * Look for every unfinished job: the others are listed with a button each to follow it (a job started in
+   * another tab, the running one a new job waits behind), and once the followed job has ended the panel
+   * moves on to the one running now. Returns them, or null when the trainer could not say.
+   */
+  async loadActive() {
+    this.othersAt = Date.now();
+    let active;
+    try {
+      const lists = await Promise.all(ACTIVE_STATES.map((status) => api.jobs(status)));
+      // Each list is newest first; a queue runs oldest first, so that is the order the waiting ones show in.
+      active = lists.flatMap((list, i) => (ACTIVE_STATES[i] === "queued" ? [...list.data].reverse() : list.data));
+    } catch {
+      return null; // the job's own poll and the header say what is wrong
+    }
+    this.active = active;
+    const ended = !this.job || FINAL_STATES.has(this.job.status);
+    if (ended && active.length && !active.some((job) => job.id === this.jobId)) this.follow(active[0]);
+    else this.renderOthers();
+    return active;
+  }
+
+  renderOthers() {
+    const others = this.active.filter((job) => job.id !== this.jobId);
+    const box = this.els["job-others"];
+    box.hidden = !others.length;
+    box.replaceChildren(...(others.length ? [h("span", {}, t("job.others")), ...others.map((job) => {
+      const vars = { jobId: job.id, name: job.params?.adapterName ?? "–", state: t(`state.${job.status}`) };
+      return h("button", { type: "button", class: "small", "aria-label": t("job.otherLabel", vars),
+        onclick: () => this.follow(job) }, t("job.other", vars));
+    })] : []));
   }
 
   async poll() {
@@ -79,15 +123,20 @@ export class JobView {
       clearErrors("network");
       clearErrors("service_unavailable");
       clearErrorsOf(t("job.heading")); // an earlier failed poll of this panel is no longer true
+      this.failures = 0;
       this.render(job);
       this.draw();
       if (FINAL_STATES.has(job.status)) {
-        showNotice(t("job.finished", { jobId: job.id, state: t(`state.${job.status}`) }));
+        showNotice(t("job.finished", { jobId: job.id, state: t(`state.${job.status}`) }),
+          job.status === "succeeded" ? "notice" : "warning");
         this.onFinished(job);
+        this.loadActive(); // the next job in the queue, if any, is the current one now
         return;
       }
+      if (Date.now() - this.othersAt >= OTHERS_MS) this.loadActive();
     } catch (error) {
-      showError(error, t("job.heading"));
+      this.failures += 1;
+      showError(error, t("job.heading"), { background: true });
     }
     if (jobId === this.jobId) this.schedule();
   }

@@ -85,16 +85,17 @@ export function checkField(field, raw) {
     if (field.nameRule && (!NAME_RE.test(text) || text.includes(".."))) return [undefined, t("err.name")];
     return [text, null];
   }
-  // Numbers: accept a decimal comma too, as German users type it.
-  let normal = text.replace(",", ".");
-  if (field.kind === "int") {
-    // A whole number may be grouped the way the hints write it ("1.000.000" in German, "1,000,000" in
-    // English). Any other "." or "," is a decimal mark, so "10.000" must not be read as ten (nor "1,000" on
-    // the German page as one): a whole number has none.
-    const grouped = new RegExp(`^[+-]?\\d{1,3}(${groupSeparator === "." ? "\\." : groupSeparator}\\d{3})+$`);
-    normal = grouped.test(text) ? text.split(groupSeparator).join("") : text;
-    if (/[.,]/.test(normal)) return [undefined, t("err.integer")];
-  }
+  // A number may be grouped the way the hints write it ("4.096" and "1.000,5" in German, "4,096" and
+  // "1,000.5" in English), so "2.048" on the German page is two thousand and forty-eight, not two. Otherwise
+  // either mark is a decimal mark ("0,5" and "0.5" alike; "0.002" is no grouping, a group never starts
+  // with 0).
+  const group = groupSeparator === "." ? "\\." : groupSeparator;
+  const decimal = groupSeparator === "." ? "," : "\\.";
+  const grouped = new RegExp(`^[+-]?[1-9]\\d{0,2}(${group}\\d{3})+(${decimal}\\d*)?$`);
+  let normal = grouped.test(text) ? text.split(groupSeparator).join("") : text;
+  normal = normal.replace(",", ".");
+  // A whole number has no decimal mark: "10.000" must not be read as ten (nor "1,000" on the German page as one).
+  if (field.kind === "int" && /[.,]/.test(normal)) return [undefined, t("err.integer")];
   if (!/^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(normal)) {
     return [undefined, t(field.kind === "int" ? "err.integer" : "err.number")];
   }

@@ -20,9 +20,11 @@ const MAX_ALERTS = 4;
 
 /**
  * Show an API error (or any Error) as one readable sentence in the assertive live region. The same text is
- * not repeated while it is still shown, so a poller that keeps failing does not flood the page.
+ * not repeated while it is still shown, so a poller that keeps failing does not flood the page. `background`:
+ * the error of a refresh nobody clicked; when the list is full those go first, so that the answer to what the
+ * user did stays on the page.
  */
-export function showError(error, context = "") {
+export function showError(error, context = "", { background = false } = {}) {
   // A missing or wrong API token is said once, by the token form and the trainer's label (app.js), not by
   // every panel whose call it refused.
   if (error?.status === 401) return;
@@ -33,14 +35,17 @@ export function showError(error, context = "") {
   for (const existing of alerts.querySelectorAll(".message-text")) {
     if (existing.textContent === text) return;
   }
-  const item = h("div", { class: "message error", dataset: { code: error?.code ?? "", context } },
+  const item = h("div", { class: "message error",
+    dataset: { code: error?.code ?? "", context, ...(background ? { background: "yes" } : {}) } },
     h("span", { class: "message-text" }, text),
     h("button", {
       type: "button", class: "dismiss", "aria-label": t("messages.dismiss"), title: t("messages.dismiss"),
       onclick: () => item.remove(),
     }, "×"));
   alerts.append(item);
-  while (alerts.children.length > MAX_ALERTS) alerts.firstElementChild.remove();
+  while (alerts.children.length > MAX_ALERTS) {
+    (alerts.querySelector('[data-background="yes"]') ?? alerts.firstElementChild).remove();
+  }
 }
 
 /** Clear error messages whose code matches (e.g. once the trainer is reachable again). */
@@ -58,10 +63,11 @@ export function clearErrorsOf(context, code) {
   }
 }
 
-/** A short confirmation ("Job … gestartet"); replaces the previous one. */
-export function showNotice(text) {
+/** A short confirmation ("Job … gestartet"); replaces the previous one. `kind` "warning": news that is not
+ * good (a job that failed), not shown in the colour of success. */
+export function showNotice(text, kind = "notice") {
   const notices = document.getElementById("notices");
-  notices.replaceChildren(h("div", { class: "message notice" }, text));
+  notices.replaceChildren(h("div", { class: `message ${kind}` }, text));
 }
 
 /** Ask in the modal dialog; resolves true when confirmed. Esc and "Abbrechen" resolve false. */
