@@ -207,15 +207,17 @@ def test_prepare_writes_the_plan_and_fails_when_the_job_cannot_fit(settings, mon
     report = prepare(settings, parse_params({"maxSeqLength": 128}))
     check = report.check("memory_plan")
     assert check.severity == "info" and check.message.startswith("luna-tiny fits on cpu")
+    assert check.count == 0  # a finding, not a figure: the bytes are in the plan and the message, never a count
     written = json.loads((settings.reports_training_dir / "prepare-latest.json").read_text())
     assert written["memoryPlan"]["fits"] is True and written["memoryPlan"]["bytes"]["weights"] > 0
 
     _small_device(monkeypatch, 600 << 20)
     report = prepare(settings, parse_params({"maxSeqLength": 128}))
     assert report.status == "fail" and report.check("memory_plan").severity == "fail"
+    assert report.check("memory_plan").count == 1
     with pytest.raises(
         CheckFailed,
-        match=r"^Preflight failed: memory_plan \(\d+\); this job needs about .*"
+        match=r"^Preflight failed: memory_plan \(1\); this job needs about .*"
         r"change the options\.$",
     ):
         report.raise_on_fail()

@@ -872,7 +872,9 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
     return Check(
         "memory_plan",
         "info" if plan.fits else "fail",
-        plan.total,
+        # A count is of findings (the report's, the CLI's and the dashboard's count column): one job that does
+        # not fit, or none. The bytes are in the plan (`memoryPlan`) and the message.
+        0 if plan.fits else 1,
         [],
         plan.message,
         code,
