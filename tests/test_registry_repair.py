@@ -347,3 +347,33 @@ def test_repair_keeps_a_promotion_from_before_the_journal_on_a_base_the_journal_
     _version_folder(settings, "ow", "current", a, revision=2, adapterStrategy="overwrite")
     settings.eval_report.write_text(json.dumps({"candidate": {"ref": "ow@current", "revision": 1}, "passed": False}))
     assert _repair_from_scratch(settings)["adapters"]["ow"]["versions"][0]["gate"] is None
+
+
+def test_a_missing_registry_beside_trained_versions_is_refused_and_repair_rebuilds_it(settings):
+    """Repro: with lora-adapters.json deleted, `adapters list` said "No adapters yet", `adapters repair` said
+    "nothing to repair", and the next run registered only itself (every earlier version unregistered, its gate
+    measured against the base model). Repair also dropped a version whose report it could not read without a
+    word, though it had been the active one."""
+    write_export(settings)
+    for _ in range(2):
+        run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
+    path = registry.registry_path(settings)
+    path.unlink()
+    for attempt in (
+        lambda: registry.list_adapters(settings),
+        lambda: _publish(str(settings.home), "luna", "three"),  # the save that left v1 and v2 unregistered
+    ):
+        with pytest.raises(RegistryUnreadable, match=r"is missing, although 2 adapter versions lie in .*repair`"):
+            attempt()
+    assert not path.exists()
+    r = CliRunner().invoke(app, ["adapters", "list"])
+    assert r.exit_code == 1 and "adapters repair" in r.output and "No adapters yet" not in r.output, r.output
+
+    (settings.adapters_dir / "luna" / "v2" / registry.REPORT_FILE).write_text("{")
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0] == "Rebuilt the registry with 1 version of 1 adapter.", r.output
+    assert lines[1].startswith(f"Left out luna/v2 (its {registry.REPORT_FILE} cannot be read: "), r.output
+    assert [e["version"] for e in registry.list_adapters(settings)["luna"]["versions"]] == ["v1"]
+    assert not list(path.parent.glob(f"{path.name}.damaged-*"))  # there was no file to keep

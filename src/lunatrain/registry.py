@@ -53,7 +53,7 @@ from typing import Any
 from .errors import JSON_FAULTS, Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
 from .formats import json_type
 from .fsio import atomic_write_json, file_lock, read_json, storage_guard
-from .messages import coded
+from .messages import coded, counted
 from .settings import Settings, check_name, inside
 from .wire import now_iso as now
 from .wire import utc_now
@@ -99,6 +99,15 @@ def load(settings: Settings) -> dict[str, Any]:
     except DamagedFile as err:
         raise _unreadable(path, err.why) from None
     if data is missing:
+        # No file, yet trained versions on disk (a file deleted by hand or lost with a backup): read as empty,
+        # the next run's save would leave every earlier version unregistered and gate against the base model.
+        found = _report_files(settings)
+        if found:
+            raise RegistryUnreadable(
+                f"The adapter registry {path} is missing, although {counted(len(found), 'adapter version')} "
+                f"{'lies' if len(found) == 1 else 'lie'} in {settings.adapters_dir}; nothing was changed. "
+                "Run `lunatrain adapters repair` to rebuild it from the adapter folders."
+            )
         return {"format": FORMAT, "adapters": {}}
     problem = shape_problem(data)
     if problem:
@@ -978,22 +987,28 @@ def repair(settings: Settings) -> dict[str, Any]:
                 "versions": count,
                 "adapters": sorted(data["adapters"]),
                 "settled": settled,
+                "skipped": [],
             }
         rebuilt = rebuild(settings)
-        aside = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
+        skipped = rebuilt.pop("skipped")
+        aside: Path | None = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
         with storage_guard(path):
-            os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
-        rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name}
+            try:
+                os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
+            except FileNotFoundError:  # a missing registry: nothing to keep
+                aside = None
+        rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name if aside else None}
         _save(settings, rebuilt)
     with contextlib.suppress(LunaError):  # stale marks come from the store's tombstones, when it can be read
         refresh_stale(settings)
     count = sum(len(a["versions"]) for a in rebuilt["adapters"].values())
     return {
         "repaired": True,
-        "damagedFile": str(aside),
+        "damagedFile": str(aside) if aside else None,
         "versions": count,
         "adapters": sorted(rebuilt["adapters"]),
         "settled": [],
+        "skipped": skipped,
     }
 
 
@@ -1002,24 +1017,28 @@ def rebuild(settings: Settings) -> dict[str, Any]:
     succeeded run is one entry, with the gate outcome its gate.json keeps; `latest` is the newest; each
     adapter's activations.jsonl restores what is active on each base and the activation history; merged
     models restore `merged`. For folders from before gate.json and activations.jsonl, the last eval gate
-    report restores its candidate's outcome (and `active`, when it promoted it)."""
-    data: dict[str, Any] = {"format": FORMAT, "adapters": {}}
-    root = settings.adapters_dir
-    for report_path in sorted(root.glob(f"*/*/{REPORT_FILE}")) if root.is_dir() else []:
+    report restores its candidate's outcome (and `active`, when it promoted it). `skipped`: "NAME/VERSION
+    (why)" of each version folder left out, for the user to look at (it stays on disk)."""
+    data: dict[str, Any] = {"format": FORMAT, "adapters": {}, "skipped": []}
+    for report_path in _report_files(settings):
         folder = report_path.parent
         name = folder.parent.name
-        if not (_VERSION_RE.match(folder.name) or folder.name == SLOT) or name.startswith("."):
-            continue  # .work/ (unfinished runs) and .slots/ (reached through the `current` link)
+        where = f"{name}/{folder.name}"
         try:
             report = read_json(report_path)
-        except (DamagedFile, OSError):
+        except (DamagedFile, OSError) as exc:
+            why = exc.why if isinstance(exc, DamagedFile) else exc.strerror or str(exc)
+            data["skipped"].append(f"{where} (its {REPORT_FILE} cannot be read: {why})")
             continue  # a folder whose report is unreadable cannot be described; it stays on disk
         if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
-            continue
+            continue  # not a finished run's version (a failed run's report describes no adapter)
         entry = _entry_from_report(name, folder, report)
         entry["gate"] = _kept_gate(folder)
-        if _entry_problem(name, entry) is None:  # a report that cannot say what it was trained on stays on disk
+        problem = _entry_problem(name, entry)
+        if problem is None:
             _adapter(data, name)["versions"].append(entry)
+        else:  # a report that cannot say what it was trained on stays on disk
+            data["skipped"].append(f"{where} (its {REPORT_FILE} {problem})")
     for adapter in data["adapters"].values():
         adapter["versions"].sort(
             key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or "")
@@ -1032,6 +1051,18 @@ def rebuild(settings: Settings) -> dict[str, Any]:
     _restore_gate(settings, data, journaled)
     _restore_merges(settings, data)
     return data
+
+
+def _report_files(settings: Settings) -> list[Path]:
+    """The training report of every version folder (data/adapters/NAME/vN or NAME/current), sorted."""
+    root = settings.adapters_dir
+    found = sorted(root.glob(f"*/*/{REPORT_FILE}")) if root.is_dir() else []
+    # Not .work/ (unfinished runs) nor .slots/ (reached through the `current` link).
+    return [
+        p
+        for p in found
+        if (_VERSION_RE.match(p.parent.name) or p.parent.name == SLOT) and not p.parent.parent.name.startswith(".")
+    ]
 
 
 def _kept_gate(folder: Path) -> dict[str, Any] | None:

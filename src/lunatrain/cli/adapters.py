@@ -213,7 +213,10 @@ def repair_cmd() -> None:
         if not result["settled"]:
             typer.echo(f"The registry is readable ({counted(result['versions'], 'version')}); nothing to repair.")
         return
+    kept = f"; the damaged file is kept as {result['damagedFile']}" if result["damagedFile"] else ""
     typer.echo(
         f"Rebuilt the registry with {counted(result['versions'], 'version')} of "
-        f"{counted(len(result['adapters']), 'adapter')}; the damaged file is kept as {result['damagedFile']}."
+        f"{counted(len(result['adapters']), 'adapter')}{kept}."
     )
+    for folder in result["skipped"]:
+        typer.echo(f"Left out {folder}: it stays on disk; train it again or fix the file and repair once more.")
