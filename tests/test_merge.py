@@ -90,6 +90,38 @@ def test_a_version_whose_files_are_gone_is_one_sentence_for_merge_and_the_gate(t
     assert not (settings.models_dir / "merged").exists()
 
 
+DAMAGE = {  # file -> (new content, what the sentence says of it)
+    "adapter_model.safetensors": (lambda b: b[:1000], "adapter_model.safetensors is cut short"),
+    "adapter_config.json": (lambda b: b[:-20], "adapter_config.json: "),
+    "tokenizer.json": (None, "the tokenizer's vocabulary, tokenizer.json, is missing"),
+    "tokenizer_config.json": (lambda b: b"[]", "tokenizer_config.json: a JSON list, not an object"),
+}
+
+
+@pytest.mark.parametrize("damaged", DAMAGE)
+def test_a_version_whose_files_are_damaged_is_one_sentence_for_merge_and_the_gate(trained_home, settings, damaged):
+    """Repro: a weights file cut short, an adapter_config.json edited into bad JSON or a deleted tokenizer.json
+    made `eval-gate`, `merge` and `luna` print a traceback (SafetensorError, JSONDecodeError, "Couldn't
+    instantiate the backend tokenizer"). Now one sentence naming the version and the file, exit 1."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    path = settings.adapters_dir / "luna-adapter" / "v1" / damaged
+    change, said = DAMAGE[damaged]
+    if change is None:
+        path.unlink()
+    else:
+        path.write_bytes(change(path.read_bytes()))
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1, (args, r.output)
+        assert lines[0].startswith("error: The files of luna-adapter@v1 under data/adapters are damaged (")
+        assert said in lines[0] and lines[0].endswith("; train it again, or roll back to another version."), lines
+    assert not (settings.models_dir / "merged").exists()
+
+
 def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(settings):
     """Repro: `merge --adapter a` merged the latest version, which may be one the gate refused, when none was
     active. A bare name is the active version; without one the command names the versions to choose from."""

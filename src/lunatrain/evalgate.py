@@ -485,10 +485,10 @@ def _run(
 
     adapters = {}
     if entry is not None:
-        adapters["candidate"] = registry.loadable_dir(settings, entry)
+        adapters["candidate"] = registry.readable_dir(settings, entry)
     if baseline_entry is not None and not registry.same_entry(baseline_entry, entry):
         # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable
-        adapters["baseline"] = registry.loadable_dir(settings, baseline_entry)
+        adapters["baseline"] = registry.readable_dir(settings, baseline_entry)
     ev = _Evaluator(settings, base, adapters, chat_template)
     tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
     context = {

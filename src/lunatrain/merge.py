@@ -64,7 +64,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             f"Base model {trained_on['id']!r} has changed since {name}@{entry['version']} was trained "
             "(fingerprints differ); retrain, or pass --force to merge anyway."
         )
-    adapter_dir = registry.loadable_dir(settings, entry)  # before anything is written
+    adapter_dir = registry.readable_dir(settings, entry)  # before anything is written
     label = check_name(f"{name}-{entry['version']}", "merged model name")
     target = settings.models_dir / "merged" / label
     # The model goes to data/models/merged and is recorded in the registry: storage that cannot take either

@@ -654,6 +654,67 @@ def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     return path
 
 
+def readable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
+    """`loadable_dir`, and DamagedFile when a file there cannot be read (cut short, edited by hand): the gate
+    and merge load the weights and the tokenizer in the same process, where safetensors, PEFT or the tokenizer
+    would end it with a traceback. (Serving catches a failed load itself and stays up.)"""
+    path = loadable_dir(settings, entry)
+    if problem := _damaged_files(path):
+        raise DamagedFile(
+            f"The files of {entry.get('name')}@{entry.get('version')} under data/adapters are damaged ({problem}); "
+            "train it again, or roll back to another version."
+        )
+    return path
+
+
+def _damaged_files(path: Path) -> str | None:
+    """What makes the adapter files in `path` unloadable, found cheaply (the JSON files parsed, the weights'
+    header read and their length checked against it), or None."""
+    for name in ("adapter_config.json", "tokenizer_config.json", "tokenizer.json"):
+        if not (path / name).is_file():
+            continue
+        try:
+            data = read_json(path / name)
+        except (DamagedFile, OSError) as exc:
+            return f"{name}: {exc.why if isinstance(exc, DamagedFile) else exc.strerror or exc}"
+        if not isinstance(data, dict):
+            return f"{name}: a JSON {json_type(data)}, not an object"
+    vocabularies = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if (path / "tokenizer_config.json").is_file() and not any((path / f).is_file() for f in vocabularies):
+        return "the tokenizer's vocabulary, tokenizer.json, is missing"
+    return _weights_problem(path / "adapter_model.safetensors")
+
+
+def _weights_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header naming each tensor's byte range, then the
+    data: a file cut short or overwritten shows in the first two, without reading the weights."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= size - 8:
+                return f"{path.name} is cut short or not safetensors"
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        return f"{path.name}: {exc.strerror or exc}"
+    except (*JSON_FAULTS, UnicodeDecodeError):
+        return f"{path.name} has an unreadable header"
+    if not isinstance(header, dict):
+        return f"{path.name} has an unreadable header"
+    ends = [
+        t["data_offsets"][1]
+        for key, t in header.items()
+        if key != "__metadata__"
+        and isinstance(t, dict)
+        and isinstance(t.get("data_offsets"), list)
+        and t["data_offsets"]
+    ]
+    if not all(isinstance(end, int) for end in ends) or 8 + length + max(ends, default=0) > size:
+        return f"{path.name} is cut short"
+    return None
+
+
 def get_revision(settings: Settings, name: str, revision: int) -> dict[str, Any]:
     """One revision of NAME's overwrite slot, staged or not (the eval gate's candidate)."""
     adapter = list_adapters(settings).get(name)
