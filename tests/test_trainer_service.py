@@ -518,3 +518,26 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     assert shown.exit_code == 1 and "nan_loss" in shown.output
     health_cli = CliRunner().invoke(app, ["health"], env=env)
     assert health_cli.exit_code == 0 and ("Online (CPU)" in health_cli.output or "Aktiv (CUDA)" in health_cli.output)
+
+
+@pytest.mark.slow
+def test_an_overwrite_run_the_gate_refused_is_described_as_not_kept(svc):
+    """Repro: through the trainer, a refused overwrite run was described with the kept revision's validation
+    loss and "Eval gate: passed." (its job's adapter carried no revision, so the slot's kept one was read)."""
+    settings = svc.settings
+    profiles = settings.home / "profiles"
+    profiles.mkdir(exist_ok=True)
+    (profiles / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")
+    (profiles / "lenient.toml").write_text("[gate]\nmaxValLossRatioVsBase = 100.0\nmaxLossRegression = 10.0\n")
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
+    run = ["lora", "--adapterName", "slot", "--adapterStrategy", "overwrite", "--datasetTier", "memory"]
+    run += ["--epochs", "1", "--maxSteps", "2", "--batchSize", "4"]
+    kept = CliRunner().invoke(app, [*run, "--profile", "lenient"], env=env)
+    assert kept.exit_code == 0 and "Eval gate: passed." in kept.output, kept.output
+    refused = CliRunner().invoke(app, [*run, "--profile", "strict", "--json"], env=env)
+    assert refused.exit_code == 1, refused.output
+    assert json.loads(refused.stdout)["adapter"]["revision"] == 2, refused.stdout
+    said = CliRunner().invoke(app, [*run, "--profile", "strict"], env=env)
+    assert said.exit_code == 1, said.output
+    assert "Adapter slot@current revision 3 was not kept: data/adapters/slot/current still holds" in said.output
+    assert "Eval gate: failed." in said.output and "Eval gate: passed." not in said.output, said.output

@@ -330,7 +330,11 @@ def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None
     path = Path(str(adapter.get("path", "")))
     with contextlib.suppress(ValueError):
         path = path.relative_to(home)  # a path relative to the data root does not leak the machine's layout
-    return {"name": str(adapter.get("name")), "version": str(adapter.get("version")), "path": str(path)}
+    ref = {"name": str(adapter.get("name")), "version": str(adapter.get("version")), "path": str(path)}
+    # The overwrite slot's run: without it a reader takes the slot's kept revision for this run's (a refused
+    # run would be described with the metrics and gate of the revision it did not replace).
+    revision = adapter.get("revision")
+    return ref | ({"revision": revision} if isinstance(revision, int) and not isinstance(revision, bool) else {})
 
 
 def _crash_error(code: int, log_path: Path, home: Path) -> dict[str, str]:
