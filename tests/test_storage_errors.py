@@ -3,6 +3,7 @@ unusable data root stops `serve` with exit 2. Run: `pytest tests/test_storage_er
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -268,3 +269,69 @@ def test_storage_messages_are_one_sentence() -> None:
     assert "nothing was changed" in messages[1] and "lunatrain gc" in messages[1]
     assert "previous data is intact" in messages[2] and "lunatrain gc" in messages[2]
     assert "previous data is intact" in messages[3] and "check the disk" in messages[3]
+
+
+@pytest.mark.parametrize("revision", ["0002", "zzz"])
+def test_a_database_of_a_newer_lunatrain_is_one_sentence_everywhere(settings: Settings, revision: str) -> None:
+    """Repro: a database whose alembic_version names a revision this lunatrain does not know (made by a newer
+    one, or garbage) ended `examples list`, `status` and `export` in a 107-line alembic traceback ("Can't locate
+    revision identified by '0002'"), and `serve` died at startup. Now one sentence, exit 1 (API 503), and the
+    database as it was."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    store.dispose_stores()
+    path = _db(settings)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    said = f"schema revision {revision!r}; this one knows up to {store.SCHEMA_HEAD!r}"
+    runner = CliRunner()
+    for args in (["status"], ["examples", "list"], ["export"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.count("\n") == 1 and said in r.output and "newer lunatrain" in r.output, (args, r.output)
+        assert str(path) in r.output and "Traceback" not in r.output, r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.get(f"{T}/examples")
+        assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text
+        assert said in res.json()["error"]["message"]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(revision,)]
+
+
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite://", "sqlite:///:memory:", "sqlite+pysqlite://"])
+def test_an_in_memory_database_is_refused(home: Path, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Repro: with ASSISTANT_DB_URL=sqlite:/// `examples add` said "Added example 1" and the next command listed
+    nothing: the example went to an in-memory database that ended with the process."""
+    monkeypatch.setenv("ASSISTANT_DB_URL", url)
+    with pytest.raises(UsageError, match="ASSISTANT_DB_URL"):
+        store.open_store(load_settings())
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "in-memory database keeps nothing" in r.output and "ASSISTANT_DB_URL" in r.output, r.output
+    # `serve` too refuses it before it serves (it stopped with uvicorn's "Application startup failed")
+    r = CliRunner().invoke(app, ["serve", "--port", "0"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: Invalid database URL"), r.output
+    assert not (load_settings().home / "data" / "api" / "api.url").exists()
+
+
+def test_a_busy_database_is_busy_not_damaged(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repro: a database another process holds past the busy timeout (a long import) was reported as damaged,
+    "restore it from a backup, or move it aside": advice that throws away a healthy database. Now it says
+    another process holds it; exit 1, API 503."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    store.dispose_stores()
+    monkeypatch.setattr(store, "SQLITE_BUSY_TIMEOUT_S", 0.2)  # not the 30 s a real writer waits
+    holder = sqlite3.connect(_db(settings), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StorageError, match="another process") as err:
+            store.add_example(settings, prompt="zweite", response="Antwort")
+        assert "backup" not in err.value.message and "aside" not in err.value.message, err.value.message
+        r = CliRunner().invoke(app, ["examples", "add", "--prompt", "dritte", "--response", "Antwort"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "another process" in r.output, r.output
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+            res = client.post(f"{T}/examples", json={"prompt": "vierte", "response": "Antwort"})
+            assert res.status_code == 503 and "another process" in res.json()["error"]["message"], res.text
+    finally:
+        holder.close()
+    store.add_example(settings, prompt="fünfte", response="Antwort")  # free again: nothing was wrong with it
+    assert store.counts(settings)["totals"]["examples"] == 2

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from lunatrain import store
 from lunatrain.cli import app
-from lunatrain.errors import Conflict, NotFound, UsageError
+from lunatrain.errors import Conflict, NotFound, StorageError, UsageError
 from lunatrain.formats import make_draft
 from lunatrain.settings import Settings, load_settings
 
@@ -615,3 +615,78 @@ def test_an_imported_records_own_status_is_kept_and_a_foreign_one_refused(db: Se
         "x": "pending",
         "y": "pending",
     }
+
+
+# --- PostgreSQL databases lunatrain cannot use ------------------------------------------------------
+
+
+def _pg_admin() -> sa.Engine:
+    url = os.environ.get("ASSISTANT_TEST_PG_URL")
+    if not url:
+        pytest.skip("ASSISTANT_TEST_PG_URL is not set: these cases need a real PostgreSQL")
+    return sa.create_engine(_worker_database(url), isolation_level="AUTOCOMMIT")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_a_postgres_database_not_in_utf8_is_refused(home: Path, monkeypatch: pytest.MonkeyPatch, encoding: str) -> None:
+    """Repro: in a LATIN1 database `examples add --prompt "Kaffee ☕"` ended in a UnicodeEncodeError traceback
+    (the API in a 500); in a SQL_ASCII one every command said "Invalid database URL …: cannot use a string
+    pattern on a bytes-like object". Now the store refuses such a database in one sentence, exit 1."""
+    admin = _pg_admin()
+    name = f"{admin.url.database}_{encoding.lower()}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(
+            sa.text(f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        )
+    monkeypatch.setenv("ASSISTANT_DB_URL", admin.url.set(database=name).render_as_string(hide_password=False))
+    try:
+        r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Kaffee ☕", "--response", "Gern."])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert f"uses encoding {encoding}; lunatrain needs UTF8" in r.output and name in r.output, r.output
+        with pytest.raises(StorageError, match="ENCODING 'UTF8'"):
+            store.list_examples(load_settings())
+    finally:
+        store.dispose_stores()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repro: a user the server refuses ("permission denied for schema public", "… for table examples") was told
+    the database is damaged: "restore it from a backup, or move it aside". Now the sentence says the user lacks
+    the permission, and what the server said."""
+    admin = _pg_admin()
+    owner = admin.url.render_as_string(hide_password=False)
+    _reset_postgres(owner)
+    role = f"lunatrain_no_rights_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'luna'"))
+        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {role}"))  # as PostgreSQL 15 gives everyone
+    limited = admin.url.set(username=role, password="luna").render_as_string(hide_password=False)
+    try:
+        monkeypatch.setenv("ASSISTANT_DB_URL", limited)
+        with pytest.raises(StorageError) as err:  # an empty database: the user may not create the schema
+            store.open_store(load_settings())
+        assert "permission denied for schema public" in err.value.message, err.value.message
+        store.dispose_stores()
+        store.open_store(
+            load_settings(db_url=owner)
+        )  # the schema, made by its owner; the user may see it but not read the examples
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"GRANT SELECT ON alembic_version TO {role}"))
+        r = CliRunner().invoke(app, ["examples", "list"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        for said in (err.value.message, r.output):
+            assert f"user {role} lacks a permission" in said and "backup" not in said and "aside" not in said, said
+        assert "permission denied for table examples" in r.output, r.output
+    finally:
+        store.dispose_stores()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()

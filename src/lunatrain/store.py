@@ -197,6 +197,20 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
                 f"Cannot connect to the database {where} ({reason}), so nothing was changed; check that its "
                 "server runs and that ASSISTANT_DB_URL names it."
             )
+    if engine.dialect.name == "sqlite" and _BUSY.search(reason):
+        # Another connection held the lock past the busy timeout (a long import, a second server): the database
+        # is healthy, and the advice for a damaged one (move it aside) would throw it away.
+        return StorageError(
+            f"The database {where} is held by another process ({reason}), so nothing was changed; try again "
+            "when that process is done."
+        )
+    if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
+        said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason  # without the query
+        user = f"The database user {engine.url.username}" if engine.url.username else "The database user"
+        return StorageError(
+            f"{user} lacks a permission in the database {where} (the server said: {said}), so nothing was "
+            "changed; grant it the privileges lunatrain needs, or name another user in ASSISTANT_DB_URL."
+        )
     if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
         return DiskFull(
             f"The disk holding the database {where} is full ({reason}), so nothing was changed; free some "
@@ -206,6 +220,10 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
         f"The database {where} cannot be used ({reason}); restore it from a backup, or move it "
         "aside to start with an empty one."
     )
+
+
+# SQLite's words for a lock another connection held past the busy timeout (sqlite3.OperationalError).
+_BUSY = re.compile(r"\bdatabase (table )?is locked\b")
 
 
 @contextlib.contextmanager
@@ -221,9 +239,16 @@ def _storage_errors(engine: Engine) -> Iterator[None]:
 
 
 def _sqlite_engine(url: str) -> Engine:
-    db_path = sa.engine.make_url(url).database
-    if db_path and db_path != ":memory:":
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    parsed = sa.engine.make_url(url)
+    db_path = parsed.database
+    if not db_path or db_path == ":memory:" or parsed.query.get("mode") == "memory":
+        # Each process (each pooled thread, even) would get an empty database of its own that ends with it:
+        # `examples add` would say "Added" and the next command find nothing.
+        raise UsageError(
+            f"Invalid database URL {_hidden(url)!r}: an in-memory database keeps nothing between commands; give "
+            "ASSISTANT_DB_URL a file path (sqlite:///PATH) or leave it unset."
+        )
+    Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @sa.event.listens_for(engine, "connect")
@@ -244,16 +269,55 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def _server_engine(url: str) -> Engine:
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+        _utf8_only(engine)
+    return engine
+
+
+def _utf8_only(engine: Engine) -> None:
+    """Refuse a PostgreSQL database whose encoding is not UTF8, on the engine's first connection: LATIN1 cannot
+    store "☕" (a UnicodeEncodeError mid-command), and SQL_ASCII hands the driver bytes where SQLAlchemy expects
+    text (it fails before any query of ours). Runs before SQLAlchemy's own first queries on the connection."""
+    checked = False
+
+    @sa.event.listens_for(engine, "connect", insert=True)
+    def _check(dbapi_conn: Any, _record: Any) -> None:
+        nonlocal checked
+        if checked:
+            return
+        cur = dbapi_conn.cursor()
+        cur.execute("SHOW server_encoding")
+        encoding = cur.fetchone()[0]
+        cur.close()
+        dbapi_conn.rollback()  # no transaction left open for the dialect's own setup
+        if isinstance(encoding, bytes):  # SQL_ASCII: the driver returns bytes
+            encoding = encoding.decode("ascii", "replace")
+        if encoding.upper() != "UTF8":
+            dbapi_conn.close()
+            raise StorageError(
+                f"The PostgreSQL database {database_name(engine)} uses encoding {encoding}; lunatrain needs UTF8: "
+                "create it with ENCODING 'UTF8'."
+            )
+        checked = True
+
+
 # The newest migration's revision (migrations/versions/): a database already there needs no alembic at all,
 # which saves every process that opens it a few hundred milliseconds (test_store checks this is alembic's head).
 SCHEMA_HEAD = "0001"
 
 
+def _schema_revision(conn: Connection) -> str | None:
+    """The migration the database is at; None for a database without lunatrain's schema."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def _at_head(store: Store) -> bool:
     with store.read() as conn:
-        if not sa.inspect(conn).has_table("alembic_version"):
-            return False
-        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD
+        return _schema_revision(conn) == SCHEMA_HEAD
 
 
 def _migrate(store: Store) -> None:
@@ -261,6 +325,7 @@ def _migrate(store: Store) -> None:
         return
     from alembic import command
     from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -269,6 +334,15 @@ def _migrate(store: Store) -> None:
         # ends with the transaction. Either way a second process waits, then finds the schema at head.
         if store.dialect == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        found = _schema_revision(conn)
+        known = {script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}
+        if found is not None and found not in known:
+            # A newer lunatrain's migration (or a damaged record of it): alembic would end in a traceback, and
+            # this version cannot read a schema it does not know anyway.
+            raise StorageError(
+                f"The database {database_name(store.engine)} was made by a newer lunatrain (schema revision "
+                f"{found!r}; this one knows up to {SCHEMA_HEAD!r}); use that version or a backup."
+            )
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
@@ -285,7 +359,7 @@ def open_store(settings: Settings) -> Store:
         store = _stores.get(key)
         if store is None:
             try:
-                engine = _sqlite_engine(url) if url.startswith("sqlite") else sa.create_engine(url, pool_pre_ping=True)
+                engine = _sqlite_engine(url) if url.startswith("sqlite") else _server_engine(url)
             # ValueError/TypeError: a URL part the dialect converts (a port that is no number, `?timeout=abc`).
             except (sa.exc.ArgumentError, ImportError, ValueError, TypeError) as exc:
                 # postgres://, as many hosts write it, names no SQLAlchemy dialect: name the one to use

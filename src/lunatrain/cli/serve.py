@@ -42,6 +42,13 @@ def serve(
     except LunaError as err:
         raise fail(err) from None
     try:
+        from .. import store
+        from ..errors import StorageError
+
+        try:
+            store.open_store(settings)  # a URL naming no usable database (sqlite:///, a typo) is said now
+        except StorageError:
+            pass  # damaged or unreachable: served anyway, each request that needs it answers 503 with why
         api = create_app(settings, bound_host=settings.api_host)
         previous = listen.recorded(settings.api_url_file)  # another server of this data root: given back at exit
         address = listen.record(sock, settings.api_url_file)
