@@ -139,6 +139,20 @@ def test_non_loopback_bind_needs_a_token() -> None:
         check_bind(host, TOKEN)
 
 
+def test_a_token_set_with_spaces_around_it_is_the_token_without_them(tmp_path: Path) -> None:
+    """Repro: ASSISTANT_API_TOKEN="secret " refused every request (HTTP drops the spaces around a header's
+    value, so the configured token could never be presented), and a token of spaces alone let the API listen
+    on all interfaces, where it then refused everyone."""
+    app = create_app(load_settings(home=tmp_path, api_token=f" {TOKEN} "))
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the guard answers first
+    assert client.get("/assistant/training/adapters", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert client.get("/assistant/training/adapters").status_code == 401
+    blank = load_settings(home=tmp_path, api_token="   ")
+    assert blank.api_token is None
+    with pytest.raises(UsageError, match="ASSISTANT_API_TOKEN"):
+        check_bind("0.0.0.0", blank.api_token)
+
+
 @pytest.mark.slow
 def test_serve_on_all_interfaces_without_token_exits_2_with_one_sentence(home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ASSISTANT_API_TOKEN"}

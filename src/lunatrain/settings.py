@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     lora_trainer_url: str = Field(default_factory=lambda: DEFAULT_TRAINER_URL)
     lora_ensure_on_demand: bool = True
     lora_trainer_start_cmd: str | None = None
-    lora_ensure_timeout: float = Field(default=60.0, gt=0)
+    # At most a day: a larger wait (or inf) for a trainer that never answers is no timeout at all.
+    lora_ensure_timeout: float = Field(default=60.0, gt=0, le=86400)
     lora_gpus: int | None = Field(
         default=None,
         ge=1,
@@ -118,6 +119,13 @@ class Settings(BaseSettings):
                     raise ValueError(f"{home} is not a directory" + (f" ({path} is a file)" if path != home else ""))
                 break
         return home
+
+    @field_validator("api_token", mode="after")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        # HTTP drops the spaces around a header's value, so a token with them could never be presented; and a
+        # token of spaces alone is no token (a non-loopback bind must refuse it, not accept it and lock out all).
+        return v.strip() or None if v is not None else None
 
     @field_validator("lora_trainer_url", mode="after")
     @classmethod
