@@ -176,6 +176,34 @@ def test_bad_start_command_is_a_usage_error(home, any_port, monkeypatch):
     assert result.exit_code == 2 and "ASSISTANT_LORA_TRAINER_START_CMD" in result.output
 
 
+def test_a_free_port_setting_is_no_chosen_address_when_its_record_names_another_root(home, monkeypatch):
+    """Repro: with ASSISTANT_LORA_TRAINER_URL=http://127.0.0.1:0 and data/trainer/trainer.url naming another
+    data root's trainer (a copied project, or a port the OS gave that trainer after ours was killed), every
+    `lora` was refused as if the user had chosen that address ("…or unset it"); port 0 chooses none, so this
+    root's own trainer starts on a free port."""
+    from lunatrain.service.jobs import DataRootView, Health
+
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")
+    settings = load_settings()
+    settings.trainer_url_file.parent.mkdir(parents=True)
+    settings.trainer_url_file.write_text("http://127.0.0.1:43173\n")
+    foreign = Health(data_root=DataRootView(id="0" * 16, path=str(home.parent / "other-project")))
+    monkeypatch.setattr(client, "probe", lambda settings, timeout=3.0: foreign)
+    ports: list[int | None] = []
+
+    class Started(Exception):
+        pass
+
+    def start(_settings, port=None):
+        ports.append(port)
+        raise Started
+
+    monkeypatch.setattr(ensure, "start_trainer", start)
+    with pytest.raises(Started):
+        ensure_trainer(settings, timeout=5)
+    assert ports == [0]
+
+
 @pytest.mark.slow
 def test_a_trainer_of_another_data_root_is_never_used(tmp_path, monkeypatch):
     """Two projects on one machine: the first one's trainer holds the default address. The second refuses it

@@ -36,6 +36,13 @@ def explicit_url(settings: Settings) -> bool:
     return "lora_trainer_url" in settings.model_fields_set
 
 
+def chosen_address(settings: Settings) -> bool:
+    """Whether the user chose where the trainer listens: an explicit URL with a port; port 0 is any free one,
+    found through this data root's record, which may name another root's trainer (a copied data root, a port
+    reused after ours was killed): not an address to refuse over."""
+    return explicit_url(settings) and not _any_port(settings.lora_trainer_url)
+
+
 def base_url(settings: Settings) -> str:
     """The trainer for this data root: the configured URL when one was chosen; else the address the data
     root's trainer recorded when it last started (a port of its own when the default port served another

@@ -101,7 +101,7 @@ def _refuse_chosen_address(settings: Settings, health: Health) -> None:
     """The trainer at our address serves another data root. With an address the user chose, refuse; else
     the caller starts our own trainer on a port the OS picks, and that trainer records it under this data
     root (binding the port itself: a port picked here and bound later could be taken in between)."""
-    if trainer_client.explicit_url(settings) or settings.lora_trainer_start_cmd:
+    if trainer_client.chosen_address(settings) or settings.lora_trainer_start_cmd:
         raise trainer_client.other_data_root(settings, trainer_client.holder(health))
 
 
