@@ -208,6 +208,8 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
         ({"adapterName": "../etc"}, "adapterName"),
         ({"requestId": "has space"}, "requestId"),
         ({"targetModules": []}, "targetModules"),
+        # a name the model lacks: refused before the job is queued (it failed in the worker, exit 1 not 2)
+        ({"targetModules": ["q_proj", "zz_proj"]}, "its linear layers are"),
         ({"gateThresholds": {"bogus": 1}}, "gateThresholds"),
         ({"gateThresholds": {"maxValLossRatioVsBase": 0}}, "gateThresholds"),
         ({"baseModel": None}, "baseModel"),  # the client resolves it; the trainer never fills in its own
