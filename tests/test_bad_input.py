@@ -321,6 +321,7 @@ def test_a_body_of_many_unknown_keys_gets_a_short_refusal(settings: Settings, pa
         # was accepted: a trainer that never answers was waited for forever
         ("ASSISTANT_LORA_ENSURE_TIMEOUT", "inf", ("health", "--ensure-trainer")),
         ("ASSISTANT_LORA_ENSURE_TIMEOUT", "1e400", ("health", "--ensure-trainer")),
+        ("ASSISTANT_BASE_MODEL", "", ("prepare",)),
         ("ASSISTANT_LORA_TRAINER_URL", "notaurl", ("status",)),
         ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:99999", ("status",)),
     ],

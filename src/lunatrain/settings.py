@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite file data/assistant.db")
     train_val_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     train_test_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    base_model: str = Field(default="luna-tiny", description="hub id, local directory, or luna-tiny")
+    # Not empty: "" was read as the current directory ("Base model '' has no config.json in /here").
+    base_model: str = Field(default="luna-tiny", min_length=1, description="hub id, local directory, or luna-tiny")
     lora_trainer_url: str = Field(default_factory=lambda: DEFAULT_TRAINER_URL)
     lora_ensure_on_demand: bool = True
     lora_trainer_start_cmd: str | None = None
