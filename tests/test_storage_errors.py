@@ -335,3 +335,15 @@ def test_a_busy_database_is_busy_not_damaged(settings: Settings, monkeypatch: py
         holder.close()
     store.add_example(settings, prompt="fünfte", response="Antwort")  # free again: nothing was wrong with it
     assert store.counts(settings)["totals"]["examples"] == 2
+
+
+def test_a_read_only_data_root_says_why_the_database_cannot_be_opened(settings: Settings) -> None:
+    """Repro: on a read-only data root (a mounted backup) `examples list` said only "unable to open database
+    file", though the file is there and readable: SQLite writes its journal beside it, even to read."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    store.dispose_stores()
+    with read_only(settings.home):
+        r = CliRunner().invoke(app, ["examples", "list"])
+    store.dispose_stores()
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "cannot be written, and SQLite writes beside the database even to read" in r.output, r.output

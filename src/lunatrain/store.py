@@ -382,7 +382,9 @@ def open_store(settings: Settings) -> Store:
                 engine.dispose()
                 if isinstance(err.__cause__, sa.exc.OperationalError) and "unable to open" in str(err.__cause__):
                     # not damage: a path or server that cannot be reached is a configuration mistake
-                    raise UsageError(f"Cannot open the database {engine.url!r}: {err.__cause__.orig}.") from None
+                    raise UsageError(
+                        f"Cannot open the database {engine.url!r}: {err.__cause__.orig}{_read_only_note(engine)}."
+                    ) from None
                 option = _BAD_URL_OPTION.search(str(getattr(err.__cause__, "orig", "")))
                 if option:  # libpq refused an option of the URL before connecting: nothing is wrong with the data
                     raise UsageError(
@@ -396,6 +398,18 @@ def open_store(settings: Settings) -> Store:
                 ) from None
             _stores[key] = store
     return store
+
+
+def _read_only_note(engine: Engine) -> str:
+    """Why SQLite cannot open a database file that is there: its folder cannot be written (a read-only mount,
+    a backup restored without write permission); SQLite writes its journal beside the file, even to read."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or not Path(path).is_file():
+        return ""
+    folder = Path(path).parent
+    if os.access(folder, os.W_OK) and os.access(path, os.W_OK):
+        return ""
+    return f" (its folder {folder} or the file cannot be written, and SQLite writes beside the database even to read)"
 
 
 # libpq's words for a URL option it refuses while parsing the connection string, before any connection:
