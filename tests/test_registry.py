@@ -447,3 +447,33 @@ def test_a_version_not_named_points_at_the_command_that_lists_the_versions(setti
     assert refused.exit_code == 2 and "`lunatrain adapters list` shows its versions." in refused.output
     listed = CliRunner().invoke(app, ["adapters", "list"])
     assert listed.exit_code == 0 and "a@v1" in listed.output and "a@v2" in listed.output, listed.output
+
+
+def test_each_revision_of_an_overwrite_slot_is_marked_stale_by_its_own_training_hashes(settings):
+    """Repro: after deleting an example revision 1 of ow@current was trained on, revision 2, trained on the export
+    made without it, was listed `[stale: retrain needed]` too, and so was a revision the gate refused: each
+    revision's train-hashes.txt was read at the slot's path, which holds revision 1's while a newer one waits for
+    its gate. A revision waiting there that was trained on the deleted example is marked all the same."""
+
+    def run(tag: str, hashes: list[str], *, stage: bool) -> dict:
+        work = adapter_work_dir(settings, "ow", tag)
+        (work / registry.TRAIN_HASHES_FILE).write_text("".join(h + "\n" for h in hashes))
+        return registry.publish(settings, "ow", "overwrite", work, _entry("f" * 64, jobId=tag), stage=stage)
+
+    run("r1", ["hash-gone", "hash-kept"], stage=False)
+    assert registry.mark_stale(settings, {"hash-gone"}) == ["ow@current"]
+    assert registry.get_revision(settings, "ow", 1)["stale"]["hashes"] == ["hash-gone"]
+    run("r2", ["hash-kept"], stage=True)  # trained on the export after the delete; its gate judges it
+    assert registry.mark_stale(settings, {"hash-gone"}) == []
+    registry.settle_slot(settings, "ow", 2, keep=True)
+    assert registry.mark_stale(settings, {"hash-gone"}) == []
+    current = registry.get_version(settings, "ow", "current")
+    assert current["revision"] == 2 and "stale" not in current
+    run("r3", ["hash-kept"], stage=True)  # refused by its gate
+    assert registry.mark_stale(settings, {"hash-gone"}) == []
+    registry.settle_slot(settings, "ow", 3, keep=False)
+    assert "stale" not in registry.get_revision(settings, "ow", 3)
+    run("r4", ["hash-gone"], stage=True)  # trained on an export from before the delete: stale while it waits
+    assert registry.mark_stale(settings, {"hash-gone"}) == ["ow@current"]
+    assert registry.get_revision(settings, "ow", 4)["stale"]["hashes"] == ["hash-gone"]
+    assert "stale" not in registry.get_revision(settings, "ow", 2)

@@ -15,7 +15,7 @@ from lunatrain.errors import RegistryUnreadable
 from lunatrain.params import parse_params
 from lunatrain.train import run_lora
 
-from helpers import write_export
+from helpers import adapter_work_dir, write_export
 from test_registry import _entry, _publish
 
 FAST = {"epochs": 1, "batchSize": 8, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "maxSteps": 2}
@@ -377,3 +377,35 @@ def test_a_missing_registry_beside_trained_versions_is_refused_and_repair_rebuil
     assert lines[1].startswith(f"Left out luna/v2 (its {registry.REPORT_FILE} cannot be read: "), r.output
     assert [e["version"] for e in registry.list_adapters(settings)["luna"]["versions"]] == ["v1"]
     assert not list(path.parent.glob(f"{path.name}.damaged-*"))  # there was no file to keep
+
+
+def test_rollback_skips_a_version_repair_left_out(settings):
+    """Repro: odd@v1, v2 and v3 activated in turn, then `adapters repair` left v2 out (its training report was
+    unreadable): `adapters rollback odd` said "Adapter 'odd' has no version 'v2'" every time and never reached
+    v1. It goes back to the previous version still registered; with none left, it says there is none."""
+    from lunatrain import models
+
+    fp = models.resolve_base(None, settings).fingerprint
+    base = {"id": "luna-tiny", "fingerprint": fp}
+    for name, activated in (("odd", ("v1", "v2", "v3")), ("gone", ("v2", "v3"))):
+        for tag in ("one", "two", "three"):
+            entry = registry.publish(
+                settings, name, "versioned", adapter_work_dir(settings, name, tag), _entry(fp, jobId=f"{name}-{tag}")
+            )
+            report = {"status": "succeeded", "version": entry["version"], "baseModel": base, "params": {}}
+            (settings.home / entry["path"] / registry.REPORT_FILE).write_text(json.dumps(report))
+        for version in activated:
+            registry.activate(settings, name, version)
+        (settings.adapters_dir / name / "v2" / registry.REPORT_FILE).write_text("{")
+    registry.registry_path(settings).write_text("[")
+    assert registry.repair(settings)["versions"] == 4
+    runner = CliRunner()
+    r = runner.invoke(app, ["adapters", "rollback", "odd"])
+    assert r.exit_code == 0 and r.output.strip() == "odd@v1 is active again.", r.output
+    assert registry.get_version(settings, "odd", "active")["version"] == "v1"
+    before = registry.registry_path(settings).read_bytes()
+    for name in ("odd", "gone"):
+        r = runner.invoke(app, ["adapters", "rollback", name])
+        assert r.exit_code == 2 and f"Adapter '{name}' has no earlier active version" in r.output, r.output
+    assert registry.registry_path(settings).read_bytes() == before
+    assert registry.get_version(settings, "gone", "active")["version"] == "v3"

@@ -889,7 +889,7 @@ def rollback_target(adapter: dict[str, Any], fingerprint: str) -> str | None:
 def _earlier_version(adapter: dict[str, Any], fingerprint: str, current: str | None) -> str | None:
     """The version a rollback returns to: the base's activations replayed as a stack (an activation pushes,
     a rollback pops back to its target), so each rollback goes one step further back and never returns to
-    the version it just left."""
+    the version it just left. A version no longer registered (left out by `adapters repair`) is passed over."""
     stack: list[str] = []
     for record in adapter["activations"]:
         version = record.get("version")
@@ -900,7 +900,9 @@ def _earlier_version(adapter: dict[str, Any], fingerprint: str, current: str | N
                 stack.pop()
         if not stack or stack[-1] != version:  # activating the active version again is no step
             stack.append(version)
-    while stack and stack[-1] == current:
+    # The history outlives the entries: a version it names may be gone from the registry, and activating it
+    # would name nothing that can be shown or served.
+    while stack and (stack[-1] == current or _entry(adapter, stack[-1]) is None):
         stack.pop()
     return stack[-1] if stack else None
 
@@ -992,9 +994,9 @@ def mark_stale(
     *,
     trained_on: Iterable[str] = (),
 ) -> list[str]:
-    """Mark every version whose train-hashes.txt contains one of `deleted_hashes` as stale ("retrain
-    needed"); returns the refs marked, plus those of the versions (stale already or not) trained on one of
-    `trained_on`."""
+    """Mark every version whose train-hashes.txt (in its own folder: a staged revision's beside the slot)
+    contains one of `deleted_hashes` as stale ("retrain needed"); returns the refs marked, plus those of the
+    versions (stale already or not) trained on one of `trained_on`."""
     out, changed, trained_on = [], False, set(trained_on)
     with _lock(settings):
         data = load(settings)
@@ -1002,10 +1004,12 @@ def mark_stale(
             for e in adapter["versions"]:
                 if e.get("replaced") or (e.get("stale") and not trained_on):
                     continue
-                hashes_file = settings.home / e["path"] / TRAIN_HASHES_FILE
                 try:
+                    # Each revision's own folder: every revision of the overwrite slot has the slot's path,
+                    # which holds another revision's files while a newer one waits for its gate (`staged`).
+                    hashes_file = adapter_dir(settings, e) / TRAIN_HASHES_FILE
                     trained = set(hashes_file.read_text(encoding="utf-8").split())
-                except OSError:
+                except (OSError, LunaError):  # files gone, or a path that leaves the data root: nothing to judge
                     continue
                 hit = trained & deleted_hashes
                 if hit and not e.get("stale"):
