@@ -407,7 +407,10 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
     alert = page.locator("#alerts .message", has_text="no-such-model")
     expect(alert).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(alert).to_contain_text("(422)")
-    expect(page.locator("#f-baseModel-error")).to_contain_text("no-such-model")
+    # said in the page's language, beside the field and in the alert (it was the server's English sentence)
+    said = "„./no-such-model“ ist weder „luna-tiny“ noch eine Hub-ID (org/name) noch ein Modellverzeichnis"
+    expect(page.locator("#f-baseModel-error")).to_contain_text(said)
+    expect(alert).to_contain_text(said)
     expect(page.locator("#job-none")).to_be_visible()  # nothing was started
     shot(page, output_dir, "1-server-422")
 

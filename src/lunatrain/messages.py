@@ -40,6 +40,14 @@ CODES: dict[str, str] = {
     "device.no_cuda": "device cuda was asked for and no CUDA GPU is available",
     "gate.several_active": "several adapters are active on the base model and none was named (adapters, baseModel)",
     "base_model.is_adapter": "baseModel names a LoRA adapter directory, not a base model (baseModel)",
+    "base_model.not_a_model": "baseModel names no model this API may use: not luna-tiny, a hub id or a model "
+    "directory under the data root (baseModel)",
+    "base_model.outside_root": "baseModel is a path outside the data root (baseModel, home)",
+    "base_model.no_directory": "baseModel is written as a path and no such directory exists (baseModel)",
+    "base_model.unknown_form": "baseModel is neither luna-tiny, a local directory nor a hub id (baseModel)",
+    "base_model.no_config": "the base model's directory has no config.json (baseModel, path)",
+    "base_model.no_weights": "the base model's directory has no safetensors weights (baseModel, path)",
+    "base_model.not_cached": "a hub id not in the local Hugging Face cache, with downloads off (baseModel)",
     "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "

@@ -293,20 +293,32 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     elif (found := local_dir(ref, settings.home)) is not None:
         path = found
     elif ref.startswith(("/", "~", "./", "../")):  # written as a path: no hub id looks like this
-        raise UsageError(f"Base model directory {ref!r} does not exist.")
+        raise UsageError(
+            f"Base model directory {ref!r} does not exist.", code="base_model.no_directory", params={"baseModel": ref}
+        )
     elif _HUB_ID.match(ref):
         path, revision = _from_hub(ref)
     else:
         raise UsageError(
-            f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'."
+            f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'.",
+            code="base_model.unknown_form",
+            params={"baseModel": ref},
         )
     refuse_adapter_dir(path, ref)
     config = path / "config.json"
     if not config.is_file():
-        raise UsageError(f"Base model {ref!r} has no config.json in {path}.")
+        raise UsageError(
+            f"Base model {ref!r} has no config.json in {path}.",
+            code="base_model.no_config",
+            params={"baseModel": ref, "path": str(path)},
+        )
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise UsageError(f"Base model {ref!r} has no safetensors weights in {path} (other formats are refused).")
+        raise UsageError(
+            f"Base model {ref!r} has no safetensors weights in {path} (other formats are refused).",
+            code="base_model.no_weights",
+            params={"baseModel": ref, "path": str(path)},
+        )
     config_bytes = config.read_bytes()
     return BaseModelInfo(
         id=ref,
@@ -339,7 +351,9 @@ def _from_hub(repo_id: str) -> tuple[Path, str | None]:
         local = snapshot_download(repo_id, allow_patterns=_ALLOW, local_files_only=constants.HF_HUB_OFFLINE)
     except LocalEntryNotFoundError as exc:
         raise UsageError(
-            f"Base model {repo_id!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE)."
+            f"Base model {repo_id!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE).",
+            code="base_model.not_cached",
+            params={"baseModel": repo_id},
         ) from exc
     except Exception as exc:  # network, auth, missing repo: one sentence, not a traceback
         raise UsageError(f"Base model {repo_id!r} could not be fetched: {exc}") from exc

@@ -72,7 +72,11 @@ def check_base_model(ref: str | None, settings: Settings) -> str | None:
     try:
         return _base_model(ref, settings)
     except OSError:  # a name too long for the file system, say: not a directory we could use
-        raise UsageError(f"baseModel {ref[:80]!r} is neither luna-tiny, a hub id nor a model directory.") from None
+        raise UsageError(
+            f"baseModel {ref[:80]!r} is neither luna-tiny, a hub id nor a model directory.",
+            code="base_model.not_a_model",
+            params={"baseModel": ref[:80]},
+        ) from None
 
 
 def _base_model(ref: str | None, settings: Settings) -> str | None:
@@ -93,17 +97,27 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
         else candidate
     )
     if candidate.is_absolute() and rel is candidate:
-        raise UsageError(f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.")
+        raise UsageError(
+            f"baseModel {ref!r} is outside the data root; put the model under {settings.home}.",
+            code="base_model.outside_root",
+            params={"baseModel": ref, "home": str(settings.home)},
+        )
     try:
         path = inside(settings.home, str(rel))  # raises when `..` or a symlink leaves the data root
     except UsageError:  # said about the field, so a form can show it next to it
-        raise UsageError(f"baseModel {ref!r} leaves the data root; put the model under {settings.home}.") from None
+        raise UsageError(
+            f"baseModel {ref!r} leaves the data root; put the model under {settings.home}.",
+            code="base_model.outside_root",
+            params={"baseModel": ref, "home": str(settings.home)},
+        ) from None
     refuse_adapter_dir(path, ref)  # an adapter directory gets its own reason: adapter on adapter
     # A model directory, never a root: `.`, `org/..` or the data root itself would hand the trainer every
     # file under it. Hugging Face model directories carry config.json.
     if path == settings.home.resolve() or not (path / "config.json").is_file():
         raise UsageError(
             f"baseModel {ref!r} is neither luna-tiny, a hub id (org/name) nor a model directory (with config.json) "
-            "under the data root."
+            "under the data root.",
+            code="base_model.not_a_model",
+            params={"baseModel": ref},
         )
     return str(path)

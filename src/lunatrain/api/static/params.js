@@ -2,7 +2,7 @@
 // is caught next to its field before anything is sent. The server validates again and stays the authority:
 // its 422 names the field, and the page shows that message next to the same field.
 
-import { t, formatNumber, formatFloat, groupSeparator } from "./i18n.js";
+import { t, errorText, formatNumber, formatFloat, groupSeparator } from "./i18n.js";
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -127,6 +127,10 @@ export function serverFieldErrors(error) {
   const names = new Set(FIELDS.map((f) => f.name));
   const toCamel = (s) => String(s).replace(/_([a-z])/g, (_, c) => c.toUpperCase());
   const found = {};
+  // A coded error about one field's value (its parameters name the field: baseModel) is said next to that
+  // field in the page's words.
+  const field = Object.keys(error.params ?? {}).find((key) => names.has(key));
+  if (field) return { [field]: errorText(error) };
   const details = Array.isArray(error.details) ? error.details : [];
   for (const item of details) {
     const loc = Array.isArray(item?.loc) ? item.loc : [];
