@@ -600,6 +600,17 @@ def test_the_schema_page_shows_every_operation_with_nothing_fetched_from_elsewhe
     assert elsewhere == []
 
 
+def route_job_lists(page, jobs: dict[str, list]) -> None:
+    """`GET /lora/jobs?status=S` answered from `jobs[S]` as it is when asked (a test changes it meanwhile)."""
+
+    def job_list(route) -> None:
+        status = re.search(r"status=(\w+)", route.request.url)
+        data = jobs.get(status.group(1) if status else "", [])
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"data": data}))
+
+    page.route("**/assistant/training/lora/jobs?*", job_list)
+
+
 def _job(job_id: str, status: str, name: str) -> dict:
     return {"id": job_id, "status": status, "params": {"adapterName": name}, "progress": {"step": 1, "totalSteps": 4}}
 
@@ -612,12 +623,7 @@ def test_a_job_queued_behind_a_running_one_leaves_that_one_in_reach(page, servic
     queued = _job("ftjob-queued", "queued", "example-adapter")
     jobs = {"running": [running], "queued": []}
 
-    def job_list(route) -> None:
-        status = re.search(r"status=(\w+)", route.request.url)
-        data = jobs.get(status.group(1) if status else "", [])
-        route.fulfill(status=200, content_type="application/json", body=json.dumps({"data": data}))
-
-    page.route("**/assistant/training/lora/jobs?*", job_list)
+    route_job_lists(page, jobs)
     page.route(
         "**/assistant/training/lora/status?jobId=*",
         lambda route: route.fulfill(
@@ -663,13 +669,8 @@ def test_a_job_started_elsewhere_is_followed_without_a_reload(page, services: Se
     showed it. The page's clock is run forward to its next background refresh instead of waiting for it."""
     jobs: dict[str, list] = {"running": []}
 
-    def job_list(route) -> None:
-        status = re.search(r"status=(\w+)", route.request.url)
-        data = jobs.get(status.group(1) if status else "", [])
-        route.fulfill(status=200, content_type="application/json", body=json.dumps({"data": data}))
-
     page.clock.install()
-    page.route("**/assistant/training/lora/jobs?*", job_list)
+    route_job_lists(page, jobs)
     answer(page, "**/assistant/training/lora/status", _job("ftjob-done", "succeeded", "old"))
     answer(page, "**/assistant/training/lora/status?jobId=*", _job("ftjob-elsewhere", "running", "other-tab"))
     answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
