@@ -385,11 +385,24 @@ def test_plain_status_says_when_the_active_adapter_needs_retraining(settings, ti
             },
         },
     )
+    for name in ("luna-adapter", "other"):  # the files PEFT loads: only their absence is said (next test)
+        folder = settings.adapters_dir / name / "v1"
+        folder.mkdir(parents=True)
+        for file in registry.ADAPTER_FILES:
+            (folder / file).write_text("{}")
     assert [a["stale"] for a in training_status(settings, 0)["activeAdapters"]] == [True, True]
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "active adapter: luna-adapter@v1 on luna-tiny (stale: retrain needed)\n" in result.output, result.output
     assert "also active: other@v1 on luna-tiny (stale: retrain needed)\n" in result.output, result.output
+
+    # Repro: with the active version's weights deleted, `adapters list` said "[files missing: train it again]"
+    # and `lunatrain status` named it as the active adapter with nothing about it.
+    (settings.adapters_dir / "luna-adapter" / "v1" / "adapter_model.safetensors").unlink()
+    assert [a["filesMissing"] for a in training_status(settings, 0)["activeAdapters"]] == [True, False]
+    result = CliRunner().invoke(app, ["status"])
+    said = "active adapter: luna-adapter@v1 on luna-tiny (stale: retrain needed) (files missing: train it again)\n"
+    assert said in result.output, result.output
 
 
 def test_the_last_local_runs_gate_comes_from_its_registry_entry(settings):

@@ -282,6 +282,8 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
                 "matchesBaseModel": configured is not None and a["base"] == configured.fingerprint,
                 "datasetTier": entry.get("datasetTier"),
                 "stale": bool(entry.get("stale")),
+                # what is active yet cannot be served (its files deleted by hand): said here as `adapters list` says it
+                "filesMissing": not registry.loadable(settings, entry),
                 "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
             }
         )

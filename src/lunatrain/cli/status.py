@@ -99,8 +99,17 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _adapter(a: dict[str, Any]) -> str:
     """An active adapter as status names it: one that was trained on a since deleted example is still served,
-    and the plain output says so as `adapters list` does (`--json` has it as `stale`)."""
-    return f"{a['name']}@{a['version']} on {a['baseModel']}" + (" (stale: retrain needed)" if a.get("stale") else "")
+    and the plain output says so as `adapters list` does (`--json` has it as `stale`); one whose files are gone
+    is not served at all (`filesMissing`)."""
+    marks = [
+        m
+        for m, on in (
+            ("stale: retrain needed", a.get("stale")),
+            ("files missing: train it again", a.get("filesMissing")),
+        )
+        if on
+    ]
+    return f"{a['name']}@{a['version']} on {a['baseModel']}" + "".join(f" ({m})" for m in marks)
 
 
 def _on(report: dict[str, Any]) -> str:
