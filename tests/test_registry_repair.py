@@ -409,3 +409,22 @@ def test_rollback_skips_a_version_repair_left_out(settings):
         assert r.exit_code == 2 and f"Adapter '{name}' has no earlier active version" in r.output, r.output
     assert registry.registry_path(settings).read_bytes() == before
     assert registry.get_version(settings, "gone", "active")["version"] == "v3"
+
+
+def test_a_reader_during_the_first_publish_never_sees_a_lost_registry(settings, monkeypatch):
+    """A reader between the first version's move and the registry's first save found a version folder and no
+    registry, which `load` refuses as a lost registry (the dashboard's adapter table said "run adapters repair"
+    for that moment; a crash there left every command refused). Each save here first reads, as such a reader."""
+    write_export(settings)
+    save, seen = registry._save, []
+
+    def reading_save(settings_, data):
+        try:
+            seen.append(len(registry.load(settings_)["adapters"]))
+        except RegistryUnreadable as err:
+            seen.append(err.message)
+        save(settings_, data)
+
+    monkeypatch.setattr(registry, "_save", reading_save)
+    run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
+    assert seen and all(isinstance(n, int) for n in seen), seen

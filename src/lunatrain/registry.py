@@ -283,6 +283,11 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
     with _lock(settings):
         data = load(settings)
+        if not registry_path(settings).exists():
+            # The first version of a data root: the file exists before its folder does, so a reader between the
+            # move and the save below (or after a crash there) never finds versions without a registry, which
+            # `load` refuses as a lost registry.
+            _save(settings, data)
         adapter = _adapter(data, name)
         done = _by_job(data, entry.get("jobId"))
         if done is not None:  # this job published already (a retried or resumed run): one job, one version
@@ -679,8 +684,9 @@ def _damaged_files(path: Path) -> str | None:
             return f"{name}: {exc.why if isinstance(exc, DamagedFile) else exc.strerror or exc}"
         if not isinstance(data, dict):
             return f"{name}: a JSON {json_type(data)}, not an object"
-    vocabularies = ("tokenizer.json", "tokenizer.model", "vocab.json")
-    if (path / "tokenizer_config.json").is_file() and not any((path / f).is_file() for f in vocabularies):
+    # A fast tokenizer's file, or a slow one's vocabulary (SentencePiece, BPE, WordPiece, tiktoken)
+    vocabularies = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
+    if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
     return _weights_problem(path / "adapter_model.safetensors")
 
@@ -693,7 +699,8 @@ def _weights_problem(path: Path) -> str | None:
         with path.open("rb") as f:
             head = f.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < length <= size - 8:
+            # safetensors' own cap on a header: a damaged length never makes this read gigabytes
+            if not 0 < length <= min(size - 8, 100 << 20):
                 return f"{path.name} is cut short or not safetensors"
             header = json.loads(f.read(length))
     except OSError as exc:

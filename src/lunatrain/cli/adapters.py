@@ -219,4 +219,7 @@ def repair_cmd() -> None:
         f"{counted(len(result['adapters']), 'adapter')}{kept}."
     )
     for folder in result["skipped"]:
-        typer.echo(f"Left out {folder}: it stays on disk; train it again or fix the file and repair once more.")
+        typer.echo(
+            f"Left out {folder}: it stays on disk; train it again, or fix the file, move "
+            "reports/training/lora-adapters.json aside and repair once more."
+        )
