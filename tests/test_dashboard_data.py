@@ -770,8 +770,16 @@ def test_switching_the_language_keeps_what_was_typed(page, services: Services) -
     expect(page.locator("#f-epochs")).to_have_value("7")
     expect(page.locator("#f-alpha")).to_have_value("2048")
     expect(page.locator("#data-min-curated")).to_have_value("1200")
+    # and back: a decimal typed here is written in the German notation there ("1.125" would read as 1125)
+    page.locator("#f-alpha").fill("1.125")
+    with page.expect_navigation():
+        page.locator("#lang-switch").click()
+    expect(page.locator("html")).to_have_attribute("lang", "de")
+    expect(page.locator("#f-alpha")).to_have_value("1,125")
+    expect(page.locator("#f-epochs")).to_have_value("7")
     page.reload()  # said once: a later load shows the profile's values again
-    expect(page.locator("#f-epochs")).not_to_have_value("7")
+    expect(page.locator("#f-epochs")).to_have_value("3")  # the profile's own, once the defaults arrived
+    expect(page.locator("#f-alpha")).to_have_value("")  # the profile's: alpha follows rank
 
 
 def test_a_page_that_cannot_reach_its_server_says_so_and_a_click_keeps_its_error(page, services: Services) -> None:

@@ -4,7 +4,7 @@
 import { api, setToken, onUnauthorized, FINAL_STATES } from "./api.js";
 import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
-import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber } from "./i18n.js";
+import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber, formatPlain } from "./i18n.js";
 import { JobView } from "./job.js";
 import { TryPanel } from "./tryit.js";
 import { serverFieldErrors, checkField, FIELDS } from "./params.js";
@@ -285,8 +285,14 @@ async function submitJob(button, call) {
       const accepted = await call();
       clearErrors("invalid_request");
       jobView.follow(accepted.job);
-      // Started, or waiting behind a job that runs (perhaps one another tab started): say which.
-      const ahead = (await jobView.loadActive())?.find((job) => job.id !== accepted.jobId);
+      // Started, or waiting behind a job that runs (perhaps one another tab started): say which. Only a job
+      // that waits waits behind one: the running one, else the first queued before it.
+      const active = (await jobView.loadActive()) ?? [];
+      const index = active.findIndex((job) => job.id === accepted.jobId);
+      const mine = active[index] ?? accepted.job;
+      const before = index >= 0 ? active.slice(0, index) : active.filter((job) => job.id !== accepted.jobId);
+      const ahead = mine && ["queued", "validating"].includes(mine.status)
+        ? before.find((job) => job.status !== "queued") ?? before.at(-1) : null;
       showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
         : t("train.submitted", { jobId: accepted.jobId }));
       loadHealth(); // a start may have started the trainer on demand
@@ -400,11 +406,14 @@ function restoreTyped() {
   for (const field of FIELDS) {
     const control = loraForm.control(field.name);
     if (!(field.name in typed.values) || !control) continue;
-    if (field.kind === "checkbox") control.checked = Boolean(typed.values[field.name]);
-    else control.value = String(typed.values[field.name] ?? "");
+    const value = typed.values[field.name];
+    if (field.kind === "checkbox") control.checked = Boolean(value);
+    // a value in this page's notation (typed text that read as none stays as typed)
+    else control.value = typeof value === "number" ? formatPlain(value) : String(value ?? "");
   }
   if (typed.minCurated !== null && typed.minCurated !== undefined) {
-    $("data-min-curated").value = String(typed.minCurated);
+    const min = typed.minCurated;
+    $("data-min-curated").value = typeof min === "number" ? formatPlain(min) : String(min);
     $("data-min-curated").dataset.touched = "yes";
   }
 }

@@ -850,6 +850,12 @@ export function formatNumber(value, digits = 0) {
   return Number(value).toLocaleString(locale, { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
 
+/** A number as a form field takes it on this page: its decimal mark, no grouping ("1,125" in German, where
+ * "1.125" would read as a thousand and more). */
+export function formatPlain(value) {
+  return Number(value).toLocaleString(locale, { useGrouping: false, maximumFractionDigits: 20 });
+}
+
 /** A loss or rate: a few significant digits, in the page's number format. */
 export function formatFloat(value, significant = 4) {
   if (value === null || value === undefined || Number.isNaN(Number(value))) return "–";

@@ -92,7 +92,9 @@ export class JobView {
     try {
       const lists = await Promise.all(ACTIVE_STATES.map((status) => api.jobs(status)));
       // Each list is newest first; a queue runs oldest first, so that is the order the waiting ones show in.
-      active = lists.flatMap((list, i) => (ACTIVE_STATES[i] === "queued" ? [...list.data].reverse() : list.data));
+      const all = lists.flatMap((list, i) => (ACTIVE_STATES[i] === "queued" ? [...list.data].reverse() : list.data));
+      // A job that moved from one list to the next between the requests is listed once, in its later state.
+      active = all.filter((job, i) => all.findIndex((other) => other.id === job.id) === i);
     } catch {
       return null; // the job's own poll and the header say what is wrong
     }
@@ -143,8 +145,11 @@ export class JobView {
 
   async readEvents() {
     // Several pages at most per poll; a long job's history arrives over a few polls rather than at once.
+    const { jobId, series } = this;
     for (let page = 0; page < 5; page += 1) {
-      const { data, lastSeq, hasMore } = await api.events(this.jobId, this.cursor);
+      const { data, lastSeq, hasMore } = await api.events(jobId, this.cursor);
+      // Another job was followed meanwhile (a click, the queue moving on): these points are not its.
+      if (this.jobId !== jobId || this.series !== series) return;
       for (const event of data) addPoints(this.series, event);
       this.cursor = lastSeq;
       if (!hasMore) return;
