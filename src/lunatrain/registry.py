@@ -681,7 +681,7 @@ def _damaged_files(path: Path) -> str | None:
         try:
             data = read_json(path / name)
         except (DamagedFile, OSError) as exc:
-            return f"{name}: {exc.why if isinstance(exc, DamagedFile) else exc.strerror or exc}"
+            return f"{name}: {_why(exc)}"
         if not isinstance(data, dict):
             return f"{name}: a JSON {json_type(data)}, not an object"
     # A fast tokenizer's file, or a slow one's vocabulary (SentencePiece, BPE, WordPiece, tiktoken)
@@ -689,6 +689,11 @@ def _damaged_files(path: Path) -> str | None:
     if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
     return _weights_problem(path / "adapter_model.safetensors")
+
+
+def _why(exc: DamagedFile | OSError) -> str:
+    """Why a file could not be read, without its path (the caller's sentence names the file)."""
+    return exc.why if isinstance(exc, DamagedFile) else exc.strerror or str(exc)
 
 
 def _weights_problem(path: Path) -> str | None:
@@ -704,7 +709,7 @@ def _weights_problem(path: Path) -> str | None:
                 return f"{path.name} is cut short or not safetensors"
             header = json.loads(f.read(length))
     except OSError as exc:
-        return f"{path.name}: {exc.strerror or exc}"
+        return f"{path.name}: {_why(exc)}"
     except (*JSON_FAULTS, UnicodeDecodeError):
         return f"{path.name} has an unreadable header"
     if not isinstance(header, dict):
@@ -1099,8 +1104,7 @@ def rebuild(settings: Settings) -> dict[str, Any]:
         try:
             report = read_json(report_path)
         except (DamagedFile, OSError) as exc:
-            why = exc.why if isinstance(exc, DamagedFile) else exc.strerror or str(exc)
-            data["skipped"].append(f"{where} (its {REPORT_FILE} cannot be read: {why})")
+            data["skipped"].append(f"{where} (its {REPORT_FILE} cannot be read: {_why(exc)})")
             continue  # a folder whose report is unreadable cannot be described; it stays on disk
         if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
             continue  # not a finished run's version (a failed run's report describes no adapter)

@@ -285,14 +285,9 @@ async function submitJob(button, call) {
       const accepted = await call();
       clearErrors("invalid_request");
       jobView.follow(accepted.job);
-      // Started, or waiting behind a job that runs (perhaps one another tab started): say which. Only a job
-      // that waits waits behind one: the running one, else the first queued before it.
-      const active = (await jobView.loadActive()) ?? [];
-      const index = active.findIndex((job) => job.id === accepted.jobId);
-      const mine = active[index] ?? accepted.job;
-      const before = index >= 0 ? active.slice(0, index) : active.filter((job) => job.id !== accepted.jobId);
-      const ahead = mine && ["queued", "validating"].includes(mine.status)
-        ? before.find((job) => job.status !== "queued") ?? before.at(-1) : null;
+      // Started, or waiting behind a job that runs (perhaps one another tab started): say which.
+      await jobView.loadActive();
+      const ahead = jobView.ahead(accepted.job);
       showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
         : t("train.submitted", { jobId: accepted.jobId }));
       loadHealth(); // a start may have started the trainer on demand
@@ -380,17 +375,10 @@ $("data-min-curated").addEventListener("input", (event) => {
 // where they read as one (so "2.048" typed on the German page is 2048 on the English one too), else as typed.
 const TYPED_KEY = "lunatrain.typed";
 $("lang-switch").addEventListener("click", () => {
-  const values = {};
-  for (const field of FIELDS) {
-    const control = loraForm.control(field.name);
-    const raw = field.kind === "checkbox" ? control.checked : control.value;
-    const [value, error] = checkField(field, raw);
-    values[field.name] = error ? raw : value ?? "";
-  }
   const threshold = $("data-min-curated");
   const minCurated = threshold.dataset.touched
     ? checkField(MIN_CURATED_FIELD, threshold.value)[0] ?? threshold.value : null;
-  sessionStorage.setItem(TYPED_KEY, JSON.stringify({ values, minCurated }));
+  sessionStorage.setItem(TYPED_KEY, JSON.stringify({ values: loraForm.typed(), minCurated }));
 });
 
 function restoreTyped() {
@@ -403,14 +391,7 @@ function restoreTyped() {
     typed = null;
   }
   if (!typed?.values) return;
-  for (const field of FIELDS) {
-    const control = loraForm.control(field.name);
-    if (!(field.name in typed.values) || !control) continue;
-    const value = typed.values[field.name];
-    if (field.kind === "checkbox") control.checked = Boolean(value);
-    // a value in this page's notation (typed text that read as none stays as typed)
-    else control.value = typeof value === "number" ? formatPlain(value) : String(value ?? "");
-  }
+  loraForm.putBack(typed.values);
   if (typed.minCurated !== null && typed.minCurated !== undefined) {
     const min = typed.minCurated;
     $("data-min-curated").value = typeof min === "number" ? formatPlain(min) : String(min);

@@ -1,8 +1,8 @@
 // The LoRA parameter form: built from params.js, filled with the profile defaults, validated before any
 // request, and annotated with the server's 422 field messages when the server disagrees.
 
-import { t } from "./i18n.js";
-import { FIELDS, GROUPS, FALLBACK_DEFAULTS, rangeText, collect } from "./params.js";
+import { t, formatPlain } from "./i18n.js";
+import { FIELDS, GROUPS, FALLBACK_DEFAULTS, rangeText, collect, checkField } from "./params.js";
 import { h } from "./ui.js";
 
 const inputId = (name) => `f-${name}`;
@@ -106,21 +106,43 @@ export class LoraForm {
     return names.length;
   }
 
+  /** A field's raw value: the checkbox's state, or the text as typed. */
+  raw(field) {
+    const control = this.control(field.name);
+    return field.kind === "checkbox" ? control.checked : control.value;
+  }
+
   /** Validate the whole form: {params} when valid, else null after showing the messages. */
   read() {
-    const { params, errors } = collect((field) => {
-      const control = this.control(field.name);
-      return field.kind === "checkbox" ? control.checked : control.value;
-    });
+    const { params, errors } = collect((field) => this.raw(field));
     return this.showErrors(errors) ? null : params;
+  }
+
+  /** What was typed, for another page load to put back (`putBack`): each field's value where it reads as one
+   * (so "2.048" typed on the German page is 2048 on the English one too), else the text as typed. */
+  typed() {
+    return Object.fromEntries(FIELDS.map((field) => {
+      const [value, error] = checkField(field, this.raw(field));
+      return [field.name, error ? this.raw(field) : value ?? ""];
+    }));
+  }
+
+  /** Put back what `typed()` returned, numbers in this page's notation. */
+  putBack(values) {
+    for (const field of FIELDS) {
+      if (!(field.name in values)) continue;
+      const control = this.control(field.name);
+      const value = values[field.name];
+      if (field.kind === "checkbox") control.checked = Boolean(value);
+      else control.value = typeof value === "number" ? formatPlain(value) : String(value ?? "");
+    }
   }
 
   /** Only the named fields (quick start sends a few of them), validated the same way. */
   readSome(names) {
     const { params, errors } = collect((field) => {
-      const control = this.control(field.name);
       if (!names.includes(field.name)) return field.kind === "checkbox" ? false : this.defaults[field.name] ?? "";
-      return field.kind === "checkbox" ? control.checked : control.value;
+      return this.raw(field);
     });
     const relevant = Object.fromEntries(Object.entries(errors).filter(([n]) => names.includes(n)));
     if (this.showErrors(relevant)) return null;

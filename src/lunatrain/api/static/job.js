@@ -105,6 +105,16 @@ export class JobView {
     return active;
   }
 
+  /** The job `job` waits behind (as loadActive last found them): for one that waits, the running job, else the
+   * last queued before it; null for a job that does not wait. */
+  ahead(job) {
+    const index = this.active.findIndex((other) => other.id === job.id);
+    const mine = this.active[index] ?? job;
+    if (!["queued", "validating"].includes(mine?.status)) return null;
+    const before = index >= 0 ? this.active.slice(0, index) : this.active.filter((other) => other.id !== job.id);
+    return before.find((other) => other.status !== "queued") ?? before.at(-1) ?? null;
+  }
+
   renderOthers() {
     const others = this.active.filter((job) => job.id !== this.jobId);
     const box = this.els["job-others"];
