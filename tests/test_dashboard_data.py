@@ -401,6 +401,54 @@ def test_the_retrain_badge_explains_itself_in_the_pages_language(page, services:
     expect(page.locator(".badge-stale")).to_have_attribute("title", said)
 
 
+@pytest.mark.parametrize(
+    ("query", "badge", "why"),
+    [
+        ("", "Dateien fehlen", "Dateien fehlen unter data/adapters (adapter_config.json); neu trainieren"),
+        ("?lang=en", "files missing", "its files are missing under data/adapters (adapter_config.json); retrain it"),
+    ],
+)
+def test_a_version_whose_files_are_gone_is_marked_and_offers_no_activation(
+    page, services: Services, query, badge, why
+) -> None:
+    """Repro: a version whose files were deleted by hand looked like any other; "Aktivieren" was answered by a
+    404, and the active one gave no hint that it could no longer be served."""
+    gone = {
+        "active": False,
+        "code": "adapter.files_missing",
+        "reason": "its files are missing",
+        "params": {"name": "a", "version": "v2", "baseModel": "luna-tiny", "missing": ["adapter_config.json"]},
+    }
+    active = {
+        "active": True,
+        "code": "adapter.active",
+        "reason": "active",
+        "params": {"name": "a", "version": "v1", "baseModel": "luna-tiny"},
+    }
+    versions = [
+        {"version": "v1", "created": "2026-01-01T00:00:00Z", "metrics": {}, "state": active, "filesMissing": True},
+        {"version": "v2", "created": "2026-01-02T00:00:00Z", "metrics": {}, "state": gone, "filesMissing": True},
+    ]
+    table = {
+        "bases": [
+            {
+                "baseModel": "luna-tiny",
+                "adapters": [{"name": "a", "aliases": {"latest": "v2", "active": "v1"}, "versions": versions}],
+            }
+        ]
+    }
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services, query)
+    for v in ("v1", "v2"):
+        row = page.locator(f"tr[data-version={v}]")
+        expect(row.locator(".badge-missing")).to_have_text(badge)
+        expect(row.locator("button", has_text=re.compile("^(Aktivieren|Activate)$"))).to_have_count(0)
+    expect(page.locator("tr[data-version=v2] .inactive-reason")).to_have_text(why)
+    expect(page.locator("tr[data-version=v1] .badge-active")).to_have_count(
+        1
+    )  # still active: the badge says why it is not served
+
+
 @pytest.mark.parametrize(("query", "tick"), [("", "10.000"), ("?lang=en", "10,000")])
 def test_the_loss_charts_step_axis_writes_numbers_in_the_pages_locale(page, services: Services, query, tick) -> None:
     """Repro: the chart's step axis wrote "10000" under a job whose facts said "Schritt 12.000 / 20.000"."""

@@ -176,6 +176,46 @@ def test_adapters_list_marks_a_version_whose_files_are_gone(settings):
     assert listed.exit_code == 0 and listed.output.rstrip().endswith("[files missing: train it again]"), listed.output
 
 
+def test_the_adapter_api_marks_a_version_whose_files_are_gone(settings):
+    """Repro: with a version's weights deleted by hand, GET /adapters listed it like any other (the dashboard
+    offered "Aktivieren", answered by a 404) and gave an inactive one's reason as "a@v1 is the active version"."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two", "three"):
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+    registry.activate(settings, "a", "v1")
+    (settings.adapters_dir / "a" / "v1" / "adapter_model.safetensors").unlink()
+    (settings.adapters_dir / "a" / "v2" / "adapter_config.json").unlink()
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for body in (
+            client.get("/assistant/training/adapters/a").json(),
+            client.get("/assistant/training/adapters").json()["bases"][0]["adapters"][0],
+        ):
+            got = {
+                v["version"]: (v["filesMissing"], v["state"]["active"], v["state"]["code"]) for v in body["versions"]
+            }
+            assert got == {
+                "v1": (True, True, "adapter.active"),  # active all the same: it says so, and that it cannot be served
+                "v2": (True, False, "adapter.files_missing"),
+                "v3": (False, False, "adapter.other_version_active"),
+            }, got
+            v2 = next(v for v in body["versions"] if v["version"] == "v2")
+            assert (
+                v2["state"]["reason"]
+                == "its files are missing under data/adapters (adapter_config.json); train it again"
+            )
+    # the CLI's show says the same
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    shown = CliRunner().invoke(app, ["adapters", "show", "a@v2"])
+    assert json.loads(shown.output)["state"]["code"] == "adapter.files_missing", shown.output
+
+
 def test_rollback_refuses_a_version_whose_files_are_gone_and_changes_nothing(settings):
     """Repro: with luna-adapter/v1 deleted by hand, `adapters activate luna-adapter@v1` was refused, but
     `adapters rollback luna-adapter` made v1 active ("luna-adapter@v1 is active again."), an adapter that is

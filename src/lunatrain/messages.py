@@ -87,6 +87,7 @@ CODES: dict[str, str] = {
     "adapter.other_version_active": "another version of the adapter is active (name, activeVersion)",
     "adapter.deactivated": "passed the gate, later deactivated or replaced by an activation",
     "adapter.not_gated": "never gated, never activated",
+    "adapter.files_missing": "its files are gone from data/adapters, so it can be neither activated nor served (missing)",
     # eval-gate reasons (reasonCodes[].code)
     "gate.below_minimum": "golden pass rate below the absolute minimum (rate, minimum)",
     "gate.loss_not_finite": "a loss is not a finite number (split, loss)",

@@ -591,6 +591,18 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
         return state(False, "adapter.replaced", "replaced by a newer revision of the same slot")
     if active_here == version and not entry.get("staged"):
         return state(True, "adapter.active", "active on the configured base model")
+    # Before the other reasons: activating it would be refused (404) whatever else holds.
+    try:
+        gone = missing_files(settings, entry)
+    except LunaError:  # a path that leaves the data root holds nothing
+        gone = list(ADAPTER_FILES)
+    if gone:
+        return state(
+            False,
+            "adapter.files_missing",
+            f"its files are missing under data/adapters ({', '.join(gone)}); train it again",
+            missing=gone,
+        )
     if elsewhere:
         return state(
             False,

@@ -34,7 +34,15 @@ def _view(settings: Settings, name: str, adapter: dict[str, Any], versions: list
     active = adapter.get("activeByBase", {}).get(base or "")
     # Both keys always: `active: null` says "none active here" (the file's `aliases.active` is another base's).
     aliases = {"latest": adapter.get("aliases", {}).get("latest"), "active": active["version"] if active else None}
-    states = [e | {"state": registry.activation_state(settings, e, base or "")} for e in versions]
+    # `filesMissing` also on an active version: it stays active, but cannot be served until retrained.
+    states = [
+        e
+        | {
+            "state": registry.activation_state(settings, e, base or ""),
+            "filesMissing": not registry.loadable(settings, e),
+        }
+        for e in versions
+    ]
     return {
         "name": name,
         "aliases": aliases,

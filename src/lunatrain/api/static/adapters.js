@@ -94,6 +94,9 @@ export class AdapterView {
       aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
       // The registry's reason is an English sentence without a code: the tooltip says it in the page's words.
       version.stale && h("span", { class: "badge badge-stale", title: t("adapters.staleTitle") }, t("adapters.stale")),
+      // Deleted by hand (or a disk restored in part): an active one stays active but is not served.
+      version.filesMissing && h("span", { class: "badge badge-missing", title: t("adapters.missingTitle") },
+        t("adapters.missing")),
       // Not active: always say why (another base, refused by the gate, another version …).
       !isActive && version.state && h("span", { class: "inactive-reason" },
         tMsg(version.state.code, version.state.params, version.state.reason)),
@@ -106,7 +109,9 @@ export class AdapterView {
       isActive && adapter.rollbackTo && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.rollbackLabel", vars),
         onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback")),
-      !isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.activateLabel", vars),
+      // The server refuses to activate a version without its files (404): no button that can only fail.
+      !isActive && !version.filesMissing && h("button", { type: "button", class: "small",
+        "aria-label": t("adapters.activateLabel", vars),
         onclick: (event) => this.activate(name, v, event.currentTarget, version.gate?.passed === false) },
       t("adapters.activate")),
       fileLink(api.reportUrl(name, v), t("adapters.reportLabel", vars), t("adapters.report")),
