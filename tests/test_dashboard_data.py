@@ -712,6 +712,70 @@ def test_a_job_queued_behind_a_running_one_leaves_that_one_in_reach(page, servic
     expect(page.locator("#job-others")).to_be_hidden()
 
 
+def test_a_job_that_runs_at_once_is_said_started_and_a_job_in_two_lists_is_listed_once(
+    page, services: Services
+) -> None:
+    """The new job was accepted as queued but runs by the time the lists are read, with a job from another tab
+    waiting behind it: "gestartet", not "wartet hinter" that one. A job that moved from `queued` to `running`
+    between the list requests is in both answers: one button, in its later state."""
+    mine = _job("ftjob-mine", "queued", "example-adapter")
+    moving = _job("ftjob-moving", "running", "other-tab")
+    jobs: dict[str, list] = {"running": [], "queued": []}
+    route_job_lists(page, jobs)
+    answer(page, "**/assistant/training/lora/status", _job("ftjob-old", "succeeded", "old"))
+    answer(page, "**/assistant/training/lora/status?jobId=*", mine | {"status": "running"})
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+
+    def start(route) -> None:
+        jobs.update(running=[mine | {"status": "running"}], queued=[_job("ftjob-later", "queued", "later")])
+        route.fulfill(status=202, content_type="application/json", body=json.dumps({"jobId": mine["id"], "job": mine}))
+
+    page.route("**/assistant/training/lora/example-adapter", start)
+    page.clock.install()
+    open_page(page, services)
+    page.get_by_role("button", name="Beispiel-Adapter").click()
+    expect(page.locator("#notices")).to_have_text("Job ftjob-mine gestartet.")
+
+    jobs.update(running=[moving], queued=[moving | {"status": "queued"}])
+    page.clock.run_for(6_000)  # the polls read the lists again
+    buttons = page.locator("#job-others button")
+    expect(buttons.filter(has_text="ftjob-moving")).to_have_count(1)
+    expect(buttons.filter(has_text="ftjob-moving")).to_have_text("ftjob-moving · other-tab · läuft")
+
+
+def test_events_of_a_job_the_panel_moved_away_from_are_not_drawn_for_the_next(page, services: Services) -> None:
+    """The first job's event page answers only after the user followed another job: its last message and
+    loss points are not shown as the other job's."""
+    first, second = _job("ftjob-first", "running", "one"), _job("ftjob-second", "running", "two")
+    route_job_lists(page, {"running": [first, second]})
+    answer(page, "**/assistant/training/lora/status", first)
+    answer(page, "**/assistant/training/lora/status?jobId=ftjob-second", second)
+    answer(page, "**/assistant/training/lora/status?jobId=ftjob-first", first)
+    answer(page, "**/lora/jobs/ftjob-second/events*", NO_EVENTS)
+    held: list = []
+    page.route("**/lora/jobs/ftjob-first/events*", lambda route: held.append(route))  # answered below, after the switch
+    page.clock.install()  # no poll asks again meanwhile
+    open_page(page, services)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-first")
+    page.get_by_role("button", name="Job ftjob-second (two, läuft) anzeigen").click()
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-second")
+    assert held, "the first job's events were never asked for"
+    late = {
+        "data": [
+            {"seq": 1, "type": "progress", "step": 1, "loss": 3.0},
+            {"seq": 2, "type": "log", "message": "first job's message"},
+        ],
+        "lastSeq": 2,
+        "hasMore": False,
+    }
+    with page.expect_request_finished(lambda r: "ftjob-first/events" in r.url):
+        held[0].fulfill(status=200, content_type="application/json", body=json.dumps(late))
+    page.clock.run_for(3_000)  # the second job's next polls redraw its panel
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-second")
+    expect(page.locator("#job-facts")).not_to_contain_text("first job's message")
+    expect(page.locator("#loss-chart .chart-train")).to_have_count(0)
+
+
 def test_a_job_started_elsewhere_is_followed_without_a_reload(page, services: Services) -> None:
     """Repro: a second tab kept showing the finished job while another tab's new job ran; only a reload
     showed it. The page's clock is run forward to its next background refresh instead of waiting for it."""
