@@ -265,6 +265,9 @@ def test_storage_messages_are_one_sentence() -> None:
     ]
     for message in messages:
         assert message.endswith(".") and not re.search(r"\.\s", message), message
+    # each kind has a code of its own, so the dashboard does not call an unreachable server "storage failed"
+    assert store.storage_error(refused, pg).code == "storage_unreachable"
+    assert store.storage_error(full, sa.create_engine("sqlite://")).code == "disk_full"
     assert "nothing was changed" in messages[0] and "ASSISTANT_DB_URL" in messages[0]
     assert "nothing was changed" in messages[1] and "lunatrain gc" in messages[1]
     assert "previous data is intact" in messages[2] and "lunatrain gc" in messages[2]
@@ -291,7 +294,7 @@ def test_a_database_of_a_newer_lunatrain_is_one_sentence_everywhere(settings: Se
         assert str(path) in r.output and "Traceback" not in r.output, r.output
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         res = client.get(f"{T}/examples")
-        assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text
+        assert res.status_code == 503 and res.json()["error"]["code"] == "storage_incompatible", res.text
         assert said in res.json()["error"]["message"]
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(revision,)]
@@ -331,6 +334,7 @@ def test_a_busy_database_is_busy_not_damaged(settings: Settings, monkeypatch: py
         with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
             res = client.post(f"{T}/examples", json={"prompt": "vierte", "response": "Antwort"})
             assert res.status_code == 503 and "another process" in res.json()["error"]["message"], res.text
+            assert res.json()["error"]["code"] == "storage_busy", res.text  # not "storage failed" on the page
     finally:
         holder.close()
     store.add_example(settings, prompt="fünfte", response="Antwort")  # free again: nothing was wrong with it

@@ -645,12 +645,46 @@ def test_a_postgres_database_not_in_utf8_is_refused(home: Path, monkeypatch: pyt
         r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Kaffee ☕", "--response", "Gern."])
         assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
         assert f"uses encoding {encoding}; lunatrain needs UTF8" in r.output and name in r.output, r.output
-        with pytest.raises(StorageError, match="ENCODING 'UTF8'"):
+        with pytest.raises(StorageError, match="ENCODING 'UTF8'") as err:
             store.list_examples(load_settings())
+        assert err.value.code == "storage_incompatible"
     finally:
         store.dispose_stores()
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_database_user_without_a_usable_schema_is_told_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repro: a user without USAGE on the schema (PostgreSQL then skips it on the search_path) was told the
+    database is damaged ("no schema has been selected to create in … restore it from a backup, or move it
+    aside"). Now the sentence says the user may not use the schema and how to grant it."""
+    admin = _pg_admin()
+    owner = admin.url.render_as_string(hide_password=False)
+    _reset_postgres(owner)
+    role = f"lunatrain_no_schema_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'luna'"))
+        conn.execute(sa.text("REVOKE USAGE ON SCHEMA public FROM PUBLIC"))
+    monkeypatch.setenv("ASSISTANT_DB_URL", admin.url.set(username=role, password="luna").render_as_string(False))
+    try:
+        r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert f"user {role} may not use any schema on its search path" in r.output, r.output
+        assert f"GRANT USAGE, CREATE ON SCHEMA public TO {role}" in r.output, r.output
+        assert "backup" not in r.output and "aside" not in r.output, r.output
+        store.dispose_stores()
+        with pytest.raises(StorageError) as err:
+            store.open_store(load_settings())
+        assert err.value.code == "storage_denied"
+    finally:
+        store.dispose_stores()
+        with admin.connect() as conn:
+            conn.execute(sa.text("GRANT USAGE ON SCHEMA public TO PUBLIC"))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
         admin.dispose()
 
 
@@ -673,6 +707,7 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
         with pytest.raises(StorageError) as err:  # an empty database: the user may not create the schema
             store.open_store(load_settings())
         assert "permission denied for schema public" in err.value.message, err.value.message
+        assert err.value.code == "storage_denied"
         store.dispose_stores()
         store.open_store(
             load_settings(db_url=owner)

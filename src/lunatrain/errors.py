@@ -190,6 +190,32 @@ class DiskFull(StorageError):
     code = "disk_full"
 
 
+# The kinds of storage failure where the data is fine but cannot be reached now: each has a code of its own,
+# so that a client (the dashboard) does not call them damage.
+class StorageBusy(StorageError):
+    """Another process holds the database past the busy timeout."""
+
+    code = "storage_busy"
+
+
+class StorageUnreachable(StorageError):
+    """The database server does not answer or refuses the connection."""
+
+    code = "storage_unreachable"
+
+
+class StorageDenied(StorageError):
+    """The database refuses this user something lunatrain needs (a privilege, a schema to use)."""
+
+    code = "storage_denied"
+
+
+class StorageIncompatible(StorageError):
+    """A database lunatrain cannot use as it is: made by a newer lunatrain, or not in UTF8."""
+
+    code = "storage_incompatible"
+
+
 class DamagedFile(StorageError, ValueError):
     """A JSON file that exists but cannot be used (not JSON, cut short, wrong shape). A ValueError too, so
     readers that treat an unreadable optional report as missing keep doing so. `why` is the reason alone

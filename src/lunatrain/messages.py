@@ -76,6 +76,10 @@ CODES: dict[str, str] = {
     "child_start_failed": "the training process could not be started",
     "child_crashed": "the training process crashed",
     "disk_full": "the data root's disk is full",
+    "storage_busy": "another process holds the database; try again when it is done",
+    "storage_unreachable": "the database server cannot be reached",
+    "storage_denied": "the database refuses this user something lunatrain needs (a privilege, a schema)",
+    "storage_incompatible": "the database cannot be used as it is (made by a newer lunatrain, or not UTF8)",
     "registry_unreadable": "the adapter registry file cannot be read; it is left untouched (adapters repair)",
     "storage_error": "the data root's storage failed (I/O error or a damaged database)",
     # an adapter version's state (state.code): active, or why not; params always name, version, baseModel

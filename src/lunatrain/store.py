@@ -28,7 +28,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import formats
-from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
+from .errors import (
+    Conflict,
+    DiskFull,
+    NotFound,
+    StorageBusy,
+    StorageDenied,
+    StorageError,
+    StorageIncompatible,
+    StorageUnreachable,
+    UsageError,
+)
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
 from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
@@ -193,23 +203,31 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
         # (connection exception) or 57P (shutting down, starting up). Nothing is wrong with the data then.
         state = getattr(orig, "sqlstate", None)
         if state is None or state.startswith(("08", "57P")):
-            return StorageError(
+            return StorageUnreachable(
                 f"Cannot connect to the database {where} ({reason}), so nothing was changed; check that its "
                 "server runs and that ASSISTANT_DB_URL names it."
             )
     if engine.dialect.name == "sqlite" and _BUSY.search(reason):
         # Another connection held the lock past the busy timeout (a long import, a second server): the database
         # is healthy, and the advice for a damaged one (move it aside) would throw it away.
-        return StorageError(
+        return StorageBusy(
             f"The database {where} is held by another process ({reason}), so nothing was changed; try again "
             "when that process is done."
         )
     if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
         said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason  # without the query
         user = f"The database user {engine.url.username}" if engine.url.username else "The database user"
-        return StorageError(
+        return StorageDenied(
             f"{user} lacks a permission in the database {where} (the server said: {said}), so nothing was "
             "changed; grant it the privileges lunatrain needs, or name another user in ASSISTANT_DB_URL."
+        )
+    if getattr(orig, "sqlstate", None) == "3F000":  # invalid_schema_name: no schema on the search path it may use
+        user = engine.url.username or "of ASSISTANT_DB_URL"
+        said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
+        return StorageDenied(
+            f"The database user {user} may not use any schema on its search path in the database {where} (the "
+            f"server said: {said}), so nothing was changed; grant it the schema (`GRANT USAGE, CREATE ON SCHEMA "
+            f"public TO {user}`), or name another user in ASSISTANT_DB_URL."
         )
     if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
         return DiskFull(
@@ -296,7 +314,7 @@ def _utf8_only(engine: Engine) -> None:
             encoding = encoding.decode("ascii", "replace")
         if encoding.upper() != "UTF8":
             dbapi_conn.close()
-            raise StorageError(
+            raise StorageIncompatible(
                 f"The PostgreSQL database {database_name(engine)} uses encoding {encoding}; lunatrain needs UTF8: "
                 "create it with ENCODING 'UTF8'."
             )
@@ -339,7 +357,7 @@ def _migrate(store: Store) -> None:
         if found is not None and found not in known:
             # A newer lunatrain's migration (or a damaged record of it): alembic would end in a traceback, and
             # this version cannot read a schema it does not know anyway.
-            raise StorageError(
+            raise StorageIncompatible(
                 f"The database {database_name(store.engine)} was made by a newer lunatrain (schema revision "
                 f"{found!r}; this one knows up to {SCHEMA_HEAD!r}); use that version or a backup."
             )
