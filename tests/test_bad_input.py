@@ -265,7 +265,7 @@ def test_skip_bad_imports_the_good_records_and_lists_the_bad_ones(seeded: Settin
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     assert lines[0] == "Imported mixed.jsonl: 3 added, 0 already present (3 prompt-response); 2 bad records left out:"
-    assert lines[1].startswith("  mixed.jsonl line 2: field 'messages[1].role': unsupported role 'tool'"), lines
+    assert lines[1].startswith("  mixed.jsonl line 2: field 'messages[1]': a tool result; lunatrain trains on"), lines
     assert lines[2] == "  mixed.jsonl line 4: field 'response': missing", lines
     assert len(store.list_examples(seeded, limit=10_000)) == total + 3
     nothing_good = tmp_path / "bad.jsonl"

@@ -312,6 +312,46 @@ def test_turn_errors_name_the_index_in_the_records_own_list(tmp_path: Path) -> N
     assert (a.system, b.system) == ("Top.", "Eigener.")
 
 
+def test_a_tool_call_conversation_is_named_as_one(tmp_path: Path) -> None:
+    """Repro: an OpenAI conversation with a tool call was refused as "field 'messages[1].content': missing"
+    (a tool-call message has no content), a ShareGPT one as "unsupported role 'function_call'": nothing said
+    that tool turns are what lunatrain cannot train, nor how to import the rest."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "Wie ist das Wetter?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sonnig"},
+                {"role": "assistant", "content": "Es ist sonnig."},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "Wetter?"}, {"role": "tool", "content": "{}"}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "Wetter?"},
+                {"from": "function_call", "value": "{}"},
+                {"from": "observation", "value": "sonnig"},
+                {"from": "gpt", "value": "Sonnig."},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", "function_call": {}}]},
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "tools.jsonl", records))
+    said = "; lunatrain trains on text turns only: leave such conversations out, or import with --skip-bad"
+    assert info.value.details == [
+        f"tools.jsonl line 1: field 'messages[1]': a tool call{said}",
+        f"tools.jsonl line 2: field 'messages[1]': a tool result{said}",
+        f"tools.jsonl line 3: field 'conversations[1]': a tool call{said}",
+        f"tools.jsonl line 4: field 'messages[1]': a tool call{said}",
+    ]
+    # a plain answer that only carries the keys empty, as some exports write them, is no tool call
+    plain = {"role": "assistant", "content": "Hallo.", "tool_calls": [], "function_call": None}
+    (draft,) = read_file(_jsonl(tmp_path / "plain.jsonl", [{"messages": [records[1]["messages"][0], plain]}])).drafts
+    assert draft.response == "Hallo."
+
+
 @pytest.mark.parametrize(
     ("lines", "bad_line"),
     [

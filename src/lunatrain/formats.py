@@ -398,6 +398,8 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
         # "conversations", and some exports write from/value turns under "messages".
         r_key, t_key = _turn_keys(msg, role_key, text_key)
         role = msg.get(r_key)
+        if tool := _tool_turn(msg, role):
+            raise RecordError(f"{list_field}[{i}]", f"{tool}{_NO_TOOLS}")
         if role is None:
             raise RecordError(f"{list_field}[{i}].{r_key}", "missing")
         if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
@@ -408,6 +410,24 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
         content = _text(msg.get(t_key), f"{list_field}[{i}].{t_key}", required=role != "system")
         turns.append((role, content or "", _weight(msg, role, f"{list_field}[{i}].weight")))
     return turns
+
+
+# Tool use: OpenAI's `tool_calls`/`function_call` on an assistant message and its `tool`/`function` results,
+# Llama 3's `ipython`, LLaMA-Factory's ShareGPT `function_call`/`observation` turns. The chat template would
+# need the tools and the calls' own format to train them; flattened to text they would teach a wrong shape, and
+# dropping the call would train the answer without what it was based on.
+_TOOL_CALL_ROLES = {"function_call"}
+_TOOL_RESULT_ROLES = {"tool", "function", "ipython", "observation"}
+_NO_TOOLS = "; lunatrain trains on text turns only: leave such conversations out, or import with --skip-bad"
+
+
+def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
+    """ "a tool call" / "a tool result" when the turn is part of tool use, else None."""
+    name = role.lower() if isinstance(role, str) else None
+    # Exports write `tool_calls: []` and `function_call: null` on plain answers too.
+    if msg.get("tool_calls") or msg.get("function_call") is not None or name in _TOOL_CALL_ROLES:
+        return "a tool call"
+    return "a tool result" if name in _TOOL_RESULT_ROLES else None
 
 
 def _weight(msg: Mapping[str, Any], role: Any, field_name: str) -> int:
