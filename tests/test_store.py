@@ -655,21 +655,41 @@ def test_a_postgres_database_not_in_utf8_is_refused(home: Path, monkeypatch: pyt
         admin.dispose()
 
 
+@contextlib.contextmanager
+def _pg_role(
+    monkeypatch: pytest.MonkeyPatch, name: str, grant: str, undo: str = ""
+) -> Iterator[tuple[sa.Engine, str, str]]:
+    """A login role of its own for the block (`grant`: SQL run as the admin after creating it, `{role}` in it
+    replaced; `undo`: SQL that takes back what `grant` did beyond the role), ASSISTANT_DB_URL naming it.
+    Yields the admin engine, the role and the database owner's URL (the schema is reset to empty)."""
+    admin = _pg_admin()
+    owner = admin.url.render_as_string(hide_password=False)
+    _reset_postgres(owner)
+    role = f"lunatrain_{name}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'luna'"))
+        conn.execute(sa.text(grant.format(role=role)))
+    monkeypatch.setenv("ASSISTANT_DB_URL", admin.url.set(username=role, password="luna").render_as_string(False))
+    try:
+        yield admin, role, owner
+    finally:
+        store.dispose_stores()
+        with admin.connect() as conn:
+            if undo:
+                conn.execute(sa.text(undo.format(role=role)))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+
+
 @pytest.mark.postgres
 def test_a_database_user_without_a_usable_schema_is_told_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro: a user without USAGE on the schema (PostgreSQL then skips it on the search_path) was told the
     database is damaged ("no schema has been selected to create in … restore it from a backup, or move it
     aside"). Now the sentence says the user may not use the schema and how to grant it."""
-    admin = _pg_admin()
-    owner = admin.url.render_as_string(hide_password=False)
-    _reset_postgres(owner)
-    role = f"lunatrain_no_schema_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
-        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'luna'"))
-        conn.execute(sa.text("REVOKE USAGE ON SCHEMA public FROM PUBLIC"))
-    monkeypatch.setenv("ASSISTANT_DB_URL", admin.url.set(username=role, password="luna").render_as_string(False))
-    try:
+    revoke, restore = "REVOKE USAGE ON SCHEMA public FROM PUBLIC", "GRANT USAGE ON SCHEMA public TO PUBLIC"
+    with _pg_role(monkeypatch, "no_schema", revoke, undo=restore) as (_admin, role, _owner):
         r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"])
         assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
         assert f"user {role} may not use any schema on its search path" in r.output, r.output
@@ -679,13 +699,6 @@ def test_a_database_user_without_a_usable_schema_is_told_so(home: Path, monkeypa
         with pytest.raises(StorageError) as err:
             store.open_store(load_settings())
         assert err.value.code == "storage_denied"
-    finally:
-        store.dispose_stores()
-        with admin.connect() as conn:
-            conn.execute(sa.text("GRANT USAGE ON SCHEMA public TO PUBLIC"))
-            conn.execute(sa.text(f"DROP OWNED BY {role}"))
-            conn.execute(sa.text(f"DROP ROLE {role}"))
-        admin.dispose()
 
 
 @pytest.mark.postgres
@@ -693,17 +706,8 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
     """Repro: a user the server refuses ("permission denied for schema public", "… for table examples") was told
     the database is damaged: "restore it from a backup, or move it aside". Now the sentence says the user lacks
     the permission, and what the server said."""
-    admin = _pg_admin()
-    owner = admin.url.render_as_string(hide_password=False)
-    _reset_postgres(owner)
-    role = f"lunatrain_no_rights_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
-        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD 'luna'"))
-        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {role}"))  # as PostgreSQL 15 gives everyone
-    limited = admin.url.set(username=role, password="luna").render_as_string(hide_password=False)
-    try:
-        monkeypatch.setenv("ASSISTANT_DB_URL", limited)
+    usage = "GRANT USAGE ON SCHEMA public TO {role}"  # as PostgreSQL 15 gives everyone
+    with _pg_role(monkeypatch, "no_rights", usage) as (admin, role, owner):
         with pytest.raises(StorageError) as err:  # an empty database: the user may not create the schema
             store.open_store(load_settings())
         assert "permission denied for schema public" in err.value.message, err.value.message
@@ -719,9 +723,3 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
         for said in (err.value.message, r.output):
             assert f"user {role} lacks a permission" in said and "backup" not in said and "aside" not in said, said
         assert "permission denied for table examples" in r.output, r.output
-    finally:
-        store.dispose_stores()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP OWNED BY {role}"))
-            conn.execute(sa.text(f"DROP ROLE {role}"))
-        admin.dispose()
