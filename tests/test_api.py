@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from lunatrain import store
+from lunatrain import export, store
 from lunatrain.api.deps import check_base_model
 from lunatrain.api.main import create_app
 from lunatrain.errors import UsageError
@@ -186,6 +186,30 @@ def test_job_routes_without_trainer_are_503_and_change_nothing(client: TestClien
     assert not (settings.training_dir / "assistant-sft-summary.json").exists()  # quick-start did not export
     assert client.get(f"{T}/lora/status").status_code == 503
     assert client.get(f"{T}/lora/jobs").status_code == 503
+
+
+def test_the_configured_base_model_outside_the_data_root_is_the_operators_to_choose(
+    home: Path, dead_port: int, tmp_path: Path
+) -> None:
+    """Repro: with ASSISTANT_BASE_MODEL a model directory outside the data root (as the README sets it), `POST
+    /lora/start` without a baseModel, the dashboard's Start button, answered 422 `base_model.outside_root`: the
+    rule for a path a request sends was applied to the server's own setting. (quick-start took it.) A request
+    that names such a path itself is still refused."""
+    outside = tmp_path / "models" / "qwen2"
+    outside.mkdir(parents=True)
+    settings = load_settings(
+        base_model=str(outside), lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}"
+    )
+    store.load_seed(settings)
+    export.export(settings)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for body in ({"maxSteps": 3}, {"maxSteps": 3, "profile": "luna"}):
+            r = client.post(f"{T}/lora/start", json=body)
+            # past the base model's check: on to the trainer, which is not running here
+            assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+        r = client.post(f"{T}/lora/start", json={"baseModel": str(outside)})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "base_model.outside_root", r.text
+    store.dispose_stores()
 
 
 def test_bad_parameters_are_422_naming_the_field(client: TestClient) -> None:

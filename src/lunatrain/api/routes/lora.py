@@ -34,8 +34,10 @@ from ..schemas import (
 router = APIRouter(prefix="/assistant/training/lora", tags=["lora"], dependencies=[Fresh])
 
 
-def _with_base(params: LoraParams, settings: Settings) -> LoraParams:
-    base = check_base_model(params.base_model or settings.base_model, settings)
+def _with_base(params: LoraParams, settings: Settings, requested: str | None) -> LoraParams:
+    """The base model the job trains on. Only one the request names is held to what a request may name (no path
+    outside the data root); the server's own (ASSISTANT_BASE_MODEL, a profile's table) is the operator's choice."""
+    base = check_base_model(requested, settings) if requested else params.base_model or settings.base_model
     return params.model_copy(update={"base_model": base})
 
 
@@ -87,7 +89,11 @@ async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
     # ensure_trainer inside returns at once when the trainer answers; with on-demand off it raises a clear 503.
     job = await run_in_threadpool(
         lambda: flow.submit(
-            settings, _with_base(params, settings), options, thresholds=thresholds, request_id=body.request_id
+            settings,
+            _with_base(params, settings, body.base_model),
+            options,
+            thresholds=thresholds,
+            request_id=body.request_id,
         )
     )
     return JobAccepted(job_id=job.id, job=job)
