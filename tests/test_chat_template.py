@@ -235,6 +235,23 @@ def test_a_base_without_template_needs_chat_template_and_learns_the_added_marker
     merged_tok = AutoTokenizer.from_pretrained(str(out.path))
     assert merged_tok.convert_tokens_to_ids("<|im_end|>") == new_ids[0] and merged_tok.chat_template
     assert new_ids[0] in merged_model.generation_config.eos_token_id
+    # Served with that base configured: the adapter answers with the template it ships (repro: every chat
+    # request, the adapter's too, was 503 "has no chat template; choose one with --chatTemplate", an option
+    # `serve` does not have); the bare base, which cannot chat, is refused in a sentence that says what helps.
+    from lunatrain import serving
+    from lunatrain.errors import ServiceUnavailable
+    from lunatrain.settings import load_settings
+
+    engine = serving.Engine(load_settings(home=settings.home, base_model=str(bare_base)))
+    hello = [{"role": "user", "content": "Hallo"}]
+    version = f"{result.adapter_name}@{result.version}"
+    gen = engine.start(engine.resolve(version), hello, serving.Sampling(max_tokens=4, temperature=0))
+    assert gen.run() is not None and new_ids[0] in gen.loaded.stop_ids
+    with pytest.raises(ServiceUnavailable) as refused:
+        engine.start(engine.resolve(engine.base_info().id), hello, serving.Sampling(max_tokens=4))
+    said = refused.value.message
+    assert "has no chat template, so it answers no chat itself" in said and "choose one with" not in said, said
+    assert result.adapter_name in said and refused.value.details["code"] == "base_model_unavailable"
 
 
 def test_no_spare_embedding_rows_is_refused_in_one_sentence(settings, monkeypatch):

@@ -390,13 +390,18 @@ def _fingerprint(config_bytes: bytes, path: Path, weights: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(ref: str | BaseModelInfo | None, settings: Settings, chat_template: str | None = None):
+def load_tokenizer(
+    ref: str | BaseModelInfo | None, settings: Settings, chat_template: str | None = None, *, chat: bool = True
+):
     """The base model's fast tokenizer with its chat template (or the `chat_template` named, see
-    `templates`); refuses tokenizers without a chat template."""
-    return load_chat_tokenizer(ref, settings, chat_template)[0]
+    `templates`); refuses tokenizers without a chat template, unless `chat` is False (serving: adapters
+    trained with --chatTemplate ship their own, and only the base itself cannot chat)."""
+    return load_chat_tokenizer(ref, settings, chat_template, chat=chat)[0]
 
 
-def load_chat_tokenizer(ref: str | BaseModelInfo | None, settings: Settings, chat_template: str | None = None):
+def load_chat_tokenizer(
+    ref: str | BaseModelInfo | None, settings: Settings, chat_template: str | None = None, *, chat: bool = True
+):
     """(tokenizer, added): as `load_tokenizer`, plus the template's marker tokens that had to be added to
     the vocabulary (training learns their embedding rows)."""
     from transformers import AutoTokenizer
@@ -410,7 +415,7 @@ def load_chat_tokenizer(ref: str | BaseModelInfo | None, settings: Settings, cha
         raise UsageError(f"The tokenizer of base model {info.id!r} could not be loaded: {exc}") from exc
     if not getattr(tok, "is_fast", False):
         raise UsageError(f"Base model {info.id!r} has no fast tokenizer (tokenizer.json); lunatrain needs one.")
-    added = apply_template(tok, chat_template, settings, info.id)
+    added = apply_template(tok, chat_template, settings, info.id) if chat or chat_template or tok.chat_template else []
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out anyway; a pad id just has to exist
     quiet_too_long_warning(tok)

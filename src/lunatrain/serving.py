@@ -185,7 +185,8 @@ def stop_ids(tokenizer: Any, *dirs: Path | None) -> list[int]:
 
     ids: set[int] = set()
     try:
-        ids |= set(turn_terminator(tokenizer).stop_ids)
+        if tokenizer.chat_template:  # a base without one answers no chat (Engine.start); its eos still counts
+            ids |= set(turn_terminator(tokenizer).stop_ids)
     except LunaError:  # a template that closes turns with nothing: the eos ids below are all there is
         pass
     for d in dirs:
@@ -316,7 +317,7 @@ class Engine:
         info = self.base_info()
         self.device = models.resolve_device("auto")
         try:
-            self.tokenizer = models.load_tokenizer(info, self.settings)
+            self.tokenizer = models.load_tokenizer(info, self.settings, chat=False)
             model = models.load_model(info, self.settings, self.device)
         except UsageError as exc:
             raise _base_unavailable(exc) from exc
@@ -325,6 +326,23 @@ class Engine:
         self._stop_ids = stop_ids(self.tokenizer, Path(info.path))
         self.cache_kw = generation_cache_argument(model)
         self.model = model
+
+    def _no_template(self, target: Target) -> ServiceUnavailable:
+        """A base model without a chat template answers no chat itself (an adapter trained on it with
+        --chatTemplate ships its own template); nor does an adapter saved before adapters shipped theirs."""
+        info = self.base_info()
+        adapters = [m["id"] for m in self.models() if m["kind"] != "base"]
+        which = f"Base model {info.id!r}" if target.path is None else f"{target.model} (trained on {info.id!r})"
+        helps = (
+            f"ask an adapter trained on it with --chatTemplate, which ships its own (such as {adapters[0]})"
+            if adapters
+            else "train an adapter on it with `lunatrain luna --chatTemplate chatml`, which ships its own"
+        )
+        return ServiceUnavailable(
+            f"{which} has no chat template, so it answers no chat itself; {helps}, or set ASSISTANT_BASE_MODEL to a "
+            "model that has one.",
+            details={"code": "base_model_unavailable"},
+        )
 
     def _attach(self, target: Target) -> _Loaded:
         """The loaded adapter for `target` (loading it, evicting the least recently used idle one), pinned."""
@@ -413,6 +431,8 @@ class Engine:
             loaded = self._attach(target) if target.path else None
         try:
             tok = loaded.tokenizer if loaded else self.tokenizer
+            if not tok.chat_template:
+                raise self._no_template(target)
             _refuse_control_tokens(tok, messages)
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
