@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import warnings
 
@@ -120,6 +121,39 @@ def test_a_version_whose_files_are_damaged_is_one_sentence_for_merge_and_the_gat
         assert lines[0].startswith("error: The files of luna-adapter@v1 under data/adapters are damaged (")
         assert said in lines[0] and lines[0].endswith("; train it again, or roll back to another version."), lines
     assert not (settings.models_dir / "merged").exists()
+
+
+CONFIG_DAMAGE = {  # an adapter_config.json that is JSON, but not what PEFT can load these weights with
+    "no peft_type": lambda c: {k: v for k, v in c.items() if k != "peft_type"},
+    "another rank": lambda c: c | {"r": c["r"] * 2},
+    "modules the model lacks": lambda c: c | {"target_modules": ["nonexistent"]},
+}
+
+
+@pytest.mark.parametrize("damage", CONFIG_DAMAGE)
+def test_a_config_peft_cannot_load_is_one_sentence_for_merge_the_gate_and_the_api(trained_home, settings, damage):
+    """Repro: an adapter_config.json edited into valid JSON PEFT cannot use made `merge` and `eval-gate` print
+    PEFT's traceback (KeyError: 'peft_type', a size mismatch, NoMatchingPeftModuleError) and `POST /eval-gate`
+    answer 500."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from lunatrain.api.main import create_app
+    from lunatrain.cli import app
+
+    path = settings.adapters_dir / "luna-adapter" / "v1" / "adapter_config.json"
+    path.write_text(json.dumps(CONFIG_DAMAGE[damage](json.loads(path.read_text()))))
+    start = "error: The adapter in data/adapters/luna-adapter/v1 cannot be loaded ("
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
+        assert lines[0].endswith("; its files are damaged: train it again, or roll back to another version.")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.post("/assistant/training/eval-gate", json={"adapter": "luna-adapter@v1"})
+    assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text
+    merged = settings.models_dir / "merged"
+    assert not merged.exists() or list(merged.iterdir()) == []  # its staging folder gone too
 
 
 def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(settings):

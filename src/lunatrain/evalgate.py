@@ -118,12 +118,14 @@ class _Evaluator:
         if adapters:
             from peft import PeftModel
 
+            from . import registry
             from .compat import peft_wrapping
 
             items = list(adapters.items())
-            with peft_wrapping():
+            with peft_wrapping(), registry.loading(settings, items[0][1]):
                 model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
-                for name, path in items[1:]:
+            for name, path in items[1:]:
+                with peft_wrapping(), registry.loading(settings, path):
                     model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.eval()
         self.model = model

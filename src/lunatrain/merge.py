@@ -73,7 +73,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     tmp = staging_dir(target.parent, label)
     try:
         model = load_model(base, settings, "cpu", torch.float32)
-        with peft_wrapping():
+        with peft_wrapping(), registry.loading(settings, adapter_dir):
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the merged model is for inference

@@ -46,7 +46,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -701,6 +701,24 @@ def _damaged_files(path: Path) -> str | None:
     if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
     return _weights_problem(path / "adapter_model.safetensors")
+
+
+@contextlib.contextmanager
+def loading(settings: Settings, path: Path) -> Iterator[None]:
+    """Around attaching the adapter in `path` to a model (merge, the gate): what `readable_dir` cannot see
+    cheaply, a config PEFT cannot use (no peft_type, a rank the weights do not have, target modules the model
+    lacks), becomes one sentence instead of PEFT's traceback. (Serving words its own, per request.)"""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+            raise  # the machine's limit, not the files'
+        where = path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
+        said = " ".join(str(exc).split())[:200] or "no message"
+        raise DamagedFile(
+            f"The adapter in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "
+            "train it again, or roll back to another version."
+        ) from exc
 
 
 def _why(exc: DamagedFile | OSError) -> str:
