@@ -254,3 +254,29 @@ def test_the_last_jobs_report_carries_its_gate_and_whether_an_overwrite_run_was_
     )
     latest = json.loads(settings.lora_latest_report.read_text())
     assert latest["adapterName"] == "vs" and latest["gate"]["passed"] is True and "kept" not in latest
+
+
+def test_lora_reports_the_job_the_follower_saw_settled_when_its_trainer_has_stopped(settings, monkeypatch, capsys):
+    """Repro: the trainer stopped during a `lunatrain lora` job (it settled the job `failed (interrupted)` as it
+    went); the follower read that from the job store and printed it, then `lora` asked the stopped trainer for the
+    job again: "error: The trainer at http://127.0.0.1:5051 is not reachable … start it with `lunatrain
+    trainer`" (the default address: the port-0 trainer's record was gone), and `--json` printed nothing."""
+    from lunatrain.cli import flow as cli_flow
+    from lunatrain.cli import trainer as cli_trainer
+    from lunatrain.errors import ServiceUnavailable
+    from lunatrain.params import FlowOptions, LoraParams
+    from lunatrain.service import client
+    from lunatrain.service.jobs import Job
+
+    job = {"id": "ftjob-gone", "status": "running", "createdAt": "2026-12-04T00:00:00Z", "params": {}}
+    settled = job | {"status": "failed", "error": {"code": "interrupted", "message": "The trainer stopped."}}
+    monkeypatch.setattr(cli_flow, "submit", lambda *a, **k: Job.model_validate(job))
+    monkeypatch.setattr(cli_trainer, "follow", lambda *a, **k: Job.model_validate(settled))
+
+    def gone(*_a, **_k):
+        raise ServiceUnavailable("The trainer at http://127.0.0.1:5051 is not reachable (ConnectError).")
+
+    monkeypatch.setattr(client, "get_job", gone)
+    outcome = cli_flow.service_lora(settings, LoraParams(), FlowOptions(), stderr=True)
+    assert outcome["status"] == "failed" and outcome["error"]["code"] == "interrupted" and outcome["jobId"] == job["id"]
+    assert "Job ftjob-gone failed" in capsys.readouterr().err

@@ -159,8 +159,8 @@ def service_lora(
 
     job = submit(settings, params, options, thresholds=gate)
     typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.", err=stderr)
-    follow_and_report(settings, job.id, stderr=stderr)
-    return job_outcome(client.get_job(settings, job.id))
+    # The job as the follower saw it end: a trainer that settled it as it stopped can no longer be asked.
+    return job_outcome(follow_and_report(settings, job.id, stderr=stderr))
 
 
 def run(

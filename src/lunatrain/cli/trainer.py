@@ -172,10 +172,10 @@ def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
 def jobs_follow(job_id: str) -> None:
     """Follow a job's progress until it ends (Ctrl-C detaches)."""
     try:
-        code = follow_and_report(load_settings(), job_id)
+        job = follow_and_report(load_settings(), job_id)
     except LunaError as err:
         raise fail(err) from None
-    raise typer.Exit(code)
+    raise typer.Exit(0 if job.status == "succeeded" else 1)
 
 
 @jobs_app.command("cancel")
@@ -385,10 +385,10 @@ def _recorded(settings: Settings, job_id: str, after: int) -> tuple[Job | None, 
         return None, []
 
 
-def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) -> int:
+def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) -> Job:
     """Follow the job, print its outcome (on stderr with `stderr`: `lora --json`, whose stdout is the outcome
-    document); 0 succeeded, 1 failed or cancelled. Ctrl-C prints how to come back and exits 130 (typer.Exit,
-    so that callers such as `lunatrain lora` end the same way)."""
+    document) and return the job as it ended. Ctrl-C prints how to come back and exits 130 (typer.Exit, so
+    that callers such as `lunatrain lora` end the same way)."""
     try:
         job = follow(settings, job_id, stderr=stderr)
     except KeyboardInterrupt:
@@ -399,4 +399,4 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
         )
         raise typer.Exit(DETACHED) from None
     typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."), err=stderr)
-    return 0 if job.status == "succeeded" else 1
+    return job
