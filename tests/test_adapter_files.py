@@ -77,6 +77,27 @@ def test_bad_requests_get_a_clear_4xx(client: TestClient, settings: Settings, pa
     assert "Traceback" not in r.text
 
 
+@pytest.mark.parametrize(
+    ("filename", "content", "said"),
+    [
+        ("training-report.json", b"[1,", "not valid JSON"),
+        ("training-report.json", b"[1, 2]", "a JSON list, not an object"),
+        ("loss-curve.png", b"notpng", "not a PNG image"),
+    ],
+)
+def test_a_damaged_file_is_503_as_the_cli_says_not_served_as_it_is(
+    client: TestClient, settings: Settings, filename: str, content: bytes, said: str
+) -> None:
+    """Repro: a training-report.json holding `[1,` was served as 200 application/json (and a loss-curve.png
+    holding text as 200 image/png), while `adapters show` called the same report damaged (exit 1)."""
+    v1 = publish(settings, "luna-adapter", {filename: content})
+    kind = "report" if filename.endswith(".json") else "loss-curve.png"
+    r = client.get(f"{BASE}/luna-adapter/versions/{v1}/{kind}")
+    assert r.status_code == 503, r.text
+    err = r.json()["error"]
+    assert err["code"] == "storage_error" and filename in err["message"] and said in err["message"], err
+
+
 def test_a_symlink_out_of_the_data_root_is_not_followed(client: TestClient, settings: Settings, tmp_path: Path) -> None:
     secret = tmp_path / "secret.json"
     secret.write_text('{"token": "x"}')

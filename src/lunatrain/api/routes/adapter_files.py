@@ -5,12 +5,16 @@ own directory, verified to stay under the data root, so a request names ids only
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from ... import registry
-from ...errors import NotFound
+from ...errors import DamagedFile, NotFound
+from ...formats import json_type
+from ...fsio import read_json
 from ...settings import Settings, inside
 from ..deps import AdapterName, SettingsDep, Version, errors
 
@@ -28,8 +32,24 @@ def _file(settings: Settings, name: str, version: str, kind: str) -> FileRespons
     path = inside(registry.adapter_dir(settings, entry), filename)
     if not path.is_file():
         raise NotFound(f"{name}@{entry['version']} has no {filename}.")
+    _check(path, kind)
     # Immutable per version (overwrite's `current` slot excepted), but cheap: let the browser revalidate.
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _check(path: Path, kind: str) -> None:
+    """A damaged file is said as the CLI says it (503), not handed to the browser as what it should be."""
+    if kind == "report":
+        report = read_json(path)  # DamagedFile when it is not JSON
+        if not isinstance(report, dict):
+            raise DamagedFile(f"{path} is damaged (a JSON {json_type(report)}, not an object).")
+        return
+    with path.open("rb") as f:
+        if f.read(len(_PNG)) != _PNG:
+            raise DamagedFile(f"{path} is damaged (not a PNG image).")
 
 
 @router.get("/{name}/versions/{version}/report", response_class=FileResponse, responses=errors(404, 503))
