@@ -447,3 +447,25 @@ def test_the_last_local_runs_gate_comes_from_its_registry_entry(settings):
     }, job
     registry.write_latest(settings, {"status": "failed", "jobId": None, "adapterName": "ow", "version": None})
     assert training_status(settings, 0)["lastJob"]["gate"] is None  # a run that made no version had no gate
+
+
+def test_an_adapter_of_another_base_is_not_the_active_one_while_luna_tiny_is_unbuilt(settings):
+    """Repro: trained with --baseModel=<a family model> while the configured base is still luna-tiny, which this
+    data root had not built yet: status said "active adapter: luna-adapter@v1 on <that model>" with no word of a
+    guess, and after anything built luna-tiny the same data said "active adapter: none"."""
+    from lunatrain import models
+
+    from helpers import adapter_work_dir
+
+    work = adapter_work_dir(settings, "luna-adapter", "x")
+    other = {"baseModel": {"id": "/models/qwen2", "fingerprint": "7" * 64}}
+    registry.publish(settings, "luna-adapter", "versioned", work, other)
+    registry.activate(settings, "luna-adapter", "v1", own_base=True)
+    assert not (settings.models_dir / models.TINY_ID).exists()
+    s = training_status(settings, 0)
+    assert s["activeAdapter"] is None and s["problems"] == [], s
+    assert [(a["name"], a["baseModel"], a["matchesBaseModel"]) for a in s["activeAdapters"]] == [
+        ("luna-adapter", "/models/qwen2", False)
+    ]
+    said = CliRunner().invoke(app, ["status"]).output
+    assert "active adapter: none" in said and "also active: luna-adapter@v1 on /models/qwen2" in said, said

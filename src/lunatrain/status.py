@@ -255,7 +255,8 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
         active = []
     except (LunaError, ValueError, OSError):
         active = []
-    # resolve_base builds luna-tiny when missing: a status read must not, so an unbuilt one matches nothing.
+    # resolve_base builds luna-tiny when missing: a status read must not. The base is known all the same (the
+    # configured luna-tiny, built the same way wherever it is): what is active on it is named by its id.
     unbuilt = (
         settings.base_model == models.TINY_ID and not (settings.models_dir / models.TINY_ID / "config.json").exists()
     )
@@ -279,7 +280,8 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
                 "name": a["name"],
                 "version": a["version"],
                 "baseModel": a["baseModel"],
-                "matchesBaseModel": configured is not None and a["base"] == configured.fingerprint,
+                "matchesBaseModel": (configured is not None and a["base"] == configured.fingerprint)
+                or (unbuilt and a["baseModel"] == models.TINY_ID),
                 "datasetTier": entry.get("datasetTier"),
                 "stale": bool(entry.get("stale")),
                 # what is active yet cannot be served (its files deleted by hand): said here as `adapters list` says it
@@ -287,7 +289,7 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
                 "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
             }
         )
-    return out, configured is not None
+    return out, configured is not None or unbuilt
 
 
 def _preferred(active: list[dict[str, Any]], base_known: bool) -> dict[str, Any] | None:
