@@ -517,3 +517,33 @@ def test_each_revision_of_an_overwrite_slot_is_marked_stale_by_its_own_training_
     assert registry.mark_stale(settings, {"hash-gone"}) == ["ow@current"]
     assert registry.get_revision(settings, "ow", 4)["stale"]["hashes"] == ["hash-gone"]
     assert "stale" not in registry.get_revision(settings, "ow", 2)
+
+
+def test_a_base_changed_in_place_is_said_so_not_called_another_base(settings):
+    """Repro: with the base model's weights replaced in its folder (same id, other fingerprint), `adapters show`
+    said "active on base model 'X', not on the configured one", the configured one being X."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    base = registry.configured_base(settings)
+    old = _entry("5" * 64) | {"baseModel": {"id": base.id, "fingerprint": "5" * 64}}
+    registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "one"), old)
+    registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "two"), old)
+    registry.activate(settings, "a", "v1", own_base=True)  # active on the base as it was
+    for version in ("v1", "v2"):
+        state = json.loads(CliRunner().invoke(app, ["adapters", "show", f"a@{version}"]).output)["state"]
+        assert state["code"] == "adapter.base_changed", state
+        assert state["reason"] == (
+            f"base model {base.id!r} has changed since this version was trained on it (fingerprints differ); retrain it"
+        )
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        shown = client.get("/assistant/training/adapters/a").json()
+    assert {v["state"]["code"] for v in shown["versions"]} == {"adapter.base_changed"}, shown
+    # without the id (a view from another base) the reasons stay what they were
+    v1 = registry.get_version(settings, "a", "v1")
+    assert registry.activation_state(settings, v1, base.fingerprint)["code"] == "adapter.active_on_other_base"

@@ -86,6 +86,19 @@ def test_an_adapter_of_another_base_is_refused(settings) -> None:
         with pytest.raises(Conflict, match="trained on base model 'org/else'"):
             engine.resolve("other@v2")
         assert "other@v2" not in [m["id"] for m in engine.models()]
+        # Repro: the same base id with other weights (updated in place) was "trained on base model 'X', but this
+        # server runs 'X'; its LoRA weights do not fit"; and a name without an active version said "@v1" for an
+        # adapter whose versions start elsewhere.
+        entry["baseModel"] = {"id": engine.base_info().id, "fingerprint": "0" * 64}
+        registry.registry_path(settings).write_text(json.dumps(data))
+        with pytest.raises(Conflict) as changed:
+            engine.resolve("other@v2")
+        assert changed.value.message == (
+            f"Base model {engine.base_info().id!r} has changed since other@v2 was trained on it (fingerprints "
+            "differ); retrain it on this base."
+        )
+        with pytest.raises(NotFound, match=r"has no active version on .*; activate one, or name a version GET "):
+            engine.resolve("other")
     finally:
         data["adapters"]["other"]["versions"].pop()
         registry.registry_path(settings).write_text(json.dumps(data))

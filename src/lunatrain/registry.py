@@ -568,9 +568,11 @@ def list_active(settings: Settings, base: str | None = None) -> list[dict[str, A
     return out
 
 
-def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> dict[str, Any]:
-    """Whether a version is active on base fingerprint `base`, and if not, why, as
-    {"active": bool, "code": str, "params": {...}, "reason": "one sentence"}."""
+def activation_state(
+    settings: Settings, entry: dict[str, Any], base: str, base_id: str | None = None
+) -> dict[str, Any]:
+    """Whether a version is active on base fingerprint `base` (whose id is `base_id`, when known), and if not,
+    why, as {"active": bool, "code": str, "params": {...}, "reason": "one sentence"}."""
     name, version = entry["name"], entry["version"]
     adapter = list_adapters(settings).get(name) or {}
     trained_on = entry.get("baseModel") or {}
@@ -602,6 +604,14 @@ def activation_state(settings: Settings, entry: dict[str, Any], base: str) -> di
             "adapter.files_missing",
             f"its files are missing under data/adapters ({', '.join(gone)}); train it again",
             missing=gone,
+        )
+    # The same id with other weights (updated in place, another hub revision): the base changed, not the model.
+    if base_id is not None and base_id in (trained_on.get("id"), *elsewhere) and trained_on.get("fingerprint") != base:
+        return state(
+            False,
+            "adapter.base_changed",
+            f"base model {base_id!r} has changed since this version was trained on it (fingerprints differ); "
+            "retrain it",
         )
     if elsewhere:
         return state(

@@ -75,7 +75,8 @@ def active_entry(settings: Settings, name: str, base_id: str, base_fingerprint: 
     entry = registry.active_version(settings, name, base_fingerprint)
     if entry is None:
         raise NotFound(
-            f"Adapter {name!r} has no active version on {base_id}; activate one or name a version ({name}@v1)."
+            f"Adapter {name!r} has no active version on {base_id}; activate one, or name a version GET /v1/models "
+            f"lists ({name}@VERSION)."
         )
     return entry
 
@@ -109,9 +110,16 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         )
     trained_on = entry.get("baseModel") or {}
     if not _fits(entry, base_fingerprint, registry.active_version(settings, name, base_fingerprint)):
+        # The same id with other weights (updated in place, another hub revision): the base changed, not the model.
+        why = (
+            f"base model {base_id!r} has changed since {name}@{entry['version']} was trained on it (fingerprints "
+            "differ); retrain it on this base"
+            if trained_on.get("id") == base_id
+            else f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this server "
+            f"runs {base_id!r}; its LoRA weights do not fit"
+        )
         raise Conflict(
-            f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this "
-            f"server runs {base_id!r}; its LoRA weights do not fit.",
+            f"{why[0].upper()}{why[1:]}.",
             details={"param": "model", "code": "model_base_mismatch"},
         )
     try:

@@ -103,7 +103,8 @@ def show_cmd(
         raise fail(err) from None
     out = dict(entry)
     try:  # active on the configured base model, or why not
-        out["state"] = registry.activation_state(settings, entry, registry.configured_base(settings).fingerprint)
+        base = registry.configured_base(settings)
+        out["state"] = registry.activation_state(settings, entry, base.fingerprint, base.id)
     except LunaError as err:
         out["state"] = {"active": False, "reason": f"the configured base model cannot be read: {err.message}"}
     if isinstance(report, dict):

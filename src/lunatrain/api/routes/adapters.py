@@ -22,15 +22,25 @@ from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequ
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
 
 
-def _configured(settings: Settings) -> str | None:
+def _configured(settings: Settings) -> tuple[str | None, str | None]:
+    """The configured base model's (fingerprint, id)."""
     try:
-        return registry.configured_base(settings).fingerprint
+        base = registry.configured_base(settings)
     except LunaError:  # a configured base that cannot be read: nothing is active on it
-        return None
+        return None, None
+    return base.fingerprint, base.id
 
 
-def _view(settings: Settings, name: str, adapter: dict[str, Any], versions: list[dict], base: str | None) -> dict:
-    """One adapter as seen from base fingerprint `base`: its active version there and each version's state."""
+def _view(
+    settings: Settings,
+    name: str,
+    adapter: dict[str, Any],
+    versions: list[dict],
+    base: str | None,
+    base_id: str | None = None,
+) -> dict:
+    """One adapter as seen from base fingerprint `base` (id `base_id`, when it is the configured one): its
+    active version there and each version's state."""
     active = adapter.get("activeByBase", {}).get(base or "")
     # Both keys always: `active: null` says "none active here" (the file's `aliases.active` is another base's).
     aliases = {"latest": adapter.get("aliases", {}).get("latest"), "active": active["version"] if active else None}
@@ -38,7 +48,7 @@ def _view(settings: Settings, name: str, adapter: dict[str, Any], versions: list
     states = [
         e
         | {
-            "state": registry.activation_state(settings, e, base or ""),
+            "state": registry.activation_state(settings, e, base or "", base_id),
             "filesMissing": not registry.loadable(settings, e),
         }
         for e in versions
@@ -56,7 +66,7 @@ def _adapter(settings: Settings, name: str) -> AdapterOut:
     adapter = registry.list_adapters(settings).get(name)
     if adapter is None:
         raise NotFound(f"No adapter named {name!r} is registered.")
-    return AdapterOut.model_validate(camel(_view(settings, name, adapter, adapter["versions"], _configured(settings))))
+    return AdapterOut.model_validate(camel(_view(settings, name, adapter, adapter["versions"], *_configured(settings))))
 
 
 def _groups(settings: Settings) -> AdapterGroups:
