@@ -67,6 +67,24 @@ def test_merge_refuses_when_the_base_changed(settings):
     assert not (settings.models_dir / "merged" / "a-v1").exists()
 
 
+def test_a_forced_merge_records_the_base_it_merged_into(trained_home, settings):
+    """Repro: `merge --force` onto a base changed since training wrote the old base's fingerprint into
+    lunatrain-merge.json, a record wrong for the weights it sits beside."""
+    config = settings.models_dir / "luna-tiny" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"_variant": "four"}))
+    now = registry.configured_base(settings)
+    trained = registry.get_version(settings, "luna-adapter", "v1")["baseModel"]
+    assert now.fingerprint != trained["fingerprint"]
+    result = merge_adapter(settings, "luna-adapter@v1", force=True)
+    marker = json.loads((result.path / "lunatrain-merge.json").read_text())
+    assert marker["baseModel"] == now.record() and marker["baseModel"]["fingerprint"] != trained["fingerprint"]
+    assert marker["trainedOn"] == trained and marker["forced"] is True
+    assert registry.get_version(settings, "luna-adapter", "v1")["merged"]["forced"] is True
+    registry.registry_path(settings).unlink()  # and repair restores it so
+    registry.repair(settings)
+    assert registry.get_version(settings, "luna-adapter", "v1")["merged"]["forced"] is True
+
+
 @pytest.mark.parametrize("gone", ["adapter_model.safetensors", "adapter_config.json", "the folder"])
 def test_a_version_whose_files_are_gone_is_one_sentence_for_merge_and_the_gate(trained_home, settings, gone):
     """Files deleted by hand (or a disk restored in part): `merge` and `eval-gate` name the version and the

@@ -59,7 +59,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
     trained_on = entry["baseModel"]
     base = registry.trained_base(settings, entry, "merge it")
-    if base.fingerprint != trained_on["fingerprint"] and not force:
+    forced = base.fingerprint != trained_on["fingerprint"]
+    if forced and not force:
         raise Conflict(
             f"Base model {trained_on['id']!r} has changed since {name}@{entry['version']} was trained "
             "(fingerprints differ); retrain, or pass --force to merge anyway."
@@ -90,7 +91,9 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
                 {
                     "adapter": f"{name}@{entry['version']}",
                     "revision": entry.get("revision"),
-                    "baseModel": trained_on,
+                    # the base these weights were merged into; with --force, the one trained on differs
+                    "baseModel": base.record(),
+                    **({"trainedOn": trained_on, "forced": True} if forced else {}),
                     "adapterPath": entry["path"],
                     "created": registry.now(),
                 },
@@ -101,7 +104,6 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = str(target.relative_to(settings.home))
-    registry.annotate(
-        settings, name, entry["version"], "merged", {"path": rel, "at": registry.now()}, revision=entry.get("revision")
-    )
+    merged_info = {"path": rel, "at": registry.now()} | ({"forced": True} if forced else {})
+    registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
     return MergeResult(name, entry["version"], target, trained_on["id"], replaced, entry.get("gate"))

@@ -68,6 +68,15 @@ class BaseModelInfo:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """What a training report and a merge record say of the base (no local path: a data root moves)."""
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "configSha256": self.config_sha256,
+            "fingerprint": self.fingerprint,
+        }
+
 
 # --- luna-tiny ------------------------------------------------------------------------------------
 

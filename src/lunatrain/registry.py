@@ -1321,4 +1321,6 @@ def _restore_merges(settings: Settings, data: dict[str, Any]) -> None:
             # an overwrite slot's merged folder may hold an older revision than the slot: not this entry's model
             if entry["version"] == version and info.get("revision") in (None, entry.get("revision")):
                 entry["merged"] = {"path": str(marker.parent.relative_to(settings.home)), "at": info.get("created")}
+                if info.get("forced"):  # merged into a base other than the one trained on (merge --force)
+                    entry["merged"]["forced"] = True
                 break

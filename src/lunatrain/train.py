@@ -709,12 +709,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
             "tokenCacheKey": run.tokens.key,
             "tokenCacheHit": run.tokens.cache_hit,
         },
-        "baseModel": {
-            "id": run.base.id,
-            "revision": run.base.revision,
-            "configSha256": run.base.config_sha256,
-            "fingerprint": run.base.fingerprint,
-        },
+        "baseModel": run.base.record(),
         "tokenizerHash": tokenizer_hash(run.tokenizer),
         "templateHash": template_hash(run.tokenizer),
         "template": {
