@@ -186,7 +186,10 @@ def test_the_adapter_api_marks_a_version_whose_files_are_gone(settings):
     fp = models.resolve_base(None, settings).fingerprint
     for tag in ("one", "two", "three"):
         registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+    registry.activate(settings, "a", "v2")
     registry.activate(settings, "a", "v1")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.get("/assistant/training/adapters/a").json()["rollbackTo"] == "v2"
     (settings.adapters_dir / "a" / "v1" / "adapter_model.safetensors").unlink()
     (settings.adapters_dir / "a" / "v2" / "adapter_config.json").unlink()
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
@@ -202,6 +205,8 @@ def test_the_adapter_api_marks_a_version_whose_files_are_gone(settings):
                 "v2": (True, False, "adapter.files_missing"),
                 "v3": (False, False, "adapter.other_version_active"),
             }, got
+            # repro: rollbackTo still named v2, which the rollback then refused (404: its files are gone)
+            assert body["rollbackTo"] is None, body
             v2 = next(v for v in body["versions"] if v["version"] == "v2")
             assert (
                 v2["state"]["reason"]

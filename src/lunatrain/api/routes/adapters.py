@@ -57,9 +57,17 @@ def _view(
         "name": name,
         "aliases": aliases,
         "activeByBase": adapter.get("activeByBase", {}),
-        "rollbackTo": registry.rollback_target(adapter, base or ""),  # null: no earlier version to go back to
+        "rollbackTo": _rollback_to(settings, adapter, versions, base or ""),
         "versions": states,
     }
+
+
+def _rollback_to(settings: Settings, adapter: dict[str, Any], versions: list[dict], base: str) -> str | None:
+    """The version a rollback on `base` returns to; null when there is none, or when its files are gone (the
+    rollback refuses it then, as activate does: the version is marked `filesMissing`)."""
+    target = registry.rollback_target(adapter, base)
+    entry = next((e for e in adapter.get("versions", []) if e["version"] == target), None)
+    return target if entry is not None and registry.loadable(settings, entry) else None
 
 
 def _adapter(settings: Settings, name: str) -> AdapterOut:
