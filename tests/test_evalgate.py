@@ -326,6 +326,11 @@ def test_an_overwrite_run_takes_the_slot_only_when_the_gate_passes(settings, tin
         refused = registry.get_revision(settings, "luna-adapter", 2)
         assert refused["replaced"] and refused["gate"]["passed"] is False and "staged" not in refused
         assert not (settings.home / staged["staged"]).exists()
+        # Repro: its state said "replaced by a newer revision of the same slot": it is the newest, never kept.
+        fp = registry.configured_base(settings).fingerprint
+        state = registry.activation_state(settings, refused, fp)
+        assert state["code"] == "adapter.not_kept", state
+        assert state["reason"].startswith("not kept: the eval gate refused this revision, so the slot kept"), state
 
         # Revision 3 equals revision 1 (B x1): no regression, so it takes the slot, which stays active.
         _derived_version(settings, rev1, 1.0, strategy="overwrite", stage=True)
@@ -334,6 +339,8 @@ def test_an_overwrite_run_takes_the_slot_only_when_the_gate_passes(settings, tin
         active = registry.get_version(settings, "luna-adapter", "active")
         assert active["revision"] == 3 and active["gate"]["passed"] is True
         assert registry.get_revision(settings, "luna-adapter", 1)["replaced"] is True
+        replaced = registry.activation_state(settings, registry.get_revision(settings, "luna-adapter", 1), fp)
+        assert replaced["code"] == "adapter.replaced", replaced  # this one was replaced by a newer revision
         slots = list((settings.adapters_dir / "luna-adapter" / ".slots").iterdir())
         assert len(slots) == 1 and (settings.adapters_dir / "luna-adapter" / "current").resolve() == slots[0]
         listed = {
@@ -342,7 +349,8 @@ def test_an_overwrite_run_takes_the_slot_only_when_the_gate_passes(settings, tin
             if " rev " in line
         }
         assert "[active on luna-tiny]" in listed["3"], listed  # only the revision the slot holds
-        assert all("active on" not in listed[r] and "[replaced]" in listed[r] for r in ("1", "2")), listed
+        assert "active on" not in listed["1"] and "[replaced]" in listed["1"], listed
+        assert "active on" not in listed["2"] and "[not kept]" in listed["2"], listed  # refused: never held the slot
     finally:
         torch.set_num_threads(threads)
 

@@ -85,6 +85,7 @@ CODES: dict[str, str] = {
     # an adapter version's state (state.code): active, or why not; params always name, version, baseModel
     "adapter.active": "active on the configured base model",
     "adapter.replaced": "a newer revision replaced this slot",
+    "adapter.not_kept": "an overwrite revision the slot never held: the gate refused it, or its run ended unjudged",
     "adapter.active_on_other_base": "active on another base model (activeOn)",
     "adapter.other_base": "trained on another base model (baseModel)",
     "adapter.base_changed": "the configured base model has the same id but other weights than when it was trained (baseModel)",

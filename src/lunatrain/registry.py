@@ -357,6 +357,8 @@ def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> 
         else:
             shutil.rmtree(inside(settings.home, staged), ignore_errors=True)
             entry["replaced"] = True
+            if not keep:  # refused (or its run ended before the gate): it never held the slot
+                entry["notKept"] = True
         _save(settings, data)
     return entry
 
@@ -589,6 +591,9 @@ def activation_state(
         return {"active": active, **coded(code, **params, **extra), "reason": reason}
 
     # A replaced or staged revision shares the slot's name but is not what the slot holds: never active.
+    if entry.get("notKept"):
+        why = "the eval gate refused this revision" if gate and not gate.get("passed") else "its run ended unjudged"
+        return state(False, "adapter.not_kept", f"not kept: {why}, so the slot kept the revision before it")
     if entry.get("replaced"):
         return state(False, "adapter.replaced", "replaced by a newer revision of the same slot")
     if active_here == version and not entry.get("staged"):

@@ -34,7 +34,7 @@ def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str]
     marks = ["latest"] if aliases.get("latest") == entry["version"] and not entry.get("replaced") else []
     marks += [f"active on {base}" for base in active_on]
     if entry.get("replaced"):
-        marks.append("replaced")
+        marks.append("not kept" if entry.get("notKept") else "replaced")
     if entry.get("stale"):
         marks.append("stale: retrain needed")
     gate = entry.get("gate")
