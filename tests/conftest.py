@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def settings(home: Path) -> Settings:
     return load_settings()
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port bound, never listening: connections are refused and nobody else can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Run: `.venv/bin/python -m pytest tests/test_api.py -q`
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,14 +20,6 @@ from lunatrain.settings import load_settings
 from helpers import adapter_work_dir
 
 T = "/assistant/training"
-
-
-@pytest.fixture
-def dead_port() -> Iterator[int]:
-    # Bound, never listening: connections are refused and nobody else can take the port meanwhile.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 @pytest.fixture

@@ -469,3 +469,19 @@ def test_an_adapter_of_another_base_is_not_the_active_one_while_luna_tiny_is_unb
     ]
     said = CliRunner().invoke(app, ["status"]).output
     assert "active adapter: none" in said and "also active: luna-adapter@v1 on /models/qwen2" in said, said
+
+
+def test_an_offline_trainer_is_said_to_start_on_demand_only_when_it_does(home, monkeypatch, dead_port):
+    """Repro: with ASSISTANT_LORA_ENSURE_ON_DEMAND=false (the guide's §8 setup) status said the offline trainer
+    "starts on demand", while every submit then failed: nothing starts it."""
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{dead_port}")
+    said = {}
+    for on in ("true", "false"):
+        monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", on)
+        said[on] = next(ln for ln in CliRunner().invoke(app, ["status"]).output.splitlines() if "trainer:" in ln)
+        assert json.loads(CliRunner().invoke(app, ["status", "--json"]).output)["trainer"]["onDemand"] is (on == "true")
+    assert said["true"].endswith("; it starts on demand, or run `lunatrain trainer`"), said
+    assert "starts on demand" not in said["false"], said
+    assert said["false"].endswith(
+        "starting it on demand is off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false): run `lunatrain trainer`"
+    )

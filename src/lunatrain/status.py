@@ -128,6 +128,7 @@ def _trainer(settings: Settings) -> dict[str, Any]:
         "cudaAvailable": bool(health and health.cuda_available),
         "device": health.device.name if health else None,
         "queue": health.queue.wire() if health else None,
+        "onDemand": settings.lora_ensure_on_demand,  # whether a submit starts it when it is down
     }
 
 

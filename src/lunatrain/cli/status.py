@@ -55,7 +55,13 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "trainer",
             f"{trainer['label']} ({trainer['url']})"
-            + ("" if trainer["reachable"] else "; it starts on demand, or run `lunatrain trainer`"),
+            + (
+                ""
+                if trainer["reachable"]
+                else "; it starts on demand, or run `lunatrain trainer`"
+                if trainer.get("onDemand", True)
+                else "; starting it on demand is off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false): run `lunatrain trainer`"
+            ),
         ),
         ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
         (
