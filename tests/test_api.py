@@ -383,7 +383,9 @@ def test_a_model_directory_named_relative_to_the_data_root_is_taken_from_anywher
     assert check_base_model("Qwen/Qwen2.5-0.5B", settings) == "Qwen/Qwen2.5-0.5B"  # no such directory: a hub id
 
 
-def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: TestClient, settings) -> None:
+def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(
+    client: TestClient, settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Repro: an adapter directory as `baseModel` was accepted (202) and failed later with "has no config.json"."""
     from typer.testing import CliRunner
 
@@ -404,6 +406,18 @@ def test_an_adapter_directory_as_base_model_is_refused_at_submit_time(client: Te
     assert r.json()["error"]["params"] == {"baseModel": "data/adapters/luna-adapter/v1"}
     cli = CliRunner().invoke(app, ["prepare", "--baseModel", "data/adapters/luna-adapter/v1"])
     assert cli.exit_code == 2 and "is a LoRA adapter" in cli.output
+    # Repro: from a working directory outside the data root, `luna` started its flow and failed inside its
+    # eval-gate step (a step table, a line naming reports it never wrote): the name is found under the data
+    # root there, as the steps find it, and refused before anything runs.
+    elsewhere = settings.home.parent / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cli = CliRunner().invoke(app, ["luna", "--baseModel", "data/adapters/luna-adapter/v1", "--maxSteps", "3"])
+    assert cli.exit_code == 2 and cli.output.strip().splitlines() == [
+        "error: baseModel 'data/adapters/luna-adapter/v1' is a LoRA adapter (it has adapter_config.json), not a base "
+        "model: an adapter on an adapter is not supported. Train on the base model it was made for, or merge it "
+        "first (`lunatrain merge --adapter NAME@VERSION`) and use the merged model under data/models/merged/."
+    ], cli.output
 
 
 def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, settings) -> None:

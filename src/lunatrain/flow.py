@@ -149,13 +149,12 @@ def resolve_base(settings: Settings, params: LoraParams) -> LoraParams:
     """The base model, resolved once where the user asked: flag > profile > this process's
     ASSISTANT_BASE_MODEL > default. The job carries it; the trainer never substitutes its own. An adapter
     directory is refused here (adapter on adapter), before anything is submitted."""
-    from pathlib import Path
-
-    from .models import refuse_adapter_dir
+    from .models import local_dir, refuse_adapter_dir
     from .params import check_adapter_name
 
     base = params.base_model or settings.base_model
-    refuse_adapter_dir(Path(base).expanduser(), base)
+    # found as the steps find it: from the working directory, else under the data root
+    refuse_adapter_dir(local_dir(base, settings.home), base)
     check_adapter_name(params, base)
     return params if params.base_model else params.model_copy(update={"base_model": base})
 
