@@ -867,3 +867,28 @@ def test_an_empty_tag_is_refused_as_the_api_refuses_it(seeded: Settings, args: t
     line = one_sentence(run(*args), 2)
     assert line.startswith("error: --tag must not be empty"), line
     assert snapshot(seeded.home) == before
+
+
+@pytest.mark.slow
+def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(seeded: Settings) -> None:
+    """Repro: `lunatrain examples list | head -1` ended with exit 1 (a failed check, by the README's codes) and
+    no sentence. A reader that stops early is no failure of the command: it ends quietly, with the status a
+    Unix tool killed by SIGPIPE has (141), as `git log | head -1` does."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {"ASSISTANT_HOME": str(seeded.home)}
+    # The reader is gone before the command writes its first line (as `head` after its lines, without a race).
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lunatrain", "examples", "list"],
+            env=env,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr.decode()) == (141, ""), (done.returncode, done.stderr)

@@ -198,6 +198,13 @@ def peft_quiet(category: type[Warning] = Warning) -> Iterator[None]:
 # --- typer ---------------------------------------------------------------------------------------
 
 
+def stdout_was_closed() -> bool:
+    """Whether the command line parser ended the command because its output pipe closed (EPIPE): typer
+    (0.2x, and click before it) then swaps sys.stdout for a wrapper that swallows further writes and exits 1,
+    the status of a failed check here. Goes when typer lets EPIPE through or says so itself."""
+    return type(sys.stdout).__name__.endswith("PacifyFlushWrapper")  # click's name has a leading underscore
+
+
 def click_errors() -> Any:
     """The module holding the command line parser's exceptions (UsageError, ClickException,
     NoArgsIsHelpError): typer >= 0.2x vendors click as `typer._click` and raises its classes, older typer

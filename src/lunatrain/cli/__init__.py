@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from ..compat import click_errors, without_bitsandbytes
+from ..compat import click_errors, stdout_was_closed, without_bitsandbytes
 from ..errors import LunaError
 from ..startup import collector_paused
 from .app import app, fail
@@ -28,6 +28,9 @@ with collector_paused():  # start-up of every command: 20 % less CPU (startup.py
 profile_help(app, {"luna": "luna"})
 
 
+PIPE_CLOSED = 128 + 13  # 128 + SIGPIPE, as the shell reports a process that signal ended
+
+
 def main() -> None:
     # The console script, not `app`: a test's in-process runner must keep its own imports. A command that
     # trains quantized lifts this before PEFT is imported (train.build).
@@ -37,6 +40,12 @@ def main() -> None:
         # Not standalone: click's own usage errors (an unknown option, a value of the wrong type) come here
         # as exceptions, to be said in one sentence like every other failure instead of click's four lines.
         code = app(standalone_mode=False)
+    except SystemExit:
+        # Its reader stopped (`lunatrain … | head`): no failed check, and nothing to say; the status of a
+        # Unix tool ended by SIGPIPE, so that a pipeline can tell the command was cut short.
+        if stdout_was_closed():
+            raise SystemExit(PIPE_CLOSED) from None
+        raise
     except errors.NoArgsIsHelpError as err:  # bare `lunatrain` or a group: the help, as click does
         err.show()
         raise SystemExit(err.exit_code) from None
