@@ -234,6 +234,12 @@ def test_train_hashes_name_only_the_samples_the_steps_took(settings):
     assert result.ok, result.error
     hashes = (result.path / "train-hashes.txt").read_text().split()
     assert len(hashes) == FAST["batchSize"] < result.report["dataset"]["trainSamples"]
+    # Repro: a one-step run (a small store's example adapter) took its step at the warmup's learning rate 0,
+    # so the adapter was the base model (LoRA's B starts at zero) and passed the gate as "no worse".
+    from safetensors.torch import load_file
+
+    weights = load_file(str(result.path / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k), "the one step changed nothing"
 
 
 def test_resume_continues_the_try_that_got_furthest(settings):

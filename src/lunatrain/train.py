@@ -467,7 +467,9 @@ def setup_optimizer(run: Run) -> None:
         weight_decay=run.params.weight_decay,
         fused=run.device == "cuda",
     )
-    warmup = math.ceil(run.params.warmup_ratio * run.total_steps)
+    # At most all steps but the last: a warmup step's learning rate starts at 0, so a run whose every step warms
+    # up (one step: a small store's example adapter) would change nothing and pass its gate as "no worse".
+    warmup = min(math.ceil(run.params.warmup_ratio * run.total_steps), max(run.total_steps - 1, 0))
     run.scheduler = get_cosine_schedule_with_warmup(run.optimizer, warmup, run.total_steps)
 
 
