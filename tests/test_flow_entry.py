@@ -280,3 +280,18 @@ def test_lora_reports_the_job_the_follower_saw_settled_when_its_trainer_has_stop
     outcome = cli_flow.service_lora(settings, LoraParams(), FlowOptions(), stderr=True)
     assert outcome["status"] == "failed" and outcome["error"]["code"] == "interrupted" and outcome["jobId"] == job["id"]
     assert "Job ftjob-gone failed" in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_gpu, monkeypatch, dead_port):
+    """Repro: `lunatrain luna --device=cuda` (through the trainer) on a machine without CUDA ran the eval-gate
+    step (rewriting its report) and the export, and was refused only by prepare."""
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{dead_port}")
+    monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
+    write_export(settings, make_records(24))
+    gate_report = settings.reports_eval_dir / "eval-gate-latest.json"
+    for command in ("luna", "auto"):
+        r = CliRunner().invoke(app, [command, "--device", "cuda", "--maxSteps", "1"])
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [
+            "error: device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto."
+        ], r.output
+    assert not gate_report.exists()

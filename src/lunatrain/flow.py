@@ -315,6 +315,10 @@ def run_flow(
         from .templates import load_template
 
         load_template(params.chat_template, settings)
+    if params.device == "cuda":  # prepare would refuse it, after the gate step rewrote its report
+        from .models import resolve_device
+
+        resolve_device(params.device)
     if params.quantize != "none":
         # The gate step loads PEFT before the lora step trains: PEFT must find bitsandbytes when it does
         # (a command starts without it; compat.with_bitsandbytes says why).
