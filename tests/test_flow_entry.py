@@ -295,3 +295,16 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_
             "error: device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto."
         ], r.output
     assert not gate_report.exists()
+
+
+def test_a_mistyped_target_module_is_refused_before_the_flow_changes_anything(settings):
+    """Repro: `lunatrain luna --targetModules=q_prj` exited 2 (usage) after its eval-gate step rewrote the gate
+    report and its export step published a new export (pruning older ones)."""
+    write_export(settings, make_records(24))
+    current = (settings.training_dir / "current").resolve() if (settings.training_dir / "current").exists() else None
+    r = CliRunner().invoke(app, ["luna", "--targetModules", "q_prj", "--local"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "targetModules ['q_prj'] name no module of base model 'luna-tiny'" in r.output, r.output
+    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+    now = (settings.training_dir / "current").resolve() if (settings.training_dir / "current").exists() else None
+    assert now == current

@@ -319,6 +319,9 @@ def run_flow(
         from .models import resolve_device
 
         resolve_device(params.device)
+    from .models import check_targets_of
+
+    check_targets_of(params, settings)  # a mistyped layer name, likewise
     if params.quantize != "none":
         # The gate step loads PEFT before the lora step trains: PEFT must find bitsandbytes when it does
         # (a command starts without it; compat.with_bitsandbytes says why).

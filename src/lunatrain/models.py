@@ -521,6 +521,14 @@ def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_i
         )
 
 
+def check_targets_of(params: Any, settings: Settings) -> None:
+    """`check_target_modules` for a run's LoRA parameters on its base model, before anything runs (a list
+    only: all-linear fits every model)."""
+    if isinstance(params.target_modules, list):
+        info = resolve_base(params.base_model, settings)
+        check_target_modules(params.target_modules, module_kinds(info), info.id)
+
+
 def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.BitsAndBytesConfig
     """NF4 + double quantization (QLoRA's recipe) for 4bit, LLM.int8 for 8bit."""
     import logging

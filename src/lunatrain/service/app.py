@@ -173,11 +173,9 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         job_ranks(settings, params.device, state["runner"].gpus)  # 422 when more ranks than GPUs are set
         if params.chat_template:
             load_template(params.chat_template, settings)  # an unknown name: 422 now, not a failed job later
-        if isinstance(params.target_modules, list):  # a mistyped layer name: 422 now, as prepare says it
-            from ..models import check_target_modules, module_kinds, resolve_base
+        from ..models import check_targets_of
 
-            info = resolve_base(params.base_model, settings)
-            check_target_modules(params.target_modules, module_kinds(info), info.id)
+        check_targets_of(params, settings)  # a mistyped layer name: 422 now, as prepare says it
         return params
 
     @app.post("/jobs/check", dependencies=checked, response_model=JobCheck, response_model_by_alias=True)
