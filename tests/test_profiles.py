@@ -100,6 +100,29 @@ def test_gate_table_is_validated(settings: Settings, home: Path) -> None:
     (home / "profiles" / "g.toml").write_text("[gate]\nminGoldenPassRatio = 0.5\n")
     with pytest.raises(UsageError, match="minGoldenPassRatio"):
         load_profile(settings, "g")
+    # Repro: a value of the wrong type was converted as a flag's text is: `true` became 1.0, the strictest
+    # gate (every adapter refused), `false` 0.0 and "0.5" 0.5; [lora] refuses the same mistake.
+    for value in ("true", "false", '"0.5"'):
+        (home / "profiles" / "g.toml").write_text(f"[gate]\nminGoldenPassRate = {value}\n")
+        with pytest.raises(UsageError, match=r"\[gate\]: .*minGoldenPassRate: Input should be a valid number"):
+            load_profile(settings, "g")
+    (home / "profiles" / "g.toml").write_text("[gate]\nminGoldenPassRate = 1\nmaxLossRegression = 0.5\n")
+    assert load_profile(settings, "g").gate == {
+        "minGoldenPassRate": 1,
+        "maxLossRegression": 0.5,
+    }  # a whole number is one
+
+
+def test_an_empty_profile_name_is_refused_as_every_invalid_one(settings: Settings) -> None:
+    """Repro: `--profile ""` dropped the profile without a word: `lora`, `prepare` and `eval-gate` ran with the
+    library defaults (learning rate 0.0002, minCurated 0) while the API refused the same name with a 422."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    for args in (["lora", "--profile", "", "--dry-run"], ["eval-gate", "--profile", ""]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and r.output.startswith("error: Invalid profile name ''"), (args, r.output)
 
 
 def test_base_model_table_applies_under_flags(settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

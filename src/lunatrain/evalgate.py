@@ -87,11 +87,13 @@ class GateThresholds(FewKeys):
     )
 
 
-def parse_thresholds(data: dict[str, Any] | GateThresholds | None) -> GateThresholds:
+def parse_thresholds(data: dict[str, Any] | GateThresholds | None, *, strict: bool = False) -> GateThresholds:
+    """`strict`: values as a profile's TOML typed them (true or "0.5" where a number belongs is a mistake there;
+    a flag's text is converted)."""
     if isinstance(data, GateThresholds):
         return data
     try:
-        return GateThresholds.model_validate(data or {})
+        return GateThresholds.model_validate(data or {}, strict=strict or None)
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc, "gate thresholds", "unknown threshold")) from None
 

@@ -105,7 +105,7 @@ def load_profile(settings: Settings, name: str) -> Profile:
 
     problems: list[str] = []
     try:
-        parse_thresholds(profile.gate)
+        parse_thresholds(profile.gate, strict=True)
     except UsageError as exc:
         problems.append(f"[gate]: {exc.message}")
     # Each table on its own, its values as TOML typed them: "4" or true where a number belongs is a mistake

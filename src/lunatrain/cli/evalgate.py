@@ -72,7 +72,7 @@ def eval_gate_cmd(
     try:
         settings = load_settings()
         thresholds: dict[str, Any] = {}
-        if profile:
+        if profile is not None:  # "" is an invalid name, as in every other command
             from ..profiles import load_profile
 
             thresholds |= load_profile(settings, profile).gate

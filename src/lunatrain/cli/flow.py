@@ -54,7 +54,7 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> R
     """Profile values under the given flags, the base model resolved (flag > profile > ASSISTANT_BASE_MODEL)."""
     from ..flow import resolve_base
 
-    if profile:
+    if profile is not None:  # "" too: an invalid name, not "no profile" (the API refuses it alike)
         loaded = load_profile(settings, profile)
         params, options = loaded.resolve(flags)
         return Resolved(_absolute_dir(resolve_base(settings, params)), options, loaded.gate)
