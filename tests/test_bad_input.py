@@ -324,6 +324,8 @@ def test_a_body_of_many_unknown_keys_gets_a_short_refusal(settings: Settings, pa
         ("ASSISTANT_BASE_MODEL", "", ("prepare",)),
         ("ASSISTANT_LORA_TRAINER_URL", "notaurl", ("status",)),
         ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:99999", ("status",)),
+        # was read as every interface (a token set) or named an empty host in its refusal (none set)
+        ("ASSISTANT_API_HOST", "", ("serve", "--port", "0")),
     ],
 )
 def test_settings_out_of_range_are_refused_by_every_command(
@@ -334,6 +336,16 @@ def test_settings_out_of_range_are_refused_by_every_command(
     monkeypatch.setenv(name, value)
     assert name in one_sentence(run(*command), 2)
     assert snapshot(seeded.home) == store_before
+
+
+@pytest.mark.parametrize(
+    "name", ["ASSISTANT_TRAIN_VAL_RATIO", "ASSISTANT_LORA_ENSURE_TIMEOUT", "ASSISTANT_RETAIN_JOB_DAYS"]
+)
+def test_a_setting_that_is_not_a_number_says_so(settings: Settings, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Repro: ASSISTANT_TRAIN_VAL_RATIO=nan was refused as "Input should be less than 1" (NaN compares false)."""
+    monkeypatch.setenv(name, "nan")
+    said = one_sentence(run("status"), 2)
+    assert name in said and "finite number" in said, said
 
 
 # --- names and values the flags take --------------------------------------------------------------------------

@@ -57,7 +57,8 @@ EVAL_REPORT = "eval-gate-latest.json"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ASSISTANT_", extra="ignore")
+    # NaN is "a finite number expected", not "should be less than 1" (as the LoRA parameters say it)
+    model_config = SettingsConfigDict(env_prefix="ASSISTANT_", extra="ignore", allow_inf_nan=False)
 
     home: Path = Field(default_factory=Path.cwd, description="data root; data/ and reports/ live under it")
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite file data/assistant.db")
@@ -82,7 +83,8 @@ class Settings(BaseSettings):
         description="on a machine without CUDA, start each single-process job by fork from a worker that "
         "imported torch, transformers and PEFT once (seconds sooner); false: a fresh process per job",
     )
-    api_host: str = "127.0.0.1"
+    # Not empty: "" binds every interface (the socket's INADDR_ANY), the riskiest reading of no address.
+    api_host: str = Field(default="127.0.0.1", min_length=1, description="bind address of `lunatrain serve`")
     api_port: int = Field(default=5050, ge=0, le=65535, description="0: a free port, recorded in data/api/api.url")
     api_token: str | None = None
     allowed_hosts: str = Field(default="127.0.0.1,localhost,::1,[::1]", description="comma-separated Host allowlist")
