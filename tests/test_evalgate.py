@@ -235,6 +235,14 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
         assert g1.baseline["kind"] == "base" and g1.promoted is True
         assert g1.metrics["valLossRatioVsBase"] < 1.0
         assert g1.metrics["goldenPassRate"] >= g1.base_metrics["goldenPassRate"]
+        # repro: the report's thresholds were snake_case among camelCase keys (and unlike every way to set them)
+        written = json.loads((settings.reports_eval_dir / "eval-gate-latest.json").read_text())
+        assert set(written["thresholds"]) == {
+            "minGoldenPassRate",
+            "maxGoldenPassRateDrop",
+            "maxValLossRatioVsBase",
+            "maxLossRegression",
+        }
         v1 = registry.get_version(settings, "luna-adapter", "active")
         assert v1["version"] == result.version and v1["gate"]["passed"] is True
 

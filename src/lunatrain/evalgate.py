@@ -564,7 +564,7 @@ def _run(
         baseline=baseline,
         metrics=metrics,
         base_metrics=base_metrics,
-        thresholds=th.model_dump(),
+        thresholds=th.model_dump(by_alias=True),  # as the flags, [gate] and the API spell them
         context=context,
         cases=results,
         created=now_iso(),
