@@ -307,9 +307,11 @@ def test_an_in_memory_database_is_refused(home: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("ASSISTANT_DB_URL", url)
     with pytest.raises(UsageError, match="ASSISTANT_DB_URL"):
         store.open_store(load_settings())
-    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"])
-    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    assert "in-memory database keeps nothing" in r.output and "ASSISTANT_DB_URL" in r.output, r.output
+    # the reads too (repro: `status` and `examples list` showed an empty store, exit 0)
+    for args in (["examples", "add", "--prompt", "Hallo", "--response", "Hi"], ["status"], ["examples", "list"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and r.output.count("\n") == 1, (args, r.output)
+        assert "in-memory database keeps nothing" in r.output and "ASSISTANT_DB_URL" in r.output, r.output
     # `serve` too refuses it before it serves (it stopped with uvicorn's "Application startup failed")
     r = CliRunner().invoke(app, ["serve", "--port", "0"])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: Invalid database URL"), r.output

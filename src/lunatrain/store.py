@@ -256,16 +256,22 @@ def _storage_errors(engine: Engine) -> Iterator[None]:
         raise storage_error(exc, engine) from exc
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_file(url: str) -> str:
+    """The file of a SQLite URL; an in-memory one is refused: each process (each pooled thread, even) would get
+    an empty database of its own that ends with it (`examples add` would say "Added", the next command find
+    nothing, and a read would show an empty store)."""
     parsed = sa.engine.make_url(url)
     db_path = parsed.database
     if not db_path or db_path == ":memory:" or parsed.query.get("mode") == "memory":
-        # Each process (each pooled thread, even) would get an empty database of its own that ends with it:
-        # `examples add` would say "Added" and the next command find nothing.
         raise UsageError(
             f"Invalid database URL {_hidden(url)!r}: an in-memory database keeps nothing between commands; give "
             "ASSISTANT_DB_URL a file path (sqlite:///PATH) or leave it unset."
         )
+    return db_path
+
+
+def _sqlite_engine(url: str) -> Engine:
+    db_path = _sqlite_file(url)
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
@@ -747,9 +753,11 @@ def delete_examples(settings: Settings, ids: Sequence[int]) -> Deletion:
 def has_database(settings: Settings) -> bool:
     """Whether the store exists: reads that can do without it (status, stale marks) must not create it."""
     url = settings.database_url
-    if url.startswith("sqlite"):  # sqlite:///FILE, sqlite+pysqlite:///FILE; no file (in memory): none to read
-        _, sep, path = url.partition(":///")
-        return bool(sep and path) and Path(path).exists()
+    if url.startswith("sqlite"):  # sqlite:///FILE, sqlite+pysqlite:///FILE; in memory: refused, as for a write
+        try:
+            return Path(_sqlite_file(url)).exists()
+        except (sa.exc.ArgumentError, ValueError):  # not a URL at all: the store's own sentence says so
+            return True
     return True  # a server database: the store opens (and migrates) it
 
 
