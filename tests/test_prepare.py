@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from lunatrain import export as export_mod
 from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
-from lunatrain.params import parse_params
+from lunatrain.params import parse_params, total_steps
 from lunatrain.prepare import optimizer_steps, prepare
+from lunatrain.settings import load_settings
 
 from helpers import make_records
 
@@ -192,6 +193,12 @@ def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
     est = report.estimate
     assert est["device"] == "cpu" and est["optimizerSteps"] >= 1 and est["seconds"] > 0
     assert est["tokens"] == stats["tokens"]  # one epoch
+    assert est["ranks"] == 1 and est["optimizerSteps"] == total_steps(len(train), params())
+    # Repro: with ASSISTANT_LORA_GPUS=2 (two gloo processes on CPU) prepare said twice the steps the job ran:
+    # each rank takes its own micro-batches, so a step trains both ranks' batches.
+    two = prepare(load_settings(home=settings.home, lora_gpus=2), params(), min_curated=10).estimate
+    assert two["ranks"] == 2 and two["optimizerSteps"] == total_steps(len(train), params(), 2)
+    assert two["optimizerSteps"] < est["optimizerSteps"] and two["tokens"] == est["tokens"]
 
 
 def test_missing_export_is_a_clear_error(settings, tiny):

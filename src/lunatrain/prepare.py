@@ -826,28 +826,41 @@ def _stats_check(tokenized: Any) -> Check:
 # --- estimate -----------------------------------------------------------------------------------
 
 
-def optimizer_steps(n_samples: int, params: LoraParams) -> int:
-    """Optimizer steps of a run on one process, as the training loop counts them (params.total_steps)."""
-    return total_steps(n_samples, params)
+def optimizer_steps(n_samples: int, params: LoraParams, ranks: int = 1) -> int:
+    """Optimizer steps of a run on `ranks` processes, as the training loop counts them (params.total_steps)."""
+    return total_steps(n_samples, params, ranks)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: Any) -> dict[str, Any]:
     """Steps, tokens and seconds for training this tier: the measured speed of the last job on the same base
     model and device kind when there is one, else the FLOP-based estimate above."""
     from . import models
+    from .service.spawn import job_ranks
 
     device = models.resolve_device(params.device)
+    # The processes the trainer would start for this job (ASSISTANT_LORA_GPUS, else every visible GPU): each
+    # takes its own micro-batches, so a step trains all of theirs.
+    gpus = _visible_gpus() if device == "cuda" else 0
+    ranks = job_ranks(settings, params.device, gpus)
     train = [e for e in tokenized.train if e.n_supervised]  # the loop skips samples with nothing to learn
-    steps = optimizer_steps(len(train), params)
-    full = optimizer_steps(len(train), params.model_copy(update={"max_steps": None}))
+    steps = optimizer_steps(len(train), params, ranks)
+    full = optimizer_steps(len(train), params.model_copy(update={"max_steps": None}), ranks)
     tokens = sum(len(e) for e in train) * params.epochs * (steps / full if full else 0.0)
     measured = _measured_speed(settings, info.fingerprint, device)
     if measured:
         tps, source = measured, "measured by the last job on this base model and device"
     else:
-        tps, source = _flops_speed(info, device), "estimate from model size and device kind"
+        # one device's speed; the ranks train side by side
+        tps, source = _flops_speed(info, device) * ranks, "estimate from model size and device kind"
     return {
         "device": device,
+        "ranks": ranks,
         "optimizerSteps": steps,
         "tokens": int(tokens),
         "tokensPerSecond": round(tps, 1),
