@@ -904,3 +904,15 @@ def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(se
     finally:
         os.close(write)
     assert (done.returncode, done.stderr.decode()) == (141, ""), (done.returncode, done.stderr)
+
+
+def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repro: ASSISTANT_API_TOKENS=secret (for ASSISTANT_API_TOKEN) left the API without a token and
+    ASSISTANT_BASE_MDOEL trained the default model, without a word: unknown ASSISTANT_ names were ignored."""
+    monkeypatch.setenv("ASSISTANT_BASE_MDOEL", "org/foo")
+    r = run("status", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["examples"], r.output  # stdout stays one JSON document
+    assert (
+        "warning: ASSISTANT_BASE_MDOEL is not a lunatrain setting and is ignored (did you mean ASSISTANT_BASE_MODEL?)."
+        in r.stderr
+    ), r.stderr

@@ -7,7 +7,11 @@ tests and services that change the environment never see a stale copy.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import os
 import re
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -226,10 +230,26 @@ def check_data_root(settings: Settings) -> None:
 
 def load_settings(**overrides: object) -> Settings:
     """Fresh settings from the environment, with explicit overrides (flags) on top."""
+    _warn_unknown(tuple(sorted(n for n in os.environ if n.startswith("ASSISTANT_") and n not in _KNOWN)))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise UsageError(f"Invalid configuration: {_first_error(exc)}") from exc
+
+
+# Every ASSISTANT_ name is lunatrain's (README "Configuration"): one it does not know is a typo whose setting
+# would be ignored without a word (ASSISTANT_API_TOKENS: an API without its token). The test suite's own
+# database URL is the one name that is not a setting.
+_KNOWN = {f"ASSISTANT_{name.upper()}" for name in Settings.model_fields} | {"ASSISTANT_TEST_PG_URL"}
+
+
+@functools.cache
+def _warn_unknown(names: tuple[str, ...]) -> None:
+    """Once per process and set of names: settings are read again for every command step and request."""
+    for name in names:
+        near = difflib.get_close_matches(name, sorted(_KNOWN - {"ASSISTANT_TEST_PG_URL"}), n=1)
+        meant = f" (did you mean {near[0]}?)" if near else ""
+        print(f"warning: {name} is not a lunatrain setting and is ignored{meant}.", file=sys.stderr)
 
 
 def _first_error(exc: ValueError) -> str:
