@@ -134,7 +134,8 @@ def test_npm_runs_the_guide_scripts_without_the_venv_activated(home: Path) -> No
     `make luna` made was activated first, though the README says the npm names work verbatim."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ASSISTANT_", "VIRTUAL_ENV"))}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
-    assert shutil.which("lunatrain", path=env["PATH"]) is None  # only the checkout's .venv has it
+    if shutil.which("lunatrain", path=env["PATH"]) or not (ROOT / ".venv" / "bin" / "lunatrain").exists():
+        pytest.skip("needs lunatrain in this checkout's .venv and nowhere else on PATH")
     done = subprocess.run(
         ["npm", "run", "--silent", "train:luna", "--", "--epochs=4", "--dry-run"],
         cwd=ROOT,

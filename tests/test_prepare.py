@@ -500,3 +500,23 @@ def test_target_modules_are_checked_against_each_familys_own_layers(settings, ar
     with pytest.raises(UsageError) as refused:
         check_target_modules(["q_proj", "v_proj", "o_proj"] if arch == "phi3" else ["qkv_proj"], kinds, info.id)
     assert refused.value.message.endswith(f"its linear layers are {linear} (or use all-linear).")
+
+
+def test_more_ranks_than_gpus_leaves_the_estimate_on_one_process(settings, monkeypatch):
+    """Review finding: with ASSISTANT_LORA_GPUS above the visible GPUs, prepare's estimate raised the trainer's
+    refusal, so `prepare` (and a `--local` flow, which trains on one process) failed where it used to report."""
+    from types import SimpleNamespace
+
+    from lunatrain import models
+    from lunatrain import prepare as prepare_mod
+
+    class Sample(list):
+        n_supervised = 1
+
+    monkeypatch.setattr(prepare_mod, "_visible_gpus", lambda: 1)
+    monkeypatch.setattr(models, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(prepare_mod, "_flops_speed", lambda info, device: 1000.0)
+    tokenized = SimpleNamespace(train=[Sample([1, 2, 3])] * 8)
+    info = SimpleNamespace(fingerprint="f" * 64)
+    est = prepare_mod.estimate_run(load_settings(home=settings.home, lora_gpus=2), params(), tokenized, info)
+    assert est["ranks"] == 1 and est["optimizerSteps"] == total_steps(8, params())

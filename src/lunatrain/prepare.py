@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import export as export_mod
-from .errors import JSON_FAULTS, CheckFailed
+from .errors import JSON_FAULTS, CheckFailed, UsageError
 from .fsio import atomic_write_json, read_json
 from .messages import coded, counted
 from .params import LoraParams, total_steps
@@ -847,7 +847,10 @@ def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: A
     # The processes the trainer would start for this job (ASSISTANT_LORA_GPUS, else every visible GPU): each
     # takes its own micro-batches, so a step trains all of theirs.
     gpus = _visible_gpus() if device == "cuda" else 0
-    ranks = job_ranks(settings, params.device, gpus)
+    try:
+        ranks = job_ranks(settings, params.device, gpus)
+    except UsageError:  # more ranks than GPUs: the trainer refuses that job, a local run trains on one process
+        ranks = 1
     train = [e for e in tokenized.train if e.n_supervised]  # the loop skips samples with nothing to learn
     steps = optimizer_steps(len(train), params, ranks)
     full = optimizer_steps(len(train), params.model_copy(update={"max_steps": None}), ranks)

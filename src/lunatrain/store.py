@@ -13,6 +13,7 @@ adapters trained on it can be marked stale.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import importlib.resources
 import json
 import os
@@ -222,7 +223,8 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             "changed; grant it the privileges lunatrain needs, or name another user in ASSISTANT_DB_URL."
         )
     if getattr(orig, "sqlstate", None) == "3F000":  # invalid_schema_name: no schema on the search path it may use
-        user = engine.url.username or "of ASSISTANT_DB_URL"
+        # no name in the URL: libpq connects as the operating system user
+        user = engine.url.username or getpass.getuser()
         said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
         return StorageDenied(
             f"The database user {user} may not use any schema on its search path in the database {where} (the "
