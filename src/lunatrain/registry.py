@@ -599,11 +599,7 @@ def activation_state(
     if active_here == version and not entry.get("staged"):
         return state(True, "adapter.active", "active on the configured base model")
     # Before the other reasons: activating it would be refused (404) whatever else holds.
-    try:
-        gone = missing_files(settings, entry)
-    except LunaError:  # a path that leaves the data root holds nothing
-        gone = list(ADAPTER_FILES)
-    if gone:
+    if gone := gone_files(settings, entry):
         return state(
             False,
             "adapter.files_missing",
@@ -666,12 +662,17 @@ def missing_files(settings: Settings, entry: dict[str, Any]) -> list[str]:
     return [f for f in ADAPTER_FILES if not (path / f).is_file()]
 
 
+def gone_files(settings: Settings, entry: dict[str, Any]) -> list[str]:
+    """`missing_files`, every one of them for a path that leaves the data root (it holds nothing)."""
+    try:
+        return missing_files(settings, entry)
+    except LunaError:
+        return list(ADAPTER_FILES)
+
+
 def loadable(settings: Settings, entry: dict[str, Any]) -> bool:
     """Whether `entry`'s folder holds what PEFT loads (a path that leaves the data root holds nothing)."""
-    try:
-        return not missing_files(settings, entry)
-    except LunaError:
-        return False
+    return not gone_files(settings, entry)
 
 
 def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
