@@ -552,3 +552,43 @@ def test_a_base_changed_in_place_is_said_so_not_called_another_base(settings):
     # without the id (a view from another base) the reasons stay what they were
     v1 = registry.get_version(settings, "a", "v1")
     assert registry.activation_state(settings, v1, base.fingerprint)["code"] == "adapter.active_on_other_base"
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        KeyError("peft_type"),
+        TypeError("LoraConfig.__init__() got an unexpected keyword argument 'rr'"),
+        ValueError("Target modules {'nonexistent'} not found in the base model."),
+        RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM: size mismatch for lora_A.weight"),
+    ],
+)
+def test_loading_words_what_the_files_caused_as_damaged_files(settings, raised):
+    path = settings.adapters_dir / "a" / "v1"
+    with pytest.raises(registry.DamagedFile, match=r"^The adapter in data/adapters/a/v1 cannot be loaded \("):
+        with registry.loading(settings, path):
+            raise raised
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        pytest.param("torch.OutOfMemoryError", id="torch-oom"),
+        MemoryError(),
+        OSError(28, "No space left on device"),
+        KeyboardInterrupt(),
+    ],
+)
+def test_loading_passes_on_what_the_files_did_not_cause(settings, raised):
+    """Repro: a CUDA driver error while PEFT attached the adapter was worded "its files are damaged: train it
+    again", sending the user to retrain for a fault of the machine."""
+    if raised == "torch.OutOfMemoryError":
+        import torch
+
+        raised = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(type(raised)) as caught:
+        with registry.loading(settings, settings.adapters_dir / "a" / "v1"):
+            raise raised
+    assert caught.value is raised

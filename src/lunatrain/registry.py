@@ -723,14 +723,19 @@ def _damaged_files(path: Path) -> str | None:
 def loading(settings: Settings, path: Path) -> Iterator[None]:
     """Around attaching the adapter in `path` to a model (merge, the gate): what `readable_dir` cannot see
     cheaply, a config PEFT cannot use (no peft_type, a rank the weights do not have, target modules the model
-    lacks), becomes one sentence instead of PEFT's traceback. (Serving words its own, per request.)"""
+    lacks), becomes one sentence instead of PEFT's traceback. What the files cannot have caused (a driver
+    fault, out of memory, a disk error) passes on as it is. (Serving words its own, per request.)"""
     try:
         yield
-    except Exception as exc:
-        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-            raise  # the machine's limit, not the files'
-        where = path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         said = " ".join(str(exc).split())[:200] or "no message"
+        # A RuntimeError is the files' only when torch's state-dict load says so (a rank the weights do not
+        # have); otherwise it is the machine's (a CUDA driver fault, out of memory) and retraining cannot help.
+        if isinstance(exc, RuntimeError) and not (
+            type(exc) is RuntimeError and ("size mismatch" in said or "state_dict" in said)
+        ):
+            raise
+        where = path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
         raise DamagedFile(
             f"The adapter in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "
             "train it again, or roll back to another version."
