@@ -554,6 +554,27 @@ def test_a_base_changed_in_place_is_said_so_not_called_another_base(settings):
     assert registry.activation_state(settings, v1, base.fingerprint)["code"] == "adapter.active_on_other_base"
 
 
+def test_a_version_force_activated_on_a_base_since_changed_does_not_say_it_was_trained_there(settings, monkeypatch):
+    """Repro: a version trained on 'org/other' and force-activated on the configured base before that base's
+    weights changed in place was described as "base model X has changed since this version was trained on it",
+    X being a base it was never trained on."""
+    from types import SimpleNamespace
+
+    base = registry.configured_base(settings)
+    trained = _entry("6" * 64) | {"baseModel": {"id": "org/other", "fingerprint": "6" * 64}}
+    registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "one"), trained)
+    with monkeypatch.context() as m:  # the configured base as it was when the version was activated on it
+        m.setattr(registry, "configured_base", lambda s, ref=None: SimpleNamespace(id=base.id, fingerprint="5" * 64))
+        registry.activate(settings, "a", "v1", force=True)
+    state = registry.activation_state(settings, registry.get_version(settings, "a", "v1"), base.fingerprint, base.id)
+    assert state["code"] == "adapter.activated_base_changed", state
+    assert state["params"]["activeOn"] == base.id and state["params"]["baseModel"] == "org/other", state
+    assert state["reason"] == (
+        f"force-activated on base model {base.id!r} before its weights changed (fingerprints differ), and trained "
+        "on 'org/other'; activate it again with --force, or retrain it"
+    )
+
+
 @pytest.mark.parametrize(
     "raised",
     [

@@ -89,6 +89,7 @@ CODES: dict[str, str] = {
     "adapter.active_on_other_base": "active on another base model (activeOn)",
     "adapter.other_base": "trained on another base model (baseModel)",
     "adapter.base_changed": "the configured base model has the same id but other weights than when it was trained (baseModel)",
+    "adapter.activated_base_changed": "force-activated on an earlier build of the configured base (activeOn), trained on another (baseModel)",
     "adapter.gate_failed": "the eval gate refused it (reasons)",
     "adapter.other_version_active": "another version of the adapter is active (name, activeVersion)",
     "adapter.deactivated": "passed the gate, later deactivated or replaced by an activation",

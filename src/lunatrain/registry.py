@@ -607,12 +607,22 @@ def activation_state(
             missing=gone,
         )
     # The same id with other weights (updated in place, another hub revision): the base changed, not the model.
-    if base_id is not None and base_id in (trained_on.get("id"), *elsewhere) and trained_on.get("fingerprint") != base:
+    if base_id is not None and base_id == trained_on.get("id") and trained_on.get("fingerprint") != base:
         return state(
             False,
             "adapter.base_changed",
             f"base model {base_id!r} has changed since this version was trained on it (fingerprints differ); "
             "retrain it",
+        )
+    # Force-activated on an earlier build of the configured base, trained on another one: it was never trained
+    # here, so only the activation is out of date.
+    if base_id is not None and base_id in elsewhere:
+        return state(
+            False,
+            "adapter.activated_base_changed",
+            f"force-activated on base model {base_id!r} before its weights changed (fingerprints differ), and "
+            f"trained on {trained_on.get('id')!r}; activate it again with --force, or retrain it",
+            activeOn=base_id,
         )
     if elsewhere:
         return state(
