@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lunatrain import memplan, models
-from lunatrain.errors import CheckFailed, UsageError
+from lunatrain.errors import CheckFailed
 from lunatrain.params import LoraParams, parse_params
 
 from helpers import make_records, write_export
@@ -107,7 +107,7 @@ def test_chunked_loss_is_what_keeps_a_large_vocabulary_small():
 
 def test_check_fits_raises_one_sentence_for_luna_tiny_on_a_tiny_device(settings):
     params = parse_params({"maxSeqLength": 4096, "batchSize": 64})
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(CheckFailed) as err:
         memplan.check_fits(settings, params, {"type": "cpu", "memoryFree": 1200 << 20})
     message = err.value.message
     assert message.startswith("This job needs about") and message.count(". ") == 0 and message.endswith(".")
@@ -150,9 +150,37 @@ def test_run_lora_refuses_before_loading_the_model(settings, monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(models, "load_model", no_load)
-    with pytest.raises(UsageError, match=r"^This job needs about .* on cpu but only"):
+    with pytest.raises(CheckFailed, match=r"^This job needs about .* on cpu but only"):
         train.run_lora(parse_params({"adapterName": "nofit", "maxSeqLength": 128}), settings)
     assert not (settings.adapters_dir / "nofit").exists()
+
+
+@pytest.mark.usefixtures("no_gpu")
+def test_a_job_that_cannot_fit_is_a_failed_check_for_prepare_and_lora_alike(settings, monkeypatch):
+    """Repro: the same job too large for the device ended `prepare` with exit 1 (a failed check) but
+    `lora` with exit 2 (a usage error; the trainer answered 422), although the options are valid and only
+    this machine is too small. Both are a failed check now: exit 1, and 409 check_failed from the trainer."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+    from lunatrain.service import client
+
+    write_export(settings, make_records(24, val_every=6))
+    _small_device(monkeypatch, 600 << 20)
+    for args in (
+        [*["prepare", "--minCurated=0"], "--maxSeqLength=128"],
+        [*["lora", "--local", "--minCurated=0", "--maxSeqLength=128"]],
+    ):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1, (args, r.output)
+        assert "needs about" in lines[-1] and "on cpu but only" in lines[-1], (args, r.output)
+    assert not (settings.adapters_dir / "luna-adapter").exists()
+    # the trainer's 409 check_failed reaches `lora` (and the API) as a failed check, not as a conflict
+    body = {"error": {"code": "check_failed", "message": "This job needs about 2.0 GiB on cpu but only 0.5 GiB."}}
+    err = client._error(settings, httpx.Response(409, json=body))
+    assert isinstance(err, CheckFailed) and err.exit_code == 1 and err.message == body["error"]["message"]
 
 
 @pytest.mark.usefixtures("no_gpu")  # device auto: the CPU, as the messages say

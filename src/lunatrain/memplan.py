@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-from .errors import UsageError
+from .errors import CheckFailed, UsageError
 from .loss import chunk_tokens
 from .params import LoraParams
 from .settings import Settings
@@ -368,8 +368,8 @@ def check_fits(
     base: Any = None,
     batch_tokens: tuple[int, int] | None = None,
 ) -> MemoryPlan:
-    """The plan for this job; raises UsageError (one sentence, naming the option that would make it fit)
-    when it cannot fit. `device`: a `models.device_info()` dict for the device the job will use (default:
+    """The plan for this job; raises CheckFailed (one sentence, naming the option that would make it fit)
+    when it cannot fit: valid options on a device too small, a failed check as prepare reports it. `device`: a `models.device_info()` dict for the device the job will use (default:
     the one `params.device` resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
     from .models import resolve_base, resolve_device
 
@@ -378,7 +378,7 @@ def check_fits(
     info = base or resolve_base(params.base_model, settings)
     result = plan(model_shape(info), params, device, batch_tokens=batch_tokens)
     if not result.fits:
-        raise UsageError(result.message, details=[result.to_dict()])
+        raise CheckFailed(result.message, details=[result.to_dict()])
     return result
 
 

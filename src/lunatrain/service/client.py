@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
-from ..errors import PATTERN_RULES, Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
+from ..errors import PATTERN_RULES, CheckFailed, Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import TRAINER_REALM, bearer_realm, is_loopback
@@ -136,6 +136,7 @@ def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.
 
 
 def _error(settings: Settings, response: httpx.Response) -> LunaError:
+    err: dict[str, Any] = {}
     try:
         body = response.json()
         err = body.get("error") or {}
@@ -150,6 +151,10 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
         other = details.get("dataRoot") if isinstance(details, dict) else None
         if isinstance(other, dict):  # the trainer at our address serves another project's data root
             return other_data_root(settings, another_root(str(other.get("path") or "unknown")))
+        if (
+            isinstance(err, dict) and err.get("code") == CheckFailed.code
+        ):  # e.g. a job too large for its device: exit 1, as prepare says it
+            return CheckFailed(message, details=details)
         return Conflict(message)
     if status == 401:
         realm = bearer_realm(response.headers.get("www-authenticate"))
