@@ -530,6 +530,8 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
         ),
         # a list: what is wrong inside it, not that it is not 'all-linear' as well
         (b'{"targetModules": ["q_proj", 5]}', "Invalid request: targetModules.1: Input should be a valid string."),
+        # was pydantic's "Extra inputs are not permitted", where the command line says "unknown parameter"
+        (b'{"learningRat": 0.001}', "Invalid request: learningRat: unknown field."),
     ],
 )
 def test_api_validation_messages_name_fields_without_pydantic_internals(

@@ -65,6 +65,8 @@ def field_message(error: Mapping[str, Any]) -> str:
             return rule
     if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
         return "the body is missing; send a JSON object"  # was "Field required", naming no field
+    if error.get("type") == "extra_forbidden":  # pydantic says "Extra inputs are not permitted"
+        return "unknown field"
     if error.get("type") == "json_invalid":  # FastAPI's: loc ends in a character offset, not a field
         return f"the body is not valid JSON ({(error.get('ctx') or {}).get('error', 'cannot be parsed')})"
     return str(error.get("msg", "")).removeprefix("Value error, ")  # pydantic's prefix for our validators' words
