@@ -292,7 +292,7 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_
     for command in ("luna", "auto"):
         r = CliRunner().invoke(app, [command, "--device", "cuda", "--maxSteps", "1"])
         assert r.exit_code == 2 and r.output.strip().splitlines() == [
-            "error: device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto."
+            "error: device 'cuda' was requested but no CUDA GPU is available; set device to cpu or auto."
         ], r.output
     assert not gate_report.exists()
 

@@ -583,7 +583,7 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError(
-            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.",
+            "device 'cuda' was requested but no CUDA GPU is available; set device to cpu or auto.",
             code="device.no_cuda",
             params={"device": "cuda"},
         )
