@@ -242,22 +242,97 @@ def test_train_hashes_name_only_the_samples_the_steps_took(settings):
     assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k), "the one step changed nothing"
 
 
+def _cut_after_first_epoch(settings, **over):
+    seen = []
+    cut = run_lora(
+        _params(**over),
+        settings,
+        on_event=seen.append,
+        should_stop=lambda: any(e["type"] == "eval" and e["epoch"] == 1 for e in seen),
+    )
+    assert cut.status is Status.CANCELLED, cut.error
+
+
+def test_resume_follows_the_trained_tier_and_says_why_a_checkpoint_of_another_run_does_not_apply(settings):
+    """Repro: a checkpoint matched its run by the fingerprint of the whole export, so approving an example of
+    another tier or adding a memory item (the curated tier byte for byte the same) made `--resume` start over
+    with "no checkpoint to resume from", a checkpoint beside it. Now the trained tier's own file counts, and a
+    resume that cannot use the checkpoint there says what differs."""
+    records = make_records(40, val_every=5)
+    memory = [r for r in records if r["source"] == "memory"]
+    curated_train = [r for r in records if r["source"] == "curated" and r["split"] == "train"]
+    assert memory and curated_train
+    write_export(settings, records)
+    _cut_after_first_epoch(settings)
+    write_export(settings, [r for r in records if r is not memory[0]])  # another tier changed, not curated
+    resumed = run_lora(_params(resume=True), settings)
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
+
+    _cut_after_first_epoch(settings)
+    write_export(settings, [r for r in records if r is not curated_train[0]])  # the trained tier changed
+    logs = []
+    fresh = run_lora(_params(resume=True), settings, on_event=logs.append)
+    assert fresh.ok and fresh.report["resumedFromEpoch"] is None, fresh.error
+    said = [e for e in logs if e.get("code") == "log.resume_other_run"]
+    assert len(said) == 1, logs
+    assert re.fullmatch(
+        r"the checkpoint of epoch 1 in data/adapters/luna-adapter/\.work/[0-9a-f]{16}-[0-9a-f]{8} is of another "
+        r"run \(other training data: the curated tier changed\); starting fresh",
+        said[0]["message"],
+    ), said[0]["message"]
+    assert said[0]["params"]["differs"] == ["data"], said[0]
+
+
+def test_a_run_is_another_run_with_another_tokenizer_or_chat_template(settings):
+    """Repro: the identity a checkpoint was matched by left out the tokenizer and the chat template, so a
+    resume after the base model's template changed mixed two templates in one adapter, and the report named
+    only the second."""
+    import copy
+    from types import SimpleNamespace
+
+    from lunatrain import models
+    from lunatrain.checkpoints import differences
+    from lunatrain.train import run_identity
+
+    data = write_export(settings, make_records(16, val_every=6))
+    base = SimpleNamespace(fingerprint="b" * 64)
+    tok = models.load_tokenizer(None, settings)
+    ident = run_identity(_params(), base, data, tok)
+    other_template = copy.deepcopy(tok)
+    other_template.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ", 1)
+    other_tokenizer = copy.deepcopy(tok)
+    other_tokenizer.add_tokens(["<|tool|>"], special_tokens=True)
+    cases = [
+        (run_identity(_params(), base, data, other_template), ["template"], "another chat template"),
+        (run_identity(_params(), base, data, other_tokenizer), ["tokenizer"], "another tokenizer"),
+        (run_identity(_params(epochs=3), base, data, tok), ["params"], "other parameters: epochs"),
+        (
+            run_identity(_params(), SimpleNamespace(fingerprint="c" * 64), data, tok),
+            ["base"],
+            "other base model weights",
+        ),
+    ]
+    for theirs, differs, said in cases:
+        assert theirs != ident
+        assert differences(ident, theirs) == (differs, said), differs
+    assert differences(ident, {}) == ([], "made before checkpoints recorded their run")
+
+
 def test_resume_continues_the_try_that_got_furthest(settings):
     """Repro: with checkpoints of several tries of one run, resume took whichever work dir's random suffix
     sorted last (epoch 1 over epoch 2), and the publish then deleted the better checkpoint."""
-    from types import SimpleNamespace
 
     from lunatrain.train import _work_dir, run_key
 
     params = _params(resume=True)
-    base, data = SimpleNamespace(fingerprint="b" * 64), SimpleNamespace(fingerprint="d" * 64)
+    identity = {"params": {}, "data": "d" * 64, "base": "b" * 64}
     root = settings.adapters_dir / params.adapter_name / ".work"
-    key = run_key(params, base, data)
+    key = run_key(identity)
     for suffix, epoch in (("0000aaaa", 2), ("ffffffff", 1), ("77777777", 1)):  # the furthest sorts first
         ckpt = root / f"{key}-{suffix}" / "checkpoints" / f"epoch-{epoch:03d}"
         ckpt.mkdir(parents=True)
         (ckpt / "state.json").write_text("{}")
-    assert _work_dir(params, settings, base, data) == root / f"{key}-0000aaaa"
+    assert _work_dir(params, settings, identity) == root / f"{key}-0000aaaa"
 
 
 @pytest.mark.parametrize(

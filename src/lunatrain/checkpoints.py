@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import JSON_FAULTS, DamagedFile
 from .fsio import atomic_write_bytes, atomic_write_json, read_json
 from .messages import coded
 
@@ -50,6 +51,7 @@ def save(run: Run) -> Path:
         "curve": run.curve,
         "tokensSeen": run.tokens_seen,
         "trainSeconds": run.train_seconds,
+        "run": run.identity,  # so that a resume of another run can say what differs
     }
     atomic_write_json(tmp / "state.json", state)
     if final.exists():
@@ -69,7 +71,7 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
 
     found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
     if not found:
-        emit({"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")})
+        emit(_no_checkpoint(run))
         return None
     ckpt = found[-1].parent
     state = read_json(ckpt / "state.json")
@@ -100,3 +102,61 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         train_seconds=state["trainSeconds"],
         resumed_from=state["epoch"],
     )
+
+
+def furthest(states: list[Path]) -> Path:
+    """Of several checkpoints' state.json files, the one that got furthest (epoch names are zero-padded),
+    the newest of equals."""
+    return max(states, key=lambda p: (p.parent.name, p.stat().st_mtime_ns))
+
+
+_PARTS = {
+    "data": "other training data",
+    "base": "other base model weights",
+    "tokenizer": "another tokenizer",
+    "template": "another chat template",
+}
+
+
+def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], str]:
+    """Which parts of two run identities (`train.run_identity`) differ, and the same in words."""
+    from pydantic.alias_generators import to_camel
+
+    if not theirs:
+        return [], "made before checkpoints recorded their run"
+    differs = [
+        part for part in ("params", "data", "base", "tokenizer", "template") if ours.get(part) != theirs.get(part)
+    ]
+    words = []
+    for part in differs:
+        if part == "params":
+            mine, other = ours.get("params") or {}, theirs.get("params") or {}
+            names = sorted(to_camel(k) for k in mine.keys() | other.keys() if mine.get(k) != other.get(k))
+            words.append(f"other parameters: {', '.join(names)}")
+        elif part == "data":
+            words.append(f"{_PARTS[part]}: the {(ours.get('params') or {}).get('dataset_tier')} tier changed")
+        else:
+            words.append(_PARTS[part])
+    return differs, "; ".join(words) or "another run"
+
+
+def _no_checkpoint(run: Run) -> dict[str, Any]:
+    """The log line of a resume that found no checkpoint of its run: when another run of the adapter left
+    one, which (the furthest) and what differs, so that a user does not take "none" for lost work."""
+    others = [p for p in run.work_dir.parent.glob("*/checkpoints/epoch-*/state.json") if run.work_dir not in p.parents]
+    if not others:
+        return {"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")}
+    state = furthest(others)
+    try:
+        theirs = read_json(state)
+    except (DamagedFile, OSError, *JSON_FAULTS):
+        theirs = {}
+    differs, said = differences(run.identity, theirs.get("run") or {} if isinstance(theirs, dict) else {})
+    folder = state.parents[2]
+    where = folder.relative_to(run.settings.home) if folder.is_relative_to(run.settings.home) else folder
+    epoch = int(state.parent.name.removeprefix("epoch-"))
+    return {
+        "type": "log",
+        "message": f"the checkpoint of epoch {epoch} in {where} is of another run ({said}); starting fresh",
+        **coded("log.resume_other_run", checkpoint=str(where), epoch=epoch, differs=differs),
+    }

@@ -540,6 +540,11 @@ class TierData:
     def records(self) -> list[dict[str, Any]]:
         return self.train + self.val + self.test
 
+    @property
+    def sha256(self) -> str:
+        """The tier file's own sha256 (the whole export's `fingerprint` changes with the other tiers too)."""
+        return str(self.summary["files"][TIER_FILES[self.tier]]["sha256"])
+
 
 def export_dir(settings: Settings) -> Path:
     """The directory of the current export, resolved once: read every file of one export from here, so a

@@ -98,7 +98,11 @@ class LoraParams(CamelModel):
         "when the memory plan needs it",
     )
     quantize: Quantize = Field(default="none", description="load the frozen base in 4 or 8 bits (QLoRA, bitsandbytes)")
-    resume: bool = False
+    resume: bool = Field(
+        default=False,
+        description="continue from the newest epoch checkpoint of the same run: the same parameters, trained "
+        "tier, base model, tokenizer and chat template (another run's checkpoint is named, not used)",
+    )
     # A name, never a path: the CLI stores a .jinja file under the data root and passes its name.
     chat_template: str | None = Field(
         default=None,

@@ -131,6 +131,7 @@ class Run(LoopState):
     steps_per_epoch: int = field(kw_only=True)
     total_steps: int = field(kw_only=True)
     work_dir: Path = field(kw_only=True)
+    identity: dict[str, Any] = field(default_factory=dict, kw_only=True)  # run_identity: what a checkpoint records
     kernels: dict[str, str] = field(default_factory=dict, kw_only=True)  # kernels.install's choice
     added_tokens: list[str] = field(default_factory=list, kw_only=True)  # template markers added to the vocabulary
     loss: dict[str, Any] = field(default_factory=lambda: {"path": "plain"}, kw_only=True)  # chunked or plain, and why
@@ -351,6 +352,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     model, chosen, loss = load_lora_model(
         params, settings, base, device, bf16, plan.checkpointing, tokenizer=tokenizer, added=added
     )
+    identity = run_identity(params, base, data, tokenizer)
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
     return Run(
         params=params,
@@ -366,7 +368,8 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         val=val_set,
         steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
         total_steps=total_steps(len(train_set), params, world.size),
-        work_dir=distributed.share(world, _work_dir(params, settings, base, data)),
+        work_dir=distributed.share(world, _work_dir(params, settings, identity)),
+        identity=identity,
         kernels=chosen,
         world=world,
         added_tokens=added,
@@ -436,23 +439,37 @@ def load_lora_model(
     return model, chosen, loss
 
 
-def run_key(params: LoraParams, base: Any, data: Any) -> str:
-    """Identity of a run for resuming: same parameters (resume aside), data and base → same key."""
-    p = params.model_dump(mode="json", exclude={"resume"})
-    ident = {"params": p, "data": data.fingerprint, "base": base.fingerprint}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+def run_identity(params: LoraParams, base: Any, data: Any, tokenizer: Any) -> dict[str, Any]:
+    """What makes two tries one run for resuming: the parameters (resume aside), the trained tier's own file
+    (not the whole export: approving an example of another tier or adding a memory item changes nothing the
+    run trains on), the base weights, and the tokenizer and chat template that turned the data into tokens
+    (a resume across a changed template would train one adapter on two)."""
+    from .models import template_hash, tokenizer_hash
+
+    return {
+        "params": params.model_dump(mode="json", exclude={"resume"}),
+        "data": data.sha256,
+        "base": base.fingerprint,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "template": template_hash(tokenizer),
+    }
 
 
-def _work_dir(params: LoraParams, settings: Settings, base: Any, data: Any) -> Path:
+def run_key(identity: dict[str, Any]) -> str:
+    """The run's name among its adapter's work dirs: a hash of its identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _work_dir(params: LoraParams, settings: Settings, identity: dict[str, Any]) -> Path:
     root = settings.adapters_dir / params.adapter_name / ".work"
-    key = run_key(params, base, data)
+    key = run_key(identity)
     if params.resume:
         # Several tries of this run may have left checkpoints (each try has its own work dir): resume the one
         # that got furthest (epoch names are zero-padded), the newest of equals — not whichever random suffix
         # sorts last.
         existing = list(root.glob(f"{key}-*/checkpoints/epoch-*/state.json"))
         if existing:
-            return max(existing, key=lambda p: (p.parent.name, p.stat().st_mtime_ns)).parents[2]
+            return checkpoints.furthest(existing).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
 
 
