@@ -101,7 +101,8 @@ def planted_records() -> list[dict]:
     curated_train = [r for r in base if r["source"] == "curated" and r["split"] == "train"]
     for r in curated_train[:2]:
         r["split"] = "val"
-    a, b, c = curated_train[2], curated_train[3], curated_train[4]
+    a, b, c, d = curated_train[2], curated_train[3], curated_train[4], curated_train[5]
+    exchange = [m for m in d["messages"] if m["role"] != "system"][-2:]
     user = [{"role": "user", "content": "Erzähl mir was."}]
     return base + [
         _variant(a, "bad-empty", answer="   "),
@@ -120,6 +121,14 @@ def planted_records() -> list[dict]:
         _variant(a, "bad-fact-1", messages=_turn("Wie heißt mein Hund?", "Dein Hund heißt Bruno.")),
         _variant(a, "bad-fact-2", messages=_turn("Wie heißt mein Hund?", "Dein Hund heißt Bello.")),
         _variant(a, "bad-fact-3", messages=_turn("wie heißt mein Hund", "Dein Hund heißt BRUNO!")),  # fact 1 again
+        # d's exchange after other turns in another conversation, whose split is val: the same prompt and answer
+        # in train and in val, under two hashes
+        _variant(
+            d,
+            "bad-exchange",
+            messages=[*_turn("Guten Morgen!", "Guten Morgen! Was steht an?"), *copy.deepcopy(exchange)],
+            split="val",
+        ),
     ]
 
 
@@ -143,10 +152,11 @@ EXPECTED = {  # check id -> (severity, count, example ids)
     "duplicate_across_splits": ("fail", 1, ["bad-leak"]),
     "duplicate_normalized": ("warn", 2, ["bad-near", "bad-fact-3"]),
     "conflicting_answers": ("warn", 2, ["bad-fact-1", "bad-fact-2"]),
+    "exchange_across_splits": ("warn", 1, ["bad-exchange"]),
     "truncated": ("warn", 1, ["bad-long"]),
     "no_trained_tokens": ("warn", 1, ["bad-noanswer"]),
     "eot_not_trained": ("info", 0, []),
-    "val_too_small": ("warn", 3, []),
+    "val_too_small": ("warn", 4, []),
     "export_stale": ("info", 0, []),
 }
 

@@ -19,7 +19,8 @@ Checks (id: severity when something is found):
   two splits (val/test would measure memorisation); duplicate_normalized (warn): different hashes, same
   text after case/whitespace/punctuation folding; conflicting_answers (warn): samples that ask the same
   (system prompt and turns before the last answer, folded the same way) and answer differently, one per
-  distinct answer: a fact taught two ways is learned as either, or as a blend.
+  distinct answer: a fact taught two ways is learned as either, or as a blend; exchange_across_splits (warn):
+  val/test samples whose last prompt and answer a train sample of another conversation ends in.
 - truncated (warn): longer than maxSeqLength; no_trained_tokens (warn; fail when no train sample has any).
 - terminator (info): the turn terminator the chat template emits after each answer, and whether the base
   model's generation_config.json stops on it (adapters and merged models ship one that does).
@@ -464,6 +465,7 @@ _SINGULAR = (
     ("samples have ", "sample has "),
     ("samples contain ", "sample contains "),
     ("samples duplicate ", "sample duplicates "),
+    ("samples end ", "sample ends "),
     ("samples ", "sample "),
     ("repeated samples ", "repeated sample "),
     ("hashes appear ", "hash appears "),
@@ -619,6 +621,32 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split())
 
 
+def _exchange_check(records: list[dict]) -> Check:
+    """The same last exchange (prompt and answer) in train and in val/test under other hashes: samples of one
+    conversation share a split, so the same exchange told in two conversations (after other turns, under
+    another system prompt) follows each. The split cannot join them without moving samples when examples come
+    and go; prepare names the val/test copies instead (one hash in two splits is duplicate_across_splits)."""
+    by_exchange: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for rec in records:
+        turns = [m for m in rec["messages"] if m["role"] in ("user", "assistant")]
+        if len(turns) >= 2 and turns[-2]["role"] == "user" and turns[-1]["role"] == "assistant":
+            key = tuple(unicodedata.normalize("NFC", m["content"]).strip() for m in turns[-2:])
+            by_exchange[(key[0], key[1])].append(rec)
+    found = []
+    for group in by_exchange.values():
+        trained = {r.get("hash") for r in group if r["split"] == "train"}
+        if trained:
+            found += [_rid(r) for r in group if r["split"] != "train" and r.get("hash") not in trained]
+    return _check(
+        "exchange_across_splits",
+        "warn",
+        found,
+        "samples end in the exchange of a train sample of another conversation (val/test partly measure "
+        "memorisation; keep it in one conversation)",
+        "no exchange in train and in val/test",
+    )
+
+
 def _duplicate_checks(records: list[dict]) -> list[Check]:
     by_hash: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
@@ -648,6 +676,7 @@ def _duplicate_checks(records: list[dict]) -> list[Check]:
             answers[key[:-1]].setdefault(key[-1], _rid(group[0][1]))
     conflicting = [rid for by_answer in answers.values() if len(by_answer) > 1 for rid in by_answer.values()]
     return [
+        _exchange_check(records),
         _check("duplicate_exact", "warn", within, "repeated samples within a split (same hash)", "no exact duplicates"),
         _check(
             "duplicate_across_splits",
