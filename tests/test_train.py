@@ -242,6 +242,33 @@ def test_train_hashes_name_only_the_samples_the_steps_took(settings):
     assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k), "the one step changed nothing"
 
 
+def test_the_adapter_folder_names_its_base_as_the_user_did_and_pins_its_hub_revision(settings, monkeypatch, tmp_path):
+    """Repro: an adapter trained on a hub model said `revision: null` in adapter_config.json, so PEFT's
+    AutoPeftModelForCausalLM loaded whatever commit the hub had later under it; and its model card (README.md)
+    named this machine's cache snapshot path as `base_model`, where adapter_config.json names the hub id."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(models.resolve_base(None, settings).path, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    write_export(settings, make_records(16, val_every=6))
+    for base, revision in (("acme/tiny", commit), (None, None)):  # a hub id, then the built-in luna-tiny
+        result = run_lora(_params(baseModel=base, maxSteps=1), settings)
+        assert result.ok, result.error
+        config = json.loads((result.path / "adapter_config.json").read_text())
+        card = (result.path / "README.md").read_text()
+        name = base or "luna-tiny"
+        assert config["base_model_name_or_path"] == name and config["revision"] == revision, config
+        assert f"base_model: {name}\n" in card and str(settings.home) not in card and str(tmp_path) not in card, card
+
+
 def _cut_after_first_epoch(settings, **over):
     seen = []
     cut = run_lora(

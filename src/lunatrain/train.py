@@ -784,10 +784,19 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     from .progress import plot_loss_curve
 
     p, out = run.params, run.work_dir
-    # Name the base by what the user called it, not by this machine's cache path.
-    run.model.peft_config["default"].base_model_name_or_path = run.base.id
-    with peft_quiet(UserWarning):
-        run.model.save_pretrained(str(out), safe_serialization=True)
+    # Name the base by what the user called it, not by this machine's cache path, in adapter_config.json and
+    # in the model card PEFT writes from the base's config; and pin the hub commit trained on, which PEFT's
+    # AutoPeftModelForCausalLM loads (without it, whatever the hub holds later).
+    config = run.model.peft_config["default"]
+    config.base_model_name_or_path, config.revision = run.base.id, run.base.revision
+    base = run.model.get_base_model()  # the card's base_model is its config's, its tag the model's own
+    named = base.config._name_or_path, base.name_or_path
+    base.config._name_or_path = base.name_or_path = run.base.id
+    try:
+        with peft_quiet(UserWarning):
+            run.model.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        base.config._name_or_path, base.name_or_path = named
     # The tokenizer with the template trained on (and any added markers) and a generation config that stops
     # on the terminator travel with the adapter: inference needs exactly these to stop where training taught.
     from .templates import write_generation_config
