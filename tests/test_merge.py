@@ -287,3 +287,72 @@ def test_merge_says_when_it_replaces_an_earlier_merge_and_when_the_gate_refused_
         f"Merged luna-adapter@v1 into luna-tiny: {target} (it replaces the earlier merge of this version).",
         "Note: the eval gate refused this version (val loss 8.4 is 1.0 x the base model's).",
     ]
+
+
+def test_a_merge_keeps_the_dtype_of_its_base(settings, monkeypatch):
+    """Repro: a bf16 base merged into a float32 model, twice its size on disk and in memory, with
+    `"dtype": "float32"` in its config. The merge computes in float32 and writes the base's dtype."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    tiny = models.resolve_base(None, settings).path
+    bf16 = settings.models_dir / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(bf16)
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", str(bf16))
+    from lunatrain.settings import load_settings
+
+    here = load_settings(home=settings.home)
+    write_export(here, make_records(16, val_every=6))
+    trained = run_lora(parse_params({"maxSteps": 2, "rank": 4, "maxSeqLength": 128}), here)
+    assert trained.ok, trained.error
+    result = merge_adapter(here, f"luna-adapter@{trained.version}")
+    assert json.loads((result.path / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(result.path / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((result.path / "lunatrain-merge.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_merge_never_deletes_files_it_did_not_write(trained_home, settings):
+    """Repro: merging a version again replaced its whole folder: a user's notes and a .gguf converted into it
+    (llama.cpp's default place) were deleted, and a folder that had never been a merge was called "the
+    earlier merge of this version". Such a folder is refused now, naming the files, and nothing changes."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    target = settings.models_dir / "merged" / "luna-adapter-v1"
+    target.mkdir(parents=True, exist_ok=True)
+    for leftover in target.iterdir():  # a merge an earlier test left
+        leftover.unlink()
+    (target / "NOTES.txt").write_text("mine")
+    record = registry.get_version(settings, "luna-adapter", "v1").get("merged")
+    r = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [
+        "error: data/models/merged/luna-adapter-v1 is not a merge of lunatrain (no lunatrain-merge.json); "
+        "move it away or delete it, then merge again."
+    ]
+    assert [p.name for p in target.iterdir()] == ["NOTES.txt"]
+    (target / "NOTES.txt").unlink()
+    first = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert first.exit_code == 0 and "replaces" not in first.output, first.output
+    (target / "luna-adapter-v1-F16.gguf").write_text("gguf")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    record = registry.get_version(settings, "luna-adapter", "v1")["merged"]
+    r = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [
+        "error: data/models/merged/luna-adapter-v1 holds files a merge did not write (luna-adapter-v1-F16.gguf), "
+        "and merging again replaces the whole folder; move them away first."
+    ]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert registry.get_version(settings, "luna-adapter", "v1")["merged"] == record
+    (target / "luna-adapter-v1-F16.gguf").unlink()
+    again = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert again.exit_code == 0 and "(it replaces the earlier merge of this version)" in again.output, again.output

@@ -4,12 +4,15 @@ A separate, explicit step (guide §7): the result is a plain Hugging Face model 
 data/models/merged/<name>-<version>/ (safetensors + tokenizer + chat template), loadable with
 `AutoModelForCausalLM.from_pretrained` and usable where PEFT is not. It carries the adapter's tokenizer
 (with the chat template it was trained with) and a generation_config.json that stops on the template's
-turn terminator. The merge is done in float32 and
-written to a temp directory that is renamed into place, then recorded on the version in the registry.
+turn terminator. The merge is done in float32 and written in the base's own dtype (a bf16 base gives a bf16
+model), to a temp directory that is renamed into place, then recorded on the version in the registry. The
+folder is the merge's alone: merging again replaces it whole, so one holding files a merge did not write (a
+.gguf converted into it, notes) is refused, not emptied.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,26 @@ from typing import Any
 
 from . import registry
 from .compat import peft_wrapping
-from .errors import Conflict, NotFound
-from .fsio import atomic_write_json, check_writable, give_umask_modes, replace_dir, staging_dir, storage_guard
+from .errors import Conflict, LunaError, NotFound
+from .fsio import (
+    atomic_write_json,
+    check_writable,
+    give_umask_modes,
+    read_json,
+    replace_dir,
+    staging_dir,
+    storage_guard,
+)
 from .settings import Settings, check_name
+
+MERGE_FILE = "lunatrain-merge.json"
+# What a merge writes, for a folder merged before merges listed their files: the model, its tokenizer in any of
+# its formats, the generation config and the merge's own record.
+_MERGE_NAMES = re.compile(
+    r"(config|generation_config|special_tokens_map|added_tokens|chat_template)\.json|chat_template\.jinja|"
+    r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer.*|vocab\..*|merges\.txt|.*\.model|"
+    + re.escape(MERGE_FILE)
+)
 
 
 @dataclass
@@ -71,6 +91,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     # The model goes to data/models/merged and is recorded in the registry: storage that cannot take either
     # is said before the merge, not as an OSError (or a merged model the registry never heard of) after it.
     check_writable([target.parent, settings.reports_training_dir], f"merge {name}@{entry['version']}")
+    _check_target(settings, target)
+    replaced = (target / MERGE_FILE).is_file()  # an empty folder in its place is no earlier merge
     tmp = staging_dir(target.parent, label)
     try:
         model = load_model(base, settings, "cpu", torch.float32)
@@ -78,6 +100,9 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         merged = model.merge_and_unload()
         merged.config.use_cache = True  # the merged model is for inference
+        dtype = _stored_dtype(Path(base.path))
+        if dtype in ("bfloat16", "float16"):  # merged in float32 for accuracy, stored as the base was
+            merged = merged.to(getattr(torch, dtype))
         # the adapter's own tokenizer: the template it was trained with, any markers added for it
         tokenizer = load_adapter_tokenizer(adapter_dir, base, settings)
         # A disk filling up while the model is written is one sentence; the staging folder goes (finally), so
@@ -86,10 +111,13 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
+            written = sorted([p.name for p in tmp.iterdir()] + [MERGE_FILE])
             atomic_write_json(
-                tmp / "lunatrain-merge.json",
+                tmp / MERGE_FILE,
                 {
                     "adapter": f"{name}@{entry['version']}",
+                    "dtype": str(merged.dtype).removeprefix("torch."),
+                    "files": written,  # what merging again may replace (`_check_target`)
                     "revision": entry.get("revision"),
                     # the base these weights were merged into; with --force, the one trained on differs
                     "baseModel": base.record(),
@@ -100,10 +128,53 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             )
             give_umask_modes(tmp)  # safetensors wrote the weights 0600
             # an earlier merge of the same adapter version is the same content, rebuilt
-            replaced = replace_dir(tmp, target)
+            replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rel = str(target.relative_to(settings.home))
     merged_info = {"path": rel, "at": registry.now()} | ({"forced": True} if forced else {})
     registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
     return MergeResult(name, entry["version"], target, trained_on["id"], replaced, entry.get("gate"))
+
+
+def _check_target(settings: Settings, target: Path) -> None:
+    """Conflict, before anything is merged or written, when `target` is there and is not only a merge: a
+    merge replaces its folder whole, and what else lies in it (a .gguf converted into it, notes) would go."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    where = target.relative_to(settings.home) if target.is_relative_to(settings.home) else target
+    marker = target / MERGE_FILE
+    if not marker.is_file():
+        raise Conflict(
+            f"{where} is not a merge of lunatrain (no {MERGE_FILE}); move it away or delete it, then merge again."
+        )
+    try:
+        record = read_json(marker)
+    except LunaError:
+        record = {}  # a damaged record: judge the files by their names
+    listed = record.get("files") if isinstance(record, dict) else None
+    written = set(listed) if isinstance(listed, list) else None
+    foreign = sorted(
+        p.name
+        for p in target.iterdir()
+        if (p.name not in written if written is not None else not _MERGE_NAMES.fullmatch(p.name))
+    )
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise Conflict(
+            f"{where} holds files a merge did not write ({', '.join(foreign[:5])}{more}), and merging again "
+            "replaces the whole folder; move them away first."
+        )
+
+
+def _stored_dtype(path: Path) -> str | None:
+    """The dtype the base's config.json says its weights are stored in (`dtype`, before transformers 5
+    `torch_dtype`), or None."""
+    try:
+        config = read_json(path / "config.json")
+    except LunaError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if isinstance(dtype, str) else None
