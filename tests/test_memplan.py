@@ -208,8 +208,9 @@ def test_auto_checkpointing_is_decided_by_the_plan_and_recorded(settings, monkey
     def spy(*args, **kwargs):
         model, chosen, loss = real(*args, **kwargs)
         # `is_gradient_checkpointing` is the deprecated name of later transformers 5.x releases
-        named = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
-        seen["checkpointing"] = getattr(model, named or "is_gradient_checkpointing")
+        base = model.get_base_model()
+        named = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else None
+        seen["checkpointing"] = getattr(base, named or "is_gradient_checkpointing")
         return model, chosen, loss
 
     monkeypatch.setattr(train, "load_lora_model", spy)
