@@ -213,8 +213,6 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
         ({"gateThresholds": {"bogus": 1}}, "gateThresholds"),
         ({"gateThresholds": {"maxValLossRatioVsBase": 0}}, "gateThresholds"),
         ({"baseModel": None}, "baseModel"),  # the client resolves it; the trainer never fills in its own
-        # the memory plan refuses a job this device cannot hold, naming what would make it fit
-        ({"batchSize": 1024, "maxSeqLength": 131072, "gradientCheckpointing": "false"}, "fit"),
         # strict JSON, nested bodies included: a string is no number, and "yes" no boolean
         ({"epochs": True}, "epochs"),
         ({"batchSize": "4"}, "batchSize"),
@@ -235,6 +233,12 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
             {err["code"]} if "baseModel" in body and err["code"].startswith("base_model.") else set()
         )
         assert err["code"] in codes and field in err["message"], err
+    # the memory plan refuses a job this device cannot hold, naming what would make it fit: valid options on
+    # a machine too small, a failed check (409), as prepare reports it
+    too_big = {"batchSize": 1024, "maxSeqLength": 131072, "gradientCheckpointing": "false"}
+    r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | too_big, trust_env=False, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "check_failed", r.text
+    assert "it would fit with --batchSize=" in r.json()["error"]["message"], r.text
     for raw in (b"{not json", b"[1, 2]"):
         r = httpx.post(
             url + "/jobs",
