@@ -543,3 +543,14 @@ def test_utf16_with_its_byte_order_mark_is_read(tmp_path: Path, encoding: str) -
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(UsageError, match="starts as UTF-16 text but is not valid UTF-16"):
         read_file(path)
+
+
+def test_a_control_character_in_a_json_line_is_said_once(tmp_path: Path) -> None:
+    """Repro: "malformed JSON (Invalid control character at at column 13)"."""
+    from lunatrain.formats import read_file
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a\tb", "response": "c"}\n{"prompt": "p", "response": "r"}\n')
+    parsed = read_file(path, skip_bad=True)
+    said = [str(bad) for bad in parsed.bad]
+    assert len(said) == 1 and "malformed JSON (Invalid control character at column 14)" in said[0], said

@@ -580,7 +580,8 @@ def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
 
 def _malformed(exc: ValueError | RecursionError) -> str:
     if isinstance(exc, json.JSONDecodeError):
-        return f"malformed JSON ({exc.msg} at column {exc.colno})"
+        # some of json's messages end in "at" already ("Invalid control character at")
+        return f"malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
     return f"malformed JSON ({json_fault(exc)})"
 
 
