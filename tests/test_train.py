@@ -310,6 +310,29 @@ def test_resume_follows_the_trained_tier_and_says_why_a_checkpoint_of_another_ru
     assert said[0]["params"]["differs"] == ["data"], said[0]
 
 
+def test_resume_continues_a_checkpoint_saved_before_checkpoints_recorded_their_run(settings):
+    """Repro: after an upgrade, `--resume` of the very same run started fresh ("made before checkpoints
+    recorded their run"): its checkpoint lay under the key of the old identity, which the new one never
+    looked for."""
+    import shutil
+
+    from lunatrain.export import read_tier
+    from lunatrain.train import legacy_run_key
+
+    records = make_records(40, val_every=5)
+    write_export(settings, records)
+    _cut_after_first_epoch(settings)
+    (state,) = (settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json")
+    old = json.loads(state.read_text())
+    del old["run"]  # as the old version wrote it
+    state.write_text(json.dumps(old))
+    key = legacy_run_key(_params(), models.resolve_base(None, settings), read_tier(settings, "curated"))
+    work = state.parents[2]
+    shutil.move(work, work.with_name(f"{key}-0000aaaa"))
+    resumed = run_lora(_params(resume=True), settings)
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
+
+
 def test_a_run_is_another_run_with_another_tokenizer_or_chat_template(settings):
     """Repro: the identity a checkpoint was matched by left out the tokenizer and the chat template, so a
     resume after the base model's template changed mixed two templates in one adapter, and the report named

@@ -48,6 +48,7 @@ from .fsio import (
     dumps_json,
     give_umask_modes,
     os_error_of,
+    read_json,
     storage_error,
 )
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
@@ -368,7 +369,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         val=val_set,
         steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
         total_steps=total_steps(len(train_set), params, world.size),
-        work_dir=distributed.share(world, _work_dir(params, settings, identity)),
+        work_dir=distributed.share(world, _work_dir(params, settings, identity, legacy_run_key(params, base, data))),
         identity=identity,
         kernels=chosen,
         world=world,
@@ -460,17 +461,39 @@ def run_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _work_dir(params: LoraParams, settings: Settings, identity: dict[str, Any]) -> Path:
+def legacy_run_key(params: LoraParams, base: Any, data: Any) -> str:
+    """The key of runs whose checkpoints recorded no identity (lunatrain before `run_identity`): parameters,
+    the whole export's fingerprint and the base weights. Read only, so that an upgrade resumes them; goes
+    when such checkpoints are past ASSISTANT_RETAIN_CHECKPOINT_DAYS everywhere."""
+    ident = {
+        "params": params.model_dump(mode="json", exclude={"resume"}),
+        "data": data.fingerprint,
+        "base": base.fingerprint,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _work_dir(params: LoraParams, settings: Settings, identity: dict[str, Any], legacy: str | None = None) -> Path:
     root = settings.adapters_dir / params.adapter_name / ".work"
     key = run_key(identity)
     if params.resume:
         # Several tries of this run may have left checkpoints (each try has its own work dir): resume the one
         # that got furthest (epoch names are zero-padded), the newest of equals — not whichever random suffix
-        # sorts last.
-        existing = list(root.glob(f"{key}-*/checkpoints/epoch-*/state.json"))
-        if existing:
-            return checkpoints.furthest(existing).parents[2]
+        # sorts last. Checkpoints of this run saved before they recorded its identity are under `legacy`.
+        for named in (key, legacy):
+            existing = list(root.glob(f"{named}-*/checkpoints/epoch-*/state.json")) if named else []
+            existing = [p for p in existing if named == key or "run" not in (_read_state(p) or {})]
+            if existing:
+                return checkpoints.furthest(existing).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = read_json(path)
+    except LunaError:
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def setup_optimizer(run: Run) -> None:
