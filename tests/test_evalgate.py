@@ -421,3 +421,34 @@ def test_several_active_adapters_name_the_way_out_and_deactivate_resolves_it(set
         "several adapters are active on base model 'luna-tiny' (luna-adapter@v1, mein-adapter@v1): gated "
         "luna-adapter, the assistant's own; gate another with --adapter NAME"
     ], notes
+
+
+def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trained_home, settings):
+    """Repro: with the active version's files deleted, every later version's gate failed with "The files of
+    luna-adapter@v1 are missing …; train it again", and training again gave a version never gated nor
+    activated: the gate loaded the active version's weights even where it judged by its record. Now its
+    record judges when comparable, else the base model, with a note."""
+    from lunatrain import export, store
+
+    g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
+    assert g1.passed and registry.get_version(settings, "luna-adapter", "active")["version"] == "v1", g1.reasons
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    v2 = _derived_version(settings, v1, 1.0)
+    v3 = _derived_version(settings, v1, 0.999)  # another job id: a version of its own
+    shutil.rmtree(registry.adapter_dir(settings, v1))
+    g2 = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert g2.passed and g2.promoted, g2.reasons
+    assert g2.baseline["ref"] == "luna-adapter@v1" and g2.baseline["source"] == "recorded", g2.baseline
+
+    # Another export: v2's record is not comparable any more, and its files are gone too: the base judges.
+    shutil.rmtree(registry.adapter_dir(settings, registry.get_version(settings, "luna-adapter", v2["version"])))
+    store.add_example(settings, prompt="Wie heißt du?", response="Ich heiße Luna.")
+    export.export(settings)
+    g3 = evalgate.gate_candidate(settings, "luna-adapter", v3["version"])
+    assert g3.baseline["kind"] == "base" and g3.baseline["source"] == "evaluated", g3.baseline
+    assert (
+        f"the active luna-adapter@{v2['version']} has no files and no comparable gate record, so the base model "
+        "is the baseline"
+    ) in g3.notes, g3.notes
+    assert g3.passed and g3.promoted, g3.reasons
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]

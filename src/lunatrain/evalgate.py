@@ -490,9 +490,15 @@ def _run(
     adapters = {}
     if entry is not None:
         adapters["candidate"] = registry.readable_dir(settings, entry)
+    baseline_gone = False
     if baseline_entry is not None and not registry.same_entry(baseline_entry, entry):
-        # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable
-        adapters["baseline"] = registry.readable_dir(settings, baseline_entry)
+        # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable.
+        # An active version whose files are gone cannot be the judge of what replaces it: its record still
+        # can, and without one the base model judges (else no new version could ever pass, and be served).
+        try:
+            adapters["baseline"] = registry.readable_dir(settings, baseline_entry)
+        except NotFound:
+            baseline_gone = True
     ev = _Evaluator(settings, base, adapters, chat_template)
     tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
     context = {
@@ -524,7 +530,7 @@ def _run(
             "source": "recorded",
             "metrics": baseline_entry["gate"]["metrics"],
         }
-    elif baseline_entry is not None and not registry.same_entry(baseline_entry, entry):
+    elif "baseline" in adapters:
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
             bl_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}
@@ -536,6 +542,11 @@ def _run(
             "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]},
         }
     else:
+        if baseline_gone:
+            notes.append(
+                f"the active {_ref(baseline_entry, base)} has no files and no comparable gate record, so the "
+                "base model is the baseline"
+            )
         with ev.use(None):
             base_results = ev.golden(cases)
         baseline_cases = {r["id"]: r["passed"] for r in base_results}
