@@ -452,3 +452,22 @@ def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trai
     ) in g3.notes, g3.notes
     assert g3.passed and g3.promoted, g3.reasons
     assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
+
+
+def test_a_case_the_chat_template_refuses_is_named_with_its_file_and_line(settings, tiny, tmp_path):
+    """Repro: a golden case the chat template refuses (two user turns in a row under a template that wants
+    them alternating, as Mistral's and Gemma's do) ended `eval-gate` in jinja2's traceback and the API in a
+    500, naming no case. It is a usage error now (the API's 422), naming the case by file and line, and
+    nothing is written."""
+    strict = tmp_path / "strict.jinja"
+    strict.write_text(
+        "{%- if messages|length > 1 and messages[-1]['role'] == messages[-2]['role'] %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{%- endif %}" + models.CHAT_TEMPLATE
+    )
+    case = {"id": "double-user", "messages": [{"role": "user", "content": "Hallo"}, {"role": "user", "content": "Da?"}]}
+    _write(settings.eval_dir / "x.jsonl", [json.dumps(case | {"checks": [{"type": "stops"}]})])
+    said = f"{settings.eval_dir / 'x.jsonl'}:1: the chat template refuses case 'double-user' (Conversation roles must alternate)"
+    result = CliRunner().invoke(app, ["eval-gate", "--chatTemplate", str(strict)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {said}; change the case or the template."]
+    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()

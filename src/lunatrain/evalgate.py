@@ -178,11 +178,19 @@ class _Evaluator:
             )
         return results
 
+    def _render(self, case: EvalCase) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(case.messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # templates refuse what their model never saw (jinja2's raise_exception)
+            raise UsageError(
+                f"{case.source}: the chat template refuses case {case.id!r} ({exc}); change the case or the template."
+            ) from exc
+
     def _generate(self, cases: list[EvalCase], limit: int) -> dict[str, tuple[str, bool, int]]:
         import torch
 
         tok = self.tokenizer
-        texts = [tok.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=True) for c in cases]
+        texts = [self._render(c) for c in cases]
         side = tok.padding_side
         tok.padding_side = "left"  # answers start right after each prompt
         try:
