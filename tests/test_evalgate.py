@@ -471,3 +471,16 @@ def test_a_case_the_chat_template_refuses_is_named_with_its_file_and_line(settin
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [f"error: {said}; change the case or the template."]
     assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+
+
+def test_suite_entries_that_are_no_readable_file_are_named(settings):
+    """Repro: a folder or a dangling link named *.jsonl in data/eval ended `eval-gate` in a traceback
+    (IsADirectoryError, FileNotFoundError)."""
+    _write(settings.eval_dir / "ok.jsonl", ['{"id": "a", "messages": [{"role": "user", "content": "Hi"}]}'])
+    (settings.eval_dir / "folder.jsonl").mkdir()
+    (settings.eval_dir / "gone.jsonl").symlink_to(settings.eval_dir / "nowhere.jsonl")
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code == 2, result.output
+    assert f"{settings.eval_dir / 'folder.jsonl'}: a folder, not a suite file" in result.output
+    assert f"{settings.eval_dir / 'gone.jsonl'}: a link to a file that does not exist" in result.output
+    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()

@@ -124,6 +124,12 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         return [], [f"{path}: not UTF-8 text"]
+    except IsADirectoryError:
+        return [], [f"{path}: a folder, not a suite file"]
+    except FileNotFoundError:  # a link whose target is gone
+        return [], [f"{path}: a link to a file that does not exist"]
+    except OSError as exc:
+        return [], [f"{path}: cannot be read ({exc.strerror or exc})"]
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
