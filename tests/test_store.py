@@ -723,3 +723,35 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
         for said in (err.value.message, r.output):
             assert f"user {role} lacks a permission" in said and "backup" not in said and "aside" not in said, said
         assert "permission denied for table examples" in r.output, r.output
+
+
+def test_listing_by_status_reads_an_index_in_id_order(settings: Settings) -> None:
+    """Repro: `examples list --status approved` sorted every approved row for each page (no index on status
+    and id): a page took 7-10 s at 530,000 examples, against 0.09 s without the filter."""
+    store.load_seed(settings)
+    st = store.open_store(settings)
+    query = (
+        sa.select(store.examples_table.c.id)
+        .where(store.examples_table.c.status == "approved")
+        .order_by(store.examples_table.c.id)
+        .limit(50)
+    )
+    with st.read() as conn:
+        compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
+        plan = " | ".join(str(row[-1]) for row in conn.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}")))
+    assert "ix_examples_status_id" in plan and "TEMP B-TREE" not in plan, plan
+    assert [e.id for e in store.list_examples(settings, status="approved", limit=5)] == sorted(
+        e.id for e in store.list_examples(settings, status="approved", limit=5)
+    )
+
+
+def test_a_database_at_the_first_schema_gets_the_status_index_and_keeps_its_data(db: Settings) -> None:
+    store.add_example(db, prompt="Wer bist du?", response="Luna.")
+    with store.open_store(db).write() as conn:  # as lunatrain left it before migration 0002
+        conn.execute(sa.text("DROP INDEX ix_examples_status_id"))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+    store.dispose_stores()
+    assert [e.prompt for e in store.list_examples(db, status="approved")] == ["Wer bist du?"]
+    with store.open_store(db).read() as conn:
+        assert "ix_examples_status_id" in {i["name"] for i in sa.inspect(conn).get_indexes("examples")}
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == store.SCHEMA_HEAD

@@ -331,7 +331,7 @@ def _utf8_only(engine: Engine) -> None:
 
 # The newest migration's revision (migrations/versions/): a database already there needs no alembic at all,
 # which saves every process that opens it a few hundred milliseconds (test_store checks this is alembic's head).
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 
 def _schema_revision(conn: Connection) -> str | None:
