@@ -484,3 +484,17 @@ def test_suite_entries_that_are_no_readable_file_are_named(settings):
     assert f"{settings.eval_dir / 'folder.jsonl'}: a folder, not a suite file" in result.output
     assert f"{settings.eval_dir / 'gone.jsonl'}: a link to a file that does not exist" in result.output
     assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+
+
+def test_reasons_show_their_numbers_apart_from_the_limits_they_break():
+    """Repro: "golden pass rate 0.47 is below the minimum 0.47", "0.930 x the base model's … (allowed 0.93)"
+    and "+1%" for a limit of 1.02 %: rounding hid why the gate refused."""
+    base = {"valLoss": 8.4663, "testLoss": None}
+    vs_base = {"kind": "base", "ref": "base:luna-tiny", "source": "evaluated", "metrics": base | {"goldenPassRate": 0}}
+    (rate,) = decide(_m(8 / 17, 7.0), base, vs_base, parse_thresholds({"minGoldenPassRate": 0.4706}))
+    assert rate == "golden pass rate 0.47059 is below the minimum 0.47060", rate
+    (ratio,) = decide(_m(0.5, 7.8742), base, vs_base, parse_thresholds({"maxValLossRatioVsBase": 0.93}))
+    assert ratio == "val loss 7.8742 is 0.9301 x the base model's 8.4663 (allowed 0.93)", ratio
+    active = {"kind": "adapter", "ref": "luna-adapter@v1", "source": "recorded", "metrics": _m(0.5, 7.8742)}
+    (regress,) = decide(_m(0.5, 7.9550), base, active, parse_thresholds({"maxLossRegression": 0.0102}))
+    assert regress == "val loss 7.9550 regresses against luna-adapter@v1 (7.8742: +1.03%, allowed +1.02%)", regress

@@ -611,6 +611,17 @@ def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:
     return gate.get("context") == context and isinstance(gate.get("metrics"), dict)
 
 
+def _apart(value: float, limit: float, digits: int, *, scale: float = 1.0, as_set: bool = False) -> tuple[str, str]:
+    """`value` and `limit` (times `scale`) with `digits` decimals, or as many more as it takes to tell them
+    apart: "0.47 is below the minimum 0.47" would not say why the gate refused. `as_set`: the limit as a
+    user writes it ("0.93", "2"), not with the value's decimals."""
+    for d in range(digits, digits + 8):
+        shown = f"{value * scale:.{d}f}", f"{limit * scale:.{d}f}"
+        if shown[0] != shown[1]:
+            return shown[0], f"{round(limit * scale, 10):g}" if as_set else shown[1]
+    return repr(value * scale), repr(limit * scale)
+
+
 def judge(
     metrics: dict[str, Any],
     base_metrics: dict[str, Any],
@@ -626,7 +637,7 @@ def judge(
     if rate < th.min_golden_pass_rate:
         reasons.append(
             (
-                f"golden pass rate {rate:.2f} is below the minimum {th.min_golden_pass_rate:.2f}",
+                "golden pass rate {} is below the minimum {}".format(*_apart(rate, th.min_golden_pass_rate, 2)),
                 coded("gate.below_minimum", rate=rate, minimum=th.min_golden_pass_rate),
             )
         )
@@ -642,10 +653,10 @@ def judge(
         ratio = loss / base_loss
         metrics[f"{split}LossRatioVsBase"] = ratio
         if ratio > th.max_val_loss_ratio_vs_base:
+            shown, allowed = _apart(ratio, th.max_val_loss_ratio_vs_base, 3, as_set=True)
             reasons.append(
                 (
-                    f"{split} loss {loss:.4f} is {ratio:.3f} x the base model's {base_loss:.4f} "
-                    f"(allowed {th.max_val_loss_ratio_vs_base})",
+                    f"{split} loss {loss:.4f} is {shown} x the base model's {base_loss:.4f} (allowed {allowed})",
                     coded(
                         "gate.loss_vs_base",
                         split=split,
@@ -680,8 +691,13 @@ def judge(
             if loss is not None and bl_loss and math.isfinite(loss) and loss > bl_loss * (1 + th.max_loss_regression):
                 reasons.append(
                     (
-                        f"{split} loss {loss:.4f} regresses against {baseline['ref']} ({bl_loss:.4f}, "
-                        f"allowed +{th.max_loss_regression:.0%})",
+                        "{} loss {:.4f} regresses against {} ({:.4f}: +{}%, allowed +{}%)".format(
+                            split,
+                            loss,
+                            baseline["ref"],
+                            bl_loss,
+                            *_apart(loss / bl_loss - 1, th.max_loss_regression, 0, scale=100, as_set=True),
+                        ),
                         coded(
                             "gate.loss_regression",
                             split=split,
