@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import JSON_FAULTS, DamagedFile
+from .errors import LunaError
 from .fsio import atomic_write_bytes, atomic_write_json, read_json
 from .messages import coded
 
@@ -110,6 +110,17 @@ def furthest(states: list[Path]) -> Path:
     return max(states, key=lambda p: (p.parent.name, p.stat().st_mtime_ns))
 
 
+def recorded_run(state: Path) -> dict[str, Any] | None:
+    """The run identity a checkpoint's state.json recorded; None when it recorded none (saved before
+    checkpoints did) or cannot be read."""
+    try:
+        saved = read_json(state)
+    except LunaError:
+        return None
+    run = saved.get("run") if isinstance(saved, dict) else None
+    return run if isinstance(run, dict) and run else None
+
+
 _PARTS = {
     "data": "other training data",
     "base": "other base model weights",
@@ -147,11 +158,7 @@ def _no_checkpoint(run: Run) -> dict[str, Any]:
     if not others:
         return {"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")}
     state = furthest(others)
-    try:
-        theirs = read_json(state)
-    except (DamagedFile, OSError, *JSON_FAULTS):
-        theirs = {}
-    differs, said = differences(run.identity, theirs.get("run") or {} if isinstance(theirs, dict) else {})
+    differs, said = differences(run.identity, recorded_run(state) or {})
     folder = state.parents[2]
     where = folder.relative_to(run.settings.home) if folder.is_relative_to(run.settings.home) else folder
     epoch = int(state.parent.name.removeprefix("epoch-"))

@@ -369,8 +369,9 @@ def check_fits(
     batch_tokens: tuple[int, int] | None = None,
 ) -> MemoryPlan:
     """The plan for this job; raises CheckFailed (one sentence, naming the option that would make it fit)
-    when it cannot fit: valid options on a device too small, a failed check as prepare reports it. `device`: a `models.device_info()` dict for the device the job will use (default:
-    the one `params.device` resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
+    when it cannot fit: valid options on a device too small, a failed check as prepare reports it.
+    `device`: a `models.device_info()` dict for the device the job will use (default: the one `params.device`
+    resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
     from .models import resolve_base, resolve_device
 
     if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine

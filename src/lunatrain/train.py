@@ -48,7 +48,6 @@ from .fsio import (
     dumps_json,
     give_umask_modes,
     os_error_of,
-    read_json,
     storage_error,
 )
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
@@ -132,7 +131,7 @@ class Run(LoopState):
     steps_per_epoch: int = field(kw_only=True)
     total_steps: int = field(kw_only=True)
     work_dir: Path = field(kw_only=True)
-    identity: dict[str, Any] = field(default_factory=dict, kw_only=True)  # run_identity: what a checkpoint records
+    identity: dict[str, Any] = field(kw_only=True)  # run_identity: what a checkpoint records, the report's hashes
     kernels: dict[str, str] = field(default_factory=dict, kw_only=True)  # kernels.install's choice
     added_tokens: list[str] = field(default_factory=list, kw_only=True)  # template markers added to the vocabulary
     loss: dict[str, Any] = field(default_factory=lambda: {"path": "plain"}, kw_only=True)  # chunked or plain, and why
@@ -465,12 +464,13 @@ def legacy_run_key(params: LoraParams, base: Any, data: Any) -> str:
     """The key of runs whose checkpoints recorded no identity (lunatrain before `run_identity`): parameters,
     the whole export's fingerprint and the base weights. Read only, so that an upgrade resumes them; goes
     when such checkpoints are past ASSISTANT_RETAIN_CHECKPOINT_DAYS everywhere."""
-    ident = {
-        "params": params.model_dump(mode="json", exclude={"resume"}),
-        "data": data.fingerprint,
-        "base": base.fingerprint,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return run_key(
+        {
+            "params": params.model_dump(mode="json", exclude={"resume"}),
+            "data": data.fingerprint,
+            "base": base.fingerprint,
+        }
+    )
 
 
 def _work_dir(params: LoraParams, settings: Settings, identity: dict[str, Any], legacy: str | None = None) -> Path:
@@ -482,18 +482,10 @@ def _work_dir(params: LoraParams, settings: Settings, identity: dict[str, Any], 
         # sorts last. Checkpoints of this run saved before they recorded its identity are under `legacy`.
         for named in (key, legacy):
             existing = list(root.glob(f"{named}-*/checkpoints/epoch-*/state.json")) if named else []
-            existing = [p for p in existing if named == key or "run" not in (_read_state(p) or {})]
+            existing = [p for p in existing if named == key or checkpoints.recorded_run(p) is None]
             if existing:
                 return checkpoints.furthest(existing).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        state = read_json(path)
-    except LunaError:
-        return None
-    return state if isinstance(state, dict) else None
 
 
 def setup_optimizer(run: Run) -> None:
@@ -728,7 +720,7 @@ def package_versions() -> dict[str, str]:
 
 
 def build_report(run: Run, status: Status, error: dict | None, started: float, job_id: str | None) -> dict[str, Any]:
-    from .models import device_info, template_hash, tokenizer_hash
+    from .models import device_info
 
     p = run.params
     last_val = run.epochs[-1]["valLoss"] if run.epochs else None
@@ -752,11 +744,11 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
             "tokenCacheHit": run.tokens.cache_hit,
         },
         "baseModel": run.base.record(),
-        "tokenizerHash": tokenizer_hash(run.tokenizer),
-        "templateHash": template_hash(run.tokenizer),
+        "tokenizerHash": run.identity["tokenizer"],
+        "templateHash": run.identity["template"],
         "template": {
             "name": p.chat_template or "model",
-            "hash": template_hash(run.tokenizer),
+            "hash": run.identity["template"],
             "terminator": run.tokens.terminator.to_dict(),
             "addedTokens": run.added_tokens,
         },

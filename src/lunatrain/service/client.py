@@ -151,9 +151,8 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
         other = details.get("dataRoot") if isinstance(details, dict) else None
         if isinstance(other, dict):  # the trainer at our address serves another project's data root
             return other_data_root(settings, another_root(str(other.get("path") or "unknown")))
-        if (
-            isinstance(err, dict) and err.get("code") == CheckFailed.code
-        ):  # e.g. a job too large for its device: exit 1, as prepare says it
+        # e.g. a job too large for its device: a failed check (exit 1), as prepare says it
+        if isinstance(err, dict) and err.get("code") == CheckFailed.code:
             return CheckFailed(message, details=details)
         return Conflict(message)
     if status == 401:
