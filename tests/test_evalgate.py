@@ -498,3 +498,40 @@ def test_reasons_show_their_numbers_apart_from_the_limits_they_break():
     active = {"kind": "adapter", "ref": "luna-adapter@v1", "source": "recorded", "metrics": _m(0.5, 7.8742)}
     (regress,) = decide(_m(0.5, 7.9550), base, active, parse_thresholds({"maxLossRegression": 0.0102}))
     assert regress == "val loss 7.9550 regresses against luna-adapter@v1 (7.8742: +1.03%, allowed +1.02%)", regress
+
+
+def test_plain_eval_gate_uses_the_luna_profiles_gate_like_the_flow(settings, tiny, dead_port):
+    """Repro: a data root's own luna profile with a stricter [gate] made `lunatrain luna` refuse a version
+    that a plain `lunatrain eval-gate` (the guide's `npm run eval:gate`) and `POST /eval-gate` then passed:
+    both used the library's default thresholds. Like `prepare`, both now take the luna profile's [gate]
+    unless another profile is named (flags still win in the CLI)."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+    from lunatrain.profiles import profile_path
+    from lunatrain.settings import load_settings
+
+    mine = settings.home / "profiles" / "luna.toml"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    bundled = profile_path(settings, "luna").read_text("utf-8")
+    mine.write_text(bundled.replace("minGoldenPassRate = 0.0", "minGoldenPassRate = 0.9"), "utf-8")
+    (settings.home / "profiles" / "lax.toml").write_text("[gate]\nminGoldenPassRate = 0.0\n", "utf-8")
+
+    runner = CliRunner()
+    strict = runner.invoke(app, ["eval-gate", "--json"])
+    assert strict.exit_code == 1, strict.output
+    assert json.loads(strict.stdout)["thresholds"]["minGoldenPassRate"] == 0.9
+    lax = runner.invoke(app, ["eval-gate", "--profile", "lax"])
+    assert lax.exit_code == 0, lax.output
+    flag = runner.invoke(app, ["eval-gate", "--min-golden-pass-rate", "0"])
+    assert flag.exit_code == 0, flag.output  # a flag wins over the profile
+
+    served = load_settings(lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    with TestClient(create_app(served), base_url="http://127.0.0.1") as client:
+        res = client.post("/assistant/training/eval-gate", json={})
+        assert res.status_code == 200 and res.json()["thresholds"]["minGoldenPassRate"] == 0.9
+        assert res.json()["passed"] is False
+        res = client.post("/assistant/training/eval-gate", json={"profile": "lax"})
+        assert res.status_code == 200 and res.json()["passed"] is True, res.json()
+        res = client.post("/assistant/training/eval-gate", json={"profile": "nope"})
+        assert res.status_code == 404 and "Profile 'nope' not found" in res.json()["error"]["message"]

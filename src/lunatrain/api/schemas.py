@@ -238,6 +238,7 @@ class PrepareRequest(In):
 
 class EvalGateRequest(In):
     adapter: Annotated[str, Field(pattern=ADAPTER_REF)] | None = None
+    profile: Name | None = None  # whose [gate] thresholds judge (default: luna, as after training)
 
 
 class Report(Out):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import LunaError
-from ..evalgate import GateReport, GateThresholds, eval_gate
+from ..evalgate import GateReport, GateThresholds, eval_gate, parse_thresholds
 from ..settings import load_settings
 from ..templates import cli_template
 from .app import app, as_written, fail, is_tty, print_report
@@ -33,7 +33,9 @@ def eval_gate_cmd(
             help="base model whose active adapter is gated (default ASSISTANT_BASE_MODEL)",
         ),
     ] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="thresholds from the profile's [gate] table")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="thresholds from the profile's [gate] table (default: luna)")
+    ] = None,
     min_golden_pass_rate: Annotated[
         float | None,
         typer.Option("--min-golden-pass-rate", "--minGoldenPassRate", help=_threshold_help("min_golden_pass_rate")),
@@ -71,11 +73,13 @@ def eval_gate_cmd(
     """Evaluation gate: golden cases + val/test loss against the base model and the recorded baseline."""
     try:
         settings = load_settings()
-        thresholds: dict[str, Any] = {}
-        if profile is not None:  # "" is an invalid name, as in every other command
-            from ..profiles import load_profile
+        from ..profiles import load_profile
 
-            thresholds |= load_profile(settings, profile).gate
+        # The luna profile's [gate] unless another is named, as `lunatrain luna` gates after training: the
+        # guide's `npm run eval:gate` must not pass what the flow refused. ("" is an invalid name.)
+        # In one spelling (the profile may use camelCase, the flags are snake_case), so a flag replaces its key.
+        gate = load_profile(settings, "luna" if profile is None else profile).gate
+        thresholds: dict[str, Any] = parse_thresholds(gate, strict=True).model_dump()
         flags = {
             "min_golden_pass_rate": min_golden_pass_rate,
             "max_golden_pass_rate_drop": max_golden_pass_rate_drop,

@@ -48,8 +48,15 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
 
 @router.post("/eval-gate", response_model=Report, responses=errors(404, 503))
 async def eval_gate(settings: SettingsDep, body: Annotated[EvalGateRequest | None, Body()] = None) -> Report:
-    """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION) on the eval suite; the report says
-    `passed` and why. A failed gate is an answer (200), not an error."""
+    """Evaluate the active adapter (or `adapter`, NAME or NAME@VERSION) on the eval suite with the
+    thresholds of `profile`'s [gate] (default luna); the report says `passed` and why. A failed gate is an
+    answer (200), not an error."""
     body = body or EvalGateRequest()
-    report = await run_in_threadpool(lambda: evalgate.eval_gate(settings, adapter=body.adapter).to_dict())
+
+    def run():
+        # the luna profile's [gate] unless another is named: what the flow gates with after training
+        thresholds = profiles.load_profile(settings, body.profile or "luna").gate
+        return evalgate.eval_gate(settings, adapter=body.adapter, thresholds=thresholds).to_dict()
+
+    report = await run_in_threadpool(run)
     return Report.model_validate(camel(report))
