@@ -485,3 +485,32 @@ def test_an_offline_trainer_is_said_to_start_on_demand_only_when_it_does(home, m
     assert said["false"].endswith(
         "starting it on demand is off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false): run `lunatrain trainer`"
     )
+
+
+def test_tier_sizes_are_what_export_writes_after_deduplication(settings, dead_port):
+    """Repro: a memory item with the content of an approved example was counted twice in
+    `tiers.merged.approved` (and in `tiers.memory` when the example's source is memory), while `export`
+    writes it once: status promised more samples than the tier file then held."""
+    from lunatrain import export
+    from lunatrain.settings import load_settings
+
+    settings = load_settings(lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    store.add_example(settings, prompt="Wer?", response="Luna.", source="curated", status="approved")
+    store.add_example(settings, prompt="Wo?", response="Hier.", source="memory", status="approved")
+    store.add_example(settings, prompt="Wann?", response="Jetzt.", source="conversation", status="approved")
+    store.add_example(settings, prompt="Wie?", response="So.", source="curated", status="pending")
+    store.add_memory(settings, question="Wer?", answer="Luna.")  # = the curated example
+    store.add_memory(settings, question="Wo?", answer="Hier.")  # = the memory-source example
+    store.add_memory(settings, question="Was?", answer="Nichts.")
+    store.add_memory(settings, question="Wie?", answer="So.")  # = the pending example: not a duplicate
+    tiers = training_status(settings, 0)["tiers"]
+    written = export.export(settings).counts
+    assert (
+        {t: tiers[t]["approved"] for t in tiers}
+        == {t: written[t]["total"] for t in tiers}
+        == {
+            "curated": 1,
+            "memory": 4,  # Wo? once, Wer?, Was?, Wie? as memory items
+            "merged": 5,  # Wer?, Wo?, Wann?, Was?, Wie? (the item): 7 approved, two of them duplicates
+        }
+    )

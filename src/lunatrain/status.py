@@ -69,7 +69,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
 
     problems: list[str] = []
     active, base_known = _active_adapters(settings, problems)
-    tiers = _tiers(counts, memory, min_curated)
+    tiers = _tiers(counts, memory, (raw or {}).get("approved_twice", {}), min_curated)
     return {
         "examples": counts,
         "memoryItems": memory,
@@ -93,15 +93,18 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     }
 
 
-def _tiers(counts: dict[str, dict[str, int]], memory: dict[str, int], min_curated: int) -> dict[str, Any]:
-    """Per tier: approved samples it would hold (before deduplication) and whether a run on it passes the
-    volume check (approved curated examples >= minCurated, the same rule `prepare` applies to every tier)
-    and has anything to train on. `reason` says what is missing."""
+def _tiers(
+    counts: dict[str, dict[str, int]], memory: dict[str, int], twice: dict[str, int], min_curated: int
+) -> dict[str, Any]:
+    """Per tier: the samples an export would write to it (approved, a memory item and an example of the same
+    content once) and whether a run on it passes the volume check (approved curated examples >= minCurated,
+    the same rule `prepare` applies to every tier) and has anything to train on. `reason` says what is
+    missing."""
     curated = counts["curated"]["approved"]
     approved = {
         "curated": curated,
-        "memory": counts["memory"]["approved"] + memory["approved"],
-        "merged": sum(c["approved"] for c in counts.values()) + memory["approved"],
+        "memory": counts["memory"]["approved"] + memory["approved"] - twice.get("memory", 0),
+        "merged": sum(c["approved"] for c in counts.values()) + memory["approved"] - sum(twice.values()),
     }
     out = {}
     for tier, n in approved.items():

@@ -879,7 +879,9 @@ def delete_memory(settings: Settings, ids: Sequence[int]) -> Deletion:
 
 
 def counts(settings: Settings) -> dict[str, Any]:
-    """{"examples": {source: {status: n}}, "memory": {status: n}, "totals": {...}} with every key present."""
+    """{"examples": {source: {status: n}}, "memory": {status: n}, "approved_twice": {source: n}, "totals": {...}}
+    with every key present; `approved_twice`: approved memory items whose content an approved example of that
+    source has too."""
     result: dict[str, Any] = {
         "examples": {s: {st: 0 for st in STATUSES} for s in SOURCES},
         "memory": {st: 0 for st in STATUSES},
@@ -893,6 +895,15 @@ def counts(settings: Settings) -> dict[str, Any]:
         q = sa.select(memory_table.c.status, sa.func.count()).group_by(memory_table.c.status)
         for status, n in conn.execute(q):
             result["memory"][status] = n
+        # Approved memory items with the content of an approved example, per the example's source: the
+        # export writes such a pair once (both hashes are unique, so this is an index join).
+        q = (
+            sa.select(examples_table.c.source, sa.func.count())
+            .join(memory_table, memory_table.c.hash == examples_table.c.hash)
+            .where(examples_table.c.status == "approved", memory_table.c.status == "approved")
+            .group_by(examples_table.c.source)
+        )
+        result["approved_twice"] = {s: 0 for s in SOURCES} | dict(conn.execute(q).tuples().all())
     result["totals"] = {
         "examples": sum(sum(v.values()) for v in result["examples"].values()),
         "memory": sum(result["memory"].values()),
