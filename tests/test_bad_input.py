@@ -918,3 +918,36 @@ def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monk
         "warning: ASSISTANT_BASE_MDOEL is not a lunatrain setting and is ignored (did you mean ASSISTANT_BASE_MODEL?)."
         in r.stderr
     ), r.stderr
+
+
+def test_import_json_gives_every_bad_record_to_a_script(seeded: Settings, tmp_path: Path) -> None:
+    """Repro: `--skip-bad` on a file with 30 bad records named the first 20 and "… and 10 more", with no way
+    to get the rest but cleaning the file by hand. `--json` prints the result with every record left out (and
+    a refused import's every problem) to stdout; the human lines stay on stderr."""
+    from lunatrain import store
+
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": f"Frage {i}?", "response": f"Antwort {i}."} for i in range(3)]
+    rows += [{"prompt": f"p{i}"} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = snapshot(seeded.home)
+    refused = run("examples", "import", str(path), "--json")
+    assert refused.exit_code == 2 and snapshot(seeded.home) == before
+    body = json.loads(refused.stdout)
+    assert body["error"]["code"] == "invalid_request" and "30 bad record(s)" in body["error"]["message"], body
+    assert len(body["problems"]) == 30 and body["problems"][29] == "mixed.jsonl line 33: field 'response': missing"
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
+
+    r = run("examples", "import", str(path), "--skip-bad", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert {k: out[k] for k in ("file", "records", "added", "duplicates", "formats")} == {
+        "file": "mixed.jsonl",
+        "records": 3,
+        "added": 3,
+        "duplicates": 0,
+        "formats": {"prompt-response": 3},
+    }
+    assert out["storeRevision"] == store.revision(seeded)
+    assert len(out["leftOut"]) == 30 and out["leftOut"][0] == "mixed.jsonl line 4: field 'response': missing"
+    assert r.stderr == ""

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import registry, store
-from ..api.schemas import ExampleOut, MemoryOut
+from ..api.schemas import ExampleOut, ImportResult, MemoryOut
 from ..errors import LunaError, UsageError
 from ..messages import counted
 from ..settings import load_settings
@@ -131,6 +131,14 @@ def import_cmd(
             help="import the good records and list the bad ones (without it a bad record imports nothing)",
         ),
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="print the result as JSON, with every record left out (`leftOut`); a refused import prints "
+            "its error and every problem",
+        ),
+    ] = False,
 ) -> None:
     """Import a file in one transaction: a bad record imports nothing (unless --skip-bad); known content is
     skipped."""
@@ -144,9 +152,20 @@ def import_cmd(
             skip_bad=skip_bad,
         )
     except LunaError as err:
-        if isinstance(err.details, list) and len(err.details) > 1:
-            _list_problems(err.details)
+        problems = err.details if isinstance(err.details, list) else []
+        if as_json:  # every problem, for a script to act on; the sentence still goes to stderr
+            error = {"code": err.code, "message": err.message}
+            typer.echo(json.dumps({"error": error, "problems": problems}, ensure_ascii=False, indent=2))
+        elif len(problems) > 1:
+            _list_problems(problems)
         raise fail(err) from None
+    if as_json:
+        out = ImportResult(
+            records=res.records, added=res.added, duplicates=res.skipped_duplicates, formats=res.formats
+        ).wire()  # the API's import answer, plus what only a file import has
+        out = {"file": file.name, **out, "storeRevision": res.revision, "leftOut": list(res.bad)}
+        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+        return
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
     left_out = f"; {counted(len(res.bad), 'bad record')} left out:" if res.bad else "."
     typer.echo(
