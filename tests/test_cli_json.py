@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from lunatrain import store
 from lunatrain.api.main import create_app
+from lunatrain.api.schemas import ExampleOut
 from lunatrain.cli import app
 from lunatrain.errors import NotFound
 from lunatrain.params import parse_run
@@ -192,6 +193,66 @@ def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settin
         assert memory == api.get(f"{T}/memory").json()["items"]
     assert examples[0]["conversationId"] == "c9" and "createdAt" in examples[0] and "created_at" not in examples[0]
     assert memory[0]["topic"] == "family" and "updatedAt" in memory[0] and "updated_at" not in memory[0]
+    store.dispose_stores()
+
+
+class _Counting:
+    """A stdout that keeps nothing: counts what is written and checks it is the expected JSON text."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.digest = __import__("hashlib").sha256()
+
+    def write(self, text: str) -> int:
+        self.written += len(text)
+        self.digest.update(text.encode("utf-8"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_a_listing_of_the_whole_store_is_streamed_not_held_in_memory(settings: Settings, tmp_path) -> None:
+    """Repro: `examples list --limit 1000000 --json` (the natural "give me everything" for jq) built every
+    example, then every wire dict, then one JSON string: about 11 bytes of memory per byte printed (2.1 GB
+    for 195k examples), nothing printed until the end. The listing now streams: the most memory it holds at
+    once (Python's own allocations, tracemalloc) is a small part of what it prints, and the text is
+    exactly what `json.dumps(..., indent=2)` of the whole list gives (so is an empty list)."""
+    import contextlib
+    import hashlib
+    import tracemalloc
+
+    from typer.main import get_command
+
+    answer = "Eine lange Antwort über den Mond. " * 60  # ~2 KB: 3,000 examples print ~7 MB of JSON
+    records = [{"prompt": f"Frage {i}?", "response": f"{answer}{i}"} for i in range(3000)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    store.import_file(settings, path)
+    command = get_command(app)
+    for args, items in (
+        (["examples", "list", "--limit", "1000000", "--json"], None),
+        (["memory", "list", "--limit", "1000000", "--json"], []),
+    ):
+        sink = _Counting()
+        tracemalloc.start()
+        try:
+            with contextlib.redirect_stdout(sink):
+                command.main(args, standalone_mode=False)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        if items is None:
+            items = [ExampleOut.of(e).wire() for e in store.list_examples(settings, limit=1_000_000)]
+            assert len(items) == 3000 and sink.written > 7_000_000
+            assert peak < sink.written / 4, (peak, sink.written)  # was several times what it printed
+        expected = json.dumps(items, ensure_ascii=False, indent=2) + "\n"
+        assert sink.digest.hexdigest() == hashlib.sha256(expected.encode("utf-8")).hexdigest(), args
+    lines = CliRunner().invoke(app, ["examples", "list", "--limit", "2", "--offset", "2999"]).stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("3000\tcurated\tapproved\tFrage 2999?")
     store.dispose_stores()
 
 

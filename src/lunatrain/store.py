@@ -19,11 +19,11 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -53,6 +53,8 @@ _PG_WRITE_LOCK = 0x4C554E57  # "LUNW": writers queue, as SQLite's BEGIN IMMEDIAT
 # one names no row; the server would refuse the query rather than find nothing.
 _PG_MAX_ID = 2**31 - 1
 _CHUNK = 500  # ids/hashes per IN (...) clause: far below every driver's parameter limit
+_FETCH = 200  # rows a streamed listing holds at a time
+T = TypeVar("T")
 
 
 def _aware(value: datetime) -> datetime:
@@ -675,14 +677,32 @@ def list_examples(
     offset: int = 0,
 ) -> list[Example]:
     """Examples in insertion order (id), optionally filtered."""
+    return list(iter_examples(settings, source=source, status=status, limit=limit, offset=offset))
+
+
+def iter_examples(
+    settings: Settings,
+    *,
+    source: Source | None = None,
+    status: Status | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> Iterator[Example]:
+    """`list_examples` one at a time, fetched in chunks from one snapshot: a listing of the whole store (the
+    CLI takes any --limit) holds a chunk in memory, not every example. The arguments are checked at once."""
     _check_page(limit, offset)
     query = sa.select(examples_table).order_by(examples_table.c.id).limit(limit).offset(offset)
     if source is not None:
         query = query.where(examples_table.c.source == _check_choice(source, SOURCES, "source"))
     if status is not None:
         query = query.where(examples_table.c.status == _check_choice(status, STATUSES, "status"))
+    return _stream(settings, query, Example.from_row)
+
+
+def _stream(settings: Settings, query: sa.Select, make: Callable[[Any], T]) -> Iterator[T]:
     with open_store(settings).read() as conn:
-        return [Example.from_row(r) for r in conn.execute(query).mappings()]
+        for row in conn.execution_options(yield_per=_FETCH).execute(query).mappings():
+            yield make(row)
 
 
 def _check_ids(conn: Connection, table: sa.Table, ids: Sequence[int], what: str) -> list[int]:
@@ -852,12 +872,18 @@ def _memory_values(
 def list_memory(
     settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
 ) -> list[MemoryItem]:
+    return list(iter_memory(settings, status=status, limit=limit, offset=offset))
+
+
+def iter_memory(
+    settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
+) -> Iterator[MemoryItem]:
+    """`list_memory` one at a time, fetched in chunks (see `iter_examples`)."""
     _check_page(limit, offset)
     query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)
     if status is not None:
         query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))
-    with open_store(settings).read() as conn:
-        return [MemoryItem.from_row(r) for r in conn.execute(query).mappings()]
+    return _stream(settings, query, MemoryItem.from_row)
 
 
 def get_memory(settings: Settings, item_id: int) -> MemoryItem:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import sys
+import textwrap
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -50,7 +52,9 @@ def _tags(given: list[str] | None) -> list[str]:
     return given or []
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+def _table(title: str, columns: list[str], rows: Iterable[list[str]]) -> None:
+    """A rich table on a terminal; else tab-separated lines, written as the rows come (a listing of the whole
+    store streams)."""
     if is_tty():
         from rich.console import Console
         from rich.table import Table
@@ -64,6 +68,18 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     else:
         for row in rows:
             typer.echo("\t".join(row))
+
+
+def _json_array(items: Iterable[dict[str, Any]]) -> None:
+    """What `json.dumps(list(items), indent=2)` prints, written item by item: a listing of the whole store
+    never holds it all (nor its JSON) in memory."""
+    out = sys.stdout
+    first = True
+    for item in items:
+        out.write(("[\n" if first else ",\n") + textwrap.indent(json.dumps(item, ensure_ascii=False, indent=2), "  "))
+        first = False
+    out.write("[]\n" if first else "\n]\n")
+    out.flush()
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -192,14 +208,14 @@ def list_cmd(
 ) -> None:
     """List examples in the order they were added."""
     try:
-        items = store.list_examples(load_settings(), source=source, status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
-    except LunaError as err:
+        items = store.iter_examples(load_settings(), source=source, status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+        if as_json:
+            _json_array(ExampleOut.of(e).wire() for e in items)
+            return
+        rows = ([str(e.id), e.source, e.status, _short(e.prompt, 40), _short(e.response)] for e in items)
+        _table("examples", ["id", "source", "status", "prompt", "response"], rows)
+    except LunaError as err:  # the arguments at once, a storage fault while reading
         raise fail(err) from None
-    if as_json:
-        typer.echo(json.dumps([ExampleOut.of(e).wire() for e in items], ensure_ascii=False, indent=2))
-        return
-    rows = [[str(e.id), e.source, e.status, _short(e.prompt, 40), _short(e.response)] for e in items]
-    _table("examples", ["id", "source", "status", "prompt", "response"], rows)
 
 
 def _curate(set_status: Callable[..., int], ids: list[str], prefix: str, what: str, status: store.Status) -> None:
@@ -284,14 +300,14 @@ def memory_list_cmd(
 ) -> None:
     """List memory items."""
     try:
-        items = store.list_memory(load_settings(), status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+        items = store.iter_memory(load_settings(), status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+        if as_json:
+            _json_array(MemoryOut.of(m).wire() for m in items)
+            return
+        rows = ([str(m.id), m.status, m.topic or "", _short(m.question, 40), _short(m.answer)] for m in items)
+        _table("memory", ["id", "status", "topic", "question", "answer"], rows)
     except LunaError as err:
         raise fail(err) from None
-    if as_json:
-        typer.echo(json.dumps([MemoryOut.of(m).wire() for m in items], ensure_ascii=False, indent=2))
-        return
-    rows = [[str(m.id), m.status, m.topic or "", _short(m.question, 40), _short(m.answer)] for m in items]
-    _table("memory", ["id", "status", "topic", "question", "answer"], rows)
 
 
 @memory_app.command("approve")
