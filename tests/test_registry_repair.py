@@ -428,3 +428,62 @@ def test_a_reader_during_the_first_publish_never_sees_a_lost_registry(settings, 
     monkeypatch.setattr(registry, "_save", reading_save)
     run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
     assert seen and all(isinstance(n, int) for n in seen), seen
+
+
+def test_a_registry_from_before_the_folder_copies_gets_them_at_its_first_read(settings):
+    """Repro: a data root made before versions kept gate.json and adapters activations.jsonl had neither, so
+    after an upgrade `adapters repair` rebuilt from the last eval report alone: the version the user had
+    rolled away from became active (and was served) again, the other versions lost their gate outcomes, and
+    the activation history was gone. The first read by this version writes both copies from the registry,
+    once; a repair afterwards restores every fact."""
+    fp = "f" * 64
+    for version in ("v1", "v2"):
+        _version_folder(settings, "luna", version, fp)
+    passed = {"status": "passed", "passed": True, "reasons": [], "at": "t1", "promoted": True}
+    old = {"format": registry.FORMAT, "adapters": {}}
+    history = [
+        {"version": "v1", "previous": None, "at": "t1", "forced": False, "base": fp, "reason": "eval gate passed"},
+        {"version": "v2", "previous": "v1", "at": "t2", "forced": False, "base": fp, "reason": "eval gate passed"},
+        {"version": "v1", "previous": "v2", "at": "t3", "forced": False, "base": fp, "reason": "rollback"},
+    ]
+    entries = [
+        _entry(fp, version=v, name="luna", path=f"data/adapters/luna/{v}", gate=passed | {"at": at})
+        for v, at in (("v1", "t1"), ("v2", "t2"))
+    ]
+    for e in entries:
+        e["baseModel"]["id"] = "base-f"
+    old["adapters"]["luna"] = {
+        "versions": entries,
+        "aliases": {"latest": "v2", "active": "v1"},
+        "activeByBase": {fp: {"version": "v1", "baseModel": "base-f"}},
+        "activations": history,
+    }
+    path = registry.registry_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old))
+    # the last eval report is v2's promotion: what repair alone had to go by
+    settings.eval_report.parent.mkdir(parents=True, exist_ok=True)
+    settings.eval_report.write_text(json.dumps({"candidate": {"ref": "luna@v2"}, "passed": True, "promoted": True}))
+    journal = settings.adapters_dir / "luna" / registry.ACTIVATIONS_FILE
+    assert not journal.exists()
+
+    listed = CliRunner().invoke(app, ["adapters", "list"])  # a read, as after an upgrade
+    assert listed.exit_code == 0, listed.output
+    for e in entries:
+        assert json.loads((settings.adapters_dir / "luna" / e["version"] / registry.GATE_FILE).read_text()) == e["gate"]
+    assert [json.loads(line)["reason"] for line in journal.read_text().splitlines()] == [
+        "eval gate passed",
+        "eval gate passed",
+        "rollback",
+    ]
+    first = journal.read_text()
+    registry.list_adapters(settings)  # once: a second read rewrites nothing
+    assert journal.read_text() == first
+    want = registry.load(settings)["adapters"]["luna"]
+    assert want["activations"] == history and registry.load(settings)["copies"] == registry.COPIES
+    path.write_text("{broken")
+    assert CliRunner().invoke(app, ["adapters", "repair"]).exit_code == 0
+    got = registry.load(settings)["adapters"]["luna"]
+    assert got["activeByBase"] == want["activeByBase"] == {fp: {"version": "v1", "baseModel": "base-f"}}
+    assert got["activations"] == want["activations"]
+    assert [e["gate"] for e in got["versions"]] == [e["gate"] for e in want["versions"]]

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -52,7 +53,7 @@ from typing import Any
 
 from .errors import JSON_FAULTS, Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
 from .formats import json_type
-from .fsio import atomic_write_json, file_lock, read_json, storage_guard
+from .fsio import atomic_write_json, atomic_write_text, file_lock, read_json, storage_guard
 from .messages import coded, counted
 from .settings import Settings, check_name, inside
 from .wire import now_iso as now
@@ -70,6 +71,9 @@ GATE_FILE = "gate.json"  # the eval gate's outcome for this version, as the regi
 ACTIVATIONS_FILE = "activations.jsonl"
 
 FORMAT = "lunatrain-registry/1"
+# The registry's `copies`: which folder copies repair reads (gate.json, activations.jsonl) it has written for
+# everything it records. A registry from before them has none; its first read writes them (`_keep_copies`).
+COPIES = 1
 SLOT = "current"  # the single version of the overwrite strategy
 ALIASES = ("latest", "active")  # names get_version resolves to a version; never a version's own name
 _VERSION_RE = re.compile(r"^v(\d+)$")
@@ -85,8 +89,17 @@ def latest_report_path(settings: Settings) -> Path:
     return settings.lora_latest_report
 
 
-def _lock(settings: Settings):
-    return file_lock(settings.reports_training_dir / ".lora-adapters.lock")
+_held = threading.local()  # how deep this thread is in the registry's lock (flock does not nest)
+
+
+@contextlib.contextmanager
+def _lock(settings: Settings) -> Iterator[None]:
+    with file_lock(settings.reports_training_dir / ".lora-adapters.lock"):
+        _held.depth = getattr(_held, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
 
 
 def load(settings: Settings) -> dict[str, Any]:
@@ -114,7 +127,44 @@ def load(settings: Settings) -> dict[str, Any]:
         raise _unreadable(path, problem)
     for adapter in data["adapters"].values():
         _migrate_active(adapter)
+    if data.get("copies") != COPIES and data["adapters"]:
+        _keep_copies(settings, data)
     return data
+
+
+def _keep_copies(settings: Settings, data: dict[str, Any]) -> None:
+    """Write the folder copies a registry from before them lacks, then record that it has them: once, at the
+    first read by this version, while the registry can still be read (a repair restores only what the folders
+    keep). A copy that cannot be written (a read-only data root) is tried again at the next read."""
+    try:
+        if getattr(_held, "depth", 0):  # the caller holds the lock and will save `data`; save it now as well
+            _save(settings, data)
+        else:
+            with _lock(settings):
+                fresh = load(settings)  # under the lock: another process may have done it meanwhile
+                if fresh.get("copies") != COPIES:
+                    _save(settings, fresh)
+            data["copies"] = COPIES
+    except (OSError, LunaError) as exc:
+        log.warning("could not write the adapters' gate.json and %s copies: %s", ACTIVATIONS_FILE, exc)
+
+
+def _write_copies(settings: Settings, data: dict[str, Any]) -> None:
+    """Each version's gate outcome in its folder and each adapter's whole activation history in its journal,
+    as `record_gate` and `_journal` write them from now on (the registry is the record: its history holds
+    every journaled line and any a full disk kept out)."""
+    for name, adapter in data["adapters"].items():
+        for entry in adapter["versions"]:
+            folder = settings.home / entry["path"]
+            gate = entry.get("gate")
+            current = not entry.get("replaced") and not entry.get("staged")  # what record_gate would write for
+            if isinstance(gate, dict) and current and folder.is_dir() and not (folder / GATE_FILE).exists():
+                atomic_write_json(folder.resolve() / GATE_FILE, gate)
+        records = [r for r in adapter.get("activations", []) if isinstance(r, dict)]
+        if records:
+            ids = {fp: (a or {}).get("baseModel") for fp, a in adapter.get("activeByBase", {}).items()}
+            lines = [json.dumps(r | {"baseModel": ids.get(r.get("base"))}, ensure_ascii=False) for r in records]
+            atomic_write_text(settings.adapters_dir / name / ACTIVATIONS_FILE, "".join(f"{ln}\n" for ln in lines))
 
 
 def _unreadable(path: Path, why: str) -> RegistryUnreadable:
@@ -207,6 +257,9 @@ def _sync_legacy_alias(adapter: dict[str, Any]) -> None:
 
 
 def _save(settings: Settings, data: dict[str, Any]) -> None:
+    if data.get("copies") != COPIES:  # a registry from before the folder copies (or a new one): write them first
+        _write_copies(settings, data)
+        data["copies"] = COPIES
     atomic_write_json(registry_path(settings), data)
 
 
