@@ -535,3 +535,16 @@ def test_plain_eval_gate_uses_the_luna_profiles_gate_like_the_flow(settings, tin
         assert res.status_code == 200 and res.json()["passed"] is True, res.json()
         res = client.post("/assistant/training/eval-gate", json={"profile": "nope"})
         assert res.status_code == 404 and "Profile 'nope' not found" in res.json()["error"]["message"]
+
+
+def test_a_reason_against_the_overwrite_slot_names_the_revision_it_compares_with():
+    """Repro: gating a new revision of an overwrite adapter said "regresses against luna-adapter@current":
+    the candidate is luna-adapter@current too, so the sentence did not say which run it was measured against."""
+    th = GateThresholds()
+    base = {"valLoss": 8.0, "testLoss": None}
+    slot = {"kind": "adapter", "ref": "luna-adapter@current", "revision": 3, "source": "recorded"}
+    slot["metrics"] = _m(0.5, 6.0)
+    reasons = decide(_m(0.4, 6.5), base, slot, th)
+    assert len(reasons) == 2 and all("against luna-adapter@current revision 3 (" in r for r in reasons), reasons
+    versioned = {"kind": "adapter", "ref": "luna-adapter@v1", "revision": None, "source": "recorded"}
+    assert "against luna-adapter@v1 (" in decide(_m(0.4, 6.0), base, versioned | {"metrics": _m(0.5, 6.0)}, th)[0]

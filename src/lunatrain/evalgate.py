@@ -535,6 +535,7 @@ def _run(
         baseline = {
             "kind": "adapter",
             "ref": _ref(baseline_entry, base),
+            "revision": baseline_entry.get("revision"),
             "source": "recorded",
             "metrics": baseline_entry["gate"]["metrics"],
         }
@@ -546,6 +547,7 @@ def _run(
         baseline = {
             "kind": "adapter",
             "ref": _ref(baseline_entry, base),
+            "revision": baseline_entry.get("revision"),
             "source": "evaluated",
             "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]},
         }
@@ -671,15 +673,17 @@ def judge(
         return reasons
     bl = baseline.get("metrics") or {}
     bl_rate = bl.get("goldenPassRate")
+    # The overwrite slot's name is the candidate's own: the revision says which run it is measured against.
+    against = baseline["ref"] + (f" revision {baseline['revision']}" if baseline.get("revision") else "")
     if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
         reasons.append(
             (
-                f"golden pass rate {rate:.2f} regresses against {baseline['ref']} ({bl_rate:.2f}, "
+                f"golden pass rate {rate:.2f} regresses against {against} ({bl_rate:.2f}, "
                 f"allowed drop {th.max_golden_pass_rate_drop})",
                 coded(
                     "gate.pass_rate_regression",
                     rate=rate,
-                    baseline=baseline["ref"],
+                    baseline=against,
                     baselineRate=bl_rate,
                     allowedDrop=th.max_golden_pass_rate_drop,
                 ),
@@ -694,7 +698,7 @@ def judge(
                         "{} loss {:.4f} regresses against {} ({:.4f}: +{}%, allowed +{}%)".format(
                             split,
                             loss,
-                            baseline["ref"],
+                            against,
                             bl_loss,
                             *_apart(loss / bl_loss - 1, th.max_loss_regression, 0, scale=100, as_set=True),
                         ),
@@ -702,7 +706,7 @@ def judge(
                             "gate.loss_regression",
                             split=split,
                             loss=loss,
-                            baseline=baseline["ref"],
+                            baseline=against,
                             baselineLoss=bl_loss,
                             allowed=th.max_loss_regression,
                             allowedPercent=round(th.max_loss_regression * 100, 6),
