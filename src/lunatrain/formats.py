@@ -25,16 +25,17 @@ when any is).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, BinaryIO, Literal, get_args
 
 from .errors import JSON_FAULTS, UsageError, json_fault, some
 
@@ -510,12 +511,20 @@ def _decode(data: bytes, path: Path) -> str:
         ) from None
 
 
-def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    """Yield (location, decoded record or RecordError) for each record of the file."""
+def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
+    """Yield (location, decoded record or RecordError) for each record of the open file `fh`. JSON Lines in
+    UTF-8 are read a line at a time (a file of months of logs is never held whole); a JSON document or a CSV
+    table is read whole."""
     suffix = path.suffix.lower()
-    text = _decode(data, path)
     if suffix in (".jsonl", ".ndjson"):
-        yield from _json_lines(text)
+        head = fh.read(2)
+        fh.seek(0)
+        if head not in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            yield from _json_lines(_utf8_lines(fh, path))
+            return
+    text = _decode(fh.read(), path)
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _json_lines(text.split("\n"))
     elif suffix == ".json":
         try:
             doc = json.loads(text)
@@ -524,7 +533,7 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
                 # A one-line document and more after it: JSON Lines under a .json name, as
                 # `datasets.Dataset.to_json` writes by default. Read it as such, so each line is checked and named
                 # on its own. (After a document of several lines, the extra data is the error to name.)
-                yield from _json_lines(text)
+                yield from _json_lines(text.split("\n"))
                 return
             yield f"line {exc.lineno}", RecordError(None, _malformed(exc))
             return
@@ -565,9 +574,22 @@ def _records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         )
 
 
-def _json_lines(text: str) -> Iterator[tuple[str, Any]]:
-    # Split on "\n" only: str.splitlines() would also break at U+2028 etc., which JSON allows in strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+def _utf8_lines(fh: BinaryIO, path: Path) -> Iterator[str]:
+    """The file's lines as text, split on "\\n" only (str.splitlines() would also break at U+2028 etc., which
+    JSON allows in strings); invalid UTF-8 refuses the whole file, naming the line, as `_decode` does."""
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"Cannot import {path.name}: line {lineno} is not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                "save the file as UTF-8. Nothing was imported."
+            ) from None
+        yield line.removesuffix("\n")
+
+
+def _json_lines(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -649,6 +671,15 @@ def _csv_row(header: list[str], row: list[str]) -> Any:
     return rec
 
 
+@contextlib.contextmanager
+def _read_faults(path: Path) -> Iterator[None]:
+    """A read that fails part way (EIO, a file on a share that went away) refuses the file in one sentence."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"Cannot import {path}: {exc.strerror or exc}. Nothing was imported.") from None
+
+
 def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_status: bool = True) -> ParsedFile:
     """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list).
     `skip_bad`: the good records are returned and the bad ones listed in `bad` instead (a file without any
@@ -661,7 +692,7 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
         # A pipe or a device would be read until a writer comes or forever (/dev/zero): regular files only.
         if path.exists() and not path.is_file():
             raise UsageError(f"Cannot import {path}: it is not a regular file.")
-        data = path.read_bytes()
+        fh = path.open("rb")
     except FileNotFoundError:
         raise UsageError(f"Cannot import {path}: file not found.") from None
     except IsADirectoryError:
@@ -671,16 +702,17 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
     drafts: list[ExampleDraft] = []
     formats: dict[str, int] = {}
     problems: list[str] = []
-    for where, rec in _records(path, data):
-        try:
-            if isinstance(rec, RecordError):
-                raise rec
-            draft, shape = parse_record(rec, fmt, own_status=own_status)
-        except RecordError as err:
-            problems.append(f"{where}: {err.describe()}")
-            continue
-        drafts.append(draft)
-        formats[shape] = formats.get(shape, 0) + 1
+    with fh, _read_faults(path):
+        for where, rec in _records(path, fh):
+            try:
+                if isinstance(rec, RecordError):
+                    raise rec
+                draft, shape = parse_record(rec, fmt, own_status=own_status)
+            except RecordError as err:
+                problems.append(f"{where}: {err.describe()}")
+                continue
+            drafts.append(draft)
+            formats[shape] = formats.get(shape, 0) + 1
     if problems and not (skip_bad and drafts):
         raise UsageError(
             f"Cannot import {path.name}: {len(problems)} bad record(s) — {some(problems)}. Nothing was imported.",

@@ -12,6 +12,7 @@ adapters trained on it can be marked stale.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import getpass
 import importlib.resources
@@ -537,36 +538,50 @@ def _add_drafts(
     for draft in drafts:
         total += 1
         unique.setdefault(draft.hash, draft)
-    existing = _existing(conn, examples_table, list(unique))
     now = utc_now()
-    rows = [
-        {
-            "hash": h,
-            "prompt": d.prompt,
-            "response": d.response,
-            "system": d.system,
-            "turns": d.stored_turns(),
-            "source": (src := source or d.source or "curated"),
-            # A record's own source comes from lunatrain's export, which holds approved examples only: it stays
-            # approved (a conversation example would otherwise go back to review).
-            "status": _default_status(src, status or d.status or ("approved" if source is None and d.source else None)),
-            "rating": d.rating,
-            "tags": list(d.tags) or None,
-            "conversation_id": d.conversation_id,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for h, d in unique.items()
-        if h not in existing
-    ]
-    if rows:
+    added = 0
+    hashes = list(unique)
+    # In chunks of one transaction: the rows of a large file are never all built at once.
+    for i in range(0, len(hashes), _CHUNK):
+        chunk = hashes[i : i + _CHUNK]
+        existing = _existing(conn, examples_table, chunk)
+        rows = [_example_row(h, unique[h], source, status, now) for h in chunk if h not in existing]
+        # A chunk's drafts are done with once its rows exist: binding a text caches its UTF-8 bytes on the
+        # string (CPython), so a large import's drafts would otherwise double in memory until the end.
+        for h in chunk:
+            del unique[h]
+        if not rows:
+            continue
         try:
             conn.execute(examples_table.insert(), rows)
         except sa.exc.IntegrityError:
             raise Conflict("Another process added the same examples at the same time; run the command again.") from None
         _forget_tombstones(conn, [r["hash"] for r in rows])
+        added += len(rows)
+    if added:
         _bump(conn)
-    return len(rows), total - len(rows)
+    return added, total - added
+
+
+def _example_row(h: str, d: ExampleDraft, source: str | None, status: str | None, now: datetime) -> dict[str, Any]:
+    src = source or d.source or "curated"
+    # A record's own source comes from lunatrain's export, which holds approved examples only: it stays approved
+    # (a conversation example would otherwise go back to review).
+    own = status or d.status or ("approved" if source is None and d.source else None)
+    return {
+        "hash": h,
+        "prompt": d.prompt,
+        "response": d.response,
+        "system": d.system,
+        "turns": d.stored_turns(),
+        "source": src,
+        "status": _default_status(src, own),
+        "rating": d.rating,
+        "tags": list(d.tags) or None,
+        "conversation_id": d.conversation_id,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 def add_examples(
@@ -641,16 +656,24 @@ def import_file(
     own when it names one of lunatrain's (its export writes it), else curated."""
     _check_choices(source, status)
     parsed = formats.read_file(Path(path), fmt, skip_bad=skip_bad, own_status=status is None)
-    result = add_examples(settings, parsed.drafts, source=source, status=status)
+    records = len(parsed.drafts)
+    # Handed over, not kept: each chunk's drafts are freed once inserted (see _add_drafts).
+    drafts, parsed.drafts = collections.deque(parsed.drafts), []
+    result = add_examples(settings, _drain(drafts), source=source, status=status)
     return ImportResult(
         path=str(path),
-        records=len(parsed.drafts),
+        records=records,
         added=result.added,
         skipped_duplicates=result.skipped_duplicates,
         formats=parsed.formats,
         revision=result.revision,
         bad=tuple(parsed.bad),
     )
+
+
+def _drain(items: collections.deque[T]) -> Iterator[T]:
+    while items:
+        yield items.popleft()
 
 
 def get_example(settings: Settings, example_id: int) -> Example:
