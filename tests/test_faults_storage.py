@@ -217,6 +217,7 @@ def _registry_with_history(settings: Settings) -> None:
     }
     data = {
         "format": registry.FORMAT,
+        "copies": registry.COPIES,  # made by this version: a read writes nothing
         "adapters": {
             "a": {
                 "versions": [entry | {"name": "a", "version": v, "path": f"data/adapters/a/{v}"} for v in ("v1", "v2")],

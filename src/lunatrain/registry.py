@@ -146,7 +146,8 @@ def _keep_copies(settings: Settings, data: dict[str, Any]) -> None:
                     _save(settings, fresh)
             data["copies"] = COPIES
     except (OSError, LunaError) as exc:
-        log.warning("could not write the adapters' gate.json and %s copies: %s", ACTIVATIONS_FILE, exc)
+        # Not a warning: a read-only data root (a backup) would say it at every read; the registry is intact.
+        log.info("could not write the adapters' gate.json and %s copies: %s", ACTIVATIONS_FILE, exc)
 
 
 def _write_copies(settings: Settings, data: dict[str, Any]) -> None:
