@@ -175,6 +175,12 @@ def test_forced_format_rejects_other_shapes(tmp_path: Path) -> None:
         ),
         ("broken.json", b'[{"prompt": "a",\n "response": }]', r"broken\.json.*line 2: malformed JSON"),
         ("bad.csv", b"prompt,response\nhello,\n", r"bad\.csv.*line 2: field 'response': missing"),
+        (
+            "latin1.csv",
+            ("prompt;response\na;b\n" + "c;d\n" * 5000 + "Grüße;b\n").encode("latin-1"),  # read in chunks
+            r"latin1\.csv: line 5003 is not valid UTF-8 \(byte 0xfc\)",
+        ),
+        ("cr.csv", b"prompt;response\rhello;\r", r"cr\.csv.*line 2: field 'response': missing"),
         ("data.txt", b"prompt: a\n", r"data\.txt: unknown file type '\.txt'"),
     ],
 )

@@ -29,6 +29,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 import unicodedata
@@ -512,16 +513,18 @@ def _decode(data: bytes, path: Path) -> str:
 
 
 def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
-    """Yield (location, decoded record or RecordError) for each record of the open file `fh`. JSON Lines in
-    UTF-8 are read a line at a time (a file of months of logs is never held whole); a JSON document or a CSV
-    table is read whole."""
+    """Yield (location, decoded record or RecordError) for each record of the open file `fh`. JSON Lines and
+    CSV in UTF-8 are read a line at a time (a file of months of logs is never held whole); a JSON document, or
+    a file in UTF-16, is read whole."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        head = fh.read(2)
-        fh.seek(0)
-        if head not in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            yield from _json_lines(_utf8_lines(fh, path))
-            return
+    utf16 = fh.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    fh.seek(0)
+    if suffix in (".jsonl", ".ndjson") and not utf16:
+        yield from _json_lines(_utf8_lines(fh, path))
+        return
+    if suffix == ".csv":
+        yield from _csv_records(_csv_lines(fh, path, utf16))
+        return
     text = _decode(fh.read(), path)
     if suffix in (".jsonl", ".ndjson"):
         yield from _json_lines(text.split("\n"))
@@ -547,27 +550,6 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
             return
         for i, rec in enumerate(doc, start=1):
             yield f"record {i}", rec
-    elif suffix == ".csv":
-        # csv.reader, not DictReader: DictReader's line_num lags one row behind after a csv.Error, and it takes
-        # a blank first line for an empty header.
-        rows = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text))
-        try:
-            # A blank or whitespace-only line is no header: skip it, as blank lines between rows are skipped.
-            header = next((row for row in rows if not _blank_csv_line(row)), None)
-            if header is None:
-                return
-            header = [_CSV_COLUMNS.get(name.strip().casefold(), name.strip()) for name in header]
-            twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
-            if twice is not None:  # one of the repeated column's cells would be dropped without a word
-                yield f"line {rows.line_num}", RecordError(twice, "the header names it twice")
-                return
-            for row in rows:
-                if row:
-                    # Line of the row's end: with the header on line 1, the first data row reports line 2.
-                    yield f"line {rows.line_num}", _csv_row(header, row)
-        except csv.Error as exc:  # e.g. a cell over the csv module's field size limit: the reader cannot go on
-            # The reader has counted the line it stopped in, which is inside the bad record.
-            yield f"line {rows.line_num}", RecordError(None, f"unreadable CSV ({exc})")
     else:
         raise UsageError(
             f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
@@ -586,6 +568,51 @@ def _utf8_lines(fh: BinaryIO, path: Path) -> Iterator[str]:
                 "save the file as UTF-8. Nothing was imported."
             ) from None
         yield line.removesuffix("\n")
+
+
+def _csv_lines(fh: BinaryIO, path: Path, utf16: bool) -> Iterator[str]:
+    """The file's lines with their endings, split at \\n, \\r\\n or a lone \\r (what csv.reader expects from
+    a file opened with newline=""); invalid UTF-8 refuses the whole file, naming the line, as `_decode` does."""
+    if utf16:
+        yield from io.StringIO(_decode(fh.read(), path), newline="")
+        return
+    stream = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
+    try:
+        yield from stream
+    except UnicodeDecodeError:
+        stream.detach()
+        fh.seek(0)
+        _decode(fh.read(), path)  # raises, naming the line
+        raise UsageError(f"Cannot import {path.name}: it is not valid UTF-8. Nothing was imported.") from None
+
+
+def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
+    # The lines up to the first one that is not blank: that header says the delimiter.
+    first: list[str] = []
+    for line in lines:
+        first.append(line)
+        if line.strip():
+            break
+    # csv.reader, not DictReader: DictReader's line_num lags one row behind after a csv.Error, and it takes a
+    # blank first line for an empty header.
+    rows = csv.reader(itertools.chain(first, lines), delimiter=_csv_delimiter("".join(first)))
+    try:
+        # A blank or whitespace-only line is no header: skip it, as blank lines between rows are skipped.
+        header = next((row for row in rows if not _blank_csv_line(row)), None)
+        if header is None:
+            return
+        header = [_CSV_COLUMNS.get(name.strip().casefold(), name.strip()) for name in header]
+        twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+        if twice is not None:  # one of the repeated column's cells would be dropped without a word
+            yield f"line {rows.line_num}", RecordError(twice, "the header names it twice")
+            return
+        for row in rows:
+            if row:
+                # Line of the row's end: with the header on line 1, the first data row reports line 2.
+                yield f"line {rows.line_num}", _csv_row(header, row)
+    except csv.Error as exc:  # e.g. a cell over the csv module's field size limit: the reader cannot go on
+        # The reader has counted the line it stopped in, which is inside the bad record.
+        yield f"line {rows.line_num}", RecordError(None, f"unreadable CSV ({exc})")
 
 
 def _json_lines(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
