@@ -373,3 +373,31 @@ def test_job_stores_opening_a_new_file_together_wait_for_each_other(tmp_path):
         for t in threads:
             t.join()
     assert not failures, f"{len(failures)} of 300 first opens failed: {failures[0]}"
+
+
+@pytest.mark.slow
+def test_a_job_refused_for_its_data_carries_the_values_its_message_names(settings, store):
+    """Repro: a trainer job failed with a coded error (`train.special_tokens`, `train.no_samples`) kept only
+    its code and English sentence, so the dashboard filled its own sentence's placeholders with nothing
+    ("{count} samples of the {tier} tier…"). The worker's result and the job now carry the error's params."""
+    from lunatrain.service.spawn import child_env, worker_argv
+
+    from helpers import make_records, write_export
+
+    records = make_records(24)
+    typed = next(r for r in records if r["source"] == "curated")  # the tier the job trains
+    typed["messages"][-1]["content"] = "Ja. <|im_end|>"
+    write_export(settings, records)
+    params = {"adapterName": "typed", "maxSteps": 2, "batchSize": 4, "maxSeqLength": 128}
+    argv = worker_argv("--job", "ftjob-typed", "--params", json.dumps(params))
+    done = subprocess.run(argv, env=child_env(settings), cwd=settings.home, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]  # a failed job, said in its one result line
+    result = json.loads(done.stdout.splitlines()[-1])
+    error = result["error"]
+    assert result["status"] == "failed" and error["code"] == "train.special_tokens", done.stderr[-3000:]
+    assert error["params"] == {"count": 1, "tier": "curated", "examples": [str(typed["id"])]}
+
+    job = queued(store, LoraParams(adapter_name="typed"))
+    failed = store.set_status(job.id, "failed", error=error)
+    assert store.get(job.id).error.params == error["params"] == failed.error.params
+    assert failed.wire()["error"]["params"]["examples"] == [str(typed["id"])]

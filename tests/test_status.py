@@ -203,7 +203,11 @@ def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
         db.close()
     last = training_status(settings, 0)["lastJob"]
     assert (last["jobId"], last["status"], last["source"]) == (job.id, "failed", "trainer")
-    assert last["adapterName"] == "mein-adapter" and last["error"] == {"code": "nan_loss", "message": "loss became nan"}
+    assert last["adapterName"] == "mein-adapter" and last["error"] == {
+        "code": "nan_loss",
+        "message": "loss became nan",
+        "params": None,
+    }
     out = CliRunner().invoke(app, ["status"]).output
     # a job without a val loss says nothing of one (it said "val loss None")
     assert f"last job: failed mein-adapter@- ({job.id}): loss became nan" in out

@@ -606,3 +606,24 @@ def test_a_disk_filling_up_fails_the_run_as_disk_full_and_the_checkpoint_resumes
         subprocess.run(["mount", "-o", "remount,size=8m", str(settings.adapters_dir)], check=True)
         resumed = run_lora(_params(resume=True, **params), settings)
         assert resumed.ok and resumed.version == "v1" and resumed.report["resumedFromEpoch"] == 1, resumed.error
+
+
+def test_a_literal_special_token_in_the_data_refuses_the_run_before_the_model_loads(settings):
+    """Repro: `prepare` failed an example whose text holds `<|im_start|>` or `<|im_end|>` (the tokenizer reads
+    them as the control tokens: a typed turn header, a stop in the middle of an answer), but `lora` trained on
+    it without a word, and so did a job through the trainer. The run now refuses such data as prepare does,
+    naming the examples, before any model is loaded or anything is written."""
+    from lunatrain.errors import CheckFailed
+
+    records = make_records(40)
+    records[3]["messages"][-1]["content"] = "Gern. <|im_end|> Und noch etwas."
+    records[7]["messages"][-2]["content"] = "Sag <|im_start|>assistant bitte."
+    records[7]["split"] = "val"  # val is scored with the adapter too
+    write_export(settings, records)
+    with pytest.raises(CheckFailed) as refused:
+        run_lora(_params(maxSteps=2), settings)
+    err = refused.value
+    assert err.code == "train.special_tokens" and err.params["count"] == 2, err.params
+    assert err.message.startswith("2 samples of the curated tier hold a literal special token in their text"), err
+    assert f"{records[3]['id']}, {records[7]['id']}" in err.message and "lunatrain prepare" in err.message
+    assert not settings.adapters_dir.exists() or not any(settings.adapters_dir.rglob("adapter_model.safetensors"))

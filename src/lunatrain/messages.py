@@ -37,6 +37,7 @@ CODES: dict[str, str] = {
     "forbidden_origin": "cross-origin request refused",
     "export.missing": "a step needs the export and there is none yet (dir)",
     "train.no_samples": "the dataset tier has no training samples in the export (tier)",
+    "train.special_tokens": "samples hold a literal special token in their text: the run is refused (count, tier, examples)",
     "device.no_cuda": "device cuda was asked for and no CUDA GPU is available",
     "gate.several_active": "several adapters are active on the base model and none was named (adapters, baseModel)",
     "base_model.is_adapter": "baseModel names a LoRA adapter directory, not a base model (baseModel)",

@@ -580,11 +580,19 @@ def _alnum(text: str) -> int:
     return sum(1 for ch in text if ch.isalnum())
 
 
-def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
-    empty, trivial, special = [], [], []
+def special_token_samples(records: Iterable[dict], tokenizer: Any) -> list[str]:
+    """The ids of the records with a literal special token in a message's text (prepare fails them, and a
+    run refuses them: the tokenizer would read the text as the control token itself)."""
     from .tokens import special_token_pattern
 
     special_re = special_token_pattern(tokenizer)
+    if special_re is None:
+        return []
+    return [_rid(rec) for rec in records if any(special_re.search(m["content"]) for m in rec["messages"])]
+
+
+def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
+    empty, trivial = [], []
     for rec in records:
         # the answers that are trained (a turn with weight 0 is context only, as a user turn is)
         answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant" and m.get("weight", 1) != 0]
@@ -592,8 +600,7 @@ def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
             empty.append(_rid(rec))
         elif any(_alnum(a) < 2 for a in answers):
             trivial.append(_rid(rec))
-        if special_re and any(special_re.search(m["content"]) for m in rec["messages"]):
-            special.append(_rid(rec))
+    special = special_token_samples(records, tokenizer)
     return [
         _check("empty_response", "fail", empty, "samples with an empty assistant response", "no empty responses"),
         _check(

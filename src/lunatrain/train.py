@@ -51,7 +51,7 @@ from .fsio import (
     storage_error,
 )
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
-from .messages import coded
+from .messages import coded, counted
 from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoch, total_steps
 from .settings import Settings, check_name
 from .startup import import_training_stack
@@ -227,7 +227,7 @@ def failure(exc: Exception, code: str, writing: str | None = None) -> dict[str, 
     sentence; with `writing` (what the failed block wrote), an OS error (safetensors reports ENOSPC only inside
     its own exception's text) becomes the storage sentence for it; anything else `code` with the exception."""
     if isinstance(exc, LunaError):
-        return {"code": exc.code, "message": exc.message}
+        return {"code": exc.code, "message": exc.message, **({"params": exc.params} if exc.params else {})}
     if writing is not None and (os_exc := os_error_of(exc)) is not None:
         err = storage_error(os_exc, writing)
         return {"code": err.code, "message": err.message}
@@ -315,6 +315,25 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     return _load(params, settings, base, device, data, world)
 
 
+def refuse_special_tokens(params: LoraParams, tokenizer: Any, data: Any) -> None:
+    """CheckFailed for data with a literal special token in its text, as prepare fails it: the tokenizer reads
+    a typed `<|im_start|>` as a turn header, a typed `<|im_end|>` as a stop in the middle of an answer. A run
+    never trains those as text silently (prepare may have been skipped)."""
+    from .prepare import special_token_samples
+
+    found = special_token_samples(data.records, tokenizer)
+    if found:
+        shown = ", ".join(found[:10]) + (", …" if len(found) > 10 else "")
+        raise CheckFailed(
+            f"{counted(len(found), 'sample')} of the {params.dataset_tier} tier {'holds' if len(found) == 1 else 'hold'} "
+            f"a literal special token in {'its' if len(found) == 1 else 'their'} text, which the tokenizer would train "
+            f"as a control token ({shown}); fix or reject {'it' if len(found) == 1 else 'them'} and export again "
+            "(`lunatrain prepare` lists them).",
+            code="train.special_tokens",
+            params={"count": len(found), "tier": params.dataset_tier, "examples": found[:10]},
+        )
+
+
 def one_error(problems: list[LunaError]) -> LunaError:
     """Every problem in one sentence, with the exit code and HTTP status `lunatrain prepare` gives the same
     problem: a single one as it is (its code and parameters too); several as the caller's mistake when one of
@@ -333,6 +352,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     from .tokens import tokenize_tier
 
     tokenizer, added = load_chat_tokenizer(base, settings, params.chat_template)
+    refuse_special_tokens(params, tokenizer, data)
     tokens = tokenize_tier(settings, params.dataset_tier, tokenizer, params.max_seq_length, data=data, base=base)
     train_set = [e for e in tokens.train if e.n_supervised]  # nothing to learn from the others
     val_set = [e for e in tokens.val if e.n_supervised]

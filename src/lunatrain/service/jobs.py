@@ -73,6 +73,9 @@ class AdapterRef(WireModel):
 class JobError(WireModel):
     code: str
     message: str
+    params: dict[str, Any] | None = Field(
+        default=None, description="the values the message names, so a client can say it in its language (messages.py)"
+    )
 
 
 class Job(WireModel):

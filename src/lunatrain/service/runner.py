@@ -296,7 +296,11 @@ class Runner:
                 job_id,
                 "failed",
                 metrics=metrics or None,
-                error={"code": str(err.get("code") or "training_error"), "message": str(err.get("message") or "")},
+                error={
+                    "code": str(err.get("code") or "training_error"),
+                    "message": str(err.get("message") or ""),
+                    **({"params": err["params"]} if isinstance(err.get("params"), dict) else {}),
+                },
             )
         elif status == "cancelled":
             # The child stopped on its own (it lost contact with us): the run was cut short.

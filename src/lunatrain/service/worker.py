@@ -129,7 +129,8 @@ def _normalize_error(error: dict[str, Any] | None) -> dict[str, str]:
     code, message = str(error.get("code") or "error"), str(error.get("message") or "")
     if code == "error":
         code = "out_of_memory" if _is_oom(message) else "training_error"
-    return {"code": code, "message": message or "training failed"}
+    params = error.get("params") if code == error.get("code") else None
+    return {"code": code, "message": message or "training failed", **({"params": params} if params else {})}
 
 
 def run(
@@ -185,7 +186,7 @@ def run(
         )
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
         traceback.print_exc(file=sys.stderr)
-        return _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+        return _failed_by(exc)
     return _result_dict(outcome)
 
 
@@ -202,14 +203,22 @@ def _result_dict(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _failed(code: str, message: str) -> dict[str, Any]:
+def _failed(code: str, message: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "type": "result",
         "status": "failed",
         "adapter": None,
         "metrics": {},
-        "error": {"code": code, "message": message},
+        "error": {"code": code, "message": message, **({"params": params} if params else {})},
     }
+
+
+def _failed_by(exc: BaseException) -> dict[str, Any]:
+    """The result line of a run that raised: its code, sentence and (for its own code) the values it names."""
+    code = error_code(exc)
+    message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+    params = getattr(exc, "params", None) if code == getattr(exc, "code", None) else None
+    return _failed(code, message, params if isinstance(params, dict) else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         traceback.print_exc(file=sys.stderr)
-        result = _failed(error_code(exc), getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+        result = _failed_by(exc)
     channel.send(result)
     if world.active:
         # Under torchrun an orderly ending is 0 on every rank whatever the outcome (rank 0's result line
