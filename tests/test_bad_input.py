@@ -406,6 +406,42 @@ def test_brackets_in_stored_text_show_as_written_on_a_terminal(
     assert memory.exit_code == 0 and "Tag [/foo]?" in memory.output and "[red]x[/red]" in memory.output, memory.output
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_control_characters_in_stored_text_are_shown_escaped_never_sent_to_the_terminal(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """Repro: an example from a chat log holding `ESC[2J` cleared the user's screen when `examples list`
+    printed it; an OSC title sequence (`ESC]0;…BEL`) lost its BEL on the way and swallowed the rows after
+    it; a right-to-left override reversed what followed. Without a terminal click removed some of them, so the
+    text shown was not the text stored. Control characters and bidi overrides now show escaped (`\\x1b`),
+    in the lists and in `prepare --show`; the stored text is unchanged."""
+    from lunatrain.cli import examples as examples_cli
+    from lunatrain.cli import prepare as prepare_cli
+
+    for module in (examples_cli, prepare_cli):
+        monkeypatch.setattr(module, "is_tty", lambda: terminal)
+    monkeypatch.setenv("COLUMNS", "300")
+    prompt, answer = "Lösch \x1b[2J\x1b[Hden Schirm", "Titel \x1b]0;PWNED\x07 und \u202eesrever"
+    assert run("examples", "add", "--prompt", prompt, "--response", answer).exit_code == 0
+    assert run("memory", "add", "--question", "Wer \x1b[31mrot?", "--answer", "Ich\x9b1m.").exit_code == 0
+    listed, memory = run("examples", "list"), run("memory", "list")
+    for r in (listed, memory):
+        assert r.exit_code == 0 and r.exception is None, r.output
+        assert not any(seq in r.output for seq in ("\x1b[2J", "\x1b]0;", "\x07", "\u202e", "\x1b[31m", "\x9b")), (
+            r.output
+        )
+    flat = listed.output.replace("\n", "")
+    assert "Lösch \\x1b[2J\\x1b[Hden Schirm" in flat and "\\x1b]0;PWNED\\x07 und \\u202eesrever" in flat, flat
+    assert "Wer \\x1b[31mrot?" in memory.output.replace("\n", "") and "Ich\\x9b1m." in memory.output.replace("\n", "")
+    stored = store.list_examples(settings)[-1]
+    assert (stored.prompt, stored.response) == (prompt, answer)
+
+    assert run("export").exit_code == 0
+    shown = run("prepare", "--show", "100", "--minCurated", "0")
+    assert not any(seq in shown.output for seq in ("\x1b[2J", "\x1b]0;", "\x07", "\u202e")), shown.output
+    assert "\\x1b[2J" in shown.output and "\\u202eesrever" in shown.output, shown.output
+
+
 def test_a_path_named_like_markup_shows_as_written_in_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lunatrain.cli import status as status_cli
 

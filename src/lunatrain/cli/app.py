@@ -7,6 +7,7 @@ Options are declared with both spellings, kebab-case first and the guide's camel
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,12 +39,23 @@ def is_tty(err: bool = False) -> bool:
     return (sys.stderr if err else sys.stdout).isatty()
 
 
+# Characters that act on a terminal instead of showing: C0 and C1 controls but tab and newline (ESC starts the
+# sequences that clear the screen, recolour or retitle it; BEL ends a title), DEL, and the bidi controls that
+# reorder what follows them. Stored text keeps them; what the CLI prints shows them escaped ("\x1b").
+_UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """`text` with every character that would act on the terminal written as its escape (`\\x1b`, `\\u202e`)."""
+    return _UNSEEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def as_written(value: object) -> str:
     """`value` for a rich table cell or markup line: text a user wrote ("[/]", "[b]bold[/b]") shows as written,
-    never read as rich markup (a stray closing tag would raise MarkupError)."""
+    never read as rich markup (a stray closing tag would raise MarkupError), its control characters escaped."""
     from rich.markup import escape
 
-    return escape(str(value))
+    return escape(visible(str(value)))
 
 
 def print_report(report: Any, show: Callable[[Any], None], *, as_json: bool) -> None:

@@ -16,7 +16,7 @@ from ..api.schemas import ExampleOut, ImportResult, MemoryOut
 from ..errors import LunaError, UsageError
 from ..messages import counted
 from ..settings import load_settings
-from .app import app, as_written, fail, is_tty
+from .app import app, as_written, fail, is_tty, visible
 
 examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
 memory_app = typer.Typer(help="Facts Luna remembers; exported as question/answer samples.", no_args_is_help=True)
@@ -67,7 +67,7 @@ def _table(title: str, columns: list[str], rows: Iterable[list[str]]) -> None:
         Console().print(table)
     else:
         for row in rows:
-            typer.echo("\t".join(row))
+            typer.echo("\t".join(visible(cell) for cell in row))
 
 
 def _json_array(items: Iterable[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import typer
 from ..errors import LunaError
 from ..prepare import PrepareReport, prepare
 from ..settings import load_settings
-from .app import app, as_written, fail, is_tty, print_report
+from .app import app, as_written, fail, is_tty, print_report, visible
 from .flow import resolve
 from .options import lora_options
 
@@ -75,11 +75,13 @@ def show_samples(report: PrepareReport) -> None:
         if tty:
             text = Text(head + "\n", style="bold")
             for piece in sample["pieces"]:
-                text.append(piece["text"], style="bold black on green" if piece["trained"] else "dim")
+                text.append(visible(piece["text"]), style="bold black on green" if piece["trained"] else "dim")
             console.print(text)
         else:
             typer.echo(head)
-            typer.echo("".join(f"[[{p['text']}]]" if p["trained"] else p["text"] for p in sample["pieces"]))
+            typer.echo(
+                "".join(f"[[{visible(p['text'])}]]" if p["trained"] else visible(p["text"]) for p in sample["pieces"])
+            )
 
 
 def show(report: PrepareReport) -> None:
