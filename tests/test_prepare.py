@@ -23,7 +23,7 @@ from lunatrain.params import parse_params, total_steps
 from lunatrain.prepare import optimizer_steps, prepare
 from lunatrain.settings import load_settings
 
-from helpers import make_records
+from helpers import make_records, write_export
 
 MAX_LEN = 512
 
@@ -530,3 +530,49 @@ def test_more_ranks_than_gpus_leaves_the_estimate_on_one_process(settings, monke
     info = SimpleNamespace(fingerprint="f" * 64)
     est = prepare_mod.estimate_run(load_settings(home=settings.home, lora_gpus=2), params(), tokenized, info)
     assert est["ranks"] == 1 and est["optimizerSteps"] == total_steps(8, params())
+
+
+def test_target_modules_lora_cannot_adapt_or_tied_embeddings_are_refused_before_the_load(settings, tiny):
+    """Repro: `--targetModules mlp` (or `model`, `input_layernorm`) passed prepare and the API (202), then the run
+    failed after loading the model with PEFT's repr of the whole module; `embed_tokens` on a base whose input
+    embedding and output layer share one weight (luna-tiny, Qwen2.5-0.5B, Llama-3.2-1B, Gemma) trained and
+    served, but merged into another model (the merged weight moves both sides), and `embed_tokens,lm_head`
+    trained the whole run, then failed saving. Each is one sentence now, before any weight is read; an untied
+    base may adapt its embeddings."""
+    import json
+    import shutil
+
+    from lunatrain.models import check_target_modules, module_kinds, resolve_base
+
+    info = resolve_base("luna-tiny", settings)
+    kinds = module_kinds(info)
+    assert kinds.tied == {"model.embed_tokens", "lm_head"} and "model.layers.0.self_attn.q_proj" in kinds.adaptable
+    check_target_modules(["q_proj", "v_proj", "down_proj"], kinds, info.id)
+    for targets, says in (
+        (
+            ["q_proj", "mlp"],
+            "['mlp'] name modules of base model 'luna-tiny' that LoRA cannot adapt ('mlp' is LlamaMLP)",
+        ),
+        (["model"], "'model' is LlamaModel"),
+        (["input_layernorm"], "'input_layernorm' is LlamaRMSNorm"),
+        (
+            ["embed_tokens"],
+            "['embed_tokens'] name the input embedding or output layer, which base model 'luna-tiny' "
+            "ties into one weight (lm_head and model.embed_tokens)",
+        ),
+        (["embed_tokens", "lm_head"], "leave them out"),
+    ):
+        with pytest.raises(UsageError) as refused:
+            check_target_modules(targets, kinds, info.id)
+        assert says in refused.value.message and "its linear layers are" in refused.value.message, refused.value
+    write_export(settings, make_records(24))
+    with pytest.raises(UsageError, match="LoRA cannot adapt"):  # prepare says it as the run does (exit 2)
+        prepare(settings, parse_params({"targetModules": ["q_proj", "mlp"], "maxSeqLength": 128}))
+
+    untied = settings.models_dir / "untied"
+    shutil.copytree(info.path, untied)
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    own = module_kinds(resolve_base(str(untied), settings))
+    assert own.tied == frozenset()
+    check_target_modules(["embed_tokens", "lm_head", "q_proj"], own, "untied")

@@ -485,12 +485,22 @@ def load_model(
     return model  # placed by device_map: bitsandbytes models refuse .to()
 
 
-def module_kinds(info: BaseModelInfo) -> dict[str, str]:
-    """Each module's qualified name → its class name, from the base model's config alone: the model is built
-    on the meta device, so no weight is read and no memory is taken (prepare and the run check targetModules
-    with it, before any weight is loaded)."""
+class ModuleMap(dict[str, str]):
+    """Each module's qualified name → its class name, and two sets of names: `adaptable`, the modules LoRA can
+    wrap (PEFT's linear, embedding and convolution layers, subclasses included: Gemma's scaled embedding), and
+    `tied`, the input embedding and the output layer when they share one weight."""
+
+    adaptable: frozenset[str] = frozenset()
+    tied: frozenset[str] = frozenset()
+
+
+def module_kinds(info: BaseModelInfo) -> ModuleMap:
+    """The model's modules (see ModuleMap), from the base model's config alone: the model is built on the meta
+    device, so no weight is read and no memory is taken (prepare and the run check targetModules with it,
+    before any weight is loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     try:
         config = AutoConfig.from_pretrained(info.path, trust_remote_code=False, local_files_only=True)
@@ -498,7 +508,15 @@ def module_kinds(info: BaseModelInfo) -> dict[str, str]:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"Base model {info.id!r} could not be built from its config.json: {exc}") from exc
-    return {name: type(module).__name__ for name, module in model.named_modules()}
+    nn = torch.nn
+    lora_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    modules = ModuleMap({name: type(module).__name__ for name, module in model.named_modules()})
+    modules.adaptable = frozenset(name for name, m in model.named_modules() if isinstance(m, lora_layers))
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and outputs is not None and getattr(outputs, "weight", None) is inputs.weight:
+        named = {id(m): name for name, m in model.named_modules()}
+        modules.tied = frozenset({named[id(inputs)], named[id(outputs)]})
+    return modules
 
 
 # The layer classes the refusal lists as the model's linear layers (GPT-2 writes its own, Conv1D). The names
@@ -508,16 +526,34 @@ _LINEAR = {"Linear", "Conv1D"}
 
 def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_id: str) -> None:
     """Every name in `targets` is a module of the model (PEFT's rule: the qualified name is the target or ends
-    in `.target`). PEFT itself refuses only a list that matches nothing: a mistyped name beside good ones
-    would be left out without a word, and the adapter would train fewer layers than asked."""
+    in `.target`), each module it names is one LoRA can adapt, and none is one side of tied embeddings. PEFT
+    itself refuses only a list that matches nothing: a mistyped name beside good ones would be left out
+    without a word, and the adapter would train fewer layers than asked."""
     if isinstance(targets, str):  # "all-linear"
         return
-    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in kinds)]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, kind in kinds.items() if kind in _LINEAR} - {"lm_head"})
+    layers = f"its linear layers are {', '.join(linear)} (or use all-linear)"
+    matched = {t: [n for n in kinds if n == t or n.endswith(f".{t}")] for t in targets}
+    unknown = [t for t, names in matched.items() if not names]
     if unknown:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, kind in kinds.items() if kind in _LINEAR} - {"lm_head"})
+        raise UsageError(f"targetModules {unknown!r} name no module of base model {base_id!r}; {layers}.")
+    if not isinstance(kinds, ModuleMap):  # a plain name → class map (a caller's own): names only
+        return
+    # PEFT wraps every module a name matches and refuses a block or a norm with its whole repr, after the load.
+    blocks = {t: sorted({kinds[n] for n in names if n not in kinds.adaptable}) for t, names in matched.items()}
+    if unfit := {t: kinds_ for t, kinds_ in blocks.items() if kinds_}:
+        said = "; ".join(f"{t!r} is {', '.join(k)}" for t, k in unfit.items())
         raise UsageError(
-            f"targetModules {unknown!r} name no module of base model {base_id!r}; its linear layers are "
-            f"{', '.join(linear)} (or use all-linear)."
+            f"targetModules {list(unfit)!r} name modules of base model {base_id!r} that LoRA cannot adapt "
+            f"({said}); {layers}."
+        )
+    # An adapter on one side of a shared weight trains and serves one model, but merges into another (the
+    # merged weight is both sides), and PEFT cannot save both sides at once.
+    if tied := [t for t, names in matched.items() if kinds.tied & set(names)]:
+        raise UsageError(
+            f"targetModules {tied!r} name the input embedding or output layer, which base model {base_id!r} "
+            f"ties into one weight ({' and '.join(sorted(kinds.tied))}): an adapter there would merge into "
+            f"another model than the one it serves; leave {'it' if len(tied) == 1 else 'them'} out ({layers})."
         )
 
 
