@@ -576,3 +576,23 @@ def test_target_modules_lora_cannot_adapt_or_tied_embeddings_are_refused_before_
     own = module_kinds(resolve_base(str(untied), settings))
     assert own.tied == frozenset()
     check_target_modules(["embed_tokens", "lm_head", "q_proj"], own, "untied")
+
+
+def test_quantize_without_bitsandbytes_is_refused_by_prepare_and_before_a_job_is_queued(settings, tiny, monkeypatch):
+    """Repro: with bitsandbytes missing, `prepare --quantize 4bit` said OK and the trainer queued the job (202),
+    which then failed; only `--local` said it, at the model load. prepare and the submit check (the trainer's
+    and the flow's, `check_targets_of`) now say it first. A process that hides bitsandbytes from itself
+    (a command that will not quantize, compat.without_bitsandbytes) still sees it installed."""
+    import sys
+
+    from lunatrain import models
+
+    write_export(settings, make_records(24))
+    quantized = parse_params({"quantize": "4bit", "maxSeqLength": 128})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # hidden here, installed on disk
+    models.check_targets_of(quantized, settings)
+    monkeypatch.setattr(models, "_installed", lambda name: name != "bitsandbytes")
+    for attempt in (lambda: prepare(settings, quantized), lambda: models.check_targets_of(quantized, settings)):
+        with pytest.raises(UsageError, match=r"quantize=4bit needs bitsandbytes: pip install 'bitsandbytes>=0.50'\."):
+            attempt()
+    models.check_targets_of(parse_params({"maxSeqLength": 128}), settings)  # unquantized: nothing to check

@@ -559,10 +559,25 @@ def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_i
 
 def check_targets_of(params: Any, settings: Settings) -> None:
     """`check_target_modules` for a run's LoRA parameters on its base model, before anything runs (a list
-    only: all-linear fits every model)."""
+    only: all-linear fits every model), and `check_quantize_installed`."""
+    check_quantize_installed(params.quantize)
     if isinstance(params.target_modules, list):
         info = resolve_base(params.base_model, settings)
         check_target_modules(params.target_modules, module_kinds(info), info.id)
+
+
+def _installed(name: str) -> bool:
+    # On sys.path itself: a process that will not quantize hides bitsandbytes from find_spec (compat.py).
+    import importlib.machinery
+
+    return importlib.machinery.PathFinder.find_spec(name) is not None
+
+
+def check_quantize_installed(quantize: str) -> None:
+    """UsageError when `quantize` needs bitsandbytes and this environment has none: prepare and the trainer
+    (before it queues the job, in the environment the job runs in) say it as the model load would, later."""
+    if quantize != "none" and not _installed("bitsandbytes"):
+        raise UsageError(f"quantize={quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.50'.")
 
 
 def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.BitsAndBytesConfig

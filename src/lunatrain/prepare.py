@@ -178,6 +178,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
     if not isinstance(params.target_modules, str):  # names, checked as the run checks them (all-linear fits all)
         models.check_target_modules(params.target_modules, models.module_kinds(info), info.id)
+    models.check_quantize_installed(params.quantize)
 
     checks: list[Check] = []
     file_shas, mismatched = _verify_files(directory, summary)

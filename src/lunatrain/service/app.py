@@ -175,7 +175,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             load_template(params.chat_template, settings)  # an unknown name: 422 now, not a failed job later
         from ..models import check_targets_of
 
-        check_targets_of(params, settings)  # a mistyped layer name: 422 now, as prepare says it
+        check_targets_of(params, settings)  # a mistyped layer name, no bitsandbytes: 422 now, as prepare says it
         return params
 
     @app.post("/jobs/check", dependencies=checked, response_model=JobCheck, response_model_by_alias=True)
