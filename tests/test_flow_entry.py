@@ -308,3 +308,22 @@ def test_a_mistyped_target_module_is_refused_before_the_flow_changes_anything(se
     assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
     now = (settings.training_dir / "current").resolve() if (settings.training_dir / "current").exists() else None
     assert now == current
+
+
+def test_a_failed_local_run_points_at_its_own_log_not_at_the_trainers_jobs(settings, tiny):
+    """Repro: `luna --local` whose training failed said "see `lunatrain jobs list`": no job exists for a run
+    in the command's own process. A run through the trainer still points at its job."""
+    from lunatrain import flow, store
+    from lunatrain.errors import CheckFailed
+    from lunatrain.params import FlowOptions, parse_params
+
+    store.load_seed(settings)
+    failed = {"status": "failed", "adapter": None, "metrics": {}, "gate": None}
+    failed["error"] = {"code": "nan_loss", "message": "loss became nan at step 2"}
+    params, options = parse_params({"maxSeqLength": 128}), FlowOptions(min_curated=0, gate=False)
+    for job_id, says in ((None, "see the run's log above"), ("ftjob-1", "see `lunatrain jobs list`")):
+        with pytest.raises(CheckFailed) as refused:
+            flow.run_flow(settings, params, options, lambda *_a, j=job_id: failed | {"jobId": j})
+        message = refused.value.message
+        assert message.startswith("Step lora failed: job failed: loss became nan at step 2; " + says), message
+    store.dispose_stores()

@@ -387,6 +387,8 @@ def run_flow(
 
     def lora() -> tuple[bool, str, dict[str, Any]]:
         outcome = lora_step(settings, params, options)
+        if not outcome.get("jobId"):  # trained in this process (--local): no job to look up
+            outcome = outcome | {"fix": "see the run's log above and `lunatrain adapters show NAME`, then run again"}
         trained = outcome.get("adapter") or {}
         if outcome.get("status") != "succeeded" or not trained.get("version"):
             err = outcome.get("error") or {}

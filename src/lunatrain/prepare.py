@@ -213,7 +213,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
             "info",
             estimate["optimizerSteps"],
             [],
-            f"~{estimate['optimizerSteps']} optimizer steps, "
+            f"~{counted(estimate['optimizerSteps'], 'optimizer step')}, "
             f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})",
             "check.estimate.measured" if estimate["source"].startswith("measured") else "check.estimate.computed",
             {"steps": estimate["optimizerSteps"], "seconds": estimate["seconds"], "device": estimate["device"]},
