@@ -316,6 +316,13 @@ def test_turn_errors_name_the_index_in_the_records_own_list(tmp_path: Path) -> N
         )
     ).drafts
     assert (a.system, b.system) == ("Top.", "Eigener.")
+    # Repro: an empty leading system turn (what converters write) dropped the record's own system prompt
+    # without a word; an empty turn says nothing, so the record's prompt stands.
+    empty = [{"from": "system", "value": ""}, *conv]
+    c, d = read_file(
+        _jsonl(tmp_path / "sg2.jsonl", [{"conversations": empty, "system": "Top."}, {"conversations": empty}])
+    ).drafts
+    assert (c.system, d.system) == ("Top.", None)
 
 
 def test_a_tool_call_conversation_is_named_as_one(tmp_path: Path) -> None:

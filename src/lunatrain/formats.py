@@ -342,12 +342,13 @@ def _from_turns(
     turns: list[tuple[str, str, int]], list_field: str, common: dict[str, Any], system: Any = None
 ) -> ExampleDraft:
     """Split a conversation into system, prior turns, prompt and response; a leading system turn wins over
-    `system` (a record-level system prompt). An empty system turn means no system prompt. The response is the
-    last assistant turn that is trained (weight 1); earlier ones with weight 0 stay as context only."""
+    `system` (a record-level system prompt) unless it is empty, which says nothing (without a record-level
+    one: no system prompt). The response is the last assistant turn that is trained (weight 1); earlier ones
+    with weight 0 stay as context only."""
     # Indices stay those of the record's own list, so every error names the turn the user sees.
     start = 1 if turns and turns[0][0] == "system" else 0
     if start:
-        system = turns[0][1]
+        system = turns[0][1] if turns[0][1].strip() else system
     for i in range(start, len(turns)):
         if turns[i][0] == "system":
             raise RecordError(f"{list_field}[{i}]", "a system message is only allowed first")

@@ -157,7 +157,7 @@ def import_cmd(
     ] = False,
 ) -> None:
     """Import a file in one transaction: a bad record imports nothing (unless --skip-bad); known content is
-    skipped."""
+    skipped. A conversation's answer is its last assistant turn; turns after it are left out."""
     try:
         res = store.import_file(
             load_settings(),
