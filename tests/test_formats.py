@@ -181,6 +181,11 @@ def test_forced_format_rejects_other_shapes(tmp_path: Path) -> None:
             r"latin1\.csv: line 5003 is not valid UTF-8 \(byte 0xfc\)",
         ),
         ("cr.csv", b"prompt;response\rhello;\r", r"cr\.csv.*line 2: field 'response': missing"),
+        (
+            "invisible.jsonl",  # a zero-width space, a word joiner and a right-to-left mark: nothing to read
+            '{"prompt": "\u200b \u2060\u200f", "response": "Ja."}\n'.encode(),
+            r"line 1: field 'prompt': shows nothing \(only invisible characters",
+        ),
         ("data.txt", b"prompt: a\n", r"data\.txt: unknown file type '\.txt'"),
     ],
 )

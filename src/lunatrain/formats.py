@@ -200,7 +200,17 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
         if required:
             raise RecordError(field_name, "is empty")
         return None
+    if invisible(text):  # a zero-width space or a bidi mark alone: no one could read or curate it
+        if required:
+            raise RecordError(field_name, "shows nothing (only invisible characters, such as zero-width spaces)")
+        return None
     return text
+
+
+def invisible(text: str) -> bool:
+    """Whether `text` is only whitespace, format characters (zero-width spaces and joiners, bidi marks, soft
+    hyphens) and controls."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
 def _tags(value: Any) -> tuple[str, ...]:
