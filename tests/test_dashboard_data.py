@@ -316,6 +316,9 @@ def test_a_check_counting_one_record_is_said_in_the_singular(page, services: Ser
         rows = page.locator("#checks-table tbody tr")
         expect(rows.nth(0)).to_contain_text(one)
         expect(rows.nth(1)).to_contain_text(two)
+        # Repro: the table named no record to fix, while the CLI and the report list them.
+        expect(rows.nth(0).locator(".check-examples")).to_have_text(" (ex-1)")
+        expect(rows.nth(1).locator(".check-examples")).to_have_text(" (ex-1, ex-2)")
 
 
 @pytest.mark.parametrize(
@@ -376,6 +379,7 @@ def test_a_large_count_in_a_server_message_is_said_exactly(page, services: Servi
     open_page(page, services, query)
     page.locator("#prepare-button").click()
     expect(page.locator("#checks-table tbody tr").first).to_contain_text(said)
+    expect(page.locator("#checks-table .check-examples")).to_have_text(" (ex-1, …)")  # more than it lists
 
 
 @pytest.mark.parametrize(

@@ -215,7 +215,10 @@ function renderPrepare(report) {
       t(`severity.${shown(check)}`))),
     h("td", { class: "num" }, formatNumber(check.count ?? 0)),
     h("td", {}, problem(check) && check.id ? h("code", {}, check.id) : null, problem(check) && check.id ? " " : null,
-      tMsg(check.code, check.params, check.message ?? "")))) :
+      tMsg(check.code, check.params, check.message ?? ""),
+      // The records to fix, as the CLI and the report name them (the first ones, "…" when there are more).
+      problem(check) && check.examples?.length ? h("span", { class: "check-examples" },
+        ` (${check.examples.join(", ")}${(check.count ?? 0) > check.examples.length ? ", …" : ""})`) : null))) :
     [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
   renderSample(report.samples?.[0], report.template?.terminator?.text);
 }
