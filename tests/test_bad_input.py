@@ -271,7 +271,14 @@ def test_skip_bad_imports_the_good_records_and_lists_the_bad_ones(seeded: Settin
     nothing_good = tmp_path / "bad.jsonl"
     nothing_good.write_text(json.dumps({"prompt": "x"}) + "\n")
     before = snapshot(seeded.home)
-    assert "1 bad record" in one_sentence(run("examples", "import", str(nothing_good), "--skipBad"), 2)
+    assert "1 bad record" in one_sentence(run("examples", "import", str(nothing_good)), 2)
+    # Repro: with --skip-bad given, the refusal still read "1 bad record(s) — …, or import with --skip-bad".
+    only_tools = tmp_path / "tools.jsonl"
+    only_tools.write_text(json.dumps(tool) + "\n")
+    for path in (nothing_good, only_tools):
+        said = one_sentence(run("examples", "import", str(path), "--skipBad"), 2)
+        assert f"Cannot import {path.name}: none of its 1 record(s) can be imported — line" in said, said
+        assert "--skip-bad" not in said, said
     assert snapshot(seeded.home) == before
 
 

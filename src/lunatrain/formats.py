@@ -752,8 +752,12 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
             drafts.append(draft)
             formats[shape] = formats.get(shape, 0) + 1
     if problems and not (skip_bad and drafts):
+        which = f"{len(problems)} bad record(s)"
+        if skip_bad:  # said as given: the advice to use --skip-bad would read as if it had not been
+            which = f"none of its {len(problems)} record(s) can be imported"
+            problems = [p.replace(", or import with --skip-bad", "") for p in problems]
         raise UsageError(
-            f"Cannot import {path.name}: {len(problems)} bad record(s) — {some(problems)}. Nothing was imported.",
+            f"Cannot import {path.name}: {which} — {some(problems)}. Nothing was imported.",
             details=[f"{path.name} {p}" for p in problems],
         )
     if not drafts:
