@@ -994,3 +994,36 @@ def test_import_json_gives_every_bad_record_to_a_script(seeded: Settings, tmp_pa
     assert out["storeRevision"] == store.revision(seeded)
     assert len(out["leftOut"]) == 30 and out["leftOut"][0] == "mixed.jsonl line 4: field 'response': missing"
     assert r.stderr == ""
+
+
+def test_ctrl_c_in_a_command_without_its_own_handler_is_said_in_one_sentence(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Repro: Ctrl-C during `examples import` (or `export`, `merge`…) ended the command with exit 130 and not a
+    word (typer turns KeyboardInterrupt into a silent exit): one sentence now says it stopped. A command that
+    says for itself what became of its work (`lora` detaching from its job) gets nothing added."""
+    import sys
+
+    from lunatrain import cli, store
+    from lunatrain.cli import trainer as trainer_cli
+
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "import_file", interrupted)
+    monkeypatch.setattr(sys, "argv", ["lunatrain", "examples", "import", str(path)])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: Interrupted (Ctrl-C) before the command finished."]
+
+    monkeypatch.setattr(trainer_cli, "follow", interrupted)
+    monkeypatch.setattr(sys, "argv", ["lunatrain", "jobs", "follow", "ftjob-abc"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    err = capsys.readouterr().err
+    assert ended.value.code == 130 and "Detached; job ftjob-abc keeps running" in err, err
+    assert "Interrupted (Ctrl-C)" not in err, err

@@ -16,7 +16,7 @@ import typer
 from ..compat import click_errors, stdout_was_closed, without_bitsandbytes
 from ..errors import LunaError
 from ..startup import collector_paused
-from .app import app, fail
+from .app import INTERRUPTED, app, fail, interrupt_said, said_interrupted
 from .options import profile_help
 
 with collector_paused():  # start-up of every command: 20 % less CPU (startup.py says why)
@@ -35,6 +35,7 @@ def main() -> None:
     # The console script, not `app`: a test's in-process runner must keep its own imports. A command that
     # trains quantized lifts this before PEFT is imported (train.build).
     without_bitsandbytes()
+    said_interrupted(False)
     errors = click_errors()
     try:
         # Not standalone: click's own usage errors (an unknown option, a value of the wrong type) come here
@@ -60,11 +61,14 @@ def main() -> None:
     except errors.ClickException as err:
         typer.echo(f"error: {err.format_message()}", err=True)
         raise SystemExit(err.exit_code) from None
-    except typer.Abort:  # Ctrl-C outside a command's own handler
+    except typer.Abort:  # end of input where a command asked for some (typer turns Ctrl-C into exit 130)
         typer.echo("Aborted.", err=True)
         raise SystemExit(130) from None
     except LunaError as err:  # raised by an entry function outside a command's own handler
         raise SystemExit(fail(err).exit_code) from None
+    if code == INTERRUPTED and not interrupt_said():
+        # Ctrl-C in a command without its own handler: typer ends it with 130 and not a word.
+        typer.echo("error: Interrupted (Ctrl-C) before the command finished.", err=True)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -28,6 +28,20 @@ app = typer.Typer(
 )
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+_interrupt = {"said": False}
+
+
+def said_interrupted(said: bool = True) -> None:
+    """A command that stopped on Ctrl-C and said what became of its work (how to resume, how to follow the job
+    it detached from): `main` adds nothing to it. (`main` starts each command with False.)"""
+    _interrupt["said"] = said
+
+
+def interrupt_said() -> bool:
+    return _interrupt["said"]
+
+
 def fail(err: LunaError) -> typer.Exit:
     """Print the error's one sentence and return the Exit to raise (exit 1 for checks, 2 for usage)."""
     typer.echo(f"error: {err.message}", err=True)

@@ -24,7 +24,7 @@ from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
 from ..service.ensure import ensure_trainer
 from ..settings import Settings, load_settings
-from .app import app, fail
+from .app import app, fail, said_interrupted
 from .options import lora_options
 
 ProfileOpt = Annotated[
@@ -133,6 +133,7 @@ def local_lora(
             may_gate=lambda: main,
         )
     if ctrl_c.pressed and outcome["status"] == "cancelled":
+        said_interrupted()
         if main:
             typer.echo(
                 f"error: Interrupted: training stopped at {outcome['error']['message'].removeprefix('cancelled at ')} "

@@ -23,7 +23,7 @@ from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job, JobList, existing_store
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
-from .app import app, fail, is_tty
+from .app import app, fail, is_tty, said_interrupted
 
 EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
@@ -392,6 +392,7 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
     try:
         job = follow(settings, job_id, stderr=stderr)
     except KeyboardInterrupt:
+        said_interrupted()
         typer.echo(
             f"\nDetached; job {job_id} keeps running in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
             f"state: `lunatrain jobs show {job_id}`; stop it: `lunatrain jobs cancel {job_id}`.",
