@@ -142,6 +142,33 @@ def test_the_flow_summary_says_in_words_how_the_val_loss_compares_with_the_base(
     assert versus_base(8.24, 8.0) == "3.0% higher than the base model"
 
 
+def test_the_summary_of_a_quantized_run_says_its_val_loss_is_on_the_quantized_base(settings):
+    """Repro: `luna --quantize 4bit` summed up "val loss 8.4454 vs base 8.4670", then its gate line said 8.4451
+    for the same adapter: the run measures on the 4-bit base it trained with, the gate on the full base."""
+    from lunatrain.flow import FlowResult, summary_lines
+    from lunatrain.params import parse_params
+    from lunatrain.train import quantization
+
+    entry = {
+        "name": "luna-adapter",
+        "version": "v1",
+        "path": "data/adapters/luna-adapter/v1",
+        "baseModel": {"id": "luna-tiny", "fingerprint": "f" * 64},
+        "metrics": {"valLoss": 8.4454, "baseValLoss": 8.4670},
+    }
+    plain = summary_lines(settings, FlowResult(parse_params({}), adapter=entry))
+    four = summary_lines(
+        settings, FlowResult(parse_params({}), adapter=entry | {"quantization": quantization("4bit", None)})
+    )
+    said = [line for line in four if line.startswith("val loss")]
+    assert said == [
+        "val loss   8.4454 vs base 8.4670 (0.3% lower than the base model, both on the 4-bit base the run trained with)"
+    ]
+    assert [line for line in plain if line.startswith("val loss")] == [
+        "val loss   8.4454 vs base 8.4670 (0.3% lower than the base model)"
+    ]
+
+
 def test_a_failed_flow_names_only_the_reports_that_exist(settings, tiny):
     """Repro: `luna` failing at prepare listed lora-latest.json and lora-adapters.json among its reports,
     which no step had written."""

@@ -432,7 +432,12 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
             + (" (active)" if state["active"] else f" (not active: {state['reason']})")
         )
         if val is not None and base is not None:
-            lines.append(f"val loss   {val:.4f} vs base {base:.4f}" + (f" ({versus_base(val, base)})" if base else ""))
+            # Measured in training, on the base as it was held there: the gate measures on the full-precision base.
+            bits = (entry.get("quantization") or {}).get("bits")
+            held = f", both on the {bits}-bit base the run trained with" if bits else ""
+            lines.append(
+                f"val loss   {val:.4f} vs base {base:.4f}" + (f" ({versus_base(val, base)}{held})" if base else "")
+            )
         if gate:
             reasons = "; ".join(gate.get("reasons") or [])
             lines.append(f"gate       {gate.get('status')}" + (f": {reasons}" if reasons else ""))
