@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import threading
@@ -67,6 +68,20 @@ def test_an_answer_has_openais_fields(client: TestClient) -> None:
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 4
+    # Repro: system_fingerprint was "lunatrain-" + the model id, a local base's path on this machine. It is an
+    # opaque token now, the same in a stream's chunks.
+    assert re.fullmatch(r"fp_[0-9a-f]{12}", body["system_fingerprint"]), body["system_fingerprint"]
+    streamed = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "luna-tiny",
+            "messages": [{"role": "user", "content": "Hallo"}],
+            "max_tokens": 2,
+            "stream": True,
+        },
+    )
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert chunks and {c["system_fingerprint"] for c in chunks} == {body["system_fingerprint"]}
 
 
 def test_the_token_is_required_when_set(client: TestClient) -> None:

@@ -9,6 +9,7 @@ the first request and its model loaded then, never at startup.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -432,16 +433,21 @@ def _usage(gen: serving.Generation) -> Usage:
 
 
 def _fingerprint(target: serving.Target) -> str:
-    return f"lunatrain-{target.model}"
+    """OpenAI's `system_fingerprint`: an opaque token that changes with what answers (this release, the model,
+    the adapter revision's files), never the model's local path."""
+    from ... import __version__
+
+    seen = f"{__version__}\0{target.model}\0{target.path or ''}".encode()
+    return "fp_" + hashlib.sha256(seen).hexdigest()[:12]
 
 
-def _chunk(ident: str, created: int, model: str, delta: dict, finish: str | None) -> str:
+def _chunk(ident: str, created: int, target: serving.Target, delta: dict, finish: str | None) -> str:
     data = {
         "id": ident,
         "object": "chat.completion.chunk",
         "created": created,
-        "model": model,
-        "system_fingerprint": f"lunatrain-{model}",
+        "model": target.model,
+        "system_fingerprint": _fingerprint(target),
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -453,10 +459,10 @@ async def _events(gen: serving.Generation, ident: str, created: int, usage: bool
     the slot and the adapter either way."""
     model = gen.target.model
     try:
-        yield _chunk(ident, created, model, {"role": "assistant", "content": ""}, None)
+        yield _chunk(ident, created, gen.target, {"role": "assistant", "content": ""}, None)
         while (piece := await run_in_threadpool(gen.step)) is not None:
-            yield _chunk(ident, created, model, {"content": piece}, None)
-        yield _chunk(ident, created, model, {}, gen.finish_reason or "stop")
+            yield _chunk(ident, created, gen.target, {"content": piece}, None)
+        yield _chunk(ident, created, gen.target, {}, gen.finish_reason or "stop")
         if usage:
             data = {
                 "id": ident,
