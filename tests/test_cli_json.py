@@ -334,3 +334,12 @@ def test_health_json_offline_and_usage_errors_are_json_too(home, monkeypatch: py
     monkeypatch.setenv("ASSISTANT_LORA_ENSURE_TIMEOUT", "-1")  # settings that do not load
     code, body = health_json()
     assert code == 2 and "ASSISTANT_LORA_ENSURE_TIMEOUT" in body["error"], body
+
+
+def test_a_listing_keeps_line_separators_inside_values_as_stored(settings: Settings) -> None:
+    """Review finding: the streamed listing indented with textwrap, which breaks lines at U+2028 and U+0085
+    (json.dumps leaves them unescaped), so two spaces landed inside the string values."""
+    store.add_example(settings, prompt="Zeile eins\u2028Zeile zwei", response="gut\u0085so")
+    [item] = stdout_json(["examples", "list", "--json"])
+    assert (item["prompt"], item["response"]) == ("Zeile eins\u2028Zeile zwei", "gut\u0085so")
+    store.dispose_stores()

@@ -572,3 +572,11 @@ def test_a_control_character_in_a_json_line_is_said_once(tmp_path: Path) -> None
     parsed = read_file(path, skip_bad=True)
     said = [str(bad) for bad in parsed.bad]
     assert len(said) == 1 and "malformed JSON (Invalid control character at column 14)" in said[0], said
+
+
+def test_a_csv_with_lone_cr_endings_and_a_blank_first_line_finds_its_separator(tmp_path: Path) -> None:
+    """Review finding: after a blank first line, a lone-CR table's header was not found, so ',' was taken and
+    every row was "unknown format"."""
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"\rprompt;response\rhi;there\rfoo;bar\r")
+    assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("hi", "there"), ("foo", "bar")]

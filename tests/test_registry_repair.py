@@ -487,3 +487,25 @@ def test_a_registry_from_before_the_folder_copies_gets_them_at_its_first_read(se
     assert got["activeByBase"] == want["activeByBase"] == {fp: {"version": "v1", "baseModel": "base-f"}}
     assert got["activations"] == want["activations"]
     assert [e["gate"] for e in got["versions"]] == [e["gate"] for e in want["versions"]]
+
+
+def test_a_folder_copy_that_cannot_be_written_never_fails_a_registry_write(settings, monkeypatch):
+    """Review finding: in a registry from before the folder copies, a copy that could not be written (another
+    owner's folder, EIO) made every later registry write fail; the copies are best effort, the registry is
+    the record, and the marker stays unset so the next write tries them again."""
+    _publish(str(settings.home), "a", "one")
+    path = registry.registry_path(settings)
+    old = json.loads(path.read_text())
+    old.pop("copies")
+    path.write_text(json.dumps(old))
+
+    def refused(*_a, **_k):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(registry, "_write_copies", refused)
+    registry.annotate(settings, "a", "v1", "stale", True)
+    saved = json.loads(path.read_text())
+    assert saved["adapters"]["a"]["versions"][0]["stale"] is True and "copies" not in saved
+    monkeypatch.undo()
+    registry.annotate(settings, "a", "v1", "stale", False)
+    assert json.loads(path.read_text())["copies"] == registry.COPIES

@@ -598,7 +598,7 @@ def _csv_lines(fh: BinaryIO, path: Path, utf16: bool) -> Iterator[str]:
 
 
 def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
-    # The lines up to the first one that is not blank: that header says the delimiter.
+    # The lines up to the first one that is not blank: that header (the last of them) says the delimiter.
     first: list[str] = []
     for line in lines:
         first.append(line)
@@ -606,7 +606,7 @@ def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
             break
     # csv.reader, not DictReader: DictReader's line_num lags one row behind after a csv.Error, and it takes a
     # blank first line for an empty header.
-    rows = csv.reader(itertools.chain(first, lines), delimiter=_csv_delimiter("".join(first)))
+    rows = csv.reader(itertools.chain(first, lines), delimiter=_csv_delimiter(first[-1] if first else ""))
     try:
         # A blank or whitespace-only line is no header: skip it, as blank lines between rows are skipped.
         header = next((row for row in rows if not _blank_csv_line(row)), None)
@@ -671,10 +671,9 @@ _CSV_COLUMNS = {
 _CSV_DELIMITERS = (",", ";", "\t")
 
 
-def _csv_delimiter(text: str) -> str:
-    """The separator under which the header (first non-blank line) names the most known columns; ',' on a
+def _csv_delimiter(header: str) -> str:
+    """The separator under which the header (the first non-blank line) names the most known columns; ',' on a
     tie. The header decides, not the cells: a comma file's cells may hold ';' (tags "a;b"), and vice versa."""
-    header = next((line for line in text.split("\n") if line.strip()), "")
 
     def known(delimiter: str) -> int:
         try:

@@ -140,14 +140,11 @@ def _keep_copies(settings: Settings, data: dict[str, Any]) -> None:
         if getattr(_held, "depth", 0):  # the caller holds the lock and will save `data`; save it now as well
             _save(settings, data)
         else:
-            with _lock(settings):
-                fresh = load(settings)  # under the lock: another process may have done it meanwhile
-                if fresh.get("copies") != COPIES:
-                    _save(settings, fresh)
-            data["copies"] = COPIES
+            with _lock(settings):  # read again under the lock, which saves (unless another process did)
+                data["copies"] = load(settings).get("copies")
     except (OSError, LunaError) as exc:
         # Not a warning: a read-only data root (a backup) would say it at every read; the registry is intact.
-        log.info("could not write the adapters' gate.json and %s copies: %s", ACTIVATIONS_FILE, exc)
+        log.info("could not save the adapter registry with its folder copies: %s", exc)
 
 
 def _write_copies(settings: Settings, data: dict[str, Any]) -> None:
@@ -259,8 +256,11 @@ def _sync_legacy_alias(adapter: dict[str, Any]) -> None:
 
 def _save(settings: Settings, data: dict[str, Any]) -> None:
     if data.get("copies") != COPIES:  # a registry from before the folder copies (or a new one): write them first
-        _write_copies(settings, data)
-        data["copies"] = COPIES
+        try:
+            _write_copies(settings, data)
+            data["copies"] = COPIES
+        except (OSError, LunaError) as exc:  # the registry is the record: a copy never fails its write
+            log.info("could not write the adapters' gate.json and %s copies: %s", ACTIVATIONS_FILE, exc)
     atomic_write_json(registry_path(settings), data)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,7 +75,10 @@ def _json_array(items: Iterable[dict[str, Any]]) -> None:
     out = sys.stdout
     first = True
     for item in items:
-        out.write(("[\n" if first else ",\n") + textwrap.indent(json.dumps(item, ensure_ascii=False, indent=2), "  "))
+        # Indented at the layout's own line breaks only: json.dumps escapes "\n" in strings, but not U+2028 or
+        # U+0085, at which str.splitlines (and so textwrap.indent) would break inside a value.
+        text = json.dumps(item, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+        out.write(("[\n  " if first else ",\n  ") + text)
         first = False
     out.write("[]\n" if first else "\n]\n")
     out.flush()
