@@ -449,6 +449,30 @@ def test_control_characters_in_stored_text_are_shown_escaped_never_sent_to_the_t
     assert "\\x1b[2J" in shown.output and "\\u202eesrever" in shown.output, shown.output
 
 
+def test_json_output_escapes_what_would_act_on_the_terminal_and_parses_back_to_the_stored_text(
+    settings: Settings,
+) -> None:
+    """Repro: `examples list --json` printed a stored U+202E (right-to-left override) and U+009B (the C1
+    control sequence introducer) raw: JSON escapes only C0 controls, so on a terminal they reordered or
+    swallowed what followed. Every `--json` document now writes them as `\\uXXXX`, which any JSON reader turns
+    back into the stored text."""
+    prompt, answer = "Lies \u202eesrever und \u2066isoliert\u2069", "Ich\x9b1m und \x7f am Ende"
+    assert run("examples", "add", "--prompt", prompt, "--response", answer).exit_code == 0
+    assert run("memory", "add", "--question", "Wer \u200frot?", "--answer", "Ich\x9b2J.").exit_code == 0
+    listed, memory = run("examples", "list", "--json"), run("memory", "list", "--json")
+    for r in (listed, memory):
+        assert r.exit_code == 0 and r.exception is None, r.output
+        assert not re.search("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]", r.output), ascii(r.output)
+    rows = json.loads(listed.output)
+    assert (rows[-1]["prompt"], rows[-1]["response"]) == (prompt, answer)
+    assert "\\u202eesrever" in listed.output and "Ich\\u009b1m" in listed.output, listed.output
+    items = json.loads(memory.output)
+    assert (items[-1]["question"], items[-1]["answer"]) == ("Wer \u200frot?", "Ich\x9b2J.")
+    # The non-ASCII text a user wrote stays readable, not escaped.
+    assert run("examples", "add", "--prompt", "Grüße", "--response", "Schön").exit_code == 0
+    assert "Grüße" in run("examples", "list", "--json").output
+
+
 def test_a_path_named_like_markup_shows_as_written_in_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lunatrain.cli import status as status_cli
 

@@ -6,7 +6,6 @@ Activation is per base model: `activate`, `deactivate NAME` and `rollback` act o
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -16,7 +15,7 @@ from ..errors import LunaError, UsageError
 from ..fsio import read_json
 from ..messages import counted
 from ..settings import load_settings
-from .app import app, fail
+from .app import app, fail, json_text
 
 adapters_app = typer.Typer(
     help="Trained LoRA adapters: list, show, activate, deactivate, roll back, compare.", no_args_is_help=True
@@ -58,13 +57,12 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         raise fail(err) from None
     if as_json:
         typer.echo(
-            json.dumps(
+            json_text(
                 {
                     "adapters": adapters,
                     "byBase": registry.by_base(settings),
                     "active": [{k: a[k] for k in ("name", "version", "base", "baseModel")} for a in active],
                 },
-                indent=2,
                 sort_keys=True,
             )
         )
@@ -109,7 +107,7 @@ def show_cmd(
         out["state"] = {"active": False, "reason": f"the configured base model cannot be read: {err.message}"}
     if isinstance(report, dict):
         out["report"] = {k: report.get(k) for k in ("metrics", "epochs", "device", "packages", "durationSeconds")}
-    typer.echo(json.dumps(out, indent=2, sort_keys=True))
+    typer.echo(json_text(out, sort_keys=True))
 
 
 @adapters_app.command("activate")

@@ -64,6 +64,14 @@ def visible(text: str) -> str:
     return _UNSEEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def json_text(value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """`value` as the JSON a `--json` option prints: non-ASCII text stays readable, but what would act on a
+    terminal is escaped (`\\u202e`). `json.dumps` escapes only C0 controls; DEL, C1 controls and the bidi
+    controls pass raw otherwise. They can only stand inside strings, where `\\uXXXX` reads back the same."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)
+    return _UNSEEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def as_written(value: object) -> str:
     """`value` for a rich table cell or markup line: text a user wrote ("[/]", "[b]bold[/b]") shows as written,
     never read as rich markup (a stray closing tag would raise MarkupError), its control characters escaped."""
@@ -75,7 +83,7 @@ def as_written(value: object) -> str:
 def print_report(report: Any, show: Callable[[Any], None], *, as_json: bool) -> None:
     """A stage report as JSON (`--json`) or as `show` draws it; then exit 1 if the report failed."""
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True))
+        typer.echo(json_text(report.to_dict(), sort_keys=True))
     else:
         show(report)
     report.raise_on_fail()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,7 +14,7 @@ from ..api.schemas import ExampleOut, ImportResult, MemoryOut
 from ..errors import LunaError, UsageError
 from ..messages import counted
 from ..settings import load_settings
-from .app import app, as_written, fail, is_tty, visible
+from .app import app, as_written, fail, is_tty, json_text, visible
 
 examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
 memory_app = typer.Typer(help="Facts Luna remembers; exported as question/answer samples.", no_args_is_help=True)
@@ -77,7 +76,7 @@ def _json_array(items: Iterable[dict[str, Any]]) -> None:
     for item in items:
         # Indented at the layout's own line breaks only: json.dumps escapes "\n" in strings, but not U+2028 or
         # U+0085, at which str.splitlines (and so textwrap.indent) would break inside a value.
-        text = json.dumps(item, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+        text = json_text(item).replace("\n", "\n  ")
         out.write(("[\n  " if first else ",\n  ") + text)
         first = False
     out.write("[]\n" if first else "\n]\n")
@@ -173,7 +172,7 @@ def import_cmd(
         problems = err.details if isinstance(err.details, list) else []
         if as_json:  # every problem, for a script to act on; the sentence still goes to stderr
             error = {"code": err.code, "message": err.message}
-            typer.echo(json.dumps({"error": error, "problems": problems}, ensure_ascii=False, indent=2))
+            typer.echo(json_text({"error": error, "problems": problems}))
         elif len(problems) > 1:
             _list_problems(problems)
         raise fail(err) from None
@@ -182,7 +181,7 @@ def import_cmd(
             records=res.records, added=res.added, duplicates=res.skipped_duplicates, formats=res.formats
         ).wire()  # the API's import answer, plus what only a file import has
         out = {"file": file.name, **out, "storeRevision": res.revision, "leftOut": list(res.bad)}
-        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+        typer.echo(json_text(out))
         return
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
     left_out = f"; {counted(len(res.bad), 'bad record')} left out:" if res.bad else "."

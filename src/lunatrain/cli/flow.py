@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import signal
 import sys
 import threading
@@ -24,7 +23,7 @@ from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
 from ..service.ensure import ensure_trainer
 from ..settings import Settings, load_settings
-from .app import app, fail, said_interrupted
+from .app import app, fail, json_text, said_interrupted
 from .options import lora_options
 
 ProfileOpt = Annotated[
@@ -179,7 +178,7 @@ def run(
         r = resolve(settings, profile, flags)
         if dry_run:
             typer.echo(
-                json.dumps(
+                json_text(
                     {
                         "command": command,
                         "profile": profile,
@@ -190,8 +189,7 @@ def run(
                         "options": r.options.wire(),
                         "gate": r.gate,
                         "adapter": adapter,
-                    },
-                    indent=2,
+                    }
                 )
             )
             return

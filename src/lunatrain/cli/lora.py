@@ -12,7 +12,6 @@ trains what prepare checked; `--profile` picks another.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -20,7 +19,7 @@ import typer
 from .. import distributed
 from ..errors import LunaError
 from ..settings import load_settings
-from .app import app, fail
+from .app import app, fail, json_text
 from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, local_lora, resolve, service_lora
 from .options import lora_options
 
@@ -75,10 +74,7 @@ def lora_cmd(
         local = local or distributed.from_env().active  # under torchrun the launched processes are the trainers
         if dry_run:
             typer.echo(
-                json.dumps(
-                    {"command": "lora", "local": local, "params": r.params.wire(), "options": r.options.wire()},
-                    indent=2,
-                )
+                json_text({"command": "lora", "local": local, "params": r.params.wire(), "options": r.options.wire()})
             )
             return
         if ensure_trainer_flag and not local:
@@ -91,7 +87,7 @@ def lora_cmd(
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps(outcome, indent=2, sort_keys=True))
+        typer.echo(json_text(outcome, sort_keys=True))
     else:
         for line in lines:
             typer.echo(line)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -10,7 +9,7 @@ import typer
 from ..errors import LunaError
 from ..settings import load_settings
 from ..status import STATUSES, training_status
-from .app import app, as_written, fail, is_tty
+from .app import app, as_written, fail, is_tty, json_text
 
 
 @app.command("status")
@@ -32,7 +31,7 @@ def status_cmd(
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps(status, ensure_ascii=False, indent=2, sort_keys=True))
+        typer.echo(json_text(status, sort_keys=True))
         return
     show(status)
 

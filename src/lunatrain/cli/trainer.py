@@ -7,7 +7,6 @@ come back. Exit codes: 0 succeeded, 1 failed or cancelled (or trainer offline), 
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -23,7 +22,7 @@ from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job, JobList, existing_store
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
-from .app import app, fail, is_tty, said_interrupted
+from .app import app, fail, is_tty, json_text, said_interrupted
 
 EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
@@ -79,7 +78,7 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
             raise fail(err) from None
         problem = err
     if as_json:
-        typer.echo(json.dumps(_health_document(settings, health, problem), indent=2, ensure_ascii=False))
+        typer.echo(json_text(_health_document(settings, health, problem)))
         if health is None:
             raise typer.Exit(problem.exit_code if problem else 1)
         return
@@ -146,7 +145,7 @@ def jobs_list(
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps(JobList(data=jobs).wire(), indent=2, ensure_ascii=False))
+        typer.echo(json_text(JobList(data=jobs).wire()))
         return
     if not jobs:
         typer.echo(f"no {status} jobs" if status else "no jobs")  # "no jobs" under a filter reads as none at all
@@ -161,9 +160,7 @@ def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
         job = trainer_client.get_job(load_settings(), job_id)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(
-        json.dumps(job.wire(), indent=2, ensure_ascii=False) if as_json else f"{job.id}  {job.status}  {summary(job)}"
-    )
+    typer.echo(json_text(job.wire()) if as_json else f"{job.id}  {job.status}  {summary(job)}")
     if job.status in ("failed", "cancelled"):
         raise typer.Exit(1)
 
@@ -202,7 +199,7 @@ def jobs_events(
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps(page.wire(), indent=2, ensure_ascii=False))
+        typer.echo(json_text(page.wire()))
         return
     for ev in page.data:
         typer.echo(f"{ev.seq:>6} {ev.created_at} {describe_event(ev)}")
