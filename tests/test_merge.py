@@ -356,3 +356,24 @@ def test_a_merge_never_deletes_files_it_did_not_write(trained_home, settings):
     (target / "luna-adapter-v1-F16.gguf").unlink()
     again = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
     assert again.exit_code == 0 and "(it replaces the earlier merge of this version)" in again.output, again.output
+
+
+def test_a_merge_after_a_killed_one_removes_what_it_left_and_fits_on_the_same_disk(trained_home, settings):
+    """Repro: a merge killed while writing left its staging folder, a whole model's size, in
+    data/models/merged; the next merge wrote beside it and could fill the disk. A merge now removes what
+    ended processes left there first (and `gc` does too: test_retention.py)."""
+    import subprocess
+    import sys
+
+    import faults
+
+    merged = settings.models_dir / "merged"
+    code = (
+        "import sys; from pathlib import Path; from lunatrain.fsio import staging_dir;"
+        "p = staging_dir(Path(sys.argv[1]), 'luna-adapter-v1'); (p / 'model.safetensors').write_bytes(b'x' * 1_300_000)"
+    )
+    with faults.small_disk(merged, "2m"):  # room for one merge of luna-tiny (1.4 MB), not for a second beside it
+        subprocess.run([sys.executable, "-c", code, str(merged)], check=True)
+        (leftover,) = [p for p in merged.iterdir() if p.name.startswith(".luna-adapter-v1.")]
+        merge_adapter(settings, "luna-adapter@v1")
+        assert sorted(p.name for p in merged.iterdir()) == ["luna-adapter-v1"], list(merged.iterdir())

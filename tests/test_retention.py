@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lunatrain import export as ex
-from lunatrain import retention, store
+from lunatrain import fsio, retention, store
 from lunatrain.cli import app
 from lunatrain.formats import make_draft
 from lunatrain.params import LoraParams
@@ -188,3 +190,50 @@ def test_cache_fingerprint_of_a_real_cache(settings: Settings) -> None:
     tok = models.load_tokenizer(None, settings)
     tier = tokens.tokenize_tier(settings, "curated", tok, 128)
     assert retention.cache_fingerprint(tier.path) == ex.read_summary(settings)["fingerprint"]
+
+
+def _left_by_an_ended_process(parent: Path, name: str) -> Path:
+    """A staging folder made by a process that then ended without removing it (a merge killed mid-write)."""
+    code = (
+        "import sys; from pathlib import Path; from lunatrain.fsio import staging_dir;"
+        "p = staging_dir(Path(sys.argv[1]), sys.argv[2]); (p / 'model.safetensors').write_bytes(b'x' * 4096);"
+        "print(p)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(parent), name], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def test_staging_folders_of_ended_processes_go_and_those_of_live_ones_stay(settings: Settings) -> None:
+    """Repro: a merge killed while writing left `data/models/merged/.luna-adapter-v1.XXXX` (the size of a
+    whole model) that neither the next merge nor `gc` removed. Staging folders now name their process; `gc`
+    removes those whose process has ended on this machine, and those of another machine (or an older
+    release) once nothing in them changed for a day. The folder of a process still running stays."""
+    merged = settings.models_dir / "merged"
+    dead = _left_by_an_ended_process(merged, "luna-adapter-v1")
+    live = fsio.staging_dir(merged, "luna-adapter-v2")  # this test's own process: alive
+    foreign_old = merged / ".luna-adapter-v3.0a1b2c3d-4242.k2j4h5g6"  # another machine's, idle for 2 days
+    foreign_new = merged / ".luna-adapter-v4.0a1b2c3d-4242.a8s7d6f5"  # another machine's, just written
+    legacy = merged / ".luna-adapter-v5.q1w2e3r4"  # an older release's name, idle for 2 days
+    for folder in (foreign_old, foreign_new, legacy):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"y" * 100)
+    for folder in (foreign_old, legacy):
+        old = time.time() - 2 * 86400
+        for p in (folder / "model.safetensors", folder):
+            os.utime(p, (old, old))
+    kept = merged / ".keep-me"  # a hidden folder not of our making
+    kept.mkdir()
+    os.utime(kept, (time.time() - 9 * 86400,) * 2)
+
+    planned = json.loads(CliRunner().invoke(app, ["gc", "--dry-run", "--json"]).output)["items"]
+    staging = {i["path"]: i for i in planned if i["kind"] == "staging"}
+    rel = lambda p: str(p.relative_to(settings.home))  # noqa: E731
+    assert set(staging) == {rel(dead), rel(foreign_old), rel(legacy)}, planned
+    assert staging[rel(dead)]["bytes"] == 4096 and "ended" in staging[rel(dead)]["reason"], staging
+    assert "unchanged for 2 days" in staging[rel(legacy)]["reason"], staging
+    assert dead.is_dir()  # a dry run removes nothing
+
+    r = CliRunner().invoke(app, ["gc"])
+    assert r.exit_code == 0 and "3 staging folders" in r.output.splitlines()[-1], r.output
+    assert not dead.exists() and not foreign_old.exists() and not legacy.exists()
+    assert live.is_dir() and foreign_new.is_dir() and kept.is_dir()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
@@ -121,13 +123,57 @@ def current_umask() -> int:
     return 0o022
 
 
+def _this_host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def staging_dir(parent: Path, name: str) -> Path:
     """A new empty folder in `parent` to build `name` in before replace_dir moves it into place. mkdtemp
-    makes it 0700, which a rename keeps: it gets the mode a plain mkdir would (0777 less the umask)."""
+    makes it 0700, which a rename keeps: it gets the mode a plain mkdir would (0777 less the umask).
+
+    Its name says which process made it (`.NAME.HOST-PID.XXXXXXXX`), so that what a killed process left (a
+    merge killed while writing leaves a whole model) can be told from the folder of one still writing
+    (`abandoned_staging`)."""
     parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.{_this_host()}-{os.getpid()}.", dir=parent))
     path.chmod(0o777 & ~current_umask())
     return path
+
+
+# mkdtemp's suffix is 8 of [a-z0-9_]; releases before the HOST-PID part named only NAME.
+_STAGING = re.compile(r"\.(?P<name>.+?)\.(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.)?[a-z0-9_]{8}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process: alive; an impossible pid: not ours to judge
+    return True
+
+
+def abandoned_staging(parent: Path, *, idle_after_s: float = 86400) -> list[tuple[Path, str]]:
+    """The staging folders in `parent` that no process will finish, each with the reason: those whose process
+    has ended on this machine, and those of another machine (a data root on shared storage) or of an older
+    release once nothing in them changed for `idle_after_s`. Only folders named as `staging_dir` names them."""
+    if not parent.is_dir():
+        return []
+    found = []
+    for path in sorted(parent.iterdir()):
+        m = _STAGING.fullmatch(path.name)
+        if m is None or path.is_symlink() or not path.is_dir():
+            continue
+        if m["host"] == _this_host():
+            if not _alive(int(m["pid"])):
+                found.append((path, f"left by process {m['pid']}, which has ended"))
+            continue
+        newest = max([p.lstat().st_mtime for p in path.rglob("*")] + [path.lstat().st_mtime])
+        idle = time.time() - newest
+        if idle >= idle_after_s:
+            found.append((path, f"unchanged for {idle / 86400:.0f} days, its process unknown on this machine"))
+    return found
 
 
 def give_umask_modes(folder: Path) -> None:

@@ -22,6 +22,7 @@ from . import registry
 from .compat import peft_wrapping
 from .errors import Conflict, LunaError, NotFound
 from .fsio import (
+    abandoned_staging,
     atomic_write_json,
     check_writable,
     give_umask_modes,
@@ -93,6 +94,10 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     check_writable([target.parent, settings.reports_training_dir], f"merge {name}@{entry['version']}")
     _check_target(settings, target)
     replaced = (target / MERGE_FILE).is_file()  # an empty folder in its place is no earlier merge
+    # What a killed merge left half-written (a whole model's size) goes first: the disk it fills is the one
+    # this merge writes to.
+    for leftover, _ in abandoned_staging(target.parent):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = staging_dir(target.parent, label)
     try:
         model = load_model(base, settings, "cpu", torch.float32)

@@ -14,6 +14,10 @@ The policy (settings, ASSISTANT_* variables):
   dataset fingerprint (it is rebuilt on demand, so the worst case is one re-tokenization).
 - **Run work directories** (`data/adapters/<name>/.work/<run>/`, epoch checkpoints of unfinished or failed
   runs kept for `resume`): once nothing in them changed for `RETAIN_CHECKPOINT_DAYS` (7) days.
+- **Staging folders** (`data/models/merged/.<name>.<host>-<pid>.<random>/` and the like in `data/models`): what
+  a killed merge (or model build) left half-written, once its process has ended; one made on another machine
+  or by an older release once nothing in it changed for a day (`fsio.abandoned_staging`). A merge removes
+  those of `data/models/merged` before it writes.
 - **Never**: the registry and its history, adapter versions, reports, the example database.
 
 `collect(settings, dry_run=True)` lists what would go with sizes; without dry_run it deletes.
@@ -33,7 +37,7 @@ from typing import Any
 
 from . import export
 from .errors import StorageError
-from .fsio import SQLITE_BUSY_TIMEOUT_S
+from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
 from .wire import parse_iso, utc_now
@@ -41,7 +45,7 @@ from .wire import parse_iso, utc_now
 
 @dataclass(frozen=True)
 class Item:
-    kind: str  # job-events | job-log | export | token-cache | run-workdir
+    kind: str  # job-events | job-log | export | token-cache | run-workdir | staging
     path: str  # relative to the data root (for job events: the database and the job id)
     bytes: int
     reason: str
@@ -80,6 +84,7 @@ def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None =
         report.items += _exports(settings, dry_run)
         report.items += _token_caches(settings, dry_run)
         report.items += _work_dirs(settings, now, dry_run)
+        report.items += _staging(settings, dry_run)
     except sqlite3.Error as exc:
         raise StorageError(f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({exc}).") from None
     except OSError as exc:
@@ -230,4 +235,14 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
         )
         if not dry_run:
             shutil.rmtree(run, ignore_errors=True)
+    return items
+
+
+def _staging(settings: Settings, dry_run: bool) -> list[Item]:
+    items = []
+    for parent in (settings.models_dir, settings.models_dir / "merged"):
+        for path, reason in abandoned_staging(parent):
+            items.append(Item("staging", _rel(settings, path), _size(path), reason))
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
     return items

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ from ..errors import LunaError
 from ..messages import counted
 from ..retention import collect
 from ..settings import load_settings
-from .app import app, fail
+from .app import app, fail, json_text
 
 # Each kind in the closing sum, singular and plural: the kind ids of the item lines read as words there
 # ("Removed 2 export, 5 job-events" did not).
@@ -20,6 +19,7 @@ _KIND_WORDS = {
     "job-events": ("job's events", "jobs' events"),
     "job-log": ("job log", "job logs"),
     "run-workdir": ("run work directory", "run work directories"),
+    "staging": ("staging folder", "staging folders"),
     "token-cache": ("token cache", "token caches"),
 }
 
@@ -37,13 +37,14 @@ def gc_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dryRun", help="only list what would be removed")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Remove old job events and logs, old exports, unused token caches and idle run checkpoints."""
+    """Remove old job events and logs, old exports, unused token caches, idle run checkpoints and what killed
+    merges left half-written."""
     try:
         report = collect(load_settings(), dry_run=dry_run)
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        typer.echo(json_text(report.to_dict(), sort_keys=True))
         return
     for item in report.items:
         typer.echo(f"{item.kind:<12} {_mb(item.bytes):>10}  {item.path}  ({item.reason})")
