@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -1051,3 +1052,30 @@ def test_ctrl_c_in_a_command_without_its_own_handler_is_said_in_one_sentence(
     err = capsys.readouterr().err
     assert ended.value.code == 130 and "Detached; job ftjob-abc keeps running" in err, err
     assert "Interrupted (Ctrl-C)" not in err, err
+
+
+# What the installed `lunatrain` script runs, with Ctrl-C arriving while the command modules import.
+_CTRL_C_AT_IMPORT = """
+import sys
+from importlib.metadata import entry_points
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "lunatrain.cli.export":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["lunatrain", "status"]
+(script,) = entry_points(group="console_scripts", name="lunatrain")
+sys.exit(script.load()())
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_command_starts_is_one_sentence_not_a_traceback(settings: Settings) -> None:
+    """Repro: Ctrl-C in the first half second of any command, while its modules import, printed a
+    KeyboardInterrupt traceback of a dozen frames. The console script now catches it around the imports."""
+    r = subprocess.run([sys.executable, "-c", _CTRL_C_AT_IMPORT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == ["error: Interrupted (Ctrl-C) before the command started."], r.stderr

@@ -1,5 +1,5 @@
 """`python -m lunatrain …` (and `torchrun -m lunatrain …`) is the same as the `lunatrain` console script."""
 
-from .cli import main
+from .console import main
 
 main()

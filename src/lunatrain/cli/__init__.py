@@ -14,9 +14,10 @@ import sys
 import typer
 
 from ..compat import click_errors, stdout_was_closed, without_bitsandbytes
+from ..console import INTERRUPTED
 from ..errors import LunaError
 from ..startup import collector_paused
-from .app import INTERRUPTED, app, fail, interrupt_said, said_interrupted
+from .app import app, fail, interrupt_said, said_interrupted
 from .options import profile_help
 
 with collector_paused():  # start-up of every command: 20 % less CPU (startup.py says why)

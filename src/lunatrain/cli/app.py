@@ -28,7 +28,6 @@ app = typer.Typer(
 )
 
 
-INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 _interrupt = {"said": False}
 
 
