@@ -239,6 +239,79 @@ def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tin
     assert not registry.list_adapters(settings)  # nothing was registered
 
 
+def test_ctrl_c_before_the_first_epoch_ends_says_there_is_no_checkpoint_to_resume(settings, tiny, monkeypatch):
+    """Repro: Ctrl-C on `lora --local` during its first epoch advised "run the same command with --resume to
+    continue from the last epoch checkpoint", though no epoch had ended and so no checkpoint existed: the
+    resume then started over. The sentence now says so, and advises --resume only with a checkpoint."""
+    from lunatrain.cli import flow as cli_flow
+
+    write_export(settings, make_records(40))
+    enter = cli_flow._CtrlC.__enter__
+
+    def pressed_at_once(self):  # a real SIGINT, to the handler the command installs
+        entered = enter(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        return entered
+
+    monkeypatch.setattr(cli_flow._CtrlC, "__enter__", pressed_at_once)
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated", "0"])
+    assert r.exit_code == 130, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "error: Interrupted: training stopped at step 0 of 2, before its first epoch ended, and is recorded as "
+        "cancelled; no checkpoint was saved, so running the command again starts over."
+    ), r.output
+    assert "--resume" not in r.output
+    assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
+
+
+def test_ctrl_c_during_the_gate_of_a_local_run_names_the_ungated_version_and_what_to_do(settings, tiny, monkeypatch):
+    """Repro: Ctrl-C while `lora --local` gated its new version ended with "Interrupted (Ctrl-C) before the
+    command finished": nothing said that the version was trained and registered but not gated (so not
+    served), and an overwrite run's revision stayed staged beside its slot. The sentence now names the
+    version and the commands; a staged revision is discarded and the slot keeps what it served."""
+    from lunatrain import evalgate
+
+    write_export(settings, make_records(40))
+    home = settings.home
+    (home / "profiles").mkdir()
+    (home / "profiles" / "lenient.toml").write_text("[gate]\nmaxValLossRatioVsBase = 100.0\nmaxLossRegression = 10.0\n")
+    overwrite = [
+        "lora",
+        "--local",
+        *FAST,
+        "--adapterName",
+        "ow",
+        "--adapterStrategy",
+        "overwrite",
+        "--profile",
+        "lenient",
+    ]
+    assert CliRunner().invoke(app, overwrite).exit_code == 0  # revision 1 holds the slot
+
+    def ctrl_c(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evalgate, "gate_candidate", ctrl_c)
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--adapterName", "vs", "--minCurated", "0"])
+    assert r.exit_code == 130, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "error: Interrupted during the eval gate: vs@v1 is trained and registered but not gated, so it is not "
+        "served; `lunatrain eval-gate --adapter vs@v1` scores it and `lunatrain adapters activate vs@v1` serves it."
+    ), r.output
+    entry = registry.get_version(settings, "vs", "v1")
+    assert not entry.get("gate") and not [a for a in registry.list_active(settings) if a["name"] == "vs"], entry
+
+    r = CliRunner().invoke(app, overwrite)
+    assert r.exit_code == 130, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "error: Interrupted during the eval gate: revision 2 of ow@current was not gated and is discarded; the slot "
+        "still serves revision 1. Run the command again to train it anew."
+    ), r.output
+    slot = registry.get_version(settings, "ow", "current")
+    assert slot["revision"] == 1 and not slot.get("staged"), slot
+    assert [a["version"] for a in registry.list_active(settings) if a["name"] == "ow"] == ["current"]
+
+
 def test_a_base_model_directory_relative_to_the_working_directory_reaches_the_trainer_absolute(
     settings, tmp_path, monkeypatch
 ):

@@ -120,6 +120,10 @@ def train_and_gate(
             outcome["gate"] = {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
             if revision is not None:  # a staged overwrite run that was not judged never takes the slot
                 registry.settle_slot(settings, adapter["name"], revision, keep=False)
+        except KeyboardInterrupt:  # Ctrl-C of `lora --local` (its caller says what became of the version)
+            if revision is not None:
+                registry.settle_slot(settings, adapter["name"], revision, keep=False)
+            raise
         reasons = "; ".join(outcome["gate"].get("reasons") or [])
         passed = bool(outcome["gate"].get("passed"))
         # The last job's report says what became of it: the gate's decision and, for an overwrite run, whether

@@ -93,9 +93,9 @@ class TrainResult:
 class Stop(Exception):
     """Ends the loop early with a status (cancelled, or failed with an error code such as nan_loss)."""
 
-    def __init__(self, status: Status, code: str, message: str) -> None:
+    def __init__(self, status: Status, code: str, message: str, params: dict[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.params = status, code, message, params
 
 
 @dataclass
@@ -207,6 +207,7 @@ def _run_lora(
             train(run, emit, should_stop)
     except Stop as stop:
         status, error = stop.status, {"code": stop.code, "message": stop.message}
+        error |= {"params": stop.params} if stop.params else {}
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, failure(exc, "error")
     report = build_report(run, status, error, started, job_id)
@@ -597,7 +598,13 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 world, [sum(b.n_supervised for b in batches), stopping], run.device
             )
             if stopping:
-                raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}")
+                # epochsDone: whether an epoch checkpoint (this run's, or the one it resumed from) is there
+                raise Stop(
+                    Status.CANCELLED,
+                    "cancelled",
+                    f"cancelled at step {run.step} of {run.total_steps}",
+                    {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch},
+                )
             opt.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
             for batch in batches:

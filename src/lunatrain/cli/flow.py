@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import distributed
+from .. import distributed, registry
 from ..errors import LunaError, UsageError
 from ..flow import STEPS, FlowResult, job_outcome, run_flow, submit, summary_lines, train_and_gate
 from ..params import FlowOptions, LoraParams, parse_run
@@ -120,28 +120,69 @@ def local_lora(
     check_min_curated(settings, options)
     main = distributed.from_env().main
     display = ProgressDisplay(stream=sys.stderr if stderr else None) if main else None
+    trained: dict[str, Any] = {}
+
+    def on_trained(outcome: dict[str, Any]) -> None:
+        ctrl_c.restore()  # trained: a Ctrl-C during the gate is an interrupt
+        trained.update(outcome)
+
     with _CtrlC() as ctrl_c, display or contextlib.nullcontext():
-        outcome = train_and_gate(
-            settings,
-            params,
-            options,
-            thresholds=gate,
-            on_event=display.on_event if display else None,
-            should_stop=lambda: ctrl_c.pressed,
-            on_trained=lambda _outcome: ctrl_c.restore(),  # trained: a Ctrl-C during the gate is an interrupt
-            may_gate=lambda: main,
-        )
+        try:
+            outcome = train_and_gate(
+                settings,
+                params,
+                options,
+                thresholds=gate,
+                on_event=display.on_event if display else None,
+                should_stop=lambda: ctrl_c.pressed,
+                on_trained=on_trained,
+                may_gate=lambda: main,
+            )
+        except KeyboardInterrupt:
+            if not trained.get("adapter"):
+                raise
+            said_interrupted()
+            typer.echo(f"error: {_gate_interrupted(settings, trained['adapter'])}", err=True)
+            raise typer.Exit(130) from None
     if ctrl_c.pressed and outcome["status"] == "cancelled":
         said_interrupted()
         if main:
-            typer.echo(
-                f"error: Interrupted: training stopped at {outcome['error']['message'].removeprefix('cancelled at ')} "
-                "and is recorded as cancelled; run the same command with --resume to continue from the last "
-                "epoch checkpoint.",
-                err=True,
-            )
+            typer.echo(f"error: {_training_interrupted(outcome['error'])}", err=True)
         raise typer.Exit(130)
     return outcome
+
+
+def _training_interrupted(error: dict[str, Any]) -> str:
+    where = error["message"].removeprefix("cancelled at ")
+    if (error.get("params") or {}).get("epochsDone"):
+        return (
+            f"Interrupted: training stopped at {where} and is recorded as cancelled; run the same command with "
+            "--resume to continue from the last epoch checkpoint."
+        )
+    # a checkpoint is saved at the end of an epoch: --resume would start over as well
+    return (
+        f"Interrupted: training stopped at {where}, before its first epoch ended, and is recorded as cancelled; no "
+        "checkpoint was saved, so running the command again starts over."
+    )
+
+
+def _gate_interrupted(settings: Settings, adapter: dict[str, Any]) -> str:
+    ref = f"{adapter['name']}@{adapter['version']}"
+    if adapter.get("revision") is not None:  # train_and_gate discarded the staged revision
+        try:
+            slot = registry.get_version(settings, adapter["name"], adapter["version"])
+            held = None if slot.get("replaced") else slot.get("revision")
+        except LunaError:
+            held = None
+        now = f"the slot still serves revision {held}" if held is not None else "the slot holds no revision yet"
+        return (
+            f"Interrupted during the eval gate: revision {adapter['revision']} of {ref} was not gated and is "
+            f"discarded; {now}. Run the command again to train it anew."
+        )
+    return (
+        f"Interrupted during the eval gate: {ref} is trained and registered but not gated, so it is not served; "
+        f"`lunatrain eval-gate --adapter {ref}` scores it and `lunatrain adapters activate {ref}` serves it."
+    )
 
 
 def service_lora(
