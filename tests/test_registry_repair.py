@@ -509,3 +509,38 @@ def test_a_folder_copy_that_cannot_be_written_never_fails_a_registry_write(setti
     monkeypatch.undo()
     registry.annotate(settings, "a", "v1", "stale", False)
     assert json.loads(path.read_text())["copies"] == registry.COPIES
+
+
+def test_repair_of_a_readable_registry_marks_what_an_interrupted_delete_left_unmarked(settings):
+    """Repro: a delete stopped after the store committed it (Ctrl-C, a kill) never marked the versions
+    trained on the example stale, and `adapters repair` said "nothing to repair" on the readable registry, so
+    they stayed unmarked until some later delete or training run. Repair now marks them from the store's
+    tombstones and says so."""
+    from lunatrain import store
+    from lunatrain.cli import examples as examples_cli
+    from lunatrain.formats import make_draft
+
+    store.add_examples(settings, [make_draft(prompt="weg damit", response="ok")])
+    example = store.list_examples(settings)[0]
+    _publish(str(settings.home), "a", "one")
+    (settings.adapters_dir / "a" / "v1" / "train-hashes.txt").write_text(example.hash + "\n")
+
+    def killed(*_a, **_k):  # the delete is committed; the process ends before the registry hears of it
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(examples_cli.registry, "refresh_stale", killed)
+        r = CliRunner().invoke(app, ["examples", "delete", str(example.id)])
+    assert r.exit_code == 130 and store.list_examples(settings) == [], r.output
+    assert not registry.get_version(settings, "a", "v1").get("stale")
+
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        "Marked a@v1 stale: it was trained on examples deleted since (retrain needed).",
+        "The registry is readable (1 version); nothing else to repair.",
+    ], r.output
+    assert registry.get_version(settings, "a", "v1")["stale"]["hashes"] == [example.hash]
+    again = CliRunner().invoke(app, ["adapters", "repair"])
+    assert again.output.splitlines() == ["The registry is readable (1 version); nothing to repair."], again.output
+    store.dispose_stores()

@@ -1155,9 +1155,11 @@ def mark_stale(
 
 def repair(settings: Settings) -> dict[str, Any]:
     """Rebuild lora-adapters.json from the version folders when it cannot be read (see module docstring).
-    Returns {"repaired": bool, "damagedFile": path or None, "versions": n, "adapters": [...], "settled": [...]};
-    in a readable registry only the staged runs whose process stopped before its gate decided are settled
-    (`settled` names them), as the next run of the same adapter would."""
+    Returns {"repaired": bool, "damagedFile": path or None, "versions": n, "adapters": [...], "settled": [...],
+    "stale": [...]}; in a readable registry only the staged runs whose process stopped before its gate decided
+    are settled (`settled` names them), as the next run of the same adapter would. Either way the versions
+    trained on content the store has deleted are marked stale (`stale` names those marked now): a delete
+    stopped between its commit and its marking leaves them to this."""
     path = registry_path(settings)
     with _lock(settings):
         try:
@@ -1173,7 +1175,7 @@ def repair(settings: Settings) -> dict[str, Any]:
             if settled:
                 _save(settings, data)
             count = sum(len(a["versions"]) for a in data["adapters"].values())
-            return {
+            readable = {
                 "repaired": False,
                 "damagedFile": None,
                 "versions": count,
@@ -1181,18 +1183,20 @@ def repair(settings: Settings) -> dict[str, Any]:
                 "settled": settled,
                 "skipped": [],
             }
-        rebuilt = rebuild(settings)
-        skipped = rebuilt.pop("skipped")
-        aside: Path | None = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
-        with storage_guard(path):
-            try:
-                os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
-            except FileNotFoundError:  # a missing registry: nothing to keep
-                aside = None
-        rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name if aside else None}
-        _save(settings, rebuilt)
-    with contextlib.suppress(LunaError):  # stale marks come from the store's tombstones, when it can be read
-        refresh_stale(settings)
+        else:
+            rebuilt = rebuild(settings)
+            skipped = rebuilt.pop("skipped")
+            aside: Path | None = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
+            with storage_guard(path):
+                try:
+                    os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
+                except FileNotFoundError:  # a missing registry: nothing to keep
+                    aside = None
+            rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name if aside else None}
+            _save(settings, rebuilt)
+    stale = _marked_stale(settings)  # outside the lock: it takes it itself
+    if data is not None:
+        return readable | {"stale": stale}
     count = sum(len(a["versions"]) for a in rebuilt["adapters"].values())
     return {
         "repaired": True,
@@ -1201,7 +1205,16 @@ def repair(settings: Settings) -> dict[str, Any]:
         "adapters": sorted(rebuilt["adapters"]),
         "settled": [],
         "skipped": skipped,
+        "stale": stale,
     }
+
+
+def _marked_stale(settings: Settings) -> list[str]:
+    """The versions `refresh_stale` marks now (from the store's tombstones, when the store can be read)."""
+    try:
+        return refresh_stale(settings)
+    except LunaError:
+        return []
 
 
 def rebuild(settings: Settings) -> dict[str, Any]:

@@ -201,16 +201,20 @@ def _differing(a: Any, b: Any) -> str:
 @adapters_app.command("repair")
 def repair_cmd() -> None:
     """Rebuild an unreadable registry from the adapter folders' training reports (the damaged file is kept
-    beside it as lora-adapters.json.damaged-<time>); settle overwrite runs left staged by a stopped process."""
+    beside it as lora-adapters.json.damaged-<time>); settle overwrite runs left staged by a stopped process;
+    mark versions trained on deleted examples stale."""
     try:
         result = registry.repair(load_settings())
     except LunaError as err:
         raise fail(err) from None
     for run in result["settled"]:
         typer.echo(f"Settled {run}: its process stopped before the eval gate decided, so the slot kept its own.")
+    for ref in result["stale"]:
+        typer.echo(f"Marked {ref} stale: it was trained on examples deleted since (retrain needed).")
     if not result["repaired"]:
         if not result["settled"]:
-            typer.echo(f"The registry is readable ({counted(result['versions'], 'version')}); nothing to repair.")
+            readable = f"The registry is readable ({counted(result['versions'], 'version')})"
+            typer.echo(f"{readable}; nothing {'else ' if result['stale'] else ''}to repair.")
         return
     kept = f"; the damaged file is kept as {result['damagedFile']}" if result["damagedFile"] else ""
     typer.echo(
