@@ -6,7 +6,9 @@ Run: `.venv/bin/python -m pytest tests/test_formats.py -q`
 
 from __future__ import annotations
 
+import codecs
 import json
+import random
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -580,3 +582,57 @@ def test_a_csv_with_lone_cr_endings_and_a_blank_first_line_finds_its_separator(t
     path = tmp_path / "mac.csv"
     path.write_bytes(b"\rprompt;response\rhi;there\rfoo;bar\r")
     assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("hi", "there"), ("foo", "bar")]
+
+
+def _random_json_value(rng: random.Random, depth: int = 0) -> object:
+    r = rng.random()
+    if depth > 2 or r < 0.3:
+        return rng.choice([1, -2.5e3, 'ä\n"x\u2028', True, None, 12345678901234567890, "", 0.1, 1e-7])
+    if r < 0.6:
+        return {f"k{i}": _random_json_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+    return [_random_json_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+
+
+def test_a_json_array_read_a_record_at_a_time_is_what_json_loads_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .json array is decoded a record at a time from a window of the file (a whole document held its text
+    and every parsed record at once: test_store.py measures it). Whatever the window's size, what it yields is
+    what json.loads of the whole text gives: the same records, or its error at the same line and column, on
+    valid documents and on ones truncated, cut or spliced at random."""
+    import io
+
+    from lunatrain import formats
+
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(600):
+        text = json.dumps(
+            [_random_json_value(rng) for _ in range(rng.randint(0, 6))],
+            ensure_ascii=rng.random() < 0.5,
+            indent=rng.choice([None, 1, 2]),
+        )
+        if rng.random() < 0.6:
+            i = rng.randint(0, len(text))
+            text = rng.choice(
+                [text[:i], text[:i] + rng.choice([",", "]", "[", "}", "{", '"', "x", "\n", "1"]) + text[i:]]
+                + [text[:i] + text[i + 1 :], text + rng.choice(["\n]", " x", "\n{}", "\n\n  ", ","])]
+            )
+        if not text.lstrip().startswith("["):
+            continue
+        text = rng.choice(["", "\n  "]) + text
+        try:
+            want: tuple = ("ok", json.loads(text))
+        except json.JSONDecodeError as exc:
+            want = ("error", f"line {exc.lineno}", formats._malformed(exc))
+        data = rng.choice([b"", codecs.BOM_UTF8]) + text.encode()
+        for window in (1, 3, 64, 1 << 20):
+            monkeypatch.setattr(formats, "_CHUNK", window)
+            got, records = None, []
+            for where, rec in formats._json_array(io.BytesIO(data), Path("x.json")):
+                if isinstance(rec, formats.RecordError):
+                    assert rec.whole
+                    got = ("error", where, rec.message)
+                    break
+                records.append(rec)
+            assert (got or ("ok", records)) == want, (text, window, got, want)
+        checked += 1
+    assert checked > 300

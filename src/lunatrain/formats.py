@@ -154,10 +154,11 @@ class ExampleDraft:
 class RecordError(ValueError):
     """One bad field of one record; `field` is the dotted path inside the record."""
 
-    def __init__(self, field_name: str | None, message: str) -> None:
+    def __init__(self, field_name: str | None, message: str, *, whole: bool = False) -> None:
         super().__init__(message)
         self.field = field_name
         self.message = message
+        self.whole = whole  # the document cannot be read past it: it is the file's one problem
 
     def describe(self) -> str:
         return f"field '{self.field}': {self.message}" if self.field else self.message
@@ -525,13 +526,17 @@ def _decode(data: bytes, path: Path) -> str:
 
 def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
     """Yield (location, decoded record or RecordError) for each record of the open file `fh`. JSON Lines and
-    CSV in UTF-8 are read a line at a time (a file of months of logs is never held whole); a JSON document, or
-    a file in UTF-16, is read whole."""
+    CSV in UTF-8 are read a line at a time, a JSON array in UTF-8 a record at a time (a file of months of logs
+    is never held whole); any other JSON document, or a file in UTF-16, is read whole."""
     suffix = path.suffix.lower()
-    utf16 = fh.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    head = fh.read(2)
+    utf16 = head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     fh.seek(0)
     if suffix in (".jsonl", ".ndjson") and not utf16:
         yield from _json_lines(_utf8_lines(fh, path))
+        return
+    if suffix == ".json" and not utf16 and _starts_an_array(fh):
+        yield from _json_array(fh, path)
         return
     if suffix == ".csv":
         yield from _csv_records(_csv_lines(fh, path, utf16))
@@ -565,6 +570,97 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
         raise UsageError(
             f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
         )
+
+
+def _starts_an_array(fh: BinaryIO) -> bool:
+    """Whether the first character after the byte order mark and any whitespace is `[` (then rewound)."""
+    start = fh.read(4096)
+    fh.seek(0)
+    return start.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n").startswith(b"[")
+
+
+_CHUNK = 1 << 20
+
+
+def _json_array(fh: BinaryIO, path: Path) -> Iterator[tuple[str, Any]]:
+    """The records of a JSON array, decoded one at a time from a window of the file: what `json.loads` of the
+    whole text yields as `record N`, and its error (line, message, column) where the text is not JSON. That
+    error ends the document (`whole`): nothing after it can be read as records."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    scan = json.JSONDecoder()
+    buf, pos, first_line, eof = "", 0, 1, False  # buf starts a line: first_line is its number in the file
+
+    def more() -> bool:
+        """Read on (as much again as the window holds, for a record longer than a chunk); drop the window's
+        whole lines before `pos`, so that a column can still be counted from its line's start."""
+        nonlocal buf, pos, first_line, eof
+        if eof:
+            return False
+        data = fh.read(max(_CHUNK, len(buf)))
+        try:
+            text = decoder.decode(data, final=not data)
+        except UnicodeDecodeError:
+            fh.seek(0)
+            _decode(fh.read(), path)  # raises, naming the line
+            raise UsageError(f"Cannot import {path.name}: it is not valid UTF-8. Nothing was imported.") from None
+        eof = not data
+        cut = buf.rfind("\n", 0, pos) + 1
+        first_line += buf.count("\n", 0, cut)
+        buf, pos = buf[cut:] + text, pos - cut
+        return True
+
+    def skip_space() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return
+
+    def fault(message: str, at: int) -> tuple[str, RecordError]:
+        column = at - buf.rfind("\n", 0, at)
+        what = f"malformed JSON ({message.removesuffix(' at')} at column {column})"
+        return f"line {first_line + buf.count(chr(10), 0, at)}", RecordError(None, what, whole=True)
+
+    skip_space()
+    pos += 1  # the "[" (_starts_an_array)
+    skip_space()
+    closed = pos < len(buf) and buf[pos] == "]"
+    n = 0
+    while not closed:
+        skip_space()
+        while True:
+            try:
+                record, end = scan.raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                if more():  # the record may go on past the window
+                    continue
+                yield fault(exc.msg, exc.pos)
+                return
+            except JSON_FAULTS as exc:  # nested too deeply, a number of too many digits
+                yield f"line {first_line + buf.count(chr(10), 0, pos)}", RecordError(None, _malformed(exc), whole=True)
+                return
+            # A number the window cut ("0." of "0.5", "12" of "125") decodes as a shorter one: one not yet
+            # followed by what may follow a record is read again with more of the file.
+            cut = not isinstance(record, dict | list | str) and (end == len(buf) or buf[end] not in " \t\r\n,]")
+            if cut and more():
+                continue
+            break
+        n += 1
+        yield f"record {n}", record
+        pos = end
+        skip_space()
+        if pos < len(buf) and buf[pos] == ",":
+            pos += 1
+        elif pos < len(buf) and buf[pos] == "]":
+            closed = True
+        else:
+            yield fault("Expecting ',' delimiter", pos)
+            return
+    pos += 1  # the "]"
+    skip_space()
+    if pos < len(buf):
+        yield fault("Extra data", pos)
 
 
 def _utf8_lines(fh: BinaryIO, path: Path) -> Iterator[str]:
@@ -741,6 +837,9 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
     problems: list[str] = []
     with fh, _read_faults(path):
         for where, rec in _records(path, fh):
+            if isinstance(rec, RecordError) and rec.whole:  # the file's one problem, whatever came before it
+                drafts, formats, problems = [], {}, [f"{where}: {rec.describe()}"]
+                break
             try:
                 if isinstance(rec, RecordError):
                     raise rec
