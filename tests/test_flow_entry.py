@@ -239,6 +239,11 @@ def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tin
     assert not registry.list_adapters(settings)  # nothing was registered
 
 
+def _ends_interrupted(r, sentence: str) -> None:
+    assert r.exit_code == 130, r.output
+    assert r.output.strip().splitlines()[-1] == sentence, r.output
+
+
 def test_ctrl_c_before_the_first_epoch_ends_says_there_is_no_checkpoint_to_resume(settings, tiny, monkeypatch):
     """Repro: Ctrl-C on `lora --local` during its first epoch advised "run the same command with --resume to
     continue from the last epoch checkpoint", though no epoch had ended and so no checkpoint existed: the
@@ -255,11 +260,11 @@ def test_ctrl_c_before_the_first_epoch_ends_says_there_is_no_checkpoint_to_resum
 
     monkeypatch.setattr(cli_flow._CtrlC, "__enter__", pressed_at_once)
     r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated", "0"])
-    assert r.exit_code == 130, r.output
-    assert r.output.strip().splitlines()[-1] == (
+    _ends_interrupted(
+        r,
         "error: Interrupted: training stopped at step 0 of 2, before its first epoch ended, and is recorded as "
-        "cancelled; no checkpoint was saved, so running the command again starts over."
-    ), r.output
+        "cancelled; no checkpoint was saved, so running the command again starts over.",
+    )
     assert "--resume" not in r.output
     assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
 
@@ -292,21 +297,19 @@ def test_ctrl_c_during_the_gate_of_a_local_run_names_the_ungated_version_and_wha
         raise KeyboardInterrupt
 
     monkeypatch.setattr(evalgate, "gate_candidate", ctrl_c)
-    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--adapterName", "vs", "--minCurated", "0"])
-    assert r.exit_code == 130, r.output
-    assert r.output.strip().splitlines()[-1] == (
+    _ends_interrupted(
+        CliRunner().invoke(app, ["lora", "--local", *FAST, "--adapterName", "vs", "--minCurated", "0"]),
         "error: Interrupted during the eval gate: vs@v1 is trained and registered but not gated, so it is not "
-        "served; `lunatrain eval-gate --adapter vs@v1` scores it and `lunatrain adapters activate vs@v1` serves it."
-    ), r.output
+        "served; `lunatrain eval-gate --adapter vs@v1` scores it and `lunatrain adapters activate vs@v1` serves it.",
+    )
     entry = registry.get_version(settings, "vs", "v1")
     assert not entry.get("gate") and not [a for a in registry.list_active(settings) if a["name"] == "vs"], entry
 
-    r = CliRunner().invoke(app, overwrite)
-    assert r.exit_code == 130, r.output
-    assert r.output.strip().splitlines()[-1] == (
+    _ends_interrupted(
+        CliRunner().invoke(app, overwrite),
         "error: Interrupted during the eval gate: revision 2 of ow@current was not gated and is discarded; the slot "
-        "still serves revision 1. Run the command again to train it anew."
-    ), r.output
+        "still serves revision 1. Run the command again to train it anew.",
+    )
     slot = registry.get_version(settings, "ow", "current")
     assert slot["revision"] == 1 and not slot.get("staged"), slot
     assert [a["version"] for a in registry.list_active(settings) if a["name"] == "ow"] == ["current"]
