@@ -157,10 +157,27 @@ def test_an_interrupted_job_says_how_to_resume_in_the_callers_terms(store, setti
     last checkpoint)": `resume=true` is neither the CLI's flag nor the API's JSON."""
     job = queued(store, LoraParams(adapter_name="cut"))
     store.claim(job.id)
+    store.add_event(job.id, "log", {"message": "epoch 1 done, checkpoint saved", "code": "log.epoch_done_no_val"})
     recover(settings, store)
     message = store.get(job.id).error.message
     assert "resume=true" not in message, message
     assert "`lunatrain lora --resume`" in message and '`"resume": true`' in message, message
+
+
+def test_a_job_interrupted_before_its_first_epoch_ended_promises_no_checkpoint(store, settings):
+    """Repro: a job whose trainer stopped during its first epoch said "with `lunatrain lora --resume` … it
+    continues from its last checkpoint", though a checkpoint is saved only when an epoch ends: the resume
+    started over. Without an epoch's end in its events the message now says so."""
+    job = queued(store, LoraParams(adapter_name="early"))
+    store.claim(job.id)
+    store.add_event(job.id, "log", {"message": "epoch 0: base val loss 8.3", "code": "log.base_val_loss"})
+    recover(settings, store)
+    error = store.get(job.id).error
+    assert error.code == "interrupted" and "--resume" not in error.message, error
+    assert error.message == (
+        "The trainer stopped while this job was running, before its first epoch ended: no adapter was registered "
+        "and no checkpoint saved; submit it again."
+    )
 
 
 def test_recover_never_kills_a_reused_pid(store, settings):

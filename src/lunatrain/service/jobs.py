@@ -292,6 +292,12 @@ class JobStore:
             ).fetchone()
         return json.loads(row[0]) if row else None
 
+    def logged(self, job_id: str, code_prefix: str) -> bool:
+        """Whether the job logged an event whose message code starts with `code_prefix` (messages.py)."""
+        with self._lock:
+            rows = self._db.execute("SELECT data FROM events WHERE job_id = ? AND type = 'log'", (job_id,)).fetchall()
+        return any(str(json.loads(row[0]).get("code", "")).startswith(code_prefix) for row in rows)
+
     # --- writing ---------------------------------------------------------------------------------
     def create(
         self,

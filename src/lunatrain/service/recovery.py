@@ -103,17 +103,18 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
             pid=None,
             pid_started=None,
         )
-    return store.set_status(
-        job_id,
-        "failed",
-        error={
-            "code": "interrupted",
-            # Read by CLI and API users alike: name the switch in both their terms.
-            "message": "The trainer stopped while this job was running and no adapter was registered; submit it "
-            'again (with `lunatrain lora --resume`, or `"resume": true` in the API, it continues from its last '
-            "checkpoint).",
-        },
-    )
+    if store.logged(job_id, "log.epoch_done"):  # said after each epoch's checkpoint is saved (train.py)
+        # Read by CLI and API users alike: name the switch in both their terms.
+        message = (
+            "The trainer stopped while this job was running and no adapter was registered; submit it again (with "
+            '`lunatrain lora --resume`, or `"resume": true` in the API, it continues from its last checkpoint).'
+        )
+    else:
+        message = (
+            "The trainer stopped while this job was running, before its first epoch ended: no adapter was "
+            "registered and no checkpoint saved; submit it again."
+        )
+    return store.set_status(job_id, "failed", error={"code": "interrupted", "message": message})
 
 
 def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str, Any] | None:
