@@ -124,7 +124,13 @@ def current_umask() -> int:
 
 
 def _this_host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    """This machine and process id namespace: a pid means one process only within both (a container on the
+    same host, sharing the data root, has its own pids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\n{namespace}".encode()).hexdigest()[:8]
 
 
 def staging_dir(parent: Path, name: str) -> Path:
