@@ -333,6 +333,47 @@ def test_resume_continues_a_checkpoint_saved_before_checkpoints_recorded_their_r
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
 
 
+def test_resume_finds_its_checkpoint_when_the_same_base_weights_lie_at_another_path(settings):
+    """Repro: after the data root was moved (`mv ~/luna ~/luna2`), `lora --local --resume` with a base model
+    kept inside it started fresh: "the checkpoint of epoch 1 … is of another run (other parameters:
+    baseModel)". The base's path was part of the run's identity beside its weights' fingerprint, so the same
+    weights at a new path made another run. The weights count, not where they lie."""
+    import shutil
+
+    write_export(settings, make_records(40, val_every=5))
+    tiny = models.resolve_base(None, settings)
+    here, there = settings.models_dir / "mybase", settings.models_dir / "moved" / "mybase"
+    shutil.copytree(tiny.path, here)
+    _cut_after_first_epoch(settings, baseModel=str(here))
+    shutil.copytree(here, there)
+    logs: list = []
+    resumed = run_lora(_params(baseModel=str(there), resume=True), settings, on_event=logs.append)
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, (
+        [e for e in logs if "resume" in str(e)],
+        resumed.error,
+    )
+
+
+def test_resume_continues_a_checkpoint_saved_while_the_identity_held_the_base_models_name(settings):
+    """The upgrade of the test above: checkpoints saved by the release whose run identity held the base
+    model's name lie under that identity's key, which a resume still looks for."""
+    import shutil
+
+    from lunatrain.train import run_key
+
+    write_export(settings, make_records(40, val_every=5))
+    _cut_after_first_epoch(settings)
+    (state,) = (settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json")
+    old = json.loads(state.read_text())
+    old["run"]["params"]["base_model"] = _params().base_model  # as that release recorded it
+    state.write_text(json.dumps(old))
+    work = state.parents[2]
+    key = run_key(old["run"])  # that release's key: a hash of the identity it recorded
+    shutil.move(work, work.with_name(f"{key}-0000aaaa"))
+    resumed = run_lora(_params(resume=True), settings)
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
+
+
 def test_a_run_is_another_run_with_another_tokenizer_or_chat_template(settings):
     """Repro: the identity a checkpoint was matched by left out the tokenizer and the chat template, so a
     resume after the base model's template changed mixed two templates in one adapter, and the report named

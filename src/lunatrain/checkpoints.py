@@ -135,6 +135,10 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str]
 
     if not theirs:
         return [], "made before checkpoints recorded their run"
+    # An earlier release's identity held the base's name too: its weights (`base`) are what count.
+    ours, theirs = (
+        {**i, "params": {k: v for k, v in (i.get("params") or {}).items() if k != "base_model"}} for i in (ours, theirs)
+    )
     differs = [
         part for part in ("params", "data", "base", "tokenizer", "template") if ours.get(part) != theirs.get(part)
     ]

@@ -389,7 +389,12 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         val=val_set,
         steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
         total_steps=total_steps(len(train_set), params, world.size),
-        work_dir=distributed.share(world, _work_dir(params, settings, identity, legacy_run_key(params, base, data))),
+        work_dir=distributed.share(
+            world,
+            _work_dir(
+                params, settings, identity, named_base_run_key(params, identity), legacy_run_key(params, base, data)
+            ),
+        ),
         identity=identity,
         kernels=chosen,
         world=world,
@@ -464,11 +469,12 @@ def run_identity(params: LoraParams, base: Any, data: Any, tokenizer: Any) -> di
     """What makes two tries one run for resuming: the parameters (resume aside), the trained tier's own file
     (not the whole export: approving an example of another tier or adding a memory item changes nothing the
     run trains on), the base weights, and the tokenizer and chat template that turned the data into tokens
-    (a resume across a changed template would train one adapter on two)."""
+    (a resume across a changed template would train one adapter on two). The base counts by its weights'
+    fingerprint, not by where it lies: a data root moved with the base inside it is the same run."""
     from .models import template_hash, tokenizer_hash
 
     return {
-        "params": params.model_dump(mode="json", exclude={"resume"}),
+        "params": params.model_dump(mode="json", exclude={"resume", "base_model"}),
         "data": data.sha256,
         "base": base.fingerprint,
         "tokenizer": tokenizer_hash(tokenizer),
@@ -479,6 +485,13 @@ def run_identity(params: LoraParams, base: Any, data: Any, tokenizer: Any) -> di
 def run_key(identity: dict[str, Any]) -> str:
     """The run's name among its adapter's work dirs: a hash of its identity."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def named_base_run_key(params: LoraParams, identity: dict[str, Any]) -> str:
+    """The key of this run's checkpoints saved while the identity still held the base model's name (as
+    given: a path moves with its data root). Read only, so that an upgrade resumes them; goes when such
+    checkpoints are past ASSISTANT_RETAIN_CHECKPOINT_DAYS everywhere."""
+    return run_key(identity | {"params": identity["params"] | {"base_model": params.base_model}})
 
 
 def legacy_run_key(params: LoraParams, base: Any, data: Any) -> str:
@@ -494,16 +507,23 @@ def legacy_run_key(params: LoraParams, base: Any, data: Any) -> str:
     )
 
 
-def _work_dir(params: LoraParams, settings: Settings, identity: dict[str, Any], legacy: str | None = None) -> Path:
+def _work_dir(
+    params: LoraParams,
+    settings: Settings,
+    identity: dict[str, Any],
+    named_base: str | None = None,
+    legacy: str | None = None,
+) -> Path:
     root = settings.adapters_dir / params.adapter_name / ".work"
     key = run_key(identity)
     if params.resume:
         # Several tries of this run may have left checkpoints (each try has its own work dir): resume the one
         # that got furthest (epoch names are zero-padded), the newest of equals — not whichever random suffix
-        # sorts last. Checkpoints of this run saved before they recorded its identity are under `legacy`.
-        for named in (key, legacy):
+        # sorts last. Checkpoints of this run saved by earlier releases are under `named_base` (the identity
+        # held the base's name) or, saved before they recorded any identity, under `legacy`.
+        for named in (key, named_base, legacy):
             existing = list(root.glob(f"{named}-*/checkpoints/epoch-*/state.json")) if named else []
-            existing = [p for p in existing if named == key or checkpoints.recorded_run(p) is None]
+            existing = [p for p in existing if named != legacy or checkpoints.recorded_run(p) is None]
             if existing:
                 return checkpoints.furthest(existing).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
