@@ -613,3 +613,26 @@ def test_loading_passes_on_what_the_files_did_not_cause(settings, raised):
         with registry.loading(settings, settings.adapters_dir / "a" / "v1"):
             raise raised
     assert caught.value is raised
+
+
+def test_a_registry_this_user_may_not_write_says_so_instead_of_check_the_disk(settings):
+    """Repro: on a data root restored read-only (a backup mount) or owned by another user, `adapters activate`
+    said "Writing …/lora-adapters.json.lock failed: Read-only file system, and the previous data is intact;
+    check the disk and try again": nothing is wrong with the disk. A refusal of permission, or a read-only file
+    system, now says what to change."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    from faults import read_only
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two"):
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+    before = registry.registry_path(settings).read_bytes()
+    with read_only(settings.reports_training_dir):
+        r = CliRunner().invoke(app, ["adapters", "activate", "a@v1"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "check the disk" not in r.output, r.output
+    assert "Read-only file system" in r.output and "make it writable" in r.output, r.output
+    assert registry.registry_path(settings).read_bytes() == before

@@ -725,6 +725,28 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
         assert "permission denied for table examples" in r.output, r.output
 
 
+def test_a_database_this_process_may_only_read_is_said_so_not_called_damaged(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repro: a database file this user may not write (a backup extracted as another user, one `sudo
+    lunatrain`) failed every change with "cannot be used (attempt to write a readonly database); restore it
+    from a backup, or move it aside to start with an empty one": advice that throws a healthy store away. Here
+    SQLite opens it read-only by its URL, the same refusal; the sentence now says it cannot be written."""
+    store.add_example(settings, prompt="Erste?", response="Ja.")
+    store.dispose_stores()
+    path = store.open_store(settings).engine.url.database
+    store.dispose_stores()
+    monkeypatch.setenv("ASSISTANT_DB_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Zweite?", "--response", "Nein."])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "cannot be written by this process (attempt to write a readonly database)" in r.output, r.output
+    assert "backup" not in r.output and "aside" not in r.output, r.output
+    assert "chmod" in r.output, r.output
+    listed = CliRunner().invoke(app, ["examples", "list", "--json"])  # reading still works
+    assert listed.exit_code == 0 and [e["prompt"] for e in json.loads(listed.output)] == ["Erste?"], listed.output
+    store.dispose_stores()
+
+
 def test_listing_by_status_reads_an_index_in_id_order(settings: Settings) -> None:
     """Repro: `examples list --status approved` sorted every approved row for each page (no index on status
     and id): a page took 7-10 s at 530,000 examples, against 0.09 s without the filter."""

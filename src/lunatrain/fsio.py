@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 from .errors import JSON_FAULTS, DamagedFile, DiskFull, StorageError, json_fault
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def storage_error(exc: OSError, what: object) -> StorageError:
@@ -37,6 +38,11 @@ def storage_error(exc: OSError, what: object) -> StorageError:
         return DiskFull(
             f"The disk is full: writing {what} failed ({reason}) and the previous data is intact; free some "
             "space (`lunatrain gc` removes what the retention policy allows) and try again."
+        )
+    if exc.errno in _DENIED:  # nothing wrong with the disk: a read-only mount, or another user's files
+        return StorageError(
+            f"Writing {what} failed: {reason}, and the previous data is intact; make it writable for this user "
+            "or point ASSISTANT_HOME at another data root."
         )
     return StorageError(
         f"Writing {what} failed: {reason}, and the previous data is intact; check the disk and try again."

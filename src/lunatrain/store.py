@@ -218,6 +218,13 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             f"The database {where} is held by another process ({reason}), so nothing was changed; try again "
             "when that process is done."
         )
+    if engine.dialect.name == "sqlite" and "readonly database" in reason:
+        # SQLite opened the file read-only: this user may not write it (a backup extracted as another user, one
+        # `sudo lunatrain`). The data is healthy; the advice for a damaged database would throw it away.
+        return StorageDenied(
+            f"The database {where} cannot be written by this process ({reason}), so nothing was changed; give "
+            "this user write access to it and its folder (`chown`/`chmod`), or point ASSISTANT_HOME at a copy."
+        )
     if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
         said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason  # without the query
         user = f"The database user {engine.url.username}" if engine.url.username else "The database user"
