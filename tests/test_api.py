@@ -5,6 +5,7 @@ Run: `.venv/bin/python -m pytest tests/test_api.py -q`
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -486,3 +487,41 @@ def test_import_takes_a_records_own_status_unless_the_request_sets_one(client: T
     assert client.post(f"{T}/examples/import", json={"records": records, "status": "pending"}).json()["added"] == 1
     got = {e["prompt"]: e["status"] for e in client.get(f"{T}/examples").json()["examples"]}
     assert got == {"a": "rejected", "b": "pending"}
+
+
+def test_a_data_root_moved_while_the_api_runs_is_one_sentence_and_never_written_again(
+    home: Path, dead_port: int
+) -> None:
+    """Repro: `mv ~/luna ~/luna2` while `lunatrain serve` ran: the API went on answering from a split data
+    root. /status said 0 examples with no problem, chat said the model "luna-adapter" does not exist, a new
+    example went into the moved database (its open connection), and an export re-created the old path and
+    wrote there. Once the folder it serves is gone or replaced, every request but the dashboard's own files
+    answers 503 with what happened and what to do, and nothing is written."""
+    settings = load_settings(lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    moved = home.with_name(home.name + "-moved")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert (
+            client.post("/assistant/training/examples", json={"prompt": "Wo?", "response": "Hier."}).status_code == 201
+        )
+        home.rename(moved)
+        for method, path, body in (
+            ("GET", "/assistant/training/status", None),
+            ("POST", "/assistant/training/examples", {"prompt": "Und jetzt?", "response": "Dort."}),
+            ("POST", "/assistant/training/export", {}),
+            ("POST", "/v1/chat/completions", {"model": "luna-tiny", "messages": [{"role": "user", "content": "Hi"}]}),
+        ):
+            r = client.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "data_root_gone", error
+            assert error["message"] == (
+                f"The data root {home} was moved or deleted while this API ran; nothing was changed. Start "
+                "`lunatrain serve` again with ASSISTANT_HOME set to where it is now."
+            ), error
+        assert client.get("/").status_code == 200  # the dashboard still loads, to show that sentence
+        assert not home.exists()  # never re-created
+        home.mkdir()  # a new, empty folder at the old path is not the data root the API opened either
+        assert client.get("/assistant/training/status").status_code == 503
+    store.dispose_stores()
+    rows = sqlite3.connect(moved / "data" / "assistant.db").execute("SELECT prompt FROM examples").fetchall()
+    assert rows == [("Wo?",)]

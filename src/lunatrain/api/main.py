@@ -15,7 +15,7 @@ from .. import store
 from ..errors import StorageError
 from ..settings import Settings, load_settings
 from ..web import docs, handlers
-from ..web.security import API_REALM, GuardMiddleware, allowed_hostnames
+from ..web.security import API_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames
 from . import routes
 from .cache import Coalescer
 
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
         app.include_router(router)
     _without_fastapi_422_on_chat(app)
     hosts = allowed_hostnames(settings, bound_host)
+    app.add_middleware(DataRootMiddleware, home=settings.home)  # inside the guard: strangers learn nothing
     app.add_middleware(
         GuardMiddleware,
         hosts=hosts,

@@ -12,13 +12,17 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import UsageError
 from ..settings import Settings
+
+log = logging.getLogger("lunatrain.api")
 
 # GETs that serve no data (the dashboard shell and the schema) stay reachable without a token, so a browser
 # can load the page that then asks for the token; everything else needs it.
@@ -180,6 +184,49 @@ class GuardMiddleware:
             pass
         if too_large and not started:
             await _reply(send, 413, "payload_too_large", f"Request body over {self.max_body} bytes.", close=True)
+
+
+class DataRootMiddleware:
+    """503 for every request but the dashboard's own files once the data root this app serves is moved,
+    deleted or replaced (`mv ~/luna ~/luna2` while `lunatrain serve` runs). The open database connection
+    would follow the moved file while every path names the old place: reads would find an empty data root,
+    and writes would split between the moved database and a re-created old path. (The trainer, which has no
+    requests to answer, shuts down instead: service/runner.py.)"""
+
+    def __init__(self, app: ASGIApp, *, home: Path) -> None:
+        self.app, self.home = app, home
+        self.opened = _folder_identity(home)  # None until the folder exists (created by the first write)
+        self.gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _public(scope) and self._gone():
+            await _reply(
+                send,
+                503,
+                "data_root_gone",
+                f"The data root {self.home} was moved or deleted while this API ran; nothing was changed. Start "
+                "`lunatrain serve` again with ASSISTANT_HOME set to where it is now.",
+            )
+            return
+        await self.app(scope, receive, send)
+
+    def _gone(self) -> bool:
+        if not self.gone:
+            now = _folder_identity(self.home)
+            if self.opened is None:
+                self.opened = now
+            elif now != self.opened:
+                self.gone = True  # for good: moving it back would not undo what a restart must redo
+                log.error("data root %s was moved or deleted; every request now answers 503", self.home)
+        return self.gone
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _public(scope: Scope) -> bool:
