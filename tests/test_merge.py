@@ -377,3 +377,44 @@ def test_a_merge_after_a_killed_one_removes_what_it_left_and_fits_on_the_same_di
         (leftover,) = [p for p in merged.iterdir() if p.name.startswith(".luna-adapter-v1.")]
         merge_adapter(settings, "luna-adapter@v1")
         assert sorted(p.name for p in merged.iterdir()) == ["luna-adapter-v1"], list(merged.iterdir())
+
+
+def test_a_base_inside_a_moved_or_copied_data_root_is_found_there(settings, monkeypatch):
+    """Repro: an adapter trained on a base model kept inside the data root (the merged model the README
+    suggests as a next base) records the base by its absolute path. After `mv ~/luna ~/luna2`, `merge` and
+    `eval-gate` refused with "put that base model back", the model right there under the new root; after a
+    `cp -a`, `merge` read the base out of the other data root without a word. The same relative place under
+    this data root, with the same weights, is the base now."""
+    import shutil
+
+    from lunatrain.params import parse_params
+    from lunatrain.settings import load_settings
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    mine = settings.models_dir / "mybase"
+    shutil.copytree(models.resolve_base(None, settings).path, mine)
+    write_export(settings, make_records(16, val_every=6))
+    trained = run_lora(parse_params({"maxSteps": 2, "rank": 4, "maxSeqLength": 128, "baseModel": str(mine)}), settings)
+    assert trained.ok, trained.error
+    ref = f"luna-adapter@{trained.version}"
+
+    moved = settings.home.with_name("moved")
+    settings.home.rename(moved)
+    monkeypatch.setenv("ASSISTANT_HOME", str(moved))
+    monkeypatch.chdir(moved)
+    here = load_settings()
+    result = merge_adapter(here, ref)
+    merged_from = json.loads((result.path / "lunatrain-merge.json").read_text())["baseModel"]
+    assert merged_from["id"] == str(moved / "data" / "models" / "mybase"), merged_from
+    report = evalgate.eval_gate(here, adapter=ref)
+    assert report.candidate["baseModel"] == str(moved / "data" / "models" / "mybase"), report.candidate
+
+    copy = settings.home.with_name("copy")  # `cp -a`: the moved root is still there, with its own base
+    shutil.copytree(moved, copy, symlinks=True)
+    monkeypatch.setenv("ASSISTANT_HOME", str(copy))
+    monkeypatch.chdir(copy)
+    result = merge_adapter(load_settings(), ref)
+    merged_from = json.loads((result.path / "lunatrain-merge.json").read_text())["baseModel"]
+    assert merged_from["id"] == str(copy / "data" / "models" / "mybase"), merged_from

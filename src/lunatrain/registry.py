@@ -573,7 +573,11 @@ def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
     command was right and the base is missing: one sentence naming the version, and what to do (`to_do`)."""
     from .models import resolve_base
 
-    base_id = (entry.get("baseModel") or {}).get("id")
+    recorded = entry.get("baseModel") or {}
+    base_id = recorded.get("id")
+    moved = _moved_in(settings, base_id, recorded.get("fingerprint"))
+    if moved is not None:
+        return moved
     try:
         return resolve_base(base_id, settings)
     except UsageError as err:
@@ -581,6 +585,29 @@ def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
             f"{entry.get('name')}@{entry.get('version')} was trained on base model {base_id!r}, which cannot be "
             f"used now ({err.message.rstrip('.')}); put that base model back to {to_do}."
         ) from None
+
+
+def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None) -> Any:
+    """The base recorded as an absolute path outside this data root, found at the same relative place inside
+    it with the same weights: the data root was moved or copied with its base inside (a merged model used as
+    the next base), and the path recorded is the old root's. Preferred even where the old path still exists,
+    so that a copy never reads another data root's files. None when there is no such base."""
+    from .models import resolve_base
+
+    if not base_id or not fingerprint or not Path(base_id).is_absolute():
+        return None
+    path = Path(base_id)
+    if path.is_relative_to(settings.home):
+        return None
+    for i in range(1, len(path.parts)):
+        candidate = settings.home.joinpath(*path.parts[i:])
+        if not candidate.is_dir():
+            continue
+        with contextlib.suppress(LunaError):
+            found = resolve_base(str(candidate), settings)
+            if found.fingerprint == fingerprint:
+                return found
+    return None
 
 
 def _base_label(settings: Settings, fingerprint: str) -> str:
