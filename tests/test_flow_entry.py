@@ -430,3 +430,20 @@ def test_a_failed_local_run_points_at_its_own_log_not_at_the_trainers_jobs(setti
         message = refused.value.message
         assert message.startswith("Step lora failed: job failed: loss became nan at step 2; " + says), message
     store.dispose_stores()
+
+
+def test_a_step_that_cannot_write_its_report_says_that_fix_not_the_steps_own(settings, tiny):
+    """Repro: `lunatrain luna --local` on a data root whose reports this user may not write ended "Step
+    eval-gate failed: Writing …/eval-gate-latest.json failed: Permission denied …; fix, roll back or deactivate
+    the active adapter …": advice to roll back a good adapter because a file could not be written. A storage
+    failure carries its own fix; the step's advice is for the step's own failures."""
+    from faults import read_only
+
+    write_export(settings, make_records(40))
+    with read_only(settings.eval_report.parent):
+        r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    assert r.exit_code == 1, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: Step eval-gate failed: Writing ") and "Read-only file system" in error, error
+    assert "roll back" not in error and "deactivate" not in error, error
+    assert error.endswith("make it writable for this user or point ASSISTANT_HOME at another data root."), error

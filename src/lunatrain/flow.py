@@ -20,7 +20,7 @@ from typing import Any
 
 from . import evalgate, export, prepare, registry
 from .compat import with_bitsandbytes
-from .errors import CheckFailed, LunaError, UsageError
+from .errors import CheckFailed, LunaError, StorageError, UsageError
 from .messages import coded
 from .params import FlowOptions, LoraParams
 from .settings import PREPARE_REPORT, Settings
@@ -341,6 +341,13 @@ def run_flow(
         except UsageError as err:  # the caller's mistake, met in this step: its own sentence and exit 2
             result.steps.append(StepOutcome(name, False, round(time.monotonic() - started, 3), err.message, {}))
             raise UsageError(
+                f"Step {name} failed: {err.message}", details=result, code=err.code, params=err.params
+            ) from None
+        except StorageError as err:  # a file or the database failed: its sentence says the fix, not the step's
+            result.steps.append(
+                StepOutcome(name, False, round(time.monotonic() - started, 3), err.message, {"code": err.code})
+            )
+            raise type(err)(
                 f"Step {name} failed: {err.message}", details=result, code=err.code, params=err.params
             ) from None
         except LunaError as err:
