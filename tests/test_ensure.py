@@ -7,6 +7,7 @@ binds itself and records under its data root).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -94,12 +95,23 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monk
     # Repro: reports/training/trainer.pid kept naming the process that had exited, so `kill $(cat …)` could
     # hit whatever reused that pid; a start that failed leaves no pid file behind.
     assert not pid_path(settings).exists()
-    # A start that failed while a trainer whose pid the file named is alive (it did not answer in time, and
-    # the new one found the data root taken) gives that trainer its pid file back.
+    # Repro: a pid file copied with the data root (`cp -a`) names the other root's trainer, alive; a failed
+    # start here wrote that pid back, so `kill $(cat …)` in the copy stopped the other root's trainer. A
+    # process that holds no trainer lock of this data root gets nothing back.
     pid_path(settings).write_text(f"{os.getpid()}\n")
     with pytest.raises(ServiceUnavailable):
         ensure_trainer(settings, timeout=60)
-    assert pid_path(settings).read_text() == f"{os.getpid()}\n"
+    assert not pid_path(settings).exists()
+    # A start that failed while this data root's trainer runs (it did not answer in time, and the new one
+    # found the data root taken: it holds the root's lock) gives that trainer its pid file back.
+    lock = settings.data_dir / "trainer" / "trainer.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        pid_path(settings).write_text(f"{os.getpid()}\n")
+        with pytest.raises(ServiceUnavailable):
+            ensure_trainer(settings, timeout=60)
+        assert pid_path(settings).read_text() == f"{os.getpid()}\n"
 
 
 @pytest.mark.slow

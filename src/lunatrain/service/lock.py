@@ -62,11 +62,25 @@ def read_pid(settings: Settings) -> int | None:
 
 def remove_pid(settings: Settings, pid: int | None = None, previous: int | None = None) -> None:
     """Remove the pid file if it still names `pid` (default: this process), never another trainer's; with
-    `previous` (what the file named before `pid` was written) still running, give the file back to it."""
+    `previous` (what the file named before `pid` was written) still running as this data root's trainer,
+    give the file back to it. (A pid file copied with the data root names another root's trainer.)"""
     if read_pid(settings) != (pid or os.getpid()):
         return
     with contextlib.suppress(OSError):
-        if previous is not None and psutil.pid_exists(previous):
+        if previous is not None and psutil.pid_exists(previous) and _trainer_lock_held(settings):
             write_pid(settings, previous)
         else:
             pid_path(settings).unlink()
+
+
+def _trainer_lock_held(settings: Settings) -> bool:
+    """Whether a process holds this data root's trainer lock (`claim_data_root`): a trainer of it runs."""
+    path = settings.data_dir / "trainer" / "trainer.lock"
+    try:
+        with open(path, "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no trainer ever ran here
+        return False
+    return False
