@@ -402,7 +402,8 @@ def test_the_retrain_badge_explains_itself_in_the_pages_language(page, services:
     }
     answer(page, "**/assistant/training/adapters", table)
     open_page(page, services, query)
-    expect(page.locator(".badge-stale")).to_have_attribute("title", said)
+    # As text beside the badge: a tooltip reaches neither keyboard, touch nor screen reader.
+    expect(page.locator(".badge-stale + .badge-note")).to_have_text(said)
 
 
 @pytest.mark.parametrize(
@@ -1002,3 +1003,101 @@ def test_one_exported_example_is_said_in_the_singular(
     expect(page.locator("#notices")).to_have_text(exported)
     page.locator("#prepare-button").click()
     expect(page.locator("#checks-table tbody tr").first).to_contain_text(volume)
+
+
+def test_the_german_page_writes_its_numbers_dates_and_words_as_german_readers_expect(page, services: Services) -> None:
+    """Repro (an accessibility and localisation review of the German page): the training form showed
+    "Lernrate 0.01" and "Dropout 0.05" beside hints in German notation ("0 bis 0,5", "1.024"); the data panel
+    said "Bereit je Tier" (a German reader reads "animal") where the form says "Datensatz-Stufe"; dates had a
+    two-digit year ("05.12.26")."""
+    version = {"version": "v1", "created": "2026-12-01T10:00:00+00:00", "metrics": {}}
+    table = {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": "a", "aliases": {}, "versions": [version]}]}]}
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services)
+    expect(page.locator("#f-learningRate")).to_have_value(re.compile(r"^0,\d+$"))
+    expect(page.locator("#f-dropout")).to_have_value(re.compile(r"^0,\d+$"))
+    expect(page.locator("#data-facts")).to_contain_text("Bereit je Datensatz-Stufe")
+    expect(page.locator("#data-facts")).not_to_contain_text("Tier")
+    expect(page.locator("tr[data-version=v1]")).to_contain_text("01.12.2026")
+
+
+def test_the_ready_sentence_is_written_only_when_it_changes(page, services: Services) -> None:
+    """Repro: the "Bereit: 272 von mindestens 30 kuratierten Beispielen" line, a polite live region, was
+    written anew with the same text at every 15-second refresh, so a screen reader could read it again and
+    again into whatever the user was doing."""
+    page.clock.install()
+    open_page(page, services)
+    expect(page.locator("#data-ready")).not_to_be_empty()
+    page.evaluate(
+        """() => { window.rewrites = 0;
+        new MutationObserver((m) => { window.rewrites += m.length; })
+          .observe(document.getElementById("data-ready"), { childList: true, characterData: true, subtree: true }); }"""
+    )
+    with page.expect_request_finished(lambda r: "/assistant/training/status" in r.url):
+        page.clock.run_for(16_000)  # the background refresh reads the status again
+    page.clock.run_for(1_000)
+    assert page.evaluate("window.rewrites") == 0
+
+
+def test_dismissing_a_message_keeps_keyboard_focus_on_the_messages_or_the_control(page, services: Services) -> None:
+    """Repro: pressing Enter on a message's × removed the focused button and left focus on the page's body:
+    the next Tab went somewhere else entirely, and a screen reader said nothing. Focus now goes to the next
+    message's ×, and from the last one back to the control that failed."""
+    answer(page, "**/assistant/training/export", {"error": {"code": "conflict", "message": "eins"}}, status=409)
+    open_page(page, services)
+    export = page.get_by_role("button", name="Exportieren", exact=True)
+    export.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#alerts .message")).to_have_count(1)
+    answer(page, "**/assistant/training/export", {"error": {"code": "conflict", "message": "zwei"}}, status=409)
+    export.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#alerts .message")).to_have_count(2)
+    first = page.locator("#alerts .message").first.locator(".dismiss")
+    first.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#alerts .message")).to_have_count(1)
+    expect(page.locator("#alerts .message .dismiss")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#alerts .message")).to_have_count(0)
+    expect(export).to_be_focused()
+
+
+def test_focus_set_by_the_page_after_an_adapter_change_is_visible(page, services: Services) -> None:
+    """Repro: after a confirmed Aktivieren, the rebuilt table's heading took focus with its outline switched
+    off: a keyboard user could not see where focus went."""
+    open_page(page, services)
+    page.keyboard.press("Tab")  # a keyboard user: what the page focuses next counts as :focus-visible
+    page.evaluate("""() => { const h = document.getElementById("adapters-heading");
+        h.setAttribute("tabindex", "-1"); h.focus(); }""")
+    style = page.evaluate(
+        """() => { const s = getComputedStyle(document.getElementById("adapters-heading"));
+        return [s.outlineStyle, s.outlineWidth]; }"""
+    )
+    assert style[0] != "none" and style[1] != "0px", style
+    border = page.evaluate("() => getComputedStyle(document.getElementById('try-prompt')).borderTopColor")
+    assert border == "rgb(123, 133, 148)", border  # as every other input: 3.9:1 on white, not 1.4:1
+
+
+def test_the_activate_question_says_it_replaces_a_version_only_when_one_is_active(page, services: Services) -> None:
+    """Repro: after a Deaktivieren, activating a version still asked "… aktivieren? Die aktuell aktive
+    Version wird ersetzt.", with no version active to replace."""
+    inactive = {"active": False, "code": "adapter.inactive", "params": {}, "reason": "not active"}
+    active = {"active": True, "code": "adapter.active", "params": {}, "reason": "active"}
+
+    def table(states: list[dict]) -> dict:
+        versions = [
+            {"version": f"v{i}", "created": "2026-12-01T10:00:00+00:00", "metrics": {}, "state": state}
+            for i, state in enumerate(states, start=1)
+        ]
+        return {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": "a", "aliases": {}, "versions": versions}]}]}
+
+    for states, replaces in (([inactive, inactive], False), ([inactive, active], True)):
+        page.unroute("**/assistant/training/adapters")
+        answer(page, "**/assistant/training/adapters", table(states))
+        open_page(page, services)
+        page.locator("tr[data-version=v1]").get_by_role("button", name=re.compile("aktivieren", re.I)).click()
+        question = page.locator("dialog[open]")
+        expect(question).to_contain_text("a v1 aktivieren?")
+        (expect(question).to_contain_text if replaces else expect(question).not_to_contain_text)("wird ersetzt")
+        page.keyboard.press("Escape")

@@ -92,11 +92,13 @@ export class AdapterView {
     const badges = [
       isActive && h("span", { class: "badge badge-active" }, t("adapters.active")),
       aliases.latest === v && h("span", { class: "badge badge-latest" }, t("adapters.latest")),
-      // The registry's reason is an English sentence without a code: the tooltip says it in the page's words.
-      version.stale && h("span", { class: "badge badge-stale", title: t("adapters.staleTitle") }, t("adapters.stale")),
+      // The registry's reason is an English sentence without a code: said in the page's words, as text beside
+      // the badge (a tooltip reaches neither keyboard, touch nor screen reader).
+      version.stale && h("span", { class: "badge badge-stale" }, t("adapters.stale")),
+      version.stale && h("span", { class: "badge-note" }, t("adapters.staleTitle")),
       // Deleted by hand (or a disk restored in part): an active one stays active but is not served.
-      version.filesMissing && h("span", { class: "badge badge-missing", title: t("adapters.missingTitle") },
-        t("adapters.missing")),
+      version.filesMissing && h("span", { class: "badge badge-missing" }, t("adapters.missing")),
+      version.filesMissing && h("span", { class: "badge-note" }, t("adapters.missingTitle")),
       // Not active: always say why (another base, refused by the gate, another version …).
       !isActive && version.state && h("span", { class: "inactive-reason" },
         tMsg(version.state.code, version.state.params, version.state.reason)),
@@ -112,7 +114,8 @@ export class AdapterView {
       // The server refuses to activate a version without its files (404): no button that can only fail.
       !isActive && !version.filesMissing && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.activateLabel", vars),
-        onclick: (event) => this.activate(name, v, event.currentTarget, version.gate?.passed === false) },
+        onclick: (event) => this.activate(name, v, event.currentTarget, version.gate?.passed === false,
+          (adapter.versions ?? []).some((x) => x.state?.active ?? aliases.active === x.version)) },
       t("adapters.activate")),
       fileLink(api.reportUrl(name, v), t("adapters.reportLabel", vars), t("adapters.report")),
       fileLink(api.curveUrl(name, v), t("adapters.curveLabel", vars), t("adapters.curve")),
@@ -147,8 +150,10 @@ export class AdapterView {
   }
 
   /** `refused`: the eval gate refused this version; the question says so before it replaces the active one. */
-  activate(name, version, button, refused = false) {
-    const question = t(refused ? "adapters.confirmActivateRefused" : "adapters.confirmActivate", { name, version });
+  activate(name, version, button, refused = false, replaces = true) {
+    // "It replaces the active version" only where one is active (not after a deactivate, nor the first time).
+    const question = [t(refused ? "adapters.confirmActivateRefused" : "adapters.confirmActivate", { name, version }),
+      replaces && t("adapters.replacesActive")].filter(Boolean).join(" ");
     return this.change(question, button, () => api.activate(name, version),
       () => t("adapters.activated", { name, version }));
   }

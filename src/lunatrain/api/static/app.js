@@ -155,7 +155,9 @@ function renderDataStatus(status) {
   const min = status.minCurated ?? minCurated();
   const ready = $("data-ready");
   ready.dataset.ready = status.ready ? "yes" : "no";
-  ready.textContent = t(status.ready ? "data.ready" : "data.notReady", { curated: formatNumber(curated), min: formatNumber(min) });
+  // A live region: written only when its sentence changes, or a screen reader reads it again at every refresh.
+  const sentence = t(status.ready ? "data.ready" : "data.notReady", { curated: formatNumber(curated), min: formatNumber(min) });
+  if (ready.textContent !== sentence) ready.textContent = sentence;
 
   const exp = status.lastExport;
   const job = status.lastJob;

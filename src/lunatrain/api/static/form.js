@@ -73,7 +73,9 @@ export class LoraForm {
       const control = this.control(field.name);
       const value = this.defaults[field.name];
       if (field.kind === "checkbox") control.checked = Boolean(value);
-      else control.value = value === null || value === undefined ? "" : String(value);
+      // In the page's notation ("0,01" in German), as the values put back after a language switch are.
+      else if (value === null || value === undefined) control.value = "";
+      else control.value = typeof value === "number" ? formatPlain(value) : String(value);
       this.setError(field.name, null);
     }
     this.summary.hidden = true;

@@ -32,7 +32,7 @@ const de = {
   "data.total": "Gesamt",
   "data.lastExport": "Letzter Export",
   "data.changedSince": "Datenbank seit Export geändert",
-  "data.tiers": "Bereit je Tier",
+  "data.tiers": "Bereit je Datensatz-Stufe",
   "data.lastJob": "Letzter Job",
   "data.activeAdapter": "Aktiver Adapter",
   "data.never": "noch keiner",
@@ -202,8 +202,9 @@ const de = {
   "adapters.reportLabel": "Trainingsbericht von {name} {version}",
   "adapters.curve": "Loss-Kurve",
   "adapters.curveLabel": "Loss-Kurve von {name} {version}",
-  "adapters.confirmActivate": "{name} {version} aktivieren? Die aktuell aktive Version wird ersetzt.",
-  "adapters.confirmActivateRefused": "Das Eval-Gate hat {name} {version} abgelehnt. Trotzdem aktivieren? Die aktuell aktive Version wird ersetzt.",
+  "adapters.confirmActivate": "{name} {version} aktivieren?",
+  "adapters.replacesActive": "Die aktuell aktive Version wird ersetzt.",
+  "adapters.confirmActivateRefused": "Das Eval-Gate hat {name} {version} abgelehnt. Trotzdem aktivieren?",
   "adapters.confirmRollback": "Rollback von {name} auf die vorher aktive Version?",
   "adapters.activated": "{name} {version} ist jetzt aktiv.",
   "adapters.rolledBack": "Rollback von {name}: aktiv ist jetzt {version}.",
@@ -383,7 +384,7 @@ const de = {
   "msg.log.worker_started": "Prozess {pid} gestartet",
   "msg.log.rank_started": "Prozess {pid} gestartet (Rang {rank} von {size})",
   "try.heading": "Ausprobieren",
-  "try.intro": "Eine Nachricht, zwei Antworten: links das Basismodell, rechts die gewählte Adapter-Version (gierig dekodiert, temperature 0).",
+  "try.intro": "Eine Nachricht, zwei Antworten: links das Basismodell, rechts die gewählte Adapter-Version (ohne Zufall: stets das wahrscheinlichste Token, temperature 0).",
   "try.prompt": "Nachricht",
   "try.model": "Adapter-Version",
   "try.activeOption": "{name} (aktive Version)",
@@ -601,8 +602,9 @@ const en = {
   "adapters.reportLabel": "Training report of {name} {version}",
   "adapters.curve": "Loss curve",
   "adapters.curveLabel": "Loss curve of {name} {version}",
-  "adapters.confirmActivate": "Activate {name} {version}? It replaces the currently active version.",
-  "adapters.confirmActivateRefused": "The eval gate refused {name} {version}. Activate it anyway? It replaces the currently active version.",
+  "adapters.confirmActivate": "Activate {name} {version}?",
+  "adapters.replacesActive": "It replaces the currently active version.",
+  "adapters.confirmActivateRefused": "The eval gate refused {name} {version}. Activate it anyway?",
   "adapters.confirmRollback": "Roll {name} back to the previously active version?",
   "adapters.activated": "{name} {version} is now active.",
   "adapters.rolledBack": "Rolled back {name}: {version} is now active.",
@@ -900,7 +902,8 @@ export function formatDate(iso) {
   if (!iso) return "–";
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return String(iso);
-  return date.toLocaleString(locale, { dateStyle: "short", timeStyle: "medium" });
+  // "medium": the year in full ("05.12.2026"); "short" wrote "05.12.26", ambiguous in a log or registry.
+  return date.toLocaleString(locale, { dateStyle: "medium", timeStyle: "medium" });
 }
 
 export function formatDuration(seconds) {

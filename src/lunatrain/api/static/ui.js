@@ -24,6 +24,18 @@ const MAX_ALERTS = 4;
  * the error of a refresh nobody clicked; when the list is full those go first, so that the answer to what the
  * user did stays on the page.
  */
+/** Remove a message; focus goes to the next message's ×, else the previous one's, else back to where the user
+ * was when it appeared (the dismissed button would otherwise leave keyboard focus on the page's body). */
+function dismiss(item, origin) {
+  const neighbour = item.nextElementSibling ?? item.previousElementSibling;
+  const hadFocus = item.contains(document.activeElement);
+  item.remove();
+  if (!hadFocus) return;
+  const target = neighbour?.querySelector(".dismiss")
+    ?? (origin?.isConnected && origin !== document.body && !origin.disabled ? origin : document.getElementById("main"));
+  target?.focus();
+}
+
 export function showError(error, context = "", { background = false } = {}) {
   // A missing or wrong API token is said once, by the token form and the trainer's label (app.js), not by
   // every panel whose call it refused.
@@ -35,12 +47,17 @@ export function showError(error, context = "", { background = false } = {}) {
   for (const existing of alerts.querySelectorAll(".message-text")) {
     if (existing.textContent === text) return;
   }
+  // Where the user was (the control that failed), for focus to go back to when the message is dismissed: a
+  // button busy with the failed work is disabled meanwhile, and focus then rests on the body.
+  const active = document.activeElement;
+  const origin = alerts.contains(active) ? null
+    : active && active !== document.body ? active : document.querySelector('button[aria-busy="true"]');
   const item = h("div", { class: "message error",
     dataset: { code: error?.code ?? "", context, ...(background ? { background: "yes" } : {}) } },
     h("span", { class: "message-text" }, text),
     h("button", {
       type: "button", class: "dismiss", "aria-label": t("messages.dismiss"), title: t("messages.dismiss"),
-      onclick: () => item.remove(),
+      onclick: () => dismiss(item, origin),
     }, "×"));
   alerts.append(item);
   while (alerts.children.length > MAX_ALERTS) {
