@@ -1101,3 +1101,20 @@ def test_the_activate_question_says_it_replaces_a_version_only_when_one_is_activ
         expect(question).to_contain_text("a v1 aktivieren?")
         (expect(question).to_contain_text if replaces else expect(question).not_to_contain_text)("wird ersetzt")
         page.keyboard.press("Escape")
+
+
+def test_a_failed_check_is_said_in_the_pages_language(page, services: Services) -> None:
+    """Repro: starting a training with minCurated 100000 on the German page said "Fehler (409): Prüfung nicht
+    bestanden: Not enough data: 273 approved curated examples, 100000 required …": the server's English
+    sentence. The answer names its check and values (`params.check`), which the page says in German."""
+    said = {
+        "code": "check_failed",
+        "message": "Not enough data: 273 approved curated examples, 100000 required (minCurated); curate more or lower it.",
+        "params": {"check": "check.volume.too_few", "curated": 273, "minCurated": 100000},
+    }
+    answer(page, "**/assistant/training/lora/start", {"error": said}, status=409)
+    open_page(page, services)
+    page.get_by_role("button", name="Training starten").click()
+    alert = page.locator("#alerts .message-text")
+    expect(alert).to_contain_text("Prüfung nicht bestanden: 273 freigegebene kuratierte Beispiele, 100.000 nötig")
+    expect(alert).not_to_contain_text("Not enough data")

@@ -43,6 +43,8 @@ def test_min_curated_is_checked_before_any_job_starts(settings, monkeypatch):
         res = client.post("/assistant/training/lora/start", json={"minCurated": 500, "epochs": 1})
     assert res.status_code == 409 and res.json()["error"]["code"] == "check_failed", res.text
     assert "500 required (minCurated)" in res.json()["error"]["message"]
+    # which check, with its values: a client says it in its own language (the dashboard's German page)
+    assert res.json()["error"]["params"] == {"check": "check.volume.too_few", "curated": curated, "minCurated": 500}
     assert registry.list_adapters(settings) == {}  # nothing trained
     assert not jobs_db_path(settings.data_dir).exists()  # nothing submitted: no trainer was ever asked
     assert not (settings.reports_training_dir / "trainer.pid").exists()  # and none started

@@ -171,14 +171,16 @@ def check_min_curated(settings: Settings, options: FlowOptions, curated: int | N
     check = prepare.volume_check(count, options.min_curated)
     if check.severity != "fail":
         return
+    # The check's own code and values, for a client to say it in its language (the dashboard in German).
+    said = {"check": check.code, **(check.params or {})}
     if curated is None:
         summary = export.read_summary(settings)
         if summary is None:
             raise export.no_export(settings)
         stale = prepare.stale_check(settings, summary)
         if stale.severity == "warn":
-            raise CheckFailed(f"Not enough data: {check.message}; {stale.message}.")
-    raise CheckFailed(f"Not enough data: {check.message}.")
+            raise CheckFailed(f"Not enough data: {check.message}; {stale.message}.", params=said)
+    raise CheckFailed(f"Not enough data: {check.message}.", params=said)
 
 
 def submit(

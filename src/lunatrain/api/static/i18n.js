@@ -863,6 +863,9 @@ export function tMsg(code, params = {}, fallback = "") {
  * short text followed by the server's sentence (which names the specific thing). */
 export function errorText(error) {
   if (!error?.code || !(`msg.${error.code}` in TEXTS[lang])) return error?.message ?? String(error);
+  // A failed check names the check (`params.check`) with its values: the label, then the check's own sentence.
+  const check = error.params?.check;
+  if (check && `msg.${check}` in TEXTS[lang]) return `${tMsg(error.code)}: ${tMsg(check, error.params)}`;
   if (error.params && Object.keys(error.params).length) return tMsg(error.code, error.params, error.message);
   // The label says what the server's sentence begins with ("Invalid request: …"): say it once.
   const message = error.message?.replace(/^Invalid request: /, "");
