@@ -519,7 +519,7 @@ def test_example_adapter_shows_progress_and_lands_in_the_registry(
     row = page.locator(f'tr[data-adapter="example-adapter"][data-version="{version}"]')
     expect(row).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(row.locator(".badge-latest")).to_have_text("neueste")
-    report = row.get_by_role("link", name=f"Trainingsbericht von example-adapter {version}")
+    report = row.get_by_role("link", name=f"Bericht zum Training von example-adapter {version}")
     expect(report).to_have_attribute("href", re.compile(rf"/adapters/example-adapter/versions/{version}/report$"))
     shot(page, output_dir, "2-succeeded-registry")
 

@@ -830,7 +830,7 @@ def test_report_links_send_the_token_and_a_refused_version_is_named_before_activ
     page.evaluate("sessionStorage.setItem('lunatrain.apiToken', 't0ken')")
     open_page(page, services)
     with page.context.expect_page() as opened:
-        page.get_by_role("link", name=f"Trainingsbericht von {name} v1").click()
+        page.get_by_role("link", name=f"Bericht zum Training von {name} v1").click()
     tab = opened.value
     expect(tab.locator("body")).to_contain_text('"report": "of v1"')
     tab.close()
@@ -1118,3 +1118,20 @@ def test_a_failed_check_is_said_in_the_pages_language(page, services: Services) 
     alert = page.locator("#alerts .message-text")
     expect(alert).to_contain_text("Prüfung nicht bestanden: 273 freigegebene kuratierte Beispiele, 100.000 nötig")
     expect(alert).not_to_contain_text("Not enough data")
+
+
+@pytest.mark.parametrize("query", ["", "?lang=en"])
+def test_every_adapter_link_and_button_is_named_from_its_visible_text(page, services: Services, query) -> None:
+    """Repro (label in name, WCAG 2.5.3): the link that shows "Bericht" was named "Trainingsbericht von
+    luna-adapter v1", so a speech-control user who says "Bericht" may not reach it. Every link and button of
+    the adapter table now has a name that holds the words it shows."""
+    version = {"version": "v1", "created": "2026-12-01T10:00:00+00:00", "metrics": {}}
+    table = {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": "a", "aliases": {}, "versions": [version]}]}]}
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services, query)
+    controls = page.locator("tr[data-version=v1] a, tr[data-version=v1] button")
+    expect(controls.first).to_be_visible()
+    named = controls.evaluate_all("(els) => els.map((el) => [el.textContent.trim(), el.getAttribute('aria-label')])")
+    assert len(named) >= 3, named
+    for shown, name in named:  # the shown words as words of the name ("Bericht" is no word of "Trainingsbericht")
+        assert name is None or re.search(rf"(?<!\w){re.escape(shown)}(?!\w)", name, re.I), (shown, name)
