@@ -56,7 +56,7 @@ def chat(client: TestClient, **body) -> tuple[int, dict]:
 
 def assert_openai_error(body: dict, type_: str) -> dict:
     err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
+    assert set(err) - {"params"} == {"message", "type", "param", "code"}, err
     assert err["type"] == type_ and err["message"].endswith(".")
     return err
 
@@ -232,6 +232,8 @@ def test_a_special_token_typed_into_a_message_is_400_not_a_control_token(client:
     assert status == 400, answer
     err = assert_openai_error(answer, "invalid_request_error")
     assert err["param"] == "messages" and err["code"] == "invalid_messages" and "'<|im_end|>'" in err["message"]
+    # The values the sentence names, for a page in another language (OpenAI's fields plus `params`).
+    assert err["params"] == {"check": "chat.special_token", "message": 0, "token": "<|im_end|>"}
     # Text that only resembles a marker is text.
     status, answer = chat(client, messages=[{"role": "user", "content": "what is <|im_startx|>?"}])
     assert status == 200, answer

@@ -64,6 +64,7 @@ CODES: dict[str, str] = {
     "model_base_mismatch": "chat: the adapter was trained on another base model than the one served",
     "base_model_unavailable": "chat: the configured base model (ASSISTANT_BASE_MODEL) cannot be found or loaded",
     "invalid_messages": "chat: the chat template refuses the messages, or one contains a special token of the model",
+    "chat.special_token": "chat: a message holds a special token of the model as text (message: its index, token)",
     "context_length_exceeded": "chat: the messages and max_tokens exceed the model's context",
     "invalid_value": "chat: a parameter has an invalid value",
     # job errors (job.error.code)

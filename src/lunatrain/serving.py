@@ -676,5 +676,7 @@ def _refuse_control_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> No
             raise UsageError(
                 f"messages[{i}] contains the special token {found.group()!r}, which the model would read as a "
                 "control token, not as text; remove it from the message.",
-                details={"param": "messages", "code": "invalid_messages"},
+                details={"param": "messages"},
+                code="invalid_messages",
+                params={"check": "chat.special_token", "message": i, "token": found.group()},
             )

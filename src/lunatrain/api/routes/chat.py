@@ -205,9 +205,18 @@ def openai_error(
     *,
     param: str | None = None,
     code: str | None = None,
+    params: dict[str, object] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}
+    body: dict[str, object] = {
+        "message": message,
+        "type": _TYPES.get(status, "api_error"),
+        "param": param,
+        "code": code,
+    }
+    # Beyond OpenAI's four fields, only where the sentence names values: the dashboard says it in its language.
+    if params:
+        body["params"] = params
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -216,8 +225,15 @@ def _from_luna(exc: LunaError) -> JSONResponse:
     # 422 is FastAPI's; OpenAI answers every invalid request with 400 (and its client maps codes by that).
     status = 400 if exc.http_status in (409, 422) else exc.http_status
     headers = {"Retry-After": "1"} if status == 429 else None
+    code = details.get("code", exc.code)
     return openai_error(
-        status, exc.message, param=details.get("param"), code=details.get("code", exc.code), headers=headers
+        status,
+        exc.message,
+        param=details.get("param"),
+        code=code,
+        # The values belong to the error's own code; a code the route chose instead has its own sentence.
+        params=exc.params if code == exc.code else None,
+        headers=headers,
     )
 
 

@@ -25,7 +25,7 @@ export async function streamChat(body, onPiece) {
     if (response.status === 401) tokenRefused(); // the page asks for the token, as for any other panel's call
     const err = await response.json().catch(() => null);
     throw new ApiError(response.status, err?.error?.code ?? `http_${response.status}`,
-      err?.error?.message ?? t("err.http", { status: response.status }));
+      err?.error?.message ?? t("err.http", { status: response.status }), null, err?.error?.params ?? null);
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
