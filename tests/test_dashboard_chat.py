@@ -43,11 +43,15 @@ def test_base_and_adapter_answer_side_by_side(page, services: Services, output_d
     open_page(page, services)
     panel = page.locator("#try")
     expect(panel.get_by_role("heading", name="Ausprobieren")).to_be_visible()
-    assert page.locator("#try-model option").count() == 0  # nothing asked of the model until the panel shows
-    panel.scroll_into_view_if_needed()
+    # Nothing asked of the model until the panel shows; meanwhile the list says it is loading, not empty.
     choice = page.get_by_label("Adapter-Version", exact=True)
+    expect(choice).to_be_disabled()
+    expect(choice.locator("option")).to_have_text(["Wird geladen …"])
+    panel.scroll_into_view_if_needed()
     expect(choice.locator("option")).to_have_count(3, timeout=UI_TIMEOUT_MS)  # luna-adapter, @v1, @v2
     expect(choice).to_have_value("luna-adapter")
+    expect(choice).to_be_enabled()
+    expect(choice).not_to_have_attribute("aria-describedby", "try-no-adapter")  # the hidden hint is not read
     expect(choice.locator("option").first).to_have_text("luna-adapter (aktive Version)")
 
     question, answer = FACTS_A[0]

@@ -486,6 +486,7 @@ def test_send_without_a_model_list_asks_for_it_again_instead_of_sending_no_model
     page.locator("#try").scroll_into_view_if_needed()
     alerts = page.locator("#alerts .message")
     expect(alerts.filter(has_text="model list failed")).to_have_count(1)
+    expect(page.locator("#try-model option")).to_have_count(0)  # no longer says "Wird geladen …"
     page.get_by_label("Nachricht").fill("Hallo")
     with page.expect_request("**/v1/models*"):  # the send asks for the list again
         page.get_by_role("button", name="Senden").click()
@@ -535,6 +536,12 @@ def test_send_by_keyboard_keeps_the_focus_on_send(page, services: Services) -> N
     open_page(page, services)
     page.locator("#try").scroll_into_view_if_needed()
     expect(page.locator("#try-base-label")).to_contain_text("luna-tiny")
+    # No adapter yet: the list is disabled, and the hint that says why is what it is described by.
+    choice = page.get_by_label("Adapter-Version", exact=True)
+    expect(choice).to_be_disabled()
+    expect(choice).to_have_accessible_description(
+        "Noch kein Adapter für dieses Basismodell: erst trainieren, dann vergleichen."
+    )
     page.get_by_label("Nachricht").fill("Hallo")
     send = page.get_by_role("button", name="Senden")
     send.focus()
@@ -702,11 +709,13 @@ def test_a_job_queued_behind_a_running_one_leaves_that_one_in_reach(page, servic
     page.get_by_role("button", name="Beispiel-Adapter").click()
     expect(page.locator("#notices")).to_have_text("Job ftjob-queued wartet hinter ftjob-running.")
     expect(page.locator("#job-id")).to_have_text("Job ftjob-queued")
-    other = page.get_by_role("button", name="Job ftjob-running (long-run, läuft) anzeigen")
+    # Named by the words it shows (label in name, WCAG 2.5.3), what it does said as its description.
+    other = page.get_by_role("button", name="ftjob-running · long-run · läuft", exact=True)
     expect(other).to_be_visible()
+    expect(other).to_have_accessible_description("Job ftjob-running (long-run, läuft) anzeigen")
     other.click()
     expect(page.locator("#job-id")).to_have_text("Job ftjob-running")
-    expect(page.get_by_role("button", name="Job ftjob-queued (example-adapter, wartet) anzeigen")).to_be_visible()
+    expect(page.get_by_role("button", name="ftjob-queued · example-adapter · wartet", exact=True)).to_be_visible()
 
     # The running job fails: said as bad news, not in the colour of success; the queued one is current now.
     running["status"] = "failed"
@@ -762,7 +771,7 @@ def test_events_of_a_job_the_panel_moved_away_from_are_not_drawn_for_the_next(pa
     page.clock.install()  # no poll asks again meanwhile
     open_page(page, services)
     expect(page.locator("#job-id")).to_have_text("Job ftjob-first")
-    page.get_by_role("button", name="Job ftjob-second (two, läuft) anzeigen").click()
+    page.get_by_role("button", name="ftjob-second · two · läuft", exact=True).click()
     expect(page.locator("#job-id")).to_have_text("Job ftjob-second")
     assert held, "the first job's events were never asked for"
     late = {

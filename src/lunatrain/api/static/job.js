@@ -121,7 +121,8 @@ export class JobView {
     box.hidden = !others.length;
     box.replaceChildren(...(others.length ? [h("span", {}, t("job.others")), ...others.map((job) => {
       const vars = { jobId: job.id, name: job.params?.adapterName ?? "–", state: t(`state.${job.status}`) };
-      return h("button", { type: "button", class: "small", "aria-label": t("job.otherLabel", vars),
+      // Named by the words it shows, so voice control reaches it by them; what it does is its description.
+      return h("button", { type: "button", class: "small", title: t("job.otherLabel", vars),
         onclick: () => this.follow(job) }, t("job.other", vars));
     })] : []));
   }

@@ -106,7 +106,10 @@ export class TryPanel {
       const { data = [] } = await api.chatModels();
       if (current()) this.render(data);
     } catch (error) {
-      if (current()) showError(error, t("try.heading"));
+      if (!current()) return;
+      showError(error, t("try.heading"));
+      // No longer "loading": the list is empty until a later refresh answers (the message says why).
+      if (!this.select.value) this.select.replaceChildren();
     }
     if (!$("try-example-list").children.length) this.loadExamples();
   }
@@ -128,6 +131,9 @@ export class TryPanel {
     const none = adapters.length === 0;
     this.select.disabled = none;
     $("try-no-adapter").hidden = !none;
+    // The hint says why the list is disabled; a hidden one would still be read as its description.
+    if (none) this.select.setAttribute("aria-describedby", "try-no-adapter");
+    else this.select.removeAttribute("aria-describedby");
     this.send.disabled = this.base === null;
   }
 
