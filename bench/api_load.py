@@ -9,8 +9,9 @@ same seed and data) runs twice: first unpolled, then with N clients each polling
 and `GET training/status?minCurated=30` every `--interval` seconds (a dashboard's rhythm; `--interval 0`
 polls back to back) for `--duration` seconds once training has started. Training speed is compared over the
 same optimizer steps in both runs (steps/s from the trainer's progress events × tokens per step from the
-training report), so warm-up and evaluation do not blur it. The table goes to stdout and to
-bench/results/api_load.md.
+training report), so warm-up and evaluation do not blur it: the steps from the last progress event before
+the polling to the first one after it. The table goes to stdout and to bench/results/api_load.md (`--out`);
+the run fails (exit 1) on any error answer or a slowdown over `--limit` percent.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+from benchargs import at_least, scratch_home
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "api_load.md"
@@ -51,6 +52,11 @@ class Serve:
             "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
         }
         self.url = ""
+
+    @property
+    def port(self) -> int:
+        """The port the server bound (it picks a free one and records its URL)."""
+        return int(urlsplit(self.url).port or 0)
 
     def __enter__(self) -> Serve:
         exe = str(Path(sys.executable).parent / "lunatrain")
@@ -107,7 +113,7 @@ def submit(client: httpx.Client, name: str, epochs: int) -> str:
 def wait(client: httpx.Client, job_id: str, until: set[str], every: float = 2.0) -> dict:
     while True:
         job = client.get("/assistant/training/lora/status", params={"jobId": job_id}).json()
-        if job["state"] in until or job["state"] in TERMINAL:
+        if job["status"] in until or job["status"] in TERMINAL:
             return job
         time.sleep(every)
 
@@ -115,19 +121,32 @@ def wait(client: httpx.Client, job_id: str, until: set[str], every: float = 2.0)
 def progress_events(client: httpx.Client, job_id: str) -> list[dict]:
     out, after = [], 0
     while True:
-        page = client.get(
-            f"/assistant/training/lora/jobs/{job_id}/events", params={"after": after, "limit": 1000}
-        ).json()
-        out += [e for e in page["events"] if e["type"] == "progress"]
+        r = client.get(f"/assistant/training/lora/jobs/{job_id}/events", params={"after": after, "limit": 1000})
+        r.raise_for_status()
+        page = r.json()
+        out += [e for e in page["data"] if e["type"] == "progress"]
         if not page["hasMore"]:
             return out
-        after = page["nextCursor"]
+        after = page["lastSeq"]
 
 
 def tokens_per_step(client: httpx.Client, job: dict) -> float:
     a = job["adapter"]
     report = client.get(f"/assistant/training/adapters/{a['name']}/versions/{a['version']}/report").json()
     return report["metrics"]["tokensTrained"] / report["metrics"]["steps"]
+
+
+def compared_steps(events: list[dict], start: float, end: float) -> tuple[int, int]:
+    """The steps whose progress events enclose the polling window [start, end]: the last event before it
+    (else the first) and the first after it (else the last), so a short window still spans two events."""
+    timed = sorted((ts(e["createdAt"]), e["step"]) for e in events)
+    lo = max((s for t, s in timed if t <= start), default=timed[0][1])
+    hi = min((s for t, s in timed if t >= end), default=timed[-1][1])
+    if hi <= lo:
+        lo, hi = timed[0][1], timed[-1][1]
+    if hi <= lo:
+        raise SystemExit("the polled job reported fewer than two steps; give it more --epochs")
+    return lo, hi
 
 
 def steps_per_s(events: list[dict], lo: int, hi: int) -> float:
@@ -208,14 +227,22 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--clients", type=at_least(1), default=50)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of polling")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between one client's polls (0: no pause)")
-    ap.add_argument("--epochs", type=int, default=6, help="job length; the polled job must outlast --duration")
+    ap.add_argument("--epochs", type=at_least(1), default=6, help="job length; the polled job must outlast --duration")
+    ap.add_argument("--limit", type=float, default=10.0, help="largest training slowdown in percent that passes")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data root")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="lunatrain-apiload-"))
+    with scratch_home("lunatrain-apiload-", keep=args.keep) as home:
+        load, quiet, lo, hi, quiet_tps, busy_tps, device = measure(home, args)
+    report(args, load, quiet, lo, hi, quiet_tps, busy_tps, device)
+
+
+def measure(home: Path, args: argparse.Namespace) -> tuple:
+    """The unpolled run, then the polled one, on a fresh data root served by `lunatrain serve`."""
     os.environ["ASSISTANT_HOME"] = str(home)
     from lunatrain import export, store
     from lunatrain.settings import load_settings
@@ -224,32 +251,32 @@ def main() -> None:
     store.load_seed(settings)
     export.export(settings)
     store.dispose_stores()
-    try:
-        with Serve(home) as serve, httpx.Client(base_url=serve.url, timeout=600, trust_env=False) as client:
-            print("unpolled run …", flush=True)
-            quiet_id = submit(client, "bench-unpolled", args.epochs)
-            quiet = wait(client, quiet_id, TERMINAL)
-            assert quiet["state"] == "succeeded", quiet
-            print("polled run …", flush=True)
-            busy_id = submit(client, "bench-polled", args.epochs)
-            while not progress_events(client, busy_id):  # training has started (model loaded, data tokenized)
-                time.sleep(0.5)
-            load = asyncio.run(poll(serve.port, busy_id, args.clients, args.duration, args.interval))
-            busy = wait(client, busy_id, TERMINAL)
-            assert busy["state"] == "succeeded", busy
+    with Serve(home) as serve, httpx.Client(base_url=serve.url, timeout=600, trust_env=False) as client:
+        print("unpolled run …", flush=True)
+        quiet_id = submit(client, "bench-unpolled", args.epochs)
+        quiet = wait(client, quiet_id, TERMINAL)
+        if quiet["status"] != "succeeded":
+            raise SystemExit(f"the unpolled job ended {quiet['status']}: {quiet.get('error')}")
+        print("polled run …", flush=True)
+        busy_id = submit(client, "bench-polled", args.epochs)
+        while not progress_events(client, busy_id):  # training has started (model loaded, data tokenized)
+            time.sleep(0.5)
+        load = asyncio.run(poll(serve.port, busy_id, args.clients, args.duration, args.interval))
+        busy = wait(client, busy_id, TERMINAL)
+        if busy["status"] != "succeeded":
+            raise SystemExit(f"the polled job ended {busy['status']}: {busy.get('error')}")
 
-            quiet_ev, busy_ev = progress_events(client, quiet_id), progress_events(client, busy_id)
-            w0, w1 = load["window"]
-            in_window = [e["step"] for e in busy_ev if w0 <= ts(e["createdAt"]) <= w1]
-            lo, hi = min(in_window), max(in_window)
-            tps_step = tokens_per_step(client, quiet)
-            quiet_tps = steps_per_s(quiet_ev, lo, hi) * tps_step
-            busy_tps = steps_per_s(busy_ev, lo, hi) * tokens_per_step(client, busy)
-            device = client.get("/assistant/training/lora/provider-health").json()
-    finally:
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
+        quiet_ev, busy_ev = progress_events(client, quiet_id), progress_events(client, busy_id)
+        lo, hi = compared_steps(busy_ev, *load["window"])
+        quiet_tps = steps_per_s(quiet_ev, lo, hi) * tokens_per_step(client, quiet)
+        busy_tps = steps_per_s(busy_ev, lo, hi) * tokens_per_step(client, busy)
+        device = client.get("/assistant/training/lora/provider-health").json()
+    return load, quiet, lo, hi, quiet_tps, busy_tps, device
 
+
+def report(
+    args: argparse.Namespace, load: dict, quiet: dict, lo: int, hi: int, quiet_tps: float, busy_tps: float, device: dict
+) -> None:
     lat = load["latencies"]
     n = sum(len(v) for v in lat.values())
     slowdown = 100.0 * (1 - busy_tps / quiet_tps)
@@ -265,10 +292,10 @@ def main() -> None:
         f"| polling time | {load['elapsed']:.1f} s |",
         f"| requests/s | {n / load['elapsed']:.1f} |",
         f"| errors | {len(load['errors'])} |",
-        f"| training steps compared | {lo}–{hi} (of {quiet['progress']['total']}) |",
+        f"| training steps compared | {lo}–{hi} (of {quiet['progress']['totalSteps']}) |",
         f"| tokens/s unpolled | {quiet_tps:,.0f} |",
         f"| tokens/s polled | {busy_tps:,.0f} |",
-        f"| training slowdown under polling | {slowdown:+.1f}% (limit 10%) |",
+        f"| training slowdown under polling | {slowdown:+.1f}% (limit {args.limit:g}%) |",
     ]
     header = (
         f"# API under polling load ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
@@ -281,9 +308,9 @@ def main() -> None:
     if load["errors"]:
         table += "\nErrors (first 10): " + "; ".join(load["errors"][:10]) + "\n"
     print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table, encoding="utf-8")
-    if load["errors"] or slowdown > 10.0:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table, encoding="utf-8")
+    if load["errors"] or slowdown > args.limit:
         raise SystemExit(1)
 
 

@@ -7,13 +7,16 @@ For each size it builds a synthetic database through the store's own bulk path (
 executemany per 50k rows), then runs every export in a fresh Python process that reports its own peak RSS
 (ru_maxrss), so the peaks are independent. The baseline in the same run is a process that only imports
 lunatrain and opens the store: export memory above that floor is what the streaming has to keep flat.
-Targets: 1M in under 60 s; peak RSS at 1M at most 1.3x the peak at 100k.
+Targets: 1M in under 60 s; peak RSS at 1M at most 1.3x the peak at 100k. The table is printed and saved
+to bench/results/export.md (`--out`); the work folder goes at the end unless `--keep`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import random
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchargs import at_least, fresh_work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -29,16 +33,19 @@ from lunatrain.settings import load_settings
 from lunatrain.store import open_store
 settings = load_settings(home=sys.argv[1], db_url=None)
 open_store(settings)
-t = time.perf_counter()
 summary = None
 if sys.argv[2] == "export":
     from lunatrain.export import export
+# CPU and wall time of the export alone (not the interpreter's start and imports); the peak is the process's.
+cpu = lambda: sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime"))
+c, t = cpu(), time.perf_counter()
+if sys.argv[2] == "export":
     summary = export(settings)
 wall = time.perf_counter() - t
 print(json.dumps({
     "wall_s": wall,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "cpu_s": sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime")),
+    "cpu_s": cpu() - c,
     "records": summary.counts["merged"]["total"] if summary else 0,
     "bytes": sum(f["bytes"] for f in summary.files.values()) if summary else 0,
 }))
@@ -98,40 +105,51 @@ def _child(home: Path, what: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lunatrain-bench-export"))
     parser.add_argument("--keep", action="store_true", help="keep the databases and exports")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "export.md")
     parser.add_argument("--build", nargs=2, metavar=("HOME", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
         print(_build(Path(args.build[0]), int(args.build[1])))
         return
 
-    rows = []
-    for n in args.sizes:
-        home = args.workdir / f"n{n}"
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(parents=True)
-        # Built in its own process: Linux keeps ru_maxrss across fork+exec, so a parent that grew while
-        # building would hand its size to every export child as a false "peak".
-        build = subprocess.run(
-            [sys.executable, __file__, "--build", str(home), str(n)], check=True, capture_output=True, text=True
-        )
-        build_s = float(build.stdout.strip().splitlines()[-1])
-        db_mb = (home / "data" / "assistant.db").stat().st_size / 2**20
-        floor = _child(home, "open")
-        run = _child(home, "export")
-        rows.append((n, build_s, db_mb, floor["peak_rss_mb"], run))
-        print(f"  built {n:,} rows in {build_s:.0f}s; exported in {run['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    fresh_work_dir(parser, args.workdir)
+    try:
+        rows = [measure(args.workdir / f"n{n}", n, args.keep) for n in dict.fromkeys(args.sizes)]
+    finally:
         if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    write_results(rows, args.out)
 
-    print(
+
+def measure(home: Path, n: int, keep: bool) -> tuple[int, float, float, float, dict]:
+    """Build a database of `n` examples in `home`, then export it in a fresh process (and open it in
+    another one, for the floor)."""
+    home.mkdir(parents=True)
+    # Built in its own process: Linux keeps ru_maxrss across fork+exec, so a parent that grew while
+    # building would hand its size to every export child as a false "peak".
+    build = subprocess.run(
+        [sys.executable, __file__, "--build", str(home), str(n)], check=True, capture_output=True, text=True
+    )
+    build_s = float(build.stdout.strip().splitlines()[-1])
+    db_mb = (home / "data" / "assistant.db").stat().st_size / 2**20
+    floor = _child(home, "open")
+    run = _child(home, "export")
+    print(f"  built {n:,} rows in {build_s:.0f}s; exported in {run['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    if not keep:
+        shutil.rmtree(home, ignore_errors=True)
+    return n, build_s, db_mb, floor["peak_rss_mb"], run
+
+
+def write_results(rows: list[tuple[int, float, float, float, dict]], out: Path) -> None:
+    lines = [
         f"{'examples':>10} {'exported':>9} {'db MB':>6} {'wall s':>7} {'cpu s':>6} {'records/s':>10} "
         f"{'out MB':>7} {'peak RSS MB':>12} {'floor MB':>9} {'above floor':>12}"
-    )
+    ]
     for n, _build_s, db_mb, floor_mb, run in rows:
-        print(
+        lines.append(
             f"{n:>10,} {run['records']:>9,} {db_mb:>6.0f} {run['wall_s']:>7.1f} {run['cpu_s']:>6.1f} "
             f"{run['records'] / run['wall_s']:>10,.0f} {run['bytes'] / 2**20:>7.0f} {run['peak_rss_mb']:>12.1f} "
             f"{floor_mb:>9.1f} {run['peak_rss_mb'] - floor_mb:>12.1f}"
@@ -139,10 +157,19 @@ def main() -> None:
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]
         ratio = large[4]["peak_rss_mb"] / small[4]["peak_rss_mb"]
-        print(
+        lines.append(
             f"peak RSS {large[0]:,} / {small[0]:,}: {ratio:.2f}x (target <= 1.3x); "
             f"{large[0]:,} export {large[4]['wall_s']:.1f}s (target < 60s at 1M)"
         )
+    print("\n".join(lines))
+    text = (
+        "# Export throughput and memory (SQLite)\n\n"
+        f"`{' '.join(['bench/export.py', *sys.argv[1:]])}` on {platform.machine()}, {os.cpu_count()} CPU cores "
+        f"({time.strftime('%Y-%m-%d')}). Each export runs in a fresh child process; RSS is that child's peak, "
+        "`cpu s` the CPU time of the export alone.\n\n```\n" + "\n".join(lines) + "\n```\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -34,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_load import Serve  # noqa: E402  (same folder: the `lunatrain serve` subprocess helper)
+from benchargs import at_least, scratch_home  # noqa: E402
 
 from lunatrain.compat import without_bitsandbytes  # noqa: E402
 
@@ -145,16 +144,15 @@ def in_process(home: Path, prompts: list[list[dict]], max_tokens: int, batch: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, default=16, help="prompts per measurement (from the eval suite)")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--prompts", type=at_least(1), default=16, help="prompts per measurement (from the eval suite)")
+    ap.add_argument("--max-tokens", type=at_least(1), default=64)
+    ap.add_argument("--concurrency", type=at_least(1), default=8)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    home = Path(tempfile.mkdtemp(prefix="lunatrain-bench-infer-"))
-    try:
+    with scratch_home("lunatrain-bench-infer-") as home:
         suite = train_adapter(home)
         prompts = [suite[i % len(suite)] for i in range(args.prompts)]
         rows: list[tuple[str, int, float]] = []
@@ -172,8 +170,6 @@ def main() -> None:
         rows.append(
             (f"generate(), batch of {args.concurrency}", *in_process(home, prompts, args.max_tokens, args.concurrency))
         )
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
     report(rows, args)
 
 

@@ -3,7 +3,8 @@ job forked from a process that imported torch, transformers and PEFT once) and w
 interpreter per job): the same jobs on the same data root, both trainers started by this command.
 
 Each trainer runs one job first (not counted: the warm worker's own start-up is part of the trainer's),
-then `--jobs` timed ones (luna-tiny, memory tier, 3 steps, no gate). Writes bench/results/job_start.md.
+then `--jobs` timed ones (luna-tiny, memory tier, 3 steps, no gate), in a temporary data root removed at the
+end. Writes bench/results/job_start.md (`--out`).
 Run: `.venv/bin/python bench/job_start.py [--jobs 5]`.
 """
 
@@ -15,9 +16,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchargs import at_least, scratch_home
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "job_start.md"
@@ -66,19 +68,20 @@ def timed_jobs(home: Path, warm: bool, jobs: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", type=int, default=5)
+    ap.add_argument("--jobs", type=at_least(1), default=5)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     from lunatrain import export, store
     from lunatrain.models import ensure_tiny
     from lunatrain.settings import load_settings
 
-    home = Path(tempfile.mkdtemp(prefix="lunatrain-job-start-"))
-    settings = load_settings(home=home)
-    store.load_seed(settings)
-    export.export(settings)
-    ensure_tiny(settings)
-    fresh = timed_jobs(home, warm=False, jobs=args.jobs)
-    warm = timed_jobs(home, warm=True, jobs=args.jobs)
+    with scratch_home("lunatrain-job-start-") as home:
+        settings = load_settings(home=home)
+        store.load_seed(settings)
+        export.export(settings)
+        ensure_tiny(settings)
+        fresh = timed_jobs(home, warm=False, jobs=args.jobs)
+        warm = timed_jobs(home, warm=True, jobs=args.jobs)
     f, w = statistics.median(fresh), statistics.median(warm)
     table = (
         "| worker | jobs | median s (submit -> succeeded) | min s | max s |\n|---|---:|---:|---:|---:|\n"
@@ -93,7 +96,8 @@ def main() -> None:
         f"{table}\nA forked job takes {w / f:.2f}x the time of a fresh one ({f / w:.1f}x faster).\n"
     )
     print(text)
-    RESULTS.write_text(text, encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 fresh process per configuration.
 
 Run:  .venv/bin/python bench/memory.py            (about 2-3 minutes on 2 cores)
-      .venv/bin/python bench/memory.py --only 20M  (one model)
+      .venv/bin/python bench/memory.py --only 20M --out /tmp/m.md  (one model; without --out not saved)
       python bench/memory.py --device cuda         (on a CUDA machine: three published shapes, ~3-5 minutes)
 
 Each row trains three optimizer steps in a new child process, exactly as `train.train` does: the base model
@@ -13,7 +13,8 @@ RSS (`ru_maxrss`), which counts everything the process ever held: the runtime, t
 what the C allocator kept of freed memory; a second run of each row measures live memory alone. The
 estimate is `memplan.estimate` for the same shape and options; ratio = measured / estimate. Models:
 luna-tiny (~0.3M parameters) and a ~20M-parameter Llama architecture with a 16k vocabulary built by
-`models.build_tiny_model`. The table is printed and written to bench/results/memory.md.
+`models.build_tiny_model`. The table is printed and written to bench/results/memory.md; the reading below it
+(from "Reading the table") is written by hand and kept.
 
 On CUDA the models are the published shapes of bench/shapes.py (random bfloat16 weights written to disk
 once, so that each child loads them as a job does, quantized ones included), bf16 autocast. The child
@@ -106,6 +107,7 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
         steps_per_epoch=steps_per_epoch(1, params),
         total_steps=total_steps(1, params),
         work_dir=Path("."),
+        identity={},  # what a checkpoint would record: this run saves none
         loss=loss,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -151,10 +153,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", type=Path, help="default: bench/results/memory.md (memory_gpu.md with --device cuda)")
     args = ap.parse_args()
+    labels = [m[0] for m in (GPU_MODELS if args.device == "cuda" else MODELS)]
+    if args.only and args.only not in labels:
+        ap.error(f"argument --only: no model named {args.only!r} ({', '.join(labels)})")
     if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device here; run it on a CUDA machine, or leave --device out")
         gpu_main(args.only, args.out or ROOT / "bench" / "results" / "memory_gpu.md")
         return
-    args.out = args.out or ROOT / "bench" / "results" / "memory.md"
+    # One model's rows would replace the other's in the results file: written only where --out says.
+    out = args.out or (None if args.only else ROOT / "bench" / "results" / "memory.md")
 
     from lunatrain import memplan
     from lunatrain.memplan import Job
@@ -208,7 +218,12 @@ def main() -> None:
                 )
     table = render(rows)
     print(table)
-    args.out.write_text(table, encoding="utf-8")
+    if out is None:
+        print("(not saved: give --out to keep the rows of one model)")
+        return
+    # The reading below the generated part was written by hand: kept.
+    reading = _reading(out) if out.is_file() else []
+    out.write_text(table + ("\n" + "\n".join(reading) + "\n" if reading else ""), encoding="utf-8")
 
 
 def gpu_main(only: str | None, out: Path) -> None:
@@ -256,6 +271,13 @@ def _table_of(out: Path) -> tuple[dict[str, list[str]], list[str]]:
     return by_model, lines[last + 1 :]
 
 
+def _reading(out: Path) -> list[str]:
+    """The hand-written lines of an earlier CPU table, from its "Reading the table" paragraph on."""
+    lines = out.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Reading the table")), len(lines))
+    return lines[start:]
+
+
 def gpu_header() -> list[str]:
     import torch
     import transformers
@@ -292,7 +314,7 @@ def gpu_row(r: dict) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    mib = lambda n: f"{round(n / 2**20):,}"  # noqa: E731  (rounded first: a small negative is "0", not "-0")
     lines = [
         "# Memory plan: estimate vs measured peak (CPU)",
         "",

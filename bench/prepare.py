@@ -27,8 +27,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from benchargs import at_least, fresh_work_dir
 from words import WORDS
+
+if TYPE_CHECKING:
+    from lunatrain.settings import Settings
 
 SYSTEM = "Du bist Luna, eine warmherzige, knappe persönliche Assistentin."
 
@@ -109,20 +114,30 @@ def baseline(tokenizer, records: list[dict], max_len: int) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--baseline-n", type=int, default=10_000)
-    ap.add_argument("--max-seq-length", type=int, default=512)
+    ap.add_argument("--n", type=at_least(1), default=100_000)
+    ap.add_argument("--baseline-n", type=at_least(1), default=10_000)
+    ap.add_argument("--max-seq-length", type=at_least(8), default=512)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lunatrain-bench-prepare"))
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (export, token cache, report)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prepare.md")
     args = ap.parse_args()
 
+    from lunatrain.settings import load_settings
+
+    settings = load_settings(home=fresh_work_dir(ap, args.workdir))
+    try:
+        rows = measure(settings, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    write_results(rows, args)
+
+
+def measure(settings: Settings, args: argparse.Namespace) -> list[tuple]:
     from lunatrain import models
     from lunatrain.params import parse_params
     from lunatrain.prepare import prepare
-    from lunatrain.settings import load_settings
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    settings = load_settings(home=args.workdir)
     tokenizer = models.load_tokenizer(None, settings)  # builds luna-tiny once, outside the timings
     records = synthetic(args.n)
     write_export(settings.training_dir, records)
@@ -139,7 +154,10 @@ def main() -> None:
     sub = records[: args.baseline_n]
     wall, tokens = baseline(tokenizer, sub, args.max_seq_length)
     rows.append(("baseline: HF apply_chat_template + assistant mask", len(sub), wall, tokens, None))
+    return rows
 
+
+def write_results(rows: list[tuple], args: argparse.Namespace) -> None:
     head = ["| run | examples | seconds | examples/s | tokens/s | cache hit |", "|---|---:|---:|---:|---:|---|"]
     body = [
         f"| {label} | {n:,} | {w:.1f} | {n / w:,.0f} | {tok / w:,.0f} | {'' if hit is None else hit} |"

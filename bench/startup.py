@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchargs import at_least
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "startup.md"
 
@@ -73,7 +75,7 @@ def one(mode: str) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=at_least(1), default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"running": [], "paused": []}

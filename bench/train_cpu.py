@@ -18,6 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+from benchargs import at_least
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
 from lunatrain.compat import without_bitsandbytes
@@ -27,9 +28,9 @@ without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per contender (first is warm-up)")
-    ap.add_argument("--rounds", type=int, default=3, help="repetitions of all contenders; the best counts")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
+    ap.add_argument("--rounds", type=at_least(1), default=3, help="repetitions of all contenders; the best counts")
+    ap.add_argument("--batch-size", type=at_least(1), default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-len", type=int, default=512, help="longest sample")
     ap.add_argument("--min-len", type=int, default=32)

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from benchargs import at_least
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
@@ -38,9 +39,9 @@ def main() -> None:
         "--presets", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"], choices=sorted(PRESETS)
     )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per contender (first is warm-up)")
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
+    ap.add_argument("--rounds", type=at_least(1), default=1)
+    ap.add_argument("--batch-size", type=at_least(1), default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--min-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=4096)

@@ -154,6 +154,13 @@ def run_trainer(setup: Setup, samples: list[Any], flatten: bool) -> tuple[int, f
                 Clock.start = time.perf_counter()
             Clock.end = time.perf_counter()
 
+    class InOrder(Trainer):
+        """The samples in the order lunatrain's loop takes them (the Trainer shuffles by default): every
+        contender times the same batches after the same warm-up batch."""
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
     data = [{"input_ids": s.input_ids, "labels": s.labels} for s in samples[: setup.steps * setup.batch_size]]
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
@@ -176,7 +183,7 @@ def run_trainer(setup: Setup, samples: list[Any], flatten: bool) -> tuple[int, f
             gradient_checkpointing=setup.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if setup.checkpointing else None,
         )
-        trainer = Trainer(
+        trainer = InOrder(
             model=model,
             args=targs,
             train_dataset=data,

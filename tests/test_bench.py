@@ -5,6 +5,8 @@ generate()."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The scripts run as __main__ with their own command lines, one after the other in one process: each
 # would otherwise spend seconds of CPU importing torch, transformers and PEFT for itself. A script that fails
-# does not keep the next one from running; each one's stderr ends with a line of its own (MARK). The 4-bit
+# does not keep the next one from running; each one's stdout and stderr end with a line of its own (MARK). The 4-bit
 # run goes first: PEFT must load with bitsandbytes for it, and a full-precision run does not mind (so here
 # the full-precision run has bitsandbytes loaded, which a run of its own would spare itself).
 MARK = "=== bench script ended: "
@@ -33,6 +35,7 @@ for argv in ({gpu4!r}, {gpu!r}, {infer!r}):
     except BaseException:
         traceback.print_exc()
         failed += 1
+    print({mark!r} + argv[0], flush=True)
     print({mark!r} + argv[0], file=sys.stderr, flush=True)
 sys.exit(1 if failed else 0)
 """
@@ -84,6 +87,7 @@ def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path, subtests)
     )
     # Each script's stderr, for its own subtest's message.
     err = dict(zip(("4bit", "none", infer[0]), done.stderr.split(MARK), strict=False))
+    said = dict(zip(("4bit", "none", infer[0]), done.stdout.split(MARK), strict=False))
 
     for quantize, out in (("4bit", gpu4_out), ("none", gpu_out)):
         with subtests.test(f"bench/train_gpu.py --quantize {quantize}"):
@@ -99,6 +103,10 @@ def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path, subtests)
                 rate = ln.split("|")[2].strip()
                 assert re.fullmatch(r"[\d,]+", rate) and int(rate.replace(",", "")) > 0, ln
             assert "Attention in lunatrain's loop: varlen-sdpa" in table
+            # Every contender times the same batches: the same real tokens after the warm-up step (the
+            # Trainer's default sampler shuffled them, so the timed work differed in composition).
+            counted = re.findall(r"round 1 (\S+): (\d+) tokens", said.get(quantize, ""))
+            assert len(counted) == 3 and len({n for _, n in counted}) == 1, counted
             assert ("4-bit NF4 base" in table.splitlines()[0]) == (quantize == "4bit"), table.splitlines()[0]
 
     with subtests.test("bench/infer.py"):
@@ -118,3 +126,103 @@ def test_training_and_inference_benchmark_smoke_on_cpu(tmp_path: Path, subtests)
             assert int(row[1].strip().replace(",", "")) > 0 and float(row[3].strip().replace(",", "")) > 0, row
 
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _bench(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | env
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environ,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["prepare.py", "--n", "0"], "argument --n: 0 is too small; give 1 or more"),
+        (["prepare.py", "--baseline-n", "0"], "argument --baseline-n: 0 is too small"),
+        (["export.py", "--sizes", "0"], "argument --sizes: 0 is too small"),
+        (["startup.py", "--rounds", "0"], "argument --rounds: 0 is too small"),
+        (["job_start.py", "--jobs", "0"], "argument --jobs: 0 is too small"),
+        (["infer.py", "--concurrency", "0"], "argument --concurrency: 0 is too small"),
+        (["infer.py", "--prompts", "two"], "argument --prompts: 'two' is not a whole number"),
+        # the first step is the untimed warm-up: one step would time nothing and print 0 tokens/s
+        (["train_cpu.py", "--steps", "1"], "argument --steps: 1 is too small; give 2 or more"),
+        (["api_load.py", "--clients", "0"], "argument --clients: 0 is too small"),
+        (["memory.py", "--only", "foo"], "argument --only: no model named 'foo' (luna-tiny, 20M)"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_a_bad_argument_is_one_sentence_before_any_work(tmp_path: Path, argv: list[str], said: str) -> None:
+    """Repro: these ran for minutes and ended in a traceback (ZeroDivisionError, StatisticsError, …), or wrote
+    a table of nothing and exited 0 (memory.py --only foo replaced bench/results/memory.md with an empty one)."""
+    out = tmp_path / "table.md"
+    done = _bench(*argv, *(["--out", str(out)] if argv[0] not in ("export.py", "startup.py") else []))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].endswith(said) or said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_memory_without_cuda_says_so_in_one_sentence(tmp_path: Path) -> None:
+    done = _bench("memory.py", "--device", "cuda", "--out", str(tmp_path / "m.md"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "no CUDA device here" in done.stderr and not (tmp_path / "m.md").exists()
+
+
+def test_prepare_bench_refuses_a_work_folder_it_did_not_make(tmp_path: Path) -> None:
+    """Repro: `--workdir` was deleted whole before the run, whatever it held (`--workdir ~` would have wiped
+    the home folder)."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    done = _bench(
+        "prepare.py", "--n", "10", "--baseline-n", "2", "--workdir", str(precious), "--out", str(tmp_path / "p.md")
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{precious} holds files no benchmark wrote" in done.stderr
+    assert (precious / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_memory_bench_trains_through_the_loops_own_pieces(tmp_path: Path) -> None:
+    """Repro: every measurement of bench/memory.py failed (`train.Run` had gained a required field), so
+    `make bench` stopped there. One child at a small size: the same code path as every row of the table."""
+    from lunatrain.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "luna-tiny")
+    done = _bench(
+        "memory.py", "--child", str(model), "256", "0", "chunked", "none", "cpu",
+        ASSISTANT_HOME=str(tmp_path), OMP_NUM_THREADS="2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["loss"] == "chunked" and got["supervised"] == 256 - int(256 * 0.4)
+    assert got["peak"] >= got["runtime"] > 0
+
+
+@pytest.mark.slow
+def test_api_load_bench_runs_against_todays_api_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Repro: bench/api_load.py read wire fields the API no longer has (`state`, `events`, `nextCursor`,
+    `progress.total`) and a port its server helper never set; it failed at the first status it read. The
+    smallest run: two clients polling for a second while a short job trains."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "api_load.md"
+    done = _bench(
+        "api_load.py", "--clients", "2", "--duration", "1", "--interval", "0.2", "--epochs", "2",
+        "--limit", "100", "--out", str(out),
+        TMPDIR=str(scratch), ASSISTANT_LORA_WARM_WORKER="false",
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    table = out.read_text()
+    for endpoint in ("GET lora/status", "GET training/status"):
+        row = next(ln for ln in table.splitlines() if ln.startswith(f"| {endpoint} |"))
+        assert int(row.split("|")[2]) > 0, row
+    assert "| errors | 0 |" in table
+    assert re.search(r"\| training steps compared \| \d+–\d+ \(of \d+\) \|", table), table
+    assert list(scratch.iterdir()) == []  # its data root is gone with it
