@@ -346,7 +346,7 @@ def render(rows: list[dict]) -> str:
             if plain and chunked:
                 lines.append(
                     f"- {model}, {'peak RSS' if kind == 'peak' else 'live'}: plain loss {mib(plain)} → "
-                    f"chunked {mib(chunked)} ({mib(plain - chunked)} less)"
+                    f"chunked {mib(chunked)} ({mib(abs(plain - chunked))} {'less' if plain >= chunked else 'more'})"
                     + (f" → with checkpointing {mib(ck)}" if ck else "")
                     + (f" → and 4-bit weights {mib(q4)}" if q4 else "")
                 )
