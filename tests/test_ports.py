@@ -57,6 +57,37 @@ def test_bind_port_0_listens_on_a_port_the_os_picked():
         wildcard.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_connections_on_a_bound_socket_send_without_nagles_delay(host):
+    """Repro: every request after the first on a kept-alive connection took 44 ms (curl, a browser polling
+    the dashboard, the bench's clients): asyncio turns Nagle's algorithm off only on sockets that name
+    IPPROTO_TCP, and `bind` made its socket with protocol 0, so a response written in two parts waited for
+    the client's delayed ACK. Checked on the socket asyncio hands a connection's handler, the one uvicorn
+    writes to."""
+    import asyncio
+
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+
+    async def accepted_nodelay() -> int:
+        sock = listen.bind(host, 0)
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connection(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connection, sock=sock)
+        async with server:
+            _reader, writer = await asyncio.open_connection(host, sock.getsockname()[1])
+            try:
+                return await asyncio.wait_for(seen, 30)
+            finally:
+                writer.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 def test_a_record_is_forgotten_only_while_it_names_the_server(tmp_path):
     record = tmp_path / "api.url"
     sock = listen.bind("127.0.0.1", 0)
