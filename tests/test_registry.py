@@ -636,3 +636,43 @@ def test_a_registry_this_user_may_not_write_says_so_instead_of_check_the_disk(se
     assert "check the disk" not in r.output, r.output
     assert "Read-only file system" in r.output and "make it writable" in r.output, r.output
     assert registry.registry_path(settings).read_bytes() == before
+
+
+def test_an_overwrite_run_on_another_base_is_refused_before_it_takes_the_slot(settings):
+    """Repro: an overwrite run on base B replaced the slot's run on base A, files and all, and was then listed
+    as active on A, where chat answered 400 model_base_mismatch: the slot holds one run, and what is active on
+    each base names it by its version name. A run on another base than the slot's is refused before it
+    trains; the same base (moved, or updated in place under its name) and versioned runs go on."""
+    from dataclasses import replace
+
+    from lunatrain import export, store, train
+    from lunatrain.params import parse_params
+
+    store.load_seed(settings)
+    export.export(settings)
+    base = models.resolve_base(None, settings)
+    registry.publish(settings, "mine", "overwrite", adapter_work_dir(settings, "mine", "a"), _entry(base.fingerprint))
+    registry.activate(settings, "mine", "current")
+    before = registry.registry_path(settings).read_bytes()
+    other = models.build_tiny_model(settings.home / "models" / "other", hidden=32, heads=2, kv_heads=2)
+    for attempt in (
+        lambda: registry.check_slot_base(settings, "mine", "overwrite", models.resolve_base(str(other), settings)),
+        lambda: train.prepare(
+            parse_params({"adapterName": "mine", "adapterStrategy": "overwrite", "baseModel": str(other)}), settings
+        ),
+    ):
+        with pytest.raises(Conflict) as refused:
+            attempt()
+        assert refused.value.code == "adapter.slot_other_base", refused.value.message
+        assert refused.value.params == {"name": "mine", "slotBase": "luna-tiny", "baseModel": str(other)}
+        assert (
+            "--adapterStrategy versioned" in refused.value.message and "another --adapterName" in refused.value.message
+        )
+    assert registry.registry_path(settings).read_bytes() == before
+    # The slot's own base, also updated in place (same id, other weights) or named by another path (same
+    # weights); a versioned run; another name: no refusal.
+    registry.check_slot_base(settings, "mine", "overwrite", base)
+    registry.check_slot_base(settings, "mine", "overwrite", replace(base, fingerprint="7" * 64))
+    registry.check_slot_base(settings, "mine", "overwrite", replace(base, id="/elsewhere/luna-tiny"))
+    registry.check_slot_base(settings, "mine", "versioned", models.resolve_base(str(other), settings))
+    registry.check_slot_base(settings, "yours", "overwrite", models.resolve_base(str(other), settings))

@@ -51,6 +51,8 @@ CODES: dict[str, str] = {
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, with downloads off (baseModel)",
     "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
+    "adapter.slot_other_base": "an overwrite run on another base model than the run the slot holds is refused "
+    "(name, slotBase, baseModel)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
     "(name, version, baseModel, configured)",
     # chat endpoint errors (/v1/…, OpenAI's error shape: error.type and error.code)

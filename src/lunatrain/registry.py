@@ -318,6 +318,30 @@ def publish_folders(settings: Settings, name: str) -> list[Path]:
     return [root / ".work", root / ".slots", root, settings.reports_training_dir]
 
 
+def check_slot_base(settings: Settings, name: str, strategy: str, base: Any) -> None:
+    """Conflict for an overwrite run of `name` on another base model (`base`, models.BaseModelInfo) than the
+    run its slot holds: the slot keeps one run, and what is active on each base names it by `current`, so the
+    new run would take the other base's adapter away and be served there. The same base, moved (same weights)
+    or updated in place under its name (same id), goes on."""
+    if strategy != "overwrite":
+        return
+    held = [
+        e
+        for e in load(settings)["adapters"].get(name, {}).get("versions", [])
+        if e["version"] == SLOT and not e.get("replaced") and not e.get("staged")
+    ]
+    trained = (held[-1].get("baseModel") or {}) if held else {}
+    if not held or base.fingerprint == trained.get("fingerprint") or base.id == trained.get("id"):
+        return
+    raise Conflict(
+        f"{name}@{SLOT} holds a run on base model {trained.get('id')!r}; an overwrite run on {base.id!r} would "
+        "replace it, and with it the adapter that base serves: train under another --adapterName, or with "
+        "--adapterStrategy versioned.",
+        code="adapter.slot_other_base",
+        params={"name": name, "slotBase": trained.get("id"), "baseModel": base.id},
+    )
+
+
 def publish(
     settings: Settings,
     name: str,

@@ -308,6 +308,8 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     # The run ends by publishing: storage that cannot take the adapter is said now, not after the training.
     check_writable(registry.publish_folders(settings, params.adapter_name), f"train {params.adapter_name}")
     base = check(lambda: resolve_base(params.base_model, settings))
+    if base is not None:
+        check(lambda: registry.check_slot_base(settings, params.adapter_name, params.adapter_strategy, base))
     if base is not None and not isinstance(params.target_modules, str):
         # From the model built on the meta device, as prepare checks them: a mistyped name costs no weight load.
         check(lambda: check_target_modules(params.target_modules, module_kinds(base), base.id))

@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Header, Query, Response
 from fastapi import Path as PathParam
 from pydantic import ConfigDict, Field
 
-from .. import __version__, memplan
+from .. import __version__, memplan, registry
 from ..errors import Conflict, UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
@@ -173,9 +173,13 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         job_ranks(settings, params.device, state["runner"].gpus)  # 422 when more ranks than GPUs are set
         if params.chat_template:
             load_template(params.chat_template, settings)  # an unknown name: 422 now, not a failed job later
-        from ..models import check_targets_of
+        from ..models import check_targets_of, resolve_base
 
         check_targets_of(params, settings)  # a mistyped layer name, no bitsandbytes: 422 now, as prepare says it
+        if params.adapter_strategy == "overwrite":  # a slot holding another base's run: 409 now, as prepare says
+            registry.check_slot_base(
+                settings, params.adapter_name, "overwrite", resolve_base(params.base_model, settings)
+            )
         return params
 
     @app.post("/jobs/check", dependencies=checked, response_model=JobCheck, response_model_by_alias=True)
