@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lunatrain import models, registry
-from lunatrain.errors import Conflict, NotFound, UsageError
+from lunatrain.errors import Conflict, DamagedFile, NotFound, UsageError
 from lunatrain.settings import load_settings
 
 from helpers import adapter_work_dir
@@ -676,3 +676,59 @@ def test_an_overwrite_run_on_another_base_is_refused_before_it_takes_the_slot(se
     registry.check_slot_base(settings, "mine", "overwrite", replace(base, id="/elsewhere/luna-tiny"))
     registry.check_slot_base(settings, "mine", "versioned", models.resolve_base(str(other), settings))
     registry.check_slot_base(settings, "yours", "overwrite", models.resolve_base(str(other), settings))
+
+
+def _lora_weights(path: Path, width: int) -> None:
+    """adapter_model.safetensors with one LoRA pair on layer 0's q_proj of a model `width` wide."""
+    import torch
+    from safetensors.torch import save_file
+
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(4, width), f"{layer}.lora_B.weight": torch.zeros(width, 4)}, path)
+
+
+def test_force_refuses_an_adapter_whose_weights_do_not_fit_the_base(settings):
+    """Repro: `adapters activate --force` (which the refusal offered) made an adapter of a 32-wide model active
+    on 64-wide luna-tiny; every later gate there loaded it as its baseline and failed with "its files are
+    damaged", and chat answered 400. --force is for a base that changed but still takes the weights (re-
+    downloaded, updated in place); weights that cannot fit are refused, from the files' headers."""
+    width = json.loads((Path(models.resolve_base(None, settings).path) / "config.json").read_text())["hidden_size"]
+    other = {"baseModel": {"id": "org/narrow", "fingerprint": "0" * 64}}
+    for tag, shape in (("narrow", width // 2), ("same", width)):
+        work = adapter_work_dir(settings, "a", tag)
+        _lora_weights(work / "adapter_model.safetensors", shape)
+        registry.publish(settings, "a", "versioned", work, _entry("0" * 64) | other)
+    with pytest.raises(Conflict, match="ASSISTANT_BASE_MODEL='org/narrow'"):  # the fix that serves it: its base
+        registry.activate(settings, "a", "v1")
+    before = registry.registry_path(settings).read_bytes()
+    with pytest.raises(Conflict) as refused:
+        registry.activate(settings, "a", "v1", force=True)
+    assert refused.value.code == "adapter.does_not_fit", refused.value.message
+    assert refused.value.params == {"name": "a", "version": "v1", "baseModel": "org/narrow", "configured": "luna-tiny"}
+    assert "model.layers.0.self_attn.q_proj" in refused.value.message and "\n" not in refused.value.message
+    assert registry.registry_path(settings).read_bytes() == before
+    registry.activate(settings, "a", "v2", force=True)  # the same shapes: the owner's word counts
+    assert registry.get_version(settings, "a", "active")["version"] == "v2"
+
+
+def test_a_baseline_of_another_shape_is_said_as_such_not_as_damaged_files(settings):
+    """Repro: the gate's baseline, force-activated from another base, failed to load with "its files are
+    damaged" and torch's message cut off mid-line ("… copying a param with shape torch.Size([16, 32]) from);")."""
+    path = settings.adapters_dir / "a" / "v2"
+    said = (
+        "Error(s) in loading state_dict for PeftModelForCausalLM:\n\tsize mismatch for "
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.baseline.weight: copying a param with shape "
+        "torch.Size([16, 32]) from checkpoint, the shape in current model is torch.Size([16, 64]).\n\tsize mismatch "
+        "for base_model.model.model.layers.0.self_attn.q_proj.lora_B.baseline.weight: copying a param with shape "
+        "torch.Size([32, 16]) from checkpoint, the shape in current model is torch.Size([64, 16])."
+    )
+    with pytest.raises(Conflict) as refused, registry.loading(settings, path):
+        raise RuntimeError(said)
+    message = refused.value.message
+    assert refused.value.code == "adapter.does_not_fit" and "damaged" not in message, message
+    assert "data/adapters/a/v2 do not fit this base model (2 tensors differ in shape, first " in message
+    assert "torch.Size([16, 64])" in message and "lunatrain adapters deactivate a" in message, message
+    # Another rank than the config says (its own weights, not the base's) is the files' fault: damaged.
+    rank = said.replace("[16, 32]", "[8, 64]").replace("[32, 16]", "[64, 8]")
+    with pytest.raises(DamagedFile, match="its files are damaged"), registry.loading(settings, path):
+        raise RuntimeError(rank)

@@ -53,6 +53,9 @@ CODES: dict[str, str] = {
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
     "adapter.slot_other_base": "an overwrite run on another base model than the run the slot holds is refused "
     "(name, slotBase, baseModel)",
+    "adapter.does_not_fit": "the adapter's LoRA weights have other shapes than the base model's layers: not "
+    "even --force makes it active there, and a gate cannot use it as its baseline (name, version, baseModel, "
+    "configured when activating)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
     "(name, version, baseModel, configured)",
     # chat endpoint errors (/v1/…, OpenAI's error shape: error.type and error.code)

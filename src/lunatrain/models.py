@@ -499,15 +499,9 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
     device, so no weight is read and no memory is taken (prepare and the run check targetModules with it,
     before any weight is loaded)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    try:
-        config = AutoConfig.from_pretrained(info.path, trust_remote_code=False, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except Exception as exc:
-        raise UsageError(f"Base model {info.id!r} could not be built from its config.json: {exc}") from exc
+    model = _meta_model(info)
     nn = torch.nn
     lora_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
     modules = ModuleMap({name: type(module).__name__ for name, module in model.named_modules()})
@@ -517,6 +511,53 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
         named = {id(m): name for name, m in model.named_modules()}
         modules.tied = frozenset({named[id(inputs)], named[id(outputs)]})
     return modules
+
+
+def _meta_model(info: BaseModelInfo) -> Any:
+    """The base model built from its config on the meta device: its modules and their shapes, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(info.path, trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:
+        raise UsageError(f"Base model {info.id!r} could not be built from its config.json: {exc}") from exc
+
+
+def lora_misfits(weights: Path, info: BaseModelInfo) -> list[str]:
+    """The LoRA tensors in `weights` (an adapter_model.safetensors) that the base model's layers cannot take,
+    one line each ("LAYER: lora_A has N inputs, the layer M"), from the file's header and the model built on
+    the meta device: no weight is read. Empty when they fit, or when the header cannot be read (the file's
+    own check says that)."""
+    import re
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception:
+        return []
+    layers = dict(_meta_model(info).named_modules())
+    out = []
+    for key, shape in shapes.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if m is None or len(shape) != 2:
+            continue
+        layer = layers.get(m.group(1))
+        weight = getattr(layer, "weight", None)
+        if layer is None or weight is None or weight.dim() != 2:
+            out.append(f"{m.group(1)}: no such layer in {info.id!r}")
+            continue
+        # (out, in) for a Linear; GPT-2's Conv1D stores (in, out)
+        width_out, width_in = weight.shape[::-1] if type(layer).__name__ == "Conv1D" else weight.shape
+        if m.group(2) == "A" and shape[1] != width_in:
+            out.append(f"{m.group(1)}: lora_A takes {shape[1]} inputs, the layer {width_in}")
+        elif m.group(2) == "B" and shape[0] != width_out:
+            out.append(f"{m.group(1)}: lora_B gives {shape[0]} outputs, the layer {width_out}")
+    return out
 
 
 # The layer classes the refusal lists as the model's linear layers (GPT-2 writes its own, Conv1D). The names

@@ -851,10 +851,44 @@ def loading(settings: Settings, path: Path) -> Iterator[None]:
         ):
             raise
         where = path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
+        misfits = base_misfits(exc)
+        if misfits:  # sound files of another base model (one force-activated on this base by an older release)
+            name = path.parent.name if path.parent.parent == settings.adapters_dir else None
+            raise Conflict(
+                f"The LoRA weights in {where} do not fit this base model ({counted(len(misfits), 'tensor')} "
+                f"differ in shape, first {misfits[0]}): they were trained on another one; "
+                + (f"deactivate it here (`lunatrain adapters deactivate {name}`) or " if name else "")
+                + "train it again on this base model.",
+                code="adapter.does_not_fit",
+            ) from exc
         raise DamagedFile(
             f"The adapter in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "
             "train it again, or roll back to another version."
         ) from exc
+
+
+def size_mismatches(exc: BaseException) -> list[str]:
+    """torch's state-dict load lists every tensor whose shape differs, one line each (kilobytes for an adapter
+    of another base model): those lines, without their lead-in, for a sentence to name the first."""
+    lines = (line.strip() for line in str(exc).splitlines())
+    return [line.removeprefix("size mismatch for ").rstrip(".") for line in lines if line.startswith("size mismatch")]
+
+
+_MISMATCH = re.compile(
+    r"(?P<key>\S+lora_(?P<ab>[AB])\S*): copying a param with shape torch\.Size\(\[(?P<a1>\d+), (?P<b1>\d+)\]\) "
+    r"from checkpoint, the shape in current model is torch\.Size\(\[(?P<a2>\d+), (?P<b2>\d+)\]\)"
+)
+
+
+def base_misfits(exc: BaseException) -> list[str]:
+    """The size mismatches of a LoRA load that are the base model's: lora_A's inputs or lora_B's outputs differ
+    from the layer's (weights of another base). Another rank (the config against its own weights) is not."""
+    out = []
+    for line in size_mismatches(exc):
+        m = _MISMATCH.match(line)
+        if m and (m["b1"] != m["b2"] if m["ab"] == "A" else m["a1"] != m["a2"]):
+            out.append(line)
+    return out
 
 
 def _why(exc: DamagedFile | OSError) -> str:
@@ -935,20 +969,31 @@ def activate(
     else:
         base = configured_base(settings)
         fingerprint, base_id = base.fingerprint, base.id
+        said = {"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id}
         if trained_on.get("fingerprint") != base.fingerprint and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
-                f"base model is {base.id!r} (fingerprints differ); retrain it on this base (`lunatrain luna "
-                f"--adapterName {name}`), or force the activation (`lunatrain adapters activate {name}@{entry['version']} "
-                "--force`; API: `force: true`).",
+                f"base model is {base.id!r} (fingerprints differ); to serve it, configure its base "
+                f"(ASSISTANT_BASE_MODEL={trained_on.get('id')!r}); to use this base, retrain it here (`lunatrain luna "
+                f"--adapterName {name}`); only if it is the same model changed since (re-downloaded, updated in "
+                f"place), force the activation (`lunatrain adapters activate {name}@{entry['version']} --force`; API: "
+                "`force: true`).",
                 code="adapter.foreign_base",
-                params={
-                    "name": name,
-                    "version": entry["version"],
-                    "baseModel": trained_on.get("id"),
-                    "configured": base.id,
-                },
+                params=said,
             )
+        if trained_on.get("fingerprint") != base.fingerprint:
+            from .models import lora_misfits
+
+            # --force takes the owner's word that the weights fit; weights of another shape never can.
+            misfits = lora_misfits(loadable_dir(settings, entry) / "adapter_model.safetensors", base)
+            if misfits:
+                raise Conflict(
+                    f"{name}@{entry['version']} cannot be active on base model {base.id!r} even with --force: its "
+                    f"LoRA weights do not fit it ({counted(len(misfits), 'tensor')} of another shape, first "
+                    f"{misfits[0]}); to serve it, configure its base (ASSISTANT_BASE_MODEL={trained_on.get('id')!r}).",
+                    code="adapter.does_not_fit",
+                    params=said,
+                )
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)

@@ -386,14 +386,12 @@ class Engine:
                 self._on = _UNKNOWN
             else:
                 self.model = None
-            # torch lists every tensor whose shape differs, one line each (kilobytes for an adapter of another
-            # base model activated with --force): say what it means, with the first one as the example.
-            misfits = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
+            # Say what torch's list of differing tensors means, with the first one as the example.
+            misfits = registry.base_misfits(exc)
             if misfits:  # the request named weights of another base model: the documented 400
                 raise Conflict(
                     f"{target.model} could not be loaded onto the base model: its LoRA weights do not fit this "
-                    f"base model ({len(misfits)} tensors differ in shape, first "
-                    f"{misfits[0].removeprefix('size mismatch for ').rstrip('.')}).",
+                    f"base model ({len(misfits)} tensors differ in shape, first {misfits[0]}).",
                     details={"param": "model", "code": "model_base_mismatch"},
                 ) from exc
             # Anything else is the version's files (cut short, not safetensors, a config PEFT cannot read): the

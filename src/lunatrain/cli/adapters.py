@@ -114,7 +114,11 @@ def show_cmd(
 def activate_cmd(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
     force: Annotated[
-        bool, typer.Option("--force", help="activate even if it was trained on another base model")
+        bool,
+        typer.Option(
+            "--force",
+            help="activate even if it was trained on another base model (the same model changed since; weights of another shape are refused)",
+        ),
     ] = False,
 ) -> None:
     """Make a version the active adapter (refused if its base model is not the configured one)."""
