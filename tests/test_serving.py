@@ -83,8 +83,14 @@ def test_an_adapter_of_another_base_is_refused(settings) -> None:
     data["adapters"]["other"]["versions"].append(entry)
     registry.registry_path(settings).write_text(json.dumps(data))
     try:
-        with pytest.raises(Conflict, match="trained on base model 'org/else'"):
+        with pytest.raises(Conflict) as foreign:
             engine.resolve("other@v2")
+        # Repro: "Other@v2 was trained …": the name capitalized into one that does not exist, and no fix named.
+        assert foreign.value.message == (
+            f"other@v2 was trained on base model 'org/else', but this server runs {engine.base_info().id!r}; its "
+            "LoRA weights do not fit: serve it with ASSISTANT_BASE_MODEL='org/else', or ask for a version trained "
+            "on this base (GET /v1/models lists them)."
+        )
         assert "other@v2" not in [m["id"] for m in engine.models()]
         # Repro: the same base id with other weights (updated in place) was "trained on base model 'X', but this
         # server runs 'X'; its LoRA weights do not fit"; and a name without an active version said "@v1" for an

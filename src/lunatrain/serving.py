@@ -111,15 +111,17 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
     trained_on = entry.get("baseModel") or {}
     if not _fits(entry, base_fingerprint, registry.active_version(settings, name, base_fingerprint)):
         # The same id with other weights (updated in place, another hub revision): the base changed, not the model.
+        # The adapter's name starts the second sentence as it is spelled: capitalized it would name no model.
         why = (
-            f"base model {base_id!r} has changed since {name}@{entry['version']} was trained on it (fingerprints "
-            "differ); retrain it on this base"
+            f"Base model {base_id!r} has changed since {name}@{entry['version']} was trained on it (fingerprints "
+            "differ); retrain it on this base."
             if trained_on.get("id") == base_id
             else f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this server "
-            f"runs {base_id!r}; its LoRA weights do not fit"
+            f"runs {base_id!r}; its LoRA weights do not fit: serve it with ASSISTANT_BASE_MODEL="
+            f"{trained_on.get('id')!r}, or ask for a version trained on this base (GET /v1/models lists them)."
         )
         raise Conflict(
-            f"{why[0].upper()}{why[1:]}.",
+            why,
             details={"param": "model", "code": "model_base_mismatch"},
         )
     try:
