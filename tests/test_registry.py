@@ -324,7 +324,11 @@ def test_rollback_walks_the_configured_base_history_only(settings):
         _publish_on(settings, "a", "luna-tiny", fp)
     _publish_on(settings, "a", "org/new", "9" * 64)
     registry.activate(settings, "a", "v1")
-    with pytest.raises(UsageError, match="adapters deactivate a"):  # the way out when there is nothing earlier
+    # The way out when there is nothing earlier; the base it speaks of by name, and how to act on another one.
+    with pytest.raises(
+        UsageError,
+        match=r"no earlier active version on base model 'luna-tiny' .*adapters deactivate a.*ASSISTANT_BASE_MODEL",
+    ):
         registry.rollback(settings, "a")
     registry.activate(settings, "a", "v2")
     registry.activate(settings, "a", "v3", own_base=True)  # another base: not part of this base's history

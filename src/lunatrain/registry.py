@@ -1063,7 +1063,10 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
     base's activation history)."""
     if name not in list_adapters(settings):
         raise _not_registered(name)
-    fingerprint = configured_base(settings).fingerprint
+    base = configured_base(settings)
+    fingerprint = base.fingerprint
+    # Another base's versions are rolled back with that base configured (a run's --baseModel does not stay).
+    elsewhere = "for another base model, set ASSISTANT_BASE_MODEL to it for this command"
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
@@ -1071,17 +1074,17 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         previous = _earlier_version(adapter, fingerprint, current)
         if current is None:
             raise UsageError(
-                f"Adapter {name!r} is not active on the configured base model, so there is nothing to "
+                f"Adapter {name!r} is not active on the configured base model {base.id!r}, so there is nothing to "
                 f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION` "
-                f"(POST /assistant/training/adapters/{name}/activate).",
+                f"(POST /assistant/training/adapters/{name}/activate); {elsewhere}.",
                 code="adapter.not_active",
                 params={"name": name, "version": None},
             )
         if previous is None:
             raise UsageError(
-                f"Adapter {name!r} has no earlier active version on this base model to roll back to; "
+                f"Adapter {name!r} has no earlier active version on base model {base.id!r} to roll back to; "
                 f"to stop using it, run `lunatrain adapters deactivate {name}` "
-                f"(POST /assistant/training/adapters/{name}/deactivate).",
+                f"(POST /assistant/training/adapters/{name}/deactivate); {elsewhere}.",
                 code="adapter.no_earlier_version",
                 params={"name": name},
             )
