@@ -169,6 +169,18 @@ def test_the_summary_of_a_quantized_run_says_its_val_loss_is_on_the_quantized_ba
     assert [line for line in plain if line.startswith("val loss")] == [
         "val loss   8.4454 vs base 8.4670 (0.3% lower than the base model)"
     ]
+    # Repro: `files` named the adapter's folder within the data root, `reports` by absolute paths: both within.
+    for report in (settings.lora_latest_report, settings.eval_report):
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text("{}")
+    assert [
+        line
+        for line in summary_lines(settings, FlowResult(parse_params({}), adapter=entry))
+        if line[:5] in ("files", "repor")
+    ] == [
+        "files      data/adapters/luna-adapter/v1/ (adapter)",
+        "reports    reports/training/ (lora-latest.json), reports/eval/eval-gate-latest.json",
+    ]
 
 
 def test_a_failed_flow_names_only_the_reports_that_exist(settings, tiny):

@@ -461,8 +461,10 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     training = [
         p.name for p in (settings.lora_latest_report, settings.registry_file, settings.prepare_report) if p.is_file()
     ]
-    where = ([f"{settings.reports_training_dir}/ ({', '.join(training)})"] if training else []) + (
-        [str(settings.eval_report)] if settings.eval_report.is_file() else []
+    # Within the data root, as `files` names the adapter's folder.
+    home = settings.home
+    where = ([f"{settings.reports_training_dir.relative_to(home)}/ ({', '.join(training)})"] if training else []) + (
+        [str(settings.eval_report.relative_to(home))] if settings.eval_report.is_file() else []
     )
     if where:
         lines.append(f"reports    {', '.join(where)}")
