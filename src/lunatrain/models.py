@@ -531,8 +531,6 @@ def lora_misfits(weights: Path, info: BaseModelInfo) -> list[str]:
     one line each ("LAYER: lora_A has N inputs, the layer M"), from the file's header and the model built on
     the meta device: no weight is read. Empty when they fit, or when the header cannot be read (the file's
     own check says that)."""
-    import re
-
     from safetensors import safe_open
 
     try:

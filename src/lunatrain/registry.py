@@ -867,13 +867,6 @@ def loading(settings: Settings, path: Path) -> Iterator[None]:
         ) from exc
 
 
-def size_mismatches(exc: BaseException) -> list[str]:
-    """torch's state-dict load lists every tensor whose shape differs, one line each (kilobytes for an adapter
-    of another base model): those lines, without their lead-in, for a sentence to name the first."""
-    lines = (line.strip() for line in str(exc).splitlines())
-    return [line.removeprefix("size mismatch for ").rstrip(".") for line in lines if line.startswith("size mismatch")]
-
-
 _MISMATCH = re.compile(
     r"(?P<key>\S+lora_(?P<ab>[AB])\S*): copying a param with shape torch\.Size\(\[(?P<a1>\d+), (?P<b1>\d+)\]\) "
     r"from checkpoint, the shape in current model is torch\.Size\(\[(?P<a2>\d+), (?P<b2>\d+)\]\)"
@@ -882,9 +875,12 @@ _MISMATCH = re.compile(
 
 def base_misfits(exc: BaseException) -> list[str]:
     """The size mismatches of a LoRA load that are the base model's: lora_A's inputs or lora_B's outputs differ
-    from the layer's (weights of another base). Another rank (the config against its own weights) is not."""
+    from the layer's (weights of another base). Another rank (the config against its own weights) is not.
+    torch lists every tensor whose shape differs, one line each (kilobytes for an adapter of another base):
+    the lines without their lead-in, for a sentence to name the first."""
     out = []
-    for line in size_mismatches(exc):
+    for line in (line.strip() for line in str(exc).splitlines()):
+        line = line.removeprefix("size mismatch for ").rstrip(".")
         m = _MISMATCH.match(line)
         if m and (m["b1"] != m["b2"] if m["ab"] == "A" else m["a1"] != m["a2"]):
             out.append(line)
@@ -970,7 +966,8 @@ def activate(
         base = configured_base(settings)
         fingerprint, base_id = base.fingerprint, base.id
         said = {"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id}
-        if trained_on.get("fingerprint") != base.fingerprint and not force:
+        foreign = trained_on.get("fingerprint") != base.fingerprint
+        if foreign and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
                 f"base model is {base.id!r} (fingerprints differ); to serve it, configure its base "
@@ -981,7 +978,7 @@ def activate(
                 code="adapter.foreign_base",
                 params=said,
             )
-        if trained_on.get("fingerprint") != base.fingerprint:
+        if foreign:
             from .models import lora_misfits
 
             # --force takes the owner's word that the weights fit; weights of another shape never can.
