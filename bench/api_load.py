@@ -110,9 +110,13 @@ def submit(client: httpx.Client, name: str, epochs: int) -> str:
     return r.json()["jobId"]
 
 
+def job_of(client: httpx.Client, job_id: str) -> dict:
+    return client.get("/assistant/training/lora/status", params={"jobId": job_id}).json()
+
+
 def wait(client: httpx.Client, job_id: str, until: set[str], every: float = 2.0) -> dict:
     while True:
-        job = client.get("/assistant/training/lora/status", params={"jobId": job_id}).json()
+        job = job_of(client, job_id)
         if job["status"] in until or job["status"] in TERMINAL:
             return job
         time.sleep(every)
@@ -259,8 +263,11 @@ def measure(home: Path, args: argparse.Namespace) -> tuple:
             raise SystemExit(f"the unpolled job ended {quiet['status']}: {quiet.get('error')}")
         print("polled run …", flush=True)
         busy_id = submit(client, "bench-polled", args.epochs)
-        while not progress_events(client, busy_id):  # training has started (model loaded, data tokenized)
-            time.sleep(0.5)
+        # Polling starts once training has (model loaded, data tokenized); a job that ends first says why.
+        while not progress_events(client, busy_id):
+            if (early := job_of(client, busy_id))["status"] in TERMINAL:
+                raise SystemExit(f"the polled job ended {early['status']} before its first step: {early.get('error')}")
+            time.sleep(0.5)  # a paced look, not a timing: the job is waited for as long as it takes
         load = asyncio.run(poll(serve.port, busy_id, args.clients, args.duration, args.interval))
         busy = wait(client, busy_id, TERMINAL)
         if busy["status"] != "succeeded":

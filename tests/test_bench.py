@@ -225,4 +225,5 @@ def test_api_load_bench_runs_against_todays_api_and_leaves_nothing_behind(tmp_pa
         assert int(row.split("|")[2]) > 0, row
     assert "| errors | 0 |" in table
     assert re.search(r"\| training steps compared \| \d+–\d+ \(of \d+\) \|", table), table
-    assert list(scratch.iterdir()) == []  # its data root is gone with it
+    # Its data root is gone with it (torch may leave its own caches there, e.g. torchinductor_<user>).
+    assert list(scratch.glob("lunatrain-apiload-*")) == []
