@@ -124,3 +124,36 @@ def test_device_info_reports_cpu_or_cuda():
         assert models.resolve_device("auto") == "cpu"
         with pytest.raises(UsageError, match="cuda"):
             models.resolve_device("cuda")
+
+
+@pytest.fixture(scope="module")
+def arch_bases(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model of each family's architecture (family_templates), and GPT-2, whose layers are Conv1D."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from family_templates import ARCHITECTURES, build_arch_model, save_vocab
+
+    root = tmp_path_factory.mktemp("arch-bases")
+    vocab = save_vocab(root / "vocab")
+    bases = {arch: build_arch_model(root / arch, vocab, arch) for arch in ARCHITECTURES}
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    gpt2.save_pretrained(root / "gpt2")
+    return bases | {"gpt2": root / "gpt2"}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2", "gemma3", "mistral", "phi3", "gpt2"])
+def test_lora_weights_fit_their_own_base_and_no_other_shape(settings, arch_bases, tmp_path, arch):
+    """`adapters activate --force` refuses weights the base's layers cannot take, from the safetensors header
+    and the model built on the meta device: an adapter of every family's shape (Phi-3's fused qkv_proj,
+    GPT-2's Conv1D, which stores its weight transposed) fits its own base, and not luna-tiny, twice as wide."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = models.resolve_base(str(arch_bases[arch]), settings)
+    model = AutoModelForCausalLM.from_pretrained(base.path)
+    lora = LoraConfig(r=4, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert models.lora_misfits(weights, base) == []
+    misfits = models.lora_misfits(weights, models.resolve_base(None, settings))
+    assert misfits and all(": " in line for line in misfits), misfits
