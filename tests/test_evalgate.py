@@ -454,6 +454,80 @@ def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trai
     assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
 
 
+def test_an_active_version_that_cannot_be_loaded_does_not_block_the_next_one(trained_home, settings):
+    """Repro: with the active version's weights cut short, or of another base's shape (force-activated by an
+    older release), every later version's gate ended in an error: the job succeeded with `gate: error`, the
+    flow said FAILED, and each retry added one more version never judged. An active version that cannot be
+    loaded is judged like one whose files are gone: by its record when comparable, else by the base model,
+    with a note that says why."""
+    from safetensors.torch import load_file, save_file
+
+    from lunatrain import export, store
+
+    g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
+    assert g1.passed, g1.reasons
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    v2 = _derived_version(settings, v1, 1.0)
+    v3 = _derived_version(settings, v1, 0.999)
+    weights = registry.adapter_dir(settings, v1) / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    weights.write_bytes(weights.read_bytes()[:-64])  # cut short
+    g2 = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert g2.passed and g2.promoted, g2.reasons
+    assert g2.baseline["ref"] == "luna-adapter@v1" and g2.baseline["source"] == "recorded", g2.baseline
+
+    # v2, now active, holds weights as wide again as the base's inputs (another base's) and, after another
+    # export, no comparable record: the base model judges v3, and the note says why.
+    store.add_example(settings, prompt="Wie heißt du?", response="Ich heiße Luna.")
+    export.export(settings)
+    wide = registry.adapter_dir(settings, registry.get_version(settings, "luna-adapter", v2["version"]))
+    save_file(
+        {k: v.repeat(1, 2) if "lora_A" in k else v for k, v in tensors.items()},
+        str(wide / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    g3 = evalgate.gate_candidate(settings, "luna-adapter", v3["version"])
+    assert g3.baseline["kind"] == "base" and g3.baseline["source"] == "evaluated", g3.baseline
+    note = next((n for n in g3.notes if n.startswith(f"the active luna-adapter@{v2['version']} cannot be loaded")), "")
+    assert note.endswith("and has no comparable gate record, so the base model is the baseline"), g3.notes
+    assert "do not fit this base model" in note and "\n" not in note, note
+    assert g3.passed and g3.promoted, g3.reasons
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
+
+
+def test_a_force_activated_adapter_is_gated_on_its_training_base_and_the_report_says_so(trained_home, monkeypatch):
+    """Repro: luna-adapter@v1, trained on luna-tiny and activated with --force on a twin base (another
+    fingerprint, the same shapes), was gated by `eval-gate` on luna-tiny while the twin was configured, and
+    nothing said so: the header read "PASS  luna-adapter@v1 vs base:luna-tiny". The header names the base the
+    candidate was evaluated on, and a note says it is not the configured one."""
+    from lunatrain.settings import load_settings
+
+    settings = load_settings()
+    twin = settings.models_dir / "luna-twin"
+    shutil.copytree(settings.models_dir / "luna-tiny", twin)
+    config = json.loads((twin / "config.json").read_text())
+    (twin / "config.json").write_text(json.dumps(config | {"twin": True}))
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", str(twin))
+    on_twin = load_settings()
+    registry.activate(on_twin, "luna-adapter", "v1", force=True)
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code in (0, 1), result.output
+    title = result.output.splitlines()[0]
+    assert " luna-adapter@v1 on base model 'luna-tiny' vs " in title, title
+    said = (
+        f"note: luna-adapter@v1 is active on base model {str(twin)!r} by --force, but was trained on "
+        "'luna-tiny': it was gated on 'luna-tiny', the base model it was trained on"
+    )
+    assert said in result.output.splitlines(), result.output
+    report = json.loads(settings.eval_report.read_text())
+    assert report["candidate"]["baseModel"] == "luna-tiny" and said.removeprefix("note: ") in report["notes"]
+    # On its own base the header names that base, and no note is added.
+    monkeypatch.delenv("ASSISTANT_BASE_MODEL")
+    result = CliRunner().invoke(app, ["eval-gate", "--adapter", "luna-adapter@v1"])
+    assert " luna-adapter@v1 on base model 'luna-tiny' vs " in result.output.splitlines()[0], result.output
+    assert "by --force" not in result.output, result.output
+
+
 def test_a_case_the_chat_template_refuses_is_named_with_its_file_and_line(settings, tiny, tmp_path):
     """Repro: a golden case the chat template refuses (two user turns in a row under a template that wants
     them alternating, as Mistral's and Gemma's do) ended `eval-gate` in jinja2's traceback and the API in a

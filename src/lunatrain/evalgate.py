@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .errors import CheckFailed, Conflict, NotFound, UsageError
+from .errors import CheckFailed, Conflict, DamagedFile, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
@@ -101,14 +102,30 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None, *, strict: bo
 # --- evaluating models --------------------------------------------------------------------------
 
 
+def _unloadable(exc: DamagedFile | Conflict) -> str | None:
+    """Why an adapter's files cannot be attached, in a few words (the caller names the adapter), or None for
+    a conflict that is not about its files."""
+    if isinstance(exc, DamagedFile):
+        return exc.why
+    return "its LoRA weights do not fit this base model" if exc.code == "adapter.does_not_fit" else None
+
+
 class _Evaluator:
     """One loaded base model with the adapters under test attached by name; `use(None)` is the base."""
 
     def __init__(
-        self, settings: Settings, base: Any, adapters: dict[str, Path], chat_template: str | None = None
+        self,
+        settings: Settings,
+        base: Any,
+        adapters: dict[str, Path],
+        chat_template: str | None = None,
+        optional: Collection[str] = (),
     ) -> None:
+        """`optional`: adapters (not the first) whose files may fail to load; each one that does is left out,
+        with the reason in `self.unloadable`."""
         from . import models
 
+        self.unloadable: dict[str, str] = {}
         self.device = models.resolve_device("auto")
         # The candidate's own tokenizer and template (what it was trained with); the base model's otherwise.
         if "candidate" in adapters:
@@ -127,8 +144,15 @@ class _Evaluator:
             with peft_wrapping(), registry.loading(settings, items[0][1]):
                 model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0], is_trainable=False)
             for name, path in items[1:]:
-                with peft_wrapping(), registry.loading(settings, path):
-                    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                try:
+                    with peft_wrapping(), registry.loading(settings, path):
+                        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                except (DamagedFile, Conflict) as exc:
+                    if name not in optional or not _unloadable(exc):
+                        raise
+                    self.unloadable[name] = _unloadable(exc)
+                    if name in model.peft_config:  # injected before its weights failed to load: never used
+                        model.delete_adapter(name)
         model.eval()
         self.model = model
         # generation stops on the template's turn terminator, as training taught, and on the model's eos ids
@@ -344,6 +368,8 @@ def eval_gate(
     th = parse_thresholds(thresholds)
     notes: list[str] = []
     entry = select_candidate(settings, adapter=adapter, base_model=base_model, prefer=prefer, notes=notes)
+    if entry is not None:
+        notes += _other_base(settings, entry, base_model)
     report = _run(settings, entry, base_model, th, chat_template)
     report.notes[:0] = notes
     _write(settings, report)
@@ -406,6 +432,24 @@ def _write(settings: Settings, report: GateReport) -> None:
     path = settings.eval_report
     report.path = str(path)
     atomic_write_json(path, report.to_dict())
+
+
+def _other_base(settings: Settings, entry: dict[str, Any], base_model: str | None) -> list[str]:
+    """A note when the candidate was trained on another base than the configured one: it is judged on its
+    own (the reference losses and the fingerprint its files were made for), which the reader may not expect
+    of an adapter activated on the configured base with --force."""
+    from . import registry
+
+    configured = registry.configured_base(settings, base_model)
+    trained_on = entry.get("baseModel") or {}
+    if trained_on.get("fingerprint") == configured.fingerprint:
+        return []
+    ref, own = f"{entry['name']}@{entry['version']}", repr(trained_on.get("id"))
+    if registry.same_entry(registry.active_version(settings, entry["name"], configured.fingerprint), entry):
+        where = f"is active on base model {configured.id!r} by --force, but was"
+    else:
+        where = f"is not for the configured base model {configured.id!r}: it was"
+    return [f"{ref} {where} trained on {own}: it was gated on {own}, the base model it was trained on"]
 
 
 def select_candidate(
@@ -498,16 +542,22 @@ def _run(
     adapters = {}
     if entry is not None:
         adapters["candidate"] = registry.readable_dir(settings, entry)
-    baseline_gone = False
+    unusable = None  # why the active version's files cannot judge
     if baseline_entry is not None and not registry.same_entry(baseline_entry, entry):
         # attached beside the candidate (adapter weights only); evaluated only if its record is not comparable.
-        # An active version whose files are gone cannot be the judge of what replaces it: its record still
-        # can, and without one the base model judges (else no new version could ever pass, and be served).
+        # An active version whose files are gone, damaged or of another base's shape cannot be the judge of
+        # what replaces it: its record still can, and without one the base model judges (else no new version
+        # could ever pass, and be served, and every retry would add one more version never judged).
         try:
             adapters["baseline"] = registry.readable_dir(settings, baseline_entry)
         except NotFound:
-            baseline_gone = True
-    ev = _Evaluator(settings, base, adapters, chat_template)
+            unusable = "has no files"
+        except DamagedFile as exc:
+            unusable = f"cannot be loaded ({exc.why})"
+    ev = _Evaluator(settings, base, adapters, chat_template, optional=("baseline",))
+    if "baseline" in ev.unloadable:
+        del adapters["baseline"]
+        unusable = f"cannot be loaded ({ev.unloadable['baseline']})"
     tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
     context = {
         "format": GATE_FORMAT,
@@ -552,10 +602,11 @@ def _run(
             "metrics": _golden_metrics(bl_results) | {"valLoss": bl_losses["val"], "testLoss": bl_losses["test"]},
         }
     else:
-        if baseline_gone:
+        if unusable:
             notes.append(
-                f"the active {_ref(baseline_entry, base)} has no files and no comparable gate record, so the "
-                "base model is the baseline"
+                f"the active {_ref(baseline_entry, base)} {unusable} and "
+                f"{'has ' if unusable.startswith('cannot') else ''}no comparable gate record, so the base model is "
+                "the baseline"
             )
         with ev.use(None):
             base_results = ev.golden(cases)

@@ -808,10 +808,12 @@ def readable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     would end it with a traceback. (Serving catches a failed load itself and stays up.)"""
     path = loadable_dir(settings, entry)
     if problem := _damaged_files(path):
-        raise DamagedFile(
+        damaged = DamagedFile(
             f"The files of {entry.get('name')}@{entry.get('version')} under data/adapters are damaged ({problem}); "
             "train it again, or roll back to another version."
         )
+        damaged.why = problem
+        raise damaged
     return path
 
 
@@ -861,10 +863,12 @@ def loading(settings: Settings, path: Path) -> Iterator[None]:
                 + "train it again on this base model.",
                 code="adapter.does_not_fit",
             ) from exc
-        raise DamagedFile(
+        damaged = DamagedFile(
             f"The adapter in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "
             "train it again, or roll back to another version."
-        ) from exc
+        )
+        damaged.why = f"{type(exc).__name__}: {said}"
+        raise damaged from exc
 
 
 _MISMATCH = re.compile(

@@ -110,8 +110,11 @@ def show(report: GateReport) -> None:
         ("test loss", m.get("testLoss"), b.get("testLoss"), bl.get("testLoss")),
         ("stopped", m.get("stoppedRate"), b.get("stoppedRate"), bl.get("stoppedRate")),
     ]
+    # The base the candidate was evaluated on: its own training base, which an adapter activated with --force
+    # does not share with the configured one (a note says so).
+    on = f" on base model {report.candidate['baseModel']!r}" if report.candidate["kind"] == "adapter" else ""
     title = (
-        f"eval gate: {report.decision.upper()}  {report.candidate['ref']} vs {report.baseline['ref']} "
+        f"eval gate: {report.decision.upper()}  {report.candidate['ref']}{on} vs {report.baseline['ref']} "
         f"({report.baseline['source']})"
     )
     failed = [c for c in report.cases if not c["passed"]]
