@@ -327,7 +327,7 @@ def test_rollback_walks_the_configured_base_history_only(settings):
     # The way out when there is nothing earlier; the base it speaks of by name, and how to act on another one.
     with pytest.raises(
         UsageError,
-        match=r"no earlier active version on base model 'luna-tiny' .*adapters deactivate a.*ASSISTANT_BASE_MODEL",
+        match=r"no earlier active version on base model 'luna-tiny' .*adapters deactivate a.*--baseModel",
     ):
         registry.rollback(settings, "a")
     registry.activate(settings, "a", "v2")
@@ -337,6 +337,57 @@ def test_rollback_walks_the_configured_base_history_only(settings):
     registry.deactivate(settings, "a")
     with pytest.raises(UsageError, match="not active on the configured base model.*adapters activate a@VERSION"):
         registry.rollback(settings, "a")
+
+
+def test_activate_rollback_and_deactivate_act_on_the_base_model_named_by_flag(settings):
+    """Repro: `adapters activate|rollback|deactivate` acted on ASSISTANT_BASE_MODEL only; acting on another
+    base meant changing the environment for one command, as their own refusals said. `--baseModel` names it;
+    the configured base's activations stay as they are, and a base that does not resolve changes nothing."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    twin = settings.home / "twin"
+    shutil.copytree(settings.models_dir / "luna-tiny", twin)
+    (twin / "config.json").write_text(json.dumps(json.loads((twin / "config.json").read_text()) | {"twin": 1}))
+    twin_fp = models.resolve_base(str(twin), settings).fingerprint
+    for base_id, fingerprint in (("luna-tiny", fp), ("luna-tiny", fp), (str(twin), twin_fp), (str(twin), twin_fp)):
+        _publish_on(settings, "a", base_id, fingerprint)
+    registry.activate(settings, "a", "v1")
+
+    def run(*args: str):
+        return CliRunner().invoke(app, ["adapters", *args])
+
+    on_twin = ("--baseModel", str(twin))
+    assert run("activate", "a@v3", *on_twin).exit_code == 0
+    out = run("activate", "a@v4", *on_twin)
+    assert out.exit_code == 0 and out.output == f"a@v4 is now active on base model {str(twin)!r}.\n", out.output
+    assert run("activate", "a@v3", "--base-model", str(twin)).exit_code == 0  # both spellings, as for lora
+    assert run("activate", "a@v4", *on_twin).exit_code == 0
+    out = run("rollback", "a", *on_twin)
+    assert out.exit_code == 0 and out.output == f"a@v3 is active again on base model {str(twin)!r}.\n", out.output
+    assert registry.active_version(settings, "a", twin_fp)["version"] == "v3"
+    assert registry.active_version(settings, "a", fp)["version"] == "v1"  # the configured base: untouched
+    out = run("deactivate", "a", *on_twin)
+    assert out.exit_code == 0 and out.output == f"a@v3 is no longer active on base model {twin}.\n", out.output
+    assert registry.active_version(settings, "a", twin_fp) is None
+    assert registry.active_version(settings, "a", fp)["version"] == "v1"
+    # A base of another training run is refused as without the flag, and its refusal names the flag's base.
+    out = run("activate", "a@v1", *on_twin)
+    assert out.exit_code == 1 and f"the configured base model is {str(twin)!r}" in out.output, out.output
+    # The refusals that speak of another base name the flag.
+    out = run("rollback", "a", *on_twin)
+    assert out.exit_code == 2 and "--baseModel" in out.output and "ASSISTANT_BASE_MODEL" not in out.output, out.output
+
+    before = registry.registry_path(settings).read_bytes()
+    for args in (("activate", "a@v2"), ("rollback", "a"), ("deactivate", "a")):
+        out = run(*args, "--baseModel", str(settings.home / "nope"))
+        assert out.exit_code == 2 and "does not exist" in out.output, out.output
+        assert len(out.output.strip().splitlines()) == 1 and "Traceback" not in out.output, out.output
+    assert registry.registry_path(settings).read_bytes() == before
 
 
 def test_rollback_walks_back_through_the_history_never_forward(settings):

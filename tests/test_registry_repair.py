@@ -401,7 +401,7 @@ def test_rollback_skips_a_version_repair_left_out(settings):
     assert registry.repair(settings)["versions"] == 4
     runner = CliRunner()
     r = runner.invoke(app, ["adapters", "rollback", "odd"])
-    assert r.exit_code == 0 and r.output.strip() == "odd@v1 is active again.", r.output
+    assert r.exit_code == 0 and r.output.strip() == "odd@v1 is active again on base model 'luna-tiny'.", r.output
     assert registry.get_version(settings, "odd", "active")["version"] == "v1"
     before = registry.registry_path(settings).read_bytes()
     for name in ("odd", "gone"):

@@ -1067,7 +1067,7 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
     base = configured_base(settings)
     fingerprint = base.fingerprint
     # Another base's versions are rolled back with that base configured (a run's --baseModel does not stay).
-    elsewhere = "for another base model, set ASSISTANT_BASE_MODEL to it for this command"
+    elsewhere = "for another base model, name it with `--baseModel`"
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)

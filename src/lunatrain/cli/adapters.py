@@ -2,7 +2,7 @@
 command line.
 
 Activation is per base model: `activate`, `deactivate NAME` and `rollback` act on the configured base model
-(ASSISTANT_BASE_MODEL); adapters active on other bases stay as they are."""
+(ASSISTANT_BASE_MODEL, or `--baseModel`); adapters active on other bases stay as they are."""
 
 from __future__ import annotations
 
@@ -23,6 +23,20 @@ adapters_app = typer.Typer(
 app.add_typer(adapters_app, name="adapters")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--baseModel",
+        "--base-model",
+        help="the base model to act on (hub id, local folder or luna-tiny); default ASSISTANT_BASE_MODEL",
+        show_default=False,
+    ),
+]
+
+
+def _settings(base_model: str | None) -> Any:
+    """The settings with `--baseModel` as the configured base model: activations are kept per base model."""
+    return load_settings(**({"base_model": base_model} if base_model is not None else {}))
 
 
 def _fmt(x: Any) -> str:
@@ -120,28 +134,30 @@ def activate_cmd(
             help="activate even if it was trained on another base model (the same model changed since; weights of another shape are refused)",
         ),
     ] = False,
+    base_model: BaseOpt = None,
 ) -> None:
-    """Make a version the active adapter (refused if its base model is not the configured one)."""
+    """Make a version the active adapter on the configured base model (refused if it was trained on another)."""
     try:
-        settings = load_settings()
+        settings = _settings(base_model)
         name, version = registry.parse_ref(ref)
         if not version:  # the latest version may be one the eval gate refused: which one is the user's choice
             raise UsageError(f"activate takes NAME@VERSION, not {ref!r}; `lunatrain adapters list` shows its versions.")
         entry = registry.activate(settings, name, version, force=force, reason="cli")
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"{entry['name']}@{entry['version']} is now active.")
+    typer.echo(f"{entry['name']}@{entry['version']} is now active on base model {settings.base_model!r}.")
 
 
 @adapters_app.command("deactivate")
 def deactivate_cmd(
     ref: Annotated[str, typer.Argument(help="NAME (on the configured base model) or NAME@VERSION (on every base)")],
+    base_model: BaseOpt = None,
 ) -> None:
     """Stop using an adapter: NAME is no longer active on the configured base model (NAME@VERSION: that
     version on any base). Its versions stay registered; `activate` brings one back."""
     try:
         name, version = registry.parse_ref(ref)
-        done = registry.deactivate(load_settings(), name, version)
+        done = registry.deactivate(_settings(base_model), name, version)
     except LunaError as err:
         raise fail(err) from None
     for d in done:
@@ -149,16 +165,17 @@ def deactivate_cmd(
 
 
 @adapters_app.command("rollback")
-def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")]) -> None:
+def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")], base_model: BaseOpt = None) -> None:
     """Make the version active before the current one on the configured base model active again."""
     try:
+        settings = _settings(base_model)
         adapter, version = registry.parse_ref(name)
         if version:  # the version to go back to is the one before the active one: naming one would be ignored
             raise UsageError(f"rollback takes an adapter name, not {name!r}; to make {name} active, use `activate`.")
-        entry = registry.rollback(load_settings(), adapter)
+        entry = registry.rollback(settings, adapter)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"{entry['name']}@{entry['version']} is active again.")
+    typer.echo(f"{entry['name']}@{entry['version']} is active again on base model {settings.base_model!r}.")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
