@@ -25,11 +25,24 @@ TURNS = [
     {"role": "user", "content": "Danke dir!"},
     {"role": "assistant", "content": "<think>\nHöflich bleiben.\n</think>\n\nGern geschehen, bis bald."},
 ]
+# Answers that repeat the end of the user's message before them: where a template re-renders earlier turns
+# (thinking templates drop their <think>; [INST] templates fold the system prompt into the last user turn),
+# each answer is located by its text, which must not be found inside the user's message.
+ECHO = [
+    {"role": "user", "content": "Rechne nach und bestätige: 17 × 3 = 51."},
+    {"role": "assistant", "content": "<think>\nIch rechne: 17 × 3 = 51.\n</think>\n\n17 × 3 = 51."},
+    {"role": "user", "content": "Sag bitte nur: Ja, gern."},
+    {"role": "assistant", "content": "Ja, gern."},
+    {"role": "user", "content": "Danke!"},
+    {"role": "assistant", "content": "<think>\nHöflich antworten.\n</think>\n\nGern geschehen!"},
+]
 CONVERSATIONS = {
     "single": TURNS[:2],
     "single+system": [SYSTEM, *TURNS[:2]],
     "multi": TURNS,
     "multi+system": [SYSTEM, *TURNS],
+    "echo": ECHO,
+    "echo+system": [SYSTEM, *ECHO],
 }
 
 

@@ -14,7 +14,7 @@ once (with character offsets); each assistant turn's character span is found by 
 before it with `add_generation_prompt=True` (where the answer starts) and the prefix including it (where
 the turn ends). Labels come from that single tokenization, so BPE merges across a span boundary can never
 shift them. Templates that re-render earlier turns differently (so a prefix is not a prefix of the whole)
-fall back to locating each answer's text in order.
+fall back to locating each answer's text in order, after the message before it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from .settings import Settings
 
 IGNORE = -100
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 2  # bump when Encoded or the masking rule changes (2: the template's terminator, not eos)
+# bump when Encoded or the masking rule changes (2: the template's terminator, not eos; 3: an answer located
+# by its text is searched after the message before it)
+CACHE_FORMAT = 3
 
 
 @dataclass
@@ -86,7 +88,7 @@ def assistant_spans(
         content = str(msg.get("content") or "")
         span = _span_by_prefix(tokenizer, messages, i, text, content, eot)
         if span is None:
-            span = _span_by_search(text, content, eot, cursor)
+            span = _span_by_search(text, content, eot, _after_prompt(text, messages, i, cursor))
         trained = msg.get("weight", 1) != 0
         if span is None and trained:
             raise TurnDropped(i + 1)
@@ -143,6 +145,17 @@ def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
         if k >= 0 and not rendered[after:k].strip():
             return k + len(eot)
     return len(rendered.rstrip()) if at < 0 else max(after, start)
+
+
+def _after_prompt(text: str, messages: list[dict], i: int, cursor: int) -> int:
+    """Where assistant turn i's answer can start at the earliest: after the text of the message before it
+    when that is found after `cursor` (the end of the previous answer). An answer that repeats the end of
+    the user's message ("… bestätige: 17 × 3 = 51." → "17 × 3 = 51.") is then not found inside it."""
+    if i == 0 or messages[i - 1].get("role") == "assistant":
+        return cursor
+    prompt = str(messages[i - 1].get("content") or "").strip()
+    at = text.find(prompt, cursor) if prompt else -1
+    return at + len(prompt) if at >= 0 else cursor
 
 
 def _span_by_search(text: str, content: str, eot: str, cursor: int):
