@@ -113,6 +113,27 @@ def test_every_answer_and_its_terminator_is_trained_and_nothing_else(vocab_dir, 
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_conversation_longer_than_the_limit_keeps_its_last_answer_whole(vocab_dir, family):
+    """A conversation longer than maxSeqLength loses its oldest exchanges, never its last answer: on every
+    family's shape (the system prompt folded into a user turn, a template that must start with a user turn)
+    the kept part renders, and the last trained run is the last answer and its terminator."""
+    tok = family_tokenizer(vocab_dir, family)
+    term = turn_terminator(tok)
+    messages = [SYSTEM]
+    for i in range(8):
+        messages += [
+            {"role": "user", "content": f"Frage {i}: erzähl mir bitte etwas über Thema {i}."},
+            {"role": "assistant", "content": f"Antwort {i}: Thema {i} hat eine lange Geschichte."},
+        ]
+    limit = len(encode_chat(tok, messages, 100_000)) // 2
+    enc = encode_chat(tok, messages, limit)
+    assert 0 < enc.dropped < len(messages) - 2 and not enc.truncated and len(enc) <= limit
+    runs = trained_runs(tok, enc)
+    assert _squash(tok.decode(runs[-1], skip_special_tokens=False)) == _squash(messages[-1]["content"] + term.text)
+    assert "Du bist Luna." in tok.decode(enc.input_ids) and "Frage 0:" not in tok.decode(enc.input_ids)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_an_answer_with_weight_0_is_context_and_only_the_others_are_trained(vocab_dir, family):
     """OpenAI's `weight: 0`: the middle answer is rendered (the later turns see it) but none of its tokens,
     nor its terminator, is trained; the first and last answers are, exactly as without weights."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -431,6 +432,36 @@ def test_a_sample_longer_than_the_models_context_gives_no_transformers_warning(s
     assert "Token indices sequence length" not in capfd.readouterr().err
 
 
+def test_a_conversation_longer_than_max_seq_length_is_shown_with_its_oldest_exchanges_left_out(settings, tiny):
+    """Repro: a 20-turn conversation longer than maxSeqLength kept its first 512 tokens; prepare said "will be
+    cut", and `--show` marked the first answer and half of the second as trained, never the last one, the
+    example's own response. Now its oldest exchanges are left out, the warning says so, and the last answer
+    ends with its terminator (the eot check holds for it)."""
+    records = clean_records(30)
+    turns = [{"role": "system", "content": "Du bist Luna."}]
+    for i in range(10):
+        turns += [
+            {"role": "user", "content": f"Frage {i}: erzähl mir etwas über Thema {i}. " * 3},
+            {"role": "assistant", "content": f"Antwort {i}: Thema {i} hat eine lange Geschichte. " * 3},
+        ]
+    turns[-1]["content"] = "FINALE ANTWORT: die wichtigste Antwort."
+    long = _variant(records[0], "ex-long", messages=turns, split="train")
+    write_files(settings, [long, *records])
+    result = CliRunner().invoke(app, ["prepare", "--maxSeqLength=512", "--min-curated", "5", "--show", "1"])
+    assert result.exit_code == 0, result.output
+    head = next(line for line in result.output.splitlines() if line.startswith("--- sample ex-long"))
+    assert re.search(r"tokens trained \(its first \d+ messages left out\)$", head), head
+    shown = result.output[result.output.index(head) :]
+    assert "[[FINALE ANTWORT: die wichtigste Antwort.<|im_end|>]]" in shown, shown
+    assert "Du bist Luna." in shown and "Frage 0:" not in shown, shown
+    check = next(c for c in prepare(settings, params()).checks if c.id == "truncated")
+    assert check.examples == ["ex-long"] and check.message == (
+        "1 sample is longer than maxSeqLength=512: its oldest exchanges are left out so that the last answer is "
+        "trained, and one exchange longer than that is cut at its end (raise maxSeqLength or shorten it)"
+    ), check.message
+    assert next(c for c in prepare(settings, params()).checks if c.id == "eot_not_trained").severity == "info"
+
+
 def test_a_check_that_finds_one_record_says_it_in_the_singular():
     """Repro: "1 samples with an empty assistant response", "only 1 val samples", "1 lines are not valid chat
     records"."""
@@ -442,9 +473,9 @@ def test_a_check_that_finds_one_record_says_it_in_the_singular():
     assert _check("empty_response", "fail", ["a"], "samples with an empty assistant response", "ok").message == (
         "1 sample with an empty assistant response"
     )
-    truncated = "samples are longer than maxSeqLength=64 and will be cut (raise maxSeqLength or shorten them)"
+    truncated = "samples are longer than maxSeqLength=64: their oldest exchanges are left out (shorten them)"
     assert _check("truncated", "warn", ["a"], truncated, "ok").message == (
-        "1 sample is longer than maxSeqLength=64 and will be cut (raise maxSeqLength or shorten it)"
+        "1 sample is longer than maxSeqLength=64: its oldest exchanges are left out (shorten it)"
     )
     assert _check("truncated", "warn", ["a", "b"], truncated, "ok").message == f"2 {truncated}"  # several: as written
     assert _val_check(1, 0.1).message.startswith("only 1 val sample (")

@@ -81,6 +81,45 @@ def test_truncation_is_flagged(tok):
     assert enc.truncated and len(enc) == 16 and enc.full_length > 16 and len(enc.labels) == 16
 
 
+def long_conversation(exchanges: int = 10) -> list[dict]:
+    out = [{"role": "system", "content": "Du bist Luna."}]
+    for i in range(exchanges):
+        out.append({"role": "user", "content": f"Frage {i}: erzähl mir etwas über Thema {i}. " * 3})
+        out.append({"role": "assistant", "content": f"Antwort {i}: Thema {i} hat eine lange Geschichte. " * 3})
+    out[-1] = {"role": "assistant", "content": "FINALE ANTWORT: die wichtigste Antwort."}
+    return out
+
+
+def test_a_conversation_longer_than_the_limit_keeps_the_system_prompt_and_its_last_answers(tok):
+    """Repro: a conversation longer than maxSeqLength kept its first tokens, so its last answer (the
+    example's own response) and most others were never trained. Now its oldest exchanges are left out,
+    as few as needed, and what is kept is the system prompt and the latest turns, trained as a shorter
+    conversation would be."""
+    convo = long_conversation()
+    full = encode_chat(tok, convo, 100_000)
+    enc = encode_chat(tok, convo, 512)
+    assert len(full) > 512 and enc.full_length == len(full) and not enc.truncated
+    assert enc.dropped > 0 and enc.dropped % 2 == 0 and len(enc) <= 512
+    kept = [convo[0], *convo[1 + enc.dropped :]]
+    same = encode_chat(tok, kept, 512)
+    assert (same.input_ids, same.labels, same.dropped) == (enc.input_ids, enc.labels, 0)
+    assert len(encode_chat(tok, [convo[0], *convo[enc.dropped - 1 :]], 100_000)) > 512  # as few left out as fit
+    assert tok.decode(enc.input_ids).startswith("<|im_start|>system\nDu bist Luna.<|im_end|>\n<|im_start|>user")
+    a, b = _runs(enc)[-1]
+    assert tok.decode(enc.input_ids[a:b]) == "FINALE ANTWORT: die wichtigste Antwort.<|im_end|>"
+
+
+def test_a_last_exchange_longer_than_the_limit_is_cut_at_its_end(tok):
+    """Where even the last exchange does not fit, it is kept from its start (its question, the beginning of
+    its answer) and cut at the limit."""
+    convo = long_conversation(3)
+    convo[-1] = {"role": "assistant", "content": "Eine sehr lange Antwort. " * 200}
+    enc = encode_chat(tok, convo, 256)
+    assert enc.truncated and enc.dropped == 4 and len(enc) == 256
+    assert enc.input_ids == encode_chat(tok, [convo[0], *convo[5:]], 10_000).input_ids[:256]
+    assert tok.decode(enc.input_ids[_runs(enc)[-1][0] :]).startswith("Eine sehr lange Antwort.")
+
+
 def test_cache_hits_on_the_same_inputs_and_misses_on_changes(settings, tok):
     data = tier_data(make_records(24))
     first = tokenize_tier(settings, "curated", tok, 128, data=data)

@@ -114,7 +114,7 @@ def varlen_takes_gqa() -> bool:
 def quiet_too_long_warning(tokenizer: Any) -> None:
     """transformers (5.x) warns once per tokenizer when it encodes more tokens than the model's
     `model_max_length` ("Running this sequence through the model will result in indexing errors"). lunatrain
-    encodes whole samples on purpose and cuts them to maxSeqLength itself (prepare's `truncated` check names
+    encodes whole samples on purpose and shortens them to maxSeqLength itself (prepare's `truncated` check names
     them; serving checks the context), so the line is noise in prepare's and the trainer's output. Marking it
     as already said is the tokenizer's own switch for that (its `deprecation_warnings` dict). Goes when
     transformers drops the warning or gives it a public switch."""

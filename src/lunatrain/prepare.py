@@ -21,11 +21,12 @@ Checks (id: severity when something is found):
   (system prompt and turns before the last answer, folded the same way) and answer differently, one per
   distinct answer: a fact taught two ways is learned as either, or as a blend; exchange_across_splits (warn):
   val/test samples whose last prompt and answer a train sample of another conversation ends in.
-- truncated (warn): longer than maxSeqLength; no_trained_tokens (warn; fail when no train sample has any).
+- truncated (warn): longer than maxSeqLength (its oldest exchanges left out; an exchange longer than that cut
+  at its end, see tokens.encode_chat); no_trained_tokens (warn; fail when no train sample has any).
 - terminator (info): the turn terminator the chat template emits after each answer, and whether the base
   model's generation_config.json stops on it (adapters and merged models ship one that does).
 - eot_not_trained (fail): an assistant turn whose trained span does not end with the turn terminator, so
-  the model would never learn to stop (truncated samples are left to the truncated check).
+  the model would never learn to stop (samples cut at their end are left to the truncated check).
 - template_refused (fail, only when found): examples the chat template raises on (e.g. roles that do not
   alternate for an [INST] template), all of them; the other checks run on the rest.
 - special_tokens_in_content (fail): a literal special token (e.g. `<|im_end|>`) typed inside a message;
@@ -477,6 +478,7 @@ _SINGULAR_LATER = (
     ("fix them", "fix it"),
     ("in their text", "in its text"),
     ("shorten them", "shorten it"),
+    ("their oldest exchanges", "its oldest exchanges"),
     ("not valid chat records", "not a valid chat record"),
 )
 
@@ -760,6 +762,7 @@ def marked_sample(tokenizer: Any, enc: Any, rid: str) -> dict[str, Any]:
         "tokens": len(enc),
         "trainedTokens": enc.n_supervised,
         "truncated": enc.truncated,
+        "dropped": enc.dropped,
         "pieces": pieces,
     }
 
@@ -772,7 +775,7 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
     for split in export_mod.SPLITS:
         for rec, enc in zip(getattr(data, split), tokenized.splits.get(split, []), strict=True):
             rid = _rid(rec)
-            if enc.truncated:
+            if enc.shortened:
                 truncated.append(rid)
             if enc.n_supervised == 0:
                 untrained.append(rid)
@@ -780,7 +783,7 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
             if split == "train":
                 train_with_tokens += 1
             if enc.truncated:
-                continue  # its end was cut off: reported as truncated
+                continue  # its end was cut off: reported as truncated (one that lost its oldest turns still ends)
             n = len(eot_ids)
             if not n or any(enc.labels[max(a, b - n) : b] != eot_ids for a, b in _labeled_runs(enc.labels, IGNORE)):
                 no_eot.append(rid)
@@ -798,8 +801,9 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
             "truncated",
             "warn",
             truncated,
-            f"samples are longer than maxSeqLength={tokenized.max_seq_length} and "
-            "will be cut (raise maxSeqLength or shorten them)",
+            f"samples are longer than maxSeqLength={tokenized.max_seq_length}: their oldest exchanges are left "
+            "out so that the last answer is trained, and one exchange longer than that is cut at its end (raise "
+            "maxSeqLength or shorten them)",
             "no sample exceeds maxSeqLength",
             maxSeqLength=tokenized.max_seq_length,
         ),

@@ -35,7 +35,7 @@ from .settings import Settings
 IGNORE = -100
 SPLITS = ("train", "val", "test")
 # bump when Encoded or the masking rule changes (2: the template's terminator, not eos; 3: an answer located
-# by its text is searched after the message before it)
+# by its text is searched after the message before it; a long conversation loses its oldest exchanges)
 CACHE_FORMAT = 3
 
 
@@ -43,9 +43,15 @@ CACHE_FORMAT = 3
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where the token is not trained
-    truncated: bool = False  # the rendered conversation was longer than max_seq_length
-    full_length: int = 0  # token count before truncation
+    truncated: bool = False  # cut at max_seq_length: even its last exchange alone is longer
+    full_length: int = 0  # token count of the whole conversation, before anything was left out or cut
     hash: str = ""  # the export record's hash (which samples an adapter was trained on)
+    dropped: int = 0  # messages left out from the start (its oldest exchanges) to fit max_seq_length
+
+    @property
+    def shortened(self) -> bool:
+        """Longer than max_seq_length: oldest exchanges left out, or cut at the end."""
+        return self.truncated or self.dropped > 0
 
     @property
     def n_supervised(self) -> int:
@@ -172,9 +178,42 @@ def encode_chat(
 ) -> Encoded:
     """Tokenize one conversation with its chat template; labels only on assistant content + terminator.
 
-    Longer conversations are cut to `max_seq_length` tokens from the end (`truncated=True`); the beginning
-    (system prompt and first turns) is kept because the answer depends on it.
+    A conversation longer than `max_seq_length` tokens loses its oldest exchanges (`dropped` messages after
+    the system prompt), as few as make it fit: its last answer is the example's own, and the turns just
+    before it are its context, as a chat that outgrows its context window keeps them. Where even the last
+    exchange does not fit, that exchange is cut at the limit (`truncated=True`).
     """
+    ids, labels = _encode(tokenizer, messages, terminator)
+    full = len(ids)
+    if full <= max_seq_length:
+        return Encoded(ids, labels, False, full, hash)
+    head = next((k for k, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    # Where a kept part may start: a user turn after the first exchange, with an answer to train after it.
+    trained = [k for k, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
+    starts = [k for k in range(head + 1, len(messages)) if messages[k].get("role") == "user" and trained[-1:] > [k]]
+    kept, dropped = (ids, labels), 0
+    lo, hi = 0, len(starts) - 1  # the earliest start that fits: fewer tokens the later it starts
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            part = _encode(tokenizer, messages[:head] + messages[starts[mid] :], terminator)
+        except Exception:  # a template that refuses the shorter conversation: cut the whole one instead
+            break
+        if len(part[0]) <= max_seq_length:
+            kept, dropped, hi = part, starts[mid] - head, mid - 1
+        else:
+            lo = mid + 1
+    if not dropped and starts:  # nothing fits: the last exchange from its start, cut at the limit
+        try:
+            kept, dropped = _encode(tokenizer, messages[:head] + messages[starts[-1] :], terminator), starts[-1] - head
+        except Exception:
+            pass
+    ids, labels = kept
+    return Encoded(ids[:max_seq_length], labels[:max_seq_length], len(ids) > max_seq_length, full, hash, dropped)
+
+
+def _encode(tokenizer: Any, messages: list[dict], terminator: str | None) -> tuple[list[int], list[int]]:
+    """The conversation's token ids, and its labels: the ids where trained, IGNORE elsewhere."""
     text, spans = assistant_spans(tokenizer, messages, terminator)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
@@ -185,8 +224,7 @@ def encode_chat(
             s += 1
         if s < len(spans) and spans[s][0] <= a < spans[s][1]:
             labels[j] = ids[j]
-    full = len(ids)
-    return Encoded(ids[:max_seq_length], labels[:max_seq_length], full > max_seq_length, full, hash)
+    return ids, labels
 
 
 # --- the tokenized cache --------------------------------------------------------------------------
@@ -303,7 +341,7 @@ def split_stats(items: list[Encoded]) -> dict[str, Any]:
         "count": len(items),
         "tokens": sum(len(e) for e in items),
         "supervisedTokens": sum(sup),
-        "truncated": sum(1 for e in items if e.truncated),
+        "truncated": sum(1 for e in items if e.shortened),  # longer than maxSeqLength, whichever way shortened
         "noSupervised": sum(1 for s in sup if s == 0),
         "minLength": lengths[0] if lengths else 0,
         "medianLength": int(statistics.median(lengths)) if lengths else 0,
@@ -329,6 +367,7 @@ def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]], fingerp
         tensors[f"{name}.offsets"] = torch.tensor(offsets, dtype=torch.int64)
         tensors[f"{name}.truncated"] = torch.tensor([e.truncated for e in items], dtype=torch.uint8)
         tensors[f"{name}.full_length"] = torch.tensor([e.full_length for e in items], dtype=torch.int64)
+        tensors[f"{name}.dropped"] = torch.tensor([e.dropped for e in items], dtype=torch.int64)
         hashes = "\n".join(e.hash for e in items).encode("utf-8")
         tensors[f"{name}.hashes"] = (
             torch.frombuffer(bytearray(hashes), dtype=torch.uint8) if hashes else torch.zeros(0, dtype=torch.uint8)
@@ -354,13 +393,14 @@ def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
                 offsets = fh.get_tensor(f"{name}.offsets").tolist()
                 trunc = fh.get_tensor(f"{name}.truncated").tolist()
                 full = fh.get_tensor(f"{name}.full_length").tolist()
+                dropped = fh.get_tensor(f"{name}.dropped").tolist()
                 raw = fh.get_tensor(f"{name}.hashes").numpy().tobytes().decode("utf-8")
                 n = len(offsets) - 1
                 hashes = raw.split("\n") if n else []
                 if len(hashes) != n:
                     hashes = [""] * n
                 splits[name] = [
-                    Encoded(ids[a:b], labels[a:b], bool(trunc[i]), int(full[i]), hashes[i])
+                    Encoded(ids[a:b], labels[a:b], bool(trunc[i]), int(full[i]), hashes[i], int(dropped[i]))
                     for i, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False))
                 ]
             return splits

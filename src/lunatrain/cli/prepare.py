@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LunaError
+from ..messages import counted
 from ..prepare import PrepareReport, prepare
 from ..settings import load_settings
 from .app import app, as_written, fail, is_tty, print_report, visible
@@ -69,8 +70,11 @@ def show_samples(report: PrepareReport) -> None:
 
         console = Console(highlight=False)
     for sample in report.samples:
+        dropped = sample.get("dropped") or 0  # a report written before the field counts none
+        shortened = [f"its first {counted(dropped, 'message')} left out"] if dropped else []
+        shortened += ["cut at maxSeqLength"] if sample["truncated"] else []
         head = f"--- sample {sample['id']}: {sample['trainedTokens']} of {sample['tokens']} tokens trained" + (
-            " (truncated)" if sample["truncated"] else ""
+            f" ({', '.join(shortened)})" if shortened else ""
         )
         if tty:
             text = Text(head + "\n", style="bold")
