@@ -704,3 +704,19 @@ def test_stream_options_without_a_stream_is_refused_as_openai_refuses_it(client:
     assert (err["param"], err["message"]) == ("stream_options", "stream_options: only allowed with stream: true.")
     assert chat(client, stream_options=None)[0] == 200
     assert chat(client, stream=False)[0] == 200
+
+
+def test_a_message_is_read_as_the_training_data_was_stored_in_nfc_and_trimmed(client: TestClient) -> None:
+    """Repro: training data is stored in Unicode NFC and trimmed, but chat rendered messages as sent: "Grüß
+    dich, Straße" typed in NFD (as macOS pastes it) gave 17 prompt tokens instead of 15, and with spaces
+    around it 16, none of them the tokens the adapter was trained on. Each message is now read the same way."""
+    import unicodedata
+
+    nfc = "Grüß dich, Straße"
+    answers = [
+        chat(client, messages=[{"role": "user", "content": text}], max_tokens=3)
+        for text in (nfc, unicodedata.normalize("NFD", nfc), f"  {nfc} \n")
+    ]
+    assert all(status == 200 for status, _ in answers), answers
+    assert len({body["usage"]["prompt_tokens"] for _, body in answers}) == 1, [b["usage"] for _, b in answers]
+    assert len({body["choices"][0]["message"]["content"] for _, body in answers}) == 1, answers

@@ -28,6 +28,7 @@ from typing import Any
 from . import registry
 from .compat import generation_cache_argument, peft_quiet, quiet_too_long_warning
 from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
+from .formats import normalize_text
 from .settings import Settings
 
 
@@ -441,6 +442,8 @@ class Engine:
             tok = loaded.tokenizer if loaded else self.tokenizer
             if not tok.chat_template:
                 raise self._no_template(target)
+            # read as the training data was stored (NFC, trimmed): the same visible text, the same tokens
+            messages = [m | {"content": normalize_text(m["content"])} for m in messages]
             _refuse_control_tokens(tok, messages)
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
