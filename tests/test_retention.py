@@ -206,18 +206,24 @@ def _left_by_an_ended_process(parent: Path, name: str) -> Path:
 def test_staging_folders_of_ended_processes_go_and_those_of_live_ones_stay(settings: Settings) -> None:
     """Repro: a merge killed while writing left `data/models/merged/.luna-adapter-v1.XXXX` (the size of a
     whole model) that neither the next merge nor `gc` removed. Staging folders now name their process; `gc`
-    removes those whose process has ended on this machine, and those of another machine (or an older
-    release) once nothing in them changed for a day. The folder of a process still running stays."""
+    removes those whose process has ended on this machine, and those of another machine once nothing in
+    them changed for a day. The folder of a process still running stays.
+
+    Repro: a user's own hidden folders named `.NAME.<8 letters or digits>` (`.my-base.original`, a merge kept
+    as `.luna-adapter-v1.previous`) were taken for an older release's staging folders and removed, by `gc`
+    and by every merge, once idle for a day. Only names with this release's HOST-PID part are staging
+    folders now."""
     merged = settings.models_dir / "merged"
     dead = _left_by_an_ended_process(merged, "luna-adapter-v1")
     live = fsio.staging_dir(merged, "luna-adapter-v2")  # this test's own process: alive
     foreign_old = merged / ".luna-adapter-v3.0a1b2c3d-4242.k2j4h5g6"  # another machine's, idle for 2 days
     foreign_new = merged / ".luna-adapter-v4.0a1b2c3d-4242.a8s7d6f5"  # another machine's, just written
-    legacy = merged / ".luna-adapter-v5.q1w2e3r4"  # an older release's name, idle for 2 days
-    for folder in (foreign_old, foreign_new, legacy):
-        folder.mkdir()
+    previous = merged / ".luna-adapter-v1.previous"  # the user's: a merge kept aside, idle for 2 days
+    original = settings.models_dir / ".my-base.original"  # the user's: a base model's copy
+    for folder in (foreign_old, foreign_new, previous, original):
+        folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"y" * 100)
-    for folder in (foreign_old, legacy):
+    for folder in (foreign_old, previous, original):
         old = time.time() - 2 * 86400
         for p in (folder / "model.safetensors", folder):
             os.utime(p, (old, old))
@@ -228,12 +234,12 @@ def test_staging_folders_of_ended_processes_go_and_those_of_live_ones_stay(setti
     planned = json.loads(CliRunner().invoke(app, ["gc", "--dry-run", "--json"]).output)["items"]
     staging = {i["path"]: i for i in planned if i["kind"] == "staging"}
     rel = lambda p: str(p.relative_to(settings.home))  # noqa: E731
-    assert set(staging) == {rel(dead), rel(foreign_old), rel(legacy)}, planned
+    assert set(staging) == {rel(dead), rel(foreign_old)}, planned
     assert staging[rel(dead)]["bytes"] == 4096 and "ended" in staging[rel(dead)]["reason"], staging
-    assert "unchanged for 2 days" in staging[rel(legacy)]["reason"], staging
+    assert "unchanged for 2 days" in staging[rel(foreign_old)]["reason"], staging
     assert dead.is_dir()  # a dry run removes nothing
 
     r = CliRunner().invoke(app, ["gc"])
-    assert r.exit_code == 0 and "3 staging folders" in r.output.splitlines()[-1], r.output
-    assert not dead.exists() and not foreign_old.exists() and not legacy.exists()
-    assert live.is_dir() and foreign_new.is_dir() and kept.is_dir()
+    assert r.exit_code == 0 and "2 staging folders" in r.output.splitlines()[-1], r.output
+    assert not dead.exists() and not foreign_old.exists()
+    assert live.is_dir() and foreign_new.is_dir() and kept.is_dir() and previous.is_dir() and original.is_dir()

@@ -152,8 +152,9 @@ def staging_dir(parent: Path, name: str) -> Path:
     return path
 
 
-# mkdtemp's suffix is 8 of [a-z0-9_]; releases before the HOST-PID part named only NAME.
-_STAGING = re.compile(r"\.(?P<name>.+?)\.(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.)?[a-z0-9_]{8}")
+# mkdtemp's suffix is 8 of [a-z0-9_]. The HOST-PID part is required: `.NAME.XXXXXXXX` alone is also how a
+# person names a copy kept aside (`.my-base.original`, `.luna-adapter-v1.previous`), never ours to remove.
+_STAGING = re.compile(r"\.(?P<name>.+?)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}")
 
 
 def _alive(pid: int) -> bool:
@@ -168,8 +169,8 @@ def _alive(pid: int) -> bool:
 
 def abandoned_staging(parent: Path, *, idle_after_s: float = 86400) -> list[tuple[Path, str]]:
     """The staging folders in `parent` that no process will finish, each with the reason: those whose process
-    has ended on this machine, and those of another machine (a data root on shared storage) or of an older
-    release once nothing in them changed for `idle_after_s`. Only folders named as `staging_dir` names them."""
+    has ended on this machine, and those of another machine (a data root on shared storage) once nothing in
+    them changed for `idle_after_s`. Only folders named as `staging_dir` names them."""
     if not parent.is_dir():
         return []
     found = []

@@ -16,8 +16,8 @@ The policy (settings, ASSISTANT_* variables):
   runs kept for `resume`): once nothing in them changed for `RETAIN_CHECKPOINT_DAYS` (7) days.
 - **Staging folders** (`data/models/merged/.<name>.<host>-<pid>.<random>/` and the like in `data/models`): what
   a killed merge (or model build) left half-written, once its process has ended; one made on another machine
-  or by an older release once nothing in it changed for a day (`fsio.abandoned_staging`). A merge removes
-  those of `data/models/merged` before it writes.
+  once nothing in it changed for a day (`fsio.abandoned_staging`). A folder without the host-pid part is
+  never one of them. A merge removes those of `data/models/merged` before it writes.
 - **Never**: the registry and its history, adapter versions, reports, the example database.
 
 `collect(settings, dry_run=True)` lists what would go with sizes; without dry_run it deletes.
