@@ -243,3 +243,28 @@ def test_staging_folders_of_ended_processes_go_and_those_of_live_ones_stay(setti
     assert r.exit_code == 0 and "2 staging folders" in r.output.splitlines()[-1], r.output
     assert not dead.exists() and not foreign_old.exists()
     assert live.is_dir() and foreign_new.is_dir() and kept.is_dir() and previous.is_dir() and original.is_dir()
+
+
+def test_the_work_directory_of_a_job_still_to_run_is_kept_whatever_its_age(settings: Settings) -> None:
+    """Repro: a job requeued to resume (its trainer stopped, then stayed down for over a week) lost its
+    checkpoints to `gc`, which went by the work directory's age alone: the restarted trainer said "no
+    checkpoint to resume from; starting fresh". The work directories of an adapter with a queued or running
+    job stay; once the job has ended they age out as before."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    waiting, _ = jobs.create(LoraParams(adapter_name="b", resume=True))
+    jobs.set_status(waiting.id, "queued")
+    run = settings.adapters_dir / "b" / ".work" / "resumable-run"
+    (run / "checkpoints" / "epoch-001").mkdir(parents=True)
+    (run / "checkpoints" / "epoch-001" / "adapter.safetensors").write_bytes(b"w" * 2000)
+    _age(run, 10)
+    try:
+        for args in (["gc", "--dry-run", "--json"], ["gc"]):
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 0 and "resumable-run" not in r.output, r.output
+        assert (run / "checkpoints" / "epoch-001" / "adapter.safetensors").is_file()
+        jobs.set_status(waiting.id, "cancelled")
+    finally:
+        jobs.close()
+    r = CliRunner().invoke(app, ["gc"])
+    assert r.exit_code == 0 and "data/adapters/b/.work/resumable-run" in r.output, r.output
+    assert not run.exists()

@@ -13,7 +13,8 @@ The policy (settings, ASSISTANT_* variables):
 - **Token caches** (`data/cache/tokens/*.safetensors`): every cache not made from the current export's
   dataset fingerprint (it is rebuilt on demand, so the worst case is one re-tokenization).
 - **Run work directories** (`data/adapters/<name>/.work/<run>/`, epoch checkpoints of unfinished or failed
-  runs kept for `resume`): once nothing in them changed for `RETAIN_CHECKPOINT_DAYS` (7) days.
+  runs kept for `resume`): once nothing in them changed for `RETAIN_CHECKPOINT_DAYS` (7) days, and never
+  while a job of that adapter is queued or running (one requeued to resume continues from them).
 - **Staging folders** (`data/models/merged/.<name>.<host>-<pid>.<random>/` and the like in `data/models`): what
   a killed merge (or model build) left half-written, once its process has ended; one made on another machine
   once nothing in it changed for a day (`fsio.abandoned_staging`). A folder without the host-pid part is
@@ -212,14 +213,37 @@ def _token_caches(settings: Settings, dry_run: bool) -> list[Item]:
     return items
 
 
+def _unfinished_adapters(settings: Settings) -> set[str]:
+    """The adapter names of jobs not ended yet (queued, running, requeued to resume): their work directories
+    hold the checkpoint a resume continues from, however long the trainer was down."""
+    path = jobs_db_path(settings.data_dir)
+    if not path.is_file():
+        return set()
+    db = read_only_connection(path)
+    try:
+        rows = db.execute("SELECT status, params FROM jobs").fetchall()
+    finally:
+        db.close()
+    names = set()
+    for status, params in rows:
+        if status in TERMINAL:
+            continue
+        try:
+            names.add(str(json.loads(params)["adapterName"]))
+        except (ValueError, TypeError, KeyError):  # a row no trainer could run either: keep every work dir
+            return {run.parent.parent.name for run in settings.adapters_dir.glob("*/.work/*")}
+    return names
+
+
 def _work_dirs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
     root = settings.adapters_dir
     if not root.is_dir():
         return []
     cutoff = now.timestamp() - settings.retain_checkpoint_days * 86400
+    waiting = _unfinished_adapters(settings)
     items = []
     for run in sorted(root.glob("*/.work/*")):
-        if not run.is_dir():
+        if not run.is_dir() or run.parent.parent.name in waiting:
             continue
         newest = max([p.lstat().st_mtime for p in run.rglob("*")] + [run.lstat().st_mtime])
         if newest >= cutoff:
