@@ -229,11 +229,20 @@ def replace_dir(finished: Path, target: Path) -> bool:
         os.replace(finished, target)
         return False
     old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     os.replace(target, old)
     os.replace(finished, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     return True
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at `path`: a link (a folder the user moved to another disk and linked back) as a link,
+    never what it points to; a folder with everything in it. Nothing there is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
