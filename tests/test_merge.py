@@ -141,6 +141,47 @@ def test_a_version_whose_files_are_damaged_is_one_sentence_for_merge_and_the_gat
     assert not (settings.models_dir / "merged").exists()
 
 
+@pytest.mark.parametrize("content", ["{}", '{"version": "1.0", "added_tokens": []}'])
+def test_a_tokenizer_file_that_is_json_but_no_tokenizer_is_one_sentence(trained_home, settings, content):
+    """Repro: a tokenizer.json edited into JSON that is no tokenizer (`{}`) made `merge` print a traceback
+    (KeyError: 'added_tokens', or the tokenizers library's "Model missing"), after merging the weights."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    (settings.adapters_dir / "luna-adapter" / "v1" / "tokenizer.json").write_text(content)
+    start = "error: The tokenizer in data/adapters/luna-adapter/v1 cannot be loaded ("
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
+        assert lines[0].endswith("; its files are damaged: train it again, or roll back to another version.")
+    merged = settings.models_dir / "merged"
+    assert not merged.exists() or list(merged.iterdir()) == []
+
+
+def test_merging_again_into_a_merge_moved_elsewhere_and_linked_replaces_the_link(trained_home, settings, tmp_path):
+    """Repro: a merged model moved to a bigger disk and linked back in its place: the next merge left a hidden
+    `.luna-adapter-v1.old` link (rmtree cannot remove a link, and the error was ignored), and every merge of
+    that version after it failed with "Not a directory … check the disk". Now the link is replaced and
+    removed; the folder it pointed to is the user's and stays."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    target = settings.models_dir / "merged" / "luna-adapter-v1"
+    assert CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"]).exit_code == 0
+    moved = tmp_path / "big-disk" / "luna-adapter-v1"
+    moved.parent.mkdir()
+    target.rename(moved)
+    target.symlink_to(moved, target_is_directory=True)
+    for _ in range(2):
+        r = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+        assert r.exit_code == 0, r.output
+    assert [p.name for p in target.parent.iterdir()] == ["luna-adapter-v1"] and not target.is_symlink()
+    assert (moved / "model.safetensors").is_file()
+
+
 CONFIG_DAMAGE = {  # an adapter_config.json that is JSON, but not what PEFT can load these weights with
     "no peft_type": lambda c: {k: v for k, v in c.items() if k != "peft_type"},
     "another rank": lambda c: c | {"r": c["r"] * 2},

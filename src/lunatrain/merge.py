@@ -98,6 +98,9 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     # this merge writes to.
     for leftover, _ in abandoned_staging(target.parent):
         shutil.rmtree(leftover, ignore_errors=True)
+    # the adapter's own tokenizer (the template it was trained with, any markers added for it), read first:
+    # damaged files are said before minutes of merging, not after
+    tokenizer = load_adapter_tokenizer(adapter_dir, base, settings)
     tmp = staging_dir(target.parent, label)
     try:
         model = load_model(base, settings, "cpu", torch.float32)
@@ -108,8 +111,6 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         dtype = _stored_dtype(Path(base.path))
         if dtype in ("bfloat16", "float16"):  # merged in float32 for accuracy, stored as the base was
             merged = merged.to(getattr(torch, dtype))
-        # the adapter's own tokenizer: the template it was trained with, any markers added for it
-        tokenizer = load_adapter_tokenizer(adapter_dir, base, settings)
         # A disk filling up while the model is written is one sentence; the staging folder goes (finally), so
         # an earlier merge of this version and its registry record stay as they were.
         with storage_guard(f"the merged model {label}"):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .compat import keep_4bit_gradients, quiet_too_long_warning
-from .errors import UsageError
+from .errors import DamagedFile, UsageError
 from .fsio import atomic_write_text, dumps_json, file_lock, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings
 from .templates import Terminator, turn_terminator  # noqa: F401  (callers ask models where a turn ends)
@@ -438,7 +438,17 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
 
     if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
         return load_tokenizer(base, settings)
-    tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - files that read as JSON but are no tokenizer: the tokenizers
+        # library raises a plain Exception ("Model missing"), transformers a KeyError or ValueError
+        where = Path(adapter_dir)
+        where = where.relative_to(settings.home) if where.is_relative_to(settings.home) else where
+        said = " ".join(str(exc).split())[:200] or "no message"
+        raise DamagedFile(
+            f"The tokenizer in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "
+            "train it again, or roll back to another version."
+        ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     quiet_too_long_warning(tok)
