@@ -459,3 +459,9 @@ def test_a_base_inside_a_moved_or_copied_data_root_is_found_there(settings, monk
     result = merge_adapter(load_settings(), ref)
     merged_from = json.loads((result.path / "lunatrain-merge.json").read_text())["baseModel"]
     assert merged_from["id"] == str(copy / "data" / "models" / "mybase"), merged_from
+
+    # In the copy its base is changed: that is refused as a changed base, never merged into the other root's.
+    config = copy / "data" / "models" / "mybase" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"changed": True}))
+    with pytest.raises(Conflict, match="changed"):
+        merge_adapter(load_settings(), ref)

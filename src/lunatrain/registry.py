@@ -615,7 +615,8 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None) 
     """The base recorded as an absolute path outside this data root, found at the same relative place inside
     it with the same weights: the data root was moved or copied with its base inside (a merged model used as
     the next base), and the path recorded is the old root's. Preferred even where the old path still exists,
-    so that a copy never reads another data root's files. None when there is no such base."""
+    so that a copy never reads another data root's files: where the base at that place here has other weights
+    now, it is returned all the same, for the caller to refuse as a changed base. None when there is none."""
     from .models import resolve_base
 
     if not base_id or not fingerprint or not Path(base_id).is_absolute():
@@ -623,6 +624,7 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None) 
     path = Path(base_id)
     if path.is_relative_to(settings.home):
         return None
+    changed = None
     for i in range(1, len(path.parts)):
         candidate = settings.home.joinpath(*path.parts[i:])
         if not candidate.is_dir():
@@ -631,7 +633,8 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None) 
             found = resolve_base(str(candidate), settings)
             if found.fingerprint == fingerprint:
                 return found
-    return None
+            changed = changed or found  # the longest such place: the one most like the recorded path
+    return changed
 
 
 def _base_label(settings: Settings, fingerprint: str) -> str:
