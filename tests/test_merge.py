@@ -465,3 +465,23 @@ def test_a_base_inside_a_moved_or_copied_data_root_is_found_there(settings, monk
     config.write_text(json.dumps(json.loads(config.read_text()) | {"changed": True}))
     with pytest.raises(Conflict, match="changed"):
         merge_adapter(load_settings(), ref)
+
+
+def test_a_merge_whose_folder_is_gone_is_not_listed_as_merged(trained_home, settings):
+    """Repro: after `rm -rf data/models/merged/luna-adapter-v1`, `adapters list` still said `[merged]` and
+    `adapters show` gave the merged path as if it were there; a version's own missing files were said."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    folder = settings.models_dir / "merged" / "luna-adapter-v1"
+    registry.annotate(settings, "luna-adapter", "v1", "merged", {"path": str(folder.relative_to(settings.home))})
+    listed = CliRunner().invoke(app, ["adapters", "list"])
+    assert "[merged: its folder is gone]" in listed.output, listed.output
+    shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "luna-adapter@v1"]).output)
+    assert shown["merged"]["folderMissing"] is True, shown["merged"]
+    folder.mkdir(parents=True)
+    listed = CliRunner().invoke(app, ["adapters", "list"])
+    assert "[merged]" in listed.output and "gone" not in listed.output, listed.output
+    shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "luna-adapter@v1"]).output)
+    assert "folderMissing" not in shown["merged"], shown["merged"]

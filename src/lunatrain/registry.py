@@ -805,6 +805,13 @@ def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     return path
 
 
+def merge_gone(settings: Settings, entry: dict[str, Any]) -> bool:
+    """Merged once, and the merged model's folder is not there any more (deleted or moved by hand): the
+    registry's `merged` record is history, not a model to load."""
+    merged = entry.get("merged")
+    return isinstance(merged, dict) and not (settings.home / str(merged.get("path", ""))).is_dir()
+
+
 def readable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     """`loadable_dir`, and DamagedFile when a file there cannot be read (cut short, edited by hand): the gate
     and merge load the weights and the tokenizer in the same process, where safetensors, PEFT or the tokenizer

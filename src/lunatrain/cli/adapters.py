@@ -43,7 +43,14 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else "-" if x is None else str(x)
 
 
-def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str], *, missing: bool = False) -> str:
+def _badges(
+    entry: dict[str, Any],
+    aliases: dict[str, str],
+    active_on: list[str],
+    *,
+    missing: bool = False,
+    merge_gone: bool = False,
+) -> str:
     marks = ["latest"] if aliases.get("latest") == entry["version"] and not entry.get("replaced") else []
     marks += [f"active on {base}" for base in active_on]
     if entry.get("replaced"):
@@ -54,7 +61,7 @@ def _badges(entry: dict[str, Any], aliases: dict[str, str], active_on: list[str]
     if isinstance(gate, dict) and gate.get("status"):
         marks.append(f"gate {gate['status']}")
     if entry.get("merged"):
-        marks.append("merged")
+        marks.append("merged: its folder is gone" if merge_gone else "merged")
     if missing:  # deleted by hand: still registered (and maybe active), but nothing can load it
         marks.append("files missing: train it again")
     return " ".join(f"[{m}]" for m in marks)
@@ -97,7 +104,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
             typer.echo(
                 f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
                 f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
-                f"{_badges(e, aliases, active_on, missing=missing)}".rstrip()
+                f"{_badges(e, aliases, active_on, missing=missing, merge_gone=registry.merge_gone(settings, e))}".rstrip()
             )
 
 
@@ -114,6 +121,8 @@ def show_cmd(
     except LunaError as err:
         raise fail(err) from None
     out = dict(entry)
+    if registry.merge_gone(settings, entry):
+        out["merged"] = entry["merged"] | {"folderMissing": True}
     try:  # active on the configured base model, or why not
         base = registry.configured_base(settings)
         out["state"] = registry.activation_state(settings, entry, base.fingerprint, base.id)

@@ -51,6 +51,7 @@ def _view(
             "state": registry.activation_state(settings, e, base or "", base_id),
             "filesMissing": not registry.loadable(settings, e),
         }
+        | ({"merged": e["merged"] | {"folderMissing": True}} if registry.merge_gone(settings, e) else {})
         for e in versions
     ]
     return {
