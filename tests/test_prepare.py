@@ -459,7 +459,12 @@ def test_a_conversation_longer_than_max_seq_length_is_shown_with_its_oldest_exch
         "1 sample is longer than maxSeqLength=512: its oldest exchanges are left out so that the last answer is "
         "trained, and one exchange longer than that is cut at its end (raise maxSeqLength or shorten it)"
     ), check.message
-    assert next(c for c in prepare(settings, params()).checks if c.id == "eot_not_trained").severity == "info"
+    checks = {c.id: c for c in prepare(settings, params()).checks}
+    assert checks["eot_not_trained"].severity == "info"
+    # the lengths are the whole conversations' (what maxSeqLength is weighed against), the trained tokens not
+    stats = checks["token_stats"]
+    assert stats.params["maxLength"] > 512 and "(whole conversations)" in stats.message, stats.message
+    assert stats.message.endswith("(within maxSeqLength)"), stats.message
 
 
 def test_a_check_that_finds_one_record_says_it_in_the_singular():

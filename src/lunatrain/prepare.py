@@ -854,8 +854,8 @@ def _stats_check(tokenized: Any) -> Check:
         st.get("count", 0),
         [],
         f"train tokens per sample min/median/p95/max = {st.get('minLength', 0)}/{st.get('medianLength', 0)}/"
-        f"{st.get('p95Length', 0)}/{st.get('maxLength', 0)}; {st.get('supervisedTokens', 0)} trained tokens "
-        f"of {st.get('tokens', 0)}",
+        f"{st.get('p95Length', 0)}/{st.get('maxLength', 0)} (whole conversations); {st.get('supervisedTokens', 0)} "
+        f"trained tokens of {st.get('tokens', 0)} (within maxSeqLength)",
         "check.token_stats.info",
         {
             k: st.get(k, 0)
