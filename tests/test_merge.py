@@ -229,10 +229,19 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
     r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
     assert r.exit_code == 1, r.output
     assert r.output.strip().splitlines() == [
-        "error: Adapter 'a' has no active version on this base model to merge; "
+        "error: Adapter 'a' has no active version on base model 'luna-tiny' to merge; "
         "name the version: `lunatrain merge --adapter a@VERSION` (`lunatrain adapters list` shows its versions)."
     ]
     assert not (settings.models_dir / "merged").exists()
+    # Active on another base only: the sentence names that version.
+    other = {"baseModel": {"id": "org/other", "fingerprint": "9" * 64}}
+    registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "y"), other)
+    registry.activate(settings, "a", "v2", own_base=True)
+    r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
+    assert r.exit_code == 1 and "(on base model 'org/other' it is v2: `lunatrain merge --adapter a@v2`)" in (
+        " ".join(r.output.split())
+    ), r.output
+    registry.deactivate(settings, "a", "v2")
     registry.activate(settings, "a", "v1", force=True)
     with pytest.raises(Conflict, match="a@v1 was trained"):  # the active version it found, refused on the base
         merge_adapter(settings, "a")

@@ -69,11 +69,22 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
 
     name, version = registry.parse_ref(ref)
     # A bare name is the version served now; never the latest, which may be one the gate refused.
-    base_now = registry.configured_base(settings).fingerprint
-    if not version and registry.get_version(settings, name) and not registry.active_version(settings, name, base_now):
+    configured = registry.configured_base(settings)
+    if (
+        not version
+        and registry.get_version(settings, name)
+        and not registry.active_version(settings, name, configured.fingerprint)
+    ):
+        elsewhere = [
+            f"on base model {a['baseModel']!r} it is {a['version']}: `lunatrain merge --adapter {name}@{a['version']}`"
+            for a in registry.list_active(settings)
+            if a["name"] == name
+        ]
         raise NotFound(
-            f"Adapter {name!r} has no active version on this base model to merge; name the version: "
-            f"`lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows its versions)."
+            f"Adapter {name!r} has no active version on base model {configured.id!r} to merge"
+            + (f" ({'; '.join(elsewhere)})" if elsewhere else "")
+            + f"; name the version: `lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows "
+            "its versions)."
         )
     entry = registry.get_version(settings, name, version or "active")
     if entry.get("replaced"):
