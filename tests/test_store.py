@@ -422,6 +422,20 @@ def test_cli_memory_approve_and_reject(db: Settings) -> None:
     assert _snapshot(db) == before
 
 
+def test_memory_add_says_which_tier_trains_the_fact(db: Settings) -> None:
+    """Repro: `memory add` said "Added memory item 1." and no more; the Luna profile trains the curated tier,
+    so the fact was never learned unless the run named `--datasetTier=merged` (the guide's own example)."""
+    r = CliRunner().invoke(app, ["memory", "add", "--question", "Wie heißt mein Hund?", "--answer", "Bruno."])
+    assert r.exit_code == 0, r.output
+    item = store.list_memory(db)[0]
+    assert r.output.strip().splitlines() == [
+        f"Added memory item {item.id}. Memory items are trained in the memory and merged tiers; the luna "
+        "profile trains curated, so train with `--datasetTier=merged` for Luna to learn it."
+    ], r.output
+    r = CliRunner().invoke(app, ["memory", "add", "--question", "Katze?", "--answer", "Mia.", "--status", "pending"])
+    assert r.exit_code == 0 and r.output.strip() == f"Added memory item {item.id + 1} (pending).", r.output
+
+
 def test_approved_memory_items_reach_the_export_and_rejected_ones_do_not(db: Settings) -> None:
     """Repro: the seed's pending and rejected memory items stayed out of every export, with no way to approve them."""
     runner = CliRunner()

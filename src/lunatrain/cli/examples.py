@@ -284,12 +284,32 @@ def memory_add_cmd(
     """Remember a fact."""
     tags = _tags(tag)
     try:
-        item = store.add_memory(
-            load_settings(), question=question, answer=answer, topic=topic, status=status, tags=tags
-        )  # type: ignore[arg-type]
+        settings = load_settings()
+        item = store.add_memory(settings, question=question, answer=answer, topic=topic, status=status, tags=tags)  # type: ignore[arg-type]
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"Added memory item {item.id}.")
+    if item.status != "approved":
+        typer.echo(f"Added memory item {item.id} ({item.status}).")
+        return
+    typer.echo(f"Added memory item {item.id}." + _memory_tier_hint(settings))
+
+
+def _memory_tier_hint(settings: Any) -> str:
+    """Where the fact is trained, when the Luna profile (what `lunatrain luna` trains) leaves it out: memory
+    items are exported to the memory and merged tiers, and the shipped profile trains curated."""
+    from ..profiles import load_profile
+
+    try:
+        lora = load_profile(settings, "luna").lora
+    except LunaError:  # a profile of the user's that does not load: its own commands say so
+        return ""
+    tier = lora.get("datasetTier", lora.get("dataset_tier", "curated"))
+    if tier != "curated":
+        return ""
+    return (
+        " Memory items are trained in the memory and merged tiers; the luna profile trains curated, so train "
+        "with `--datasetTier=merged` for Luna to learn it."
+    )
 
 
 @memory_app.command("list")
