@@ -622,3 +622,12 @@ def test_a_reason_against_the_overwrite_slot_names_the_revision_it_compares_with
     assert len(reasons) == 2 and all("against luna-adapter@current revision 3 (" in r for r in reasons), reasons
     versioned = {"kind": "adapter", "ref": "luna-adapter@v1", "revision": None, "source": "recorded"}
     assert "against luna-adapter@v1 (" in decide(_m(0.4, 6.0), base, versioned | {"metrics": _m(0.5, 6.0)}, th)[0]
+
+
+def test_gating_a_named_version_needs_no_configured_base(trained_home, monkeypatch):
+    """The note on another base (above) reads the configured base; gating a named version never needed it,
+    so one that does not resolve (a folder removed since) still gates the version on its own base."""
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", str(trained_home / "no-such-base"))
+    result = CliRunner().invoke(app, ["eval-gate", "--adapter", "luna-adapter@v1"])
+    assert result.exit_code in (0, 1) and "does not exist" not in result.output, result.output
+    assert " luna-adapter@v1 on base model 'luna-tiny' vs " in result.output.splitlines()[0], result.output

@@ -33,12 +33,13 @@ from typing import Any
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .errors import CheckFailed, Conflict, DamagedFile, NotFound, UsageError
+from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
 from .params import FewKeys, format_validation_error
 from .settings import EVAL_REPORT, Settings
+from .tokens import CACHE_FORMAT
 from .wire import finite, now_iso
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
@@ -440,7 +441,10 @@ def _other_base(settings: Settings, entry: dict[str, Any], base_model: str | Non
     of an adapter activated on the configured base with --force."""
     from . import registry
 
-    configured = registry.configured_base(settings, base_model)
+    try:
+        configured = registry.configured_base(settings, base_model)
+    except LunaError:  # gating a named version never needed the configured base: no note then
+        return []
     trained_on = entry.get("baseModel") or {}
     if trained_on.get("fingerprint") == configured.fingerprint:
         return []
@@ -566,6 +570,7 @@ def _run(
         "maxSeqLength": max_len,
         "data": tokenized.fingerprint if tokenized else None,
         "base": base.fingerprint,
+        "tokens": CACHE_FORMAT,  # which tokens carry labels: losses under another masking rule do not compare
     }
 
     cand = "candidate" if entry is not None else None
