@@ -143,3 +143,27 @@ def test_a_damaged_cache_file_is_rebuilt(settings, tok):
     again = tokenize_tier(settings, "curated", tok, 128, data=data)
     assert not again.cache_hit and [e.input_ids for e in again.train] == [e.input_ids for e in first.train]
     assert tokenize_tier(settings, "curated", tok, 128, data=data).cache_hit
+
+
+def test_a_last_question_longer_than_the_limit_keeps_the_conversation_that_trains_more(tok):
+    """Where the last exchange's question alone passes the limit, keeping that exchange would train nothing:
+    the conversation is then cut at its end as a whole, and its first answers are trained."""
+    convo = long_conversation(4)
+    convo[-2] = {"role": "user", "content": "Lies das: " + "sehr langer Text " * 300}
+    enc = encode_chat(tok, convo, 300)
+    assert enc.truncated and enc.dropped == 0 and enc.n_supervised > 0 and len(enc) == 300
+
+
+def test_a_template_that_refuses_a_shortened_part_gets_the_next_start_that_fits(tok):
+    """A template refusing some shortened conversations (here: those that start at question 4) does not end
+    the search: the earliest later start that renders and fits is kept."""
+    base = tok.chat_template
+    tok.chat_template = (
+        "{% if messages[1]['content'].startswith('Frage 4') %}{{ raise_exception('no') }}{% endif %}" + base
+    )
+    convo = long_conversation()
+    enc = encode_chat(tok, convo, 512)
+    tok.chat_template = base
+    plain = encode_chat(tok, convo, 512)
+    assert plain.dropped > 0 and enc.dropped >= plain.dropped and enc.dropped < len(convo) - 3
+    assert not enc.truncated and len(enc) <= 512

@@ -197,19 +197,26 @@ def encode_chat(
         mid = (lo + hi) // 2
         try:
             part = _encode(tokenizer, messages[:head] + messages[starts[mid] :], terminator)
-        except Exception:  # a template that refuses the shorter conversation: cut the whole one instead
-            break
-        if len(part[0]) <= max_seq_length:
+        except Exception:  # a template that refuses the part starting here: try a later start
+            part = None
+        if part is not None and len(part[0]) <= max_seq_length:
             kept, dropped, hi = part, starts[mid] - head, mid - 1
         else:
             lo = mid + 1
-    if not dropped and starts:  # nothing fits: the last exchange from its start, cut at the limit
+    if not dropped and starts:  # nothing fits: the last exchange from its start, cut at the limit, unless
+        # that trains less than the whole conversation cut at the limit (a last question longer than it)
         try:
-            kept, dropped = _encode(tokenizer, messages[:head] + messages[starts[-1] :], terminator), starts[-1] - head
+            last = _encode(tokenizer, messages[:head] + messages[starts[-1] :], terminator)
         except Exception:
-            pass
+            last = None
+        if last is not None and _trained(last[1][:max_seq_length]) >= _trained(labels[:max_seq_length]):
+            kept, dropped = last, starts[-1] - head
     ids, labels = kept
     return Encoded(ids[:max_seq_length], labels[:max_seq_length], len(ids) > max_seq_length, full, hash, dropped)
+
+
+def _trained(labels: list[int]) -> int:
+    return sum(1 for x in labels if x != IGNORE)
 
 
 def _encode(tokenizer: Any, messages: list[dict], terminator: str | None) -> tuple[list[int], list[int]]:
