@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import warnings
 
@@ -494,3 +495,42 @@ def test_a_merge_whose_folder_is_gone_is_not_listed_as_merged(trained_home, sett
     assert "[merged]" in listed.output and "gone" not in listed.output, listed.output
     shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "luna-adapter@v1"]).output)
     assert "folderMissing" not in shown["merged"], shown["merged"]
+
+
+def test_merging_again_over_a_link_whose_folder_is_gone(trained_home, settings, tmp_path):
+    """The same with the other disk's folder gone (unmounted, deleted): a directory cannot be renamed over a
+    dangling link, and the merge failed with "Not a directory … check the disk"."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    target = settings.models_dir / "merged" / "luna-adapter-v1"
+    assert CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"]).exit_code == 0
+    moved = tmp_path / "big-disk" / "luna-adapter-v1"
+    moved.parent.mkdir()
+    target.rename(moved)
+    target.symlink_to(moved, target_is_directory=True)
+    shutil.rmtree(moved)
+    r = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert r.exit_code == 0, r.output
+    assert not target.is_symlink() and (target / "model.safetensors").is_file()
+
+
+def test_a_base_of_another_data_root_is_read_there_when_this_root_is_no_copy(settings, tmp_path):
+    """An adapter trained on another data root's merged model, still intact there, while this root holds a
+    different model at the same relative place: the recorded base is used, not refused as changed (only a
+    copy of the recorded root, with the same adapter weights, has its own changed base refused)."""
+    tiny = models.resolve_base(None, settings)
+    outside = tmp_path / "rootA" / "data" / "models" / "merged" / "luna-adapter-v1"
+    shutil.copytree(tiny.path, outside)
+    fp = models.resolve_base(str(outside), settings).fingerprint
+    mine = settings.models_dir / "merged" / "luna-adapter-v1"
+    shutil.copytree(tiny.path, mine)
+    (mine / "config.json").write_text(json.dumps(json.loads((mine / "config.json").read_text()) | {"mine": 1}))
+    entry = {
+        "name": "x",
+        "version": "v1",
+        "path": "data/adapters/x/v1",
+        "baseModel": {"id": str(outside), "fingerprint": fp},
+    }
+    assert registry.trained_base(settings, entry, "gate it").fingerprint == fp

@@ -378,9 +378,11 @@ def test_activate_rollback_and_deactivate_act_on_the_base_model_named_by_flag(se
     # A base of another training run is refused as without the flag, and its refusal names the flag's base.
     out = run("activate", "a@v1", *on_twin)
     assert out.exit_code == 1 and f"the configured base model is {str(twin)!r}" in out.output, out.output
-    # The refusals that speak of another base name the flag.
+    # The refusals name the flag in the commands they suggest: without it those act on the configured base.
     out = run("rollback", "a", *on_twin)
-    assert out.exit_code == 2 and "--baseModel" in out.output and "ASSISTANT_BASE_MODEL" not in out.output, out.output
+    said = " ".join(out.output.split())
+    assert out.exit_code == 2 and f"`lunatrain adapters activate a@VERSION --baseModel {twin}`" in said, said
+    assert "ASSISTANT_BASE_MODEL" not in said, said
 
     before = registry.registry_path(settings).read_bytes()
     for args in (("activate", "a@v2"), ("rollback", "a"), ("deactivate", "a")):

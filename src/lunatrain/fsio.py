@@ -226,6 +226,7 @@ def replace_dir(finished: Path, target: Path) -> bool:
     """Move a fully written directory into place, replacing an older one at `target`; returns whether one
     was replaced. The old copy is first renamed aside, so `target` is never a half-removed tree."""
     if not target.exists():
+        _remove(target)  # a dangling link (a folder moved away and gone): a directory cannot replace a link
         os.replace(finished, target)
         return False
     old = target.with_name(f".{target.name}.old")

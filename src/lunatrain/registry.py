@@ -39,10 +39,12 @@ the merged models' markers.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import threading
@@ -599,7 +601,7 @@ def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
 
     recorded = entry.get("baseModel") or {}
     base_id = recorded.get("id")
-    moved = _moved_in(settings, base_id, recorded.get("fingerprint"))
+    moved = _moved_in(settings, base_id, recorded.get("fingerprint"), entry.get("path"))
     if moved is not None:
         return moved
     try:
@@ -611,12 +613,14 @@ def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
         ) from None
 
 
-def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None) -> Any:
+def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None, adapter_path: str | None = None) -> Any:
     """The base recorded as an absolute path outside this data root, found at the same relative place inside
     it with the same weights: the data root was moved or copied with its base inside (a merged model used as
     the next base), and the path recorded is the old root's. Preferred even where the old path still exists,
     so that a copy never reads another data root's files: where the base at that place here has other weights
-    now, it is returned all the same, for the caller to refuse as a changed base. None when there is none."""
+    now and this root is a copy of the recorded one (the adapter's weights at `adapter_path` are the same in
+    both) or the recorded path is gone, it is returned all the same, for the caller to refuse as a changed base. None when there is none
+    (then the recorded path is used: a base of another data root this one trained on, not copied)."""
     from .models import resolve_base
 
     if not base_id or not fingerprint or not Path(base_id).is_absolute():
@@ -633,8 +637,25 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None) 
             found = resolve_base(str(candidate), settings)
             if found.fingerprint == fingerprint:
                 return found
-            changed = changed or found  # the longest such place: the one most like the recorded path
+            copied = not path.is_dir() or _same_adapter(Path(*path.parts[:i]), settings.home, adapter_path)
+            if changed is None and copied:
+                changed = found  # the longest such place in a copy: the one most like the recorded path
     return changed
+
+
+def _same_adapter(old_root: Path, root: Path, adapter_path: str | None) -> bool:
+    """Whether the adapter at `adapter_path` (relative to a data root) has the same weights under both roots:
+    this root is a copy (or the moved original) of the one recorded."""
+    if not adapter_path:
+        return False
+    mine, theirs = (
+        root / adapter_path / "adapter_model.safetensors",
+        old_root / adapter_path / "adapter_model.safetensors",
+    )
+    try:
+        return mine.is_file() and theirs.is_file() and filecmp.cmp(mine, theirs, shallow=False)
+    except OSError:
+        return False
 
 
 def _base_label(settings: Settings, fingerprint: str) -> str:
@@ -1069,6 +1090,14 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
     return done
 
 
+def _env_base() -> str:
+    """The base model the environment configures (ASSISTANT_BASE_MODEL, else the default): a command's
+    settings with another one had it named by `--baseModel`."""
+    from .settings import load_settings
+
+    return load_settings().base_model
+
+
 def rollback(settings: Settings, name: str) -> dict[str, Any]:
     """The active version on the configured base model → the one active there before it (walking that
     base's activation history)."""
@@ -1076,8 +1105,13 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         raise _not_registered(name)
     base = configured_base(settings)
     fingerprint = base.fingerprint
-    # Another base's versions are rolled back with that base configured (a run's --baseModel does not stay).
-    elsewhere = "for another base model, name it with `--baseModel`"
+    # Another base's versions are rolled back with that base named (a run's --baseModel does not stay). Where
+    # the command named one, the commands suggested name it too: without, they act on the configured one.
+    named = settings.base_model != _env_base()
+    flag = f" --baseModel {shlex.quote(base.id)}" if named else ""
+    elsewhere = (
+        "the API acts on its server's base model" if named else "for another base model, name it with `--baseModel`"
+    )
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
@@ -1086,7 +1120,7 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         if current is None:
             raise UsageError(
                 f"Adapter {name!r} is not active on the configured base model {base.id!r}, so there is nothing to "
-                f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION` "
+                f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION{flag}` "
                 f"(POST /assistant/training/adapters/{name}/activate); {elsewhere}.",
                 code="adapter.not_active",
                 params={"name": name, "version": None},
@@ -1094,7 +1128,7 @@ def rollback(settings: Settings, name: str) -> dict[str, Any]:
         if previous is None:
             raise UsageError(
                 f"Adapter {name!r} has no earlier active version on base model {base.id!r} to roll back to; "
-                f"to stop using it, run `lunatrain adapters deactivate {name}` "
+                f"to stop using it, run `lunatrain adapters deactivate {name}{flag}` "
                 f"(POST /assistant/training/adapters/{name}/deactivate); {elsewhere}.",
                 code="adapter.no_earlier_version",
                 params={"name": name},

@@ -301,7 +301,7 @@ def _memory_tier_hint(settings: Any) -> str:
 
     try:
         lora = load_profile(settings, "luna").lora
-    except LunaError:  # a profile of the user's that does not load: its own commands say so
+    except (LunaError, OSError):  # a profile of the user's that does not load: its own commands say so
         return ""
     tier = lora.get("datasetTier", lora.get("dataset_tier", "curated"))
     if tier != "curated":
