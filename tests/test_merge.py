@@ -146,17 +146,9 @@ def test_a_version_whose_files_are_damaged_is_one_sentence_for_merge_and_the_gat
 def test_a_tokenizer_file_that_is_json_but_no_tokenizer_is_one_sentence(trained_home, settings, content):
     """Repro: a tokenizer.json edited into JSON that is no tokenizer (`{}`) made `merge` print a traceback
     (KeyError: 'added_tokens', or the tokenizers library's "Model missing"), after merging the weights."""
-    from typer.testing import CliRunner
-
-    from lunatrain.cli import app
 
     (settings.adapters_dir / "luna-adapter" / "v1" / "tokenizer.json").write_text(content)
-    start = "error: The tokenizer in data/adapters/luna-adapter/v1 cannot be loaded ("
-    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
-        r = CliRunner().invoke(app, args)
-        lines = r.output.strip().splitlines()
-        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
-        assert lines[0].endswith("; its files are damaged: train it again, or roll back to another version.")
+    _merge_and_gate_say_damaged("The tokenizer")
     merged = settings.models_dir / "merged"
     assert not merged.exists() or list(merged.iterdir()) == []
 
@@ -183,6 +175,21 @@ def test_merging_again_into_a_merge_moved_elsewhere_and_linked_replaces_the_link
     assert (moved / "model.safetensors").is_file()
 
 
+def _merge_and_gate_say_damaged(what: str) -> None:
+    """`merge` and `eval-gate` of luna-adapter@v1 each end in one sentence: `what` in its folder cannot be
+    loaded, its files are damaged."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    start = f"error: {what} in data/adapters/luna-adapter/v1 cannot be loaded ("
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
+        assert lines[0].endswith("; its files are damaged: train it again, or roll back to another version.")
+
+
 CONFIG_DAMAGE = {  # an adapter_config.json that is JSON, but not what PEFT can load these weights with
     "no peft_type": lambda c: {k: v for k, v in c.items() if k != "peft_type"},
     "another rank": lambda c: c | {"r": c["r"] * 2},
@@ -196,19 +203,12 @@ def test_a_config_peft_cannot_load_is_one_sentence_for_merge_the_gate_and_the_ap
     PEFT's traceback (KeyError: 'peft_type', a size mismatch, NoMatchingPeftModuleError) and `POST /eval-gate`
     answer 500."""
     from fastapi.testclient import TestClient
-    from typer.testing import CliRunner
 
     from lunatrain.api.main import create_app
-    from lunatrain.cli import app
 
     path = settings.adapters_dir / "luna-adapter" / "v1" / "adapter_config.json"
     path.write_text(json.dumps(CONFIG_DAMAGE[damage](json.loads(path.read_text()))))
-    start = "error: The adapter in data/adapters/luna-adapter/v1 cannot be loaded ("
-    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
-        r = CliRunner().invoke(app, args)
-        lines = r.output.strip().splitlines()
-        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
-        assert lines[0].endswith("; its files are damaged: train it again, or roll back to another version.")
+    _merge_and_gate_say_damaged("The adapter")
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         res = client.post("/assistant/training/eval-gate", json={"adapter": "luna-adapter@v1"})
     assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text
