@@ -619,8 +619,9 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None, 
     the next base), and the path recorded is the old root's. Preferred even where the old path still exists,
     so that a copy never reads another data root's files: where the base at that place here has other weights
     now and this root is a copy of the recorded one (the adapter's weights at `adapter_path` are the same in
-    both) or the recorded path is gone, it is returned all the same, for the caller to refuse as a changed base. None when there is none
-    (then the recorded path is used: a base of another data root this one trained on, not copied)."""
+    both) or the recorded path is gone, it is returned all the same, for the caller to refuse as a changed
+    base. None when there is none (then the recorded path is used: a base of another data root this one
+    trained on, not a copy of it)."""
     from .models import resolve_base
 
     if not base_id or not fingerprint or not Path(base_id).is_absolute():
@@ -1090,27 +1091,21 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
     return done
 
 
-def _env_base() -> str:
-    """The base model the environment configures (ASSISTANT_BASE_MODEL, else the default): a command's
-    settings with another one had it named by `--baseModel`."""
-    from .settings import load_settings
-
-    return load_settings().base_model
-
-
-def rollback(settings: Settings, name: str) -> dict[str, Any]:
+def rollback(settings: Settings, name: str, *, base_named: bool = False) -> dict[str, Any]:
     """The active version on the configured base model → the one active there before it (walking that
-    base's activation history)."""
+    base's activation history). `base_named`: the command named the base (`--baseModel`), so the commands a
+    refusal suggests name it too."""
     if name not in list_adapters(settings):
         raise _not_registered(name)
     base = configured_base(settings)
     fingerprint = base.fingerprint
     # Another base's versions are rolled back with that base named (a run's --baseModel does not stay). Where
     # the command named one, the commands suggested name it too: without, they act on the configured one.
-    named = settings.base_model != _env_base()
-    flag = f" --baseModel {shlex.quote(base.id)}" if named else ""
+    flag = f" --baseModel {shlex.quote(base.id)}" if base_named else ""
     elsewhere = (
-        "the API acts on its server's base model" if named else "for another base model, name it with `--baseModel`"
+        "the API acts on its server's base model"
+        if base_named
+        else "for another base model, name it with `--baseModel`"
     )
     with _lock(settings):
         data = load(settings)

@@ -55,7 +55,7 @@ class Encoded:
 
     @property
     def n_supervised(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return _trained(self.labels)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -181,7 +181,7 @@ def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")], base
         adapter, version = registry.parse_ref(name)
         if version:  # the version to go back to is the one before the active one: naming one would be ignored
             raise UsageError(f"rollback takes an adapter name, not {name!r}; to make {name} active, use `activate`.")
-        entry = registry.rollback(settings, adapter)
+        entry = registry.rollback(settings, adapter, base_named=base_model is not None)
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is active again on base model {settings.base_model!r}.")
