@@ -268,3 +268,47 @@ def test_the_work_directory_of_a_job_still_to_run_is_kept_whatever_its_age(setti
     r = CliRunner().invoke(app, ["gc"])
     assert r.exit_code == 0 and "data/adapters/b/.work/resumable-run" in r.output, r.output
     assert not run.exists()
+
+
+def test_a_dry_run_leaves_no_journal_files_beside_the_jobs_database(settings: Settings) -> None:
+    """Repro: `gc --dry-run` (and `status`, any reader beside a stopped trainer) left `jobs.db-wal` and
+    `jobs.db-shm` where there were none: SQLite makes both for a read-only reader of a WAL-mode database and
+    cannot remove them on close. A reader now leaves the folder as it found it."""
+    _world(settings)
+    trainer = settings.data_dir / "trainer"
+    before = sorted(p.name for p in trainer.iterdir())
+    assert "jobs.db-wal" not in before
+    r = CliRunner().invoke(app, ["gc", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    jobs = JobStore(jobs_db_path(settings.data_dir), read_only=True)
+    assert jobs.list()
+    jobs.close()
+    assert sorted(p.name for p in trainer.iterdir()) == before
+
+
+def test_a_damaged_jobs_database_does_not_stop_the_rest_of_gc(settings: Settings) -> None:
+    """Repro: with `jobs.db` damaged, `gc` removed nothing at all ("The jobs database … cannot be used"),
+    though old exports, unused token caches and killed merges' staging folders do not depend on it. They
+    go now; the job events stay, and so do run work directories (whether a job still waits to resume from
+    one cannot be read). gc says so in one sentence and exits 1."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("ASSISTANT_RETAIN_EXPORTS", "2")
+    try:
+        w = _world(settings)
+        db = jobs_db_path(settings.data_dir)
+        db.write_bytes(b"this is not a database" * 100)
+        dead = _left_by_an_ended_process(settings.models_dir / "merged", "luna-adapter-v1")
+        for args in (["gc", "--dry-run", "--json"], ["gc"]):
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 1, r.output
+            assert "Traceback" not in r.output
+            assert f"error: The jobs database {db} cannot be used" in r.output, r.output
+            assert "run work directories and job events were kept" in r.output, r.output
+        planned = json.loads(CliRunner().invoke(app, ["gc", "--dry-run", "--json"]).stdout)
+        assert planned["items"] == [] and planned["problems"], planned
+        assert not dead.exists()
+        assert len(ex.export_ids(settings)) == 2
+        assert not (settings.cache_dir / "tokens" / "curated-old.safetensors").exists()
+        assert w["idle"].is_dir()
+    finally:
+        monkeypatch.undo()

@@ -56,6 +56,7 @@ class Item:
 class GcReport:
     dry_run: bool
     items: list[Item] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # one sentence each: what could not be judged, and kept
 
     @property
     def bytes(self) -> int:
@@ -73,6 +74,7 @@ class GcReport:
             "dryRun": self.dry_run,
             "bytes": self.bytes,
             "items": [{"kind": i.kind, "path": i.path, "bytes": i.bytes, "reason": i.reason} for i in self.items],
+            "problems": self.problems,
         }
 
 
@@ -81,13 +83,22 @@ def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None =
     now = now or utc_now()
     report = GcReport(dry_run)
     try:
-        report.items += _jobs(settings, now, dry_run)
+        # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
+        # still queued may resume from); exports, caches and staging folders do not, and still go.
+        try:
+            report.items += _jobs(settings, now, dry_run)
+            waiting: set[str] | None = _unfinished_adapters(settings)
+        except sqlite3.Error as exc:
+            waiting = None
+            report.problems.append(
+                f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({exc}); "
+                "the run work directories and job events were kept."
+            )
         report.items += _exports(settings, dry_run)
         report.items += _token_caches(settings, dry_run)
-        report.items += _work_dirs(settings, now, dry_run)
+        if waiting is not None:
+            report.items += _work_dirs(settings, now, dry_run, waiting)
         report.items += _staging(settings, dry_run)
-    except sqlite3.Error as exc:
-        raise StorageError(f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({exc}).") from None
     except OSError as exc:
         raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}.") from None
     return report
@@ -235,12 +246,12 @@ def _unfinished_adapters(settings: Settings) -> set[str]:
     return names
 
 
-def _work_dirs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
+def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[str]) -> list[Item]:
+    """Idle run work directories, but none of an adapter in `waiting` (`_unfinished_adapters`)."""
     root = settings.adapters_dir
     if not root.is_dir():
         return []
     cutoff = now.timestamp() - settings.retain_checkpoint_days * 86400
-    waiting = _unfinished_adapters(settings)
     items = []
     for run in sorted(root.glob("*/.work/*")):
         if not run.is_dir() or run.parent.parent.name in waiting:

@@ -45,9 +45,13 @@ def gc_cmd(
         raise fail(err) from None
     if as_json:
         typer.echo(json_text(report.to_dict(), sort_keys=True))
-        return
-    for item in report.items:
-        typer.echo(f"{item.kind:<12} {_mb(item.bytes):>10}  {item.path}  ({item.reason})")
-    verb = "Would remove" if dry_run else "Removed"
-    kinds = ", ".join(_counted(k, n) for k, (n, _) in sorted(report.by_kind().items())) or "nothing"
-    typer.echo(f"{verb} {kinds}: {_mb(report.bytes)}.")
+    else:
+        for item in report.items:
+            typer.echo(f"{item.kind:<12} {_mb(item.bytes):>10}  {item.path}  ({item.reason})")
+        verb = "Would remove" if dry_run else "Removed"
+        kinds = ", ".join(_counted(k, n) for k, (n, _) in sorted(report.by_kind().items())) or "nothing"
+        typer.echo(f"{verb} {kinds}: {_mb(report.bytes)}.")
+    if report.problems:  # the rest was cleaned; what could not be judged was kept, and that is an error
+        for problem in report.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1)

@@ -485,12 +485,22 @@ def jobs_db_path(data_dir: Path) -> Path:
 
 
 def read_only_connection(path: Path) -> sqlite3.Connection:
-    """The jobs database opened read-only. SQLite opens a WAL-mode file only with its index (-shm) beside it,
+    """The jobs database opened for reading only. SQLite opens a WAL-mode file only with its index (-shm) beside it,
     which it cannot create in a folder it may not write (a read-only data root): there, when no write-ahead
     log is left over either (every job store closed cleanly), the file alone is the whole database and is
     read as immutable. (Immutable skips the log, so with one left over it is not used.)"""
-    sealed = not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists()
-    frozen = "&immutable=1" if sealed else ""
+    logged = Path(f"{path}-wal").exists()
+    writable = os.access(path.parent, os.W_OK)
+    if writable and not logged:
+        # No connection is open (none left a log): a read-only reader would create the log and its index
+        # and could not remove them on close. A read-write one that may not write removes both as it closes,
+        # like any last connection, so a reader (`gc --dry-run`, `status`) leaves the folder as it was.
+        db = sqlite3.connect(
+            f"{path.as_uri()}?mode=rw", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
+        )
+        db.execute("PRAGMA query_only = ON")
+        return db
+    frozen = "&immutable=1" if not writable and not logged else ""
     return sqlite3.connect(
         f"{path.as_uri()}?mode=ro{frozen}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
     )

@@ -325,6 +325,8 @@ class Runner:
             return
         if report.items:
             log.info("retention removed %d item(s)", len(report.items))
+        for problem in report.problems:
+            log.warning("retention: %s", problem)
 
 
 def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None:
