@@ -837,3 +837,17 @@ def test_a_large_import_holds_about_its_drafts_in_memory_not_several_copies(
     with pytest.raises(UsageError, match=where):
         store.import_file(settings, bad)
     assert store.revision(settings) == revision
+
+
+def test_memory_add_reads_the_profile_table_of_the_base_in_use(db: Settings) -> None:
+    """Repro: a luna profile of the user's that trains the merged tier only on the base in use (its
+    `[bases."…"]` table) still got "the luna profile trains curated": the hint read the `[lora]` table alone.
+    It now reads the values a run on the configured base would get."""
+    profile = db.home / "profiles" / "luna.toml"
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    profile.write_text('[lora]\ndatasetTier = "curated"\n\n[bases."luna-tiny"]\ndatasetTier = "merged"\n')
+    r = CliRunner().invoke(app, ["memory", "add", "--question", "Wie heißt mein Hund?", "--answer", "Bruno."])
+    assert r.exit_code == 0 and r.output.strip() == f"Added memory item {store.list_memory(db)[0].id}.", r.output
+    profile.write_text('[lora]\ndatasetTier = "merged"\n\n[bases."luna-tiny"]\ndatasetTier = "curated"\n')
+    r = CliRunner().invoke(app, ["memory", "add", "--question", "Katze?", "--answer", "Mia."])
+    assert r.exit_code == 0 and "the luna profile trains curated" in r.output, r.output

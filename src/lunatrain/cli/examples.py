@@ -299,11 +299,10 @@ def _memory_tier_hint(settings: Any) -> str:
     items are exported to the memory and merged tiers, and the shipped profile trains curated."""
     from ..profiles import load_profile
 
-    try:
-        lora = load_profile(settings, "luna").lora
+    try:  # the values a run on the configured base gets: [lora], then that base's [bases."…"] table
+        tier = load_profile(settings, "luna").params().dataset_tier
     except (LunaError, OSError):  # a profile of the user's that does not load: its own commands say so
         return ""
-    tier = lora.get("datasetTier", lora.get("dataset_tier", "curated"))
     if tier != "curated":
         return ""
     return (
