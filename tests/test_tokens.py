@@ -109,6 +109,30 @@ def test_a_conversation_longer_than_the_limit_keeps_the_system_prompt_and_its_la
     assert tok.decode(enc.input_ids[a:b]) == "FINALE ANTWORT: die wichtigste Antwort.<|im_end|>"
 
 
+def test_shortening_a_long_conversation_encodes_parts_near_the_limit_only(tok, monkeypatch):
+    """Repro: a conversation of 120 exchanges took about 1.5 times the encoding work of its full length to
+    shorten: the search for the earliest start that fits began in its middle, encoding half the conversation
+    and then a quarter. It now grows the kept part from the end, so no part encoded is much longer than the
+    limit, and the result is the same."""
+    from lunatrain import tokens
+
+    convo = long_conversation(120)
+    seen: list[int] = []
+    real = tokens._encode
+
+    def counting(tokenizer, messages, terminator):
+        out = real(tokenizer, messages, terminator)
+        seen.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(tokens, "_encode", counting)
+    enc = encode_chat(tok, convo, 512)
+    full = seen.pop(0)
+    assert full > 12 * 512 and enc.dropped > 0 and not enc.truncated and len(enc) <= 512
+    assert max(seen) <= 4 * 512, seen
+    assert len(encode_chat(tok, [convo[0], *convo[enc.dropped - 1 :]], 100_000)) > 512  # as few left out as fit
+
+
 def test_a_last_exchange_longer_than_the_limit_is_cut_at_its_end(tok):
     """Where even the last exchange does not fit, it is kept from its start (its question, the beginning of
     its answer) and cut at the limit."""

@@ -192,17 +192,32 @@ def encode_chat(
     trained = [k for k, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
     starts = [k for k in range(head + 1, len(messages)) if messages[k].get("role") == "user" and trained[-1:] > [k]]
     kept, dropped = (ids, labels), 0
-    lo, hi = 0, len(starts) - 1  # the earliest start that fits: fewer tokens the later it starts
-    while lo <= hi:
-        mid = (lo + hi) // 2
+
+    def fitting(i: int) -> tuple[list[int], list[int]] | None:
         try:
-            part = _encode(tokenizer, messages[:head] + messages[starts[mid] :], terminator)
-        except Exception:  # a template that refuses the part starting here: try a later start
-            part = None
-        if part is not None and len(part[0]) <= max_seq_length:
-            kept, dropped, hi = part, starts[mid] - head, mid - 1
+            part = _encode(tokenizer, messages[:head] + messages[starts[i] :], terminator)
+        except Exception:  # a template that refuses the part starting here: as if it did not fit
+            return None
+        return part if len(part[0]) <= max_seq_length else None
+
+    # The earliest start that fits (fewer tokens the later it starts): grown from the end by doubling steps,
+    # then bisected between the last start that fit and the first that did not, so each part encoded is at
+    # most about twice what fits, however long the conversation.
+    lo, hi, step = -1, len(starts), 1  # starts[lo] does not fit (or is refused), starts[hi] is the best yet
+    while hi - 1 > lo:
+        probe = max(hi - step, lo + 1)
+        part = fitting(probe)
+        if part is None:
+            lo = probe
+            break
+        kept, dropped, hi, step = part, starts[probe] - head, probe, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        part = fitting(mid)
+        if part is None:
+            lo = mid
         else:
-            lo = mid + 1
+            kept, dropped, hi = part, starts[mid] - head, mid
     if not dropped and starts:  # nothing fits: the last exchange from its start, cut at the limit, unless
         # that trains less than the whole conversation cut at the limit (a last question longer than it)
         try:
