@@ -121,6 +121,16 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     curve, warmup = report["lossCurve"], math.ceil(0.05 * m["steps"])
     assert curve[0]["lr"] == 0.0 and curve[warmup]["lr"] == pytest.approx(report["params"]["learningRate"])
     assert curve[-1]["lr"] > 0.0
+    # Repro: an epoch's trainLoss was the mean of its steps' losses, so a token of the epoch's short last
+    # step counted for more than one of a full step; it is the loss per supervised token, as each step's is.
+    run = train_mod.prepare(parse_params(report["params"]), settings)
+    for epoch in report["epochs"]:
+        tokens = [sum(x.n_supervised for mb in st for x in mb) for st in train_mod.epoch_steps(run, epoch["epoch"] - 1)]
+        losses = [c["loss"] for c in curve if c["epoch"] == epoch["epoch"]]
+        assert len(set(tokens)) > 1 and len(losses) == len(tokens), (tokens, losses)
+        weighted = sum(x * n for x, n in zip(losses, tokens, strict=True)) / sum(tokens)
+        assert epoch["trainLoss"] == pytest.approx(weighted, rel=1e-9), (epoch, weighted)
+        assert epoch["trainLoss"] != pytest.approx(sum(losses) / len(losses), rel=1e-9)
     assert set(report["packages"]) >= {"torch", "transformers", "peft", "lunatrain"}
     # device auto: a GPU where there is one, with its flash kernel and torch's dropout (seen on an H200)
     on_gpu = {"attention": "varlen-flash", "dropout": "torch"}

@@ -607,7 +607,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             break
         model.train()
         torch.manual_seed(epoch_seed(p.seed, epoch, world.rank))
-        epoch_losses: list[float] = []
+        epoch_loss, epoch_supervised = 0.0, 0.0  # trainLoss per supervised token, as each step's loss is
         for micro_batches in epoch_steps(run, epoch):
             if run.step >= run.total_steps:
                 break
@@ -650,7 +650,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             opt.step()
             sched.step()
             run.step += 1
-            epoch_losses.append(step_loss)
+            epoch_loss, epoch_supervised = epoch_loss + step_loss * n_supervised, epoch_supervised + n_supervised
             run.curve.append({"step": run.step, "epoch": epoch + 1, "loss": step_loss, "lr": lr, "gradNorm": grad_norm})
             elapsed = time.perf_counter() - t0
             run.train_seconds = seconds0 + elapsed
@@ -676,7 +676,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 "epoch": epoch + 1,
                 "step": run.step,
                 "valLoss": val_loss,
-                "trainLoss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
+                "trainLoss": epoch_loss / epoch_supervised if epoch_supervised else None,
             }
         )
         emit({"type": "eval", "epoch": epoch + 1, "valLoss": val_loss, "baseValLoss": run.base_val_loss})
