@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lunatrain import evalgate, fsio, models, registry
-from lunatrain.errors import Conflict
+from lunatrain.errors import Conflict, NotFound
 from lunatrain.merge import merge_adapter
 
 
@@ -482,6 +482,22 @@ def test_a_base_inside_a_moved_or_copied_data_root_is_found_there(settings, monk
     config.write_text(json.dumps(json.loads(config.read_text()) | {"changed": True}))
     with pytest.raises(Conflict, match="changed"):
         merge_adapter(load_settings(), ref)
+
+    # Repro: a copy of the root the adapter was trained in, its base deleted in the copy, merged into the
+    # original root's base without a word. It is refused, naming both places.
+    moved.rename(settings.home)  # the original root, at the path the registry recorded
+    second = settings.home.with_name("second")
+    shutil.copytree(settings.home, second, symlinks=True)
+    shutil.rmtree(second / "data" / "models" / "mybase")
+    monkeypatch.setenv("ASSISTANT_HOME", str(second))
+    monkeypatch.chdir(second)
+    with pytest.raises(NotFound, match=r"^luna-adapter@v1 was trained on base model .*/home/data/models/mybase'"):
+        merge_adapter(load_settings(), ref)
+    with pytest.raises(
+        NotFound,
+        match=r"is gone from this data root \(data/models/mybase\), a copy of .*/home'; put that base model back to gate it",
+    ):
+        evalgate.eval_gate(load_settings(), adapter=ref)
 
 
 def test_a_merge_whose_folder_is_gone_is_not_listed_as_merged(trained_home, settings):

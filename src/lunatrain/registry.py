@@ -602,6 +602,13 @@ def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
     recorded = entry.get("baseModel") or {}
     base_id = recorded.get("id")
     moved = _moved_in(settings, base_id, recorded.get("fingerprint"), entry.get("path"))
+    if isinstance(moved, tuple):  # this root is a copy of the recorded one, without the base
+        old_root, missing = moved
+        raise NotFound(
+            f"{entry.get('name')}@{entry.get('version')} was trained on base model {base_id!r}, which is gone "
+            f"from this data root ({missing}), a copy of {str(old_root)!r}; "
+            f"put that base model back to {to_do}."
+        )
     if moved is not None:
         return moved
     try:
@@ -620,8 +627,9 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None, 
     so that a copy never reads another data root's files: where the base at that place here has other weights
     now and this root is a copy of the recorded one (the adapter's weights at `adapter_path` are the same in
     both) or the recorded path is gone, it is returned all the same, for the caller to refuse as a changed
-    base. None when there is none (then the recorded path is used: a base of another data root this one
-    trained on, not a copy of it)."""
+    base. Where nothing is at that place and this root is a copy of the recorded one, (recorded root, missing
+    place within it), for the caller to refuse as a missing base. None when there is none (then the recorded path is
+    used: a base of another data root this one trained on, not a copy of it)."""
     from .models import resolve_base
 
     if not base_id or not fingerprint or not Path(base_id).is_absolute():
@@ -629,10 +637,13 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None, 
     path = Path(base_id)
     if path.is_relative_to(settings.home):
         return None
-    changed = None
+    changed = missing = None
     for i in range(1, len(path.parts)):
         candidate = settings.home.joinpath(*path.parts[i:])
         if not candidate.is_dir():
+            old_root = Path(*path.parts[:i])
+            if missing is None and not candidate.exists() and _same_adapter(old_root, settings.home, adapter_path):
+                missing = (old_root, Path(*path.parts[i:]))
             continue
         with contextlib.suppress(LunaError):
             found = resolve_base(str(candidate), settings)
@@ -641,7 +652,7 @@ def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None, 
             copied = not path.is_dir() or _same_adapter(Path(*path.parts[:i]), settings.home, adapter_path)
             if changed is None and copied:
                 changed = found  # the longest such place in a copy: the one most like the recorded path
-    return changed
+    return changed or missing
 
 
 def _same_adapter(old_root: Path, root: Path, adapter_path: str | None) -> bool:
