@@ -87,6 +87,53 @@ def test_lora_refuses_an_export_that_holds_deleted_examples_and_prepare_fails_on
     assert victim not in (settings.adapters_dir / "luna-adapter" / "v2" / "train-hashes.txt").read_text().split()
 
 
+def test_lora_refuses_an_export_that_holds_examples_rejected_since_and_prepare_names_them(
+    trained_home: Path, settings: Settings
+) -> None:
+    """Repro: examples rejected after `lunatrain export` stayed in the tier a standalone `lunatrain lora`
+    trained, and prepare only warned that the database changed, while a deleted example is refused by name.
+    Rejecting says "do not train this" as deleting does: the run is refused, prepare fails naming them, and
+    after an export it trains without them."""
+    from conftest import TRAINED_PARAMS
+
+    from lunatrain import prepare
+    from lunatrain.errors import CheckFailed
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    trained, ids = _trained_adapter(settings)
+    victims = [h for h in sorted(trained) if h in ids][:2]
+    r = CliRunner().invoke(app, ["examples", "reject", *[str(ids[h]) for h in victims]])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(CheckFailed) as refused:
+        run_lora(TRAINED_PARAMS, settings)
+    assert refused.value.message == (
+        "The export holds 2 examples rejected since it was written; run `lunatrain export` first, "
+        "so that rejected content is not trained on."
+    )
+    assert [e["version"] for e in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]
+    report = prepare.prepare(settings, parse_params(TRAINED_PARAMS))
+    [check] = [c for c in report.checks if c.id == "export_stale"]
+    assert (report.status, check.severity, check.count, check.code) == (
+        "fail",
+        "fail",
+        2,
+        "check.export_stale.rejected",
+    )
+    assert check.message == "2 examples in the export were rejected since; run `lunatrain export`"
+    assert check.examples == sorted(f"ex-{ids[h]}" for h in victims)
+    # approved again: the export holds what the database approves, and trains
+    assert CliRunner().invoke(app, ["examples", "approve", *[str(ids[h]) for h in victims]]).exit_code == 0
+    report = prepare.prepare(settings, parse_params(TRAINED_PARAMS))
+    [check] = [c for c in report.checks if c.id == "export_stale"]
+    assert check.severity == "warn", check
+    assert CliRunner().invoke(app, ["examples", "reject", str(ids[victims[0]])]).exit_code == 0
+    assert CliRunner().invoke(app, ["export"]).exit_code == 0
+    result = run_lora(TRAINED_PARAMS, settings)
+    assert result.ok and result.version == "v2", result.error
+    assert victims[0] not in (settings.adapters_dir / "luna-adapter" / "v2" / "train-hashes.txt").read_text().split()
+
+
 def test_a_version_whose_example_is_deleted_while_it_trains_is_stale_at_once(
     trained_home: Path, settings: Settings
 ) -> None:

@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args
@@ -589,13 +589,24 @@ def no_export(settings: Settings) -> NotFound:
     )
 
 
-def refuse_deleted(settings: Settings, tier: Tier, data: TierData | None = None) -> None:
+def withdrawn(settings: Settings, records: Iterable[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(deleted, rejected): the ids of an export's `records` whose content was deleted from the store since,
+    and of those rejected since (`store.rejected_since`). Both are what the user said not to train on."""
+    from . import store
+
+    records = list(records)
+    gone = store.deleted_hashes(settings).keys()
+    deleted = sorted({str(r.get("id")) for r in records if r.get("hash") in gone})
+    return deleted, sorted(store.rejected_since(settings, records) - set(deleted))
+
+
+def refuse_withdrawn(settings: Settings, tier: Tier, data: TierData | None = None) -> None:
     """CheckFailed when `tier` of the last export (`data`, when the caller read it already) holds content
-    deleted from the store since: no run trains on it. Before a job is queued (as minCurated is checked) and
-    again by the run. The tier is read only when the store changed since the export (its revision). No
-    export, one that cannot be read, or a store that cannot be read refuses nothing here: the run says what
-    is wrong with the export, and a run needs only the export (a version trained meanwhile is marked stale
-    when the store is read next, at a delete or a repair)."""
+    deleted from the store or rejected since (`withdrawn`): no run trains on it. Before a job is queued (as
+    minCurated is checked) and again by the run. The tier is read only when the store changed since the
+    export (its revision). No export, one that cannot be read, or a store that cannot be read refuses nothing
+    here: the run says what is wrong with the export, and a run needs only the export (a version trained
+    meanwhile is marked stale when the store is read next, at a delete or a repair)."""
     from . import store
 
     try:
@@ -605,13 +616,18 @@ def refuse_deleted(settings: Settings, tier: Tier, data: TierData | None = None)
         if store.revision(settings) == summary.get("store_revision"):
             return
         data = data or read_tier(settings, tier)
-        gone = store.deleted_hashes(settings).keys() & {r["hash"] for r in data.records}
+        deleted, rejected = withdrawn(settings, data.records)
     except LunaError:
         return
-    if gone:
+    if deleted or rejected:
+        what = " or ".join(w for w, ids in (("deleted", deleted), ("rejected", rejected)) if ids)
+        n = len(deleted) or len(rejected)
+        held = f"{n} example{'s' if n != 1 else ''} {'deleted' if deleted else 'rejected'}"
+        if deleted and rejected:
+            held += f" and {len(rejected)} rejected"
         raise CheckFailed(
-            f"The export holds {len(gone)} example{'s' if len(gone) != 1 else ''} deleted since it was written; "
-            "run `lunatrain export` first, so that deleted content is not trained on."
+            f"The export holds {held} since it was written; run `lunatrain export` first, "
+            f"so that {what} content is not trained on."
         )
 
 

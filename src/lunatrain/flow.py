@@ -197,7 +197,7 @@ def submit(
 
     params = resolve_base(settings, params)
     check_min_curated(settings, options)
-    export.refuse_deleted(settings, params.dataset_tier)
+    export.refuse_withdrawn(settings, params.dataset_tier)
     ensure_trainer(settings)
     return client.submit(settings, params, options, request_id, thresholds)
 

@@ -118,6 +118,8 @@ CODES: dict[str, str] = {
     "check.export_stale.ok": "the export is up to date with the database",
     "check.export_stale.changed": "the database changed since the last export",
     "check.export_stale.deleted": "examples in the export were deleted from the database since (count)",
+    "check.export_stale.rejected": "examples in the export were rejected since (count)",
+    "check.export_stale.withdrawn": "examples in the export were deleted or rejected since (count, deleted, rejected)",
     "check.volume.ok": "enough approved curated examples (curated, minCurated)",
     "check.volume.too_few": "fewer approved curated examples than minCurated (curated, minCurated)",
     "check.volume.none": "no approved curated examples yet; names the commands that add some (minCurated)",

@@ -12,7 +12,7 @@ Checks (id: severity when something is found):
   tokenized cache never serves tokens of other data.
 - malformed_record (fail): a line that is not JSON or has no usable `messages`.
 - export_stale (warn): the database changed since the export (store revision differs); fail when records of
-  the export were deleted from it since (a run refuses to train on them).
+  the export were deleted from it or rejected since (a run refuses to train on them).
 - volume (fail): approved curated examples < minCurated; empty_train (fail): nothing to train on.
 - empty_response (fail), trivial_response (warn, fewer than 2 letters or digits).
 - duplicate_exact (warn): the same hash twice within a split; duplicate_across_splits (fail): one hash in
@@ -360,7 +360,7 @@ def _well_formed(rec: Any) -> bool:
 
 def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[dict[str, Any]] = ()) -> Check:
     """Whether the database changed since the export with this summary: a warning (the export is used as it
-    is), unless some of `records` were deleted since, which fails."""
+    is), unless some of `records` were deleted or rejected since, which fails."""
     from . import store
 
     if not store.has_database(settings):
@@ -377,20 +377,27 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
         return Check(
             "export_stale", "info", 0, [], "the export is up to date with the database", "check.export_stale.ok"
         )
-    # A run refuses to train on content deleted since (export.refuse_deleted): the preflight fails on it too.
-    records = list(records)
-    gone = store.deleted_hashes(settings).keys() & {r.get("hash") for r in records}
-    if gone:
-        one = len(gone) == 1
+    # A run refuses to train on content deleted or rejected since (export.refuse_withdrawn): the preflight
+    # fails on it too, naming the records by their export ids as the other checks do.
+    deleted, rejected = export_mod.withdrawn(settings, records)
+    if deleted or rejected:
+        n = len(deleted) + len(rejected)
+        one = n == 1
+        if deleted and rejected:
+            how, code = f"deleted ({len(deleted)}) or rejected ({len(rejected)})", "check.export_stale.withdrawn"
+        elif deleted:
+            how, code = "deleted", "check.export_stale.deleted"
+        else:
+            how, code = "rejected", "check.export_stale.rejected"
         return Check(
             "export_stale",
             "fail",
-            len(gone),
-            sorted({str(r.get("id")) for r in records if r.get("hash") in gone})[:MAX_EXAMPLES],  # ids, as the others
-            f"{len(gone)} example{'' if one else 's'} in the export {'was' if one else 'were'} deleted since; "
+            n,
+            sorted(deleted + rejected)[:MAX_EXAMPLES],
+            f"{n} example{'' if one else 's'} in the export {'was' if one else 'were'} {how} since; "
             "run `lunatrain export`",
-            "check.export_stale.deleted",
-            {"count": len(gone)},
+            code,
+            {"count": n, "deleted": len(deleted), "rejected": len(rejected)},
         )
     return Check(
         "export_stale",

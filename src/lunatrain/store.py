@@ -819,6 +819,21 @@ def deleted_hashes(settings: Settings) -> dict[str, datetime]:
         return {r.hash: _aware(r.deleted_at) for r in conn.execute(sa.select(deleted_table))}
 
 
+def rejected_since(settings: Settings, records: Iterable[dict[str, Any]]) -> set[str]:
+    """The ids of an export's `records` (`ex-N`, `mem-N`, each with its content hash) whose example or memory
+    item is here with that content and no longer approved: rejected since the export was written. Matched by
+    id and hash, so an export of another database names nothing."""
+    wanted: dict[str, str] = {str(r.get("id")): r.get("hash") for r in records}
+    out: set[str] = set()
+    with open_store(settings).read() as conn:
+        for table, prefix in ((examples_table, "ex-"), (memory_table, "mem-")):
+            query = sa.select(table.c.id, table.c.hash).where(table.c.status != "approved")
+            for row in conn.execute(query):
+                if wanted.get(f"{prefix}{row.id}") == row.hash:
+                    out.add(f"{prefix}{row.id}")
+    return out
+
+
 # --- memory -------------------------------------------------------------------------------------
 
 

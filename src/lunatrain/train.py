@@ -277,7 +277,7 @@ def conclude(
 def prepare(params: LoraParams, settings: Settings, world: World = distributed.SINGLE) -> Run:
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
-    from .export import read_tier, refuse_deleted
+    from .export import read_tier, refuse_withdrawn
     from .models import check_target_modules, module_kinds, resolve_base, resolve_device
 
     problems: list[LunaError] = []
@@ -302,7 +302,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
             )
         )
     if data is not None:
-        check(lambda: refuse_deleted(settings, params.dataset_tier, data))
+        check(lambda: refuse_withdrawn(settings, params.dataset_tier, data))
     if problems:  # cheap checks first: a bad request never builds or loads a model
         raise one_error(problems)
     # The run ends by publishing: storage that cannot take the adapter is said now, not after the training.
