@@ -545,3 +545,69 @@ def test_a_crash_right_after_the_first_rename_leaves_no_torn_export(
     assert summary["fingerprint"] == old
     assert prepare._verify_files(settings.training_dir, summary)[1] == []  # what a reader of the names sees
     assert ex.read_tier(settings, "curated").fingerprint == old
+
+
+def test_a_file_saved_over_its_link_is_refused_by_the_run_and_kept_aside_by_the_next_export(
+    settings: Settings,
+) -> None:
+    """Repro: the guide's names are links into `current/`. An editor (or `sed -i`) saving one replaces the
+    link with a file of its own: prepare said "every file matches the export summary" and the run trained
+    on the export, not on what the user saw; the next export put the link back and the edit was gone
+    without a word. Now prepare fails naming the file, the run refuses it, and the next export keeps the
+    file aside and says where. A plain copy with the export's own content is no edit and just relinked."""
+    from lunatrain import prepare
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    store.add_examples(settings, _drafts(30, "a"))
+    ex.export(settings)
+    name = ex.SPLIT_FILES["train"]
+    path = settings.training_dir / name
+    edited = b"".join(path.read_bytes().splitlines(keepends=True)[1:])  # the first sample taken out
+    tmp = path.with_name(name + ".tmp")
+    tmp.write_bytes(edited)
+    tmp.replace(path)  # as `sed -i` saves: a new file renamed over the link
+
+    params = parse_params({"maxSteps": 1, "maxSeqLength": 128})
+    report = prepare.prepare(settings, params)
+    [check] = [c for c in report.checks if c.id == "export_summary"]
+    assert (report.status, check.severity, check.code, check.examples) == (
+        "fail",
+        "fail",
+        "check.export_summary.replaced",
+        [name],
+    ), check
+    assert f"data/training/{name} is no longer the exported file" in check.message, check.message
+    with pytest.raises(CheckFailed, match=rf"^data/training/{name} is no longer the exported file"):
+        run_lora(params, settings)
+
+    r = CliRunner().invoke(app, ["export"])
+    assert r.exit_code == 0, r.output
+    [aside] = settings.training_dir.glob("assistant-sft-curated-train.edited-*.jsonl")
+    assert aside.read_bytes() == edited and path.is_symlink()
+    assert f"Kept your edited data/training/{name} as data/training/{aside.name}" in r.output, r.output
+    assert prepare.prepare(settings, params).status != "fail"
+
+    # a copy with the export's own bytes (cp --remove-destination) is relinked without a copy kept
+    content = path.read_bytes()
+    path.unlink()
+    path.write_bytes(content)
+    assert prepare.prepare(settings, params).status != "fail"
+    r = CliRunner().invoke(app, ["export"])
+    assert r.exit_code == 0 and "Kept" not in r.output, r.output
+    assert path.is_symlink() and len(list(settings.training_dir.glob("*.edited-*"))) == 1
+
+    # the API's export says it too
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    summary_file = settings.training_dir / ex.SUMMARY_FILE
+    summary_file.unlink()
+    summary_file.write_text("{}")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        response = client.post("/assistant/training/export")
+    assert response.status_code == 200, response.text
+    [kept] = response.json()["keptAside"]
+    assert kept["name"] == ex.SUMMARY_FILE and kept["keptAs"].startswith("assistant-sft-summary.edited-"), kept
+    assert (settings.training_dir / kept["keptAs"]).read_text() == "{}"

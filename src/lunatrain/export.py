@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import functools
 import hashlib
 import heapq
@@ -132,6 +133,9 @@ class ExportSummary:
     counts: dict[str, dict[str, int]]
     files: dict[str, dict[str, Any]]
     fingerprint: str
+    # guide names a person had saved over (`replaced_names`), each kept under another name by this export:
+    # (name, the name it is kept as), both relative to data/training; not part of the summary file
+    kept_aside: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -335,6 +339,7 @@ def export(
         with storage_guard(f"the export in {out}"):
             _remove_leftovers(out)
             _adopt_flat_files(out)
+            replaced = replaced_names(settings)
             export_id = _new_id()
             work = out / EXPORTS_DIR / f"{export_id}.partial"
             work.mkdir()
@@ -345,6 +350,7 @@ def export(
                 os.replace(work, final)
                 fsync_dir(final.parent)
                 _switch_current(out, export_id)
+                kept = _keep_aside(out, replaced, export_id)
                 _link_names(out)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
@@ -354,7 +360,7 @@ def export(
             _prune(settings, settings.retain_exports)  # the lock is already held
     if on_progress:
         on_progress(done, total)
-    return dataclasses.replace(summary, directory=out)
+    return dataclasses.replace(summary, directory=out, kept_aside=kept)
 
 
 def _write_export(
@@ -446,6 +452,62 @@ def _switch_current(out: Path, export_id: str) -> None:
     os.symlink(Path(EXPORTS_DIR, export_id), tmp)
     os.replace(tmp, out / CURRENT_LINK)
     fsync_dir(out)
+
+
+def replaced_names(settings: Settings, names: Iterable[str] = (*DATA_FILES, SUMMARY_FILE)) -> list[str]:
+    """Those of the guide's `names` in data/training that are no longer links into `current/` but files with
+    other content: an editor or `sed -i` saving one writes a new file over the link. What the person sees
+    there is then not what a run trains on (runs read the export), and the next export would put the link
+    back: a run refuses them (`refuse_replaced`), an export keeps them aside."""
+    out = settings.training_dir
+    if not (out / CURRENT_LINK).is_symlink():  # an earlier release's flat layout: the files are the export
+        return []
+    found = []
+    for name in names:
+        path = out / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            same = filecmp.cmp(path, out / CURRENT_LINK / name, shallow=False)
+        except OSError:  # nothing exported under that name to compare with
+            same = False
+        if not same:
+            found.append(name)
+    return found
+
+
+def replaced_sentence(names: list[str]) -> str:
+    """What `replaced_names` found, and what to do: the edit goes into the database."""
+    first = f"data/training/{names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+    return (
+        f"{first} is no longer the exported file: it was saved over (an editor, `sed -i`), and runs train on "
+        "the export, not on it. Make the change in the database (`lunatrain examples …`) and run "
+        "`lunatrain export`, which keeps your file under another name."
+    )
+
+
+def refuse_replaced(settings: Settings, tier: Tier) -> None:
+    """CheckFailed when a file of `tier` under the guide's names was saved over (`replaced_names`)."""
+    names = replaced_names(settings, tier_names(tier))
+    if names:
+        raise CheckFailed(replaced_sentence(names))
+
+
+def tier_names(tier: Tier) -> tuple[str, ...]:
+    """The guide's file names that show `tier`: the curated tier's file and its split files, or the one file."""
+    return (CURATED_FILE, *SPLIT_FILES.values()) if tier == "curated" else (TIER_FILES[tier],)
+
+
+def _keep_aside(out: Path, names: list[str], export_id: str) -> list[tuple[str, str]]:
+    """Rename each of `names` (files a person saved over the links) to `<stem>.edited-<export id><suffix>`,
+    so that linking the names again loses no edit."""
+    kept = []
+    for name in names:
+        stem, dot, suffix = name.rpartition(".")
+        aside = f"{stem}.edited-{export_id}.{suffix}" if dot else f"{name}.edited-{export_id}"
+        os.replace(out / name, out / aside)
+        kept.append((name, aside))
+    return kept
 
 
 def _link_names(out: Path) -> None:

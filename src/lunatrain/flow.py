@@ -197,6 +197,7 @@ def submit(
 
     params = resolve_base(settings, params)
     check_min_curated(settings, options)
+    export.refuse_replaced(settings, params.dataset_tier)
     export.refuse_withdrawn(settings, params.dataset_tier)
     ensure_trainer(settings)
     return client.submit(settings, params, options, request_id, thresholds)
@@ -380,11 +381,12 @@ def run_flow(
         summary = export.export(settings)
         tier = params.dataset_tier  # the tier this run trains on, not always the curated one
         counts = summary.counts[tier]
+        kept = "".join(f"; kept your edited {name} as {aside}" for name, aside in summary.kept_aside)
         return (
             True,
             (
                 f"{counts['total']} {tier} samples ({counts['train']} train, {counts['val']} val), "
-                f"fingerprint {summary.fingerprint[:12]}"
+                f"fingerprint {summary.fingerprint[:12]}{kept}"
             ),
             {"fingerprint": summary.fingerprint},
         )

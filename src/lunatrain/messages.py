@@ -112,6 +112,7 @@ CODES: dict[str, str] = {
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",
+    "check.export_summary.replaced": "files of the tier in data/training were saved over their links to the export (count)",
     "check.malformed_record.ok": "no malformed lines",
     "check.malformed_record.found": "lines are not valid chat records (count)",
     "check.export_stale.no_database": "no database here; the export is checked as it is",

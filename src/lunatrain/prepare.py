@@ -8,7 +8,8 @@ failing finding, `warn` when any warns, else `ok`. The report goes to reports/tr
 Checks (id: severity when something is found):
 
 - export_summary (fail): a data file is missing, or its sha256 / record count differs from the summary
-  (edited by hand, or a torn copy); the fingerprint is then recomputed from the files as they are, so the
+  (edited by hand, or a torn copy), or a file of the tier was saved over its link in data/training (an
+  editor, `sed -i`: the run would not train what the person sees there); the fingerprint is then recomputed from the files as they are, so the
   tokenized cache never serves tokens of other data.
 - malformed_record (fail): a line that is not JSON or has no usable `messages`.
 - export_stale (warn): the database changed since the export (store revision differs); fail when records of
@@ -183,7 +184,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
 
     checks: list[Check] = []
     file_shas, mismatched = _verify_files(directory, summary)
-    checks.append(_summary_check(mismatched))
+    checks.append(_summary_check(mismatched, export_mod.replaced_names(settings, export_mod.tier_names(tier))))
     fingerprint = export_mod.dataset_fingerprint(file_shas) if mismatched else summary["fingerprint"]
     splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
     checks.append(
@@ -301,7 +302,17 @@ def _verify_files(directory: Path, summary: dict[str, Any]) -> tuple[dict[str, s
     return shas, mismatched
 
 
-def _summary_check(mismatched: list[str]) -> Check:
+def _summary_check(mismatched: list[str], replaced: list[str]) -> Check:
+    if replaced:  # what the person sees under the guide's names is not what the run trains (a run refuses it)
+        return Check(
+            "export_summary",
+            "fail",
+            len(replaced),
+            replaced[:MAX_EXAMPLES],
+            export_mod.replaced_sentence(replaced),
+            "check.export_summary.replaced",
+            {"count": len(replaced)},
+        )
     if not mismatched:
         return Check(
             "export_summary",

@@ -277,7 +277,7 @@ def conclude(
 def prepare(params: LoraParams, settings: Settings, world: World = distributed.SINGLE) -> Run:
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
-    from .export import read_tier, refuse_withdrawn
+    from .export import read_tier, refuse_replaced, refuse_withdrawn
     from .models import check_target_modules, module_kinds, resolve_base, resolve_device
 
     problems: list[LunaError] = []
@@ -301,6 +301,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
                 params={"tier": params.dataset_tier},
             )
         )
+    check(lambda: refuse_replaced(settings, params.dataset_tier))
     if data is not None:
         check(lambda: refuse_withdrawn(settings, params.dataset_tier, data))
     if problems:  # cheap checks first: a bad request never builds or loads a model

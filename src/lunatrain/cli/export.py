@@ -55,3 +55,8 @@ def export_cmd(
         for row in rows:
             typer.echo("\t".join(row))
     typer.echo(f"Wrote {summary.directory} (fingerprint {summary.fingerprint[:12]}).")
+    for name, aside in summary.kept_aside:
+        typer.echo(
+            f"Kept your edited data/training/{name} as data/training/{aside}: exports come from the database, "
+            "so make the change there."
+        )
