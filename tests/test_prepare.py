@@ -632,3 +632,26 @@ def test_quantize_without_bitsandbytes_is_refused_by_prepare_and_before_a_job_is
         with pytest.raises(UsageError, match=r"quantize=4bit needs bitsandbytes: pip install 'bitsandbytes>=0.50'\."):
             attempt()
     models.check_targets_of(parse_params({"maxSeqLength": 128}), settings)  # unquantized: nothing to check
+
+
+def test_near_duplicates_in_another_split_are_named_first_and_counted():
+    """Repro: `Question number 5?` in train and `question  number 5?` in val were reported as one more
+    near-duplicate, like two in the same split, though val then measures memorisation. The warning now
+    counts those in another split than their twin, and names them first."""
+    from lunatrain.prepare import _duplicate_checks
+
+    def rec(rid, question, split):
+        return {"id": rid, "hash": rid, "split": split, "messages": _turn(question, f"Antwort auf {question.lower()}")}
+
+    records = [
+        rec("a1", "Frage Nummer 1?", "train"),
+        rec("a2", "frage nummer 1", "train"),  # same split: a plain near-duplicate
+        rec("b1", "Frage Nummer 2?", "train"),
+        rec("b2", "frage  NUMMER 2", "val"),  # its twin is in train
+    ]
+    [check] = [c for c in _duplicate_checks(records) if c.id == "duplicate_normalized"]
+    assert (check.severity, check.count, check.examples) == ("warn", 2, ["b2", "a2"]), check
+    assert check.message.endswith(
+        "(1 of them in another split than the sample it repeats: val/test partly measure memorisation)"
+    )
+    assert check.params == {"count": 2, "acrossSplits": 1}

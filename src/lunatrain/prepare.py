@@ -18,7 +18,7 @@ Checks (id: severity when something is found):
 - empty_response (fail), trivial_response (warn, fewer than 2 letters or digits).
 - duplicate_exact (warn): the same hash twice within a split; duplicate_across_splits (fail): one hash in
   two splits (val/test would measure memorisation); duplicate_normalized (warn): different hashes, same
-  text after case/whitespace/punctuation folding; conflicting_answers (warn): samples that ask the same
+  text after case/whitespace/punctuation folding (those in another split than their twin named first); conflicting_answers (warn): samples that ask the same
   (system prompt and turns before the last answer, folded the same way) and answer differently, one per
   distinct answer: a fact taught two ways is learned as either, or as a blend; exchange_across_splits (warn):
   val/test samples whose last prompt and answer a train sample of another conversation ends in.
@@ -695,7 +695,15 @@ def _duplicate_checks(records: list[dict]) -> list[Check]:
         if not any(normalize(m["content"]) for m in rec["messages"] if m["role"] == "assistant"):
             continue  # nothing left after folding: the empty/trivial checks report it
         by_norm[tuple((m["role"], normalize(m["content"])) for m in rec["messages"])].append((h, rec))
-    near = [_rid(rec) for group in by_norm.values() if len(group) > 1 for _h, rec in group[1:]]
+    # Those in another split than the first of their group come first: val/test then measure memorisation.
+    near_across = [_rid(r) for g in by_norm.values() for _h, r in g[1:] if r["split"] != g[0][1]["split"]]
+    near = near_across + [_rid(r) for g in by_norm.values() for _h, r in g[1:] if r["split"] == g[0][1]["split"]]
+    across_note = (
+        f" ({len(near_across)} of them in another split than the sample "
+        f"{'it repeats' if len(near_across) == 1 else 'they repeat'}: val/test partly measure memorisation)"
+        if near_across
+        else ""
+    )
     # The same question (everything before the last turn) under different answers: per question, the first
     # sample of each distinct answer, so the user sees every version and keeps one.
     answers: dict[tuple, dict[tuple[str, str], str]] = defaultdict(dict)
@@ -717,8 +725,9 @@ def _duplicate_checks(records: list[dict]) -> list[Check]:
             "duplicate_normalized",
             "warn",
             near,
-            "samples duplicate another after folding case, whitespace and punctuation",
+            "samples duplicate another after folding case, whitespace and punctuation" + across_note,
             "no normalized duplicates",
+            **({"acrossSplits": len(near_across)} if near_across else {}),
         ),
         _check(
             "conflicting_answers",
