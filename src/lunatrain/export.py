@@ -682,7 +682,7 @@ def refuse_withdrawn(settings: Settings, tier: Tier, data: TierData | None = Non
     except LunaError:
         return
     if deleted or rejected:
-        what = " or ".join(w for w, ids in (("deleted", deleted), ("rejected", rejected)) if ids)
+        what = "deleted or rejected" if deleted and rejected else "deleted" if deleted else "rejected"
         n = len(deleted) or len(rejected)
         held = f"{n} example{'s' if n != 1 else ''} {'deleted' if deleted else 'rejected'}"
         if deleted and rejected:

@@ -394,12 +394,8 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
     if deleted or rejected:
         n = len(deleted) + len(rejected)
         one = n == 1
-        if deleted and rejected:
-            how, code = f"deleted ({len(deleted)}) or rejected ({len(rejected)})", "check.export_stale.withdrawn"
-        elif deleted:
-            how, code = "deleted", "check.export_stale.deleted"
-        else:
-            how, code = "rejected", "check.export_stale.rejected"
+        kind = "withdrawn" if deleted and rejected else "deleted" if deleted else "rejected"
+        how = f"deleted ({len(deleted)}) or rejected ({len(rejected)})" if kind == "withdrawn" else kind
         return Check(
             "export_stale",
             "fail",
@@ -407,7 +403,7 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
             sorted(deleted + rejected)[:MAX_EXAMPLES],
             f"{n} example{'' if one else 's'} in the export {'was' if one else 'were'} {how} since; "
             "run `lunatrain export`",
-            code,
+            f"check.export_stale.{kind}",
             {"count": n, "deleted": len(deleted), "rejected": len(rejected)},
         )
     return Check(
