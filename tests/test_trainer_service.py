@@ -187,9 +187,25 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def svc(root):
-    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=faults.with_hooks())
+    # a zone 14 hours from UTC: a local time in the trainer's log shows at once (another date)
+    trainer = launch(root, LUNATRAIN_FAULT=FAULTS, PYTHONPATH=faults.with_hooks(), TZ="Pacific/Kiritimati")
     yield trainer
     shutdown(trainer)
+
+
+@pytest.mark.slow
+def test_the_trainer_log_stamps_lines_in_utc_as_every_record_does(svc, root):
+    """Repro: trainer.log stamped its lines in the service's local time without a zone (`2026-12-06 02:09:29,057`
+    under TZ=Asia/Tokyo), beside its own `--- …Z` start lines and the jobs' UTC events: a trainer started from
+    a shell in another zone jumped hours. Every line is UTC ISO 8601 with milliseconds and `Z` now."""
+    from lunatrain.wire import parse_iso, utc_now
+
+    lines = [line for line in (root / "trainer-0.log").read_text().splitlines() if " INFO " in line]
+    assert lines, "the trainer logged nothing"
+    for line in lines:
+        stamp = line.split(" ", 1)[0]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), line
+        assert abs((utc_now() - parse_iso(stamp)).total_seconds()) < 3600, line
 
 
 # --- requests the service refuses -----------------------------------------------------------------

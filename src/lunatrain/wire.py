@@ -10,6 +10,7 @@ snake_case dict the camelCase names every API answer and report uses.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from datetime import UTC, datetime
@@ -24,6 +25,18 @@ def utc_now() -> datetime:
 
 def now_iso() -> str:
     return utc_now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class UtcLogFormatter(logging.Formatter):
+    """`<now_iso() stamp> LEVEL logger: message`: log lines stamped as every record is (UTC, `Z`), never in
+    the local time of whichever shell started the process."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_iso(stamp: str) -> datetime:

@@ -32,6 +32,7 @@ from ..templates import load_template
 from ..web import docs, listen
 from ..web.handlers import install, no_body
 from ..web.security import TRAINER_REALM, GuardMiddleware, allowed_hostnames, check_bind
+from ..wire import UtcLogFormatter
 from . import lock
 from .device import DeviceProbe
 from .jobs import (
@@ -257,7 +258,7 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
         sock.close()
         raise
     address = listen.record(sock, settings.trainer_url_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(UtcLogFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log.info("trainer for %s on %s", settings.home, address)
     # log_config=None: uvicorn's loggers propagate to the handler above instead of configuring their own.
