@@ -193,6 +193,16 @@ def invariants(settings, plan: Plan, job: Job, home: Path) -> list[str]:
             f"the trainer was killed, nothing registered, no resume, but the job ended {job.status} "
             f"({job.error and job.error.code}), not failed (interrupted)"
         )
+    if plan.target == "t":
+        # Repro: the worker that outlived its trainer stopped as if cancelled ("training cancelled: cancelled
+        # at step 2 of 3" in the job's log and lora-latest.json) while the job ended failed (interrupted);
+        # and the restarted trainer's log never said how it settled the job.
+        log = settings.data_dir / "trainer" / "logs" / f"{job.id}.log"
+        if log.is_file() and "training cancelled" in log.read_text(errors="replace"):
+            broken.append("the job's log says it was cancelled; its trainer was killed")
+        said = (home / "trainer-0.log").read_text(errors="replace")
+        if f"job {job.id} was running when the trainer stopped" not in said:
+            broken.append("the restarted trainer's log does not say how it settled the job")
     if plan.point == "checkpoint":
         broken += resumed_from_checkpoint(settings, job)
     if trainer_client.health(settings).queue.running:

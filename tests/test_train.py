@@ -236,6 +236,28 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
     assert (other.path / "adapter_model.safetensors").read_bytes() != weights
 
 
+def test_a_run_stopped_because_its_trainer_is_gone_says_interrupted_not_cancelled(settings):
+    """Repro: a worker whose trainer was killed stopped its run as if the user had cancelled it: "training
+    cancelled: cancelled at step 201 of 930" in the job's log and lora-latest.json, while the restarted
+    trainer settled the job as failed (interrupted). A stop that gives its reason (the worker's: its
+    trainer is gone) ends the run failed, code interrupted, naming the step and how to continue."""
+    write_export(settings, make_records(16, val_every=5))
+    seen: list[dict] = []
+
+    def trainer_gone():
+        return any(e["type"] == "progress" for e in seen) and "the trainer process is gone"
+
+    cut = run_lora(_params(), settings, on_event=seen.append, should_stop=trainer_gone)
+    assert cut.status is Status.FAILED and cut.version is None, cut
+    assert cut.error["code"] == "interrupted", cut.error
+    assert cut.error["message"].startswith("Stopped at step 1 of "), cut.error
+    assert "the trainer process is gone" in cut.error["message"]
+    report = json.loads(registry.latest_report_path(settings).read_text())
+    assert (report["status"], report["error"]["code"]) == ("failed", "interrupted"), report
+    said = [e["message"] for e in seen if e.get("code") == "log.training_ended"]
+    assert said and said[-1].startswith("training failed: Stopped at step 1"), said
+
+
 def test_train_hashes_name_only_the_samples_the_steps_took(settings):
     """Repro: a run cut short by maxSteps listed every train sample in train-hashes.txt, so deleting an
     example it never saw marked it "retrain needed"."""

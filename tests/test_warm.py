@@ -142,6 +142,8 @@ def test_a_job_whose_warm_worker_dies_stops_and_is_reported_killed(root: Path, w
     assert psutil.Process(job.pid).cmdline()[-3:] == ["lunatrain.service.worker", "--job", "job-orphan"]
     os.kill(warm._proc.pid, signal.SIGKILL)
     rest = lines(job.stdout)
-    assert rest[-1]["type"] == "result" and rest[-1]["status"] == "cancelled", rest[-1]
+    # not "cancelled": nobody cancelled it; it stopped because its trainer side is gone (train.py's reason)
+    assert rest[-1]["type"] == "result" and rest[-1]["status"] == "failed", rest[-1]
+    assert rest[-1]["error"]["code"] == "interrupted" and "the trainer process is gone" in rest[-1]["error"]["message"]
     assert job.wait() == -signal.SIGKILL
     assert not list(root.glob("data/adapters/orphan/v*"))  # nothing registered

@@ -65,7 +65,7 @@ def train_and_gate(
     *,
     thresholds: dict[str, Any] | None = None,
     on_event: Callable[[Event], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool | str] | None = None,
     job_id: str | None = None,
     on_trained: Callable[[dict[str, Any]], None] | None = None,
     may_gate: Callable[[], bool] = lambda: True,

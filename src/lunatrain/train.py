@@ -154,7 +154,7 @@ def run_lora(
     settings: Settings,
     *,
     on_event: Callable[[Event], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool | str] | None = None,
     job_id: str | None = None,
     stage: bool = False,
 ) -> TrainResult:
@@ -190,7 +190,7 @@ def _run_lora(
     settings: Settings,
     world: World,
     emit: Callable[[Event], None],
-    should_stop: Callable[[], bool] | None,
+    should_stop: Callable[[], bool | str] | None,
     job_id: str | None,
     stage: bool = False,
 ) -> TrainResult:
@@ -586,7 +586,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()[:8], "little")
 
 
-def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None) -> None:
+def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool | str] | None) -> None:
     import torch
 
     p, model, opt, sched, world = run.params, run.model, run.optimizer, run.scheduler, run.world
@@ -616,18 +616,28 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             # normalizer for the whole optimizer step, over all micro-batches of all ranks; the stop request
             # rides along, so every rank stops at the same step (a rank that stopped alone would leave the
             # others waiting in the next all-reduce)
-            stopping = float(should_stop is not None and should_stop())
+            # True is a cancel; a sentence is why the run cannot go on (the worker's trainer is gone)
+            reason = should_stop() if should_stop is not None else False
             n_supervised, stopping = distributed.sum_floats(
-                world, [sum(b.n_supervised for b in batches), stopping], run.device
+                world, [sum(b.n_supervised for b in batches), float(bool(reason))], run.device
             )
             if stopping:
                 # epochsDone: whether an epoch checkpoint (this run's, or the one it resumed from) is there
-                raise Stop(
-                    Status.CANCELLED,
-                    "cancelled",
-                    f"cancelled at step {run.step} of {run.total_steps}",
-                    {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch},
-                )
+                where = {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch}
+                if isinstance(reason, str):
+                    raise Stop(
+                        Status.FAILED,
+                        "interrupted",
+                        f"Stopped at step {run.step} of {run.total_steps}: {reason}; "
+                        + (
+                            'submit it again (with `lunatrain lora --resume`, or `"resume": true` in the API, '
+                            "it continues from its last checkpoint)."
+                            if run.epoch
+                            else "no checkpoint was saved yet, so submit it again."
+                        ),
+                        where,
+                    )
+                raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}", where)
             opt.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
             for batch in batches:

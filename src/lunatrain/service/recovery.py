@@ -75,7 +75,12 @@ def recover(settings: Settings, store: JobStore) -> None:
         pid, started = store.child(job.id)
         if pid and stop_orphan(pid, started):
             log.warning("stopped orphaned child %s of job %s", pid, job.id)
-        settle_interrupted(settings, store, job.id, cancel_requested=job.status == "cancelling")
+        settled = settle_interrupted(settings, store, job.id, cancel_requested=job.status == "cancelling")
+        log.info(
+            "job %s was running when the trainer stopped: %s",
+            job.id,
+            settled.status + (f" ({settled.error.code})" if settled.error else ""),
+        )
     for job in store.with_status("validating"):  # validated params were stored; only the queueing was lost
         store.set_status(job.id, "queued")
 

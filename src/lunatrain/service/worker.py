@@ -162,10 +162,13 @@ def run(
         if channel.broken:
             stop.set()
 
-    def orphaned() -> bool:
+    def orphaned() -> bool | str:
         # Checked before every step: an orphan (its trainer killed) must not train on and publish a version
-        # that the restarted trainer will produce again; the watchdog alone polls only once a second.
-        return stop.is_set() or os.getppid() != parent
+        # that the restarted trainer will produce again; the watchdog alone polls only once a second. Why it
+        # stops is said (train.py: a sentence is no cancel): the restarted trainer settles the job interrupted.
+        if os.getppid() != parent or channel.broken:
+            return "the trainer process is gone"
+        return stop.is_set()
 
     def on_trained(outcome: dict[str, Any]) -> None:
         # Registered now: tell the trainer before the gate, so a cancel or crash during the gate cannot
