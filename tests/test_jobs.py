@@ -7,6 +7,7 @@ Run: `.venv/bin/python -m pytest tests/test_jobs.py -q` (fast, no training).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -306,7 +307,29 @@ def test_a_workers_log_events_reach_its_job_log(capfd):
     Channel(events).send({"type": "log", "message": "epoch 1 done: val loss 7.8748, checkpoint saved"})
     Channel(events).send({"type": "progress", "step": 3})
     assert [json.loads(line)["type"] for line in events.getvalue().splitlines()] == ["log", "progress"]
-    assert capfd.readouterr().err.splitlines() == ["epoch 1 done: val loss 7.8748, checkpoint saved"]
+    [line] = capfd.readouterr().err.splitlines()
+    # stamped as every record is: a job log read after the fact says when each step happened
+    stamp, message = line.split(" ", 1)
+    assert message == "epoch 1 done: val loss 7.8748, checkpoint saved"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), line
+
+
+def test_an_expected_failure_is_one_line_in_the_job_log_and_a_crash_keeps_its_traceback(settings, capfd):
+    """Repro: a job failing for a reason it states (no export, bad data, a damaged base) wrote a whole Python
+    traceback (22 to 43 lines through transformers) into its log before the one sentence. Such a failure is
+    one line with its code now; an unexpected exception keeps its traceback (it is what a bug report needs)."""
+    import threading
+
+    from lunatrain.service import worker
+
+    result = worker.run("ftjob-x", {"adapterName": "x", "maxSteps": 1}, {}, worker.Channel(None), threading.Event())
+    assert result["status"] == "failed" and result["error"]["code"] == "export.missing", result
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert f"error export.missing: {result['error']['message']}" in err, err
+    # the log starts with what the job runs
+    parameters = next(line for line in err.splitlines() if " parameters: " in line)
+    assert json.loads(parameters.split(" parameters: ", 1)[1])["adapterName"] == "x", parameters
 
 
 def test_fault_spec_and_error_codes():

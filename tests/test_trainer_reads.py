@@ -156,3 +156,32 @@ def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(h
     with pytest.raises(ServiceUnavailable) as lost:
         trainer_cli.follow(settings, waiting.id, unreachable_s=0.0)
     assert "queued" in lost.value.message and f"`lunatrain jobs follow {waiting.id}`" in lost.value.message
+
+
+def test_jobs_show_names_the_job_log_and_where_a_cancelled_job_stopped(home, monkeypatch):
+    """Repro: `jobs show` printed a cancelled job as `ftjob-…  cancelled` and nothing more, and no command,
+    record or message named data/trainer/logs/<job>.log, where a job's details are. It now says at which
+    step a cancelled job stopped, and names the log when it is there."""
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, job_log_path, jobs_db_path
+
+    settings = load_settings()
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        job, _ = jobs.create(LoraParams())
+        jobs.set_status(job.id, "running")
+        jobs.set_fields(job.id, progress={"step": 3, "totalSteps": 9, "percent": 33.3})
+        jobs.set_status(job.id, "cancelled")
+        early, _ = jobs.create(LoraParams())
+        jobs.set_status(early.id, "cancelled")
+        monkeypatch.setattr(client, "get_job", lambda _s, job_id: jobs.get(job_id))
+        log = job_log_path(settings.data_dir / "trainer" / "logs", job.id)
+        log.parent.mkdir(parents=True)
+        log.write_text("2026-12-05T10:00:00.000Z training cancelled: cancelled at step 3 of 9\n")
+        r = CliRunner().invoke(app, ["jobs", "show", job.id])
+        assert r.exit_code == 1, r.output
+        assert r.output.splitlines() == [f"{job.id}  cancelled  at step 3 of 9", f"log: data/trainer/logs/{job.id}.log"]
+        r = CliRunner().invoke(app, ["jobs", "show", early.id])
+        assert r.output.splitlines() == [f"{early.id}  cancelled  before its first step"], r.output
+    finally:
+        jobs.close()

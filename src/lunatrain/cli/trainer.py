@@ -19,7 +19,7 @@ from ..errors import LunaError, ServiceUnavailable
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job, JobList, existing_store
+from ..service.jobs import Event, Health, Job, JobList, existing_store, job_log_path
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from .app import app, fail, is_tty, json_text, said_interrupted
@@ -157,10 +157,14 @@ def jobs_list(
 def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
     """Show one job (state, progress, adapter or error); exit 1 if it failed or was cancelled."""
     try:
-        job = trainer_client.get_job(load_settings(), job_id)
+        settings = load_settings()
+        job = trainer_client.get_job(settings, job_id)
     except LunaError as err:
         raise fail(err) from None
     typer.echo(json_text(job.wire()) if as_json else f"{job.id}  {job.status}  {summary(job)}")
+    log = job_log_path(settings.data_dir / "trainer" / "logs", job.id)
+    if not as_json and log.is_file():  # the job's details: parameters, each step's line, a crash's traceback
+        typer.echo(f"log: {log.relative_to(settings.home)}")
     if job.status in ("failed", "cancelled"):
         raise typer.Exit(1)
 
@@ -234,6 +238,8 @@ def summary(job: Job) -> str:
     p = job.progress
     if job.status in ("running", "cancelling") and p.total_steps:
         return f"step {p.step}/{p.total_steps} ({p.percent:.0f}%)"
+    if job.status == "cancelled":
+        return f"at step {p.step} of {p.total_steps}" if p.total_steps else "before its first step"
     return ""
 
 

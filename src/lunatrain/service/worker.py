@@ -41,9 +41,10 @@ from typing import IO, Any
 
 from .. import distributed
 from ..compat import without_bitsandbytes
+from ..errors import LunaError
 from ..messages import coded
 from ..startup import import_training_stack
-from ..wire import finite
+from ..wire import finite, now_iso
 
 
 class Channel:
@@ -58,8 +59,9 @@ class Channel:
     def send(self, event: dict[str, Any]) -> None:
         if event.get("type") == "log" and event.get("message"):
             # The job's log file (stderr) gets the log events too: it is what a crash message quotes the last
-            # line of, and without them it held only the start line, as if the job had died starting.
-            print(event["message"], file=sys.stderr, flush=True)
+            # line of, and without them it held only the start line, as if the job had died starting. Stamped
+            # as every record is, so the log read afterwards says when each step happened.
+            print(f"{now_iso()} {event['message']}", file=sys.stderr, flush=True)
         if self._stream is None:
             return
         line = json.dumps(finite(event), ensure_ascii=False, default=str)
@@ -148,6 +150,9 @@ def run(
 
     settings = load_settings()
     params, options = parse_params(params_json), FlowOptions.model_validate(options_json)
+    # the job's log starts with what it runs: every parameter as resolved, the flow's options
+    wired = json.dumps(params.wire() | {"options": options.wire()}, sort_keys=True, default=str)
+    print(f"{now_iso()} parameters: {wired}", file=sys.stderr, flush=True)
     # Checked first: a job with bad parameters fails in a fraction of a second, not after the 4-second import.
     if params.quantize == "none":
         without_bitsandbytes()  # only a quantized job needs it (compat.without_bitsandbytes says why)
@@ -188,9 +193,18 @@ def run(
             may_gate=lambda: main and not (channel.broken or orphaned()),
         )
     except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
-        traceback.print_exc(file=sys.stderr)
+        log_failure(exc)
         return _failed_by(exc)
     return _result_dict(outcome)
+
+
+def log_failure(exc: BaseException) -> None:
+    """Into the job's log: a failure the run states (LunaError: no export, bad data, a damaged base) as one
+    line with its code; anything else with its traceback, which is what a bug report needs."""
+    if isinstance(exc, LunaError):
+        print(f"{now_iso()} error {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exc(file=sys.stderr)
 
 
 def _result_dict(outcome: dict[str, Any]) -> dict[str, Any]:
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
-        traceback.print_exc(file=sys.stderr)
+        log_failure(exc)
         result = _failed_by(exc)
     channel.send(result)
     if world.active:
