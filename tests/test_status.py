@@ -518,3 +518,33 @@ def test_tier_sizes_are_what_export_writes_after_deduplication(settings, dead_po
             "merged": 5,  # Wer?, Wo?, Wann?, Was?, Wie? (the item): 7 approved, two of them duplicates
         }
     )
+
+
+def test_a_cancelled_local_run_newer_than_the_last_trainer_job_is_the_last_job(settings):
+    """Repro: a cancelled (or failed) run's report carried no time at all (`created: null`), so `status`
+    took an older trainer job for the last one. Every run's report says when it ended."""
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+    from lunatrain.train import Status, run_lora
+
+    from helpers import make_records, write_export
+
+    db = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        old, _ = db.create(LoraParams(adapter_name="mein-adapter"))
+        db.set_status(old.id, "succeeded")
+    finally:
+        db.close()
+    write_export(settings, make_records(16, val_every=5))
+    seen: list[dict] = []
+    cut = run_lora(
+        {"maxSteps": 3, "rank": 4, "maxSeqLength": 128, "adapterName": "lokal"},
+        settings,
+        on_event=seen.append,
+        should_stop=lambda: any(e["type"] == "progress" for e in seen),
+    )
+    assert cut.status is Status.CANCELLED
+    report = json.loads(registry.latest_report_path(settings).read_text())
+    assert report["created"] and report["created"].endswith("Z"), report.get("created")
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["status"], last["adapterName"], last["source"]) == ("cancelled", "lokal", "report"), last

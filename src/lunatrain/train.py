@@ -56,7 +56,7 @@ from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoc
 from .settings import Settings, check_name
 from .startup import import_training_stack
 from .tokens import Batch, Encoded, make_batch
-from .wire import camel
+from .wire import camel, now_iso
 
 if TYPE_CHECKING:
     import torch
@@ -790,6 +790,9 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "status": status.value,
         "error": error,
         "jobId": job_id,
+        # When the run ended; a published version's report takes its registry entry's time instead. Without
+        # it a cancelled or failed run's report said no time, and `status` took an older job for the last.
+        "created": now_iso(),
         "adapterName": p.adapter_name,
         "adapterStrategy": p.adapter_strategy,
         "params": p.wire(),
