@@ -149,6 +149,8 @@ def test_last_job_active_adapter_prepare_and_gate_come_from_the_artifacts(settin
         "baseModel": None,
         "failed": ["volume"],
         "warned": ["truncated"],
+        "fingerprint": None,  # a report without its dataset: nothing to compare with the export
+        "matchesExport": None,
     }
     assert s["lastGate"]["candidate"] == "luna-adapter@v2" and s["lastGate"]["passed"] is False
     assert s["lastGate"]["reasons"] == ["val loss regresses"]
@@ -548,3 +550,34 @@ def test_a_cancelled_local_run_newer_than_the_last_trainer_job_is_the_last_job(s
     assert report["created"] and report["created"].endswith("Z"), report.get("created")
     last = training_status(settings, 0)["lastJob"]
     assert (last["status"], last["adapterName"], last["source"]) == ("cancelled", "lokal", "report"), last
+
+
+def test_last_prepare_says_when_it_checked_an_older_export(settings):
+    """Repro: after a new export, `status` still said "last prepare: ok" for the prepare of the export before
+    (whose data passed, while the new one may not), and the API's lastPrepare had no fingerprint to tell. It
+    names the fingerprint it checked and whether that is the current export's."""
+    from lunatrain import export as ex
+    from lunatrain import prepare, store
+    from lunatrain.formats import make_draft
+    from lunatrain.params import parse_params
+
+    store.add_examples(settings, [make_draft(prompt=f"Frage {i}?", response=f"Antwort {i}.") for i in range(12)])
+    ex.export(settings)
+    prepare.prepare(settings, parse_params({"maxSeqLength": 128}))
+    last = training_status(settings, 0)["lastPrepare"]
+    assert last["fingerprint"] == ex.read_summary(settings)["fingerprint"] and last["matchesExport"] is True, last
+    assert "older export" not in CliRunner().invoke(app, ["status"]).output
+    # a file of this export edited in place: prepare fails on it and records a fingerprint of the files as
+    # they are, but it checked the current export all the same (not "an older one: run prepare")
+    with open(ex.export_dir(settings) / ex.SPLIT_FILES["train"], "a", encoding="utf-8") as fh:
+        fh.write("\n")
+    assert prepare.prepare(settings, parse_params({"maxSeqLength": 128})).status == "fail"
+    assert training_status(settings, 0)["lastPrepare"]["matchesExport"] is True
+
+    store.add_examples(settings, [make_draft(prompt="Noch eine Frage?", response="Noch eine Antwort.")])
+    ex.export(settings)
+    last = training_status(settings, 0)["lastPrepare"]
+    assert last["matchesExport"] is False, last
+    out = CliRunner().invoke(app, ["status"]).output
+    line = next(x for x in out.splitlines() if x.startswith("last prepare"))
+    assert line.endswith("of an older export; run `lunatrain prepare`"), line

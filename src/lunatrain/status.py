@@ -87,7 +87,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "lastJob": _last_job(settings),
         "activeAdapter": _preferred(active, base_known),
         "activeAdapters": active,
-        "lastPrepare": _last_prepare(settings),
+        "lastPrepare": _last_prepare(settings, summary.get("fingerprint") if isinstance(summary, dict) else None),
         "lastGate": _last_gate(settings),
         "problems": problems,
     }
@@ -305,14 +305,22 @@ def _preferred(active: list[dict[str, Any]], base_known: bool) -> dict[str, Any]
     return (luna or on_base or [None])[0]
 
 
-def _last_prepare(settings: Settings) -> dict[str, Any] | None:
+def _last_prepare(settings: Settings, exported: str | None) -> dict[str, Any] | None:
+    """The last preflight, with the export it checked: `matchesExport` false when that is not the current
+    one (`exported`, its fingerprint), whose data it says nothing about."""
     report = _read(settings.prepare_report)
     if not isinstance(report, dict):
         return None
     checks = report.get("checks") or []
+    dataset = report.get("dataset") or {}
+    # The export's own fingerprint: where files were edited prepare recomputes `fingerprint` from them, and
+    # that export is the current one all the same.
+    fingerprint = dataset.get("summaryFingerprint") or dataset.get("fingerprint")
     return {
         "status": report.get("status"),
         "created": report.get("created"),
+        "fingerprint": fingerprint,
+        "matchesExport": None if exported is None or fingerprint is None else fingerprint == exported,
         "tier": report.get("tier"),
         "baseModel": report.get("baseModel"),
         "failed": [c.get("id") for c in checks if c.get("severity") == "fail"],

@@ -79,6 +79,7 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "last prepare",
             f"{prep['status']}{_on(prep)} ({prep['created']}){' failed: ' + ', '.join(prep['failed']) if prep['failed'] else ''}"
+            + ("; of an older export; run `lunatrain prepare`" if prep.get("matchesExport") is False else "")
             if prep
             else "never",
         ),
