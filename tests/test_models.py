@@ -157,3 +157,22 @@ def test_lora_weights_fit_their_own_base_and_no_other_shape(settings, arch_bases
     assert models.lora_misfits(weights, base) == []
     misfits = models.lora_misfits(weights, models.resolve_base(None, settings))
     assert misfits and all(": " in line for line in misfits), misfits
+
+
+def test_a_base_model_with_damaged_weights_is_a_storage_error_not_a_bad_request(settings):
+    """Repro: a base model whose model.safetensors was cut short (a copy interrupted, a full disk) failed the
+    job with code invalid_request, though nothing in the request was wrong and the same request trains on an
+    intact copy. It is a damaged file (storage_error: 503 from the API, exit 1) naming the file."""
+    import shutil
+
+    from lunatrain.errors import DamagedFile
+
+    copy = settings.models_dir / "cut-base"
+    shutil.copytree(models.resolve_base(None, settings).path, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DamagedFile) as damaged:
+        models.load_model(str(copy), settings)
+    assert damaged.value.code == "storage_error", damaged.value.code
+    message = damaged.value.message
+    assert message.startswith("Base model ") and "model.safetensors" in message and "damaged" in message, message

@@ -455,6 +455,19 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
     return tok
 
 
+def _damaged_weights(exc: BaseException) -> bool:
+    """Whether loading failed on the weight files themselves (safetensors could not read one), anywhere in
+    the exception's chain (transformers may wrap it)."""
+    from safetensors import SafetensorError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SafetensorError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def load_model(
     ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None, quantize: str = "none"
 ):
@@ -488,6 +501,12 @@ def load_model(
     except UsageError:
         raise
     except Exception as exc:
+        if _damaged_weights(exc):  # the request was right; the files are not (a copy cut short, a full disk)
+            files = ", ".join(sorted(p.name for p in Path(info.path).glob("*.safetensors"))) or "its weights"
+            raise DamagedFile(
+                f"Base model {info.id!r} could not be loaded: {files} in {info.path} is damaged ({exc}); "
+                "copy or download the model again."
+            ) from exc
         raise UsageError(f"Base model {info.id!r} could not be loaded: {exc}") from exc
     if quantize == "none":
         return model.to(device)

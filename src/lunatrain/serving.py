@@ -27,7 +27,7 @@ from typing import Any
 
 from . import registry
 from .compat import generation_cache_argument, peft_quiet, quiet_too_long_warning
-from .errors import Conflict, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
+from .errors import Conflict, DamagedFile, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
 from .formats import normalize_text
 from .settings import Settings
 
@@ -330,7 +330,7 @@ class Engine:
         try:
             self.tokenizer = models.load_tokenizer(info, self.settings, chat=False)
             model = models.load_model(info, self.settings, self.device)
-        except UsageError as exc:
+        except (UsageError, DamagedFile) as exc:  # missing, unfit or damaged: the server's base, not the request
             raise _base_unavailable(exc) from exc
         model.eval()
         self._small = self.device == "cpu" and sum(p.numel() for p in model.parameters()) < models.SMALL_MODEL_PARAMS
@@ -509,7 +509,7 @@ class Engine:
 _UNKNOWN = object()  # after a load or an eviction PEFT may have changed the active adapter itself
 
 
-def _base_unavailable(exc: UsageError) -> ServiceUnavailable:
+def _base_unavailable(exc: UsageError | DamagedFile) -> ServiceUnavailable:
     """The configured base model cannot be found or loaded: the server's state, not the request's fault. As a
     503 a client neither blames its request (400 is "fix what you sent") nor stops retrying for good."""
     return ServiceUnavailable(
