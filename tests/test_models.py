@@ -50,6 +50,21 @@ def test_another_data_root_copies_luna_tiny_from_the_machine_cache(tmp_path, mon
     assert _digest(Path(copied.path)) == _digest(Path(built.path))
 
 
+def test_luna_tiny_is_built_where_no_home_directory_can_be_found(tmp_path, monkeypatch):
+    """Repro: with HOME unset and a user without a passwd entry (a container run with a random uid, `env -i`),
+    the first command needing luna-tiny died with a traceback (`Could not determine home directory`): the
+    machine cache's place was looked up outside what makes that cache optional. It is built without it."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    built = models.resolve_base("luna-tiny", load_settings(home=tmp_path / "a"))
+    assert (Path(built.path) / "model.safetensors").is_file()
+
+
 def test_luna_tiny_loads_as_a_chat_model(settings):
     tok = models.load_tokenizer(None, settings)
     model = models.load_model(None, settings, "cpu")

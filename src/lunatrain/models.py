@@ -231,14 +231,16 @@ def ensure_tiny(settings: Settings) -> Path:
             return target
         tmp = staging_dir(settings.models_dir, TINY_ID)
         try:
-            cached = _tiny_cache() / f"{TINY_ID}-{recipe[:16]}"
-            if _manifest_recipe(cached / "luna-tiny.json") == recipe:
+            cache = _tiny_cache()
+            cached = cache / f"{TINY_ID}-{recipe[:16]}" if cache is not None else None
+            if cached is not None and _manifest_recipe(cached / "luna-tiny.json") == recipe:
                 shutil.rmtree(tmp)
                 shutil.copytree(cached, tmp)  # copies the cache's modes, which an older release left private
             else:
                 build_tiny_model(tmp)
                 atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
-                _keep_in_cache(tmp, cached)
+                if cached is not None:
+                    _keep_in_cache(tmp, cached)
             give_umask_modes(tmp)  # safetensors wrote the weights 0600
             replace_dir(tmp, target)
         finally:
@@ -246,8 +248,15 @@ def ensure_tiny(settings: Settings) -> Path:
     return target
 
 
-def _tiny_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+def _tiny_cache() -> Path | None:
+    """The machine cache of luna-tiny builds; None where there is no home to keep it in (HOME unset and no
+    passwd entry, as in a container run with a random uid): the cache is an optimisation."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):
+            return None
     return Path(base) / "lunatrain"
 
 
