@@ -976,6 +976,31 @@ def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(se
     assert (done.returncode, done.stderr.decode()) == (141, ""), (done.returncode, done.stderr)
 
 
+@pytest.mark.slow
+def test_a_closed_standard_output_is_one_sentence_not_a_traceback_or_lost_output(seeded: Settings) -> None:
+    """Repro: with stdout closed (`lunatrain status >&-`, as some daemon wrappers leave it) `status`, `export`
+    and `examples list` ended in a traceback (`'NoneType' object has no attribute 'isatty'`), and `adapters
+    list` or `status --json` exited 0 with their output lost. Each says so in one sentence, exit 2, before
+    doing anything; the services, which log to stderr or their log file, still start."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {"ASSISTANT_HOME": str(seeded.home)}
+    before = snapshot(seeded.home)
+    for args in (["status"], ["status", "--json"], ["adapters", "list"], ["export"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "lunatrain", *args],
+            preexec_fn=lambda: os.close(1),  # noqa: PLW1509 - the shell's `>&-`: fd 1 closed at exec
+            env=env,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+        err = done.stderr.decode()
+        assert done.returncode == 2 and err.count("\n") == 1, (args, done.returncode, err)
+        assert err.startswith("error: Standard output is closed"), (args, err)
+    assert snapshot(seeded.home) == before
+
+
 def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro: ASSISTANT_API_TOKENS=secret (for ASSISTANT_API_TOKEN) left the API without a token and
     ASSISTANT_BASE_MDOEL trained the default model, without a word: unknown ASSISTANT_ names were ignored."""

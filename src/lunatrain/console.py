@@ -13,7 +13,20 @@ import sys
 INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 
 
+# The services log to stderr or their log file: they may run with stdout closed, as daemon wrappers leave it.
+_SERVICES = {"serve", "trainer"}
+
+
 def main() -> None:
+    if sys.stdout is None and not _SERVICES & set(sys.argv[1:2]):
+        # `>&-`: Python has no stdout at all. Every other command answers there, so its output would be lost
+        # (or it would end in a traceback at the first write): said before anything is done.
+        if sys.stderr is not None:
+            sys.stderr.write(
+                "error: Standard output is closed, so this command's output would be lost; run it with stdout "
+                "open (`> /dev/null` discards it).\n"
+            )
+        raise SystemExit(2)
     try:
         from .cli import main as cli_main
     except KeyboardInterrupt:
