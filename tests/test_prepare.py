@@ -655,3 +655,31 @@ def test_near_duplicates_in_another_split_are_named_first_and_counted():
         "(1 of them in another split than the sample it repeats: val/test partly measure memorisation)"
     )
     assert check.params == {"count": 2, "acrossSplits": 1}
+
+
+@pytest.mark.parametrize("env", [{"TERM": "dumb"}, {"NO_COLOR": "1"}])
+def test_show_marks_trained_tokens_on_a_terminal_that_cannot_colour_them(monkeypatch, capsys, env):
+    """Repro: `prepare --show` on a terminal with TERM=dumb (an editor's shell, some CI consoles) printed the
+    samples with no highlighting and without the [[…]] markers, so trained and context tokens looked the same;
+    under NO_COLOR they differed only by bold against bold and dim. Where the console cannot colour, the
+    trained pieces are marked [[…]] as in a pipe."""
+    from types import SimpleNamespace
+
+    from lunatrain.cli import prepare as prepare_cli
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(prepare_cli, "is_tty", lambda *_a: True)
+    sample = {
+        "id": "ex-1",
+        "tokens": 9,
+        "trainedTokens": 3,
+        "truncated": False,
+        "pieces": [
+            {"text": "<|im_start|>user\nHallo<|im_end|>\n<|im_start|>assistant\n", "trained": False},
+            {"text": "Hallo!<|im_end|>", "trained": True},
+        ],
+    }
+    prepare_cli.show_samples(SimpleNamespace(template={"terminator": {"text": "<|im_end|>"}}, samples=[sample]))
+    out = capsys.readouterr().out
+    assert "[[Hallo!<|im_end|>]]" in out and "\x1b[" not in out, out

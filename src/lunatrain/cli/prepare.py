@@ -69,6 +69,9 @@ def show_samples(report: PrepareReport) -> None:
         from rich.text import Text
 
         console = Console(highlight=False)
+        # A terminal that shows no colour (TERM=dumb, NO_COLOR) would show trained and context pieces alike:
+        # the [[…]] markers of a pipe then.
+        tty = console.color_system is not None and not console.no_color
     for sample in report.samples:
         dropped = sample.get("dropped") or 0  # a report written before the field counts none
         shortened = [f"its first {counted(dropped, 'message')} left out"] if dropped else []
