@@ -552,13 +552,13 @@ def test_every_pattern_of_the_api_and_the_trainer_has_its_rule_in_words(settings
 @pytest.mark.parametrize(
     ("method", "path", "body", "says"),
     [
-        ("post", f"{T}/lora/start", {"adapterName": "../x"}, "adapterName: should be letters, digits, '.', '_' or"),
+        ("post", f"{T}/lora/start", {"adapterName": "../x"}, "adapterName: should be ASCII letters (A-Z, a-z), digits"),
         ("post", f"{T}/lora/start", {"requestId": "a b"}, "requestId: should be 1-128 letters, digits"),
         ("post", f"{T}/lora/start", {"targetModules": ["q proj"]}, "should be module names of 1-64 letters"),
         ("post", f"{T}/lora/start", {"chatTemplate": "../t"}, "chatTemplate: should be a template name"),
-        ("post", f"{T}/adapters/a..b/activate", None, "name: should be letters, digits"),
+        ("post", f"{T}/adapters/a..b/activate", None, "name: should be ASCII letters (A-Z, a-z), digits"),
         ("get", f"{T}/lora/jobs/-x", None, "should be a job id"),
-        ("get", f"{T}/lora/defaults?profile=a..b", None, "profile: should be letters, digits"),
+        ("get", f"{T}/lora/defaults?profile=a..b", None, "profile: should be ASCII letters (A-Z, a-z), digits"),
         ("post", f"{T}/eval-gate", {"adapter": "a@@b"}, "adapter: should be an adapter name, optionally with @"),
     ],
 )
@@ -635,7 +635,11 @@ def test_path_parameters_are_named_as_the_docs_name_them(settings: Settings, pat
 def test_the_command_line_says_a_pattern_in_words(seeded: Settings) -> None:
     before = snapshot(seeded.home)
     line = one_sentence(run("lora", "--local", "--adapter-name", "../x"), 2)
-    assert "adapterName: should be letters, digits, '.', '_' or '-'" in line and "[A-Za-z" not in line, line
+    assert "adapterName: should be ASCII letters (A-Z, a-z), digits, '.', '_' or '-'" in line, line
+    assert "[A-Za-z" not in line, line
+    # Repro: `Bär` was refused as not "letters", though ä is one: the rule says which letters
+    line = one_sentence(run("lora", "--local", "--adapter-name", "Bär"), 2)
+    assert "should be ASCII letters (A-Z, a-z)" in line, line
     assert snapshot(seeded.home) == before
 
 

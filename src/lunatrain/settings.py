@@ -28,7 +28,7 @@ from .errors import UsageError, pattern
 NAME_MAX = 64
 NAME_PATTERN = pattern(
     r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$",
-    "should be letters, digits, '.', '_' or '-', starting with a letter or digit and without '..'",
+    "should be ASCII letters (A-Z, a-z), digits, '.', '_' or '-', starting with a letter or digit and without '..'",
 )
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -37,7 +37,7 @@ def check_name(value: str, what: str = "name") -> str:
     """Return `value` if it is a safe name, else raise a UsageError naming the rule."""
     if not isinstance(value, str) or len(value) > NAME_MAX or not _NAME_RE.match(value):
         raise UsageError(
-            f"Invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            f"Invalid {what} {value!r}: use 1-64 ASCII letters (A-Z, a-z), digits, '.', '_' or '-', starting with a letter or digit "
             "and without '..'."
         )
     return value
