@@ -137,6 +137,13 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     assert report["kernels"] == (
         on_gpu if torch.cuda.is_available() else {"attention": "varlen-sdpa", "dropout": "fast16"}
     )
+    # Repro: README.md was PEFT's empty model card ("[More Information Needed]" in every section); it is
+    # the version's own card now: what it is, what it was trained on, how it scored, how to load it.
+    card = (result.path / "README.md").read_text()
+    assert "[More Information Needed]" not in card, card
+    assert card.startswith("---\nbase_model: luna-tiny\nlibrary_name: peft\n"), card
+    assert "# luna-adapter@v1" in card and report["dataset"]["fingerprint"][:12] in card, card
+    assert f"{m['valLoss']:.4f}" in card and f"{m['baseValLoss']:.4f}" in card, card
     hashes = (result.path / "train-hashes.txt").read_text().split()
     assert len(hashes) == report["dataset"]["trainSamples"]
     assert json.loads(registry.latest_report_path(settings).read_text())["version"] == "v1"

@@ -857,6 +857,34 @@ def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
     return {"method": "bitsandbytes", "bits": 8, "type": "llm.int8", "computeDtype": compute}
 
 
+def model_card(report: dict[str, Any]) -> str:
+    """The version's README.md: what it is, what it was trained on, how it scored, how to load it (PEFT
+    writes a card of empty sections). The front matter is the Hub's, as PEFT's card had it."""
+    p, m, d, base = report["params"], report["metrics"], report["dataset"], report["baseModel"]
+
+    def loss(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, int | float) else "-"
+
+    return (
+        f"---\nbase_model: {base['id']}\nlibrary_name: peft\ntags:\n- lora\n- lunatrain\n---\n\n"
+        f"# {report['adapterName']}@{report['version']}\n\n"
+        f"A LoRA adapter for `{base['id']}`, trained by lunatrain on {report['created']}"
+        + (f" (job {report['jobId']})" if report.get("jobId") else "")
+        + ".\n\n| | |\n|---|---|\n"
+        f"| data | tier {d['tier']}, {d['trainSamples']} train and {d['valSamples']} val samples, "
+        f"fingerprint {d['fingerprint'][:12]} |\n"
+        f"| schedule | {p['epochs']} epochs, {m['steps']} steps, learning rate {p['learningRate']}, batch "
+        f"{p['batchSize']} x {p['gradientAccumulation']}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
+        f"{p['maxSeqLength']}, seed {p['seed']} |\n"
+        f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n\n"
+        "Everything about the run is in `training-report.json`, its loss curve in `loss-curve.png`, the trained "
+        "samples' hashes in `train-hashes.txt`. The tokenizer here carries the chat template it was trained with.\n\n"
+        "Load it with PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`, "
+        "or serve it with `lunatrain serve` once active (`lunatrain adapters activate "
+        f"{report['adapterName']}@{report['version']}`); `lunatrain merge` makes a standalone model of it.\n"
+    )
+
+
 def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, stage: bool = False) -> TrainResult:
     """Write the adapter and its provenance into the work dir, then publish it (version + registry)."""
     from .progress import plot_loss_curve
@@ -906,6 +934,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
             version=final["version"], revision=final.get("revision"), path=final["path"], created=final["created"]
         )
         atomic_write_bytes(out / registry.REPORT_FILE, dumps_json(report).encode())
+        atomic_write_bytes(out / "README.md", model_card(report).encode())  # in place of PEFT's empty card
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report, stage=stage)
     registry.write_latest(run.settings, report)
