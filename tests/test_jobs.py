@@ -441,3 +441,25 @@ def test_a_job_refused_for_its_data_carries_the_values_its_message_names(setting
     failed = store.set_status(job.id, "failed", error=error)
     assert store.get(job.id).error.params == error["params"] == failed.error.params
     assert failed.wire()["error"]["params"]["examples"] == [str(typed["id"])]
+
+
+def test_the_trainer_log_names_what_retention_removed(settings, store, caplog):
+    """Repro: after a job the trainer's log said only "retention removed 2 item(s)": which files went (an
+    export a user still wanted, a run's checkpoints) could not be told afterwards. Each item is named."""
+    import logging
+
+    from lunatrain import export as ex
+    from lunatrain import store as example_store
+    from lunatrain.formats import make_draft
+    from lunatrain.service.runner import Runner
+
+    for i in range(settings.retain_exports + 1):
+        example_store.add_examples(settings, [make_draft(prompt=f"Frage {i}?", response="Antwort.")])
+        ex.export(settings)
+    stale = settings.cache_dir / "tokens" / "curated-old.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\0" * 16)
+    with caplog.at_level(logging.INFO, logger="lunatrain.trainer"):
+        Runner(settings, store)._collect()
+    said = [r.getMessage() for r in caplog.records if r.name == "lunatrain.trainer"]
+    assert any("retention removed token-cache data/cache/tokens/curated-old.safetensors" in m for m in said), said

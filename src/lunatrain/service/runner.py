@@ -323,8 +323,8 @@ class Runner:
         except LunaError as err:
             log.warning("retention skipped: %s", err.message)
             return
-        if report.items:
-            log.info("retention removed %d item(s)", len(report.items))
+        for item in report.items:  # named, so that what went can be told afterwards
+            log.info("retention removed %s %s (%s)", item.kind, item.path, item.reason)
         for problem in report.problems:
             log.warning("retention: %s", problem)
 
