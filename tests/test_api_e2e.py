@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,3 +194,9 @@ def test_with_ensure_off_and_no_trainer_start_is_503_and_health_offline(home: Pa
         examples = api.client.get("/assistant/training/examples").json()
         assert examples["count"] == 0
         assert not (home / "reports" / "training" / "trainer.pid").exists()
+    # Repro: the API's request log lines carried no time at all (`INFO:     127.0.0.1:… - "GET …" 200`); they
+    # are stamped in UTC with Z as the trainer's log and every record are.
+    requests = [line for line in api.log.read_text().splitlines() if '"GET /assistant/training/examples' in line]
+    assert requests, api.log.read_text()
+    for line in requests:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO ", line), line

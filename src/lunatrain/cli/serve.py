@@ -5,10 +5,14 @@ Port 0 asks the OS for a free port; the address served is recorded in data/api/a
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import typer
 
 from ..errors import LunaError, UsageError
 from ..startup import collector_paused
+from ..wire import UtcLogFormatter
 from .app import app, fail
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
@@ -56,7 +60,21 @@ def serve(
         sock.close()
         raise fail(err) from None
     typer.echo(f"assistant API for {settings.home} on {address}", err=True)
+    # uvicorn's own lines (requests among them) stamped as the trainer's log and every record are (UTC, Z):
+    # its default format has no time at all. log_config=None: its loggers propagate to this handler, at the
+    # levels --log-level gives them; the project's own loggers speak from warnings up, as before.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(UtcLogFormatter())
+    verbose = log_level in ("debug", "trace")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
     listen.serve(
-        api, sock, settings.api_url_file, previous, log_level=log_level, proxy_headers=False, server_header=False
+        api,
+        sock,
+        settings.api_url_file,
+        previous,
+        log_level=log_level,
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
     )
