@@ -5,6 +5,7 @@ Run: `.venv/bin/python -m pytest tests/test_api.py -q`
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,12 @@ def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
     ex = r.json()
     assert ex["status"] == "approved" and ex["source"] == "curated" and ex["tags"] == ["persona"]
     assert {"conversationId", "createdAt", "updatedAt"} <= set(ex)  # camelCase on the wire
+    # Repro: examples and memory items said `2026-12-05T17:01:23.067703+00:00`, every job, event and report
+    # `2026-12-05T17:02:12.540Z`: one format everywhere (UTC, milliseconds, Z), so stamps compare as text.
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(stamp, ex["createdAt"]) and re.fullmatch(stamp, ex["updatedAt"]), ex
+    item = client.post(f"{T}/memory", json={"question": "Wie heißt mein Hund?", "answer": "Bruno."}).json()
+    assert re.fullmatch(stamp, item["createdAt"]), item
 
     dup = client.post(f"{T}/examples", json={"prompt": "Wie heißt du?", "response": "Ich bin Luna."})
     assert dup.status_code == 409 and dup.json()["error"]["code"] == "conflict"

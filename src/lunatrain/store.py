@@ -45,7 +45,7 @@ from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Statu
 from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
-from .wire import utc_now
+from .wire import iso, utc_now
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes
@@ -84,7 +84,7 @@ class _Record:
             if isinstance(value, tuple):
                 out[name] = [dict(v) if isinstance(v, dict) else v for v in value]
             elif isinstance(value, datetime):
-                out[name] = value.isoformat()
+                out[name] = iso(value)  # as every job, event and report says a time
         return out
 
 
