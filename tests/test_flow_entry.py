@@ -283,6 +283,55 @@ def test_ctrl_c_before_the_first_epoch_ends_says_there_is_no_checkpoint_to_resum
     assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_a_closed_terminal_stops_a_local_run_as_ctrl_c_does(settings, tiny, monkeypatch, sig):
+    """Repro: SIGTERM (a `kill`, a service manager) or SIGHUP (the terminal closed) during `lora --local` ended
+    the process at once, with exit 143/129 and not a word: no report, `status` naming an older run, nothing
+    about the checkpoint a --resume continues from. Both now stop the loop after its step, as Ctrl-C does:
+    the run is recorded as cancelled, one sentence names the signal, and the exit status is the signal's."""
+    from lunatrain.cli import flow as cli_flow
+
+    write_export(settings, make_records(40))
+    enter = cli_flow._CtrlC.__enter__
+
+    def signalled_at_once(self):  # a real signal, to the handler the command installs
+        entered = enter(self)
+        os.kill(os.getpid(), sig)
+        return entered
+
+    monkeypatch.setattr(cli_flow._CtrlC, "__enter__", signalled_at_once)
+    before = signal.getsignal(sig)
+    if before is signal.SIG_IGN:  # this suite runs under nohup: the command leaves an ignored signal ignored
+        monkeypatch.setattr(
+            signal, "getsignal", lambda s, real=signal.getsignal: signal.SIG_DFL if s == sig else real(s)
+        )
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated", "0"])
+    assert r.exit_code == 128 + sig, r.output
+    name = signal.Signals(sig).name
+    assert r.output.strip().splitlines()[-1] == (
+        f"error: Interrupted ({name}): training stopped at step 0 of 2, before its first epoch ended, and is "
+        "recorded as cancelled; no checkpoint was saved, so running the command again starts over."
+    ), r.output
+    assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
+    monkeypatch.undo()
+    assert signal.getsignal(sig) == before  # the command's handler is gone again
+
+
+def test_a_signal_ignored_when_a_local_run_starts_stays_ignored(monkeypatch):
+    """`nohup lunatrain lora --local …` must train on when its terminal closes: the stop handler leaves an
+    ignored SIGHUP (or SIGTERM) ignored. Ctrl-C it takes in any case, as it did before it took the others."""
+    from lunatrain.cli.flow import _CtrlC
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _CtrlC() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) == stop._press
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_ctrl_c_during_the_gate_of_a_local_run_names_the_ungated_version_and_what_to_do(settings, tiny, monkeypatch):
     """Repro: Ctrl-C while `lora --local` gated its new version ended with "Interrupted (Ctrl-C) before the
     command finished": nothing said that the version was trained and registered but not gated (so not

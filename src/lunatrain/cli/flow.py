@@ -77,26 +77,43 @@ def _absolute_dir(params: LoraParams) -> LoraParams:
 class _CtrlC:
     """While training in this process: the first Ctrl-C asks the loop to stop after the step it is in (as a
     cancel does: the run is recorded, its epoch checkpoints stay for --resume); a second one interrupts at
-    once. Under torchrun every rank gets the signal and the ranks agree on the step to stop at."""
+    once. SIGTERM (a `kill`, a service manager) and SIGHUP (the terminal closed) stop it the same way, the
+    command then ending with their status (143, 129). Under torchrun every rank gets the signal and the ranks
+    agree on the step to stop at."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.pressed = False
-        self._previous: Any = None
+        self.signum = signal.SIGINT
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _CtrlC:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.signal(signal.SIGINT, self._press)
+            # SIGHUP or SIGTERM ignored when the command started stays ignored: `nohup lunatrain lora --local`
+            # must train on when its terminal closes. Ctrl-C is always taken (as Python's own handler would
+            # not be where a script started the command in the background): it reaches only a foreground job.
+            for sig in self.SIGNALS:
+                if sig == signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._press)
         return self
 
-    def _press(self, _signum: int, _frame: Any) -> None:
-        self.pressed = True
-        self.restore()  # the next Ctrl-C is Python's KeyboardInterrupt
-        typer.echo("\nCtrl-C: stopping after this step (press it again to quit at once).", err=True)
+    def _press(self, signum: int, _frame: Any) -> None:
+        self.pressed, self.signum = True, signal.Signals(signum)
+        self.restore()  # the next one acts at once: Python's KeyboardInterrupt, the default end for the others
+        said = "Ctrl-C" if signum == signal.SIGINT else self.signum.name
+        again = " (press it again to quit at once)" if signum == signal.SIGINT else ""
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            typer.echo(f"\n{said}: stopping after this step{again}.", err=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)  # 130 for Ctrl-C: the shell's status for a command ended by that signal
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def __exit__(self, *_exc: object) -> None:
         self.restore()
@@ -147,21 +164,23 @@ def local_lora(
     if ctrl_c.pressed and outcome["status"] == "cancelled":
         said_interrupted()
         if main:
-            typer.echo(f"error: {_training_interrupted(outcome['error'])}", err=True)
-        raise typer.Exit(130)
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone; the report says it all
+                typer.echo(f"error: {_training_interrupted(outcome['error'], ctrl_c.signum)}", err=True)
+        raise typer.Exit(ctrl_c.exit_code)
     return outcome
 
 
-def _training_interrupted(error: dict[str, Any]) -> str:
+def _training_interrupted(error: dict[str, Any], signum: int = signal.SIGINT) -> str:
     where = error["message"].removeprefix("cancelled at ")
+    by = "Interrupted" if signum == signal.SIGINT else f"Interrupted ({signal.Signals(signum).name})"
     if (error.get("params") or {}).get("epochsDone"):
         return (
-            f"Interrupted: training stopped at {where} and is recorded as cancelled; run the same command with "
+            f"{by}: training stopped at {where} and is recorded as cancelled; run the same command with "
             "--resume to continue from the last epoch checkpoint."
         )
     # a checkpoint is saved at the end of an epoch: --resume would start over as well
     return (
-        f"Interrupted: training stopped at {where}, before its first epoch ended, and is recorded as cancelled; no "
+        f"{by}: training stopped at {where}, before its first epoch ended, and is recorded as cancelled; no "
         "checkpoint was saved, so running the command again starts over."
     )
 
