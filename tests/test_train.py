@@ -574,6 +574,26 @@ def test_plain_progress_lines_for_logs():
     ]
 
 
+def test_the_progress_bar_on_a_terminal_draws_before_the_first_step():
+    """Repro: `lora --local` and `luna --local` on a real terminal crashed at once (TypeError: unsupported
+    format string passed to NoneType.__format__): the bar's `step {completed}/{total}` column was drawn while
+    the total was still unknown (None, until the first step). It draws `step 0/?` until then."""
+    import io
+
+    from lunatrain.progress import ProgressDisplay
+
+    out = io.StringIO()
+    with ProgressDisplay(tty=True, stream=out) as display:
+        display._progress.refresh()  # what rich's refresh thread does on a terminal within its first 0.1 s
+        display.on_event({"type": "log", "message": "training 40 samples, 2 steps on cpu"})
+        display.on_event(
+            {"type": "progress", "step": 1, "totalSteps": 2, "epoch": 1, "epochs": 1, "percent": 50.0, "loss": 7.5}
+        )
+        display._progress.refresh()
+    shown = out.getvalue()
+    assert "step 1/2" in shown and "loss 7.5000" in shown, shown
+
+
 def test_a_job_followed_from_the_trainer_reads_like_a_local_run():
     """Repro: `lunatrain lora` (following the trainer's job) printed "tok/s 1.155e+04", "log epoch 1 done: val
     loss 8.418889999389648, …" and "trained adapter={'name': 't1', …} metrics={…}" (Python reprs), where a

@@ -83,7 +83,9 @@ class ProgressDisplay:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
-                TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                # a field, not `{task.total:.0f}`: the total is unknown (None) until the first step, and rich
+                # draws the bar before that
+                TextColumn("step {task.fields[steps]}"),
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[tps]} tok/s"),
                 TextColumn("ETA"),
@@ -92,7 +94,7 @@ class ProgressDisplay:
                 transient=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task("training", total=None, loss="-", tps="-")
+            self._task = self._progress.add_task("training", total=None, steps="0/?", loss="-", tps="-")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,6 +109,7 @@ class ProgressDisplay:
                     total=event["totalSteps"],
                     completed=event["step"],
                     description=f"epoch {event['epoch']}/{event.get('epochs', '?')}",
+                    steps=f"{event['step']}/{event['totalSteps']}",
                     loss=f"{event['loss']:.4f}",
                     tps=f"{event.get('tokensPerSec') or 0:,.0f}",
                 )
