@@ -611,3 +611,35 @@ def test_a_file_saved_over_its_link_is_refused_by_the_run_and_kept_aside_by_the_
     [kept] = response.json()["keptAside"]
     assert kept["name"] == ex.SUMMARY_FILE and kept["keptAs"].startswith("assistant-sft-summary.edited-"), kept
     assert (settings.training_dir / kept["keptAs"]).read_text() == "{}"
+
+    # so do the exports a quick start and an example adapter make before their job (the job's submit here
+    # is a record of the job store: no trainer is needed to see the answer's shape)
+    from lunatrain import flow
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        job, _ = jobs.create(LoraParams())
+
+        def quick_start(settings_, *_a, **_k):
+            return job, ex.export(settings_)
+
+        def example_adapter(settings_, *_a, **_k):
+            return job, None, ex.export(settings_)
+
+        for route, fake in (("quick-start", quick_start), ("example-adapter", example_adapter)):
+            summary_file.unlink()
+            summary_file.write_text("[]")
+            monkey = pytest.MonkeyPatch()
+            monkey.setattr(flow, route.replace("-", "_"), fake)
+            try:
+                with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+                    response = client.post(f"/assistant/training/lora/{route}")
+            finally:
+                monkey.undo()
+            assert response.status_code == 202, response.text
+            [kept] = response.json()["export"]["keptAside"]
+            assert (settings.training_dir / kept["keptAs"]).read_text() == "[]", (route, kept)
+    finally:
+        jobs.close()

@@ -137,6 +137,11 @@ class ExportSummary:
     # (name, the name it is kept as), both relative to data/training; not part of the summary file
     kept_aside: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
+    def answer(self) -> dict[str, Any]:
+        """What an export answers (POST /export, the export a quick start or an example adapter makes): the
+        summary and the files it kept aside."""
+        return self.to_dict() | {"kept_aside": [{"name": n, "kept_as": a} for n, a in self.kept_aside]}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SUMMARY_FORMAT,

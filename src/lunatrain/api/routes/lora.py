@@ -109,7 +109,7 @@ async def quick_start(settings: SettingsDep, body: Annotated[QuickStartRequest |
     if "baseModel" in overrides:
         overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
     job, summary = await run_in_threadpool(flow.quick_start, settings, body.profile, overrides, body.request_id)
-    return JobAccepted(job_id=job.id, job=job, export=camel(summary.to_dict()) if summary else None)
+    return JobAccepted(job_id=job.id, job=job, export=camel(summary.answer()) if summary else None)
 
 
 @router.post("/example-adapter", status_code=202, response_model=JobAccepted, responses=errors(409, 503))
@@ -119,7 +119,7 @@ async def example_adapter(
     """Train an example adapter on the bundled dataset: seeded into an empty store, exported, submitted."""
     body = body or ExampleAdapterRequest()
     job, seeded, summary = await run_in_threadpool(flow.example_adapter, settings, body.adapter_name, body.request_id)
-    return JobAccepted(job_id=job.id, job=job, seeded=seeded, export=camel(summary.to_dict()) if summary else None)
+    return JobAccepted(job_id=job.id, job=job, seeded=seeded, export=camel(summary.answer()) if summary else None)
 
 
 @router.get("/status", response_model=Job, responses=errors(404, 503))

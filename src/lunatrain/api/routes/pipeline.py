@@ -26,8 +26,7 @@ async def export(settings: SettingsDep, body: Annotated[ExportRequest | None, Bo
     summary = await run_in_threadpool(
         export_stage.export, settings, val_ratio=body.val_ratio, test_ratio=body.test_ratio
     )
-    kept = [{"name": name, "kept_as": aside} for name, aside in summary.kept_aside]  # files saved over links
-    return Report.model_validate(camel(summary.to_dict() | {"kept_aside": kept}))
+    return Report.model_validate(camel(summary.answer()))
 
 
 @router.post("/prepare", response_model=Report, responses=errors(404, 503))
