@@ -86,7 +86,7 @@ def test_a_job_forked_during_a_shutdown_is_stopped_and_settled_as_interrupted(se
     )
     try:
         job_id = start_one(settings, store, ShutdownDuringSpawn(child), resume=resume)
-        assert child.wait(timeout=30) == -signal.SIGTERM  # stopped by the runner, as a shutdown stops a job
+        assert child.wait(timeout=30) == -signal.SIGUSR1  # stopped by the runner, as a shutdown stops a job
         job = store.get(job_id)
         if resume:  # requeued for the next trainer, which resumes it
             assert job.status == "queued", job

@@ -127,6 +127,27 @@ def test_switched_off_it_only_reports_the_device(root: Path) -> None:
         assert warm.spawn(job_argv("job-off"), log) is None
 
 
+def test_a_job_stopped_by_its_trainers_shutdown_reports_interrupted_not_cancelled(root: Path, warm: WarmWorker) -> None:
+    """Repro: a trainer stopped in order (SIGTERM to it, as a service manager does) stopped its running job
+    as a cancel does: the job's log and lora-latest.json said "cancelled" while the job record said failed
+    (interrupted). The runner's shutdown signal (runner.SHUTDOWN_SIGNAL) is no cancel: the run reports
+    interrupted, naming why."""
+    from lunatrain.service.runner import SHUTDOWN_SIGNAL
+
+    with open(root / "shutdown.log", "ab") as log:
+        job = warm.spawn(job_argv("job-shutdown", adapterName="shutdown", epochs=50, maxSteps=None), log)
+    assert job is not None
+    next(line for line in job.stdout if b'"progress"' in line)
+    os.killpg(job.pid, SHUTDOWN_SIGNAL)
+    result = lines(job.stdout)[-1]
+    assert result["type"] == "result" and result["status"] == "failed", result
+    assert result["error"]["code"] == "interrupted" and "the trainer is stopping" in result["error"]["message"]
+    job.wait()
+    report = json.loads((root / "reports" / "training" / "lora-latest.json").read_text())
+    assert (report["status"], report["error"]["code"]) == ("failed", "interrupted"), report
+    assert "training cancelled" not in (root / "shutdown.log").read_text()
+
+
 def test_a_job_whose_warm_worker_dies_stops_and_is_reported_killed(root: Path, warm: WarmWorker) -> None:
     """The warm worker killed mid-job (say, by the OOM killer): the job sees its parent gone and stops
     without registering anything, and the trainer's wait ends with SIGKILL instead of hanging."""

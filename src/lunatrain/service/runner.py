@@ -30,6 +30,10 @@ from .warm import Forked, WarmWorker
 
 log = logging.getLogger("lunatrain.trainer")
 
+# A trainer that stops tells its job so with SIGUSR1, a cancel with SIGTERM: the worker records the one as
+# interrupted (to be resumed or submitted again), the other as cancelled. Not SIGHUP, which a trainer started
+# under nohup hands its children ignored. torchrun's agent ends on SIGUSR1 and takes its ranks with it.
+SHUTDOWN_SIGNAL = signal.SIGUSR1
 CANCEL_GRACE_S = 15.0  # SIGTERM -> SIGKILL: the engine stops at the next step, a step rarely takes longer
 _MAX_LINE = 1 << 20  # an event line longer than this is a broken child, not an event
 
@@ -89,7 +93,7 @@ class Runner:
         with self._lock:
             proc = self._proc
         if proc is not None:
-            self._terminate(proc)
+            self._terminate(proc, SHUTDOWN_SIGNAL)
         self._thread.join(timeout=self.cancel_grace + 10)
         if self.warm is not None:
             self.warm.close()
@@ -106,12 +110,19 @@ class Runner:
         if proc is not None:
             self._terminate(proc)
 
-    def _terminate(self, proc: Forked | subprocess.Popen[bytes]) -> None:
-        signal_group(proc.pid, signal.SIGTERM)
+    def _terminate(self, proc: Forked | subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        """Ask the job's process group to stop at its next step (SIGTERM: a cancel; SHUTDOWN_SIGNAL: this
+        trainer is stopping, which the run records as interrupted), then SIGKILL after the grace."""
+        signal_group(proc.pid, sig)
 
         def kill_late() -> None:
             if proc.poll() is None:
-                log.warning("child %s ignored SIGTERM for %.0fs; killing its group", proc.pid, self.cancel_grace)
+                log.warning(
+                    "child %s ignored %s for %.0fs; killing its group",
+                    proc.pid,
+                    signal.Signals(sig).name,
+                    self.cancel_grace,
+                )
                 signal_group(proc.pid, signal.SIGKILL)
 
         timer = threading.Timer(self.cancel_grace, kill_late)
@@ -205,7 +216,7 @@ class Runner:
             with self._lock:
                 self._proc, self._job_id = proc, job.id
             if self._stopping.is_set():  # stop() ran while the process was starting: it saw no _proc
-                self._terminate(proc)
+                self._terminate(proc, SHUTDOWN_SIGNAL)
         except OSError as exc:
             self.store.set_status(job.id, "failed", error={"code": "child_start_failed", "message": str(exc)})
             return

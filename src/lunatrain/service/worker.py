@@ -142,6 +142,7 @@ def run(
     channel: Channel,
     stop: threading.Event,
     gate_thresholds: dict[str, Any] | None = None,
+    shutdown: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run the job and return the result event (never raises for a failure of the run itself; bad settings
     or parameters raise, before anything heavy is imported)."""
@@ -173,6 +174,8 @@ def run(
         # stops is said (train.py: a sentence is no cancel): the restarted trainer settles the job interrupted.
         if os.getppid() != parent or channel.broken:
             return "the trainer process is gone"
+        if shutdown is not None and shutdown.is_set():
+            return "the trainer is stopping"
         return stop.is_set()
 
     def on_trained(outcome: dict[str, Any]) -> None:
@@ -259,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _silence_stdout()
         channel = Channel(None)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop, shutdown = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a cancel
+
+    def trainer_stopping(*_: object) -> None:  # runner.SHUTDOWN_SIGNAL: not a cancel, the run is interrupted
+        shutdown.set()
+        stop.set()
+
+    signal.signal(signal.SIGUSR1, trainer_stopping)
     parent = os.getppid()
     if world.active:
         die_with_parent()
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}", **started})
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
-        result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds)
+        result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds, shutdown)
     except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
         log_failure(exc)
         result = _failed_by(exc)
