@@ -191,3 +191,24 @@ def test_a_base_model_with_damaged_weights_is_a_storage_error_not_a_bad_request(
     assert damaged.value.code == "storage_error", damaged.value.code
     message = damaged.value.message
     assert message.startswith("Base model ") and "model.safetensors" in message and "damaged" in message, message
+
+
+def test_prepare_on_a_base_model_with_damaged_weights_is_one_sentence(settings):
+    """Repro: `prepare` on a base whose model.safetensors was cut short ended in a raw SafetensorError
+    traceback (POST /prepare: 500 internal): its time estimate reads the weights' headers itself. It says the
+    sentence a run says (storage_error)."""
+    import shutil
+
+    from lunatrain import prepare
+    from lunatrain.errors import DamagedFile
+    from lunatrain.params import parse_params
+
+    from helpers import write_export
+
+    write_export(settings)
+    copy = settings.models_dir / "cut-base"
+    shutil.copytree(models.resolve_base(None, settings).path, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DamagedFile, match=r"^Base model .*model\.safetensors in .* is damaged"):
+        prepare.prepare(settings, parse_params({"baseModel": str(copy), "maxSeqLength": 128}))

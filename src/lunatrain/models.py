@@ -464,6 +464,16 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
     return tok
 
 
+def damaged_weights(info: BaseModelInfo, exc: BaseException) -> DamagedFile:
+    """The one sentence for a base model whose weight files cannot be read (storage_error, not the request's
+    fault), naming them and the fix."""
+    files = ", ".join(sorted(p.name for p in Path(info.path).glob("*.safetensors"))) or "its weights"
+    return DamagedFile(
+        f"Base model {info.id!r} could not be loaded: {files} in {info.path} is damaged ({exc}); "
+        "copy or download the model again."
+    )
+
+
 def _damaged_weights(exc: BaseException) -> bool:
     """Whether loading failed on the weight files themselves (safetensors could not read one), anywhere in
     the exception's chain (transformers may wrap it)."""
@@ -511,11 +521,7 @@ def load_model(
         raise
     except Exception as exc:
         if _damaged_weights(exc):  # the request was right; the files are not (a copy cut short, a full disk)
-            files = ", ".join(sorted(p.name for p in Path(info.path).glob("*.safetensors"))) or "its weights"
-            raise DamagedFile(
-                f"Base model {info.id!r} could not be loaded: {files} in {info.path} is damaged ({exc}); "
-                "copy or download the model again."
-            ) from exc
+            raise damaged_weights(info, exc) from exc
         raise UsageError(f"Base model {info.id!r} could not be loaded: {exc}") from exc
     if quantize == "none":
         return model.to(device)

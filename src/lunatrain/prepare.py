@@ -977,21 +977,28 @@ def _measured_speed(settings: Settings, base_fingerprint: str, device: str) -> f
     return None
 
 
-def _param_count(path: str) -> int:
-    from safetensors import safe_open
+def _param_count(info: Any) -> int:
+    """The base model's parameters, from its safetensors headers; a file that cannot be read is the base's
+    damage, said as a run would say it (models.damaged_weights), never a traceback."""
+    from safetensors import SafetensorError, safe_open
 
     total = 0
-    for w in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(w), framework="pt") as fh:
-            for k in fh.keys():
-                total += math.prod(fh.get_slice(k).get_shape())
+    try:
+        for w in sorted(Path(info.path).glob("*.safetensors")):
+            with safe_open(str(w), framework="pt") as fh:
+                for k in fh.keys():
+                    total += math.prod(fh.get_slice(k).get_shape())
+    except (SafetensorError, OSError) as exc:
+        from . import models
+
+        raise models.damaged_weights(info, exc) from exc
     return total
 
 
 def _flops_speed(info: Any, device: str) -> float:
     import torch
 
-    n = max(_param_count(info.path), 1)
+    n = max(_param_count(info), 1)
     if device == "cuda":
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
         flops = _FLOPS["cuda_hopper"] if re.search(r"H100|H200|H800|GH200", name) else _FLOPS["cuda"]
