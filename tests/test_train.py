@@ -265,6 +265,26 @@ def test_a_run_stopped_because_its_trainer_is_gone_says_interrupted_not_cancelle
     assert said and said[-1].startswith("training failed: Stopped at step 1"), said
 
 
+def test_a_run_quit_at_once_is_recorded_before_the_interrupt_goes_on(settings):
+    """Repro: a second Ctrl-C ("quit at once") during `lora --local` left no trace of the run: lora-latest.json
+    and `status` still described an older one, though its epoch checkpoints stayed for --resume. The run is
+    recorded as cancelled (with where it stopped) before the interrupt ends the command."""
+    write_export(settings, make_records(16, val_every=5))
+    seen: list[dict] = []
+
+    def quit_at_once():
+        if any(e["type"] == "progress" for e in seen):
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        run_lora(_params(), settings, on_event=seen.append, should_stop=quit_at_once)
+    report = json.loads(registry.latest_report_path(settings).read_text())
+    assert report["status"] == "cancelled" and report["error"]["code"] == "cancelled", report
+    assert report["error"]["message"].startswith("interrupted at step 1 of "), report["error"]
+    assert not registry.list_adapters(settings)
+
+
 def test_train_hashes_name_only_the_samples_the_steps_took(settings):
     """Repro: a run cut short by maxSteps listed every train sample in train-hashes.txt, so deleting an
     example it never saw marked it "retrain needed"."""

@@ -208,6 +208,17 @@ def _run_lora(
     except Stop as stop:
         status, error = stop.status, {"code": stop.code, "message": stop.message}
         error |= {"params": stop.params} if stop.params else {}
+    except KeyboardInterrupt:
+        # Quit at once (a second Ctrl-C): no step is finished, but the run is recorded as cancelled before the
+        # interrupt goes on, so the report and `status` do not describe an older run; the checkpoints stay.
+        if world.main:
+            where = {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch}
+            error = {"code": "cancelled", "message": f"interrupted at step {run.step} of {run.total_steps}"}
+            report = build_report(run, Status.CANCELLED, error | {"params": where}, started, job_id)
+            with contextlib.suppress(OSError):
+                atomic_write_json(run.work_dir / registry.REPORT_FILE, report)
+                registry.write_latest(run.settings, report)
+        raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, failure(exc, "error")
     report = build_report(run, status, error, started, job_id)
