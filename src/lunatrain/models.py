@@ -474,7 +474,7 @@ def damaged_weights(info: BaseModelInfo, exc: BaseException) -> DamagedFile:
     )
 
 
-def _damaged_weights(exc: BaseException) -> bool:
+def _unreadable_weights(exc: BaseException) -> bool:
     """Whether loading failed on the weight files themselves (safetensors could not read one), anywhere in
     the exception's chain (transformers may wrap it)."""
     from safetensors import SafetensorError
@@ -520,7 +520,7 @@ def load_model(
     except UsageError:
         raise
     except Exception as exc:
-        if _damaged_weights(exc):  # the request was right; the files are not (a copy cut short, a full disk)
+        if _unreadable_weights(exc):  # the request was right; the files are not (a copy cut short, a full disk)
             raise damaged_weights(info, exc) from exc
         raise UsageError(f"Base model {info.id!r} could not be loaded: {exc}") from exc
     if quantize == "none":

@@ -212,12 +212,10 @@ def _run_lora(
         # Quit at once (a second Ctrl-C): no step is finished, but the run is recorded as cancelled before the
         # interrupt goes on, so the report and `status` do not describe an older run; the checkpoints stay.
         if world.main:
-            where = {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch}
-            error = {"code": "cancelled", "message": f"interrupted at step {run.step} of {run.total_steps}"}
-            report = build_report(run, Status.CANCELLED, error | {"params": where}, started, job_id)
+            message = f"interrupted at step {run.step} of {run.total_steps}"
+            error = {"code": "cancelled", "message": message, "params": _stopped_at(run)}
             with contextlib.suppress(OSError):
-                atomic_write_json(run.work_dir / registry.REPORT_FILE, report)
-                registry.write_latest(run.settings, report)
+                _record(run, build_report(run, Status.CANCELLED, error, started, job_id))
         raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, failure(exc, "error")
@@ -277,9 +275,20 @@ def conclude(
             **coded("log.training_ended", status=status.value, message=error["message"] if error else ""),
         }
     )
+    _record(run, report)
+    return TrainResult(status, run.params.adapter_name, report=report, error=error)
+
+
+def _record(run: Run, report: dict[str, Any]) -> None:
+    """A run that published nothing: its report in its work dir and as the latest report."""
     atomic_write_json(run.work_dir / registry.REPORT_FILE, report)
     registry.write_latest(run.settings, report)
-    return TrainResult(status, run.params.adapter_name, report=report, error=error)
+
+
+def _stopped_at(run: Run) -> dict[str, int]:
+    """Where a stopped run stands; epochsDone: whether an epoch checkpoint (this run's, or the one it resumed
+    from) is there for a resume."""
+    return {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch}
 
 
 # --- validation and setup -------------------------------------------------------------------------
@@ -633,8 +642,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 world, [sum(b.n_supervised for b in batches), float(bool(reason))], run.device
             )
             if stopping:
-                # epochsDone: whether an epoch checkpoint (this run's, or the one it resumed from) is there
-                where = {"step": run.step, "totalSteps": run.total_steps, "epochsDone": run.epoch}
+                where = _stopped_at(run)
                 if isinstance(reason, str):
                     raise Stop(
                         Status.FAILED,
