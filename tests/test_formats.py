@@ -227,10 +227,17 @@ _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_si
 @given(prompt=_text, response=_text, pad=st.sampled_from(["", " ", "\n", "\t "]))
 def test_hash_ignores_unicode_form_and_surrounding_whitespace(prompt: str, response: str, pad: str) -> None:
     nfc = content_hash(None, (), prompt, response)
+    # Before a text of several lines only whole blank lines are surrounding: its first line keeps its indent.
+    lead = pad if "\n" not in prompt.strip() else pad + "\n" if pad else ""
     variant = content_hash(
-        "", (), pad + unicodedata.normalize("NFD", prompt) + pad, unicodedata.normalize("NFD", response) + pad
+        "", (), lead + unicodedata.normalize("NFD", prompt) + pad, unicodedata.normalize("NFD", response) + pad
     )
     assert nfc == variant
+
+
+def test_the_first_line_of_several_keeps_its_indent_in_the_hash() -> None:
+    assert content_hash(None, (), "q", "    x\n    y") != content_hash(None, (), "q", "x\n    y")
+    assert content_hash(None, (), "q", " \n    x\n    y\n") == content_hash(None, (), "q", "    x\n    y")
 
 
 def test_hash_separates_fields() -> None:

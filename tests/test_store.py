@@ -187,6 +187,19 @@ def test_same_content_after_normalization_is_a_duplicate(db: Settings) -> None:
     assert _snapshot(db) == before
 
 
+def test_a_response_opening_with_indented_code_keeps_its_first_lines_indent(db: Settings) -> None:
+    """Trimming drops blank lines and whitespace around the text, not the indent of its first line: a
+    Markdown code block indented by four spaces stays one block, every line aligned as written."""
+    code = "    x = 1\n    if x:\n        y = 2"
+    ex = store.add_example(db, prompt="Zeig mir den Block.", response=f"\n  \n{code}  \n\n")
+    assert ex.response == code
+    assert ex.messages()[-1]["content"] == code
+    # one line is trimmed whole, as before: a stray space pasted before a short answer is no new example
+    assert store.add_example(db, prompt="Eine Zeile?", response="   Ja.  ").response == "Ja."
+    with pytest.raises(Conflict, match="already exists"):
+        store.add_example(db, prompt="Zeig mir den Block.", response=code)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

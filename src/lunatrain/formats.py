@@ -63,8 +63,15 @@ _ROLE_ALIASES = {
 
 
 def normalize_text(value: str) -> str:
-    """NFC + trim: the same visible text always gives the same hash, whatever editor produced it."""
-    return unicodedata.normalize("NFC", value).strip()
+    """NFC + trim: the same visible text always gives the same hash, whatever editor produced it. Trimming
+    takes trailing whitespace and leading blank lines; the first line keeps its indent when more lines follow,
+    because there it is meaning (a response that opens with a four-space Markdown code block), not a stray
+    space before a one-line answer."""
+    text = unicodedata.normalize("NFC", value).rstrip()
+    body = text.lstrip()
+    if "\n" not in body:
+        return body
+    return text[text.rfind("\n", 0, len(text) - len(body)) + 1 :]
 
 
 NOT_UNICODE = "is not valid Unicode text (it holds a lone surrogate)"
