@@ -1005,6 +1005,46 @@ def test_a_closed_standard_output_is_one_sentence_not_a_traceback_or_lost_output
     assert snapshot(seeded.home) == before
 
 
+@pytest.mark.slow
+def test_an_output_encoding_without_every_character_still_prints_every_example(seeded: Settings) -> None:
+    """Repro: with PYTHONIOENCODING=latin-1 (or a legacy locale's codec) `examples list` and `examples list
+    --json` ended in a UnicodeEncodeError traceback at the first emoji. The JSON escapes what the encoding
+    lacks (`\\ud83c\\udf19` reads back as the moon), the table writes it as a backslash escape."""
+    import subprocess
+    import sys
+
+    from lunatrain import store
+
+    store.add_example(seeded, prompt="Wer bist du? 🌙", response="Ich bin Luna ✓ – schön!")
+    store.dispose_stores()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {
+        "ASSISTANT_HOME": str(seeded.home),
+        "PYTHONIOENCODING": "latin-1",
+    }
+    for args in (
+        ["examples", "list", "--limit", "500", "--json"],
+        ["examples", "list", "--limit", "500"],
+        ["status", "--json"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "lunatrain", *args],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        assert (done.returncode, done.stderr.decode()) == (0, ""), (args, done.stderr.decode())
+        if args[-1] == "--json" and args[0] == "examples":
+            rows = json.loads(done.stdout.decode("latin-1"))
+            assert {"Wer bist du? 🌙", "Ich bin Luna ✓ – schön!"} <= {r["prompt"] for r in rows} | {
+                r["response"] for r in rows
+            }
+        elif args[0] == "examples":
+            line = next(x for x in done.stdout.decode("latin-1").splitlines() if "Luna" in x and "\\U" in x)
+            assert "Wer bist du? \\U0001f319" in line and "Ich bin Luna \\u2713 \\u2013 schön!" in line, line
+        else:
+            json.loads(done.stdout.decode("latin-1"))
+
+
 def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro: ASSISTANT_API_TOKENS=secret (for ASSISTANT_API_TOKEN) left the API without a token and
     ASSISTANT_BASE_MDOEL trained the default model, without a word: unknown ASSISTANT_ names were ignored."""

@@ -17,7 +17,7 @@ from ..compat import click_errors, stdout_was_closed, without_bitsandbytes
 from ..console import INTERRUPTED
 from ..errors import LunaError
 from ..startup import collector_paused
-from .app import app, fail, interrupt_said, said_interrupted
+from .app import app, fail, interrupt_said, said_interrupted, takes_unicode
 from .options import profile_help
 
 with collector_paused():  # start-up of every command: 20 % less CPU (startup.py says why)
@@ -37,6 +37,11 @@ def main() -> None:
     # trains quantized lifts this before PEFT is imported (train.build).
     without_bitsandbytes()
     said_interrupted(False)
+    for stream in (sys.stdout, sys.stderr):
+        # An encoding without every character (PYTHONIOENCODING=latin-1): a stored emoji is printed as its
+        # escape (`\U0001f319`) instead of ending the command in a traceback; --json escapes it itself.
+        if stream is not None and not takes_unicode(stream) and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     errors = click_errors()
     try:
         # Not standalone: click's own usage errors (an unknown option, a value of the wrong type) come here

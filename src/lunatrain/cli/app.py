@@ -6,6 +6,7 @@ Options are declared with both spellings, kebab-case first and the guide's camel
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import sys
@@ -63,11 +64,21 @@ def visible(text: str) -> str:
     return _UNSEEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def takes_unicode(stream: Any) -> bool:
+    """Whether `stream` can write every character: not so under PYTHONIOENCODING=latin-1 or a legacy locale's
+    codec, where the first emoji of a stored example would end the command in a UnicodeEncodeError."""
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name.startswith("utf")
+    except LookupError:
+        return False
+
+
 def json_text(value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
-    """`value` as the JSON a `--json` option prints: non-ASCII text stays readable, but what would act on a
+    """`value` as the JSON a `--json` option prints: non-ASCII text stays readable (`\\uXXXX` where stdout's
+    encoding lacks it), but what would act on a
     terminal is escaped (`\\u202e`). `json.dumps` escapes only C0 controls; DEL, C1 controls and the bidi
     controls pass raw otherwise. They can only stand inside strings, where `\\uXXXX` reads back the same."""
-    text = json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)
+    text = json.dumps(value, ensure_ascii=not takes_unicode(sys.stdout), indent=indent, sort_keys=sort_keys)
     return _UNSEEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
