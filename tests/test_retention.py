@@ -270,6 +270,47 @@ def test_the_work_directory_of_a_job_still_to_run_is_kept_whatever_its_age(setti
     assert not run.exists()
 
 
+def test_gc_keeps_the_work_directory_of_a_local_run_in_progress(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repro: with ASSISTANT_RETAIN_CHECKPOINT_DAYS=0, a `gc` while `lora --local` trained removed the run's
+    work directory and its first epoch's checkpoint (the resume point), since a local run has no job row to
+    keep it. A run holds its work directory while it trains; gc leaves it, and takes an idle one beside it."""
+    from lunatrain.params import parse_params
+    from lunatrain.settings import load_settings
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(40, val_every=5))
+    monkeypatch.setenv("ASSISTANT_RETAIN_CHECKPOINT_DAYS", "0")
+    work = settings.adapters_dir / "luna-adapter" / ".work"
+    idle = work / "idle-run"
+    idle.mkdir(parents=True)
+    (idle / "report.json").write_text("{}")
+    _age(idle, 1)
+    seen: list[dict] = []
+    during: list[tuple[list[str], list[Path]]] = []
+
+    def gc_after_the_first_epoch() -> bool:
+        if not during and any(e["type"] == "eval" and e.get("epoch") == 1 for e in seen):
+            report = retention.collect(load_settings())
+            during.append(
+                ([i.path for i in report.items if i.kind == "run-workdir"], sorted(work.glob("*/checkpoints/epoch-*")))
+            )
+        return False
+
+    params = parse_params({"epochs": 2, "batchSize": 4, "rank": 4, "maxSeqLength": 128, "seed": 7})
+    result = run_lora(params, settings, on_event=seen.append, should_stop=gc_after_the_first_epoch)
+    assert result.ok, result.error
+    [(removed, checkpoints)] = during
+    assert removed == ["data/adapters/luna-adapter/.work/idle-run"]
+    assert len(checkpoints) == 1 and checkpoints[0].name == "epoch-001", checkpoints
+    assert not idle.exists()
+    # Once the run is published, its work directory has become the version's folder; nothing is held after.
+    assert list(work.iterdir()) == []
+
+
 def test_a_dry_run_leaves_no_journal_files_beside_the_jobs_database(settings: Settings) -> None:
     """Repro: `gc --dry-run` (and `status`, any reader beside a stopped trainer) left `jobs.db-wal` and
     `jobs.db-shm` where there were none: SQLite makes both for a read-only reader of a WAL-mode database and

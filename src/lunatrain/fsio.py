@@ -315,6 +315,37 @@ def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def holding(folder: Path) -> Iterator[None]:
+    """`folder` (made if missing) marked in use for the block: a shared flock on the folder itself, which
+    ends with the process however it ends, so a killed holder never leaves a stale mark. `in_use` tells."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise storage_error(exc, f"the folder {folder}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a process (this one included) holds `folder` (`holding`)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 # --- SQLite files shared by processes ---------------------------------------------------------------
 
 SQLITE_BUSY_TIMEOUT_S = 30  # how long a statement waits for another process's lock before it fails

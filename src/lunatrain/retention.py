@@ -14,7 +14,8 @@ The policy (settings, ASSISTANT_* variables):
   dataset fingerprint (it is rebuilt on demand, so the worst case is one re-tokenization).
 - **Run work directories** (`data/adapters/<name>/.work/<run>/`, epoch checkpoints of unfinished or failed
   runs kept for `resume`): once nothing in them changed for `RETAIN_CHECKPOINT_DAYS` (7) days, and never
-  while a job of that adapter is queued or running (one requeued to resume continues from them).
+  while a job of that adapter is queued or running (one requeued to resume continues from them), nor while a
+  run trains in it (a local run too: it holds its folder, `fsio.holding`).
 - **Staging folders** (`data/models/merged/.<name>.<host>-<pid>.<random>/` and the like in `data/models`): what
   a killed merge (or model build) left half-written, once its process has ended; one made on another machine
   once nothing in it changed for a day (`fsio.abandoned_staging`). A folder without the host-pid part is
@@ -38,7 +39,7 @@ from typing import Any
 
 from . import export
 from .errors import StorageError
-from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging
+from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
 from .wire import parse_iso, utc_now
@@ -254,7 +255,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
     cutoff = now.timestamp() - settings.retain_checkpoint_days * 86400
     items = []
     for run in sorted(root.glob("*/.work/*")):
-        if not run.is_dir() or run.parent.parent.name in waiting:
+        if not run.is_dir() or run.parent.parent.name in waiting or in_use(run):  # in_use: a run trains there
             continue
         newest = max([p.lstat().st_mtime for p in run.rglob("*")] + [run.lstat().st_mtime])
         if newest >= cutoff:
