@@ -349,6 +349,39 @@ def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch):
             kill_trainers(home)
 
 
+def test_a_full_disk_at_the_trainer_log_is_one_sentence_and_starts_nothing(home, any_port):
+    """Repro: with the disk full, starting the trainer on demand died writing the first line of trainer.log:
+    the raw OSError made POST /lora/start a 500 and `lunatrain lora` two tracebacks, and an empty log was
+    left. It is the disk-full sentence (503 disk_full in the API), no trainer starts, no log is left."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+    from lunatrain.errors import DiskFull
+
+    import faults
+
+    settings = load_settings()
+    (settings.data_dir / "trainer").mkdir(parents=True)
+    (settings.data_dir / "trainer" / "ensure.lock").touch()  # there from an earlier start
+    with faults.small_disk(settings.reports_training_dir, "64k"):
+        fd = os.open(settings.reports_training_dir / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError):
+                while True:
+                    os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+        with pytest.raises(DiskFull, match=r"^The disk is full: writing the trainer log .*trainer\.log failed"):
+            ensure_trainer(settings, timeout=5)
+        assert not log_path(settings).exists() and trainer_processes(home) == []
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+            r = api.post("/assistant/training/lora/start", json={"epochs": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "disk_full", r.text
+        r = CliRunner().invoke(app, ["health", "--ensure-trainer"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "The disk is full" in r.output, r.output
+        assert trainer_processes(home) == []
+
+
 def test_trainer_log_rolls_over_while_running(tmp_path):
     """The trainer's log handler bounds its file while the process runs (not only at the next start)."""
     import logging

@@ -19,10 +19,12 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ServiceUnavailable, UsageError
-from ..fsio import file_lock
+from ..fsio import file_lock, storage_error
 from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
@@ -125,13 +127,8 @@ def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Pop
     """Start the trainer detached, logging to trainer.log; does not wait for it."""
     argv = start_argv(settings, port)
     log = log_path(settings)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    if log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
-        os.replace(log, log.with_name(log.name + ".1"))
     env = child_env(settings)
-    with open(log, "ab") as fh:
-        fh.write(f"\n--- {now_iso()} starting trainer: {shlex.join(argv)}\n".encode())
-        fh.flush()
+    with _start_log(settings, log, f"\n--- {now_iso()} starting trainer: {shlex.join(argv)}\n") as fh:
         try:
             proc = subprocess.Popen(
                 argv,
@@ -147,6 +144,28 @@ def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Pop
     _started.append(proc)
     write_pid(settings, proc.pid)
     return proc
+
+
+@contextlib.contextmanager
+def _start_log(settings: Settings, log: Path, header: str) -> Iterator[BinaryIO]:
+    """trainer.log opened for the new trainer's output, `header` written first. A write that fails (a full
+    disk) is said in the one storage sentence before anything starts, and a log it left empty goes."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if log.exists() and log.stat().st_size > LOG_KEEP_BYTES:
+            os.replace(log, log.with_name(log.name + ".1"))
+        fh = open(log, "ab", buffering=0)  # closed below; unbuffered: a failed write leaves nothing to flush
+    except OSError as exc:
+        raise storage_error(exc, f"the trainer log {log}") from exc
+    with fh:
+        try:
+            fh.write(header.encode())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if log.stat().st_size == 0:
+                    log.unlink()
+            raise storage_error(exc, f"the trainer log {log}") from exc
+        yield fh
 
 
 def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> Health:
