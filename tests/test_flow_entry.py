@@ -510,3 +510,88 @@ def test_a_step_that_cannot_write_its_report_says_that_fix_not_the_steps_own(set
     assert error.startswith("error: Step eval-gate failed: Writing ") and "Read-only file system" in error, error
     assert "roll back" not in error and "deactivate" not in error, error
     assert error.endswith("make it writable for this user or point ASSISTANT_HOME at another data root."), error
+
+
+def _versions(settings, name="luna-adapter"):
+    return [v["version"] for v in registry.list_adapters(settings).get(name, {}).get("versions", [])]
+
+
+def test_an_unchanged_day_trains_nothing_and_names_the_version_it_would_repeat(settings, tiny):
+    """Repro: `luna` on data and parameters that had not changed trained again and registered a version whose
+    weights were byte-identical to the last one, every day, without a word. The lora step now names the
+    version it would repeat and trains nothing; `--retrain` trains anyway."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    first = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    assert first.exit_code == 0 and _versions(settings) == ["v1"], first.output
+    again = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    assert again.exit_code == 0, again.output
+    assert re.search(
+        r"^lora +ok .*luna-adapter@v1 was trained on this export with these parameters; not trained again "
+        r"\(--retrain trains anyway\)$",
+        again.output,
+        re.M,
+    ), again.output
+    assert re.search(r"^adapter +luna-adapter@v1 on luna-tiny \(active\)$", again.output, re.M), again.output
+    assert _versions(settings) == ["v1"]
+    forced = CliRunner().invoke(app, ["luna", "--local", *FAST, "--retrain"])
+    assert forced.exit_code == 0 and _versions(settings) == ["v1", "v2"], forced.output
+    store.dispose_stores()
+
+
+def test_what_makes_a_day_unchanged_is_the_export_the_parameters_and_the_base(settings, tiny):
+    """The rule behind the repro above, each part alone: another seed, tier, export or chat template is a new
+    run; only when all match is the newest version on the base repeated."""
+    from lunatrain import flow, prepare, store
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    store.load_seed(settings)
+    CliRunner().invoke(app, ["export"])
+    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None  # nothing trained
+    assert run_lora(params, settings).ok
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
+    for changed in ({"seed": 8}, {"datasetTier": "merged"}, {"chatTemplate": "chatml"}, {"adapterName": "other"}):
+        other = parse_params(params.wire() | changed)
+        assert flow.unchanged_version(settings, other, prepare.prepare(settings, other)) is None, changed
+    store.add_example(settings, prompt="Was ist neu?", response="Ein Beispiel mehr.")
+    CliRunner().invoke(app, ["export"])
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None  # another export
+    store.dispose_stores()
+
+
+def test_a_day_that_would_repeat_a_refused_version_fails_and_says_how_to_use_it(settings, tiny, home):
+    """Repro: after the gate refused a version, every `auto` on the same data trained and registered another
+    refused copy, and the error said "`lunatrain adapters show NAME`, then run again" (NAME as written). The
+    repeat is refused without training, naming the version, why, and how to activate it anyway."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    (home / "profiles").mkdir()
+    (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")  # no adapter clears it
+    for _ in range(2):
+        r = CliRunner().invoke(app, ["auto", "--local", "--profile", "strict", *FAST])
+        assert r.exit_code == 1 and _versions(settings) == ["v1"], r.output
+        [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+        assert "NAME" not in error and "`lunatrain adapters show luna-adapter@v1` says why" in error, error
+        assert "`lunatrain adapters activate luna-adapter@v1`" in error, error
+    assert "was trained on this export with these parameters; not trained again" in error, error
+    store.dispose_stores()
+
+
+def test_a_failed_preflight_names_min_curated_only_when_the_volume_check_failed(settings, tiny):
+    """Repro: every failed prepare step of `luna` ended "…, or lower --minCurated", also when the failure was a
+    literal `<|im_end|>` in an example with 274 approved examples against a minimum of 30."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    store.add_example(settings, prompt="Was beendet eine Runde?", response="Das Zeichen <|im_end|> tut es.")
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert r.exit_code == 1 and "special_tokens" in error and "minCurated" not in error, r.output
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST, "--minCurated=100000"])
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert r.exit_code == 1 and error.endswith("or lower --minCurated."), r.output
+    store.dispose_stores()

@@ -99,12 +99,14 @@ def test_luna_from_an_empty_data_root_twice(fresh: tuple[Path, dict[str, str]]) 
     )
     assert (adapter / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The second run exports the same files; with nothing changed it trains nothing and names v1 (--retrain
+    # would train it again).
     second = lunatrain(home, env, "luna", "--epochs=1")
     assert second.returncode == 0, second.stdout + second.stderr
+    assert "luna-adapter@v1 was trained on this export with these parameters; not trained again" in second.stdout
     registry = json.loads((reports / "training" / "lora-adapters.json").read_text())
     versions = registry["adapters"]["luna-adapter"]["versions"]
-    assert [v["version"] for v in versions] == ["v1", "v2"]
-    assert versions[0]["datasetFingerprint"] == versions[1]["datasetFingerprint"] == summary["fingerprint"]
+    assert [v["version"] for v in versions] == ["v1"] and versions[0]["datasetFingerprint"] == summary["fingerprint"]
     assert json.loads((training / "assistant-sft-summary.json").read_text())["fingerprint"] == summary["fingerprint"]
 
 

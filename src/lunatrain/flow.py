@@ -8,7 +8,8 @@
 - `run_flow` (`auto` / `luna`, the guide's `train:auto` / `train:luna`): eval-gate → export → prepare →
   lora in the guide's production order, stopping at the first failure with one sentence that names the step
   and the fix. Its lora step is passed in: submit to the trainer service and follow the job, or
-  `train_and_gate` in process; either way it returns the job's outcome as a dict.
+  `train_and_gate` in process; either way it returns the job's outcome as a dict. A flow run daily trains
+  only when something changed (`unchanged_version`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ STEPS = ("eval-gate", "export", "prepare", "lora")
 
 # What to do when a step fails, said once at the end of the error sentence.
 _FIX = {
-    "eval-gate": "fix, roll back or deactivate the active adapter (`lunatrain adapters rollback NAME`, "
-    "`lunatrain adapters deactivate NAME`) or name one with --adapter, and run again",
+    "eval-gate": "fix, roll back or deactivate the active adapter (`lunatrain adapters rollback {name}`, "
+    "`lunatrain adapters deactivate {name}`) or name one with --adapter, and run again",
     "export": "check the database settings (ASSISTANT_DB_URL) and the split ratios, then run again",
     "prepare": f"fix the examples listed in reports/training/{PREPARE_REPORT}, or lower --minCurated",
-    "lora": "see `lunatrain jobs list` and `lunatrain adapters show NAME`, then run again",
+    "lora": "see `lunatrain jobs list`, then run again",
 }
 
 Event = dict[str, Any]
@@ -308,11 +309,13 @@ def run_flow(
     adapter: str | None = None,
     gate_thresholds: dict[str, Any] | None = None,
     on_step: Callable[[str], None] | None = None,
+    retrain: bool = False,
 ) -> FlowResult:
     """Run the four steps in order; the first gates `adapter` (NAME or NAME@VERSION) when given, else the
     active adapter on the base model. Returns the result when all pass — including the eval gate on the newly
     trained version, when gating is on; raises CheckFailed (exit 1) naming the failed step and the fix, with
-    the partial result in `details`."""
+    the partial result in `details`. The lora step trains nothing when the adapter's newest version on the
+    base was trained on this export with these parameters (`unchanged_version`), unless `retrain`."""
     params = resolve_base(settings, params)
     if adapter:
         from .registry import parse_ref
@@ -357,7 +360,7 @@ def run_flow(
             ok, summary, detail = False, err.message, {"code": err.code}
         result.steps.append(StepOutcome(name, ok, round(time.monotonic() - started, 3), summary, detail))
         if not ok:
-            fix = detail.get("fix") or _FIX[name]
+            fix = detail.get("fix") or _FIX[name].format(name=params.adapter_name)
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {fix}.", details=result)
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
@@ -371,10 +374,12 @@ def run_flow(
         )
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
+        name = str(ref).partition("@")[0] if "@" in str(ref) else params.adapter_name
         return (
             report.passed,
             f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""),
-            {"decision": report.decision, "path": report.path},
+            {"decision": report.decision, "path": report.path}
+            | ({} if report.passed else {"fix": _FIX["eval-gate"].format(name=name)}),
         )
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:
@@ -391,36 +396,93 @@ def run_flow(
             {"fingerprint": summary.fingerprint},
         )
 
+    prepared: list[prepare.PrepareReport] = []
+
     def preflight() -> tuple[bool, str, dict[str, Any]]:
         report = prepare.prepare(settings, params, min_curated=options.min_curated)
-        problems = [f"{c.id} ({c.count})" for c in report.checks if c.severity == "fail"]
+        prepared.append(report)
+        failed = [c for c in report.checks if c.severity == "fail"]
+        problems = [f"{c.id} ({c.count})" for c in failed]
         text = f"status {report.status}" + (f": {', '.join(problems)}" if problems else "")
         detail: dict[str, Any] = {"status": report.status, "path": str(report.path)}
         if any(c.code == "check.volume.none" for c in report.checks):  # no examples to fix: where to get some
             detail["fix"] = f"{prepare.GET_EXAMPLES}, then run again"
+        elif failed and not any(c.id == "volume" for c in failed):  # a lower minCurated would change nothing
+            detail["fix"] = f"fix the examples listed in reports/training/{PREPARE_REPORT}"
         return report.status != "fail", text, detail
 
     def lora() -> tuple[bool, str, dict[str, Any]]:
+        name = params.adapter_name
+        if not retrain and (same := unchanged_version(settings, params, prepared[-1])) is not None:
+            return repeat(same)
         outcome = lora_step(settings, params, options)
-        if not outcome.get("jobId"):  # trained in this process (--local): no job to look up
-            outcome = outcome | {"fix": "see the run's log above and `lunatrain adapters show NAME`, then run again"}
         trained = outcome.get("adapter") or {}
         if outcome.get("status") != "succeeded" or not trained.get("version"):
             err = outcome.get("error") or {}
+            look = "the run's log above" if not outcome.get("jobId") else "`lunatrain jobs list`"
+            outcome |= {"fix": f"see {look}, then run again"}  # a local run has no job to look up
             return False, f"job {outcome.get('status')}: {err.get('message', 'no adapter registered')}", outcome
-        result.adapter = registry.get_version(settings, trained["name"], trained["version"])
-        ref = f"{trained['name']}@{trained['version']}"
+        result.adapter = registry.get_version(settings, name, trained["version"])
+        ref = f"{name}@{trained['version']}"
         gate = outcome.get("gate") or {}
         if options.gate and not gate.get("passed"):  # registered, but the gate kept it inactive: the flow failed
             reasons = "; ".join(gate.get("reasons") or []) or gate.get("status") or "no gate outcome"
-            return False, f"{ref} was trained but the eval gate refused it ({reasons})", outcome
+            return False, f"{ref} was trained but the eval gate refused it ({reasons})", outcome | refused(ref)
         return True, ref, outcome
+
+    def refused(ref: str) -> dict[str, Any]:
+        return {
+            "fix": f"`lunatrain adapters show {ref}` says why; change the data or the parameters and run again, "
+            f"or use it anyway with `lunatrain adapters activate {ref}`"
+        }
+
+    def repeat(entry: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
+        """The step when nothing changed since `entry`: no run, the version it would repeat named instead."""
+        result.adapter = entry
+        ref = f"{entry['name']}@{entry['version']}"
+        gate = entry.get("gate") or {}
+        said = f"{ref} was trained on this export with these parameters; not trained again (--retrain trains anyway)"
+        detail = {"status": "unchanged", "adapter": {"name": entry["name"], "version": entry["version"]}}
+        if options.gate and gate and not gate.get("passed"):
+            reasons = "; ".join(gate.get("reasons") or []) or gate.get("status") or "not passed"
+            return False, f"{said}, and the eval gate refused it ({reasons})", detail | refused(ref)
+        return True, said, detail
 
     step("eval-gate", gate_current)
     step("export", export_data)
     step("prepare", preflight)
     step("lora", lora)
     return result
+
+
+def unchanged_version(settings: Settings, params: LoraParams, prepared: prepare.PrepareReport) -> dict[str, Any] | None:
+    """The adapter's newest version on the base `prepared` checked, when it was trained on this very export
+    with these parameters, tokenizer and chat template: a run now would repeat it (the same seed gives the same
+    weights), and add a version that differs from it in nothing. None when anything differs, or is unknown."""
+    try:
+        adapter = registry.list_adapters(settings).get(params.adapter_name)
+    except LunaError:  # an unreadable registry: the lora step says so
+        return None
+    on_base = [
+        e
+        for e in (adapter or {}).get("versions", [])
+        if (e.get("baseModel") or {}).get("fingerprint") == prepared.base_fingerprint
+    ]
+    if not on_base:
+        return None
+    newest = on_base[-1]
+
+    def run_params(wire: Any) -> dict[str, Any]:  # the base counts by its fingerprint, not by its name
+        return {k: v for k, v in wire.items() if k not in ("resume", "baseModel")} if isinstance(wire, dict) else {}
+
+    same = (
+        newest.get("datasetFingerprint") == prepared.dataset.get("fingerprint")
+        and newest.get("datasetTier") == params.dataset_tier
+        and run_params(newest.get("params")) == run_params(params.wire())
+        and newest.get("templateHash") == prepared.template.get("hash")
+        and newest.get("tokenizerHash") == prepared.template.get("tokenizerHash")
+    )
+    return newest if same else None
 
 
 def versus_base(val: float, base: float) -> str:

@@ -252,6 +252,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         template={
             "name": params.chat_template or "model",
             "hash": models.template_hash(tokenizer),
+            "tokenizerHash": models.tokenizer_hash(tokenizer),  # with the hash: what a run records as its own
             "terminator": terminator.to_dict(),
             "addedTokens": added,
         },

@@ -36,6 +36,13 @@ EnsureOpt = Annotated[
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", "--dryRun", help="print the resolved parameters and steps; run nothing")
 ]
+RetrainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retrain",
+        help="train even when the adapter's newest version was trained on this export with these parameters",
+    ),
+]
 AdapterOpt = Annotated[
     str | None,
     typer.Option("--adapter", help="the eval-gate step evaluates NAME or NAME@VERSION instead of the active adapter"),
@@ -232,6 +239,7 @@ def run(
     ensure: bool,
     dry_run: bool,
     adapter: str | None = None,
+    retrain: bool = False,
 ) -> None:
     try:
         settings = load_settings()
@@ -249,6 +257,7 @@ def run(
                         "options": r.options.wire(),
                         "gate": r.gate,
                         "adapter": adapter,
+                        "retrain": retrain,
                     }
                 )
             )
@@ -272,6 +281,7 @@ def run(
             adapter=adapter,
             gate_thresholds=r.gate,
             on_step=lambda name: typer.echo(f"==> {name}"),
+            retrain=retrain,
         )
     except LunaError as err:
         partial = err.details if isinstance(err.details, FlowResult) else None
@@ -293,9 +303,19 @@ def auto_cmd(
     ensure_trainer_flag: EnsureOpt = False,
     dry_run: DryRunOpt = False,
     adapter: AdapterOpt = None,
+    retrain: RetrainOpt = False,
 ) -> None:
     """The full flow (train:auto): eval-gate, export, prepare, lora — stops at the first failure."""
-    run("auto", profile, lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run, adapter=adapter)
+    run(
+        "auto",
+        profile,
+        lora_flags,
+        local=local,
+        ensure=ensure_trainer_flag,
+        dry_run=dry_run,
+        adapter=adapter,
+        retrain=retrain,
+    )
 
 
 @app.command("luna")
@@ -306,6 +326,16 @@ def luna_cmd(
     ensure_trainer_flag: EnsureOpt = False,
     dry_run: DryRunOpt = False,
     adapter: AdapterOpt = None,
+    retrain: RetrainOpt = False,
 ) -> None:
     """`auto` with the Luna profile (train:luna): luna-adapter, versioned, curated tier unless given."""
-    run("luna", "luna", lora_flags, local=local, ensure=ensure_trainer_flag, dry_run=dry_run, adapter=adapter)
+    run(
+        "luna",
+        "luna",
+        lora_flags,
+        local=local,
+        ensure=ensure_trainer_flag,
+        dry_run=dry_run,
+        adapter=adapter,
+        retrain=retrain,
+    )
