@@ -311,6 +311,26 @@ def test_gc_keeps_the_work_directory_of_a_local_run_in_progress(
     assert list(work.iterdir()) == []
 
 
+def test_a_local_run_applies_the_policy_as_a_trainer_job_does(settings: Settings, tiny: Path) -> None:
+    """Repro: a trainer job applies the retention policy when it ends, but `lora --local` and the daily
+    `luna --local` never did: a token cache per changed export and the work directories of cancelled runs
+    piled up until someone ran `gc`. A local run ends with the same policy."""
+    store.load_seed(settings)
+    assert CliRunner().invoke(app, ["export"]).exit_code == 0
+    _cache(settings.cache_dir / "tokens" / "curated-old.safetensors", "0" * 64)  # an earlier export's
+    old_run = settings.adapters_dir / "luna-adapter" / ".work" / "cancelled-run"
+    (old_run / "checkpoints").mkdir(parents=True)
+    _age(old_run, 30)
+    fast = ["--epochs", "1", "--maxSteps", "2", "--batchSize", "8", "--rank", "4", "--maxSeqLength", "128"]
+    r = CliRunner().invoke(app, ["lora", "--local", *fast])
+    store.dispose_stores()
+    assert r.exit_code == 0, r.output
+    assert not (settings.cache_dir / "tokens" / "curated-old.safetensors").exists()
+    assert not old_run.exists()
+    caches = list((settings.cache_dir / "tokens").glob("*.safetensors"))
+    assert len(caches) == 1 and retention.cache_fingerprint(caches[0]) == ex.read_summary(settings)["fingerprint"]
+
+
 def test_a_dry_run_leaves_no_journal_files_beside_the_jobs_database(settings: Settings) -> None:
     """Repro: `gc --dry-run` (and `status`, any reader beside a stopped trainer) left `jobs.db-wal` and
     `jobs.db-shm` where there were none: SQLite makes both for a read-only reader of a WAL-mode database and

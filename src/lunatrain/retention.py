@@ -28,6 +28,7 @@ The policy (settings, ASSISTANT_* variables):
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 import struct
@@ -103,6 +104,25 @@ def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None =
     except OSError as exc:
         raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}.") from None
     return report
+
+
+def after_run(settings: Settings, log: logging.Logger | None = None) -> None:
+    """The policy when a run ends (a trainer job, a local run), so growth stays bounded without anyone
+    running `lunatrain gc`. A failure to clean up never touches the run's outcome: it is logged (with what
+    went, by name) where there is a log, and otherwise left for `gc` to say."""
+    from .errors import LunaError
+
+    try:
+        report = collect(settings)
+    except LunaError as err:
+        if log:
+            log.warning("retention skipped: %s", err.message)
+        return
+    if log:
+        for item in report.items:  # named, so that what went can be told afterwards
+            log.info("retention removed %s %s (%s)", item.kind, item.path, item.reason)
+        for problem in report.problems:
+            log.warning("retention: %s", problem)
 
 
 def _rel(settings: Settings, path: Path) -> str:

@@ -11,6 +11,7 @@ import functools
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -150,7 +151,7 @@ def local_lora(
         ctrl_c.restore()  # trained: a Ctrl-C during the gate is an interrupt
         trained.update(outcome)
 
-    with _CtrlC() as ctrl_c, display or contextlib.nullcontext():
+    with _CtrlC() as ctrl_c, display or contextlib.nullcontext(), _then_retention(settings, main):
         try:
             outcome = train_and_gate(
                 settings,
@@ -175,6 +176,19 @@ def local_lora(
                 typer.echo(f"error: {_training_interrupted(outcome['error'], ctrl_c.signum)}", err=True)
         raise typer.Exit(ctrl_c.exit_code)
     return outcome
+
+
+@contextlib.contextmanager
+def _then_retention(settings: Settings, main: bool) -> Iterator[None]:
+    """The retention policy once the run has ended, however it ended, as the trainer applies it after every
+    job: a daily `luna --local` leaves no token cache or idle work directory behind that `gc` would take."""
+    try:
+        yield
+    finally:
+        if main:
+            from ..retention import after_run
+
+            after_run(settings)
 
 
 def _training_interrupted(error: dict[str, Any], signum: int = signal.SIGINT) -> str:

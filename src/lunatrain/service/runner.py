@@ -324,20 +324,9 @@ class Runner:
         self._collect()
 
     def _collect(self) -> None:
-        """The retention policy after every finished job (retention.py), so growth stays bounded without
-        anyone running `lunatrain gc`; a failure to clean up never touches the job's outcome."""
-        from ..errors import LunaError
-        from ..retention import collect
+        from ..retention import after_run
 
-        try:
-            report = collect(self.settings)
-        except LunaError as err:
-            log.warning("retention skipped: %s", err.message)
-            return
-        for item in report.items:  # named, so that what went can be told afterwards
-            log.info("retention removed %s %s (%s)", item.kind, item.path, item.reason)
-        for problem in report.problems:
-            log.warning("retention: %s", problem)
+        after_run(self.settings, log)
 
 
 def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None:
