@@ -789,3 +789,32 @@ def test_a_baseline_of_another_shape_is_said_as_such_not_as_damaged_files(settin
     rank = said.replace("[16, 32]", "[8, 64]").replace("[32, 16]", "[64, 8]")
     with pytest.raises(DamagedFile, match="its files are damaged"), registry.loading(settings, path):
         raise RuntimeError(rank)
+
+
+def test_activating_or_rolling_back_to_a_stale_version_says_it_is_stale(settings):
+    """Repro: `adapters rollback` and `adapters activate` onto a version trained on an example deleted since
+    said only "…@v1 is active again": the user served deleted content again without a word, and only `status`
+    showed "(stale: retrain needed)" later. Both commands now say it, with the reason, on a second line."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    one = _publish_on(settings, "a", "luna-tiny", fp)
+    (settings.home / one["path"] / "train-hashes.txt").write_text("hash-gone\n")
+    _publish_on(settings, "a", "luna-tiny", fp)
+    assert registry.mark_stale(settings, {"hash-gone"}) == ["a@v1"]
+    registry.activate(settings, "a", "v1")
+    registry.activate(settings, "a", "v2")
+    note = (
+        "Note: a@v1 is stale (trained on a deleted example): it still serves that content; train a new "
+        "version (`lunatrain luna`) to leave it out.\n"
+    )
+    for args, said in (
+        (["rollback", "a"], "a@v1 is active again on base model 'luna-tiny'.\n"),
+        (["activate", "a@v2"], "a@v2 is now active on base model 'luna-tiny'.\n"),
+        (["activate", "a@v1"], "a@v1 is now active on base model 'luna-tiny'.\n"),
+    ):
+        out = CliRunner().invoke(app, ["adapters", *args])
+        expected = said + (note if args[-1] != "a@v2" else "")
+        assert out.exit_code == 0 and out.output == expected, out.output

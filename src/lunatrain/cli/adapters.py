@@ -155,6 +155,7 @@ def activate_cmd(
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is now active on base model {settings.base_model!r}.")
+    _say_stale(entry)
 
 
 @adapters_app.command("deactivate")
@@ -185,6 +186,19 @@ def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")], base
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is active again on base model {settings.base_model!r}.")
+    _say_stale(entry)
+
+
+def _say_stale(entry: dict[str, Any]) -> None:
+    """A version made active that was trained on content deleted since serves it again: said at once, not
+    only by a later `status`."""
+    stale = entry.get("stale")
+    if stale:
+        reason = stale.get("reason") if isinstance(stale, dict) else None
+        typer.echo(
+            f"Note: {entry['name']}@{entry['version']} is stale ({reason or 'retrain needed'}): it still serves "
+            "that content; train a new version (`lunatrain luna`) to leave it out."
+        )
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
