@@ -631,3 +631,21 @@ def test_gating_a_named_version_needs_no_configured_base(trained_home, monkeypat
     result = CliRunner().invoke(app, ["eval-gate", "--adapter", "luna-adapter@v1"])
     assert result.exit_code in (0, 1) and "does not exist" not in result.output, result.output
     assert " luna-adapter@v1 on base model 'luna-tiny' vs " in result.output.splitlines()[0], result.output
+
+
+def test_the_active_version_is_judged_against_the_base_model_not_against_itself(trained_home, settings):
+    """Repro: with a version the gate had refused activated by hand, `eval-gate` (and the daily flow's first
+    step) compared it with its own recorded metrics: "PASS luna-adapter@v2 … vs luna-adapter@v2 (recorded)",
+    a regression check that cannot fail. The active version is judged against the base model, and says so."""
+    g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
+    assert g1.passed, g1.reasons
+    v2 = _derived_version(settings, registry.get_version(settings, "luna-adapter", "v1"), 0.0)  # the base itself
+    evalgate.gate_candidate(settings, "luna-adapter", v2["version"], promote=False)  # recorded, whatever it decides
+    registry.activate(settings, "luna-adapter", v2["version"])  # by hand, as after a refusal
+    report = evalgate.eval_gate(settings)
+    assert report.candidate["ref"] == f"luna-adapter@{v2['version']}"
+    assert report.baseline["kind"] == "base" and report.baseline["source"] == "evaluated", report.baseline
+    assert (
+        f"luna-adapter@{v2['version']} is the active version, so the base model is the baseline (not its own record)"
+    ) in report.notes, report.notes
+    assert report.baseline["metrics"]["valLoss"] == pytest.approx(report.base_metrics["valLoss"])

@@ -17,7 +17,7 @@ rate is below `min_golden_pass_rate` (absolute, for real models), when val or te
 the golden pass rate drops by more than `max_golden_pass_rate_drop`, or a loss rises by more than
 `max_loss_regression` (relative). Baseline: the active version of the candidate's adapter on its base (its
 recorded gate metrics when they were measured on the same suite, data, base and length, else evaluated
-now), else the base model. On the built-in random-weight model only the relative rules mean anything,
+now), else the base model; the base model too when the candidate is that active version itself. On the built-in random-weight model only the relative rules mean anything,
 hence the absolute minimum defaults to 0.
 """
 
@@ -540,8 +540,15 @@ def _run(
         base = models.resolve_base(base_model, settings)
         tier, max_len = DEFAULT_TIER, 1024
 
-    # Baseline: the active version of the same adapter on the same base model.
+    # Baseline: the active version of the same adapter on the same base model. The active version itself (the
+    # flow's first step, `eval-gate` without --adapter) is judged against the base model: against its own
+    # record no regression could ever show, and a version activated after the gate refused it would "pass".
     baseline_entry = registry.active_version(settings, entry["name"], base.fingerprint) if entry is not None else None
+    if baseline_entry is not None and registry.same_entry(baseline_entry, entry):
+        baseline_entry = None
+        notes.append(
+            f"{_ref(entry, base)} is the active version, so the base model is the baseline (not its own record)"
+        )
 
     adapters = {}
     if entry is not None:
