@@ -649,3 +649,42 @@ def test_the_active_version_is_judged_against_the_base_model_not_against_itself(
         f"luna-adapter@{v2['version']} is the active version, so the base model is the baseline (not its own record)"
     ) in report.notes, report.notes
     assert report.baseline["metrics"]["valLoss"] == pytest.approx(report.base_metrics["valLoss"])
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failed_registry_write_in_the_gate_leaves_no_active_version_without_its_gate(
+    trained_home, settings, monkeypatch, failing
+):
+    """Repro: on a full disk, the registry write that records the gate's outcome came after the one that
+    activated the version: it failed, the command said "the previous data is intact", and the new version was
+    active with no gate outcome while the old one had lost its place. Promotion and outcome are one write: a
+    write that fails changes nothing; one that succeeds leaves the version active with its outcome."""
+    import errno
+
+    from lunatrain import fsio
+    from lunatrain.errors import StorageError
+
+    evalgate.gate_candidate(settings, "luna-adapter", "v1")
+    v2 = _derived_version(settings, registry.get_version(settings, "luna-adapter", "v1"), 1.0)
+    before = registry.registry_path(settings).read_bytes()
+    writes = []
+    real = registry.atomic_write_json
+
+    def full_disk_at(path, data, *a, **k):
+        if path == registry.registry_path(settings):
+            writes.append(path)
+            if len(writes) == failing:
+                raise fsio.storage_error(OSError(errno.ENOSPC, "No space left on device"), path)
+        return real(path, data, *a, **k)
+
+    monkeypatch.setattr(registry, "atomic_write_json", full_disk_at)
+    try:
+        report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    except StorageError:
+        assert registry.registry_path(settings).read_bytes() == before  # the previous data is intact
+        return
+    finally:
+        monkeypatch.undo()
+    assert report.passed and report.promoted, report.reasons
+    active = registry.get_version(settings, "luna-adapter", "active")
+    assert active["version"] == v2["version"] and active["gate"]["passed"] is True

@@ -410,10 +410,20 @@ def gate_candidate(
             report.promoted = True  # the active slot now holds it
             report.notes.append(f"replaced {name}@{entry['version']} revision {active_before.get('revision')}")
         else:
+            report.promoted = True  # as recorded: the activation and the outcome are one registry write
             try:  # on the base it was trained on: a new base never takes the old base's adapter away
-                registry.activate(settings, name, entry["version"], reason="eval gate passed", own_base=True)
-                report.promoted = True
+                registry.activate(
+                    settings,
+                    name,
+                    entry["version"],
+                    reason="eval gate passed",
+                    own_base=True,
+                    gate=report.gate_record(),
+                )
+                _write(settings, report)
+                return report
             except Conflict as err:  # e.g. a replaced revision
+                report.promoted = False
                 report.notes.append(f"not activated: {err.message}")
     elif not report.passed:
         report.notes.append("stays registered but inactive: " + "; ".join(report.reasons))

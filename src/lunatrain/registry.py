@@ -996,12 +996,20 @@ def by_base(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def activate(
-    settings: Settings, name: str, version: str, *, force: bool = False, reason: str = "", own_base: bool = False
+    settings: Settings,
+    name: str,
+    version: str,
+    *,
+    force: bool = False,
+    reason: str = "",
+    own_base: bool = False,
+    gate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Make NAME@VERSION the active version of NAME on the configured base model (other bases keep theirs).
     Refused when it was trained on a different base model than the configured one (its LoRA weights would
     not fit), unless `force`. `own_base`: activate it on the base it was trained on, whichever that is (the
-    eval gate's promotion after training on a new base)."""
+    eval gate's promotion after training on a new base). `gate`: the gate's outcome, recorded on the version
+    in the same write (`record_gate`): a version never becomes active without the outcome that promoted it."""
     entry = get_version(settings, name, version)
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
@@ -1051,7 +1059,11 @@ def activate(
             "forced": force,
             "reason": reason,
         }
+        if gate is not None:
+            entry = _annotate(data, name, entry["version"], "gate", gate, entry.get("revision"))
         _save_activations(settings, data, name, [(record, base_id)])
+        if gate is not None:
+            _keep_gate_file(settings, entry, gate)
     return entry
 
 
@@ -1239,13 +1251,20 @@ def record_gate(
         data = load(settings)
         entry = _annotate(data, name, version, "gate", result, revision)
         _save(settings, data)
-        folder = settings.home / entry["path"]
-        if not entry.get("replaced") and not entry.get("staged") and folder.is_dir():
-            try:
-                atomic_write_json(folder.resolve() / GATE_FILE, result)
-            except (OSError, LunaError) as exc:  # the registry holds the outcome; only a repair would miss it
-                log.warning("could not keep the gate outcome of %s@%s in its folder: %s", name, version, exc)
+        _keep_gate_file(settings, entry, result)
     return entry
+
+
+def _keep_gate_file(settings: Settings, entry: dict[str, Any], result: dict[str, Any]) -> None:
+    """The copy of a gate outcome in the version's folder (under the registry's lock, after its write)."""
+    folder = settings.home / entry["path"]
+    if not entry.get("replaced") and not entry.get("staged") and folder.is_dir():
+        try:
+            atomic_write_json(folder.resolve() / GATE_FILE, result)
+        except (OSError, LunaError) as exc:  # the registry holds the outcome; only a repair would miss it
+            log.warning(
+                "could not keep the gate outcome of %s@%s in its folder: %s", entry["name"], entry["version"], exc
+            )
 
 
 def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
