@@ -595,3 +595,53 @@ def test_a_failed_preflight_names_min_curated_only_when_the_volume_check_failed(
     [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert r.exit_code == 1 and error.endswith("or lower --minCurated."), r.output
     store.dispose_stores()
+
+
+def _full_disk(path):
+    import errno
+
+    from lunatrain import fsio
+
+    return fsio.storage_error(OSError(errno.ENOSPC, "No space left on device"), path)
+
+
+def test_a_gate_that_cannot_record_its_promotion_says_so_last_without_a_class_name(settings, monkeypatch):
+    """Repro: when the registry write promoting the new version failed (a full disk), `lora --local` exited 1
+    with the output ending "Validation loss …" and no sentence, and the reason read "DiskFull: The disk is
+    full: …" mid-output. The last line says what happened, in the error's own words."""
+
+    write_export(settings, make_records(40))
+
+    def full(*_a, **_k):
+        raise _full_disk(registry.registry_path(settings))
+
+    monkeypatch.setattr(registry, "activate", full)
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated=0"])
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Eval gate: error: The disk is full: writing ") and "DiskFull" not in r.output, r.output
+    assert "not active" in last, last
+    assert "Eval gate: passed" not in r.output
+    assert registry.list_adapters(settings)["luna-adapter"]["activeByBase"] == {}
+
+
+def test_a_gate_report_that_cannot_be_written_does_not_undo_a_recorded_promotion(settings, monkeypatch):
+    """Repro: when eval-gate-latest.json could not be written after the registry had recorded the promotion,
+    `lora --local` exited 1 with "eval gate error: DiskFull: …" mid-output and "Eval gate: passed." last, the
+    version active all the same. The registry's decision stands, and the run succeeds."""
+    from lunatrain import evalgate
+
+    write_export(settings, make_records(40))
+    real = evalgate.atomic_write_json
+
+    def full_at_the_report(path, *a, **k):
+        if path == settings.eval_report:
+            raise _full_disk(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(evalgate, "atomic_write_json", full_at_the_report)
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated=0"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == "Eval gate: passed.", r.output
+    active = registry.get_version(settings, "luna-adapter", "active")
+    assert active["gate"]["passed"] is True and not settings.eval_report.exists()

@@ -24,6 +24,7 @@ hence the absolute minimum defaults to 0.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from .params import FewKeys, format_validation_error
 from .settings import EVAL_REPORT, Settings
 from .tokens import CACHE_FORMAT
 from .wire import finite, now_iso
+
+log = logging.getLogger(__name__)
 
 __all__ = [  # the suite's names are re-exported: callers need only this module
     "CHECK_TYPES",
@@ -420,7 +423,7 @@ def gate_candidate(
                     own_base=True,
                     gate=report.gate_record(),
                 )
-                _write(settings, report)
+                _write_decided(settings, report)
                 return report
             except Conflict as err:  # e.g. a replaced revision
                 report.promoted = False
@@ -428,8 +431,19 @@ def gate_candidate(
     elif not report.passed:
         report.notes.append("stays registered but inactive: " + "; ".join(report.reasons))
     registry.record_gate(settings, name, entry["version"], report.gate_record(), revision=entry.get("revision"))
-    _write(settings, report)
+    _write_decided(settings, report)
     return report
+
+
+def _write_decided(settings: Settings, report: GateReport) -> None:
+    """The latest gate report, once the registry holds the decision: a report that cannot be written (a
+    full disk) does not undo what the registry recorded; it is logged and noted on the report."""
+    try:
+        _write(settings, report)
+    except (OSError, LunaError) as exc:
+        said = exc.message if isinstance(exc, LunaError) else str(exc)
+        log.warning("the gate decided and the registry recorded it, but its report was not written: %s", said)
+        report.notes.append(f"its report was not written: {said}")
 
 
 def last_report(settings: Settings) -> dict[str, Any] | None:

@@ -118,7 +118,8 @@ def train_and_gate(
             )
             outcome["gate"] = report.gate_record()
         except Exception as exc:  # noqa: BLE001 - a broken gate never undoes the adapter: registered, inactive
-            outcome["gate"] = {"status": "error", "passed": False, "reasons": [f"{type(exc).__name__}: {exc}"]}
+            said = exc.message if isinstance(exc, LunaError) else f"{type(exc).__name__}: {exc}"  # ours: its sentence
+            outcome["gate"] = {"status": "error", "passed": False, "reasons": [said]}
             if revision is not None:  # a staged overwrite run that was not judged never takes the slot
                 registry.settle_slot(settings, adapter["name"], revision, keep=False)
         except KeyboardInterrupt:  # Ctrl-C of `lora --local` (its caller says what became of the version)

@@ -48,8 +48,12 @@ def _describe(settings: Any, outcome: dict[str, Any]) -> list[str]:
         lines.append(
             f"Validation loss {metrics['valLoss']:.4f}" + (f" (base model {base:.4f})." if base is not None else ".")
         )
-    gate = entry.get("gate")
-    if gate:
+    # The gate this run met (the registry's record may be an older one's when recording this one failed).
+    gate = outcome.get("gate") or entry.get("gate")
+    if gate and gate.get("status") == "error":
+        why = "; ".join(gate.get("reasons") or []).rstrip(".")
+        lines.append(f"Eval gate: error: {why}; {entry['name']}@{entry['version']} is registered but not active.")
+    elif gate:
         lines.append(f"Eval gate: {gate.get('status', gate)}.")
     return lines
 
