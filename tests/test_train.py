@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -695,6 +696,35 @@ def test_the_training_report_names_every_field_in_camel_case(trained_root) -> No
 
     assert snake_keys(report) == []
     assert report["dataset"]["export"]["exportedAt"] and report["dataset"]["export"]["storeRevision"]
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EIO"])
+def test_a_checkpoint_folder_that_cannot_be_put_in_place_is_named_in_the_storage_sentence(
+    settings, monkeypatch, errno_name
+):
+    """Repro: when renaming the finished checkpoint folder into place failed (a full disk, an I/O error) the
+    run failed with "OSError: [Errno 28] No space left on device": no path, none of the storage sentence that
+    every file inside the checkpoint gets. It names the checkpoint, and no half-made folder stays."""
+    import errno
+    import pathlib
+
+    write_export(settings, make_records(40, val_every=5))
+    real = pathlib.Path.rename
+
+    def rename(self, target):
+        if pathlib.Path(target).name.startswith("epoch-"):
+            raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+        return real(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    result = run_lora(_params(epochs=1, maxSteps=2), settings)
+    monkeypatch.undo()
+    assert result.status is Status.FAILED, result.error
+    message = result.error["message"]
+    start = "The disk is full: writing the checkpoint " if errno_name == "ENOSPC" else "Writing the checkpoint "
+    assert message.startswith(start) and "checkpoints/epoch-001" in message, message
+    assert result.error["code"] == ("disk_full" if errno_name == "ENOSPC" else "storage_error"), result.error
+    assert not list(settings.adapters_dir.glob("luna-adapter/.work/*/checkpoints/.epoch-*"))
 
 
 def test_a_disk_filling_up_fails_the_run_as_disk_full_and_the_checkpoint_resumes_it(settings):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LunaError
-from .fsio import atomic_write_bytes, atomic_write_json, read_json
+from .fsio import atomic_write_bytes, atomic_write_json, read_json, storage_error
 from .messages import coded
 
 if TYPE_CHECKING:
@@ -30,7 +30,10 @@ def save(run: Run) -> Path:
     ckpts = run.work_dir / "checkpoints"
     final = ckpts / f"epoch-{run.epoch:03d}"
     tmp = ckpts / f".epoch-{run.epoch:03d}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise storage_error(exc, f"the checkpoint {final}") from exc
     adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(run.model).items()}
     atomic_write_bytes(tmp / "adapter.safetensors", save(adapter))
     opt_state = run.optimizer.state_dict()
@@ -54,9 +57,13 @@ def save(run: Run) -> Path:
         "run": run.identity,  # so that a resume of another run can say what differs
     }
     atomic_write_json(tmp / "state.json", state)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as exc:  # named like every file inside it; the half-made folder goes, the last one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(exc, f"the checkpoint {final}") from exc
     for old in ckpts.glob("epoch-*"):  # keep the newest complete one only
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
