@@ -4,6 +4,7 @@ rebuilds it from the version folders. Run: `pytest tests/test_registry_repair.py
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -544,3 +545,25 @@ def test_repair_of_a_readable_registry_marks_what_an_interrupted_delete_left_unm
     again = CliRunner().invoke(app, ["adapters", "repair"])
     assert again.output.splitlines() == ["The registry is readable (1 version); nothing to repair."], again.output
     store.dispose_stores()
+
+
+def test_a_folder_in_place_of_the_registry_is_a_damaged_registry_that_repair_moves_aside(settings):
+    """Repro: with a folder where lora-adapters.json belongs, `status` said "active adapter: none" (exit 0),
+    as if nothing had ever been trained, and `adapters repair` failed with "Cannot read …: Is a directory."
+    and no way out. It is an unreadable registry like a damaged file: status says "unknown" and why, and
+    repair moves the folder aside and rebuilds the registry from the adapter folders."""
+    write_export(settings)
+    run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
+    registry.activate(settings, "luna", "v1")
+    path = registry.registry_path(settings)
+    path.unlink()
+    path.mkdir()
+    (path / "note.txt").write_text("made by hand")
+    r = CliRunner().invoke(app, ["status"])
+    assert re.search(r"^active adapter: +unknown", r.output, re.M), r.output
+    assert "a folder stands in its place" in r.output and "lunatrain adapters repair" in r.output, r.output
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0 and r.output.startswith("Rebuilt the registry with 1 version of 1 adapter"), r.output
+    assert [e["version"] for e in registry.list_adapters(settings)["luna"]["versions"]] == ["v1"]
+    [aside] = path.parent.glob(f"{path.name}.damaged-*")
+    assert (aside / "note.txt").read_text() == "made by hand"

@@ -53,7 +53,16 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import JSON_FAULTS, Conflict, DamagedFile, LunaError, NotFound, RegistryUnreadable, UsageError
+from .errors import (
+    JSON_FAULTS,
+    Conflict,
+    DamagedFile,
+    LunaError,
+    NotFound,
+    RegistryUnreadable,
+    StorageError,
+    UsageError,
+)
 from .formats import json_type
 from .fsio import atomic_write_json, atomic_write_text, file_lock, read_json, storage_guard
 from .messages import coded, counted
@@ -113,6 +122,10 @@ def load(settings: Settings) -> dict[str, Any]:
         data = read_json(path, missing)
     except DamagedFile as err:
         raise _unreadable(path, err.why) from None
+    except StorageError:
+        if path.is_dir():  # made by hand or by a tool: as unreadable as a damaged file, and a repair moves it aside
+            raise _unreadable(path, "a folder stands in its place") from None
+        raise
     if data is missing:
         # No file, yet trained versions on disk (a file deleted by hand or lost with a backup): read as empty,
         # the next run's save would leave every earlier version unregistered and gate against the base model.
