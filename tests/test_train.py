@@ -727,6 +727,31 @@ def test_a_checkpoint_folder_that_cannot_be_put_in_place_is_named_in_the_storage
     assert not list(settings.adapters_dir.glob("luna-adapter/.work/*/checkpoints/.epoch-*"))
 
 
+def test_a_latest_report_that_cannot_be_written_after_publishing_does_not_fail_the_run(settings, monkeypatch):
+    """Repro: when lora-latest.json could not be written (a full disk) right after the new version was
+    registered, the run failed with "… and the previous data is intact" while the version stood registered
+    and was never gated (a rerun made the next one). The registry holds the run: it succeeds, and its events
+    say that the latest report was not written."""
+    import errno
+
+    from lunatrain import fsio
+
+    write_export(settings, make_records(40, val_every=5))
+
+    def full(*_a, **_k):
+        raise fsio.storage_error(
+            OSError(errno.ENOSPC, "No space left on device"), registry.latest_report_path(settings)
+        )
+
+    monkeypatch.setattr(registry, "write_latest", full)
+    seen = []
+    result = run_lora(_params(epochs=1, maxSteps=2), settings, on_event=seen.append)
+    assert result.ok and result.version == "v1", result.error
+    said = [e for e in seen if e.get("code") == "log.latest_report_unwritten"]
+    assert len(said) == 1 and "The disk is full: writing " in said[0]["message"], seen[-3:]
+    assert (result.path / registry.REPORT_FILE).is_file()  # the version's own report is there
+
+
 def test_a_disk_filling_up_fails_the_run_as_disk_full_and_the_checkpoint_resumes_it(settings):
     """Repro: a disk that filled up while the adapter was saved ended the run `save_failed` with safetensors'
     "SafetensorError: … (os error 28)", and its half-written files then kept the failure report from being

@@ -960,7 +960,13 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
         atomic_write_bytes(out / "README.md", model_card(report).encode())  # in place of PEFT's empty card
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report, stage=stage)
-    registry.write_latest(run.settings, report)
+    try:
+        registry.write_latest(run.settings, report)
+    except LunaError as err:  # published: the registry holds the run, and its gate is still to come
+        said = (
+            f"{p.adapter_name}@{entry['version']} is registered, but the latest report was not written: {err.message}"
+        )
+        emit({"type": "log", "message": said, **coded("log.latest_report_unwritten", message=err.message)})
     # An example deleted after the export this run trained on marked only the versions that existed then: this
     # one is marked now, not only by a later `adapters repair` (the registry would say two things about it).
     with contextlib.suppress(LunaError):  # a store that cannot be read now: the adapter is published all the same
