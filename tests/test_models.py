@@ -122,6 +122,69 @@ def test_a_base_recorded_relative_to_the_data_root_is_found_from_any_directory(s
         models.resolve_base(str(empty), settings)
 
 
+def test_weights_a_safetensors_index_names_in_another_format_are_refused_before_loading(settings, tmp_path):
+    """Repro: a model directory whose model.safetensors.index.json mapped its weights to pytorch_model.bin
+    (beside a dummy .safetensors file) passed the "safetensors only" check, and training, the gate, merge and
+    chat unpickled the .bin through torch.load. Every file the index names must be safetensors in the
+    directory itself; else one sentence, before anything is loaded."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tiny = Path(models.resolve_base(None, settings).path)
+    for i, (weight_map, said) in enumerate(
+        (
+            ("pytorch_model.bin", "names weights in another format than safetensors (pytorch_model.bin)"),
+            ("../elsewhere/model.safetensors", "names weights outside its directory (../elsewhere/model.safetensors)"),
+            ("missing.safetensors", "names weights that are not there (missing.safetensors)"),
+        )
+    ):
+        path = tmp_path / f"idx-{i}"
+        shutil.copytree(tiny, path)
+        state = load_file(str(path / "model.safetensors"))
+        (path / "model.safetensors").unlink()
+        torch.save(state, path / "pytorch_model.bin")
+        save_file({"dummy": torch.zeros(1)}, str(path / "dummy.safetensors"))
+        index = {"metadata": {}, "weight_map": dict.fromkeys(state, weight_map)}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(UsageError) as err:
+            models.resolve_base(str(path), settings)
+        assert err.value.code == "base_model.unsafe_index", err.value.message
+        assert err.value.message == f"Base model {str(path)!r}: its model.safetensors.index.json {said}.", (
+            err.value.message
+        )
+    (path / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(UsageError, match=r"model\.safetensors\.index\.json cannot be read"):
+        models.resolve_base(str(path), settings)
+
+
+def test_a_base_model_that_needs_custom_code_is_refused_in_one_sentence(settings, tmp_path):
+    """Repro: a config.json with `auto_map` and a model_type transformers does not know passed prepare, and
+    training failed with transformers' lines asking for `trust_remote_code=True` (and a broken hub link):
+    advice lunatrain never follows. resolve_base refuses it in one sentence; a known model_type with an
+    `auto_map` loads as that type, and no code of the directory runs."""
+    import json
+    import shutil
+
+    tiny = Path(models.resolve_base(None, settings).path)
+    path = tmp_path / "custom"
+    shutil.copytree(tiny, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(
+        json.dumps(config | {"model_type": "luna_custom", "auto_map": {"AutoModelForCausalLM": "modeling_x.Luna"}})
+    )
+    with pytest.raises(UsageError) as err:
+        models.resolve_base(str(path), settings)
+    assert err.value.code == "base_model.custom_code", err.value.message
+    assert err.value.message == (
+        f"Base model {str(path)!r} needs its own code (model_type 'luna_custom', auto_map in config.json), "
+        "which lunatrain never runs; use a model of an architecture transformers ships."
+    )
+    (path / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.Luna"}}))
+    assert models.resolve_base(str(path), settings).path == str(path)
+
+
 def test_hashes_follow_tokenizer_and_template(settings):
     tok = models.load_tokenizer(None, settings)
     th, tmh = models.tokenizer_hash(tok), models.template_hash(tok)

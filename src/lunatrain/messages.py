@@ -48,6 +48,8 @@ CODES: dict[str, str] = {
     "base_model.unknown_form": "baseModel is neither luna-tiny, a local directory nor a hub id (baseModel)",
     "base_model.no_config": "the base model's directory has no config.json (baseModel, path)",
     "base_model.no_weights": "the base model's directory has no safetensors weights (baseModel, path)",
+    "base_model.unsafe_index": "the base model's weights index names files that are not safetensors in it (baseModel, problem)",
+    "base_model.custom_code": "the base model needs its own Python code, never run (baseModel, modelType)",
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, with downloads off (baseModel)",
     "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",

@@ -337,7 +337,9 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
             code="base_model.no_weights",
             params={"baseModel": ref, "path": str(path)},
         )
+    _refuse_unsafe_index(path, ref)
     config_bytes = config.read_bytes()
+    _refuse_custom_code(config_bytes, path, ref)
     return BaseModelInfo(
         id=ref,
         path=str(path),
@@ -345,6 +347,56 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
         config_sha256=hashlib.sha256(config_bytes).hexdigest(),
         fingerprint=_fingerprint(config_bytes, path, weights),
     )
+
+
+def _refuse_unsafe_index(path: Path, ref: str) -> None:
+    """transformers loads the shards model.safetensors.index.json names, whatever their format: a `.bin`
+    there would be unpickled (torch.load) although a `.safetensors` file lies beside it. Every file it names
+    must be safetensors, in this directory, and there."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+
+    def refuse(said: str) -> UsageError:
+        return UsageError(
+            f"Base model {ref!r}: its model.safetensors.index.json {said}.",
+            code="base_model.unsafe_index",
+            params={"baseModel": ref, "problem": said},
+        )
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(v) for v in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise refuse(f"cannot be read ({type(exc).__name__})") from None
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise refuse(f"names weights outside its directory ({name})")
+        if not name.endswith(".safetensors"):
+            raise refuse(f"names weights in another format than safetensors ({name})")
+        if not (path / name).is_file():
+            raise refuse(f"names weights that are not there ({name})")
+
+
+def _refuse_custom_code(config_bytes: bytes, path: Path, ref: str) -> None:
+    """A model_type transformers does not ship, with `auto_map`: only the directory's own Python could build
+    it, which lunatrain never runs (trust_remote_code stays off). Said here, before prepare passes it."""
+    try:
+        config = json.loads(config_bytes)
+    except ValueError:
+        return  # loading says what is wrong with it
+    if not isinstance(config, dict) or "auto_map" not in config:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UsageError(
+            f"Base model {ref!r} needs its own code (model_type {model_type!r}, auto_map in config.json), which "
+            "lunatrain never runs; use a model of an architecture transformers ships.",
+            code="base_model.custom_code",
+            params={"baseModel": ref, "modelType": str(model_type)},
+        )
 
 
 def refuse_adapter_dir(path: str | Path | None, ref: str | None = None) -> None:
