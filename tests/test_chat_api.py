@@ -633,6 +633,30 @@ def test_an_adapter_whose_weights_are_damaged_is_503_and_one_that_does_not_fit_i
     assert client.app.state.chat_slots.busy == 0
 
 
+def test_an_adapter_config_with_a_rank_its_weights_do_not_have_is_503_before_peft_builds_it(
+    client: TestClient,
+) -> None:
+    """Repro: an adapter_config.json edited to r = 1000000000 made PEFT build layers of that rank: the request
+    waited for an allocation of 256 GB to fail and answered the allocator's raw text. The rank is checked
+    against the weights' header first: 503 storage_error naming it, and the base answers on."""
+    import json
+
+    from chat_helpers import random_adapter
+
+    settings = client.app.state.settings
+    version = random_adapter(settings, "huge-rank", 7)
+    config = settings.adapters_dir / "huge-rank" / version / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 1_000_000_000}))
+    status, body = chat(client, model=f"huge-rank@{version}")
+    assert status == 503, body
+    err = assert_openai_error(body, "server_error")
+    assert (
+        err["code"] == "storage_error"
+        and "adapter_config.json gives rank 1000000000, but its weights have rank" in err["message"]
+    ), err
+    assert chat(client)[0] == 200
+
+
 def test_the_base_model_is_retrieved_like_it_is_answered_while_the_registry_is_unreadable(client: TestClient) -> None:
     """Repro: with reports/training/lora-adapters.json damaged, chat with the base model answered, but
     GET /v1/models/luna-tiny was 503 registry_unreadable: the base needs no registry, for either."""

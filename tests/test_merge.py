@@ -182,6 +182,17 @@ def test_merging_again_into_a_merge_moved_elsewhere_and_linked_replaces_the_link
     assert there == "gone" or (moved / "model.safetensors").is_file()
 
 
+def _merge_and_gate_say(sentence: str) -> None:
+    """`merge` and `eval-gate` of luna-adapter@v1 each end in exactly `sentence`, exit 1."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1 and r.output.strip().splitlines() == [sentence], (args, r.output)
+
+
 def _merge_and_gate_say_damaged(what: str) -> None:
     """`merge` and `eval-gate` of luna-adapter@v1 each end in one sentence: `what` in its folder cannot be
     loaded, its files are damaged."""
@@ -215,7 +226,13 @@ def test_a_config_peft_cannot_load_is_one_sentence_for_merge_the_gate_and_the_ap
 
     path = settings.adapters_dir / "luna-adapter" / "v1" / "adapter_config.json"
     path.write_text(json.dumps(CONFIG_DAMAGE[damage](json.loads(path.read_text()))))
-    _merge_and_gate_say_damaged("The adapter")
+    if damage == "another rank":  # read from the weights' header before PEFT builds anything
+        _merge_and_gate_say(
+            "error: The files of luna-adapter@v1 under data/adapters are damaged (adapter_config.json gives rank 8, "
+            "but its weights have rank 4); train it again, or roll back to another version."
+        )
+    else:
+        _merge_and_gate_say_damaged("The adapter")
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         res = client.post("/assistant/training/eval-gate", json={"adapter": "luna-adapter@v1"})
     assert res.status_code == 503 and res.json()["error"]["code"] == "storage_error", res.text

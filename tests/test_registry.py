@@ -818,3 +818,27 @@ def test_activating_or_rolling_back_to_a_stale_version_says_it_is_stale(settings
         out = CliRunner().invoke(app, ["adapters", *args])
         expected = said + (note if args[-1] != "a@v2" else "")
         assert out.exit_code == 0 and out.output == expected, out.output
+
+
+def test_a_rank_the_weights_do_not_have_is_one_sentence_in_every_command_and_never_a_500(settings):
+    """Repro: an adapter_config.json edited to r = 1000000000: `eval-gate` and `merge` printed a traceback
+    (out of memory, exit 1) and POST /eval-gate answered 500 internal. The rank is checked against the
+    weights' header before PEFT builds anything: one sentence, exit 1, and 503 from the API."""
+    from chat_helpers import random_adapter
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from lunatrain.api.main import create_app
+    from lunatrain.cli import app
+
+    version = random_adapter(settings, "huge", 7)
+    config = settings.adapters_dir / "huge" / version / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 1_000_000_000}))
+    said = "adapter_config.json gives rank 1000000000, but its weights have rank"
+    for args in (["eval-gate", "--adapter", f"huge@{version}"], ["merge", "--adapter", f"huge@{version}"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and said in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        r = api.post("/assistant/training/eval-gate", json={"adapter": f"huge@{version}"})
+    assert r.status_code == 503 and said in r.json()["error"]["message"], r.text

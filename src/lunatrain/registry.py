@@ -889,7 +889,13 @@ def _damaged_files(path: Path) -> str | None:
     vocabularies = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
     if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
-    return _weights_problem(path / "adapter_model.safetensors")
+    problem, header = _weights_header(path / "adapter_model.safetensors")
+    return problem or _rank_problem(path, header)
+
+
+def files_problem(path: Path) -> str | None:
+    """What `readable_dir` finds wrong with the adapter files in `path` (serving checks before PEFT loads)."""
+    return _damaged_files(path)
 
 
 @contextlib.contextmanager
@@ -952,9 +958,10 @@ def _why(exc: DamagedFile | OSError) -> str:
     return exc.why if isinstance(exc, DamagedFile) else exc.strerror or str(exc)
 
 
-def _weights_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header length, a JSON header naming each tensor's byte range, then the
-    data: a file cut short or overwritten shows in the first two, without reading the weights."""
+def _weights_header(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """What makes a safetensors file unreadable, else None with its header. The file is an 8-byte header
+    length, a JSON header naming each tensor's byte range, then the data: a file cut short or overwritten
+    shows in the first two, without reading the weights."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -962,14 +969,14 @@ def _weights_problem(path: Path) -> str | None:
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             # safetensors' own cap on a header: a damaged length never makes this read gigabytes
             if not 0 < length <= min(size - 8, 100 << 20):
-                return f"{path.name} is cut short or not safetensors"
+                return f"{path.name} is cut short or not safetensors", {}
             header = json.loads(f.read(length))
     except OSError as exc:
-        return f"{path.name}: {_why(exc)}"
+        return f"{path.name}: {_why(exc)}", {}
     except (*JSON_FAULTS, UnicodeDecodeError):
-        return f"{path.name} has an unreadable header"
+        return f"{path.name} has an unreadable header", {}
     if not isinstance(header, dict):
-        return f"{path.name} has an unreadable header"
+        return f"{path.name} has an unreadable header", {}
     ends = [
         t["data_offsets"][1]
         for key, t in header.items()
@@ -979,7 +986,26 @@ def _weights_problem(path: Path) -> str | None:
         and t["data_offsets"]
     ]
     if not all(isinstance(end, int) for end in ends) or 8 + length + max(ends, default=0) > size:
-        return f"{path.name} is cut short"
+        return f"{path.name} is cut short", {}
+    return None, header
+
+
+def _rank_problem(path: Path, header: dict[str, Any]) -> str | None:
+    """A rank in adapter_config.json that the weights (`header`) do not have: PEFT builds the layers at that
+    rank before it loads the weights, so r = 10**9 ends in an allocation failure, not in a size mismatch."""
+    try:
+        config = read_json(path / "adapter_config.json", {})
+    except (DamagedFile, OSError):
+        return None  # said by the check of the JSON files
+    if not isinstance(config, dict) or config.get("rank_pattern"):
+        return None  # per-layer ranks: the load compares each
+    r = config.get("r")
+    ranks = sorted(
+        {t["shape"][0] for k, t in header.items() if ".lora_A." in k and isinstance(t, dict) and t.get("shape")}
+    )
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or (ranks and r not in ranks):
+        held = f", but its weights have rank {ranks[0]}" if ranks else ""
+        return f"adapter_config.json gives rank {r!r}{held}"
     return None
 
 

@@ -372,6 +372,12 @@ class Engine:
         path = target.path
         assert path is not None
         peft_name = f"adapter{next(self._names)}"  # PEFT names are module keys: no dots or @
+        if problem := registry.files_problem(path):  # said before PEFT builds layers from a config like r = 10**9
+            raise StorageError(
+                f"{target.model} could not be loaded onto the base model: its files under data/adapters are "
+                f"damaged ({problem}): train it again or use another version.",
+                details={"param": "model", "code": "storage_error"},
+            )
         try:
             with peft_quiet():
                 if isinstance(self.model, PeftModel):
