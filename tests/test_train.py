@@ -244,6 +244,24 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
     assert (other.path / "adapter_model.safetensors").read_bytes() != weights
 
 
+def test_a_cancel_during_the_last_step_is_honoured_before_the_run_publishes(settings):
+    """Repro: a job cancelled while its last step ran was answered "cancelling", then finished the step,
+    registered its version, skipped its gate and ended `succeeded`: the stop request was read only before
+    each step. It is read once more after the loop: the run ends cancelled and registers nothing."""
+    write_export(settings, make_records(40, val_every=5))
+    seen = []
+
+    def cancelled_during_the_last_step():
+        return any(e["type"] == "progress" and e["step"] == e["totalSteps"] for e in seen)
+
+    cut = run_lora(
+        _params(epochs=1, maxSteps=3), settings, on_event=seen.append, should_stop=cancelled_during_the_last_step
+    )
+    assert cut.status is Status.CANCELLED and cut.version is None, (cut.status, cut.error)
+    assert cut.error["message"] == "cancelled at step 3 of 3", cut.error
+    assert registry.list_adapters(settings) == {}
+
+
 def test_a_run_stopped_because_its_trainer_is_gone_says_interrupted_not_cancelled(settings):
     """Repro: a worker whose trainer was killed stopped its run as if the user had cancelled it: "training
     cancelled: cancelled at step 201 of 930" in the job's log and lora-latest.json, while the restarted

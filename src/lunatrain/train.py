@@ -646,21 +646,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 world, [sum(b.n_supervised for b in batches), float(bool(reason))], run.device
             )
             if stopping:
-                where = _stopped_at(run)
-                if isinstance(reason, str):
-                    raise Stop(
-                        Status.FAILED,
-                        "interrupted",
-                        f"Stopped at step {run.step} of {run.total_steps}: {reason}; "
-                        + (
-                            'submit it again (with `lunatrain lora --resume`, or `"resume": true` in the API, '
-                            "it continues from its last checkpoint)."
-                            if run.epoch
-                            else "no checkpoint was saved yet, so submit it again."
-                        ),
-                        where,
-                    )
-                raise Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}", where)
+                raise _stopped(run, reason)
             opt.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
             for batch in batches:
@@ -730,6 +716,31 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 **coded("log.epoch_done", epoch=epoch + 1, valLoss=val_loss),
             }
         emit({"type": "log", **said})
+    # A stop asked for during the last step is honoured before the run publishes: a version the user cancelled
+    # would otherwise be registered (and its gate skipped, the cancel turning it off).
+    reason = should_stop() if should_stop is not None else False
+    if distributed.sum_floats(world, [float(bool(reason))], run.device)[0]:
+        raise _stopped(run, reason)
+
+
+def _stopped(run: Run, reason: bool | str) -> Stop:
+    """The Stop for a stop request: True is a cancel; a sentence is why the run cannot go on (the worker's
+    trainer is gone)."""
+    where = _stopped_at(run)
+    if isinstance(reason, str):
+        return Stop(
+            Status.FAILED,
+            "interrupted",
+            f"Stopped at step {run.step} of {run.total_steps}: {reason}; "
+            + (
+                'submit it again (with `lunatrain lora --resume`, or `"resume": true` in the API, '
+                "it continues from its last checkpoint)."
+                if run.epoch
+                else "no checkpoint was saved yet, so submit it again."
+            ),
+            where,
+        )
+    return Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}", where)
 
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:
