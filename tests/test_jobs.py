@@ -7,6 +7,7 @@ Run: `.venv/bin/python -m pytest tests/test_jobs.py -q` (fast, no training).
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -179,6 +180,31 @@ def test_a_job_interrupted_before_its_first_epoch_ended_promises_no_checkpoint(s
         "The trainer stopped while this job was running, before its first epoch ended: no adapter was registered "
         "and no checkpoint saved; submit it again."
     )
+
+
+def test_a_checkpoint_the_orphaned_child_saved_after_the_trainer_died_is_promised_to_resume(store, settings):
+    """Repro: kill -9 of the trainer right at an epoch's end: its child lived on for a moment and saved the
+    epoch's checkpoint, but could not report it, and the restarted trainer said "before its first epoch ended
+    … no checkpoint saved; submit it again" beside the checkpoint on disk. Recovery looks on disk as well: a
+    checkpoint of this adapter saved since the job started means --resume continues from it."""
+    import time
+
+    job = queued(store, LoraParams(adapter_name="late"))
+    store.claim(job.id)
+    old = settings.adapters_dir / "late" / ".work" / "other-try" / "checkpoints" / "epoch-001"
+    old.mkdir(parents=True)
+    (old / "state.json").write_text("{}")
+    os.utime(old / "state.json", (time.time() - 3600, time.time() - 3600))  # an older try's: not this job's
+    saved = settings.adapters_dir / "late" / ".work" / "this-try" / "checkpoints" / "epoch-001"
+    recover(settings, store)
+    assert "before its first epoch ended" in store.get(job.id).error.message  # only an old try's checkpoint
+    job = queued(store, LoraParams(adapter_name="late"))
+    store.claim(job.id)
+    saved.mkdir(parents=True)
+    (saved / "state.json").write_text("{}")
+    recover(settings, store)
+    message = store.get(job.id).error.message
+    assert "before its first epoch ended" not in message and "`lunatrain lora --resume`" in message, message
 
 
 def test_recover_never_kills_a_reused_pid(store, settings):

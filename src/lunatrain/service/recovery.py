@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from datetime import datetime
 from typing import Any
 
 import psutil
@@ -108,7 +109,9 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
             pid=None,
             pid_started=None,
         )
-    if store.logged(job_id, "log.epoch_done"):  # said after each epoch's checkpoint is saved (train.py)
+    # Said after each epoch's checkpoint is saved (train.py); a child that outlived its trainer by a moment may
+    # have saved one it could not report: the disk says so too.
+    if store.logged(job_id, "log.epoch_done") or _checkpoint_since(settings, job):
         # Read by CLI and API users alike: name the switch in both their terms.
         message = (
             "The trainer stopped while this job was running and no adapter was registered; submit it again (with "
@@ -120,6 +123,19 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
             "registered and no checkpoint saved; submit it again."
         )
     return store.set_status(job_id, "failed", error={"code": "interrupted", "message": message})
+
+
+def _checkpoint_since(settings: Settings, job: Job) -> bool:
+    """Whether an epoch checkpoint of the job's adapter was saved since the job started (any try of its run:
+    the work directory's name needs the tokenizer to compute, and a resume takes the furthest of them)."""
+    if not job.started_at:
+        return False
+    try:
+        since = datetime.fromisoformat(job.started_at.replace("Z", "+00:00")).timestamp()
+        work = settings.adapters_dir / job.lora_params().adapter_name / ".work"
+        return any(p.stat().st_mtime >= since for p in work.glob("*/checkpoints/epoch-*/state.json"))
+    except (ValueError, OSError, LunaError):
+        return False
 
 
 def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str, Any] | None:
