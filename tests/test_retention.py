@@ -331,6 +331,29 @@ def test_a_local_run_applies_the_policy_as_a_trainer_job_does(settings: Settings
     assert len(caches) == 1 and retention.cache_fingerprint(caches[0]) == ex.read_summary(settings)["fingerprint"]
 
 
+def test_an_old_export_that_is_a_link_outside_goes_as_a_link_and_what_it_names_stays(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repro: an old export folder replaced by a link to a folder outside the data root was reported by every
+    `gc` as "Removed 1 export" while the link stayed: rmtree refuses a link, and its error was ignored. The
+    link itself goes; the folder it names, outside the data root, is never touched."""
+    monkeypatch.setenv("ASSISTANT_RETAIN_EXPORTS", "1")
+    store.add_examples(settings, [make_draft(prompt="Frage", response="Antwort")])
+    ex.export(settings)
+    first = ex.current_id(settings)
+    outside = tmp_path / "outside"
+    (settings.training_dir / ".exports" / first).rename(outside)
+    (settings.training_dir / ".exports" / first).symlink_to(outside)
+    store.add_examples(settings, [make_draft(prompt="Frage 2", response="Antwort 2")])
+    ex.export(settings)
+    r = CliRunner().invoke(app, ["gc"])  # under RETAIN_EXPORTS=1 the first export goes: the link
+    assert r.exit_code == 0 and "Removed 1 export" in r.output, r.output
+    assert not (settings.training_dir / ".exports" / first).is_symlink()
+    assert outside.is_dir() and any(outside.iterdir())
+    r = CliRunner().invoke(app, ["gc"])
+    assert r.exit_code == 0 and "export" not in r.output, r.output
+
+
 def test_a_dry_run_leaves_no_journal_files_beside_the_jobs_database(settings: Settings) -> None:
     """Repro: `gc --dry-run` (and `status`, any reader beside a stopped trainer) left `jobs.db-wal` and
     `jobs.db-shm` where there were none: SQLite makes both for a read-only reader of a WAL-mode database and

@@ -51,7 +51,7 @@ import sqlalchemy as sa
 
 from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
 from .formats import content_hash as content_hash_of
-from .fsio import dumps_json, file_lock, fsync_dir, read_json, storage_guard
+from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, storage_guard
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store
@@ -585,7 +585,7 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path
     doomed += sorted(p for p in root.iterdir() if p.name.endswith(".partial"))
     if not dry_run:
         for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
     return doomed
 
 

@@ -315,6 +315,15 @@ def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def remove_tree(path: Path) -> None:
+    """`path` gone, whatever it is: a folder with everything in it, or a link (only the link: what it names,
+    perhaps outside the data root, is never touched; rmtree refuses a link, and its error would be lost)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def holding(folder: Path) -> Iterator[None]:
     """`folder` (made if missing) marked in use for the block: a shared flock on the folder itself, which

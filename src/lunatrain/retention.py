@@ -40,7 +40,7 @@ from typing import Any
 
 from . import export
 from .errors import StorageError
-from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use
+from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, remove_tree
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
 from .wire import parse_iso, utc_now
@@ -290,7 +290,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
             )
         )
         if not dry_run:
-            shutil.rmtree(run, ignore_errors=True)
+            remove_tree(run)
     return items
 
 
@@ -300,5 +300,5 @@ def _staging(settings: Settings, dry_run: bool) -> list[Item]:
         for path, reason in abandoned_staging(parent):
             items.append(Item("staging", _rel(settings, path), _size(path), reason))
             if not dry_run:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
     return items
