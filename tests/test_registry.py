@@ -842,3 +842,32 @@ def test_a_rank_the_weights_do_not_have_is_one_sentence_in_every_command_and_nev
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
         r = api.post("/assistant/training/eval-gate", json={"adapter": f"huge@{version}"})
     assert r.status_code == 503 and said in r.json()["error"]["message"], r.text
+
+
+def test_an_adapter_file_linked_out_of_the_data_root_is_refused_like_a_linked_folder(settings, tmp_path):
+    """Repro: a version folder linked outside the data root was refused ("leaves the data root"), but an
+    adapter_model.safetensors inside it linked to a file outside (or to /etc/passwd) was opened and read by
+    eval-gate, merge and chat. A file of the folder that resolves outside is refused the same way."""
+    from chat_helpers import random_adapter
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    version = random_adapter(settings, "linked", 3)
+    folder = settings.adapters_dir / "linked" / version
+    entry = registry.get_version(settings, "linked", version)
+    assert registry.loadable(settings, entry)
+    outside = tmp_path / "outside.safetensors"
+    (folder / "adapter_model.safetensors").rename(outside)
+    (folder / "adapter_model.safetensors").symlink_to(outside)
+    assert not registry.loadable(settings, entry)
+    for args in (["eval-gate", "--adapter", f"linked@{version}"], ["merge", "--adapter", f"linked@{version}"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code in (1, 2) and r.output.count("\n") == 1, (args, r.output)
+        assert f"data/adapters/linked/{version}/adapter_model.safetensors' leaves the data root" in r.output, r.output
+    # a link that stays inside the data root is a file like any other
+    inner = settings.home / "kept.safetensors"
+    outside.rename(inner)
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").symlink_to(inner)
+    assert registry.loadable(settings, entry)

@@ -821,8 +821,13 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def missing_files(settings: Settings, entry: dict[str, Any]) -> list[str]:
-    """The files PEFT needs that `entry`'s folder lacks (none: it can be loaded)."""
+    """The files PEFT needs that `entry`'s folder lacks (none: it can be loaded). A file of the folder linked
+    out of the data root is refused as a linked folder is (UsageError): loading would read it from there."""
     path = adapter_dir(settings, entry)
+    with contextlib.suppress(OSError):
+        for child in path.iterdir():
+            if child.is_symlink():
+                inside(settings.home, entry.get("staged") or entry["path"], child.name)
     return [f for f in ADAPTER_FILES if not (path / f).is_file()]
 
 
