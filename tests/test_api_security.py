@@ -312,6 +312,35 @@ def test_malformed_content_length_is_a_400(server: Server) -> None:
     assert status == 400
 
 
+@pytest.mark.parametrize("path", ["/assistant/training/status", "/no/such/endpoint"])
+def test_a_broken_chunked_body_is_the_clients_fault_not_an_unexpected_error(
+    server: Server, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """Repro: a chunked body with an invalid chunk size, sent to a route that does not read the body, got
+    uvicorn's 400, and then the server logged "ERROR lunatrain.api: unexpected error" and "Exception in ASGI
+    application", each with an h11 traceback: the app's own answer could no longer be sent on the broken
+    connection. A client's broken framing is logged as one warning line, without a traceback."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        status, _, _ = server.raw(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".encode()
+        )
+        # The app's half runs after the server answered: wait for what it says (or would have said).
+        deadline = time.monotonic() + 30
+        while not any("broke off" in r.getMessage() or r.levelno >= logging.ERROR for r in caplog.records):
+            assert time.monotonic() < deadline, "the server said nothing about the request"
+            time.sleep(0.05)
+    assert status == 400
+    # Neither ours nor the server's: no traceback, no "unexpected error" (uvicorn still notes in one line that
+    # the app's answer was not completed, which it cannot be on the closed connection).
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert not any("unexpected error" in r.getMessage() for r in caplog.records)
+    [said] = [r for r in caplog.records if r.name == "lunatrain.api" and "broke off" in r.getMessage()]
+    assert said.levelno == logging.WARNING and said.exc_info is None and path in said.getMessage()
+
+
 # --- names and paths ----------------------------------------------------------------------------
 
 

@@ -175,6 +175,7 @@ def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
     answered in OpenAI's error shape. HEAD is answered as GET without the body."""
     app.state.openai_prefix = openai_prefix
     app.add_middleware(HeadAsGet)
+    app.add_middleware(ClientFraming)  # outside the others, inside the server's error handler
     app.add_exception_handler(LunaError, _luna)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
@@ -190,6 +191,34 @@ def _jsonable(details: object) -> object:
         return jsonable_encoder(details)
     except Exception:  # details are a courtesy; never let them turn a 4xx into a 500
         return str(details)
+
+
+class ClientFraming:
+    """A request whose HTTP framing the client broke (an invalid chunk size, a body cut off): the server has
+    answered 400 itself and closed the connection, and what the app then sends, or reads, fails (h11's
+    LocalProtocolError, Starlette's ClientDisconnect). That is the client's fault, said in one warning line,
+    not an "unexpected error" with a traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:
+            if scope["type"] != "http" or not _broken_by_client(exc):
+                raise
+            log.warning("the client broke off %s %s (%s)", scope["method"], scope["path"], type(exc).__name__)
+
+
+def _broken_by_client(exc: BaseException) -> bool:
+    from starlette.requests import ClientDisconnect
+
+    try:
+        from h11 import LocalProtocolError
+    except ImportError:  # another HTTP implementation under the server: only Starlette's own disconnect
+        return isinstance(exc, ClientDisconnect)
+    return isinstance(exc, ClientDisconnect | LocalProtocolError)
 
 
 class HeadAsGet:
