@@ -200,6 +200,25 @@ def test_a_response_opening_with_indented_code_keeps_its_first_lines_indent(db: 
         store.add_example(db, prompt="Zeig mir den Block.", response=code)
 
 
+def test_content_stored_before_the_first_line_kept_its_indent_is_found_on_reimport(
+    db: Settings, tmp_path: Path
+) -> None:
+    """Review repro: a database of the release before stored "    x = 1\n    y = 2" as "x = 1\n    y = 2",
+    under that text's hash; re-importing the same file after the upgrade added the indented text as a new
+    example, approved, although the stored one had been rejected. The earlier hash finds it."""
+    code = "    x = 1\n    if x:\n        y = 2"
+    before_upgrade = store.add_example(db, prompt="Der Block?", response=code.lstrip())  # as it was stored
+    store.set_status(db, [before_upgrade.id], "rejected")
+    path = tmp_path / "again.jsonl"
+    path.write_text(json.dumps({"prompt": "Der Block?", "response": code}) + "\n", encoding="utf-8")
+    snap = _snapshot(db)
+    result = store.import_file(db, path, source="curated", status=None)
+    assert (result.added, result.skipped_duplicates) == (0, 1)
+    with pytest.raises(Conflict, match=f"already exists \\(id {before_upgrade.id}\\)"):
+        store.add_example(db, prompt="Der Block?", response=code)
+    assert _snapshot(db) == snap
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -33,7 +33,7 @@ import itertools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args
@@ -74,6 +74,11 @@ def normalize_text(value: str) -> str:
     return text[text.rfind("\n", 0, len(text) - len(body)) + 1 :]
 
 
+def _trimmed_whole(value: str) -> str:
+    """`normalize_text` as it was before the first line of several kept its indent (`earlier_hash`)."""
+    return unicodedata.normalize("NFC", value).strip()
+
+
 NOT_UNICODE = "is not valid Unicode text (it holds a lone surrogate)"
 
 
@@ -102,13 +107,15 @@ def content_hash(
     prompt: str,
     response: str,
     context_only: Sequence[int] = (),
+    *,
+    trim: Callable[[str], str] = normalize_text,
 ) -> str:
     # A JSON array keeps field boundaries unambiguous ("a"+"bc" must not equal "ab"+"c").
     payload: list[Any] = [
-        normalize_text(system or ""),
-        [[role, normalize_text(content)] for role, content in turns],
-        normalize_text(prompt),
-        normalize_text(response),
+        trim(system or ""),
+        [[role, trim(content)] for role, content in turns],
+        trim(prompt),
+        trim(response),
     ]
     if context_only:  # only then: every example without such turns keeps the hash it always had
         payload.append(sorted(context_only))
@@ -147,6 +154,17 @@ class ExampleDraft:
         object.__setattr__(
             self, "hash", content_hash(self.system, self.turns, self.prompt, self.response, self.context_only)
         )
+
+    @property
+    def earlier_hash(self) -> str | None:
+        """The hash this content had when trimming took the first line's indent too (releases before it kept
+        it), where that differs: a database of those releases holds the content under it, and a re-import
+        must find it there (or it would come back as new, approved even where it had been rejected). Goes
+        when no database stored before this rule is in use."""
+        earlier = content_hash(
+            self.system, self.turns, self.prompt, self.response, self.context_only, trim=_trimmed_whole
+        )
+        return earlier if earlier != self.hash else None
 
     def stored_turns(self) -> list[dict[str, Any]] | None:
         """The prior turns as the examples table keeps them: role and content, and `weight: 0` on a turn

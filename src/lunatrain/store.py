@@ -528,6 +528,14 @@ def _existing(conn: Connection, table: sa.Table, hashes: Sequence[str]) -> dict[
     return found
 
 
+def _stored_earlier(conn: Connection, drafts: Sequence[ExampleDraft]) -> dict[str, int]:
+    """{hash: id} of the drafts whose content is stored under its earlier hash (`ExampleDraft.earlier_hash`)."""
+    earlier = {d.earlier_hash: d.hash for d in drafts if d.earlier_hash}
+    if not earlier:
+        return {}
+    return {earlier[h]: i for h, i in _existing(conn, examples_table, list(earlier)).items()}
+
+
 def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
     # Content that is back in the data no longer makes adapters trained on it stale.
     for i in range(0, len(hashes), _CHUNK):
@@ -551,7 +559,7 @@ def _add_drafts(
     # In chunks of one transaction: the rows of a large file are never all built at once.
     for i in range(0, len(hashes), _CHUNK):
         chunk = hashes[i : i + _CHUNK]
-        existing = _existing(conn, examples_table, chunk)
+        existing = _existing(conn, examples_table, chunk) | _stored_earlier(conn, [unique[h] for h in chunk])
         rows = [_example_row(h, unique[h], source, status, now) for h in chunk if h not in existing]
         # A chunk's drafts are done with once its rows exist: binding a text caches its UTF-8 bytes on the
         # string (CPython), so a large import's drafts would otherwise double in memory until the end.
@@ -641,7 +649,7 @@ def add_example(
     _check_choice(source, SOURCES, "source")
     status_ = _default_status(source, status)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, examples_table, [draft.hash])
+        dup = _existing(conn, examples_table, [draft.hash]) | _stored_earlier(conn, [draft])
         if dup:
             raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
         _add_drafts(conn, [draft], source, status_)
