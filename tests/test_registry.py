@@ -842,6 +842,13 @@ def test_a_rank_the_weights_do_not_have_is_one_sentence_in_every_command_and_nev
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
         r = api.post("/assistant/training/eval-gate", json={"adapter": f"huge@{version}"})
     assert r.status_code == 503 and said in r.json()["error"]["message"], r.text
+    # A rank_pattern does not hide it: the layers the pattern does not name are built at r.
+    entry = registry.get_version(settings, "huge", version)
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"rank_pattern": {"q_proj": 4}}))
+    with pytest.raises(DamagedFile, match="gives rank 1000000000, but its weights have rank 4 at most"):
+        registry.readable_dir(settings, entry)
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 4}))
+    assert registry.readable_dir(settings, entry)
 
 
 def test_an_adapter_file_linked_out_of_the_data_root_is_refused_like_a_linked_folder(settings, tmp_path):

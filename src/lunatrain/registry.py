@@ -1002,15 +1002,22 @@ def _rank_problem(path: Path, header: dict[str, Any]) -> str | None:
         config = read_json(path / "adapter_config.json", {})
     except (DamagedFile, OSError):
         return None  # said by the check of the JSON files
-    if not isinstance(config, dict) or config.get("rank_pattern"):
-        return None  # per-layer ranks: the load compares each
+    if not isinstance(config, dict):
+        return None
     r = config.get("r")
+    pattern = config.get("rank_pattern") or {}
+    declared = [r, *(pattern.values() if isinstance(pattern, dict) else [None])]
     ranks = sorted(
         {t["shape"][0] for k, t in header.items() if ".lora_A." in k and isinstance(t, dict) and t.get("shape")}
     )
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or (ranks and r not in ranks):
-        held = f", but its weights have rank {ranks[0]}" if ranks else ""
-        return f"adapter_config.json gives rank {r!r}{held}"
+    for rank in declared:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            return f"adapter_config.json gives rank {rank!r}"
+    if ranks and not pattern and r not in ranks:
+        return f"adapter_config.json gives rank {r!r}, but its weights have rank {ranks[0]}"
+    # Per-layer ranks (rank_pattern): layers it does not name are built at `r`; none may exceed the weights'.
+    if ranks and max(declared) > ranks[-1]:
+        return f"adapter_config.json gives rank {max(declared)!r}, but its weights have rank {ranks[-1]} at most"
     return None
 
 
