@@ -260,6 +260,16 @@ def test_a_cancel_during_the_last_step_is_honoured_before_the_run_publishes(sett
     assert cut.status is Status.CANCELLED and cut.version is None, (cut.status, cut.error)
     assert cut.error["message"] == "cancelled at step 3 of 3", cut.error
     assert registry.list_adapters(settings) == {}
+    # A trainer gone after the last step is no cancel: the finished run publishes (recovery settles the job).
+    seen.clear()
+
+    def trainer_gone_after_the_last_step():
+        return cancelled_during_the_last_step() and "the trainer process is gone"
+
+    done = run_lora(
+        _params(epochs=1, maxSteps=3), settings, on_event=seen.append, should_stop=trainer_gone_after_the_last_step
+    )
+    assert done.ok and done.version == "v1", done.error
 
 
 def test_a_run_stopped_because_its_trainer_is_gone_says_interrupted_not_cancelled(settings):

@@ -716,11 +716,12 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
                 **coded("log.epoch_done", epoch=epoch + 1, valLoss=val_loss),
             }
         emit({"type": "log", **said})
-    # A stop asked for during the last step is honoured before the run publishes: a version the user cancelled
-    # would otherwise be registered (and its gate skipped, the cancel turning it off).
-    reason = should_stop() if should_stop is not None else False
-    if distributed.sum_floats(world, [float(bool(reason))], run.device)[0]:
-        raise _stopped(run, reason)
+    # A cancel asked for during the last step is honoured before the run publishes: a version the user
+    # cancelled would otherwise be registered (and its gate skipped, the cancel turning it off). A trainer gone
+    # by now is no reason to drop a finished run: it publishes, and the restarted trainer settles the job.
+    cancel = should_stop is not None and should_stop() is True
+    if distributed.sum_floats(world, [float(cancel)], run.device)[0]:
+        raise _stopped(run, True)
 
 
 def _stopped(run: Run, reason: bool | str) -> Stop:
