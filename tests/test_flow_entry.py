@@ -553,6 +553,12 @@ def test_what_makes_a_day_unchanged_is_the_export_the_parameters_and_the_base(se
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None  # nothing trained
     assert run_lora(params, settings).ok
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
+    # trained by two processes (the trainer's ASSISTANT_LORA_GPUS=2): another combined batch, another run
+    report_file = settings.adapters_dir / "luna-adapter" / "v1" / registry.REPORT_FILE
+    saved = report_file.read_text()
+    report_file.write_text(json.dumps(json.loads(saved) | {"dataParallel": {"ranks": 2, "backend": "gloo"}}))
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None
+    report_file.write_text(saved)
     for changed in ({"seed": 8}, {"datasetTier": "merged"}, {"chatTemplate": "chatml"}, {"adapterName": "other"}):
         other = parse_params(params.wire() | changed)
         assert flow.unchanged_version(settings, other, prepare.prepare(settings, other)) is None, changed
@@ -578,6 +584,28 @@ def test_a_day_that_would_repeat_a_refused_version_fails_and_says_how_to_use_it(
         assert "NAME" not in error and "`lunatrain adapters show luna-adapter@v1` says why" in error, error
         assert "`lunatrain adapters activate luna-adapter@v1`" in error, error
     assert "was trained on this export with these parameters; not trained again" in error, error
+    assert "gated now, it is refused" in error, error
+    # Nothing changed but the gate's thresholds: the same version is judged again under them, not retrained.
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])
+    assert r.exit_code == 0 and "gated now, it passed" in r.output, r.output
+    assert _versions(settings) == ["v1"] and registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"
+    store.dispose_stores()
+
+
+def test_a_repeat_of_a_version_never_gated_gates_it_instead_of_passing_it_by(settings, tiny):
+    """Review repro: a newest version without a gate decision (trained with --no-gate, a gate that failed to
+    run, a trainer gone before its gate) counted as repeated and passed: the flow said "not trained again"
+    and exited 0 with the version never judged nor active. It is gated now."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST, "--no-gate"])
+    assert r.exit_code == 0 and _versions(settings) == ["v1"], r.output
+    assert registry.get_version(settings, "luna-adapter", "v1").get("gate") is None
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    assert r.exit_code == 0 and "not trained again" in r.output and "gated now, it passed" in r.output, r.output
+    assert registry.get_version(settings, "luna-adapter", "v1")["gate"]["passed"] is True
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1" and _versions(settings) == ["v1"]
     store.dispose_stores()
 
 

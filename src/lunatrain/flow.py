@@ -22,6 +22,7 @@ from typing import Any
 from . import evalgate, export, prepare, registry
 from .compat import with_bitsandbytes
 from .errors import CheckFailed, LunaError, StorageError, UsageError
+from .fsio import read_json
 from .messages import coded
 from .params import FlowOptions, LoraParams
 from .settings import PREPARE_REPORT, Settings
@@ -433,20 +434,32 @@ def run_flow(
 
     def refused(ref: str) -> dict[str, Any]:
         return {
-            "fix": f"`lunatrain adapters show {ref}` says why; change the data or the parameters and run again, "
-            f"or use it anyway with `lunatrain adapters activate {ref}`"
+            "fix": f"`lunatrain adapters show {ref}` says why; change the data or the parameters and run again "
+            f"(`lunatrain adapters activate {ref}` serves it anyway, and the gate step of later runs then judges it "
+            "against the base model)"
         }
 
     def repeat(entry: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:
-        """The step when nothing changed since `entry`: no run, the version it would repeat named instead."""
-        result.adapter = entry
+        """The step when nothing changed since `entry`: no run; the version it would repeat is named, and gated
+        now when the gate has not passed it (never gated, a gate that failed to run, thresholds or a suite
+        changed since it refused): a decision is made on it, not on a copy of it."""
         ref = f"{entry['name']}@{entry['version']}"
-        gate = entry.get("gate") or {}
         said = f"{ref} was trained on this export with these parameters; not trained again (--retrain trains anyway)"
-        detail = {"status": "unchanged", "adapter": {"name": entry["name"], "version": entry["version"]}}
-        if options.gate and gate and not gate.get("passed"):
-            reasons = "; ".join(gate.get("reasons") or []) or gate.get("status") or "not passed"
-            return False, f"{said}, and the eval gate refused it ({reasons})", detail | refused(ref)
+        detail: dict[str, Any] = {
+            "status": "unchanged",
+            "adapter": {"name": entry["name"], "version": entry["version"]},
+        }
+        if options.gate and not (entry.get("gate") or {}).get("passed"):
+            report = evalgate.gate_candidate(
+                settings, entry["name"], entry["version"], revision=entry.get("revision"), thresholds=gate_thresholds
+            )
+            detail["gate"] = report.gate_record()
+            entry = registry.get_version(settings, entry["name"], entry["version"])
+            if not report.passed:
+                result.adapter = entry
+                return False, f"{said}; gated now, it is refused ({'; '.join(report.reasons)})", detail | refused(ref)
+            said += "; gated now, it passed"
+        result.adapter = entry
         return True, said, detail
 
     step("eval-gate", gate_current)
@@ -473,6 +486,9 @@ def unchanged_version(settings: Settings, params: LoraParams, prepared: prepare.
         return None
     newest = on_base[-1]
 
+    if newest.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
+        return None
+
     def run_params(wire: Any) -> dict[str, Any]:  # the base counts by its fingerprint, not by its name
         return {k: v for k, v in wire.items() if k not in ("resume", "baseModel")} if isinstance(wire, dict) else {}
 
@@ -482,8 +498,19 @@ def unchanged_version(settings: Settings, params: LoraParams, prepared: prepare.
         and run_params(newest.get("params")) == run_params(params.wire())
         and newest.get("templateHash") == prepared.template.get("hash")
         and newest.get("tokenizerHash") == prepared.template.get("tokenizerHash")
+        and _ranks(settings, newest) == prepared.estimate.get("ranks", 1)  # ranks make the combined batch
     )
     return newest if same else None
+
+
+def _ranks(settings: Settings, entry: dict[str, Any]) -> int | None:
+    """How many processes trained `entry` (its training report; None when it cannot be read)."""
+    try:
+        report = read_json(registry.adapter_dir(settings, entry) / registry.REPORT_FILE, {})
+        ranks = (report.get("dataParallel") or {}).get("ranks", 1)
+    except (LunaError, AttributeError):
+        return None
+    return ranks if isinstance(ranks, int) else None
 
 
 def versus_base(val: float, base: float) -> str:
