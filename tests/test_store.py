@@ -217,6 +217,10 @@ def test_content_stored_before_the_first_line_kept_its_indent_is_found_on_reimpo
     with pytest.raises(Conflict, match=f"already exists \\(id {before_upgrade.id}\\)"):
         store.add_example(db, prompt="Der Block?", response=code)
     assert _snapshot(db) == snap
+    # A memory item likewise
+    item = store.add_memory(db, question="Welcher Block?", answer=code.lstrip())
+    with pytest.raises(Conflict, match=f"already exists \\(id {item.id}\\)"):
+        store.add_memory(db, question="Welcher Block?", answer=code)
 
 
 @pytest.mark.parametrize(

@@ -536,6 +536,17 @@ def _stored_earlier(conn: Connection, drafts: Sequence[ExampleDraft]) -> dict[st
     return {earlier[h]: i for h, i in _existing(conn, examples_table, list(earlier)).items()}
 
 
+def _memory_stored_earlier(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """`_stored_earlier` for memory items' rows (`_memory_values`)."""
+    earlier = {}
+    for row in rows:
+        if found := formats.make_draft(prompt=row["question"], response=row["answer"]).earlier_hash:
+            earlier[found] = row["hash"]
+    if not earlier:
+        return {}
+    return {earlier[h]: i for h, i in _existing(conn, memory_table, list(earlier)).items()}
+
+
 def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
     # Content that is back in the data no longer makes adapters trained on it stale.
     for i in range(0, len(hashes), _CHUNK):
@@ -858,7 +869,7 @@ def add_memory(
     Raises UsageError for invalid fields and Conflict when the same question/answer is stored."""
     values = _memory_values(question=question, answer=answer, topic=topic, status=status, tags=tags)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, memory_table, [values["hash"]])
+        dup = _existing(conn, memory_table, [values["hash"]]) | _memory_stored_earlier(conn, [values])
         if dup:
             raise Conflict(
                 f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
@@ -876,7 +887,7 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
         values = _memory_values(**item)
         rows.setdefault(values["hash"], values)  # the first of two equal items in one batch
     with open_store(settings).write() as conn:
-        stored = _existing(conn, memory_table, list(rows))
+        stored = _existing(conn, memory_table, list(rows)) | _memory_stored_earlier(conn, list(rows.values()))
         new = [v for h, v in rows.items() if h not in stored]
         if new:
             _insert_memory(conn, new)
