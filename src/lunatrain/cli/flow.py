@@ -248,7 +248,6 @@ def run(
     command: str,
     profile: str | None,
     flags: dict[str, Any],
-    *,
     local: bool,
     ensure: bool,
     dry_run: bool,
@@ -320,16 +319,7 @@ def auto_cmd(
     retrain: RetrainOpt = False,
 ) -> None:
     """The full flow (train:auto): eval-gate, export, prepare, lora — stops at the first failure."""
-    run(
-        "auto",
-        profile,
-        lora_flags,
-        local=local,
-        ensure=ensure_trainer_flag,
-        dry_run=dry_run,
-        adapter=adapter,
-        retrain=retrain,
-    )
+    run("auto", profile, lora_flags, local, ensure_trainer_flag, dry_run, adapter, retrain)
 
 
 @app.command("luna")
@@ -343,13 +333,4 @@ def luna_cmd(
     retrain: RetrainOpt = False,
 ) -> None:
     """`auto` with the Luna profile (train:luna): luna-adapter, versioned, curated tier unless given."""
-    run(
-        "luna",
-        "luna",
-        lora_flags,
-        local=local,
-        ensure=ensure_trainer_flag,
-        dry_run=dry_run,
-        adapter=adapter,
-        retrain=retrain,
-    )
+    run("luna", "luna", lora_flags, local, ensure_trainer_flag, dry_run, adapter, retrain)
