@@ -217,6 +217,15 @@ def test_content_stored_before_the_first_line_kept_its_indent_is_found_on_reimpo
     with pytest.raises(Conflict, match=f"already exists \\(id {before_upgrade.id}\\)"):
         store.add_example(db, prompt="Der Block?", response=code)
     assert _snapshot(db) == snap
+    # One file holding both: the first is kept, as when they come in two files.
+    both = tmp_path / "both.jsonl"
+    rows = [{"prompt": "Noch ein Block?", "response": t} for t in ("y = 1\n    z = 2", "    y = 1\n    z = 2")]
+    both.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = store.import_file(db, both, source="curated", status=None)
+    assert (result.added, result.skipped_duplicates) == (1, 1)
+    both.write_text("".join(json.dumps(r | {"prompt": "Umgekehrt?"}) + "\n" for r in rows[::-1]), encoding="utf-8")
+    result = store.import_file(db, both, source="curated", status=None)
+    assert (result.added, result.skipped_duplicates) == (1, 1)
     # A memory item likewise
     item = store.add_memory(db, question="Welcher Block?", answer=code.lstrip())
     with pytest.raises(Conflict, match=f"already exists \\(id {item.id}\\)"):

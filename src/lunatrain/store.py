@@ -560,10 +560,17 @@ def _add_drafts(
     ours; approved unless `status`), else curated; `status` None: each draft's own, else the source's
     default."""
     unique: dict[str, ExampleDraft] = {}
+    earlier: set[str] = set()
     total = 0
     for draft in drafts:
         total += 1
+        # A text and the same text with its first line indented are one example, the first one kept
+        # (`ExampleDraft.earlier_hash`), in either order within one file.
+        if draft.earlier_hash in unique or draft.hash in earlier:
+            continue
         unique.setdefault(draft.hash, draft)
+        if draft.earlier_hash:
+            earlier.add(draft.earlier_hash)
     now = utc_now()
     added = 0
     hashes = list(unique)
