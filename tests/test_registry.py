@@ -845,9 +845,13 @@ def test_a_rank_the_weights_do_not_have_is_one_sentence_in_every_command_and_nev
     # A rank_pattern does not hide it: the layers the pattern does not name are built at r.
     entry = registry.get_version(settings, "huge", version)
     config.write_text(json.dumps(json.loads(config.read_text()) | {"rank_pattern": {"q_proj": 4}}))
-    with pytest.raises(DamagedFile, match="gives rank 1000000000, but its weights have rank 4 at most"):
+    with pytest.raises(DamagedFile, match=r"gives rank 1000000000, over the largest a run may ask for \(1024\)"):
         registry.readable_dir(settings, entry)
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 4}))
+    with pytest.raises(DamagedFile, match="gives rank 64 in its rank_pattern, but its weights have rank 4 at most"):
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 4, "rank_pattern": {"q_proj": 64}}))
+        registry.readable_dir(settings, entry)
+    # r beside a pattern that names every layer builds nothing: any sound r loads (review: r 64, pattern 4)
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 64, "rank_pattern": {"q_proj": 4}}))
     assert registry.readable_dir(settings, entry)
 
 

@@ -995,6 +995,9 @@ def _weights_header(path: Path) -> tuple[str | None, dict[str, Any]]:
     return None, header
 
 
+MAX_RANK = 1024  # LoraParams.rank's bound: an adapter config beyond it is no adapter a run made
+
+
 def _rank_problem(path: Path, header: dict[str, Any]) -> str | None:
     """A rank in adapter_config.json that the weights (`header`) do not have: PEFT builds the layers at that
     rank before it loads the weights, so r = 10**9 ends in an allocation failure, not in a size mismatch."""
@@ -1015,9 +1018,12 @@ def _rank_problem(path: Path, header: dict[str, Any]) -> str | None:
             return f"adapter_config.json gives rank {rank!r}"
     if ranks and not pattern and r not in ranks:
         return f"adapter_config.json gives rank {r!r}, but its weights have rank {ranks[0]}"
-    # Per-layer ranks (rank_pattern): layers it does not name are built at `r`; none may exceed the weights'.
-    if ranks and max(declared) > ranks[-1]:
-        return f"adapter_config.json gives rank {max(declared)!r}, but its weights have rank {ranks[-1]} at most"
+    # Per-layer ranks (rank_pattern): each rank it gives must be one the weights have; `r` builds only the layers
+    # it does not name, perhaps none, so it is held to the largest rank a run may ask for.
+    if ranks and (bad := [k for k in declared[1:] if k not in ranks]):
+        return f"adapter_config.json gives rank {bad[0]!r} in its rank_pattern, but its weights have rank {ranks[-1]} at most"
+    if r > MAX_RANK:
+        return f"adapter_config.json gives rank {r!r}, over the largest a run may ask for ({MAX_RANK})"
     return None
 
 
