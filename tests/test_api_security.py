@@ -395,3 +395,29 @@ def test_start_refuses_paths_and_unknown_flags(shared_server: Server, params: di
         params.get("baseModel"), "base_model.not_a_model" if "baseModel" in params else "invalid_request"
     )
     assert status == 422 and body["error"]["code"] == code, body
+
+
+def test_a_protocol_error_of_our_own_answer_is_no_client_fault() -> None:
+    """Review repro: the middleware took every h11 LocalProtocolError for the client's, so a response of ours
+    that broke the protocol after it started (a body longer than its Content-Length) was logged as "the
+    client broke off". Only an answer that could not even start is the client's doing."""
+    import asyncio
+
+    import h11
+
+    from lunatrain.web.handlers import ClientFraming
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1")]})
+        raise h11.LocalProtocolError("Too much data for declared Content-Length")
+
+    async def never_started(scope, receive, send):
+        raise h11.LocalProtocolError("can't handle event type Response when role=SERVER and state=MUST_CLOSE")
+
+    async def send(message):
+        return None
+
+    scope = {"type": "http", "method": "GET", "path": "/x"}
+    with pytest.raises(h11.LocalProtocolError, match="Too much data"):
+        asyncio.run(ClientFraming(app)(scope, None, send))
+    asyncio.run(ClientFraming(never_started)(scope, None, send))  # the client's: said in a warning, not raised

@@ -203,22 +203,34 @@ class ClientFraming:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            await send(message)
+            started = started or message["type"] == "http.response.start"
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, sending)
         except Exception as exc:
-            if scope["type"] != "http" or not _broken_by_client(exc):
+            if scope["type"] != "http" or not _broken_by_client(exc, started):
                 raise
             log.warning("the client broke off %s %s (%s)", scope["method"], scope["path"], type(exc).__name__)
 
 
-def _broken_by_client(exc: BaseException) -> bool:
+def _broken_by_client(exc: BaseException, started: bool) -> bool:
+    """Starlette's ClientDisconnect; h11's LocalProtocolError only where our answer could not even start (the
+    server had answered and closed): once it started, the protocol error is our response's own (a body longer
+    than its Content-Length), a server error like any other."""
     from starlette.requests import ClientDisconnect
 
+    if isinstance(exc, ClientDisconnect):
+        return True
     try:
         from h11 import LocalProtocolError
     except ImportError:  # another HTTP implementation under the server: only Starlette's own disconnect
-        return isinstance(exc, ClientDisconnect)
-    return isinstance(exc, ClientDisconnect | LocalProtocolError)
+        return False
+    return isinstance(exc, LocalProtocolError) and not started
 
 
 class HeadAsGet:
