@@ -558,7 +558,10 @@ def test_what_makes_a_day_unchanged_is_the_export_the_parameters_and_the_base(se
     saved = report_file.read_text()
     report_file.write_text(json.dumps(json.loads(saved) | {"dataParallel": {"ranks": 2, "backend": "gloo"}}))
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None
+    # what counts is the processes the flow's lora step trains in (`--local`: one, whatever the trainer's)
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params), ranks=2)["version"] == "v1"
     report_file.write_text(saved)
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params), ranks=2) is None
     for changed in ({"seed": 8}, {"datasetTier": "merged"}, {"chatTemplate": "chatml"}, {"adapterName": "other"}):
         other = parse_params(params.wire() | changed)
         assert flow.unchanged_version(settings, other, prepare.prepare(settings, other)) is None, changed
@@ -589,6 +592,27 @@ def test_a_day_that_would_repeat_a_refused_version_fails_and_says_how_to_use_it(
     r = CliRunner().invoke(app, ["auto", "--local", *FAST])
     assert r.exit_code == 0 and "gated now, it passed" in r.output, r.output
     assert _versions(settings) == ["v1"] and registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"
+    store.dispose_stores()
+
+
+def test_a_repeat_of_the_active_version_reuses_the_first_steps_decision(settings, tiny, home, monkeypatch):
+    """Review repro: a refused version activated by hand was evaluated twice by the next `auto`: by the first
+    step (the active version, against the base model) and again by the lora step's repeat, under the same
+    thresholds; on a real model that doubles the gate's minutes. The repeat records the first decision."""
+    from lunatrain import evalgate, store
+
+    store.load_seed(settings)
+    (home / "profiles").mkdir()
+    (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")
+    assert CliRunner().invoke(app, ["auto", "--local", "--profile", "strict", *FAST]).exit_code == 1
+    assert CliRunner().invoke(app, ["adapters", "activate", "luna-adapter@v1"]).exit_code == 0
+    runs = []
+    real = evalgate._run
+    monkeypatch.setattr(evalgate, "_run", lambda *a, **k: runs.append(a[1]) or real(*a, **k))
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])
+    assert r.exit_code == 0 and "gated now, it passed" in r.output, r.output
+    assert len(runs) == 1, runs
+    assert registry.get_version(settings, "luna-adapter", "v1")["gate"]["passed"] is True
     store.dispose_stores()
 
 

@@ -312,12 +312,14 @@ def run_flow(
     gate_thresholds: dict[str, Any] | None = None,
     on_step: Callable[[str], None] | None = None,
     retrain: bool = False,
+    ranks: int | None = None,
 ) -> FlowResult:
     """Run the four steps in order; the first gates `adapter` (NAME or NAME@VERSION) when given, else the
     active adapter on the base model. Returns the result when all pass — including the eval gate on the newly
     trained version, when gating is on; raises CheckFailed (exit 1) naming the failed step and the fix, with
     the partial result in `details`. The lora step trains nothing when the adapter's newest version on the
-    base was trained on this export with these parameters (`unchanged_version`), unless `retrain`."""
+    base was trained on this export with these parameters (`unchanged_version`), unless `retrain`. `ranks`: the
+    processes the lora step trains in (1 in this process), else the trainer's, as prepare counts them."""
     params = resolve_base(settings, params)
     if adapter:
         from .registry import parse_ref
@@ -365,6 +367,8 @@ def run_flow(
             fix = detail.get("fix") or _FIX[name].format(name=params.adapter_name)
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {fix}.", details=result)
 
+    gated_first: list[evalgate.GateReport] = []  # the first step's decision, which the lora step may reuse
+
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
         report = evalgate.eval_gate(
             settings,
@@ -374,6 +378,7 @@ def run_flow(
             thresholds=gate_thresholds,
             chat_template=params.chat_template,
         )
+        gated_first.append(report)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
         name = str(ref).partition("@")[0] if "@" in str(ref) else params.adapter_name
@@ -415,7 +420,7 @@ def run_flow(
 
     def lora() -> tuple[bool, str, dict[str, Any]]:
         name = params.adapter_name
-        if not retrain and (same := unchanged_version(settings, params, prepared[-1])) is not None:
+        if not retrain and (same := unchanged_version(settings, params, prepared[-1], ranks)) is not None:
             return repeat(same)
         outcome = lora_step(settings, params, options)
         trained = outcome.get("adapter") or {}
@@ -450,9 +455,20 @@ def run_flow(
             "adapter": {"name": entry["name"], "version": entry["version"]},
         }
         if options.gate and not (entry.get("gate") or {}).get("passed"):
-            report = evalgate.gate_candidate(
-                settings, entry["name"], entry["version"], revision=entry.get("revision"), thresholds=gate_thresholds
-            )
+            first = gated_first[0] if gated_first else None
+            if first and first.passed and first.candidate.get("ref") == ref and not entry.get("revision"):
+                # The first step judged this very version (the active one, against the base model) a moment
+                # ago, under the same thresholds: its decision is recorded instead of evaluating it again.
+                report = first
+                registry.record_gate(settings, entry["name"], entry["version"], report.gate_record())
+            else:
+                report = evalgate.gate_candidate(
+                    settings,
+                    entry["name"],
+                    entry["version"],
+                    revision=entry.get("revision"),
+                    thresholds=gate_thresholds,
+                )
             detail["gate"] = report.gate_record()
             entry = registry.get_version(settings, entry["name"], entry["version"])
             if not report.passed:
@@ -469,7 +485,9 @@ def run_flow(
     return result
 
 
-def unchanged_version(settings: Settings, params: LoraParams, prepared: prepare.PrepareReport) -> dict[str, Any] | None:
+def unchanged_version(
+    settings: Settings, params: LoraParams, prepared: prepare.PrepareReport, ranks: int | None = None
+) -> dict[str, Any] | None:
     """The adapter's newest version on the base `prepared` checked, when it was trained on this very export
     with these parameters, tokenizer and chat template: a run now would repeat it (the same seed gives the same
     weights), and add a version that differs from it in nothing. None when anything differs, or is unknown."""
@@ -498,7 +516,7 @@ def unchanged_version(settings: Settings, params: LoraParams, prepared: prepare.
         and run_params(newest.get("params")) == run_params(params.wire())
         and newest.get("templateHash") == prepared.template.get("hash")
         and newest.get("tokenizerHash") == prepared.template.get("tokenizerHash")
-        and _ranks(settings, newest) == prepared.estimate.get("ranks", 1)  # ranks make the combined batch
+        and _ranks(settings, newest) == (ranks or prepared.estimate.get("ranks", 1))  # the combined batch
     )
     return newest if same else None
 

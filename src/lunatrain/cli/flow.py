@@ -295,6 +295,7 @@ def run(
             gate_thresholds=r.gate,
             on_step=lambda name: typer.echo(f"==> {name}"),
             retrain=retrain,
+            ranks=1 if local else None,
         )
     except LunaError as err:
         partial = err.details if isinstance(err.details, FlowResult) else None
