@@ -331,7 +331,7 @@ def test_a_broken_chunked_body_is_the_clients_fault_not_an_unexpected_error(
         deadline = time.monotonic() + 30
         while not any("broke off" in r.getMessage() or r.levelno >= logging.ERROR for r in caplog.records):
             assert time.monotonic() < deadline, "the server said nothing about the request"
-            time.sleep(0.05)
+            time.sleep(0.05)  # a poll with a deadline, not a wait for a set time: a busy machine takes longer
     assert status == 400
     # Neither ours nor the server's: no traceback, no "unexpected error" (uvicorn still notes in one line that
     # the app's answer was not completed, which it cannot be on the closed connection).

@@ -17,8 +17,8 @@ rate is below `min_golden_pass_rate` (absolute, for real models), when val or te
 the golden pass rate drops by more than `max_golden_pass_rate_drop`, or a loss rises by more than
 `max_loss_regression` (relative). Baseline: the active version of the candidate's adapter on its base (its
 recorded gate metrics when they were measured on the same suite, data, base and length, else evaluated
-now), else the base model; the base model too when the candidate is that active version itself. On the built-in random-weight model only the relative rules mean anything,
-hence the absolute minimum defaults to 0.
+now), else the base model; the base model too when the candidate is that active version itself. On the
+built-in random-weight model only the relative rules mean anything, hence the absolute minimum defaults to 0.
 """
 
 from __future__ import annotations

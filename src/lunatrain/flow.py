@@ -381,7 +381,7 @@ def run_flow(
         gated_first.append(report)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
-        name = str(ref).partition("@")[0] if "@" in str(ref) else params.adapter_name
+        name = report.candidate.get("name") or params.adapter_name  # None when the base model was judged
         return (
             report.passed,
             f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -155,12 +156,15 @@ class ExampleDraft:
             self, "hash", content_hash(self.system, self.turns, self.prompt, self.response, self.context_only)
         )
 
-    @property
+    @functools.cached_property
     def earlier_hash(self) -> str | None:
         """The hash this content had when trimming took the first line's indent too (releases before it kept
         it), where that differs: a database of those releases holds the content under it, and a re-import
         must find it there (or it would come back as new, approved even where it had been rejected). Goes
         when no database stored before this rule is in use."""
+        texts = [self.system or "", self.prompt, self.response, *(content for _, content in self.turns)]
+        if not any(t[:1].isspace() for t in texts):  # nearly every draft: nothing an earlier rule trimmed
+            return None
         earlier = content_hash(
             self.system, self.turns, self.prompt, self.response, self.context_only, trim=_trimmed_whole
         )

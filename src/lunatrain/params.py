@@ -18,6 +18,8 @@ from .errors import LISTED_PROBLEMS, UsageError, pattern, said, some
 from .settings import NAME_MAX, NAME_PATTERN
 from .templates import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
+MAX_RANK = 1024  # the largest LoRA rank a run may ask for (an adapter config beyond it is no run's: registry.py)
+
 Tier = Literal["curated", "memory", "merged"]
 Strategy = Literal["versioned", "overwrite"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -76,7 +78,7 @@ class LoraParams(CamelModel):
     learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
     batch_size: int = Field(default=4, ge=1, le=1024)
     gradient_accumulation: int = Field(default=1, ge=1, le=1024)
-    rank: int = Field(default=16, ge=1, le=1024)
+    rank: int = Field(default=16, ge=1, le=MAX_RANK)
     alpha: float | None = Field(default=None, gt=0.0, le=4096.0, description="LoRA scale numerator; unset: 2 x rank")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     # At most 64 names: a model has a handful of distinct layer names, and a list of a million took seconds of

@@ -66,6 +66,7 @@ from .errors import (
 from .formats import json_type
 from .fsio import atomic_write_json, atomic_write_text, file_lock, read_json, storage_guard
 from .messages import coded, counted
+from .params import MAX_RANK
 from .settings import Settings, check_name, inside
 from .wire import now_iso as now
 from .wire import utc_now
@@ -868,7 +869,7 @@ def readable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     and merge load the weights and the tokenizer in the same process, where safetensors, PEFT or the tokenizer
     would end it with a traceback. (Serving catches a failed load itself and stays up.)"""
     path = loadable_dir(settings, entry)
-    if problem := _damaged_files(path):
+    if problem := files_problem(path):
         damaged = DamagedFile(
             f"The files of {entry.get('name')}@{entry.get('version')} under data/adapters are damaged ({problem}); "
             "train it again, or roll back to another version."
@@ -878,9 +879,11 @@ def readable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     return path
 
 
-def _damaged_files(path: Path) -> str | None:
+def files_problem(path: Path) -> str | None:
     """What makes the adapter files in `path` unloadable, found cheaply (the JSON files parsed, the weights'
-    header read and their length checked against it), or None."""
+    header read and their length checked against it, the config's rank against the weights'), or None.
+    `readable_dir` says it as DamagedFile; serving checks it before PEFT loads."""
+    config: dict[str, Any] = {}
     for name in ("adapter_config.json", "tokenizer_config.json", "tokenizer.json"):
         if not (path / name).is_file():
             continue
@@ -890,17 +893,14 @@ def _damaged_files(path: Path) -> str | None:
             return f"{name}: {_why(exc)}"
         if not isinstance(data, dict):
             return f"{name}: a JSON {json_type(data)}, not an object"
+        if name == "adapter_config.json":
+            config = data
     # A fast tokenizer's file, or a slow one's vocabulary (SentencePiece, BPE, WordPiece, tiktoken)
     vocabularies = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
     if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
     problem, header = _weights_header(path / "adapter_model.safetensors")
-    return problem or _rank_problem(path, header)
-
-
-def files_problem(path: Path) -> str | None:
-    """What `readable_dir` finds wrong with the adapter files in `path` (serving checks before PEFT loads)."""
-    return _damaged_files(path)
+    return problem or _rank_problem(config, header)
 
 
 @contextlib.contextmanager
@@ -995,17 +995,10 @@ def _weights_header(path: Path) -> tuple[str | None, dict[str, Any]]:
     return None, header
 
 
-MAX_RANK = 1024  # LoraParams.rank's bound: an adapter config beyond it is no adapter a run made
-
-
-def _rank_problem(path: Path, header: dict[str, Any]) -> str | None:
-    """A rank in adapter_config.json that the weights (`header`) do not have: PEFT builds the layers at that
-    rank before it loads the weights, so r = 10**9 ends in an allocation failure, not in a size mismatch."""
-    try:
-        config = read_json(path / "adapter_config.json", {})
-    except (DamagedFile, OSError):
-        return None  # said by the check of the JSON files
-    if not isinstance(config, dict):
+def _rank_problem(config: dict[str, Any], header: dict[str, Any]) -> str | None:
+    """A rank in adapter_config.json (`config`) that the weights (`header`) do not have: PEFT builds the layers
+    at that rank before it loads the weights, so r = 10**9 ends in an allocation failure, not a size mismatch."""
+    if not config:  # no adapter_config.json: missing_files says so
         return None
     r = config.get("r")
     pattern = config.get("rank_pattern") or {}

@@ -528,23 +528,17 @@ def _existing(conn: Connection, table: sa.Table, hashes: Sequence[str]) -> dict[
     return found
 
 
-def _stored_earlier(conn: Connection, drafts: Sequence[ExampleDraft]) -> dict[str, int]:
-    """{hash: id} of the drafts whose content is stored under its earlier hash (`ExampleDraft.earlier_hash`)."""
+def _stored_earlier(conn: Connection, table: sa.Table, drafts: Sequence[ExampleDraft]) -> dict[str, int]:
+    """{hash: id} of the drafts whose content `table` holds under its earlier hash (`ExampleDraft.earlier_hash`)."""
     earlier = {d.earlier_hash: d.hash for d in drafts if d.earlier_hash}
     if not earlier:
         return {}
-    return {earlier[h]: i for h, i in _existing(conn, examples_table, list(earlier)).items()}
+    return {earlier[h]: i for h, i in _existing(conn, table, list(earlier)).items()}
 
 
-def _memory_stored_earlier(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """`_stored_earlier` for memory items' rows (`_memory_values`)."""
-    earlier = {}
-    for row in rows:
-        if found := formats.make_draft(prompt=row["question"], response=row["answer"]).earlier_hash:
-            earlier[found] = row["hash"]
-    if not earlier:
-        return {}
-    return {earlier[h]: i for h, i in _existing(conn, memory_table, list(earlier)).items()}
+def _memory_drafts(rows: Iterable[dict[str, Any]]) -> list[ExampleDraft]:
+    """Memory items' rows (`_memory_values`, normalized already) as the drafts their hashes were made from."""
+    return [ExampleDraft(prompt=row["question"], response=row["answer"]) for row in rows]
 
 
 def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
@@ -577,7 +571,9 @@ def _add_drafts(
     # In chunks of one transaction: the rows of a large file are never all built at once.
     for i in range(0, len(hashes), _CHUNK):
         chunk = hashes[i : i + _CHUNK]
-        existing = _existing(conn, examples_table, chunk) | _stored_earlier(conn, [unique[h] for h in chunk])
+        existing = _existing(conn, examples_table, chunk) | _stored_earlier(
+            conn, examples_table, [unique[h] for h in chunk]
+        )
         rows = [_example_row(h, unique[h], source, status, now) for h in chunk if h not in existing]
         # A chunk's drafts are done with once its rows exist: binding a text caches its UTF-8 bytes on the
         # string (CPython), so a large import's drafts would otherwise double in memory until the end.
@@ -667,7 +663,7 @@ def add_example(
     _check_choice(source, SOURCES, "source")
     status_ = _default_status(source, status)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, examples_table, [draft.hash]) | _stored_earlier(conn, [draft])
+        dup = _existing(conn, examples_table, [draft.hash]) | _stored_earlier(conn, examples_table, [draft])
         if dup:
             raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
         _add_drafts(conn, [draft], source, status_)
@@ -876,7 +872,9 @@ def add_memory(
     Raises UsageError for invalid fields and Conflict when the same question/answer is stored."""
     values = _memory_values(question=question, answer=answer, topic=topic, status=status, tags=tags)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, memory_table, [values["hash"]]) | _memory_stored_earlier(conn, [values])
+        dup = _existing(conn, memory_table, [values["hash"]]) | _stored_earlier(
+            conn, memory_table, _memory_drafts([values])
+        )
         if dup:
             raise Conflict(
                 f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
@@ -894,7 +892,9 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
         values = _memory_values(**item)
         rows.setdefault(values["hash"], values)  # the first of two equal items in one batch
     with open_store(settings).write() as conn:
-        stored = _existing(conn, memory_table, list(rows)) | _memory_stored_earlier(conn, list(rows.values()))
+        stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(
+            conn, memory_table, _memory_drafts(rows.values())
+        )
         new = [v for h, v in rows.items() if h not in stored]
         if new:
             _insert_memory(conn, new)

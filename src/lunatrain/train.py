@@ -199,41 +199,54 @@ def _run_lora(
     # Held while the run trains and publishes: its epoch checkpoints are the resume point, and a run started
     # outside the trainer has no job row to keep `gc` from them (retention.py).
     with holding(run.work_dir) if world.main else contextlib.nullcontext():
-        started = time.time()
-        status, error = Status.SUCCEEDED, None
-        from .models import cpu_threads_for
+        return _train_and_conclude(run, emit, should_stop, job_id, stage)
 
-        try:
-            setup_optimizer(run)
-            if params.resume and (state := checkpoints.load(run, emit)) is not None:
-                run.restore(state)
-            with cpu_threads_for(run.model, run.device):
-                train(run, emit, should_stop)
-        except Stop as stop:
-            status, error = stop.status, {"code": stop.code, "message": stop.message}
-            error |= {"params": stop.params} if stop.params else {}
-        except KeyboardInterrupt:
-            # Quit at once (a second Ctrl-C): no step is finished, but the run is recorded as cancelled before the
-            # interrupt goes on, so the report and `status` do not describe an older run; the checkpoints stay.
-            if world.main:
-                message = f"interrupted at step {run.step} of {run.total_steps}"
-                error = {"code": "cancelled", "message": message, "params": _stopped_at(run)}
-                with contextlib.suppress(OSError):
-                    _record(run, build_report(run, Status.CANCELLED, error, started, job_id))
-            raise
-        except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
-            status, error = Status.FAILED, failure(exc, "error")
-        report = build_report(run, status, error, started, job_id)
-        if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
-            status_value, version, path, error = distributed.share(world, None)
-            return TrainResult(
-                Status(status_value), params.adapter_name, version, Path(path) if path else None, report, error
-            )
-        result = conclude(run, status, error, report, emit, stage=stage)
-        distributed.share(
-            world, (result.status.value, result.version, str(result.path) if result.path else None, result.error)
+
+def _train_and_conclude(
+    run: Run,
+    emit: Callable[[Event], None],
+    should_stop: Callable[[], bool | str] | None,
+    job_id: str | None,
+    stage: bool,
+) -> TrainResult:
+    """Train `run` (from its checkpoint when resuming), then conclude it: rank 0 publishes or records it, the
+    other ranks return its outcome."""
+    params, world = run.params, run.world
+    started = time.time()
+    status, error = Status.SUCCEEDED, None
+    from .models import cpu_threads_for
+
+    try:
+        setup_optimizer(run)
+        if params.resume and (state := checkpoints.load(run, emit)) is not None:
+            run.restore(state)
+        with cpu_threads_for(run.model, run.device):
+            train(run, emit, should_stop)
+    except Stop as stop:
+        status, error = stop.status, {"code": stop.code, "message": stop.message}
+        error |= {"params": stop.params} if stop.params else {}
+    except KeyboardInterrupt:
+        # Quit at once (a second Ctrl-C): no step is finished, but the run is recorded as cancelled before the
+        # interrupt goes on, so the report and `status` do not describe an older run; the checkpoints stay.
+        if world.main:
+            message = f"interrupted at step {run.step} of {run.total_steps}"
+            error = {"code": "cancelled", "message": message, "params": _stopped_at(run)}
+            with contextlib.suppress(OSError):
+                _record(run, build_report(run, Status.CANCELLED, error, started, job_id))
+        raise
+    except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
+        status, error = Status.FAILED, failure(exc, "error")
+    report = build_report(run, status, error, started, job_id)
+    if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
+        status_value, version, path, error = distributed.share(world, None)
+        return TrainResult(
+            Status(status_value), params.adapter_name, version, Path(path) if path else None, report, error
         )
-        return result
+    result = conclude(run, status, error, report, emit, stage=stage)
+    distributed.share(
+        world, (result.status.value, result.version, str(result.path) if result.path else None, result.error)
+    )
+    return result
 
 
 def failure(exc: Exception, code: str, writing: str | None = None) -> dict[str, str]:

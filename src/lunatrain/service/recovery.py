@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from datetime import datetime
 from typing import Any
 
 import psutil
@@ -24,6 +23,7 @@ import psutil
 from .. import registry
 from ..errors import LunaError
 from ..settings import Settings
+from ..wire import parse_iso
 from .jobs import Job, JobStore
 
 log = logging.getLogger("lunatrain.trainer")
@@ -131,7 +131,7 @@ def _checkpoint_since(settings: Settings, job: Job) -> bool:
     if not job.started_at:
         return False
     try:
-        since = datetime.fromisoformat(job.started_at.replace("Z", "+00:00")).timestamp()
+        since = parse_iso(job.started_at).timestamp()
         work = settings.adapters_dir / job.lora_params().adapter_name / ".work"
         return any(p.stat().st_mtime >= since for p in work.glob("*/checkpoints/epoch-*/state.json"))
     except (ValueError, OSError, LunaError):
