@@ -247,3 +247,23 @@ def test_a_special_token_typed_into_a_chat_message_is_refused_for_each_family(vo
         near = special[:-1] + " " + special[-1]  # one space before the last character: plain text
         assert tok.convert_tokens_to_ids(special) not in tok(near, add_special_tokens=False)["input_ids"]
         _refuse_control_tokens(tok, [{"role": "user", "content": f"Was heißt {near}?"}])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_answer_opening_with_an_indented_code_block_is_trained_with_its_lines_aligned(vocab_dir, family):
+    """A response stored with its first line's indent (formats.normalize_text keeps it in a text of several
+    lines) goes through every family's template: the whole answer and its terminator are trained, and the
+    lines after the first keep their indent (a template that trims the content may drop the first's, as
+    that family's model saw it)."""
+    from lunatrain.formats import normalize_text
+
+    answer = normalize_text("\n    x = 1\n    if x:\n        y = 2\n")
+    assert answer == "    x = 1\n    if x:\n        y = 2"
+    tok = family_tokenizer(vocab_dir, family)
+    terminator = FAMILIES[family][4]
+    messages = [{"role": "user", "content": "Zeig mir den Block."}, {"role": "assistant", "content": answer}]
+    enc = encode_chat(tok, messages, 4096)
+    [run] = trained_runs(tok, enc)
+    said = tok.decode(run, skip_special_tokens=False)
+    assert _squash(said) == _squash(answer + terminator), said
+    assert "x = 1\n    if x:\n        y = 2" in said, said
