@@ -212,7 +212,8 @@ def test_last_job_comes_from_the_job_store_failed_jobs_included(settings):
     }
     out = CliRunner().invoke(app, ["status"]).output
     # a job without a val loss says nothing of one (it said "val loss None")
-    assert f"last job: failed mein-adapter@- ({job.id}): loss became nan" in out
+    # nor of a version "-": a failed job registered none, and says so (it printed `mein-adapter@-`)
+    assert f"last job: failed mein-adapter (no version, {job.id}): loss became nan" in out
 
 
 def test_a_trainer_job_is_shown_from_its_own_record_not_its_report(settings):
@@ -247,6 +248,8 @@ def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
         job, _ = db.create(LoraParams(adapter_name="mein-adapter"))
         db.set_status(job.id, "running", started_at="2026-01-01T12:00:00.000Z")
         assert training_status(settings, 0)["lastJob"]["durationSeconds"] is None  # still running
+        # a running job has no version yet, and that is no news
+        assert f"last job: running mein-adapter ({job.id})" in CliRunner().invoke(app, ["status"]).output
         db.set_status(job.id, "succeeded", finished_at="2026-01-01T12:01:30.250Z", metrics={"valLoss": 7.8153564453125})
     finally:
         db.close()
@@ -254,7 +257,8 @@ def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
     assert (last["jobId"], last["durationSeconds"]) == (job.id, 90.25), last
     # the plain view rounds the val loss as every other view does (it printed 7.8153564453125)
     assert (
-        f"last job: succeeded mein-adapter@- val loss 7.8154 ({job.id})" in CliRunner().invoke(app, ["status"]).output
+        f"last job: succeeded mein-adapter val loss 7.8154 (no version, {job.id})"
+        in CliRunner().invoke(app, ["status"]).output
     )
     out = CliRunner().invoke(app, ["status", "--json"]).output
     assert json.loads(out)["lastJob"]["durationSeconds"] == 90.25

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import LunaError
+from ..service.jobs import ACTIVE
 from ..settings import load_settings
 from ..status import STATUSES, training_status
 from .app import app, as_written, fail, is_tty, json_text
@@ -65,13 +66,13 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
         (
             "last job",
-            f"{job['status']} {job['adapterName']}@{job['version'] or '-'}{_on(job)}"
+            f"{job['status']} {job['adapterName']}{'@' + job['version'] if job['version'] else ''}{_on(job)}"
             + (
                 f" val loss {val:.4f}"
                 if isinstance(val := (job.get("metrics") or {}).get("valLoss"), int | float)
                 else ""
             )
-            + (f" ({job['jobId']})" if job.get("jobId") else "")
+            + _job_ref(job)
             + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")
             if job
             else "never",
@@ -116,6 +117,15 @@ def _adapter(a: dict[str, Any]) -> str:
         if on
     ]
     return f"{a['name']}@{a['version']} on {a['baseModel']}" + "".join(f" ({m})" for m in marks)
+
+
+def _job_ref(job: dict[str, Any]) -> str:
+    """ " (no version, JOB)": a job that ended without registering a version says so (a queued or running one
+    has none yet, which is no news); the job id, when there is one, follows."""
+    ended = job["status"] not in ACTIVE
+    refs = ["no version"] if ended and not job["version"] else []
+    refs += [job["jobId"]] if job.get("jobId") else []
+    return f" ({', '.join(refs)})" if refs else ""
 
 
 def _on(report: dict[str, Any]) -> str:
