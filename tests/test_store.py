@@ -838,7 +838,7 @@ def test_a_database_at_the_first_schema_gets_the_status_index_and_keeps_its_data
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == store.SCHEMA_HEAD
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "csv", "json"])
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "json", "lines.json"])
 def test_a_large_import_holds_about_its_drafts_in_memory_not_several_copies(
     settings: Settings, tmp_path: Path, suffix: str
 ) -> None:
@@ -847,12 +847,13 @@ def test_a_large_import_holds_about_its_drafts_in_memory_not_several_copies(
     files of long records; a CSV table likewise), and binding each text to SQLite cached its UTF-8 bytes on
     the string until the end. Lines are now read one at a time and rows built and freed chunk by chunk, in the one transaction:
     the ids still follow the file's order, and a bad line still imports nothing. A JSON array (was 5.2x: its
-    text and every parsed record at once) is read a record at a time."""
+    text and every parsed record at once) is read a record at a time, and so is JSON Lines under a .json name
+    (as `datasets.Dataset.to_json` writes it), which was read whole (3.8x)."""
     import tracemalloc
 
     answer = "Eine lange Antwort über den Mond. " * 30
     path = tmp_path / f"many.{suffix}"
-    if suffix in ("jsonl", "json"):
+    if suffix in ("jsonl", "json", "lines.json"):
         lines = [
             json.dumps({"prompt": f"Frage {i}?", "response": f"{answer}{i}"}, ensure_ascii=False) for i in range(3000)
         ]

@@ -555,8 +555,9 @@ def _decode(data: bytes, path: Path) -> str:
 
 def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
     """Yield (location, decoded record or RecordError) for each record of the open file `fh`. JSON Lines and
-    CSV in UTF-8 are read a line at a time, a JSON array in UTF-8 a record at a time (a file of months of logs
-    is never held whole); any other JSON document, or a file in UTF-16, is read whole."""
+    CSV in UTF-8 are read a line at a time, JSON Lines under a .json name too, a JSON array in UTF-8 a record
+    at a time (a file of months of logs is never held whole); any other JSON document (one object), or a file in
+    UTF-16, is read whole."""
     suffix = path.suffix.lower()
     head = fh.read(2)
     utf16 = head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -566,6 +567,9 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
         return
     if suffix == ".json" and not utf16 and _starts_an_array(fh):
         yield from _json_array(fh, path)
+        return
+    if suffix == ".json" and not utf16 and _lines_of_documents(fh):
+        yield from _json_lines(_utf8_lines(fh, path))  # what the whole read below finds, a line at a time
         return
     if suffix == ".csv":
         yield from _csv_records(_csv_lines(fh, path, utf16))
@@ -606,6 +610,25 @@ def _starts_an_array(fh: BinaryIO) -> bool:
     start = fh.read(4096)
     fh.seek(0)
     return start.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n").startswith(b"[")
+
+
+def _lines_of_documents(fh: BinaryIO) -> bool:
+    """Whether the file's first non-blank line is a JSON document of its own and another non-blank line follows
+    (then rewound): JSON Lines under a .json name, as `datasets.Dataset.to_json` writes it by default. It is the
+    file the whole read of `_records` takes for JSON Lines ("Extra data" after a first document of one line);
+    recognised here from its first lines, it is read a line at a time instead of whole."""
+    try:
+        lines = (raw for raw in fh if raw.strip())
+        first = next(lines, None)
+        if first is None:
+            return False
+        try:
+            json.loads(first.decode("utf-8-sig"))
+        except JSON_FAULTS:  # UnicodeDecodeError is a ValueError
+            return False  # a document of several lines, or a bad first line: the whole read names what is wrong
+        return next(lines, None) is not None
+    finally:
+        fh.seek(0)
 
 
 _CHUNK = 1 << 20
