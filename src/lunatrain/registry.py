@@ -77,6 +77,7 @@ log = logging.getLogger("lunatrain.registry")
 REPORT_FILE = "training-report.json"
 LOSS_CURVE_FILE = "loss-curve.png"
 TRAIN_HASHES_FILE = "train-hashes.txt"  # the content hashes of the examples trained on (stale marking)
+CARD_FILE = "README.md"  # the version's model card (train.model_card), in place of PEFT's
 GATE_FILE = "gate.json"  # the eval gate's outcome for this version, as the registry records it (for repair)
 # Beside the version folders (data/adapters/NAME/): one line per change of what is active, as the registry's
 # `activations` records it plus the base's id, so `adapters repair` restores what was active and the history.

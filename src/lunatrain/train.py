@@ -906,7 +906,7 @@ def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
 
 
 def model_card(report: dict[str, Any]) -> str:
-    """The version's README.md: what it is, what it was trained on, how it scored, how to load it (PEFT
+    """The version's model card (`registry.CARD_FILE`): what it is, what it was trained on, how it scored, how to load it (PEFT
     writes a card of empty sections). The front matter is the Hub's, as PEFT's card had it."""
     p, m, d, base = report["params"], report["metrics"], report["dataset"], report["baseModel"]
 
@@ -925,8 +925,9 @@ def model_card(report: dict[str, Any]) -> str:
         f"{p['batchSize']} x {p['gradientAccumulation']}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
         f"{p['maxSeqLength']}, seed {p['seed']} |\n"
         f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n\n"
-        "Everything about the run is in `training-report.json`, its loss curve in `loss-curve.png`, the trained "
-        "samples' hashes in `train-hashes.txt`. The tokenizer here carries the chat template it was trained with.\n\n"
+        f"Everything about the run is in `{registry.REPORT_FILE}`, its loss curve in `{registry.LOSS_CURVE_FILE}`, "
+        f"the trained samples' hashes in `{registry.TRAIN_HASHES_FILE}`. The tokenizer here carries the chat "
+        "template it was trained with.\n\n"
         "Load it with PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`, "
         "or serve it with `lunatrain serve` once active (`lunatrain adapters activate "
         f"{report['adapterName']}@{report['version']}`); `lunatrain merge` makes a standalone model of it.\n"
@@ -938,19 +939,13 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     from .progress import plot_loss_curve
 
     p, out = run.params, run.work_dir
-    # Name the base by what the user called it, not by this machine's cache path, in adapter_config.json and
-    # in the model card PEFT writes from the base's config; and pin the hub commit trained on, which PEFT's
-    # AutoPeftModelForCausalLM loads (without it, whatever the hub holds later).
+    # Name the base by what the user called it, not by this machine's cache path, in adapter_config.json; and
+    # pin the hub commit trained on, which PEFT's AutoPeftModelForCausalLM loads (without it, whatever the hub
+    # holds later). The model card PEFT writes is replaced by our own (`model_card`) when the run is published.
     config = run.model.peft_config["default"]
     config.base_model_name_or_path, config.revision = run.base.id, run.base.revision
-    base = run.model.get_base_model()  # the card's base_model is its config's, its tag the model's own
-    named = base.config._name_or_path, base.name_or_path
-    base.config._name_or_path = base.name_or_path = run.base.id
-    try:
-        with peft_quiet(UserWarning):
-            run.model.save_pretrained(str(out), safe_serialization=True)
-    finally:
-        base.config._name_or_path, base.name_or_path = named
+    with peft_quiet(UserWarning):
+        run.model.save_pretrained(str(out), safe_serialization=True)
     # The tokenizer with the template trained on (and any added markers) and a generation config that stops
     # on the terminator travel with the adapter: inference needs exactly these to stop where training taught.
     from .templates import write_generation_config
@@ -982,7 +977,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
             version=final["version"], revision=final.get("revision"), path=final["path"], created=final["created"]
         )
         atomic_write_bytes(out / registry.REPORT_FILE, dumps_json(report).encode())
-        atomic_write_bytes(out / "README.md", model_card(report).encode())  # in place of PEFT's empty card
+        atomic_write_bytes(out / registry.CARD_FILE, model_card(report).encode())  # in place of PEFT's card
 
     entry = registry.publish(run.settings, p.adapter_name, p.adapter_strategy, out, entry, write_report, stage=stage)
     try:
