@@ -19,6 +19,19 @@ from .messages import coded
 if TYPE_CHECKING:
     from .train import Event, LoopState, Run
 
+CHECKPOINTS_DIR = "checkpoints"  # in a run's work dir: epoch-NNN/ folders, each complete once state.json is in it
+
+
+def run_states(work_dir: Path) -> list[Path]:
+    """The state.json of each complete epoch checkpoint of one run's work dir, oldest epoch first."""
+    return sorted((work_dir / CHECKPOINTS_DIR).glob("epoch-*/state.json"))
+
+
+def saved_states(work_root: Path, runs: str = "*") -> list[Path]:
+    """The state.json of each complete epoch checkpoint of the runs under an adapter's `work_root`
+    (`registry.work_root`) whose work dir's name matches `runs`."""
+    return list(work_root.glob(f"{runs}/{CHECKPOINTS_DIR}/epoch-*/state.json"))
+
 
 def save(run: Run) -> Path:
     """adapter + optimizer (safetensors) and scheduler/progress (JSON) for the finished
@@ -27,7 +40,7 @@ def save(run: Run) -> Path:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save
 
-    ckpts = run.work_dir / "checkpoints"
+    ckpts = run.work_dir / CHECKPOINTS_DIR
     final = ckpts / f"epoch-{run.epoch:03d}"
     tmp = ckpts / f".epoch-{run.epoch:03d}.{uuid.uuid4().hex[:8]}"
     try:
@@ -76,7 +89,7 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    found = sorted((run.work_dir / "checkpoints").glob("epoch-*/state.json"))
+    found = run_states(run.work_dir)
     if not found:
         emit(_no_checkpoint(run))
         return None
@@ -165,7 +178,7 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str]
 def _no_checkpoint(run: Run) -> dict[str, Any]:
     """The log line of a resume that found no checkpoint of its run: when another run of the adapter left
     one, which (the furthest) and what differs, so that a user does not take "none" for lost work."""
-    others = [p for p in run.work_dir.parent.glob("*/checkpoints/epoch-*/state.json") if run.work_dir not in p.parents]
+    others = [p for p in saved_states(run.work_dir.parent) if run.work_dir not in p.parents]
     if not others:
         return {"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")}
     state = furthest(others)

@@ -78,6 +78,7 @@ REPORT_FILE = "training-report.json"
 LOSS_CURVE_FILE = "loss-curve.png"
 TRAIN_HASHES_FILE = "train-hashes.txt"  # the content hashes of the examples trained on (stale marking)
 CARD_FILE = "README.md"  # the version's model card (train.model_card), in place of PEFT's
+WORK_DIR = ".work"  # beside an adapter's versions: a folder per run (its work dir: checkpoints, the files to publish)
 GATE_FILE = "gate.json"  # the eval gate's outcome for this version, as the registry records it (for repair)
 # Beside the version folders (data/adapters/NAME/): one line per change of what is active, as the registry's
 # `activations` records it plus the base's id, so `adapters repair` restores what was active and the history.
@@ -328,11 +329,16 @@ def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
     return f"v{max(used, default=0) + 1}"
 
 
+def work_root(settings: Settings, name: str) -> Path:
+    """The folder of adapter `name`'s run work dirs (each run's checkpoints and the files it publishes)."""
+    return settings.adapters_dir / name / WORK_DIR
+
+
 def publish_folders(settings: Settings, name: str) -> list[Path]:
     """Where a run of adapter `name` writes on its way to `publish`: its work dir and checkpoints, the version
     folder or the overwrite slot, the registry and its lock. Training checks them before it starts."""
     root = settings.adapters_dir / name
-    return [root / ".work", root / ".slots", root, settings.reports_training_dir]
+    return [work_root(settings, name), root / ".slots", root, settings.reports_training_dir]
 
 
 def check_slot_base(settings: Settings, name: str, strategy: str, base: Any) -> None:

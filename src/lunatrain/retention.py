@@ -41,6 +41,7 @@ from typing import Any
 from . import export
 from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, remove_tree
+from .registry import WORK_DIR
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
 from .wire import parse_iso, utc_now
@@ -263,7 +264,7 @@ def _unfinished_adapters(settings: Settings) -> set[str]:
         try:
             names.add(str(json.loads(params)["adapterName"]))
         except (ValueError, TypeError, KeyError):  # a row no trainer could run either: keep every work dir
-            return {run.parent.parent.name for run in settings.adapters_dir.glob("*/.work/*")}
+            return {run.parent.parent.name for run in settings.adapters_dir.glob(f"*/{WORK_DIR}/*")}
     return names
 
 
@@ -274,7 +275,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
         return []
     cutoff = now.timestamp() - settings.retain_checkpoint_days * 86400
     items = []
-    for run in sorted(root.glob("*/.work/*")):
+    for run in sorted(root.glob(f"*/{WORK_DIR}/*")):
         if not run.is_dir() or run.parent.parent.name in waiting or in_use(run):  # in_use: a run trains there
             continue
         newest = max([p.lstat().st_mtime for p in run.rglob("*")] + [run.lstat().st_mtime])

@@ -554,7 +554,7 @@ def _work_dir(
     named_base: str | None = None,
     legacy: str | None = None,
 ) -> Path:
-    root = settings.adapters_dir / params.adapter_name / ".work"
+    root = registry.work_root(settings, params.adapter_name)
     key = run_key(identity)
     if params.resume:
         # Several tries of this run may have left checkpoints (each try has its own work dir): resume the one
@@ -562,7 +562,7 @@ def _work_dir(
         # sorts last. Checkpoints of this run saved by earlier releases are under `named_base` (the identity
         # held the base's name) or, saved before they recorded any identity, under `legacy`.
         for named in (key, named_base, legacy):
-            existing = list(root.glob(f"{named}-*/checkpoints/epoch-*/state.json")) if named else []
+            existing = checkpoints.saved_states(root, f"{named}-*") if named else []
             existing = [p for p in existing if named != legacy or checkpoints.recorded_run(p) is None]
             if existing:
                 return checkpoints.furthest(existing).parents[2]
@@ -994,7 +994,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     # Published: only now are the epoch checkpoints (the resume point if publishing had failed) and older
     # failed tries of this same run of no further use; the adapter itself is the final state.
     path = registry.adapter_dir(run.settings, entry)
-    shutil.rmtree(path / "checkpoints", ignore_errors=True)
+    shutil.rmtree(path / checkpoints.CHECKPOINTS_DIR, ignore_errors=True)
     for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     emit(

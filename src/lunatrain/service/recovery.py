@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from .. import registry
+from ..checkpoints import saved_states
 from ..errors import LunaError
 from ..settings import Settings
 from ..wire import parse_iso
@@ -132,8 +133,8 @@ def _checkpoint_since(settings: Settings, job: Job) -> bool:
         return False
     try:
         since = parse_iso(job.started_at).timestamp()
-        work = settings.adapters_dir / job.lora_params().adapter_name / ".work"
-        return any(p.stat().st_mtime >= since for p in work.glob("*/checkpoints/epoch-*/state.json"))
+        work = registry.work_root(settings, job.lora_params().adapter_name)
+        return any(p.stat().st_mtime >= since for p in saved_states(work))
     except (ValueError, OSError, LunaError):
         return False
 
