@@ -528,7 +528,7 @@ def test_an_unchanged_day_trains_nothing_and_names_the_version_it_would_repeat(s
     again = CliRunner().invoke(app, ["luna", "--local", *FAST])
     assert again.exit_code == 0, again.output
     assert re.search(
-        r"^lora +ok .*luna-adapter@v1 was trained on this export with these parameters; not trained again "
+        r"^lora +ok .*luna-adapter@v1 was trained on this data with these parameters; not trained again "
         r"\(--retrain trains anyway\)$",
         again.output,
         re.M,
@@ -540,8 +540,8 @@ def test_an_unchanged_day_trains_nothing_and_names_the_version_it_would_repeat(s
     store.dispose_stores()
 
 
-def test_what_makes_a_day_unchanged_is_the_export_the_parameters_and_the_base(settings, tiny):
-    """The rule behind the repro above, each part alone: another seed, tier, export or chat template is a new
+def test_what_makes_a_day_unchanged_is_the_tier_file_the_parameters_and_the_base(settings, tiny):
+    """The rule behind the repro above, each part alone: another seed, tier, tier file or chat template is a new
     run; only when all match is the newest version on the base repeated."""
     from lunatrain import flow, prepare, store
     from lunatrain.params import parse_params
@@ -552,6 +552,11 @@ def test_what_makes_a_day_unchanged_is_the_export_the_parameters_and_the_base(se
     params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None  # nothing trained
     assert run_lora(params, settings).ok
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
+    # a memory item changes the export but not the curated tier's file this run trains: still a repeat (it was
+    # trained again, to a byte-identical adapter)
+    store.add_memory(settings, question="Wie heißt mein Hund?", answer="Bruno.")
+    CliRunner().invoke(app, ["export"])
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
     # trained by two processes (the trainer's ASSISTANT_LORA_GPUS=2): another combined batch, another run
     report_file = settings.adapters_dir / "luna-adapter" / "v1" / registry.REPORT_FILE
@@ -565,9 +570,17 @@ def test_what_makes_a_day_unchanged_is_the_export_the_parameters_and_the_base(se
     for changed in ({"seed": 8}, {"datasetTier": "merged"}, {"chatTemplate": "chatml"}, {"adapterName": "other"}):
         other = parse_params(params.wire() | changed)
         assert flow.unchanged_version(settings, other, prepare.prepare(settings, other)) is None, changed
+    # a version registered before its run's key was recorded is not known to be a repeat: trained again, once
+    path = registry.registry_path(settings)
+    saved = path.read_text()
+    data = json.loads(saved)
+    del data["adapters"]["luna-adapter"]["versions"][0]["runKey"]
+    path.write_text(json.dumps(data))
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None
+    path.write_text(saved)
     store.add_example(settings, prompt="Was ist neu?", response="Ein Beispiel mehr.")
     CliRunner().invoke(app, ["export"])
-    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None  # another export
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None  # another tier file
     store.dispose_stores()
 
 
@@ -586,7 +599,7 @@ def test_a_day_that_would_repeat_a_refused_version_fails_and_says_how_to_use_it(
         [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
         assert "NAME" not in error and "`lunatrain adapters show luna-adapter@v1` says why" in error, error
         assert "`lunatrain adapters activate luna-adapter@v1`" in error, error
-    assert "was trained on this export with these parameters; not trained again" in error, error
+    assert "was trained on this data with these parameters; not trained again" in error, error
     assert "gated now, it is refused" in error, error
     # Nothing changed but the gate's thresholds: the same version is judged again under them, not retrained.
     r = CliRunner().invoke(app, ["auto", "--local", *FAST])

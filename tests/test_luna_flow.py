@@ -103,7 +103,7 @@ def test_luna_from_an_empty_data_root_twice(fresh: tuple[Path, dict[str, str]]) 
     # would train it again).
     second = lunatrain(home, env, "luna", "--epochs=1")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "luna-adapter@v1 was trained on this export with these parameters; not trained again" in second.stdout
+    assert "luna-adapter@v1 was trained on this data with these parameters; not trained again" in second.stdout
     registry = json.loads((reports / "training" / "lora-adapters.json").read_text())
     versions = registry["adapters"]["luna-adapter"]["versions"]
     assert [v["version"] for v in versions] == ["v1"] and versions[0]["datasetFingerprint"] == summary["fingerprint"]

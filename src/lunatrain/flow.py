@@ -24,7 +24,7 @@ from .compat import with_bitsandbytes
 from .errors import CheckFailed, LunaError, StorageError, UsageError
 from .fsio import read_json
 from .messages import coded
-from .params import FlowOptions, LoraParams
+from .params import FlowOptions, LoraParams, run_identity_of, run_key
 from .settings import PREPARE_REPORT, Settings
 
 STEPS = ("eval-gate", "export", "prepare", "lora")
@@ -318,7 +318,7 @@ def run_flow(
     active adapter on the base model. Returns the result when all pass — including the eval gate on the newly
     trained version, when gating is on; raises CheckFailed (exit 1) naming the failed step and the fix, with
     the partial result in `details`. The lora step trains nothing when the adapter's newest version on the
-    base was trained on this export with these parameters (`unchanged_version`), unless `retrain`. `ranks`: the
+    base was trained on this data with these parameters (`unchanged_version`), unless `retrain`. `ranks`: the
     processes the lora step trains in (1 in this process), else the trainer's, as prepare counts them."""
     params = resolve_base(settings, params)
     if adapter:
@@ -449,7 +449,7 @@ def run_flow(
         now when the gate has not passed it (never gated, a gate that failed to run, thresholds or a suite
         changed since it refused): a decision is made on it, not on a copy of it."""
         ref = f"{entry['name']}@{entry['version']}"
-        said = f"{ref} was trained on this export with these parameters; not trained again (--retrain trains anyway)"
+        said = f"{ref} was trained on this data with these parameters; not trained again (--retrain trains anyway)"
         detail: dict[str, Any] = {
             "status": "unchanged",
             "adapter": {"name": entry["name"], "version": entry["version"]},
@@ -488,9 +488,10 @@ def run_flow(
 def unchanged_version(
     settings: Settings, params: LoraParams, prepared: prepare.PrepareReport, ranks: int | None = None
 ) -> dict[str, Any] | None:
-    """The adapter's newest version on the base `prepared` checked, when it was trained on this very export
-    with these parameters, tokenizer and chat template: a run now would repeat it (the same seed gives the same
-    weights), and add a version that differs from it in nothing. None when anything differs, or is unknown."""
+    """The adapter's newest version on the base `prepared` checked, when it was trained on this very tier file
+    with these parameters, tokenizer and chat template (its run's identity, `params.run_identity_of`) by as many
+    processes: a run now would repeat it (the same seed gives the same weights), and add a version that differs
+    from it in nothing. None when anything differs, or is unknown."""
     try:
         adapter = registry.list_adapters(settings).get(params.adapter_name)
     except LunaError:  # an unreadable registry: the lora step says so
@@ -507,15 +508,15 @@ def unchanged_version(
     if newest.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
         return None
 
-    def run_params(wire: Any) -> dict[str, Any]:  # the base counts by its fingerprint, not by its name
-        return {k: v for k, v in wire.items() if k not in ("resume", "baseModel")} if isinstance(wire, dict) else {}
-
+    identity = run_identity_of(
+        params,
+        data=prepared.dataset.get("tierSha256"),
+        base=prepared.base_fingerprint,
+        tokenizer=prepared.template.get("tokenizerHash"),
+        template=prepared.template.get("hash"),
+    )
     same = (
-        newest.get("datasetFingerprint") == prepared.dataset.get("fingerprint")
-        and newest.get("datasetTier") == params.dataset_tier
-        and run_params(newest.get("params")) == run_params(params.wire())
-        and newest.get("templateHash") == prepared.template.get("hash")
-        and newest.get("tokenizerHash") == prepared.template.get("tokenizerHash")
+        newest.get("runKey") == run_key(identity)  # a version from before runKey was recorded: trained again once
         and _ranks(settings, newest) == (ranks or prepared.estimate.get("ranks", 1))  # the combined batch
     )
     return newest if same else None

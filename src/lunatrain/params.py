@@ -8,8 +8,10 @@ never smuggle in `trust_remote_code`, a file path or a pickle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -209,3 +211,22 @@ def format_validation_error(exc: ValidationError, what: str = "parameters", unkn
         loc = to_camel(loc) if "_" in loc else loc
         parts.append(f"{loc}: {unknown if kind == 'extra_forbidden' else msg}")
     return f"Invalid {what}: " + some(parts) + "."
+
+
+def run_identity_of(params: LoraParams, *, data: str, base: str, tokenizer: str, template: str) -> dict[str, Any]:
+    """What makes two runs one (`train.run_identity` says why each part counts): the parameters but `resume` and
+    the base's name, the sha256 of the trained tier's file, the base weights' fingerprint, and the tokenizer's and
+    chat template's hashes. A resume finds its checkpoints by it, and a daily run the version it would repeat
+    (`flow.unchanged_version`)."""
+    return {
+        "params": params.model_dump(mode="json", exclude={"resume", "base_model"}),
+        "data": data,
+        "base": base,
+        "tokenizer": tokenizer,
+        "template": template,
+    }
+
+
+def run_key(identity: dict[str, Any]) -> str:
+    """The run's name among its adapter's work dirs, and in the registry: a hash of its identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

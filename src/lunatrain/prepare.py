@@ -237,6 +237,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         max_seq_length=params.max_seq_length,
         dataset={
             "fingerprint": fingerprint,
+            "tierSha256": data.sha256,  # the trained tier's own file: part of a run's identity
             "summaryFingerprint": summary.get("fingerprint"),
             "storeRevision": summary.get("store_revision"),
             "exportedAt": summary.get("exported_at"),

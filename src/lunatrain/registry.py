@@ -1559,6 +1559,7 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss")},
         "tokenizerHash": report.get("tokenizerHash"),
         "templateHash": report.get("templateHash"),
+        "runKey": report.get("runKey"),
         "trainSamples": dataset.get("trainSamples"),
         "gate": None,
         "quantization": report.get("quantization"),  # as train.finish registers it: the README says it is kept

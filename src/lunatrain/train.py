@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -53,7 +52,15 @@ from .fsio import (
 )
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded, counted
-from .params import LoraParams, check_adapter_name, parse_params, steps_per_epoch, total_steps
+from .params import (
+    LoraParams,
+    check_adapter_name,
+    parse_params,
+    run_identity_of,
+    run_key,
+    steps_per_epoch,
+    total_steps,
+)
 from .settings import Settings, check_name
 from .startup import import_training_stack
 from .tokens import Batch, Encoded, make_batch
@@ -513,18 +520,13 @@ def run_identity(params: LoraParams, base: Any, data: Any, tokenizer: Any) -> di
     fingerprint, not by where it lies: a data root moved with the base inside it is the same run."""
     from .models import template_hash, tokenizer_hash
 
-    return {
-        "params": params.model_dump(mode="json", exclude={"resume", "base_model"}),
-        "data": data.sha256,
-        "base": base.fingerprint,
-        "tokenizer": tokenizer_hash(tokenizer),
-        "template": template_hash(tokenizer),
-    }
-
-
-def run_key(identity: dict[str, Any]) -> str:
-    """The run's name among its adapter's work dirs: a hash of its identity."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return run_identity_of(
+        params,
+        data=data.sha256,
+        base=base.fingerprint,
+        tokenizer=tokenizer_hash(tokenizer),
+        template=template_hash(tokenizer),
+    )
 
 
 def named_base_run_key(params: LoraParams, identity: dict[str, Any]) -> str:
@@ -857,6 +859,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "baseModel": run.base.record(),
         "tokenizerHash": run.identity["tokenizer"],
         "templateHash": run.identity["template"],
+        "runKey": run_key(run.identity),  # what a daily run compares to know it would repeat this one
         "template": {
             "name": p.chat_template or "model",
             "hash": run.identity["template"],
@@ -967,6 +970,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
         "metrics": {k: report["metrics"][k] for k in ("valLoss", "baseValLoss", "trainLoss")},
         "tokenizerHash": report["tokenizerHash"],
         "templateHash": report["templateHash"],
+        "runKey": report["runKey"],
         "trainSamples": len(run.train),
         "gate": None,
         "quantization": report["quantization"],
