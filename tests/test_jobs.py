@@ -163,7 +163,7 @@ def test_an_interrupted_job_says_how_to_resume_in_the_callers_terms(store, setti
     recover(settings, store)
     message = store.get(job.id).error.message
     assert "resume=true" not in message, message
-    assert "`lunatrain lora --resume`" in message and '`"resume": true`' in message, message
+    assert f"`lunatrain jobs resume {job.id}`" in message and '`"resume": true`' in message, message
 
 
 def test_a_job_interrupted_before_its_first_epoch_ended_promises_no_checkpoint(store, settings):
@@ -204,7 +204,7 @@ def test_a_checkpoint_the_orphaned_child_saved_after_the_trainer_died_is_promise
     (saved / "state.json").write_text("{}")
     recover(settings, store)
     message = store.get(job.id).error.message
-    assert "before its first epoch ended" not in message and "`lunatrain lora --resume`" in message, message
+    assert "before its first epoch ended" not in message and f"`lunatrain jobs resume {job.id}`" in message, message
 
 
 def test_recover_never_kills_a_reused_pid(store, settings):

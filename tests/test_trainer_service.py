@@ -41,7 +41,7 @@ from trainer_helpers import gone, start_trainer, stop_group, wait_for
 QUICK = {"datasetTier": "memory", "epochs": 1, "maxSteps": 2, "batchSize": 4, "gate": False, "baseModel": "luna-tiny"}
 # Long enough to be caught running (stopped early by the tests).
 LONG = QUICK | {"epochs": 50, "maxSteps": None}
-FAULTS = "crash=crashy,nan=nanny"
+FAULTS = "crash=crashy,nan=nanny,crash_after_epoch=late"
 JOB_TIMEOUT = 480.0  # generous: these machines are shared and slow; a passing run takes a fraction
 HTTP_TIMEOUT_S = 60.0  # one raw request to a trainer that a loaded machine keeps busy (httpx's own default is 5 s)
 
@@ -534,6 +534,7 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     crashed = wait_job(settings, crashy.id)
     assert crashed.status == "failed" and crashed.error.code == "child_crashed", crashed.error
     assert "SIGABRT" in crashed.error.message and f"data/trainer/logs/{crashy.id}.log" in crashed.error.message
+    assert "resume" not in crashed.error.message  # it crashed before its first checkpoint: nothing to resume
     assert trainer_client.health(settings).status == "ok"
     nan = wait_job(settings, nanny.id)
     assert nan.status == "failed" and nan.error.code == "nan_loss", nan.error
@@ -544,6 +545,44 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     assert shown.exit_code == 1 and "nan_loss" in shown.output
     health_cli = CliRunner().invoke(app, ["health"], env=env)
     assert health_cli.exit_code == 0 and ("Online (CPU)" in health_cli.output or "Aktiv (CUDA)" in health_cli.output)
+
+
+@pytest.mark.slow
+def test_a_job_that_crashed_after_a_checkpoint_resumes_with_its_own_parameters(svc):
+    """Repro: a job interrupted after a checkpoint said "submit it again (with `lunatrain lora --resume` … it
+    continues from its last checkpoint)"; that command takes the luna profile's values, so a job of any other
+    values logged "is of another run … starting fresh" and lost its epochs. A crash after a checkpoint now
+    names `lunatrain jobs resume JOB`, which submits the job's own parameters with resume on: the run goes on
+    from its checkpoint and registers."""
+    settings = svc.settings
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
+    # values no profile has: only the job's own parameters continue its run
+    job = submit(settings, QUICK | {"adapterName": "late", "epochs": 2, "maxSteps": None, "learningRate": 0.0003})
+    crashed = wait_job(settings, job.id)
+    assert crashed.status == "failed" and crashed.error.code == "child_crashed", crashed.error
+    assert crashed.error.message.endswith(
+        f"`lunatrain jobs resume {job.id}` continues it from its last checkpoint (in the API: submit its "
+        'parameters again with `"resume": true`).'
+    ), crashed.error.message
+
+    r = CliRunner().invoke(app, ["jobs", "resume", job.id], env=env)
+    assert r.exit_code == 0, r.output
+    resumed = next(j for j in trainer_client.list_jobs(settings, limit=500) if j.params["adapterName"] == "late")
+    assert resumed.id != job.id and f"Submitted job {resumed.id}" in r.output
+    assert resumed.status == "succeeded" and resumed.params == crashed.params | {"resume": True}, resumed
+    assert resumed.options == crashed.options
+    codes = [e.model_extra.get("code") for e in all_events(settings, resumed.id) if e.type == "log"]
+    assert "log.resumed" in codes and "log.resume_other_run" not in codes, codes
+    assert [v["jobId"] for v in versions(settings, "late")] == [resumed.id]
+    assert f"Adapter late@{resumed.adapter.version} written to" in r.output
+
+    # what there is nothing to resume of: a job that succeeded, one that does not exist
+    again = CliRunner().invoke(app, ["jobs", "resume", resumed.id], env=env)
+    assert again.exit_code == 2 and f"Job {resumed.id} succeeded" in again.output, again.output
+    assert "nothing to resume" in again.output
+    unknown = CliRunner().invoke(app, ["jobs", "resume", "ftjob-000000"], env=env)
+    assert unknown.exit_code == 1 and "ftjob-000000" in unknown.output, unknown.output
+    assert [v["jobId"] for v in versions(settings, "late")] == [resumed.id]
 
 
 @pytest.mark.slow

@@ -749,8 +749,8 @@ def _stopped(run: Run, reason: bool | str) -> Stop:
             "interrupted",
             f"Stopped at step {run.step} of {run.total_steps}: {reason}; "
             + (
-                'submit it again (with `lunatrain lora --resume`, or `"resume": true` in the API, '
-                "it continues from its last checkpoint)."
+                "`lunatrain jobs resume` with the job's id continues it from its last checkpoint (in the API: "
+                'submit its parameters again with `"resume": true`).'
                 if run.epoch
                 else "no checkpoint was saved yet, so submit it again."
             ),

@@ -6,7 +6,9 @@ NAME. KIND is one of
   crash  the process aborts (SIGABRT) at the first progress event, like a native crash in a kernel;
   error  an exception is raised inside the training loop at the first progress event;
   nan    the loss turns NaN from the first step on (cross-entropy returns NaN);
-  oom    an out-of-memory error is raised at the first progress event.
+  oom    an out-of-memory error is raised at the first progress event;
+  crash_after_epoch  the process aborts at the first progress event after an epoch's checkpoint was saved,
+         unless the job resumes (so that its resume trains on).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from typing import Any
 
 FAULT_ENV = "LUNATRAIN_FAULT"
-FAULTS = ("crash", "error", "nan", "oom")
+FAULTS = ("crash", "error", "nan", "oom", "crash_after_epoch")
 
 
 class InjectedFault(RuntimeError):
@@ -34,7 +36,7 @@ def fault_for(adapter_name: str, spec: str | None = None) -> str | None:
 
 
 def _fire(fault: str) -> None:
-    if fault == "crash":
+    if fault in ("crash", "crash_after_epoch"):
         sys.stderr.flush()
         os.abort()
     if fault == "oom":
@@ -62,14 +64,19 @@ def install() -> None:
 
     def faulty(settings: Any, params: Any, options: Any, **kwargs: Any) -> Any:
         fault = fault_for(params.adapter_name)
+        if fault == "crash_after_epoch" and params.resume:
+            fault = None
         if fault == "nan":
             _inject_nan()
         elif fault is not None:
             emit = kwargs.get("on_event") or (lambda _e: None)
+            saved = [fault != "crash_after_epoch"]  # whether the fault may fire yet
 
             def on_event(event: dict[str, Any]) -> None:
-                if event.get("type") == "progress":
+                if event.get("type") == "progress" and saved[0]:
                     _fire(fault)
+                if str(event.get("code", "")).startswith("log.epoch_done"):
+                    saved[0] = True
                 emit(event)
 
             kwargs["on_event"] = on_event

@@ -18,6 +18,7 @@ import typer
 
 from .. import distributed
 from ..errors import LunaError
+from ..params import FlowOptions
 from ..settings import load_settings
 from .app import app, fail, json_text
 from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, local_lora, resolve, service_lora
@@ -87,14 +88,20 @@ def lora_cmd(
         outcome = lora(settings, r.params, r.options, r.gate, stderr=as_json)  # --json: stdout is the outcome
         if not distributed.from_env().main:  # under torchrun rank 0 reports for all
             raise typer.Exit(0 if outcome.get("status") == "succeeded" else 1)
-        lines = _describe(settings, outcome)
+        report(settings, outcome, r.options, as_json)
     except LunaError as err:
         raise fail(err) from None
+
+
+def report(settings: Any, outcome: dict[str, Any], options: FlowOptions, as_json: bool) -> None:
+    """Print a run's outcome (`--json`: the document) and end as `lunatrain lora` ends: exit 1 when it did not
+    succeed, or when the gate it met kept it inactive."""
+    lines = _describe(settings, outcome)  # raises before anything is printed
     if as_json:
         typer.echo(json_text(outcome, sort_keys=True))
     else:
         for line in lines:
             typer.echo(line)
-    refused = r.options.gate and not (outcome.get("gate") or {}).get("passed")
+    refused = options.gate and not (outcome.get("gate") or {}).get("passed")
     if outcome.get("status") != "succeeded" or refused:  # trained but kept inactive by the gate: exit 1 too
         raise typer.Exit(1)

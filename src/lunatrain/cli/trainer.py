@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import LunaError, ServiceUnavailable
+from ..errors import LunaError, ServiceUnavailable, UsageError
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
@@ -30,7 +30,7 @@ EnsureOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 DETACHED = 130  # the shell's code for "ended by Ctrl-C": the job itself goes on
 
-jobs_app = typer.Typer(help="Trainer jobs: list, show, follow, cancel, events.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Trainer jobs: list, show, follow, cancel, resume, events.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
 
@@ -187,6 +187,27 @@ def jobs_cancel(job_id: str) -> None:
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{job.id}  {job.status}")
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str, as_json: JsonOpt = False) -> None:
+    """Submit a failed or cancelled job again with its own parameters and resume on, and follow it: it continues
+    from its last epoch checkpoint (`lunatrain lora --resume` resolves the profile's values: another run)."""
+    from .flow import service_lora
+    from .lora import report
+
+    try:
+        settings = load_settings()
+        job = trainer_client.get_job(settings, job_id)
+        if not job.finished:
+            raise UsageError(f"Job {job.id} is {job.status}; follow it with `lunatrain jobs follow {job.id}`.")
+        if job.status == "succeeded":
+            raise UsageError(f"Job {job.id} succeeded{': ' + summary(job) if summary(job) else ''}; nothing to resume.")
+        params = job.lora_params().model_copy(update={"resume": True})
+        outcome = service_lora(settings, params, job.options, job.gate_thresholds, stderr=as_json)
+        report(settings, outcome, job.options, as_json)
+    except LunaError as err:
+        raise fail(err) from None
 
 
 @jobs_app.command("events")

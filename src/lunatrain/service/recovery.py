@@ -110,13 +110,9 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
             pid=None,
             pid_started=None,
         )
-    # Said after each epoch's checkpoint is saved (train.py); a child that outlived its trainer by a moment may
-    # have saved one it could not report: the disk says so too.
-    if store.logged(job_id, "log.epoch_done") or _checkpoint_since(settings, job):
-        # Read by CLI and API users alike: name the switch in both their terms.
+    if resumable(settings, store, job):
         message = (
-            "The trainer stopped while this job was running and no adapter was registered; submit it again (with "
-            '`lunatrain lora --resume`, or `"resume": true` in the API, it continues from its last checkpoint).'
+            f"The trainer stopped while this job was running and no adapter was registered; {resume_hint(job.id)}."
         )
     else:
         message = (
@@ -124,6 +120,22 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
             "registered and no checkpoint saved; submit it again."
         )
     return store.set_status(job_id, "failed", error={"code": "interrupted", "message": message})
+
+
+def resumable(settings: Settings, store: JobStore, job: Job) -> bool:
+    """Whether the job saved an epoch checkpoint: said after each one (train.py); a child that outlived its
+    trainer by a moment may have saved one it could not report, so the disk is asked too."""
+    return store.logged(job.id, "log.epoch_done") or _checkpoint_since(settings, job)
+
+
+def resume_hint(job_id: str) -> str:
+    """How to continue the job from its last checkpoint, in the CLI's and the API's terms: its own parameters
+    with resume on (a bare `lunatrain lora --resume` takes the profile's values, and a run of other values
+    starts fresh)."""
+    return (
+        f"`lunatrain jobs resume {job_id}` continues it from its last checkpoint (in the API: submit its "
+        'parameters again with `"resume": true`)'
+    )
 
 
 def _checkpoint_since(settings: Settings, job: Job) -> bool:

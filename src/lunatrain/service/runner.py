@@ -24,7 +24,7 @@ import psutil
 from ..errors import LunaError
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
-from .recovery import published_adapter, recorded_gate, settle_interrupted, signal_group
+from .recovery import published_adapter, recorded_gate, resumable, resume_hint, settle_interrupted, signal_group
 from .spawn import child_env, job_ranks, worker_argv
 from .warm import Forked, WarmWorker
 
@@ -298,9 +298,8 @@ class Runner:
         elif ranks > 1 and code != 0:
             # Every rank exits 0 after an orderly ending (worker.py), so torchrun failing means a rank died;
             # rank 0's own result then only reports losing its peer, the dead rank is the cause.
-            job = self.store.set_status(
-                job_id, "failed", error=_rank_crash_error(code, ranks, log_path, self.settings.home)
-            )
+            error = _rank_crash_error(code, ranks, log_path, self.settings.home)
+            job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
             job = self.store.set_status(
@@ -315,13 +314,21 @@ class Runner:
             )
         elif status == "cancelled":
             # The child stopped on its own (it lost contact with us): the run was cut short.
-            job = self.store.set_status(
-                job_id, "failed", error={"code": "interrupted", "message": "The training process stopped early."}
-            )
+            error = {"code": "interrupted", "message": "The training process stopped early."}
+            job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         else:
-            job = self.store.set_status(job_id, "failed", error=_crash_error(code, log_path, self.settings.home))
+            error = _crash_error(code, log_path, self.settings.home)
+            job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
         self._collect()
+
+    def _resumable(self, job_id: str, error: dict[str, str]) -> dict[str, str]:
+        """A crash's error, and how to resume the job when it saved a checkpoint first (a crash an epoch in
+        need not cost that epoch)."""
+        if not resumable(self.settings, self.store, self.store.get(job_id)):
+            return error
+        hint = resume_hint(job_id)
+        return error | {"message": f"{error['message']} {hint[0].upper()}{hint[1:]}."}
 
     def _collect(self) -> None:
         from ..retention import after_run
