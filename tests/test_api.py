@@ -5,6 +5,7 @@ Run: `.venv/bin/python -m pytest tests/test_api.py -q`
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -532,3 +533,46 @@ def test_a_data_root_moved_while_the_api_runs_is_one_sentence_and_never_written_
     store.dispose_stores()
     rows = sqlite3.connect(moved / "data" / "assistant.db").execute("SELECT prompt FROM examples").fetchall()
     assert rows == [("Wo?",)]
+
+
+def test_a_refusal_of_the_trainer_keeps_its_code_and_params(home: Path, dead_port: int, monkeypatch) -> None:
+    """Repro: `POST /lora/start` refused by the trainer (no CUDA for `device: cuda`, the overwrite slot on another
+    base) answered the generic `invalid_request`/`conflict` without params: the trainer client rebuilt the error
+    from its sentence alone, so the dashboard showed the trainer's English sentence (with CLI flags in it)
+    instead of its own text for the code. The trainer's code and params now come through, with its status."""
+    import httpx
+
+    from lunatrain.service import client as trainer_client
+    from lunatrain.service.jobs import Health, data_root_id
+
+    settings = load_settings(lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    refusals = {
+        "cuda": (422, "device.no_cuda", {"device": "cuda"}),
+        "overwrite": (409, "adapter.slot_other_base", {"name": "luna-adapter", "slotBase": "a", "baseModel": "b"}),
+        "gone": (404, "base_model.not_found", {"baseModel": "org/gone"}),
+    }
+
+    def refusal(body: dict) -> str:
+        if body.get("device") == "cuda":
+            return "cuda"
+        return "overwrite" if body.get("adapterStrategy") == "overwrite" else "gone"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            root = {"id": data_root_id(settings.home), "path": str(settings.home)}
+            return httpx.Response(200, json=Health(data_root=root).wire())
+        status, code, params = refusals[refusal(json.loads(request.content))]
+        return httpx.Response(status, json={"error": {"code": code, "message": f"refused ({code}).", "params": params}})
+
+    monkeypatch.setattr(trainer_client, "_shared", httpx.Client(transport=httpx.MockTransport(answer)))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for body, (status, code, params) in (
+            ({"device": "cuda"}, refusals["cuda"]),
+            ({"adapterStrategy": "overwrite"}, refusals["overwrite"]),
+            ({"adapterName": "x"}, refusals["gone"]),
+        ):
+            r = client.post(f"{T}/lora/start", json=body)
+            assert r.status_code == status, r.text
+            error = r.json()["error"]
+            assert (error["code"], error.get("params"), error["message"]) == (code, params, f"refused ({code})."), error
+    store.dispose_stores()

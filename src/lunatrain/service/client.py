@@ -144,17 +144,22 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
     except (ValueError, AttributeError):
         message, details = response.text[:300], None
     message = message or f"The trainer answered HTTP {response.status_code}."
+    # The trainer's code and params pass on (the dashboard says `device.no_cuda` in the reader's language, not
+    # the trainer's English sentence); the class, and so the status and exit code, follows the HTTP status.
+    coded: dict[str, Any] = {}
+    if isinstance(err, dict) and isinstance(err.get("code"), str) and err["code"]:
+        coded = {"code": err["code"], "params": err["params"] if isinstance(err.get("params"), dict) else None}
     status = response.status_code
     if status == 404:
-        return NotFound(message)
+        return NotFound(message, **coded)
     if status == 409:
         other = details.get("dataRoot") if isinstance(details, dict) else None
         if isinstance(other, dict):  # the trainer at our address serves another project's data root
             return other_data_root(settings, another_root(str(other.get("path") or "unknown")))
         # e.g. a job too large for its device: a failed check (exit 1), as prepare says it
         if isinstance(err, dict) and err.get("code") == CheckFailed.code:
-            return CheckFailed(message, details=details)
-        return Conflict(message)
+            return CheckFailed(message, details=details, **coded)
+        return Conflict(message, **coded)
     if status == 401:
         realm = bearer_realm(response.headers.get("www-authenticate"))
         if realm == TRAINER_REALM:
@@ -167,7 +172,7 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
         # Another service wants a token of its own: asking for "the trainer's token" would mislead.
         return Conflict(f"What answers {where(settings)} refused us (401): {FOREIGN}.")
     if status < 500:
-        return UsageError(message, details=details)
+        return UsageError(message, details=details, **coded)
     return ServiceUnavailable(f"The trainer failed to answer ({status}): {message}")
 
 
