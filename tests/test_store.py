@@ -897,3 +897,16 @@ def test_memory_add_reads_the_profile_table_of_the_base_in_use(db: Settings) -> 
     profile.write_text('[lora]\ndatasetTier = "merged"\n\n[bases."luna-tiny"]\ndatasetTier = "curated"\n')
     r = CliRunner().invoke(app, ["memory", "add", "--question", "Katze?", "--answer", "Mia."])
     assert r.exit_code == 0 and "the luna profile trains curated" in r.output, r.output
+
+
+def test_a_read_is_one_snapshot_while_others_write(db: Settings) -> None:
+    """Repro: on PostgreSQL a read transaction ran at READ COMMITTED, so each statement of an export saw what
+    other clients committed meanwhile: examples added during an export were in its files but not in the store
+    revision it recorded, and `status` then said "changed since export" of an export that held them (4-7 of 8
+    exports under concurrent adds). A read is one snapshot on both databases now."""
+    store.add_example(db, prompt="Erste?", response="Ja.")
+    with store.open_store(db).read() as conn:
+        before = conn.scalar(sa.select(sa.func.count()).select_from(store.examples_table))
+        store.add_example(db, prompt="Zweite?", response="Auch.")  # another connection commits meanwhile
+        assert conn.scalar(sa.select(sa.func.count()).select_from(store.examples_table)) == before == 1
+    assert len(store.list_examples(db)) == 2

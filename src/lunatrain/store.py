@@ -162,9 +162,15 @@ class Store:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        """One transaction (a consistent snapshot on both databases) that changes nothing."""
-        with _storage_errors(self.engine), self.engine.connect() as conn, conn.begin():
-            yield conn
+        """One transaction (a consistent snapshot on both databases) that changes nothing. SQLite's WAL gives a
+        read transaction one snapshot from its first statement; PostgreSQL does so at REPEATABLE READ (its default,
+        READ COMMITTED, lets each statement see what others committed meanwhile: an export would write rows its
+        recorded revision does not count). A read-only transaction there never fails to serialize."""
+        with _storage_errors(self.engine), self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            with conn.begin():
+                yield conn
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
