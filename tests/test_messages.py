@@ -20,9 +20,11 @@ I18N = SRC / "api" / "static" / "i18n.js"
 CODE = r"([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)"
 # Where a code is set: keyword or attribute `code = "x"`, a dict `"code": "x"`, `coded("x", …)`, a training
 # stop `Stop(Status.X, "x", …)`, the guard's `_reply(send, 400, "x", …)`, the HTTP layer's {404: "x"}, a
-# fallback `or "x"` after reading a code, the worker's `"x" if … else "y"`, and an adapter state `state(…, "x", …)`.
+# fallback `or "x"` after reading a code, the worker's `"x" if … else "y"`, an adapter state `state(…, "x", …)`, and a
+# helper's default `code: str = "x"` (its callers pass others as `code="y"`).
 PATTERNS = [
     rf'\bcode\s*=\s*"{CODE}"',
+    rf'\bcode:\s*str\s*=\s*"{CODE}"',
     rf'"code":\s*"{CODE}"',
     rf'\bcoded\(\s*"{CODE}"',
     rf'Stop\(Status\.\w+,\s*"{CODE}"',

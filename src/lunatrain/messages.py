@@ -74,6 +74,8 @@ CODES: dict[str, str] = {
     "chat.special_token": "chat: a message holds a special token of the model as text (message: its index, token)",
     "context_length_exceeded": "chat: the messages and max_tokens exceed the model's context",
     "invalid_value": "chat: a parameter has an invalid value",
+    "unsupported_parameter": "chat: a parameter this server does not serve (tools, functions, logit_bias)",
+    "unsupported_value": "chat: a value this server cannot answer (tool_choice, response_format, logprobs)",
     # job errors (job.error.code)
     "nan_loss": "the loss or gradient norm became non-finite",
     "cancelled": "the job was cancelled",

@@ -401,7 +401,7 @@ def _refuse_unsupported(body: ChatRequest) -> None:
 
     for param in ("tools", "functions"):
         if getattr(body, param):
-            refuse(param, "this server calls no tools; send the request without them.", "unsupported_parameter")
+            refuse(param, "this server calls no tools; send the request without them.", code="unsupported_parameter")
     for param in ("tool_choice", "function_call"):
         if getattr(body, param) not in (None, "none", "auto"):
             refuse(param, 'this server calls no tools, so only "none" or "auto" can be chosen.')
@@ -412,9 +412,11 @@ def _refuse_unsupported(body: ChatRequest) -> None:
     if body.top_logprobs:
         refuse("top_logprobs", "this server does not return log-probabilities.")
     if body.logit_bias:
-        refuse("logit_bias", "this server does not bias tokens; send the request without it.", "unsupported_parameter")
+        refuse(
+            "logit_bias", "this server does not bias tokens; send the request without it.", code="unsupported_parameter"
+        )
     if body.stream_options is not None and not body.stream:  # as OpenAI answers it: asked for, it would be ignored
-        refuse("stream_options", "only allowed with stream: true.", "invalid_value")
+        refuse("stream_options", "only allowed with stream: true.", code="invalid_value")
 
 
 def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
