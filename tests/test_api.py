@@ -576,3 +576,23 @@ def test_a_refusal_of_the_trainer_keeps_its_code_and_params(home: Path, dead_por
             error = r.json()["error"]
             assert (error["code"], error.get("params"), error["message"]) == (code, params, f"refused ({code})."), error
     store.dispose_stores()
+
+
+def test_an_item_is_named_by_its_id_or_the_form_exports_and_the_command_line_use(client: TestClient, settings) -> None:
+    """Repro: `POST /examples/ex-3/reject` and `DELETE /memory/mem-2` answered 404 "No such endpoint.": the
+    routes took digits only, while the export's records, prepare's report and the command line name items
+    `ex-3`/`mem-2`. Both forms are accepted; any other id is a 422 naming the id, and changes nothing."""
+    ex = store.add_example(settings, prompt="Frage?", response="Antwort.")
+    mem = store.add_memory(settings, question="Wie heißt mein Hund?", answer="Bruno.")
+    r = client.post(f"{T}/examples/ex-{ex.id}/reject")
+    assert r.status_code == 200 and r.json()["status"] == "rejected", r.text
+    assert client.post(f"{T}/examples/{ex.id}/approve").json()["status"] == "approved"
+    r = client.post(f"{T}/memory/mem-{mem.id}/reject")
+    assert r.status_code == 200 and r.json()["status"] == "rejected", r.text
+    revision = store.revision(settings)
+    for path in (f"/examples/mem-{ex.id}/reject", f"/memory/ex-{mem.id}/reject", "/examples/abc/approve"):
+        r = client.post(f"{T}{path}")
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("Invalid request: id: "), r.text
+    assert client.delete(f"{T}/examples/ex-x").status_code == 422
+    assert store.revision(settings) == revision
+    assert client.delete(f"{T}/memory/mem-{mem.id}").json()["deleted"] == mem.id

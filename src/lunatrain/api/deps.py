@@ -11,6 +11,7 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
+from pydantic import BeforeValidator
 
 from ..errors import UsageError
 from ..models import refuse_adapter_dir
@@ -42,7 +43,17 @@ AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX, des
 Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=NAME_MAX, description="version, e.g. v3")]
 # The docs' names for the path segments (`{jobId}`, `{id}`), which errors name too; routes spell them so.
 JobId = Annotated[str, Path(alias="jobId", pattern=JOB_ID_PATTERN, max_length=64, description="job id, e.g. ftjob-…")]
-ItemId = Annotated[int, Path(alias="id", ge=1, le=INT_MAX, description="numeric id")]
+
+
+def _unprefixed(prefix: str) -> BeforeValidator:
+    """An id as the export's records, prepare's report and the command line write it (`ex-12`, `mem-3`) is
+    that number; anything else is validated as an id (and refused, naming `id`)."""
+    return BeforeValidator(lambda v: v.removeprefix(f"{prefix}-") if isinstance(v, str) else v)
+
+
+_ID = {"alias": "id", "ge": 1, "le": INT_MAX}
+ExampleId = Annotated[int, _unprefixed("ex"), Path(**_ID, description="numeric id (12), or as exported (ex-12)")]
+MemoryId = Annotated[int, _unprefixed("mem"), Path(**_ID, description="numeric id (3), or as exported (mem-3)")]
 
 _DESCRIPTIONS = {
     400: "Malformed request or Host header not allowed",

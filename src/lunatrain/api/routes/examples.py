@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ... import formats, registry, store
 from ...errors import LISTED_PROBLEMS, UsageError, some
 from ...settings import Settings
-from ..deps import Fresh, ItemId, NoBody, SettingsDep, errors
+from ..deps import ExampleId, Fresh, MemoryId, NoBody, SettingsDep, errors
 from ..schemas import (
     Deleted,
     ExampleIn,
@@ -97,18 +97,18 @@ async def _set(
     return await run_in_threadpool(get, settings, item_id)
 
 
-@router.post("/examples/{id:int}/approve", response_model=ExampleOut, dependencies=[NoBody], responses=errors(404, 503))
-async def approve_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
+@router.post("/examples/{id}/approve", response_model=ExampleOut, dependencies=[NoBody], responses=errors(404, 503))
+async def approve_example(example_id: ExampleId, settings: SettingsDep) -> ExampleOut:
     return _example(await _set(settings, store.set_status, store.get_example, example_id, "approved"))
 
 
-@router.post("/examples/{id:int}/reject", response_model=ExampleOut, dependencies=[NoBody], responses=errors(404, 503))
-async def reject_example(example_id: ItemId, settings: SettingsDep) -> ExampleOut:
+@router.post("/examples/{id}/reject", response_model=ExampleOut, dependencies=[NoBody], responses=errors(404, 503))
+async def reject_example(example_id: ExampleId, settings: SettingsDep) -> ExampleOut:
     return _example(await _set(settings, store.set_status, store.get_example, example_id, "rejected"))
 
 
-@router.delete("/examples/{id:int}", response_model=Deleted, dependencies=[NoBody], responses=errors(404, 503))
-async def delete_example(example_id: ItemId, settings: SettingsDep) -> Deleted:
+@router.delete("/examples/{id}", response_model=Deleted, dependencies=[NoBody], responses=errors(404, 503))
+async def delete_example(example_id: ExampleId, settings: SettingsDep) -> Deleted:
     deletion = await run_in_threadpool(store.delete_examples, settings, [example_id])
     stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
     return Deleted(deleted=example_id, stale_adapters=stale)
@@ -132,18 +132,18 @@ async def add_memory(body: MemoryIn, settings: SettingsDep) -> MemoryOut:
     return _memory(item)
 
 
-@router.post("/memory/{id:int}/approve", response_model=MemoryOut, dependencies=[NoBody], responses=errors(404, 503))
-async def approve_memory(item_id: ItemId, settings: SettingsDep) -> MemoryOut:
+@router.post("/memory/{id}/approve", response_model=MemoryOut, dependencies=[NoBody], responses=errors(404, 503))
+async def approve_memory(item_id: MemoryId, settings: SettingsDep) -> MemoryOut:
     return _memory(await _set(settings, store.set_memory_status, store.get_memory, item_id, "approved"))
 
 
-@router.post("/memory/{id:int}/reject", response_model=MemoryOut, dependencies=[NoBody], responses=errors(404, 503))
-async def reject_memory(item_id: ItemId, settings: SettingsDep) -> MemoryOut:
+@router.post("/memory/{id}/reject", response_model=MemoryOut, dependencies=[NoBody], responses=errors(404, 503))
+async def reject_memory(item_id: MemoryId, settings: SettingsDep) -> MemoryOut:
     return _memory(await _set(settings, store.set_memory_status, store.get_memory, item_id, "rejected"))
 
 
-@router.delete("/memory/{id:int}", response_model=Deleted, dependencies=[NoBody], responses=errors(404, 503))
-async def delete_memory(item_id: ItemId, settings: SettingsDep) -> Deleted:
+@router.delete("/memory/{id}", response_model=Deleted, dependencies=[NoBody], responses=errors(404, 503))
+async def delete_memory(item_id: MemoryId, settings: SettingsDep) -> Deleted:
     deletion = await run_in_threadpool(store.delete_memory, settings, [item_id])
     stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
     return Deleted(deleted=item_id, stale_adapters=stale)
