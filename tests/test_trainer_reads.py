@@ -157,6 +157,18 @@ def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(h
         trainer_cli.follow(settings, waiting.id, unreachable_s=0.0)
     assert "queued" in lost.value.message and f"`lunatrain jobs follow {waiting.id}`" in lost.value.message
 
+    # Repro: a job the database does not hold was followed for 15 s, then "once it is back, `lunatrain jobs
+    # follow …` continues": a promise about a job that does not exist. It is not found, at once.
+    from lunatrain.errors import NotFound
+
+    unknown = "ftjob-000000000000000000000000"
+    with pytest.raises(NotFound) as missing:
+        trainer_cli.follow(settings, unknown, unreachable_s=60.0)
+    assert missing.value.message == (
+        f"No job {unknown} is recorded under this data root (the trainer at http://127.0.0.1:9 is not reachable "
+        "(ConnectError); start it)."
+    ), missing.value.message
+
 
 def test_jobs_show_names_the_job_log_and_where_a_cancelled_job_stopped(home, monkeypatch):
     """Repro: `jobs show` printed a cancelled job as `ftjob-…  cancelled` and nothing more, and no command,

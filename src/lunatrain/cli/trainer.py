@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import LunaError, ServiceUnavailable, UsageError
+from ..errors import LunaError, NotFound, ServiceUnavailable, UsageError
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
@@ -366,6 +366,11 @@ def follow(
                 for ev in missed:
                     view.show(ev)
                     after = ev.seq
+                if recorded is NOT_RECORDED:  # the database holds every job the trainer ever accepted here
+                    cause = err.message.rstrip(".")
+                    raise NotFound(
+                        f"No job {job_id} is recorded under this data root ({cause[:1].lower()}{cause[1:]})."
+                    ) from None
                 if recorded is not None and recorded.finished:
                     return recorded
                 # A trainer restarting is not the end of the job: keep asking for a while.
@@ -391,14 +396,20 @@ def follow(
             time.sleep(poll)
 
 
+NOT_RECORDED: Any = object()  # `_recorded`'s job when the database was read and holds no such job
+
+
 def _recorded(settings: Settings, job_id: str, after: int) -> tuple[Job | None, list[Event]]:
     """The job as the trainer's database under this data root records it, and its events after `after`;
-    (None, []) when it holds no such job or cannot be read (a trainer elsewhere keeps its own)."""
+    (NOT_RECORDED, []) when it holds no such job, (None, []) when there is none or it cannot be read."""
     try:
         with existing_store(settings.data_dir) as store:
             if store is None:
                 return None, []
-            job, events = store.get(job_id), []
+            try:
+                job, events = store.get(job_id), []
+            except NotFound:
+                return NOT_RECORDED, []
             while True:
                 page = store.events(job_id, after=after, limit=500)
                 events += page.data
