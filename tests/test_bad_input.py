@@ -652,7 +652,11 @@ def test_the_command_line_says_a_pattern_in_words(seeded: Settings) -> None:
         (("lora", "--batchSize=1e3"), "Invalid value for '--batch-size' / '--batchSize'"),
         (("status", "--minCurated=-1"), "greater than or equal to 0"),
         (("examples", "list", "--rating", "abc"), "No such option: --rating"),
-        (("adapters", "activate"), "Missing argument"),
+        # an argument is named as the usage line and the docs name it (was 'ref', 'b', 'job_id', 'ids')
+        (("adapters", "activate"), "Missing argument 'NAME@VERSION'"),
+        (("adapters", "diff", "luna-adapter@v1"), "Missing argument 'B'"),
+        (("jobs", "show"), "Missing argument 'JOB'"),
+        (("examples", "approve"), "Missing argument 'IDS'"),
         (("nonsense",), "No such command 'nonsense'"),
         (("serve", "--log-level", "bogus"), "Unknown --log-level 'bogus'"),  # before anything listens
         (("trainer", "--port", "0", "--log-file", "."), "Cannot write the log file ."),  # a directory

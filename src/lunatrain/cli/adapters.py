@@ -110,7 +110,9 @@ def list_cmd(as_json: JsonOpt = False) -> None:
 
 @adapters_app.command("show")
 def show_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (VERSION may be latest or active)")],
+    ref: Annotated[
+        str, typer.Argument(metavar="NAME[@VERSION]", help="NAME or NAME@VERSION (VERSION may be latest or active)")
+    ],
 ) -> None:
     """One version's registry entry, whether it is active (or why not), and its training report."""
     try:
@@ -135,7 +137,7 @@ def show_cmd(
 
 @adapters_app.command("activate")
 def activate_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    ref: Annotated[str, typer.Argument(metavar="NAME@VERSION", help="NAME@VERSION")],
     force: Annotated[
         bool,
         typer.Option(
@@ -160,7 +162,12 @@ def activate_cmd(
 
 @adapters_app.command("deactivate")
 def deactivate_cmd(
-    ref: Annotated[str, typer.Argument(help="NAME (on the configured base model) or NAME@VERSION (on every base)")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME[@VERSION]", help="NAME (on the configured base model) or NAME@VERSION (on every base)"
+        ),
+    ],
     base_model: BaseOpt = None,
 ) -> None:
     """Stop using an adapter: NAME is no longer active on the configured base model (NAME@VERSION: that
@@ -175,7 +182,9 @@ def deactivate_cmd(
 
 
 @adapters_app.command("rollback")
-def rollback_cmd(name: Annotated[str, typer.Argument(help="adapter name")], base_model: BaseOpt = None) -> None:
+def rollback_cmd(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="adapter name")], base_model: BaseOpt = None
+) -> None:
     """Make the version active before the current one on the configured base model active again."""
     try:
         settings = _settings(base_model)
@@ -212,8 +221,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 @adapters_app.command("diff")
 def diff_cmd(
-    a: Annotated[str, typer.Argument(help="NAME@VERSION")],
-    b: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    a: Annotated[str, typer.Argument(metavar="A", help="NAME@VERSION")],
+    b: Annotated[str, typer.Argument(metavar="B", help="NAME@VERSION")],
 ) -> None:
     """What differs between two versions: parameters, data, base model, metrics."""
     try:

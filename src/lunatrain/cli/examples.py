@@ -27,8 +27,8 @@ LimitOpt = Annotated[int, typer.Option("--limit", help="at most this many")]
 OffsetOpt = Annotated[int, typer.Option("--offset", help="skip this many first (pages with --limit)")]
 _LISTED = 20  # problems of a refused import listed one per line
 
-IdsArg = Annotated[list[str], typer.Argument(help="example ids (12 or ex-12)")]
-MemIdsArg = Annotated[list[str], typer.Argument(help="memory ids (3 or mem-3)")]
+IdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="example ids (12 or ex-12)")]
+MemIdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="memory ids (3 or mem-3)")]
 
 
 def _ids(raw: list[str], prefix: str) -> list[int]:
@@ -122,7 +122,7 @@ def add_cmd(
 
 @examples_app.command("import")
 def import_cmd(
-    file: Annotated[Path, typer.Argument(help=".jsonl, .json or .csv")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help=".jsonl, .json or .csv")],
     source: Annotated[
         str | None,
         typer.Option(

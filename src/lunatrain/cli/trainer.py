@@ -28,6 +28,7 @@ EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="a job id (ftjob-…)")]
 DETACHED = 130  # the shell's code for "ended by Ctrl-C": the job itself goes on
 
 jobs_app = typer.Typer(help="Trainer jobs: list, show, follow, cancel, resume, events.", no_args_is_help=True)
@@ -154,7 +155,7 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
+def jobs_show(job_id: JobArg, as_json: JsonOpt = False) -> None:
     """Show one job (state, progress, adapter or error); exit 1 if it failed or was cancelled."""
     try:
         settings = load_settings()
@@ -170,7 +171,7 @@ def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
 
 
 @jobs_app.command("follow")
-def jobs_follow(job_id: str) -> None:
+def jobs_follow(job_id: JobArg) -> None:
     """Follow a job's progress until it ends (Ctrl-C detaches)."""
     try:
         job = follow_and_report(load_settings(), job_id)
@@ -180,7 +181,7 @@ def jobs_follow(job_id: str) -> None:
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str) -> None:
+def jobs_cancel(job_id: JobArg) -> None:
     """Cancel a queued or running job (a running one stops at its next step; nothing is registered)."""
     try:
         job = trainer_client.cancel(load_settings(), job_id)
@@ -190,7 +191,7 @@ def jobs_cancel(job_id: str) -> None:
 
 
 @jobs_app.command("resume")
-def jobs_resume(job_id: str, as_json: JsonOpt = False) -> None:
+def jobs_resume(job_id: JobArg, as_json: JsonOpt = False) -> None:
     """Submit a failed or cancelled job again with its own parameters and resume on, and follow it: it continues
     from its last epoch checkpoint (`lunatrain lora --resume` resolves the profile's values: another run)."""
     from .flow import service_lora
@@ -212,7 +213,7 @@ def jobs_resume(job_id: str, as_json: JsonOpt = False) -> None:
 
 @jobs_app.command("events")
 def jobs_events(
-    job_id: str,
+    job_id: JobArg,
     after: Annotated[int, typer.Option("--after", min=0, help="only events after this sequence number")] = 0,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="at most this many events")] = 100,
     as_json: JsonOpt = False,
