@@ -278,7 +278,7 @@ def test_skip_bad_imports_the_good_records_and_lists_the_bad_ones(seeded: Settin
     only_tools.write_text(json.dumps(tool) + "\n")
     for path in (nothing_good, only_tools):
         said = one_sentence(run("examples", "import", str(path), "--skipBad"), 2)
-        assert f"Cannot import {path.name}: none of its 1 record(s) can be imported — line" in said, said
+        assert f"Cannot import {path.name}: none of its 1 record can be imported — line" in said, said
         assert "--skip-bad" not in said, said
     assert snapshot(seeded.home) == before
 
@@ -289,7 +289,7 @@ def test_a_file_with_many_bad_records_prints_a_bounded_list(seeded: Settings, tm
     r = run("examples", "import", str(path))
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "2000 bad record(s)" in lines[-1], lines[-1]
+    assert lines[-1].startswith("error: ") and "2000 bad records" in lines[-1], lines[-1]
     # the first problems, each on a line, then how many more there are; not 2,000 lines
     assert 2 < len(lines) <= 25, len(lines)
     assert "many.jsonl line 1: field 'response': missing" in lines[0]
@@ -1075,7 +1075,7 @@ def test_import_json_gives_every_bad_record_to_a_script(seeded: Settings, tmp_pa
     refused = run("examples", "import", str(path), "--json")
     assert refused.exit_code == 2 and snapshot(seeded.home) == before
     body = json.loads(refused.stdout)
-    assert body["error"]["code"] == "invalid_request" and "30 bad record(s)" in body["error"]["message"], body
+    assert body["error"]["code"] == "invalid_request" and "30 bad records" in body["error"]["message"], body
     assert len(body["problems"]) == 30 and body["problems"][29] == "mixed.jsonl line 33: field 'response': missing"
     assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
 

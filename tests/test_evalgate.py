@@ -58,7 +58,7 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     with pytest.raises(UsageError) as info:
         load_suite(settings)
     msg = info.value.message
-    assert msg.startswith("The eval suite has 7 problem(s)")
+    assert msg.startswith("The eval suite has 7 problems")
     assert f"{a}:2: not valid JSON" in msg
     assert f"{a}:3: check 1: bad regex '(unclosed'" in msg
     assert f"{a}:5: check 1: unknown check type 'startswith'" in msg

@@ -208,7 +208,7 @@ def test_all_problems_are_collected(tmp_path: Path) -> None:
     records = [{"prompt": "ok", "response": "ok"}] + [{"prompt": f"p{i}"} for i in range(7)]
     with pytest.raises(UsageError) as info:
         read_file(_jsonl(tmp_path / "many.jsonl", records))
-    assert "7 bad record(s)" in info.value.message and "(and 2 more)" in info.value.message
+    assert "7 bad records" in info.value.message and "(and 2 more)" in info.value.message
     assert len(info.value.details) == 7
     assert info.value.details[-1] == "many.jsonl line 8: field 'response': missing"
 
@@ -433,7 +433,7 @@ def test_a_json_file_holding_json_lines_is_read_line_by_line(tmp_path: Path) -> 
         read_file(path)
     # a pretty-printed document with something after it is that error, not a file of bad lines
     path.write_text('[\n  {"prompt": "a", "response": "b"}\n]\n]\n', encoding="utf-8")
-    with pytest.raises(UsageError, match=r"1 bad record\(s\) — line 4: malformed JSON \(Extra data"):
+    with pytest.raises(UsageError, match=r"1 bad record — line 4: malformed JSON \(Extra data"):
         read_file(path)
     # one document that is malformed on its own is still reported as such
     path.write_text('[{"prompt": "a", "response": "b"},]', encoding="utf-8")

@@ -444,11 +444,11 @@ def test_cli_memory_approve_and_reject(db: Settings) -> None:
     tea = store.add_memory(db, question="Was trinke ich gern?", answer="Tee.", status="rejected")
 
     r = runner.invoke(app, ["memory", "approve", str(dog.id), f"mem-{tea.id}"])  # both id forms, several at once
-    assert r.exit_code == 0 and r.output.strip() == "2 memory item(s) set to approved.", r.output
+    assert r.exit_code == 0 and r.output.strip() == "2 memory items set to approved.", r.output
     r = runner.invoke(app, ["memory", "reject", f"mem-{home_.id}"])
-    assert r.exit_code == 0 and r.output.strip() == "1 memory item(s) set to rejected.", r.output
+    assert r.exit_code == 0 and r.output.strip() == "1 memory item set to rejected.", r.output
     r = runner.invoke(app, ["memory", "reject", str(home_.id)])  # already rejected: nothing to change
-    assert r.exit_code == 0 and r.output.strip() == "0 memory item(s) set to rejected.", r.output
+    assert r.exit_code == 0 and r.output.strip() == "0 memory items set to rejected.", r.output
     assert {m.id: m.status for m in store.list_memory(db)} == {
         dog.id: "approved",
         home_.id: "rejected",

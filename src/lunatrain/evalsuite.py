@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JSON_FAULTS, UsageError, json_fault
+from .messages import counted
 from .settings import Settings
 
 CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
@@ -106,7 +107,7 @@ def load_suite(settings: Settings) -> list[EvalCase]:
                 cases.append(case)
     if problems:
         raise UsageError(
-            f"The eval suite has {len(problems)} problem(s): " + "; ".join(problems) + ".", details=problems
+            f"The eval suite has {counted(len(problems), 'problem')}: " + "; ".join(problems) + ".", details=problems
         )
     if not cases:
         raise UsageError(

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args
 
 from .errors import JSON_FAULTS, UsageError, json_fault, some
+from .messages import counted
 
 Format = Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"]
 FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "alpaca", "prompt-response")
@@ -902,9 +903,9 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
             drafts.append(draft)
             formats[shape] = formats.get(shape, 0) + 1
     if problems and not (skip_bad and drafts):
-        which = f"{len(problems)} bad record(s)"
+        which = counted(len(problems), "bad record")
         if skip_bad:  # said as given: the advice to use --skip-bad would read as if it had not been
-            which = f"none of its {len(problems)} record(s) can be imported"
+            which = f"none of its {counted(len(problems), 'record')} can be imported"
             problems = [p.replace(", or import with --skip-bad", "") for p in problems]
         raise UsageError(
             f"Cannot import {path.name}: {which} — {some(problems)}. Nothing was imported.",

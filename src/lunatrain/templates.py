@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, pattern
+from .messages import counted
 
 # Bundled and stored template names: no path separators, so a name can never reach outside its folder.
 NAME_PATTERN = pattern(
@@ -233,7 +234,7 @@ def check_embedding_room(model: Any, tokenizer: Any, added: list[str], model_id:
     rows = model.get_input_embeddings().weight.shape[0]
     if ids and max(ids) >= rows:
         raise UsageError(
-            f"The chat template needs {len(ids)} token(s) ({', '.join(added)}) that base model "
+            f"The chat template needs {counted(len(ids), 'token')} ({', '.join(added)}) that base model "
             f"{model_id!r} has no spare embedding rows for ({rows} rows); choose a template "
             "built from its own special tokens."
         )

@@ -225,25 +225,25 @@ def _curate(set_status: Callable[..., int], ids: list[str], prefix: str, what: s
         changed = set_status(load_settings(), _ids(ids, prefix), status)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(f"{changed} {what} set to {status}.")
+    typer.echo(f"{counted(changed, what)} set to {status}.")
 
 
 @examples_app.command("approve")
 def approve_cmd(ids: IdsArg) -> None:
     """Approve examples: they are exported for training."""
-    _curate(store.set_status, ids, "ex", "example(s)", "approved")
+    _curate(store.set_status, ids, "ex", "example", "approved")
 
 
 @examples_app.command("reject")
 def reject_cmd(ids: IdsArg) -> None:
     """Reject examples: they stay stored but are never exported."""
-    _curate(store.set_status, ids, "ex", "example(s)", "rejected")
+    _curate(store.set_status, ids, "ex", "example", "rejected")
 
 
 @examples_app.command("delete")
 def delete_cmd(ids: IdsArg) -> None:
     """Delete examples; adapter versions trained on them are marked stale (retrain needed)."""
-    _delete(store.delete_examples, ids, "ex", "example(s)")
+    _delete(store.delete_examples, ids, "ex", "example")
 
 
 def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, what: str) -> None:
@@ -255,7 +255,7 @@ def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, 
     except LunaError as err:
         raise fail(err) from None
     typer.echo(
-        f"Deleted {deletion.count} {what}."
+        f"Deleted {counted(deletion.count, what)}."
         + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else "")
     )
 
@@ -333,16 +333,16 @@ def memory_list_cmd(
 @memory_app.command("approve")
 def memory_approve_cmd(ids: MemIdsArg) -> None:
     """Approve memory items: they are exported for training."""
-    _curate(store.set_memory_status, ids, "mem", "memory item(s)", "approved")
+    _curate(store.set_memory_status, ids, "mem", "memory item", "approved")
 
 
 @memory_app.command("reject")
 def memory_reject_cmd(ids: MemIdsArg) -> None:
     """Reject memory items: they stay stored but are never exported."""
-    _curate(store.set_memory_status, ids, "mem", "memory item(s)", "rejected")
+    _curate(store.set_memory_status, ids, "mem", "memory item", "rejected")
 
 
 @memory_app.command("delete")
 def memory_delete_cmd(ids: MemIdsArg) -> None:
     """Forget memory items; adapter versions trained on them are marked stale (retrain needed)."""
-    _delete(store.delete_memory, ids, "mem", "memory item(s)")
+    _delete(store.delete_memory, ids, "mem", "memory item")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..messages import counted
 from ..settings import Settings
 
 _SRC = str(Path(__file__).resolve().parents[2])  # the directory holding the `lunatrain` package
@@ -63,6 +64,6 @@ def job_ranks(settings: Settings, device: str | None, gpus: int) -> int:
     if on_gpus and settings.lora_gpus > gpus:
         raise UsageError(
             f"ASSISTANT_LORA_GPUS={settings.lora_gpus} asks for more training processes than the "
-            f"{gpus} visible GPU(s); set it to {gpus} or less (or train with device=cpu)."
+            f"{counted(gpus, 'visible GPU')}; set it to {gpus} or less (or train with device=cpu)."
         )
     return settings.lora_gpus
