@@ -304,6 +304,15 @@ def test_prepare_show_marks_the_trained_tokens_and_takes_a_template_file(setting
     assert r.exit_code == 2 and "is not a readable .jinja file" in r.output
     r = runner.invoke(app, ["prepare", "--chatTemplate", "nope"])
     assert r.exit_code == 2 and "Unknown chatTemplate 'nope'" in r.output
+    # a file that is no template is refused in one sentence that ends, and says what to do (it said only
+    # "…: unexpected 'end of template'")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}", "utf-8")
+    r = runner.invoke(app, ["prepare", "--chatTemplate", str(broken)])
+    assert r.exit_code == 2, r.output
+    said = r.output.strip()
+    assert said.startswith("error: The chat template cannot render a simple conversation: Unexpected end of"), said
+    assert said.endswith("; fix it, or choose another (--chatTemplate: chatml, or a .jinja file).") and "\n" not in said
 
 
 def test_api_names_templates_never_paths_and_shows_a_marked_sample(settings, tiny_dir):

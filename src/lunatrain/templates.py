@@ -102,7 +102,11 @@ def detect_terminator_text(tokenizer: Any) -> str:
     except UsageError:
         raise
     except Exception as exc:  # a template that raises on a plain user/assistant exchange (jinja errors)
-        raise UsageError(f"The chat template cannot render a simple conversation: {exc}") from exc
+        said = str(exc).rstrip(".")
+        raise UsageError(
+            f"The chat template cannot render a simple conversation: {said}; fix it, or choose another "
+            f"(--chatTemplate: {', '.join(bundled_names())}, or a .jinja file)."
+        ) from exc
     try:
         between = _tail_after(tokenizer, [u1, a1, u2, a2], a1["content"], u2["content"])
     except Exception:  # only the single-turn render is usable
