@@ -129,10 +129,12 @@ def quiet_too_long_warning(tokenizer: Any) -> None:
 def quiet_bitsandbytes() -> None:
     """PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 bitsandbytes (0.50) then
     logs that an optional kernel package is missing (it falls back to its own kernel). Without this, that line
-    would open every command's output and every trainer log. Goes when bitsandbytes stops logging it."""
+    would open every command's output and every trainer log. And in 8 bits on CPU it logs, on every matmul,
+    that inputs are cast to float16: noise in a training log. Each goes when bitsandbytes stops logging it."""
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def without_bitsandbytes() -> None:

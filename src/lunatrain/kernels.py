@@ -24,6 +24,7 @@ import functools
 from typing import Any
 
 from . import compat
+from .loss import causal_lm
 
 ATTENTION = "lunatrain_varlen"
 _BITS = 16
@@ -37,7 +38,7 @@ def install(model: Any, device: str) -> dict[str, str]:
     """Switch a PEFT model to per-sample attention (when its architecture allows) and, on CPU, to the
     cheaper LoRA dropout. Returns {"attention": ..., "dropout": ...} naming what is in use."""
     chosen = {"attention": "sdpa-block-mask", "dropout": "torch"}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     if varlen_supported(base):
         register()
         try:
@@ -52,7 +53,7 @@ def install(model: Any, device: str) -> dict[str, str]:
 
 def uses_varlen(model: Any) -> bool:
     """Whether `model` runs the per-sample attention (so batches should be laid out as one flat row)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     return compat.attn_implementation(base) == ATTENTION
 
 

@@ -387,10 +387,10 @@ def _refuse_custom_code(config_bytes: bytes, path: Path, ref: str) -> None:
         return  # loading says what is wrong with it
     if not isinstance(config, dict) or "auto_map" not in config:
         return
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers import CONFIG_MAPPING  # its `in` reads the name table (and registered types), imports nothing
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING_NAMES:
+    if model_type not in CONFIG_MAPPING:
         raise UsageError(
             f"Base model {ref!r} needs its own code (model_type {model_type!r}, auto_map in config.json), which "
             "lunatrain never runs; use a model of an architecture transformers ships.",
@@ -717,10 +717,9 @@ def check_quantize_installed(quantize: str) -> None:
 
 def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.BitsAndBytesConfig
     """NF4 + double quantization (QLoRA's recipe) for 4bit, LLM.int8 for 8bit."""
-    import logging
+    from .compat import quiet_bitsandbytes
 
-    # bitsandbytes logs on every 8-bit matmul on CPU that inputs are cast to float16: noise in a training log
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
