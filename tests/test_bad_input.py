@@ -25,6 +25,7 @@ from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.errors import UsageError
 from lunatrain.service.jobs import JobStore, jobs_db_path
+from lunatrain.service.lock import lock_path
 from lunatrain.settings import Settings, load_settings
 from lunatrain.web.security import GuardMiddleware
 
@@ -680,7 +681,7 @@ def test_the_console_script_says_parser_errors_in_one_sentence(
     assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (exited.value, lines)
     assert says in lines[0], lines[0]
     after = snapshot(seeded.home)
-    after.pop(str(seeded.data_dir / "trainer" / "trainer.lock"), None)  # the empty file a trainer locks the root by
+    after.pop(str(lock_path(seeded)), None)  # the empty file a trainer locks the root by
     assert after == before
     assert not seeded.trainer_url_file.exists() and not seeded.api_url_file.exists()
 

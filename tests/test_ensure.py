@@ -22,7 +22,7 @@ from lunatrain.cli import app
 from lunatrain.errors import ServiceUnavailable
 from lunatrain.service import client, ensure
 from lunatrain.service.ensure import ensure_trainer, log_path
-from lunatrain.service.lock import pid_path
+from lunatrain.service.lock import lock_path, pid_path
 from lunatrain.settings import load_settings
 
 from trainer_helpers import ON_DEMAND_ENV, gone, kill_trainers, trainer_processes, wait_for
@@ -104,7 +104,7 @@ def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monk
     assert not pid_path(settings).exists()
     # A start that failed while this data root's trainer runs (it did not answer in time, and the new one
     # found the data root taken: it holds the root's lock) gives that trainer its pid file back.
-    lock = settings.data_dir / "trainer" / "trainer.lock"
+    lock = lock_path(settings)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+b") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

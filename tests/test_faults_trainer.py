@@ -40,7 +40,7 @@ from test_trainer_service import (
 from lunatrain import registry
 from lunatrain.errors import ServiceUnavailable
 from lunatrain.service import client as trainer_client
-from lunatrain.service.jobs import TERMINAL, Job
+from lunatrain.service.jobs import TERMINAL, Job, job_log_path
 
 import faults
 from trainer_helpers import wait_for
@@ -197,7 +197,7 @@ def invariants(settings, plan: Plan, job: Job, home: Path) -> list[str]:
         # Repro: the worker that outlived its trainer stopped as if cancelled ("training cancelled: cancelled
         # at step 2 of 3" in the job's log and lora-latest.json) while the job ended failed (interrupted);
         # and the restarted trainer's log never said how it settled the job.
-        log = settings.data_dir / "trainer" / "logs" / f"{job.id}.log"
+        log = job_log_path(settings.trainer_logs_dir, job.id)
         if log.is_file() and "training cancelled" in log.read_text(errors="replace"):
             broken.append("the job's log says it was cancelled; its trainer was killed")
         said = (home / "trainer-0.log").read_text(errors="replace")

@@ -19,7 +19,7 @@ import pytest
 
 from lunatrain.errors import Conflict, NotFound
 from lunatrain.params import LoraParams, parse_params
-from lunatrain.service.jobs import JobStore, Progress, jobs_db_path
+from lunatrain.service.jobs import JobStore, Progress, job_log_path, jobs_db_path
 from lunatrain.service.recovery import recover
 from lunatrain.service.runner import _crash_error
 from lunatrain.service.worker import error_code
@@ -309,7 +309,7 @@ def test_recover_does_not_keep_an_overwrite_run_whose_gate_never_finished(store,
 
 
 def test_crash_error_names_signal_and_log(settings, tmp_path):
-    log = settings.data_dir / "trainer" / "logs" / "ftjob-x.log"
+    log = job_log_path(settings.trainer_logs_dir, "ftjob-x")
     log.parent.mkdir(parents=True)
     log.write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
     err = _crash_error(-signal.SIGABRT, log, settings.home)

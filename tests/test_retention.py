@@ -50,7 +50,7 @@ def _ranks_log(logs: Path, job_id: str) -> None:
 def _world(settings: Settings) -> dict:
     """Ten finished jobs (two of them 40 days old), one running; four exports; caches; run work dirs."""
     jobs = JobStore(jobs_db_path(settings.data_dir))
-    logs = settings.data_dir / "trainer" / "logs"
+    logs = settings.trainer_logs_dir
     logs.mkdir(parents=True)
     ids = []
     for i in range(10):

@@ -143,7 +143,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
     path = jobs_db_path(settings.data_dir)
     if not path.is_file():
         return []
-    logs = settings.data_dir / "trainer" / "logs"
+    logs = settings.trainer_logs_dir
     cutoff = now - timedelta(days=settings.retain_job_days)
     db = _open_jobs(path, dry_run)
     try:

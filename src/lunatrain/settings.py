@@ -57,6 +57,7 @@ def inside(root: Path, *parts: str) -> Path:
 DEFAULT_TRAINER_URL = "http://127.0.0.1:5051"
 # The latest preflight and gate reports (the guide's names), under reports/training and reports/eval.
 PREPARE_REPORT = "prepare-latest.json"
+TRAINER_DIR = "trainer"  # under data/: the trainer's own files (Settings.trainer_dir)
 EVAL_REPORT = "eval-gate-latest.json"
 
 
@@ -171,10 +172,20 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 
+    @property
+    def trainer_dir(self) -> Path:
+        """The trainer's own files: its job database, its lock, the jobs' logs, its address."""
+        return self.data_dir / TRAINER_DIR
+
+    @property
+    def trainer_logs_dir(self) -> Path:
+        """One log per job (`service.jobs.job_log_path`), and torchrun's per-rank logs beside it."""
+        return self.trainer_dir / "logs"
+
     # Where each running service records the address it serves (its port may be one the OS chose).
     @property
     def trainer_url_file(self) -> Path:
-        return self.data_dir / "trainer" / "trainer.url"
+        return self.trainer_dir / "trainer.url"
 
     @property
     def api_url_file(self) -> Path:

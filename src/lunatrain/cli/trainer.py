@@ -163,7 +163,7 @@ def jobs_show(job_id: JobArg, as_json: JsonOpt = False) -> None:
     except LunaError as err:
         raise fail(err) from None
     typer.echo(json_text(job.wire()) if as_json else f"{job.id}  {job.status}  {summary(job)}")
-    log = job_log_path(settings.data_dir / "trainer" / "logs", job.id)
+    log = job_log_path(settings.trainer_logs_dir, job.id)
     if not as_json and log.is_file():  # the job's details: parameters, each step's line, a crash's traceback
         typer.echo(f"log: {log.relative_to(settings.home)}")
     if job.status in ("failed", "cancelled"):

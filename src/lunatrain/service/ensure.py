@@ -71,7 +71,7 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
         )
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    with file_lock(settings.data_dir / "trainer" / "ensure.lock"):
+    with file_lock(settings.trainer_dir / "ensure.lock"):
         # Another caller may have started it while we waited for the lock. The full probe timeout: a trainer
         # that answers slowly (a busy machine) must not be taken for none, or a second one would be started.
         health = trainer_client.probe(settings)

@@ -25,6 +25,7 @@ from pydantic.alias_generators import to_camel
 from ..errors import Conflict, NotFound, pattern
 from ..fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
 from ..params import FlowOptions, LoraParams
+from ..settings import TRAINER_DIR
 from ..wire import finite, now_iso
 
 Status = Literal["validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
@@ -481,7 +482,7 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 def jobs_db_path(data_dir: Path) -> Path:
-    return data_dir / "trainer" / "jobs.db"
+    return data_dir / TRAINER_DIR / "jobs.db"
 
 
 def read_only_connection(path: Path) -> sqlite3.Connection:

@@ -18,11 +18,16 @@ TRAINER_LOG_BYTES = 10 * 1024 * 1024  # trainer.log (and one trainer.log.1) stay
 _instance_lock: IO[bytes] | None = None
 
 
+def lock_path(settings: Settings) -> Path:
+    """The file a trainer holds locked for as long as it serves the data root (`claim_data_root`)."""
+    return settings.trainer_dir / "trainer.lock"
+
+
 def claim_data_root(settings: Settings) -> None:
     """Hold an exclusive lock for this process's life: two trainers on one data root would run two jobs
     on one device and race on the same database. The kernel drops it when the process dies, even by -9."""
     global _instance_lock
-    path = settings.data_dir / "trainer" / "trainer.lock"
+    path = lock_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+b")  # noqa: SIM115 - held open on purpose until exit
     try:
@@ -75,7 +80,7 @@ def remove_pid(settings: Settings, pid: int | None = None, previous: int | None 
 
 def _trainer_lock_held(settings: Settings) -> bool:
     """Whether a process holds this data root's trainer lock (`claim_data_root`): a trainer of it runs."""
-    path = settings.data_dir / "trainer" / "trainer.lock"
+    path = lock_path(settings)
     try:
         with open(path, "rb") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -70,7 +70,7 @@ class Runner:
         self.store = store
         self.cancel_grace = cancel_grace
         self.gpus = gpus  # visible CUDA devices (device probe): the default number of ranks per job
-        self.logs_dir = settings.data_dir / "trainer" / "logs"
+        self.logs_dir = settings.trainer_logs_dir
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # guards _job_id/_proc between the runner thread and cancel requests
