@@ -312,11 +312,13 @@ class Engine:
             return entry
         from datetime import UTC, datetime
 
+        from .wire import iso
+
         try:
             stamp = (Path(self.base_info().path) / "config.json").stat().st_mtime
         except OSError:
             return entry
-        return {**entry, "created": datetime.fromtimestamp(stamp, UTC).isoformat()}
+        return {**entry, "created": iso(datetime.fromtimestamp(stamp, UTC))}
 
     def _ensure_base(self) -> None:
         if self.model is not None:

@@ -30,6 +30,7 @@ from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode
 from ...settings import Settings
 from ...web.handlers import not_json, undecodable_body
+from ...wire import parse_iso
 from ..deps import SettingsDep, errors
 
 # --- wire models ----------------------------------------------------------------------------------
@@ -301,10 +302,8 @@ def _engine(request: Request) -> tuple[serving.Engine, serving.Slots]:
 
 
 def _created(stamp: str | None) -> int:
-    from datetime import datetime
-
     try:
-        return int(datetime.fromisoformat(stamp).timestamp()) if stamp else 0
+        return int(parse_iso(stamp).timestamp()) if stamp else 0
     except ValueError:
         return 0
 
