@@ -33,13 +33,12 @@ from .fsio import (
 )
 from .settings import Settings, check_name
 
-MERGE_FILE = "lunatrain-merge.json"
 # What a merge writes, for a folder merged before merges listed their files: the model, its tokenizer in any of
 # its formats, the generation config and the merge's own record.
 _MERGE_NAMES = re.compile(
     r"(config|generation_config|special_tokens_map|added_tokens|chat_template)\.json|chat_template\.jinja|"
     r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer.*|vocab\..*|merges\.txt|.*\.model|"
-    + re.escape(MERGE_FILE)
+    + re.escape(registry.MERGE_FILE)
 )
 
 
@@ -99,12 +98,12 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         )
     adapter_dir = registry.readable_dir(settings, entry)  # before anything is written
     label = check_name(f"{name}-{entry['version']}", "merged model name")
-    target = settings.models_dir / "merged" / label
+    target = settings.merged_dir / label
     # The model goes to data/models/merged and is recorded in the registry: storage that cannot take either
     # is said before the merge, not as an OSError (or a merged model the registry never heard of) after it.
     check_writable([target.parent, settings.reports_training_dir], f"merge {name}@{entry['version']}")
     _check_target(settings, target)
-    replaced = (target / MERGE_FILE).is_file()  # an empty folder in its place is no earlier merge
+    replaced = (target / registry.MERGE_FILE).is_file()  # an empty folder in its place is no earlier merge
     # What a killed merge left half-written (a whole model's size) goes first: the disk it fills is the one
     # this merge writes to.
     for leftover, _ in abandoned_staging(target.parent):
@@ -128,9 +127,9 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
-            written = sorted([p.name for p in tmp.iterdir()] + [MERGE_FILE])
+            written = sorted([p.name for p in tmp.iterdir()] + [registry.MERGE_FILE])
             atomic_write_json(
-                tmp / MERGE_FILE,
+                tmp / registry.MERGE_FILE,
                 {
                     "adapter": f"{name}@{entry['version']}",
                     "dtype": str(merged.dtype).removeprefix("torch."),
@@ -160,10 +159,10 @@ def _check_target(settings: Settings, target: Path) -> None:
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
     where = target.relative_to(settings.home) if target.is_relative_to(settings.home) else target
-    marker = target / MERGE_FILE
+    marker = target / registry.MERGE_FILE
     if not marker.is_file():
         raise Conflict(
-            f"{where} is not a merge of lunatrain (no {MERGE_FILE}); move it away or delete it, then merge again."
+            f"{where} is not a merge of lunatrain (no {registry.MERGE_FILE}); move it away or delete it, then merge again."
         )
     try:
         record = read_json(marker)

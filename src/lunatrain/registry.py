@@ -77,6 +77,7 @@ log = logging.getLogger("lunatrain.registry")
 REPORT_FILE = "training-report.json"
 LOSS_CURVE_FILE = "loss-curve.png"
 TRAIN_HASHES_FILE = "train-hashes.txt"  # the content hashes of the examples trained on (stale marking)
+MERGE_FILE = "lunatrain-merge.json"  # in a merged model's folder: what it was merged from (merge.py writes it)
 CARD_FILE = "README.md"  # the version's model card (train.model_card), in place of PEFT's
 WORK_DIR = ".work"  # beside an adapter's versions: a folder per run (its work dir: checkpoints, the files to publish)
 GATE_FILE = "gate.json"  # the eval gate's outcome for this version, as the registry records it (for repair)
@@ -1622,8 +1623,8 @@ def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[tuple
 
 
 def _restore_merges(settings: Settings, data: dict[str, Any]) -> None:
-    merged_root = settings.models_dir / "merged"
-    for marker in sorted(merged_root.glob("*/lunatrain-merge.json")) if merged_root.is_dir() else []:
+    merged_root = settings.merged_dir
+    for marker in sorted(merged_root.glob(f"*/{MERGE_FILE}")) if merged_root.is_dir() else []:
         try:
             info = read_json(marker)
         except (DamagedFile, OSError):

@@ -297,7 +297,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
 
 def _staging(settings: Settings, dry_run: bool) -> list[Item]:
     items = []
-    for parent in (settings.models_dir, settings.models_dir / "merged"):
+    for parent in (settings.models_dir, settings.merged_dir):
         for path, reason in abandoned_staging(parent):
             items.append(Item("staging", _rel(settings, path), _size(path), reason))
             if not dry_run:

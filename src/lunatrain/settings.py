@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         return self.data_dir / "models"
 
     @property
+    def merged_dir(self) -> Path:
+        """`lunatrain merge`'s output: one folder per merged adapter version, marked by registry.MERGE_FILE."""
+        return self.models_dir / "merged"
+
+    @property
     def eval_dir(self) -> Path:
         return self.data_dir / "eval"
 
