@@ -55,7 +55,7 @@ from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, stor
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store
-from .wire import now_iso, utc_now
+from .wire import compact_stamp, now_iso
 
 Tier = Literal["curated", "memory", "merged"]
 TIERS: tuple[str, ...] = get_args(Tier)
@@ -448,7 +448,7 @@ def _remove_leftovers(out: Path) -> None:
 
 def _new_id() -> str:
     # Sortable by time (pruning keeps the newest), unique across concurrent machines sharing a directory.
-    return utc_now().strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+    return compact_stamp() + "-" + uuid.uuid4().hex[:6]
 
 
 def _switch_current(out: Path, export_id: str) -> None:

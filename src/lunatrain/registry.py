@@ -68,8 +68,8 @@ from .fsio import atomic_write_json, atomic_write_text, file_lock, read_json, st
 from .messages import coded, counted
 from .params import MAX_RANK
 from .settings import Settings, check_name, inside
+from .wire import compact_stamp
 from .wire import now_iso as now
-from .wire import utc_now
 
 log = logging.getLogger("lunatrain.registry")
 
@@ -1413,7 +1413,7 @@ def repair(settings: Settings) -> dict[str, Any]:
         else:
             rebuilt = rebuild(settings)
             skipped = rebuilt.pop("skipped")
-            aside: Path | None = path.with_name(f"{path.name}.damaged-{utc_now().strftime('%Y%m%dT%H%M%SZ')}")
+            aside: Path | None = path.with_name(f"{path.name}.damaged-{compact_stamp()}")
             with storage_guard(path):
                 try:
                     os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place

@@ -27,6 +27,11 @@ def now_iso() -> str:
     return iso(utc_now())
 
 
+def compact_stamp() -> str:
+    """Now for a file or folder name: UTC, to the microsecond, sortable as text (`20261205T213012123456Z`)."""
+    return utc_now().strftime("%Y%m%dT%H%M%S%fZ")
+
+
 def iso(value: datetime) -> str:
     """A time in the one format (UTC, milliseconds, `Z`): database columns on the wire say it as now_iso does."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
