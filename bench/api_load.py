@@ -60,7 +60,7 @@ class Serve:
 
     def __enter__(self) -> Serve:
         exe = str(Path(sys.executable).parent / "lunatrain")
-        self.log = open(self.home / "serve.log", "wb")  # noqa: SIM115 - closed in __exit__
+        self.log = open(self.home / "serve.log", "wb")  # closed in __exit__
         self.proc = subprocess.Popen(
             [exe, "serve", "--port", "0", "--log-level", "warning"],
             env=self.env,

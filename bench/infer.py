@@ -31,10 +31,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api_load import Serve  # noqa: E402  (same folder: the `lunatrain serve` subprocess helper)
-from benchargs import at_least, scratch_home  # noqa: E402
+from api_load import Serve  # same folder: the `lunatrain serve` subprocess helper
+from benchargs import at_least, scratch_home
 
-from lunatrain.compat import without_bitsandbytes  # noqa: E402
+from lunatrain.compat import without_bitsandbytes
 
 without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes' import costs
 

@@ -34,7 +34,7 @@ def timed_jobs(home: Path, warm: bool, jobs: int) -> list[float]:
     record = load_settings(home=home).trainer_url_file
     record.unlink(missing_ok=True)
     env = os.environ | {"ASSISTANT_HOME": str(home), "ASSISTANT_LORA_WARM_WORKER": str(warm).lower()}
-    log = open(home / f"trainer-warm-{warm}.log", "wb")  # noqa: SIM115 - the child holds it
+    log = open(home / f"trainer-warm-{warm}.log", "wb")  # the child holds it
     proc = subprocess.Popen(
         [sys.executable, "-m", "lunatrain", "trainer", "--port", "0"], cwd=home, env=env, stdout=log, stderr=log
     )

@@ -301,7 +301,7 @@ def gpu_header() -> list[str]:
 
 
 def gpu_row(r: dict) -> str:
-    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    mib = lambda n: f"{n / 2**20:,.0f}"
     e = r["est"]
     bare = e["total"] - e["overhead"]
     return (
@@ -314,7 +314,7 @@ def gpu_row(r: dict) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    mib = lambda n: f"{round(n / 2**20):,}"  # noqa: E731  (rounded first: a small negative is "0", not "-0")
+    mib = lambda n: f"{round(n / 2**20):,}"  # rounded first: a small negative is "0", not "-0"
     lines = [
         "# Memory plan: estimate vs measured peak (CPU)",
         "",

@@ -72,7 +72,7 @@ def write_export(training_dir: Path, records: list[dict]) -> None:
     from lunatrain import export as ex
 
     training_dir.mkdir(parents=True, exist_ok=True)
-    dump = lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"  # noqa: E731
+    dump = lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"
     lines = [dump(r) for r in records]
     content = {ex.CURATED_FILE: "".join(lines), ex.MEMORY_FILE: "", ex.MERGED_FILE: "".join(lines)}
     for split, name in ex.SPLIT_FILES.items():

@@ -156,7 +156,7 @@ class Tabs:
                 page.goto("about:blank")
                 page.set_viewport_size(VIEWPORT)
                 return
-        except Exception:  # noqa: BLE001 - a tab that cannot be cleared is replaced, like one after a failure
+        except Exception:  # a tab that cannot be cleared is replaced, like one after a failure
             pass
         self.close()
 

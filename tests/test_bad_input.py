@@ -774,7 +774,7 @@ def test_nul_is_refused_in_every_text_field(seeded: Settings) -> None:
     assert store.counts(seeded) == counts
 
 
-def test_nul_never_reaches_either_database(db: Settings) -> None:  # noqa: F811
+def test_nul_never_reaches_either_database(db: Settings) -> None:
     # PostgreSQL cannot store NUL in text: it would fail as a storage error (503, "restore from a backup")
     with pytest.raises(UsageError, match="NUL"):
         store.add_example(db, prompt="a\x00b", response="r")
@@ -999,7 +999,7 @@ def test_a_closed_standard_output_is_one_sentence_not_a_traceback_or_lost_output
     for args in (["status"], ["status", "--json"], ["adapters", "list"], ["export"]):
         done = subprocess.run(
             [sys.executable, "-m", "lunatrain", *args],
-            preexec_fn=lambda: os.close(1),  # noqa: PLW1509 - the shell's `>&-`: fd 1 closed at exec
+            preexec_fn=lambda: os.close(1),  # the shell's `>&-`: fd 1 closed at exec
             env=env,
             stderr=subprocess.PIPE,
             timeout=120,

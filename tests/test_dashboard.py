@@ -243,7 +243,7 @@ class SlowAnswers(BaseHTTPRequestHandler):
       for (const n of [1, 2]) fetch("/answer?n=" + n).then((r) => r.text()).then((text) => window.got.push(text));
     </script>"""
 
-    def do_GET(self) -> None:  # noqa: N802 (the handler's name is http.server's)
+    def do_GET(self) -> None:  # the handler's name is http.server's
         query = urlsplit(self.path).query
         if query:
             n = int(query.removeprefix("n="))

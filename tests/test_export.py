@@ -64,7 +64,7 @@ def _splits(settings: Settings) -> dict[str, str]:
     return {r["hash"]: r["split"] for r in _records(settings, ex.MERGED_FILE)}
 
 
-def test_same_database_exports_byte_identical_files(db: Settings) -> None:  # noqa: F811
+def test_same_database_exports_byte_identical_files(db: Settings) -> None:
     store.load_seed(db)
     first = ex.export(db, val_ratio=0.2, test_ratio=0.1)
     files1 = _files(db)
@@ -213,7 +213,7 @@ def test_adding_or_deleting_other_examples_moves_no_sample(
     store.dispose_stores()
 
 
-def test_an_example_that_is_not_exported_moves_no_memory_item(db: Settings) -> None:  # noqa: F811
+def test_an_example_that_is_not_exported_moves_no_memory_item(db: Settings) -> None:
     """A memory item shares the split of an example with the same content (one sample in the merged tier,
     kept with its conversation). A pending or rejected example is not exported, so it must not move the
     memory item: it did, because the item took the conversation id of any example with its hash."""

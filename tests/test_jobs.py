@@ -428,7 +428,7 @@ def test_job_stores_opening_a_new_file_together_wait_for_each_other(tmp_path):
                 assert jobs._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             finally:
                 jobs.close()
-        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+        except Exception as exc:  # every failure is the finding
             failures.append(f"{type(exc).__name__}: {exc}")
 
     for i in range(100):

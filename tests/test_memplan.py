@@ -287,7 +287,7 @@ def test_the_estimate_admits_no_job_the_gpu_measurements_show_does_not_fit():
     from dataclasses import replace
 
     names = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "llama-3.2-1b": "Llama-3.2-1B", "llama-3.1-8b": "Llama-3.1-8B"}
-    mib = lambda cell: int(cell.replace(",", "")) << 20  # noqa: E731
+    mib = lambda cell: int(cell.replace(",", "")) << 20
     rows = _measured_gpu_rows()
     assert len(rows) == 12 and {r["model"] for r in rows} == set(names)
     for r in rows:

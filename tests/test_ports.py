@@ -163,7 +163,7 @@ def test_trainers_on_port_0_record_where_they_listen_and_two_at_once_differ(tmp_
         try:
             # `lunatrain trainer --port 0`; no job runs here, so no warm worker (its imports are seconds of CPU)
             started[home] = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+        except BaseException as exc:  # reported by the test below
             errors.append(exc)
 
     threads = [threading.Thread(target=start, args=(h,)) for h in homes]

@@ -33,7 +33,7 @@ def write_files(settings, records: list[dict], *, extra_curated_lines: tuple[str
     """Write the export's files and a summary that matches them (the export's own format and formulas)."""
     d = settings.training_dir
     d.mkdir(parents=True, exist_ok=True)
-    line = lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"  # noqa: E731
+    line = lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"
     curated = [r for r in records if r["source"] == "curated"]
     content = {
         export_mod.CURATED_FILE: "".join(map(line, curated)) + "".join(extra_curated_lines),

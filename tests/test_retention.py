@@ -233,7 +233,7 @@ def test_staging_folders_of_ended_processes_go_and_those_of_live_ones_stay(setti
 
     planned = json.loads(CliRunner().invoke(app, ["gc", "--dry-run", "--json"]).output)["items"]
     staging = {i["path"]: i for i in planned if i["kind"] == "staging"}
-    rel = lambda p: str(p.relative_to(settings.home))  # noqa: E731
+    rel = lambda p: str(p.relative_to(settings.home))
     assert set(staging) == {rel(dead), rel(foreign_old)}, planned
     assert staging[rel(dead)]["bytes"] == 4096 and "ended" in staging[rel(dead)]["reason"], staging
     assert "unchanged for 2 days" in staging[rel(foreign_old)]["reason"], staging

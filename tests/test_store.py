@@ -136,7 +136,7 @@ def test_connections_opening_a_new_file_together_wait_for_each_other(tmp_path: P
         try:
             with engine.connect() as conn:
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+        except Exception as exc:  # every failure is the finding
             failures.append(f"{type(exc).__name__}: {exc}")
         finally:
             engine.dispose()
@@ -544,7 +544,7 @@ def _twice_at_once(call) -> list:
     def run(i: int) -> None:
         try:
             results[i] = call()
-        except Exception as exc:  # noqa: BLE001 - the outcome is what the test looks at
+        except Exception as exc:  # the outcome is what the test looks at
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]

@@ -83,7 +83,7 @@ def start_trainer(home: Path, port: int = 0, *, timeout: float = 300.0, **env: s
     record = home / "data" / "trainer" / "trainer.url"
     record.unlink(missing_ok=True)  # an earlier trainer's address is not this one's
     log_path = home / f"trainer-{port}.log"
-    log = open(log_path, "ab")  # noqa: SIM115 - the child holds it
+    log = open(log_path, "ab")  # the child holds it
     proc = TrainerProcess(
         [sys.executable, "-m", "lunatrain", "trainer", "--port", str(port)],
         cwd=home,

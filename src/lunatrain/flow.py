@@ -118,7 +118,7 @@ def train_and_gate(
                 settings, adapter["name"], adapter["version"], revision=revision, promote=True, thresholds=thresholds
             )
             outcome["gate"] = report.gate_record()
-        except Exception as exc:  # noqa: BLE001 - a broken gate never undoes the adapter: registered, inactive
+        except Exception as exc:  # a broken gate never undoes the adapter: registered, inactive
             said = exc.message if isinstance(exc, LunaError) else f"{type(exc).__name__}: {exc}"  # ours: its sentence
             outcome["gate"] = {"status": "error", "passed": False, "reasons": [said]}
             if revision is not None:  # a staged overwrite run that was not judged never takes the slot

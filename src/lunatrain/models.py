@@ -501,7 +501,7 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
         return load_tokenizer(base, settings)
     try:
         tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - files that read as JSON but are no tokenizer: the tokenizers
+    except Exception as exc:  # files that read as JSON but are no tokenizer: the tokenizers
         # library raises a plain Exception ("Model missing"), transformers a KeyError or ValueError
         where = Path(adapter_dir)
         where = where.relative_to(settings.home) if where.is_relative_to(settings.home) else where
@@ -631,7 +631,7 @@ def lora_misfits(weights: Path, info: BaseModelInfo) -> list[str]:
 
     try:
         with safe_open(str(weights), framework="pt") as f:
-            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118 (not a dict)
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # not a dict
     except Exception:
         return []
     layers = dict(_meta_model(info).named_modules())

@@ -950,7 +950,7 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
         batch_tokens=memplan.largest_batch(train, params.batch_size) if train else None,
     )
     code = "check.memory_plan.fits" if plan.fits else "check.memory_plan.too_big"
-    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    gib = lambda n: round(n / 2**30, 2)
     return Check(
         "memory_plan",
         "info" if plan.fits else "fail",

@@ -29,7 +29,7 @@ def claim_data_root(settings: Settings) -> None:
     global _instance_lock
     path = lock_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+b")  # noqa: SIM115 - held open on purpose until exit
+    fh = open(path, "a+b")  # held open on purpose until exit
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -313,7 +313,7 @@ def _job(argv: list[str], events_fd: int, log_fd: int, close: list[Any]) -> None
         from .worker import main
 
         code = main(argv)
-    except BaseException:  # noqa: BLE001 - this process must end here, never return into the fork loop
+    except BaseException:  # this process must end here, never return into the fork loop
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):

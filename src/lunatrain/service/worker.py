@@ -195,7 +195,7 @@ def run(
             on_trained=on_trained,
             may_gate=lambda: main and not (channel.broken or orphaned()),
         )
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes data in the result line
+    except BaseException as exc:  # every failure becomes data in the result line
         log_failure(exc)
         return _failed_by(exc)
     return _result_dict(outcome)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds, shutdown)
-    except BaseException as exc:  # noqa: BLE001 - bad params or settings: still one result line
+    except BaseException as exc:  # bad params or settings: still one result line
         log_failure(exc)
         result = _failed_by(exc)
     channel.send(result)
