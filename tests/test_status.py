@@ -264,34 +264,31 @@ def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
     assert json.loads(out)["lastJob"]["durationSeconds"] == 90.25
 
 
-def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch):
+def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch, dead_port):
     """Repro: minCurated defaulted to 0 (the Luna profile says 30), `ready` looked at the curated tier only,
     no trainer health, and `counts.memory` (examples) sat beside `memory` (memory items)."""
-    import socket
 
     from lunatrain.settings import load_settings
 
-    with socket.socket() as sock:  # bound, never listening: the trainer is certainly unreachable
-        sock.bind(("127.0.0.1", 0))
-        settings = load_settings(lora_trainer_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
-        store.add_example(settings, prompt="Wer?", response="Luna.", source="curated", status="approved")
-        store.add_memory(settings, question="Wo wohnt Anna?", answer="In Köln.")
-        s = training_status(settings)
-        assert s["minCurated"] == 30 and s["ready"] is False
-        assert s["examples"]["curated"]["approved"] == 1 and s["examples"]["memory"]["total"] == 0
-        assert s["memoryItems"]["approved"] == 1 and s["curatedApproved"] == 1
-        assert s["counts"] == s["examples"] and s["memory"] == s["memoryItems"]  # the deprecated names, one release
-        assert s["tiers"]["curated"] == {
-            "approved": 1,
-            "ready": False,
-            "reason": "1 approved curated examples, 30 required (minCurated)",
-        }
-        assert s["tiers"]["merged"]["approved"] == 2
-        ready = training_status(settings, 1)["tiers"]
-        assert ready["curated"]["ready"] and ready["merged"]["ready"] and ready["memory"]["ready"]
-        assert s["trainer"]["reachable"] is False and s["trainer"]["label"] == "Offline"
-        out = CliRunner().invoke(app, ["status"], env={"ASSISTANT_LORA_TRAINER_URL": settings.lora_trainer_url}).output
-        assert "minCurated 30" in out and "trainer: Offline" in out and "memory items\t1" in out
+    settings = load_settings(lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    store.add_example(settings, prompt="Wer?", response="Luna.", source="curated", status="approved")
+    store.add_memory(settings, question="Wo wohnt Anna?", answer="In Köln.")
+    s = training_status(settings)
+    assert s["minCurated"] == 30 and s["ready"] is False
+    assert s["examples"]["curated"]["approved"] == 1 and s["examples"]["memory"]["total"] == 0
+    assert s["memoryItems"]["approved"] == 1 and s["curatedApproved"] == 1
+    assert s["counts"] == s["examples"] and s["memory"] == s["memoryItems"]  # the deprecated names, one release
+    assert s["tiers"]["curated"] == {
+        "approved": 1,
+        "ready": False,
+        "reason": "1 approved curated examples, 30 required (minCurated)",
+    }
+    assert s["tiers"]["merged"]["approved"] == 2
+    ready = training_status(settings, 1)["tiers"]
+    assert ready["curated"]["ready"] and ready["merged"]["ready"] and ready["memory"]["ready"]
+    assert s["trainer"]["reachable"] is False and s["trainer"]["label"] == "Offline"
+    out = CliRunner().invoke(app, ["status"], env={"ASSISTANT_LORA_TRAINER_URL": settings.lora_trainer_url}).output
+    assert "minCurated 30" in out and "trainer: Offline" in out and "memory items\t1" in out
 
 
 def test_active_adapter_is_none_when_only_another_base_has_one(settings, tiny):

@@ -10,7 +10,6 @@ subprocess); the real other-project trainer is in tests/test_ensure.py. Run: `.v
 from __future__ import annotations
 
 import contextlib
-import socket
 import sqlite3
 from collections.abc import Iterator
 
@@ -39,15 +38,13 @@ READS = [
 
 
 @pytest.fixture(params=list(PEERS))
-def held(request, home, monkeypatch) -> Iterator[tuple[settings_mod.Settings, str]]:
-    """This data root's trainer is not running; its default address answers with the peer. Yields the
-    settings and the words that name the peer."""
+def held(request, home, monkeypatch, dead_port) -> Iterator[tuple[settings_mod.Settings, str]]:
+    """This data root's trainer is not running; its default address (were the peer not played, refused)
+    answers with the peer. Yields the settings and the words that name the peer."""
     handler, words = PEERS[request.param]
-    with socket.socket() as dead:  # the address: bound, never listening (were the peer not played, refused)
-        dead.bind(("127.0.0.1", 0))
-        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{dead.getsockname()[1]}")
-        monkeypatch.setattr(client, "_shared", playing(handler))
-        yield load_settings(), words
+    monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{dead_port}")
+    monkeypatch.setattr(client, "_shared", playing(handler))
+    yield load_settings(), words
     store.dispose_stores()
 
 
