@@ -312,12 +312,12 @@ def test_crash_error_names_signal_and_log(settings, tmp_path):
     log = job_log_path(settings.trainer_logs_dir, "ftjob-x")
     log.parent.mkdir(parents=True)
     log.write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
-    err = _crash_error(-signal.SIGABRT, log, settings.home)
+    err = _crash_error(-signal.SIGABRT, log, settings.shown(log))
     assert err["code"] == "child_crashed"
     assert "SIGABRT" in err["message"] and "RuntimeError: boom" in err["message"]
     assert "data/trainer/logs/ftjob-x.log" in err["message"]
-    assert "out-of-memory" in _crash_error(-signal.SIGKILL, log, settings.home)["message"]
-    assert "status 3" in _crash_error(3, log, settings.home)["message"]
+    assert "out-of-memory" in _crash_error(-signal.SIGKILL, log, settings.shown(log))["message"]
+    assert "status 3" in _crash_error(3, log, settings.shown(log))["message"]
 
 
 def test_a_workers_log_events_reach_its_job_log(capfd):

@@ -93,7 +93,7 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
         "  time      : 2026-01-01_00:00:00\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
         "  exitcode  : -9 (pid: 42)  (SIGKILL)\n  error_file: <N/A>\n"
     )
-    err = _rank_crash_error(1, 2, log, tmp_path)
+    err = _rank_crash_error(1, 2, log, log.relative_to(tmp_path))
     assert err == {
         "code": "child_crashed",
         "message": "Rank 1 of the 2 training processes was killed by SIGKILL "

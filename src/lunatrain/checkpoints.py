@@ -184,7 +184,7 @@ def _no_checkpoint(run: Run) -> dict[str, Any]:
     state = furthest(others)
     differs, said = differences(run.identity, recorded_run(state) or {})
     folder = state.parents[2]
-    where = folder.relative_to(run.settings.home) if folder.is_relative_to(run.settings.home) else folder
+    where = run.settings.shown(folder)
     epoch = int(state.parent.name.removeprefix("epoch-"))
     return {
         "type": "log",

@@ -82,7 +82,7 @@ def train_and_gate(
     adapter = None
     revision = (result.report or {}).get("revision")
     if result.ok and result.version and result.path is not None:
-        path = result.path.relative_to(settings.home) if result.path.is_relative_to(settings.home) else result.path
+        path = settings.shown(result.path)
         path = (result.report or {}).get("path") or path  # the slot's, not where a staged run waits
         adapter = {"name": result.adapter_name, "version": result.version, "path": str(path)}
         adapter |= {"revision": revision} if revision is not None else {}  # the overwrite slot's run

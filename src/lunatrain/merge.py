@@ -158,7 +158,7 @@ def _check_target(settings: Settings, target: Path) -> None:
     merge replaces its folder whole, and what else lies in it (a .gguf converted into it, notes) would go."""
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         return
-    where = target.relative_to(settings.home) if target.is_relative_to(settings.home) else target
+    where = settings.shown(target)
     marker = target / registry.MERGE_FILE
     if not marker.is_file():
         raise Conflict(

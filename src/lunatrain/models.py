@@ -503,8 +503,7 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
         tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # files that read as JSON but are no tokenizer: the tokenizers
         # library raises a plain Exception ("Model missing"), transformers a KeyError or ValueError
-        where = Path(adapter_dir)
-        where = where.relative_to(settings.home) if where.is_relative_to(settings.home) else where
+        where = settings.shown(Path(adapter_dir))
         said = " ".join(str(exc).split())[:200] or "no message"
         raise DamagedFile(
             f"The tokenizer in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "

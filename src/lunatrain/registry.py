@@ -927,7 +927,7 @@ def loading(settings: Settings, path: Path) -> Iterator[None]:
             type(exc) is RuntimeError and ("size mismatch" in said or "state_dict" in said)
         ):
             raise
-        where = path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
+        where = settings.shown(path)
         misfits = base_misfits(exc)
         if misfits:  # sound files of another base model (one force-activated on this base by an older release)
             name = path.parent.name if path.parent.parent == settings.adapters_dir else None

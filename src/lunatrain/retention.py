@@ -126,13 +126,6 @@ def after_run(settings: Settings, log: logging.Logger | None = None) -> None:
             log.warning("retention: %s", problem)
 
 
-def _rel(settings: Settings, path: Path) -> str:
-    try:
-        return str(path.relative_to(settings.home))
-    except ValueError:
-        return str(path)
-
-
 def _size(path: Path) -> int:
     if path.is_symlink() or path.is_file():
         return path.lstat().st_size
@@ -163,13 +156,15 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
                 (job_id,),
             ).fetchone()
             if n:
-                items.append(Item("job-events", f"{_rel(settings, path)}#{job_id} ({n} events)", int(size), reason))
+                items.append(
+                    Item("job-events", f"{str(settings.shown(path))}#{job_id} ({n} events)", int(size), reason)
+                )
             log = job_log_path(logs, job_id)
             if log.is_file():
-                items.append(Item("job-log", _rel(settings, log), log.stat().st_size, reason))
+                items.append(Item("job-log", str(settings.shown(log)), log.stat().st_size, reason))
             ranks = ranks_log_dir(logs, job_id)
             if ranks.is_dir():
-                items.append(Item("job-log", _rel(settings, ranks), _size(ranks), reason))
+                items.append(Item("job-log", str(settings.shown(ranks)), _size(ranks), reason))
         if not dry_run and doomed:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
@@ -200,7 +195,7 @@ def _exports(settings: Settings, dry_run: bool) -> list[Item]:
     items = [
         Item(
             "export",
-            _rel(settings, p),
+            str(settings.shown(p)),
             _size(p),
             "left by an interrupted export"
             if p.name.endswith(".partial")
@@ -240,7 +235,9 @@ def _token_caches(settings: Settings, dry_run: bool) -> list[Item]:
     for path in sorted(root.glob("*.safetensors")):
         if current is not None and cache_fingerprint(path) == current:
             continue
-        items.append(Item("token-cache", _rel(settings, path), path.stat().st_size, "not made from the current export"))
+        items.append(
+            Item("token-cache", str(settings.shown(path)), path.stat().st_size, "not made from the current export")
+        )
         if not dry_run:
             path.unlink(missing_ok=True)
     return items
@@ -285,7 +282,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
         items.append(
             Item(
                 "run-workdir",
-                _rel(settings, run),
+                str(settings.shown(run)),
                 _size(run),
                 f"unchanged for {age:.0f} days (over {settings.retain_checkpoint_days:g})",
             )
@@ -299,7 +296,7 @@ def _staging(settings: Settings, dry_run: bool) -> list[Item]:
     items = []
     for parent in (settings.models_dir, settings.merged_dir):
         for path, reason in abandoned_staging(parent):
-            items.append(Item("staging", _rel(settings, path), _size(path), reason))
+            items.append(Item("staging", str(settings.shown(path)), _size(path), reason))
             if not dry_run:
                 remove_tree(path)
     return items

@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
 
+    def shown(self, path: Path) -> Path:
+        """`path` as messages and records name it: relative to the data root when under it (a path there does
+        not leak the machine's layout, and stays true when the root moves), else as it is."""
+        return path.relative_to(self.home) if path.is_relative_to(self.home) else path
+
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"

@@ -169,7 +169,7 @@ def _start_log(settings: Settings, log: Path, header: str) -> Iterator[BinaryIO]
 
 
 def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> Health:
-    rel_log = _rel(settings, log_path(settings))
+    rel_log = settings.shown(log_path(settings))
     while True:
         # Until the new trainer records its address, the record (or the default) may still name another
         # data root's trainer: only our own data root's answer counts.
@@ -192,12 +192,8 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
 def _timeout(settings: Settings, timeout: float) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"The trainer did not become healthy {trainer_client.where(settings)} within {timeout:g}s; "
-        f"see {_rel(settings, log_path(settings))}."
+        f"see {settings.shown(log_path(settings))}."
     )
-
-
-def _rel(settings: Settings, path: Path) -> Path:
-    return path.relative_to(settings.home) if path.is_relative_to(settings.home) else path
 
 
 def _reap() -> None:

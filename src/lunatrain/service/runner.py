@@ -287,7 +287,7 @@ class Runner:
             job = self.store.set_status(
                 job_id,
                 "succeeded",
-                adapter=_adapter(result if status == "succeeded" else trained, self.settings.home),
+                adapter=_adapter(result if status == "succeeded" else trained, self.settings),
                 metrics=metrics or (trained or {}).get("metrics") or {},
                 gate=gate,
             )
@@ -298,7 +298,7 @@ class Runner:
         elif ranks > 1 and code != 0:
             # Every rank exits 0 after an orderly ending (worker.py), so torchrun failing means a rank died;
             # rank 0's own result then only reports losing its peer, the dead rank is the cause.
-            error = _rank_crash_error(code, ranks, log_path, self.settings.home)
+            error = _rank_crash_error(code, ranks, log_path, self.settings.shown(log_path))
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
@@ -317,7 +317,7 @@ class Runner:
             error = {"code": "interrupted", "message": "The training process stopped early."}
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         else:
-            error = _crash_error(code, log_path, self.settings.home)
+            error = _crash_error(code, log_path, self.settings.shown(log_path))
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
         self._collect()
@@ -336,13 +336,11 @@ class Runner:
         after_run(self.settings, log)
 
 
-def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None:
+def _adapter(result: dict[str, Any] | None, settings: Settings) -> dict[str, Any] | None:
     adapter = (result or {}).get("adapter")
     if not isinstance(adapter, dict):
         return None
-    path = Path(str(adapter.get("path", "")))
-    with contextlib.suppress(ValueError):
-        path = path.relative_to(home)  # a path relative to the data root does not leak the machine's layout
+    path = settings.shown(Path(str(adapter.get("path", ""))))
     ref = {"name": str(adapter.get("name")), "version": str(adapter.get("version")), "path": str(path)}
     # The overwrite slot's run: without it a reader takes the slot's kept revision for this run's (a refused
     # run would be described with the metrics and gate of the revision it did not replace).
@@ -350,14 +348,14 @@ def _adapter(result: dict[str, Any] | None, home: Path) -> dict[str, Any] | None
     return ref | ({"revision": revision} if isinstance(revision, int) and not isinstance(revision, bool) else {})
 
 
-def _crash_error(code: int, log_path: Path, home: Path) -> dict[str, str]:
+def _crash_error(code: int, log_path: Path, shown: Path) -> dict[str, str]:
     """A crashed child (no result line): name the signal or exit status and quote the log's last line."""
     last = _last_line(log_path)
     return {
         "code": "child_crashed",
         "message": f"The training process {_how(code)}"
         + (f"; last log line: {last!r}" if last else "")
-        + f"; see {_relative(log_path, home)}.",
+        + f"; see {shown}.",
     }
 
 
@@ -376,7 +374,7 @@ def _how(code: int) -> str:
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
 
-def _rank_crash_error(code: int, ranks: int, log_path: Path, home: Path) -> dict[str, str]:
+def _rank_crash_error(code: int, ranks: int, log_path: Path, shown: Path) -> dict[str, str]:
     """A data-parallel job whose torchrun failed: name the rank that died first and how, as torchrun
     recorded it in the job log (else torchrun's own exit status)."""
     found = _ROOT_CAUSE.findall(_tail(log_path, 16384))  # the last report: a resumed job appends to its log
@@ -385,11 +383,7 @@ def _rank_crash_error(code: int, ranks: int, log_path: Path, home: Path) -> dict
         what = f"rank {rank} of the {ranks} training processes {_how(int(status))}; the other ranks were stopped"
     else:
         what = f"the torchrun launcher of the {ranks} training processes {_how(code)}"
-    return {"code": "child_crashed", "message": f"{what[0].upper()}{what[1:]}; see {_relative(log_path, home)}."}
-
-
-def _relative(path: Path, home: Path) -> Path:
-    return path.relative_to(home) if path.is_relative_to(home) else path
+    return {"code": "child_crashed", "message": f"{what[0].upper()}{what[1:]}; see {shown}."}
 
 
 def _tail(path: Path, size: int) -> str:
