@@ -26,20 +26,23 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 from benchargs import at_least, scratch_home
 
+from lunatrain.service.jobs import TERMINAL
+from lunatrain.service.lock import pid_path
+from lunatrain.settings import load_settings
+from lunatrain.wire import parse_iso
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "api_load.md"
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    return parse_iso(iso).timestamp()
 
 
 class Serve:
@@ -88,7 +91,7 @@ class Serve:
         if self.proc.poll() is None:
             self.proc.kill()
         self.log.close()
-        pid_file = self.home / "reports" / "training" / "trainer.pid"  # the trainer the API started
+        pid_file = pid_path(load_settings(home=self.home))  # the trainer the API started
         with contextlib.suppress(OSError, ValueError):
             os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lunatrain.service.jobs import TERMINAL
+from lunatrain.service.lock import pid_path
 from lunatrain.settings import load_settings
 
 from trainer_helpers import ON_DEMAND_ENV, recorded_url
 
 pytestmark = pytest.mark.slow
 LUNATRAIN = str(Path(sys.executable).parent / "lunatrain")
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 class Api:
@@ -81,7 +82,7 @@ class Api:
 
     def _stop_trainer(self) -> None:
         # The trainer was started detached (its own session) by the API's ensure; end that process group.
-        pid_file = load_settings(home=self.home).reports_training_dir / "trainer.pid"
+        pid_file = pid_path(load_settings(home=self.home))
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             pid = int(pid_file.read_text().strip())
             os.killpg(pid, signal.SIGTERM)
@@ -193,7 +194,7 @@ def test_with_ensure_off_and_no_trainer_start_is_503_and_health_offline(home: Pa
         # A refused start changed nothing: the store was not seeded.
         examples = api.client.get("/assistant/training/examples").json()
         assert examples["count"] == 0
-        assert not (home / "reports" / "training" / "trainer.pid").exists()
+        assert not pid_path(load_settings(home=home)).exists()
     # Repro: the API's request log lines carried no time at all (`INFO:     127.0.0.1:… - "GET …" 200`); they
     # are stamped in UTC with Z as the trainer's log and every record are.
     requests = [line for line in api.log.read_text().splitlines() if '"GET /assistant/training/examples' in line]

@@ -454,7 +454,7 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{dead_port}")
     monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
     write_export(settings, make_records(24))
-    gate_report = settings.reports_eval_dir / "eval-gate-latest.json"
+    gate_report = settings.eval_report
     for command in ("luna", "auto"):
         r = CliRunner().invoke(app, [command, "--device", "cuda", "--maxSteps", "1"])
         assert r.exit_code == 2 and r.output.strip().splitlines() == [
@@ -471,7 +471,7 @@ def test_a_mistyped_target_module_is_refused_before_the_flow_changes_anything(se
     r = CliRunner().invoke(app, ["luna", "--targetModules", "q_prj", "--local"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "targetModules ['q_prj'] name no module of base model 'luna-tiny'" in r.output, r.output
-    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+    assert not (settings.eval_report).exists()
     now = (settings.training_dir / "current").resolve() if (settings.training_dir / "current").exists() else None
     assert now == current
 

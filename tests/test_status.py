@@ -547,7 +547,7 @@ def test_a_cancelled_local_run_newer_than_the_last_trainer_job_is_the_last_job(s
         should_stop=lambda: any(e["type"] == "progress" for e in seen),
     )
     assert cut.status is Status.CANCELLED
-    report = json.loads(registry.latest_report_path(settings).read_text())
+    report = json.loads(settings.lora_latest_report.read_text())
     assert report["created"] and report["created"].endswith("Z"), report.get("created")
     last = training_status(settings, 0)["lastJob"]
     assert (last["status"], last["adapterName"], last["source"]) == ("cancelled", "lokal", "report"), last

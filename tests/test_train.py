@@ -147,7 +147,7 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     assert f"{m['valLoss']:.4f}" in card and f"{m['baseValLoss']:.4f}" in card, card
     hashes = (result.path / "train-hashes.txt").read_text().split()
     assert len(hashes) == report["dataset"]["trainSamples"]
-    assert json.loads(registry.latest_report_path(settings).read_text())["version"] == "v1"
+    assert json.loads(settings.lora_latest_report.read_text())["version"] == "v1"
     entry = registry.get_version(settings, "luna-adapter", "latest")
     assert entry["version"] == "v1" and entry["metrics"]["valLoss"] == m["valLoss"] and entry["jobId"] == "job-1"
     progress = [e for e in events if e["type"] == "progress"]
@@ -234,7 +234,7 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
 
     cut = run_lora(_params(), settings, on_event=seen.append, should_stop=stop_after_first_epoch)
     assert cut.status is Status.CANCELLED and cut.error["code"] == "cancelled" and cut.version is None
-    assert json.loads(registry.latest_report_path(settings).read_text())["status"] == "cancelled"
+    assert json.loads(settings.lora_latest_report.read_text())["status"] == "cancelled"
     resumed = run_lora(_params(resume=True), settings)
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1
     assert (resumed.path / "adapter_model.safetensors").read_bytes() == weights
@@ -288,7 +288,7 @@ def test_a_run_stopped_because_its_trainer_is_gone_says_interrupted_not_cancelle
     assert cut.error["code"] == "interrupted", cut.error
     assert cut.error["message"].startswith("Stopped at step 1 of "), cut.error
     assert "the trainer process is gone" in cut.error["message"]
-    report = json.loads(registry.latest_report_path(settings).read_text())
+    report = json.loads(settings.lora_latest_report.read_text())
     assert (report["status"], report["error"]["code"]) == ("failed", "interrupted"), report
     said = [e["message"] for e in seen if e.get("code") == "log.training_ended"]
     assert said and said[-1].startswith("training failed: Stopped at step 1"), said
@@ -308,7 +308,7 @@ def test_a_run_quit_at_once_is_recorded_before_the_interrupt_goes_on(settings):
 
     with pytest.raises(KeyboardInterrupt):
         run_lora(_params(), settings, on_event=seen.append, should_stop=quit_at_once)
-    report = json.loads(registry.latest_report_path(settings).read_text())
+    report = json.loads(settings.lora_latest_report.read_text())
     assert report["status"] == "cancelled" and report["error"]["code"] == "cancelled", report
     assert report["error"]["message"].startswith("interrupted at step 1 of "), report["error"]
     assert not registry.list_adapters(settings)
@@ -555,7 +555,7 @@ def test_nan_loss_fails_the_run_as_data(settings, monkeypatch):
     result = run_lora(_params(), settings)
     assert result.status is Status.FAILED and result.error["code"] == "nan_loss"
     assert "luna-adapter" not in registry.list_adapters(settings)
-    assert json.loads(registry.latest_report_path(settings).read_text())["error"]["code"] == "nan_loss"
+    assert json.loads(settings.lora_latest_report.read_text())["error"]["code"] == "nan_loss"
     assert not (settings.adapters_dir / "luna-adapter" / "v1").exists()
 
 
@@ -767,9 +767,7 @@ def test_a_latest_report_that_cannot_be_written_after_publishing_does_not_fail_t
     write_export(settings, make_records(40, val_every=5))
 
     def full(*_a, **_k):
-        raise fsio.storage_error(
-            OSError(errno.ENOSPC, "No space left on device"), registry.latest_report_path(settings)
-        )
+        raise fsio.storage_error(OSError(errno.ENOSPC, "No space left on device"), settings.lora_latest_report)
 
     monkeypatch.setattr(registry, "write_latest", full)
     seen = []

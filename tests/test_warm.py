@@ -143,7 +143,7 @@ def test_a_job_stopped_by_its_trainers_shutdown_reports_interrupted_not_cancelle
     assert result["type"] == "result" and result["status"] == "failed", result
     assert result["error"]["code"] == "interrupted" and "the trainer is stopping" in result["error"]["message"]
     job.wait()
-    report = json.loads((root / "reports" / "training" / "lora-latest.json").read_text())
+    report = json.loads(load_settings(home=root).lora_latest_report.read_text())
     assert (report["status"], report["error"]["code"]) == ("failed", "interrupted"), report
     assert "training cancelled" not in (root / "shutdown.log").read_text()
 

@@ -100,10 +100,6 @@ def registry_path(settings: Settings) -> Path:
     return settings.registry_file
 
 
-def latest_report_path(settings: Settings) -> Path:
-    return settings.lora_latest_report
-
-
 _held = threading.local()  # how deep this thread is in the registry's lock (flock does not nest)
 
 
@@ -534,11 +530,11 @@ def _point_slot(root: Path, new: Path) -> None:
 
 def write_latest(settings: Settings, report: dict[str, Any]) -> None:
     with _latest_lock(settings):  # annotate_latest reads, then writes: never across another run's report
-        atomic_write_json(latest_report_path(settings), report)
+        atomic_write_json(settings.lora_latest_report, report)
 
 
 def _latest_lock(settings: Settings) -> Any:
-    return file_lock(latest_report_path(settings).with_name(".lora-latest.lock"))
+    return file_lock(settings.lora_latest_report.with_name(".lora-latest.lock"))
 
 
 _RUN_KEYS = ("adapterName", "version", "revision", "jobId", "created")  # what tells one run's report from another's
@@ -550,11 +546,11 @@ def annotate_latest(settings: Settings, run: dict[str, Any], **fields: Any) -> N
     the registry entry already holds the decision, so an unreadable report is left as it is."""
     with _latest_lock(settings):
         try:
-            latest = read_json(latest_report_path(settings))
+            latest = read_json(settings.lora_latest_report)
         except LunaError:
             return
         if isinstance(latest, dict) and all(latest.get(k) == run.get(k) for k in _RUN_KEYS):
-            atomic_write_json(latest_report_path(settings), latest | fields)
+            atomic_write_json(settings.lora_latest_report, latest | fields)
 
 
 # --- reading --------------------------------------------------------------------------------------
