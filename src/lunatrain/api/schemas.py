@@ -100,21 +100,6 @@ class JobAccepted(Out):
     export: dict[str, Any] | None = None
 
 
-class ProviderHealth(Out):
-    status: Literal["ok", "degraded", "offline"]
-    reachable: bool
-    cuda_available: bool
-    label: Literal["Aktiv (CUDA)", "Online (CPU)", "Offline"]
-    device: dict[str, Any] | None = Field(default=None, description="the trainer's device: type, name, memory, bf16")
-    queue: dict[str, Any] | None = None
-    version: str | None = None
-    trainer_url: str
-    data_root: dict[str, Any] | None = Field(default=None, description="the data root the trainer serves: id, path")
-    storage: str | None = Field(default=None, description="a storage problem keeping jobs from starting")
-    can_train: list[str] = Field(default_factory=list, description="what the trainer's device can train")
-    error: str | None = None
-
-
 # --- examples and memory --------------------------------------------------------------------------
 
 

@@ -91,23 +91,10 @@ def health_cmd(ensure: EnsureOpt = False, as_json: JsonOpt = False) -> None:
 
 def _health_document(settings: Settings | None, health: Health | None, problem: LunaError | None) -> dict[str, Any]:
     """What GET …/lora/provider-health answers for the same outcome (api/routes/lora.py)."""
-    from ..api.schemas import ProviderHealth
-
     # Settings that did not load have no address: the one configured, as given.
     url = trainer_client.base_url(settings) if settings else os.environ.get("ASSISTANT_LORA_TRAINER_URL")
     url = url or DEFAULT_TRAINER_URL
-    if health is None:
-        offline = ProviderHealth(
-            status="offline",
-            reachable=False,
-            cuda_available=False,
-            label=trainer_client.LABEL_OFFLINE,
-            trainer_url=url,
-            error=problem.message if problem else None,
-        )
-        return offline.wire()
-    found = health.wire() | {"reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
-    return ProviderHealth.model_validate(found).wire()
+    return trainer_client.provider_health(url, health, problem.message if problem else None).wire()
 
 
 def describe_health(settings: Settings, health: Health | None) -> str:

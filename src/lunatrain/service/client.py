@@ -22,7 +22,18 @@ from ..errors import PATTERN_RULES, CheckFailed, Conflict, LunaError, NotFound, 
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import TRAINER_REALM, bearer_realm, is_loopback
-from .jobs import DATA_ROOT_HEADER, JOB_ID_PATTERN, EventPage, Health, Job, JobCheck, JobList, Status, data_root_id
+from .jobs import (
+    DATA_ROOT_HEADER,
+    JOB_ID_PATTERN,
+    EventPage,
+    Health,
+    Job,
+    JobCheck,
+    JobList,
+    ProviderHealth,
+    Status,
+    data_root_id,
+)
 
 LABEL_CUDA = "Aktiv (CUDA)"
 LABEL_CPU = "Online (CPU)"
@@ -100,6 +111,14 @@ def label(health: Health | None) -> str:
     if health is None:
         return LABEL_OFFLINE
     return LABEL_CUDA if health.cuda_available else LABEL_CPU
+
+
+def provider_health(url: str, health: Health | None, problem: str | None = None) -> ProviderHealth:
+    """The provider-health document for the trainer at `url`: its `health`, or offline with `problem` (the
+    sentence that says why) when it did not answer."""
+    if health is None:
+        return ProviderHealth(status="offline", reachable=False, label=LABEL_OFFLINE, trainer_url=url, error=problem)
+    return ProviderHealth.model_validate(health.wire() | {"reachable": True, "label": label(health), "trainerUrl": url})
 
 
 _shared: httpx.Client | None = None

@@ -166,6 +166,21 @@ class Health(WireModel):
     can_train: list[str] = Field(default_factory=list, description="what this device can train (memplan)")
 
 
+class ProviderHealth(Health):
+    """The trainer's health as the assistant API (`GET /lora/provider-health`) and `lunatrain health --json`
+    answer it: the trainer's own fields, whether it was reached, the guide's label, its address and, offline,
+    the sentence that says why (`client.provider_health` builds it)."""
+
+    status: Literal["ok", "degraded", "offline"]
+    reachable: bool
+    label: Literal["Aktiv (CUDA)", "Online (CPU)", "Offline"]
+    device: DeviceView | None = Field(default=None, description="the trainer's device: type, name, memory, bf16")
+    queue: QueueView | None = None
+    version: str | None = None
+    trainer_url: str
+    error: str | None = None
+
+
 # The header a client names its data root in (its id); the trainer refuses job requests for another root.
 DATA_ROOT_HEADER = "X-Lunatrain-Data-Root"
 

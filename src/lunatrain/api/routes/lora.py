@@ -17,7 +17,7 @@ from ...errors import Conflict, NotFound, ServiceUnavailable
 from ...params import FlowOptions, LoraParams
 from ...service import client as trainer_client
 from ...service import ensure
-from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, Status
+from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, ProviderHealth, Status
 from ...settings import NAME_MAX, NAME_PATTERN, Settings
 from ...wire import camel
 from ..cache import json_response, rendered
@@ -26,7 +26,6 @@ from ..schemas import (
     Defaults,
     ExampleAdapterRequest,
     JobAccepted,
-    ProviderHealth,
     QuickStartRequest,
     StartRequest,
 )
@@ -57,19 +56,9 @@ async def provider_health(
         try:
             health = await run_in_threadpool(trainer_client.own_health, settings)
         except (ServiceUnavailable, Conflict) as err:
-            return ProviderHealth(
-                status="offline",
-                reachable=False,
-                cuda_available=False,
-                label=trainer_client.LABEL_OFFLINE,
-                trainer_url=trainer_client.base_url(settings),
-                error=err.message,
-            )
+            return trainer_client.provider_health(trainer_client.base_url(settings), None, err.message)
     # The address after the ensure: a trainer it started may listen on a port of its own (recorded).
-    url = trainer_client.base_url(settings)
-    return ProviderHealth.model_validate(
-        health.wire() | {"reachable": True, "label": trainer_client.label(health), "trainerUrl": url}
-    )
+    return trainer_client.provider_health(trainer_client.base_url(settings), health)
 
 
 @router.post("/start", status_code=202, response_model=JobAccepted, responses=errors(404, 409, 503))
