@@ -65,7 +65,7 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
     import torch
 
     from lunatrain import models, train
-    from lunatrain.params import parse_params, steps_per_epoch, total_steps
+    from lunatrain.params import parse_params, total_steps
     from lunatrain.settings import load_settings
     from lunatrain.tokens import IGNORE, Encoded, make_batch
 
@@ -92,30 +92,13 @@ def child(model_dir: str, tokens: int, checkpointing: bool, path: str, quantize:
     cut = int(tokens * 0.4)
     sample = Encoded(ids, [IGNORE] * cut + ids[cut:], False, tokens)
     batch = make_batch([sample], tokens, 0, flat=True)
-    run = train.Run(
-        params=params,
-        settings=settings,
-        base=base,
-        tokenizer=None,
-        model=model,
-        device=device,
-        autocast_dtype=torch.bfloat16 if cuda else None,
-        data=None,
-        tokens=None,
-        train=[],
-        val=[],
-        steps_per_epoch=steps_per_epoch(1, params),
-        total_steps=total_steps(1, params),
-        work_dir=Path("."),
-        identity={},  # what a checkpoint would record: this run saves none
-        loss=loss,
-    )
+    autocast_dtype = torch.bfloat16 if cuda else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
-    for _ in range(run.total_steps):
+    for _ in range(total_steps(1, params)):
         opt.zero_grad(set_to_none=True)
-        (train.loss_sum(run, batch) / batch.n_supervised).backward()
+        (train.batch_loss_sum(model, batch, device, autocast_dtype, loss) / batch.n_supervised).backward()
         opt.step()
     out = {"supervised": batch.n_supervised, "loss": loss["path"]}
     if cuda:

@@ -768,13 +768,19 @@ def batch_of(run: Run, samples: list[Encoded]) -> Batch:
 
 
 def loss_sum(run: Run, batch: Batch) -> Any:
-    """Sum of cross-entropy over the batch's supervised positions (float32): chunked (`loss`) where the
-    model allows, so the logits of the whole micro-batch never exist at once."""
+    """Sum of cross-entropy over the batch's supervised positions (float32), as the run computes it."""
+    return batch_loss_sum(run.model, batch, run.device, run.autocast_dtype, run.loss)
+
+
+def batch_loss_sum(model: Any, batch: Batch, device: str, autocast_dtype: Any, loss: dict[str, Any]) -> Any:
+    """Sum of cross-entropy over the batch's supervised positions (float32): chunked (`loss`, the path
+    `lean_loss_check` chose) where the model allows, so the logits of the whole micro-batch never exist at
+    once. Without a Run for bench/memory.py, which measures this step alone."""
     import torch.nn.functional as F
 
-    if run.loss["path"] == "chunked":
-        return chunked_loss_sum(run.model, batch, run.device, run.autocast_dtype, run.loss["chunkTokens"])
-    logits, targets = forward_supervised(run.model, batch, run.device, run.autocast_dtype)
+    if loss["path"] == "chunked":
+        return chunked_loss_sum(model, batch, device, autocast_dtype, loss["chunkTokens"])
+    logits, targets = forward_supervised(model, batch, device, autocast_dtype)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
