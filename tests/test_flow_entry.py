@@ -440,7 +440,9 @@ def test_lora_reports_the_job_the_follower_saw_settled_when_its_trainer_has_stop
     monkeypatch.setattr(cli_trainer, "follow", lambda *a, **k: Job.model_validate(settled))
 
     def gone(*_a, **_k):
-        raise ServiceUnavailable("The trainer at http://127.0.0.1:5051 is not reachable (ConnectError).")
+        raise ServiceUnavailable(
+            "The trainer at http://127.0.0.1:5051 is not reachable (nothing accepts connections there)."
+        )
 
     monkeypatch.setattr(client, "get_job", gone)
     outcome = cli_flow.service_lora(settings, LoraParams(), FlowOptions(), stderr=True)

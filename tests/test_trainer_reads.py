@@ -90,19 +90,21 @@ def test_cli_job_reads_say_who_holds_the_address(held):
 
 def test_following_a_job_whose_trainer_stays_away_names_the_job(home, monkeypatch):
     """Repro: `lunatrain lora` following a job whose trainer was killed gave up with only "error: The trainer
-    at http://127.0.0.1:33999 is not reachable (ConnectError); start it with `lunatrain trainer`." - the job id
+    at http://127.0.0.1:33999 is not reachable (nothing accepts connections there); start it with `lunatrain trainer`." - the job id
     was gone from the screen's last lines, so the user could not look up how the job ended."""
     from lunatrain.cli import trainer as trainer_cli
 
     def unreachable(*_args, **_kwargs):
-        raise ServiceUnavailable("The trainer at http://127.0.0.1:9 is not reachable (ConnectError); start it.")
+        raise ServiceUnavailable(
+            "The trainer at http://127.0.0.1:9 is not reachable (nothing accepts connections there); start it."
+        )
 
     monkeypatch.setattr(client, "events", unreachable)
     monkeypatch.setattr(trainer_cli.time, "sleep", lambda _s: None)  # no waiting between the tries
     with pytest.raises(ServiceUnavailable) as lost:
         trainer_cli.follow(load_settings(), JOB, unreachable_s=0.0)
     message = lost.value.message
-    assert "not reachable (ConnectError)" in message, message  # the cause, as before
+    assert "not reachable (nothing accepts connections there)" in message, message  # the cause, as before
     assert f"`lunatrain jobs show {JOB}`" in message and f"`lunatrain jobs follow {JOB}`" in message, message
 
 
@@ -137,7 +139,9 @@ def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(h
         raw.execute("PRAGMA journal_mode=DELETE")
 
     def unreachable(*_args, **_kwargs):
-        raise ServiceUnavailable("The trainer at http://127.0.0.1:9 is not reachable (ConnectError); start it.")
+        raise ServiceUnavailable(
+            "The trainer at http://127.0.0.1:9 is not reachable (nothing accepts connections there); start it."
+        )
 
     monkeypatch.setattr(client, "events", unreachable)
     monkeypatch.setattr(client, "get_job", unreachable)
@@ -163,7 +167,7 @@ def test_following_a_job_the_trainer_settled_as_it_stopped_reports_its_outcome(h
         trainer_cli.follow(settings, unknown, unreachable_s=60.0)
     assert missing.value.message == (
         f"No job {unknown} is recorded under this data root (the trainer at http://127.0.0.1:9 is not reachable "
-        "(ConnectError); start it)."
+        "(nothing accepts connections there); start it)."
     ), missing.value.message
 
 
@@ -194,3 +198,26 @@ def test_jobs_show_names_the_job_log_and_where_a_cancelled_job_stopped(home, mon
         assert r.output.splitlines() == [f"{early.id}  cancelled  before its first step"], r.output
     finally:
         jobs.close()
+
+
+def test_an_unreachable_trainer_is_said_in_words_not_httpx_class_names(home, dead_port, monkeypatch):
+    """Repro: "The trainer at http://127.0.0.1:5051 is not reachable (nothing accepts connections there)": httpx's class name in a
+    sentence for the user (`lunatrain lora`, `jobs …`, the API's 503). How the request failed is said in words."""
+    import httpx
+
+    settings = load_settings(lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    with pytest.raises(ServiceUnavailable) as refused:
+        client.list_jobs(settings)
+    assert refused.value.message == (
+        f"The trainer at http://127.0.0.1:{dead_port} is not reachable (nothing accepts connections there); "
+        "start it with `lunatrain trainer`."
+    ), refused.value.message
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    monkeypatch.setattr(client, "_shared", httpx.Client(transport=httpx.MockTransport(slow)))
+    with pytest.raises(ServiceUnavailable) as late:
+        client.get_job(settings, JOB)
+    assert "is not reachable (no answer within 10 s); start it" in late.value.message, late.value.message
+    assert "Error" not in refused.value.message + late.value.message

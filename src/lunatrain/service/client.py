@@ -138,6 +138,17 @@ def _client() -> httpx.Client:
         return _shared
 
 
+def _failure(exc: httpx.HTTPError, timeout: float) -> str:
+    """How a request failed, in words (httpx's class names, "ConnectError", are no sentence for a user)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        return "nothing accepts connections there"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return "the connection broke off"
+    return "the request failed"
+
+
 def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
     trainer_address(settings)  # a malformed URL is a usage error, not "unreachable"
     headers = {DATA_ROOT_HEADER: data_root_id(settings.home)}
@@ -147,7 +158,8 @@ def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.
         response = _client().request(method, url, headers=headers, timeout=timeout, **kwargs)
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(
-            f"The trainer {where(settings)} is not reachable ({type(exc).__name__}); start it with `lunatrain trainer`."
+            f"The trainer {where(settings)} is not reachable ({_failure(exc, timeout)}); start it with "
+            "`lunatrain trainer`."
         ) from None
     if response.status_code >= 400:
         raise _error(settings, response)
