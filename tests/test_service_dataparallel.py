@@ -77,7 +77,7 @@ def test_ranks_per_job_follow_the_setting_else_the_visible_gpus(tmp_path):
     with pytest.raises(
         UsageError,
         match=r"ASSISTANT_LORA_GPUS=2 asks for more training processes than the 1 "
-        r"visible GPU\(s\); set it to 1 or less",
+        r"visible GPU; set it to 1 or less",
     ):
         job_ranks(two, "auto", 1)
     for bad in (0, -1, "two"):
