@@ -212,6 +212,20 @@ def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
     assert two["optimizerSteps"] < est["optimizerSteps"] and two["tokens"] == est["tokens"]
 
 
+def test_a_summary_that_does_not_list_the_tier_file_is_a_failed_check_not_a_crash(settings, tiny):
+    """Repro: with a summary whose `files` lacked the trained tier's file, prepare raised KeyError before it
+    wrote its report (reading the tier file's sha256 for the run's identity), where it had reported a failing
+    export_summary check; `luna`'s prepare step ended in a traceback."""
+    write_files(settings, clean_records())
+    path = settings.training_dir / export_mod.SUMMARY_FILE
+    summary = json.loads(path.read_text())
+    del summary["files"][export_mod.CURATED_FILE]
+    path.write_text(json.dumps(summary))
+    report = prepare(settings, params(), min_curated=10)
+    assert report.status == "fail" and report.check("export_summary").severity == "fail", report.problems
+    assert report.dataset["tierSha256"] is None and settings.prepare_report.is_file()
+
+
 def test_missing_export_is_a_clear_error(settings, tiny):
     with pytest.raises(NotFound, match="lunatrain export"):
         prepare(settings, params())

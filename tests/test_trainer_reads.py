@@ -221,3 +221,30 @@ def test_an_unreachable_trainer_is_said_in_words_not_httpx_class_names(home, dea
         client.get_job(settings, JOB)
     assert "is not reachable (no answer within 10 s); start it" in late.value.message, late.value.message
     assert "Error" not in refused.value.message + late.value.message
+
+
+def test_jobs_resume_starts_the_trainer_as_lora_does_and_refuses_parameters_it_cannot_use(home, monkeypatch):
+    """Repro (two): `jobs resume` asked the trainer for the job before anything started it, so after an orderly
+    stop (the case its own hint is given for) it failed with "not reachable; start it", where `lora --resume`
+    starts the trainer on demand; and a job recorded with parameters this release refuses ended in a pydantic
+    traceback. It ensures the trainer first, and such a job is one sentence, exit 2."""
+    from lunatrain.cli import trainer as trainer_cli
+    from lunatrain.service.jobs import Health, Job
+
+    calls: list[str] = []
+    monkeypatch.setattr(trainer_cli, "ensure_trainer", lambda settings: calls.append("ensure") or Health())
+    old = Job(
+        id=JOB,
+        status="failed",
+        created_at="2026-01-01T00:00:00.000Z",
+        params={"adapterName": "old", "baseModel": "luna-tiny", "minCurated": 30, "gate": True},
+    )
+    monkeypatch.setattr(client, "get_job", lambda settings, job_id: calls.append("get") or old)
+    r = CliRunner().invoke(app, ["jobs", "resume", JOB])
+    assert calls == ["ensure", "get"], calls
+    assert r.exit_code == 2, (r.output, r.exception)
+    said = r.output.strip()
+    assert said == (
+        f"error: Job {JOB} cannot be resumed by this release (Invalid parameters: minCurated: unknown parameter; "
+        "gate: unknown parameter); submit it anew with `lunatrain lora`."
+    ), said

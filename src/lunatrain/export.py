@@ -608,9 +608,11 @@ class TierData:
         return self.train + self.val + self.test
 
     @property
-    def sha256(self) -> str:
-        """The tier file's own sha256 (the whole export's `fingerprint` changes with the other tiers too)."""
-        return str(self.summary["files"][TIER_FILES[self.tier]]["sha256"])
+    def sha256(self) -> str | None:
+        """The tier file's own sha256 (the whole export's `fingerprint` changes with the other tiers too); None
+        when the summary does not list it (prepare's export_summary check says so)."""
+        entry = (self.summary.get("files") or {}).get(TIER_FILES[self.tier]) or {}
+        return str(entry["sha256"]) if entry.get("sha256") else None
 
 
 def export_dir(settings: Settings) -> Path:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from ..errors import LunaError, NotFound, ServiceUnavailable, UsageError
+from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
@@ -186,12 +188,20 @@ def jobs_resume(job_id: JobArg, as_json: JsonOpt = False) -> None:
 
     try:
         settings = load_settings()
+        ensure_trainer(settings)  # on demand, as `lora` submits: the job's hint is read when the trainer stopped
         job = trainer_client.get_job(settings, job_id)
         if not job.finished:
             raise UsageError(f"Job {job.id} is {job.status}; follow it with `lunatrain jobs follow {job.id}`.")
         if job.status == "succeeded":
             raise UsageError(f"Job {job.id} succeeded{': ' + summary(job) if summary(job) else ''}; nothing to resume.")
-        params = job.lora_params().model_copy(update={"resume": True})
+        try:
+            params = job.lora_params().model_copy(update={"resume": True})
+        except ValidationError as exc:  # a job an older release recorded, with parameters this one has not
+            said = format_validation_error(exc, "parameters", "unknown parameter")
+            raise UsageError(
+                f"Job {job.id} cannot be resumed by this release ({said.rstrip('.')}); submit it anew with "
+                "`lunatrain lora`."
+            ) from None
         outcome = service_lora(settings, params, job.options, job.gate_thresholds, stderr=as_json)
         report(settings, outcome, job.options, as_json)
     except LunaError as err:
