@@ -590,9 +590,19 @@ def test_an_item_is_named_by_its_id_or_the_form_exports_and_the_command_line_use
     r = client.post(f"{T}/memory/mem-{mem.id}/reject")
     assert r.status_code == 200 and r.json()["status"] == "rejected", r.text
     revision = store.revision(settings)
-    for path in (f"/examples/mem-{ex.id}/reject", f"/memory/ex-{mem.id}/reject", "/examples/abc/approve"):
+    # as the command line, no other form: not another kind's prefix, nor what an int would take (1.0, +1, " 1")
+    for path in (
+        f"/examples/mem-{ex.id}/reject",
+        f"/memory/ex-{mem.id}/reject",
+        "/examples/abc/approve",
+        f"/examples/{ex.id}.0/reject",
+        f"/examples/+{ex.id}/reject",
+        f"/examples/ex-%20{ex.id}/reject",
+    ):
         r = client.post(f"{T}{path}")
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("Invalid request: id: "), r.text
+    said = client.post(f"{T}/examples/+1/reject").json()["error"]["message"]
+    assert said == "Invalid request: id: should be a number such as 12 or ex-12.", said
     assert client.delete(f"{T}/examples/ex-x").status_code == 422
     assert store.revision(settings) == revision
     assert client.delete(f"{T}/memory/mem-{mem.id}").json()["deleted"] == mem.id

@@ -46,9 +46,19 @@ JobId = Annotated[str, Path(alias="jobId", pattern=JOB_ID_PATTERN, max_length=64
 
 
 def _unprefixed(prefix: str) -> BeforeValidator:
-    """An id as the export's records, prepare's report and the command line write it (`ex-12`, `mem-3`) is
-    that number; anything else is validated as an id (and refused, naming `id`)."""
-    return BeforeValidator(lambda v: v.removeprefix(f"{prefix}-") if isinstance(v, str) else v)
+    """An id is its digits, or as the export's records, prepare's report and the command line write it (`ex-12`,
+    `mem-3`); anything else (`1.0`, `+1`, ` 1`, which an int would take) is refused, naming `id`, as the
+    command line refuses it."""
+    form = re.compile(rf"(?:{prefix}-)?([0-9]+)")
+
+    def number(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if (m := form.fullmatch(value)) is None:
+            raise ValueError(f"should be a number such as 12 or {prefix}-12")
+        return int(m[1])
+
+    return BeforeValidator(number)
 
 
 _ID = {"alias": "id", "ge": 1, "le": INT_MAX}
