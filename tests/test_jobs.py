@@ -20,7 +20,7 @@ import pytest
 from lunatrain.errors import Conflict, NotFound
 from lunatrain.params import LoraParams, parse_params
 from lunatrain.service.jobs import JobStore, Progress, job_log_path, jobs_db_path
-from lunatrain.service.recovery import recover
+from lunatrain.service.recovery import recover, resumable
 from lunatrain.service.runner import _crash_error
 from lunatrain.service.worker import error_code
 
@@ -164,6 +164,19 @@ def test_an_interrupted_job_says_how_to_resume_in_the_callers_terms(store, setti
     message = store.get(job.id).error.message
     assert "resume=true" not in message, message
     assert f"`lunatrain jobs resume {job.id}`" in message and '`"resume": true`' in message, message
+
+
+def test_a_resumed_job_cut_off_before_its_next_epoch_ended_is_resumable_again(store, settings):
+    """Repro: a job that resumed from an earlier try's checkpoint and was cut off before its next epoch ended
+    got no resume hint in its crash error: the checkpoint it started from is still there,
+    and `jobs resume` continues from it again."""
+    job = queued(store, LoraParams(adapter_name="again", resume=True))
+    store.claim(job.id)
+    store.add_event(job.id, "log", {"message": "resumed from epoch 2", "code": "log.resumed"})
+    job = store.get(job.id)  # as the runner judges it when its process crashed
+    assert resumable(settings, store, job)
+    fresh = queued(store, LoraParams(adapter_name="again"))
+    assert not resumable(settings, store, fresh)
 
 
 def test_a_job_interrupted_before_its_first_epoch_ended_promises_no_checkpoint(store, settings):

@@ -123,9 +123,14 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
 
 
 def resumable(settings: Settings, store: JobStore, job: Job) -> bool:
-    """Whether the job saved an epoch checkpoint: said after each one (train.py); a child that outlived its
-    trainer by a moment may have saved one it could not report, so the disk is asked too."""
-    return store.logged(job.id, "log.epoch_done") or _checkpoint_since(settings, job)
+    """Whether a checkpoint of the job's run is there to continue from: one it saved (said after each epoch,
+    train.py; a child that outlived its trainer by a moment may have saved one it could not report, so the disk
+    is asked too), or the one it resumed from itself."""
+    return (
+        store.logged(job.id, "log.epoch_done")
+        or store.logged(job.id, "log.resumed")
+        or _checkpoint_since(settings, job)
+    )
 
 
 def resume_hint(job_id: str) -> str:
