@@ -196,6 +196,9 @@ def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
     report = prepare(settings, params(), min_curated=10)
     assert report.status == "ok", [c for c in report.problems]
     assert report.raise_on_fail() is report
+    # Repro: the report named its token cache by absolute path, wrong once the data root moved
+    cache = Path(report.cache["path"])
+    assert not cache.is_absolute() and (settings.home / cache).exists(), cache
     train = [r for r in records if r["source"] == "curated" and r["split"] == "train"]
     stats = report.tokens["train"]
     assert stats["count"] == len(train) == report.check("token_stats").count

@@ -247,7 +247,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         checks=checks,
         tokens=token_stats,
         estimate=estimate,
-        cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(tokenized.path)},
+        # relative to the data root: the report stays true when the root moves
+        cache={"hit": tokenized.cache_hit, "key": tokenized.key, "path": str(settings.shown(tokenized.path))},
         created=now_iso(),
         params=params.wire() | {"minCurated": min_curated},
         template={
