@@ -375,7 +375,11 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     assert client.post(f"{T}/adapters/zzz/deactivate").status_code == 404
     unknown = client.post(f"{T}/adapters/a/deactivate", json={"version": "v99"})  # as activate: no such version
     assert unknown.status_code == 404 and "no version 'v99'" in unknown.json()["error"]["message"]
-    assert client.post(f"{T}/adapters/a/deactivate", json={"version": "v1"}).status_code == 422  # exists, inactive
+    inactive = client.post(f"{T}/adapters/a/deactivate", json={"version": "v1"})  # exists, inactive
+    # Repro: coded adapter.not_active, whose dashboard text "{name} is not active here." dropped the version
+    assert inactive.status_code == 422 and inactive.json()["error"]["code"] == "adapter.version_not_active"
+    assert inactive.json()["error"]["params"] == {"name": "a", "version": "v1"}
+    assert again.json()["error"]["code"] == "adapter.not_active"
 
 
 def test_a_model_directory_named_relative_to_the_data_root_is_taken_from_anywhere(settings, tmp_path, monkeypatch):

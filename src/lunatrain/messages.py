@@ -51,7 +51,8 @@ CODES: dict[str, str] = {
     "base_model.unsafe_index": "the base model's weights index names files that are not safetensors in it (baseModel, problem)",
     "base_model.custom_code": "the base model needs its own Python code, never run (baseModel, modelType)",
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, with downloads off (baseModel)",
-    "adapter.not_active": "the adapter (or version) is not active where it was asked (name, version)",
+    "adapter.version_not_active": "the named version is active on no base model (name, version)",
+    "adapter.not_active": "the adapter is not active where it was asked (name, version: null)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
     "adapter.slot_other_base": "an overwrite run on another base model than the run the slot holds is refused "
     "(name, slotBase, baseModel)",

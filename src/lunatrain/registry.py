@@ -1148,7 +1148,8 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
             )
             raise UsageError(
                 f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
-                code="adapter.not_active",
+                # the version, when one was named, is in the dashboard's sentence too
+                code="adapter.version_not_active" if version else "adapter.not_active",
                 params={"name": name, "version": version or None},
             )
         done, records = [], []
