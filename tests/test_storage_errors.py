@@ -151,6 +151,35 @@ def test_files_and_folders_written_by_rename_get_the_modes_the_umask_gives(tmp_p
     assert stat.S_IMODE((tmp_path / "later.json").stat().st_mode) == 0o664
 
 
+def test_a_root_a_group_shares_stays_the_groups(tmp_path: Path) -> None:
+    """Repro (a data root two users share through a setgid folder, umask 002): SQLite created the databases
+    0644 whatever the umask, and their -wal/-shm files take that mode, so a second member's first read left
+    files that locked the owner out of writing; and the chmod of a staging folder cleared its setgid bit, so
+    reports in a version folder belonged to the writer's own group, unreadable to the other member. The
+    databases get 0666 less the umask, and folders keep setgid."""
+    from lunatrain import store
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o2775)
+    old = os.umask(0o002)
+    try:
+        settings = load_settings(home=root, db_url=None)
+        store.add_example(settings, prompt="Wer?", response="Luna.")
+        JobStore(jobs_db_path(settings.data_dir)).close()
+        folder = fsio.staging_dir(settings.adapters_dir, "v1")
+        (folder / "inner").mkdir()
+        fsio.give_umask_modes(folder)
+    finally:
+        os.umask(old)
+        store.dispose_stores()
+    for db in (settings.data_dir / "assistant.db", jobs_db_path(settings.data_dir)):
+        assert stat.S_IMODE(db.stat().st_mode) == 0o664, db
+    for made in (folder, folder / "inner"):
+        assert made.stat().st_mode & stat.S_ISGID and stat.S_IMODE(made.stat().st_mode) & 0o777 == 0o775, made
+
+
 def test_weights_written_by_libraries_get_the_modes_the_umask_gives(trained_root: Path) -> None:
     """safetensors creates its files 0600 whatever the umask: a trained adapter's and luna-tiny's weights were
     unreadable to a server running as another user, while the JSON files beside them were readable."""

@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -148,8 +149,25 @@ def staging_dir(parent: Path, name: str) -> Path:
     (`abandoned_staging`)."""
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{name}.{_this_host()}-{os.getpid()}.", dir=parent))
-    path.chmod(0o777 & ~current_umask())
+    _plain_mode(path, 0o777 & ~current_umask())
     return path
+
+
+def _plain_mode(path: Path, mode: int) -> None:
+    """chmod to `mode`, keeping a folder's setgid bit: in a data root a group shares (a setgid folder), what
+    is made inside must stay the group's, and a chmod without the bit clears it."""
+    if path.is_dir():
+        mode |= path.stat().st_mode & stat.S_ISGID
+    path.chmod(mode)
+
+
+def create_plain(path: Path) -> None:
+    """Create `path` empty, unless it exists, with the mode a plain open gives (0666 less the umask). SQLite
+    creates its database 0644 whatever the umask, and its -wal/-shm files take the database's mode: in a root a
+    group shares (umask 002), another member's first read would leave files the owner can no longer write to.
+    A failure is left to SQLite's own open, which says it."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 # mkdtemp's suffix is 8 of [a-z0-9_]. The HOST-PID part is required: `.NAME.XXXXXXXX` alone is also how a
@@ -196,7 +214,7 @@ def give_umask_modes(folder: Path) -> None:
     umask = current_umask()
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            _plain_mode(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

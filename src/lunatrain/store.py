@@ -42,7 +42,7 @@ from .errors import (
     UsageError,
 )
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
-from .fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
+from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import iso, utc_now
@@ -291,6 +291,8 @@ def _sqlite_file(url: str) -> str:
 def _sqlite_engine(url: str) -> Engine:
     db_path = _sqlite_file(url)
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    if not sa.engine.make_url(url).query:  # a plain file (not mode=ro, not a URI a user composed)
+        create_plain(Path(db_path))
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @sa.event.listens_for(engine, "connect")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from ..errors import Conflict, NotFound, pattern
-from ..fsio import SQLITE_BUSY_TIMEOUT_S, sqlite_wal
+from ..fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal
 from ..params import FlowOptions, LoraParams
 from ..settings import TRAINER_DIR
 from ..wire import finite, now_iso
@@ -238,6 +238,7 @@ class JobStore:
             self._db.row_factory = sqlite3.Row
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        create_plain(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S)
         self._db.row_factory = sqlite3.Row
         sqlite_wal(self._db)
