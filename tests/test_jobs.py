@@ -502,3 +502,23 @@ def test_the_trainer_log_names_what_retention_removed(settings, store, caplog):
         Runner(settings, store)._collect()
     said = [r.getMessage() for r in caplog.records if r.name == "lunatrain.trainer"]
     assert any("retention removed token-cache data/cache/tokens/curated-old.safetensors" in m for m in said), said
+
+
+def test_a_job_database_that_cannot_be_written_is_a_storage_error_naming_it(settings):
+    """Repro: a trainer whose data/trainer/jobs.db could not be written (another user's, a read-only copy)
+    started "healthy", then answered every submit 500 "Internal error" with sqlite3's traceback in its log. A
+    write the database refuses is a StorageError naming the file (the trainer answers 503, one sentence), and
+    changes nothing."""
+    from lunatrain.errors import StorageDenied
+
+    path = jobs_db_path(settings.data_dir)
+    JobStore(path).close()
+    reader = JobStore(path, read_only=True)  # what sqlite does with a file this user may not write
+    try:
+        with pytest.raises(StorageDenied) as refused:
+            reader.create(LoraParams(adapter_name="x"))
+        assert refused.value.message.startswith(f"The trainer's job database {path} cannot be written"), refused.value
+        assert refused.value.http_status == 503
+        assert reader.list() == []
+    finally:
+        reader.close()

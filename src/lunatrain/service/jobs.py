@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from ..errors import Conflict, NotFound, pattern
+from ..errors import Conflict, DiskFull, NotFound, StorageBusy, StorageDenied, StorageError, pattern
 from ..fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal
 from ..params import FlowOptions, LoraParams
 from ..settings import TRAINER_DIR
@@ -462,20 +462,44 @@ class JobStore:
         return seq
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self.path)
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): each write is all-or-nothing."""
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): each write is all-or-nothing. A write the database
+    refuses (a read-only file, a full disk) is a StorageError naming the file: the trainer answers it 503
+    in one sentence, not 500."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db, self._path = db, path
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, self._path) from exc
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        except sqlite3.Error as failed:
+            raise _storage_error(failed, self._path) from failed
+        if isinstance(exc, sqlite3.Error):
+            raise _storage_error(exc, self._path) from exc
+
+
+def _storage_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    reason = " ".join(str(exc).split()).rstrip(".")
+    if "readonly" in reason:
+        return StorageDenied(
+            f"The trainer's job database {path} cannot be written by this process ({reason}), so nothing was "
+            "changed; give this user write access to it and its folder (`chown`/`chmod`)."
+        )
+    if "full" in reason:
+        return DiskFull(f"The disk is full: the trainer's job database {path} cannot be written ({reason}).")
+    if "locked" in reason or "busy" in reason:
+        return StorageBusy(f"The trainer's job database {path} is held by another process ({reason}); try again.")
+    return StorageError(f"The trainer's job database {path} failed ({reason}), so nothing was changed.")
 
 
 def _dump(value: Any) -> str | None:
