@@ -572,6 +572,13 @@ def test_what_makes_a_day_unchanged_is_the_tier_file_the_parameters_and_the_base
     for changed in ({"seed": 8}, {"datasetTier": "merged"}, {"chatTemplate": "chatml"}, {"adapterName": "other"}):
         other = parse_params(params.wire() | changed)
         assert flow.unchanged_version(settings, other, prepare.prepare(settings, other)) is None, changed
+    # Repro: a version whose files were lost was "not trained again" every day, with "train it again" beside it
+    # and exit 0: its files are not there to repeat
+    weights = settings.adapters_dir / "luna-adapter" / "v1" / "adapter_model.safetensors"
+    weights.rename(weights.with_suffix(".away"))
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None
+    weights.with_suffix(".away").rename(weights)
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
     # a version registered before its run's key was recorded is not known to be a repeat: trained again, once
     path = registry.registry_path(settings)
     saved = path.read_text()

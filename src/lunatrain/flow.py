@@ -507,6 +507,11 @@ def unchanged_version(
 
     if newest.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
         return None
+    try:
+        if registry.missing_files(settings, newest):  # lost (a cleanup, a bad copy): a run makes it anew
+            return None
+    except LunaError:  # files linked out of the data root: not a version to stand on either
+        return None
 
     identity = run_identity_of(
         params,
