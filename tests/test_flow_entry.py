@@ -719,3 +719,27 @@ def test_a_gate_report_that_cannot_be_written_does_not_undo_a_recorded_promotion
     assert r.output.strip().splitlines()[-1] == "Eval gate: passed.", r.output
     active = registry.get_version(settings, "luna-adapter", "active")
     assert active["gate"]["passed"] is True and not settings.eval_report.exists()
+
+
+def test_a_refusal_in_the_lora_step_says_its_own_fix_only(settings, tiny):
+    """Repro: an overwrite run on a second base, whose slot holds a run on the first, was refused (rightly) with
+    "…train under another --adapterName, or with --adapterStrategy versioned; see `lunatrain jobs list`, then
+    run again": with --local there is no job, and running again cannot succeed. A refusal says its own fix."""
+    import shutil
+
+    from lunatrain import store
+
+    store.load_seed(settings)
+    flags = ["luna", "--local", *FAST, "--adapterStrategy", "overwrite", "--no-gate"]
+    first = CliRunner().invoke(app, flags)
+    assert first.exit_code == 0, first.output
+    other = settings.models_dir / "tiny2"
+    shutil.copytree(tiny, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"initializer_range": 0.021}))
+    refused = CliRunner().invoke(app, [*flags, "--baseModel", str(other)])
+    assert refused.exit_code == 1, refused.output
+    said = refused.output.strip().splitlines()[-1]
+    assert said.startswith("error: Step lora failed: ") and "--adapterStrategy versioned" in said, said
+    assert "jobs list" not in said and said.endswith("."), said
+    store.dispose_stores()

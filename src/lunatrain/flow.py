@@ -35,7 +35,8 @@ _FIX = {
     "`lunatrain adapters deactivate {name}`) or name one with --adapter, and run again",
     "export": "check the database settings (ASSISTANT_DB_URL) and the split ratios, then run again",
     "prepare": f"fix the examples listed in reports/training/{PREPARE_REPORT}, or lower --minCurated",
-    "lora": "see `lunatrain jobs list`, then run again",
+    # the lora step has none: a run that failed says where to look (its log, `jobs list`), and a refusal
+    # before it (an overwrite slot on another base, content withdrawn since the export) says its own fix
 }
 
 Event = dict[str, Any]
@@ -364,8 +365,8 @@ def run_flow(
             ok, summary, detail = False, err.message, {"code": err.code}
         result.steps.append(StepOutcome(name, ok, round(time.monotonic() - started, 3), summary, detail))
         if not ok:
-            fix = detail.get("fix") or _FIX[name].format(name=params.adapter_name)
-            raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}; {fix}.", details=result)
+            fix = detail.get("fix") or _FIX.get(name, "").format(name=params.adapter_name)
+            raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}{f'; {fix}' if fix else ''}.", details=result)
 
     gated_first: list[evalgate.GateReport] = []  # the first step's decision, which the lora step may reuse
 
