@@ -451,6 +451,8 @@ def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, se
         rolled["code"] == "adapter.no_earlier_version"
         and "POST /assistant/training/adapters/a/deactivate" in rolled["message"]
     )
+    # Repro: it said only "for another base model, name it with `--baseModel`", a switch the route has not
+    assert "(the API acts on its server's, ASSISTANT_BASE_MODEL)" in rolled["message"], rolled["message"]
 
 
 def test_memory_items_approve_and_reject(client: TestClient, settings) -> None:

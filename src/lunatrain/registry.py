@@ -1183,7 +1183,8 @@ def rollback(settings: Settings, name: str, *, base_named: bool = False) -> dict
     elsewhere = (
         "the API acts on its server's base model"
         if base_named
-        else "for another base model, name it with `--baseModel`"
+        # read by CLI and API users alike: the route has no such switch, it acts on its server's base model
+        else "for another base model, name it with `--baseModel` (the API acts on its server's, ASSISTANT_BASE_MODEL)"
     )
     with _lock(settings):
         data = load(settings)
