@@ -609,6 +609,9 @@ def test_an_item_is_named_by_its_id_or_the_form_exports_and_the_command_line_use
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("Invalid request: id: "), r.text
     said = client.post(f"{T}/examples/+1/reject").json()["error"]["message"]
     assert said == "Invalid request: id: should be a number such as 12 or ex-12.", said
+    # past any id: the same sentence, not int()'s advice to raise Python's digit limit
+    r = client.post(f"{T}/examples/{'1' * 5000}/reject")
+    assert r.status_code == 422 and r.json()["error"]["message"] == said, r.text
     assert client.delete(f"{T}/examples/ex-x").status_code == 422
     assert store.revision(settings) == revision
     assert client.delete(f"{T}/memory/mem-{mem.id}").json()["deleted"] == mem.id

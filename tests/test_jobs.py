@@ -522,3 +522,57 @@ def test_a_job_database_that_cannot_be_written_is_a_storage_error_naming_it(sett
         assert reader.list() == []
     finally:
         reader.close()
+
+
+def test_a_job_database_that_refuses_writes_makes_the_runner_back_off_and_say_so(settings):
+    """Repro: once job-store writes raised StorageError, the runner's loop (which caught sqlite3 and OS errors)
+    no longer backed off: it claimed the same queued job again thousands of times a second, a traceback each,
+    and /health never said `degraded`. It backs off on the first refusal, with the problem for /health."""
+    from lunatrain.errors import StorageDenied
+    from lunatrain.service.runner import Runner
+
+    path = jobs_db_path(settings.data_dir)
+    writer = JobStore(path)
+    job = queued(writer, LoraParams(adapter_name="x"))
+    writer.close()
+    store = JobStore(path, read_only=True)  # as the test above: a jobs.db this user may not write
+    runner = Runner(settings, store)
+    seen: list[BaseException] = []
+    real = runner._back_off
+
+    def back_off(exc: BaseException) -> None:
+        seen.append(exc)
+        runner._stopping.set()  # one round is the test: no waiting
+        real(exc)
+
+    runner._back_off = back_off  # type: ignore[method-assign]
+    runner._wake.set()
+    runner.start()
+    runner._thread.join(60)
+    store.close()
+    assert not runner._thread.is_alive()
+    assert len(seen) == 1 and isinstance(seen[0], StorageDenied), seen
+    assert runner.storage_problem and "job database" in runner.storage_problem and str(path) in runner.storage_problem
+    after = JobStore(path, read_only=True)
+    try:
+        assert after.get(job.id).status == "queued"  # never claimed: it waits for a writable database
+    finally:
+        after.close()
+
+
+def test_a_full_job_database_is_disk_full_not_a_failed_rollback(settings):
+    """Repro: SQLite rolls a transaction back itself when the disk is full, so the store's own ROLLBACK then
+    failed ("cannot rollback - no transaction is active") and was what the caller saw, hiding the cause."""
+    from lunatrain.errors import DiskFull
+
+    store = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        job, _ = store.create(LoraParams(adapter_name="x"))
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as a full disk gives it
+        with pytest.raises(DiskFull):
+            for _ in range(2000):
+                store.add_event(job.id, "log", {"message": "x" * 3000})
+        assert store.get(job.id).id == job.id  # the store still reads
+    finally:
+        store.close()

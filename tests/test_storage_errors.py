@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from lunatrain import fsio, store
+from lunatrain import export, fsio, store
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.errors import DiskFull, StorageError, UsageError
@@ -157,7 +157,6 @@ def test_a_root_a_group_shares_stays_the_groups(tmp_path: Path) -> None:
     files that locked the owner out of writing; and the chmod of a staging folder cleared its setgid bit, so
     reports in a version folder belonged to the writer's own group, unreadable to the other member. The
     databases get 0666 less the umask, and folders keep setgid."""
-    from lunatrain import store
     from lunatrain.service.jobs import JobStore, jobs_db_path
 
     root = tmp_path / "shared"
@@ -167,6 +166,7 @@ def test_a_root_a_group_shares_stays_the_groups(tmp_path: Path) -> None:
     try:
         settings = load_settings(home=root, db_url=None)
         store.add_example(settings, prompt="Wer?", response="Luna.")
+        export.export(settings)  # its files were opened 0644 whatever the umask
         JobStore(jobs_db_path(settings.data_dir)).close()
         folder = fsio.staging_dir(settings.adapters_dir, "v1")
         (folder / "inner").mkdir()
@@ -174,7 +174,8 @@ def test_a_root_a_group_shares_stays_the_groups(tmp_path: Path) -> None:
     finally:
         os.umask(old)
         store.dispose_stores()
-    for db in (settings.data_dir / "assistant.db", jobs_db_path(settings.data_dir)):
+    exported = (settings.training_dir / export.CURATED_FILE).resolve()
+    for db in (settings.data_dir / "assistant.db", jobs_db_path(settings.data_dir), exported):
         assert stat.S_IMODE(db.stat().st_mode) == 0o664, db
     for made in (folder, folder / "inner"):
         assert made.stat().st_mode & stat.S_ISGID and stat.S_IMODE(made.stat().st_mode) & 0o777 == 0o775, made

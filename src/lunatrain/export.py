@@ -160,7 +160,7 @@ class _Sink:
     def __init__(self, directory: Path, name: str) -> None:
         # The whole directory is the temp name (see the module docstring): files get their final names.
         self.name = name
-        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as a plain open
         self.fh: BinaryIO = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
         self.records = 0
@@ -431,7 +431,7 @@ def _write_export(
 
 
 def _write_durable(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as a plain open
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()

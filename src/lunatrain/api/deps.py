@@ -49,7 +49,7 @@ def _unprefixed(prefix: str) -> BeforeValidator:
     """An id is its digits, or as the export's records, prepare's report and the command line write it (`ex-12`,
     `mem-3`); anything else (`1.0`, `+1`, ` 1`, which an int would take) is refused, naming `id`, as the
     command line refuses it."""
-    form = re.compile(rf"(?:{prefix}-)?([0-9]+)")
+    form = re.compile(rf"(?:{prefix}-)?([0-9]{{1,19}})")  # 19 digits: past any id, short of int()'s own limit
 
     def number(value: object) -> object:
         if not isinstance(value, str):

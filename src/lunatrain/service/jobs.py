@@ -480,10 +480,16 @@ class _Transaction:
             raise _storage_error(exc, self._path) from exc
 
     def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        except sqlite3.Error as failed:
-            raise _storage_error(failed, self._path) from failed
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as failed:
+                exc = failed
+        # SQLite has rolled some failures back itself (a full disk): a ROLLBACK then would fail and hide the cause
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
             raise _storage_error(exc, self._path) from exc
 

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import psutil
 
-from ..errors import LunaError
+from ..errors import LunaError, StorageError
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, resumable, resume_hint, settle_interrupted, signal_group
@@ -39,7 +39,10 @@ _MAX_LINE = 1 << 20  # an event line longer than this is a broken child, not an 
 
 
 def storage_error(exc: BaseException) -> dict[str, str]:
-    """A job error for a storage fault: `disk_full` for ENOSPC/"database or disk is full", else `storage_error`."""
+    """A job error for a storage fault: `disk_full` for ENOSPC/"database or disk is full", else `storage_error`;
+    a StorageError (the job store's) keeps its own code and sentence."""
+    if isinstance(exc, StorageError):
+        return {"code": exc.code, "message": exc.message}
     text = f"{type(exc).__name__}: {exc}"
     full = getattr(exc, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text
     if full:
@@ -153,7 +156,7 @@ class Runner:
             try:
                 self._run(job)
                 self._storage_problem, self._backoff = None, 0.0
-            except (sqlite3.Error, OSError) as exc:  # disk full, I/O error, damaged database
+            except (sqlite3.Error, OSError, StorageError) as exc:  # disk full, I/O error, a refused write
                 log.error("storage error on job %s: %s", job.id, exc)
                 with contextlib.suppress(Exception):
                     self.store.set_status(job.id, "failed", error=storage_error(exc))
