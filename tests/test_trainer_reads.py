@@ -248,3 +248,27 @@ def test_jobs_resume_starts_the_trainer_as_lora_does_and_refuses_parameters_it_c
         f"error: Job {JOB} cannot be resumed by this release (Invalid parameters: minCurated: unknown parameter; "
         "gate: unknown parameter); submit it anew with `lunatrain lora`."
     ), said
+
+
+def test_jobs_resume_of_a_job_the_data_root_does_not_hold_starts_no_trainer(home, monkeypatch):
+    """Repro: `jobs resume job-typo` started a trainer on demand (left running in the background), then said
+    "No job". The data root's job database answers first: a job it does not hold, or one that succeeded, is
+    refused without a trainer."""
+    from lunatrain.cli import trainer as trainer_cli
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    settings = load_settings()
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        done, _ = jobs.create(LoraParams(adapter_name="done"))
+        jobs.set_status(done.id, "succeeded")
+    finally:
+        jobs.close()
+    started: list[str] = []
+    monkeypatch.setattr(trainer_cli, "ensure_trainer", lambda settings: started.append("trainer"))
+    typo = CliRunner().invoke(app, ["jobs", "resume", "ftjob-typo"])
+    assert typo.exit_code == 1 and "No job 'ftjob-typo'" in typo.output, typo.output
+    succeeded = CliRunner().invoke(app, ["jobs", "resume", done.id])
+    assert succeeded.exit_code == 2 and "nothing to resume" in succeeded.output, succeeded.output
+    assert started == []

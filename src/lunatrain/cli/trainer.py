@@ -186,14 +186,24 @@ def jobs_resume(job_id: JobArg, as_json: JsonOpt = False) -> None:
     from .flow import service_lora
     from .lora import report
 
+    def refuse_succeeded(job: Job) -> None:
+        if job.status == "succeeded":
+            raise UsageError(f"Job {job.id} succeeded{': ' + summary(job) if summary(job) else ''}; nothing to resume.")
+
     try:
         settings = load_settings()
+        # What the data root's job database says without a trainer: a job it does not hold, or one that
+        # succeeded, starts none (a typo would leave a trainer running for nothing).
+        recorded, _ = _recorded(settings, job_id, None)
+        if recorded is NOT_RECORDED:
+            raise NotFound(f"No job {job_id!r}; `lunatrain jobs list` lists the jobs.")
+        if recorded is not None:
+            refuse_succeeded(recorded)
         ensure_trainer(settings)  # on demand, as `lora` submits: the job's hint is read when the trainer stopped
         job = trainer_client.get_job(settings, job_id)
         if not job.finished:
             raise UsageError(f"Job {job.id} is {job.status}; follow it with `lunatrain jobs follow {job.id}`.")
-        if job.status == "succeeded":
-            raise UsageError(f"Job {job.id} succeeded{': ' + summary(job) if summary(job) else ''}; nothing to resume.")
+        refuse_succeeded(job)
         try:
             params = job.lora_params().model_copy(update={"resume": True})
         except ValidationError as exc:  # a job an older release recorded, with parameters this one has not
@@ -397,9 +407,10 @@ def follow(
 NOT_RECORDED: Any = object()  # `_recorded`'s job when the database was read and holds no such job
 
 
-def _recorded(settings: Settings, job_id: str, after: int) -> tuple[Job | None, list[Event]]:
-    """The job as the trainer's database under this data root records it, and its events after `after`;
-    (NOT_RECORDED, []) when it holds no such job, (None, []) when there is none or it cannot be read."""
+def _recorded(settings: Settings, job_id: str, after: int | None) -> tuple[Job | None, list[Event]]:
+    """The job as the trainer's database under this data root records it, and its events after `after` (none
+    for None); (NOT_RECORDED, []) when it holds no such job, (None, []) when there is none or it cannot be
+    read."""
     try:
         with existing_store(settings.data_dir) as store:
             if store is None:
@@ -408,12 +419,13 @@ def _recorded(settings: Settings, job_id: str, after: int) -> tuple[Job | None, 
                 job, events = store.get(job_id), []
             except NotFound:
                 return NOT_RECORDED, []
-            while True:
+            while after is not None:
                 page = store.events(job_id, after=after, limit=500)
                 events += page.data
                 if not page.has_more:
-                    return job, events
+                    break
                 after = page.last_seq
+            return job, events
     except (LunaError, sqlite3.Error, OSError):
         return None, []
 
