@@ -122,3 +122,25 @@ def test_every_option_of_every_command_says_what_it_does():
     assert bare == [], bare
     text = " ".join(CliRunner().invoke(app, ["eval-gate", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "largest relative rise of val or test loss against the baseline; default 0.02, or --profile's [gate]" in text
+
+
+def test_every_option_that_takes_a_value_comes_in_both_spellings():
+    """Repro: README says "Flags that take a value come in both spellings" (`--min-curated` and the guide's
+    `--minCurated`), but `lunatrain trainer --log-file` had no `--logFile`. Every option of every command
+    with a hyphenated name that takes a value also answers to its camelCase spelling."""
+    import typer
+    from pydantic.alias_generators import to_camel
+
+    def commands(group, path=()):
+        for name, sub in group.commands.items():
+            yield from commands(sub, (*path, name)) if hasattr(sub, "commands") else [((*path, name), sub)]
+
+    missing = [
+        f"{' '.join(path)} {opt}"
+        for path, command in commands(typer.main.get_command(app))
+        for param in command.params
+        if param.param_type_name == "option" and not param.is_flag
+        for opt in param.opts
+        if opt.startswith("--") and "-" in opt[2:] and "--" + to_camel(opt[2:].replace("-", "_")) not in param.opts
+    ]
+    assert missing == [], missing

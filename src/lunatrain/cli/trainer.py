@@ -45,7 +45,8 @@ def trainer_cmd(
         typer.Option("--port", min=0, max=65535, help="default: port of ASSISTANT_LORA_TRAINER_URL; 0: a free port"),
     ] = None,
     log_file: Annotated[
-        Path | None, typer.Option("--log-file", help="log here, rolling over at 10 MB (default: stderr)")
+        Path | None,
+        typer.Option("--log-file", "--logFile", help="log here, rolling over at 10 MB (default: stderr)"),
     ] = None,
 ) -> None:
     """Run the trainer service in the foreground (job queue, one child process per job); the address it
