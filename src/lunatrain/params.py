@@ -213,11 +213,13 @@ def format_validation_error(exc: ValidationError, what: str = "parameters", unkn
     return f"Invalid {what}: " + some(parts) + "."
 
 
-def run_identity_of(params: LoraParams, *, data: str, base: str, tokenizer: str, template: str) -> dict[str, Any]:
+def run_identity_of(
+    params: LoraParams, *, data: str | None, base: str, tokenizer: str | None, template: str | None
+) -> dict[str, Any]:
     """What makes two runs one (`train.run_identity` says why each part counts): the parameters but `resume` and
     the base's name, the sha256 of the trained tier's file, the base weights' fingerprint, and the tokenizer's and
     chat template's hashes. A resume finds its checkpoints by it, and a daily run the version it would repeat
-    (`flow.unchanged_version`)."""
+    (`flow.unchanged_version`), where a part a report does not hold is None: a key no recorded run has."""
     return {
         "params": params.model_dump(mode="json", exclude={"resume", "base_model"}),
         "data": data,
