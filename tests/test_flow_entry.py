@@ -655,6 +655,40 @@ def test_a_repeat_of_a_version_never_gated_gates_it_instead_of_passing_it_by(set
     store.dispose_stores()
 
 
+def test_a_day_whose_data_went_back_to_an_older_version_reuses_that_version(settings, tiny, home):
+    """Repro: the unchanged-day rule looked at the newest version only. Data that went back to what an older
+    version was trained on (the example added since is rejected again) trained a third version, byte-identical
+    to the first. That version is named instead; when it is not the one served, the gate judges it now against
+    the one that is, as it would have judged the copy."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    (home / "profiles").mkdir()
+    (home / "profiles" / "lax.toml").write_text("[gate]\nmaxLossRegression = 10.0\n")
+    assert CliRunner().invoke(app, ["auto", "--local", *FAST]).exit_code == 0
+    added = store.add_example(settings, prompt="Was ist neu?", response="Ein Beispiel mehr.")
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST, "--no-gate"])
+    assert r.exit_code == 0 and _versions(settings) == ["v1", "v2"], r.output
+    store.set_status(settings, [added.id], "rejected")
+
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])  # v1 is the one served: nothing to do
+    assert r.exit_code == 0 and _versions(settings) == ["v1", "v2"], r.output
+    assert re.search(
+        r"^lora +ok .*luna-adapter@v1 was trained on this data with these parameters; not trained", r.output, re.M
+    )
+    assert "gated now" not in r.output, r.output
+
+    assert CliRunner().invoke(app, ["adapters", "activate", "luna-adapter@v2"]).exit_code == 0
+    r = CliRunner().invoke(app, ["auto", "--local", "--profile", "lax", *FAST])
+    assert r.exit_code == 0 and _versions(settings) == ["v1", "v2"], r.output
+    assert "luna-adapter@v1 was trained on this data with these parameters; not trained again" in r.output, r.output
+    assert "gated now, it passed" in r.output, r.output
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    assert v1["gate"]["passed"] is True and v1["gate"]["baseline"] == "luna-adapter@v2", v1["gate"]
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"
+    store.dispose_stores()
+
+
 def test_a_failed_preflight_names_min_curated_only_when_the_volume_check_failed(settings, tiny):
     """Repro: every failed prepare step of `luna` ended "…, or lower --minCurated", also when the failure was a
     literal `<|im_end|>` in an example with 274 approved examples against a minimum of 30."""

@@ -455,7 +455,12 @@ def run_flow(
             "status": "unchanged",
             "adapter": {"name": entry["name"], "version": entry["version"]},
         }
-        if options.gate and not (entry.get("gate") or {}).get("passed"):
+        fingerprint = (entry.get("baseModel") or {}).get("fingerprint")
+        older = not registry.same_entry(entry, _on_base(settings, entry["name"], fingerprint)[-1])
+        # An older version is what a run would have copied: a copy would be judged against the version served
+        # now, and so is it, unless it is the one served. The newest keeps what the gate or the user decided.
+        served = registry.same_entry(registry.active_version(settings, entry["name"], fingerprint or "?"), entry)
+        if options.gate and (not (entry.get("gate") or {}).get("passed") or (older and not served)):
             first = gated_first[0] if gated_first else None
             if first and first.passed and first.candidate.get("ref") == ref and not entry.get("revision"):
                 # The first step judged this very version (the active one, against the base model) a moment
@@ -489,31 +494,11 @@ def run_flow(
 def unchanged_version(
     settings: Settings, params: LoraParams, prepared: prepare.PrepareReport, ranks: int | None = None
 ) -> dict[str, Any] | None:
-    """The adapter's newest version on the base `prepared` checked, when it was trained on this very tier file
-    with these parameters, tokenizer and chat template (its run's identity, `params.run_identity_of`) by as many
+    """The adapter's newest version on the base `prepared` checked that was trained on this very tier file with
+    these parameters, tokenizer and chat template (its run's identity, `params.run_identity_of`) by as many
     processes: a run now would repeat it (the same seed gives the same weights), and add a version that differs
-    from it in nothing. None when anything differs, or is unknown."""
-    try:
-        adapter = registry.list_adapters(settings).get(params.adapter_name)
-    except LunaError:  # an unreadable registry: the lora step says so
-        return None
-    on_base = [
-        e
-        for e in (adapter or {}).get("versions", [])
-        if (e.get("baseModel") or {}).get("fingerprint") == prepared.base_fingerprint
-    ]
-    if not on_base:
-        return None
-    newest = on_base[-1]
-
-    if newest.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
-        return None
-    try:
-        if registry.missing_files(settings, newest):  # lost (a cleanup, a bad copy): a run makes it anew
-            return None
-    except LunaError:  # files linked out of the data root: not a version to stand on either
-        return None
-
+    from it in nothing. Not only the newest: data that went back to what an older version learned repeats that
+    one. None when no version matches, or what one holds is unknown."""
     identity = run_identity_of(
         params,
         data=prepared.dataset.get("tierSha256"),
@@ -521,11 +506,32 @@ def unchanged_version(
         tokenizer=prepared.template.get("tokenizerHash"),
         template=prepared.template.get("hash"),
     )
-    same = (
-        newest.get("runKey") == run_key(identity)  # a version from before runKey was recorded: trained again once
-        and _ranks(settings, newest) == (ranks or prepared.estimate.get("ranks", 1))  # the combined batch
-    )
-    return newest if same else None
+    key = run_key(identity)
+    for entry in reversed(_on_base(settings, params.adapter_name, prepared.base_fingerprint)):
+        if entry.get("runKey") != key:  # a version from before runKey was recorded: trained again once
+            continue
+        if entry.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
+            continue
+        try:
+            if registry.missing_files(settings, entry):  # lost (a cleanup, a bad copy): a run makes it anew
+                continue
+        except LunaError:  # files linked out of the data root: not a version to stand on either
+            continue
+        if _ranks(settings, entry) == (ranks or prepared.estimate.get("ranks", 1)):  # the combined batch
+            return entry
+    return None
+
+
+def _on_base(settings: Settings, name: str, fingerprint: str | None) -> list[dict[str, Any]]:
+    """The adapter's versions trained on the base with `fingerprint`, oldest first (none when the registry
+    cannot be read: the lora step says so)."""
+    try:
+        adapter = registry.list_adapters(settings).get(name)
+    except LunaError:
+        return []
+    return [
+        e for e in (adapter or {}).get("versions", []) if (e.get("baseModel") or {}).get("fingerprint") == fingerprint
+    ]
 
 
 def _ranks(settings: Settings, entry: dict[str, Any]) -> int | None:
