@@ -501,17 +501,26 @@ def test_a_step_that_cannot_write_its_report_says_that_fix_not_the_steps_own(set
     """Repro: `lunatrain luna --local` on a data root whose reports this user may not write ended "Step
     eval-gate failed: Writing …/eval-gate-latest.json failed: Permission denied …; fix, roll back or deactivate
     the active adapter …": advice to roll back a good adapter because a file could not be written. A storage
-    failure carries its own fix; the step's advice is for the step's own failures."""
+    failure carries its own fix; the step's advice is for the step's own failures.
+    And it is said before the first step: the gate no longer runs (minutes, on a real model) only to find
+    it cannot write its report; the same for the export's and prepare's folders."""
     from faults import read_only
 
     write_export(settings, make_records(40))
-    with read_only(settings.eval_report.parent):
-        r = CliRunner().invoke(app, ["luna", "--local", *FAST])
-    assert r.exit_code == 1, r.output
-    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
-    assert error.startswith("error: Step eval-gate failed: Writing ") and "Read-only file system" in error, error
-    assert "roll back" not in error and "deactivate" not in error, error
-    assert error.endswith("make it writable for this user or point ASSISTANT_HOME at another data root."), error
+    for folder in (settings.reports_eval_dir, settings.training_dir, settings.reports_training_dir):
+        with read_only(folder):  # (which makes the folder where it is missing)
+            before = sorted(p.relative_to(settings.home) for p in settings.home.rglob("*"))
+            r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+            after = sorted(p.relative_to(settings.home) for p in settings.home.rglob("*"))
+        assert r.exit_code == 1, r.output
+        [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+        assert error.startswith(f"error: Cannot run the flow for luna-adapter: nothing can be written in {folder} ("), (
+            error
+        )
+        assert "Read-only file system" in error and "roll back" not in error and "deactivate" not in error, error
+        assert error.endswith("make it writable or point ASSISTANT_HOME at another data root."), error
+        assert "eval-gate" not in r.output, r.output  # no step ran
+        assert after == before
 
 
 def _versions(settings, name="luna-adapter"):

@@ -22,7 +22,7 @@ from typing import Any
 from . import evalgate, export, prepare, registry
 from .compat import with_bitsandbytes
 from .errors import CheckFailed, LunaError, StorageError, UsageError
-from .fsio import read_json
+from .fsio import check_writable, read_json
 from .messages import coded
 from .params import FlowOptions, LoraParams, run_identity_of, run_key
 from .settings import PREPARE_REPORT, Settings
@@ -341,6 +341,12 @@ def run_flow(
         # The gate step loads PEFT before the lora step trains: PEFT must find bitsandbytes when it does
         # (a command starts without it; compat.with_bitsandbytes says why).
         with_bitsandbytes()
+    # The steps write the gate's report, the export and prepare's report: a folder none of them can write is
+    # said before the first step, not once the gate has evaluated for minutes on a real model.
+    check_writable(
+        [settings.reports_eval_dir, settings.training_dir, settings.reports_training_dir],
+        f"run the flow for {params.adapter_name}",
+    )
     result = FlowResult(params=params, options=options)
 
     def step(name: str, fn: Callable[[], tuple[bool, str, dict[str, Any]]]) -> None:
