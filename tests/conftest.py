@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from hypothesis import settings as hypothesis_settings
 
 from lunatrain.settings import Settings, load_settings
 from lunatrain.startup import collector_paused
+
+from trainer_helpers import bound_port
 
 # Keep torch small and predictable on the 2-core machines: two intra-op threads, or one per worker when
 # `make test` runs two pytest-xdist workers side by side.
@@ -79,9 +80,8 @@ def settings(home: Path) -> Settings:
 @pytest.fixture
 def dead_port() -> Iterator[int]:
     """A port bound, never listening: connections are refused and nobody else can take it meanwhile."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
+    with bound_port() as port:
+        yield port
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from lunatrain.service.ensure import ensure_trainer, log_path
 from lunatrain.service.lock import lock_path, pid_path
 from lunatrain.settings import load_settings
 
-from trainer_helpers import ON_DEMAND_ENV, gone, kill_trainers, trainer_processes, wait_for
+from trainer_helpers import ON_DEMAND_ENV, bound_port, gone, kill_trainers, trainer_processes, wait_for
 
 LABELS = ("Online (CPU)", "Aktiv (CUDA)")
 
@@ -322,26 +322,23 @@ def assert_refused_everywhere(settings, first, second, fix: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch):
+def test_a_stale_record_gets_a_trainer_on_a_free_port(home, monkeypatch, dead_port):
     """Nothing answers at the address our last trainer recorded, a port of its own: the new one binds a free
     port rather than the configured one, which may still be taken (here: it is)."""
-    import socket
-
     from lunatrain import settings as settings_mod
 
-    with socket.socket() as stale, socket.socket() as taken:  # bound, never listening: refused, and held
-        stale.bind(("127.0.0.1", 0))
-        taken.bind(("127.0.0.1", 0))
-        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{taken.getsockname()[1]}")
+    stale = dead_port
+    with bound_port() as taken:  # bound, never listening: refused, and held
+        monkeypatch.setattr(settings_mod, "DEFAULT_TRAINER_URL", f"http://127.0.0.1:{taken}")
         monkeypatch.setenv("ASSISTANT_LORA_WARM_WORKER", "false")  # it runs no job: spare its imports
         settings = load_settings()
         settings.trainer_url_file.parent.mkdir(parents=True)
-        settings.trainer_url_file.write_text(f"http://127.0.0.1:{stale.getsockname()[1]}\n")
+        settings.trainer_url_file.write_text(f"http://127.0.0.1:{stale}\n")
         try:
             health = ensure_trainer(settings, timeout=120)
             assert health.data_root.path == str(home.resolve())
             own = settings.trainer_url_file.read_text().strip()
-            used = {stale.getsockname()[1], taken.getsockname()[1], 0}
+            used = {stale, taken, 0}
             assert own.startswith("http://127.0.0.1:") and int(own.rsplit(":", 1)[1]) not in used
             [started] = trainer_processes(home)
             assert started.info["cmdline"][-4:-2] == ["--port", "0"], started.info["cmdline"]

@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +36,14 @@ ON_DEMAND_ENV = {"ASSISTANT_LORA_ENSURE_TIMEOUT": "300"}
 
 class TrainerProcess(subprocess.Popen):
     url: str  # the address the trainer recorded once it listened
+
+
+@contextlib.contextmanager
+def bound_port() -> Iterator[int]:
+    """A port bound, never listening, for the block: connections are refused and nobody else can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.2) -> T:
