@@ -819,6 +819,49 @@ def _adapters(name: str) -> dict:
     return {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": name, "aliases": {}, "versions": [version]}]}]}
 
 
+def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(page, services: Services) -> None:
+    """Repro: after `lunatrain adapters activate` in a shell, the data panel named the new active version at its
+    next background refresh, while the adapter table on the same page kept the old one active (its Deactivate
+    then failed with 422) and "Try it" kept offering a model /v1/models no longer had, until a reload. Both
+    follow the background refresh now; one that brought nothing new leaves them as they were (the focus too)."""
+    served = {"active": True}
+
+    def adapters(route) -> None:
+        body = _adapters("luna-adapter")
+        body["bases"][0]["adapters"][0]["versions"][0]["state"] = {
+            "active": served["active"],
+            "code": "adapter.deactivated",
+            "params": {},
+        }
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+    def models(route) -> None:
+        data = [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
+        data += [{"id": n, "object": "model", "owned_by": "lunatrain"} for n in ("luna-adapter", "luna-adapter@v1")]
+        data = data if served["active"] else data[:1] + data[2:]
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": data}))
+
+    page.clock.install()
+    page.route("**/assistant/training/adapters", adapters)
+    page.route("**/v1/models", models)
+    open_page(page, services, "?lang=en")
+    row = page.locator('tr[data-version="v1"]')
+    choice = page.locator("#try-model option")
+    page.locator("#try").scroll_into_view_if_needed()  # the model choice loads once its panel is seen
+    expect(choice).to_have_count(2)
+    expect(row.get_by_role("button", name="Deactivate luna-adapter on this base model")).to_be_visible()
+    row.get_by_role("button", name="Deactivate luna-adapter on this base model").focus()
+    page.clock.run_for(16_000)  # a background refresh with nothing new
+    expect(row.get_by_role("button", name="Deactivate luna-adapter on this base model")).to_be_focused()
+
+    served["active"] = False  # deactivated in a shell
+    page.clock.run_for(16_000)
+    expect(row.get_by_role("button", name="Activate luna-adapter v1")).to_be_visible()
+    expect(row.locator(".badge-active")).to_have_count(0)
+    expect(choice).to_have_count(1)
+    expect(choice).to_have_text(["luna-adapter@v1"])
+
+
 def test_report_links_send_the_token_and_a_refused_version_is_named_before_activating(page, services: Services) -> None:
     """Repro: with an API token, "Bericht" and "Loss-Kurve" opened a tab that said only `unauthorized` (a
     plain link sends no token); activating a version the eval gate refused asked the same question as any

@@ -41,17 +41,19 @@ export class AdapterView {
     this.turns = turns(); // start-up, a finished job and activate/rollback each reload the table
   }
 
-  async load() {
+  /** `background`: the page's periodic refresh (a change made elsewhere: the command line, another tab). It
+   * redraws only what changed, so a refresh that brings nothing new keeps the focus where it was. */
+  async load(background = false) {
     const section = document.getElementById("adapters");
     const current = this.turns();
-    section.setAttribute("aria-busy", "true");
+    if (!background) section.setAttribute("aria-busy", "true");
     try {
       const { bases = [] } = await api.adapters();
-      if (current()) this.render(bases);
+      if (current() && !(background && JSON.stringify(bases) === this.shown)) this.render(bases);
     } catch (error) {
       if (current()) {
-        this.empty.hidden = true; // not "no adapters yet": the list could not be read
-        showError(error, t("adapters.heading"));
+        if (!background) this.empty.hidden = true; // not "no adapters yet": the list could not be read
+        showError(error, t("adapters.heading"), { background });
       }
     } finally {
       if (current()) section.removeAttribute("aria-busy");
@@ -59,6 +61,7 @@ export class AdapterView {
   }
 
   render(bases) {
+    this.shown = JSON.stringify(bases);
     const withVersions = bases.filter((b) => (b.adapters ?? []).some((a) => (a.versions ?? []).length));
     this.empty.hidden = withVersions.length > 0;
     this.groups.replaceChildren(...withVersions.map((base) => this.baseGroup(base)));

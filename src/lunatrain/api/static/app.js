@@ -416,5 +416,9 @@ setInterval(() => {
   if (!jobView.job || FINAL_STATES.has(jobView.job.status)) {
     loadDataStatus(true);
     jobView.loadActive();
+    // What the command line or another tab changed: the data panel above names the active adapter, so the
+    // table and the model choice must not go on showing another.
+    adapters.load(true);
+    tryPanel.refresh(true);
   }
 }, DATA_MS);

@@ -94,20 +94,21 @@ export class TryPanel {
     return null;
   }
 
-  /** Fill the model choice (again after an adapter was trained or activated, once the panel was shown). */
-  async refresh() {
-    if (this.loadedOnce) await this.load();
+  /** Fill the model choice (again after an adapter was trained or activated, once the panel was shown).
+   * `background`: the page's periodic refresh, which redraws the choice only when the models changed. */
+  async refresh(background = false) {
+    if (this.loadedOnce) await this.load(background);
   }
 
-  async load() {
+  async load(background = false) {
     this.loadedOnce = true;
     const current = this.turns();
     try {
       const { data = [] } = await api.chatModels();
-      if (current()) this.render(data);
+      if (current() && !(background && JSON.stringify(data) === this.shown)) this.render(data);
     } catch (error) {
       if (!current()) return;
-      showError(error, t("try.heading"));
+      showError(error, t("try.heading"), { background });
       // No longer "loading": the list is empty until a later refresh answers (the message says why).
       if (!this.select.value) this.select.replaceChildren();
     }
@@ -115,6 +116,7 @@ export class TryPanel {
   }
 
   render(models) {
+    this.shown = JSON.stringify(models);
     const base = models.find((m) => m.owned_by === "base");
     this.base = base?.id ?? null;
     $("try-base-label").textContent = t("try.base", { model: this.base ?? "–" });
