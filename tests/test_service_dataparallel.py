@@ -105,6 +105,37 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
     )
 
 
+def test_a_child_never_imports_from_the_data_root_nor_another_environments_packages(tmp_path, monkeypatch):
+    """Packaging repros. (1) Our processes start with the data root as their working directory, which
+    `python -m` put first on the import path: a `random.py` there (the data root defaults to where the user
+    runs the command) failed every training job. (2) PYTHONPATH led to the installed lunatrain's whole
+    site-packages, so a trainer start command running another environment imported this one's torch."""
+    import sysconfig
+
+    from lunatrain.service import spawn
+
+    env = child_env(load_settings(home=tmp_path))
+    assert env["PYTHONSAFEPATH"] == "1"
+    monkeypatch.setattr(spawn, "_SRC", sysconfig.get_paths()["purelib"])  # lunatrain installed, not a checkout
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert child_env(load_settings(home=tmp_path))["PYTHONPATH"] == "/elsewhere"
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in child_env(load_settings(home=tmp_path))
+    monkeypatch.setattr(spawn, "_SRC", "/checkout/src")  # run from a checkout: the child finds the same one
+    assert child_env(load_settings(home=tmp_path))["PYTHONPATH"] == "/checkout/src"
+
+
+@pytest.mark.slow
+def test_a_module_in_the_data_root_does_not_shadow_one_a_job_imports(tmp_path):
+    (tmp_path / "json.py").write_text("raise SystemExit('the data root was imported from')\n")
+    argv = worker_argv("--job", "j", "--params", json.dumps({"epochs": "many"}))
+    env = child_env(load_settings(home=tmp_path))
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "the data root was imported from" not in done.stderr, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])  # the job's own answer: its parameters are refused
+    assert result["type"] == "result" and "epochs" in result["error"]["message"], done.stdout
+
+
 @pytest.mark.slow
 def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
     """Bad parameters fail before any collective: rank 0 writes the one result line, rank 1 nothing, and

@@ -4,7 +4,9 @@ Python, the same lunatrain (installed or run from a checkout), the data root pas
 from __future__ import annotations
 
 import os
+import site
 import sys
+import sysconfig
 from pathlib import Path
 
 from ..errors import UsageError
@@ -15,12 +17,24 @@ _SRC = str(Path(__file__).resolve().parents[2])  # the directory holding the `lu
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """This process's environment with ASSISTANT_HOME set to `settings.home`, and PYTHONPATH leading to the
-    lunatrain this process runs, so a child never imports another copy."""
+    """This process's environment with ASSISTANT_HOME set to `settings.home`. Run from a checkout, PYTHONPATH
+    leads to the lunatrain this process runs, so a child never imports another copy; installed, the same
+    interpreter finds it anyway, and a trainer start command running another environment must not be handed
+    this one's site-packages (its torch, its transformers)."""
     env = dict(os.environ, ASSISTANT_HOME=str(settings.home), **extra)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, env.get("PYTHONPATH", "")) if p)
+    # Children run in the data root, and `python -m` would put their working directory first on the import
+    # path: a `random.py` or `json.py` the user keeps there would shadow the standard library in every job.
+    env["PYTHONSAFEPATH"] = "1"
+    if _SRC not in _site_dirs():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def _site_dirs() -> set[str]:
+    """Where this interpreter finds installed packages by itself."""
+    paths = sysconfig.get_paths()
+    return {str(Path(p).resolve()) for p in (paths["purelib"], paths["platlib"], *site.getsitepackages())}
 
 
 def lunatrain_argv(*args: str) -> list[str]:
