@@ -146,6 +146,31 @@ def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
     expect(page.locator("#job-facts")).to_contain_text(said)
 
 
+def test_a_crashed_job_is_said_in_german_whole(page, services: Services, tmp_path: Path) -> None:
+    """Cross-surface repro: a job whose training process was killed showed "Fehler: Der Trainingsprozess ist
+    abgestürzt: The training process was killed by SIGKILL (often the system's out-of-memory killer); last log
+    line: …": the error had no params to say it with. The trainer's own error, as it records it."""
+    import signal
+
+    from lunatrain.service.runner import _crash_error
+
+    log = tmp_path / "data" / "trainer" / "logs" / "ftjob-crashed.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch 1 done: val loss 7.8748, checkpoint saved\n")
+    error = _crash_error(-signal.SIGKILL, log, log.relative_to(tmp_path))
+    error["params"]["resumeJob"] = "ftjob-crashed"  # what the runner adds after a checkpoint
+    job = {"id": "ftjob-crashed", "status": "failed", "progress": {"step": 3, "totalSteps": 8}, "error": error}
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services)
+    expect(page.locator("#job-error")).to_have_text(
+        "Fehler: Der Trainingsprozess ist abgestürzt: von SIGKILL beendet (oft der Speicherwächter des Systems, wenn "
+        "der Arbeitsspeicher ausgeht); siehe data/trainer/logs/ftjob-crashed.log; letzte Logzeile: „epoch 1 done: val "
+        "loss 7.8748, checkpoint saved“. `lunatrain jobs resume ftjob-crashed` setzt ihn ab dem letzten Checkpoint "
+        'fort (in der API: seine Parameter mit "resume": true erneut senden).'
+    )
+
+
 @pytest.mark.parametrize(
     ("query", "said"),
     [("", "Fehler: Der Loss wurde ungültig (NaN/unendlich)"), ("?lang=en", "Error: The loss became invalid")],

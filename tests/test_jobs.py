@@ -331,6 +331,18 @@ def test_crash_error_names_signal_and_log(settings, tmp_path):
     assert "data/trainer/logs/ftjob-x.log" in err["message"]
     assert "out-of-memory" in _crash_error(-signal.SIGKILL, log, settings.shown(log))["message"]
     assert "status 3" in _crash_error(3, log, settings.shown(log))["message"]
+    # Cross-surface repro: the error carried no params, so the German dashboard said "Der Trainingsprozess ist
+    # abgestürzt: The training process was killed by …". The params say it all, for the page's language.
+    shown = "data/trainer/logs/ftjob-x.log"
+    assert err["params"] == {
+        "detail": "crash.signal",
+        "signal": "SIGABRT",
+        "log": shown,
+        "lastLine": "RuntimeError: boom",
+    }
+    log.write_text("")
+    assert _crash_error(-signal.SIGKILL, log, settings.shown(log))["params"] == {"detail": "crash.oom", "log": shown}
+    assert _crash_error(3, log, settings.shown(log))["params"] == {"detail": "crash.status", "status": 3, "log": shown}
 
 
 def test_a_workers_log_events_reach_its_job_log(capfd):

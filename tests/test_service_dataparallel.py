@@ -98,11 +98,14 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
         "code": "child_crashed",
         "message": "Rank 1 of the 2 training processes was killed by SIGKILL "
         "(often the system's out-of-memory killer); the other ranks were stopped; see data/trainer/logs/j.log.",
+        "params": {"detail": "crash.rank.oom", "rank": 1, "ranks": 2, "log": "data/trainer/logs/j.log"},
     }
     log.write_text("no report\n")
-    assert _rank_crash_error(1, 2, log, tmp_path)["message"].startswith(
+    launcher = _rank_crash_error(1, 2, log, tmp_path)
+    assert launcher["message"].startswith(
         "The torchrun launcher of the 2 training processes exited with status 1 without a result"
     )
+    assert launcher["params"] == {"detail": "crash.launcher.status", "status": 1, "ranks": 2, "log": str(tmp_path)}
 
 
 def test_a_child_never_imports_from_the_data_root_nor_another_environments_packages(tmp_path, monkeypatch):

@@ -325,13 +325,17 @@ class Runner:
         log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
         self._collect()
 
-    def _resumable(self, job_id: str, error: dict[str, str]) -> dict[str, str]:
+    def _resumable(self, job_id: str, error: dict[str, Any]) -> dict[str, Any]:
         """A crash's error, and how to resume the job when it saved a checkpoint first (a crash an epoch in
-        need not cost that epoch)."""
+        need not cost that epoch); `resumeJob` in its params lets the dashboard say so in its language."""
         if not resumable(self.settings, self.store, self.store.get(job_id)):
             return error
         hint = resume_hint(job_id)
-        return error | {"message": f"{error['message']} {hint[0].upper()}{hint[1:]}."}
+        params = error.get("params") or {}
+        return error | {
+            "message": f"{error['message']} {hint[0].upper()}{hint[1:]}.",
+            "params": params | {"resumeJob": job_id},
+        }
 
     def _collect(self) -> None:
         from ..retention import after_run
@@ -351,42 +355,59 @@ def _adapter(result: dict[str, Any] | None, settings: Settings) -> dict[str, Any
     return ref | ({"revision": revision} if isinstance(revision, int) and not isinstance(revision, bool) else {})
 
 
-def _crash_error(code: int, log_path: Path, shown: Path) -> dict[str, str]:
-    """A crashed child (no result line): name the signal or exit status and quote the log's last line."""
+def _crash_error(code: int, log_path: Path, shown: Path) -> dict[str, Any]:
+    """A crashed child (no result line): name the signal or exit status and quote the log's last line. The
+    params say the same for the dashboard, in its language (`detail`: which of the ways it ended)."""
     last = _last_line(log_path)
     return {
         "code": "child_crashed",
         "message": f"The training process {_how(code)}"
         + (f"; last log line: {last!r}" if last else "")
         + f"; see {shown}.",
+        "params": _ended("crash", code, log=str(shown)) | ({"lastLine": last} if last else {}),
     }
 
 
 def _how(code: int) -> str:
     """How a process ended, from its exit status (negative: the signal that killed it)."""
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        how = f"was killed by {name}"
+        how = f"was killed by {_signal_name(code)}"
         if -code == signal.SIGKILL:
             how += " (often the system's out-of-memory killer)"
         return how
     return f"exited with status {code} without a result"
 
 
+def _signal_name(code: int) -> str:
+    return signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+
+
+def _ended(prefix: str, code: int, **params: Any) -> dict[str, Any]:
+    """`_how` as message params: the sub-code `detail` (PREFIX.oom, PREFIX.signal or PREFIX.status) and the
+    signal's name or the exit status."""
+    if code < 0 and -code == signal.SIGKILL:
+        return {"detail": f"{prefix}.oom", **params}
+    if code < 0:
+        return {"detail": f"{prefix}.signal", "signal": _signal_name(code), **params}
+    return {"detail": f"{prefix}.status", "status": code, **params}
+
+
 # torchrun's report of the first rank that failed ("Root Cause (first observed failure)"), in the job log
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
 
-def _rank_crash_error(code: int, ranks: int, log_path: Path, shown: Path) -> dict[str, str]:
+def _rank_crash_error(code: int, ranks: int, log_path: Path, shown: Path) -> dict[str, Any]:
     """A data-parallel job whose torchrun failed: name the rank that died first and how, as torchrun
     recorded it in the job log (else torchrun's own exit status)."""
     found = _ROOT_CAUSE.findall(_tail(log_path, 16384))  # the last report: a resumed job appends to its log
     if found:
         rank, status = found[-1]
         what = f"rank {rank} of the {ranks} training processes {_how(int(status))}; the other ranks were stopped"
+        params = _ended("crash.rank", int(status), rank=int(rank), ranks=ranks, log=str(shown))
     else:
         what = f"the torchrun launcher of the {ranks} training processes {_how(code)}"
-    return {"code": "child_crashed", "message": f"{what[0].upper()}{what[1:]}; see {shown}."}
+        params = _ended("crash.launcher", code, ranks=ranks, log=str(shown))
+    return {"code": "child_crashed", "message": f"{what[0].upper()}{what[1:]}; see {shown}.", "params": params}
 
 
 def _tail(path: Path, size: int) -> str:

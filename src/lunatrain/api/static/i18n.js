@@ -141,6 +141,8 @@ const de = {
   "err.network": "Der Server ist nicht erreichbar.",
   "err.http": "Der Server hat mit HTTP {status} ohne Begründung geantwortet.",
   "err.prefix": "Fehler",
+  "err.lastLine": "letzte Logzeile: „{line}“",
+  "err.resume": "`lunatrain jobs resume {jobId}` setzt ihn ab dem letzten Checkpoint fort (in der API: seine Parameter mit \"resume\": true erneut senden).",
 
   "job.heading": "Aktueller Job",
   "job.none": "Kein Job gestartet.",
@@ -271,6 +273,15 @@ const de = {
   "msg.interrupted": "Der Trainingsprozess wurde vorzeitig beendet",
   "msg.child_start_failed": "Der Trainingsprozess konnte nicht starten",
   "msg.child_crashed": "Der Trainingsprozess ist abgestürzt",
+  "msg.crash.oom": "von SIGKILL beendet (oft der Speicherwächter des Systems, wenn der Arbeitsspeicher ausgeht); siehe {log}",
+  "msg.crash.signal": "vom Signal {signal} beendet; siehe {log}",
+  "msg.crash.status": "mit Status {status} ohne Ergebnis beendet; siehe {log}",
+  "msg.crash.rank.oom": "Rang {rank} der {ranks} Trainingsprozesse wurde von SIGKILL beendet (oft der Speicherwächter des Systems), die anderen Ränge wurden gestoppt; siehe {log}",
+  "msg.crash.rank.signal": "Rang {rank} der {ranks} Trainingsprozesse wurde vom Signal {signal} beendet, die anderen Ränge wurden gestoppt; siehe {log}",
+  "msg.crash.rank.status": "Rang {rank} der {ranks} Trainingsprozesse endete mit Status {status} ohne Ergebnis, die anderen Ränge wurden gestoppt; siehe {log}",
+  "msg.crash.launcher.oom": "der torchrun-Starter der {ranks} Trainingsprozesse wurde von SIGKILL beendet (oft der Speicherwächter des Systems); siehe {log}",
+  "msg.crash.launcher.signal": "der torchrun-Starter der {ranks} Trainingsprozesse wurde vom Signal {signal} beendet; siehe {log}",
+  "msg.crash.launcher.status": "der torchrun-Starter der {ranks} Trainingsprozesse endete mit Status {status} ohne Ergebnis; siehe {log}",
   "msg.adapter.active": "aktiv auf dem konfigurierten Basismodell",
   "msg.adapter.replaced": "durch eine neuere Revision ersetzt",
   "msg.adapter.not_kept": "nicht übernommen: der Platz behält die Revision davor",
@@ -557,6 +568,8 @@ const en = {
   "err.network": "The server cannot be reached.",
   "err.http": "The server answered HTTP {status} without saying why.",
   "err.prefix": "Error",
+  "err.lastLine": "last log line: “{line}”",
+  "err.resume": "`lunatrain jobs resume {jobId}` continues it from its last checkpoint (in the API: submit its parameters again with \"resume\": true).",
 
   "job.heading": "Current job",
   "job.none": "No job started.",
@@ -687,6 +700,15 @@ const en = {
   "msg.interrupted": "The training process stopped early",
   "msg.child_start_failed": "The training process could not start",
   "msg.child_crashed": "The training process crashed",
+  "msg.crash.oom": "killed by SIGKILL (often the system's out-of-memory killer); see {log}",
+  "msg.crash.signal": "killed by {signal}; see {log}",
+  "msg.crash.status": "exited with status {status} without a result; see {log}",
+  "msg.crash.rank.oom": "rank {rank} of the {ranks} training processes was killed by SIGKILL (often the system's out-of-memory killer); the other ranks were stopped; see {log}",
+  "msg.crash.rank.signal": "rank {rank} of the {ranks} training processes was killed by {signal}; the other ranks were stopped; see {log}",
+  "msg.crash.rank.status": "rank {rank} of the {ranks} training processes exited with status {status} without a result; the other ranks were stopped; see {log}",
+  "msg.crash.launcher.oom": "the torchrun launcher of the {ranks} training processes was killed by SIGKILL (often the system's out-of-memory killer); see {log}",
+  "msg.crash.launcher.signal": "the torchrun launcher of the {ranks} training processes was killed by {signal}; see {log}",
+  "msg.crash.launcher.status": "the torchrun launcher of the {ranks} training processes exited with status {status} without a result; see {log}",
   "msg.adapter.active": "active on the configured base model",
   "msg.adapter.replaced": "replaced by a newer revision",
   "msg.adapter.not_kept": "not kept: the slot keeps the revision before it",
@@ -895,10 +917,16 @@ export function tMsg(code, params = {}, fallback = "") {
  * short text followed by the server's sentence (which names the specific thing). */
 export function errorText(error) {
   if (!error?.code || !(`msg.${error.code}` in TEXTS[lang])) return error?.message ?? String(error);
-  // A failed check names the check (`params.check`) with its values: the label, then the check's own sentence.
-  const check = error.params?.check;
-  if (check && `msg.${check}` in TEXTS[lang]) return `${tMsg(error.code)}: ${tMsg(check, error.params)}`;
-  if (error.params && Object.keys(error.params).length) return tMsg(error.code, error.params, error.message);
+  const p = error.params ?? {};
+  // What the server's sentence adds at its end: a crashed job's last log line, how to resume it.
+  const tail = (p.lastLine ? `; ${t("err.lastLine", { line: p.lastLine })}` : "")
+    + (p.resumeJob ? `. ${t("err.resume", { jobId: p.resumeJob })}` : "");
+  // A sub-code naming the case (a failed check; how a crashed job's process ended): the label, then its sentence.
+  const detail = p.check ?? p.detail;
+  if (detail && `msg.${detail}` in TEXTS[lang]) return `${tMsg(error.code)}: ${tMsg(detail, p)}${tail}`;
+  const { lastLine, resumeJob, ...rest } = p;
+  if (Object.keys(rest).length) return tMsg(error.code, p, error.message) + tail;
+  if (tail) return `${tMsg(error.code)}${tail}`;
   // The label says what the server's sentence begins with ("Invalid request: …"): say it once.
   const message = error.message?.replace(/^Invalid request: /, "");
   return message ? `${tMsg(error.code)}: ${message}` : tMsg(error.code);
