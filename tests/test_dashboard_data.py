@@ -159,7 +159,8 @@ def test_a_crashed_job_is_said_in_german_whole(page, services: Services, tmp_pat
     log.write_text("epoch 1 done: val loss 7.8748, checkpoint saved\n")
     error = _crash_error(-signal.SIGKILL, log, log.relative_to(tmp_path))
     error["params"]["resumeJob"] = "ftjob-crashed"  # what the runner adds after a checkpoint
-    job = {"id": "ftjob-crashed", "status": "failed", "progress": {"step": 3, "totalSteps": 8}, "error": error}
+    progress = {"step": 480, "totalSteps": 482, "percent": 99.59}
+    job = {"id": "ftjob-crashed", "status": "failed", "progress": progress, "error": error}
     answer(page, "**/assistant/training/lora/status*", job)
     answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
     open_page(page, services)
@@ -169,6 +170,7 @@ def test_a_crashed_job_is_said_in_german_whole(page, services: Services, tmp_pat
         "loss 7.8748, checkpoint saved“. `lunatrain jobs resume ftjob-crashed` setzt ihn ab dem letzten Checkpoint "
         'fort (in der API: seine Parameter mit "resume": true erneut senden).'
     )
+    expect(page.locator("#job-percent")).to_have_text("99 %")  # numbers repro: it said 100 % at step 480 of 482
 
 
 @pytest.mark.parametrize(

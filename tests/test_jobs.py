@@ -103,6 +103,26 @@ def test_event_cursor_progress_snapshot_and_non_finite_numbers(store):
         store.events("ftjob-unknown")
 
 
+@pytest.mark.parametrize("ended", ["failed", "cancelled", "succeeded"])
+def test_an_ended_job_has_no_time_left(store, ended):
+    """Cross-surface repro: a cancelled or failed job kept the estimate of its last progress event
+    (`etaSeconds: 37.7` for good); only the dashboard hid it. An ended job's estimate is null, its steps stay."""
+    job = queued(store)
+    store.claim(job.id)
+    store.add_event(job.id, "progress", {"step": 2}, progress=Progress(step=2, total_steps=5, eta_seconds=37.7))
+    assert store.get(job.id).progress.eta_seconds == 37.7
+    done = store.set_status(job.id, ended)
+    assert done.progress.eta_seconds is None and done.progress.step == 2 and done.progress.total_steps == 5
+
+
+def test_progress_lines_never_say_100_percent_before_the_last_step():
+    """Numbers repro: `step 480/482 (100%)` while the JSON said 99.59: whole percents are cut, not rounded."""
+    from lunatrain.progress import event_line
+
+    assert event_line({"type": "progress", "step": 480, "totalSteps": 482, "percent": 99.59}) == "step 480/482 (99%)"
+    assert event_line({"type": "progress", "step": 482, "totalSteps": 482, "percent": 100.0}) == "step 482/482 (100%)"
+
+
 def test_jobs_survive_a_reopen(settings, store):
     job = queued(store, LoraParams(adapter_name="kept"), "rid-1")
     store.add_event(job.id, "log", {"message": "hello"})

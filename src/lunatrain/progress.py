@@ -32,7 +32,7 @@ def event_line(event: dict[str, Any]) -> str | None:
     if kind == "progress":
         step = f"step {event.get('step')}/{event.get('totalSteps') or '?'}"
         if event.get("percent") is not None:
-            step += f" ({event['percent']:.0f}%)"
+            step += f" ({math.floor(event['percent'])}%)"  # cut, not rounded: 99.6% is not done
         return " ".join([step, *progress_details(event)])
     if kind == "eval":
         val, base = event.get("valLoss"), event.get("baseValLoss")

@@ -394,6 +394,11 @@ class JobStore:
             data["error"] = fields["error"]
         with self._lock, self._tx():
             self._db.execute(f"UPDATE jobs SET {assign} WHERE id = ?", (*cols.values(), job_id))
+            if status in TERMINAL:  # an ended job has no time left, whatever its last progress event estimated
+                row = self._db.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row and row[0]:
+                    progress = json.loads(row[0]) | {"etaSeconds": None}
+                    self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (_dump(progress), job_id))
             self._event(job_id, "status", data)
         return self.get(job_id)
 

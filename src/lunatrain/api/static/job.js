@@ -177,7 +177,8 @@ export class JobView {
     e["job-state"].dataset.state = job.status;
     const p = job.progress ?? {};
     this.series.total = p.totalSteps ?? null;
-    const percent = job.status === "succeeded" ? 100 : Math.max(0, Math.min(100, Number(p.percent) || 0));
+    // Cut, not rounded: 99.6 % of the steps is not "100 %" while the last one still runs.
+    const percent = job.status === "succeeded" ? 100 : Math.max(0, Math.min(100, Math.floor(Number(p.percent) || 0)));
     e["job-progress"].value = percent;
     // "30 %" in German, "30%" in English: each language's own way of writing it.
     e["job-percent"].textContent = t("job.percent", { percent: formatNumber(percent, 0) });
