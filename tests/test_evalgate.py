@@ -572,6 +572,36 @@ def test_reasons_show_their_numbers_apart_from_the_limits_they_break():
     active = {"kind": "adapter", "ref": "luna-adapter@v1", "source": "recorded", "metrics": _m(0.5, 7.8742)}
     (regress,) = decide(_m(0.5, 7.9550), base, active, parse_thresholds({"maxLossRegression": 0.0102}))
     assert regress == "val loss 7.9550 regresses against luna-adapter@v1 (7.8742: +1.03%, allowed +1.02%)", regress
+    # the same for the pass rate against the baseline: "0.47 regresses against … (0.47, …)"
+    rated = {"kind": "adapter", "ref": "luna-adapter@v1", "source": "recorded", "metrics": _m(8 / 17, 7.0)}
+    (drop,) = decide(_m(0.4705, 7.0), base, rated, parse_thresholds({}))
+    assert drop == "golden pass rate 0.470 regresses against luna-adapter@v1 (0.471, allowed drop 0)", drop
+
+
+def test_reason_codes_carry_the_digits_their_sentence_shows():
+    """Numbers repro: the dashboard said "0.9298 x … (allowed 0.9298)" where the command line said "0.92978 x …
+    (allowed 0.92977)", and left out the rise of a loss regression ("+8%"): four significant digits of the
+    raw values. The params hold the sentence's own digits (`shown`) and the rise."""
+    base = {"valLoss": 8.4663, "testLoss": None}
+    vs_base = {"kind": "base", "ref": "base:luna-tiny", "source": "evaluated", "metrics": base | {"goldenPassRate": 0}}
+    [(text, ratio)] = judge(_m(0.5, 7.8718), base, vs_base, parse_thresholds({"maxValLossRatioVsBase": 0.92977}))
+    assert "is 0.92978 x" in text and "(allowed 0.92977)" in text, text
+    assert ratio["params"]["shown"] == {
+        "loss": "7.8718",
+        "ratio": "0.92978",
+        "baseLoss": "8.4663",
+        "allowed": "0.92977",
+    }
+    active = {"kind": "adapter", "ref": "luna-adapter@v2", "source": "recorded", "metrics": _m(0.5, 7.8633)}
+    [(text, regress)] = judge(_m(0.5, 8.4649), base, active, parse_thresholds({}))
+    assert text == "val loss 8.4649 regresses against luna-adapter@v2 (7.8633: +8%, allowed +2%)", text
+    assert regress["params"]["risePercent"] == pytest.approx(7.6501, abs=1e-3)
+    assert regress["params"]["shown"] == {
+        "loss": "8.4649",
+        "baselineLoss": "7.8633",
+        "risePercent": "8",
+        "allowedPercent": "2",
+    }
 
 
 def test_plain_eval_gate_uses_the_luna_profiles_gate_like_the_flow(settings, tiny, dead_port):

@@ -724,10 +724,16 @@ def judge(
     reasons: list[tuple[str, dict[str, Any]]] = []
     rate = metrics["goldenPassRate"]
     if rate < th.min_golden_pass_rate:
+        shown_rate, shown_minimum = _apart(rate, th.min_golden_pass_rate, 2)
         reasons.append(
             (
-                "golden pass rate {} is below the minimum {}".format(*_apart(rate, th.min_golden_pass_rate, 2)),
-                coded("gate.below_minimum", rate=rate, minimum=th.min_golden_pass_rate),
+                f"golden pass rate {shown_rate} is below the minimum {shown_minimum}",
+                coded(
+                    "gate.below_minimum",
+                    rate=rate,
+                    minimum=th.min_golden_pass_rate,
+                    shown={"rate": shown_rate, "minimum": shown_minimum},
+                ),
             )
         )
     for split in ("val", "test"):
@@ -753,6 +759,12 @@ def judge(
                         ratio=ratio,
                         baseLoss=base_loss,
                         allowed=th.max_val_loss_ratio_vs_base,
+                        shown={
+                            "loss": f"{loss:.4f}",
+                            "ratio": shown,
+                            "baseLoss": f"{base_loss:.4f}",
+                            "allowed": allowed,
+                        },
                     ),
                 )
             )
@@ -763,16 +775,18 @@ def judge(
     # The overwrite slot's name is the candidate's own: the revision says which run it is measured against.
     against = baseline["ref"] + (f" revision {baseline['revision']}" if baseline.get("revision") else "")
     if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
+        shown_rate, shown_bl = _apart(rate, bl_rate, 2)  # "0.47 regresses against 0.47" would not say why
+        drop = f"{th.max_golden_pass_rate_drop:g}"
         reasons.append(
             (
-                f"golden pass rate {rate:.2f} regresses against {against} ({bl_rate:.2f}, "
-                f"allowed drop {th.max_golden_pass_rate_drop})",
+                f"golden pass rate {shown_rate} regresses against {against} ({shown_bl}, allowed drop {drop})",
                 coded(
                     "gate.pass_rate_regression",
                     rate=rate,
                     baseline=against,
                     baselineRate=bl_rate,
                     allowedDrop=th.max_golden_pass_rate_drop,
+                    shown={"rate": shown_rate, "baselineRate": shown_bl, "allowedDrop": drop},
                 ),
             )
         )
@@ -780,15 +794,10 @@ def judge(
         for split in ("val", "test"):
             loss, bl_loss = metrics.get(f"{split}Loss"), bl.get(f"{split}Loss")
             if loss is not None and bl_loss and math.isfinite(loss) and loss > bl_loss * (1 + th.max_loss_regression):
+                rise, allowed = _apart(loss / bl_loss - 1, th.max_loss_regression, 0, scale=100, as_set=True)
                 reasons.append(
                     (
-                        "{} loss {:.4f} regresses against {} ({:.4f}: +{}%, allowed +{}%)".format(
-                            split,
-                            loss,
-                            against,
-                            bl_loss,
-                            *_apart(loss / bl_loss - 1, th.max_loss_regression, 0, scale=100, as_set=True),
-                        ),
+                        f"{split} loss {loss:.4f} regresses against {against} ({bl_loss:.4f}: +{rise}%, allowed +{allowed}%)",
                         coded(
                             "gate.loss_regression",
                             split=split,
@@ -797,6 +806,13 @@ def judge(
                             baselineLoss=bl_loss,
                             allowed=th.max_loss_regression,
                             allowedPercent=round(th.max_loss_regression * 100, 6),
+                            risePercent=round((loss / bl_loss - 1) * 100, 6),
+                            shown={
+                                "loss": f"{loss:.4f}",
+                                "baselineLoss": f"{bl_loss:.4f}",
+                                "risePercent": rise,
+                                "allowedPercent": allowed,
+                            },
                         ),
                     )
                 )

@@ -118,12 +118,17 @@ CODES: dict[str, str] = {
     "adapter.deactivated": "passed the gate, later deactivated or replaced by an activation",
     "adapter.not_gated": "never gated, never activated",
     "adapter.files_missing": "its files are gone from data/adapters, so it can be neither activated nor served (missing)",
-    # eval-gate reasons (reasonCodes[].code)
-    "gate.below_minimum": "golden pass rate below the absolute minimum (rate, minimum)",
+    # eval-gate reasons (reasonCodes[].code); `shown` holds some values as the English sentence writes them (as
+    # many decimals as it takes to tell a value from its limit), for a reader to show the same digits
+    "gate.below_minimum": "golden pass rate below the absolute minimum (rate, minimum, shown)",
     "gate.loss_not_finite": "a loss is not a finite number (split, loss)",
-    "gate.loss_vs_base": "loss above the allowed ratio to the base model's (split, loss, ratio, baseLoss, allowed)",
-    "gate.pass_rate_regression": "golden pass rate dropped against the baseline (rate, baseline, baselineRate, allowedDrop)",
-    "gate.loss_regression": "loss rose against the baseline (split, loss, baseline, baselineLoss, allowed, allowedPercent)",
+    "gate.loss_vs_base": "loss above the allowed ratio to the base model's (split, loss, ratio, baseLoss, allowed, shown)",
+    "gate.pass_rate_regression": (
+        "golden pass rate dropped against the baseline (rate, baseline, baselineRate, allowedDrop, shown)"
+    ),
+    "gate.loss_regression": (
+        "loss rose against the baseline (split, loss, baseline, baselineLoss, allowed, allowedPercent, risePercent, shown)"
+    ),
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",

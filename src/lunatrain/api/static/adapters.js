@@ -2,7 +2,7 @@
 // every version with its losses, gate result, aliases and stale mark; activate and rollback after a confirm.
 
 import { api, hasToken, openWithToken } from "./api.js";
-import { t, tMsg, formatDate, formatFloat } from "./i18n.js";
+import { t, tMsg, formatDate, formatLoss } from "./i18n.js";
 import { h, showError, showNotice, confirmDialog, turns } from "./ui.js";
 
 function versionNumber(version) {
@@ -128,7 +128,7 @@ export class AdapterView {
       h("th", { scope: "row" }, name),
       h("td", {}, v),
       h("td", {}, formatDate(version.created ?? version.createdAt)),
-      h("td", { class: "num" }, `${formatFloat(metrics.valLoss)} (${formatFloat(base)})`),
+      h("td", { class: "num" }, `${formatLoss(metrics.valLoss)} (${formatLoss(base)})`),
       gateCell(version.gate),
       h("td", {}, h("div", { class: "cell-flex" }, badges)),
       h("td", {}, h("div", { class: "cell-flex" }, actions)));

@@ -4,7 +4,7 @@
 // desktop; the legend is HTML below the chart so it never covers the curves. The last values are also in
 // the SVG's <desc>, so the chart is not the only way to read them.
 
-import { t, formatFloat, formatNumber } from "./i18n.js";
+import { t, formatFloat, formatLoss, formatNumber } from "./i18n.js";
 
 const NS = "http://www.w3.org/2000/svg";
 const PAD = { left: 48, right: 12, top: 10, bottom: 34 };
@@ -44,13 +44,13 @@ export function drawLossChart(svg, legend, series) {
   svg.setAttribute("width", W);
   svg.setAttribute("height", H);
   svg.setAttribute("role", "img");
-  const last = (pts) => (pts.length ? formatFloat(pts[pts.length - 1][1]) : "–");
+  const last = (pts) => (pts.length ? formatLoss(pts[pts.length - 1][1]) : "–");
   svg.append(el("title", {}, t("job.chartLabel")));
   svg.append(el("desc", {}, `${t("job.trainLoss")}: ${last(train)}; ${t("job.valLoss")}: ${last(val)}; `
-    + `${t("job.baseLoss")}: ${formatFloat(base)}`));
+    + `${t("job.baseLoss")}: ${formatLoss(base)}`));
 
   const items = [["chart-train", `${t("job.trainLoss")} ${last(train)}`], ["chart-val", `${t("job.valLoss")} ${last(val)}`]];
-  if (base !== null) items.push(["chart-base", `${t("job.baseLoss")} ${formatFloat(base)}`]);
+  if (base !== null) items.push(["chart-base", `${t("job.baseLoss")} ${formatLoss(base)}`]);
   legend.replaceChildren(...items.map(([cls, text]) => {
     const li = document.createElement("li");
     const swatch = el("svg", { width: 24, height: 10, "aria-hidden": "true" });

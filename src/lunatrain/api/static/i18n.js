@@ -167,7 +167,7 @@ const de = {
   "job.otherLabel": "Job {jobId} ({name}, {state}) anzeigen",
   "job.chartLabel": "Loss-Verlauf: Training und Validierung je Schritt",
   "job.chartEmpty": "Noch keine Loss-Werte.",
-  "job.trainLoss": "Train-Loss",
+  "job.trainLoss": "Train-Loss (letzter Schritt)",
   "job.valLoss": "Val-Loss",
   "job.baseLoss": "Basis (Val)",
   "job.gate": "Gate",
@@ -298,7 +298,7 @@ const de = {
   "msg.gate.loss_not_finite": "{split}-Loss ist {loss}",
   "msg.gate.loss_vs_base": "{split}-Loss {loss} ist das {ratio}-fache des Basismodells ({baseLoss}; erlaubt {allowed})",
   "msg.gate.pass_rate_regression": "Golden-Quote {rate} schlechter als {baseline} ({baselineRate}; erlaubter Rückgang {allowedDrop})",
-  "msg.gate.loss_regression": "{split}-Loss {loss} schlechter als {baseline} ({baselineLoss}; erlaubt +{allowedPercent} %)",
+  "msg.gate.loss_regression": "{split}-Loss {loss} schlechter als {baseline} ({baselineLoss}: +{risePercent} %, erlaubt +{allowedPercent} %)",
   "msg.check.export_summary.ok": "Alle Dateien passen zur Export-Zusammenfassung",
   "msg.check.export_summary.mismatch": "{count} Dateien weichen von der Export-Zusammenfassung ab; neu exportieren",
   "msg.check.export_summary.mismatch.one": "{count} Datei weicht von der Export-Zusammenfassung ab; neu exportieren",
@@ -594,7 +594,7 @@ const en = {
   "job.otherLabel": "Show job {jobId} ({name}, {state})",
   "job.chartLabel": "Loss curve: training and validation per step",
   "job.chartEmpty": "No loss values yet.",
-  "job.trainLoss": "train loss",
+  "job.trainLoss": "train loss (last step)",
   "job.valLoss": "val loss",
   "job.baseLoss": "base (val)",
   "job.gate": "Gate",
@@ -725,7 +725,7 @@ const en = {
   "msg.gate.loss_not_finite": "{split} loss is {loss}",
   "msg.gate.loss_vs_base": "{split} loss {loss} is {ratio} x the base model's ({baseLoss}; allowed {allowed})",
   "msg.gate.pass_rate_regression": "golden pass rate {rate} regresses against {baseline} ({baselineRate}; allowed drop {allowedDrop})",
-  "msg.gate.loss_regression": "{split} loss {loss} regresses against {baseline} ({baselineLoss}; allowed +{allowedPercent}%)",
+  "msg.gate.loss_regression": "{split} loss {loss} regresses against {baseline} ({baselineLoss}: +{risePercent}%, allowed +{allowedPercent}%)",
   "msg.check.export_summary.ok": "Every file matches the export summary",
   "msg.check.export_summary.mismatch": "{count} files differ from the export summary; export again",
   "msg.check.export_summary.mismatch.one": "{count} file differs from the export summary; export again",
@@ -868,6 +868,7 @@ const locale = lang === "de" ? "de-DE" : "en-GB";
 
 /** The page's thousands separator ("." in German, "," in English), as formatNumber writes it in the hints. */
 export const groupSeparator = new Intl.NumberFormat(locale).formatToParts(1000).find((p) => p.type === "group")?.value ?? "";
+const DECIMAL_MARK = new Intl.NumberFormat(locale).formatToParts(1.5).find((p) => p.type === "decimal")?.value ?? ".";
 
 /** `key`, or its `.one` form when the number the text counts is 1 ("1 Beispiel", not "1 Beispiele"): `count`
  * when the text has it, else its first placeholder (a number, or one formatted: "1" in both languages). */
@@ -909,6 +910,14 @@ export function tMsg(code, params = {}, fallback = "") {
   // A relative rise as the English sentence says it ("+2%"); reasons recorded before it was sent say a fraction.
   if (typeof params?.allowed === "number" && params.allowedPercent === undefined) {
     vars.allowedPercent = formatFloat(params.allowed * 100);
+  }
+  if (params?.risePercent === undefined && typeof params?.loss === "number" && params.baselineLoss) {
+    vars.risePercent = formatNumber((params.loss / params.baselineLoss - 1) * 100, 0);
+  }
+  // Values as the English sentence writes them (as many decimals as tell a value from its limit: "0.92978 x …
+  // allowed 0.92977", where four significant digits said "0.9298 … allowed 0.9298"), in the page's decimal mark.
+  for (const [name, text] of Object.entries(params?.shown ?? {})) {
+    if (typeof text === "string" && /^-?\d+(\.\d+)?$/.test(text)) vars[name] = text.replace(".", DECIMAL_MARK);
   }
   return t(key, vars);
 }
@@ -955,7 +964,12 @@ export function formatPlain(value) {
   return Number(value).toLocaleString(locale, { useGrouping: false, maximumFractionDigits: 20 });
 }
 
-/** A loss or rate: a few significant digits, in the page's number format. */
+/** A loss as the command line and the reports write it: four decimals, in the page's number format. */
+export function formatLoss(value) {
+  return formatNumber(value, 4);
+}
+
+/** A rate or ratio: a few significant digits, in the page's number format. */
 export function formatFloat(value, significant = 4) {
   if (value === null || value === undefined || Number.isNaN(Number(value))) return "–";
   return Number(value).toLocaleString(locale, { maximumSignificantDigits: significant });

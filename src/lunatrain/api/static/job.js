@@ -3,7 +3,7 @@
 
 import { api, FINAL_STATES } from "./api.js";
 import { drawLossChart } from "./chart.js";
-import { t, tMsg, errorText, formatNumber, formatFloat, formatDuration } from "./i18n.js";
+import { t, tMsg, errorText, formatNumber, formatFloat, formatLoss, formatDuration } from "./i18n.js";
 import { h, fillFacts, showError, showNotice, clearErrors, clearErrorsOf } from "./ui.js";
 
 const POLL_MS = 1000;
@@ -189,8 +189,8 @@ export class JobView {
       [t("job.epoch"), formatFloat(p.epoch, 3)],
       [t("job.tokensPerSecond"), formatNumber(p.tokensPerSec ?? m.tokensPerSec, 0)],
       [t("job.eta"), FINAL_STATES.has(job.status) ? "–" : formatDuration(p.etaSeconds)],
-      [t("job.stepLoss"), formatFloat(p.loss)],
-      [t("job.valLoss"), formatFloat(m.valLoss)],
+      [t("job.stepLoss"), formatLoss(p.loss)],
+      [t("job.valLoss"), formatLoss(m.valLoss)],
     ];
     if (m.device) facts.push([t("provider.device"), String(m.device)]);
     if (job.adapter) facts.push([t("job.adapter"), `${job.adapter.name} ${job.adapter.version}`]);
