@@ -146,6 +146,35 @@ def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
     expect(page.locator("#job-facts")).to_contain_text(said)
 
 
+@pytest.mark.parametrize(
+    ("query", "long", "short"),
+    [("", "~25 h 1 min auf CUDA", "~1 min 28 s auf CPU"), ("?lang=en", "~25 h 1 min on CUDA", "~1 min 28 s on CPU")],
+    ids=["de", "en"],
+)
+def test_the_preflight_estimate_is_said_in_its_units(page, services: Services, query, long, short) -> None:
+    """Numbers repro: the estimate was always seconds, to four significant digits: "~90,060 s" for a 25-hour
+    run, where the command line said "~25.0h"."""
+
+    def estimate(steps: int, seconds: float, device: str) -> dict:
+        params = {"steps": steps, "seconds": seconds, "device": device}
+        return {
+            "id": "estimate",
+            "severity": "info",
+            "count": steps,
+            "code": "check.estimate.computed",
+            "params": params,
+        }
+
+    report = {"status": "ok", "checks": [estimate(90_000, 90061.5, "cuda"), estimate(40, 87.5, "cpu")]}
+    answer(page, "**/assistant/training/prepare*", report)
+    open_page(page, services, query)
+    page.locator("#prepare-button").click()
+    rows = page.locator("#checks-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text(long)
+    expect(rows.nth(1)).to_contain_text(short)
+
+
 def test_a_crashed_job_is_said_in_german_whole(page, services: Services, tmp_path: Path) -> None:
     """Cross-surface repro: a job whose training process was killed showed "Fehler: Der Trainingsprozess ist
     abgestürzt: The training process was killed by SIGKILL (often the system's out-of-memory killer); last log

@@ -700,3 +700,18 @@ def test_show_marks_trained_tokens_on_a_terminal_that_cannot_colour_them(monkeyp
     prepare_cli.show_samples(SimpleNamespace(template={"terminator": {"text": "<|im_end|>"}}, samples=[sample]))
     out = capsys.readouterr().out
     assert "[[Hallo!<|im_end|>]]" in out and "\x1b[" not in out, out
+
+
+def test_an_estimate_under_a_second_is_not_said_as_none():
+    """Numbers repro: a one-step run's estimate of 0.1 s read "~0s"."""
+    from lunatrain.prepare import _duration
+
+    assert [_duration(s) for s in (0.1, 0.6, 89, 91, 5400, 90061.5, None)] == [
+        "<1s",
+        "1s",
+        "89s",
+        "2min",
+        "1.5h",
+        "25.0h",
+        "?",
+    ]

@@ -1016,6 +1016,8 @@ def _flops_speed(info: Any, device: str) -> float:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if 0 < seconds < 0.5:
+        return "<1s"
     if seconds < 90:
         return f"{seconds:.0f}s"
     if seconds < 5400:

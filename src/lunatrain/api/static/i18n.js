@@ -393,8 +393,8 @@ const de = {
   "msg.check.val_too_small.few": "Nur {count} Validierungsbeispiele (< {minimum}): der Val-Loss ist vor allem Rauschen",
   "msg.check.val_too_small.few.one": "Nur {count} Validierungsbeispiel (< {minimum}): der Val-Loss ist vor allem Rauschen",
   "msg.check.token_stats.info": "Tokens je Trainingsbeispiel min/Median/p95/max = {minLength}/{medianLength}/{p95Length}/{maxLength} (ganze Gespräche); {supervisedTokens} von {tokens} Tokens trainiert (innerhalb von maxSeqLength)",
-  "msg.check.estimate.measured": "~{steps} Optimierungsschritte, ~{seconds} s auf {device} (gemessen am letzten Job)",
-  "msg.check.estimate.computed": "~{steps} Optimierungsschritte, ~{seconds} s auf {device} (geschätzt aus Modellgröße)",
+  "msg.check.estimate.measured": "~{steps} Optimierungsschritte, ~{seconds} auf {device} (gemessen am letzten Job)",
+  "msg.check.estimate.computed": "~{steps} Optimierungsschritte, ~{seconds} auf {device} (geschätzt aus Modellgröße)",
   "msg.log.training_started": "Training: {samples} Beispiele, {steps} Schritte auf {device}",
   "msg.log.epoch_done": "Epoche {epoch} fertig: Val-Loss {valLoss}, Checkpoint gespeichert",
   "msg.log.epoch_done_no_val": "Epoche {epoch} fertig, Checkpoint gespeichert",
@@ -820,8 +820,8 @@ const en = {
   "msg.check.val_too_small.few": "Only {count} val samples (< {minimum}): the val loss will be mostly noise",
   "msg.check.val_too_small.few.one": "Only {count} val sample (< {minimum}): the val loss will be mostly noise",
   "msg.check.token_stats.info": "Train tokens per sample min/median/p95/max = {minLength}/{medianLength}/{p95Length}/{maxLength} (whole conversations); {supervisedTokens} of {tokens} tokens trained (within maxSeqLength)",
-  "msg.check.estimate.measured": "~{steps} optimizer steps, ~{seconds} s on {device} (measured by the last job)",
-  "msg.check.estimate.computed": "~{steps} optimizer steps, ~{seconds} s on {device} (estimated from model size)",
+  "msg.check.estimate.measured": "~{steps} optimizer steps, ~{seconds} on {device} (measured by the last job)",
+  "msg.check.estimate.computed": "~{steps} optimizer steps, ~{seconds} on {device} (estimated from model size)",
   "msg.log.training_started": "Training {samples} samples, {steps} steps on {device}",
   "msg.log.epoch_done": "Epoch {epoch} done: val loss {valLoss}, checkpoint saved",
   "msg.log.epoch_done_no_val": "Epoch {epoch} done, checkpoint saved",
@@ -901,6 +901,8 @@ export function tMsg(code, params = {}, fallback = "") {
     // A job's state ("cancelled") is a code: said in the page's words, as the job panel says it; so are a
     // dataset tier and a device, as the form's choices say them.
     if (name === "status" && `state.${value}` in TEXTS[lang]) vars[name] = t(`state.${value}`);
+    // A duration in its units, as the command line says it ("1 h 30 min", not "5,400 s").
+    if (name === "seconds" && typeof value === "number") vars[name] = formatDuration(value);
     if ((name === "tier" || name === "device") && `opt.${value}` in TEXTS[lang]) vars[name] = t(`opt.${value}`);
   }
   // The eval gate's reasons, each in the page's words when they come with codes (the sentence is English).
@@ -985,6 +987,7 @@ export function formatDate(iso) {
 
 export function formatDuration(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(Number(seconds))) return "–";
+  if (Number(seconds) > 0 && Number(seconds) < 0.5) return "< 1 s";
   const s = Math.max(0, Math.round(Number(seconds)));
   const m = Math.floor(s / 60);
   // Hours for a long run ("2 h 5 min", not "125 min 30 s"); seconds no longer matter there.
