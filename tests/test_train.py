@@ -828,3 +828,47 @@ def test_a_literal_special_token_in_the_data_refuses_the_run_before_the_model_lo
     assert err.message.startswith("2 samples of the curated tier hold a literal special token in their text"), err
     assert f"{records[3]['id']}, {records[7]['id']}" in err.message and "lunatrain prepare" in err.message
     assert not settings.adapters_dir.exists() or not any(settings.adapters_dir.rglob("adapter_model.safetensors"))
+
+
+def test_the_model_card_says_the_schedule_that_ran():
+    """Numbers repro: a run that maxSteps stopped after one step said "100 epochs, 1 steps"."""
+    from lunatrain.train import model_card
+
+    params = {"epochs": 100, "maxSteps": 1, "learningRate": 0.0002, "batchSize": 2, "gradientAccumulation": 1}
+    params |= {"rank": 8, "alpha": 16, "maxSeqLength": 512, "seed": 42}
+    report = {
+        "adapterName": "a",
+        "version": "v1",
+        "created": "2026-12-05T10:00:00Z",
+        "params": params,
+        "metrics": {"steps": 1, "valLoss": 2.0, "baseValLoss": 2.1},
+        "epochs": [{"epoch": 1, "step": 1}],
+        "dataset": {"tier": "curated", "trainSamples": 10, "valSamples": 2, "fingerprint": "f" * 64},
+        "baseModel": {"id": "luna-tiny"},
+    }
+    assert "| schedule | 1 epoch of 100 (maxSteps 1), 1 step, learning rate 0.0002," in model_card(report)
+    report["params"] |= {"epochs": 2, "maxSteps": None}
+    report["metrics"]["steps"], report["epochs"] = 6, [{"epoch": 1, "step": 3}, {"epoch": 2, "step": 6}]
+    assert "| schedule | 2 epochs, 6 steps, learning rate" in model_card(report)
+
+
+def test_samples_a_short_max_seq_length_leaves_out_are_said(settings):
+    """Numbers repro: `lora --maxSeqLength 16` said only "training 51 samples" (of 241): samples whose answer
+    starts beyond the limit have nothing to train and were left out without a word (prepare, which says it,
+    may not run before `lora` or an API job)."""
+    records = make_records(40, val_every=5)
+    for record in records[::3]:  # a third asks at length: their answers start beyond 128 tokens
+        record["messages"][1]["content"] += " Bitte genau erklären." * 40
+    write_export(settings, records)
+    events: list[dict] = []
+    result = run_lora(_params(maxSteps=1), settings, on_event=events.append)
+    assert result.ok, result.error
+    [said] = [e for e in events if e.get("code") == "log.samples_left_out"]
+    stats = result.report["dataset"]["tokenStats"]
+    p = said["params"]
+    assert 0 < p["train"] == stats["train"]["noSupervised"] < p["trainTotal"] == stats["train"]["count"], said
+    assert p["val"] == stats["val"]["noSupervised"] and p["maxSeqLength"] == 128, said
+    assert said["message"].startswith(f"{p['train']} of {p['trainTotal']} train and {p['val']} of ")
+    events.clear()
+    assert run_lora(_params(maxSteps=1, maxSeqLength=1024), settings, on_event=events.append).ok  # all fit
+    assert not [e for e in events if e.get("code") == "log.samples_left_out"]

@@ -190,6 +190,10 @@ CODES: dict[str, str] = {
     "log.epoch_done_no_val": "an epoch ended with a checkpoint, without a validation split (epoch)",
     "log.adapter_written": "the adapter was written (name, version, path)",
     "log.latest_report_unwritten": "the version is registered, but lora-latest.json could not be written (message)",
+    "log.samples_left_out": (
+        "samples without an answer token within maxSeqLength are left out (train, trainTotal, val, valTotal, "
+        "maxSeqLength)"
+    ),
     "log.training_ended": "training ended (status, message)",
     "log.resume_fresh": "no checkpoint to resume from",
     "log.resume_other_run": "the adapter's furthest checkpoint (checkpoint, epoch) is of another run: differs names the parts (params, data, base, tokenizer, template); starting fresh",

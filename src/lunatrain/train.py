@@ -641,6 +641,25 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             **coded("log.training_started", samples=len(run.train), steps=run.total_steps, device=run.device),
         }
     )
+    left = {split: (run.tokens.stats.get(split) or {}).get("noSupervised", 0) for split in ("train", "val")}
+    if any(left.values()):  # said here too: `lora` alone (or an API job) may run without prepare's length check
+        counts = {split: (run.tokens.stats.get(split) or {}).get("count", 0) for split in ("train", "val")}
+        emit(
+            {
+                "type": "log",
+                "message": f"{left['train']} of {counts['train']} train and {left['val']} of {counts['val']} val "
+                f"samples have no answer token within maxSeqLength {p.max_seq_length} and are left out "
+                "(prepare's length check lists them)",
+                **coded(
+                    "log.samples_left_out",
+                    train=left["train"],
+                    trainTotal=counts["train"],
+                    val=left["val"],
+                    valTotal=counts["val"],
+                    maxSeqLength=p.max_seq_length,
+                ),
+            }
+        )
     t0, seconds0, tokens0, step0 = time.perf_counter(), run.train_seconds, run.tokens_seen, run.step
     for epoch in range(run.epoch, p.epochs):
         if run.step >= run.total_steps:
@@ -922,6 +941,13 @@ def model_card(report: dict[str, Any]) -> str:
     def loss(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, int | float) else "-"
 
+    ran = len(report.get("epochs") or []) or p["epochs"]
+    epochs = counted(ran, "epoch") + (
+        f" of {p['epochs']}" + (f" (maxSteps {p['maxSteps']})" if p.get("maxSteps") else "")
+        if ran < p["epochs"]
+        else ""
+    )
+
     return (
         f"---\nbase_model: {base['id']}\nlibrary_name: peft\ntags:\n- lora\n- lunatrain\n---\n\n"
         f"# {report['adapterName']}@{report['version']}\n\n"
@@ -930,7 +956,7 @@ def model_card(report: dict[str, Any]) -> str:
         + ".\n\n| | |\n|---|---|\n"
         f"| data | tier {d['tier']}, {d['trainSamples']} train and {d['valSamples']} val samples, "
         f"fingerprint {d['fingerprint'][:12]} |\n"
-        f"| schedule | {p['epochs']} epochs, {m['steps']} steps, learning rate {p['learningRate']}, batch "
+        f"| schedule | {epochs}, {counted(m['steps'], 'step')}, learning rate {p['learningRate']}, batch "
         f"{p['batchSize']} x {p['gradientAccumulation']}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
         f"{p['maxSeqLength']}, seed {p['seed']} |\n"
         f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n\n"
