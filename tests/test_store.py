@@ -910,3 +910,17 @@ def test_a_read_is_one_snapshot_while_others_write(db: Settings) -> None:
         store.add_example(db, prompt="Zweite?", response="Auch.")  # another connection commits meanwhile
         assert conn.scalar(sa.select(sa.func.count()).select_from(store.examples_table)) == before == 1
     assert len(store.list_examples(db)) == 2
+
+
+def test_listing_a_data_root_without_a_database_creates_none(settings):
+    """Packaging repro: `lunatrain examples list` in any directory made `data/assistant.db` there (a read
+    that made a data root), while `status`, `adapters list` and `health` create nothing."""
+    for args in (["examples", "list"], ["examples", "list", "--json"], ["memory", "list"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert not (settings.data_dir / "assistant.db").exists(), args
+    assert store.list_examples(settings) == [] and store.list_memory(settings) == []
+    assert not settings.data_dir.exists()
+    with pytest.raises(UsageError):  # the arguments are still checked at once
+        store.list_examples(settings, limit=-1)
+    store.dispose_stores()

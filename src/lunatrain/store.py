@@ -756,7 +756,15 @@ def iter_examples(
         query = query.where(examples_table.c.source == _check_choice(source, SOURCES, "source"))
     if status is not None:
         query = query.where(examples_table.c.status == _check_choice(status, STATUSES, "status"))
+    if _none_yet(settings):
+        return iter(())
     return _stream(settings, query, Example.from_row)
+
+
+def _none_yet(settings: Settings) -> bool:
+    """Whether the data root's own database does not exist yet: a listing says "nothing" rather than create
+    the store wherever it is run. A database URL set explicitly is opened, so that a mistyped one is said."""
+    return not settings.db_url and not has_database(settings)
 
 
 def _stream(settings: Settings, query: sa.Select, make: Callable[[Any], T]) -> Iterator[T]:
@@ -962,6 +970,8 @@ def iter_memory(
     query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)
     if status is not None:
         query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))
+    if _none_yet(settings):
+        return iter(())
     return _stream(settings, query, MemoryItem.from_row)
 
 
