@@ -343,3 +343,32 @@ def test_a_listing_keeps_line_separators_inside_values_as_stored(settings: Setti
     [item] = stdout_json(["examples", "list", "--json"])
     assert (item["prompt"], item["response"]) == ("Zeile eins\u2028Zeile zwei", "gut\u0085so")
     store.dispose_stores()
+
+
+def _strict(text: str):
+    """JSON as a strict reader takes it: NaN and Infinity are not JSON."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+
+def test_json_output_and_reports_never_hold_nan_or_infinity(settings: Settings) -> None:
+    """Numbers repro: a registry holding a non-finite loss (a run that diverged, a file restored by hand) made
+    `adapters list --json` and `adapters show` print `NaN` and `Infinity`, which no strict JSON reader takes;
+    the reports lunatrain writes could hold them too. Both say null, as the API does."""
+    from lunatrain import registry
+    from lunatrain.fsio import atomic_write_json, dumps_json
+
+    assert _strict(dumps_json({"a": float("nan"), "b": [float("inf"), 1.5]})) == {"a": None, "b": [None, 1.5]}
+    entry = {"name": "a", "version": "v1", "baseModel": {"id": "luna-tiny", "fingerprint": "f"}}
+    entry["created"] = "2026-12-01T10:00:00Z"
+    entry |= {"metrics": {"valLoss": float("nan"), "baseValLoss": float("inf")}, "path": "data/adapters/a/v1"}
+    adapters = {"a": {"versions": [entry], "aliases": {"latest": "v1"}, "activeByBase": {}, "activations": []}}
+    path = registry.registry_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": "lunatrain-registry/1", "adapters": adapters}))  # restored by hand
+    for args in (["adapters", "list", "--json"], ["adapters", "show", "a@v1"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert "NaN" not in r.stdout and "Infinity" not in r.stdout, r.stdout
+        _strict(r.stdout)
+    atomic_write_json(settings.home / "r.json", {"loss": float("-inf")})
+    assert _strict((settings.home / "r.json").read_text()) == {"loss": None}

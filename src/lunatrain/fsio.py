@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import JSON_FAULTS, DamagedFile, DiskFull, StorageError, json_fault
+from .wire import finite
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -274,8 +275,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def dumps_json(obj: Any) -> str:
-    """The one JSON style for reports: sorted keys, UTF-8, trailing newline (stable diffs)."""
-    return json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True, default=str) + "\n"
+    """The one JSON style for reports: sorted keys, UTF-8, trailing newline (stable diffs); a non-finite number
+    (a diverged loss) is null, since NaN and Infinity are not JSON and strict readers refuse the file."""
+    return json.dumps(finite(obj), ensure_ascii=False, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

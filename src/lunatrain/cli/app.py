@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from ..errors import LunaError
+from ..wire import finite
 
 app = typer.Typer(
     name="lunatrain",
@@ -78,7 +79,8 @@ def json_text(value: Any, *, indent: int | None = 2, sort_keys: bool = False) ->
     encoding lacks it), but what would act on a
     terminal is escaped (`\\u202e`). `json.dumps` escapes only C0 controls; DEL, C1 controls and the bidi
     controls pass raw otherwise. They can only stand inside strings, where `\\uXXXX` reads back the same."""
-    text = json.dumps(value, ensure_ascii=not takes_unicode(sys.stdout), indent=indent, sort_keys=sort_keys)
+    # NaN and Infinity are not JSON (a registry restored by hand may hold them): null, as the API says them.
+    text = json.dumps(finite(value), ensure_ascii=not takes_unicode(sys.stdout), indent=indent, sort_keys=sort_keys)
     return _UNSEEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
