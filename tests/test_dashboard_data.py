@@ -918,6 +918,21 @@ def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(
     expect(choice).to_have_text(["luna-adapter@v1"])
 
 
+def test_times_name_their_zone(browser, services: Services) -> None:
+    """Cross-surface repro: in Berlin the page showed a version's time as "06.12.2026, 00:21:55" where the
+    command line and the API said 2026-12-05T23:21:55Z: another day, and nothing said which clock."""
+    context = browser.new_context(timezone_id="Europe/Berlin")
+    try:
+        page = context.new_page()
+        body = _adapters("luna-adapter")
+        body["bases"][0]["adapters"][0]["versions"][0]["created"] = "2026-12-05T23:21:55.334Z"
+        answer(page, "**/assistant/training/adapters", body)
+        open_page(page, services)
+        expect(page.locator('tr[data-version="v1"] td').nth(1)).to_have_text("06.12.2026, 00:21:55 MEZ")
+    finally:
+        context.close()
+
+
 def test_report_links_send_the_token_and_a_refused_version_is_named_before_activating(page, services: Services) -> None:
     """Repro: with an API token, "Bericht" and "Loss-Kurve" opened a tab that said only `unauthorized` (a
     plain link sends no token); activating a version the eval gate refused asked the same question as any

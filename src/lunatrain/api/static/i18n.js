@@ -983,8 +983,9 @@ export function formatDate(iso) {
   if (!iso) return "–";
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return String(iso);
-  // "medium": the year in full ("05.12.2026"); "short" wrote "05.12.26", ambiguous in a log or registry.
-  return date.toLocaleString(locale, { dateStyle: "medium", timeStyle: "medium" });
+  // "medium": the year in full ("05.12.2026"); "short" wrote "05.12.26", ambiguous in a log or registry. The
+  // time names its zone ("MEZ"): the reader's clock, where the command line and the files say UTC.
+  return date.toLocaleString(locale, { dateStyle: "medium", timeStyle: "long" });
 }
 
 export function formatDuration(seconds) {
