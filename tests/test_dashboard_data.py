@@ -1055,8 +1055,8 @@ def test_a_page_that_cannot_reach_its_server_says_so_and_a_click_keeps_its_error
     [
         (
             "",
-            "Eval-Gate nicht bestanden: luna-adapter v8 (val-Loss 2,5 schlechter als luna-adapter@v1 (2,4: +4 %, "
-            "erlaubt +2 %); val-Loss 7,8718 ist das 0,92978-fache des Basismodells (8,4663; erlaubt 0,92977))",
+            "Eval-Gate nicht bestanden: luna-adapter v8 (Val-Loss 2,5 schlechter als luna-adapter@v1 (2,4: +4 %, "
+            "erlaubt +2 %); Val-Loss 7,8718 ist das 0,92978-fache des Basismodells (8,4663; erlaubt 0,92977))",
             "Fehler: Der Datensatz „Memory“ hat keine Trainingsbeispiele",
         ),
         (

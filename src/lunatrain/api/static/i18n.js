@@ -141,6 +141,8 @@ const de = {
   "err.network": "Der Server ist nicht erreichbar.",
   "err.http": "Der Server hat mit HTTP {status} ohne Begründung geantwortet.",
   "err.prefix": "Fehler",
+  "split.val": "Val",
+  "split.test": "Test",
   "err.lastLine": "letzte Logzeile: „{line}“",
   "err.resume": "`lunatrain jobs resume {jobId}` setzt ihn ab dem letzten Checkpoint fort (in der API: seine Parameter mit \"resume\": true erneut senden).",
 
@@ -569,6 +571,8 @@ const en = {
   "err.network": "The server cannot be reached.",
   "err.http": "The server answered HTTP {status} without saying why.",
   "err.prefix": "Error",
+  "split.val": "val",
+  "split.test": "test",
   "err.lastLine": "last log line: “{line}”",
   "err.resume": "`lunatrain jobs resume {jobId}` continues it from its last checkpoint (in the API: submit its parameters again with \"resume\": true).",
 
@@ -906,6 +910,8 @@ export function tMsg(code, params = {}, fallback = "") {
     // A duration in its units, as the command line says it ("1 h 30 min", not "5,400 s").
     if (name === "seconds" && typeof value === "number") vars[name] = formatDuration(value);
     if ((name === "tier" || name === "device") && `opt.${value}` in TEXTS[lang]) vars[name] = t(`opt.${value}`);
+    // A split as the page names it elsewhere ("Val-Loss", as the job panel says; not "val-Loss").
+    if (name === "split" && `split.${value}` in TEXTS[lang]) vars[name] = t(`split.${value}`);
   }
   // The eval gate's reasons, each in the page's words when they come with codes (the sentence is English).
   if (Array.isArray(params?.reasonCodes) && params.reasonCodes.length) {
