@@ -115,6 +115,15 @@ def test_an_ended_job_has_no_time_left(store, ended):
     assert done.progress.eta_seconds is None and done.progress.step == 2 and done.progress.total_steps == 5
 
 
+def test_a_jobs_epoch_is_a_whole_number_as_in_its_events(store):
+    """Numbers repro: a job's progress said `"epoch": 3.0` where its progress events said `"epoch": 3`."""
+    job = queued(store)
+    store.claim(job.id)
+    event = {"step": 3, "totalSteps": 9, "epoch": 3, "percent": 33.33}
+    store.add_event(job.id, "progress", event, progress=Progress.model_validate(event))
+    assert json.dumps(store.get(job.id).progress.wire()["epoch"]) == "3"
+
+
 def test_progress_lines_never_say_100_percent_before_the_last_step():
     """Numbers repro: `step 480/482 (100%)` while the JSON said 99.59: whole percents are cut, not rounded."""
     from lunatrain.progress import event_line

@@ -57,7 +57,7 @@ class WireModel(BaseModel):
 class Progress(WireModel):
     step: int = 0
     total_steps: int | None = None
-    epoch: float | None = None
+    epoch: int | None = None
     percent: float = 0.0
     tokens_per_sec: float | None = None
     eta_seconds: float | None = None
