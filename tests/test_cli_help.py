@@ -121,7 +121,11 @@ def test_every_option_of_every_command_says_what_it_does():
     ]
     assert bare == [], bare
     text = " ".join(CliRunner().invoke(app, ["eval-gate", "--help"], env={"COLUMNS": "200"}).output.split())
-    assert "largest relative rise of val or test loss against the baseline; default 0.02, or --profile's [gate]" in text
+    # a fraction, said so: a profile's `maxLossRegression = 5` meant as 5 % allowed a rise of 500 % unseen
+    assert (
+        "largest relative rise of val or test loss against the baseline, a fraction (0.02: 2%); default 0.02, "
+        "or --profile's [gate]" in text
+    )
 
 
 def test_every_option_that_takes_a_value_comes_in_both_spellings():

@@ -88,7 +88,10 @@ class GateThresholds(FewKeys):
         default=1.0, gt=0.0, le=100.0, description="largest val or test loss as a multiple of the base model's"
     )
     max_loss_regression: float = Field(
-        default=0.02, ge=0.0, le=10.0, description="largest relative rise of val or test loss against the baseline"
+        default=0.02,
+        ge=0.0,
+        le=10.0,
+        description="largest relative rise of val or test loss against the baseline, a fraction (0.02: 2%)",
     )
 
 
