@@ -396,3 +396,10 @@ def test_a_damaged_jobs_database_does_not_stop_the_rest_of_gc(settings: Settings
         assert w["idle"].is_dir()
     finally:
         monkeypatch.undo()
+
+
+def test_gc_says_sizes_in_the_unit_that_fits():
+    """Numbers repro: several GB of old checkpoints read "5432.1 MB"."""
+    from lunatrain.cli.gc import _size
+
+    assert [_size(n) for n in (512, 99_999, 100_000, 5_432_100_000)] == ["0.5 kB", "100.0 kB", "0.1 MB", "5.4 GB"]
