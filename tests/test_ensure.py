@@ -77,6 +77,22 @@ def test_two_concurrent_callers_start_one_trainer(home, any_port):
     assert [p.pid for p in trainer_processes(home)] == [procs[0].pid]
 
 
+def test_a_start_command_of_the_users_imports_what_lies_beside_it(home, any_port, monkeypatch, tmp_path):
+    """Review repro: our processes start with PYTHONSAFEPATH=1 (a module in the data root must not shadow the
+    standard library), and a user's ASSISTANT_LORA_TRAINER_START_CMD got it too: `python /opt/x/start.py`
+    could no longer import the module beside it and died with ModuleNotFoundError. Its Python is its own."""
+    tool = tmp_path / "tool"
+    tool.mkdir()
+    (tool / "helper.py").write_text("WORD = 'the module beside it'\n")
+    (tool / "start.py").write_text("import sys\nimport helper\nprint(helper.WORD)\nsys.exit(3)\n")
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", shlex.join([sys.executable, str(tool / "start.py")]))
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    settings = load_settings()
+    with pytest.raises(ServiceUnavailable, match=r"exited while starting \(status 3\)"):
+        ensure_trainer(settings, timeout=60)
+    assert "the module beside it" in log_path(settings).read_text()
+
+
 def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monkeypatch):
     cmd = shlex.join([sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)

@@ -113,6 +113,7 @@ def test_a_child_never_imports_from_the_data_root_nor_another_environments_packa
     `python -m` put first on the import path: a `random.py` there (the data root defaults to where the user
     runs the command) failed every training job. (2) PYTHONPATH led to the installed lunatrain's whole
     site-packages, so a trainer start command running another environment imported this one's torch."""
+    import site
     import sysconfig
 
     from lunatrain.service import spawn
@@ -123,6 +124,8 @@ def test_a_child_never_imports_from_the_data_root_nor_another_environments_packa
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     assert child_env(load_settings(home=tmp_path))["PYTHONPATH"] == "/elsewhere"
     monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in child_env(load_settings(home=tmp_path))
+    monkeypatch.setattr(spawn, "_SRC", site.getusersitepackages())  # review repro: `pip install --user`
     assert "PYTHONPATH" not in child_env(load_settings(home=tmp_path))
     monkeypatch.setattr(spawn, "_SRC", "/checkout/src")  # run from a checkout: the child finds the same one
     assert child_env(load_settings(home=tmp_path))["PYTHONPATH"] == "/checkout/src"

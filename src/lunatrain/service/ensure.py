@@ -127,7 +127,7 @@ def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Pop
     """Start the trainer detached, logging to trainer.log; does not wait for it."""
     argv = start_argv(settings, port)
     log = log_path(settings)
-    env = child_env(settings)
+    env = child_env(settings, ours=not settings.lora_trainer_start_cmd)
     with _start_log(settings, log, f"\n--- {now_iso()} starting trainer: {shlex.join(argv)}\n") as fh:
         try:
             proc = subprocess.Popen(

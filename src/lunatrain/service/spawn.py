@@ -16,15 +16,18 @@ from ..settings import Settings
 _SRC = str(Path(__file__).resolve().parents[2])  # the directory holding the `lunatrain` package
 
 
-def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+def child_env(settings: Settings, *, ours: bool = True, **extra: str) -> dict[str, str]:
     """This process's environment with ASSISTANT_HOME set to `settings.home`. Run from a checkout, PYTHONPATH
     leads to the lunatrain this process runs, so a child never imports another copy; installed, the same
     interpreter finds it anyway, and a trainer start command running another environment must not be handed
-    this one's site-packages (its torch, its transformers)."""
+    this one's site-packages (its torch, its transformers). `ours`: the child is one of our own commands
+    (`lunatrain_argv`, `worker_argv`), not a user's ASSISTANT_LORA_TRAINER_START_CMD."""
     env = dict(os.environ, ASSISTANT_HOME=str(settings.home), **extra)
-    # Children run in the data root, and `python -m` would put their working directory first on the import
-    # path: a `random.py` or `json.py` the user keeps there would shadow the standard library in every job.
-    env["PYTHONSAFEPATH"] = "1"
+    # Our children run in the data root, and `python -m` would put their working directory first on the import
+    # path: a `random.py` or `json.py` the user keeps there would shadow the standard library in every job. A
+    # user's start command is left its own path (a script imports the modules beside it).
+    if ours:
+        env["PYTHONSAFEPATH"] = "1"
     if _SRC not in _site_dirs():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -34,7 +37,8 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
 def _site_dirs() -> set[str]:
     """Where this interpreter finds installed packages by itself."""
     paths = sysconfig.get_paths()
-    return {str(Path(p).resolve()) for p in (paths["purelib"], paths["platlib"], *site.getsitepackages())}
+    found = (paths["purelib"], paths["platlib"], *site.getsitepackages(), site.getusersitepackages())
+    return {str(Path(p).resolve()) for p in found}
 
 
 def lunatrain_argv(*args: str) -> list[str]:
