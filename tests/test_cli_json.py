@@ -358,6 +358,9 @@ def test_json_output_and_reports_never_hold_nan_or_infinity(settings: Settings) 
     from lunatrain.fsio import atomic_write_json, dumps_json
 
     assert _strict(dumps_json({"a": float("nan"), "b": [float("inf"), 1.5]})) == {"a": None, "b": [None, 1.5]}
+    # review repro: keys JSON writes itself are written as before (spelled `true`, 9 sorted before 10)
+    assert dumps_json({10: "x", 9: "y"}).index('"9"') < dumps_json({10: "x", 9: "y"}).index('"10"')
+    assert _strict(dumps_json({True: 1})) == {"true": 1}
     entry = {"name": "a", "version": "v1", "baseModel": {"id": "luna-tiny", "fingerprint": "f"}}
     entry["created"] = "2026-12-01T10:00:00Z"
     entry |= {"metrics": {"valLoss": float("nan"), "baseValLoss": float("inf")}, "path": "data/adapters/a/v1"}

@@ -918,6 +918,35 @@ def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(
     expect(choice).to_have_text(["luna-adapter@v1"])
 
 
+def test_a_changed_model_list_leaves_send_disabled_while_an_answer_is_on_its_way(page, services: Services) -> None:
+    """Review repro: the background refresh redrew the model choice when it changed, and with it turned Send
+    on again while the answer to the first question was still on its way: a second click sent a second
+    request beside it."""
+    served = {"active": True}
+    pending: list = []
+
+    def models(route) -> None:
+        data = [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
+        data += [{"id": n, "object": "model", "owned_by": "lunatrain"} for n in ("luna-adapter", "luna-adapter@v1")]
+        data = data if served["active"] else data[:1] + data[2:]
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": data}))
+
+    page.clock.install()
+    page.route("**/v1/models", models)
+    page.route("**/v1/chat/completions", lambda route: pending.append(route))  # never answered: still generating
+    open_page(page, services, "?lang=en")
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-model option")).to_have_count(2)
+    page.locator("#try-prompt").fill("Hallo?")
+    send = page.locator("#try-send")
+    send.click()
+    expect(send).to_have_attribute("aria-busy", "true")
+    served["active"] = False  # deactivated in a shell
+    page.clock.run_for(16_000)
+    expect(page.locator("#try-model option")).to_have_count(1)
+    expect(send).to_be_disabled()
+
+
 def test_times_name_their_zone(browser, services: Services) -> None:
     """Cross-surface repro: in Berlin the page showed a version's time as "06.12.2026, 00:21:55" where the
     command line and the API said 2026-12-05T23:21:55Z: another day, and nothing said which clock."""

@@ -124,12 +124,20 @@ def test_a_jobs_epoch_is_a_whole_number_as_in_its_events(store):
     assert json.dumps(store.get(job.id).progress.wire()["epoch"]) == "3"
 
 
-def test_progress_lines_never_say_100_percent_before_the_last_step():
+def test_progress_lines_never_say_100_percent_before_the_last_step(store):
     """Numbers repro: `step 480/482 (100%)` while the JSON said 99.59: whole percents are cut, not rounded."""
     from lunatrain.progress import event_line
 
     assert event_line({"type": "progress", "step": 480, "totalSteps": 482, "percent": 99.59}) == "step 480/482 (99%)"
     assert event_line({"type": "progress", "step": 482, "totalSteps": 482, "percent": 100.0}) == "step 482/482 (100%)"
+    # review repro: `jobs list` and `jobs show` still rounded
+    from lunatrain.cli.trainer import summary
+
+    job = queued(store)
+    store.claim(job.id)
+    event = {"step": 480, "totalSteps": 482, "percent": 99.59}
+    store.add_event(job.id, "progress", event, progress=Progress.model_validate(event))
+    assert summary(store.get(job.id)) == "step 480/482 (99%)"
 
 
 def test_jobs_survive_a_reopen(settings, store):

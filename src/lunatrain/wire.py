@@ -67,11 +67,15 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
 
 
 def finite(value: Any) -> Any:
-    """JSON-safe copy of `value`: non-finite floats become None, recursively through dicts, lists and tuples."""
+    """JSON-safe copy of `value`: non-finite floats become None, recursively through dicts, lists and tuples.
+    Keys JSON writes itself (text, numbers, booleans) stay as they are, so it spells them (`true`) and sorts
+    them (9 before 10); others become their text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
+        return {
+            k if isinstance(k, str | int | float | bool) or k is None else str(k): finite(v) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value

@@ -7,6 +7,7 @@ come back. Exit codes: 0 succeeded, 1 failed or cancelled (or trainer offline), 
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import time
@@ -267,7 +268,7 @@ def summary(job: Job) -> str:
         return f"{job.error.code}: {job.error.message}"
     p = job.progress
     if job.status in ("running", "cancelling") and p.total_steps:
-        return f"step {p.step}/{p.total_steps} ({p.percent:.0f}%)"
+        return f"step {p.step}/{p.total_steps} ({math.floor(p.percent)}%)"  # cut, as the progress line does
     if job.status == "cancelled":
         return f"at step {p.step} of {p.total_steps}" if p.total_steps else "before its first step"
     return ""

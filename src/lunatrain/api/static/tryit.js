@@ -112,7 +112,8 @@ export class TryPanel {
       // No longer "loading": the list is empty until a later refresh answers (the message says why).
       if (!this.select.value) this.select.replaceChildren();
     }
-    if (!$("try-example-list").children.length) this.loadExamples();
+    // Not from the background refresh: a list that failed to load would say so again every 15 s.
+    if (!background && !$("try-example-list").children.length) this.loadExamples();
   }
 
   render(models) {
@@ -136,7 +137,9 @@ export class TryPanel {
     // The hint says why the list is disabled; a hidden one would still be read as its description.
     if (none) this.select.setAttribute("aria-describedby", "try-no-adapter");
     else this.select.removeAttribute("aria-describedby");
-    this.send.disabled = this.base === null;
+    // A redraw while an answer is on its way (the background refresh) keeps Send off: a second click would
+    // send a second request beside the first.
+    this.send.disabled = this.base === null || this.send.getAttribute("aria-busy") === "true";
   }
 
   typedMaxTokens() {
