@@ -234,6 +234,31 @@ def test_a_trainer_job_is_shown_from_its_own_record_not_its_report(settings):
     assert (last["jobId"], last["source"]) == (job.id, "trainer") and last["gate"]["passed"] is True, last
 
 
+def test_a_failed_job_queued_behind_another_is_the_last_job(settings):
+    """Long-session repro: a job queued behind a longer one that then failed (a damaged base, a killed worker)
+    left status naming the job before it as the last, "succeeded": the failed job was submitted before that
+    job's report was written, and the two were compared by those times. A trainer job's report is that job's;
+    the trainer's own record says which job came last. While a job waits, status names it too."""
+    from lunatrain.params import LoraParams
+    from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
+
+    db = JobStore(jobs_db_path(settings.data_dir))
+    try:
+        first, _ = db.create(LoraParams(adapter_name="a1"))
+        second, _ = db.create(LoraParams(adapter_name="brk"))
+        db.set_status(first.id, "succeeded", finished_at="2999-01-01T00:00:10.000Z")
+        registry.write_latest(settings, {"status": "succeeded", "jobId": first.id, "created": "2999-01-01T00:00:09Z"})
+        assert training_status(settings, 0)["lastJob"]["jobId"] == second.id  # queued: the newest job
+        db.set_status(second.id, "failed", error=JobError(code="storage_error", message="damaged").wire())
+    finally:
+        db.close()
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["jobId"], last["status"], last["source"]) == (second.id, "failed", "trainer"), last
+    # a run in this process (no job) after the trainer's last job is still the last one
+    registry.write_latest(settings, {"status": "succeeded", "jobId": None, "created": "2999-01-02T00:00:00Z"})
+    assert training_status(settings, 0)["lastJob"]["source"] == "report"
+
+
 def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
     """Repro: `lunatrain status` showed lastJob.durationSeconds null for every job the trainer ran (it read
     a metric the trainer never records); the job's own startedAt and finishedAt say how long it ran."""

@@ -157,14 +157,21 @@ def _read(path: Path) -> Any:
 
 def _last_job(settings: Settings) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
-    job, run = _last_store_job(settings), _last_local_run(settings)
-    if job is not None and run is not None and run["jobId"] == job["jobId"]:
-        return job  # the report of that same job: the trainer's record is the whole story (finish, gate)
-    candidates = [j for j in (job, run) if j is not None]
-    return max(candidates, key=lambda j: str(j.get("created") or "")) if candidates else None
+    (job, active_at), run = _last_store_job(settings), _last_local_run(settings)
+    if job is not None and run is not None and run["jobId"]:
+        # The report of a trainer job (this one, or one before it that a queued job waited behind): the
+        # trainer's record is the whole story (finish, gate) and knows which of its jobs came last.
+        return job
+    if job is None or run is None:
+        return job or run
+    # An in-process run beside the trainer's jobs: whichever did something last, a job by its finish (else its
+    # start, else its submission), the run by its report, written when it ended.
+    return job if str(active_at or "") >= str(run.get("created") or "") else run
 
 
-def _last_store_job(settings: Settings) -> dict[str, Any] | None:
+def _last_store_job(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
+    """The trainer's newest job as `lastJob` says it, and when it last did something (its finish, else its
+    start, else its submission)."""
     from .service.jobs import existing_store
 
     def latest() -> Any:
@@ -174,7 +181,7 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
 
     job = _safe(latest)
     if job is None:
-        return None
+        return None, None
     metrics = job.metrics or {}
     return {
         "jobId": job.id,
@@ -197,7 +204,7 @@ def _last_store_job(settings: Settings) -> dict[str, Any] | None:
         }
         if isinstance(job.gate, dict)
         else None,
-    }
+    }, job.finished_at or job.started_at or job.created_at
 
 
 def _last_local_run(settings: Settings) -> dict[str, Any] | None:
