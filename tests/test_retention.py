@@ -100,7 +100,7 @@ def _state(settings: Settings) -> dict:
 
 
 def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ASSISTANT_RETAIN_JOBS", "6")  # of 11 jobs: the 5 oldest finished ones go by count
+    monkeypatch.setenv("ASSISTANT_RETAIN_JOBS", "6")  # of 10 finished jobs: the 4 oldest go by count
     monkeypatch.setenv("ASSISTANT_RETAIN_EXPORTS", "2")
     w = _world(settings)
     registry_before = (settings.reports_training_dir / "lora-adapters.json").read_bytes()
@@ -114,12 +114,13 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
     for item in planned["items"]:
         kinds.setdefault(item["kind"], []).append(item["path"])
         assert item["bytes"] > 0
-    # newest first: the running job and the 5 newest finished are kept; ids[0..4] go (0, 1 are also old)
-    gone = w["ids"][:5]
+    # newest first: the 6 newest finished are kept (the running job takes no place among them); ids[0..3] go
+    # (0, 1 are also old)
+    gone = w["ids"][:4]
     assert sorted(kinds["job-log"]) == sorted(
         [f"data/trainer/logs/{j}.log" for j in gone] + [f"data/trainer/logs/{j}.torchrun" for j in gone[::4]]
     )
-    assert len(kinds["job-events"]) == 5
+    assert len(kinds["job-events"]) == 4
     # four exports, the fixture's settings (3) pruned the first already; gc under RETAIN_EXPORTS=2 one more
     assert len(kinds["export"]) == 1 and all(ex.current_id(settings) not in p for p in kinds["export"])
     assert sorted(kinds["token-cache"]) == [
@@ -133,7 +134,7 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
     assert r.exit_code == 0 and "Removed" in r.output, r.output
     # one line per item, then the sum in words ("Removed 1 export, 5 job-events, 7 job-log, …" read wrong)
     assert r.output.splitlines()[-1].startswith(
-        "Removed 1 export, 5 jobs' events, 7 job logs, 1 run work directory, 2 token caches: "
+        "Removed 1 export, 4 jobs' events, 5 job logs, 1 run work directory, 2 token caches: "
     ), r.output
     after = _state(settings)
     assert set(after["events"]) == set(before["events"]) - set(gone)
@@ -145,7 +146,7 @@ def test_dry_run_lists_and_gc_removes_exactly_the_policy(settings: Settings, mon
     logs = settings.data_dir / "trainer" / "logs"
     assert (logs / f"{w['running']}.log").exists() and (logs / f"{w['running']}.torchrun").is_dir()
     assert sorted(p.name for p in logs.glob("*.torchrun")) == sorted(
-        f"{j}.torchrun" for j in (w["running"], w["ids"][8])
+        f"{j}.torchrun" for j in (w["running"], w["ids"][4], w["ids"][8])
     )
     assert retention.collect(settings, dry_run=True).items == []  # nothing left to do
 
@@ -157,6 +158,28 @@ def test_age_rule_removes_old_jobs_within_the_count(settings: Settings) -> None:
     old = w["ids"][:2]  # the two 40-day-old ones; the first ran under torchrun
     assert logs == {f"data/trainer/logs/{j}.log" for j in old} | {f"data/trainer/logs/{old[0]}.torchrun"}
     assert all("days ago" in i.reason for i in report.items if i.kind == "job-log")
+
+
+def test_only_finished_jobs_count_toward_the_jobs_kept(settings: Settings) -> None:
+    """Long-session repro: with ASSISTANT_RETAIN_JOBS=8 and five jobs queued or running, gc (and the trainer's
+    cleanup after each job) removed the logs of five of the eight most recent finished jobs: the waiting
+    ones took their places. README promises the most recent *finished* jobs."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    settings.trainer_logs_dir.mkdir(parents=True)
+    finished = []
+    for _ in range(10):
+        job, _ = jobs.create(LoraParams())
+        jobs.set_status(job.id, "succeeded")
+        (settings.trainer_logs_dir / f"{job.id}.log").write_text("done")
+        finished.append(job.id)
+    for status in ("running", "queued", "queued", "queued", "queued"):
+        job, _ = jobs.create(LoraParams())
+        if status == "running":
+            jobs.set_status(job.id, "running")
+    jobs.close()
+    report = retention.collect(settings.model_copy(update={"retain_jobs": 8}), dry_run=True)
+    gone = {i.path for i in report.items if i.kind == "job-log"}
+    assert gone == {f"data/trainer/logs/{j}.log" for j in finished[:2]}, gone
 
 
 def test_dry_run_on_a_read_only_data_root(settings: Settings) -> None:

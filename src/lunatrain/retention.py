@@ -4,7 +4,7 @@ The policy (settings, ASSISTANT_* variables):
 
 - **Job events and logs** (`data/trainer/jobs.db` table `events`, `data/trainer/logs/<job>.log` and, for a
   data-parallel job, torchrun's per-rank files in `data/trainer/logs/<job>.torchrun/`): of a
-  finished job (succeeded, failed, cancelled) once it is not among the `RETAIN_JOBS` (50) most recent jobs
+  finished job (succeeded, failed, cancelled) once it is not among the `RETAIN_JOBS` (50) most recent finished jobs
   or finished more than `RETAIN_JOB_DAYS` (30) days ago. The job row itself stays (status, metrics,
   adapter, error: one small row per job), so every job id still answers. Jobs that have not finished are
   never touched.
@@ -141,12 +141,12 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
     db = _open_jobs(path, dry_run)
     try:
         rows = db.execute("SELECT id, status, finished_at, created_at FROM jobs ORDER BY seq DESC").fetchall()
+        # The most recent *finished* jobs are kept: jobs still queued or running take no place among them.
+        ended = [row for row in rows if row[1] in TERMINAL]
         doomed: list[tuple[str, str]] = []
-        for rank, (job_id, status, finished_at, created_at) in enumerate(rows):
-            if status not in TERMINAL:
-                continue
+        for rank, (job_id, _status, finished_at, created_at) in enumerate(ended):
             if rank >= settings.retain_jobs:
-                doomed.append((job_id, f"beyond the {settings.retain_jobs} most recent jobs"))
+                doomed.append((job_id, f"beyond the {settings.retain_jobs} most recent finished jobs"))
             elif _parse(finished_at or created_at) < cutoff:
                 doomed.append((job_id, f"finished more than {settings.retain_job_days:g} days ago"))
         items = []
