@@ -846,6 +846,30 @@ def test_events_of_a_job_the_panel_moved_away_from_are_not_drawn_for_the_next(pa
     expect(page.locator("#loss-chart .chart-train")).to_have_count(0)
 
 
+def test_a_long_queue_lists_the_jobs_that_run_next(page, services: Services) -> None:
+    """Long-session repro: with 22 jobs queued, "Weitere Jobs" listed 20 and left out the two oldest, the ones
+    that run next: each list is newest first, and the page asked for a page of 20. The trainer's answer here
+    is a page of the size asked for, newest first, as the real one is."""
+    queued = [_job(f"ftjob-q{i:02d}", "queued", f"a{i}") for i in range(25)][::-1]  # newest first
+
+    def job_list(route) -> None:
+        status = re.search(r"status=(\w+)", route.request.url).group(1)
+        limit = int(re.search(r"limit=(\d+)", route.request.url).group(1))
+        data = queued if status == "queued" else [_job("ftjob-run", "running", "long")] if status == "running" else []
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"data": data[:limit]}))
+
+    page.route("**/assistant/training/lora/jobs?*", job_list)
+    answer(page, "**/assistant/training/lora/status?jobId=*", _job("ftjob-run", "running", "long"))
+    answer(page, "**/assistant/training/lora/status", _job("ftjob-run", "running", "long"))
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services, "?lang=en")
+    buttons = page.locator("#job-others button")
+    expect(buttons).to_have_count(20)
+    expect(buttons.first).to_contain_text("ftjob-q00")  # the oldest: it runs next
+    expect(buttons.last).to_contain_text("ftjob-q19")
+    expect(page.locator("#job-others")).to_contain_text("and 5 more queued")
+
+
 def test_a_job_started_elsewhere_is_followed_without_a_reload(page, services: Services) -> None:
     """Repro: a second tab kept showing the finished job while another tab's new job ran; only a reload
     showed it. The page's clock is run forward to its next background refresh instead of waiting for it."""

@@ -13,6 +13,7 @@ const POLL_MAX_MS = 15000;
 const OTHERS_MS = 5000;
 // Unfinished states, the order the list shows them in: what runs, then what waits (the next to run first).
 const ACTIVE_STATES = ["running", "cancelling", "validating", "queued"];
+const OTHERS_SHOWN = 20; // jobs listed beside the one followed; a longer queue says how many more wait
 
 /**
  * Add the loss points of one event to `series`: a training step (`progress`) carries `step` and `loss`; an
@@ -90,7 +91,9 @@ export class JobView {
     this.othersAt = Date.now();
     let active;
     try {
-      const lists = await Promise.all(ACTIVE_STATES.map((status) => api.jobs(status)));
+      // Newest first, so a queue longer than a page would lose the jobs that run next: all queued ones are read
+      // (the API's largest page), and the list below shows the first of them.
+      const lists = await Promise.all(ACTIVE_STATES.map((status) => api.jobs(status, status === "queued" ? 500 : 20)));
       // Each list is newest first; a queue runs oldest first, so that is the order the waiting ones show in.
       const all = lists.flatMap((list, i) => (ACTIVE_STATES[i] === "queued" ? [...list.data].reverse() : list.data));
       // A job that moved from one list to the next between the requests is listed once, in its later state.
@@ -116,15 +119,18 @@ export class JobView {
   }
 
   renderOthers() {
-    const others = this.active.filter((job) => job.id !== this.jobId);
+    const waiting = this.active.filter((job) => job.id !== this.jobId);
+    const others = waiting.slice(0, OTHERS_SHOWN); // in queue order: the ones that run next
+    const more = waiting.length - others.length;
     const box = this.els["job-others"];
     box.hidden = !others.length;
+    const tail = more > 0 ? [h("span", {}, t("job.othersMore", { count: more }))] : [];
     box.replaceChildren(...(others.length ? [h("span", {}, t("job.others")), ...others.map((job) => {
       const vars = { jobId: job.id, name: job.params?.adapterName ?? "–", state: t(`state.${job.status}`) };
       // Named by the words it shows, so voice control reaches it by them; what it does is its description.
       return h("button", { type: "button", class: "small", title: t("job.otherLabel", vars),
         onclick: () => this.follow(job) }, t("job.other", vars));
-    })] : []));
+    }), ...tail] : []));
   }
 
   async poll() {
