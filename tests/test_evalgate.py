@@ -718,3 +718,33 @@ def test_a_failed_registry_write_in_the_gate_leaves_no_active_version_without_it
     assert report.passed and report.promoted, report.reasons
     active = registry.get_version(settings, "luna-adapter", "active")
     assert active["version"] == v2["version"] and active["gate"]["passed"] is True
+
+
+@pytest.mark.parametrize("strategy", ["versioned", "overwrite"])
+def test_a_cancel_during_the_gate_keeps_the_version_registered_and_takes_nothing_over(settings, strategy):
+    """Long-session repro: `jobs cancel` while a job's eval gate ran was accepted ("cancelling"), then the gate
+    passed and activated the new version anyway. A cancel that comes during the gate now keeps the decision
+    from taking effect: the version stays registered, inactive (an overwrite run does not take the slot)."""
+    from lunatrain.flow import train_and_gate
+    from lunatrain.params import FlowOptions, parse_params
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(40, val_every=5))
+    cancelled = {"now": False}
+    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
+    params = parse_params(params.wire() | {"adapterStrategy": strategy})
+    outcome = train_and_gate(
+        settings,
+        params,
+        FlowOptions(gate=True),
+        thresholds={"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
+        should_stop=lambda: cancelled["now"],
+        on_trained=lambda _outcome: cancelled.update(now=True),  # the cancel comes once it is registered
+    )
+    assert outcome["status"] == "succeeded" and outcome["adapter"] is not None, outcome
+    gate = outcome["gate"]
+    assert gate["passed"] is True and gate["promoted"] is False, gate
+    assert registry.get_version(settings, params.adapter_name, "latest") is not None
+    with pytest.raises(NotFound):
+        registry.get_version(settings, params.adapter_name, "active")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,12 +389,13 @@ def gate_candidate(
     version: str,
     *,
     revision: int | None = None,
-    promote: bool = True,
+    promote: bool | Callable[[], bool] = True,
     thresholds: dict[str, Any] | GateThresholds | None = None,
 ) -> GateReport:
     """The post-training gate: evaluate NAME@VERSION (of the overwrite slot: its `revision`) against the
     current active version (else the base); when it passes and `promote`, make it active. The outcome is
-    recorded on the version either way. A staged overwrite revision takes the slot only when it passes."""
+    recorded on the version either way. A staged overwrite revision takes the slot only when it passes and
+    `promote`. `promote` may be asked once the evaluation is done (a job cancelled meanwhile: False)."""
     from . import registry
 
     th = parse_thresholds(thresholds)
@@ -403,13 +404,16 @@ def gate_candidate(
     )
     report = _run(settings, entry, None, th)
     report.promoted = False
+    go = promote() if callable(promote) else promote
+    if report.passed and not go:
+        report.notes.append("not activated: the job was cancelled while the gate ran")
     fingerprint = entry.get("baseModel", {}).get("fingerprint", "?")
     active_before = registry.active_version(settings, name, fingerprint)
     if entry.get("staged"):
-        entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed)
+        entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed and go)
     if report.passed and entry.get("replaced"):  # settled as not kept before this gate finished
         report.notes.append(f"not kept: revision {entry.get('revision')} no longer exists")
-    elif report.passed and promote:
+    elif report.passed and go:
         if registry.same_entry(active_before, entry):
             report.notes.append("already active")
         elif active_before is not None and active_before["version"] == entry["version"]:

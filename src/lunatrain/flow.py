@@ -115,8 +115,15 @@ def train_and_gate(
             }
         )
         try:
+            # A cancel that comes while the gate evaluates (minutes on a real model) keeps its decision from
+            # taking effect: the version stays registered, inactive.
             report = evalgate.gate_candidate(
-                settings, adapter["name"], adapter["version"], revision=revision, promote=True, thresholds=thresholds
+                settings,
+                adapter["name"],
+                adapter["version"],
+                revision=revision,
+                promote=lambda: not (should_stop and should_stop()),
+                thresholds=thresholds,
             )
             outcome["gate"] = report.gate_record()
         except Exception as exc:  # a broken gate never undoes the adapter: registered, inactive

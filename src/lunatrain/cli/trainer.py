@@ -173,7 +173,8 @@ def jobs_follow(job_id: JobArg) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: JobArg) -> None:
-    """Cancel a queued or running job (a running one stops at its next step; nothing is registered)."""
+    """Cancel a queued or running job (a running one stops at its next step; nothing is registered). One whose
+    adapter was registered already keeps that version, inactive: a cancel during its eval gate activates nothing."""
     try:
         job = trainer_client.cancel(load_settings(), job_id)
     except LunaError as err:
