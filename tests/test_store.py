@@ -924,3 +924,27 @@ def test_listing_a_data_root_without_a_database_creates_none(settings):
     with pytest.raises(UsageError):  # the arguments are still checked at once
         store.list_examples(settings, limit=-1)
     store.dispose_stores()
+
+
+def test_a_data_root_this_process_may_only_read_can_be_read(settings: Settings) -> None:
+    """Repro: on a read-only data root (a backup mounted read-only, a root shared with read access) `status`
+    and `examples list` failed with "cannot be written": SQLite's WAL needs a -shm file beside the database
+    even to read. Such a database is opened read-only: reading works, a change is refused in one sentence."""
+    from faults import read_only
+
+    store.add_example(settings, prompt="Erste?", response="Ja.")
+    store.dispose_stores()
+    with read_only(settings.data_dir):
+        assert [e.prompt for e in store.list_examples(settings)] == ["Erste?"]
+        assert store.counts(settings)["examples"]["curated"]["approved"] == 1
+        listed = CliRunner().invoke(app, ["examples", "list", "--json"])
+        assert listed.exit_code == 0 and [e["prompt"] for e in json.loads(listed.output)] == ["Erste?"], listed.output
+        status = CliRunner().invoke(app, ["status"])
+        assert status.exit_code == 0 and "cannot" not in status.output, status.output
+        r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Zweite?", "--response", "Nein."])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert "cannot be written by this process" in r.output, r.output
+        store.dispose_stores()
+    assert [e.prompt for e in store.list_examples(settings)] == ["Erste?"]  # and writable again afterwards
+    store.add_example(settings, prompt="Zweite?", response="Nein.")
+    store.dispose_stores()

@@ -290,9 +290,14 @@ def _sqlite_file(url: str) -> str:
 
 def _sqlite_engine(url: str) -> Engine:
     db_path = _sqlite_file(url)
-    Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    if not sa.engine.make_url(url).query:  # a plain file (not mode=ro, not a URI a user composed)
-        create_plain(Path(db_path))
+    plain = not sa.engine.make_url(url).query  # a plain file (not mode=ro, not a URI a user composed)
+    read_only = plain and _only_readable(Path(db_path))
+    if read_only:
+        url = _read_only_url(Path(db_path))
+    else:
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        if plain:
+            create_plain(Path(db_path))
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @sa.event.listens_for(engine, "connect")
@@ -301,8 +306,9 @@ def _sqlite_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
-        sqlite_wal(cur)  # readers never block the writer (export vs. ingest)
-        cur.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster commits
+        if not read_only:  # a read-only file keeps its journal mode: changing it is a write
+            sqlite_wal(cur)  # readers never block the writer (export vs. ingest)
+            cur.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster commits
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
@@ -311,6 +317,29 @@ def _sqlite_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("luna_write") else "BEGIN")
 
     return engine
+
+
+def _only_readable(path: Path) -> bool:
+    """Whether the database file is there, readable, but this process may not write it or its folder (a
+    read-only mount, a root shared with read access): it is opened read-only rather than not at all."""
+    return (
+        path.is_file()
+        and os.access(path, os.R_OK)
+        and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK))
+    )
+
+
+def _read_only_url(path: Path) -> str:
+    """The URL that opens `path` read-only. SQLite's WAL mode needs a `-shm` file beside the database even to
+    read; in a folder it cannot write, and without one left there, the file is opened as immutable (no
+    writer can be there: nobody may write the folder). A `-wal` file left with changes keeps them unread
+    that way, so then only plain read-only is tried (it reads them where its `-shm` file is there too)."""
+    from urllib.parse import quote
+
+    folder_writable = os.access(path.parent, os.W_OK | os.X_OK)
+    shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
+    immutable = not folder_writable and not shm.exists() and not (wal.exists() and wal.stat().st_size > 0)
+    return f"sqlite:///file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
 
 
 def _server_engine(url: str) -> Engine:
