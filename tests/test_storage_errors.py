@@ -373,13 +373,16 @@ def test_a_busy_database_is_busy_not_damaged(settings: Settings, monkeypatch: py
     assert store.counts(settings)["totals"]["examples"] == 2
 
 
-def test_a_read_only_data_root_says_why_the_database_cannot_be_opened(settings: Settings) -> None:
+def test_a_read_only_data_root_is_read_and_says_why_it_cannot_be_changed(settings: Settings) -> None:
     """Repro: on a read-only data root (a mounted backup) `examples list` said only "unable to open database
-    file", though the file is there and readable: SQLite writes its journal beside it, even to read."""
+    file", though the file is there and readable: SQLite writes its journal beside it, even to read. Then it
+    said why; now the database opens read-only, so the listing works and a change says why it cannot."""
     store.add_example(settings, prompt="erste", response="Antwort")
     store.dispose_stores()
     with read_only(settings.home):
-        r = CliRunner().invoke(app, ["examples", "list"])
+        listed = CliRunner().invoke(app, ["examples", "list"])
+        added = CliRunner().invoke(app, ["examples", "add", "--prompt", "zweite", "--response", "Antwort"])
     store.dispose_stores()
-    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    assert "cannot be written, and SQLite writes beside the database even to read" in r.output, r.output
+    assert listed.exit_code == 0 and "erste" in listed.output, listed.output
+    assert added.exit_code == 1 and added.output.count("\n") == 1, added.output
+    assert "cannot be written by this process" in added.output, added.output
