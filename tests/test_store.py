@@ -948,3 +948,20 @@ def test_a_data_root_this_process_may_only_read_can_be_read(settings: Settings) 
     assert [e.prompt for e in store.list_examples(settings)] == ["Erste?"]  # and writable again afterwards
     store.add_example(settings, prompt="Zweite?", response="Nein.")
     store.dispose_stores()
+
+
+def test_deleting_content_held_only_unapproved_as_the_other_kind_leaves_a_tombstone(db: Settings) -> None:
+    """Tier repro: an example whose content was also a memory item, rejected, was deleted without a tombstone
+    (the other kind "still held" it), so no adapter trained on it was marked stale, prepare only warned and
+    lora trained on the old export that held it. Only content the other kind holds *approved* is still
+    trained on; only that spares the tombstone."""
+    ex = store.add_example(db, prompt="Wie heißt mein Hund?", response="Bruno.")
+    mem = store.add_memory(db, question="Wie heißt mein Hund?", answer="Bruno.", status="rejected")
+    assert mem.hash == ex.hash
+    assert store.delete_examples(db, [ex.id]).hashes == [ex.hash]
+    assert ex.hash in store.deleted_hashes(db)
+    store.set_memory_status(db, [mem.id], "approved")  # approved again: the content is in the data once more
+    again = store.add_example(db, prompt="Wie heißt mein Hund?", response="Bruno.")
+    assert store.deleted_hashes(db) == {}
+    assert store.delete_examples(db, [again.id]).hashes == []  # the approved memory item still trains on it
+    assert store.deleted_hashes(db) == {}

@@ -556,11 +556,16 @@ def _default_status(source: str, status: str | None) -> str:
     return _check_choice(status, STATUSES, "status")
 
 
-def _existing(conn: Connection, table: sa.Table, hashes: Sequence[str]) -> dict[str, int]:
+def _existing(
+    conn: Connection, table: sa.Table, hashes: Sequence[str], *, approved_only: bool = False
+) -> dict[str, int]:
     found: dict[str, int] = {}
     for i in range(0, len(hashes), _CHUNK):
         chunk = hashes[i : i + _CHUNK]
-        for row in conn.execute(sa.select(table.c.hash, table.c.id).where(table.c.hash.in_(chunk))):
+        query = sa.select(table.c.hash, table.c.id).where(table.c.hash.in_(chunk))
+        if approved_only:
+            query = query.where(table.c.status == "approved")
+        for row in conn.execute(query):
             found[row.hash] = row.id
     return found
 
@@ -853,8 +858,9 @@ def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) 
             chunk = wanted[i : i + _CHUNK]
             hashes = list(conn.scalars(sa.select(table.c.hash).where(table.c.id.in_(chunk))))
             conn.execute(table.delete().where(table.c.id.in_(chunk)))
-            # A hash still present as the other kind is still trained on: no tombstone for it.
-            still = set(_existing(conn, other, hashes))
+            # A hash the other kind still holds approved is still trained on: no tombstone for it. Held there
+            # pending or rejected, it is in no export, so adapters trained on it are stale.
+            still = set(_existing(conn, other, hashes, approved_only=True))
             gone = [h for h in hashes if h not in still]
             _forget_tombstones(conn, gone)
             if gone:
