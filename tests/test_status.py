@@ -607,3 +607,20 @@ def test_last_prepare_says_when_it_checked_an_older_export(settings):
     out = CliRunner().invoke(app, ["status"]).output
     line = next(x for x in out.splitlines() if x.startswith("last prepare"))
     assert line.endswith("of an older export; run `lunatrain prepare`"), line
+
+
+def test_a_tier_whose_current_export_has_no_train_sample_is_not_ready(settings):
+    """Tier repro: two memory items whose hashes both fell in val made `status` say the memory tier was ready
+    (`ready: true`, the dashboard "Memory: ja"); prepare then failed with empty_train and lora refused. Where
+    the last export is current, its train split says whether a tier has anything to train on."""
+    from lunatrain.formats import make_draft
+
+    store.add_examples(settings, [make_draft(prompt=f"Frage {i}?", response="Antwort.") for i in range(40)])
+    store.add_memory(settings, question="Wie heißt mein Hund?", answer="Bruno.")
+    export.export(settings, val_ratio=0.98, test_ratio=0.0)  # almost everything in val: memory's one item too
+    counts = export.read_summary(settings)["counts"]["memory"]
+    assert counts["train"] == 0 and counts["total"] == 1, counts
+    tier = training_status(settings, 0)["tiers"]["memory"]
+    assert tier["ready"] is False and tier["reason"] == "the current export's memory tier has no train sample", tier
+    store.add_memory(settings, question="Wie heißt meine Katze?", answer="Mia.")  # changed since: not known
+    assert training_status(settings, 0)["tiers"]["memory"]["ready"] is True

@@ -70,6 +70,13 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     problems: list[str] = []
     active, base_known = _active_adapters(settings, problems)
     tiers = _tiers(counts, memory, (raw or {}).get("approved_twice", {}), min_curated)
+    if changed is False and last_export is not None:
+        # The export is the store as it is now: its split says whether a tier has anything to train on (a few
+        # memory items may all fall in val, which the counts alone cannot tell).
+        for name, tier in tiers.items():
+            split = (last_export.get("counts") or {}).get(name) or {}
+            if tier["ready"] and split.get("train") == 0:
+                tier |= {"ready": False, "reason": f"the current export's {name} tier has no train sample"}
     return {
         "examples": counts,
         "memoryItems": memory,
