@@ -347,6 +347,30 @@ def test_a_stale_active_adapter_says_retrain_needed_in_the_data_panel(page, serv
     expect(page.locator("#data-facts")).to_contain_text(said)
 
 
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        (
+            "",
+            "Memory: nein (der aktuelle Export hat in der Stufe Memory kein Trainingsbeispiel (alle in Val oder Test))",
+        ),
+        ("?lang=en", "memory: no (the current export's memory tier has no train sample (all are in val or test))"),
+    ],
+)
+def test_a_tier_that_is_not_ready_says_why_in_the_data_panel(page, services: Services, query, said) -> None:
+    """Tier repro: the data panel said only "Memory: nein" where the command line and the API say why."""
+
+    def tiers(route) -> None:
+        status = route.fetch().json()
+        why = {"code": "tier.no_train_sample", "params": {"tier": "memory"}, "reason": "English"}
+        status["tiers"] = {"memory": {"approved": 2, "ready": False} | why}
+        route.fulfill(json=status)
+
+    page.route("**/assistant/training/status*", tiers)
+    open_page(page, services, query)
+    expect(page.locator("#data-facts")).to_contain_text(said)
+
+
 def test_a_check_counting_one_record_is_said_in_the_singular(page, services: Services) -> None:
     """Repro: the preflight table said "1 Beispiele mit leerer Antwort" and "1 samples with an empty response"."""
 

@@ -306,7 +306,10 @@ def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch, dead_po
     assert s["tiers"]["curated"] == {
         "approved": 1,
         "ready": False,
-        "reason": "1 approved curated examples, 30 required (minCurated)",
+        "reason": "1 approved curated example, 30 required (minCurated)",
+        # the same in a code and its values, for the dashboard to say in its language
+        "code": "tier.too_few_curated",
+        "params": {"curated": 1, "minCurated": 30},
     }
     assert s["tiers"]["merged"]["approved"] == 2
     ready = training_status(settings, 1)["tiers"]

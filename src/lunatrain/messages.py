@@ -118,6 +118,10 @@ CODES: dict[str, str] = {
     "adapter.deactivated": "passed the gate, later deactivated or replaced by an activation",
     "adapter.not_gated": "never gated, never activated",
     "adapter.files_missing": "its files are gone from data/adapters, so it can be neither activated nor served (missing)",
+    # why a dataset tier is not ready (status tiers.<tier>.code)
+    "tier.too_few_curated": "fewer approved curated examples than minCurated (curated, minCurated)",
+    "tier.no_samples": "no approved samples for the tier (tier)",
+    "tier.no_train_sample": "the current export's tier has no train sample, all are in val or test (tier)",
     # eval-gate reasons (reasonCodes[].code); `shown` holds some values as the English sentence writes them (as
     # many decimals as it takes to tell a value from its limit), for a reader to show the same digits
     "gate.below_minimum": "golden pass rate below the absolute minimum (rate, minimum, shown)",

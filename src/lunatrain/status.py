@@ -18,6 +18,7 @@ from typing import Any
 
 from .formats import STATUSES
 from .fsio import read_json
+from .messages import coded, counted
 from .settings import Settings
 from .wire import seconds_between
 
@@ -77,6 +78,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
             split = (last_export.get("counts") or {}).get(name) or {}
             if tier["ready"] and split.get("train") == 0:
                 tier |= {"ready": False, "reason": f"the current export's {name} tier has no train sample"}
+                tier |= coded("tier.no_train_sample", tier=name)
     return {
         "examples": counts,
         "memoryItems": memory,
@@ -116,12 +118,14 @@ def _tiers(
     out = {}
     for tier, n in approved.items():
         if curated < min_curated:
-            reason = f"{curated} approved curated examples, {min_curated} required (minCurated)"
+            reason = f"{counted(curated, 'approved curated example')}, {min_curated} required (minCurated)"
+            why = coded("tier.too_few_curated", curated=curated, minCurated=min_curated)
         elif n == 0:
             reason = f"no approved samples for the {tier} tier"
+            why = coded("tier.no_samples", tier=tier)
         else:
-            reason = None
-        out[tier] = {"approved": n, "ready": reason is None, "reason": reason}
+            reason, why = None, {"code": None, "params": {}}
+        out[tier] = {"approved": n, "ready": reason is None, "reason": reason} | why
     return out
 
 

@@ -168,7 +168,9 @@ function renderDataStatus(status) {
     [t("data.changedSince"), changed === undefined || changed === null ? t("unknown") : t(changed ? "yes" : "no")],
     // Each tier: the volume rule (minCurated) and something to train on.
     [t("data.tiers"), Object.entries(status.tiers ?? {})
-      .map(([tier, state]) => `${t(`opt.${tier}`)}: ${t(state.ready ? "yes" : "no")}`).join(" · ") || "–"],
+      .map(([tier, state]) => `${t(`opt.${tier}`)}: ${t(state.ready ? "yes" : "no")}`
+        // not ready: why, as the command line says it (in the page's words where it sends a code)
+        + (state.ready ? "" : ` (${tMsg(state.code, state.params, state.reason ?? "")})`)).join(" · ") || "–"],
     [t("data.lastJob"), job ? [job.jobId, t(`state.${job.status}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
       .filter(Boolean).join(" · ") : t("data.never")],
     // Stale: examples it was trained on were deleted (the adapter table marks it the same way).
