@@ -413,6 +413,10 @@ def test_brackets_in_stored_text_show_as_written_on_a_terminal(
     assert "Was bedeutet [/] in Regex?" in listed.output and "[b]fett[/b]" in listed.output, listed.output
     memory = run("memory", "list")
     assert memory.exit_code == 0 and "Tag [/foo]?" in memory.output and "[red]x[/red]" in memory.output, memory.output
+    # CLI-text repro: a text ending in a backslash (a Windows path) showed it doubled, `C:\Users\Jürgen\\`
+    assert run("memory", "add", "--question", "Pfad?", "--answer", "C:\\Users\\Jürgen\\").exit_code == 0
+    shown = run("memory", "list").output
+    assert "C:\\Users\\Jürgen\\ " in shown and "Jürgen\\\\" not in shown, shown
 
 
 @pytest.mark.parametrize("terminal", [True, False])

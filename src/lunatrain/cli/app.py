@@ -11,12 +11,15 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..errors import LunaError
 from ..wire import finite
+
+if TYPE_CHECKING:  # rich is imported where a terminal draws, not at every command's start
+    from rich.text import Text
 
 app = typer.Typer(
     name="lunatrain",
@@ -84,12 +87,14 @@ def json_text(value: Any, *, indent: int | None = 2, sort_keys: bool = False) ->
     return _UNSEEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def as_written(value: object) -> str:
-    """`value` for a rich table cell or markup line: text a user wrote ("[/]", "[b]bold[/b]") shows as written,
-    never read as rich markup (a stray closing tag would raise MarkupError), its control characters escaped."""
-    from rich.markup import escape
+def as_written(value: object, style: str = "") -> Text:
+    """`value` for a rich table cell, title or line: text a user wrote ("[/]", "[b]bold[/b]", a path ending
+    in a backslash) shows as written, never read as rich markup (a stray closing tag would raise MarkupError),
+    its control characters escaped. A Text, not escaped markup: escaping doubles a trailing backslash (for a
+    tag that might follow), and in a cell nothing follows, so both showed."""
+    from rich.text import Text
 
-    return escape(visible(str(value)))
+    return Text(visible(str(value)), style=style)
 
 
 def print_report(report: Any, show: Callable[[Any], None], *, as_json: bool) -> None:

@@ -121,6 +121,7 @@ def show(report: GateReport) -> None:
     if is_tty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=as_written(title), title_justify="left")
         for col in ("metric", "candidate", "base model", "baseline"):
@@ -131,9 +132,9 @@ def show(report: GateReport) -> None:
         console.print(table)
         for c in failed:
             bad = ", ".join(k["type"] for k in c["checks"] if not k["passed"])
-            console.print(f"  [yellow]case {as_written(c['id'])}[/] failed: {bad}", highlight=False)
+            console.print(Text.assemble("  ", ("case ", "yellow"), as_written(c["id"], "yellow"), f" failed: {bad}"))
         for r in report.reasons:
-            console.print(f"  [bold red]{as_written(r)}[/]", highlight=False)
+            console.print(Text.assemble("  ", as_written(r, "bold red")))
     else:
         typer.echo(title)
         typer.echo("metric\tcandidate\tbase\tbaseline")

@@ -141,6 +141,7 @@ def show(s: dict[str, Any]) -> None:
     if is_tty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title="training data", title_justify="left")
         for col in ("source", *STATUSES, "total"):
@@ -150,7 +151,7 @@ def show(s: dict[str, Any]) -> None:
         console = Console()
         console.print(table)
         for key, value in _facts(s):
-            console.print(f"[bold]{key}:[/] {as_written(value)}", highlight=False)
+            console.print(Text.assemble((f"{key}:", "bold"), " ", as_written(value)), highlight=False)
     else:
         typer.echo("source\t" + "\t".join((*STATUSES, "total")))
         for row in rows:
