@@ -786,3 +786,22 @@ def test_a_refusal_in_the_lora_step_says_its_own_fix_only(settings, tiny):
     assert said.startswith("error: Step lora failed: ") and "--adapterStrategy versioned" in said, said
     assert "jobs list" not in said and said.endswith("."), said
     store.dispose_stores()
+
+
+def test_a_base_model_that_fails_the_first_gate_step_gets_advice_that_runs(settings, tiny, home):
+    """CLI-text repro: with no adapter active, the first step judges the base model itself; when that failed
+    a profile's strict [gate], the error said "roll back or deactivate the active adapter (`lunatrain adapters
+    rollback NAME`, …)", and both commands failed (exit 2): nothing was active. It names what can be done."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    (home / "profiles").mkdir()
+    (home / "profiles" / "strict.toml").write_text("[gate]\nminGoldenPassRate = 1.0\n")
+    r = CliRunner().invoke(app, ["auto", "--local", "--profile", "strict", *FAST])
+    assert r.exit_code == 1, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: Step eval-gate failed: base:luna-tiny failed: golden pass rate 0.00"), error
+    assert "rollback" not in error and "deactivate" not in error, error
+    assert "no adapter is active on the base model" in error and "[gate] thresholds of profile strict" in error, error
+    assert "`lunatrain lora --profile strict`" in error, error
+    store.dispose_stores()

@@ -39,6 +39,19 @@ _FIX = {
     # before it (an overwrite slot on another base, content withdrawn since the export) says its own fix
 }
 
+
+def _base_fix(profile: str | None) -> str:
+    """The advice when the first step judged the base model (no adapter active on it, none named): there is
+    nothing to roll back or deactivate; the thresholds are what the base cannot pass."""
+    where = f"of profile {profile}" if profile else "in use"
+    lora = f"`lunatrain lora --profile {profile}`" if profile else "`lunatrain lora`"
+    return (
+        f"no adapter is active on the base model, so the gate judged the base model itself, which fails the [gate] "
+        f"thresholds {where}; lower them, or train a first adapter with {lora} (it gates only what it trains), "
+        "and run again"
+    )
+
+
 Event = dict[str, Any]
 LoraStep = Callable[[Settings, LoraParams, FlowOptions], dict[str, Any]]
 """Runs one LoRA job; returns its outcome: {"status": "succeeded"|"failed"|"cancelled", "adapter": {name,
@@ -321,13 +334,15 @@ def run_flow(
     on_step: Callable[[str], None] | None = None,
     retrain: bool = False,
     ranks: int | None = None,
+    profile: str | None = None,
 ) -> FlowResult:
     """Run the four steps in order; the first gates `adapter` (NAME or NAME@VERSION) when given, else the
     active adapter on the base model. Returns the result when all pass — including the eval gate on the newly
     trained version, when gating is on; raises CheckFailed (exit 1) naming the failed step and the fix, with
     the partial result in `details`. The lora step trains nothing when the adapter's newest version on the
     base was trained on this data with these parameters (`unchanged_version`), unless `retrain`. `ranks`: the
-    processes the lora step trains in (1 in this process), else the trainer's, as prepare counts them."""
+    processes the lora step trains in (1 in this process), else the trainer's, as prepare counts them. `profile`:
+    the profile the parameters and thresholds came from, for the advice a failed step ends with."""
     params = resolve_base(settings, params)
     if adapter:
         from .registry import parse_ref
@@ -395,12 +410,12 @@ def run_flow(
         gated_first.append(report)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
-        name = report.candidate.get("name") or params.adapter_name  # None when the base model was judged
+        name = report.candidate.get("name")  # None when the base model was judged
+        fix = _FIX["eval-gate"].format(name=name) if name else _base_fix(profile)
         return (
             report.passed,
             f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""),
-            {"decision": report.decision, "path": report.path}
-            | ({} if report.passed else {"fix": _FIX["eval-gate"].format(name=name)}),
+            {"decision": report.decision, "path": report.path} | ({} if report.passed else {"fix": fix}),
         )
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:

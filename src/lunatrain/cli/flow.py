@@ -296,6 +296,7 @@ def run(
             on_step=lambda name: typer.echo(f"==> {name}"),
             retrain=retrain,
             ranks=1 if local else None,
+            profile=profile,
         )
     except LunaError as err:
         partial = err.details if isinstance(err.details, FlowResult) else None
