@@ -715,3 +715,18 @@ def test_an_estimate_under_a_second_is_not_said_as_none():
         "25.0h",
         "?",
     ]
+
+
+def test_a_check_that_found_more_records_than_it_lists_says_so(settings, tiny):
+    """CLI-text repro: prepare listed 5 ids for a check that found 17, with nothing to say more were found."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    records = make_records(40)
+    for record in records[:9]:
+        record["messages"][-1]["content"] = ""  # empty answers: one check, nine records
+    write_export(settings, records)
+    r = CliRunner().invoke(app, ["prepare", "--minCurated", "0"])
+    [line] = [ln for ln in r.output.splitlines() if ln.startswith("fail ") and " empty_response " in ln]
+    assert line.endswith(", …]") and line.split("[")[1].count(",") == 5, line  # five ids, then "…"

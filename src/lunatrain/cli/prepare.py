@@ -5,7 +5,7 @@ so a standalone preflight checks at the length and volume the run will use; `--p
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -106,11 +106,18 @@ def show(report: PrepareReport) -> None:
         for c in report.checks:
             shown = _shown(c.severity, c.code)
             sev = f"[{_STYLE[shown]}]{shown}[/]"
-            table.add_row(c.id, sev, str(c.count), as_written(", ".join(c.examples)), as_written(c.message))
+            table.add_row(c.id, sev, str(c.count), as_written(_listed(c)), as_written(c.message))
         Console().print(table)
     else:
         typer.echo(title)
         for c in report.checks:
-            ex = f" [{', '.join(c.examples)}]" if c.examples else ""
+            ex = f" [{_listed(c)}]" if c.examples else ""
             typer.echo(f"{_shown(c.severity, c.code):<4} {c.id:<26} {c.count:>7}  {c.message}{ex}")
     typer.echo(f"Wrote {report.path}.")
+
+
+def _listed(check: Any) -> str:
+    """The record ids a check names: the first few, and "…" when it found more (the report lists the same)."""
+    if not check.examples:  # a figure (steps, tokens), not records
+        return ""
+    return ", ".join(check.examples) + (", …" if check.count > len(check.examples) else "")
