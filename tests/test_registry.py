@@ -147,6 +147,11 @@ def test_adapters_diff_shows_small_and_close_floats_as_different(settings):
     diff = CliRunner().invoke(app, ["adapters", "diff", "a@v1", "a@v2"])
     assert diff.exit_code == 0, diff.output
     assert diff.output.splitlines() == ["metrics.valLoss: 8.19341 -> 8.19344", "params.learningRate: 0.5 -> 1e-05"]
+    # CLI-text repro: a loss that differs in the fourth place read "8.4468 -> 8.422", where `adapters list`
+    # says 8.4220: losses keep four decimals at least
+    from lunatrain.cli.adapters import _differing
+
+    assert _differing(8.4468, 8.422, loss=True) == "8.4468 -> 8.4220"
 
 
 def test_adapters_list_marks_a_version_whose_files_are_gone(settings):

@@ -236,16 +236,18 @@ def diff_cmd(
     if not rows:
         typer.echo("No differences in parameters, data, base model or metrics.")
     for k, va, vb in rows:
-        typer.echo(f"{k}: {_differing(va, vb)}")
+        typer.echo(f"{k}: {_differing(va, vb, loss=k.endswith('Loss'))}")
 
 
-def _differing(a: Any, b: Any) -> str:
+def _differing(a: Any, b: Any, *, loss: bool = False) -> str:
     """Two values that differ, written so that they read differently: floats with as many significant digits
-    as that takes (a learning rate of 1e-05 is not 0.0000, two losses equal to four places are not equal)."""
+    as that takes (a learning rate of 1e-05 is not 0.0000, two losses equal to four places are not equal); a
+    loss with four decimals at least, as `adapters list` and every report write it (8.4220, not 8.422)."""
     if not (isinstance(a, float) or isinstance(b, float)):
         return f"{_fmt(a)} -> {_fmt(b)}"
-    for digits in range(5, 18):
-        sa, sb = (f"{x:.{digits}g}" if isinstance(x, float) else _fmt(x) for x in (a, b))
+    shown = "f" if loss else "g"
+    for digits in range(4 if loss else 5, 18):
+        sa, sb = (f"{x:.{digits}{shown}}" if isinstance(x, float) else _fmt(x) for x in (a, b))
         if sa != sb:
             break
     return f"{sa} -> {sb}"
