@@ -375,3 +375,16 @@ def test_json_output_and_reports_never_hold_nan_or_infinity(settings: Settings) 
         _strict(r.stdout)
     atomic_write_json(settings.home / "r.json", {"loss": float("-inf")})
     assert _strict((settings.home / "r.json").read_text()) == {"loss": None}
+
+
+def test_a_listing_cut_at_its_limit_says_how_to_see_the_rest(settings: Settings) -> None:
+    """CLI-text repro: `examples list` stopped at its default 50 without a word, so a piped listing read as the
+    whole store. A page as long as --limit says, on stderr, where the next one starts; stdout stays the rows."""
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["examples", "list", "--limit", "3", "--offset", "5"])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 3, r.stdout
+    assert r.stderr.strip() == "3 listed; more may follow: --offset 8 lists the next ones."
+    last = CliRunner().invoke(app, ["memory", "list", "--limit", "1000"])
+    assert last.exit_code == 0 and last.stderr == "", last.stderr  # all of them: nothing to add
+    assert CliRunner().invoke(app, ["examples", "list", "--limit", "3", "--json"]).stderr == ""
+    store.dispose_stores()

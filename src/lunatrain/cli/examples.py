@@ -50,9 +50,10 @@ def _tags(given: list[str] | None) -> list[str]:
     return given or []
 
 
-def _table(title: str, columns: list[str], rows: Iterable[list[str]]) -> None:
+def _table(title: str, columns: list[str], rows: Iterable[list[str]], *, limit: int, offset: int) -> None:
     """A rich table on a terminal; else tab-separated lines, written as the rows come (a listing of the whole
-    store streams)."""
+    store streams). A page as long as `limit` may not be all: the next page's `--offset` is said on stderr."""
+    shown = 0
     if is_tty():
         from rich.console import Console
         from rich.table import Table
@@ -62,10 +63,14 @@ def _table(title: str, columns: list[str], rows: Iterable[list[str]]) -> None:
             table.add_column(col, overflow="fold")
         for row in rows:
             table.add_row(*(as_written(cell) for cell in row))
+            shown += 1
         Console().print(table)
     else:
         for row in rows:
             typer.echo("\t".join(visible(cell) for cell in row))
+            shown += 1
+    if shown == limit:
+        typer.echo(f"{shown} listed; more may follow: --offset {offset + limit} lists the next ones.", err=True)
 
 
 def _json_array(items: Iterable[dict[str, Any]]) -> None:
@@ -214,7 +219,7 @@ def list_cmd(
             _json_array(ExampleOut.of(e).wire() for e in items)
             return
         rows = ([str(e.id), e.source, e.status, _short(e.prompt, 40), _short(e.response)] for e in items)
-        _table("examples", ["id", "source", "status", "prompt", "response"], rows)
+        _table("examples", ["id", "source", "status", "prompt", "response"], rows, limit=limit, offset=offset)
     except LunaError as err:  # the arguments at once, a storage fault while reading
         raise fail(err) from None
 
@@ -325,7 +330,7 @@ def memory_list_cmd(
             _json_array(MemoryOut.of(m).wire() for m in items)
             return
         rows = ([str(m.id), m.status, m.topic or "", _short(m.question, 40), _short(m.answer)] for m in items)
-        _table("memory", ["id", "status", "topic", "question", "answer"], rows)
+        _table("memory", ["id", "status", "topic", "question", "answer"], rows, limit=limit, offset=offset)
     except LunaError as err:
         raise fail(err) from None
 
