@@ -625,3 +625,17 @@ def test_a_full_job_database_is_disk_full_not_a_failed_rollback(settings):
         assert store.get(job.id).id == job.id  # the store still reads
     finally:
         store.close()
+
+
+def test_a_local_runs_bar_shows_the_engines_eta_as_a_pipe_does():
+    """CLI-text repro: `lora --local` on a terminal drew rich's own estimate (`ETA 0:00:00`) where a pipe and
+    `jobs follow` show the training engine's (`ETA 1:15`)."""
+    import io
+
+    from lunatrain.progress import ProgressDisplay, event_line
+
+    event = {"type": "progress", "step": 3, "totalSteps": 9, "epoch": 1, "epochs": 2, "loss": 2.5, "etaSeconds": 75.0}
+    out = io.StringIO()
+    with ProgressDisplay(tty=True, stream=out) as display:
+        display.on_event(event)
+    assert "ETA 1:15" in out.getvalue() and "ETA 1:15" in event_line(event), out.getvalue()

@@ -78,7 +78,7 @@ class ProgressDisplay:
     def __enter__(self) -> ProgressDisplay:
         if self.tty:
             from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -88,13 +88,13 @@ class ProgressDisplay:
                 TextColumn("step {task.fields[steps]}"),
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[tps]} tok/s"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                # the engine's ETA, as a pipe and `jobs follow` say it (rich's own counts model loading in)
+                TextColumn("ETA {task.fields[eta]}"),
                 console=Console(file=self.stream),
                 transient=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task("training", total=None, steps="0/?", loss="-", tps="-")
+            self._task = self._progress.add_task("training", total=None, steps="0/?", loss="-", tps="-", eta="-")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -112,6 +112,7 @@ class ProgressDisplay:
                     steps=f"{event['step']}/{event['totalSteps']}",
                     loss=f"{event['loss']:.4f}",
                     tps=f"{event.get('tokensPerSec') or 0:,.0f}",
+                    eta=_fmt_eta(event["etaSeconds"]) if event.get("etaSeconds") is not None else "-",
                 )
                 return
             now = time.monotonic()
