@@ -148,3 +148,14 @@ def test_every_option_that_takes_a_value_comes_in_both_spellings():
         if opt.startswith("--") and "-" in opt[2:] and "--" + to_camel(opt[2:].replace("-", "_")) not in param.opts
     ]
     assert missing == [], missing
+
+
+def test_the_commands_are_listed_in_the_order_the_data_goes():
+    """CLI-text repro: `lunatrain --help` listed the commands in the order their modules registered them:
+    `gc` before `lora`, `prepare` after `merge`. Now curate, export, check, train, judge, the flows, then the
+    commands that look after what was made; every command is listed once."""
+    from lunatrain.cli.app import COMMAND_ORDER
+
+    text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    listed = [ln.split()[0] for ln in text.split("Commands:", 1)[1].splitlines() if ln.startswith("  ")]
+    assert listed == list(COMMAND_ORDER), listed

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import typer
+import typer.core
 
 from ..errors import LunaError
 from ..wire import finite
@@ -21,7 +22,23 @@ from ..wire import finite
 if TYPE_CHECKING:  # rich is imported where a terminal draws, not at every command's start
     from rich.text import Text
 
+# `lunatrain --help` lists the commands in the order the data goes (curate, export, check, train, judge, the
+# flows), then those that look after what was made; a command missing here follows them by name.
+COMMAND_ORDER = (
+    "examples", "memory", "export", "prepare", "lora", "eval-gate", "auto", "luna",
+    "adapters", "merge", "jobs", "status", "serve", "trainer", "health", "gc",
+)  # fmt: skip
+
+
+class _Ordered(typer.core.TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        known = [n for n in COMMAND_ORDER if n in names]
+        return known + sorted(n for n in names if n not in known)
+
+
 app = typer.Typer(
+    cls=_Ordered,
     name="lunatrain",
     help="Reproducible LoRA adapter training for a personal assistant (the Luna training guide's steps).",
     no_args_is_help=True,
