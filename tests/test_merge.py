@@ -527,12 +527,14 @@ def test_a_merge_whose_folder_is_gone_is_not_listed_as_merged(trained_home, sett
     folder = settings.models_dir / "merged" / "luna-adapter-v1"
     registry.annotate(settings, "luna-adapter", "v1", "merged", {"path": str(folder.relative_to(settings.home))})
     listed = CliRunner().invoke(app, ["adapters", "list"])
-    assert "[merged: its folder is gone]" in listed.output, listed.output
+    assert "[merged into a model: its folder is gone]" in listed.output, listed.output
     shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "luna-adapter@v1"]).output)
     assert shown["merged"]["folderMissing"] is True, shown["merged"]
     folder.mkdir(parents=True)
     listed = CliRunner().invoke(app, ["adapters", "list"])
-    assert "[merged]" in listed.output and "gone" not in listed.output, listed.output
+    # CLI-text repro: "[merged]" beside the dataset tier read as the tier of that name; both say what they are
+    assert "[merged into a model]" in listed.output and "gone" not in listed.output, listed.output
+    assert "luna-adapter@v1  tier curated  val " in listed.output, listed.output
     shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "luna-adapter@v1"]).output)
     assert "folderMissing" not in shown["merged"], shown["merged"]
 

@@ -61,7 +61,8 @@ def _badges(
     if isinstance(gate, dict) and gate.get("status"):
         marks.append(f"gate {gate['status']}")
     if entry.get("merged"):
-        marks.append("merged: its folder is gone" if merge_gone else "merged")
+        # "into a model": `merged` alone read as the dataset tier of that name, shown on the same line
+        marks.append("merged into a model: its folder is gone" if merge_gone else "merged into a model")
     if missing:  # deleted by hand: still registered (and maybe active), but nothing can load it
         marks.append("files missing: train it again")
     return " ".join(f"[{m}]" for m in marks)
@@ -102,7 +103,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
             m = e.get("metrics", {})
             missing = not e.get("replaced") and not registry.loadable(settings, e)
             typer.echo(
-                f"  {e['name']}@{e['version']}{rev}  {e.get('datasetTier', '-')}  "
+                f"  {e['name']}@{e['version']}{rev}  tier {e.get('datasetTier', '-')}  "
                 f"val {_fmt(m.get('valLoss'))} (base {_fmt(m.get('baseValLoss'))})  {e.get('created', '')}  "
                 f"{_badges(e, aliases, active_on, missing=missing, merge_gone=registry.merge_gone(settings, e))}".rstrip()
             )
