@@ -388,3 +388,13 @@ def test_a_listing_cut_at_its_limit_says_how_to_see_the_rest(settings: Settings)
     assert last.exit_code == 0 and last.stderr == "", last.stderr  # all of them: nothing to add
     assert CliRunner().invoke(app, ["examples", "list", "--limit", "3", "--json"]).stderr == ""
     store.dispose_stores()
+
+
+def test_jobs_list_lines_up_its_columns(settings: Settings, trainer: JobStore) -> None:
+    """CLI-text repro: `jobs list` padded no adapter name, so every summary started in another column."""
+    for name in ("a", "strict-adapter", "cancel-me"):
+        ended_job(trainer, name)
+    lines = CliRunner().invoke(app, ["jobs", "list"]).stdout.splitlines()
+    starts = {line.index("before its first step") for line in lines}  # each job's summary
+    assert len(lines) == 3 and len(starts) == 1, lines
+    store.dispose_stores()

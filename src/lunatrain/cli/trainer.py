@@ -141,8 +141,11 @@ def jobs_list(
         return
     if not jobs:
         typer.echo(f"no {status} jobs" if status else "no jobs")  # "no jobs" under a filter reads as none at all
+    # The adapter column as wide as its longest name here, so every summary starts in one column.
+    width = max((len(str(job.params.get("adapterName"))) for job in jobs), default=0)
     for job in jobs:
-        typer.echo(f"{job.id}  {job.status:<10} {job.created_at}  {job.params.get('adapterName')}  {summary(job)}")
+        name = str(job.params.get("adapterName"))
+        typer.echo(f"{job.id}  {job.status:<10} {job.created_at}  {name:<{width}}  {summary(job)}".rstrip())
 
 
 @jobs_app.command("show")
