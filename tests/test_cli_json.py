@@ -398,3 +398,11 @@ def test_jobs_list_lines_up_its_columns(settings: Settings, trainer: JobStore) -
     starts = {line.index("before its first step") for line in lines}  # each job's summary
     assert len(lines) == 3 and len(starts) == 1, lines
     store.dispose_stores()
+
+
+def test_a_piped_export_says_its_split_ratios_as_a_terminal_does(settings: Settings) -> None:
+    """CLI-text repro: `export` piped left out the split ratios the terminal's table title shows."""
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["export"])
+    assert r.exit_code == 0 and ", val 0.1, test 0.0)." in r.stdout.splitlines()[-1], r.stdout
+    store.dispose_stores()

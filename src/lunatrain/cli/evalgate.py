@@ -137,7 +137,7 @@ def show(report: GateReport) -> None:
             console.print(Text.assemble("  ", as_written(r, "bold red")))
     else:
         typer.echo(title)
-        typer.echo("metric\tcandidate\tbase\tbaseline")
+        typer.echo("metric\tcandidate\tbase model\tbaseline")  # the terminal table's column names
         for name, *vals in rows:
             typer.echo("\t".join([name, *(_fmt(v) for v in vals)]))
         for c in failed:

@@ -54,7 +54,9 @@ def export_cmd(
         typer.echo("tier\ttotal\ttrain\tval\ttest")
         for row in rows:
             typer.echo("\t".join(row))
-    typer.echo(f"Wrote {summary.directory} (fingerprint {summary.fingerprint[:12]}).")
+    # the split ratios: the terminal's table title says them; a pipe has no title
+    ratios = "" if is_tty() else f", val {summary.ratios['val']}, test {summary.ratios['test']}"
+    typer.echo(f"Wrote {summary.directory} (fingerprint {summary.fingerprint[:12]}{ratios}).")
     for name, aside in summary.kept_aside:
         typer.echo(
             f"Kept your edited data/training/{name} as data/training/{aside}: exports come from the database, "
