@@ -730,3 +730,19 @@ def test_a_check_that_found_more_records_than_it_lists_says_so(settings, tiny):
     r = CliRunner().invoke(app, ["prepare", "--minCurated", "0"])
     [line] = [ln for ln in r.output.splitlines() if ln.startswith("fail ") and " empty_response " in ln]
     assert line.endswith(", …]") and line.split("[")[1].count(",") == 5, line  # five ids, then "…"
+
+
+def test_check_ids_stay_whole_in_a_narrow_terminal(settings, tiny, monkeypatch):
+    """CLI-text repro: at 80 columns the preflight table broke check ids mid-word (`exchange_across_s` /
+    `plits`), the name one looks up in the report."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+    from lunatrain.cli import prepare as prepare_cli
+
+    monkeypatch.setattr(prepare_cli, "is_tty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    write_export(settings, make_records(40))
+    out = CliRunner().invoke(app, ["prepare", "--minCurated", "0"]).output
+    ids = ["export_summary", "special_tokens_in_content", "exchange_across_splits", "empty_response"]
+    assert all(re.search(rf"│ {name} +│", out) for name in ids), out

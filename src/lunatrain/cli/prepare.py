@@ -102,7 +102,9 @@ def show(report: PrepareReport) -> None:
 
         table = Table(title=as_written(title), title_justify="left")
         for col in ("check", "severity", "count", "examples", "message"):
-            table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
+            # A check id is what one looks up (and greps the report for): never broken across lines.
+            whole = col in ("check", "severity", "count")
+            table.add_column(col, justify="right" if col == "count" else "left", overflow="fold", no_wrap=whole)
         for c in report.checks:
             shown = _shown(c.severity, c.code)
             sev = f"[{_STYLE[shown]}]{shown}[/]"
