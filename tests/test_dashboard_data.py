@@ -923,6 +923,19 @@ def _adapters(name: str) -> dict:
     return {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": name, "aliases": {}, "versions": [version]}]}]}
 
 
+def route_models(page, served: dict[str, bool]) -> None:
+    """`/v1/models` answered with the base, luna-adapter and luna-adapter@v1; without the adapter's name once
+    `served["active"]` is false (deactivated meanwhile), as it is when asked."""
+
+    def models(route) -> None:
+        data = [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
+        data += [{"id": n, "object": "model", "owned_by": "lunatrain"} for n in ("luna-adapter", "luna-adapter@v1")]
+        data = data if served["active"] else data[:1] + data[2:]
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": data}))
+
+    page.route("**/v1/models", models)
+
+
 def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(page, services: Services) -> None:
     """Repro: after `lunatrain adapters activate` in a shell, the data panel named the new active version at its
     next background refresh, while the adapter table on the same page kept the old one active (its Deactivate
@@ -939,15 +952,9 @@ def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(
         }
         route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
-    def models(route) -> None:
-        data = [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
-        data += [{"id": n, "object": "model", "owned_by": "lunatrain"} for n in ("luna-adapter", "luna-adapter@v1")]
-        data = data if served["active"] else data[:1] + data[2:]
-        route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": data}))
-
     page.clock.install()
     page.route("**/assistant/training/adapters", adapters)
-    page.route("**/v1/models", models)
+    route_models(page, served)
     open_page(page, services, "?lang=en")
     row = page.locator('tr[data-version="v1"]')
     choice = page.locator("#try-model option")
@@ -973,14 +980,8 @@ def test_a_changed_model_list_leaves_send_disabled_while_an_answer_is_on_its_way
     served = {"active": True}
     pending: list = []
 
-    def models(route) -> None:
-        data = [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
-        data += [{"id": n, "object": "model", "owned_by": "lunatrain"} for n in ("luna-adapter", "luna-adapter@v1")]
-        data = data if served["active"] else data[:1] + data[2:]
-        route.fulfill(status=200, content_type="application/json", body=json.dumps({"object": "list", "data": data}))
-
     page.clock.install()
-    page.route("**/v1/models", models)
+    route_models(page, served)
     page.route("**/v1/chat/completions", lambda route: pending.append(route))  # never answered: still generating
     open_page(page, services, "?lang=en")
     page.locator("#try").scroll_into_view_if_needed()
