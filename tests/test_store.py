@@ -927,14 +927,16 @@ def test_listing_a_data_root_without_a_database_creates_none(settings):
 
 
 def test_a_data_root_this_process_may_only_read_can_be_read(settings: Settings) -> None:
-    """Repro: on a read-only data root (a backup mounted read-only, a root shared with read access) `status`
-    and `examples list` failed with "cannot be written": SQLite's WAL needs a -shm file beside the database
-    even to read. Such a database is opened read-only: reading works, a change is refused in one sentence."""
+    """Repro: on a read-only data root (a backup mounted read-only) `status` and `examples list` failed with
+    "cannot be written": SQLite's WAL needs a -shm file beside the database even to read. Such a database is
+    opened read-only: reading works, a change is refused in one sentence."""
     from faults import read_only
 
     store.add_example(settings, prompt="Erste?", response="Ja.")
     store.dispose_stores()
     with read_only(settings.data_dir):
+        if not os.statvfs(settings.data_dir).f_flag & os.ST_RDONLY:
+            pytest.skip("made read-only by its modes, not mounted so (not root): a writer may still be there")
         assert [e.prompt for e in store.list_examples(settings)] == ["Erste?"]
         assert store.counts(settings)["examples"]["curated"]["approved"] == 1
         listed = CliRunner().invoke(app, ["examples", "list", "--json"])
@@ -948,6 +950,20 @@ def test_a_data_root_this_process_may_only_read_can_be_read(settings: Settings) 
     assert [e.prompt for e in store.list_examples(settings)] == ["Erste?"]  # and writable again afterwards
     store.add_example(settings, prompt="Zweite?", response="Nein.")
     store.dispose_stores()
+
+
+def test_a_database_others_may_still_write_is_never_read_as_immutable(tmp_path: Path, monkeypatch) -> None:
+    """Review repro: a reader with read access only to a root another user writes opened the database as
+    immutable, and went on reading the file as it was while the owner added to it (SQLite takes no locks on
+    an immutable file, so a write in the middle of a read could also tear it). Immutable is for a read-only
+    file system only; elsewhere plain read-only, which sees the writer's changes."""
+    db = tmp_path / "assistant.db"
+    sqlite3.connect(db).close()
+    assert not os.statvfs(db).f_flag & os.ST_RDONLY  # the test's own folder: a writable file system
+    # this process may not write the folder (as a user with read access only), but the file system may be
+    monkeypatch.setattr(store.os, "access", lambda p, mode: not mode & os.W_OK)
+    url = store._read_only_url(db)
+    assert "mode=ro" in url and "immutable" not in url, url
 
 
 def test_deleting_content_held_only_unapproved_as_the_other_kind_leaves_a_tombstone(db: Settings) -> None:

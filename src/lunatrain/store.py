@@ -331,14 +331,16 @@ def _only_readable(path: Path) -> bool:
 
 def _read_only_url(path: Path) -> str:
     """The URL that opens `path` read-only. SQLite's WAL mode needs a `-shm` file beside the database even to
-    read; in a folder it cannot write, and without one left there, the file is opened as immutable (no
-    writer can be there: nobody may write the folder). A `-wal` file left with changes keeps them unread
-    that way, so then only plain read-only is tried (it reads them where its `-shm` file is there too)."""
+    read. On a read-only file system (a mounted backup) nobody can write the file, so it is opened as
+    immutable, which needs none. Elsewhere another user may be writing it (a root shared with read access):
+    immutable would read a file that changes under it, so only plain read-only is tried, which works while a
+    writer keeps its `-shm` file there and otherwise says the folder cannot be written. A `-wal` file left
+    with changes would go unread when immutable, so then plain read-only too."""
     from urllib.parse import quote
 
-    folder_writable = os.access(path.parent, os.W_OK | os.X_OK)
     shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
-    immutable = not folder_writable and not shm.exists() and not (wal.exists() and wal.stat().st_size > 0)
+    frozen = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    immutable = frozen and not shm.exists() and not (wal.exists() and wal.stat().st_size > 0)
     return f"sqlite:///file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
 
 
