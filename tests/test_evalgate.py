@@ -748,3 +748,27 @@ def test_a_cancel_during_the_gate_keeps_the_version_registered_and_takes_nothing
     assert registry.get_version(settings, params.adapter_name, "latest") is not None
     with pytest.raises(NotFound):
         registry.get_version(settings, params.adapter_name, "active")
+
+
+def test_a_trainer_that_stops_during_the_gate_is_no_cancel(settings):
+    """Review repro: the gate took any stop reason for a cancel. A trainer that stops or dies while a job's
+    gate runs says so in a sentence (train.py: a sentence is no cancel); the version that passed then stayed
+    inactive, noted as "cancelled", and nothing gated it again. Only a cancel (True) keeps it inactive."""
+    from lunatrain.flow import train_and_gate
+    from lunatrain.params import FlowOptions, parse_params
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(40, val_every=5))
+    stopping = {"now": False}
+    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
+    outcome = train_and_gate(
+        settings,
+        params,
+        FlowOptions(gate=True),
+        thresholds={"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
+        should_stop=lambda: "the trainer is stopping" if stopping["now"] else False,
+        on_trained=lambda _outcome: stopping.update(now=True),
+    )
+    assert outcome["gate"]["passed"] is True and outcome["gate"]["promoted"] is True, outcome["gate"]
+    assert registry.get_version(settings, params.adapter_name, "active")["version"] == outcome["adapter"]["version"]

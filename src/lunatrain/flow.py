@@ -135,7 +135,7 @@ def train_and_gate(
                 adapter["name"],
                 adapter["version"],
                 revision=revision,
-                promote=lambda: not (should_stop and should_stop()),
+                promote=lambda: not (should_stop and should_stop() is True),  # a sentence is no cancel
                 thresholds=thresholds,
             )
             outcome["gate"] = report.gate_record()
