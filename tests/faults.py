@@ -28,7 +28,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,3 +340,36 @@ def _record(section: str, rows: list[Row], note: str) -> str:
     text = pattern.sub(lambda _: body + "\n", text) if found else text.rstrip("\n") + "\n\n" + body
     TABLE.write_text(text.rstrip("\n") + "\n", encoding="utf-8")  # a rerun leaves the file as it was
     return table
+
+
+def as_user(uid: int, gid: int, umask: int, action: Callable[[], object]) -> str:
+    """Runs `action` in a forked child under another user id and group (root only; the test skips otherwise) and
+    returns what it returned, or raised, as text: a second user of a group-shared data root without a second
+    account or interpreter."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(umask)
+            try:
+                text = repr(action())
+            except Exception as exc:  # the test asserts on it
+                text = f"{type(exc).__name__}: {exc}"
+            os.write(write_end, text.encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    return text

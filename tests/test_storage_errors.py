@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import stat
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,11 @@ from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.errors import DiskFull, StorageError, UsageError
 from lunatrain.fsio import atomic_write_text
+from lunatrain.params import LoraParams
+from lunatrain.service.jobs import JobStore, existing_store, jobs_db_path
 from lunatrain.settings import Settings, check_data_root, load_settings
 
-from faults import read_only
+from faults import as_user, read_only
 from helpers import make_records, write_export
 
 T = "/assistant/training"
@@ -386,3 +390,88 @@ def test_a_read_only_data_root_is_read_and_says_why_it_cannot_be_changed(setting
     assert listed.exit_code == 0 and "erste" in listed.output, listed.output
     assert added.exit_code == 1 and added.output.count("\n") == 1, added.output
     assert "cannot be written by this process" in added.output, added.output
+
+
+OWNER, MEMBER = (1001, 1002, 0o022), (1003, 1002, 0o002)  # a user with umask 022, a group member with 002
+
+
+@pytest.fixture
+def shared_home(tmp_path: Path) -> Iterator[Path]:
+    """A data root a group shares: owned by OWNER, setgid and group-writable, as an admin sets one up."""
+    # The other users cannot read this interpreter's files: what the children need is imported here first.
+    warm = Settings(home=tmp_path / "warm")
+    store.add_example(warm, prompt="erste", response="Antwort")
+    store.list_examples(warm)
+    JobStore(jobs_db_path(warm.data_dir), read_only=False).create(LoraParams())
+    with existing_store(warm.data_dir) as jobs:
+        assert jobs is not None and len(jobs.list()) == 1
+    store.dispose_stores()
+    shared = Path(tempfile.mkdtemp(dir="/tmp", prefix="lunatrain-shared-"))  # pytest's own tmp is root's only
+    try:
+        shared.chmod(0o755)
+        home = shared / "home"
+        home.mkdir()
+        os.chown(home, OWNER[0], OWNER[1])
+        home.chmod(0o2775)
+        yield home
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _command(action: Callable[[], object]) -> Callable[[], object]:
+    """`action` as a command runs it: its connections close as it ends."""
+
+    def run() -> object:
+        try:
+            return action()
+        finally:
+            store.dispose_stores()
+
+    return run
+
+
+def _shared(folder: Path) -> None:
+    """`folder` shared with the group, as the group's admin does it after the owner's first command."""
+    folder.chmod(0o2775)
+
+
+def test_a_reader_of_a_group_shared_root_leaves_the_owner_able_to_write(shared_home: Path) -> None:
+    """Repro: in a group-shared data root (folder setgid and group-writable, the database 0644 as its owner's
+    umask made it), a group member's `examples list` opened the file read-only, and SQLite made its `-shm` and
+    `-wal` files beside it owned by the reader and as the database's mode, 0644. They stayed after the reader
+    closed, and from then on the owner's every change failed: "attempt to write a readonly database"."""
+    settings = Settings(home=shared_home)
+
+    def add(prompt: str) -> Callable[[], object]:
+        return _command(lambda: store.add_example(settings, prompt=prompt, response="Antwort").id > 0)
+
+    assert as_user(*OWNER, add("erste")) == "True"
+    _shared(settings.data_dir)
+    listed = as_user(*MEMBER, _command(lambda: [e.prompt for e in store.list_examples(settings)]))
+    assert listed == repr(["erste"])
+    assert as_user(*OWNER, add("zweite")) == "True"
+    assert as_user(*MEMBER, _command(lambda: len(store.list_examples(settings)))) == "2"
+    assert as_user(*OWNER, add("dritte")) == "True"
+
+
+def test_a_reader_of_a_group_shared_trainer_database_leaves_the_trainer_able_to_write(shared_home: Path) -> None:
+    """The same for the trainer's jobs database: a member's `status` read it and left the trainer unable to
+    queue a job."""
+    path = jobs_db_path(shared_home / "data")
+
+    def queue() -> object:
+        jobs = JobStore(path)
+        try:
+            return jobs.create(LoraParams())[1]
+        finally:
+            jobs.close()
+
+    def count() -> object:
+        with existing_store(path.parent.parent) as jobs:
+            return len(jobs.list()) if jobs else None
+
+    assert as_user(*OWNER, queue) == "True"
+    _shared(path.parent)
+    assert as_user(*MEMBER, count) == "1"
+    assert as_user(*OWNER, queue) == "True"
+    assert as_user(*MEMBER, count) == "2"

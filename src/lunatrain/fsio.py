@@ -171,6 +171,20 @@ def create_plain(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
+def writable_beside(path: Path) -> None:
+    """A reader that may not write the database but may write its folder (a root a group shares, the file
+    0644 as its owner's umask made it) makes the -wal/-shm files SQLite needs even to read, as its own and with
+    the database's mode. They outlive a read-only connection, and the owner, who could no longer write them,
+    could change nothing from then on. So they get the write access the folder gives: whoever may write the
+    folder may write them."""
+    shared = stat.S_IMODE(path.parent.stat().st_mode) & 0o022
+    for beside in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):  # not there (immutable, a read-only mount), or gone meanwhile
+            st = beside.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & shared != shared:
+                beside.chmod(stat.S_IMODE(st.st_mode) | shared)
+
+
 # mkdtemp's suffix is 8 of [a-z0-9_]. The HOST-PID part is required: `.NAME.XXXXXXXX` alone is also how a
 # person names a copy kept aside (`.my-base.original`, `.luna-adapter-v1.previous`), never ours to remove.
 _STAGING = re.compile(r"\.(?P<name>.+?)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}")

@@ -42,7 +42,7 @@ from .errors import (
     UsageError,
 )
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
-from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal
+from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal, writable_beside
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import iso, utc_now
@@ -309,6 +309,9 @@ def _sqlite_engine(url: str) -> Engine:
         if not read_only:  # a read-only file keeps its journal mode: changing it is a write
             sqlite_wal(cur)  # readers never block the writer (export vs. ingest)
             cur.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster commits
+        else:
+            cur.execute("PRAGMA schema_version")  # a first read: SQLite makes its -wal/-shm files now, if it may
+            writable_beside(Path(db_path))
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 

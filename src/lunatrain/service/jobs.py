@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from ..errors import Conflict, DiskFull, NotFound, StorageBusy, StorageDenied, StorageError, pattern
-from ..fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal
+from ..fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal, writable_beside
 from ..params import FlowOptions, LoraParams
 from ..settings import TRAINER_DIR
 from ..wire import finite, now_iso
@@ -551,11 +551,15 @@ def read_only_connection(path: Path) -> sqlite3.Connection:
             f"{path.as_uri()}?mode=rw", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
         )
         db.execute("PRAGMA query_only = ON")
-        return db
-    frozen = "&immutable=1" if not writable and not logged else ""
-    return sqlite3.connect(
-        f"{path.as_uri()}?mode=ro{frozen}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
-    )
+    else:
+        frozen = "&immutable=1" if not writable and not logged else ""
+        db = sqlite3.connect(
+            f"{path.as_uri()}?mode=ro{frozen}", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
+        )
+    if writable:  # a file it may not write (a root a group shares) is opened read-only even so
+        db.execute("PRAGMA schema_version")  # a first read: SQLite makes its -wal/-shm files now
+        writable_beside(path)
+    return db
 
 
 @contextlib.contextmanager
