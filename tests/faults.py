@@ -269,6 +269,23 @@ def read_only(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def read_only_view(source: Path, view: Path) -> Iterator[None]:
+    """`source` seen read-only at `view` for the block while it stays writable where it is (a `:ro` container
+    volume, a read-only NFS export of a folder someone writes). Root only; the test skips otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only view")
+    view.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a view of {source}: {mounted.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(view)], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
 def small_disk(path: Path, size: str) -> Iterator[None]:
     """A tmpfs of `size` ("2m") mounted on `path` (created if missing) for the block: writes past it fail
     with ENOSPC, as on a full disk. Skips the test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""

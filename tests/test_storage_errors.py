@@ -26,7 +26,7 @@ from lunatrain.params import LoraParams
 from lunatrain.service.jobs import JobStore, existing_store, jobs_db_path
 from lunatrain.settings import Settings, check_data_root, load_settings
 
-from faults import as_user, read_only
+from faults import as_user, read_only, read_only_view
 from helpers import make_records, write_export
 
 T = "/assistant/training"
@@ -475,3 +475,22 @@ def test_a_reader_of_a_group_shared_trainer_database_leaves_the_trainer_able_to_
     assert as_user(*MEMBER, count) == "1"
     assert as_user(*OWNER, queue) == "True"
     assert as_user(*MEMBER, count) == "2"
+
+
+def test_a_read_only_view_of_a_root_someone_writes_shows_the_writes(settings: Settings, tmp_path: Path) -> None:
+    """Repro: a data root mounted read-only (a `:ro` container volume for the dashboard) while its owner writes
+    it through another mount: the reader opened it immutable while nobody had it open, and a long-lived reader
+    (the API) then never saw a later change, and could read a page torn by a write."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    store.dispose_stores()
+    view = tmp_path / "view"
+    with read_only_view(settings.home, view):
+        reader = Settings(home=view)
+        assert [e.prompt for e in store.list_examples(reader)] == ["erste"]
+        store.add_example(settings, prompt="zweite", response="Antwort")
+        assert [e.prompt for e in store.list_examples(reader)] == ["erste", "zweite"]  # the owner still writing
+        store.open_store(settings).engine.dispose()  # the owner's command ends; the reader's process stays
+        store.add_example(settings, prompt="dritte", response="Antwort")
+        store.open_store(settings).engine.dispose()
+        assert [e.prompt for e in store.list_examples(reader)] == ["erste", "zweite", "dritte"]
+        store.dispose_stores()

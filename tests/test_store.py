@@ -962,7 +962,7 @@ def test_a_database_others_may_still_write_is_never_read_as_immutable(tmp_path: 
     assert not os.statvfs(db).f_flag & os.ST_RDONLY  # the test's own folder: a writable file system
     # this process may not write the folder (as a user with read access only), but the file system may be
     monkeypatch.setattr(store.os, "access", lambda p, mode: not mode & os.W_OK)
-    url = store._read_only_url(db)
+    url = store._read_only_uri(db)
     assert "mode=ro" in url and "immutable" not in url, url
 
 

@@ -19,6 +19,7 @@ import importlib.resources
 import json
 import os
 import re
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -293,12 +294,14 @@ def _sqlite_engine(url: str) -> Engine:
     plain = not sa.engine.make_url(url).query  # a plain file (not mode=ro, not a URI a user composed)
     read_only = plain and _only_readable(Path(db_path))
     if read_only:
-        url = _read_only_url(Path(db_path))
+        # A connection for each use, each opened as the file is then: one opened immutable while nobody had the
+        # database open would never see (and could tear on) the changes of a writer that started later.
+        engine = sa.create_engine(url, creator=lambda: _read_only_connection(Path(db_path)), poolclass=sa.pool.NullPool)
     else:
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         if plain:
             create_plain(Path(db_path))
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -332,10 +335,15 @@ def _only_readable(path: Path) -> bool:
     )
 
 
-def _read_only_url(path: Path) -> str:
-    """The URL that opens `path` read-only. SQLite's WAL mode needs a `-shm` file beside the database even to
-    read. On a read-only file system (a mounted backup) nobody can write the file, so it is opened as
-    immutable, which needs none. Elsewhere another user may be writing it (a root shared with read access):
+def _read_only_connection(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(_read_only_uri(path), uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
+
+
+def _read_only_uri(path: Path) -> str:
+    """The URI that opens `path` read-only. SQLite's WAL mode needs a `-shm` file beside the database even to
+    read. On a read-only file system (a mounted backup) that nobody has open (no `-shm`), it is opened as
+    immutable, which needs none; a writer that may start later through another mount (a `:ro` container
+    volume) is why this is decided for each connection. Elsewhere another user may be writing it (a root shared with read access):
     immutable would read a file that changes under it, so only plain read-only is tried, which works while a
     writer keeps its `-shm` file there and otherwise says the folder cannot be written. A `-wal` file left
     with changes would go unread when immutable, so then plain read-only too."""
@@ -344,7 +352,7 @@ def _read_only_url(path: Path) -> str:
     shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
     frozen = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     immutable = frozen and not shm.exists() and not (wal.exists() and wal.stat().st_size > 0)
-    return f"sqlite:///file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
+    return f"file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}"
 
 
 def _server_engine(url: str) -> Engine:
