@@ -464,7 +464,7 @@ def test_a_large_count_in_a_server_message_is_said_exactly(page, services: Servi
 
 @pytest.mark.parametrize(
     ("query", "said"),
-    [("", "Mit einem inzwischen gelöschten Beispiel trainiert"), ("?lang=en", "Trained on an example deleted since")],
+    [("", "Mit inzwischen gelöschten Inhalten trainiert"), ("?lang=en", "Trained on content deleted since")],
 )
 def test_the_retrain_badge_explains_itself_in_the_pages_language(page, services: Services, query, said) -> None:
     """Repro: the "neu trainieren" badge's tooltip was the registry's English sentence ("trained on a deleted

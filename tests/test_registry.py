@@ -812,7 +812,7 @@ def test_activating_or_rolling_back_to_a_stale_version_says_it_is_stale(settings
     registry.activate(settings, "a", "v1")
     registry.activate(settings, "a", "v2")
     note = (
-        "Note: a@v1 is stale (trained on a deleted example): it still serves that content; train a new "
+        "Note: a@v1 is stale (trained on deleted content): it still serves that content; train a new "
         "version (`lunatrain luna`) to leave it out.\n"
     )
     for args, said in (

@@ -538,7 +538,7 @@ def test_repair_of_a_readable_registry_marks_what_an_interrupted_delete_left_unm
     r = CliRunner().invoke(app, ["adapters", "repair"])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines() == [
-        "Marked a@v1 stale: it was trained on examples deleted since (retrain needed).",
+        "Marked a@v1 stale: it was trained on content deleted since (retrain needed).",
         "The registry is readable (1 version); nothing else to repair.",
     ], r.output
     assert registry.get_version(settings, "a", "v1")["stale"]["hashes"] == [example.hash]

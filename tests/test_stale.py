@@ -72,14 +72,14 @@ def test_lora_refuses_an_export_that_holds_deleted_examples_and_prepare_fails_on
     with pytest.raises(CheckFailed) as refused:
         run_lora(TRAINED_PARAMS, settings)  # the same export: the deleted example is in it
     assert refused.value.message == (
-        "The export holds 1 example deleted since it was written; run `lunatrain export` first, "
+        "The export holds 1 sample deleted since it was written; run `lunatrain export` first, "
         "so that deleted content is not trained on."
     )
     assert [e["version"] for e in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]  # nothing new
     report = prepare.prepare(settings, parse_params(TRAINED_PARAMS))
     [check] = [c for c in report.checks if c.id == "export_stale"]
     assert (report.status, check.severity, check.count, check.code) == ("fail", "fail", 1, "check.export_stale.deleted")
-    assert check.message == "1 example in the export was deleted since; run `lunatrain export`"
+    assert check.message == "1 sample in the export was deleted since; run `lunatrain export`"
     assert check.examples == [f"ex-{ids[victim]}"]  # the export's id, as the other checks name records
     assert CliRunner().invoke(app, ["export"]).exit_code == 0
     result = run_lora(TRAINED_PARAMS, settings)
@@ -108,7 +108,7 @@ def test_lora_refuses_an_export_that_holds_examples_rejected_since_and_prepare_n
     with pytest.raises(CheckFailed) as refused:
         run_lora(TRAINED_PARAMS, settings)
     assert refused.value.message == (
-        "The export holds 2 examples rejected since it was written; run `lunatrain export` first, "
+        "The export holds 2 samples rejected since it was written; run `lunatrain export` first, "
         "so that rejected content is not trained on."
     )
     assert [e["version"] for e in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]
@@ -120,7 +120,7 @@ def test_lora_refuses_an_export_that_holds_examples_rejected_since_and_prepare_n
         2,
         "check.export_stale.rejected",
     )
-    assert check.message == "2 examples in the export were rejected since; run `lunatrain export`"
+    assert check.message == "2 samples in the export were rejected since; run `lunatrain export`"
     assert check.examples == sorted(f"ex-{ids[h]}" for h in victims)
     # approved again: the export holds what the database approves, and trains
     assert CliRunner().invoke(app, ["examples", "approve", *[str(ids[h]) for h in victims]]).exit_code == 0
@@ -191,6 +191,26 @@ def test_a_job_on_an_export_that_holds_deleted_examples_is_refused_before_it_is_
     with TestClient(create_app(offline), base_url="http://127.0.0.1") as client:
         refused = client.post("/assistant/training/lora/start", json={"maxSteps": 2})
         assert refused.status_code == 409, refused.text
-        assert refused.json()["error"]["message"].startswith("The export holds 1 example deleted since it was written")
+        assert refused.json()["error"]["message"].startswith("The export holds 1 sample deleted since it was written")
         assert CliRunner().invoke(app, ["export"]).exit_code == 0  # now the trainer's absence is what is said
         assert client.post("/assistant/training/lora/start", json={"maxSteps": 2}).status_code == 503
+
+
+def test_a_deleted_memory_item_is_called_content_or_a_sample_not_an_example(settings: Settings) -> None:
+    """Repro: deleting a memory item that an export held refused the run with "The export holds 1 example
+    deleted since", and prepare said "1 example in the export was deleted": the user had deleted no example.
+    The export's records are samples (of either kind), and what an adapter trained on is content."""
+    from lunatrain import export, prepare
+    from lunatrain.errors import CheckFailed
+
+    for i in range(4):
+        store.add_memory(settings, question=f"Wie heißt mein {i}. Hund?", answer=f"Bruno {i}.")
+    export.export(settings)
+    data = export.read_tier(settings, "memory")
+    gone = store.list_memory(settings)[0]
+    store.delete_memory(settings, [gone.id])
+    with pytest.raises(CheckFailed) as refused:
+        export.refuse_withdrawn(settings, "memory")
+    assert refused.value.message.startswith("The export holds 1 sample deleted since it was written"), refused.value
+    check = prepare.stale_check(settings, data.summary, data.train + data.val + data.test)
+    assert check.message == "1 sample in the export was deleted since; run `lunatrain export`"

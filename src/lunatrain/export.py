@@ -691,7 +691,7 @@ def refuse_withdrawn(settings: Settings, tier: Tier, data: TierData | None = Non
     if deleted or rejected:
         what = "deleted or rejected" if deleted and rejected else "deleted" if deleted else "rejected"
         n = len(deleted) or len(rejected)
-        held = f"{n} example{'s' if n != 1 else ''} {'deleted' if deleted else 'rejected'}"
+        held = f"{n} sample{'s' if n != 1 else ''} {'deleted' if deleted else 'rejected'}"
         if deleted and rejected:
             held += f" and {len(rejected)} rejected"
         raise CheckFailed(

@@ -404,7 +404,7 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
             "fail",
             n,
             sorted(deleted + rejected)[:MAX_EXAMPLES],
-            f"{n} example{'' if one else 's'} in the export {'was' if one else 'were'} {how} since; "
+            f"{n} sample{'' if one else 's'} in the export {'was' if one else 'were'} {how} since; "
             "run `lunatrain export`",
             f"check.export_stale.{kind}",
             {"count": n, "deleted": len(deleted), "rejected": len(rejected)},

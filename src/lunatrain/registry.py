@@ -1342,7 +1342,7 @@ def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
 def mark_stale(
     settings: Settings,
     deleted_hashes: set[str],
-    reason: str = "trained on a deleted example",
+    reason: str = "trained on deleted content",
     *,
     trained_on: Iterable[str] = (),
 ) -> list[str]:

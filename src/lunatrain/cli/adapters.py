@@ -266,7 +266,7 @@ def repair_cmd() -> None:
     for run in result["settled"]:
         typer.echo(f"Settled {run}: its process stopped before the eval gate decided, so the slot kept its own.")
     for ref in result["stale"]:
-        typer.echo(f"Marked {ref} stale: it was trained on examples deleted since (retrain needed).")
+        typer.echo(f"Marked {ref} stale: it was trained on content deleted since (retrain needed).")
     if not result["repaired"]:
         if not result["settled"]:
             readable = f"The registry is readable ({counted(result['versions'], 'version')})"
