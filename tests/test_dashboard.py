@@ -342,15 +342,13 @@ def test_offline_label_then_start_trainer_shows_online_cpu(page, services: Servi
 
     # A job an earlier trainer ran: the job panel could not ask for it while the trainer was down, and shows
     # it once the button has started one (it said "Kein Job gestartet." until a reload).
-    from lunatrain.params import LoraParams
-    from lunatrain.service.jobs import JobError, JobStore, jobs_db_path
+    from lunatrain.service.jobs import JobError, jobs_db_path
 
-    store = JobStore(jobs_db_path(services.home / "data"))
-    try:
-        earlier, _ = store.create(LoraParams(adapter_name="earlier", base_model="luna-tiny"))
-        store.set_status(earlier.id, "failed", error=JobError(code="interrupted", message="stopped").wire())
-    finally:
-        store.close()
+    from helpers import recorded_job
+
+    earlier = recorded_job(
+        services.home / "data", "failed", "earlier", error=JobError(code="interrupted", message="stopped").wire()
+    )
 
     try:
         start.click()

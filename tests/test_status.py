@@ -554,18 +554,11 @@ def test_tier_sizes_are_what_export_writes_after_deduplication(settings, dead_po
 def test_a_cancelled_local_run_newer_than_the_last_trainer_job_is_the_last_job(settings):
     """Repro: a cancelled (or failed) run's report carried no time at all (`created: null`), so `status`
     took an older trainer job for the last one. Every run's report says when it ended."""
-    from lunatrain.params import LoraParams
-    from lunatrain.service.jobs import JobStore, jobs_db_path
     from lunatrain.train import Status, run_lora
 
-    from helpers import make_records, write_export
+    from helpers import make_records, recorded_job, write_export
 
-    db = JobStore(jobs_db_path(settings.data_dir))
-    try:
-        old, _ = db.create(LoraParams(adapter_name="mein-adapter"))
-        db.set_status(old.id, "succeeded")
-    finally:
-        db.close()
+    recorded_job(settings.data_dir, "succeeded", "mein-adapter")
     write_export(settings, make_records(16, val_every=5))
     seen: list[dict] = []
     cut = run_lora(

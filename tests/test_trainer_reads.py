@@ -255,16 +255,10 @@ def test_jobs_resume_of_a_job_the_data_root_does_not_hold_starts_no_trainer(home
     "No job". The data root's job database answers first: a job it does not hold, or one that succeeded, is
     refused without a trainer."""
     from lunatrain.cli import trainer as trainer_cli
-    from lunatrain.params import LoraParams
-    from lunatrain.service.jobs import JobStore, jobs_db_path
 
-    settings = load_settings()
-    jobs = JobStore(jobs_db_path(settings.data_dir))
-    try:
-        done, _ = jobs.create(LoraParams(adapter_name="done"))
-        jobs.set_status(done.id, "succeeded")
-    finally:
-        jobs.close()
+    from helpers import recorded_job
+
+    done = recorded_job(load_settings().data_dir, "succeeded", "done")
     started: list[str] = []
     monkeypatch.setattr(trainer_cli, "ensure_trainer", lambda settings: started.append("trainer"))
     typo = CliRunner().invoke(app, ["jobs", "resume", "ftjob-typo"])
