@@ -639,3 +639,23 @@ def test_a_local_runs_bar_shows_the_engines_eta_as_a_pipe_does():
     with ProgressDisplay(tty=True, stream=out) as display:
         display.on_event(event)
     assert "ETA 1:15" in out.getvalue() and "ETA 1:15" in event_line(event), out.getvalue()
+
+
+def test_a_wall_clock_step_during_a_job_leaves_its_duration_as_long_as_it_took(store, settings, monkeypatch):
+    """Repro: the clock stepped back an hour while a trainer job ran; its finish stamp came before its start,
+    and `status` said lastJob.durationSeconds -3577. The trainer measures a job's run on a clock that never
+    steps; stamps stay wall time (they say when, not how long)."""
+    from datetime import timedelta
+
+    from lunatrain import status
+    from lunatrain.service import jobs as jobs_mod
+    from lunatrain.wire import iso, utc_now
+
+    job = queued(store)
+    assert store.claim(job.id)
+    monkeypatch.setattr(jobs_mod, "now_iso", lambda: iso(utc_now() - timedelta(hours=1)))
+    done = store.set_status(job.id, "succeeded")
+    assert done.finished_at < done.started_at  # the stamps say what the clock said
+    assert done.duration_seconds is not None and 0 <= done.duration_seconds < 600, done.duration_seconds
+    last = status.training_status(settings)["lastJob"]
+    assert last["jobId"] == job.id and last["durationSeconds"] == done.duration_seconds, last

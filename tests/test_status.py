@@ -620,3 +620,36 @@ def test_a_tier_whose_current_export_has_no_train_sample_is_not_ready(settings):
     assert tier["ready"] is False and tier["reason"] == "the current export's memory tier has no train sample", tier
     store.add_memory(settings, question="Wie heißt meine Katze?", answer="Mia.")  # changed since: not known
     assert training_status(settings, 0)["tiers"]["memory"]["ready"] is True
+
+
+def test_the_last_job_after_the_clock_stepped_back_is_the_one_that_made_the_newer_version(settings):
+    """Repro: the clock stepped back an hour after a trainer job made luna-adapter@v2; a local run then made
+    v3, and `status` named the job (v2) the last one: it compared the two end times as text. Two versions
+    of one adapter on one base say by their numbers which came last, whatever the clock said."""
+    from datetime import timedelta
+
+    from lunatrain.fsio import atomic_write_text
+    from lunatrain.wire import iso, utc_now
+
+    from helpers import recorded_job
+
+    adapter = {"name": "luna-adapter", "version": "v2", "path": "data/adapters/luna-adapter/v2"}
+    job = recorded_job(settings.data_dir, "succeeded", adapter=adapter)
+    report = {
+        "status": "succeeded",
+        "jobId": None,
+        "adapterName": "luna-adapter",
+        "version": "v3",
+        "baseModel": {"id": "luna-tiny"},
+        "created": iso(utc_now() - timedelta(hours=1)),
+        "durationSeconds": 12.5,
+    }
+    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["source"], last["version"]) == ("report", "v3"), last
+    # the other way round: the job made the newer version, the run's report says a later time
+    report |= {"version": "v1", "created": iso(utc_now() + timedelta(hours=1))}
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["source"], last["jobId"], last["version"]) == ("trainer", job.id, "v2"), last

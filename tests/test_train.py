@@ -872,3 +872,28 @@ def test_samples_a_short_max_seq_length_leaves_out_are_said(settings):
     events.clear()
     assert run_lora(_params(maxSteps=1, maxSeqLength=1024), settings, on_event=events.append).ok  # all fit
     assert not [e for e in events if e.get("code") == "log.samples_left_out"]
+
+
+def test_a_wall_clock_step_during_a_run_leaves_its_duration_as_long_as_it_took(settings, monkeypatch):
+    """Repro: the clock stepped back an hour (an NTP correction, `date -s`) during a 15 s run, and its report
+    said durationSeconds -3585 (status and `adapters show` too); a step forward made it an hour too long.
+    A duration is measured on a clock that never steps."""
+    import time
+
+    write_export(settings, make_records(16, val_every=5))
+    wall = time.time
+    seen = []
+
+    def stepped_back_at_the_first_step(event):
+        seen.append(event)
+        if event["type"] == "progress":
+            monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+
+    cut = run_lora(
+        _params(epochs=1, maxSteps=2),
+        settings,
+        on_event=stepped_back_at_the_first_step,
+        should_stop=lambda: any(e["type"] == "progress" for e in seen),
+    )
+    assert cut.status is Status.CANCELLED, cut.error
+    assert 0 < cut.report["durationSeconds"] < 600, cut.report["durationSeconds"]

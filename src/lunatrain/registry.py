@@ -1470,7 +1470,7 @@ def rebuild(settings: Settings) -> dict[str, Any]:
             data["skipped"].append(f"{where} (its {REPORT_FILE} {problem})")
     for adapter in data["adapters"].values():
         adapter["versions"].sort(
-            key=lambda e: (_version_number(e["version"]), e.get("revision") or 0, e.get("created") or "")
+            key=lambda e: (version_number(e["version"]), e.get("revision") or 0, e.get("created") or "")
         )
         current = [e for e in adapter["versions"] if e["version"] == SLOT]
         for old in current[:-1]:
@@ -1537,7 +1537,8 @@ def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[tuple[
     return restored
 
 
-def _version_number(version: str) -> int:
+def version_number(version: str) -> int:
+    """`v12` → 12; 0 for a name that is not a number (the overwrite slot's `current`)."""
     m = _VERSION_RE.match(version)
     return int(m.group(1)) if m else 0
 

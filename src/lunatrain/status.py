@@ -175,9 +175,32 @@ def _last_job(settings: Settings) -> dict[str, Any] | None:
         return job
     if job is None or run is None:
         return job or run
-    # An in-process run beside the trainer's jobs: whichever did something last, a job by its finish (else its
-    # start, else its submission), the run by its report, written when it ended.
+    # An in-process run beside the trainer's jobs: two versions of one adapter on one base say by their order
+    # which came last, whatever the clock said meanwhile (an NTP step back between them). Otherwise whichever
+    # did something last: a job by its finish (else its start, else its submission), the run by its report,
+    # written when it ended.
+    order = _version_order(job), _version_order(run)
+    if None not in order and order[0] != order[1] and _same_adapter(job, run):
+        return job if order[0] > order[1] else run  # type: ignore[operator]
     return job if str(active_at or "") >= str(run.get("created") or "") else run
+
+
+def _version_order(last: dict[str, Any]) -> tuple[int, int] | None:
+    """Where the version a last job made stands among its adapter's (as the registry orders them: number, then
+    the overwrite slot's revision); None when it made none."""
+    from .registry import version_number
+
+    version = last.get("version")
+    return (version_number(version), last.get("revision") or 0) if version else None
+
+
+def _same_adapter(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["adapterName"], a["baseModel"]) == (b["adapterName"], b["baseModel"])
+
+
+def _elapsed(job: Any) -> float | None:
+    seconds = seconds_between(job.started_at, job.finished_at)
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def _last_store_job(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
@@ -200,12 +223,14 @@ def _last_store_job(settings: Settings) -> tuple[dict[str, Any] | None, str | No
         "source": "trainer",
         "adapterName": (job.adapter.name if job.adapter else None) or job.params.get("adapterName"),
         "version": job.adapter.version if job.adapter else None,
+        "revision": job.adapter.revision if job.adapter else None,
         # Which base it trained on: after a switch of base model the last job may be for another one.
         "baseModel": job.params.get("baseModel"),
         "created": job.created_at,
         "finished": job.finished_at,
-        # From start to finish (the trainer records no duration metric); None while it runs or if it never ran.
-        "durationSeconds": seconds_between(job.started_at, job.finished_at),
+        # The trainer's measure of the last try; from its start and finish stamps for a job of a trainer that
+        # stopped meanwhile (None while it runs, if it never ran, or if the clock stepped back in between).
+        "durationSeconds": job.duration_seconds if job.duration_seconds is not None else _elapsed(job),
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": job.error.wire() if job.error else None,
         "gate": {
@@ -229,6 +254,7 @@ def _last_local_run(settings: Settings) -> dict[str, Any] | None:
         "source": "report",
         "adapterName": report.get("adapterName"),
         "version": report.get("version"),
+        "revision": report.get("revision"),
         "baseModel": (report.get("baseModel") or {}).get("id") or (report.get("params") or {}).get("baseModel"),
         "created": report.get("created"),
         "finished": None,

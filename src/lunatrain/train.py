@@ -219,7 +219,7 @@ def _train_and_conclude(
     """Train `run` (from its checkpoint when resuming), then conclude it: rank 0 publishes or records it, the
     other ranks return its outcome."""
     params, world = run.params, run.world
-    started = time.time()
+    started = time.monotonic()  # for the run's duration: a wall clock may step meanwhile
     status, error = Status.SUCCEEDED, None
     from .models import cpu_threads_for
 
@@ -917,7 +917,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
             "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None,
         },
         "packages": package_versions(),
-        "durationSeconds": round(time.time() - started, 3),
+        "durationSeconds": round(time.monotonic() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),
     }
 

@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,11 @@ class Job(WireModel):
         default=None, description="thresholds of the eval gate after the run (a profile's [gate]); null: the defaults"
     )
     attempts: int = Field(default=0, description="child processes started for this job (>1 after a resume)")
+    duration_seconds: float | None = Field(
+        default=None,
+        description="how long its last try ran, on a clock that never steps (startedAt/finishedAt are wall time); "
+        "null while it runs, or when a trainer that stopped meanwhile started that try",
+    )
 
     @property
     def finished(self) -> bool:
@@ -208,6 +214,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     gate TEXT,
     gate_thresholds TEXT,                        -- the eval gate's thresholds for this job (NULL: defaults)
     attempts INTEGER NOT NULL DEFAULT 0,
+    duration_seconds REAL,                       -- the last try's run, measured on the monotonic clock
     pid INTEGER,                                 -- the running child, its own process group leader
     pid_started REAL                             -- its create time: a reused pid is never killed by mistake
 );
@@ -233,6 +240,9 @@ class JobStore:
         """`read_only`: a reader beside the trainer (or after it): no schema, no journal-mode change, no write."""
         self.path = path
         self._lock = threading.RLock()
+        # When each try this store claimed began, on the monotonic clock: a wall clock stepped meanwhile (an NTP
+        # correction) would make finish minus start negative, or an hour too long.
+        self._claimed: dict[str, float] = {}
         if read_only:
             self._db = read_only_connection(path)
             self._db.row_factory = sqlite3.Row
@@ -246,9 +256,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        for column in ("gate_thresholds", "options"):  # a jobs.db from before these columns
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+        for column, kind in (("gate_thresholds", "TEXT"), ("options", "TEXT"), ("duration_seconds", "REAL")):
+            if column not in columns:  # a jobs.db from before this column
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -386,6 +396,9 @@ class JobStore:
         if status in TERMINAL:
             cols.setdefault("finished_at", now_iso())
             cols |= {"pid": None, "pid_started": None}
+            began = self._claimed.pop(job_id, None)
+            if began is not None:
+                cols["duration_seconds"] = round(time.monotonic() - began, 3)
         assign = ", ".join(f"{k} = ?" for k in cols)
         data: dict[str, Any] = {"status": status}
         if message:
@@ -406,13 +419,15 @@ class JobStore:
         """queued -> running, only if still queued (a cancel may have won the race); True if claimed."""
         with self._lock, self._tx():
             cur = self._db.execute(
-                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), attempts = attempts + 1 "
+                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), attempts = attempts + 1, "
+                "duration_seconds = NULL "
                 "WHERE id = ? AND status = 'queued'",
                 (now_iso(), job_id),
             )
             if cur.rowcount != 1:
                 return False
             self._event(job_id, "status", {"status": "running"})
+            self._claimed[job_id] = time.monotonic()
         return True
 
     def add_event(
