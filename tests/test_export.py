@@ -643,3 +643,24 @@ def test_a_file_saved_over_its_link_is_refused_by_the_run_and_kept_aside_by_the_
             assert (settings.training_dir / kept["keptAs"]).read_text() == "[]", (route, kept)
     finally:
         jobs.close()
+
+
+def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repro: export folders are named by the time and the newest are kept by name. After the clock stepped
+    back a day, each export deleted the one made just before it (current a moment earlier) and kept the three
+    oldest. A new export's name now sorts after every name there, whatever the clock says."""
+    from datetime import timedelta
+
+    from lunatrain.wire import utc_now
+
+    made = []
+    for i in range(5):
+        if i == 3:  # the clock steps back a day
+            day_before = lambda: (utc_now() - timedelta(days=1)).strftime("%Y%m%dT%H%M%S%fZ")
+            monkeypatch.setattr(ex, "compact_stamp", day_before)
+        store.add_example(settings, prompt=f"Frage {i}?", response=f"Antwort {i}.")
+        ex.export(settings)
+        made.append(ex.current_id(settings))
+    assert ex.export_ids(settings) == made[-settings.retain_exports :]  # the newest, oldest first

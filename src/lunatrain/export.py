@@ -44,6 +44,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args
 
@@ -55,7 +56,7 @@ from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, stor
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store
-from .wire import compact_stamp, now_iso
+from .wire import STAMP_FORMAT, compact_stamp, now_iso
 
 Tier = Literal["curated", "memory", "merged"]
 TIERS: tuple[str, ...] = get_args(Tier)
@@ -345,7 +346,7 @@ def export(
             _remove_leftovers(out)
             _adopt_flat_files(out)
             replaced = replaced_names(settings)
-            export_id = _new_id()
+            export_id = _new_id(export_ids(settings))
             work = out / EXPORTS_DIR / f"{export_id}.partial"
             work.mkdir()
         try:
@@ -446,9 +447,20 @@ def _remove_leftovers(out: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _new_id() -> str:
-    # Sortable by time (pruning keeps the newest), unique across concurrent machines sharing a directory.
-    return compact_stamp() + "-" + uuid.uuid4().hex[:6]
+def _new_id(existing: list[str]) -> str:
+    """Sortable by time (pruning keeps the newest by name), unique across concurrent machines sharing a
+    directory. Never before the `existing` ids, though: after the clock stepped back (an NTP correction) a
+    name by the clock alone would sort first, and pruning would drop the newest exports and keep the oldest.
+    Then it takes the newest one's time plus a microsecond."""
+    stamp = compact_stamp()
+    newest = max((i.split("-", 1)[0] for i in existing), default="")
+    if stamp <= newest:
+        try:
+            later = datetime.strptime(newest, STAMP_FORMAT).replace(tzinfo=UTC) + timedelta(microseconds=1)
+            stamp = later.strftime(STAMP_FORMAT)
+        except ValueError:  # a folder not named by us: nothing to follow
+            pass
+    return stamp + "-" + uuid.uuid4().hex[:6]
 
 
 def _switch_current(out: Path, export_id: str) -> None:
@@ -536,7 +548,7 @@ def _adopt_flat_files(out: Path) -> None:
     flat = [name for name in (*DATA_FILES, SUMMARY_FILE) if (out / name).is_file() and not (out / name).is_symlink()]
     if not flat:
         return
-    export_id = _new_id()
+    export_id = _new_id([p.name for p in (out / EXPORTS_DIR).iterdir() if not p.name.endswith(".partial")])
     work = out / EXPORTS_DIR / f"{export_id}.partial"
     work.mkdir()
     for name in flat:

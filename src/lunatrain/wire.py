@@ -27,9 +27,12 @@ def now_iso() -> str:
     return iso(utc_now())
 
 
+STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"
+
+
 def compact_stamp() -> str:
     """Now for a file or folder name: UTC, to the microsecond, sortable as text (`20261205T213012123456Z`)."""
-    return utc_now().strftime("%Y%m%dT%H%M%S%fZ")
+    return utc_now().strftime(STAMP_FORMAT)
 
 
 def iso(value: datetime) -> str:
