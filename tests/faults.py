@@ -359,10 +359,10 @@ def _record(section: str, rows: list[Row], note: str) -> str:
     return table
 
 
-def as_user(uid: int, gid: int, umask: int, action: Callable[[], object]) -> str:
-    """Runs `action` in a forked child under another user id and group (root only; the test skips otherwise) and
-    returns what it returned, or raised, as text: a second user of a group-shared data root without a second
-    account or interpreter."""
+def as_user(uid: int, gid: int, umask: int, action: Callable[[], object], groups: tuple[int, ...] = ()) -> str:
+    """Runs `action` in a forked child under another user id, primary group `gid` and supplementary `groups`
+    (root only; the test skips otherwise) and returns what it returned, or raised, as text: a second user of a
+    group-shared data root without a second account or interpreter."""
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another user")
     read_end, write_end = os.pipe()
@@ -371,7 +371,7 @@ def as_user(uid: int, gid: int, umask: int, action: Callable[[], object]) -> str
         code = 0
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             os.umask(umask)

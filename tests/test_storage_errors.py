@@ -392,7 +392,7 @@ def test_a_read_only_data_root_is_read_and_says_why_it_cannot_be_changed(setting
     assert "cannot be written by this process" in added.output, added.output
 
 
-OWNER, MEMBER = (1001, 1002, 0o022), (1003, 1002, 0o002)  # a user with umask 022, a group member with 002
+OWNER = (1001, 1002, 0o022)  # a user with umask 022, the shared group its primary one
 
 
 @pytest.fixture
@@ -430,27 +430,40 @@ def _command(action: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _shared(folder: Path) -> None:
+# A group member with umask 002: the shared group its primary one, or (as Debian and Ubuntu make users, each with
+# a group of its own) a supplementary one, where a folder without the setgid bit gives new files the member's own.
+MEMBERS = {"setgid": (1003, 1002, 0o002, ()), "no-setgid": (1003, 1004, 0o002, (1002,))}
+
+
+def member(kind: str, action: Callable[[], object]) -> str:
+    uid, gid, umask, groups = MEMBERS[kind]
+    return as_user(uid, gid, umask, action, groups)
+
+
+def _shared(folder: Path, kind: str = "setgid") -> None:
     """`folder` shared with the group, as the group's admin does it after the owner's first command."""
-    folder.chmod(0o2775)
+    folder.chmod(0o2775 if kind == "setgid" else 0o775)
 
 
-def test_a_reader_of_a_group_shared_root_leaves_the_owner_able_to_write(shared_home: Path) -> None:
-    """Repro: in a group-shared data root (folder setgid and group-writable, the database 0644 as its owner's
-    umask made it), a group member's `examples list` opened the file read-only, and SQLite made its `-shm` and
-    `-wal` files beside it owned by the reader and as the database's mode, 0644. They stayed after the reader
-    closed, and from then on the owner's every change failed: "attempt to write a readonly database"."""
+@pytest.mark.parametrize("kind", MEMBERS)
+def test_a_reader_of_a_group_shared_root_leaves_the_owner_able_to_write(shared_home: Path, kind: str) -> None:
+    """Repro: in a group-shared data root (folder group-writable, the database 0644 as its owner's umask made
+    it), a group member's `examples list` opened the file read-only, and SQLite made its `-shm` and `-wal` files
+    beside it owned by the reader and as the database's mode, 0644 (and in the member's own group, where the
+    folder has no setgid bit). They stayed after the reader closed, and from then on the owner's every change
+    failed: "attempt to write a readonly database"."""
+    shared_home.chmod(0o2775 if kind == "setgid" else 0o775)
     settings = Settings(home=shared_home)
 
     def add(prompt: str) -> Callable[[], object]:
         return _command(lambda: store.add_example(settings, prompt=prompt, response="Antwort").id > 0)
 
     assert as_user(*OWNER, add("erste")) == "True"
-    _shared(settings.data_dir)
-    listed = as_user(*MEMBER, _command(lambda: [e.prompt for e in store.list_examples(settings)]))
+    _shared(settings.data_dir, kind)
+    listed = member(kind, _command(lambda: [e.prompt for e in store.list_examples(settings)]))
     assert listed == repr(["erste"])
     assert as_user(*OWNER, add("zweite")) == "True"
-    assert as_user(*MEMBER, _command(lambda: len(store.list_examples(settings)))) == "2"
+    assert member(kind, _command(lambda: len(store.list_examples(settings)))) == "2"
     assert as_user(*OWNER, add("dritte")) == "True"
 
 
@@ -472,9 +485,9 @@ def test_a_reader_of_a_group_shared_trainer_database_leaves_the_trainer_able_to_
 
     assert as_user(*OWNER, queue) == "True"
     _shared(path.parent)
-    assert as_user(*MEMBER, count) == "1"
+    assert member("setgid", count) == "1"
     assert as_user(*OWNER, queue) == "True"
-    assert as_user(*MEMBER, count) == "2"
+    assert member("setgid", count) == "2"
 
 
 def test_a_read_only_view_of_a_root_someone_writes_shows_the_writes(settings: Settings, tmp_path: Path) -> None:
@@ -494,3 +507,23 @@ def test_a_read_only_view_of_a_root_someone_writes_shows_the_writes(settings: Se
         store.open_store(settings).engine.dispose()
         assert [e.prompt for e in store.list_examples(reader)] == ["erste", "zweite", "dritte"]
         store.dispose_stores()
+
+
+def test_a_database_moved_aside_under_a_read_only_view_is_said_not_a_500(settings: Settings, tmp_path: Path) -> None:
+    """Review repro: a long-lived reader of a read-only view decides for each connection how to open the
+    database; once its owner had moved the file aside (the advice for a damaged one), that decision raised a
+    bare FileNotFoundError, and the API answered 500 where it said before what was wrong."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    store.dispose_stores()
+    view = tmp_path / "view"
+    with read_only_view(settings.home, view):
+        # named, as ASSISTANT_DB_URL names it: a listing of a root without a database shows it empty instead
+        reader = Settings(home=view, db_url=f"sqlite:///{view / 'data' / 'assistant.db'}")
+        with TestClient(create_app(reader), base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+            assert client.get("/assistant/training/examples").status_code == 200
+            db = settings.data_dir / "assistant.db"
+            db.rename(db.with_name("assistant.db.aside"))
+            answer = client.get("/assistant/training/examples")
+        store.dispose_stores()
+    assert 400 <= answer.status_code < 500 or answer.status_code == 503, answer.text
+    assert "assistant.db" in answer.json()["error"]["message"], answer.text

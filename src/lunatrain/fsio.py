@@ -175,13 +175,20 @@ def writable_beside(path: Path) -> None:
     """A reader that may not write the database but may write its folder (a root a group shares, the file
     0644 as its owner's umask made it) makes the -wal/-shm files SQLite needs even to read, as its own and with
     the database's mode. They outlive a read-only connection, and the owner, who could no longer write them,
-    could change nothing from then on. So they get the write access the folder gives: whoever may write the
-    folder may write them."""
-    shared = stat.S_IMODE(path.parent.stat().st_mode) & 0o022
+    could change nothing from then on. So they get the write access the folder gives: its group (a folder
+    without the setgid bit gives them the reader's own group, which the owner may not be in) and its write
+    bits. Whoever may write the folder may write them."""
+    folder = path.parent.stat()
+    shared = stat.S_IMODE(folder.st_mode) & 0o022
     for beside in (Path(f"{path}-wal"), Path(f"{path}-shm")):
         with contextlib.suppress(OSError):  # not there (immutable, a read-only mount), or gone meanwhile
             st = beside.stat()
-            if st.st_uid == os.geteuid() and st.st_mode & shared != shared:
+            if st.st_uid != os.geteuid():
+                continue
+            if shared & 0o020 and st.st_gid != folder.st_gid:
+                with contextlib.suppress(OSError):  # only a member of the folder's group may give it
+                    os.chown(beside, -1, folder.st_gid)
+            if st.st_mode & shared != shared:
                 beside.chmod(stat.S_IMODE(st.st_mode) | shared)
 
 

@@ -350,8 +350,11 @@ def _read_only_uri(path: Path) -> str:
     from urllib.parse import quote
 
     shm, wal = Path(f"{path}-shm"), Path(f"{path}-wal")
-    frozen = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    immutable = frozen and not shm.exists() and not (wal.exists() and wal.stat().st_size > 0)
+    try:
+        frozen = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        immutable = frozen and not shm.exists() and not (wal.exists() and wal.stat().st_size > 0)
+    except OSError:  # gone meanwhile (moved aside): SQLite's own open says so, as a storage error
+        immutable = False
     return f"file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}"
 
 
