@@ -656,6 +656,9 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
     from lunatrain.wire import utc_now
 
     made = []
+    exports = settings.training_dir / ex.EXPORTS_DIR
+    for name in ("backup", "0-first", "x.partial"):  # folders someone else named: followed by nothing, pruned never
+        (exports / name).mkdir(parents=True)
     for i in range(5):
         if i == 3:  # the clock steps back a day
             day_before = lambda: (utc_now() - timedelta(days=1)).strftime("%Y%m%dT%H%M%S%fZ")
@@ -664,3 +667,4 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
         ex.export(settings)
         made.append(ex.current_id(settings))
     assert ex.export_ids(settings) == made[-settings.retain_exports :]  # the newest, oldest first
+    assert {"backup", "0-first", "x.partial"} < {p.name for p in exports.iterdir()}

@@ -40,6 +40,7 @@ import heapq
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -453,13 +454,13 @@ def _new_id(existing: list[str]) -> str:
     name by the clock alone would sort first, and pruning would drop the newest exports and keep the oldest.
     Then it takes the newest one's time plus a microsecond."""
     stamp = compact_stamp()
-    newest = max((i.split("-", 1)[0] for i in existing), default="")
-    if stamp <= newest:
-        try:
-            later = datetime.strptime(newest, STAMP_FORMAT).replace(tzinfo=UTC) + timedelta(microseconds=1)
-            stamp = later.strftime(STAMP_FORMAT)
-        except ValueError:  # a folder not named by us: nothing to follow
-            pass
+    ours = [
+        datetime.strptime(name.split("-", 1)[0], STAMP_FORMAT).replace(tzinfo=UTC)
+        for name in existing
+        if _EXPORT_ID.fullmatch(name)  # not a folder someone else named (`backup`), nor a partial one
+    ]
+    if ours and stamp <= max(ours).strftime(STAMP_FORMAT):
+        stamp = (max(ours) + timedelta(microseconds=1)).strftime(STAMP_FORMAT)
     return stamp + "-" + uuid.uuid4().hex[:6]
 
 
@@ -548,7 +549,7 @@ def _adopt_flat_files(out: Path) -> None:
     flat = [name for name in (*DATA_FILES, SUMMARY_FILE) if (out / name).is_file() and not (out / name).is_symlink()]
     if not flat:
         return
-    export_id = _new_id([p.name for p in (out / EXPORTS_DIR).iterdir() if not p.name.endswith(".partial")])
+    export_id = _new_id([p.name for p in (out / EXPORTS_DIR).iterdir()])
     work = out / EXPORTS_DIR / f"{export_id}.partial"
     work.mkdir()
     for name in flat:
@@ -563,11 +564,15 @@ def _adopt_flat_files(out: Path) -> None:
     _link_names(out)
 
 
+# An export's folder name (`_new_id`); a folder named otherwise (a copy someone keeps there) is not ours to prune.
+_EXPORT_ID = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}")
+
+
 def export_ids(settings: Settings) -> list[str]:
     """The complete export directories, oldest first."""
     root = settings.training_dir / EXPORTS_DIR
     try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and _EXPORT_ID.fullmatch(p.name))
     except FileNotFoundError:
         return []
 
@@ -594,7 +599,7 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path
     ids = export_ids(settings)
     kept = {current} | set(ids[-max(keep, 1) :])
     doomed = [root / i for i in ids if i not in kept]
-    doomed += sorted(p for p in root.iterdir() if p.name.endswith(".partial"))
+    doomed += sorted(p for p in root.iterdir() if p.suffix == ".partial" and _EXPORT_ID.fullmatch(p.stem))
     if not dry_run:
         for path in doomed:
             remove_tree(path)
