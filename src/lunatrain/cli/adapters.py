@@ -258,7 +258,7 @@ def _differing(a: Any, b: Any, *, loss: bool = False) -> str:
 def repair_cmd() -> None:
     """Rebuild an unreadable registry from the adapter folders' training reports (the damaged file is kept
     beside it as lora-adapters.json.damaged-<time>); settle overwrite runs left staged by a stopped process;
-    mark versions trained on deleted examples stale."""
+    mark versions trained on deleted content stale."""
     try:
         result = registry.repair(load_settings())
     except LunaError as err:
