@@ -348,6 +348,28 @@ def test_a_stale_active_adapter_says_retrain_needed_in_the_data_panel(page, serv
 
 
 @pytest.mark.parametrize(
+    ("query", "unknown"), [("", "Aktiver Adapter\nunbekannt"), ("?lang=en", "Active adapter\nunknown")]
+)
+def test_a_registry_that_cannot_be_read_leaves_the_active_adapter_unknown_and_says_why(
+    page, services: Services, query, unknown
+) -> None:
+    """Repro: with the adapter registry damaged, `lunatrain status` said "active adapter: unknown" and named the
+    problem with its fix; the data panel said "Aktiver Adapter: keiner" and showed no problem at all."""
+    problem = "The adapter registry data/adapters/lora-adapters.json is damaged; run `lunatrain adapters repair`."
+
+    def damaged(route) -> None:
+        status = route.fetch().json()
+        status |= {"activeAdapter": None, "activeAdapters": [], "activeAdaptersKnown": False, "problems": [problem]}
+        route.fulfill(json=status)
+
+    page.route("**/assistant/training/status*", damaged)
+    open_page(page, services, query)
+    facts = page.locator("#data-facts")
+    expect(facts).to_contain_text(problem)
+    assert unknown in facts.inner_text()
+
+
+@pytest.mark.parametrize(
     ("query", "said"),
     [
         (

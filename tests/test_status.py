@@ -653,3 +653,51 @@ def test_the_last_job_after_the_clock_stepped_back_is_the_one_that_made_the_newe
     atomic_write_text(settings.lora_latest_report, json.dumps(report))
     last = training_status(settings, 0)["lastJob"]
     assert (last["source"], last["jobId"], last["version"]) == ("trainer", job.id, "v2"), last
+
+
+def test_a_numbered_version_and_an_overwrite_run_of_one_adapter_are_ordered_by_time(settings):
+    """Review repro: a trainer job made luna-adapter@v3, an hour later a local run with
+    `--adapterStrategy=overwrite` made its slot (`current`); `lastJob` named the job, ranking the slot below
+    every numbered version. A run chooses its strategy: a number and a slot revision say nothing about which
+    came first, their times do."""
+    from datetime import timedelta
+
+    from lunatrain.fsio import atomic_write_text
+    from lunatrain.wire import iso, utc_now
+
+    from helpers import recorded_job
+
+    adapter = {"name": "luna-adapter", "version": "v3", "path": "data/adapters/luna-adapter/v3"}
+    recorded_job(settings.data_dir, "succeeded", adapter=adapter)
+    report = {
+        "status": "succeeded",
+        "jobId": None,
+        "adapterName": "luna-adapter",
+        "version": "current",
+        "revision": 1,
+        "baseModel": {"id": "luna-tiny"},
+        "created": iso(utc_now() + timedelta(hours=1)),
+    }
+    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["source"], last["version"], last["revision"]) == ("report", "current", 1), last
+
+
+def test_a_damaged_trainer_database_is_a_problem_status_names_not_a_traceback(settings):
+    """Review repro: with data/trainer/jobs.db damaged ("file is not a database"), `lunatrain status` ended in
+    a traceback, and the API's /status answered 500. Status answers; the damaged part is one of its problems."""
+    from lunatrain.service.jobs import jobs_db_path
+
+    path = jobs_db_path(settings.data_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text("garbage " * 100)
+    result = CliRunner().invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    said = json.loads(result.output)
+    assert said["lastJob"] is None
+    assert [p for p in said["problems"] if str(path) in p and "file is not a database" in p], said["problems"]
+    # what is active is known all the same (the registry is fine): none, not "unknown"
+    assert said["activeAdaptersKnown"] is True
+    text = CliRunner().invoke(app, ["status"])
+    assert text.exit_code == 0 and "active adapter: none" in text.output, text.output

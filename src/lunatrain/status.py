@@ -13,6 +13,7 @@ objects under their old names, deprecated (see docs/api.md), as is `curated` (no
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         changed = counts["curated"]["total"] + memory["total"] > 0 or None
 
     problems: list[str] = []
-    active, base_known = _active_adapters(settings, problems)
+    active, base_known, active_known = _active_adapters(settings, problems)
     tiers = _tiers(counts, memory, (raw or {}).get("approved_twice", {}), min_curated)
     if changed is False and last_export is not None:
         # The export is the store as it is now: its split says whether a tier has anything to train on (a few
@@ -93,9 +94,10 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "storeRevision": revision,
         "lastExport": last_export,
         "changedSinceExport": changed,
-        "lastJob": _last_job(settings),
+        "lastJob": _last_job(settings, problems),
         "activeAdapter": _preferred(active, base_known),
         "activeAdapters": active,
+        "activeAdaptersKnown": active_known,  # false: the registry cannot be read (said under `problems`)
         "lastPrepare": _last_prepare(settings, summary.get("fingerprint") if isinstance(summary, dict) else None),
         "lastGate": _last_gate(settings),
         "problems": problems,
@@ -166,32 +168,40 @@ def _read(path: Path) -> Any:
     return _safe(lambda: read_json(path))
 
 
-def _last_job(settings: Settings) -> dict[str, Any] | None:
+def _last_job(settings: Settings, problems: list[str]) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
-    (job, active_at), run = _last_store_job(settings), _last_local_run(settings)
+    (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings)
     if job is not None and run is not None and run["jobId"]:
         # The report of a trainer job (this one, or one before it that a queued job waited behind): the
         # trainer's record is the whole story (finish, gate) and knows which of its jobs came last.
         return job
     if job is None or run is None:
         return job or run
-    # An in-process run beside the trainer's jobs: two versions of one adapter on one base say by their order
-    # which came last, whatever the clock said meanwhile (an NTP step back between them). Otherwise whichever
-    # did something last: a job by its finish (else its start, else its submission), the run by its report,
-    # written when it ended.
-    order = _version_order(job), _version_order(run)
-    if None not in order and order[0] != order[1] and _same_adapter(job, run):
-        return job if order[0] > order[1] else run  # type: ignore[operator]
+    # An in-process run beside the trainer's jobs: two numbered versions of one adapter on one base (or two
+    # runs of its overwrite slot) say by their numbers which came last, whatever the clock said meanwhile (an
+    # NTP step back between them). Otherwise whichever did something last: a job by its finish (else its
+    # start, else its submission), the run by its report, written when it ended.
+    order = _made_after(job, run)
+    if order is not None:
+        return job if order else run
     return job if str(active_at or "") >= str(run.get("created") or "") else run
 
 
-def _version_order(last: dict[str, Any]) -> tuple[int, int] | None:
-    """Where the version a last job made stands among its adapter's (as the registry orders them: number, then
-    the overwrite slot's revision); None when it made none."""
-    from .registry import version_number
+def _made_after(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
+    """Whether `a` made its version after `b` made its own, where their numbers say it: numbered versions are
+    given in order (v3 after v2), and so are the overwrite slot's revisions; a numbered version and a slot
+    revision say nothing about each other (a run chooses its strategy). None when they cannot say."""
+    from .registry import SLOT, version_number
 
-    version = last.get("version")
-    return (version_number(version), last.get("revision") or 0) if version else None
+    if not (a.get("version") and b.get("version")) or not _same_adapter(a, b):
+        return None
+    if a["version"] == b["version"] == SLOT:
+        first, second = a.get("revision") or 0, b.get("revision") or 0
+    elif SLOT not in (a["version"], b["version"]):
+        first, second = version_number(a["version"]), version_number(b["version"])
+    else:
+        return None
+    return None if first == second else first > second
 
 
 def _same_adapter(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -203,14 +213,22 @@ def _elapsed(job: Any) -> float | None:
     return seconds if seconds is not None and seconds >= 0 else None
 
 
-def _last_store_job(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
+def _last_store_job(settings: Settings, problems: list[str]) -> tuple[dict[str, Any] | None, str | None]:
     """The trainer's newest job as `lastJob` says it, and when it last did something (its finish, else its
-    start, else its submission)."""
-    from .service.jobs import existing_store
+    start, else its submission). A job database that cannot be read is one of the `problems`."""
+    from .service.jobs import existing_store, jobs_db_path
 
     def latest() -> Any:
-        with existing_store(settings.data_dir) as db:
-            jobs = db.list(limit=1) if db is not None else []
+        try:
+            with existing_store(settings.data_dir) as db:
+                jobs = db.list(limit=1) if db is not None else []
+        except sqlite3.Error as exc:  # damaged: the rest of the status still answers
+            reason = " ".join(str(exc).split()).rstrip(".")
+            problems.append(
+                f"The trainer's job database {jobs_db_path(settings.data_dir)} cannot be read ({reason}), so the "
+                "trainer's last job is unknown; move it aside (the trainer starts an empty one) or restore a backup."
+            )
+            return None
         return jobs[0] if jobs else None
 
     job = _safe(latest)
@@ -289,20 +307,22 @@ def _gate_of(settings: Settings, report: dict[str, Any]) -> dict[str, Any] | Non
     return None
 
 
-def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict[str, Any]], bool]:
+def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict[str, Any]], bool, bool]:
     """Every active version on every base model; `matchesBaseModel` marks the configured base's. A registry
     that cannot be read is a problem named with its fix (`problems`), not "nothing is active". Also says
-    whether the configured base could be identified (else no entry can match it)."""
+    whether the configured base could be identified (else no entry can match it), and whether what is active
+    is known at all (the registry could be read)."""
     from . import models, registry
     from .errors import LunaError, RegistryUnreadable
 
+    known = True
     try:
         active = registry.list_active(settings)
     except RegistryUnreadable as err:
         problems.append(err.message)
-        active = []
+        active, known = [], False
     except (LunaError, ValueError, OSError):
-        active = []
+        active, known = [], False
     # resolve_base builds luna-tiny when missing: a status read must not. The base is known all the same (the
     # configured luna-tiny, built the same way wherever it is): what is active on it is named by its id.
     unbuilt = (
@@ -337,7 +357,7 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
                 "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
             }
         )
-    return out, configured is not None or unbuilt
+    return out, configured is not None or unbuilt, known
 
 
 def _preferred(active: list[dict[str, Any]], base_known: bool) -> dict[str, Any] | None:

@@ -93,8 +93,8 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "active adapter",
-            # with a problem (a damaged registry) "none" would not be the truth
-            _adapter(act) if act else "unknown" if s["problems"] else "none",
+            # with a registry that cannot be read "none" would not be the truth
+            _adapter(act) if act else "none" if s["activeAdaptersKnown"] else "unknown",
         ),
     ]
     others = [a for a in s["activeAdapters"] if a is not act]

@@ -175,7 +175,11 @@ function renderDataStatus(status) {
       .filter(Boolean).join(" · ") : t("data.never")],
     // Stale: examples it was trained on were deleted (the adapter table marks it the same way).
     [t("data.activeAdapter"), active
-      ? `${active.name} ${active.version}${active.stale ? ` · ${t("adapters.stale")}` : ""}` : t("data.none")],
+      ? `${active.name} ${active.version}${active.stale ? ` · ${t("adapters.stale")}` : ""}`
+      // a registry that cannot be read: "none" would not be the truth (the problem below says why)
+      : t(status.activeAdaptersKnown === false ? "unknown" : "data.none")],
+    // Parts that could not be read (a damaged registry or job database), each with its fix, as `status` says them.
+    ...(status.problems ?? []).map((problem) => [t("data.problem"), problem]),
   ]);
 }
 
