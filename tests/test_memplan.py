@@ -192,9 +192,9 @@ def test_auto_checkpointing_is_decided_by_the_plan_and_recorded(settings, monkey
     params = parse_params({"adapterName": "auto-ck", "epochs": 1, "maxSteps": 1, "maxSeqLength": 128, "rank": 4})
     shape = memplan.model_shape(models.resolve_base(None, settings))
     train_set = [e for e in _tokenized(settings).train if e.n_supervised]
-    tokens, supervised = memplan.largest_batch(train_set, params.batch_size)
+    tokens, supervised, rows = memplan.largest_batch(train_set, params, shape)
     sizes = {
-        ck: memplan.estimate(shape, memplan.Job("cpu", tokens, supervised, 1, 4, ("all-linear",), True, "none", ck))[
+        ck: memplan.estimate(shape, memplan.Job("cpu", tokens, supervised, rows, 4, ("all-linear",), True, "none", ck))[
             "total"
         ]
         for ck in (False, True)
@@ -254,12 +254,54 @@ def test_prepare_writes_the_plan_and_fails_when_the_job_cannot_fit(settings, mon
         report.raise_on_fail()
 
 
+def _small_shape(varlen: bool) -> memplan.Shape:
+    return memplan.Shape(
+        "x",
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=4,
+        head_dim=16,
+        intermediate=128,
+        vocab=512,
+        tied=True,
+        varlen=varlen,
+    )
+
+
 def test_largest_batch_bounds_every_micro_batch():
     from lunatrain.tokens import IGNORE, Encoded
 
     samples = [Encoded(list(range(n)), [IGNORE] * (n - s) + [1] * s) for n, s in ((10, 2), (50, 5), (30, 25), (5, 5))]
-    assert memplan.largest_batch(samples, 2) == (50 + 30, 25 + 5)
-    assert memplan.largest_batch(samples, 10) == (95, 37)
+    flat = _small_shape(varlen=True)
+    assert memplan.largest_batch(samples, parse_params({"batchSize": 2}), flat) == (50 + 30, 25 + 5, 1)
+    assert memplan.largest_batch(samples, parse_params({"batchSize": 10}), flat) == (95, 37, 1)
+
+
+@pytest.mark.parametrize(
+    ("packing", "varlen", "laid_out"),
+    [
+        (True, True, (2048 + 7 * 60, 1)),  # one flat row: no padding
+        (False, True, (8 * 2048, 8)),  # a row per sample, each padded to the longest
+        (True, False, (2 * 2048, 2)),  # first-fit rows of maxSeqLength, padded to the widest
+    ],
+)
+def test_the_largest_micro_batch_is_measured_as_training_lays_it_out(packing, varlen, laid_out):
+    """Explore repro: the plan counted the batchSize longest samples' tokens, as if every micro-batch were one
+    unpadded row. Without packing each sample is a row padded to the batch's longest, and a model without
+    per-sample attention (Gemma 2) gets first-fit rows padded to the widest: a batch of one 2048-token sample
+    and seven short ones ran 8 x 2048 (or 2 x 2048) positions, and peak memory was 2 to 3.3 times the plan
+    that said "fits"."""
+    from lunatrain.tokens import IGNORE, Encoded
+
+    lengths = [2048] + [60] * 80
+    samples = [Encoded(list(range(n)), [IGNORE] * (n - 5) + [1] * 5) for n in lengths]
+    params = parse_params({"batchSize": 8, "maxSeqLength": 2048, "packing": packing})
+    batch = memplan.largest_batch(samples, params, _small_shape(varlen))
+    assert (batch.tokens, batch.rows) == laid_out and batch.supervised == 8 * 5
+    # and the plan counts those positions, and for a dense mask the rows as they are
+    planned = memplan.plan(_small_shape(varlen), params, {"type": "cpu", "memoryFree": 64 << 30}, batch=batch)
+    assert planned.tokens == laid_out[0]
 
 
 def test_a_cpu_job_on_a_gpu_machine_is_planned_against_the_cpu(settings):

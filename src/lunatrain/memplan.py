@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import CheckFailed, UsageError
 from .loss import chunk_tokens
@@ -234,20 +234,21 @@ def plan(
     params: LoraParams,
     device: dict[str, Any],
     *,
-    batch_tokens: tuple[int, int] | None = None,
+    batch: MicroBatch | None = None,
 ) -> MemoryPlan:
     """The plan for `params` on `device` (a `models.device_info()`-shaped dict: type, memoryFree) without
-    raising; `batch_tokens` = (tokens, supervised) of the largest micro-batch, else the worst case
+    raising; `batch`: the largest micro-batch of the job's data (`largest_batch`), else the worst case
     batchSize x maxSeqLength, all supervised."""
     kind = device["type"]
     free = int(device.get("memoryFree") or 0)
     budget = usable(free, kind)
-    tokens, supervised = batch_tokens or (params.batch_size * params.max_seq_length,) * 2
+    worst = params.batch_size * params.max_seq_length
+    tokens, supervised, rows = batch or (worst, worst, 1 if params.packing and shape.varlen else params.batch_size)
     job = Job(
         device=kind,
         tokens=tokens,
         supervised=supervised,
-        rows=1 if params.packing and shape.varlen else params.batch_size,
+        rows=rows,
         rank=params.rank,
         targets=(params.target_modules,) if isinstance(params.target_modules, str) else tuple(params.target_modules),
         dropout=params.dropout > 0,
@@ -309,6 +310,7 @@ def _suggest(shape: Shape, params: LoraParams, job: Job, budget: int) -> str | N
             job,
             tokens=tokens,
             supervised=min(job.supervised, tokens),
+            rows=min(job.rows, change.get("batch", params.batch_size)),
             checkpointing=change.get("checkpointing", ck),
             quantize=change.get("quantize", job.quantize),
         )
@@ -366,7 +368,7 @@ def check_fits(
     device: dict[str, Any] | None = None,
     *,
     base: Any = None,
-    batch_tokens: tuple[int, int] | None = None,
+    batch: MicroBatch | None = None,
 ) -> MemoryPlan:
     """The plan for this job; raises CheckFailed (one sentence, naming the option that would make it fit)
     when it cannot fit: valid options on a device too small, a failed check as prepare reports it.
@@ -377,7 +379,7 @@ def check_fits(
     if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
-    result = plan(model_shape(info), params, device, batch_tokens=batch_tokens)
+    result = plan(model_shape(info), params, device, batch=batch)
     if not result.fits:
         raise CheckFailed(result.message, details=[result.to_dict()])
     return result
@@ -412,11 +414,29 @@ def device_memory(kind: str) -> dict[str, Any]:
     }
 
 
-def largest_batch(samples: list[Any], batch_size: int) -> tuple[int, int]:
-    """(tokens, supervised positions) that no micro-batch of `batch_size` of these samples exceeds."""
-    tokens = sorted((len(s) for s in samples), reverse=True)[:batch_size]
-    supervised = sorted((s.n_supervised for s in samples), reverse=True)[:batch_size]
-    return sum(tokens), sum(supervised)
+class MicroBatch(NamedTuple):
+    """The largest micro-batch of a job's data as training lays it out."""
+
+    tokens: int  # positions the model runs, padding included
+    supervised: int  # supervised positions in it
+    rows: int  # its rows (1: one flat row of per-sample attention)
+
+
+def largest_batch(samples: list[Any], params: LoraParams, shape: Shape) -> MicroBatch:
+    """The micro-batch of `params.batch_size` of these samples that no other exceeds, laid out as training lays
+    it out (`train.batch_of`): with packing on a model with per-sample attention one flat row, the batchSize
+    longest samples' tokens; otherwise rows padded to the widest, a row per sample without packing (the batch
+    that holds the longest sample is batchSize x its length) and first-fit rows of maxSeqLength with it (laid
+    out for the batchSize longest samples)."""
+    from .tokens import pack_rows
+
+    longest = sorted((len(s) for s in samples), reverse=True)[: params.batch_size]
+    supervised = sum(sorted((s.n_supervised for s in samples), reverse=True)[: params.batch_size])
+    if params.packing and shape.varlen:
+        return MicroBatch(sum(longest), supervised, 1)
+    rows = pack_rows(longest, params.max_seq_length, params.packing)
+    width = max(sum(longest[i] for i in row) for row in rows)
+    return MicroBatch(len(rows) * width, supervised, len(rows))
 
 
 def reference_shapes() -> list[Shape]:

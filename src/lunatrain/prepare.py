@@ -944,11 +944,12 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
     from . import memplan
 
     train = [e for e in tokenized.train if e.n_supervised]
+    shape = memplan.model_shape(info)
     plan = memplan.plan(
-        memplan.model_shape(info),
+        shape,
         params,
         memplan.device_memory(device),
-        batch_tokens=memplan.largest_batch(train, params.batch_size) if train else None,
+        batch=memplan.largest_batch(train, params, shape) if train else None,
     )
     code = "check.memory_plan.fits" if plan.fits else "check.memory_plan.too_big"
     gib = lambda n: round(n / 2**30, 2)
