@@ -615,3 +615,28 @@ def test_an_item_is_named_by_its_id_or_the_form_exports_and_the_command_line_use
     assert client.delete(f"{T}/examples/ex-x").status_code == 422
     assert store.revision(settings) == revision
     assert client.delete(f"{T}/memory/mem-{mem.id}").json()["deleted"] == mem.id
+
+
+def test_prepare_checks_the_job_the_run_would_start_with_every_run_parameter(client: TestClient) -> None:
+    """Explore repro: POST /prepare took only profile, datasetTier, baseModel, maxSeqLength and minCurated and
+    refused the schedule (`epochs: unknown field`), so the dashboard's preflight estimated and planned the
+    profile's job, not the one its form would start (a model that fits only in 4 bits failed a check nobody
+    could make pass there). It takes every run parameter that /lora/start takes, over the profile's values."""
+    from lunatrain.params import parse_params
+    from lunatrain.prepare import optimizer_steps
+
+    from helpers import make_records, write_export
+
+    settings = load_settings()
+    write_export(settings, make_records(40, val_every=5))
+    body = {"minCurated": 0, "epochs": 2, "batchSize": 3, "gradientAccumulation": 2, "quantize": "none"}
+    r = client.post(f"{T}/prepare", json=body)
+    assert r.status_code == 200, r.text
+    n_train = len(export.read_tier(settings, "curated").train)
+    want = optimizer_steps(n_train, parse_params({k: v for k, v in body.items() if k != "minCurated"}))
+    assert r.json()["estimate"]["optimizerSteps"] == want, r.json()["estimate"]
+    assert r.json()["memoryPlan"]["quantize"] == "none"
+    # the flow's own option and unknown names are still refused, and a bad value by its field
+    for bad in ({"gate": True}, {"epochs": 0}, {"epochs": "2"}, {"rankk": 4}):
+        refused = client.post(f"{T}/prepare", json=bad)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request", (bad, refused.text)

@@ -83,8 +83,34 @@ def test_an_invalid_threshold_is_marked_and_not_sent(page, services: Services, o
     expect(threshold).not_to_have_attribute("aria-invalid", "true")
     with page.expect_request("**/assistant/training/prepare") as asked:
         page.get_by_role("button", name="Preflight (prepare)").click()
-    assert json.loads(asked.value.post_data or "{}") == {"minCurated": 3}
+    assert json.loads(asked.value.post_data or "{}")["minCurated"] == 3
     assert len(sent) == 1, sent
+
+
+def test_the_preflight_checks_the_job_the_training_form_would_start(page, services: Services) -> None:
+    """Explore repro: the preflight button sent only minCurated, so its step estimate and memory plan were the
+    profile's job, not the form's: 4-bit weights, a batch size or an epoch count typed there changed
+    nothing. It sends the form's run parameters (not the job's own minCurated and gate: the data panel's
+    threshold is the one it checks), and says so."""
+    open_page(page, services)
+    page.get_by_label("Epochen").fill("2")
+    page.get_by_label("Batchgröße").fill("3")
+    page.locator("#lora-form details.advanced summary").click()
+    page.get_by_label("Basismodell quantisieren (QLoRA)").select_option("4bit")
+    button = page.get_by_role("button", name="Preflight (prepare)")
+    expect(button).to_have_accessible_description(re.compile("Trainingsformular"))
+    with page.expect_request("**/assistant/training/prepare") as asked:
+        button.click()
+    sent = json.loads(asked.value.post_data or "{}")
+    assert (sent["epochs"], sent["batchSize"], sent["quantize"]) == (2, 3, "4bit"), sent
+    assert "gate" not in sent and sent["minCurated"] == 30, sent
+    # a field the form refuses is marked there, and nothing is sent
+    page.get_by_label("Epochen").fill("0")
+    sent_later: list[str] = []
+    page.on("request", lambda r: sent_later.append(r.url) if "/assistant/training/prepare" in r.url else None)
+    button.click()
+    expect(page.get_by_label("Epochen")).to_have_attribute("aria-invalid", "true")
+    assert sent_later == []
 
 
 def test_a_job_poll_error_is_cleared_once_the_polls_answer_again(page, services: Services, output_dir: Path) -> None:

@@ -213,11 +213,13 @@ class ExportRequest(In):
     test_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
-class PrepareRequest(In):
-    profile: Name | None = None
-    dataset_tier: Tier | None = None
-    base_model: str | None = Field(default=None, min_length=1, max_length=512)
-    max_seq_length: int | None = Field(default=None, ge=16, le=131072)
+class PrepareRequest(LoraParams):
+    """The run to check: every LoRA parameter /lora/start takes (params.py, bounds included), each over the
+    value of `profile` (default luna) that it replaces, as `lunatrain prepare --profile NAME` resolves them;
+    and `minCurated`, the volume rule's threshold."""
+
+    model_config = ConfigDict(strict=True)
+    profile: Name | None = Field(default=None, description="whose values the fields not given take; null: luna")
     min_curated: int | None = Field(default=None, ge=0, le=10_000_000)
 
 

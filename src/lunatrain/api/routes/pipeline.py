@@ -35,7 +35,8 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
     404 when nothing has been exported yet. `samples` holds one train sample split into trained and
     context pieces, so the user sees what the loss covers before training."""
     body = body or PrepareRequest()
-    overrides = body.model_dump(exclude={"profile"}, exclude_none=True, by_alias=True)
+    # what the body gives, over the profile's values (a field left out keeps the profile's, not a default)
+    overrides = body.model_dump(mode="json", exclude={"profile"}, exclude_unset=True, exclude_none=True, by_alias=True)
     if "baseModel" in overrides:
         overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
 

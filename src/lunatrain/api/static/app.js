@@ -261,9 +261,14 @@ async function runExport(event) {
 async function runPrepare(event) {
   const min = checkedMinCurated();
   if (min === null) return;
+  // The job the training form would start (its bad fields are marked there, and nothing is sent); the job's
+  // own minCurated and gate belong to the flow, the threshold checked here is the data panel's.
+  const form = loraForm.read();
+  if (form === null) return;
+  const { minCurated: _min, gate: _gate, ...run } = form;
   await busy(event.currentTarget, t("data.preparing"), async () => {
     try {
-      const report = await api.prepare({ minCurated: min });
+      const report = await api.prepare({ ...run, minCurated: min });
       renderPrepare(report);
       clearErrorsOf(t("data.prepare"));
       showNotice(t("data.prepared", { status: t(`severity.${report.status}`) }));
