@@ -852,6 +852,34 @@ def test_the_model_card_says_the_schedule_that_ran():
     assert "| schedule | 2 epochs, 6 steps, learning rate" in model_card(report)
 
 
+def test_the_model_card_counts_a_last_epoch_maxsteps_cut_short_as_part_of_one():
+    """Explore repro: maxSteps 40 at 25 steps an epoch stopped the run 1.6 epochs in; the card said "2 epochs,
+    40 steps" (epochs begun, and as many as asked, so not even the maxSteps note)."""
+    from lunatrain.train import model_card
+
+    params = {"epochs": 2, "maxSteps": 40, "learningRate": 0.0002, "batchSize": 5, "gradientAccumulation": 2}
+    params |= {"rank": 8, "alpha": 16, "maxSeqLength": 512, "seed": 42}
+    report = {
+        "adapterName": "a",
+        "version": "v1",
+        "created": "2026-12-05T10:00:00Z",
+        "params": params,
+        "metrics": {"steps": 40, "totalSteps": 40, "stepsPerEpoch": 25, "valLoss": 2.0, "baseValLoss": 2.1},
+        "epochs": [{"epoch": 1, "step": 25}, {"epoch": 2, "step": 40}],
+        "dataset": {"tier": "curated", "trainSamples": 10, "valSamples": 2, "fingerprint": "f" * 64},
+        "baseModel": {"id": "luna-tiny"},
+    }
+    assert "| schedule | 1.6 of 2 epochs (maxSteps 40), 40 steps, learning rate" in model_card(report)
+    report["metrics"] |= {"steps": 1, "totalSteps": 1}
+    report["params"] |= {"epochs": 100, "maxSteps": 1}
+    report["epochs"] = [{"epoch": 1, "step": 1}]
+    assert "| schedule | 0.04 of 100 epochs (maxSteps 1), 1 step, learning rate" in model_card(report)
+    report["metrics"] |= {"steps": 50, "totalSteps": 50}
+    report["params"] |= {"epochs": 2, "maxSteps": 60}  # maxSteps beyond the schedule: the whole of it ran
+    report["epochs"] = [{"epoch": 1, "step": 25}, {"epoch": 2, "step": 50}]
+    assert "| schedule | 2 epochs, 50 steps, learning rate" in model_card(report)
+
+
 def test_samples_a_short_max_seq_length_leaves_out_are_said(settings):
     """Numbers repro: `lora --maxSeqLength 16` said only "training 51 samples" (of 241): samples whose answer
     starts beyond the limit have nothing to train and were left out without a word (prepare, which says it,

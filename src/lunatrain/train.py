@@ -897,6 +897,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
             "trainLoss": run.epochs[-1]["trainLoss"] if run.epochs else None,
             "steps": run.step,
             "totalSteps": run.total_steps,
+            "stepsPerEpoch": run.steps_per_epoch,
             "tokensTrained": run.tokens_seen,
             "tokensPerSec": round(tps, 1) if tps else None,
         },
@@ -941,12 +942,19 @@ def model_card(report: dict[str, Any]) -> str:
     def loss(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, int | float) else "-"
 
-    ran = len(report.get("epochs") or []) or p["epochs"]
-    epochs = counted(ran, "epoch") + (
-        f" of {p['epochs']}" + (f" (maxSteps {p['maxSteps']})" if p.get("maxSteps") else "")
-        if ran < p["epochs"]
-        else ""
-    )
+    per_epoch = m.get("stepsPerEpoch")
+    if per_epoch and m["steps"] < per_epoch * p["epochs"]:  # maxSteps ended it: how far it got, cut, not rounded up
+        done = math.floor(m["steps"] / per_epoch * 100) / 100
+        epochs = f"{done:g} of {counted(p['epochs'], 'epoch')}" + (
+            f" (maxSteps {p['maxSteps']})" if p.get("maxSteps") else ""
+        )
+    else:  # the whole schedule, or a report from before stepsPerEpoch: the epochs begun
+        ran = len(report.get("epochs") or []) or p["epochs"]
+        epochs = counted(ran, "epoch") + (
+            f" of {p['epochs']}" + (f" (maxSteps {p['maxSteps']})" if p.get("maxSteps") else "")
+            if ran < p["epochs"]
+            else ""
+        )
 
     return (
         f"---\nbase_model: {base['id']}\nlibrary_name: peft\ntags:\n- lora\n- lunatrain\n---\n\n"
