@@ -213,6 +213,14 @@ def test_clean_dataset_passes_with_token_stats_and_estimate(settings, tiny):
     two = prepare(load_settings(home=settings.home, lora_gpus=2), params(), min_curated=10).estimate
     assert two["ranks"] == 2 and two["optimizerSteps"] == total_steps(len(train), params(), 2)
     assert two["optimizerSteps"] < est["optimizerSteps"] and two["tokens"] == est["tokens"]
+    # Explore repro: only the JSON's `ranks` said so; `lora --local` trains on one process, twice the steps.
+    said = prepare(load_settings(home=settings.home, lora_gpus=2), params(), min_curated=10).check("estimate")
+    assert said.code == "check.estimate.computed_ranks" and said.params["ranks"] == 2, said
+    assert said.params["localSteps"] == est["optimizerSteps"]
+    assert said.message.endswith(
+        f"on 2 processes, as the trainer runs it; `lora --local` trains on one: ~{est['optimizerSteps']} steps"
+    ), said.message
+    assert "processes" not in report.check("estimate").message
 
 
 def test_a_summary_that_does_not_list_the_tier_file_is_a_failed_check_not_a_crash(settings, tiny):

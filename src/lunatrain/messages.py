@@ -188,6 +188,10 @@ CODES: dict[str, str] = {
     "supervisedTokens, tokens)",
     "check.estimate.measured": "steps and time, from the last job's speed (steps, seconds, device)",
     "check.estimate.computed": "steps and time, estimated from model size (steps, seconds, device)",
+    "check.estimate.measured_ranks": "steps and time on the trainer's processes, from the last job's speed, and a "
+    "local run's steps (steps, seconds, device, ranks, localSteps)",
+    "check.estimate.computed_ranks": "steps and time on the trainer's processes, estimated from model size, and a "
+    "local run's steps (steps, seconds, device, ranks, localSteps)",
     # job log lines (events of type log: code, params)
     "log.training_started": "training begins (samples, steps, device)",
     "log.epoch_done": "an epoch ended with a checkpoint (epoch, valLoss)",

@@ -209,18 +209,20 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     token_stats = dict(tokenized.stats)
     checks.append(_stats_check(tokenized))
     estimate = estimate_run(settings, params, tokenized, info)
-    checks.append(
-        Check(
-            "estimate",
-            "info",
-            estimate["optimizerSteps"],
-            [],
-            f"~{counted(estimate['optimizerSteps'], 'optimizer step')}, "
-            f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})",
-            "check.estimate.measured" if estimate["source"].startswith("measured") else "check.estimate.computed",
-            {"steps": estimate["optimizerSteps"], "seconds": estimate["seconds"], "device": estimate["device"]},
-        )
+    said = {"steps": estimate["optimizerSteps"], "seconds": estimate["seconds"], "device": estimate["device"]}
+    message = (
+        f"~{counted(estimate['optimizerSteps'], 'optimizer step')}, "
+        f"~{_duration(estimate['seconds'])} on {estimate['device']} ({estimate['source']})"
     )
+    code = "check.estimate.measured" if estimate["source"].startswith("measured") else "check.estimate.computed"
+    if estimate["ranks"] > 1:  # the trainer's processes; a --local run trains on one, with more steps
+        said |= {"ranks": estimate["ranks"], "localSteps": estimate["localSteps"]}
+        message += (
+            f" on {estimate['ranks']} processes, as the trainer runs it; `lora --local` trains on one: "
+            f"~{estimate['localSteps']} steps"
+        )
+        code += "_ranks"
+    checks.append(Check("estimate", "info", estimate["optimizerSteps"], [], message, code, said))
     memory = _memory_check(params, tokenized, info, estimate["device"])
     checks.append(memory[0])
 
@@ -932,6 +934,7 @@ def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: A
         "device": device,
         "ranks": ranks,
         "optimizerSteps": steps,
+        "localSteps": optimizer_steps(len(train), params),  # a `--local` run's: one process
         "tokens": int(tokens),
         "tokensPerSecond": round(tps, 1),
         "seconds": round(tokens / tps, 1) if tps else None,
