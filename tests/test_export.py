@@ -657,7 +657,8 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
 
     made = []
     exports = settings.training_dir / ex.EXPORTS_DIR
-    for name in ("backup", "0-first", "x.partial"):  # folders someone else named: followed by nothing, pruned never
+    # folders someone else named, one like an export of a day that does not exist: followed by nothing, pruned never
+    for name in ("backup", "0-first", "x.partial", "20261399T000000000000Z-abcdef"):
         (exports / name).mkdir(parents=True)
     for i in range(5):
         if i == 3:  # the clock steps back a day
@@ -667,4 +668,4 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
         ex.export(settings)
         made.append(ex.current_id(settings))
     assert ex.export_ids(settings) == made[-settings.retain_exports :]  # the newest, oldest first
-    assert {"backup", "0-first", "x.partial"} < {p.name for p in exports.iterdir()}
+    assert {"backup", "0-first", "x.partial", "20261399T000000000000Z-abcdef"} < {p.name for p in exports.iterdir()}

@@ -874,6 +874,11 @@ def test_the_model_card_counts_a_last_epoch_maxsteps_cut_short_as_part_of_one():
     report["params"] |= {"epochs": 100, "maxSteps": 1}
     report["epochs"] = [{"epoch": 1, "step": 1}]
     assert "| schedule | 0.04 of 100 epochs (maxSteps 1), 1 step, learning rate" in model_card(report)
+    # review repro: 29 of 100 steps read "0.28" (29 / 100 * 100 is 28.999… in floating point)
+    report["metrics"] |= {"steps": 29, "totalSteps": 29, "stepsPerEpoch": 100}
+    report["params"] |= {"epochs": 3, "maxSteps": 29}
+    assert "| schedule | 0.29 of 3 epochs (maxSteps 29), 29 steps" in model_card(report)
+    report["metrics"]["stepsPerEpoch"] = 25
     report["metrics"] |= {"steps": 50, "totalSteps": 50}
     report["params"] |= {"epochs": 2, "maxSteps": 60}  # maxSteps beyond the schedule: the whole of it ran
     report["epochs"] = [{"epoch": 1, "step": 25}, {"epoch": 2, "step": 50}]

@@ -454,11 +454,8 @@ def _new_id(existing: list[str]) -> str:
     name by the clock alone would sort first, and pruning would drop the newest exports and keep the oldest.
     Then it takes the newest one's time plus a microsecond."""
     stamp = compact_stamp()
-    ours = [
-        datetime.strptime(name.split("-", 1)[0], STAMP_FORMAT).replace(tzinfo=UTC)
-        for name in existing
-        if _EXPORT_ID.fullmatch(name)  # not a folder someone else named (`backup`), nor a partial one
-    ]
+    # not a folder someone else named (`backup`), nor a partial one
+    ours = [when for when in map(_export_time, existing) if when is not None]
     if ours and stamp <= max(ours).strftime(STAMP_FORMAT):
         stamp = (max(ours) + timedelta(microseconds=1)).strftime(STAMP_FORMAT)
     return stamp + "-" + uuid.uuid4().hex[:6]
@@ -568,11 +565,22 @@ def _adopt_flat_files(out: Path) -> None:
 _EXPORT_ID = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}")
 
 
+def _export_time(name: str) -> datetime | None:
+    """When the export `name` was made, by its name; None for a name that is not an export's (not `_EXPORT_ID`,
+    or a day that does not exist)."""
+    if not _EXPORT_ID.fullmatch(name):
+        return None
+    try:
+        return datetime.strptime(name.split("-", 1)[0], STAMP_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def export_ids(settings: Settings) -> list[str]:
     """The complete export directories, oldest first."""
     root = settings.training_dir / EXPORTS_DIR
     try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and _EXPORT_ID.fullmatch(p.name))
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and _export_time(p.name))
     except FileNotFoundError:
         return []
 
@@ -599,7 +607,7 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path
     ids = export_ids(settings)
     kept = {current} | set(ids[-max(keep, 1) :])
     doomed = [root / i for i in ids if i not in kept]
-    doomed += sorted(p for p in root.iterdir() if p.suffix == ".partial" and _EXPORT_ID.fullmatch(p.stem))
+    doomed += sorted(p for p in root.iterdir() if p.suffix == ".partial" and _export_time(p.stem))
     if not dry_run:
         for path in doomed:
             remove_tree(path)

@@ -944,7 +944,7 @@ def model_card(report: dict[str, Any]) -> str:
 
     per_epoch = m.get("stepsPerEpoch")
     if per_epoch and m["steps"] < per_epoch * p["epochs"]:  # maxSteps ended it: how far it got, cut, not rounded up
-        done = math.floor(m["steps"] / per_epoch * 100) / 100
+        done = m["steps"] * 100 // per_epoch / 100  # in whole hundredths: 29 / 100 is no 0.28
         epochs = f"{done:g} of {counted(p['epochs'], 'epoch')}" + (
             f" (maxSteps {p['maxSteps']})" if p.get("maxSteps") else ""
         )
