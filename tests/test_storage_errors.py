@@ -4,6 +4,7 @@ unusable data root stops `serve` with exit 2. Run: `pytest tests/test_storage_er
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from lunatrain import export, fsio, store
+from lunatrain import export, fsio, registry, store
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.errors import DiskFull, StorageError, UsageError
@@ -25,6 +26,7 @@ from lunatrain.fsio import atomic_write_text
 from lunatrain.params import LoraParams
 from lunatrain.service.jobs import JobStore, existing_store, jobs_db_path
 from lunatrain.settings import Settings, check_data_root, load_settings
+from lunatrain.status import training_status
 
 from faults import as_user, read_only, read_only_view
 from helpers import make_records, write_export
@@ -405,6 +407,7 @@ def shared_home(tmp_path: Path) -> Iterator[Path]:
     JobStore(jobs_db_path(warm.data_dir), read_only=False).create(LoraParams())
     with existing_store(warm.data_dir) as jobs:
         assert jobs is not None and len(jobs.list()) == 1
+    training_status(warm)
     store.dispose_stores()
     shared = Path(tempfile.mkdtemp(dir="/tmp", prefix="lunatrain-shared-"))  # pytest's own tmp is root's only
     try:
@@ -527,3 +530,46 @@ def test_a_database_moved_aside_under_a_read_only_view_is_said_not_a_500(setting
         store.dispose_stores()
     assert 400 <= answer.status_code < 500 or answer.status_code == 503, answer.text
     assert "assistant.db" in answer.json()["error"]["message"], answer.text
+
+
+def test_a_trainer_database_the_reader_may_not_open_is_not_called_damaged(shared_home: Path) -> None:
+    """Review repro: `status` run by a user who may not read data/trainer/jobs.db (the trainer ran with umask
+    077) said it "cannot be read ... move it aside (the trainer starts an empty one) or restore a backup":
+    advice that throws the trainer's history away for a permission."""
+    settings = Settings(home=shared_home)
+
+    def queue() -> object:
+        store.add_example(settings, prompt="erste", response="Antwort")
+        store.dispose_stores()
+        os.umask(0o077)  # the trainer's
+        jobs = JobStore(jobs_db_path(settings.data_dir))
+        jobs.close()
+        jobs_db_path(settings.data_dir).parent.chmod(0o755)
+        return True
+
+    assert as_user(*OWNER, queue) == "True"
+    _shared(settings.data_dir)
+    problems = member("setgid", _command(lambda: training_status(settings)["problems"]))
+    assert "cannot be read by this process" in problems and "move it aside" not in problems, problems
+
+
+def test_a_registry_the_reader_may_not_open_is_a_problem_status_names(shared_home: Path) -> None:
+    """Review repro: a registry this user may not read left `activeAdaptersKnown` false, "active adapter:
+    unknown", and no problem saying why."""
+    settings = Settings(home=shared_home)
+
+    def registry_of_owner() -> object:
+        store.add_example(settings, prompt="erste", response="Antwort")
+        store.dispose_stores()
+        os.umask(0o077)
+        path = registry.registry_path(settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"adapters": {}}))
+        return True
+
+    assert as_user(*OWNER, registry_of_owner) == "True"
+    _shared(settings.data_dir)
+    said = member(
+        "setgid", _command(lambda: (lambda s: (s["activeAdaptersKnown"], s["problems"]))(training_status(settings)))
+    )
+    assert said.startswith("(False, [") and "lora-adapters.json" in said, said

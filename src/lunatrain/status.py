@@ -13,6 +13,7 @@ objects under their old names, deprecated (see docs/api.md), as is `curated` (no
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -222,12 +223,20 @@ def _last_store_job(settings: Settings, problems: list[str]) -> tuple[dict[str, 
         try:
             with existing_store(settings.data_dir) as db:
                 jobs = db.list(limit=1) if db is not None else []
-        except sqlite3.Error as exc:  # damaged: the rest of the status still answers
+        except sqlite3.Error as exc:  # the rest of the status still answers
+            path = jobs_db_path(settings.data_dir)
             reason = " ".join(str(exc).split()).rstrip(".")
-            problems.append(
-                f"The trainer's job database {jobs_db_path(settings.data_dir)} cannot be read ({reason}), so the "
-                "trainer's last job is unknown; move it aside (the trainer starts an empty one) or restore a backup."
-            )
+            if not os.access(path, os.R_OK):  # not damage: moving it aside would lose the trainer's history
+                fix = "give this user read access to it (`chmod`), or run status as the trainer's user"
+                problems.append(
+                    f"The trainer's job database {path} cannot be read by this process ({reason}), so the "
+                    f"trainer's last job is unknown; {fix}."
+                )
+            else:
+                problems.append(
+                    f"The trainer's job database {path} cannot be read ({reason}), so the trainer's last job is "
+                    "unknown; move it aside (the trainer starts an empty one) or restore a backup."
+                )
             return None
         return jobs[0] if jobs else None
 
@@ -321,7 +330,14 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
     except RegistryUnreadable as err:
         problems.append(err.message)
         active, known = [], False
-    except (LunaError, ValueError, OSError):
+    except OSError as err:  # a registry this user may not read: said, as above
+        problems.append(
+            f"The adapter registry {registry.registry_path(settings)} cannot be read by this process "
+            f"({err.strerror or err}); give this user read access to it (`chmod`)."
+        )
+        active, known = [], False
+    except (LunaError, ValueError) as err:
+        problems.append(getattr(err, "message", None) or f"The adapter registry cannot be read ({err}).")
         active, known = [], False
     # resolve_base builds luna-tiny when missing: a status read must not. The base is known all the same (the
     # configured luna-tiny, built the same way wherever it is): what is active on it is named by its id.
