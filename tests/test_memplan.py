@@ -5,6 +5,7 @@ would fit, and its place before a job (prepare, run_lora before the model loads)
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from lunatrain import memplan, models
 from lunatrain.errors import CheckFailed
 from lunatrain.params import LoraParams, parse_params
 
+from family_templates import ARCHITECTURES
 from helpers import make_records, write_export
 
 GIB = 1 << 30
@@ -283,7 +285,7 @@ def test_largest_batch_bounds_every_micro_batch():
     [
         (True, True, (2048 + 7 * 60, 1)),  # one flat row: no padding
         (False, True, (8 * 2048, 8)),  # a row per sample, each padded to the longest
-        (True, False, (2 * 2048, 2)),  # first-fit rows of maxSeqLength, padded to the widest
+        (True, False, (3 * 2048, 3)),  # first-fit rows of maxSeqLength, padded: at most 2S/C + 1 of them
     ],
 )
 def test_the_largest_micro_batch_is_measured_as_training_lays_it_out(packing, varlen, laid_out):
@@ -341,3 +343,52 @@ def test_the_estimate_admits_no_job_the_gpu_measurements_show_does_not_fit():
         estimate = memplan.estimate(shape, job)["total"]
         ratio = mib(r["in use"]) / estimate
         assert 0.75 <= ratio <= 1 / memplan.BUDGET_FRACTION["cuda"], (r, estimate, ratio)
+
+
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "gpt_oss"])
+def test_the_plan_lays_batches_out_as_training_will_on_each_family(arch, tmp_path):
+    """Review repro: the plan took per-sample attention for every model without attention softcapping, while
+    training also keeps its own attention for attention sinks (gpt-oss) and logit caps: a gpt-oss batch the
+    plan counted as one unpadded row trained as padded rows with a dense mask (3.4 times the plan). The plan
+    asks the model's own architecture, as training does."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from lunatrain import kernels
+
+    cls_name, extra = ("GptOssConfig", {"num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": 8})
+    if arch != "gpt_oss":
+        cls_name, _, extra = ARCHITECTURES[arch]
+    common = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    common |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512}
+    common |= {"pad_token_id": 0}
+    config = getattr(transformers, cls_name)(**common, **extra)
+    config.save_pretrained(tmp_path)
+    planned = memplan.model_shape(types.SimpleNamespace(id=arch, path=str(tmp_path))).varlen
+    model = get_peft_model(
+        transformers.AutoModelForCausalLM.from_config(config), LoraConfig(r=2, target_modules="all-linear")
+    )
+    kernels.install(model, "cpu")
+    assert planned == kernels.uses_varlen(model), arch
+    assert planned is (arch not in ("gemma2", "gpt_oss"))
+
+
+def test_no_micro_batch_of_first_fit_rows_exceeds_the_plan():
+    """Review repro: the plan laid out first-fit rows for the batchSize longest samples, but micro-batches are
+    drawn at random and first fit is not monotone: of lengths [60, 45, 45, 40, 40] at maxSeqLength 100 and
+    batch size 3 it counted 180 positions, and the batch [60, 40, 40] takes 2 rows of 100."""
+    import itertools
+    import random
+
+    from lunatrain.tokens import IGNORE, Encoded, make_batch
+
+    rng = random.Random(7)
+    cases = [([60, 45, 45, 40, 40], 3, 100)]
+    cases += [([rng.randint(1, 1024) for _ in range(8)], rng.randint(1, 5), 1024) for _ in range(40)]
+    for lengths, batch_size, capacity in cases:
+        samples = [Encoded(list(range(n)), [IGNORE] * (n - 1) + [1]) for n in lengths]
+        params = parse_params({"batchSize": batch_size, "maxSeqLength": capacity})
+        bound = memplan.largest_batch(samples, params, _small_shape(varlen=False))
+        for batch in itertools.combinations(samples, batch_size):
+            laid = make_batch(list(batch), capacity, 0).input_ids
+            assert laid.numel() <= bound.tokens, (lengths, batch_size, [len(s) for s in batch], bound)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import CheckFailed, UsageError
@@ -387,15 +388,34 @@ def check_fits(
 
 def model_shape(info: Any) -> Shape:
     """The Shape of a resolved base model, from its config.json."""
-    from pathlib import Path
-
     try:
         cfg = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"The config.json of base model {info.id!r} cannot be read: {exc}") from exc
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
-    return Shape.from_config(cfg, info.id)
+    shape = Shape.from_config(cfg, info.id)
+    varlen = _trains_varlen(Path(info.path))
+    return shape if varlen is None else replace(shape, varlen=varlen)
+
+
+def _trains_varlen(path: Path) -> bool | None:
+    """Whether training will run the per-sample attention on the model at `path`, by the rule training applies
+    (`kernels.varlen_supported`: its architecture, attention sinks, logit caps, softcapping), asked of the model
+    built from its config on the meta device: no weights are read or allocated. None where transformers cannot
+    build it (an architecture it does not ship): then `Shape.from_config`'s guess from the config stands."""
+    import torch
+    import transformers
+
+    from .kernels import varlen_supported
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
+    return varlen_supported(model)
 
 
 def device_memory(kind: str) -> dict[str, Any]:
@@ -423,20 +443,22 @@ class MicroBatch(NamedTuple):
 
 
 def largest_batch(samples: list[Any], params: LoraParams, shape: Shape) -> MicroBatch:
-    """The micro-batch of `params.batch_size` of these samples that no other exceeds, laid out as training lays
-    it out (`train.batch_of`): with packing on a model with per-sample attention one flat row, the batchSize
-    longest samples' tokens; otherwise rows padded to the widest, a row per sample without packing (the batch
-    that holds the longest sample is batchSize x its length) and first-fit rows of maxSeqLength with it (laid
-    out for the batchSize longest samples)."""
-    from .tokens import pack_rows
-
+    """A micro-batch of `params.batch_size` of these samples that none exceeds, laid out as training lays it
+    out (`train.batch_of`): with packing on a model with per-sample attention one flat row, the batchSize
+    longest samples' tokens; otherwise rows padded to the widest. Without packing a row per sample: the batch
+    that holds the longest sample is batchSize x its length. With packing, first-fit rows of maxSeqLength:
+    batches are drawn at random and first fit is not monotone (shorter samples may take more room), so a bound
+    for any of them: any two first-fit rows hold more than a row's capacity together, so S tokens take at most
+    2S/C + 1 rows, each at most C wide."""
     longest = sorted((len(s) for s in samples), reverse=True)[: params.batch_size]
     supervised = sum(sorted((s.n_supervised for s in samples), reverse=True)[: params.batch_size])
     if params.packing and shape.varlen:
         return MicroBatch(sum(longest), supervised, 1)
-    rows = pack_rows(longest, params.max_seq_length, params.packing)
-    width = max(sum(longest[i] for i in row) for row in rows)
-    return MicroBatch(len(rows) * width, supervised, len(rows))
+    if not params.packing:
+        return MicroBatch(len(longest) * longest[0], supervised, len(longest))
+    total, capacity = sum(longest), max(params.max_seq_length, longest[0])
+    rows = min(len(longest), 2 * total // capacity + 1)
+    return MicroBatch(rows * min(capacity, total), supervised, rows)
 
 
 def reference_shapes() -> list[Shape]:
