@@ -629,13 +629,22 @@ def test_prepare_checks_the_job_the_run_would_start_with_every_run_parameter(cli
 
     settings = load_settings()
     write_export(settings, make_records(40, val_every=5))
-    body = {"minCurated": 0, "epochs": 2, "batchSize": 3, "gradientAccumulation": 2, "quantize": "none"}
+    body = {"minCurated": 0, "epochs": 2, "batchSize": 3, "gradientAccumulation": 2, "quantize": "8bit"}
     r = client.post(f"{T}/prepare", json=body)
     assert r.status_code == 200, r.text
     n_train = len(export.read_tier(settings, "curated").train)
     want = optimizer_steps(n_train, parse_params({k: v for k, v in body.items() if k != "minCurated"}))
     assert r.json()["estimate"]["optimizerSteps"] == want, r.json()["estimate"]
-    assert r.json()["memoryPlan"]["quantize"] == "none"
+    assert r.json()["memoryPlan"]["quantize"] == "8bit"  # not the profile's none
+    # Review repro: a field the body clears (null) kept the profile's value, which the job then did not use.
+    profiles = settings.home / "profiles"
+    profiles.mkdir()
+    (profiles / "luna.toml").write_text('[lora]\nmaxSteps = 5\ntargetModules = ["q_proj", "v_proj"]\n')
+    cleared = client.post(f"{T}/prepare", json={"minCurated": 0, "maxSteps": None})
+    assert cleared.status_code == 200, cleared.text
+    assert cleared.json()["estimate"]["optimizerSteps"] > 5  # no cap
+    kept = client.post(f"{T}/prepare", json={"minCurated": 0})
+    assert kept.json()["estimate"]["optimizerSteps"] == 5  # the profile's cap
     # the flow's own option and unknown names are still refused, and a bad value by its field
     for bad in ({"gate": True}, {"epochs": 0}, {"epochs": "2"}, {"rankk": 4}):
         refused = client.post(f"{T}/prepare", json=bad)

@@ -104,6 +104,21 @@ def test_the_preflight_checks_the_job_the_training_form_would_start(page, servic
     sent = json.loads(asked.value.post_data or "{}")
     assert (sent["epochs"], sent["batchSize"], sent["quantize"]) == (2, 3, "4bit"), sent
     assert "gate" not in sent and sent["minCurated"] == 30, sent
+    # Review repro: Start resolved the fields the form lacks (targetModules, chatTemplate) from the library
+    # defaults and the preflight from the luna profile, and a field cleared in the form was left out, so the
+    # preflight took the profile's value for it. Both name the profile the form shows, and send a cleared
+    # field as null.
+    page.locator("#f-maxSteps").fill("")
+    answer(page, "**/assistant/training/lora/start", {"error": {"code": "x", "message": "no"}}, status=503)
+    with page.expect_request("**/assistant/training/prepare") as asked:
+        button.click()
+    with page.expect_request("**/assistant/training/lora/start") as started:
+        page.locator("#start-button").click()
+    checked, start = (json.loads(r.value.post_data or "{}") for r in (asked, started))
+    assert checked["maxSteps"] is None and start["maxSteps"] is None, (checked, start)
+    assert checked.get("profile", "luna") == start["profile"] == "luna", (checked, start)
+    run = {k: v for k, v in start.items() if k not in ("minCurated", "gate")}
+    assert run == {k: v for k, v in checked.items() if k != "minCurated"} | {"profile": "luna"}
     # a field the form refuses is marked there, and nothing is sent
     page.get_by_label("Epochen").fill("0")
     sent_later: list[str] = []

@@ -213,12 +213,19 @@ class ExportRequest(In):
     test_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
+def _profile_defaults(schema: dict[str, Any]) -> None:
+    """A field left out takes the profile's value, not the library default the model class carries: the
+    schema names no default then."""
+    for prop in schema.get("properties", {}).values():
+        prop.pop("default", None)
+
+
 class PrepareRequest(LoraParams):
     """The run to check: every LoRA parameter /lora/start takes (params.py, bounds included), each over the
-    value of `profile` (default luna) that it replaces, as `lunatrain prepare --profile NAME` resolves them;
-    and `minCurated`, the volume rule's threshold."""
+    value of `profile` (default luna) that it replaces (null clears it), as `lunatrain prepare --profile NAME`
+    resolves them; and `minCurated`, the volume rule's threshold."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, json_schema_extra=_profile_defaults)
     profile: Name | None = Field(default=None, description="whose values the fields not given take; null: luna")
     min_curated: int | None = Field(default=None, ge=0, le=10_000_000)
 

@@ -35,10 +35,13 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
     404 when nothing has been exported yet. `samples` holds one train sample split into trained and
     context pieces, so the user sees what the loss covers before training."""
     body = body or PrepareRequest()
-    # what the body gives, over the profile's values (a field left out keeps the profile's, not a default)
-    overrides = body.model_dump(mode="json", exclude={"profile"}, exclude_unset=True, exclude_none=True, by_alias=True)
-    if "baseModel" in overrides:
+    # What the body gives, over the profile's values: a field left out keeps the profile's, one given as null
+    # clears it (no maxSteps cap, the configured base), as /lora/start with a profile resolves it.
+    overrides = body.model_dump(mode="json", exclude={"profile"}, exclude_unset=True, by_alias=True)
+    if overrides.get("baseModel") is not None:
         overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
+    if overrides.get("minCurated", 0) is None:  # the threshold has no "cleared": null is the profile's
+        del overrides["minCurated"]
 
     def run():
         params, options = profiles.load_profile(settings, body.profile or "luna").resolve(overrides)

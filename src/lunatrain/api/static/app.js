@@ -268,7 +268,7 @@ async function runPrepare(event) {
   const { minCurated: _min, gate: _gate, ...run } = form;
   await busy(event.currentTarget, t("data.preparing"), async () => {
     try {
-      const report = await api.prepare({ ...run, minCurated: min });
+      const report = await api.prepare({ ...run, minCurated: min, profile: PROFILE });
       renderPrepare(report);
       clearErrorsOf(t("data.prepare"));
       showNotice(t("data.prepared", { status: t(`severity.${report.status}`) }));
@@ -282,6 +282,8 @@ async function runPrepare(event) {
 
 // ---- training ------------------------------------------------------------------------------------------
 
+// The profile the training form is filled from, and that its job and its preflight resolve with.
+const PROFILE = "luna";
 const loraForm = new LoraForm($("lora-form"));
 const tryPanel = new TryPanel();
 const adapters = new AdapterView(() => {
@@ -317,7 +319,9 @@ async function submitJob(button, call) {
 $("lora-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const params = loraForm.read();
-  if (params) submitJob($("start-button"), () => api.start(params));
+  // The profile the form shows (loadDefaults): the fields the form lacks take its values, as the preflight
+  // and `lunatrain lora` resolve them.
+  if (params) submitJob($("start-button"), () => api.start({ ...params, profile: PROFILE }));
 });
 
 $("quick-start-button").addEventListener("click", (event) => {
@@ -331,7 +335,7 @@ $("reset-button").addEventListener("click", () => loadDefaults());
 
 async function loadDefaults() {
   try {
-    const { params } = await api.defaults("luna");
+    const { params } = await api.defaults(PROFILE);
     loraForm.fill(params);
     // The data panel's threshold starts at the profile's minCurated too, until the user sets their own.
     const input = $("data-min-curated");

@@ -107,14 +107,17 @@ export function checkField(field, raw) {
   return [value, null];
 }
 
-/** Validate every field; returns {params, errors} where errors maps field name → message. */
+/**
+ * Validate every field; returns {params, errors} where errors maps field name → message. An optional field
+ * left empty is sent as null: cleared, not the profile's value (no maxSteps cap, the configured base model).
+ */
 export function collect(readRaw) {
   const params = {};
   const errors = {};
   for (const field of FIELDS) {
     const [value, error] = checkField(field, readRaw(field));
     if (error) errors[field.name] = error;
-    else if (value !== null) params[field.name] = value;
+    else if (value !== null || field.optional) params[field.name] = value;
   }
   return { params, errors };
 }
