@@ -369,3 +369,25 @@ def test_models_list_the_base_then_every_active_name_then_the_versions(tmp_path:
     registry.activate(own, "b-adapter", "v2")
     ids = [m["id"] for m in serving.Engine(own).models()]
     assert ids == ["luna-tiny", "a-adapter", "b-adapter", "a-adapter@v1", "b-adapter@v1", "b-adapter@v2", "c-unused@v1"]
+
+
+def test_a_version_folder_holding_other_weights_is_loaded_again(tmp_path: Path) -> None:
+    """Explore repro: the engine kept an adapter by its folder alone. Once that folder held other weights (the
+    newest version's folder deleted, the registry repaired, the next run numbered the same; or files copied
+    over by hand), a running server went on answering with the old ones, under an unchanged
+    system_fingerprint, until it restarted."""
+    import shutil
+
+    from lunatrain.api.routes.chat import _fingerprint
+
+    s = load_settings(home=tmp_path / "home")
+    first, second = (s.adapters_dir / "luna-adapter" / random_adapter(s, "luna-adapter", seed) for seed in (1, 2))
+    engine = serving.Engine(s)
+    before = answer(engine, "luna-adapter@v1")[1]
+    other = answer(engine, "luna-adapter@v2")[1]
+    assert before != other
+    said = _fingerprint(engine.resolve("luna-adapter@v1"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # v2's files copied over v1's
+        shutil.copy2(second / name, first / name)
+    assert answer(engine, "luna-adapter@v1")[1] == other
+    assert _fingerprint(engine.resolve("luna-adapter@v1")) != said

@@ -47,6 +47,27 @@ class Target:
     adapter: str | None = None
     version: str | None = None
     path: Path | None = None  # the adapter directory (resolved: a new `current` revision is a new key)
+    files: tuple[Any, ...] = ()  # which files the directory held when resolved (`files_identity`)
+
+    @property
+    def key(self) -> tuple[Path | None, tuple[Any, ...]]:
+        """What a loaded adapter is kept by: its directory and the files it held. Other weights in the same
+        directory later (a version number used again after a repair, files copied over) are another adapter."""
+        return self.path, self.files
+
+
+def files_identity(path: Path) -> tuple[Any, ...]:
+    """The adapter weights' and config's inode, size and modification time: changes when other files are put
+    in the directory, as every write of them (a new file renamed in place, a copy over) does."""
+    out: list[Any] = []
+    for name in registry.ADAPTER_FILES:
+        try:
+            st = (path / name).stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -129,7 +150,13 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         path = registry.loadable_dir(settings, entry).resolve()
     except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms
         raise NotFound(exc.message, details=_NO_MODEL) from None
-    return Target(model=f"{name}@{entry['version']}", adapter=name, version=entry["version"], path=path)
+    return Target(
+        model=f"{name}@{entry['version']}",
+        adapter=name,
+        version=entry["version"],
+        path=path,
+        files=files_identity(path),
+    )
 
 
 def _fits(entry: dict[str, Any], base_fingerprint: str, active: dict[str, Any] | None) -> bool:
@@ -273,7 +300,7 @@ class Engine:
         self.device = "cpu"
         self._small = False
         self._stop_ids: list[int] = []
-        self._adapters: OrderedDict[Path, _Loaded] = OrderedDict()
+        self._adapters: OrderedDict[tuple[Path | None, tuple[Any, ...]], _Loaded] = OrderedDict()
         self._names = itertools.count(1)
         self.loads = 0  # adapter loads so far (for tests and the log)
         self.generated = 0  # tokens generated so far, all requests together
@@ -360,10 +387,10 @@ class Engine:
     def _attach(self, target: Target) -> _Loaded:
         """The loaded adapter for `target` (loading it, evicting the least recently used idle one), pinned."""
         assert target.path is not None
-        loaded = self._adapters.get(target.path)
+        loaded = self._adapters.get(target.key)
         if loaded is None:
             loaded = self._load(target)
-        self._adapters.move_to_end(target.path)
+        self._adapters.move_to_end(target.key)
         loaded.users += 1
         self._evict()  # after pinning: the adapter just loaded is never the one to go
         return loaded
@@ -416,29 +443,29 @@ class Engine:
         self._on = _UNKNOWN
         tok = _adapter_tokenizer(path, self.tokenizer)
         loaded = _Loaded(peft_name, tok, stop_ids(tok, path, Path(self.base_info().path)))
-        self._adapters[path] = loaded
+        self._adapters[target.key] = loaded
         self.loads += 1
         return loaded
 
     def _evict(self) -> None:
-        for path, old in list(self._adapters.items()):
+        for key, old in list(self._adapters.items()):
             if len(self._adapters) <= self.max_adapters:
                 return
             if old.users == 0:
                 with peft_quiet():  # PEFT says which adapter it made active instead; each step sets its own
                     self.model.delete_adapter(old.peft_name)
                 self._on = _UNKNOWN
-                del self._adapters[path]
+                del self._adapters[key]
 
     def release(self, target: Target) -> None:
         with self.lock:
-            loaded = self._adapters.get(target.path) if target.path else None
+            loaded = self._adapters.get(target.key) if target.path else None
             if loaded is not None:
                 loaded.users -= 1
                 self._evict()  # an adapter kept over the bound while in use goes now
 
     def loaded(self) -> list[str]:
-        return [str(p) for p in self._adapters]
+        return [str(path) for path, _ in self._adapters]
 
     def start(self, target: Target, messages: list[dict[str, str]], sampling: Sampling) -> Generation:
         """Load what `target` needs, render the prompt with its chat template, check the context length.

@@ -454,7 +454,7 @@ def _fingerprint(target: serving.Target) -> str:
     the adapter revision's files), never the model's local path."""
     from ... import __version__
 
-    seen = f"{__version__}\0{target.model}\0{target.path or ''}".encode()
+    seen = f"{__version__}\0{target.model}\0{target.path or ''}\0{target.files}".encode()
     return "fp_" + hashlib.sha256(seen).hexdigest()[:12]
 
 
