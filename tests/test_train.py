@@ -830,22 +830,27 @@ def test_a_literal_special_token_in_the_data_refuses_the_run_before_the_model_lo
     assert not settings.adapters_dir.exists() or not any(settings.adapters_dir.rglob("adapter_model.safetensors"))
 
 
-def test_the_model_card_says_the_schedule_that_ran():
-    """Numbers repro: a run that maxSteps stopped after one step said "100 epochs, 1 steps"."""
-    from lunatrain.train import model_card
-
-    params = {"epochs": 100, "maxSteps": 1, "learningRate": 0.0002, "batchSize": 2, "gradientAccumulation": 1}
-    params |= {"rank": 8, "alpha": 16, "maxSeqLength": 512, "seed": 42}
-    report = {
+def _card_report(epochs: int, max_steps: int | None, metrics: dict, ended: list[int]) -> dict:
+    """A training report as the model card reads it: `ended` holds the step each epoch ended at."""
+    params = {"epochs": epochs, "maxSteps": max_steps, "learningRate": 0.0002, "batchSize": 5}
+    params |= {"gradientAccumulation": 2, "rank": 8, "alpha": 16, "maxSeqLength": 512, "seed": 42}
+    return {
         "adapterName": "a",
         "version": "v1",
         "created": "2026-12-05T10:00:00Z",
         "params": params,
-        "metrics": {"steps": 1, "valLoss": 2.0, "baseValLoss": 2.1},
-        "epochs": [{"epoch": 1, "step": 1}],
+        "metrics": metrics | {"valLoss": 2.0, "baseValLoss": 2.1},
+        "epochs": [{"epoch": i + 1, "step": step} for i, step in enumerate(ended)],
         "dataset": {"tier": "curated", "trainSamples": 10, "valSamples": 2, "fingerprint": "f" * 64},
         "baseModel": {"id": "luna-tiny"},
     }
+
+
+def test_the_model_card_says_the_schedule_that_ran():
+    """Numbers repro: a run that maxSteps stopped after one step said "100 epochs, 1 steps"."""
+    from lunatrain.train import model_card
+
+    report = _card_report(100, 1, {"steps": 1}, [1])
     assert "| schedule | 1 epoch of 100 (maxSteps 1), 1 step, learning rate 0.0002," in model_card(report)
     report["params"] |= {"epochs": 2, "maxSteps": None}
     report["metrics"]["steps"], report["epochs"] = 6, [{"epoch": 1, "step": 3}, {"epoch": 2, "step": 6}]
@@ -857,18 +862,7 @@ def test_the_model_card_counts_a_last_epoch_maxsteps_cut_short_as_part_of_one():
     40 steps" (epochs begun, and as many as asked, so not even the maxSteps note)."""
     from lunatrain.train import model_card
 
-    params = {"epochs": 2, "maxSteps": 40, "learningRate": 0.0002, "batchSize": 5, "gradientAccumulation": 2}
-    params |= {"rank": 8, "alpha": 16, "maxSeqLength": 512, "seed": 42}
-    report = {
-        "adapterName": "a",
-        "version": "v1",
-        "created": "2026-12-05T10:00:00Z",
-        "params": params,
-        "metrics": {"steps": 40, "totalSteps": 40, "stepsPerEpoch": 25, "valLoss": 2.0, "baseValLoss": 2.1},
-        "epochs": [{"epoch": 1, "step": 25}, {"epoch": 2, "step": 40}],
-        "dataset": {"tier": "curated", "trainSamples": 10, "valSamples": 2, "fingerprint": "f" * 64},
-        "baseModel": {"id": "luna-tiny"},
-    }
+    report = _card_report(2, 40, {"steps": 40, "totalSteps": 40, "stepsPerEpoch": 25}, [25, 40])
     assert "| schedule | 1.6 of 2 epochs (maxSteps 40), 40 steps, learning rate" in model_card(report)
     report["metrics"] |= {"steps": 1, "totalSteps": 1}
     report["params"] |= {"epochs": 100, "maxSteps": 1}
