@@ -392,3 +392,26 @@ def test_no_micro_batch_of_first_fit_rows_exceeds_the_plan():
         for batch in itertools.combinations(samples, batch_size):
             laid = make_batch(list(batch), capacity, 0).input_ids
             assert laid.numel() <= bound.tokens, (lengths, batch_size, [len(s) for s in batch], bound)
+
+
+def test_the_plan_never_runs_the_model_folders_own_code(tmp_path, monkeypatch):
+    """Review repro: deciding per-sample attention built the model from its config without
+    trust_remote_code=False. A config of a type transformers ships but not as a causal LM (t5), whose auto_map
+    names the folder's own class, made transformers ask on stdin whether to run the folder's code, and a "y"
+    ran it during `prepare`."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    config.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg |= {"model_type": "t5", "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "RAN"
+    (tmp_path / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedModel\nclass EvilForCausalLM(PreTrainedModel):\n    pass\n"
+    )
+    asked: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")  # a user answering y
+    memplan.model_shape(types.SimpleNamespace(id="m", path=str(tmp_path)))
+    assert not asked and not marker.exists(), "the model folder's Python code was offered or ran"

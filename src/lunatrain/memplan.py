@@ -395,25 +395,21 @@ def model_shape(info: Any) -> Shape:
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
     shape = Shape.from_config(cfg, info.id)
-    varlen = _trains_varlen(Path(info.path))
+    varlen = _trains_varlen(info)
     return shape if varlen is None else replace(shape, varlen=varlen)
 
 
-def _trains_varlen(path: Path) -> bool | None:
-    """Whether training will run the per-sample attention on the model at `path`, by the rule training applies
+def _trains_varlen(info: Any) -> bool | None:
+    """Whether training will run the per-sample attention on base model `info`, by the rule training applies
     (`kernels.varlen_supported`: its architecture, attention sinks, logit caps, softcapping), asked of the model
-    built from its config on the meta device: no weights are read or allocated. None where transformers cannot
-    build it (an architecture it does not ship): then `Shape.from_config`'s guess from the config stands."""
-    import torch
-    import transformers
-
+    built from its config on the meta device (`models.meta_model`: no weights read or allocated, never the
+    folder's own code). None where transformers cannot build it: then `Shape.from_config`'s guess stands."""
     from .kernels import varlen_supported
+    from .models import meta_model
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    except Exception:
+        model = meta_model(info)
+    except UsageError:
         return None
     return varlen_supported(model)
 

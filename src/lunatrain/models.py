@@ -596,7 +596,7 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    model = _meta_model(info)
+    model = meta_model(info)
     nn = torch.nn
     lora_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
     modules = ModuleMap({name: type(module).__name__ for name, module in model.named_modules()})
@@ -608,7 +608,7 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
     return modules
 
 
-def _meta_model(info: BaseModelInfo) -> Any:
+def meta_model(info: BaseModelInfo) -> Any:
     """The base model built from its config on the meta device: its modules and their shapes, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -633,7 +633,7 @@ def lora_misfits(weights: Path, info: BaseModelInfo) -> list[str]:
             shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # not a dict
     except Exception:
         return []
-    layers = dict(_meta_model(info).named_modules())
+    layers = dict(meta_model(info).named_modules())
     out = []
     for key, shape in shapes.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
