@@ -658,7 +658,9 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
     made = []
     exports = settings.training_dir / ex.EXPORTS_DIR
     # folders someone else named, one like an export of a day that does not exist: followed by nothing, pruned never
-    for name in ("backup", "0-first", "x.partial", "20261399T000000000000Z-abcdef"):
+    # review repro: and ones of the far future (the last microsecond of 9999 made every export overflow)
+    others = ("backup", "0-first", "x.partial", "20261399T000000000000Z-abcdef", "99991231T235959999999Z-abcdef")
+    for name in (*others, "20991231T000000000000Z-abcdef"):
         (exports / name).mkdir(parents=True)
     for i in range(5):
         if i == 3:  # the clock steps back a day
@@ -668,4 +670,5 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
         ex.export(settings)
         made.append(ex.current_id(settings))
     assert ex.export_ids(settings) == made[-settings.retain_exports :]  # the newest, oldest first
-    assert {"backup", "0-first", "x.partial", "20261399T000000000000Z-abcdef"} < {p.name for p in exports.iterdir()}
+    assert {*others, "20991231T000000000000Z-abcdef"} < {p.name for p in exports.iterdir()}
+    assert not made[-1].startswith("2099")  # not named after a folder of the far future

@@ -573,3 +573,37 @@ def test_a_registry_the_reader_may_not_open_is_a_problem_status_names(shared_hom
         "setgid", _command(lambda: (lambda s: (s["activeAdaptersKnown"], s["problems"]))(training_status(settings)))
     )
     assert said.startswith("(False, [") and "lora-adapters.json" in said, said
+
+
+def test_a_trainer_database_whose_log_the_reader_may_not_open_is_not_called_damaged(shared_home: Path) -> None:
+    """Review repro: jobs.db made readable as the permission sentence advises, while the trainer (umask 077)
+    holds it open with its -wal/-shm 0600: `status` by another user failed to open it and was again told to
+    move the database aside, the running trainer's."""
+    settings = Settings(home=shared_home)
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the trainer: OWNER, umask 077, keeps jobs.db open in WAL mode until the reader is done
+        try:
+            os.setgroups([])
+            os.setgid(OWNER[1])
+            os.setuid(OWNER[0])
+            store.add_example(settings, prompt="erste", response="Antwort")
+            store.dispose_stores()
+            os.umask(0o077)
+            jobs = JobStore(jobs_db_path(settings.data_dir))
+            jobs.create(LoraParams())
+            jobs_db_path(settings.data_dir).parent.chmod(0o755)
+            jobs_db_path(settings.data_dir).chmod(0o644)
+            os.write(ready_w, b"ready")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 5) == b"ready"
+        _shared(settings.data_dir)
+        problems = member("setgid", _command(lambda: training_status(settings)["problems"]))
+        assert "cannot be read by this process" in problems and "move it aside" not in problems, problems
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)

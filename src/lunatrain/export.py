@@ -57,7 +57,7 @@ from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, stor
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store
-from .wire import STAMP_FORMAT, compact_stamp, now_iso
+from .wire import STAMP_FORMAT, compact_stamp, now_iso, utc_now
 
 Tier = Literal["curated", "memory", "merged"]
 TIERS: tuple[str, ...] = get_args(Tier)
@@ -567,13 +567,15 @@ _EXPORT_ID = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}")
 
 def _export_time(name: str) -> datetime | None:
     """When the export `name` was made, by its name; None for a name that is not an export's (not `_EXPORT_ID`,
-    or a day that does not exist)."""
+    a day that does not exist, or one more than a year ahead: a clock stepped back leaves exports some time
+    ahead of it, but a folder of 2099 or 9999 is nobody's export, and new ids must not follow it)."""
     if not _EXPORT_ID.fullmatch(name):
         return None
     try:
-        return datetime.strptime(name.split("-", 1)[0], STAMP_FORMAT).replace(tzinfo=UTC)
+        when = datetime.strptime(name.split("-", 1)[0], STAMP_FORMAT).replace(tzinfo=UTC)
     except ValueError:
         return None
+    return when if when <= utc_now() + timedelta(days=366) else None
 
 
 def export_ids(settings: Settings) -> list[str]:

@@ -13,7 +13,6 @@ objects under their old names, deprecated (see docs/api.md), as is `curated` (no
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -226,8 +225,12 @@ def _last_store_job(settings: Settings, problems: list[str]) -> tuple[dict[str, 
         except sqlite3.Error as exc:  # the rest of the status still answers
             path = jobs_db_path(settings.data_dir)
             reason = " ".join(str(exc).split()).rstrip(".")
-            if not os.access(path, os.R_OK):  # not damage: moving it aside would lose the trainer's history
-                fix = "give this user read access to it (`chmod`), or run status as the trainer's user"
+            damaged = getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+            if not damaged:  # not to be opened (permissions, its log): moving it aside would lose the history
+                fix = (
+                    "give this user read access to it and the -wal/-shm files beside it (`chmod`), or run status "
+                    "as the trainer's user"
+                )
                 problems.append(
                     f"The trainer's job database {path} cannot be read by this process ({reason}), so the "
                     f"trainer's last job is unknown; {fix}."
