@@ -415,3 +415,32 @@ def test_the_plan_never_runs_the_model_folders_own_code(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")  # a user answering y
     memplan.model_shape(types.SimpleNamespace(id="m", path=str(tmp_path)))
     assert not asked and not marker.exists(), "the model folder's Python code was offered or ran"
+
+
+def test_the_plan_counts_every_expert_of_a_mixture_of_experts_model(tmp_path):
+    """Explore repro: the shape counted one dense MLP per layer and never read the experts, so a gpt-oss model
+    of 221M parameters was planned with 96.5 MiB of weights against 842 MiB; and 4-bit weights were planned
+    for the experts, which transformers keeps as fused parameters that bitsandbytes does not quantize. The
+    plan counts the model built on the meta device: every parameter, and as quantizable only its linear
+    layers."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+    )
+    config.save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    shape = memplan.model_shape(types.SimpleNamespace(id="moe", path=str(tmp_path)))
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    assert shape.linear_params == sum(m.weight.numel() for m in linear)
+    assert shape.experts_per_token == 2  # each token's activations go through two experts' MLPs

@@ -71,6 +71,10 @@ class Shape:
     tied: bool
     chunked_loss: bool = True
     varlen: bool = True  # per-sample attention (kernels.py); else a dense block mask per row
+    experts_per_token: int = 1  # a mixture of experts: the MLPs each token runs through
+    # (all parameters, those of linear layers a quantization can take), counted on the model built on the meta
+    # device (`model_shape`); None: from the dimensions above, one dense MLP a layer
+    counted: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], name: str) -> Shape:
@@ -90,6 +94,11 @@ class Shape:
                 tied=bool(cfg.get("tie_word_embeddings", True)),
                 chunked_loss=not any(cfg.get(k) not in (None, 1, 1.0) for k in PLAIN_LOSS_KEYS),
                 varlen=cfg.get("attn_logit_softcapping") is None,
+                experts_per_token=int(
+                    (cfg.get("num_experts_per_tok") or cfg.get("num_experts_per_token") or 1)
+                    if cfg.get("num_local_experts") or cfg.get("num_experts")
+                    else 1
+                ),
             )
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise UsageError(
@@ -111,10 +120,14 @@ class Shape:
 
     @property
     def linear_params(self) -> int:
+        if self.counted:
+            return self.counted[1]
         return self.layers * sum(a * b for a, b in self.module_dims().values())
 
     @property
     def params(self) -> int:
+        if self.counted:
+            return self.counted[0]
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.linear_params + (2 * self.layers + 1) * self.hidden
 
@@ -159,7 +172,8 @@ def estimate(shape: Shape, job: Job) -> dict[str, int]:
     # per token and layer, in elements: norms 2h each (input and normalized), q/k/v (h + kv), attention
     # output and o_proj input (2h), MLP input (h), gate, up, activation and product (4i)
     dropped = [d[0] for d in targeted.values()] if job.dropout else []  # PEFT keeps each dropped-out input
-    widths = [(h, 9 + sum(1 for w in dropped if w == h)), (i, 4 + sum(1 for w in dropped if w == i))]
+    k = shape.experts_per_token  # each of a token's experts keeps its own MLP activations
+    widths = [(h, 9 + sum(1 for w in dropped if w == h)), (i, k * (4 + sum(1 for w in dropped if w == i)))]
     per_layer = sum(w * n for w, n in widths) + kv + 2 * job.rank * len(targeted)  # + LoRA A outputs
     every_layer = job.tokens * b * shape.layers * per_layer
     activations = job.tokens * b * (shape.layers * h + per_layer) if job.checkpointing else every_layer
@@ -395,15 +409,19 @@ def model_shape(info: Any) -> Shape:
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
     shape = Shape.from_config(cfg, info.id)
-    varlen = _trains_varlen(info)
-    return shape if varlen is None else replace(shape, varlen=varlen)
+    built = _built(info)
+    return shape if built is None else replace(shape, varlen=built[0], counted=built[1])
 
 
-def _trains_varlen(info: Any) -> bool | None:
-    """Whether training will run the per-sample attention on base model `info`, by the rule training applies
-    (`kernels.varlen_supported`: its architecture, attention sinks, logit caps, softcapping), asked of the model
-    built from its config on the meta device (`models.meta_model`: no weights read or allocated, never the
-    folder's own code). None where transformers cannot build it: then `Shape.from_config`'s guess stands."""
+def _built(info: Any) -> tuple[bool, tuple[int, int]] | None:
+    """What the model built from its config on the meta device says (`models.meta_model`: no weights read or
+    allocated, never the folder's own code): whether training will run the per-sample attention, by the rule
+    training applies (`kernels.varlen_supported`: architecture, attention sinks, logit caps, softcapping); and
+    its parameters, all of them and those of its linear layers (what bitsandbytes quantizes: experts that
+    transformers keeps as fused parameters stay unquantized). None where transformers cannot build it: then
+    `Shape.from_config`'s estimate from the config stands."""
+    import torch
+
     from .kernels import varlen_supported
     from .models import meta_model
 
@@ -411,7 +429,10 @@ def _trains_varlen(info: Any) -> bool | None:
         model = meta_model(info)
     except UsageError:
         return None
-    return varlen_supported(model)
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    return varlen_supported(model), (sum(p.numel() for p in model.parameters()), linear)
 
 
 def device_memory(kind: str) -> dict[str, Any]:
