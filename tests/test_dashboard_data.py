@@ -396,17 +396,20 @@ def test_a_registry_that_cannot_be_read_leaves_the_active_adapter_unknown_and_sa
 ) -> None:
     """Repro: with the adapter registry damaged, `lunatrain status` said "active adapter: unknown" and named the
     problem with its fix; the data panel said "Aktiver Adapter: keiner" and showed no problem at all."""
-    problem = "The adapter registry data/adapters/lora-adapters.json is damaged; run `lunatrain adapters repair`."
+    problem = "The adapter registry reports/training/lora-adapters.json cannot be read (a folder stands in its place)"
+    code = {"code": "status.registry_unreadable", "params": {"path": "reports/training/lora-adapters.json"}}
 
     def damaged(route) -> None:
         status = route.fetch().json()
-        status |= {"activeAdapter": None, "activeAdapters": [], "activeAdaptersKnown": False, "problems": [problem]}
-        route.fulfill(json=status)
+        status |= {"activeAdapter": None, "activeAdapters": [], "activeAdaptersKnown": False}
+        route.fulfill(json=status | {"problems": [problem], "problemCodes": [code]})
 
     page.route("**/assistant/training/status*", damaged)
     open_page(page, services, query)
     facts = page.locator("#data-facts")
-    expect(facts).to_contain_text(problem)
+    said = "kann nicht gelesen werden" if not query else "cannot be read"
+    expect(facts).to_contain_text(said)  # in the page's language, from its code
+    expect(facts).to_contain_text("lunatrain adapters repair")
     assert unknown in facts.inner_text()
 
 

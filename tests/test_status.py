@@ -697,6 +697,9 @@ def test_a_damaged_trainer_database_is_a_problem_status_names_not_a_traceback(se
     said = json.loads(result.output)
     assert said["lastJob"] is None
     assert [p for p in said["problems"] if str(path) in p and "file is not a database" in p], said["problems"]
+    # coded, so the dashboard says it in its language (as every other status reason)
+    coded = {"code": "status.jobs_db_damaged", "params": {"path": str(path), "reason": "file is not a database"}}
+    assert said["problemCodes"] == [coded], said["problemCodes"]
     # what is active is known all the same (the registry is fine): none, not "unknown"
     assert said["activeAdaptersKnown"] is True
     text = CliRunner().invoke(app, ["status"])

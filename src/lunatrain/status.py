@@ -34,6 +34,18 @@ def default_min_curated(settings: Settings) -> int:
     return load_profile(settings, DEFAULT_PROFILE).resolve()[1].min_curated
 
 
+class Problems(list[str]):
+    """`status`'s problems: one sentence each, and beside it its message code and values (`codes`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes: list[dict[str, Any] | None] = []
+
+    def add(self, sentence: str, code: str | None = None, **params: Any) -> None:
+        self.append(sentence)
+        self.codes.append(coded(code, **params) if code else None)
+
+
 def training_status(settings: Settings, min_curated: int | None = None) -> dict[str, Any]:
     """Counts per source and curation status, readiness per tier, the trainer's health, and the last export
     / job / prepare / gate plus the active adapter(s), with camelCase keys. `min_curated` None: the Luna
@@ -69,7 +81,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     elif revision is not None:
         changed = counts["curated"]["total"] + memory["total"] > 0 or None
 
-    problems: list[str] = []
+    problems = Problems()
     active, base_known, active_known = _active_adapters(settings, problems)
     tiers = _tiers(counts, memory, (raw or {}).get("approved_twice", {}), min_curated)
     if changed is False and last_export is not None:
@@ -100,7 +112,10 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "activeAdaptersKnown": active_known,  # false: the registry cannot be read (said under `problems`)
         "lastPrepare": _last_prepare(settings, summary.get("fingerprint") if isinstance(summary, dict) else None),
         "lastGate": _last_gate(settings),
-        "problems": problems,
+        "problems": list(problems),
+        # beside each problem its message code and values (null: said in English only), as tiers and gate
+        # reasons carry theirs, so the dashboard says it in its language
+        "problemCodes": problems.codes,
     }
 
 
@@ -168,7 +183,7 @@ def _read(path: Path) -> Any:
     return _safe(lambda: read_json(path))
 
 
-def _last_job(settings: Settings, problems: list[str]) -> dict[str, Any] | None:
+def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
     (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings)
     if job is not None and run is not None and run["jobId"]:
@@ -213,7 +228,7 @@ def _elapsed(job: Any) -> float | None:
     return seconds if seconds is not None and seconds >= 0 else None
 
 
-def _last_store_job(settings: Settings, problems: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, Any] | None, str | None]:
     """The trainer's newest job as `lastJob` says it, and when it last did something (its finish, else its
     start, else its submission). A job database that cannot be read is one of the `problems`."""
     from .service.jobs import existing_store, jobs_db_path
@@ -231,14 +246,20 @@ def _last_store_job(settings: Settings, problems: list[str]) -> tuple[dict[str, 
                     "give this user read access to it and the -wal/-shm files beside it (`chmod`), or run status "
                     "as the trainer's user"
                 )
-                problems.append(
+                problems.add(
                     f"The trainer's job database {path} cannot be read by this process ({reason}), so the "
-                    f"trainer's last job is unknown; {fix}."
+                    f"trainer's last job is unknown; {fix}.",
+                    "status.jobs_db_no_access",
+                    path=str(path),
+                    reason=reason,
                 )
             else:
-                problems.append(
+                problems.add(
                     f"The trainer's job database {path} cannot be read ({reason}), so the trainer's last job is "
-                    "unknown; move it aside (the trainer starts an empty one) or restore a backup."
+                    "unknown; move it aside (the trainer starts an empty one) or restore a backup.",
+                    "status.jobs_db_damaged",
+                    path=str(path),
+                    reason=reason,
                 )
             return None
         return jobs[0] if jobs else None
@@ -319,7 +340,7 @@ def _gate_of(settings: Settings, report: dict[str, Any]) -> dict[str, Any] | Non
     return None
 
 
-def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict[str, Any]], bool, bool]:
+def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[str, Any]], bool, bool]:
     """Every active version on every base model; `matchesBaseModel` marks the configured base's. A registry
     that cannot be read is a problem named with its fix (`problems`), not "nothing is active". Also says
     whether the configured base could be identified (else no entry can match it), and whether what is active
@@ -328,19 +349,24 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
     from .errors import LunaError, RegistryUnreadable
 
     known = True
+    where = str(registry.registry_path(settings))
     try:
         active = registry.list_active(settings)
-    except RegistryUnreadable as err:
-        problems.append(err.message)
+    except RegistryUnreadable as err:  # damaged or missing beside trained versions: a repair rebuilds it
+        problems.add(err.message, "status.registry_unreadable", path=where)
         active, known = [], False
     except OSError as err:  # a registry this user may not read: said, as above
-        problems.append(
-            f"The adapter registry {registry.registry_path(settings)} cannot be read by this process "
-            f"({err.strerror or err}); give this user read access to it (`chmod`)."
+        reason = err.strerror or str(err)
+        problems.add(
+            f"The adapter registry {where} cannot be read by this process ({reason}); give this user read "
+            "access to it (`chmod`).",
+            "status.registry_no_access",
+            path=where,
+            reason=reason,
         )
         active, known = [], False
     except (LunaError, ValueError) as err:
-        problems.append(getattr(err, "message", None) or f"The adapter registry cannot be read ({err}).")
+        problems.add(getattr(err, "message", None) or f"The adapter registry cannot be read ({err}).")
         active, known = [], False
     # resolve_base builds luna-tiny when missing: a status read must not. The base is known all the same (the
     # configured luna-tiny, built the same way wherever it is): what is active on it is named by its id.
@@ -354,9 +380,11 @@ def _active_adapters(settings: Settings, problems: list[str]) -> tuple[list[dict
         except (LunaError, ValueError, OSError) as err:
             # Which adapter is served depends on it: say why it is unknown, and that the one shown is a guess.
             reason = getattr(err, "message", None) or str(err)
-            problems.append(
+            problems.add(
                 f"The configured base model cannot be used ({reason.rstrip('.')}), so the active adapter "
-                "shown is a guess; set ASSISTANT_BASE_MODEL to the base model in use."
+                "shown is a guess; set ASSISTANT_BASE_MODEL to the base model in use.",
+                "status.base_model_unusable",
+                reason=reason.rstrip("."),
             )
     out = []
     for a in active:

@@ -179,7 +179,10 @@ function renderDataStatus(status) {
       // a registry that cannot be read: "none" would not be the truth (the problem below says why)
       : t(status.activeAdaptersKnown === false ? "unknown" : "data.none")],
     // Parts that could not be read (a damaged registry or job database), each with its fix, as `status` says them.
-    ...(status.problems ?? []).map((problem) => [t("data.problem"), problem]),
+    ...(status.problems ?? []).map((problem, i) => {
+      const coded = status.problemCodes?.[i];
+      return [t("data.problem"), coded ? tMsg(coded.code, coded.params, problem) : problem];
+    }),
   ]);
 }
 
