@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 CHATML_INSTRUCT = (
     "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
@@ -170,25 +171,27 @@ ARCHITECTURES = {
 }
 
 
+def tiny_config(cls_name: str, **fields: Any) -> Any:
+    """A 2-layer, hidden-32 config of the transformers class `cls_name`, `fields` over those sizes."""
+    import transformers
+
+    sizes = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    sizes |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512}
+    return getattr(transformers, cls_name)(**(sizes | fields))
+
+
 def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0) -> Path:
     """A 2-layer, hidden-32 random-weight model of `arch` with its family's tokenizer and template, saved in
     HF format (safetensors) with a generation_config whose eos is the tokenizer's eos."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
     cls_name, family, extra = ARCHITECTURES[arch]
     tok = family_tokenizer(vocab_dir, family)
     vocab = -(-len(tok) // 64) * 64
-    config = getattr(transformers, cls_name)(
+    config = tiny_config(
+        cls_name,
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,

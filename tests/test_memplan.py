@@ -14,7 +14,7 @@ from lunatrain import memplan, models
 from lunatrain.errors import CheckFailed
 from lunatrain.params import LoraParams, parse_params
 
-from family_templates import ARCHITECTURES
+from family_templates import ARCHITECTURES, tiny_config
 from helpers import make_records, write_export
 
 GIB = 1 << 30
@@ -359,10 +359,7 @@ def test_the_plan_lays_batches_out_as_training_will_on_each_family(arch, tmp_pat
     cls_name, extra = ("GptOssConfig", {"num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": 8})
     if arch != "gpt_oss":
         cls_name, _, extra = ARCHITECTURES[arch]
-    common = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-    common |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 512}
-    common |= {"pad_token_id": 0}
-    config = getattr(transformers, cls_name)(**common, **extra)
+    config = tiny_config(cls_name, pad_token_id=0, **extra)
     config.save_pretrained(tmp_path)
     planned = memplan.model_shape(types.SimpleNamespace(id=arch, path=str(tmp_path))).varlen
     model = get_peft_model(
@@ -425,18 +422,7 @@ def test_the_plan_counts_every_expert_of_a_mixture_of_experts_model(tmp_path):
     layers."""
     import transformers
 
-    config = transformers.GptOssConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        sliding_window=8,
-    )
+    config = tiny_config("GptOssConfig", num_local_experts=8, num_experts_per_tok=2, sliding_window=8)
     config.save_pretrained(tmp_path)
     model = transformers.AutoModelForCausalLM.from_config(config)
     shape = memplan.model_shape(types.SimpleNamespace(id="moe", path=str(tmp_path)))

@@ -383,18 +383,20 @@ def check_fits(
     device: dict[str, Any] | None = None,
     *,
     base: Any = None,
-    batch: MicroBatch | None = None,
+    samples: list[Any] | None = None,
 ) -> MemoryPlan:
     """The plan for this job; raises CheckFailed (one sentence, naming the option that would make it fit)
     when it cannot fit: valid options on a device too small, a failed check as prepare reports it.
     `device`: a `models.device_info()` dict for the device the job will use (default: the one `params.device`
-    resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one."""
+    resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one; `samples`: the job's
+    tokenized train samples, whose largest micro-batch is planned (else the worst case)."""
     from .models import resolve_base, resolve_device
 
     if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
-    result = plan(model_shape(info), params, device, batch=batch)
+    shape = model_shape(info)
+    result = plan(shape, params, device, batch=largest_batch(samples, params, shape) if samples else None)
     if not result.fits:
         raise CheckFailed(result.message, details=[result.to_dict()])
     return result

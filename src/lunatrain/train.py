@@ -415,7 +415,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         params,
         memplan.device_memory(device),
         base=base,
-        batch=memplan.largest_batch(train_set, params, memplan.model_shape(base)),
+        samples=train_set,
     )
     model, chosen, loss = load_lora_model(
         params, settings, base, device, bf16, plan.checkpointing, tokenizer=tokenizer, added=added
