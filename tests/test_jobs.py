@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lunatrain import procs
 from lunatrain.errors import Conflict, NotFound
 from lunatrain.params import LoraParams, parse_params
 from lunatrain.service.jobs import JobStore, Progress, job_log_path, jobs_db_path
@@ -174,7 +175,7 @@ def test_recover_settles_running_jobs_and_stops_their_orphans(store, settings):
     try:
         for job in (plain, resumable, cancelling):
             store.claim(job.id)
-        store.set_fields(plain.id, pid=orphan.pid, pid_started=psutil.Process(orphan.pid).create_time())
+        store.set_fields(plain.id, pid=orphan.pid, pid_started=procs.started(orphan.pid))
         store.request_cancel(cancelling.id)
 
         recover(settings, store)
@@ -257,19 +258,67 @@ def test_a_checkpoint_the_orphaned_child_saved_after_the_trainer_died_is_promise
     assert "before its first epoch ended" not in message and f"`lunatrain jobs resume {job.id}`" in message, message
 
 
+def test_a_checkpoint_saved_after_a_wall_clock_step_back_is_still_the_jobs(store, settings):
+    """Repro: recovery asked the disk for a checkpoint saved since the job started by comparing mtimes with the
+    job's start stamp. After the clock was set an hour back mid-run, the child's checkpoint looked older than
+    its job and the error said "no checkpoint saved; submit it again". A checkpoint names the job that saved it;
+    one another job saved is not this job's, however new its mtime."""
+    import time
+
+    job = queued(store, LoraParams(adapter_name="stepped"))
+    store.claim(job.id)
+    other = settings.adapters_dir / "stepped" / ".work" / "a-try" / "checkpoints" / "epoch-001"
+    other.mkdir(parents=True)
+    (other / "state.json").write_text(json.dumps({"jobId": "ftjob-another"}))
+    recover(settings, store)
+    assert "before its first epoch ended" in store.get(job.id).error.message
+
+    job = queued(store, LoraParams(adapter_name="stepped"))
+    store.claim(job.id)
+    saved = settings.adapters_dir / "stepped" / ".work" / "this-try" / "checkpoints" / "epoch-001"
+    saved.mkdir(parents=True)
+    (saved / "state.json").write_text(json.dumps({"jobId": job.id}))
+    os.utime(saved / "state.json", (time.time() - 3600, time.time() - 3600))  # written after the step back
+    recover(settings, store)
+    assert f"`lunatrain jobs resume {job.id}`" in store.get(job.id).error.message
+
+
 def test_recover_never_kills_a_reused_pid(store, settings):
     job = queued(store)
     store.claim(job.id)
     bystander = _sleeper()
     try:
         # The recorded create time does not match: this pid belongs to some other process now.
-        store.set_fields(job.id, pid=bystander.pid, pid_started=psutil.Process(bystander.pid).create_time() - 1000)
+        store.set_fields(job.id, pid=bystander.pid, pid_started=procs.started(bystander.pid) - 1000)
         recover(settings, store)
         assert bystander.poll() is None
         assert store.get(job.id).error.code == "interrupted"
     finally:
         bystander.kill()
         bystander.wait()
+
+
+@pytest.mark.parametrize("recorded", ["since boot", "epoch seconds, by an earlier version"])
+def test_recover_stops_an_orphan_after_a_wall_clock_step(store, settings, monkeypatch, recorded):
+    """Repro: the child's start was recorded as wall-clock time, which psutil derives from a boot time that
+    moves with every clock step. After an NTP step of an hour the orphan no longer matched its record and went
+    on training beside the restarted trainer. A start an earlier version recorded is still honoured."""
+    from psutil import _pslinux
+
+    job = queued(store)
+    store.claim(job.id)
+    orphan = _sleeper()
+    try:
+        start = procs.started(orphan.pid) if recorded == "since boot" else psutil.Process(orphan.pid).create_time()
+        store.set_fields(job.id, pid=orphan.pid, pid_started=start)
+        if recorded == "since boot":
+            real = _pslinux.boot_time()
+            monkeypatch.setattr(_pslinux, "boot_time", lambda: real - 3600)
+        recover(settings, store)
+        assert gone(orphan.pid)
+    finally:
+        orphan.kill()
+        orphan.wait()
 
 
 def test_recover_settles_a_job_whose_adapter_was_saved_from_its_trained_event(store, settings):

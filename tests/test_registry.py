@@ -887,3 +887,19 @@ def test_an_adapter_file_linked_out_of_the_data_root_is_refused_like_a_linked_fo
     (folder / "adapter_model.safetensors").unlink()
     (folder / "adapter_model.safetensors").symlink_to(inner)
     assert registry.loadable(settings, entry)
+
+
+def test_a_live_staged_run_is_not_settled_after_a_wall_clock_step(settings, monkeypatch):
+    """Repro: the owner's start was compared as wall-clock time, which psutil derives from a boot time that
+    moves with every clock step. After an NTP step of an hour, `adapters repair` took this very process for
+    another one and deleted its live run's files while its gate still judged them."""
+    from psutil import _pslinux
+
+    home = str(settings.home)
+    _overwrite_run(home, "r1", stage=False)
+    live = _overwrite_run(home, "r2", stage=True)
+    real = _pslinux.boot_time()
+    monkeypatch.setattr(_pslinux, "boot_time", lambda: real - 3600)
+    assert registry.repair(settings)["settled"] == []
+    assert registry.get_revision(settings, "ow", 2)["staged"] == live["staged"]
+    assert (settings.home / live["staged"]).is_dir()

@@ -357,13 +357,14 @@ def test_the_adapter_folder_names_its_base_as_the_user_did_and_pins_its_hub_revi
         assert f"base_model: {name}\n" in card and str(settings.home) not in card and str(tmp_path) not in card, card
 
 
-def _cut_after_first_epoch(settings, **over):
+def _cut_after_first_epoch(settings, job_id=None, **over):
     seen = []
     cut = run_lora(
         _params(**over),
         settings,
         on_event=seen.append,
         should_stop=lambda: any(e["type"] == "eval" and e["epoch"] == 1 for e in seen),
+        job_id=job_id,
     )
     assert cut.status is Status.CANCELLED, cut.error
 
@@ -450,9 +451,10 @@ def test_resume_continues_a_checkpoint_saved_while_the_identity_held_the_base_mo
     from lunatrain.train import run_key
 
     write_export(settings, make_records(40, val_every=5))
-    _cut_after_first_epoch(settings)
+    _cut_after_first_epoch(settings, job_id="ftjob-cut")
     (state,) = (settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json")
     old = json.loads(state.read_text())
+    assert old["jobId"] == "ftjob-cut"  # recovery knows its job's checkpoint by it, not by clocks
     old["run"]["params"]["base_model"] = _params().base_model  # as that release recorded it
     state.write_text(json.dumps(old))
     work = state.parents[2]

@@ -68,6 +68,7 @@ def save(run: Run) -> Path:
         "tokensSeen": run.tokens_seen,
         "trainSeconds": run.train_seconds,
         "run": run.identity,  # so that a resume of another run can say what differs
+        "jobId": run.job_id,  # so that recovery knows its job's checkpoint without trusting clocks
     }
     atomic_write_json(tmp / "state.json", state)
     try:

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import procs
 from .errors import (
     JSON_FAULTS,
     Conflict,
@@ -462,11 +463,9 @@ def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> 
 
 
 def _this_process() -> dict[str, Any]:
-    """Who will settle a staged run: this process (a pid alone may be reused, so its start time too), on this
+    """Who will settle a staged run: this process (a pid alone may be reused, so its start too), on this
     host (a data root on a shared disk may be written from several)."""
-    import psutil
-
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": procs.started(os.getpid())}
 
 
 def _gone(owner: Any) -> bool:
@@ -476,8 +475,8 @@ def _gone(owner: Any) -> bool:
     if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
         return False
     try:
-        proc = psutil.Process(int(owner["pid"]))
-        return abs(proc.create_time() - float(owner["started"])) > 0.5 or proc.status() == psutil.STATUS_ZOMBIE
+        pid = int(owner["pid"])
+        return not procs.is_same(pid, float(owner["started"])) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
     except (psutil.Error, KeyError, TypeError, ValueError):

@@ -145,6 +145,7 @@ class Run(LoopState):
     loss: dict[str, Any] = field(default_factory=lambda: {"path": "plain"}, kw_only=True)  # chunked or plain, and why
     plan: memplan.MemoryPlan | None = field(default=None, kw_only=True)  # the estimate and checkpointing decision
     world: World = field(default=distributed.SINGLE, kw_only=True)
+    job_id: str | None = field(default=None, kw_only=True)  # the trainer job this run is, if any
     optimizer: torch.optim.Optimizer | None = field(default=None, kw_only=True)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, kw_only=True)
 
@@ -203,6 +204,7 @@ def _run_lora(
     stage: bool = False,
 ) -> TrainResult:
     run = prepare(params, settings, world)
+    run.job_id = job_id
     # Held while the run trains and publishes: its epoch checkpoints are the resume point, and a run started
     # outside the trainer has no job row to keep `gc` from them (retention.py).
     with holding(run.work_dir) if world.main else contextlib.nullcontext():

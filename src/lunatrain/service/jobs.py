@@ -216,7 +216,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     duration_seconds REAL,                       -- the last try's run, measured on the monotonic clock
     pid INTEGER,                                 -- the running child, its own process group leader
-    pid_started REAL                             -- its create time: a reused pid is never killed by mistake
+    pid_started REAL                             -- its start (procs.started): a reused pid is never killed by mistake
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS events (

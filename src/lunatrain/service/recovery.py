@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .. import registry
+from .. import procs, registry
 from ..checkpoints import saved_states
 from ..errors import LunaError
+from ..fsio import read_json
 from ..settings import Settings
 from ..wire import parse_iso
 from .jobs import Job, JobStore
@@ -54,11 +56,11 @@ def signal_group(pid: int, sig: int) -> bool:
 def stop_orphan(pid: int, started: float | None, grace: float = 5.0) -> bool:
     """Stop a child left behind by a previous trainer, if `pid` is still that very process.
 
-    The create time guards against a pid that was reused by an unrelated process since.
+    Its recorded start guards against a pid that was reused by an unrelated process since.
     """
     try:
         proc = psutil.Process(pid)
-        if started is not None and abs(proc.create_time() - started) > 0.5:
+        if started is not None and not procs.is_same(pid, started):
             return False
     except psutil.NoSuchProcess:
         signal_group(pid, signal.SIGKILL)  # the leader is gone; stragglers of its group may not be
@@ -144,16 +146,28 @@ def resume_hint(job_id: str) -> str:
 
 
 def _checkpoint_since(settings: Settings, job: Job) -> bool:
-    """Whether an epoch checkpoint of the job's adapter was saved since the job started (any try of its run:
-    the work directory's name needs the tokenizer to compute, and a resume takes the furthest of them)."""
+    """Whether an epoch checkpoint of the job's adapter was saved by this job (any try of its run: the work
+    directory's name needs the tokenizer to compute, and a resume takes the furthest of them). A checkpoint
+    names its job; one saved outside a job, or by an earlier version, counts when saved since the job started
+    (its mtime: a wall-clock step back mid-run hides it)."""
     if not job.started_at:
         return False
     try:
         since = parse_iso(job.started_at).timestamp()
         work = registry.work_root(settings, job.lora_params().adapter_name)
-        return any(p.stat().st_mtime >= since for p in saved_states(work))
+        return any(_saved_by(state, job.id, since) for state in saved_states(work))
     except (ValueError, OSError, LunaError):
         return False
+
+
+def _saved_by(state: Path, job_id: str, since: float) -> bool:
+    try:
+        saved = read_json(state)
+    except (OSError, LunaError):
+        return False
+    if isinstance(saved, dict) and saved.get("jobId"):
+        return saved["jobId"] == job_id
+    return state.stat().st_mtime >= since
 
 
 def published_adapter(settings: Settings, store: JobStore, job: Job) -> dict[str, Any] | None:

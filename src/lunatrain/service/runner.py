@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import psutil
 
+from .. import procs
 from ..errors import LunaError, StorageError
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
@@ -225,7 +226,7 @@ class Runner:
             return
         try:
             with contextlib.suppress(psutil.NoSuchProcess):
-                self.store.set_fields(job.id, pid=proc.pid, pid_started=psutil.Process(proc.pid).create_time())
+                self.store.set_fields(job.id, pid=proc.pid, pid_started=procs.started(proc.pid))
             if self.store.get(job.id).status == "cancelling":  # cancel arrived before the child existed
                 self._terminate(proc)
             assert proc.stdout is not None

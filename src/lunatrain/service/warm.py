@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import psutil
 
+from .. import procs
 from ..compat import without_bitsandbytes
 from ..settings import Settings
 from ..startup import collector_paused, import_training_stack
@@ -62,7 +63,7 @@ class Forked:
         self.returncode: int | None = None
         self._started = 0.0
         with contextlib.suppress(psutil.NoSuchProcess):
-            self._started = psutil.Process(pid).create_time()
+            self._started = procs.started(pid)
 
     def poll(self) -> int | None:
         return self.returncode
@@ -84,8 +85,10 @@ class Forked:
         # the process 30 s after noticing at the latest (worker.py).
         while True:
             try:
-                proc = psutil.Process(self.pid)
-                if proc.create_time() != self._started or proc.status() == psutil.STATUS_ZOMBIE:
+                if (
+                    not procs.is_same(self.pid, self._started)
+                    or psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
+                ):
                     return
             except psutil.NoSuchProcess:
                 return
