@@ -704,3 +704,48 @@ def test_a_damaged_trainer_database_is_a_problem_status_names_not_a_traceback(se
     assert said["activeAdaptersKnown"] is True
     text = CliRunner().invoke(app, ["status"])
     assert text.exit_code == 0 and "active adapter: none" in text.output, text.output
+
+
+def test_a_locked_trainer_database_is_said_busy_not_unreadable(settings, monkeypatch):
+    """Repro: while another process held jobs.db locked, status said "cannot be read by this process
+    (database is locked) ... give this user read access to it (`chmod`)": advice about permissions for a lock
+    that goes away by itself."""
+    import sqlite3
+
+    from lunatrain.service import jobs
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    path = jobs_db_path(settings.data_dir)
+    path.parent.mkdir(parents=True)
+    JobStore(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    monkeypatch.setattr(jobs, "SQLITE_BUSY_TIMEOUT_S", 0.1)
+    try:
+        said = json.loads(CliRunner().invoke(app, ["status", "--json"]).output)
+    finally:
+        holder.rollback()
+        holder.close()
+    (coded,) = said["problemCodes"]
+    assert coded["code"] == "status.jobs_db_busy", coded
+    (problem,) = said["problems"]
+    assert "locked by another process" in problem and "chmod" not in problem and "move it aside" not in problem
+
+
+def test_a_registry_that_fails_for_another_reason_is_a_coded_problem(settings, monkeypatch):
+    """Repro: a registry read that failed neither as damage nor as a permission (a storage fault) was said in
+    English only: it carried no message code, so the German dashboard showed the English sentence."""
+    from lunatrain import registry
+    from lunatrain.errors import StorageError
+
+    def failing(_settings):
+        raise StorageError("Cannot read registry.json: Input/output error.")
+
+    monkeypatch.setattr(registry, "list_active", failing)
+    said = json.loads(CliRunner().invoke(app, ["status", "--json"]).output)
+    where = str(registry.registry_path(settings))
+    reason = "Cannot read registry.json: Input/output error"
+    assert said["problemCodes"] == [{"code": "status.registry_error", "params": {"path": where, "reason": reason}}]
+    assert said["problems"] == [f"The adapter registry {where} cannot be read ({reason})."]
+    assert said["activeAdaptersKnown"] is False

@@ -190,8 +190,10 @@ CODES: dict[str, str] = {
     "check.estimate.computed": "steps and time, estimated from model size (steps, seconds, device)",
     "status.jobs_db_no_access": "the trainer's job database cannot be read by this process (path, reason)",
     "status.jobs_db_damaged": "the trainer's job database is damaged (path, reason)",
+    "status.jobs_db_busy": "the trainer's job database is locked by another process (path, reason)",
     "status.registry_unreadable": "the adapter registry is damaged or missing; a repair rebuilds it (path)",
     "status.registry_no_access": "the adapter registry cannot be read by this process (path, reason)",
+    "status.registry_error": "the adapter registry cannot be read for another reason (path, reason)",
     "status.base_model_unusable": "the configured base model cannot be used; the active adapter is a guess (reason)",
     "check.estimate.measured_ranks": "steps and time on the trainer's processes, from the last job's speed, and a "
     "local run's steps (steps, seconds, device, ranks, localSteps)",

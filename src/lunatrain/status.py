@@ -240,8 +240,17 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
         except sqlite3.Error as exc:  # the rest of the status still answers
             path = jobs_db_path(settings.data_dir)
             reason = " ".join(str(exc).split()).rstrip(".")
-            damaged = getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
-            if not damaged:  # not to be opened (permissions, its log): moving it aside would lose the history
+            error = getattr(exc, "sqlite_errorname", "")
+            damaged = error in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+            if error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):  # held by a writer: it goes away by itself
+                problems.add(
+                    f"The trainer's job database {path} is locked by another process ({reason}), so the trainer's "
+                    "last job is unknown; ask again in a moment.",
+                    "status.jobs_db_busy",
+                    path=str(path),
+                    reason=reason,
+                )
+            elif not damaged:  # not to be opened (permissions, its log): moving it aside would lose the history
                 fix = (
                     "give this user read access to it and the -wal/-shm files beside it (`chmod`), or run status "
                     "as the trainer's user"
@@ -365,8 +374,14 @@ def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[
             reason=reason,
         )
         active, known = [], False
-    except (LunaError, ValueError) as err:
-        problems.add(getattr(err, "message", None) or f"The adapter registry cannot be read ({err}).")
+    except (LunaError, ValueError) as err:  # a storage fault (EIO), a value it cannot take: said as it is
+        reason = (getattr(err, "message", None) or str(err)).rstrip(".")
+        problems.add(
+            f"The adapter registry {where} cannot be read ({reason}).",
+            "status.registry_error",
+            path=where,
+            reason=reason,
+        )
         active, known = [], False
     # resolve_base builds luna-tiny when missing: a status read must not. The base is known all the same (the
     # configured luna-tiny, built the same way wherever it is): what is active on it is named by its id.
