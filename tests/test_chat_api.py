@@ -744,3 +744,18 @@ def test_a_message_is_read_as_the_training_data_was_stored_in_nfc_and_trimmed(cl
     assert all(status == 200 for status, _ in answers), answers
     assert len({body["usage"]["prompt_tokens"] for _, body in answers}) == 1, [b["usage"] for _, b in answers]
     assert len({body["choices"][0]["message"]["content"] for _, body in answers}) == 1, answers
+
+
+def test_text_parts_and_windows_line_endings_are_rendered_as_training_takes_them(client: TestClient) -> None:
+    """Repro: the parts "Lies den Absatz:" and "Der Mond ist hell." were glued into one line, and "\\r\\n" was
+    rendered as written, though training now takes parts as lines and every line ending as "\\n"."""
+    parts = [{"type": "text", "text": "Lies den Absatz:"}, {"type": "text", "text": "Der Mond ist hell."}]
+    said = [
+        chat(client, messages=[{"role": "user", "content": content}])
+        for content in (parts, "Lies den Absatz:\nDer Mond ist hell.", "Lies den Absatz:\r\nDer Mond ist hell.")
+    ]
+    assert all(status == 200 for status, _ in said), said
+    (prompt_tokens,) = {body["usage"]["prompt_tokens"] for _, body in said}
+    (answer,) = {body["choices"][0]["message"]["content"] for _, body in said}
+    glued = chat(client, messages=[{"role": "user", "content": "Lies den Absatz:Der Mond ist hell."}])[1]
+    assert glued["usage"]["prompt_tokens"] != prompt_tokens

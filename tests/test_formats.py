@@ -643,3 +643,69 @@ def test_a_json_array_read_a_record_at_a_time_is_what_json_loads_reads(monkeypat
             assert (got or ("ok", records)) == want, (text, window, got, want)
         checked += 1
     assert checked > 300
+
+
+def test_an_openai_records_own_system_prompt_is_kept(tmp_path: Path) -> None:
+    """Repro: `{"system": ..., "messages": [...]}` lost its system prompt without a word (ShareGPT, Alpaca and
+    prompt-response records keep theirs), and two records that differed only in it imported as one."""
+    turns = [{"role": "user", "content": "Wer bist du?"}, {"role": "assistant", "content": "Ich bin Luna."}]
+    records = [
+        {"system": "Du bist Luna.", "messages": turns},
+        {"system": "Du bist ein Pirat.", "messages": turns},
+        {"system": "Ignoriert.", "messages": [{"role": "system", "content": "Der eigene."}, *turns]},
+    ]
+    drafts = read_file(_jsonl(tmp_path / "sys.jsonl", records)).drafts
+    assert [d.system for d in drafts] == ["Du bist Luna.", "Du bist ein Pirat.", "Der eigene."]
+    assert len({d.hash for d in drafts}) == 3
+
+
+def test_alpaca_history_becomes_the_earlier_turns(tmp_path: Path) -> None:
+    """Repro: LLaMA-Factory's Alpaca `history` (earlier [question, answer] pairs) was dropped without a word,
+    so the follow-up question was trained without the exchange it refers to."""
+    record = {
+        "instruction": "Und die zweite?",
+        "input": "",
+        "output": "Die zweite ist B.",
+        "history": [["Was ist die erste Option?", "Die erste ist A."]],
+    }
+    (draft,) = read_file(_jsonl(tmp_path / "hist.jsonl", [record])).drafts
+    assert draft.turns == (("user", "Was ist die erste Option?"), ("assistant", "Die erste ist A."))
+    assert (draft.prompt, draft.response) == ("Und die zweite?", "Die zweite ist B.")
+    bad = [record | {"history": h} for h in ("nein", [["nur eine Frage"]], [["q", 3]])]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "bad.jsonl", bad))
+    assert info.value.details == [
+        "bad.jsonl line 1: field 'history': expected a list of [question, answer] pairs, got string",
+        "bad.jsonl line 2: field 'history[0]': expected a [question, answer] pair, got a list of 1",
+        "bad.jsonl line 3: field 'history[0][1]': expected a string, got number",
+    ]
+
+
+def test_windows_line_endings_are_one_text_with_unix_ones() -> None:
+    """Repro: "Rot\\r\\nBlau" was stored beside "Rot\\nBlau" as another example (they look the same in every
+    list), and the model was trained to write carriage returns."""
+    lf = make_draft(prompt="Nenne zwei Farben.", response="Rot\nBlau")
+    for response in ("Rot\r\nBlau", "Rot\rBlau", "Rot\r\nBlau\r\n"):
+        draft = make_draft(prompt="Nenne\r\nzwei Farben.".replace("\r\n", " "), response=response)
+        assert draft.response == "Rot\nBlau" and draft.hash == lf.hash
+
+
+def test_text_parts_are_joined_as_lines(tmp_path: Path) -> None:
+    """Repro: two text parts "Lies den Absatz:" and "Der Mond ist hell." became one line with no space
+    between them; they are separate blocks, so each starts a line (as OpenAI-compatible servers join them)."""
+    parts = [{"type": "text", "text": "Lies den Absatz:"}, {"type": "text", "text": "Der Mond ist hell."}]
+    record = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Gelesen."}]}
+    (draft,) = read_file(_jsonl(tmp_path / "parts.jsonl", [record])).drafts
+    assert draft.prompt == "Lies den Absatz:\nDer Mond ist hell."
+
+
+def test_the_advice_to_skip_bad_records_is_the_command_lines_only(tmp_path: Path) -> None:
+    """Repro: the API's import refused a tool call "… leave such conversations out, or import with
+    --skip-bad", an option only the command line has."""
+    from lunatrain.formats import parse_record
+
+    call = {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+    record = {"messages": [{"role": "user", "content": "Wetter?"}, {"role": "assistant", "tool_calls": [call]}]}
+    with pytest.raises(RecordError) as info:
+        parse_record(record)
+    assert "--skip-bad" not in info.value.describe() and "leave such conversations out" in info.value.describe()

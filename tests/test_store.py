@@ -981,3 +981,29 @@ def test_deleting_content_held_only_unapproved_as_the_other_kind_leaves_a_tombst
     assert store.deleted_hashes(db) == {}
     assert store.delete_examples(db, [again.id]).hashes == []  # the approved memory item still trains on it
     assert store.deleted_hashes(db) == {}
+
+
+def test_content_stored_with_windows_line_endings_is_found_on_reimport(db: Settings, tmp_path: Path) -> None:
+    """Line endings are normalized now; a database of an earlier release holds a text written on Windows
+    with its carriage returns, under that text's hash. Re-importing the same file must find it, not add its
+    twin (approved, where the stored one was rejected)."""
+    import hashlib
+    import json as _json
+
+    import sqlalchemy as sa
+
+    answer = "Rot\r\nBlau\r\nGrün"
+    stored = store.add_example(db, prompt="Drei Farben?", response=answer)
+    old_hash = hashlib.sha256(
+        _json.dumps(["", [], "Drei Farben?", answer], ensure_ascii=False, separators=(",", ":")).encode()
+    ).hexdigest()
+    with store.open_store(db).write() as conn:  # as the earlier release stored it
+        conn.execute(
+            sa.text("UPDATE examples SET response = :r, hash = :h WHERE id = :i"),
+            {"r": answer, "h": old_hash, "i": stored.id},
+        )
+    store.set_status(db, [stored.id], "rejected")
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes((_json.dumps({"prompt": "Drei Farben?", "response": answer}) + "\n").encode())
+    result = store.import_file(db, path, source="curated", status=None)
+    assert (result.added, result.skipped_duplicates) == (0, 1)

@@ -4,8 +4,11 @@ Shapes, detected per record (or forced with `fmt`):
 
 - ``openai``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
-- ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}`` (input optional, joined below the instruction)
-- ``prompt-response``: ``{"prompt": ..., "response": ...}`` (optional ``system``)
+- ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}`` (input optional, joined below the instruction;
+  LLaMA-Factory's optional ``history`` of earlier ``[question, answer]`` pairs gives the prior turns)
+- ``prompt-response``: ``{"prompt": ..., "response": ...}``
+
+Every shape takes a record-level ``system`` (a conversation's own leading system turn wins over it).
 
 A turn of either list takes role/content or from/value keys (Unsloth writes role/content turns under
 ``conversations``).
@@ -18,7 +21,7 @@ response is then the last turn with weight 1. All errors of a file are
 collected and raised once, each naming file, line (record number for JSON arrays) and field.
 
 The content hash lives here too because it is a pure function of the normalized text: sha256 over the NFC
-normalized, trimmed system prompt, prior turns, prompt and response (and which turns are context only,
+normalized, trimmed system prompt (line endings as ``\n``), prior turns, prompt and response (and which turns are context only,
 when any is).
 """
 
@@ -65,15 +68,26 @@ _ROLE_ALIASES = {
 
 
 def normalize_text(value: str) -> str:
-    """NFC + trim: the same visible text always gives the same hash, whatever editor produced it. Trimming
-    takes trailing whitespace and leading blank lines; the first line keeps its indent when more lines follow,
-    because there it is meaning (a response that opens with a four-space Markdown code block), not a stray
-    space before a one-line answer."""
+    """Unix line endings, NFC and trim: the same visible text always gives the same hash, whatever editor
+    produced it (a Windows one writes CRLF, which would also teach the model to write carriage returns).
+    Trimming takes trailing whitespace and leading blank lines; the first line keeps its indent when more
+    lines follow, because there it is meaning (a response that opens with a four-space Markdown code block),
+    not a stray space before a one-line answer."""
+    return _trimmed(value.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def _trimmed(value: str) -> str:
+    """`normalize_text` as it was before line endings were normalized (`earlier_hash`)."""
     text = unicodedata.normalize("NFC", value).rstrip()
     body = text.lstrip()
     if "\n" not in body:
         return body
     return text[text.rfind("\n", 0, len(text) - len(body)) + 1 :]
+
+
+def _as_written_on_windows(value: str) -> str:
+    """`normalize_text` before line endings were normalized, of a text written with CRLF (`earlier_hash`)."""
+    return _trimmed(value.replace("\n", "\r\n"))
 
 
 def _trimmed_whole(value: str) -> str:
@@ -151,6 +165,8 @@ class ExampleDraft:
     source: str | None = field(default=None, compare=False)
     # The record's own curation status (an `examples list --json` dump carries it), likewise.
     status: str | None = field(default=None, compare=False)
+    # Its texts were written with Windows line endings (`earlier_hash`).
+    crlf: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -159,16 +175,19 @@ class ExampleDraft:
 
     @functools.cached_property
     def earlier_hash(self) -> str | None:
-        """The hash this content had when trimming took the first line's indent too (releases before it kept
-        it), where that differs: a database of those releases holds the content under it, and a re-import
-        must find it there (or it would come back as new, approved even where it had been rejected). Goes
-        when no database stored before this rule is in use."""
-        texts = [self.system or "", self.prompt, self.response, *(content for _, content in self.turns)]
-        if not any(t[:1].isspace() for t in texts):  # nearly every draft: nothing an earlier rule trimmed
-            return None
-        earlier = content_hash(
-            self.system, self.turns, self.prompt, self.response, self.context_only, trim=_trimmed_whole
-        )
+        """The hash this content had under an earlier release's normalization, where that differs: a
+        database of that release holds the content under it, and a re-import must find it there (or it would
+        come back as new, approved even where it had been rejected). Two rules changed: line endings were
+        kept as written (a text written with CRLF, as Windows editors do, is taken as CRLF throughout), and
+        before that trimming took the first line's indent too. Goes when no database stored before these rules
+        is in use."""
+        trim: Callable[[str], str] = _as_written_on_windows
+        if not self.crlf:
+            texts = [self.system or "", self.prompt, self.response, *(content for _, content in self.turns)]
+            if not any(t[:1].isspace() for t in texts):  # nearly every draft: nothing an earlier rule trimmed
+                return None
+            trim = _trimmed_whole
+        earlier = content_hash(self.system, self.turns, self.prompt, self.response, self.context_only, trim=trim)
         return earlier if earlier != self.hash else None
 
     def stored_turns(self) -> list[dict[str, Any]] | None:
@@ -204,6 +223,12 @@ def json_type(value: Any) -> str:
     )
 
 
+def join_parts(texts: Sequence[str]) -> str:
+    """The text of a message given as several text parts: separate blocks (an instruction, then a document),
+    so each starts a line, as OpenAI-compatible servers join them. Training and chat join them alike."""
+    return "\n".join(texts)
+
+
 def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
     if value is None:
         if required:
@@ -221,7 +246,7 @@ def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
                 )
         if not all(isinstance(p.get("text"), str) for p in value):
             raise RecordError(field_name, "expected text parts whose 'text' is a string")
-        value = "".join(p["text"] for p in value)
+        value = join_parts([p["text"] for p in value])
     if not isinstance(value, str):
         raise RecordError(field_name, f"expected a string, got {json_type(value)}")
     text = checked_text(value, field_name)
@@ -309,13 +334,17 @@ def make_draft(
     rating: Any = None,
     source: Any = None,
     status: Any = None,
+    crlf: bool | None = None,
 ) -> ExampleDraft:
     """Validate and normalize one example; raises RecordError naming the bad field. A `source` that is not
     one of lunatrain's (other datasets use the field for their own provenance) is not the example's; a
     `status` that is not one of ours is refused instead, since taking it as approved would train on what
     its author may have meant to hold back. A prior
     turn may carry a weight (a third tuple item, or the mapping's `weight`): 0 keeps an assistant turn as
-    context only."""
+    context only. `crlf`: whether the record these values come from was written with Windows line endings
+    (by default: whether these values are)."""
+    if crlf is None:
+        crlf = _holds_crlf([prompt, response, system, turns])
     norm_turns: list[tuple[str, str]] = []
     context_only: list[int] = []
     if len(turns or ()) > MAX_TURNS:
@@ -345,7 +374,18 @@ def make_draft(
         rating=_rating(rating),
         source=source if isinstance(source, str) and source in SOURCES else None,
         status=_status(status),
+        crlf=crlf,
     )
+
+
+def _holds_crlf(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\r\n" in value
+    if isinstance(value, Mapping):
+        return any(_holds_crlf(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_crlf(v) for v in value)
+    return False
 
 
 def _status(value: Any) -> str | None:
@@ -462,7 +502,8 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
 # dropping the call would train the answer without what it was based on.
 _TOOL_CALL_ROLES = {"function_call"}
 _TOOL_RESULT_ROLES = {"tool", "function", "ipython", "observation"}
-_NO_TOOLS = "; lunatrain trains on text turns only: leave such conversations out, or import with --skip-bad"
+_NO_TOOLS = "; lunatrain trains on text turns only: leave such conversations out"
+_SKIP_BAD = ", or import with --skip-bad"  # the command line's way to leave them out (`read_file`)
 
 
 def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
@@ -497,9 +538,11 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         "rating": record.get("rating"),
         "source": record.get("source"),
         "status": record.get("status") if own_status else None,
+        "crlf": _holds_crlf(record),
     }
     if shape == "openai":
-        draft = _from_turns(_turn_list(record, "messages", "role", "content"), "messages", common)
+        turns = _turn_list(record, "messages", "role", "content")
+        draft = _from_turns(turns, "messages", common, system=record.get("system"))
     elif shape == "sharegpt":
         turns = _turn_list(record, "conversations", "from", "value")
         draft = _from_turns(turns, "conversations", common, system=record.get("system"))
@@ -507,7 +550,9 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         instruction = _text(record.get("instruction"), "instruction")
         extra = _text(record.get("input"), "input", required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        draft = make_draft(prompt=prompt, response=_field(record, "output"), system=record.get("system"), **common)
+        turns = _alpaca_history(record.get("history"))
+        output = _field(record, "output")
+        draft = make_draft(prompt=prompt, response=output, system=record.get("system"), turns=turns, **common)
     elif shape == "prompt-response":
         draft = make_draft(
             prompt=_field(record, "prompt"), response=_field(record, "response"), system=record.get("system"), **common
@@ -515,6 +560,22 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
     else:
         raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
     return draft, shape
+
+
+def _alpaca_history(value: Any) -> list[tuple[str, str]]:
+    """LLaMA-Factory's Alpaca `history`: the earlier exchanges, oldest first, as [question, answer] pairs."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RecordError("history", f"expected a list of [question, answer] pairs, got {json_type(value)}")
+    turns = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            got = f"a list of {len(pair)}" if isinstance(pair, list) else json_type(pair)
+            raise RecordError(f"history[{i}]", f"expected a [question, answer] pair, got {got}")
+        for role, (j, text) in zip(("user", "assistant"), enumerate(pair), strict=True):
+            turns.append((role, _text(text, f"history[{i}][{j}]") or ""))
+    return turns
 
 
 def _field(record: Mapping[str, Any], name: str) -> str | None:
@@ -906,7 +967,8 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
         which = counted(len(problems), "bad record")
         if skip_bad:  # said as given: the advice to use --skip-bad would read as if it had not been
             which = f"none of its {counted(len(problems), 'record')} can be imported"
-            problems = [p.replace(", or import with --skip-bad", "") for p in problems]
+        else:
+            problems = [p + _SKIP_BAD if p.endswith(_NO_TOOLS) else p for p in problems]
         raise UsageError(
             f"Cannot import {path.name}: {which} — {some(problems)}. Nothing was imported.",
             details=[f"{path.name} {p}" for p in problems],

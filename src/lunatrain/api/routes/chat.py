@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import evalsuite, serving
 from ...errors import LunaError, UsageError, said
-from ...formats import NOT_UNICODE, is_unicode
+from ...formats import NOT_UNICODE, is_unicode, join_parts
 from ...settings import Settings
 from ...web.handlers import not_json, undecodable_body
 from ...wire import parse_iso
@@ -71,8 +71,8 @@ class Message(BaseModel):
         return value
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+        if isinstance(self.content, list):  # joined as training joins them
+            return join_parts([p.text for p in self.content])
         return self.content or ""
 
 
