@@ -47,6 +47,7 @@ from lunatrain.service.spawn import child_env, job_ranks, worker_argv
 from lunatrain.settings import Settings, load_settings
 from lunatrain.train import Status, run_lora
 
+import faults
 from trainer_helpers import gone, wait_for
 
 # dropout 0 and one seed: both ranks start from the same LoRA weights and draw no masks, so two ranks with
@@ -106,6 +107,32 @@ def test_a_rank_crash_is_named_from_torchruns_report(tmp_path):
         "The torchrun launcher of the 2 training processes exited with status 1 without a result"
     )
     assert launcher["params"] == {"detail": "crash.launcher.status", "status": 1, "ranks": 2, "log": str(tmp_path)}
+
+
+def test_a_rank_crash_is_the_error_of_the_rank_that_failed_first(tmp_path):
+    """A rank that failed on its own records its error (distributed.write_rank_error); the peers' lost
+    connection follows. The job's error is the first one, unless a rank torchrun saw fail left no record: it
+    died (a signal), and every recorded error is a consequence."""
+    log = tmp_path / "j.log"
+
+    def summary(*failures: tuple[int, int]) -> None:
+        blocks = [
+            f"[{i}]:\n  rank      : {rank} (local_rank: {rank})\n  exitcode  : {code} (pid: 4{i})\n"
+            for i, (rank, code) in enumerate(failures)
+        ]
+        log.write_text(
+            "worker FAILED\nFailures:\n" + blocks[0] + "Root Cause (first observed failure):\n" + "".join(blocks[1:])
+        )
+
+    oom = {"code": "out_of_memory", "message": "CUDA out of memory.", "params": {"x": 1}}
+    lost = {"code": "training_error", "message": "RuntimeError: Connection reset by peer"}
+    summary((0, 1), (1, 1))
+    err = _rank_crash_error(1, 2, log, log, {0: (20.0, lost), 1: (10.0, oom)})
+    assert err == oom | {"message": "Rank 1 of the 2 training processes failed: CUDA out of memory."}
+    assert _rank_crash_error(1, 2, log, log, {0: (10.0, oom), 1: (11.0, oom)}) == oom  # alike: as it is
+    summary((0, 1), (1, -9))  # rank 1 was killed: rank 0's recorded error is only the consequence
+    err = _rank_crash_error(1, 2, log, log, {0: (20.0, lost)})
+    assert err["code"] == "child_crashed" and err["message"].startswith("Rank 1 of the 2 training processes was killed")
 
 
 def test_a_child_never_imports_from_the_data_root_nor_another_environments_packages(tmp_path, monkeypatch):
@@ -171,7 +198,13 @@ def test_only_rank_0_speaks_on_stdout_and_every_rank_ends_in_order(tmp_path):
 def svc_env(tmp_path_factory) -> dict[str, str]:
     # A temp folder of its own: torchrun's agent would put a log folder there if not told where (see the
     # first test below).
-    return {"ASSISTANT_LORA_GPUS": "2", "TMPDIR": str(tmp_path_factory.mktemp("svc-tmp"))}
+    return {
+        "ASSISTANT_LORA_GPUS": "2",
+        "TMPDIR": str(tmp_path_factory.mktemp("svc-tmp")),
+        # faults of one rank, for the jobs of these names only (tests/hooks/faulthooks.py)
+        "LUNATRAIN_FAULT": "rank_error=dp-rank-error,rank_refuses=dp-rank-refuses",
+        "PYTHONPATH": faults.with_hooks(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +295,28 @@ def test_kill_9_of_one_rank_fails_the_job_and_the_next_job_trains_like_one_proce
         ranks_dir = settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
         assert sorted(p.name for p in ranks_dir.glob("*/attempt_0/*") if p.is_dir()) == ["0", "1"]
         assert list(Path(psutil.Process(svc.proc.pid).environ()["TMPDIR"]).glob("torchelastic_*")) == []
+
+
+@pytest.mark.slow
+def test_a_failure_of_one_rank_fails_the_job_at_once_with_that_ranks_error(svc, subtests):
+    """Review repro: rank 1 failing inside the loop (an out-of-memory on its GPU alone) went on to share its
+    outcome while rank 0 waited in the step's all-reduce: every rank hung until the collective timed out
+    (30 min on gloo, 10 on NCCL). And rank 1 alone refusing the job in its memory plan (its GPU has less
+    free) ended the job with rank 0's "Connection closed by peer", the plan's sentence only in the log. A
+    rank that fails now leaves at once, and the job's error is that rank's own."""
+    settings = svc.settings
+    for name, code, said in (
+        ("dp-rank-error", "training_error", "InjectedFault: injected out-of-memory on rank 1"),
+        ("dp-rank-refuses", "check_failed", "only 9 GiB is usable on this rank's GPU"),
+    ):
+        with subtests.test(name):
+            job = submit(settings, QUICK | SAME | {"adapterName": name})
+            final = wait_job(settings, job.id, timeout=150)
+            assert final.status == "failed" and final.adapter is None, final
+            assert final.error.code == code, final.error
+            assert final.error.message.startswith("Rank 1 of the 2 training processes failed: "), final.error
+            assert said in final.error.message, final.error
+            assert versions(settings, name) == []
 
 
 @pytest.mark.slow

@@ -11,15 +11,27 @@ all-reduce per step costs little next to the forward and backward passes.
 
 Only rank 0 writes: checkpoints, the adapter, reports and the registry. Without `WORLD_SIZE` > 1 in the
 environment everything here is a no-op and the loop is the single-process loop.
+
+A rank that fails on its own (an out-of-memory on its GPU, a memory plan its GPU refuses) cannot tell the
+others: they wait in a collective it will never join. It raises `RankFailed`, its process exits non-zero
+with its error written beside torchrun's per-rank files (`write_rank_error`), and torchrun stops the others;
+the trainer then reports the error of the rank that failed first (`first_rank_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from .errors import LunaError
+
+RANK_ERROR_FILE = "lunatrain-error.json"  # beside torchrun's own error file of the rank
 
 
 @dataclass(frozen=True)
@@ -125,3 +137,45 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+class RankFailed(LunaError):
+    """This rank's run failed while the others may still train: it must leave the group, not share. `at`:
+    when, taken before the group is left (the peers' errors follow the moment it is)."""
+
+    def __init__(self, error: dict[str, Any], cause: BaseException | None = None) -> None:
+        super().__init__(str(error.get("message") or "training failed"), code=str(error.get("code") or "error"))
+        self.params = error.get("params") if isinstance(error.get("params"), dict) else None
+        self.exit_code = getattr(cause, "exit_code", 1)  # a usage error stays one (exit 2)
+        self.at = time.time()
+
+
+def write_rank_error(world: World, error: dict[str, Any], at: float | None = None) -> None:
+    """Record this rank's error where the trainer finds it: beside the error file torchrun gives each rank
+    (in the job's torchrun log folder), with when it happened, so the first failure is told from the peers'
+    lost-connection errors that follow it."""
+    torchrun_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not world.active or not torchrun_file:
+        return
+    path = Path(torchrun_file).with_name(RANK_ERROR_FILE)
+    record = {"rank": world.rank, "at": time.time() if at is None else at, "error": error}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record), encoding="utf-8")
+
+
+def clear_rank_errors(log_dir: Path) -> None:
+    """Before a launch: the errors an earlier try of the job recorded are not this one's."""
+    for path in log_dir.glob(f"*/attempt_*/*/{RANK_ERROR_FILE}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def rank_errors(log_dir: Path) -> dict[int, tuple[float, dict[str, Any]]]:
+    """{rank: (when, error)} of the ranks of one launch that recorded their failure (`write_rank_error`)."""
+    found: dict[int, tuple[float, dict[str, Any]]] = {}
+    for path in log_dir.glob(f"*/attempt_*/*/{RANK_ERROR_FILE}"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            found[int(data["rank"])] = (float(data["at"]), dict(data["error"]))
+    return found

@@ -174,7 +174,12 @@ def run_lora(
     _import_stack(params)
     world = distributed.from_env()
     with distributed.process_group(world, _group_device(params)):
-        return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id, stage)
+        try:
+            return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id, stage)
+        except Exception as exc:
+            if world.active and not isinstance(exc, distributed.RankFailed):  # stamped before the group goes
+                raise distributed.RankFailed(failure(exc, "error"), exc) from exc
+            raise
 
 
 def _import_stack(params: LoraParams) -> None:
@@ -245,6 +250,10 @@ def _train_and_conclude(
         raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, failure(exc, "error")
+        if world.active:  # the others may wait in this step's all-reduce: leave the group (distributed.py)
+            if world.main:
+                conclude(run, status, error, build_report(run, status, error, started, job_id), emit)
+            raise distributed.RankFailed(error, exc) from exc
     report = build_report(run, status, error, started, job_id)
     if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
         status_value, version, path, error = distributed.share(world, None)

@@ -8,7 +8,10 @@ NAME. KIND is one of
   nan    the loss turns NaN from the first step on (cross-entropy returns NaN);
   oom    an out-of-memory error is raised at the first progress event;
   crash_after_epoch  the process aborts at the first progress event after an epoch's checkpoint was saved,
-         unless the job resumes (so that its resume trains on).
+         unless the job resumes (so that its resume trains on);
+  rank_error  under torchrun, rank 1 alone raises inside the training loop (its second micro-batch), as a
+         CUDA out-of-memory on one GPU does, while rank 0 goes on to the step's all-reduce;
+  rank_refuses  under torchrun, rank 1 alone refuses the job in its memory plan (its GPU has less free).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from typing import Any
 
 FAULT_ENV = "LUNATRAIN_FAULT"
-FAULTS = ("crash", "error", "nan", "oom", "crash_after_epoch")
+FAULTS = ("crash", "error", "nan", "oom", "crash_after_epoch", "rank_error", "rank_refuses")
 
 
 class InjectedFault(RuntimeError):
@@ -56,6 +59,29 @@ def _inject_nan() -> None:
     F.cross_entropy = nan_cross_entropy
 
 
+def _fail_rank(fault: str) -> None:
+    from lunatrain import memplan, train
+    from lunatrain.errors import CheckFailed
+
+    if fault == "rank_refuses":
+
+        def refuse(*_args: Any, **_kwargs: Any) -> Any:
+            raise CheckFailed("This job needs about 20 GiB on cuda, but only 9 GiB is usable on this rank's GPU.")
+
+        memplan.check_fits = refuse
+        return
+    real, calls = train.loss_sum, [0]
+
+    def failing(run: Any, batch: Any) -> Any:
+        if run.model.training:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise InjectedFault("injected out-of-memory on rank 1")
+        return real(run, batch)
+
+    train.loss_sum = failing
+
+
 def install() -> None:
     """Wrap `lunatrain.flow.train_and_gate` (what a job's worker runs) to inject the configured fault."""
     from lunatrain import flow
@@ -66,7 +92,10 @@ def install() -> None:
         fault = fault_for(params.adapter_name)
         if fault == "crash_after_epoch" and params.resume:
             fault = None
-        if fault == "nan":
+        if fault in ("rank_error", "rank_refuses"):
+            if os.environ.get("RANK") == "1":
+                _fail_rank(fault)
+        elif fault == "nan":
             _inject_nan()
         elif fault is not None:
             emit = kwargs.get("on_event") or (lambda _e: None)

@@ -22,6 +22,7 @@ from typing import IO, Any
 import psutil
 
 from .. import procs
+from ..distributed import clear_rank_errors, rank_errors
 from ..errors import LunaError, StorageError
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
@@ -194,6 +195,7 @@ class Runner:
             self.store.set_status(job.id, "failed", error={"code": err.code, "message": err.message})
             return
         argv = worker_argv(*args, ranks=ranks, log_dir=ranks_log_dir(self.logs_dir, job.id))
+        clear_rank_errors(ranks_log_dir(self.logs_dir, job.id))
         try:
             with open(log_path, "ab") as log_file:
                 # A single-process job forks from the warm worker when it can (milliseconds instead of a
@@ -302,7 +304,8 @@ class Runner:
         elif ranks > 1 and code != 0:
             # Every rank exits 0 after an orderly ending (worker.py), so torchrun failing means a rank died;
             # rank 0's own result then only reports losing its peer, the dead rank is the cause.
-            error = _rank_crash_error(code, ranks, log_path, self.settings.shown(log_path))
+            ranks_dir = ranks_log_dir(self.logs_dir, job_id)
+            error = _rank_crash_error(code, ranks, log_path, self.settings.shown(log_path), rank_errors(ranks_dir))
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
@@ -395,12 +398,28 @@ def _ended(prefix: str, code: int, **params: Any) -> dict[str, Any]:
 
 # torchrun's report of the first rank that failed ("Root Cause (first observed failure)"), in the job log
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+_FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)", re.MULTILINE)
 
 
-def _rank_crash_error(code: int, ranks: int, log_path: Path, shown: Path) -> dict[str, Any]:
-    """A data-parallel job whose torchrun failed: name the rank that died first and how, as torchrun
-    recorded it in the job log (else torchrun's own exit status)."""
-    found = _ROOT_CAUSE.findall(_tail(log_path, 16384))  # the last report: a resumed job appends to its log
+def _rank_crash_error(
+    code: int, ranks: int, log_path: Path, shown: Path, recorded: dict[int, tuple[float, dict[str, Any]]] | None = None
+) -> dict[str, Any]:
+    """A data-parallel job whose torchrun failed: the error of the rank that failed first, as it recorded it
+    (`distributed.write_rank_error`: the peers' lost-connection errors follow it); else name the rank that
+    died first and how, as torchrun recorded it in the job log (else torchrun's own exit status)."""
+    tail = _tail(log_path, 16384)
+    found = _ROOT_CAUSE.findall(tail)  # the last report: a resumed job appends to its log
+    # Every rank torchrun saw fail on its own (those it stopped afterwards are not listed): one that left no
+    # record of its error died (a signal, a native crash), and the others' errors are the consequence.
+    failed = {int(rank) for rank in _FAILED_RANK.findall(tail.rpartition("Failures:")[2])}
+    recorded = recorded or {}
+    if recorded and failed <= recorded.keys():
+        rank, (_, error) = min(recorded.items(), key=lambda item: item[1][0])
+        same = len(recorded) == ranks and all(e == error for _, e in recorded.values())
+        if same:  # every rank failed alike (bad data, a plan every GPU refuses): the job's error as it is
+            return error
+        what = f"Rank {rank} of the {ranks} training processes failed: "
+        return error | {"message": what + str(error.get("message", ""))}
     if found:
         rank, status = found[-1]
         what = f"rank {rank} of the {ranks} training processes {_how(int(status))}; the other ranks were stopped"
