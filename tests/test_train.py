@@ -399,6 +399,30 @@ def test_resume_follows_the_trained_tier_and_says_why_a_checkpoint_of_another_ru
     assert said[0]["params"]["differs"] == ["data"], said[0]
 
 
+def test_a_checkpoint_of_another_number_of_processes_is_another_run(settings):
+    """Review repro: a checkpoint saved by 2 data-parallel processes was resumed by 1 (or the other way): the
+    step and the schedule it restored belong to the other number of steps per epoch, so epoch 2 trained one
+    step of 31, or the run ended at step 47 of 62 with the learning rate never decayed, each published as a
+    full run. N processes with batchSize b are one process with N·b: another run, which starts fresh and says
+    how to continue the checkpoint."""
+    write_export(settings, make_records(40, val_every=5))
+    _cut_after_first_epoch(settings)
+    (state,) = (settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json")
+    saved = json.loads(state.read_text())
+    assert saved["ranks"] == 1
+    state.write_text(json.dumps(saved | {"ranks": 2}))  # as two processes under torchrun save it
+    logs = []
+    fresh = run_lora(_params(resume=True), settings, on_event=logs.append)
+    assert fresh.ok and fresh.report["resumedFromEpoch"] is None, fresh.error
+    (said,) = [e for e in logs if e.get("code") == "log.resume_other_run"]
+    assert said["params"]["differs"] == ["ranks"], said
+    assert re.fullmatch(
+        r"the checkpoint of epoch 1 in data/adapters/luna-adapter/\.work/[0-9a-f]{16}-[0-9a-f]{8} is of another "
+        r"run \(saved by 2 training processes, this run has 1: resume with 2 to continue it\); starting fresh",
+        said["message"],
+    ), said["message"]
+
+
 def test_resume_continues_a_checkpoint_saved_before_checkpoints_recorded_their_run(settings):
     """Repro: after an upgrade, `--resume` of the very same run started fresh ("made before checkpoints
     recorded their run"): its checkpoint lay under the key of the old identity, which the new one never

@@ -69,6 +69,9 @@ def save(run: Run) -> Path:
         "trainSeconds": run.train_seconds,
         "run": run.identity,  # so that a resume of another run can say what differs
         "jobId": run.job_id,  # so that recovery knows its job's checkpoint without trusting clocks
+        # The data-parallel processes that trained it: N of batchSize b are one of N·b, another schedule
+        # (`load`); not in the run identity, so that a checkpoint of the others is found and named.
+        "ranks": run.world.size,
     }
     atomic_write_json(tmp / "state.json", state)
     try:
@@ -96,6 +99,18 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         return None
     ckpt = found[-1].parent
     state = read_json(ckpt / "state.json")
+    ranks = state.get("ranks", run.world.size)  # unknown before checkpoints recorded it: taken as this run's
+    if ranks != run.world.size:
+        where, epoch = run.settings.shown(ckpt.parents[1]), state["epoch"]
+        said = f"saved by {ranks} training processes, this run has {run.world.size}: resume with {ranks} to continue it"
+        emit(
+            {
+                "type": "log",
+                "message": f"the checkpoint of epoch {epoch} in {where} is of another run ({said}); starting fresh",
+                **coded("log.resume_other_run", checkpoint=str(where), epoch=epoch, differs=["ranks"]),
+            }
+        )
+        return None
     set_peft_model_state_dict(run.model, load_file(str(ckpt / "adapter.safetensors"), device=run.device))
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     opt_state: dict[str, Any] = {"state": {}, "param_groups": state["paramGroups"]}

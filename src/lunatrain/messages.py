@@ -211,7 +211,7 @@ CODES: dict[str, str] = {
     ),
     "log.training_ended": "training ended (status, message)",
     "log.resume_fresh": "no checkpoint to resume from",
-    "log.resume_other_run": "the adapter's furthest checkpoint (checkpoint, epoch) is of another run: differs names the parts (params, data, base, tokenizer, template); starting fresh",
+    "log.resume_other_run": "the adapter's furthest checkpoint (checkpoint, epoch) is of another run: differs names the parts (params, data, base, tokenizer, template, ranks: another number of training processes); starting fresh",
     "log.resumed": "resumed from a checkpoint (epoch, step)",
     "log.gate_started": "the eval gate runs on the new version (name, version)",
     "log.gate_passed": "the eval gate passed (name, version, promoted)",
