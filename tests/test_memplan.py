@@ -430,3 +430,13 @@ def test_the_plan_counts_every_expert_of_a_mixture_of_experts_model(tmp_path):
     linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     assert shape.linear_params == sum(m.weight.numel() for m in linear)
     assert shape.experts_per_token == 2  # each token's activations go through two experts' MLPs
+
+
+def test_a_gpu_without_native_bfloat16_is_planned_in_float32():
+    """Review repro: the plan took 2 bytes a value on every GPU, while training computes in float32 where
+    bfloat16 is not native: a 3B job was planned at 9.6 GiB ("fits" on 16 GiB) that needs 17.3."""
+    shape, params = _shape("Llama-3.2-1B"), LoraParams(gradient_checkpointing="false")
+    native = memplan.plan(shape, params, CUDA_16)
+    emulated = memplan.plan(shape, params, CUDA_16 | {"bf16": False})
+    assert emulated.parts["weights"] == 2 * native.parts["weights"]
+    assert emulated.parts["activations"] == 2 * native.parts["activations"]

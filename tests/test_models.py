@@ -275,3 +275,44 @@ def test_prepare_on_a_base_model_with_damaged_weights_is_one_sentence(settings):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(DamagedFile, match=r"^Base model .*model\.safetensors in .* is damaged"):
         prepare.prepare(settings, parse_params({"baseModel": str(copy), "maxSeqLength": 128}))
+
+
+@pytest.mark.parametrize(
+    ("cuda", "native", "expected"), [(True, True, "bfloat16"), (True, False, "float32"), (False, False, "float32")]
+)
+def test_bfloat16_only_where_the_gpu_has_it(monkeypatch, cuda, native, expected):
+    """Review repro: `torch.cuda.is_bf16_supported()` also says yes where bfloat16 is only emulated (a T4,
+    a V100), so training ran there in bfloat16 without its hardware, and `health` said the card had it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert models.native_bf16() is native
+    assert models.compute_dtype("cuda" if cuda else "cpu") == getattr(torch, expected)
+    assert models.compute_dtype("cpu") == torch.float32
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["eval gate", "chat"])
+def test_the_gate_and_chat_load_the_base_in_the_dtype_training_computes_in(settings, monkeypatch, where):
+    """Review repro: the eval gate and the chat server loaded the base in float32 on a GPU, where training
+    loads it in bfloat16: an 8B model that trains on a 24 GB card needs 32 GB to be gated or served there."""
+    from lunatrain import evalgate, serving
+
+    monkeypatch.setattr(models, "resolve_device", lambda _device="auto": "cuda")
+    monkeypatch.setattr(models, "compute_dtype", lambda device: f"dtype on {device}")
+    asked = []
+
+    def load_model(_ref, _settings, device="cpu", dtype=None, quantize="none"):
+        asked.append((device, dtype))
+        raise _Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    models.ensure_tiny(settings)
+    with pytest.raises(_Loaded):
+        if where == "eval gate":
+            evalgate._Evaluator(settings, models.resolve_base(None, settings), {})
+        else:
+            serving.Engine(settings)._ensure_base()
+    assert asked == [("cuda", "dtype on cuda")]

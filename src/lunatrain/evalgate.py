@@ -139,7 +139,9 @@ class _Evaluator:
             self.tokenizer = models.load_adapter_tokenizer(adapters["candidate"], base, settings)
         else:
             self.tokenizer = models.load_tokenizer(base, settings, chat_template)
-        model = models.load_model(base, settings, self.device)
+        # in the dtype training computes in (bfloat16 on a GPU that has it): float32 would need twice the
+        # memory of the run it judges, and more than a card that trained the model holds
+        model = models.load_model(base, settings, self.device, models.compute_dtype(self.device))
         self.peft = bool(adapters)
         if adapters:
             from peft import PeftModel

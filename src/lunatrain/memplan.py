@@ -145,10 +145,11 @@ class Job:
     dropout: bool
     quantize: str
     checkpointing: bool
+    bf16: bool = True  # on CUDA: the device computes bfloat16 natively (models.compute_dtype)
 
     @property
     def compute_bytes(self) -> int:
-        return 2 if self.device == "cuda" else 4  # bfloat16 on CUDA, float32 on CPU
+        return 2 if self.device == "cuda" and self.bf16 else 4  # bfloat16 where the GPU has it, else float32
 
 
 def _targeted(shape: Shape, job: Job) -> dict[str, tuple[int, int]]:
@@ -269,6 +270,7 @@ def plan(
         dropout=params.dropout > 0,
         quantize=params.quantize,
         checkpointing=False,
+        bf16=bool(device.get("bf16", True)),
     )
     switch = params.gradient_checkpointing
     tries = [False, True] if switch == "auto" else [switch == "true"]

@@ -538,6 +538,22 @@ def _unreadable_weights(exc: BaseException) -> bool:
     return False
 
 
+def native_bf16() -> bool:
+    """Whether the current CUDA device computes bfloat16 in hardware (Ampere and later). torch's default
+    check also says yes where it only emulates it (a T4, a V100): slow, and without its kernels."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def compute_dtype(device: str) -> Any:
+    """The dtype a model computes in on `device`, in training, the eval gate and chat alike: bfloat16 on a
+    CUDA device that has it natively, else float32 (no float16 path: its range overflows in training)."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" and native_bf16() else torch.float32
+
+
 def load_model(
     ref: str | BaseModelInfo | None, settings: Settings, device: str = "cpu", dtype: Any = None, quantize: str = "none"
 ):
@@ -788,7 +804,7 @@ def device_info() -> dict[str, Any]:
             "count": torch.cuda.device_count(),
             "memoryTotal": int(total),
             "memoryFree": int(free),
-            "bf16": bool(torch.cuda.is_bf16_supported()),
+            "bf16": native_bf16(),
         }
     else:
         import platform

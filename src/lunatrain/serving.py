@@ -358,7 +358,7 @@ class Engine:
         self.device = models.resolve_device("auto")
         try:
             self.tokenizer = models.load_tokenizer(info, self.settings, chat=False)
-            model = models.load_model(info, self.settings, self.device)
+            model = models.load_model(info, self.settings, self.device, models.compute_dtype(self.device))
         except (UsageError, DamagedFile) as exc:  # missing, unfit or damaged: the server's base, not the request
             raise _base_unavailable(exc) from exc
         model.eval()

@@ -420,7 +420,9 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
             "No training sample has an assistant token left after masking and truncation; "
             "check the data or raise maxSeqLength."
         )
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    from .models import compute_dtype
+
+    bf16 = compute_dtype(device) == torch.bfloat16
     plan = memplan.check_fits(
         settings,
         params,
