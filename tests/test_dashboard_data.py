@@ -1413,3 +1413,30 @@ def test_every_adapter_link_and_button_is_named_from_its_visible_text(page, serv
     assert len(named) >= 3, named
     for shown, name in named:  # the shown words as words of the name ("Bericht" is no word of "Trainingsbericht")
         assert name is None or re.search(rf"(?<!\w){re.escape(shown)}(?!\w)", name, re.I), (shown, name)
+
+
+def test_another_base_models_group_offers_no_activate_or_rollback(page, services: Services) -> None:
+    """Review repro: in the group of a base the server does not serve, Rollback called the plain rollback,
+    which rolled back the served base's adapter (the notice named a version not in that table), and Activate
+    could only be refused. That group says how to change it instead; the served group keeps its buttons."""
+
+    def version(v: str, code: str, active: bool) -> dict:
+        state = {"active": active, "code": code, "reason": code, "params": {"name": "a", "version": v}}
+        return {"version": v, "created": "2026-01-01T00:00:00Z", "metrics": {}, "state": state}
+
+    def group(base: str, configured: bool) -> dict:
+        versions = [version("v2", "adapter.active", True), version("v1", "adapter.deactivated", False)]
+        adapter = {"name": "a", "aliases": {"latest": "v2", "active": "v2"}, "rollbackTo": "v1", "versions": versions}
+        return {"baseModel": base, "configured": configured, "adapters": [adapter]}
+
+    answer(page, "**/assistant/training/adapters", {"bases": [group("luna-tiny", True), group("org/other", False)]})
+    open_page(page, services, "")
+    served, other = (
+        page.locator(".adapter-group[data-base='luna-tiny']"),
+        page.locator(".adapter-group[data-base='org/other']"),
+    )
+    expect(served.locator("button", has_text=re.compile("^(Aktivieren|Rollback)$"))).to_have_count(2)
+    expect(other.locator("button", has_text=re.compile("^(Aktivieren|Rollback)$"))).to_have_count(0)
+    expect(other.locator("button", has_text="Deaktivieren")).to_have_count(1)  # acts wherever v2 is active
+    expect(other.locator(".other-base")).to_contain_text("--baseModel org/other")
+    expect(served.locator(".other-base")).to_have_count(0)

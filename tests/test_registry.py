@@ -903,3 +903,26 @@ def test_a_live_staged_run_is_not_settled_after_a_wall_clock_step(settings, monk
     assert registry.repair(settings)["settled"] == []
     assert registry.get_revision(settings, "ow", 2)["staged"] == live["staged"]
     assert (settings.home / live["staged"]).is_dir()
+
+
+def test_the_grouped_list_says_which_group_the_server_serves_and_where_a_version_is_active(settings):
+    """Review repro: GET /adapters said "active on the configured base model" for a version active on another
+    base's group (the single-adapter view said it right), and nothing told the dashboard which group was the
+    configured one: its Rollback there rolled back the served base, and Activate could only be refused."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    v1 = _publish_on(settings, "luna-adapter", "luna-tiny", fp)
+    v2 = _publish_on(settings, "luna-adapter", "org/new", "9" * 64)
+    registry.activate(settings, "luna-adapter", v1["version"])
+    registry.activate(settings, "luna-adapter", v2["version"], own_base=True)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        groups = {g["baseModel"]: g for g in client.get("/assistant/training/adapters").json()["bases"]}
+    assert groups["luna-tiny"]["configured"] is True and groups["org/new"]["configured"] is False
+    here = groups["luna-tiny"]["adapters"][0]["versions"][0]["state"]
+    there = groups["org/new"]["adapters"][0]["versions"][0]["state"]
+    assert (here["active"], here["code"]) == (True, "adapter.active")
+    assert (there["active"], there["code"]) == (True, "adapter.active_unserved"), there
+    assert there["reason"] == "active on this base model, which is not the one configured here"

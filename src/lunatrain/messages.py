@@ -107,6 +107,7 @@ CODES: dict[str, str] = {
     "data_root_gone": "the data root was moved or deleted while the API ran; start it again where it is now",
     # an adapter version's state (state.code): active, or why not; params always name, version, baseModel
     "adapter.active": "active on the configured base model",
+    "adapter.active_unserved": "active on this base model, which is not the configured one",
     "adapter.replaced": "a newer revision replaced this slot",
     "adapter.not_kept": "an overwrite revision the slot never held: the gate refused it, or its run ended unjudged",
     "adapter.active_on_other_base": "active on another base model (activeOn)",

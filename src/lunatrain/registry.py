@@ -729,10 +729,11 @@ def list_active(settings: Settings, base: str | None = None) -> list[dict[str, A
 
 
 def activation_state(
-    settings: Settings, entry: dict[str, Any], base: str, base_id: str | None = None
+    settings: Settings, entry: dict[str, Any], base: str, base_id: str | None = None, *, configured: bool = True
 ) -> dict[str, Any]:
     """Whether a version is active on base fingerprint `base` (whose id is `base_id`, when known), and if not,
-    why, as {"active": bool, "code": str, "params": {...}, "reason": "one sentence"}."""
+    why, as {"active": bool, "code": str, "params": {...}, "reason": "one sentence"}. `configured`: `base` is
+    the configured base model (else another base's group of the adapter list)."""
     name, version = entry["name"], entry["version"]
     adapter = list_adapters(settings).get(name) or {}
     trained_on = entry.get("baseModel") or {}
@@ -755,6 +756,10 @@ def activation_state(
     if entry.get("replaced"):
         return state(False, "adapter.replaced", "replaced by a newer revision of the same slot")
     if active_here == version and not entry.get("staged"):
+        if not configured:
+            return state(
+                True, "adapter.active_unserved", "active on this base model, which is not the one configured here"
+            )
         return state(True, "adapter.active", "active on the configured base model")
     # Before the other reasons: activating it would be refused (404) whatever else holds.
     if gone := gone_files(settings, entry):

@@ -38,9 +38,11 @@ def _view(
     versions: list[dict],
     base: str | None,
     base_id: str | None = None,
+    *,
+    configured: bool = True,
 ) -> dict:
-    """One adapter as seen from base fingerprint `base` (id `base_id`, when it is the configured one): its
-    active version there and each version's state."""
+    """One adapter as seen from base fingerprint `base` (id `base_id`, when it is the configured one; else
+    `configured` False: another base's group): its active version there and each version's state."""
     active = adapter.get("activeByBase", {}).get(base or "")
     # Both keys always: `active: null` says "none active here" (the file's `aliases.active` is another base's).
     aliases = {"latest": adapter.get("aliases", {}).get("latest"), "active": active["version"] if active else None}
@@ -48,7 +50,7 @@ def _view(
     states = [
         e
         | {
-            "state": registry.activation_state(settings, e, base or "", base_id),
+            "state": registry.activation_state(settings, e, base or "", base_id, configured=configured),
             "filesMissing": not registry.loadable(settings, e),
         }
         | ({"merged": e["merged"] | {"folderMissing": True}} if registry.merge_gone(settings, e) else {})
@@ -79,7 +81,9 @@ def _adapter(settings: Settings, name: str) -> AdapterOut:
 
 
 def _groups(settings: Settings) -> AdapterGroups:
-    """Per base model (by fingerprint: the same id with other weights is another base), its adapters."""
+    """Per base model (by fingerprint: the same id with other weights is another base), its adapters, and
+    whether it is the configured one (activate and rollback act on that one only)."""
+    served, _ = _configured(settings)
     bases: dict[str, dict[str, Any]] = {}
     adapters = registry.list_adapters(settings)
     for name, adapter in sorted(adapters.items()):
@@ -87,14 +91,20 @@ def _groups(settings: Settings) -> AdapterGroups:
             base = entry.get("baseModel") or {}
             group = bases.setdefault(
                 base.get("fingerprint", "?"),
-                {"baseModel": base.get("id", "?"), "fingerprint": base.get("fingerprint"), "adapters": {}},
+                {
+                    "baseModel": base.get("id", "?"),
+                    "fingerprint": base.get("fingerprint"),
+                    "configured": base.get("fingerprint") == served,
+                    "adapters": {},
+                },
             )
             group["adapters"].setdefault(name, []).append(entry)
     out = [
         g
         | {
             "adapters": [
-                _view(settings, name, adapters[name], versions, fp) for name, versions in g["adapters"].items()
+                _view(settings, name, adapters[name], versions, fp, configured=g["configured"])
+                for name, versions in g["adapters"].items()
             ]
         }
         for fp, g in bases.items()

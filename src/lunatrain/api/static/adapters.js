@@ -69,14 +69,18 @@ export class AdapterView {
 
   baseGroup(base) {
     const name = base.baseModel ?? t("unknown");
+    // Activate and rollback act on the server's configured base: in another base's group they would change
+    // the served one, or be refused. Deactivating a version acts wherever it is active, so it stays.
+    const served = base.configured !== false;
     const rows = [];
     for (const adapter of [...base.adapters].sort((a, b) => a.name.localeCompare(b.name))) {
       const versions = [...(adapter.versions ?? [])].sort((a, b) => versionNumber(b.version) - versionNumber(a.version));
-      for (const version of versions) rows.push(this.row(adapter, version));
+      for (const version of versions) rows.push(this.row(adapter, version, served));
     }
     const captionId = `caption-${name.replace(/[^A-Za-z0-9_-]/g, "_")}`;
     return h("div", { class: "adapter-group", dataset: { base: name } },
       h("h3", {}, t("adapters.base", { base: name })),
+      !served && h("p", { class: "badge-note other-base" }, t("adapters.otherBase", { base: name })),
       h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-labelledby": captionId },
         h("table", { class: "adapters-table" },
           h("caption", { id: captionId, class: "visually-hidden" }, t("adapters.caption", { base: name })),
@@ -85,7 +89,7 @@ export class AdapterView {
           h("tbody", {}, rows))));
   }
 
-  row(adapter, version) {
+  row(adapter, version, served = true) {
     const { name } = adapter;
     const v = version.version;
     const aliases = adapter.aliases ?? {};
@@ -111,11 +115,11 @@ export class AdapterView {
       isActive && h("button", { type: "button", class: "small", "aria-label": t("adapters.deactivateLabel", vars),
         onclick: (event) => this.deactivate(name, v, event.currentTarget) }, t("adapters.deactivate")),
       // Rollback only where there is an earlier version to go back to (the server says which).
-      isActive && adapter.rollbackTo && h("button", { type: "button", class: "small",
+      served && isActive && adapter.rollbackTo && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.rollbackLabel", vars),
         onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback")),
       // The server refuses to activate a version without its files (404): no button that can only fail.
-      !isActive && !version.filesMissing && h("button", { type: "button", class: "small",
+      served && !isActive && !version.filesMissing && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.activateLabel", vars),
         onclick: (event) => this.activate(name, v, event.currentTarget, version.gate?.passed === false,
           (adapter.versions ?? []).some((x) => x.state?.active ?? aliases.active === x.version)) },
