@@ -194,3 +194,26 @@ def test_standalone_lora_trains_what_standalone_prepare_checks(settings: Setting
     assert (shown["params"]["maxSeqLength"], shown["options"]["minCurated"]) == (512, 30)
     other = json.loads(CliRunner().invoke(app, ["lora", "--dry-run", "--profile", "luna", "--rank", "4"]).output)
     assert other["params"]["rank"] == 4
+
+
+def test_a_base_model_table_for_a_directory_applies_however_the_directory_is_spelled(
+    settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repro: `[bases."/root/qwen2"]` applied only when the base was spelled byte for byte as the key:
+    with `/root/qwen2/`, `qwen2` (relative to the data root, as the API takes it) or `./qwen2`, the run's
+    base was shown as /root/qwen2 and trained silently with the [lora] learning rate."""
+    model = home / "qwen2"
+    model.mkdir()
+    (home / "profiles").mkdir()
+    (home / "profiles" / "d.toml").write_text(
+        f'[lora]\nlearningRate = 0.0002\n[bases."{model}"]\nlearningRate = 0.0777\n'
+    )
+    profile = load_profile(settings, "d")
+    monkeypatch.chdir(home)
+    for spelled in (str(model), f"{model}/", "qwen2", "./qwen2", f"{home}/./qwen2"):
+        assert profile.params({"baseModel": spelled}).learning_rate == 0.0777, spelled
+    monkeypatch.chdir(home.parent)  # relative to the data root, as the trainer and the API take it
+    assert profile.params({"baseModel": "qwen2"}).learning_rate == 0.0777
+    (home / "profiles" / "e.toml").write_text('[bases."qwen2"]\nlearningRate = 0.0555\n')  # a relative key too
+    assert load_profile(settings, "e").params({"baseModel": str(model)}).learning_rate == 0.0555
+    assert profile.params({"baseModel": "org/qwen2"}).learning_rate == 0.0002  # a hub id is not the directory

@@ -32,14 +32,29 @@ class Profile:
     quick_start: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     default_base: str = "luna-tiny"  # ASSISTANT_BASE_MODEL when the profile was loaded
+    home: Path | None = None  # the data root: a relative directory name is found there too
 
     def resolve(self, overrides: dict | None = None, *, quick: bool = False) -> tuple[LoraParams, FlowOptions]:
         """[lora], then the table for the base model in use, then [quickStart], then explicit overrides
         (flags or a request body); split into the run's parameters and the flow's options (minCurated, gate)."""
         given = dict(overrides or {})
         base = given.get("baseModel") or given.get("base_model") or self.lora.get("baseModel") or self.default_base
-        merged = dict(self.lora) | dict(self.bases.get(base, {})) | (dict(self.quick_start) if quick else {}) | given
+        table = self.base_table(str(base))
+        merged = dict(self.lora) | dict(table) | (dict(self.quick_start) if quick else {}) | given
         return parse_run(merged)
+
+    def base_table(self, base: str) -> dict:
+        """The `[bases."…"]` table of `base`: the one its key spells, else, for a local model directory, the
+        one whose key names the same directory however written (`/m/qwen2/`, `./qwen2`, a name relative to
+        the data root): the run names its base by the absolute path, and the table must not be left out then."""
+        if base in self.bases:
+            return self.bases[base]
+        from .models import local_dir
+
+        where = local_dir(base, self.home)
+        if where is None:
+            return {}
+        return next((t for key, t in self.bases.items() if local_dir(str(key), self.home) == where), {})
 
     def params(self, overrides: dict | None = None, *, quick: bool = False) -> LoraParams:
         return self.resolve(overrides, quick=quick)[0]
@@ -96,6 +111,7 @@ def load_profile(settings: Settings, name: str) -> Profile:
         lora=data.get("lora", {}),
         bases=data.get("bases", {}),
         default_base=settings.base_model,
+        home=settings.home,
         quick_start=data.get("quickStart", {}),
         gate=data.get("gate", {}),
     )
