@@ -649,3 +649,16 @@ def test_prepare_checks_the_job_the_run_would_start_with_every_run_parameter(cli
     for bad in ({"gate": True}, {"epochs": 0}, {"epochs": "2"}, {"rankk": 4}):
         refused = client.post(f"{T}/prepare", json=bad)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request", (bad, refused.text)
+
+
+def test_profile_defaults_for_another_base_model_take_its_table(client: TestClient) -> None:
+    """Explore repro: the dashboard's form was filled with the configured base's values (luna-tiny's smoke-test
+    learning rate 0.01, rank 8), and Start trained another base typed into the form with them; the CLI's
+    `luna --baseModel=…` takes the profile's [lora] values and that base's own table. The defaults now say
+    what a base model's run resolves to; a base the API refuses is a 422."""
+    tiny = client.get(f"{T}/lora/defaults").json()["params"]
+    other = client.get(f"{T}/lora/defaults", params={"baseModel": "org/other"}).json()["params"]
+    assert tiny["learningRate"] == 0.01 and tiny["rank"] == 8, tiny  # the luna profile's [bases."luna-tiny"]
+    assert other["learningRate"] == 0.0002 and other["rank"] == 16 and other["baseModel"] == "org/other", other
+    r = client.get(f"{T}/lora/defaults", params={"baseModel": "/etc"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "base_model.outside_root", r.text

@@ -1440,3 +1440,23 @@ def test_another_base_models_group_offers_no_activate_or_rollback(page, services
     expect(other.locator("button", has_text="Deaktivieren")).to_have_count(1)  # acts wherever v2 is active
     expect(other.locator(".other-base")).to_contain_text("--baseModel org/other")
     expect(served.locator(".other-base")).to_have_count(0)
+
+
+def test_another_base_model_typed_in_takes_its_profile_values_not_the_configured_ones(page, services: Services) -> None:
+    """Explore repro: the form was filled with the configured base's values (luna-tiny's smoke-test learning
+    rate 0.01, rank 8), and Start trained a base typed into the form with them, where `lunatrain luna
+    --baseModel=…` takes 0.0002 and rank 16. Typing another base refills what the user has not changed."""
+    open_page(page, services)
+    expect(page.locator("#f-learningRate")).to_have_value("0,01")
+    page.locator("#f-batchSize").fill("3")  # changed by the user: it stays
+    page.locator("#f-baseModel").fill("org/other")
+    with page.expect_response(re.compile(r"/lora/defaults\?.*baseModel=org%2Fother")):
+        page.locator("#f-baseModel").press("Tab")
+    expect(page.locator("#f-learningRate")).to_have_value("0,0002")
+    expect(page.locator("#f-rank")).to_have_value("16")
+    expect(page.locator("#f-batchSize")).to_have_value("3")
+    answer(page, "**/assistant/training/lora/start", {"error": {"code": "x", "message": "no"}}, status=503)
+    with page.expect_request("**/assistant/training/lora/start") as started:
+        page.locator("#start-button").click()
+    sent = json.loads(started.value.post_data or "{}")
+    assert (sent["baseModel"], sent["learningRate"], sent["rank"], sent["batchSize"]) == ("org/other", 0.0002, 16, 3)

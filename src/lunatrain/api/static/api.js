@@ -81,7 +81,7 @@ export const api = {
   dataStatus: (minCurated) => get("/status", { minCurated }),
   exportData: () => post("/export"),
   prepare: (body) => post("/prepare", body),
-  defaults: (profile = "luna") => get("/lora/defaults", { profile }),
+  defaults: (profile = "luna", baseModel = null) => get("/lora/defaults", baseModel ? { profile, baseModel } : { profile }),
   start: (params) => post("/lora/start", params),
   quickStart: (body) => post("/lora/quick-start", body),
   exampleAdapter: (body) => post("/lora/example-adapter", body),

@@ -336,6 +336,20 @@ $("example-button").addEventListener("click", (event) => submitJob(event.current
 
 $("reset-button").addEventListener("click", () => loadDefaults());
 
+// Another base model typed in: the profile's values for that base (its own table, as `lunatrain luna
+// --baseModel` takes them), not the configured base's, for every field the user has not changed.
+loraForm.control("baseModel").addEventListener("change", async (event) => {
+  const field = event.currentTarget;
+  const base = field.value.trim();
+  try {
+    const { params } = await api.defaults(PROFILE, base || null);
+    if (field.value.trim() === base) loraForm.refill(params); // not one typed since
+  } catch (error) {
+    if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
+    else showError(error, t("train.formLabel"));
+  }
+});
+
 async function loadDefaults() {
   try {
     const { params } = await api.defaults(PROFILE);

@@ -81,6 +81,26 @@ export class LoraForm {
     this.summary.hidden = true;
   }
 
+  /** The profile's values for another base model (`values`): each field still showing the value the form was
+   * filled with takes the new one; what the user changed, and the base model itself, stay as typed. */
+  refill(values) {
+    const shown = { ...this.defaults };
+    const next = { ...FALLBACK_DEFAULTS, ...values };
+    if (next.alpha === 2 * next.rank) next.alpha = null;
+    for (const field of FIELDS) {
+      if (field.name === "baseModel") continue;
+      const control = this.control(field.name);
+      const [value] = checkField(field, this.raw(field));
+      const was = shown[field.name] ?? null;
+      if ((value ?? null) !== was) continue; // changed by the user
+      const now = next[field.name];
+      if (field.kind === "checkbox") control.checked = Boolean(now);
+      else if (now === null || now === undefined) control.value = "";
+      else control.value = typeof now === "number" ? formatPlain(now) : String(now);
+    }
+    this.defaults = next;
+  }
+
   setError(name, message) {
     const control = this.control(name);
     if (!control) return;
