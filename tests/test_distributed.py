@@ -39,7 +39,8 @@ def test_full_flow_refuses_to_run_under_torchrun(home, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     result = CliRunner().invoke(app, ["luna", "--local"])
     assert result.exit_code == 2
-    assert "under torchrun run `lunatrain lora --local`" in result.output
+    # review repro: it said `lunatrain lora --local`, which torchrun itself refuses (an ambiguous --local-… option)
+    assert "under torchrun run `lunatrain lora` (it trains in each process there)" in result.output
     assert not (home / "data").exists() or not any((home / "data").rglob("*.jsonl"))  # nothing exported
 
 

@@ -950,3 +950,16 @@ def test_a_wall_clock_step_during_a_run_leaves_its_duration_as_long_as_it_took(s
     )
     assert cut.status is Status.CANCELLED, cut.error
     assert 0 < cut.report["durationSeconds"] < 600, cut.report["durationSeconds"]
+
+
+def test_the_model_card_of_a_data_parallel_run_says_the_batch_a_step_took():
+    """Explore repro: two processes with batchSize 4 took 8 samples a step, and the card said "batch 4 x 1";
+    only the training report named the second process."""
+    from lunatrain.train import model_card
+
+    report = _card_report(2, None, {"steps": 6}, [3, 6])
+    assert "batch 5 x 2, rank" in model_card(report)  # one process: as before
+    report["dataParallel"] = {"ranks": 2, "backend": "nccl"}
+    assert "batch 5 x 2 on each of 2 processes (20 samples a step), rank" in model_card(report)
+    report["dataParallel"] = {"ranks": 1, "backend": None}
+    assert "batch 5 x 2, rank" in model_card(report)

@@ -969,6 +969,12 @@ def model_card(report: dict[str, Any]) -> str:
             else ""
         )
 
+    ranks = int((report.get("dataParallel") or {}).get("ranks") or 1)
+    per_step = (  # batchSize counts per process: a step of N processes took N times the batch
+        f" on each of {ranks} processes ({ranks * p['batchSize'] * p['gradientAccumulation']} samples a step)"
+        if ranks > 1
+        else ""
+    )
     return (
         f"---\nbase_model: {base['id']}\nlibrary_name: peft\ntags:\n- lora\n- lunatrain\n---\n\n"
         f"# {report['adapterName']}@{report['version']}\n\n"
@@ -978,7 +984,7 @@ def model_card(report: dict[str, Any]) -> str:
         f"| data | tier {d['tier']}, {d['trainSamples']} train and {d['valSamples']} val samples, "
         f"fingerprint {d['fingerprint'][:12]} |\n"
         f"| schedule | {epochs}, {counted(m['steps'], 'step')}, learning rate {p['learningRate']}, batch "
-        f"{p['batchSize']} x {p['gradientAccumulation']}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
+        f"{p['batchSize']} x {p['gradientAccumulation']}{per_step}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
         f"{p['maxSeqLength']}, seed {p['seed']} |\n"
         f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n\n"
         f"Everything about the run is in `{registry.REPORT_FILE}`, its loss curve in `{registry.LOSS_CURVE_FILE}`, "

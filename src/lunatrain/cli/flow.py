@@ -277,8 +277,8 @@ def run(
             return
         if distributed.from_env().active:
             raise UsageError(
-                f"`lunatrain {command}` runs in one process; under torchrun run `lunatrain lora --local` "
-                "after `lunatrain export` and `lunatrain prepare`."
+                f"`lunatrain {command}` runs in one process; under torchrun run `lunatrain lora` (it trains in "
+                "each process there) after `lunatrain export` and `lunatrain prepare`."
             )
         if ensure and not local:
             ensure_trainer(settings, explicit=True)
