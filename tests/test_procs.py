@@ -46,3 +46,11 @@ def test_the_start_is_the_kernels_count_from_boot_even_for_a_name_with_spaces_an
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_host_up_for_years_is_not_taken_for_an_epoch_stamp(monkeypatch):
+    """Review repro: the first threshold (1e8 s) took the start of a process on a host up for more than 3.2
+    years for an epoch stamp of an earlier version, so a live owner looked gone."""
+    four_years = 4 * 365 * 86400.0
+    monkeypatch.setattr(procs, "started", lambda pid: four_years)
+    assert procs.is_same(os.getpid(), four_years)

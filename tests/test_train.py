@@ -403,8 +403,8 @@ def test_a_checkpoint_of_another_number_of_processes_is_another_run(settings):
     """Review repro: a checkpoint saved by 2 data-parallel processes was resumed by 1 (or the other way): the
     step and the schedule it restored belong to the other number of steps per epoch, so epoch 2 trained one
     step of 31, or the run ended at step 47 of 62 with the learning rate never decayed, each published as a
-    full run. N processes with batchSize b are one process with N·b: another run, which starts fresh and says
-    how to continue the checkpoint."""
+    full run. N processes with batchSize b are one process with N·b: another run, which starts fresh in a
+    work dir of its own (its checkpoints must not replace that one's) and says how to continue it."""
     write_export(settings, make_records(40, val_every=5))
     _cut_after_first_epoch(settings)
     (state,) = (settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json")
@@ -421,6 +421,31 @@ def test_a_checkpoint_of_another_number_of_processes_is_another_run(settings):
         r"run \(saved by 2 training processes, this run has 1: resume with 2 to continue it\); starting fresh",
         said["message"],
     ), said["message"]
+    assert json.loads(state.read_text())["ranks"] == 2  # still there to be resumed by two
+
+
+def test_a_checkpoint_saved_before_checkpoints_recorded_their_processes_is_judged_by_its_step(settings):
+    """Review repro: a checkpoint of an earlier release records no number of processes; one saved by two
+    (its epoch ended at step 16 where one process ends it at 31) was resumed by one all the same."""
+    write_export(settings, make_records(40, val_every=5))
+    _cut_after_first_epoch(settings)
+    (state,) = (settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json")
+    saved = json.loads(state.read_text())
+    del saved["ranks"]
+    state.write_text(json.dumps(saved))
+    resumed = run_lora(_params(resume=True), settings)  # its step is where this run's first epoch ends
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
+    _cut_after_first_epoch(settings)
+    states = sorted((settings.adapters_dir / "luna-adapter" / ".work").glob("*/checkpoints/epoch-001/state.json"))
+    newest = max(states, key=lambda p: p.stat().st_mtime_ns)
+    saved = json.loads(newest.read_text())
+    del saved["ranks"]
+    newest.write_text(json.dumps(saved | {"step": saved["step"] // 2 + 1}))  # an epoch of another schedule
+    logs = []
+    fresh = run_lora(_params(resume=True), settings, on_event=logs.append)
+    assert fresh.ok and fresh.report["resumedFromEpoch"] is None, fresh.error
+    (said,) = [e for e in logs if e.get("code") == "log.resume_other_run"]
+    assert "saved by another number of training processes, this run has 1" in said["message"], said
 
 
 def test_resume_continues_a_checkpoint_saved_before_checkpoints_recorded_their_run(settings):

@@ -99,18 +99,6 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         return None
     ckpt = found[-1].parent
     state = read_json(ckpt / "state.json")
-    ranks = state.get("ranks", run.world.size)  # unknown before checkpoints recorded it: taken as this run's
-    if ranks != run.world.size:
-        where, epoch = run.settings.shown(ckpt.parents[1]), state["epoch"]
-        said = f"saved by {ranks} training processes, this run has {run.world.size}: resume with {ranks} to continue it"
-        emit(
-            {
-                "type": "log",
-                "message": f"the checkpoint of epoch {epoch} in {where} is of another run ({said}); starting fresh",
-                **coded("log.resume_other_run", checkpoint=str(where), epoch=epoch, differs=["ranks"]),
-            }
-        )
-        return None
     set_peft_model_state_dict(run.model, load_file(str(ckpt / "adapter.safetensors"), device=run.device))
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     opt_state: dict[str, Any] = {"state": {}, "param_groups": state["paramGroups"]}
@@ -138,6 +126,21 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         train_seconds=state["trainSeconds"],
         resumed_from=state["epoch"],
     )
+
+
+def same_world(state: Path, ranks: int, steps_per_epoch: int) -> bool:
+    """Whether the checkpoint was saved by `ranks` data-parallel processes: N of batchSize b are one of N·b,
+    another schedule, so only those continue it. A checkpoint saved before checkpoints recorded it counts when
+    its step is where an epoch of this run ends (`steps_per_epoch` depends on the number)."""
+    try:
+        saved = read_json(state)
+    except LunaError:
+        return False
+    if not isinstance(saved, dict):
+        return False
+    if "ranks" in saved:
+        return saved["ranks"] == ranks
+    return saved.get("step") == saved.get("epoch", 0) * steps_per_epoch
 
 
 def furthest(states: list[Path]) -> Path:
@@ -199,6 +202,11 @@ def _no_checkpoint(run: Run) -> dict[str, Any]:
         return {"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")}
     state = furthest(others)
     differs, said = differences(run.identity, recorded_run(state) or {})
+    if not differs and recorded_run(state) and not same_world(state, run.world.size, run.steps_per_epoch):
+        saved = (read_json(state) or {}).get("ranks")
+        by = f"{saved} training processes" if saved else "another number of training processes"
+        resume = f": resume with {saved} to continue it" if saved else ""
+        differs, said = ["ranks"], f"saved by {by}, this run has {run.world.size}{resume}"
     folder = state.parents[2]
     where = run.settings.shown(folder)
     epoch = int(state.parent.name.removeprefix("epoch-"))

@@ -78,6 +78,18 @@ def process_group(world: World, device: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+class PeerLost(RuntimeError):
+    """A collective failed: another rank is gone (its failure is the cause, this is the consequence)."""
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # gloo: "Connection reset by peer"; NCCL: a watchdog's abort
+        raise PeerLost(f"{type(exc).__name__}: {exc}") from exc
+
+
 def sum_floats(world: World, values: list[float], device: str) -> list[float]:
     """Element-wise sum of `values` over all ranks (float64)."""
     if not world.active:
@@ -86,7 +98,8 @@ def sum_floats(world: World, values: list[float], device: str) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    with _collective():
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -102,7 +115,8 @@ def sum_grads(world: World, params: list[Any]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
+    with _collective():
+        dist.all_reduce(flat)
     offset = 0
     for p in params:
         n = p.numel()
@@ -117,8 +131,9 @@ def share_params(world: World, params: list[Any]) -> None:
         return
     import torch.distributed as dist
 
-    for p in params:
-        dist.broadcast(p.data, src=0)
+    with _collective():
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
 
 def share(world: World, obj: Any) -> Any:
@@ -128,7 +143,8 @@ def share(world: World, obj: Any) -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -136,21 +152,34 @@ def barrier(world: World) -> None:
     if world.active:
         import torch.distributed as dist
 
-        dist.barrier()
+        with _collective():
+            dist.barrier()
 
 
 class RankFailed(LunaError):
     """This rank's run failed while the others may still train: it must leave the group, not share. `at`:
-    when, taken before the group is left (the peers' errors follow the moment it is)."""
+    when, taken before the group is left (the peers' errors follow the moment it is), on the host's monotonic
+    clock (every rank runs on this host). `lost_peer`: it failed because another rank had gone."""
 
     def __init__(self, error: dict[str, Any], cause: BaseException | None = None) -> None:
         super().__init__(str(error.get("message") or "training failed"), code=str(error.get("code") or "error"))
         self.params = error.get("params") if isinstance(error.get("params"), dict) else None
         self.exit_code = getattr(cause, "exit_code", 1)  # a usage error stays one (exit 2)
-        self.at = time.time()
+        self.at = time.monotonic()
+        self.lost_peer = isinstance(cause, PeerLost) or isinstance(getattr(cause, "__cause__", None), PeerLost)
 
 
-def write_rank_error(world: World, error: dict[str, Any], at: float | None = None) -> None:
+def peer_lost_error(world: World, exc: BaseException) -> dict[str, Any]:
+    """The run's error when a collective failed: another process failed, which its own error says."""
+    return {
+        "code": "rank_peer_lost",
+        "message": f"another of the {world.size} training processes failed, so this one stopped too (it lost its "
+        f"connection: {exc}); the failed process's error is in the job's log",
+        "params": {"ranks": world.size},
+    }
+
+
+def write_rank_error(world: World, error: dict[str, Any], at: float | None = None, *, lost_peer: bool = False) -> None:
     """Record this rank's error where the trainer finds it: beside the error file torchrun gives each rank
     (in the job's torchrun log folder), with when it happened, so the first failure is told from the peers'
     lost-connection errors that follow it."""
@@ -158,7 +187,7 @@ def write_rank_error(world: World, error: dict[str, Any], at: float | None = Non
     if not world.active or not torchrun_file:
         return
     path = Path(torchrun_file).with_name(RANK_ERROR_FILE)
-    record = {"rank": world.rank, "at": time.time() if at is None else at, "error": error}
+    record = {"rank": world.rank, "at": time.monotonic() if at is None else at, "error": error, "lostPeer": lost_peer}
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record), encoding="utf-8")
@@ -171,11 +200,12 @@ def clear_rank_errors(log_dir: Path) -> None:
             path.unlink()
 
 
-def rank_errors(log_dir: Path) -> dict[int, tuple[float, dict[str, Any]]]:
-    """{rank: (when, error)} of the ranks of one launch that recorded their failure (`write_rank_error`)."""
-    found: dict[int, tuple[float, dict[str, Any]]] = {}
+def rank_errors(log_dir: Path) -> dict[int, tuple[float, dict[str, Any], bool]]:
+    """{rank: (when, error, lost its peer)} of the ranks of one launch that recorded their failure
+    (`write_rank_error`)."""
+    found: dict[int, tuple[float, dict[str, Any], bool]] = {}
     for path in log_dir.glob(f"*/attempt_*/*/{RANK_ERROR_FILE}"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads(path.read_text(encoding="utf-8"))
-            found[int(data["rank"])] = (float(data["at"]), dict(data["error"]))
+            found[int(data["rank"])] = (float(data["at"]), dict(data["error"]), bool(data.get("lostPeer")))
     return found

@@ -83,6 +83,7 @@ CODES: dict[str, str] = {
     "save_failed": "the adapter could not be written",
     "out_of_memory": "the device ran out of memory",
     "training_error": "training failed",
+    "rank_peer_lost": "another of the data-parallel training processes failed (ranks), so this one stopped too",
     "trainer_error": "internal trainer error",
     "interrupted": "the training process stopped early",
     "child_start_failed": "the training process could not be started",

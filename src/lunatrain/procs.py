@@ -13,8 +13,9 @@ import os
 
 import psutil
 
-# Starts recorded by earlier versions are epoch seconds; a start since boot is far below this.
-_EPOCH_STAMPS = 1e8
+# Starts recorded by earlier versions are epoch seconds (above 1.7e9); a start since boot is below this
+# unless the host has run for 31 years.
+_EPOCH_STAMPS = 1e9
 
 
 def started(pid: int) -> float:

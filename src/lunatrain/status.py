@@ -375,13 +375,8 @@ def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[
         )
         active, known = [], False
     except (LunaError, ValueError) as err:  # a storage fault (EIO), a value it cannot take: said as it is
-        reason = (getattr(err, "message", None) or str(err)).rstrip(".")
-        problems.add(
-            f"The adapter registry {where} cannot be read ({reason}).",
-            "status.registry_error",
-            path=where,
-            reason=reason,
-        )
+        said = getattr(err, "message", None) or f"The adapter registry {where} cannot be read ({err})."
+        problems.add(said, "status.registry_error", path=where, reason=said.rstrip("."))
         active, known = [], False
     # resolve_base builds luna-tiny when missing: a status read must not. The base is known all the same (the
     # configured luna-tiny, built the same way wherever it is): what is active on it is named by its id.

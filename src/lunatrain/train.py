@@ -178,7 +178,9 @@ def run_lora(
             return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id, stage)
         except Exception as exc:
             if world.active and not isinstance(exc, distributed.RankFailed):  # stamped before the group goes
-                raise distributed.RankFailed(failure(exc, "error"), exc) from exc
+                lost = isinstance(exc, distributed.PeerLost)
+                error = distributed.peer_lost_error(world, exc) if lost else failure(exc, "error")
+                raise distributed.RankFailed(error, exc) from exc
             raise
 
 
@@ -250,6 +252,8 @@ def _train_and_conclude(
         raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, failure(exc, "error")
+        if isinstance(exc, distributed.PeerLost):  # the cause is another rank's failure, not this
+            error = distributed.peer_lost_error(world, exc)
         if world.active:  # the others may wait in this step's all-reduce: leave the group (distributed.py)
             if world.main:
                 conclude(run, status, error, build_report(run, status, error, started, job_id), emit)
@@ -434,6 +438,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         params, settings, base, device, bf16, plan.checkpointing, tokenizer=tokenizer, added=added
     )
     identity = run_identity(params, base, data, tokenizer)
+    per_epoch = steps_per_epoch(len(train_set), params, world.size)
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
     return Run(
         params=params,
@@ -447,12 +452,17 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
         tokens=tokens,
         train=train_set,
         val=val_set,
-        steps_per_epoch=steps_per_epoch(len(train_set), params, world.size),
+        steps_per_epoch=per_epoch,
         total_steps=total_steps(len(train_set), params, world.size),
         work_dir=distributed.share(
             world,
             _work_dir(
-                params, settings, identity, named_base_run_key(params, identity), legacy_run_key(params, base, data)
+                params,
+                settings,
+                identity,
+                named_base_run_key(params, identity),
+                legacy_run_key(params, base, data),
+                world=(world.size, per_epoch),
             ),
         ),
         identity=identity,
@@ -568,7 +578,11 @@ def _work_dir(
     identity: dict[str, Any],
     named_base: str | None = None,
     legacy: str | None = None,
+    world: tuple[int, int] | None = None,
 ) -> Path:
+    """`world`: the run's data-parallel processes and its steps per epoch. A checkpoint of another number of
+    processes is of another schedule: not resumed, and a fresh run's work dir is another one, so that its
+    checkpoints never replace that one's."""
     root = registry.work_root(settings, params.adapter_name)
     key = run_key(identity)
     if params.resume:
@@ -579,6 +593,7 @@ def _work_dir(
         for named in (key, named_base, legacy):
             existing = checkpoints.saved_states(root, f"{named}-*") if named else []
             existing = [p for p in existing if named != legacy or checkpoints.recorded_run(p) is None]
+            existing = [p for p in existing if world is None or checkpoints.same_world(p, *world)]
             if existing:
                 return checkpoints.furthest(existing).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
@@ -1058,7 +1073,10 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     # failed tries of this same run of no further use; the adapter itself is the final state.
     path = registry.adapter_dir(run.settings, entry)
     shutil.rmtree(path / checkpoints.CHECKPOINTS_DIR, ignore_errors=True)
+    world = (run.world.size, run.steps_per_epoch)
     for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
+        if any(not checkpoints.same_world(s, *world) for s in checkpoints.run_states(stale)):
+            continue  # another number of processes' run: those resume it (`_work_dir`)
         shutil.rmtree(stale, ignore_errors=True)
     emit(
         {

@@ -398,32 +398,42 @@ def _ended(prefix: str, code: int, **params: Any) -> dict[str, Any]:
 
 # torchrun's report of the first rank that failed ("Root Cause (first observed failure)"), in the job log
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
-_FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)", re.MULTILINE)
+_RANK_STATUS = re.compile(r"^\s*rank\s*:\s*(\d+).*?^\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE | re.DOTALL)
 
 
 def _rank_crash_error(
-    code: int, ranks: int, log_path: Path, shown: Path, recorded: dict[int, tuple[float, dict[str, Any]]] | None = None
+    code: int,
+    ranks: int,
+    log_path: Path,
+    shown: Path,
+    recorded: dict[int, tuple[float, dict[str, Any], bool]] | None = None,
 ) -> dict[str, Any]:
-    """A data-parallel job whose torchrun failed: the error of the rank that failed first, as it recorded it
-    (`distributed.write_rank_error`: the peers' lost-connection errors follow it); else name the rank that
-    died first and how, as torchrun recorded it in the job log (else torchrun's own exit status)."""
-    tail = _tail(log_path, 16384)
-    found = _ROOT_CAUSE.findall(tail)  # the last report: a resumed job appends to its log
-    # Every rank torchrun saw fail on its own (those it stopped afterwards are not listed): one that left no
-    # record of its error died (a signal, a native crash), and the others' errors are the consequence.
-    failed = {int(rank) for rank in _FAILED_RANK.findall(tail.rpartition("Failures:")[2])}
+    """A data-parallel job whose torchrun failed: the error of the rank that failed first on its own, as it
+    recorded it (`distributed.write_rank_error`; a rank that only lost its connection to it recorded that
+    too, marked, and torchrun lists the ranks it stopped afterwards as failed as well). Without one, the rank
+    that died without a record (a signal, a native crash) and how, as torchrun reported it in the job log;
+    else torchrun's own exit status."""
+    tail = _tail(log_path, 16384)  # the last report: a resumed job appends to its log
     recorded = recorded or {}
-    if recorded and failed <= recorded.keys():
-        rank, (_, error) = min(recorded.items(), key=lambda item: item[1][0])
-        same = len(recorded) == ranks and all(e == error for _, e in recorded.values())
-        if same:  # every rank failed alike (bad data, a plan every GPU refuses): the job's error as it is
-            return error
-        what = f"Rank {rank} of the {ranks} training processes failed: "
-        return error | {"message": what + str(error.get("message", ""))}
+    own = {rank: (at, error) for rank, (at, error, lost) in recorded.items() if not lost}
+    if own:
+        rank, (_, error) = min(own.items(), key=lambda item: item[1][0])
+        if len(own) == ranks and all(e == error for _, e in own.values()):  # every rank alike (bad data, a
+            return error  # plan every GPU refuses): the job's error as it is
+        return error | {"message": f"Rank {rank} of the {ranks} training processes failed: {error.get('message', '')}"}
+    report = tail.rpartition("FAILED")[2] or tail
+    statuses = {int(rank): int(status) for rank, status in _RANK_STATUS.findall(report)}
+    root = _ROOT_CAUSE.findall(report)
+    unrecorded = [rank for rank in statuses if rank not in recorded]  # died: the others lost it
+    if unrecorded:
+        rank = int(root[-1][0]) if root and int(root[-1][0]) in unrecorded else min(unrecorded)
+        found: tuple[int, int] | None = (rank, statuses[rank])
+    else:
+        found = (int(root[-1][0]), int(root[-1][1])) if root else None
     if found:
-        rank, status = found[-1]
-        what = f"rank {rank} of the {ranks} training processes {_how(int(status))}; the other ranks were stopped"
-        params = _ended("crash.rank", int(status), rank=int(rank), ranks=ranks, log=str(shown))
+        rank, status = found
+        what = f"rank {rank} of the {ranks} training processes {_how(status)}; the other ranks were stopped"
+        params = _ended("crash.rank", status, rank=rank, ranks=ranks, log=str(shown))
     else:
         what = f"the torchrun launcher of the {ranks} training processes {_how(code)}"
         params = _ended("crash.launcher", code, ranks=ranks, log=str(shown))

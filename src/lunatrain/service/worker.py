@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         else coded("log.worker_started", pid=os.getpid())
     )
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}", **started})
-    left, failed_at = False, None
+    left, failed_at, lost_peer = False, None, False
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds, shutdown)
@@ -294,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         log_failure(exc)
         result = _failed_by(exc)
         left, failed_at = isinstance(exc, distributed.RankFailed), getattr(exc, "at", None)
+        lost_peer = bool(getattr(exc, "lost_peer", False))
     channel.send(result)
     if world.active:
         # Under torchrun a run that ended in order is 0 on every rank whatever the outcome (rank 0's result
         # line carries it). A rank whose run failed on its own leaves with its error recorded: the others may be waiting
         # for it in a collective, and torchrun stops them (distributed.py).
         if left:
-            distributed.write_rank_error(world, _normalize_error(result.get("error")), failed_at)
+            distributed.write_rank_error(world, _normalize_error(result.get("error")), failed_at, lost_peer=lost_peer)
             return 1
         return 0
     return 0 if result["status"] == "succeeded" else 1
