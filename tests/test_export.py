@@ -672,3 +672,24 @@ def test_a_clock_stepped_back_never_makes_pruning_drop_the_newest_exports(
     assert ex.export_ids(settings) == made[-settings.retain_exports :]  # the newest, oldest first
     assert {*others, "20991231T000000000000Z-abcdef"} < {p.name for p in exports.iterdir()}
     assert not made[-1].startswith("2099")  # not named after a folder of the far future
+
+
+def test_a_row_an_earlier_release_stored_with_carriage_returns_keeps_its_split(db: Settings) -> None:
+    """Review repro: line endings are normalized now, and the split key of an example with a system prompt is
+    recomputed from its stored prompt and response at every export: rows an earlier release stored with
+    "\\r\\n" moved between train, val and test (61 of 200) after the upgrade, so a sample an adapter trained on
+    could be validated on."""
+    import sqlalchemy as sa
+
+    kept = {}
+    for i in range(40):
+        prompt = f"Frage {i}\r\nzweite Zeile"
+        row = store.add_example(db, prompt=prompt.replace("\r", ""), response="Antwort", system="Sei knapp.")
+        with store.open_store(db).write() as conn:  # as the earlier release stored it
+            conn.execute(sa.text("UPDATE examples SET prompt = :p WHERE id = :i"), {"p": prompt, "i": row.id})
+        then = hashlib.sha256(
+            json.dumps(["", [], prompt, "Antwort"], ensure_ascii=False, separators=(",", ":")).encode()
+        ).hexdigest()
+        kept[row.hash] = ex.split_of(then, 0.3, 0.2)
+    ex.export(db, val_ratio=0.3, test_ratio=0.2)
+    assert _splits(db) == kept

@@ -983,27 +983,69 @@ def test_deleting_content_held_only_unapproved_as_the_other_kind_leaves_a_tombst
     assert store.deleted_hashes(db) == {}
 
 
-def test_content_stored_with_windows_line_endings_is_found_on_reimport(db: Settings, tmp_path: Path) -> None:
-    """Line endings are normalized now; a database of an earlier release holds a text written on Windows
-    with its carriage returns, under that text's hash. Re-importing the same file must find it, not add its
-    twin (approved, where the stored one was rejected)."""
+def _as_the_previous_release_stored(db: Settings, table: str, prompt: str, response: str) -> int:
+    """A row as the release before stored it: texts as read then, under that release's hash (its trim of
+    these texts: strip)."""
     import hashlib
-    import json as _json
 
     import sqlalchemy as sa
 
-    answer = "Rot\r\nBlau\r\nGrün"
-    stored = store.add_example(db, prompt="Drei Farben?", response=answer)
-    old_hash = hashlib.sha256(
-        _json.dumps(["", [], "Drei Farben?", answer], ensure_ascii=False, separators=(",", ":")).encode()
+    old = hashlib.sha256(
+        json.dumps(["", [], prompt.strip(), response.strip()], ensure_ascii=False, separators=(",", ":")).encode()
     ).hexdigest()
-    with store.open_store(db).write() as conn:  # as the earlier release stored it
+    if table == "examples":
+        row = store.add_example(db, prompt=prompt.replace("\r", ""), response=response)
+        texts = "prompt = :p, response = :r"
+    else:
+        row = store.add_memory(db, question=prompt.replace("\r", ""), answer=response)
+        texts = "question = :p, answer = :r"
+    with store.open_store(db).write() as conn:
         conn.execute(
-            sa.text("UPDATE examples SET response = :r, hash = :h WHERE id = :i"),
-            {"r": answer, "h": old_hash, "i": stored.id},
+            sa.text(f"UPDATE {table} SET {texts}, hash = :h, status = 'rejected' WHERE id = :i"),
+            {"p": prompt, "r": response, "h": old, "i": row.id},
         )
-    store.set_status(db, [stored.id], "rejected")
-    path = tmp_path / "windows.jsonl"
-    path.write_bytes((_json.dumps({"prompt": "Drei Farben?", "response": answer}) + "\n").encode())
+    return row.id
+
+
+def test_content_the_previous_release_read_otherwise_is_found_on_reimport(db: Settings, tmp_path: Path) -> None:
+    """Line endings are normalized now, text parts joined as lines, and an OpenAI record's `system` and an
+    Alpaca `history` read. A database of the release before holds such records as it read them, under that
+    hash; re-importing the same file must find them (review repro: each came back as a new example, approved
+    where the stored one had been rejected: mixed line endings, an Alpaca input, parts, a system, a history,
+    a memory item)."""
+    parts = [{"type": "text", "text": "Lies:"}, {"type": "text", "text": "Der Mond."}]
+    cases = [
+        ({"prompt": "Eins\r\nZwei\nDrei", "response": "Gut."}, "Eins\r\nZwei\nDrei", "Gut."),
+        (
+            {"instruction": "Fasse zusammen:", "input": "A\r\nB", "output": "Kurz."},
+            "Fasse zusammen:\n\nA\r\nB",
+            "Kurz.",
+        ),
+        (
+            {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Ok."}]},
+            "Lies:Der Mond.",
+            "Ok.",
+        ),
+        (
+            {
+                "system": "Sei knapp.",
+                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ja."}],
+            },
+            "Hi",
+            "Ja.",
+        ),
+        ({"instruction": "Und B?", "output": "B ist 2.", "history": [["A?", "A ist 1."]]}, "Und B?", "B ist 2."),
+    ]
+    for _, prompt, response in cases:
+        _as_the_previous_release_stored(db, "examples", prompt, response)
+    path = tmp_path / "again.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record, _, _ in cases), encoding="utf-8")
+    snap = _snapshot(db)
     result = store.import_file(db, path, source="curated", status=None)
-    assert (result.added, result.skipped_duplicates) == (0, 1)
+    assert (result.added, result.skipped_duplicates) == (0, len(cases))
+    assert _snapshot(db) == snap
+    item = _as_the_previous_release_stored(db, "memory_items", "Wie alt?\r\nGenau.", "Drei.")
+    with pytest.raises(Conflict, match=f"already exists \\(id {item}\\)"):
+        store.add_memory(db, question="Wie alt?\r\nGenau.", answer="Drei.")
+    with pytest.raises(Conflict, match="already exists"):  # an example added by hand likewise
+        store.add_example(db, prompt="Eins\r\nZwei\nDrei", response="Gut.")

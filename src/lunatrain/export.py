@@ -52,7 +52,7 @@ from typing import Any, BinaryIO, Literal, get_args
 import sqlalchemy as sa
 
 from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
-from .formats import content_hash as content_hash_of
+from .formats import content_hash_as_stored
 from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, storage_guard
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
@@ -102,7 +102,7 @@ def pair_hash(kind: int, row: Any, content_hash: str) -> str:
     turns = row.turns if kind == 0 else None
     if kind == 1 or (not row.system and (not turns or turns == "null" or turns == "[]")):
         return content_hash
-    return content_hash_of(None, (), row.prompt, row.response)
+    return content_hash_as_stored(None, (), row.prompt, row.response)
 
 
 def check_ratios(

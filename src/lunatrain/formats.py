@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import contextvars
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -73,6 +75,8 @@ def normalize_text(value: str) -> str:
     Trimming takes trailing whitespace and leading blank lines; the first line keeps its indent when more
     lines follow, because there it is meaning (a response that opens with a four-space Markdown code block),
     not a stray space before a one-line answer."""
+    if _PREVIOUS.get():  # as the previous release read it (`earlier_hash`)
+        return _trimmed(value)
     return _trimmed(value.replace("\r\n", "\n").replace("\r", "\n"))
 
 
@@ -83,11 +87,6 @@ def _trimmed(value: str) -> str:
     if "\n" not in body:
         return body
     return text[text.rfind("\n", 0, len(text) - len(body)) + 1 :]
-
-
-def _as_written_on_windows(value: str) -> str:
-    """`normalize_text` before line endings were normalized, of a text written with CRLF (`earlier_hash`)."""
-    return _trimmed(value.replace("\n", "\r\n"))
 
 
 def _trimmed_whole(value: str) -> str:
@@ -139,6 +138,15 @@ def content_hash(
     return hashlib.sha256(encoded).hexdigest()
 
 
+def content_hash_as_stored(system: str | None, turns: Sequence[tuple[str, str]], prompt: str, response: str) -> str:
+    """`content_hash` of texts as a row holds them. Rows stored now hold no carriage return; one an earlier
+    release stored with them keeps the hash it had then, and so its split (an upgrade moves no sample an
+    adapter trained on into val or test)."""
+    texts = [system or "", prompt, response, *(content for _, content in turns)]
+    trim = _trimmed if any("\r" in text for text in texts) else normalize_text
+    return content_hash(system, turns, prompt, response, trim=trim)
+
+
 # Where an example came from (the examples table's `source`), and where its curation stands (`status`).
 Source = Literal["curated", "memory", "conversation"]
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -165,8 +173,8 @@ class ExampleDraft:
     source: str | None = field(default=None, compare=False)
     # The record's own curation status (an `examples list --json` dump carries it), likewise.
     status: str | None = field(default=None, compare=False)
-    # Its texts were written with Windows line endings (`earlier_hash`).
-    crlf: bool = field(default=False, compare=False)
+    # Its hash as the previous release read the same record, where that differs (`earlier_hash`).
+    previous: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -175,20 +183,27 @@ class ExampleDraft:
 
     @functools.cached_property
     def earlier_hash(self) -> str | None:
-        """The hash this content had under an earlier release's normalization, where that differs: a
-        database of that release holds the content under it, and a re-import must find it there (or it would
-        come back as new, approved even where it had been rejected). Two rules changed: line endings were
-        kept as written (a text written with CRLF, as Windows editors do, is taken as CRLF throughout), and
-        before that trimming took the first line's indent too. Goes when no database stored before these rules
-        is in use."""
-        trim: Callable[[str], str] = _as_written_on_windows
-        if not self.crlf:
-            texts = [self.system or "", self.prompt, self.response, *(content for _, content in self.turns)]
-            if not any(t[:1].isspace() for t in texts):  # nearly every draft: nothing an earlier rule trimmed
-                return None
-            trim = _trimmed_whole
-        earlier = content_hash(self.system, self.turns, self.prompt, self.response, self.context_only, trim=trim)
+        """The hash this content had when an earlier release read it, where that differs: a database of that
+        release holds the content under it, and a re-import must find it there (or it would come back as new,
+        approved even where it had been rejected). The previous release (`previous`) kept line endings as
+        written, glued text parts, and left an OpenAI record's own `system` and an Alpaca `history` out; the
+        one before it trimmed the first line's indent too. Goes when no database stored before these rules is
+        in use."""
+        if self.previous:
+            return self.previous
+        texts = [self.system or "", self.prompt, self.response, *(content for _, content in self.turns)]
+        if not any(t[:1].isspace() for t in texts):  # nearly every draft: nothing an earlier rule trimmed
+            return None
+        earlier = content_hash(
+            self.system, self.turns, self.prompt, self.response, self.context_only, trim=_trimmed_whole
+        )
         return earlier if earlier != self.hash else None
+
+    def with_previous(self, previous: str | None) -> ExampleDraft:
+        """This draft knowing its hash as the previous release read it (none where that is this one)."""
+        if not previous or previous == self.hash:
+            return self
+        return dataclasses.replace(self, previous=previous)
 
     def stored_turns(self) -> list[dict[str, Any]] | None:
         """The prior turns as the examples table keeps them: role and content, and `weight: 0` on a turn
@@ -226,7 +241,7 @@ def json_type(value: Any) -> str:
 def join_parts(texts: Sequence[str]) -> str:
     """The text of a message given as several text parts: separate blocks (an instruction, then a document),
     so each starts a line, as OpenAI-compatible servers join them. Training and chat join them alike."""
-    return "\n".join(texts)
+    return "".join(texts) if _PREVIOUS.get() else "\n".join(texts)
 
 
 def _text(value: Any, field_name: str, *, required: bool = True) -> str | None:
@@ -334,17 +349,17 @@ def make_draft(
     rating: Any = None,
     source: Any = None,
     status: Any = None,
-    crlf: bool | None = None,
+    previous: str | None = None,
 ) -> ExampleDraft:
     """Validate and normalize one example; raises RecordError naming the bad field. A `source` that is not
     one of lunatrain's (other datasets use the field for their own provenance) is not the example's; a
     `status` that is not one of ours is refused instead, since taking it as approved would train on what
     its author may have meant to hold back. A prior
     turn may carry a weight (a third tuple item, or the mapping's `weight`): 0 keeps an assistant turn as
-    context only. `crlf`: whether the record these values come from was written with Windows line endings
-    (by default: whether these values are)."""
-    if crlf is None:
-        crlf = _holds_crlf([prompt, response, system, turns])
+    context only. `previous`: the record's hash as the previous release read it (`parse_record`); by default
+    that of these values, where they hold what it read otherwise (carriage returns, text parts)."""
+    if previous is None and not _PREVIOUS.get() and _read_otherwise([prompt, response, system, turns]):
+        previous = _as_before(lambda: make_draft(prompt=prompt, response=response, system=system, turns=turns))
     norm_turns: list[tuple[str, str]] = []
     context_only: list[int] = []
     if len(turns or ()) > MAX_TURNS:
@@ -374,17 +389,35 @@ def make_draft(
         rating=_rating(rating),
         source=source if isinstance(source, str) and source in SOURCES else None,
         status=_status(status),
-        crlf=crlf,
-    )
+    ).with_previous(previous)
 
 
-def _holds_crlf(value: Any) -> bool:
+# How the previous release read a record (`ExampleDraft.earlier_hash`): line endings as written, text parts
+# glued, an OpenAI record's own `system` and an Alpaca `history` left out.
+_PREVIOUS: contextvars.ContextVar[bool] = contextvars.ContextVar("previous_release", default=False)
+
+
+def _as_before(build: Callable[[], ExampleDraft]) -> str | None:
+    """The hash of what `build` makes as the previous release read it; None where it refused it."""
+    token = _PREVIOUS.set(True)
+    try:
+        return build().hash
+    except RecordError:
+        return None
+    finally:
+        _PREVIOUS.reset(token)
+
+
+def _read_otherwise(value: Any) -> bool:
+    """Whether the previous release may have read `value` (a record, or a draft's raw values) otherwise: it
+    holds a carriage return or a list of several text parts."""
     if isinstance(value, str):
-        return "\r\n" in value
+        return "\r" in value
     if isinstance(value, Mapping):
-        return any(_holds_crlf(v) for v in value.values())
+        return any(_read_otherwise(v) for v in value.values())
     if isinstance(value, list | tuple):
-        return any(_holds_crlf(v) for v in value)
+        parts = [v for v in value if isinstance(v, Mapping) and "type" in v]
+        return len(parts) > 1 or any(_read_otherwise(v) for v in value)
     return False
 
 
@@ -538,11 +571,11 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         "rating": record.get("rating"),
         "source": record.get("source"),
         "status": record.get("status") if own_status else None,
-        "crlf": _holds_crlf(record),
     }
+    before = _PREVIOUS.get()
     if shape == "openai":
         turns = _turn_list(record, "messages", "role", "content")
-        draft = _from_turns(turns, "messages", common, system=record.get("system"))
+        draft = _from_turns(turns, "messages", common, system=None if before else record.get("system"))
     elif shape == "sharegpt":
         turns = _turn_list(record, "conversations", "from", "value")
         draft = _from_turns(turns, "conversations", common, system=record.get("system"))
@@ -550,7 +583,7 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         instruction = _text(record.get("instruction"), "instruction")
         extra = _text(record.get("input"), "input", required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        turns = _alpaca_history(record.get("history"))
+        turns = [] if before else _alpaca_history(record.get("history"))
         output = _field(record, "output")
         draft = make_draft(prompt=prompt, response=output, system=record.get("system"), turns=turns, **common)
     elif shape == "prompt-response":
@@ -559,6 +592,13 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         )
     else:
         raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    if not before and (
+        _read_otherwise(record)
+        or (shape == "openai" and record.get("system"))
+        or (shape == "alpaca" and record.get("history"))
+    ):
+        previous = _as_before(lambda: parse_record(record, shape, own_status=own_status)[0])
+        draft = draft.with_previous(previous)
     return draft, shape
 
 

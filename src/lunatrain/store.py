@@ -586,17 +586,16 @@ def _existing(
     return found
 
 
-def _stored_earlier(conn: Connection, table: sa.Table, drafts: Sequence[ExampleDraft]) -> dict[str, int]:
-    """{hash: id} of the drafts whose content `table` holds under its earlier hash (`ExampleDraft.earlier_hash`)."""
-    earlier = {d.earlier_hash: d.hash for d in drafts if d.earlier_hash}
+def _stored_earlier(
+    conn: Connection, table: sa.Table, drafts: Iterable[ExampleDraft | dict[str, Any]]
+) -> dict[str, int]:
+    """{hash: id} of the drafts (or memory rows, `_memory_values`) whose content `table` holds under its earlier
+    hash (`ExampleDraft.earlier_hash`)."""
+    pairs = ((d["earlier"], d["hash"]) if isinstance(d, dict) else (d.earlier_hash, d.hash) for d in drafts)
+    earlier = {old: new for old, new in pairs if old}
     if not earlier:
         return {}
     return {earlier[h]: i for h, i in _existing(conn, table, list(earlier)).items()}
-
-
-def _memory_drafts(rows: Iterable[dict[str, Any]]) -> list[ExampleDraft]:
-    """Memory items' rows (`_memory_values`, normalized already) as the drafts their hashes were made from."""
-    return [ExampleDraft(prompt=row["question"], response=row["answer"]) for row in rows]
 
 
 def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
@@ -939,9 +938,7 @@ def add_memory(
     Raises UsageError for invalid fields and Conflict when the same question/answer is stored."""
     values = _memory_values(question=question, answer=answer, topic=topic, status=status, tags=tags)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, memory_table, [values["hash"]]) | _stored_earlier(
-            conn, memory_table, _memory_drafts([values])
-        )
+        dup = _existing(conn, memory_table, [values["hash"]]) | _stored_earlier(conn, memory_table, [values])
         if dup:
             raise Conflict(
                 f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
@@ -959,9 +956,7 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
         values = _memory_values(**item)
         rows.setdefault(values["hash"], values)  # the first of two equal items in one batch
     with open_store(settings).write() as conn:
-        stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(
-            conn, memory_table, _memory_drafts(rows.values())
-        )
+        stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(conn, memory_table, rows.values())
         new = [v for h, v in rows.items() if h not in stored]
         if new:
             _insert_memory(conn, new)
@@ -970,7 +965,8 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
 
 def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     now = utc_now()
-    conn.execute(memory_table.insert(), [r | {"created_at": now, "updated_at": now} for r in rows])
+    stored = [{k: v for k, v in r.items() if k != "earlier"} | {"created_at": now, "updated_at": now} for r in rows]
+    conn.execute(memory_table.insert(), stored)
     _forget_tombstones(conn, [r["hash"] for r in rows])
     _bump(conn)
 
@@ -999,6 +995,7 @@ def _memory_values(
     _check_choice(status, STATUSES, "status")
     return {
         "hash": draft.hash,
+        "earlier": draft.earlier_hash,  # not stored: what an earlier release stored it under (`_stored_earlier`)
         "topic": topic_,
         "question": draft.prompt,
         "answer": draft.response,
