@@ -988,3 +988,32 @@ def test_the_model_card_of_a_data_parallel_run_says_the_batch_a_step_took():
     assert "batch 5 x 2 on each of 2 processes (20 samples a step), rank" in model_card(report)
     report["dataParallel"] = {"ranks": 1, "backend": None}
     assert "batch 5 x 2, rank" in model_card(report)
+
+
+def test_running_out_of_memory_is_said_as_such_with_what_lowers_the_peak(settings, monkeypatch):
+    """Review repro: a CUDA out-of-memory inside the loop ended `lora --local` with code `error` and torch's
+    page-long text (the trainer path called the same failure `out_of_memory`), and neither said what lowers
+    the peak."""
+    import torch
+
+    write_export(settings, make_records(24, val_every=6))
+    real, calls = train_mod.loss_sum, [0]
+
+    def out_of_memory(run, batch):
+        if run.model.training:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 3.91 GiB. GPU 0 has a total capacity of 23.68 GiB of which "
+                    "1.02 GiB is free.\nIncluding non-PyTorch memory, this process has 22.64 GiB memory in use."
+                )
+        return real(run, batch)
+
+    monkeypatch.setattr(train_mod, "loss_sum", out_of_memory)
+    result = run_lora(_params(epochs=1), settings)
+    assert result.status is Status.FAILED and result.error["code"] == "out_of_memory", result.error
+    message = result.error["message"]
+    assert "CUDA out of memory. Tried to allocate 3.91 GiB" in message and "non-PyTorch" not in message, message
+    assert "--gradientCheckpointing=true" in message and "--quantize=4bit" in message, message
+    latest = json.loads(settings.lora_latest_report.read_text())
+    assert latest["error"]["code"] == "out_of_memory"

@@ -280,7 +280,22 @@ def failure(exc: Exception, code: str, writing: str | None = None) -> dict[str, 
     if writing is not None and (os_exc := os_error_of(exc)) is not None:
         err = storage_error(os_exc, writing)
         return {"code": err.code, "message": err.message}
-    return {"code": code, "message": f"{type(exc).__name__}: {exc}"}
+    said = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in said or "out of memory" in said:
+        # torch's own text runs over lines of allocator statistics: its first line says what was asked
+        first = said.splitlines()[0].split(" GPU ")[0].strip()
+        return {
+            "code": "out_of_memory",
+            "message": f"The device ran out of memory ({first.rstrip('.')}); {OOM_ADVICE}.",
+        }
+    return {"code": code, "message": said}
+
+
+# What lowers a run's memory peak, smallest change first (memplan.py counts each).
+OOM_ADVICE = (
+    "lower the run's peak with --gradientCheckpointing=true, a smaller --batchSize with a larger "
+    "--gradientAccumulation (the same samples a step), a smaller --maxSeqLength, or --quantize=4bit"
+)
 
 
 def conclude(
