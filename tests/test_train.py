@@ -1017,3 +1017,21 @@ def test_running_out_of_memory_is_said_as_such_with_what_lowers_the_peak(setting
     assert "--gradientCheckpointing=true" in message and "--quantize=4bit" in message, message
     latest = json.loads(settings.lora_latest_report.read_text())
     assert latest["error"]["code"] == "out_of_memory"
+
+
+def test_validation_runs_micro_batches_no_larger_than_the_planned_ones(settings, monkeypatch):
+    """Review repro: validation ran max(batchSize, 8) samples a forward pass, which the memory plan never
+    counts: a user who lowered --batchSize to fit (as the plan advises) could still run out of memory in the
+    base model's validation, the first thing a run does."""
+    write_export(settings, make_records(40, val_every=3))
+    real, sizes = train_mod.batch_of, []
+
+    def recording(run, samples):
+        if not run.model.training:
+            sizes.append(len(samples))
+        return real(run, samples)
+
+    monkeypatch.setattr(train_mod, "batch_of", recording)
+    result = run_lora(_params(epochs=1, batchSize=2, maxSteps=1), settings)
+    assert result.ok, result.error
+    assert sizes and max(sizes) == 2, sizes

@@ -874,7 +874,7 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
 
     run.model.eval()
     total, count = 0.0, 0
-    bs = max(run.params.batch_size, 8)
+    bs = run.params.batch_size  # the micro-batch the memory plan counts (without gradients: less)
     world = run.world
     with torch.no_grad():
         for k in range(world.rank * bs, len(samples), bs * world.size):  # each rank its share of chunks
