@@ -221,6 +221,13 @@ def test_an_unreachable_trainer_is_said_in_words_not_httpx_class_names(home, dea
         client.get_job(settings, JOB)
     assert "is not reachable (no answer within 10 s); start it" in late.value.message, late.value.message
     assert "Error" not in refused.value.message + late.value.message
+    # A submit waits longer: a trainer just started on a busy machine (its warm worker importing torch beside
+    # it) took more than 10 s to answer one in a loaded test run, and was called unreachable.
+    from lunatrain.params import LoraParams
+
+    with pytest.raises(ServiceUnavailable) as submitted:
+        client.submit(settings, LoraParams(base_model="luna-tiny"))
+    assert "(no answer within 30 s)" in submitted.value.message, submitted.value.message
 
 
 def test_jobs_resume_starts_the_trainer_as_lora_does_and_refuses_parameters_it_cannot_use(home, monkeypatch):

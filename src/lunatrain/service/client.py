@@ -329,6 +329,9 @@ def _call(settings: Settings, method: str, path: str, model: type[_M], **kwargs:
         raise refusal(settings, holder(answer)) from None
 
 
+SUBMIT_TIMEOUT_S = 30.0
+
+
 def submit(
     settings: Settings,
     params: LoraParams,
@@ -339,7 +342,9 @@ def submit(
     """Queue a job; `gate_thresholds` (a profile's [gate]) go with it to the eval gate after the run.
     `params.base_model` must be resolved by the caller (the trainer never fills it in)."""
     body = _job_body(params, options, request_id, gate_thresholds)
-    return _call(settings, "POST", "/jobs", Job, json=body)
+    # Longer than a read's: a trainer that has just started (its warm worker importing torch beside it) on a
+    # busy machine may take seconds to answer, and "not reachable" would be wrong about a trainer that runs.
+    return _call(settings, "POST", "/jobs", Job, json=body, timeout=SUBMIT_TIMEOUT_S)
 
 
 def check(
