@@ -772,3 +772,28 @@ def test_a_trainer_that_stops_during_the_gate_is_no_cancel(settings):
     )
     assert outcome["gate"]["passed"] is True and outcome["gate"]["promoted"] is True, outcome["gate"]
     assert registry.get_version(settings, params.adapter_name, "active")["version"] == outcome["adapter"]["version"]
+
+
+def test_the_gate_bounds_the_logits_it_holds_at_once(settings, tiny, monkeypatch):
+    """Review repro: the gate's val and test losses ran eight samples a forward pass with every supervised
+    position's logits in float32 at once: eight answers of 2,048 tokens over a 128k vocabulary are 8 GiB, on
+    a card that trained the model with a micro-batch of one. Batches stop at a budget of logits; the losses
+    are those of any batching."""
+    from lunatrain import tokens
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(30, val_every=3))
+    before = evalgate.eval_gate(settings).metrics
+    real, sizes = tokens.make_batch, []
+
+    def recording(samples, *args, **kwargs):
+        sizes.append(len(samples))
+        return real(samples, *args, **kwargs)
+
+    monkeypatch.setattr(tokens, "make_batch", recording)
+    monkeypatch.setattr(evalgate, "GATE_LOGITS", 1)  # one sample a pass, whatever its size
+    after = evalgate.eval_gate(settings).metrics
+    assert sizes and set(sizes) == {1}, sizes
+    assert before["valLoss"] is not None
+    assert after["valLoss"] == pytest.approx(before["valLoss"], rel=1e-5)

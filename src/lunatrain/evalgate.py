@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,17 +259,45 @@ class _Evaluator:
         from .train import forward_supervised
 
         out: dict[str, float | None] = {}
+        vocab = _vocabulary(self.model, self.tokenizer)
         for split in ("val", "test"):
             samples = [e for e in tokenized.splits.get(split, []) if e.n_supervised]
             total, count = 0.0, 0
             with torch.no_grad():
-                for k in range(0, len(samples), 8):
-                    batch = make_batch(samples[k : k + 8], tokenized.max_seq_length, self.tokenizer.pad_token_id)
+                for group in _bounded(samples, vocab):
+                    batch = make_batch(group, tokenized.max_seq_length, self.tokenizer.pad_token_id)
                     logits, targets = forward_supervised(self.model, batch, self.device)
                     total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
                     count += int(targets.numel())
             out[split] = total / count if count else None
         return out
+
+
+# The logits a loss pass holds at once (supervised positions x vocabulary, float32: 1 GiB). Eight samples of
+# 2,048 answer tokens over a 128k vocabulary would be 8 GiB, on a card that trained with a micro-batch of one.
+GATE_LOGITS = 1 << 28
+
+
+def _bounded(samples: list[Any], vocab: int) -> Iterator[list[Any]]:
+    """`samples` in passes of at most eight, each within GATE_LOGITS (a sample beyond it alone)."""
+    group: list[Any] = []
+    supervised = 0
+    for sample in samples:
+        if group and (len(group) == 8 or (supervised + sample.n_supervised) * vocab > GATE_LOGITS):
+            yield group
+            group, supervised = [], 0
+        group.append(sample)
+        supervised += sample.n_supervised
+    if group:
+        yield group
+
+
+def _vocabulary(model: Any, tokenizer: Any) -> int:
+    """The width of the model's logits (its output layer; the tokenizer's size where that cannot be read)."""
+    try:
+        return int(model.get_output_embeddings().weight.shape[0])
+    except (AttributeError, TypeError, IndexError):
+        return len(tokenizer)
 
 
 def _golden_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
