@@ -1008,11 +1008,11 @@ def _as_the_previous_release_stored(db: Settings, table: str, prompt: str, respo
 
 
 def test_content_the_previous_release_read_otherwise_is_found_on_reimport(db: Settings, tmp_path: Path) -> None:
-    """Line endings are normalized now, text parts joined as lines, and an OpenAI record's `system` and an
-    Alpaca `history` read. A database of the release before holds such records as it read them, under that
-    hash; re-importing the same file must find them (review repro: each came back as a new example, approved
-    where the stored one had been rejected: mixed line endings, an Alpaca input, parts, a system, a history,
-    a memory item)."""
+    """Line endings are normalized now, and text parts joined as lines. A database of the release before
+    holds such records as it read them, under that hash; re-importing the same file must find them (review
+    repro: each came back as a new example, approved where the stored one had been rejected: mixed line
+    endings, an Alpaca input, parts, a memory item). An OpenAI record's own `system` and an Alpaca `history`,
+    which it left out, make other content: both are kept (the next test)."""
     parts = [{"type": "text", "text": "Lies:"}, {"type": "text", "text": "Der Mond."}]
     cases = [
         ({"prompt": "Eins\r\nZwei\nDrei", "response": "Gut."}, "Eins\r\nZwei\nDrei", "Gut."),
@@ -1026,15 +1026,6 @@ def test_content_the_previous_release_read_otherwise_is_found_on_reimport(db: Se
             "Lies:Der Mond.",
             "Ok.",
         ),
-        (
-            {
-                "system": "Sei knapp.",
-                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ja."}],
-            },
-            "Hi",
-            "Ja.",
-        ),
-        ({"instruction": "Und B?", "output": "B ist 2.", "history": [["A?", "A ist 1."]]}, "Und B?", "B ist 2."),
     ]
     for _, prompt, response in cases:
         _as_the_previous_release_stored(db, "examples", prompt, response)
@@ -1049,3 +1040,34 @@ def test_content_the_previous_release_read_otherwise_is_found_on_reimport(db: Se
         store.add_memory(db, question="Wie alt?\r\nGenau.", answer="Drei.")
     with pytest.raises(Conflict, match="already exists"):  # an example added by hand likewise
         store.add_example(db, prompt="Eins\r\nZwei\nDrei", response="Gut.")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {
+            "system": "Du bist ein Pirat.",
+            "messages": [{"role": "user", "content": "Wer?"}, {"role": "assistant", "content": "Luna."}],
+        },
+        {"instruction": "Wer?", "output": "Luna.", "history": [["Hallo?", "Hallo."]]},
+    ],
+)
+def test_a_record_with_its_own_system_or_history_is_not_its_plain_twin(
+    db: Settings, tmp_path: Path, variant: dict
+) -> None:
+    """Review repro: reading a record as the previous release did (without its `system` or `history`) gave
+    it the plain twin's hash as its earlier one, so the plain record and the variant never both got in, in
+    either order, in one file or two: the two personas of one exchange were one example again."""
+    plain = {"prompt": "Wer?", "response": "Luna."}
+    for order in ([plain, variant], [variant, plain]):
+        fresh = tmp_path / f"root-{len(list(tmp_path.iterdir()))}"
+        settings = load_settings(home=fresh)
+        both = fresh / "both.jsonl"
+        fresh.mkdir()
+        both.write_text("".join(json.dumps(r) + "\n" for r in order), encoding="utf-8")
+        assert store.import_file(settings, both, source="curated", status=None).added == 2
+        store.dispose_stores()
+    for i, record in enumerate([plain, variant]):
+        one = tmp_path / f"one-{i}.jsonl"
+        one.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        assert store.import_file(db, one, source="curated", status=None).added == 1

@@ -186,9 +186,8 @@ class ExampleDraft:
         """The hash this content had when an earlier release read it, where that differs: a database of that
         release holds the content under it, and a re-import must find it there (or it would come back as new,
         approved even where it had been rejected). The previous release (`previous`) kept line endings as
-        written, glued text parts, and left an OpenAI record's own `system` and an Alpaca `history` out; the
-        one before it trimmed the first line's indent too. Goes when no database stored before these rules is
-        in use."""
+        written and glued text parts; the one before it trimmed the first line's indent too. Goes when no
+        database stored before these rules is in use."""
         if self.previous:
             return self.previous
         texts = [self.system or "", self.prompt, self.response, *(content for _, content in self.turns)]
@@ -392,8 +391,9 @@ def make_draft(
     ).with_previous(previous)
 
 
-# How the previous release read a record (`ExampleDraft.earlier_hash`): line endings as written, text parts
-# glued, an OpenAI record's own `system` and an Alpaca `history` left out.
+# How the previous release read a record's texts (`ExampleDraft.earlier_hash`): line endings as written, text
+# parts glued. (It also left an OpenAI record's own `system` and an Alpaca `history` out: those records are
+# other content now, and taking the plain twin's hash for theirs would make two different examples one.)
 _PREVIOUS: contextvars.ContextVar[bool] = contextvars.ContextVar("previous_release", default=False)
 
 
@@ -571,11 +571,12 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         "rating": record.get("rating"),
         "source": record.get("source"),
         "status": record.get("status") if own_status else None,
+        "previous": "",  # decided below for the record as a whole, not by make_draft for its parts
     }
     before = _PREVIOUS.get()
     if shape == "openai":
         turns = _turn_list(record, "messages", "role", "content")
-        draft = _from_turns(turns, "messages", common, system=None if before else record.get("system"))
+        draft = _from_turns(turns, "messages", common, system=record.get("system"))
     elif shape == "sharegpt":
         turns = _turn_list(record, "conversations", "from", "value")
         draft = _from_turns(turns, "conversations", common, system=record.get("system"))
@@ -583,7 +584,7 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         instruction = _text(record.get("instruction"), "instruction")
         extra = _text(record.get("input"), "input", required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        turns = [] if before else _alpaca_history(record.get("history"))
+        turns = _alpaca_history(record.get("history"))
         output = _field(record, "output")
         draft = make_draft(prompt=prompt, response=output, system=record.get("system"), turns=turns, **common)
     elif shape == "prompt-response":
@@ -592,11 +593,7 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         )
     else:
         raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
-    if not before and (
-        _read_otherwise(record)
-        or (shape == "openai" and record.get("system"))
-        or (shape == "alpaca" and record.get("history"))
-    ):
+    if not before and _read_otherwise(record):
         previous = _as_before(lambda: parse_record(record, shape, own_status=own_status)[0])
         draft = draft.with_previous(previous)
     return draft, shape
