@@ -111,3 +111,22 @@ def test_two_ranks_train_like_one_process_with_the_combined_batch(settings, home
     assert abs(report["metrics"]["valLoss"] - single.report["metrics"]["valLoss"]) < 1e-5
     assert abs(report["metrics"]["baseValLoss"] - single.report["metrics"]["baseValLoss"]) < 1e-6
     assert [v["version"] for v in registry.list_adapters(settings)["dp"]["versions"]] == ["v1"]  # rank 0 alone wrote
+
+
+def test_only_a_lost_peer_is_called_one():
+    """Review repro: every exception from a collective became PeerLost, so this rank's own out-of-memory in
+    its all-reduce said "another of the 2 training processes failed", and the job lost the real error."""
+    import torch
+
+    with pytest.raises(distributed.PeerLost):
+        with distributed._collective():
+            raise RuntimeError(
+                "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4242: Connection reset by peer"
+            )
+    with pytest.raises(torch.OutOfMemoryError):
+        with distributed._collective():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    own = distributed.RankFailed({"code": "out_of_memory", "message": "m"}, torch.OutOfMemoryError("x"))
+    assert not own.lost_peer
+    lost = distributed.RankFailed({"code": "rank_peer_lost", "message": "m"}, distributed.PeerLost("x"))
+    assert lost.lost_peer

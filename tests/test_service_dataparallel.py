@@ -375,3 +375,16 @@ def test_kill_9_of_the_trainer_stops_the_ranks_and_a_restart_settles_the_job(svc
     assert workers_of(home) == []
     registry.load(svc.settings)
     assert versions(svc.settings, "dp-orphan") == []
+
+
+def test_when_every_rank_only_lost_its_peer_the_first_record_is_said(tmp_path):
+    """Review repro: with every record marked as a lost peer and none missing, the job's error was torchrun's
+    "exited with status 1 without a result", beside the records."""
+    log = tmp_path / "j.log"
+    log.write_text(
+        "worker FAILED\nFailures:\n[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 1)\n"
+        "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 2)\n"
+    )
+    lost = {"code": "rank_peer_lost", "message": "another of the 2 training processes failed"}
+    err = _rank_crash_error(1, 2, log, log, {0: (20.0, lost, True), 1: (10.0, lost, True)})
+    assert err["code"] == "rank_peer_lost" and err["message"].startswith("Rank 1 of the 2 training processes failed: ")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import LunaError
 from .fsio import atomic_write_bytes, atomic_write_json, read_json, storage_error
-from .messages import coded
+from .messages import coded, counted
 
 if TYPE_CHECKING:
     from .train import Event, LoopState, Run
@@ -128,19 +128,15 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
     )
 
 
-def same_world(state: Path, ranks: int, steps_per_epoch: int) -> bool:
+def same_world(state: Path, ranks: int) -> bool:
     """Whether the checkpoint was saved by `ranks` data-parallel processes: N of batchSize b are one of N·b,
-    another schedule, so only those continue it. A checkpoint saved before checkpoints recorded it counts when
-    its step is where an epoch of this run ends (`steps_per_epoch` depends on the number)."""
+    another schedule, so only those continue it. One saved before checkpoints recorded the number counts as
+    one process's (nearly every run; its step cannot tell: a maxSteps cut moves it)."""
     try:
         saved = read_json(state)
     except LunaError:
         return False
-    if not isinstance(saved, dict):
-        return False
-    if "ranks" in saved:
-        return saved["ranks"] == ranks
-    return saved.get("step") == saved.get("epoch", 0) * steps_per_epoch
+    return isinstance(saved, dict) and saved.get("ranks", 1) == ranks
 
 
 def furthest(states: list[Path]) -> Path:
@@ -202,11 +198,10 @@ def _no_checkpoint(run: Run) -> dict[str, Any]:
         return {"type": "log", "message": "no checkpoint to resume from; starting fresh", **coded("log.resume_fresh")}
     state = furthest(others)
     differs, said = differences(run.identity, recorded_run(state) or {})
-    if not differs and recorded_run(state) and not same_world(state, run.world.size, run.steps_per_epoch):
-        saved = (read_json(state) or {}).get("ranks")
-        by = f"{saved} training processes" if saved else "another number of training processes"
-        resume = f": resume with {saved} to continue it" if saved else ""
-        differs, said = ["ranks"], f"saved by {by}, this run has {run.world.size}{resume}"
+    if not differs and recorded_run(state) and not same_world(state, run.world.size):
+        saved = (read_json(state) or {}).get("ranks", 1)
+        by = counted(saved, "training process", "training processes")
+        differs, said = ["ranks"], f"saved by {by}, this run has {run.world.size}: resume with {saved} to continue it"
     folder = state.parents[2]
     where = run.settings.shown(folder)
     epoch = int(state.parent.name.removeprefix("epoch-"))

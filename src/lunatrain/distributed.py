@@ -82,12 +82,24 @@ class PeerLost(RuntimeError):
     """A collective failed: another rank is gone (its failure is the cause, this is the consequence)."""
 
 
+# How a collective says its peer is gone: gloo's transport ("Connection reset by peer", "Connection closed by
+# peer", a read or write error), NCCL's remote error or abort, a store whose other side closed.
+_PEER_GONE = ("by peer", "Read error", "Write error", "remote process", "NCCL communicator was aborted", "Broken pipe")
+
+
 @contextlib.contextmanager
 def _collective() -> Iterator[None]:
+    """A collective whose failure says another rank is gone raises PeerLost; anything else (this rank's own
+    out-of-memory, a CUDA error surfacing at the sync) is this rank's failure, raised as it is."""
+    import torch.distributed as dist
+
     try:
         yield
-    except Exception as exc:  # gloo: "Connection reset by peer"; NCCL: a watchdog's abort
-        raise PeerLost(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        said = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, dist.DistNetworkError) or any(mark in said for mark in _PEER_GONE):
+            raise PeerLost(said) from exc
+        raise
 
 
 def sum_floats(world: World, values: list[float], device: str) -> list[float]:

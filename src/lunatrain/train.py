@@ -251,7 +251,7 @@ def _train_and_conclude(
                 _record(run, build_report(run, Status.CANCELLED, error, started, job_id))
         raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
-        status, error = Status.FAILED, failure(exc, "error")
+        status, error = Status.FAILED, failure(exc, "error", params=params)
         if isinstance(exc, distributed.PeerLost):  # the cause is another rank's failure, not this
             error = distributed.peer_lost_error(world, exc)
         if world.active:  # the others may wait in this step's all-reduce: leave the group (distributed.py)
@@ -271,7 +271,7 @@ def _train_and_conclude(
     return result
 
 
-def failure(exc: Exception, code: str, writing: str | None = None) -> dict[str, str]:
+def failure(exc: Exception, code: str, writing: str | None = None, params: LoraParams | None = None) -> dict[str, str]:
     """The run's error for `exc`: a LunaError (a full disk met by a checkpoint write) keeps its code and
     sentence; with `writing` (what the failed block wrote), an OS error (safetensors reports ENOSPC only inside
     its own exception's text) becomes the storage sentence for it; anything else `code` with the exception."""
@@ -280,22 +280,41 @@ def failure(exc: Exception, code: str, writing: str | None = None) -> dict[str, 
     if writing is not None and (os_exc := os_error_of(exc)) is not None:
         err = storage_error(os_exc, writing)
         return {"code": err.code, "message": err.message}
-    said = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or "OutOfMemoryError" in said or "out of memory" in said:
+    said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if out_of_memory(exc):
         # torch's own text runs over lines of allocator statistics: its first line says what was asked
-        first = said.splitlines()[0].split(" GPU ")[0].strip()
-        return {
-            "code": "out_of_memory",
-            "message": f"The device ran out of memory ({first.rstrip('.')}); {OOM_ADVICE}.",
-        }
+        first = said.splitlines()[0].split(" GPU ")[0].strip().rstrip(".")
+        return {"code": "out_of_memory", "message": f"The device ran out of memory ({first}); {oom_advice(params)}."}
     return {"code": code, "message": said}
 
 
-# What lowers a run's memory peak, smallest change first (memplan.py counts each).
-OOM_ADVICE = (
-    "lower the run's peak with --gradientCheckpointing=true, a smaller --batchSize with a larger "
-    "--gradientAccumulation (the same samples a step), a smaller --maxSeqLength, or --quantize=4bit"
-)
+def out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory on a GPU, its CPU allocator's ("can't allocate memory"), Python's MemoryError and
+    the system's ENOMEM: not any text that says "out of memory"."""
+    import errno
+
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        text.startswith("CUDA out of memory") or "DefaultCPUAllocator: can't allocate memory" in text
+    )
+
+
+def oom_advice(params: LoraParams | None = None) -> str:
+    """What lowers a run's memory peak, smallest change first (memplan.py counts each), leaving out what the
+    run already does."""
+    options = []
+    if params is None or params.gradient_checkpointing != "true":
+        options.append("--gradientCheckpointing=true")
+    if params is None or params.batch_size > 1:
+        options.append("a smaller --batchSize with a larger --gradientAccumulation (the same samples a step)")
+    options.append("a smaller --maxSeqLength")
+    if params is None or params.quantize == "none":
+        options.append("--quantize=4bit")
+    return "lower the run's peak with " + ", ".join(options[:-1]) + (", or " if len(options) > 1 else "") + options[-1]
 
 
 def conclude(
@@ -477,7 +496,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
                 identity,
                 named_base_run_key(params, identity),
                 legacy_run_key(params, base, data),
-                world=(world.size, per_epoch),
+                ranks=world.size,
             ),
         ),
         identity=identity,
@@ -593,11 +612,11 @@ def _work_dir(
     identity: dict[str, Any],
     named_base: str | None = None,
     legacy: str | None = None,
-    world: tuple[int, int] | None = None,
+    ranks: int | None = None,
 ) -> Path:
-    """`world`: the run's data-parallel processes and its steps per epoch. A checkpoint of another number of
-    processes is of another schedule: not resumed, and a fresh run's work dir is another one, so that its
-    checkpoints never replace that one's."""
+    """`ranks`: the run's data-parallel processes. A checkpoint of another number of processes is of another
+    schedule: not resumed, and a fresh run's work dir is another one, so that its checkpoints never replace
+    that one's."""
     root = registry.work_root(settings, params.adapter_name)
     key = run_key(identity)
     if params.resume:
@@ -608,7 +627,7 @@ def _work_dir(
         for named in (key, named_base, legacy):
             existing = checkpoints.saved_states(root, f"{named}-*") if named else []
             existing = [p for p in existing if named != legacy or checkpoints.recorded_run(p) is None]
-            existing = [p for p in existing if world is None or checkpoints.same_world(p, *world)]
+            existing = [p for p in existing if ranks is None or checkpoints.same_world(p, ranks)]
             if existing:
                 return checkpoints.furthest(existing).parents[2]
     return root / f"{key}-{uuid.uuid4().hex[:8]}"
@@ -1088,9 +1107,8 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     # failed tries of this same run of no further use; the adapter itself is the final state.
     path = registry.adapter_dir(run.settings, entry)
     shutil.rmtree(path / checkpoints.CHECKPOINTS_DIR, ignore_errors=True)
-    world = (run.world.size, run.steps_per_epoch)
     for stale in out.parent.glob(f"{out.name.rsplit('-', 1)[0]}-*"):
-        if any(not checkpoints.same_world(s, *world) for s in checkpoints.run_states(stale)):
+        if any(not checkpoints.same_world(s, run.world.size) for s in checkpoints.run_states(stale)):
             continue  # another number of processes' run: those resume it (`_work_dir`)
         shutil.rmtree(stale, ignore_errors=True)
     emit(

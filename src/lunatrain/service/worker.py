@@ -122,7 +122,11 @@ def error_code(exc: BaseException) -> str:
 
 
 def _is_oom(text: str) -> bool:
-    return any(s in text for s in ("OutOfMemoryError", "MemoryError", "out of memory"))
+    """An exception's "Type: message" that says the device ran out of memory (as train.out_of_memory): not any
+    text that mentions it."""
+    return text.startswith(("OutOfMemoryError", "MemoryError")) or any(
+        mark in text for mark in ("CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
+    )
 
 
 def _normalize_error(error: dict[str, Any] | None) -> dict[str, str]:
