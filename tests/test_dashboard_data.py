@@ -1440,6 +1440,13 @@ def test_another_base_models_group_offers_no_activate_or_rollback(page, services
     expect(other.locator("button", has_text="Deaktivieren")).to_have_count(1)  # acts wherever v2 is active
     expect(other.locator(".other-base")).to_contain_text("--baseModel org/other")
     expect(served.locator(".other-base")).to_have_count(0)
+    earlier = group("luna-tiny", False) | {"earlierBuild": True, "fingerprint": "7" * 64}
+    answer(page, "**/assistant/training/adapters", {"bases": [group("luna-tiny", True), earlier]})
+    page.reload()
+    notes = page.locator(".other-base")
+    expect(notes).to_have_count(1)
+    expect(notes).to_contain_text("früheren Stand von luna-tiny")
+    expect(notes).to_contain_text("--force")
 
 
 def test_another_base_model_typed_in_takes_its_profile_values_not_the_configured_ones(page, services: Services) -> None:
@@ -1460,3 +1467,25 @@ def test_another_base_model_typed_in_takes_its_profile_values_not_the_configured
         page.locator("#start-button").click()
     sent = json.loads(started.value.post_data or "{}")
     assert (sent["baseModel"], sent["learningRate"], sent["rank"], sent["batchSize"]) == ("org/other", 0.0002, 16, 3)
+
+
+def test_start_right_after_typing_a_base_model_sends_its_values_and_keeps_what_was_typed(
+    page, services: Services
+) -> None:
+    """Review repro: Start clicked straight after typing a base model read the form before the base's values
+    arrived (the job trained org/other with luna-tiny's learning rate 0.01), and the refill replaced what the
+    user had typed where it was not valid ("abc" in alpha became empty)."""
+    open_page(page, services)
+    page.locator("#lora-form details.advanced summary").click()
+    page.locator("#f-alpha").fill("abc")  # typed, not valid: it stays, and Start says so
+    page.locator("#f-baseModel").fill("org/other")
+    answer(page, "**/assistant/training/lora/start", {"error": {"code": "x", "message": "no"}}, status=503)
+    page.locator("#start-button").click()
+    expect(page.locator("#f-alpha")).to_have_value("abc")
+    expect(page.locator("#f-alpha")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#f-learningRate")).to_have_value("0,0002")
+    page.locator("#f-alpha").fill("")
+    with page.expect_request("**/assistant/training/lora/start") as started:
+        page.locator("#start-button").click()
+    sent = json.loads(started.value.post_data or "{}")
+    assert (sent["baseModel"], sent["learningRate"], sent["rank"]) == ("org/other", 0.0002, 16), sent

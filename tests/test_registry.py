@@ -926,3 +926,11 @@ def test_the_grouped_list_says_which_group_the_server_serves_and_where_a_version
     assert (here["active"], here["code"]) == (True, "adapter.active")
     assert (there["active"], there["code"]) == (True, "adapter.active_unserved"), there
     assert there["reason"] == "active on this base model, which is not the one configured here"
+    assert groups["org/new"]["earlierBuild"] is False and groups["luna-tiny"]["earlierBuild"] is False
+    # review repro: a group of the configured id with other weights (updated in place) was told to use
+    # `--baseModel luna-tiny`, which names the current weights: it is marked as an earlier build instead
+    _publish_on(settings, "old", "luna-tiny", "7" * 64)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        bases = client.get("/assistant/training/adapters").json()["bases"]
+    (earlier,) = [g for g in bases if g["fingerprint"] == "7" * 64]
+    assert earlier["configured"] is False and earlier["earlierBuild"] is True

@@ -5,8 +5,9 @@ until it dies out of memory.
 
 The estimate works from the base model's config.json alone (no weights are read) and counts, in bytes:
 
-- `weights`: every parameter in the compute dtype (float32 on CPU, bfloat16 on CUDA), except the decoder's
-  linear layers under `quantize` (NF4: ~0.52 bytes per weight with double-quantized scales; int8: ~1);
+- `weights`: every parameter in the compute dtype (`models.compute_dtype`: bfloat16 on a GPU that has it
+  natively, else float32), except the decoder's linear layers under `quantize` (NF4: ~0.52 bytes per weight
+  with double-quantized scales; int8: ~1);
 - `lora`: LoRA parameters in float32 with their gradients and two AdamW moments (16 bytes each);
 - `activations`: what autograd keeps per token and layer for a micro-batch of `tokens`: the inputs of
   norms, projections, attention and MLP, plus one copy of each LoRA input where dropout is on. With

@@ -560,8 +560,8 @@ def load_model(
     """Load the base causal LM from safetensors onto `device` (`dtype`: torch dtype or None for float32).
 
     `quantize` 4bit/8bit loads the linear layers of the decoder through bitsandbytes (QLoRA): NF4 with double
-    quantization computing in `dtype` (bfloat16 on CUDA, float32 on CPU), or LLM.int8. Embeddings and the
-    output layer stay in `dtype`. Such a model trains LoRA adapters but is never merged into (merge.py loads
+    quantization computing in `dtype` (`compute_dtype`: bfloat16 on a GPU that has it natively, else float32),
+    or LLM.int8. Embeddings and the output layer stay in `dtype`. Such a model trains LoRA adapters but is never merged into (merge.py loads
     the full-precision base)."""
     import torch
     from transformers import AutoModelForCausalLM

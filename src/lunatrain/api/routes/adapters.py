@@ -83,7 +83,7 @@ def _adapter(settings: Settings, name: str) -> AdapterOut:
 def _groups(settings: Settings) -> AdapterGroups:
     """Per base model (by fingerprint: the same id with other weights is another base), its adapters, and
     whether it is the configured one (activate and rollback act on that one only)."""
-    served, _ = _configured(settings)
+    served, served_id = _configured(settings)
     bases: dict[str, dict[str, Any]] = {}
     adapters = registry.list_adapters(settings)
     for name, adapter in sorted(adapters.items()):
@@ -94,7 +94,11 @@ def _groups(settings: Settings) -> AdapterGroups:
                 {
                     "baseModel": base.get("id", "?"),
                     "fingerprint": base.get("fingerprint"),
-                    "configured": base.get("fingerprint") == served,
+                    "configured": served is not None and base.get("fingerprint") == served,
+                    # the configured id with other weights (updated in place): --baseModel would name the new ones
+                    "earlierBuild": served is not None
+                    and base.get("fingerprint") != served
+                    and base.get("id") == served_id,
                     "adapters": {},
                 },
             )

@@ -80,7 +80,8 @@ export class AdapterView {
     const captionId = `caption-${name.replace(/[^A-Za-z0-9_-]/g, "_")}`;
     return h("div", { class: "adapter-group", dataset: { base: name } },
       h("h3", {}, t("adapters.base", { base: name })),
-      !served && h("p", { class: "badge-note other-base" }, t("adapters.otherBase", { base: name })),
+      !served && h("p", { class: "badge-note other-base" },
+        t(base.earlierBuild ? "adapters.earlierBuild" : "adapters.otherBase", { base: name })),
       h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-labelledby": captionId },
         h("table", { class: "adapters-table" },
           h("caption", { id: captionId, class: "visually-hidden" }, t("adapters.caption", { base: name })),

@@ -262,14 +262,16 @@ async function runExport(event) {
 }
 
 async function runPrepare(event) {
+  const button = event.currentTarget; // gone from the event once it has been dispatched
   const min = checkedMinCurated();
   if (min === null) return;
+  await refilled;
   // The job the training form would start (its bad fields are marked there, and nothing is sent); the job's
   // own minCurated and gate belong to the flow, the threshold checked here is the data panel's.
   const form = loraForm.read();
   if (form === null) return;
   const { minCurated: _min, gate: _gate, ...run } = form;
-  await busy(event.currentTarget, t("data.preparing"), async () => {
+  await busy(button, t("data.preparing"), async () => {
     try {
       const report = await api.prepare({ ...run, minCurated: min, profile: PROFILE });
       renderPrepare(report);
@@ -319,8 +321,9 @@ async function submitJob(button, call) {
   });
 }
 
-$("lora-form").addEventListener("submit", (event) => {
+$("lora-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  await refilled; // a base model typed just before: its values first
   const params = loraForm.read();
   // The profile the form shows (loadDefaults): the fields the form lacks take its values, as the preflight
   // and `lunatrain lora` resolve them.
@@ -338,16 +341,21 @@ $("reset-button").addEventListener("click", () => loadDefaults());
 
 // Another base model typed in: the profile's values for that base (its own table, as `lunatrain luna
 // --baseModel` takes them), not the configured base's, for every field the user has not changed.
-loraForm.control("baseModel").addEventListener("change", async (event) => {
+// Start and the preflight wait for it (`refilled`): clicking Start right after typing a base model sends the
+// form as that base's values make it.
+let refilled = Promise.resolve();
+loraForm.control("baseModel").addEventListener("change", (event) => {
   const field = event.currentTarget;
   const base = field.value.trim();
-  try {
-    const { params } = await api.defaults(PROFILE, base || null);
-    if (field.value.trim() === base) loraForm.refill(params); // not one typed since
-  } catch (error) {
-    if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
-    else showError(error, t("train.formLabel"));
-  }
+  refilled = (async () => {
+    try {
+      const { params } = await api.defaults(PROFILE, base || null);
+      if (field.value.trim() === base) loraForm.refill(params); // not one typed since
+    } catch (error) {
+      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
+      else showError(error, t("train.formLabel"));
+    }
+  })();
 });
 
 async function loadDefaults() {

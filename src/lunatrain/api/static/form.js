@@ -54,9 +54,11 @@ export class LoraForm {
         : fieldset);
     }
     this.summary = form.querySelector("#form-summary");
+    this.touched = new Set(); // fields the user changed since the form was filled: a refill keeps them
     form.addEventListener("input", (event) => {
       const name = event.target?.name;
       if (name) this.setError(name, null);
+      if (name) this.touched.add(name);
     });
   }
 
@@ -66,6 +68,7 @@ export class LoraForm {
 
   /** Fill every field from `values` (server defaults when available). */
   fill(values) {
+    this.touched.clear();
     this.defaults = { ...FALLBACK_DEFAULTS, ...values };
     // The server resolves alpha to 2 × rank; an empty field keeps following a rank the user changes.
     if (this.defaults.alpha === 2 * this.defaults.rank) this.defaults.alpha = null;
@@ -81,22 +84,19 @@ export class LoraForm {
     this.summary.hidden = true;
   }
 
-  /** The profile's values for another base model (`values`): each field still showing the value the form was
-   * filled with takes the new one; what the user changed, and the base model itself, stay as typed. */
+  /** The profile's values for another base model (`values`): each field the user has not changed since the
+   * form was filled takes the new one; what the user typed (valid or not), and the base model, stay. */
   refill(values) {
-    const shown = { ...this.defaults };
     const next = { ...FALLBACK_DEFAULTS, ...values };
     if (next.alpha === 2 * next.rank) next.alpha = null;
     for (const field of FIELDS) {
-      if (field.name === "baseModel") continue;
+      if (field.name === "baseModel" || this.touched.has(field.name)) continue;
       const control = this.control(field.name);
-      const [value] = checkField(field, this.raw(field));
-      const was = shown[field.name] ?? null;
-      if ((value ?? null) !== was) continue; // changed by the user
       const now = next[field.name];
       if (field.kind === "checkbox") control.checked = Boolean(now);
       else if (now === null || now === undefined) control.value = "";
       else control.value = typeof now === "number" ? formatPlain(now) : String(now);
+      this.setError(field.name, null);
     }
     this.defaults = next;
   }
@@ -157,6 +157,8 @@ export class LoraForm {
       const value = values[field.name];
       if (field.kind === "checkbox") control.checked = Boolean(value);
       else control.value = typeof value === "number" ? formatPlain(value) : String(value ?? "");
+      // what the user had changed stays theirs for a refill (`touched`)
+      if ((value === "" ? null : value) !== (this.defaults[field.name] ?? null)) this.touched.add(field.name);
     }
   }
 
