@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lunatrain import models
-from lunatrain.errors import UsageError
+from lunatrain.errors import DamagedFile, UsageError
 from lunatrain.settings import load_settings
 
 
@@ -316,3 +316,72 @@ def test_the_gate_and_chat_load_the_base_in_the_dtype_training_computes_in(setti
         else:
             serving.Engine(settings)._ensure_base()
     assert asked == [("cuda", "dtype on cuda")]
+
+
+def _hub_cache(tmp_path: Path, settings, monkeypatch, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """A Hugging Face hub cache holding acme/tiny (luna-tiny's files) at `commit`, as `hf download` leaves it."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    shutil.copytree(models.ensure_tiny(settings), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # as a user's machine with internet has it
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # a hub that refuses at once: no real request
+    return repo
+
+
+def test_a_hub_id_is_read_from_the_cache_and_never_fetched_unasked(settings, tmp_path, monkeypatch):
+    """Explore repro: without HF_HUB_OFFLINE (which the README never names) any command that resolves the base,
+    even `lunatrain status`, asked the hub for its newest commit, downloaded all of its weights and moved
+    refs/main: the active adapter stopped being served because upstream pushed a commit. The README's
+    promise holds now: the model is read from the local cache, and a hub id missing from it is fetched only
+    where ASSISTANT_HUB_DOWNLOAD allows it."""
+    import huggingface_hub
+
+    repo = _hub_cache(tmp_path, settings, monkeypatch)
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    info = models.resolve_base("acme/tiny", settings)
+    assert info.revision == (repo / "refs" / "main").read_text() and asked == [True]
+    with pytest.raises(UsageError) as missing:
+        models.resolve_base("acme/absent", settings)
+    assert missing.value.code == "base_model.not_cached" and asked[-1] is True
+    assert missing.value.message == (
+        "Base model 'acme/absent' is not in the local Hugging Face cache: download it once (`hf download "
+        "acme/absent`), or set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain fetch it."
+    )
+    allowed = settings.model_copy(update={"hub_download": True})
+    with pytest.raises(UsageError, match="could not be fetched"):  # no network here: it tried
+        models.resolve_base("acme/absent", allowed)
+    assert asked[-2:] == [True, False]
+    models.resolve_base("acme/tiny", allowed)  # in the cache: read there even so, never a newer commit
+    assert asked[-1] is True
+
+
+def test_a_weights_file_whose_download_was_cut_is_one_sentence(settings, tmp_path, monkeypatch):
+    """Explore repro: a snapshot whose model.safetensors links to a blob that is not there (a download cut
+    short, a cache copied without its blobs) ended prepare, lora and eval-gate in a traceback and the API in
+    500s."""
+    repo = _hub_cache(tmp_path, settings, monkeypatch)
+    (snapshot,) = (repo / "snapshots").iterdir()
+    weights = snapshot / "model.safetensors"
+    blob = repo / "blobs" / "abc"
+    blob.parent.mkdir()
+    weights.rename(blob)
+    weights.symlink_to(Path("../../blobs/abc"))
+    blob.unlink()
+    with pytest.raises(DamagedFile) as cut:
+        models.resolve_base("acme/tiny", settings)
+    assert cut.value.message == (
+        f"Base model 'acme/tiny' cannot be read: {weights} is missing or cannot be opened (No such file or "
+        "directory), as after a download cut short; download or copy the model again."
+    )

@@ -2,8 +2,9 @@
 
 Any Hugging Face causal LM works as a base: a hub id (`org/name`), a local directory in HF format, or
 `luna-tiny`. Weights load from safetensors only and `trust_remote_code` is never on, so a model directory
-can never run code or unpickle anything. Hub ids resolve through the local Hugging Face cache; they are
-fetched only when the user has not set `HF_HUB_OFFLINE` (the tests and luna-tiny never download).
+can never run code or unpickle anything. Hub ids resolve through the local Hugging Face cache (`hf download`
+puts them there); one the cache lacks is fetched only where ASSISTANT_HUB_DOWNLOAD allows it, and one it holds
+is never updated unasked: a newer upstream commit would change the base under the trained adapters.
 
 `luna-tiny` is a smoke-test model the project builds itself: a small Llama-architecture model with random
 weights from a fixed seed and a byte-level BPE tokenizer trained on text shipped in the package. The same
@@ -315,7 +316,7 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
             f"Base model directory {ref!r} does not exist.", code="base_model.no_directory", params={"baseModel": ref}
         )
     elif _HUB_ID.match(ref):
-        path, revision = _from_hub(ref)
+        path, revision = _from_hub(ref, settings.hub_download)
     else:
         raise UsageError(
             f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'.",
@@ -340,12 +341,20 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     _refuse_unsafe_index(path, ref)
     config_bytes = config.read_bytes()
     _refuse_custom_code(config_bytes, path, ref)
+    try:
+        fingerprint = _fingerprint(config_bytes, path, weights)
+    except OSError as exc:  # a weights link to a blob that is not there, an unreadable file
+        gone = Path(exc.filename) if exc.filename else path
+        raise DamagedFile(
+            f"Base model {ref!r} cannot be read: {gone} is missing or cannot be opened ({exc.strerror or exc}), as "
+            "after a download cut short; download or copy the model again."
+        ) from None
     return BaseModelInfo(
         id=ref,
         path=str(path),
         revision=revision,
         config_sha256=hashlib.sha256(config_bytes).hexdigest(),
-        fingerprint=_fingerprint(config_bytes, path, weights),
+        fingerprint=fingerprint,
     )
 
 
@@ -413,20 +422,32 @@ def refuse_adapter_dir(path: str | Path | None, ref: str | None = None) -> None:
     )
 
 
-def _from_hub(repo_id: str) -> tuple[Path, str | None]:
-    from huggingface_hub import constants, snapshot_download
+def _from_hub(repo_id: str, download: bool = False) -> tuple[Path, str | None]:
+    """The cached snapshot of `repo_id` (the commit refs/main names); with `download`, fetched when the cache
+    lacks it."""
+    import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo_id, allow_patterns=_ALLOW, local_files_only=constants.HF_HUB_OFFLINE)
+        local = huggingface_hub.snapshot_download(repo_id, allow_patterns=_ALLOW, local_files_only=True)
     except LocalEntryNotFoundError as exc:
-        raise UsageError(
-            f"Base model {repo_id!r} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE).",
-            code="base_model.not_cached",
-            params={"baseModel": repo_id},
-        ) from exc
-    except Exception as exc:  # network, auth, missing repo: one sentence, not a traceback
-        raise UsageError(f"Base model {repo_id!r} could not be fetched: {exc}") from exc
+        if not download or constants.HF_HUB_OFFLINE:
+            how = "set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain fetch it"
+            if download:
+                how = "unset HF_HUB_OFFLINE to let lunatrain fetch it"
+            raise UsageError(
+                f"Base model {repo_id!r} is not in the local Hugging Face cache: download it once (`hf download "
+                f"{repo_id}`), or {how}.",
+                code="base_model.not_cached",
+                params={"baseModel": repo_id},
+            ) from exc
+        try:
+            local = huggingface_hub.snapshot_download(repo_id, allow_patterns=_ALLOW, local_files_only=False)
+        except Exception as fetch:  # network, auth, missing repo: one sentence, not a traceback
+            raise UsageError(f"Base model {repo_id!r} could not be fetched: {fetch}") from fetch
+    except Exception as exc:  # a cache it cannot read
+        raise UsageError(f"Base model {repo_id!r} could not be read from the Hugging Face cache: {exc}") from exc
     path = Path(local)
     # Hub cache snapshots live in snapshots/<commit>/: that commit is the revision.
     revision = path.name if path.parent.name == "snapshots" else None

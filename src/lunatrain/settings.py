@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     infer_max_adapters: int = Field(
         default=4, ge=1, le=64, description="adapters kept loaded (least recently used out)"
     )
+    hub_download: bool = Field(
+        default=False,
+        description="fetch a hub id the local Hugging Face cache lacks (one it holds is never updated unasked)",
+    )
 
     @field_validator("home", mode="after")
     @classmethod
