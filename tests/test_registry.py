@@ -934,3 +934,22 @@ def test_the_grouped_list_says_which_group_the_server_serves_and_where_a_version
         bases = client.get("/assistant/training/adapters").json()["bases"]
     (earlier,) = [g for g in bases if g["fingerprint"] == "7" * 64]
     assert earlier["configured"] is False and earlier["earlierBuild"] is True
+
+
+def test_activating_a_version_of_an_earlier_build_of_the_configured_base_says_so(settings):
+    """Explore repro: a version trained on acme/tiny before the cache got a newer commit was refused with
+    "trained on 'acme/tiny', but the configured base model is 'acme/tiny' … configure its base
+    (ASSISTANT_BASE_MODEL='acme/tiny')": a contradiction, naming no revision."""
+    base = models.resolve_base(None, settings)
+    old = {"id": base.id, "fingerprint": "7" * 64, "revision": "a" * 40}
+    registry.publish(
+        settings, "a", "versioned", adapter_work_dir(settings, "a", "w"), _entry("7" * 64) | {"baseModel": old}
+    )
+    with pytest.raises(Conflict) as refused:
+        registry.activate(settings, "a", "v1")
+    assert refused.value.code == "adapter.earlier_build"
+    assert refused.value.message == (
+        f"a@v1 was trained on an earlier build of base model {base.id!r} (revision aaaaaaaaaaaa; its weights have "
+        "changed since): retrain it here (`lunatrain luna --adapterName a`), or, only if it is the same model, "
+        "force the activation (`lunatrain adapters activate a@v1 --force`)."
+    ), refused.value.message

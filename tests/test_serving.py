@@ -105,6 +105,25 @@ def test_an_adapter_of_another_base_is_refused(settings) -> None:
         )
         with pytest.raises(NotFound, match=r"has no active version on .*; activate one, or name a version GET "):
             engine.resolve("other")
+        # Explore repro: the configured base now has those other weights (a newer hub snapshot, a model copied
+        # over) and other@v2 was trained on them: a server started before still runs the build it loaded, and
+        # "retrain it on this base" is wrong advice. It says to restart.
+        from dataclasses import replace
+
+        from lunatrain import models
+
+        now = replace(engine.base_info(), fingerprint="0" * 64)
+        real = models.resolve_base
+        models.resolve_base = lambda ref, settings: now if ref is None else real(ref, settings)
+        try:
+            with pytest.raises(Conflict) as stale:
+                engine.resolve("other@v2")
+        finally:
+            models.resolve_base = real
+        assert stale.value.message == (
+            f"This server still runs the build of base model {now.id!r} it loaded when it started, and other@v2 "
+            "was trained on the one there now; restart `lunatrain serve` to serve it."
+        ), stale.value.message
     finally:
         data["adapters"]["other"]["versions"].pop()
         registry.registry_path(settings).write_text(json.dumps(data))

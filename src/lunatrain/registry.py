@@ -1080,6 +1080,17 @@ def activate(
         fingerprint, base_id = base.fingerprint, base.id
         said = {"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id}
         foreign = trained_on.get("fingerprint") != base.fingerprint
+        if foreign and not force and trained_on.get("id") == base.id:  # the same id, other weights now
+            revision = trained_on.get("revision")
+            then = f"revision {revision[:12]}; " if revision else ""
+            raise Conflict(
+                f"{name}@{entry['version']} was trained on an earlier build of base model {base.id!r} ({then}its "
+                f"weights have changed since): retrain it here (`lunatrain luna --adapterName {name}`), or, only if "
+                f"it is the same model, force the activation (`lunatrain adapters activate {name}@{entry['version']} "
+                "--force`).",
+                code="adapter.earlier_build",
+                params=said | {"revision": revision},
+            )
         if foreign and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "

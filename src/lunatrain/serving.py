@@ -322,7 +322,31 @@ class Engine:
 
     def resolve(self, model: str) -> Target:
         info = self.base_info()
-        return resolve(self.settings, model, info.id, info.fingerprint)
+        try:
+            return resolve(self.settings, model, info.id, info.fingerprint)
+        except Conflict as exc:
+            raise self._restart_to_serve(model, exc) or exc from None
+
+    def _restart_to_serve(self, model: str, refusal: Conflict) -> Conflict | None:
+        """A version trained on the other weights the configured base has now (a newer hub snapshot, a model
+        copied over) is refused by a server that still runs the build it loaded: that is what to say, not
+        "retrain it"."""
+        from .models import resolve_base
+
+        name, version = registry.parse_ref(model)
+        try:
+            now = resolve_base(None, self.settings)
+            entry = registry.get_version(self.settings, name, version or "active")
+        except LunaError:
+            return None
+        trained_on = entry.get("baseModel") or {}
+        if now.fingerprint == self.base_info().fingerprint or trained_on.get("fingerprint") != now.fingerprint:
+            return None
+        return Conflict(
+            f"This server still runs the build of base model {now.id!r} it loaded when it started, and "
+            f"{name}@{entry['version']} was trained on the one there now; restart `lunatrain serve` to serve it.",
+            details=refusal.details,
+        )
 
     def models(self) -> list[dict[str, Any]]:
         info = self.base_info()
