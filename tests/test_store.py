@@ -1071,3 +1071,16 @@ def test_a_record_with_its_own_system_or_history_is_not_its_plain_twin(
         one = tmp_path / f"one-{i}.jsonl"
         one.write_text(json.dumps(record) + "\n", encoding="utf-8")
         assert store.import_file(db, one, source="curated", status=None).added == 1
+
+
+def test_twins_in_one_file_find_what_the_previous_release_stored_in_either_order(db: Settings, tmp_path: Path) -> None:
+    """Explore repro: a file holding a record and its CRLF twin (one example now) found the example the
+    previous release stored under the CRLF hash only when the CRLF one came first; with the LF one first, the
+    rejected example came back as a new approved one."""
+    stored = _as_the_previous_release_stored(db, "examples", "Zwei\r\nZeilen", "Ja.")
+    for order in (["Zwei\nZeilen", "Zwei\r\nZeilen"], ["Zwei\r\nZeilen", "Zwei\nZeilen"]):
+        path = tmp_path / "twins.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "response": "Ja."}) + "\n" for p in order), encoding="utf-8")
+        result = store.import_file(db, path, source="curated", status=None)
+        assert (result.added, result.skipped_duplicates) == (0, 2), order
+    assert store.get_example(db, stored).status == "rejected"

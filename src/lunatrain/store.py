@@ -612,6 +612,9 @@ def _add_drafts(
     default."""
     unique: dict[str, ExampleDraft] = {}
     earlier: set[str] = set()
+    # Every earlier hash of the drafts kept under a hash: twins (a CRLF record and its LF one) are one example,
+    # and the database may hold it under either's.
+    earliers: dict[str, set[str]] = {}
     total = 0
     for draft in drafts:
         total += 1
@@ -622,6 +625,7 @@ def _add_drafts(
         unique.setdefault(draft.hash, draft)
         if draft.earlier_hash:
             earlier.add(draft.earlier_hash)
+            earliers.setdefault(draft.hash, set()).add(draft.earlier_hash)
     now = utc_now()
     added = 0
     hashes = list(unique)
@@ -629,7 +633,7 @@ def _add_drafts(
     for i in range(0, len(hashes), _CHUNK):
         chunk = hashes[i : i + _CHUNK]
         existing = _existing(conn, examples_table, chunk) | _stored_earlier(
-            conn, examples_table, [unique[h] for h in chunk]
+            conn, examples_table, [{"earlier": old, "hash": h} for h in chunk for old in earliers.get(h, ())]
         )
         rows = [_example_row(h, unique[h], source, status, now) for h in chunk if h not in existing]
         # A chunk's drafts are done with once its rows exist: binding a text caches its UTF-8 bytes on the
