@@ -1053,3 +1053,20 @@ def test_out_of_memory_is_told_by_its_kind_not_by_any_text_that_mentions_it():
     ]
     assert "--gradientCheckpointing" not in said and "--quantize" not in said and "--batchSize" not in said, said
     assert said.endswith("lower the run's peak with a smaller --maxSeqLength."), said
+
+
+def test_a_max_steps_beyond_the_schedule_is_said(settings):
+    """Explore repro: `--maxSteps=500` on a schedule of 6 steps ran 6 without a word; users of other trainers
+    expect max_steps to override the epochs. It is a cap: the run says so."""
+    write_export(settings, make_records(24, val_every=6))
+    logs = []
+    result = run_lora(_params(epochs=1, maxSteps=500), settings, on_event=logs.append)
+    assert result.ok, result.error
+    (said,) = [e for e in logs if e.get("code") == "log.max_steps_beyond"]
+    steps = result.report["metrics"]["steps"]
+    assert said["message"] == (
+        f"maxSteps 500 is beyond the {steps} steps of 1 epoch: the run ends after them (more --epochs train longer)"
+    )
+    logs.clear()
+    assert run_lora(_params(epochs=1, maxSteps=2), settings, on_event=logs.append).ok
+    assert not [e for e in logs if e.get("code") == "log.max_steps_beyond"]

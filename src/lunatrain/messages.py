@@ -207,6 +207,7 @@ CODES: dict[str, str] = {
     "local run's steps (steps, seconds, device, ranks, localSteps)",
     # job log lines (events of type log: code, params)
     "log.training_started": "training begins (samples, steps, device)",
+    "log.max_steps_beyond": "maxSteps is beyond the schedule's steps (maxSteps, steps, epochs): the run ends after them",
     "log.epoch_done": "an epoch ended with a checkpoint (epoch, valLoss)",
     "log.epoch_done_no_val": "an epoch ended with a checkpoint, without a validation split (epoch)",
     "log.adapter_written": "the adapter was written (name, version, path)",

@@ -703,6 +703,18 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             **coded("log.training_started", samples=len(run.train), steps=run.total_steps, device=run.device),
         }
     )
+    schedule = run.steps_per_epoch * run.params.epochs
+    if run.params.max_steps and run.params.max_steps > schedule:  # a cap, not a target: said, not silently ignored
+        emit(
+            {
+                "type": "log",
+                "message": f"maxSteps {run.params.max_steps} is beyond the {schedule} steps of "
+                f"{counted(run.params.epochs, 'epoch')}: the run ends after them (more --epochs train longer)",
+                **coded(
+                    "log.max_steps_beyond", maxSteps=run.params.max_steps, steps=schedule, epochs=run.params.epochs
+                ),
+            }
+        )
     left = {split: (run.tokens.stats.get(split) or {}).get("noSupervised", 0) for split in ("train", "val")}
     if any(left.values()):  # said here too: `lora` alone (or an API job) may run without prepare's length check
         counts = {split: (run.tokens.stats.get(split) or {}).get("count", 0) for split in ("train", "val")}
