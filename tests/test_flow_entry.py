@@ -805,30 +805,3 @@ def test_a_base_model_that_fails_the_first_gate_step_gets_advice_that_runs(setti
     assert "no adapter is active on the base model" in error and "[gate] thresholds of profile strict" in error, error
     assert "`lunatrain lora --profile strict`" in error, error
     store.dispose_stores()
-
-
-def test_a_job_trains_the_base_build_its_submitter_checked_or_refuses(settings, monkeypatch):
-    """Explore repro: the trainer resolved a hub id in its own Hugging Face cache (another HF_HOME): prepare and
-    the gate checked one commit, the job trained another, and the flow said "(active)" for an adapter that
-    `status` a moment later called not active. A job carries the base build its submitter resolved; a
-    trainer that finds other weights under the name refuses it in one sentence before training."""
-    from lunatrain import flow, models
-    from lunatrain.errors import UsageError
-    from lunatrain.params import FlowOptions, LoraParams
-    from lunatrain.service import client, ensure
-
-    write_export(settings, make_records(24, val_every=6))
-    sent = []
-    monkeypatch.setattr(ensure, "ensure_trainer", lambda settings: None)
-    monkeypatch.setattr(client, "submit", lambda settings, params, options, *rest: sent.append(options))
-    flow.submit(settings, LoraParams(base_model="luna-tiny"), FlowOptions(gate=False))
-    assert sent[0].base_fingerprint == models.resolve_base("luna-tiny", settings).fingerprint
-    other = FlowOptions(gate=False, base_fingerprint="0" * 64)  # as the submitter's cache resolved it
-    with pytest.raises(UsageError) as refused:
-        flow.train_and_gate(settings, LoraParams(base_model="luna-tiny", max_steps=1), other)
-    assert refused.value.code == "base_model.other_build"
-    assert refused.value.message.startswith(
-        "The trainer finds other weights under base model 'luna-tiny' than the command that submitted the job "
-        "checked (fingerprint 000000000000"
-    ), refused.value.message
-    assert not list(settings.adapters_dir.glob("*/v*"))  # nothing trained

@@ -91,7 +91,6 @@ def train_and_gate(
     never undoes the adapter. Returns the outcome (see LoraStep)."""
     from .train import run_lora
 
-    _refuse_another_build(settings, params, options)
     # An overwrite run the gate will judge waits beside its slot: it replaces what is served only if it passes.
     result = run_lora(params, settings, on_event=on_event, should_stop=should_stop, job_id=job_id, stage=options.gate)
     adapter = None
@@ -224,39 +223,8 @@ def submit(
     check_min_curated(settings, options)
     export.refuse_replaced(settings, params.dataset_tier)
     export.refuse_withdrawn(settings, params.dataset_tier)
-    if options.base_fingerprint is None:
-        options = options.model_copy(update={"base_fingerprint": _base_build(settings, params)})
     ensure_trainer(settings)
     return client.submit(settings, params, options, request_id, thresholds)
-
-
-def _base_build(settings: Settings, params: LoraParams) -> str | None:
-    """The fingerprint of the base build this side resolves (None where it cannot: the trainer decides)."""
-    from .models import resolve_base as resolve
-
-    try:
-        return resolve(params.base_model, settings).fingerprint
-    except LunaError:
-        return None
-
-
-def _refuse_another_build(settings: Settings, params: LoraParams, options: FlowOptions) -> None:
-    """A job trains the base build its submitter checked: a trainer that resolves the name to other weights
-    (its own Hugging Face cache, another copy of the directory) refuses it before training."""
-    if options.base_fingerprint is None:
-        return
-    from .models import resolve_base as resolve
-
-    found = resolve(params.base_model, settings)
-    if found.fingerprint != options.base_fingerprint:
-        raise UsageError(
-            f"The trainer finds other weights under base model {found.id!r} than the command that submitted the "
-            f"job checked (fingerprint {options.base_fingerprint[:12]}, here {found.fingerprint[:12]}"
-            + (f", revision {found.revision[:12]}" if found.revision else "")
-            + "): give the trainer the same Hugging Face cache (HF_HOME) or model directory, then submit again.",
-            code="base_model.other_build",
-            params={"baseModel": found.id, "expected": options.base_fingerprint, "found": found.fingerprint},
-        )
 
 
 def check_before_export(

@@ -50,8 +50,6 @@ CODES: dict[str, str] = {
     "base_model.no_weights": "the base model's directory has no safetensors weights (baseModel, path)",
     "base_model.unsafe_index": "the base model's weights index names files that are not safetensors in it (baseModel, problem)",
     "base_model.custom_code": "the base model needs its own Python code, never run (baseModel, modelType)",
-    "base_model.other_build": "the trainer resolves the base model to other weights than the submitter checked "
-    "(baseModel, expected, found)",
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel)",
     "adapter.version_not_active": "the named version is active on no base model (name, version)",
     "adapter.not_active": "the adapter is not active where it was asked (name, version: null)",

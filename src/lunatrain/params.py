@@ -151,12 +151,6 @@ class FlowOptions(CamelModel):
 
     min_curated: int = Field(default=0, ge=0, le=10_000_000)
     gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
-    base_fingerprint: str | None = Field(
-        default=None,
-        pattern=r"^[0-9a-f]{64}$",
-        description="the base model's build the submitter resolved (models.resolve_base): a trainer that finds "
-        "other weights under its name (another Hugging Face cache) refuses the job",
-    )
 
 
 def parse_params(data: dict, *, base: LoraParams | None = None, strict: bool = False) -> LoraParams:
