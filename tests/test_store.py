@@ -1058,19 +1058,19 @@ def test_a_record_with_its_own_system_or_history_is_not_its_plain_twin(
     """Review repro: reading a record as the previous release did (without its `system` or `history`) gave
     it the plain twin's hash as its earlier one, so the plain record and the variant never both got in, in
     either order, in one file or two: the two personas of one exchange were one example again."""
-    plain = {"prompt": "Wer?", "response": "Luna."}
-    for order in ([plain, variant], [variant, plain]):
-        fresh = tmp_path / f"root-{len(list(tmp_path.iterdir()))}"
-        settings = load_settings(home=fresh)
-        both = fresh / "both.jsonl"
-        fresh.mkdir()
+
+    def pair(n: int) -> list[dict]:
+        said = json.loads(json.dumps(variant).replace("Wer?", f"Wer{n}?"))
+        return [{"prompt": f"Wer{n}?", "response": "Luna."}, said]
+
+    for n, order in enumerate([pair(0), pair(1)[::-1]]):  # one file, in either order
+        both = tmp_path / f"both-{n}.jsonl"
         both.write_text("".join(json.dumps(r) + "\n" for r in order), encoding="utf-8")
-        assert store.import_file(settings, both, source="curated", status=None).added == 2
-        store.dispose_stores()
-    for i, record in enumerate([plain, variant]):
+        assert store.import_file(db, both, source="curated", status=None).added == 2, order
+    for i, record in enumerate(pair(2)):  # two files
         one = tmp_path / f"one-{i}.jsonl"
         one.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        assert store.import_file(db, one, source="curated", status=None).added == 1
+        assert store.import_file(db, one, source="curated", status=None).added == 1, record
 
 
 def test_twins_in_one_file_find_what_the_previous_release_stored_in_either_order(db: Settings, tmp_path: Path) -> None:
