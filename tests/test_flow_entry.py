@@ -805,3 +805,32 @@ def test_a_base_model_that_fails_the_first_gate_step_gets_advice_that_runs(setti
     assert "no adapter is active on the base model" in error and "[gate] thresholds of profile strict" in error, error
     assert "`lunatrain lora --profile strict`" in error, error
     store.dispose_stores()
+
+
+def test_the_summary_says_when_the_trainer_trained_another_build_of_the_base(settings):
+    """Explore repro: the trainer resolved a hub id in its own Hugging Face cache (another HF_HOME): prepare and
+    the gate checked one commit, the job trained another, and the summary said "(active)" for an adapter that
+    `status` a moment later called not active on the configured base. The summary says what happened."""
+    from lunatrain import models, registry
+    from lunatrain.flow import FlowResult, summary_lines
+    from lunatrain.params import parse_params
+
+    here = models.resolve_base(None, settings)
+    entry = {
+        "name": "luna-adapter",
+        "version": "v1",
+        "path": "data/adapters/luna-adapter/v1",
+        "baseModel": {"id": here.id, "fingerprint": "e" * 64, "revision": "a" * 40},
+        "metrics": {},
+    }
+    data = {"adapters": {"luna-adapter": {"versions": [entry], "activeByBase": {"e" * 64: {"version": "v1"}}}}}
+    registry.registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    registry.registry_path(settings).write_text(json.dumps(data))
+    (line,) = [
+        s for s in summary_lines(settings, FlowResult(parse_params({}), adapter=entry)) if s.startswith("adapter ")
+    ]
+    assert line == (
+        f"adapter    luna-adapter@v1 on {here.id} (active on the build of {here.id} the trainer found, revision "
+        "aaaaaaaaaaaa, not the one this command resolves: give the trainer the same Hugging Face cache (HF_HOME) "
+        "or model directory)"
+    ), line

@@ -581,6 +581,24 @@ def versus_base(val: float, base: float) -> str:
     return f"{abs(change):.1%} {'lower' if change < 0 else 'higher'} than the base model"
 
 
+def _another_build(settings: Settings, trained_on: dict[str, Any]) -> str | None:
+    """The words for a version trained on other weights under the configured base's name than this process
+    resolves (a trainer reading another Hugging Face cache or model copy); None when they are the same."""
+    from .models import resolve_base as resolve
+
+    try:
+        here = resolve(None, settings)
+    except LunaError:
+        return None
+    if trained_on.get("id") != here.id or trained_on.get("fingerprint") in (None, here.fingerprint):
+        return None
+    revision = trained_on.get("revision")
+    return (
+        f"the build of {here.id} the trainer found" + (f", revision {revision[:12]}" if revision else "") + ", not "
+        "the one this command resolves: give the trainer the same Hugging Face cache (HF_HOME) or model directory"
+    )
+
+
 def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     """The closing summary a person reads: adapter, val loss vs base, gate, where the files are."""
     lines = [f"{s.step:<10} {'ok' if s.ok else 'FAILED':<6} {s.seconds:7.1f}s  {s.summary}" for s in result.steps]
@@ -591,10 +609,10 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         gate = entry.get("gate") or {}
         trained_on = entry.get("baseModel") or {}
         state = registry.activation_state(settings, entry, str(trained_on.get("fingerprint")))
-        lines.append(
-            f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}"
-            + (" (active)" if state["active"] else f" (not active: {state['reason']})")
-        )
+        said = " (active)" if state["active"] else f" (not active: {state['reason']})"
+        if state["active"] and (other := _another_build(settings, trained_on)):
+            said = f" (active on {other})"
+        lines.append(f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}{said}")
         if val is not None and base is not None:
             # Measured in training, on the base as it was held there: the gate measures on the full-precision base.
             bits = (entry.get("quantization") or {}).get("bits")
