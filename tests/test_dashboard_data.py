@@ -1440,12 +1440,12 @@ def test_another_base_models_group_offers_no_activate_or_rollback(page, services
     expect(other.locator("button", has_text="Deaktivieren")).to_have_count(1)  # acts wherever v2 is active
     expect(other.locator(".other-base")).to_contain_text("--baseModel org/other")
     expect(served.locator(".other-base")).to_have_count(0)
-    earlier = group("luna-tiny", False) | {"earlierBuild": True, "fingerprint": "7" * 64}
+    earlier = group("luna-tiny", False) | {"anotherBuild": True, "fingerprint": "7" * 64}
     answer(page, "**/assistant/training/adapters", {"bases": [group("luna-tiny", True), earlier]})
     page.reload()
     notes = page.locator(".other-base")
     expect(notes).to_have_count(1)
-    expect(notes).to_contain_text("früheren Stand von luna-tiny")
+    expect(notes).to_contain_text("anderen Stand von luna-tiny")
     expect(notes).to_contain_text("--force")
 
 

@@ -926,17 +926,17 @@ def test_the_grouped_list_says_which_group_the_server_serves_and_where_a_version
     assert (here["active"], here["code"]) == (True, "adapter.active")
     assert (there["active"], there["code"]) == (True, "adapter.active_unserved"), there
     assert there["reason"] == "active on this base model, which is not the one configured here"
-    assert groups["org/new"]["earlierBuild"] is False and groups["luna-tiny"]["earlierBuild"] is False
+    assert groups["org/new"]["anotherBuild"] is False and groups["luna-tiny"]["anotherBuild"] is False
     # review repro: a group of the configured id with other weights (updated in place) was told to use
-    # `--baseModel luna-tiny`, which names the current weights: it is marked as an earlier build instead
+    # `--baseModel luna-tiny`, which names the current weights: it is marked as another build instead
     _publish_on(settings, "old", "luna-tiny", "7" * 64)
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         bases = client.get("/assistant/training/adapters").json()["bases"]
     (earlier,) = [g for g in bases if g["fingerprint"] == "7" * 64]
-    assert earlier["configured"] is False and earlier["earlierBuild"] is True
+    assert earlier["configured"] is False and earlier["anotherBuild"] is True
 
 
-def test_activating_a_version_of_an_earlier_build_of_the_configured_base_says_so(settings):
+def test_activating_a_version_of_an_another_build_of_the_configured_base_says_so(settings):
     """Explore repro: a version trained on acme/tiny before the cache got a newer commit was refused with
     "trained on 'acme/tiny', but the configured base model is 'acme/tiny' … configure its base
     (ASSISTANT_BASE_MODEL='acme/tiny')": a contradiction, naming no revision."""
@@ -947,9 +947,9 @@ def test_activating_a_version_of_an_earlier_build_of_the_configured_base_says_so
     )
     with pytest.raises(Conflict) as refused:
         registry.activate(settings, "a", "v1")
-    assert refused.value.code == "adapter.earlier_build"
+    assert refused.value.code == "adapter.another_build"
     assert refused.value.message == (
-        f"a@v1 was trained on an earlier build of base model {base.id!r} (revision aaaaaaaaaaaa; its weights have "
-        "changed since): retrain it here (`lunatrain luna --adapterName a`), or, only if it is the same model, "
-        "force the activation (`lunatrain adapters activate a@v1 --force`)."
+        f"a@v1 was trained on another build of base model {base.id!r} (revision aaaaaaaaaaaa; the weights under "
+        "that name differ now): retrain it here (`lunatrain luna --adapterName a`), or, only if it is the same "
+        "model, force the activation (`lunatrain adapters activate a@v1 --force`)."
     ), refused.value.message

@@ -388,3 +388,14 @@ def test_when_every_rank_only_lost_its_peer_the_first_record_is_said(tmp_path):
     lost = {"code": "rank_peer_lost", "message": "another of the 2 training processes failed"}
     err = _rank_crash_error(1, 2, log, log, {0: (20.0, lost, True), 1: (10.0, lost, True)})
     assert err["code"] == "rank_peer_lost" and err["message"].startswith("Rank 1 of the 2 training processes failed: ")
+
+
+def test_one_lost_peer_without_a_report_is_not_taken_for_the_cause(tmp_path):
+    """Review repro: torchrun killed before it wrote a report, one of two ranks recorded that it lost its
+    peer: the job blamed that rank ("Rank 0 … failed: another … failed") instead of saying how the launcher
+    ended."""
+    log = tmp_path / "j.log"
+    log.write_text("no report\n")
+    lost = {"code": "rank_peer_lost", "message": "another of the 2 training processes failed"}
+    err = _rank_crash_error(-9, 2, log, log, {0: (20.0, lost, True)})
+    assert err["code"] == "child_crashed" and err["message"].startswith("The torchrun launcher of the 2"), err

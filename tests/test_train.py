@@ -1070,3 +1070,33 @@ def test_a_max_steps_beyond_the_schedule_is_said(settings):
     logs.clear()
     assert run_lora(_params(epochs=1, maxSteps=2), settings, on_event=logs.append).ok
     assert not [e for e in logs if e.get("code") == "log.max_steps_beyond"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message", "oom"),
+    [
+        ("OutOfMemoryError", "CUDA out of memory. Tried to allocate 2 GiB", True),
+        ("AcceleratorError", "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+        ("RuntimeError", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+        ("RuntimeError", "MPS backend out of memory (MPS allocated: 8 GB)", True),
+        (
+            "RuntimeError",
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried",
+            True,
+        ),
+        ("OSError", "[Errno 12] Cannot allocate memory", True),
+        ("MemoryError", "", True),
+        ("RuntimeError", "the model said: CUDA out of memory is a common error", False),
+        ("ValueError", "I ran out of memory yesterday", False),
+    ],
+)
+def test_the_loop_and_the_trainer_tell_out_of_memory_alike(kind, message, oom):
+    """Review repro: the loop's and the trainer's detectors disagreed (ENOMEM, a message that quotes the
+    words), and torch's "CUDA error: out of memory" and cuBLAS's allocation failure were no longer said as
+    out of memory."""
+    from lunatrain.service.worker import _is_oom
+    from lunatrain.train import out_of_memory
+
+    exc = type(kind, (RuntimeError,), {})(message)
+    assert out_of_memory(exc) is oom
+    assert _is_oom(f"{kind}: {message}" if message else kind) is oom

@@ -228,3 +228,18 @@ class DamagedFile(StorageError, ValueError):
 
 class RegistryUnreadable(DamagedFile):
     code = "registry_unreadable"
+
+
+# How a device says it ran out of memory, at the start of an exception's message: torch's caching allocator
+# (CUDA, MPS) and a cudaMalloc outside it; and anywhere in it, cuBLAS's workspace and the CPU allocator.
+_OOM_STARTS = ("CUDA out of memory", "CUDA error: out of memory", "MPS backend out of memory")
+_OOM_MARKS = ("CUBLAS_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory")
+
+
+def is_out_of_memory(kind: str, message: str) -> bool:
+    """Whether an exception of type name `kind` with `message` says the device ran out of memory: by its kind
+    (torch.OutOfMemoryError, MemoryError, ENOMEM) or the allocator's own words, never by any text that merely
+    mentions memory. The training loop and the trainer's job errors decide alike."""
+    if kind in ("OutOfMemoryError", "MemoryError") or message.startswith("[Errno 12]"):
+        return True
+    return message.startswith(_OOM_STARTS) or any(mark in message for mark in _OOM_MARKS)

@@ -273,8 +273,9 @@ class _Evaluator:
         return out
 
 
-# The logits a loss pass holds at once (supervised positions x vocabulary, float32: 1 GiB). Eight samples of
-# 2,048 answer tokens over a 128k vocabulary would be 8 GiB, on a card that trained with a micro-batch of one.
+# The float32 logits a loss pass holds at once (supervised positions x vocabulary: 1 GiB; the pass peaks at a
+# few times that, with the model's own logits and the log-softmax). Eight samples of 2,048 answer tokens over a
+# 128k vocabulary would be 8 GiB of them, on a card that trained with a micro-batch of one.
 GATE_LOGITS = 1 << 28
 
 

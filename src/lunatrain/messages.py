@@ -59,7 +59,7 @@ CODES: dict[str, str] = {
     "adapter.does_not_fit": "the adapter's LoRA weights have other shapes than the base model's layers: not "
     "even --force makes it active there, and a gate cannot use it as its baseline (name, version, baseModel, "
     "configured when activating)",
-    "adapter.earlier_build": "activation refused: trained on an earlier build (revision) of the configured base "
+    "adapter.another_build": "activation refused: trained on another build (revision) of the configured base "
     "model (name, version, baseModel, configured)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
     "(name, version, baseModel, configured)",

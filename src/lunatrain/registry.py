@@ -1084,11 +1084,11 @@ def activate(
             revision = trained_on.get("revision")
             then = f"revision {revision[:12]}; " if revision else ""
             raise Conflict(
-                f"{name}@{entry['version']} was trained on an earlier build of base model {base.id!r} ({then}its "
-                f"weights have changed since): retrain it here (`lunatrain luna --adapterName {name}`), or, only if "
-                f"it is the same model, force the activation (`lunatrain adapters activate {name}@{entry['version']} "
-                "--force`).",
-                code="adapter.earlier_build",
+                f"{name}@{entry['version']} was trained on another build of base model {base.id!r} ({then}the "
+                f"weights under that name differ now): retrain it here (`lunatrain luna --adapterName {name}`), or, "
+                f"only if it is the same model, force the activation (`lunatrain adapters activate "
+                f"{name}@{entry['version']} --force`).",
+                code="adapter.another_build",
                 params=said | {"revision": revision},
             )
         if foreign and not force:

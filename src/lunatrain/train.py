@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, checkpoints, distributed, kernels, memplan, registry
 from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
 from .distributed import World
-from .errors import CheckFailed, LunaError, UsageError
+from .errors import CheckFailed, LunaError, UsageError, is_out_of_memory
 from .fsio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -289,18 +289,8 @@ def failure(exc: Exception, code: str, writing: str | None = None, params: LoraP
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """torch's out-of-memory on a GPU, its CPU allocator's ("can't allocate memory"), Python's MemoryError and
-    the system's ENOMEM: not any text that says "out of memory"."""
-    import errno
-
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        text.startswith("CUDA out of memory") or "DefaultCPUAllocator: can't allocate memory" in text
-    )
+    """Whether `exc` says the device ran out of memory (errors.is_out_of_memory)."""
+    return is_out_of_memory(type(exc).__name__, str(exc))
 
 
 def oom_advice(params: LoraParams | None = None) -> str:

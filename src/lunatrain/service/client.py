@@ -357,7 +357,7 @@ def check(
     """Raise what `submit` would be refused with (bad parameters, a requestId used for others), creating
     nothing; return the job the requestId already names (an idempotent retry), else None."""
     body = _job_body(params, options, request_id, gate_thresholds)
-    return _call(settings, "POST", "/jobs/check", JobCheck, json=body).job
+    return _call(settings, "POST", "/jobs/check", JobCheck, json=body, timeout=SUBMIT_TIMEOUT_S).job  # as submit
 
 
 def _job_body(

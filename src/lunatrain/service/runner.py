@@ -425,7 +425,7 @@ def _rank_crash_error(
     statuses = {int(rank): int(status) for rank, status in _RANK_STATUS.findall(report)}
     root = _ROOT_CAUSE.findall(report)
     unrecorded = [rank for rank in statuses if rank not in recorded]  # died: the others lost it
-    if recorded and not unrecorded:  # every record says it lost a peer, and none died unrecorded: say the first
+    if len(recorded) == ranks and not unrecorded:  # every rank says it lost a peer: say the first
         rank, (_, error, _) = min(recorded.items(), key=lambda item: item[1][0])
         return error | {"message": f"Rank {rank} of the {ranks} training processes failed: {error.get('message', '')}"}
     if unrecorded:

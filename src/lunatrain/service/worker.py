@@ -41,7 +41,7 @@ from typing import IO, Any
 
 from .. import distributed
 from ..compat import without_bitsandbytes
-from ..errors import LunaError
+from ..errors import LunaError, is_out_of_memory
 from ..messages import coded
 from ..startup import import_training_stack
 from ..wire import finite, now_iso
@@ -122,11 +122,9 @@ def error_code(exc: BaseException) -> str:
 
 
 def _is_oom(text: str) -> bool:
-    """An exception's "Type: message" that says the device ran out of memory (as train.out_of_memory): not any
-    text that mentions it."""
-    return text.startswith(("OutOfMemoryError", "MemoryError")) or any(
-        mark in text for mark in ("CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
-    )
+    """A job error's "Type: message" that says the device ran out of memory (errors.is_out_of_memory)."""
+    kind, _, message = text.partition(": ")
+    return is_out_of_memory(kind, message)
 
 
 def _normalize_error(error: dict[str, Any] | None) -> dict[str, str]:

@@ -96,7 +96,7 @@ def _groups(settings: Settings) -> AdapterGroups:
                     "fingerprint": base.get("fingerprint"),
                     "configured": served is not None and base.get("fingerprint") == served,
                     # the configured id with other weights (updated in place): --baseModel would name the new ones
-                    "earlierBuild": served is not None
+                    "anotherBuild": served is not None
                     and base.get("fingerprint") != served
                     and base.get("id") == served_id,
                     "adapters": {},

@@ -81,7 +81,7 @@ export class AdapterView {
     return h("div", { class: "adapter-group", dataset: { base: name } },
       h("h3", {}, t("adapters.base", { base: name })),
       !served && h("p", { class: "badge-note other-base" },
-        t(base.earlierBuild ? "adapters.earlierBuild" : "adapters.otherBase", { base: name })),
+        t(base.anotherBuild ? "adapters.anotherBuild" : "adapters.otherBase", { base: name })),
       h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-labelledby": captionId },
         h("table", { class: "adapters-table" },
           h("caption", { id: captionId, class: "visually-hidden" }, t("adapters.caption", { base: name })),
