@@ -385,3 +385,30 @@ def test_a_weights_file_whose_download_was_cut_is_one_sentence(settings, tmp_pat
         f"Base model 'acme/tiny' cannot be read: {weights} is missing or cannot be opened (No such file or "
         "directory), as after a download cut short; download or copy the model again."
     )
+
+
+def test_a_cached_hub_id_without_its_ref_or_whole_snapshot_is_never_fetched_over(settings, tmp_path, monkeypatch):
+    """Review repro: a snapshot downloaded pinned to a commit (no refs/main) was "not in the local Hugging Face
+    cache", and an incomplete one too; with ASSISTANT_HUB_DOWNLOAD=true both fetched main's newest commit,
+    which updated a cached model unasked. The one snapshot of a pinned download is used; an incomplete one is
+    said as such, and nothing is fetched."""
+    import huggingface_hub
+
+    repo = _hub_cache(tmp_path, settings, monkeypatch)
+    (snapshot,) = (repo / "snapshots").iterdir()
+    (repo / "refs" / "main").unlink()
+    allowed = settings.model_copy(update={"hub_download": True})
+    info = models.resolve_base("acme/tiny", allowed)
+    assert info.path == str(snapshot) and info.revision == snapshot.name
+    (repo / "refs" / "main").write_text("f" * 40)  # names a commit whose snapshot is not there
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: fetched.append(k) or _raise(k))
+    with pytest.raises(DamagedFile, match=r"is in the local Hugging Face cache \(.*\) but not whole"):
+        models.resolve_base("acme/tiny", allowed)
+    assert [k["local_files_only"] for k in fetched] == [True]
+
+
+def _raise(kwargs):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    raise LocalEntryNotFoundError("not whole")

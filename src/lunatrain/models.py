@@ -432,6 +432,9 @@ def _from_hub(repo_id: str, download: bool = False) -> tuple[Path, str | None]:
     try:
         local = huggingface_hub.snapshot_download(repo_id, allow_patterns=_ALLOW, local_files_only=True)
     except LocalEntryNotFoundError as exc:
+        repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        if repo.is_dir():  # there, but not whole: never fetched over (that could bring another commit)
+            return _cached_without_ref(repo_id, repo, exc)
         if not download or constants.HF_HUB_OFFLINE:
             how = "set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain fetch it"
             if download:
@@ -452,6 +455,18 @@ def _from_hub(repo_id: str, download: bool = False) -> tuple[Path, str | None]:
     # Hub cache snapshots live in snapshots/<commit>/: that commit is the revision.
     revision = path.name if path.parent.name == "snapshots" else None
     return path, revision
+
+
+def _cached_without_ref(repo_id: str, repo: Path, exc: BaseException) -> tuple[Path, str | None]:
+    """A hub id the cache holds but cannot resolve: the one snapshot of a download pinned to a commit (no
+    refs/main), else an incomplete download, said as such."""
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+    if not (repo / "refs" / "main").is_file() and len(snapshots) == 1:
+        return snapshots[0], snapshots[0].name
+    raise DamagedFile(
+        f"Base model {repo_id!r} is in the local Hugging Face cache ({repo}) but not whole ({exc}); download it "
+        f"again (`hf download {repo_id}`)."
+    )
 
 
 def _fingerprint(config_bytes: bytes, path: Path, weights: list[Path]) -> str:
