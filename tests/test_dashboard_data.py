@@ -1489,3 +1489,11 @@ def test_start_right_after_typing_a_base_model_sends_its_values_and_keeps_what_w
         page.locator("#start-button").click()
     sent = json.loads(started.value.post_data or "{}")
     assert (sent["baseModel"], sent["learningRate"], sent["rank"]) == ("org/other", 0.0002, 16), sent
+    # review repro: a second click while the base's values were loading queued a second job
+    starts: list[str] = []
+    page.on("request", lambda r: starts.append(r.url) if "/lora/start" in r.url else None)
+    page.locator("#f-baseModel").fill("org/third")
+    with page.expect_request("**/assistant/training/lora/start"):
+        page.locator("#start-button").dblclick()
+    expect(page.locator("#start-button")).to_be_enabled()
+    assert len(starts) == 1, starts

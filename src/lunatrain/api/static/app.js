@@ -321,13 +321,20 @@ async function submitJob(button, call) {
   });
 }
 
+let starting = false; // a Start waiting for a base's values: a second click must not queue a second job
 $("lora-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  await refilled; // a base model typed just before: its values first
-  const params = loraForm.read();
-  // The profile the form shows (loadDefaults): the fields the form lacks take its values, as the preflight
-  // and `lunatrain lora` resolve them.
-  if (params) submitJob($("start-button"), () => api.start({ ...params, profile: PROFILE }));
+  if (starting) return;
+  starting = true;
+  try {
+    await refilled; // a base model typed just before: its values first
+    const params = loraForm.read();
+    // The profile the form shows (loadDefaults): the fields the form lacks take its values, as the preflight
+    // and `lunatrain lora` resolve them.
+    if (params) await submitJob($("start-button"), () => api.start({ ...params, profile: PROFILE }));
+  } finally {
+    starting = false;
+  }
 });
 
 $("quick-start-button").addEventListener("click", (event) => {
@@ -423,7 +430,7 @@ $("lang-switch").addEventListener("click", () => {
   const threshold = $("data-min-curated");
   const minCurated = threshold.dataset.touched
     ? checkField(MIN_CURATED_FIELD, threshold.value)[0] ?? threshold.value : null;
-  sessionStorage.setItem(TYPED_KEY, JSON.stringify({ values: loraForm.typed(), minCurated }));
+  sessionStorage.setItem(TYPED_KEY, JSON.stringify({ values: loraForm.typed(), touched: loraForm.changed(), minCurated }));
 });
 
 function restoreTyped() {
@@ -436,7 +443,7 @@ function restoreTyped() {
     typed = null;
   }
   if (!typed?.values) return;
-  loraForm.putBack(typed.values);
+  loraForm.putBack(typed.values, typed.touched);
   if (typed.minCurated !== null && typed.minCurated !== undefined) {
     const min = typed.minCurated;
     $("data-min-curated").value = typeof min === "number" ? formatPlain(min) : String(min);

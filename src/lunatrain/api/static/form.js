@@ -149,17 +149,25 @@ export class LoraForm {
     }));
   }
 
-  /** Put back what `typed()` returned, numbers in this page's notation. */
-  putBack(values) {
+  /** The fields the user changed since the form was filled (`touched`), for another page load. */
+  changed() {
+    return [...this.touched];
+  }
+
+  /** Put back what `typed()` returned, numbers in this page's notation; `touched`: what `changed()` said. */
+  putBack(values, touched = null) {
     for (const field of FIELDS) {
       if (!(field.name in values)) continue;
       const control = this.control(field.name);
       const value = values[field.name];
       if (field.kind === "checkbox") control.checked = Boolean(value);
       else control.value = typeof value === "number" ? formatPlain(value) : String(value ?? "");
-      // what the user had changed stays theirs for a refill (`touched`)
-      if ((value === "" ? null : value) !== (this.defaults[field.name] ?? null)) this.touched.add(field.name);
+      // what the user had changed stays theirs for a refill (`touched`); a page before this one said which
+      if (!touched && (value === "" ? null : value) !== (this.defaults[field.name] ?? null)) {
+        this.touched.add(field.name);
+      }
     }
+    if (touched) this.touched = new Set(touched);
   }
 
   /** Only the named fields (quick start sends a few of them), validated the same way. */
