@@ -834,3 +834,11 @@ def test_the_summary_says_when_the_trainer_trained_another_build_of_the_base(set
         "aaaaaaaaaaaa, not the one this command resolves: give the trainer the same Hugging Face cache (HF_HOME) "
         "or model directory)"
     ), line
+    # not active (the gate refused it, or ran not): said all the same, since retraining through the same
+    # trainer would train that build again
+    data["adapters"]["luna-adapter"]["activeByBase"] = {}
+    registry.registry_path(settings).write_text(json.dumps(data))
+    (line,) = [
+        s for s in summary_lines(settings, FlowResult(parse_params({}), adapter=entry)) if s.startswith("adapter ")
+    ]
+    assert line.startswith(f"adapter    luna-adapter@v1 on {here.id} (not active; trained on the build of"), line

@@ -390,8 +390,8 @@ def test_a_weights_file_whose_download_was_cut_is_one_sentence(settings, tmp_pat
 def test_a_cached_hub_id_without_its_ref_or_whole_snapshot_is_never_fetched_over(settings, tmp_path, monkeypatch):
     """Review repro: a snapshot downloaded pinned to a commit (no refs/main) was "not in the local Hugging Face
     cache", and an incomplete one too; with ASSISTANT_HUB_DOWNLOAD=true both fetched main's newest commit,
-    which updated a cached model unasked. The one snapshot of a pinned download is used; an incomplete one is
-    said as such, and nothing is fetched."""
+    which updated a cached model unasked. The one snapshot of a pinned download is used; an interrupted
+    download is completed at its own commit where downloads are allowed, else said with the command."""
     import huggingface_hub
 
     repo = _hub_cache(tmp_path, settings, monkeypatch)
@@ -400,12 +400,20 @@ def test_a_cached_hub_id_without_its_ref_or_whole_snapshot_is_never_fetched_over
     allowed = settings.model_copy(update={"hub_download": True})
     info = models.resolve_base("acme/tiny", allowed)
     assert info.path == str(snapshot) and info.revision == snapshot.name
-    (repo / "refs" / "main").write_text("f" * 40)  # names a commit whose snapshot is not there
+    (repo / "refs" / "main").write_text("f" * 40)  # an interrupted download: the commit's snapshot is not there
     fetched = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: fetched.append(k) or _raise(k))
-    with pytest.raises(DamagedFile, match=r"is in the local Hugging Face cache \(.*\) but not whole"):
-        models.resolve_base("acme/tiny", allowed)
+    with pytest.raises(UsageError) as refused:
+        models.resolve_base("acme/tiny", settings)
+    assert refused.value.message == (
+        "Base model 'acme/tiny' is in the local Hugging Face cache but not whole (an interrupted download): complete "
+        f"it (`hf download acme/tiny --revision {'f' * 40}`), or set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain "
+        "complete it."
+    )
     assert [k["local_files_only"] for k in fetched] == [True]
+    with pytest.raises(UsageError, match="could not be completed in the cache"):
+        models.resolve_base("acme/tiny", allowed)  # completes the commit refs/main names, no other
+    assert [(k["local_files_only"], k.get("revision")) for k in fetched[1:]] == [(True, None), (False, "f" * 40)]
 
 
 def _raise(kwargs):

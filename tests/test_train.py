@@ -1065,7 +1065,7 @@ def test_a_max_steps_beyond_the_schedule_is_said(settings):
     (said,) = [e for e in logs if e.get("code") == "log.max_steps_beyond"]
     steps = result.report["metrics"]["steps"]
     assert said["message"] == (
-        f"maxSteps 500 is beyond the {steps} steps of 1 epoch: the run ends after them (more --epochs train longer)"
+        f"maxSteps 500 is beyond the {steps} steps the schedule holds (1 epoch): the run ends after them"
     )
     logs.clear()
     assert run_lora(_params(epochs=1, maxSteps=2), settings, on_event=logs.append).ok

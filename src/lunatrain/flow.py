@@ -610,8 +610,8 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         trained_on = entry.get("baseModel") or {}
         state = registry.activation_state(settings, entry, str(trained_on.get("fingerprint")))
         said = " (active)" if state["active"] else f" (not active: {state['reason']})"
-        if state["active"] and (other := _another_build(settings, trained_on)):
-            said = f" (active on {other})"
+        if other := _another_build(settings, trained_on):  # active or not: retraining here would do it again
+            said = f" (active on {other})" if state["active"] else f" (not active; trained on {other})"
         lines.append(f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}{said}")
         if val is not None and base is not None:
             # Measured in training, on the base as it was held there: the gate measures on the full-precision base.

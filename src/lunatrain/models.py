@@ -434,7 +434,7 @@ def _from_hub(repo_id: str, download: bool = False) -> tuple[Path, str | None]:
     except LocalEntryNotFoundError as exc:
         repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
         if repo.is_dir():  # there, but not whole: never fetched over (that could bring another commit)
-            return _cached_without_ref(repo_id, repo, exc)
+            return _cached_not_whole(repo_id, repo, download and not constants.HF_HUB_OFFLINE)
         if not download or constants.HF_HUB_OFFLINE:
             how = "set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain fetch it"
             if download:
@@ -457,15 +457,39 @@ def _from_hub(repo_id: str, download: bool = False) -> tuple[Path, str | None]:
     return path, revision
 
 
-def _cached_without_ref(repo_id: str, repo: Path, exc: BaseException) -> tuple[Path, str | None]:
+def _cached_not_whole(repo_id: str, repo: Path, download: bool) -> tuple[Path, str | None]:
     """A hub id the cache holds but cannot resolve: the one snapshot of a download pinned to a commit (no
-    refs/main), else an incomplete download, said as such."""
+    refs/main); an interrupted download of the commit refs/main names, completed with `download` (that commit
+    only: never a newer one); else said, with the command that completes it."""
+    import huggingface_hub
+
     snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
-    if not (repo / "refs" / "main").is_file() and len(snapshots) == 1:
-        return snapshots[0], snapshots[0].name
-    raise DamagedFile(
-        f"Base model {repo_id!r} is in the local Hugging Face cache ({repo}) but not whole ({exc}); download it "
-        f"again (`hf download {repo_id}`)."
+    ref = repo / "refs" / "main"
+    said = {"code": "base_model.not_cached", "params": {"baseModel": repo_id}}
+    if not ref.is_file():
+        if len(snapshots) == 1:
+            return snapshots[0], snapshots[0].name
+        if snapshots:
+            raise UsageError(
+                f"Base model {repo_id!r} has {len(snapshots)} snapshots in the local Hugging Face cache and no "
+                f"refs/main to tell which is meant: download the one you mean (`hf download {repo_id} --revision "
+                "COMMIT`).",
+                **said,
+            )
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else ""
+    if commit and download:
+        try:
+            local = huggingface_hub.snapshot_download(
+                repo_id, revision=commit, allow_patterns=_ALLOW, local_files_only=False
+            )
+        except Exception as fetch:  # network, auth: one sentence
+            raise UsageError(f"Base model {repo_id!r} could not be completed in the cache: {fetch}", **said) from fetch
+        return Path(local), commit
+    pin = f" --revision {commit}" if commit else ""
+    raise UsageError(
+        f"Base model {repo_id!r} is in the local Hugging Face cache but not whole (an interrupted download): complete "
+        f"it (`hf download {repo_id}{pin}`), or set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain complete it.",
+        **said,
     )
 
 

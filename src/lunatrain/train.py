@@ -698,8 +698,8 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         emit(
             {
                 "type": "log",
-                "message": f"maxSteps {run.params.max_steps} is beyond the {schedule} steps of "
-                f"{counted(run.params.epochs, 'epoch')}: the run ends after them (more --epochs train longer)",
+                "message": f"maxSteps {run.params.max_steps} is beyond the {schedule} steps the schedule holds "
+                f"({counted(run.params.epochs, 'epoch')}): the run ends after them",
                 **coded(
                     "log.max_steps_beyond", maxSteps=run.params.max_steps, steps=schedule, epochs=run.params.epochs
                 ),

@@ -326,14 +326,18 @@ $("lora-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   if (starting) return;
   starting = true;
+  const start = $("start-button");
+  start.setAttribute("aria-busy", "true"); // waiting for a base's values: said, not a dead button
   try {
     await refilled; // a base model typed just before: its values first
+    start.removeAttribute("aria-busy");
     const params = loraForm.read();
     // The profile the form shows (loadDefaults): the fields the form lacks take its values, as the preflight
     // and `lunatrain lora` resolve them.
     if (params) await submitJob($("start-button"), () => api.start({ ...params, profile: PROFILE }));
   } finally {
     starting = false;
+    start.removeAttribute("aria-busy");
   }
 });
 
