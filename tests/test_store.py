@@ -1084,3 +1084,14 @@ def test_twins_in_one_file_find_what_the_previous_release_stored_in_either_order
         result = store.import_file(db, path, source="curated", status=None)
         assert (result.added, result.skipped_duplicates) == (0, 2), order
     assert store.get_example(db, stored).status == "rejected"
+
+
+def test_memory_twins_in_one_batch_find_what_the_previous_release_stored(db: Settings) -> None:
+    """Review repro: a batch of memory items holding an item and its CRLF twin kept only the first twin's
+    earlier hash, so with the LF one first the item the previous release stored came back as a new one."""
+    _as_the_previous_release_stored(db, "memory_items", "Wie alt?\r\nGenau.", "Drei.")
+    twins = [
+        {"question": q, "answer": "Drei.", "topic": None, "status": "approved", "tags": ()}
+        for q in ("Wie alt?\nGenau.", "Wie alt?\r\nGenau.")
+    ]
+    assert store._add_memory_items(db, twins) == 0

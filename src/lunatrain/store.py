@@ -956,11 +956,13 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
     """Store the memory items (validated first, all of them) whose question/answer is new, in one
     transaction; returns how many were added."""
     rows: dict[str, dict[str, Any]] = {}
+    earlier: list[dict[str, Any]] = []  # every twin's earlier hash: the database may hold the item under any
     for item in items:
         values = _memory_values(**item)
         rows.setdefault(values["hash"], values)  # the first of two equal items in one batch
+        earlier.append({"earlier": values["earlier"], "hash": values["hash"]})
     with open_store(settings).write() as conn:
-        stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(conn, memory_table, rows.values())
+        stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(conn, memory_table, earlier)
         new = [v for h, v in rows.items() if h not in stored]
         if new:
             _insert_memory(conn, new)
