@@ -35,6 +35,7 @@ def test_a_process_that_ended_is_no_such_process():
 
 
 def test_the_start_is_the_kernels_count_from_boot_even_for_a_name_with_spaces_and_parens():
+    # renames itself, says so, and waits to be killed below (30 s only bounds its life if the test dies)
     code = "open('/proc/self/comm', 'w').write('a) b (c'); print(flush=True); import time; time.sleep(30)"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:

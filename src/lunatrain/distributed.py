@@ -15,7 +15,7 @@ environment everything here is a no-op and the loop is the single-process loop.
 A rank that fails on its own (an out-of-memory on its GPU, a memory plan its GPU refuses) cannot tell the
 others: they wait in a collective it will never join. It raises `RankFailed`, its process exits non-zero
 with its error written beside torchrun's per-rank files (`write_rank_error`), and torchrun stops the others;
-the trainer then reports the error of the rank that failed first (`first_rank_error`).
+the trainer then reports the error of the rank that failed first (`service.runner._rank_crash_error`).
 """
 
 from __future__ import annotations
@@ -175,10 +175,17 @@ class RankFailed(LunaError):
 
     def __init__(self, error: dict[str, Any], cause: BaseException | None = None) -> None:
         super().__init__(str(error.get("message") or "training failed"), code=str(error.get("code") or "error"))
+        self.error = error  # as the run's report records it
         self.params = error.get("params") if isinstance(error.get("params"), dict) else None
         self.exit_code = getattr(cause, "exit_code", 1)  # a usage error stays one (exit 2)
         self.at = time.monotonic()
-        self.lost_peer = isinstance(cause, PeerLost) or isinstance(getattr(cause, "__cause__", None), PeerLost)
+        self.lost_peer = isinstance(cause, PeerLost)
+
+
+def leave(world: World, exc: BaseException, error: dict[str, Any]) -> RankFailed:
+    """What this rank raises to leave the group after `exc`: `error`, unless `exc` is a lost peer, whose
+    error says another process failed (`peer_lost_error`)."""
+    return RankFailed(peer_lost_error(world, exc) if isinstance(exc, PeerLost) else error, exc)
 
 
 def peer_lost_error(world: World, exc: BaseException) -> dict[str, Any]:
@@ -205,9 +212,14 @@ def write_rank_error(world: World, error: dict[str, Any], at: float | None = Non
         path.write_text(json.dumps(record), encoding="utf-8")
 
 
+def _rank_error_files(log_dir: Path) -> Iterator[Path]:
+    """The rank error files under a job's torchrun log folder (`write_rank_error`)."""
+    return log_dir.glob(f"*/attempt_*/*/{RANK_ERROR_FILE}")
+
+
 def clear_rank_errors(log_dir: Path) -> None:
     """Before a launch: the errors an earlier try of the job recorded are not this one's."""
-    for path in log_dir.glob(f"*/attempt_*/*/{RANK_ERROR_FILE}"):
+    for path in _rank_error_files(log_dir):
         with contextlib.suppress(OSError):
             path.unlink()
 
@@ -216,7 +228,7 @@ def rank_errors(log_dir: Path) -> dict[int, tuple[float, dict[str, Any], bool]]:
     """{rank: (when, error, lost its peer)} of the ranks of one launch that recorded their failure
     (`write_rank_error`)."""
     found: dict[int, tuple[float, dict[str, Any], bool]] = {}
-    for path in log_dir.glob(f"*/attempt_*/*/{RANK_ERROR_FILE}"):
+    for path in _rank_error_files(log_dir):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads(path.read_text(encoding="utf-8"))
             found[int(data["rank"])] = (float(data["at"]), dict(data["error"]), bool(data.get("lostPeer")))

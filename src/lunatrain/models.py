@@ -621,8 +621,8 @@ def load_model(
 
     `quantize` 4bit/8bit loads the linear layers of the decoder through bitsandbytes (QLoRA): NF4 with double
     quantization computing in `dtype` (`compute_dtype`: bfloat16 on a GPU that has it natively, else float32),
-    or LLM.int8. Embeddings and the output layer stay in `dtype`. Such a model trains LoRA adapters but is never merged into (merge.py loads
-    the full-precision base)."""
+    or LLM.int8. Embeddings and the output layer stay in `dtype`. Such a model trains LoRA adapters but is
+    never merged into (merge.py loads the full-precision base)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

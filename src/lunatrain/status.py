@@ -241,35 +241,23 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
             path = jobs_db_path(settings.data_dir)
             reason = " ".join(str(exc).split()).rstrip(".")
             error = getattr(exc, "sqlite_errorname", "")
-            damaged = error in ("SQLITE_NOTADB", "SQLITE_CORRUPT")
             if error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):  # held by a writer: it goes away by itself
-                problems.add(
-                    f"The trainer's job database {path} is locked by another process ({reason}), so the trainer's "
-                    "last job is unknown; ask again in a moment.",
-                    "status.jobs_db_busy",
-                    path=str(path),
-                    reason=reason,
-                )
-            elif not damaged:  # not to be opened (permissions, its log): moving it aside would lose the history
+                kind, what, fix = "busy", "is locked by another process", "ask again in a moment"
+            elif error in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                kind, what = "damaged", "cannot be read"
+                fix = "move it aside (the trainer starts an empty one) or restore a backup"
+            else:  # not to be opened (permissions, its log): moving it aside would lose the history
+                kind, what = "no_access", "cannot be read by this process"
                 fix = (
                     "give this user read access to it and the -wal/-shm files beside it (`chmod`), or run status "
                     "as the trainer's user"
                 )
-                problems.add(
-                    f"The trainer's job database {path} cannot be read by this process ({reason}), so the "
-                    f"trainer's last job is unknown; {fix}.",
-                    "status.jobs_db_no_access",
-                    path=str(path),
-                    reason=reason,
-                )
-            else:
-                problems.add(
-                    f"The trainer's job database {path} cannot be read ({reason}), so the trainer's last job is "
-                    "unknown; move it aside (the trainer starts an empty one) or restore a backup.",
-                    "status.jobs_db_damaged",
-                    path=str(path),
-                    reason=reason,
-                )
+            problems.add(
+                f"The trainer's job database {path} {what} ({reason}), so the trainer's last job is unknown; {fix}.",
+                f"status.jobs_db_{kind}",
+                path=str(path),
+                reason=reason,
+            )
             return None
         return jobs[0] if jobs else None
 

@@ -586,12 +586,9 @@ def _existing(
     return found
 
 
-def _stored_earlier(
-    conn: Connection, table: sa.Table, drafts: Iterable[ExampleDraft | dict[str, Any]]
-) -> dict[str, int]:
-    """{hash: id} of the drafts (or memory rows, `_memory_values`) whose content `table` holds under its earlier
-    hash (`ExampleDraft.earlier_hash`)."""
-    pairs = ((d["earlier"], d["hash"]) if isinstance(d, dict) else (d.earlier_hash, d.hash) for d in drafts)
+def _stored_earlier(conn: Connection, table: sa.Table, pairs: Iterable[tuple[str | None, str]]) -> dict[str, int]:
+    """{hash: id} of the contents `table` holds under an earlier hash: `pairs` are (earlier hash, hash), the
+    earlier one None where there is none (`ExampleDraft.earlier_hash`)."""
     earlier = {old: new for old, new in pairs if old}
     if not earlier:
         return {}
@@ -633,7 +630,7 @@ def _add_drafts(
     for i in range(0, len(hashes), _CHUNK):
         chunk = hashes[i : i + _CHUNK]
         existing = _existing(conn, examples_table, chunk) | _stored_earlier(
-            conn, examples_table, [{"earlier": old, "hash": h} for h in chunk for old in earliers.get(h, ())]
+            conn, examples_table, [(old, h) for h in chunk for old in earliers.get(h, ())]
         )
         rows = [_example_row(h, unique[h], source, status, now) for h in chunk if h not in existing]
         # A chunk's drafts are done with once its rows exist: binding a text caches its UTF-8 bytes on the
@@ -724,7 +721,9 @@ def add_example(
     _check_choice(source, SOURCES, "source")
     status_ = _default_status(source, status)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, examples_table, [draft.hash]) | _stored_earlier(conn, examples_table, [draft])
+        dup = _existing(conn, examples_table, [draft.hash]) | _stored_earlier(
+            conn, examples_table, [(draft.earlier_hash, draft.hash)]
+        )
         if dup:
             raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
         _add_drafts(conn, [draft], source, status_)
@@ -942,7 +941,9 @@ def add_memory(
     Raises UsageError for invalid fields and Conflict when the same question/answer is stored."""
     values = _memory_values(question=question, answer=answer, topic=topic, status=status, tags=tags)
     with open_store(settings).write() as conn:
-        dup = _existing(conn, memory_table, [values["hash"]]) | _stored_earlier(conn, memory_table, [values])
+        dup = _existing(conn, memory_table, [values["hash"]]) | _stored_earlier(
+            conn, memory_table, [(values["earlier"], values["hash"])]
+        )
         if dup:
             raise Conflict(
                 f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
@@ -956,11 +957,11 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
     """Store the memory items (validated first, all of them) whose question/answer is new, in one
     transaction; returns how many were added."""
     rows: dict[str, dict[str, Any]] = {}
-    earlier: list[dict[str, Any]] = []  # every twin's earlier hash: the database may hold the item under any
+    earlier: list[tuple[str | None, str]] = []  # every twin's earlier hash: the database may hold it under any
     for item in items:
         values = _memory_values(**item)
         rows.setdefault(values["hash"], values)  # the first of two equal items in one batch
-        earlier.append({"earlier": values["earlier"], "hash": values["hash"]})
+        earlier.append((values["earlier"], values["hash"]))
     with open_store(settings).write() as conn:
         stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(conn, memory_table, earlier)
         new = [v for h, v in rows.items() if h not in stored]

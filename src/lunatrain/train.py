@@ -178,9 +178,7 @@ def run_lora(
             return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id, stage)
         except Exception as exc:
             if world.active and not isinstance(exc, distributed.RankFailed):  # stamped before the group goes
-                lost = isinstance(exc, distributed.PeerLost)
-                error = distributed.peer_lost_error(world, exc) if lost else failure(exc, "error")
-                raise distributed.RankFailed(error, exc) from exc
+                raise distributed.leave(world, exc, failure(exc, "error")) from exc
             raise
 
 
@@ -252,12 +250,11 @@ def _train_and_conclude(
         raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
         status, error = Status.FAILED, failure(exc, "error", params=params)
-        if isinstance(exc, distributed.PeerLost):  # the cause is another rank's failure, not this
-            error = distributed.peer_lost_error(world, exc)
         if world.active:  # the others may wait in this step's all-reduce: leave the group (distributed.py)
+            leaving = distributed.leave(world, exc, error)  # a lost peer: another rank's failure is the cause
             if world.main:
-                conclude(run, status, error, build_report(run, status, error, started, job_id), emit)
-            raise distributed.RankFailed(error, exc) from exc
+                conclude(run, status, leaving.error, build_report(run, status, leaving.error, started, job_id), emit)
+            raise leaving from exc
     report = build_report(run, status, error, started, job_id)
     if not world.main:  # rank 0 writes and registers; the other ranks return its outcome
         status_value, version, path, error = distributed.share(world, None)

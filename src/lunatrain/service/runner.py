@@ -415,19 +415,23 @@ def _rank_crash_error(
     else torchrun's own exit status."""
     tail = _tail(log_path, 16384)  # the last report: a resumed job appends to its log
     recorded = recorded or {}
-    own = {rank: (at, error) for rank, (at, error, lost) in recorded.items() if not lost}
-    if own:
-        rank, (_, error) = min(own.items(), key=lambda item: item[1][0])
-        if len(own) == ranks and all(e == error for _, e in own.values()):  # every rank alike (bad data, a
-            return error  # plan every GPU refuses): the job's error as it is
+    own = {rank: record for rank, record in recorded.items() if not record[2]}
+
+    def first(records: dict[int, tuple[float, dict[str, Any], bool]]) -> dict[str, Any]:
+        rank, (_, error, _) = min(records.items(), key=lambda item: item[1][0])
         return error | {"message": f"Rank {rank} of the {ranks} training processes failed: {error.get('message', '')}"}
+
+    if own:
+        errors = [error for _, error, _ in own.values()]
+        if len(own) == ranks and all(e == errors[0] for e in errors):  # every rank alike (bad data, a plan
+            return errors[0]  # every GPU refuses): the job's error as it is
+        return first(own)
     report = tail.rpartition("FAILED")[2] or tail
     statuses = {int(rank): int(status) for rank, status in _RANK_STATUS.findall(report)}
     root = _ROOT_CAUSE.findall(report)
     unrecorded = [rank for rank in statuses if rank not in recorded]  # died: the others lost it
     if len(recorded) == ranks and not unrecorded:  # every rank says it lost a peer: say the first
-        rank, (_, error, _) = min(recorded.items(), key=lambda item: item[1][0])
-        return error | {"message": f"Rank {rank} of the {ranks} training processes failed: {error.get('message', '')}"}
+        return first(recorded)
     if unrecorded:
         rank = int(root[-1][0]) if root and int(root[-1][0]) in unrecorded else min(unrecorded)
         found: tuple[int, int] | None = (rank, statuses[rank])

@@ -208,11 +208,12 @@ def run(
 def log_failure(exc: BaseException) -> None:
     """Into the job's log: a failure the run states (LunaError: no export, bad data, a damaged base) as one
     line with its code; anything else with its traceback, which is what a bug report needs."""
-    cause = exc.__cause__ if isinstance(exc, distributed.RankFailed) else None
-    if isinstance(exc, LunaError) and not (cause is not None and not isinstance(cause, LunaError)):
+    if isinstance(exc, distributed.RankFailed) and exc.__cause__ is not None:
+        exc = exc.__cause__  # what ended the rank
+    if isinstance(exc, LunaError):
         print(f"{now_iso()} error {exc.code}: {exc.message}", file=sys.stderr, flush=True)
     else:  # a bug (also one that ended a rank): its traceback
-        traceback.print_exception(cause or exc, file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 def _result_dict(outcome: dict[str, Any]) -> dict[str, Any]:
@@ -288,22 +289,22 @@ def main(argv: list[str] | None = None) -> int:
         else coded("log.worker_started", pid=os.getpid())
     )
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}", **started})
-    left, failed_at, lost_peer = False, None, False
+    left: distributed.RankFailed | None = None  # this rank's run failed on its own: it leaves the group
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
         result = run(args.job, json.loads(args.params), json.loads(args.options), channel, stop, thresholds, shutdown)
     except BaseException as exc:  # bad params or settings, a rank's own failure: still one result line
         log_failure(exc)
         result = _failed_by(exc)
-        left, failed_at = isinstance(exc, distributed.RankFailed), getattr(exc, "at", None)
-        lost_peer = bool(getattr(exc, "lost_peer", False))
+        left = exc if isinstance(exc, distributed.RankFailed) else None
     channel.send(result)
     if world.active:
         # Under torchrun a run that ended in order is 0 on every rank whatever the outcome (rank 0's result
-        # line carries it). A rank whose run failed on its own leaves with its error recorded: the others may be waiting
-        # for it in a collective, and torchrun stops them (distributed.py).
-        if left:
-            distributed.write_rank_error(world, _normalize_error(result.get("error")), failed_at, lost_peer=lost_peer)
+        # line carries it). A rank whose run failed on its own leaves with its error recorded: the others may
+        # be waiting for it in a collective, and torchrun stops them (distributed.py).
+        if left is not None:
+            error = _normalize_error(result.get("error"))
+            distributed.write_rank_error(world, error, left.at, lost_peer=left.lost_peer)
             return 1
         return 0
     return 0 if result["status"] == "succeeded" else 1
