@@ -357,6 +357,58 @@ def test_the_adapter_folder_names_its_base_as_the_user_did_and_pins_its_hub_revi
         assert f"base_model: {name}\n" in card and str(settings.home) not in card and str(tmp_path) not in card, card
 
 
+def test_training_gating_and_merging_ask_no_hub_and_leave_the_offline_flag_alone(settings, monkeypatch, tmp_path):
+    """Explore repro: saving an adapter asked the hub whether its base's config.json exists (PEFT's check for a
+    resized vocabulary names the base by its hub id) on every run of a hub base on a machine with internet,
+    and so luna-tiny set HF_HUB_OFFLINE=1 in the process, which every trainer and rank it started inherited:
+    there ASSISTANT_HUB_DOWNLOAD=true could not fetch a base and said to unset a variable the user never set.
+    Now no step of a run looks anything up on the network, and the environment stays as the user set it."""
+    import shutil
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    from lunatrain import evalgate, merge
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    shutil.copytree(models.ensure_tiny(settings), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # a machine with internet
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+
+    def no_lookup(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    write_export(settings, make_records(16, val_every=6))
+    for base in ("acme/tiny", None):  # a hub id, then the built-in luna-tiny
+        result = run_lora(_params(baseModel=base, maxSteps=1, adapterName=f"net-{base is None}"), settings)
+        assert result.ok, result.error
+        ref = f"{result.report['adapterName']}@{result.report['version']}"
+        assert evalgate.eval_gate(settings, adapter=ref, base_model=base).decision in ("pass", "fail")
+        merge.merge_adapter(settings, ref)
+    assert asked == []
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("targets", "saved"), [("all-linear", False), (["q_proj", "lm_head"], True), (["embed_tokens"], True)]
+)
+def test_an_adapter_saves_the_embedding_layers_exactly_where_it_trains_one(settings, targets, saved):
+    """What PEFT's "auto" decided from the targets, now decided without its hub lookup (see above)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lunatrain.compat import saves_embeddings
+
+    model = get_peft_model(models.load_model(None, settings), LoraConfig(r=2, target_modules=targets))
+    assert saves_embeddings(model) is saved
+
+
 def _cut_after_first_epoch(settings, job_id=None, **over):
     seen = []
     cut = run_lora(

@@ -188,13 +188,28 @@ def peft_wrapping() -> Iterator[None]:
 @contextlib.contextmanager
 def peft_quiet(category: type[Warning] = Warning) -> Iterator[None]:
     """Around PEFT loading, deleting or saving an adapter where lunatrain already handles what PEFT (0.21)
-    warns about: saving, it looks the base id up to check for a resized vocabulary and warns that a local
-    base cannot be looked up (lunatrain never resizes it); loading or deleting one of several adapters, it
-    says which adapter it made active instead (the chat server sets the adapter for every step itself).
-    Nothing a user can act on. Goes when PEFT stops warning about local bases and active adapters."""
+    warns about: saving an adapter that trains an embedding layer, it says it saves the embeddings too;
+    loading or deleting one of several adapters, it says which adapter it made active instead (the chat server
+    sets the adapter for every step itself). Nothing a user can act on. Goes when PEFT stops warning about
+    these."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category)
         yield
+
+
+def saves_embeddings(model: Any) -> bool:
+    """PEFT's `save_embedding_layers`, decided from the model instead of by "auto": for an adapter that
+    trains no embedding layer, "auto" (PEFT 0.21) asks the hub whether the base's config.json exists (the
+    adapter names its base by hub id) to detect a resized vocabulary, a network request on every save where
+    HF_HUB_OFFLINE is unset; lunatrain never resizes the vocabulary. True where an embedding layer carries
+    LoRA, as "auto" decides from the config alone. Goes when PEFT looks only at a local base, or not at all."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    return any(
+        isinstance(module, BaseTunerLayer) and name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+        for name, module in model.named_modules()
+    )
 
 
 # --- typer ---------------------------------------------------------------------------------------

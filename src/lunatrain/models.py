@@ -307,7 +307,6 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     ref = ref or settings.base_model
     revision = None
     if ref == TINY_ID:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = ensure_tiny(settings)
     elif (found := local_dir(ref, settings.home)) is not None:
         path = found

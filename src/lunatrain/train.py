@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, checkpoints, distributed, kernels, memplan, registry
-from .compat import enable_checkpointing, masked_logits_supported, peft_quiet, peft_wrapping, with_bitsandbytes
+from .compat import (
+    enable_checkpointing,
+    masked_logits_supported,
+    peft_quiet,
+    peft_wrapping,
+    saves_embeddings,
+    with_bitsandbytes,
+)
 from .distributed import World
 from .errors import CheckFailed, LunaError, UsageError, is_out_of_memory
 from .fsio import (
@@ -1055,7 +1062,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     config = run.model.peft_config["default"]
     config.base_model_name_or_path, config.revision = run.base.id, run.base.revision
     with peft_quiet(UserWarning):
-        run.model.save_pretrained(str(out), safe_serialization=True)
+        run.model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=saves_embeddings(run.model))
     # The tokenizer with the template trained on (and any added markers) and a generation config that stops
     # on the terminator travel with the adapter: inference needs exactly these to stop where training taught.
     from .templates import write_generation_config
