@@ -94,7 +94,7 @@ def assistant_spans(
         content = str(msg.get("content") or "")
         span = _span_by_prefix(tokenizer, messages, i, text, content, eot)
         if span is None:
-            span = _span_by_search(text, content, eot, _after_prompt(text, messages, i, cursor))
+            span = _span_by_search(text, content, eot, _after_prompt(tokenizer, text, messages, i, cursor))
         trained = msg.get("weight", 1) != 0
         if span is None and trained:
             raise TurnDropped(i + 1)
@@ -153,15 +153,26 @@ def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
     return len(rendered.rstrip()) if at < 0 else max(after, start)
 
 
-def _after_prompt(text: str, messages: list[dict], i: int, cursor: int) -> int:
+def _after_prompt(tokenizer: Any, text: str, messages: list[dict], i: int, cursor: int) -> int:
     """Where assistant turn i's answer can start at the earliest: after the text of the message before it
-    when that is found after `cursor` (the end of the previous answer). An answer that repeats the end of
-    the user's message ("… bestätige: 17 × 3 = 51." → "17 × 3 = 51.") is then not found inside it."""
+    when that is found after `cursor` (the end of the previous answer), and after the header the template
+    writes between the two. An answer that repeats the end of the user's message ("… bestätige: 17 × 3 =
+    51." → "17 × 3 = 51.") is then not found inside it, nor a short one inside the header ("ist" in Phi-3's
+    `<|end|>\n<|assistant|>\n`, which would leave that answer untrained)."""
     if i == 0 or messages[i - 1].get("role") == "assistant":
         return cursor
     prompt = str(messages[i - 1].get("content") or "").strip()
     at = text.find(prompt, cursor) if prompt else -1
-    return at + len(prompt) if at >= 0 else cursor
+    if at < 0:
+        return cursor
+    end = at + len(prompt)
+    try:
+        opened = _render(tokenizer, messages[:i], gen_prompt=True)
+    except Exception:  # a template that refuses the partial conversation: no header to skip
+        return end
+    k = opened.rfind(prompt)
+    header = opened[k + len(prompt) :] if k >= 0 else ""
+    return end + len(header) if header and text.startswith(header, end) else end
 
 
 def _span_by_search(text: str, content: str, eot: str, cursor: int):
@@ -542,12 +553,39 @@ def _flat_batch(samples: list[Encoded]) -> Batch:
 
 
 def special_tokens(tokenizer: Any) -> tuple[str, ...]:
-    """Every special token string of the tokenizer (longest first, so `<|im_end|>` wins over a prefix)."""
+    """Every special token string of the tokenizer, and every other added token its chat template writes as
+    markup (longest first, so `<|im_end|>` wins over a prefix). The tokenizer reads every added token typed in
+    text as that token, flagged special or not: a ChatML fine-tune that added `<|im_start|>` without the flag
+    (as many do) would still take a typed one for a turn header. Added tokens the template never writes
+    itself (`<think>` of thinking models, tool-call tags) stay text an answer may contain."""
     found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    plain = set()
     for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-        if getattr(tok, "special", False):
-            found.add(str(tok.content))
+        (found if getattr(tok, "special", False) else plain).add(str(tok.content))
+    found |= _template_markup(tokenizer, plain - found)
     return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+# A conversation that ends with the user, without a generation prompt: no template writes a reasoning block
+# or a tool call around it (some open the answer with `<think>` in the generation prompt).
+_PROBES = (
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
+    [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}],
+)
+
+
+def _template_markup(tokenizer: Any, candidates: set[str]) -> set[str]:
+    """Those of `candidates` (added tokens not flagged special) that the chat template writes around the
+    messages of a plain conversation."""
+    if not candidates or not getattr(tokenizer, "chat_template", None):
+        return set()
+    for probe in _PROBES:
+        try:
+            text = _render(tokenizer, [*probe, {"role": "user", "content": "V"}], gen_prompt=False)
+        except Exception:  # a template that refuses this shape (no system role): the next probe
+            continue
+        return {t for t in candidates if t in text}
+    return set()
 
 
 def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
