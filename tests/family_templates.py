@@ -94,6 +94,17 @@ THINKING = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Gemma 2 as its instruction-tuned models ship it: a system turn is refused, not folded (Gemma 3 folds it).
+GEMMA2_STRICT = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- raise_exception('System role not supported') }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{- '<start_of_turn>' + role + '\\n' + (m['content'] | trim) + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
+
 # name: (template, special tokens to add, bos, eos, expected terminator)
 FAMILIES = {
     "chatml-instruct": (CHATML_INSTRUCT, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>"),
@@ -127,11 +138,24 @@ FAMILIES = {
 }
 
 
+# Families whose template refuses a conversation shape the others take (kept out of FAMILIES, whose tests
+# render a system turn on every family).
+REFUSING = {
+    "gemma-2-strict": (
+        GEMMA2_STRICT,
+        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        "<end_of_turn>",
+    ),
+}
+
+
 def family_tokenizer(vocab_dir: Path, family: str):
     """luna-tiny's vocabulary (saved in `vocab_dir`) with the family's special tokens, eos, bos and template."""
     from transformers import AutoTokenizer
 
-    template, specials, bos, eos, _term = FAMILIES[family]
+    template, specials, bos, eos, _term = (FAMILIES | REFUSING)[family]
     tok = AutoTokenizer.from_pretrained(str(vocab_dir))
     tok.add_special_tokens({"extra_special_tokens": specials})
     tok.eos_token = eos
@@ -180,13 +204,14 @@ def tiny_config(cls_name: str, **fields: Any) -> Any:
     return getattr(transformers, cls_name)(**(sizes | fields))
 
 
-def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 random-weight model of `arch` with its family's tokenizer and template, saved in
-    HF format (safetensors) with a generation_config whose eos is the tokenizer's eos."""
+def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0, family: str | None = None) -> Path:
+    """A 2-layer, hidden-32 random-weight model of `arch` with its family's tokenizer and template (or those
+    of `family`), saved in HF format (safetensors) with a generation_config whose eos is the tokenizer's eos."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    cls_name, family, extra = ARCHITECTURES[arch]
+    cls_name, own, extra = ARCHITECTURES[arch]
+    family = family or own
     tok = family_tokenizer(vocab_dir, family)
     vocab = -(-len(tok) // 64) * 64
     config = tiny_config(

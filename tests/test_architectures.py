@@ -77,3 +77,24 @@ def test_train_gate_and_merge(settings, vocab_dir, arch):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(settings, vocab_dir):
+    """Explore repro: Gemma 2's instruction-tuned template refuses a system turn, and the shipped golden suite
+    has a case with one, so the gate (the flow's first step) ended every `lunatrain luna` on such a base at
+    once ("the chat template refuses case 'yes-no-equals' … change the case or the template"), whatever the
+    data. That case is left out, and said; the others judge."""
+    from lunatrain.evalgate import eval_gate
+    from lunatrain.evalsuite import load_suite
+
+    base = build_arch_model(settings.models_dir / "gemma2-strict", vocab_dir, "gemma2", family="gemma-2-strict")
+    with_system = [c.id for c in load_suite(settings) if any(m["role"] == "system" for m in c.messages)]
+    assert with_system, "the shipped suite no longer has a case with a system message"
+    report = eval_gate(settings, base_model=str(base))
+    judged = {c["id"] for c in report.cases}
+    assert judged and not judged & set(with_system) and report.metrics["goldenTotal"] == len(judged)
+    for case in with_system:
+        assert any(
+            f"case {case!r}" in n and "refuses its system message (System role not supported)" in n
+            for n in report.notes
+        ), report.notes

@@ -211,6 +211,37 @@ class _Evaluator:
             )
         return results
 
+    def renderable(self, cases: list[EvalCase]) -> tuple[list[EvalCase], list[str]]:
+        """The cases the chat template takes, and a note for each one left out because the template refuses
+        its system message while taking the rest of it: Gemma 2's and early Mistral templates take no system
+        turn, and the shipped suite has a case with one (the other cases still judge). A case refused for
+        anything else, or every case, ends the gate as before (change the case or the template)."""
+        kept, notes, refused = [], [], None
+        for case in cases:
+            try:
+                self._render(case)
+            except UsageError as err:
+                without = [m for m in case.messages if m["role"] != "system"]
+                if len(without) == len(case.messages) or not self._renders(without):
+                    raise
+                refused = refused or err
+                notes.append(
+                    f"case {case.id!r} ({case.source}) was left out: the chat template refuses its system message "
+                    f"({err.__cause__})"
+                )
+                continue
+            kept.append(case)
+        if refused is not None and not kept:
+            raise refused
+        return kept, notes
+
+    def _renders(self, messages: list[dict[str, str]]) -> bool:
+        try:
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # refused for another reason too
+            return False
+        return True
+
     def _render(self, case: EvalCase) -> str:
         try:
             return self.tokenizer.apply_chat_template(case.messages, tokenize=False, add_generation_prompt=True)
@@ -628,6 +659,8 @@ def _run(
         except DamagedFile as exc:
             unusable = f"cannot be loaded ({exc.why})"
     ev = _Evaluator(settings, base, adapters, chat_template, optional=("baseline",))
+    cases, left_out = ev.renderable(cases)
+    notes += left_out
     if "baseline" in ev.unloadable:
         del adapters["baseline"]
         unusable = f"cannot be loaded ({ev.unloadable['baseline']})"
