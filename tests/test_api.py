@@ -54,7 +54,7 @@ def test_a_route_that_takes_no_body_refuses_one_and_changes_nothing(client: Test
     item = client.post(f"{T}/memory", json={"question": "Was trinke ich?", "answer": "Tee."}).json()
     ids = {"{id:int}": str(made["id"]), "{jobId}": "ftjob-nothing", "{name}": "luna-adapter"}
     bodyless = _bodyless_routes()
-    assert len(bodyless) >= 8, bodyless
+    assert len(bodyless) >= 7, bodyless
     before = (client.get(f"{T}/examples").json(), client.get(f"{T}/memory").json())
     for method, path in bodyless:
         url = path
@@ -453,6 +453,41 @@ def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, se
     )
     # Repro: it said only "for another base model, name it with `--baseModel`", a switch the route has not
     assert "(the API acts on its server's, ASSISTANT_BASE_MODEL)" in rolled["message"], rolled["message"]
+
+
+def test_a_rollback_sent_from_a_page_out_of_date_is_refused_and_changes_nothing(client: TestClient, settings) -> None:
+    """Explore repro: two dashboard tabs showed a@v3 active; one rolled back to v2, then the other's Rollback
+    (sent without a version) went on to v1, a version no tab had offered, without a word. The page sends the
+    version it shows: refused (409) once another is active; without one a rollback acts as before."""
+    from lunatrain import models, registry
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two", "three"):
+        registry.publish(
+            settings,
+            "a",
+            "versioned",
+            adapter_work_dir(settings, "a", tag),
+            {"baseModel": {"id": "luna-tiny", "fingerprint": fp}},
+        )
+    for version in ("v1", "v2", "v3"):
+        registry.activate(settings, "a", version)
+    first = client.post(f"{T}/adapters/a/rollback", json={"version": "v3"})
+    assert first.status_code == 200 and first.json()["aliases"]["active"] == "v2", first.text
+    before = registry.list_adapters(settings)["a"]
+    stale = client.post(f"{T}/adapters/a/rollback", json={"version": "v3"})
+    assert stale.status_code == 409, stale.text
+    error = stale.json()["error"]
+    assert error["code"] == "adapter.rollback_moved" and error["params"] == {
+        "name": "a",
+        "version": "v3",
+        "active": "v2",
+    }
+    assert error["message"].startswith("a@v3 is no longer active on base model 'luna-tiny': a@v2 is"), error["message"]
+    assert registry.list_adapters(settings)["a"] == before  # nothing rolled back, no history written
+    assert client.post(f"{T}/adapters/a/rollback", json={"version": "v9!"}).status_code == 422
+    assert client.post(f"{T}/adapters/a/rollback", json={"status": "rejected"}).status_code == 422  # no such field
+    assert client.post(f"{T}/adapters/a/rollback").json()["aliases"]["active"] == "v1"
 
 
 def test_memory_items_approve_and_reject(client: TestClient, settings) -> None:

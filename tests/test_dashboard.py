@@ -614,9 +614,15 @@ def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
     # Rollback (offered on the active row when there is an earlier version) returns to the one active before.
     rollback = active_rows.get_by_role("button", name="Rollback von example-adapter")
     if previous:
-        rollback.click()
-        expect(dialog).to_contain_text("Rollback von example-adapter")
-        page.get_by_role("button", name="Bestätigen").click()
+        with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/example-adapter/rollback")) as sent:
+            rollback.click()
+            # the dialog names both versions, and the request the one this page shows active: a page out of date
+            # is refused instead of rolled back a version further than it showed (explore repro)
+            expect(dialog).to_contain_text(
+                f"Rollback von example-adapter: {version} zurück auf die vorher aktive Version {previous}?"
+            )
+            page.get_by_role("button", name="Bestätigen").click()
+        assert sent.value.post_data_json == {"version": version}
         expect(page.locator("#notices")).to_contain_text(f"aktiv ist jetzt {previous}")
         expect(active_rows).to_have_attribute("data-version", previous)
         # Back at the first activation there is nothing earlier: no rollback is offered any more.

@@ -1184,10 +1184,12 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
     return done
 
 
-def rollback(settings: Settings, name: str, *, base_named: bool = False) -> dict[str, Any]:
+def rollback(settings: Settings, name: str, *, base_named: bool = False, version: str | None = None) -> dict[str, Any]:
     """The active version on the configured base model → the one active there before it (walking that
     base's activation history). `base_named`: the command named the base (`--baseModel`), so the commands a
-    refusal suggests name it too."""
+    refusal suggests name it too. `version`: the version the caller saw active, the one it means to roll
+    back; Conflict when another is active by now (a second rollback from a page out of date would otherwise
+    go one version further back than anyone asked)."""
     if name not in list_adapters(settings):
         raise _not_registered(name)
     base = configured_base(settings)
@@ -1213,6 +1215,13 @@ def rollback(settings: Settings, name: str, *, base_named: bool = False) -> dict
                 f"(POST /assistant/training/adapters/{name}/activate); {elsewhere}.",
                 code="adapter.not_active",
                 params={"name": name, "version": None},
+            )
+        if version and version != current:
+            raise Conflict(
+                f"{name}@{version} is no longer active on base model {base.id!r}: {name}@{current} is, since another "
+                f"change; nothing was rolled back (roll back {name}@{current} if that is what you mean).",
+                code="adapter.rollback_moved",
+                params={"name": name, "version": version, "active": current},
             )
         if previous is None:
             raise UsageError(

@@ -254,6 +254,12 @@ class DeactivateRequest(In):
     version: Version | None = None
 
 
+class RollbackRequest(In):
+    version: Version | None = Field(
+        default=None, description="the version the caller sees active; 409 when another is active by now"
+    )
+
+
 class Aliases(Out):
     latest: str | None = Field(default=None, description="the newest version")
     active: str | None = Field(default=None, description="the version active on the base in view; null: none")

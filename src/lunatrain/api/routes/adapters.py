@@ -16,8 +16,8 @@ from ... import registry
 from ...errors import LunaError, NotFound
 from ...settings import Settings
 from ...wire import camel
-from ..deps import AdapterName, Fresh, NoBody, SettingsDep, Version, errors
-from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report
+from ..deps import AdapterName, Fresh, SettingsDep, Version, errors
+from ..schemas import ActivateRequest, AdapterGroups, AdapterOut, DeactivateRequest, Report, RollbackRequest
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"], dependencies=[Fresh])
 
@@ -162,12 +162,16 @@ async def deactivate(
     return await run_in_threadpool(run)
 
 
-@router.post("/{name}/rollback", response_model=AdapterOut, dependencies=[NoBody], responses=errors(404, 503))
-async def rollback(name: AdapterName, settings: SettingsDep) -> AdapterOut:
-    """On the configured base model, active goes back to the version active before it (422 when there is none)."""
+@router.post("/{name}/rollback", response_model=AdapterOut, responses=errors(404, 409, 503))
+async def rollback(
+    name: AdapterName, settings: SettingsDep, body: Annotated[RollbackRequest | None, Body()] = None
+) -> AdapterOut:
+    """On the configured base model, active goes back to the version active before it (422 when there is none);
+    with `version`, only while that version is the active one (409 when another is by now)."""
+    body = body or RollbackRequest()
 
     def run() -> AdapterOut:
-        registry.rollback(settings, name)
+        registry.rollback(settings, name, version=body.version)
         return _adapter(settings, name)
 
     return await run_in_threadpool(run)

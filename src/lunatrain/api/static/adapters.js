@@ -118,7 +118,7 @@ export class AdapterView {
       // Rollback only where there is an earlier version to go back to (the server says which).
       served && isActive && adapter.rollbackTo && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.rollbackLabel", vars),
-        onclick: (event) => this.rollback(name, event.currentTarget) }, t("adapters.rollback")),
+        onclick: (event) => this.rollback(name, v, adapter.rollbackTo, event.currentTarget) }, t("adapters.rollback")),
       // The server refuses to activate a version without its files (404): no button that can only fail.
       served && !isActive && !version.filesMissing && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.activateLabel", vars),
@@ -171,9 +171,12 @@ export class AdapterView {
       () => t("adapters.deactivated", { name, version }));
   }
 
-  rollback(name, button) {
+  /** `version`: the one this row shows active, sent along: a page out of date is refused, not taken a
+   * version further back than it showed. */
+  rollback(name, version, target, button) {
     // The answer is the adapter (with its aliases) or the version now active; both name that version.
-    return this.change(t("adapters.confirmRollback", { name }), button, () => api.rollback(name),
+    return this.change(t("adapters.confirmRollback", { name, version, target }), button,
+      () => api.rollback(name, version),
       (result) => t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
   }
 

@@ -92,7 +92,8 @@ export const api = {
   cancel: (jobId) => post(`/lora/jobs/${seg(jobId)}/cancel`),
   adapters: () => get("/adapters"),
   activate: (name, version) => post(`/adapters/${seg(name)}/activate`, { version }),
-  rollback: (name) => post(`/adapters/${seg(name)}/rollback`),
+  // the version the page shows active: refused (409) when another is by now, not rolled back one step further
+  rollback: (name, version) => post(`/adapters/${seg(name)}/rollback`, version ? { version } : {}),
   deactivate: (name, version) => post(`/adapters/${seg(name)}/deactivate`, version ? { version } : {}),
   reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
   curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
