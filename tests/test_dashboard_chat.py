@@ -102,6 +102,28 @@ def test_an_answer_of_only_line_breaks_is_said_not_shown_as_an_empty_box(page, s
         expect(page.locator("#try-base-meta")).not_to_contain_text("line breaks")
 
 
+def test_an_answer_cut_off_by_a_lost_connection_is_said_in_the_pages_language(page, services: Services) -> None:
+    """Explore repro: a connection lost in the middle of a streamed answer showed the browser's English
+    "Fehler: network error" on the German page; a stream that ended without its `[DONE]` (the server stopped)
+    was shown as a complete answer. Both keep the part that came and say the answer broke off."""
+    chunk = {"object": "chat.completion.chunk", "model": "luna-tiny", "created": 0, "id": "c"}
+    first = chunk | {
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Ich bin"}, "finish_reason": None}]
+    }
+    body = f"data: {json.dumps(first)}\n\n"  # and then the connection closes: no finish, no [DONE]
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(content_type="text/event-stream", body=body))
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    page.get_by_label("Nachricht", exact=True).fill("Wie heißt du?")
+    page.get_by_role("button", name="Senden").click()
+    for column in ("base", "adapter"):
+        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", "error", timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#try-{column}-meta")).to_have_text(
+            "Fehler: Die Antwort brach ab: die Verbindung zum Server ging verloren."
+        )
+        expect(page.locator(f"#try-{column}")).to_have_text("Ich bin")
+
+
 def test_a_typed_prompt_asks_for_no_more_tokens_than_the_server_allows(page, services: Services) -> None:
     """Repro: with ASSISTANT_INFER_MAX_TOKENS=64 every typed prompt was refused ("max_tokens 128 is over this
     server's cap of 64"): the page always asked for 128. It takes the cap the examples answer names."""

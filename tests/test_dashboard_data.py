@@ -977,6 +977,27 @@ def test_a_job_started_elsewhere_is_followed_without_a_reload(page, services: Se
     expect(page.locator("#job-id")).to_have_text("Job ftjob-elsewhere")
 
 
+def test_a_job_that_started_and_ended_between_two_refreshes_is_shown(page, services: Services) -> None:
+    """Explore repro: a tab left open went on saying "Kein Job gestartet." (or showing an older job) after a
+    short job started and ended elsewhere between two background refreshes, which ask only for unfinished
+    jobs, while the data panel of the same tab named it as the last job."""
+    latest = {"job": _job("ftjob-done", "succeeded", "old")}
+    page.clock.install()
+    route_job_lists(page, {"running": []})
+    page.route(
+        "**/assistant/training/lora/status",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(latest["job"])),
+    )
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-done")
+    page.clock.run_for(16_000)  # a refresh with nothing new leaves it
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-done")
+    latest["job"] = _job("ftjob-short", "succeeded", "short")
+    page.clock.run_for(16_000)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-short")
+
+
 def _adapters(name: str) -> dict:
     """An adapter table with one version the eval gate refused."""
     version = {

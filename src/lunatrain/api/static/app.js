@@ -400,6 +400,19 @@ async function loadLatestJob() {
   }
 }
 
+/** With no job running or waiting: the newest job when it is not the one shown. A job that started and ended
+ * elsewhere (another tab, the command line) between two background refreshes is never among the unfinished
+ * ones, and the panel went on saying "no job" beside a data panel that named it. */
+async function followNewest() {
+  try {
+    const job = await api.latestJob();
+    const shownEnded = !jobView.job || FINAL_STATES.has(jobView.job.status);
+    if (job?.id && job.id !== jobView.jobId && shownEnded) jobView.follow(job);
+  } catch {
+    // 404: no job yet; 503: the trainer is offline, which the header says. The next refresh asks again.
+  }
+}
+
 // ---- start-up ------------------------------------------------------------------------------------------
 
 function refreshAll() {
@@ -466,7 +479,7 @@ setInterval(() => loadHealth(false, true), HEALTH_MS);
 setInterval(() => {
   if (!jobView.job || FINAL_STATES.has(jobView.job.status)) {
     loadDataStatus(true);
-    jobView.loadActive();
+    jobView.loadActive().then((active) => active?.length === 0 && followNewest());
     // What the command line or another tab changed: the data panel above names the active adapter, so the
     // table and the model choice must not go on showing another.
     adapters.load(true);

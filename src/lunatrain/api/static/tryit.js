@@ -32,8 +32,17 @@ export async function streamChat(body, onPiece) {
   const result = { finish: null, usage: null, model: body.model };
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return result;
+    // A connection lost in the middle of the answer (the server stopped, a proxy gave up): the page's own
+    // sentence, not the browser's English "network error"; and a stream that ends without its `[DONE]`
+    // was cut short too, not an answer that is complete.
+    let read;
+    try {
+      read = await reader.read();
+    } catch {
+      throw new ApiError(0, "network", t("err.streamCut"));
+    }
+    const { value, done } = read;
+    if (done) throw new ApiError(0, "network", t("err.streamCut"));
     buffer += decoder.decode(value, { stream: true });
     let end;
     // Server-sent events are separated by a blank line; each of ours carries one `data:` line.
