@@ -506,6 +506,28 @@ def test_an_adapter_of_another_base_is_not_the_active_one_while_luna_tiny_is_unb
     assert "active adapter: none" in said and "also active: luna-adapter@v1 on /models/qwen2" in said, said
 
 
+def test_a_version_active_on_another_build_of_the_configured_base_is_said_so(settings):
+    """Explore repro: after the base's weights changed under the same name (a folder overwritten, the hub
+    cache's refs/main moved by a new `hf download`), status said "active adapter: none" and "also active:
+    luna-adapter@v1 on <that name>", and `adapters list` "[active on <that name>]", where `adapters show` says
+    it is not active (the base changed): two lines that read as "still served here"."""
+    from lunatrain import models
+
+    from helpers import adapter_work_dir
+
+    models.ensure_tiny(settings)
+    commit = "1111111111111111111111111111111111111111"
+    earlier = {"baseModel": {"id": "luna-tiny", "fingerprint": "7" * 64, "revision": commit}}
+    registry.publish(settings, "luna-adapter", "versioned", adapter_work_dir(settings, "luna-adapter", "x"), earlier)
+    registry.activate(settings, "luna-adapter", "v1", own_base=True)
+    said = CliRunner().invoke(app, ["status"]).output
+    assert "active adapter: none" in said, said
+    assert "also active: luna-adapter@v1 on another build of luna-tiny (revision 111111111111)" in said, said
+    listed = CliRunner().invoke(app, ["adapters", "list"]).output
+    assert "[active on another build of luna-tiny (revision 111111111111)]" in listed, listed
+    assert training_status(settings, 0)["activeAdapters"][0]["baseModel"] == "luna-tiny"  # the id stays the id
+
+
 def test_an_offline_trainer_is_said_to_start_on_demand_only_when_it_does(home, monkeypatch, dead_port):
     """Repro: with ASSISTANT_LORA_ENSURE_ON_DEMAND=false (the guide's §8 setup) status said the offline trainer
     "starts on demand", while every submit then failed: nothing starts it."""

@@ -604,6 +604,18 @@ def _not_registered(name: str) -> NotFound:
     )
 
 
+def base_label(base_id: str | None, fingerprint: str, configured: Any, entry: dict[str, Any] | None = None) -> str:
+    """How a base an activation names is shown: its id, or "another build of ID" where the configured base
+    (`configured`, models.BaseModelInfo, None: unknown) has that id with other weights (updated in place,
+    another hub commit), so that a version no longer served does not read as active on the served base. The
+    revision is that of `entry`'s training base, when it was trained on that build."""
+    if configured is None or base_id != configured.id or fingerprint == configured.fingerprint:
+        return str(base_id)
+    trained_on = (entry or {}).get("baseModel") or {}
+    revision = trained_on.get("revision") if trained_on.get("fingerprint") == fingerprint else None
+    return f"another build of {base_id}" + (f" (revision {revision[:12]})" if revision else "")
+
+
 def configured_base(settings: Settings, ref: str | None = None) -> Any:
     """The base model runs use (ASSISTANT_BASE_MODEL unless `ref`), with its fingerprint."""
     from .models import resolve_base

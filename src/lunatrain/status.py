@@ -393,6 +393,8 @@ def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[
                 "name": a["name"],
                 "version": a["version"],
                 "baseModel": a["baseModel"],
+                # the configured base's id with other weights: not served (the id alone read as "active here")
+                "baseLabel": registry.base_label(a["baseModel"], a["base"], configured, entry),
                 "matchesBaseModel": (configured is not None and a["base"] == configured.fingerprint)
                 or (unbuilt and a["baseModel"] == models.TINY_ID),
                 "datasetTier": entry.get("datasetTier"),

@@ -68,6 +68,19 @@ def _badges(
     return " ".join(f"[{m}]" for m in marks)
 
 
+def _configured(settings: Any) -> Any:
+    """The configured base model, to tell an activation on another build of it (None: unknown, or luna-tiny
+    not built yet, which listing must not build)."""
+    from ..models import TINY_ID, resolve_base
+
+    if settings.base_model == TINY_ID and not (settings.models_dir / TINY_ID / "config.json").exists():
+        return None
+    try:
+        return resolve_base(None, settings)
+    except (LunaError, ValueError, OSError):  # a base that cannot be used: the ids alone, as before
+        return None
+
+
 @adapters_app.command("list")
 def list_cmd(as_json: JsonOpt = False) -> None:
     """Every adapter version, grouped by the base model it was trained on, with where it is active."""
@@ -77,6 +90,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         active = registry.list_active(settings)
     except LunaError as err:
         raise fail(err) from None
+    configured = _configured(settings) if active and not as_json else None
     if as_json:
         typer.echo(
             json_text(
@@ -97,7 +111,9 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         for e in group["versions"]:
             aliases = adapters.get(e["name"], {}).get("aliases", {})
             active_on = [
-                str(a["baseModel"]) for a in active if a["name"] == e["name"] and registry.same_entry(a["entry"], e)
+                registry.base_label(a["baseModel"], a["base"], configured, e)
+                for a in active
+                if a["name"] == e["name"] and registry.same_entry(a["entry"], e)
             ]
             rev = f" rev {e['revision']}" if e.get("revision") else ""
             m = e.get("metrics", {})

@@ -116,7 +116,7 @@ def _adapter(a: dict[str, Any]) -> str:
         )
         if on
     ]
-    return f"{a['name']}@{a['version']} on {a['baseModel']}" + "".join(f" ({m})" for m in marks)
+    return f"{a['name']}@{a['version']} on {a.get('baseLabel') or a['baseModel']}" + "".join(f" ({m})" for m in marks)
 
 
 def _job_ref(job: dict[str, Any]) -> str:
