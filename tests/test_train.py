@@ -421,6 +421,24 @@ def _cut_after_first_epoch(settings, job_id=None, **over):
     assert cut.status is Status.CANCELLED, cut.error
 
 
+def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(settings):
+    """Explore repro: two `lora --local --resume` of one checkpoint at once trained in the same work folder
+    (each deleting the other's older checkpoints), and each registered a version: v1 and v2 of one run. The
+    second is refused now while the first trains from the checkpoint (here: the folder held as a run holds it)."""
+    from lunatrain.errors import Conflict
+    from lunatrain.fsio import holding
+
+    write_export(settings, make_records(16, val_every=6))
+    _cut_after_first_epoch(settings)
+    (work,) = [p for p in registry.work_root(settings, "luna-adapter").iterdir() if p.is_dir()]
+    before = _files(work)
+    with holding(work), pytest.raises(Conflict, match=r"Another process is training this run from its checkpoint"):
+        run_lora(_params(resume=True), settings)
+    assert _files(work) == before and registry.list_adapters(settings) == {}
+    resumed = run_lora(_params(resume=True), settings)
+    assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
+
+
 def test_resume_follows_the_trained_tier_and_says_why_a_checkpoint_of_another_run_does_not_apply(settings):
     """Repro: a checkpoint matched its run by the fingerprint of the whole export, so approving an example of
     another tier or adding a memory item (the curated tier byte for byte the same) made `--resume` start over

@@ -366,16 +366,17 @@ def remove_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def holding(folder: Path) -> Iterator[None]:
+def holding(folder: Path, *, alone: bool = False) -> Iterator[None]:
     """`folder` (made if missing) marked in use for the block: a shared flock on the folder itself, which
-    ends with the process however it ends, so a killed holder never leaves a stale mark. `in_use` tells."""
+    ends with the process however it ends, so a killed holder never leaves a stale mark. `in_use` tells.
+    `alone`: an exclusive one, BlockingIOError at once when another process holds the folder."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise storage_error(exc, f"the folder {folder}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if alone else fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)

@@ -29,7 +29,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib import metadata
@@ -46,7 +46,7 @@ from .compat import (
     with_bitsandbytes,
 )
 from .distributed import World
-from .errors import CheckFailed, LunaError, UsageError, is_out_of_memory
+from .errors import CheckFailed, Conflict, LunaError, UsageError, is_out_of_memory
 from .fsio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -218,9 +218,27 @@ def _run_lora(
     run = prepare(params, settings, world)
     run.job_id = job_id
     # Held while the run trains and publishes: its epoch checkpoints are the resume point, and a run started
-    # outside the trainer has no job row to keep `gc` from them (retention.py).
-    with holding(run.work_dir) if world.main else contextlib.nullcontext():
+    # outside the trainer has no job row to keep `gc` from them (retention.py). A resume holds it alone: two
+    # resumes of one run (a scheduled `--resume` beside a manual one, beside `jobs resume`) would train in
+    # one folder, each deleting the other's checkpoints, and register the same run twice.
+    with _held(run) if world.main else contextlib.nullcontext():
         return _train_and_conclude(run, emit, should_stop, job_id, stage)
+
+
+@contextlib.contextmanager
+def _held(run: Run) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(holding(run.work_dir, alone=run.params.resume))
+        except BlockingIOError:
+            folder = run.work_dir.relative_to(run.settings.home)
+            raise Conflict(
+                f"Another process is training this run from its checkpoint in {folder} right now (another "
+                "`--resume` or a trainer job); wait for it to end, or stop it, before resuming again.",
+                code="train.resume_busy",
+                params={"path": str(folder)},
+            ) from None
+        yield
 
 
 def _train_and_conclude(
