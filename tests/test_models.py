@@ -420,3 +420,33 @@ def _raise(kwargs):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     raise LocalEntryNotFoundError("not whole")
+
+
+@pytest.mark.slow  # a fresh interpreter: transformers' first import is what is tested
+def test_the_first_use_of_transformers_from_several_threads_at_once_works_in_each(tiny_dir, tmp_path):
+    """Explore repro: a freshly started `lunatrain serve` answered two of three concurrent POST /prepare with
+    500: transformers' first import from several threads at once fails in all but one ("cannot import name
+    'AutoTokenizer' from 'transformers'"), and the API runs each request in a thread of its pool."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, threading
+from lunatrain import models
+from lunatrain.settings import load_settings
+settings = load_settings(home={str(tmp_path / "home")!r})
+info = models.BaseModelInfo(id="tiny", path={str(tiny_dir)!r}, revision=None, config_sha256="", fingerprint="")
+failed, start = [], threading.Barrier(8)
+def use():
+    start.wait()
+    try:
+        models.load_tokenizer(info, settings)  # its first line imports transformers
+    except Exception as exc:
+        failed.append(repr(exc))
+threads = [threading.Thread(target=use) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert "transformers" in sys.modules and not failed, failed
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -11,11 +11,32 @@ import contextlib
 import functools
 import inspect
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 # --- transformers --------------------------------------------------------------------------------
+
+# Held while a thread imports transformers (or the training stack with it) for the first time.
+IMPORTING = threading.RLock()
+_transformers_imported = False
+
+
+def import_transformers() -> None:
+    """`import transformers` by one thread at a time. Its first import from several threads at once (the API
+    answers requests in a thread pool: two prepares, a prepare beside a chat) fails in all but one with
+    "cannot import name 'AutoTokenizer' from 'transformers'" (transformers 5.x puts its lazy module in place
+    while it initialises); once imported, its names resolve safely from any thread. Called before every
+    `from transformers import …` that a request can reach. Goes when transformers' first import is
+    thread-safe."""
+    global _transformers_imported
+    if _transformers_imported:
+        return
+    with IMPORTING:
+        import transformers  # noqa: F401
+
+        _transformers_imported = True
 
 
 def supports_attention_backend(model: Any) -> bool:

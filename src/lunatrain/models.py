@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .compat import keep_4bit_gradients, quiet_too_long_warning
+from .compat import import_transformers, keep_4bit_gradients, quiet_too_long_warning
 from .errors import DamagedFile, UsageError
 from .fsio import atomic_write_text, dumps_json, file_lock, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings
@@ -152,6 +152,8 @@ def build_tiny_model(
     """
     import torch
     from safetensors.torch import save_file
+
+    import_transformers()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _train_tokenizer(tiny_corpus() if corpus is None else corpus, vocab)
@@ -395,6 +397,7 @@ def _refuse_custom_code(config_bytes: bytes, path: Path, ref: str) -> None:
         return  # loading says what is wrong with it
     if not isinstance(config, dict) or "auto_map" not in config:
         return
+    import_transformers()
     from transformers import CONFIG_MAPPING  # its `in` reads the name table (and registered types), imports nothing
 
     model_type = config.get("model_type")
@@ -533,6 +536,7 @@ def load_chat_tokenizer(
 ):
     """(tokenizer, added): as `load_tokenizer`, plus the template's marker tokens that had to be added to
     the vocabulary (training learns their embedding rows)."""
+    import_transformers()
     from transformers import AutoTokenizer
 
     from .templates import apply_template
@@ -554,6 +558,7 @@ def load_chat_tokenizer(
 def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, settings: Settings):
     """The tokenizer an adapter was trained with (saved beside it, with its chat template and any added
     tokens); the base model's for adapters saved before tokenizers were shipped with them."""
+    import_transformers()
     from transformers import AutoTokenizer
 
     if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
@@ -623,6 +628,8 @@ def load_model(
     or LLM.int8. Embeddings and the output layer stay in `dtype`. Such a model trains LoRA adapters but is
     never merged into (merge.py loads the full-precision base)."""
     import torch
+
+    import_transformers()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -669,6 +676,8 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
     device, so no weight is read and no memory is taken (prepare and the run check targetModules with it,
     before any weight is loaded)."""
     import torch
+
+    import_transformers()
     from transformers.pytorch_utils import Conv1D
 
     model = meta_model(info)
@@ -686,6 +695,8 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
 def meta_model(info: BaseModelInfo) -> Any:
     """The base model built from its config on the meta device: its modules and their shapes, no weights."""
     import torch
+
+    import_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -796,6 +807,8 @@ def quantization_config(quantize: str, compute_dtype: Any):  # -> transformers.B
     quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
+
+        import_transformers()
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise UsageError(f"quantize={quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.50'.") from exc

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .compat import generation_cache_argument, peft_quiet, quiet_too_long_warning
+from .compat import generation_cache_argument, import_transformers, peft_quiet, quiet_too_long_warning
 from .errors import Conflict, DamagedFile, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
 from .formats import normalize_text
 from .settings import Settings
@@ -244,6 +244,7 @@ def _adapter_tokenizer(path: Path, base_tokenizer: Any) -> Any:
     """The adapter directory's own tokenizer (and chat template) when it ships one, else the base's."""
     if not (path / "tokenizer_config.json").is_file():
         return base_tokenizer
+    import_transformers()
     from transformers import AutoTokenizer
 
     try:

@@ -35,8 +35,13 @@ def import_training_stack() -> None:
     """Import torch, transformers and PEFT now, with the collector paused (nothing to do when PEFT is loaded
     already, e.g. in a job forked from the warm worker). Whether bitsandbytes comes with PEFT is the caller's
     choice (`compat.without_bitsandbytes`), made before this."""
-    if "peft" in sys.modules:
-        return
-    with collector_paused():
-        import peft  # noqa: F401 - imports torch and transformers' model machinery with it
-        import transformers  # noqa: F401
+    from .compat import IMPORTING
+
+    # One thread at a time (compat.import_transformers says why: a chat request and a gate may start
+    # together); one that waited finds PEFT imported whole.
+    with IMPORTING:
+        if "peft" in sys.modules:
+            return
+        with collector_paused():
+            import peft  # noqa: F401 - imports torch and transformers' model machinery with it
+            import transformers  # noqa: F401
