@@ -201,6 +201,21 @@ def test_fast_dropout_eval_and_odd_shapes():
     assert kernels.fast_dropout_class()(0.0).train()(x) is x
 
 
+def test_a_dropout_the_16_bit_draws_cannot_tell_from_1_keeps_torchs_own(settings):
+    """Explore repro: `--dropout 0.999995` (valid: below 1) ended every CPU run in "ZeroDivisionError":
+    16-bit draws round it to 1, and the kept values' scale divided by zero. Such a layer keeps torch's own
+    dropout; every other rate is swapped."""
+    for p, swapped in ((0.999995, False), (0.99999, True), (0.1, True)):
+        model = get_peft_model(
+            models.load_model(None, settings), LoraConfig(r=2, lora_dropout=p, target_modules=["q_proj"])
+        )
+        assert kernels.swap_dropout(model) is swapped, p
+        drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(type(d) is torch.nn.Dropout for d in drops) is not swapped
+        out = drops[0].train()(torch.ones(64, 64))
+        assert torch.isfinite(out).all(), p
+
+
 # --- CUDA varlen kernel: how the call adapts to the torch release (checked with stand-in kernels) ------
 
 

@@ -204,7 +204,8 @@ def fast_dropout_class() -> type:
 
 
 def swap_dropout(model: Any) -> bool:
-    """Replace every LoRA layer's nn.Dropout with FastDropout of the same p; True if any was replaced."""
+    """Replace every LoRA layer's nn.Dropout with FastDropout of the same p; True if any was replaced. A rate
+    its 16-bit draws round to 1 (above 1 - 2**-17) keeps torch's own: FastDropout would divide by zero."""
     from torch import nn
 
     cls = fast_dropout_class()
@@ -214,7 +215,7 @@ def swap_dropout(model: Any) -> bool:
         if not isinstance(drops, nn.ModuleDict):
             continue
         for name, drop in list(drops.items()):
-            if type(drop) is nn.Dropout and drop.p > 0:
+            if type(drop) is nn.Dropout and drop.p > 0 and round(drop.p * _LEVELS) < _LEVELS:
                 drops[name] = cls(drop.p)
                 swapped = True
     return swapped
