@@ -91,6 +91,42 @@ def _nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)
 
 
+def test_a_4bit_trained_adapter_is_gated_on_the_base_loaded_in_4_bits(settings, monkeypatch):
+    """The gate loaded the base in bfloat16 (or float32) whatever the run trained on: an 8B model trained in
+    4 bits on a 24 GB card needed 16 GB before the gate evaluated anything, so `luna --quantize 4bit` could
+    train there and not be gated. The gate loads it as the candidate trained (and its baseline and the base's
+    losses with it); a process that cannot quantize gates in full precision and says so."""
+    from lunatrain import compat, evalgate
+
+    write_export(settings, make_records(48))
+    for name, quantize in (("q4gate", "4bit"), ("plain", "none")):
+        run = train.run_lora(parse_params(FAST | {"quantize": quantize, "adapterName": name, "maxSteps": 1}), settings)
+        assert run.ok, run.error
+    loaded = []
+    real = models.load_model
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        layer = model.model.layers[0].self_attn.q_proj
+        loaded.append((kwargs.get("quantize", "none"), type(layer).__name__))
+        return model
+
+    monkeypatch.setattr(models, "load_model", spy)
+    report = evalgate.eval_gate(settings, adapter="q4gate@v1")
+    assert loaded == [("4bit", "Linear4bit")] and report.candidate["quantize"] == "4bit"
+    assert report.context["quantize"] == "4bit" and report.metrics["valLoss"] is not None
+    plain = evalgate.eval_gate(settings, adapter="plain@v1")
+    assert loaded[1:] == [("none", "Linear")] and "quantize" not in plain.context  # as records have it
+    # a process that loaded PEFT without bitsandbytes cannot quantize any more: full precision, said
+    monkeypatch.setattr(compat, "with_bitsandbytes", lambda: (_ for _ in ()).throw(RuntimeError("loaded")))
+    fallback = evalgate.eval_gate(settings, adapter="q4gate@v1")
+    assert loaded[2:] == [("none", "Linear")] and fallback.candidate["quantize"] == "none"
+    assert (
+        "the base model was loaded unquantized, not in 4bit as the adapter trained (this process loaded PEFT "
+        "without bitsandbytes)" in fallback.notes
+    ), fallback.notes
+
+
 def test_8bit_trains_an_adapter(settings, monkeypatch):
     write_export(settings, make_records(48))
     seen = _spy_base_layers(monkeypatch)

@@ -127,9 +127,11 @@ class _Evaluator:
         adapters: dict[str, Path],
         chat_template: str | None = None,
         optional: Collection[str] = (),
+        quantize: str = "none",
     ) -> None:
         """`optional`: adapters (not the first) whose files may fail to load; each one that does is left out,
-        with the reason in `self.unloadable`."""
+        with the reason in `self.unloadable`. `quantize`: the base loaded in 4 or 8 bits, as a QLoRA run
+        trained on it (`_quantization`)."""
         from . import models
 
         self.unloadable: dict[str, str] = {}
@@ -141,7 +143,7 @@ class _Evaluator:
             self.tokenizer = models.load_tokenizer(base, settings, chat_template)
         # in the dtype training computes in (bfloat16 on a GPU that has it): float32 would need twice the
         # memory of the run it judges, and more than a card that trained the model holds
-        model = models.load_model(base, settings, self.device, models.compute_dtype(self.device))
+        model = models.load_model(base, settings, self.device, models.compute_dtype(self.device), quantize=quantize)
         self.peft = bool(adapters)
         if adapters:
             from peft import PeftModel
@@ -612,9 +614,10 @@ def _run(
     from . import models, registry
     from .startup import import_training_stack
 
+    notes: list[str] = []
+    quantize = _quantization(entry, notes)  # before PEFT is imported: it looks for bitsandbytes once
     import_training_stack()  # in a command's own process: at the imports' least cost (startup.py)
     cases = load_suite(settings)
-    notes: list[str] = []
     if entry is not None:
         if entry.get("replaced"):
             raise Conflict(
@@ -658,7 +661,7 @@ def _run(
             unusable = "has no files"
         except DamagedFile as exc:
             unusable = f"cannot be loaded ({exc.why})"
-    ev = _Evaluator(settings, base, adapters, chat_template, optional=("baseline",))
+    ev = _Evaluator(settings, base, adapters, chat_template, optional=("baseline",), quantize=quantize)
     cases, left_out = ev.renderable(cases)
     notes += left_out
     if "baseline" in ev.unloadable:
@@ -674,6 +677,8 @@ def _run(
         "base": base.fingerprint,
         "tokens": CACHE_FORMAT,  # which tokens carry labels: losses under another masking rule do not compare
     }
+    if quantize != "none":  # losses on a quantized base compare only with losses on the same (records without
+        context["quantize"] = quantize  # the key were measured in full precision)
 
     cand = "candidate" if entry is not None else None
     with ev.use(cand):
@@ -739,6 +744,7 @@ def _run(
             "baseFingerprint": base.fingerprint,
             "tier": tier,
             "device": ev.device,
+            "quantize": quantize,
         },
         baseline=baseline,
         metrics=metrics,
@@ -749,6 +755,30 @@ def _run(
         created=now_iso(),
         notes=notes,
     )
+
+
+def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
+    """How the gate loads the base: as the candidate trained on it. A QLoRA run is judged on the base it
+    trained on, in the memory it trained in (an 8B model trained in 4 bits on a 24 GB card needs 16 GB in
+    bfloat16 before the gate evaluates anything). Where this process cannot quantize (no bitsandbytes, or
+    PEFT loaded without it), in full precision, with a note."""
+    quantize = str(((entry or {}).get("params") or {}).get("quantize") or "none")
+    if quantize == "none":
+        return quantize
+    from .compat import with_bitsandbytes
+    from .models import check_quantize_installed
+
+    try:
+        check_quantize_installed(quantize)
+        with_bitsandbytes()
+    except UsageError:
+        why = "bitsandbytes is not installed here"
+    except RuntimeError:
+        why = "this process loaded PEFT without bitsandbytes"
+    else:
+        return quantize
+    notes.append(f"the base model was loaded unquantized, not in {quantize} as the adapter trained ({why})")
+    return "none"
 
 
 def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, notes: list[str]) -> Any:
