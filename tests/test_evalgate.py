@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -558,6 +559,26 @@ def test_suite_entries_that_are_no_readable_file_are_named(settings):
     assert f"{settings.eval_dir / 'folder.jsonl'}: a folder, not a suite file" in result.output
     assert f"{settings.eval_dir / 'gone.jsonl'}: a link to a file that does not exist" in result.output
     assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+
+
+def test_a_misnamed_suite_is_refused_not_replaced_and_hidden_leftovers_are_no_suite_files(settings):
+    """Explore repro: a suite saved as golden.json (or .jsonl.txt) was skipped without a word, the shipped Luna
+    suite was copied in beside it and decided the gate (exit 0); an Emacs lock (`.#x.jsonl`) or a Mac's
+    `._x.jsonl` beside a good suite failed every gate. A suite file may end in .JSONL too; a file that is not
+    UTF-8 is named with its line."""
+    case = '{"id": "mine", "prompt": "Hi", "checks": [{"type": "stops"}]}'
+    _write(settings.eval_dir / "golden.json", [case])
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code == 2, result.output
+    assert f"{settings.eval_dir} holds golden.json but no suite file: golden suite files end in .jsonl" in result.output
+    assert sorted(p.name for p in settings.eval_dir.iterdir()) == ["golden.json"]  # nothing copied in
+    (settings.eval_dir / "golden.json").rename(settings.eval_dir / "golden.JSONL")
+    (settings.eval_dir / ".#golden.JSONL").symlink_to("me@host.1234:1700000000")
+    (settings.eval_dir / "._golden.JSONL").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    assert [c.id for c in load_suite(settings)] == ["mine"]
+    (settings.eval_dir / "broken.jsonl").write_bytes(case.encode() + b"\n" + b"\xff\xfe" + b"\n")
+    with pytest.raises(UsageError, match=re.escape(f"{settings.eval_dir / 'broken.jsonl'}:2: not UTF-8 text")):
+        load_suite(settings)
 
 
 def test_reasons_show_their_numbers_apart_from_the_limits_they_break():

@@ -50,6 +50,29 @@ def test_min_curated_is_checked_before_any_job_starts(settings, monkeypatch):
     assert not (settings.reports_training_dir / "trainer.pid").exists()  # and none started
 
 
+def test_a_gated_run_reads_the_golden_suite_before_it_trains_or_queues(settings, monkeypatch):
+    """Explore repro: a regex typo in the user's golden suite was found by the gate after the whole run had
+    trained (hours on a real model), while a bad [gate] table was refused up front. A gated run reads the
+    suite first, in the CLI, through the API and in the trainer; an ungated one does not need it."""
+    write_export(settings, make_records(40))
+    settings.eval_dir.mkdir(parents=True, exist_ok=True)
+    (settings.eval_dir / "mine.jsonl").write_text(
+        '{"id": "x", "prompt": "Hi", "checks": [{"type": "regex", "value": "(a"}]}\n'
+    )
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:9")  # no trainer is asked: the check is first
+    said = f"{settings.eval_dir / 'mine.jsonl'}:1: check 1: bad regex '(a'"
+    for extra in ([], ["--local"]):
+        r = CliRunner().invoke(app, ["lora", *FAST, "--minCurated=1", *extra])
+        assert r.exit_code == 2 and said in r.output, r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.post("/assistant/training/lora/start", json={"minCurated": 1, "epochs": 1})
+    assert res.status_code == 422 and said in res.json()["error"]["message"], res.text
+    assert registry.list_adapters(settings) == {} and not jobs_db_path(settings.data_dir).exists()
+    assert not registry.work_root(settings, "luna-adapter").exists()  # nothing began to train
+    r = CliRunner().invoke(app, ["lora", *FAST, "--minCurated=1", "--local", "--no-gate"])
+    assert r.exit_code == 0, r.output
+
+
 def test_lora_before_any_export_says_to_export_not_to_add_examples(settings, monkeypatch):
     """Repro: after `lunatrain examples seed` (273 approved curated examples), `lunatrain lora` said "no approved
     curated examples yet … load the bundled ones (`lunatrain examples seed`)": the examples were there, the

@@ -78,17 +78,45 @@ def shipped_suite_dir() -> Any:
     return resources.files("lunatrain") / "resources" / "eval"
 
 
+def _suite_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(suite files, other files) in `folder`. A suite file ends in .jsonl (any case); a hidden one is an
+    editor's lock or an OS's leftover (`.#golden.jsonl` of Emacs, `._golden.jsonl` copied from a Mac), never a
+    suite, and is neither."""
+    suite, other = [], []
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith("."):
+            (suite if path.suffix.lower() == ".jsonl" else other).append(path)
+    return suite, other
+
+
 def ensure_suite(settings: Settings) -> list[Path]:
-    """data/eval/*.jsonl; when there is none, the shipped golden suite is copied there first."""
+    """data/eval/*.jsonl; when the folder holds nothing, the shipped golden suite is copied there first. A
+    folder with files but none of them a suite file is the user's suite misnamed: refused, not replaced by
+    the shipped one (which would decide in its place without a word)."""
     settings.eval_dir.mkdir(parents=True, exist_ok=True)
-    files = sorted(settings.eval_dir.glob("*.jsonl"))
+    files, other = _suite_files(settings.eval_dir)
+    if not files and other:
+        names = ", ".join(p.name for p in other[:5]) + (", …" if len(other) > 5 else "")
+        raise UsageError(
+            f"{settings.eval_dir} holds {names} but no suite file: golden suite files end in .jsonl (one JSON "
+            "case per line); rename yours, or empty the folder to get the shipped suite.",
+            code="eval.no_suite_file",
+            params={"dir": str(settings.eval_dir), "files": [p.name for p in other[:5]]},
+        )
     if not files:
         for entry in shipped_suite_dir().iterdir():
             if entry.name.endswith(".jsonl"):
                 with resources.as_file(entry) as src:
                     shutil.copyfile(src, settings.eval_dir / entry.name)
-        files = sorted(settings.eval_dir.glob("*.jsonl"))
+        files = _suite_files(settings.eval_dir)[0]
     return files
+
+
+def check_suite(settings: Settings) -> None:
+    """The suite the gate will read, checked as `load_suite` checks it, writing nothing: the user's files;
+    with none, the shipped suite, valid as shipped (the gate copies it in when it runs)."""
+    if settings.eval_dir.is_dir() and any(not p.name.startswith(".") for p in settings.eval_dir.iterdir()):
+        load_suite(settings)
 
 
 def load_suite(settings: Settings) -> list[EvalCase]:
@@ -123,8 +151,9 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
     problems: list[str] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        return [], [f"{path}: not UTF-8 text"]
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        return [], [f"{path}:{line}: not UTF-8 text (byte {exc.start})"]
     except IsADirectoryError:
         return [], [f"{path}: a folder, not a suite file"]
     except FileNotFoundError:  # a link whose target is gone

@@ -91,6 +91,7 @@ def train_and_gate(
     never undoes the adapter. Returns the outcome (see LoraStep)."""
     from .train import run_lora
 
+    check_suite(settings, options)
     # An overwrite run the gate will judge waits beside its slot: it replaces what is served only if it passes.
     result = run_lora(params, settings, on_event=on_event, should_stop=should_stop, job_id=job_id, stage=options.gate)
     adapter = None
@@ -207,6 +208,16 @@ def check_min_curated(settings: Settings, options: FlowOptions, curated: int | N
     raise CheckFailed(f"Not enough data: {check.message}.", params=said)
 
 
+def check_suite(settings: Settings, options: FlowOptions) -> None:
+    """The golden suite the gate will judge with, read now when the run is gated: a suite with a mistake (a
+    regex that does not compile, a misnamed file) is said before a job is queued or trains for hours, not by
+    the gate after it."""
+    if options.gate:
+        from . import evalsuite
+
+        evalsuite.check_suite(settings)
+
+
 def submit(
     settings: Settings,
     params: LoraParams,
@@ -221,6 +232,7 @@ def submit(
 
     params = resolve_base(settings, params)
     check_min_curated(settings, options)
+    check_suite(settings, options)
     export.refuse_replaced(settings, params.dataset_tier)
     export.refuse_withdrawn(settings, params.dataset_tier)
     ensure_trainer(settings)
@@ -249,6 +261,7 @@ def check_before_export(
     existing = client.check(settings, params, options, request_id, thresholds)
     if existing is None:
         check_min_curated(settings, options, curated)
+        check_suite(settings, options)
     return existing
 
 
