@@ -60,6 +60,13 @@ def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) ->
         ("[lora]\nminCurated = true\n", "minCurated: Input should be a valid integer"),
         # named against the table it is in, not against [lora] resolved on that base
         ('[bases."luna-tiny"]\nrank = "x"\n', "[bases.'luna-tiny']: Invalid parameters: rank"),
+        # explore repro: both spellings in one table said "minGoldenPassRate: unknown threshold", the documented
+        # spelling; in [lora] one of the two values was taken without a word
+        (
+            "[gate]\nmin_golden_pass_rate = 0.9\nminGoldenPassRate = 0.1\n",
+            "[gate]: minGoldenPassRate is given twice, as min_golden_pass_rate and as minGoldenPassRate; keep one.",
+        ),
+        ("[lora]\nmax_steps = 3\nmaxSteps = 4\n", "[lora]: Invalid parameters: maxSteps is given twice, as max_steps"),
     ],
 )
 def test_bad_profile_is_a_usage_error_naming_the_key(settings: Settings, home: Path, text: str, needle: str) -> None:

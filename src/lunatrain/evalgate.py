@@ -38,7 +38,7 @@ from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, Usa
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
 from .messages import coded
-from .params import FewKeys, format_validation_error
+from .params import FewKeys, format_validation_error, refuse_twice
 from .settings import EVAL_REPORT, Settings
 from .tokens import CACHE_FORMAT
 from .wire import finite, now_iso
@@ -100,6 +100,7 @@ def parse_thresholds(data: dict[str, Any] | GateThresholds | None, *, strict: bo
     a flag's text is converted)."""
     if isinstance(data, GateThresholds):
         return data
+    refuse_twice(GateThresholds, data or {})
     try:
         return GateThresholds.model_validate(data or {}, strict=strict or None)
     except ValidationError as exc:

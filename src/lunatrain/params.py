@@ -41,13 +41,19 @@ MAX_KEYS = 200
 
 
 class FewKeys(BaseModel):
-    """A request object of more than MAX_KEYS keys is one error (inherit to get the check)."""
+    """A request object of more than MAX_KEYS keys is one error (inherit to get the check); so is a field
+    given in both spellings (`min_golden_pass_rate` and `minGoldenPassRate` in one [gate] table), which would
+    otherwise be refused as "minGoldenPassRate: unknown", the documented spelling."""
 
     @model_validator(mode="before")
     @classmethod
     def _few_keys(cls, data: object) -> object:
         if isinstance(data, dict) and len(data) > MAX_KEYS:
             raise ValueError(f"an object of {len(data)} keys; at most {MAX_KEYS} are read")
+        if isinstance(data, dict):  # a request body (a profile's table is checked before: `refuse_twice`)
+            for name, field in cls.model_fields.items():
+                if field.alias and field.alias != name and name in data and field.alias in data:
+                    raise ValueError(f"{field.alias} is given twice, as {name} and as {field.alias}; keep one")
         return data
 
 
@@ -188,9 +194,25 @@ def parse_run(data: dict, *, strict: bool = False) -> tuple[LoraParams, FlowOpti
     return params, options
 
 
+def run_keys(data: dict) -> dict:
+    """`data` (flags, a request body, a profile's table) with every key of the run's parameters and the flow's
+    options in snake_case, so that layers spelled differently merge key by key; a key given in both spellings
+    in `data` itself is refused (`refuse_twice`)."""
+    return _snake_keys(FlowOptions, _snake_keys(LoraParams, data))
+
+
 def _snake_keys(model: type[BaseModel], data: dict) -> dict:
+    refuse_twice(model, data)
     by_alias = {info.alias or name: name for name, info in model.model_fields.items()}
     return {by_alias.get(k, k): v for k, v in data.items()}
+
+
+def refuse_twice(model: type[BaseModel], data: dict) -> None:
+    """UsageError for a field given in both spellings (`max_steps` and `maxSteps` in one profile table): one
+    of the two values would be taken without a word."""
+    for name, field in model.model_fields.items():
+        if field.alias and field.alias != name and name in data and field.alias in data:
+            raise UsageError(f"{field.alias} is given twice, as {name} and as {field.alias}; keep one.")
 
 
 def check_adapter_name(params: LoraParams, base_ref: str) -> None:

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import NotFound, UsageError
-from .params import FlowOptions, LoraParams, parse_run
+from .params import FlowOptions, LoraParams, parse_run, run_keys
 from .settings import Settings, check_name
 
 _TOP_LEVEL = {"description", "lora", "bases", "quickStart", "gate"}
@@ -40,7 +40,9 @@ class Profile:
         given = dict(overrides or {})
         base = given.get("baseModel") or given.get("base_model") or self.lora.get("baseModel") or self.default_base
         table = self.base_table(str(base))
-        merged = dict(self.lora) | dict(table) | (dict(self.quick_start) if quick else {}) | given
+        merged: dict = {}
+        for layer in (self.lora, table, self.quick_start if quick else {}, given):
+            merged |= run_keys(layer)  # a flag's `batch_size` replaces the table's `batchSize`
         return parse_run(merged)
 
     def base_table(self, base: str) -> dict:
