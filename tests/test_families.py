@@ -43,6 +43,8 @@ MARKUP = [
     {"role": "assistant", "content": "ist"},
     {"role": "user", "content": "Und jetzt: Wir ___ heute im Park."},
     {"role": "assistant", "content": "sind"},
+    {"role": "user", "content": "user"},  # a prompt that also stands in the markup (`<|user|>`): review repro
+    {"role": "assistant", "content": "ist"},
     {"role": "user", "content": "Und: Sie ___ ein Haus."},
     {"role": "assistant", "content": "hat"},
 ]
@@ -251,7 +253,9 @@ def test_an_added_token_the_template_writes_is_guarded_although_it_is_not_flagge
     from lunatrain.serving import _refuse_control_tokens
 
     tok = AutoTokenizer.from_pretrained(str(vocab_dir))
-    tok.add_tokens(["<|im_start|>", "<think>", "</think>"])  # not flagged special
+    # not flagged special; a newline too, as Gemma's tokenizers add runs of them (review repro: every answer
+    # with a line break was refused then)
+    tok.add_tokens(["<|im_start|>", "<think>", "</think>", "\n"])
     tok.add_special_tokens({"extra_special_tokens": ["<|im_end|>"]})
     tok.eos_token = "<|im_end|>"
     tok.chat_template = FAMILIES["chatml-base"][0]

@@ -162,17 +162,19 @@ def _after_prompt(tokenizer: Any, text: str, messages: list[dict], i: int, curso
     if i == 0 or messages[i - 1].get("role") == "assistant":
         return cursor
     prompt = str(messages[i - 1].get("content") or "").strip()
-    at = text.find(prompt, cursor) if prompt else -1
-    if at < 0:
+    if not prompt:
         return cursor
-    end = at + len(prompt)
     try:
         opened = _render(tokenizer, messages[:i], gen_prompt=True)
     except Exception:  # a template that refuses the partial conversation: no header to skip
-        return end
+        opened = ""
     k = opened.rfind(prompt)
     header = opened[k + len(prompt) :] if k >= 0 else ""
-    return end + len(header) if header and text.startswith(header, end) else end
+    # The prompt where the header follows it: a prompt such as "user" also stands inside `<|user|>`.
+    if header and (at := text.find(prompt + header, cursor)) >= 0:
+        return at + len(prompt) + len(header)
+    at = text.find(prompt, cursor)
+    return at + len(prompt) if at >= 0 else cursor
 
 
 def _span_by_search(text: str, content: str, eot: str, cursor: int):
@@ -584,7 +586,9 @@ def _template_markup(tokenizer: Any, candidates: set[str]) -> set[str]:
             text = _render(tokenizer, [*probe, {"role": "user", "content": "V"}], gen_prompt=False)
         except Exception:  # a template that refuses this shape (no system role): the next probe
             continue
-        return {t for t in candidates if t in text}
+        # Whitespace is never a marker, added or not: Gemma's tokenizers add runs of newlines, GPT-NeoX's runs
+        # of spaces, and every answer has them.
+        return {t for t in candidates if t.strip() and t in text}
     return set()
 
 
