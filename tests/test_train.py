@@ -421,7 +421,7 @@ def _cut_after_first_epoch(settings, job_id=None, **over):
     assert cut.status is Status.CANCELLED, cut.error
 
 
-def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(settings):
+def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(settings, monkeypatch):
     """Explore repro: two `lora --local --resume` of one checkpoint at once trained in the same work folder
     (each deleting the other's older checkpoints), and each registered a version: v1 and v2 of one run. The
     second is refused now while the first trains from the checkpoint (here: the folder held as a run holds it)."""
@@ -432,10 +432,32 @@ def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(s
     _cut_after_first_epoch(settings)
     (work,) = [p for p in registry.work_root(settings, "luna-adapter").iterdir() if p.is_dir()]
     before = _files(work)
+    monkeypatch.setattr(train_mod, "RESUME_PATIENCE_S", 0.0)
     with holding(work), pytest.raises(Conflict, match=r"Another process is training this run from its checkpoint"):
         run_lora(_params(resume=True), settings)
     assert _files(work) == before and registry.list_adapters(settings) == {}
+    # Review repro: anything that held the folder for an instant (gc's look at it, an orphan of a stopped
+    # trainer on its way out) refused the resume at once; it waits a little first.
+    import threading
+
+    monkeypatch.setattr(train_mod, "RESUME_PATIENCE_S", 600.0)  # far longer than the holder below needs
+    held, release = threading.Event(), threading.Event()
+
+    def briefly() -> None:
+        with holding(work):
+            held.set()
+            release.wait(60)
+
+    def taking(folder, **kw):  # the holder lets go shortly after the resume began to take the folder
+        threading.Timer(0.3, release.set).start()
+        return holding(folder, **kw)
+
+    holder = threading.Thread(target=briefly)
+    holder.start()
+    held.wait(60)
+    monkeypatch.setattr(train_mod, "holding", taking)
     resumed = run_lora(_params(resume=True), settings)
+    holder.join()
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
 
 

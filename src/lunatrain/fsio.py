@@ -366,20 +366,36 @@ def remove_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def holding(folder: Path, *, alone: bool = False) -> Iterator[None]:
+def holding(folder: Path, *, alone: bool = False, patience: float = 0.0) -> Iterator[None]:
     """`folder` (made if missing) marked in use for the block: a shared flock on the folder itself, which
     ends with the process however it ends, so a killed holder never leaves a stale mark. `in_use` tells.
-    `alone`: an exclusive one, BlockingIOError at once when another process holds the folder."""
+    `alone`: an exclusive one, BlockingIOError when another process still holds the folder after `patience`
+    seconds (`in_use` itself holds it for an instant)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise storage_error(exc, f"the folder {folder}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if alone else fcntl.LOCK_SH)
+        if alone:
+            _exclusive(fd, patience)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)
+
+
+def _exclusive(fd: int, patience: float) -> None:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def in_use(folder: Path) -> bool:

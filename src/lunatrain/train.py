@@ -225,11 +225,16 @@ def _run_lora(
         return _train_and_conclude(run, emit, should_stop, job_id, stage)
 
 
+RESUME_PATIENCE_S = 5.0
+
+
 @contextlib.contextmanager
 def _held(run: Run) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(holding(run.work_dir, alone=run.params.resume))
+            # a few seconds' patience: gc's look at the folder holds it for an instant, and an orphan of a
+            # stopped trainer may still be going
+            stack.enter_context(holding(run.work_dir, alone=run.params.resume, patience=RESUME_PATIENCE_S))
         except BlockingIOError:
             folder = run.work_dir.relative_to(run.settings.home)
             raise Conflict(
