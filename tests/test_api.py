@@ -458,24 +458,21 @@ def test_api_messages_speak_of_api_fields_and_carry_codes(client: TestClient, se
 def test_a_rollback_sent_from_a_page_out_of_date_is_refused_and_changes_nothing(client: TestClient, settings) -> None:
     """Explore repro: two dashboard tabs showed a@v3 active; one rolled back to v2, then the other's Rollback
     (sent without a version) went on to v1, a version no tab had offered, without a word. The page sends the
-    version it shows: refused (409) once another is active; without one a rollback acts as before."""
+    version it shows and the one its dialog named as the target: refused (409) once either changed; without
+    them a rollback acts as before. Review repro: with only the version checked, v4 then v3 activated
+    elsewhere made the same request return to v4."""
     from lunatrain import models, registry
 
     fp = models.resolve_base(None, settings).fingerprint
-    for tag in ("one", "two", "three"):
-        registry.publish(
-            settings,
-            "a",
-            "versioned",
-            adapter_work_dir(settings, "a", tag),
-            {"baseModel": {"id": "luna-tiny", "fingerprint": fp}},
-        )
+    for tag in ("one", "two", "three", "four"):
+        work = adapter_work_dir(settings, "a", tag)
+        registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "luna-tiny", "fingerprint": fp}})
     for version in ("v1", "v2", "v3"):
         registry.activate(settings, "a", version)
-    first = client.post(f"{T}/adapters/a/rollback", json={"version": "v3"})
+    first = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
     assert first.status_code == 200 and first.json()["aliases"]["active"] == "v2", first.text
     before = registry.list_adapters(settings)["a"]
-    stale = client.post(f"{T}/adapters/a/rollback", json={"version": "v3"})
+    stale = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
     assert stale.status_code == 409, stale.text
     error = stale.json()["error"]
     assert error["code"] == "adapter.rollback_moved" and error["params"] == {
@@ -485,9 +482,21 @@ def test_a_rollback_sent_from_a_page_out_of_date_is_refused_and_changes_nothing(
     }
     assert error["message"].startswith("a@v3 is no longer active on base model 'luna-tiny': a@v2 is"), error["message"]
     assert registry.list_adapters(settings)["a"] == before  # nothing rolled back, no history written
+    registry.activate(settings, "a", "v4")
+    registry.activate(settings, "a", "v3")  # v3 active again, but a rollback now returns to v4
+    before = registry.list_adapters(settings)["a"]
+    moved = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
+    assert moved.status_code == 409, moved.text
+    error = moved.json()["error"]
+    assert error["code"] == "adapter.rollback_target_moved" and error["params"] == {
+        "name": "a",
+        "to": "v2",
+        "target": "v4",
+    }
+    assert registry.list_adapters(settings)["a"] == before
     assert client.post(f"{T}/adapters/a/rollback", json={"version": "v9!"}).status_code == 422
     assert client.post(f"{T}/adapters/a/rollback", json={"status": "rejected"}).status_code == 422  # no such field
-    assert client.post(f"{T}/adapters/a/rollback").json()["aliases"]["active"] == "v1"
+    assert client.post(f"{T}/adapters/a/rollback").json()["aliases"]["active"] == "v4"
 
 
 def test_memory_items_approve_and_reject(client: TestClient, settings) -> None:

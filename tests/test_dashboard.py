@@ -622,7 +622,7 @@ def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
                 f"Rollback von example-adapter: {version} zurück auf die vorher aktive Version {previous}?"
             )
             page.get_by_role("button", name="Bestätigen").click()
-        assert sent.value.post_data_json == {"version": version}
+        assert sent.value.post_data_json == {"version": version, "to": previous}
         expect(page.locator("#notices")).to_contain_text(f"aktiv ist jetzt {previous}")
         expect(active_rows).to_have_attribute("data-version", previous)
         # Back at the first activation there is nothing earlier: no rollback is offered any more.

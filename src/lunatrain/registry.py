@@ -1196,12 +1196,14 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
     return done
 
 
-def rollback(settings: Settings, name: str, *, base_named: bool = False, version: str | None = None) -> dict[str, Any]:
+def rollback(
+    settings: Settings, name: str, *, base_named: bool = False, version: str | None = None, to: str | None = None
+) -> dict[str, Any]:
     """The active version on the configured base model → the one active there before it (walking that
     base's activation history). `base_named`: the command named the base (`--baseModel`), so the commands a
-    refusal suggests name it too. `version`: the version the caller saw active, the one it means to roll
-    back; Conflict when another is active by now (a second rollback from a page out of date would otherwise
-    go one version further back than anyone asked)."""
+    refusal suggests name it too. `version` and `to`: the version the caller saw active and the one it was
+    shown it returns to; Conflict when either differs by now (a second rollback from a page out of date would
+    otherwise go one version further back than anyone asked, or to one nobody was shown)."""
     if name not in list_adapters(settings):
         raise _not_registered(name)
     base = configured_base(settings)
@@ -1231,9 +1233,17 @@ def rollback(settings: Settings, name: str, *, base_named: bool = False, version
         if version and version != current:
             raise Conflict(
                 f"{name}@{version} is no longer active on base model {base.id!r}: {name}@{current} is, since another "
-                f"change; nothing was rolled back (roll back {name}@{current} if that is what you mean).",
+                f"change; nothing was rolled back (look again, and roll {name} back if that is still what you mean).",
                 code="adapter.rollback_moved",
                 params={"name": name, "version": version, "active": current},
+            )
+        if to and previous != to:
+            raise Conflict(
+                f"A rollback of {name} on base model {base.id!r} would now return to {previous or 'no version'}, not "
+                f"to {to}: its history changed since another change; nothing was rolled back (look again, and roll "
+                f"{name} back if that is still what you mean).",
+                code="adapter.rollback_target_moved",
+                params={"name": name, "to": to, "target": previous},
             )
         if previous is None:
             raise UsageError(

@@ -258,6 +258,9 @@ class RollbackRequest(In):
     version: Version | None = Field(
         default=None, description="the version the caller sees active; 409 when another is active by now"
     )
+    to: Version | None = Field(
+        default=None, description="the version the caller was shown it returns to; 409 when it would go elsewhere"
+    )
 
 
 class Aliases(Out):

@@ -167,11 +167,12 @@ async def rollback(
     name: AdapterName, settings: SettingsDep, body: Annotated[RollbackRequest | None, Body()] = None
 ) -> AdapterOut:
     """On the configured base model, active goes back to the version active before it (422 when there is none);
-    with `version`, only while that version is the active one (409 when another is by now)."""
+    with `version` and `to`, only while that version is the active one and the rollback returns to `to` (409
+    when either changed since)."""
     body = body or RollbackRequest()
 
     def run() -> AdapterOut:
-        registry.rollback(settings, name, version=body.version)
+        registry.rollback(settings, name, version=body.version, to=body.to)
         return _adapter(settings, name)
 
     return await run_in_threadpool(run)

@@ -171,12 +171,12 @@ export class AdapterView {
       () => t("adapters.deactivated", { name, version }));
   }
 
-  /** `version`: the one this row shows active, sent along: a page out of date is refused, not taken a
-   * version further back than it showed. */
+  /** `version` and `target`: the one this row shows active and the one the dialog says it returns to, sent
+   * along: a page out of date is refused, not taken to a version it did not show. */
   rollback(name, version, target, button) {
     // The answer is the adapter (with its aliases) or the version now active; both name that version.
     return this.change(t("adapters.confirmRollback", { name, version, target }), button,
-      () => api.rollback(name, version),
+      () => api.rollback(name, version, target),
       (result) => t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
   }
 

@@ -92,8 +92,9 @@ export const api = {
   cancel: (jobId) => post(`/lora/jobs/${seg(jobId)}/cancel`),
   adapters: () => get("/adapters"),
   activate: (name, version) => post(`/adapters/${seg(name)}/activate`, { version }),
-  // the version the page shows active: refused (409) when another is by now, not rolled back one step further
-  rollback: (name, version) => post(`/adapters/${seg(name)}/rollback`, version ? { version } : {}),
+  // the version the page shows active and the one it said the rollback returns to: refused (409) when either
+  // changed since, not rolled back one step further or to a version the page never showed
+  rollback: (name, version, to) => post(`/adapters/${seg(name)}/rollback`, { version, to }),
   deactivate: (name, version) => post(`/adapters/${seg(name)}/deactivate`, version ? { version } : {}),
   reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
   curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
