@@ -98,3 +98,10 @@ def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(setting
             f"case {case!r}" in n and "refuses its system message (System role not supported)" in n
             for n in report.notes
         ), report.notes
+    # Review repro: the note reached `eval-gate` alone; the flow's summary (luna, auto) said only "passed".
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    said = CliRunner().invoke(app, ["luna", "--local", "--baseModel", str(base)]).output
+    assert f"note       case {with_system[0]!r}" in said, said

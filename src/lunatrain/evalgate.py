@@ -408,6 +408,7 @@ class GateReport:
                 "baseline": self.baseline.get("ref"),
                 "promoted": self.promoted,
                 "thresholds": self.thresholds,
+                "notes": self.notes,  # what the decision rests on besides the numbers (a case left out)
             }
         )
 

@@ -428,7 +428,8 @@ def run_flow(
         return (
             report.passed,
             f"{ref} {'passed' if report.passed else 'failed'}" + (f": {reasons}" if reasons else ""),
-            {"decision": report.decision, "path": report.path} | ({} if report.passed else {"fix": fix}),
+            {"decision": report.decision, "path": report.path, "notes": report.notes}
+            | ({} if report.passed else {"fix": fix}),
         )
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:
@@ -615,6 +616,9 @@ def _another_build(settings: Settings, trained_on: dict[str, Any]) -> str | None
 def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     """The closing summary a person reads: adapter, val loss vs base, gate, where the files are."""
     lines = [f"{s.step:<10} {'ok' if s.ok else 'FAILED':<6} {s.seconds:7.1f}s  {s.summary}" for s in result.steps]
+    # What a gate's decision rests on besides its numbers (a golden case its template refuses, left out).
+    notes = [n for s in result.steps for n in s.detail.get("notes") or (s.detail.get("gate") or {}).get("notes") or []]
+    lines += [f"note       {n}" for n in dict.fromkeys(notes)]
     entry = result.adapter
     if entry:
         metrics = entry.get("metrics") or {}
@@ -627,7 +631,7 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
             said = f" (active on {other})" if state["active"] else f" (not active; trained on {other})"
         lines.append(f"adapter    {entry['name']}@{entry['version']} on {trained_on.get('id')}{said}")
         if val is not None and base is not None:
-            # Measured in training, on the base as it was held there: the gate measures on the full-precision base.
+            # Measured in training, on the base as it was held there (the gate loads it the same way).
             bits = (entry.get("quantization") or {}).get("bits")
             held = f", both on the {bits}-bit base the run trained with" if bits else ""
             lines.append(
