@@ -818,3 +818,33 @@ def test_the_gate_bounds_the_logits_it_holds_at_once(settings, tiny, monkeypatch
     assert sizes and set(sizes) == {1}, sizes
     assert before["valLoss"] is not None
     assert after["valLoss"] == pytest.approx(before["valLoss"], rel=1e-5)
+
+
+def test_an_evaluated_baseline_answers_in_the_template_it_was_trained_with(settings, tiny):
+    """Explore repro: an active version re-evaluated as the baseline (its gate record not comparable) was
+    measured with the candidate's tokenizer and template: v1 trained on luna-tiny's own template scored 7.9773
+    as v2's baseline (v2 trained with another template), where gated alone it scores 7.8154; the decision on v2
+    flipped with an unrelated edit of the suite. The baseline answers in its own template, as it is served."""
+    from lunatrain.params import parse_params
+    from lunatrain.templates import store_template
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(24, val_every=4))
+    other = settings.home / "plain.jinja"  # headers in plain text, the answer closed by <|endoftext|>
+    other.write_text(
+        "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] }}"
+        "{%- if m['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- endif %}{{- '\\n\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"
+    )
+    fast = {"epochs": 1, "maxSteps": 2, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}
+    for extra in ({}, {"chatTemplate": store_template(other, settings)}):
+        assert run_lora(parse_params(fast | extra | {"adapterName": "t"}), settings).ok
+    alone = evalgate.eval_gate(settings, adapter="t@v1").metrics
+    registry.activate(settings, "t", "v1")  # never gated: no record to compare with, so it is evaluated
+    report = evalgate.eval_gate(settings, adapter="t@v2")
+    assert report.baseline["source"] == "evaluated" and report.baseline["ref"] == "t@v1", report.baseline
+    assert report.baseline["metrics"]["valLoss"] == pytest.approx(alone["valLoss"], rel=1e-5)
+    assert report.baseline["metrics"]["goldenPassed"] == alone["goldenPassed"]
+    assert report.metrics["valLoss"] != pytest.approx(alone["valLoss"], rel=1e-5)  # the templates do differ

@@ -167,24 +167,47 @@ class _Evaluator:
                         model.delete_adapter(name)
         model.eval()
         self.model = model
-        # generation stops on the template's turn terminator, as training taught, and on the model's eos ids
-        stops = set(models.turn_terminator(self.tokenizer, base).stop_ids)
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self._base = base
+        self.stop_ids = self._stops(self.tokenizer)
+        # An attached adapter other than the candidate (the active version, as baseline) answers with the
+        # tokenizer and template it was trained with, as it is served: judged in the candidate's template, it
+        # would be measured on prompts it never saw.
+        self._own: dict[str, tuple[Any, list[int]]] = {}
+        for name, path in adapters.items():
+            if name != "candidate" and name not in self.unloadable:
+                own = models.load_adapter_tokenizer(path, base, settings)
+                self._own[name] = (own, self._stops(own))
+
+    def _stops(self, tokenizer: Any) -> list[int]:
+        """Generation stops on the template's turn terminator, as training taught, and on the model's eos ids."""
+        from . import models
+
+        stops = set(models.turn_terminator(tokenizer, self._base).stop_ids)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.stop_ids = sorted(stops)
+        return sorted(stops)
+
+    def tokenizer_of(self, adapter: str | None) -> Any:
+        return self._own[adapter][0] if adapter in self._own else self.tokenizer
 
     @contextlib.contextmanager
     def use(self, adapter: str | None):
         from .models import cpu_threads_for
 
-        with cpu_threads_for(self.model, self.device):
-            if adapter is None and self.peft:
-                with self.model.disable_adapter():
+        shared = self.tokenizer, self.stop_ids
+        if adapter in self._own:
+            self.tokenizer, self.stop_ids = self._own[adapter]
+        try:
+            with cpu_threads_for(self.model, self.device):
+                if adapter is None and self.peft:
+                    with self.model.disable_adapter():
+                        yield
+                else:
+                    if adapter is not None:
+                        self.model.set_adapter(adapter)
                     yield
-            else:
-                if adapter is not None:
-                    self.model.set_adapter(adapter)
-                yield
+        finally:
+            self.tokenizer, self.stop_ids = shared
 
     def golden(self, cases: list[EvalCase]) -> list[dict[str, Any]]:
         """Greedy answers to every case, batched (left-padded) per token limit: one forward per new token
@@ -704,9 +727,14 @@ def _run(
             "metrics": baseline_entry["gate"]["metrics"],
         }
     elif "baseline" in adapters:
+        own = ev.tokenizer_of("baseline")
+        same = models.tokenizer_hash(own) == models.tokenizer_hash(ev.tokenizer) and models.template_hash(
+            own
+        ) == models.template_hash(ev.tokenizer)
+        bl_tokenized = tokenized if same or not tokenized else _tokenized(settings, tier, own, max_len, [])
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
-            bl_losses = ev.losses(tokenized) if tokenized else {"val": None, "test": None}
+            bl_losses = ev.losses(bl_tokenized) if bl_tokenized else {"val": None, "test": None}
         baseline_cases = {r["id"]: r["passed"] for r in bl_results}
         baseline = {
             "kind": "adapter",
