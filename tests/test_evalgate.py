@@ -848,3 +848,44 @@ def test_an_evaluated_baseline_answers_in_the_template_it_was_trained_with(setti
     assert report.baseline["metrics"]["valLoss"] == pytest.approx(alone["valLoss"], rel=1e-5)
     assert report.baseline["metrics"]["goldenPassed"] == alone["goldenPassed"]
     assert report.metrics["valLoss"] != pytest.approx(alone["valLoss"], rel=1e-5)  # the templates do differ
+
+
+def test_an_active_version_that_cannot_answer_in_its_own_template_leaves_the_judging_to_the_base(settings, tiny):
+    """Review repros: the baseline answering in its own template ended the whole gate where that template
+    refuses a golden case the candidate's takes ("change the case or the template", and the new version was
+    never gated), or where its tokenizer file is damaged (the base model judged before). Both leave the
+    judging to the base model, with a note that says why."""
+    from lunatrain.params import parse_params
+    from lunatrain.templates import store_template
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    records = make_records(24, val_every=4)
+    for record in records:
+        record["messages"] = [m for m in record["messages"] if m["role"] != "system"]
+    write_export(settings, records)
+    strict = settings.home / "strict.jinja"  # as Gemma 2's: no system turn
+    strict.write_text(
+        "{%- for m in messages %}{%- if m['role'] == 'system' %}{{- raise_exception('System role not supported') }}"
+        "{%- endif %}{{- '### ' + m['role'] + ':\\n' + m['content'] }}"
+        "{%- if m['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- endif %}{{- '\\n\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"
+    )
+    fast = {"epochs": 1, "maxSteps": 2, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}
+    for extra in ({"chatTemplate": store_template(strict, settings)}, {}, {}):
+        assert run_lora(parse_params(fast | extra | {"adapterName": "t"}), settings).ok
+    registry.activate(settings, "t", "v1")  # never gated: it would be evaluated as v2's baseline
+    report = evalgate.eval_gate(settings, adapter="t@v2")
+    assert report.baseline["kind"] == "base", report.baseline
+    assert any(
+        n.startswith("the active t@v1 answers in a chat template that refuses case 'yes-no-equals' (System role not")
+        and n.endswith("and has no comparable gate record, so the base model is the baseline")
+        for n in report.notes
+    ), report.notes
+    registry.activate(settings, "t", "v2")
+    (settings.adapters_dir / "t" / "v2" / "tokenizer.json").write_text('{"nonsense": 1}')
+    report = evalgate.eval_gate(settings, adapter="t@v3")
+    assert report.baseline["kind"] == "base", report.baseline
+    note = next(n for n in report.notes if n.startswith("the active t@v2 has a tokenizer that cannot be loaded ("))
+    assert note.endswith(") and no comparable gate record, so the base model is the baseline"), note

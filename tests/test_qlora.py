@@ -95,12 +95,13 @@ def test_a_4bit_trained_adapter_is_gated_on_the_base_loaded_in_4_bits(settings, 
     """The gate loaded the base in bfloat16 (or float32) whatever the run trained on: an 8B model trained in
     4 bits on a 24 GB card needed 16 GB before the gate evaluated anything, so `luna --quantize 4bit` could
     train there and not be gated. The gate loads it as the candidate trained (and its baseline and the base's
-    losses with it); a process that cannot quantize gates in full precision and says so."""
+    losses with it, said where the baseline trained otherwise); a process that cannot quantize gates in full
+    precision and says so."""
     from lunatrain import compat, evalgate
 
     write_export(settings, make_records(48))
-    for name, quantize in (("q4gate", "4bit"), ("plain", "none")):
-        run = train.run_lora(parse_params(FAST | {"quantize": quantize, "adapterName": name, "maxSteps": 1}), settings)
+    for quantize in ("none", "4bit"):  # q@v1 unquantized, q@v2 in 4 bits
+        run = train.run_lora(parse_params(FAST | {"quantize": quantize, "adapterName": "q", "maxSteps": 1}), settings)
         assert run.ok, run.error
     loaded = []
     real = models.load_model
@@ -112,14 +113,21 @@ def test_a_4bit_trained_adapter_is_gated_on_the_base_loaded_in_4_bits(settings, 
         return model
 
     monkeypatch.setattr(models, "load_model", spy)
-    report = evalgate.eval_gate(settings, adapter="q4gate@v1")
-    assert loaded == [("4bit", "Linear4bit")] and report.candidate["quantize"] == "4bit"
+    plain = evalgate.eval_gate(settings, adapter="q@v1")
+    assert loaded == [("none", "Linear")] and "quantize" not in plain.context  # as records have it
+    registry.activate(settings, "q", "v1")  # never gated: evaluated as v2's baseline
+    report = evalgate.eval_gate(settings, adapter="q@v2")
+    assert loaded[1:] == [("4bit", "Linear4bit")] and report.candidate["quantize"] == "4bit"
     assert report.context["quantize"] == "4bit" and report.metrics["valLoss"] is not None
-    plain = evalgate.eval_gate(settings, adapter="plain@v1")
-    assert loaded[1:] == [("none", "Linear")] and "quantize" not in plain.context  # as records have it
+    assert report.baseline["ref"] == "q@v1" and report.baseline["source"] == "evaluated", report.baseline
+    # review repro: the unquantized baseline was measured on the 4-bit base without a word
+    assert (
+        "the active q@v1, trained unquantized, was measured on the base loaded in 4bit as the candidate trained, "
+        "not as it is served" in report.notes
+    ), report.notes
     # a process that loaded PEFT without bitsandbytes cannot quantize any more: full precision, said
     monkeypatch.setattr(compat, "with_bitsandbytes", lambda: (_ for _ in ()).throw(RuntimeError("loaded")))
-    fallback = evalgate.eval_gate(settings, adapter="q4gate@v1")
+    fallback = evalgate.eval_gate(settings, adapter="q@v2")
     assert loaded[2:] == [("none", "Linear")] and fallback.candidate["quantize"] == "none"
     assert (
         "the base model was loaded unquantized, not in 4bit as the adapter trained (this process loaded PEFT "

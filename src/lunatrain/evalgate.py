@@ -167,16 +167,28 @@ class _Evaluator:
                         model.delete_adapter(name)
         model.eval()
         self.model = model
-        self._base = base
+        self._base, self._settings = base, settings
         self.stop_ids = self._stops(self.tokenizer)
-        # An attached adapter other than the candidate (the active version, as baseline) answers with the
-        # tokenizer and template it was trained with, as it is served: judged in the candidate's template, it
-        # would be measured on prompts it never saw.
-        self._own: dict[str, tuple[Any, list[int]]] = {}
-        for name, path in adapters.items():
-            if name != "candidate" and name not in self.unloadable:
-                own = models.load_adapter_tokenizer(path, base, settings)
-                self._own[name] = (own, self._stops(own))
+        self._own: dict[str, tuple[Any, list[int]]] = {}  # `adopt`: adapters that answer in their own template
+
+    def adopt(self, name: str, path: Path, cases: list[EvalCase]) -> str | None:
+        """Let attached adapter `name` (not the candidate: the active version, as baseline) answer in the
+        tokenizer and template it was trained with, as it is served; judged in the candidate's template it
+        would be measured on prompts it never saw. Why it cannot judge (its tokenizer cannot be loaded, or its
+        template refuses a case the candidate's takes), else None."""
+        from . import models
+
+        try:
+            own = models.load_adapter_tokenizer(path, self._base, self._settings)
+        except (DamagedFile, UsageError) as exc:
+            return f"has a tokenizer that cannot be loaded ({exc.message.rstrip('.')})"
+        for case in cases:
+            try:
+                own.apply_chat_template(case.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja2's raise_exception, as `renderable` meets it
+                return f"answers in a chat template that refuses case {case.id!r} ({exc})"
+        self._own[name] = (own, self._stops(own))
+        return None
 
     def _stops(self, tokenizer: Any) -> list[int]:
         """Generation stops on the template's turn terminator, as training taught, and on the model's eos ids."""
@@ -726,12 +738,17 @@ def _run(
             "source": "recorded",
             "metrics": baseline_entry["gate"]["metrics"],
         }
-    elif "baseline" in adapters:
+    elif "baseline" in adapters and (unusable := ev.adopt("baseline", adapters["baseline"], cases)) is None:
         own = ev.tokenizer_of("baseline")
         same = models.tokenizer_hash(own) == models.tokenizer_hash(ev.tokenizer) and models.template_hash(
             own
         ) == models.template_hash(ev.tokenizer)
         bl_tokenized = tokenized if same or not tokenized else _tokenized(settings, tier, own, max_len, [])
+        if quantize != "none" and (baseline_entry.get("params") or {}).get("quantize", "none") != quantize:
+            notes.append(
+                f"the active {_ref(baseline_entry, base)}, trained {_trained_quantized(baseline_entry)}, was "
+                f"measured on the base loaded in {quantize} as the candidate trained, not as it is served"
+            )
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
             bl_losses = ev.losses(bl_tokenized) if bl_tokenized else {"val": None, "test": None}
@@ -747,8 +764,8 @@ def _run(
         if unusable:
             notes.append(
                 f"the active {_ref(baseline_entry, base)} {unusable} and "
-                f"{'has ' if unusable.startswith('cannot') else ''}no comparable gate record, so the base model is "
-                "the baseline"
+                f"{'' if unusable.startswith('has ') else 'has '}no comparable gate record, so the base model is the "
+                "baseline"
             )
         with ev.use(None):
             base_results = ev.golden(cases)
@@ -785,6 +802,12 @@ def _run(
         created=now_iso(),
         notes=notes,
     )
+
+
+def _trained_quantized(entry: dict[str, Any]) -> str:
+    """How `entry`'s run held the base: "in 4bit", "in 8bit" or "unquantized"."""
+    quantize = str((entry.get("params") or {}).get("quantize") or "none")
+    return "unquantized" if quantize == "none" else f"in {quantize}"
 
 
 def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
