@@ -45,6 +45,8 @@ MARKUP = [
     {"role": "assistant", "content": "sind"},
     {"role": "user", "content": "user"},  # a prompt that also stands in the markup (`<|user|>`): review repro
     {"role": "assistant", "content": "ist"},
+    {"role": "user", "content": "|>"},  # and one that stands in the header after it (`<|assistant|>`)
+    {"role": "assistant", "content": "ist"},
     {"role": "user", "content": "Und: Sie ___ ein Haus."},
     {"role": "assistant", "content": "hat"},
 ]

@@ -153,6 +153,9 @@ def _turn_end(rendered: str, start: int, content: str, eot: str) -> int:
     return len(rendered.rstrip()) if at < 0 else max(after, start)
 
 
+_STAND_IN = "lunatrainprompt7f3a"  # letters only: a template that trims or escapes text leaves it as it is
+
+
 def _after_prompt(tokenizer: Any, text: str, messages: list[dict], i: int, cursor: int) -> int:
     """Where assistant turn i's answer can start at the earliest: after the text of the message before it
     when that is found after `cursor` (the end of the previous answer), and after the header the template
@@ -164,12 +167,15 @@ def _after_prompt(tokenizer: Any, text: str, messages: list[dict], i: int, curso
     prompt = str(messages[i - 1].get("content") or "").strip()
     if not prompt:
         return cursor
+    # The header: what the template writes after that message when an answer follows, read after a stand-in
+    # for its text (the text itself may also stand in the header: ">" in `<|assistant|>`).
+    probe = [*messages[: i - 1], {**messages[i - 1], "content": _STAND_IN}]
     try:
-        opened = _render(tokenizer, messages[:i], gen_prompt=True)
+        opened = _render(tokenizer, probe, gen_prompt=True)
     except Exception:  # a template that refuses the partial conversation: no header to skip
         opened = ""
-    k = opened.rfind(prompt)
-    header = opened[k + len(prompt) :] if k >= 0 else ""
+    k = opened.rfind(_STAND_IN)
+    header = opened[k + len(_STAND_IN) :] if k >= 0 else ""
     # The prompt where the header follows it: a prompt such as "user" also stands inside `<|user|>`.
     if header and (at := text.find(prompt + header, cursor)) >= 0:
         return at + len(prompt) + len(header)
