@@ -139,6 +139,9 @@ def test_base_model_table_applies_under_flags(settings: Settings, home: Path, mo
     )
     profile = load_profile(settings, "b")
     assert profile.params().learning_rate == 0.0002  # default base luna-tiny has no table here
+    # review repro: the base named in [lora] as `base_model` (either spelling is taken) picked no table
+    (home / "profiles" / "s.toml").write_text('[lora]\nbase_model = "org/big"\n[bases."org/big"]\nrank = 32\n')
+    assert load_profile(settings, "s").params().rank == 32
     assert profile.params({"baseModel": "org/big"}).learning_rate == 0.00005
     assert profile.params({"baseModel": "org/big", "learningRate": 0.001}).learning_rate == 0.001
     monkeypatch.setenv("ASSISTANT_BASE_MODEL", "org/big")

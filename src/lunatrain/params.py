@@ -188,6 +188,8 @@ def parse_run(data: dict, *, strict: bool = False) -> tuple[LoraParams, FlowOpti
         )
     except ValidationError as exc:
         errors.append(format_validation_error(exc).removeprefix("Invalid parameters: ").rstrip("."))
+    except UsageError as err:  # a key given in both spellings
+        errors.append(err.message.rstrip("."))
     if errors:
         raise UsageError("Invalid parameters: " + "; ".join(errors) + ".")
     assert params is not None and options is not None

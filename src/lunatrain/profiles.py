@@ -37,12 +37,10 @@ class Profile:
     def resolve(self, overrides: dict | None = None, *, quick: bool = False) -> tuple[LoraParams, FlowOptions]:
         """[lora], then the table for the base model in use, then [quickStart], then explicit overrides
         (flags or a request body); split into the run's parameters and the flow's options (minCurated, gate)."""
-        given = dict(overrides or {})
-        base = given.get("baseModel") or given.get("base_model") or self.lora.get("baseModel") or self.default_base
-        table = self.base_table(str(base))
-        merged: dict = {}
-        for layer in (self.lora, table, self.quick_start if quick else {}, given):
-            merged |= run_keys(layer)  # a flag's `batch_size` replaces the table's `batchSize`
+        given, lora = run_keys(overrides or {}), run_keys(self.lora)  # a flag's `batch_size`, the table's `batchSize`
+        quick_table = run_keys(self.quick_start) if quick else {}
+        base = given.get("base_model") or quick_table.get("base_model") or lora.get("base_model") or self.default_base
+        merged = lora | run_keys(self.base_table(str(base))) | quick_table | given
         return parse_run(merged)
 
     def base_table(self, base: str) -> dict:
