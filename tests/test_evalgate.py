@@ -576,8 +576,19 @@ def test_a_misnamed_suite_is_refused_not_replaced_and_hidden_leftovers_are_no_su
     (settings.eval_dir / ".#golden.JSONL").symlink_to("me@host.1234:1700000000")
     (settings.eval_dir / "._golden.JSONL").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
     assert [c.id for c in load_suite(settings)] == ["mine"]
+    # review repros: notes alone in the folder are no misnamed suite (the shipped one is used); a file where the
+    # folder belongs is said
+    (settings.eval_dir / "golden.JSONL").rename(settings.home / "golden.JSONL")
+    (settings.eval_dir / "README.md").write_text("Unsere Fälle: …\n")
+    assert len(load_suite(settings)) > 1 and (settings.eval_dir / "luna-golden.jsonl").is_file()
+    (settings.home / "golden.JSONL").rename(settings.eval_dir / "golden.JSONL")
+    (settings.eval_dir / "luna-golden.jsonl").unlink()
     (settings.eval_dir / "broken.jsonl").write_bytes(case.encode() + b"\n" + b"\xff\xfe" + b"\n")
     with pytest.raises(UsageError, match=re.escape(f"{settings.eval_dir / 'broken.jsonl'}:2: not UTF-8 text")):
+        load_suite(settings)
+    shutil.rmtree(settings.eval_dir)
+    settings.eval_dir.write_text("not a folder\n")
+    with pytest.raises(UsageError, match=re.escape(f"{settings.eval_dir} is not a folder")):
         load_suite(settings)
 
 

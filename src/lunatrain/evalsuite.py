@@ -79,22 +79,34 @@ def shipped_suite_dir() -> Any:
 
 
 def _suite_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(suite files, other files) in `folder`. A suite file ends in .jsonl (any case); a hidden one is an
-    editor's lock or an OS's leftover (`.#golden.jsonl` of Emacs, `._golden.jsonl` copied from a Mac), never a
-    suite, and is neither."""
-    suite, other = [], []
+    """(suite files, misnamed ones) in `folder`. A suite file ends in .jsonl (any case); one that names JSON
+    otherwise (`golden.json`, `golden.jsonl.txt`, `golden.ndjson`) looks like a suite saved under another name.
+    A hidden file is an editor's lock or an OS's leftover (`.#golden.jsonl` of Emacs, `._golden.jsonl` copied
+    from a Mac), never a suite; notes beside a suite (a README) are neither."""
+    suite, misnamed = [], []
     for path in sorted(folder.iterdir()):
-        if not path.name.startswith("."):
-            (suite if path.suffix.lower() == ".jsonl" else other).append(path)
-    return suite, other
+        name = path.name.lower()
+        if name.startswith("."):
+            continue
+        if path.suffix.lower() == ".jsonl":
+            suite.append(path)
+        elif ".json" in name:
+            misnamed.append(path)
+    return suite, misnamed
 
 
 def ensure_suite(settings: Settings) -> list[Path]:
-    """data/eval/*.jsonl; when the folder holds nothing, the shipped golden suite is copied there first. A
-    folder with files but none of them a suite file is the user's suite misnamed: refused, not replaced by
-    the shipped one (which would decide in its place without a word)."""
-    settings.eval_dir.mkdir(parents=True, exist_ok=True)
-    files, other = _suite_files(settings.eval_dir)
+    """data/eval/*.jsonl; when the folder holds none, the shipped golden suite is copied there first. A folder
+    whose only suite is misnamed (golden.json) is refused, not given the shipped one (which would decide in
+    its place without a word)."""
+    folder = settings.eval_dir
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise UsageError(
+            f"{folder} is not a folder (a file, or a link to nothing): the golden suite lives in a folder of .jsonl "
+            "files there; move it away to get the shipped suite."
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    files, other = _suite_files(folder)
     if not files and other:
         names = ", ".join(p.name for p in other[:5]) + (", …" if len(other) > 5 else "")
         raise UsageError(
@@ -115,7 +127,8 @@ def ensure_suite(settings: Settings) -> list[Path]:
 def check_suite(settings: Settings) -> None:
     """The suite the gate will read, checked as `load_suite` checks it, writing nothing: the user's files;
     with none, the shipped suite, valid as shipped (the gate copies it in when it runs)."""
-    if settings.eval_dir.is_dir() and any(not p.name.startswith(".") for p in settings.eval_dir.iterdir()):
+    folder = settings.eval_dir
+    if (folder.exists() or folder.is_symlink()) and (not folder.is_dir() or _suite_files(folder) != ([], [])):
         load_suite(settings)
 
 
