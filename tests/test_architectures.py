@@ -105,3 +105,11 @@ def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(setting
 
     said = CliRunner().invoke(app, ["luna", "--local", "--baseModel", str(base)]).output
     assert f"note       case {with_system[0]!r}" in said, said
+    # and so did `lora`'s: it said "Eval gate: passed." alone
+    records = make_records(16, val_every=4)
+    for record in records:
+        record["messages"] = [m for m in record["messages"] if m["role"] != "system"]
+    write_export(settings, records)
+    flags = ["--local", "--baseModel", str(base), "--maxSteps", "1", "--minCurated", "0", "--adapterName", "g2"]
+    said = CliRunner().invoke(app, ["lora", *flags]).output
+    assert f"Note: case {with_system[0]!r}" in said, said
