@@ -525,6 +525,8 @@ def test_a_version_active_on_another_build_of_the_configured_base_is_said_so(set
     assert "also active: luna-adapter@v1 on another build of luna-tiny (revision 111111111111)" in said, said
     listed = CliRunner().invoke(app, ["adapters", "list"]).output
     assert "[active on another build of luna-tiny (revision 111111111111)]" in listed, listed
+    listed = json.loads(CliRunner().invoke(app, ["adapters", "list", "--json"]).output)  # review: and in JSON
+    assert listed["active"][0]["baseLabel"] == "another build of luna-tiny (revision 111111111111)", listed
     assert training_status(settings, 0)["activeAdapters"][0]["baseModel"] == "luna-tiny"  # the id stays the id
 
 

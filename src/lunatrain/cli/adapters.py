@@ -90,14 +90,18 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         active = registry.list_active(settings)
     except LunaError as err:
         raise fail(err) from None
-    configured = _configured(settings) if active and not as_json else None
+    configured = _configured(settings) if active else None
     if as_json:
         typer.echo(
             json_text(
                 {
                     "adapters": adapters,
                     "byBase": registry.by_base(settings),
-                    "active": [{k: a[k] for k in ("name", "version", "base", "baseModel")} for a in active],
+                    "active": [
+                        {k: a[k] for k in ("name", "version", "base", "baseModel")}
+                        | {"baseLabel": registry.base_label(a["baseModel"], a["base"], configured, a["entry"])}
+                        for a in active
+                    ],
                 },
                 sort_keys=True,
             )
