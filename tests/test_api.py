@@ -469,31 +469,24 @@ def test_a_rollback_sent_from_a_page_out_of_date_is_refused_and_changes_nothing(
         registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "luna-tiny", "fingerprint": fp}})
     for version in ("v1", "v2", "v3"):
         registry.activate(settings, "a", version)
+
+    def refused(code: str, params: dict) -> str:
+        """The page's request (v3 shown active, v2 as its target) refused with `code`, changing nothing."""
+        before = registry.list_adapters(settings)["a"]
+        answer = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
+        assert answer.status_code == 409, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == code and error["params"] == params, error
+        assert registry.list_adapters(settings)["a"] == before  # nothing rolled back, no history written
+        return error["message"]
+
     first = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
     assert first.status_code == 200 and first.json()["aliases"]["active"] == "v2", first.text
-    before = registry.list_adapters(settings)["a"]
-    stale = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
-    assert stale.status_code == 409, stale.text
-    error = stale.json()["error"]
-    assert error["code"] == "adapter.rollback_moved" and error["params"] == {
-        "name": "a",
-        "version": "v3",
-        "active": "v2",
-    }
-    assert error["message"].startswith("a@v3 is no longer active on base model 'luna-tiny': a@v2 is"), error["message"]
-    assert registry.list_adapters(settings)["a"] == before  # nothing rolled back, no history written
+    said = refused("adapter.rollback_moved", {"name": "a", "version": "v3", "active": "v2"})
+    assert said.startswith("a@v3 is no longer active on base model 'luna-tiny': a@v2 is"), said
     registry.activate(settings, "a", "v4")
     registry.activate(settings, "a", "v3")  # v3 active again, but a rollback now returns to v4
-    before = registry.list_adapters(settings)["a"]
-    moved = client.post(f"{T}/adapters/a/rollback", json={"version": "v3", "to": "v2"})
-    assert moved.status_code == 409, moved.text
-    error = moved.json()["error"]
-    assert error["code"] == "adapter.rollback_target_moved" and error["params"] == {
-        "name": "a",
-        "to": "v2",
-        "target": "v4",
-    }
-    assert registry.list_adapters(settings)["a"] == before
+    refused("adapter.rollback_target_moved", {"name": "a", "to": "v2", "target": "v4"})
     assert client.post(f"{T}/adapters/a/rollback", json={"version": "v9!"}).status_code == 422
     assert client.post(f"{T}/adapters/a/rollback", json={"status": "rejected"}).status_code == 422  # no such field
     assert client.post(f"{T}/adapters/a/rollback").json()["aliases"]["active"] == "v4"

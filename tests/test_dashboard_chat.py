@@ -89,11 +89,7 @@ def test_an_answer_of_only_line_breaks_is_said_not_shown_as_an_empty_box(page, s
     expect(page.get_by_label("Adapter version", exact=True).locator("option")).to_have_count(3, timeout=UI_TIMEOUT_MS)
     page.get_by_label("Message", exact=True).fill("Hallo, wer bist du?")
     page.get_by_role("button", name="Send").click()
-    for column in ("base", "adapter"):
-        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", "done", timeout=UI_TIMEOUT_MS)
-        expect(page.locator(f"#try-{column}-meta")).to_have_text(
-            "Cut off at 3 tokens (max_tokens) · the answer is only spaces and line breaks"
-        )
+    _both_answers(page, "done", "Cut off at 3 tokens (max_tokens) · the answer is only spaces and line breaks")
     # A real answer says nothing of the kind (the base model's, from the server).
     page.unroute("**/v1/chat/completions")
     page.get_by_role("button", name="Send").click()
@@ -116,12 +112,16 @@ def test_an_answer_cut_off_by_a_lost_connection_is_said_in_the_pages_language(pa
     page.locator("#try").scroll_into_view_if_needed()
     page.get_by_label("Nachricht", exact=True).fill("Wie heißt du?")
     page.get_by_role("button", name="Senden").click()
+    _both_answers(page, "error", "Fehler: Die Antwort brach ab: die Verbindung zum Server ging verloren.")
     for column in ("base", "adapter"):
-        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", "error", timeout=UI_TIMEOUT_MS)
-        expect(page.locator(f"#try-{column}-meta")).to_have_text(
-            "Fehler: Die Antwort brach ab: die Verbindung zum Server ging verloren."
-        )
         expect(page.locator(f"#try-{column}")).to_have_text("Ich bin")
+
+
+def _both_answers(page, state: str, meta: str) -> None:
+    """Both columns ended in `state`, each saying `meta` under its answer."""
+    for column in ("base", "adapter"):
+        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", state, timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#try-{column}-meta")).to_have_text(meta)
 
 
 def test_a_typed_prompt_asks_for_no_more_tokens_than_the_server_allows(page, services: Services) -> None:
