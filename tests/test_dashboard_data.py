@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -996,6 +997,26 @@ def test_a_job_that_started_and_ended_between_two_refreshes_is_shown(page, servi
     latest["job"] = _job("ftjob-short", "succeeded", "short")
     page.clock.run_for(16_000)
     expect(page.locator("#job-id")).to_have_text("Job ftjob-short")
+    # Review repro: a job created later but ended before the one shown (queued, then cancelled while the shown
+    # one ran and failed) replaced the failure the user was reading.
+    failed = _job("ftjob-a", "failed", "a") | {
+        "createdAt": "2026-12-01T10:00:00Z",
+        "finishedAt": "2026-12-01T10:30:00Z",
+    }
+    answer(page, "**/assistant/training/lora/status?jobId=ftjob-a", failed)
+    latest["job"] = failed
+    page.clock.run_for(16_000)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-a")
+    latest["job"] = _job("ftjob-b", "cancelled", "b") | {
+        "createdAt": "2026-12-01T10:05:00Z",
+        "finishedAt": "2026-12-01T10:06:00Z",
+    }
+    asked = []  # following a job reads its events at once: none may be asked for ftjob-b
+    page.on("request", lambda r: asked.append(r.url) if "/jobs/ftjob-b/" in r.url else None)
+    with page.expect_response(lambda r: urlsplit(r.url).path.endswith("/lora/status") and "jobId" not in r.url):
+        page.clock.run_for(16_000)
+    page.wait_for_timeout(1000)  # the page's own continuation after that answer (the clock is the page's, not this)
+    assert asked == [] and page.locator("#job-id").text_content() == "Job ftjob-a", asked
 
 
 def _adapters(name: str) -> dict:

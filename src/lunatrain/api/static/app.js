@@ -400,17 +400,28 @@ async function loadLatestJob() {
   }
 }
 
-/** With no job running or waiting: the newest job when it is not the one shown. A job that started and ended
- * elsewhere (another tab, the command line) between two background refreshes is never among the unfinished
- * ones, and the panel went on saying "no job" beside a data panel that named it. */
+/** With no job running or waiting: the newest job, when it is not the one shown and ended after it. A job
+ * that started and ended elsewhere (another tab, the command line) between two background refreshes is never
+ * among the unfinished ones, and the panel went on saying "no job" beside a data panel that named it; a job
+ * that ended before the one shown (a queued one cancelled while it ran) must not replace the failure the
+ * user is reading. */
 async function followNewest() {
   try {
     const job = await api.latestJob();
-    const shownEnded = !jobView.job || FINAL_STATES.has(jobView.job.status);
-    if (job?.id && job.id !== jobView.jobId && shownEnded) jobView.follow(job);
+    const shown = jobView.job;
+    if (job?.id && job.id !== jobView.jobId && (!shown || (FINAL_STATES.has(shown.status) && endedAfter(job, shown)))) {
+      jobView.follow(job);
+    }
   } catch {
     // 404: no job yet; 503: the trainer is offline, which the header says. The next refresh asks again.
   }
+}
+
+/** Whether `job` ended (or, unfinished, was created) after `other` ended; true when either time is unknown. */
+function endedAfter(job, other) {
+  const at = (j) => Date.parse(j.finishedAt ?? j.createdAt ?? "");
+  const [a, b] = [at(job), at(other)];
+  return Number.isNaN(a) || Number.isNaN(b) || a > b;
 }
 
 // ---- start-up ------------------------------------------------------------------------------------------
