@@ -900,3 +900,36 @@ def test_an_active_version_that_cannot_answer_in_its_own_template_leaves_the_jud
     assert report.baseline["kind"] == "base", report.baseline
     note = next(n for n in report.notes if n.startswith("the active t@v2 has a tokenizer that cannot be loaded ("))
     assert note.endswith(") and no comparable gate record, so the base model is the baseline"), note
+
+
+def test_an_active_version_whose_template_refuses_an_exported_example_leaves_the_judging_to_the_base(settings, tiny):
+    """Review repro: a baseline whose own template refuses a val or test example (one the candidate's takes)
+    ended the whole gate with the example's refusal, whose advice named the data, not the active version."""
+    from lunatrain.params import parse_params
+    from lunatrain.templates import store_template
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(24, val_every=4))
+    picky = settings.home / "picky.jinja"  # refuses one word, which the golden cases never use
+    picky.write_text(
+        "{%- for m in messages %}{%- if 'ZZZ' in m['content'] %}{{- raise_exception('no ZZZ here') }}{%- endif %}"
+        "{{- '### ' + m['role'] + ':\\n' + m['content'] }}"
+        "{%- if m['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- endif %}{{- '\\n\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"
+    )
+    fast = {"epochs": 1, "maxSteps": 2, "batchSize": 4, "rank": 4, "learningRate": 1e-2, "maxSeqLength": 128}
+    for extra in ({"chatTemplate": store_template(picky, settings)}, {}):
+        assert run_lora(parse_params(fast | extra | {"adapterName": "t"}), settings).ok
+    registry.activate(settings, "t", "v1")
+    records = make_records(24, val_every=4)
+    for record in records:
+        record["messages"][-2]["content"] += " ZZZ"
+    write_export(settings, records)
+    report = evalgate.eval_gate(settings, adapter="t@v2")
+    assert report.baseline["kind"] == "base", report.baseline
+    assert any(
+        n.startswith("the active t@v1 answers in a chat template that refuses example ") and "(no ZZZ here)" in n
+        for n in report.notes
+    ), report.notes

@@ -728,9 +728,15 @@ def _run(
 
     baseline: dict[str, Any]
     baseline_cases = None
+    recorded = entry is not None and baseline_entry is not None and _comparable(baseline_entry, context)
+    own_tokenized = None  # the baseline's val/test tokens in its own template, when it is evaluated
+    if entry is not None and not recorded and "baseline" in adapters:
+        unusable = ev.adopt("baseline", adapters["baseline"], cases)
+        if unusable is None:
+            own_tokenized, unusable = _own_tokenized(ev, tokenized, settings, tier, max_len)
     if entry is None:
         baseline = {"kind": "base", "ref": _ref(None, base), "source": "candidate itself", "metrics": metrics}
-    elif baseline_entry is not None and _comparable(baseline_entry, context):
+    elif recorded:
         baseline = {
             "kind": "adapter",
             "ref": _ref(baseline_entry, base),
@@ -738,12 +744,7 @@ def _run(
             "source": "recorded",
             "metrics": baseline_entry["gate"]["metrics"],
         }
-    elif "baseline" in adapters and (unusable := ev.adopt("baseline", adapters["baseline"], cases)) is None:
-        own = ev.tokenizer_of("baseline")
-        same = models.tokenizer_hash(own) == models.tokenizer_hash(ev.tokenizer) and models.template_hash(
-            own
-        ) == models.template_hash(ev.tokenizer)
-        bl_tokenized = tokenized if same or not tokenized else _tokenized(settings, tier, own, max_len, [])
+    elif "baseline" in adapters and unusable is None:
         if quantize != "none" and (baseline_entry.get("params") or {}).get("quantize", "none") != quantize:
             notes.append(
                 f"the active {_ref(baseline_entry, base)}, trained {_trained_quantized(baseline_entry)}, was "
@@ -751,7 +752,7 @@ def _run(
             )
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
-            bl_losses = ev.losses(bl_tokenized) if bl_tokenized else {"val": None, "test": None}
+            bl_losses = ev.losses(own_tokenized) if own_tokenized else {"val": None, "test": None}
         baseline_cases = {r["id"]: r["passed"] for r in bl_results}
         baseline = {
             "kind": "adapter",
@@ -802,6 +803,26 @@ def _run(
         created=now_iso(),
         notes=notes,
     )
+
+
+def _own_tokenized(
+    ev: _Evaluator, tokenized: Any, settings: Settings, tier: str, max_len: int
+) -> tuple[Any, str | None]:
+    """The baseline's val/test tokens in its own template (the candidate's, when tokenizer and template are
+    the same), and why they cannot be had: its template refuses an exported example."""
+    from . import models
+    from .tokens import TemplateRefused
+
+    own = ev.tokenizer_of("baseline")
+    if tokenized is None or (
+        models.tokenizer_hash(own) == models.tokenizer_hash(ev.tokenizer)
+        and models.template_hash(own) == models.template_hash(ev.tokenizer)
+    ):
+        return tokenized, None
+    try:
+        return _tokenized(settings, tier, own, max_len, []), None
+    except TemplateRefused as exc:
+        return None, f"answers in a chat template that refuses example {exc.record_id} ({exc.reason})"
 
 
 def _trained_quantized(entry: dict[str, Any]) -> str:
