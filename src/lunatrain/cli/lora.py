@@ -56,7 +56,7 @@ def _describe(settings: Any, outcome: dict[str, Any]) -> list[str]:
         lines.append(f"Eval gate: error: {why}; {entry['name']}@{entry['version']} is registered but not active.")
     elif gate:
         lines.append(f"Eval gate: {gate.get('status', gate)}.")
-    lines += [f"Note: {n}." for n in (gate or {}).get("notes") or []]  # what the decision rests on besides numbers
+    lines += [f"Note: {n.rstrip('.')}." for n in (gate or {}).get("notes") or []]  # what the decision rests on too
     return lines
 
 
