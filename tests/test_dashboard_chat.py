@@ -117,6 +117,43 @@ def test_an_answer_cut_off_by_a_lost_connection_is_said_in_the_pages_language(pa
         expect(page.locator(f"#try-{column}")).to_have_text("Ich bin")
 
 
+def test_a_stream_in_crlf_or_without_its_last_blank_line_is_whole_and_a_server_error_is_said(page, services) -> None:
+    """Review repros: a complete stream whose events a proxy separated with CRLF, or whose `data: [DONE]` had
+    no blank line after it, was said to have broken off (with CRLF the answer was lost too); an error chunk in
+    OpenAI's shape (code null) was shown in English on the German page."""
+    chunk = {"object": "chat.completion.chunk", "model": "luna-tiny", "created": 0, "id": "c"}
+    delta = {"role": "assistant", "content": "Ich bin Luna."}
+    events = [
+        chunk | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    body = {"crlf": "".join(f"data: {json.dumps(e)}\r\n\r\n" for e in events) + "data: [DONE]"}
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(content_type="text/event-stream", body=body["crlf"]),
+    )
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    page.get_by_label("Nachricht", exact=True).fill("Wie heißt du?")
+    page.get_by_role("button", name="Senden").click()
+    for column in ("base", "adapter"):
+        expect(page.locator(f"#try-{column}-box")).to_have_attribute("data-state", "done", timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#try-{column}")).to_have_text("Ich bin Luna.")
+    error = {
+        "error": {
+            "message": "Generation failed; the server log has the details.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    body["crlf"] = f"data: {json.dumps(events[0])}\n\ndata: {json.dumps(error)}\n\n"
+    page.get_by_role("button", name="Senden").click()
+    # the page's label, then the server's own sentence, as every panel says a server error
+    said = "Fehler: Die Antwort ist auf dem Server fehlgeschlagen: Generation failed; the server log has the details."
+    _both_answers(page, "error", said)
+
+
 def _both_answers(page, state: str, meta: str) -> None:
     """Both columns ended in `state`, each saying `meta` under its answer."""
     for column in ("base", "adapter"):

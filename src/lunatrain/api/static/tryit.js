@@ -31,6 +31,31 @@ export async function streamChat(body, onPiece) {
   const decoder = new TextDecoder();
   const result = { finish: null, usage: null, model: body.model };
   let buffer = "";
+  /** Read the whole events in `buffer` (all of it once the stream ended); true once `[DONE]` came. */
+  const events = (ended) => {
+    // Server-sent events are separated by a blank line (CRLF too, from a proxy); each of ours carries one
+    // `data:` line. A stream's last event may end without its blank line.
+    buffer = buffer.replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0 || (ended && buffer.trim())) {
+      const event = end >= 0 ? buffer.slice(0, end) : buffer;
+      buffer = end >= 0 ? buffer.slice(end + 2) : "";
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return true;
+        const chunk = JSON.parse(data);
+        // OpenAI's shape sends a server error with code null: its type names it, in the page's words
+        if (chunk.error) throw new ApiError(500, chunk.error.code ?? chunk.error.type ?? "stream", chunk.error.message);
+        result.model = chunk.model ?? result.model;
+        if (chunk.usage) result.usage = chunk.usage;
+        const choice = chunk.choices?.[0];
+        if (choice?.delta?.content) onPiece(choice.delta.content);
+        if (choice?.finish_reason) result.finish = choice.finish_reason;
+      }
+    }
+    return false;
+  };
   for (;;) {
     // A connection lost in the middle of the answer (the server stopped, a proxy gave up): the page's own
     // sentence, not the browser's English "network error"; and a stream that ends without its `[DONE]`
@@ -42,26 +67,9 @@ export async function streamChat(body, onPiece) {
       throw new ApiError(0, "network", t("err.streamCut"));
     }
     const { value, done } = read;
+    buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
+    if (events(done)) return result;
     if (done) throw new ApiError(0, "network", t("err.streamCut"));
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    // Server-sent events are separated by a blank line; each of ours carries one `data:` line.
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
-        if (data === "[DONE]") return result;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new ApiError(500, chunk.error.code ?? "stream", chunk.error.message);
-        result.model = chunk.model ?? result.model;
-        if (chunk.usage) result.usage = chunk.usage;
-        const choice = chunk.choices?.[0];
-        if (choice?.delta?.content) onPiece(choice.delta.content);
-        if (choice?.finish_reason) result.finish = choice.finish_reason;
-      }
-    }
   }
 }
 
