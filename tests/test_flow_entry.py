@@ -157,6 +157,18 @@ def test_the_flow_summary_counts_the_tier_it_trains_on(settings):
     assert re.search(said, r.output), r.output
 
 
+def test_the_summary_notes_are_the_last_gates(settings):
+    """The first gate of a fresh data root runs before the export and notes "no export: losses on val/test were
+    not measured"; by the summary the lora step's gate has measured them, and only its notes stand there."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    store.dispose_stores()
+    assert r.exit_code in (0, 1), r.output  # 1: the gate may refuse a two-step adapter
+    assert "val loss" in r.output and "no export" not in r.output, r.output
+
+
 def test_the_flow_summary_says_in_words_how_the_val_loss_compares_with_the_base():
     """Repro: the summary said "val loss 8.0573 vs base 8.0577 (+0.0% better)", and a worse adapter read
     "-3.0% better"."""

@@ -616,9 +616,10 @@ def _another_build(settings: Settings, trained_on: dict[str, Any]) -> str | None
 def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     """The closing summary a person reads: adapter, val loss vs base, gate, where the files are."""
     lines = [f"{s.step:<10} {'ok' if s.ok else 'FAILED':<6} {s.seconds:7.1f}s  {s.summary}" for s in result.steps]
-    # What a gate's decision rests on besides its numbers (a golden case its template refuses, left out).
-    notes = [n for s in result.steps for n in s.detail.get("notes") or (s.detail.get("gate") or {}).get("notes") or []]
-    lines += [f"note       {n}" for n in dict.fromkeys(notes)]
+    # What the last gate's decision rests on besides its numbers (a golden case its template refuses, left out):
+    # the first step's gate of a fresh data root ran before the export, whose "no export" is no news by then.
+    gates = [g for s in result.steps if (g := s.detail if "notes" in s.detail else s.detail.get("gate")) is not None]
+    lines += [f"note       {n}" for n in (gates[-1].get("notes") or [] if gates else [])]
     entry = result.adapter
     if entry:
         metrics = entry.get("metrics") or {}
