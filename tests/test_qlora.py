@@ -92,8 +92,8 @@ def _nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_4bit_trained_adapter_is_gated_on_the_base_loaded_in_4_bits(settings, monkeypatch):
-    """The gate loaded the base in bfloat16 (or float32) whatever the run trained on: an 8B model trained in
-    4 bits on a 24 GB card needed 16 GB before the gate evaluated anything, so `luna --quantize 4bit` could
+    """The gate loaded the base in bfloat16 (or float32) whatever the run trained on: a 13B model that trains
+    in 4 bits on a 16 GB card needed 26 GB before the gate evaluated anything, so `luna --quantize 4bit` could
     train there and not be gated. The gate loads it as the candidate trained (and its baseline and the base's
     losses with it, said where the baseline trained otherwise); a process that cannot quantize gates in full
     precision and says so."""

@@ -833,7 +833,7 @@ def _trained_quantized(entry: dict[str, Any]) -> str:
 
 def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
     """How the gate loads the base: as the candidate trained on it. A QLoRA run is judged on the base it
-    trained on, in the memory it trained in (an 8B model trained in 4 bits on a 24 GB card needs 16 GB in
+    trained on, in the memory it trained in (a 13B model that trains in 4 bits on a 16 GB card needs 26 GB in
     bfloat16 before the gate evaluates anything). Where this process cannot quantize (no bitsandbytes, or
     PEFT loaded without it), in full precision, with a note."""
     quantize = str(((entry or {}).get("params") or {}).get("quantize") or "none")
