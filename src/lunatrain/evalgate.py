@@ -745,10 +745,11 @@ def _run(
             "metrics": baseline_entry["gate"]["metrics"],
         }
     elif "baseline" in adapters and unusable is None:
-        if quantize != "none" and (baseline_entry.get("params") or {}).get("quantize", "none") != quantize:
+        if quantize != "none" and (held := _trained_quantized(baseline_entry)) != quantize:
+            trained = "unquantized" if held == "none" else f"in {held}"
             notes.append(
-                f"the active {_ref(baseline_entry, base)}, trained {_trained_quantized(baseline_entry)}, was "
-                f"measured on the base loaded in {quantize} as the candidate trained, not as it is served"
+                f"the active {_ref(baseline_entry, base)}, trained {trained}, was measured on the base loaded in "
+                f"{quantize} as the candidate trained, not as it is served"
             )
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
@@ -825,10 +826,9 @@ def _own_tokenized(
         return None, f"answers in a chat template that refuses example {exc.record_id} ({exc.reason})"
 
 
-def _trained_quantized(entry: dict[str, Any]) -> str:
-    """How `entry`'s run held the base: "in 4bit", "in 8bit" or "unquantized"."""
-    quantize = str((entry.get("params") or {}).get("quantize") or "none")
-    return "unquantized" if quantize == "none" else f"in {quantize}"
+def _trained_quantized(entry: dict[str, Any] | None) -> str:
+    """How `entry`'s run held the base: "none", "4bit" or "8bit"."""
+    return str(((entry or {}).get("params") or {}).get("quantize") or "none")
 
 
 def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
@@ -836,7 +836,7 @@ def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
     trained on, in the memory it trained in (a 13B model that trains in 4 bits on a 16 GB card needs 26 GB in
     bfloat16 before the gate evaluates anything). Where this process cannot quantize (no bitsandbytes, or
     PEFT loaded without it), in full precision, with a note."""
-    quantize = str(((entry or {}).get("params") or {}).get("quantize") or "none")
+    quantize = _trained_quantized(entry)
     if quantize == "none":
         return quantize
     from .compat import with_bitsandbytes

@@ -395,7 +395,7 @@ def _exclusive(fd: int, patience: float) -> None:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.05)
+            time.sleep(0.05)  # flock has no timeout of its own: ask again until `patience` is spent
 
 
 def in_use(folder: Path) -> bool:

@@ -50,10 +50,8 @@ class FewKeys(BaseModel):
     def _few_keys(cls, data: object) -> object:
         if isinstance(data, dict) and len(data) > MAX_KEYS:
             raise ValueError(f"an object of {len(data)} keys; at most {MAX_KEYS} are read")
-        if isinstance(data, dict):  # a request body (a profile's table is checked before: `refuse_twice`)
-            for name, field in cls.model_fields.items():
-                if field.alias and field.alias != name and name in data and field.alias in data:
-                    raise ValueError(f"{field.alias} is given twice, as {name} and as {field.alias}; keep one")
+        if isinstance(data, dict) and (twice := given_twice(cls, data)):  # a request body (`refuse_twice`)
+            raise ValueError(twice)
         return data
 
 
@@ -209,12 +207,19 @@ def _snake_keys(model: type[BaseModel], data: dict) -> dict:
     return {by_alias.get(k, k): v for k, v in data.items()}
 
 
+def given_twice(model: type[BaseModel], data: dict) -> str | None:
+    """What is wrong when `data` gives a field of `model` in both spellings, else None."""
+    for name, field in model.model_fields.items():
+        if field.alias and field.alias != name and name in data and field.alias in data:
+            return f"{field.alias} is given twice, as {name} and as {field.alias}; keep one"
+    return None
+
+
 def refuse_twice(model: type[BaseModel], data: dict) -> None:
     """UsageError for a field given in both spellings (`max_steps` and `maxSteps` in one profile table): one
     of the two values would be taken without a word."""
-    for name, field in model.model_fields.items():
-        if field.alias and field.alias != name and name in data and field.alias in data:
-            raise UsageError(f"{field.alias} is given twice, as {name} and as {field.alias}; keep one.")
+    if twice := given_twice(model, data):
+        raise UsageError(f"{twice}.")
 
 
 def check_adapter_name(params: LoraParams, base_ref: str) -> None:

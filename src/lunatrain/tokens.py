@@ -350,8 +350,12 @@ def _share_values(splits: dict[str, list[Encoded]]) -> None:
     pool: dict[int, int] = {IGNORE: IGNORE}
     for items in splits.values():
         for enc in items:
-            enc.input_ids = [pool.setdefault(t, t) for t in enc.input_ids]
-            enc.labels = [pool.setdefault(t, t) for t in enc.labels]
+            enc.input_ids, enc.labels = _shared(enc.input_ids, pool), _shared(enc.labels, pool)
+
+
+def _shared(values: list[int], pool: dict[int, int]) -> list[int]:
+    """`values` with each int taken from `pool` (its first occurrence kept there)."""
+    return [pool.setdefault(v, v) for v in values]
 
 
 class TemplateRefused(UsageError):
@@ -457,8 +461,8 @@ def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
                 # per sample, not the whole split at once: its `tolist()` would hold an int object per token
                 splits[name] = [
                     Encoded(
-                        [pool.setdefault(t, t) for t in ids[a:b].tolist()],
-                        [pool.setdefault(t, t) for t in labels[a:b].tolist()],
+                        _shared(ids[a:b].tolist(), pool),
+                        _shared(labels[a:b].tolist(), pool),
                         bool(trunc[i]),
                         int(full[i]),
                         hashes[i],
