@@ -1297,6 +1297,66 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
 
 
 @pytest.mark.parametrize(
+    ("query", "notes"),
+    [
+        (
+            "",
+            [
+                "Golden-Fall identity (golden.jsonl:2) ausgelassen: die Chat-Vorlage nimmt seine Systemnachricht "
+                "nicht an (System role not supported)",
+                "das Basismodell wurde unquantisiert geladen, nicht in 4bit wie beim Training (bitsandbytes is not "
+                "installed here)",
+                "an older note",
+            ],
+        ),
+        (
+            "?lang=en",
+            [
+                "golden case identity (golden.jsonl:2) was left out: the chat template refuses its system message "
+                "(System role not supported)",
+                "the base model was loaded unquantized, not in 4bit as the adapter trained (bitsandbytes is not "
+                "installed here)",
+                "an older note",
+            ],
+        ),
+    ],
+    ids=["de", "en"],
+)
+def test_the_gates_notes_are_shown_with_its_reasons_in_the_pages_language(
+    page, services: Services, query: str, notes: list[str]
+) -> None:
+    """Repro: a Gemma 2 user's gate left out a golden case and a QLoRA adapter was gated unquantized, and the
+    adapter table said only "bestanden": the gate's notes (what the decision rests on besides the numbers) were
+    English sentences in the registry, shown nowhere on the page. A note recorded before notes had codes shows
+    as written; "stays registered but inactive" repeats the cell's state and is not shown twice."""
+    from lunatrain.messages import Note
+
+    said = [
+        Note(
+            "gate.case_left_out",
+            "case 'identity' (golden.jsonl:2) was left out: …",
+            case="identity",
+            source="golden.jsonl:2",
+            why="System role not supported",
+        ),
+        Note("gate.unquantized", "…", quantize="4bit", why="bitsandbytes is not installed here"),
+        Note("gate.stays_inactive", "stays registered but inactive: …", reasons="…"),
+    ]
+    gate = {
+        "status": "passed",
+        "passed": True,
+        "reasons": [],
+        "notes": [*said, "an older note"],
+        "noteCodes": [n.coded for n in said] + [None],
+    }
+    version = {"version": "v1", "created": "2026-12-01T10:00:00+00:00", "metrics": {}, "gate": gate}
+    table = {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": "a", "aliases": {}, "versions": [version]}]}]}
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services, query)
+    expect(page.locator("tr[data-version=v1] .gate-notes li")).to_have_text(notes)
+
+
+@pytest.mark.parametrize(
     ("query", "exported", "volume"),
     [
         ("", "Export fertig: 1 Beispiel.", "1 freigegebenes kuratiertes Beispiel (minCurated 1)"),

@@ -453,6 +453,14 @@ def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trai
     ) in g3.notes, g3.notes
     assert g3.passed and g3.promoted, g3.reasons
     assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
+    # Repro: the notes were English sentences only, and the dashboard showed none of them. Each note the version
+    # records carries its code, for the reader's language (one for each, in order).
+    recorded = registry.get_version(settings, "luna-adapter", v3["version"])["gate"]
+    assert len(recorded["noteCodes"]) == len(recorded["notes"]) and None not in recorded["noteCodes"], recorded
+    assert {
+        "code": "gate.baseline_unusable",
+        "params": {"ref": f"luna-adapter@{v2['version']}", "why": "has no files"},
+    } in recorded["noteCodes"], recorded["noteCodes"]
 
 
 def test_an_active_version_that_cannot_be_loaded_does_not_block_the_next_one(trained_home, settings):

@@ -37,7 +37,7 @@ from pydantic.alias_generators import to_camel
 from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
 from .fsio import atomic_write_json, read_json
-from .messages import coded
+from .messages import Note, coded
 from .params import FewKeys, format_validation_error, refuse_twice
 from .settings import EVAL_REPORT, Settings
 from .tokens import CACHE_FORMAT
@@ -264,8 +264,14 @@ class _Evaluator:
                     raise
                 refused = refused or err
                 notes.append(
-                    f"case {case.id!r} ({case.source}) was left out: the chat template refuses its system message "
-                    f"({err.__cause__})"
+                    Note(
+                        "gate.case_left_out",
+                        f"case {case.id!r} ({case.source}) was left out: the chat template refuses its system "
+                        f"message ({err.__cause__})",
+                        case=case.id,
+                        source=str(case.source),
+                        why=str(err.__cause__),
+                    )
                 )
                 continue
             kept.append(case)
@@ -398,7 +404,7 @@ class GateReport:
     context: dict[str, Any]
     cases: list[dict[str, Any]]
     created: str
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # Notes: each carries its code (noteCodes)
     reason_codes: list[dict[str, Any]] = field(default_factory=list)  # `reasons` as {code, params}
     promoted: bool | None = None  # gate_candidate only
     path: str = ""
@@ -406,6 +412,11 @@ class GateReport:
     @property
     def passed(self) -> bool:
         return self.decision == "pass"
+
+    @property
+    def note_codes(self) -> list[dict[str, Any] | None]:
+        """`notes` as {code, params}, one for each (None for a plain sentence)."""
+        return [getattr(n, "coded", None) for n in self.notes]
 
     def to_dict(self) -> dict[str, Any]:
         return finite(
@@ -424,6 +435,7 @@ class GateReport:
                 "cases": self.cases,
                 "created": self.created,
                 "notes": self.notes,
+                "noteCodes": self.note_codes,
                 "promoted": self.promoted,
             }
         )
@@ -444,6 +456,7 @@ class GateReport:
                 "promoted": self.promoted,
                 "thresholds": self.thresholds,
                 "notes": self.notes,  # what the decision rests on besides the numbers (a case left out)
+                "noteCodes": self.note_codes,
             }
         )
 
@@ -507,19 +520,25 @@ def gate_candidate(
     report.promoted = False
     go = promote() if callable(promote) else promote
     if report.passed and not go:
-        report.notes.append("not activated: the job was cancelled while the gate ran")
+        report.notes.append(Note("gate.cancelled", "not activated: the job was cancelled while the gate ran"))
     fingerprint = entry.get("baseModel", {}).get("fingerprint", "?")
     active_before = registry.active_version(settings, name, fingerprint)
     if entry.get("staged"):
         entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed and go)
     if report.passed and entry.get("replaced"):  # settled as not kept before this gate finished
-        report.notes.append(f"not kept: revision {entry.get('revision')} no longer exists")
+        revision = entry.get("revision")
+        report.notes.append(
+            Note("gate.revision_gone", f"not kept: revision {revision} no longer exists", revision=revision)
+        )
     elif report.passed and go:
         if registry.same_entry(active_before, entry):
-            report.notes.append("already active")
+            report.notes.append(Note("gate.already_active", "already active"))
         elif active_before is not None and active_before["version"] == entry["version"]:
             report.promoted = True  # the active slot now holds it
-            report.notes.append(f"replaced {name}@{entry['version']} revision {active_before.get('revision')}")
+            ref, revision = f"{name}@{entry['version']}", active_before.get("revision")
+            report.notes.append(
+                Note("gate.replaced_revision", f"replaced {ref} revision {revision}", ref=ref, revision=revision)
+            )
         else:
             report.promoted = True  # as recorded: the activation and the outcome are one registry write
             try:  # on the base it was trained on: a new base never takes the old base's adapter away
@@ -535,9 +554,10 @@ def gate_candidate(
                 return report
             except Conflict as err:  # e.g. a replaced revision
                 report.promoted = False
-                report.notes.append(f"not activated: {err.message}")
+                report.notes.append(Note("gate.not_activated", f"not activated: {err.message}", why=err.message))
     elif not report.passed:
-        report.notes.append("stays registered but inactive: " + "; ".join(report.reasons))
+        reasons = "; ".join(report.reasons)
+        report.notes.append(Note("gate.stays_inactive", f"stays registered but inactive: {reasons}", reasons=reasons))
     registry.record_gate(settings, name, entry["version"], report.gate_record(), revision=entry.get("revision"))
     _write_decided(settings, report)
     return report
@@ -551,7 +571,7 @@ def _write_decided(settings: Settings, report: GateReport) -> None:
     except (OSError, LunaError) as exc:
         said = exc.message if isinstance(exc, LunaError) else str(exc)
         log.warning("the gate decided and the registry recorded it, but its report was not written: %s", said)
-        report.notes.append(f"its report was not written: {said}")
+        report.notes.append(Note("gate.report_not_written", f"its report was not written: {said}", why=said))
 
 
 def last_report(settings: Settings) -> dict[str, Any] | None:
@@ -582,10 +602,11 @@ def _other_base(settings: Settings, entry: dict[str, Any], base_model: str | Non
         return []
     ref, own = f"{entry['name']}@{entry['version']}", repr(trained_on.get("id"))
     if registry.same_entry(registry.active_version(settings, entry["name"], configured.fingerprint), entry):
-        where = f"is active on base model {configured.id!r} by --force, but was"
+        code, where = "gate.other_base_forced", f"is active on base model {configured.id!r} by --force, but was"
     else:
-        where = f"is not for the configured base model {configured.id!r}: it was"
-    return [f"{ref} {where} trained on {own}: it was gated on {own}, the base model it was trained on"]
+        code, where = "gate.other_base", f"is not for the configured base model {configured.id!r}: it was"
+    text = f"{ref} {where} trained on {own}: it was gated on {own}, the base model it was trained on"
+    return [Note(code, text, ref=ref, baseModel=configured.id, trainedOn=trained_on.get("id"))]
 
 
 def select_candidate(
@@ -628,10 +649,15 @@ def _active_for_base(settings: Settings, base_model: str | None, notes: list[str
                 code="gate.several_active",
                 params={"adapters": refs, "baseModel": base.id},
             )
-        refs = ", ".join(f"{e['name']}@{e['version']}" for e in active)
+        refs = [f"{e['name']}@{e['version']}" for e in active]
         notes.append(
-            f"several adapters are active on base model {base.id!r} ({refs}): gated luna-adapter, the "
-            "assistant's own; gate another with --adapter NAME"
+            Note(
+                "gate.chose_luna_adapter",
+                f"several adapters are active on base model {base.id!r} ({', '.join(refs)}): gated luna-adapter, "
+                "the assistant's own; gate another with --adapter NAME",
+                baseModel=base.id,
+                adapters=refs,
+            )
         )
         return preferred[0]
     return active[0] if active else None
@@ -679,8 +705,13 @@ def _run(
     baseline_entry = registry.active_version(settings, entry["name"], base.fingerprint) if entry is not None else None
     if baseline_entry is not None and registry.same_entry(baseline_entry, entry):
         baseline_entry = None
+        ref = _ref(entry, base)
         notes.append(
-            f"{_ref(entry, base)} is the active version, so the base model is the baseline (not its own record)"
+            Note(
+                "gate.own_baseline",
+                f"{ref} is the active version, so the base model is the baseline (not its own record)",
+                ref=ref,
+            )
         )
 
     adapters = {}
@@ -746,10 +777,16 @@ def _run(
         }
     elif "baseline" in adapters and unusable is None:
         if quantize != "none" and (held := _trained_quantized(baseline_entry)) != quantize:
-            trained = "unquantized" if held == "none" else f"in {held}"
+            trained, ref = "unquantized" if held == "none" else f"in {held}", _ref(baseline_entry, base)
             notes.append(
-                f"the active {_ref(baseline_entry, base)}, trained {trained}, was measured on the base loaded in "
-                f"{quantize} as the candidate trained, not as it is served"
+                Note(
+                    "gate.baseline_quantized",
+                    f"the active {ref}, trained {trained}, was measured on the base loaded in {quantize} as the "
+                    "candidate trained, not as it is served",
+                    ref=ref,
+                    trained=trained,
+                    quantize=quantize,
+                )
             )
         with ev.use("baseline"):
             bl_results = ev.golden(cases)
@@ -764,10 +801,15 @@ def _run(
         }
     else:
         if unusable:
+            ref = _ref(baseline_entry, base)
             notes.append(
-                f"the active {_ref(baseline_entry, base)} {unusable} and "
-                f"{'' if unusable.startswith('has ') else 'has '}no comparable gate record, so the base model is the "
-                "baseline"
+                Note(
+                    "gate.baseline_unusable",
+                    f"the active {ref} {unusable} and {'' if unusable.startswith('has ') else 'has '}no comparable "
+                    "gate record, so the base model is the baseline",
+                    ref=ref,
+                    why=unusable,
+                )
             )
         with ev.use(None):
             base_results = ev.golden(cases)
@@ -851,7 +893,14 @@ def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
         why = "this process loaded PEFT without bitsandbytes"
     else:
         return quantize
-    notes.append(f"the base model was loaded unquantized, not in {quantize} as the adapter trained ({why})")
+    notes.append(
+        Note(
+            "gate.unquantized",
+            f"the base model was loaded unquantized, not in {quantize} as the adapter trained ({why})",
+            quantize=quantize,
+            why=why,
+        )
+    )
     return "none"
 
 
@@ -862,10 +911,16 @@ def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, note
     try:
         data = read_tier(settings, tier)
     except NotFound:
-        notes.append("no export: losses on val/test were not measured")
+        notes.append(Note("gate.no_export", "no export: losses on val/test were not measured"))
         return None
     if not data.val and not data.test:
-        notes.append(f"the {tier} export has no val or test samples: losses were not measured")
+        notes.append(
+            Note(
+                "gate.no_eval_samples",
+                f"the {tier} export has no val or test samples: losses were not measured",
+                tier=tier,
+            )
+        )
         return None
     return tokenize_tier(settings, tier, tokenizer, max_len, data=data)
 

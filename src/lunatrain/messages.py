@@ -141,6 +141,25 @@ CODES: dict[str, str] = {
     "gate.loss_regression": (
         "loss rose against the baseline (split, loss, baseline, baselineLoss, allowed, allowedPercent, risePercent, shown)"
     ),
+    # eval-gate notes (noteCodes[].code): what the decision rests on besides the numbers; `why`, `reasons` and
+    # `trained` are English phrases (from an error, the reasons' sentences, "unquantized"/"in 4bit")
+    "gate.case_left_out": "a golden case was left out: the chat template refuses its system message (case, source, why)",
+    "gate.chose_luna_adapter": "several adapters are active on the base model: luna-adapter was gated (baseModel, adapters)",
+    "gate.other_base": "the candidate was trained on another base model and gated on it (ref, baseModel, trainedOn)",
+    "gate.other_base_forced": "the candidate is active on the base model by --force, trained and gated on another (ref, baseModel, trainedOn)",
+    "gate.cancelled": "passed, not activated: the job was cancelled while the gate ran",
+    "gate.revision_gone": "passed, not kept: the overwrite revision no longer exists (revision)",
+    "gate.already_active": "passed; it was already the active version",
+    "gate.replaced_revision": "passed and replaced the active revision of the same version (ref, revision)",
+    "gate.not_activated": "passed, but the activation was refused (why)",
+    "gate.stays_inactive": "refused: the version stays registered but inactive (reasons)",
+    "gate.report_not_written": "decided and recorded, but the report file was not written (why)",
+    "gate.own_baseline": "the candidate is the active version, so the base model is the baseline (ref)",
+    "gate.baseline_quantized": "the active version, trained otherwise, was measured on the quantized base (ref, trained, quantize)",
+    "gate.baseline_unusable": "the active version cannot judge and has no comparable record: the base model is the baseline (ref, why)",
+    "gate.unquantized": "the base model was loaded unquantized, not as the adapter trained (quantize, why)",
+    "gate.no_export": "no export: losses on val/test were not measured",
+    "gate.no_eval_samples": "the tier's export has no val or test samples: losses were not measured (tier)",
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",
@@ -228,6 +247,18 @@ CODES: dict[str, str] = {
     "log.worker_started": "the job's process started (pid)",
     "log.rank_started": "one process of a data-parallel job started (pid, rank, size)",
 }
+
+
+class Note(str):
+    """A sentence with its message code: it reads, joins and compares as the English text (the command line
+    prints it), and carries {code, params} in `coded` for a reader in another language."""
+
+    coded: dict[str, Any]
+
+    def __new__(cls, code: str, text: str, **params: Any) -> Note:
+        note = super().__new__(cls, text)
+        note.coded = coded(code, **params)
+        return note
 
 
 def coded(code: str, **params: Any) -> dict[str, Any]:

@@ -17,9 +17,23 @@ function gateCell(gate) {
   const coded = Array.isArray(gate.reasonCodes) && gate.reasonCodes.length
     ? gate.reasonCodes.map((r, i) => tMsg(r.code, r.params, gate.reasons?.[i] ?? "")).join("; ") : null;
   const reason = coded ?? gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
+  const notes = gateNotes(gate);
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
-    reason ? h("span", { class: "gate-reasons" }, reason) : null);
+    reason ? h("span", { class: "gate-reasons" }, reason) : null,
+    notes.length ? h("ul", { class: "gate-notes" }, notes.map((note) => h("li", {}, note))) : null);
+}
+
+/** What the decision rests on besides the numbers (a golden case left out, the base model as the baseline),
+ * in the page's language; a record written before notes had codes shows its English sentences. "Stays
+ * inactive" only repeats the state and reasons the cell shows already. */
+function gateNotes(gate) {
+  if (!Array.isArray(gate.notes)) return [];
+  return gate.notes.map((text, i) => {
+    const c = Array.isArray(gate.noteCodes) ? gate.noteCodes[i] : null;
+    if (c?.code === "gate.stays_inactive") return null;
+    return c ? tMsg(c.code, c.params, text) : text;
+  }).filter(Boolean);
 }
 
 /** A link to a file of a version (report, loss curve). A plain link cannot send the API's token: with one,
