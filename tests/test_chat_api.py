@@ -155,6 +155,18 @@ def test_invalid_requests_are_400_naming_the_parameter(client: TestClient, body:
             {"messages": [{"role": "system", "content": "Du bist Luna."}, {"role": "user"}]},
             "Invalid request: messages.1.content: a user message needs content",
         ),
+        # Explore repros: an empty, blank or part-less user or system turn was answered as an empty turn
+        ({"messages": [{"role": "user", "content": ""}]}, "Invalid request: messages.0.content: a user message needs"),
+        ({"messages": [{"role": "user", "content": " \n "}]}, "Invalid request: messages.0.content: a user message"),
+        ({"messages": [{"role": "user", "content": []}]}, "Invalid request: messages.0.content: a user message needs"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+            "Invalid request: messages.0.content: a user message needs",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "  "}, {"role": "user", "content": "Hallo"}]},
+            "Invalid request: messages.0.content: a system message needs",
+        ),
         ({"messages": [{"role": "user", "content": "a\x00b"}]}, "Invalid request: messages.0.content: contains a NUL"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -510,6 +522,41 @@ def test_retrieving_a_model_not_served_is_404_model_not_found(client: TestClient
         ({"logprobs": True}, "logprobs", "unsupported_value"),
         ({"top_logprobs": 3}, "top_logprobs", "unsupported_value"),
         ({"logit_bias": {"42": 5}}, "logit_bias", "unsupported_parameter"),
+        # Explore repros: each was answered 200 in plain text, as if honoured
+        ({"n": 2}, "n", "unsupported_value"),
+        (
+            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+            "modalities",
+            "unsupported_value",
+        ),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_parameter"),
+        ({"web_search_options": {"search_context_size": "high"}}, "web_search_options", "unsupported_parameter"),
+        ({"reasoning_effort": "high"}, "reasoning_effort", "unsupported_parameter"),
+        ({"top_k": 1}, "top_k", "unsupported_parameter"),
+        ({"repetition_penalty": 1.3}, "repetition_penalty", "unsupported_parameter"),
+        ({"guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Wetter?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "12 Grad"},
+                    {"role": "user", "content": "Und morgen?"},
+                ]
+            },
+            "messages",
+            "unsupported_value",
+        ),
+        (
+            {"messages": [{"role": "function", "name": "f", "content": "1"}, {"role": "user", "content": "x"}]},
+            "messages",
+            "unsupported_value",
+        ),
+        (
+            {"messages": [{"role": "assistant", "function_call": {"name": "f"}}, {"role": "user", "content": "x"}]},
+            "messages",
+            "unsupported_value",
+        ),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -533,6 +580,10 @@ def test_what_the_server_cannot_honour_is_400_not_silently_ignored(
         {"logprobs": False, "top_logprobs": 0, "logit_bias": {}},
         {"presence_penalty": 0, "frequency_penalty": -0.5},
         {"user": "u-1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True, "service_tier": "auto"},
+        {"modalities": ["text"], "prediction": {"type": "content", "content": "Hallo"}, "n": 1},
+        {"safety_identifier": "h-1", "prompt_cache_key": "k"},
+        {"messages": [{"role": "user", "content": "Hallo", "name": "alice"}]},
+        {"messages": [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi", "tool_calls": []}]},
     ],
 )
 def test_the_neutral_values_clients_send_by_default_are_answered(client: TestClient, body: dict) -> None:

@@ -56,18 +56,30 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # `name` and other fields clients send: unused
+    # `name` and other fields clients send: unused (no chat template of the families served renders a name)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
+    # `tool` and `function` turns, and the calls an assistant turn made, are read only to be refused by name
+    # (_refuse_unsupported): dropped, the answer would rest on a call whose result the model never saw.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Text | list[TextPart] | None = Field(default=None, validate_default=True)
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
     @field_validator("content")
     @classmethod
-    def _needs_content(cls, value: object, info: ValidationInfo) -> object:
-        # An assistant turn may come back without text (a client replaying a turn that called tools); a
-        # system, developer or user turn without text would be rendered as an empty turn the user never wrote.
-        if value is None and info.data.get("role", "assistant") != "assistant":
-            raise ValueError(f"a {info.data['role']} message needs content (a string or a list of text parts)")
+    def _needs_content(cls, value: str | list[TextPart] | None, info: ValidationInfo) -> object:
+        # An assistant turn may come back without text (a client replaying a turn); a system, developer or user
+        # turn without text ("", blanks, no parts) would be rendered as an empty turn the user never wrote, which
+        # training refuses to learn from too (serving trims the text as training does).
+        role = info.data.get("role", "assistant")
+        if role in ("assistant", "tool", "function"):
+            return value
+        if value is None:
+            raise ValueError(f"a {role} message needs content (a string or a list of text parts)")
+        text = join_parts([p.text for p in value]) if isinstance(value, list) else value
+        if not text.strip():
+            raise ValueError(f"a {role} message needs text; this one is empty")
         return value
 
     def text(self) -> str:
@@ -81,12 +93,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI's fields that change no answer (who asks, what to log, how fast): accepted and ignored. Any other field
+# a request names is refused by name: an extension of another server (top_k, repetition_penalty, guided_json)
+# or a newer OpenAI field (audio, web_search_options) would change the answer, and answering as if it had been
+# honoured misleads the client.
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "prediction",  # predicted output: speeds up an answer, never changes it
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+    }
+)
+# Why a known OpenAI field is refused, in the refusal's words.
+REFUSED_FIELDS = {
+    "audio": "this server answers in text only",
+    "web_search_options": "this server does not search the web",
+    "reasoning_effort": "the models this server serves do not reason on request",
+    "verbosity": "this server does not steer an answer's length by verbosity; use max_tokens",
+}
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat request: the fields lunatrain honours, and those it cannot honour (tools, JSON mode,
-    log-probabilities, logit bias), which `_refuse_unsupported` lets through only at their neutral values.
-    Other fields clients send (`user`, `metadata`, `store`, …) do not change an answer and are ignored."""
+    log-probabilities, logit bias, n > 1), which `_refuse_unsupported` lets through only at their neutral
+    values. Fields in IGNORED_FIELDS change no answer and are ignored; any other field is refused."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)  # NaN: "a finite number"
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # NaN: "a finite number"
 
     model: str = Field(
         min_length=1,
@@ -108,7 +146,7 @@ class ChatRequest(BaseModel):
     ) = None  # one string, or up to four
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=1, description="one choice per request")
+    n: int | None = Field(default=None, ge=1, description="only 1 (one choice per request)")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     # Not honoured: accepted at their neutral values only (see _refuse_unsupported).
@@ -120,6 +158,7 @@ class ChatRequest(BaseModel):
     logprobs: bool | None = Field(default=None, description="only false")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="only 0")
     logit_bias: dict[str, Any] | None = Field(default=None, description="only {}")
+    modalities: list[str] | None = Field(default=None, description='only ["text"]')
 
 
 class ErrorDetail(BaseModel):
@@ -414,6 +453,19 @@ def _refuse_unsupported(body: ChatRequest) -> None:
         refuse(
             "logit_bias", "this server does not bias tokens; send the request without it.", code="unsupported_parameter"
         )
+    if body.n is not None and body.n > 1:
+        refuse("n", "this server makes one answer per request (n: 1); send the request n times.")
+    if body.modalities is not None and body.modalities != ["text"]:
+        refuse("modalities", 'this server answers in text only (["text"]).')
+    for field, value in (body.model_extra or {}).items():
+        if field not in IGNORED_FIELDS and value is not None:
+            why = REFUSED_FIELDS.get(field, "this server does not know this parameter")
+            refuse(field[:64], f"{why}; send the request without it.", code="unsupported_parameter")
+    for i, message in enumerate(body.messages):
+        if message.role in ("tool", "function"):
+            refuse("messages", f"message {i} is a {message.role} result, and this server calls no tools.")
+        if message.tool_calls or message.function_call is not None:
+            refuse("messages", f"message {i} calls tools, and this server calls no tools; send the turns without it.")
     if body.stream_options is not None and not body.stream:  # as OpenAI answers it: asked for, it would be ignored
         refuse("stream_options", "only allowed with stream: true.", code="invalid_value")
 
