@@ -180,12 +180,17 @@ def test_provider_health_is_offline_not_an_error(client: TestClient) -> None:
 def test_job_routes_without_trainer_are_503_and_change_nothing(client: TestClient, settings) -> None:
     r = client.post(f"{T}/lora/start", json={"epochs": 1})
     assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
-    assert client.post(f"{T}/lora/quick-start").status_code == 503
-    assert client.post(f"{T}/lora/example-adapter").status_code == 503
+    # Guide repro: the German dashboard said "Trainer nicht erreichbar: The trainer for … is not reachable and
+    # starting it on demand is off …": the sentence came without a code for the case, so only the label was German.
+    assert r.json()["error"]["params"] == {"detail": "trainer.on_demand_off"}, r.json()
+    for path in ("quick-start", "example-adapter"):
+        r = client.post(f"{T}/lora/{path}")
+        assert r.status_code == 503 and r.json()["error"]["params"] == {"detail": "trainer.on_demand_off"}, r.text
     assert store.counts(settings)["totals"]["examples"] == 0  # example-adapter did not seed
     assert not (settings.training_dir / "assistant-sft-summary.json").exists()  # quick-start did not export
-    assert client.get(f"{T}/lora/status").status_code == 503
-    assert client.get(f"{T}/lora/jobs").status_code == 503
+    for path in ("status", "jobs"):
+        r = client.get(f"{T}/lora/{path}")
+        assert r.status_code == 503 and r.json()["error"]["params"]["detail"] == "trainer.unreachable", r.text
 
 
 def test_the_configured_base_model_outside_the_data_root_is_the_operators_to_choose(

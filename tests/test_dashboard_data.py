@@ -363,6 +363,46 @@ def test_an_error_names_its_http_status_once(page, services: Services, status, c
 @pytest.mark.parametrize(
     ("query", "button", "said"),
     [
+        (
+            "",
+            "Beispiel-Adapter",
+            "Fehler (503): Trainer nicht erreichbar: Der Trainer läuft nicht, und der Start bei Bedarf ist aus "
+            "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false); oben „Trainer starten“ wählen oder `lunatrain trainer` ausführen.",
+        ),
+        (
+            "?lang=en",
+            "Example adapter",
+            "Error (503): Trainer not reachable: The trainer is not running and starting it on demand is off",
+        ),
+    ],
+    ids=["de", "en"],
+)
+def test_a_trainer_not_started_on_demand_is_said_in_the_pages_language(
+    page, services: Services, dead_port: int, tmp_path: Path, query: str, button: str, said: str
+) -> None:
+    """Guide repro (ASSISTANT_LORA_ENSURE_ON_DEMAND=false, as the guide's §8 recommends): the German page said
+    "Fehler (503): Trainer nicht erreichbar: The trainer for … is not reachable and starting it on demand is off
+    …" — the server's English sentence after a German label. The refusal is the API's own (on demand off)."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+    from lunatrain.settings import load_settings
+
+    off = load_settings(
+        home=tmp_path / "off", lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}"
+    )
+    with TestClient(create_app(off), base_url="http://127.0.0.1") as client:
+        refused = client.post("/assistant/training/lora/example-adapter")
+    assert refused.status_code == 503, refused.text
+    answer(page, "**/assistant/training/lora/example-adapter", refused.json(), status=503)
+    open_page(page, services, query)
+    page.get_by_role("button", name=button, exact=True).click()
+    expect(page.locator("#alerts .message-text")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "button", "said"),
+    [
         ("", "Schnellstart", "nur Adaptername, Datensatz und Basismodell"),
         ("?lang=en", "Quick start", "only the adapter name"),
     ],

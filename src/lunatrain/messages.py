@@ -95,6 +95,13 @@ CODES: dict[str, str] = {
     "child_start_failed": "the training process could not be started",
     "child_crashed": "the training process crashed (params.detail says how: one of the crash.* codes)",
     # how a crashed job's processes ended (child_crashed's params.detail); every one names the job's log
+    # why the trainer cannot be reached or started (error.params.detail of service_unavailable)
+    "trainer.on_demand_off": "the trainer is not running and starting it on demand is off",
+    "trainer.address_held_off": "another service holds the trainer's address and starting it on demand is off (url)",
+    "trainer.unreachable": "the trainer does not answer",
+    "trainer.start_failed": "the trainer's start command could not be run (why)",
+    "trainer.exited_starting": "the trainer exited while starting (status, log)",
+    "trainer.start_timeout": "the trainer did not become healthy in time (seconds, log)",
     "crash.oom": "killed by SIGKILL, often the system's out-of-memory killer (log)",
     "crash.signal": "killed by a signal (signal, log)",
     "crash.status": "exited without a result (status, log)",

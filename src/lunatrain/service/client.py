@@ -159,7 +159,8 @@ def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(
             f"The trainer {where(settings)} is not reachable ({_failure(exc, timeout)}); start it with "
-            "`lunatrain trainer`."
+            "`lunatrain trainer`.",
+            params={"detail": "trainer.unreachable"},
         ) from None
     if response.status_code >= 400:
         raise _error(settings, response)

@@ -59,7 +59,8 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
         if health is None:
             raise ServiceUnavailable(
                 f"The trainer {trainer_client.where(settings)} is not reachable and starting it on demand is "
-                "off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`."
+                "off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false); start it with `lunatrain trainer`.",
+                params={"detail": "trainer.on_demand_off"},
             )
         # Another data root's trainer (or another service) answers at our address: this root's trainer is not
         # running either, and starting one on a free port is starting it on demand, which is off.
@@ -67,7 +68,8 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
         raise ServiceUnavailable(
             f"The trainer address {trainer_client.base_url(settings)} is held by {trainer_client.holder(health)}, "
             f"and this data root's trainer ({settings.home}) is not running; starting it on demand is off "
-            "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false): start it with `lunatrain trainer --port 0`."
+            "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false): start it with `lunatrain trainer --port 0`.",
+            params={"detail": "trainer.address_held_off", "url": trainer_client.base_url(settings)},
         )
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
@@ -140,7 +142,10 @@ def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Pop
                 start_new_session=True,
             )
         except OSError as exc:
-            raise ServiceUnavailable(f"Could not start the trainer ({shlex.join(argv)}): {exc}.") from None
+            raise ServiceUnavailable(
+                f"Could not start the trainer ({shlex.join(argv)}): {exc}.",
+                params={"detail": "trainer.start_failed", "why": str(exc)},
+            ) from None
     _started.append(proc)
     write_pid(settings, proc.pid)
     return proc
@@ -179,7 +184,10 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
         code = proc.poll()
         # Exit 0 may be a start command that daemonizes and returns; keep polling for that one.
         if code not in (None, 0):
-            raise ServiceUnavailable(f"The trainer exited while starting (status {code}); see {rel_log} for why.")
+            raise ServiceUnavailable(
+                f"The trainer exited while starting (status {code}); see {rel_log} for why.",
+                params={"detail": "trainer.exited_starting", "status": code, "log": rel_log},
+            )
         if time.monotonic() >= deadline:
             if proc.poll() is None:  # half-started: do not leave it behind to confuse the next attempt
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -192,7 +200,8 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
 def _timeout(settings: Settings, timeout: float) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"The trainer did not become healthy {trainer_client.where(settings)} within {timeout:g}s; "
-        f"see {settings.shown(log_path(settings))}."
+        f"see {settings.shown(log_path(settings))}.",
+        params={"detail": "trainer.start_timeout", "seconds": timeout, "log": settings.shown(log_path(settings))},
     )
 
 
