@@ -1397,6 +1397,42 @@ def test_the_gates_notes_are_shown_with_its_reasons_in_the_pages_language(
 
 
 @pytest.mark.parametrize(
+    ("query", "gate", "said", "kind"),
+    [
+        (
+            "",
+            {"status": "failed", "passed": False},
+            "Job ftjob-g: erfolgreich, Eval-Gate nicht bestanden: nicht aktiviert.",
+            "warning",
+        ),
+        ("", {"status": "error"}, "Job ftjob-g: erfolgreich, Eval-Gate Fehler im Gate: nicht aktiviert.", "warning"),
+        (
+            "?lang=en",
+            {"status": "failed", "passed": False},
+            "Job ftjob-g: succeeded, eval gate failed: not activated.",
+            "warning",
+        ),
+        ("", {"status": "passed", "passed": True, "promoted": True}, "Job ftjob-g: erfolgreich.", "notice"),
+    ],
+    ids=["de-refused", "de-error", "en-refused", "de-passed"],
+)
+def test_a_job_whose_adapter_the_gate_refused_does_not_finish_as_a_plain_success(
+    page, services: Services, query: str, gate: dict, said: str, kind: str
+) -> None:
+    """Guide repro: after "Schnellstart" the notice said "Job …: erfolgreich." while the gate had refused the new
+    version (the job panel further down said "Gate: nicht bestanden", the command line said FAILED, exit 1)."""
+    job = {"id": "ftjob-g", "status": "running", "progress": {"step": 1, "totalSteps": 2}}
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    open_page(page, services, query)
+    expect(page.locator("#job-facts")).to_be_visible()
+    answer(page, "**/assistant/training/lora/status*", job | {"status": "succeeded", "gate": gate})
+    notice = page.locator("#notices .message", has_text="ftjob-g")
+    expect(notice).to_have_text(said)
+    expect(notice).to_have_class(re.compile(kind))
+
+
+@pytest.mark.parametrize(
     ("query", "exported", "volume"),
     [
         ("", "Export fertig: 1 Beispiel.", "1 freigegebenes kuratiertes Beispiel (minCurated 1)"),

@@ -146,8 +146,13 @@ export class JobView {
       this.render(job);
       this.draw();
       if (FINAL_STATES.has(job.status)) {
-        showNotice(t("job.finished", { jobId: job.id, state: t(`state.${job.status}`) }),
-          job.status === "succeeded" ? "notice" : "warning");
+        // A job that trained but whose version the gate did not let in did not do what was asked: say so here,
+        // as the command line says FAILED, not only in the job's facts below.
+        const gate = job.gate?.status ?? (job.gate?.passed === false ? "failed" : null);
+        const kept = job.status !== "succeeded" || !job.gate || gate === "passed";
+        const vars = { jobId: job.id, state: t(`state.${job.status}`) };
+        showNotice(kept ? t("job.finished", vars) : t("job.finishedNotActivated", { ...vars, gate: t(`gate.${gate}`) }),
+          job.status === "succeeded" && kept ? "notice" : "warning");
         this.onFinished(job);
         this.loadActive(); // the next job in the queue, if any, is the current one now
         return;
