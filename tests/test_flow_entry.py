@@ -254,6 +254,33 @@ def test_a_flow_on_an_empty_store_says_how_to_get_examples(settings, tiny):
     assert volume_check(0, 0).severity == "info"  # minCurated 0: an empty store is no problem of volume
 
 
+def test_auto_on_an_empty_store_says_how_to_get_examples_and_a_tier_all_in_val_says_so(settings, tiny):
+    """Guide repro: `lunatrain auto` (`npm run train:auto`) from nothing ended with "fix the examples listed in
+    reports/training/prepare-latest.json", which lists none: auto asks for no minimum of curated examples, so
+    the volume check passed and only the empty train split failed. The same sentence came when a tier's few
+    samples all fell into val, where nothing is to fix either: there are too few."""
+    from lunatrain import export, store
+
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])
+    assert r.exit_code == 1, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert "empty_train (0)" in error and "fix the examples listed" not in error, error
+    assert "lunatrain examples seed" in error, error
+
+    # one approved example that lands in val (a val ratio of 1 is refused: find one that hashes there)
+    for i in range(200):
+        ex = store.add_example(settings, prompt=f"Frage {i}?", response=f"Antwort {i}.")
+        if export.export(settings).counts["curated"]["train"] == 0:
+            break
+        store.delete_examples(settings, [ex.id])
+    else:
+        pytest.fail("no example hashed into val")
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])
+    assert r.exit_code == 1, r.output
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert "fix the examples listed" not in error and "fell into val/test" in error, error
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tiny):
     """Ctrl-C on `lora --local` ended the process with exit 130 and not a word: no report, no sentence, and

@@ -23,7 +23,7 @@ from . import evalgate, export, prepare, registry
 from .compat import with_bitsandbytes
 from .errors import CheckFailed, LunaError, StorageError, UsageError
 from .fsio import check_writable, read_json
-from .messages import coded
+from .messages import coded, counted
 from .params import FlowOptions, LoraParams, run_identity_of, run_key
 from .settings import PREPARE_REPORT, Settings
 
@@ -455,8 +455,16 @@ def run_flow(
         problems = [f"{c.id} ({c.count})" for c in failed]
         text = f"status {report.status}" + (f": {', '.join(problems)}" if problems else "")
         detail: dict[str, Any] = {"status": report.status, "path": str(report.path)}
-        if any(c.code == "check.volume.none" for c in report.checks):  # no examples to fix: where to get some
+        samples = sum(report.dataset.get("counts", {}).values())
+        empty = any(c.code == "check.empty_train.empty" for c in failed)
+        # No examples to fix: where to get some (also where no minCurated is asked, as `auto` asks none).
+        if any(c.code == "check.volume.none" for c in report.checks) or (empty and samples == 0):
             detail["fix"] = f"{prepare.GET_EXAMPLES}, then run again"
+        elif empty:  # the few samples there are fell into val/test: too few, not wrong
+            detail["fix"] = (
+                f"add examples: all {counted(samples, 'sample')} of the {report.tier} tier fell into val/test, so "
+                "none is left to train on"
+            )
         elif failed and not any(c.id == "volume" for c in failed):  # a lower minCurated would change nothing
             detail["fix"] = f"fix the examples listed in reports/training/{PREPARE_REPORT}"
         return report.status != "fail", text, detail
