@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lunatrain import evalgate, fsio, models, registry
-from lunatrain.errors import Conflict, NotFound
+from lunatrain.errors import Conflict, LunaError, NotFound
 from lunatrain.merge import merge_adapter
 
 
@@ -267,6 +267,20 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
         " ".join(r.output.split())
     ), r.output
     registry.deactivate(settings, "a", "v2")
+    # Explore repro: active on an earlier build of the configured base (changed in place since): the sentence
+    # named the same base on both sides and offered a command that then failed without --force.
+    registry.activate(settings, "a", "v1", own_base=True)
+    r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
+    said = " ".join(r.output.split())
+    assert (
+        r.exit_code == 1
+        and (
+            "(on an earlier build of base model 'luna-tiny', changed since, it is v1: `lunatrain merge --adapter a@v1 "
+            "--force` merges it into the base as it is now, or retrain it)"
+        )
+        in said
+    ), r.output
+    registry.deactivate(settings, "a", "v1")
     registry.activate(settings, "a", "v1", force=True)
     with pytest.raises(Conflict, match="a@v1 was trained"):  # the active version it found, refused on the base
         merge_adapter(settings, "a")
@@ -296,6 +310,23 @@ def test_a_full_disk_during_the_merge_is_one_sentence_and_keeps_the_previous_mer
         assert {p.name: p.read_bytes() for p in (merged / "luna-adapter-v1").iterdir()} == before
         assert [p.name for p in merged.iterdir()] == ["luna-adapter-v1"]  # no staging folder left behind
         assert registry.get_version(settings, "luna-adapter", "v1")["merged"] == record
+
+
+def test_a_merge_the_registry_cannot_record_leaves_no_merged_folder(trained_home, settings, monkeypatch):
+    """Explore repro: with the registry file not replaceable (immutable, another user's in a sticky folder) the
+    whole merged model was written, then the record failed with "... and the previous data is intact" and a
+    merged folder stayed that no listing knew of. A first merge the registry cannot record is taken away."""
+    from lunatrain.errors import StorageError
+
+    def refuse(*args, **kwargs):
+        raise StorageError("Writing reports/training/lora-adapters.json failed: Operation not permitted.")
+
+    monkeypatch.setattr(registry, "annotate", refuse)
+    with pytest.raises(StorageError, match="Operation not permitted"):
+        merge_adapter(settings, "luna-adapter@v1")
+    merged = settings.models_dir / "merged"
+    assert not merged.exists() or list(merged.iterdir()) == [], list(merged.iterdir())
+    assert "merged" not in registry.get_version(settings, "luna-adapter", "v1")
 
 
 def test_merging_a_newer_overwrite_revision_takes_the_merged_record_off_the_one_it_replaced(trained_home, settings):
@@ -336,6 +367,18 @@ def test_a_base_model_that_is_gone_is_named_with_the_adapter_and_the_way_on(sett
         f"{gone!r} does not exist); put that base model back to merge it."
     ]
     assert not (settings.models_dir / "merged").exists()
+    # Explore repros: a merge of a named version resolved the configured base too: with the adapter's own base
+    # configured (the usual case) the bare sentence came back, exit 2; with the default configured, luna-tiny
+    # was copied into data/models by a merge of a version trained on another base (and one that failed).
+    assert not (settings.models_dir / "luna-tiny").exists()
+    from lunatrain.settings import load_settings
+
+    with pytest.raises(LunaError) as configured_gone:
+        merge_adapter(load_settings(home=settings.home, base_model=gone), "a@v1")
+    assert configured_gone.value.exit_code == 1 and configured_gone.value.message == (
+        f"a@v1 was trained on base model {gone!r}, which cannot be used now (Base model directory {gone!r} does "
+        "not exist); put that base model back to merge it."
+    )
     r = CliRunner().invoke(app, ["eval-gate", "--adapter", "a@v1"])  # the gate said the same bare sentence
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
         f"error: a@v1 was trained on base model {gone!r}, which cannot be used now (Base model directory "
@@ -386,8 +429,20 @@ def test_a_merge_keeps_the_dtype_of_its_base(settings, monkeypatch):
     write_export(here, make_records(16, val_every=6))
     trained = run_lora(parse_params({"maxSteps": 2, "rank": 4, "maxSeqLength": 128}), here)
     assert trained.ok, trained.error
-    result = merge_adapter(here, f"luna-adapter@{trained.version}")
+    # Explore repro: a named version is merged into the base it was trained on whatever is configured now (a
+    # new base not downloaded yet refused it, exit 2, in a sentence about the new base).
+    switched = load_settings(home=settings.home, base_model="org/not-downloaded-yet")
+    result = merge_adapter(switched, f"luna-adapter@{trained.version}")
     assert json.loads((result.path / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(result.path / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((result.path / "lunatrain-merge.json").read_text())["dtype"] == "bfloat16"
+    # Explore repro: a base whose config.json names no dtype (older checkpoints) was merged into float32, twice
+    # its size; the weights' own header says how they are stored.
+    config = json.loads((bf16 / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (bf16 / "config.json").write_text(json.dumps(config))
+    result = merge_adapter(here, f"luna-adapter@{trained.version}", force=True)  # the config changed: force
     with safe_open(str(result.path / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert json.loads((result.path / "lunatrain-merge.json").read_text())["dtype"] == "bfloat16"

@@ -67,24 +67,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     from .templates import write_generation_config
 
     name, version = registry.parse_ref(ref)
-    # A bare name is the version served now; never the latest, which may be one the gate refused.
-    configured = registry.configured_base(settings)
-    if (
-        not version
-        and registry.get_version(settings, name)
-        and not registry.active_version(settings, name, configured.fingerprint)
-    ):
-        elsewhere = [
-            f"on base model {a['baseModel']!r} it is {a['version']}: `lunatrain merge --adapter {name}@{a['version']}`"
-            for a in registry.list_active(settings)
-            if a["name"] == name
-        ]
-        raise NotFound(
-            f"Adapter {name!r} has no active version on base model {configured.id!r} to merge"
-            + (f" ({'; '.join(elsewhere)})" if elsewhere else "")
-            + f"; name the version: `lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows "
-            "its versions)."
-        )
+    if not version:
+        _check_active(settings, name)
     entry = registry.get_version(settings, name, version or "active")
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
@@ -149,8 +133,44 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         shutil.rmtree(tmp, ignore_errors=True)
     rel = str(target.relative_to(settings.home))
     merged_info = {"path": rel, "at": registry.now()} | ({"forced": True} if forced else {})
-    registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
+    try:
+        registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
+    except BaseException:
+        # A first merge the registry cannot record goes again: no listing would know of a whole model's size
+        # (an earlier merge it replaced was the same content, and its record stays true).
+        if not replaced:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     return MergeResult(name, entry["version"], target, trained_on["id"], replaced, entry.get("gate"))
+
+
+def _check_active(settings: Settings, name: str) -> None:
+    """NotFound when a bare name has no version to merge: a bare name is the version served now on the
+    configured base, never the latest (which may be one the gate refused). Says where it is active instead;
+    on an earlier build of the configured base (changed in place since), with the --force that merging takes."""
+    configured = registry.configured_base(settings)
+    if not registry.get_version(settings, name) or registry.active_version(settings, name, configured.fingerprint):
+        return
+    elsewhere = []
+    for a in registry.list_active(settings):
+        if a["name"] != name:
+            continue
+        ref = f"{name}@{a['version']}"
+        if a["baseModel"] == configured.id:
+            elsewhere.append(
+                f"on an earlier build of base model {configured.id!r}, changed since, it is {a['version']}: "
+                f"`lunatrain merge --adapter {ref} --force` merges it into the base as it is now, or retrain it"
+            )
+        else:
+            elsewhere.append(
+                f"on base model {a['baseModel']!r} it is {a['version']}: `lunatrain merge --adapter {ref}`"
+            )
+    raise NotFound(
+        f"Adapter {name!r} has no active version on base model {configured.id!r} to merge"
+        + (f" ({'; '.join(elsewhere)})" if elsewhere else "")
+        + f"; name the version: `lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows "
+        "its versions)."
+    )
 
 
 def _check_target(settings: Settings, target: Path) -> None:
@@ -185,12 +205,23 @@ def _check_target(settings: Settings, target: Path) -> None:
 
 def _stored_dtype(path: Path) -> str | None:
     """The dtype the base's config.json says its weights are stored in (`dtype`, before transformers 5
-    `torch_dtype`), or None."""
+    `torch_dtype`); where it names none (older checkpoints), the floating dtype of the first weights file's
+    tensors, from its header; else None."""
     try:
         config = read_json(path / "config.json")
     except LunaError:
+        config = None
+    dtype = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    if isinstance(dtype, str):
+        return dtype
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         return None
-    if not isinstance(config, dict):
-        return None
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return dtype if isinstance(dtype, str) else None
+    problem, header = registry.weights_header(weights[0])
+    stored = {t.get("dtype") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)}
+    floating = [d for d in _SAFETENSORS_FLOATS if d in stored]
+    return _SAFETENSORS_FLOATS[floating[0]] if problem is None and len(floating) == 1 else None
+
+
+# safetensors' names of the floating dtypes a merge keeps
+_SAFETENSORS_FLOATS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}

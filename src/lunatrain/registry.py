@@ -919,7 +919,7 @@ def files_problem(path: Path) -> str | None:
     vocabularies = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
     if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
-    problem, header = _weights_header(path / "adapter_model.safetensors")
+    problem, header = weights_header(path / "adapter_model.safetensors")
     return problem or _rank_problem(config, header)
 
 
@@ -983,7 +983,7 @@ def _why(exc: DamagedFile | OSError) -> str:
     return exc.why if isinstance(exc, DamagedFile) else exc.strerror or str(exc)
 
 
-def _weights_header(path: Path) -> tuple[str | None, dict[str, Any]]:
+def weights_header(path: Path) -> tuple[str | None, dict[str, Any]]:
     """What makes a safetensors file unreadable, else None with its header. The file is an 8-byte header
     length, a JSON header naming each tensor's byte range, then the data: a file cut short or overwritten
     shows in the first two, without reading the weights."""
