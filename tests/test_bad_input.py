@@ -160,7 +160,11 @@ def test_text_that_is_not_valid_unicode_is_refused_everywhere(seeded: Settings) 
     before = snapshot(seeded.home)
     # A byte that is not UTF-8 in an argument reaches Python as a lone surrogate (surrogateescape).
     line = one_sentence(run("examples", "add", "--prompt", "bad\udcffbyte", "--response", "ok"), 2)
-    assert "'prompt'" in line and "Unicode" in line, line
+    # Explore repro: it said "is not valid Unicode text (it holds a lone surrogate)", a thing nobody typed
+    assert line == (
+        "error: Invalid example: field 'prompt': is not UTF-8 text (it holds the byte 0xFF: check the encoding "
+        "of the terminal or file it came from)."
+    ), line
     line = one_sentence(run("memory", "add", "--question", "Wer?", "--answer", "ok\udcff"), 2)
     assert "'answer'" in line, line
     assert snapshot(seeded.home) == before
@@ -182,6 +186,14 @@ def test_text_that_is_not_valid_unicode_is_refused_everywhere(seeded: Settings) 
             )
             assert res.status_code == 422 and res.json()["error"]["code"] == "invalid_request", (record, res.text)
         assert client.get(f"{T}/examples").status_code == 200
+        # Explore repro: a tag of blanks was stored as no tag (201, `tags: []`) where "" is refused, and the
+        # command line refuses "  "
+        for path, body in (
+            ("memory", {"question": "Q?", "answer": "A b"}),
+            ("examples", {"prompt": "p", "response": "r"}),
+        ):
+            res = client.post(f"{T}/{path}", json=body | {"tags": ["ok", "  "]})
+            assert res.status_code == 422 and "tags.1" in res.json()["error"]["message"], res.text
     assert store.counts(seeded) == counts
 
 

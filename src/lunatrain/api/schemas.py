@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from ..errors import pattern
@@ -32,7 +32,16 @@ ADAPTER_REF = pattern(
 )
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LEN)]
 ShortText = Annotated[str, Field(max_length=MAX_CONVERSATION_ID_LEN)]
-Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN)]
+
+
+def _not_blank(tag: str) -> str:
+    # a tag of blanks is trimmed to nothing when stored: refused as "" is, not dropped unseen
+    if not tag.strip():
+        raise ValueError("a tag must not be blank")
+    return tag
+
+
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN), AfterValidator(_not_blank)]
 
 
 class In(FewKeys):
