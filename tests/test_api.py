@@ -626,6 +626,26 @@ def test_a_refusal_of_the_trainer_keeps_its_code_and_params(home: Path, dead_por
     store.dispose_stores()
 
 
+def test_a_training_path_without_the_assistant_prefix_names_the_one_that_exists(client: TestClient, settings) -> None:
+    """Guide repro: the guide's §5 writes `POST /training/lora/start` (and quick-start, example-adapter), its §9
+    `/assistant/training/lora/...`; the first answered 404 "No such endpoint." and nothing said where it is.
+    Nothing is started or written either way."""
+    for method, path in (
+        ("POST", "/training/lora/start"),
+        ("POST", "/training/lora/quick-start"),
+        ("GET", "/training/lora/status"),
+        ("GET", "/training/status"),
+    ):
+        r = client.request(method, path)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["message"] == (
+            f"No such endpoint; the training API is under /assistant: {method} /assistant{path}."
+        ), r.text
+    assert client.post("/nothing/here").json()["error"]["message"] == "No such endpoint."
+    assert client.post("/training/nothing").json()["error"]["message"] == "No such endpoint."
+    assert not (settings.home / "data" / "training").exists()
+
+
 def test_an_item_is_named_by_its_id_or_the_form_exports_and_the_command_line_use(client: TestClient, settings) -> None:
     """Repro: `POST /examples/ex-3/reject` and `DELETE /memory/mem-2` answered 404 "No such endpoint.": the
     routes took digits only, while the export's records, prepare's report and the command line name items

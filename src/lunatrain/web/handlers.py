@@ -142,6 +142,9 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 404 and message == "Not Found":
         message = "No such endpoint."
+        # The guide's §5 names `POST /training/lora/start` without the prefix its §9 and the routes have.
+        if request.method in _methods(request, "/assistant" + request.url.path):
+            message = f"No such endpoint; the training API is under /assistant: {request.method} /assistant{request.url.path}."
     if exc.status_code == 405:
         # Starlette names only the first route on the path; list every method the path accepts.
         # No route of ours matches a path inside a static mount (the dashboard's files, the docs' files): those
@@ -153,11 +156,11 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=headers or None)
 
 
-def _methods(request: Request) -> list[str]:
-    # Ask the router itself which methods fully match this path (routes may sit in included routers).
+def _methods(request: Request, path: str | None = None) -> list[str]:
+    # Ask the router itself which methods fully match this path (or `path`; routes may sit in included routers).
     allowed = []
     for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
-        scope = dict(request.scope, method=method)
+        scope = dict(request.scope, method=method, **({"path": path} if path is not None else {}))
         if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
             allowed.append(method)
     if "GET" in allowed and "HEAD" not in allowed:  # HeadAsGet answers HEAD wherever GET is answered
