@@ -266,6 +266,11 @@ def test_auto_on_an_empty_store_says_how_to_get_examples_and_a_tier_all_in_val_s
     [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert "empty_train (0)" in error and "fix the examples listed" not in error, error
     assert "lunatrain examples seed" in error, error
+    # Review repro: the memory tier was told to add and approve examples; its samples are memory items
+    r = CliRunner().invoke(app, ["auto", "--local", "--datasetTier", "memory", *FAST])
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert r.exit_code == 1 and "`lunatrain memory add`" in error and "`lunatrain memory approve`" in error, error
+    assert "examples approve" not in error, error
 
     # one approved example that lands in val (a val ratio of 1 is refused: find one that hashes there)
     for i in range(200):

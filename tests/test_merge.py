@@ -321,12 +321,27 @@ def test_a_merge_the_registry_cannot_record_leaves_no_merged_folder(trained_home
     def refuse(*args, **kwargs):
         raise StorageError("Writing reports/training/lora-adapters.json failed: Operation not permitted.")
 
+    recorded = registry.annotate
     monkeypatch.setattr(registry, "annotate", refuse)
     with pytest.raises(StorageError, match="Operation not permitted"):
         merge_adapter(settings, "luna-adapter@v1")
     merged = settings.models_dir / "merged"
     assert not merged.exists() or list(merged.iterdir()) == [], list(merged.iterdir())
     assert "merged" not in registry.get_version(settings, "luna-adapter", "v1")
+    # Review repro: a merge that replaced an earlier one kept the new folder under the earlier record, which
+    # then described another model (another revision of an overwrite slot, or one merged without --force).
+    # The earlier merge goes back in place, as its record says it is.
+    monkeypatch.setattr(registry, "annotate", recorded)
+    merge_adapter(settings, "luna-adapter@v1")
+    folder = merged / "luna-adapter-v1"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    record = registry.get_version(settings, "luna-adapter", "v1")["merged"]
+    monkeypatch.setattr(registry, "annotate", refuse)
+    with pytest.raises(StorageError, match="Operation not permitted"):
+        merge_adapter(settings, "luna-adapter@v1")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in merged.iterdir()) == ["luna-adapter-v1"]  # nothing left aside
+    assert registry.get_version(settings, "luna-adapter", "v1")["merged"] == record
 
 
 def test_merging_a_newer_overwrite_revision_takes_the_merged_record_off_the_one_it_replaced(trained_home, settings):
@@ -442,6 +457,14 @@ def test_a_merge_keeps_the_dtype_of_its_base(settings, monkeypatch):
     config = json.loads((bf16 / "config.json").read_text())
     config.pop("dtype", None), config.pop("torch_dtype", None)
     (bf16 / "config.json").write_text(json.dumps(config))
+    # review repro: with one tensor kept in float32 (a norm, as some bfloat16 checkpoints keep them), the
+    # bfloat16 that holds most of the bytes is the stored dtype
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(bf16 / "model.safetensors")
+    norm = next(k for k in weights if "norm" in k)
+    weights[norm] = weights[norm].float()
+    save_file(weights, bf16 / "model.safetensors", metadata={"format": "pt"})
     result = merge_adapter(here, f"luna-adapter@{trained.version}", force=True)  # the config changed: force
     with safe_open(str(result.path / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

@@ -275,7 +275,9 @@ def quick_start(
 
     profile = load_profile(settings, profile_name)
     params, options = profile.resolve(overrides, quick=True)
-    curated = store.counts(settings)["totals"]["curated_approved"]  # what the export will write to the tier
+    counts = store.counts(settings)
+    _refuse_empty_tier(counts, params.dataset_tier)
+    curated = counts["totals"]["curated_approved"]  # what the export will write to the tier
     existing = check_before_export(
         settings, params, options, thresholds=profile.gate, request_id=request_id, curated=curated
     )
@@ -283,6 +285,24 @@ def quick_start(
         return existing, None
     summary = export.export(settings)
     return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
+
+
+def _refuse_empty_tier(counts: dict[str, Any], tier: str) -> None:
+    """CheckFailed, before a quick start exports, when the store holds no approved sample of `tier` (a profile
+    asking no minimum of curated examples): the job would fail with "add examples and export again", an
+    export the quick start makes itself."""
+    examples = {source: kinds["approved"] for source, kinds in counts["examples"].items()}
+    memory = counts["memory"]["approved"]
+    approved = {
+        "curated": examples["curated"],
+        "memory": memory + examples["memory"],
+        "merged": memory + sum(examples.values()),
+    }[tier]
+    if approved == 0:
+        raise CheckFailed(
+            f"Not enough data: no approved samples for the {tier} tier yet: {prepare.get_samples(tier)}.",
+            params={"check": "tier.no_samples", "tier": tier},
+        )
 
 
 def example_adapter(
@@ -458,12 +478,14 @@ def run_flow(
         samples = sum(report.dataset.get("counts", {}).values())
         empty = any(c.code == "check.empty_train.empty" for c in failed)
         # No examples to fix: where to get some (also where no minCurated is asked, as `auto` asks none).
-        if any(c.code == "check.volume.none" for c in report.checks) or (empty and samples == 0):
+        if any(c.code == "check.volume.none" for c in report.checks):
             detail["fix"] = f"{prepare.GET_EXAMPLES}, then run again"
+        elif empty and samples == 0:
+            detail["fix"] = f"{prepare.get_samples(report.tier)}, then run again"
         elif empty:  # the few samples there are fell into val/test: too few, not wrong
             detail["fix"] = (
-                f"add examples: all {counted(samples, 'sample')} of the {report.tier} tier fell into val/test, so "
-                "none is left to train on"
+                f"all {counted(samples, 'sample')} of the {report.tier} tier fell into val/test, so none is left to "
+                f"train on: {prepare.get_samples(report.tier)}"
             )
         elif failed and not any(c.id == "volume" for c in failed):  # a lower minCurated would change nothing
             detail["fix"] = f"fix the examples listed in reports/training/{PREPARE_REPORT}"

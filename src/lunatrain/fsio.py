@@ -277,6 +277,30 @@ def replace_dir(finished: Path, target: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def swapped_dir(finished: Path, target: Path) -> Iterator[bool]:
+    """`replace_dir`, undone when the block raises: the older folder waits aside until the block is done (it
+    records what was moved in), and goes back in place if it fails, the new one taken away. Yields whether
+    one was replaced."""
+    old = target.with_name(f".{target.name}.old")
+    replaced = target.exists()
+    if replaced:
+        _remove(old)
+        os.replace(target, old)
+    else:
+        _remove(target)  # a dangling link (a folder moved away and gone): a directory cannot replace a link
+    os.replace(finished, target)
+    try:
+        yield replaced
+    except BaseException:
+        _remove(target)
+        if replaced:
+            os.replace(old, target)
+        raise
+    if replaced:
+        _remove(old)
+
+
 def _remove(path: Path) -> None:
     """Remove what is at `path`: a link (a folder the user moved to another disk and linked back) as a link,
     never what it points to; a folder with everything in it. Nothing there is fine."""

@@ -27,9 +27,9 @@ from .fsio import (
     check_writable,
     give_umask_modes,
     read_json,
-    replace_dir,
     staging_dir,
     storage_guard,
+    swapped_dir,
 )
 from .settings import Settings, check_name
 
@@ -127,20 +127,15 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
                 },
             )
             give_umask_modes(tmp)  # safetensors wrote the weights 0600
-            # an earlier merge of the same adapter version is the same content, rebuilt
-            replace_dir(tmp, target)
+        rel = str(target.relative_to(settings.home))
+        merged_info = {"path": rel, "at": registry.now()} | ({"forced": True} if forced else {})
+        # The merge is in place once the registry records it: a record that fails (a registry file that cannot
+        # be replaced) puts back what was there, so no folder is one no listing knows of, and an earlier merge's
+        # record (of another revision, or unforced) never describes the new one.
+        with storage_guard(f"the merged model {label}"), swapped_dir(tmp, target):
+            registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rel = str(target.relative_to(settings.home))
-    merged_info = {"path": rel, "at": registry.now()} | ({"forced": True} if forced else {})
-    try:
-        registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
-    except BaseException:
-        # A first merge the registry cannot record goes again: no listing would know of a whole model's size
-        # (an earlier merge it replaced was the same content, and its record stays true).
-        if not replaced:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
     return MergeResult(name, entry["version"], target, trained_on["id"], replaced, entry.get("gate"))
 
 
@@ -205,8 +200,8 @@ def _check_target(settings: Settings, target: Path) -> None:
 
 def _stored_dtype(path: Path) -> str | None:
     """The dtype the base's config.json says its weights are stored in (`dtype`, before transformers 5
-    `torch_dtype`); where it names none (older checkpoints), the floating dtype of the first weights file's
-    tensors, from its header; else None."""
+    `torch_dtype`); where it names none (older checkpoints), the floating dtype that holds most of the first
+    weights file's bytes, from its header (a bfloat16 model keeps a few norms in float32); else None."""
     try:
         config = read_json(path / "config.json")
     except LunaError:
@@ -218,9 +213,11 @@ def _stored_dtype(path: Path) -> str | None:
     if not weights:
         return None
     problem, header = registry.weights_header(weights[0])
-    stored = {t.get("dtype") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)}
-    floating = [d for d in _SAFETENSORS_FLOATS if d in stored]
-    return _SAFETENSORS_FLOATS[floating[0]] if problem is None and len(floating) == 1 else None
+    held: dict[str, int] = {}
+    for key, t in header.items():
+        if key != "__metadata__" and t.get("dtype") in _SAFETENSORS_FLOATS:  # weights_header checked the offsets
+            held[t["dtype"]] = held.get(t["dtype"], 0) + t["data_offsets"][1] - t["data_offsets"][0]
+    return _SAFETENSORS_FLOATS[max(held, key=held.__getitem__)] if problem is None and held else None
 
 
 # safetensors' names of the floating dtypes a merge keeps

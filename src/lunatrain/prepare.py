@@ -538,6 +538,14 @@ GET_EXAMPLES = (
     "add or import examples (`lunatrain examples add`, `lunatrain examples import FILE`; approve pending ones "
     "with `lunatrain examples approve`) or load the bundled ones (`lunatrain examples seed`)"
 )
+GET_MEMORY = "add memory items (`lunatrain memory add`; approve pending ones with `lunatrain memory approve`)"
+
+
+def get_samples(tier: str) -> str:
+    """Where a tier's samples come from: the memory tier holds memory items, the merged tier both kinds."""
+    if tier == "memory":
+        return GET_MEMORY
+    return GET_EXAMPLES if tier == "curated" else f"{GET_EXAMPLES}, or {GET_MEMORY}"
 
 
 def volume_check(curated: int, min_curated: int) -> Check:
