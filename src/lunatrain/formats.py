@@ -107,23 +107,10 @@ def is_unicode(value: str) -> bool:
     return True
 
 
-def not_unicode(value: str) -> str:
-    """Why `value` (not `is_unicode`) cannot be stored, as the end of a sentence. A byte that is not UTF-8 in a
-    command-line argument or a file read with surrogateescape arrives as U+DC80..U+DCFF: said as that byte,
-    which is what the user can find and fix (a terminal or file in Latin-1), not as the surrogate it became."""
-    bad = next((ord(c) for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
-    if bad is not None and 0xDC80 <= bad <= 0xDCFF:
-        return (
-            f"is not UTF-8 text (it holds the byte 0x{bad - 0xDC00:02X}: check the encoding of the terminal or file "
-            "it came from)"
-        )
-    return NOT_UNICODE
-
-
 def checked_text(value: str, field_name: str | None) -> str:
     """`normalize_text`, refusing what cannot be stored: a lone surrogate, or NUL."""
     if not is_unicode(value):
-        raise RecordError(field_name, not_unicode(value))
+        raise RecordError(field_name, NOT_UNICODE)
     if "\x00" in value:  # PostgreSQL cannot store it in text; no chat template expects it
         raise RecordError(field_name, "contains a NUL character")
     return normalize_text(value)

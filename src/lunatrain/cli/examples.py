@@ -43,6 +43,23 @@ def _ids(raw: list[str], prefix: str) -> list[int]:
     return ids
 
 
+def _typed(**given: str | list[str] | None) -> None:
+    """Refuse an argument holding a byte that is not UTF-8 (a terminal in Latin-1), naming the byte and the flag:
+    Python hands such a byte over as a lone surrogate (U+DC80..U+DCFF), which the store would refuse as "not
+    valid Unicode text", a thing nobody typed. Only here: in a JSON file or body the same surrogate is an
+    escape (`\\udce9`), no byte at all."""
+    for flag, value in given.items():
+        for text in value if isinstance(value, list) else [value]:
+            bad = next((ord(c) for c in text or "" if 0xDC80 <= ord(c) <= 0xDCFF), None)
+            if bad is not None:
+                raise fail(
+                    UsageError(
+                        f"--{flag} holds the byte 0x{bad - 0xDC00:02X}, which is not UTF-8: set the terminal to "
+                        "UTF-8 (LANG, LC_ALL) or type the text again."
+                    )
+                )
+
+
 def _tags(given: list[str] | None) -> list[str]:
     """--tag values as given; an empty one is refused, as the API refuses it, rather than dropped unseen."""
     if any(not t.strip() for t in given or []):
@@ -107,6 +124,7 @@ def add_cmd(
     rating: Annotated[int | None, typer.Option("--rating", help="1-5")] = None,
 ) -> None:
     """Add one example (approved by default; pending for source=conversation)."""
+    _typed(prompt=prompt, response=response, system=system, tag=tag, conversationId=conversation_id)
     tags = _tags(tag)
     try:
         ex = store.add_example(
@@ -287,6 +305,7 @@ def memory_add_cmd(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="a tag (repeatable)")] = None,
 ) -> None:
     """Remember a fact."""
+    _typed(question=question, answer=answer, topic=topic, tag=tag)
     tags = _tags(tag)
     try:
         settings = load_settings()
