@@ -571,6 +571,16 @@ def test_what_the_server_cannot_honour_is_400_not_silently_ignored(
     assert err["message"].startswith(f"{param}: "), err
 
 
+def test_an_unknown_field_without_a_plain_name_is_quoted_in_the_refusal(client: TestClient) -> None:
+    """Review repro: a field named "" was refused as ": this server does not know this parameter", and one with a
+    newline was echoed with it."""
+    for name, said in (("", '""'), ("top_k\n", '"top_k\\n"')):
+        status, answer = chat(client, **{name: 1})
+        err = assert_openai_error(answer, "invalid_request_error")
+        assert status == 400 and err["param"] == name and err["code"] == "unsupported_parameter", answer
+        assert err["message"] == f"{said}: this server does not know this parameter; send the request without it."
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -69,6 +69,27 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     assert len(info.value.details) == 7
 
 
+def test_a_golden_case_with_a_blank_turn_is_named_as_chat_would_refuse_it(settings):
+    """Review repro: a case with `"system": " "`, or a message of blank content, was judged by the gate and
+    offered by the dashboard's examples, which chat then refused (400: "a system message needs text"). The
+    suite refuses them where they are written, as it refuses a blank prompt."""
+    path = settings.eval_dir / "golden.jsonl"
+    blank_system = {"id": "s", "prompt": "Wer bist du?", "system": " ", "checks": [{"type": "max_chars", "value": 9}]}
+    empty_turn = {
+        "id": "m",
+        "messages": [{"role": "system", "content": ""}, {"role": "user", "content": "Hallo"}],
+        "checks": [{"type": "max_chars", "value": 9}],
+    }
+    blank_user = {"id": "u", "messages": [{"role": "user", "content": " \n"}], "checks": []}
+    _write(path, [json.dumps(GOOD), json.dumps(blank_system), json.dumps(empty_turn), json.dumps(blank_user)])
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    msg = info.value.message
+    assert f"{path}:2: 'system' is blank" in msg, msg
+    assert f"{path}:3: message 1 (system) has no text" in msg, msg
+    assert f"{path}:4: message 1 (user) has no text" in msg, msg
+
+
 def test_eval_lines_the_json_parser_gives_up_on_are_named_like_malformed_ones(settings):
     """Repro: a golden-case line nested too deeply, or with a number of more digits than Python converts, was
     a traceback: only the parser's JSONDecodeError was caught."""

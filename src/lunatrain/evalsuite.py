@@ -227,6 +227,9 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
         if system is not None and not isinstance(system, str):
             errs.append("'system' must be a string")
             return []
+        if system and not system.strip():  # chat refuses a blank turn, and so would the dashboard's example
+            errs.append("'system' is blank: leave it out or write the system prompt")
+            return []
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system is not None:
         errs.append("'system' goes with 'prompt'; put a system message into 'messages' instead")
@@ -246,6 +249,9 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
         return []
     if messages[-1]["role"] != "user":
         errs.append("'messages' must end with a user message (the gate generates the answer)")
+    for i, m in enumerate(messages, 1):
+        if m["role"] != "assistant" and not m["content"].strip():  # as chat refuses it (an empty turn)
+            errs.append(f"message {i} ({m['role']}) has no text")
     return [dict(m) for m in messages]
 
 

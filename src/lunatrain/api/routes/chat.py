@@ -435,7 +435,9 @@ def _refuse_unsupported(body: ChatRequest) -> None:
     neutral values that clients send by default (an empty list, "none", {"type": "text"}, false) pass."""
 
     def refuse(param: str, words: str, code: str = "unsupported_value") -> None:
-        raise UsageError(f"{param}: {words}", details={"param": param, "code": code})
+        # a field name that is no plain word ("", one with a newline) is quoted, so the sentence shows it
+        said = param if param.isidentifier() else json.dumps(param)
+        raise UsageError(f"{said}: {words}", details={"param": param, "code": code})
 
     for param in ("tools", "functions"):
         if getattr(body, param):
