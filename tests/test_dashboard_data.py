@@ -1413,8 +1413,28 @@ def test_the_gates_notes_are_shown_with_its_reasons_in_the_pages_language(
             "warning",
         ),
         ("", {"status": "passed", "passed": True, "promoted": True}, "Job ftjob-g: erfolgreich.", "notice"),
+        # review repros: passed and not activated (cancelled while the gate ran) was a plain success too
+        (
+            "",
+            {"status": "passed", "passed": True, "promoted": False, "noteCodes": [{"code": "gate.cancelled"}]},
+            "Job ftjob-g: erfolgreich, Eval-Gate bestanden; nicht aktiviert: der Job wurde abgebrochen, während das "
+            "Gate lief.",
+            "warning",
+        ),
+        (
+            "?lang=en",
+            {"status": "passed", "passed": True, "promoted": False, "noteCodes": [None, {"code": "gate.cancelled"}]},
+            "Job ftjob-g: succeeded, eval gate passed; not activated: the job was cancelled while the gate ran.",
+            "warning",
+        ),
+        (
+            "",
+            {"status": "passed", "passed": True, "promoted": False, "noteCodes": [{"code": "gate.already_active"}]},
+            "Job ftjob-g: erfolgreich.",
+            "notice",
+        ),
     ],
-    ids=["de-refused", "de-error", "en-refused", "de-passed"],
+    ids=["de-refused", "de-error", "en-refused", "de-passed", "de-cancelled", "en-cancelled", "de-already-active"],
 )
 def test_a_job_whose_adapter_the_gate_refused_does_not_finish_as_a_plain_success(
     page, services: Services, query: str, gate: dict, said: str, kind: str

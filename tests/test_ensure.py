@@ -192,6 +192,37 @@ def test_on_demand_off_starts_nothing_when_another_data_root_holds_the_address(h
         assert "next job" not in message and "lunatrain trainer --port 0" in message, message
 
 
+@pytest.mark.parametrize("chosen", [True, False])
+def test_an_address_held_by_another_service_is_said_with_its_case_for_the_dashboard(home, monkeypatch, chosen):
+    """Review repro: with the trainer's address held by another service, "Trainer starten" (provider-health
+    with ensureTrainer) and the job panel's status poll answered 503 with the English sentence alone, so the
+    German page said "Trainer nicht erreichbar: The trainer address … is held by …". Both carry the case now."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain import store
+    from lunatrain.api.main import create_app
+
+    from peer_helpers import html_service, playing
+
+    if chosen:
+        monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5999")
+    else:
+        monkeypatch.delenv("ASSISTANT_LORA_TRAINER_URL", raising=False)
+        monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
+    monkeypatch.setattr(client, "_shared", playing(html_service))
+    settings = load_settings()
+    detail = "trainer.address_held_chosen" if chosen else "trainer.address_held_off"
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:5050") as api:
+        answers = [api.get("/assistant/training/lora/status")]
+        if chosen:  # else an asked-for start starts this root's trainer on a free port, as it should
+            answers.append(api.get("/assistant/training/lora/provider-health", params={"ensureTrainer": "true"}))
+        for r in answers:
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["params"] == {"detail": detail, "url": client.base_url(settings)}, r.text
+    store.dispose_stores()
+    assert trainer_processes(home) == []
+
+
 def test_health_cli_offline_exits_1(home, any_port):
     result = CliRunner().invoke(app, ["health"])
     assert result.exit_code == 1

@@ -92,6 +92,19 @@ def test_german_texts_are_german():
     assert same == [], f"not translated: {same}"
 
 
+def test_a_note_reads_as_its_sentence_and_copies_with_its_code():
+    """Review repro: a gate note could not be copied or pickled (str's own arguments left out its code)."""
+    import copy
+    import pickle
+
+    from lunatrain.messages import Note
+
+    note = Note("gate.no_eval_samples", "the curated export has no val or test samples", tier="curated")
+    assert note == "the curated export has no val or test samples" and note.startswith("the curated")
+    for again in (copy.copy(note), copy.deepcopy(note), pickle.loads(pickle.dumps(note))):
+        assert again == note and again.coded == {"code": "gate.no_eval_samples", "params": {"tier": "curated"}}
+
+
 def test_an_unregistered_code_is_refused_at_once():
     with pytest.raises(KeyError, match="not registered"):
         coded("made.up")

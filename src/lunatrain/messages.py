@@ -98,6 +98,8 @@ CODES: dict[str, str] = {
     # why the trainer cannot be reached or started (error.params.detail of service_unavailable)
     "trainer.on_demand_off": "the trainer is not running and starting it on demand is off",
     "trainer.address_held_off": "another service holds the trainer's address and starting it on demand is off (url)",
+    "trainer.address_held": "another service holds the trainer's address; the next job starts this root's trainer on a free port (url)",
+    "trainer.address_held_chosen": "another service holds the trainer address set in ASSISTANT_LORA_TRAINER_URL (url)",
     "trainer.unreachable": "the trainer does not answer",
     "trainer.start_failed": "the trainer's start command could not be run (why)",
     "trainer.exited_starting": "the trainer exited while starting (status, log)",
@@ -266,6 +268,9 @@ class Note(str):
         note = super().__new__(cls, text)
         note.coded = coded(code, **params)
         return note
+
+    def __getnewargs_ex__(self) -> tuple[tuple[str, str], dict[str, Any]]:  # copy and pickle build it again
+        return (self.coded["code"], str(self)), dict(self.coded["params"])
 
 
 def coded(code: str, **params: Any) -> dict[str, Any]:

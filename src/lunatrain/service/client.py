@@ -254,8 +254,8 @@ def another_root(path: str) -> str:
 class OtherDataRoot(Conflict):
     """The trainer's address is held by another project's trainer or another service (`holder` names it)."""
 
-    def __init__(self, message: str, holder: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, holder: str, params: dict[str, object] | None = None) -> None:
+        super().__init__(message, params=params)
         self.holder = holder
 
 
@@ -274,7 +274,7 @@ def other_data_root(settings: Settings, holder: str) -> OtherDataRoot:
     message = (
         f"The trainer address {url} is held by {holder}, not by this data root's trainer ({settings.home}); {fix}."
     )
-    return OtherDataRoot(message, holder)
+    return OtherDataRoot(message, holder, held_detail(settings))
 
 
 def held_by_another(settings: Settings, holder: str) -> ServiceUnavailable:
@@ -288,8 +288,19 @@ def held_by_another(settings: Settings, holder: str) -> ServiceUnavailable:
             fix += " (the next job starts it there too)"
     return ServiceUnavailable(
         f"The trainer address {base_url(settings)} is held by {holder}, and this data root's trainer "
-        f"({settings.home}) is not running; {fix}."
+        f"({settings.home}) is not running; {fix}.",
+        params=held_detail(settings),
     )
+
+
+def held_detail(settings: Settings) -> dict[str, object]:
+    """The case of "our address is held by something else", for a reader in another language: an address the
+    user chose (point it elsewhere), or the default one with on-demand starts off or on."""
+    if _chosen(settings):
+        case = "trainer.address_held_chosen"
+    else:
+        case = "trainer.address_held" if settings.lora_ensure_on_demand else "trainer.address_held_off"
+    return {"detail": case, "url": base_url(settings)}
 
 
 def _chosen(settings: Settings) -> bool:

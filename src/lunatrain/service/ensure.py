@@ -69,7 +69,7 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
             f"The trainer address {trainer_client.base_url(settings)} is held by {trainer_client.holder(health)}, "
             f"and this data root's trainer ({settings.home}) is not running; starting it on demand is off "
             "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false): start it with `lunatrain trainer --port 0`.",
-            params={"detail": "trainer.address_held_off", "url": trainer_client.base_url(settings)},
+            params=trainer_client.held_detail(settings),
         )
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout

@@ -51,7 +51,7 @@ async def provider_health(
         try:
             health = await run_in_threadpool(lambda: ensure.ensure_trainer(settings, explicit=True))
         except Conflict as err:  # the chosen address is held by something else: no trainer could be started
-            raise ServiceUnavailable(err.message) from None
+            raise ServiceUnavailable(err.message, params=err.params) from None
     else:
         try:
             health = await run_in_threadpool(trainer_client.own_health, settings)

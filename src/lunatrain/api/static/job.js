@@ -33,6 +33,23 @@ function addPoints(series, event) {
   }
 }
 
+/** The notice for a job that ended, and its kind. A job that trained but whose version the gate did not let
+ * in did not do what was asked: said here, as the command line says FAILED, not only in the facts below; so is
+ * one that passed and was not activated (cancelled while the gate ran, a refused activation). */
+function finishedNotice(job) {
+  const vars = { jobId: job.id, state: t(`state.${job.status}`) };
+  const gate = job.gate?.status ?? (job.gate?.passed === false ? "failed" : null);
+  if (job.status !== "succeeded" || !job.gate) return [t("job.finished", vars), job.status === "succeeded" ? "notice" : "warning"];
+  if (gate !== "passed") return [t("job.finishedNotActivated", { ...vars, gate: t(`gate.${gate}`) }), "warning"];
+  const codes = Array.isArray(job.gate.noteCodes) ? job.gate.noteCodes : [];
+  if (job.gate.promoted !== false || codes.some((c) => c?.code === "gate.already_active")) {
+    return [t("job.finished", vars), "notice"];
+  }
+  const why = codes.find((c) => ["gate.cancelled", "gate.not_activated", "gate.revision_gone"].includes(c?.code));
+  return [t("job.finishedPassedNotActivated", { ...vars, why: why ? tMsg(why.code, why.params) : t("job.notActivated") }),
+    "warning"];
+}
+
 export class JobView {
   /** `onFinished(job)` runs once when a followed job reaches a final state. */
   constructor(onFinished) {
@@ -148,11 +165,7 @@ export class JobView {
       if (FINAL_STATES.has(job.status)) {
         // A job that trained but whose version the gate did not let in did not do what was asked: say so here,
         // as the command line says FAILED, not only in the job's facts below.
-        const gate = job.gate?.status ?? (job.gate?.passed === false ? "failed" : null);
-        const kept = job.status !== "succeeded" || !job.gate || gate === "passed";
-        const vars = { jobId: job.id, state: t(`state.${job.status}`) };
-        showNotice(kept ? t("job.finished", vars) : t("job.finishedNotActivated", { ...vars, gate: t(`gate.${gate}`) }),
-          job.status === "succeeded" && kept ? "notice" : "warning");
+        showNotice(...finishedNotice(job));
         this.onFinished(job);
         this.loadActive(); // the next job in the queue, if any, is the current one now
         return;
