@@ -714,6 +714,50 @@ def test_a_postgres_database_not_in_utf8_is_refused(home: Path, monkeypatch: pyt
         admin.dispose()
 
 
+@pytest.mark.postgres
+def test_a_postgres_writer_held_up_by_another_process_is_busy_not_hung(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repros: with another process holding the write lock (an import suspended with Ctrl-Z), every
+    write on PostgreSQL waited without end (SQLite says "held by another process" after the busy timeout), and
+    the API's waiting writers took every pooled connection: the next request, a read too, ended in a 500 from
+    the pool's own timeout. Both are the busy database now, after the busy timeout, and nothing is changed."""
+    admin = _pg_admin()
+    url = admin.url.render_as_string(hide_password=False)
+    admin.dispose()
+    _reset_postgres(url)
+    monkeypatch.setenv("ASSISTANT_DB_URL", url)
+    store.dispose_stores()
+    settings = load_settings()
+    store.add_example(settings, prompt="erste", response="Antwort")
+    monkeypatch.setattr(store, "SQLITE_BUSY_TIMEOUT_S", 0.5)  # not the 30 s a real writer waits
+    store.dispose_stores()  # the pool's timeout is the engine's
+    holder = sa.create_engine(url).connect()
+    held = holder.begin()
+    holder.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": store._PG_WRITE_LOCK})
+    try:
+        with pytest.raises(StorageError, match="held by another process") as err:
+            store.add_example(settings, prompt="zweite", response="Antwort")
+        assert err.value.code == "storage_busy" and "backup" not in err.value.message, err.value.message
+        assert store.counts(settings)["totals"]["examples"] == 1  # reads go on
+        engine = store.open_store(settings).engine
+        taken = [engine.connect() for _ in range(engine.pool.size() + engine.pool._max_overflow)]
+        try:
+            with pytest.raises(StorageError, match="every connection") as err:
+                store.counts(settings)
+            assert err.value.code == "storage_busy", err.value.message
+        finally:
+            for conn in taken:
+                conn.close()
+    finally:
+        held.rollback()
+        holder.close()
+        holder.engine.dispose()
+    store.add_example(settings, prompt="dritte", response="Antwort")  # free again: nothing was wrong with it
+    assert store.counts(settings)["totals"]["examples"] == 2
+    store.dispose_stores()
+
+
 @contextlib.contextmanager
 def _pg_role(
     monkeypatch: pytest.MonkeyPatch, name: str, grant: str, undo: str = ""

@@ -184,6 +184,9 @@ class Store:
             conn = conn.execution_options(luna_write=True)
             with conn.begin():
                 if self.dialect == "postgresql":
+                    # As SQLite's busy timeout: a writer held up by another process (an import suspended with
+                    # Ctrl-Z) gives up and says so, instead of waiting without end with a pooled connection.
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}"))
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_WRITE_LOCK})
                 yield conn
 
@@ -218,7 +221,8 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
                 f"Cannot connect to the database {where} ({reason}), so nothing was changed; check that its "
                 "server runs and that ASSISTANT_DB_URL names it."
             )
-    if engine.dialect.name == "sqlite" and _BUSY.search(reason):
+    # SQLite's lock held past the busy timeout; PostgreSQL's lock_timeout (55P03, lock_not_available)
+    if _BUSY.search(reason) if engine.dialect.name == "sqlite" else getattr(orig, "sqlstate", None) == "55P03":
         # Another connection held the lock past the busy timeout (a long import, a second server): the database
         # is healthy, and the advice for a damaged one (move it aside) would throw it away.
         return StorageBusy(
@@ -273,6 +277,12 @@ def _storage_errors(engine: Engine) -> Iterator[None]:
         raise
     except (sa.exc.OperationalError, sa.exc.DatabaseError) as exc:
         raise storage_error(exc, engine) from exc
+    except sa.exc.TimeoutError as exc:  # the pool's: every connection of this process stayed in use
+        raise StorageBusy(
+            f"The database {database_name(engine)} is busy: every connection of this process stayed in use for "
+            f"{SQLITE_BUSY_TIMEOUT_S:g}s (writers waiting on another process), so nothing was changed; try again "
+            "when that process is done."
+        ) from exc
 
 
 def _sqlite_file(url: str) -> str:
@@ -359,7 +369,10 @@ def _read_only_uri(path: Path) -> str:
 
 
 def _server_engine(url: str) -> Engine:
-    engine = sa.create_engine(url, pool_pre_ping=True)
+    # As many connections as the API answers requests at once (its thread pool), so that writers waiting on
+    # another process do not starve reads; beyond the five kept, they close when returned. A request that
+    # still finds none waits the busy timeout and is said busy (not a 500).
+    engine = sa.create_engine(url, pool_pre_ping=True, max_overflow=35, pool_timeout=SQLITE_BUSY_TIMEOUT_S)
     if engine.dialect.name == "postgresql":
         _utf8_only(engine)
     return engine
