@@ -293,6 +293,35 @@ def test_the_work_directory_of_a_job_still_to_run_is_kept_whatever_its_age(setti
     assert not run.exists()
 
 
+def test_a_job_queued_while_gc_waits_for_an_export_keeps_its_work_directory(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repro: gc read which adapters had jobs to run, then waited for an export in progress (its lock),
+    then removed work directories by what it had read before: a `jobs resume` queued meanwhile lost its
+    checkpoint ("no checkpoint to resume from; starting fresh"). Which jobs wait is read when it matters."""
+    from lunatrain import retention
+
+    run = settings.adapters_dir / "c" / ".work" / "resumable-run"
+    (run / "checkpoints" / "epoch-001").mkdir(parents=True)
+    (run / "checkpoints" / "epoch-001" / "adapter.safetensors").write_bytes(b"w" * 2000)
+    _age(run, 10)
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    exports = retention._exports
+
+    def export_meanwhile(*args, **kwargs):  # the resume is queued while gc waits for the export's lock
+        waiting, _ = jobs.create(LoraParams(adapter_name="c", resume=True))
+        jobs.set_status(waiting.id, "queued")
+        return exports(*args, **kwargs)
+
+    monkeypatch.setattr(retention, "_exports", export_meanwhile)
+    try:
+        r = CliRunner().invoke(app, ["gc"])
+        assert r.exit_code == 0 and "resumable-run" not in r.output, r.output
+        assert (run / "checkpoints" / "epoch-001" / "adapter.safetensors").is_file()
+    finally:
+        jobs.close()
+
+
 def test_gc_keeps_the_work_directory_of_a_local_run_in_progress(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,19 +88,23 @@ def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None =
     try:
         # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
         # still queued may resume from); exports, caches and staging folders do not, and still go.
+        damaged = None
         try:
             report.items += _jobs(settings, now, dry_run)
-            waiting: set[str] | None = _unfinished_adapters(settings)
         except sqlite3.Error as exc:
-            waiting = None
+            damaged = exc
+        report.items += _exports(settings, dry_run)  # may wait for an export in progress (its lock)
+        report.items += _token_caches(settings, dry_run)
+        if damaged is None:
+            try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
+                report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings))
+            except sqlite3.Error as exc:
+                damaged = exc
+        if damaged is not None:
             report.problems.append(
-                f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({exc}); "
+                f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); "
                 "the run work directories and job events were kept."
             )
-        report.items += _exports(settings, dry_run)
-        report.items += _token_caches(settings, dry_run)
-        if waiting is not None:
-            report.items += _work_dirs(settings, now, dry_run, waiting)
         report.items += _staging(settings, dry_run)
     except OSError as exc:
         raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}.") from None
