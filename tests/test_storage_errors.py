@@ -379,6 +379,28 @@ def test_a_busy_database_is_busy_not_damaged(settings: Settings, monkeypatch: py
     assert store.counts(settings)["totals"]["examples"] == 2
 
 
+def test_a_database_moved_aside_while_a_server_runs_is_replaced_by_a_fresh_one(settings: Settings) -> None:
+    """Explore repro: with `lunatrain serve` running, the database moved aside (as the advice for a damaged one
+    says): POST /examples answered 201 with an id, but the row went into the moved file through the server's
+    open connection, while GET /examples and the command line showed an empty store. The server now opens the
+    database found at its path (a fresh one), and what it stored before stays in the moved file."""
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.post(f"{T}/examples", json={"prompt": "vorher", "response": "Antwort"}).status_code == 201
+        db = Path(_db(settings))
+        aside = db.with_name(db.name + ".aside")
+        for suffix in ("", "-wal", "-shm"):  # as the README says: with the files that hold its latest changes
+            if db.with_name(db.name + suffix).exists():
+                db.with_name(db.name + suffix).rename(aside.with_name(aside.name + suffix))
+        r = client.post(f"{T}/examples", json={"prompt": "nachher", "response": "Antwort"})
+        assert r.status_code == 201, r.text
+        listed = client.get(f"{T}/examples").json()
+        assert [e["prompt"] for e in listed["examples"]] == ["nachher"], listed
+    r = CliRunner().invoke(app, ["examples", "list"])
+    assert "nachher" in r.output and "vorher" not in r.output, r.output
+    with sqlite3.connect(aside) as moved:
+        assert [p for (p,) in moved.execute("SELECT prompt FROM examples")] == ["vorher"]
+
+
 def test_a_read_only_data_root_is_read_and_says_why_it_cannot_be_changed(settings: Settings) -> None:
     """Repro: on a read-only data root (a mounted backup) `examples list` said only "unable to open database
     file", though the file is there and readable: SQLite writes its journal beside it, even to read. Then it

@@ -160,6 +160,13 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.file = _file_identity(engine)  # the SQLite file it opened (device, inode)
+
+    def moved(self) -> bool:
+        """Whether the SQLite file at the engine's path is no longer the one it opened (moved aside, as the
+        advice for a damaged database says, or replaced by a restored backup): its pooled connections would
+        go on writing into the moved file while every new process reads the path."""
+        return self.file is not None and _file_identity(self.engine) != self.file
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -459,6 +466,12 @@ def open_store(settings: Settings) -> Store:
     key = (os.getpid(), url)  # engines must not cross a fork: the child opens its own
     with _stores_lock:
         store = _stores.get(key)
+        if store is not None and store.moved():
+            # Closed first: the last connection writes its WAL into the moved file (and removes the WAL), then
+            # the path is opened as any new process opens it (a fresh database, or the one put in its place).
+            store.engine.dispose()
+            del _stores[key]
+            store = None
         if store is None:
             try:
                 engine = _sqlite_engine(url) if url.startswith("sqlite") else _server_engine(url)
@@ -498,8 +511,19 @@ def open_store(settings: Settings) -> Store:
                 raise StorageError(
                     f"Cannot open the database {database_name(engine)}: {exc.strerror or exc}."
                 ) from None
+            store.file = _file_identity(engine)  # as migrated: the file created on first use included
             _stores[key] = store
     return store
+
+
+def _file_identity(engine: Engine) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite engine's file; None for a server (or no file there)."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
 
 
 def _read_only_note(engine: Engine) -> str:
