@@ -758,6 +758,34 @@ def test_a_postgres_writer_held_up_by_another_process_is_busy_not_hung(
     store.dispose_stores()
 
 
+@pytest.mark.postgres
+def test_a_postgres_database_recreated_under_a_running_process_is_set_up_again(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repro: with the database dropped and created again while `serve` ran, every request answered
+    503 "cannot be used (relation "examples" does not exist LINE 2: FROM examples … ^); restore it from a
+    backup, or move it aside": advice that fits no empty database, and libpq's SQL excerpt in the sentence;
+    only a restart helped. The request says what happened, and the next one sets the database up again."""
+    admin = _pg_admin()
+    url = admin.url.render_as_string(hide_password=False)
+    admin.dispose()
+    _reset_postgres(url)
+    monkeypatch.setenv("ASSISTANT_DB_URL", url)
+    store.dispose_stores()
+    settings = load_settings()
+    store.add_example(settings, prompt="erste", response="Antwort")
+    _reset_postgres(url)  # as dropdb + createdb: the schema is gone under the running process
+    with pytest.raises(StorageError) as err:
+        store.list_examples(settings)
+    message = err.value.message
+    assert "has no lunatrain tables" in message and "try again" in message, message
+    assert "LINE" not in message and "backup" not in message, message
+    assert list(store.list_examples(settings)) == []  # set up again
+    store.add_example(settings, prompt="zweite", response="Antwort")
+    assert store.counts(settings)["totals"]["examples"] == 1
+    store.dispose_stores()
+
+
 @contextlib.contextmanager
 def _pg_role(
     monkeypatch: pytest.MonkeyPatch, name: str, grant: str, undo: str = ""

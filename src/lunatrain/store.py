@@ -243,6 +243,12 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             f"The database {where} cannot be written by this process ({reason}), so nothing was changed; give "
             "this user write access to it and its folder (`chown`/`chmod`), or point ASSISTANT_HOME at a copy."
         )
+    if getattr(orig, "sqlstate", None) == "42P01":  # undefined_table: the database was emptied or re-created
+        _schema_gone.add(id(engine))  # the next open_store sets it up again, as a new process would
+        return StorageError(
+            f"The database {where} has no lunatrain tables now (it was emptied or created again while this process "
+            "ran), so nothing was changed; try again: the next request sets it up as a new, empty store."
+        )
     if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
         said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason  # without the query
         user = f"The database user {engine.url.username}" if engine.url.username else "The database user"
@@ -458,6 +464,8 @@ def _migrate(store: Store) -> None:
 
 _stores: dict[tuple[int, str], Store] = {}
 _stores_lock = threading.Lock()
+# Engines whose database lost lunatrain's tables under them (storage_error sees it; the lock may be held then).
+_schema_gone: set[int] = set()
 
 
 def open_store(settings: Settings) -> Store:
@@ -466,7 +474,8 @@ def open_store(settings: Settings) -> Store:
     key = (os.getpid(), url)  # engines must not cross a fork: the child opens its own
     with _stores_lock:
         store = _stores.get(key)
-        if store is not None and store.moved():
+        if store is not None and (store.moved() or id(store.engine) in _schema_gone):
+            _schema_gone.discard(id(store.engine))
             # Closed first: the last connection writes its WAL into the moved file (and removes the WAL), then
             # the path is opened as any new process opens it (a fresh database, or the one put in its place).
             store.engine.dispose()
