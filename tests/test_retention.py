@@ -182,6 +182,55 @@ def test_only_finished_jobs_count_toward_the_jobs_kept(settings: Settings) -> No
     assert gone == {f"data/trainer/logs/{j}.log" for j in finished[:2]}, gone
 
 
+def test_the_jobs_kept_are_those_that_finished_last_and_the_reasons_read_right_at_the_edges(
+    settings: Settings,
+) -> None:
+    """Explore repros: the most recent finished jobs were ranked by when they were submitted, so a job
+    cancelled while queued (submitted later, ended first) kept its events where the one that ran and ended
+    after it lost them; and the reasons read "beyond the 0 most recent finished jobs", "older than the 1 newest
+    exports", "unchanged for 0 days (over 0)"."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    settings.trainer_logs_dir.mkdir(parents=True)
+    ran, _ = jobs.create(LoraParams(adapter_name="a"))
+    cancelled, _ = jobs.create(LoraParams(adapter_name="b"))
+    jobs.set_status(cancelled.id, "cancelled", finished_at="2026-12-01T10:00:00+00:00")
+    jobs.set_status(ran.id, "succeeded", finished_at="2026-12-01T10:05:00+00:00")
+    jobs.close()
+    for job in (ran, cancelled):
+        (settings.trainer_logs_dir / f"{job.id}.log").write_text("done")
+    now = retention.parse_iso("2026-12-01T11:00:00+00:00")
+    one = retention.collect(settings.model_copy(update={"retain_jobs": 1}), dry_run=True, now=now)
+    assert {i.path: i.reason for i in one.items if i.kind == "job-log"} == {
+        f"data/trainer/logs/{cancelled.id}.log": "beyond the most recent finished job"
+    }
+    none = retention.collect(settings.model_copy(update={"retain_jobs": 0}), dry_run=True, now=now)
+    assert {i.reason for i in none.items if i.kind == "job-log"} == {
+        "no finished job is kept (ASSISTANT_RETAIN_JOBS=0)"
+    }
+    run = settings.adapters_dir / "c" / ".work" / "run"
+    run.mkdir(parents=True)
+    (run / "x").write_text("x")
+    _age(run, 0.2)
+    fresh = retention.collect(settings.model_copy(update={"retain_checkpoint_days": 0}), dry_run=True)
+    [reason] = [i.reason for i in fresh.items if i.kind == "run-workdir"]
+    assert reason == "unchanged for 5 hours (kept 0 days)", reason
+
+
+def test_a_jobs_database_that_is_no_file_keeps_the_run_work_directories(settings: Settings) -> None:
+    """Explore repro: a jobs.db that is a link to an unmounted volume (or a folder) counted as "no jobs": gc
+    removed the run work directories and exited 0, where a jobs database it cannot read keeps them, says so
+    and exits 1 (README)."""
+    run = settings.adapters_dir / "x" / ".work" / "run1"
+    run.mkdir(parents=True)
+    _age(run, 30)
+    db = jobs_db_path(settings.data_dir)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.symlink_to("/nonexistent-volume/jobs.db")
+    r = CliRunner().invoke(app, ["gc"])
+    assert r.exit_code == 1 and "cannot be used" in r.output, r.output
+    assert run.is_dir() and db.is_symlink() and not Path("/nonexistent-volume").exists()
+
+
 def test_dry_run_on_a_read_only_data_root(settings: Settings) -> None:
     """Repro: `gc --dry-run` on a read-only data root (a backup, a mounted snapshot) failed ("Cleaning up …
     failed: Read-only file system"), though a dry run only reads: it opened the export lock for writing. It

@@ -136,21 +136,39 @@ def _size(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
 
 
-def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
+def _jobs_db(settings: Settings) -> Path | None:
+    """The jobs database; None when there is none yet. Something else in its place (a link to a volume that is
+    not mounted, a folder) is a database that cannot be read, not "no jobs": what depends on it is kept."""
     path = jobs_db_path(settings.data_dir)
-    if not path.is_file():
+    if path.is_file():
+        return path
+    if path.exists() or path.is_symlink():
+        raise sqlite3.OperationalError(f"{path} is no file" + (" (a link to nothing)" if path.is_symlink() else ""))
+    return None
+
+
+def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
+    path = _jobs_db(settings)
+    if path is None:
         return []
     logs = settings.trainer_logs_dir
     cutoff = now - timedelta(days=settings.retain_job_days)
     db = _open_jobs(path, dry_run)
     try:
         rows = db.execute("SELECT id, status, finished_at, created_at FROM jobs ORDER BY seq DESC").fetchall()
-        # The most recent *finished* jobs are kept: jobs still queued or running take no place among them.
-        ended = [row for row in rows if row[1] in TERMINAL]
+        # The most recently *finished* jobs are kept: jobs still queued or running take no place among them, and
+        # a job cancelled while queued (submitted later, ended first) ranks by when it ended.
+        ended = sorted((row for row in rows if row[1] in TERMINAL), key=lambda r: _parse(r[2] or r[3]), reverse=True)
         doomed: list[tuple[str, str]] = []
+        keep = settings.retain_jobs
+        beyond = (
+            "no finished job is kept (ASSISTANT_RETAIN_JOBS=0)"
+            if keep == 0
+            else f"beyond the {'most recent finished job' if keep == 1 else f'{keep} most recent finished jobs'}"
+        )
         for rank, (job_id, _status, finished_at, created_at) in enumerate(ended):
-            if rank >= settings.retain_jobs:
-                doomed.append((job_id, f"beyond the {settings.retain_jobs} most recent finished jobs"))
+            if rank >= keep:
+                doomed.append((job_id, beyond))
             elif _parse(finished_at or created_at) < cutoff:
                 doomed.append((job_id, f"finished more than {settings.retain_job_days:g} days ago"))
         items = []
@@ -203,6 +221,8 @@ def _exports(settings: Settings, dry_run: bool) -> list[Item]:
             _size(p),
             "left by an interrupted export"
             if p.name.endswith(".partial")
+            else "older than the newest export"
+            if settings.retain_exports == 1
             else f"older than the {settings.retain_exports} newest exports",
         )
         for p in doomed
@@ -250,8 +270,8 @@ def _token_caches(settings: Settings, dry_run: bool) -> list[Item]:
 def _unfinished_adapters(settings: Settings) -> set[str]:
     """The adapter names of jobs not ended yet (queued, running, requeued to resume): their work directories
     hold the checkpoint a resume continues from, however long the trainer was down."""
-    path = jobs_db_path(settings.data_dir)
-    if not path.is_file():
+    path = _jobs_db(settings)
+    if path is None:
         return set()
     db = read_only_connection(path)
     try:
@@ -283,12 +303,18 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
         if newest >= cutoff:
             continue
         age = (time.time() - newest) / 86400
+        # under a day in hours: a run folder of this morning is no "0 days" old
+        days, hours = round(age), max(1, round(age * 24))
+        unchanged = (
+            f"{days} {'day' if days == 1 else 'days'}" if age >= 1 else f"{hours} {'hour' if hours == 1 else 'hours'}"
+        )
+        kept = settings.retain_checkpoint_days
         items.append(
             Item(
                 "run-workdir",
                 str(settings.shown(run)),
                 _size(run),
-                f"unchanged for {age:.0f} days (over {settings.retain_checkpoint_days:g})",
+                f"unchanged for {unchanged} (kept {kept:g} {'day' if kept == 1 else 'days'})",
             )
         )
         if not dry_run:
