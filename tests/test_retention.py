@@ -432,6 +432,21 @@ def test_a_local_run_applies_the_policy_as_a_trainer_job_does(settings: Settings
     assert len(caches) == 1 and retention.cache_fingerprint(caches[0]) == ex.read_summary(settings)["fingerprint"]
 
 
+def test_a_run_that_ended_early_keeps_the_checkpoint_it_offers_to_resume_from(settings: Settings) -> None:
+    """Explore repro: with ASSISTANT_RETAIN_CHECKPOINT_DAYS=0 a run stopped by Ctrl-C (or a job whose worker
+    was killed) said "run the same command with --resume to continue from the last epoch checkpoint", and the
+    retention applied as it ended removed that checkpoint the same moment. The adapter of a run that did not
+    succeed keeps its work directories then; a later `gc` judges them by their age."""
+    run = settings.adapters_dir / "luna-adapter" / ".work" / "cut-short"
+    (run / "checkpoints" / "epoch-001").mkdir(parents=True)
+    (run / "checkpoints" / "epoch-001" / "adapter.safetensors").write_bytes(b"w" * 100)
+    now = settings.model_copy(update={"retain_checkpoint_days": 0})
+    retention.after_run(now, resumable="luna-adapter")
+    assert (run / "checkpoints" / "epoch-001" / "adapter.safetensors").is_file()
+    retention.after_run(now, resumable="other-adapter")
+    assert not run.exists()
+
+
 def test_an_old_export_that_is_a_link_outside_goes_as_a_link_and_what_it_names_stays(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

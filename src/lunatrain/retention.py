@@ -33,6 +33,7 @@ import shutil
 import sqlite3
 import struct
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,8 +82,11 @@ class GcReport:
         }
 
 
-def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> GcReport:
-    """Apply the retention policy (module docstring); with `dry_run` only list what would go."""
+def collect(
+    settings: Settings, *, dry_run: bool = False, now: datetime | None = None, keep: Collection[str] = ()
+) -> GcReport:
+    """Apply the retention policy (module docstring); with `dry_run` only list what would go. The work
+    directories of the adapters in `keep` stay whatever their age (`after_run`)."""
     now = now or utc_now()
     report = GcReport(dry_run)
     try:
@@ -97,7 +101,7 @@ def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None =
         report.items += _token_caches(settings, dry_run)
         if damaged is None:
             try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
-                report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings))
+                report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings) | set(keep))
             except sqlite3.Error as exc:
                 damaged = exc
         if damaged is not None:
@@ -111,14 +115,16 @@ def collect(settings: Settings, *, dry_run: bool = False, now: datetime | None =
     return report
 
 
-def after_run(settings: Settings, log: logging.Logger | None = None) -> None:
+def after_run(settings: Settings, log: logging.Logger | None = None, *, resumable: str | None = None) -> None:
     """The policy when a run ends (a trainer job, a local run), so growth stays bounded without anyone
     running `lunatrain gc`. A failure to clean up never touches the run's outcome: it is logged (with what
-    went, by name) where there is a log, and otherwise left for `gc` to say."""
+    went, by name) where there is a log, and otherwise left for `gc` to say. `resumable`: the adapter of a run
+    that ended before it finished, whose checkpoint the message just offered to resume from (kept, even with
+    ASSISTANT_RETAIN_CHECKPOINT_DAYS=0; a later `gc` judges it by its age)."""
     from .errors import LunaError
 
     try:
-        report = collect(settings)
+        report = collect(settings, keep=[resumable] if resumable else ())
     except LunaError as err:
         if log:
             log.warning("retention skipped: %s", err.message)

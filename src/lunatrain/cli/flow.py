@@ -146,12 +146,13 @@ def local_lora(
     main = distributed.from_env().main
     display = ProgressDisplay(stream=sys.stderr if stderr else None) if main else None
     trained: dict[str, Any] = {}
+    ended: dict[str, Any] = {}  # the outcome, for the retention after it
 
     def on_trained(outcome: dict[str, Any]) -> None:
         ctrl_c.restore()  # trained: a Ctrl-C during the gate is an interrupt
         trained.update(outcome)
 
-    with _CtrlC() as ctrl_c, display or contextlib.nullcontext(), _then_retention(settings, main):
+    with _CtrlC() as ctrl_c, display or contextlib.nullcontext(), _then_retention(settings, main, params, ended):
         try:
             outcome = train_and_gate(
                 settings,
@@ -163,6 +164,7 @@ def local_lora(
                 on_trained=on_trained,
                 may_gate=lambda: main,
             )
+            ended.update(outcome)
         except KeyboardInterrupt:
             if not trained.get("adapter"):
                 raise
@@ -179,16 +181,17 @@ def local_lora(
 
 
 @contextlib.contextmanager
-def _then_retention(settings: Settings, main: bool) -> Iterator[None]:
+def _then_retention(settings: Settings, main: bool, params: LoraParams, ended: dict[str, Any]) -> Iterator[None]:
     """The retention policy once the run has ended, however it ended, as the trainer applies it after every
-    job: a daily `luna --local` leaves no token cache or idle work directory behind that `gc` would take."""
+    job: a daily `luna --local` leaves no token cache or idle work directory behind that `gc` would take. A run
+    that did not succeed keeps the checkpoint its message offers to resume from."""
     try:
         yield
     finally:
         if main:
             from ..retention import after_run
 
-            after_run(settings)
+            after_run(settings, resumable=None if ended.get("status") == "succeeded" else params.adapter_name)
 
 
 def _training_interrupted(error: dict[str, Any], signum: int = signal.SIGINT) -> str:

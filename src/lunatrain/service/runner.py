@@ -327,7 +327,8 @@ class Runner:
             error = _crash_error(code, log_path, self.settings.shown(log_path))
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
-        self._collect()
+        # a job that did not succeed keeps the checkpoint its error may have just offered to resume from
+        self._collect(None if job.status == "succeeded" else job.params.get("adapterName"))
 
     def _resumable(self, job_id: str, error: dict[str, Any]) -> dict[str, Any]:
         """A crash's error, and how to resume the job when it saved a checkpoint first (a crash an epoch in
@@ -341,10 +342,10 @@ class Runner:
             "params": params | {"resumeJob": job_id},
         }
 
-    def _collect(self) -> None:
+    def _collect(self, resumable: str | None = None) -> None:
         from ..retention import after_run
 
-        after_run(self.settings, log)
+        after_run(self.settings, log, resumable=resumable)
 
 
 def _adapter(result: dict[str, Any] | None, settings: Settings) -> dict[str, Any] | None:
