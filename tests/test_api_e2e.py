@@ -178,6 +178,39 @@ def test_example_adapter_trains_through_an_on_demand_trainer(api: Api) -> None:
     assert api.client.get("/assistant/training/lora/status", params={"jobId": "ftjob-doesnotexist"}).status_code == 404
 
 
+def test_one_click_starts_on_a_tier_without_samples_are_refused_and_a_retry_gets_its_job(home: Path) -> None:
+    """Review repros: a quick start on a store without an approved sample of its tier (a profile with minCurated
+    0), and an example adapter on a store of memory items only (not seeded: the user's own data), queued a job
+    that failed with "add examples and export again", an export they make themselves. Both are refused before
+    anything is exported or queued, naming where samples come from; a retry of an accepted quick start still
+    gets its job when the tier has emptied since."""
+    (home / "profiles").mkdir()
+    (home / "profiles" / "q.toml").write_text(
+        "[lora]\nminCurated = 0\nmaxSeqLength = 128\nrank = 4\n[quickStart]\nepochs = 1\nmaxSteps = 1\n"
+    )
+    with Api(home, ASSISTANT_LORA_WARM_WORKER="false") as api:
+        T = "/assistant/training"
+        r = api.client.post(f"{T}/lora/quick-start", json={"profile": "q", "datasetTier": "memory"})
+        error = r.json()["error"]
+        assert r.status_code == 409 and error["params"] == {"check": "tier.no_samples", "tier": "memory"}, r.text
+        assert "`lunatrain memory add`" in error["message"], error
+        assert api.client.post(f"{T}/memory", json={"question": "Wer?", "answer": "Luna."}).status_code == 201
+        r = api.client.post(f"{T}/lora/example-adapter", json={})
+        assert r.status_code == 409 and r.json()["error"]["params"]["tier"] == "curated", r.text
+        assert api.client.get(f"{T}/examples").json()["count"] == 0  # not seeded into the user's data
+        assert api.client.get(f"{T}/status").json()["lastExport"] is None  # nothing exported
+        assert api.client.get(f"{T}/lora/jobs").json()["data"] == []
+        example = api.client.post(f"{T}/examples", json={"prompt": "Wie heißt du?", "response": "Luna."}).json()
+        body = {"profile": "q", "requestId": "q-1"}
+        first = api.client.post(f"{T}/lora/quick-start", json=body)
+        assert first.status_code == 202, first.text
+        assert api.client.post(f"{T}/examples/{example['id']}/reject").status_code == 200
+        again = api.client.post(f"{T}/lora/quick-start", json=body)
+        assert again.status_code == 202 and again.json()["jobId"] == first.json()["jobId"], again.text
+        api.client.post(f"{T}/lora/jobs/{first.json()['jobId']}/cancel")
+        api.wait_job(first.json()["jobId"])
+
+
 def test_with_ensure_off_and_no_trainer_start_is_503_and_health_offline(home: Path) -> None:
     with Api(home, ASSISTANT_LORA_ENSURE_ON_DEMAND="false") as api:
         for path, body in (

@@ -276,21 +276,21 @@ def quick_start(
     profile = load_profile(settings, profile_name)
     params, options = profile.resolve(overrides, quick=True)
     counts = store.counts(settings)
-    _refuse_empty_tier(counts, params.dataset_tier)
     curated = counts["totals"]["curated_approved"]  # what the export will write to the tier
     existing = check_before_export(
         settings, params, options, thresholds=profile.gate, request_id=request_id, curated=curated
     )
-    if existing is not None:
+    if existing is not None:  # a retry of an accepted request: its job, whatever the store holds now
         return existing, None
+    _refuse_empty_tier(counts, params.dataset_tier)
     summary = export.export(settings)
     return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
 
 
 def _refuse_empty_tier(counts: dict[str, Any], tier: str) -> None:
-    """CheckFailed, before a quick start exports, when the store holds no approved sample of `tier` (a profile
-    asking no minimum of curated examples): the job would fail with "add examples and export again", an
-    export the quick start makes itself."""
+    """CheckFailed, before a one-click start exports, when the store holds no approved sample of `tier` (a
+    profile asking no minimum of curated examples; an example adapter on a store of memory items only): the
+    job would fail with "add examples and export again", an export the one-click start makes itself."""
     examples = {source: kinds["approved"] for source, kinds in counts["examples"].items()}
     memory = counts["memory"]["approved"]
     approved = {
@@ -322,11 +322,13 @@ def example_adapter(
     existing = check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=0)
     if existing is not None:
         return existing, None, None
-    totals = store.counts(settings)["totals"]
+    counts = store.counts(settings)
     seeded = None
-    if totals["examples"] == 0 and totals["memory"] == 0:
+    if counts["totals"]["examples"] == 0 and counts["totals"]["memory"] == 0:
         res = store.load_seed(settings)
         seeded = {"examplesAdded": res.examples_added, "memoryAdded": res.memory_added}
+    else:  # the user's own data, never mixed with the bundled examples: it must hold some to train on
+        _refuse_empty_tier(counts, params.dataset_tier)
     summary = export.export(settings)
     job = submit(settings, params, options, thresholds=profile.gate, request_id=request_id)
     return job, seeded, summary
