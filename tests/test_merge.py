@@ -532,6 +532,32 @@ def test_a_merge_after_a_killed_one_removes_what_it_left_and_fits_on_the_same_di
         assert sorted(p.name for p in merged.iterdir()) == ["luna-adapter-v1"], list(merged.iterdir())
 
 
+@pytest.mark.slow
+def test_a_merge_killed_before_its_record_leaves_nothing_gc_cannot_find(trained_home, settings):
+    """Review repro: a merge killed between moving its model in and the registry's record (the OOM killer, a
+    power cut) left the earlier merge aside as `.luna-adapter-v1.old`, a whole model that `gc` never removed.
+    Aside it is named as a staging folder of the merging process, which `gc` removes once that process ended."""
+    import subprocess
+    import sys
+
+    merge_adapter(settings, "luna-adapter@v1")
+    killed = (
+        "import os, sys; from pathlib import Path; from lunatrain import registry; "
+        "from lunatrain.merge import merge_adapter; from lunatrain.settings import load_settings; "
+        "registry.annotate = lambda *a, **k: os._exit(9); merge_adapter(load_settings(home=Path(sys.argv[1])), "
+        "'luna-adapter@v1')"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, str(settings.home)], check=False)
+    assert done.returncode == 9
+    merged = settings.models_dir / "merged"
+    [aside] = [p for p in merged.iterdir() if p.name.startswith(".luna-adapter-v1.old.")]
+    from lunatrain import retention
+
+    report = retention.collect(settings)
+    assert [i.path for i in report.items if i.kind == "staging"] == [str(settings.shown(aside))], report.items
+    assert sorted(p.name for p in merged.iterdir()) == ["luna-adapter-v1"]
+
+
 def test_a_base_inside_a_moved_or_copied_data_root_is_found_there(settings, monkeypatch):
     """Repro: an adapter trained on a base model kept inside the data root (the merged model the README
     suggests as a next base) records the base by its absolute path. After `mv ~/luna ~/luna2`, `merge` and

@@ -281,12 +281,14 @@ def replace_dir(finished: Path, target: Path) -> bool:
 def swapped_dir(finished: Path, target: Path) -> Iterator[bool]:
     """`replace_dir`, undone when the block raises: the older folder waits aside until the block is done (it
     records what was moved in), and goes back in place if it fails, the new one taken away. Yields whether
-    one was replaced."""
-    old = target.with_name(f".{target.name}.old")
+    one was replaced. Aside, it is named as a staging folder of this process: one a killed process left (a
+    whole earlier model) is found and removed by `gc` (`abandoned_staging`)."""
     replaced = target.exists()
     if replaced:
-        _remove(old)
-        os.replace(target, old)
+        old = staging_dir(target.parent, f"{target.name}.old")
+        if target.is_symlink():  # a link (a merge moved elsewhere and linked back) moves aside as a link
+            old.rmdir()
+        os.replace(target, old)  # a folder renamed over the empty staging folder
     else:
         _remove(target)  # a dangling link (a folder moved away and gone): a directory cannot replace a link
     os.replace(finished, target)

@@ -215,8 +215,9 @@ def _stored_dtype(path: Path) -> str | None:
     problem, header = registry.weights_header(weights[0])
     held: dict[str, int] = {}
     for key, t in header.items():
-        if key != "__metadata__" and t.get("dtype") in _SAFETENSORS_FLOATS:  # weights_header checked the offsets
-            held[t["dtype"]] = held.get(t["dtype"], 0) + t["data_offsets"][1] - t["data_offsets"][0]
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if key != "__metadata__" and t.get("dtype") in _SAFETENSORS_FLOATS and isinstance(offsets, list) and offsets:
+            held[t["dtype"]] = held.get(t["dtype"], 0) + offsets[-1] - offsets[0]
     return _SAFETENSORS_FLOATS[max(held, key=held.__getitem__)] if problem is None and held else None
 
 

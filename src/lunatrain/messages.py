@@ -97,9 +97,10 @@ CODES: dict[str, str] = {
     # how a crashed job's processes ended (child_crashed's params.detail); every one names the job's log
     # why the trainer cannot be reached or started (error.params.detail of service_unavailable)
     "trainer.on_demand_off": "the trainer is not running and starting it on demand is off",
-    "trainer.address_held_off": "another service holds the trainer's address and starting it on demand is off (url)",
-    "trainer.address_held": "another service holds the trainer's address; the next job starts this root's trainer on a free port (url)",
-    "trainer.address_held_chosen": "another service holds the trainer address set in ASSISTANT_LORA_TRAINER_URL (url)",
+    # "held": by another service or another data root's trainer
+    "trainer.address_held_off": "the trainer's address is held and starting it on demand is off (url)",
+    "trainer.address_held": "the trainer's address is held; the next job starts this root's trainer on a free port (url)",
+    "trainer.address_held_chosen": "the trainer address set in ASSISTANT_LORA_TRAINER_URL is held (url)",
     "trainer.unreachable": "the trainer does not answer",
     "trainer.start_failed": "the trainer's start command could not be run (why)",
     "trainer.exited_starting": "the trainer exited while starting (status, log)",
