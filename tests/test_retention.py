@@ -514,6 +514,26 @@ def test_a_damaged_jobs_database_does_not_stop_the_rest_of_gc(settings: Settings
         monkeypatch.undo()
 
 
+def test_a_jobs_database_damaged_where_only_the_second_read_looks_is_said_as_it_is(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review repro: the job events went (the first read worked), then the read of the jobs to run failed, and
+    gc said "the run work directories and job events were kept" beside the events it listed as removed."""
+    import sqlite3
+
+    run = settings.adapters_dir / "x" / ".work" / "run1"
+    run.mkdir(parents=True)
+    _age(run, 30)
+
+    def damaged(_settings):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(retention, "_unfinished_adapters", damaged)
+    report = retention.collect(settings)
+    assert run.is_dir() and len(report.problems) == 1, report.problems
+    assert report.problems[0].endswith("the run work directories were kept."), report.problems
+
+
 def test_gc_says_sizes_in_the_unit_that_fits():
     """Numbers repro: several GB of old checkpoints read "5432.1 MB"."""
     from lunatrain.cli.gc import _size

@@ -401,6 +401,33 @@ def test_a_database_moved_aside_while_a_server_runs_is_replaced_by_a_fresh_one(s
         assert [p for (p,) in moved.execute("SELECT prompt FROM examples")] == ["vorher"]
 
 
+def test_a_database_moved_aside_without_its_wal_is_refused_and_its_changes_kept(settings: Settings) -> None:
+    """Review repro: with the server running, the database file moved aside without its -wal file (which holds
+    its latest changes): the next request opened a fresh database at the path, which reset the -wal left there,
+    and every change not yet in the main file was gone for good. Nothing opens the path then; it says what to
+    do, and with the file back every change is there."""
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for i in range(3):
+            assert client.post(f"{T}/examples", json={"prompt": f"p{i}", "response": "r"}).status_code == 201
+        db = Path(_db(settings))
+        wal = db.with_name(db.name + "-wal")
+        assert wal.stat().st_size > 0  # the changes not yet in the main file
+        aside = db.with_name(db.name + ".aside")
+        db.rename(aside)
+        for _ in range(2):
+            r = client.post(f"{T}/examples", json={"prompt": "nachher", "response": "r"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "storage_error", r.text
+            assert (
+                "-wal" in r.json()["error"]["message"] and "put the database file back" in r.json()["error"]["message"]
+            )
+        assert not db.exists() and wal.stat().st_size > 0
+        r = CliRunner().invoke(app, ["examples", "list"])
+        assert r.exit_code == 1 and "-wal" in r.output, r.output
+        aside.rename(db)
+        listed = client.get(f"{T}/examples").json()
+        assert sorted(e["prompt"] for e in listed["examples"]) == ["p0", "p1", "p2"], listed
+
+
 def test_a_read_only_data_root_is_read_and_says_why_it_cannot_be_changed(settings: Settings) -> None:
     """Repro: on a read-only data root (a mounted backup) `examples list` said only "unable to open database
     file", though the file is there and readable: SQLite writes its journal beside it, even to read. Then it

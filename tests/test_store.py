@@ -815,6 +815,31 @@ def _pg_role(
 
 
 @pytest.mark.postgres
+def test_a_server_that_refuses_more_connections_is_busy_not_unreachable(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review repro: against a connection limit (a role's, a small managed database's), concurrent requests got
+    503 storage_unreachable "check that its server runs", though the server answered: too many connections."""
+    grant = "GRANT ALL ON SCHEMA public TO {role}; ALTER ROLE {role} CONNECTION LIMIT 1"
+    with _pg_role(monkeypatch, "one_conn", grant) as (admin, role, _owner):
+        settings = load_settings()
+        store.add_example(settings, prompt="erste", response="Antwort")
+        store.dispose_stores()  # its pooled connection goes: the limit's one is the holder's
+        holder = sa.create_engine(admin.url.set(username=role, password="luna")).connect()
+        try:
+            with pytest.raises(StorageError) as err:
+                store.counts(settings)
+            assert err.value.code == "storage_busy", err.value.message
+            assert (
+                "refuses more connections" in err.value.message
+                and "check that its server runs" not in err.value.message
+            )
+        finally:
+            holder.close()
+            holder.engine.dispose()
+
+
+@pytest.mark.postgres
 def test_a_database_user_without_a_usable_schema_is_told_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro: a user without USAGE on the schema (PostgreSQL then skips it on the search_path) was told the
     database is damaged ("no schema has been selected to create in … restore it from a backup, or move it

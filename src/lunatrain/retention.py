@@ -92,7 +92,7 @@ def collect(
     try:
         # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
         # still queued may resume from); exports, caches and staging folders do not, and still go.
-        damaged = None
+        damaged, kept = None, "the run work directories and job events were kept"
         try:
             report.items += _jobs(settings, now, dry_run)
         except sqlite3.Error as exc:
@@ -102,12 +102,11 @@ def collect(
         if damaged is None:
             try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
                 report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings) | set(keep))
-            except sqlite3.Error as exc:
-                damaged = exc
+            except sqlite3.Error as exc:  # damaged where the first read did not look: its job events went
+                damaged, kept = exc, "the run work directories were kept"
         if damaged is not None:
             report.problems.append(
-                f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); "
-                "the run work directories and job events were kept."
+                f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); {kept}."
             )
         report.items += _staging(settings, dry_run)
     except OSError as exc:

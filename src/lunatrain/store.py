@@ -223,6 +223,13 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
         # libpq failing to connect has no SQLSTATE; a server refusing or ending the connection has class 08
         # (connection exception) or 57P (shutting down, starting up). Nothing is wrong with the data then.
         state = getattr(orig, "sqlstate", None)
+        # The server answered, but has no connection left for us (53300, or libpq's words for it while
+        # connecting, when it gives no SQLSTATE): busy, not unreachable.
+        if state == "53300" or _NO_SLOT.search(reason):
+            return StorageBusy(
+                f"The database server {where} refuses more connections ({reason}), so nothing was changed; try again "
+                "when fewer are open, or raise its connection limit."
+            )
         if state is None or state.startswith(("08", "57P")):
             return StorageUnreachable(
                 f"Cannot connect to the database {where} ({reason}), so nothing was changed; check that its "
@@ -276,6 +283,8 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
     )
 
 
+# PostgreSQL's words for a server without a connection slot left (max_connections, a role's or database's limit).
+_NO_SLOT = re.compile(r"too many (connections|clients)|remaining connection slots are reserved")
 # SQLite's words for a lock another connection held past the busy timeout (sqlite3.OperationalError).
 _BUSY = re.compile(r"\bdatabase (table )?is locked\b")
 
@@ -382,10 +391,10 @@ def _read_only_uri(path: Path) -> str:
 
 
 def _server_engine(url: str) -> Engine:
-    # As many connections as the API answers requests at once (its thread pool), so that writers waiting on
-    # another process do not starve reads; beyond the five kept, they close when returned. A request that
-    # still finds none waits the busy timeout and is said busy (not a 500).
-    engine = sa.create_engine(url, pool_pre_ping=True, max_overflow=35, pool_timeout=SQLITE_BUSY_TIMEOUT_S)
+    # SQLAlchemy's pool (5 kept, 10 more while busy): small enough for a server's connection limit with
+    # several processes. Writers held up by another process give up after the busy timeout (write()), so
+    # their connections come back; a request that finds none for that long is said busy (not a 500).
+    engine = sa.create_engine(url, pool_pre_ping=True, pool_timeout=SQLITE_BUSY_TIMEOUT_S)
     if engine.dialect.name == "postgresql":
         _utf8_only(engine)
     return engine
@@ -476,12 +485,15 @@ def open_store(settings: Settings) -> Store:
         store = _stores.get(key)
         if store is not None and (store.moved() or id(store.engine) in _schema_gone):
             _schema_gone.discard(id(store.engine))
-            # Closed first: the last connection writes its WAL into the moved file (and removes the WAL), then
-            # the path is opened as any new process opens it (a fresh database, or the one put in its place).
+            # Closed first, then the path is opened as any new process opens it (a fresh database, or the one put
+            # in its place). SQLite writes no WAL into a file moved away: a -wal left at the path holds its last
+            # changes, and opening stops there (_refuse_orphan_wal) instead of resetting it.
             store.engine.dispose()
             del _stores[key]
             store = None
         if store is None:
+            if url.startswith("sqlite"):
+                _refuse_orphan_wal(url)
             try:
                 engine = _sqlite_engine(url) if url.startswith("sqlite") else _server_engine(url)
             # ValueError/TypeError: a URL part the dialect converts (a port that is no number, `?timeout=abc`).
@@ -523,6 +535,28 @@ def open_store(settings: Settings) -> Store:
             store.file = _file_identity(engine)  # as migrated: the file created on first use included
             _stores[key] = store
     return store
+
+
+def _orphan_wal(path: Path) -> Path | None:
+    """The -wal file at a SQLite database's path whose database file is gone (moved aside without it): it holds
+    changes of that database not yet in its file. Opening the path would create a fresh database there and
+    reset that log, and the changes would be lost for good."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        return wal if not path.exists() and wal.stat().st_size > 0 else None
+    except OSError:
+        return None
+
+
+def _refuse_orphan_wal(url: str) -> None:
+    path = Path(_sqlite_file(url))
+    wal = _orphan_wal(path)
+    if wal is not None:
+        raise StorageError(
+            f"The database {path} is gone but its write-ahead log {wal.name} is still there, holding changes not yet "
+            f"in the database file; nothing was changed: put the database file back, or move {wal.name} (and "
+            f"{path.name}-shm) beside the file where it went."
+        )
 
 
 def _file_identity(engine: Engine) -> tuple[int, int] | None:
@@ -944,9 +978,11 @@ def has_database(settings: Settings) -> bool:
     url = settings.database_url
     if url.startswith("sqlite"):  # sqlite:///FILE, sqlite+pysqlite:///FILE; in memory: refused, as for a write
         try:
-            return Path(_sqlite_file(url)).exists()
+            path = Path(_sqlite_file(url))
         except (sa.exc.ArgumentError, ValueError):  # not a URL at all: the store's own sentence says so
             return True
+        # a write-ahead log without its database: there is one, moved away (opening says so)
+        return path.exists() or _orphan_wal(path) is not None
     return True  # a server database: the store opens (and migrates) it
 
 
