@@ -534,6 +534,29 @@ def test_a_jobs_database_damaged_where_only_the_second_read_looks_is_said_as_it_
     assert report.problems[0].endswith("the run work directories were kept."), report.problems
 
 
+def test_the_space_of_removed_job_events_comes_back_to_the_disk(settings: Settings) -> None:
+    """Explore repro: gc said "Removed 2 jobs' events, 2 job logs: 0.4 MB" and 2.4 kB came back: the events
+    were deleted from jobs.db, whose file kept its size (and its log 4 MB). The file shrinks now."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    for _ in range(2):
+        job, _ = jobs.create(LoraParams())
+        for step in range(1500):
+            jobs.add_event(job.id, "progress", {"step": step, "loss": 1.0 / (step + 1), "pad": "x" * 200})
+        jobs.set_status(job.id, "succeeded")
+    jobs.close()
+    db = jobs_db_path(settings.data_dir)
+    wal = db.with_name(db.name + "-wal")
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in (db, wal) if p.exists())
+
+    before = on_disk()
+    report = retention.collect(settings.model_copy(update={"retain_jobs": 0}))
+    said = sum(i.bytes for i in report.items if i.kind == "job-events")
+    assert said > 500_000, report.items
+    assert before - on_disk() > said / 2, (before, on_disk(), said)
+
+
 def test_gc_says_sizes_in_the_unit_that_fits():
     """Numbers repro: several GB of old checkpoints read "5432.1 MB"."""
     from lunatrain.cli.gc import _size

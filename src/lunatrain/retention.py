@@ -27,6 +27,7 @@ The policy (settings, ASSISTANT_* variables):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -196,12 +197,23 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
             db.execute("COMMIT")
+            _give_back(db)
             for job_id, _ in doomed:
                 job_log_path(logs, job_id).unlink(missing_ok=True)
                 shutil.rmtree(ranks_log_dir(logs, job_id), ignore_errors=True)
         return items
     finally:
         db.close()
+
+
+def _give_back(db: sqlite3.Connection) -> None:
+    """The space of the deleted events back to the disk, as gc says it removed them: SQLite keeps a deleted
+    row's pages in its file for later rows. VACUUM rewrites the file (milliseconds for a jobs database); a
+    trainer writing meanwhile makes it wait a second at most, then it is left for the next gc."""
+    with contextlib.suppress(sqlite3.OperationalError):
+        db.execute("PRAGMA busy_timeout = 1000")
+        db.execute("VACUUM")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log VACUUM wrote, back to nothing
 
 
 def _open_jobs(path: Path, dry_run: bool) -> sqlite3.Connection:
