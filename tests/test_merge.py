@@ -539,6 +539,7 @@ def test_a_merge_killed_before_its_record_leaves_nothing_gc_cannot_find(trained_
     Aside it is named as a staging folder of the merging process, which `gc` removes once that process ended."""
     import subprocess
     import sys
+    import time
 
     merge_adapter(settings, "luna-adapter@v1")
     killed = (
@@ -553,9 +554,22 @@ def test_a_merge_killed_before_its_record_leaves_nothing_gc_cannot_find(trained_
     [aside] = [p for p in merged.iterdir() if p.name.startswith(".luna-adapter-v1.old.")]
     from lunatrain import retention
 
+    # review repro: a data root on storage two machines share: the other one's gc judges a staging folder by
+    # its age, and the earlier model's files are old; moved aside, the folder is changed now
+    assert time.time() - aside.lstat().st_mtime < 600
     report = retention.collect(settings)
     assert [i.path for i in report.items if i.kind == "staging"] == [str(settings.shown(aside))], report.items
     assert sorted(p.name for p in merged.iterdir()) == ["luna-adapter-v1"]
+    # review repro: a merge target that is a link moves aside as a link: one a killed merge left is found too
+    elsewhere = settings.home / "elsewhere"
+    (merged / "luna-adapter-v1").rename(elsewhere)
+    (merged / "luna-adapter-v1").symlink_to(elsewhere)
+    subprocess.run([sys.executable, "-c", killed, str(settings.home)], check=False)
+    [link] = [p for p in merged.iterdir() if p.name.startswith(".luna-adapter-v1.old.")]
+    assert link.is_symlink()
+    report = retention.collect(settings)
+    assert [i.path for i in report.items if i.kind == "staging"] == [str(settings.shown(link))], report.items
+    assert not link.is_symlink() and elsewhere.is_dir()  # the link went, never what it names
 
 
 def test_a_base_inside_a_moved_or_copied_data_root_is_found_there(settings, monkeypatch):

@@ -401,6 +401,16 @@ def test_a_database_moved_aside_while_a_server_runs_is_replaced_by_a_fresh_one(s
         assert [p for (p,) in moved.execute("SELECT prompt FROM examples")] == ["vorher"]
 
 
+@pytest.mark.parametrize("url", ["sqlite", "sqlite:", "nonsense"])
+def test_a_database_url_that_is_no_url_is_one_sentence(home: Path, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Review repro: with ASSISTANT_DB_URL=sqlite the command line printed an ArgumentError traceback (exit 1)
+    and `serve` crashed at start: the check for a log left without its database read the URL first."""
+    monkeypatch.setenv("ASSISTANT_DB_URL", url)
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"])
+    assert r.exit_code == 2 and r.output.startswith("error: Invalid database URL"), r.output
+    assert r.output.count("\n") == 1, r.output
+
+
 def test_a_database_moved_aside_without_its_wal_is_refused_and_its_changes_kept(settings: Settings) -> None:
     """Review repro: with the server running, the database file moved aside without its -wal file (which holds
     its latest changes): the next request opened a fresh database at the path, which reset the -wal left there,

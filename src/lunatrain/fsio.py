@@ -216,7 +216,9 @@ def abandoned_staging(parent: Path, *, idle_after_s: float = 86400) -> list[tupl
     found = []
     for path in sorted(parent.iterdir()):
         m = _STAGING.fullmatch(path.name)
-        if m is None or path.is_symlink() or not path.is_dir():
+        if m is None or not (path.is_dir() or path.is_symlink()):
+            continue
+        if path.is_symlink() and m["host"] != _this_host():  # a link's age says nothing; its host's gc removes it
             continue
         if m["host"] == _this_host():
             if not _alive(int(m["pid"])):
@@ -289,6 +291,8 @@ def swapped_dir(finished: Path, target: Path) -> Iterator[bool]:
         if target.is_symlink():  # a link (a merge moved elsewhere and linked back) moves aside as a link
             old.rmdir()
         os.replace(target, old)  # a folder renamed over the empty staging folder
+        # changed now, as far as another machine's gc can tell (it judges a staging folder by its age there)
+        os.utime(old, follow_symlinks=False)
     else:
         _remove(target)  # a dangling link (a folder moved away and gone): a directory cannot replace a link
     os.replace(finished, target)

@@ -250,7 +250,7 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             f"The database {where} cannot be written by this process ({reason}), so nothing was changed; give "
             "this user write access to it and its folder (`chown`/`chmod`), or point ASSISTANT_HOME at a copy."
         )
-    if getattr(orig, "sqlstate", None) == "42P01":  # undefined_table: the database was emptied or re-created
+    if getattr(orig, "sqlstate", None) == "42P01" and _schema_missing(engine):  # emptied or re-created
         _schema_gone.add(id(engine))  # the next open_store sets it up again, as a new process would
         return StorageError(
             f"The database {where} has no lunatrain tables now (it was emptied or created again while this process "
@@ -277,10 +277,21 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             f"The disk holding the database {where} is full ({reason}), so nothing was changed; free some "
             "space (`lunatrain gc` removes what the retention policy allows) and try again."
         )
+    # the server's own sentence, without libpq's excerpt of the query ("LINE 2: FROM examples … ^")
+    said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
     return StorageError(
-        f"The database {where} cannot be used ({reason}); restore it from a backup, or move it "
+        f"The database {where} cannot be used ({said}); restore it from a backup, or move it "
         "aside to start with an empty one."
     )
+
+
+def _schema_missing(engine: Engine) -> bool:
+    """Whether lunatrain's schema record is gone too (a database emptied or created again), not one table of
+    it (damage, which setting it up again would not mend)."""
+    try:
+        return not sa.inspect(engine).has_table("alembic_version")
+    except sa.exc.SQLAlchemyError:
+        return False
 
 
 # PostgreSQL's words for a server without a connection slot left (max_connections, a role's or database's limit).
@@ -549,7 +560,10 @@ def _orphan_wal(path: Path) -> Path | None:
 
 
 def _refuse_orphan_wal(url: str) -> None:
-    path = Path(_sqlite_file(url))
+    try:
+        path = Path(_sqlite_file(url))
+    except (sa.exc.ArgumentError, ValueError, TypeError):  # not a URL at all: opening it says so in one sentence
+        return
     wal = _orphan_wal(path)
     if wal is not None:
         raise StorageError(
