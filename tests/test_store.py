@@ -714,14 +714,9 @@ def test_a_postgres_database_not_in_utf8_is_refused(home: Path, monkeypatch: pyt
         admin.dispose()
 
 
-@pytest.mark.postgres
-def test_a_postgres_writer_held_up_by_another_process_is_busy_not_hung(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Explore repros: with another process holding the write lock (an import suspended with Ctrl-Z), every
-    write on PostgreSQL waited without end (SQLite says "held by another process" after the busy timeout), and
-    the API's waiting writers took every pooled connection: the next request, a read too, ended in a 500 from
-    the pool's own timeout. Both are the busy database now, after the busy timeout, and nothing is changed."""
+def _pg_store_with_one_example(monkeypatch: pytest.MonkeyPatch) -> tuple[str, Settings]:
+    """This worker's PostgreSQL database, emptied, as ASSISTANT_DB_URL, holding one example: its URL and
+    settings."""
     admin = _pg_admin()
     url = admin.url.render_as_string(hide_password=False)
     admin.dispose()
@@ -730,6 +725,18 @@ def test_a_postgres_writer_held_up_by_another_process_is_busy_not_hung(
     store.dispose_stores()
     settings = load_settings()
     store.add_example(settings, prompt="erste", response="Antwort")
+    return url, settings
+
+
+@pytest.mark.postgres
+def test_a_postgres_writer_held_up_by_another_process_is_busy_not_hung(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repros: with another process holding the write lock (an import suspended with Ctrl-Z), every
+    write on PostgreSQL waited without end (SQLite says "held by another process" after the busy timeout), and
+    the API's waiting writers took every pooled connection: the next request, a read too, ended in a 500 from
+    the pool's own timeout. Both are the busy database now, after the busy timeout, and nothing is changed."""
+    url, settings = _pg_store_with_one_example(monkeypatch)
     monkeypatch.setattr(store, "SQLITE_BUSY_TIMEOUT_S", 0.5)  # not the 30 s a real writer waits
     store.dispose_stores()  # the pool's timeout is the engine's
     holder = sa.create_engine(url).connect()
@@ -766,14 +773,7 @@ def test_a_postgres_database_recreated_under_a_running_process_is_set_up_again(
     503 "cannot be used (relation "examples" does not exist LINE 2: FROM examples … ^); restore it from a
     backup, or move it aside": advice that fits no empty database, and libpq's SQL excerpt in the sentence;
     only a restart helped. The request says what happened, and the next one sets the database up again."""
-    admin = _pg_admin()
-    url = admin.url.render_as_string(hide_password=False)
-    admin.dispose()
-    _reset_postgres(url)
-    monkeypatch.setenv("ASSISTANT_DB_URL", url)
-    store.dispose_stores()
-    settings = load_settings()
-    store.add_example(settings, prompt="erste", response="Antwort")
+    url, settings = _pg_store_with_one_example(monkeypatch)
     _reset_postgres(url)  # as dropdb + createdb: the schema is gone under the running process
     with pytest.raises(StorageError) as err:
         store.list_examples(settings)
