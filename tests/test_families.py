@@ -259,7 +259,7 @@ def test_an_added_token_the_template_writes_is_guarded_although_it_is_not_flagge
     # with a line break was refused then)
     tok.add_tokens(["<|im_start|>", "<think>", "</think>", "\n"])
     tok.add_special_tokens({"extra_special_tokens": ["<|im_end|>"]})
-    tok.eos_token = "<|im_end|>"
+    tok.eos_token = "<|im_end|>"  # as ChatML models end a turn
     tok.chat_template = FAMILIES["chatml-base"][0]
     header = tok.convert_tokens_to_ids("<|im_start|>")
     assert header in tok("Mit <|im_start|>user", add_special_tokens=False)["input_ids"]  # the danger is real

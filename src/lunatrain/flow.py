@@ -291,14 +291,9 @@ def _refuse_empty_tier(counts: dict[str, Any], tier: str) -> None:
     """CheckFailed, before a one-click start exports, when the store holds no approved sample of `tier` (a
     profile asking no minimum of curated examples; an example adapter on a store of memory items only): the
     job would fail with "add examples and export again", an export the one-click start makes itself."""
-    examples = {source: kinds["approved"] for source, kinds in counts["examples"].items()}
-    memory = counts["memory"]["approved"]
-    approved = {
-        "curated": examples["curated"],
-        "memory": memory + examples["memory"],
-        "merged": memory + sum(examples.values()),
-    }[tier]
-    if approved == 0:
+    from .status import approved_per_tier
+
+    if approved_per_tier(counts["examples"], counts["memory"], counts["approved_twice"])[tier] == 0:
         raise CheckFailed(
             f"Not enough data: no approved samples for the {tier} tier yet: {prepare.get_samples(tier)}.",
             params={"check": "tier.no_samples", "tier": tier},

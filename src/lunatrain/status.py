@@ -119,6 +119,18 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     }
 
 
+def approved_per_tier(
+    counts: dict[str, dict[str, int]], memory: dict[str, int], twice: dict[str, int]
+) -> dict[str, int]:
+    """The samples an export would write to each tier, from `store.counts` (`examples`, `memory`,
+    `approved_twice`): approved ones, a memory item and an example of the same content once."""
+    return {
+        "curated": counts["curated"]["approved"],
+        "memory": counts["memory"]["approved"] + memory["approved"] - twice.get("memory", 0),
+        "merged": sum(c["approved"] for c in counts.values()) + memory["approved"] - sum(twice.values()),
+    }
+
+
 def _tiers(
     counts: dict[str, dict[str, int]], memory: dict[str, int], twice: dict[str, int], min_curated: int
 ) -> dict[str, Any]:
@@ -127,13 +139,8 @@ def _tiers(
     the same rule `prepare` applies to every tier) and has anything to train on. `reason` says what is
     missing."""
     curated = counts["curated"]["approved"]
-    approved = {
-        "curated": curated,
-        "memory": counts["memory"]["approved"] + memory["approved"] - twice.get("memory", 0),
-        "merged": sum(c["approved"] for c in counts.values()) + memory["approved"] - sum(twice.values()),
-    }
     out = {}
-    for tier, n in approved.items():
+    for tier, n in approved_per_tier(counts, memory, twice).items():
         if curated < min_curated:
             reason = f"{counted(curated, 'approved curated example')}, {min_curated} required (minCurated)"
             why = coded("tier.too_few_curated", curated=curated, minCurated=min_curated)

@@ -160,7 +160,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self.file = _file_identity(engine)  # the SQLite file it opened (device, inode)
+        self.file: tuple[int, int] | None = None  # the SQLite file it opened (device, inode); open_store sets it
 
     def moved(self) -> bool:
         """Whether the SQLite file at the engine's path is no longer the one it opened (moved aside, as the
@@ -218,6 +218,8 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
     does not answer."""
     orig = getattr(exc, "orig", None)
     reason = " ".join(str(orig or exc).split()).rstrip(".")  # one line: libpq's messages span several
+    # the server's own sentence, without libpq's excerpt of the query ("LINE 2: FROM examples … ^")
+    said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
     where = database_name(engine)
     if engine.dialect.name != "sqlite" and isinstance(exc, sa.exc.OperationalError):
         # libpq failing to connect has no SQLSTATE; a server refusing or ending the connection has class 08
@@ -257,7 +259,6 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             "ran), so nothing was changed; try again: the next request sets it up as a new, empty store."
         )
     if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
-        said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason  # without the query
         user = f"The database user {engine.url.username}" if engine.url.username else "The database user"
         return StorageDenied(
             f"{user} lacks a permission in the database {where} (the server said: {said}), so nothing was "
@@ -266,7 +267,6 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
     if getattr(orig, "sqlstate", None) == "3F000":  # invalid_schema_name: no schema on the search path it may use
         # no name in the URL: libpq connects as the operating system user
         user = engine.url.username or getpass.getuser()
-        said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
         return StorageDenied(
             f"The database user {user} may not use any schema on its search path in the database {where} (the "
             f"server said: {said}), so nothing was changed; grant it the schema (`GRANT USAGE, CREATE ON SCHEMA "
@@ -277,8 +277,6 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             f"The disk holding the database {where} is full ({reason}), so nothing was changed; free some "
             "space (`lunatrain gc` removes what the retention policy allows) and try again."
         )
-    # the server's own sentence, without libpq's excerpt of the query ("LINE 2: FROM examples … ^")
-    said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
     return StorageError(
         f"The database {where} cannot be used ({said}); restore it from a backup, or move it "
         "aside to start with an empty one."
@@ -543,7 +541,7 @@ def open_store(settings: Settings) -> Store:
                 raise StorageError(
                     f"Cannot open the database {database_name(engine)}: {exc.strerror or exc}."
                 ) from None
-            store.file = _file_identity(engine)  # as migrated: the file created on first use included
+            store.file = _file_identity(engine)  # once migrated: the file created on first use included
             _stores[key] = store
     return store
 
