@@ -214,3 +214,53 @@ def test_a_deleted_memory_item_is_called_content_or_a_sample_not_an_example(sett
     assert refused.value.message.startswith("The export holds 1 sample deleted since it was written"), refused.value
     check = prepare.stale_check(settings, data.summary, data.train + data.val + data.test)
     assert check.message == "1 sample in the export was deleted since; run `lunatrain export`"
+
+
+def test_content_added_back_clears_the_stale_mark_once_nothing_it_was_trained_on_is_missing(
+    trained_home: Path, settings: Settings
+) -> None:
+    """Repro: an example deleted by mistake and added back (the same content) left the version trained on it
+    "retrain needed" for good, although the data it was trained on was whole again. The mark now names what
+    is still missing, and goes once nothing is: through the API and through the command line."""
+    from lunatrain.api.main import create_app
+
+    trained, ids = _trained_adapter(settings)
+    first, second = (store.get_example(settings, ids[h]) for h in [h for h in sorted(trained) if h in ids][:2])
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for example in (first, second):
+            assert client.delete(f"/assistant/training/examples/{example.id}").json()["staleAdapters"] == [
+                "luna-adapter@v1"
+            ]
+        back = client.post(
+            "/assistant/training/examples",
+            json={"prompt": first.prompt, "response": first.response, "system": first.system, "turns": first.turns},
+        )
+        assert back.status_code == 201 and back.json()["hash"] == first.hash, back.text
+        stale = registry.get_version(settings, "luna-adapter", "v1").get("stale")
+        assert stale and stale["hashes"] == [second.hash], stale  # the second is still gone
+        assert client.get("/assistant/training/adapters/luna-adapter").json()["versions"][0]["stale"]
+
+    assert not second.turns
+    args = ["examples", "add", "--prompt", second.prompt, "--response", second.response]
+    result = CliRunner().invoke(app, args + (["--system", second.system] if second.system else []))
+    assert result.exit_code == 0, result.output
+    assert not registry.get_version(settings, "luna-adapter", "v1").get("stale")
+    assert "stale" not in CliRunner().invoke(app, ["adapters", "list", "--json"]).output
+
+
+def test_a_memory_item_added_back_clears_the_stale_mark(trained_home: Path, settings: Settings) -> None:
+    """The same for a memory item: deleted, the version trained on it is stale; added back, it is not."""
+    from conftest import TRAINED_PARAMS
+
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    result = run_lora(parse_params(TRAINED_PARAMS | {"datasetTier": "merged"}), settings)
+    assert result.ok, result.error
+    trained = set((result.path / "train-hashes.txt").read_text().split())
+    item = next(m for m in store.list_memory(settings, limit=1000) if m.hash in trained)
+    assert CliRunner().invoke(app, ["memory", "delete", str(item.id)]).exit_code == 0
+    assert registry.get_version(settings, "luna-adapter", result.version).get("stale")
+    added = CliRunner().invoke(app, ["memory", "add", "--question", item.question, "--answer", item.answer])
+    assert added.exit_code == 0, added.output
+    assert not registry.get_version(settings, "luna-adapter", result.version).get("stale")

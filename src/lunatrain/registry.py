@@ -1394,13 +1394,15 @@ def mark_stale(
 ) -> list[str]:
     """Mark every version whose train-hashes.txt (in its own folder: a staged revision's beside the slot)
     contains one of `deleted_hashes` as stale ("retrain needed"); returns the refs marked, plus those of the
-    versions (stale already or not) trained on one of `trained_on`."""
+    versions (stale already or not) trained on one of `trained_on`. A stale version none of whose content is
+    deleted any more (it was added back) is whole again: its mark goes; one whose content is partly back
+    names what is still missing."""
     out, changed, trained_on = [], False, set(trained_on)
     with _lock(settings):
         data = load(settings)
         for name, adapter in data["adapters"].items():
             for e in adapter["versions"]:
-                if e.get("replaced") or (e.get("stale") and not trained_on):
+                if e.get("replaced"):
                     continue
                 try:
                     # Each revision's own folder: every revision of the overwrite slot has the slot's path,
@@ -1414,7 +1416,15 @@ def mark_stale(
                     e["stale"] = {"reason": reason, "hashes": sorted(hit)[:20], "at": now()}
                     changed = True
                     out.append(f"{name}@{e['version']}")
-                elif trained & trained_on:
+                    continue
+                named = set(e["stale"].get("hashes") or ()) if e.get("stale") else set()
+                if e.get("stale") and not hit:
+                    del e["stale"]
+                    changed = True
+                elif named - hit:  # the mark keeps its first reason while that is still missing
+                    e["stale"]["hashes"] = sorted(hit)[:20]
+                    changed = True
+                if trained & trained_on:
                     out.append(f"{name}@{e['version']}")
         if changed:
             _save(settings, data)

@@ -17,6 +17,7 @@ import contextlib
 import getpass
 import importlib.resources
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -34,6 +35,7 @@ from . import formats
 from .errors import (
     Conflict,
     DiskFull,
+    LunaError,
     NotFound,
     StorageBusy,
     StorageDenied,
@@ -47,6 +49,8 @@ from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal, writable_besi
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import iso, utc_now
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x4C554E41  # "LUNA": advisory lock key serializing migrations across processes
@@ -687,18 +691,31 @@ def _stored_earlier(conn: Connection, table: sa.Table, pairs: Iterable[tuple[str
     return {earlier[h]: i for h, i in _existing(conn, table, list(earlier)).items()}
 
 
-def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> None:
-    # Content that is back in the data no longer makes adapters trained on it stale.
+def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> int:
+    """Content that is back in the data no longer makes adapters trained on it stale: its tombstones go.
+    Returns how many went (then `_settle_stale` once the write is committed)."""
+    lifted = 0
     for i in range(0, len(hashes), _CHUNK):
-        conn.execute(deleted_table.delete().where(deleted_table.c.hash.in_(hashes[i : i + _CHUNK])))
+        lifted += conn.execute(deleted_table.delete().where(deleted_table.c.hash.in_(hashes[i : i + _CHUNK]))).rowcount
+    return lifted
+
+
+def _settle_stale(settings: Settings) -> None:
+    """After content came back: the versions marked stale for it alone are whole again (`registry.mark_stale`)."""
+    from . import registry
+
+    try:
+        registry.refresh_stale(settings)
+    except LunaError as err:  # the add is committed; the next delete, run or `adapters repair` settles the marks
+        log.warning("could not update the stale marks of the adapters: %s", err)
 
 
 def _add_drafts(
     conn: Connection, drafts: Iterable[ExampleDraft], source: str | None, status: str | None
-) -> tuple[int, int]:
-    """Insert the drafts whose content is new. `source` None: each draft's own (a record that named one of
-    ours; approved unless `status`), else curated; `status` None: each draft's own, else the source's
-    default."""
+) -> tuple[int, int, int]:
+    """Insert the drafts whose content is new; returns (added, skipped, tombstones lifted). `source` None:
+    each draft's own (a record that named one of ours; approved unless `status`), else curated; `status`
+    None: each draft's own, else the source's default."""
     unique: dict[str, ExampleDraft] = {}
     earlier: set[str] = set()
     # Every earlier hash of the drafts kept under a hash: twins (a CRLF record and its LF one) are one example,
@@ -716,7 +733,7 @@ def _add_drafts(
             earlier.add(draft.earlier_hash)
             earliers.setdefault(draft.hash, set()).add(draft.earlier_hash)
     now = utc_now()
-    added = 0
+    added = lifted = 0
     hashes = list(unique)
     # In chunks of one transaction: the rows of a large file are never all built at once.
     for i in range(0, len(hashes), _CHUNK):
@@ -735,11 +752,11 @@ def _add_drafts(
             conn.execute(examples_table.insert(), rows)
         except sa.exc.IntegrityError:
             raise Conflict("Another process added the same examples at the same time; run the command again.") from None
-        _forget_tombstones(conn, [r["hash"] for r in rows])
+        lifted += _forget_tombstones(conn, [r["hash"] for r in rows])
         added += len(rows)
     if added:
         _bump(conn)
-    return added, total - added
+    return added, total - added, lifted
 
 
 def _example_row(h: str, d: ExampleDraft, source: str | None, status: str | None, now: datetime) -> dict[str, Any]:
@@ -775,8 +792,10 @@ def add_examples(
     _check_choices(source, status)
     store = open_store(settings)
     with store.write() as conn:
-        added, skipped = _add_drafts(conn, drafts, source, status)
+        added, skipped, lifted = _add_drafts(conn, drafts, source, status)
         rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+    if lifted:
+        _settle_stale(settings)
     return AddResult(added=added, skipped_duplicates=skipped, revision=f"{rev.instance[:12]}-{rev.counter}")
 
 
@@ -818,8 +837,10 @@ def add_example(
         )
         if dup:
             raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
-        _add_drafts(conn, [draft], source, status_)
+        lifted = _add_drafts(conn, [draft], source, status_)[2]
         row = conn.execute(sa.select(examples_table).where(examples_table.c.hash == draft.hash)).mappings().one()
+    if lifted:
+        _settle_stale(settings)
     return Example.from_row(row)
 
 
@@ -1042,8 +1063,10 @@ def add_memory(
             raise Conflict(
                 f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
             )
-        _insert_memory(conn, [values])
+        lifted = _insert_memory(conn, [values])
         row = conn.execute(sa.select(memory_table).where(memory_table.c.hash == values["hash"])).mappings().one()
+    if lifted:
+        _settle_stale(settings)
     return MemoryItem.from_row(row)
 
 
@@ -1059,17 +1082,20 @@ def _add_memory_items(settings: Settings, items: Sequence[dict[str, Any]]) -> in
     with open_store(settings).write() as conn:
         stored = _existing(conn, memory_table, list(rows)) | _stored_earlier(conn, memory_table, earlier)
         new = [v for h, v in rows.items() if h not in stored]
-        if new:
-            _insert_memory(conn, new)
+        lifted = _insert_memory(conn, new) if new else 0
+    if lifted:
+        _settle_stale(settings)
     return len(new)
 
 
-def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows; returns the tombstones lifted (`_forget_tombstones`)."""
     now = utc_now()
     stored = [{k: v for k, v in r.items() if k != "earlier"} | {"created_at": now, "updated_at": now} for r in rows]
     conn.execute(memory_table.insert(), stored)
-    _forget_tombstones(conn, [r["hash"] for r in rows])
+    lifted = _forget_tombstones(conn, [r["hash"] for r in rows])
     _bump(conn)
+    return lifted
 
 
 def _memory_values(
