@@ -67,6 +67,15 @@ def test_user_profile_overrides_and_is_listed(settings: Settings, home: Path) ->
             "[gate]: minGoldenPassRate is given twice, as min_golden_pass_rate and as minGoldenPassRate; keep one.",
         ),
         ("[lora]\nmax_steps = 3\nmaxSteps = 4\n", "[lora]: Invalid parameters: maxSteps is given twice, as max_steps"),
+        # explore repros: a base's table that names another base switched the run to it, with this table's
+        # values and without the other's; a description of any type was taken; an adapter named as its base was
+        # refused without naming the file the name came from
+        (
+            '[bases."luna-tiny"]\nbaseModel = "org/other"\nlearningRate = 0.5\n',
+            "[bases.'luna-tiny']: baseModel cannot be set here: the table is for the base model its name says",
+        ),
+        ("description = 5\n[lora]\n", "description must be a text"),
+        ('[lora]\nadapterName = "luna-tiny"\n', "[lora]: adapterName 'luna-tiny' is the name of the base model"),
     ],
 )
 def test_bad_profile_is_a_usage_error_naming_the_key(settings: Settings, home: Path, text: str, needle: str) -> None:
@@ -92,6 +101,43 @@ def test_every_bad_table_of_a_profile_is_named_at_once(settings: Settings, home:
     for table, key in (("[lora]", "epochs"), ("[quickStart]", "maxSteps"), ("[bases.'org/big']", "rank")):
         assert f"; {table}: Invalid parameters: {key}" in message, message
     assert message.count("many.toml") == 1
+
+
+def test_a_profile_saved_with_a_byte_order_mark_loads(settings: Settings, home: Path) -> None:
+    """Explore repro: a profile saved by an editor that writes a BOM ("UTF-8 with BOM") was "not valid TOML:
+    Invalid statement (at line 1, column 1)"; an import file with one is read."""
+    (home / "profiles").mkdir()
+    (home / "profiles" / "w.toml").write_bytes(b"\xef\xbb\xbf[lora]\nepochs = 2\n")
+    assert load_profile(settings, "w").params().epochs == 2
+
+
+def test_files_that_are_no_profile_name_are_not_offered(settings: Settings, home: Path) -> None:
+    """Explore repro: "Profile 'zz' not found … use one of: luna, my prof" offered a name the next command
+    refused ("Invalid profile name 'my prof'")."""
+    (home / "profiles").mkdir()
+    (home / "profiles" / "my prof.toml").write_text("[lora]\n")
+    (home / "profiles" / "mine.toml").write_text("[lora]\n")
+    assert list_profiles(settings) == ["luna", "mine"]
+    with pytest.raises(NotFound) as missing:
+        load_profile(settings, "zz")
+    assert "my prof" not in missing.value.message and "luna, mine" in missing.value.message
+
+
+def test_a_profile_without_a_quick_start_table_is_quick_all_the_same(settings: Settings, home: Path) -> None:
+    """Explore repro: quick-start with a profile of the user's that has no [quickStart] table ran its whole
+    schedule (10 epochs, no step cap) where the docs promise a short one. Without the table it is one epoch
+    of at most 20 steps (fewer when [lora] caps lower); a table of its own is the user's schedule."""
+    (home / "profiles").mkdir()
+    (home / "profiles" / "long.toml").write_text('[lora]\nadapterName = "mine"\nepochs = 10\n')
+    quick = load_profile(settings, "long").params(quick=True)
+    assert (quick.epochs, quick.max_steps) == (1, 20)
+    assert load_profile(settings, "long").params().epochs == 10  # the normal schedule is its own
+    assert load_profile(settings, "long").params({"maxSteps": 50}, quick=True).max_steps == 50  # flags win
+    (home / "profiles" / "capped.toml").write_text("[lora]\nepochs = 10\nmaxSteps = 5\n")
+    assert load_profile(settings, "capped").params(quick=True).max_steps == 5
+    (home / "profiles" / "own.toml").write_text("[lora]\nepochs = 10\n[quickStart]\nepochs = 2\n")
+    own = load_profile(settings, "own").params(quick=True)
+    assert (own.epochs, own.max_steps) == (2, None)
 
 
 def test_unknown_and_unsafe_profile_names(settings: Settings) -> None:
@@ -204,6 +250,8 @@ def test_standalone_lora_trains_what_standalone_prepare_checks(settings: Setting
     assert (shown["params"]["maxSeqLength"], shown["options"]["minCurated"]) == (512, 30)
     other = json.loads(CliRunner().invoke(app, ["lora", "--dry-run", "--profile", "luna", "--rank", "4"]).output)
     assert other["params"]["rank"] == 4
+    # explore repro: `auto --dry-run` showed the [gate] thresholds a run meets, `lora --dry-run` did not
+    assert shown["gate"] == load_profile(settings, "luna").gate and shown["profile"] == "luna", shown
 
 
 def test_a_base_model_table_for_a_directory_applies_however_the_directory_is_spelled(

@@ -773,3 +773,30 @@ def test_a_registry_that_fails_for_another_reason_is_a_coded_problem(settings, m
     assert said["problemCodes"] == [{"code": "status.registry_error", "params": {"path": where, "reason": reason}}]
     assert said["problems"] == [f"{reason}."]  # the error's own sentence, which names the file
     assert said["activeAdaptersKnown"] is False
+
+
+def test_a_luna_profile_that_does_not_load_is_a_problem_of_status_not_its_refusal(settings, home):
+    """Explore repro: one typo in <data root>/profiles/luna.toml made `GET /status` (no parameters) a 422 and
+    `lunatrain status` exit 2, taking the dashboard's overview down with it: the place a user looks for what
+    is wrong. Status answers with the bundled profile's minCurated, and the profile's sentence is a problem."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    path = home / "profiles" / "luna.toml"
+    path.parent.mkdir()
+    path.write_text("[lora]\nepoch = 3\n")
+    result = CliRunner().invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    said = json.loads(result.output)
+    assert said["minCurated"] == 30  # the bundled profile's
+    (problem,) = said["problems"]
+    assert problem.startswith(f"The profile {path} cannot be used (Profile {path} [lora]: "), problem
+    assert problem.endswith("; minCurated is the bundled luna profile's (30) until it is fixed."), problem
+    (coded,) = said["problemCodes"]
+    assert coded["code"] == "status.profile_unusable" and coded["params"]["path"] == str(path), coded
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        answer = client.get("/assistant/training/status")
+    assert answer.status_code == 200 and answer.json()["problems"] == [problem], answer.text
+    text = CliRunner().invoke(app, ["status"])
+    assert text.exit_code == 0 and "epoch: unknown parameter" in text.output, text.output

@@ -4,8 +4,9 @@ Lookup order: `<data root>/profiles/<name>.toml` (the user's own, overriding), t
 `lunatrain/resources/profiles/<name>.toml`. A profile has a `[lora]` table (LoraParams in the guide's
 camelCase spelling), optional `[bases."<base model>"]` tables applied on top when training on that base
 model (a model change usually needs its own learning rate or length), an optional `[quickStart]` table
-applied on top for quick-start runs, and an optional `[gate]` table of eval-gate thresholds. Flags win
-over all of them. Every unknown key is an error that names the key and the file.
+applied on top for quick-start runs (without one, quick-start is QUICK_DEFAULT), and an optional `[gate]`
+table of eval-gate thresholds. Flags win over all of them. Every unknown key is an error that names the key
+and the file.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import NotFound, UsageError
-from .params import FlowOptions, LoraParams, parse_run, run_keys
+from .params import FlowOptions, LoraParams, check_adapter_name, parse_run, run_keys
 from .settings import Settings, check_name
 
 _TOP_LEVEL = {"description", "lora", "bases", "quickStart", "gate"}
+# quick-start of a profile without a [quickStart] table: a short schedule all the same (the bundled luna's),
+# never the profile's whole one; a lower step cap of its own stays.
+QUICK_DEFAULT = {"epochs": 1, "maxSteps": 20}
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,14 @@ class Profile:
         given, lora = run_keys(overrides or {}), run_keys(self.lora)  # a flag's `batch_size`, the table's `batchSize`
         quick_table = run_keys(self.quick_start) if quick else {}
         base = given.get("base_model") or quick_table.get("base_model") or lora.get("base_model") or self.default_base
-        merged = lora | run_keys(self.base_table(str(base))) | quick_table | given
-        return parse_run(merged)
+        merged = lora | run_keys(self.base_table(str(base)))
+        if quick and not self.quick_start:
+            default = run_keys(QUICK_DEFAULT)
+            capped = merged.get("max_steps")
+            if isinstance(capped, int) and 0 < capped < default["max_steps"]:
+                default["max_steps"] = capped
+            quick_table = default
+        return parse_run(merged | quick_table | given)
 
     def base_table(self, base: str) -> dict:
         """The `[bases."…"]` table of `base`: the one its key spells, else, for a local model directory, the
@@ -65,10 +75,11 @@ def _bundled(name: str) -> Path | None:
     return Path(str(ref)) if ref.is_file() else None
 
 
-def profile_path(settings: Settings, name: str) -> Path:
+def profile_path(settings: Settings, name: str, *, bundled_only: bool = False) -> Path:
+    """The user's `<data root>/profiles/NAME.toml`, else the bundled one (only that with `bundled_only`)."""
     check_name(name, "profile name")
     user = settings.home / "profiles" / f"{name}.toml"
-    if user.is_file():
+    if user.is_file() and not bundled_only:
         return user
     bundled = _bundled(name)
     if bundled is None:
@@ -78,17 +89,28 @@ def profile_path(settings: Settings, name: str) -> Path:
     return bundled
 
 
+def _usable_name(name: str) -> bool:
+    try:
+        check_name(name, "profile name")
+    except UsageError:
+        return False
+    return True
+
+
 def list_profiles(settings: Settings) -> list[str]:
-    names = {p.stem for p in (settings.home / "profiles").glob("*.toml") if p.is_file()}  # as profile_path reads
+    """The names `load_profile` takes: a file whose name is no profile name is not offered."""
+    found = (p.stem for p in (settings.home / "profiles").glob("*.toml") if p.is_file())  # as profile_path reads
+    names = {n for n in found if _usable_name(n)}
     bundled_dir = resources.files("lunatrain") / "resources" / "profiles"
     names |= {Path(str(p)).stem for p in bundled_dir.iterdir() if str(p).endswith(".toml")}
     return sorted(names)
 
 
-def load_profile(settings: Settings, name: str) -> Profile:
-    path = profile_path(settings, name)
+def load_profile(settings: Settings, name: str, *, bundled_only: bool = False) -> Profile:
+    path = profile_path(settings, name, bundled_only=bundled_only)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: an editor's byte-order mark ("UTF-8 with BOM") is no TOML, and no mistake of the user's
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"Profile {path} is not valid TOML: {exc}.") from exc
     unknown = sorted(set(data) - _TOP_LEVEL)
@@ -104,10 +126,12 @@ def load_profile(settings: Settings, name: str) -> Profile:
     for base, table in data.get("bases", {}).items():
         if not isinstance(table, dict):
             raise UsageError(f"Profile {path}: [bases.{base!r}] must be a table.")
+    if not isinstance(data.get("description", ""), str):
+        raise UsageError(f"Profile {path}: description must be a text (in quotes).")
     profile = Profile(
         name=name,
         path=str(path),
-        description=str(data.get("description", "")),
+        description=data.get("description", ""),
         lora=data.get("lora", {}),
         bases=data.get("bases", {}),
         default_base=settings.base_model,
@@ -128,15 +152,20 @@ def load_profile(settings: Settings, name: str) -> Profile:
     # here (a flag's text is converted; a profile's is not), and it is named against the table it is in.
     tables = [("[lora]", profile.lora, {}, False), ("[quickStart]", profile.quick_start, {}, True)]
     tables += [(f"[bases.{base!r}]", values, {"baseModel": base}, False) for base, values in profile.bases.items()]
-    for table, values, _given, _quick in tables:
+    for table, values, given, _quick in tables:
         try:
+            if given and "base_model" in run_keys(dict(values)):
+                # A base's table that named another base switched the run to it, with this table's values.
+                problems.append(f"{table}: baseModel cannot be set here: the table is for the base model its name says")
+                continue
             parse_run(dict(values), strict=True)
         except UsageError as exc:
             problems.append(f"{table}: {exc.message}")
     if not problems:  # the tables resolved together (a base's table over [lora]), once each is valid alone
         for table, _values, given, quick in tables:
             try:
-                profile.resolve(given, quick=quick)
+                params = profile.resolve(given, quick=quick)[0]
+                check_adapter_name(params, params.base_model or settings.base_model)
             except UsageError as exc:
                 problems.append(f"{table}: {exc.message}")
     if problems:

@@ -27,11 +27,28 @@ DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `
 PROBE_TIMEOUT = 0.5  # seconds: status is polled, and an unreachable trainer must not hold it up
 
 
-def default_min_curated(settings: Settings) -> int:
-    """The Luna profile's minCurated (30 as shipped; a profile of your own in <data root>/profiles wins)."""
-    from .profiles import load_profile
+def default_min_curated(settings: Settings, problems: Problems) -> int:
+    """The Luna profile's minCurated (30 as shipped; a profile of your own in <data root>/profiles wins). One
+    of the user's that does not load is a problem status names, not its refusal: status is where a user looks
+    for what is wrong; the bundled profile's value stands in meanwhile."""
+    from .errors import LunaError
+    from .profiles import load_profile, profile_path
 
-    return load_profile(settings, DEFAULT_PROFILE).resolve()[1].min_curated
+    try:
+        return load_profile(settings, DEFAULT_PROFILE).resolve()[1].min_curated
+    except LunaError as err:
+        bundled = load_profile(settings, DEFAULT_PROFILE, bundled_only=True).resolve()[1].min_curated
+        path = str(profile_path(settings, DEFAULT_PROFILE))
+        reason = err.message.rstrip(".")
+        problems.add(
+            f"The profile {path} cannot be used ({reason}); minCurated is the bundled {DEFAULT_PROFILE} "
+            f"profile's ({bundled}) until it is fixed.",
+            "status.profile_unusable",
+            path=path,
+            reason=reason,
+            minCurated=bundled,
+        )
+        return bundled
 
 
 class Problems(list[str]):
@@ -52,8 +69,9 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     profile's."""
     from . import export, store
 
+    problems = Problems()
     if min_curated is None:
-        min_curated = default_min_curated(settings)
+        min_curated = default_min_curated(settings, problems)
     if min_curated < 0:
         from .errors import UsageError
 
@@ -81,7 +99,6 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     elif revision is not None:
         changed = counts["curated"]["total"] + memory["total"] > 0 or None
 
-    problems = Problems()
     active, base_known, active_known = _active_adapters(settings, problems)
     tiers = _tiers(counts, memory, (raw or {}).get("approved_twice", {}), min_curated)
     if changed is False and last_export is not None:

@@ -80,7 +80,16 @@ def lora_cmd(
         local = local or distributed.from_env().active  # under torchrun the launched processes are the trainers
         if dry_run:
             typer.echo(
-                json_text({"command": "lora", "local": local, "params": r.params.wire(), "options": r.options.wire()})
+                json_text(
+                    {
+                        "command": "lora",
+                        "profile": profile,
+                        "local": local,
+                        "params": r.params.wire(),
+                        "options": r.options.wire(),
+                        "gate": r.gate,  # the thresholds a gated run meets, as `auto --dry-run` shows them
+                    }
+                )
             )
             return
         if ensure_trainer_flag and not local:
