@@ -724,3 +724,30 @@ def test_profile_defaults_for_another_base_model_take_its_table(client: TestClie
     assert other["learningRate"] == 0.0002 and other["rank"] == 16 and other["baseModel"] == "org/other", other
     r = client.get(f"{T}/lora/defaults", params={"baseModel": "/etc"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "base_model.outside_root", r.text
+
+
+def test_the_text_limit_is_that_of_the_stored_text_by_every_route(client: TestClient, settings) -> None:
+    """Explore repro: `POST /examples` refused a text of 100,010 characters whose stored form (trailing spaces
+    trimmed, CRLF as LF) has 99,990, with pydantic's "String should have at most 100000 characters", while the
+    import and the command line stored it. The limit is the stored text's, said alike by every route."""
+    long = {"prompt": "trail", "response": "x" * 99_990 + " " * 20}
+    assert client.post(f"{T}/examples", json=long).status_code == 201
+    crlf = {"prompt": "crlf", "response": "ab\r\n" * 25_001}
+    assert client.post(f"{T}/examples/import", json={"records": [crlf]}).json()["added"] == 1
+    over = {"prompt": "over", "response": "x" * 100_001}
+    for path, body in (("/examples", over), ("/examples/import", {"records": [over]})):
+        r = client.post(f"{T}{path}", json=body)
+        assert r.status_code == 422, r.text
+        assert "field 'response': longer than 100000 characters" in r.json()["error"]["message"], r.text
+    question = client.post(f"{T}/memory", json={"question": "q " + " " * 100_000, "answer": "a"})
+    assert question.status_code == 201, question.text
+
+
+def test_an_import_record_that_is_no_object_is_named_as_every_bad_record(client: TestClient, settings) -> None:
+    """Explore repro: `[1, 2]` among the records got pydantic's "records.2: Input should be a valid dictionary",
+    where every other bad record is "records[2]: …" (and the command line's "line 3: expected a JSON object")."""
+    good = {"prompt": "a", "response": "b"}
+    r = client.post(f"{T}/examples/import", json={"records": [good, good, [1, 2]]})
+    assert r.status_code == 422, r.text
+    assert "records[2]: expected a JSON object, got list" in r.json()["error"]["message"], r.text
+    assert store.counts(settings)["totals"]["examples"] == 0

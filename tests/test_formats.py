@@ -709,3 +709,57 @@ def test_the_advice_to_skip_bad_records_is_the_command_lines_only(tmp_path: Path
     with pytest.raises(RecordError) as info:
         parse_record(record)
     assert "--skip-bad" not in info.value.describe() and "leave such conversations out" in info.value.describe()
+
+
+def test_a_prompt_response_record_keeps_its_earlier_turns(tmp_path: Path, settings: Settings) -> None:
+    """Explore repro: `{prompt, response, turns}` (what `examples list --json` writes and `POST /examples` takes)
+    imported as a single-turn example under another hash, "1 added" and no word of the turns left out, and a
+    user turn with weight 0 (refused by `POST /examples`) went through. The turns are read, and checked."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    turns = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "weight": 0}]
+    added = store.add_example(settings, prompt="Q2", response="A2", turns=turns)
+    dump = tmp_path / "dump.json"
+    dump.write_text(CliRunner().invoke(app, ["examples", "list", "--json"]).output)
+    (draft,) = read_file(dump).drafts
+    assert draft.turns == (("user", "Q1"), ("assistant", "A1")) and draft.context_only == (1,)
+    assert draft.hash == added.hash  # the same example: a duplicate, not a second one
+    bad = [
+        {"prompt": "a", "response": "b", "turns": [{"role": "user", "content": "Hi", "weight": 0}]},
+        {"prompt": "a", "response": "b", "turns": "Q1"},
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "bad.jsonl", bad))
+    assert info.value.details[0].startswith("bad.jsonl line 1: field 'turns[0].weight': "), info.value.details
+    assert info.value.details[1] == "bad.jsonl line 2: field 'turns': expected a list of turns, got string"
+
+
+@pytest.mark.parametrize(
+    ("record", "said"),
+    [
+        (
+            {"prompt": "What is 2+2?", "completion": "4"},
+            "field 'completion': TRL's prompt/completion records are not read as such; name the answer 'response', "
+            "or write the conversation as 'messages'",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]},
+            "field 'completion': TRL's prompt/completion records are not read as such; name the answer 'response', "
+            "or write the conversation as 'messages'",
+        ),
+        (
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            "field 'chosen': a preference pair (chosen/rejected) is no example to train on as it is; keep the "
+            "chosen answer as 'response'",
+        ),
+    ],
+)
+def test_trl_records_are_named_as_what_they_are(tmp_path: Path, record: dict, said: str) -> None:
+    """Explore repro: TRL's prompt/completion was refused with "field 'response': missing", its conversational
+    form with "expected a content part (an object with a type)" (its message list taken for text parts), and
+    neither said that `completion` was seen and is not read."""
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "trl.jsonl", [record]))
+    assert info.value.details == [f"trl.jsonl line 1: {said}"]

@@ -588,8 +588,16 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         output = _field(record, "output")
         draft = make_draft(prompt=prompt, response=output, system=record.get("system"), turns=turns, **common)
     elif shape == "prompt-response":
+        _refuse_trl(record)
+        turns = record.get("turns")  # earlier turns, as `examples list --json` writes them and POST /examples takes
+        if turns is not None and not isinstance(turns, list):
+            raise RecordError("turns", f"expected a list of turns, got {json_type(turns)}")
         draft = make_draft(
-            prompt=_field(record, "prompt"), response=_field(record, "response"), system=record.get("system"), **common
+            prompt=_field(record, "prompt"),
+            response=_field(record, "response"),
+            system=record.get("system"),
+            turns=turns,
+            **common,
         )
     else:
         raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
@@ -597,6 +605,25 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         previous = _as_before(lambda: parse_record(record, shape, own_status=own_status)[0])
         draft = draft.with_previous(previous)
     return draft, shape
+
+
+def _refuse_trl(record: Mapping[str, Any]) -> None:
+    """TRL's shapes, named as what they are: without this, `completion` went unseen ("field 'response':
+    missing") and a conversational prompt's message list was taken for text parts."""
+    if "response" in record:
+        return
+    if "completion" in record:
+        raise RecordError(
+            "completion",
+            "TRL's prompt/completion records are not read as such; name the answer 'response', or write the "
+            "conversation as 'messages'",
+        )
+    if "chosen" in record:
+        raise RecordError(
+            "chosen",
+            "a preference pair (chosen/rejected) is no example to train on as it is; keep the chosen answer as "
+            "'response'",
+        )
 
 
 def _alpaca_history(value: Any) -> list[tuple[str, str]]:

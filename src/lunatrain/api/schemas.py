@@ -30,7 +30,9 @@ ADAPTER_REF = pattern(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
     "should be an adapter name, optionally with @VERSION (e.g. luna-adapter@v3)",
 )
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LEN)]
+# The limit of MAX_TEXT_LEN characters is the stored text's (trimmed, line endings as \n), as the import and
+# the command line count it: `formats.make_draft` says it, naming the field.
+Text = Annotated[str, Field(min_length=1, description=f"up to {MAX_TEXT_LEN:,} characters as stored")]
 ShortText = Annotated[str, Field(max_length=MAX_CONVERSATION_ID_LEN)]
 
 
@@ -128,7 +130,7 @@ class Turn(In):
 class ExampleIn(In):
     prompt: Text
     response: Text
-    system: Annotated[str, Field(max_length=MAX_TEXT_LEN)] | None = None
+    system: Annotated[str, Field(description=f"up to {MAX_TEXT_LEN:,} characters as stored")] | None = None
     turns: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS)
     source: Source = "curated"
     status: Status | None = None
@@ -138,7 +140,7 @@ class ExampleIn(In):
 
 
 class ImportRequest(In):
-    records: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
+    records: list[Any] = Field(min_length=1, max_length=10_000)  # each one checked as a file's line is
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt-response"] = "auto"
     source: Source | None = Field(
         default=None, description="for every record; null: a record's own source when it is one of these, else curated"
