@@ -263,3 +263,39 @@ def test_a_second_trainer_of_the_data_root_names_where_the_first_one_runs(home, 
     message = refused.value.message
     assert "already running" in message and str(settings.home) in message, message
     assert "pid 4242" in message and "http://127.0.0.1:40001" in message, message
+
+
+def test_a_trainer_on_another_port_than_the_chosen_address_is_refused(home, monkeypatch):
+    """Explore repro: with ASSISTANT_LORA_TRAINER_URL naming port P, `lunatrain trainer --port 0` started and
+    recorded its address, but every client of the data root went to P (a chosen address wins over the
+    record): `health` said "Offline … start it" while it ran, and `lora` failed starting a second trainer."""
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:24773")
+    for port in ("0", "24774"):
+        result = CliRunner().invoke(app, ["trainer", "--port", port])
+        assert result.exit_code == 2, result.output
+        assert result.output == (
+            "error: ASSISTANT_LORA_TRAINER_URL (http://127.0.0.1:24773) is where the clients of this data root "
+            f"look for its trainer, so they would never reach one on port {port}; start it without --port, or "
+            "change or unset ASSISTANT_LORA_TRAINER_URL.\n"
+        )
+    assert not (load_settings().data_dir / "trainer" / "trainer.lock").exists()  # the data root was never claimed
+
+
+@pytest.mark.slow
+def test_a_trainer_whose_data_root_is_moved_and_made_again_leaves_the_new_one_alone(tmp_path):
+    """Explore repro: `mv luna luna.old && mkdir luna` while the trainer idled: it went on serving the new,
+    empty folder as its data root, listing luna.old's jobs there and recording new jobs in luna.old's job
+    database while their adapters landed in the new folder. It notices the folder is another one and stops;
+    the new folder gets its own trainer."""
+    home = tmp_path / "luna"
+    home.mkdir()
+    proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
+    try:
+        home.rename(tmp_path / "luna.old")
+        home.mkdir()
+        proc.wait(timeout=60)  # it ends by itself (a TimeoutExpired otherwise)
+    finally:
+        stop_group(proc.pid)
+    assert not (home / "data").exists()  # nothing of the old trainer's in the new folder
+    log = (tmp_path / "luna.old" / "trainer-0.log").read_text()
+    assert f"data root {home} was moved or replaced; shutting down" in log, log[-2000:]

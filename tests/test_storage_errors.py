@@ -666,3 +666,44 @@ def test_a_trainer_database_whose_log_the_reader_may_not_open_is_not_called_dama
     finally:
         os.write(done_w, b"x")
         os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("free", [0, 512 * 1024, 10 * 2**30])
+def test_a_disk_io_error_is_a_full_disk_when_the_disk_is_full_and_never_damage(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, free: int
+) -> None:
+    """Explore repro: with the disk full, even `status` and `examples list` said "cannot be used (disk I/O
+    error); restore it from a backup, or move it aside": SQLite cannot grow the -shm file a WAL database is
+    read through, and says "disk I/O error", not "full". Advice that throws a healthy database away. A full
+    disk is said as one (disk_full); another I/O error says the file may be intact and what to check."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    engine = store.open_store(settings).engine
+    usage = shutil.disk_usage(_db(settings).parent)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage._replace(free=free))
+    failed = sa.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("disk I/O error"))
+    said = store.storage_error(failed, engine)
+    assert "aside" not in said.message and str(_db(settings)) in said.message, said.message
+    if free < 2**20:
+        assert isinstance(said, DiskFull) and said.code == "disk_full", said
+        assert said.message.startswith(f"The disk holding the database {_db(settings)} is full (disk I/O error)")
+    else:
+        assert not isinstance(said, DiskFull) and said.code == "storage_error", said
+        assert said.message == (
+            f"The database {_db(settings)} cannot be read or written (disk I/O error): the disk or file system "
+            "under it failed, and the file may well be intact; check the disk (`dmesg`, free space) and try again, "
+            "and restore a backup only if the error stays."
+        )
+
+
+def test_postgresqls_no_space_left_is_a_full_disk(settings: Settings) -> None:
+    """PostgreSQL says a full disk as "could not extend file …: No space left on device" (53100), without the
+    word "full" the check looked for."""
+    engine = store.open_store(settings).engine
+
+    class NoSpace(Exception):
+        sqlstate = "53100"
+
+    failed = sa.exc.OperationalError(
+        "INSERT", {}, NoSpace('could not extend file "base/16384/16402": No space left on device')
+    )
+    assert isinstance(store.storage_error(failed, engine), DiskFull)

@@ -111,6 +111,16 @@ def check_writable(folders: Iterable[Path], doing: str) -> None:
             ) from None
 
 
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what is at `path`, None when nothing is: a folder moved aside and made again at the
+    same path is another one (a data root replaced under a running server)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def fsync_dir(path: Path) -> None:
     # The rename is durable only once the directory entry is on disk.
     fd = os.open(path, os.O_RDONLY)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -276,15 +277,35 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
             f"server said: {said}), so nothing was changed; grant it the schema (`GRANT USAGE, CREATE ON SCHEMA "
             f"public TO {user}`), or name another user in ASSISTANT_DB_URL."
         )
-    if "full" in reason.lower():  # SQLite: "database or disk is full"; PostgreSQL: "could not extend file … No space"
+    # SQLite: "database or disk is full"; PostgreSQL: "could not extend file …: No space left on device" (53100);
+    # SQLite reading a WAL database on a full disk: "disk I/O error" (its -shm file cannot grow)
+    io_error = engine.dialect.name == "sqlite" and "disk i/o error" in reason.lower()
+    if _FULL.search(reason) or getattr(orig, "sqlstate", None) == "53100" or (io_error and _disk_full(engine)):
         return DiskFull(
             f"The disk holding the database {where} is full ({reason}), so nothing was changed; free some "
             "space (`lunatrain gc` removes what the retention policy allows) and try again."
+        )
+    if io_error:  # the disk or file system failed under it; the file itself may be whole
+        return StorageError(
+            f"The database {where} cannot be read or written ({reason}): the disk or file system under it failed, "
+            "and the file may well be intact; check the disk (`dmesg`, free space) and try again, and restore a "
+            "backup only if the error stays."
         )
     return StorageError(
         f"The database {where} cannot be used ({said}); restore it from a backup, or move it "
         "aside to start with an empty one."
     )
+
+
+_FULL = re.compile(r"full|no space left", re.IGNORECASE)
+
+
+def _disk_full(engine: Engine) -> bool:
+    """Whether the file system of the SQLite file has (next to) no space left: under 1 MiB."""
+    try:
+        return shutil.disk_usage(Path(engine.url.database or ".").parent).free < 2**20
+    except OSError:
+        return False
 
 
 def _schema_missing(engine: Engine) -> bool:

@@ -59,6 +59,13 @@ def trainer_cmd(
         settings = load_settings()
         check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         default_host, default_port = trainer_client.trainer_address(settings)
+        if port is not None and port != default_port and trainer_client.chosen_address(settings):
+            # Clients go to the chosen address, whatever this trainer records: it would never be reached.
+            raise UsageError(
+                f"ASSISTANT_LORA_TRAINER_URL ({settings.lora_trainer_url}) is where the clients of this data root "
+                f"look for its trainer, so they would never reach one on port {port}; start it without --port, "
+                "or change or unset ASSISTANT_LORA_TRAINER_URL."
+            )
         serve(settings, host or default_host, default_port if port is None else port, log_file)
     except LunaError as err:
         raise fail(err) from None

@@ -24,6 +24,7 @@ import psutil
 from .. import procs
 from ..distributed import clear_rank_errors, rank_errors
 from ..errors import LunaError, StorageError
+from ..fsio import identity
 from ..settings import Settings
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, resumable, resume_hint, settle_interrupted, signal_group
@@ -71,6 +72,7 @@ class Runner:
         warm: WarmWorker | None = None,
     ) -> None:
         self.settings = settings
+        self.root = identity(settings.home)  # the folder it serves: one made again at its path is another
         self.warm = warm  # forks single-process jobs while it lives (warm.py); None: every job starts fresh
         self.store = store
         self.cancel_grace = cancel_grace
@@ -146,12 +148,13 @@ class Runner:
             except sqlite3.Error as exc:  # the jobs database itself is unusable: wait, never spin
                 self._back_off(exc)
                 continue
+            if self._root_gone():
+                # Deleted (e.g. a temp dir), or moved and made again at its path (`mv luna luna.old && mkdir
+                # luna`): its job database went with it, and a job run now would record itself there while its
+                # files land in the new folder. A queued job stays queued where it belongs; exit cleanly.
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             if job is None:
-                if not self.settings.home.is_dir():
-                    # Data root deleted under us (e.g. a temp dir): nothing left to serve; exit cleanly.
-                    log.error("data root %s is gone; shutting down", self.settings.home)
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
                 self._wake.wait(timeout=2.0)
                 self._wake.clear()
                 continue
@@ -171,6 +174,16 @@ class Runner:
                         "failed",
                         error={"code": "trainer_error", "message": "Internal trainer error; see trainer.log."},
                     )
+
+    def _root_gone(self) -> bool:
+        home = self.settings.home
+        if not home.is_dir():
+            log.error("data root %s is gone; shutting down", home)
+            return True
+        if self.root is not None and identity(home) != self.root:
+            log.error("data root %s was moved or replaced; shutting down", home)
+            return True
+        return False
 
     def _back_off(self, exc: BaseException) -> None:
         """Wait before the next try after a storage error (1 s doubling to 60 s): a full disk must leave the

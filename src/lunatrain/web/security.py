@@ -20,6 +20,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import UsageError
+from ..fsio import identity
 from ..settings import Settings
 
 log = logging.getLogger("lunatrain.api")
@@ -195,7 +196,7 @@ class DataRootMiddleware:
 
     def __init__(self, app: ASGIApp, *, home: Path) -> None:
         self.app, self.home = app, home
-        self.opened = _folder_identity(home)  # None until the folder exists (created by the first write)
+        self.opened = identity(home)  # None until the folder exists (created by the first write)
         self.gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -212,21 +213,13 @@ class DataRootMiddleware:
 
     def _gone(self) -> bool:
         if not self.gone:
-            now = _folder_identity(self.home)
+            now = identity(self.home)
             if self.opened is None:
                 self.opened = now
             elif now != self.opened:
                 self.gone = True  # for good: moving it back would not undo what a restart must redo
                 log.error("data root %s was moved or deleted; every request now answers 503", self.home)
         return self.gone
-
-
-def _folder_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def _public(scope: Scope) -> bool:
