@@ -277,6 +277,53 @@ def test_cross_origin_requests_are_refused_and_no_cors_headers(server: Server) -
     assert status == 201 and "access-control-allow-origin" not in headers
 
 
+def test_no_page_of_another_site_may_frame_the_dashboard_or_the_api(server: Server) -> None:
+    """Explore repro: no answer said it may not be framed, so a page of any site could hold the dashboard in an
+    invisible frame and take the user's clicks on its buttons (its own requests are same-origin, so the Origin
+    rule passes them): export, start training, delete, activate."""
+    for path in ("/", "/assistant/training/status", "/no/such/page"):
+        status, headers, _ = server.raw(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        assert headers.get("x-frame-options") == "DENY", (path, status, headers)
+        assert headers.get("content-security-policy") == "frame-ancestors 'none'", (path, headers)
+        assert headers.get("x-content-type-options") == "nosniff", (path, headers)
+    status, headers, _ = server.request("GET", "/assistant/training/status", host="evil.example")
+    assert status == 400 and headers.get("x-frame-options") == "DENY"  # the guard's own answers too
+
+
+def test_a_request_a_browser_says_another_site_sent_is_refused(server: Server) -> None:
+    """Explore repro: `<img src="http://127.0.0.1:5050/assistant/training/lora/provider-health?ensureTrainer=true">`
+    on any web page started a trainer: an image's GET carries no Origin. Browsers say who sent a request
+    (Sec-Fetch-Site); one from another site, or from another port of this host (a dev server, a notebook:
+    "same-site"), is refused before it reaches a route. The dashboard's own ("same-origin") and a typed
+    address ("none") pass, and so does the dashboard page itself opened from a link."""
+    path = "/assistant/training/lora/provider-health?ensureTrainer=true"
+    for site in ("cross-site", "same-site"):
+        status, _, body = server.request("GET", path, headers={"Sec-Fetch-Site": site})
+        assert status == 403 and body["error"]["code"] == "forbidden_origin", (site, status, body)
+    assert not server.settings.trainer_url_file.exists()  # no trainer was started
+    for site in ("same-origin", "none"):
+        status, _, _ = server.request("GET", "/assistant/training/examples", headers={"Sec-Fetch-Site": site})
+        assert status == 200, site
+    page = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nSec-Fetch-Site: cross-site\r\nConnection: close\r\n\r\n"
+    assert server.raw(page)[0] == 200
+
+
+@pytest.mark.parametrize("token", ["tök-geheim", "two words", "tab\there"])
+def test_a_token_no_client_can_send_is_refused_when_set(tmp_path: Path, token: str) -> None:
+    """Explore repro: a token with "ö" could never be presented (curl sends UTF-8, the guard compared the
+    header read as Latin-1; httpx cannot send it at all), and the trainer's client then said its address was
+    "held by a service that is not a lunatrain trainer". A bearer token is printable ASCII without spaces."""
+    with pytest.raises(UsageError) as refused:
+        load_settings(home=tmp_path, api_token=token)
+    assert "ASSISTANT_API_TOKEN" in refused.value.message and "printable ASCII" in refused.value.message, refused.value
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    result = CliRunner().invoke(app, ["status"], env={"ASSISTANT_HOME": str(tmp_path), "ASSISTANT_API_TOKEN": token})
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "printable ASCII" in result.output
+
+
 # --- body cap -----------------------------------------------------------------------------------
 
 

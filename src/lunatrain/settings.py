@@ -137,7 +137,15 @@ class Settings(BaseSettings):
     def _token(cls, v: str | None) -> str | None:
         # HTTP drops the spaces around a header's value, so a token with them could never be presented; and a
         # token of spaces alone is no token (a non-loopback bind must refuse it, not accept it and lock out all).
-        return v.strip() or None if v is not None else None
+        token = v.strip() or None if v is not None else None
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):
+            # HTTP clients send a header's bytes as ASCII (httpx cannot send others, curl sends UTF-8 that the
+            # server reads as Latin-1): such a token could never be presented.
+            raise ValueError(
+                "ASSISTANT_API_TOKEN must be printable ASCII without spaces (letters, digits and signs such as "
+                "-._~+/=), as a bearer token is sent"
+            )
+        return token
 
     @field_validator("lora_trainer_url", mode="after")
     @classmethod

@@ -119,6 +119,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = _never_framed(send)
         headers = _headers(scope)
         host = host_name(headers.get("host", ""))
         if host is None or host not in self.hosts:
@@ -130,6 +131,12 @@ class GuardMiddleware:
             return
         if origin == "null":  # sandboxed iframes and file:// pages send the literal "null"
             await _reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
+            return
+        # What a browser says of who sent it: an image's or a link's GET carries no Origin, and a page on another
+        # port of this host ("same-site": a dev server, a notebook) passes the Origin rule, which names hosts.
+        # Only the dashboard page itself may be opened from elsewhere (a link, a bookmark).
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site") and not _public(scope):
+            await _reply(send, 403, "forbidden_origin", "Requests from another site are not allowed.")
             return
         if self.token is not None and not _public(scope) and not self._authorized(headers):
             await _reply(
@@ -220,6 +227,26 @@ class DataRootMiddleware:
                 self.gone = True  # for good: moving it back would not undo what a restart must redo
                 log.error("data root %s was moved or deleted; every request now answers 503", self.home)
         return self.gone
+
+
+# Every answer: no page of another site may frame the dashboard (or an answer of the API) and take the clicks
+# on its buttons; its requests would be same-origin, so the Origin rule would pass them.
+_SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+]
+
+
+def _never_framed(send: Send) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {k.lower() for k, _ in message.get("headers", [])}
+            extra = [(k, v) for k, v in _SECURITY_HEADERS if k not in present]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending
 
 
 def _public(scope: Scope) -> bool:
