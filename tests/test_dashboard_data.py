@@ -778,15 +778,15 @@ def test_the_jobs_percentage_is_written_as_the_pages_language_writes_it(page, se
 
 
 @pytest.mark.parametrize(
-    ("query", "locked", "hint"),
+    ("query", "locked", "hint", "refused"),
     [
-        ("", "Token nötig", "API-Token fehlt oder ist falsch"),
-        ("?lang=en", "Token needed", "API token missing or wrong"),
+        ("", "Token nötig", "API-Token fehlt oder ist falsch", "Dieses Token wurde abgelehnt."),
+        ("?lang=en", "Token needed", "API token missing or wrong", "This token was refused."),
     ],
     ids=["de", "en"],
 )
 def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
-    page, tmp_path_factory: pytest.TempPathFactory, output_dir: Path, query, locked, hint
+    page, tmp_path_factory: pytest.TempPathFactory, output_dir: Path, query, locked, hint, refused
 ) -> None:
     """Repro: with ASSISTANT_API_TOKEN set, the page showed its token form, but the trainer's label said
     "Prüfe …" for good, as if an answer were still coming; three panels each reported the refusal, and the
@@ -806,6 +806,10 @@ def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
         expect(page.locator("#adapters-empty")).to_be_hidden()
         shot(page, output_dir, "1-token-asked")
 
+        # The form is a landmark of its own (explore repro: it lay outside every landmark).
+        expect(page.get_by_role("form", name=re.compile("ASSISTANT_API_TOKEN"))).to_be_visible()
+        expect(page.locator("#api-token")).not_to_have_attribute("aria-invalid", "true")  # asked, not refused yet
+
         # A wrong token is refused: the form comes back and nothing loads.
         with page.expect_response(lambda r: r.status == 401 and "/assistant/training/" in r.url):
             page.fill("#api-token", "wrong")
@@ -814,11 +818,18 @@ def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
         expect(page.locator("section[aria-busy]")).to_have_count(0)
         expect(label).to_have_attribute("data-state", "locked")
         expect(page.locator("#alerts .message")).to_have_count(0)
+        # explore repro: the refusal was neither announced nor tied to the field
+        field = page.locator("#api-token")
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(field).to_have_attribute("aria-describedby", "api-token-error")
+        expect(page.locator("#api-token-error")).to_have_attribute("role", "alert")
+        expect(page.locator("#api-token-error")).to_have_text(refused)
 
         # The right one: every panel loads, and the label tells the trainer's state (not started here).
         page.fill("#api-token", token)
-        page.locator("#token-form button[type=submit]").click()
+        page.locator("#api-token").press("Enter")
         expect(page.locator("#token-form")).to_be_hidden()
+        expect(page.locator("#main")).to_be_focused()  # explore repro: the focus fell to the page's body
         expect(label).to_have_attribute("data-state", "offline")
         expect(page.locator("section[aria-busy]")).to_have_count(0)
         expect(page.locator("#data-ready")).not_to_have_attribute("data-ready", "unknown")
@@ -1695,3 +1706,38 @@ def test_start_right_after_typing_a_base_model_sends_its_values_and_keeps_what_w
         page.locator("#start-button").dblclick()
     expect(page.locator("#start-button")).to_be_enabled()
     assert len(starts) == 1, starts
+
+
+def test_the_keyboard_and_a_screen_reader_are_told_what_happens(page, services: Services) -> None:
+    """Explore repros (accessibility), one page each: a base model the server refuses took the focus back
+    after Tab (the next keystrokes went into it, not the field the user was in); the trainer's state changed
+    unannounced; example prompts of the other language had no `lang` (read with the page's voice) and were cut
+    off, their whole text only in a hover tooltip; every background refresh set the data panel aria-busy."""
+    page.clock.install()
+    open_page(page, services)
+    base, epochs = page.locator("#f-baseModel"), page.locator("#f-epochs")
+    base.fill("bad model name")
+    with page.expect_response(lambda r: "/lora/defaults" in r.url and r.status == 422):
+        base.press("Tab")
+    expect(base).to_have_attribute("aria-invalid", "true")  # marked, as it was
+    expect(epochs).to_be_focused()  # where the user put it
+    page.keyboard.type("5")
+    expect(epochs).to_have_value("5")
+    expect(base).to_have_value("bad model name")
+
+    expect(page.locator("#provider-label")).to_have_attribute("role", "status")
+
+    page.locator("#try").scroll_into_view_if_needed()
+    english = page.locator('#try-example-list button[data-case="identity-en"]')
+    expect(english).to_have_attribute("lang", "en")
+    expect(page.locator('#try-example-list button[data-case="identity-de"]')).to_have_attribute("lang", "de")
+    assert english.evaluate("b => getComputedStyle(b).whiteSpace") != "nowrap"  # the whole prompt is shown
+
+    page.evaluate(
+        """() => { window.busyData = [];
+        new MutationObserver(() => window.busyData.push(document.getElementById('data').getAttribute('aria-busy')))
+          .observe(document.getElementById('data'), { attributes: true, attributeFilter: ['aria-busy'] }); }"""
+    )
+    with page.expect_response(lambda r: "/assistant/training/status" in r.url):
+        page.clock.run_for(16_000)  # the background refresh
+    assert "true" not in page.evaluate("window.busyData")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -217,6 +218,9 @@ class Example(BaseModel):
     prompt: str
     messages: list[dict[str, str]]
     max_tokens: int
+    lang: str | None = Field(
+        default=None, description="the prompt's language, where the case's id ends in it (`identity-de`: de)"
+    )
 
 
 class Examples(BaseModel):
@@ -557,6 +561,7 @@ async def _events(gen: serving.Generation, ident: str, created: int, usage: bool
 
 
 # Not part of OpenAI's API, so outside /v1 and with lunatrain's usual error shape.
+_LANG_SUFFIX = re.compile(r"[-_]([a-z]{2})$")  # the golden suite's convention: identity-de, identity-en
 examples_router = APIRouter(prefix="/assistant/chat", tags=["chat"])
 
 
@@ -569,7 +574,11 @@ async def examples(settings: SettingsDep) -> Examples:
     return Examples(
         examples=[
             Example(
-                id=c.id, prompt=c.messages[-1]["content"], messages=c.messages, max_tokens=min(c.max_new_tokens, cap)
+                id=c.id,
+                prompt=c.messages[-1]["content"],
+                messages=c.messages,
+                max_tokens=min(c.max_new_tokens, cap),
+                lang=(m.group(1) if (m := _LANG_SUFFIX.search(c.id)) else None),
             )
             for c in cases
         ],

@@ -26,8 +26,10 @@ function renderHealth(health) {
   const state = providerState(health);
   const apiDown = Boolean(health.apiDown); // the page's own server did not answer: no trainer to start from here
   const badge = $("provider-label");
-  // The label comes from the server verbatim: it is the guide's wording and the same in both languages.
-  badge.textContent = health.label ?? (state === "offline" ? "Offline" : state);
+  // The label comes from the server verbatim: it is the guide's wording and the same in both languages. The
+  // badge is a status region: written only when it changes, so a background poll says nothing new.
+  const label = health.label ?? (state === "offline" ? "Offline" : state);
+  if (badge.textContent !== label) badge.textContent = label;
   badge.dataset.state = state;
   const details = [];
   if (state !== "offline") {
@@ -86,17 +88,33 @@ function askToken() {
   const form = $("token-form");
   if (form.hidden) {
     form.hidden = false;
-    $("api-token").focus();
+    const field = $("api-token");
+    if (tokenTried) {
+      // The token given was refused: said at the field, and announced (the error is an alert).
+      const error = $("api-token-error");
+      error.textContent = t("token.refused");
+      error.hidden = false;
+      field.setAttribute("aria-invalid", "true");
+      field.setAttribute("aria-describedby", "api-token-error");
+    }
+    field.focus();
   }
   return null;
 }
+
+let tokenTried = false; // a token was given: a 401 now means it was refused, not that none is known yet
 
 onUnauthorized(askToken);
 
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   setToken($("api-token").value.trim());
+  tokenTried = true;
+  $("api-token-error").hidden = true;
+  $("api-token").removeAttribute("aria-invalid");
+  $("api-token").removeAttribute("aria-describedby");
   $("token-form").hidden = true;
+  $("main").focus(); // the form's field had the focus: it goes on to the page, not to its body
   clearErrors();
   refreshAll();
 });
@@ -190,7 +208,9 @@ const dataTurns = turns(); // the background refresh, a new threshold and an exp
 
 async function loadDataStatus(background = false) {
   const current = dataTurns();
-  $("data").setAttribute("aria-busy", "true");
+  // A background refresh keeps the panel readable (as the adapter panel's does): aria-busy would hold back
+  // its live region, and what it shows is still true.
+  if (!background) $("data").setAttribute("aria-busy", "true");
   try {
     const status = await api.dataStatus(minCurated());
     if (current()) {
@@ -315,7 +335,8 @@ async function submitJob(button, call) {
         : t("train.submitted", { jobId: accepted.jobId }));
       loadHealth(); // a start may have started the trainer on demand
     } catch (error) {
-      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
+      // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
+      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error), { focus: false });
       showError(error);
     }
   });
@@ -363,7 +384,8 @@ loraForm.control("baseModel").addEventListener("change", (event) => {
       const { params } = await api.defaults(PROFILE, base || null);
       if (field.value.trim() === base) loraForm.refill(params); // not one typed since
     } catch (error) {
-      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error));
+      // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
+      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error), { focus: false });
       else showError(error, t("train.formLabel"));
     }
   })();

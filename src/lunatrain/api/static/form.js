@@ -111,8 +111,9 @@ export class LoraForm {
     else control.removeAttribute("aria-invalid");
   }
 
-  /** Show `errors` (name → message) next to their fields and focus the first; returns how many. */
-  showErrors(errors) {
+  /** Show `errors` (name → message) next to their fields and focus the first (`focus` false: where the user
+   * is stays focused, as for a field checked once it was left); returns how many. */
+  showErrors(errors, { focus = true } = {}) {
     const names = FIELDS.map((f) => f.name).filter((n) => n in errors);
     for (const field of FIELDS) this.setError(field.name, errors[field.name] ?? null);
     if (!names.length) {
@@ -124,7 +125,7 @@ export class LoraForm {
     const first = this.control(names[0]);
     first.closest("details")?.setAttribute("open", "");
     for (const name of names) this.control(name).closest("details")?.setAttribute("open", "");
-    first.focus();
+    if (focus) first.focus();
     return names.length;
   }
 

@@ -19,6 +19,7 @@ const de = {
   "messages.label": "Meldungen",
   "token.label": "API-Token (ASSISTANT_API_TOKEN)",
   "token.submit": "Anmelden",
+  "token.refused": "Dieses Token wurde abgelehnt.",
   "messages.dismiss": "Meldung schließen",
 
   "data.heading": "Daten",
@@ -506,6 +507,7 @@ const en = {
   "messages.label": "Messages",
   "token.label": "API token (ASSISTANT_API_TOKEN)",
   "token.submit": "Use token",
+  "token.refused": "This token was refused.",
   "messages.dismiss": "Dismiss message",
 
   "data.heading": "Data",

@@ -173,7 +173,9 @@ export class TryPanel {
       $("try-example-list").replaceChildren(...examples.map((example) => h("li", {},
         h("button", {
           type: "button", class: "small example", dataset: { case: example.id },
-          title: example.prompt, onclick: () => this.useExample(example),
+          // its own language, when the case says it: a screen reader reads it with that voice
+          lang: example.lang,
+          onclick: () => this.useExample(example),
         }, example.prompt))));
     } catch (error) {
       $("try-examples").hidden = true;
