@@ -58,7 +58,8 @@ def test_quantize_names_its_choices() -> None:
         parse_params({"gradientCheckpointing": "sometimes"})
 
 
-@pytest.mark.parametrize("name", ["a..b", "x..", "..", ".a", "a/b", "a" * 65, ""])
+# "luna\n": Python's `$` matches before a final newline
+@pytest.mark.parametrize("name", ["a..b", "x..", "..", ".a", "a/b", "a" * 65, "", "luna\n"])
 def test_adapter_names_follow_the_one_name_rule(name: str) -> None:
     """LoraParams, the API path parameters and settings.check_name refuse the same names (`..` included)."""
     from lunatrain.settings import check_name

@@ -316,7 +316,7 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
         raise UsageError(
             f"Base model directory {ref!r} does not exist.", code="base_model.no_directory", params={"baseModel": ref}
         )
-    elif _HUB_ID.match(ref):
+    elif _HUB_ID.fullmatch(ref):
         path, revision = _from_hub(ref, settings.hub_download)
     else:
         raise UsageError(

@@ -320,10 +320,10 @@ def _journal(settings: Settings, name: str, record: dict[str, Any], base_id: str
 
 def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
     # Directories count too: a version dir left by a crash between move and register is never reused.
-    used = [int(m.group(1)) for e in entry_list if (m := _VERSION_RE.match(e["version"]))]
+    used = [int(m.group(1)) for e in entry_list if (m := _VERSION_RE.fullmatch(e["version"]))]
     root = settings.adapters_dir / name
     if root.is_dir():
-        used += [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name))]
+        used += [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.fullmatch(p.name))]
     return f"v{max(used, default=0) + 1}"
 
 
@@ -1595,7 +1595,7 @@ def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[tuple[
 
 def version_number(version: str) -> int:
     """`v12` → 12; 0 for a name that is not a number (the overwrite slot's `current`)."""
-    m = _VERSION_RE.match(version)
+    m = _VERSION_RE.fullmatch(version)
     return int(m.group(1)) if m else 0
 
 

@@ -35,7 +35,7 @@ _NAME_RE = re.compile(NAME_PATTERN)
 
 def check_name(value: str, what: str = "name") -> str:
     """Return `value` if it is a safe name, else raise a UsageError naming the rule."""
-    if not isinstance(value, str) or len(value) > NAME_MAX or not _NAME_RE.match(value):
+    if not isinstance(value, str) or len(value) > NAME_MAX or not _NAME_RE.fullmatch(value):
         raise UsageError(
             f"Invalid {what} {value!r}: use 1-64 ASCII letters (A-Z, a-z), digits, '.', '_' or '-', starting with a letter or digit "
             "and without '..'."

@@ -162,7 +162,7 @@ def bundled_names() -> list[str]:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"chatTemplate {name!r} is not a template name; name a bundled template "
             f"({', '.join(bundled_names())}) or pass a .jinja file on the command line."

@@ -106,7 +106,7 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
     if (
         ref is None
         or ref == "luna-tiny"
-        or (_HUB_ID.match(ref) and ".." not in ref and not (settings.home / ref).exists())
+        or (_HUB_ID.fullmatch(ref) and ".." not in ref and not (settings.home / ref).exists())
     ):
         return ref
     if "\x00" in ref:
