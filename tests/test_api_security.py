@@ -308,7 +308,7 @@ def test_a_request_a_browser_says_another_site_sent_is_refused(server: Server) -
     assert server.raw(page)[0] == 200
 
 
-@pytest.mark.parametrize("token", ["tök-geheim", "two words", "tab\there"])
+@pytest.mark.parametrize("token", ["tök-geheim", "tab\there", "bell\x07"])
 def test_a_token_no_client_can_send_is_refused_when_set(tmp_path: Path, token: str) -> None:
     """Explore repro: a token with "ö" could never be presented (curl sends UTF-8, the guard compared the
     header read as Latin-1; httpx cannot send it at all), and the trainer's client then said its address was
@@ -322,6 +322,16 @@ def test_a_token_no_client_can_send_is_refused_when_set(tmp_path: Path, token: s
 
     result = CliRunner().invoke(app, ["status"], env={"ASSISTANT_HOME": str(tmp_path), "ASSISTANT_API_TOKEN": token})
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "printable ASCII" in result.output
+
+
+def test_a_passphrase_with_inner_spaces_is_a_token_a_client_can_send(tmp_path: Path) -> None:
+    """Review repro: "correct horse battery staple" worked as a token (a client sends its spaces as they are)
+    and was then refused by every command."""
+    phrase = "correct horse battery staple"
+    app = create_app(load_settings(home=tmp_path, api_token=phrase))
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the guard answers first
+    assert client.get("/assistant/training/adapters", headers={"Authorization": f"Bearer {phrase}"}).status_code == 200
+    assert client.get("/assistant/training/adapters", headers={"Authorization": "Bearer correct"}).status_code == 401
 
 
 # --- body cap -----------------------------------------------------------------------------------

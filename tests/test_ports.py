@@ -299,3 +299,23 @@ def test_a_trainer_whose_data_root_is_moved_and_made_again_leaves_the_new_one_al
     assert not (home / "data").exists()  # nothing of the old trainer's in the new folder
     log = (tmp_path / "luna.old" / "trainer-0.log").read_text()
     assert f"data root {home} was moved or replaced; shutting down" in log, log[-2000:]
+
+
+def test_a_trainer_refuses_the_clients_of_a_data_root_made_again_at_its_path(tmp_path):
+    """Review repro: while it finished a job, the trainer of a replaced data root answered the new folder's
+    clients as theirs (its health names the root by path): `jobs list` there showed the old root's job, and a
+    new job was queued in the moved job database, never to run. Every request is refused until it stops."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.service.app import create_app
+
+    home = tmp_path / "luna"
+    home.mkdir()
+    client = TestClient(create_app(load_settings(home=home)), base_url="http://127.0.0.1")  # no lifespan needed
+    assert client.get("/no/such/page").status_code == 404  # it has answered: it serves this folder
+    home.rename(tmp_path / "luna.old")
+    home.mkdir()
+    for method, path in (("GET", "/health"), ("GET", "/jobs"), ("POST", "/jobs")):
+        answer = client.request(method, path, json={} if method == "POST" else None)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "data_root_gone", answer.text
+        assert "while this trainer ran" in answer.json()["error"]["message"]

@@ -138,12 +138,12 @@ class Settings(BaseSettings):
         # HTTP drops the spaces around a header's value, so a token with them could never be presented; and a
         # token of spaces alone is no token (a non-loopback bind must refuse it, not accept it and lock out all).
         token = v.strip() or None if v is not None else None
-        if token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):
+        if token is not None and not re.fullmatch(r"[\x20-\x7e]+", token):
             # HTTP clients send a header's bytes as ASCII (httpx cannot send others, curl sends UTF-8 that the
-            # server reads as Latin-1): such a token could never be presented.
+            # server reads as Latin-1): such a token could never be presented. Inner spaces are sent as they are.
             raise ValueError(
-                "ASSISTANT_API_TOKEN must be printable ASCII without spaces (letters, digits and signs such as "
-                "-._~+/=), as a bearer token is sent"
+                "ASSISTANT_API_TOKEN must be printable ASCII (letters, digits, spaces and signs such as -._~+/=; "
+                "no accented letters or control characters), as a bearer token is sent"
             )
         return token
 

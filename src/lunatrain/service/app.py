@@ -31,7 +31,7 @@ from ..settings import Settings
 from ..templates import load_template
 from ..web import docs, listen
 from ..web.handlers import install, no_body
-from ..web.security import TRAINER_REALM, GuardMiddleware, allowed_hostnames, check_bind
+from ..web.security import TRAINER_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames, check_bind
 from ..wire import UtcLogFormatter
 from . import lock
 from .device import DeviceProbe
@@ -116,6 +116,9 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     app = FastAPI(title="lunatrain trainer", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install(app)
     docs.install(app)
+    # A data root moved aside and made again at its path: requests of the new one's clients are refused (its
+    # jobs would go into the moved job database) until the runner, done with its job, stops this trainer.
+    app.add_middleware(DataRootMiddleware, home=settings.home, service="trainer")
     app.add_middleware(
         GuardMiddleware,
         hosts=allowed_hostnames(settings, host),

@@ -201,8 +201,9 @@ class DataRootMiddleware:
     and writes would split between the moved database and a re-created old path. (The trainer, which has no
     requests to answer, shuts down instead: service/runner.py.)"""
 
-    def __init__(self, app: ASGIApp, *, home: Path) -> None:
+    def __init__(self, app: ASGIApp, *, home: Path, service: str = "API") -> None:
         self.app, self.home = app, home
+        self.service = service  # "API" or "trainer": what the 503 names and how it is started again
         self.opened = identity(home)  # None until the folder exists (created by the first write)
         self.gone = False
 
@@ -212,8 +213,9 @@ class DataRootMiddleware:
                 send,
                 503,
                 "data_root_gone",
-                f"The data root {self.home} was moved or deleted while this API ran; nothing was changed. Start "
-                "`lunatrain serve` again with ASSISTANT_HOME set to where it is now.",
+                f"The data root {self.home} was moved or deleted while this {self.service} ran; nothing was "
+                f"changed. Start `lunatrain {'serve' if self.service == 'API' else 'trainer'}` again with "
+                "ASSISTANT_HOME set to where it is now.",
             )
             return
         await self.app(scope, receive, send)
