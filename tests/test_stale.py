@@ -264,3 +264,54 @@ def test_a_memory_item_added_back_clears_the_stale_mark(trained_home: Path, sett
     added = CliRunner().invoke(app, ["memory", "add", "--question", item.question, "--answer", item.answer])
     assert added.exit_code == 0, added.output
     assert not registry.get_version(settings, "luna-adapter", result.version).get("stale")
+
+
+def test_only_content_back_in_the_approved_data_lifts_the_mark(trained_home: Path, settings: Settings) -> None:
+    """Review repro: added back as pending (in no export), the content lifted the mark; a pending copy that
+    was approved later never did. As a delete counts content held only pending as gone, so does this."""
+    trained, ids = _trained_adapter(settings)
+    example = next(e for e in (store.get_example(settings, ids[h]) for h in sorted(trained) if h in ids) if not e.turns)
+    assert CliRunner().invoke(app, ["examples", "delete", str(example.id)]).exit_code == 0
+    args = ["examples", "add", "--prompt", example.prompt, "--response", example.response, "--status", "pending"]
+    added = CliRunner().invoke(app, args + (["--system", example.system] if example.system else []))
+    assert added.exit_code == 0, added.output
+    assert registry.get_version(settings, "luna-adapter", "v1").get("stale")  # pending: in no export
+    back = next(e for e in store.list_examples(settings, limit=10_000) if e.hash == example.hash)
+    assert CliRunner().invoke(app, ["examples", "approve", str(back.id)]).exit_code == 0
+    assert not registry.get_version(settings, "luna-adapter", "v1").get("stale")
+
+
+def test_a_delete_while_content_comes_back_keeps_its_mark(
+    trained_home: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review repro: the add-back read the tombstones, then a delete of another example the version was
+    trained on committed and marked it; the add-back, going on, cleared that mark from its older reading."""
+    import threading
+
+    trained, ids = _trained_adapter(settings)
+    first, second = [
+        e for e in (store.get_example(settings, ids[h]) for h in sorted(trained) if h in ids) if not e.turns
+    ][:2]
+    store.delete_examples(settings, [first.id])
+    registry.refresh_stale(settings, [first.hash])
+    real, paused, go = registry.mark_stale, threading.Event(), threading.Event()
+
+    def held_up(*args, **kwargs):  # the add-back's marking, before it takes the registry's lock
+        if threading.current_thread().name == "add-back":
+            paused.set()
+            go.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "mark_stale", held_up)
+    back = threading.Thread(
+        name="add-back",
+        target=lambda: store.add_example(settings, prompt=first.prompt, response=first.response, system=first.system),
+    )
+    back.start()
+    assert paused.wait(10)
+    store.delete_examples(settings, [second.id])
+    assert registry.refresh_stale(settings, [second.hash]) == ["luna-adapter@v1"]
+    go.set()
+    back.join(10)
+    stale = registry.get_version(settings, "luna-adapter", "v1").get("stale")
+    assert stale and stale["hashes"] == [second.hash], stale

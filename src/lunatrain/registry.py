@@ -1378,7 +1378,9 @@ def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
     if not registry_path(settings).exists() or not has_database(settings):  # no store: nothing was deleted
         return []
     try:
-        return mark_stale(settings, set(deleted_hashes(settings)), trained_on=set(deleted))
+        # read under the registry's lock: a mark set by a delete that commits meanwhile must not be cleared
+        # from an older reading of the tombstones
+        return mark_stale(settings, lambda: set(deleted_hashes(settings)), trained_on=set(deleted))
     except RegistryUnreadable:
         # The delete itself succeeded; its tombstones stay in the store, and `adapters repair` marks the
         # versions once the registry can be written again.
@@ -1387,7 +1389,7 @@ def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
 
 def mark_stale(
     settings: Settings,
-    deleted_hashes: set[str],
+    deleted_hashes: set[str] | Callable[[], set[str]],
     reason: str = "trained on deleted content",
     *,
     trained_on: Iterable[str] = (),
@@ -1399,6 +1401,8 @@ def mark_stale(
     names what is still missing."""
     out, changed, trained_on = [], False, set(trained_on)
     with _lock(settings):
+        if callable(deleted_hashes):  # the store's tombstones, read now that no other marking runs
+            deleted_hashes = deleted_hashes()
         data = load(settings)
         for name, adapter in data["adapters"].items():
             for e in adapter["versions"]:

@@ -714,7 +714,9 @@ def _stored_earlier(conn: Connection, table: sa.Table, pairs: Iterable[tuple[str
 
 def _forget_tombstones(conn: Connection, hashes: Sequence[str]) -> int:
     """Content that is back in the data no longer makes adapters trained on it stale: its tombstones go.
-    Returns how many went (then `_settle_stale` once the write is committed)."""
+    Back means approved (what an export holds), as `_delete` leaves a tombstone for content held only pending
+    or rejected: callers pass the hashes stored or set approved. Returns how many went (then `_settle_stale`
+    once the write is committed)."""
     lifted = 0
     for i in range(0, len(hashes), _CHUNK):
         lifted += conn.execute(deleted_table.delete().where(deleted_table.c.hash.in_(hashes[i : i + _CHUNK]))).rowcount
@@ -773,7 +775,7 @@ def _add_drafts(
             conn.execute(examples_table.insert(), rows)
         except sa.exc.IntegrityError:
             raise Conflict("Another process added the same examples at the same time; run the command again.") from None
-        lifted += _forget_tombstones(conn, [r["hash"] for r in rows])
+        lifted += _forget_tombstones(conn, [r["hash"] for r in rows if r["status"] == "approved"])
         added += len(rows)
     if added:
         _bump(conn)
@@ -976,17 +978,25 @@ def _check_ids(conn: Connection, table: sa.Table, ids: Sequence[int], what: str)
 
 def _set_status(settings: Settings, table: sa.Table, ids: Sequence[int], status: str, what: str) -> int:
     _check_choice(status, STATUSES, "status")
+    lifted = 0
     with open_store(settings).write() as conn:
         wanted = _check_ids(conn, table, ids, what)
         changed = 0
         for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
             changed += conn.execute(
                 table.update()
-                .where(table.c.id.in_(wanted[i : i + _CHUNK]), table.c.status != status)
+                .where(table.c.id.in_(chunk), table.c.status != status)
                 .values(status=status, updated_at=utc_now())
             ).rowcount
+            if status == "approved":  # approved again: content a delete of its twin had tombstoned is back
+                lifted += _forget_tombstones(
+                    conn, list(conn.scalars(sa.select(table.c.hash).where(table.c.id.in_(chunk))))
+                )
         if changed:
             _bump(conn)
+    if lifted:
+        _settle_stale(settings)
     return changed
 
 
@@ -1114,7 +1124,7 @@ def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     now = utc_now()
     stored = [{k: v for k, v in r.items() if k != "earlier"} | {"created_at": now, "updated_at": now} for r in rows]
     conn.execute(memory_table.insert(), stored)
-    lifted = _forget_tombstones(conn, [r["hash"] for r in rows])
+    lifted = _forget_tombstones(conn, [r["hash"] for r in rows if r["status"] == "approved"])
     _bump(conn)
     return lifted
 
