@@ -5,12 +5,14 @@ generate()."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -227,3 +229,123 @@ def test_api_load_bench_runs_against_todays_api_and_leaves_nothing_behind(tmp_pa
     assert re.search(r"\| training steps compared \| \d+–\d+ \(of \d+\) \|", table), table
     # Its data root is gone with it (torch may leave its own caches there, e.g. torchinductor_<user>).
     assert list(scratch.glob("lunatrain-apiload-*")) == []
+
+
+@pytest.fixture
+def benchargs(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/benchargs.py, imported as the scripts import it (their folder first on the path)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import benchargs
+
+    return benchargs
+
+
+def _refusal(ap: argparse.ArgumentParser, call, capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line an argparse refusal ends with; it must exit 2."""
+    with pytest.raises(SystemExit) as stopped:
+        call()
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("bounds", "text", "said"),
+    [
+        ({"above": 0}, "0", "0 is too small; give more than 0"),
+        ({"above": 0}, "-1", "-1 is too small; give more than 0"),
+        ({"least": 0}, "-0.5", "-0.5 is too small; give 0 or more"),
+        ({"least": 0}, "nan", "'nan' is not a finite number"),
+        ({"above": 0}, "inf", "'inf' is not a finite number"),
+        ({"least": 0}, "ten", "'ten' is not a number"),
+    ],
+)
+def test_number_refuses_in_one_sentence(benchargs, capsys, bounds: dict, text: str, said: str) -> None:
+    """Repro: api_load.py --duration 0 / -1 / nan measured nothing and exited 0; --limit nan passed every run."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--x", type=benchargs.number(**bounds))
+    assert _refusal(ap, lambda: ap.parse_args(["--x", text]), capsys).endswith(f"argument --x: {said}")
+
+
+def test_number_takes_its_bounds(benchargs) -> None:
+    assert benchargs.number(least=0)("0") == 0.0
+    assert benchargs.number(above=0)("0.25") == 0.25
+
+
+def test_description_is_the_whole_first_paragraph(benchargs) -> None:
+    """Repro: --help showed the docstring's first line, cut mid-sentence."""
+    assert benchargs.description("One sentence\nwrapped here.\n\nMore.") == "One sentence\nwrapped here."
+
+
+def test_out_file_makes_its_folder_first_and_refuses_a_folder(benchargs, capsys, tmp_path: Path) -> None:
+    """Repro: startup.py and memory.py --out in a missing folder ended in a traceback after the whole run."""
+    ap = argparse.ArgumentParser()
+    out = benchargs.out_file(ap, tmp_path / "new" / "deeper" / "t.md")
+    assert out.parent.is_dir() and not out.exists()
+    said = _refusal(ap, lambda: benchargs.out_file(ap, tmp_path), capsys)
+    assert said.endswith(f"argument --out: {tmp_path} is a folder; name a file")
+    (tmp_path / "afile").write_text("")
+    said = _refusal(ap, lambda: benchargs.out_file(ap, tmp_path / "afile" / "t.md"), capsys)
+    assert f"cannot make the folder {tmp_path / 'afile'}" in said
+
+
+def test_confine_settings_leaves_only_what_the_benchmark_sets(benchargs, monkeypatch) -> None:
+    """Repro: ASSISTANT_DB_URL reached the benchmarks' in-process settings, and they seeded that database."""
+    monkeypatch.setattr(os, "environ", dict(os.environ) | {"ASSISTANT_DB_URL": "sqlite:////x.db", "KEEP": "1"})
+    benchargs.confine_settings(ASSISTANT_HOME="/scratch")
+    assert {k: v for k, v in os.environ.items() if k.startswith("ASSISTANT_")} == {"ASSISTANT_HOME": "/scratch"}
+    assert os.environ["KEEP"] == "1"
+    os.environ["ASSISTANT_DB_URL"] = "sqlite:////x.db"
+    assert benchargs.confined_env(ASSISTANT_HOME="/s")["ASSISTANT_HOME"] == "/s"
+    assert "ASSISTANT_DB_URL" not in benchargs.confined_env()
+
+
+def test_a_work_folder_the_user_made_stays(benchargs, tmp_path: Path) -> None:
+    """Repro: export.py/prepare.py --workdir naming an empty folder of the user's deleted the folder itself."""
+    ap = argparse.ArgumentParser()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with benchargs.work_dir(ap, mine, keep=True):
+        (mine / "db").write_text("made by the run")
+    with benchargs.work_dir(ap, mine):  # the kept run's files are emptied; the folder is still the user's
+        assert [p.name for p in mine.iterdir()] == [benchargs.MARK]
+        (mine / "db").write_text("made by the run")
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+    made = tmp_path / "made"
+    with benchargs.work_dir(ap, made, keep=True):
+        pass
+    with benchargs.work_dir(ap, made):  # a folder a benchmark made goes, also after a kept run
+        (made / "db").write_text("made by the run")
+    assert not made.exists()
+
+
+def test_a_work_folder_that_is_a_file_or_foreign_is_refused(benchargs, capsys, tmp_path: Path) -> None:
+    """Repro: --workdir naming a file ended in a FileExistsError traceback."""
+    ap = argparse.ArgumentParser()
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    said = _refusal(ap, lambda: benchargs.fresh_work_dir(ap, afile), capsys)
+    assert said.endswith(f"argument --workdir: {afile} is a file; name a new or empty folder")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    said = _refusal(ap, lambda: benchargs.fresh_work_dir(ap, precious), capsys)
+    assert said.endswith(f"{precious} holds files no benchmark wrote; name a new or empty folder")
+    assert afile.read_text() == "keep" and (precious / "notes.txt").read_text() == "keep"
+
+
+def test_versions_name_python_and_the_training_stack(benchargs) -> None:
+    said = benchargs.versions()
+    assert said.startswith("Python 3.") and all(f"{lib} " in said for lib in ("torch", "transformers", "PEFT"))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(benchargs, capsys) -> None:
+    """Repro: Ctrl-C printed a KeyboardInterrupt traceback."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        benchargs.run(interrupted)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().endswith(": interrupted")
