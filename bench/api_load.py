@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from benchargs import at_least, scratch_home
+from benchargs import at_least, confine_settings, confined_env, number, out_file, run, scratch_home, stop, versions
 
 from lunatrain.service.jobs import TERMINAL
-from lunatrain.service.lock import pid_path
+from lunatrain.service.lock import read_pid
+from lunatrain.service.recovery import stop_orphan
 from lunatrain.settings import load_settings
 from lunatrain.wire import parse_iso
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "api_load.md"
+# A stopping trainer gives its job up to 25 s to stop at a step (runner.CANCEL_GRACE_S + 10) before it ends.
+TRAINER_GRACE_S = 40.0
 
 
 def ts(iso: str) -> float:
@@ -46,14 +48,18 @@ def ts(iso: str) -> float:
 
 
 class Serve:
+    """`lunatrain serve` on `home` for the length of a `with` block; on leaving it, also by an exception or
+    Ctrl-C while the server starts, the server and the trainer it started have ended before the data root
+    can be removed."""
+
     def __init__(self, home: Path) -> None:
         self.home = home
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {
-            "ASSISTANT_HOME": str(home),
+        self.env = confined_env(
+            ASSISTANT_HOME=str(home),
             # Port 0 everywhere: the servers bind free ports themselves and record them (no port to race for).
-            "ASSISTANT_LORA_TRAINER_URL": "http://127.0.0.1:0",
-            "ASSISTANT_LORA_ENSURE_TIMEOUT": "300",
-        }
+            ASSISTANT_LORA_TRAINER_URL="http://127.0.0.1:0",
+            ASSISTANT_LORA_ENSURE_TIMEOUT="300",
+        )
         self.url = ""
 
     @property
@@ -63,7 +69,7 @@ class Serve:
 
     def __enter__(self) -> Serve:
         exe = str(Path(sys.executable).parent / "lunatrain")
-        self.log = open(self.home / "serve.log", "wb")  # closed in __exit__
+        self.log = open(self.home / "serve.log", "wb")  # closed in _stop
         self.proc = subprocess.Popen(
             [exe, "serve", "--port", "0", "--log-level", "warning"],
             env=self.env,
@@ -71,29 +77,43 @@ class Serve:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 180
+        # __exit__ does not run when __enter__ raises: whatever ends the wait (Ctrl-C too) stops the server here.
+        try:
+            up = self._wait_until_up(timeout=180)
+        except BaseException:
+            self._stop()
+            raise
+        if not up:
+            self._stop()
+            said = (self.home / "serve.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise SystemExit(f"lunatrain serve did not start within 180 s; its log:\n{said}")
+        return self
+
+    def _wait_until_up(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         record = self.home / "data" / "api" / "api.url"
         while time.monotonic() < deadline:
             if not self.url and record.exists():
                 self.url = record.read_text().strip()
             with contextlib.suppress(httpx.TransportError, httpx.UnsupportedProtocol):
                 if httpx.get(self.url + "/openapi.json", timeout=5, trust_env=False).status_code == 200:
-                    return self
+                    return True
             if self.proc.poll() is not None:
-                break
+                return False
             time.sleep(0.2)
-        raise SystemExit(f"serve did not start; see {self.home / 'serve.log'}")
+        return False
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
-        if self.proc.poll() is None:
-            self.proc.kill()
+        self._stop()
+
+    def _stop(self) -> None:
+        stop(self.proc)
         self.log.close()
-        pid_file = pid_path(load_settings(home=self.home))  # the trainer the API started
-        with contextlib.suppress(OSError, ValueError):
-            os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+        # The trainer the API started on demand outlives it (its own session): stopped and waited for, since
+        # it stops its job, which still writes its report into the data root about to be removed.
+        pid = read_pid(load_settings(home=self.home))
+        if pid is not None:
+            stop_orphan(pid, None, grace=TRAINER_GRACE_S)
 
 
 def submit(client: httpx.Client, name: str, epochs: int) -> str:
@@ -234,14 +254,20 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=at_least(1), default=50)
-    ap.add_argument("--duration", type=float, default=30.0, help="seconds of polling")
-    ap.add_argument("--interval", type=float, default=1.0, help="seconds between one client's polls (0: no pause)")
+    ap.add_argument("--clients", type=at_least(1), default=50, help="polling clients at once")
+    ap.add_argument("--duration", type=number(above=0), default=30.0, help="seconds of polling")
+    ap.add_argument(
+        "--interval", type=number(least=0), default=1.0, help="seconds between one client's polls (0: no pause)"
+    )
     ap.add_argument("--epochs", type=at_least(1), default=6, help="job length; the polled job must outlast --duration")
-    ap.add_argument("--limit", type=float, default=10.0, help="largest training slowdown in percent that passes")
+    ap.add_argument(
+        "--limit", type=number(least=0), default=10.0, help="largest training slowdown in percent that passes"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary data root")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the table's file (default: bench/results/api_load.md)")
     args = ap.parse_args()
+    out_file(ap, args.out)
+    confine_settings()
 
     with scratch_home("lunatrain-apiload-", keep=args.keep) as home:
         load, quiet, lo, hi, quiet_tps, busy_tps, device = measure(home, args)
@@ -250,7 +276,7 @@ def main() -> None:
 
 def measure(home: Path, args: argparse.Namespace) -> tuple:
     """The unpolled run, then the polled one, on a fresh data root served by `lunatrain serve`."""
-    os.environ["ASSISTANT_HOME"] = str(home)
+    confine_settings(ASSISTANT_HOME=str(home))
     from lunatrain import export, store
     from lunatrain.settings import load_settings
 
@@ -289,6 +315,8 @@ def report(
 ) -> None:
     lat = load["latencies"]
     n = sum(len(v) for v in lat.values())
+    if n == 0:  # a table of nan would read as a result
+        raise SystemExit("no request was answered while the job trained; give a longer --duration")
     slowdown = 100.0 * (1 - busy_tps / quiet_tps)
     rows = [
         "| endpoint | requests | p50 ms | p99 ms |",
@@ -312,17 +340,16 @@ def report(
         f"`{' '.join(['bench/api_load.py', *sys.argv[1:]])}` on {platform.machine()} with {os.cpu_count()} CPU cores "
         f"(shared with other work: noisy), trainer device `{(device.get('device') or {}).get('type', '?')}` "
         f"({device.get('label')}); load generator, API, trainer and job all on this machine; "
-        f"tiny model, {args.epochs} epochs.\n\n"
+        f"tiny model, {args.epochs} epochs; {versions()}.\n\n"
     )
     table = header + "\n".join(rows) + "\n"
     if load["errors"]:
         table += "\nErrors (first 10): " + "; ".join(load["errors"][:10]) + "\n"
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table, encoding="utf-8")
     if load["errors"] or slowdown > args.limit:
         raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -142,6 +142,9 @@ def _bench(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+NO_OUT = {"growth.py", "shapes.py"}
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
@@ -155,6 +158,13 @@ def _bench(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
         # the first step is the untimed warm-up: one step would time nothing and print 0 tokens/s
         (["train_cpu.py", "--steps", "1"], "argument --steps: 1 is too small; give 2 or more"),
         (["api_load.py", "--clients", "0"], "argument --clients: 0 is too small"),
+        # a window of no polling measured nothing and exited 0 with a table of nan
+        (["api_load.py", "--duration", "0"], "argument --duration: 0 is too small; give more than 0"),
+        (["api_load.py", "--duration", "-1"], "argument --duration: -1 is too small"),
+        (["api_load.py", "--duration", "nan"], "argument --duration: 'nan' is not a finite number"),
+        (["api_load.py", "--interval", "-1"], "argument --interval: -1 is too small; give 0 or more"),
+        # no slowdown is greater than nan: every run passed
+        (["api_load.py", "--limit", "nan"], "argument --limit: 'nan' is not a finite number"),
         (["memory.py", "--only", "foo"], "argument --only: no model named 'foo' (luna-tiny, 20M)"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
@@ -163,7 +173,8 @@ def test_a_bad_argument_is_one_sentence_before_any_work(tmp_path: Path, argv: li
     """Repro: these ran for minutes and ended in a traceback (ZeroDivisionError, StatisticsError, …), or wrote
     a table of nothing and exited 0 (memory.py --only foo replaced bench/results/memory.md with an empty one)."""
     out = tmp_path / "table.md"
-    done = _bench(*argv, *(["--out", str(out)] if argv[0] not in ("export.py", "startup.py") else []))
+    # --out as well where a script has it: a refusal that went missing must not write into bench/results/
+    done = _bench(*argv, *(["--out", str(out)] if argv[0] not in NO_OUT and "--out" not in argv else []))
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].endswith(said) or said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
@@ -210,15 +221,16 @@ def test_memory_bench_trains_through_the_loops_own_pieces(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_api_load_bench_runs_against_todays_api_and_leaves_nothing_behind(tmp_path: Path) -> None:
     """Repro: bench/api_load.py read wire fields the API no longer has (`state`, `events`, `nextCursor`,
-    `progress.total`) and a port its server helper never set; it failed at the first status it read. The
-    smallest run: two clients polling for a second while a short job trains."""
+    `progress.total`) and a port its server helper never set; it failed at the first status it read; it
+    seeded the database ASSISTANT_DB_URL named. The smallest run: two clients polling for a second while a
+    short job trains."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     out = tmp_path / "api_load.md"
     done = _bench(
         "api_load.py", "--clients", "2", "--duration", "1", "--interval", "0.2", "--epochs", "2",
         "--limit", "100", "--out", str(out),
-        TMPDIR=str(scratch), ASSISTANT_LORA_WARM_WORKER="false",
+        TMPDIR=str(scratch), ASSISTANT_DB_URL=f"sqlite:///{tmp_path / 'users.db'}",
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     table = out.read_text()
@@ -227,8 +239,10 @@ def test_api_load_bench_runs_against_todays_api_and_leaves_nothing_behind(tmp_pa
         assert int(row.split("|")[2]) > 0, row
     assert "| errors | 0 |" in table
     assert re.search(r"\| training steps compared \| \d+–\d+ \(of \d+\) \|", table), table
-    # Its data root is gone with it (torch may leave its own caches there, e.g. torchinductor_<user>).
+    # Its data root is gone with it (torch may leave its own caches there, e.g. torchinductor_<user>), and the
+    # database the user's settings name was never touched (it got the bundled seed).
     assert list(scratch.glob("lunatrain-apiload-*")) == []
+    assert not (tmp_path / "users.db").exists()
 
 
 @pytest.fixture
