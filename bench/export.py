@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, fresh_work_dir
+from benchargs import at_least, confine_settings, fresh_work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -115,6 +115,7 @@ def main() -> None:
         print(_build(Path(args.build[0]), int(args.build[1])))
         return
 
+    confine_settings()
     fresh_work_dir(parser, args.workdir)
     try:
         rows = [measure(args.workdir / f"n{n}", n, args.keep) for n in dict.fromkeys(args.sizes)]

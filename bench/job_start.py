@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, scratch_home
+from benchargs import at_least, confine_settings, scratch_home
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "job_start.md"
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=at_least(1), default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    confine_settings()
     from lunatrain import export, store
     from lunatrain.models import ensure_tiny
     from lunatrain.settings import load_settings

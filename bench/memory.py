@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from benchargs import confine_settings
 from shapes import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", type=Path, help="default: bench/results/memory.md (memory_gpu.md with --device cuda)")
     args = ap.parse_args()
+    confine_settings()  # each child gets its own data root (measure)
     labels = [m[0] for m in (GPU_MODELS if args.device == "cuda" else MODELS)]
     if args.only and args.only not in labels:
         ap.error(f"argument --only: no model named {args.only!r} ({', '.join(labels)})")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchargs import at_least, fresh_work_dir
+from benchargs import at_least, confine_settings, fresh_work_dir
 from words import WORDS
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (export, token cache, report)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prepare.md")
     args = ap.parse_args()
+    confine_settings()
 
     from lunatrain.settings import load_settings
 

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least
+from benchargs import at_least, confine_settings
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--quantize", default="none", choices=["none", "4bit"], help="4bit: QLoRA on a 4-bit base")
     ap.add_argument("--out", type=Path, help="default: bench/results/train_gpu.md (train_gpu_4bit.md with 4bit)")
     args = ap.parse_args()
+    confine_settings()
     quantized = args.quantize == "4bit"
     out = args.out or ROOT / "bench" / "results" / ("train_gpu_4bit.md" if quantized else "train_gpu.md")
     # bitsandbytes' import costs seconds: only a 4-bit run lets PEFT find it (it looks once, when it loads)
@@ -86,8 +87,8 @@ def main() -> None:
         TABLE_HEAD[0].replace("| contender", "| model / contender"),
         TABLE_HEAD[1],
     ]
-    settings = load_settings() if quantized else None
     with tempfile.TemporaryDirectory() as tmp:  # the 4-bit runs' bases on disk (an 8B model is 16 GB)
+        settings = load_settings(home=Path(tmp)) if quantized else None
         for name in args.presets:
             cfg = config(name)
             on_disk = Path(tmp) / name
