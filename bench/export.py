@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, fresh_work_dir
+from benchargs import at_least, confine_settings, work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -116,12 +116,8 @@ def main() -> None:
         return
 
     confine_settings()
-    fresh_work_dir(parser, args.workdir)
-    try:
+    with work_dir(parser, args.workdir, keep=args.keep):
         rows = [measure(args.workdir / f"n{n}", n, args.keep) for n in dict.fromkeys(args.sizes)]
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
     write_results(rows, args.out)
 
 

@@ -23,13 +23,12 @@ import json
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchargs import at_least, confine_settings, fresh_work_dir
+from benchargs import at_least, confine_settings, work_dir
 from words import WORDS
 
 if TYPE_CHECKING:
@@ -125,12 +124,8 @@ def main() -> None:
 
     from lunatrain.settings import load_settings
 
-    settings = load_settings(home=fresh_work_dir(ap, args.workdir))
-    try:
-        rows = measure(settings, args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+    with work_dir(ap, args.workdir, keep=args.keep) as home:
+        rows = measure(load_settings(home=home), args)
     write_results(rows, args)
 
 

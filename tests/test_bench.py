@@ -165,6 +165,9 @@ NO_OUT = {"growth.py", "shapes.py"}
         (["api_load.py", "--interval", "-1"], "argument --interval: -1 is too small; give 0 or more"),
         # no slowdown is greater than nan: every run passed
         (["api_load.py", "--limit", "nan"], "argument --limit: 'nan' is not a finite number"),
+        # FileExistsError after the run had begun
+        (["export.py", "--workdir", "TMP/afile"], "argument --workdir: TMP/afile is a file; name a new or empty"),
+        (["prepare.py", "--workdir", "TMP/afile"], "argument --workdir: TMP/afile is a file"),
         (["memory.py", "--only", "foo"], "argument --only: no model named 'foo' (luna-tiny, 20M)"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
@@ -172,6 +175,9 @@ NO_OUT = {"growth.py", "shapes.py"}
 def test_a_bad_argument_is_one_sentence_before_any_work(tmp_path: Path, argv: list[str], said: str) -> None:
     """Repro: these ran for minutes and ended in a traceback (ZeroDivisionError, StatisticsError, …), or wrote
     a table of nothing and exited 0 (memory.py --only foo replaced bench/results/memory.md with an empty one)."""
+    (tmp_path / "afile").write_text("keep")
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    said = said.replace("TMP", str(tmp_path))
     out = tmp_path / "table.md"
     # --out as well where a script has it: a refusal that went missing must not write into bench/results/
     done = _bench(*argv, *(["--out", str(out)] if argv[0] not in NO_OUT and "--out" not in argv else []))
