@@ -93,11 +93,11 @@ def confine_settings(**settings: str) -> None:
     os.environ.update(settings)
 
 
-def fresh_work_dir(ap: argparse.ArgumentParser, path: Path) -> Path:
+def fresh_work_dir(ap: argparse.ArgumentParser, path: Path, option: str = "--workdir") -> Path:
     """Empty `path` for a run and mark it as a benchmark's; a folder that holds files no benchmark wrote is
     refused (exit 2), so `--workdir ~` cannot wipe a home folder, and so is a file."""
     if path.exists() and not path.is_dir():
-        ap.error(f"argument --workdir: {path} is a file; name a new or empty folder")
+        ap.error(f"argument {option}: {path} is a file; name a new or empty folder")
     mark = path / MARK
     if path.is_dir() and any(path.iterdir()) and not mark.is_file():
         ap.error(f"{path} holds files no benchmark wrote; name a new or empty folder")
@@ -108,7 +108,7 @@ def fresh_work_dir(ap: argparse.ArgumentParser, path: Path) -> Path:
             _empty(path)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        ap.error(f"argument --workdir: cannot make {path}: {exc.strerror or exc}")
+        ap.error(f"argument {option}: cannot make {path}: {exc.strerror or exc}")
     mark.write_text(_LENT if lent else _MADE, encoding="utf-8")
     return path
 

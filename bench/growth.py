@@ -5,19 +5,22 @@ optimizer steps, no gate), waits for all of them, then measures the job store (r
 job logs, token caches, exports, adapter versions and the whole data root, before and after
 `retention.collect()` with the default settings.
 
-Run: `python bench/growth.py --jobs 50` (about 10 minutes on 2 CPU cores); prints a table.
+Run: `python bench/growth.py --jobs 50` (1324 s, about 22 minutes, on a shared 2-core CPU: see
+bench/results/growth.md, written from its output); prints a table. The data root is temporary and goes at
+the end, unless `--home` names a folder to keep it in.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchargs import at_least, confine_settings, description, fresh_work_dir, run, scratch_home, stop, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,12 +56,23 @@ def measure(settings) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=50)
-    parser.add_argument("--home", type=Path, default=None)
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--jobs", type=at_least(1), default=50, help="short jobs to submit")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        help="keep the data root in this folder, to look at afterwards: a new or empty one, or one an earlier "
+        "run made (emptied first); default: a temporary one, removed at the end",
+    )
     args = parser.parse_args()
-    home = args.home or Path(tempfile.mkdtemp(prefix="lunatrain-growth-"))
-    os.environ.update(
+    if args.home:
+        fresh_work_dir(parser, args.home, "--home")
+    with contextlib.nullcontext(args.home) if args.home else scratch_home("lunatrain-growth-") as home:
+        grow(home, args.jobs, kept=args.home is not None)
+
+
+def grow(home: Path, jobs: int, kept: bool) -> None:
+    confine_settings(
         ASSISTANT_HOME=str(home),
         # Port 0: the trainer binds a free port and records it in data/trainer/trainer.url, where the
         # client looks when the configured port is 0.
@@ -86,7 +100,8 @@ def main() -> None:
         deadline = time.monotonic() + 120
         while trainer_client.probe(settings) is None:
             if time.monotonic() > deadline or trainer.poll() is not None:
-                raise SystemExit(f"the trainer did not start; see {home / 'trainer.out'}")
+                said = (home / "trainer.out").read_text(encoding="utf-8", errors="replace")[-2000:]
+                raise SystemExit(f"the trainer did not start; its output:\n{said}")
             time.sleep(0.5)
         params, options = parse_run(
             {
@@ -102,7 +117,7 @@ def main() -> None:
             }
         )
         started = time.monotonic()
-        ids = [trainer_client.submit(settings, params, options).id for _ in range(args.jobs)]
+        ids = [trainer_client.submit(settings, params, options).id for _ in range(jobs)]
         while True:
             states = [trainer_client.get_job(settings, j).status for j in ids]
             if all(s in ("succeeded", "failed", "cancelled") for s in states):
@@ -110,20 +125,22 @@ def main() -> None:
             time.sleep(2)
         seconds = time.monotonic() - started
     finally:
-        trainer.terminate()
-        trainer.wait(30)
+        # A trainer stops its job before it ends: waited for, so the data root is not removed under it.
+        stop(trainer, grace=40)
+        log.close()
     before = measure(settings)
     report = retention.collect(settings)
     after = measure(settings)
-    print(f"{args.jobs} jobs in {seconds:.0f} s ({states.count('succeeded')} succeeded); data root {home}")
-    print(f"| measure | after {args.jobs} jobs | after `lunatrain gc` (defaults) | per job |")
+    where = f"data root kept in {home}" if kept else "temporary data root"
+    print(f"{jobs} jobs in {seconds:.0f} s ({states.count('succeeded')} succeeded); {where}; {versions()}")
+    print(f"| measure | after {jobs} jobs | after `lunatrain gc` (defaults) | per job |")
     print("|---|---:|---:|---:|")
     for key in before:
-        print(f"| {key} | {before[key]:,} | {after[key]:,} | {before[key] / args.jobs:,.0f} |")
+        print(f"| {key} | {before[key]:,} | {after[key]:,} | {before[key] / jobs:,.0f} |")
     print(
         f"gc removed: {', '.join(f'{n} {k} ({b:,} bytes)' for k, (n, b) in sorted(report.by_kind().items())) or 'nothing'}"
     )
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -168,6 +168,11 @@ NO_OUT = {"growth.py", "shapes.py"}
         # FileExistsError after the run had begun
         (["export.py", "--workdir", "TMP/afile"], "argument --workdir: TMP/afile is a file; name a new or empty"),
         (["prepare.py", "--workdir", "TMP/afile"], "argument --workdir: TMP/afile is a file"),
+        # ZeroDivisionError after minutes of seeding and exporting; -1: a table of negative sizes, exit 0
+        (["growth.py", "--jobs", "0"], "argument --jobs: 0 is too small; give 1 or more"),
+        (["growth.py", "--jobs", "-1"], "argument --jobs: -1 is too small"),
+        (["growth.py", "--home", "TMP/afile"], "argument --home: TMP/afile is a file; name a new or empty folder"),
+        (["growth.py", "--home", "TMP"], "TMP holds files no benchmark wrote; name a new or empty folder"),
         (["memory.py", "--only", "foo"], "argument --only: no model named 'foo' (luna-tiny, 20M)"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
