@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, work_dir
+from benchargs import at_least, confine_settings, out_file, work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -115,6 +115,7 @@ def main() -> None:
         print(_build(Path(args.build[0]), int(args.build[1])))
         return
 
+    out_file(parser, args.out)
     confine_settings()
     with work_dir(parser, args.workdir, keep=args.keep):
         rows = [measure(args.workdir / f"n{n}", n, args.keep) for n in dict.fromkeys(args.sizes)]
@@ -165,7 +166,6 @@ def write_results(rows: list[tuple[int, float, float, float, dict]], out: Path) 
         f"({time.strftime('%Y-%m-%d')}). Each export runs in a fresh child process; RSS is that child's peak, "
         "`cpu s` the CPU time of the export alone.\n\n```\n" + "\n".join(lines) + "\n```\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
 
 

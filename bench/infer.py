@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_load import Serve  # same folder: the `lunatrain serve` subprocess helper
-from benchargs import at_least, confine_settings, scratch_home
+from benchargs import at_least, confine_settings, out_file, scratch_home
 
 from lunatrain.compat import without_bitsandbytes
 
@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=at_least(1), default=8)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    out_file(ap, args.out)
     confine_settings()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -200,7 +201,6 @@ def report(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
 
 

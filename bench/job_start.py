@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, scratch_home
+from benchargs import at_least, confine_settings, out_file, scratch_home
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "job_start.md"
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=at_least(1), default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    out_file(ap, args.out)
     confine_settings()
     from lunatrain import export, store
     from lunatrain.models import ensure_tiny
@@ -97,7 +98,6 @@ def main() -> None:
         f"{table}\nA forked job takes {w / f:.2f}x the time of a fresh one ({f / w:.1f}x faster).\n"
     )
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
 
 

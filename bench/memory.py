@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchargs import confine_settings
+from benchargs import confine_settings, out_file
 from shapes import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,10 +146,12 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             ap.error("--device cuda: no CUDA device here; run it on a CUDA machine, or leave --device out")
-        gpu_main(args.only, args.out or ROOT / "bench" / "results" / "memory_gpu.md")
+        gpu_main(args.only, out_file(ap, args.out or ROOT / "bench" / "results" / "memory_gpu.md"))
         return
     # One model's rows would replace the other's in the results file: written only where --out says.
     out = args.out or (None if args.only else ROOT / "bench" / "results" / "memory.md")
+    if out is not None:
+        out_file(ap, out)
 
     from lunatrain import memplan
     from lunatrain.memplan import Job

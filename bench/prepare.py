@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchargs import at_least, confine_settings, work_dir
+from benchargs import at_least, confine_settings, out_file, work_dir
 from words import WORDS
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (export, token cache, report)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prepare.md")
     args = ap.parse_args()
+    out_file(ap, args.out)
     confine_settings()
 
     from lunatrain.settings import load_settings
@@ -172,7 +173,6 @@ def write_results(rows: list[tuple], args: argparse.Namespace) -> None:
     ]
     table = "\n".join(["# Preflight (prepare) throughput, luna-tiny tokenizer", "", *head, *body, *notes]) + "\n"
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table, encoding="utf-8")
 
 

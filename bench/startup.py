@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchargs import at_least, confine_settings
+from benchargs import at_least, confine_settings, out_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "startup.md"
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=at_least(1), default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    out_file(ap, args.out)
     confine_settings()
     runs: dict[str, list[dict[str, float]]] = {"running": [], "paused": []}
     for i in range(args.rounds):

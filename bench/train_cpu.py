@@ -18,7 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings
+from benchargs import at_least, confine_settings, out_file
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
 from lunatrain.compat import without_bitsandbytes
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_cpu.md")
     args = ap.parse_args()
+    out_file(ap, args.out)
     confine_settings()
 
     import torch

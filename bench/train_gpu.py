@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings
+from benchargs import at_least, confine_settings, out_file
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
 
@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     confine_settings()
     quantized = args.quantize == "4bit"
-    out = args.out or ROOT / "bench" / "results" / ("train_gpu_4bit.md" if quantized else "train_gpu.md")
+    out = out_file(ap, args.out or ROOT / "bench" / "results" / ("train_gpu_4bit.md" if quantized else "train_gpu.md"))
     # bitsandbytes' import costs seconds: only a 4-bit run lets PEFT find it (it looks once, when it loads)
     if quantized:
         with_bitsandbytes()

@@ -173,6 +173,10 @@ NO_OUT = {"growth.py", "shapes.py"}
         (["growth.py", "--jobs", "-1"], "argument --jobs: -1 is too small"),
         (["growth.py", "--home", "TMP/afile"], "argument --home: TMP/afile is a file; name a new or empty folder"),
         (["growth.py", "--home", "TMP"], "TMP holds files no benchmark wrote; name a new or empty folder"),
+        # the table was lost to a FileNotFoundError after the whole run
+        (["startup.py", "--out", "TMP"], "argument --out: TMP is a folder; name a file"),
+        (["memory.py", "--out", "TMP"], "argument --out: TMP is a folder; name a file"),
+        (["train_cpu.py", "--out", "TMP/afile/t.md"], "argument --out: cannot make the folder TMP/afile"),
         (["memory.py", "--only", "foo"], "argument --only: no model named 'foo' (luna-tiny, 20M)"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
