@@ -18,8 +18,8 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, out_file
-from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
+from benchargs import at_least, confine_settings, number, out_file
+from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
 from lunatrain.compat import without_bitsandbytes
 
@@ -31,16 +31,30 @@ def main() -> None:
     ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
     ap.add_argument("--rounds", type=at_least(1), default=3, help="repetitions of all contenders; the best counts")
     ap.add_argument("--batch-size", type=at_least(1), default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--max-len", type=int, default=512, help="longest sample")
-    ap.add_argument("--min-len", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--vocab", type=int, default=16384)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
+    # a sample of one token has no next token to learn: a batch of them supervises nothing
+    ap.add_argument("--max-len", type=at_least(2), default=512, help="longest sample, in tokens")
+    ap.add_argument("--min-len", type=at_least(2), default=32, help="shortest sample, in tokens")
+    ap.add_argument("--hidden", type=at_least(2), default=384, help="model width: a multiple of twice --heads")
+    ap.add_argument("--layers", type=at_least(1), default=6, help="transformer layers")
+    ap.add_argument("--heads", type=at_least(1), default=6, help="attention heads (as many key/value heads)")
+    # A model's vocabulary is at least its tokenizer's: a smaller one would be raised without a word.
+    ap.add_argument(
+        "--vocab", type=at_least(3072), default=16384, help="model vocabulary; at least 3072 (the tokenizer's size)"
+    )
+    # a string default goes through `type` too: OMP_NUM_THREADS=0 is refused like --threads 0
+    ap.add_argument(
+        "--threads",
+        type=at_least(1),
+        default=os.environ.get("OMP_NUM_THREADS", "2"),
+        help="torch threads (default: $OMP_NUM_THREADS, else 2)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_cpu.md")
     args = ap.parse_args()
+    sample_lengths(ap, args)
+    # RoPE rotates each head's dimensions in pairs: a head of odd width fails deep inside transformers
+    if args.hidden % (2 * args.heads):
+        ap.error(f"--hidden {args.hidden} is not a multiple of twice --heads {args.heads} (heads of even width)")
     out_file(ap, args.out)
     confine_settings()
 
@@ -59,7 +73,7 @@ def main() -> None:
             layers=args.layers,
             heads=args.heads,
             kv_heads=args.heads,
-            intermediate=int(args.hidden * 8 / 3) // 64 * 64,
+            intermediate=max(64, int(args.hidden * 8 / 3) // 64 * 64),  # at least one block below hidden 24
             model_vocab=args.vocab,
         )
         cfg = AutoConfig.from_pretrained(path)

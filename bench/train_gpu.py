@@ -26,9 +26,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, out_file
+from benchargs import at_least, confine_settings, number, out_file
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
-from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, table_rows, write_table
+from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
 from lunatrain.compat import with_bitsandbytes, without_bitsandbytes
 
@@ -42,13 +42,20 @@ def main() -> None:
     ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
     ap.add_argument("--rounds", type=at_least(1), default=1)
     ap.add_argument("--batch-size", type=at_least(1), default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--min-len", type=int, default=128)
-    ap.add_argument("--max-len", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads with --device cpu")
+    ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
+    # a sample of one token has no next token to learn: a batch of them supervises nothing
+    ap.add_argument("--min-len", type=at_least(2), default=128, help="shortest sample, in tokens")
+    ap.add_argument("--max-len", type=at_least(2), default=4096, help="longest sample, in tokens")
+    ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads with --device cpu")
     ap.add_argument("--quantize", default="none", choices=["none", "4bit"], help="4bit: QLoRA on a 4-bit base")
     ap.add_argument("--out", type=Path, help="default: bench/results/train_gpu.md (train_gpu_4bit.md with 4bit)")
     args = ap.parse_args()
+    sample_lengths(ap, args)
+    if args.device == "cuda":
+        import torch  # alone: transformers, PEFT and bitsandbytes would cost seconds more before the refusal
+
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device here; run it on a CUDA machine, or use --device cpu for a smoke test")
     confine_settings()
     quantized = args.quantize == "4bit"
     out = out_file(ap, args.out or ROOT / "bench" / "results" / ("train_gpu_4bit.md" if quantized else "train_gpu.md"))
@@ -65,8 +72,6 @@ def main() -> None:
     from lunatrain import kernels, models
     from lunatrain.settings import load_settings
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device here; use --device cpu for a smoke test")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     precision = "bf16 autocast" if args.device == "cuda" else "float32"

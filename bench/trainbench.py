@@ -15,6 +15,7 @@ timed), best of several rounds run in rotating order, and each contender's ratio
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -43,6 +44,13 @@ class Setup:
     max_len: int
     checkpointing: bool = False  # activation checkpointing for every contender (large models)
     threads: int = 2
+
+
+def sample_lengths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse `--min-len` above `--max-len` (exit 2): the table would say "lengths 200-64" of samples that
+    all have one length."""
+    if args.min_len > args.max_len:
+        ap.error(f"--min-len {args.min_len} is above --max-len {args.max_len}")
 
 
 def make_samples(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[Any]:

@@ -157,6 +157,20 @@ NO_OUT = {"growth.py", "shapes.py"}
         (["infer.py", "--prompts", "two"], "argument --prompts: 'two' is not a whole number"),
         # the first step is the untimed warm-up: one step would time nothing and print 0 tokens/s
         (["train_cpu.py", "--steps", "1"], "argument --steps: 1 is too small; give 2 or more"),
+        # library tracebacks after building the model (set_num_threads, math domain, PEFT, ZeroDivisionError)
+        (["train_cpu.py", "--threads", "0"], "argument --threads: 0 is too small; give 1 or more"),
+        (["train_cpu.py", "--max-len", "0"], "argument --max-len: 0 is too small"),
+        (["train_cpu.py", "--layers", "0"], "argument --layers: 0 is too small"),
+        (["train_cpu.py", "--hidden", "0"], "argument --hidden: 0 is too small"),
+        (["train_cpu.py", "--heads", "0"], "argument --heads: 0 is too small"),
+        (["train_cpu.py", "--hidden", "65", "--heads", "2"], "--hidden 65 is not a multiple of twice --heads 2"),
+        (["train_cpu.py", "--hidden", "6", "--heads", "2"], "--hidden 6 is not a multiple of twice --heads 2"),
+        (["train_cpu.py", "--min-len", "200", "--max-len", "64"], "--min-len 200 is above --max-len 64"),
+        (["train_cpu.py", "--vocab", "1024"], "argument --vocab: 1024 is too small; give 3072 or more"),
+        (["train_gpu.py", "--device", "cpu", "--threads", "0"], "argument --threads: 0 is too small"),
+        (["train_gpu.py", "--device", "cpu", "--min-len", "0"], "argument --min-len: 0 is too small"),
+        (["train_gpu.py", "--device", "cpu", "--min-len", "5000"], "--min-len 5000 is above --max-len 4096"),
+        (["train_gpu.py", "--device", "cpu", "--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
         (["api_load.py", "--clients", "0"], "argument --clients: 0 is too small"),
         # a window of no polling measured nothing and exited 0 with a table of nan
         (["api_load.py", "--duration", "0"], "argument --duration: 0 is too small; give more than 0"),
