@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, out_file, work_dir
+from benchargs import at_least, confine_settings, description, out_file, work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -104,11 +104,23 @@ def _child(home: Path, what: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lunatrain-bench-export"))
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument(
+        "--sizes", type=at_least(1), nargs="+", default=[100_000, 1_000_000], help="database sizes, in examples"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/lunatrain-bench-export"),
+        help="where the databases are built: a new or empty folder, or one a benchmark made",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the databases and exports")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "export.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "export.md",
+        help="the table's file (default: bench/results/export.md)",
+    )
     parser.add_argument("--build", nargs=2, metavar=("HOME", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:

@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_load import Serve  # same folder: the `lunatrain serve` subprocess helper
-from benchargs import at_least, confine_settings, out_file, scratch_home
+from benchargs import at_least, confine_settings, description, out_file, scratch_home
 
 from lunatrain.compat import without_bitsandbytes
 
@@ -143,11 +143,13 @@ def in_process(home: Path, prompts: list[list[dict]], max_tokens: int, batch: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--prompts", type=at_least(1), default=16, help="prompts per measurement (from the eval suite)")
-    ap.add_argument("--max-tokens", type=at_least(1), default=64)
-    ap.add_argument("--concurrency", type=at_least(1), default=8)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--max-tokens", type=at_least(1), default=64, help="new tokens per answer at most")
+    ap.add_argument(
+        "--concurrency", type=at_least(1), default=8, help="concurrent streams, and generate()'s batch size"
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the table's file (default: bench/results/infer.md)")
     args = ap.parse_args()
     out_file(ap, args.out)
     confine_settings()

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, out_file, scratch_home
+from benchargs import at_least, confine_settings, description, out_file, scratch_home
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "job_start.md"
@@ -67,9 +67,9 @@ def timed_jobs(home: Path, warm: bool, jobs: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", type=at_least(1), default=5)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap.add_argument("--jobs", type=at_least(1), default=5, help="timed jobs per trainer")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the table's file (default: bench/results/job_start.md)")
     args = ap.parse_args()
     out_file(ap, args.out)
     confine_settings()

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchargs import confine_settings, out_file
+from benchargs import confine_settings, description, out_file
 from shapes import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,9 +132,9 @@ def measure(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--only", help="measure only this model label")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the published shapes on a GPU")
     ap.add_argument("--out", type=Path, help="default: bench/results/memory.md (memory_gpu.md with --device cuda)")
     args = ap.parse_args()
     confine_settings()  # each child gets its own data root (measure)

@@ -113,12 +113,22 @@ def baseline(tokenizer, records: list[dict], max_len: int) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=at_least(1), default=100_000)
-    ap.add_argument("--baseline-n", type=at_least(1), default=10_000)
-    ap.add_argument("--max-seq-length", type=at_least(8), default=512)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lunatrain-bench-prepare"))
+    ap.add_argument("--n", type=at_least(1), default=100_000, help="synthetic chat examples to prepare")
+    ap.add_argument("--baseline-n", type=at_least(1), default=10_000, help="of them, how many the baseline tokenizes")
+    ap.add_argument("--max-seq-length", type=at_least(8), default=512, help="the job's maxSeqLength, in tokens")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/lunatrain-bench-prepare"),
+        help="the data root of the run: a new or empty folder, or one a benchmark made",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (export, token cache, report)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prepare.md")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "prepare.md",
+        help="the table's file (default: bench/results/prepare.md)",
+    )
     args = ap.parse_args()
     out_file(ap, args.out)
     confine_settings()

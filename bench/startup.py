@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, out_file
+from benchargs import at_least, confine_settings, description, out_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "startup.md"
@@ -74,9 +74,9 @@ def one(mode: str) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=at_least(1), default=5)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap.add_argument("--rounds", type=at_least(1), default=5, help="pairs of interpreters, in alternating order")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the table's file (default: bench/results/startup.md)")
     args = ap.parse_args()
     out_file(ap, args.out)
     confine_settings()

@@ -18,7 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, number, out_file
+from benchargs import at_least, confine_settings, description, number, out_file
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
 from lunatrain.compat import without_bitsandbytes
@@ -27,10 +27,10 @@ without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
     ap.add_argument("--rounds", type=at_least(1), default=3, help="repetitions of all contenders; the best counts")
-    ap.add_argument("--batch-size", type=at_least(1), default=8)
+    ap.add_argument("--batch-size", type=at_least(1), default=8, help="samples per optimizer step")
     ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
     # a sample of one token has no next token to learn: a batch of them supervises nothing
     ap.add_argument("--max-len", type=at_least(2), default=512, help="longest sample, in tokens")
@@ -49,7 +49,12 @@ def main() -> None:
         default=os.environ.get("OMP_NUM_THREADS", "2"),
         help="torch threads (default: $OMP_NUM_THREADS, else 2)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_cpu.md")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results" / "train_cpu.md",
+        help="the table's file (default: bench/results/train_cpu.md)",
+    )
     args = ap.parse_args()
     sample_lengths(ap, args)
     # RoPE rotates each head's dimensions in pairs: a head of odd width fails deep inside transformers

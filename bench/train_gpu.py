@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, number, out_file
+from benchargs import at_least, confine_settings, description, number, out_file
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
@@ -34,14 +34,18 @@ from lunatrain.compat import with_bitsandbytes, without_bitsandbytes
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument(
-        "--presets", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"], choices=sorted(PRESETS)
+        "--presets",
+        nargs="+",
+        default=["qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"],
+        choices=sorted(PRESETS),
+        help="model shapes (bench/shapes.py); tiny: a smoke test",
     )
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test")
     ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
-    ap.add_argument("--rounds", type=at_least(1), default=1)
-    ap.add_argument("--batch-size", type=at_least(1), default=8)
+    ap.add_argument("--rounds", type=at_least(1), default=1, help="repetitions of all contenders; the best counts")
+    ap.add_argument("--batch-size", type=at_least(1), default=8, help="samples per optimizer step")
     ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
     # a sample of one token has no next token to learn: a batch of them supervises nothing
     ap.add_argument("--min-len", type=at_least(2), default=128, help="shortest sample, in tokens")

@@ -209,6 +209,30 @@ def test_a_bad_argument_is_one_sentence_before_any_work(tmp_path: Path, argv: li
     assert "Traceback" not in done.stderr and not out.exists()
 
 
+SCRIPTS = [
+    "api_load.py", "export.py", "growth.py", "infer.py", "job_start.py", "memory.py", "prepare.py", "startup.py",
+    "train_cpu.py", "train_gpu.py",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_whole_sentences_and_every_option(script: str) -> None:
+    """Repro: --help cut its description mid-sentence (the docstring's first line of a wrapped sentence), and
+    many options had no help at all."""
+    done = _bench(script, "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    about, _, options = done.stdout.partition("\noptions:\n")
+    assert about.rstrip().endswith((".", ")", "`")), about
+    # argparse puts an option's help two spaces after its name, or on the next, further indented line.
+    lines = options.splitlines() + [""]
+    bare = [
+        ln
+        for ln, after in zip(lines, lines[1:], strict=False)
+        if ln.startswith("  -") and "  " not in ln.strip() and not after.startswith("   ")
+    ]
+    assert bare == [], bare
+
+
 @pytest.mark.slow
 def test_memory_without_cuda_says_so_in_one_sentence(tmp_path: Path) -> None:
     done = _bench("memory.py", "--device", "cuda", "--out", str(tmp_path / "m.md"))
