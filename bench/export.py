@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, out_file, work_dir
+from benchargs import at_least, confine_settings, description, out_file, versions, work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -175,7 +175,7 @@ def write_results(rows: list[tuple[int, float, float, float, dict]], out: Path) 
     text = (
         "# Export throughput and memory (SQLite)\n\n"
         f"`{' '.join(['bench/export.py', *sys.argv[1:]])}` on {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"({time.strftime('%Y-%m-%d')}). Each export runs in a fresh child process; RSS is that child's peak, "
+        f"({time.strftime('%Y-%m-%d')}); {versions()}. Each export runs in a fresh child process; RSS is that child's peak, "
         "`cpu s` the CPU time of the export alone.\n\n```\n" + "\n".join(lines) + "\n```\n"
     )
     out.write_text(text, encoding="utf-8")

@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_load import Serve  # same folder: the `lunatrain serve` subprocess helper
-from benchargs import at_least, confine_settings, description, out_file, scratch_home
+from benchargs import at_least, confine_settings, description, out_file, scratch_home, versions
 
 from lunatrain.compat import without_bitsandbytes
 
@@ -186,7 +186,7 @@ def report(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None
         f"`{' '.join(['bench/infer.py', *sys.argv[1:]])}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
         f"shared with other work (load average {load:.1f} at the end: numbers are noisy); luna-tiny on CPU with a "
         f"LoRA adapter (rank 16, all linear layers), greedy, at most {args.max_tokens} new tokens for each of "
-        f"{args.prompts} eval-suite prompts. Client, server and generate() all on this machine.",
+        f"{args.prompts} eval-suite prompts. Client, server and generate() all on this machine. {versions()}.",
         "",
         "| how | tokens | seconds | tokens/s | vs generate() 1 at a time |",
         "|---|---:|---:|---:|---:|",

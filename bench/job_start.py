@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, out_file, scratch_home
+from benchargs import at_least, confine_settings, description, out_file, scratch_home, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "job_start.md"
@@ -94,7 +94,7 @@ def main() -> None:
         "# Job start: warm worker vs a fresh process\n\n"
         f"`bench/job_start.py --jobs {args.jobs}` on {platform.machine()} with {os.cpu_count()} CPU cores: "
         "luna-tiny, memory tier, 3 steps, no gate; the first job of each trainer not counted; load average "
-        f"{os.getloadavg()[0]:.1f} at the end (both columns ran under the same load).\n\n"
+        f"{os.getloadavg()[0]:.1f} at the end (both columns ran under the same load); {versions()}.\n\n"
         f"{table}\nA forked job takes {w / f:.2f}x the time of a fresh one ({f / w:.1f}x faster).\n"
     )
     print(text)

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchargs import confine_settings, description, out_file
+from benchargs import confine_settings, description, out_file, versions
 from shapes import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,14 +267,12 @@ def _reading(out: Path) -> list[str]:
 
 def gpu_header() -> list[str]:
     import torch
-    import transformers
 
     name = torch.cuda.get_device_name(0)
     return [
         f"# Memory plan: estimate vs measured device memory ({name})",
         "",
-        f"`python bench/memory.py --device cuda` on one {name}: torch {torch.__version__}, transformers "
-        f"{transformers.__version__}.",
+        f"`python bench/memory.py --device cuda` on one {name}: {versions()}.",
         "Random bfloat16 weights of published shapes (bench/shapes.py), loaded from disk as a job loads them; each row",
         f"a fresh process training {STEPS} optimizer steps on one flat micro-batch (60% supervised), LoRA r=16 on all",
         "linear layers, dropout 0.05, bf16 autocast. MiB. `in use`: the device memory in use after the steps (the CUDA",
@@ -305,9 +303,10 @@ def render(rows: list[dict]) -> str:
     lines = [
         "# Memory plan: estimate vs measured peak (CPU)",
         "",
-        f"`bench/memory.py` on {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch threads 2,",
-        f"float32. Each row is a fresh process training {STEPS} optimizer steps on one flat micro-batch (60% of the",
-        "tokens supervised), LoRA r=16 on all linear layers, dropout 0.05. MiB. `measured`: peak RSS of the process;",
+        f"`bench/memory.py` on {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, {versions()},",
+        f"torch threads 2, float32. Each row is a fresh process training {STEPS} optimizer steps on one flat",
+        "micro-batch (60% of the tokens supervised), LoRA r=16 on all linear layers, dropout 0.05. MiB. `measured`:",
+        "peak RSS of the process;",
         "`estimate`: `memplan.estimate` (runtime overhead and `allocator`, the C allocator's retained blocks, included);",
         "`live`: the same run with glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_=65536`), so freed",
         "tensors leave at once, against the estimate without the allocator share. `loss`: chunked or plain",

@@ -23,12 +23,11 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchargs import at_least, confine_settings, out_file, work_dir
+from benchargs import at_least, confine_settings, out_file, versions, work_dir
 from words import WORDS
 
 if TYPE_CHECKING:
@@ -177,7 +176,7 @@ def write_results(rows: list[tuple], args: argparse.Namespace) -> None:
         f"Cached run {first / cached:.1f}x faster than the first; first run "
         f"{(args.n / first) / base_rate:.2f}x the baseline's examples/s (the baseline only tokenizes; "
         "prepare also runs every check and writes the cache and report).",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {versions()}, "
         f"torch threads {__import__('torch').get_num_threads()}, maxSeqLength {args.max_seq_length}, "
         f"tokens per example {rows[0][3] / args.n:.0f}. Timings on a shared machine vary by run.",
     ]

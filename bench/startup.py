@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, out_file
+from benchargs import at_least, confine_settings, description, out_file, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "startup.md"
@@ -104,7 +104,7 @@ def main() -> None:
     text = (
         "# Start-up: importing the training stack with the collector paused\n\n"
         f"`bench/startup.py --rounds {args.rounds}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}: each round two fresh interpreters, in alternating order, import "
+        f"{versions()}: each round two fresh interpreters, in alternating order, import "
         "torch, transformers, PEFT and lunatrain's train/gate/flow modules (what the warm worker preloads); "
         "then each forks a child that runs one full collection. Load average "
         f"{os.getloadavg()[0]:.1f} at the end (both rows ran under the same load).\n\n"

@@ -18,7 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, number, out_file
+from benchargs import at_least, confine_settings, description, number, out_file, versions
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
 from lunatrain.compat import without_bitsandbytes
@@ -98,7 +98,7 @@ def main() -> None:
         f"Model: Llama architecture, {n_params / 1e6:.1f}M parameters (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
         f"layers, vocab {cfg.vocab_size}), random weights. Data: {len(samples)} samples, lengths {args.min_len}-"
         f"{args.max_len} (log-uniform), 40% masked prompt. Batch {args.batch_size}, {args.steps} steps (first untimed), "
-        f"lr {args.lr}. torch {torch.__version__}, {args.threads} threads, {platform.machine()}, "
+        f"lr {args.lr}. {versions()}, {args.threads} threads, {platform.machine()}, "
         f"load average before the run {load_before[0]:.1f} on {os.cpu_count()} CPUs (shared machine: ratios only).",
         "",
         f"Best of {args.rounds} rounds in rotating order.",

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, number, out_file
+from benchargs import at_least, confine_settings, description, number, out_file, versions
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
@@ -69,9 +69,7 @@ def main() -> None:
     else:
         without_bitsandbytes()
 
-    import peft
     import torch
-    import transformers
 
     from lunatrain import kernels, models
     from lunatrain.settings import load_settings
@@ -79,18 +77,18 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     precision = "bf16 autocast" if args.device == "cuda" else "float32"
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, PEFT {peft.__version__}"
+    stack = versions()
     if quantized:
         import bitsandbytes as bnb
 
-        versions += f", bitsandbytes {bnb.__version__}"
+        stack += f", bitsandbytes {bnb.__version__}"
     lines = [
         f"# Training throughput on {gpu} (LoRA r=16, all linear layers, "
         f"{'4-bit NF4 base, ' if quantized else ''}{precision})",
         "",
         f"Random-weight models with the published shapes. Data: {args.steps * args.batch_size} samples, lengths "
         f"{args.min_len}-{args.max_len} (log-uniform), 40% masked prompt. Batch {args.batch_size}, {args.steps} steps "
-        f"(first untimed), lr {args.lr}, best of {args.rounds} round(s). {versions}. Attention in lunatrain's loop: "
+        f"(first untimed), lr {args.lr}, best of {args.rounds} round(s). {stack}. Attention in lunatrain's loop: "
         f"{'varlen-flash' if args.device == 'cuda' and kernels.flash_varlen_ok() else 'varlen-sdpa'}.",
         "",
         TABLE_HEAD[0].replace("| contender", "| model / contender"),
