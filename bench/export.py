@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, out_file, versions, work_dir
+from benchargs import at_least, confine_settings, description, out_file, run, versions, work_dir
 from words import EXPORT_WORDS as WORDS
 
 CHILD = r"""
@@ -146,11 +146,11 @@ def measure(home: Path, n: int, keep: bool) -> tuple[int, float, float, float, d
     build_s = float(build.stdout.strip().splitlines()[-1])
     db_mb = (home / "data" / "assistant.db").stat().st_size / 2**20
     floor = _child(home, "open")
-    run = _child(home, "export")
-    print(f"  built {n:,} rows in {build_s:.0f}s; exported in {run['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    res = _child(home, "export")
+    print(f"  built {n:,} rows in {build_s:.0f}s; exported in {res['wall_s']:.1f}s", file=sys.stderr, flush=True)
     if not keep:
         shutil.rmtree(home, ignore_errors=True)
-    return n, build_s, db_mb, floor["peak_rss_mb"], run
+    return n, build_s, db_mb, floor["peak_rss_mb"], res
 
 
 def write_results(rows: list[tuple[int, float, float, float, dict]], out: Path) -> None:
@@ -158,11 +158,11 @@ def write_results(rows: list[tuple[int, float, float, float, dict]], out: Path) 
         f"{'examples':>10} {'exported':>9} {'db MB':>6} {'wall s':>7} {'cpu s':>6} {'records/s':>10} "
         f"{'out MB':>7} {'peak RSS MB':>12} {'floor MB':>9} {'above floor':>12}"
     ]
-    for n, _build_s, db_mb, floor_mb, run in rows:
+    for n, _build_s, db_mb, floor_mb, res in rows:
         lines.append(
-            f"{n:>10,} {run['records']:>9,} {db_mb:>6.0f} {run['wall_s']:>7.1f} {run['cpu_s']:>6.1f} "
-            f"{run['records'] / run['wall_s']:>10,.0f} {run['bytes'] / 2**20:>7.0f} {run['peak_rss_mb']:>12.1f} "
-            f"{floor_mb:>9.1f} {run['peak_rss_mb'] - floor_mb:>12.1f}"
+            f"{n:>10,} {res['records']:>9,} {db_mb:>6.0f} {res['wall_s']:>7.1f} {res['cpu_s']:>6.1f} "
+            f"{res['records'] / res['wall_s']:>10,.0f} {res['bytes'] / 2**20:>7.0f} {res['peak_rss_mb']:>12.1f} "
+            f"{floor_mb:>9.1f} {res['peak_rss_mb'] - floor_mb:>12.1f}"
         )
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]
@@ -175,11 +175,11 @@ def write_results(rows: list[tuple[int, float, float, float, dict]], out: Path) 
     text = (
         "# Export throughput and memory (SQLite)\n\n"
         f"`{' '.join(['bench/export.py', *sys.argv[1:]])}` on {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"({time.strftime('%Y-%m-%d')}); {versions()}. Each export runs in a fresh child process; RSS is that child's peak, "
-        "`cpu s` the CPU time of the export alone.\n\n```\n" + "\n".join(lines) + "\n```\n"
+        f"({time.strftime('%Y-%m-%d')}); {versions()}. Each export runs in a fresh child process; RSS is that "
+        "child's peak, `cpu s` the CPU time of the export alone.\n\n```\n" + "\n".join(lines) + "\n```\n"
     )
     out.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

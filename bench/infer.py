@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_load import Serve  # same folder: the `lunatrain serve` subprocess helper
-from benchargs import at_least, confine_settings, description, out_file, scratch_home, versions
+from benchargs import at_least, confine_settings, description, out_file, run, scratch_home, versions
 
 from lunatrain.compat import without_bitsandbytes
 
@@ -207,4 +207,4 @@ def report(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, out_file, scratch_home, versions
+from benchargs import at_least, confine_settings, description, out_file, run, scratch_home, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "job_start.md"
@@ -102,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from benchargs import confine_settings, description, out_file, versions
+from benchargs import confine_settings, description, out_file, run, versions
 from shapes import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,6 +342,6 @@ def render(rows: list[dict]) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, model_dir, tokens, ck, path, quantize, device = sys.argv
-        child(model_dir, int(tokens), ck == "1", path, quantize, device)
+        run(lambda: child(model_dir, int(tokens), ck == "1", path, quantize, device))
     else:
-        main()
+        run(main)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchargs import at_least, confine_settings, out_file, versions, work_dir
+from benchargs import at_least, confine_settings, out_file, run, versions, work_dir
 from words import WORDS
 
 if TYPE_CHECKING:
@@ -186,4 +186,4 @@ def write_results(rows: list[tuple], args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchargs import run
+
 _REFERENCE = Path(__file__).resolve().parent.parent / "src/lunatrain/resources/memplan/reference-shapes.json"
 _SHAPES = {s.pop("name"): s for s in json.loads(_REFERENCE.read_text(encoding="utf-8"))["shapes"]}
 
@@ -86,4 +88,8 @@ def _build(name: str, out: Path, device: str) -> None:
 
 
 if __name__ == "__main__":
-    _build(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    # The child entry point of build_on_disk, not a benchmark: its three words, or one line of usage.
+    if len(sys.argv) != 4 or sys.argv[1] not in PRESETS or sys.argv[3] not in ("cpu", "cuda"):
+        print(f"usage: python bench/shapes.py PRESET OUT cpu|cuda (PRESET: {', '.join(PRESETS)})", file=sys.stderr)
+        sys.exit(2)
+    run(lambda: _build(sys.argv[1], Path(sys.argv[2]), sys.argv[3]))

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, out_file, versions
+from benchargs import at_least, confine_settings, description, out_file, run, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "startup.md"
@@ -116,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

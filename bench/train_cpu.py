@@ -18,7 +18,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, number, out_file, versions
+from benchargs import at_least, confine_settings, description, number, out_file, run, versions
 from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
 
 from lunatrain.compat import without_bitsandbytes
@@ -110,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

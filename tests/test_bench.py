@@ -191,6 +191,8 @@ NO_OUT = {"growth.py", "shapes.py"}
         (["startup.py", "--out", "TMP"], "argument --out: TMP is a folder; name a file"),
         (["memory.py", "--out", "TMP"], "argument --out: TMP is a folder; name a file"),
         (["train_cpu.py", "--out", "TMP/afile/t.md"], "argument --out: cannot make the folder TMP/afile"),
+        # a helper run directly: IndexError
+        (["shapes.py"], "usage: python bench/shapes.py PRESET OUT cpu|cuda"),
         (["memory.py", "--only", "foo"], "argument --only: no model named 'foo' (luna-tiny, 20M)"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
