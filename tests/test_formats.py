@@ -763,3 +763,32 @@ def test_trl_records_are_named_as_what_they_are(tmp_path: Path, record: dict, sa
     with pytest.raises(UsageError) as info:
         read_file(_jsonl(tmp_path / "trl.jsonl", [record]))
     assert info.value.details == [f"trl.jsonl line 1: {said}"]
+
+
+def test_a_csv_turns_or_history_cell_is_read_as_the_json_list_it_holds(tmp_path: Path) -> None:
+    """Review repro: a `turns` cell (a JSON list, as a spreadsheet keeps it) was read as text, and the whole
+    file was refused ("expected a list of turns, got string"); an Alpaca `history` cell the same."""
+    path = tmp_path / "turns.csv"
+    path.write_text(
+        "prompt,response,turns\n"
+        'And tomorrow?,Rain.,"[{""role"":""user"",""content"":""Weather today?""},'
+        '{""role"":""assistant"",""content"":""Sunny.""}]"\n',
+        encoding="utf-8",
+    )
+    (draft,) = read_file(path).drafts
+    assert draft.turns == (("user", "Weather today?"), ("assistant", "Sunny."))
+    alpaca = tmp_path / "history.csv"
+    alpaca.write_text('instruction,output,history\nUnd B?,B ist zwei.,"[[""Und A?"", ""A ist eins.""]]"\n')
+    (draft,) = read_file(alpaca).drafts
+    assert draft.turns == (("user", "Und A?"), ("assistant", "A ist eins."))
+
+
+def test_a_trl_preference_pair_without_a_prompt_is_named_as_one(tmp_path: Path) -> None:
+    """Review repro: `{chosen: [...], rejected: [...]}` (TRL's implicit prompt) got "unknown format"."""
+    record = {
+        "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+    }
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "pref.jsonl", [record]))
+    assert info.value.details[0].startswith("pref.jsonl line 1: field 'chosen': a preference pair"), info.value.details

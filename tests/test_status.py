@@ -791,7 +791,7 @@ def test_a_luna_profile_that_does_not_load_is_a_problem_of_status_not_its_refusa
     said = json.loads(result.output)
     assert said["minCurated"] == 30  # the bundled profile's
     (problem,) = said["problems"]
-    assert problem.startswith(f"The profile {path} cannot be used (Profile {path} [lora]: "), problem
+    assert problem.startswith(f"The profile {path} cannot be used ([lora]: Invalid parameters: epoch"), problem
     assert problem.endswith("; minCurated is the bundled luna profile's (30) until it is fixed."), problem
     (coded,) = said["problemCodes"]
     assert coded["code"] == "status.profile_unusable" and coded["params"]["path"] == str(path), coded

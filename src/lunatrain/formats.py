@@ -446,6 +446,7 @@ def detect_format(record: Mapping[str, Any]) -> str:
         return "prompt-response"
     if "output" in record:
         return "alpaca"
+    _refuse_trl(record)  # TRL's preference pairs with the prompt in the messages ({chosen: […], rejected: […]})
     raise RecordError(
         None,
         "unknown format: expected 'messages', 'conversations', 'instruction'/'output' or 'prompt'/'response'",
@@ -936,6 +937,8 @@ _CSV_COLUMNS = {
         "rating",
         "conversation_id",
         "conversationId",
+        "turns",
+        "history",
     )
 }
 
@@ -973,7 +976,10 @@ def _csv_row(header: list[str], row: list[str]) -> Any:
             # Keep the column: the header decides the shape, and an empty cell reads as "missing".
             rec[key] = None
             continue
-        if key in ("messages", "conversations") or (key == "tags" and value.lstrip().startswith("[")):
+        # Lists are written as JSON in a cell (as `examples list --json` writes them); tags may also be "a;b".
+        if key in ("messages", "conversations") or (
+            key in ("tags", "turns", "history") and value.lstrip().startswith("[")
+        ):
             try:
                 value = json.loads(value)
             except JSON_FAULTS as exc:

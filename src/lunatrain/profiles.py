@@ -162,7 +162,8 @@ def load_profile(settings: Settings, name: str, *, bundled_only: bool = False) -
         except UsageError as exc:
             problems.append(f"{table}: {exc.message}")
     if not problems:  # the tables resolved together (a base's table over [lora]), once each is valid alone
-        for table, _values, given, quick in tables:
+        # (a [quickStart] the file does not have adds nothing of its own to name)
+        for table, _values, given, quick in [t for t in tables if not t[3] or profile.quick_start]:
             try:
                 params = profile.resolve(given, quick=quick)[0]
                 check_adapter_name(params, params.base_model or settings.base_model)

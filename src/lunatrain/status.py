@@ -39,7 +39,7 @@ def default_min_curated(settings: Settings, problems: Problems) -> int:
     except LunaError as err:
         bundled = load_profile(settings, DEFAULT_PROFILE, bundled_only=True).resolve()[1].min_curated
         path = str(profile_path(settings, DEFAULT_PROFILE))
-        reason = err.message.rstrip(".")
+        reason = err.message.rstrip(".").removeprefix(f"Profile {path} ").removeprefix(f"Profile {path}: ")
         problems.add(
             f"The profile {path} cannot be used ({reason}); minCurated is the bundled {DEFAULT_PROFILE} "
             f"profile's ({bundled}) until it is fixed.",
