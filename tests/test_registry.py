@@ -953,3 +953,47 @@ def test_activating_a_version_of_an_another_build_of_the_configured_base_says_so
         "that name differ now): retrain it here (`lunatrain luna --adapterName a`), or, only if it is the same "
         "model, force the activation (`lunatrain adapters activate a@v1 --force`)."
     ), refused.value.message
+
+
+def test_after_a_base_switch_the_commands_suggested_name_the_base_they_act_on(settings):
+    """Explore repros (a base switch): the hint to activate a version of another base than the configured
+    one left out `--baseModel` (typed as printed, it was refused), and so did the refusal of that command;
+    the API's activate without a version took the newest version of any base and refused it as foreign
+    where a version of its own base existed; `eval-gate --adapter NAME`, active only on the other base,
+    said to activate one here, which every version would be refused."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    twin = settings.home / "twin"
+    shutil.copytree(settings.models_dir / "luna-tiny", twin)
+    (twin / "config.json").write_text(json.dumps(json.loads((twin / "config.json").read_text()) | {"twin": 1}))
+    twin_fp = models.resolve_base(str(twin), settings).fingerprint
+    assert registry.base_flag(settings, "luna-tiny") == "" and registry.base_flag(settings, None) == ""
+    assert registry.base_flag(settings, str(twin)) == f" --baseModel {twin}"  # what every such hint appends
+    on_a = _publish_on(settings, "a", "luna-tiny", fp)  # v1
+    on_twin = _publish_on(settings, "a", str(twin), twin_fp)  # v2, the newest
+    registry.activate(settings, "a", "v2", own_base=True)
+    registry.annotate(settings, "a", "v2", "gate", {"passed": True, "status": "passed"})
+
+    with pytest.raises(NotFound) as none_here:
+        registry.get_version(settings, "a", "active")
+    said = none_here.value.message
+    assert f"on base model {str(twin)!r} it is v2" in said and f"`a@v2` with `--baseModel {twin}`" in said, said
+
+    registry.deactivate(settings, "a", "v2")
+    state = registry.activation_state(settings, registry.get_version(settings, "a", "v2"), twin_fp)
+    assert state["code"] == "adapter.deactivated", state
+    assert state["reason"].endswith(f"`lunatrain adapters activate a@v2 --baseModel {twin}`"), state["reason"]
+    with pytest.raises(Conflict) as foreign:
+        registry.activate(settings, "a", "v2")
+    assert f"`lunatrain adapters activate a@v2 --baseModel {twin}`" in foreign.value.message, foreign.value.message
+
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        answer = client.post("/assistant/training/adapters/a/activate", json={})
+    assert answer.status_code == 200, answer.text
+    assert registry.active_version(settings, "a", fp)["version"] == on_a["version"] == "v1"
+    assert on_twin["version"] == "v2"

@@ -508,10 +508,12 @@ def run_flow(
         return True, ref, outcome
 
     def refused(ref: str) -> dict[str, Any]:
+        # on the run's base, which a --baseModel run may not have configured: the command names it then
+        flag = registry.base_flag(settings, (result.adapter or {}).get("baseModel", {}).get("id"))
         return {
             "fix": f"`lunatrain adapters show {ref}` says why; change the data or the parameters and run again "
-            f"(`lunatrain adapters activate {ref}` serves it anyway, and the gate step of later runs then judges it "
-            "against the base model)"
+            f"(`lunatrain adapters activate {ref}{flag}` serves it anyway, and the gate step of later runs then "
+            "judges it against the base model)"
         }
 
     def repeat(entry: dict[str, Any]) -> tuple[bool, str, dict[str, Any]]:

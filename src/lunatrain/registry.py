@@ -571,6 +571,22 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def latest_on_base(settings: Settings, name: str) -> str:
+    """The newest version of `name` trained on the configured base model, else `latest` (whose refusal then
+    says why): an activation without a version, after a base switch, means one of the base it serves."""
+    adapter = list_adapters(settings).get(name)
+    if adapter is None:
+        raise _not_registered(name)
+    fingerprint = configured_base(settings).fingerprint
+    own = [
+        e["version"]
+        for e in adapter["versions"]
+        if (e.get("baseModel") or {}).get("fingerprint") == fingerprint
+        and not (e.get("replaced") or e.get("notKept") or e.get("staged"))
+    ]
+    return own[-1] if own else "latest"  # versions are kept in the order they were registered
+
+
 def get_version(settings: Settings, name: str, version: str = "", *, base: str | None = None) -> dict[str, Any]:
     """One registry entry by version (`v3`, `current`) or alias (`latest`, `active`: the version active on
     base fingerprint `base`, default the configured base model); empty: active, else latest. For `current`
@@ -585,9 +601,16 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
         if active is None and not version:
             wanted = "latest"
         elif active is None:
+            # Active on another base (a base switch): that version is named with its base, as merge says it.
+            elsewhere = "".join(
+                f"; on base model {a.get('baseModel')!r} it is {a['version']} (`{name}@{a['version']}` with "
+                f"`{base_flag(settings, a.get('baseModel')).strip()}`)"
+                for fp, a in adapter["activeByBase"].items()
+                if fp != fingerprint and base_flag(settings, a.get("baseModel"))
+            )
             raise NotFound(
-                f"Adapter {name!r} has no active version on {_base_label(settings, fingerprint)}; "
-                f"activate one with `lunatrain adapters activate {name}@VERSION`."
+                f"Adapter {name!r} has no active version on {_base_label(settings, fingerprint)}{elsewhere}; "
+                f"to use one here, activate a version trained on it with `lunatrain adapters activate {name}@VERSION`."
             )
         else:
             wanted = active["version"]
@@ -614,6 +637,19 @@ def base_label(base_id: str | None, fingerprint: str, configured: Any, entry: di
     trained_on = (entry or {}).get("baseModel") or {}
     revision = trained_on.get("revision") if trained_on.get("fingerprint") == fingerprint else None
     return f"another build of {base_id}" + (f" (revision {revision[:12]})" if revision else "")
+
+
+def base_flag(settings: Settings, base_id: str | None) -> str:
+    """` --baseModel BASE` for a command that acts on base `base_id`, where that is not the configured base
+    model (without it the command would act on the configured one); else nothing."""
+    if not base_id or base_id == settings.base_model:
+        return ""
+    from .models import local_dir
+
+    here = local_dir(base_id, settings.home)
+    if here is not None and here == local_dir(settings.base_model, settings.home):
+        return ""
+    return f" --baseModel {shlex.quote(base_id)}"
 
 
 def configured_base(settings: Settings, ref: str | None = None) -> Any:
@@ -820,16 +856,17 @@ def activation_state(
             f"{name}@{active_here} is the active version",
             activeVersion=active_here,
         )
+    flag = base_flag(settings, trained_on.get("id"))  # its own base, when not the configured one
     if gate and gate.get("passed"):
         return state(
             False,
             "adapter.deactivated",
-            f"deactivated; activate it with `lunatrain adapters activate {name}@{version}`",
+            f"deactivated; activate it with `lunatrain adapters activate {name}@{version}{flag}`",
         )
     return state(
         False,
         "adapter.not_gated",
-        f"not activated (no eval gate ran); activate it with `lunatrain adapters activate {name}@{version}`",
+        f"not activated (no eval gate ran); activate it with `lunatrain adapters activate {name}@{version}{flag}`",
     )
 
 
@@ -1106,8 +1143,10 @@ def activate(
         if foreign and not force:
             raise Conflict(
                 f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
-                f"base model is {base.id!r} (fingerprints differ); to serve it, configure its base "
-                f"(ASSISTANT_BASE_MODEL={trained_on.get('id')!r}); to use this base, retrain it here (`lunatrain luna "
+                f"base model is {base.id!r} (fingerprints differ); to serve it, activate it on its base "
+                f"(`lunatrain adapters activate {name}@{entry['version']}{base_flag(settings, trained_on.get('id'))}`) "
+                f"and configure that base (ASSISTANT_BASE_MODEL={trained_on.get('id')!r}); to use this base, retrain "
+                f"it here (`lunatrain luna "
                 f"--adapterName {name}`); only if it is the same model changed since (re-downloaded, updated in "
                 f"place), force the activation (`lunatrain adapters activate {name}@{entry['version']} --force`; API: "
                 "`force: true`).",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import shlex
 import shutil
 import time
 import uuid
@@ -1070,7 +1071,8 @@ def model_card(report: dict[str, Any]) -> str:
         "template it was trained with.\n\n"
         "Load it with PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`, "
         "or serve it with `lunatrain serve` once active (`lunatrain adapters activate "
-        f"{report['adapterName']}@{report['version']}`); `lunatrain merge` makes a standalone model of it.\n"
+        f"{report['adapterName']}@{report['version']} --baseModel {shlex.quote(str(base['id']))}`); `lunatrain merge` "
+        "makes a standalone model of it.\n"
     )
 
 

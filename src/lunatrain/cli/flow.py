@@ -222,9 +222,16 @@ def _gate_interrupted(settings: Settings, adapter: dict[str, Any]) -> str:
             f"Interrupted during the eval gate: revision {adapter['revision']} of {ref} was not gated and is "
             f"discarded; {now}. Run the command again to train it anew."
         )
+    try:  # its base, named in the commands where it is not the configured one (a --baseModel run)
+        flag = registry.base_flag(
+            settings, registry.get_version(settings, adapter["name"], adapter["version"])["baseModel"]["id"]
+        )
+    except (LunaError, KeyError, TypeError):
+        flag = ""
     return (
         f"Interrupted during the eval gate: {ref} is trained and registered but not gated, so it is not served; "
-        f"`lunatrain eval-gate --adapter {ref}` scores it and `lunatrain adapters activate {ref}` serves it."
+        f"`lunatrain eval-gate --adapter {ref}{flag}` scores it and `lunatrain adapters activate {ref}{flag}` serves "
+        "it."
     )
 
 

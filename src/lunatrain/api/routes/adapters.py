@@ -136,12 +136,13 @@ async def show_version(name: AdapterName, version: Version, settings: SettingsDe
 async def activate(
     name: AdapterName, settings: SettingsDep, body: Annotated[ActivateRequest | None, Body()] = None
 ) -> AdapterOut:
-    """Make a version (default: latest) active; refused (409) when it was trained on another base model
-    than the configured one, unless `force`."""
+    """Make a version (default: the newest trained on this server's base model, else latest) active; refused
+    (409) when it was trained on another base model than the configured one, unless `force`."""
     body = body or ActivateRequest()
 
     def run() -> AdapterOut:
-        registry.activate(settings, name, body.version or "latest", force=body.force, reason="api")
+        version = body.version or registry.latest_on_base(settings, name)
+        registry.activate(settings, name, version, force=body.force, reason="api")
         return _adapter(settings, name)
 
     return await run_in_threadpool(run)
