@@ -567,3 +567,33 @@ def test_a_folder_in_place_of_the_registry_is_a_damaged_registry_that_repair_mov
     assert [e["version"] for e in registry.list_adapters(settings)["luna"]["versions"]] == ["v1"]
     [aside] = path.parent.glob(f"{path.name}.damaged-*")
     assert (aside / "note.txt").read_text() == "made by hand"
+
+
+def test_gate_thresholds_recorded_before_camel_case_read_as_camel_case(settings):
+    """Upgrade repro: versions gated by an older release kept `min_golden_pass_rate` … in the registry and in
+    `adapters show`/`list --json`, where newer ones say `minGoldenPassRate` (and the API said both the new way):
+    a script reading the new key found nothing for them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lunatrain import models, registry
+    from lunatrain.cli import app
+
+    from helpers import adapter_work_dir
+
+    fp = models.resolve_base(None, settings).fingerprint
+    work = adapter_work_dir(settings, "a", "old")
+    (work / "train-hashes.txt").write_text("h\n")
+    entry = {"baseModel": {"id": "luna-tiny", "fingerprint": fp}, "params": {"rank": 4}, "metrics": {}, "jobId": None}
+    registry.publish(settings, "a", "versioned", work, entry)
+    path = registry.registry_path(settings)
+    data = json.loads(path.read_text())
+    data["adapters"]["a"]["versions"][0]["gate"] = {
+        "passed": True,
+        "status": "passed",
+        "thresholds": {"min_golden_pass_rate": 0.5, "max_loss_regression": 0.02},
+    }
+    path.write_text(json.dumps(data))
+    shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "a@v1"]).output)
+    assert shown["gate"]["thresholds"] == {"minGoldenPassRate": 0.5, "maxLossRegression": 0.02}, shown["gate"]

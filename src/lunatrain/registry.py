@@ -69,7 +69,7 @@ from .fsio import atomic_write_json, atomic_write_text, file_lock, read_json, st
 from .messages import coded, counted
 from .params import MAX_RANK
 from .settings import Settings, check_name, inside
-from .wire import compact_stamp
+from .wire import camel, compact_stamp
 from .wire import now_iso as now
 
 log = logging.getLogger("lunatrain.registry")
@@ -143,9 +143,19 @@ def load(settings: Settings) -> dict[str, Any]:
         raise _unreadable(path, problem)
     for adapter in data["adapters"].values():
         _migrate_active(adapter)
+        _camel_thresholds(adapter)
     if data.get("copies") != COPIES and data["adapters"]:
         _keep_copies(settings, data)
     return data
+
+
+def _camel_thresholds(adapter: dict[str, Any]) -> None:
+    """A gate recorded before thresholds were written in camelCase (`min_golden_pass_rate`) reads as one
+    recorded since: a script reading `minGoldenPassRate` finds it for every version, as the API shows it."""
+    for entry in adapter.get("versions", []):
+        gate = entry.get("gate")
+        if isinstance(gate, dict) and isinstance(gate.get("thresholds"), dict):
+            gate["thresholds"] = camel(gate["thresholds"])
 
 
 def _keep_copies(settings: Settings, data: dict[str, Any]) -> None:
@@ -1701,7 +1711,7 @@ def _restore_gate(settings: Settings, data: dict[str, Any], journaled: set[tuple
             "context": gate.get("context"),
             "baseline": (gate.get("baseline") or {}).get("ref"),
             "promoted": gate.get("promoted"),
-            "thresholds": gate.get("thresholds"),
+            "thresholds": camel(gate.get("thresholds")),  # a report from before camelCase: as the API says it
         }
     base = entries[-1].get("baseModel") or {}
     fingerprint = base.get("fingerprint", "?")
