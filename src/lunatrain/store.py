@@ -211,11 +211,7 @@ def _holds(dialect: str, item_id: int) -> bool:
 def database_name(engine: Engine) -> str:
     """The SQLite file, or the server URL without its password: what a message names."""
     url = engine.url
-    return (
-        url.database
-        if url.get_backend_name() == "sqlite" and url.database
-        else url.render_as_string(hide_password=True)
-    )
+    return url.database if url.get_backend_name() == "sqlite" and url.database else _hidden(url)
 
 
 def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
@@ -424,6 +420,20 @@ def _read_only_uri(path: Path) -> str:
     return f"file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}"
 
 
+def _refuse_at_in_credentials(url: str) -> None:
+    """An '@' in the user name or password splits the URL there: the rest of the password became the host,
+    and every message showed it. Said without the URL."""
+    try:
+        host = sa.engine.make_url(url).host or ""
+    except (sa.exc.ArgumentError, ValueError, TypeError):
+        return  # said as an invalid URL where the engine is made
+    if "@" in host:
+        raise UsageError(
+            "Invalid database URL in ASSISTANT_DB_URL: its user name or password holds an '@', which ends them "
+            "there; write it as %40 (postgresql+psycopg://user:pa%40ss@host/db)."
+        )
+
+
 def _server_engine(url: str) -> Engine:
     # SQLAlchemy's pool (5 kept, 10 more while busy): small enough for a server's connection limit with
     # several processes. Writers held up by another process give up after the busy timeout (write()), so
@@ -528,6 +538,8 @@ def open_store(settings: Settings) -> Store:
         if store is None:
             if url.startswith("sqlite"):
                 _refuse_orphan_wal(url)
+            else:
+                _refuse_at_in_credentials(url)
             try:
                 engine = _sqlite_engine(url) if url.startswith("sqlite") else _server_engine(url)
             # ValueError/TypeError: a URL part the dialect converts (a port that is no number, `?timeout=abc`).
@@ -553,7 +565,8 @@ def open_store(settings: Settings) -> Store:
                 if isinstance(err.__cause__, sa.exc.OperationalError) and "unable to open" in str(err.__cause__):
                     # not damage: a path or server that cannot be reached is a configuration mistake
                     raise UsageError(
-                        f"Cannot open the database {engine.url!r}: {err.__cause__.orig}{_read_only_note(engine)}."
+                        f"Cannot open the database {_hidden(engine.url)!r}: {err.__cause__.orig}"
+                        f"{_read_only_note(engine)}."
                     ) from None
                 option = _BAD_URL_OPTION.search(str(getattr(err.__cause__, "orig", "")))
                 if option:  # libpq refused an option of the URL before connecting: nothing is wrong with the data
@@ -625,12 +638,19 @@ _BAD_URL_OPTION = re.compile(
 )
 
 
-def _hidden(url: str) -> str:
-    """The URL as a message may show it: without its password."""
+# Query parameters libpq takes a secret from (`?password=…` works as `user:password@` does).
+_SECRET_QUERY = ("password", "sslpassword")
+
+
+def _hidden(url: str | sa.URL) -> str:
+    """The URL as a message may show it: without its password, wherever the URL holds it."""
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(url)
+        query = {k: ("***" if k.lower() in _SECRET_QUERY else v) for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
     except (sa.exc.ArgumentError, ValueError, TypeError):
-        return url.split("@")[-1] if "@" in url else url
+        text = str(url)
+        return text.split("@")[-1] if "@" in text else text
 
 
 def dispose_stores() -> None:
