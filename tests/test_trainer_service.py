@@ -611,3 +611,35 @@ def test_an_overwrite_run_the_gate_refused_is_described_as_not_kept(svc):
     assert said.exit_code == 1, said.output
     assert "Adapter slot@current revision 3 was not kept: data/adapters/slot/current still holds" in said.output
     assert "Eval gate: failed." in said.output and "Eval gate: passed." not in said.output, said.output
+
+
+@pytest.mark.slow
+def test_what_the_trainer_and_its_children_write_to_stderr_rolls_over_with_its_log(tmp_path: Path) -> None:
+    """Explore repro: a trainer started with --log-file had its stdout and stderr on trainer.log as it was
+    at start; once the log rolled over, that output (a library's warnings, the warm worker's tracebacks) grew
+    trainer.log.1 without bound and untimestamped. It goes through the log's handler now."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "trainer.log"
+    script = f"""
+import logging, os, subprocess, sys, time
+from pathlib import Path
+from lunatrain.service.app import log_handler, stream_into_log
+from lunatrain.wire import UtcLogFormatter
+handler = log_handler(Path({str(log)!r}), max_bytes=4000)
+handler.setFormatter(UtcLogFormatter())
+logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+stream_into_log()
+for i in range(100):
+    print("stdout line", i, flush=True)
+    os.write(2, b"stderr line %d\\n" % i)
+subprocess.run([sys.executable, "-c", "import sys; [sys.stderr.write('child line\\\\n') for _ in range(100)]"])
+time.sleep(1.0)  # the pump thread writes what is still in the pipe
+"""
+    with open(log, "ab") as start:  # as ensure starts it: its descriptors on the log file
+        subprocess.run([sys.executable, "-c", script], stdout=start, stderr=subprocess.STDOUT, check=True, timeout=120)
+    rolled = log.with_name("trainer.log.1")
+    assert log.stat().st_size < 5000 and rolled.stat().st_size < 5000, (log.stat().st_size, rolled.stat().st_size)
+    last = log.read_text().splitlines()[-1]
+    assert last.endswith("child line") and last[:4].isdigit() and "Z " in last[:30], last  # timestamped

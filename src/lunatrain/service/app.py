@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -246,6 +248,27 @@ def log_handler(path: Path | None, max_bytes: int = lock.TRAINER_LOG_BYTES) -> l
         raise UsageError(f"Cannot write the log file {path}: {exc.strerror or exc}.") from None
 
 
+def stream_into_log(logger: str = "lunatrain.output") -> None:
+    """What this process and its children write to stdout and stderr (a library's warning, the warm worker's
+    traceback) goes through the log's handler from now on: timestamped, and rolled over with the log. The
+    descriptors a trainer is started with point at trainer.log as it was then; a rollover renames that file,
+    and what was written there grew trainer.log.1 without bound (and, at the next rollover, a deleted file)."""
+    read_fd, write_fd = os.pipe()
+    for fd in (1, 2):
+        os.dup2(write_fd, fd)
+    os.close(write_fd)
+    out = logging.getLogger(logger)
+    # A handler that fails (a full disk) reports on stderr, which comes back here: it must stay quiet instead.
+    logging.raiseExceptions = False
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as lines:
+            for line in lines:
+                out.info("%s", line.decode("utf-8", "replace").rstrip("\n"))
+
+    threading.Thread(target=pump, name="trainer-output", daemon=True).start()
+
+
 def serve(settings: Settings, host: str, port: int, log_file: Path | None = None) -> None:
     """Run the trainer in the foreground until SIGINT/SIGTERM (`lunatrain trainer`); port 0: a free port.
 
@@ -263,6 +286,8 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     address = listen.record(sock, settings.trainer_url_file)
     handler.setFormatter(UtcLogFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    if log_file is not None:
+        stream_into_log()
     log.info("trainer for %s on %s", settings.home, address)
     # log_config=None: uvicorn's loggers propagate to the handler above instead of configuring their own.
     listen.serve(
