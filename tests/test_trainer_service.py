@@ -540,6 +540,9 @@ def test_crash_and_nan_fail_with_codes_while_the_service_keeps_serving(svc):
     assert crashed.status == "failed" and crashed.error.code == "child_crashed", crashed.error
     assert "SIGABRT" in crashed.error.message and f"data/trainer/logs/{crashy.id}.log" in crashed.error.message
     assert "resume" not in crashed.error.message  # it crashed before its first checkpoint: nothing to resume
+    # explore repro: the log the error points at ended on an ordinary line, never saying the process died
+    last = (settings.data_dir / "trainer" / "logs" / f"{crashy.id}.log").read_text().splitlines()[-1]
+    assert last.endswith(crashed.error.message) and last[:4].isdigit(), last
     assert trainer_client.health(settings).status == "ok"
     nan = wait_job(settings, nanny.id)
     assert nan.status == "failed" and nan.error.code == "nan_loss", nan.error

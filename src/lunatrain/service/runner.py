@@ -26,6 +26,7 @@ from ..distributed import clear_rank_errors, rank_errors
 from ..errors import LunaError, StorageError
 from ..fsio import identity
 from ..settings import Settings
+from ..wire import now_iso
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, resumable, resume_hint, settle_interrupted, signal_group
 from .spawn import child_env, job_ranks, worker_argv
@@ -319,6 +320,7 @@ class Runner:
             # rank 0's own result then only reports losing its peer, the dead rank is the cause.
             ranks_dir = ranks_log_dir(self.logs_dir, job_id)
             error = _rank_crash_error(code, ranks, log_path, self.settings.shown(log_path), rank_errors(ranks_dir))
+            _say_last(log_path, error["message"])
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
@@ -338,6 +340,7 @@ class Runner:
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         else:
             error = _crash_error(code, log_path, self.settings.shown(log_path))
+            _say_last(log_path, error["message"])
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         log.info("job %s %s", job_id, job.status + (f" ({job.error.code})" if job.error else ""))
         # a job that did not succeed keeps the checkpoint its error may have just offered to resume from
@@ -371,6 +374,13 @@ def _adapter(result: dict[str, Any] | None, settings: Settings) -> dict[str, Any
     # run would be described with the metrics and gate of the revision it did not replace).
     revision = adapter.get("revision")
     return ref | ({"revision": revision} if isinstance(revision, int) and not isinstance(revision, bool) else {})
+
+
+def _say_last(log_path: Path, message: str) -> None:
+    """End a job's log with how its process ended, where nothing in it says so (killed, out of memory): the
+    job's error sends the reader to this log. (Read for the error first: its last line is the child's.)"""
+    with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as log_file:
+        log_file.write(f"{now_iso()} {message}\n")
 
 
 def _crash_error(code: int, log_path: Path, shown: Path) -> dict[str, Any]:
