@@ -551,6 +551,9 @@ def test_a_force_activated_adapter_is_gated_on_its_training_base_and_the_report_
     assert said in result.output.splitlines(), result.output
     report = json.loads(settings.eval_report.read_text())
     assert report["candidate"]["baseModel"] == "luna-tiny" and said.removeprefix("note: ") in report["notes"]
+    # explore repro: each case's source was an absolute path, the only one in the reports (untrue once moved)
+    sources = {c["source"].rpartition(":")[0] for c in report["cases"]}
+    assert sources == {"data/eval/luna-golden.jsonl"}, sources
     # On its own base the header names that base, and no note is added.
     monkeypatch.delenv("ASSISTANT_BASE_MODEL")
     result = CliRunner().invoke(app, ["eval-gate", "--adapter", "luna-adapter@v1"])

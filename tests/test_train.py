@@ -806,6 +806,9 @@ def test_a_job_followed_from_the_trainer_reads_like_a_local_run():
         "trained adapter t1@v1 registered (data/adapters/t1/v1): val loss 8.4189, train loss 8.4539"
     )
     assert describe_event(ev("progress", step=1, totalSteps=None)) == "progress step 1/?"  # fields it lacks: left out
+    # explore repro: a cancel read "status cancelled - cancelled"
+    assert describe_event(ev("status", status="cancelled", message="cancelled")) == "status cancelled"
+    assert describe_event(ev("status", status="failed", message="why")) == "status failed - why"
 
 
 def test_an_epoch_without_a_validation_split_says_so_in_its_log(settings):

@@ -221,6 +221,12 @@ class _Evaluator:
         finally:
             self.tokenizer, self.stop_ids = shared
 
+    def _shown(self, source: str) -> str:
+        """A case's `file:line`, its file relative to the data root (as every path in the reports): the report
+        stays true when the root moves."""
+        path, _, line = source.rpartition(":")
+        return f"{self._settings.shown(Path(path))}:{line}" if path else source
+
     def golden(self, cases: list[EvalCase]) -> list[dict[str, Any]]:
         """Greedy answers to every case, batched (left-padded) per token limit: one forward per new token
         for the whole group instead of one per case."""
@@ -238,7 +244,7 @@ class _Evaluator:
             results.append(
                 {
                     "id": case.id,
-                    "source": case.source,
+                    "source": self._shown(case.source),
                     "prompt": case.messages[-1]["content"],
                     "output": output,
                     "stopped": stopped,

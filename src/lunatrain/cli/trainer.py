@@ -296,7 +296,8 @@ def describe_event(ev: Event) -> str:
         return (
             f"status {data.get('status')}"
             + (f" ({extra.get('code')}: {extra.get('message')})" if extra else "")
-            + (f" - {data['message']}" if data.get("message") else "")
+            # a cancel's message is "cancelled": said once ("status cancelled"), not "status cancelled - cancelled"
+            + (f" - {data['message']}" if data.get("message") and data.get("message") != data.get("status") else "")
         )
     return f"{ev.type} " + " ".join(f"{k}={_num(v)}" for k, v in data.items())
 
