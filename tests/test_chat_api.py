@@ -408,6 +408,11 @@ def test_golden_cases_are_offered_as_examples(client: TestClient) -> None:
     assert r.status_code == 200
     examples = r.json()["examples"]
     assert examples and all(e["prompt"] and e["messages"][-1]["role"] == "user" for e in examples)
+    # review repro: three German cases whose ids end in no language were offered without one (read with the
+    # English page's voice); the shipped suite says each case's language
+    langs = {e["id"]: e["lang"] for e in examples}
+    assert langs["reminder-stays-german"] == langs["no-fake-turns"] == langs["identity-de"] == "de", langs
+    assert langs["identity-en"] == "en" and None not in langs.values(), langs
 
 
 def test_the_examples_ask_for_no_more_tokens_than_this_server_allows(client: TestClient) -> None:

@@ -54,19 +54,21 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
             json.dumps({"id": "noprompt", "checks": [{"type": "max_chars", "value": 10}]}),
             json.dumps(GOOD),  # duplicate id across files
             json.dumps({"id": "n", "prompt": "x", "checks": [{"type": "max_chars", "value": -1}], "extra": 1}),
+            json.dumps({"id": "l", "prompt": "x", "checks": [{"type": "stops"}], "lang": "Deutsch"}),
         ],
     )
     with pytest.raises(UsageError) as info:
         load_suite(settings)
     msg = info.value.message
-    assert msg.startswith("The eval suite has 7 problems")
+    assert f"{b}:4: 'lang' must be a language tag such as \"de\" or \"en\", got 'Deutsch'" in msg, msg
+    assert msg.startswith("The eval suite has 8 problems")
     assert f"{a}:2: not valid JSON" in msg
     assert f"{a}:3: check 1: bad regex '(unclosed'" in msg
     assert f"{a}:5: check 1: unknown check type 'startswith'" in msg
     assert f"{b}:1: missing 'prompt'" in msg
     assert f"{b}:2: duplicate case id 'ok' (first at {a}:1)" in msg
     assert f"{b}:3: unknown key 'extra'" in msg and f"{b}:3: check 1 (max_chars)" in msg
-    assert len(info.value.details) == 7
+    assert len(info.value.details) == 8
 
 
 def test_a_golden_case_with_a_blank_turn_is_named_as_chat_would_refuse_it(settings):

@@ -597,3 +597,14 @@ def test_gate_thresholds_recorded_before_camel_case_read_as_camel_case(settings)
     path.write_text(json.dumps(data))
     shown = json.loads(CliRunner().invoke(app, ["adapters", "show", "a@v1"]).output)
     assert shown["gate"]["thresholds"] == {"minGoldenPassRate": 0.5, "maxLossRegression": 0.02}, shown["gate"]
+
+
+def test_a_folder_named_like_a_version_with_a_newline_is_no_version(settings):
+    """Review repro: `v1` followed by a newline counted as a version folder (`$` matches before a final
+    newline): with the registry file gone, `adapters list` said one version lay in the adapters folder."""
+    from lunatrain import registry
+
+    report = settings.adapters_dir / "a" / "v1\n" / registry.REPORT_FILE
+    report.parent.mkdir(parents=True)
+    report.write_text("{}")
+    assert registry.load(settings) == {"format": registry.FORMAT, "adapters": {}}

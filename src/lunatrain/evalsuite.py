@@ -3,7 +3,7 @@
 When data/eval has no suite, the shipped Luna suite (resources/eval) is copied there first, so a user can
 edit it. One JSON object per line: {"id", "prompt" (optionally "system") or "messages" ending with a user
 turn, "checks": [{"type", "value", "ignoreCase"?, "description"?}], "maxNewTokens"?, "tags"?,
-"description"?}. Check types: contains / not_contains (value: a string or a list: any of / none of),
+"description"?, "lang"?}. `lang`: the prompt's language (`de`, `en`; the dashboard marks its example so). Check types: contains / not_contains (value: a string or a list: any of / none of),
 equals (whole answer, trimmed), regex (Python `re.search`), max_chars (answer length), stops (the answer
 ended with the end-of-turn token before the token limit). Every problem in every file is collected and
 reported with file and line, then loading fails once.
@@ -26,7 +26,8 @@ from .settings import Settings
 
 CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
 DEFAULT_MAX_NEW_TOKENS = 128
-_CASE_KEYS = {"id", "prompt", "system", "messages", "checks", "maxNewTokens", "tags", "description"}
+_CASE_KEYS = {"id", "prompt", "system", "messages", "checks", "maxNewTokens", "tags", "description", "lang"}
+_LANG = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")  # a language tag as HTML's lang takes it: de, en, pt-BR
 _CHECK_KEYS = {"type", "value", "ignoreCase", "description"}
 _ROLES = {"system", "user", "assistant"}
 
@@ -72,6 +73,7 @@ class EvalCase:
     checks: list[EvalCheck]
     max_new_tokens: int
     source: str  # file:line
+    lang: str | None = None  # the prompt's language, where the case says it
 
 
 def shipped_suite_dir() -> Any:
@@ -210,9 +212,12 @@ def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
     max_new = obj.get("maxNewTokens", DEFAULT_MAX_NEW_TOKENS)
     if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 4096:
         errs.append(f"'maxNewTokens' must be an integer from 1 to 4096, got {max_new!r}")
+    lang = obj.get("lang")
+    if lang is not None and not (isinstance(lang, str) and _LANG.fullmatch(lang)):
+        errs.append(f'\'lang\' must be a language tag such as "de" or "en", got {lang!r}')
     if errs:
         return None, errs
-    return EvalCase(cid, messages, checks, max_new, where), []
+    return EvalCase(cid, messages, checks, max_new, where, lang), []
 
 
 def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:

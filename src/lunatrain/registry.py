@@ -1599,7 +1599,7 @@ def _report_files(settings: Settings) -> list[Path]:
     return [
         p
         for p in found
-        if (_VERSION_RE.match(p.parent.name) or p.parent.name == SLOT) and not p.parent.parent.name.startswith(".")
+        if (_VERSION_RE.fullmatch(p.parent.name) or p.parent.name == SLOT) and not p.parent.parent.name.startswith(".")
     ]
 
 

@@ -561,7 +561,9 @@ async def _events(gen: serving.Generation, ident: str, created: int, usage: bool
 
 
 # Not part of OpenAI's API, so outside /v1 and with lunatrain's usual error shape.
-_LANG_SUFFIX = re.compile(r"[-_]([a-z]{2})$")  # the golden suite's convention: identity-de, identity-en
+# A case that does not say its `lang` (a suite copied before it could): the shipped suite's id convention,
+# identity-de and identity-en, for the dashboard's two languages only (`smalltalk-ok` names none).
+_LANG_SUFFIX = re.compile(r"[-_](de|en)$")
 examples_router = APIRouter(prefix="/assistant/chat", tags=["chat"])
 
 
@@ -578,7 +580,7 @@ async def examples(settings: SettingsDep) -> Examples:
                 prompt=c.messages[-1]["content"],
                 messages=c.messages,
                 max_tokens=min(c.max_new_tokens, cap),
-                lang=(m.group(1) if (m := _LANG_SUFFIX.search(c.id)) else None),
+                lang=c.lang or (m.group(1) if (m := _LANG_SUFFIX.search(c.id)) else None),
             )
             for c in cases
         ],
