@@ -18,8 +18,18 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, number, out_file, run, versions
-from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
+from benchargs import at_least, confine_settings, description, out_file, run, versions
+from trainbench import (
+    ROOT,
+    TABLE_HEAD,
+    Setup,
+    add_run_options,
+    make_samples,
+    measure,
+    sample_lengths,
+    table_rows,
+    write_table,
+)
 
 from lunatrain.compat import without_bitsandbytes
 
@@ -28,13 +38,7 @@ without_bitsandbytes()  # nothing here quantizes: spare the seconds bitsandbytes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
-    ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
-    ap.add_argument("--rounds", type=at_least(1), default=3, help="repetitions of all contenders; the best counts")
-    ap.add_argument("--batch-size", type=at_least(1), default=8, help="samples per optimizer step")
-    ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
-    # a sample of one token has no next token to learn: a batch of them supervises nothing
-    ap.add_argument("--max-len", type=at_least(2), default=512, help="longest sample, in tokens")
-    ap.add_argument("--min-len", type=at_least(2), default=32, help="shortest sample, in tokens")
+    add_run_options(ap, rounds=3, min_len=32, max_len=512)
     ap.add_argument("--hidden", type=at_least(2), default=384, help="model width: a multiple of twice --heads")
     ap.add_argument("--layers", type=at_least(1), default=6, help="transformer layers")
     ap.add_argument("--heads", type=at_least(1), default=6, help="attention heads (as many key/value heads)")

@@ -26,9 +26,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchargs import at_least, confine_settings, description, number, out_file, run, versions
+from benchargs import at_least, confine_settings, description, out_file, run, versions
 from shapes import CHECKPOINTING, PRESETS, build_on_disk, config, random_model
-from trainbench import ROOT, TABLE_HEAD, Setup, make_samples, measure, sample_lengths, table_rows, write_table
+from trainbench import (
+    ROOT,
+    TABLE_HEAD,
+    Setup,
+    add_run_options,
+    make_samples,
+    measure,
+    sample_lengths,
+    table_rows,
+    write_table,
+)
 
 from lunatrain.compat import with_bitsandbytes, without_bitsandbytes
 
@@ -43,13 +53,7 @@ def main() -> None:
         help="model shapes (bench/shapes.py); tiny: a smoke test",
     )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test")
-    ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
-    ap.add_argument("--rounds", type=at_least(1), default=1, help="repetitions of all contenders; the best counts")
-    ap.add_argument("--batch-size", type=at_least(1), default=8, help="samples per optimizer step")
-    ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
-    # a sample of one token has no next token to learn: a batch of them supervises nothing
-    ap.add_argument("--min-len", type=at_least(2), default=128, help="shortest sample, in tokens")
-    ap.add_argument("--max-len", type=at_least(2), default=4096, help="longest sample, in tokens")
+    add_run_options(ap, rounds=1, min_len=128, max_len=4096)
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads with --device cpu")
     ap.add_argument("--quantize", default="none", choices=["none", "4bit"], help="4bit: QLoRA on a 4-bit base")
     ap.add_argument("--out", type=Path, help="default: bench/results/train_gpu.md (train_gpu_4bit.md with 4bit)")

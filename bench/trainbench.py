@@ -46,6 +46,19 @@ class Setup:
     threads: int = 2
 
 
+def add_run_options(ap: argparse.ArgumentParser, *, rounds: int, min_len: int, max_len: int) -> None:
+    """The options both training benchmarks take (their defaults differ by the hardware they are for)."""
+    from benchargs import at_least, number
+
+    ap.add_argument("--steps", type=at_least(2), default=6, help="optimizer steps per contender (first is warm-up)")
+    ap.add_argument("--rounds", type=at_least(1), default=rounds, help="repetitions of all contenders; the best counts")
+    ap.add_argument("--batch-size", type=at_least(1), default=8, help="samples per optimizer step")
+    ap.add_argument("--lr", type=number(above=0), default=2e-4, help="learning rate")
+    # a sample of one token has no next token to learn: a batch of them supervises nothing
+    ap.add_argument("--min-len", type=at_least(2), default=min_len, help="shortest sample, in tokens")
+    ap.add_argument("--max-len", type=at_least(2), default=max_len, help="longest sample, in tokens")
+
+
 def sample_lengths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse `--min-len` above `--max-len` (exit 2): the table would say "lengths 200-64" of samples that
     all have one length."""
