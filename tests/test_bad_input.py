@@ -1173,3 +1173,21 @@ def test_ctrl_c_while_the_command_starts_is_one_sentence_not_a_traceback(setting
     r = subprocess.run([sys.executable, "-c", _CTRL_C_AT_IMPORT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 130, (r.returncode, r.stderr)
     assert r.stderr.strip().splitlines() == ["error: Interrupted (Ctrl-C) before the command started."], r.stderr
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_after_the_command_ended_changes_neither_its_exit_nor_its_output(home: Path) -> None:
+    """Explore repro: Ctrl-C in the moment after a command finished printed "Exception ignored in atexit
+    callback … KeyboardInterrupt" (the interpreter's shutdown), or made a command that had done its work and
+    said so exit 130. The SIGINT here comes while the process shuts down."""
+    script = (
+        "import atexit, os, signal, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
+        "from lunatrain.cli import main\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {"ASSISTANT_HOME": str(home)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "examples", "list"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr, (done.returncode, done.stderr)

@@ -319,3 +319,22 @@ def test_a_trainer_refuses_the_clients_of_a_data_root_made_again_at_its_path(tmp
         answer = client.request(method, path, json={} if method == "POST" else None)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "data_root_gone", answer.text
         assert "while this trainer ran" in answer.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_trainer_as_sigterm_does(tmp_path):
+    """Explore repro: SIGHUP (the terminal closed) ended `lunatrain trainer` and `serve` at once, exit 129,
+    leaving trainer.url and trainer.pid naming a dead process and a running job's worker behind."""
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
+    try:
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 128 + signal.SIGHUP
+    finally:
+        stop_group(proc.pid)
+    settings = load_settings(home=home)
+    from lunatrain.service.lock import pid_path
+
+    assert not settings.trainer_url_file.exists() and not pid_path(settings).exists()  # as after SIGTERM
+    assert "shutdown" in (home / "trainer-0.log").read_text().lower()  # a clean one

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import itertools
 import pkgutil
+import signal
 import sys
+from typing import Any
 
 import typer
 
@@ -43,6 +45,15 @@ def main() -> None:
         if stream is not None and not takes_unicode(stream) and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     errors = click_errors()
+    try:
+        _run(errors)
+    finally:
+        # The command has ended, whichever way: a Ctrl-C now would only garble its ending (a traceback from
+        # the interpreter's shutdown, or exit 130 after the work was done and said).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run(errors: Any) -> None:
     try:
         # Not standalone: click's own usage errors (an unknown option, a value of the wrong type) come here
         # as exceptions, to be said in one sentence like every other failure instead of click's four lines.

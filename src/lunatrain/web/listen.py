@@ -119,12 +119,24 @@ def serve(
     # uvicorn ends a graceful shutdown by raising the signal again under the handler it found; under the
     # default one a SIGTERM would end the process right there, before the finally below.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # A closed terminal (SIGHUP) ends the server as SIGTERM does, cleanly: its default ended the process at
+    # once, leaving its address record and a running job's worker behind. Under `nohup` it stays ignored.
+    hung_up: list[int] = []
+
+    def hang_up(signum: int, _frame: Any) -> None:
+        hung_up.append(signum)
+        server.should_exit = True
+
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, hang_up)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
         if recorded is not None:
             forget(recorded, address, previous)
+    if hung_up:
+        raise SystemExit(128 + signal.SIGHUP)
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
