@@ -327,7 +327,12 @@ def test_a_closed_terminal_stops_the_trainer_as_sigterm_does(tmp_path):
     leaving trainer.url and trainer.pid naming a dead process and a running job's worker behind."""
     home = tmp_path / "home"
     home.mkdir()
-    proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
+    # As from a terminal: a suite run under `nohup` hands its children SIGHUP ignored, which they keep.
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
     try:
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(timeout=60) == 128 + signal.SIGHUP
@@ -338,3 +343,23 @@ def test_a_closed_terminal_stops_the_trainer_as_sigterm_does(tmp_path):
 
     assert not settings.trainer_url_file.exists() and not pid_path(settings).exists()  # as after SIGTERM
     assert "shutdown" in (home / "trainer-0.log").read_text().lower()  # a clean one
+
+
+@pytest.mark.slow
+def test_under_nohup_a_hang_up_leaves_the_trainer_running(tmp_path):
+    """`nohup lunatrain trainer`: SIGHUP stays ignored, as the user asked."""
+    home = tmp_path / "home"
+    home.mkdir()
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):  # it does not end
+            proc.wait(timeout=2)
+        assert healthy(proc.url) is not None
+    finally:
+        stop_group(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
