@@ -321,18 +321,23 @@ def test_a_trainer_refuses_the_clients_of_a_data_root_made_again_at_its_path(tmp
         assert "while this trainer ran" in answer.json()["error"]["message"]
 
 
+def _trainer_with_hang_up(home: Path, disposition: signal.Handlers) -> subprocess.Popen:
+    """A trainer started with SIGHUP at `disposition` (what it inherits from the shell that starts it)."""
+    home.mkdir()
+    inherited = signal.signal(signal.SIGHUP, disposition)
+    try:
+        return start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+
+
 @pytest.mark.slow
 def test_a_closed_terminal_stops_the_trainer_as_sigterm_does(tmp_path):
     """Explore repro: SIGHUP (the terminal closed) ended `lunatrain trainer` and `serve` at once, exit 129,
     leaving trainer.url and trainer.pid naming a dead process and a running job's worker behind."""
     home = tmp_path / "home"
-    home.mkdir()
     # As from a terminal: a suite run under `nohup` hands its children SIGHUP ignored, which they keep.
-    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
-        proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
-    finally:
-        signal.signal(signal.SIGHUP, inherited)
+    proc = _trainer_with_hang_up(home, signal.SIG_DFL)
     try:
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(timeout=60) == 128 + signal.SIGHUP
@@ -348,13 +353,7 @@ def test_a_closed_terminal_stops_the_trainer_as_sigterm_does(tmp_path):
 @pytest.mark.slow
 def test_under_nohup_a_hang_up_leaves_the_trainer_running(tmp_path):
     """`nohup lunatrain trainer`: SIGHUP stays ignored, as the user asked."""
-    home = tmp_path / "home"
-    home.mkdir()
-    inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        proc = start_trainer(home, ASSISTANT_LORA_WARM_WORKER="false")
-    finally:
-        signal.signal(signal.SIGHUP, inherited)
+    proc = _trainer_with_hang_up(tmp_path / "home", signal.SIG_IGN)
     try:
         proc.send_signal(signal.SIGHUP)
         with pytest.raises(subprocess.TimeoutExpired):  # it does not end
