@@ -1182,6 +1182,8 @@ def test_a_ctrl_c_after_the_command_ended_changes_neither_its_exit_nor_its_outpu
     said so exit 130. The SIGINT here comes while the process shuts down."""
     script = (
         "import atexit, os, signal, time\n"
+        # The signal is sent first; the sleep keeps the callback running while Python's handler comes to it (the
+        # signal cannot come after the sleep, so no machine is too slow for this)
         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
         "from lunatrain.cli import main\n"
         "main()\n"

@@ -626,19 +626,21 @@ def test_what_the_trainer_and_its_children_write_to_stderr_rolls_over_with_its_l
 
     log = tmp_path / "trainer.log"
     script = f"""
-import logging, os, subprocess, sys, time
+import logging, os, subprocess, sys
 from pathlib import Path
 from lunatrain.service.app import log_handler, stream_into_log
 from lunatrain.wire import UtcLogFormatter
 handler = log_handler(Path({str(log)!r}), max_bytes=4000)
 handler.setFormatter(UtcLogFormatter())
 logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-stream_into_log()
+pumping = stream_into_log()
 for i in range(100):
     print("stdout line", i, flush=True)
     os.write(2, b"stderr line %d\\n" % i)
 subprocess.run([sys.executable, "-c", "import sys; [sys.stderr.write('child line\\\\n') for _ in range(100)]"])
-time.sleep(1.0)  # the pump thread writes what is still in the pipe
+os.close(1)  # the last writers: the pump reads to the end of what they wrote, then ends
+os.close(2)
+pumping.join(60)
 """
     with open(log, "ab") as start:  # as ensure starts it: its descriptors on the log file
         subprocess.run([sys.executable, "-c", script], stdout=start, stderr=subprocess.STDOUT, check=True, timeout=120)

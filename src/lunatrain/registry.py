@@ -612,11 +612,12 @@ def get_version(settings: Settings, name: str, version: str = "", *, base: str |
             wanted = "latest"
         elif active is None:
             # Active on another base (a base switch): that version is named with its base, as merge says it.
+            others = [(a, base_flag(settings, a.get("baseModel"))) for fp, a in adapter["activeByBase"].items()]
             elsewhere = "".join(
                 f"; on base model {a.get('baseModel')!r} it is {a['version']} (`{name}@{a['version']}` with "
-                f"`{base_flag(settings, a.get('baseModel')).strip()}`)"
-                for fp, a in adapter["activeByBase"].items()
-                if fp != fingerprint and base_flag(settings, a.get("baseModel"))
+                f"`{flag.strip()}`)"
+                for a, flag in others
+                if flag  # another build under the configured base's own id: no --baseModel can name it
             )
             raise NotFound(
                 f"Adapter {name!r} has no active version on {_base_label(settings, fingerprint)}{elsewhere}; "

@@ -46,7 +46,7 @@ from .errors import (
     UsageError,
 )
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
-from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal, writable_beside
+from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, identity, sqlite_wal, writable_beside
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import iso, utc_now
@@ -612,11 +612,7 @@ def _refuse_orphan_wal(url: str) -> None:
 def _file_identity(engine: Engine) -> tuple[int, int] | None:
     """(device, inode) of a SQLite engine's file; None for a server (or no file there)."""
     path = engine.url.database if engine.dialect.name == "sqlite" else None
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if st else None
+    return identity(Path(path)) if path else None
 
 
 def _read_only_note(engine: Engine) -> str:

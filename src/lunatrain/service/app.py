@@ -248,7 +248,7 @@ def log_handler(path: Path | None, max_bytes: int = lock.TRAINER_LOG_BYTES) -> l
         raise UsageError(f"Cannot write the log file {path}: {exc.strerror or exc}.") from None
 
 
-def stream_into_log(logger: str = "lunatrain.output") -> None:
+def stream_into_log(logger: str = "lunatrain.output") -> threading.Thread:
     """What this process and its children write to stdout and stderr (a library's warning, the warm worker's
     traceback) goes through the log's handler from now on: timestamped, and rolled over with the log. The
     descriptors a trainer is started with point at trainer.log as it was then; a rollover renames that file,
@@ -266,7 +266,9 @@ def stream_into_log(logger: str = "lunatrain.output") -> None:
             for line in lines:
                 out.info("%s", line.decode("utf-8", "replace").rstrip("\n"))
 
-    threading.Thread(target=pump, name="trainer-output", daemon=True).start()
+    pumping = threading.Thread(target=pump, name="trainer-output", daemon=True)
+    pumping.start()
+    return pumping  # it ends once every writer has closed the pipe
 
 
 def serve(settings: Settings, host: str, port: int, log_file: Path | None = None) -> None:
