@@ -7,25 +7,38 @@ binds itself and records under its data root).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import lunatrain
 from lunatrain.cli import app
 from lunatrain.errors import ServiceUnavailable
 from lunatrain.service import client, ensure
 from lunatrain.service.ensure import ensure_trainer, log_path
+from lunatrain.service.jobs import JobStore, jobs_db_path
 from lunatrain.service.lock import lock_path, pid_path
 from lunatrain.settings import load_settings
 
-from trainer_helpers import ON_DEMAND_ENV, bound_port, gone, kill_trainers, trainer_processes, wait_for
+from trainer_helpers import (
+    ON_DEMAND_ENV,
+    bound_port,
+    gone,
+    kill_trainers,
+    start_trainer,
+    trainer_processes,
+    wait_for,
+)
 
 LABELS = ("Online (CPU)", "Aktiv (CUDA)")
 
@@ -447,3 +460,77 @@ def test_trainer_log_rolls_over_while_running(tmp_path):
     assert files == ["trainer.log", "trainer.log.1"]
     assert all((tmp_path / f).stat().st_size <= 4096 for f in files)
     assert "1999" in path.read_text()
+
+
+def installed_copy(where: Path) -> Path:
+    """lunatrain as it was installed when a trainer started: a copy of this package under `where`, which a
+    trainer imports with PYTHONPATH=where; an update then replaces its files."""
+    shutil.copytree(Path(lunatrain.__file__).parent, where / "lunatrain", ignore=shutil.ignore_patterns("__pycache__"))
+    return where
+
+
+def update(installed: Path) -> None:
+    module = installed / "lunatrain" / "flow.py"
+    module.write_text(module.read_text() + "\n# the update\n")
+
+
+@pytest.mark.slow
+def test_a_trainer_started_before_an_update_makes_way_for_the_updated_one(home, any_port, tmp_path):
+    """Repro: a trainer started before lunatrain was updated (`pip install -U`, `git pull` in a checkout) kept
+    serving, and every job after the update trained with the code it had imported, without a word. It now
+    says so in its health and stops once idle; the next command starts the updated one (an idle trainer:
+    ensure waits for it to go; a busy one finishes its job first)."""
+    from test_trainer_service import LONG, poll_job, prepare_root, running_with_steps, submit
+
+    settings = load_settings()
+    prepare_root(home)
+
+    # Idle: the next command that needs the trainer gets the updated one.
+    installed = installed_copy(tmp_path / "before")
+    old = start_trainer(home, PYTHONPATH=str(installed), ASSISTANT_LORA_WARM_WORKER="false")
+    assert client.health(settings).code_changed is False
+    update(installed)
+    fresh = ensure_trainer(settings, timeout=300)
+    assert old.wait(timeout=60) is not None
+    said = (home / "trainer-0.log").read_text()
+    assert "lunatrain's code changed on disk since this trainer started (an update); stopping" in said, said[-2000:]
+    assert fresh.code_changed is False and fresh.status == "ok", fresh
+    (now,) = trainer_processes(home)
+    assert now.pid != old.pid and str(installed) not in now.environ().get("PYTHONPATH", "")
+    kill_trainers(home)
+
+    # Busy: its job goes on where it started; then it stops, and its job's record stays where it was.
+    installed = installed_copy(tmp_path / "before-busy")
+    old = start_trainer(home, PYTHONPATH=str(installed), ASSISTANT_LORA_WARM_WORKER="false")
+    job = submit(settings, LONG | {"adapterName": "before-update"})
+    assert wait_for(lambda: running_with_steps(poll_job(settings, job.id)), 300, 0.3)
+    update(installed)
+    busy = ensure_trainer(settings, timeout=60)
+    assert busy.code_changed is True and busy.queue.running == 1, busy
+    assert [p.pid for p in trainer_processes(home)] == [old.pid]
+    said = CliRunner().invoke(app, ["health"])
+    assert said.exit_code == 0 and "lunatrain was updated since this trainer started" in said.output, said.output
+    client.cancel(settings, job.id)
+    assert old.wait(timeout=300) is not None  # once its job ended it stopped by itself
+    with contextlib.closing(JobStore(jobs_db_path(settings.data_dir))) as jobs:
+        assert jobs.get(job.id).status == "cancelled" and jobs.next_queued() is None
+
+
+def test_a_runner_stops_for_an_update_only_when_no_job_waits(home):
+    """The decision itself: lunatrain's files differ from those the runner started with, and nothing is
+    queued: it stops, and admits no job from then on (the trainer answers 503, `trainer.updating`). A job
+    admitted before the decision runs first."""
+    from lunatrain.params import parse_run
+    from lunatrain.service.runner import Runner
+
+    settings = load_settings()
+    with contextlib.closing(JobStore(jobs_db_path(settings.data_dir))) as store:
+        runner = Runner(settings, store)  # not started: no thread runs, nothing is signalled
+        assert runner.code_changed is False and runner._updated() is False
+        runner.code = "what was installed when it started"
+        job, _ = store.create(parse_run({"baseModel": "luna-tiny"})[0], None, None)
+        store.set_status(job.id, "queued")
+        assert runner.code_changed is True and runner._updated() is False  # the queued job runs first
+        assert runner.stopping_for_update is False
+        store.set_status(job.id, "cancelled")
+        assert runner._updated() is True and runner.stopping_for_update is True

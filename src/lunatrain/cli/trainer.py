@@ -123,6 +123,14 @@ def describe_health(settings: Settings, health: Health | None) -> str:
             f"queue {health.queue.running} running, {health.queue.queued} queued; "
             f"trainer {health.version} at {trainer_client.base_url(settings)}",
             *health.can_train,
+            *(
+                [
+                    "lunatrain was updated since this trainer started: it finishes its queue, then stops, and the "
+                    "next command starts the updated one"
+                ]
+                if health.code_changed
+                else []
+            ),
         ]
     )
 

@@ -26,7 +26,7 @@ from fastapi import Path as PathParam
 from pydantic import ConfigDict, Field
 
 from .. import __version__, memplan, registry
-from ..errors import Conflict, UsageError
+from ..errors import Conflict, ServiceUnavailable, UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
@@ -167,6 +167,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
                 "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
                 "storage": problem,
                 "canTrain": memplan.capabilities(info),
+                "codeChanged": state["runner"].code_changed,
             }
         )
 
@@ -198,7 +199,15 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     @app.post("/jobs", dependencies=checked, status_code=202, response_model=Job, response_model_by_alias=True)
     def submit(body: JobCreate, response: Response) -> Job:
         params = accepted(body)
-        job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
+        runner: Runner = state["runner"]
+        with runner.admission:
+            if runner.stopping_for_update:
+                raise ServiceUnavailable(
+                    "The trainer is stopping to start again with lunatrain's updated code; run the command "
+                    "again (it starts the updated trainer).",
+                    params={"detail": "trainer.updating"},
+                )
+            job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
         if created:
             job = store().set_status(job.id, "queued")
             state["runner"].wake()

@@ -205,6 +205,8 @@ def _error(settings: Settings, response: httpx.Response) -> LunaError:
         return Conflict(f"What answers {where(settings)} refused us (401): {FOREIGN}.")
     if status < 500:
         return UsageError(message, details=details, **coded)
+    if status == 503 and coded.get("code") == ServiceUnavailable.code:  # it refused knowingly: its own words
+        return ServiceUnavailable(message, **coded)
     return ServiceUnavailable(f"The trainer failed to answer ({status}): {message}")
 
 

@@ -53,7 +53,9 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
     """
     _reap()
     health = trainer_client.probe(settings)
-    if health is not None and trainer_client.serves_this_root(settings, health):
+    # An outdated idle trainer is about to stop: wait for it and start the updated one, where we may start one.
+    restart = (settings.lora_ensure_on_demand or explicit) and health is not None and _stops_for_update(health)
+    if health is not None and trainer_client.serves_this_root(settings, health) and not restart:
         return health
     if not settings.lora_ensure_on_demand and not explicit:
         if health is None:
@@ -77,6 +79,8 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
         # Another caller may have started it while we waited for the lock. The full probe timeout: a trainer
         # that answers slowly (a busy machine) must not be taken for none, or a second one would be started.
         health = trainer_client.probe(settings)
+        if health is not None and trainer_client.serves_this_root(settings, health) and _stops_for_update(health):
+            health = _wait_stopped(settings, deadline, timeout)
         port = None
         if health is not None:
             if trainer_client.serves_this_root(settings, health):
@@ -99,6 +103,32 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
             # answered too slowly, whose data root the new one found taken) gets its record back.
             remove_pid(settings, proc.pid, previous=previous)
             raise
+
+
+def _stops_for_update(health: Health) -> bool:
+    """This root's trainer runs lunatrain's code from before an update and has no job: it stops by itself
+    (runner.py) within seconds, so that the updated trainer can start. A busy one finishes its queue first,
+    and a job submitted now joins that queue."""
+    return health.code_changed and not (health.queue.running or health.queue.queued)
+
+
+def _wait_stopped(settings: Settings, deadline: float, timeout: float) -> Health | None:
+    """Wait until the outdated trainer has stopped (None), or another answers for this data root (its
+    health: it may have been started by a concurrent caller without the lock, e.g. by hand)."""
+    while True:
+        health = trainer_client.probe(settings, timeout=1.0)
+        if health is None or not (trainer_client.serves_this_root(settings, health) and health.code_changed):
+            return health
+        if time.monotonic() >= deadline:
+            pid = read_pid(settings)
+            raise ServiceUnavailable(
+                f"The trainer {trainer_client.where(settings)} runs lunatrain's code from before an update and "
+                f"did not stop within {timeout:g}s to start again with the updated code; stop it"
+                + (f" (`kill {pid}`)" if pid else "")
+                + " and run the command again.",
+                params={"detail": "trainer.update_timeout", "seconds": timeout},
+            )
+        time.sleep(_POLL_S)
 
 
 def _refuse_chosen_address(settings: Settings, health: Health) -> None:

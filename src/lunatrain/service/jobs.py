@@ -170,6 +170,10 @@ class Health(WireModel):
     data_root: DataRootView | None = None
     storage: str | None = Field(default=None, description="the storage problem, when there is one")
     can_train: list[str] = Field(default_factory=list, description="what this device can train (memplan)")
+    code_changed: bool = Field(
+        default=False,
+        description="lunatrain was updated on disk since this trainer started: it finishes its queue, then stops",
+    )
 
 
 class ProviderHealth(Health):

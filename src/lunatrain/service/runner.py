@@ -29,7 +29,7 @@ from ..settings import Settings
 from ..wire import now_iso
 from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, resumable, resume_hint, settle_interrupted, signal_group
-from .spawn import child_env, job_ranks, worker_argv
+from .spawn import child_env, code_signature, job_ranks, worker_argv
 from .warm import Forked, WarmWorker
 
 log = logging.getLogger("lunatrain.trainer")
@@ -74,6 +74,11 @@ class Runner:
     ) -> None:
         self.settings = settings
         self.root = identity(settings.home)  # the folder it serves: one made again at its path is another
+        self.code = code_signature()  # the lunatrain it runs; an update on disk makes it outdated (_updated)
+        # Held while a job is admitted and while the runner decides to stop for an update: a job is either
+        # queued before that decision (and runs here) or refused after it, never left queued behind.
+        self.admission = threading.Lock()
+        self.stopping_for_update = False
         self.warm = warm  # forks single-process jobs while it lives (warm.py); None: every job starts fresh
         self.store = store
         self.cancel_grace = cancel_grace
@@ -155,6 +160,9 @@ class Runner:
                 # files land in the new folder. A queued job stays queued where it belongs; exit cleanly.
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            if job is None and self._updated():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             if job is None:
                 self._wake.wait(timeout=2.0)
                 self._wake.clear()
@@ -185,6 +193,28 @@ class Runner:
             log.error("data root %s was moved or replaced; shutting down", home)
             return True
         return False
+
+    @property
+    def code_changed(self) -> bool:
+        """lunatrain's code on disk is no longer the code this trainer runs (for /health)."""
+        return code_signature() != self.code
+
+    def _updated(self) -> bool:
+        """Whether to stop because lunatrain was updated since this trainer started: its jobs would train
+        with the code it imported then (its warm worker's too), whatever the user installed since. Only
+        when idle: jobs queued before run here first. The next command that needs a trainer starts the
+        updated one (ensure.py waits for this one to go)."""
+        if not self.code_changed:
+            return False
+        with self.admission:
+            if self.store.next_queued() is not None:
+                return False  # admitted just now: it runs first
+            self.stopping_for_update = True
+        log.warning(
+            "lunatrain's code changed on disk since this trainer started (an update); stopping, so that the "
+            "next command starts the trainer with the updated code"
+        )
+        return True
 
     def _back_off(self, exc: BaseException) -> None:
         """Wait before the next try after a storage error (1 s doubling to 60 s): a full disk must leave the

@@ -3,8 +3,10 @@ Python, the same lunatrain (installed or run from a checkout), the data root pas
 
 from __future__ import annotations
 
+import hashlib
 import os
 import site
+import stat
 import sys
 import sysconfig
 from pathlib import Path
@@ -32,6 +34,26 @@ def child_env(settings: Settings, *, ours: bool = True, **extra: str) -> dict[st
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def code_signature() -> str:
+    """What the lunatrain package on disk is now: a digest of every file's path, size and modification time
+    (no __pycache__). A long-running process compares it with the one it took at start: an update (`pip
+    install -U`, `git pull` in a checkout) changes it, and the process is running code that is no longer
+    there. Stat only, about a hundred files: cheap enough to ask every few seconds."""
+    package = Path(_SRC) / "lunatrain"
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        try:
+            st = path.stat()
+        except OSError:  # removed while we looked: an update under way, which the next look sees whole
+            digest.update(f"{path}:gone".encode())
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            digest.update(f"{path.relative_to(package)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _site_dirs() -> set[str]:
