@@ -562,3 +562,59 @@ def test_gc_says_sizes_in_the_unit_that_fits():
     from lunatrain.cli.gc import _size
 
     assert [_size(n) for n in (512, 99_999, 100_000, 5_432_100_000)] == ["0.5 kB", "100.0 kB", "0.1 MB", "5.4 GB"]
+
+
+def test_two_collections_at_once_remove_each_thing_once_and_both_succeed(settings: Settings) -> None:
+    """Repro: two `gc` at once (or a user's beside the one a trainer runs after each job): one failed with
+    "Cleaning up under <home> failed: No such file or directory." (it measured a folder the other was
+    removing), or both claimed the same exports. Now they take turns: each thing is removed and reported
+    once, and the second finds what the first left."""
+    import threading
+
+    world = _world(settings)
+    for _ in range(3):
+        ex.export(settings)  # three more exports to remove, whose folders take a while to measure
+    planned = {i.path for i in retention.collect(settings, dry_run=True).items}
+    reports: list[retention.GcReport] = []
+    errors: list[BaseException] = []
+
+    def gc() -> None:
+        try:
+            reports.append(retention.collect(settings))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=gc) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    claimed = [i.path for r in reports for i in r.items]
+    assert sorted(claimed) == sorted(planned), claimed  # each once, between them
+    assert retention.collect(settings, dry_run=True).items == []
+    assert world["fresh"].is_dir()
+
+
+def test_a_thing_gone_while_it_is_measured_counts_as_gone(tmp_path: Path) -> None:
+    """What another program removes while gc measures it is no error: it is gone, with what was counted."""
+    folder = tmp_path / "export"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.jsonl").write_text("x" * 100)
+    assert fsio.tree_size(folder) == 100
+    assert fsio.tree_size(tmp_path / "never-was") == 0
+
+
+def test_an_error_while_cleaning_up_names_the_path(settings: Settings, monkeypatch) -> None:
+    """ "Cleaning up under <home> failed: Permission denied." left the user to search the data root for it."""
+    _world(settings)
+    refused: list[Path] = []
+
+    def rmtree(path, **_: object) -> None:
+        refused.append(Path(path))
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+    r = CliRunner().invoke(app, ["gc"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert refused and f"Permission denied: {refused[0]}" in r.output, r.output

@@ -53,7 +53,7 @@ import sqlalchemy as sa
 
 from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
 from .formats import content_hash_as_stored
-from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, storage_guard
+from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, storage_guard, tree_size
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store
@@ -592,24 +592,29 @@ def current_id(settings: Settings) -> str | None:
     return Path(os.readlink(link)).name if link.is_symlink() else None
 
 
-def prune_exports(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path]:
+def prune_exports(
+    settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[Path, int] | None = None
+) -> list[Path]:
     """Export directories beyond the `keep` newest (the current one always stays) and partial ones left by
-    a crash; removed unless `dry_run`. Returns them. Takes the export lock, so it never races an export (a
-    dry run only reads: a shared one, which a read-only data root does not refuse)."""
+    a crash; removed unless `dry_run`. Returns them; `sizes` gets the bytes of each, measured before it goes.
+    Takes the export lock, so it never races an export or another prune (a dry run only reads: a shared
+    one, which a read-only data root does not refuse)."""
     out = settings.training_dir
     if not (out / EXPORTS_DIR).is_dir():
         return []
     with file_lock(out / ".export.lock", shared=dry_run):
-        return _prune(settings, keep, dry_run=dry_run)
+        return _prune(settings, keep, dry_run=dry_run, sizes=sizes)
 
 
-def _prune(settings: Settings, keep: int, *, dry_run: bool = False) -> list[Path]:
+def _prune(settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[Path, int] | None = None) -> list[Path]:
     root = settings.training_dir / EXPORTS_DIR
     current = current_id(settings)
     ids = export_ids(settings)
     kept = {current} | set(ids[-max(keep, 1) :])
     doomed = [root / i for i in ids if i not in kept]
     doomed += sorted(p for p in root.iterdir() if p.suffix == ".partial" and _export_time(p.stem))
+    if sizes is not None:
+        sizes.update((path, tree_size(path)) for path in doomed)
     if not dry_run:
         for path in doomed:
             remove_tree(path)

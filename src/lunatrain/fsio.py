@@ -396,6 +396,22 @@ def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def tree_size(path: Path) -> int:
+    """Bytes under `path` (a file, a link, or a folder with everything in it), links not followed. What
+    another program removes meanwhile is gone, not an error: it counts with what was seen of it."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):  # os.walk passes over a folder that vanished under it
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
 def remove_tree(path: Path) -> None:
     """`path` gone, whatever it is: a folder with everything in it, or a link (only the link: what it names,
     perhaps outside the data root, is never touched; rmtree refuses a link, and its error would be lost)."""

@@ -28,13 +28,15 @@ The policy (settings, ASSISTANT_* variables):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import struct
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +44,7 @@ from typing import Any
 
 from . import export
 from .errors import StorageError
-from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, remove_tree
+from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, remove_tree, tree_size
 from .registry import WORK_DIR
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
@@ -91,28 +93,49 @@ def collect(
     now = now or utc_now()
     report = GcReport(dry_run)
     try:
-        # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
-        # still queued may resume from); exports, caches and staging folders do not, and still go.
-        damaged, kept = None, "the run work directories and job events were kept"
-        try:
-            report.items += _jobs(settings, now, dry_run)
-        except sqlite3.Error as exc:
-            damaged = exc
-        report.items += _exports(settings, dry_run)  # may wait for an export in progress (its lock)
-        report.items += _token_caches(settings, dry_run)
-        if damaged is None:
-            try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
-                report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings) | set(keep))
-            except sqlite3.Error as exc:  # damaged where the first read did not look: its job events went
-                damaged, kept = exc, "the run work directories were kept"
-        if damaged is not None:
-            report.problems.append(
-                f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); {kept}."
-            )
-        report.items += _staging(settings, dry_run)
+        with _one_at_a_time(settings, shared=dry_run):
+            _collect(settings, report, now, dry_run, keep)
     except OSError as exc:
-        raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}.") from None
+        where = f": {exc.filename}" if exc.filename else ""
+        raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}{where}.") from None
     return report
+
+
+@contextlib.contextmanager
+def _one_at_a_time(settings: Settings, *, shared: bool) -> Iterator[None]:
+    """One collection at a time per data root: a user's `gc` beside the one a trainer runs after each job
+    measured and claimed what the other was removing (and failed on a folder gone under it). The second
+    waits, then finds what the first left. A lock on the data root folder itself (flock on its descriptor),
+    so nothing is written for it: a dry run on a read-only root takes it shared."""
+    fd = os.open(settings.home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with the descriptor
+
+
+def _collect(settings: Settings, report: GcReport, now: datetime, dry_run: bool, keep: Collection[str]) -> None:
+    """The policy's steps, in order (`collect` holds the lock and turns an OSError into one sentence)."""
+    # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
+    # still queued may resume from); exports, caches and staging folders do not, and still go.
+    damaged, kept = None, "the run work directories and job events were kept"
+    try:
+        report.items += _jobs(settings, now, dry_run)
+    except sqlite3.Error as exc:
+        damaged = exc
+    report.items += _exports(settings, dry_run)  # may wait for an export in progress (its lock)
+    report.items += _token_caches(settings, dry_run)
+    if damaged is None:
+        try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
+            report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings) | set(keep))
+        except sqlite3.Error as exc:  # damaged where the first read did not look: its job events went
+            damaged, kept = exc, "the run work directories were kept"
+    if damaged is not None:
+        report.problems.append(
+            f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); {kept}."
+        )
+    report.items += _staging(settings, dry_run)
 
 
 def after_run(settings: Settings, log: logging.Logger | None = None, *, resumable: str | None = None) -> None:
@@ -134,12 +157,6 @@ def after_run(settings: Settings, log: logging.Logger | None = None, *, resumabl
             log.info("retention removed %s %s (%s)", item.kind, item.path, item.reason)
         for problem in report.problems:
             log.warning("retention: %s", problem)
-
-
-def _size(path: Path) -> int:
-    if path.is_symlink() or path.is_file():
-        return path.lstat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
 
 
 def _jobs_db(settings: Settings) -> Path | None:
@@ -192,7 +209,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
                 items.append(Item("job-log", str(settings.shown(log)), log.stat().st_size, reason))
             ranks = ranks_log_dir(logs, job_id)
             if ranks.is_dir():
-                items.append(Item("job-log", str(settings.shown(ranks)), _size(ranks), reason))
+                items.append(Item("job-log", str(settings.shown(ranks)), tree_size(ranks), reason))
         if not dry_run and doomed:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
@@ -230,12 +247,13 @@ def _parse(stamp: str | None) -> datetime:
 
 
 def _exports(settings: Settings, dry_run: bool) -> list[Item]:
-    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=True)
-    items = [
+    sizes: dict[Path, int] = {}  # measured under the export lock, as they are listed and removed
+    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=dry_run, sizes=sizes)
+    return [
         Item(
             "export",
             str(settings.shown(p)),
-            _size(p),
+            sizes[p],
             "left by an interrupted export"
             if p.name.endswith(".partial")
             else "older than the newest export"
@@ -244,9 +262,6 @@ def _exports(settings: Settings, dry_run: bool) -> list[Item]:
         )
         for p in doomed
     ]
-    if not dry_run and doomed:
-        export.prune_exports(settings, settings.retain_exports)
-    return items
 
 
 def cache_fingerprint(path: Path) -> str | None:
@@ -330,7 +345,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
             Item(
                 "run-workdir",
                 str(settings.shown(run)),
-                _size(run),
+                tree_size(run),
                 f"unchanged for {unchanged} (kept {kept:g} {'day' if kept == 1 else 'days'})",
             )
         )
@@ -343,7 +358,7 @@ def _staging(settings: Settings, dry_run: bool) -> list[Item]:
     items = []
     for parent in (settings.models_dir, settings.merged_dir):
         for path, reason in abandoned_staging(parent):
-            items.append(Item("staging", str(settings.shown(path)), _size(path), reason))
+            items.append(Item("staging", str(settings.shown(path)), tree_size(path), reason))
             if not dry_run:
                 remove_tree(path)
     return items
