@@ -445,6 +445,41 @@ def test_ctrl_c_during_the_gate_of_a_local_run_names_the_ungated_version_and_wha
     assert [a["version"] for a in registry.list_active(settings) if a["name"] == "ow"] == ["current"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_during_the_gate_of_a_local_run_says_what_ctrl_c_says(settings, tiny, monkeypatch, sig):
+    """Repro: SIGTERM (a `kill`, a service manager) or SIGHUP (the terminal closed) while `lora --local` gated
+    its new version ended the command with 143 and not a word, where Ctrl-C names the ungated version and
+    what to do; the README promises the same for all three. It says the same now, with the signal's status."""
+    import time
+
+    from lunatrain import evalgate
+
+    write_export(settings, make_records(40))
+
+    def signalled(*_a, **_k):
+        os.kill(os.getpid(), sig)
+        for _ in range(500):  # the handler runs at the next bytecode; this only waits for it
+            time.sleep(0.01)
+        raise AssertionError("the signal was not taken")
+
+    def default_action(signum, _frame):  # what the process would do without the command's handler: die
+        raise RuntimeError(f"{signal.Signals(signum).name} took its default action")
+
+    monkeypatch.setattr(evalgate, "gate_candidate", signalled)
+    previous = signal.signal(sig, default_action)
+    try:
+        r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--adapterName", "vs", "--minCurated", "0"])
+    finally:
+        signal.signal(sig, previous)
+    assert r.exit_code == 128 + sig, (r.exit_code, r.output, r.exception)
+    assert r.output.strip().splitlines()[-1] == (
+        f"error: Interrupted ({sig.name}) during the eval gate: vs@v1 is trained and registered but not gated, so "
+        "it is not served; `lunatrain eval-gate --adapter vs@v1` scores it and `lunatrain adapters activate vs@v1` "
+        "serves it."
+    ), r.output
+    assert not registry.get_version(settings, "vs", "v1").get("gate")
+
+
 def test_a_base_model_directory_relative_to_the_working_directory_reaches_the_trainer_absolute(
     settings, tmp_path, monkeypatch
 ):

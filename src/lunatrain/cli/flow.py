@@ -82,6 +82,15 @@ def _absolute_dir(params: LoraParams) -> LoraParams:
     return params
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during the gate of a local run: taken as a second Ctrl-C is (the command stops at
+    once and says what became of the version), ending with that signal's status."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signal.Signals(signum)
+
+
 class _CtrlC:
     """While training in this process: the first Ctrl-C asks the loop to stop after the step it is in (as a
     cancel does: the run is recorded, its epoch checkpoints stay for --resume); a second one interrupts at
@@ -118,6 +127,16 @@ class _CtrlC:
     def exit_code(self) -> int:
         return 128 + int(self.signum)  # 130 for Ctrl-C: the shell's status for a command ended by that signal
 
+    def at_once(self) -> None:
+        """Training is over (the gate runs): from now on each signal stops the command at once, as a second
+        Ctrl-C does; SIGTERM and SIGHUP raise `Signalled`, so that they are said as Ctrl-C is."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if sig == signal.SIGINT else self._raise)
+
+    def _raise(self, signum: int, _frame: Any) -> None:
+        self.restore()
+        raise Signalled(signum)
+
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
@@ -149,7 +168,7 @@ def local_lora(
     ended: dict[str, Any] = {}  # the outcome, for the retention after it
 
     def on_trained(outcome: dict[str, Any]) -> None:
-        ctrl_c.restore()  # trained: a Ctrl-C during the gate is an interrupt
+        ctrl_c.at_once()  # trained: a signal during the gate is an interrupt
         trained.update(outcome)
 
     with _CtrlC() as ctrl_c, display or contextlib.nullcontext(), _then_retention(settings, main, params, ended):
@@ -165,12 +184,14 @@ def local_lora(
                 may_gate=lambda: main,
             )
             ended.update(outcome)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if not trained.get("adapter"):
                 raise
+            signum = exc.signum if isinstance(exc, Signalled) else signal.SIGINT
             said_interrupted()
-            typer.echo(f"error: {_gate_interrupted(settings, trained['adapter'])}", err=True)
-            raise typer.Exit(130) from None
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                typer.echo(f"error: {_gate_interrupted(settings, trained['adapter'], signum)}", err=True)
+            raise typer.Exit(128 + int(signum)) from None
     if ctrl_c.pressed and outcome["status"] == "cancelled":
         said_interrupted()
         if main:
@@ -209,8 +230,9 @@ def _training_interrupted(error: dict[str, Any], signum: int = signal.SIGINT) ->
     )
 
 
-def _gate_interrupted(settings: Settings, adapter: dict[str, Any]) -> str:
+def _gate_interrupted(settings: Settings, adapter: dict[str, Any], signum: int = signal.SIGINT) -> str:
     ref = f"{adapter['name']}@{adapter['version']}"
+    by = "Interrupted" if signum == signal.SIGINT else f"Interrupted ({signal.Signals(signum).name})"
     if adapter.get("revision") is not None:  # train_and_gate discarded the staged revision
         try:
             slot = registry.get_version(settings, adapter["name"], adapter["version"])
@@ -219,7 +241,7 @@ def _gate_interrupted(settings: Settings, adapter: dict[str, Any]) -> str:
             held = None
         now = f"the slot still serves revision {held}" if held is not None else "the slot holds no revision yet"
         return (
-            f"Interrupted during the eval gate: revision {adapter['revision']} of {ref} was not gated and is "
+            f"{by} during the eval gate: revision {adapter['revision']} of {ref} was not gated and is "
             f"discarded; {now}. Run the command again to train it anew."
         )
     try:  # its base, named in the commands where it is not the configured one (a --baseModel run)
@@ -229,7 +251,7 @@ def _gate_interrupted(settings: Settings, adapter: dict[str, Any]) -> str:
     except (LunaError, KeyError, TypeError):
         flag = ""
     return (
-        f"Interrupted during the eval gate: {ref} is trained and registered but not gated, so it is not served; "
+        f"{by} during the eval gate: {ref} is trained and registered but not gated, so it is not served; "
         f"`lunatrain eval-gate --adapter {ref}{flag}` scores it and `lunatrain adapters activate {ref}{flag}` serves "
         "it."
     )
