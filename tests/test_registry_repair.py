@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -608,3 +609,26 @@ def test_a_folder_named_like_a_version_with_a_newline_is_no_version(settings):
     report.parent.mkdir(parents=True)
     report.write_text("{}")
     assert registry.load(settings) == {"format": registry.FORMAT, "adapters": {}}
+
+
+def test_a_repair_interrupted_before_it_wrote_leaves_the_damaged_registry_in_place(settings, monkeypatch):
+    """Repro: Ctrl-C (or a kill) in the moment after `adapters repair` moved the damaged registry aside left no
+    registry at all; the next repair rebuilt it without naming the damaged copy it had kept. The damaged
+    file now stays in place until the rebuilt one replaces it."""
+    _publish(str(settings.home), "luna", "v1")
+    path = registry.registry_path(settings)
+    path.write_text("{broken")
+    writes = registry._save
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registry.repair(settings)
+    assert path.read_text() == "{broken"  # still where it was: the next command says it is damaged
+    monkeypatch.setattr(registry, "_save", writes)
+    repaired = registry.repair(settings)
+    assert repaired["repaired"]
+    assert registry.load(settings)["repaired"]["damagedFile"] == Path(repaired["damagedFile"]).name
+    assert Path(repaired["damagedFile"]).read_text() == "{broken"

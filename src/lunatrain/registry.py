@@ -1488,6 +1488,20 @@ def mark_stale(
 # --- repair ---------------------------------------------------------------------------------------
 
 
+def _second_name(path: Path, other: Path) -> None:
+    """`path` kept as `other` too. Not a file (a folder in its place): moved aside, as nothing can replace
+    it where it is."""
+    if path.is_dir() and not path.is_symlink():
+        os.replace(path, other)
+        return
+    try:
+        os.link(path, other, follow_symlinks=False)
+    except FileNotFoundError:
+        raise
+    except OSError:  # no hard links here (some network and FAT file systems)
+        shutil.copy2(path, other, follow_symlinks=False)
+
+
 def repair(settings: Settings) -> dict[str, Any]:
     """Rebuild lora-adapters.json from the version folders when it cannot be read (see module docstring).
     Returns {"repaired": bool, "damagedFile": path or None, "versions": n, "adapters": [...], "settled": [...],
@@ -1524,7 +1538,10 @@ def repair(settings: Settings) -> dict[str, Any]:
             aside: Path | None = path.with_name(f"{path.name}.damaged-{compact_stamp()}")
             with storage_guard(path):
                 try:
-                    os.replace(path, aside)  # kept for a person to look at; the rebuilt file takes its place
+                    # Kept for a person to look at: a second name for the same file (a copy where the file
+                    # system has no hard links), so that the damaged registry stays in place until the
+                    # rebuilt one replaces it. Interrupted in between, the next command finds it as it was.
+                    _second_name(path, aside)
                 except FileNotFoundError:  # a missing registry: nothing to keep
                     aside = None
             rebuilt["repaired"] = {"at": now(), "damagedFile": aside.name if aside else None}
