@@ -193,9 +193,8 @@ def import_cmd(
         )
     except LunaError as err:
         problems = err.details if isinstance(err.details, list) else []
-        if as_json:  # every problem, for a script to act on; the sentence still goes to stderr
-            error = {"code": err.code, "message": err.message}
-            typer.echo(json_text({"error": error, "problems": problems}))
+        if as_json:  # every problem, for a script to act on, as the API's 422 names them; the sentence on stderr
+            typer.echo(json_text({"error": {"code": err.code, "message": err.message, "details": problems}}))
         elif len(problems) > 1:
             _list_problems(problems)
         raise fail(err) from None
