@@ -41,7 +41,7 @@ from lunatrain import registry
 from lunatrain.errors import UsageError
 from lunatrain.params import parse_run
 from lunatrain.service import client as trainer_client
-from lunatrain.service.jobs import Job
+from lunatrain.service.jobs import Job, job_log_path
 from lunatrain.service.runner import _rank_crash_error
 from lunatrain.service.spawn import child_env, job_ranks, worker_argv
 from lunatrain.settings import Settings, load_settings
@@ -301,6 +301,14 @@ def test_kill_9_of_one_rank_fails_the_job_and_the_next_job_trains_like_one_proce
         assert final.metrics["tokensTrained"] == single.report["metrics"]["tokensTrained"]
         assert [v["jobId"] for v in versions(settings, "dp")] == [job.id]  # rank 0 alone registered
 
+        # Repro: every line of a two-rank job's log came twice, without saying which rank wrote it, under
+        # torchrun's OMP_NUM_THREADS banner. Rank 0 says each step for all; the other says who it is.
+        said = job_log_path(settings.trainer_logs_dir, job.id).read_text()
+        assert "OMP_NUM_THREADS" not in said, said[:2000]
+        assert said.count(" parameters: ") == 1 and said.count(" training ") == 1, said
+        assert re.search(rf"Z \[rank 1\] worker \d+ started for {job.id} \(rank 1 of 2\)$", said, re.M), said
+        assert re.search(rf"Z worker \d+ started for {job.id} \(rank 0 of 2\)$", said, re.M), said
+
         # torchrun's per-rank logs are kept beside the job's log, not left in the machine's temp folder.
         ranks_dir = settings.data_dir / "trainer" / "logs" / f"{job.id}.torchrun"
         assert sorted(p.name for p in ranks_dir.glob("*/attempt_0/*") if p.is_dir()) == ["0", "1"]
@@ -327,6 +335,8 @@ def test_a_failure_of_one_rank_fails_the_job_at_once_with_that_ranks_error(svc, 
             assert final.error.message.startswith("Rank 1 of the 2 training processes failed: "), final.error
             assert said in final.error.message, final.error
             assert versions(settings, name) == []
+            said = job_log_path(settings.trainer_logs_dir, job.id).read_text()
+            assert "[rank 1] " in said and said.count(" parameters: ") == 1, said  # rank 1's own failure, labelled
     # review repro: rank 0 recorded its lost connection ("Connection reset by peer") as the run's own failure
     latest = json.loads(settings.lora_latest_report.read_text())
     assert latest["adapterName"] == "dp-rank-error" and latest["error"]["code"] == "rank_peer_lost", latest["error"]

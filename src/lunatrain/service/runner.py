@@ -253,12 +253,15 @@ class Runner:
                     log.info("job %s not started: the trainer is stopping", job.id)
                     return
                 if proc is None:
+                    env = child_env(self.settings)
+                    if ranks > 1:  # torchrun's own default, said instead of a banner atop every job's log
+                        env.setdefault("OMP_NUM_THREADS", "1")
                     proc = subprocess.Popen(
                         argv,
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE,
                         stderr=log_file,
-                        env=child_env(self.settings),
+                        env=env,
                         cwd=self.settings.home,
                         start_new_session=True,
                     )

@@ -46,6 +46,13 @@ from ..messages import coded
 from ..startup import import_training_stack
 from ..wire import finite, now_iso
 
+_LABEL = [""]  # "[rank N] " in a rank other than 0 under torchrun: its lines in the job's log are told apart
+
+
+def say(text: str) -> None:
+    """One line into the job's log (stderr), stamped as every record is and labelled with this rank."""
+    print(f"{now_iso()} {_LABEL[0]}{text}", file=sys.stderr, flush=True)
+
 
 class Channel:
     """The event stream to the parent: the original stdout, one JSON line per event, flushed each time.
@@ -57,13 +64,13 @@ class Channel:
         self.broken = False
 
     def send(self, event: dict[str, Any]) -> None:
+        if self._stream is None:  # another rank: rank 0 says each step for all (they train in lockstep)
+            return
         if event.get("type") == "log" and event.get("message"):
             # The job's log file (stderr) gets the log events too: it is what a crash message quotes the last
             # line of, and without them it held only the start line, as if the job had died starting. Stamped
             # as every record is, so the log read afterwards says when each step happened.
-            print(f"{now_iso()} {event['message']}", file=sys.stderr, flush=True)
-        if self._stream is None:
-            return
+            say(event["message"])
         line = json.dumps(finite(event), ensure_ascii=False, default=str)
         with self._lock:
             if self.broken:
@@ -104,7 +111,7 @@ def _watch_parent(stop: threading.Event, parent: int) -> None:
     def loop() -> None:
         while not stop.wait(1.0):
             if os.getppid() != parent:
-                print("worker: the trainer process is gone; stopping", file=sys.stderr, flush=True)
+                say("worker: the trainer process is gone; stopping")
                 stop.set()
                 # If the engine never checks should_stop again (stuck in a long step), do not linger.
                 time.sleep(30)
@@ -154,8 +161,8 @@ def run(
     settings = load_settings()
     params, options = parse_params(params_json), FlowOptions.model_validate(options_json)
     # the job's log starts with what it runs: every parameter as resolved, the flow's options
-    wired = json.dumps(params.wire() | {"options": options.wire()}, sort_keys=True, default=str)
-    print(f"{now_iso()} parameters: {wired}", file=sys.stderr, flush=True)
+    if distributed.from_env().main:  # every rank runs the same ones
+        say(f"parameters: {json.dumps(params.wire() | {'options': options.wire()}, sort_keys=True, default=str)}")
     # Checked first: a job with bad parameters fails in a fraction of a second, not after the 4-second import.
     if params.quantize == "none":
         without_bitsandbytes()  # only a quantized job needs it (compat.without_bitsandbytes says why)
@@ -211,9 +218,10 @@ def log_failure(exc: BaseException) -> None:
     if isinstance(exc, distributed.RankFailed) and exc.__cause__ is not None:
         exc = exc.__cause__  # what ended the rank
     if isinstance(exc, LunaError):
-        print(f"{now_iso()} error {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+        say(f"error {exc.code}: {exc.message}")
     else:  # a bug (also one that ended a rank): its traceback
-        traceback.print_exception(exc, file=sys.stderr)
+        lines = "".join(traceback.format_exception(exc)).splitlines()
+        print("\n".join(_LABEL[0] + line for line in lines), file=sys.stderr, flush=True)
 
 
 def _result_dict(outcome: dict[str, Any]) -> dict[str, Any]:
@@ -268,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _silence_stdout()
         channel = Channel(None)
+        _LABEL[0] = f"[rank {world.rank}] "
     stop, shutdown = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a cancel
 
@@ -289,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         else coded("log.worker_started", pid=os.getpid())
     )
     channel.send({"type": "log", "message": f"worker {os.getpid()} started for {args.job}{rank}", **started})
+    if not world.main:  # said by each rank itself: which processes ran the job
+        say(f"worker {os.getpid()} started for {args.job}{rank}")
     left: distributed.RankFailed | None = None  # this rank's run failed on its own: it leaves the group
     try:
         thresholds = json.loads(args.gate_thresholds) if args.gate_thresholds else None
