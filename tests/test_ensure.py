@@ -106,6 +106,21 @@ def test_a_start_command_of_the_users_imports_what_lies_beside_it(home, any_port
     assert "the module beside it" in log_path(settings).read_text()
 
 
+def test_the_token_in_a_start_command_is_not_written_to_the_log(home, any_port, monkeypatch):
+    """Repro: ASSISTANT_LORA_TRAINER_START_CMD was written to trainer.log as it stands, the API token in it
+    too (`ssh gpu-box env ASSISTANT_API_TOKEN=… lunatrain trainer`): the log is what users paste into issues."""
+    token = "s3cret-token-4711"
+    monkeypatch.setenv("ASSISTANT_API_TOKEN", token)
+    cmd = shlex.join([sys.executable, "-c", "import sys; sys.exit(3)", f"ASSISTANT_API_TOKEN={token}"])
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
+    settings = load_settings()
+    with pytest.raises(ServiceUnavailable, match=r"exited while starting \(status 3\)") as info:
+        ensure_trainer(settings, timeout=60)
+    said = log_path(settings).read_text()
+    assert "starting trainer: " in said and "ASSISTANT_API_TOKEN=***" in said, said
+    assert token not in said and token not in info.value.message
+
+
 def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monkeypatch):
     cmd = shlex.join([sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)

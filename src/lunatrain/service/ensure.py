@@ -155,12 +155,19 @@ def start_argv(settings: Settings, port: int | None = None) -> list[str]:
     return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))
 
 
+def _shown(settings: Settings, argv: list[str]) -> str:
+    """The command as the log and a message show it: without the API token, which a start command may pass
+    on (`ssh gpu-box env ASSISTANT_API_TOKEN=… lunatrain trainer`); the log is what users paste into issues."""
+    text = shlex.join(argv)
+    return text.replace(settings.api_token, "***") if settings.api_token else text
+
+
 def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Popen[bytes]:
     """Start the trainer detached, logging to trainer.log; does not wait for it."""
     argv = start_argv(settings, port)
     log = log_path(settings)
     env = child_env(settings, ours=not settings.lora_trainer_start_cmd)
-    with _start_log(settings, log, f"\n--- {now_iso()} starting trainer: {shlex.join(argv)}\n") as fh:
+    with _start_log(settings, log, f"\n--- {now_iso()} starting trainer: {_shown(settings, argv)}\n") as fh:
         try:
             proc = subprocess.Popen(
                 argv,
@@ -173,7 +180,7 @@ def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Pop
             )
         except OSError as exc:
             raise ServiceUnavailable(
-                f"Could not start the trainer ({shlex.join(argv)}): {exc}.",
+                f"Could not start the trainer ({_shown(settings, argv)}): {exc}.",
                 params={"detail": "trainer.start_failed", "why": str(exc)},
             ) from None
     _started.append(proc)
