@@ -675,3 +675,29 @@ def test_a_base_of_another_data_root_is_read_there_when_this_root_is_no_copy(set
         "baseModel": {"id": str(outside), "fingerprint": fp},
     }
     assert registry.trained_base(settings, entry, "gate it").fingerprint == fp
+
+
+def test_a_merge_killed_as_it_swaps_its_folder_in_leaves_a_whole_model_in_place(tmp_path):
+    """Repro: a kill between the two renames that put a new merged model in place (the earlier one aside,
+    then the new one in) left no model at the target, only two hidden folders that gc then removed. The
+    swap is one exchange of the two folders where the file system has it (Linux: renameat2), so the target
+    always holds a whole model; the earlier one is then moved aside as before."""
+    import subprocess
+    import sys
+
+    target, finished = tmp_path / "luna-adapter-v1", tmp_path / "built"
+    for folder, said in ((target, "earlier"), (finished, "new")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(said)
+    killed = (
+        "import os, signal, sys; from pathlib import Path; from lunatrain import fsio\n"
+        "real = os.replace\n"
+        "def replace(a, b, *args, **kw):\n"
+        "    real(a, b, *args, **kw)\n"
+        "    if '.old.' in os.path.basename(str(b)): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+        "with fsio.swapped_dir(Path(sys.argv[1]), Path(sys.argv[2])): pass\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed, str(finished), str(target)], check=False)
+    assert done.returncode == -9
+    assert (target / "model.safetensors").read_text() == "new"

@@ -9,6 +9,7 @@ DamagedFile naming it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -19,6 +20,7 @@ import shutil
 import socket
 import sqlite3
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -274,13 +276,46 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def _load_renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2  # glibc 2.28 and later
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+_RENAMEAT2 = _load_renameat2() if sys.platform.startswith("linux") else None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap what `a` and `b` name in one step (Linux renameat2 RENAME_EXCHANGE): there is no moment at which
+    either is missing, which two renames cannot promise (a kill between them leaves nothing at the target).
+    False where the system or file system cannot (then nothing was changed)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def replace_dir(finished: Path, target: Path) -> bool:
     """Move a fully written directory into place, replacing an older one at `target`; returns whether one
-    was replaced. The old copy is first renamed aside, so `target` is never a half-removed tree."""
+    was replaced. The two are exchanged in one step where the system can (`exchange`); else the old copy is
+    first renamed aside, so `target` is never a half-removed tree."""
     if not target.exists():
         _remove(target)  # a dangling link (a folder moved away and gone): a directory cannot replace a link
         os.replace(finished, target)
         return False
+    if exchange(finished, target):
+        _remove(finished)  # the old copy, now where the new one was built
+        return True
     old = target.with_name(f".{target.name}.old")
     _remove(old)
     os.replace(target, old)
@@ -300,12 +335,16 @@ def swapped_dir(finished: Path, target: Path) -> Iterator[bool]:
         old = staging_dir(target.parent, f"{target.name}.old")
         if target.is_symlink():  # a link (a merge moved elsewhere and linked back) moves aside as a link
             old.rmdir()
-        os.replace(target, old)  # a folder renamed over the empty staging folder
+        if exchange(finished, target):  # the new one in place at once; the old one where it was built
+            os.replace(finished, old)  # a folder renamed over the empty staging folder
+        else:
+            os.replace(target, old)
+            os.replace(finished, target)
         # changed now, as far as another machine's gc can tell (it judges a staging folder by its age there)
         os.utime(old, follow_symlinks=False)
     else:
         _remove(target)  # a dangling link (a folder moved away and gone): a directory cannot replace a link
-    os.replace(finished, target)
+        os.replace(finished, target)
     try:
         yield replaced
     except BaseException:
