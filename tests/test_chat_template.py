@@ -315,6 +315,20 @@ def test_prepare_show_marks_the_trained_tokens_and_takes_a_template_file(setting
     assert said.endswith("; fix it, or choose another (--chatTemplate: chatml, or a .jinja file).") and "\n" not in said
 
 
+def test_a_template_file_saved_with_a_bom_renders_without_it(settings, tmp_path):
+    """Repro: a .jinja file saved "UTF-8 with BOM" (Windows editors) kept the byte-order mark as the first
+    character of the template, so every training prompt and every served one began with an invisible
+    U+FEFF the base model never saw there. It is read as an editor means it, and stored without it."""
+    from lunatrain.templates import load_template, store_template
+
+    plain, marked = tmp_path / "plain.jinja", tmp_path / "marked.jinja"
+    plain.write_text(models.CHAT_TEMPLATE, "utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + models.CHAT_TEMPLATE.encode())
+    name = store_template(marked, settings)
+    assert not load_template(name, settings).startswith("\ufeff")
+    assert name.removeprefix("marked-") == store_template(plain, settings).removeprefix("plain-")  # same content
+
+
 def test_api_names_templates_never_paths_and_shows_a_marked_sample(settings, tiny_dir):
     from fastapi.testclient import TestClient
 

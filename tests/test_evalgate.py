@@ -71,6 +71,19 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     assert len(info.value.details) == 8
 
 
+def test_a_suite_saved_with_a_bom_and_a_tag_in_capitals_is_read(settings):
+    """Repro: a suite file saved "UTF-8 with BOM" (Windows editors) was refused as "not valid JSON
+    (Unexpected UTF-8 BOM …)", as profiles and imports are not; and `"lang": "EN"` was refused, though
+    language tags are case-insensitive (BCP 47): it is read as `en`."""
+    path = settings.eval_dir / "mine.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    case = {"id": "greeting", "prompt": "Hello?", "checks": [{"type": "stops"}], "lang": "EN"}
+    other = {"id": "gruss", "prompt": "Hallo?", "checks": [{"type": "stops"}], "lang": "de-AT"}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(case) + "\r\n" + json.dumps(other) + "\r\n").encode())
+    cases = load_suite(settings)
+    assert [(c.id, c.lang) for c in cases] == [("greeting", "en"), ("gruss", "de-AT")]
+
+
 def test_a_golden_case_with_a_blank_turn_is_named_as_chat_would_refuse_it(settings):
     """Review repro: a case with `"system": " "`, or a message of blank content, was judged by the gate and
     offered by the dashboard's examples, which chat then refused (400: "a system message needs text"). The

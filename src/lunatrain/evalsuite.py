@@ -27,7 +27,8 @@ from .settings import Settings
 CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
 DEFAULT_MAX_NEW_TOKENS = 128
 _CASE_KEYS = {"id", "prompt", "system", "messages", "checks", "maxNewTokens", "tags", "description", "lang"}
-_LANG = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")  # a language tag as HTML's lang takes it: de, en, pt-BR
+# A language tag as HTML's lang takes it (de, en, pt-BR); tags are case-insensitive, so `EN` is read as `en`.
+_LANG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 _CHECK_KEYS = {"type", "value", "ignoreCase", "description"}
 _ROLES = {"system", "user", "assistant"}
 
@@ -165,7 +166,7 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
     cases: list[EvalCase] = []
     problems: list[str] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM, as Windows editors save it, is read
     except UnicodeDecodeError as exc:
         line = exc.object[: exc.start].count(b"\n") + 1
         return [], [f"{path}:{line}: not UTF-8 text (byte {exc.start})"]
@@ -217,6 +218,9 @@ def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
         errs.append(f'\'lang\' must be a language tag such as "de" or "en", got {lang!r}')
     if errs:
         return None, errs
+    if lang is not None:
+        primary, _, rest = lang.partition("-")
+        lang = primary.lower() + (f"-{rest}" if rest else "")
     return EvalCase(cid, messages, checks, max_new, where, lang), []
 
 

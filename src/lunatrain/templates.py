@@ -191,7 +191,8 @@ def store_template(path: str | Path, settings: Any) -> str:
     if src.suffix != ".jinja" or not src.is_file():
         raise UsageError(f"chatTemplate file {str(path)!r} is not a readable .jinja file.")
     try:
-        text = src.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark ("UTF-8 with BOM") would be the first character of every prompt
+        text = src.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"chatTemplate file {str(path)!r} cannot be read as UTF-8 text: {exc}") from exc
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", src.stem).strip("-")[:40] or "template"
