@@ -59,9 +59,10 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     )
     with pytest.raises(UsageError) as info:
         load_suite(settings)
-    msg = info.value.message
+    msg = "; ".join(info.value.details)  # every one; the sentence names the first five and how many more
+    assert info.value.message.startswith("The eval suite has 8 problems")
+    assert info.value.message.endswith(" (and 3 more).") and f"{a}:2: not valid JSON" in info.value.message
     assert f"{b}:4: 'lang' must be a language tag such as \"de\" or \"en\", got 'Deutsch'" in msg, msg
-    assert msg.startswith("The eval suite has 8 problems")
     assert f"{a}:2: not valid JSON" in msg
     assert f"{a}:3: check 1: bad regex '(unclosed'" in msg
     assert f"{a}:5: check 1: unknown check type 'startswith'" in msg
@@ -593,6 +594,103 @@ def test_a_case_the_chat_template_refuses_is_named_with_its_file_and_line(settin
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [f"error: {said}; change the case or the template."]
     assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+
+
+def test_a_case_longer_than_the_models_context_is_refused_before_anything_runs(settings, tiny):
+    """Repro: nothing bounded a case's prompt: a 1 MB one kept `eval-gate` busy for more than ten minutes,
+    and one past the model's context was judged on positions the model never had. A prompt over the text
+    limit examples have (100,000 characters) is a suite problem; one whose tokens and maxNewTokens do not
+    fit the model's context ends the gate naming the case, and nothing is written."""
+    huge = {"id": "huge", "prompt": "word " * 25_000, "checks": [{"type": "stops"}]}
+    _write(settings.eval_dir / "x.jsonl", [json.dumps(huge)])
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code == 2, result.output
+    assert f"{settings.eval_dir / 'x.jsonl'}:1: 'prompt' is longer than 100000 characters" in result.output
+
+    limit = json.loads((tiny / "config.json").read_text())["max_position_embeddings"]
+    long = {"id": "long", "prompt": "word " * (limit + 10), "maxNewTokens": 8, "checks": [{"type": "stops"}]}
+    _write(settings.eval_dir / "x.jsonl", [json.dumps(long)])
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code == 2, result.output
+    said = result.output.strip().splitlines()[-1]
+    assert said.startswith(f"error: {settings.eval_dir / 'x.jsonl'}:1: case 'long' has a prompt of "), said
+    assert f"with maxNewTokens 8 that is over the model's context of {limit} tokens" in said, said
+    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+
+
+def test_a_case_that_is_no_unicode_text_is_a_suite_problem_not_a_crash(settings):
+    """Repro: `"prompt": "a\\ud800b"` (valid JSON: a lone surrogate escape) passed the suite check and
+    crashed the gate as it hashed the suite: a traceback from `eval-gate`, a 500 from the API, and `lora`
+    trained a version it then could not gate. It is refused as imports refuse it, naming file, line, key."""
+    path = settings.eval_dir / "x.jsonl"
+    _write(
+        path,
+        [
+            '{"id": "s", "prompt": "a\\ud800b", "checks": [{"type": "stops"}]}',
+            '{"id": "t", "prompt": "x", "checks": [{"type": "contains", "value": ["\\udc00"]}]}',
+            '{"id": "\\ud83d", "prompt": "x", "checks": [{"type": "stops"}]}',
+        ],
+    )
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert info.value.details == [
+        f"{path}:1: 'prompt' is not valid Unicode text (it holds a lone surrogate)",
+        f"{path}:2: 'checks' is not valid Unicode text (it holds a lone surrogate)",
+        f"{path}:3: 'id' is not valid Unicode text (it holds a lone surrogate)",
+    ], info.value.details
+
+
+def test_json_lines_are_split_at_newlines_only(settings):
+    """Repro: U+2028 or U+0085 inside a string (as `json.dumps(..., ensure_ascii=False)` writes them) split a
+    line in two: valid cases were refused as "not valid JSON (Unterminated string starting at at column
+    24)", on lines the file does not have."""
+    path = settings.eval_dir / "x.jsonl"
+    cases = [
+        {"id": "ls", "prompt": "line one\u2028line two", "checks": [{"type": "stops"}]},
+        {"id": "nel", "prompt": "x\x85y", "checks": [{"type": "stops"}]},
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\r\n" for c in cases), "utf-8")
+    assert [(c.id, c.messages[-1]["content"]) for c in load_suite(settings)] == [
+        ("ls", "line one\u2028line two"),
+        ("nel", "x\x85y"),
+    ]
+    path.write_text('{"id": "cut", "prompt": "unterminated\n', "utf-8")
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert info.value.details == [f"{path}:1: not valid JSON (Unterminated string starting at column 25)"]
+
+
+def test_thousands_of_bad_cases_are_said_in_one_short_sentence(settings):
+    """Repro: 3000 bad cases made a 240 KB one-sentence error, and a 490 KB 422 body."""
+    path = settings.eval_dir / "x.jsonl"
+    _write(path, [json.dumps({"id": f"c{i}", "prompt": "q"}) for i in range(3000)])
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert info.value.message.startswith("The eval suite has 3000 problems: ")
+    assert info.value.message.endswith(" (and 2995 more).") and len(info.value.message) < 1000, info.value.message
+    assert len(info.value.details) == 100
+
+
+def test_a_field_of_the_wrong_type_is_named_as_such(settings):
+    """Repro: `"id": 5` was "missing 'id'", and `tags`/`description` of any type were taken silently."""
+    path = settings.eval_dir / "x.jsonl"
+    _write(
+        path,
+        [
+            json.dumps({"id": 5, "prompt": ["x"], "checks": "stops"}),
+            json.dumps({"id": "t", "prompt": "x", "checks": [{"type": "stops"}], "tags": "a", "description": {}}),
+        ],
+    )
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert info.value.details == [
+        f"{path}:1: 'id' must be a non-empty string, got 5",
+        f"{path}:1: 'prompt' must be a non-empty string, got ['x']",
+        f"{path}:1: 'checks' must be a non-empty list of checks, got 'stops'",
+        f"{path}:2: 'tags' must be a list of strings, got 'a'",
+        f"{path}:2: 'description' must be a string, got {{}}",
+    ], info.value.details
 
 
 def test_suite_entries_that_are_no_readable_file_are_named(settings):

@@ -263,8 +263,10 @@ class _Evaluator:
         kept, notes, refused = [], [], None
         for case in cases:
             try:
-                self._render(case)
+                self._fits(case, self._render(case))
             except UsageError as err:
+                if err.__cause__ is None:  # too long for the model: no system message to leave out helps
+                    raise
                 without = [m for m in case.messages if m["role"] != "system"]
                 if len(without) == len(case.messages) or not self._renders(without):
                     raise
@@ -284,6 +286,21 @@ class _Evaluator:
         if refused is not None and not kept:
             raise refused
         return kept, notes
+
+    def _fits(self, case: EvalCase, text: str) -> None:
+        """The case's prompt and its answer fit the model's context: past it a model with learned positions
+        fails and one with rotary positions answers from places it never trained, and a long prompt kept
+        the gate busy for hours."""
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if not limit:
+            return
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n + case.max_new_tokens > limit:
+            raise UsageError(
+                f"{case.source}: case {case.id!r} has a prompt of {n} tokens; with maxNewTokens "
+                f"{case.max_new_tokens} that is over the model's context of {limit} tokens; shorten the case or "
+                "lower its maxNewTokens."
+            )
 
     def _renders(self, messages: list[dict[str, str]]) -> bool:
         try:

@@ -20,7 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import JSON_FAULTS, UsageError, json_fault
+from .errors import JSON_FAULTS, LISTED_PROBLEMS, UsageError, json_fault, some
+from .formats import MAX_TEXT_LEN, NOT_UNICODE, is_unicode
 from .messages import counted
 from .settings import Settings
 
@@ -149,9 +150,10 @@ def load_suite(settings: Settings) -> list[EvalCase]:
             else:
                 first_seen[case.id] = case.source
                 cases.append(case)
-    if problems:
+    if problems:  # the first few in the sentence, as every refusal: thousands would make a page of it
         raise UsageError(
-            f"The eval suite has {counted(len(problems), 'problem')}: " + "; ".join(problems) + ".", details=problems
+            f"The eval suite has {counted(len(problems), 'problem')}: {some(problems)}.",
+            details=problems[:LISTED_PROBLEMS],
         )
     if not cases:
         raise UsageError(
@@ -166,7 +168,9 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
     cases: list[EvalCase] = []
     problems: list[str] = []
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM, as Windows editors save it, is read
+        # A BOM, as Windows editors save it, is read. Lines end at "\n" alone (JSON Lines): splitlines() also
+        # ends one at U+2028 or U+0085, which JSON strings may hold as they are.
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except UnicodeDecodeError as exc:
         line = exc.object[: exc.start].count(b"\n") + 1
         return [], [f"{path}:{line}: not UTF-8 text (byte {exc.start})"]
@@ -184,7 +188,7 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
             obj = json.loads(line)
         except JSON_FAULTS as exc:
             at = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-            problems.append(f"{where}: not valid JSON ({json_fault(exc)}{at})")
+            problems.append(f"{where}: not valid JSON ({json_fault(exc).removesuffix(' at')}{at})")
             continue
         case, errs = _parse_case(obj, where)
         problems += [f"{where}: {e}" for e in errs]
@@ -197,14 +201,22 @@ def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
     if not isinstance(obj, dict):
         return None, ["a case must be a JSON object"]
     errs = [f"unknown key {k!r} (allowed: {', '.join(sorted(_CASE_KEYS))})" for k in sorted(set(obj) - _CASE_KEYS)]
+    # No UTF-8 form (a lone surrogate escape, valid JSON): nothing could tokenize, hash or show it.
+    garbled = [f"{k!r} {NOT_UNICODE}" for k, v in obj.items() if not all(is_unicode(t) for t in _texts([k, v]))]
+    if garbled:
+        return None, errs + garbled
     cid = obj.get("id")
-    if not isinstance(cid, str) or not cid.strip():
+    if cid is None:
         errs.append("missing 'id' (a non-empty string)")
+    elif not isinstance(cid, str) or not cid.strip():
+        errs.append(f"'id' must be a non-empty string, got {cid!r}")
     messages = _case_messages(obj, errs)
     checks_raw = obj.get("checks")
     checks: list[EvalCheck] = []
-    if not isinstance(checks_raw, list) or not checks_raw:
+    if checks_raw is None:
         errs.append("missing 'checks' (a non-empty list)")
+    elif not isinstance(checks_raw, list) or not checks_raw:
+        errs.append(f"'checks' must be a non-empty list of checks, got {checks_raw!r}")
     else:
         for i, raw in enumerate(checks_raw, 1):
             check = _parse_check(raw, f"check {i}", errs)
@@ -213,6 +225,11 @@ def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
     max_new = obj.get("maxNewTokens", DEFAULT_MAX_NEW_TOKENS)
     if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 4096:
         errs.append(f"'maxNewTokens' must be an integer from 1 to 4096, got {max_new!r}")
+    tags, description = obj.get("tags"), obj.get("description")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        errs.append(f"'tags' must be a list of strings, got {tags!r}")
+    if description is not None and not isinstance(description, str):
+        errs.append(f"'description' must be a string, got {description!r}")
     lang = obj.get("lang")
     if lang is not None and not (isinstance(lang, str) and _LANG.fullmatch(lang)):
         errs.append(f'\'lang\' must be a language tag such as "de" or "en", got {lang!r}')
@@ -230,8 +247,11 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
         errs.append("give either 'prompt' or 'messages', not both")
         return []
     if messages is None:
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is None:
             errs.append("missing 'prompt' (a non-empty string) or 'messages'")
+            return []
+        if not isinstance(prompt, str) or not prompt.strip():
+            errs.append(f"'prompt' must be a non-empty string, got {prompt!r}")
             return []
         if system is not None and not isinstance(system, str):
             errs.append("'system' must be a string")
@@ -239,6 +259,10 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
         if system and not system.strip():  # chat refuses a blank turn, and so would the dashboard's example
             errs.append("'system' is blank: leave it out or write the system prompt")
             return []
+        for key, text in (("system", system or ""), ("prompt", prompt)):
+            if len(text) > MAX_TEXT_LEN:  # as an example's text: a megabyte prompt would keep the gate for hours
+                errs.append(f"{key!r} is longer than {MAX_TEXT_LEN} characters")
+                return []
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system is not None:
         errs.append("'system' goes with 'prompt'; put a system message into 'messages' instead")
@@ -261,6 +285,8 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
     for i, m in enumerate(messages, 1):
         if m["role"] != "assistant" and not m["content"].strip():  # as chat refuses it (an empty turn)
             errs.append(f"message {i} ({m['role']}) has no text")
+        if len(m["content"]) > MAX_TEXT_LEN:
+            errs.append(f"message {i} ({m['role']}) is longer than {MAX_TEXT_LEN} characters")
     return [dict(m) for m in messages]
 
 
@@ -302,6 +328,17 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
     if len(errs) > n:
         return None
     return EvalCheck(kind, None if kind == "stops" else value, bool(ignore), str(raw.get("description", "")))
+
+
+def _texts(value: Any) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in (k, *_texts(v))]
+    if isinstance(value, list):
+        return [t for v in value for t in _texts(v)]
+    return []
 
 
 def suite_hash(cases: list[EvalCase]) -> str:

@@ -401,7 +401,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 def _why(exc: ValueError | RecursionError) -> str:
     if isinstance(exc, json.JSONDecodeError):
-        return f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        return f"not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
     if isinstance(exc, UnicodeDecodeError):
         return json_fault(exc)
     return f"not valid JSON: {json_fault(exc)}"

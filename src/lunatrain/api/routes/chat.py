@@ -219,7 +219,9 @@ class Example(BaseModel):
     messages: list[dict[str, str]]
     max_tokens: int
     lang: str | None = Field(
-        default=None, description="the prompt's language, where the case's id ends in it (`identity-de`: de)"
+        default=None,
+        description="the prompt's language: the case's own `lang`, else de or en where its id ends in it "
+        "(`identity-de`: de)",
     )
 
 
