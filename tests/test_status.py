@@ -800,3 +800,23 @@ def test_a_luna_profile_that_does_not_load_is_a_problem_of_status_not_its_refusa
     assert answer.status_code == 200 and answer.json()["problems"] == [problem], answer.text
     text = CliRunner().invoke(app, ["status"])
     assert text.exit_code == 0 and "epoch: unknown parameter" in text.output, text.output
+
+
+def test_an_api_server_started_before_an_update_says_so_in_its_status(settings):
+    """A `lunatrain serve` started before lunatrain was updated keeps serving the code it imported then (the
+    trainer restarts itself once idle; the API cannot without dropping the user's page). Its status names
+    that as a problem, with the way out, so the dashboard shows it; one started after says nothing."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    api = create_app(settings)
+    with TestClient(api, base_url="http://127.0.0.1") as client:
+        assert client.get("/assistant/training/status").json()["problems"] == []
+        api.state.code = "the files it started with"  # what an update on disk makes of the signature
+        said = client.get("/assistant/training/status", params={"minCurated": 1}).json()
+    assert said["problems"] == [
+        "lunatrain was updated since this API server started, and it still runs the code from before; "
+        "restart `lunatrain serve`."
+    ], said["problems"]
+    assert said["problemCodes"] == [{"code": "status.api_outdated", "params": {}}], said["problemCodes"]

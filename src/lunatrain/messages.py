@@ -234,6 +234,7 @@ CODES: dict[str, str] = {
     "status.registry_no_access": "the adapter registry cannot be read by this process (path, reason)",
     "status.registry_error": "the adapter registry cannot be read for another reason (path, reason)",
     "status.base_model_unusable": "the configured base model cannot be used; the active adapter is a guess (reason)",
+    "status.api_outdated": "lunatrain was updated since this API server started; restart `lunatrain serve`",
     "status.profile_unusable": "the user's luna profile does not load; the bundled one's minCurated stands in "
     "(path, reason, minCurated)",
     "check.estimate.measured_ranks": "steps and time on the trainer's processes, from the last job's speed, and a "

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from .. import store
 from ..errors import StorageError
+from ..service.spawn import code_signature
 from ..settings import Settings, load_settings
 from ..web import docs, handlers
 from ..web.security import API_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
 
     app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    app.state.code = code_signature()  # the lunatrain it runs: status says when an update replaced it on disk
     app.state.reads = Coalescer(ttl=0.5)
     handlers.install(app, openai_prefix="/v1")
     docs.install(app)
