@@ -648,3 +648,28 @@ pumping.join(60)
     assert log.stat().st_size < 5000 and rolled.stat().st_size < 5000, (log.stat().st_size, rolled.stat().st_size)
     last = log.read_text().splitlines()[-1]
     assert last.endswith("child line") and last[:4].isdigit() and "Z " in last[:30], last  # timestamped
+
+
+def test_following_a_job_reports_it_when_the_trainer_stops_right_after_it_ended(home, monkeypatch):
+    """Review repro: the follower's last look for events after the job ended was outside the fallback to the
+    job database: a trainer that stopped in that moment (as one does after an update, once idle) turned a
+    succeeded job into "The trainer … is not reachable" and exit 1."""
+    from lunatrain.cli import trainer as cli_trainer
+    from lunatrain.service.jobs import EventPage
+
+    settings = load_settings()
+    job = Job.model_validate(
+        {"id": "ftjob-" + "a" * 24, "status": "succeeded", "createdAt": "2026-01-01T00:00:00Z", "params": {}}
+    )
+    calls = {"events": 0}
+
+    def events(_settings, _job_id, *, after=0, limit=100):
+        calls["events"] += 1
+        if calls["events"] > 1:
+            raise ServiceUnavailable("The trainer is not reachable (nothing accepts connections there).")
+        return EventPage(data=[], has_more=False, last_seq=after)
+
+    monkeypatch.setattr(trainer_client, "events", events)
+    monkeypatch.setattr(trainer_client, "get_job", lambda _s, _j: job)
+    monkeypatch.setattr(cli_trainer, "_recorded", lambda _s, _j, _a: (job, []))
+    assert cli_trainer.follow(settings, job.id).status == "succeeded"

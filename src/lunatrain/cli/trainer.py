@@ -387,6 +387,9 @@ def follow(
                 if page.has_more:
                     continue
                 job = trainer_client.get_job(settings, job_id)
+                # Ended, and no event came after the last one shown: asked here, where a trainer gone in
+                # this moment (one stops after an update once idle) is read from its database below.
+                done = job.finished and not trainer_client.events(settings, job_id, after=after, limit=1).data
                 lost_since = None
             except ServiceUnavailable as err:
                 # The trainer is away. What it recorded before it went lies in its database under this data
@@ -416,7 +419,7 @@ def follow(
                     ) from None
                 time.sleep(1.0)
                 continue
-            if job.finished and not trainer_client.events(settings, job_id, after=after, limit=1).data:
+            if done:
                 return job
             if job.status == "queued":
                 # A job that cannot start because the trainer's storage fails would wait forever: say why.

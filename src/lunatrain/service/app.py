@@ -106,6 +106,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         gpus = int(device.info.get("count") or 0) if device.info.get("type") == "cuda" else 0
         runner = Runner(settings, store, gpus=gpus, warm=warm)
         state.update(store=store, runner=runner, device=device)
+        app.state.runner = runner  # for a look from outside (tests); requests use `state`
         runner.start()
         lock.write_pid(settings)
         try:
@@ -208,9 +209,10 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
                     params={"detail": "trainer.updating"},
                 )
             job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
+            if created:  # queued under the lock: the runner's decision to stop for an update sees it
+                job = store().set_status(job.id, "queued")
         if created:
-            job = store().set_status(job.id, "queued")
-            state["runner"].wake()
+            runner.wake()
         else:
             response.status_code = 200
         return job

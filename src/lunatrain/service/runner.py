@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +39,9 @@ log = logging.getLogger("lunatrain.trainer")
 # interrupted (to be resumed or submitted again), the other as cancelled. Not SIGHUP, which a trainer started
 # under nohup hands its children ignored. torchrun's agent ends on SIGUSR1 and takes its ranks with it.
 SHUTDOWN_SIGNAL = signal.SIGUSR1
+# A trainer outdated by an update stops only once its last job ended this long ago: a dashboard polling every
+# two seconds (and a CLI following the job) sees the job end before the trainer goes.
+UPDATE_GRACE_S = 10.0
 CANCEL_GRACE_S = 15.0  # SIGTERM -> SIGKILL: the engine stops at the next step, a step rarely takes longer
 _MAX_LINE = 1 << 20  # an event line longer than this is a broken child, not an event
 
@@ -79,6 +83,7 @@ class Runner:
         # queued before that decision (and runs here) or refused after it, never left queued behind.
         self.admission = threading.Lock()
         self.stopping_for_update = False
+        self.idle_since = time.monotonic()  # when its last job ended (or it started)
         self.warm = warm  # forks single-process jobs while it lives (warm.py); None: every job starts fresh
         self.store = store
         self.cancel_grace = cancel_grace
@@ -169,6 +174,7 @@ class Runner:
                 continue
             try:
                 self._run(job)
+                self.idle_since = time.monotonic()
                 self._storage_problem, self._backoff = None, 0.0
             except (sqlite3.Error, OSError, StorageError) as exc:  # disk full, I/O error, a refused write
                 log.error("storage error on job %s: %s", job.id, exc)
@@ -204,7 +210,7 @@ class Runner:
         with the code it imported then (its warm worker's too), whatever the user installed since. Only
         when idle: jobs queued before run here first. The next command that needs a trainer starts the
         updated one (ensure.py waits for this one to go)."""
-        if not self.code_changed:
+        if time.monotonic() - self.idle_since < UPDATE_GRACE_S or not self.code_changed:
             return False
         with self.admission:
             if self.store.next_queued() is not None:
