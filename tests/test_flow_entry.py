@@ -480,6 +480,35 @@ def test_sigterm_during_the_gate_of_a_local_run_says_what_ctrl_c_says(settings, 
     assert not registry.get_version(settings, "vs", "v1").get("gate")
 
 
+def test_a_signal_after_the_gate_is_not_said_as_an_interrupted_gate_nor_as_ctrl_c(settings, tiny, monkeypatch):
+    """Review repro: SIGTERM while `lora --local` cleaned up after a gate that had passed (its retention,
+    which may wait for a concurrent gc) ended with "Interrupted (Ctrl-C) before the command finished." and
+    130: the handler that says a signal during the gate stayed armed after it. Once the gate is over the
+    signal takes its own course again, as before the run."""
+    from lunatrain import retention
+
+    write_export(settings, make_records(40))
+
+    def signalled(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal was not taken")
+
+    def default_action(signum, _frame):
+        raise RuntimeError(f"{signal.Signals(signum).name} took its default action")
+
+    monkeypatch.setattr(retention, "after_run", signalled)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--adapterName", "vs", "--minCurated", "0"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert isinstance(r.exception, RuntimeError) and "SIGTERM took its default action" in str(r.exception), (
+        r.exit_code,
+        r.output,
+    )
+    assert "Ctrl-C" not in r.output and "Interrupted" not in r.output, r.output
+
+
 def test_a_base_model_directory_relative_to_the_working_directory_reaches_the_trainer_absolute(
     settings, tmp_path, monkeypatch
 ):

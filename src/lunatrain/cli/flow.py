@@ -171,7 +171,9 @@ def local_lora(
         ctrl_c.at_once()  # trained: a signal during the gate is an interrupt
         trained.update(outcome)
 
-    with _CtrlC() as ctrl_c, display or contextlib.nullcontext(), _then_retention(settings, main, params, ended):
+    # The retention runs once the handlers are given back: a signal while it cleans up (it may wait for a
+    # concurrent gc) takes its own course, as before the run; the gate is over, nothing is left to say.
+    with _then_retention(settings, main, params, ended), _CtrlC() as ctrl_c, display or contextlib.nullcontext():
         try:
             outcome = train_and_gate(
                 settings,
