@@ -618,3 +618,13 @@ def test_an_error_while_cleaning_up_names_the_path(settings: Settings, monkeypat
     r = CliRunner().invoke(app, ["gc"])
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert refused and f"Permission denied: {refused[0]}" in r.output, r.output
+
+
+def test_gc_on_a_data_root_that_does_not_exist_removes_nothing(tmp_path, monkeypatch) -> None:
+    """Review repro: with the collection lock on the data root folder, `gc --dry-run` on a root that does not
+    exist (yet) said "Cleaning up … failed: No such file or directory" and exit 1; it removes nothing."""
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path / "not-yet"))
+    for args in (["gc", "--dry-run"], ["gc"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0 and "remove" in r.output.lower(), r.output
+    assert not (tmp_path / "not-yet").exists()

@@ -107,6 +107,9 @@ def _one_at_a_time(settings: Settings, *, shared: bool) -> Iterator[None]:
     measured and claimed what the other was removing (and failed on a folder gone under it). The second
     waits, then finds what the first left. A lock on the data root folder itself (flock on its descriptor),
     so nothing is written for it: a dry run on a read-only root takes it shared."""
+    if not settings.home.is_dir():  # no data root (yet): nothing to collect, and no one to take turns with
+        yield
+        return
     fd = os.open(settings.home, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
