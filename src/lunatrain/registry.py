@@ -788,13 +788,21 @@ def list_active(settings: Settings, base: str | None = None) -> list[dict[str, A
 
 
 def activation_state(
-    settings: Settings, entry: dict[str, Any], base: str, base_id: str | None = None, *, configured: bool = True
+    settings: Settings,
+    entry: dict[str, Any],
+    base: str,
+    base_id: str | None = None,
+    *,
+    configured: bool = True,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Whether a version is active on base fingerprint `base` (whose id is `base_id`, when known), and if not,
     why, as {"active": bool, "code": str, "params": {...}, "reason": "one sentence"}. `configured`: `base` is
-    the configured base model (else another base's group of the adapter list)."""
+    the configured base model (else another base's group of the adapter list). `adapter`: the entry's
+    adapter as the caller read it (a list of every version reads the registry once, not once per version)."""
     name, version = entry["name"], entry["version"]
-    adapter = list_adapters(settings).get(name) or {}
+    if adapter is None:
+        adapter = list_adapters(settings).get(name) or {}
     trained_on = entry.get("baseModel") or {}
     params: dict[str, Any] = {"name": name, "version": version, "baseModel": trained_on.get("id")}
     active_here = adapter.get("activeByBase", {}).get(base, {}).get("version")

@@ -50,7 +50,9 @@ def _view(
     states = [
         e
         | {
-            "state": registry.activation_state(settings, e, base or "", base_id, configured=configured),
+            "state": registry.activation_state(
+                settings, e, base or "", base_id, configured=configured, adapter=adapter
+            ),
             "filesMissing": not registry.loadable(settings, e),
         }
         | ({"merged": e["merged"] | {"folderMissing": True}} if registry.merge_gone(settings, e) else {})
