@@ -465,6 +465,32 @@ def test_without_max_tokens_only_a_prompt_that_fills_the_context_is_refused(clie
     assert "leaves no room for an answer" in refused.value.message and "max_tokens" not in refused.value.message
 
 
+def test_a_prompt_far_over_the_context_is_refused_before_it_is_rendered(client: TestClient, monkeypatch) -> None:
+    """Explore repro (serving): a 9 MB prompt was rendered with the chat template and tokenized whole (4 million
+    tokens: ~12 s of CPU and ~1.6 GB of memory a request, eight at once) before the context check refused it.
+    One with more characters than the context can hold at MAX_CHARS_PER_TOKEN is refused before that."""
+    from lunatrain import serving
+    from lunatrain.api.routes import chat as chat_route
+    from lunatrain.errors import LunaError
+
+    assert chat(client, max_tokens=1, messages=[{"role": "user", "content": "Hallo"}])[0] == 200  # base loaded
+    engine = client.app.state.chat_engine
+    target = engine.resolve("luna-tiny")
+    limit = engine.model.config.max_position_embeddings
+    messages = [{"role": "user", "content": "x" * (limit * serving.MAX_CHARS_PER_TOKEN + 1)}]
+    body = chat_route.ChatRequest.model_validate_json(json.dumps({"model": "luna-tiny", "messages": messages}))
+    sampling = chat_route._sampling(body, client.app.state.settings)
+    rendered = []
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", lambda *a, **k: rendered.append(1) or "")
+    with pytest.raises(LunaError) as refused:
+        engine.start(target, messages, sampling)
+    assert refused.value.details["code"] == "context_length_exceeded" and rendered == []
+    assert refused.value.message == (
+        f"The prompt has {limit * serving.MAX_CHARS_PER_TOKEN + 1} characters, more than the model's context of "
+        f"{limit} tokens can hold."
+    ), refused.value.message
+
+
 def test_a_model_is_retrieved_by_its_id_as_the_list_shows_it(client: TestClient, monkeypatch) -> None:
     """Repro: GET /v1/models/{model} answered 404 "No such endpoint.", so the official client's
     `models.retrieve` failed. Ids hold `@` (name@version) and, for a hub base model, `/`."""

@@ -56,6 +56,12 @@ class Target:
         return self.path, self.files
 
 
+# No tokenizer's token covers more characters than this on average over a prompt (long runs of spaces in code
+# come nearest): a prompt with more than this many per position of the context cannot fit, and is refused
+# before the chat template renders it and the tokenizer splits it (a 9 MB prompt took 12 s and 1.6 GB).
+MAX_CHARS_PER_TOKEN = 64
+
+
 def files_identity(path: Path) -> tuple[Any, ...]:
     """The adapter weights' and config's inode, size and modification time: changes when other files are put
     in the directory, as every write of them (a new file renamed in place, a copy over) does."""
@@ -502,6 +508,13 @@ class Engine:
             tok = loaded.tokenizer if loaded else self.tokenizer
             if not tok.chat_template:
                 raise self._no_template(target)
+            limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+            chars = sum(len(m["content"]) for m in messages)
+            if limit and chars > limit * MAX_CHARS_PER_TOKEN:  # before the render and the tokenizer, not after
+                raise UsageError(
+                    f"The prompt has {chars} characters, more than the model's context of {limit} tokens can hold.",
+                    details={"param": "messages", "code": "context_length_exceeded"},
+                )
             # read as the training data was stored (NFC, trimmed): the same visible text, the same tokens
             messages = [m | {"content": normalize_text(m["content"])} for m in messages]
             _refuse_control_tokens(tok, messages)
@@ -513,7 +526,6 @@ class Engine:
                     details={"param": "messages", "code": "invalid_messages"},
                 ) from exc
             ids = tok(text, add_special_tokens=False)["input_ids"]
-            limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
             if limit and sampling.up_to_context:
                 if len(ids) >= limit:
                     raise UsageError(
