@@ -107,8 +107,8 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
 
 def _stops_for_update(health: Health) -> bool:
     """This root's trainer runs lunatrain's code from before an update and has no job: it stops by itself
-    (runner.py) within seconds, so that the updated trainer can start. A busy one finishes its queue first,
-    and a job submitted now joins that queue."""
+    (runner.py, UPDATE_GRACE_S after its last job), so that the updated trainer can start. A busy one
+    finishes its queue first, and a job submitted now joins that queue."""
     return health.code_changed and not (health.queue.running or health.queue.queued)
 
 
