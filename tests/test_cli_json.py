@@ -22,7 +22,7 @@ from lunatrain.cli import app
 from lunatrain.errors import NotFound
 from lunatrain.params import parse_run
 from lunatrain.service import client as trainer_client
-from lunatrain.service.jobs import Health, JobList, JobStore, data_root_id, jobs_db_path
+from lunatrain.service.jobs import Health, JobStore, data_root_id, jobs_db_path
 from lunatrain.settings import Settings
 
 from helpers import make_records, write_export
@@ -43,7 +43,9 @@ def trainer(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Job
             if path == ["health"]:
                 body = Health(data_root={"id": data_root_id(settings.home), "path": str(settings.home)}).wire()
             elif path == ["jobs"]:
-                body = JobList(data=jobs.list(limit=int(query["limit"]), status=query.get("status"))).wire()
+                body = jobs.page(
+                    limit=int(query["limit"]), offset=int(query.get("offset", 0)), status=query.get("status")
+                ).wire()
             elif len(path) == 3 and path[0] == "jobs" and path[2] == "events":
                 body = jobs.events(path[1], after=int(query["after"]), limit=int(query["limit"])).wire()
             else:
@@ -110,6 +112,30 @@ def test_jobs_list_json_is_the_apis_job_list(settings: Settings, trainer: JobSto
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
         assert listed == api.get(f"{T}/lora/jobs", params={"limit": 20}).json()
     assert listed["object"] == "list" and [j["params"]["adapterName"] for j in listed["data"]] == ["second", "first"]
+    store.dispose_stores()
+
+
+def test_jobs_list_pages_past_the_newest_jobs_in_the_api_and_the_cli(settings: Settings, trainer: JobStore) -> None:
+    """Scale repro: `GET /lora/jobs` ignored `offset` and `jobs list` had no `--offset`, so no job older than
+    the newest 500 could be listed. Both page now, and a page says whether more follow."""
+    for name in ("a", "b", "c", "d", "e"):
+        ended_job(trainer, name)
+    listed = stdout_json(["jobs", "list", "--limit", "2", "--offset", "2", "--json"])
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        assert listed == api.get(f"{T}/lora/jobs", params={"limit": 2, "offset": 2}).json()
+        last = api.get(f"{T}/lora/jobs", params={"limit": 2, "offset": 4}).json()
+        for bad in ({"offset": -1}, {"offset": "x"}, {"offset": 2**63}):
+            r = api.get(f"{T}/lora/jobs", params=bad)
+            assert r.status_code == 422, (bad, r.status_code, r.text)
+    assert [j["params"]["adapterName"] for j in listed["data"]] == ["c", "b"] and listed["hasMore"] is True
+    assert [j["params"]["adapterName"] for j in last["data"]] == ["a"] and last["hasMore"] is False
+    r = CliRunner().invoke(app, ["jobs", "list", "--limit", "2"])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2, r.output
+    assert r.stderr.strip() == "2 listed; more follow: --offset 2 lists the next ones."
+    r = CliRunner().invoke(app, ["jobs", "list", "--limit", "2", "--offset", "4"])
+    assert r.exit_code == 0 and " a " in r.stdout and r.stderr == "", r.output
+    r = CliRunner().invoke(app, ["jobs", "list", "--offset", "-1"])
+    assert r.exit_code == 2 and "--offset" in r.output, r.output
     store.dispose_stores()
 
 

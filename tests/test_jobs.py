@@ -56,6 +56,29 @@ def test_create_queue_and_fifo_order(store):
     assert store.list(status="running")[0].attempts == 1
 
 
+def test_the_job_list_pages_past_its_first_page(store):
+    """Scale repro: the job list showed the newest 500 jobs at most; `offset` was ignored, so a year of daily
+    jobs could not be read past them. A page says whether more follow; a filter pages among its own jobs."""
+    made = [queued(store, LoraParams(adapter_name=f"j{i}")).id for i in range(7)]
+    newest_first = made[::-1]
+    pages, offset = [], 0
+    while True:
+        page = store.page(limit=3, offset=offset)
+        pages.append([j.id for j in page.data])
+        if not page.has_more:
+            break
+        offset += 3
+    assert pages == [newest_first[0:3], newest_first[3:6], newest_first[6:7]]
+    exact = store.page(limit=7)
+    assert len(exact.data) == 7 and exact.has_more is False  # a page that ends at the last job says so
+    assert store.page(limit=3, offset=7).data == [] and store.page(limit=3, offset=7).has_more is False
+    store.claim(made[0])
+    store.claim(made[1])
+    running = store.page(limit=1, offset=1, status="running")
+    assert [j.id for j in running.data] == [made[0]] and running.has_more is False
+    assert [j.id for j in store.list(limit=2)] == newest_first[:2]  # the list reads the first page
+
+
 def test_request_id_is_idempotent_and_refuses_other_params(store):
     job, created = store.create(LoraParams(epochs=2), "retry-1")
     again, created_again = store.create(parse_params({"epochs": 2}), "retry-1")

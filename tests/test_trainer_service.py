@@ -348,6 +348,9 @@ def test_submit_is_idempotent_queued_fifo_and_registers(svc):
     assert (ja.status, jb.status) == ("succeeded", "succeeded"), (ja.error, jb.error)
     assert jb.started_at >= ja.finished_at  # FIFO: b started after a ended
     assert [j.id for j in trainer_client.list_jobs(settings, limit=2)] == [b.id, ja.id]
+    older = trainer_client.job_page(settings, limit=1, offset=1)  # the trainer's own route pages too
+    assert [j.id for j in older.data] == [ja.id]
+    assert older.has_more is (len(trainer_client.list_jobs(settings, limit=500)) > 2)  # jobs of earlier tests
 
     for job, name in ((ja, "fifo-a"), (jb, "fifo-b")):
         entries = versions(settings, name)

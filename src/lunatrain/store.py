@@ -49,7 +49,7 @@ from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Statu
 from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, identity, sqlite_wal, writable_beside
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
-from .wire import iso, utc_now
+from .wire import INT_MAX, iso, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -655,11 +655,6 @@ def dispose_stores() -> None:
         for store in _stores.values():
             store.engine.dispose()
         _stores.clear()
-
-
-# The largest id, offset or count a caller may name: within SQLite's and PostgreSQL's 64-bit integers, with
-# room to add to it (the API's bounds are the same).
-INT_MAX = 2**62
 
 
 def _check_page(limit: int, offset: int) -> None:

@@ -5,7 +5,8 @@ timestamps from different stages sort and compare as text; `utc_now()` is the sa
 columns, ages, file-name stamps); `parse_iso()` reads such a stamp back (older ones with `+00:00` too) and
 `seconds_between()` is the time from one to another; `finite()` makes any value JSON-safe (NaN and ±inf
 become null: `json.dumps` would write `NaN`, which no JSON parser accepts); `camel()` gives a stage's
-snake_case dict the camelCase names every API answer and report uses.
+snake_case dict the camelCase names every API answer and report uses; `INT_MAX` bounds every id, offset or
+count a caller may name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic.alias_generators import to_camel
+
+# The largest id, offset or count a caller may name: within SQLite's and PostgreSQL's 64-bit integers, with
+# room to add to it (the API's and the trainer's bounds are the same).
+INT_MAX = 2**62
 
 
 def utc_now() -> datetime:

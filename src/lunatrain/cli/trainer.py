@@ -22,9 +22,10 @@ from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job, JobList, existing_store, job_log_path
+from ..service.jobs import Event, Health, Job, existing_store, job_log_path
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
+from ..wire import INT_MAX
 from .app import app, fail, is_tty, json_text, said_interrupted
 
 EnsureOpt = Annotated[
@@ -143,17 +144,19 @@ def _gib(n: int | None) -> str:
 @jobs_app.command("list")
 def jobs_list(
     limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="at most this many, newest first")] = 20,
+    offset: Annotated[int, typer.Option("--offset", min=0, max=INT_MAX, help="skip this many newest first")] = 0,
     status: Annotated[str | None, typer.Option("--status", help="only jobs in this state")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List jobs, newest first (--json: the API's `{object: "list", data: [Job]}`)."""
+    """List jobs, newest first (--json: the API's `{object: "list", data: [Job], hasMore}`)."""
     try:
-        jobs = trainer_client.list_jobs(load_settings(), limit=limit, status=status)
+        page = trainer_client.job_page(load_settings(), limit=limit, offset=offset, status=status)
     except LunaError as err:
         raise fail(err) from None
     if as_json:
-        typer.echo(json_text(JobList(data=jobs).wire()))
+        typer.echo(json_text(page.wire()))
         return
+    jobs = page.data
     if not jobs:
         typer.echo(f"no {status} jobs" if status else "no jobs")  # "no jobs" under a filter reads as none at all
     # The adapter column as wide as its longest name here, so every summary starts in one column.
@@ -161,6 +164,8 @@ def jobs_list(
     for job in jobs:
         name = str(job.params.get("adapterName"))
         typer.echo(f"{job.id}  {job.status:<10} {job.created_at}  {name:<{width}}  {summary(job)}".rstrip())
+    if page.has_more:  # on stderr: stdout stays the rows, for a pipe
+        typer.echo(f"{len(jobs)} listed; more follow: --offset {offset + len(jobs)} lists the next ones.", err=True)
 
 
 @jobs_app.command("show")

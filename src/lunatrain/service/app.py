@@ -34,7 +34,7 @@ from ..templates import load_template
 from ..web import docs, listen
 from ..web.handlers import install, no_body
 from ..web.security import TRAINER_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames, check_bind
-from ..wire import UtcLogFormatter
+from ..wire import INT_MAX, UtcLogFormatter
 from . import lock
 from .device import DeviceProbe
 from .jobs import (
@@ -219,9 +219,11 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
 
     @app.get("/jobs", dependencies=checked, response_model=JobList, response_model_by_alias=True)
     def list_jobs(
-        limit: Annotated[int, Query(ge=1, le=500)] = 20, status: Annotated[Status | None, Query()] = None
+        limit: Annotated[int, Query(ge=1, le=500)] = 20,
+        offset: Annotated[int, Query(ge=0, le=INT_MAX)] = 0,
+        status: Annotated[Status | None, Query()] = None,
     ) -> JobList:
-        return JobList(data=store().list(limit=limit, status=status))
+        return store().page(limit=limit, offset=offset, status=status)
 
     @app.get("/jobs/{job_id}", dependencies=checked, response_model=Job, response_model_by_alias=True)
     def get_job(job_id: JobId) -> Job:

@@ -391,10 +391,15 @@ def get_job(settings: Settings, job_id: str) -> Job:
 
 
 def list_jobs(settings: Settings, *, limit: int = 20, status: str | None = None) -> list[Job]:
+    return job_page(settings, limit=limit, status=status).data
+
+
+def job_page(settings: Settings, *, limit: int = 20, offset: int = 0, status: str | None = None) -> JobList:
+    """Newest first, `offset` jobs skipped; `has_more` when another page follows."""
     if status and status not in get_args(Status):  # a typo is the caller's, whether or not the trainer runs
         raise UsageError(f"Unknown job status {status!r}: use one of {', '.join(get_args(Status))}.")
-    query: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
-    return _read(settings, "/jobs", JobList, params=query).data
+    query: dict[str, Any] = {"limit": limit, "offset": offset} | ({"status": status} if status else {})
+    return _read(settings, "/jobs", JobList, params=query)
 
 
 def events(settings: Settings, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:

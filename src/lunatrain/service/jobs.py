@@ -133,6 +133,7 @@ class EventPage(WireModel):
 class JobList(WireModel):
     object: Literal["list"] = "list"
     data: list[Job]
+    has_more: bool = Field(False, description="more jobs follow: ask again with `offset` + the page's length")
 
 
 class JobCheck(WireModel):
@@ -277,12 +278,16 @@ class JobStore:
         return _job(row)
 
     def list(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
+        return self.page(limit=limit, status=status).data
+
+    def page(self, *, limit: int = 20, offset: int = 0, status: str | None = None) -> JobList:
+        """Newest first, `offset` jobs skipped; one row more than asked tells whether another page follows."""
         sql, args = "SELECT * FROM jobs", []
         if status:
             sql, args = sql + " WHERE status = ?", [status]
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
-        return [_job(r) for r in rows]
+            rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit + 1, offset)).fetchall()
+        return JobList(data=[_job(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
     def with_status(self, *statuses: str) -> list[Job]:
         marks = ",".join("?" * len(statuses))

@@ -19,7 +19,7 @@ from ...service import client as trainer_client
 from ...service import ensure
 from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, ProviderHealth, Status
 from ...settings import NAME_MAX, NAME_PATTERN, Settings
-from ...wire import camel
+from ...wire import INT_MAX, camel
 from ..cache import json_response, rendered
 from ..deps import Fresh, JobId, NoBody, ReadsDep, SettingsDep, check_base_model, errors
 from ..schemas import (
@@ -152,8 +152,9 @@ async def list_jobs(
     settings: SettingsDep,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=INT_MAX)] = 0,
 ) -> JobList:
-    return JobList(data=await run_in_threadpool(lambda: trainer_client.list_jobs(settings, limit=limit, status=status)))
+    return await run_in_threadpool(lambda: trainer_client.job_page(settings, limit=limit, offset=offset, status=status))
 
 
 @router.get("/jobs/{jobId}", response_model=Job, responses=errors(404, 503))
