@@ -1741,3 +1741,52 @@ def test_the_keyboard_and_a_screen_reader_are_told_what_happens(page, services: 
     with page.expect_response(lambda r: "/assistant/training/status" in r.url):
         page.clock.run_for(16_000)  # the background refresh
     assert "true" not in page.evaluate("window.busyData")
+
+
+def test_an_adapter_with_many_versions_shows_its_newest_and_the_rest_on_request(page, services: Services) -> None:
+    """Scale repro: the table drew every version of every adapter: a year of daily runs was 294 rows, and the
+    active one, months old, somewhere among them. It shows the newest 10 of an adapter, the active and latest
+    ones always, and a button for the rest that a refresh does not fold again."""
+
+    def version(n: int) -> dict:
+        return {"version": f"v{n}", "created": "2026-12-01T10:00:00Z", "metrics": {"valLoss": 2.0, "baseValLoss": 2.5}}
+
+    table = {
+        "bases": [
+            {
+                "baseModel": "luna-tiny",
+                "adapters": [
+                    {
+                        "name": "daily",
+                        "aliases": {"active": "v3", "latest": "v25"},
+                        "versions": [version(n) for n in range(1, 26)],
+                    },
+                    {"name": "few", "aliases": {}, "versions": [version(1), version(2)]},
+                ],
+            }
+        ]
+    }
+    page.clock.install()
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services, "?lang=en")
+    daily = page.locator('tr[data-adapter="daily"]')
+    expect(daily).to_have_count(11)  # v25..v16 and the active v3
+    expect(page.locator('tr[data-adapter="daily"][data-version="v3"]')).to_have_class(re.compile("is-active"))
+    expect(page.locator('tr[data-adapter="few"]')).to_have_count(2)  # nothing folded: no button
+    expect(page.get_by_role("button", name=re.compile("versions of few"))).to_have_count(0)
+    more = page.get_by_role("button", name="Show all 25 versions of daily")
+    expect(more).to_have_attribute("aria-expanded", "false")
+    more.click()
+    expect(daily).to_have_count(25)
+    fewer = page.get_by_role("button", name="Show only the newest 10 versions of daily")
+    expect(fewer).to_be_focused()  # the rebuilt table keeps the keyboard on the button it pressed
+    expect(fewer).to_have_attribute("aria-expanded", "true")
+    table["bases"][0]["adapters"][0]["versions"].append(version(26))  # a job lands; the refresh shows it all
+    page.unroute("**/assistant/training/adapters")
+    answer(page, "**/assistant/training/adapters", table)
+    page.clock.run_for(16_000)
+    expect(daily).to_have_count(26)
+    page.get_by_role("button", name="Show only the newest 10 versions of daily").click()
+    expect(daily).to_have_count(11)  # v26..v17 and v3
+    page.goto(f"{services.api_url}/?lang=de")
+    expect(page.get_by_role("button", name="Alle 26 Versionen von daily zeigen")).to_be_visible()

@@ -5,6 +5,10 @@ import { api, hasToken, openWithToken } from "./api.js";
 import { t, tMsg, formatDate, formatLoss } from "./i18n.js";
 import { h, showError, showNotice, confirmDialog, turns } from "./ui.js";
 
+// Versions of an adapter shown before "show all": a year of daily runs is hundreds of rows. The active and
+// latest versions are always shown, however old.
+const SHOWN = 10;
+
 function versionNumber(version) {
   const m = /^v(\d+)$/.exec(version ?? "");
   return m ? Number(m[1]) : -1;
@@ -53,6 +57,7 @@ export class AdapterView {
     this.groups = document.getElementById("adapter-groups");
     this.empty = document.getElementById("adapters-empty");
     this.turns = turns(); // start-up, a finished job and activate/rollback each reload the table
+    this.expanded = new Set(); // "base/adapter" whose every version is shown: kept across refreshes
   }
 
   /** `background`: the page's periodic refresh (a change made elsewhere: the command line, another tab). It
@@ -89,7 +94,13 @@ export class AdapterView {
     const rows = [];
     for (const adapter of [...base.adapters].sort((a, b) => a.name.localeCompare(b.name))) {
       const versions = [...(adapter.versions ?? [])].sort((a, b) => versionNumber(b.version) - versionNumber(a.version));
-      for (const version of versions) rows.push(this.row(adapter, version, served));
+      const key = `${name}/${adapter.name}`;
+      const folded = versions.length > SHOWN && !this.expanded.has(key);
+      const aliases = adapter.aliases ?? {};
+      const kept = (x, i) => !folded || i < SHOWN || (x.state?.active ?? aliases.active === x.version)
+        || aliases.latest === x.version;
+      for (const version of versions.filter(kept)) rows.push(this.row(adapter, version, served));
+      if (versions.length > SHOWN) rows.push(this.foldRow(adapter.name, key, versions.length, folded));
     }
     const captionId = `caption-${name.replace(/[^A-Za-z0-9_-]/g, "_")}`;
     return h("div", { class: "adapter-group", dataset: { base: name } },
@@ -102,6 +113,20 @@ export class AdapterView {
           h("thead", {}, h("tr", {}, ["name", "version", "created", "valLoss", "gate", "badges", "actions"]
             .map((key) => h("th", { scope: "col" }, t(`adapters.${key}`))))),
           h("tbody", {}, rows))));
+  }
+
+  /** The row under a long adapter's versions: show them all, or only the newest again. */
+  foldRow(name, key, count, folded) {
+    const toggle = () => {
+      if (folded) this.expanded.add(key);
+      else this.expanded.delete(key);
+      this.render(JSON.parse(this.shown));
+      // The table was rebuilt: the keyboard stays on the same adapter's button.
+      this.groups.querySelector(`button[data-fold="${CSS.escape(key)}"]`)?.focus();
+    };
+    return h("tr", { class: "fold-row" }, h("td", { colspan: "7" },
+      h("button", { type: "button", class: "small", dataset: { fold: key }, "aria-expanded": String(!folded),
+        onclick: toggle }, t(folded ? "adapters.showAll" : "adapters.showFewer", { name, count, shown: SHOWN }))));
   }
 
   row(adapter, version, served = true) {
