@@ -460,6 +460,11 @@ def test_cli_memory_approve_and_reject(db: Settings) -> None:
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
         "error: No memory item with id 77; nothing was changed."
     ], r.output
+    # Repro: 31 unknown ids were said as the first ten, without a word about the other 21.
+    r = runner.invoke(app, ["memory", "approve", str(dog.id), *map(str, range(100, 131))])
+    assert r.exit_code == 1 and r.output.strip() == (
+        "error: No memory item with id 100, 101, 102, 103, 104 (and 26 more); nothing was changed."
+    ), r.output
     for bad in ("ex-1", "abc", "0"):  # an example's id form is no memory id
         r = runner.invoke(app, ["memory", "approve", bad])
         lines = r.output.strip().splitlines()

@@ -44,6 +44,7 @@ from .errors import (
     StorageIncompatible,
     StorageUnreachable,
     UsageError,
+    some,
 )
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
 from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, identity, sqlite_wal, writable_beside
@@ -982,8 +983,7 @@ def _check_ids(conn: Connection, table: sa.Table, ids: Sequence[int], what: str)
         found.update(conn.scalars(sa.select(table.c.id).where(table.c.id.in_(held[i : i + _CHUNK]))))
     missing = [i for i in wanted if i not in found]
     if missing:
-        shown = ", ".join(map(str, missing[:10]))
-        raise NotFound(f"No {what} with id {shown}; nothing was changed.")
+        raise NotFound(f"No {what} with id {some([str(i) for i in missing], ', ')}; nothing was changed.")
     return wanted
 
 
