@@ -226,6 +226,36 @@ def test_bad_parameters_are_422_naming_the_field(client: TestClient) -> None:
     assert client.post(f"{T}/lora/quick-start", json={"profile": "nope"}).status_code == 404
 
 
+def test_an_unknown_query_parameter_is_refused_naming_the_ones_the_route_takes(client: TestClient) -> None:
+    """Memory-workflow repro: `GET /memory?stauts=pending` (a typo) answered 200 with every item, and
+    `?source=` (a filter only /examples has) the unfiltered list, where the CLI refuses the same typo and
+    bodies refuse unknown keys. A query parameter the route does not take is a 422 now."""
+    client.post(f"{T}/memory", json={"question": "Q1", "answer": "A1", "status": "pending"})
+    client.post(f"{T}/memory", json={"question": "Q2", "answer": "A2"})
+    assert client.get(f"{T}/memory", params={"status": "pending"}).json()["count"] == 1
+    for url, params, takes in (
+        (f"{T}/memory", {"stauts": "pending"}, "limit, offset, status"),
+        (f"{T}/examples", {"status": "approved", "sorce": "memory", "q": "x"}, "limit, offset, source, status"),
+        (f"{T}/status", {"mincurated": "3"}, "minCurated"),
+        (f"{T}/adapters", {"limit": "5"}, "none"),
+    ):
+        r = client.get(url, params=params)
+        assert r.status_code == 422, (url, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request", err
+        unknown = sorted(set(params) - set(takes.split(", ")))
+        assert (
+            err["message"]
+            == "Invalid request: "
+            + "; ".join(f"{name}: unknown query parameter (this route takes {takes})" for name in unknown)
+            + "."
+        ), err["message"]
+        assert [d["loc"] for d in err["details"]] == [["query", name] for name in unknown]
+    # The OpenAI-compatible routes keep OpenAI's conventions (clients may add their own parameters).
+    assert client.get("/v1/models", params={"extra": "1"}).status_code == 200
+    assert client.head(f"{T}/memory", params={"status": "pending"}).status_code == 200
+
+
 def test_malformed_json_and_unknown_routes_keep_the_error_shape(client: TestClient) -> None:
     r = client.post(f"{T}/examples", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"

@@ -277,7 +277,7 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
     # a body where none is taken is refused, not ignored (as on the API's routes)
     r = httpx.post(url + "/jobs/nope/cancel", json={"force": True}, trust_env=False, timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 422 and "takes no body" in r.json()["error"]["message"], r.text
-    for query in ("/jobs?limit=0", "/jobs?status=bogus", "/jobs/x/events?after=-1"):
+    for query in ("/jobs?limit=0", "/jobs?status=bogus", "/jobs/x/events?after=-1", "/jobs?stauts=running"):
         r = httpx.get(url + query, trust_env=False, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 422, (query, r.text)
     evil = httpx.get(url + "/health", headers={"host": "evil.example"}, trust_env=False, timeout=HTTP_TIMEOUT_S)

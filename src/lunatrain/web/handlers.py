@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -177,12 +179,41 @@ def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
     """The handlers; under `openai_prefix` (the chat routes' `/v1`) a path or method no route takes is
     answered in OpenAI's error shape. HEAD is answered as GET without the body."""
     app.state.openai_prefix = openai_prefix
+    app.router.dependencies.append(Depends(known_query))  # every route added after this one
     app.add_middleware(HeadAsGet)
     app.add_middleware(ClientFraming)  # outside the others, inside the server's error handler
     app.add_exception_handler(LunaError, _luna)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)
+
+
+async def known_query(request: Request) -> None:
+    """A query parameter the route does not take is refused (422), as an unknown key of a body is: FastAPI
+    ignores it, so a typo (`?stauts=pending`) listed everything, where the command line refuses the same typo.
+    Only the documented routes: the dashboard's page reads its own (`?lang=`), and the OpenAI-compatible ones
+    keep OpenAI's conventions."""
+    route = request.scope.get("route")
+    if not request.query_params or not isinstance(route, APIRoute) or not route.include_in_schema:
+        return
+    prefix = request.app.state.openai_prefix
+    if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
+        return
+    takes = sorted(_query_names(route.dependant), key=str.lower)
+    unknown = sorted(set(request.query_params.keys()) - set(takes))
+    if unknown:
+        msg = f"unknown query parameter (this route takes {', '.join(takes) or 'none'})"
+        raise RequestValidationError(
+            [{"type": "query_unknown", "loc": ("query", name), "msg": msg} for name in unknown]
+        )
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes: its own and its dependencies'."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
 
 
 def _jsonable(details: object) -> object:
