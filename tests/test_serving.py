@@ -263,6 +263,36 @@ def test_weights_of_another_shape_are_one_sentence_naming_the_misfit(settings) -
     assert answer(engine, "luna-tiny")[1]  # and the engine still answers
 
 
+def test_a_first_adapter_load_that_fails_part_way_leaves_a_running_base_answer_on_the_base(settings) -> None:
+    """Serving repro: weights of which one tensor does not fit (the rest do) failed the first adapter load of
+    a process with the documented model_base_mismatch, but PEFT had already put the fitting LoRA weights into
+    the base model's layers and switched them on: a base-model answer running meanwhile went on with them
+    (its text changed from then on). The message named PEFT's internal adapter name, another each time."""
+    from safetensors.torch import load_file, save_file
+
+    version = random_adapter(settings, "partly", 12)
+    weights = settings.adapters_dir / "partly" / version / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    first_b = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first_b] = tensors[first_b].new_zeros(tensors[first_b].shape[0] + 3, tensors[first_b].shape[1])
+    save_file(tensors, weights)
+    sampling = serving.Sampling(max_tokens=24, temperature=1.3, seed=5)
+    whole = answer(serving.Engine(settings), "luna-tiny", sampling)[1]
+    engine = serving.Engine(settings)
+    running = engine.start(engine.resolve("luna-tiny"), HELLO, sampling)
+    for _ in range(4):
+        running.step()
+    messages = []
+    for _ in range(2):
+        with pytest.raises(Conflict, match="do not fit") as info:
+            engine.start(engine.resolve(f"partly@{version}"), HELLO, GREEDY)
+        messages.append(info.value.message)
+    running.run()
+    assert running.new_ids == whole  # the answer stayed the base model's to its end
+    assert messages[0] == messages[1] and ".lora_B.weight" in messages[0], messages  # no "lora_B.adapter2."
+    assert answer(engine, "luna-tiny", sampling)[1] == whole
+
+
 def test_messages_the_chat_template_refuses_are_a_usage_error(settings) -> None:
     from lunatrain.errors import UsageError
 

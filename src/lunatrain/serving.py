@@ -454,9 +454,11 @@ class Engine:
                     self.model.delete_adapter(peft_name)
                 self._on = _UNKNOWN
             else:
+                _switch_off_lora_layers(self.model)  # answers still running on it stay the base model's
                 self.model = None
-            # Say what torch's list of differing tensors means, with the first one as the example.
-            misfits = registry.base_misfits(exc)
+            # Say what torch's list of differing tensors means, with the first one as the example, named as
+            # in the version's file (PEFT's module keys carry the engine's own name for the load).
+            misfits = [m.replace(f".{peft_name}.", ".") for m in registry.base_misfits(exc)]
             if misfits:  # the request named weights of another base model: the documented 400
                 raise Conflict(
                     f"{target.model} could not be loaded onto the base model: its LoRA weights do not fit this "
@@ -579,6 +581,18 @@ class Engine:
 
 
 _UNKNOWN = object()  # after a load or an eviction PEFT may have changed the active adapter itself
+
+
+def _switch_off_lora_layers(model: Any) -> None:
+    """A first adapter load that failed has changed the base model in place: PEFT puts its LoRA layers into
+    the modules before it loads the weights, and torch copies every tensor that fits before it raises. The
+    engine drops that model, but an answer already running holds it: each such layer is switched off, so that
+    answer goes on as the base model's (a switched-off layer computes its base layer alone)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(False)
 
 
 def _base_unavailable(exc: UsageError | DamagedFile) -> ServiceUnavailable:
