@@ -755,6 +755,31 @@ def test_reasons_show_their_numbers_apart_from_the_limits_they_break():
     assert drop == "golden pass rate 0.470 regresses against luna-adapter@v1 (0.471, allowed drop 0)", drop
 
 
+def test_a_limit_with_many_digits_is_shown_as_set_never_rounded_onto_the_value():
+    """Gate-bounds repro: the limits were shown with six significant digits, so a refusal read as a pass:
+    "0.9772237 x the base model's … (allowed 0.977224)", "0.70 … (1.00, allowed drop 0.3)" for a drop of
+    0.2999999, "+4.696737%, allowed +4.69674%"; 1e-11 was "allowed 0"; and -0.0 was taken as a limit and
+    said as "allowed drop -0"."""
+    base = {"valLoss": 8.4663, "testLoss": None}
+    vs_base = {"kind": "base", "ref": "base:luna-tiny", "source": "evaluated", "metrics": base | {"goldenPassRate": 0}}
+    loss = 8.4663 * 0.977223657334155
+    (ratio,) = decide(_m(0.5, loss), base, vs_base, parse_thresholds({"maxValLossRatioVsBase": 0.9772236}))
+    assert ratio.endswith("is 0.9772237 x the base model's 8.4663 (allowed 0.9772236)"), ratio
+    (tiny_limit,) = decide(_m(0.5, loss), base, vs_base, parse_thresholds({"maxValLossRatioVsBase": 1e-11}))
+    assert tiny_limit.endswith("(allowed 1e-11)"), tiny_limit
+    rated = {"kind": "adapter", "ref": "luna-adapter@v2", "source": "recorded", "metrics": _m(1.0, 7.9023)}
+    (drop,) = decide(_m(0.7, 7.9023), base, rated, parse_thresholds({"maxGoldenPassRateDrop": 0.2999999}))
+    assert drop == "golden pass rate 0.70 regresses against luna-adapter@v2 (1.00, allowed drop 0.2999999)", drop
+    (rise,) = decide(
+        _m(1.0, 7.9023 * 1.04696736922444211), base, rated, parse_thresholds({"maxLossRegression": 0.04696736})
+    )
+    assert rise.endswith("(7.9023: +4.696737%, allowed +4.696736%)"), rise
+    zero = parse_thresholds({"maxGoldenPassRateDrop": -0.0, "maxLossRegression": -0.0, "minGoldenPassRate": -0.0})
+    assert all(math.copysign(1, value) == 1 for value in zero.model_dump().values()), zero  # -0.0 is 0
+    (none_allowed,) = decide(_m(0.7, 7.9023), base, rated, zero)
+    assert none_allowed.endswith("allowed drop 0)"), none_allowed
+
+
 def test_reason_codes_carry_the_digits_their_sentence_shows():
     """Numbers repro: the dashboard said "0.9298 x … (allowed 0.9298)" where the command line said "0.92978 x …
     (allowed 0.92977)", and left out the rise of a loss regression ("+8%"): four significant digits of the

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
@@ -93,6 +93,11 @@ class GateThresholds(FewKeys):
         le=10.0,
         description="largest relative rise of val or test loss against the baseline, a fraction (0.02: 2%)",
     )
+
+    @field_validator("*")
+    @classmethod
+    def _no_negative_zero(cls, value: float) -> float:
+        return value + 0.0  # -0.0 passes `ge=0` and would be said as "allowed drop -0"
 
 
 def parse_thresholds(data: dict[str, Any] | GateThresholds | None, *, strict: bool = False) -> GateThresholds:
@@ -956,12 +961,19 @@ def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:
 def _apart(value: float, limit: float, digits: int, *, scale: float = 1.0, as_set: bool = False) -> tuple[str, str]:
     """`value` and `limit` (times `scale`) with `digits` decimals, or as many more as it takes to tell them
     apart: "0.47 is below the minimum 0.47" would not say why the gate refused. `as_set`: the limit as a
-    user writes it ("0.93", "2"), not with the value's decimals."""
+    user writes it ("0.93", "2", "0.9772236"), not with the value's decimals; never rounded, so that it is never
+    shown onto or past a value it was broken by."""
     for d in range(digits, digits + 8):
         shown = f"{value * scale:.{d}f}", f"{limit * scale:.{d}f}"
         if shown[0] != shown[1]:
-            return shown[0], f"{round(limit * scale, 10):g}" if as_set else shown[1]
+            return shown[0], _as_set(limit * scale) if as_set else shown[1]
     return repr(value * scale), repr(limit * scale)
+
+
+def _as_set(limit: float) -> str:
+    """A limit as it was set: 15 significant digits drop the noise of scaling (0.04696736 x 100 is
+    4.696736000000001) and keep every digit a user writes."""
+    return f"{limit:.15g}"
 
 
 def judge(
@@ -1029,7 +1041,7 @@ def judge(
     against = baseline["ref"] + (f" revision {baseline['revision']}" if baseline.get("revision") else "")
     if bl_rate is not None and rate < bl_rate - th.max_golden_pass_rate_drop - 1e-9:
         shown_rate, shown_bl = _apart(rate, bl_rate, 2)  # "0.47 regresses against 0.47" would not say why
-        drop = f"{th.max_golden_pass_rate_drop:g}"
+        drop = _as_set(th.max_golden_pass_rate_drop)
         reasons.append(
             (
                 f"golden pass rate {shown_rate} regresses against {against} ({shown_bl}, allowed drop {drop})",
