@@ -170,6 +170,30 @@ def test_serve_on_all_interfaces_without_token_exits_2_with_one_sentence(home: P
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("sent", "token"), [(TOKEN, TOKEN), ("pass+word%2f1%2Bx", "pass word/1+x")], ids=["plain", "encoded"]
+)
+def test_a_token_sent_in_a_query_string_is_never_written_to_the_servers_log(tmp_path: Path, sent: str, token: str):
+    """Gate-bounds repro: a client that put the token in the URL (`?api_key=…`) instead of the header was
+    refused (401), but uvicorn's access line wrote the URL, token and all, to the server's log."""
+    import io
+    import logging
+
+    from lunatrain.cli.serve import log_handler
+
+    handler = log_handler(load_settings(home=tmp_path, api_token=token))
+    handler.setStream(out := io.StringIO())
+    access = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access line, as its logger sends it
+    for path in (f"/assistant/training/eval-gate?api_key={sent}", f"/x?token={sent}&b=1"):
+        args = ("127.0.0.1:5", "POST", path, "1.1", 401)
+        handler.handle(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, access, args, None))
+    handler.handle(logging.LogRecord("lunatrain.api", logging.WARNING, __file__, 1, "kept %s", ("as is",), None))
+    handler.handle(logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "said %s", (token,), None))
+    said = out.getvalue()
+    assert sent not in said and token not in said, said
+    assert said.count("***") == 3 and 'api_key=*** HTTP/1.1" 401' in said and "kept as is" in said, said
+
+
 def test_token_is_required_on_every_data_request(token_server: Server) -> None:
     path = "/assistant/training/examples"
     assert token_server.request("GET", path)[0] == 401

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from urllib.parse import unquote_plus
 
 import typer
 
 from ..errors import LunaError, UsageError
+from ..settings import Settings
 from ..startup import collector_paused
 from ..wire import UtcLogFormatter
 from .app import app, fail
@@ -60,13 +62,12 @@ def serve(
         sock.close()
         raise fail(err) from None
     typer.echo(f"assistant API for {settings.home} on {address}", err=True)
-    # uvicorn's own lines (requests among them) stamped as the trainer's log and every record are (UTC, Z):
-    # its default format has no time at all. log_config=None: its loggers propagate to this handler, at the
-    # levels --log-level gives them; the project's own loggers speak from warnings up, as before.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(UtcLogFormatter())
+    # log_config=None: uvicorn's loggers propagate to this handler, at the levels --log-level gives them; the
+    # project's own loggers speak from warnings up, as before.
     verbose = log_level in ("debug", "trace")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, handlers=[log_handler(settings)], force=True
+    )
     # No proxy headers: the client address and scheme are the socket's, never a header's claim.
     listen.serve(
         api,
@@ -78,3 +79,35 @@ def serve(
         proxy_headers=False,
         server_header=False,
     )
+
+
+def log_handler(settings: Settings) -> logging.Handler:
+    """The server's log on stderr: uvicorn's own lines (requests among them) stamped as the trainer's log and
+    every record are (UTC, Z; its default format has no time at all), and never the API token."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(UtcLogFormatter())
+    if settings.api_token:
+        handler.addFilter(_WithoutToken(settings.api_token))
+    return handler
+
+
+class _WithoutToken(logging.Filter):
+    """The token said as ***. A client that sends it in a query string (`?api_key=…`) instead of the header is
+    refused, but uvicorn's access line holds the URL as sent, percent-encoded or not: there each query value
+    that is the token once decoded is replaced."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) > 2 and "?" in str(args[2]):
+            path, _, query = str(args[2]).partition("?")
+            pairs = (pair.partition("=") for pair in query.split("&"))
+            query = "&".join(k + eq + ("***" if self.token in unquote_plus(v) else v) for k, eq, v in pairs)
+            record.args = (*args[:2], f"{path}?{query}", *args[3:])
+        text = record.getMessage()
+        if self.token in text:
+            record.msg, record.args = text.replace(self.token, "***"), ()
+        return True
