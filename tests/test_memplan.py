@@ -12,6 +12,7 @@ import torch
 
 from lunatrain import memplan, models
 from lunatrain.errors import CheckFailed
+from lunatrain.models import resolve_base
 from lunatrain.params import LoraParams, parse_params
 
 from family_templates import ARCHITECTURES, tiny_config
@@ -121,6 +122,33 @@ def test_check_fits_raises_one_sentence_for_luna_tiny_on_a_tiny_device(settings)
     ).fits
     plan = memplan.check_fits(settings, params, {"type": "cpu", "memoryFree": 64 * GIB})
     assert plan.fits and plan.base_model == "luna-tiny" and plan.tokens == 64 * 4096
+
+
+def test_a_refusal_carries_its_check_for_the_dashboard_and_the_trainer_refuses_only_what_no_data_fits(settings):
+    """Dashboard repro: the preflight said a job of batchSize 1024 x maxSeqLength 131072 on luna-tiny fits
+    (about 1.25 GiB: the data holds far fewer tokens), while Start and `lora` were refused by the trainer,
+    which planned the worst case (1176.8 GiB) before it had the data, with a fix sized for data that does not
+    exist. The trainer now refuses at submit only what no data could make fit (the run plans the data before
+    it loads the model). And the refusal came without its check, so the German page showed it in English."""
+    big = parse_params({"batchSize": 1024, "maxSeqLength": 131072, "gradientCheckpointing": "false"})
+    cpu = {"type": "cpu", "memoryFree": 20 * GIB}
+    with pytest.raises(CheckFailed) as worst:
+        memplan.check_fits(settings, big, cpu)  # the worst case: every micro-batch full
+    assert worst.value.params == {
+        "check": "check.memory_plan.too_big",
+        "needGiB": round(
+            memplan.plan(memplan.model_shape(resolve_base("luna-tiny", settings)), big, cpu).total / GIB, 2
+        ),
+        "budgetGiB": round(memplan.usable(20 * GIB, "cpu") / GIB, 2),
+        "suggestion": worst.value.message.split("it would fit with ")[1].rstrip("."),
+    }, worst.value.params
+    least = memplan.check_fits(settings, big, cpu, least=True)  # what the trainer checks at submit
+    assert least.fits and least.tokens == 1
+    huge = {"type": "cpu", "memoryFree": 1 << 20}  # not even the weights: refused whatever the data
+    with pytest.raises(CheckFailed) as none_fits:
+        memplan.check_fits(settings, big, huge, least=True)
+    assert none_fits.value.params["check"] == "check.memory_plan.too_big_any", none_fits.value.params
+    assert "use a smaller base model or a device with more memory" in none_fits.value.message
 
 
 def test_capabilities_list_the_reference_shapes(settings):

@@ -254,12 +254,25 @@ def test_bad_requests_get_4xx_and_change_nothing(svc, tmp_path):
             {err["code"]} if "baseModel" in body and err["code"].startswith("base_model.") else set()
         )
         assert err["code"] in codes and field in err["message"], err
-    # the memory plan refuses a job this device cannot hold, naming what would make it fit: valid options on
-    # a machine too small, a failed check (409), as prepare reports it
+    # the memory plan refuses a job no data could fit on this device, saying so: a failed check (409), as
+    # prepare reports it; a job whose worst case would not fit is the run's to plan with its data (repro: the
+    # preflight said such a job fits, the trainer refused it with a fix sized for data that did not exist)
     too_big = {"batchSize": 1024, "maxSeqLength": 131072, "gradientCheckpointing": "false"}
-    r = httpx.post(url + "/jobs", json={"baseModel": "luna-tiny"} | too_big, trust_env=False, timeout=HTTP_TIMEOUT_S)
+    r = httpx.post(
+        url + "/jobs/check", json={"baseModel": "luna-tiny"} | too_big, trust_env=False, timeout=HTTP_TIMEOUT_S
+    )
+    assert r.status_code == 200, r.text
+    huge = tmp_path / "huge-model"  # a 70B-shaped config: not even its 4-bit weights fit this machine
+    huge.mkdir()
+    (huge / "model.safetensors").write_bytes(b"")
+    llama70 = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64}
+    shape = llama70 | {"model_type": "llama", "num_key_value_heads": 8, "vocab_size": 128256}
+    (huge / "config.json").write_text(json.dumps(shape | {"architectures": ["LlamaForCausalLM"]}))
+    r = httpx.post(url + "/jobs", json={"baseModel": str(huge)}, trust_env=False, timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 409 and r.json()["error"]["code"] == "check_failed", r.text
-    assert "it would fit with --batchSize=" in r.json()["error"]["message"], r.text
+    error = r.json()["error"]
+    assert error["params"]["check"] == "check.memory_plan.too_big_any", error
+    assert "use a smaller base model or a device with more memory" in error["message"], error
     for raw in (b"{not json", b"[1, 2]"):
         r = httpx.post(
             url + "/jobs",

@@ -245,6 +245,16 @@ class MemoryPlan:
             "message": d["message"],
         }
 
+    def coded(self) -> tuple[str, dict[str, Any]]:
+        """The check's code and params, for the dashboard to say the message in its own language."""
+        if self.fits:
+            code = "check.memory_plan.fits"
+        else:
+            code = "check.memory_plan.too_big" if self.suggestion else "check.memory_plan.too_big_any"
+        gib = lambda n: round(n / GIB, 2)
+        params = {"needGiB": gib(self.total), "budgetGiB": gib(self.budget) if self.budget else None}
+        return code, params | ({"suggestion": self.suggestion} if self.suggestion else {})
+
 
 def plan(
     shape: Shape,
@@ -387,21 +397,27 @@ def check_fits(
     *,
     base: Any = None,
     samples: list[Any] | None = None,
+    least: bool = False,
 ) -> MemoryPlan:
     """The plan for this job; raises CheckFailed (one sentence, naming the option that would make it fit)
     when it cannot fit: valid options on a device too small, a failed check as prepare reports it.
     `device`: a `models.device_info()` dict for the device the job will use (default: the one `params.device`
     resolves to); `base`: a resolved `models.BaseModelInfo` when the caller has one; `samples`: the job's
-    tokenized train samples, whose largest micro-batch is planned (else the worst case)."""
+    tokenized train samples, whose largest micro-batch is planned (else the worst case). `least`: what any
+    data needs at the least (a micro-batch of one token), for a caller without the data: the trainer at
+    submit refuses only what no data fits, as the worst case would refuse jobs whose data fits easily (a
+    batch of 1024 x 131072 tokens the data never fills); the run plans its data before it loads the model."""
     from .models import resolve_base, resolve_device
 
     if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
     shape = model_shape(info)
-    result = plan(shape, params, device, batch=largest_batch(samples, params, shape) if samples else None)
+    batch = MicroBatch(1, 1, 1) if least else largest_batch(samples, params, shape) if samples else None
+    result = plan(shape, params, device, batch=batch)
     if not result.fits:
-        raise CheckFailed(result.message, details=[result.to_dict()])
+        code, said = result.coded()
+        raise CheckFailed(result.message, details=[result.to_dict()], params={"check": code} | said)
     return result
 
 

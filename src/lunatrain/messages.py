@@ -216,8 +216,10 @@ CODES: dict[str, str] = {
     "check.terminator.shipped": "the turn terminator is trained; adapters and merged models ship a "
     "generation_config that stops on it (terminator)",
     "check.memory_plan.fits": "the job fits the device's memory (needGiB, budgetGiB)",
-    "check.memory_plan.too_big": "the job does not fit the device's memory (needGiB, budgetGiB); the message names "
-    "the option that makes it fit",
+    "check.memory_plan.too_big": "the job does not fit the device's memory (needGiB, budgetGiB); it would fit with "
+    "these options (suggestion)",
+    "check.memory_plan.too_big_any": "the job does not fit the device's memory (needGiB, budgetGiB), and no option "
+    "makes it fit: a smaller base model or a device with more memory",
     "check.eot_not_trained.ok": "the end-of-turn token is trained",
     "check.eot_not_trained.found": "samples whose end-of-turn token is outside the loss mask (count)",
     "check.val_too_small.ok": "val samples (count)",

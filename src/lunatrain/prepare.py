@@ -962,8 +962,7 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
         memplan.device_memory(device),
         batch=memplan.largest_batch(train, params, shape) if train else None,
     )
-    code = "check.memory_plan.fits" if plan.fits else "check.memory_plan.too_big"
-    gib = lambda n: round(n / 2**30, 2)
+    code, said = plan.coded()
     return Check(
         "memory_plan",
         "info" if plan.fits else "fail",
@@ -973,7 +972,7 @@ def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) ->
         [],
         plan.message,
         code,
-        {"needGiB": gib(plan.total), "budgetGiB": gib(plan.budget) if plan.budget else None},
+        said,
     ), plan.to_dict()
 
 

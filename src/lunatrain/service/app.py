@@ -175,9 +175,10 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     def accepted(body: JobCreate) -> LoraParams:
         """The job's parameters, if this trainer can run them; the 422 otherwise."""
         params = body.params()
-        # The memory plan before the job is queued: one that cannot fit this device is refused now (422,
-        # naming the option that would make it fit) instead of running until it dies out of memory.
-        memplan.check_fits(settings, params, state["device"].current())
+        # The memory plan before the job is queued: one that no data could fit on this device is refused now
+        # (409, naming the option that would make it fit) instead of running until it dies out of memory. The
+        # data's own plan is the run's, before it loads the model, and prepare's: the same verdict.
+        memplan.check_fits(settings, params, state["device"].current(), least=True)
         job_ranks(settings, params.device, state["runner"].gpus)  # 422 when more ranks than GPUs are set
         if params.chat_template:
             load_template(params.chat_template, settings)  # an unknown name: 422 now, not a failed job later
