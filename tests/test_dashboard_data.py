@@ -778,15 +778,15 @@ def test_the_jobs_percentage_is_written_as_the_pages_language_writes_it(page, se
 
 
 @pytest.mark.parametrize(
-    ("query", "locked", "hint", "refused"),
+    ("query", "locked", "hint", "refused", "unsendable"),
     [
-        ("", "Token nötig", "API-Token fehlt oder ist falsch", "Dieses Token wurde abgelehnt."),
-        ("?lang=en", "Token needed", "API token missing or wrong", "This token was refused."),
+        ("", "Token nötig", "API-Token fehlt oder ist falsch", "Dieses Token wurde abgelehnt.", "druckbaren ASCII"),
+        ("?lang=en", "Token needed", "API token missing or wrong", "This token was refused.", "printable ASCII"),
     ],
     ids=["de", "en"],
 )
 def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
-    page, tmp_path_factory: pytest.TempPathFactory, output_dir: Path, query, locked, hint, refused
+    page, tmp_path_factory: pytest.TempPathFactory, output_dir: Path, query, locked, hint, refused, unsendable
 ) -> None:
     """Repro: with ASSISTANT_API_TOKEN set, the page showed its token form, but the trainer's label said
     "Prüfe …" for good, as if an answer were still coming; three panels each reported the refusal, and the
@@ -824,6 +824,23 @@ def test_an_api_with_a_token_asks_for_it_once_and_loads_once_it_is_given(
         expect(field).to_have_attribute("aria-describedby", "api-token-error")
         expect(page.locator("#api-token-error")).to_have_attribute("role", "alert")
         expect(page.locator("#api-token-error")).to_have_text(refused)
+
+        # Dashboard repro: a token pasted with typographic quotes (or a € or an emoji) cannot be sent in a
+        # header: every request failed in the browser, the page said the server was unreachable, hid the form
+        # and stayed so after a reload (the token was kept). It is refused at the field, and a kept one dropped.
+        sent: list[str] = []
+        page.on("request", lambda r: sent.append(r.url))
+        page.fill("#api-token", "\u201cs3cret-token\u201d")
+        page.locator("#token-form button[type=submit]").click()
+        expect(page.locator("#api-token-error")).to_contain_text(unsendable)
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(page.locator("#alerts .message")).to_have_count(0)
+        assert sent == [], sent  # nothing was tried with it
+        page.evaluate("sessionStorage.setItem('lunatrain.apiToken', '\u201cs3cret-token\u201d')")
+        page.reload()
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(label).to_have_attribute("data-state", "locked")
+        expect(page.locator("#alerts .message")).to_have_count(0)
 
         # The right one: every panel loads, and the label tells the trainer's state (not started here).
         page.fill("#api-token", token)

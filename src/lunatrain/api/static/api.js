@@ -34,9 +34,21 @@ export function tokenRefused() {
   unauthorized();
 }
 
-/** Request headers with the bearer token when one was given (the chat panel streams with its own fetch). */
+/** Whether a header can carry `token`: the server's tokens are printable ASCII, and a browser refuses to send
+ * a header with a character beyond Latin-1 at all (typographic quotes or a € pasted with it), failing the
+ * request as if the server were unreachable. */
+export function sendable(token) {
+  return /^[\x20-\x7e]+$/.test(token);
+}
+
+/** Request headers with the bearer token when one was given (the chat panel streams with its own fetch). A
+ * kept token no header can carry (from before the form checked it) is dropped: the server then asks again. */
 export function authHeaders(extra = {}) {
-  const token = sessionStorage.getItem(TOKEN_KEY);
+  let token = sessionStorage.getItem(TOKEN_KEY);
+  if (token && !sendable(token)) {
+    setToken(null);
+    token = null;
+  }
   return token ? { ...extra, Authorization: `Bearer ${token}` } : { ...extra };
 }
 

@@ -1,7 +1,7 @@
 // The training dashboard: provider label, data status, the LoRA form with live job progress, and the adapter
 // registry. Plain ES modules against the assistant API (docs/api.md); no build step.
 
-import { api, setToken, onUnauthorized, FINAL_STATES } from "./api.js";
+import { api, setToken, sendable, onUnauthorized, FINAL_STATES } from "./api.js";
 import { AdapterView } from "./adapters.js";
 import { LoraForm } from "./form.js";
 import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber, formatPlain } from "./i18n.js";
@@ -108,7 +108,18 @@ onUnauthorized(askToken);
 
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  setToken($("api-token").value.trim());
+  const token = $("api-token").value.trim();
+  if (token && !sendable(token)) {
+    // Said at the field, nothing sent: the browser could not send it, and would say the server is unreachable.
+    const error = $("api-token-error");
+    error.textContent = t("token.unsendable");
+    error.hidden = false;
+    $("api-token").setAttribute("aria-invalid", "true");
+    $("api-token").setAttribute("aria-describedby", "api-token-error");
+    $("api-token").focus();
+    return;
+  }
+  setToken(token);
   tokenTried = true;
   $("api-token-error").hidden = true;
   $("api-token").removeAttribute("aria-invalid");

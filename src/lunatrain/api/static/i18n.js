@@ -20,6 +20,7 @@ const de = {
   "token.label": "API-Token (ASSISTANT_API_TOKEN)",
   "token.submit": "Anmelden",
   "token.refused": "Dieses Token wurde abgelehnt.",
+  "token.unsendable": "Ein Token besteht aus druckbaren ASCII-Zeichen (Buchstaben ohne Akzente, Ziffern, Leerzeichen und Zeichen wie -._~+/=); typografische Anführungszeichen, € oder Emojis gehören nicht dazu.",
   "messages.dismiss": "Meldung schließen",
 
   "data.heading": "Daten",
@@ -514,6 +515,7 @@ const en = {
   "token.label": "API token (ASSISTANT_API_TOKEN)",
   "token.submit": "Use token",
   "token.refused": "This token was refused.",
+  "token.unsendable": "A token is printable ASCII (letters without accents, digits, spaces and signs such as -._~+/=); typographic quotes, € or emoji are not part of it.",
   "messages.dismiss": "Dismiss message",
 
   "data.heading": "Data",
