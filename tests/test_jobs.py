@@ -99,8 +99,16 @@ def test_cancel_rules(store):
     done = queued(store)
     store.claim(done.id)
     store.set_status(done.id, "succeeded", adapter={"name": "a", "version": "v1", "path": "data/adapters/a/v1"})
-    with pytest.raises(Conflict, match="already succeeded"):
+    with pytest.raises(Conflict, match="already succeeded") as ended:
         store.request_cancel(done.id)
+    # Dashboard repro: the refusal came as a bare "conflict", so the German page showed it in English.
+    assert (ended.value.code, ended.value.params) == ("job.already_succeeded", {"jobId": done.id})
+    broken = queued(store)
+    store.claim(broken.id)
+    store.set_status(broken.id, "failed", error={"code": "crash", "message": "boom"})
+    with pytest.raises(Conflict, match="already failed") as ended:
+        store.request_cancel(broken.id)
+    assert (ended.value.code, ended.value.params) == ("job.already_failed", {"jobId": broken.id})
     with pytest.raises(NotFound):
         store.request_cancel("ftjob-nope")
 

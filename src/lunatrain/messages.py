@@ -105,6 +105,8 @@ CODES: dict[str, str] = {
     "trainer.start_failed": "the trainer's start command could not be run (why)",
     "trainer.exited_starting": "the trainer exited while starting (status, log)",
     "trainer.start_timeout": "the trainer did not become healthy in time (seconds, log)",
+    "job.already_succeeded": "a cancel of a job that already succeeded (jobId)",
+    "job.already_failed": "a cancel of a job that already failed (jobId)",
     "trainer.updating": "the trainer is stopping to start again with lunatrain's updated code",
     "trainer.update_timeout": "the trainer runs code from before an update and did not stop in time (seconds)",
     "crash.oom": "killed by SIGKILL, often the system's out-of-memory killer (log)",

@@ -475,7 +475,11 @@ class JobStore:
             if job.status in ("cancelled", "cancelling"):
                 return job
             if job.status in TERMINAL:
-                raise Conflict(f"Job {job_id} already {job.status}; only queued or running jobs can be cancelled.")
+                raise Conflict(
+                    f"Job {job_id} already {job.status}; only queued or running jobs can be cancelled.",
+                    code=f"job.already_{job.status}",
+                    params={"jobId": job_id},
+                )
             if job.status == "running":
                 return self.set_status(job_id, "cancelling", message="cancel requested")
             return self.set_status(job_id, "cancelled", message="cancelled before it started")
