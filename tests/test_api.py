@@ -148,6 +148,32 @@ def test_memory_items(client: TestClient) -> None:
     assert client.get(f"{T}/memory").json()["count"] == 0
 
 
+def test_short_fields_count_their_length_as_stored_as_the_import_and_the_cli_do(client: TestClient) -> None:
+    """Memory-workflow repro: a tag of 40 "Ä" typed decomposed (80 code points, 40 as stored) and a topic of 200
+    characters with spaces around it were refused by POST /memory and POST /examples, while `memory add`, the
+    file import and POST /examples/import stored them: the API counted the text as sent."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "Ä" * 40)
+    topic = " " + "t" * 200 + " "
+    r = client.post(f"{T}/memory", json={"question": "F1", "answer": "A1", "tags": [decomposed], "topic": topic})
+    assert r.status_code == 201, r.text
+    assert r.json()["tags"] == ["Ä" * 40] and r.json()["topic"] == "t" * 200
+    r = client.post(
+        f"{T}/examples", json={"prompt": "F2", "response": "A2", "tags": [decomposed], "conversationId": topic}
+    )
+    assert r.status_code == 201 and r.json()["conversationId"] == "t" * 200, r.text
+    for path, body, field in (
+        ("memory", {"question": "F3", "answer": "A3", "topic": "t" * 201}, "topic"),
+        ("memory", {"question": "F3", "answer": "A3", "tags": ["x" * 65]}, "tags.0"),
+        ("examples", {"prompt": "F3", "response": "A3", "conversationId": "c" * 201}, "conversationId"),
+    ):
+        r = client.post(f"{T}/{path}", json=body)
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert message.startswith(f"Invalid request: {field}: ") and "characters as stored" in message, message
+
+
 def test_export_returns_the_summary_in_camel_case(client: TestClient, settings) -> None:
     client.post(f"{T}/examples", json={"prompt": "a", "response": "b"})
     r = client.post(f"{T}/export", json={"valRatio": 0.0})

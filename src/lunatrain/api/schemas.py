@@ -14,7 +14,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from ..errors import pattern
-from ..formats import MAX_CONVERSATION_ID_LEN, MAX_TAG_LEN, MAX_TAGS, MAX_TEXT_LEN, MAX_TURNS, RATING_MAX, RATING_MIN
+from ..formats import (
+    MAX_CONVERSATION_ID_LEN,
+    MAX_TAG_LEN,
+    MAX_TAGS,
+    MAX_TEXT_LEN,
+    MAX_TURNS,
+    RATING_MAX,
+    RATING_MIN,
+    is_unicode,
+    normalize_text,
+)
 from ..params import FewKeys, FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
 from ..settings import NAME_MAX, NAME_PATTERN
@@ -33,7 +43,25 @@ ADAPTER_REF = pattern(
 # The limit of MAX_TEXT_LEN characters is the stored text's (trimmed, line endings as \n), as the import and
 # the command line count it: `formats.make_draft` says it, naming the field.
 Text = Annotated[str, Field(min_length=1, description=f"up to {MAX_TEXT_LEN:,} characters as stored")]
-ShortText = Annotated[str, Field(max_length=MAX_CONVERSATION_ID_LEN)]
+
+
+def _stored_at_most(limit: int) -> AfterValidator:
+    """The length limit of a short field, counted on the text as stored (NFC, trimmed), as the import and the
+    command line count it: a tag typed with decomposed umlauts is half as long once stored."""
+
+    def check(value: str) -> str:
+        if is_unicode(value) and len(normalize_text(value)) > limit:  # a lone surrogate: refused when stored
+            raise ValueError(f"at most {limit} characters as stored")
+        return value
+
+    return AfterValidator(check)
+
+
+ShortText = Annotated[
+    str,
+    Field(description=f"up to {MAX_CONVERSATION_ID_LEN} characters as stored"),
+    _stored_at_most(MAX_CONVERSATION_ID_LEN),
+]
 
 
 def _not_blank(tag: str) -> str:
@@ -43,7 +71,12 @@ def _not_blank(tag: str) -> str:
     return tag
 
 
-Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LEN), AfterValidator(_not_blank)]
+Tag = Annotated[
+    str,
+    Field(min_length=1, description=f"up to {MAX_TAG_LEN} characters as stored"),
+    AfterValidator(_not_blank),
+    _stored_at_most(MAX_TAG_LEN),
+]
 
 
 class In(FewKeys):
