@@ -700,6 +700,26 @@ def test_what_makes_a_day_unchanged_is_the_tier_file_the_parameters_and_the_base
     store.add_memory(settings, question="Wie heißt mein Hund?", answer="Bruno.")
     CliRunner().invoke(app, ["export"])
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
+    # a version from before its trained content's key was recorded is a repeat on the very same tier file
+    path = registry.registry_path(settings)
+    saved = path.read_text()
+    data = json.loads(saved)
+    del data["adapters"]["luna-adapter"]["versions"][0]["trainedKey"]
+    path.write_text(json.dumps(data))
+    assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
+    path.write_text(saved)
+    # Memory-workflow repro: new tags on an example (delete and add: a new id) changed the tier file, but
+    # nothing a run trains on; the next run trained again, to byte-identical weights. The same trained content
+    # (each split's messages in order) is a repeat.
+    tier_file = prepare.prepare(settings, params).dataset["tierSha256"]
+    ex = store.list_examples(settings, source="curated", status="approved", limit=1)[0]
+    store.delete_examples(settings, [ex.id])
+    again = dict(prompt=ex.prompt, response=ex.response, system=ex.system, turns=list(ex.turns), rating=ex.rating)
+    store.add_example(settings, **again, tags=[*ex.tags, "edited"], conversation_id=ex.conversation_id)
+    CliRunner().invoke(app, ["export"])
+    prepared = prepare.prepare(settings, params)
+    assert prepared.dataset["tierSha256"] != tier_file
+    assert flow.unchanged_version(settings, params, prepared)["version"] == "v1"
     # trained by two processes (the trainer's ASSISTANT_LORA_GPUS=2): another combined batch, another run
     report_file = settings.adapters_dir / "luna-adapter" / "v1" / registry.REPORT_FILE
     saved = report_file.read_text()
@@ -720,10 +740,10 @@ def test_what_makes_a_day_unchanged_is_the_tier_file_the_parameters_and_the_base
     weights.with_suffix(".away").rename(weights)
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params))["version"] == "v1"
     # a version registered before its run's key was recorded is not known to be a repeat: trained again, once
-    path = registry.registry_path(settings)
     saved = path.read_text()
     data = json.loads(saved)
-    del data["adapters"]["luna-adapter"]["versions"][0]["runKey"]
+    for key in ("runKey", "trainedKey"):
+        del data["adapters"]["luna-adapter"]["versions"][0][key]
     path.write_text(json.dumps(data))
     assert flow.unchanged_version(settings, params, prepare.prepare(settings, params)) is None
     path.write_text(saved)

@@ -646,6 +646,18 @@ class TierData:
         entry = (self.summary.get("files") or {}).get(TIER_FILES[self.tier]) or {}
         return str(entry["sha256"]) if entry.get("sha256") else None
 
+    @functools.cached_property
+    def trained_sha256(self) -> str:
+        """A sha256 of what a run reads of the tier: each split's records in order, by their content hash and
+        messages. Ids, tags, ratings and sources are left out: new tags on an example (deleted and added again,
+        so a new id) change the file, not the weights a run would train (`flow.unchanged_version`)."""
+        digest = hashlib.sha256()
+        for split, records in (("train", self.train), ("val", self.val), ("test", self.test)):
+            for rec in records:
+                line = [split, rec.get("hash"), rec.get("messages")]
+                digest.update(json.dumps(line, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        return digest.hexdigest()
+
 
 def export_dir(settings: Settings) -> Path:
     """The directory of the current export, resolved once: read every file of one export from here, so a

@@ -24,7 +24,7 @@ from .compat import with_bitsandbytes
 from .errors import CheckFailed, LunaError, StorageError, UsageError
 from .fsio import check_writable, read_json
 from .messages import coded, counted
-from .params import FlowOptions, LoraParams, run_identity_of, run_key
+from .params import FlowOptions, LoraParams, run_identity_of, run_key, trained_key
 from .settings import PREPARE_REPORT, Settings
 
 STEPS = ("eval-gate", "export", "prepare", "lora")
@@ -577,9 +577,11 @@ def unchanged_version(
         tokenizer=prepared.template.get("tokenizerHash"),
         template=prepared.template.get("hash"),
     )
-    key = run_key(identity)
+    key, trained = run_key(identity), trained_key(identity, prepared.dataset.get("trainedSha256"))
     for entry in reversed(_on_base(settings, params.adapter_name, prepared.base_fingerprint)):
-        if entry.get("runKey") != key:  # a version from before runKey was recorded: trained again once
+        # The same trained content (new tags or ids change the file, not the weights); a version from before
+        # trainedKey was recorded by its tier file; one from before runKey: trained again once.
+        if entry.get("trainedKey") != trained and entry.get("runKey") != key:
             continue
         if entry.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
             continue

@@ -261,3 +261,10 @@ def run_identity_of(
 def run_key(identity: dict[str, Any]) -> str:
     """The run's name among its adapter's work dirs, and in the registry: a hash of its identity."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_key(identity: dict[str, Any], trained_sha256: str | None) -> str:
+    """The identity's key with the trained tier's file replaced by what a run reads of it
+    (`export.TierData.trained_sha256`): two runs with this key train the same weights, whatever ids, tags or
+    ratings the files hold (`flow.unchanged_version`)."""
+    return run_key(identity | {"data": None, "trained": trained_sha256})

@@ -240,6 +240,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         dataset={
             "fingerprint": fingerprint,
             "tierSha256": data.sha256,  # the trained tier's own file: part of a run's identity
+            "trainedSha256": data.trained_sha256,  # what a run reads of it: a repeat's key (flow.unchanged_version)
             "summaryFingerprint": summary.get("fingerprint"),
             "storeRevision": summary.get("store_revision"),
             "exportedAt": summary.get("exported_at"),

@@ -1695,6 +1695,7 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
         "tokenizerHash": report.get("tokenizerHash"),
         "templateHash": report.get("templateHash"),
         "runKey": report.get("runKey"),
+        "trainedKey": report.get("trainedKey"),
         "trainSamples": dataset.get("trainSamples"),
         "gate": None,
         "quantization": report.get("quantization"),  # as train.finish registers it: the README says it is kept

@@ -68,6 +68,7 @@ from .params import (
     run_key,
     steps_per_epoch,
     total_steps,
+    trained_key,
 )
 from .settings import Settings, check_name
 from .startup import import_training_stack
@@ -976,7 +977,9 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
         "baseModel": run.base.record(),
         "tokenizerHash": run.identity["tokenizer"],
         "templateHash": run.identity["template"],
-        "runKey": run_key(run.identity),  # what a daily run compares to know it would repeat this one
+        "runKey": run_key(run.identity),
+        # what a daily run compares to know it would repeat this one (runKey for versions from before it)
+        "trainedKey": trained_key(run.identity, run.data.trained_sha256),
         "template": {
             "name": p.chat_template or "model",
             "hash": run.identity["template"],
@@ -1110,6 +1113,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
         "tokenizerHash": report["tokenizerHash"],
         "templateHash": report["templateHash"],
         "runKey": report["runKey"],
+        "trainedKey": report["trainedKey"],
         "trainSamples": len(run.train),
         "gate": None,
         "quantization": report["quantization"],
