@@ -684,6 +684,54 @@ def test_an_imported_records_own_status_is_kept_and_a_foreign_one_refused(db: Se
 # --- PostgreSQL databases lunatrain cannot use ------------------------------------------------------
 
 
+def test_a_database_server_that_never_answers_is_unreachable_after_a_connect_timeout(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL-flow repro: a server that accepts connections but never answers (a hung host, a partition)
+    kept `examples list`, the API's requests and a finished job's last step waiting for good: PostgreSQL
+    connections had no timeout. Now one is set unless ASSISTANT_DB_URL sets its own (here shortened)."""
+    import socket
+
+    monkeypatch.setattr(store, "PG_CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections land in its backlog; nothing ever answers them
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/lunatrain"
+        monkeypatch.setenv("ASSISTANT_DB_URL", url)
+        r = CliRunner().invoke(app, ["examples", "list"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: Cannot connect to the database") and "timeout" in r.output, r.output
+    assert "connect_timeout" not in store.pg_connect_args(sa.engine.make_url(url + "?connect_timeout=7"))  # theirs
+    assert store.pg_connect_args(sa.engine.make_url(url))["connect_timeout"] == 1
+    store.dispose_stores()
+
+
+@pytest.mark.parametrize(
+    ("reason", "advice"),
+    [
+        ('FATAL: password authentication failed for user "luna"', "check the user and password in ASSISTANT_DB_URL"),
+        ("fe_sendauth: no password supplied", "check the user and password in ASSISTANT_DB_URL"),
+        (
+            'FATAL: database "nosuch" does not exist',
+            "create it (`createdb nosuch`) or fix its name in ASSISTANT_DB_URL",
+        ),
+    ],
+)
+def test_a_server_that_refuses_the_login_or_lacks_the_database_says_so(reason: str, advice: str) -> None:
+    """PostgreSQL-flow repro: a wrong password and a missing database were said as "Cannot connect … check
+    that its server runs", though the server had answered."""
+    import psycopg
+
+    engine = sa.create_engine("postgresql+psycopg://luna:secret@127.0.0.1:5432/nosuch")
+    orig = psycopg.OperationalError(
+        f'connection failed: connection to server at "127.0.0.1", port 5432 failed: {reason}'
+    )
+    said = store.storage_error(sa.exc.OperationalError("connect", {}, orig), engine)
+    assert said.message.endswith(f"; {advice}."), said.message
+    assert "check that its server runs" not in said.message and "secret" not in said.message
+    assert said.code == ("storage_denied" if "password" in reason else "storage_unreachable")
+
+
 def _pg_admin() -> sa.Engine:
     url = os.environ.get("ASSISTANT_TEST_PG_URL")
     if not url:

@@ -234,6 +234,16 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
                 f"The database server {where} refuses more connections ({reason}), so nothing was changed; try again "
                 "when fewer are open, or raise its connection limit."
             )
+        if state is None and _LOGIN.search(reason):  # the server answered: it refused this login
+            return StorageDenied(
+                f"The database server {where} refused the login ({reason}), so nothing was changed; check the user "
+                "and password in ASSISTANT_DB_URL."
+            )
+        if state is None and (missing := _NO_DATABASE.search(reason)):
+            return StorageUnreachable(
+                f"The database server {where} has no database {missing[1]!r} ({reason}), so nothing was changed; "
+                f"create it (`createdb {missing[1]}`) or fix its name in ASSISTANT_DB_URL."
+            )
         if state is None or state.startswith(("08", "57P")):
             return StorageUnreachable(
                 f"Cannot connect to the database {where} ({reason}), so nothing was changed; check that its "
@@ -316,6 +326,10 @@ def _schema_missing(engine: Engine) -> bool:
 
 # PostgreSQL's words for a server without a connection slot left (max_connections, a role's or database's limit).
 _NO_SLOT = re.compile(r"too many (connections|clients)|remaining connection slots are reserved")
+# libpq's words, while connecting (no SQLSTATE), for a server that answered but refused the login or lacks
+# the database: "check that its server runs" would point the wrong way.
+_LOGIN = re.compile(r"password authentication failed|no password supplied|authentication failed for user")
+_NO_DATABASE = re.compile(r'database "([^"]+)" does not exist')
 # SQLite's words for a lock another connection held past the busy timeout (sqlite3.OperationalError).
 _BUSY = re.compile(r"\bdatabase (table )?is locked\b")
 
@@ -435,11 +449,36 @@ def _refuse_at_in_credentials(url: str) -> None:
         )
 
 
+# A server that accepts connections but never answers (a hung host, a network partition) held every command,
+# request and job's last step for good: a connection gives up after PG_CONNECT_TIMEOUT_S, and TCP keepalives
+# and an unacknowledged-data timeout find a server that went away under an open one. A URL's own win.
+PG_CONNECT_TIMEOUT_S = 10
+_PG_TCP = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+_PG_TCP_USER_TIMEOUT_MS = 30_000
+
+
+def pg_connect_args(url: sa.engine.URL) -> dict[str, Any]:
+    """The timeouts a PostgreSQL connection gets unless its URL sets them (nothing for other databases)."""
+    if url.get_backend_name() != "postgresql":
+        return {}
+    wanted = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **_PG_TCP, "tcp_user_timeout": _PG_TCP_USER_TIMEOUT_MS}
+    if "connect_timeout" in url.query:
+        del wanted["connect_timeout"]
+    if any(key in url.query for key in (*_PG_TCP, "tcp_user_timeout")):  # the user's TCP settings, whole
+        wanted = {k: v for k, v in wanted.items() if k == "connect_timeout"}
+    return wanted
+
+
 def _server_engine(url: str) -> Engine:
     # SQLAlchemy's pool (5 kept, 10 more while busy): small enough for a server's connection limit with
     # several processes. Writers held up by another process give up after the busy timeout (write()), so
     # their connections come back; a request that finds none for that long is said busy (not a 500).
-    engine = sa.create_engine(url, pool_pre_ping=True, pool_timeout=SQLITE_BUSY_TIMEOUT_S)
+    engine = sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_timeout=SQLITE_BUSY_TIMEOUT_S,
+        connect_args=pg_connect_args(sa.engine.make_url(url)),
+    )
     if engine.dialect.name == "postgresql":
         _utf8_only(engine)
     return engine
