@@ -175,3 +175,24 @@ def recorded_job(data_dir: Path, status: str, adapter_name: str = "luna-adapter"
         return jobs.set_status(job.id, status, **fields)
     finally:
         jobs.close()
+
+
+# Three short golden cases of the shipped suite's kinds: a test about a flow's steps and decisions gates on
+# these instead of the shipped 17 at 128 new tokens each (most of such a test's time on luna-tiny, which never
+# stops early). The shipped suite itself is gated on by test_evalgate.py and the whole-flow tests.
+SMALL_SUITE = [
+    {"id": "identity-de", "lang": "de", "prompt": "Wer bist du?", "maxNewTokens": 8,
+     "checks": [{"type": "contains", "value": "Luna"}, {"type": "stops"}, {"type": "max_chars", "value": 400}]},
+    {"id": "identity-en", "lang": "en", "prompt": "Who are you?", "maxNewTokens": 8,
+     "checks": [{"type": "contains", "value": "Luna"}, {"type": "not_contains", "value": ["<|im_start|>"]}]},
+    {"id": "persona", "lang": "de", "system": "Du bist Luna.", "prompt": "Wie heißt du?", "maxNewTokens": 8,
+     "checks": [{"type": "contains", "value": "Luna"}, {"type": "max_chars", "value": 300}]},
+]  # fmt: skip
+
+
+def write_small_suite(settings: Any) -> Path:
+    """SMALL_SUITE as the data root's golden suite (in place of the shipped one)."""
+    settings.eval_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.eval_dir / "luna-golden.jsonl"
+    path.write_text("".join(json.dumps(case, ensure_ascii=False) + "\n" for case in SMALL_SUITE), encoding="utf-8")
+    return path

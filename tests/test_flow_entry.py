@@ -24,9 +24,15 @@ from lunatrain.prepare import volume_check
 from lunatrain.service.jobs import jobs_db_path
 from lunatrain.settings import load_settings
 
-from helpers import make_records, write_export
+from helpers import make_records, write_export, write_small_suite
 
 FAST = ["--epochs", "1", "--maxSteps", "2", "--batchSize", "8", "--rank", "4", "--maxSeqLength", "128"]
+
+
+@pytest.fixture(autouse=True)
+def small_suite(settings) -> None:
+    """These tests are about the flows' steps and decisions: they gate on three short cases (helpers.py)."""
+    write_small_suite(settings)
 
 
 def test_min_curated_is_checked_before_any_job_starts(settings, monkeypatch):
