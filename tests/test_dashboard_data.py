@@ -1779,6 +1779,16 @@ def test_an_adapter_with_many_versions_shows_its_newest_and_the_rest_on_request(
                         "versions": [version(n) for n in range(1, 26)],
                     },
                     {"name": "few", "aliases": {}, "versions": [version(1), version(2)]},
+                    {  # an overwrite slot: every revision is "current" (review repro: it was never folded)
+                        "name": "slot",
+                        "aliases": {"active": "current", "latest": "current"},
+                        "versions": [
+                            version(0)
+                            | {"version": "current", "revision": r, "created": f"2026-11-{r:02d}T10:00:00Z"}
+                            | {"state": {"active": r == 15, "code": "adapter.replaced", "params": {}, "reason": "-"}}
+                            for r in range(1, 16)
+                        ],
+                    },
                 ],
             }
         ]
@@ -1791,6 +1801,12 @@ def test_an_adapter_with_many_versions_shows_its_newest_and_the_rest_on_request(
     expect(page.locator('tr[data-adapter="daily"][data-version="v3"]')).to_have_class(re.compile("is-active"))
     expect(page.locator('tr[data-adapter="few"]')).to_have_count(2)  # nothing folded: no button
     expect(page.get_by_role("button", name=re.compile("versions of few"))).to_have_count(0)
+    slot = page.locator('tr[data-adapter="slot"]')
+    expect(slot).to_have_count(10)  # the newest 10 revisions, the active newest among them
+    expect(slot.first).to_have_class(re.compile("is-active"))
+    expect(slot.first.locator("td").nth(1)).to_contain_text("15 Nov 2026")
+    page.get_by_role("button", name="Show all 15 versions of slot").click()
+    expect(slot).to_have_count(15)
     more = page.get_by_role("button", name="Show all 25 versions of daily")
     expect(more).to_have_attribute("aria-expanded", "false")
     more.click()

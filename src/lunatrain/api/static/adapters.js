@@ -93,12 +93,16 @@ export class AdapterView {
     const served = base.configured !== false;
     const rows = [];
     for (const adapter of [...base.adapters].sort((a, b) => a.name.localeCompare(b.name))) {
-      const versions = [...(adapter.versions ?? [])].sort((a, b) => versionNumber(b.version) - versionNumber(a.version));
+      // Newest first; the revisions of an overwrite slot are all "current": by revision.
+      const versions = [...(adapter.versions ?? [])].sort((a, b) =>
+        versionNumber(b.version) - versionNumber(a.version) || (b.revision ?? 0) - (a.revision ?? 0));
       const key = `${name}/${adapter.name}`;
       const folded = versions.length > SHOWN && !this.expanded.has(key);
       const aliases = adapter.aliases ?? {};
-      const kept = (x, i) => !folded || i < SHOWN || (x.state?.active ?? aliases.active === x.version)
-        || aliases.latest === x.version;
+      // The active and the latest row, each once: every revision of a slot carries the alias's name.
+      const active = versions.find((x) => x.state?.active ?? aliases.active === x.version);
+      const latest = versions.find((x) => aliases.latest === x.version);
+      const kept = (x, i) => !folded || i < SHOWN || x === active || x === latest;
       for (const version of versions.filter(kept)) rows.push(this.row(adapter, version, served));
       if (versions.length > SHOWN) rows.push(this.foldRow(adapter.name, key, versions.length, folded));
     }
