@@ -189,9 +189,13 @@ def test_a_token_sent_in_a_query_string_is_never_written_to_the_servers_log(tmp_
         handler.handle(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, access, args, None))
     handler.handle(logging.LogRecord("lunatrain.api", logging.WARNING, __file__, 1, "kept %s", ("as is",), None))
     handler.handle(logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "said %s", (token,), None))
+    # review repro: at --log-level trace uvicorn prints the request's scope, its query string as sent
+    as_sent = re.sub(r"%[0-9A-Fa-f]{2}", lambda m: m[0].swapcase(), sent)  # its hex digits in the other case
+    scope = {"query_string": b"api_key=" + as_sent.encode()}
+    handler.handle(logging.LogRecord("uvicorn.asgi", 5, __file__, 1, "ASGI [1] Started scope=%s", (scope,), None))
     said = out.getvalue()
     assert sent not in said and token not in said, said
-    assert said.count("***") == 3 and 'api_key=*** HTTP/1.1" 401' in said and "kept as is" in said, said
+    assert said.count("***") == 4 and 'api_key=*** HTTP/1.1" 401' in said and "kept as is" in said, said
 
 
 def test_token_is_required_on_every_data_request(token_server: Server) -> None:
