@@ -134,6 +134,8 @@ def test_jobs_list_pages_past_the_newest_jobs_in_the_api_and_the_cli(settings: S
     assert r.stderr.strip() == "2 listed; more follow: --offset 2 lists the next ones."
     r = CliRunner().invoke(app, ["jobs", "list", "--limit", "2", "--offset", "4"])
     assert r.exit_code == 0 and " a " in r.stdout and r.stderr == "", r.output
+    r = CliRunner().invoke(app, ["jobs", "list", "--offset", "5"])  # review repro: said "no jobs"
+    assert r.exit_code == 0 and r.stdout == "no jobs past the first 5\n", r.output
     r = CliRunner().invoke(app, ["jobs", "list", "--offset", "-1"])
     assert r.exit_code == 2 and "--offset" in r.output, r.output
     store.dispose_stores()

@@ -157,8 +157,9 @@ def jobs_list(
         typer.echo(json_text(page.wire()))
         return
     jobs = page.data
-    if not jobs:
-        typer.echo(f"no {status} jobs" if status else "no jobs")  # "no jobs" under a filter reads as none at all
+    if not jobs:  # "no jobs" under a filter, or past the first page, reads as none at all
+        past = f" past the first {offset}" if offset else ""
+        typer.echo(f"no {status} jobs{past}" if status else f"no jobs{past}")
     # The adapter column as wide as its longest name here, so every summary starts in one column.
     width = max((len(str(job.params.get("adapterName"))) for job in jobs), default=0)
     for job in jobs:
