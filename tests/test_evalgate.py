@@ -17,7 +17,7 @@ from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.evalgate import EvalCheck, GateThresholds, judge, load_suite, parse_thresholds
 
-from helpers import adapter_work_dir
+from helpers import adapter_work_dir, write_small_suite
 
 
 def decide(*args, **kwargs) -> list[str]:
@@ -466,6 +466,7 @@ def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trai
     luna-adapter@v1 are missing …; train it again", and training again gave a version never gated nor
     activated: the gate loaded the active version's weights even where it judged by its record. Now its
     record judges when comparable, else the base model, with a note."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from lunatrain import export, store
 
     g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
@@ -506,6 +507,7 @@ def test_an_active_version_that_cannot_be_loaded_does_not_block_the_next_one(tra
     flow said FAILED, and each retry added one more version never judged. An active version that cannot be
     loaded is judged like one whose files are gone: by its record when comparable, else by the base model,
     with a note that says why."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from safetensors.torch import load_file, save_file
 
     from lunatrain import export, store
@@ -811,6 +813,7 @@ def test_plain_eval_gate_uses_the_luna_profiles_gate_like_the_flow(settings, tin
     that a plain `lunatrain eval-gate` (the guide's `npm run eval:gate`) and `POST /eval-gate` then passed:
     both used the library's default thresholds. Like `prepare`, both now take the luna profile's [gate]
     unless another profile is named (flags still win in the CLI)."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from fastapi.testclient import TestClient
 
     from lunatrain.api.main import create_app
@@ -869,6 +872,7 @@ def test_the_active_version_is_judged_against_the_base_model_not_against_itself(
     """Repro: with a version the gate had refused activated by hand, `eval-gate` (and the daily flow's first
     step) compared it with its own recorded metrics: "PASS luna-adapter@v2 … vs luna-adapter@v2 (recorded)",
     a regression check that cannot fail. The active version is judged against the base model, and says so."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
     assert g1.passed, g1.reasons
     v2 = _derived_version(settings, registry.get_version(settings, "luna-adapter", "v1"), 0.0)  # the base itself
@@ -891,6 +895,7 @@ def test_a_failed_registry_write_in_the_gate_leaves_no_active_version_without_it
     activated the version: it failed, the command said "the previous data is intact", and the new version was
     active with no gate outcome while the old one had lost its place. Promotion and outcome are one write: a
     write that fails changes nothing; one that succeeds leaves the version active with its outcome."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     import errno
 
     from lunatrain import fsio
@@ -927,6 +932,7 @@ def test_a_cancel_during_the_gate_keeps_the_version_registered_and_takes_nothing
     """Long-session repro: `jobs cancel` while a job's eval gate ran was accepted ("cancelling"), then the gate
     passed and activated the new version anyway. A cancel that comes during the gate now keeps the decision
     from taking effect: the version stays registered, inactive (an overwrite run does not take the slot)."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from lunatrain.flow import train_and_gate
     from lunatrain.params import FlowOptions, parse_params
 
@@ -956,6 +962,7 @@ def test_a_trainer_that_stops_during_the_gate_is_no_cancel(settings):
     """Review repro: the gate took any stop reason for a cancel. A trainer that stops or dies while a job's
     gate runs says so in a sentence (train.py: a sentence is no cancel); the version that passed then stayed
     inactive, noted as "cancelled", and nothing gated it again. Only a cancel (True) keeps it inactive."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from lunatrain.flow import train_and_gate
     from lunatrain.params import FlowOptions, parse_params
 
@@ -1006,6 +1013,7 @@ def test_an_evaluated_baseline_answers_in_the_template_it_was_trained_with(setti
     measured with the candidate's tokenizer and template: v1 trained on luna-tiny's own template scored 7.9773
     as v2's baseline (v2 trained with another template), where gated alone it scores 7.8154; the decision on v2
     flipped with an unrelated edit of the suite. The baseline answers in its own template, as it is served."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from lunatrain.params import parse_params
     from lunatrain.templates import store_template
     from lunatrain.train import run_lora
@@ -1075,6 +1083,7 @@ def test_an_active_version_that_cannot_answer_in_its_own_template_leaves_the_jud
 def test_an_active_version_whose_template_refuses_an_exported_example_leaves_the_judging_to_the_base(settings, tiny):
     """Review repro: a baseline whose own template refuses a val or test example (one the candidate's takes)
     ended the whole gate with the example's refusal, whose advice named the data, not the active version."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from lunatrain.params import parse_params
     from lunatrain.templates import store_template
     from lunatrain.train import run_lora
