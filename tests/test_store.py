@@ -1257,3 +1257,22 @@ def test_memory_twins_in_one_batch_find_what_the_previous_release_stored(db: Set
         for q in ("Wie alt?\nGenau.", "Wie alt?\r\nGenau.")
     ]
     assert store._add_memory_items(db, twins) == 0
+
+
+@pytest.mark.parametrize("name", ["luna%20a", "root?x=1", "50%#off"])
+def test_a_data_root_whose_name_looks_like_url_syntax_keeps_its_database_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Odd-paths repro: the data root's path went into the SQLite URL unescaped, so `luna%20a` kept its database
+    in another folder `luna a` (which two roots could share) and `root?x=1` in a file `root` beside it."""
+    root = tmp_path / name
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for var in [v for v in os.environ if v.startswith("ASSISTANT_") and v != "ASSISTANT_TEST_PG_URL"]:
+        monkeypatch.delenv(var)
+    settings = load_settings(home=root)
+    store.add_example(settings, prompt="Hallo", response="Hi")
+    assert (root / "data" / "assistant.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name], list(tmp_path.iterdir())
+    assert [e.prompt for e in store.list_examples(settings)] == ["Hallo"]
+    store.dispose_stores()

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -242,7 +242,9 @@ class Settings(BaseSettings):
     def database_url(self) -> str:
         if self.db_url:
             return self.db_url
-        return f"sqlite:///{self.data_dir / 'assistant.db'}"
+        # Escaped: a data root named `luna%20a` or `root?x=1` would otherwise keep its database elsewhere (URLs
+        # decode %XX and start a query at ?); SQLAlchemy decodes the path back to the file's own name.
+        return f"sqlite:///{quote(str(self.data_dir / 'assistant.db'), safe='/')}"
 
 
 def check_data_root(settings: Settings) -> None:
