@@ -326,6 +326,28 @@ def test_ctrl_c_stops_a_local_run_at_a_step_and_says_how_to_resume(settings, tin
     assert not registry.list_adapters(settings)  # nothing was registered
 
 
+@pytest.mark.slow
+def test_two_flows_at_once_on_one_data_root_train_once(settings, tiny):
+    """Unattended-run repro: a cron run overlapping a manual one (or a timer catching up) both trained and
+    registered v1 and v2 with the same weights: nothing kept two flows of one data root apart. The second now
+    waits for the first, then finds the data unchanged and trains nothing."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    store.dispose_stores()
+    command = [str(Path(sys.executable).with_name("lunatrain")), "luna", "--local", *FAST]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert _versions(settings) == ["v1"], outputs
+    trained = [o for o in outputs if "not trained again" not in o]
+    waited = [o for o in outputs if "not trained again" in o]
+    assert len(trained) == 1 and len(waited) == 1, outputs
+    assert re.search(
+        r"^==> waiting for the flow already running on this data root \(pid \d+, since ", waited[0], re.M
+    ), waited[0]
+
+
 def _ends_interrupted(r, sentence: str) -> None:
     assert r.exit_code == 130, r.output
     assert r.output.strip().splitlines()[-1] == sentence, r.output

@@ -14,18 +14,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import evalgate, export, prepare, registry
+from . import evalgate, export, fsio, prepare, registry
 from .compat import with_bitsandbytes
 from .errors import CheckFailed, LunaError, StorageError, UsageError
 from .fsio import check_writable, read_json
 from .messages import coded, counted
 from .params import FlowOptions, LoraParams, run_identity_of, run_key, trained_key
 from .settings import PREPARE_REPORT, Settings
+from .wire import now_iso
 
 STEPS = ("eval-gate", "export", "prepare", "lora")
 
@@ -555,11 +559,48 @@ def run_flow(
         result.adapter = entry
         return True, said, detail
 
-    step("eval-gate", gate_current)
-    step("export", export_data)
-    step("prepare", preflight)
-    step("lora", lora)
+    with one_flow_at_a_time(settings, on_step):
+        step("eval-gate", gate_current)
+        step("export", export_data)
+        step("prepare", preflight)
+        step("lora", lora)
     return result
+
+
+FLOW_LOCK = "flow.lock"  # in data/: held by the flow running on the data root, naming its process
+
+
+@contextlib.contextmanager
+def one_flow_at_a_time(settings: Settings, on_step: Callable[[str], None] | None = None) -> Iterator[None]:
+    """The flow's steps, one flow of a data root at a time: a cron run overlapping a manual one (or a timer
+    catching up) trained the same data twice, to two versions with the same weights. A second flow waits,
+    saying for whom, and then finds the data unchanged. A lock of the operating system (flock), so one that
+    was killed holds nothing."""
+    path = settings.data_dir / FLOW_LOCK
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+b")
+    except OSError as exc:
+        raise fsio.storage_error(exc, f"the lock file {path}") from exc
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid, _, since = fh.read().decode("utf-8", "replace").strip().partition(" ")
+            if on_step:
+                on_step(
+                    f"waiting for the flow already running on this data root (pid {pid or '?'}, since {since or '?'})"
+                )
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()} {now_iso()}".encode())
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def unchanged_version(
