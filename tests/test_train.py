@@ -459,6 +459,13 @@ def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(s
     resumed = run_lora(_params(resume=True), settings)
     holder.join()
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
+    # Resume repro: a second resume that got the folder once the first had finished (or a `jobs resume` queued
+    # behind it) found no checkpoint, trained the run again from scratch and registered v2, the same weights.
+    # The run is finished: said, naming its version, and nothing is trained or registered.
+    with pytest.raises(Conflict, match=r"Nothing to resume: this run already finished as luna-adapter@v1") as done:
+        run_lora(_params(resume=True), settings)
+    assert done.value.code == "train.already_finished" and done.value.params["version"] == "v1"
+    assert [v["version"] for v in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]
 
 
 def test_resume_follows_the_trained_tier_and_says_why_a_checkpoint_of_another_run_does_not_apply(settings):

@@ -39,6 +39,7 @@ CODES: dict[str, str] = {
     "train.no_samples": "the dataset tier has no training samples in the export (tier)",
     "train.special_tokens": "samples hold a literal special token in their text: the run is refused (count, tier, examples)",
     "train.resume_busy": "another process is training this run from its checkpoint: a second resume is refused (path)",
+    "train.already_finished": "a resume of a run that already finished as a version: nothing is trained (name, version)",
     "eval.no_suite_file": "data/eval holds files but no golden suite file (*.jsonl) (dir, files)",
     "device.no_cuda": "device cuda was asked for and no CUDA GPU is available",
     "gate.several_active": "several adapters are active on the base model and none was named (adapters, baseModel)",

@@ -224,7 +224,32 @@ def _run_lora(
     # resumes of one run (a scheduled `--resume` beside a manual one, beside `jobs resume`) would train in
     # one folder, each deleting the other's checkpoints, and register the same run twice.
     with _held(run) if world.main else contextlib.nullcontext():
+        _refuse_a_finished_run(run)
         return _train_and_conclude(run, emit, should_stop, job_id, stage)
+
+
+def _refuse_a_finished_run(run: Run) -> None:
+    """A resume that finds no checkpoint of its run, of which a version is registered: another resume finished
+    it meanwhile (two at once, or a `jobs resume` queued behind another), or it had finished before. Starting
+    over would train the run again and register the same weights as another version. (A run interrupted
+    before its first checkpoint has no version: its resume starts over, as before.) Every rank reads the
+    same registry, so all refuse together."""
+    if not run.params.resume or checkpoints.saved_states(run.work_dir.parent, run.work_dir.name):
+        return
+    key = run_key(run.identity)
+    try:
+        versions = registry.list_adapters(run.settings).get(run.params.adapter_name, {}).get("versions", [])
+    except LunaError:  # an unreadable registry is the publish step's to say
+        return
+    done = next((v for v in reversed(versions) if v.get("runKey") == key and not v.get("replaced")), None)
+    if done is not None:
+        name = run.params.adapter_name
+        raise Conflict(
+            f"Nothing to resume: this run already finished as {name}@{done['version']}; drop --resume to train "
+            "it again.",
+            code="train.already_finished",
+            params={"name": name, "version": done["version"]},
+        )
 
 
 RESUME_PATIENCE_S = 5.0
