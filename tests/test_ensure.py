@@ -121,6 +121,19 @@ def test_the_token_in_a_start_command_is_not_written_to_the_log(home, any_port, 
     assert token not in said and token not in info.value.message
 
 
+def test_a_trainer_that_refuses_to_start_is_said_in_its_own_sentence(home, any_port, monkeypatch):
+    """Odd-paths repro: a trainer that could not open its job database said why in one sentence (in its log),
+    but `lora` said only "The trainer exited while starting (status 1); see … for why."."""
+    said = "The trainer's job database data/trainer/jobs.db is not a file; move it aside and start again."
+    cmd = shlex.join([sys.executable, "-c", f"import sys; print('starting'); sys.exit({'error: ' + said!r})"])
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
+    with pytest.raises(ServiceUnavailable) as info:
+        ensure_trainer(load_settings(), timeout=60)
+    assert info.value.message == (
+        f"The trainer exited while starting (status 1): {said[:-1]}; see reports/training/trainer.log."
+    ), info.value.message
+
+
 def test_start_command_that_exits_fails_fast_naming_the_log(home, any_port, monkeypatch):
     cmd = shlex.join([sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)

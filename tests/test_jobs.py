@@ -79,6 +79,31 @@ def test_the_job_list_pages_past_its_first_page(store):
     assert [j.id for j in store.list(limit=2)] == newest_first[:2]  # the list reads the first page
 
 
+@pytest.mark.parametrize("fault", ["folder", "garbage"])
+def test_a_job_database_that_cannot_be_opened_is_one_sentence_and_the_trainer_says_it(settings, fault):
+    """Odd-paths repro: a folder at data/trainer/jobs.db or a damaged file there made `lunatrain trainer` die
+    in a traceback (exit 3), and `lora` said only "exited while starting (status 3); see trainer.log"."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+    from lunatrain.errors import StorageError
+
+    path = jobs_db_path(settings.data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fault == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"not a database at all" * 100)
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(StorageError) as refused:
+        JobStore(path)
+    assert "data/trainer/jobs.db" in refused.value.message and "\n" not in refused.value.message
+    assert ("move it aside" in refused.value.message) is (fault == "garbage"), refused.value.message
+    r = CliRunner().invoke(app, ["trainer", "--port", "0"])
+    assert r.exit_code == 1 and r.output == f"error: {refused.value.message}\n", r.output
+    assert (path.read_bytes() if path.is_file() else None) == before  # nothing written
+
+
 def test_request_id_is_idempotent_and_refuses_other_params(store):
     job, created = store.create(LoraParams(epochs=2), "retry-1")
     again, created_again = store.create(parse_params({"epochs": 2}), "retry-1")

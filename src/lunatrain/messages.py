@@ -105,6 +105,7 @@ CODES: dict[str, str] = {
     "trainer.unreachable": "the trainer does not answer",
     "trainer.start_failed": "the trainer's start command could not be run (why)",
     "trainer.exited_starting": "the trainer exited while starting (status, log)",
+    "trainer.refused_start": "the trainer refused to start, saying why in one sentence (status, why, log)",
     "trainer.start_timeout": "the trainer did not become healthy in time (seconds, log)",
     "job.already_succeeded": "a cancel of a job that already succeeded (jobId)",
     "job.already_failed": "a cancel of a job that already failed (jobId)",

@@ -22,7 +22,7 @@ from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job, existing_store, job_log_path
+from ..service.jobs import Event, Health, Job, JobStore, existing_store, job_log_path, jobs_db_path
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from ..wire import INT_MAX
@@ -59,6 +59,7 @@ def trainer_cmd(
     try:
         settings = load_settings()
         check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
+        JobStore(jobs_db_path(settings.data_dir)).close()  # likewise a job database it cannot open (exit 1)
         default_host, default_port = trainer_client.trainer_address(settings)
         if port is not None and port != default_port and trainer_client.chosen_address(settings):
             # Clients go to the chosen address, whatever this trainer records: it would never be reached.

@@ -210,6 +210,18 @@ def _start_log(settings: Settings, log: Path, header: str) -> Iterator[BinaryIO]
         yield fh
 
 
+def _refusal(log: Path) -> str | None:
+    """The sentence a trainer that refused to start ended its log with (`error: …`, as every command says
+    it), else None (a traceback, a start command's own words: the log says those)."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(fh.seek(0, os.SEEK_END) - 4096, 0))
+            last = fh.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+    except OSError:
+        return None
+    return last[0].removeprefix("error: ").strip() if last and last[0].startswith("error: ") else None
+
+
 def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: float, timeout: float) -> Health:
     rel_log = settings.shown(log_path(settings))
     while True:
@@ -221,6 +233,12 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes], deadline: f
         code = proc.poll()
         # Exit 0 may be a start command that daemonizes and returns; keep polling for that one.
         if code not in (None, 0):
+            said = _refusal(log_path(settings))
+            if said:  # the trainer said why in one sentence (a job database it cannot open): that is the news
+                raise ServiceUnavailable(
+                    f"The trainer exited while starting (status {code}): {said.rstrip('.')}; see {rel_log}.",
+                    params={"detail": "trainer.refused_start", "status": code, "why": said, "log": rel_log},
+                )
             raise ServiceUnavailable(
                 f"The trainer exited while starting (status {code}); see {rel_log} for why.",
                 params={"detail": "trainer.exited_starting", "status": code, "log": rel_log},

@@ -25,6 +25,7 @@ from pydantic.alias_generators import to_camel
 
 from ..errors import Conflict, DiskFull, NotFound, StorageBusy, StorageDenied, StorageError, pattern
 from ..fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal, writable_beside
+from ..fsio import storage_error as fsio_storage_error
 from ..params import FlowOptions, LoraParams
 from ..settings import TRAINER_DIR
 from ..wire import finite, now_iso
@@ -237,6 +238,27 @@ CREATE TABLE IF NOT EXISTS events (
 _JSON_COLUMNS = ("params", "options", "progress", "metrics", "adapter", "error", "gate", "gate_thresholds")
 
 
+def _unopenable(path: Path, exc: sqlite3.Error | OSError) -> StorageError:
+    """One sentence for a job database the trainer cannot open (it died in a traceback at startup): what is
+    there instead, damaged, or out of reach. It holds the job history only: adapters and their registry stay."""
+    if path.is_dir():
+        return StorageError(
+            f"The trainer's job database {path} is a folder, not a file; remove or rename that folder and start "
+            "the trainer again."
+        )
+    if isinstance(exc, OSError):
+        return fsio_storage_error(exc, f"the trainer's job database {path}")
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return StorageError(
+            f"The trainer's job database {path} is damaged ({exc}); move it aside (it holds the job history only: "
+            "the adapters and their registry stay) and start the trainer again."
+        )
+    return StorageError(
+        f"The trainer's job database {path} cannot be opened ({exc}); check that this user may read and write it "
+        "and its folder (and that its path is not longer than SQLite takes)."
+    )
+
+
 class JobStore:
     """The jobs database. One connection guarded by a lock: the service's request threads and its runner
     thread share it, and SQLite serializes writers anyway."""
@@ -252,18 +274,23 @@ class JobStore:
             self._db = read_only_connection(path)
             self._db.row_factory = sqlite3.Row
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        create_plain(path)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S)
-        self._db.row_factory = sqlite3.Row
-        sqlite_wal(self._db)
-        # NORMAL is durable across process crashes in WAL mode (only a power loss may drop the last commit).
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in (("gate_thresholds", "TEXT"), ("options", "TEXT"), ("duration_seconds", "REAL")):
-            if column not in columns:  # a jobs.db from before this column
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create_plain(path)
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_S
+            )
+            self._db.row_factory = sqlite3.Row
+            sqlite_wal(self._db)
+            # NORMAL is durable across process crashes in WAL mode (only a power loss may drop the last commit).
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in (("gate_thresholds", "TEXT"), ("options", "TEXT"), ("duration_seconds", "REAL")):
+                if column not in columns:  # a jobs.db from before this column
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        except (sqlite3.Error, OSError) as exc:
+            raise _unopenable(path, exc) from None
 
     def close(self) -> None:
         with self._lock:
