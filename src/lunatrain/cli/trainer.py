@@ -7,6 +7,7 @@ come back. Exit codes: 0 succeeded, 1 failed or cancelled (or trainer offline), 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
@@ -22,11 +23,11 @@ from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job, JobStore, existing_store, job_log_path, jobs_db_path
+from ..service.jobs import Event, Health, Job, existing_store, job_log_path
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from ..wire import INT_MAX
-from .app import app, fail, is_tty, json_text, said_interrupted
+from .app import Signalled, app, fail, is_tty, json_text, said_interrupted, stops_as_interrupts
 
 EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
@@ -59,7 +60,6 @@ def trainer_cmd(
     try:
         settings = load_settings()
         check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
-        JobStore(jobs_db_path(settings.data_dir)).close()  # likewise a job database it cannot open (exit 1)
         default_host, default_port = trainer_client.trainer_address(settings)
         if port is not None and port != default_port and trainer_client.chosen_address(settings):
             # Clients go to the chosen address, whatever this trainer records: it would never be reached.
@@ -467,14 +467,17 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
     document) and return the job as it ended. Ctrl-C prints how to come back and exits 130 (typer.Exit, so
     that callers such as `lunatrain lora` end the same way)."""
     try:
-        job = follow(settings, job_id, stderr=stderr)
-    except KeyboardInterrupt:
+        with stops_as_interrupts():  # `timeout` or a closed terminal: said as Ctrl-C is, not a silent end
+            job = follow(settings, job_id, stderr=stderr)
+    except KeyboardInterrupt as exc:
         said_interrupted()
-        typer.echo(
-            f"\nDetached; job {job_id} keeps running in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
-            f"state: `lunatrain jobs show {job_id}`; stop it: `lunatrain jobs cancel {job_id}`.",
-            err=True,
-        )
-        raise typer.Exit(DETACHED) from None
+        how = f"{exc.signum.name}: detached" if isinstance(exc, Signalled) else "Detached"
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            typer.echo(
+                f"\n{how}; job {job_id} keeps running in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
+                f"state: `lunatrain jobs show {job_id}`; stop it: `lunatrain jobs cancel {job_id}`.",
+                err=True,
+            )
+        raise typer.Exit(128 + int(exc.signum) if isinstance(exc, Signalled) else DETACHED) from None
     typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."), err=stderr)
     return job

@@ -296,6 +296,8 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     try:
         lock.claim_data_root(settings)
         handler = log_handler(log_file)  # before the record: a log that cannot be written leaves none behind
+        # A job database it cannot open is one sentence now (exit 1), not a traceback from the app's startup.
+        JobStore(jobs_db_path(settings.data_dir)).close()
     except BaseException:
         sock.close()
         raise
