@@ -1151,6 +1151,42 @@ def test_ctrl_c_in_a_command_without_its_own_handler_is_said_in_one_sentence(
     assert "Interrupted (Ctrl-C)" not in err, err
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_while_following_a_job_says_it_keeps_running(monkeypatch, capsys, sig: str) -> None:
+    """Unattended-run repro: `timeout`, a service manager's stop (SIGTERM) or a closed terminal (SIGHUP) ended
+    `luna`/`lora` while they followed their trainer job with 143/129 and not a word: the morning's log stopped
+    mid-progress and never said the job kept running. They are said as Ctrl-C is, with their own status."""
+    import signal
+    import time
+
+    from lunatrain import cli
+    from lunatrain.cli import trainer as trainer_cli
+
+    signum = getattr(signal, sig)
+
+    def unhandled(*_a: object) -> None:
+        raise AssertionError(f"{sig} reached the test's own handler, not the command's")
+
+    def signalled(*_a: object, **_k: object) -> None:
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the handler acts at the next bytecode
+            time.sleep(0.01)
+        raise AssertionError(f"{sig} was not taken")
+
+    previous = signal.signal(signum, unhandled)  # what the process had: never its default end, here
+    try:
+        monkeypatch.setattr(trainer_cli, "follow", signalled)
+        monkeypatch.setattr(sys, "argv", ["lunatrain", "jobs", "follow", "ftjob-abc"])
+        with pytest.raises(SystemExit) as ended:
+            cli.main()
+        assert signal.getsignal(signum) is unhandled  # given back
+    finally:
+        signal.signal(signum, previous)
+    err = capsys.readouterr().err
+    assert ended.value.code == 128 + signum, (ended.value.code, err)
+    assert f"{sig}: detached; job ftjob-abc keeps running in the trainer." in err, err
+
+
 # What the installed `lunatrain` script runs, with Ctrl-C arriving while the command modules import.
 _CTRL_C_AT_IMPORT = """
 import sys

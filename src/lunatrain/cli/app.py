@@ -7,10 +7,13 @@ Options are declared with both spellings, kebab-case first and the guide's camel
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -51,6 +54,36 @@ app = typer.Typer(
 
 
 _interrupt = {"said": False}
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP taken as Ctrl-C is, where a command says what became of its work when interrupted:
+    it says the same for these, ending with that signal's status (143, 129)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signal.Signals(signum)
+
+
+@contextlib.contextmanager
+def stops_as_interrupts() -> Iterator[None]:
+    """SIGTERM (`timeout`, a service manager's stop) and SIGHUP (a closed terminal) raise `Signalled` in the
+    block, as Ctrl-C raises KeyboardInterrupt. One ignored when the command started stays ignored (`nohup`).
+    Signal handlers live in the main thread: elsewhere the block runs as it is."""
+    previous: dict[int, Any] = {}
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise Signalled(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def said_interrupted(said: bool = True) -> None:

@@ -24,7 +24,7 @@ from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
 from ..service.ensure import ensure_trainer
 from ..settings import Settings, load_settings
-from .app import app, fail, json_text, said_interrupted
+from .app import Signalled, app, fail, json_text, said_interrupted
 from .options import lora_options
 
 ProfileOpt = Annotated[
@@ -80,15 +80,6 @@ def _absolute_dir(params: LoraParams) -> LoraParams:
     if base and base != TINY_ID and (found := local_dir(base)) is not None:
         return params.model_copy(update={"base_model": str(found)})
     return params
-
-
-class Signalled(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during the gate of a local run: taken as a second Ctrl-C is (the command stops at
-    once and says what became of the version), ending with that signal's status."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__()
-        self.signum = signal.Signals(signum)
 
 
 class _CtrlC:
