@@ -947,6 +947,21 @@ def test_a_gate_report_that_cannot_be_written_does_not_undo_a_recorded_promotion
     assert active["gate"]["passed"] is True and not settings.eval_report.exists()
 
 
+def test_an_unknown_adapter_for_the_gate_step_is_said_without_advice_for_an_active_one(settings, tiny):
+    """Unattended-run repro: `auto --adapter nope` on a root with nothing registered ended "No adapter named
+    'nope' …; fix, roll back or deactivate the active adapter (`lunatrain adapters rollback luna-adapter`, …)":
+    advice for a gate that failed on an active version, whose commands would fail themselves."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["auto", "--local", "--adapter", "nope", *FAST])
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: Step eval-gate failed: No adapter named 'nope'"), last
+    assert "roll back" not in last and "deactivate" not in last, last
+    store.dispose_stores()
+
+
 def test_a_refusal_in_the_lora_step_says_its_own_fix_only(settings, tiny):
     """Repro: an overwrite run on a second base, whose slot holds a run on the first, was refused (rightly) with
     "…train under another --adapterName, or with --adapterStrategy versioned; see `lunatrain jobs list`, then

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import evalgate, export, fsio, prepare, registry
 from .compat import with_bitsandbytes
-from .errors import CheckFailed, LunaError, StorageError, UsageError
+from .errors import CheckFailed, LunaError, NotFound, StorageError, UsageError
 from .fsio import check_writable, read_json
 from .messages import coded, counted
 from .params import FlowOptions, LoraParams, run_identity_of, run_key, trained_key
@@ -425,9 +425,11 @@ def run_flow(
             ) from None
         except LunaError as err:
             ok, summary, detail = False, err.message, {"code": err.code}
+            if isinstance(err, NotFound):  # a name that is not there: its sentence says where to look, no more
+                detail["fix"] = ""
         result.steps.append(StepOutcome(name, ok, round(time.monotonic() - started, 3), summary, detail))
         if not ok:
-            fix = detail.get("fix") or _FIX.get(name, "").format(name=params.adapter_name)
+            fix = detail["fix"] if "fix" in detail else _FIX.get(name, "").format(name=params.adapter_name)
             raise CheckFailed(f"Step {name} failed: {summary.rstrip('.')}{f'; {fix}' if fix else ''}.", details=result)
 
     gated_first: list[evalgate.GateReport] = []  # the first step's decision, which the lora step may reuse
