@@ -247,6 +247,23 @@ def test_lora_refuses_before_training_where_it_could_not_publish(settings: Setti
     assert sorted(settings.home.rglob("*")) == before  # not even a work dir or a latest report
 
 
+def test_eval_gate_refuses_before_evaluating_where_it_could_not_write_its_report(settings: Settings, tiny: Path):
+    """Odd-paths repro: `eval-gate` (and POST /eval-gate) with reports/eval read-only loaded the models, asked
+    every golden case, computed the losses, and only then failed to write its report: the decision was lost
+    (`--json` printed nothing), minutes of GPU on a real model. Now one sentence before, as the flows say it."""
+    from lunatrain import evalgate
+
+    settings.reports_eval_dir.mkdir(parents=True, exist_ok=True)
+    before = sorted(settings.home.rglob("*"))
+    asked: list[object] = []
+    with read_only(settings.reports_eval_dir), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evalgate, "_run", lambda *a, **k: asked.append(a))  # evaluating would be too late
+        r = CliRunner().invoke(app, ["eval-gate", "--json"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: Cannot run the eval gate: nothing can be written in "), r.output
+    assert asked == [] and sorted(settings.home.rglob("*")) == before
+
+
 @pytest.mark.parametrize("folder", ["data/models/merged", "data/models", "reports/training"])
 def test_merge_refuses_where_it_could_not_write(trained_home: Path, settings: Settings, folder: str) -> None:
     """Repro: `merge` with data/models/merged read-only ended in an OSError traceback; with the registry

@@ -36,7 +36,7 @@ from pydantic.alias_generators import to_camel
 
 from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
-from .fsio import atomic_write_json, read_json
+from .fsio import atomic_write_json, check_writable, read_json
 from .messages import Note, coded
 from .params import FewKeys, format_validation_error, refuse_twice
 from .settings import EVAL_REPORT, Settings
@@ -519,6 +519,9 @@ def eval_gate(
     entry = select_candidate(settings, adapter=adapter, base_model=base_model, prefer=prefer, notes=notes)
     if entry is not None:
         notes += _other_base(settings, entry, base_model)
+    # Said before the models load and every case is asked (minutes on a real model), not once the decision
+    # could not be written and was lost.
+    check_writable([settings.reports_eval_dir], "run the eval gate")
     report = _run(settings, entry, base_model, th, chat_template)
     report.notes[:0] = notes
     _write(settings, report)
