@@ -224,8 +224,9 @@ def test_the_configured_base_model_outside_the_data_root_is_the_operators_to_cho
 ) -> None:
     """Repro: with ASSISTANT_BASE_MODEL a model directory outside the data root (as the README sets it), `POST
     /lora/start` without a baseModel, the dashboard's Start button, answered 422 `base_model.outside_root`: the
-    rule for a path a request sends was applied to the server's own setting. (quick-start took it.) A request
-    that names such a path itself is still refused."""
+    rule for a path a request sends was applied to the server's own setting. (quick-start took it.) Odd-paths
+    repro: naming that very base (as the status shows it, with a trailing slash) was refused too; another path
+    outside the data root still is."""
     outside = tmp_path / "models" / "qwen2"
     outside.mkdir(parents=True)
     settings = load_settings(
@@ -238,7 +239,12 @@ def test_the_configured_base_model_outside_the_data_root_is_the_operators_to_cho
             r = client.post(f"{T}/lora/start", json=body)
             # past the base model's check: on to the trainer, which is not running here
             assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
-        r = client.post(f"{T}/lora/start", json={"baseModel": str(outside)})
+        for named in (str(outside), f"{outside}/"):
+            r = client.post(f"{T}/lora/start", json={"baseModel": named})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+        other = tmp_path / "models" / "other"
+        other.mkdir()
+        r = client.post(f"{T}/lora/start", json={"baseModel": str(other)})
         assert r.status_code == 422 and r.json()["error"]["code"] == "base_model.outside_root", r.text
     store.dispose_stores()
 

@@ -100,6 +100,13 @@ def check_base_model(ref: str | None, settings: Settings) -> str | None:
         ) from None
 
 
+def _same_dir(a: FsPath, b: FsPath) -> bool:
+    try:
+        return b.is_absolute() and a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: not the configured base
+        return False
+
+
 def _base_model(ref: str | None, settings: Settings) -> str | None:
     # A relative name is a directory under the data root when one is there (not under this process's working
     # directory: the trainer works in the data root), else a hub id.
@@ -112,6 +119,8 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
     if "\x00" in ref:
         raise UsageError("baseModel must be luna-tiny, a hub id (org/name) or a directory under the data root.")
     candidate = FsPath(ref)
+    if settings.base_model and candidate.is_absolute() and _same_dir(candidate, FsPath(settings.base_model)):
+        return ref  # the server's own base, named as its status shows it: the operator chose that path
     rel = (
         candidate.relative_to(settings.home)
         if candidate.is_absolute() and candidate.is_relative_to(settings.home)
