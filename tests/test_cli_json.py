@@ -46,6 +46,8 @@ def trainer(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Job
                 body = jobs.page(
                     limit=int(query["limit"]), offset=int(query.get("offset", 0)), status=query.get("status")
                 ).wire()
+            elif len(path) == 2 and path[0] == "jobs":
+                body = jobs.get(path[1]).wire()
             elif len(path) == 3 and path[0] == "jobs" and path[2] == "events":
                 body = jobs.events(path[1], after=int(query["after"]), limit=int(query["limit"])).wire()
             else:
@@ -415,6 +417,24 @@ def test_a_listing_cut_at_its_limit_says_how_to_see_the_rest(settings: Settings)
     last = CliRunner().invoke(app, ["memory", "list", "--limit", "1000"])
     assert last.exit_code == 0 and last.stderr == "", last.stderr  # all of them: nothing to add
     assert CliRunner().invoke(app, ["examples", "list", "--limit", "3", "--json"]).stderr == ""
+    store.dispose_stores()
+
+
+def test_a_cancelled_job_with_an_epoch_checkpoint_says_how_to_continue_it(settings: Settings, trainer: JobStore):
+    """Resume repro: a job cancelled after an epoch keeps its checkpoint, and `jobs resume` finishes it to the
+    same weights, but nothing said so: "Job … cancelled: at step 11 of 16". One cancelled before its first
+    epoch ended has nothing to continue from and says nothing of it."""
+    fresh = ended_job(trainer, "fresh")
+    job, _ = trainer.create(parse_run({"adapterName": "later", "baseModel": "luna-tiny"})[0])
+    trainer.set_status(job.id, "queued")
+    trainer.claim(job.id)
+    trainer.add_event(job.id, "log", {"message": "epoch 1 done, checkpoint saved", "code": "log.epoch_done_no_val"})
+    trainer.request_cancel(job.id)
+    trainer.set_status(job.id, "cancelled", message="cancelled")
+    r = CliRunner().invoke(app, ["jobs", "show", job.id])
+    assert r.exit_code == 1 and f"`lunatrain jobs resume {job.id}` continues it from its last checkpoint" in r.stdout
+    r = CliRunner().invoke(app, ["jobs", "show", fresh])
+    assert r.exit_code == 1 and "jobs resume" not in r.stdout, r.stdout
     store.dispose_stores()
 
 

@@ -178,7 +178,9 @@ def jobs_show(job_id: JobArg, as_json: JsonOpt = False) -> None:
         job = trainer_client.get_job(settings, job_id)
     except LunaError as err:
         raise fail(err) from None
-    typer.echo(json_text(job.wire()) if as_json else f"{job.id}  {job.status}  {summary(job)}")
+    typer.echo(
+        json_text(job.wire()) if as_json else f"{job.id}  {job.status}  {summary(job)}{_resume_note(settings, job)}"
+    )
     log = job_log_path(settings.trainer_logs_dir, job.id)
     if not as_json and log.is_file():  # the job's details: parameters, each step's line, a crash's traceback
         typer.echo(f"log: {log.relative_to(settings.home)}")
@@ -479,5 +481,22 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
                 err=True,
             )
         raise typer.Exit(128 + int(exc.signum) if isinstance(exc, Signalled) else DETACHED) from None
-    typer.echo(f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "."), err=stderr)
+    said = f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "")
+    typer.echo(said + (_resume_note(settings, job) or "."), err=stderr)
     return job
+
+
+def _resume_note(settings: Settings, job: Job) -> str:
+    """For a job cancelled after an epoch checkpoint: how to continue it (a cancel keeps the checkpoints, and
+    `jobs resume` finishes the run to the weights it would have had); else nothing."""
+    if job.status != "cancelled":
+        return ""
+    from ..service.recovery import resumable, resume_hint
+
+    try:
+        with existing_store(settings.data_dir) as store:
+            if store is None or not resumable(settings, store, job):
+                return ""
+    except (LunaError, sqlite3.Error, OSError):  # the note is a courtesy: the job's state is said anyway
+        return ""
+    return f"; {resume_hint(job.id)}."
