@@ -276,3 +276,22 @@ def test_a_base_model_table_for_a_directory_applies_however_the_directory_is_spe
     (home / "profiles" / "e.toml").write_text('[bases."qwen2"]\nlearningRate = 0.0555\n')  # a relative key too
     assert load_profile(settings, "e").params({"baseModel": str(model)}).learning_rate == 0.0555
     assert profile.params({"baseModel": "org/qwen2"}).learning_rate == 0.0002  # a hub id is not the directory
+
+
+def test_two_base_model_tables_for_one_directory_are_refused_naming_both(
+    settings: Settings, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Odd-paths repro: `[bases."models/my base"]` (learningRate) beside `[bases."<root>/models/my base/"]`
+    (rank) applied the first alone; the other's rank vanished without a word."""
+    model = home / "models" / "my base"
+    model.mkdir(parents=True)
+    (home / "profiles").mkdir()
+    (home / "profiles" / "twice.toml").write_text(
+        f'[bases."models/my base"]\nlearningRate = 0.0777\n[bases."{model}/"]\nrank = 8\n'
+    )
+    monkeypatch.chdir(home)
+    with pytest.raises(UsageError) as refused:
+        load_profile(settings, "twice").params({"baseModel": str(model)})
+    message = refused.value.message
+    assert "twice.toml" in message and "models/my base" in message and f"{model}/" in message, message
+    assert "name the same model directory" in message, message

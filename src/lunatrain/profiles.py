@@ -57,14 +57,18 @@ class Profile:
         """The `[bases."…"]` table of `base`: the one its key spells, else, for a local model directory, the
         one whose key names the same directory however written (`/m/qwen2/`, `./qwen2`, a name relative to
         the data root): the run names its base by the absolute path, and the table must not be left out then."""
-        if base in self.bases:
-            return self.bases[base]
         from .models import local_dir
 
         where = local_dir(base, self.home)
         if where is None:
-            return {}
-        return next((t for key, t in self.bases.items() if local_dir(str(key), self.home) == where), {})
+            return self.bases.get(base, {})
+        keys = [key for key in self.bases if key == base or local_dir(str(key), self.home) == where]
+        if len(keys) > 1:  # one would be applied and the other's values would vanish without a word
+            tables = " and ".join(f'[bases."{key}"]' for key in keys)
+            raise UsageError(
+                f"Profile {self.path}: {tables} name the same model directory {where}; keep one table for it."
+            )
+        return self.bases[keys[0]] if keys else {}
 
     def params(self, overrides: dict | None = None, *, quick: bool = False) -> LoraParams:
         return self.resolve(overrides, quick=quick)[0]
