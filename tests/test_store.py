@@ -1276,3 +1276,24 @@ def test_a_data_root_whose_name_looks_like_url_syntax_keeps_its_database_inside(
     assert sorted(p.name for p in tmp_path.iterdir()) == [name], list(tmp_path.iterdir())
     assert [e.prompt for e in store.list_examples(settings)] == ["Hallo"]
     store.dispose_stores()
+
+
+def test_the_files_a_reader_makes_beside_the_database_stay_writable_for_their_owner(tmp_path: Path) -> None:
+    """Odd-paths repro: reading a database its owner had made read-only (`chmod a-w`) left its -shm at 0444:
+    SQLite makes it with the database's mode. Once the database was writable again, every write was refused
+    ("cannot be written") until that file was removed, a file no sentence named."""
+    import stat
+
+    from lunatrain.fsio import writable_beside
+
+    db = tmp_path / "assistant.db"
+    db.touch(mode=0o444)
+    tmp_path.chmod(0o755)
+    shm = tmp_path / "assistant.db-shm"
+    shm.touch(mode=0o444)
+    writable_beside(db)
+    assert stat.S_IMODE(shm.stat().st_mode) == 0o644
+    tmp_path.chmod(0o2775)  # a folder its group shares: its group may write them too
+    shm.chmod(0o444)
+    writable_beside(db)
+    assert stat.S_IMODE(shm.stat().st_mode) == 0o664

@@ -189,9 +189,11 @@ def writable_beside(path: Path) -> None:
     the database's mode. They outlive a read-only connection, and the owner, who could no longer write them,
     could change nothing from then on. So they get the write access the folder gives: its group (a folder
     without the setgid bit gives them the reader's own group, which the owner may not be in) and its write
-    bits. Whoever may write the folder may write them."""
+    bits, and their owner's (the reader's, who may write the folder: a database its owner made read-only
+    for a while gave them 0444, and every write after it was made writable again was refused). Whoever may
+    write the folder may write them."""
     folder = path.parent.stat()
-    shared = stat.S_IMODE(folder.st_mode) & 0o022
+    shared = stat.S_IMODE(folder.st_mode) & 0o022 | 0o200
     for beside in (Path(f"{path}-wal"), Path(f"{path}-shm")):
         with contextlib.suppress(OSError):  # not there (immutable, a read-only mount), or gone meanwhile
             st = beside.stat()
