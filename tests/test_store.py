@@ -1297,3 +1297,23 @@ def test_the_files_a_reader_makes_beside_the_database_stay_writable_for_their_ow
     shm.chmod(0o444)
     writable_beside(db)
     assert stat.S_IMODE(shm.stat().st_mode) == 0o664
+
+
+def test_a_data_root_too_deep_for_sqlite_says_so_and_creates_nothing(tmp_path: Path, monkeypatch) -> None:
+    """Odd-paths repro: with a data root of about 490 bytes every command said "Cannot open the database …:
+    unable to open database file", with the folder fine and writable, and left an empty assistant.db behind:
+    SQLite opens database paths of at most about 500 bytes, far below the system's own limit."""
+    from lunatrain.fsio import SQLITE_PATH_MAX
+
+    root = tmp_path
+    while len(os.fsencode(root / "data" / "assistant.db")) <= SQLITE_PATH_MAX:
+        root = root / ("d" * 60)
+    root.mkdir(parents=True)
+    for var in [v for v in os.environ if v.startswith("ASSISTANT_") and v != "ASSISTANT_TEST_PG_URL"]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ASSISTANT_HOME", str(root))
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "a", "--response", "b"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "bytes long; SQLite opens paths of at most" in r.output and "shorter ASSISTANT_HOME" in r.output, r.output
+    assert not (root / "data" / "assistant.db").exists()
+    store.dispose_stores()

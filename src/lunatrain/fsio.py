@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import JSON_FAULTS, DamagedFile, DiskFull, StorageError, json_fault
+from .errors import JSON_FAULTS, DamagedFile, DiskFull, StorageError, UsageError, json_fault
 from .wire import finite
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -172,6 +172,21 @@ def _plain_mode(path: Path, mode: int) -> None:
     if path.is_dir():
         mode |= path.stat().st_mode & stat.S_ISGID
     path.chmod(mode)
+
+
+# SQLite's Unix file layer opens paths of at most 512 bytes with room for its "-journal" and "-wal" names:
+# a database path longer than this fails as "unable to open database file", which names no cause.
+SQLITE_PATH_MAX = 504
+
+
+def check_sqlite_path(path: Path, what: str) -> None:
+    """Refuse (UsageError) a SQLite database path longer than SQLite opens, before anything is created."""
+    size = len(os.fsencode(path))
+    if size > SQLITE_PATH_MAX:
+        raise UsageError(
+            f"Cannot open {what} {path}: its path is {size} bytes long; SQLite opens paths of at most "
+            f"{SQLITE_PATH_MAX}: use a shorter ASSISTANT_HOME (or ASSISTANT_DB_URL)."
+        )
 
 
 def create_plain(path: Path) -> None:

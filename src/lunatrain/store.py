@@ -47,7 +47,7 @@ from .errors import (
     some,
 )
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
-from .fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, identity, sqlite_wal, writable_beside
+from .fsio import SQLITE_BUSY_TIMEOUT_S, check_sqlite_path, create_plain, identity, sqlite_wal, writable_beside
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import INT_MAX, iso, utc_now
@@ -375,6 +375,7 @@ def _sqlite_engine(url: str) -> Engine:
         # database open would never see (and could tear on) the changes of a writer that started later.
         engine = sa.create_engine(url, creator=lambda: _read_only_connection(Path(db_path)), poolclass=sa.pool.NullPool)
     else:
+        check_sqlite_path(Path(db_path), "the database")  # before the file is made: SQLite would refuse it
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         if plain:
             create_plain(Path(db_path))

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from ..errors import Conflict, DiskFull, NotFound, StorageBusy, StorageDenied, StorageError, pattern
-from ..fsio import SQLITE_BUSY_TIMEOUT_S, create_plain, sqlite_wal, writable_beside
+from ..fsio import SQLITE_BUSY_TIMEOUT_S, check_sqlite_path, create_plain, sqlite_wal, writable_beside
 from ..fsio import storage_error as fsio_storage_error
 from ..params import FlowOptions, LoraParams
 from ..settings import TRAINER_DIR
@@ -274,6 +274,7 @@ class JobStore:
             self._db = read_only_connection(path)
             self._db.row_factory = sqlite3.Row
             return
+        check_sqlite_path(path, "the trainer's job database")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             create_plain(path)
