@@ -704,6 +704,10 @@ def test_an_unchanged_day_trains_nothing_and_names_the_version_it_would_repeat(s
         re.M,
     ), again.output
     assert re.search(r"^adapter +luna-adapter@v1 on luna-tiny \(active\)$", again.output, re.M), again.output
+    # Unattended-run repro: nothing in the flow's output said when it ran, so a cron log of many days could
+    # not tell the runs apart; the summary opens with the run's start and end (UTC, as every record).
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.search(rf"^run +{stamp} to {stamp}$", again.output, re.M), again.output
     assert _versions(settings) == ["v1"]
     forced = CliRunner().invoke(app, ["luna", "--local", *FAST, "--retrain"])
     assert forced.exit_code == 0 and _versions(settings) == ["v1", "v2"], forced.output

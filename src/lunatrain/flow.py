@@ -351,6 +351,8 @@ class FlowResult:
     options: FlowOptions = field(default_factory=FlowOptions)
     steps: list[StepOutcome] = field(default_factory=list)
     adapter: dict[str, Any] | None = None  # the registered version entry, when the lora step succeeded
+    started: str = ""  # when the steps began and ended (UTC, as every record): a cron log of many days
+    ended: str = ""
 
     @property
     def ok(self) -> bool:
@@ -562,10 +564,14 @@ def run_flow(
         return True, said, detail
 
     with one_flow_at_a_time(settings, on_step):
-        step("eval-gate", gate_current)
-        step("export", export_data)
-        step("prepare", preflight)
-        step("lora", lora)
+        result.started = now_iso()
+        try:
+            step("eval-gate", gate_current)
+            step("export", export_data)
+            step("prepare", preflight)
+            step("lora", lora)
+        finally:
+            result.ended = now_iso()
     return result
 
 
@@ -689,7 +695,8 @@ def _another_build(settings: Settings, trained_on: dict[str, Any]) -> str | None
 
 def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     """The closing summary a person reads: adapter, val loss vs base, gate, where the files are."""
-    lines = [f"{s.step:<10} {'ok' if s.ok else 'FAILED':<6} {s.seconds:7.1f}s  {s.summary}" for s in result.steps]
+    lines = [f"{'run':<10} {result.started} to {result.ended}"] if result.started else []
+    lines += [f"{s.step:<10} {'ok' if s.ok else 'FAILED':<6} {s.seconds:7.1f}s  {s.summary}" for s in result.steps]
     # What the last gate's decision rests on besides its numbers (a golden case its template refuses, left out):
     # the first step's gate of a fresh data root ran before the export, whose "no export" is no news by then.
     gates = [g for s in result.steps if (g := s.detail if "notes" in s.detail else s.detail.get("gate")) is not None]
