@@ -143,6 +143,22 @@ def test_jobs_list_pages_past_the_newest_jobs_in_the_api_and_the_cli(settings: S
     store.dispose_stores()
 
 
+def test_a_trainer_from_before_paging_is_not_taken_for_an_empty_page(settings: Settings, monkeypatch) -> None:
+    """Review repro: a trainer still running the code from before paging (finishing its queue after an update)
+    ignored `offset` and answered the newest jobs again, without `hasMore`; the list read them as the next
+    page. A page asked past the first that comes without `hasMore` is said as such."""
+    from lunatrain.errors import ServiceUnavailable
+
+    old = {"object": "list", "data": []}
+    monkeypatch.setattr(
+        trainer_client, "_shared", httpx.Client(transport=httpx.MockTransport(lambda _r: httpx.Response(200, json=old)))
+    )
+    assert trainer_client.job_page(settings, limit=5).data == []  # the first page: nothing to tell apart
+    with pytest.raises(ServiceUnavailable, match="from before an update and cannot page") as refused:
+        trainer_client.job_page(settings, limit=5, offset=5)
+    assert "lunatrain trainer" in refused.value.message
+
+
 def test_jobs_events_json_is_the_apis_event_page_also_past_the_end(settings: Settings, trainer: JobStore) -> None:
     """`jobs events --json` printed JSON Lines without `hasMore`/`lastSeq`, and nothing at all past the end;
     it prints the API's EventPage, with an empty `data` past the end, so a script can page with `--after`."""

@@ -399,7 +399,15 @@ def job_page(settings: Settings, *, limit: int = 20, offset: int = 0, status: st
     if status and status not in get_args(Status):  # a typo is the caller's, whether or not the trainer runs
         raise UsageError(f"Unknown job status {status!r}: use one of {', '.join(get_args(Status))}.")
     query: dict[str, Any] = {"limit": limit, "offset": offset} | ({"status": status} if status else {})
-    return _read(settings, "/jobs", JobList, params=query)
+    page = _read(settings, "/jobs", JobList, params=query)
+    if offset and "has_more" not in page.model_fields_set:
+        # A trainer from before paging (finishing its queue after an update) ignores `offset`: its answer is
+        # the newest jobs again, not the page asked for.
+        raise ServiceUnavailable(
+            "The trainer runs lunatrain from before an update and cannot page its job list; it restarts by "
+            "itself once its queue is done, or stop it and start `lunatrain trainer` again."
+        )
+    return page
 
 
 def events(settings: Settings, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
