@@ -24,6 +24,7 @@ from lunatrain import store
 from lunatrain.api.main import create_app
 from lunatrain.settings import load_settings
 
+from helpers import write_small_suite
 from peer_helpers import PEERS, playing
 from schema_helpers import call, drive, operations
 
@@ -63,7 +64,9 @@ def _app_of(home: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    with _app_of(tmp_path_factory.mktemp("schema-home")) as made:
+    home = tmp_path_factory.mktemp("schema-home")
+    write_small_suite(load_settings(home=home))  # POST /eval-gate's answers are checked, not its cases
+    with _app_of(home) as made:
         yield made
 
 

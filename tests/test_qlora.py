@@ -18,7 +18,7 @@ from lunatrain import models, registry, train
 from lunatrain.merge import merge_adapter
 from lunatrain.params import parse_params
 
-from helpers import make_records, write_export
+from helpers import make_records, write_export, write_small_suite
 
 FAST = {"epochs": 3, "batchSize": 8, "rank": 8, "learningRate": 1e-2, "maxSeqLength": 128, "seed": 3}
 
@@ -100,6 +100,7 @@ def test_a_4bit_trained_adapter_is_gated_on_the_base_loaded_in_4_bits(settings, 
     from lunatrain import compat, evalgate
 
     write_export(settings, make_records(48))
+    write_small_suite(settings)  # how the gate loads the models, not its cases
     for quantize in ("none", "4bit"):  # q@v1 unquantized, q@v2 in 4 bits
         run = train.run_lora(parse_params(FAST | {"quantize": quantize, "adapterName": "q", "maxSteps": 1}), settings)
         assert run.ok, run.error

@@ -17,7 +17,7 @@ from lunatrain.errors import RegistryUnreadable
 from lunatrain.params import parse_params
 from lunatrain.train import run_lora
 
-from helpers import adapter_work_dir, write_export
+from helpers import adapter_work_dir, write_export, write_small_suite
 from test_registry import _entry, _publish
 
 FAST = {"epochs": 1, "batchSize": 8, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "maxSteps": 2}
@@ -109,6 +109,7 @@ def test_repair_round_trips_a_real_registry(settings):
     outcome, what is active and the activation history included. Repro: repair restored only the last gate
     report's outcome, so v2's was lost, and v2 was no longer active (the last gate, v1's, promoted nothing)."""
     write_export(settings)
+    write_small_suite(settings)  # the gates' records, not their cases
     v1 = run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
     v2 = run_lora(parse_params(FAST | {"adapterName": "luna", "seed": 8}), settings)
     slot = run_lora(parse_params(FAST | {"adapterName": "scratch", "adapterStrategy": "overwrite"}), settings)
