@@ -412,6 +412,30 @@ def test_sigterm_or_a_closed_terminal_stops_a_local_run_as_ctrl_c_does(settings,
     assert signal.getsignal(sig) == before  # the command's handler is gone again
 
 
+def test_ctrl_c_after_the_last_step_says_the_run_had_finished(settings, tiny, monkeypatch):
+    """Resume repro: Ctrl-C just after the last epoch's checkpoint printed "stopping after this step", and then
+    the adapter was registered and the command ended 0: the press came after the loop's last look at it. It
+    is said now that the press came too late to stop the run, which finished and is kept."""
+    from lunatrain.cli import flow as cli_flow
+
+    write_export(settings, make_records(40))
+    real = cli_flow.train_and_gate
+
+    def pressed_after_the_last_step(*args, on_trained, **kwargs):
+        def then_trained(outcome):
+            os.kill(os.getpid(), signal.SIGINT)  # the press lands before the command stops at once on one
+            on_trained(outcome)
+
+        return real(*args, on_trained=then_trained, **kwargs)
+
+    monkeypatch.setattr(cli_flow, "train_and_gate", pressed_after_the_last_step)
+    r = CliRunner().invoke(app, ["lora", "--local", *FAST, "--minCurated", "0"])
+    assert r.exit_code == 0, r.output
+    assert "Ctrl-C: stopping after this step" in r.stderr
+    assert "Ctrl-C came after the last step, too late to stop the run: it finished and is kept." in r.stderr, r.stderr
+    assert "luna-adapter@v1 written" in r.stdout or "Adapter luna-adapter@v1" in r.stdout, r.stdout
+
+
 def test_a_signal_ignored_when_a_local_run_starts_stays_ignored(monkeypatch):
     """`nohup lunatrain lora --local …` must train on when its terminal closes: the stop handler leaves an
     ignored SIGHUP (or SIGTERM) ignored. Ctrl-C it takes in any case, as it did before it took the others."""

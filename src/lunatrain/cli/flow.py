@@ -191,6 +191,11 @@ def local_lora(
             with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone; the report says it all
                 typer.echo(f"error: {_training_interrupted(outcome['error'], ctrl_c.signum)}", err=True)
         raise typer.Exit(ctrl_c.exit_code)
+    if ctrl_c.pressed and main and outcome.get("status") == "succeeded":
+        # The press came after the loop's last look at it: "stopping after this step" did not come true.
+        said = "Ctrl-C" if ctrl_c.signum == signal.SIGINT else ctrl_c.signum.name
+        with contextlib.suppress(OSError):
+            typer.echo(f"{said} came after the last step, too late to stop the run: it finished and is kept.", err=True)
     return outcome
 
 
