@@ -1259,7 +1259,7 @@ def test_memory_twins_in_one_batch_find_what_the_previous_release_stored(db: Set
     assert store._add_memory_items(db, twins) == 0
 
 
-@pytest.mark.parametrize("name", ["luna%20a", "root?x=1", "50%#off"])
+@pytest.mark.parametrize("name", ["luna%20a", "root?x=1", "50%#off", "caf\udce9 latin-1", "ä 日本"])
 def test_a_data_root_whose_name_looks_like_url_syntax_keeps_its_database_inside(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:

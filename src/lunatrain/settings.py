@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -243,8 +243,10 @@ class Settings(BaseSettings):
         if self.db_url:
             return self.db_url
         # Escaped: a data root named `luna%20a` or `root?x=1` would otherwise keep its database elsewhere (URLs
-        # decode %XX and start a query at ?); SQLAlchemy decodes the path back to the file's own name.
-        return f"sqlite:///{quote(str(self.data_dir / 'assistant.db'), safe='/')}"
+        # decode %XX, start a query at ? and a fragment at #); SQLAlchemy decodes the path back to the file's
+        # own name. Only these three: a name that is no UTF-8 (a Latin-1 byte) has no %-encoding to give.
+        path = str(self.data_dir / "assistant.db")
+        return "sqlite:///" + path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 def check_data_root(settings: Settings) -> None:
