@@ -445,12 +445,29 @@ def test_a_cancelled_job_with_an_epoch_checkpoint_says_how_to_continue_it(settin
     trainer.set_status(job.id, "queued")
     trainer.claim(job.id)
     trainer.add_event(job.id, "log", {"message": "epoch 1 done, checkpoint saved", "code": "log.epoch_done_no_val"})
+    from lunatrain import checkpoints, registry
+
+    state = registry.work_root(settings, "later") / "run-1" / checkpoints.CHECKPOINTS_DIR / "epoch-001" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"jobId": job.id}))
     trainer.request_cancel(job.id)
     trainer.set_status(job.id, "cancelled", message="cancelled")
     r = CliRunner().invoke(app, ["jobs", "show", job.id])
     assert r.exit_code == 1 and f"`lunatrain jobs resume {job.id}` continues it from its last checkpoint" in r.stdout
+    # review repro: once a resume had finished the run (its checkpoints went with the publish), the hint
+    # stayed, and following it failed
+    state.unlink()
+    r = CliRunner().invoke(app, ["jobs", "show", job.id])
+    assert r.exit_code == 1 and "jobs resume" not in r.stdout, r.stdout
     r = CliRunner().invoke(app, ["jobs", "show", fresh])
     assert r.exit_code == 1 and "jobs resume" not in r.stdout, r.stdout
+    # review repro: every failed job's closing line ended in "..", its message's period and one more
+    broken, _ = trainer.create(parse_run({"adapterName": "broken", "baseModel": "luna-tiny"})[0])
+    trainer.set_status(broken.id, "queued")
+    trainer.claim(broken.id)
+    trainer.set_status(broken.id, "failed", error={"code": "crash", "message": "The run crashed."})
+    r = CliRunner().invoke(app, ["jobs", "follow", broken.id])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == f"Job {broken.id} failed: crash: The run crashed."
     store.dispose_stores()
 
 

@@ -245,8 +245,8 @@ def _refuse_a_finished_run(run: Run) -> None:
     if done is not None:
         name = run.params.adapter_name
         raise Conflict(
-            f"Nothing to resume: this run already finished as {name}@{done['version']}; drop --resume to train "
-            "it again.",
+            f"Nothing to resume: this run already finished as {name}@{done['version']}; to train it again, start it "
+            "without resuming.",
             code="train.already_finished",
             params={"name": name, "version": done["version"]},
         )

@@ -481,8 +481,9 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
                 err=True,
             )
         raise typer.Exit(128 + int(exc.signum) if isinstance(exc, Signalled) else DETACHED) from None
-    said = f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else "")
-    typer.echo(said + (_resume_note(settings, job) or "."), err=stderr)
+    said = f"Job {job.id} {job.status}" + (f": {summary(job)}" if summary(job) else ".")
+    note = _resume_note(settings, job)  # a sentence of its own after the summary, which may end in a period
+    typer.echo(said.rstrip(".") + note if note else said, err=stderr)
     return job
 
 
@@ -491,12 +492,7 @@ def _resume_note(settings: Settings, job: Job) -> str:
     `jobs resume` finishes the run to the weights it would have had); else nothing."""
     if job.status != "cancelled":
         return ""
-    from ..service.recovery import resumable, resume_hint
+    from ..service.recovery import checkpoint_since, resume_hint
 
-    try:
-        with existing_store(settings.data_dir) as store:
-            if store is None or not resumable(settings, store, job):
-                return ""
-    except (LunaError, sqlite3.Error, OSError):  # the note is a courtesy: the job's state is said anyway
-        return ""
-    return f"; {resume_hint(job.id)}."
+    # On disk, not in its events: a resume that finished the run took the checkpoints with its publish.
+    return f"; {resume_hint(job.id)}." if checkpoint_since(settings, job) else ""

@@ -129,9 +129,7 @@ def resumable(settings: Settings, store: JobStore, job: Job) -> bool:
     train.py; a child that outlived its trainer by a moment may have saved one it could not report, so the disk
     is asked too), or the one it resumed from itself."""
     return (
-        store.logged(job.id, "log.epoch_done")
-        or store.logged(job.id, "log.resumed")
-        or _checkpoint_since(settings, job)
+        store.logged(job.id, "log.epoch_done") or store.logged(job.id, "log.resumed") or checkpoint_since(settings, job)
     )
 
 
@@ -145,7 +143,7 @@ def resume_hint(job_id: str) -> str:
     )
 
 
-def _checkpoint_since(settings: Settings, job: Job) -> bool:
+def checkpoint_since(settings: Settings, job: Job) -> bool:
     """Whether an epoch checkpoint of the job's adapter was saved by this job (any try of its run: the work
     directory's name needs the tokenizer to compute, and a resume takes the furthest of them). A checkpoint
     names its job; one saved outside a job, or by an earlier version, counts when saved since the job started
