@@ -242,6 +242,13 @@ def test_the_configured_base_model_outside_the_data_root_is_the_operators_to_cho
         for named in (str(outside), f"{outside}/"):
             r = client.post(f"{T}/lora/start", json={"baseModel": named})
             assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+        # review repro: the request's own spelling was forwarded (a link to the base when checked could point
+        # elsewhere when the trainer loads it); the configured path is
+        from lunatrain.api.deps import _base_model
+
+        link = tmp_path / "link-to-base"
+        link.symlink_to(outside)
+        assert _base_model(str(link), settings) == _base_model(f"{outside}/", settings) == str(outside)
         other = tmp_path / "models" / "other"
         other.mkdir()
         r = client.post(f"{T}/lora/start", json={"baseModel": str(other)})

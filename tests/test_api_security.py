@@ -171,7 +171,9 @@ def test_serve_on_all_interfaces_without_token_exits_2_with_one_sentence(home: P
 
 
 @pytest.mark.parametrize(
-    ("sent", "token"), [(TOKEN, TOKEN), ("pass+word%2f1%2Bx", "pass word/1+x")], ids=["plain", "encoded"]
+    ("sent", "token"),
+    [(TOKEN, TOKEN), ("pass+word%2f1%2Bx", "pass word/1+x"), ("Ab\\Secret42", "Ab\\Secret42")],
+    ids=["plain", "encoded", "backslash"],
 )
 def test_a_token_sent_in_a_query_string_is_never_written_to_the_servers_log(tmp_path: Path, sent: str, token: str):
     """Gate-bounds repro: a client that put the token in the URL (`?api_key=…`) instead of the header was

@@ -711,6 +711,7 @@ def test_a_database_server_that_never_answers_is_unreachable_after_a_connect_tim
     [
         ('FATAL: password authentication failed for user "luna"', "check the user and password in ASSISTANT_DB_URL"),
         ("fe_sendauth: no password supplied", "check the user and password in ASSISTANT_DB_URL"),
+        ('FATAL: role "nobody" does not exist', "check the user and password in ASSISTANT_DB_URL"),
         (
             'FATAL: database "nosuch" does not exist',
             "create it (`createdb nosuch`) or fix its name in ASSISTANT_DB_URL",
@@ -729,7 +730,7 @@ def test_a_server_that_refuses_the_login_or_lacks_the_database_says_so(reason: s
     said = store.storage_error(sa.exc.OperationalError("connect", {}, orig), engine)
     assert said.message.endswith(f"; {advice}."), said.message
     assert "check that its server runs" not in said.message and "secret" not in said.message
-    assert said.code == ("storage_denied" if "password" in reason else "storage_unreachable")
+    assert said.code == ("storage_unreachable" if "database" in reason else "storage_denied")
 
 
 def _pg_admin() -> sa.Engine:

@@ -328,7 +328,9 @@ def _schema_missing(engine: Engine) -> bool:
 _NO_SLOT = re.compile(r"too many (connections|clients)|remaining connection slots are reserved")
 # libpq's words, while connecting (no SQLSTATE), for a server that answered but refused the login or lacks
 # the database: "check that its server runs" would point the wrong way.
-_LOGIN = re.compile(r"password authentication failed|no password supplied|authentication failed for user")
+_LOGIN = re.compile(
+    r'password authentication failed|no password supplied|authentication failed for user|role "[^"]*" does not exist'
+)
 _NO_DATABASE = re.compile(r'database "([^"]+)" does not exist')
 # SQLite's words for a lock another connection held past the busy timeout (sqlite3.OperationalError).
 _BUSY = re.compile(r"\bdatabase (table )?is locked\b")

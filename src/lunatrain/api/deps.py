@@ -120,7 +120,10 @@ def _base_model(ref: str | None, settings: Settings) -> str | None:
         raise UsageError("baseModel must be luna-tiny, a hub id (org/name) or a directory under the data root.")
     candidate = FsPath(ref)
     if settings.base_model and candidate.is_absolute() and _same_dir(candidate, FsPath(settings.base_model)):
-        return ref  # the server's own base, named as its status shows it: the operator chose that path
+        # The server's own base, named as its status shows it (the operator chose that path). Its configured
+        # path goes on, not the request's spelling: a link that pointed at it when checked could point elsewhere
+        # when the trainer loads it.
+        return settings.base_model
     rel = (
         candidate.relative_to(settings.home)
         if candidate.is_absolute() and candidate.is_relative_to(settings.home)

@@ -95,13 +95,14 @@ class _WithoutToken(logging.Filter):
     """The token said as ***. A client that sends it in a query string (`?api_key=…`) instead of the header is
     refused, but uvicorn's access line (and at `trace` its scope) holds the URL as sent: the token is found in
     every spelling a URL may give it, each character as it is or percent-encoded (either case of hex), a space
-    also as `+`."""
+    also as `+`, a backslash also doubled."""
 
     def __init__(self, token: str) -> None:
         super().__init__()
-        spelled = (
-            f"(?:{re.escape(c)}|(?i:%{ord(c):02x})" + (r"|\+" if c == " " else "") + ")" for c in token
-        )  # the token is printable ASCII (settings): one byte a character
+        # The token is printable ASCII (settings): one byte a character. A space may come as +, and a backslash
+        # doubled, as Python writes it in the repr of the scope's bytes.
+        extra = {" ": r"|\+", "\\": r"|\\\\"}
+        spelled = (f"(?:{re.escape(c)}|(?i:%{ord(c):02x}){extra.get(c, '')})" for c in token)
         self.pattern = re.compile("".join(spelled))
 
     def filter(self, record: logging.LogRecord) -> bool:
