@@ -348,6 +348,50 @@ def test_two_flows_at_once_on_one_data_root_train_once(settings, tiny):
     ), waited[0]
 
 
+def test_a_flow_waits_for_a_job_already_training_its_data_and_then_trains_nothing(settings, tiny, monkeypatch):
+    """Review repro: a `luna` detached from its job (stopped by `timeout` while it followed) released the flow's
+    lock while the job went on training; the next `luna` submitted the same data and parameters again: two
+    versions with the same weights. A flow that finds such a job queued or running follows it, and trains
+    only if what it registered is not this data's run (the job may have read an older export)."""
+    from lunatrain import flow, store
+    from lunatrain.params import parse_params
+    from lunatrain.service import client
+    from lunatrain.service.jobs import Job
+    from lunatrain.train import run_lora
+
+    store.load_seed(settings)
+    params = flow.resolve_base(settings, parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4}))
+    twin = Job(id="ftjob-" + "1" * 24, status="running", created_at="2026-12-06T00:00:00.000Z", params=params.wire())
+    other = Job(id="ftjob-" + "2" * 24, status="queued", created_at="2026-12-06T00:00:00.000Z",
+                params=params.wire() | {"seed": 99})  # fmt: skip
+    monkeypatch.setattr(client, "list_jobs", lambda _s, *, limit=20, status=None: [twin, other] if status else [])
+    followed, trained = [], []
+
+    def follow(job_id: str) -> dict:  # the twin ends: it trained this very export
+        followed.append(job_id)
+        assert run_lora(params, settings).ok
+        return {}
+
+    def lora_step(*_a, **_k) -> dict:
+        trained.append(True)
+        raise AssertionError("trained again")
+
+    result = flow.run_flow(settings, params, flow.FlowOptions(), lora_step, follow_job=follow)
+    assert followed == [twin.id] and trained == [], (followed, trained)
+    lora = result.steps[-1]
+    assert lora.ok and "was trained on this data with these parameters; not trained again" in lora.summary, lora
+    # a job of these parameters that trained other data (an older export): its outcome is no repeat
+    store.add_example(settings, prompt="Was ist neu?", response="Ein Beispiel mehr.")
+    followed.clear()
+    monkeypatch.setattr(flow, "unchanged_version", lambda *a, **k: None)
+    with pytest.raises(AssertionError, match="trained again"):
+        flow.run_flow(
+            settings, params, flow.FlowOptions(), lora_step, follow_job=lambda job_id: followed.append(job_id) or {}
+        )
+    assert followed == [twin.id] and trained == [True]
+    store.dispose_stores()
+
+
 def _ends_interrupted(r, sentence: str) -> None:
     assert r.exit_code == 130, r.output
     assert r.output.strip().splitlines()[-1] == sentence, r.output

@@ -371,6 +371,7 @@ def run_flow(
     retrain: bool = False,
     ranks: int | None = None,
     profile: str | None = None,
+    follow_job: Callable[[str], dict[str, Any]] | None = None,
 ) -> FlowResult:
     """Run the four steps in order; the first gates `adapter` (NAME or NAME@VERSION) when given, else the
     active adapter on the base model. Returns the result when all pass — including the eval gate on the newly
@@ -378,7 +379,9 @@ def run_flow(
     the partial result in `details`. The lora step trains nothing when the adapter's newest version on the
     base was trained on this data with these parameters (`unchanged_version`), unless `retrain`. `ranks`: the
     processes the lora step trains in (1 in this process), else the trainer's, as prepare counts them. `profile`:
-    the profile the parameters and thresholds came from, for the advice a failed step ends with."""
+    the profile the parameters and thresholds came from, for the advice a failed step ends with. `follow_job`
+    (through the trainer): follows a job to its end; a job of these parameters queued or running already (an
+    earlier flow's, which stopped following it) is waited for instead of training the data a second time."""
     params = resolve_base(settings, params)
     if adapter:
         from .registry import parse_ref
@@ -500,6 +503,14 @@ def run_flow(
         name = params.adapter_name
         if not retrain and (same := unchanged_version(settings, params, prepared[-1], ranks)) is not None:
             return repeat(same)
+        if not retrain and follow_job is not None and (twin := active_twin(settings, params)) is not None:
+            # An earlier flow detached from it (`timeout`, a closed terminal): its lock is gone, its job is not.
+            if on_step:
+                on_step(f"waiting for job {twin.id} ({twin.status}), which trains {name} with these parameters")
+            follow_job(twin.id)
+            # A repeat only when it trained this data: it may have read an export older than this flow's.
+            if (same := unchanged_version(settings, params, prepared[-1], ranks)) is not None:
+                return repeat(same)
         outcome = lora_step(settings, params, options)
         trained = outcome.get("adapter") or {}
         if outcome.get("status") != "succeeded" or not trained.get("version"):
@@ -573,6 +584,25 @@ def run_flow(
         finally:
             result.ended = now_iso()
     return result
+
+
+def active_twin(settings: Settings, params: LoraParams) -> Any:
+    """A job of the trainer queued or running with these very parameters (resume aside), else None; None too
+    when the trainer cannot be asked (the lora step starts it and says what it must)."""
+    from .service import client
+
+    wanted = params.model_dump(mode="json", exclude={"resume"})
+    try:
+        jobs = [j for status in ("running", "queued") for j in client.list_jobs(settings, limit=100, status=status)]
+    except LunaError:
+        return None
+    for job in jobs:
+        try:
+            if job.lora_params().model_dump(mode="json", exclude={"resume"}) == wanted:
+                return job
+        except ValueError:  # a job of parameters this release reads otherwise: not this flow's
+            continue
+    return None
 
 
 FLOW_LOCK = "flow.lock"  # in data/: held by the flow running on the data root, naming its process

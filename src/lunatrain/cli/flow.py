@@ -274,6 +274,13 @@ def service_lora(
     return job_outcome(follow_and_report(settings, job.id, stderr=stderr))
 
 
+def follow_job(settings: Settings, job_id: str) -> dict[str, Any]:
+    """Follow a job of the trainer to its end, as `service_lora` follows its own, and return its outcome."""
+    from .trainer import follow_and_report
+
+    return job_outcome(follow_and_report(settings, job_id))
+
+
 def run(
     command: str,
     profile: str | None,
@@ -327,6 +334,7 @@ def run(
             retrain=retrain,
             ranks=1 if local else None,
             profile=profile,
+            follow_job=None if local else functools.partial(follow_job, settings),
         )
     except LunaError as err:
         partial = err.details if isinstance(err.details, FlowResult) else None
