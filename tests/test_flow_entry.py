@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -389,6 +390,35 @@ def test_a_flow_waits_for_a_job_already_training_its_data_and_then_trains_nothin
             settings, params, flow.FlowOptions(), lora_step, follow_job=lambda job_id: followed.append(job_id) or {}
         )
     assert followed == [twin.id] and trained == [True]
+    # Review repros: a job of these parameters under other gate thresholds (a stricter profile's) or with the
+    # gate off is no twin: its version would be reported as this flow's "gate passed"; a base model the API
+    # kept relative to the data root is the same base; a twin that ended cancelled leaves a checkpoint that the
+    # flow's own run continues (resume), instead of training from step 0 and breaking the twin's resume hint.
+    strict = {"minGoldenPassRate": 0.9}
+    gated_off = twin.model_copy(update={"id": "ftjob-" + "3" * 24, "options": flow.FlowOptions(gate=False)})
+    stricter = twin.model_copy(update={"id": "ftjob-" + "4" * 24, "gate_thresholds": strict})
+    monkeypatch.setattr(
+        client, "list_jobs", lambda _s, *, limit=20, status=None: [gated_off, stricter] if status else []
+    )
+    assert flow.active_twin(settings, params, flow.FlowOptions(), None) is None
+    assert flow.active_twin(settings, params, flow.FlowOptions(), strict) == stricter
+    (settings.home / "models").mkdir()
+    shutil.copytree(tiny, settings.home / "models" / "mine")
+    mine = params.model_copy(update={"base_model": str(settings.home / "models" / "mine")})
+    relative = twin.model_copy(update={"params": mine.wire() | {"baseModel": "models/mine"}})
+    monkeypatch.setattr(client, "list_jobs", lambda _s, *, limit=20, status=None: [relative] if status else [])
+    assert flow.active_twin(settings, mine, flow.FlowOptions(), None) == relative
+    monkeypatch.setattr(client, "list_jobs", lambda _s, *, limit=20, status=None: [twin] if status else [])
+    sent: list = []
+    with pytest.raises(AssertionError, match="trained again"):
+        flow.run_flow(
+            settings,
+            params,
+            flow.FlowOptions(),
+            lambda _s, p, _o: sent.append(p.resume) or lora_step(),
+            follow_job=lambda job_id: {"status": "cancelled", "jobId": job_id},
+        )
+    assert sent == [True]
     store.dispose_stores()
 
 

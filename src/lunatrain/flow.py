@@ -503,15 +503,19 @@ def run_flow(
         name = params.adapter_name
         if not retrain and (same := unchanged_version(settings, params, prepared[-1], ranks)) is not None:
             return repeat(same)
-        if not retrain and follow_job is not None and (twin := active_twin(settings, params)) is not None:
+        run = params
+        twin = None if retrain or follow_job is None else active_twin(settings, params, options, gate_thresholds)
+        if twin is not None:
             # An earlier flow detached from it (`timeout`, a closed terminal): its lock is gone, its job is not.
             if on_step:
                 on_step(f"waiting for job {twin.id} ({twin.status}), which trains {name} with these parameters")
-            follow_job(twin.id)
+            ended = follow_job(twin.id)
             # A repeat only when it trained this data: it may have read an export older than this flow's.
             if (same := unchanged_version(settings, params, prepared[-1], ranks)) is not None:
                 return repeat(same)
-        outcome = lora_step(settings, params, options)
+            if ended.get("status") != "succeeded":  # cancelled or failed: its checkpoint, if any, is this run's
+                run = params.model_copy(update={"resume": True})
+        outcome = lora_step(settings, run, options)
         trained = outcome.get("adapter") or {}
         if outcome.get("status") != "succeeded" or not trained.get("version"):
             err = outcome.get("error") or {}
@@ -586,21 +590,35 @@ def run_flow(
     return result
 
 
-def active_twin(settings: Settings, params: LoraParams) -> Any:
-    """A job of the trainer queued or running with these very parameters (resume aside), else None; None too
-    when the trainer cannot be asked (the lora step starts it and says what it must)."""
+def active_twin(settings: Settings, params: LoraParams, options: FlowOptions, thresholds: dict[str, Any] | None) -> Any:
+    """A job of the trainer queued or running with these very parameters (resume aside) on the same base
+    (however its directory is spelled: the API keeps one relative to the data root), gated or not as this flow
+    and under the same thresholds (its version's gate is then this flow's), else None; None too when the
+    trainer cannot be asked (the lora step starts it and says what it must)."""
+    from .models import local_dir
     from .service import client
 
-    wanted = params.model_dump(mode="json", exclude={"resume"})
+    skip = {"resume", "base_model"}
+    wanted, th = params.model_dump(mode="json", exclude=skip), evalgate.parse_thresholds(thresholds)
+    here = local_dir(str(params.base_model), settings.home)
     try:
         jobs = [j for status in ("running", "queued") for j in client.list_jobs(settings, limit=100, status=status)]
     except LunaError:
         return None
     for job in jobs:
         try:
-            if job.lora_params().model_dump(mode="json", exclude={"resume"}) == wanted:
+            theirs = job.lora_params()
+            same_base = theirs.base_model == params.base_model or (
+                here is not None and local_dir(str(theirs.base_model), settings.home) == here
+            )
+            if (
+                same_base
+                and theirs.model_dump(mode="json", exclude=skip) == wanted
+                and job.options.gate == options.gate
+                and evalgate.parse_thresholds(job.gate_thresholds) == th
+            ):
                 return job
-        except ValueError:  # a job of parameters this release reads otherwise: not this flow's
+        except (ValueError, LunaError):  # a job this release reads otherwise: not this flow's
             continue
     return None
 
