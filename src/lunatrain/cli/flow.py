@@ -266,19 +266,18 @@ def service_lora(
     """Submit to the trainer service (the gate runs there, with `gate` thresholds) and follow the job;
     `stderr`: what it says while following goes there (`--json`)."""
     from ..service import client
-    from .trainer import follow_and_report
 
     job = submit(settings, params, options, thresholds=gate)
     typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.", err=stderr)
-    # The job as the follower saw it end: a trainer that settled it as it stopped can no longer be asked.
-    return job_outcome(follow_and_report(settings, job.id, stderr=stderr))
+    return follow_job(settings, job.id, stderr=stderr)
 
 
-def follow_job(settings: Settings, job_id: str) -> dict[str, Any]:
-    """Follow a job of the trainer to its end, as `service_lora` follows its own, and return its outcome."""
+def follow_job(settings: Settings, job_id: str, *, stderr: bool = False) -> dict[str, Any]:
+    """Follow a job of the trainer to its end and return its outcome: the job as the follower saw it end (a
+    trainer that settled it as it stopped can no longer be asked)."""
     from .trainer import follow_and_report
 
-    return job_outcome(follow_and_report(settings, job_id))
+    return job_outcome(follow_and_report(settings, job_id, stderr=stderr))
 
 
 def run(

@@ -126,8 +126,7 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     if (invalid := undecodable_body(exc)) is not None:
         return await _validation(request, invalid)
     response = _http_error(request, exc)
-    prefix = getattr(request.app.state, "openai_prefix", None)
-    if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
+    if _under_openai_prefix(request):
         # No route matched under the OpenAI-compatible prefix: answer in OpenAI's error shape, as its routes do.
         import json
 
@@ -196,8 +195,7 @@ async def known_query(request: Request) -> None:
     route = request.scope.get("route")
     if not request.query_params or not isinstance(route, APIRoute) or not route.include_in_schema:
         return
-    prefix = request.app.state.openai_prefix
-    if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
+    if _under_openai_prefix(request):
         return
     takes = sorted(_query_names(route.dependant), key=str.lower)
     unknown = sorted(set(request.query_params.keys()) - set(takes))
@@ -206,6 +204,12 @@ async def known_query(request: Request) -> None:
         raise RequestValidationError(
             [{"type": "query_unknown", "loc": ("query", name), "msg": msg} for name in unknown]
         )
+
+
+def _under_openai_prefix(request: Request) -> bool:
+    """The request's path is one of the OpenAI-compatible routes' (`install`'s `openai_prefix`)."""
+    prefix = getattr(request.app.state, "openai_prefix", None)
+    return bool(prefix) and (request.url.path == prefix or request.url.path.startswith(prefix + "/"))
 
 
 def _query_names(dependant: Dependant) -> set[str]:
