@@ -255,7 +255,7 @@ def _unopenable(path: Path, exc: sqlite3.Error | OSError) -> StorageError:
         )
     return StorageError(
         f"The trainer's job database {path} cannot be opened ({exc}); check that this user may read and write it "
-        "and its folder (and that its path is not longer than SQLite takes)."
+        "and its folder."
     )
 
 
