@@ -349,6 +349,46 @@ def test_two_flows_at_once_on_one_data_root_train_once(settings, tiny):
     ), waited[0]
 
 
+def test_a_waiting_flow_names_the_flow_it_waits_for_also_the_moment_it_took_the_lock(settings, monkeypatch):
+    """CI repro: the second of two flows started at once said "(pid ?, since ?)": it read the lock file in the
+    moment between the first flow taking the lock and naming itself there. It reads again until the holder
+    has named itself (or the lock comes free); and an ended flow's name is gone from the file."""
+    import fcntl
+    import threading
+
+    from lunatrain import flow
+
+    path = settings.data_dir / flow.FLOW_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    said: list[str] = []
+    named = threading.Event()
+    with open(path, "a+b") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # taken, not named yet
+
+        def meanwhile(_seconds: float) -> None:  # while the waiter looks again, the holder names itself
+            holder.write(b"4242 2026-12-06T18:43:52.760Z")
+            holder.flush()
+            named.set()
+
+        monkeypatch.setattr(flow.time, "sleep", meanwhile)
+        inside: list[str] = []
+
+        def waiter() -> None:
+            with flow.one_flow_at_a_time(settings, said.append):
+                inside.append(path.read_text())
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert named.wait(60), said  # the waiter looked again instead of saying what it read first
+        while not said:  # it names the holder before it waits for the lock
+            thread.join(0.01)
+        fcntl.flock(holder.fileno(), fcntl.LOCK_UN)  # the holder ends
+        thread.join(60)
+    assert said == ["waiting for the flow already running on this data root (pid 4242, since 2026-12-06T18:43:52.760Z)"]
+    assert inside and inside[0].split()[0] == str(os.getpid())
+    assert path.read_text() == ""
+
+
 def test_a_flow_waits_for_a_job_already_training_its_data_and_then_trains_nothing(settings, tiny, monkeypatch):
     """Review repro: a `luna` detached from its job (stopped by `timeout` while it followed) released the flow's
     lock while the job went on training; the next `luna` submitted the same data and parameters again: two

@@ -639,15 +639,10 @@ def one_flow_at_a_time(settings: Settings, on_step: Callable[[str], None] | None
     except OSError as exc:
         raise fsio.storage_error(exc, f"the lock file {path}") from exc
     with fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            pid, _, since = fh.read().decode("utf-8", "replace").strip().partition(" ")
+        holder = _flow_holder(fh)
+        if holder is not None:  # held: said once, then waited for
             if on_step:
-                on_step(
-                    f"waiting for the flow already running on this data root (pid {pid or '?'}, since {since or '?'})"
-                )
+                on_step(f"waiting for the flow already running on this data root (pid {holder[0]}, since {holder[1]})")
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             fh.seek(0)
@@ -656,7 +651,30 @@ def one_flow_at_a_time(settings: Settings, on_step: Callable[[str], None] | None
             fh.flush()
             yield
         finally:
+            with contextlib.suppress(OSError):
+                fh.truncate(0)  # nobody's once it ends: a waiter never names a flow that is over
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+_HOLDER_WAIT_S = 5.0
+
+
+def _flow_holder(fh: Any) -> tuple[str, str] | None:
+    """None when this process took the flow lock; else the pid and start of the flow holding it. A flow names
+    itself just after it takes the lock: for that moment the file is empty, and it is read again (a bounded
+    wait) until it names its holder, or the lock comes free."""
+    deadline = time.monotonic() + _HOLDER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        fh.seek(0)
+        pid, _, since = fh.read().decode("utf-8", "replace").strip().partition(" ")
+        if pid or time.monotonic() > deadline:
+            return pid or "?", since or "?"
+        time.sleep(0.05)
 
 
 def unchanged_version(
