@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_helpers import ON_DEMAND_ENV
+from trainer_helpers import ON_DEMAND_ENV, trainer_processes
 
 GUIDE_DATASET_FILES = [
     "assistant-sft-curated.jsonl",
@@ -72,6 +72,10 @@ def test_luna_from_an_empty_data_root_twice(fresh: tuple[Path, dict[str, str]]) 
     for step in ("eval-gate", "export", "prepare", "lora"):
         assert f"==> {step}" in first.stdout
     assert "luna-adapter@v1" in first.stdout
+    # The trainer admitted the job on the plan prepare had made of the model (data/cache/shapes): it never
+    # loads torch itself, which only its jobs' workers need, and stays as small as a web service.
+    (trainer,) = trainer_processes(home)
+    assert not [m.path for m in trainer.memory_maps() if "libtorch" in m.path]
 
     # every artifact the guide lists, and each one valid
     training = home / "data" / "training"

@@ -5,7 +5,9 @@ would fit, and its place before a job (prepare, run_lora before the model loads)
 from __future__ import annotations
 
 import json
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +470,33 @@ def test_a_gpu_without_native_bfloat16_is_planned_in_float32():
     emulated = memplan.plan(shape, params, CUDA_16 | {"bf16": False})
     assert emulated.parts["weights"] == 2 * native.parts["weights"]
     assert emulated.parts["activations"] == 2 * native.parts["activations"]
+
+
+def test_a_model_is_built_for_its_plan_once_per_config_and_installation(settings, tiny, monkeypatch):
+    """Planning builds the base model on the meta device, which needs torch and transformers: 3-4 CPU-seconds
+    of imports in a process that has neither (the trainer admitting its first job after prepare planned the
+    same model). What the build says is kept in data/cache/shapes, keyed by the config.json, the installed
+    transformers and torch and lunatrain's code: a changed config is built again, and a damaged or unwritable
+    cache is only a cache."""
+    info = models.resolve_base(None, settings)
+    first = memplan.model_shape(info, settings)
+    assert len(list((settings.cache_dir / "shapes").glob("*.json"))) == 1
+
+    built: list[str] = []
+    real = models.meta_model
+    monkeypatch.setattr(models, "meta_model", lambda i: built.append(i.id) or real(i))
+    assert memplan.model_shape(info, settings) == first and built == []  # another process would read it too
+
+    (cached,) = (settings.cache_dir / "shapes").glob("*.json")
+    cached.write_text("{not json")
+    assert memplan.model_shape(info, settings) == first and built == ["luna-tiny"]
+    assert memplan.model_shape(info, settings) == first and built == ["luna-tiny"]  # written whole again
+
+    config = json.loads((Path(info.path) / "config.json").read_text())
+    (Path(info.path) / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    changed = memplan.model_shape(info, settings)
+    assert built == ["luna-tiny"] * 2 and changed.counted[0] < first.counted[0]
+
+    shutil.rmtree(settings.cache_dir / "shapes")
+    (settings.cache_dir / "shapes").write_text("a file where the folder goes")
+    assert memplan.model_shape(info, settings) == changed and len(built) == 3

@@ -25,6 +25,8 @@ The constants are checked against measured peaks by `bench/memory.py` (bench/res
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -412,7 +414,7 @@ def check_fits(
     if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
-    shape = model_shape(info)
+    shape = model_shape(info, settings)
     batch = MicroBatch(1, 1, 1) if least else largest_batch(samples, params, shape) if samples else None
     result = plan(shape, params, device, batch=batch)
     if not result.fits:
@@ -421,17 +423,46 @@ def check_fits(
     return result
 
 
-def model_shape(info: Any) -> Shape:
-    """The Shape of a resolved base model, from its config.json."""
+def model_shape(info: Any, settings: Settings | None = None) -> Shape:
+    """The Shape of a resolved base model, from its config.json. With `settings`, what building the model
+    says is kept in (and read from) the data root's cache (`_built_cached`)."""
     try:
-        cfg = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
+        raw = (Path(info.path) / "config.json").read_bytes()
+        cfg = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"The config.json of base model {info.id!r} cannot be read: {exc}") from exc
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
     shape = Shape.from_config(cfg, info.id)
-    built = _built(info)
+    built = _built(info) if settings is None else _built_cached(info, raw, settings)
     return shape if built is None else replace(shape, varlen=built[0], counted=built[1])
+
+
+def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, tuple[int, int]] | None:
+    """`_built`, kept in data/cache/shapes by everything its answer depends on: the config.json's bytes, the
+    installed transformers and torch, and lunatrain's code. Building the model needs torch and transformers,
+    3-4 CPU-seconds of imports in a process that has neither: the trainer admitting a job that prepare
+    planned a moment before, the API's preflight. A cache file that cannot be read or written is built again."""
+    from importlib.metadata import version
+
+    from .fsio import atomic_write_text
+    from .service.spawn import code_signature
+
+    ident = [hashlib.sha256(config).hexdigest(), version("transformers"), version("torch"), code_signature()]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+    path = settings.cache_dir / "shapes" / f"{key}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["ident"] == ident:
+            built = kept["built"]
+            return None if built is None else (bool(built[0]), (int(built[1][0]), int(built[1][1])))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    built = _built(info)
+    with contextlib.suppress(OSError):  # a read-only data root plans as well, only not faster
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"ident": ident, "built": built}))
+    return built
 
 
 def _built(info: Any) -> tuple[bool, tuple[int, int]] | None:

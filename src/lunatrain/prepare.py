@@ -223,7 +223,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         )
         code += "_ranks"
     checks.append(Check("estimate", "info", estimate["optimizerSteps"], [], message, code, said))
-    memory = _memory_check(params, tokenized, info, estimate["device"])
+    memory = _memory_check(params, tokenized, info, estimate["device"], settings)
     checks.append(memory[0])
 
     status: Status = (
@@ -951,12 +951,14 @@ def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: A
     }
 
 
-def _memory_check(params: LoraParams, tokenized: Any, info: Any, device: str) -> tuple[Check, dict[str, Any]]:
+def _memory_check(
+    params: LoraParams, tokenized: Any, info: Any, device: str, settings: Settings
+) -> tuple[Check, dict[str, Any]]:
     """The memory plan for the largest micro-batch of this data: fails when the job cannot fit."""
     from . import memplan
 
     train = [e for e in tokenized.train if e.n_supervised]
-    shape = memplan.model_shape(info)
+    shape = memplan.model_shape(info, settings)
     plan = memplan.plan(
         shape,
         params,
