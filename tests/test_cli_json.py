@@ -8,6 +8,7 @@ Run: `.venv/bin/python -m pytest tests/test_cli_json.py -q`
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 
 import httpx
@@ -469,6 +470,46 @@ def test_a_cancelled_job_with_an_epoch_checkpoint_says_how_to_continue_it(settin
     r = CliRunner().invoke(app, ["jobs", "follow", broken.id])
     assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == f"Job {broken.id} failed: crash: The run crashed."
     store.dispose_stores()
+
+
+def test_a_failed_jobs_resume_hint_goes_with_the_last_checkpoint(settings: Settings, trainer: JobStore):
+    """Repro: a failed job's error says once, for good, that `jobs resume` continues it from its checkpoint.
+    After a resume had finished the run (its publish took the checkpoints) or `gc` had removed them, `jobs
+    show`, `jobs list --json` and the API's job still said so: following it was refused, or trained from step
+    0. A job is read with the disk now: with no checkpoint of its adapter left, the error says so instead, and
+    the dashboard's `resumeJob` goes."""
+    from lunatrain import checkpoints, registry
+    from lunatrain.service.recovery import resume_hint
+
+    cut = []
+    for adapter, message in (
+        ("crashed", "The worker was killed by SIGKILL. {hint}."),
+        ("cut", "The trainer stopped while this job was running and no adapter was registered; {hint}."),
+    ):
+        job, _ = trainer.create(parse_run({"adapterName": adapter, "baseModel": "luna-tiny"})[0])
+        trainer.set_status(job.id, "queued")
+        trainer.claim(job.id)
+        error = {"code": "child_crashed", "message": message.format(hint=resume_hint(job.id))}
+        trainer.set_status(job.id, "failed", error=error | {"params": {"resumeJob": job.id, "signal": "SIGKILL"}})
+        work = registry.work_root(settings, adapter) / "run-1" / checkpoints.CHECKPOINTS_DIR / "epoch-001"
+        work.mkdir(parents=True)
+        (work / "state.json").write_text(json.dumps({"jobId": job.id}))
+        cut.append((job, work))
+    for job, _ in cut:  # a checkpoint there: the hint stands
+        r = CliRunner().invoke(app, ["jobs", "show", job.id])
+        assert r.exit_code == 1 and f"`lunatrain jobs resume {job.id}` continues it" in r.stdout, r.stdout
+        assert trainer_client.get_job(settings, job.id).error.params["resumeJob"] == job.id
+    for job, work in cut:
+        shutil.rmtree(work.parents[1])
+        r = CliRunner().invoke(app, ["jobs", "show", job.id])
+        assert r.exit_code == 1 and "jobs resume" not in r.stdout, r.stdout
+        assert "no checkpoint of it is left" in r.stdout.lower() and ".." not in r.stdout, r.stdout
+        seen = trainer_client.get_job(settings, job.id).error
+        assert seen.params == {"signal": "SIGKILL"} and "jobs resume" not in seen.message, seen
+        listed = json.loads(CliRunner().invoke(app, ["jobs", "list", "--json"]).stdout)["data"]
+        (row,) = [j for j in listed if j["id"] == job.id]
+        assert "jobs resume" not in json.dumps(row), row
+    assert trainer.get(cut[0][0].id).error.params["resumeJob"]  # the record itself is as it was written
 
 
 def test_jobs_list_lines_up_its_columns(settings: Settings, trainer: JobStore) -> None:

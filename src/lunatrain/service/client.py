@@ -387,7 +387,10 @@ def _job_body(
 
 
 def get_job(settings: Settings, job_id: str) -> Job:
-    return _read(settings, f"/jobs/{_segment(job_id)}", Job)
+    """The job as it reads now (`recovery.as_read_now`: a resume hint whose checkpoint is gone goes)."""
+    from .recovery import as_read_now
+
+    return as_read_now(settings, _read(settings, f"/jobs/{_segment(job_id)}", Job))
 
 
 def list_jobs(settings: Settings, *, limit: int = 20, status: str | None = None) -> list[Job]:
@@ -407,7 +410,9 @@ def job_page(settings: Settings, *, limit: int = 20, offset: int = 0, status: st
             "The trainer runs lunatrain from before an update and cannot page its job list; it restarts by "
             "itself once its queue is done, or stop it and start `lunatrain trainer` again."
         )
-    return page
+    from .recovery import as_read_now
+
+    return page.model_copy(update={"data": [as_read_now(settings, job) for job in page.data]})
 
 
 def events(settings: Settings, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:

@@ -143,6 +143,31 @@ def resume_hint(job_id: str) -> str:
     )
 
 
+def as_read_now(settings: Settings, job: Job) -> Job:
+    """A failed job as it reads now. Its error was written once, with `resume_hint` when a checkpoint was there
+    to continue from; once none of its adapter's checkpoints is left (a resume finished the run, and its
+    publish took them, or `gc` removed them), the hint would lead to a refusal or a run from step 0: it gives
+    way to a sentence that says so, and the dashboard's `resumeJob` goes with it. The record stays as written."""
+    hint = resume_hint(job.id)
+    if job.status != "failed" or job.error is None or hint not in job.error.message:
+        return job
+    try:
+        if saved_states(registry.work_root(settings, job.lora_params().adapter_name)):
+            return job  # its own, or another run's of the adapter: `jobs resume` tells them apart
+    except (OSError, ValueError, LunaError):
+        return job
+    gone = (
+        "no checkpoint of it is left (a later run went on from it, or `lunatrain gc` removed it; `lunatrain "
+        "adapters list` shows what was registered)"
+    )
+    said = job.error.message
+    said = (
+        said.replace(f". {hint}", f". {gone[0].upper()}{gone[1:]}") if f". {hint}" in said else said.replace(hint, gone)
+    )
+    params = {k: v for k, v in (job.error.params or {}).items() if k != "resumeJob"}
+    return job.model_copy(update={"error": job.error.model_copy(update={"message": said, "params": params or None})})
+
+
 def checkpoint_since(settings: Settings, job: Job) -> bool:
     """Whether an epoch checkpoint of the job's adapter was saved by this job (any try of its run: the work
     directory's name needs the tokenizer to compute, and a resume takes the furthest of them). A checkpoint
