@@ -33,7 +33,15 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
         yield
         store.dispose_stores()
 
-    app = FastAPI(title="lunatrain assistant API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No redirect_slashes: a trailing slash names no route (a 404); `/lora/jobs/%2F` is no redirect to the list.
+    app = FastAPI(
+        title="lunatrain assistant API",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     app.state.settings = settings
     app.state.code = code_signature()  # the lunatrain it runs: status says when an update replaced it on disk
     app.state.reads = Coalescer(ttl=0.5)

@@ -68,17 +68,7 @@ def serve(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, handlers=[log_handler(settings)], force=True
     )
-    # No proxy headers: the client address and scheme are the socket's, never a header's claim.
-    listen.serve(
-        api,
-        sock,
-        settings.api_url_file,
-        previous,
-        log_level=log_level,
-        log_config=None,
-        proxy_headers=False,
-        server_header=False,
-    )
+    listen.serve(api, sock, settings.api_url_file, previous, log_level=log_level, log_config=None)
 
 
 def log_handler(settings: Settings) -> logging.Handler:

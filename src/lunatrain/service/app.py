@@ -116,7 +116,14 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             store.close()
             lock.remove_pid(settings)
 
-    app = FastAPI(title="lunatrain trainer", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(  # no redirect_slashes, as the API (api/main.py)
+        title="lunatrain trainer",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     install(app)
     docs.install(app)
     # A data root moved aside and made again at its path: requests of the new one's clients are refused (its

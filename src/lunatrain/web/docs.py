@@ -15,7 +15,8 @@ import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
+
+from .files import WholeFiles
 
 ASSETS = "/docs-assets"
 _FILES = Path(fastapi_offline.__file__).parent / "static"
@@ -25,7 +26,7 @@ def install(app: FastAPI) -> None:
     """Serve the schema's page at /docs; `app` must be made with `docs_url=None, redoc_url=None`."""
     assert app.docs_url is None and app.redoc_url is None, "FastAPI's own pages load their scripts from a CDN"
     openapi_url = app.openapi_url or "/openapi.json"
-    app.mount(ASSETS, StaticFiles(directory=_FILES), name="docs-assets")
+    app.mount(ASSETS, WholeFiles(directory=_FILES), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def swagger() -> HTMLResponse:

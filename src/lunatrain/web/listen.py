@@ -115,6 +115,9 @@ def serve(
 
     address = url(sock)
     host, port = sock.getsockname()[:2]
+    # No proxy headers: the client address and scheme are the socket's, never a header's claim; and no Server
+    # header naming the stack.
+    config |= {"proxy_headers": False, "server_header": False}
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
     # uvicorn ends a graceful shutdown by raising the signal again under the handler it found; under the
     # default one a SIGTERM would end the process right there, before the finally below.

@@ -105,6 +105,30 @@ class BodyTooLarge(Exception):
     pass
 
 
+# The first bytes of JSON text in UTF-16 or UTF-32, with or without a byte-order mark: what Python's json.loads
+# detects in bytes and decodes (RFC 4627's rule). JSON between systems is UTF-8 (RFC 8259 §8.1), and the
+# app's refusal of a Latin-1 body says so; `_capped` has such a body refused the same way.
+_WIDE_JSON = re.compile(rb"\A(?:\xff\xfe|\xfe\xff|.?\x00)", re.S)
+# Bytes that begin no UTF-8 character and make json.loads read the body as UTF-8.
+_NOT_UTF8 = b"\x80\x80"
+
+
+def _absolute_form(scope: Scope, headers: dict[str, str]) -> tuple[Scope, dict[str, str]]:
+    """A request whose target is a whole URL (`GET http://host:port/path`), as a server must take it (RFC 9112
+    §3.2.2): its path is the URL's, and its authority is the request's host (checked like a Host header)."""
+    path = scope.get("path", "")
+    scheme, sep, rest = path.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return scope, headers
+    authority, slash, tail = rest.partition("/")
+    raw = scope.get("raw_path") or path.encode()
+    raw_tail = raw.split(b"://", 1)[-1].partition(b"/")[2]
+    host = authority.encode("latin-1", "replace")
+    scope = dict(scope, path=slash + tail or "/", raw_path=b"/" + raw_tail)
+    scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"host"] + [(b"host", host)]
+    return scope, headers | {"host": authority}
+
+
 class GuardMiddleware:
     def __init__(
         self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int, realm: str
@@ -120,7 +144,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         send = _never_framed(send)
-        headers = _headers(scope)
+        scope, headers = _absolute_form(scope, _headers(scope))
         host = host_name(headers.get("host", ""))
         if host is None or host not in self.hosts:
             await _reply(send, 400, "bad_host", "Host header not allowed; add the name to ASSISTANT_ALLOWED_HOSTS.")
@@ -156,26 +180,46 @@ class GuardMiddleware:
                 send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True
             )
             return
-        await self._capped(scope, receive, send)
+        coding = headers.get("content-encoding", "").strip()
+        if coding.lower() not in ("", "identity"):
+            await _reply(
+                send,
+                415,
+                "unsupported_media_type",
+                f"Request bodies are read as sent, and Content-Encoding {coding!r} is not supported; send the body "
+                "uncompressed, without that header.",
+                close=True,
+            )
+            return
+        await self._capped(scope, receive, send, json_body=_declares_json(headers.get("content-type")))
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         # compare_digest takes constant time over the token, so timing reveals nothing about it.
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token or b"")
 
-    async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _capped(self, scope: Scope, receive: Receive, send: Send, *, json_body: bool) -> None:
         seen = 0
+        head = b""  # a JSON body's first bytes
         too_large = False
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal seen, too_large
+            nonlocal seen, head, too_large
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                seen += len(chunk)
                 if seen > self.max_body:
                     too_large = True
                     raise BodyTooLarge
+                if json_body and len(head) < 4 and chunk:
+                    head += chunk[: 4 - len(head)]
+                    if _WIDE_JSON.match(head):
+                        # Read as UTF-8 it is no text: the app refuses it as a Latin-1 body, in the words and
+                        # the error shape of its route (the OpenAI-compatible ones have their own).
+                        head = b"done"
+                        message = dict(message, body=_NOT_UTF8 + chunk)
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -254,6 +298,11 @@ def _never_framed(send: Send) -> Send:
 def _public(scope: Scope) -> bool:
     path = scope.get("path", "")
     return scope.get("method") in ("GET", "HEAD") and (path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES))
+
+
+def _declares_json(declared: str | None) -> bool:
+    media = (declared or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ... import registry
@@ -16,6 +16,7 @@ from ...errors import DamagedFile, NotFound
 from ...formats import json_type
 from ...fsio import read_json
 from ...settings import Settings, inside
+from ...web.files import served
 from ..deps import AdapterName, SettingsDep, Version, errors
 
 router = APIRouter(prefix="/assistant/training/adapters", tags=["adapters"])
@@ -26,7 +27,7 @@ _FILES = {
 }
 
 
-def _file(settings: Settings, name: str, version: str, kind: str) -> FileResponse:
+def _file(request: Request, settings: Settings, name: str, version: str, kind: str) -> Response:
     filename, media_type = _FILES[kind]
     entry = registry.get_version(settings, name, version)  # NotFound for an unknown name or version
     path = inside(registry.adapter_dir(settings, entry), filename)
@@ -34,7 +35,7 @@ def _file(settings: Settings, name: str, version: str, kind: str) -> FileRespons
         raise NotFound(f"{name}@{entry['version']} has no {filename}.")
     _check(path, kind)
     # Immutable per version (overwrite's `current` slot excepted), but cheap: let the browser revalidate.
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+    return served(request, path, media_type)
 
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -53,12 +54,12 @@ def _check(path: Path, kind: str) -> None:
 
 
 @router.get("/{name}/versions/{version}/report", response_class=FileResponse, responses=errors(404, 503))
-async def training_report(name: AdapterName, version: Version, settings: SettingsDep) -> FileResponse:
+async def training_report(request: Request, name: AdapterName, version: Version, settings: SettingsDep) -> Response:
     """The version's training report (params, dataset fingerprint, metrics, loss curve, provenance)."""
-    return await run_in_threadpool(_file, settings, name, version, "report")
+    return await run_in_threadpool(_file, request, settings, name, version, "report")
 
 
 @router.get("/{name}/versions/{version}/loss-curve.png", response_class=FileResponse, responses=errors(404, 503))
-async def loss_curve(name: AdapterName, version: Version, settings: SettingsDep) -> FileResponse:
+async def loss_curve(request: Request, name: AdapterName, version: Version, settings: SettingsDep) -> Response:
     """The version's loss curve image (train and val loss per step)."""
-    return await run_in_threadpool(_file, settings, name, version, "loss-curve.png")
+    return await run_in_threadpool(_file, request, settings, name, version, "loss-curve.png")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from ...errors import NotFound, UsageError
+from ...web.files import served
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 _TYPES = {
@@ -23,17 +24,21 @@ router = APIRouter(include_in_schema=False)
 
 # HEAD too: the request guard lets GET and HEAD of these paths through without a token (web/security.py).
 @router.api_route("/", methods=["GET", "HEAD"])
-async def index() -> FileResponse:
-    return _file("index.html")
+async def index(request: Request) -> Response:
+    return _file(request, "index.html")
 
 
 @router.api_route("/static/{path:path}", methods=["GET", "HEAD"])
-async def static(path: str) -> FileResponse:
-    return _file(path)
+async def static(request: Request, path: str) -> Response:
+    return _file(request, path)
 
 
-def _file(rel: str) -> FileResponse:
+def _file(request: Request, rel: str) -> Response:
     root = STATIC.resolve()
+    if not rel or rel.startswith("/") or rel.endswith("/") or "//" in rel:
+        # no file's name: resolve() would drop the slash (serving app.js at app.js/, whose relative imports
+        # then break) or take an empty part for the root
+        raise NotFound(f"No dashboard file {rel[:200]!r}.")
     try:
         target = (root / rel).resolve()
         # The joined path must stay inside static/: `..` or a symlink out of it is refused, not followed.
@@ -44,4 +49,4 @@ def _file(rel: str) -> FileResponse:
         found = False
     if not found:
         raise NotFound(f"No dashboard file {rel[:200]!r}.")
-    return FileResponse(target, media_type=_TYPES.get(target.suffix), headers={"Cache-Control": "no-cache"})
+    return served(request, target, _TYPES.get(target.suffix))

@@ -1,0 +1,147 @@
+"""HTTP as RFC 9110/9112 and docs/api.md say it, where a framework default said otherwise: request bodies
+are JSON in UTF-8 and never content-coded, files are revalidated and served whole, a URL names a route or is
+a 404 (no redirect that drops an id), and an absolute-form request target is taken. The requests go through
+the whole app (its guard middleware included), raw over a socket where a client library would normalize them.
+Run: `pytest tests/test_http_conformance.py -q`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from test_api_security import Server
+
+from lunatrain import store
+from lunatrain.api.main import create_app
+from lunatrain.settings import Settings
+
+T = "/assistant/training"
+EXAMPLE = {"prompt": "Wie heißt du?", "response": "Luna."}
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+        yield c
+    store.dispose_stores()
+
+
+def _examples(client: TestClient) -> int:
+    return client.get(f"{T}/examples").json()["count"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip"])
+def test_a_content_coded_body_is_415_naming_the_coding_and_changes_nothing(client: TestClient, coding: str) -> None:
+    """Explore repro: a gzip body was read as if plain ("not valid JSON (not UTF-8 text)", pointing at the text
+    encoding), and one labelled `br` whose bytes were plain JSON was stored."""
+    body = json.dumps(EXAMPLE).encode()
+    for sent in (gzip.compress(body), body):
+        r = client.post(
+            f"{T}/examples",
+            content=sent,
+            headers={"Content-Type": "application/json", "Content-Encoding": coding},
+        )
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_media_type" and f"Content-Encoding {coding!r}" in error["message"], error
+        assert "uncompressed" in error["message"], error
+    assert _examples(client) == 0
+    plain = client.post(
+        f"{T}/examples", content=body, headers={"Content-Type": "application/json", "Content-Encoding": "identity"}
+    )
+    assert plain.status_code == 201, plain.text
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_json_body_that_is_not_utf8_is_refused_like_latin1(client: TestClient, encoding: str) -> None:
+    """Explore repro: a UTF-16 or UTF-32 body was detected by the JSON parser and stored, while the API's own
+    refusal of a Latin-1 body says bodies are UTF-8 (RFC 8259: JSON between systems is UTF-8)."""
+    latin = client.post(
+        f"{T}/examples",
+        content=json.dumps(EXAMPLE, ensure_ascii=False).encode("latin-1"),
+        headers={"Content-Type": "application/json"},
+    )
+    r = client.post(
+        f"{T}/examples", content=json.dumps(EXAMPLE).encode(encoding), headers={"Content-Type": "application/json"}
+    )
+    assert latin.status_code == r.status_code == 422, r.text
+    assert r.json()["error"]["message"] == latin.json()["error"]["message"]
+    assert "not UTF-8" in r.json()["error"]["message"], r.text
+    assert _examples(client) == 0
+    bom = client.post(
+        f"{T}/examples",
+        content=b"\xef\xbb\xbf" + json.dumps(EXAMPLE).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert bom.status_code == 201, bom.text  # UTF-8 with its byte-order mark is UTF-8
+
+
+@pytest.mark.parametrize("path", ["/static/app.js", "/", "/docs-assets/swagger-ui.css"])
+def test_files_are_revalidated_and_served_whole(client: TestClient, path: str) -> None:
+    """Explore repro: the dashboard's files said `Cache-Control: no-cache` with an ETag, but a matching
+    If-None-Match or If-Modified-Since got the whole file again (every page load fetched everything); and a
+    Range header of a unit the server does not know, or a malformed one, was a plain-text 400 outside the
+    JSON error shape, where HTTP says to ignore it. These files are small: they are always served whole."""
+    first = client.get(path)
+    assert first.status_code == 200 and first.content
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+    for asked in ({"If-None-Match": etag}, {"If-None-Match": f'W/{etag}, "other"'}, {"If-Modified-Since": modified}):
+        again = client.get(path, headers=asked)
+        assert again.status_code == 304 and again.content == b"", (asked, again.status_code)
+        assert again.headers["etag"] == etag
+    assert client.get(path, headers={"If-None-Match": '"other"'}).status_code == 200
+    assert client.get(path, headers={"If-None-Match": '"other"', "If-Modified-Since": modified}).status_code == 200
+    for ranged in ("items=0-1", "bytes=10-5", "bytes=abc", "bytes=99999999-", "bytes=0-9"):
+        r = client.get(path, headers={"Range": ranged})
+        assert r.status_code == 200 and r.content == first.content, (ranged, r.status_code, r.text[:200])
+        assert "accept-ranges" not in r.headers and "content-range" not in r.headers
+
+
+def test_a_version_report_and_loss_curve_are_revalidated_and_served_whole(trained_home: Path, settings) -> None:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for kind in ("report", "loss-curve.png"):
+            path = f"{T}/adapters/luna-adapter/versions/v1/{kind}"
+            first = client.get(path)
+            assert first.status_code == 200, first.text
+            assert client.get(path, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+            r = client.get(path, headers={"Range": "items=0-1"})
+            assert r.status_code == 200 and r.content == first.content
+    store.dispose_stores()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/app.js/",
+        "/static/",
+        "/static//app.js",
+        f"{T}/status/",
+        f"{T}/lora/jobs/%2F",
+        f"{T}/adapters/%2F",
+        f"{T}/examples/",
+    ],
+)
+def test_a_url_that_names_no_route_is_a_404_never_a_redirect(client: TestClient, path: str) -> None:
+    """Explore repro: a trailing slash was an empty 307 to the path without it (docs/api.md: 404 for paths
+    that match no route), so an id of `/` (`/lora/jobs/%2F`) ended on the job list, a 200 where the client
+    asked for one job; `/static/app.js/` served app.js (whose relative imports then broke), and `/static/` was
+    a 422."""
+    r = client.get(path, follow_redirects=False)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.status_code, r.text)
+
+
+def test_an_absolute_form_request_target_is_taken_with_its_authority_as_the_host(home: Path) -> None:
+    """Explore repro: `GET http://127.0.0.1:PORT/… HTTP/1.1` (RFC 9112 §3.2.2: a server must accept the
+    absolute form) was a 404. The target's authority is the request's host, checked like a Host header."""
+    with Server() as server:
+        for host in (f"127.0.0.1:{server.port}", "localhost"):
+            status, _, body = server.request("GET", f"http://{host}{T}/examples?limit=1", host="ignored.example")
+            assert status == 200 and body["count"] == 0, (status, body)
+        status, _, body = server.request("GET", f"http://evil.example{T}/examples", host="127.0.0.1")
+        assert status == 400 and body["error"]["code"] == "bad_host", body
+        status, _, body = server.request("GET", f"http://127.0.0.1:{server.port}/nowhere")
+        assert status == 404 and body["error"]["code"] == "not_found", body
