@@ -6,9 +6,11 @@ so the CLI, the trainer service's log and tests all see the same stream.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -64,19 +66,22 @@ class ProgressDisplay:
     """Use as a context manager and pass `display.on_event` as `on_event`.
 
     On a terminal: a rich bar with step, loss, tokens/s and ETA. Otherwise (logs, CI, pipes): one plain
-    line per `every` seconds plus every eval and log event, so log files stay readable.
+    line per `every` seconds plus every eval and log event, so log files stay readable. `stream` None: a
+    stream that is closed (`2>&-`), where nothing is shown. The display is advice: a stream that refuses a
+    write (a full disk, a pipe whose reader is gone) ends the display, never the run it shows; only stdout's
+    closed pipe goes on up, the pipeline's own ending (`lunatrain lora --local | head`).
     """
 
-    def __init__(self, *, tty: bool | None = None, stream: TextIO | None = None, every: float = 5.0) -> None:
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty() if tty is None else tty
+    def __init__(self, *, stream: TextIO | None, tty: bool | None = None, every: float = 5.0) -> None:
+        self.stream = stream
+        self.tty = bool(stream is not None and stream.isatty()) if tty is None else tty
         self.every = every
         self._last = 0.0
         self._progress: Any = None
         self._task: Any = None
 
     def __enter__(self) -> ProgressDisplay:
-        if self.tty:
+        if self.tty and self.stream is not None:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn
 
@@ -99,9 +104,26 @@ class ProgressDisplay:
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
-            self._progress.__exit__(*exc)
+            self._shown(lambda: self._progress.__exit__(*exc))
 
     def on_event(self, event: dict[str, Any]) -> None:
+        if self.stream is not None:
+            self._shown(lambda: self._show(event))
+
+    def _shown(self, show: Callable[[], Any]) -> None:
+        from .console import OutputLost
+
+        try:
+            show()
+        except (OSError, OutputLost) as exc:
+            if isinstance(exc, BrokenPipeError) and self.stream is sys.stdout:
+                raise
+            progress, self.stream, self._progress = self._progress, None, None  # the run goes on, unshown
+            if progress is not None:
+                with contextlib.suppress(Exception):
+                    progress.stop()
+
+    def _show(self, event: dict[str, Any]) -> None:
         if event.get("type") == "progress":
             if self._progress is not None:
                 self._progress.update(

@@ -272,6 +272,17 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise UsageError(f"Invalid configuration: {_first_error(exc)}") from exc
+    except FileNotFoundError:
+        # The data root is the working directory, or relative to it, and that was deleted or moved away under
+        # the shell: it has no path any more.
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            raise UsageError(
+                "The working directory no longer exists (deleted or moved away), so the data root cannot be "
+                "found; cd to the data root again, or set ASSISTANT_HOME to its absolute path."
+            ) from None
+        raise
 
 
 # Every ASSISTANT_ name is lunatrain's (README "Configuration"): one it does not know is a typo whose setting

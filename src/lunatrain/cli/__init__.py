@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from ..compat import click_errors, stdout_was_closed, without_bitsandbytes
-from ..console import INTERRUPTED
+from ..console import INTERRUPTED, PIPE_CLOSED
 from ..errors import LunaError
 from ..startup import collector_paused
 from .app import app, fail, interrupt_said, said_interrupted, takes_unicode
@@ -29,9 +29,6 @@ with collector_paused():  # start-up of every command: 20 % less CPU (startup.py
 
 # `--help` of commands with LoRA options shows their profile's values; `luna` always runs the luna profile.
 profile_help(app, {"luna": "luna"})
-
-
-PIPE_CLOSED = 128 + 13  # 128 + SIGPIPE, as the shell reports a process that signal ended
 
 
 def main() -> None:

@@ -103,8 +103,9 @@ def fail(err: LunaError) -> typer.Exit:
 
 
 def is_tty(err: bool = False) -> bool:
-    """Whether stdout (stderr with `err`) is a terminal."""
-    return (sys.stderr if err else sys.stdout).isatty()
+    """Whether stdout (stderr with `err`) is a terminal; not so when it is closed (`2>&-`: Python has none)."""
+    stream = sys.stderr if err else sys.stdout
+    return stream is not None and stream.isatty()
 
 
 # Characters that act on a terminal instead of showing: C0 and C1 controls but tab and newline (ESC starts the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -43,21 +45,30 @@ def _ids(raw: list[str], prefix: str) -> list[int]:
     return ids
 
 
-def _typed(**given: str | list[str] | None) -> None:
-    """Refuse an argument holding a byte that is not UTF-8 (a terminal in Latin-1), naming the byte and the flag:
-    Python hands such a byte over as a lone surrogate (U+DC80..U+DCFF), which the store would refuse as "not
-    valid Unicode text", a thing nobody typed. Only here: in a JSON file or body the same surrogate is an
-    escape (`\\udce9`), no byte at all."""
-    for flag, value in given.items():
-        for text in value if isinstance(value, list) else [value]:
-            bad = next((ord(c) for c in text or "" if 0xDC80 <= ord(c) <= 0xDCFF), None)
-            if bad is not None:
-                raise fail(
-                    UsageError(
-                        f"--{flag} holds the byte 0x{bad - 0xDC00:02X}, which is not UTF-8: set the terminal to "
-                        "UTF-8 (LANG, LC_ALL) or type the text again."
-                    )
-                )
+def _typed(**given: Any) -> dict[str, Any]:
+    """The text arguments as typed. Python hands a byte its locale cannot read over as a lone surrogate
+    (U+DC80..U+DCFF): under an ASCII locale (`LC_ALL=C` without Python's UTF-8 mode) UTF-8 text arrives so,
+    and is read as UTF-8 here; a byte that is not UTF-8 (a terminal in Latin-1 under a UTF-8 locale) is refused,
+    naming the byte and the flag, where the store would refuse it as "not valid Unicode text", a thing nobody
+    typed. Only here: in a JSON file or body the same surrogate is an escape (`\\udce9`), no byte at all."""
+    return {
+        flag: [_text(flag, t) for t in value] if isinstance(value, list) else _text(flag, value)
+        for flag, value in given.items()
+    }
+
+
+def _text(flag: str, text: str | None) -> str | None:
+    bad = next((ord(c) for c in text or "" if 0xDC80 <= ord(c) <= 0xDCFF), None)
+    if text is None or bad is None:
+        return text
+    with contextlib.suppress(UnicodeError):
+        return os.fsencode(text).decode("utf-8")
+    raise fail(
+        UsageError(
+            f"--{flag} holds the byte 0x{bad - 0xDC00:02X}, which is not UTF-8: set the terminal to UTF-8 (LANG, "
+            "LC_ALL) or type the text again."
+        )
+    )
 
 
 def _tags(given: list[str] | None) -> list[str]:
@@ -124,7 +135,9 @@ def add_cmd(
     rating: Annotated[int | None, typer.Option("--rating", help="1-5")] = None,
 ) -> None:
     """Add one example (approved by default; pending for source=conversation)."""
-    _typed(prompt=prompt, response=response, system=system, tag=tag, conversationId=conversation_id)
+    typed = _typed(prompt=prompt, response=response, system=system, tag=tag, conversationId=conversation_id)
+    prompt, response, system, tag = typed["prompt"], typed["response"], typed["system"], typed["tag"]
+    conversation_id = typed["conversationId"]
     tags = _tags(tag)
     try:
         ex = store.add_example(
@@ -304,7 +317,8 @@ def memory_add_cmd(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="a tag (repeatable)")] = None,
 ) -> None:
     """Remember a fact."""
-    _typed(question=question, answer=answer, topic=topic, tag=tag)
+    typed = _typed(question=question, answer=answer, topic=topic, tag=tag)
+    question, answer, topic, tag = typed["question"], typed["answer"], typed["topic"], typed["tag"]
     tags = _tags(tag)
     try:
         settings = load_settings()

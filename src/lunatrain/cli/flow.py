@@ -154,7 +154,7 @@ def local_lora(
 
     check_min_curated(settings, options)
     main = distributed.from_env().main
-    display = ProgressDisplay(stream=sys.stderr if stderr else None) if main else None
+    display = ProgressDisplay(stream=sys.stderr if stderr else sys.stdout) if main else None
     trained: dict[str, Any] = {}
     ended: dict[str, Any] = {}  # the outcome, for the retention after it
 
