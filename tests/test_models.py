@@ -450,3 +450,28 @@ assert "transformers" in sys.modules and not failed, failed
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_model_whose_path_is_not_utf8_is_one_sentence_naming_the_cause(tiny_dir, tmp_path):
+    """Explore repro: a data root named in Latin-1 (`j\\xfcrgen`, a Latin-1 locale's way to write "jürgen")
+    failed in prepare and lora with "The tokenizer of base model 'luna-tiny' could not be loaded: No such file
+    or directory", a file that is there: the tokenizer library opens files by their names in UTF-8. The same
+    for a name in UTF-8 under a locale that is not (`LC_ALL=C PYTHONUTF8=0`). The sentence names the cause and
+    what to do."""
+    import os
+    import shutil
+
+    root = tmp_path / os.fsdecode(b"j\xfcrgen")
+    shutil.copytree(tiny_dir, root)
+    home = load_settings(home=tmp_path / "home")
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(models.resolve_base(str(root), home), home)
+    assert "0xFC" in err.value.message and "not UTF-8" in err.value.message, err.value.message
+    assert "rename" in err.value.message, err.value.message
+    # UTF-8 bytes a locale read as something else (ASCII without UTF-8 mode: each byte escaped): the name is
+    # fine, the locale is not
+    shutil.copytree(tiny_dir, tmp_path / "grüße")
+    escaped = str(tmp_path / "gr\udcc3\udcbc\udcc3\udc9fe")
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(models.resolve_base(escaped, home), home)
+    assert "UTF-8 locale" in err.value.message and "PYTHONUTF8=1" in err.value.message, err.value.message

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -542,6 +543,7 @@ def load_chat_tokenizer(
     from .templates import apply_template
 
     info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)
+    check_utf8_path(info.path, f"base model {info.id!r}")
     try:
         tok = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
@@ -555,6 +557,31 @@ def load_chat_tokenizer(
     return tok, added
 
 
+def check_utf8_path(path: str | Path, what: str) -> None:
+    """Refuse a folder the tokenizer library (and safetensors) cannot open: they open files by their names in
+    UTF-8, whatever the locale. A name whose bytes are no UTF-8 (written under a Latin-1 locale), or one in
+    UTF-8 that a non-UTF-8 locale decoded as something else, would be "No such file or directory" there."""
+    raw = os.fsencode(path)
+    try:
+        if raw == str(path).encode("utf-8"):
+            return
+    except UnicodeError:
+        pass
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"The folder of {what} has a name that is not UTF-8 (the byte 0x{raw[exc.start]:02X} in "
+            f"{os.fsdecode(raw)!r}), and the tokenizer library opens files by UTF-8 names only; rename it (or the "
+            "data root above it) to a UTF-8 or ASCII name."
+        ) from None
+    raise UsageError(
+        f"The folder of {what} has a UTF-8 name, but this process reads names in "
+        f"{sys.getfilesystemencoding()}, and the tokenizer library opens files by UTF-8 names only; run lunatrain "
+        "under a UTF-8 locale (LANG=C.UTF-8) or with PYTHONUTF8=1."
+    )
+
+
 def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, settings: Settings):
     """The tokenizer an adapter was trained with (saved beside it, with its chat template and any added
     tokens); the base model's for adapters saved before tokenizers were shipped with them."""
@@ -563,6 +590,7 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
 
     if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
         return load_tokenizer(base, settings)
+    check_utf8_path(adapter_dir, f"adapter {Path(adapter_dir).name!r}")
     try:
         tok = AutoTokenizer.from_pretrained(str(adapter_dir), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # files that read as JSON but are no tokenizer: the tokenizers
