@@ -497,6 +497,15 @@ def test_a_model_is_built_for_its_plan_once_per_config_and_installation(settings
     changed = memplan.model_shape(info, settings)
     assert built == ["luna-tiny"] * 2 and changed.counted[0] < first.counted[0]
 
+    # what an earlier installation kept goes with the next file written (each update would leave one a model)
+    kept = json.loads(max((settings.cache_dir / "shapes").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    older = settings.cache_dir / "shapes" / "older.json"
+    older.write_text(json.dumps(kept | {"ident": [kept["ident"][0], "4.0.0", "2.0.0", "0123456789abcdef"]}))
+    (Path(info.path) / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    memplan.model_shape(info, settings)
+    assert not older.exists() and len(list((settings.cache_dir / "shapes").glob("*.json"))) == 3
+    (Path(info.path) / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+
     shutil.rmtree(settings.cache_dir / "shapes")
     (settings.cache_dir / "shapes").write_text("a file where the folder goes")
-    assert memplan.model_shape(info, settings) == changed and len(built) == 3
+    assert memplan.model_shape(info, settings) == changed and len(built) == 4

@@ -462,7 +462,20 @@ def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, t
     with contextlib.suppress(OSError):  # a read-only data root plans as well, only not faster
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"ident": ident, "built": built}))
+        _prune_shapes(path.parent, ident[1:])
     return built
+
+
+def _prune_shapes(folder: Path, installation: list[str]) -> None:
+    """Remove what an earlier installation (another transformers, torch or lunatrain) kept: each update would
+    leave one file per model behind for good."""
+    for kept in folder.glob("*.json"):
+        try:
+            if json.loads(kept.read_text(encoding="utf-8"))["ident"][1:] != installation:
+                kept.unlink()
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                kept.unlink()
 
 
 def _built(info: Any) -> tuple[bool, tuple[int, int]] | None:
