@@ -1112,3 +1112,64 @@ def test_an_active_version_whose_template_refuses_an_exported_example_leaves_the
         n.startswith("the active t@v1 answers in a chat template that refuses example ") and "(no ZZZ here)" in n
         for n in report.notes
     ), report.notes
+
+
+def test_gates_of_one_adapter_judge_one_at_a_time_and_a_moved_baseline_promotes_nothing(
+    trained_home, settings, monkeypatch
+):
+    """Explore repro: two `lora --local` runs of one adapter at once were both judged against the version active
+    when their gates began (v1), and the later promotion displaced the other run's version, which it was never
+    compared with: a run the gate refuses when it runs alone (+7 % val loss against the first) became active.
+    The gates of one adapter now judge one at a time, so the second judges against what the first promoted;
+    and a version whose baseline was changed by hand while it was judged (`adapters activate`) is not
+    promoted, with a note that says so."""
+    import fcntl
+
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").promoted
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    v2 = _derived_version(settings, v1, 1.0)
+    v3 = _derived_version(settings, v1, 0.999)
+    real, held = evalgate._run, []
+
+    def judged(*args, **kwargs):
+        lock = settings.reports_training_dir / ".gate-luna-adapter.lock"
+        with open(lock, "rb") as fh:  # another gate of this adapter would wait here
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(True)
+        report = real(*args, **kwargs)
+        registry.activate(settings, "luna-adapter", v3["version"], reason="by hand, meanwhile")
+        return report
+
+    monkeypatch.setattr(evalgate, "_run", judged)
+    report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert held and report.passed and report.promoted is False, (report.reasons, report.notes)
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
+    assert {
+        "code": "gate.baseline_moved",
+        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{v3['version']}"},
+    } in report.note_codes, report.note_codes
+    recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
+    assert recorded["passed"] is True and recorded["promoted"] is False, recorded
+
+
+def test_the_active_version_chosen_by_eval_gate_is_judged_against_the_base_even_if_another_is_activated(
+    trained_home, settings, monkeypatch
+):
+    """Explore repro: `eval-gate` beside `adapters activate luna-adapter@v2` chose v1 (active then) as its
+    candidate, and read the registry again for the baseline once the models had loaded: it reported "PASS
+    luna-adapter@v1 vs luna-adapter@v2", a pair nobody asked about. The version chosen as the active one is
+    judged against the base model, as when nothing changes meanwhile."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").promoted
+    v2 = _derived_version(settings, registry.get_version(settings, "luna-adapter", "v1"), 1.0)
+    real = evalgate.load_suite
+
+    def meanwhile(*args, **kwargs):  # read once the candidate is chosen, before the baseline
+        registry.activate(settings, "luna-adapter", v2["version"], reason="by hand, meanwhile")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evalgate, "load_suite", meanwhile)
+    report = evalgate.eval_gate(settings)
+    assert report.candidate["ref"] == "luna-adapter@v1" and report.baseline["kind"] == "base", report.baseline

@@ -464,6 +464,49 @@ def test_an_export_is_one_directory_made_visible_by_one_link(
     assert ex.read_tier(settings, "curated").fingerprint == second.fingerprint  # same content, same fingerprint
 
 
+def test_an_export_being_read_is_not_pruned_until_its_reader_is_done(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repro: `prepare` beside exports that finished while it loaded the tokenizer (three from the
+    dashboard, or any one with ASSISTANT_RETAIN_EXPORTS=1) failed with "6 files differ from the export summary
+    (edited by hand or torn)": their retention had removed the export prepare was reading. An export being read
+    (`pinned`: prepare, and whatever reads through it) is left to the next prune; `gc --dry-run` does not list
+    it either."""
+    from lunatrain.params import parse_params
+    from lunatrain.prepare import prepare
+
+    monkeypatch.setattr(settings, "retain_exports", 1)
+    store.add_examples(settings, _drafts(30, "a"))
+    first = ex.export(settings)
+    with ex.pinned(settings) as reading:
+        for tag in ("b", "c"):
+            store.add_examples(settings, _drafts(5, tag))
+            ex.export(settings)
+        assert ex.current_id(settings) != reading.name
+        assert (
+            reading.is_dir() and json.loads((reading / ex.SUMMARY_FILE).read_text())["fingerprint"] == first.fingerprint
+        )
+        assert reading not in ex.prune_exports(settings, 1, dry_run=True)
+    assert reading in ex.prune_exports(settings, 1, dry_run=True)
+    ex.export(settings)
+    assert not reading.exists() and len(ex.export_ids(settings)) == 1
+
+    # prepare reads its export through it: an export finishing while prepare loads its tokenizer is no torn file
+    from lunatrain import models
+
+    real = models.resolve_base
+
+    def meanwhile(*args, **kwargs):  # the tokenizer and base load after every file of the export is read
+        store.add_examples(settings, _drafts(5, "d"))
+        ex.export(settings)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "resolve_base", meanwhile)
+    report = prepare(settings, parse_params({"maxSeqLength": 128}))
+    summary = next(c for c in report.checks if c.id == "export_summary")
+    assert summary.severity != "fail", summary
+
+
 def test_a_flat_export_from_before_is_adopted_first(settings: Settings) -> None:
     """A data root exported by an earlier version holds plain files: they become the first export
     directory (hard links), so the switch to the new export is again a single rename."""

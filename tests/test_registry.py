@@ -1021,3 +1021,28 @@ def test_the_adapter_list_reads_the_registry_a_bounded_number_of_times(settings,
 
     few = reads(2)
     assert reads(20) == few  # 22 versions read the registry as often as 2 did
+
+
+def test_an_older_overwrite_revision_settled_first_leaves_a_newer_staged_one_its_gate(settings):
+    """Explore repro: two overwrite runs of one adapter at once; the older revision's gate passed first and
+    marked every other revision replaced, the newer one too while it waited for its own gate: its files went,
+    and the run that trained longer said "not kept: revision 3 no longer exists". An older revision's settling
+    replaces only older ones; the newest that passes keeps the slot."""
+    home = str(settings.home)
+    _overwrite_run(home, "r1", stage=False)
+    older = _overwrite_run(home, "r2", stage=True)
+    newer = _overwrite_run(home, "r3", stage=True)
+    assert (older["revision"], newer["revision"]) == (2, 3)
+    registry.settle_slot(settings, "ow", 2, keep=True)
+    waiting = registry.get_revision(settings, "ow", 3)
+    assert waiting.get("staged") and not waiting.get("replaced"), waiting
+    assert registry.get_revision(settings, "ow", 1).get("replaced")
+    kept = registry.settle_slot(settings, "ow", 3, keep=True)
+    assert not kept.get("replaced") and registry.get_version(settings, "ow", "current")["revision"] == 3
+    assert registry.get_revision(settings, "ow", 2).get("replaced")
+    # and the other order: the newer settled first, the older one then finds the slot taken
+    _overwrite_run(home, "r4", stage=True)
+    _overwrite_run(home, "r5", stage=True)
+    registry.settle_slot(settings, "ow", 5, keep=True)
+    assert registry.settle_slot(settings, "ow", 4, keep=True).get("replaced")
+    assert registry.get_version(settings, "ow", "current")["revision"] == 5

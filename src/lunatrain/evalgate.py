@@ -36,7 +36,7 @@ from pydantic.alias_generators import to_camel
 
 from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
 from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
-from .fsio import atomic_write_json, check_writable, read_json
+from .fsio import atomic_write_json, check_writable, file_lock, read_json
 from .messages import Note, coded
 from .params import FewKeys, format_validation_error, refuse_twice
 from .settings import EVAL_REPORT, Settings
@@ -436,6 +436,9 @@ class GateReport:
     reason_codes: list[dict[str, Any]] = field(default_factory=list)  # `reasons` as {code, params}
     promoted: bool | None = None  # gate_candidate only
     path: str = ""
+    # The registry entry of the active version it was judged against (None: the base model); never written:
+    # gate_candidate promotes only while that is still the active one.
+    judged_against: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -522,7 +525,10 @@ def eval_gate(
     # Said before the models load and every case is asked (minutes on a real model), not once the decision
     # could not be written and was lost.
     check_writable([settings.reports_eval_dir], "run the eval gate")
-    report = _run(settings, entry, base_model, th, chat_template)
+    # Chosen as the active version (no version named): judged against the base model, as read now; another
+    # version activated while the models load does not become its baseline.
+    as_active = entry is not None and not (adapter and "@" in adapter)
+    report = _run(settings, entry, base_model, th, chat_template, as_active=as_active)
     report.notes[:0] = notes
     _write(settings, report)
     return report
@@ -541,9 +547,25 @@ def gate_candidate(
     current active version (else the base); when it passes and `promote`, make it active. The outcome is
     recorded on the version either way. A staged overwrite revision takes the slot only when it passes and
     `promote`. `promote` may be asked once the evaluation is done (a job cancelled meanwhile: False)."""
-    from . import registry
 
     th = parse_thresholds(thresholds)
+    # One gate of an adapter at a time on a data root (two `lora --local` runs at once, a job beside one): each
+    # judges against what the one before it promoted, never both against the same old version, the later
+    # promotion then displacing a version it was never compared with.
+    with file_lock(settings.reports_training_dir / f".gate-{name}.lock"):
+        return _gated(settings, name, version, revision, promote, th)
+
+
+def _gated(
+    settings: Settings,
+    name: str,
+    version: str,
+    revision: int | None,
+    promote: bool | Callable[[], bool],
+    th: GateThresholds,
+) -> GateReport:
+    from . import registry
+
     entry = (
         registry.get_revision(settings, name, revision) if revision else registry.get_version(settings, name, version)
     )
@@ -554,6 +576,23 @@ def gate_candidate(
         report.notes.append(Note("gate.cancelled", "not activated: the job was cancelled while the gate ran"))
     fingerprint = entry.get("baseModel", {}).get("fingerprint", "?")
     active_before = registry.active_version(settings, name, fingerprint)
+    judged_against = report.judged_against
+    unchanged = active_before is None if judged_against is None else registry.same_entry(active_before, judged_against)
+    moved = not unchanged and not registry.same_entry(active_before, entry)
+    if report.passed and go and moved:
+        # The active version changed by hand while this one was judged against another (`adapters activate`):
+        # the decision was about another pair, so it promotes nothing.
+        judged, active = report.baseline.get("ref"), _ref(active_before, None) if active_before else "none"
+        report.notes.append(
+            Note(
+                "gate.baseline_moved",
+                f"not activated: it was judged against {judged}, and {active} became active meanwhile; judge it "
+                f"again (`lunatrain eval-gate --adapter {name} --version {entry['version']}`)",
+                judged=judged,
+                active=active,
+            )
+        )
+        go = False
     if entry.get("staged"):
         entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed and go)
     if report.passed and entry.get("replaced"):  # settled as not kept before this gate finished
@@ -704,7 +743,10 @@ def _run(
     base_model: str | None,
     th: GateThresholds,
     chat_template: str | None = None,
+    *,
+    as_active: bool = False,
 ) -> GateReport:
+    """`as_active`: `entry` was chosen as the active version, so the base model is its baseline."""
     from . import models, registry
     from .startup import import_training_stack
 
@@ -733,8 +775,12 @@ def _run(
     # Baseline: the active version of the same adapter on the same base model. The active version itself (the
     # flow's first step, `eval-gate` without --adapter) is judged against the base model: against its own
     # record no regression could ever show, and a version activated after the gate refused it would "pass".
-    baseline_entry = registry.active_version(settings, entry["name"], base.fingerprint) if entry is not None else None
-    if baseline_entry is not None and registry.same_entry(baseline_entry, entry):
+    baseline_entry = (
+        registry.active_version(settings, entry["name"], base.fingerprint)
+        if entry is not None and not as_active
+        else None
+    )
+    if as_active or (baseline_entry is not None and registry.same_entry(baseline_entry, entry)):
         baseline_entry = None
         ref = _ref(entry, base)
         notes.append(
@@ -876,6 +922,7 @@ def _run(
         cases=results,
         created=now_iso(),
         notes=notes,
+        judged_against=baseline_entry,
     )
 
 

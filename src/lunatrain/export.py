@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import filecmp
 import functools
 import hashlib
@@ -613,12 +614,70 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[
     kept = {current} | set(ids[-max(keep, 1) :])
     doomed = [root / i for i in ids if i not in kept]
     doomed += sorted(p for p in root.iterdir() if p.suffix == ".partial" and _export_time(p.stem))
-    if sizes is not None:
-        sizes.update((path, tree_size(path)) for path in doomed)
-    if not dry_run:
-        for path in doomed:
-            remove_tree(path)
-    return doomed
+    removed = []
+    for path in doomed:
+        with _unread(path) as free:
+            if not free:  # a reader pinned it (`pinned`): the next prune takes it
+                continue
+            if sizes is not None:
+                sizes[path] = tree_size(path)
+            if not dry_run:
+                remove_tree(path)
+            removed.append(path)
+    return removed
+
+
+READERS_LOCK = ".readers.lock"  # in an export's folder: readers hold it shared, a prune exclusively
+
+
+@contextlib.contextmanager
+def _unread(path: Path) -> Iterator[bool]:
+    """Whether no reader holds the export in `path`; while True, none can pin it (it waits, then finds it
+    gone)."""
+    try:
+        fd = os.open(path / READERS_LOCK, os.O_RDONLY)
+    except OSError:  # never read through `pinned` (or not a folder): nothing holds it
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def pinned(settings: Settings) -> Iterator[Path]:
+    """The current export's directory (`export_dir`), kept from pruning while the block reads it: an export
+    that finishes meanwhile makes another one current, and its retention would otherwise remove the folder
+    being read (prepare then found every file "differing from the summary"). A shared flock on the folder's
+    READERS_LOCK, which `_prune` asks for without waiting and skips a folder that holds it."""
+    for _ in range(8):
+        directory = export_dir(settings)
+        if directory == settings.training_dir:  # read in place (no .exports/): nothing prunes it
+            yield directory
+            return
+        try:
+            fd = os.open(directory / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # pruned since it was resolved: the one current now
+            continue
+        except OSError:  # a read-only data root: no export can start there to prune it
+            yield directory
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if directory.is_dir() and (directory / SUMMARY_FILE).exists():
+                yield directory
+                return
+        finally:
+            os.close(fd)
+    raise StorageError(
+        f"The export in {settings.training_dir} was replaced again and again while it was being read; try again."
+    )
 
 
 # --- reading an export back ---------------------------------------------------------------------

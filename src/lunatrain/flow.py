@@ -78,6 +78,16 @@ def job_outcome(job: Any) -> dict[str, Any]:
 # --- one run: train, then gate --------------------------------------------------------------------
 
 
+def _holds_slot(settings: Settings, name: str, revision: int) -> bool:
+    """Whether the overwrite run's revision took the slot: its gate passing says so only when no newer run's
+    revision took it meanwhile."""
+    try:
+        entry = registry.get_revision(settings, name, revision)
+    except LunaError:
+        return False
+    return not entry.get("replaced") and not entry.get("staged")
+
+
 def train_and_gate(
     settings: Settings,
     params: LoraParams,
@@ -157,7 +167,7 @@ def train_and_gate(
         passed = bool(outcome["gate"].get("passed"))
         # The last job's report says what became of it: the gate's decision and, for an overwrite run, whether
         # it took the slot (refused, its report's path still holds the revision before it).
-        kept = {"kept": passed} if revision is not None else {}
+        kept = {"kept": passed and _holds_slot(settings, adapter["name"], revision)} if revision is not None else {}
         registry.annotate_latest(settings, result.report or {}, gate=outcome["gate"], **kept)
         emit(
             {

@@ -170,11 +170,16 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
 
     if params.base_model:  # an adapter as base is a usage error, export or not (cheap: one file lookup)
         models.refuse_adapter_dir(Path(params.base_model).expanduser(), params.base_model)
-    directory = export_mod.export_dir(settings)  # resolved once: every file below comes from one export
-    summary = export_mod.read_summary(settings, directory)
-    if summary is None:
-        raise export_mod.no_export(settings)
     tier = params.dataset_tier
+    # Every file read from one export, and read first: a tokenizer takes seconds to load, and an export that
+    # finished meanwhile would have made this one old (pinned: its retention leaves it until this is read).
+    with export_mod.pinned(settings) as directory:
+        summary = export_mod.read_summary(settings, directory)
+        if summary is None:
+            raise export_mod.no_export(settings)
+        file_shas, mismatched = _verify_files(directory, summary)
+        splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
+        curated = curated_count(settings, directory)
     info = models.resolve_base(params.base_model, settings)
     tokenizer, added = models.load_chat_tokenizer(info, settings, params.chat_template)
     terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
@@ -183,17 +188,14 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     models.check_quantize_installed(params.quantize)
 
     checks: list[Check] = []
-    file_shas, mismatched = _verify_files(directory, summary)
     checks.append(_summary_check(mismatched, export_mod.replaced_names(settings, export_mod.tier_names(tier))))
     fingerprint = export_mod.dataset_fingerprint(file_shas) if mismatched else summary["fingerprint"]
-    splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
     checks.append(
         _check("malformed_record", "fail", bad_lines, "lines are not valid chat records", "no malformed lines")
     )
     records = [r for s in export_mod.SPLITS for r in splits[s]]
     checks.append(stale_check(settings, summary, records))
 
-    curated = curated_count(settings, directory)
     checks += _volume_checks(curated, min_curated, len(splits["train"]))
     checks += _content_checks(records, tokenizer)
     checks += _duplicate_checks(records)

@@ -509,8 +509,14 @@ def _settle_orphans(settings: Settings, adapter: dict[str, Any]) -> list[dict[st
 
 
 def _replace_older(adapter: dict[str, Any], newest: dict[str, Any] | None = None) -> None:
+    """Mark the slot's revisions before `newest` replaced (all of them without one). A newer revision staged
+    for its own gate is left to it: two runs at once, the older one judged first, and the newer one that passes
+    takes the slot after it, as it would have run after it."""
+    below = newest.get("revision") if newest is not None else None
     for old in adapter["versions"]:
         if old["version"] == SLOT and old is not newest:
+            if below is not None and old.get("staged") and (old.get("revision") or 0) > below:
+                continue
             old["replaced"] = True
 
 
