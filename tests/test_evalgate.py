@@ -1173,3 +1173,26 @@ def test_the_active_version_chosen_by_eval_gate_is_judged_against_the_base_even_
     monkeypatch.setattr(evalgate, "load_suite", meanwhile)
     report = evalgate.eval_gate(settings)
     assert report.candidate["ref"] == "luna-adapter@v1" and report.baseline["kind"] == "base", report.baseline
+
+
+def test_a_version_whose_examples_were_deleted_while_it_was_judged_is_not_promoted(trained_home, settings, monkeypatch):
+    """Explore repro: examples deleted while `lora --local` trained on them: the new version was marked "retrain
+    needed" when it was registered, and its gate promoted it all the same (exit 0, not a word), though a run
+    started a second after the delete is refused. A version marked stale by the time its gate decides is not
+    promoted, with a note that says why."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").promoted
+    v2 = _derived_version(settings, registry.get_version(settings, "luna-adapter", "v1"), 1.0)
+    trained = (registry.adapter_dir(settings, v2) / "train-hashes.txt").read_text().split()
+    real = evalgate._run
+
+    def judged(*args, **kwargs):
+        report = real(*args, **kwargs)
+        assert registry.mark_stale(settings, {trained[0]})  # `examples delete` meanwhile
+        return report
+
+    monkeypatch.setattr(evalgate, "_run", judged)
+    report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert report.passed and report.promoted is False, (report.reasons, report.notes)
+    assert {"code": "gate.stale", "params": {}} in report.note_codes, report.note_codes
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"

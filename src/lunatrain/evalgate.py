@@ -593,6 +593,22 @@ def _gated(
             )
         )
         go = False
+    current = (
+        registry.get_revision(settings, name, entry["revision"])
+        if entry.get("revision")
+        else registry.get_version(settings, name, entry["version"])
+    )
+    if report.passed and go and current.get("stale"):
+        # Examples it trained on were deleted while it trained or was judged: it is marked "retrain needed"
+        # and is not served, as a run started a moment after the delete would have been refused.
+        report.notes.append(
+            Note(
+                "gate.stale",
+                "not activated: examples it was trained on were deleted meanwhile (retrain needed); `lunatrain "
+                "export` and train again",
+            )
+        )
+        go = False
     if entry.get("staged"):
         entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed and go)
     if report.passed and entry.get("replaced"):  # settled as not kept before this gate finished

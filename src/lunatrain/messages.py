@@ -168,6 +168,7 @@ CODES: dict[str, str] = {
     "gate.already_active": "passed; it was already the active version",
     "gate.replaced_revision": "passed and replaced the active revision of the same version (ref, revision)",
     "gate.not_activated": "passed, but the activation was refused (why)",
+    "gate.stale": "passed, not activated: examples it was trained on were deleted meanwhile (retrain needed)",
     "gate.baseline_moved": "passed, not activated: another version became active while it was judged (judged, active)",
     "gate.stays_inactive": "refused: the version stays registered but inactive (reasons)",
     "gate.report_not_written": "decided and recorded, but the report file was not written (why)",
