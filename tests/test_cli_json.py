@@ -510,6 +510,21 @@ def test_a_failed_jobs_resume_hint_goes_with_the_last_checkpoint(settings: Setti
         (row,) = [j for j in listed if j["id"] == job.id]
         assert "jobs resume" not in json.dumps(row), row
     assert trainer.get(cut[0][0].id).error.params["resumeJob"]  # the record itself is as it was written
+    # review repro: `status` read the job database itself and still said it
+    last = json.loads(CliRunner().invoke(app, ["status", "--json"]).stdout)["lastJob"]
+    assert last["jobId"] == cut[-1][0].id and "jobs resume" not in json.dumps(last["error"]), last["error"]
+
+    # review repro: another run's checkpoint of the same adapter kept the hint of a job that started fresh,
+    # whose resume then found no checkpoint of its own run and trained from step 0
+    job, _ = trainer.create(parse_run({"adapterName": "crashed", "baseModel": "luna-tiny", "epochs": 2})[0])
+    trainer.set_status(job.id, "queued")
+    trainer.claim(job.id)
+    error = {"code": "child_crashed", "message": f"The worker was killed by SIGKILL. {resume_hint(job.id)}."}
+    trainer.set_status(job.id, "failed", error=error | {"params": {"resumeJob": job.id}})
+    other = registry.work_root(settings, "crashed") / "run-2" / checkpoints.CHECKPOINTS_DIR / "epoch-001"
+    other.mkdir(parents=True)
+    (other / "state.json").write_text(json.dumps({"jobId": "ftjob-another"}))
+    assert "jobs resume" not in trainer_client.get_job(settings, job.id).error.message
 
 
 def test_jobs_list_lines_up_its_columns(settings: Settings, trainer: JobStore) -> None:

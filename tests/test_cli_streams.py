@@ -142,6 +142,14 @@ def test_diagnostics_that_cannot_be_written_change_no_outcome(settings: Settings
     finally:
         os.close(write)
     assert (twice.returncode, listed.returncode) == (1, 0) and len(listed.stdout.splitlines()) == 3
+    # review repro: `| head` with stderr closed ended 120, the interpreter's failed flush of a wrapped None
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        cut = lunatrain(settings.home, "examples", "list", "--json", stdout=write, preexec_fn=lambda: os.close(2))
+    finally:
+        os.close(write)
+    assert cut.returncode == 141
 
 
 @pytest.mark.slow

@@ -506,6 +506,20 @@ def test_a_model_is_built_for_its_plan_once_per_config_and_installation(settings
     assert not older.exists() and len(list((settings.cache_dir / "shapes").glob("*.json"))) == 3
     (Path(info.path) / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
 
+    # review repro: a cache that cannot be written (a full disk: fsio says it as DiskFull) failed the plan
+    from lunatrain import fsio
+    from lunatrain.errors import DiskFull
+
+    def full(*args, **kwargs):
+        raise DiskFull("The disk is full.")
+
+    shutil.rmtree(settings.cache_dir / "shapes")
+    with monkeypatch.context() as m:
+        m.setattr(fsio, "atomic_write_text", full)
+        assert memplan.model_shape(info, settings) == changed
+
+    (settings.cache_dir / "shapes").mkdir(exist_ok=True)
+
     shutil.rmtree(settings.cache_dir / "shapes")
     (settings.cache_dir / "shapes").write_text("a file where the folder goes")
-    assert memplan.model_shape(info, settings) == changed and len(built) == 4
+    assert memplan.model_shape(info, settings) == changed and len(built) == 5

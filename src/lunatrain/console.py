@@ -103,7 +103,17 @@ def main() -> None:
         _say_lost(lost)
         raise SystemExit(OUTPUT_LOST) from None
     except SystemExit as done:
+        _no_wrapped_none()
         raise SystemExit(_flushed(done.code)) from None
+
+
+def _no_wrapped_none() -> None:
+    """After a closed output pipe the command line's parser wraps both streams to swallow the rest (compat.
+    stdout_was_closed), a closed stderr (`2>&-`: None) too, whose flush at exit then fails (exit 120)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if type(stream).__name__.endswith("PacifyFlushWrapper") and getattr(stream, "wrapped", stream) is None:
+            setattr(sys, name, None)
 
 
 def _flushed(code: Any) -> Any:

@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import CheckFailed, UsageError
+from .errors import CheckFailed, LunaError, UsageError
 from .loss import chunk_tokens
 from .params import LoraParams
 from .settings import Settings
@@ -459,7 +459,8 @@ def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, t
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass
     built = _built(info)
-    with contextlib.suppress(OSError):  # a read-only data root plans as well, only not faster
+    # A read-only data root or a full disk plans as well, only not faster (fsio says its OSErrors as ours).
+    with contextlib.suppress(OSError, LunaError):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"ident": ident, "built": built}))
         _prune_shapes(path.parent, ident[1:])

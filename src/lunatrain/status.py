@@ -288,6 +288,9 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
     job = _safe(latest)
     if job is None:
         return None, None
+    from .service.recovery import as_read_now
+
+    job = as_read_now(settings, job)  # as `jobs show` says it: a resume hint whose checkpoint is gone goes
     metrics = job.metrics or {}
     return {
         "jobId": job.id,

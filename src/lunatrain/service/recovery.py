@@ -152,8 +152,13 @@ def as_read_now(settings: Settings, job: Job) -> Job:
     if job.status != "failed" or job.error is None or hint not in job.error.message:
         return job
     try:
-        if saved_states(registry.work_root(settings, job.lora_params().adapter_name)):
-            return job  # its own, or another run's of the adapter: `jobs resume` tells them apart
+        if checkpoint_since(settings, job):
+            return job
+        # A job that resumed itself went on from an earlier try's checkpoint, which names that try's job: any
+        # of the adapter's may be it (`jobs resume` tells the runs apart). Another run's checkpoint is no
+        # resume point of a job that started fresh.
+        if job.lora_params().resume and saved_states(registry.work_root(settings, job.lora_params().adapter_name)):
+            return job
     except (OSError, ValueError, LunaError):
         return job
     gone = (
