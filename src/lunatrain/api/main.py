@@ -15,7 +15,7 @@ from .. import store
 from ..errors import StorageError
 from ..service.spawn import code_signature
 from ..settings import Settings, load_settings
-from ..web import docs, handlers
+from ..web import handlers
 from ..web.security import API_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames
 from . import routes
 from .cache import Coalescer
@@ -33,20 +33,10 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
         yield
         store.dispose_stores()
 
-    # No redirect_slashes: a trailing slash names no route (a 404); `/lora/jobs/%2F` is no redirect to the list.
-    app = FastAPI(
-        title="lunatrain assistant API",
-        version="1",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        redirect_slashes=False,
-    )
+    app = handlers.service_app("lunatrain assistant API", "1", lifespan, openai_prefix="/v1")
     app.state.settings = settings
     app.state.code = code_signature()  # the lunatrain it runs: status says when an update replaced it on disk
     app.state.reads = Coalescer(ttl=0.5)
-    handlers.install(app, openai_prefix="/v1")
-    docs.install(app)
     for router in routes.ROUTERS:
         app.include_router(router)
     _without_fastapi_422_on_chat(app)

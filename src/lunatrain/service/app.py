@@ -31,8 +31,8 @@ from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..templates import load_template
-from ..web import docs, listen
-from ..web.handlers import install, no_body
+from ..web import listen
+from ..web.handlers import no_body, service_app
 from ..web.security import TRAINER_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames, check_bind
 from ..wire import INT_MAX, UtcLogFormatter
 from . import lock
@@ -116,16 +116,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             store.close()
             lock.remove_pid(settings)
 
-    app = FastAPI(  # no redirect_slashes, as the API (api/main.py)
-        title="lunatrain trainer",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        redirect_slashes=False,
-    )
-    install(app)
-    docs.install(app)
+    app = service_app("lunatrain trainer", __version__, lifespan)
     # A data root moved aside and made again at its path: requests of the new one's clients are refused (its
     # jobs would go into the moved job database) until the runner, done with its job, stops this trainer.
     app.add_middleware(DataRootMiddleware, home=settings.home, service="trainer")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -172,6 +173,20 @@ def _methods(request: Request, path: str | None = None) -> list[str]:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal", "Internal error; the server log has the details.")
+
+
+def service_app(title: str, version: str, lifespan: Any, *, openai_prefix: str | None = None) -> FastAPI:
+    """A FastAPI app as both services make it: the handlers below, /docs from the package's own files
+    (web/docs.py), and no redirect_slashes: a trailing slash names no route (a 404), so that an id of `/`
+    (`/lora/jobs/%2F`) is no redirect to the list."""
+    from . import docs
+
+    app = FastAPI(
+        title=title, version=version, lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False
+    )
+    install(app, openai_prefix=openai_prefix)
+    docs.install(app)
+    return app
 
 
 def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
