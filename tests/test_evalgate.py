@@ -1146,12 +1146,30 @@ def test_gates_of_one_adapter_judge_one_at_a_time_and_a_moved_baseline_promotes_
     report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
     assert held and report.passed and report.promoted is False, (report.reasons, report.notes)
     assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
+    ref = f"luna-adapter@{v2['version']}"
     assert {
         "code": "gate.baseline_moved",
-        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{v3['version']}"},
+        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{v3['version']}", "ref": ref},
     } in report.note_codes, report.note_codes
     recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
     assert recorded["passed"] is True and recorded["promoted"] is False, recorded
+    # review repro: the note's command did not exist (`--version`); the one it names now runs
+    (said,) = [n for n in report.notes if "became active meanwhile" in n]
+    assert f"`lunatrain eval-gate --adapter {ref}`" in said and f"`lunatrain adapters activate {ref}`" in said, said
+    monkeypatch.setattr(evalgate, "_run", real)
+    assert CliRunner().invoke(app, ["eval-gate", "--adapter", ref]).exit_code in (0, 1)
+
+    # review repro: deactivated meanwhile, the note said "none became active" (in the German sentence too)
+    def deactivated(*args, **kwargs):
+        report = real(*args, **kwargs)
+        registry.deactivate(settings, "luna-adapter")
+        return report
+
+    monkeypatch.setattr(evalgate, "_run", deactivated)
+    v4 = _derived_version(settings, v1, 0.998)
+    report = evalgate.gate_candidate(settings, "luna-adapter", v4["version"])
+    assert report.passed and report.promoted is False and "none" not in " ".join(report.notes), report.notes
+    assert [c["code"] for c in report.note_codes if c] == ["gate.baseline_gone"], report.note_codes
 
 
 def test_the_active_version_chosen_by_eval_gate_is_judged_against_the_base_even_if_another_is_activated(
@@ -1196,3 +1214,27 @@ def test_a_version_whose_examples_were_deleted_while_it_was_judged_is_not_promot
     assert report.passed and report.promoted is False, (report.reasons, report.notes)
     assert {"code": "gate.stale", "params": {}} in report.note_codes, report.note_codes
     assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"
+
+
+def test_an_overwrite_revision_whose_baseline_moved_says_it_is_gone_once(trained_home, settings, monkeypatch):
+    """Review repro: an overwrite run whose baseline was deactivated while it was judged was not kept (its
+    files go: an unkept revision never stays), and its note said to judge it again, beside "not kept: revision
+    2 no longer exists". One note, which says to train it again."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    first = _derived_version(settings, v1, 1.0, name="ow", strategy="overwrite")
+    assert evalgate.gate_candidate(settings, "ow", first["version"], revision=first["revision"]).promoted
+    staged = _derived_version(settings, v1, 0.999, name="ow", strategy="overwrite", stage=True)
+    real = evalgate._run
+
+    def deactivated(*args, **kwargs):
+        report = real(*args, **kwargs)
+        registry.deactivate(settings, "ow")
+        return report
+
+    monkeypatch.setattr(evalgate, "_run", deactivated)
+    report = evalgate.gate_candidate(settings, "ow", staged["version"], revision=staged["revision"])
+    assert report.passed and report.promoted is False, report.notes
+    assert [c["code"] for c in report.note_codes if c] == ["gate.baseline_gone_slot"], report.note_codes
+    assert report.notes[-1].endswith("train it again"), report.notes
+    assert registry.get_revision(settings, "ow", staged["revision"]).get("replaced")

@@ -579,19 +579,34 @@ def _gated(
     judged_against = report.judged_against
     unchanged = active_before is None if judged_against is None else registry.same_entry(active_before, judged_against)
     moved = not unchanged and not registry.same_entry(active_before, entry)
+    staged = bool(entry.get("staged"))  # an overwrite revision not kept now is gone: only a new run brings it
     if report.passed and go and moved:
-        # The active version changed by hand while this one was judged against another (`adapters activate`):
-        # the decision was about another pair, so it promotes nothing.
-        judged, active = report.baseline.get("ref"), _ref(active_before, None) if active_before else "none"
-        report.notes.append(
-            Note(
-                "gate.baseline_moved",
-                f"not activated: it was judged against {judged}, and {active} became active meanwhile; judge it "
-                f"again (`lunatrain eval-gate --adapter {name} --version {entry['version']}`)",
+        # The active version changed by hand while this one was judged against another (`adapters activate`,
+        # `deactivate`): the decision was about another pair, so it promotes nothing.
+        judged, ref = report.baseline.get("ref"), f"{name}@{entry['version']}"
+        then = (
+            f"to judge it against what is active now, `lunatrain eval-gate --adapter {ref}`, and if it passes "
+            f"`lunatrain adapters activate {ref}`"
+            if not staged
+            else "train it again"
+        )
+        if active_before is None:
+            note = Note(
+                "gate.baseline_gone" if not staged else "gate.baseline_gone_slot",
+                f"not activated: it was judged against {judged}, which was deactivated meanwhile; {then}",
+                judged=judged,
+                ref=ref,
+            )
+        else:
+            active = _ref(active_before, None)
+            note = Note(
+                "gate.baseline_moved" if not staged else "gate.baseline_moved_slot",
+                f"not activated: it was judged against {judged}, and {active} became active meanwhile; {then}",
                 judged=judged,
                 active=active,
+                ref=ref,
             )
-        )
+        report.notes.append(note)
         go = False
     current = (
         registry.get_revision(settings, name, entry["revision"])
@@ -609,9 +624,9 @@ def _gated(
             )
         )
         go = False
-    if entry.get("staged"):
+    if staged:
         entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed and go)
-    if report.passed and entry.get("replaced"):  # settled as not kept before this gate finished
+    if report.passed and go and entry.get("replaced"):  # a newer run's revision took the slot meanwhile
         revision = entry.get("revision")
         report.notes.append(
             Note("gate.revision_gone", f"not kept: revision {revision} no longer exists", revision=revision)

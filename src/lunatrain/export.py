@@ -661,16 +661,21 @@ def pinned(settings: Settings) -> Iterator[Path]:
         if directory == settings.training_dir:  # read in place (no .exports/): nothing prunes it
             yield directory
             return
+        whole = (directory / SUMMARY_FILE).exists()  # a lock is made only where a whole export is to be read
         try:
-            fd = os.open(directory / READERS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        except FileNotFoundError:  # pruned since it was resolved: the one current now
-            continue
+            fd = os.open(directory / READERS_LOCK, os.O_RDWR | (os.O_CREAT if whole else 0), 0o666)
+        except FileNotFoundError:
+            fd = None
+            if not directory.is_dir():
+                continue  # pruned since it was resolved: the one current now
         except OSError:  # a read-only data root: no export can start there to prune it
+            fd = None
+        if fd is None:  # nothing to pin: no summary in it (the reader says there is no export), or read-only
             yield directory
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            if directory.is_dir() and (directory / SUMMARY_FILE).exists():
+            if directory.is_dir():  # still there (a summary missing from it is the reader's to say)
                 yield directory
                 return
         finally:
