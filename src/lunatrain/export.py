@@ -429,6 +429,7 @@ def _write_export(
         fingerprint=dataset_fingerprint({name: files[name]["sha256"] for name in DATA_FILES}),
     )
     _write_durable(work / SUMMARY_FILE, dumps_json(summary.to_dict()).encode("utf-8"))
+    (work / READERS_LOCK).touch()  # made by the writer: a reader (`pinned`) never writes into the data root
     fsync_dir(work)
     return summary, done, total
 
@@ -627,7 +628,7 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[
     return removed
 
 
-READERS_LOCK = ".readers.lock"  # in an export's folder: readers hold it shared, a prune exclusively
+READERS_LOCK = ".readers.lock"  # in an export's folder, made with it: readers hold it shared, a prune exclusively
 
 
 @contextlib.contextmanager
@@ -661,16 +662,15 @@ def pinned(settings: Settings) -> Iterator[Path]:
         if directory == settings.training_dir:  # read in place (no .exports/): nothing prunes it
             yield directory
             return
-        whole = (directory / SUMMARY_FILE).exists()  # a lock is made only where a whole export is to be read
         try:
-            fd = os.open(directory / READERS_LOCK, os.O_RDWR | (os.O_CREAT if whole else 0), 0o666)
+            fd = os.open(directory / READERS_LOCK, os.O_RDONLY)  # flock takes a read-only descriptor too
         except FileNotFoundError:
             fd = None
             if not directory.is_dir():
                 continue  # pruned since it was resolved: the one current now
-        except OSError:  # a read-only data root: no export can start there to prune it
+        except OSError:
             fd = None
-        if fd is None:  # nothing to pin: no summary in it (the reader says there is no export), or read-only
+        if fd is None:  # nothing to pin by: an export from before READERS_LOCK, or one without its summary
             yield directory
             return
         try:
