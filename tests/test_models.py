@@ -475,3 +475,19 @@ def test_a_model_whose_path_is_not_utf8_is_one_sentence_naming_the_cause(tiny_di
     with pytest.raises(UsageError) as err:
         models.load_tokenizer(models.resolve_base(escaped, home), home)
     assert "UTF-8 locale" in err.value.message and "PYTHONUTF8=1" in err.value.message, err.value.message
+
+
+def test_an_adapter_folder_whose_name_is_not_utf8_is_one_sentence_when_served(tiny_dir, tmp_path):
+    """The base model's folder was checked (above), the adapter's own tokenizer, which `serve` loads from the
+    adapter's folder in the data root, was not: a data root named in Latin-1 beside a base model elsewhere
+    answered "The tokenizer in ... could not be loaded: No such file or directory"."""
+    import os
+    import shutil
+
+    from lunatrain import serving
+
+    folder = tmp_path / os.fsdecode(b"j\xfcrgen") / "v1"
+    shutil.copytree(tiny_dir, folder)  # a tokenizer saved beside the adapter, as a run saves it
+    with pytest.raises(UsageError) as err:
+        serving._adapter_tokenizer(folder, None)
+    assert "0xFC" in err.value.message and "not UTF-8" in err.value.message, err.value.message

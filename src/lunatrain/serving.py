@@ -250,6 +250,9 @@ def _adapter_tokenizer(path: Path, base_tokenizer: Any) -> Any:
     """The adapter directory's own tokenizer (and chat template) when it ships one, else the base's."""
     if not (path / "tokenizer_config.json").is_file():
         return base_tokenizer
+    from .models import check_utf8_path
+
+    check_utf8_path(path, f"adapter {path.parent.name!r}")  # in the data root, while the base may be elsewhere
     import_transformers()
     from transformers import AutoTokenizer
 
