@@ -1172,6 +1172,34 @@ def test_gates_of_one_adapter_judge_one_at_a_time_and_a_moved_baseline_promotes_
     assert [c["code"] for c in report.note_codes if c] == ["gate.baseline_gone"], report.note_codes
 
 
+def test_an_activation_just_before_the_gates_promotion_is_not_overridden(trained_home, settings, monkeypatch):
+    """Review repro: the gate checked that its baseline was still the active version before it promoted, outside
+    the registry's lock: an `adapters activate` landing between that check and the promotion was overridden by
+    a version never compared with it. The check is made inside the promotion's registry write."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").promoted
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    v2, v3 = _derived_version(settings, v1, 1.0), _derived_version(settings, v1, 0.999)
+    real = registry.activate
+
+    def landing_first(settings_, name, version, **kwargs):
+        if kwargs.get("gate") is not None:  # the gate's promotion: a hand activation lands just before it
+            real(settings_, name, v3["version"], reason="by hand, meanwhile")
+        return real(settings_, name, version, **kwargs)
+
+    monkeypatch.setattr(registry, "activate", landing_first)
+    report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert report.passed and report.promoted is False, (report.reasons, report.notes)
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
+    ref = f"luna-adapter@{v2['version']}"
+    assert {
+        "code": "gate.baseline_moved",
+        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{v3['version']}", "ref": ref},
+    } in report.note_codes, report.note_codes
+    recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
+    assert recorded["passed"] is True and recorded["promoted"] is False, recorded
+
+
 def test_the_active_version_chosen_by_eval_gate_is_judged_against_the_base_even_if_another_is_activated(
     trained_home, settings, monkeypatch
 ):
@@ -1238,3 +1266,34 @@ def test_an_overwrite_revision_whose_baseline_moved_says_it_is_gone_once(trained
     assert [c["code"] for c in report.note_codes if c] == ["gate.baseline_gone_slot"], report.note_codes
     assert report.notes[-1].endswith("train it again"), report.notes
     assert registry.get_revision(settings, "ow", staged["revision"]).get("replaced")
+
+
+def test_a_runs_gate_judges_on_the_export_the_run_trained_on(settings):
+    """Concurrency repro: a run's gate read the export current when the gate started. An export that finished
+    while the run trained (another `--valRatio`, new examples) changed the val split it was judged on, and
+    some of the samples it had trained on were judged as held out. The gate measures on the data the run
+    read: its val loss is the run's own, and its context names the run's dataset."""
+    write_small_suite(settings)  # about the gate's data, not the cases (helpers.py)
+    from lunatrain.flow import train_and_gate
+    from lunatrain.params import FlowOptions, parse_params
+
+    from helpers import make_records, write_export
+
+    trained_on = write_export(settings, make_records(40, val_every=5))
+    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
+    # another export lands once the run is registered, before its gate: half the samples in val
+    outcome = train_and_gate(
+        settings,
+        params,
+        FlowOptions(gate=True),
+        thresholds={"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
+        on_trained=lambda _outcome: write_export(settings, make_records(40, val_every=2)),
+    )
+    entry = registry.get_version(settings, params.adapter_name, outcome["adapter"]["version"])
+    assert entry["datasetFingerprint"] == trained_on.fingerprint
+    gate = outcome["gate"]
+    assert gate["context"]["data"] == trained_on.fingerprint, gate["context"]
+    assert gate["metrics"]["valLoss"] == pytest.approx(outcome["metrics"]["valLoss"], rel=1e-4), (
+        gate["metrics"],
+        outcome["metrics"],
+    )

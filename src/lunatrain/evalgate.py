@@ -542,18 +542,21 @@ def gate_candidate(
     revision: int | None = None,
     promote: bool | Callable[[], bool] = True,
     thresholds: dict[str, Any] | GateThresholds | None = None,
+    data: Any = None,
 ) -> GateReport:
     """The post-training gate: evaluate NAME@VERSION (of the overwrite slot: its `revision`) against the
     current active version (else the base); when it passes and `promote`, make it active. The outcome is
     recorded on the version either way. A staged overwrite revision takes the slot only when it passes and
-    `promote`. `promote` may be asked once the evaluation is done (a job cancelled meanwhile: False)."""
+    `promote`. `promote` may be asked once the evaluation is done (a job cancelled meanwhile: False). `data`
+    (an export.TierData): the tier the run read, measured instead of the current export, which an export
+    that finished while the run trained may have split otherwise (its val samples then trained on)."""
 
     th = parse_thresholds(thresholds)
     # One gate of an adapter at a time on a data root (two `lora --local` runs at once, a job beside one): each
     # judges against what the one before it promoted, never both against the same old version, the later
     # promotion then displacing a version it was never compared with.
     with file_lock(settings.reports_training_dir / f".gate-{name}.lock"):
-        return _gated(settings, name, version, revision, promote, th)
+        return _gated(settings, name, version, revision, promote, th, data)
 
 
 def _gated(
@@ -563,13 +566,16 @@ def _gated(
     revision: int | None,
     promote: bool | Callable[[], bool],
     th: GateThresholds,
+    data: Any = None,
 ) -> GateReport:
     from . import registry
 
     entry = (
         registry.get_revision(settings, name, revision) if revision else registry.get_version(settings, name, version)
     )
-    report = _run(settings, entry, None, th)
+    if data is not None and data.fingerprint != entry.get("datasetFingerprint"):
+        data = None  # not the version's own data (a caller's mistake): the current export, as `eval-gate` reads
+    report = _run(settings, entry, None, th, data=data)
     report.promoted = False
     go = promote() if callable(promote) else promote
     if report.passed and not go:
@@ -583,30 +589,7 @@ def _gated(
     if report.passed and go and moved:
         # The active version changed by hand while this one was judged against another (`adapters activate`,
         # `deactivate`): the decision was about another pair, so it promotes nothing.
-        judged, ref = report.baseline.get("ref"), f"{name}@{entry['version']}"
-        then = (
-            f"to judge it against what is active now, `lunatrain eval-gate --adapter {ref}`, and if it passes "
-            f"`lunatrain adapters activate {ref}`"
-            if not staged
-            else "train it again"
-        )
-        if active_before is None:
-            note = Note(
-                "gate.baseline_gone" if not staged else "gate.baseline_gone_slot",
-                f"not activated: it was judged against {judged}, which was deactivated meanwhile; {then}",
-                judged=judged,
-                ref=ref,
-            )
-        else:
-            active = _ref(active_before, None)
-            note = Note(
-                "gate.baseline_moved" if not staged else "gate.baseline_moved_slot",
-                f"not activated: it was judged against {judged}, and {active} became active meanwhile; {then}",
-                judged=judged,
-                active=active,
-                ref=ref,
-            )
-        report.notes.append(note)
+        report.notes.append(_moved(report, entry, active_before, staged))
         go = False
     current = (
         registry.get_revision(settings, name, entry["revision"])
@@ -650,9 +633,19 @@ def _gated(
                     reason="eval gate passed",
                     own_base=True,
                     gate=report.gate_record(),
+                    # checked again in the promotion's registry write: an activation by hand since the check
+                    # above is not overridden by a version never compared with it
+                    replacing=lambda active: (
+                        (active is None and active_before is None)
+                        or registry.same_entry(active, active_before)
+                        or registry.same_entry(active, entry)
+                    ),
                 )
                 _write_decided(settings, report)
                 return report
+            except registry.ActiveMoved as err:
+                report.promoted = False
+                report.notes.append(_moved(report, entry, err.active, staged))
             except Conflict as err:  # e.g. a replaced revision
                 report.promoted = False
                 report.notes.append(Note("gate.not_activated", f"not activated: {err.message}", why=err.message))
@@ -662,6 +655,32 @@ def _gated(
     registry.record_gate(settings, name, entry["version"], report.gate_record(), revision=entry.get("revision"))
     _write_decided(settings, report)
     return report
+
+
+def _moved(report: GateReport, entry: dict[str, Any], active: dict[str, Any] | None, staged: bool) -> str:
+    """The note of a version not promoted because `active` (None: none) became the active version while it
+    was judged against another; a staged overwrite revision is gone then, and only a new run brings it."""
+    judged, ref = report.baseline.get("ref"), f"{entry['name']}@{entry['version']}"
+    then = (
+        f"to judge it against what is active now, `lunatrain eval-gate --adapter {ref}`, and if it passes "
+        f"`lunatrain adapters activate {ref}`"
+        if not staged
+        else "train it again"
+    )
+    if active is None:
+        return Note(
+            "gate.baseline_gone" if not staged else "gate.baseline_gone_slot",
+            f"not activated: it was judged against {judged}, which was deactivated meanwhile; {then}",
+            judged=judged,
+            ref=ref,
+        )
+    return Note(
+        "gate.baseline_moved" if not staged else "gate.baseline_moved_slot",
+        f"not activated: it was judged against {judged}, and {_ref(active, None)} became active meanwhile; {then}",
+        judged=judged,
+        active=_ref(active, None),
+        ref=ref,
+    )
 
 
 def _write_decided(settings: Settings, report: GateReport) -> None:
@@ -776,8 +795,10 @@ def _run(
     chat_template: str | None = None,
     *,
     as_active: bool = False,
+    data: Any = None,
 ) -> GateReport:
-    """`as_active`: `entry` was chosen as the active version, so the base model is its baseline."""
+    """`as_active`: `entry` was chosen as the active version, so the base model is its baseline. `data`: the
+    tier to measure losses on (gate_candidate), else the current export's."""
     from . import models, registry
     from .startup import import_training_stack
 
@@ -843,7 +864,7 @@ def _run(
     if "baseline" in ev.unloadable:
         del adapters["baseline"]
         unusable = f"cannot be loaded ({ev.unloadable['baseline']})"
-    tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes)
+    tokenized = _tokenized(settings, tier, ev.tokenizer, max_len, notes, data)
     context = {
         "format": GATE_FORMAT,
         "suite": suite_hash(cases),
@@ -872,7 +893,7 @@ def _run(
     if entry is not None and not recorded and "baseline" in adapters:
         unusable = ev.adopt("baseline", adapters["baseline"], cases)
         if unusable is None:
-            own_tokenized, unusable = _own_tokenized(ev, tokenized, settings, tier, max_len)
+            own_tokenized, unusable = _own_tokenized(ev, tokenized, settings, tier, max_len, data)
     if entry is None:
         baseline = {"kind": "base", "ref": _ref(None, base), "source": "candidate itself", "metrics": metrics}
     elif recorded:
@@ -958,7 +979,7 @@ def _run(
 
 
 def _own_tokenized(
-    ev: _Evaluator, tokenized: Any, settings: Settings, tier: str, max_len: int
+    ev: _Evaluator, tokenized: Any, settings: Settings, tier: str, max_len: int, data: Any = None
 ) -> tuple[Any, str | None]:
     """The baseline's val/test tokens in its own template (the candidate's, when tokenizer and template are
     the same), and why they cannot be had: its template refuses an exported example."""
@@ -972,7 +993,7 @@ def _own_tokenized(
     ):
         return tokenized, None
     try:
-        return _tokenized(settings, tier, own, max_len, []), None
+        return _tokenized(settings, tier, own, max_len, [], data), None
     except TemplateRefused as exc:
         return None, f"answers in a chat template that refuses example {exc.record_id} ({exc.reason})"
 
@@ -1013,12 +1034,12 @@ def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
     return "none"
 
 
-def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, notes: list[str]) -> Any:
+def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, notes: list[str], data: Any = None) -> Any:
     from .export import read_tier
     from .tokens import tokenize_tier
 
     try:
-        data = read_tier(settings, tier)
+        data = data if data is not None else read_tier(settings, tier)
     except NotFound:
         notes.append(Note("gate.no_export", "no export: losses on val/test were not measured"))
         return None

@@ -152,6 +152,7 @@ def train_and_gate(
                 revision=revision,
                 promote=lambda: not (should_stop and should_stop() is True),  # a sentence is no cancel
                 thresholds=thresholds,
+                data=result.data,  # what it trained on, not an export that finished meanwhile
             )
             outcome["gate"] = report.gate_record()
         except Exception as exc:  # a broken gate never undoes the adapter: registered, inactive

@@ -1136,12 +1136,15 @@ def activate(
     reason: str = "",
     own_base: bool = False,
     gate: dict[str, Any] | None = None,
+    replacing: Callable[[dict[str, Any] | None], bool] | None = None,
 ) -> dict[str, Any]:
     """Make NAME@VERSION the active version of NAME on the configured base model (other bases keep theirs).
     Refused when it was trained on a different base model than the configured one (its LoRA weights would
     not fit), unless `force`. `own_base`: activate it on the base it was trained on, whichever that is (the
     eval gate's promotion after training on a new base). `gate`: the gate's outcome, recorded on the version
-    in the same write (`record_gate`): a version never becomes active without the outcome that promoted it."""
+    in the same write (`record_gate`): a version never becomes active without the outcome that promoted it.
+    `replacing`: whether the entry active now (None: none) is the one this activation may replace, asked under
+    the registry's lock; ActiveMoved when not (the gate judged against another, activated by hand meanwhile)."""
     entry = get_version(settings, name, version)
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
@@ -1194,6 +1197,8 @@ def activate(
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
+        if replacing is not None and not replacing(now_active := active_of(adapter, fingerprint)):
+            raise ActiveMoved(now_active)
         previous = adapter["activeByBase"].get(fingerprint, {}).get("version")
         adapter["activeByBase"][fingerprint] = {"version": entry["version"], "baseModel": base_id}
         record = {
@@ -1210,6 +1215,14 @@ def activate(
         if gate is not None:
             _keep_gate_file(settings, entry, gate)
     return entry
+
+
+class ActiveMoved(Conflict):
+    """`activate(replacing=...)` found another entry active than the one it may replace (`active`; None: none)."""
+
+    def __init__(self, active: dict[str, Any] | None) -> None:
+        super().__init__("the active version changed meanwhile")
+        self.active = active
 
 
 def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[str, Any]]:

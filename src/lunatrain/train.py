@@ -101,6 +101,8 @@ class TrainResult:
     path: Path | None = None
     report: dict[str, Any] = field(default_factory=dict)
     error: dict[str, str] | None = None  # {"code", "message"} unless succeeded
+    # The tier the run read (export.TierData): its gate judges on this data, not on an export made meanwhile.
+    data: Any = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -1178,4 +1180,4 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
             **coded("log.adapter_written", name=p.adapter_name, version=entry["version"], path=entry["path"]),
         }
     )
-    return TrainResult(Status.SUCCEEDED, p.adapter_name, entry["version"], path, report, None)
+    return TrainResult(Status.SUCCEEDED, p.adapter_name, entry["version"], path, report, None, run.data)
