@@ -846,6 +846,37 @@ def test_plain_eval_gate_uses_the_luna_profiles_gate_like_the_flow(settings, tin
         assert res.status_code == 404 and "Profile 'nope' not found" in res.json()["error"]["message"]
 
 
+def test_plain_eval_gate_judges_the_profiles_base_model_like_the_flow(settings, dead_port):
+    """Settings repro: with `baseModel` in the data root's luna profile, `prepare`, `lora` and the flow's own
+    first step used the profile's base, while a plain `lunatrain eval-gate` (and `POST /eval-gate`) judged
+    ASSISTANT_BASE_MODEL's and passed what the flow's gate step failed. Both take the profile's base model
+    now, as they take its [gate]; `--baseModel` still wins."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+    from lunatrain.profiles import profile_path
+    from lunatrain.settings import load_settings
+
+    write_small_suite(settings)
+    mine = settings.home / "profiles" / "luna.toml"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    bundled = profile_path(settings, "luna").read_text("utf-8")
+    assert "\n[lora]\n" in bundled
+    mine.write_text(bundled.replace("\n[lora]\n", '\n[lora]\nbaseModel = "acme/from-profile"\n', 1), "utf-8")
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval-gate"])
+    assert r.exit_code == 2 and "'acme/from-profile'" in r.output, r.output
+    assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+    r = runner.invoke(app, ["eval-gate", "--baseModel", "luna-tiny", "--json"])
+    assert r.exit_code in (0, 1) and json.loads(r.stdout)["candidate"]["baseModel"] == "luna-tiny", r.output
+
+    served = load_settings(lora_ensure_on_demand=False, lora_trainer_url=f"http://127.0.0.1:{dead_port}")
+    with TestClient(create_app(served), base_url="http://127.0.0.1") as client:
+        res = client.post("/assistant/training/eval-gate", json={})
+        assert 400 <= res.status_code < 500 and "acme/from-profile" in res.json()["error"]["message"], res.json()
+
+
 def test_a_reason_against_the_overwrite_slot_names_the_revision_it_compares_with():
     """Repro: gating a new revision of an overwrite adapter said "regresses against luna-adapter@current":
     the candidate is luna-adapter@current too, so the sentence did not say which run it was measured against."""

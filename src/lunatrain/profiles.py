@@ -73,6 +73,12 @@ class Profile:
     def params(self, overrides: dict | None = None, *, quick: bool = False) -> LoraParams:
         return self.resolve(overrides, quick=quick)[0]
 
+    @property
+    def base_model(self) -> str:
+        """The base model the profile's runs train on: its [lora] `baseModel`, else ASSISTANT_BASE_MODEL's. What
+        `eval-gate` judges on, as the flow's first step does."""
+        return str(run_keys(self.lora).get("base_model") or self.default_base)
+
 
 def _bundled(name: str) -> Path | None:
     ref = resources.files("lunatrain") / "resources" / "profiles" / f"{name}.toml"

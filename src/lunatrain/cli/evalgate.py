@@ -78,8 +78,8 @@ def eval_gate_cmd(
         # The luna profile's [gate] unless another is named, as `lunatrain luna` gates after training: the
         # guide's `npm run eval:gate` must not pass what the flow refused. ("" is an invalid name.)
         # In one spelling (the profile may use camelCase, the flags are snake_case), so a flag replaces its key.
-        gate = load_profile(settings, "luna" if profile is None else profile).gate
-        thresholds: dict[str, Any] = parse_thresholds(gate, strict=True).model_dump()
+        chosen = load_profile(settings, "luna" if profile is None else profile)
+        thresholds: dict[str, Any] = parse_thresholds(chosen.gate, strict=True).model_dump()
         flags = {
             "min_golden_pass_rate": min_golden_pass_rate,
             "max_golden_pass_rate_drop": max_golden_pass_rate_drop,
@@ -88,6 +88,8 @@ def eval_gate_cmd(
         }
         thresholds |= {k: v for k, v in flags.items() if v is not None}
         template = cli_template(chat_template, settings) if chat_template else None
+        # on the profile's base model, as the flow's first step judges it (a flag still wins)
+        base_model = base_model or chosen.base_model
         report = eval_gate(
             settings, adapter=adapter, base_model=base_model, thresholds=thresholds, chat_template=template
         )

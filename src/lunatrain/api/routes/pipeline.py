@@ -58,9 +58,11 @@ async def eval_gate(settings: SettingsDep, body: Annotated[EvalGateRequest | Non
     body = body or EvalGateRequest()
 
     def run():
-        # the luna profile's [gate] unless another is named: what the flow gates with after training
-        thresholds = profiles.load_profile(settings, body.profile or "luna").gate
-        return evalgate.eval_gate(settings, adapter=body.adapter, thresholds=thresholds).to_dict()
+        # the luna profile's [gate] and base model unless another is named: what the flow gates with
+        profile = profiles.load_profile(settings, body.profile or "luna")
+        return evalgate.eval_gate(
+            settings, adapter=body.adapter, base_model=profile.base_model, thresholds=profile.gate
+        ).to_dict()
 
     report = await run_in_threadpool(run)
     return Report.model_validate(camel(report))
