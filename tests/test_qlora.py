@@ -284,3 +284,57 @@ def test_with_bitsandbytes_lifts_the_mark_only_before_peft_is_imported(monkeypat
     monkeypatch.delitem(sys.modules, "bitsandbytes")
     compat.without_bitsandbytes()  # PEFT loaded: no effect
     assert "bitsandbytes" not in sys.modules
+
+
+def test_chat_serves_on_the_base_loaded_in_4_bits_when_asked(tmp_path, monkeypatch):
+    """A QLoRA user (a 13B base trained in 4 bits on a 16 GB card) could not chat with the adapter: `serve` loaded
+    the base unquantized, 26 GB, and its answers were not those of the base the gate judged. With
+    ASSISTANT_CHAT_QUANTIZE=4bit the chat loads the base in 4 bits, and the base and its adapters answer."""
+    from chat_helpers import random_adapter
+
+    from lunatrain import serving
+    from lunatrain.settings import load_settings
+
+    monkeypatch.setenv("ASSISTANT_CHAT_QUANTIZE", "4bit")
+    settings = load_settings(home=tmp_path)
+    assert settings.chat_quantize == "4bit"
+    random_adapter(settings, "luna-adapter", 1)
+    registry.activate(settings, "luna-adapter", "v1")
+    engine = serving.Engine(settings)
+    hello = [{"role": "user", "content": "Wie heißt mein Hund?"}]
+    greedy = serving.Sampling(max_tokens=4, temperature=0)
+    answers = {}
+    for model in ("luna-tiny", "luna-adapter"):
+        gen = engine.start(engine.resolve(model), hello, greedy)
+        gen.run()
+        answers[model] = gen.new_ids
+        assert gen.new_ids, model
+    base = engine.model.get_base_model() if hasattr(engine.model, "get_base_model") else engine.model
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert answers["luna-tiny"] != answers["luna-adapter"]  # the adapter is applied on the 4-bit base
+    # OpenAI's system_fingerprint changes with what answers: the quantized base is another backend
+    from dataclasses import replace
+
+    from lunatrain.api.routes.chat import _fingerprint
+
+    target = engine.resolve("luna-adapter")
+    assert target.quantize == "4bit" and _fingerprint(target) != _fingerprint(replace(target, quantize="none"))
+
+
+def test_serve_refuses_a_chat_quantization_it_cannot_load(tmp_path, monkeypatch):
+    """An unknown ASSISTANT_CHAT_QUANTIZE, or 4bit where bitsandbytes is not installed, is one sentence before
+    anything listens (not a 500 at the first chat request)."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path))
+    monkeypatch.setenv("ASSISTANT_API_PORT", "0")
+    monkeypatch.setenv("ASSISTANT_CHAT_QUANTIZE", "3bit")
+    r = CliRunner().invoke(app, ["serve"])
+    assert r.exit_code == 2 and "ASSISTANT_CHAT_QUANTIZE" in r.output and "4bit" in r.output, r.output
+    monkeypatch.setenv("ASSISTANT_CHAT_QUANTIZE", "8bit")
+    monkeypatch.setattr(models, "_installed", lambda name: name != "bitsandbytes")
+    r = CliRunner().invoke(app, ["serve"])
+    assert r.exit_code == 2 and "quantize=8bit needs bitsandbytes" in r.output, r.output
+    assert not (tmp_path / "data" / "api" / "api.url").exists()

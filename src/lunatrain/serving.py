@@ -48,6 +48,7 @@ class Target:
     version: str | None = None
     path: Path | None = None  # the adapter directory (resolved: a new `current` revision is a new key)
     files: tuple[Any, ...] = ()  # which files the directory held when resolved (`files_identity`)
+    quantize: str = "none"  # how the base answering it is loaded (ASSISTANT_CHAT_QUANTIZE): answers differ with it
 
     @property
     def key(self) -> tuple[Path | None, tuple[Any, ...]]:
@@ -333,7 +334,9 @@ class Engine:
     def resolve(self, model: str) -> Target:
         info = self.base_info()
         try:
-            return resolve(self.settings, model, info.id, info.fingerprint)
+            return replace(
+                resolve(self.settings, model, info.id, info.fingerprint), quantize=self.settings.chat_quantize
+            )
         except Conflict as exc:
             raise self._restart_to_serve(model, exc) or exc from None
 
@@ -392,7 +395,8 @@ class Engine:
         self.device = models.resolve_device("auto")
         try:
             self.tokenizer = models.load_tokenizer(info, self.settings, chat=False)
-            model = models.load_model(info, self.settings, self.device, models.compute_dtype(self.device))
+            quantize = self.settings.chat_quantize  # `serve` checked at start that it can (ASSISTANT_CHAT_QUANTIZE)
+            model = models.load_model(info, self.settings, self.device, models.compute_dtype(self.device), quantize)
         except (UsageError, DamagedFile) as exc:  # missing, unfit or damaged: the server's base, not the request
             raise _base_unavailable(exc) from exc
         model.eval()

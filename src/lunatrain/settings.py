@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -110,6 +111,10 @@ class Settings(BaseSettings):
     infer_max_tokens: int = Field(default=1024, ge=1, le=131072, description="cap on a chat request's max_tokens")
     infer_max_adapters: int = Field(
         default=4, ge=1, le=64, description="adapters kept loaded (least recently used out)"
+    )
+    # A base trained in 4 bits (QLoRA) on a card that holds it only so is served so too, as its gate judged it.
+    chat_quantize: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="how `serve` loads the base model for chat: none, 4bit or 8bit (bitsandbytes)"
     )
     hub_download: bool = Field(
         default=False,

@@ -43,6 +43,12 @@ def serve(
         overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
+        if settings.chat_quantize != "none":  # said now, not as a 500 at the first chat request
+            from ..compat import with_bitsandbytes
+            from ..models import check_quantize_installed
+
+            check_quantize_installed(settings.chat_quantize)
+            with_bitsandbytes()  # the console script left it out of PEFT's import (compat.without_bitsandbytes)
         check_data_root(settings)
         sock = listen.bind(settings.api_host, settings.api_port)  # first: a port in use changes nothing
     except LunaError as err:

@@ -511,10 +511,12 @@ def _usage(gen: serving.Generation) -> Usage:
 
 def _fingerprint(target: serving.Target) -> str:
     """OpenAI's `system_fingerprint`: an opaque token that changes with what answers (this release, the model,
-    the adapter revision's files), never the model's local path."""
+    the adapter revision's files, the base's quantization), never the model's local path."""
     from ... import __version__
 
     seen = f"{__version__}\0{target.model}\0{target.path or ''}\0{target.files}".encode()
+    if target.quantize != "none":  # unquantized keeps the token it had
+        seen += f"\0{target.quantize}".encode()
     return "fp_" + hashlib.sha256(seen).hexdigest()[:12]
 
 
