@@ -1318,3 +1318,40 @@ def test_a_data_root_too_deep_for_sqlite_says_so_and_creates_nothing(tmp_path: P
     assert "bytes long; SQLite opens paths of at most" in r.output and "shorter ASSISTANT_HOME" in r.output, r.output
     assert not (root / "data" / "assistant.db").exists()
     store.dispose_stores()
+
+
+def test_a_relative_sqlite_path_in_the_database_url_is_under_the_data_root(tmp_path: Path, monkeypatch) -> None:
+    """Settings repro: ASSISTANT_DB_URL=sqlite:///assistant.db was resolved against the working directory, so one
+    data root run from two directories kept two databases (and the on-demand trainer, started in the data root,
+    a third); `sqlite:///~/x.db` made a folder named `~`. A relative path is under the data root, `~` is the
+    home directory, as ASSISTANT_HOME reads them."""
+    root, a, b, user = tmp_path / "root", tmp_path / "a", tmp_path / "b", tmp_path / "user"
+    for d in (root, a, b, user):
+        d.mkdir()
+    monkeypatch.setenv("HOME", str(user))
+    monkeypatch.setenv("ASSISTANT_HOME", str(root))
+    monkeypatch.setenv("ASSISTANT_DB_URL", "sqlite:///own.db")
+    monkeypatch.chdir(a)
+    assert CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"]).exit_code == 0
+    monkeypatch.chdir(b)
+    listed = CliRunner().invoke(app, ["examples", "list"])
+    assert listed.exit_code == 0 and "Hallo" in listed.output, listed.output
+    assert (root / "own.db").is_file() and list(a.iterdir()) == [] and list(b.iterdir()) == []
+    assert load_settings(db_url="sqlite:///~/x.db?timeout=5").database_url == f"sqlite:///{user}/x.db?timeout=5"
+    for same in ("sqlite:////abs/x.db", "sqlite://", "sqlite:///:memory:", "postgresql+psycopg://u@h/db"):
+        assert load_settings(db_url=same).database_url == same
+    store.dispose_stores()
+
+
+def test_a_database_folder_that_cannot_be_made_names_the_setting_that_placed_it(tmp_path: Path, monkeypatch) -> None:
+    """Settings repro: the default database under a data root whose folder cannot be made said "check
+    ASSISTANT_DB_URL", a variable the user never set: it names ASSISTANT_HOME then."""
+    for var in [v for v in os.environ if v.startswith("ASSISTANT_") and v != "ASSISTANT_TEST_PG_URL"]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ASSISTANT_HOME", "/proc/lunatrain-none")  # no folder can be made in /proc
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "p", "--response", "r"])
+    assert r.exit_code == 2 and "check ASSISTANT_HOME" in r.output and "ASSISTANT_DB_URL" not in r.output, r.output
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path))
+    monkeypatch.setenv("ASSISTANT_DB_URL", "sqlite:////proc/lunatrain-none/assistant.db")
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "p", "--response", "r"])
+    assert r.exit_code == 2 and "check ASSISTANT_DB_URL" in r.output, r.output

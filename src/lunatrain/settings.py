@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -246,12 +246,29 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         if self.db_url:
-            return self.db_url
-        # Escaped: a data root named `luna%20a` or `root?x=1` would otherwise keep its database elsewhere (URLs
-        # decode %XX, start a query at ? and a fragment at #); SQLAlchemy decodes the path back to the file's
-        # own name. Only these three: a name that is no UTF-8 (a Latin-1 byte) has no %-encoding to give.
-        path = str(self.data_dir / "assistant.db")
-        return "sqlite:///" + path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+            return _rooted_sqlite(self.db_url, self.home)
+        return "sqlite:///" + _url_path(self.data_dir / "assistant.db")
+
+
+def _url_path(path: Path) -> str:
+    """`path` in a SQLite URL. Escaped: a data root named `luna%20a` or `root?x=1` would otherwise keep its
+    database elsewhere (URLs decode %XX, start a query at ? and a fragment at #); SQLAlchemy decodes the path
+    back to the file's own name. Only these three: a name that is no UTF-8 (a Latin-1 byte) has no %-encoding."""
+    return str(path).replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+
+
+_SQLITE_FILE = re.compile(r"(sqlite(?:\+\w+)?:///)([^?]+)(\?.*)?", re.S)
+
+
+def _rooted_sqlite(url: str, home: Path) -> str:
+    """A SQLite URL whose file is relative (`sqlite:///assistant.db`) names it under the data root, and `~` the
+    user's home, as ASSISTANT_HOME reads them: SQLAlchemy would take it from the working directory, and one data
+    root run from two directories (the on-demand trainer starts in the data root) kept two databases."""
+    m = _SQLITE_FILE.fullmatch(url)
+    if not m or m.group(2).startswith("/") or m.group(2) == ":memory:":
+        return url
+    path = Path(os.path.expanduser(unquote(m.group(2))))
+    return m.group(1) + _url_path(path if path.is_absolute() else home / path) + (m.group(3) or "")
 
 
 def check_data_root(settings: Settings) -> None:

@@ -593,9 +593,10 @@ def open_store(settings: Settings) -> Store:
                     fix = "use the scheme postgresql+psycopg:// instead of postgres://"
                 raise UsageError(f"Invalid database URL {_hidden(url)!r}: {exc}; {fix}.") from None
             except OSError as exc:  # the SQLite file's folder cannot be created (a file in its way, no access)
+                setting = "ASSISTANT_DB_URL" if settings.db_url else "ASSISTANT_HOME (the data root holds it)"
                 raise UsageError(
                     f"Cannot create the folder of the database {_hidden(url)!r} ({exc.strerror or exc}); "
-                    "check ASSISTANT_DB_URL."
+                    f"check {setting}."
                 ) from None
             store = Store(engine)
             try:
