@@ -1182,3 +1182,32 @@ def test_the_summary_says_when_the_trainer_trained_another_build_of_the_base(set
         s for s in summary_lines(settings, FlowResult(parse_params({}), adapter=entry)) if s.startswith("adapter ")
     ]
     assert line.startswith(f"adapter    luna-adapter@v1 on {here.id} (not active; trained on the build of"), line
+
+
+def test_a_submitting_command_allowed_to_fetch_fetches_the_base_before_the_trainer_looks(
+    settings, monkeypatch, dead_port
+):
+    """Settings repro: `ASSISTANT_HUB_DOWNLOAD=true lunatrain lora --baseModel org/name` was refused by a
+    trainer started without it, with "set ASSISTANT_HUB_DOWNLOAD=true", which the user had done: the trainer
+    reads only its own environment. The command allowed to fetch fetches a hub id the cache lacks before it
+    submits (the trainer of this machine then finds it there), as prepare and `lora --local` do."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    write_export(settings, make_records(40))
+    asked = []
+
+    def snapshot(repo_id, **kwargs):
+        asked.append((repo_id, kwargs.get("local_files_only")))
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not in the cache")
+        raise OSError("no network here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite's conftest sets it
+    monkeypatch.setenv("ASSISTANT_HUB_DOWNLOAD", "true")
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{dead_port}")
+    monkeypatch.setenv("ASSISTANT_LORA_ENSURE_ON_DEMAND", "false")
+    r = CliRunner().invoke(app, ["lora", "--baseModel", "acme/absent", "--minCurated", "0"])
+    assert r.exit_code == 2 and "Base model 'acme/absent' could not be fetched: no network here" in r.output, r.output
+    assert asked == [("acme/absent", True), ("acme/absent", False)], asked

@@ -242,10 +242,12 @@ def submit(
     request_id: str | None = None,
 ) -> Any:
     """Queue one job on this data root's trainer (started on demand) and return it (service.jobs.Job)."""
+    from .models import fetch_if_allowed
     from .service import client
     from .service.ensure import ensure_trainer
 
     params = resolve_base(settings, params)
+    fetch_if_allowed(str(params.base_model), settings)  # allowed here, the trainer finds it in the cache
     check_min_curated(settings, options)
     check_suite(settings, options)
     export.refuse_replaced(settings, params.dataset_tier)

@@ -425,6 +425,14 @@ def refuse_adapter_dir(path: str | Path | None, ref: str | None = None) -> None:
     )
 
 
+def fetch_if_allowed(ref: str, settings: Settings) -> None:
+    """Fetch the hub id `ref` into the local Hugging Face cache when this process may (ASSISTANT_HUB_DOWNLOAD) and
+    the cache lacks it; nothing for luna-tiny, a local directory, or a cached id. What a command that submits a
+    job does first: the trainer reads only its own environment, and would refuse what the user allowed."""
+    if settings.hub_download and ref != TINY_ID and local_dir(ref, settings.home) is None and _HUB_ID.fullmatch(ref):
+        _from_hub(ref, download=True)
+
+
 def _from_hub(repo_id: str, download: bool = False) -> tuple[Path, str | None]:
     """The cached snapshot of `repo_id` (the commit refs/main names); with `download`, fetched when the cache
     lacks it."""
