@@ -349,6 +349,13 @@ def test_a_body_of_many_unknown_keys_gets_a_short_refusal(settings: Settings, pa
         ("ASSISTANT_BASE_MODEL", "", ("prepare",)),
         ("ASSISTANT_LORA_TRAINER_URL", "notaurl", ("status",)),
         ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:99999", ("status",)),
+        # settings repros: a path, query or fragment went into every request's URL, and a trainer started for
+        # it listened where its own clients never asked ("held by a service that is not a lunatrain trainer")
+        ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5051/trainer", ("status",)),
+        ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5051?x=1", ("status",)),
+        ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5051#f", ("status",)),
+        # a plain-http trainer was started for it, and waited for until the timeout ("did not become healthy")
+        ("ASSISTANT_LORA_TRAINER_URL", "https://127.0.0.1:5051", ("health", "--ensure-trainer")),
         # was read as every interface (a token set) or named an empty host in its refusal (none set)
         ("ASSISTANT_API_HOST", "", ("serve", "--port", "0")),
     ],
@@ -361,6 +368,36 @@ def test_settings_out_of_range_are_refused_by_every_command(
     monkeypatch.setenv(name, value)
     assert name in one_sentence(run(*command), 2)
     assert snapshot(seeded.home) == store_before
+
+
+def test_settings_are_read_without_surrounding_whitespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings repro: ASSISTANT_HOME=" " made a data root folder named by a space, `" 127.0.0.1"` was refused as
+    "bind to 127.0.0.1", a trainer URL with a leading space was "Offline", `"luna-tiny "` an unknown base model.
+    A value is read without the spaces around it (a quoted .env line, `export X= Y`), as ports and ratios were."""
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(
+        home=f"  {tmp_path}/root ",
+        api_host=" 127.0.0.1 ",
+        lora_trainer_url=" http://127.0.0.1:5051/ ",
+        base_model="luna-tiny ",
+        allowed_hosts=" localhost , 127.0.0.1 ",
+    )
+    assert s.home == tmp_path / "root" and s.api_host == "127.0.0.1" and s.base_model == "luna-tiny"
+    assert s.lora_trainer_url == "http://127.0.0.1:5051/"
+    assert load_settings(home=" ").home == tmp_path  # blank is the default, the working directory
+
+
+def test_an_allowed_host_written_with_its_port_matches_that_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Settings repro: ASSISTANT_ALLOWED_HOSTS=localhost:5050, the usual form of a Host header, matched no request
+    (names are compared without the port): the dashboard at http://localhost:5050 answered 400 to everything.
+    The port of an entry is dropped (the allowlist is of names, any port); `[::1]:5050` too."""
+    served = load_settings(home=tmp_path, allowed_hosts="localhost:5050,[::1]:5050")
+    with TestClient(create_app(served), base_url="http://127.0.0.1") as client:
+        for host, status in (("localhost:5050", 200), ("localhost", 200), ("[::1]:8080", 200), ("example.com", 400)):
+            res = client.get("/assistant/training/adapters", headers={"Host": host})
+            assert res.status_code == status, (host, res.status_code, res.text[:200])
 
 
 @pytest.mark.parametrize(
@@ -397,6 +434,9 @@ def test_a_setting_that_is_not_a_number_says_so(settings: Settings, monkeypatch:
         # the caller's mistake inside a flow step was "Step prepare failed: …; fix the examples listed …" (exit 1)
         (("luna", "--local", "--chatTemplate=nonexist"), "Unknown chatTemplate 'nonexist'; bundled templates:"),
         (("luna", "--local", "--device=cuda"), "CUDA"),
+        # settings repro: said as ASSISTANT_API_HOST's mistake (serve), or taken as no flag (trainer)
+        (("serve", "--host", ""), "--host is empty"),
+        (("trainer", "--host", " "), "--host is empty"),
     ],
 )
 @pytest.mark.usefixtures("no_gpu")  # `--device=cuda` is refused on a machine without a GPU
@@ -1080,6 +1120,22 @@ def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monk
         "warning: ASSISTANT_BASE_MDOEL is not a lunatrain setting and is ignored (did you mean ASSISTANT_BASE_MODEL?)."
         in r.stderr
     ), r.stderr
+
+
+def test_a_setting_spelled_in_lower_case_is_warned_about_too(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings repro: the environment is read without regard to case, so `assistant_home` moved the data root,
+    while a mistyped `assistant_api_tokn` was ignored without the warning its capital spelling gets."""
+    monkeypatch.setenv("assistant_api_tokn", "secret")
+    monkeypatch.setenv("Assistant_Train_Val_Ratio", "0.2")
+    r = run("status", "--json")
+    assert r.exit_code == 0, r.output
+    assert (
+        "warning: assistant_api_tokn is not a lunatrain setting and is ignored (did you mean ASSISTANT_API_TOKEN?)"
+        in (r.stderr)
+    ), r.stderr
+    assert "warning: Assistant_Train_Val_Ratio is read as ASSISTANT_TRAIN_VAL_RATIO; spell it in capitals" in r.stderr
 
 
 def test_import_json_gives_every_bad_record_to_a_script(seeded: Settings, tmp_path: Path) -> None:

@@ -1338,7 +1338,13 @@ def test_a_relative_sqlite_path_in_the_database_url_is_under_the_data_root(tmp_p
     assert listed.exit_code == 0 and "Hallo" in listed.output, listed.output
     assert (root / "own.db").is_file() and list(a.iterdir()) == [] and list(b.iterdir()) == []
     assert load_settings(db_url="sqlite:///~/x.db?timeout=5").database_url == f"sqlite:///{user}/x.db?timeout=5"
-    for same in ("sqlite:////abs/x.db", "sqlite://", "sqlite:///:memory:", "postgresql+psycopg://u@h/db"):
+    for same in (
+        "sqlite:////abs/x.db",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file:/abs/x.db?mode=ro&uri=true",
+        "postgresql+psycopg://u@h/db",
+    ):
         assert load_settings(db_url=same).database_url == same
     store.dispose_stores()
 

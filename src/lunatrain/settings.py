@@ -64,7 +64,11 @@ EVAL_REPORT = "eval-gate-latest.json"
 
 class Settings(BaseSettings):
     # NaN is "a finite number expected", not "should be less than 1" (as the LoRA parameters say it)
-    model_config = SettingsConfigDict(env_prefix="ASSISTANT_", extra="ignore", allow_inf_nan=False)
+    # Values without the spaces around them (a quoted .env line, `export X= Y`): " " was a data root folder
+    # named by a space, and " 127.0.0.1" a host that was refused as not loopback.
+    model_config = SettingsConfigDict(
+        env_prefix="ASSISTANT_", extra="ignore", allow_inf_nan=False, str_strip_whitespace=True
+    )
 
     home: Path = Field(default_factory=Path.cwd, description="data root; data/ and reports/ live under it")
     db_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite file data/assistant.db")
@@ -121,6 +125,11 @@ class Settings(BaseSettings):
         description="fetch a hub id the local Hugging Face cache lacks (one it holds is never updated unasked)",
     )
 
+    @field_validator("home", mode="before")
+    @classmethod
+    def _stripped_home(cls, v: object) -> object:
+        return v.strip() if isinstance(v, str) else v
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, v: Path) -> Path:
@@ -162,6 +171,10 @@ class Settings(BaseSettings):
             raise ValueError(f"{v!r} has an invalid port ({exc})") from None
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"{v!r} is not an http://HOST:PORT address")
+        # Requests go to the address's own paths, and a trainer started for it listens on its host and port
+        # only: with a path (or a query, a fragment) every request missed it.
+        if url.path not in ("", "/") or url.query or url.fragment or v.rstrip("/").endswith(("?", "#")):
+            raise ValueError(f"{v!r} must be http://HOST:PORT without a path, query or fragment")
         return v
 
     # --- paths under the data root -------------------------------------------------------------
@@ -265,7 +278,7 @@ def _rooted_sqlite(url: str, home: Path) -> str:
     user's home, as ASSISTANT_HOME reads them: SQLAlchemy would take it from the working directory, and one data
     root run from two directories (the on-demand trainer starts in the data root) kept two databases."""
     m = _SQLITE_FILE.fullmatch(url)
-    if not m or m.group(2).startswith("/") or m.group(2) == ":memory:":
+    if not m or m.group(2).startswith(("/", "file:")) or m.group(2) == ":memory:":  # file: a SQLite URI (uri=true)
         return url
     path = Path(os.path.expanduser(unquote(m.group(2))))
     return m.group(1) + _url_path(path if path.is_absolute() else home / path) + (m.group(3) or "")
@@ -289,7 +302,7 @@ def check_data_root(settings: Settings) -> None:
 
 def load_settings(**overrides: object) -> Settings:
     """Fresh settings from the environment, with explicit overrides (flags) on top."""
-    _warn_unknown(tuple(sorted(n for n in os.environ if n.startswith("ASSISTANT_") and n not in _KNOWN)))
+    _warn_unknown(tuple(sorted(n for n in os.environ if n.upper().startswith("ASSISTANT_") and n not in _KNOWN)))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -317,7 +330,14 @@ _KNOWN = {f"ASSISTANT_{name.upper()}" for name in Settings.model_fields} | {"ASS
 def _warn_unknown(names: tuple[str, ...]) -> None:
     """Once per process and set of names: settings are read again for every command step and request."""
     for name in names:
-        near = difflib.get_close_matches(name, sorted(_KNOWN - {"ASSISTANT_TEST_PG_URL"}), n=1)
+        if name.upper() in _KNOWN:  # the environment is read without regard to case (pydantic-settings)
+            print(
+                f"warning: {name} is read as {name.upper()}; spell it in capitals (with both set, which one counts "
+                "depends on the order of the environment).",
+                file=sys.stderr,
+            )
+            continue
+        near = difflib.get_close_matches(name.upper(), sorted(_KNOWN - {"ASSISTANT_TEST_PG_URL"}), n=1)
         meant = f" (did you mean {near[0]}?)" if near else ""
         print(f"warning: {name} is not a lunatrain setting and is ignored{meant}.", file=sys.stderr)
 

@@ -40,6 +40,7 @@ def serve(
     try:
         if log_level not in LOG_LEVELS:  # before anything listens or is recorded
             raise UsageError(f"Unknown --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}.")
+        check_host_flag(host)
         overrides = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
@@ -75,6 +76,12 @@ def serve(
         level=logging.DEBUG if verbose else logging.WARNING, handlers=[log_handler(settings)], force=True
     )
     listen.serve(api, sock, settings.api_url_file, previous, log_level=log_level, log_config=None)
+
+
+def check_host_flag(host: str | None) -> None:
+    """An empty --host is the flag's mistake, said with its name (not as ASSISTANT_API_HOST's, nor as none)."""
+    if host is not None and not host.strip():
+        raise UsageError("--host is empty: give the address to listen on, such as 127.0.0.1, or leave it out.")
 
 
 def log_handler(settings: Settings) -> logging.Handler:

@@ -28,6 +28,7 @@ from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_sett
 from ..startup import collector_paused
 from ..wire import INT_MAX
 from .app import Signalled, app, fail, is_tty, json_text, said_interrupted, stops_as_interrupts
+from .serve import check_host_flag
 
 EnsureOpt = Annotated[
     bool, typer.Option("--ensure-trainer", "--ensureTrainer", help="start the trainer first if it is not running")
@@ -58,6 +59,7 @@ def trainer_cmd(
         from ..service.app import serve
 
     try:
+        check_host_flag(host)
         settings = load_settings()
         check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         default_host, default_port = trainer_client.trainer_address(settings)

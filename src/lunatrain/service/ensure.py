@@ -73,6 +73,7 @@ def ensure_trainer(settings: Settings, *, timeout: float | None = None, explicit
             "(ASSISTANT_LORA_ENSURE_ON_DEMAND=false): start it with `lunatrain trainer --port 0`.",
             params=trainer_client.held_detail(settings),
         )
+    start_argv(settings)  # a start command that cannot be, refused before anything is written here
     timeout = settings.lora_ensure_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
     with file_lock(settings.trainer_dir / "ensure.lock"):
@@ -150,6 +151,11 @@ def start_argv(settings: Settings, port: int | None = None) -> list[str]:
         if not argv:
             raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
         return argv
+    if settings.lora_trainer_url.lower().startswith("https:"):
+        raise UsageError(
+            f"ASSISTANT_LORA_TRAINER_URL is {settings.lora_trainer_url}, but `lunatrain trainer` serves plain http: "
+            "use http://HOST:PORT, or set ASSISTANT_LORA_TRAINER_START_CMD to start a trainer behind TLS there."
+        )
     host, configured = trainer_client.trainer_address(settings)
     port = configured if port is None else port
     return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))

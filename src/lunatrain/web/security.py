@@ -61,13 +61,15 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def allowed_hostnames(settings: Settings, bound_host: str | None = None) -> frozenset[str]:
-    names = {h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()}
+    # An entry written as a Host header is (`localhost:5050`, `[::1]:5050`) names its host: the allowlist is of
+    # names, any port, and kept as typed such an entry matched nothing, without a word.
+    names = {_strip_brackets(host_name(h) or h.strip().lower()) for h in settings.allowed_hosts.split(",") if h.strip()}
     bound = (bound_host or settings.api_host).lower()
     # 0.0.0.0/:: is not a name a client uses; such a bind needs its public name in ASSISTANT_ALLOWED_HOSTS.
     if bound not in ("0.0.0.0", "::", "[::]"):
-        names.add(bound)
+        names.add(_strip_brackets(bound))
     names.discard("*")  # no wildcard, even if configured
-    return frozenset(_strip_brackets(n) for n in names)
+    return frozenset(names)
 
 
 def host_name(header: str) -> str | None:
