@@ -491,3 +491,35 @@ def test_an_adapter_folder_whose_name_is_not_utf8_is_one_sentence_when_served(ti
     with pytest.raises(UsageError) as err:
         serving._adapter_tokenizer(folder, None)
     assert "0xFC" in err.value.message and "not UTF-8" in err.value.message, err.value.message
+
+
+def test_weights_changed_in_place_where_the_samples_do_not_look_are_another_base(settings, tmp_path):
+    """Reproducibility repro: a base model's weights over 8 MiB were fingerprinted by their header, size and three
+    1 MiB samples. One tensor changed in place outside them (a LoRA merged into the attention layers only, saved
+    over the same files) kept the fingerprint: `luna` said "trained on this data with these parameters; not
+    trained again", and a version trained on the old weights was served on the new. The first full hash a data
+    root sees for a sampled fingerprint is kept; other content under the same samples is another base, and
+    the original content again is the original base."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "big"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    tensors = {f"t{i}": torch.zeros(1 << 20, dtype=torch.float32) for i in range(4)}  # 4 MiB each, 16 MiB
+    save_file(tensors, str(model / "model.safetensors"))
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    first = models.resolve_base(str(model), settings).fingerprint
+    assert models.resolve_base(str(model), settings).fingerprint == first  # the same files, the same base
+
+    original = weights.read_bytes()
+    changed = bytearray(original)
+    at = size // 4  # inside t0/t1, away from the start, middle and end samples
+    changed[at : at + 4] = b"\x01\x02\x03\x04"
+    weights.write_bytes(bytes(changed))
+    assert weights.stat().st_size == size
+    other = models.resolve_base(str(model), settings).fingerprint
+    assert other != first
+    weights.write_bytes(original)  # put back: the base the versions trained on, again
+    assert models.resolve_base(str(model), settings).fingerprint == first

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .compat import import_transformers, keep_4bit_gradients, quiet_too_long_warning
-from .errors import DamagedFile, UsageError
+from .errors import DamagedFile, LunaError, UsageError
 from .fsio import atomic_write_text, dumps_json, file_lock, give_umask_modes, replace_dir, staging_dir
 from .settings import Settings
 from .templates import Terminator, turn_terminator  # noqa: F401  (callers ask models where a turn ends)
@@ -344,7 +344,7 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     config_bytes = config.read_bytes()
     _refuse_custom_code(config_bytes, path, ref)
     try:
-        fingerprint = _fingerprint(config_bytes, path, weights)
+        fingerprint = _witnessed(_fingerprint(config_bytes, path, weights), weights, settings)
     except OSError as exc:  # a weights link to a blob that is not there, an unreadable file
         gone = Path(exc.filename) if exc.filename else path
         raise DamagedFile(
@@ -520,7 +520,7 @@ def _fingerprint(config_bytes: bytes, path: Path, weights: list[Path]) -> str:
         size = w.stat().st_size
         h.update(f"{w.name}:{size}".encode())
         with open(w, "rb") as fh:
-            if size <= 8 << 20:
+            if size <= _SAMPLED_ABOVE:
                 h.update(fh.read())
                 continue
             n = int.from_bytes(fh.read(8), "little")
@@ -529,6 +529,70 @@ def _fingerprint(config_bytes: bytes, path: Path, weights: list[Path]) -> str:
                 fh.seek(pos)
                 h.update(fh.read(1 << 20))
     return h.hexdigest()
+
+
+_SAMPLED_ABOVE = 8 << 20  # `_fingerprint` hashes larger weights files by samples
+
+
+def _witnessed(sampled: str, weights: list[Path], settings: Settings) -> str:
+    """The base's fingerprint: `sampled`, unless its weights hold other content than the data root first saw
+    under that sampled fingerprint. Weights changed in place where the samples do not look (an attention-only
+    LoRA merged and saved over the same files) are then another base, and its versions are not served on it
+    or taken as trained on it; put back, the files are the first base again. The sampled value stays the
+    fingerprint (registries and active versions are keyed by it); the full hash is read once per change of
+    the files (`_content_hash`). Where nothing can be kept (a read-only data root), the sampled one."""
+    if all(w.stat().st_size <= _SAMPLED_ABOVE for w in weights):
+        return sampled  # hashed in full already
+    folder = settings.cache_dir / "fingerprints"
+    full = _content_hash(weights, folder)
+    seen = folder / f"{sampled}.txt"
+    try:
+        first = seen.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        first = None
+    except (OSError, UnicodeError):
+        return sampled
+    if first is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(seen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the first witness wins a race
+        except FileExistsError:
+            first = seen.read_text(encoding="ascii").strip()
+        except OSError:
+            return sampled
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(full + "\n")
+            return sampled
+    return sampled if first in ("", full) else hashlib.sha256(f"{sampled}\0{full}".encode()).hexdigest()
+
+
+def _content_hash(weights: list[Path], folder: Path) -> str:
+    """sha256 over every byte of the weights files, kept in `folder` by each file's identity on disk (device,
+    inode, size, modification and change times): read in full once per change of the files, not per run."""
+    ident = [(str(w.resolve()), *_stat_identity(w)) for w in weights]
+    kept = folder / f"content-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]}.txt"
+    try:
+        value = kept.read_text(encoding="ascii").strip()
+        if len(value) == 64:
+            return value
+    except (OSError, UnicodeError):
+        pass
+    h = hashlib.sha256()
+    for w in weights:
+        with open(w, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+    value = h.hexdigest()
+    with contextlib.suppress(OSError, LunaError):  # kept where it can be: a read-only root hashes again
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(kept, value + "\n")
+    return value
+
+
+def _stat_identity(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def load_tokenizer(
