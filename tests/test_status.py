@@ -820,3 +820,35 @@ def test_an_api_server_started_before_an_update_says_so_in_its_status(settings):
         "restart `lunatrain serve`."
     ], said["problems"]
     assert said["problemCodes"] == [{"code": "status.api_outdated", "params": {}}], said["problemCodes"]
+
+
+def test_status_names_the_data_root_database_and_base_model_it_read(settings, monkeypatch):
+    """Settings repro: a mistyped ASSISTANT_HOME showed all zeros (exit 0) with nothing naming the root read, and
+    no command said which database and base model were in effect. `status` names them, and where the base model
+    comes from (the luna profile, ASSISTANT_BASE_MODEL, or the default); a database URL without its password."""
+    runner = CliRunner()
+    for var in ("ASSISTANT_BASE_MODEL", "ASSISTANT_DB_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ASSISTANT_HOME", str(settings.home))
+    plain = runner.invoke(app, ["status"])
+    assert plain.exit_code == 0, plain.output
+    assert f"data root: {settings.home}\n" in plain.output, plain.output
+    assert "database: sqlite data/assistant.db\n" in plain.output, plain.output
+    assert "base model: luna-tiny (the default)\n" in plain.output, plain.output
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", "acme/x")
+    said = json.loads(runner.invoke(app, ["status", "--json"]).stdout)["settings"]
+    assert said == {
+        "dataRoot": str(settings.home),
+        "database": "sqlite data/assistant.db",
+        "baseModel": "acme/x",
+        "baseModelFrom": "ASSISTANT_BASE_MODEL",
+    }, said
+    mine = settings.home / "profiles" / "luna.toml"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_text('[lora]\nbaseModel = "acme/y"\n', "utf-8")
+    assert "base model: acme/y (the luna profile)\n" in runner.invoke(app, ["status"]).output
+    mine.unlink()
+    from lunatrain.settings import load_settings
+
+    shown = store.database_shown(load_settings(db_url="postgresql+psycopg://me:secret@127.0.0.1:9/db"))
+    assert shown == "postgresql+psycopg://me:***@127.0.0.1:9/db", shown

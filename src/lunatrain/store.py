@@ -682,6 +682,15 @@ _BAD_URL_OPTION = re.compile(
 _SECRET_QUERY = ("password", "sslpassword")
 
 
+def database_shown(settings: Settings) -> str:
+    """The database in effect as `status` names it: a SQLite file by its path (within the data root relative
+    to it), any other by its URL without the password."""
+    url = settings.database_url
+    if url.startswith("sqlite") and (path := sa.engine.make_url(url).database) and not path.startswith(":"):
+        return f"sqlite {settings.shown(Path(path))}"
+    return _hidden(url)
+
+
 def _hidden(url: str | sa.URL) -> str:
     """The URL as a message may show it: without its password, wherever the URL holds it."""
     try:

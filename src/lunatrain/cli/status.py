@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import LunaError
 from ..service.jobs import ACTIVE
-from ..settings import load_settings
+from ..settings import Settings, load_settings
 from ..status import STATUSES, training_status
 from .app import app, as_written, fail, is_tty, json_text
 
@@ -28,13 +30,35 @@ def status_cmd(
 ) -> None:
     """Data status: counts per source and curation status, readiness, last export, job, prepare, gate."""
     try:
-        status = training_status(load_settings(), min_curated)
+        settings = load_settings()
+        status = training_status(settings, min_curated) | {"settings": in_effect(settings)}
     except LunaError as err:
         raise fail(err) from None
     if as_json:
         typer.echo(json_text(status, sort_keys=True))
         return
     show(status)
+
+
+def in_effect(settings: Settings) -> dict[str, str]:
+    """What this command read: the data root, the database and the base model the flow trains, and where that
+    comes from. A mistyped ASSISTANT_HOME otherwise showed an empty project, with nothing naming the root."""
+    from ..params import run_keys
+    from ..profiles import load_profile
+    from ..store import database_shown
+
+    base, source = (
+        settings.base_model,
+        "ASSISTANT_BASE_MODEL" if "ASSISTANT_BASE_MODEL" in os.environ else "the default",
+    )
+    with contextlib.suppress(LunaError):  # a profile that does not load is among the problems status names
+        if run_keys(load_profile(settings, "luna").lora).get("base_model"):
+            base, source = load_profile(settings, "luna").base_model, "the luna profile"
+    try:
+        database = database_shown(settings)
+    except Exception:  # a URL the store refuses: named by the problem status lists for it
+        database = "unknown"
+    return {"dataRoot": str(settings.home), "database": database, "baseModel": base, "baseModelFrom": source}
 
 
 def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -46,7 +70,11 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
     tiers = "; ".join(
         f"{tier} {'yes' if t['ready'] else 'no'} ({t['approved']} approved)" for tier, t in s["tiers"].items()
     )
+    where = s["settings"]
     facts = [
+        ("data root", where["dataRoot"]),
+        ("database", where["database"]),
+        ("base model", f"{where['baseModel']} ({where['baseModelFrom']})"),
         (
             "ready",
             f"{'yes' if s['ready'] else 'no'}: {s['curatedApproved']} approved curated, minCurated {s['minCurated']}",
