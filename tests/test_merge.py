@@ -252,7 +252,8 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
     work = adapter_work_dir(settings, "a", "x")
     registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": "luna-tiny", "fingerprint": "0" * 64}})
     r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
-    assert r.exit_code == 1, r.output
+    # docs repro: exit 1 where `adapters deactivate` and `rollback` say the same state with 2 (README's rule)
+    assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
         "error: Adapter 'a' has no active version on base model 'luna-tiny' to merge; "
         "name the version: `lunatrain merge --adapter a@VERSION` (`lunatrain adapters list` shows its versions)."
@@ -263,7 +264,7 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
     registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "y"), other)
     registry.activate(settings, "a", "v2", own_base=True)
     r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
-    assert r.exit_code == 1 and "(on base model 'org/other' it is v2: `lunatrain merge --adapter a@v2`)" in (
+    assert r.exit_code == 2 and "(on base model 'org/other' it is v2: `lunatrain merge --adapter a@v2`)" in (
         " ".join(r.output.split())
     ), r.output
     registry.deactivate(settings, "a", "v2")
@@ -273,7 +274,7 @@ def test_a_bare_name_merges_the_active_version_and_refuses_when_none_is_active(s
     r = CliRunner().invoke(app, ["merge", "--adapter", "a"])
     said = " ".join(r.output.split())
     assert (
-        r.exit_code == 1
+        r.exit_code == 2
         and (
             "(on an earlier build of base model 'luna-tiny', changed since, it is v1: `lunatrain merge --adapter a@v1 "
             "--force` merges it into the base as it is now, or retrain it)"

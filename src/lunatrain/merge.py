@@ -20,7 +20,7 @@ from typing import Any
 
 from . import registry
 from .compat import peft_wrapping
-from .errors import Conflict, LunaError, NotFound
+from .errors import Conflict, LunaError, UsageError
 from .fsio import (
     abandoned_staging,
     atomic_write_json,
@@ -160,7 +160,7 @@ def _check_active(settings: Settings, name: str) -> None:
             elsewhere.append(
                 f"on base model {a['baseModel']!r} it is {a['version']}: `lunatrain merge --adapter {ref}`"
             )
-    raise NotFound(
+    raise UsageError(  # the data root's state refuses the request: exit 2, as `adapters deactivate` says it
         f"Adapter {name!r} has no active version on base model {configured.id!r} to merge"
         + (f" ({'; '.join(elsewhere)})" if elsewhere else "")
         + f"; name the version: `lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows "
