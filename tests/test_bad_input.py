@@ -453,6 +453,27 @@ def test_flag_values_are_refused_with_their_own_names(
 # --- text a user wrote, on a terminal -----------------------------------------------------------------------
 
 
+def test_a_narrow_terminal_gets_the_lines_a_pipe_gets_not_a_table_without_room(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locales repro: at COLUMNS=20 rich gave the prompt column no room and the prompt went missing from `examples
+    list`; every cell of `status`'s table was "…". A terminal narrower than a table needs gets the plain
+    tab-separated lines, which lose nothing."""
+    from lunatrain.cli import examples as examples_cli
+    from lunatrain.cli import status as status_cli
+
+    monkeypatch.setattr(examples_cli, "is_tty", lambda: True)
+    monkeypatch.setattr(status_cli, "is_tty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "20")
+    assert run("examples", "add", "--prompt", "Wie heißt mein Hund?", "--response", "Bello.").exit_code == 0
+    listed = run("examples", "list")
+    assert listed.exit_code == 0 and "Wie heißt mein Hund?" in listed.output and "\t" in listed.output, listed.output
+    status = run("status")
+    assert "curated examples\t1\t0\t0\t1" in status.output, status.output
+    monkeypatch.setenv("COLUMNS", "120")  # wide enough: the table
+    assert "┃" in run("examples", "list").output
+
+
 def test_brackets_in_stored_text_show_as_written_on_a_terminal(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,7 @@ import codecs
 import contextlib
 import json
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -117,6 +118,16 @@ _UNSEEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202
 def visible(text: str) -> str:
     """`text` with every character that would act on the terminal written as its escape (`\\x1b`, `\\u202e`)."""
     return _UNSEEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+MIN_TABLE_WIDTH = 60  # columns: below it rich gives a table's widest column no room at all
+
+
+def tables_fit(tty: bool) -> bool:
+    """Whether a terminal (`tty`, as the caller's `is_tty()` says) takes rich's tables: one wide enough (at
+    COLUMNS=20 the prompt column got no room and the prompt went missing) whose encoding writes the borders
+    and the `…` (written as escapes, they pushed the borders out). Otherwise the plain tab-separated lines."""
+    return tty and takes_unicode(sys.stdout) and shutil.get_terminal_size().columns >= MIN_TABLE_WIDTH
 
 
 def takes_unicode(stream: Any) -> bool:

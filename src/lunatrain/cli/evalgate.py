@@ -11,7 +11,7 @@ from ..errors import LunaError
 from ..evalgate import GateReport, GateThresholds, eval_gate, parse_thresholds
 from ..settings import load_settings
 from ..templates import cli_template
-from .app import app, as_written, fail, is_tty, print_report
+from .app import app, as_written, fail, is_tty, print_report, tables_fit
 
 
 def _threshold_help(field: str) -> str:
@@ -120,7 +120,7 @@ def show(report: GateReport) -> None:
         f"({report.baseline['source']})"
     )
     failed = [c for c in report.cases if not c["passed"]]
-    if is_tty():
+    if tables_fit(is_tty()):
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text

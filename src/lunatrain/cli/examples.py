@@ -16,7 +16,7 @@ from ..api.schemas import ExampleOut, ImportResult, MemoryOut
 from ..errors import LunaError, UsageError
 from ..messages import counted
 from ..settings import load_settings
-from .app import app, as_written, fail, is_tty, json_text, visible
+from .app import app, as_written, fail, is_tty, json_text, tables_fit, visible
 
 examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
 memory_app = typer.Typer(help="Facts Luna remembers; exported as question/answer samples.", no_args_is_help=True)
@@ -82,7 +82,7 @@ def _table(title: str, columns: list[str], rows: Iterable[list[str]], *, limit: 
     """A rich table on a terminal; else tab-separated lines, written as the rows come (a listing of the whole
     store streams). A page as long as `limit` may not be all: the next page's `--offset` is said on stderr."""
     shown = 0
-    if is_tty():
+    if tables_fit(is_tty()):
         from rich.console import Console
         from rich.table import Table
 

@@ -9,7 +9,7 @@ import typer
 from ..errors import LunaError
 from ..export import SPLITS, TIERS, export
 from ..settings import load_settings
-from .app import app, fail, is_tty
+from .app import app, fail, is_tty, tables_fit
 
 
 @app.command("export")
@@ -40,7 +40,8 @@ def export_cmd(
     except LunaError as err:
         raise fail(err) from None
     rows = [[tier, *(str(summary.counts[tier][k]) for k in ("total", *SPLITS))] for tier in TIERS]
-    if is_tty():
+    table = tables_fit(is_tty())
+    if table:
         from rich.console import Console
         from rich.table import Table
 
@@ -55,7 +56,7 @@ def export_cmd(
         for row in rows:
             typer.echo("\t".join(row))
     # the split ratios: the terminal's table title says them; a pipe has no title
-    ratios = "" if is_tty() else f", val {summary.ratios['val']}, test {summary.ratios['test']}"
+    ratios = "" if table else f", val {summary.ratios['val']}, test {summary.ratios['test']}"
     typer.echo(f"Wrote {summary.directory} (fingerprint {summary.fingerprint[:12]}{ratios}).")
     for name, aside in summary.kept_aside:
         typer.echo(

@@ -13,7 +13,7 @@ from ..errors import LunaError
 from ..messages import counted
 from ..prepare import PrepareReport, prepare
 from ..settings import load_settings
-from .app import app, as_written, fail, is_tty, print_report, visible
+from .app import app, as_written, fail, is_tty, print_report, tables_fit, visible
 from .flow import resolve
 from .options import lora_options
 
@@ -96,7 +96,7 @@ def show(report: PrepareReport) -> None:
         f"prepare: {report.status.upper()}  tier={report.tier} base={report.base_model} "
         f"maxSeqLength={report.max_seq_length} cache={'hit' if report.cache['hit'] else 'miss'}"
     )
-    if is_tty():
+    if tables_fit(is_tty()):
         from rich.console import Console
         from rich.table import Table
 

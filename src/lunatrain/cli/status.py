@@ -12,7 +12,7 @@ from ..errors import LunaError
 from ..service.jobs import ACTIVE
 from ..settings import Settings, load_settings
 from ..status import STATUSES, training_status
-from .app import app, as_written, fail, is_tty, json_text
+from .app import app, as_written, fail, is_tty, json_text, tables_fit
 
 
 @app.command("status")
@@ -166,7 +166,7 @@ def _on(report: dict[str, Any]) -> str:
 def show(s: dict[str, Any]) -> None:
     rows = [(f"{src} examples", *(s["examples"][src][k] for k in (*STATUSES, "total"))) for src in s["examples"]]
     rows.append(("memory items", *(s["memoryItems"][k] for k in (*STATUSES, "total"))))
-    if is_tty():
+    if tables_fit(is_tty()):
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
