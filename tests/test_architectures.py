@@ -29,13 +29,17 @@ def vocab_dir(tmp_path_factory):
     return save_vocab(tmp_path_factory.mktemp("vocab"))
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_train_gate_and_merge(settings, vocab_dir, arch):
+# Each architecture with its family's template, and the templates no architecture above brings: Llama 2's
+# ([INST] … [/INST] answer </s>, a system prompt inside the first user turn) and Zephyr's (</s> closing every turn).
+RUNS = [(arch, ARCHITECTURES[arch][1]) for arch in ARCHITECTURES] + [("llama", "llama-2"), ("mistral", "zephyr")]
+
+
+@pytest.mark.parametrize(("arch", "family"), RUNS, ids=[f"{a}-{f}" for a, f in RUNS])
+def test_train_gate_and_merge(settings, vocab_dir, arch, family):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = build_arch_model(settings.models_dir / f"tiny-{arch}", vocab_dir, arch)
-    family = ARCHITECTURES[arch][1]
+    base = build_arch_model(settings.models_dir / f"tiny-{arch}", vocab_dir, arch, family=family)
     terminator = FAMILIES[family][4]
     write_export(settings, make_records(24, multi_turn_every=4))
     params = parse_params(
@@ -77,6 +81,21 @@ def test_train_gate_and_merge(settings, vocab_dir, arch):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+    # `serve` answers with the adapter on the base as the merged model answers alone, in the family's template
+    from lunatrain import registry, serving
+    from lunatrain.settings import load_settings
+
+    registry.activate(settings, result.adapter_name, result.version, own_base=True)  # whatever the gate said
+    engine = serving.Engine(load_settings(home=settings.home, base_model=str(base)))
+    gen = engine.start(
+        engine.resolve(result.adapter_name),
+        [{"role": "user", "content": "Hallo?"}],
+        serving.Sampling(max_tokens=4, temperature=0),
+    )
+    gen.run()
+    assert gen.prompt_tokens == ids.shape[1] and gen.new_ids == out[0, ids.shape[1] :].tolist()[: len(gen.new_ids)]
+    assert gen.new_ids, (arch, family)
 
 
 def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(settings, vocab_dir):
