@@ -493,7 +493,7 @@ def test_an_adapter_folder_whose_name_is_not_utf8_is_one_sentence_when_served(ti
     assert "0xFC" in err.value.message and "not UTF-8" in err.value.message, err.value.message
 
 
-def test_weights_changed_in_place_where_the_samples_do_not_look_are_another_base(settings, tmp_path):
+def test_weights_changed_in_place_where_the_samples_do_not_look_are_another_base(settings, tmp_path, monkeypatch):
     """Reproducibility repro: a base model's weights over 8 MiB were fingerprinted by their header, size and three
     1 MiB samples. One tensor changed in place outside them (a LoRA merged into the attention layers only, saved
     over the same files) kept the fingerprint: `luna` said "trained on this data with these parameters; not
@@ -522,4 +522,11 @@ def test_weights_changed_in_place_where_the_samples_do_not_look_are_another_base
     other = models.resolve_base(str(model), settings).fingerprint
     assert other != first
     weights.write_bytes(original)  # put back: the base the versions trained on, again
+    assert models.resolve_base(str(model), settings).fingerprint == first
+
+    # Review repro: in a data root that cannot be written (a backup mounted read-only) the whole weights were
+    # read on every command and the hash thrown away: there, the sampled fingerprint, read as before.
+    monkeypatch.setattr(models, "_can_keep", lambda folder: False)
+    monkeypatch.setattr(models, "_content_hash", lambda *a: pytest.fail("read in full for nothing"))
+    weights.write_bytes(bytes(changed))
     assert models.resolve_base(str(model), settings).fingerprint == first

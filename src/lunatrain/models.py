@@ -544,6 +544,8 @@ def _witnessed(sampled: str, weights: list[Path], settings: Settings) -> str:
     if all(w.stat().st_size <= _SAMPLED_ABOVE for w in weights):
         return sampled  # hashed in full already
     folder = settings.cache_dir / "fingerprints"
+    if not _can_keep(folder):  # nothing witnessed can be kept, nor the hash: reading GBs each command for nothing
+        return sampled
     full = _content_hash(weights, folder)
     seen = folder / f"{sampled}.txt"
     try:
@@ -565,6 +567,14 @@ def _witnessed(sampled: str, weights: list[Path], settings: Settings) -> str:
                 fh.write(full + "\n")
             return sampled
     return sampled if first in ("", full) else hashlib.sha256(f"{sampled}\0{full}".encode()).hexdigest()
+
+
+def _can_keep(folder: Path) -> bool:
+    """Whether files can be written in `folder` (made if need be): not in a data root on a read-only mount."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    return False
 
 
 def _content_hash(weights: list[Path], folder: Path) -> str:
