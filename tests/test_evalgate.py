@@ -1328,3 +1328,35 @@ def test_a_runs_gate_judges_on_the_export_the_run_trained_on(settings):
         gate["metrics"],
         outcome["metrics"],
     )
+
+
+def test_an_overwrite_revision_is_not_kept_when_an_activation_lands_before_it_takes_the_slot(
+    trained_home, settings, monkeypatch
+):
+    """Review repros: the check under the registry's lock came after a staged overwrite revision had taken the slot,
+    so an activation by hand landing in between left the revision in the slot with a note saying it was not
+    kept; and a revision replacing the slot's own active revision was reported promoted ("replaced revision 1")
+    while v1, activated by hand just before, was served. The slot is taken only if the active version is still
+    the one judged against: otherwise the revision is not kept, and the note says so."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").promoted
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    first = _derived_version(settings, v1, 1.0, strategy="overwrite")
+    assert evalgate.gate_candidate(settings, "luna-adapter", first["version"], revision=first["revision"]).promoted
+    slot = settings.adapters_dir / "luna-adapter" / "current" / "adapter_model.safetensors"
+    served = slot.read_bytes()
+    staged = _derived_version(settings, v1, 0.999, strategy="overwrite", stage=True)
+    real = registry.settle_slot
+
+    def landing_first(settings_, name, revision, **kwargs):
+        registry.activate(settings_, name, "v1", reason="by hand, meanwhile")  # just before the slot's write
+        return real(settings_, name, revision, **kwargs)
+
+    monkeypatch.setattr(registry, "settle_slot", landing_first)
+    report = evalgate.gate_candidate(settings, "luna-adapter", staged["version"], revision=staged["revision"])
+    assert report.passed and report.promoted is False, (report.notes, report.promoted)
+    assert [c["code"] for c in report.note_codes if c] == ["gate.baseline_moved_slot"], report.note_codes
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v1"
+    settled = registry.get_revision(settings, "luna-adapter", staged["revision"])
+    assert settled["replaced"] and settled["notKept"] and "staged" not in settled, settled
+    assert slot.read_bytes() == served  # the slot serves what it held

@@ -607,8 +607,26 @@ def _gated(
             )
         )
         go = False
+
+    def unmoved(active: dict[str, Any] | None) -> bool:
+        """Asked under the registry's lock as the slot is taken or the version activated: an activation by hand
+        since the check above is not overridden by a version never compared with it."""
+        return (
+            (active is None and active_before is None)
+            or registry.same_entry(active, active_before)
+            or registry.same_entry(active, entry)
+        )
+
     if staged:
-        entry = registry.settle_slot(settings, name, entry["revision"], keep=report.passed and go)
+        keep = report.passed and go
+        try:
+            entry = registry.settle_slot(
+                settings, name, entry["revision"], keep=keep, replacing=unmoved if keep else None
+            )
+        except registry.ActiveMoved as err:  # not kept: the slot serves what it held
+            report.notes.append(_moved(report, entry, err.active, staged))
+            go = False
+            entry = registry.get_revision(settings, name, entry["revision"])
     if report.passed and go and entry.get("replaced"):  # a newer run's revision took the slot meanwhile
         revision = entry.get("revision")
         report.notes.append(
@@ -633,19 +651,13 @@ def _gated(
                     reason="eval gate passed",
                     own_base=True,
                     gate=report.gate_record(),
-                    # checked again in the promotion's registry write: an activation by hand since the check
-                    # above is not overridden by a version never compared with it
-                    replacing=lambda active: (
-                        (active is None and active_before is None)
-                        or registry.same_entry(active, active_before)
-                        or registry.same_entry(active, entry)
-                    ),
+                    replacing=unmoved,
                 )
                 _write_decided(settings, report)
                 return report
-            except registry.ActiveMoved as err:
+            except registry.ActiveMoved as err:  # a staged revision holds the slot by now: judge it again
                 report.promoted = False
-                report.notes.append(_moved(report, entry, err.active, staged))
+                report.notes.append(_moved(report, entry, err.active, False))
             except Conflict as err:  # e.g. a replaced revision
                 report.promoted = False
                 report.notes.append(Note("gate.not_activated", f"not activated: {err.message}", why=err.message))
@@ -657,7 +669,7 @@ def _gated(
     return report
 
 
-def _moved(report: GateReport, entry: dict[str, Any], active: dict[str, Any] | None, staged: bool) -> str:
+def _moved(report: GateReport, entry: dict[str, Any], active: dict[str, Any] | None, staged: bool) -> Note:
     """The note of a version not promoted because `active` (None: none) became the active version while it
     was judged against another; a staged overwrite revision is gone then, and only a new run brings it."""
     judged, ref = report.baseline.get("ref"), f"{entry['name']}@{entry['version']}"

@@ -443,17 +443,38 @@ def find_by_job(settings: Settings, job_id: str) -> dict[str, Any] | None:
     return _by_job(load(settings), job_id)
 
 
-def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> dict[str, Any]:
+class ActiveMoved(Conflict):
+    """`activate` or `settle_slot` (`replacing=...`) found another entry active than the one it may replace (`active`; None: none)."""
+
+    def __init__(self, active: dict[str, Any] | None) -> None:
+        super().__init__("the active version changed meanwhile")
+        self.active = active
+
+
+def settle_slot(
+    settings: Settings,
+    name: str,
+    revision: int,
+    *,
+    keep: bool,
+    replacing: Callable[[dict[str, Any] | None], bool] | None = None,
+) -> dict[str, Any]:
     """A staged overwrite revision after its gate: `keep` (it passed) puts it in the slot, replacing the
     older revisions, unless a newer run took the slot meanwhile; otherwise its files go and the slot keeps
     serving what it held (the entry stays in the history, `replaced`, with its gate outcome). Settling twice
-    changes nothing."""
+    changes nothing. `replacing`: as `activate`'s, asked under the lock before a kept revision takes the
+    slot; when it says no, the revision is not kept, and ActiveMoved says what is active."""
+    moved: ActiveMoved | None = None
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
         entry = next((e for e in adapter["versions"] if e["version"] == SLOT and e.get("revision") == revision), None)
         if entry is None:
             raise NotFound(f"Adapter {name}@{SLOT} has no revision {revision}.")
+        if keep and replacing is not None and "staged" in entry:
+            active = active_of(adapter, (entry.get("baseModel") or {}).get("fingerprint", "?"))
+            if not replacing(active):
+                keep, moved = False, ActiveMoved(active)
         staged = entry.pop("staged", None)
         entry.pop("stagedBy", None)
         if staged is None:
@@ -469,6 +490,8 @@ def settle_slot(settings: Settings, name: str, revision: int, *, keep: bool) -> 
             if not keep:  # refused (or its run ended before the gate): it never held the slot
                 entry["notKept"] = True
         _save(settings, data)
+    if moved is not None:
+        raise moved
     return entry
 
 
@@ -1215,14 +1238,6 @@ def activate(
         if gate is not None:
             _keep_gate_file(settings, entry, gate)
     return entry
-
-
-class ActiveMoved(Conflict):
-    """`activate(replacing=...)` found another entry active than the one it may replace (`active`; None: none)."""
-
-    def __init__(self, active: dict[str, Any] | None) -> None:
-        super().__init__("the active version changed meanwhile")
-        self.active = active
 
 
 def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[str, Any]]:
