@@ -385,6 +385,12 @@ def test_settings_are_read_without_surrounding_whitespace(tmp_path: Path, monkey
     assert s.home == tmp_path / "root" and s.api_host == "127.0.0.1" and s.base_model == "luna-tiny"
     assert s.lora_trainer_url == "http://127.0.0.1:5051/"
     assert load_settings(home=" ").home == tmp_path  # blank is the default, the working directory
+    # review repro: only text settings were stripped; a yes/no or a choice with a stray space was refused
+    monkeypatch.setenv("ASSISTANT_HUB_DOWNLOAD", "true ")
+    monkeypatch.setenv("ASSISTANT_CHAT_QUANTIZE", " 4bit")
+    monkeypatch.setenv("ASSISTANT_API_PORT", " 0 ")
+    s = load_settings()
+    assert s.hub_download is True and s.chat_quantize == "4bit" and s.api_port == 0
 
 
 def test_an_allowed_host_written_with_its_port_matches_that_host(

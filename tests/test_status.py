@@ -843,6 +843,10 @@ def test_status_names_the_data_root_database_and_base_model_it_read(settings, mo
         "baseModel": "acme/x",
         "baseModelFrom": "ASSISTANT_BASE_MODEL",
     }, said
+    monkeypatch.delenv("ASSISTANT_BASE_MODEL")
+    monkeypatch.setenv("assistant_base_model", "acme/lower")  # read too (review repro: said "the default")
+    assert "base model: acme/lower (ASSISTANT_BASE_MODEL)\n" in runner.invoke(app, ["status"]).output
+    monkeypatch.delenv("assistant_base_model")
     mine = settings.home / "profiles" / "luna.toml"
     mine.parent.mkdir(parents=True, exist_ok=True)
     mine.write_text('[lora]\nbaseModel = "acme/y"\n', "utf-8")

@@ -125,9 +125,10 @@ class Settings(BaseSettings):
         description="fetch a hub id the local Hugging Face cache lacks (one it holds is never updated unasked)",
     )
 
-    @field_validator("home", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _stripped_home(cls, v: object) -> object:
+    def _stripped(cls, v: object) -> object:
+        """Every value as text without its surrounding spaces, whatever its type (`true `, `4bit `, a path)."""
         return v.strip() if isinstance(v, str) else v
 
     @field_validator("home", mode="after")

@@ -47,10 +47,9 @@ def in_effect(settings: Settings) -> dict[str, str]:
     from ..profiles import load_profile
     from ..store import database_shown
 
-    base, source = (
-        settings.base_model,
-        "ASSISTANT_BASE_MODEL" if "ASSISTANT_BASE_MODEL" in os.environ else "the default",
-    )
+    # the environment is read without regard to case (settings.py), and so is this
+    named = any(key.upper() == "ASSISTANT_BASE_MODEL" for key in os.environ)
+    base, source = settings.base_model, "ASSISTANT_BASE_MODEL" if named else "the default"
     with contextlib.suppress(LunaError):  # a profile that does not load is among the problems status names
         if run_keys(load_profile(settings, "luna").lora).get("base_model"):
             base, source = load_profile(settings, "luna").base_model, "the luna profile"
