@@ -149,6 +149,24 @@ def test_a_conversation_longer_than_the_limit_keeps_its_last_answer_whole(vocab_
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_cut_that_loses_no_trained_token_is_no_truncation(vocab_dir, family):
+    """Long-text repro: a sample one template token too long (ChatML's newline after <|im_end|>) was counted as
+    truncated, and prepare said to raise maxSeqLength, while its answer and terminator trained whole. A sample is
+    truncated when the cut loses trained tokens; one whose cut loses any trained token still is."""
+    tok = family_tokenizer(vocab_dir, family)
+    messages = TURNS[:2]
+    whole = encode_chat(tok, messages, 100_000)
+    last = max(k for k, label in enumerate(whole.labels) if label != IGNORE)
+    after = len(whole) - 1 - last  # template tokens after the last trained one
+    if after:
+        enc = encode_chat(tok, messages, len(whole) - after)
+        assert not enc.truncated and enc.labels == whole.labels[: len(enc)], family
+        assert enc.n_supervised == whole.n_supervised
+    cut = encode_chat(tok, messages, last)  # the last trained token (the terminator's end) does not fit
+    assert cut.truncated and cut.n_supervised == whole.n_supervised - 1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_an_answer_with_weight_0_is_context_and_only_the_others_are_trained(vocab_dir, family):
     """OpenAI's `weight: 0`: the middle answer is rendered (the later turns see it) but none of its tokens,
     nor its terminator, is trained; the first and last answers are, exactly as without weights."""

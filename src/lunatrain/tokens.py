@@ -43,7 +43,7 @@ CACHE_FORMAT = 3
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where the token is not trained
-    truncated: bool = False  # cut at max_seq_length: even its last exchange alone is longer
+    truncated: bool = False  # cut at max_seq_length, losing trained tokens: even its last exchange is longer
     full_length: int = 0  # token count of the whole conversation, before anything was left out or cut
     hash: str = ""  # the export record's hash (which samples an adapter was trained on)
     dropped: int = 0  # messages left out from the start (its oldest exchanges) to fit max_seq_length
@@ -200,7 +200,7 @@ def encode_chat(
     A conversation longer than `max_seq_length` tokens loses its oldest exchanges (`dropped` messages after
     the system prompt), as few as make it fit: its last answer is the example's own, and the turns just
     before it are its context, as a chat that outgrows its context window keeps them. Where even the last
-    exchange does not fit, that exchange is cut at the limit (`truncated=True`).
+    exchange does not fit, that exchange is cut at the limit (`truncated=True` when the cut loses trained tokens).
     """
     ids, labels = _encode(tokenizer, messages, terminator)
     full = len(ids)
@@ -246,7 +246,9 @@ def encode_chat(
         if last is not None and _trained(last[1][:max_seq_length]) >= _trained(labels[:max_seq_length]):
             kept, dropped = last, starts[-1] - head
     ids, labels = kept
-    return Encoded(ids[:max_seq_length], labels[:max_seq_length], len(ids) > max_seq_length, full, hash, dropped)
+    # Truncated when the cut loses trained tokens: a template's own newline after the last terminator is no loss.
+    cut = _trained(labels[max_seq_length:]) > 0
+    return Encoded(ids[:max_seq_length], labels[:max_seq_length], cut, full, hash, dropped)
 
 
 def _trained(labels: list[int]) -> int:
