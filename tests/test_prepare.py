@@ -737,7 +737,7 @@ def test_a_check_that_found_more_records_than_it_lists_says_so(settings, tiny):
     write_export(settings, records)
     r = CliRunner().invoke(app, ["prepare", "--minCurated", "0"])
     [line] = [ln for ln in r.output.splitlines() if ln.startswith("fail ") and " empty_response " in ln]
-    assert line.endswith(", …]") and line.split("[")[1].count(",") == 5, line  # five ids, then "…"
+    assert line.endswith(", … 4 more (--json lists them)]") and line.split("[")[1].count(",") == 5, line  # five ids
 
 
 def test_check_ids_stay_whole_in_a_narrow_terminal(settings, tiny, monkeypatch):
@@ -754,3 +754,19 @@ def test_check_ids_stay_whole_in_a_narrow_terminal(settings, tiny, monkeypatch):
     out = CliRunner().invoke(app, ["prepare", "--minCurated", "0"]).output
     ids = ["export_summary", "special_tokens_in_content", "exchange_across_splits", "empty_response"]
     assert all(re.search(rf"│ {name} +│", out) for name in ids), out
+
+
+def test_a_check_lists_every_record_to_fix_in_its_report_and_the_first_few_on_the_terminal(settings, tiny):
+    """Long-text repro: a check named at most 5 record ids, in prepare-latest.json and `--json` too, while the
+    README says each failing check names the ids to fix: 31 truncated samples were 5 ids, and nothing gave
+    the rest. The report lists them all (up to a bound); the CLI's lines show the first five and how many more."""
+    write_files(settings, clean_records(30))
+    report = prepare(settings, params(max_seq_length=16))
+    cut = report.check("truncated")
+    assert cut.count > 5 and len(cut.examples) == cut.count, (cut.count, cut.examples)
+    result = CliRunner().invoke(app, ["prepare", "--maxSeqLength=16", "--min-curated", "5", "--json"])
+    listed = next(c for c in json.loads(result.stdout)["checks"] if c["id"] == "truncated")
+    assert listed["examples"] == cut.examples
+    plain = CliRunner().invoke(app, ["prepare", "--maxSeqLength=16", "--min-curated", "5"]).output
+    line = next(x for x in plain.splitlines() if " truncated " in x)
+    assert f", … {cut.count - 5} more (--json lists them)]" in line and cut.examples[5] not in line, line

@@ -60,7 +60,10 @@ from .wire import now_iso
 
 Severity = Literal["info", "warn", "fail"]
 Status = Literal["ok", "warn", "fail"]
-MAX_EXAMPLES = 5  # record ids listed per check
+# Record ids a check lists in the report (--json, prepare-latest.json, the API): every one a user has to fix, up
+# to a bound that keeps a report of a million bad records readable; the CLI and the dashboard show the first few.
+MAX_EXAMPLES = 1000
+SHOWN_EXAMPLES = 5
 MIN_VAL = 5  # below this a val loss is mostly noise
 ROLES = {"system", "user", "assistant"}
 

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import LunaError
 from ..messages import counted
-from ..prepare import PrepareReport, prepare
+from ..prepare import SHOWN_EXAMPLES, PrepareReport, prepare
 from ..settings import load_settings
 from .app import app, as_written, fail, is_tty, print_report, tables_fit, visible
 from .flow import resolve
@@ -119,7 +119,8 @@ def show(report: PrepareReport) -> None:
 
 
 def _listed(check: Any) -> str:
-    """The record ids a check names: the first few, and "…" when it found more (the report lists the same)."""
+    """The record ids a check names: the first few, and how many more (`--json` and the report list them)."""
     if not check.examples:  # a figure (steps, tokens), not records
         return ""
-    return ", ".join(check.examples) + (", …" if check.count > len(check.examples) else "")
+    more = check.count - min(len(check.examples), SHOWN_EXAMPLES)
+    return ", ".join(check.examples[:SHOWN_EXAMPLES]) + (f", … {more} more (--json lists them)" if more > 0 else "")

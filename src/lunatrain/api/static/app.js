@@ -258,9 +258,9 @@ function renderPrepare(report) {
     h("td", { class: "num" }, formatNumber(check.count ?? 0)),
     h("td", {}, problem(check) && check.id ? h("code", {}, check.id) : null, problem(check) && check.id ? " " : null,
       tMsg(check.code, check.params, check.message ?? ""),
-      // The records to fix, as the CLI and the report name them (the first ones, "…" when there are more).
+      // The records to fix, as the CLI names them (the first five, "…" when there are more; the report lists them).
       problem(check) && check.examples?.length ? h("span", { class: "check-examples" },
-        ` (${check.examples.join(", ")}${(check.count ?? 0) > check.examples.length ? ", …" : ""})`) : null))) :
+        ` (${check.examples.slice(0, 5).join(", ")}${(check.count ?? 0) > Math.min(check.examples.length, 5) ? ", …" : ""})`) : null))) :
     [h("tr", {}, h("td", { colspan: 3 }, t("data.noChecks")))]));
   renderSample(report.samples?.[0], report.template?.terminator?.text);
 }
