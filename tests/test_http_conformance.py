@@ -145,3 +145,63 @@ def test_an_absolute_form_request_target_is_taken_with_its_authority_as_the_host
         assert status == 400 and body["error"]["code"] == "bad_host", body
         status, _, body = server.request("GET", f"http://127.0.0.1:{server.port}/nowhere")
         assert status == 404 and body["error"]["code"] == "not_found", body
+
+
+class _Transport:
+    """What uvicorn's protocol writes to and closes: a socket stand-in that records both."""
+
+    def __init__(self) -> None:
+        self.closed, self.sent = False, b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default=None):
+        return {"sockname": ("127.0.0.1", 5050), "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def set_write_buffer_limits(self, *args, **kwargs) -> None: ...
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", b"GET /assistant/training/status HTTP/1.1\r\nHost: 127", b"POST /x HTTP/1.1\r\n"]
+)
+def test_a_connection_whose_request_head_never_completes_is_closed(sent: bytes, monkeypatch) -> None:
+    """A client that connects and sends nothing, or a request head a byte at a time (slowloris), held its
+    connection for good: uvicorn arms no timer before the first request's head. The services close a
+    connection whose head is not complete within their head timeout; a complete head is not cut."""
+    import asyncio
+
+    import uvicorn
+
+    from lunatrain import compat
+
+    monkeypatch.setattr(compat, "HEAD_TIMEOUT", 0.05)
+
+    async def app(scope, receive, send):  # answers every request at once
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def run(data: bytes) -> _Transport:
+        config = uvicorn.Config(app, http=compat.head_timed_http(), lifespan="off", log_level="critical")
+        config.load()
+        protocol = config.http_protocol_class(config=config, server_state=uvicorn.server.ServerState(), app_state={})
+        transport = _Transport()
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
+        await asyncio.sleep(0.5)
+        return transport
+
+    assert asyncio.run(run(sent)).closed
+    whole = asyncio.run(run(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+    assert whole.sent.startswith(b"HTTP/1.1 204"), whole.sent  # answered, and then kept for the next request

@@ -1,4 +1,4 @@
-"""Every check that depends on a torch, transformers, PEFT (or typer) release, in one place.
+"""Every check that depends on a torch, transformers, PEFT (or typer, uvicorn) release, in one place.
 
 Each entry says which releases it serves and when it can go. Nothing else in lunatrain reads a private
 attribute of these libraries, probes their signatures or silences their warnings; tested ranges are pinned
@@ -252,3 +252,55 @@ def click_errors() -> Any:
     except ImportError:
         from click import exceptions
     return exceptions
+
+
+# --- uvicorn -------------------------------------------------------------------------------------
+
+HEAD_TIMEOUT = 10.0  # seconds a connection may take to send a request's head (after connecting, or between requests)
+
+
+@functools.cache
+def head_timed_http() -> type:
+    """uvicorn's h11 protocol (0.55) with a timer on the request head. uvicorn arms none before a request's head
+    is complete: a client that connects and sends nothing, or a head a byte at a time (slowloris), held its
+    connection and file descriptor for good, and enough of them left no room for the dashboard. The timer runs
+    from the connection (and from each response, for the next request) until a head is complete, and closes
+    the connection when it fires. Goes when uvicorn times out request heads itself."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimedH11(H11Protocol):
+        _head_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head()
+
+        def _arm_head(self) -> None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_late)
+
+        def _disarm_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a head is complete: the request's own time now
+                self._disarm_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self._head_timer is None:
+                self._arm_head()  # the next request's head
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head()
+            super().connection_lost(exc)
+
+    return HeadTimedH11

@@ -113,11 +113,15 @@ def serve(
     uvicorn.Config."""
     import uvicorn
 
+    from ..compat import head_timed_http
+
     address = url(sock)
     host, port = sock.getsockname()[:2]
     # No proxy headers: the client address and scheme are the socket's, never a header's claim; and no Server
     # header naming the stack.
     config |= {"proxy_headers": False, "server_header": False}
+    # A request head not complete within compat.HEAD_TIMEOUT closes its connection (slowloris, idle connects).
+    config.setdefault("http", head_timed_http())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
     # uvicorn ends a graceful shutdown by raising the signal again under the handler it found; under the
     # default one a SIGTERM would end the process right there, before the finally below.
