@@ -205,3 +205,55 @@ def test_a_connection_whose_request_head_never_completes_is_closed(sent: bytes, 
     assert asyncio.run(run(sent)).closed
     whole = asyncio.run(run(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
     assert whole.sent.startswith(b"HTTP/1.1 204"), whole.sent  # answered, and then kept for the next request
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(monkeypatch) -> None:
+    """The head complete, a body sent slowly or never (Content-Length: 100, then nothing) held the request, its
+    worker and its connection for good. A body not complete within the body timeout is a 408 and closes the
+    connection; the route never sees a part of it."""
+    import asyncio
+
+    from lunatrain.web import security
+
+    monkeypatch.setattr(security, "BODY_TIMEOUT", 0.05)
+    reached = []
+
+    async def app(scope, receive, send):  # reads the body whole, as a route does
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        reached.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = security.GuardMiddleware(app, hosts={"127.0.0.1"}, token=None, max_body_bytes=1000, realm="t")
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/assistant/training/examples",
+        "raw_path": b"/assistant/training/examples",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-length", b"100"), (b"content-type", b"application/json")],
+    }
+
+    async def run(messages: list) -> list:
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)  # a client that sends no more
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(run([{"type": "http.request", "body": b'{"a":', "more_body": True}]))
+    assert sent[0]["status"] == 408 and not reached, sent
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+    sent = asyncio.run(run([{"type": "http.request", "body": b'{"a": 1}', "more_body": False}]))
+    assert sent[0]["status"] == 200 and reached, sent  # in time: the route runs

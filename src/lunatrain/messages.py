@@ -31,6 +31,7 @@ CODES: dict[str, str] = {
     "unauthorized": "bearer token missing or wrong",
     "method_not_allowed": "the path does not accept this method",
     "payload_too_large": "request body over the size cap",
+    "request_timeout": "the request body did not arrive in time",
     "unsupported_media_type": "the body is not sent as application/json",
     "internal": "unexpected server error",
     "bad_host": "Host header not in ASSISTANT_ALLOWED_HOSTS",

@@ -9,6 +9,7 @@ Pure ASGI rather than Starlette's BaseHTTPMiddleware: the latter buffers and can
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -107,6 +108,15 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    pass
+
+
+# Seconds a request's body may take to arrive whole once its head is in: a body sent slowly or never (a
+# Content-Length and then nothing) held the request, its worker thread and its connection for good.
+BODY_TIMEOUT = 30.0
+
+
 # The first bytes of JSON text in UTF-16 or UTF-32, with or without a byte-order mark: what Python's json.loads
 # detects in bytes and decodes (RFC 4627's rule). JSON between systems is UTF-8 (RFC 8259 §8.1), and the
 # app's refusal of a Latin-1 body says so; `_capped` has such a body refused the same way.
@@ -203,12 +213,21 @@ class GuardMiddleware:
     async def _capped(self, scope: Scope, receive: Receive, send: Send, *, json_body: bool) -> None:
         seen = 0
         head = b""  # a JSON body's first bytes
-        too_large = False
+        too_large = too_slow = False
         started = False
+        loop = asyncio.get_running_loop()
+        deadline, arrived = loop.time() + BODY_TIMEOUT, False
 
         async def counting_receive() -> Message:
-            nonlocal seen, head, too_large
-            message = await receive()
+            nonlocal seen, head, too_large, too_slow, arrived
+            if arrived:  # the body is in: what follows (a disconnect while an answer streams) takes its time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                too_slow = True
+                raise BodyTooSlow from None
+            arrived = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 seen += len(chunk)
@@ -227,17 +246,25 @@ class GuardMiddleware:
         async def guarded_send(message: Message) -> None:
             nonlocal started
             # Once the cap is hit, whatever the app answers (FastAPI turns the error into a 400) is dropped.
-            if too_large:
+            if too_large or too_slow:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counting_receive, guarded_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTooSlow):
             pass
         if too_large and not started:
             await _reply(send, 413, "payload_too_large", f"Request body over {self.max_body} bytes.", close=True)
+        elif too_slow and not started:
+            await _reply(
+                send,
+                408,
+                "request_timeout",
+                f"The request body did not arrive within {BODY_TIMEOUT:g} s; send it whole, at once.",
+                close=True,
+            )
 
 
 class DataRootMiddleware:
