@@ -772,3 +772,25 @@ def test_a_check_lists_every_record_to_fix_in_its_report_and_the_first_few_on_th
     plain = CliRunner().invoke(app, ["prepare", "--maxSeqLength=16", "--min-curated", "5"]).output
     line = next(x for x in plain.splitlines() if " truncated " in x)
     assert f", … {cut.count - 5} more (--json lists them)]" in line and cut.examples[5] not in line, line
+
+
+def test_a_val_sample_that_a_longer_train_conversation_trains_is_named(settings, tiny):
+    """Conversations repro: the same conversation imported at two lengths without a conversationId (or again under
+    a new id) split by its last exchange each: the short one in val, the longer one in train, which trains every
+    answer of the short one. `exchange_across_splits` compared last exchanges only and said "no exchange in
+    train and in val/test". A val/test sample any of whose trained exchanges a train sample trains is named."""
+    from lunatrain.prepare import _exchange_check
+
+    short = [*_turn("Wie heißt du?", "Ich bin Luna."), *_turn("Was kannst du?", "Ich helfe beim Planen.")]
+    longer = [*short, *_turn("Danke!", "Gern geschehen.")]
+    records = [
+        {"id": "short", "hash": "h-short", "split": "val", "messages": short},
+        {"id": "longer", "hash": "h-longer", "split": "train", "messages": longer},
+        {"id": "other", "hash": "h-other", "split": "val", "messages": _turn("Wie spät ist es?", "Mittag.")},
+    ]
+    check = _exchange_check(records)
+    assert check.severity == "warn" and check.examples == ["short"], check
+    # an exchange the train sample holds as context only (weight 0) is not trained there: no leak
+    records[1]["messages"][1] = {"role": "assistant", "content": "Ich bin Luna.", "weight": 0}
+    records[1]["messages"][3] = {"role": "assistant", "content": "Ich helfe beim Planen.", "weight": 0}
+    assert _exchange_check(records).count == 0

@@ -212,7 +212,7 @@ CODES: dict[str, str] = {
     "check.duplicate_across_splits.ok": "no hash in two splits",
     "check.duplicate_across_splits.found": "hashes in more than one split (count)",
     "check.exchange_across_splits.ok": "no exchange in train and in val/test",
-    "check.exchange_across_splits.found": "val/test samples ending in the exchange of a train sample of another conversation (count)",
+    "check.exchange_across_splits.found": "val/test samples holding an exchange a train sample of another conversation trains (count)",
     "check.duplicate_normalized.ok": "no normalized duplicates",
     "check.duplicate_normalized.found": "near-duplicates after folding case and punctuation (count)",
     "check.conflicting_answers.ok": "no question with different answers",

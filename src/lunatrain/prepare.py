@@ -39,6 +39,7 @@ Checks (id: severity when something is found):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -664,28 +665,39 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split())
 
 
+def _exchanges(rec: dict) -> list[tuple[str, str]]:
+    """A record's trained exchanges: each user message with the assistant answer right after it, unless that
+    answer has weight 0 (context only), as (prompt, answer) in NFC without surrounding spaces."""
+    out, turns = [], [m for m in rec["messages"] if m["role"] in ("user", "assistant")]
+    for ask, answer in itertools.pairwise(turns):
+        if ask["role"] == "user" and answer["role"] == "assistant" and answer.get("weight", 1) != 0:
+            out.append(tuple(unicodedata.normalize("NFC", m["content"]).strip() for m in (ask, answer)))
+    return out  # type: ignore[return-value]
+
+
 def _exchange_check(records: list[dict]) -> Check:
-    """The same last exchange (prompt and answer) in train and in val/test under other hashes: samples of one
-    conversation share a split, so the same exchange told in two conversations (after other turns, under
-    another system prompt) follows each. The split cannot join them without moving samples when examples come
-    and go; prepare names the val/test copies instead (one hash in two splits is duplicate_across_splits)."""
-    by_exchange: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """A val/test sample holding an exchange (prompt and answer) that a train sample of another hash trains: samples
+    of one conversation share a split, so the same exchange told in two conversations (after other turns, under
+    another system prompt), or one conversation imported at two lengths without its conversationId, follows
+    each, and the longer one trains every answer of the shorter. The split cannot join them without moving
+    samples when examples come and go; prepare names the val/test copies instead (one hash in two splits is
+    duplicate_across_splits)."""
+    trained: dict[tuple[str, str], set[str]] = defaultdict(set)
     for rec in records:
-        turns = [m for m in rec["messages"] if m["role"] in ("user", "assistant")]
-        if len(turns) >= 2 and turns[-2]["role"] == "user" and turns[-1]["role"] == "assistant":
-            key = tuple(unicodedata.normalize("NFC", m["content"]).strip() for m in turns[-2:])
-            by_exchange[(key[0], key[1])].append(rec)
-    found = []
-    for group in by_exchange.values():
-        trained = {r.get("hash") for r in group if r["split"] == "train"}
-        if trained:
-            found += [_rid(r) for r in group if r["split"] != "train" and r.get("hash") not in trained]
+        if rec["split"] == "train":
+            for exchange in _exchanges(rec):
+                trained[exchange].add(str(rec.get("hash")))
+    found = [
+        _rid(rec)
+        for rec in records
+        if rec["split"] != "train" and any(trained.get(x, set()) - {str(rec.get("hash"))} for x in _exchanges(rec))
+    ]
     return _check(
         "exchange_across_splits",
         "warn",
         found,
-        "samples end in the exchange of a train sample of another conversation (val/test partly measure "
-        "memorisation; keep it in one conversation)",
+        "samples hold an exchange a train sample of another conversation trains (val/test partly measure "
+        "memorisation; keep a conversation under one conversationId)",
         "no exchange in train and in val/test",
     )
 
