@@ -248,6 +248,30 @@ def test_recover_settles_running_jobs_and_stops_their_orphans(store, settings):
         orphan.wait()
 
 
+def test_a_running_job_copied_with_its_data_root_is_not_stopped_by_the_copys_trainer(store, settings, tmp_path):
+    """Move-root repro: a data root copied (`cp -a`, a backup restored) while a job trained carried the job as
+    running; the copy's first trainer found its process alive, took it for its own orphan and stopped it, the
+    original root's live training. A child of another data root (its ASSISTANT_HOME names another folder) is
+    left alone; the copy settles its record only."""
+    original = tmp_path / "original"
+    original.mkdir()
+    job = queued(store, LoraParams(adapter_name="copied"))
+    theirs = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        start_new_session=True,
+        env={**os.environ, "ASSISTANT_HOME": str(original)},
+    )
+    try:
+        store.claim(job.id)
+        store.set_fields(job.id, pid=theirs.pid, pid_started=procs.started(theirs.pid))
+        recover(settings, store)
+        assert theirs.poll() is None, "the other root's training was stopped"
+        assert store.get(job.id).status == "failed"  # this root's record of it is settled
+    finally:
+        theirs.kill()
+        theirs.wait()
+
+
 def test_an_interrupted_job_says_how_to_resume_in_the_callers_terms(store, settings):
     """Repro: `lunatrain lora` and `jobs show` said "submit it again (with resume=true it continues from its
     last checkpoint)": `resume=true` is neither the CLI's flag nor the API's JSON."""

@@ -24,7 +24,7 @@ import psutil
 from .. import procs, registry
 from ..checkpoints import saved_states
 from ..errors import LunaError
-from ..fsio import read_json
+from ..fsio import identity, read_json
 from ..settings import Settings
 from ..wire import parse_iso
 from .jobs import Job, JobStore
@@ -53,14 +53,18 @@ def signal_group(pid: int, sig: int) -> bool:
         return False
 
 
-def stop_orphan(pid: int, started: float | None, grace: float = 5.0) -> bool:
-    """Stop a child left behind by a previous trainer, if `pid` is still that very process.
+def stop_orphan(pid: int, started: float | None, home: Path | None = None, grace: float = 5.0) -> bool:
+    """Stop a child left behind by a previous trainer of the data root `home`, if `pid` is still that very process.
 
-    Its recorded start guards against a pid that was reused by an unrelated process since.
+    Its recorded start guards against a pid that was reused by an unrelated process since; its ASSISTANT_HOME
+    against a child of another data root: a copy of a root (`cp -a`, a backup restored) made while a job trained
+    carries the job as running, and the live process is the original root's training, not this root's orphan.
     """
     try:
         proc = psutil.Process(pid)
         if started is not None and not procs.is_same(pid, started):
+            return False
+        if home is not None and _of_another_root(proc, home):
             return False
     except psutil.NoSuchProcess:
         signal_group(pid, signal.SIGKILL)  # the leader is gone; stragglers of its group may not be
@@ -73,11 +77,25 @@ def stop_orphan(pid: int, started: float | None, grace: float = 5.0) -> bool:
     return True
 
 
+def _of_another_root(proc: psutil.Process, home: Path) -> bool:
+    """Whether `proc` works for another data root than `home`: its ASSISTANT_HOME (set for every child, see
+    spawn.py) names a folder that exists and is not `home`. Unsure (no such variable, a folder gone since the
+    root was moved, an environment this user may not read) is False: then it is this root's."""
+    try:
+        theirs = proc.environ().get("ASSISTANT_HOME")
+    except (psutil.AccessDenied, psutil.ZombieProcess, psutil.NoSuchProcess):
+        return False
+    if not theirs:
+        return False
+    where = identity(Path(theirs))
+    return where is not None and where != identity(home)
+
+
 def recover(settings: Settings, store: JobStore) -> None:
     """Settle every job a previous trainer left active (see the module docstring)."""
     for job in store.with_status("running", "cancelling"):
         pid, started = store.child(job.id)
-        if pid and stop_orphan(pid, started):
+        if pid and stop_orphan(pid, started, settings.home):
             log.warning("stopped orphaned child %s of job %s", pid, job.id)
         settled = settle_interrupted(settings, store, job.id, cancel_requested=job.status == "cancelling")
         log.info(
