@@ -535,6 +535,31 @@ def test_a_flat_export_from_before_is_adopted_first(settings: Settings) -> None:
     assert {p.name: p.read_bytes() for p in adopted.iterdir()} == flat
 
 
+def test_a_data_root_copied_with_its_links_followed_exports_again(settings: Settings, tmp_path: Path) -> None:
+    """Move-root repro: a copy that follows links (`cp -rL`, `rsync -rL`, many backup tools) made `current` a
+    folder and the guide's names plain files; every export of the copy then failed with "Is a directory ...
+    check the disk", so `luna` stopped for good, and each try left an export folder and a `.current.*` link
+    behind. The folder is adopted as the export it was, a name edited by hand is kept aside as always."""
+    import os
+    import shutil
+
+    store.add_examples(settings, _drafts(30, "a"))
+    ex.export(settings)
+    copy = tmp_path / "copy"
+    shutil.copytree(settings.home, copy, symlinks=False)  # what cp -rL does
+    mine = load_settings(home=copy)
+    out = mine.training_dir
+    assert (out / ex.CURRENT_LINK).is_dir() and not (out / ex.CURRENT_LINK).is_symlink()
+    (out / ex.MEMORY_FILE).write_text("edited by hand\n")
+    store.add_examples(mine, _drafts(30, "b"))
+    new = ex.export(mine)
+    assert (out / ex.CURRENT_LINK).is_symlink() and all((out / n).is_symlink() for n in ex.DATA_FILES)
+    assert ex.read_tier(mine, "curated").fingerprint == new.fingerprint
+    assert [aside for _name, aside in new.kept_aside] == [p.name for p in out.glob("*.edited-*")]
+    assert not [p for p in os.listdir(out) if p.startswith(f".{ex.CURRENT_LINK}.")]
+    assert len(ex.export_ids(mine)) == len(ex.export_ids(settings)) + 2  # the adopted one and the new one
+
+
 @pytest.mark.parametrize("errno_", ["ENOSPC", "EIO"])
 def test_a_failed_write_keeps_the_previous_export(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, errno_: str

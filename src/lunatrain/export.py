@@ -542,9 +542,17 @@ def _link_names(out: Path) -> None:
 def _adopt_flat_files(out: Path) -> None:
     """A data root exported before `.exports/` existed holds plain files: hard-link them into an export
     directory and point `current` at it, then turn the names into links (each one content-identical), so
-    the later switch to the new export is again one rename."""
-    if (out / CURRENT_LINK).is_symlink():
+    the later switch to the new export is again one rename. A `current` that is a folder (a copy that
+    followed links) becomes an export directory itself."""
+    current = out / CURRENT_LINK
+    if current.is_symlink():
         return
+    if current.is_dir():  # a copy that followed the links (`cp -rL`, `rsync -rL`): `current` holds the export
+        export_id = _new_id([p.name for p in (out / EXPORTS_DIR).iterdir()])
+        os.replace(current, out / EXPORTS_DIR / export_id)
+        fsync_dir(out / EXPORTS_DIR)
+        _switch_current(out, export_id)
+        return  # the names are plain copies now: the export links them again, and keeps an edited one aside
     flat = [name for name in (*DATA_FILES, SUMMARY_FILE) if (out / name).is_file() and not (out / name).is_symlink()]
     if not flat:
         return
