@@ -125,6 +125,37 @@ def test_a_second_server_of_the_data_root_gives_the_record_back_when_it_stops(tm
     assert listen.recorded(tmp_path / "none.url") is None
 
 
+def test_a_recorded_server_of_another_data_root_is_not_taken_as_this_roots(tmp_path):
+    """Move-root repro: a data root copied while its `serve` ran carried that server's address in data/api/api.url;
+    the copy's `serve` took it for "another server of this data root" and wrote it back when it stopped, so a
+    script of the copy (`curl $(cat data/api/api.url)/…`) wrote into the original. A recorded address is
+    given back only when the process listening there serves this data root."""
+    import os
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    copy.mkdir()
+    script = (
+        "import socket, sys, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "print(s.getsockname()[1], flush=True); time.sleep(120)\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ASSISTANT_HOME": str(original)},
+    )
+    try:
+        address = f"http://127.0.0.1:{server.stdout.readline().strip()}"
+        assert listen.serves_root(address, original)
+        assert not listen.serves_root(address, copy)
+    finally:
+        server.kill()
+        server.wait()
+    assert not listen.serves_root(address, original)  # nothing listens there any more
+
+
 def test_bind_refuses_a_port_in_use_and_one_out_of_range(busy):
     with pytest.raises(UsageError) as info:
         listen.bind("127.0.0.1", busy)

@@ -64,6 +64,8 @@ def serve(
             pass  # damaged or unreachable: served anyway, each request that needs it answers 503 with why
         api = create_app(settings, bound_host=settings.api_host)
         previous = listen.recorded(settings.api_url_file)  # another server of this data root: given back at exit
+        if previous and not listen.serves_root(previous, settings.home):
+            previous = None  # recorded in a copy of the root made while its server ran: not this root's
         address = listen.record(sock, settings.api_url_file)
     except LunaError as err:
         sock.close()

@@ -15,6 +15,7 @@ import signal
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import StorageError, UsageError
 from ..fsio import atomic_write_text
@@ -94,9 +95,33 @@ def forget(path: Path, address: str, previous: str | None = None) -> None:
             path.unlink()
 
 
-def _listening(address: str) -> bool:
-    from urllib.parse import urlsplit
+def serves_root(address: str, home: Path) -> bool:
+    """Whether the process listening at the loopback `address` serves the data root `home`: its ASSISTANT_HOME
+    (else its working directory, the default root) names the same folder. A copy of a data root made while its
+    server ran records the original's address; that server is not this root's. False when nothing listens
+    there or the process cannot be read (another user's)."""
+    import psutil
 
+    from ..fsio import identity
+
+    try:
+        port = urlsplit(address).port
+        listening = [
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        ]
+        for pid in listening:
+            proc = psutil.Process(pid)
+            cwd = Path(proc.cwd())
+            root = cwd / proc.environ().get("ASSISTANT_HOME", "")  # an absolute one replaces the cwd
+            return identity(root) is not None and identity(root) == identity(home)
+    except (psutil.Error, OSError, ValueError):
+        pass
+    return False
+
+
+def _listening(address: str) -> bool:
     try:
         parts = urlsplit(address)
         with socket.create_connection((parts.hostname or "", parts.port or 0), timeout=2.0):
