@@ -164,6 +164,13 @@ def test_a_cut_that_loses_no_trained_token_is_no_truncation(vocab_dir, family):
         assert enc.n_supervised == whole.n_supervised
     cut = encode_chat(tok, messages, last)  # the last trained token (the terminator's end) does not fit
     assert cut.truncated and cut.n_supervised == whole.n_supervised - 1
+    # review repro: a conversation one such token too long lost its whole first exchange to fit
+    multi = TURNS[:4]
+    whole = encode_chat(tok, multi, 100_000)
+    after = len(whole) - 1 - max(k for k, label in enumerate(whole.labels) if label != IGNORE)
+    if after:
+        enc = encode_chat(tok, multi, len(whole) - after)
+        assert enc.dropped == 0 and not enc.truncated and enc.n_supervised == whole.n_supervised, family
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

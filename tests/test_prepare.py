@@ -772,6 +772,12 @@ def test_a_check_lists_every_record_to_fix_in_its_report_and_the_first_few_on_th
     plain = CliRunner().invoke(app, ["prepare", "--maxSeqLength=16", "--min-curated", "5"]).output
     line = next(x for x in plain.splitlines() if " truncated " in x)
     assert f", … {cut.count - 5} more (--json lists them)]" in line and cut.examples[5] not in line, line
+    # review repro: past the report's bound the line promised --json would list what it does not
+    from lunatrain.cli.prepare import _listed
+    from lunatrain.prepare import Check
+
+    many = Check("truncated", "warn", 1312, [f"r{i}" for i in range(1000)], "…")
+    assert _listed(many).endswith(", … 1307 more (--json lists the first 1000)"), _listed(many)
 
 
 def test_a_val_sample_that_a_longer_train_conversation_trains_is_named(settings, tiny):

@@ -35,8 +35,10 @@ from .settings import Settings
 IGNORE = -100
 SPLITS = ("train", "val", "test")
 # bump when Encoded or the masking rule changes (2: the template's terminator, not eos; 3: an answer located
-# by its text is searched after the message before it; a long conversation loses its oldest exchanges)
-CACHE_FORMAT = 3
+# by its text is searched after the message before it; a long conversation loses its oldest exchanges; 4: a
+# cut that loses no trained token, only the template's own tokens after the last terminator, is no truncation
+# and drops no exchange)
+CACHE_FORMAT = 4
 
 
 @dataclass
@@ -204,8 +206,9 @@ def encode_chat(
     """
     ids, labels = _encode(tokenizer, messages, terminator)
     full = len(ids)
-    if full <= max_seq_length:
-        return Encoded(ids, labels, False, full, hash)
+    if full <= max_seq_length or not _trained(labels[max_seq_length:]):
+        # it fits, but for the template's own tokens after its last terminator (ChatML's newline): cut there
+        return Encoded(ids[:max_seq_length], labels[:max_seq_length], False, full, hash)
     head = next((k for k, m in enumerate(messages) if m.get("role") != "system"), len(messages))
     # Where a kept part may start: a user turn after the first exchange, with an answer to train after it.
     trained = [k for k, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]

@@ -123,4 +123,5 @@ def _listed(check: Any) -> str:
     if not check.examples:  # a figure (steps, tokens), not records
         return ""
     more = check.count - min(len(check.examples), SHOWN_EXAMPLES)
-    return ", ".join(check.examples[:SHOWN_EXAMPLES]) + (f", … {more} more (--json lists them)" if more > 0 else "")
+    listed = "them" if len(check.examples) == check.count else f"the first {len(check.examples)}"
+    return ", ".join(check.examples[:SHOWN_EXAMPLES]) + (f", … {more} more (--json lists {listed})" if more > 0 else "")
