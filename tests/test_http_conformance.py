@@ -207,6 +207,46 @@ def test_a_connection_whose_request_head_never_completes_is_closed(sent: bytes, 
     assert whole.sent.startswith(b"HTTP/1.1 204"), whole.sent  # answered, and then kept for the next request
 
 
+def test_the_head_timer_spares_a_long_answer_and_cuts_a_body_sent_a_byte_at_a_time_after_it(monkeypatch) -> None:
+    """Review repros: an answer that did not wait for the body (a 401, a 404), followed by that body a byte at a
+    time, held the connection for good (the timer was armed only once the client had sent everything, and
+    uvicorn's own is cancelled by every byte); and a route that works longer than the timer must not be cut."""
+    import asyncio
+
+    import uvicorn
+
+    from lunatrain import compat
+
+    monkeypatch.setattr(compat, "HEAD_TIMEOUT", 0.2)
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.5)  # longer than the head timer: the request's own time
+        status = 401 if scope["method"] == "POST" else 200  # a POST is refused without its body being read
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run(head: bytes, trickle: int) -> _Transport:
+        config = uvicorn.Config(app, http=compat.head_timed_http(), lifespan="off", log_level="critical")
+        config.load()
+        protocol = config.http_protocol_class(config=config, server_state=uvicorn.server.ServerState(), app_state={})
+        transport = _Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(head)
+        for _ in range(trickle):  # a byte every 0.1 s: each one under the timer, together far over it
+            await asyncio.sleep(0.1)
+            if transport.closed:
+                break
+            protocol.data_received(b"x")
+        await asyncio.sleep(0.05 if trickle else 0.8)
+        return transport
+
+    slow = asyncio.run(run(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 0))
+    assert slow.sent.startswith(b"HTTP/1.1 200") and slow.sent.endswith(b"ok"), slow.sent
+    refused = asyncio.run(run(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n", 20))
+    assert refused.sent.startswith(b"HTTP/1.1 401") and refused.closed
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(monkeypatch) -> None:
     """The head complete, a body sent slowly or never (Content-Length: 100, then nothing) held the request, its
     worker and its connection for good. A body not complete within the body timeout is a 408 and closes the
@@ -257,3 +297,49 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(mon
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
     sent = asyncio.run(run([{"type": "http.request", "body": b'{"a": 1}', "more_body": False}]))
     assert sent[0]["status"] == 200 and reached, sent  # in time: the route runs
+
+    # Review repros: the deadline was one for the whole body (a steady slow upload was cut) and ran for requests
+    # without a body too (a file answer reads the connection after a route that worked longer than it).
+    async def trickled() -> list:
+        parts = [{"type": "http.request", "body": b" ", "more_body": True} for _ in range(5)]
+        parts.append({"type": "http.request", "body": b'{"a": 1}', "more_body": False})
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(0.03)  # each part within the timeout, all of them well over it
+            return parts.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent
+
+    assert asyncio.run(trickled())[0]["status"] == 200
+    bodyless = dict(scope, method="GET", headers=[(b"host", b"127.0.0.1")])
+
+    async def later_disconnect() -> list:
+        sent, calls = [], []
+
+        async def receive():
+            calls.append(1)
+            if len(calls) == 1:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.sleep(0.2)  # the client stays: a file answer waits on this past the timeout
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        async def reads_twice(scope, receive, send):
+            await receive()
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        await security.GuardMiddleware(reads_twice, hosts={"127.0.0.1"}, token=None, max_body_bytes=1000, realm="t")(
+            bodyless, receive, send
+        )
+        return sent
+
+    assert asyncio.run(later_disconnect())[0]["status"] == 200

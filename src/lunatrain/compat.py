@@ -262,21 +262,25 @@ HEAD_TIMEOUT = 10.0  # seconds a connection may take to send a request's head (a
 @functools.cache
 def head_timed_http() -> type:
     """uvicorn's h11 protocol (0.55) with a timer on the request head. uvicorn arms none before a request's head
-    is complete: a client that connects and sends nothing, or a head a byte at a time (slowloris), held its
-    connection and file descriptor for good, and enough of them left no room for the dashboard. The timer runs
-    from the connection (and from each response, for the next request) until a head is complete, and closes
-    the connection when it fires. Goes when uvicorn times out request heads itself."""
-    import h11
+    is complete, and cancels its keep-alive timer on every byte: a client that connects and sends nothing, a
+    head a byte at a time (slowloris), or a body the answer did not wait for (a 401, a 404) sent a byte at a
+    time, held its connection and file descriptor for good, and enough of them left no room for the
+    dashboard. The timer runs from the connection, and from each response, until the next request's head is
+    complete (a new request cycle), and closes the connection when it fires; while a request is being
+    answered it does not run. Goes when uvicorn times out request heads itself."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimedH11(H11Protocol):
         _head_timer: Any = None
+        _armed_in: Any = None  # the request cycle the timer was armed after (None: before the first)
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_head()
 
         def _arm_head(self) -> None:
+            self._disarm_head()
+            self._armed_in = self.cycle
             self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_late)
 
         def _disarm_head(self) -> None:
@@ -286,18 +290,18 @@ def head_timed_http() -> type:
 
         def _head_late(self) -> None:
             self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if not self.transport.is_closing():
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # a head is complete: the request's own time now
+            if self.cycle is not self._armed_in:  # a new request's head is complete: its answer's time now
                 self._disarm_head()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE and self._head_timer is None:
-                self._arm_head()  # the next request's head
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm_head()  # the rest of what the client sends, and the next request's head
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head()
