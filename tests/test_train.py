@@ -1202,3 +1202,35 @@ def test_the_loop_and_the_trainer_tell_out_of_memory_alike(kind, message, oom):
     exc = type(kind, (RuntimeError,), {})(message)
     assert out_of_memory(exc) is oom
     assert _is_oom(f"{kind}: {message}" if message else kind) is oom
+
+
+@pytest.mark.parametrize("when", ["epoch", "last step"])
+def test_a_run_whose_data_root_moves_writes_nothing_at_the_old_path(tmp_path, when):
+    """Move-root repro: a folder above the data root renamed while a run trained (`mv ~/work ~/work-old`): the run
+    went on writing at the old path, making a whole new data root there (its checkpoints, the adapter, a
+    registry with it active, the reports), and `luna` said the new version was active while the moved root got
+    nothing. The run stops before it writes there, with a sentence saying why; the moved root is as it was."""
+    from lunatrain.settings import load_settings
+
+    settings = load_settings(home=tmp_path / "work" / "root")
+    write_export(settings, make_records(24))
+    params = parse_params(FAST | {"epochs": 2, "adapterName": "moved"})
+    moved = []
+
+    def on_event(event):
+        # at the first epoch's end (before its checkpoint), or at the last step (before the adapter is published)
+        now = (
+            event.get("type") == "eval"
+            if when == "epoch"
+            else event.get("type") == "progress" and event["step"] == event["totalSteps"]
+        )
+        if now and not moved:
+            (tmp_path / "work").rename(tmp_path / "work-old")
+            moved.append(True)
+
+    result = run_lora(params, settings, on_event=on_event)
+    assert moved and not result.ok and result.error["code"] == "storage.root_moved", result.error
+    assert "was moved or replaced while this run trained" in result.error["message"]
+    assert not (tmp_path / "work").exists(), sorted(p for p in (tmp_path / "work").rglob("*"))
+    old = load_settings(home=tmp_path / "work-old" / "root")
+    assert registry.load(old)["adapters"].get("moved") is None

@@ -47,7 +47,7 @@ from .compat import (
     with_bitsandbytes,
 )
 from .distributed import World
-from .errors import CheckFailed, Conflict, LunaError, UsageError, is_out_of_memory
+from .errors import CheckFailed, Conflict, LunaError, StorageError, UsageError, is_out_of_memory
 from .fsio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -58,6 +58,7 @@ from .fsio import (
     os_error_of,
     storage_error,
 )
+from .fsio import identity as identity_of
 from .loss import chunk_tokens, chunked_loss_sum, lean_loss_check
 from .messages import coded, counted
 from .params import (
@@ -157,6 +158,7 @@ class Run(LoopState):
     plan: memplan.MemoryPlan | None = field(default=None, kw_only=True)  # the estimate and checkpointing decision
     world: World = field(default=distributed.SINGLE, kw_only=True)
     job_id: str | None = field(default=None, kw_only=True)  # the trainer job this run is, if any
+    root: tuple[int, int] | None = field(default=None, kw_only=True)  # the data root's folder (fsio.identity)
     optimizer: torch.optim.Optimizer | None = field(default=None, kw_only=True)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(default=None, kw_only=True)
 
@@ -399,9 +401,30 @@ def conclude(
 
 
 def _record(run: Run, report: dict[str, Any]) -> None:
-    """A run that published nothing: its report in its work dir and as the latest report."""
+    """A run that published nothing: its report in its work dir and as the latest report (not in a data root
+    moved or replaced since it started: that would make a new one at the old path)."""
+    if root_moved(run):
+        return
     atomic_write_json(run.work_dir / registry.REPORT_FILE, report)
     registry.write_latest(run.settings, report)
+
+
+def root_moved(run: Run) -> bool:
+    """Whether the data root the run started in is no longer at its path (moved, renamed with a folder above it,
+    or replaced by another folder)."""
+    return run.root is not None and identity_of(run.settings.home) != run.root
+
+
+def check_root(run: Run) -> None:
+    """StorageError when the data root moved since the run started: every path of the run names the old place,
+    and writing there made a whole new data root (a registry, the adapter active in it) while the moved one got
+    nothing. The run stops before it writes; its checkpoints moved with the root."""
+    if root_moved(run):
+        raise StorageError(
+            f"The data root {run.settings.home} was moved or replaced while this run trained, so nothing more was "
+            "written there; run it again (or resume it from its last checkpoint) in the data root's new place.",
+            code="storage.root_moved",
+        )
 
 
 def _stopped_at(run: Run) -> dict[str, int]:
@@ -521,6 +544,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     per_epoch = steps_per_epoch(len(train_set), params, world.size)
     distributed.share_params(world, [p for p in model.parameters() if p.requires_grad])
     return Run(
+        root=identity_of(settings.home),
         params=params,
         settings=settings,
         base=base,
@@ -857,6 +881,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
         run.epoch = epoch + 1
         run.train_seconds = seconds0 + time.perf_counter() - t0
         if world.main:
+            check_root(run)  # before writing there: a moved root must not be made again at its old path
             checkpoints.save(run)
         distributed.barrier(world)  # a rank that fails later finds this checkpoint complete on resume
         if val_loss is None:  # an export without a validation split
@@ -1111,6 +1136,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     from .progress import plot_loss_curve
 
     p, out = run.params, run.work_dir
+    check_root(run)
     # Name the base by what the user called it, not by this machine's cache path, in adapter_config.json; and
     # pin the hub commit trained on, which PEFT's AutoPeftModelForCausalLM loads (without it, whatever the hub
     # holds later). The model card PEFT writes is replaced by our own (`model_card`) when the run is published.
