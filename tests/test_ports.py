@@ -393,3 +393,16 @@ def test_under_nohup_a_hang_up_leaves_the_trainer_running(tmp_path):
     finally:
         stop_group(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_a_recorded_address_held_by_another_root_is_not_blamed_on_a_setting_left_at_port_0(tmp_path):
+    """Move-root repro: in a copy of a data root, `jobs list` found the copied data/trainer/trainer.url naming the
+    original's trainer and said to "point ASSISTANT_LORA_TRAINER_URL at a trainer started with ASSISTANT_HOME=…,
+    or unset it", while that setting was port 0 (any free port): the address came from the record. Only an
+    address the user chose is theirs to change."""
+    free = load_settings(home=tmp_path, lora_trainer_url="http://127.0.0.1:0")
+    said = client.held_by_another(free, "the trainer of another data root").message
+    assert "ASSISTANT_LORA_TRAINER_URL" not in said and "lunatrain trainer --port 0" in said, said
+    assert "ASSISTANT_LORA_TRAINER_URL" not in client.other_data_root(free, "another").message
+    chosen = load_settings(home=tmp_path, lora_trainer_url="http://127.0.0.1:45961")
+    assert "point ASSISTANT_LORA_TRAINER_URL" in client.held_by_another(chosen, "another").message

@@ -306,7 +306,10 @@ def held_detail(settings: Settings) -> dict[str, object]:
 
 
 def _chosen(settings: Settings) -> bool:
-    return explicit_url(settings) or bool(settings.lora_trainer_start_cmd)
+    """Whether the user chose where the trainer is: a URL with a port (port 0 is any free one, found through
+    this root's record: a copied root's record names the original's trainer, no setting of theirs) or a
+    start command."""
+    return chosen_address(settings) or bool(settings.lora_trainer_start_cmd)
 
 
 def _point_elsewhere(settings: Settings) -> str:
