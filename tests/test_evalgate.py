@@ -17,7 +17,7 @@ from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.evalgate import EvalCheck, GateThresholds, judge, load_suite, parse_thresholds
 
-from helpers import adapter_work_dir, write_small_suite
+from helpers import adapter_work_dir, make_records, write_export, write_small_suite
 
 
 def decide(*args, **kwargs) -> list[str]:
@@ -958,26 +958,28 @@ def test_a_failed_registry_write_in_the_gate_leaves_no_active_version_without_it
     assert active["version"] == v2["version"] and active["gate"]["passed"] is True
 
 
+def _gated_run(settings, extra: dict | None = None, **kwargs):
+    """One short `train_and_gate` run on 40 exported records, gated with lenient thresholds (these tests are about
+    what happens around the gate, not its decision); returns the outcome, the parameters and the export read."""
+    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
+    from lunatrain.flow import train_and_gate
+    from lunatrain.params import FlowOptions, parse_params
+
+    data = write_export(settings, make_records(40, val_every=5))
+    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128} | (extra or {}))
+    lenient = {"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0}
+    return train_and_gate(settings, params, FlowOptions(gate=True), thresholds=lenient, **kwargs), params, data
+
+
 @pytest.mark.parametrize("strategy", ["versioned", "overwrite"])
 def test_a_cancel_during_the_gate_keeps_the_version_registered_and_takes_nothing_over(settings, strategy):
     """Long-session repro: `jobs cancel` while a job's eval gate ran was accepted ("cancelling"), then the gate
     passed and activated the new version anyway. A cancel that comes during the gate now keeps the decision
     from taking effect: the version stays registered, inactive (an overwrite run does not take the slot)."""
-    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
-    from lunatrain.flow import train_and_gate
-    from lunatrain.params import FlowOptions, parse_params
-
-    from helpers import make_records, write_export
-
-    write_export(settings, make_records(40, val_every=5))
     cancelled = {"now": False}
-    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
-    params = parse_params(params.wire() | {"adapterStrategy": strategy})
-    outcome = train_and_gate(
+    outcome, params, _data = _gated_run(
         settings,
-        params,
-        FlowOptions(gate=True),
-        thresholds={"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
+        {"adapterStrategy": strategy},
         should_stop=lambda: cancelled["now"],
         on_trained=lambda _outcome: cancelled.update(now=True),  # the cancel comes once it is registered
     )
@@ -993,20 +995,9 @@ def test_a_trainer_that_stops_during_the_gate_is_no_cancel(settings):
     """Review repro: the gate took any stop reason for a cancel. A trainer that stops or dies while a job's
     gate runs says so in a sentence (train.py: a sentence is no cancel); the version that passed then stayed
     inactive, noted as "cancelled", and nothing gated it again. Only a cancel (True) keeps it inactive."""
-    write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
-    from lunatrain.flow import train_and_gate
-    from lunatrain.params import FlowOptions, parse_params
-
-    from helpers import make_records, write_export
-
-    write_export(settings, make_records(40, val_every=5))
     stopping = {"now": False}
-    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
-    outcome = train_and_gate(
+    outcome, params, _data = _gated_run(
         settings,
-        params,
-        FlowOptions(gate=True),
-        thresholds={"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
         should_stop=lambda: "the trainer is stopping" if stopping["now"] else False,
         on_trained=lambda _outcome: stopping.update(now=True),
     )
@@ -1145,6 +1136,20 @@ def test_an_active_version_whose_template_refuses_an_exported_example_leaves_the
     ), report.notes
 
 
+def _kept_by_hand(settings, report, judged: dict, active: dict) -> str:
+    """`judged` passed its gate against v1 but was not promoted: `active`, activated by hand meanwhile, stays, and
+    the note says so; returns the judged version's ref."""
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == active["version"]
+    ref = f"luna-adapter@{judged['version']}"
+    assert {
+        "code": "gate.baseline_moved",
+        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{active['version']}", "ref": ref},
+    } in report.note_codes, report.note_codes
+    recorded = registry.get_version(settings, "luna-adapter", judged["version"])["gate"]
+    assert recorded["passed"] is True and recorded["promoted"] is False, recorded
+    return ref
+
+
 def test_gates_of_one_adapter_judge_one_at_a_time_and_a_moved_baseline_promotes_nothing(
     trained_home, settings, monkeypatch
 ):
@@ -1176,14 +1181,7 @@ def test_gates_of_one_adapter_judge_one_at_a_time_and_a_moved_baseline_promotes_
     monkeypatch.setattr(evalgate, "_run", judged)
     report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
     assert held and report.passed and report.promoted is False, (report.reasons, report.notes)
-    assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
-    ref = f"luna-adapter@{v2['version']}"
-    assert {
-        "code": "gate.baseline_moved",
-        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{v3['version']}", "ref": ref},
-    } in report.note_codes, report.note_codes
-    recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
-    assert recorded["passed"] is True and recorded["promoted"] is False, recorded
+    ref = _kept_by_hand(settings, report, v2, v3)
     # review repro: the note's command did not exist (`--version`); the one it names now runs
     (said,) = [n for n in report.notes if "became active meanwhile" in n]
     assert f"`lunatrain eval-gate --adapter {ref}`" in said and f"`lunatrain adapters activate {ref}`" in said, said
@@ -1221,14 +1219,7 @@ def test_an_activation_just_before_the_gates_promotion_is_not_overridden(trained
     monkeypatch.setattr(registry, "activate", landing_first)
     report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
     assert report.passed and report.promoted is False, (report.reasons, report.notes)
-    assert registry.get_version(settings, "luna-adapter", "active")["version"] == v3["version"]
-    ref = f"luna-adapter@{v2['version']}"
-    assert {
-        "code": "gate.baseline_moved",
-        "params": {"judged": "luna-adapter@v1", "active": f"luna-adapter@{v3['version']}", "ref": ref},
-    } in report.note_codes, report.note_codes
-    recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
-    assert recorded["passed"] is True and recorded["promoted"] is False, recorded
+    _kept_by_hand(settings, report, v2, v3)
 
 
 def test_the_active_version_chosen_by_eval_gate_is_judged_against_the_base_even_if_another_is_activated(
@@ -1304,21 +1295,9 @@ def test_a_runs_gate_judges_on_the_export_the_run_trained_on(settings):
     while the run trained (another `--valRatio`, new examples) changed the val split it was judged on, and
     some of the samples it had trained on were judged as held out. The gate measures on the data the run
     read: its val loss is the run's own, and its context names the run's dataset."""
-    write_small_suite(settings)  # about the gate's data, not the cases (helpers.py)
-    from lunatrain.flow import train_and_gate
-    from lunatrain.params import FlowOptions, parse_params
-
-    from helpers import make_records, write_export
-
-    trained_on = write_export(settings, make_records(40, val_every=5))
-    params = parse_params({"epochs": 1, "maxSteps": 2, "batchSize": 8, "rank": 4, "maxSeqLength": 128})
     # another export lands once the run is registered, before its gate: half the samples in val
-    outcome = train_and_gate(
-        settings,
-        params,
-        FlowOptions(gate=True),
-        thresholds={"maxValLossRatioVsBase": 100.0, "maxLossRegression": 10.0},
-        on_trained=lambda _outcome: write_export(settings, make_records(40, val_every=2)),
+    outcome, params, trained_on = _gated_run(
+        settings, on_trained=lambda _outcome: write_export(settings, make_records(40, val_every=2))
     )
     entry = registry.get_version(settings, params.adapter_name, outcome["adapter"]["version"])
     assert entry["datasetFingerprint"] == trained_on.fingerprint
