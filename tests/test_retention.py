@@ -628,3 +628,21 @@ def test_gc_on_a_data_root_that_does_not_exist_removes_nothing(tmp_path, monkeyp
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0 and "remove" in r.output.lower(), r.output
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_the_jobs_kept_are_those_that_ended_last_whatever_clock_stamped_them(settings: Settings) -> None:
+    """Clocks repro: with ASSISTANT_RETAIN_JOBS, gc kept the jobs with the latest recorded finish time,
+    whichever clock wrote it: after a trainer had run with its clock a year ahead, RETAIN_JOBS=1 removed the
+    newest job's events and log and kept the older one stamped 2027. Jobs rank by the order they ended in."""
+    jobs = JobStore(jobs_db_path(settings.data_dir))
+    settings.trainer_logs_dir.mkdir(parents=True)
+    ahead, _ = jobs.create(LoraParams(adapter_name="a"))
+    later, _ = jobs.create(LoraParams(adapter_name="b"))
+    jobs.set_status(ahead.id, "succeeded", finished_at="2027-12-01T10:00:00+00:00")  # a clock a year ahead
+    jobs.set_status(later.id, "succeeded", finished_at="2026-12-01T10:05:00+00:00")  # ended after it
+    jobs.close()
+    for job in (ahead, later):
+        (settings.trainer_logs_dir / f"{job.id}.log").write_text("done")
+    now = retention.parse_iso("2026-12-01T11:00:00+00:00")
+    one = retention.collect(settings.model_copy(update={"retain_jobs": 1}), dry_run=True, now=now)
+    assert [i.path for i in one.items if i.kind == "job-log"] == [f"data/trainer/logs/{ahead.id}.log"]

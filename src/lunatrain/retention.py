@@ -181,10 +181,17 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
     cutoff = now - timedelta(days=settings.retain_job_days)
     db = _open_jobs(path, dry_run)
     try:
-        rows = db.execute("SELECT id, status, finished_at, created_at FROM jobs ORDER BY seq DESC").fetchall()
+        has_order = any(r[1] == "ended" for r in db.execute("PRAGMA table_info(jobs)"))
+        order = "ended" if has_order else "NULL"
+        rows = db.execute(f"SELECT id, status, finished_at, created_at, {order} FROM jobs ORDER BY seq DESC").fetchall()
         # The most recently *finished* jobs are kept: jobs still queued or running take no place among them, and
-        # a job cancelled while queued (submitted later, ended first) ranks by when it ended.
-        ended = sorted((row for row in rows if row[1] in TERMINAL), key=lambda r: _parse(r[2] or r[3]), reverse=True)
+        # a job cancelled while queued (submitted later, ended first) ranks by when it ended: by the order jobs
+        # ended in (no clock's), then, for jobs ended before that was recorded, by their stamps.
+        ended = sorted(
+            (row for row in rows if row[1] in TERMINAL),
+            key=lambda r: (r[4] is not None, r[4] or 0, _parse(r[2] or r[3])),
+            reverse=True,
+        )
         doomed: list[tuple[str, str]] = []
         keep = settings.retain_jobs
         beyond = (
@@ -192,7 +199,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             if keep == 0
             else f"beyond the {'most recent finished job' if keep == 1 else f'{keep} most recent finished jobs'}"
         )
-        for rank, (job_id, _status, finished_at, created_at) in enumerate(ended):
+        for rank, (job_id, _status, finished_at, created_at, _ended) in enumerate(ended):
             if rank >= keep:
                 doomed.append((job_id, beyond))
             elif _parse(finished_at or created_at) < cutoff:

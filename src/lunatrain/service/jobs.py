@@ -222,7 +222,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     duration_seconds REAL,                       -- the last try's run, measured on the monotonic clock
     pid INTEGER,                                 -- the running child, its own process group leader
-    pid_started REAL                             -- its start (procs.started): a reused pid is never killed by mistake
+    pid_started REAL,                            -- its start (procs.started): a reused pid is never killed by mistake
+    ended INTEGER                                -- the order jobs ended in (1, 2, …): no clock's, unlike finished_at
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS events (
@@ -287,7 +288,13 @@ class JobStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            for column, kind in (("gate_thresholds", "TEXT"), ("options", "TEXT"), ("duration_seconds", "REAL")):
+            added = (
+                ("gate_thresholds", "TEXT"),
+                ("options", "TEXT"),
+                ("duration_seconds", "REAL"),
+                ("ended", "INTEGER"),
+            )
+            for column, kind in added:
                 if column not in columns:  # a jobs.db from before this column
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         except (sqlite3.Error, OSError) as exc:
@@ -444,6 +451,12 @@ class JobStore:
             data["error"] = fields["error"]
         with self._lock, self._tx():
             self._db.execute(f"UPDATE jobs SET {assign} WHERE id = ?", (*cols.values(), job_id))
+            if status in TERMINAL:
+                # The order jobs ended in, which no clock writes: retention keeps the last ones (a trainer whose
+                # clock ran a year ahead stamped its jobs later than every one ended since).
+                self._db.execute(
+                    "UPDATE jobs SET ended = (SELECT COALESCE(MAX(ended), 0) + 1 FROM jobs) WHERE id = ?", (job_id,)
+                )
             if status in TERMINAL:  # an ended job has no time left, whatever its last progress event estimated
                 row = self._db.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row and row[0]:
