@@ -796,6 +796,7 @@ def test_a_val_sample_that_a_longer_train_conversation_trains_is_named(settings,
     ]
     check = _exchange_check(records)
     assert check.severity == "warn" and check.examples == ["short"], check
+    assert check.message.startswith("1 sample holds an exchange"), check.message  # review: "1 sample hold"
     # an exchange the train sample holds as context only (weight 0) is not trained there: no leak
     records[1]["messages"][1] = {"role": "assistant", "content": "Ich bin Luna.", "weight": 0}
     records[1]["messages"][3] = {"role": "assistant", "content": "Ich helfe beim Planen.", "weight": 0}

@@ -494,6 +494,7 @@ _SINGULAR = (
     ("samples contain ", "sample contains "),
     ("samples duplicate ", "sample duplicates "),
     ("samples end ", "sample ends "),
+    ("samples hold ", "sample holds "),
     ("samples ", "sample "),
     ("repeated samples ", "repeated sample "),
     ("hashes appear ", "hash appears "),

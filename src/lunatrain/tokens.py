@@ -37,8 +37,8 @@ SPLITS = ("train", "val", "test")
 # bump when Encoded or the masking rule changes (2: the template's terminator, not eos; 3: an answer located
 # by its text is searched after the message before it; a long conversation loses its oldest exchanges; 4: a
 # cut that loses no trained token, only the template's own tokens after the last terminator, is no truncation
-# and drops no exchange)
-CACHE_FORMAT = 4
+# and drops no exchange; 5: nor does a part kept after dropping exchanges count such tokens against the limit)
+CACHE_FORMAT = 5
 
 
 @dataclass
@@ -220,7 +220,8 @@ def encode_chat(
             part = _encode(tokenizer, messages[:head] + messages[starts[i] :], terminator)
         except Exception:  # a template that refuses the part starting here: as if it did not fit
             return None
-        return part if len(part[0]) <= max_seq_length else None
+        # it fits when what is over the limit trains nothing (the template's own tokens after its terminator)
+        return part if len(part[0]) <= max_seq_length or not _trained(part[1][max_seq_length:]) else None
 
     # The earliest start that fits (fewer tokens the later it starts): grown from the end by doubling steps,
     # then bisected between the last start that fit and the first that did not, so each part encoded is at
