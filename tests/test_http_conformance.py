@@ -315,7 +315,25 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(mon
         await guard(scope, receive, send)
         return sent
 
+    monkeypatch.setattr(security, "BODY_MIN_RATE", 500)  # 100 bytes: 0.05 s + 0.2 s in all
     assert asyncio.run(trickled())[0]["status"] == 200
+    # third review repro: with a timeout per part alone, a byte every 20 s was never cut: the whole body keeps a
+    # least rate too
+
+    async def a_byte_at_a_time() -> list:
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(0.04)  # each byte within the timeout
+            return {"type": "http.request", "body": b" ", "more_body": True}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent
+
+    assert asyncio.run(a_byte_at_a_time())[0]["status"] == 408
     bodyless = dict(scope, method="GET", headers=[(b"host", b"127.0.0.1")])
 
     async def later_disconnect() -> list:

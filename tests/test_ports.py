@@ -154,6 +154,22 @@ def test_a_recorded_server_of_another_data_root_is_not_taken_as_this_roots(tmp_p
         server.kill()
         server.wait()
     assert not listen.serves_root(address, original)  # nothing listens there any more
+    # review repro: the root named as settings read it (`~`, spaces, another case) was taken for another one
+    user = tmp_path / "user"
+    (user / "root").mkdir(parents=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k.upper() != "ASSISTANT_HOME"}
+        | {"HOME": str(user), "assistant_home": " ~/root "},
+    )
+    try:
+        address = f"http://127.0.0.1:{server.stdout.readline().strip()}"
+        assert listen.serves_root(address, user / "root")
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_bind_refuses_a_port_in_use_and_one_out_of_range(busy):

@@ -113,8 +113,13 @@ def serves_root(address: str, home: Path) -> bool:
         ]
         for pid in listening:
             proc = psutil.Process(pid)
-            cwd = Path(proc.cwd())
-            root = cwd / proc.environ().get("ASSISTANT_HOME", "")  # an absolute one replaces the cwd
+            # read as settings.py reads it: any case of the name, without surrounding spaces, `~` expanded, and
+            # relative to the working directory (an absolute one replaces it; none is the working directory)
+            env = {k.upper(): v for k, v in proc.environ().items()}
+            named = env.get("ASSISTANT_HOME", "").strip()
+            if named == "~" or named.startswith("~/"):  # its own home directory, not this process's
+                named = env.get("HOME", "~") + named[1:]
+            root = Path(proc.cwd()) / Path(named).expanduser()
             return identity(root) is not None and identity(root) == identity(home)
     except (psutil.Error, OSError, ValueError):
         pass

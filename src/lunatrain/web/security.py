@@ -112,9 +112,12 @@ class BodyTooSlow(Exception):
     pass
 
 
-# Seconds a request's body may stop arriving (between its parts, not in all): a body sent never (a
-# Content-Length and then nothing) or stalled held the request, its worker thread and its connection for good.
+# Seconds a request's body may stop arriving (between its parts): a body sent never (a Content-Length and then
+# nothing) or stalled held the request, its worker thread and its connection for good. And the least rate a
+# body must keep on the whole (bytes/s, over the timeout): one byte every 20 s was never cut, while a steady
+# upload of 10 MiB at this rate still takes its 160 s.
 BODY_TIMEOUT = 30.0
+BODY_MIN_RATE = 64 * 1024
 
 
 # The first bytes of JSON text in UTF-16 or UTF-32, with or without a byte-order mark: what Python's json.loads
@@ -204,28 +207,38 @@ class GuardMiddleware:
             )
             return
         # A body to wait for: a length over 0, or chunks (without either the request has none, and what the app
-        # reads later, a disconnect while an answer streams, takes its time).
-        body = (number and int(declared or 0) > 0) or "chunked" in headers.get("transfer-encoding", "").lower()
-        await self._capped(scope, receive, send, json_body=_declares_json(headers.get("content-type")), body=body)
+        # reads later, a disconnect while an answer streams, takes its time). Chunks may come up to the cap.
+        length = int(declared) if number and declared else 0
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        await self._capped(
+            scope,
+            receive,
+            send,
+            json_body=_declares_json(headers.get("content-type")),
+            body=self.max_body if chunked else length,
+        )
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         # compare_digest takes constant time over the token, so timing reveals nothing about it.
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token or b"")
 
-    async def _capped(self, scope: Scope, receive: Receive, send: Send, *, json_body: bool, body: bool) -> None:
+    async def _capped(self, scope: Scope, receive: Receive, send: Send, *, json_body: bool, body: int) -> None:
+        """`body`: the bytes the request's body may have (0: it has none)."""
         seen = 0
         head = b""  # a JSON body's first bytes
         too_large = too_slow = False
         started = False
         arrived = not body
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_TIMEOUT + body / BODY_MIN_RATE
 
         async def counting_receive() -> Message:
             nonlocal seen, head, too_large, too_slow, arrived
             if arrived:  # the body is in: what follows (a disconnect while an answer streams) takes its time
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)  # each part: a slow sender keeps on
+            try:  # each part within the timeout, and the whole at the least rate
+                message = await asyncio.wait_for(receive(), max(min(BODY_TIMEOUT, deadline - loop.time()), 0.0))
             except TimeoutError:
                 too_slow = True
                 raise BodyTooSlow from None
@@ -264,7 +277,8 @@ class GuardMiddleware:
                 send,
                 408,
                 "request_timeout",
-                f"The request body stopped arriving for {BODY_TIMEOUT:g} s; send it whole.",
+                f"The request body stopped arriving for {BODY_TIMEOUT:g} s, or came slower than "
+                f"{BODY_MIN_RATE // 1024} KiB/s; send it whole.",
                 close=True,
             )
 
