@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -646,3 +647,26 @@ def test_the_jobs_kept_are_those_that_ended_last_whatever_clock_stamped_them(set
     now = retention.parse_iso("2026-12-01T11:00:00+00:00")
     one = retention.collect(settings.model_copy(update={"retain_jobs": 1}), dry_run=True, now=now)
     assert [i.path for i in one.items if i.kind == "job-log"] == [f"data/trainer/logs/{ahead.id}.log"]
+
+
+def test_a_fresh_checkpoint_is_kept_by_a_process_whose_clock_runs_ahead_of_the_files(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clocks repro: a trainer whose clock ran 8 days ahead of the files' (another machine on a shared data root,
+    a clock not yet set) removed another adapter's resume checkpoint seconds after it was written, as
+    "unchanged for 8 days (kept 7 days)". A folder's idle time is measured on the clock that stamps the files:
+    the time of a file written now in the data root."""
+    run = settings.adapters_dir / "c" / ".work" / "run"
+    run.mkdir(parents=True)
+    (run / "checkpoint").write_text("x")  # written now, by the files' clock
+    real = time.time()
+    ahead = real + 8 * 86400
+    monkeypatch.setattr(retention.time, "time", lambda: ahead)
+    monkeypatch.setattr(retention, "utc_now", lambda: datetime.fromtimestamp(ahead, UTC))
+    report = retention.collect(settings)  # the removal a trainer makes after each job (a dry run reads no file clock)
+    assert not [i for i in report.items if i.kind == "run-workdir"] and (run / "checkpoint").exists(), report.items
+    for p in [*run.rglob("*"), run]:  # and one idle for 9 days by the files' clock still goes
+        os.utime(p, (real - 9 * 86400, real - 9 * 86400))
+    report = retention.collect(settings)
+    assert [i.kind for i in report.items if i.kind == "run-workdir"] == ["run-workdir"] and not run.exists()
+    assert not list(settings.data_dir.glob(".gc-clock*"))

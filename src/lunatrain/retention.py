@@ -90,11 +90,12 @@ def collect(
 ) -> GcReport:
     """Apply the retention policy (module docstring); with `dry_run` only list what would go. The work
     directories of the adapters in `keep` stay whatever their age (`after_run`)."""
+    files_now = now.timestamp() if now is not None else None  # a time the caller gives: that, for files too
     now = now or utc_now()
     report = GcReport(dry_run)
     try:
         with _one_at_a_time(settings, shared=dry_run):
-            _collect(settings, report, now, dry_run, keep)
+            _collect(settings, report, now, dry_run, keep, files_now)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         raise StorageError(f"Cleaning up under {settings.home} failed: {exc.strerror or exc}{where}.") from None
@@ -118,8 +119,16 @@ def _one_at_a_time(settings: Settings, *, shared: bool) -> Iterator[None]:
         os.close(fd)  # the lock goes with the descriptor
 
 
-def _collect(settings: Settings, report: GcReport, now: datetime, dry_run: bool, keep: Collection[str]) -> None:
-    """The policy's steps, in order (`collect` holds the lock and turns an OSError into one sentence)."""
+def _collect(
+    settings: Settings,
+    report: GcReport,
+    now: datetime,
+    dry_run: bool,
+    keep: Collection[str],
+    files_now: float | None = None,
+) -> None:
+    """The policy's steps, in order (`collect` holds the lock and turns an OSError into one sentence).
+    `files_now`: the time files are measured against (default: the files' own clock, `_files_clock`)."""
     # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
     # still queued may resume from); exports, caches and staging folders do not, and still go.
     damaged, kept = None, "the run work directories and job events were kept"
@@ -131,7 +140,8 @@ def _collect(settings: Settings, report: GcReport, now: datetime, dry_run: bool,
     report.items += _token_caches(settings, dry_run)
     if damaged is None:
         try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
-            report.items += _work_dirs(settings, now, dry_run, _unfinished_adapters(settings) | set(keep))
+            files_now = files_now if files_now is not None else _files_clock(settings, dry_run)
+            report.items += _work_dirs(settings, files_now, dry_run, _unfinished_adapters(settings) | set(keep))
         except sqlite3.Error as exc:  # damaged where the first read did not look: its job events went
             damaged, kept = exc, "the run work directories were kept"
     if damaged is not None:
@@ -331,12 +341,31 @@ def _unfinished_adapters(settings: Settings) -> set[str]:
     return names
 
 
-def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[str]) -> list[Item]:
-    """Idle run work directories, but none of an adapter in `waiting` (`_unfinished_adapters`)."""
+def _files_clock(settings: Settings, dry_run: bool) -> float:
+    """Now, as the clock that stamps the data root's files says it: the time of a file written (and removed)
+    now under it. A process whose own clock runs ahead of the files' (another machine on a shared data root, a
+    clock not yet set) removed a checkpoint written seconds before as idle for days. This process's clock for
+    a dry run, which writes nothing, and where nothing can be written."""
+    if dry_run:
+        return time.time()
+    probe = settings.data_dir / f".gc-clock-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        try:
+            return probe.stat().st_mtime
+        finally:
+            probe.unlink()
+    except OSError:
+        return time.time()
+
+
+def _work_dirs(settings: Settings, now: float, dry_run: bool, waiting: set[str]) -> list[Item]:
+    """Idle run work directories, but none of an adapter in `waiting` (`_unfinished_adapters`); idle measured
+    against `now`, in the files' clock."""
     root = settings.adapters_dir
     if not root.is_dir():
         return []
-    cutoff = now.timestamp() - settings.retain_checkpoint_days * 86400
+    cutoff = now - settings.retain_checkpoint_days * 86400
     items = []
     for run in sorted(root.glob(f"*/{WORK_DIR}/*")):
         if not run.is_dir() or run.parent.parent.name in waiting or in_use(run):  # in_use: a run trains there
@@ -344,7 +373,7 @@ def _work_dirs(settings: Settings, now: datetime, dry_run: bool, waiting: set[st
         newest = max([p.lstat().st_mtime for p in run.rglob("*")] + [run.lstat().st_mtime])
         if newest >= cutoff:
             continue
-        age = (time.time() - newest) / 86400
+        age = (now - newest) / 86400
         # under a day in hours: a run folder of this morning is no "0 days" old
         days, hours = round(age), max(1, round(age * 24))
         unchanged = (
