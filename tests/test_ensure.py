@@ -605,3 +605,34 @@ def test_a_trainer_stops_for_an_update_only_some_seconds_after_its_last_job(home
         assert runner._updated() is False and runner.stopping_for_update is False
         runner.idle_since -= UPDATE_GRACE_S + 1
         assert runner._updated() is True
+
+
+def test_an_outdated_trainer_is_waited_for_until_it_has_let_go_of_the_data_root(home, monkeypatch):
+    """CI repro (a race): the outdated trainer closed its listening socket, and the next command, taking that for
+    stopped, started the updated trainer while the old one still held the data root's trainer lock in its
+    shutdown: "Another trainer is already running for the data root". Stopped is gone: quiet and the lock free."""
+    import time
+
+    from lunatrain.settings import load_settings
+
+    settings = load_settings()
+    lock = lock_path(settings)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(  # an old trainer in its shutdown: no longer listening, its lock still held
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, sys, time; fh = open({str(lock)!r}, 'a'); fcntl.flock(fh, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(1.0)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(client, "probe", lambda *a, **k: None)
+        assert ensure._wait_stopped(settings, time.monotonic() + 30, 30) is None
+        assert holder.poll() is not None, "it returned while the old trainer still held the data root"
+    finally:
+        holder.kill()
+        holder.wait()

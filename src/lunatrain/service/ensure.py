@@ -29,7 +29,7 @@ from ..settings import Settings
 from ..wire import now_iso
 from . import client as trainer_client
 from .jobs import Health
-from .lock import TRAINER_LOG_BYTES, read_pid, remove_pid, write_pid
+from .lock import TRAINER_LOG_BYTES, read_pid, remove_pid, trainer_lock_held, write_pid
 from .spawn import child_env, lunatrain_argv
 
 _POLL_S = 0.25
@@ -115,11 +115,15 @@ def _stops_for_update(health: Health) -> bool:
 
 def _wait_stopped(settings: Settings, deadline: float, timeout: float) -> Health | None:
     """Wait until the outdated trainer has stopped (None), or another answers for this data root (its
-    health: it may have been started by a concurrent caller without the lock, e.g. by hand)."""
+    health: it may have been started by a concurrent caller without the lock, e.g. by hand). Stopped means
+    gone, not only quiet: it closes its listening socket before it has let go of the data root's trainer
+    lock, and a trainer started in between refused to start ("Another trainer is already running")."""
     while True:
         health = trainer_client.probe(settings, timeout=1.0)
-        if health is None or not (trainer_client.serves_this_root(settings, health) and health.code_changed):
+        if health is not None and not (trainer_client.serves_this_root(settings, health) and health.code_changed):
             return health
+        if health is None and not trainer_lock_held(settings):
+            return None
         if time.monotonic() >= deadline:
             pid = read_pid(settings)
             raise ServiceUnavailable(

@@ -72,13 +72,13 @@ def remove_pid(settings: Settings, pid: int | None = None, previous: int | None 
     if read_pid(settings) != (pid or os.getpid()):
         return
     with contextlib.suppress(OSError):
-        if previous is not None and psutil.pid_exists(previous) and _trainer_lock_held(settings):
+        if previous is not None and psutil.pid_exists(previous) and trainer_lock_held(settings):
             write_pid(settings, previous)
         else:
             pid_path(settings).unlink()
 
 
-def _trainer_lock_held(settings: Settings) -> bool:
+def trainer_lock_held(settings: Settings) -> bool:
     """Whether a process holds this data root's trainer lock (`claim_data_root`): a trainer of it runs."""
     path = lock_path(settings)
     try:
