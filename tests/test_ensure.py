@@ -618,12 +618,16 @@ def test_an_outdated_trainer_is_waited_for_until_it_has_let_go_of_the_data_root(
     settings = load_settings()
     lock = lock_path(settings)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(  # an old trainer in its shutdown: no longer listening, its lock still held
+    letting_go = home / "letting-go"  # written by the holder just before it releases the lock
+    # An old trainer in its shutdown: no longer listening, its lock still held for a while (how long does not
+    # matter: the wait must outlast it, whatever the machine's speed).
+    holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            f"import fcntl, sys, time; fh = open({str(lock)!r}, 'a'); fcntl.flock(fh, fcntl.LOCK_EX); "
-            "print('held', flush=True); time.sleep(1.0)",
+            f"import fcntl, pathlib, time; fh = open({str(lock)!r}, 'a'); fcntl.flock(fh, fcntl.LOCK_EX); "
+            f"print('held', flush=True); time.sleep(0.5); pathlib.Path({str(letting_go)!r}).touch(); "
+            "fcntl.flock(fh, fcntl.LOCK_UN); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -631,8 +635,8 @@ def test_an_outdated_trainer_is_waited_for_until_it_has_let_go_of_the_data_root(
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setattr(client, "probe", lambda *a, **k: None)
-        assert ensure._wait_stopped(settings, time.monotonic() + 30, 30) is None
-        assert holder.poll() is not None, "it returned while the old trainer still held the data root"
+        assert ensure._wait_stopped(settings, time.monotonic() + 300, 300) is None
+        assert letting_go.exists(), "it returned while the old trainer still held the data root"
     finally:
         holder.kill()
         holder.wait()

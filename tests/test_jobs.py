@@ -217,9 +217,12 @@ def gone(pid: int) -> bool:
         return True
 
 
-def _sleeper() -> subprocess.Popen:
-    # A stand-in for an orphaned worker: its own session, as the runner starts workers.
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+def _sleeper(**env: str) -> subprocess.Popen:
+    # A stand-in for an orphaned worker: its own session, as the runner starts workers (with `env` over this
+    # process's environment). 120 s bounds its life should a test fail to kill it; no test waits for it.
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True, env={**os.environ, **env}
+    )
 
 
 def test_recover_settles_running_jobs_and_stops_their_orphans(store, settings):
@@ -256,11 +259,7 @@ def test_a_running_job_copied_with_its_data_root_is_not_stopped_by_the_copys_tra
     original = tmp_path / "original"
     original.mkdir()
     job = queued(store, LoraParams(adapter_name="copied"))
-    theirs = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)"],
-        start_new_session=True,
-        env={**os.environ, "ASSISTANT_HOME": str(original)},
-    )
+    theirs = _sleeper(ASSISTANT_HOME=str(original))
     try:
         store.claim(job.id)
         store.set_fields(job.id, pid=theirs.pid, pid_started=procs.started(theirs.pid))

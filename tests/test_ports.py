@@ -135,6 +135,7 @@ def test_a_recorded_server_of_another_data_root_is_not_taken_as_this_roots(tmp_p
     original, copy = tmp_path / "original", tmp_path / "copy"
     original.mkdir()
     copy.mkdir()
+    # a listener standing in for the original's serve; 120 s only bounds its life should a test not kill it
     script = (
         "import socket, sys, time\n"
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"

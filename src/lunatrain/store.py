@@ -686,8 +686,11 @@ def database_shown(settings: Settings) -> str:
     """The database in effect as `status` names it: a SQLite file by its path (within the data root relative
     to it), any other by its URL without the password."""
     url = settings.database_url
-    if url.startswith("sqlite") and (path := sa.engine.make_url(url).database) and not path.startswith(":"):
-        return f"sqlite {settings.shown(Path(path))}"
+    if url.startswith("sqlite"):
+        with contextlib.suppress(sa.exc.ArgumentError, ValueError):  # a URL the store refuses: as written
+            path = sa.engine.make_url(url).database
+            if path and not path.startswith(":"):
+                return f"sqlite {settings.shown(Path(path))}"
     return _hidden(url)
 
 

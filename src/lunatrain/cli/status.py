@@ -51,12 +51,10 @@ def in_effect(settings: Settings) -> dict[str, str]:
     named = any(key.upper() == "ASSISTANT_BASE_MODEL" for key in os.environ)
     base, source = settings.base_model, "ASSISTANT_BASE_MODEL" if named else "the default"
     with contextlib.suppress(LunaError):  # a profile that does not load is among the problems status names
-        if run_keys(load_profile(settings, "luna").lora).get("base_model"):
-            base, source = load_profile(settings, "luna").base_model, "the luna profile"
-    try:
-        database = database_shown(settings)
-    except Exception:  # a URL the store refuses: named by the problem status lists for it
-        database = "unknown"
+        profile = load_profile(settings, "luna")
+        if run_keys(profile.lora).get("base_model"):
+            base, source = profile.base_model, "the luna profile"
+    database = database_shown(settings)
     return {"dataRoot": str(settings.home), "database": database, "baseModel": base, "baseModelFrom": source}
 
 
