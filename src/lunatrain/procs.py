@@ -10,6 +10,7 @@ running owner would look like another process, and its live run would be settled
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import psutil
 
@@ -39,3 +40,17 @@ def is_same(pid: int, start: float) -> bool:
     if start > _EPOCH_STAMPS:
         return abs(psutil.Process(pid).create_time() - start) <= 0.5
     return abs(started(pid) - start) < 0.005  # the same tick count: exact up to float rounding
+
+
+def data_root_of(proc: psutil.Process, *, unset_is_cwd: bool = True) -> Path | None:
+    """The data root the lunatrain process `proc` works for, read as settings.py reads ASSISTANT_HOME: any case of
+    the name, without surrounding spaces, `~` its own home (not this process's), relative to its working
+    directory. Unset: its working directory (the default root), or None without `unset_is_cwd`. psutil.Error
+    when the process cannot be read (another user's, gone)."""
+    env = {k.upper(): v for k, v in proc.environ().items()}
+    named = env.get("ASSISTANT_HOME", "").strip()
+    if not named and not unset_is_cwd:
+        return None
+    if named == "~" or named.startswith("~/"):
+        named = env.get("HOME", "~") + named[1:]
+    return Path(proc.cwd()) / Path(named).expanduser()  # an absolute one replaces the working directory

@@ -82,12 +82,12 @@ def _of_another_root(proc: psutil.Process, home: Path) -> bool:
     spawn.py) names a folder that exists and is not `home`. Unsure (no such variable, a folder gone since the
     root was moved, an environment this user may not read) is False: then it is this root's."""
     try:
-        theirs = proc.environ().get("ASSISTANT_HOME")
-    except (psutil.AccessDenied, psutil.ZombieProcess, psutil.NoSuchProcess):
+        theirs = procs.data_root_of(proc, unset_is_cwd=False)
+    except (psutil.Error, OSError):
         return False
-    if not theirs:
+    if theirs is None:
         return False
-    where = identity(Path(theirs))
+    where = identity(theirs)
     return where is not None and where != identity(home)
 
 

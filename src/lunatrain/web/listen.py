@@ -103,6 +103,7 @@ def serves_root(address: str, home: Path) -> bool:
     import psutil
 
     from ..fsio import identity
+    from ..procs import data_root_of
 
     try:
         port = urlsplit(address).port
@@ -112,15 +113,8 @@ def serves_root(address: str, home: Path) -> bool:
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
         ]
         for pid in listening:
-            proc = psutil.Process(pid)
-            # read as settings.py reads it: any case of the name, without surrounding spaces, `~` expanded, and
-            # relative to the working directory (an absolute one replaces it; none is the working directory)
-            env = {k.upper(): v for k, v in proc.environ().items()}
-            named = env.get("ASSISTANT_HOME", "").strip()
-            if named == "~" or named.startswith("~/"):  # its own home directory, not this process's
-                named = env.get("HOME", "~") + named[1:]
-            root = Path(proc.cwd()) / Path(named).expanduser()
-            return identity(root) is not None and identity(root) == identity(home)
+            root = data_root_of(psutil.Process(pid))
+            return root is not None and identity(root) is not None and identity(root) == identity(home)
     except (psutil.Error, OSError, ValueError):
         pass
     return False
