@@ -306,7 +306,7 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(mon
         sent = []
 
         async def receive():
-            await asyncio.sleep(0.03)  # each part within the timeout, all of them well over it
+            await asyncio.sleep(0.1)  # each part well within the timeout, all of them (0.6 s) over it
             return parts.pop(0)
 
         async def send(message):
@@ -315,7 +315,9 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(mon
         await guard(scope, receive, send)
         return sent
 
-    monkeypatch.setattr(security, "BODY_MIN_RATE", 500)  # 100 bytes: 0.05 s + 0.2 s in all
+    # Margins wide enough for a busy machine: a part may take 0.5 s, the whole 100 bytes 0.5 s + 2 s.
+    monkeypatch.setattr(security, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(security, "BODY_MIN_RATE", 50)
     assert asyncio.run(trickled())[0]["status"] == 200
     # third review repro: with a timeout per part alone, a byte every 20 s was never cut: the whole body keeps a
     # least rate too
@@ -324,7 +326,7 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_route_never_runs(mon
         sent = []
 
         async def receive():
-            await asyncio.sleep(0.04)  # each byte within the timeout
+            await asyncio.sleep(0.1)  # each byte well within the timeout, never ending: cut at 2.5 s in all
             return {"type": "http.request", "body": b" ", "more_body": True}
 
         async def send(message):
