@@ -530,3 +530,13 @@ def test_weights_changed_in_place_where_the_samples_do_not_look_are_another_base
     monkeypatch.setattr(models, "_content_hash", lambda *a: pytest.fail("read in full for nothing"))
     weights.write_bytes(bytes(changed))
     assert models.resolve_base(str(model), settings).fingerprint == first
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2", "gemma3", "mistral", "phi3", "gpt2"])
+def test_the_context_is_read_from_each_familys_config_as_the_model_states_it(settings, arch_bases, arch):
+    """prepare and the run weigh samples against the base model's context (`over_context`) without loading it:
+    the config's own key for each family (GPT-2's n_positions), as the model built from it states it."""
+    from transformers import AutoConfig
+
+    base = models.resolve_base(str(arch_bases[arch]), settings)
+    assert models.context_length(base) == AutoConfig.from_pretrained(base.path).max_position_embeddings > 0

@@ -801,3 +801,44 @@ def test_a_val_sample_that_a_longer_train_conversation_trains_is_named(settings,
     records[1]["messages"][1] = {"role": "assistant", "content": "Ich bin Luna.", "weight": 0}
     records[1]["messages"][3] = {"role": "assistant", "content": "Ich helfe beim Planen.", "weight": 0}
     assert _exchange_check(records).count == 0
+
+
+def test_samples_longer_than_the_base_models_context_are_refused_where_max_seq_length_would_keep_them(
+    settings, tiny, tiny_dir
+):
+    """Explore repro: `--maxSeqLength 4096` on a base whose context is 512 positions trained 2,867-token samples,
+    prepare said OK and the adapter was registered, while chat refuses every prompt that long (and a model with
+    learned positions cannot run them at all). prepare fails on such samples, naming them, and the run refuses
+    them before it loads the model; a maxSeqLength within the context cuts them as usual, and one above it
+    with no sample that long trains."""
+    from lunatrain.train import run_lora
+
+    short = settings.models_dir / "short-context"
+    shutil.copytree(tiny_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 256}))
+    records = clean_records(30)
+    write_files(settings, [*records, _variant(records[0], "ex-long", answer="wort " * 400)])
+
+    over = params(base_model=str(short), max_seq_length=1024)
+    check = next(c for c in prepare(settings, over).checks if c.id == "over_context")
+    assert (check.severity, check.examples, check.code) == ("fail", ["ex-long"], "check.over_context.found")
+    assert check.message == (
+        "1 sample is longer than the base model's context of 256 tokens, which maxSeqLength=1024 lets it keep: "
+        "chat refuses prompts that long; set maxSeqLength to 256 or less (or shorten it)"
+    ), check.message
+    with pytest.raises(UsageError) as refused:
+        run_lora(over, settings)
+    assert refused.value.message == (
+        "1 sample is longer than the base model's context of 256 tokens, which maxSeqLength=1024 lets it keep; "
+        "set maxSeqLength to 256 or less (prepare names it)."
+    ), refused.value.message
+    assert not settings.adapters_dir.exists() or not any(settings.adapters_dir.iterdir())
+
+    within = {c.id: c for c in prepare(settings, params(base_model=str(short), max_seq_length=256)).checks}
+    assert "over_context" not in within and within["truncated"].examples == ["ex-long"]
+    write_files(settings, records)
+    fits = {c.id: c for c in prepare(settings, over).checks}
+    assert (fits["over_context"].severity, fits["over_context"].code) == ("info", "check.over_context.ok")
+    assert fits["over_context"].message == "no sample is longer than the base model's context of 256 tokens"
+    assert run_lora(params(base_model=str(short), max_seq_length=1024, max_steps=1, rank=4), settings).ok

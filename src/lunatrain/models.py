@@ -781,6 +781,25 @@ class ModuleMap(dict[str, str]):
     tied: frozenset[str] = frozenset()
 
 
+# The config keys that say how many positions a model takes (GPT-2's names, then most families'); multimodal
+# configs keep the language model's inside `text_config`.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def context_length(info: BaseModelInfo) -> int | None:
+    """The base model's context in tokens as its config.json states it, or None where it states none."""
+    try:
+        cfg = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # resolve_base read it; a file gone since then fails where the model loads
+    cfg = cfg.get("text_config") or cfg if isinstance(cfg, dict) else {}
+    for key in _CONTEXT_KEYS:
+        value = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def module_kinds(info: BaseModelInfo) -> ModuleMap:
     """The model's modules (see ModuleMap), from the base model's config alone: the model is built on the meta
     device, so no weight is read and no memory is taken (prepare and the run check targetModules with it,

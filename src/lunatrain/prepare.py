@@ -210,6 +210,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         checks.append(_refused_check(refused))
     checks.append(_terminator_check(terminator))
     checks += _token_checks(data, tokenized, list(terminator.ids))
+    if (context := models.context_length(info)) is not None and params.max_seq_length > context:
+        checks.append(_context_check(data, tokenized, context))
     checks.append(_val_check(len(splits["val"]), float(summary.get("ratios", {}).get("val", 0.0))))
 
     token_stats = dict(tokenized.stats)
@@ -506,6 +508,7 @@ _SINGULAR_LATER = (
     ("in their text", "in its text"),
     ("shorten them", "shorten it"),
     ("their oldest exchanges", "its oldest exchanges"),
+    ("lets them keep", "lets it keep"),
     ("not valid chat records", "not a valid chat record"),
 )
 
@@ -872,6 +875,29 @@ def _token_checks(data: Any, tokenized: Any, eot_ids: list[int]) -> list[Check]:
             "the turn terminator is trained",
         ),
     ]
+
+
+def _context_check(data: Any, tokenized: Any, context: int) -> Check:
+    """Only where maxSeqLength is above the base model's context: the samples it lets keep more tokens than the
+    context (a model with learned positions cannot run them; one with rotary positions trains places it never
+    answers from, and chat refuses prompts that long). The run refuses them too (`train.refuse_over_context`)."""
+    over = [
+        _rid(rec)
+        for split in export_mod.SPLITS
+        for rec, enc in zip(getattr(data, split), tokenized.splits.get(split, []), strict=True)
+        if len(enc) > context
+    ]
+    return _check(
+        "over_context",
+        "fail",
+        over,
+        f"samples are longer than the base model's context of {context} tokens, which "
+        f"maxSeqLength={tokenized.max_seq_length} lets them keep: chat refuses prompts that long; set maxSeqLength "
+        f"to {context} or less (or shorten them)",
+        f"no sample is longer than the base model's context of {context} tokens",
+        context=context,
+        maxSeqLength=tokenized.max_seq_length,
+    )
 
 
 def _val_check(n_val: int, ratio: float) -> Check:

@@ -511,6 +511,27 @@ def one_error(problems: list[LunaError]) -> LunaError:
     return kind(" ".join(p.message for p in problems))
 
 
+def refuse_over_context(params: LoraParams, tokens: Any, base: Any) -> None:
+    """Samples that maxSeqLength lets keep more tokens than the base model's context (prepare's `over_context`
+    check): a model with learned positions fails on them, one with rotary positions trains places it never
+    answers from. Refused before the model loads."""
+    from .models import context_length
+
+    context = context_length(base)
+    if context is None or params.max_seq_length <= context:
+        return
+    over = sum(len(e) > context for e in [*tokens.train, *tokens.val])
+    if over:
+        sample = counted(over, "sample")
+        raise UsageError(
+            f"{sample} {'is' if over == 1 else 'are'} longer than the base model's context of {context} tokens, "
+            f"which maxSeqLength={params.max_seq_length} lets {'it' if over == 1 else 'them'} keep; set "
+            f"maxSeqLength to {context} or less (prepare names {'it' if over == 1 else 'them'}).",
+            code="train.over_context",
+            params={"count": over, "context": context, "maxSeqLength": params.max_seq_length},
+        )
+
+
 def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: Any, world: World) -> Run:
     import torch
 
@@ -520,6 +541,7 @@ def _load(params: LoraParams, settings: Settings, base: Any, device: str, data: 
     tokenizer, added = load_chat_tokenizer(base, settings, params.chat_template)
     refuse_special_tokens(params, tokenizer, data)
     tokens = tokenize_tier(settings, params.dataset_tier, tokenizer, params.max_seq_length, data=data, base=base)
+    refuse_over_context(params, tokens, base)
     train_set = [e for e in tokens.train if e.n_supervised]  # nothing to learn from the others
     val_set = [e for e in tokens.val if e.n_supervised]
     if not train_set:
