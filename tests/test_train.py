@@ -1234,3 +1234,18 @@ def test_a_run_whose_data_root_moves_writes_nothing_at_the_old_path(tmp_path, wh
     assert not (tmp_path / "work").exists(), sorted(p for p in (tmp_path / "work").rglob("*"))
     old = load_settings(home=tmp_path / "work-old" / "root")
     assert registry.load(old)["adapters"].get("moved") is None
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient norm"])
+def test_a_run_that_diverges_fails_and_says_what_to_change_whichever_check_sees_it(settings, monkeypatch, where):
+    """Explore repro: a divergence that the gradient-norm check caught first (the loss still finite; the tiny
+    Llama, Qwen2, Phi-3 and Mistral shapes at a high learning rate) said only "gradient norm became nan at step
+    3.", where the loss check says what to do."""
+    write_export(settings, make_records(40, val_every=5))
+    if where == "loss":
+        monkeypatch.setattr(train_mod, "loss_sum", lambda run, batch: torch.tensor(float("nan"), requires_grad=True))
+    else:
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, limit: torch.tensor(float("nan")))
+    failed = run_lora(_params(epochs=1, maxSteps=2), settings)
+    assert failed.status is Status.FAILED and failed.version is None and failed.error["code"] == "nan_loss"
+    assert failed.error["message"] == f"{where} became nan at step 1; lower the learning rate or check the data."

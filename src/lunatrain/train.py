@@ -858,14 +858,10 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
             step_loss, step_tokens = distributed.sum_floats(world, [step_loss, step_tokens], run.device)
             run.tokens_seen += int(step_tokens)
             if not math.isfinite(step_loss):
-                raise Stop(
-                    Status.FAILED,
-                    "nan_loss",
-                    f"loss became {step_loss} at step {run.step + 1}; lower the learning rate or check the data.",
-                )
+                raise _diverged("loss", step_loss, run.step + 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise Stop(Status.FAILED, "nan_loss", f"gradient norm became {grad_norm} at step {run.step + 1}.")
+            if not math.isfinite(grad_norm):  # the loss can stay finite a step longer than its gradients
+                raise _diverged("gradient norm", grad_norm, run.step + 1)
             lr = sched.get_last_lr()[0]  # the rate this step runs at (after sched.step() it is the next one's)
             opt.step()
             sched.step()
@@ -943,6 +939,12 @@ def _stopped(run: Run, reason: bool | str) -> Stop:
             where,
         )
     return Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}", where)
+
+
+def _diverged(what: str, value: float, step: int) -> Stop:
+    """A step whose loss or gradient norm is no longer finite: the run has diverged, whichever saw it first."""
+    said = f"{what} became {value} at step {step}; lower the learning rate or check the data."
+    return Stop(Status.FAILED, "nan_loss", said)
 
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:
