@@ -3,6 +3,7 @@ unusable data root stops `serve` with exit 2. Run: `pytest tests/test_storage_er
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -751,3 +752,72 @@ def test_an_at_sign_in_the_password_is_said_not_shown(home: Path, monkeypatch: p
     result = CliRunner().invoke(app, ["examples", "list"])
     assert result.exit_code == 2, result.output
     assert "ss@127" not in result.output and "%40" in result.output, result.output
+
+
+def _main(*argv: str) -> Callable[[], object]:
+    """`lunatrain ARGV` as the console script runs it (its own error handling included): 'EXIT|stderr'."""
+
+    def run() -> object:
+        import io
+        import sys
+
+        from lunatrain.cli import main
+
+        err, sys.argv = io.StringIO(), ["lunatrain", *argv]
+        code: object = 0
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                main()
+        except SystemExit as stop:
+            code = stop.code
+        return f"{code}|{err.getvalue()}"
+
+    return run
+
+
+OTHER = (1003, 1004, 0o022)  # a user in none of OWNER's groups
+
+
+def test_a_data_root_this_user_cannot_enter_is_said_in_one_sentence(
+    shared_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repro: another user's root made under umask 077 ended `status`, `examples list` and `adapters
+    list` in a PermissionError traceback, and a root inside a folder this user cannot search (another user's
+    0700 home) ended every command that way, in the settings' own check. One sentence now, exit 1, naming
+    what cannot be read; the API answers 503 with its code."""
+    home = shared_home / "private" / "root"
+    monkeypatch.setenv("ASSISTANT_HOME", str(home))
+    settings = Settings(home=home)
+
+    def make() -> object:
+        (shared_home / "private").mkdir(mode=0o700)
+        store.add_example(settings, prompt="erste", response="Antwort")
+        settings.adapters_dir.mkdir(parents=True)
+        return True
+
+    assert as_user(*OWNER[:2], 0o077, _command(make)) == "True"
+    for argv in (["status"], ["examples", "list"], ["adapters", "list"]):  # imported here, as this user
+        assert _main(*argv)().startswith("0|"), argv
+    for folder in (shared_home / "private", home):  # the folder above the root, then the root's own files
+        for argv in (["status"], ["examples", "list"], ["adapters", "list"], ["export"]):
+            out = as_user(*OTHER, _main(*argv))
+            assert "|" in out, (argv, out)  # else it raised
+            code, said = ast.literal_eval(out).split("|", 1)
+            said = said.strip()
+            assert code in ("1", "2") and said.count("\n") == 0 and "Traceback" not in said, (argv, said)
+            assert said.startswith("error: ") and "Permission denied" in said, said
+            if argv != ["export"]:  # which says the database's folder cannot be made
+                assert said.startswith("error: Permission denied: ") and "cannot use this data root" in said, said
+        if folder == shared_home / "private":
+            folder.chmod(0o711)  # searchable now: the root's own files (0700 folders, a 0600 database) are not
+
+    # A server that started (its database readable) and then meets a file it may not read: 503, said as such.
+    def denied(*args: object, **kwargs: object) -> object:
+        raise PermissionError(13, "Permission denied", str(settings.adapters_dir))
+
+    monkeypatch.setattr("lunatrain.status.training_status", denied)
+    reader = Settings(home=shared_home / "reader")
+    with TestClient(create_app(reader), base_url="http://127.0.0.1") as client:
+        r = client.get("/assistant/training/status")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "storage_no_access", r.text
+    assert r.json()["error"]["params"] == {"path": str(settings.adapters_dir)}

@@ -53,6 +53,20 @@ def storage_error(exc: OSError, what: object) -> StorageError:
     )
 
 
+def no_access(exc: PermissionError) -> StorageError:
+    """The one sentence for a file or folder of the data root that this user may not read or search (another
+    user's root made under umask 077, a root inside another user's 0700 home): Python raises it from a mere
+    `exists()`, wherever a command first looks."""
+    what = exc.filename if exc.filename is not None else "a file of the data root"
+    user = f"user {os.geteuid()}" if hasattr(os, "geteuid") else "this user"
+    return StorageError(
+        f"Permission denied: {what} cannot be read by {user}, who therefore cannot use this data root; give "
+        "this user access to it (chmod/chown) or run the command as the data root's owner.",
+        code="storage_no_access",
+        params={"path": str(what)},
+    )
+
+
 # How a Rust writer (safetensors' SafetensorError, tokenizers' Exception) reports the OS error it met: only
 # in its message, as "I/O error: No space left on device (os error 28)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")

@@ -80,6 +80,10 @@ def _run(errors: Any) -> None:
         raise SystemExit(130) from None
     except LunaError as err:  # raised by an entry function outside a command's own handler
         raise SystemExit(fail(err).exit_code) from None
+    except PermissionError as err:  # a data root of another user, met wherever a command first looks
+        from ..fsio import no_access
+
+        raise SystemExit(fail(no_access(err)).exit_code) from None
     if code == INTERRUPTED and not interrupt_said():
         # Ctrl-C in a command without its own handler: typer ends it with 130 and not a word.
         typer.echo("error: Interrupted (Ctrl-C) before the command finished.", err=True)

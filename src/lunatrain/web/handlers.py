@@ -170,6 +170,14 @@ def _methods(request: Request, path: str | None = None) -> list[str]:
     return allowed
 
 
+async def _denied(request: Request, exc: Exception) -> JSONResponse:
+    """A file of the data root this server's user may not read: the storage's problem (503), said as such."""
+    from ..fsio import no_access
+
+    assert isinstance(exc, PermissionError)
+    return await _luna(request, no_access(exc))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal", "Internal error; the server log has the details.")
@@ -199,6 +207,7 @@ def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
     app.add_exception_handler(LunaError, _luna)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(PermissionError, _denied)
     app.add_exception_handler(Exception, _unexpected)
 
 
