@@ -670,3 +670,29 @@ def test_a_fresh_checkpoint_is_kept_by_a_process_whose_clock_runs_ahead_of_the_f
     report = retention.collect(settings)
     assert [i.kind for i in report.items if i.kind == "run-workdir"] == ["run-workdir"] and not run.exists()
     assert not list(settings.data_dir.glob(".gc-clock*"))
+
+
+@pytest.mark.parametrize("kind", ["export", "run-workdir", "staging"])
+def test_what_gc_could_not_remove_is_never_said_removed(
+    settings: Settings, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explore repro: export folders another user had made (or made read-only) could not be removed, and `gc`
+    said "Removed 3 exports: 1.3 MB.", exit 0, every time again: the folder removal ignored its errors. A
+    folder that stays now ends `gc` with one sentence naming it, exit 1, and it is not said removed."""
+    monkeypatch.setenv("ASSISTANT_RETAIN_EXPORTS", "1")
+    world = _world(settings)
+    planned = retention.collect(Settings(home=settings.home, retain_exports=1), dry_run=True).to_dict()["items"]
+    plan = {i["kind"]: i["path"] for i in planned}
+    if kind == "staging":
+        plan[kind] = str(
+            _left_by_an_ended_process(settings.models_dir / "merged", "luna-adapter-v1").relative_to(settings.home)
+        )
+    stuck = settings.home / plan[kind]
+    assert stuck.is_dir() and (kind != "run-workdir" or stuck == world["idle"])
+    (stuck / "inner").mkdir()
+    _age(stuck, 10)  # as idle as before: gc judges a run folder by its newest file
+    with read_only(stuck / "inner"):  # one folder inside it cannot be emptied
+        r = CliRunner().invoke(app, ["gc"])
+        assert stuck.is_dir()
+    assert r.exit_code == 1 and "Removed" not in r.output, r.output
+    assert r.output.startswith("error: Cleaning up under ") and str(stuck / "inner") in r.output, r.output

@@ -487,8 +487,19 @@ def remove_tree(path: Path) -> None:
     perhaps outside the data root, is never touched; rmtree refuses a link, and its error would be lost)."""
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+        return
+    # What another process removes meanwhile is gone, not an error. What this user may not remove (another
+    # user's files, a read-only mount) raises, once all else has gone: said removed, it would stay for good.
+    failed: list[OSError] = []
+
+    def note(_func: object, where: str, exc_info: Any) -> None:
+        exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+        if not isinstance(exc, FileNotFoundError):  # named by its whole path (rmtree's own is relative)
+            failed.append(OSError(exc.errno, exc.strerror, where) if isinstance(exc, OSError) else OSError(str(exc)))
+
+    shutil.rmtree(path, onerror=note)  # Python 3.11's name for it; 3.12 calls it onexc
+    if failed and path.exists():
+        raise failed[0]
 
 
 @contextlib.contextmanager
