@@ -708,6 +708,12 @@ def test_an_adapter_whose_weights_are_damaged_is_503_and_one_that_does_not_fit_i
     damaged = random_adapter(settings, "damaged", 5)
     with open(settings.adapters_dir / "damaged" / damaged / "adapter_model.safetensors", "r+b") as fh:
         fh.truncate(100)
+    # explore repro: weights overwritten in place behind a sound header were sampled from (NaN logits: a 500)
+    nan = random_adapter(settings, "nan", 13)
+    weights = settings.adapters_dir / "nan" / nan / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    head = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[:head] + b"\xff" * (len(data) - head))
     misfit = random_adapter(settings, "misfit", 11)
     weights = settings.adapters_dir / "misfit" / misfit / "adapter_model.safetensors"
     tensors = load_file(str(weights))
@@ -717,6 +723,8 @@ def test_an_adapter_whose_weights_are_damaged_is_503_and_one_that_does_not_fit_i
         assert status == 503, body
         err = assert_openai_error(body, "server_error")
         assert err["code"] == "storage_error" and err["param"] == "model" and "damaged@v1" in err["message"], err
+        status, body = chat(client, model=f"nan@{nan}", stream=stream)
+        assert status == 503 and "not finite (NaN or inf)" in str(body), body
         status, body = chat(client, model=f"misfit@{misfit}", stream=stream)
         assert status == 400, body
         err = assert_openai_error(body, "invalid_request_error")

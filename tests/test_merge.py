@@ -702,3 +702,26 @@ def test_a_merge_killed_as_it_swaps_its_folder_in_leaves_a_whole_model_in_place(
     done = subprocess.run([sys.executable, "-c", killed, str(finished), str(target)], check=False)
     assert done.returncode == -9
     assert (target / "model.safetensors").read_text() == "new"
+
+
+def test_weights_overwritten_in_place_with_nan_are_damaged_for_merge_and_the_gate(trained_home, settings):
+    """Explore repro: weights whose data (not their header) was overwritten made `merge` exit 0 and replace the
+    earlier merge with a model of NaN tensors, and chat sampled from NaN logits (500, or an empty answer at
+    temperature 0). They are damaged files now, said before anything loads or is written."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    path = settings.adapters_dir / "luna-adapter" / "v1" / "adapter_model.safetensors"
+    data = path.read_bytes()
+    head = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:head] + b"\xff" * (len(data) - head))  # 0xffffffff is a float32 NaN
+    for args in (["merge", "--adapter", "luna-adapter@v1"], ["eval-gate", "--adapter", "luna-adapter@v1"]):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1, (args, r.output)
+        assert lines[0].startswith(
+            "error: The files of luna-adapter@v1 under data/adapters are damaged (adapter_model.safetensors holds "
+            "values that are not finite (NaN or inf) in "
+        ) and lines[0].endswith("; train it again, or roll back to another version."), lines
+    assert not (settings.models_dir / "merged").exists()

@@ -1005,7 +1005,24 @@ def files_problem(path: Path) -> str | None:
     if (path / "tokenizer_config.json").is_file() and not any(any(path.glob(f)) for f in vocabularies):
         return "the tokenizer's vocabulary, tokenizer.json, is missing"
     problem, header = weights_header(path / "adapter_model.safetensors")
-    return problem or _rank_problem(config, header)
+    return problem or _rank_problem(config, header) or _not_finite(path / "adapter_model.safetensors")
+
+
+def _not_finite(weights: Path) -> str | None:
+    """Weights overwritten in place keep a sound header: NaN or inf in them is what a merge would write into the
+    merged model and chat would sample from. Each caller is about to load them anyway (an adapter is small)."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            bad = [key for key in f.keys() if not bool(torch.isfinite(f.get_tensor(key)).all())]
+            total = len(f.keys())
+    except Exception as exc:
+        return f"{weights.name}: {' '.join(str(exc).split())[:200]}"
+    if bad:
+        return f"{weights.name} holds values that are not finite (NaN or inf) in {len(bad)} of {total} tensors"
+    return None
 
 
 @contextlib.contextmanager
