@@ -22,6 +22,18 @@ from test_registry import _entry, _publish
 
 FAST = {"epochs": 1, "batchSize": 8, "rank": 4, "learningRate": 5e-3, "maxSeqLength": 128, "seed": 7, "maxSteps": 2}
 
+
+def _retyped(change):
+    """The published registry with one field of adapter `a` given a value of the wrong JSON type by `change`."""
+
+    def damage(text: str) -> str:
+        data = json.loads(text)
+        change(data["adapters"]["a"])
+        return json.dumps(data)
+
+    return damage
+
+
 DAMAGE = {
     "cut short": lambda text: text[: len(text) // 2],
     "not JSON": lambda text: "\x00\x01garbage",
@@ -45,6 +57,12 @@ DAMAGE = {
     "nested too deeply": lambda text: "[" * 100_000 + "]" * 100_000,
     "a number of too many digits": lambda text: '{"adapters": ' + "9" * 5000 + "}",
     "another format": lambda text: json.dumps({"format": "other/9", "adapters": {}}),
+    # Fields each reader takes as they should be: a wrong type was a traceback or a 500, and repair refused.
+    "activeByBase a list": _retyped(lambda a: a.update(activeByBase=[])),
+    "an active version a string": _retyped(lambda a: a.update(activeByBase={"f" * 64: "v1"})),
+    "metrics a string": _retyped(lambda a: a["versions"][0].update(metrics="x")),
+    "val loss a string": _retyped(lambda a: a["versions"][0]["metrics"].update(valLoss="abc")),
+    "gate a string": _retyped(lambda a: a["versions"][0].update(gate="passed")),
 }
 
 
@@ -232,6 +250,32 @@ def test_an_entry_readers_cannot_use_is_a_damaged_registry_everywhere(settings):
     r = runner.invoke(app, ["adapters", "repair"])
     assert r.exit_code == 0 and "Rebuilt the registry with 0 versions" in r.output, r.output
     assert registry.list_adapters(settings) == {}
+
+
+def test_a_field_of_the_wrong_type_is_a_damaged_registry_that_repair_rebuilds(settings):
+    """An active version written as a bare string (not {"version": ...}): `status`, `adapters list` and `merge`
+    ended in a traceback, /v1/models and the dashboard's status answered 500, and `adapters repair` said the
+    registry was readable and there was nothing to repair."""
+    from lunatrain.api.main import create_app
+
+    _publish(str(settings.home), "a", "one")
+    path = registry.registry_path(settings)
+    path.write_text(DAMAGE["an active version a string"](path.read_text()))
+    runner = CliRunner()
+    for args in (["adapters", "list"], ["merge", "--adapter", "a"]):
+        r = runner.invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and "lunatrain adapters repair" in lines[0], (args, r.output)
+    r = runner.invoke(app, ["status"])
+    assert r.exit_code == 0 and "active adapter: unknown" in r.output and "adapters repair" in r.output, r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.get("/v1/models")
+        assert res.status_code == 503 and "adapters repair" in res.json()["error"]["message"], res.text
+        status = client.get("/assistant/training/status")
+        assert status.status_code == 200 and "activeByBase" in status.json()["problems"][0], status.text
+    r = runner.invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0 and "Rebuilt the registry" in r.output, r.output
+    assert registry.list_adapters(settings) == {}  # readable again (this version has no training report)
 
 
 @pytest.mark.parametrize(

@@ -218,12 +218,18 @@ def shape_problem(data: Any) -> str | None:
                 return f"{name}@{entry['version']} {problem}"
         if not isinstance(adapter.get("aliases", {}), dict) or not isinstance(adapter.get("activations", []), list):
             return f"the aliases or activations of adapter {name!r} have the wrong type"
+        active = adapter.get("activeByBase", {})
+        # Every reader of what is active takes each value's version name without checking.
+        if not isinstance(active, dict) or not all(
+            isinstance(a, dict) and isinstance(a.get("version"), str) for a in active.values()
+        ):
+            return f"the activeByBase of adapter {name!r} has the wrong type"
     return None
 
 
 def _entry_problem(name: str, entry: dict[str, Any]) -> str | None:
-    """What every reader takes from an entry without checking: its name, the folder of its files and the base
-    model it was trained on (id and fingerprint)."""
+    """What every reader takes from an entry without checking: its name, the folder of its files, the base
+    model it was trained on (id and fingerprint), its metrics and its gate outcome."""
     if entry.get("name") != name:
         return f"names another adapter ({entry.get('name')!r})"
     if not isinstance(entry.get("path"), str) or not entry["path"]:
@@ -231,6 +237,13 @@ def _entry_problem(name: str, entry: dict[str, Any]) -> str | None:
     base = entry.get("baseModel")
     if not (isinstance(base, dict) and isinstance(base.get("id"), str) and isinstance(base.get("fingerprint"), str)):
         return "has no base model (id and fingerprint)"
+    metrics = entry.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(metrics.get(k), int | float | None) for k in ("valLoss", "baseValLoss", "trainLoss")
+    ):
+        return "has metrics that are not numbers"
+    if not isinstance(entry.get("gate"), dict | None):
+        return "has a gate outcome that is not an object"
     return None
 
 
