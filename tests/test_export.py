@@ -416,6 +416,38 @@ def test_read_tier(settings: Settings) -> None:
         ex.read_tier(settings, "curated")
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"files": []}, {"counts": "x"}, {"files": {ex.CURATED_FILE: "x"}}, {"ratios": 1}, {"fingerprint": None}],
+    ids=repr,
+)
+def test_a_summary_with_fields_of_the_wrong_type_is_not_an_export_summary(home: Path, change: dict) -> None:
+    """A summary whose `files` or `counts` had the wrong JSON type passed as one: `status`, `eval-gate`,
+    `prepare` and `luna` ended in a traceback and GET /assistant/training/status answered 500. It is refused
+    as a summary in the wrong format is, in one sentence that says to export again."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    settings = load_settings()
+    store.load_seed(settings)
+    ex.export(settings)
+    path = ex.export_dir(settings) / ex.SUMMARY_FILE
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    said = f"{path} is not a lunatrain export summary; run `lunatrain export` again."
+    with pytest.raises(CheckFailed) as err:
+        ex.read_tier(settings, "curated")
+    assert err.value.message == said
+    r = CliRunner().invoke(app, ["prepare"])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [f"error: {said}"], r.output
+    r = CliRunner().invoke(app, ["status"])
+    assert r.exit_code == 0 and f"problem: {said}" in r.output, r.output
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.get("/assistant/training/status")
+        assert res.status_code == 200 and res.json()["lastExport"] is None, res.text
+        assert res.json()["problems"] == [said] and res.json()["problemCodes"][0]["code"] == "status.export_unreadable"
+
+
 def test_cli_export(home: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(app, ["examples", "seed"]).exit_code == 0

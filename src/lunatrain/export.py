@@ -754,9 +754,25 @@ def read_summary(settings: Settings, directory: Path | None = None) -> dict[str,
         raise CheckFailed(f"{path} is not valid JSON; run `lunatrain export` again.") from None
     except StorageError as err:
         raise CheckFailed(f"{err.message} Run `lunatrain export` again.") from None
-    if summary is not None and (not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT):
+    if summary is not None and (
+        not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT or not _summary_shaped(summary)
+    ):
         raise CheckFailed(f"{path} is not a lunatrain export summary; run `lunatrain export` again.")
     return summary
+
+
+def _summary_shaped(summary: dict[str, Any]) -> bool:
+    """Whether a summary holds what its readers take from it without checking: an object per data file and per
+    tier, the ratios as an object and the fingerprint as a string (a summary edited by hand may not)."""
+    files, counts = summary.get("files", {}), summary.get("counts", {})
+    return (
+        isinstance(files, dict)
+        and all(isinstance(f, dict) for f in files.values())
+        and isinstance(counts, dict)
+        and all(isinstance(c, dict) for c in counts.values())
+        and isinstance(summary.get("ratios", {}), dict)
+        and isinstance(summary.get("fingerprint"), str)
+    )
 
 
 def dataset_fingerprint(shas: dict[str, str]) -> str:

@@ -67,7 +67,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     """Counts per source and curation status, readiness per tier, the trainer's health, and the last export
     / job / prepare / gate plus the active adapter(s), with camelCase keys. `min_curated` None: the Luna
     profile's."""
-    from . import export, store
+    from . import store
 
     problems = Problems()
     if min_curated is None:
@@ -83,7 +83,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     curated = counts["curated"]["approved"]
     revision = store.revision(settings) if have_db else None
 
-    summary = _safe(lambda: export.read_summary(settings))
+    summary = _safe(lambda: _export_summary(settings, problems))
     last_export = None
     changed: bool | None = None
     if isinstance(summary, dict):
@@ -191,6 +191,19 @@ def _with_total(row: dict[str, int]) -> dict[str, int]:
     out = {s: int(row.get(s, 0)) for s in STATUSES}
     out["total"] = sum(out.values())
     return out
+
+
+def _export_summary(settings: Settings, problems: Problems) -> dict[str, Any] | None:
+    """The current export's summary; None when there is none, or when it cannot be read: then it is one of the
+    `problems` (every step that trains refuses it, and status says why where the user looks first)."""
+    from . import export
+    from .errors import LunaError
+
+    try:
+        return export.read_summary(settings)
+    except LunaError as err:
+        problems.add(err.message, "status.export_unreadable", reason=err.message.rstrip("."))
+        return None
 
 
 def _safe(fn: Any) -> Any:
