@@ -730,6 +730,43 @@ def test_a_damaged_trainer_database_is_a_problem_status_names_not_a_traceback(se
     assert text.exit_code == 0 and "active adapter: none" in text.output, text.output
 
 
+@pytest.mark.parametrize(
+    ("report", "content", "command"),
+    [
+        ("prepare_report", {"status": "ok", "checks": "x"}, "lunatrain prepare"),
+        ("prepare_report", '{"status": "ok", "chec', "lunatrain prepare"),  # cut short
+        ("lora_latest_report", {"status": "succeeded", "adapterName": "a", "metrics": "x"}, "lunatrain lora"),
+        ("eval_report", {"passed": True, "candidate": "x", "reasons": []}, "lunatrain eval-gate"),
+        ("eval_report", [], "lunatrain eval-gate"),
+    ],
+    ids=repr,
+)
+def test_a_report_that_cannot_be_read_is_a_problem_status_names_not_a_traceback(settings, report, content, command):
+    """Repro: a field of the wrong type in prepare-latest.json, lora-latest.json or eval-gate-latest.json ended
+    `lunatrain status` in a traceback and GET /assistant/training/status in a 500, and a cut-short
+    prepare-latest.json showed "last prepare: never" with nothing saying why. These reports only say what
+    happened: status answers, and names the report as one of its problems."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    path = getattr(settings, report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    [problem] = [line for line in result.output.splitlines() if line.startswith("problem: ")]
+    assert problem.startswith(f"problem: The report {path} cannot be read (") and f"`{command}`" in problem, problem
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        res = client.get("/assistant/training/status")
+    assert res.status_code == 200, res.text
+    said = res.json()
+    assert said["lastPrepare"] is None and said["lastGate"] is None and said["lastJob"] is None, said
+    [coded] = said["problemCodes"]
+    assert coded["code"] == "status.report_unreadable" and coded["params"]["path"] == str(path), coded
+    assert coded["params"]["command"] == command, coded
+
+
 def test_a_locked_trainer_database_is_said_busy_not_unreadable(settings, monkeypatch):
     """Repro: while another process held jobs.db locked, status said "cannot be read by this process
     (database is locked) ... give this user read access to it (`chmod`)": advice about permissions for a lock

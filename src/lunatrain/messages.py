@@ -251,6 +251,8 @@ CODES: dict[str, str] = {
     "status.registry_no_access": "the adapter registry cannot be read by this process (path, reason)",
     "status.registry_error": "the adapter registry cannot be read for another reason (path, reason)",
     "status.export_unreadable": "the last export's summary cannot be read; exporting again writes it (reason)",
+    "status.report_unreadable": "a stage's last report is damaged or of another shape; running the stage again "
+    "writes it anew (path, reason, command)",
     "status.base_model_unusable": "the configured base model cannot be used; the active adapter is a guess (reason)",
     "status.api_outdated": "lunatrain was updated since this API server started; restart `lunatrain serve`",
     "status.profile_unusable": "the user's luna profile does not load; the bundled one's minCurated stands in "

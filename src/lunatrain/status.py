@@ -14,10 +14,11 @@ objects under their old names, deprecated (see docs/api.md), as is `curated` (no
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .formats import STATUSES
+from .formats import STATUSES, json_type
 from .fsio import read_json
 from .messages import coded, counted
 from .settings import Settings
@@ -127,8 +128,10 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "activeAdapter": _preferred(active, base_known),
         "activeAdapters": active,
         "activeAdaptersKnown": active_known,  # false: the registry cannot be read (said under `problems`)
-        "lastPrepare": _last_prepare(settings, summary.get("fingerprint") if isinstance(summary, dict) else None),
-        "lastGate": _last_gate(settings),
+        "lastPrepare": _last_prepare(
+            settings, summary.get("fingerprint") if isinstance(summary, dict) else None, problems
+        ),
+        "lastGate": _last_gate(settings, problems),
         "problems": list(problems),
         # beside each problem its message code and values (null: said in English only), as tiers and gate
         # reasons carry theirs, so the dashboard says it in its language
@@ -216,13 +219,61 @@ def _safe(fn: Any) -> Any:
         return None
 
 
-def _read(path: Path) -> Any:
-    return _safe(lambda: read_json(path))
+def _of(kind: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or isinstance(value, kind)
+
+
+def _list_of(kind: type) -> Callable[[Any], bool]:
+    return lambda value: value is None or (isinstance(value, list) and all(isinstance(v, kind) for v in value))
+
+
+# What status takes from each report without checking (a field may be absent or null): a report where one has
+# another JSON type (edited by hand) is shown as one that cannot be read, not as a traceback of status.
+PREPARE_FIELDS = {"checks": _list_of(dict), "dataset": _of(dict)}
+RUN_FIELDS = {
+    "adapterName": _of(str),
+    "version": _of(str),
+    "revision": _of(int),
+    "baseModel": _of(dict),
+    "params": _of(dict),
+    "metrics": _of(dict),
+}
+GATE_FIELDS = {"candidate": _of(dict), "baseline": _of(dict), "metrics": _of(dict), "reasons": _list_of(str)}
+
+
+def _report(path: Path, problems: Problems, command: str, fields: dict[str, Callable[[Any], bool]]) -> Any:
+    """A stage's last report; None when there is none, or when it cannot be read or has a field of another type
+    than `fields` says: then it is one of the `problems`. Such a report only says what happened, so status
+    answers all the same, and `command` (the stage) writes it anew."""
+    from .errors import LunaError
+
+    try:
+        report = read_json(path)
+    except LunaError as err:  # damaged (its `why`), or not to be read at all
+        why = getattr(err, "why", None) or err.message.rstrip(".")
+    else:
+        if report is None:
+            return None
+        if not isinstance(report, dict):
+            why = f"a JSON {json_type(report)}, not an object"
+        else:
+            wrong = [key for key, fits in fields.items() if not fits(report.get(key))]
+            if not wrong:
+                return report
+            why = f'its "{wrong[0]}" has the wrong type'
+    problems.add(
+        f"The report {path} cannot be read ({why}); `{command}` writes it anew.",
+        "status.report_unreadable",
+        path=str(path),
+        reason=why,
+        command=command,
+    )
+    return None
 
 
 def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
-    (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings)
+    (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings, problems)
     if job is not None and run is not None and run["jobId"]:
         # The report of a trainer job (this one, or one before it that a queued job waited behind): the
         # trainer's record is the whole story (finish, gate) and knows which of its jobs came last.
@@ -331,8 +382,8 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
     }, job.finished_at or job.started_at or job.created_at
 
 
-def _last_local_run(settings: Settings) -> dict[str, Any] | None:
-    report = _read(settings.lora_latest_report)
+def _last_local_run(settings: Settings, problems: Problems) -> dict[str, Any] | None:
+    report = _report(settings.lora_latest_report, problems, "lunatrain lora", RUN_FIELDS)
     if not isinstance(report, dict):
         return None
     metrics = report.get("metrics") or {}
@@ -456,10 +507,10 @@ def _preferred(active: list[dict[str, Any]], base_known: bool) -> dict[str, Any]
     return (luna or on_base or [None])[0]
 
 
-def _last_prepare(settings: Settings, exported: str | None) -> dict[str, Any] | None:
+def _last_prepare(settings: Settings, exported: str | None, problems: Problems) -> dict[str, Any] | None:
     """The last preflight, with the export it checked: `matchesExport` false when that is not the current
     one (`exported`, its fingerprint), whose data it says nothing about."""
-    report = _read(settings.prepare_report)
+    report = _report(settings.prepare_report, problems, "lunatrain prepare", PREPARE_FIELDS)
     if not isinstance(report, dict):
         return None
     checks = report.get("checks") or []
@@ -479,8 +530,8 @@ def _last_prepare(settings: Settings, exported: str | None) -> dict[str, Any] | 
     }
 
 
-def _last_gate(settings: Settings) -> dict[str, Any] | None:
-    report = _read(settings.eval_report)
+def _last_gate(settings: Settings, problems: Problems) -> dict[str, Any] | None:
+    report = _report(settings.eval_report, problems, "lunatrain eval-gate", GATE_FIELDS)
     if not isinstance(report, dict):
         return None
     metrics = report.get("metrics") or {}
