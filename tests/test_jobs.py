@@ -26,6 +26,7 @@ from lunatrain.service.runner import _crash_error
 from lunatrain.service.worker import error_code
 
 from hooks.faulthooks import fault_for
+from trainer_helpers import wait_for
 
 # What every registry entry records (registry._entry_problem); the tests here publish minimal ones.
 BASE = {"baseModel": {"id": "luna-tiny", "fingerprint": "f" * 64}}
@@ -220,9 +221,12 @@ def gone(pid: int) -> bool:
 def _sleeper(**env: str) -> subprocess.Popen:
     # A stand-in for an orphaned worker: its own session, as the runner starts workers (with `env` over this
     # process's environment). 120 s bounds its life should a test fail to kill it; no test waits for it.
-    return subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True, env={**os.environ, **env}
-    )
+    script = "import time; time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env={**os.environ, **env})
+    # Returned once it runs the script: until its exec, a forked child shows this process's command line and
+    # environment (its ASSISTANT_HOME this test's root), which a loaded machine made recovery read.
+    assert wait_for(lambda: script in psutil.Process(proc.pid).cmdline(), 60, 0.02), "the stand-in never started"
+    return proc
 
 
 def test_recover_settles_running_jobs_and_stops_their_orphans(store, settings):
