@@ -354,6 +354,10 @@ def test_a_body_of_many_unknown_keys_gets_a_short_refusal(settings: Settings, pa
         ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5051/trainer", ("status",)),
         ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5051?x=1", ("status",)),
         ("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:5051#f", ("status",)),
+        # perms repro: the password was shown by status, health and the API, and httpx sent it as Basic auth in
+        # place of the trainer's bearer token ("Missing or wrong bearer token")
+        ("ASSISTANT_LORA_TRAINER_URL", "http://admin:hunter2@127.0.0.1:5051", ("status",)),
+        ("ASSISTANT_LORA_TRAINER_URL", "http://admin@127.0.0.1:5051", ("status",)),
         # a plain-http trainer was started for it, and waited for until the timeout ("did not become healthy")
         ("ASSISTANT_LORA_TRAINER_URL", "https://127.0.0.1:5051", ("health", "--ensure-trainer")),
         # was read as every interface (a token set) or named an empty host in its refusal (none set)
@@ -366,7 +370,8 @@ def test_settings_out_of_range_are_refused_by_every_command(
     JobStore(jobs_db_path(seeded.data_dir)).close()  # retention reads the jobs' ages from it
     store_before = snapshot(seeded.home)
     monkeypatch.setenv(name, value)
-    assert name in one_sentence(run(*command), 2)
+    said = one_sentence(run(*command), 2)
+    assert name in said and "hunter2" not in said, said
     assert snapshot(seeded.home) == store_before
 
 

@@ -172,6 +172,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{v!r} has an invalid port ({exc})") from None
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"{v!r} is not an http://HOST:PORT address")
+        if url.username is not None or url.password is not None:
+            # Shown wherever the address is (status, the API), and sent as Basic auth in place of the trainer's
+            # bearer token: the trainer takes ASSISTANT_API_TOKEN, never a user and password. Not echoed.
+            raise ValueError(
+                "must be http://HOST:PORT without a user or password (the trainer takes ASSISTANT_API_TOKEN)"
+            )
         # Requests go to the address's own paths, and a trainer started for it listens on its host and port
         # only: with a path (or a query, a fragment) every request missed it.
         if url.path not in ("", "/") or url.query or url.fragment or v.rstrip("/").endswith(("?", "#")):
