@@ -106,10 +106,11 @@ def test_a_start_command_of_the_users_imports_what_lies_beside_it(home, any_port
     assert "the module beside it" in log_path(settings).read_text()
 
 
-def test_the_token_in_a_start_command_is_not_written_to_the_log(home, any_port, monkeypatch):
+@pytest.mark.parametrize("token", ["s3cret-token-4711", "Qz9'Wv7 Kp3"])
+def test_the_token_in_a_start_command_is_not_written_to_the_log(home, any_port, monkeypatch, token):
     """Repro: ASSISTANT_LORA_TRAINER_START_CMD was written to trainer.log as it stands, the API token in it
-    too (`ssh gpu-box env ASSISTANT_API_TOKEN=… lunatrain trainer`): the log is what users paste into issues."""
-    token = "s3cret-token-4711"
+    too (`ssh gpu-box env ASSISTANT_API_TOKEN=… lunatrain trainer`): the log is what users paste into issues.
+    Perms repro: a token with a quote or a space was quoted apart in the command shown, and written whole."""
     monkeypatch.setenv("ASSISTANT_API_TOKEN", token)
     cmd = shlex.join([sys.executable, "-c", "import sys; sys.exit(3)", f"ASSISTANT_API_TOKEN={token}"])
     monkeypatch.setenv("ASSISTANT_LORA_TRAINER_START_CMD", cmd)
@@ -118,7 +119,8 @@ def test_the_token_in_a_start_command_is_not_written_to_the_log(home, any_port, 
         ensure_trainer(settings, timeout=60)
     said = log_path(settings).read_text()
     assert "starting trainer: " in said and "ASSISTANT_API_TOKEN=***" in said, said
-    assert token not in said and token not in info.value.message
+    for part in (token, *token.split("'"), *token.split(" ")):  # nor a piece of it, quoted apart
+        assert part not in said and part not in info.value.message, part
 
 
 def test_a_trainer_that_refuses_to_start_is_said_in_its_own_sentence(home, any_port, monkeypatch):

@@ -168,8 +168,9 @@ def start_argv(settings: Settings, port: int | None = None) -> list[str]:
 def _shown(settings: Settings, argv: list[str]) -> str:
     """The command as the log and a message show it: without the API token, which a start command may pass
     on (`ssh gpu-box env ASSISTANT_API_TOKEN=… lunatrain trainer`); the log is what users paste into issues."""
-    text = shlex.join(argv)
-    return text.replace(settings.api_token, "***") if settings.api_token else text
+    # Each word masked before quoting: a token with a quote or a space is quoted apart, into pieces.
+    token = settings.api_token
+    return shlex.join([word.replace(token, "***") for word in argv] if token else argv)
 
 
 def start_trainer(settings: Settings, port: int | None = None) -> subprocess.Popen[bytes]:
