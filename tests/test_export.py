@@ -621,6 +621,38 @@ def test_a_failed_write_keeps_the_previous_export(
     assert not [p for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir() if p.name.endswith(".partial")]
 
 
+@pytest.mark.parametrize("step", ["_switch_current", "_keep_aside"])
+def test_an_export_refused_after_its_folder_was_renamed_leaves_no_export_behind(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Perms repro: an export whose `current` switch failed (data/training not writable, .exports/ writable)
+    said "the previous data is intact" and left its whole folder in .exports/ each time: newer than the real
+    exports, the leftovers counted among those kept and pushed them out. One that is already current (a later
+    step failed) stays: it is what `current` names."""
+    import errno
+    import os
+
+    from lunatrain.errors import StorageError
+
+    store.add_examples(settings, _drafts(20, "a"))
+    ex.export(settings)
+    store.add_examples(settings, _drafts(20, "b"))
+    before = sorted(p.name for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir())
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(ex, step, refused)
+    with pytest.raises(StorageError):
+        ex.export(settings)
+    monkeypatch.undo()
+    after = sorted(p.name for p in (settings.training_dir / ex.EXPORTS_DIR).iterdir())
+    if step == "_switch_current":
+        assert after == before
+    else:
+        assert len(after) == len(before) + 1 and ex.current_id(settings) in after
+
+
 def test_a_crash_right_after_the_first_rename_leaves_no_torn_export(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -351,10 +351,10 @@ def export(
             export_id = _new_id(export_ids(settings))
             work = out / EXPORTS_DIR / f"{export_id}.partial"
             work.mkdir()
+        final = work.with_name(export_id)
         try:
             with storage_guard(f"the export in {out}"):
                 summary, done, total = _write_export(store, work, (val, test), on_progress)
-                final = work.with_name(export_id)
                 os.replace(work, final)
                 fsync_dir(final.parent)
                 _switch_current(out, export_id)
@@ -362,6 +362,11 @@ def export(
                 _link_names(out)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
+            # Renamed but never made current: nothing names it, and newer than the real exports it would count
+            # among those kept. Once current, it stays (`current` names it).
+            with contextlib.suppress(OSError):
+                if final.is_dir() and current_id(settings) != export_id:
+                    shutil.rmtree(final, ignore_errors=True)
             raise
         # Pruning is housekeeping: the export is complete and visible, a failure here must not undo that.
         with contextlib.suppress(OSError):
