@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import typer.main as typer_main
 from typer.testing import CliRunner
 
 from lunatrain.cli import app
@@ -159,3 +160,18 @@ def test_the_commands_are_listed_in_the_order_the_data_goes():
     text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     listed = [ln.split()[0] for ln in text.split("Commands:", 1)[1].splitlines() if ln.startswith("  ")]
     assert listed == list(COMMAND_ORDER), listed
+
+
+def test_dry_run_promises_the_steps_only_where_a_flow_has_steps(home):
+    """Explore nit: `lora --dry-run` was said to print "the resolved parameters and steps", and prints no steps
+    (a flow's steps are what `luna --dry-run` lists)."""
+    said = {
+        command: next(o for o in typer_main.get_command(app).commands[command].params if o.name == "dry_run").help
+        for command in ("lora", "luna", "auto")
+    }
+    assert said["lora"] == "print the resolved parameters; run nothing", said
+    assert said["luna"] == said["auto"] == "print the resolved parameters and steps; run nothing", said
+    listed = json.loads(CliRunner().invoke(app, ["luna", "--dry-run"]).output)
+    assert listed["steps"] == ["eval-gate", "export", "prepare", "lora"] and "steps" not in json.loads(
+        CliRunner().invoke(app, ["lora", "--dry-run"]).output
+    )

@@ -21,7 +21,7 @@ from ..errors import LunaError
 from ..params import FlowOptions
 from ..settings import load_settings
 from .app import app, fail, json_text
-from .flow import DryRunOpt, EnsureOpt, LocalOpt, ProfileOpt, local_lora, resolve, service_lora
+from .flow import EnsureOpt, LocalOpt, ProfileOpt, local_lora, resolve, service_lora
 from .options import lora_options
 
 
@@ -67,7 +67,9 @@ def lora_cmd(
     profile: ProfileOpt = "luna",
     local: LocalOpt = False,
     ensure_trainer_flag: EnsureOpt = False,
-    dry_run: DryRunOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "--dryRun", help="print the resolved parameters; run nothing")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
     """Train a LoRA adapter on the exported data (train:lora): via the trainer service, or --local; with the
