@@ -831,3 +831,21 @@ def test_a_row_an_earlier_release_stored_with_carriage_returns_keeps_its_split(d
         kept[row.hash] = ex.split_of(then, 0.3, 0.2)
     ex.export(db, val_ratio=0.3, test_ratio=0.2)
     assert _splits(db) == kept
+
+
+def test_an_old_export_that_cannot_be_removed_leaves_the_others_pruned(settings: Settings) -> None:
+    """Review repro: once a folder that cannot be removed raised, an export's own pruning stopped at the first
+    old export that stayed (another user's, a read-only mount) and kept every other one on every export."""
+    from faults import read_only
+
+    for i in range(3):
+        store.add_examples(settings, _drafts(5, f"x{i}"))
+        ex.export(settings)
+    old = ex.export_ids(settings)[:2]
+    stuck = settings.training_dir / ex.EXPORTS_DIR / old[0]
+    (stuck / "inner").mkdir()
+    with read_only(stuck / "inner"):
+        store.add_examples(settings, _drafts(5, "y"))
+        ex.export(Settings(home=settings.home, retain_exports=1))
+    ids = ex.export_ids(settings)
+    assert old[0] in ids and old[1] not in ids and len(ids) == 2 and ex.current_id(settings) == ids[-1], ids

@@ -368,9 +368,10 @@ def export(
                 if final.is_dir() and current_id(settings) != export_id:
                     shutil.rmtree(final, ignore_errors=True)
             raise
-        # Pruning is housekeeping: the export is complete and visible, a failure here must not undo that.
+        # Pruning is housekeeping: the export is complete and visible, a failure here must not undo that (what
+        # cannot be removed stays for `gc` to name).
         with contextlib.suppress(OSError):
-            _prune(settings, settings.retain_exports)  # the lock is already held
+            _prune(settings, settings.retain_exports, failed={})  # the lock is already held
     if on_progress:
         on_progress(done, total)
     return dataclasses.replace(summary, directory=out, kept_aside=kept)
@@ -608,20 +609,33 @@ def current_id(settings: Settings) -> str | None:
 
 
 def prune_exports(
-    settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[Path, int] | None = None
+    settings: Settings,
+    keep: int,
+    *,
+    dry_run: bool = False,
+    sizes: dict[Path, int] | None = None,
+    failed: dict[Path, OSError] | None = None,
 ) -> list[Path]:
     """Export directories beyond the `keep` newest (the current one always stays) and partial ones left by
-    a crash; removed unless `dry_run`. Returns them; `sizes` gets the bytes of each, measured before it goes.
+    a crash; removed unless `dry_run`. Returns them; `sizes` gets the bytes of each, measured before it goes,
+    and `failed` each that could not be removed (not returned: it stays), the others going on past it.
     Takes the export lock, so it never races an export or another prune (a dry run only reads: a shared
     one, which a read-only data root does not refuse)."""
     out = settings.training_dir
     if not (out / EXPORTS_DIR).is_dir():
         return []
     with file_lock(out / ".export.lock", shared=dry_run):
-        return _prune(settings, keep, dry_run=dry_run, sizes=sizes)
+        return _prune(settings, keep, dry_run=dry_run, sizes=sizes, failed=failed)
 
 
-def _prune(settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[Path, int] | None = None) -> list[Path]:
+def _prune(
+    settings: Settings,
+    keep: int,
+    *,
+    dry_run: bool = False,
+    sizes: dict[Path, int] | None = None,
+    failed: dict[Path, OSError] | None = None,
+) -> list[Path]:
     root = settings.training_dir / EXPORTS_DIR
     current = current_id(settings)
     ids = export_ids(settings)
@@ -636,7 +650,12 @@ def _prune(settings: Settings, keep: int, *, dry_run: bool = False, sizes: dict[
             if sizes is not None:
                 sizes[path] = tree_size(path)
             if not dry_run:
-                remove_tree(path)
+                try:
+                    remove_tree(path)
+                except OSError as exc:  # another user's folder, a read-only mount: it stays, the rest goes
+                    if failed is not None:
+                        failed[path] = exc
+                    continue
             removed.append(path)
     return removed
 

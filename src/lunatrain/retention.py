@@ -136,19 +136,38 @@ def _collect(
         report.items += _jobs(settings, now, dry_run)
     except sqlite3.Error as exc:
         damaged = exc
-    report.items += _exports(settings, dry_run)  # may wait for an export in progress (its lock)
+    stuck: dict[Path, OSError] = {}  # folders that could not be removed: they stay, the rest goes on
+    report.items += _exports(settings, dry_run, stuck)  # may wait for an export in progress (its lock)
     report.items += _token_caches(settings, dry_run)
     if damaged is None:
         try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
             files_now = files_now if files_now is not None else _files_clock(settings, dry_run)
-            report.items += _work_dirs(settings, files_now, dry_run, _unfinished_adapters(settings) | set(keep))
+            waiting = _unfinished_adapters(settings) | set(keep)
+            report.items += _work_dirs(settings, files_now, dry_run, waiting, stuck)
         except sqlite3.Error as exc:  # damaged where the first read did not look: its job events went
             damaged, kept = exc, "the run work directories were kept"
     if damaged is not None:
         report.problems.append(
             f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); {kept}."
         )
-    report.items += _staging(settings, dry_run)
+    report.items += _staging(settings, dry_run, stuck)
+    for path, exc in stuck.items():
+        where = exc.filename if exc.filename and exc.filename != str(path) else None
+        report.problems.append(
+            f"{settings.shown(path)} could not be removed ({exc.strerror or exc}"
+            + (f": {settings.shown(Path(where))}" if where else "")
+            + "); it stays: give this user the right to remove it, or remove it as its owner."
+        )
+
+
+def _removed(path: Path, stuck: dict[Path, OSError]) -> bool:
+    """`path` removed (`fsio.remove_tree`), or noted in `stuck` when it could not be: it stays."""
+    try:
+        remove_tree(path)
+    except OSError as exc:
+        stuck[path] = exc
+        return False
+    return True
 
 
 def after_run(settings: Settings, log: logging.Logger | None = None, *, resumable: str | None = None) -> None:
@@ -266,9 +285,9 @@ def _parse(stamp: str | None) -> datetime:
     return parse_iso(stamp)
 
 
-def _exports(settings: Settings, dry_run: bool) -> list[Item]:
+def _exports(settings: Settings, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
     sizes: dict[Path, int] = {}  # measured under the export lock, as they are listed and removed
-    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=dry_run, sizes=sizes)
+    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=dry_run, sizes=sizes, failed=stuck)
     return [
         Item(
             "export",
@@ -359,7 +378,9 @@ def _files_clock(settings: Settings, dry_run: bool) -> float:
         return time.time()
 
 
-def _work_dirs(settings: Settings, now: float, dry_run: bool, waiting: set[str]) -> list[Item]:
+def _work_dirs(
+    settings: Settings, now: float, dry_run: bool, waiting: set[str], stuck: dict[Path, OSError]
+) -> list[Item]:
     """Idle run work directories, but none of an adapter in `waiting` (`_unfinished_adapters`); idle measured
     against `now`, in the files' clock."""
     root = settings.adapters_dir
@@ -380,24 +401,24 @@ def _work_dirs(settings: Settings, now: float, dry_run: bool, waiting: set[str])
             f"{days} {'day' if days == 1 else 'days'}" if age >= 1 else f"{hours} {'hour' if hours == 1 else 'hours'}"
         )
         kept = settings.retain_checkpoint_days
-        items.append(
-            Item(
-                "run-workdir",
-                str(settings.shown(run)),
-                tree_size(run),
-                f"unchanged for {unchanged} (kept {kept:g} {'day' if kept == 1 else 'days'})",
+        size = tree_size(run)
+        if dry_run or _removed(run, stuck):
+            items.append(
+                Item(
+                    "run-workdir",
+                    str(settings.shown(run)),
+                    size,
+                    f"unchanged for {unchanged} (kept {kept:g} {'day' if kept == 1 else 'days'})",
+                )
             )
-        )
-        if not dry_run:
-            remove_tree(run)
     return items
 
 
-def _staging(settings: Settings, dry_run: bool) -> list[Item]:
+def _staging(settings: Settings, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
     items = []
     for parent in (settings.models_dir, settings.merged_dir):
         for path, reason in abandoned_staging(parent):
-            items.append(Item("staging", str(settings.shown(path)), tree_size(path), reason))
-            if not dry_run:
-                remove_tree(path)
+            size = tree_size(path)
+            if dry_run or _removed(path, stuck):
+                items.append(Item("staging", str(settings.shown(path)), size, reason))
     return items
