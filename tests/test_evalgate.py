@@ -1339,3 +1339,29 @@ def test_an_overwrite_revision_is_not_kept_when_an_activation_lands_before_it_ta
     settled = registry.get_revision(settings, "luna-adapter", staged["revision"])
     assert settled["replaced"] and settled["notKept"] and "staged" not in settled, settled
     assert slot.read_bytes() == served  # the slot serves what it held
+
+
+def test_the_gate_never_measures_past_the_models_context(settings, tiny, tiny_dir):
+    """Review repro: the base model judged alone was measured at 1,024 tokens whatever its context: on a base with
+    learned positions (GPT-2's shape, 256) a longer val sample ended `eval-gate` in an IndexError traceback. The
+    gate measures at most the model's context, as chat answers at most that."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    base = settings.models_dir / "gpt2-short"
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=-(-len(tok) // 64) * 64, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(str(base), safe_serialization=True)
+    tok.save_pretrained(str(base))
+    shutil.copy(tiny_dir / "generation_config.json", base / "generation_config.json")
+    records = make_records(30, val_every=3)
+    answer = {"role": "assistant", "content": "wort " * 400}
+    long = records[0] | {"id": 999, "hash": "f" * 64, "split": "val", "messages": [records[0]["messages"][0], answer]}
+    write_export(settings, [*records, long])
+
+    report = evalgate.eval_gate(settings, base_model=str(base))
+    assert report.candidate["kind"] == "base" and math.isfinite(report.metrics["valLoss"]), report.metrics

@@ -835,6 +835,11 @@ def test_samples_longer_than_the_base_models_context_are_refused_where_max_seq_l
     ), refused.value.message
     assert not settings.adapters_dir.exists() or not any(settings.adapters_dir.iterdir())
 
+    # review repro: a test sample that long was trained (and then measured by the gate) without a word
+    write_files(settings, [*records, _variant(records[0], "ex-long", answer="wort " * 400, split="test")])
+    assert next(c for c in prepare(settings, over).checks if c.id == "over_context").examples == ["ex-long"]
+    with pytest.raises(UsageError, match="^1 sample is longer than the base model's context of 256 tokens"):
+        run_lora(over, settings)
     within = {c.id: c for c in prepare(settings, params(base_model=str(short), max_seq_length=256)).checks}
     assert "over_context" not in within and within["truncated"].examples == ["ex-long"]
     write_files(settings, records)

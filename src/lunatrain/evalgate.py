@@ -835,6 +835,9 @@ def _run(
     else:
         base = models.resolve_base(base_model, settings)
         tier, max_len = DEFAULT_TIER, 1024
+    # Never past the model's context: a model with learned positions fails there (the base judged alone at the
+    # default length; a version trained before runs refused such samples).
+    max_len = min(max_len, models.context_length(base) or max_len)
 
     # Baseline: the active version of the same adapter on the same base model. The active version itself (the
     # flow's first step, `eval-gate` without --adapter) is judged against the base model: against its own

@@ -520,7 +520,7 @@ def refuse_over_context(params: LoraParams, tokens: Any, base: Any) -> None:
     context = context_length(base)
     if context is None or params.max_seq_length <= context:
         return
-    over = sum(len(e) > context for e in [*tokens.train, *tokens.val])
+    over = sum(len(e) > context for e in [*tokens.train, *tokens.val, *tokens.test])  # the gate measures all
     if over:
         sample = counted(over, "sample")
         raise UsageError(
