@@ -344,6 +344,14 @@ def test_repair_gives_a_merged_model_only_to_the_revision_it_was_merged_from(set
         "path": "data/models/merged/ow-current",
         "at": "t",
     }
+    # explore repro: a record that is a folder made repair itself fail ("Cannot read …: Is a directory"), the
+    # way back every other command names; it is skipped like a damaged one
+    (merged / "lunatrain-merge.json").unlink()
+    (merged / "lunatrain-merge.json").mkdir()
+    registry.registry_path(settings).write_text("[")
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0, r.output
+    assert registry.get_version(settings, "ow", "current").get("merged") is None
 
 
 def _version_folder(settings, name: str, version: str, fingerprint: str, **extra) -> None:

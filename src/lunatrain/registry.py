@@ -1826,7 +1826,7 @@ def _restore_merges(settings: Settings, data: dict[str, Any]) -> None:
     for marker in sorted(merged_root.glob(f"*/{MERGE_FILE}")) if merged_root.is_dir() else []:
         try:
             info = read_json(marker)
-        except (DamagedFile, OSError):
+        except (LunaError, OSError):  # damaged, a folder in its place, unreadable: no merge to restore
             continue
         ref = info.get("adapter") if isinstance(info, dict) else None
         if not isinstance(ref, str) or "@" not in ref:
