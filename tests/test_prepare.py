@@ -399,6 +399,18 @@ def test_cache_hit_on_second_prepare_and_miss_on_template_or_length_change(setti
     assert other.tokens == first.tokens  # same tokens, but never served from another template's entry
     assert prepare(settings, params()).cache["hit"]
 
+    # Explore repro: a cache whose data (behind a sound header) was overwritten in place was trusted: the run
+    # trained on the wrong tokens and prepare blamed the data. It is a miss now, rebuilt the same.
+    path = next(p for p in (settings.cache_dir / "tokens").iterdir() if p.name.endswith(".safetensors") and
+                first.cache["key"][:32] in p.name)  # fmt: skip
+    data = bytearray(path.read_bytes())
+    data[-40:-20] = b"\x07" * 20
+    path.write_bytes(bytes(data))
+    again = prepare(settings, params())
+    found = [[(c.id, c.severity, c.count, c.examples) for c in r.checks] for r in (again, second)]
+    assert not again.cache["hit"] and again.tokens == first.tokens and found[0] == found[1]
+    assert prepare(settings, params()).cache["hit"]
+
 
 def test_optimizer_steps_match_the_training_loop():
     p = parse_params({"batch_size": 2, "epochs": 3, "gradient_accumulation": 2})

@@ -436,9 +436,19 @@ def _write_cache(path: Path, key: str, splits: dict[str, list[Encoded]], fingerp
         tensors[f"{name}.hashes"] = (
             torch.frombuffer(bytearray(hashes), dtype=torch.uint8) if hashes else torch.zeros(0, dtype=torch.uint8)
         )
-    atomic_write_bytes(
-        path, save(tensors, metadata={"key": key, "format": str(CACHE_FORMAT), "fingerprint": fingerprint})
-    )
+    meta = {"key": key, "format": str(CACHE_FORMAT), "fingerprint": fingerprint, "sha256": _digest(tensors)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _digest(tensors: dict[str, Any]) -> str:
+    """sha256 over every tensor's name and bytes, in name order: a cache whose data (not its header) was
+    overwritten or torn in place reads as a miss and is rebuilt, instead of training on wrong tokens."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        data = tensors[name].contiguous().numpy().tobytes()
+        h.update(f"{name}:{len(data)}\n".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
@@ -448,35 +458,39 @@ def _read_cache(path: Path, key: str) -> dict[str, list[Encoded]] | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("key") != key:
+            meta = fh.metadata() or {}
+            if meta.get("key") != key:
                 return None
-            splits = {}
-            pool: dict[int, int] = {IGNORE: IGNORE}  # one object per distinct value (`_share_values`)
-            for name in SPLITS:
-                ids = fh.get_tensor(f"{name}.input_ids")
-                labels = fh.get_tensor(f"{name}.labels")
-                offsets = fh.get_tensor(f"{name}.offsets").tolist()
-                trunc = fh.get_tensor(f"{name}.truncated").tolist()
-                full = fh.get_tensor(f"{name}.full_length").tolist()
-                dropped = fh.get_tensor(f"{name}.dropped").tolist()
-                raw = fh.get_tensor(f"{name}.hashes").numpy().tobytes().decode("utf-8")
-                n = len(offsets) - 1
-                hashes = raw.split("\n") if n else []
-                if len(hashes) != n:
-                    hashes = [""] * n
-                # per sample, not the whole split at once: its `tolist()` would hold an int object per token
-                splits[name] = [
-                    Encoded(
-                        _shared(ids[a:b].tolist(), pool),
-                        _shared(labels[a:b].tolist(), pool),
-                        bool(trunc[i]),
-                        int(full[i]),
-                        hashes[i],
-                        int(dropped[i]),
-                    )
-                    for i, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False))
-                ]
-            return splits
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        if meta.get("sha256") != _digest(tensors):  # damaged in place, or written before caches had a digest
+            return None
+        splits = {}
+        pool: dict[int, int] = {IGNORE: IGNORE}  # one object per distinct value (`_share_values`)
+        for name in SPLITS:
+            ids = tensors[f"{name}.input_ids"]
+            labels = tensors[f"{name}.labels"]
+            offsets = tensors[f"{name}.offsets"].tolist()
+            trunc = tensors[f"{name}.truncated"].tolist()
+            full = tensors[f"{name}.full_length"].tolist()
+            dropped = tensors[f"{name}.dropped"].tolist()
+            raw = tensors[f"{name}.hashes"].numpy().tobytes().decode("utf-8")
+            n = len(offsets) - 1
+            hashes = raw.split("\n") if n else []
+            if len(hashes) != n:
+                hashes = [""] * n
+            # per sample, not the whole split at once: its `tolist()` would hold an int object per token
+            splits[name] = [
+                Encoded(
+                    _shared(ids[a:b].tolist(), pool),
+                    _shared(labels[a:b].tolist(), pool),
+                    bool(trunc[i]),
+                    int(full[i]),
+                    hashes[i],
+                    int(dropped[i]),
+                )
+                for i, (a, b) in enumerate(zip(offsets, offsets[1:], strict=False))
+            ]
+        return splits
     except Exception:  # a damaged or foreign cache file is simply rebuilt
         return None
 
