@@ -821,3 +821,33 @@ def test_a_data_root_this_user_cannot_enter_is_said_in_one_sentence(
         r = client.get("/assistant/training/status")
     assert r.status_code == 503 and r.json()["error"]["code"] == "storage_no_access", r.text
     assert r.json()["error"]["params"] == {"path": str(settings.adapters_dir)}
+
+
+def test_a_folder_where_a_file_belongs_is_said_so(settings: Settings, tiny: Path) -> None:
+    """Explore repro: a token cache, trainer.url or api.url replaced by a folder got "… failed: Is a directory, and
+    the previous data is intact; check the disk and try again": the disk is fine, and trying again never helps.
+    The sentence names the folder and says to remove or rename it."""
+    import errno
+
+    from lunatrain.params import parse_params
+    from lunatrain.prepare import prepare
+
+    write_export(settings, make_records(30))
+    params = parse_params({"maxSeqLength": 128})
+    prepare(settings, params)
+    caches = list((settings.cache_dir / "tokens").glob("*.safetensors"))
+    assert len(caches) == 1
+    cache = caches[0]
+    cache.unlink()
+    cache.mkdir()
+    with pytest.raises(StorageError) as refused:
+        prepare(settings, params)
+    assert refused.value.message == (
+        f"Writing {cache} failed: {cache} is a folder where a file belongs, and the previous data is intact; "
+        "remove or rename that folder and try again."
+    ), refused.value.message
+    said = fsio.storage_error(OSError(errno.EISDIR, "Is a directory"), "the registry").message
+    assert said == (
+        "Writing the registry failed: a folder stands where a file belongs, and the previous data is intact; "
+        "remove or rename that folder and try again."
+    ), said

@@ -43,6 +43,13 @@ def storage_error(exc: OSError, what: object) -> StorageError:
             f"The disk is full: writing {what} failed ({reason}) and the previous data is intact; free some "
             "space (`lunatrain gc` removes what the retention policy allows) and try again."
         )
+    if exc.errno == errno.EISDIR:  # nothing wrong with the disk either, and trying again never helps
+        folder = next((f for f in (exc.filename2, exc.filename) if f and os.path.isdir(f)), None)
+        where = f"{folder} is a folder" if folder else "a folder stands"
+        return StorageError(
+            f"Writing {what} failed: {where} where a file belongs, and the previous data is intact; remove or "
+            "rename that folder and try again."
+        )
     if exc.errno in _DENIED:  # nothing wrong with the disk: a read-only mount, or another user's files
         return StorageError(
             f"Writing {what} failed: {reason}, and the previous data is intact; make it writable for this user "
