@@ -610,12 +610,15 @@ def test_an_error_while_cleaning_up_names_the_path(settings: Settings, monkeypat
     """ "Cleaning up under <home> failed: Permission denied." left the user to search the data root for it."""
     _world(settings)
     refused: list[Path] = []
+    unlink = Path.unlink
 
-    def rmtree(path, **_: object) -> None:
-        refused.append(Path(path))
+    def refuse_caches(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix != ".safetensors":  # a folder or log that stays is one of gc's problems, not a stop
+            return unlink(path, missing_ok=missing_ok)
+        refused.append(path)
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(Path, "unlink", refuse_caches)
     r = CliRunner().invoke(app, ["gc"])
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert refused and f"Permission denied: {refused[0]}" in r.output, r.output
@@ -705,3 +708,39 @@ def test_what_gc_could_not_remove_is_never_said_removed(
     after = retention.collect(Settings(home=settings.home, retain_exports=1), dry_run=True).to_dict()["items"]
     assert [i for i in after if (i["kind"], i["path"]) != (kind, plan[kind])] == [], after  # (a run folder
     # that was partly emptied is no longer idle: its files changed)
+
+
+def test_a_job_log_that_is_a_folder_goes_with_its_events_and_the_rest_of_gc_goes_on(settings: Settings) -> None:
+    """Corruption repro: a job log replaced by a folder made every `gc` fail ("Is a directory") after it had
+    deleted that job's events, and the other logs and the rest of the collection stayed, on every run."""
+    w = _world(settings)
+    old = w["ids"][0]
+    log = settings.trainer_logs_dir / f"{old}.log"
+    log.unlink()
+    (log / "inner").mkdir(parents=True)
+    (log / "inner" / "x").write_text("x" * 100)
+    planned = retention.collect(settings, dry_run=True)
+    assert f"data/trainer/logs/{old}.log" in {i.path for i in planned.items if i.kind == "job-log"}
+    report = retention.collect(settings)
+    assert report.problems == []
+    assert not log.exists() and not (settings.trainer_logs_dir / f"{w['ids'][1]}.log").exists()
+    assert {(i.kind, i.path) for i in report.items} == {(i.kind, i.path) for i in planned.items}
+
+
+def test_a_job_log_that_cannot_be_removed_is_a_problem_and_the_rest_of_gc_goes_on(settings: Settings) -> None:
+    w = _world(settings)
+    old = w["ids"][0]
+    log = settings.trainer_logs_dir / f"{old}.log"
+    log.unlink()
+    (log / "inner").mkdir(parents=True)
+    with read_only(log / "inner"):
+        r = CliRunner().invoke(app, ["gc"])
+        assert log.is_dir()
+    assert r.exit_code == 1, r.output
+    shown = f"data/trainer/logs/{old}.log"
+    assert not [line for line in r.output.splitlines() if shown in line and not line.startswith("error: ")]
+    assert r.output.strip().splitlines()[-1] == (
+        f"error: {shown} could not be removed (Device or resource busy: {shown}/inner); it stays: give "
+        "this user the right to remove it, or remove it as its owner."
+    ), r.output
+    assert not (settings.trainer_logs_dir / f"{w['ids'][1]}.log").exists()  # the other old job's log went

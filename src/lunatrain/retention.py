@@ -32,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import struct
 import time
@@ -132,11 +131,11 @@ def _collect(
     # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
     # still queued may resume from); exports, caches and staging folders do not, and still go.
     damaged, kept = None, "the run work directories and job events were kept"
+    stuck: dict[Path, OSError] = {}  # folders that could not be removed: they stay, the rest goes on
     try:
-        report.items += _jobs(settings, now, dry_run)
+        report.items += _jobs(settings, now, dry_run, stuck)
     except sqlite3.Error as exc:
         damaged = exc
-    stuck: dict[Path, OSError] = {}  # folders that could not be removed: they stay, the rest goes on
     report.items += _exports(settings, dry_run, stuck)  # may wait for an export in progress (its lock)
     report.items += _token_caches(settings, dry_run)
     if damaged is None:
@@ -202,7 +201,7 @@ def _jobs_db(settings: Settings) -> Path | None:
     return None
 
 
-def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
+def _jobs(settings: Settings, now: datetime, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
     path = _jobs_db(settings)
     if path is None:
         return []
@@ -234,6 +233,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
             elif _parse(finished_at or created_at) < cutoff:
                 doomed.append((job_id, f"finished more than {settings.retain_job_days:g} days ago"))
         items = []
+        files: list[tuple[Path, Item]] = []
         for job_id, reason in doomed:
             n, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(data) + LENGTH(type) + LENGTH(created_at)), 0) FROM events WHERE job_id = ?",
@@ -243,21 +243,19 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool) -> list[Item]:
                 items.append(
                     Item("job-events", f"{str(settings.shown(path))}#{job_id} ({n} events)", int(size), reason)
                 )
-            log = job_log_path(logs, job_id)
-            if log.is_file():
-                items.append(Item("job-log", str(settings.shown(log)), log.stat().st_size, reason))
-            ranks = ranks_log_dir(logs, job_id)
-            if ranks.is_dir():
-                items.append(Item("job-log", str(settings.shown(ranks)), tree_size(ranks), reason))
+            # A log that is a folder (damage, a stray mkdir) goes as one too: a job's log goes with its events.
+            for log in (job_log_path(logs, job_id), ranks_log_dir(logs, job_id)):
+                if log.exists() or log.is_symlink():
+                    files.append((log, Item("job-log", str(settings.shown(log)), tree_size(log), reason)))
         if not dry_run and doomed:
             db.execute("BEGIN IMMEDIATE")
             db.executemany("DELETE FROM events WHERE job_id = ?", [(j,) for j, _ in doomed])
             db.execute("COMMIT")
             _give_back(db)
-            for job_id, _ in doomed:
-                job_log_path(logs, job_id).unlink(missing_ok=True)
-                shutil.rmtree(ranks_log_dir(logs, job_id), ignore_errors=True)
-        return items
+            # The events are gone for good now: a log that cannot be removed is one of the problems, never a
+            # stop that would leave the other logs behind on this gc and every later one.
+            files = [(log, item) for log, item in files if _removed(log, stuck)]
+        return items + [item for _log, item in files]
     finally:
         db.close()
 
