@@ -767,6 +767,40 @@ def test_a_report_that_cannot_be_read_is_a_problem_status_names_not_a_traceback(
     assert coded["params"]["command"] == command, coded
 
 
+@pytest.mark.parametrize("damage", ["emptied", "table dropped", "folder"])
+def test_a_trainer_database_without_its_jobs_is_said_as_it_is_not_as_a_permission(settings, damage):
+    """Corruption repro: an emptied jobs.db, or one whose `jobs` table was dropped, got the advice to `chmod` it
+    (permissions were fine, and the trainer creates the table when it starts), and a folder at jobs.db showed no
+    problem at all although the trainer refuses to start on it."""
+    import sqlite3
+
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    path = jobs_db_path(settings.data_dir)
+    path.parent.mkdir(parents=True)
+    if damage == "folder":
+        path.mkdir()
+    else:
+        JobStore(path).close()
+        if damage == "emptied":
+            path.write_bytes(b"")
+        else:
+            db = sqlite3.connect(path)
+            db.execute("DROP TABLE jobs")
+            db.close()
+    said = json.loads(CliRunner().invoke(app, ["status", "--json"]).output)
+    (coded,) = said["problemCodes"]
+    (problem,) = said["problems"]
+    assert "chmod" not in problem and str(path) in problem, problem
+    assert coded["params"]["path"] == str(path), coded
+    if damage == "folder":
+        assert coded["code"] == "status.jobs_db_folder", coded
+        assert "is a folder, not a file" in problem and "remove or rename that folder" in problem, problem
+    else:
+        assert coded["code"] == "status.jobs_db_empty", coded
+        assert "no such table: jobs" in problem and "start the trainer, which creates it" in problem, problem
+
+
 def test_a_locked_trainer_database_is_said_busy_not_unreadable(settings, monkeypatch):
     """Repro: while another process held jobs.db locked, status said "cannot be read by this process
     (database is locked) ... give this user read access to it (`chmod`)": advice about permissions for a lock

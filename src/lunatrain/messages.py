@@ -247,6 +247,8 @@ CODES: dict[str, str] = {
     "status.jobs_db_no_access": "the trainer's job database cannot be read by this process (path, reason)",
     "status.jobs_db_damaged": "the trainer's job database is damaged (path, reason)",
     "status.jobs_db_busy": "the trainer's job database is locked by another process (path, reason)",
+    "status.jobs_db_empty": "the trainer's job database holds no job table (path, reason)",
+    "status.jobs_db_folder": "the trainer's job database is a folder, not a file (path)",
     "status.registry_unreadable": "the adapter registry is damaged or missing; a repair rebuilds it (path)",
     "status.registry_no_access": "the adapter registry cannot be read by this process (path, reason)",
     "status.registry_error": "the adapter registry cannot be read for another reason (path, reason)",

@@ -322,11 +322,19 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
     from .service.jobs import existing_store, jobs_db_path
 
     def latest() -> Any:
+        path = jobs_db_path(settings.data_dir)
+        if path.is_dir():  # a read takes it for "no database yet", but the trainer refuses to start on it
+            problems.add(
+                f"The trainer's job database {path} is a folder, not a file, so the trainer cannot start; remove or "
+                "rename that folder and start the trainer again.",
+                "status.jobs_db_folder",
+                path=str(path),
+            )
+            return None
         try:
             with existing_store(settings.data_dir) as db:
                 jobs = db.list(limit=1) if db is not None else []
         except sqlite3.Error as exc:  # the rest of the status still answers
-            path = jobs_db_path(settings.data_dir)
             reason = " ".join(str(exc).split()).rstrip(".")
             error = getattr(exc, "sqlite_errorname", "")
             if error.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):  # held by a writer: it goes away by itself
@@ -334,6 +342,9 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
             elif error in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
                 kind, what = "damaged", "cannot be read"
                 fix = "move it aside (the trainer starts an empty one) or restore a backup"
+            elif str(exc).startswith("no such table"):  # emptied, or a table dropped: no permission is missing
+                kind, what = "empty", "holds no job table"
+                fix = "start the trainer, which creates it, or restore a backup"
             else:  # not to be opened (permissions, its log): moving it aside would lose the history
                 kind, what = "no_access", "cannot be read by this process"
                 fix = (
