@@ -927,3 +927,31 @@ def test_status_names_the_data_root_database_and_base_model_it_read(settings, mo
 
     shown = store.database_shown(load_settings(db_url="postgresql+psycopg://me:secret@127.0.0.1:9/db"))
     assert shown == "postgresql+psycopg://me:***@127.0.0.1:9/db", shown
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("wrong type", "not a lunatrain export summary"),
+        ("cut short", "not valid JSON: Unterminated string starting at line 1 column 12"),
+        ("folder", "Is a directory"),
+    ],
+)
+def test_an_unreadable_export_summary_is_coded_with_its_reason_not_the_english_sentence(settings, damage, reason):
+    """Corruption repro: the German dashboard said "Der letzte Export kann nicht gelesen werden: /…/summary.json is
+    not a lunatrain export summary; run `lunatrain export` again": the whole English sentence was its reason."""
+    store.load_seed(settings)
+    export.export(settings)
+    path = export.export_dir(settings) / export.SUMMARY_FILE
+    if damage == "wrong type":
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"counts": "x"}))
+    elif damage == "cut short":
+        path.write_text('{"format": "x')
+    else:
+        path.unlink()
+        path.mkdir()
+    said = training_status(settings, 0)
+    (problem,) = said["problems"]
+    assert str(path) in problem and "lunatrain export" in problem, problem
+    (coded,) = said["problemCodes"]
+    assert coded == {"code": "status.export_unreadable", "params": {"path": str(path), "reason": reason}}, coded

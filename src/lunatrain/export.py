@@ -774,15 +774,28 @@ def read_summary(settings: Settings, directory: Path | None = None) -> dict[str,
     path = (directory or export_dir(settings)) / SUMMARY_FILE
     try:
         summary = read_json(path)
-    except DamagedFile:
-        raise CheckFailed(f"{path} is not valid JSON; run `lunatrain export` again.") from None
+    except DamagedFile as err:
+        raise _unreadable(f"{path} is not valid JSON; run `lunatrain export` again.", path, err.why) from None
     except StorageError as err:
-        raise CheckFailed(f"{err.message} Run `lunatrain export` again.") from None
+        # The reason alone (its OSError's), so that a reader in another language gets it without the sentence.
+        cause = err.__context__
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else err.message.rstrip(".")
+        raise _unreadable(f"{err.message} Run `lunatrain export` again.", path, why) from None
     if summary is not None and (
         not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT or not _summary_shaped(summary)
     ):
-        raise CheckFailed(f"{path} is not a lunatrain export summary; run `lunatrain export` again.")
+        raise _unreadable(
+            f"{path} is not a lunatrain export summary; run `lunatrain export` again.",
+            path,
+            "not a lunatrain export summary",
+        )
     return summary
+
+
+def _unreadable(sentence: str, path: Path, why: str) -> CheckFailed:
+    """A summary that cannot be read, coded with its path and the reason alone (`status` says it among its
+    problems in the reader's language)."""
+    return CheckFailed(sentence, code="export.summary_unreadable", params={"path": str(path), "reason": why})
 
 
 def _summary_shaped(summary: dict[str, Any]) -> bool:

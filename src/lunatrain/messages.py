@@ -39,6 +39,7 @@ CODES: dict[str, str] = {
     "bad_host": "Host header not in ASSISTANT_ALLOWED_HOSTS",
     "forbidden_origin": "cross-origin request refused",
     "export.missing": "a step needs the export and there is none yet (dir)",
+    "export.summary_unreadable": "the export's summary cannot be read; exporting again writes it (path, reason)",
     "train.no_samples": "the dataset tier has no training samples in the export (tier)",
     "train.special_tokens": "samples hold a literal special token in their text: the run is refused (count, tier, examples)",
     "train.over_context": "samples longer than the base model's context, kept by maxSeqLength: refused (count, context, maxSeqLength)",
@@ -252,7 +253,7 @@ CODES: dict[str, str] = {
     "status.registry_unreadable": "the adapter registry is damaged or missing; a repair rebuilds it (path)",
     "status.registry_no_access": "the adapter registry cannot be read by this process (path, reason)",
     "status.registry_error": "the adapter registry cannot be read for another reason (path, reason)",
-    "status.export_unreadable": "the last export's summary cannot be read; exporting again writes it (reason)",
+    "status.export_unreadable": "the last export's summary cannot be read; exporting again writes it (path, reason)",
     "status.report_unreadable": "a stage's last report is damaged or of another shape; running the stage again "
     "writes it anew (path, reason, command)",
     "status.base_model_unusable": "the configured base model cannot be used; the active adapter is a guess (reason)",

@@ -205,7 +205,8 @@ def _export_summary(settings: Settings, problems: Problems) -> dict[str, Any] | 
     try:
         return export.read_summary(settings)
     except LunaError as err:
-        problems.add(err.message, "status.export_unreadable", reason=err.message.rstrip("."))
+        params = err.params or {"path": str(export.export_dir(settings) / export.SUMMARY_FILE), "reason": err.message}
+        problems.add(err.message, "status.export_unreadable", **params)
         return None
 
 
