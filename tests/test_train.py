@@ -1249,3 +1249,57 @@ def test_a_run_that_diverges_fails_and_says_what_to_change_whichever_check_sees_
     failed = run_lora(_params(epochs=1, maxSteps=2), settings)
     assert failed.status is Status.FAILED and failed.version is None and failed.error["code"] == "nan_loss"
     assert failed.error["message"] == f"{where} became nan at step 1; lower the learning rate or check the data."
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "adapter cut short",
+        "optimizer missing",
+        "epoch a string",
+        "paramGroups a string",
+        "scheduler a string",
+        "state cut short",
+    ],
+)
+def test_a_damaged_checkpoint_is_named_with_the_way_out_not_a_raw_exception(settings, damage):
+    """Corruption repro: a cut-short adapter.safetensors, a missing optimizer.safetensors or a state.json with a
+    wrong type made every `--resume` (and `jobs resume`) fail with a raw SafetensorError, FileNotFoundError or
+    TypeError naming no file; a cut-short state.json was passed over and the run started fresh, saying nothing."""
+    from lunatrain.errors import LunaError
+
+    write_export(settings, make_records(40, val_every=5))
+    seen = []
+    cut = run_lora(
+        _params(),
+        settings,
+        on_event=seen.append,
+        should_stop=lambda: any(e["type"] == "eval" and e["epoch"] == 1 for e in seen),
+    )
+    assert cut.status is Status.CANCELLED
+    [state] = list(settings.adapters_dir.glob("luna-adapter/.work/*/checkpoints/epoch-*/state.json"))
+    ckpt = state.parent
+    file = {"adapter cut short": "adapter.safetensors", "optimizer missing": "optimizer.safetensors"}.get(
+        damage, "state.json"
+    )
+    if damage == "adapter cut short":
+        data = (ckpt / file).read_bytes()
+        (ckpt / file).write_bytes(data[: len(data) // 2])
+    elif damage == "optimizer missing":
+        (ckpt / file).unlink()
+    elif damage == "state cut short":
+        state.write_text(state.read_text()[:15])
+    else:
+        key = damage.split()[0]
+        state.write_text(json.dumps(json.loads(state.read_text()) | {key: "two"}))
+    try:
+        result = run_lora(_params(resume=True), settings)
+        assert result.status is Status.FAILED, result.status
+        code, message = result.error["code"], result.error["message"]
+    except LunaError as err:
+        code, message = err.code, err.message
+    assert code == "checkpoint.damaged", (code, message)
+    where = settings.shown(ckpt)
+    assert message.startswith(f"The checkpoint {where} is damaged ({file}"), message
+    assert "without --resume" in message and "Traceback" not in message, message
+    assert state.parent.is_dir()  # it stays: the user decides

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LunaError
+from .errors import CheckFailed, LunaError
 from .fsio import atomic_write_bytes, atomic_write_json, read_json, storage_error
 from .messages import coded, counted
 
 if TYPE_CHECKING:
+    from .settings import Settings
     from .train import Event, LoopState, Run
 
 CHECKPOINTS_DIR = "checkpoints"  # in a run's work dir: epoch-NNN/ folders, each complete once state.json is in it
@@ -98,15 +99,24 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         emit(_no_checkpoint(run))
         return None
     ckpt = found[-1].parent
-    state = read_json(ckpt / "state.json")
-    set_peft_model_state_dict(run.model, load_file(str(ckpt / "adapter.safetensors"), device=run.device))
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["paramGroups"]}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        opt_state["state"].setdefault(int(idx), {})[name] = value
-    run.optimizer.load_state_dict(opt_state)
-    run.scheduler.load_state_dict(state["scheduler"])
+    file = "state.json"
+    try:  # each part as it is read: a damaged one is named, with the way out, never a library's traceback
+        state = read_json(ckpt / file)
+        if wrong := _wrong_types(state):
+            raise ValueError(f'its "{wrong}" has the wrong type')
+        file = "adapter.safetensors"
+        set_peft_model_state_dict(run.model, load_file(str(ckpt / file), device=run.device))
+        file = "optimizer.safetensors"
+        tensors = load_file(str(ckpt / file))
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["paramGroups"]}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            opt_state["state"].setdefault(int(idx), {})[name] = value
+        run.optimizer.load_state_dict(opt_state)
+        file = "state.json"
+        run.scheduler.load_state_dict(state["scheduler"])
+    except Exception as exc:
+        raise damaged(run.settings, ckpt, file, exc) from None
     from .train import LoopState
 
     emit(
@@ -126,6 +136,64 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         train_seconds=state["trainSeconds"],
         resumed_from=state["epoch"],
     )
+
+
+# What `load` takes from a state.json without checking it again (`save` writes them so).
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "epoch": int,
+    "step": int,
+    "paramGroups": list,
+    "scheduler": dict,
+    "baseValLoss": (int, float, type(None)),
+    "epochs": list,
+    "curve": list,
+    "tokensSeen": int,
+    "trainSeconds": (int, float),
+}
+
+
+def _wrong_types(state: Any) -> str | None:
+    """The first field of a checkpoint's state that is missing or of the wrong type; None when all fit."""
+    if not isinstance(state, dict):
+        return "state"
+    for key, kind in _STATE_TYPES.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return key
+    groups = state["paramGroups"]
+    return None if all(isinstance(g, dict) for g in groups) else "paramGroups"
+
+
+def damaged(settings: Settings, ckpt: Path, file: str, exc: Exception) -> LunaError:
+    """The one sentence for a checkpoint of this run that cannot be resumed from: which folder and file, why,
+    and the ways out (the folder stays: the user decides whether its run is worth keeping)."""
+    from .errors import DamagedFile, NotFound
+
+    if isinstance(exc, DamagedFile) and getattr(exc, "why", None):
+        why = exc.why
+    elif isinstance(exc, FileNotFoundError | NotFound):
+        why = "missing"
+    elif isinstance(exc, LunaError):
+        why = exc.message.rstrip(".")
+    else:
+        why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    where = settings.shown(ckpt)
+    return CheckFailed(
+        f"The checkpoint {where} is damaged ({file}: {why}); train again without --resume to start over, or remove "
+        "that folder (a resume then starts fresh).",
+        code="checkpoint.damaged",
+        params={"checkpoint": str(where), "file": file, "reason": why},
+    )
+
+
+def check_state(settings: Settings, state: Path) -> None:
+    """Refuse (`damaged`) a checkpoint's state.json that cannot be read (cut short, garbage): passed over, a
+    resume would start afresh beside it and say nothing of the work it lost. Its fields `load` checks."""
+    try:
+        saved = read_json(state)
+    except LunaError as exc:
+        raise damaged(settings, state.parent, state.name, exc) from None
+    if not isinstance(saved, dict):
+        raise damaged(settings, state.parent, state.name, ValueError("not a JSON object"))
 
 
 def same_world(state: Path, ranks: int) -> bool:
