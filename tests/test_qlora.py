@@ -338,3 +338,26 @@ def test_serve_refuses_a_chat_quantization_it_cannot_load(tmp_path, monkeypatch)
     r = CliRunner().invoke(app, ["serve"])
     assert r.exit_code == 2 and "quantize=8bit needs bitsandbytes" in r.output, r.output
     assert not (tmp_path / "data" / "api" / "api.url").exists()
+
+
+def test_serve_lifts_the_bitsandbytes_mark_so_its_gate_judges_a_qlora_adapter_in_4_bits(
+    tmp_path, monkeypatch, dead_port
+):
+    """Explore repro: in `serve` without ASSISTANT_CHAT_QUANTIZE, POST /eval-gate judged a 4-bit-trained adapter
+    on the 4-bit base only until the first adapter chat imported PEFT, which the console script had made without
+    bitsandbytes; from then on on the full-precision base ("this process loaded PEFT without bitsandbytes"). The
+    server lifts the mark at start, whatever it serves: the import is paid once, at PEFT's first use."""
+    from typer.testing import CliRunner
+
+    from lunatrain import compat
+    from lunatrain.cli import app
+
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path))
+    monkeypatch.setenv("ASSISTANT_API_PORT", str(dead_port))  # held: serve stops at its bind, after its set-up
+    monkeypatch.delenv("ASSISTANT_CHAT_QUANTIZE", raising=False)
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    compat.without_bitsandbytes()  # as the console script starts every command
+    r = CliRunner().invoke(app, ["serve"])
+    assert r.exit_code == 2 and "in use" in r.output, r.output
+    assert sys.modules.get("bitsandbytes", "lifted") is not None

@@ -45,11 +45,15 @@ def serve(
         settings = load_settings(**overrides)
         check_bind(settings.api_host, settings.api_token)
         if settings.chat_quantize != "none":  # said now, not as a 500 at the first chat request
-            from ..compat import with_bitsandbytes
             from ..models import check_quantize_installed
 
             check_quantize_installed(settings.chat_quantize)
-            with_bitsandbytes()  # the console script left it out of PEFT's import (compat.without_bitsandbytes)
+        # The console script leaves bitsandbytes out of PEFT's import (compat.without_bitsandbytes); a server lets
+        # it in whatever it chats on: its POST /eval-gate loads a QLoRA adapter's base in 4 bits, which it could
+        # not once a chat had imported PEFT without it. Paid once, when PEFT is first used.
+        from ..compat import with_bitsandbytes
+
+        with_bitsandbytes()
         check_data_root(settings)
         sock = listen.bind(settings.api_host, settings.api_port)  # first: a port in use changes nothing
     except LunaError as err:
