@@ -145,12 +145,16 @@ def test_8bit_trains_an_adapter(settings, monkeypatch):
     m = result.report["metrics"]
     assert m["valLoss"] < m["baseValLoss"] - 0.3, m
     assert result.report["quantization"]["bits"] == 8
+    # explore repro: the report's packages left bitsandbytes out, whose version decides the weights trained
+    from importlib import metadata
+
+    assert result.report["packages"]["bitsandbytes"] == metadata.version("bitsandbytes")
 
 
 def test_full_precision_runs_record_no_quantization(settings):
     write_export(settings, make_records(24, val_every=6))
     result = train.run_lora(parse_params(FAST | {"epochs": 1, "maxSteps": 1, "adapterName": "fp"}), settings)
-    assert result.ok and result.report["quantization"] is None
+    assert result.ok and result.report["quantization"] is None and "bitsandbytes" not in result.report["packages"]
     assert registry.get_version(settings, "fp", "v1")["quantization"] is None
 
 

@@ -1017,9 +1017,10 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
 # --- output ---------------------------------------------------------------------------------------
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(quantized: bool = False) -> dict[str, str]:
+    """The versions that decide what a run trains; bitsandbytes' too where its layers ran (a quantized run)."""
     out = {"lunatrain": __version__}
-    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors"):
+    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors", *(("bitsandbytes",) * quantized)):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
@@ -1090,7 +1091,7 @@ def build_report(run: Run, status: Status, error: dict | None, started: float, j
             "ranks": run.world.size,
             "backend": ("nccl" if run.device == "cuda" else "gloo") if run.world.active else None,
         },
-        "packages": package_versions(),
+        "packages": package_versions(p.quantize != "none"),
         "durationSeconds": round(time.monotonic() - started, 3),
         "trainSeconds": round(run.train_seconds, 3),
     }
