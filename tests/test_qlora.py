@@ -365,3 +365,35 @@ def test_serve_lifts_the_bitsandbytes_mark_so_its_gate_judges_a_qlora_adapter_in
     r = CliRunner().invoke(app, ["serve"])
     assert r.exit_code == 2 and "in use" in r.output, r.output
     assert sys.modules.get("bitsandbytes", "lifted") is not None
+
+
+def test_an_adapter_trained_in_4_bits_and_served_in_full_precision_is_said_in_the_log(tmp_path, caplog):
+    """Explore repro: a QLoRA adapter was served on the full-precision base (as the README says) without a word at
+    run time: the server's log says so when it loads the adapter, and how to serve it as it trained."""
+    import json
+    import logging
+
+    from chat_helpers import random_adapter
+
+    from lunatrain import serving
+    from lunatrain.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    random_adapter(settings, "luna-adapter", 1)
+    path = registry.registry_path(settings)
+    data = json.loads(path.read_text())
+    data["adapters"]["luna-adapter"]["versions"][0]["quantization"] = {"bits": 4, "quantType": "nf4"}
+    path.write_text(json.dumps(data))
+    engine = serving.Engine(settings)
+    target = engine.resolve("luna-adapter@v1")
+    assert target.trained_bits == 4 and target.quantize == "none"
+    with caplog.at_level(logging.WARNING, logger="lunatrain.serving"):
+        gen = engine.start(
+            target, [{"role": "user", "content": "Hallo"}], serving.Sampling(max_tokens=2, temperature=0)
+        )
+        gen.run()
+    said = [r.getMessage() for r in caplog.records if r.name == "lunatrain.serving"]
+    assert said == [
+        "luna-adapter@v1 was trained on the base model loaded in 4 bits; chat serves it on the base in full "
+        "precision (ASSISTANT_CHAT_QUANTIZE=4bit serves it as it trained)"
+    ], said

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +31,8 @@ from .compat import generation_cache_argument, import_transformers, peft_quiet, 
 from .errors import Conflict, DamagedFile, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
 from .formats import normalize_text
 from .settings import Settings
+
+log = logging.getLogger("lunatrain.serving")
 
 
 class TooBusy(LunaError):
@@ -49,6 +52,7 @@ class Target:
     path: Path | None = None  # the adapter directory (resolved: a new `current` revision is a new key)
     files: tuple[Any, ...] = ()  # which files the directory held when resolved (`files_identity`)
     quantize: str = "none"  # how the base answering it is loaded (ASSISTANT_CHAT_QUANTIZE): answers differ with it
+    trained_bits: int | None = None  # the base's bits when the adapter trained (QLoRA), None: full precision
 
     @property
     def key(self) -> tuple[Path | None, tuple[Any, ...]]:
@@ -157,12 +161,14 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         path = registry.loadable_dir(settings, entry).resolve()
     except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms
         raise NotFound(exc.message, details=_NO_MODEL) from None
+    bits = (entry.get("quantization") or {}).get("bits") if isinstance(entry.get("quantization"), dict) else None
     return Target(
         model=f"{name}@{entry['version']}",
         adapter=name,
         version=entry["version"],
         path=path,
         files=files_identity(path),
+        trained_bits=bits if isinstance(bits, int) else None,
     )
 
 
@@ -439,6 +445,14 @@ class Engine:
         path = target.path
         assert path is not None
         peft_name = f"adapter{next(self._names)}"  # PEFT names are module keys: no dots or @
+        if target.trained_bits and target.quantize == "none":  # as the README says, and said where it happens
+            log.warning(
+                "%s was trained on the base model loaded in %d bits; chat serves it on the base in full precision "
+                "(ASSISTANT_CHAT_QUANTIZE=%dbit serves it as it trained)",
+                target.model,
+                target.trained_bits,
+                target.trained_bits,
+            )
         if problem := registry.files_problem(path):  # said before PEFT builds layers from a config like r = 10**9
             raise StorageError(
                 f"{target.model} could not be loaded onto the base model: its files under data/adapters are "
