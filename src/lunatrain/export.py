@@ -371,7 +371,7 @@ def export(
         # Pruning is housekeeping: the export is complete and visible, a failure here must not undo that (what
         # cannot be removed stays for `gc` to name).
         with contextlib.suppress(OSError):
-            _prune(settings, settings.retain_exports, failed={})  # the lock is already held
+            _prune(settings, settings.retain_exports, False, None, {})  # the lock is already held
     if on_progress:
         on_progress(done, total)
     return dataclasses.replace(summary, directory=out, kept_aside=kept)
@@ -625,17 +625,11 @@ def prune_exports(
     if not (out / EXPORTS_DIR).is_dir():
         return []
     with file_lock(out / ".export.lock", shared=dry_run):
-        return _prune(settings, keep, dry_run=dry_run, sizes=sizes, failed=failed)
+        return _prune(settings, keep, dry_run, sizes, failed)
 
 
-def _prune(
-    settings: Settings,
-    keep: int,
-    *,
-    dry_run: bool = False,
-    sizes: dict[Path, int] | None = None,
-    failed: dict[Path, OSError] | None = None,
-) -> list[Path]:
+def _prune(settings: Settings, keep: int, dry_run: bool, sizes: dict | None, failed: dict | None) -> list[Path]:
+    """`prune_exports` with the export lock held (by it, or by an export that prunes after itself)."""
     root = settings.training_dir / EXPORTS_DIR
     current = current_id(settings)
     ids = export_ids(settings)
