@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -1251,6 +1252,54 @@ def test_a_run_that_diverges_fails_and_says_what_to_change_whichever_check_sees_
     assert failed.error["message"] == f"{where} became nan at step 1; lower the learning rate or check the data."
 
 
+def _cut_after_epoch_1(settings) -> Path:
+    """A run cancelled after its first epoch's checkpoint: that checkpoint's state.json."""
+    write_export(settings, make_records(40, val_every=5))
+    seen = []
+    cut = run_lora(
+        _params(),
+        settings,
+        on_event=seen.append,
+        should_stop=lambda: any(e["type"] == "eval" and e["epoch"] == 1 for e in seen),
+    )
+    assert cut.status is Status.CANCELLED
+    [state] = list(settings.adapters_dir.glob("luna-adapter/.work/*/checkpoints/epoch-*/state.json"))
+    return state
+
+
+@pytest.mark.parametrize("fault", ["out of memory", "state unreadable"])
+def test_a_sound_checkpoint_the_machine_cannot_load_is_not_called_damaged(settings, monkeypatch, fault):
+    """Review repro: an out-of-memory while the checkpoint loaded, or a state.json this user may not read, was
+    said as a damaged checkpoint, with the advice to remove a sound one. Each is said as what it is."""
+    import peft
+
+    from lunatrain.errors import LunaError
+
+    state = _cut_after_epoch_1(settings)
+    if fault == "out of memory":
+
+        def oom(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+        monkeypatch.setattr(peft, "set_peft_model_state_dict", oom)
+    else:
+        real = Path.read_text
+
+        def denied(self, *args, **kwargs):
+            if self == state:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", denied)
+    try:
+        result = run_lora(_params(resume=True), settings)
+        code, message = result.error["code"], result.error["message"]
+    except LunaError as err:
+        code, message = err.code, err.message
+    assert code == ("out_of_memory" if fault == "out of memory" else "storage_error"), (code, message)
+    assert "remove that folder" not in message and state.is_file(), message
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -1268,16 +1317,7 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out_not_a_raw_exception(sett
     TypeError naming no file; a cut-short state.json was passed over and the run started fresh, saying nothing."""
     from lunatrain.errors import LunaError
 
-    write_export(settings, make_records(40, val_every=5))
-    seen = []
-    cut = run_lora(
-        _params(),
-        settings,
-        on_event=seen.append,
-        should_stop=lambda: any(e["type"] == "eval" and e["epoch"] == 1 for e in seen),
-    )
-    assert cut.status is Status.CANCELLED
-    [state] = list(settings.adapters_dir.glob("luna-adapter/.work/*/checkpoints/epoch-*/state.json"))
+    state = _cut_after_epoch_1(settings)
     ckpt = state.parent
     file = {"adapter cut short": "adapter.safetensors", "optimizer missing": "optimizer.safetensors"}.get(
         damage, "state.json"

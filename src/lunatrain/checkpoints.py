@@ -116,6 +116,8 @@ def load(run: Run, emit: Callable[[Event], None]) -> LoopState | None:
         file = "state.json"
         run.scheduler.load_state_dict(state["scheduler"])
     except Exception as exc:
+        if not _the_files(exc):  # out of memory, a disk that cannot be read: the checkpoint may well be sound
+            raise
         raise damaged(run.settings, ckpt, file, exc) from None
     from .train import LoopState
 
@@ -163,6 +165,18 @@ def _wrong_types(state: Any) -> str | None:
     return None if all(isinstance(g, dict) for g in groups) else "paramGroups"
 
 
+def _the_files(exc: Exception) -> bool:
+    """Whether `exc` says something of the checkpoint's files (missing, cut short, garbage, of another shape)
+    rather than of the machine (out of memory; a disk or permission error, said by the storage sentences)."""
+    from .errors import DamagedFile, StorageError, is_out_of_memory
+
+    if is_out_of_memory(type(exc).__name__, str(exc)):
+        return False
+    if isinstance(exc, StorageError):
+        return isinstance(exc, DamagedFile)
+    return isinstance(exc, FileNotFoundError) or not isinstance(exc, OSError)
+
+
 def damaged(settings: Settings, ckpt: Path, file: str, exc: Exception) -> LunaError:
     """The one sentence for a checkpoint of this run that cannot be resumed from: which folder and file, why,
     and the ways out (the folder stays: the user decides whether its run is worth keeping)."""
@@ -191,6 +205,8 @@ def check_state(settings: Settings, state: Path) -> None:
     try:
         saved = read_json(state)
     except LunaError as exc:
+        if not _the_files(exc):  # unreadable (permissions, an I/O error): said as such, the folder may be sound
+            raise
         raise damaged(settings, state.parent, state.name, exc) from None
     if not isinstance(saved, dict):
         raise damaged(settings, state.parent, state.name, ValueError("not a JSON object"))
