@@ -137,7 +137,7 @@ def _collect(
     except sqlite3.Error as exc:
         damaged = exc
     report.items += _exports(settings, dry_run, stuck)  # may wait for an export in progress (its lock)
-    report.items += _token_caches(settings, dry_run)
+    report.items += _token_caches(settings, dry_run, stuck)
     if damaged is None:
         try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
             files_now = files_now if files_now is not None else _files_clock(settings, dry_run)
@@ -315,7 +315,7 @@ def cache_fingerprint(path: Path) -> str | None:
     return meta.get("fingerprint") if isinstance(meta, dict) else None
 
 
-def _token_caches(settings: Settings, dry_run: bool) -> list[Item]:
+def _token_caches(settings: Settings, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
     root = settings.cache_dir / "tokens"
     if not root.is_dir():
         return []
@@ -328,11 +328,9 @@ def _token_caches(settings: Settings, dry_run: bool) -> list[Item]:
     for path in sorted(root.glob("*.safetensors")):
         if current is not None and cache_fingerprint(path) == current:
             continue
-        items.append(
-            Item("token-cache", str(settings.shown(path)), path.stat().st_size, "not made from the current export")
-        )
-        if not dry_run:
-            path.unlink(missing_ok=True)
+        size = tree_size(path)  # a folder in a cache file's place goes like one (`fsio.remove_tree`)
+        if dry_run or _removed(path, stuck):
+            items.append(Item("token-cache", str(settings.shown(path)), size, "not made from the current export"))
     return items
 
 
