@@ -445,9 +445,9 @@ def _digest(tensors: dict[str, Any]) -> str:
     overwritten or torn in place reads as a miss and is rebuilt, instead of training on wrong tokens."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        data = tensors[name].contiguous().numpy().tobytes()
-        h.update(f"{name}:{len(data)}\n".encode())
-        h.update(data)
+        data = tensors[name].contiguous().numpy()  # hashed in place: no copy of a tier's tokens (hundreds of MB)
+        h.update(f"{name}:{data.nbytes}\n".encode())
+        h.update(memoryview(data).cast("B"))
     return h.hexdigest()
 
 
