@@ -282,6 +282,31 @@ def test_an_error_page_without_a_message_is_said_in_the_pages_language(
     expect(page.locator("#alerts .message-text")).to_have_text(said)
 
 
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "Adapter: Die Adapter-Registry reports/training/lora-adapters.json kann nicht gelesen werden (a folder "
+             "stands in its place); sie bleibt unverändert: `lunatrain adapters repair` baut sie aus den "
+             "Adapter-Ordnern neu auf"),
+        ("?lang=en", "Adapters: The adapter registry reports/training/lora-adapters.json cannot be read (a folder "
+                     "stands in its place); it was left untouched: `lunatrain adapters repair` rebuilds it from the "
+                     "adapter folders"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_registry_is_said_once_in_the_pages_language(page, services: Services, query, said) -> None:
+    """Corruption repro: the Adapter panel's banner put its label's sentence before the server's English one,
+    which says the same ("… cannot be read; it was left untouched (…): The adapter registry … cannot be read
+    …"), in German too. The error carries its path and reason: one sentence, in the page's language."""
+    from lunatrain.registry import _unreadable
+
+    err = _unreadable(Path("reports/training/lora-adapters.json"), "a folder stands in its place")
+    body = {"error": {"code": err.code, "message": err.message, "params": err.params}}
+    answer(page, "**/assistant/training/adapters", body, status=503)
+    open_page(page, services, query)
+    banner = page.locator("#alerts .message-text").filter(has_text="adapters repair")
+    expect(banner.first).to_have_text(said)
+
+
 def test_a_refused_activation_gives_the_keyboard_back_its_button(page, services: Services) -> None:
     # One trained version in the registry and a server that fails to activate it (answers replaced on the way).
     version = {"version": "v1", "created": "2026-01-01T00:00:00Z", "metrics": {"valLoss": 1.5, "baseValLoss": 2.0}}

@@ -131,7 +131,7 @@ CODES: dict[str, str] = {
     "storage_unreachable": "the database server cannot be reached",
     "storage_denied": "the database refuses this user something lunatrain needs (a privilege, a schema, writing)",
     "storage_incompatible": "the database cannot be used as it is (made by a newer lunatrain, or not UTF8)",
-    "registry_unreadable": "the adapter registry file cannot be read; it is left untouched (adapters repair)",
+    "registry_unreadable": "the adapter registry file cannot be read; it is left untouched (adapters repair) (path, reason)",
     "storage_error": "the data root's storage failed (I/O error or a damaged database)",
     "data_root_gone": "the data root was moved or deleted while the API ran; start it again where it is now",
     # an adapter version's state (state.code): active, or why not; params always name, version, baseModel

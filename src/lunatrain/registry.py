@@ -132,10 +132,11 @@ def load(settings: Settings) -> dict[str, Any]:
         # the next run's save would leave every earlier version unregistered and gate against the base model.
         found = _report_files(settings)
         if found:
+            why = f"missing, although {counted(len(found), 'adapter version')} {'lies' if len(found) == 1 else 'lie'} in {settings.adapters_dir}"
             raise RegistryUnreadable(
-                f"The adapter registry {path} is missing, although {counted(len(found), 'adapter version')} "
-                f"{'lies' if len(found) == 1 else 'lie'} in {settings.adapters_dir}; nothing was changed. "
-                "Run `lunatrain adapters repair` to rebuild it from the adapter folders."
+                f"The adapter registry {path} is {why}; nothing was changed. "
+                "Run `lunatrain adapters repair` to rebuild it from the adapter folders.",
+                params={"path": str(path), "reason": why},
             )
         return {"format": FORMAT, "adapters": {}}
     problem = shape_problem(data)
@@ -192,9 +193,12 @@ def _write_copies(settings: Settings, data: dict[str, Any]) -> None:
 
 
 def _unreadable(path: Path, why: str) -> RegistryUnreadable:
+    # With its path and reason as parameters, the dashboard says the sentence in its language, once (without
+    # them it put its label before the server's English sentence, which says the same).
     return RegistryUnreadable(
         f"The adapter registry {path} cannot be read ({why}); it was left untouched. "
-        "Run `lunatrain adapters repair` to rebuild it from the adapter folders."
+        "Run `lunatrain adapters repair` to rebuild it from the adapter folders.",
+        params={"path": str(path), "reason": why},
     )
 
 
