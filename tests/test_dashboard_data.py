@@ -479,6 +479,26 @@ def test_a_registry_that_cannot_be_read_leaves_the_active_adapter_unknown_and_sa
     assert unknown in facts.inner_text()
 
 
+@pytest.mark.parametrize(("query", "said"), [("", "Letzter Export\nunbekannt"), ("?lang=en", "Last export\nunknown")])
+def test_an_export_whose_summary_cannot_be_read_is_no_never(page, services: Services, query, said) -> None:
+    """Corruption repro: with the export summary damaged the data panel said "Letzter Export: noch keiner" right
+    above "database changed since export: yes": an export exists, only its summary cannot be read."""
+    path = "data/training/current/assistant-sft-summary.json"
+    code = {"code": "status.export_unreadable", "params": {"path": path, "reason": "not valid JSON"}}
+
+    def damaged(route) -> None:
+        status = route.fetch().json() | {"lastExport": None}
+        route.fulfill(
+            json=status | {"problems": [f"The export summary {path} cannot be read."], "problemCodes": [code]}
+        )
+
+    page.route("**/assistant/training/status*", damaged)
+    open_page(page, services, query)
+    facts = page.locator("#data-facts")
+    expect(facts).to_contain_text("lunatrain export")
+    assert said in facts.inner_text()
+
+
 @pytest.mark.parametrize(
     ("query", "said"),
     [

@@ -955,3 +955,10 @@ def test_an_unreadable_export_summary_is_coded_with_its_reason_not_the_english_s
     assert str(path) in problem and "lunatrain export" in problem, problem
     (coded,) = said["problemCodes"]
     assert coded == {"code": "status.export_unreadable", "params": {"path": str(path), "reason": reason}}, coded
+    # and the export is no "never": it exists, its summary cannot be read
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    shown = CliRunner().invoke(app, ["status"]).output
+    assert re.search(r"^last export:? +unreadable \(see the problem below\)$", shown, re.M), shown

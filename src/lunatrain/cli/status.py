@@ -58,6 +58,12 @@ def in_effect(settings: Settings) -> dict[str, str]:
     return {"dataRoot": str(settings.home), "database": database, "baseModel": base, "baseModelFrom": source}
 
 
+def _no_export(s: dict[str, Any]) -> str:
+    """No export to show: none yet, or one whose summary cannot be read (an export exists: not "never")."""
+    unreadable = any((c or {}).get("code") == "status.export_unreadable" for c in s.get("problemCodes", []))
+    return "unreadable (see the problem below)" if unreadable else "never"
+
+
 def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
     exp, job, prep, gate, act = s["lastExport"], s["lastJob"], s["lastPrepare"], s["lastGate"], s["activeAdapter"]
     changed = {True: " (database changed since: export again)", False: " (up to date)", None: ""}[
@@ -88,7 +94,7 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
                 else "; starting it on demand is off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false): run `lunatrain trainer`"
             ),
         ),
-        ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else "never"),
+        ("last export", f"{exp['time']} fingerprint {str(exp['fingerprint'])[:12]}{changed}" if exp else _no_export(s)),
         (
             "last job",
             f"{job['status']} {job['adapterName']}{'@' + job['version'] if job['version'] else ''}{_on(job)}"

@@ -193,7 +193,9 @@ function renderDataStatus(status) {
   const active = status.activeAdapter;
   const changed = status.changedSinceExport ?? exp?.changedSince;
   fillFacts($("data-facts"), [
-    [t("data.lastExport"), exp ? formatDate(exp.time ?? exp.exportedAt ?? exp.createdAt) : t("data.never")],
+    // An export whose summary cannot be read exists: "unknown" (the problem below says why), not "never".
+    [t("data.lastExport"), exp ? formatDate(exp.time ?? exp.exportedAt ?? exp.createdAt)
+      : t((status.problemCodes ?? []).some((c) => c?.code === "status.export_unreadable") ? "unknown" : "data.never")],
     [t("data.changedSince"), changed === undefined || changed === null ? t("unknown") : t(changed ? "yes" : "no")],
     // Each tier: the volume rule (minCurated) and something to train on.
     [t("data.tiers"), Object.entries(status.tiers ?? {})
