@@ -846,6 +846,8 @@ def test_a_folder_where_a_file_belongs_is_said_so(settings: Settings, tiny: Path
         f"Writing {cache} failed: {cache} is a folder where a file belongs, and the previous data is intact; "
         "remove or rename that folder and try again."
     ), refused.value.message
+    # coded, with the folder, so that the dashboard says it in its language
+    assert (refused.value.code, refused.value.params) == ("storage_folder_in_place", {"path": str(cache)})
     said = fsio.storage_error(OSError(errno.EISDIR, "Is a directory"), "the registry").message
     assert said == (
         "Writing the registry failed: a folder stands where a file belongs, and the previous data is intact; "

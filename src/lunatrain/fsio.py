@@ -48,7 +48,9 @@ def storage_error(exc: OSError, what: object) -> StorageError:
         where = f"{folder} is a folder" if folder else "a folder stands"
         return StorageError(
             f"Writing {what} failed: {where} where a file belongs, and the previous data is intact; remove or "
-            "rename that folder and try again."
+            "rename that folder and try again.",
+            code="storage_folder_in_place",
+            params={"path": str(folder or what)},
         )
     if exc.errno in _DENIED:  # nothing wrong with the disk: a read-only mount, or another user's files
         return StorageError(

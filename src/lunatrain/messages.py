@@ -32,6 +32,7 @@ CODES: dict[str, str] = {
     "method_not_allowed": "the path does not accept this method",
     "payload_too_large": "request body over the size cap",
     "request_timeout": "the request body did not arrive in time",
+    "storage_folder_in_place": "a folder stands where the data root keeps a file: remove or rename it (path)",
     "storage_no_access": "a file of the data root cannot be read by this user (path)",
     "storage.root_moved": "the data root was moved or replaced while the run trained: nothing more was written there",
     "unsupported_media_type": "the body is not sent as application/json",
