@@ -305,6 +305,9 @@ def test_an_unreadable_registry_is_said_once_in_the_pages_language(page, service
     open_page(page, services, query)
     banner = page.locator("#alerts .message-text").filter(has_text="adapters repair")
     expect(banner.first).to_have_text(said)
+    # and the panel is no heading alone (corruption repro): it says its list could not be read
+    expect(page.locator("#adapters-unreadable")).to_be_visible()
+    expect(page.locator("#adapters-empty")).to_be_hidden()
 
 
 def test_a_refused_activation_gives_the_keyboard_back_its_button(page, services: Services) -> None:

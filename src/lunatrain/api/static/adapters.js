@@ -56,6 +56,7 @@ export class AdapterView {
     this.afterChange = afterChange;
     this.groups = document.getElementById("adapter-groups");
     this.empty = document.getElementById("adapters-empty");
+    this.unreadable = document.getElementById("adapters-unreadable");
     this.turns = turns(); // start-up, a finished job and activate/rollback each reload the table
     this.expanded = new Set(); // "base/adapter" whose every version is shown: kept across refreshes
   }
@@ -71,7 +72,11 @@ export class AdapterView {
       if (current() && !(background && JSON.stringify(bases) === this.shown)) this.render(bases);
     } catch (error) {
       if (current()) {
-        if (!background) this.empty.hidden = true; // not "no adapters yet": the list could not be read
+        if (!background) {
+          // not "no adapters yet": the list could not be read, and the panel says so (not a heading alone)
+          this.empty.hidden = true;
+          this.unreadable.hidden = false;
+        }
         showError(error, t("adapters.heading"), { background });
       }
     } finally {
@@ -81,6 +86,7 @@ export class AdapterView {
 
   render(bases) {
     this.shown = JSON.stringify(bases);
+    this.unreadable.hidden = true;
     const withVersions = bases.filter((b) => (b.adapters ?? []).some((a) => (a.versions ?? []).length));
     this.empty.hidden = withVersions.length > 0;
     this.groups.replaceChildren(...withVersions.map((base) => this.baseGroup(base)));

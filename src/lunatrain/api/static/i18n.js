@@ -193,6 +193,7 @@ const de = {
 
   "adapters.heading": "Adapter",
   "adapters.empty": "Noch keine Adapter trainiert.",
+  "adapters.unreadable": "Die Adapterliste kann gerade nicht gelesen werden; die Meldung oben sagt, warum.",
   "adapters.base": "Basismodell: {base}",
   "adapters.caption": "Adapter-Versionen auf {base}",
   "adapters.otherBase": "Dieser Server ist auf ein anderes Basismodell konfiguriert: Versionen hier aktivieren oder zurückrollen mit `lunatrain adapters activate NAME@VERSION --baseModel {base}` (bzw. `adapters rollback NAME --baseModel {base}`).",
@@ -711,6 +712,7 @@ const en = {
 
   "adapters.heading": "Adapters",
   "adapters.empty": "No adapters trained yet.",
+  "adapters.unreadable": "The adapter list cannot be read now; the message above says why.",
   "adapters.base": "Base model: {base}",
   "adapters.caption": "Adapter versions on {base}",
   "adapters.otherBase": "This server is configured for another base model: activate or roll back versions here with `lunatrain adapters activate NAME@VERSION --baseModel {base}` (or `adapters rollback NAME --baseModel {base}`).",
