@@ -13,7 +13,7 @@ import torch
 
 from lunatrain import models, registry
 from lunatrain import train as train_mod
-from lunatrain.errors import UsageError
+from lunatrain.errors import LunaError, UsageError
 from lunatrain.params import parse_params
 from lunatrain.tokens import IGNORE, encode_chat, make_batch, shifted_targets
 from lunatrain.train import Status, forward_supervised, run_lora
@@ -602,7 +602,16 @@ def test_resume_continues_a_checkpoint_saved_while_the_identity_held_the_base_mo
     state.write_text(json.dumps(old))
     work = state.parents[2]
     key = run_key(old["run"])  # that release's key: a hash of the identity it recorded
-    shutil.move(work, work.with_name(f"{key}-0000aaaa"))
+    moved = work.with_name(f"{key}-0000aaaa")
+    shutil.move(work, moved)
+    # review repro: one cut short there was passed over (the new run started fresh and said nothing), where one
+    # under this release's key is refused as damaged
+    saved = (moved / "checkpoints" / "epoch-001" / "state.json").read_text()
+    (moved / "checkpoints" / "epoch-001" / "state.json").write_text(saved[:15])
+    with pytest.raises(LunaError) as refused:
+        run_lora(_params(resume=True), settings)
+    assert refused.value.code == "checkpoint.damaged", refused.value.message
+    (moved / "checkpoints" / "epoch-001" / "state.json").write_text(saved)
     resumed = run_lora(_params(resume=True), settings)
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
 

@@ -718,7 +718,7 @@ def _work_dir(
         # held the base's name) or, saved before they recorded any identity, under `legacy`.
         for named in (key, named_base, legacy):
             existing = checkpoints.saved_states(root, f"{named}-*") if named else []
-            if named == key and existing:  # this run's newest work, damaged: said, not passed over
+            if existing:  # this run's newest work under each key, damaged: said, not passed over
                 checkpoints.check_state(settings, checkpoints.furthest(existing))
             existing = [p for p in existing if named != legacy or checkpoints.recorded_run(p) is None]
             existing = [p for p in existing if ranks is None or checkpoints.same_world(p, ranks)]
