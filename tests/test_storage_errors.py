@@ -853,3 +853,21 @@ def test_a_folder_where_a_file_belongs_is_said_so(settings: Settings, tiny: Path
         "Writing the registry failed: a folder stands where a file belongs, and the previous data is intact; "
         "remove or rename that folder and try again."
     ), said
+
+
+def test_a_coded_storage_failure_keeps_its_values_in_a_runs_and_a_jobs_error(tmp_path: Path) -> None:
+    """Review repro: a run whose save met a folder where a file belongs, and a job that failed on the job store,
+    kept only the error's code and sentence: the dashboard filled the code's text without its values and showed a
+    literal "{path}". The values go with the code."""
+    import errno
+
+    from lunatrain.service.runner import storage_error as job_storage_error
+    from lunatrain.train import failure
+
+    folder = tmp_path / "adapter_model.safetensors"
+    folder.mkdir()
+    exc = IsADirectoryError(errno.EISDIR, "Is a directory", str(folder))
+    said = failure(exc, "training_error", writing="the adapter")
+    assert said["code"] == "storage_folder_in_place" and said["params"] == {"path": str(folder)}, said
+    coded = fsio.storage_error(exc, "the adapter")
+    assert job_storage_error(coded)["params"] == {"path": str(folder)}

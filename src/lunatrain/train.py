@@ -329,15 +329,14 @@ def _train_and_conclude(
     return result
 
 
-def failure(exc: Exception, code: str, writing: str | None = None, params: LoraParams | None = None) -> dict[str, str]:
+def failure(exc: Exception, code: str, writing: str | None = None, params: LoraParams | None = None) -> dict[str, Any]:
     """The run's error for `exc`: a LunaError (a full disk met by a checkpoint write) keeps its code and
     sentence; with `writing` (what the failed block wrote), an OS error (safetensors reports ENOSPC only inside
     its own exception's text) becomes the storage sentence for it; anything else `code` with the exception."""
-    if isinstance(exc, LunaError):
+    if writing is not None and not isinstance(exc, LunaError) and (os_exc := os_error_of(exc)) is not None:
+        exc = storage_error(os_exc, writing)
+    if isinstance(exc, LunaError):  # with its values: a client says the code's text with them filled in
         return {"code": exc.code, "message": exc.message, **({"params": exc.params} if exc.params else {})}
-    if writing is not None and (os_exc := os_error_of(exc)) is not None:
-        err = storage_error(os_exc, writing)
-        return {"code": err.code, "message": err.message}
     said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if out_of_memory(exc):
         # torch's own text runs over lines of allocator statistics: its first line says what was asked

@@ -46,11 +46,11 @@ CANCEL_GRACE_S = 15.0  # SIGTERM -> SIGKILL: the engine stops at the next step, 
 _MAX_LINE = 1 << 20  # an event line longer than this is a broken child, not an event
 
 
-def storage_error(exc: BaseException) -> dict[str, str]:
+def storage_error(exc: BaseException) -> dict[str, Any]:
     """A job error for a storage fault: `disk_full` for ENOSPC/"database or disk is full", else `storage_error`;
     a StorageError (the job store's) keeps its own code and sentence."""
-    if isinstance(exc, StorageError):
-        return {"code": exc.code, "message": exc.message}
+    if isinstance(exc, StorageError):  # with its values, as `train.failure` keeps them
+        return {"code": exc.code, "message": exc.message, **({"params": exc.params} if exc.params else {})}
     text = f"{type(exc).__name__}: {exc}"
     full = getattr(exc, "errno", None) == errno.ENOSPC or "disk is full" in text or "No space left" in text
     if full:
