@@ -1135,6 +1135,36 @@ def test_a_job_that_started_and_ended_between_two_refreshes_is_shown(page, servi
     assert asked == [] and page.locator("#job-id").text_content() == "Job ftjob-a", asked
 
 
+def test_the_adapter_panel_says_it_could_read_its_list_again_when_the_same_list_comes_back(
+    page, services: Services
+) -> None:
+    """Review repro: once a reload of the list failed (after a job ended) the panel said it could not be read, and
+    the next background refresh, bringing back the very list it showed before, left that line standing."""
+    state = {"job": _job("ftjob-run", "running", "run"), "fail": False}
+    page.clock.install()
+    route_job_lists(page, {"running": [state["job"]]})
+    for pattern in ("**/assistant/training/lora/status", "**/assistant/training/lora/status?jobId=*"):
+        page.route(pattern, lambda route: route.fulfill(json=state["job"]))
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+
+    def adapters(route) -> None:
+        if state["fail"]:
+            route.fulfill(status=503, json={"error": {"code": "storage_error", "message": "The disk failed."}})
+        else:
+            route.fulfill(json=_adapters("same"))
+
+    page.route("**/assistant/training/adapters", adapters)
+    open_page(page, services)
+    expect(page.locator("#adapter-groups")).to_contain_text("same")
+    state["fail"], state["job"] = True, _job("ftjob-run", "succeeded", "run")
+    route_job_lists(page, {"running": []})
+    page.clock.run_for(5_000)  # the followed job ends: the panel reads its list again, which fails
+    expect(page.locator("#adapters-unreadable")).to_be_visible()
+    state["fail"] = False
+    page.clock.run_for(16_000)  # the background refresh: the same list as before
+    expect(page.locator("#adapters-unreadable")).to_be_hidden()
+
+
 def _adapters(name: str) -> dict:
     """An adapter table with one version the eval gate refused."""
     version = {

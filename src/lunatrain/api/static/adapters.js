@@ -69,7 +69,10 @@ export class AdapterView {
     if (!background) section.setAttribute("aria-busy", "true");
     try {
       const { bases = [] } = await api.adapters();
-      if (current() && !(background && JSON.stringify(bases) === this.shown)) this.render(bases);
+      // Drawn again when it changed, or when the panel last said its list could not be read (a refresh that
+      // brings the same list back must take that line away).
+      const same = background && JSON.stringify(bases) === this.shown && this.unreadable.hidden;
+      if (current() && !same) this.render(bases);
     } catch (error) {
       if (current()) {
         if (!background) {
