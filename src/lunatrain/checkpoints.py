@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckFailed, LunaError
+from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, is_out_of_memory
 from .fsio import atomic_write_bytes, atomic_write_json, read_json, storage_error
 from .messages import coded, counted
 
@@ -168,8 +168,6 @@ def _wrong_types(state: Any) -> str | None:
 def _the_files(exc: Exception) -> bool:
     """Whether `exc` says something of the checkpoint's files (missing, cut short, garbage, of another shape)
     rather than of the machine (out of memory; a disk or permission error, said by the storage sentences)."""
-    from .errors import DamagedFile, StorageError, is_out_of_memory
-
     if is_out_of_memory(type(exc).__name__, str(exc)):
         return False
     if isinstance(exc, StorageError):
@@ -180,8 +178,6 @@ def _the_files(exc: Exception) -> bool:
 def damaged(settings: Settings, ckpt: Path, file: str, exc: Exception) -> LunaError:
     """The one sentence for a checkpoint of this run that cannot be resumed from: which folder and file, why,
     and the ways out (the folder stays: the user decides whether its run is worth keeping)."""
-    from .errors import DamagedFile, NotFound
-
     if isinstance(exc, DamagedFile) and getattr(exc, "why", None):
         why = exc.why
     elif isinstance(exc, FileNotFoundError | NotFound):

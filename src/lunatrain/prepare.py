@@ -881,12 +881,8 @@ def _context_check(data: Any, tokenized: Any, context: int) -> Check:
     """Only where maxSeqLength is above the base model's context: the samples it lets keep more tokens than the
     context (a model with learned positions cannot run them; one with rotary positions trains places it never
     answers from, and chat refuses prompts that long). The run refuses them too (`train.refuse_over_context`)."""
-    over = [
-        _rid(rec)
-        for split in export_mod.SPLITS
-        for rec, enc in zip(getattr(data, split), tokenized.splits.get(split, []), strict=True)
-        if len(enc) > context
-    ]
+    longer = tokenized.longer_than(context)
+    over = [_rid(getattr(data, split)[i]) for split in export_mod.SPLITS for i in longer.get(split, [])]
     return _check(
         "over_context",
         "fail",

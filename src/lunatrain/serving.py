@@ -161,7 +161,8 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         path = registry.loadable_dir(settings, entry).resolve()
     except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms
         raise NotFound(exc.message, details=_NO_MODEL) from None
-    bits = (entry.get("quantization") or {}).get("bits") if isinstance(entry.get("quantization"), dict) else None
+    quantization = entry.get("quantization")
+    bits = quantization.get("bits") if isinstance(quantization, dict) else None
     return Target(
         model=f"{name}@{entry['version']}",
         adapter=name,

@@ -301,6 +301,11 @@ class TokenizedTier:
     def test(self) -> list[Encoded]:
         return self.splits.get("test", [])
 
+    def longer_than(self, limit: int) -> dict[str, list[int]]:
+        """Per split, the positions of the samples that keep more than `limit` tokens (prepare names them, the
+        run refuses them: one answer for both, every split the gate measures included)."""
+        return {name: [i for i, e in enumerate(items) if len(e) > limit] for name, items in self.splits.items()}
+
 
 def cache_key(
     fingerprint: str, tier: str, tok_hash: str, tmpl_hash: str, max_seq_length: int, terminator: str = ""

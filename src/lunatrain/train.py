@@ -519,7 +519,7 @@ def refuse_over_context(params: LoraParams, tokens: Any, base: Any) -> None:
     context = context_length(base)
     if context is None or params.max_seq_length <= context:
         return
-    over = sum(len(e) > context for e in [*tokens.train, *tokens.val, *tokens.test])  # the gate measures all
+    over = sum(len(found) for found in tokens.longer_than(context).values())
     if over:
         sample = counted(over, "sample")
         raise UsageError(
@@ -1019,7 +1019,8 @@ def evaluate(run: Run, samples: list[Encoded]) -> float:
 def package_versions(quantized: bool = False) -> dict[str, str]:
     """The versions that decide what a run trains; bitsandbytes' too where its layers ran (a quantized run)."""
     out = {"lunatrain": __version__}
-    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors", *(("bitsandbytes",) * quantized)):
+    packages = ["torch", "transformers", "peft", "tokenizers", "safetensors"] + (["bitsandbytes"] if quantized else [])
+    for pkg in packages:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
