@@ -1901,3 +1901,45 @@ def test_an_adapter_with_many_versions_shows_its_newest_and_the_rest_on_request(
     expect(daily).to_have_count(11)  # v26..v17 and v3
     page.goto(f"{services.api_url}/?lang=de")
     expect(page.get_by_role("button", name="Alle 26 Versionen von daily zeigen")).to_be_visible()
+
+
+@pytest.mark.parametrize("failing", ["both lists", "the model list"])
+def test_an_unreadable_registry_is_one_alert_that_goes_once_the_lists_load_again(
+    page, services: Services, failing: str
+) -> None:
+    """Repro: with the adapter registry unreadable, the Adapter and the Try-it panel each put the same sentence
+    up (two alerts, one per panel label), and once `adapters repair` had rebuilt it and the lists loaded again
+    at the next refresh, the alerts stayed until a reload (the Try-it panel's too, when only its list failed)."""
+    from lunatrain.registry import _unreadable
+
+    err = _unreadable(Path("reports/training/lora-adapters.json"), "not valid JSON")
+    state = {"broken": True}
+
+    def adapters(route) -> None:
+        if state["broken"] and failing == "both lists":
+            route.fulfill(status=503, json={"error": {"code": err.code, "message": err.message, "params": err.params}})
+        else:
+            route.fulfill(json=_adapters("luna-adapter"))
+
+    def models(route) -> None:
+        if state["broken"]:  # the OpenAI shape /v1 answers in, with the same code and values
+            error = {"message": err.message, "type": "server_error", "param": None, "code": err.code}
+            route.fulfill(status=503, json={"error": error | {"params": err.params}})
+        else:
+            data = [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
+            data.append({"id": "luna-adapter@v1", "object": "model", "owned_by": "lunatrain"})
+            route.fulfill(json={"object": "list", "data": data})
+
+    page.clock.install()
+    page.route("**/assistant/training/adapters", adapters)
+    page.route("**/v1/models", models)
+    open_page(page, services, "?lang=en")
+    page.locator("#try").scroll_into_view_if_needed()  # the model choice loads once its panel is seen
+    expect(page.locator("#try-model option")).to_have_count(0)  # its list failed too (no longer "loading")
+    said = page.locator("#alerts .message").filter(has_text="adapters repair")
+    expect(said).to_have_count(1)
+    state["broken"] = False  # `lunatrain adapters repair` in a shell
+    page.clock.run_for(16_000)  # the background refresh reads both lists again
+    expect(page.locator("#adapter-groups")).to_contain_text("luna-adapter")
+    expect(page.locator("#try-model option")).to_have_count(1)
+    expect(said).to_have_count(0)

@@ -3,7 +3,7 @@
 
 import { api, hasToken, openWithToken } from "./api.js";
 import { t, tMsg, formatDate, formatLoss } from "./i18n.js";
-import { h, showError, showNotice, confirmDialog, turns } from "./ui.js";
+import { h, showError, showNotice, clearErrorsOf, confirmDialog, turns } from "./ui.js";
 
 // Versions of an adapter shown before "show all": a year of daily runs is hundreds of rows. The active and
 // latest versions are always shown, however old.
@@ -59,6 +59,7 @@ export class AdapterView {
     this.unreadable = document.getElementById("adapters-unreadable");
     this.turns = turns(); // start-up, a finished job and activate/rollback each reload the table
     this.expanded = new Set(); // "base/adapter" whose every version is shown: kept across refreshes
+    this.loadFailed = null; // the code of the last failed list load, whose alert the next good one clears
   }
 
   /** `background`: the page's periodic refresh (a change made elsewhere: the command line, another tab). It
@@ -73,14 +74,18 @@ export class AdapterView {
       // brings the same list back must take that line away).
       const same = background && JSON.stringify(bases) === this.shown && this.unreadable.hidden;
       if (current() && !same) this.render(bases);
+      // What the last failed load said is no longer true (and only that: a failed download keeps its alert).
+      if (current() && this.loadFailed != null) clearErrorsOf(t("adapters.heading"), this.loadFailed);
+      this.loadFailed = null;
     } catch (error) {
       if (current()) {
+        this.loadFailed = error?.code ?? "";
         if (!background) {
           // not "no adapters yet": the list could not be read, and the panel says so (not a heading alone)
           this.empty.hidden = true;
           this.unreadable.hidden = false;
         }
-        showError(error, t("adapters.heading"), { background });
+        showError(error, t("adapters.heading"), { background, once: true });
       }
     } finally {
       if (current()) section.removeAttribute("aria-busy");

@@ -4,7 +4,7 @@
 
 import { api, authHeaders, ApiError, tokenRefused } from "./api.js";
 import { t, formatNumber, errorText } from "./i18n.js";
-import { h, showError, turns } from "./ui.js";
+import { h, showError, clearErrorsOf, turns } from "./ui.js";
 
 const DEFAULT_MAX_TOKENS = 128;
 const $ = (id) => document.getElementById(id);
@@ -83,6 +83,7 @@ export class TryPanel {
     this.messages = null; // an example's full conversation (system prompt included), until the prompt is edited
     this.cap = null; // the server's cap on max_tokens, once the examples said it
     this.maxTokens = DEFAULT_MAX_TOKENS;
+    this.loadFailed = null; // the code of the last failed model list, whose alert the next good one clears
     this.turns = turns(); // the model list is reloaded after each trained or activated adapter
     this.form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -123,9 +124,12 @@ export class TryPanel {
     try {
       const { data = [] } = await api.chatModels();
       if (current() && !(background && JSON.stringify(data) === this.shown)) this.render(data);
+      if (current() && this.loadFailed != null) clearErrorsOf(t("try.heading"), this.loadFailed); // no longer true
+      this.loadFailed = null;
     } catch (error) {
       if (!current()) return;
-      showError(error, t("try.heading"), { background });
+      this.loadFailed = error?.code ?? "";
+      showError(error, t("try.heading"), { background, once: true });
       // No longer "loading": the list is empty until a later refresh answers (the message says why).
       if (!this.select.value) this.select.replaceChildren();
     }

@@ -36,16 +36,20 @@ function dismiss(item, origin) {
   target?.focus();
 }
 
-export function showError(error, context = "", { background = false } = {}) {
+export function showError(error, context = "", { background = false, once = false } = {}) {
   // A missing or wrong API token is said once, by the token form and the trainer's label (app.js), not by
   // every panel whose call it refused.
   if (error?.status === 401) return;
   const alerts = document.getElementById("alerts");
   // The status in the prefix, unless the sentence is the one that says only the status (err.http).
   const status = error?.status && error.code !== `http_${error.status}` ? ` (${error.status})` : "";
-  const text = `${context ? `${context}: ` : `${t("err.prefix")}${status}: `}${errorText(error)}`;
-  for (const existing of alerts.querySelectorAll(".message-text")) {
-    if (existing.textContent === text) return;
+  const said = errorText(error);
+  const text = `${context ? `${context}: ` : `${t("err.prefix")}${status}: `}${said}`;
+  for (const existing of alerts.querySelectorAll(".message")) {
+    if (existing.querySelector(".message-text")?.textContent === text) return;
+    // `once`: a panel's own loading (not a click, whose error the user looks for under its label) that met a
+    // cause already said (an unreadable registry fails the adapter table and the model choice) adds no alert.
+    if (once && error?.code && existing.dataset.code === error.code && existing.dataset.said === said) return;
   }
   // Where the user was (the control that failed), for focus to go back to when the message is dismissed: a
   // button busy with the failed work is disabled meanwhile, and focus then rests on the body.
@@ -53,7 +57,7 @@ export function showError(error, context = "", { background = false } = {}) {
   const origin = alerts.contains(active) ? null
     : active && active !== document.body ? active : document.querySelector('button[aria-busy="true"]');
   const item = h("div", { class: "message error",
-    dataset: { code: error?.code ?? "", context, ...(background ? { background: "yes" } : {}) } },
+    dataset: { code: error?.code ?? "", context, said, ...(background ? { background: "yes" } : {}) } },
     h("span", { class: "message-text" }, text),
     h("button", {
       type: "button", class: "dismiss", "aria-label": t("messages.dismiss"), title: t("messages.dismiss"),
