@@ -485,6 +485,26 @@ def test_a_narrow_terminal_gets_the_lines_a_pipe_gets_not_a_table_without_room(
     assert "┃" in run("examples", "list").output
 
 
+def test_a_topic_with_a_line_break_or_a_tab_stays_in_its_row_and_column(settings: Settings) -> None:
+    """Curation repro: `memory list` printed a topic with a newline over two lines and one with a tab as an extra
+    column (the question and answer were already squeezed to one line)."""
+    assert run("memory", "add", "--question", "q1", "--answer", "a1", "--topic", "Zeile1\nZeile2").exit_code == 0
+    assert run("memory", "add", "--question", "q2", "--answer", "a2", "--topic", "Spalte\tx").exit_code == 0
+    listed = run("memory", "list")
+    assert listed.exit_code == 0, listed.output
+    rows = [line.split("\t") for line in listed.output.splitlines() if line[:1].isdigit()]
+    assert [row[2] for row in rows] == ["Zeile1 Zeile2", "Spalte x"] and {len(r) for r in rows} == {5}, rows
+
+
+def test_seed_counts_one_example_in_the_singular(settings: Settings) -> None:
+    """Curation repro: after one seeded example and one memory item were deleted, `examples seed` said "1
+    examples added", "1 memory items added"."""
+    assert run("examples", "seed").exit_code == 0
+    assert run("examples", "delete", "1").exit_code == 0 and run("memory", "delete", "1").exit_code == 0
+    said = run("examples", "seed").output
+    assert "1 example added (" in said and "1 memory item added (" in said, said
+
+
 def test_brackets_in_stored_text_show_as_written_on_a_terminal(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

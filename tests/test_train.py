@@ -422,6 +422,21 @@ def _cut_after_first_epoch(settings, job_id=None, **over):
     assert cut.status is Status.CANCELLED, cut.error
 
 
+def test_an_unreadable_registry_is_said_before_the_run_trains(settings, monkeypatch):
+    """SPEC audit repro: with the registry damaged, `lora --local` trained the whole run and only then refused
+    to publish it (nothing lost, but the time of a whole run spent before the one sentence with its fix)."""
+    from lunatrain.errors import RegistryUnreadable
+
+    write_export(settings, make_records(8, val_every=4))
+    path = registry.registry_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{broken")
+    monkeypatch.setattr(train_mod, "prepare", lambda *a, **k: pytest.fail("the run prepared its model"))
+    with pytest.raises(RegistryUnreadable, match="adapters repair"):
+        run_lora(_params(), settings)
+    assert path.read_text() == "{broken"
+
+
 def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(settings, monkeypatch):
     """Explore repro: two `lora --local --resume` of one checkpoint at once trained in the same work folder
     (each deleting the other's older checkpoints), and each registered a version: v1 and v2 of one run. The

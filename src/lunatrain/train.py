@@ -221,6 +221,9 @@ def _run_lora(
     job_id: str | None,
     stage: bool = False,
 ) -> TrainResult:
+    # A registry this run could not publish to (damaged, a folder in its place) would refuse it only after
+    # the whole run: said before the model loads, with its fix (`adapters repair`).
+    registry.load(settings)
     run = prepare(params, settings, world)
     run.job_id = job_id
     # Held while the run trains and publishes: its epoch checkpoints are the resume point, and a run started

@@ -303,8 +303,8 @@ def seed_cmd() -> None:
     except LunaError as err:
         raise fail(err) from None
     typer.echo(
-        f"Seed dataset: {res.examples_added} examples added ({res.examples_skipped} already present), "
-        f"{res.memory_added} memory items added ({res.memory_skipped} already present)."
+        f"Seed dataset: {counted(res.examples_added, 'example')} added ({res.examples_skipped} already present), "
+        f"{counted(res.memory_added, 'memory item')} added ({res.memory_skipped} already present)."
     )
 
 
@@ -361,7 +361,9 @@ def memory_list_cmd(
         if as_json:
             _json_array(MemoryOut.of(m).wire() for m in items)
             return
-        rows = ([str(m.id), m.status, m.topic or "", _short(m.question, 40), _short(m.answer)] for m in items)
+        rows = (
+            [str(m.id), m.status, _short(m.topic or "", 30), _short(m.question, 40), _short(m.answer)] for m in items
+        )
         _table("memory", ["id", "status", "topic", "question", "answer"], rows, limit=limit, offset=offset)
     except LunaError as err:
         raise fail(err) from None
