@@ -566,6 +566,39 @@ def test_a_rollback_sent_from_a_page_out_of_date_is_refused_and_changes_nothing(
     assert client.post(f"{T}/adapters/a/rollback").json()["aliases"]["active"] == "v4"
 
 
+def test_a_rollback_to_a_version_never_registered_or_whose_files_are_gone_says_so(client: TestClient, settings) -> None:
+    """Lifecycle repros: a rollback naming a version that never existed (`version` or `to`) was refused with 409
+    "a@v99 is no longer active … since another change"; one whose target had lost its files answered 404
+    not_found (CLI exit 1) and did not say what to do instead, while GET said `rollbackTo: null`."""
+    from typer.testing import CliRunner
+
+    from lunatrain import models, registry
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two"):
+        work = adapter_work_dir(settings, "a", tag)
+        entry = registry.publish(
+            settings, "a", "versioned", work, {"baseModel": {"id": "luna-tiny", "fingerprint": fp}}
+        )
+        registry.activate(settings, "a", entry["version"])  # v1, then v2
+    before = registry.registry_path(settings).read_bytes()
+    for body in ({"version": "v99"}, {"to": "v99"}):
+        answer = client.post(f"{T}/adapters/a/rollback", json=body)
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"]["message"].startswith("Adapter 'a' has no version 'v99'"), answer.text
+    (settings.adapters_dir / "a" / "v1" / "adapter_model.safetensors").unlink()
+    answer = client.post(f"{T}/adapters/a/rollback", json={})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "adapter.rollback_files_missing", error
+    assert error["params"] == {"name": "a", "version": "v1", "files": "adapter_model.safetensors"}, error
+    assert "adapters activate a@VERSION" in error["message"] and "adapters deactivate a" in error["message"]
+    r = CliRunner().invoke(app, ["adapters", "rollback", "a"])
+    assert r.exit_code == 2 and "whose files are missing" in r.output, r.output
+    assert registry.registry_path(settings).read_bytes() == before  # nothing rolled back, no history written
+
+
 def test_memory_items_approve_and_reject(client: TestClient, settings) -> None:
     """Repro: memory items had no approve/reject route, so a pending item could only be deleted."""
     r = client.post(f"{T}/memory", json={"question": "Lieblingsfarbe?", "answer": "Blau.", "status": "pending"})

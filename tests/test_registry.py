@@ -232,7 +232,7 @@ def test_rollback_refuses_a_version_whose_files_are_gone_and_changes_nothing(set
     listed as active and can never be served."""
     import shutil
 
-    from lunatrain.errors import NotFound
+    from lunatrain.errors import UsageError
 
     fp = models.resolve_base(None, settings).fingerprint
     for tag in ("one", "two"):
@@ -241,7 +241,7 @@ def test_rollback_refuses_a_version_whose_files_are_gone_and_changes_nothing(set
     registry.activate(settings, "a", "v2")
     shutil.rmtree(settings.adapters_dir / "a" / "v1")
     before = registry.registry_path(settings).read_bytes()
-    with pytest.raises(NotFound, match=r"The files of a@v1 are missing"):
+    with pytest.raises(UsageError, match=r"would return to a@v1, whose files are missing"):
         registry.rollback(settings, "a")
     assert registry.registry_path(settings).read_bytes() == before
 

@@ -434,6 +434,30 @@ def test_a_missing_registry_beside_trained_versions_is_refused_and_repair_rebuil
     assert not list(path.parent.glob(f"{path.name}.damaged-*"))  # there was no file to keep
 
 
+def test_a_version_whose_folder_is_gone_keeps_its_number_after_repair(settings):
+    """Lifecycle repro: v1 and v2 activated in turn, v2's folder removed, the registry damaged: `adapters repair`
+    left v2 out, the next run was numbered v2 again, and a rollback walked the activation history into the new,
+    never-gated v2 ("luna-adapter@v2 is active again"). The history names v2: its number is never reused."""
+    from lunatrain import models
+    from lunatrain.fsio import remove_tree
+
+    fp = models.resolve_base(None, settings).fingerprint
+    base = {"id": "luna-tiny", "fingerprint": fp}
+    for tag in ("one", "two"):
+        entry = registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+        report = {"status": "succeeded", "version": entry["version"], "baseModel": base, "params": {}}
+        (settings.home / entry["path"] / registry.REPORT_FILE).write_text(json.dumps(report))
+        registry.activate(settings, "a", entry["version"])
+    registry.activate(settings, "a", "v1")
+    remove_tree(settings.adapters_dir / "a" / "v2")
+    registry.registry_path(settings).write_text("[")
+    assert registry.repair(settings)["versions"] == 1
+    new = registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "three"), _entry(fp))
+    assert new["version"] == "v3"
+    r = CliRunner().invoke(app, ["adapters", "rollback", "a"])
+    assert r.exit_code == 2 and "has no earlier active version" in r.output, r.output
+
+
 def test_rollback_skips_a_version_repair_left_out(settings):
     """Repro: odd@v1, v2 and v3 activated in turn, then `adapters repair` left v2 out (its training report was
     unreadable): `adapters rollback odd` said "Adapter 'odd' has no version 'v2'" every time and never reached

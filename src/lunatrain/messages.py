@@ -64,6 +64,7 @@ CODES: dict[str, str] = {
     "adapter.version_not_active": "the named version is active on no base model (name, version)",
     "adapter.not_active": "the adapter is not active where it was asked (name, version: null)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
+    "adapter.rollback_files_missing": "rollback: the version it would return to has lost its files (name, version, files)",
     "adapter.rollback_moved": "rollback of a version that is no longer the active one (name, version, active)",
     "adapter.rollback_target_moved": "rollback that would return to another version than shown (name, to, target)",
     "adapter.slot_other_base": "an overwrite run on another base model than the run the slot holds is refused "

@@ -345,9 +345,14 @@ def _journal(settings: Settings, name: str, record: dict[str, Any], base_id: str
         log.warning("could not record %s's activation change in %s: %s", name, ACTIVATIONS_FILE, exc)
 
 
-def _next_version(settings: Settings, name: str, entry_list: list[dict]) -> str:
-    # Directories count too: a version dir left by a crash between move and register is never reused.
-    used = [int(m.group(1)) for e in entry_list if (m := _VERSION_RE.fullmatch(e["version"]))]
+def _next_version(settings: Settings, name: str, adapter: dict[str, Any]) -> str:
+    # Directories count too: a version dir left by a crash between move and register is never reused. So do
+    # the versions the activation history names: one whose folder was removed (and that a repair therefore
+    # left out) would otherwise come back under its number, and a rollback would walk into the newcomer.
+    named = [e["version"] for e in adapter["versions"]]
+    for record in (r for r in adapter.get("activations", []) if isinstance(r, dict)):
+        named += [v for v in (record.get("version"), record.get("previous")) if isinstance(v, str)]
+    used = [int(m.group(1)) for v in named if (m := _VERSION_RE.fullmatch(v))]
     root = settings.adapters_dir / name
     if root.is_dir():
         used += [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.fullmatch(p.name))]
@@ -424,7 +429,7 @@ def publish(
             entry["version"] = SLOT
             entry["revision"] = 1 + sum(1 for e in adapter["versions"] if e["version"] == SLOT)
         else:
-            entry["version"] = _next_version(settings, name, adapter["versions"])
+            entry["version"] = _next_version(settings, name, adapter)
         entry["path"] = str(Path("data", "adapters", name, entry["version"]))
         staged = root / ".slots" / f"{SLOT}-{uuid.uuid4().hex[:12]}" if strategy == "overwrite" and stage else None
         if staged is not None:
@@ -1356,6 +1361,11 @@ def rollback(
                 code="adapter.not_active",
                 params={"name": name, "version": None},
             )
+        for named in (version, to):  # a version that was never registered was neither active nor shown
+            if named and _entry(adapter, named) is None:
+                raise NotFound(
+                    f"Adapter {name!r} has no version {named!r}; `lunatrain adapters list` shows its versions."
+                )
         if version and version != current:
             raise Conflict(
                 f"{name}@{version} is no longer active on base model {base.id!r}: {name}@{current} is, since another "
@@ -1380,8 +1390,15 @@ def rollback(
                 params={"name": name},
             )
         # as activate refuses it: a version whose files are gone would be listed as active and never served
-        if (target := _entry(adapter, previous)) is not None:
-            loadable_dir(settings, target)
+        if (target := _entry(adapter, previous)) is not None and (missing := missing_files(settings, target)):
+            raise UsageError(
+                f"A rollback of {name} on base model {base.id!r} would return to {name}@{previous}, whose files are "
+                f"missing under data/adapters ({', '.join(missing)}); nothing was rolled back: activate another "
+                f"version with `lunatrain adapters activate {name}@VERSION{flag}`, or stop using {name} with "
+                f"`lunatrain adapters deactivate {name}{flag}`.",
+                code="adapter.rollback_files_missing",
+                params={"name": name, "version": previous, "files": ", ".join(missing)},
+            )
         base_id = adapter["activeByBase"][fingerprint].get("baseModel")
         adapter["activeByBase"][fingerprint] = {"version": previous, "baseModel": base_id}
         record = {
