@@ -964,7 +964,18 @@ def test_a_repeat_of_the_active_version_reuses_the_first_steps_decision(settings
     r = CliRunner().invoke(app, ["auto", "--local", *FAST])
     assert r.exit_code == 0 and "gated now, it passed" in r.output, r.output
     assert len(runs) == 1, runs
-    assert registry.get_version(settings, "luna-adapter", "v1")["gate"]["passed"] is True
+    gate = registry.get_version(settings, "luna-adapter", "v1")["gate"]
+    assert gate["passed"] is True
+    # Lifecycle repro: the pass replaced the refusal, which then was gone from the registry, gate.json and
+    # `adapters show` (the reason the user had activated it by hand against). It is kept beside the pass.
+    refusal = gate["earlierRefusal"]
+    assert refusal["status"] == "failed" and refusal["reasonCodes"] and refusal["thresholds"], refusal
+    kept = json.loads(
+        (settings.home / registry.get_version(settings, "luna-adapter", "v1")["path"] / "gate.json").read_text()
+    )
+    assert kept["earlierRefusal"] == refusal
+    shown = CliRunner().invoke(app, ["adapters", "list"])
+    assert "[gate passed, refused earlier]" in shown.output, shown.output
     store.dispose_stores()
 
 

@@ -1463,11 +1463,8 @@ def annotate(
     return target
 
 
-def _annotate(
-    data: dict[str, Any], name: str, version: str, field: str, value: Any, revision: int | None
-) -> dict[str, Any]:
-    """`annotate` on a loaded registry (the caller holds the lock and saves it)."""
-    adapter = data["adapters"].get(name) or {}
+def _target(adapter: dict[str, Any], name: str, version: str, revision: int | None) -> dict[str, Any]:
+    """The entry `annotate` changes: `version` (of the overwrite slot: the revision it holds, or `revision`)."""
     entries = [
         e
         for e in adapter.get("versions", [])
@@ -1475,7 +1472,15 @@ def _annotate(
     ]
     if not entries:
         raise NotFound(f"Adapter {name}@{version} is not registered.")
-    target = entries[-1] if revision is not None else (_entry(adapter, version) or entries[-1])
+    return entries[-1] if revision is not None else (_entry(adapter, version) or entries[-1])
+
+
+def _annotate(
+    data: dict[str, Any], name: str, version: str, field: str, value: Any, revision: int | None
+) -> dict[str, Any]:
+    """`annotate` on a loaded registry (the caller holds the lock and saves it)."""
+    adapter = data["adapters"].get(name) or {}
+    target = _target(adapter, name, version, revision)
     target[field] = value
     if field == "merged" and isinstance(value, dict):
         # Every revision of the overwrite slot merges into the same folder (NAME-current): the one merged
@@ -1494,10 +1499,27 @@ def record_gate(
     slot revision that is staged or was not kept: its folder is not (or no longer) the one `current` names."""
     with _lock(settings):  # one lock for both: no publish can point `current` elsewhere in between
         data = load(settings)
-        entry = _annotate(data, name, version, "gate", result, revision)
+        earlier = _target(data["adapters"].get(name) or {}, name, version, revision).get("gate")
+        entry = _annotate(data, name, version, "gate", _with_refusal(earlier, result), revision)
         _save(settings, data)
-        _keep_gate_file(settings, entry, result)
+        _keep_gate_file(settings, entry, entry["gate"])
     return entry
+
+
+# What a pass keeps of a refusal it follows: why it was refused, against what, when, under which thresholds.
+_REFUSAL_FIELDS = ("status", "passed", "reasons", "reasonCodes", "at", "baseline", "thresholds")
+
+
+def _with_refusal(earlier: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """`result`, keeping the last refusal of the version when a pass follows it (`earlierRefusal`): a version
+    activated by hand against its refusal is judged against the base model by later flows, and that pass
+    must not erase why the gate refused it against the version then active (`adapters show` says both)."""
+    if not result.get("passed") or not isinstance(earlier, dict):
+        return result
+    refusal = earlier if earlier.get("passed") is False else earlier.get("earlierRefusal")
+    if not isinstance(refusal, dict):
+        return result
+    return result | {"earlierRefusal": {k: refusal[k] for k in _REFUSAL_FIELDS if k in refusal}}
 
 
 def _keep_gate_file(settings: Settings, entry: dict[str, Any], result: dict[str, Any]) -> None:

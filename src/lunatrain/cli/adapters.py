@@ -59,7 +59,8 @@ def _badges(
         marks.append("stale: retrain needed")
     gate = entry.get("gate")
     if isinstance(gate, dict) and gate.get("status"):
-        marks.append(f"gate {gate['status']}")
+        refused = gate.get("passed") and isinstance(gate.get("earlierRefusal"), dict)
+        marks.append(f"gate {gate['status']}" + (", refused earlier" if refused else ""))
     if entry.get("merged"):
         # "into a model": `merged` alone read as the dataset tier of that name, shown on the same line
         marks.append("merged into a model: its folder is gone" if merge_gone else "merged into a model")
