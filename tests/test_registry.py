@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,21 @@ def test_rollback_refuses_a_version_whose_files_are_gone_and_changes_nothing(set
     with pytest.raises(UsageError, match=r"would return to a@v1, whose files are missing"):
         registry.rollback(settings, "a")
     assert registry.registry_path(settings).read_bytes() == before
+
+
+def test_a_rollback_on_a_base_the_command_named_does_not_call_it_the_configured_one(settings, tiny_dir):
+    """Lifecycle note: `adapters rollback a --baseModel X` with nothing active on X said "is not active on the
+    configured base model 'X'", though X was the base the flag named, not the configured one."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "one"), _entry("f" * 64))
+    shutil.copytree(tiny_dir, settings.home / "data" / "models" / "other")
+    r = CliRunner().invoke(app, ["adapters", "rollback", "a", "--baseModel", "data/models/other"])
+    assert r.exit_code == 2 and "is not active on base model 'data/models/other'" in r.output, r.output
+    r = CliRunner().invoke(app, ["adapters", "rollback", "a"])
+    assert r.exit_code == 2 and "is not active on the configured base model 'luna-tiny'" in r.output, r.output
 
 
 def test_adapters_cli(settings):

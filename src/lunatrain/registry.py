@@ -1355,7 +1355,8 @@ def rollback(
         previous = _earlier_version(adapter, fingerprint, current)
         if current is None:
             raise UsageError(
-                f"Adapter {name!r} is not active on the configured base model {base.id!r}, so there is nothing to "
+                f"Adapter {name!r} is not active on {'' if base_named else 'the configured '}base model {base.id!r}, "
+                "so there is nothing to "
                 f"roll back; activate a version with `lunatrain adapters activate {name}@VERSION{flag}` "
                 f"(POST /assistant/training/adapters/{name}/activate); {elsewhere}.",
                 code="adapter.not_active",
