@@ -871,3 +871,27 @@ def test_a_coded_storage_failure_keeps_its_values_in_a_runs_and_a_jobs_error(tmp
     assert said["code"] == "storage_folder_in_place" and said["params"] == {"path": str(folder)}, said
     coded = fsio.storage_error(exc, "the adapter")
     assert job_storage_error(coded)["params"] == {"path": str(folder)}
+
+
+def test_luna_tiny_copied_onto_a_full_disk_is_said_in_one_sentence(settings: Settings, tiny_dir: Path) -> None:
+    """Limits repro: with too little room left to copy the machine's cached luna-tiny into the data root,
+    `prepare`, `eval-gate` and `lora --local` ended in a `shutil.Error` traceback, and POST /prepare in a 500:
+    copytree gathers each file's OSError into one error without an errno. It is the disk-full sentence now."""
+    from lunatrain import models
+
+    from faults import small_disk
+
+    assert models._tiny_cache() is not None and tiny_dir.is_dir()  # the session's build is in the cache
+    write_export(settings, make_records(8, val_every=4))
+    with small_disk(settings.models_dir, "256k"):  # luna-tiny is about 1.4 MB
+        with pytest.raises(DiskFull, match="The disk is full: writing .*luna-tiny failed"):
+            models.ensure_tiny(settings)
+        r = CliRunner().invoke(app, ["prepare"])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith("error: The disk is full"), r.output
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+            answer = client.post("/assistant/training/prepare", json={})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "disk_full", answer.text
+        left = sorted(p.name for p in settings.models_dir.iterdir())
+        assert left == [".luna-tiny.lock"], left  # no half-copied model, no staging folder
+    assert fsio.os_error_of(shutil.Error([("a", "b", "[Errno 28] No space left on device: 'b'")])).errno == 28

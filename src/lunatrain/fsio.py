@@ -81,8 +81,18 @@ def no_access(exc: PermissionError) -> StorageError:
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]")
+
+
 def os_error_of(exc: BaseException) -> OSError | None:
-    """The OSError behind `exc`: itself, or the one a Rust-backed writer named in its message; None if none."""
+    """The OSError behind `exc`: itself, the first one `shutil.copytree` gathered (its Error holds each file's
+    error as text, with no errno of its own), or the one a Rust-backed writer named in its message; None if
+    none."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        for item in exc.args[0]:
+            if isinstance(item, tuple) and (found := _ERRNO_IN_TEXT.search(str(item[-1]))):
+                code = int(found.group(1))
+                return OSError(code, os.strerror(code), str(item[1]))
     if isinstance(exc, OSError):
         return exc
     found = _RUST_OS_ERROR.search(str(exc))

@@ -28,7 +28,15 @@ from typing import Any
 
 from .compat import import_transformers, keep_4bit_gradients, quiet_too_long_warning
 from .errors import DamagedFile, LunaError, UsageError
-from .fsio import atomic_write_text, dumps_json, file_lock, give_umask_modes, replace_dir, staging_dir
+from .fsio import (
+    atomic_write_text,
+    dumps_json,
+    file_lock,
+    give_umask_modes,
+    replace_dir,
+    staging_dir,
+    storage_guard,
+)
 from .settings import Settings
 from .templates import Terminator, turn_terminator  # noqa: F401  (callers ask models where a turn ends)
 
@@ -235,18 +243,19 @@ def ensure_tiny(settings: Settings) -> Path:
             return target
         tmp = staging_dir(settings.models_dir, TINY_ID)
         try:
-            cache = _tiny_cache()
-            cached = cache / f"{TINY_ID}-{recipe[:16]}" if cache is not None else None
-            if cached is not None and _manifest_recipe(cached / "luna-tiny.json") == recipe:
-                shutil.rmtree(tmp)
-                shutil.copytree(cached, tmp)  # copies the cache's modes, which an older release left private
-            else:
-                build_tiny_model(tmp)
-                atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
-                if cached is not None:
-                    _keep_in_cache(tmp, cached)
-            give_umask_modes(tmp)  # safetensors wrote the weights 0600
-            replace_dir(tmp, target)
+            with storage_guard(target):  # a full disk while copying or building: one sentence, not a traceback
+                cache = _tiny_cache()
+                cached = cache / f"{TINY_ID}-{recipe[:16]}" if cache is not None else None
+                if cached is not None and _manifest_recipe(cached / "luna-tiny.json") == recipe:
+                    shutil.rmtree(tmp)
+                    shutil.copytree(cached, tmp)  # copies the cache's modes, which an older release left private
+                else:
+                    build_tiny_model(tmp)
+                    atomic_write_text(tmp / "luna-tiny.json", dumps_json({"id": TINY_ID, "recipe": recipe}))
+                    if cached is not None:
+                        _keep_in_cache(tmp, cached)
+                give_umask_modes(tmp)  # safetensors wrote the weights 0600
+                replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
