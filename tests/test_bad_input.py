@@ -490,10 +490,12 @@ def test_a_topic_with_a_line_break_or_a_tab_stays_in_its_row_and_column(settings
     column (the question and answer were already squeezed to one line)."""
     assert run("memory", "add", "--question", "q1", "--answer", "a1", "--topic", "Zeile1\nZeile2").exit_code == 0
     assert run("memory", "add", "--question", "q2", "--answer", "a2", "--topic", "Spalte\tx").exit_code == 0
+    long = "Annas Lieblingsessen und Ernährungsgewohnheiten"  # review: not cut short, as before
+    assert run("memory", "add", "--question", "q3", "--answer", "a3", "--topic", long).exit_code == 0
     listed = run("memory", "list")
     assert listed.exit_code == 0, listed.output
     rows = [line.split("\t") for line in listed.output.splitlines() if line[:1].isdigit()]
-    assert [row[2] for row in rows] == ["Zeile1 Zeile2", "Spalte x"] and {len(r) for r in rows} == {5}, rows
+    assert [row[2] for row in rows] == ["Zeile1 Zeile2", "Spalte x", long] and {len(r) for r in rows} == {5}, rows
 
 
 def test_seed_counts_one_example_in_the_singular(settings: Settings) -> None:

@@ -1943,3 +1943,38 @@ def test_an_unreadable_registry_is_one_alert_that_goes_once_the_lists_load_again
     expect(page.locator("#adapter-groups")).to_contain_text("luna-adapter")
     expect(page.locator("#try-model option")).to_have_count(1)
     expect(said).to_have_count(0)
+
+
+def test_a_late_answer_of_an_older_load_leaves_the_failed_loads_alert_to_the_next_good_one(
+    page, services: Services
+) -> None:
+    """Review repro: the start-up load of the adapter list answered late, after a background refresh had failed
+    ("adapters repair"); that late answer, shown to nobody, made the panel forget its failure, so the next good
+    load left the alert standing."""
+    from lunatrain.registry import _unreadable
+
+    err = _unreadable(Path("reports/training/lora-adapters.json"), "not valid JSON")
+    held: list = []
+    calls = {"n": 0}
+
+    def adapters(route) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            held.append(route)  # the start-up load answers late
+        elif calls["n"] == 2:
+            route.fulfill(status=503, json={"error": {"code": err.code, "message": err.message, "params": err.params}})
+        else:
+            route.fulfill(json=_adapters("luna-adapter"))
+
+    page.clock.install()
+    page.route("**/assistant/training/adapters", adapters)
+    open_page(page, services, "?lang=en", held="#adapters")
+    page.wait_for_function("() => document.getElementById('adapters').getAttribute('aria-busy') === 'true'")
+    page.clock.run_for(16_000)  # the background refresh: it fails
+    said = page.locator("#alerts .message").filter(has_text="adapters repair")
+    expect(said).to_have_count(1)
+    assert held, "the start-up load was not held"
+    held[0].fulfill(json=_adapters("old"))  # the older answer, late: shown to nobody
+    page.clock.run_for(16_000)  # the next refresh reads the list
+    expect(page.locator("#adapter-groups")).to_contain_text("luna-adapter")
+    expect(said).to_have_count(0)

@@ -362,7 +362,8 @@ def memory_list_cmd(
             _json_array(MemoryOut.of(m).wire() for m in items)
             return
         rows = (
-            [str(m.id), m.status, _short(m.topic or "", 30), _short(m.question, 40), _short(m.answer)] for m in items
+            [str(m.id), m.status, " ".join((m.topic or "").split()), _short(m.question, 40), _short(m.answer)]
+            for m in items
         )
         _table("memory", ["id", "status", "topic", "question", "answer"], rows, limit=limit, offset=offset)
     except LunaError as err:

@@ -75,8 +75,11 @@ export class AdapterView {
       const same = background && JSON.stringify(bases) === this.shown && this.unreadable.hidden;
       if (current() && !same) this.render(bases);
       // What the last failed load said is no longer true (and only that: a failed download keeps its alert).
-      if (current() && this.loadFailed != null) clearErrorsOf(t("adapters.heading"), this.loadFailed);
-      this.loadFailed = null;
+      // (Only the newest answer: a late one of an older load never saw that failure.)
+      if (current()) {
+        if (this.loadFailed != null) clearErrorsOf(t("adapters.heading"), this.loadFailed);
+        this.loadFailed = null;
+      }
     } catch (error) {
       if (current()) {
         this.loadFailed = error?.code ?? "";

@@ -124,8 +124,10 @@ export class TryPanel {
     try {
       const { data = [] } = await api.chatModels();
       if (current() && !(background && JSON.stringify(data) === this.shown)) this.render(data);
-      if (current() && this.loadFailed != null) clearErrorsOf(t("try.heading"), this.loadFailed); // no longer true
-      this.loadFailed = null;
+      if (current()) { // its last failure is no longer true (a late answer of an older load never saw it)
+        if (this.loadFailed != null) clearErrorsOf(t("try.heading"), this.loadFailed);
+        this.loadFailed = null;
+      }
     } catch (error) {
       if (!current()) return;
       this.loadFailed = error?.code ?? "";
