@@ -1342,3 +1342,31 @@ def test_a_ctrl_c_after_the_command_ended_changes_neither_its_exit_nor_its_outpu
         [sys.executable, "-c", script, "examples", "list"], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr, (done.returncode, done.stderr)
+
+
+def test_a_trainer_whose_device_probe_failed_says_why_instead_of_answering_500(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Limits repro: under `ulimit -n 16` the trainer's device probe failed ("Too many open files"); every
+    /health then answered 500 (KeyError 'unknown' in the memory plan) for good, and `luna` waited 60 s to say
+    "The trainer did not become healthy". /health answers, degraded, with the probe's failure; a job is refused
+    with that sentence (503), not a 500."""
+    from lunatrain.service import warm
+    from lunatrain.service.app import create_app as trainer_app
+
+    def no_probe(self) -> dict:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(warm.WarmWorker, "start", no_probe)
+    with TestClient(trainer_app(settings), base_url="http://127.0.0.1") as client:
+        health = client.get("/health")
+        assert health.status_code == 200, health.text
+        body = health.json()
+        assert body["status"] == "degraded" and "Too many open files" in body["device"]["name"], body
+        assert any("could not probe its device" in line for line in body["canTrain"]), body["canTrain"]
+        for path in ("/jobs/check", "/jobs"):
+            refused = client.post(path, json={"baseModel": "luna-tiny"})
+            assert refused.status_code == 503, refused.text
+            said = refused.json()["error"]["message"]
+            assert "could not probe its device" in said and "Too many open files" in said, said
+        assert client.get("/jobs").json()["data"] == []

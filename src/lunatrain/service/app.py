@@ -148,12 +148,13 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
 
     @app.get("/health", response_model=Health, response_model_by_alias=True)
     def health() -> Health:
-        info = state["device"].current()
+        device = state["device"]
+        info = device.current()
         counts = store().counts()
         problem = state["runner"].storage_problem
         return Health.model_validate(
             {
-                "status": "degraded" if problem else "ok",
+                "status": "degraded" if problem or device.failure else "ok",
                 "cudaAvailable": bool(info.get("cudaAvailable")),
                 "device": info | {"ranks": job_ranks(settings, "auto", state["runner"].gpus)},
                 "version": __version__,
@@ -165,7 +166,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
                 # authorised callers.
                 "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
                 "storage": problem,
-                "canTrain": memplan.capabilities(info),
+                "canTrain": [device.failure] if device.failure else memplan.capabilities(info),
                 "codeChanged": state["runner"].code_changed,
             }
         )
@@ -173,6 +174,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     def accepted(body: JobCreate) -> LoraParams:
         """The job's parameters, if this trainer can run them; the 422 otherwise."""
         params = body.params()
+        state["device"].refuse_if_unknown()
         # The memory plan before the job is queued: one that no data could fit on this device is refused now
         # (409, naming the option that would make it fit) instead of running until it dies out of memory. The
         # data's own plan is the run's, before it loads the model, and prepare's: the same verdict.

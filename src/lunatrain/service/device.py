@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from ..errors import ServiceUnavailable
 from ..settings import Settings
 from .warm import WarmWorker
 
@@ -24,16 +25,26 @@ class DeviceProbe:
     refreshed live (psutil on CPU, nvidia-smi on CUDA, at most every 2 s); the startup value otherwise."""
 
     def __init__(self, settings: Settings, warm: WarmWorker) -> None:
+        # Set when the probe failed: without the device's facts no job can be planned, so /health says why
+        # (degraded) and every job is refused with it, instead of a memory plan for a device of no known kind.
+        self.failure: str | None = None
+        self.reason = ""
         try:
             self.info: dict[str, Any] = warm.start()  # the warm worker measures first (warm.py)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             log.warning("device probe failed: %s", exc)
-            self.info = {
-                "cudaAvailable": False,
-                "type": "unknown",
-                "name": f"device probe failed: {str(exc)[-200:]}",
-            }
+            self.reason = reason = str(exc)[-200:]
+            self.info = {"cudaAvailable": False, "type": "unknown", "name": f"device probe failed: {reason}"}
+            self.failure = (
+                f"The trainer could not probe its device ({reason}), so it can plan and run no job; stop it and "
+                "start it again once that is fixed."
+            )
         self._checked = 0.0
+
+    def refuse_if_unknown(self) -> None:
+        """ServiceUnavailable with the probe's failure, when it failed (a job is refused before it is planned)."""
+        if self.failure:
+            raise ServiceUnavailable(self.failure, params={"detail": "trainer.no_device", "why": self.reason})
 
     def current(self) -> dict[str, Any]:
         if time.monotonic() - self._checked > 2.0:
