@@ -262,6 +262,34 @@ def test_a_rollback_on_a_base_the_command_named_does_not_call_it_the_configured_
     assert r.exit_code == 2 and "is not active on the configured base model 'luna-tiny'" in r.output, r.output
 
 
+@pytest.mark.parametrize(("strategy", "stage"), [("versioned", False), ("overwrite", False), ("overwrite", True)])
+def test_a_registry_save_that_fails_leaves_the_run_in_its_work_folder(settings, monkeypatch, strategy, stage):
+    """Limits repro: with the disk full when the registry was saved, the run's folder had already been moved to
+    data/adapters/NAME/vN, checkpoints and all, while the error said "the previous data is intact": a folder no
+    command listed, repaired or removed, and `--resume` found nothing to resume. It goes back now."""
+    from lunatrain.errors import DiskFull
+
+    first = registry.publish(settings, "a", strategy, adapter_work_dir(settings, "a", "one"), _entry("f" * 64))
+    before = registry.registry_path(settings).read_bytes()
+    served = (settings.home / first["path"] / "adapter_model.safetensors").read_text()
+    work = adapter_work_dir(settings, "a", "two")
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "state.json").write_text("{}")
+    listing = sorted(p.relative_to(settings.adapters_dir) for p in settings.adapters_dir.rglob("*"))
+    moved = sorted(p.relative_to(work) for p in work.rglob("*"))
+
+    def full(*args, **kwargs):
+        raise DiskFull("The disk is full: writing the registry failed.")
+
+    monkeypatch.setattr(registry, "_save", full)
+    with pytest.raises(DiskFull):
+        registry.publish(settings, "a", strategy, work, _entry("f" * 64), stage=stage)
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == moved  # the resume point, where it was
+    assert sorted(p.relative_to(settings.adapters_dir) for p in settings.adapters_dir.rglob("*")) == listing
+    assert registry.registry_path(settings).read_bytes() == before
+    assert (settings.home / first["path"] / "adapter_model.safetensors").read_text() == served
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

@@ -439,17 +439,35 @@ def publish(
         if before_move:
             before_move(entry)
         target = inside(settings.home, entry["path"])
+        swapped, left = False, None  # the slot's folder the new one replaces: removed once registered
         if staged is not None:
             staged.parent.mkdir(exist_ok=True)
-            os.replace(work_dir, staged)
+            moved = staged
         elif strategy == "overwrite":
-            _swap_slot(root, work_dir)
-            _replace_older(adapter)
+            (root / ".slots").mkdir(exist_ok=True)
+            moved = root / ".slots" / f"{SLOT}-{uuid.uuid4().hex[:12]}"
         else:
-            os.replace(work_dir, target)
+            moved = target
+        os.replace(work_dir, moved)
+        if strategy == "overwrite" and staged is None:
+            left, swapped = _point_slot(root, moved, remove_left=False), True
+            _replace_older(adapter)
         adapter["versions"].append(entry)
         adapter["aliases"]["latest"] = entry["version"]
-        _save(settings, data)
+        try:
+            _save(settings, data)
+        except BaseException:
+            # Not registered (a full disk, say): the run goes back to its work folder, its checkpoints with it,
+            # so that "the previous data is intact" holds and a resume finds them; the slot serves what it did.
+            if swapped:
+                if left is not None:
+                    _point_slot(root, left, remove_left=False)  # not removing `moved`: it goes back
+                else:
+                    (root / SLOT).unlink(missing_ok=True)
+            os.replace(moved, work_dir)
+            raise
+        if left is not None:
+            shutil.rmtree(left, ignore_errors=True)
     return entry
 
 
@@ -565,18 +583,10 @@ def _replace_older(adapter: dict[str, Any], newest: dict[str, Any] | None = None
             old["replaced"] = True
 
 
-def _swap_slot(root: Path, work_dir: Path) -> None:
-    """Point the `current` slot at the new run with one atomic rename of a symlink: readers see either the
-    old adapter or the new one, never a missing or half-copied directory."""
-    slots = root / ".slots"
-    slots.mkdir(exist_ok=True)
-    new = slots / f"{SLOT}-{uuid.uuid4().hex[:12]}"
-    os.replace(work_dir, new)
-    _point_slot(root, new)
-
-
-def _point_slot(root: Path, new: Path) -> None:
-    """Repoint the `current` link at `new` (a folder in .slots) atomically and remove the folder it left."""
+def _point_slot(root: Path, new: Path, *, remove_left: bool = True) -> Path | None:
+    """Repoint the `current` link at `new` (a folder in .slots) with one atomic rename of a symlink, so that
+    readers see either the old adapter or the new one, never a missing or half-copied directory; and remove
+    the folder it left (`remove_left`; else return it, None when it left none)."""
     link = root / SLOT
     old = link.resolve() if link.is_symlink() else None
     tmp = root / f".{SLOT}.{uuid.uuid4().hex[:8]}"
@@ -584,8 +594,11 @@ def _point_slot(root: Path, new: Path) -> None:
     if link.exists() and not link.is_symlink():  # a plain directory from an older layout
         shutil.rmtree(link)
     os.replace(tmp, link)
-    if old is not None and old != new:
-        shutil.rmtree(old, ignore_errors=True)
+    left = old if old is not None and old != new else None
+    if left is not None and remove_left:
+        shutil.rmtree(left, ignore_errors=True)
+        return None
+    return left
 
 
 def write_latest(settings: Settings, report: dict[str, Any]) -> None:
