@@ -741,6 +741,64 @@ def test_a_job_database_that_refuses_writes_makes_the_runner_back_off_and_say_so
         after.close()
 
 
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_a_job_whose_end_could_not_be_recorded_on_a_full_disk_is_settled_once_it_can_be(
+    settings, monkeypatch, cancelled
+):
+    """Limits repro: the disk filled while a trainer job ran; the runner stopped the job's process, but its
+    `failed` could not be written either, and nothing went back to it: after space was freed the job stayed
+    `running` (a cancel: `cancelling`) until the trainer restarted, `lora` followed it for ever, and `luna` with
+    the same parameters attached to it and hung. The runner settles it at its next round that can write."""
+    from lunatrain.errors import DiskFull
+    from lunatrain.service.runner import Runner
+
+    store = JobStore(jobs_db_path(settings.data_dir))
+    job = queued(store, LoraParams(adapter_name="x"))
+    runner = Runner(settings, store)
+    disk = {"full": False}
+    real_set = store.set_status
+
+    def run(claimed) -> None:
+        assert store.claim(claimed.id)
+        disk["full"] = True
+        raise DiskFull("The disk is full: writing the job's events failed.")
+
+    def set_status(*args, **kwargs):
+        if disk["full"]:
+            raise DiskFull("The disk is full: writing the trainer's job database failed.")
+        return real_set(*args, **kwargs)
+
+    rounds: list[BaseException] = []
+
+    def back_off(exc: BaseException) -> None:
+        assert store.get(job.id).status == "running"  # its end could not be written
+        rounds.append(exc)
+        if len(rounds) < 3:  # still full for two rounds: the runner keeps trying, and keeps running
+            return
+        disk["full"] = False  # space freed
+        if cancelled:
+            store.request_cancel(job.id)  # `lunatrain jobs cancel` meanwhile: `cancelling`, and no process to stop
+
+    monkeypatch.setattr(store, "set_status", set_status)
+    runner._run = run  # type: ignore[method-assign]
+    runner._back_off = back_off  # type: ignore[method-assign]
+    runner._wake.set()
+    runner.start()
+    try:
+        settled = wait_for(lambda: store.get(job.id).status in ("failed", "cancelled") and store.get(job.id), 30)
+    finally:
+        runner._stopping.set()
+        runner._wake.set()
+        runner._thread.join(60)
+    assert settled, store.get(job.id)
+    assert len(rounds) == 3 and all(isinstance(r, DiskFull) for r in rounds), rounds
+    if cancelled:
+        assert settled.status == "cancelled", settled
+    else:
+        assert settled.status == "failed" and settled.error.code == "disk_full", settled
+    store.close()
+
+
 def test_a_full_job_database_is_disk_full_not_a_failed_rollback(settings):
     """Repro: SQLite rolls a transaction back itself when the disk is full, so the store's own ROLLBACK then
     failed ("cannot rollback - no transaction is active") and was what the caller saw, hiding the cause."""

@@ -28,7 +28,7 @@ from ..errors import LunaError, StorageError
 from ..fsio import identity
 from ..settings import Settings
 from ..wire import now_iso
-from .jobs import Job, JobStore, Progress, job_log_path, ranks_log_dir
+from .jobs import TERMINAL, Job, JobStore, Progress, job_log_path, ranks_log_dir
 from .recovery import published_adapter, recorded_gate, resumable, resume_hint, settle_interrupted, signal_group
 from .spawn import child_env, code_signature, job_ranks, worker_argv
 from .warm import Forked, WarmWorker
@@ -96,6 +96,9 @@ class Runner:
         self._proc: Forked | subprocess.Popen[bytes] | None = None
         self._storage_problem: str | None = None
         self._backoff = 0.0
+        # Jobs that ended on a storage error whose end could not be written either (the disk full for the job
+        # database too): each is settled at the next round that can write, not left `running` until a restart.
+        self._unsettled: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
 
     def start(self) -> None:
@@ -155,8 +158,9 @@ class Runner:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
+                self._settle_unsettled()
                 job = self.store.next_queued()
-            except sqlite3.Error as exc:  # the jobs database itself is unusable: wait, never spin
+            except (sqlite3.Error, OSError, StorageError) as exc:  # the jobs database is unusable: wait, never spin
                 self._back_off(exc)
                 continue
             if self._root_gone():
@@ -178,8 +182,9 @@ class Runner:
                 self._storage_problem, self._backoff = None, 0.0
             except (sqlite3.Error, OSError, StorageError) as exc:  # disk full, I/O error, a refused write
                 log.error("storage error on job %s: %s", job.id, exc)
+                self._unsettled[job.id] = storage_error(exc)
                 with contextlib.suppress(Exception):
-                    self.store.set_status(job.id, "failed", error=storage_error(exc))
+                    self._settle_unsettled()
                 self._back_off(exc)
             except Exception:  # the service must outlive any one job, whatever went wrong
                 log.exception("runner error on job %s", job.id)
@@ -189,6 +194,17 @@ class Runner:
                         "failed",
                         error={"code": "trainer_error", "message": "Internal trainer error; see trainer.log."},
                     )
+
+    def _settle_unsettled(self) -> None:
+        """End each job whose storage error could not be recorded: `failed` with that error (`cancelled` when a
+        cancel came meanwhile); its process is gone. Raises the storage error while the store still refuses."""
+        for job_id, error in list(self._unsettled.items()):
+            status = self.store.get(job_id).status
+            if status == "cancelling":
+                self.store.set_status(job_id, "cancelled", message="cancelled (its run had stopped on a storage error)")
+            elif status not in TERMINAL:
+                self.store.set_status(job_id, "failed", error=error)
+            del self._unsettled[job_id]
 
     def _root_gone(self) -> bool:
         home = self.settings.home
