@@ -895,3 +895,52 @@ def test_luna_tiny_copied_onto_a_full_disk_is_said_in_one_sentence(settings: Set
         left = sorted(p.name for p in settings.models_dir.iterdir())
         assert left == [".luna-tiny.lock"], left  # no half-copied model, no staging folder
     assert fsio.os_error_of(shutil.Error([("a", "b", "[Errno 28] No space left on device: 'b'")])).errno == 28
+
+
+def test_a_process_out_of_open_files_is_told_to_try_again_not_to_restore_its_database(settings: Settings) -> None:
+    """Limits repro: `serve` under `ulimit -n 64` with 100 requests at once answered 500s (a profile file or a
+    lazy import failing with EMFILE) and 503s saying the healthy database "cannot be used (unable to open
+    database file); restore it from a backup, or move it aside", advice that throws the examples away. Out of
+    open files is said as what it is: try again, or raise the limit."""
+    import subprocess
+    import sys
+
+    store.add_example(settings, prompt="Wie heißt du?", response="Luna.")
+    store.dispose_stores()
+    script = (
+        "import os, resource\n"
+        "from lunatrain import store\n"
+        "from lunatrain.errors import LunaError\n"
+        "from lunatrain.settings import load_settings\n"
+        "settings = load_settings()\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "held = []\n"
+        "try:\n"
+        "    while True: held.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "except OSError: pass\n"
+        "try:\n"
+        "    store.counts(settings)\n"
+        "except LunaError as err:\n"
+        "    print(err.code, err.http_status, err.message)\n"
+    )
+    env = dict(os.environ, ASSISTANT_HOME=str(settings.home))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    said = done.stdout.strip()
+    assert said.startswith("storage_out_of_files 503 "), (said, done.stderr[-2000:])
+    assert "too many files open" in said and "ulimit -n" in said and "backup" not in said, said
+    assert fsio.storage_error(OSError(24, "Too many open files"), "the registry").code == "storage_out_of_files"
+
+
+def test_the_api_says_out_of_open_files_as_a_503(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Limits repro: an EMFILE where a route reads a file (a profile, a bundled resource) was a 500."""
+    from lunatrain import profiles
+
+    def no_files(*args, **kwargs):
+        raise OSError(24, "Too many open files", "resources/profiles/luna.toml")
+
+    monkeypatch.setattr(profiles, "load_profile", no_files)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        answer = client.get("/assistant/training/lora/defaults")
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "storage_out_of_files" and "ulimit -n" in error["message"], error

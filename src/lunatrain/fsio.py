@@ -32,12 +32,15 @@ from .wire import finite
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_OUT_OF_FILES = {errno.EMFILE, errno.ENFILE}
 
 
 def storage_error(exc: OSError, what: object) -> StorageError:
     """The one sentence for a failed write of `what` (a path or a description); the caller guarantees that
     the previous data is still intact (every write here goes to a temp name first)."""
     reason = exc.strerror or str(exc)
+    if exc.errno in _OUT_OF_FILES:
+        return out_of_files(what)
     if exc.errno in _FULL:
         return DiskFull(
             f"The disk is full: writing {what} failed ({reason}) and the previous data is intact; free some "
@@ -60,6 +63,28 @@ def storage_error(exc: OSError, what: object) -> StorageError:
     return StorageError(
         f"Writing {what} failed: {reason}, and the previous data is intact; check the disk and try again."
     )
+
+
+def out_of_files(what: object) -> StorageError:
+    """The one sentence for a process that can open no further file (EMFILE, ENFILE: many requests at once
+    under a low `ulimit -n`): nothing is wrong with the data, and the advice for a damaged file would lose it."""
+    return StorageError(
+        f"This process has too many files open, so {what} could not be opened and nothing was changed; try again "
+        "when fewer requests run at once, or raise the open-files limit (`ulimit -n`).",
+        code="storage_out_of_files",
+        params={"path": str(what)},
+    )
+
+
+def files_exhausted() -> bool:
+    """Whether this process can open no further file now: SQLite then says only "unable to open database
+    file", the words it also has for a missing folder or a damaged path."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as exc:
+        return exc.errno in _OUT_OF_FILES
+    os.close(fd)
+    return False
 
 
 def no_access(exc: PermissionError) -> StorageError:

@@ -130,6 +130,7 @@ CODES: dict[str, str] = {
     "crash.launcher.signal": "torchrun's launcher killed by a signal (ranks, signal, log)",
     "crash.launcher.status": "torchrun's launcher exited without a result (ranks, status, log)",
     "disk_full": "the data root's disk is full",
+    "storage_out_of_files": "this process can open no further file (too many at once); try again (path)",
     "storage_busy": "another process holds the database; try again when it is done",
     "storage_unreachable": "the database server cannot be reached",
     "storage_denied": "the database refuses this user something lunatrain needs (a privilege, a schema, writing)",

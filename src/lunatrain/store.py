@@ -47,7 +47,16 @@ from .errors import (
     some,
 )
 from .formats import SOURCES, STATUSES, ExampleDraft, RecordError, Source, Status
-from .fsio import SQLITE_BUSY_TIMEOUT_S, check_sqlite_path, create_plain, identity, sqlite_wal, writable_beside
+from .fsio import (
+    SQLITE_BUSY_TIMEOUT_S,
+    check_sqlite_path,
+    create_plain,
+    files_exhausted,
+    identity,
+    out_of_files,
+    sqlite_wal,
+    writable_beside,
+)
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import INT_MAX, iso, utc_now
@@ -223,6 +232,8 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
     # the server's own sentence, without libpq's excerpt of the query ("LINE 2: FROM examples … ^")
     said = getattr(getattr(orig, "diag", None), "message_primary", None) or reason
     where = database_name(engine)
+    if ("unable to open" in reason or "too many open files" in reason.lower()) and files_exhausted():
+        return out_of_files(where)  # a healthy database this process cannot open another file for
     if engine.dialect.name != "sqlite" and isinstance(exc, sa.exc.OperationalError):
         # libpq failing to connect has no SQLSTATE; a server refusing or ending the connection has class 08
         # (connection exception) or 57P (shutting down, starting up). Nothing is wrong with the data then.
@@ -607,6 +618,8 @@ def open_store(settings: Settings) -> Store:
             except StorageError as err:
                 engine.dispose()
                 if isinstance(err.__cause__, sa.exc.OperationalError) and "unable to open" in str(err.__cause__):
+                    if files_exhausted():  # not the path: this process has no file left to open it with
+                        raise out_of_files(database_name(engine)) from None
                     # not damage: a path or server that cannot be reached is a configuration mistake
                     raise UsageError(
                         f"Cannot open the database {_hidden(engine.url)!r}: {err.__cause__.orig}"

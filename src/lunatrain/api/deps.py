@@ -73,7 +73,7 @@ _DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Request body too large",
     422: "Invalid request (names the field)",
-    503: "Trainer service not reachable, or storage unusable (codes registry_unreadable, storage_error, disk_full, storage_busy, storage_unreachable, storage_denied, storage_incompatible)",
+    503: "Trainer service not reachable, or storage unusable (codes registry_unreadable, storage_error, disk_full, storage_busy, storage_out_of_files, storage_unreachable, storage_denied, storage_incompatible)",
 }
 
 

@@ -178,6 +178,16 @@ async def _denied(request: Request, exc: Exception) -> JSONResponse:
     return await _luna(request, no_access(exc))
 
 
+async def _os_error(request: Request, exc: Exception) -> JSONResponse:
+    """A file a route reads that this process cannot open for want of file descriptors: 503, try again."""
+    from ..fsio import _OUT_OF_FILES, out_of_files
+
+    assert isinstance(exc, OSError)
+    if exc.errno in _OUT_OF_FILES:
+        return await _luna(request, out_of_files(exc.filename or "a file"))
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal", "Internal error; the server log has the details.")
@@ -208,6 +218,7 @@ def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(PermissionError, _denied)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
