@@ -313,9 +313,10 @@ def _job(argv: list[str], events_fd: int, log_fd: int, close: list[Any]) -> None
         os.close(events_fd)
         os.close(log_fd)
         _retitle(argv)
-        from .worker import main
+        from . import worker
 
-        code = main(argv)
+        worker.PARENT_GONE[0] = worker.WARM_PARENT_GONE  # its parent is this warm worker, not the trainer
+        code = worker.main(argv)
     except BaseException:  # this process must end here, never return into the fork loop
         traceback.print_exc()
     finally:

@@ -107,11 +107,21 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+# What this process's parent going means, for the sentence that says why the run stopped: the trainer is
+# gone; or, for a job the trainer's warm worker forked (warm.py sets it), that worker, which nothing but a kill
+# ends while a job runs: the trainer itself may well run on.
+PARENT_GONE = ["the trainer process is gone"]
+WARM_PARENT_GONE = (
+    "the trainer's warm worker, this job's parent process, is gone (killed with the trainer, or alone: then often "
+    "by the system's out-of-memory killer)"
+)
+
+
 def _watch_parent(stop: threading.Event, parent: int) -> None:
     def loop() -> None:
         while not stop.wait(1.0):
             if os.getppid() != parent:
-                say("worker: the trainer process is gone; stopping")
+                say(f"worker: {PARENT_GONE[0]}; stopping")
                 stop.set()
                 # If the engine never checks should_stop again (stuck in a long step), do not linger.
                 time.sleep(30)
@@ -182,7 +192,7 @@ def run(
         # that the restarted trainer will produce again; the watchdog alone polls only once a second. Why it
         # stops is said (train.py: a sentence is no cancel): the restarted trainer settles the job interrupted.
         if os.getppid() != parent or channel.broken:
-            return "the trainer process is gone"
+            return PARENT_GONE[0]
         if shutdown is not None and shutdown.is_set():
             return "the trainer is stopping"
         return stop.is_set()
