@@ -3,6 +3,7 @@ registry, adapter versions, unfinished jobs and the current export stay. Run: `p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -756,3 +757,56 @@ def test_a_job_log_that_cannot_be_removed_is_a_problem_and_the_rest_of_gc_goes_o
         "this user the right to remove it, or remove it as its owner."
     ), r.output
     assert not (settings.trainer_logs_dir / f"{w['ids'][1]}.log").exists()  # the other old job's log went
+
+
+def _fill(folder: Path) -> Path:
+    """A file that takes every byte left on `folder`'s file system."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    return filler
+
+
+def test_gc_on_a_disk_full_under_the_jobs_database_says_so_and_collects_the_rest(settings: Settings) -> None:
+    """Limits repro: on a full disk `gc`, which every disk-full message recommends, said the healthy jobs
+    database "cannot be used (database or disk is full)" (SQLite cannot even read a WAL database without room
+    for its index). It says the disk is full, and still removes what needs no jobs database."""
+    from faults import small_disk
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("ASSISTANT_RETAIN_EXPORTS", "2")
+    try:
+        with small_disk(settings.data_dir / "trainer", "2m"):
+            w = _world(settings)
+            filler = _fill(settings.data_dir / "trainer")
+            r = CliRunner().invoke(app, ["gc"])
+            assert r.exit_code == 1, r.output
+            db = jobs_db_path(settings.data_dir)
+            assert f"error: The disk holding the jobs database {db} is full" in r.output, r.output
+            assert "cannot be used" not in r.output and "run `lunatrain gc` again" in r.output, r.output
+            assert len(ex.export_ids(settings)) == 2  # what needs no jobs database went
+            assert w["idle"].is_dir() and (settings.trainer_logs_dir / f"{w['ids'][0]}.log").exists()  # kept
+            filler.unlink()
+    finally:
+        monkeypatch.undo()
+
+
+def test_gc_on_a_full_disk_first_frees_what_lets_it_read_the_jobs_database(settings: Settings) -> None:
+    """Limits repro, continued: the job steps ran first, so on a full data root gc failed at the jobs database
+    before it removed the old exports whose room would have let it read that database. They go first now."""
+    from faults import small_disk
+
+    with small_disk(settings.home, "4m"):
+        w = _world(settings)
+        oldest = settings.training_dir / ex.EXPORTS_DIR / ex.export_ids(settings)[0]
+        (oldest / "bulk.bin").write_bytes(b"x" * 1_500_000)  # an old export that frees room once removed
+        filler = _fill(settings.home)
+        report = retention.collect(settings.model_copy(update={"retain_jobs": 3, "retain_exports": 2}))
+        assert report.problems == [], report.problems
+        kinds = {i.kind for i in report.items}
+        assert {"export", "job-events", "job-log", "run-workdir"} <= kinds, report.items
+        assert not (settings.trainer_logs_dir / f"{w['ids'][0]}.log").exists() and not w["idle"].exists()
+        filler.unlink()

@@ -32,6 +32,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import struct
 import time
@@ -132,12 +133,15 @@ def _collect(
     # still queued may resume from); exports, caches and staging folders do not, and still go.
     damaged, kept = None, "the run work directories and job events were kept"
     stuck: dict[Path, OSError] = {}  # folders that could not be removed: they stay, the rest goes on
+    # First what needs no jobs database: on a full disk, SQLite cannot even read it (a WAL database needs its
+    # index file), and the room these free is what lets the job steps below run.
+    report.items += _exports(settings, dry_run, stuck)  # may wait for an export in progress (its lock)
+    report.items += _token_caches(settings, dry_run, stuck)
+    report.items += _staging(settings, dry_run, stuck)
     try:
         report.items += _jobs(settings, now, dry_run, stuck)
     except sqlite3.Error as exc:
         damaged = exc
-    report.items += _exports(settings, dry_run, stuck)  # may wait for an export in progress (its lock)
-    report.items += _token_caches(settings, dry_run, stuck)
     if damaged is None:
         try:  # read now, not before the wait: a resume queued meanwhile keeps its checkpoint
             files_now = files_now if files_now is not None else _files_clock(settings, dry_run)
@@ -146,10 +150,14 @@ def _collect(
         except sqlite3.Error as exc:  # damaged where the first read did not look: its job events went
             damaged, kept = exc, "the run work directories were kept"
     if damaged is not None:
-        report.problems.append(
-            f"The jobs database {jobs_db_path(settings.data_dir)} cannot be used ({damaged}); {kept}."
-        )
-    report.items += _staging(settings, dry_run, stuck)
+        path = jobs_db_path(settings.data_dir)
+        if _full(path):  # a healthy database SQLite cannot read or change for want of room
+            report.problems.append(
+                f"The disk holding the jobs database {path} is full ({damaged}), so {kept}; free some space "
+                "and run `lunatrain gc` again."
+            )
+        else:
+            report.problems.append(f"The jobs database {path} cannot be used ({damaged}); {kept}.")
     for path, exc in stuck.items():
         where = exc.filename if exc.filename and exc.filename != str(path) else None
         report.problems.append(
@@ -157,6 +165,14 @@ def _collect(
             + (f": {settings.shown(Path(where))}" if where else "")
             + "); it stays: give this user the right to remove it, or remove it as its owner."
         )
+
+
+def _full(path: Path) -> bool:
+    """Whether the file system holding `path` has (next to) no room left: under 1 MiB."""
+    try:
+        return shutil.disk_usage(path.parent).free < 2**20
+    except OSError:
+        return False
 
 
 def _removed(path: Path, stuck: dict[Path, OSError]) -> bool:
