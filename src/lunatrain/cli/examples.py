@@ -297,7 +297,8 @@ def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, 
 
 @examples_app.command("seed")
 def seed_cmd() -> None:
-    """Load the bundled Luna dataset (idempotent)."""
+    """Load the bundled Luna dataset: adds each of its examples and memory items the store lacks (one you
+    deleted comes back, with its bundled status); running it again adds nothing."""
     try:
         res = store.load_seed(load_settings())
     except LunaError as err:
