@@ -944,3 +944,25 @@ def test_the_api_says_out_of_open_files_as_a_503(settings: Settings, monkeypatch
     assert answer.status_code == 503, answer.text
     error = answer.json()["error"]
     assert error["code"] == "storage_out_of_files" and "ulimit -n" in error["message"], error
+
+
+def test_a_trainer_request_this_process_has_no_file_for_is_not_an_unreachable_trainer(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Limits repro: under a low `ulimit -n`, GET /lora/jobs answered "the trainer … is not reachable (nothing
+    accepts connections there); start it", while the trainer ran: this process could not open a socket."""
+    import httpx
+
+    from lunatrain.service import client
+
+    def no_socket(*args, **kwargs):
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError as exc:
+            raise httpx.ConnectError("[Errno 24] Too many open files") from exc
+
+    monkeypatch.setattr(client._client(), "request", no_socket)
+    with pytest.raises(StorageError) as err:
+        client.list_jobs(settings)
+    assert err.value.code == "storage_out_of_files" and "connection to the trainer" in err.value.message, err.value
+    assert "not reachable" not in err.value.message

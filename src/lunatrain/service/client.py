@@ -10,6 +10,7 @@ trainer at all), this root's trainer is not running, and a read raises ServiceUn
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import threading
 from typing import Any, TypeVar, get_args
@@ -19,6 +20,7 @@ import httpx
 from pydantic import BaseModel
 
 from ..errors import PATTERN_RULES, CheckFailed, Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
+from ..fsio import out_of_files
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import TRAINER_REALM, bearer_realm, is_loopback
@@ -149,6 +151,18 @@ def _failure(exc: httpx.HTTPError, timeout: float) -> str:
     return "the request failed"
 
 
+def _out_of_files(exc: BaseException) -> bool:
+    """Whether a failed request failed for want of a file descriptor (EMFILE/ENFILE) in this process."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        if "too many open files" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.0, **kwargs: Any) -> httpx.Response:
     trainer_address(settings)  # a malformed URL is a usage error, not "unreachable"
     headers = {DATA_ROOT_HEADER: data_root_id(settings.home)}
@@ -157,6 +171,8 @@ def _request(settings: Settings, method: str, path: str, *, timeout: float = 10.
     try:
         response = _client().request(method, url, headers=headers, timeout=timeout, **kwargs)
     except httpx.HTTPError as exc:
+        if _out_of_files(exc):  # this process could not open a socket: the trainer may well be there
+            raise out_of_files(f"a connection to the trainer {where(settings)}") from None
         raise ServiceUnavailable(
             f"The trainer {where(settings)} is not reachable ({_failure(exc, timeout)}); start it with "
             "`lunatrain trainer`.",
