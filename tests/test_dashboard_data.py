@@ -1978,3 +1978,24 @@ def test_a_late_answer_of_an_older_load_leaves_the_failed_loads_alert_to_the_nex
     page.clock.run_for(16_000)  # the next refresh reads the list
     expect(page.locator("#adapter-groups")).to_contain_text("luna-adapter")
     expect(said).to_have_count(0)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "vorher abgelehnt: Val-Loss 7,9 ist das 0,93-fache des Basismodells"),
+        ("?lang=en", "refused earlier: val loss 7.9 is 0.93 x the base model's"),
+    ],
+)
+def test_a_pass_after_a_refusal_shows_why_it_was_refused(page, services: Services, query: str, said: str) -> None:
+    """Review repro: the registry keeps a refusal that a later pass followed (`gate.earlierRefusal`), and
+    `adapters list` says "refused earlier"; the adapter table showed only "bestanden"."""
+    params = {"split": "val", "loss": 7.9, "ratio": 0.93, "baseLoss": 8.47, "allowed": 0.01, "shown": 4}
+    code = {"code": "gate.loss_vs_base", "params": params}
+    refusal = {"status": "failed", "passed": False, "reasons": ["val loss 7.9 is …"], "reasonCodes": [code]}
+    gate = {"status": "passed", "passed": True, "reasons": [], "earlierRefusal": refusal}
+    version = {"version": "v2", "created": "2026-12-01T10:00:00+00:00", "metrics": {}, "gate": gate}
+    table = {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": "a", "aliases": {}, "versions": [version]}]}]}
+    answer(page, "**/assistant/training/adapters", table)
+    open_page(page, services, query)
+    expect(page.locator("tr[data-version=v2] .gate-notes li")).to_contain_text(said)

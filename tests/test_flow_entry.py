@@ -979,6 +979,27 @@ def test_a_repeat_of_the_active_version_reuses_the_first_steps_decision(settings
     store.dispose_stores()
 
 
+def test_a_pass_that_promotes_a_refused_version_keeps_its_refusal(settings, tiny, home):
+    """Review repro: a version the gate refused under strict thresholds, judged again by the next `auto` under
+    the profile's own and promoted, lost its refusal: the promotion writes its gate outcome with the
+    activation, a path that did not keep it (`adapters list` said only "gate passed")."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    (home / "profiles").mkdir()
+    (home / "profiles" / "strict.toml").write_text("[gate]\nmaxValLossRatioVsBase = 0.01\n")
+    assert CliRunner().invoke(app, ["auto", "--local", "--profile", "strict", *FAST]).exit_code == 1
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])
+    assert r.exit_code == 0 and "gated now, it passed" in r.output, r.output
+    entry = registry.get_version(settings, "luna-adapter", "v1")
+    assert entry["gate"]["passed"] is True and entry["gate"]["promoted"] is True, entry["gate"]
+    assert entry["gate"]["earlierRefusal"]["status"] == "failed", entry["gate"]
+    kept = json.loads((settings.home / entry["path"] / "gate.json").read_text())
+    assert kept["earlierRefusal"] == entry["gate"]["earlierRefusal"]
+    assert "[gate passed, refused earlier]" in CliRunner().invoke(app, ["adapters", "list"]).output
+    store.dispose_stores()
+
+
 def test_a_repeat_of_a_version_never_gated_gates_it_instead_of_passing_it_by(settings, tiny):
     """Review repro: a newest version without a gate decision (trained with --no-gate, a gate that failed to
     run, a trainer gone before its gate) counted as repeated and passed: the flow said "not trained again"

@@ -1285,10 +1285,10 @@ def activate(
             "reason": reason,
         }
         if gate is not None:
-            entry = _annotate(data, name, entry["version"], "gate", gate, entry.get("revision"))
+            entry = _set_gate(data, name, entry["version"], gate, entry.get("revision"))
         _save_activations(settings, data, name, [(record, base_id)])
         if gate is not None:
-            _keep_gate_file(settings, entry, gate)
+            _keep_gate_file(settings, entry, entry["gate"])
     return entry
 
 
@@ -1513,11 +1513,17 @@ def record_gate(
     slot revision that is staged or was not kept: its folder is not (or no longer) the one `current` names."""
     with _lock(settings):  # one lock for both: no publish can point `current` elsewhere in between
         data = load(settings)
-        earlier = _target(data["adapters"].get(name) or {}, name, version, revision).get("gate")
-        entry = _annotate(data, name, version, "gate", _with_refusal(earlier, result), revision)
+        entry = _set_gate(data, name, version, result, revision)
         _save(settings, data)
         _keep_gate_file(settings, entry, entry["gate"])
     return entry
+
+
+def _set_gate(data: dict[str, Any], name: str, version: str, result: dict[str, Any], revision: int | None) -> dict:
+    """Set a gate outcome on a loaded registry's entry (the caller holds the lock and saves it), keeping a
+    refusal that a pass follows (`_with_refusal`)."""
+    earlier = _target(data["adapters"].get(name) or {}, name, version, revision).get("gate")
+    return _annotate(data, name, version, "gate", _with_refusal(earlier, result), revision)
 
 
 # What a pass keeps of a refusal it follows: why it was refused, against what, when, under which thresholds.

@@ -22,6 +22,14 @@ function gateCell(gate) {
     ? gate.reasonCodes.map((r, i) => tMsg(r.code, r.params, gate.reasons?.[i] ?? "")).join("; ") : null;
   const reason = coded ?? gate.reason ?? (Array.isArray(gate.reasons) ? gate.reasons.join("; ") : "");
   const notes = gateNotes(gate);
+  // A pass that followed a refusal (judged again, e.g. once activated by hand) keeps why it was refused.
+  const refusal = gate.passed === true && gate.earlierRefusal ? gate.earlierRefusal : null;
+  if (refusal) {
+    const why = Array.isArray(refusal.reasonCodes) && refusal.reasonCodes.length
+      ? refusal.reasonCodes.map((r, i) => tMsg(r.code, r.params, refusal.reasons?.[i] ?? "")).join("; ")
+      : (refusal.reasons ?? []).join("; ");
+    notes.push(t("gate.refusedEarlier", { reasons: why }));
+  }
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
     reason ? h("span", { class: "gate-reasons" }, reason) : null,
