@@ -799,6 +799,61 @@ def test_a_job_whose_end_could_not_be_recorded_on_a_full_disk_is_settled_once_it
     store.close()
 
 
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_a_job_registered_before_its_end_could_be_recorded_is_settled_succeeded(settings, monkeypatch, cancelled):
+    """Review repro: the child registered its adapter, then the disk filled before the trainer wrote
+    `succeeded`; once space came back the runner settled the job `failed` (disk_full), or `cancelled`, and told
+    the user to train again, which makes a second version of the same run. A restarted trainer's recovery
+    says succeeded from the same facts; so does the runner."""
+    from lunatrain import registry
+    from lunatrain.errors import DiskFull
+    from lunatrain.service.runner import Runner
+
+    store = JobStore(jobs_db_path(settings.data_dir))
+    job = queued(store, LoraParams(adapter_name="reg", epochs=1))
+    runner = Runner(settings, store)
+    disk = {"full": False}
+    real_set = store.set_status
+
+    def set_status(*args, **kwargs):
+        if disk["full"]:
+            raise DiskFull("The disk is full: writing the trainer's job database failed.")
+        return real_set(*args, **kwargs)
+
+    def run(claimed) -> None:
+        assert store.claim(claimed.id)
+        if cancelled:
+            store.request_cancel(claimed.id)  # a cancel that came during the gate, after the registration
+        work = settings.adapters_dir / "reg" / ".work" / "w1"
+        work.mkdir(parents=True)
+        (work / "adapter_model.safetensors").write_bytes(b"x")
+        base = {"baseModel": {"id": "luna-tiny", "fingerprint": "f" * 64}}
+        registry.publish(settings, "reg", "versioned", work, {"jobId": claimed.id} | base)
+        disk["full"] = True
+        result = {"status": "succeeded", "adapter": {"name": "reg", "version": "v1", "path": "data/adapters/reg/v1"}}
+        runner._finish(claimed.id, result, None, 0, settings.trainer_logs_dir / "x.log")
+
+    def back_off(exc: BaseException) -> None:
+        disk["full"] = False
+
+    monkeypatch.setattr(store, "set_status", set_status)
+    runner._run = run  # type: ignore[method-assign]
+    runner._back_off = back_off  # type: ignore[method-assign]
+    runner._wake.set()
+    runner.start()
+    try:
+        settled = wait_for(
+            lambda: store.get(job.id).status in ("succeeded", "failed", "cancelled") and store.get(job.id), 30
+        )
+    finally:
+        runner._stopping.set()
+        runner._wake.set()
+        runner._thread.join(60)
+    assert settled and settled.status == "succeeded", settled
+    assert settled.adapter is not None and settled.adapter.version == "v1", settled
+    store.close()
+
+
 def test_a_full_job_database_is_disk_full_not_a_failed_rollback(settings):
     """Repro: SQLite rolls a transaction back itself when the disk is full, so the store's own ROLLBACK then
     failed ("cannot rollback - no transaction is active") and was what the caller saw, hiding the cause."""

@@ -107,8 +107,11 @@ def recover(settings: Settings, store: JobStore) -> None:
         store.set_status(job.id, "queued")
 
 
-def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, cancel_requested: bool) -> Job:
-    """End (or requeue) a job whose child stopped without a result, from the recorded facts."""
+def settle_interrupted(
+    settings: Settings, store: JobStore, job_id: str, *, cancel_requested: bool, stopped: str = "the trainer stopped"
+) -> Job:
+    """End (or requeue) a job whose child stopped without a result, from the recorded facts. `stopped`: what
+    ended it, for the sentence of a job whose adapter was registered before."""
     job = store.get(job_id)
     adapter = published_adapter(settings, store, job)
     if adapter is not None:
@@ -118,7 +121,7 @@ def settle_interrupted(settings: Settings, store: JobStore, job_id: str, *, canc
             "succeeded",
             adapter=adapter,
             gate=GATE_NOT_KEPT if unjudged else recorded_gate(settings, job.id),
-            message="the adapter was registered before the trainer stopped",
+            message=f"the adapter was registered before {stopped}",
         )
     if cancel_requested:
         return store.set_status(job_id, "cancelled", message="cancelled (the trainer stopped meanwhile)")

@@ -196,11 +196,18 @@ class Runner:
                     )
 
     def _settle_unsettled(self) -> None:
-        """End each job whose storage error could not be recorded: `failed` with that error (`cancelled` when a
-        cancel came meanwhile); its process is gone. Raises the storage error while the store still refuses."""
+        """End each job whose storage error could not be recorded: `succeeded` when its adapter was registered,
+        else `failed` with that error (`cancelled` when a cancel came meanwhile); its process is gone. Raises the
+        storage error while the store still refuses."""
         for job_id, error in list(self._unsettled.items()):
-            status = self.store.get(job_id).status
-            if status == "cancelling":
+            job = self.store.get(job_id)
+            status = job.status
+            if status not in TERMINAL and published_adapter(self.settings, self.store, job) is not None:
+                # registered before the storage error: it succeeded (as a restarted trainer's recovery says);
+                # "train again" would make a second version of the same run
+                stopped = "the storage error that stopped its job"
+                settle_interrupted(self.settings, self.store, job_id, cancel_requested=False, stopped=stopped)
+            elif status == "cancelling":
                 self.store.set_status(job_id, "cancelled", message="cancelled (its run had stopped on a storage error)")
             elif status not in TERMINAL:
                 self.store.set_status(job_id, "failed", error=error)
