@@ -290,6 +290,60 @@ def test_a_registry_save_that_fails_leaves_the_run_in_its_work_folder(settings, 
     assert (settings.home / first["path"] / "adapter_model.safetensors").read_text() == served
 
 
+@pytest.mark.parametrize("strategy", ["versioned", "overwrite"])
+def test_a_registry_save_that_failed_after_its_rename_leaves_the_registered_run_in_place(
+    settings, monkeypatch, strategy
+):
+    """Review repro: the registry's write failed after its rename (the folder's fsync: EIO, EMFILE), so the
+    registry named the new run, which publish had moved back to its work folder: a version listed with its
+    files missing, or a slot said to hold revision 2 while serving revision 1. What the registry names stays."""
+    import errno
+
+    from lunatrain import fsio
+    from lunatrain.errors import StorageError
+
+    registry.publish(settings, "a", strategy, adapter_work_dir(settings, "a", "one"), _entry("f" * 64))
+    work = adapter_work_dir(settings, "a", "two")
+    real = fsio.fsync_dir
+
+    def fsync_dir(path):
+        if path == registry.registry_path(settings).parent:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(fsio, "fsync_dir", fsync_dir)
+    with pytest.raises(StorageError):
+        registry.publish(settings, "a", strategy, work, _entry("f" * 64))
+    monkeypatch.setattr(fsio, "fsync_dir", real)
+    newest = registry.load(settings)["adapters"]["a"]["versions"][-1]
+    assert newest["version"] == ("v2" if strategy == "versioned" else "current"), newest
+    assert registry.missing_files(settings, newest) == [] and not work.exists()
+    assert (settings.home / newest["path"] / "adapter_model.safetensors").read_text() == "two"
+
+
+def test_a_failed_save_keeps_a_slot_of_the_older_layout_serving(settings, monkeypatch):
+    """Review repro: where `current` was a plain folder (an older layout), a publish whose registry save failed
+    removed it and put nothing back: nothing was served, while the error said the previous data is intact."""
+    from lunatrain.errors import DiskFull
+
+    first = registry.publish(settings, "a", "overwrite", adapter_work_dir(settings, "a", "one"), _entry("f" * 64))
+    link = settings.adapters_dir / "a" / "current"
+    target = link.resolve()
+    link.unlink()
+    shutil.copytree(target, link)  # a plain folder, as an older layout had it
+    shutil.rmtree(target)
+    work = adapter_work_dir(settings, "a", "two")
+
+    def full(*args, **kwargs):
+        raise DiskFull("The disk is full: writing the registry failed.")
+
+    monkeypatch.setattr(registry, "_save", full)
+    with pytest.raises(DiskFull):
+        registry.publish(settings, "a", "overwrite", work, _entry("f" * 64))
+    assert (link / "adapter_model.safetensors").read_text() == "one" and registry.missing_files(settings, first) == []
+    assert (work / "adapter_model.safetensors").read_text() == "two"
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

@@ -459,16 +459,32 @@ def publish(
         except BaseException:
             # Not registered (a full disk, say): the run goes back to its work folder, its checkpoints with it,
             # so that "the previous data is intact" holds and a resume finds them; the slot serves what it did.
-            if swapped:
-                if left is not None:
-                    _point_slot(root, left, remove_left=False)  # not removing `moved`: it goes back
-                else:
-                    (root / SLOT).unlink(missing_ok=True)
-            os.replace(moved, work_dir)
+            # (A save that failed after its rename, in the folder's fsync, did register it: it stays.)
+            if _not_registered_on_disk(settings, name, entry):
+                if swapped:
+                    if left is not None:
+                        _point_slot(root, left, remove_left=False)  # not removing `moved`: it goes back
+                    else:
+                        (root / SLOT).unlink(missing_ok=True)
+                os.replace(moved, work_dir)
+            elif left is not None:
+                shutil.rmtree(left, ignore_errors=True)
             raise
         if left is not None:
             shutil.rmtree(left, ignore_errors=True)
     return entry
+
+
+def _not_registered_on_disk(settings: Settings, name: str, entry: dict[str, Any]) -> bool:
+    """Whether the registry file, as read now, lacks `entry` (a publish whose save failed); False when it
+    cannot be read, which leaves the published folder where the registry may name it."""
+    try:
+        versions = load(settings)["adapters"].get(name, {}).get("versions", [])
+    except (LunaError, OSError):
+        return False
+    return not any(
+        e.get("version") == entry["version"] and e.get("revision") == entry.get("revision") for e in versions
+    )
 
 
 def _by_job(data: dict[str, Any], job_id: str | None) -> dict[str, Any] | None:
@@ -589,10 +605,12 @@ def _point_slot(root: Path, new: Path, *, remove_left: bool = True) -> Path | No
     the folder it left (`remove_left`; else return it, None when it left none)."""
     link = root / SLOT
     old = link.resolve() if link.is_symlink() else None
+    if link.exists() and not link.is_symlink():  # a plain directory from an older layout: into .slots
+        old = root / ".slots" / f"{SLOT}-{uuid.uuid4().hex[:12]}"
+        old.parent.mkdir(exist_ok=True)
+        os.replace(link, old)
     tmp = root / f".{SLOT}.{uuid.uuid4().hex[:8]}"
     os.symlink(Path(".slots", new.name), tmp)
-    if link.exists() and not link.is_symlink():  # a plain directory from an older layout
-        shutil.rmtree(link)
     os.replace(tmp, link)
     left = old if old is not None and old != new else None
     if left is not None and remove_left:
