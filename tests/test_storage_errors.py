@@ -966,3 +966,47 @@ def test_a_trainer_request_this_process_has_no_file_for_is_not_an_unreachable_tr
         client.list_jobs(settings)
     assert err.value.code == "storage_out_of_files" and "connection to the trainer" in err.value.message, err.value
     assert "not reachable" not in err.value.message
+
+
+@pytest.mark.slow
+def test_a_server_out_of_file_descriptors_logs_its_failed_accepts_once_without_a_traceback(tmp_path: Path) -> None:
+    """Limits repro: `serve` under `ulimit -n 64` with many connections at once logged asyncio's "socket.accept()
+    out of system resource" a dozen times a second, each with its traceback: 50-100 MB of log in 5 s, a full
+    disk next. It is said once per 10 s, without the traceback, with how many were left out."""
+    import socket
+    import subprocess
+    import sys
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    listener.close()
+    script = f"""
+import asyncio, logging, os, resource, sys
+from lunatrain.cli.serve import log_handler
+from lunatrain.settings import load_settings
+logging.basicConfig(level=logging.WARNING, handlers=[log_handler(load_settings(home={str(tmp_path)!r}))], force=True)
+
+async def main():
+    held = []
+    server = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", {port}, backlog=64)
+    print("listening", flush=True)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    await asyncio.sleep(3.5)
+
+asyncio.run(main())
+"""
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening", server.stderr
+        clients = []
+        for _ in range(150):  # far more than the 64 descriptors the server may hold
+            with contextlib.suppress(OSError):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+        for client in locals().get("clients", []):
+            client.close()
+    said = [line for line in err.splitlines() if "out of system resource" in line]
+    assert len(said) == 1 and "Too many open files" in said[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]

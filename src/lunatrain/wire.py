@@ -56,6 +56,31 @@ class UtcLogFormatter(logging.Formatter):
         return iso(datetime.fromtimestamp(record.created, UTC))
 
 
+class AcceptFailures(logging.Filter):
+    """asyncio's "socket.accept() out of system resource" (out of file descriptors, EMFILE) at most once per
+    `every` seconds, without its traceback, with how many were left out: under many connections at once it
+    came a dozen times a second with a traceback each, tens of MB of log in seconds (a full disk next)."""
+
+    PREFIX = "socket.accept() out of system resource"
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every, self.last, self.left_out = every, float("-inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "asyncio" or not record.getMessage().startswith(self.PREFIX):
+            return True
+        if record.created - self.last < self.every:
+            self.left_out += 1
+            return False
+        cause = record.exc_info[1] if record.exc_info else None
+        more = f" ({self.left_out} more left out)" if self.left_out else ""
+        record.msg, record.args = f"{self.PREFIX}: {cause or 'unknown cause'}{more}", ()
+        record.exc_info, record.exc_text = None, None
+        self.last, self.left_out = record.created, 0
+        return True
+
+
 def parse_iso(stamp: str) -> datetime:
     """A timestamp as `now_iso()` writes it (or with `+00:00`); one without a zone is taken as UTC. Raises
     ValueError for anything else."""

@@ -14,7 +14,7 @@ import typer
 from ..errors import LunaError, UsageError
 from ..settings import Settings
 from ..startup import collector_paused
-from ..wire import UtcLogFormatter
+from ..wire import AcceptFailures, UtcLogFormatter
 from .app import app, fail
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
@@ -95,6 +95,7 @@ def log_handler(settings: Settings) -> logging.Handler:
     every record are (UTC, Z; its default format has no time at all), and never the API token."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(UtcLogFormatter())
+    handler.addFilter(AcceptFailures())
     if settings.api_token:
         handler.addFilter(_WithoutToken(settings.api_token))
     return handler

@@ -34,7 +34,7 @@ from ..templates import load_template
 from ..web import listen
 from ..web.handlers import no_body, service_app
 from ..web.security import TRAINER_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames, check_bind
-from ..wire import INT_MAX, UtcLogFormatter
+from ..wire import INT_MAX, AcceptFailures, UtcLogFormatter
 from . import lock
 from .device import DeviceProbe
 from .jobs import (
@@ -303,6 +303,7 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
         raise
     address = listen.record(sock, settings.trainer_url_file)
     handler.setFormatter(UtcLogFormatter())
+    handler.addFilter(AcceptFailures())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     if log_file is not None:
         stream_into_log()
