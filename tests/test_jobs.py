@@ -741,6 +741,39 @@ def test_a_job_database_that_refuses_writes_makes_the_runner_back_off_and_say_so
         after.close()
 
 
+def _full_disk_for(store: JobStore, monkeypatch) -> dict[str, bool]:
+    """`store`'s status writes refused as on a full disk while the returned flag's "full" is true."""
+    from lunatrain.errors import DiskFull
+
+    disk = {"full": False}
+    real_set = store.set_status
+
+    def set_status(*args, **kwargs):
+        if disk["full"]:
+            raise DiskFull("The disk is full: writing the trainer's job database failed.")
+        return real_set(*args, **kwargs)
+
+    monkeypatch.setattr(store, "set_status", set_status)
+    return disk
+
+
+def _settled_by(runner, store: JobStore, job_id: str, *, run, back_off):
+    """`runner` started with `run` as its job step and `back_off` as its wait after a storage error; the job
+    once it has ended (falsy when it has not within 30 s)."""
+    from lunatrain.service.jobs import TERMINAL
+
+    runner._run = run
+    runner._back_off = back_off
+    runner._wake.set()
+    runner.start()
+    try:
+        return wait_for(lambda: store.get(job_id).status in TERMINAL and store.get(job_id), 30)
+    finally:
+        runner._stopping.set()
+        runner._wake.set()
+        runner._thread.join(60)
+
+
 @pytest.mark.parametrize("cancelled", [False, True])
 def test_a_job_whose_end_could_not_be_recorded_on_a_full_disk_is_settled_once_it_can_be(
     settings, monkeypatch, cancelled
@@ -755,18 +788,12 @@ def test_a_job_whose_end_could_not_be_recorded_on_a_full_disk_is_settled_once_it
     store = JobStore(jobs_db_path(settings.data_dir))
     job = queued(store, LoraParams(adapter_name="x"))
     runner = Runner(settings, store)
-    disk = {"full": False}
-    real_set = store.set_status
+    disk = _full_disk_for(store, monkeypatch)
 
     def run(claimed) -> None:
         assert store.claim(claimed.id)
         disk["full"] = True
         raise DiskFull("The disk is full: writing the job's events failed.")
-
-    def set_status(*args, **kwargs):
-        if disk["full"]:
-            raise DiskFull("The disk is full: writing the trainer's job database failed.")
-        return real_set(*args, **kwargs)
 
     rounds: list[BaseException] = []
 
@@ -779,17 +806,7 @@ def test_a_job_whose_end_could_not_be_recorded_on_a_full_disk_is_settled_once_it
         if cancelled:
             store.request_cancel(job.id)  # `lunatrain jobs cancel` meanwhile: `cancelling`, and no process to stop
 
-    monkeypatch.setattr(store, "set_status", set_status)
-    runner._run = run  # type: ignore[method-assign]
-    runner._back_off = back_off  # type: ignore[method-assign]
-    runner._wake.set()
-    runner.start()
-    try:
-        settled = wait_for(lambda: store.get(job.id).status in ("failed", "cancelled") and store.get(job.id), 30)
-    finally:
-        runner._stopping.set()
-        runner._wake.set()
-        runner._thread.join(60)
+    settled = _settled_by(runner, store, job.id, run=run, back_off=back_off)
     assert settled, store.get(job.id)
     assert len(rounds) == 3 and all(isinstance(r, DiskFull) for r in rounds), rounds
     if cancelled:
@@ -806,19 +823,12 @@ def test_a_job_registered_before_its_end_could_be_recorded_is_settled_succeeded(
     the user to train again, which makes a second version of the same run. A restarted trainer's recovery
     says succeeded from the same facts; so does the runner."""
     from lunatrain import registry
-    from lunatrain.errors import DiskFull
     from lunatrain.service.runner import Runner
 
     store = JobStore(jobs_db_path(settings.data_dir))
     job = queued(store, LoraParams(adapter_name="reg", epochs=1))
     runner = Runner(settings, store)
-    disk = {"full": False}
-    real_set = store.set_status
-
-    def set_status(*args, **kwargs):
-        if disk["full"]:
-            raise DiskFull("The disk is full: writing the trainer's job database failed.")
-        return real_set(*args, **kwargs)
+    disk = _full_disk_for(store, monkeypatch)
 
     def run(claimed) -> None:
         assert store.claim(claimed.id)
@@ -836,19 +846,7 @@ def test_a_job_registered_before_its_end_could_be_recorded_is_settled_succeeded(
     def back_off(exc: BaseException) -> None:
         disk["full"] = False
 
-    monkeypatch.setattr(store, "set_status", set_status)
-    runner._run = run  # type: ignore[method-assign]
-    runner._back_off = back_off  # type: ignore[method-assign]
-    runner._wake.set()
-    runner.start()
-    try:
-        settled = wait_for(
-            lambda: store.get(job.id).status in ("succeeded", "failed", "cancelled") and store.get(job.id), 30
-        )
-    finally:
-        runner._stopping.set()
-        runner._wake.set()
-        runner._thread.join(60)
+    settled = _settled_by(runner, store, job.id, run=run, back_off=back_off)
     assert settled and settled.status == "succeeded", settled
     assert settled.adapter is not None and settled.adapter.version == "v1", settled
     store.close()
