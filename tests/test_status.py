@@ -962,3 +962,41 @@ def test_an_unreadable_export_summary_is_coded_with_its_reason_not_the_english_s
 
     shown = CliRunner().invoke(app, ["status"]).output
     assert re.search(r"^last export:? +unreadable \(see the problem below\)$", shown, re.M), shown
+
+
+@pytest.mark.parametrize("reported", ["succeeded", "failed"])
+def test_a_job_whose_trainer_was_killed_is_said_as_its_report_says_not_running(settings, reported):
+    """Days repro: after `kill -9` of the trainer, `status` and GET /status said "last job: running" for days
+    (nothing started a trainer whose recovery would settle it), while lora-latest.json, written by the job's
+    own process for the same job id, said it had ended (succeeded with its version active, or interrupted). With
+    no trainer running, the job's record cannot be right and the report is; with one running, the record is."""
+    import fcntl
+
+    from lunatrain.fsio import atomic_write_text
+    from lunatrain.service.lock import lock_path
+    from lunatrain.wire import now_iso
+
+    from helpers import recorded_job
+
+    job = recorded_job(settings.data_dir, "running")
+    report = {
+        "status": reported,
+        "jobId": job.id,
+        "adapterName": "luna-adapter",
+        "version": "v2" if reported == "succeeded" else None,
+        "baseModel": {"id": "luna-tiny"},
+        "created": now_iso(),
+        "durationSeconds": 12.5,
+    }
+    if reported == "failed":
+        report["error"] = {"code": "interrupted", "message": "Stopped at step 3 of 40: the trainer process is gone."}
+    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["jobId"], last["status"], last["source"]) == (job.id, reported, "report"), last
+    said = CliRunner().invoke(app, ["status"]).output
+    assert f"last job: {reported}" in said and "last job: running" not in said, said
+    lock_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(settings), "a+b") as held:  # a trainer runs: its record is the whole story
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert training_status(settings, 0)["lastJob"]["status"] == "running"

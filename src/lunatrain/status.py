@@ -277,8 +277,14 @@ def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings, problems)
     if job is not None and run is not None and run["jobId"]:
         # The report of a trainer job (this one, or one before it that a queued job waited behind): the
-        # trainer's record is the whole story (finish, gate) and knows which of its jobs came last.
-        return job
+        # trainer's record is the whole story (finish, gate) and knows which of its jobs came last. Unless it
+        # still says this job runs while no trainer does (one killed, and none started since whose recovery
+        # would settle it): the report, written by the job's own process as it ended, says what happened.
+        from .service.lock import trainer_lock_held
+
+        ended = run["status"] in ("succeeded", "failed", "cancelled")
+        same = run["jobId"] == job.get("jobId") and job.get("status") in ("running", "cancelling")
+        return run if same and ended and not trainer_lock_held(settings) else job
     if job is None or run is None:
         return job or run
     # An in-process run beside the trainer's jobs: two numbered versions of one adapter on one base (or two
