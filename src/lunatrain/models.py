@@ -327,7 +327,20 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
             f"Base model directory {ref!r} does not exist.", code="base_model.no_directory", params={"baseModel": ref}
         )
     elif _HUB_ID.fullmatch(ref):
-        path, revision = _from_hub(ref, settings.hub_download)
+        try:
+            path, revision = _from_hub(ref, settings.hub_download)
+        except UsageError as err:
+            folder = settings.home / ref
+            if err.code != "base_model.not_cached" or not folder.parent.is_dir():
+                raise
+            # `models/fam` named a folder under the data root that is gone (moved, deleted): the advice for an
+            # uncached hub id would have the user download a repository that does not exist.
+            raise UsageError(
+                f"Base model directory {ref!r} does not exist under the data root ({folder}), and no hub model "
+                f"of that id is in the local Hugging Face cache; restore that folder, or name another base model.",
+                code="base_model.no_directory",
+                params={"baseModel": ref},
+            ) from None
     else:
         raise UsageError(
             f"Base model {ref!r} is neither 'luna-tiny', a local model directory, nor a hub id 'org/name'.",
