@@ -1000,3 +1000,9 @@ def test_a_job_whose_trainer_was_killed_is_said_as_its_report_says_not_running(s
     with open(lock_path(settings), "a+b") as held:  # a trainer runs: its record is the whole story
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         assert training_status(settings, 0)["lastJob"]["status"] == "running"
+    # Review repro: a resumed job keeps its id; the report of its earlier try, which ended before this try
+    # began, says nothing of this one.
+    later = recorded_job(settings.data_dir, "running", started_at="2999-01-01T00:00:00.000Z")
+    report |= {"jobId": later.id}
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    assert training_status(settings, 0)["lastJob"]["status"] == "running"

@@ -333,13 +333,14 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
             folder = settings.home / ref
             if err.code != "base_model.not_cached" or not folder.parent.is_dir():
                 raise
-            # `models/fam` named a folder under the data root that is gone (moved, deleted): the advice for an
-            # uncached hub id would have the user download a repository that does not exist.
+            # `models/fam` may have named a folder under the data root that is gone (moved, deleted), or a hub
+            # model of an org whose name a folder there has: both are said, never only the download advice
+            # for a repository that may not exist.
             raise UsageError(
-                f"Base model directory {ref!r} does not exist under the data root ({folder}), and no hub model "
-                f"of that id is in the local Hugging Face cache; restore that folder, or name another base model.",
-                code="base_model.no_directory",
-                params={"baseModel": ref},
+                f"{err.message.rstrip('.')}. If {ref!r} named a folder under the data root instead: {folder} does "
+                "not exist; restore it.",
+                code=err.code,
+                params=err.params | {"folder": str(folder)},
             ) from None
     else:
         raise UsageError(

@@ -284,7 +284,9 @@ def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
 
         ended = run["status"] in ("succeeded", "failed", "cancelled")
         same = run["jobId"] == job.get("jobId") and job.get("status") in ("running", "cancelling")
-        return run if same and ended and not trainer_lock_held(settings) else job
+        # ...of this try: a resumed job keeps its id, and an earlier try's report ended before this one began
+        this_try = str(run.get("created") or "") >= str(active_at or "")
+        return run if same and ended and this_try and not trainer_lock_held(settings) else job
     if job is None or run is None:
         return job or run
     # An in-process run beside the trainer's jobs: two numbered versions of one adapter on one base (or two
