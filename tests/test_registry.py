@@ -344,6 +344,22 @@ def test_a_failed_save_keeps_a_slot_of_the_older_layout_serving(settings, monkey
     assert (work / "adapter_model.safetensors").read_text() == "two"
 
 
+def test_activating_the_active_version_again_writes_no_history(settings):
+    """Lifecycle note: `adapters activate a@v2` with a@v2 active already appended a `v2 → v2` record to the
+    activation history (and its journal): a change that changed nothing."""
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag in ("one", "two"):
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp))
+    registry.activate(settings, "a", "v1")
+    registry.activate(settings, "a", "v2")
+    before = registry.registry_path(settings).read_bytes()
+    journal = (settings.adapters_dir / "a" / registry.ACTIVATIONS_FILE).read_bytes()
+    assert registry.activate(settings, "a", "v2")["version"] == "v2"
+    assert registry.registry_path(settings).read_bytes() == before
+    assert (settings.adapters_dir / "a" / registry.ACTIVATIONS_FILE).read_bytes() == journal
+    assert registry.rollback(settings, "a")["version"] == "v1"
+
+
 def test_adapters_cli(settings):
     from typer.testing import CliRunner
 

@@ -1293,6 +1293,8 @@ def activate(
         if replacing is not None and not replacing(now_active := active_of(adapter, fingerprint)):
             raise ActiveMoved(now_active)
         previous = adapter["activeByBase"].get(fingerprint, {}).get("version")
+        if previous == entry["version"] and gate is None:  # active there already: no change, no history line
+            return entry
         adapter["activeByBase"][fingerprint] = {"version": entry["version"], "baseModel": base_id}
         record = {
             "version": entry["version"],
