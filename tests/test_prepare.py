@@ -859,3 +859,24 @@ def test_samples_longer_than_the_base_models_context_are_refused_where_max_seq_l
     assert (fits["over_context"].severity, fits["over_context"].code) == ("info", "check.over_context.ok")
     assert fits["over_context"].message == "no sample is longer than the base model's context of 256 tokens"
     assert run_lora(params(base_model=str(short), max_seq_length=1024, max_steps=1, rank=4), settings).ok
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_gpu")
+def test_the_estimate_counts_the_processes_of_the_trainer_that_runs_not_of_this_command(settings, tiny):
+    """Estimates repro: a trainer started with ASSISTANT_LORA_GPUS=2 trained a job on two processes, while
+    `prepare` (without it) predicted twice the steps "on 1 process, as the trainer runs it"; and the other way
+    round. A trainer running for the data root says its own count."""
+    from trainer_helpers import start_trainer, stop_group
+
+    write_export(settings, make_records(40, val_every=5))
+    trainer = start_trainer(settings.home, ASSISTANT_LORA_GPUS="2")
+    try:
+        here = load_settings(home=settings.home)
+        assert here.lora_gpus is None  # this command's environment says nothing
+        est = prepare(here, params(), min_curated=10).estimate
+        assert est["ranks"] == 2, est
+    finally:
+        stop_group(trainer.pid)
+        trainer.wait(30)
+    assert prepare(load_settings(home=settings.home), params(), min_curated=10).estimate["ranks"] == 1

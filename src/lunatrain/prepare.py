@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import export as export_mod
-from .errors import JSON_FAULTS, CheckFailed, UsageError
+from .errors import JSON_FAULTS, CheckFailed, LunaError, UsageError
 from .fsio import atomic_write_json, read_json
 from .messages import coded, counted
 from .params import LoraParams, total_steps
@@ -955,6 +955,30 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def _running_trainer_ranks(settings: Settings, device: str | None) -> int | None:
+    """The processes the trainer running for this data root would start for a job on `device`, from its own
+    settings and GPUs (its /health); None when none runs, or it does not say (an older trainer)."""
+    from .service import client
+    from .service.lock import trainer_lock_held
+    from .service.spawn import job_ranks
+
+    if not trainer_lock_held(settings):  # a local look first: no request when no trainer runs
+        return None
+    from .service.jobs import data_root_id
+
+    try:
+        health = client.health(settings, timeout=2.0)
+    except LunaError:
+        return None
+    seen = health.device
+    if health.data_root is None or health.data_root.id != data_root_id(settings.home) or seen.gpus is None:
+        return None  # not this data root's trainer at that address, or one too old to say
+    try:
+        return job_ranks(settings.model_copy(update={"lora_gpus": seen.ranks_setting}), device, seen.gpus)
+    except UsageError:  # more ranks than its GPUs: it refuses that job
+        return 1
+
+
 def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: Any) -> dict[str, Any]:
     """Steps, tokens and seconds for training this tier: the measured speed of the last job on the same base
     model and device kind when there is one, else the FLOP-based estimate above."""
@@ -963,12 +987,15 @@ def estimate_run(settings: Settings, params: LoraParams, tokenized: Any, info: A
 
     device = models.resolve_device(params.device)
     # The processes the trainer would start for this job (ASSISTANT_LORA_GPUS, else every visible GPU): each
-    # takes its own micro-batches, so a step trains all of theirs.
-    gpus = _visible_gpus() if device == "cuda" else 0
-    try:
-        ranks = job_ranks(settings, params.device, gpus)
-    except UsageError:  # more ranks than GPUs: the trainer refuses that job, a local run trains on one process
-        ranks = 1
+    # takes its own micro-batches, so a step trains all of theirs. A trainer running for this data root says
+    # its own (it may have been started with another ASSISTANT_LORA_GPUS than this command has).
+    ranks = _running_trainer_ranks(settings, params.device)
+    if ranks is None:
+        gpus = _visible_gpus() if device == "cuda" else 0
+        try:
+            ranks = job_ranks(settings, params.device, gpus)
+        except UsageError:  # more ranks than GPUs: the trainer refuses that job, a local run trains on one process
+            ranks = 1
     train = [e for e in tokenized.train if e.n_supervised]  # the loop skips samples with nothing to learn
     steps = optimizer_steps(len(train), params, ranks)
     full = optimizer_steps(len(train), params.model_copy(update={"max_steps": None}), ranks)

@@ -156,7 +156,12 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             {
                 "status": "degraded" if problem or device.failure else "ok",
                 "cudaAvailable": bool(info.get("cudaAvailable")),
-                "device": info | {"ranks": job_ranks(settings, "auto", state["runner"].gpus)},
+                "device": info
+                | {
+                    "ranks": job_ranks(settings, "auto", state["runner"].gpus),
+                    "gpus": state["runner"].gpus,
+                    "ranksSetting": settings.lora_gpus,
+                },
                 "version": __version__,
                 "queue": {
                     "running": counts.get("running", 0) + counts.get("cancelling", 0),

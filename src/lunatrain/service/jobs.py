@@ -151,6 +151,10 @@ class DeviceView(WireModel):
     memory_free: int | None = None
     bf16: bool = False
     ranks: int = Field(default=1, description="processes a job trains on: one per GPU (ASSISTANT_LORA_GPUS)")
+    gpus: int | None = Field(default=None, description="the GPUs the trainer sees (the device probe's count)")
+    ranks_setting: int | None = Field(
+        default=None, description="the trainer's own ASSISTANT_LORA_GPUS (null: unset, one process per GPU)"
+    )
 
 
 class QueueView(WireModel):
