@@ -747,6 +747,42 @@ def test_lora_reports_the_job_the_follower_saw_settled_when_its_trainer_has_stop
     assert "Job ftjob-gone failed" in capsys.readouterr().err
 
 
+def test_following_a_job_whose_trainer_was_killed_ends_as_the_jobs_own_report_says(settings, monkeypatch, dead_port):
+    """Days repro: the trainer was killed during a `luna` job's eval gate; the job's own process still
+    registered and activated its version and wrote lora-latest.json (succeeded), but the follower gave up:
+    "lora FAILED … Stopped following job … (last recorded as running)", exit 1. With no trainer holding the
+    data root, the job's report says how it ended."""
+    from lunatrain.cli import trainer as cli_trainer
+    from lunatrain.errors import ServiceUnavailable
+    from lunatrain.fsio import atomic_write_text
+    from lunatrain.wire import now_iso
+
+    from helpers import recorded_job
+
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", f"http://127.0.0.1:{dead_port}")
+    here = load_settings(home=settings.home)
+    job = recorded_job(here.data_dir, "running", started_at=now_iso())
+    report = {
+        "jobId": job.id,
+        "status": "succeeded",
+        "adapterName": "luna-adapter",
+        "version": "v2",
+        "path": "data/adapters/luna-adapter/v2",
+        "revision": None,
+        "created": now_iso(),
+        "metrics": {"valLoss": 2.1},
+        "gate": {"status": "passed", "passed": True, "promoted": True},
+    }
+    here.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(here.lora_latest_report, json.dumps(report))
+    ended = cli_trainer.follow(here, job.id, unreachable_s=0.0)
+    assert ended.status == "succeeded" and ended.adapter is not None and ended.adapter.version == "v2", ended
+    assert ended.gate and ended.gate["passed"] is True and ended.metrics["valLoss"] == 2.1
+    atomic_write_text(here.lora_latest_report, json.dumps(report | {"jobId": "ftjob-other"}))
+    with pytest.raises(ServiceUnavailable, match="Stopped following job"):  # a report of another job says nothing
+        cli_trainer.follow(here, job.id, unreachable_s=0.0)
+
+
 def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_gpu, monkeypatch, dead_port):
     """Repro: `lunatrain luna --device=cuda` (through the trainer) on a machine without CUDA ran the eval-gate
     step (rewriting its report) and the export, and was refused only by prepare."""

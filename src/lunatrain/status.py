@@ -280,13 +280,10 @@ def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
         # trainer's record is the whole story (finish, gate) and knows which of its jobs came last. Unless it
         # still says this job runs while no trainer does (one killed, and none started since whose recovery
         # would settle it): the report, written by the job's own process as it ended, says what happened.
-        from .service.lock import trainer_lock_held
+        from .service.recovery import ended_by_its_report
 
-        ended = run["status"] in ("succeeded", "failed", "cancelled")
-        same = run["jobId"] == job.get("jobId") and job.get("status") in ("running", "cancelling")
-        # ...of this try: a resumed job keeps its id, and an earlier try's report ended before this one began
-        this_try = str(run.get("created") or "") >= str(active_at or "")
-        return run if same and ended and this_try and not trainer_lock_held(settings) else job
+        running = job.get("status") in ("running", "cancelling")
+        return run if running and ended_by_its_report(settings, job["jobId"], active_at, run) else job
     if job is None or run is None:
         return job or run
     # An in-process run beside the trainer's jobs: two numbered versions of one adapter on one base (or two

@@ -24,6 +24,7 @@ from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job, existing_store, job_log_path
+from ..service.recovery import as_its_report_says
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
 from ..wire import INT_MAX
@@ -417,6 +418,8 @@ def follow(
                     ) from None
                 if recorded is not None and recorded.finished:
                     return recorded
+                if recorded is not None and (ended := as_its_report_says(settings, recorded)) is not None:
+                    return ended  # its trainer was killed: the job's own report says how it ended
                 # A trainer restarting is not the end of the job: keep asking for a while.
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > unreachable_s:

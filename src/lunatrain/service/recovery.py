@@ -27,7 +27,7 @@ from ..errors import LunaError
 from ..fsio import identity, read_json
 from ..settings import Settings
 from ..wire import parse_iso
-from .jobs import Job, JobStore
+from .jobs import AdapterRef, Job, JobError, JobStore
 
 log = logging.getLogger("lunatrain.trainer")
 
@@ -143,6 +143,51 @@ def settle_interrupted(
             "registered and no checkpoint saved; submit it again."
         )
     return store.set_status(job_id, "failed", error={"code": "interrupted", "message": message})
+
+
+def ended_by_its_report(settings: Settings, job_id: str, started_at: str | None, report: Any) -> bool:
+    """Whether `report` (lora-latest.json, or status's view of it) says how the try of job `job_id` that began
+    at `started_at` ended, where the job's record still says it runs: the job's own process writes it as it
+    ends, and a record left running by a trainer that was killed is settled only by the next trainer's
+    recovery. Only while no trainer holds the data root (one that runs keeps its record right)."""
+    from .lock import trainer_lock_held
+
+    return (
+        isinstance(report, dict)
+        and report.get("jobId") == job_id
+        and report.get("status") in ("succeeded", "failed", "cancelled")
+        and str(report.get("created") or "") >= str(started_at or "")  # a resumed job keeps its id
+        and not trainer_lock_held(settings)
+    )
+
+
+def as_its_report_says(settings: Settings, job: Job) -> Job | None:
+    """`job` as lora-latest.json says it ended (`ended_by_its_report`), or None when it does not say."""
+    report = read_json(settings.lora_latest_report, None) if settings.lora_latest_report.is_file() else None
+    if not ended_by_its_report(settings, job.id, job.started_at, report):
+        return None
+    error = report.get("error") if isinstance(report.get("error"), dict) else None
+    version = report.get("version") if report["status"] == "succeeded" else None
+    adapter = (
+        {
+            "name": report.get("adapterName"),
+            "version": version,
+            "path": report.get("path") or "",
+            "revision": report.get("revision"),
+        }
+        if version
+        else None
+    )
+    return job.model_copy(
+        update={
+            "status": report["status"],
+            "finished_at": report.get("created"),
+            "adapter": AdapterRef.model_validate(adapter) if adapter else None,
+            "error": JobError.model_validate(error) if error else None,
+            "gate": report.get("gate") if isinstance(report.get("gate"), dict) else job.gate,
+            "metrics": report.get("metrics") if isinstance(report.get("metrics"), dict) else job.metrics,
+        }
+    )
 
 
 def resumable(settings: Settings, store: JobStore, job: Job) -> bool:
