@@ -778,9 +778,14 @@ def test_following_a_job_whose_trainer_was_killed_ends_as_the_jobs_own_report_sa
     ended = cli_trainer.follow(here, job.id, unreachable_s=0.0)
     assert ended.status == "succeeded" and ended.adapter is not None and ended.adapter.version == "v2", ended
     assert ended.gate and ended.gate["passed"] is True and ended.metrics["valLoss"] == 2.1
-    atomic_write_text(here.lora_latest_report, json.dumps(report | {"jobId": "ftjob-other"}))
-    with pytest.raises(ServiceUnavailable, match="Stopped following job"):  # a report of another job says nothing
-        cli_trainer.follow(here, job.id, unreachable_s=0.0)
+    for other in (
+        json.dumps(report | {"jobId": "ftjob-other"}),  # a report of another job says nothing of this one
+        json.dumps(report | {"adapterName": 3}),  # nor one edited into another shape
+        '{"jobId": "' + job.id + '", "status": "succ',  # nor one cut short
+    ):
+        atomic_write_text(here.lora_latest_report, other)
+        with pytest.raises(ServiceUnavailable, match="Stopped following job"):
+            cli_trainer.follow(here, job.id, unreachable_s=0.0)
 
 
 def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_gpu, monkeypatch, dead_port):

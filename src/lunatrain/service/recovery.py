@@ -163,7 +163,10 @@ def ended_by_its_report(settings: Settings, job_id: str, started_at: str | None,
 
 def as_its_report_says(settings: Settings, job: Job) -> Job | None:
     """`job` as lora-latest.json says it ended (`ended_by_its_report`), or None when it does not say."""
-    report = read_json(settings.lora_latest_report, None) if settings.lora_latest_report.is_file() else None
+    try:
+        report = read_json(settings.lora_latest_report, None)
+    except (LunaError, OSError):  # damaged or unreadable: it says nothing (status names it as a problem)
+        return None
     if not ended_by_its_report(settings, job.id, job.started_at, report):
         return None
     error = report.get("error") if isinstance(report.get("error"), dict) else None
@@ -178,16 +181,19 @@ def as_its_report_says(settings: Settings, job: Job) -> Job | None:
         if version
         else None
     )
-    return job.model_copy(
-        update={
-            "status": report["status"],
-            "finished_at": report.get("created"),
-            "adapter": AdapterRef.model_validate(adapter) if adapter else None,
-            "error": JobError.model_validate(error) if error else None,
-            "gate": report.get("gate") if isinstance(report.get("gate"), dict) else job.gate,
-            "metrics": report.get("metrics") if isinstance(report.get("metrics"), dict) else job.metrics,
-        }
-    )
+    try:
+        return job.model_copy(
+            update={
+                "status": report["status"],
+                "finished_at": report.get("created"),
+                "adapter": AdapterRef.model_validate(adapter) if adapter else None,
+                "error": JobError.model_validate(error) if error else None,
+                "gate": report.get("gate") if isinstance(report.get("gate"), dict) else job.gate,
+                "metrics": report.get("metrics") if isinstance(report.get("metrics"), dict) else job.metrics,
+            }
+        )
+    except ValueError:  # a report edited into another shape says nothing of the job (pydantic's error is one)
+        return None
 
 
 def resumable(settings: Settings, store: JobStore, job: Job) -> bool:
