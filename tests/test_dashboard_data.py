@@ -1999,3 +1999,41 @@ def test_a_pass_after_a_refusal_shows_why_it_was_refused(page, services: Service
     answer(page, "**/assistant/training/adapters", table)
     open_page(page, services, query)
     expect(page.locator("tr[data-version=v2] .gate-notes li")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
+    ("query", "label", "refused"),
+    [
+        ("", "Der Trainer konnte sein Gerät nicht prüfen ([Errno 24] Too many open files)",
+         "Der Trainer konnte sein Gerät nicht prüfen ([Errno 24] Too many open files) und führt keinen Job aus"),
+        ("?lang=en", "The trainer could not probe its device ([Errno 24] Too many open files)",
+         "The trainer could not probe its device ([Errno 24] Too many open files) and runs no job"),
+    ],
+)  # fmt: skip
+def test_a_trainer_that_could_not_probe_its_device_is_said_as_such(page, services: Services, query, label, refused):
+    """Dashboard repro: a trainer whose device probe failed (`ulimit -n 16`) showed as "Online (CPU)" in the
+    badge's normal colour with the English "device probe failed: …" as its device, and the refusal of a start
+    read "Fehler (503): Trainer nicht erreichbar: …", while the trainer had answered."""
+    why = "[Errno 24] Too many open files"
+    health = {
+        "status": "degraded",
+        "cudaAvailable": False,
+        "reachable": True,
+        "label": "Online (CPU)",
+        "device": {"type": "unknown", "name": f"device probe failed: {why}", "bf16": False, "ranks": 1},
+        "canTrain": [f"The trainer could not probe its device ({why}), so it can plan and run no job; …"],
+    }
+    answer(page, "**/assistant/training/lora/provider-health*", health)
+    message = f"The trainer could not probe its device ({why}), so it can plan and run no job; stop it and …"
+    error = {"code": "service_unavailable", "message": message, "params": {"detail": "trainer.no_device", "why": why}}
+    answer(page, "**/assistant/training/lora/start", {"error": error}, status=503)
+    open_page(page, services, query)
+    expect(page.locator("#provider-label")).to_have_attribute("data-state", "nodevice")
+    expect(page.locator("#provider-device")).to_contain_text(label)
+    expect(page.locator("#trainer-start")).to_be_hidden()  # it runs: starting another is not the way
+    page.locator("#start-button").click()
+    alert = page.locator("#alerts .message")
+    expect(alert).to_have_count(1)
+    expect(alert).to_contain_text(refused)
+    expect(alert).not_to_contain_text("nicht erreichbar")
+    expect(alert).not_to_contain_text("not reachable")

@@ -19,6 +19,8 @@ const $ = (id) => document.getElementById(id);
 function providerState(health) {
   if (health.cudaAvailable) return "cuda";
   if (health.reachable === false || health.status === "offline" || health.label === "Offline") return "offline";
+  // It answers, but could not probe its device and runs no job until restarted (trainer.no_device).
+  if (health.device?.type === "unknown") return "nodevice";
   return "cpu";
 }
 
@@ -32,7 +34,10 @@ function renderHealth(health) {
   if (badge.textContent !== label) badge.textContent = label;
   badge.dataset.state = state;
   const details = [];
-  if (state !== "offline") {
+  if (state === "nodevice") {
+    const why = String(health.device?.name ?? "").replace(/^device probe failed: /, "");
+    details.push(t("provider.noDevice", { why }));
+  } else if (state !== "offline") {
     // The trainer's device: {type: "cpu"|"cuda", name, memoryTotal (bytes), bf16}.
     const dev = health.device ?? {};
     const name = [dev.type?.toUpperCase(), dev.name].filter(Boolean).join(" ");

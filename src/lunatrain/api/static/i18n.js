@@ -240,6 +240,7 @@ const de = {
   "severity.passed": "ok",
   // Server messages by code (lunatrain/messages.py); parameters fill the {placeholders}.
   "provider.offlineHint": "Nicht erreichbar – mit „Trainer starten“ starten.",
+  "provider.noDevice": "Der Trainer konnte sein Gerät nicht prüfen ({why}) und führt keinen Job aus; ihn beenden und neu starten, sobald die Ursache behoben ist.",
   "provider.apiDown": "Die Seite erreicht ihren Server nicht – läuft `lunatrain serve` noch?",
   "provider.locked": "Token nötig",
   "adapters.deactivate": "Deaktivieren",
@@ -763,6 +764,7 @@ const en = {
   "severity.passed": "ok",
   // Server messages by code (lunatrain/messages.py); parameters fill the {placeholders}.
   "provider.offlineHint": "Not reachable – start it with “Start trainer”.",
+  "provider.noDevice": "The trainer could not probe its device ({why}) and runs no job; stop it and start it again once that is fixed.",
   "provider.apiDown": "The page cannot reach its server – is `lunatrain serve` still running?",
   "provider.locked": "Token needed",
   "adapters.deactivate": "Deactivate",
@@ -1119,6 +1121,9 @@ export function tMsg(code, params = {}, fallback = "") {
   return t(key, vars);
 }
 
+// Sub-codes of `service_unavailable` from a trainer that answered: its label ("not reachable") is not theirs.
+const SELF_SAID = new Set(["trainer.no_device"]);
+
 /** An error in the page language: the code's own sentence when it carries parameters, else the code's
  * short text followed by the server's sentence (which names the specific thing). */
 export function errorText(error) {
@@ -1129,6 +1134,8 @@ export function errorText(error) {
     + (p.resumeJob ? `. ${t("err.resume", { jobId: p.resumeJob })}` : "");
   // A sub-code naming the case (a failed check; how a crashed job's process ended): the label, then its sentence.
   const detail = p.check ?? p.detail;
+  // A sentence that says all by itself: under the label "not reachable" it would say what is not so.
+  if (SELF_SAID.has(detail) && `msg.${detail}` in TEXTS[lang]) return tMsg(detail, p) + tail;
   if (detail && `msg.${detail}` in TEXTS[lang]) return `${tMsg(error.code)}: ${tMsg(detail, p)}${tail}`;
   const { lastLine, resumeJob, ...rest } = p;
   if (Object.keys(rest).length) return tMsg(error.code, p, error.message) + tail;
