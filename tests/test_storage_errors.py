@@ -1010,3 +1010,26 @@ asyncio.run(main())
     said = [line for line in err.splitlines() if "out of system resource" in line]
     assert len(said) == 1 and "Too many open files" in said[0], err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_dashboard_file_this_process_cannot_open_is_a_503_not_a_200_without_a_body(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dashboard repro: `serve` near its open-file limit answered the page's scripts with 200 and then failed to
+    open them ("Caught handled exception, but response already started"): the page hung on "Prüfe …" without a
+    word. The file is opened before the status line goes out: a 503 storage_out_of_files."""
+    import anyio
+
+    real = anyio.open_file
+
+    async def no_files(path, *args, **kwargs):
+        if str(path).endswith("app.js"):
+            raise OSError(24, "Too many open files", str(path))
+        return await real(path, *args, **kwargs)
+
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.get("/static/app.js").status_code == 200
+        monkeypatch.setattr(anyio, "open_file", no_files)
+        answer = client.get("/static/app.js")
+    assert answer.status_code == 503, (answer.status_code, answer.text[:200])
+    assert answer.json()["error"]["code"] == "storage_out_of_files", answer.text

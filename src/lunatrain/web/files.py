@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -28,6 +29,11 @@ class WholeFile(FileResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"range", b"if-range")]
+        # Opened once before the status line goes out: FileResponse opens the file only after sending its 200,
+        # so a file this process cannot open (out of file descriptors) left the page a 200 without a body,
+        # waiting; raised here, it is an error answer (web/handlers.py: 503 for EMFILE).
+        handle = await anyio.open_file(self.path, mode="rb")
+        await handle.aclose()
         await super().__call__({**scope, "headers": headers}, receive, send)
 
 
