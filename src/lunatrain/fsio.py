@@ -32,14 +32,14 @@ from .wire import finite
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
-_OUT_OF_FILES = {errno.EMFILE, errno.ENFILE}
+OUT_OF_FILES = {errno.EMFILE, errno.ENFILE}  # no file descriptor left (this process, or the system)
 
 
 def storage_error(exc: OSError, what: object) -> StorageError:
     """The one sentence for a failed write of `what` (a path or a description); the caller guarantees that
     the previous data is still intact (every write here goes to a temp name first)."""
     reason = exc.strerror or str(exc)
-    if exc.errno in _OUT_OF_FILES:
+    if exc.errno in OUT_OF_FILES:
         return out_of_files(what)
     if exc.errno in _FULL:
         return DiskFull(
@@ -76,13 +76,22 @@ def out_of_files(what: object) -> StorageError:
     )
 
 
+def nearly_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (next to) no room left: under 1 MiB. SQLite says a full disk
+    only as "disk I/O error" where it cannot grow its index file."""
+    try:
+        return shutil.disk_usage(path.parent).free < 2**20
+    except OSError:
+        return False
+
+
 def files_exhausted() -> bool:
     """Whether this process can open no further file now: SQLite then says only "unable to open database
     file", the words it also has for a missing folder or a damaged path."""
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
     except OSError as exc:
-        return exc.errno in _OUT_OF_FILES
+        return exc.errno in OUT_OF_FILES
     os.close(fd)
     return False
 

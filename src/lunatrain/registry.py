@@ -439,7 +439,8 @@ def publish(
         if before_move:
             before_move(entry)
         target = inside(settings.home, entry["path"])
-        swapped, left = False, None  # the slot's folder the new one replaces: removed once registered
+        swapped = strategy == "overwrite" and staged is None  # `current` points at the new run at once
+        left = None  # the slot's folder the new one replaces: removed once registered
         if staged is not None:
             staged.parent.mkdir(exist_ok=True)
             moved = staged
@@ -449,8 +450,8 @@ def publish(
         else:
             moved = target
         os.replace(work_dir, moved)
-        if strategy == "overwrite" and staged is None:
-            left, swapped = _point_slot(root, moved, remove_left=False), True
+        if swapped:
+            left = _point_slot(root, moved, remove_left=False)
             _replace_older(adapter)
         adapter["versions"].append(entry)
         adapter["aliases"]["latest"] = entry["version"]

@@ -32,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import struct
 import time
@@ -44,7 +43,7 @@ from typing import Any
 
 from . import export
 from .errors import StorageError
-from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, remove_tree, tree_size
+from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, nearly_full, remove_tree, tree_size
 from .registry import WORK_DIR
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
@@ -151,7 +150,7 @@ def _collect(
             damaged, kept = exc, "the run work directories were kept"
     if damaged is not None:
         path = jobs_db_path(settings.data_dir)
-        if _full(path):  # a healthy database SQLite cannot read or change for want of room
+        if nearly_full(path):  # a healthy database SQLite cannot read or change for want of room
             report.problems.append(
                 f"The disk holding the jobs database {path} is full ({damaged}), so {kept}; free some space "
                 "and run `lunatrain gc` again."
@@ -165,14 +164,6 @@ def _collect(
             + (f": {settings.shown(Path(where))}" if where else "")
             + "); it stays: give this user the right to remove it, or remove it as its owner."
         )
-
-
-def _full(path: Path) -> bool:
-    """Whether the file system holding `path` has (next to) no room left: under 1 MiB."""
-    try:
-        return shutil.disk_usage(path.parent).free < 2**20
-    except OSError:
-        return False
 
 
 def _removed(path: Path, stuck: dict[Path, OSError]) -> bool:

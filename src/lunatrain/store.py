@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,6 +52,7 @@ from .fsio import (
     create_plain,
     files_exhausted,
     identity,
+    nearly_full,
     out_of_files,
     sqlite_wal,
     writable_beside,
@@ -319,11 +319,8 @@ _FULL = re.compile(r"full|no space left", re.IGNORECASE)
 
 
 def _disk_full(engine: Engine) -> bool:
-    """Whether the file system of the SQLite file has (next to) no space left: under 1 MiB."""
-    try:
-        return shutil.disk_usage(Path(engine.url.database or ".").parent).free < 2**20
-    except OSError:
-        return False
+    """Whether the file system of the SQLite file has (next to) no space left (fsio.nearly_full)."""
+    return nearly_full(Path(engine.url.database or "."))
 
 
 def _schema_missing(engine: Engine) -> bool:

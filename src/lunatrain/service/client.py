@@ -10,7 +10,6 @@ trainer at all), this root's trainer is not running, and a read raises ServiceUn
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
 import threading
 from typing import Any, TypeVar, get_args
@@ -20,7 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from ..errors import PATTERN_RULES, CheckFailed, Conflict, LunaError, NotFound, ServiceUnavailable, UsageError
-from ..fsio import out_of_files
+from ..fsio import OUT_OF_FILES, out_of_files
 from ..params import FlowOptions, LoraParams
 from ..settings import Settings
 from ..web.security import TRAINER_REALM, bearer_realm, is_loopback
@@ -155,7 +154,7 @@ def _out_of_files(exc: BaseException) -> bool:
     """Whether a failed request failed for want of a file descriptor (EMFILE/ENFILE) in this process."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+        if isinstance(seen, OSError) and seen.errno in OUT_OF_FILES:
             return True
         if "too many open files" in str(seen).lower():
             return True

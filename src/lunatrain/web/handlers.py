@@ -180,10 +180,10 @@ async def _denied(request: Request, exc: Exception) -> JSONResponse:
 
 async def _os_error(request: Request, exc: Exception) -> JSONResponse:
     """A file a route reads that this process cannot open for want of file descriptors: 503, try again."""
-    from ..fsio import _OUT_OF_FILES, out_of_files
+    from ..fsio import OUT_OF_FILES, out_of_files
 
     assert isinstance(exc, OSError)
-    if exc.errno in _OUT_OF_FILES:
+    if exc.errno in OUT_OF_FILES:
         return await _luna(request, out_of_files(exc.filename or "a file"))
     return await _unexpected(request, exc)
 
