@@ -2037,3 +2037,27 @@ def test_a_trainer_that_could_not_probe_its_device_is_said_as_such(page, service
     expect(alert).to_contain_text(refused)
     expect(alert).not_to_contain_text("nicht erreichbar")
     expect(alert).not_to_contain_text("not reachable")
+
+
+@pytest.mark.parametrize(
+    ("query", "folder_said"),
+    [
+        ("", "Falls „models/fam“ einen Ordner unter dem Datenverzeichnis meinte: /root/data/models/fam existiert nicht"),
+        ("?lang=en", "If “models/fam” named a folder under the data root instead: /root/data/models/fam does not exist"),
+    ],
+)  # fmt: skip
+def test_a_gone_base_model_folder_is_said_beside_the_hub_advice(page, services: Services, query, folder_said):
+    """Cross-surface repro: with `ASSISTANT_BASE_MODEL=models/fam`, a folder under the data root that was moved
+    away, the command line and the API said both readings (an uncached hub id; a gone folder), while the
+    dashboard said only "not in the local Hugging Face cache: download it once (`hf download models/fam`)"."""
+    folder = "/root/data/models/fam"
+    message = f"Base model 'models/fam' is not in the local Hugging Face cache … {folder} does not exist; restore it."
+    params = {"baseModel": "models/fam", "folder": folder}
+    answer(page, "**/assistant/training/prepare*", {"error": {"code": "base_model.not_cached", "message": message,
+                                                              "params": params}}, status=422)  # fmt: skip
+    open_page(page, services, query)
+    page.locator("#prepare-button").click()
+    alert = page.locator("#alerts .message")
+    expect(alert).to_have_count(1)
+    expect(alert).to_contain_text("hf download models/fam")
+    expect(alert).to_contain_text(folder_said)

@@ -60,7 +60,8 @@ CODES: dict[str, str] = {
     "base_model.no_weights": "the base model's directory has no safetensors weights (baseModel, path)",
     "base_model.unsafe_index": "the base model's weights index names files that are not safetensors in it (baseModel, problem)",
     "base_model.custom_code": "the base model needs its own Python code, never run (baseModel, modelType)",
-    "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel)",
+    "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel; folder: that "
+    "folder under the data root, gone)",
     "adapter.version_not_active": "the named version is active on no base model (name, version)",
     "adapter.not_active": "the adapter is not active where it was asked (name, version: null)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",

@@ -288,6 +288,7 @@ const de = {
   "msg.base_model.unsafe_index": "Basismodell „{baseModel}“: sein model.safetensors.index.json ist unzulässig ({problem})",
   "msg.base_model.custom_code": "Basismodell „{baseModel}“ braucht eigenen Code (model_type „{modelType}“), den lunatrain nie ausführt",
   "msg.base_model.not_cached": "Basismodell „{baseModel}“ ist nicht im lokalen Hugging-Face-Cache: einmal herunterladen (`hf download {baseModel}`) oder ASSISTANT_HUB_DOWNLOAD=true setzen, damit lunatrain es holt",
+  "msg.base_model.not_cached.folder": "Falls „{baseModel}“ einen Ordner unter dem Datenverzeichnis meinte: {folder} existiert nicht; ihn wiederherstellen",
   "msg.adapter.not_active": "{name} ist hier nicht aktiv.",
   "msg.adapter.version_not_active": "{name}@{version} ist auf keinem Basismodell aktiv.",
   "msg.adapter.no_earlier_version": "{name} hatte auf diesem Basismodell keine frühere aktive Version; zum Abschalten „Deaktivieren“ verwenden.",
@@ -812,6 +813,7 @@ const en = {
   "msg.base_model.unsafe_index": "Base model “{baseModel}”: its model.safetensors.index.json is not allowed ({problem})",
   "msg.base_model.custom_code": "Base model “{baseModel}” needs its own code (model_type “{modelType}”), which lunatrain never runs",
   "msg.base_model.not_cached": "Base model “{baseModel}” is not in the local Hugging Face cache: download it once (`hf download {baseModel}`), or set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain fetch it",
+  "msg.base_model.not_cached.folder": "If “{baseModel}” named a folder under the data root instead: {folder} does not exist; restore it",
   "msg.adapter.not_active": "{name} is not active here.",
   "msg.adapter.version_not_active": "{name}@{version} is not active on any base model.",
   "msg.adapter.no_earlier_version": "{name} had no earlier active version on this base model; use “Deactivate” to stop using it.",
@@ -1118,8 +1120,13 @@ export function tMsg(code, params = {}, fallback = "") {
   for (const [name, text] of Object.entries(params?.shown ?? {})) {
     if (typeof text === "string" && /^-?\d+(\.\d+)?$/.test(text)) vars[name] = text.replace(".", DECIMAL_MARK);
   }
-  return t(key, vars);
+  // A reading the sentence has only with its parameter (a gone folder beside an uncached hub id): said after it.
+  const extras = OPTIONAL_PARTS.filter((name) => params?.[name] !== undefined && `${key}.${name}` in TEXTS[lang]);
+  return [t(key, vars), ...extras.map((name) => t(`${key}.${name}`, vars))].join(". ");
 }
+
+// Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.
+const OPTIONAL_PARTS = ["folder"];
 
 // Sub-codes of `service_unavailable` from a trainer that answered: its label ("not reachable") is not theirs.
 const SELF_SAID = new Set(["trainer.no_device"]);
