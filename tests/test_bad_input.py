@@ -1370,3 +1370,55 @@ def test_a_trainer_whose_device_probe_failed_says_why_instead_of_answering_500(
             said = refused.json()["error"]["message"]
             assert "could not probe its device" in said and "Too many open files" in said, said
         assert client.get("/jobs").json()["data"] == []
+
+
+def _probe_failing_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """WarmWorker.start fails its first time (a descriptor limit met for a moment, a driver not loaded yet at
+    boot) and measures this process's device after; the returned list records each try."""
+    from lunatrain.models import device_info
+    from lunatrain.service import device, warm
+
+    tries: list[str] = []
+
+    def start(self) -> dict:
+        tries.append("try")
+        if len(tries) == 1:
+            raise OSError(24, "Too many open files")
+        return device_info()
+
+    monkeypatch.setattr(warm.WarmWorker, "start", start)
+    monkeypatch.setattr(device, "RETRY_SECONDS", 0.0)
+    return tries
+
+
+def test_a_trainer_whose_device_probe_failed_probes_again_for_a_job(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repro: a trainer whose device probe failed once (started at boot before its GPU's driver, or at a
+    moment without free descriptors) refused every job for good: "stop it and start it again". It probes
+    again before it refuses a job, and the job is taken once the device answers."""
+    from lunatrain.service.app import create_app as trainer_app
+
+    tries = _probe_failing_once(monkeypatch)
+    with TestClient(trainer_app(settings), base_url="http://127.0.0.1") as client:
+        checked = client.post("/jobs/check", json={"baseModel": "luna-tiny"})
+        assert checked.status_code == 200, checked.text
+        assert len(tries) == 2
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["device"]["type"] == "cpu", health
+
+
+def test_a_trainer_whose_device_probe_failed_probes_again_when_asked_its_health(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard and `luna` ask /health, not for a job: a probe that failed is tried again from there too
+    (beside the answer, which must not wait seconds for a device probe), so the badge turns to Online."""
+    from lunatrain.service.app import create_app as trainer_app
+
+    from trainer_helpers import wait_for
+
+    tries = _probe_failing_once(monkeypatch)
+    with TestClient(trainer_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.get("/health").json()["status"] in ("degraded", "ok")
+        assert wait_for(lambda: client.get("/health").json()["status"] == "ok", timeout=60)
+        assert len(tries) == 2

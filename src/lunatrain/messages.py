@@ -118,7 +118,7 @@ CODES: dict[str, str] = {
     "trainer.start_timeout": "the trainer did not become healthy in time (seconds, log)",
     "job.already_succeeded": "a cancel of a job that already succeeded (jobId)",
     "job.already_failed": "a cancel of a job that already failed (jobId)",
-    "trainer.no_device": "the trainer could not probe its device and runs no job until restarted (why)",
+    "trainer.no_device": "the trainer could not probe its device and runs no job until a later probe works (why)",
     "trainer.updating": "the trainer is stopping to start again with lunatrain's updated code",
     "trainer.update_timeout": "the trainer runs code from before an update and did not stop in time (seconds)",
     "crash.oom": "killed by SIGKILL, often the system's out-of-memory killer (log)",

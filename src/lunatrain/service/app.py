@@ -103,8 +103,12 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         recover(settings, store)
         warm = WarmWorker(settings)
         device = DeviceProbe(settings, warm)
-        gpus = int(device.info.get("count") or 0) if device.info.get("type") == "cuda" else 0
-        runner = Runner(settings, store, gpus=gpus, warm=warm)
+        runner = Runner(settings, store, gpus=device.gpus, warm=warm)
+
+        def found() -> None:  # a probe that failed at the start worked later
+            runner.gpus = device.gpus
+
+        device.found = found
         state.update(store=store, runner=runner, device=device)
         app.state.runner = runner  # for a look from outside (tests); requests use `state`
         runner.start()
@@ -149,12 +153,13 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     @app.get("/health", response_model=Health, response_model_by_alias=True)
     def health() -> Health:
         device = state["device"]
-        info = device.current()
+        failure, info = device.failure, device.current()
+        device.retry_aside()  # after the facts this answer says: it does not wait for a probe
         counts = store().counts()
         problem = state["runner"].storage_problem
         return Health.model_validate(
             {
-                "status": "degraded" if problem or device.failure else "ok",
+                "status": "degraded" if problem or failure else "ok",
                 "cudaAvailable": bool(info.get("cudaAvailable")),
                 "device": info
                 | {
@@ -171,7 +176,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
                 # authorised callers.
                 "dataRoot": {"id": data_root_id(settings.home), "path": str(settings.home)},
                 "storage": problem,
-                "canTrain": [device.failure] if device.failure else memplan.capabilities(info),
+                "canTrain": [failure] if failure else memplan.capabilities(info),
                 "codeChanged": state["runner"].code_changed,
             }
         )

@@ -6,7 +6,9 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -19,32 +21,77 @@ log = logging.getLogger("lunatrain.trainer")
 
 
 # --- the HTTP app --------------------------------------------------------------------------------
+# How often a failed probe is tried again (each try starts a child that imports torch: seconds of CPU).
+RETRY_SECONDS = 30.0
+
+
 class DeviceProbe:
-    """The device facts for /health, measured once in a child process: creating a CUDA context here would
-    hold about half a GiB of GPU memory for the trainer's whole life, memory the jobs need. Free memory is
-    refreshed live (psutil on CPU, nvidia-smi on CUDA, at most every 2 s); the startup value otherwise."""
+    """The device facts for /health, measured in a child process: creating a CUDA context here would hold
+    about half a GiB of GPU memory for the trainer's whole life, memory the jobs need. Measured once when it
+    works; a probe that failed (a trainer started at boot before its GPU's driver, a moment without free file
+    descriptors) is tried again before a job is refused and beside /health's answer, at most every
+    RETRY_SECONDS. Free memory is refreshed live (psutil on CPU, nvidia-smi on CUDA, at most every 2 s)."""
 
     def __init__(self, settings: Settings, warm: WarmWorker) -> None:
-        # Set when the probe failed: without the device's facts no job can be planned, so /health says why
+        self._warm = warm
+        self._trying = threading.Lock()
+        # Called with the device's facts when a probe that had failed works (the runner's GPU count).
+        self.found: Callable[[], None] = lambda: None
+        # Set while the probe fails: without the device's facts no job can be planned, so /health says why
         # (degraded) and every job is refused with it, instead of a memory plan for a device of no known kind.
         self.failure: str | None = None
         self.reason = ""
+        self.info: dict[str, Any] = {}
+        self._probe()
+        self._checked = 0.0
+
+    def _probe(self) -> None:
+        self._tried = time.monotonic()
         try:
-            self.info: dict[str, Any] = warm.start()  # the warm worker measures first (warm.py)
+            info = self._warm.start()  # the warm worker measures first (warm.py)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             log.warning("device probe failed: %s", exc)
+            self._warm.close(grace=1.0)  # a child that started but did not answer is not left behind
             self.reason = reason = str(exc)[-200:]
             self.info = {"cudaAvailable": False, "type": "unknown", "name": f"device probe failed: {reason}"}
             self.failure = (
-                f"The trainer could not probe its device ({reason}), so it can plan and run no job; stop it and "
-                "start it again once that is fixed."
+                f"The trainer could not probe its device ({reason}), so it can plan and run no job; it tries "
+                f"again at the next job or health check (at most every {RETRY_SECONDS:g} s), or restart it once "
+                "that is fixed."
             )
-        self._checked = 0.0
+            return
+        if self.failure is not None:
+            log.info("device probe worked on a later try: %s", info.get("name"))
+        self.info, self.failure, self.reason = info, None, ""
+
+    def _retry(self, *, wait: bool) -> None:
+        """Probe again when the last probe failed and RETRY_SECONDS have passed; `wait` for a try under way."""
+        if not self._trying.acquire(blocking=wait):
+            return
+        try:
+            if self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS:
+                self._probe()
+                if self.failure is None:
+                    self.found()
+        finally:
+            self._trying.release()
+
+    @property
+    def gpus(self) -> int:
+        """The CUDA devices the probe saw (0 on any other device): the default number of ranks per job."""
+        return int(self.info.get("count") or 0) if self.info.get("type") == "cuda" else 0
 
     def refuse_if_unknown(self) -> None:
-        """ServiceUnavailable with the probe's failure, when it failed (a job is refused before it is planned)."""
+        """ServiceUnavailable with the probe's failure, when it failed again now (a job is refused before it is
+        planned)."""
+        self._retry(wait=True)
         if self.failure:
             raise ServiceUnavailable(self.failure, params={"detail": "trainer.no_device", "why": self.reason})
+
+    def retry_aside(self) -> None:
+        """A failed probe tried again on a thread of its own: /health answers now, from what is known."""
+        if self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS:
+            threading.Thread(target=self._retry, kwargs={"wait": False}, name="device-probe", daemon=True).start()
 
     def current(self) -> dict[str, Any]:
         if time.monotonic() - self._checked > 2.0:
