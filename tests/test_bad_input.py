@@ -691,7 +691,16 @@ def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
 @pytest.mark.parametrize(
     ("body", "says"),
     [
-        (b"{bad", "Invalid request: the body is not valid JSON (Expecting property name enclosed in double quotes)."),
+        (
+            b"{bad",
+            "Invalid request: the body is not valid JSON (Expecting property name enclosed in double quotes at "
+            "offset 1).",
+        ),
+        # a body cut short: was "(Unterminated string starting at).", the parser's words without their place
+        (
+            b'{"adapterName": "ab',
+            "Invalid request: the body is not valid JSON (Unterminated string starting at offset 16).",
+        ),
         # was 400 "There was an error parsing the body", no cause and no period
         (b'{"adapterName": "\xff"}', "Invalid request: the body is not valid JSON (not UTF-8 text)."),
         (b"[" * 100_000 + b"]" * 100_000, "Invalid request: the body is not valid JSON (nested too deeply)."),

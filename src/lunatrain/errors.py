@@ -68,7 +68,12 @@ def field_message(error: Mapping[str, Any]) -> str:
     if error.get("type") == "extra_forbidden":  # pydantic says "Extra inputs are not permitted"
         return "unknown field"
     if error.get("type") == "json_invalid":  # FastAPI's: loc ends in a character offset, not a field
-        return f"the body is not valid JSON ({(error.get('ctx') or {}).get('error', 'cannot be parsed')})"
+        why = str((error.get("ctx") or {}).get("error", "cannot be parsed"))
+        loc = tuple(error.get("loc", ()))
+        # The parser's words end in " at" where its message went on with the place ("Unterminated string
+        # starting at"): the place is said, or the dangling word dropped.
+        at = f" at offset {loc[-1]}" if len(loc) > 1 and isinstance(loc[-1], int) else ""
+        return f"the body is not valid JSON ({why.removesuffix(' at')}{at})"
     return str(error.get("msg", "")).removeprefix("Value error, ")  # pydantic's prefix for our validators' words
 
 
