@@ -672,6 +672,8 @@ def test_a_data_root_moved_while_the_api_runs_is_one_sentence_and_never_written_
             assert r.status_code == 503, (path, r.status_code, r.text)
             error = r.json()["error"]
             assert error["code"] == "data_root_gone", error
+            # under /v1 in OpenAI's shape, which its clients read (API fuzz review)
+            assert ("type" in error) == path.startswith("/v1/"), error
             assert error["message"] == (
                 f"The data root {home} was moved or deleted while this API ran; nothing was changed. Start "
                 "`lunatrain serve` again with ASSISTANT_HOME set to where it is now."

@@ -92,6 +92,30 @@ def test_the_token_is_required_when_set(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("headers", "body", "status", "type_", "code"),
+    [
+        ({"Content-Encoding": "gzip"}, b"{}", 415, "invalid_request_error", "unsupported_media_type"),
+        ({"Authorization": "Bearer wrong"}, b"{}", 401, "authentication_error", "unauthorized"),
+        ({}, b" " * (256 * 1024 + 1), 413, "invalid_request_error", "payload_too_large"),
+        ({"Host": "elsewhere.example"}, b"{}", 400, "invalid_request_error", "bad_host"),
+        ({"Origin": "http://elsewhere.example"}, b"{}", 403, "permission_error", "forbidden_origin"),
+    ],
+)
+def test_what_the_guard_refuses_under_v1_is_in_openais_shape(
+    client: TestClient, headers: dict, body: bytes, status: int, type_: str, code: str
+) -> None:
+    """API fuzz repro: under /v1 a wrong Content-Type got OpenAI's error shape, but a `Content-Encoding` (the
+    same 415), a wrong token, an oversized body, a foreign Host or Origin got lunatrain's `{code, message}`,
+    without the `type` and `param` OpenAI's clients read. The rest of the API keeps lunatrain's shape."""
+    sent = {"Content-Type": "application/json"} | headers
+    r = client.post("/v1/chat/completions", content=body, headers=sent)
+    err = assert_openai_error(r.json(), type_)
+    assert r.status_code == status and err["code"] == code and err["param"] is None, r.text
+    other = client.post("/assistant/training/examples", content=body, headers=sent)
+    assert other.status_code == status and set(other.json()["error"]) == {"code", "message"}, other.text
+
+
+@pytest.mark.parametrize(
     "model",
     [
         "../../etc/passwd",

@@ -41,13 +41,16 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
         app.include_router(router)
     _without_fastapi_422_on_chat(app)
     hosts = allowed_hostnames(settings, bound_host)
-    app.add_middleware(DataRootMiddleware, home=settings.home)  # inside the guard: strangers learn nothing
+    app.add_middleware(
+        DataRootMiddleware, home=settings.home, openai_prefix="/v1"
+    )  # inside the guard: strangers learn nothing
     app.add_middleware(
         GuardMiddleware,
         hosts=hosts,
         token=settings.api_token,
         max_body_bytes=settings.max_body_bytes,
         realm=API_REALM,
+        openai_prefix="/v1",
     )
     return app
 

@@ -21,6 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import JSON_FAULTS, LISTED_PROBLEMS, LunaError, UsageError, json_fault, said, some
+from .security import under_prefix
 
 log = logging.getLogger("lunatrain.api")
 
@@ -243,8 +244,7 @@ async def known_query(request: Request) -> None:
 
 def _under_openai_prefix(request: Request) -> bool:
     """The request's path is one of the OpenAI-compatible routes' (`install`'s `openai_prefix`)."""
-    prefix = getattr(request.app.state, "openai_prefix", None)
-    return bool(prefix) and (request.url.path == prefix or request.url.path.startswith(prefix + "/"))
+    return under_prefix(request.url.path, getattr(request.app.state, "openai_prefix", None))
 
 
 def _query_names(dependant: Dependant) -> set[str]:

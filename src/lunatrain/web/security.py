@@ -10,12 +10,13 @@ Pure ASGI rather than Starlette's BaseHTTPMiddleware: the latter buffers and can
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -144,15 +145,44 @@ def _absolute_form(scope: Scope, headers: dict[str, str]) -> tuple[Scope, dict[s
     return scope, headers | {"host": authority}
 
 
+# OpenAI's error `type` for a status: the OpenAI-compatible routes answer in its shape (routes/chat.py), and so
+# does the guard for a request under their prefix, since OpenAI's clients read `type` and `param`.
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
+
+
+def under_prefix(path: str, prefix: str | None) -> bool:
+    """`path` is `prefix` or below it (never `/v1x` for `/v1`)."""
+    return bool(prefix) and (path == prefix or path.startswith(f"{prefix}/"))
+
+
 class GuardMiddleware:
     def __init__(
-        self, app: ASGIApp, *, hosts: Iterable[str], token: str | None, max_body_bytes: int, realm: str
+        self,
+        app: ASGIApp,
+        *,
+        hosts: Iterable[str],
+        token: str | None,
+        max_body_bytes: int,
+        realm: str,
+        openai_prefix: str | None = None,
     ) -> None:
         self.app = app
         self.challenge = f'Bearer realm="{realm}"'.encode()
         self.hosts = frozenset(hosts)
         self.token = token.encode() if token else None
         self.max_body = max_body_bytes
+        self.openai_prefix = openai_prefix  # its refusals in OpenAI's shape (OPENAI_TYPES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,25 +190,26 @@ class GuardMiddleware:
             return
         send = _never_framed(send)
         scope, headers = _absolute_form(scope, _headers(scope))
+        reply = self._reply_for(scope)
         host = host_name(headers.get("host", ""))
         if host is None or host not in self.hosts:
-            await _reply(send, 400, "bad_host", "Host header not allowed; add the name to ASSISTANT_ALLOWED_HOSTS.")
+            await reply(send, 400, "bad_host", "Host header not allowed; add the name to ASSISTANT_ALLOWED_HOSTS.")
             return
         origin = headers.get("origin")
         if origin is not None and origin != "null" and _origin_host(origin) not in self.hosts:
-            await _reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
+            await reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
             return
         if origin == "null":  # sandboxed iframes and file:// pages send the literal "null"
-            await _reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
+            await reply(send, 403, "forbidden_origin", "Cross-origin requests are not allowed.")
             return
         # What a browser says of who sent it: an image's or a link's GET carries no Origin, and a page on another
         # port of this host ("same-site": a dev server, a notebook) passes the Origin rule, which names hosts.
         # Only the dashboard page itself may be opened from elsewhere (a link, a bookmark).
         if headers.get("sec-fetch-site") in ("cross-site", "same-site") and not _public(scope):
-            await _reply(send, 403, "forbidden_origin", "Requests from another site are not allowed.")
+            await reply(send, 403, "forbidden_origin", "Requests from another site are not allowed.")
             return
         if self.token is not None and not _public(scope) and not self._authorized(headers):
-            await _reply(
+            await reply(
                 send,
                 401,
                 "unauthorized",
@@ -191,13 +222,11 @@ class GuardMiddleware:
         number = declared is not None and re.fullmatch(r"[0-9]{1,30}", declared) is not None
         if declared is not None and (not number or int(declared) > self.max_body):
             status, code = (413, "payload_too_large") if number else (400, "bad_request")
-            await _reply(
-                send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True
-            )
+            await reply(send, status, code, f"Request body over {self.max_body} bytes or malformed length.", close=True)
             return
         coding = headers.get("content-encoding", "").strip()
         if coding.lower() not in ("", "identity"):
-            await _reply(
+            await reply(
                 send,
                 415,
                 "unsupported_media_type",
@@ -218,6 +247,10 @@ class GuardMiddleware:
             body=self.max_body if chunked else length,
         )
 
+    def _reply_for(self, scope: Scope) -> Callable[..., Awaitable[None]]:
+        """`_reply`, in OpenAI's shape for a path under the OpenAI-compatible prefix."""
+        return functools.partial(_reply, openai=under_prefix(scope.get("path", ""), self.openai_prefix))
+
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         # compare_digest takes constant time over the token, so timing reveals nothing about it.
@@ -225,6 +258,7 @@ class GuardMiddleware:
 
     async def _capped(self, scope: Scope, receive: Receive, send: Send, *, json_body: bool, body: int) -> None:
         """`body`: the bytes the request's body may have (0: it has none)."""
+        reply = self._reply_for(scope)
         seen = 0
         head = b""  # a JSON body's first bytes
         too_large = too_slow = False
@@ -271,9 +305,9 @@ class GuardMiddleware:
         except (BodyTooLarge, BodyTooSlow):
             pass
         if too_large and not started:
-            await _reply(send, 413, "payload_too_large", f"Request body over {self.max_body} bytes.", close=True)
+            await reply(send, 413, "payload_too_large", f"Request body over {self.max_body} bytes.", close=True)
         elif too_slow and not started:
-            await _reply(
+            await reply(
                 send,
                 408,
                 "request_timeout",
@@ -290,8 +324,9 @@ class DataRootMiddleware:
     and writes would split between the moved database and a re-created old path. (The trainer, which has no
     requests to answer, shuts down instead: service/runner.py.)"""
 
-    def __init__(self, app: ASGIApp, *, home: Path, service: str = "API") -> None:
+    def __init__(self, app: ASGIApp, *, home: Path, service: str = "API", openai_prefix: str | None = None) -> None:
         self.app, self.home = app, home
+        self.openai_prefix = openai_prefix  # its 503 in OpenAI's shape there, as the guard's refusals
         self.service = service  # "API" or "trainer": what the 503 names and how it is started again
         self.opened = identity(home)  # None until the folder exists (created by the first write)
         self.gone = False
@@ -305,6 +340,7 @@ class DataRootMiddleware:
                 f"The data root {self.home} was moved or deleted while this {self.service} ran; nothing was "
                 f"changed. Start `lunatrain {'serve' if self.service == 'API' else 'trainer'}` again with "
                 "ASSISTANT_HOME set to where it is now.",
+                openai=under_prefix(scope.get("path", ""), self.openai_prefix),
             )
             return
         await self.app(scope, receive, send)
@@ -359,9 +395,19 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 async def _reply(
-    send: Send, status: int, code: str, message: str, *, close: bool = False, extra: list | None = None
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    close: bool = False,
+    extra: list | None = None,
+    openai: bool = False,
 ) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    error: dict[str, object] = {"code": code, "message": message}
+    if openai:
+        error = {"message": message, "type": OPENAI_TYPES.get(status, "api_error"), "param": None, "code": code}
+    body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:  # the unread rest of the body would otherwise be parsed as the next request
         headers.append((b"connection", b"close"))

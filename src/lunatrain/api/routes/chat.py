@@ -31,6 +31,7 @@ from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode, join_parts
 from ...settings import Settings
 from ...web.handlers import not_json, undecodable_body
+from ...web.security import OPENAI_TYPES
 from ...wire import parse_iso
 from ..deps import SettingsDep, errors
 
@@ -232,18 +233,6 @@ class Examples(BaseModel):
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------------
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "server_error",
-}
-
 
 def openai_error(
     status: int,
@@ -256,7 +245,7 @@ def openai_error(
 ) -> JSONResponse:
     body: dict[str, object] = {
         "message": message,
-        "type": _TYPES.get(status, "api_error"),
+        "type": OPENAI_TYPES.get(status, "api_error"),
         "param": param,
         "code": code,
     }
