@@ -828,6 +828,10 @@ def test_profile_defaults_for_another_base_model_take_its_table(client: TestClie
     assert other["learningRate"] == 0.0002 and other["rank"] == 16 and other["baseModel"] == "org/other", other
     r = client.get(f"{T}/lora/defaults", params={"baseModel": "/etc"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "base_model.outside_root", r.text
+    # API fuzz repro: an empty baseModel answered 200 with the configured base's values, where POST /lora/start
+    # refuses `"baseModel": ""` and every other empty query value is a 422
+    r = client.get(f"{T}/lora/defaults?baseModel=")
+    assert r.status_code == 422 and "baseModel" in r.json()["error"]["message"], r.text
 
 
 def test_the_text_limit_is_that_of_the_stored_text_by_every_route(client: TestClient, settings) -> None:

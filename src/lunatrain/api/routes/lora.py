@@ -135,12 +135,12 @@ async def status(
 async def defaults(
     settings: SettingsDep,
     profile: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX)] = "luna",
-    base_model: Annotated[str | None, Query(alias="baseModel", max_length=512)] = None,
+    base_model: Annotated[str | None, Query(alias="baseModel", min_length=1, max_length=512)] = None,
 ) -> Defaults:
     """A profile's resolved parameters (wire form), for pre-filling a start form; with `baseModel`, as a run
     on that base model resolves them (its `[bases."…"]` table), which a start naming it gets."""
     prof = await run_in_threadpool(profiles.load_profile, settings, profile)
-    given = {"baseModel": check_base_model(base_model, settings)} if base_model else {}
+    given = {"baseModel": check_base_model(base_model, settings)} if base_model is not None else {}
     (params, options), (quick, quick_options) = prof.resolve(given), prof.resolve(given, quick=True)
     return Defaults(
         profile=prof.name, params=params.wire() | options.wire(), quick_start=quick.wire() | quick_options.wire()
