@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lunatrain"
 I18N = SRC / "api" / "static" / "i18n.js"
 CODE = r"([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)"
 # Where a code is set: keyword or attribute `code = "x"`, a dict `"code": "x"`, `coded("x", …)`, a gate note
-# `Note("x", …)`, a training stop `Stop(Status.X, "x", …)`, the guard's `_reply(send, 400, "x", …)`, the HTTP
+# `Note("x", …)`, a training stop `Stop(Status.X, "x", …)`, the guard's `reply(send, 400, "x", …)`, the HTTP
 # layer's {404: "x"}, a fallback `or "x"` after reading a code, the worker's `"x" if … else "y"`, an adapter state
 # `state(…, "x", …)`, and a helper's default `code: str = "x"` (its callers pass others as `code="y"`).
 PATTERNS = [
@@ -29,7 +29,7 @@ PATTERNS = [
     rf'\bcoded\(\s*"{CODE}"',
     rf'\bNote\(\s*"{CODE}"',
     rf'Stop\(Status\.\w+,\s*"{CODE}"',
-    rf'_reply\(send,\s*\w+,\s*"{CODE}"',
+    rf'\b_?reply\(\s*send,\s*\w+,\s*"{CODE}"',
     rf'\b\d{{3}}:\s*"{CODE}"',
     rf'get\("code"\)\s*or\s*"{CODE}"',
     rf'code\s*=\s*"{CODE}"\s+if\b.*\belse\s+"{CODE}"',
