@@ -2061,3 +2061,27 @@ def test_a_gone_base_model_folder_is_said_beside_the_hub_advice(page, services: 
     expect(alert).to_have_count(1)
     expect(alert).to_contain_text("hf download models/fam")
     expect(alert).to_contain_text(folder_said)
+
+
+@pytest.mark.parametrize(
+    ("query", "button", "said"),
+    [
+        ("", "Exportieren", "Alle 10 Beispiele des Datensatzes „kuratiert“ fielen in Val/Test (Val-Anteil 0,99, "
+         "Test-Anteil 0)"),
+        ("?lang=en", "Export", "All 10 samples of the curated tier fell into val/test (val ratio 0.99, test ratio 0)"),
+    ],
+)  # fmt: skip
+def test_an_export_that_leaves_a_tier_nothing_to_train_on_says_so(page, services: Services, query, button, said):
+    """API fuzz repro: an export whose curated tier had no train sample left (a val ratio of 0.99, or a few samples
+    all in val) said "Export done" in the colour of success; the run failed later, at its preflight."""
+    counts = {"curated": {"total": 10, "train": 0, "val": 10, "test": 0}}
+    note = {"code": "export.nothing_to_train",
+            "params": {"tier": "curated", "count": 10, "valRatio": 0.99, "testRatio": 0.0}}  # fmt: skip
+    answer(
+        page, "**/assistant/training/export", {"counts": counts | {"merged": counts["curated"]}, "noteCodes": [note]}
+    )
+    open_page(page, services, query)
+    page.get_by_role("button", name=button, exact=True).click()
+    notice = page.locator("#notices .message")
+    expect(notice).to_contain_text(said)
+    expect(notice).to_have_class(re.compile(r"\bwarning\b"))

@@ -849,3 +849,36 @@ def test_an_old_export_that_cannot_be_removed_leaves_the_others_pruned(settings:
         ex.export(Settings(home=settings.home, retain_exports=1))
     ids = ex.export_ids(settings)
     assert old[0] in ids and old[1] not in ids and len(ids) == 2 and ex.current_id(settings) == ids[-1], ids
+
+
+def test_an_export_that_leaves_a_tier_nothing_to_train_on_says_so(home: Path) -> None:
+    """API fuzz repro: `export --valRatio 0.99` (or POST /export) wrote a curated tier whose train split was
+    empty without a word, while its refusal of ratios adding up to 1 says the rule is there "so that something
+    is left to train on"; the run failed later, at prepare. The export says it, with its code for the
+    dashboard; -0.0 is echoed as 0.0."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    settings = load_settings()
+    for i in range(10):
+        store.add_example(settings, prompt=f"Frage {i}?", response=f"Antwort {i}.")
+    r = CliRunner().invoke(app, ["export", "--valRatio", "0.99"])
+    said = (
+        "Note: all 10 samples of the curated tier fell into val/test (val ratio 0.99, test ratio 0.0), so a run on "
+        "it has nothing to train on: add samples, or lower the ratios."
+    )
+    assert r.exit_code == 0 and said in r.output.splitlines(), r.output
+    assert "merged tier" in r.output and "memory tier" not in r.output, r.output  # a tier with no samples: no note
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        body = client.post("/assistant/training/export", json={"valRatio": 0.99, "testRatio": -0.0}).json()
+        assert body["notes"][0] == said.removeprefix("Note: ").replace("all", "All", 1), body
+        assert len(body["notes"]) == 2 and "of the merged tier" in body["notes"][1], body  # curated + memory
+        assert body["noteCodes"][0] == {
+            "code": "export.nothing_to_train",
+            "params": {"tier": "curated", "count": 10, "valRatio": 0.99, "testRatio": 0.0},
+        }, body
+        assert str(body["ratios"]["test"]) == "0.0", body["ratios"]
+        body = client.post("/assistant/training/export", json={"valRatio": 0.1}).json()
+        assert body["counts"]["curated"]["train"] > 0 and body["notes"] == [] and body["noteCodes"] == [], body
+    store.dispose_stores()

@@ -55,6 +55,7 @@ import sqlalchemy as sa
 from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
 from .formats import content_hash_as_stored
 from .fsio import dumps_json, file_lock, fsync_dir, read_json, remove_tree, storage_guard, tree_size
+from .messages import Note
 from .schema import examples_table, memory_table, state_table
 from .settings import Settings
 from .store import open_store
@@ -122,7 +123,7 @@ def check_ratios(
             f"The {names[0]} and the {names[1]} must add up to less than 1 so that something is left to train "
             f"on, got {val_ratio} + {test_ratio}."
         )
-    return float(val_ratio), float(test_ratio)
+    return float(val_ratio) + 0.0, float(test_ratio) + 0.0  # + 0.0: -0.0 is 0.0 (never echoed as "-0.0")
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,30 @@ class ExportSummary:
     def answer(self) -> dict[str, Any]:
         """What an export answers (POST /export, the export a quick start or an example adapter makes): the
         summary and the files it kept aside."""
-        return self.to_dict() | {"kept_aside": [{"name": n, "kept_as": a} for n, a in self.kept_aside]}
+        notes = self.notes()
+        return self.to_dict() | {
+            "kept_aside": [{"name": n, "kept_as": a} for n, a in self.kept_aside],
+            "notes": [str(n) for n in notes],
+            "note_codes": [n.coded for n in notes],
+        }
+
+    def notes(self) -> list[Note]:
+        """A tier with samples of which none fell into train (ratios near 1, or a few samples): said when it is
+        written, not first when a run on it fails its preflight."""
+        val, test = self.ratios["val"], self.ratios["test"]
+        return [
+            Note(
+                "export.nothing_to_train",
+                f"{_all_of(c['total'])} of the {tier} tier fell into val/test (val ratio {val}, test ratio {test}), so "
+                "a run on it has nothing to train on: add samples, or lower the ratios.",
+                tier=tier,
+                count=c["total"],
+                valRatio=val,
+                testRatio=test,
+            )
+            for tier, c in self.counts.items()
+            if c["total"] and not c["train"]
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +179,10 @@ class ExportSummary:
             "files": self.files,
             "fingerprint": self.fingerprint,
         }
+
+
+def _all_of(n: int) -> str:
+    return "The one sample" if n == 1 else f"All {n} samples"
 
 
 class _Sink:

@@ -41,6 +41,8 @@ CODES: dict[str, str] = {
     "forbidden_origin": "cross-origin request refused",
     "export.missing": "a step needs the export and there is none yet (dir)",
     "checkpoint.damaged": "a checkpoint to resume from is damaged; train without --resume or remove it (checkpoint, file, reason)",
+    "export.nothing_to_train": "an export wrote a tier whose samples all fell into val/test (tier, count, valRatio, "
+    "testRatio)",
     "export.summary_unreadable": "the export's summary cannot be read; exporting again writes it (path, reason)",
     "train.no_samples": "the dataset tier has no training samples in the export (tier)",
     "train.special_tokens": "samples hold a literal special token in their text: the run is refused (count, tier, examples)",

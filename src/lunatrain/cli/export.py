@@ -58,6 +58,8 @@ def export_cmd(
     # the split ratios: the terminal's table title says them; a pipe has no title
     ratios = "" if table else f", val {summary.ratios['val']}, test {summary.ratios['test']}"
     typer.echo(f"Wrote {summary.directory} (fingerprint {summary.fingerprint[:12]}{ratios}).")
+    for note in summary.notes():
+        typer.echo(f"Note: {note[0].lower()}{note[1:]}")
     for name, aside in summary.kept_aside:
         typer.echo(
             f"Kept your edited data/training/{name} as data/training/{aside}: exports come from the database, "

@@ -288,7 +288,10 @@ async function runExport(event) {
     try {
       const summary = await api.exportData();
       const count = summary?.counts?.merged?.total ?? summary?.total ?? summary?.counts?.total ?? "–";
-      showNotice(t("data.exported", { count: typeof count === "number" ? formatNumber(count) : count }));
+      const done = t("data.exported", { count: typeof count === "number" ? formatNumber(count) : count });
+      // A tier whose samples all fell into val/test: said now, not first when a run on it fails its preflight.
+      const notes = (summary?.noteCodes ?? []).map((note) => tMsg(note.code, note.params));
+      showNotice([done, ...notes].join(" "), notes.length ? "warning" : "notice");
       // An earlier export's failure, and a preflight refused for want of an export, are no longer true.
       clearErrorsOf(t("data.export"));
       clearErrorsOf(t("data.prepare"), "export.missing");
