@@ -344,6 +344,27 @@ def test_revision_changes_with_every_change(db: Settings) -> None:
     assert len(set(seen)) == len(seen)
 
 
+def test_a_database_restored_from_a_backup_never_repeats_a_revision(db: Settings) -> None:
+    """Backup repro: an older database restored (its state row goes back with it) reached, after as many changes
+    as it went back, the very revision the last export recorded: `status` said the export was up to date and
+    prepare's export_stale passed, while the export held other examples than the database."""
+    import sqlalchemy as sa
+
+    from lunatrain.schema import state_table
+
+    store.add_example(db, prompt="before the backup", response="b")
+    with store.open_store(db).read() as conn:
+        backup = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+    store.add_example(db, prompt="only in the newer database A", response="a")
+    store.add_example(db, prompt="only in the newer database B", response="b")
+    exported = store.revision(db)  # what an export of the newer database recorded
+    with store.open_store(db).write() as conn:  # the backup's state row is back, as with its whole file
+        conn.execute(state_table.update().values(instance=backup.instance, counter=backup.counter))
+    store.add_example(db, prompt="added after the restore C", response="c")
+    store.add_example(db, prompt="added after the restore D", response="d")
+    assert store.revision(db) != exported
+
+
 def test_counts_has_every_key(db: Settings) -> None:
     c = store.counts(db)
     assert set(c["examples"]) == {"curated", "memory", "conversation"}

@@ -57,6 +57,7 @@ state_table = sa.Table(
     "store_state",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
+    # drawn anew with every change (store._bump): with the counter, a revision no other state of any database has
     sa.Column("instance", sa.String(32), nullable=False),
     sa.Column("counter", sa.BigInteger, nullable=False),
 )

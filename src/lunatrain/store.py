@@ -22,6 +22,7 @@ import os
 import re
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -732,11 +733,15 @@ def _check_page(limit: int, offset: int) -> None:
 
 
 def _bump(conn: Connection) -> None:
-    conn.execute(state_table.update().where(state_table.c.id == 1).values(counter=state_table.c.counter + 1))
+    # Each change draws a new id beside the counter: a database restored from a backup counts up from where the
+    # backup was, and a counter alone would come back to the revision an export of the newer content recorded.
+    values = {"counter": state_table.c.counter + 1, "instance": uuid.uuid4().hex}
+    conn.execute(state_table.update().where(state_table.c.id == 1).values(**values))
 
 
 def revision(settings: Settings) -> str:
-    """Changes whenever examples or memory change; equal revisions mean equal store content."""
+    """Changes whenever examples or memory change, never to one it had (not even in a database restored from a
+    backup); equal revisions mean equal store content."""
     with open_store(settings).read() as conn:
         row = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
     return f"{row.instance[:12]}-{row.counter}"
