@@ -1284,3 +1284,41 @@ def test_a_submitting_command_allowed_to_fetch_fetches_the_base_before_the_train
     r = CliRunner().invoke(app, ["lora", "--baseModel", "acme/absent", "--minCurated", "0"])
     assert r.exit_code == 2 and "Base model 'acme/absent' could not be fetched: no network here" in r.output, r.output
     assert asked == [("acme/absent", True), ("acme/absent", False)], asked
+
+
+@pytest.mark.parametrize(
+    ("lost", "said"),
+    [
+        ("adapter_model.safetensors", r"its files are missing under data/adapters \(adapter_model.safetensors\)"),
+        ("adapter_config.json", r"its files are missing under data/adapters \(adapter_config.json\)"),
+        ("", r"its files are damaged \(adapter_model.safetensors is cut short or not safetensors\)"),  # not gone
+    ],
+)
+def test_a_flow_whose_active_version_lost_its_files_trains_a_new_one(settings, tiny, lost, said):
+    """Backup repro: with only data/adapters restored from an older backup, the active version's files were gone;
+    `luna` (and `--retrain`) failed at its first step, before any training, with "The files of luna-adapter@v2
+    are missing …; train it again", which is what the failing command was for. The first step has nothing to
+    judge then and says so; the run trains, and its version is judged and made active. A version named with
+    --adapter is still refused."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    assert CliRunner().invoke(app, ["luna", "--local", *FAST]).exit_code == 0
+    weights = settings.adapters_dir / "luna-adapter" / "v1" / "adapter_model.safetensors"
+    if lost:
+        (weights.parent / lost).unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST])
+    assert r.exit_code == 0, r.output
+    assert re.search(
+        rf"^eval-gate +ok .*luna-adapter@v1 is active, but {said}: "
+        r"nothing to judge before this run, which trains a new version$",
+        r.output,
+        re.M,
+    ), r.output
+    assert _versions(settings) == ["v1", "v2"]
+    assert registry.get_version(settings, "luna-adapter", "active")["version"] == "v2"
+    named = CliRunner().invoke(app, ["eval-gate", "--adapter", "luna-adapter@v1"])
+    assert named.exit_code == 1 and "train it again" in named.output, named.output
+    store.dispose_stores()

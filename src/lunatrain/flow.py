@@ -24,7 +24,7 @@ from typing import Any
 
 from . import evalgate, export, fsio, prepare, registry
 from .compat import with_bitsandbytes
-from .errors import CheckFailed, LunaError, NotFound, StorageError, UsageError
+from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
 from .fsio import check_writable, read_json
 from .messages import coded, counted
 from .params import FlowOptions, LoraParams, run_identity_of, run_key, trained_key
@@ -453,14 +453,21 @@ def run_flow(
     gated_first: list[evalgate.GateReport] = []  # the first step's decision, which the lora step may reuse
 
     def gate_current() -> tuple[bool, str, dict[str, Any]]:
-        report = evalgate.eval_gate(
-            settings,
-            adapter=adapter,
-            prefer=params.adapter_name,
-            base_model=params.base_model,
-            thresholds=gate_thresholds,
-            chat_template=params.chat_template,
-        )
+        try:
+            report = evalgate.eval_gate(
+                settings,
+                adapter=adapter,
+                prefer=params.adapter_name,
+                base_model=params.base_model,
+                thresholds=gate_thresholds,
+                chat_template=params.chat_template,
+            )
+        except (NotFound, DamagedFile):
+            if adapter or (unjudged := _active_without_files()) is None:
+                raise
+            # Files lost (a partial restore, deleted by hand): "train it again" is what this flow is about to do.
+            # The new version's gate judges it by the lost one's record, else against the base model.
+            return True, f"{unjudged}: nothing to judge before this run, which trains a new version", {}
         gated_first.append(report)
         ref = report.candidate.get("ref", "base model")
         reasons = "; ".join(report.reasons)
@@ -472,6 +479,13 @@ def run_flow(
             {"decision": report.decision, "path": report.path, "notes": report.notes}
             | ({} if report.passed else {"fix": fix}),
         )
+
+    def _active_without_files() -> str | None:
+        """"NAME@VERSION is active, but its files are …" for the version the first step would judge, when its
+        files are missing or damaged; None when they are not (the step's error was of something else)."""
+        entry = evalgate.select_candidate(settings, base_model=params.base_model, prefer=params.adapter_name)
+        why = registry.unusable_files(settings, entry) if entry is not None else None
+        return f"{entry.get('name')}@{entry.get('version')} is active, but {why}" if entry and why else None
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:
         summary = export.export(settings)
@@ -714,7 +728,7 @@ def unchanged_version(
         if entry.get("replaced"):  # an overwrite run the gate refused: its files are gone, a run makes it anew
             continue
         try:
-            if registry.missing_files(settings, entry):  # lost (a cleanup, a bad copy): a run makes it anew
+            if registry.unusable_files(settings, entry):  # lost or damaged (a cleanup, a bad copy): made anew
                 continue
         except LunaError:  # files linked out of the data root: not a version to stand on either
             continue

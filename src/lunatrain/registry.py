@@ -1038,6 +1038,16 @@ def readable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     return path
 
 
+def unusable_files(settings: Settings, entry: dict[str, Any]) -> str | None:
+    """Why `entry`'s files cannot be loaded, as the end of a sentence about it ("its files are missing under
+    data/adapters (adapter_config.json)", "its files are damaged (…)"), or None when they can."""
+    if missing := missing_files(settings, entry):
+        return f"its files are missing under data/adapters ({', '.join(missing)})"
+    if problem := files_problem(adapter_dir(settings, entry)):
+        return f"its files are damaged ({problem})"
+    return None
+
+
 def files_problem(path: Path) -> str | None:
     """What makes the adapter files in `path` unloadable, found cheaply (the JSON files parsed, the weights'
     header read and their length checked against it, the config's rank against the weights'), or None.
