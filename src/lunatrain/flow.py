@@ -481,8 +481,8 @@ def run_flow(
         )
 
     def _active_without_files() -> str | None:
-        """"NAME@VERSION is active, but its files are …" for the version the first step would judge, when its
-        files are missing or damaged; None when they are not (the step's error was of something else)."""
+        """The sentence "NAME@VERSION is active, but its files are …" for the version the first step would judge,
+        when its files are missing or damaged; None when they are not (the step's error was of something else)."""
         entry = evalgate.select_candidate(settings, base_model=params.base_model, prefer=params.adapter_name)
         why = registry.unusable_files(settings, entry) if entry is not None else None
         return f"{entry.get('name')}@{entry.get('version')} is active, but {why}" if entry and why else None
