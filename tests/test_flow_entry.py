@@ -816,6 +816,23 @@ def test_a_mistyped_target_module_is_refused_before_the_flow_changes_anything(se
     assert now == current
 
 
+def test_an_unknown_chat_template_is_refused_before_a_trainer_starts_or_a_model_is_copied(settings, monkeypatch):
+    """CLI repro: `lora --chatTemplate=nonexist` started a trainer on demand (left running), copied luna-tiny into
+    the data root and only then was refused, by the trainer; `prepare` refuses the same name with nothing
+    started. It is refused first, as `luna` refuses it."""
+    from lunatrain.service import ensure
+
+    started: list[str] = []
+    monkeypatch.setattr(ensure, "ensure_trainer", lambda *a, **k: started.append("trainer"))
+    write_export(settings, make_records(24))
+    before = sorted(p.relative_to(settings.home) for p in settings.home.rglob("*"))
+    r = CliRunner().invoke(app, ["lora", "--chatTemplate", "nonexist"])
+    assert (
+        r.exit_code == 2 and r.output.strip() == "error: Unknown chatTemplate 'nonexist'; bundled templates: chatml."
+    ), r.output
+    assert started == [] and sorted(p.relative_to(settings.home) for p in settings.home.rglob("*")) == before
+
+
 def test_a_failed_local_run_points_at_its_own_log_not_at_the_trainers_jobs(settings, tiny):
     """Repro: `luna --local` whose training failed said "see `lunatrain jobs list`": no job exists for a run
     in the command's own process. A run through the trainer still points at its job."""

@@ -233,6 +233,15 @@ def check_suite(settings: Settings, options: FlowOptions) -> None:
         evalsuite.check_suite(settings)
 
 
+def check_chat_template(settings: Settings, params: LoraParams) -> None:
+    """An unknown chatTemplate name is the caller's mistake (UsageError): said before anything is copied,
+    exported or started, not by the trainer or the run after it."""
+    if params.chat_template:
+        from .templates import load_template
+
+        load_template(params.chat_template, settings)
+
+
 def submit(
     settings: Settings,
     params: LoraParams,
@@ -246,6 +255,7 @@ def submit(
     from .service import client
     from .service.ensure import ensure_trainer
 
+    check_chat_template(settings, params)
     params = resolve_base(settings, params)
     fetch_if_allowed(str(params.base_model), settings)  # allowed here, the trainer finds it in the cache
     check_min_curated(settings, options)
@@ -273,6 +283,7 @@ def check_before_export(
     from .service import client
     from .service.ensure import ensure_trainer
 
+    check_chat_template(settings, params)
     params = resolve_base(settings, params)
     ensure_trainer(settings)
     existing = client.check(settings, params, options, request_id, thresholds)
@@ -400,10 +411,7 @@ def run_flow(
         from .registry import parse_ref
 
         parse_ref(adapter)  # a malformed name is the caller's mistake (exit 2), not a failed gate step
-    if params.chat_template:  # an unknown one is the caller's mistake: said before the export changes anything
-        from .templates import load_template
-
-        load_template(params.chat_template, settings)
+    check_chat_template(settings, params)  # before the export changes anything
     if params.device == "cuda":  # prepare would refuse it, after the gate step rewrote its report
         from .models import resolve_device
 
