@@ -543,3 +543,23 @@ def test_a_piped_export_says_its_split_ratios_as_a_terminal_does(settings: Setti
     r = CliRunner().invoke(app, ["export"])
     assert r.exit_code == 0 and ", val 0.1, test 0.0)." in r.stdout.splitlines()[-1], r.stdout
     store.dispose_stores()
+
+
+@pytest.mark.parametrize(
+    ("job_id", "said"),
+    [
+        ("ftjob-typo", "error: No job 'ftjob-typo'; `lunatrain jobs list` lists the jobs."),
+        ("", "error: Invalid job id ''"),
+    ],
+)
+def test_jobs_resume_of_a_job_no_trainer_ever_held_starts_none(settings: Settings, monkeypatch, job_id, said) -> None:
+    """CLI repro: `jobs resume ftjob-typo` on a data root without a jobs database started a trainer on demand (and
+    left it running) to be told there is no such job; `jobs resume ''` said "No job ''" where `jobs show` and
+    `jobs cancel` say the id is invalid."""
+    from lunatrain.cli import trainer as cli_trainer
+
+    started: list[str] = []
+    monkeypatch.setattr(cli_trainer, "ensure_trainer", lambda *a, **k: started.append("trainer"))
+    r = CliRunner().invoke(app, ["jobs", "resume", job_id])
+    assert r.exit_code in (1, 2) and r.output.startswith(said), r.output
+    assert started == [] and not jobs_db_path(settings.data_dir).exists()

@@ -238,21 +238,25 @@ def test_jobs_resume_starts_the_trainer_as_lora_does_and_refuses_parameters_it_c
     from lunatrain.cli import trainer as trainer_cli
     from lunatrain.service.jobs import Health, Job
 
+    from helpers import recorded_job
+
+    # after an orderly stop: the data root's job database holds the job, the trainer is away
+    job_id = recorded_job(load_settings().data_dir, "failed").id
     calls: list[str] = []
     monkeypatch.setattr(trainer_cli, "ensure_trainer", lambda settings: calls.append("ensure") or Health())
     old = Job(
-        id=JOB,
+        id=job_id,
         status="failed",
         created_at="2026-01-01T00:00:00.000Z",
         params={"adapterName": "old", "baseModel": "luna-tiny", "minCurated": 30, "gate": True},
     )
     monkeypatch.setattr(client, "get_job", lambda settings, job_id: calls.append("get") or old)
-    r = CliRunner().invoke(app, ["jobs", "resume", JOB])
+    r = CliRunner().invoke(app, ["jobs", "resume", job_id])
     assert calls == ["ensure", "get"], calls
     assert r.exit_code == 2, (r.output, r.exception)
     said = r.output.strip()
     assert said == (
-        f"error: Job {JOB} cannot be resumed by this release (Invalid parameters: minCurated: unknown parameter; "
+        f"error: Job {job_id} cannot be resumed by this release (Invalid parameters: minCurated: unknown parameter; "
         "gate: unknown parameter); submit it anew with `lunatrain lora`."
     ), said
 

@@ -23,7 +23,7 @@ from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
-from ..service.jobs import Event, Health, Job, existing_store, job_log_path
+from ..service.jobs import Event, Health, Job, existing_store, job_log_path, jobs_db_path
 from ..service.recovery import as_its_report_says
 from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
 from ..startup import collector_paused
@@ -225,10 +225,12 @@ def jobs_resume(job_id: JobArg, as_json: JsonOpt = False) -> None:
 
     try:
         settings = load_settings()
+        trainer_client.check_job_id(job_id)  # a malformed id is said as `jobs show` says it
         # What the data root's job database says without a trainer: a job it does not hold, or one that
         # succeeded, starts none (a typo would leave a trainer running for nothing).
         recorded, _ = _recorded(settings, job_id, None)
-        if recorded is NOT_RECORDED:
+        # No job database: no trainer ever ran on this data root (it makes one as it starts), so no job either.
+        if recorded is NOT_RECORDED or not jobs_db_path(settings.data_dir).is_file():
             raise NotFound(f"No job {job_id!r}; `lunatrain jobs list` lists the jobs.")
         if recorded is not None:
             refuse_succeeded(recorded)

@@ -443,8 +443,13 @@ def cancel(settings: Settings, job_id: str) -> Job:
 
 
 def _segment(job_id: str) -> str:
-    # Job ids are opaque tokens; refuse anything that would change the URL's path instead of naming a job. The
-    # trainer's own rule, checked here: an id it refuses would come back naming its path parameter (`job_id`).
+    # Job ids are opaque tokens; refuse anything that would change the URL's path instead of naming a job.
+    return check_job_id(job_id)
+
+
+def check_job_id(job_id: str) -> str:
+    """`job_id`, or UsageError: the trainer's own rule, checked here (an id it refuses would come back naming
+    its path parameter, `job_id`)."""
     if not re.fullmatch(JOB_ID_PATTERN, job_id):
         rule = PATTERN_RULES[JOB_ID_PATTERN].removeprefix("should be a job id: ")
         raise UsageError(f"Invalid job id {job_id!r}: {rule}; `lunatrain jobs list` lists the jobs.")
