@@ -315,6 +315,46 @@ def test_prepare_show_marks_the_trained_tokens_and_takes_a_template_file(setting
     assert said.endswith("; fix it, or choose another (--chatTemplate: chatml, or a .jinja file).") and "\n" not in said
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", "error: chatTemplate file '{path}' is empty."),
+        (b"  \n", "error: chatTemplate file '{path}' is empty."),
+        (
+            b"\xff{{ x }}",
+            "error: chatTemplate file '{path}' is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8.",
+        ),
+        (
+            b"{% for m in messages %}{{ m.content }}",
+            "error: The chat template cannot render a simple conversation: Unexpected end of template. Jinja was looking "
+            "for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for' (line 1); "
+            "fix it, or choose another (--chatTemplate: chatml, or a .jinja file).",
+        ),
+    ],
+)
+def test_a_template_file_that_is_refused_is_said_so_and_not_stored(settings, tmp_path, content, said):
+    """CLI repro: an empty .jinja file was refused with "Base model 'luna-tiny' has no chat template; choose one with
+    --chatTemplate" (one was chosen: it is empty), a file that is not UTF-8 with Python's decode error, and every
+    refused file was copied into data/templates all the same."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(4))
+    path = tmp_path / "mine.jinja"
+    path.write_bytes(content)
+    r = CliRunner().invoke(app, ["prepare", "--chatTemplate", str(path)])
+    assert r.exit_code == 2 and r.output.strip() == said.format(path=path), r.output
+    assert not (settings.data_dir / "templates").exists()
+    # the file itself, as the flows store it, is refused alike (a `{% generation %}` block is transformers' own tag)
+    path.write_text("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", "utf-8")
+    from lunatrain.templates import store_template
+
+    assert store_template(path, settings).startswith("mine-")
+
+
 def test_a_template_file_saved_with_a_bom_renders_without_it(settings, tmp_path):
     """Repro: a .jinja file saved "UTF-8 with BOM" (Windows editors) kept the byte-order mark as the first
     character of the template, so every training prompt and every served one began with an invisible

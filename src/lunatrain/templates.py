@@ -93,6 +93,34 @@ def _tail_after(tokenizer: Any, messages: list[dict], answer: str, until: str | 
     return tail
 
 
+def _cannot_render(said: str) -> UsageError:
+    return UsageError(
+        f"The chat template cannot render a simple conversation: {said.rstrip('.')}; fix it, or choose another "
+        f"(--chatTemplate: {', '.join(bundled_names())}, or a .jinja file)."
+    )
+
+
+def _syntax_problem(text: str) -> str | None:
+    """Why Jinja cannot parse `text` ("Unexpected end of template … (line 3)"), or None. Parsed as transformers
+    parses chat templates: with loop controls and its `{% generation %}` block."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=[Generation, loopcontrols]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"{exc.message.rstrip('.')} (line {exc.lineno})" if exc.message else f"line {exc.lineno}"
+    return None
+
+
 def detect_terminator_text(tokenizer: Any) -> str:
     """The text the template emits right after an assistant answer ("" when it emits nothing)."""
     u1, u2 = ({"role": "user", "content": c} for c in _PROBE_USER)
@@ -102,11 +130,7 @@ def detect_terminator_text(tokenizer: Any) -> str:
     except UsageError:
         raise
     except Exception as exc:  # a template that raises on a plain user/assistant exchange (jinja errors)
-        said = str(exc).rstrip(".")
-        raise UsageError(
-            f"The chat template cannot render a simple conversation: {said}; fix it, or choose another "
-            f"(--chatTemplate: {', '.join(bundled_names())}, or a .jinja file)."
-        ) from exc
+        raise _cannot_render(str(exc)) from exc
     try:
         between = _tail_after(tokenizer, [u1, a1, u2, a2], a1["content"], u2["content"])
     except Exception:  # only the single-turn render is usable
@@ -193,8 +217,18 @@ def store_template(path: str | Path, settings: Any) -> str:
     try:
         # utf-8-sig: a byte-order mark ("UTF-8 with BOM") would be the first character of every prompt
         text = src.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"chatTemplate file {str(path)!r} cannot be read as UTF-8 text: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"chatTemplate file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8."
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"chatTemplate file {str(path)!r} cannot be read: {exc.strerror or exc}.") from None
+    # Refused before it is stored: a file that is no template would lie under data/templates for good.
+    if not text.strip():
+        raise UsageError(f"chatTemplate file {str(path)!r} is empty.")
+    if problem := _syntax_problem(text):
+        raise _cannot_render(problem)
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", src.stem).strip("-")[:40] or "template"
     name = f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     atomic_write_text(Path(settings.data_dir) / "templates" / f"{name}.jinja", text)
