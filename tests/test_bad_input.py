@@ -1431,3 +1431,30 @@ def test_a_trainer_whose_device_probe_failed_probes_again_when_asked_its_health(
         assert client.get("/health").json()["status"] in ("degraded", "ok")
         assert wait_for(lambda: client.get("/health").json()["status"] == "ok", timeout=60)
         assert len(tries) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("adapters", "activate", "x@v1", "--baseModel="), "error: --baseModel is empty"),
+        (("adapters", "deactivate", "x", "--baseModel", " "), "error: --baseModel is empty"),
+        (("adapters", "rollback", "x", "--baseModel="), "error: --baseModel is empty"),
+        (("eval-gate", "--baseModel="), "error: --baseModel is empty"),
+        (("eval-gate", "--adapter="), "error: --adapter is empty"),
+        (("eval-gate", "--chatTemplate="), "error: --chatTemplate is empty"),
+        (("luna", "--adapter=", "--local"), "error: --adapter is empty"),
+        (("luna", "--dry-run", "--adapter=../x"), "error: Invalid adapter name '../x'"),
+        (("auto", "--dry-run", "--adapter=x@"), "error: "),
+        (("status", "--minCurated=99999999999999999999999"), "error: --minCurated"),
+    ],
+)
+def test_empty_or_malformed_flags_are_refused_before_anything_runs(seeded: Settings, args, said) -> None:
+    """CLI repro: an empty `--baseModel=` of `adapters activate|deactivate|rollback` was blamed on
+    ASSISTANT_BASE_MODEL (not set); `eval-gate` took an empty `--baseModel=`, `--adapter=` or `--chatTemplate=` as
+    not given and ran the whole gate (so did `luna --adapter=` its flow); `luna --dry-run --adapter=../x` printed
+    its plan with exit 0 where the run refuses the flag; `status --minCurated` took a 23-digit number into its
+    JSON (the API and the flows stop at 10,000,000)."""
+    before = snapshot(seeded.home)
+    line = one_sentence(run(*args), 2)
+    assert line.startswith(said), line
+    assert "ASSISTANT_BASE_MODEL" not in line and snapshot(seeded.home) == before

@@ -150,10 +150,15 @@ def total_steps(n_samples: int, params: LoraParams, world_size: int = 1) -> int:
     return min(steps, params.max_steps) if params.max_steps else steps
 
 
+# The most approved curated examples a run may ask for: beyond any real dataset, and a number JSON readers
+# keep exact (the API, the flows and `status` share it).
+MIN_CURATED_MAX = 10_000_000
+
+
 class FlowOptions(CamelModel):
     """What a flow does around one LoRA run: not part of the run itself (nor of its resume identity)."""
 
-    min_curated: int = Field(default=0, ge=0, le=10_000_000)
+    min_curated: int = Field(default=0, ge=0, le=MIN_CURATED_MAX)
     gate: bool = Field(default=True, description="run the eval gate after training and promote on pass")
 
 

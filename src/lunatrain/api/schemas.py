@@ -25,7 +25,7 @@ from ..formats import (
     is_unicode,
     normalize_text,
 )
-from ..params import FewKeys, FlowOptions, LoraParams, Name, Tier
+from ..params import MIN_CURATED_MAX, FewKeys, FlowOptions, LoraParams, Name, Tier
 from ..service.jobs import Job, RequestId
 from ..settings import NAME_MAX, NAME_PATTERN
 
@@ -271,7 +271,7 @@ class PrepareRequest(LoraParams):
 
     model_config = ConfigDict(strict=True, json_schema_extra=_profile_defaults)
     profile: Name | None = Field(default=None, description="whose values the fields not given take; null: luna")
-    min_curated: int | None = Field(default=None, ge=0, le=10_000_000)
+    min_curated: int | None = Field(default=None, ge=0, le=MIN_CURATED_MAX)
 
 
 class EvalGateRequest(In):

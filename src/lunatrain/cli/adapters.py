@@ -15,7 +15,7 @@ from ..errors import LunaError, UsageError
 from ..fsio import read_json
 from ..messages import counted
 from ..settings import load_settings
-from .app import app, fail, json_text
+from .app import app, fail, given, json_text
 
 adapters_app = typer.Typer(
     help="Trained LoRA adapters: list, show, activate, deactivate, roll back, compare.", no_args_is_help=True
@@ -36,6 +36,7 @@ BaseOpt = Annotated[
 
 def _settings(base_model: str | None) -> Any:
     """The settings with `--baseModel` as the configured base model: activations are kept per base model."""
+    base_model = given(base_model, "--baseModel", "a base model (hub id, local folder or luna-tiny)")
     return load_settings(**({"base_model": base_model} if base_model is not None else {}))
 
 

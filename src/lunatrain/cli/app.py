@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 import typer.core
 
-from ..errors import LunaError
+from ..errors import LunaError, UsageError
 from ..wire import finite
 
 if TYPE_CHECKING:  # rich is imported where a terminal draws, not at every command's start
@@ -101,6 +101,14 @@ def fail(err: LunaError) -> typer.Exit:
     """Print the error's one sentence and return the Exit to raise (exit 1 for checks, 2 for usage)."""
     typer.echo(f"error: {err.message}", err=True)
     return typer.Exit(err.exit_code)
+
+
+def given(value: str | None, option: str, what: str) -> str | None:
+    """A text option as given, None when left out; UsageError when it is given empty or blank (`--adapter=`
+    would otherwise read as left out, and the command run on the default)."""
+    if value is not None and not value.strip():
+        raise UsageError(f"{option} is empty: name {what}, or leave it out.")
+    return value
 
 
 def is_tty(err: bool = False) -> bool:

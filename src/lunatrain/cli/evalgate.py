@@ -11,7 +11,7 @@ from ..errors import LunaError
 from ..evalgate import GateReport, GateThresholds, eval_gate, parse_thresholds
 from ..settings import load_settings
 from ..templates import cli_template
-from .app import app, as_written, fail, is_tty, print_report, tables_fit
+from .app import app, as_written, fail, given, is_tty, print_report, tables_fit
 
 
 def _threshold_help(field: str) -> str:
@@ -72,6 +72,9 @@ def eval_gate_cmd(
 ) -> None:
     """Evaluation gate: golden cases + val/test loss against the base model and the recorded baseline."""
     try:
+        given(adapter, "--adapter", "an adapter (NAME or NAME@VERSION)")
+        given(base_model, "--baseModel", "a base model (hub id, local folder or luna-tiny)")
+        given(chat_template, "--chatTemplate", "a template (a bundled name or a .jinja file)")
         settings = load_settings()
         from ..profiles import load_profile
 
@@ -87,7 +90,7 @@ def eval_gate_cmd(
             "max_loss_regression": max_loss_regression,
         }
         thresholds |= {k: v for k, v in flags.items() if v is not None}
-        template = cli_template(chat_template, settings) if chat_template else None
+        template = cli_template(chat_template, settings) if chat_template is not None else None
         # on the profile's base model, as the flow's first step judges it (a flag still wins)
         base_model = base_model or chosen.base_model
         report = eval_gate(

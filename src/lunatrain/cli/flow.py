@@ -24,7 +24,7 @@ from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
 from ..service.ensure import ensure_trainer
 from ..settings import Settings, load_settings
-from .app import Signalled, app, fail, json_text, said_interrupted
+from .app import Signalled, app, fail, given, json_text, said_interrupted
 from .options import lora_options
 
 ProfileOpt = Annotated[
@@ -291,6 +291,8 @@ def run(
     retrain: bool = False,
 ) -> None:
     try:
+        if given(adapter, "--adapter", "an adapter (NAME or NAME@VERSION)") is not None:
+            registry.parse_ref(adapter)  # a malformed name: refused by the dry run too, as by the run
         settings = load_settings()
         r = resolve(settings, profile, flags)
         if dry_run:

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import LunaError
+from ..errors import LunaError, UsageError
+from ..params import MIN_CURATED_MAX
 from ..service.jobs import ACTIVE
 from ..settings import Settings, load_settings
 from ..status import STATUSES, training_status
@@ -30,6 +31,8 @@ def status_cmd(
 ) -> None:
     """Data status: counts per source and curation status, readiness, last export, job, prepare, gate."""
     try:
+        if min_curated is not None and min_curated > MIN_CURATED_MAX:  # as the API's ?minCurated, the flows'
+            raise UsageError(f"--minCurated must be at most {MIN_CURATED_MAX:,} (got {min_curated}).")
         settings = load_settings()
         status = training_status(settings, min_curated) | {"settings": in_effect(settings)}
     except LunaError as err:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from ... import status as status_stage
 from ...messages import coded
+from ...params import MIN_CURATED_MAX
 from ...service.spawn import code_signature
 from ..cache import json_response, rendered
 from ..deps import ReadsDep, SettingsDep, errors
@@ -24,7 +25,9 @@ async def training_status(
     reads: ReadsDep,
     min_curated: Annotated[
         int | None,
-        Query(alias="minCurated", ge=0, le=10_000_000, description="ready threshold (default: the Luna profile's)"),
+        Query(
+            alias="minCurated", ge=0, le=MIN_CURATED_MAX, description="ready threshold (default: the Luna profile's)"
+        ),
     ] = None,
 ) -> Response:
     """Polled by every open dashboard: identical polls within half a second share one computation."""
