@@ -9,6 +9,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,18 @@ _quiet = [HealthCheck.too_slow]
 hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, suppress_health_check=_quiet)
 hypothesis_settings.register_profile("explore", derandomize=False, suppress_health_check=_quiet)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+@pytest.fixture(autouse=True)
+def _bitsandbytes_as_found() -> Iterator[None]:
+    """A test that runs the console script in-process (`cli.main()`) hides bitsandbytes from the imports after it,
+    as a command that will not quantize does (compat.without_bitsandbytes). The hiding ends with that test: a
+    later test in the same worker that imports PEFT and then starts `serve` in-process would otherwise be told
+    that this process cannot quantize, depending on which tests xdist gave that worker."""
+    hidden_before = "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None
+    yield
+    if not hidden_before and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
 
 
 @pytest.hookimpl(hookwrapper=True)
