@@ -1458,3 +1458,38 @@ def test_empty_or_malformed_flags_are_refused_before_anything_runs(seeded: Setti
     line = one_sentence(run(*args), 2)
     assert line.startswith(said), line
     assert "ASSISTANT_BASE_MODEL" not in line and snapshot(seeded.home) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ("trainer", "--port", "0", "--logFile", "{folder}"),
+            "error: Cannot write the log file {folder}: it is a folder.",
+        ),
+        (("trainer", "--port", "0", "--logFile="), "error: --logFile is empty"),
+        (("serve", "--port", "{taken}"), "error: "),
+        (("trainer", "--port", "{taken}"), "error: "),
+    ],
+)
+def test_a_service_refused_at_its_start_leaves_a_fresh_data_root_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args, said
+) -> None:
+    """CLI repro: `trainer --logFile=<a folder>` made data/trainer/trainer.lock and reports/training/ in a fresh
+    data root before it refused the file (and `--logFile=` was said as "the log file ."); `serve --port <a port
+    in use>` made data/ and reports/training/ before it refused the port."""
+    import socket
+
+    home = tmp_path / "fresh"
+    monkeypatch.setenv("ASSISTANT_HOME", str(home))
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "http://127.0.0.1:0")
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        filled = [a.format(folder=folder, taken=port) for a in args]
+        line = one_sentence(run(*filled), 2)
+    assert line.startswith(said.format(folder=folder)), line
+    assert not home.exists() or not any(home.iterdir()), sorted(home.rglob("*"))

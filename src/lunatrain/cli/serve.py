@@ -54,9 +54,13 @@ def serve(
         from ..compat import with_bitsandbytes
 
         with_bitsandbytes()
-        check_data_root(settings)
         sock = listen.bind(settings.api_host, settings.api_port)  # first: a port in use changes nothing
     except LunaError as err:
+        raise fail(err) from None
+    try:
+        check_data_root(settings)  # makes data/ and reports/training/: only once the port is ours
+    except LunaError as err:
+        sock.close()
         raise fail(err) from None
     try:
         from .. import store

@@ -25,10 +25,10 @@ from ..service import client as trainer_client
 from ..service.ensure import ensure_trainer
 from ..service.jobs import Event, Health, Job, existing_store, job_log_path, jobs_db_path
 from ..service.recovery import as_its_report_says
-from ..settings import DEFAULT_TRAINER_URL, Settings, check_data_root, load_settings
+from ..settings import DEFAULT_TRAINER_URL, Settings, load_settings
 from ..startup import collector_paused
 from ..wire import INT_MAX
-from .app import Signalled, app, fail, is_tty, json_text, said_interrupted, stops_as_interrupts
+from .app import Signalled, app, fail, given, is_tty, json_text, said_interrupted, stops_as_interrupts
 from .serve import check_host_flag
 
 EnsureOpt = Annotated[
@@ -50,7 +50,7 @@ def trainer_cmd(
         typer.Option("--port", min=0, max=65535, help="default: port of ASSISTANT_LORA_TRAINER_URL; 0: a free port"),
     ] = None,
     log_file: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--log-file", "--logFile", help="log here, rolling over at 10 MB (default: stderr)"),
     ] = None,
 ) -> None:
@@ -61,8 +61,8 @@ def trainer_cmd(
 
     try:
         check_host_flag(host)
+        given(log_file, "--logFile", "a file to log to")
         settings = load_settings()
-        check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         default_host, default_port = trainer_client.trainer_address(settings)
         if port is not None and port != default_port and trainer_client.chosen_address(settings):
             # Clients go to the chosen address, whatever this trainer records: it would never be reached.
@@ -71,7 +71,8 @@ def trainer_cmd(
                 f"look for its trainer, so they would never reach one on port {port}; start it without --port, "
                 "or change or unset ASSISTANT_LORA_TRAINER_URL."
             )
-        serve(settings, host or default_host, default_port if port is None else port, log_file)
+        log = Path(log_file) if log_file is not None else None
+        serve(settings, host or default_host, default_port if port is None else port, log)
     except LunaError as err:
         raise fail(err) from None
 

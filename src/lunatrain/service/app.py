@@ -29,7 +29,7 @@ from .. import __version__, memplan, registry
 from ..errors import Conflict, ServiceUnavailable, UsageError
 from ..evalgate import GateThresholds
 from ..params import FlowOptions, LoraParams
-from ..settings import Settings
+from ..settings import Settings, check_data_root
 from ..templates import load_template
 from ..web import listen
 from ..web.handlers import no_body, service_app
@@ -302,8 +302,11 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     once the socket listens and the data root is ours: never before, so a trainer that cannot start (port
     taken, data root held by another trainer) leaves the record alone."""
     check_bind(host, settings.api_token)
-    sock = listen.bind(host, port)
+    if log_file is not None and log_file.is_dir():  # said before the data root is written to
+        raise UsageError(f"Cannot write the log file {log_file}: it is a folder.")
+    sock = listen.bind(host, port)  # first: a port in use changes nothing
     try:
+        check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         lock.claim_data_root(settings)
         handler = log_handler(log_file)  # before the record: a log that cannot be written leaves none behind
         # A job database it cannot open is one sentence now (exit 1), not a traceback from the app's startup.
