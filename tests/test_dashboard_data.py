@@ -2042,8 +2042,8 @@ def test_a_trainer_that_could_not_probe_its_device_is_said_as_such(page, service
 @pytest.mark.parametrize(
     ("query", "folder_said"),
     [
-        ("", "Falls „models/fam“ einen Ordner unter dem Datenverzeichnis meinte: /root/data/models/fam existiert nicht"),
-        ("?lang=en", "If “models/fam” named a folder under the data root instead: /root/data/models/fam does not exist"),
+        ("", "; falls „models/fam“ einen Ordner unter dem Datenverzeichnis meinte: /root/data/models/fam existiert nicht"),
+        ("?lang=en", "; if “models/fam” named a folder under the data root instead: /root/data/models/fam does not exist"),
     ],
 )  # fmt: skip
 def test_a_gone_base_model_folder_is_said_beside_the_hub_advice(page, services: Services, query, folder_said):
@@ -2085,3 +2085,24 @@ def test_an_export_that_leaves_a_tier_nothing_to_train_on_says_so(page, services
     notice = page.locator("#notices .message")
     expect(notice).to_contain_text(said)
     expect(notice).to_have_class(re.compile(r"\bwarning\b"))
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "3 Beispiele doppeln ein anderes bis auf Groß-/Kleinschreibung, Leerraum und Satzzeichen (1 davon in "
+         "einem anderen Teil als das Beispiel, das sie doppeln: Val/Test misst teils Auswendiglernen)"),
+        ("?lang=en", "3 samples duplicate another after folding case, whitespace and punctuation (1 of them in another "
+         "split than the sample they repeat: val/test partly measure memorisation)"),
+    ],
+)  # fmt: skip
+def test_near_duplicates_in_another_split_are_said_as_the_command_line_says_them(page, services: Services, query, said):
+    """Data-check repro: the preflight table's near-duplicate sentence left out what `prepare` says of those in
+    another split than their twin (its `acrossSplits`), and that whitespace is folded too."""
+    check = {"id": "duplicate_normalized", "severity": "warn", "count": 3, "examples": ["ex-2", "ex-5", "ex-9"],
+             "message": "server sentence", "code": "check.duplicate_normalized.found",
+             "params": {"count": 3, "acrossSplits": 1}}  # fmt: skip
+    answer(page, "**/assistant/training/prepare*", {"status": "warn", "checks": [check]})
+    open_page(page, services, query)
+    page.locator("#prepare-button").click()
+    expect(page.locator("#checks-table tbody tr").nth(0)).to_contain_text(said)

@@ -180,7 +180,8 @@ def test_planted_problems_are_each_reported_once(settings, tiny):
         if count is not None:
             assert check.count == count, (cid, check)
         assert check.examples == [e.replace("{line}", str(curated_lines + 1)) for e in examples], (cid, check)
-    assert got["volume"].count == curated_lines + 1  # lines in the curated file, the malformed one included
+    # the curated file's chat records: its malformed line is no example (it counted as one, data-check repro)
+    assert got["volume"].count == curated_lines
     assert set(got) == set(EXPECTED) | {"token_stats", "estimate", "terminator", "memory_plan"}
     written = json.loads(Path(report.path).read_text("utf-8"))
     assert written["status"] == "fail"
@@ -692,6 +693,56 @@ def test_near_duplicates_in_another_split_are_named_first_and_counted():
         "(1 of them in another split than the sample it repeats: val/test partly measure memorisation)"
     )
     assert check.params == {"count": 2, "acrossSplits": 1}
+
+
+def test_invisible_characters_and_emoji_answers_do_not_hide_near_duplicates_or_conflicts():
+    """Data-check repro: a zero-width space or a soft hyphen inside a word split it when folding, so four rows that
+    all read "Wie heißt die Hauptstadt?" were two duplicate pairs, and "Wie alt ist Lu\u200bna?" answered with 4
+    years was no conflict with "Wie alt ist Luna?" answered with 3; two different emoji-only answers to one
+    question were never compared (they fold to nothing)."""
+    from lunatrain.prepare import _duplicate_checks
+
+    def rec(rid, question, answer):
+        return {"id": rid, "hash": rid, "split": "train", "messages": _turn(question, answer)}
+
+    records = [
+        rec("h1", "Wie heißt die Hauptstadt?", "Berlin."),
+        rec("h2", "Wie hei\u200bßt die Hauptstadt?", "Berlin."),
+        rec("h3", "Wie heißt die Haupt\u00adstadt?", "Berlin."),
+        rec("h4", "Wie heißt\u2060 die Hauptstadt?", "Berlin."),
+        rec("l1", "Wie alt ist Luna?", "Drei Jahre."),
+        rec("l2", "Wie alt ist Lu\u200bna?", "Vier Jahre."),
+        rec("e1", "Wie geht es dir?", "\U0001f600"),
+        rec("e2", "Wie geht es dir?", "\U0001f622"),
+    ]
+    checks = {c.id: c for c in _duplicate_checks(records)}
+    assert (checks["duplicate_normalized"].count, checks["duplicate_normalized"].examples) == (3, ["h2", "h3", "h4"])
+    assert sorted(checks["conflicting_answers"].examples) == ["e1", "e2", "l1", "l2"], checks["conflicting_answers"]
+
+
+def test_volume_counts_the_records_of_the_curated_file_not_its_lines(settings):
+    """Data-check repro: 28 approved examples and 3 lines of junk appended by hand to the curated file passed
+    `volume` as "31 approved curated examples (minCurated 30)" (the run was refused by other checks; the row
+    said ok, and POST /lora/start checks minCurated with that count)."""
+    from lunatrain import export
+    from lunatrain.prepare import curated_count
+
+    records = make_records(40)
+    write_export(settings, records)
+    approved = sum(r["source"] == "curated" for r in records)
+    assert curated_count(settings) == approved
+    curated = export.export_dir(settings) / export.CURATED_FILE
+    with curated.open("a", encoding="utf-8") as fh:
+        fh.write('not json\n{"messages": "no list"}\n\n[]\n')
+    assert curated_count(settings) == approved
+
+
+@pytest.mark.parametrize(("seconds", "said"), [(0.3, "<1s"), (0.5, "<1s"), (0.51, "1s"), (1.4, "1s")])
+def test_an_estimate_under_a_second_is_said_so(seconds, said):
+    """Data-check repro: an estimate of 0.5 s printed "~0s" (rounded down), where smaller ones said "<1s"."""
+    from lunatrain.prepare import _duration
+
+    assert _duration(seconds) == said
 
 
 @pytest.mark.parametrize("env", [{"TERM": "dumb"}, {"NO_COLOR": "1"}])

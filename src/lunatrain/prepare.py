@@ -14,14 +14,15 @@ Checks (id: severity when something is found):
 - malformed_record (fail): a line that is not JSON or has no usable `messages`.
 - export_stale (warn): the database changed since the export (store revision differs); fail when records of
   the export were deleted from it or rejected since (a run refuses to train on them).
-- volume (fail): approved curated examples < minCurated; empty_train (fail): nothing to train on.
+- volume (fail): approved curated examples (the curated file's chat records) < minCurated; empty_train (fail): nothing to train on.
 - empty_response (fail), trivial_response (warn, fewer than 2 letters or digits).
 - duplicate_exact (warn): the same hash twice within a split; duplicate_across_splits (fail): one hash in
   two splits (val/test would measure memorisation); duplicate_normalized (warn): different hashes, same
   text after case/whitespace/punctuation folding (those in another split than their twin named first); conflicting_answers (warn): samples that ask the same
   (system prompt and turns before the last answer, folded the same way) and answer differently, one per
   distinct answer: a fact taught two ways is learned as either, or as a blend; exchange_across_splits (warn):
-  val/test samples whose last prompt and answer a train sample of another conversation ends in.
+  val/test samples holding an exchange (a prompt and its trained answer) that a train sample of another
+  conversation trains.
 - truncated (warn): longer than maxSeqLength (its oldest exchanges left out; an exchange longer than that cut
   at its end, see tokens.encode_chat); no_trained_tokens (warn; fail when no train sample has any).
 - terminator (info): the turn terminator the chat template emits after each answer, and whether the base
@@ -183,7 +184,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
             raise export_mod.no_export(settings)
         file_shas, mismatched = _verify_files(directory, summary)
         splits, bad_lines = _read_tier(directory / export_mod.TIER_FILES[tier])
-        curated = curated_count(settings, directory)
+        curated = sum(map(len, splits.values())) if tier == "curated" else curated_count(settings, directory)
     info = models.resolve_base(params.base_model, settings)
     tokenizer, added = models.load_chat_tokenizer(info, settings, params.chat_template)
     terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
@@ -430,14 +431,6 @@ def stale_check(settings: Settings, summary: dict[str, Any], records: Iterable[d
     )
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    except FileNotFoundError:
-        return 0
-
-
 # --- record checks ------------------------------------------------------------------------------
 
 
@@ -540,8 +533,10 @@ def _check(cid: str, severity: Severity, ids: list[str], what: str, ok: str, **p
 
 
 def curated_count(settings: Settings, directory: Path | None = None) -> int:
-    """Approved curated examples in the current export (what minCurated is checked against)."""
-    return _count_lines((directory or export_mod.export_dir(settings)) / export_mod.CURATED_FILE)
+    """Approved curated examples in the current export (what minCurated is checked against): its chat records,
+    not its lines (a line of junk added by hand is no example; malformed_record names it)."""
+    splits, _bad = _read_tier((directory or export_mod.export_dir(settings)) / export_mod.CURATED_FILE)
+    return sum(len(records) for records in splits.values())
 
 
 # Where examples come from, for a store that has none approved yet.
@@ -662,11 +657,18 @@ def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
 
 
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
+# Characters that show as nothing (zero-width space and joiners, soft hyphen, word joiner, BOM, bidi marks): as
+# punctuation they would split a word in two, so that a copy that looks the same folds otherwise.
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 
 
 def normalize(text: str) -> str:
-    """Fold case, unicode width/compatibility forms, whitespace and punctuation: near-duplicates collide."""
-    return " ".join(_PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split())
+    """Fold case, unicode width/compatibility forms, invisible characters, whitespace and punctuation:
+    near-duplicates collide. A text of symbols only (an emoji answer) is its symbols: two of them differ, where
+    a text of punctuation only ("…") folds to nothing (the trivial and empty checks report it)."""
+    text = unicodedata.normalize("NFKC", _INVISIBLE.sub("", text)).casefold()
+    words = " ".join(_PUNCT.sub(" ", text).split())
+    return words or "".join(c for c in text if unicodedata.category(c).startswith("S"))
 
 
 def _exchanges(rec: dict) -> list[tuple[str, str]]:
@@ -1097,7 +1099,7 @@ def _flops_speed(info: Any, device: str) -> float:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
-    if 0 < seconds < 0.5:
+    if 0 < seconds <= 0.5:  # "0s" for half a second (rounded to even) would say it takes no time
         return "<1s"
     if seconds < 90:
         return f"{seconds:.0f}s"

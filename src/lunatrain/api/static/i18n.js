@@ -290,7 +290,7 @@ const de = {
   "msg.base_model.unsafe_index": "Basismodell „{baseModel}“: sein model.safetensors.index.json ist unzulässig ({problem})",
   "msg.base_model.custom_code": "Basismodell „{baseModel}“ braucht eigenen Code (model_type „{modelType}“), den lunatrain nie ausführt",
   "msg.base_model.not_cached": "Basismodell „{baseModel}“ ist nicht im lokalen Hugging-Face-Cache: einmal herunterladen (`hf download {baseModel}`) oder ASSISTANT_HUB_DOWNLOAD=true setzen, damit lunatrain es holt",
-  "msg.base_model.not_cached.folder": "Falls „{baseModel}“ einen Ordner unter dem Datenverzeichnis meinte: {folder} existiert nicht; ihn wiederherstellen",
+  "msg.base_model.not_cached.folder": "; falls „{baseModel}“ einen Ordner unter dem Datenverzeichnis meinte: {folder} existiert nicht, ihn wiederherstellen",
   "msg.adapter.not_active": "{name} ist hier nicht aktiv.",
   "msg.adapter.version_not_active": "{name}@{version} ist auf keinem Basismodell aktiv.",
   "msg.adapter.no_earlier_version": "{name} hatte auf diesem Basismodell keine frühere aktive Version; zum Abschalten „Deaktivieren“ verwenden.",
@@ -425,8 +425,9 @@ const de = {
   "msg.check.exchange_across_splits.found": "{count} Val/Test-Beispiele enthalten einen Wortwechsel, den ein Train-Beispiel einer anderen Konversation trainiert (Val/Test misst teils Auswendiglernen; eine Konversation unter einer conversationId halten)",
   "msg.check.exchange_across_splits.found.one": "{count} Val/Test-Beispiel enthält einen Wortwechsel, den ein Train-Beispiel einer anderen Konversation trainiert (Val/Test misst teils Auswendiglernen; eine Konversation unter einer conversationId halten)",
   "msg.check.duplicate_normalized.ok": "Keine normalisierten Duplikate",
-  "msg.check.duplicate_normalized.found": "{count} Beispiele doppeln ein anderes bis auf Groß-/Kleinschreibung und Satzzeichen",
-  "msg.check.duplicate_normalized.found.one": "{count} Beispiel doppelt ein anderes bis auf Groß-/Kleinschreibung und Satzzeichen",
+  "msg.check.duplicate_normalized.found": "{count} Beispiele doppeln ein anderes bis auf Groß-/Kleinschreibung, Leerraum und Satzzeichen",
+  "msg.check.duplicate_normalized.found.acrossSplits": " ({acrossSplits} davon in einem anderen Teil als das Beispiel, das sie doppeln: Val/Test misst teils Auswendiglernen)",
+  "msg.check.duplicate_normalized.found.one": "{count} Beispiel doppelt ein anderes bis auf Groß-/Kleinschreibung, Leerraum und Satzzeichen",
   "msg.check.conflicting_answers.ok": "Keine Frage mit verschiedenen Antworten",
   "msg.check.conflicting_answers.found": "{count} Beispiele beantworten dieselbe Frage unterschiedlich",
   "msg.check.conflicting_answers.found.one": "{count} Beispiel beantwortet dieselbe Frage anders als ein anderes",
@@ -817,7 +818,7 @@ const en = {
   "msg.base_model.unsafe_index": "Base model “{baseModel}”: its model.safetensors.index.json is not allowed ({problem})",
   "msg.base_model.custom_code": "Base model “{baseModel}” needs its own code (model_type “{modelType}”), which lunatrain never runs",
   "msg.base_model.not_cached": "Base model “{baseModel}” is not in the local Hugging Face cache: download it once (`hf download {baseModel}`), or set ASSISTANT_HUB_DOWNLOAD=true to let lunatrain fetch it",
-  "msg.base_model.not_cached.folder": "If “{baseModel}” named a folder under the data root instead: {folder} does not exist; restore it",
+  "msg.base_model.not_cached.folder": "; if “{baseModel}” named a folder under the data root instead: {folder} does not exist, restore it",
   "msg.adapter.not_active": "{name} is not active here.",
   "msg.adapter.version_not_active": "{name}@{version} is not active on any base model.",
   "msg.adapter.no_earlier_version": "{name} had no earlier active version on this base model; use “Deactivate” to stop using it.",
@@ -952,8 +953,9 @@ const en = {
   "msg.check.exchange_across_splits.found": "{count} val/test samples hold an exchange a train sample of another conversation trains (val/test partly measure memorisation; keep a conversation under one conversationId)",
   "msg.check.exchange_across_splits.found.one": "{count} val/test sample holds an exchange a train sample of another conversation trains (val/test partly measure memorisation; keep a conversation under one conversationId)",
   "msg.check.duplicate_normalized.ok": "No normalized duplicates",
-  "msg.check.duplicate_normalized.found": "{count} samples duplicate another after folding case and punctuation",
-  "msg.check.duplicate_normalized.found.one": "{count} sample duplicates another after folding case and punctuation",
+  "msg.check.duplicate_normalized.found": "{count} samples duplicate another after folding case, whitespace and punctuation",
+  "msg.check.duplicate_normalized.found.acrossSplits": " ({acrossSplits} of them in another split than the sample they repeat: val/test partly measure memorisation)",
+  "msg.check.duplicate_normalized.found.one": "{count} sample duplicates another after folding case, whitespace and punctuation",
   "msg.check.conflicting_answers.ok": "No question with different answers",
   "msg.check.conflicting_answers.found": "{count} samples answer the same question differently",
   "msg.check.conflicting_answers.found.one": "{count} sample answers a question differently from another",
@@ -1124,13 +1126,14 @@ export function tMsg(code, params = {}, fallback = "") {
   for (const [name, text] of Object.entries(params?.shown ?? {})) {
     if (typeof text === "string" && /^-?\d+(\.\d+)?$/.test(text)) vars[name] = text.replace(".", DECIMAL_MARK);
   }
-  // A reading the sentence has only with its parameter (a gone folder beside an uncached hub id): said after it.
+  // What the sentence says only with its parameter (a gone folder beside an uncached hub id, the duplicates in
+  // another split): its own text, with its leading punctuation, after it.
   const extras = OPTIONAL_PARTS.filter((name) => params?.[name] !== undefined && `${key}.${name}` in TEXTS[lang]);
-  return [t(key, vars), ...extras.map((name) => t(`${key}.${name}`, vars))].join(". ");
+  return [t(key, vars), ...extras.map((name) => t(`${key}.${name}`, vars))].join("");
 }
 
 // Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.
-const OPTIONAL_PARTS = ["folder"];
+const OPTIONAL_PARTS = ["folder", "acrossSplits"];
 
 // Sub-codes of `service_unavailable` from a trainer that answered: its label ("not reachable") is not theirs.
 const SELF_SAID = new Set(["trainer.no_device"]);
