@@ -709,3 +709,29 @@ def test_a_repair_interrupted_before_it_wrote_leaves_the_damaged_registry_in_pla
     assert repaired["repaired"]
     assert registry.load(settings)["repaired"]["damagedFile"] == Path(repaired["damagedFile"]).name
     assert Path(repaired["damagedFile"]).read_text() == "{broken"
+
+
+def test_repair_adds_the_versions_an_older_registry_restored_from_a_backup_lacks(settings):
+    """Backup repro: an older backup restored over a root that had moved on (`tar -x` keeps the newer folders)
+    brought back a registry without v2, while data/adapters/luna/v2 stayed with its training report: `adapters
+    list` and `show` did not know it, and `adapters repair` said "readable (1 version); nothing to repair". Repair
+    adds the versions the folders hold and the registry lacks, and says so; what is active stays as it was."""
+    write_export(settings)
+    run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
+    older = registry.registry_path(settings).read_bytes()  # the backup's registry: v1 only
+    run_lora(parse_params(FAST | {"adapterName": "luna", "seed": 8}), settings)
+    newer = registry.get_version(settings, "luna", "v2")
+    registry.registry_path(settings).write_bytes(older)
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines() == [
+        "Added luna@v2: its folder holds a finished run that the registry lacked (a registry restored from an "
+        "older backup?)."
+    ], r.output
+    versions = registry.list_adapters(settings)["luna"]["versions"]
+    assert [v["version"] for v in versions] == ["v1", "v2"]
+    for key in ("baseModel", "datasetFingerprint", "params", "metrics", "path", "runKey", "trainedKey"):
+        assert versions[1].get(key) == newer.get(key), key
+    assert registry.load(settings)["adapters"]["luna"]["aliases"]["latest"] == "v2"
+    again = CliRunner().invoke(app, ["adapters", "repair"])
+    assert again.exit_code == 0 and "nothing to repair" in again.output, again.output

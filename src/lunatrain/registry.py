@@ -1687,7 +1687,8 @@ def repair(settings: Settings) -> dict[str, Any]:
                 for a in data["adapters"].values()
                 for e in _settle_orphans(settings, a)
             ]
-            if settled:
+            added = _add_unregistered(settings, data)
+            if settled or added:
                 _save(settings, data)
             count = sum(len(a["versions"]) for a in data["adapters"].values())
             readable = {
@@ -1696,6 +1697,7 @@ def repair(settings: Settings) -> dict[str, Any]:
                 "versions": count,
                 "adapters": sorted(data["adapters"]),
                 "settled": settled,
+                "added": added,
                 "skipped": [],
             }
         else:
@@ -1725,6 +1727,36 @@ def repair(settings: Settings) -> dict[str, Any]:
         "skipped": skipped,
         "stale": stale,
     }
+
+
+def _add_unregistered(settings: Settings, data: dict[str, Any]) -> list[str]:
+    """Numbered version folders holding a finished run that a readable registry lacks (an older registry
+    restored from a backup beside newer folders), added to `data` as `rebuild` describes them; "NAME@VERSION"
+    of each. What is active is left as the registry says it."""
+    added: list[str] = []
+    for report_path in _report_files(settings):
+        folder = report_path.parent
+        name = folder.parent.name
+        known = {e["version"] for e in data["adapters"].get(name, {}).get("versions", [])}
+        if folder.name == SLOT or folder.name in known:
+            continue
+        try:
+            report = read_json(report_path)
+        except (DamagedFile, OSError):
+            continue  # cannot be described: left on disk, as rebuild leaves it
+        if not isinstance(report, dict) or report.get("status") != "succeeded" or report.get("version") != folder.name:
+            continue
+        entry = _entry_from_report(name, folder, report)
+        entry["gate"] = _kept_gate(folder)
+        if _entry_problem(name, entry) is not None:
+            continue
+        adapter = _adapter(data, name)
+        adapter["versions"].append(entry)
+        adapter["versions"].sort(key=lambda e: (version_number(e["version"]), e.get("revision") or 0))
+        numbered = [e["version"] for e in adapter["versions"] if e["version"] != SLOT]
+        adapter["aliases"]["latest"] = numbered[-1] if numbered else adapter["aliases"].get("latest")
+        added.append(f"{name}@{folder.name}")
+    return added
 
 
 def _marked_stale(settings: Settings) -> list[str]:

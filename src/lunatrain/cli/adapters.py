@@ -287,10 +287,15 @@ def repair_cmd() -> None:
         raise fail(err) from None
     for run in result["settled"]:
         typer.echo(f"Settled {run}: its process stopped before the eval gate decided, so the slot kept its own.")
+    for ref in result.get("added", []):
+        typer.echo(
+            f"Added {ref}: its folder holds a finished run that the registry lacked (a registry restored from an "
+            "older backup?)."
+        )
     for ref in result["stale"]:
         typer.echo(f"Marked {ref} stale: it was trained on content deleted since (retrain needed).")
     if not result["repaired"]:
-        if not result["settled"]:
+        if not result["settled"] and not result.get("added"):
             readable = f"The registry is readable ({counted(result['versions'], 'version')})"
             typer.echo(f"{readable}; nothing {'else ' if result['stale'] else ''}to repair.")
         return
