@@ -1006,3 +1006,29 @@ def test_a_job_whose_trainer_was_killed_is_said_as_its_report_says_not_running(s
     report |= {"jobId": later.id}
     atomic_write_text(settings.lora_latest_report, json.dumps(report))
     assert training_status(settings, 0)["lastJob"]["status"] == "running"
+
+
+def test_a_jobs_report_whose_job_an_older_job_database_lacks_is_ordered_by_its_version(settings):
+    """Backup repro: with only data/trainer/jobs.db restored from an older backup, `status` said "last job:
+    succeeded luna-adapter@v1" (the older database's newest job), while lora-latest.json named a newer trainer
+    job that made v2, active: a report of a job the database holds is that job's, but one it lacks is not."""
+    from lunatrain.fsio import atomic_write_text
+    from lunatrain.wire import now_iso
+
+    from helpers import recorded_job
+
+    adapter = {"name": "luna-adapter", "version": "v1", "path": "data/adapters/luna-adapter/v1"}
+    recorded_job(settings.data_dir, "succeeded", adapter=adapter, finished_at="2999-01-01T00:00:00.000Z")
+    report = {
+        "status": "succeeded",
+        "jobId": "ftjob-0123456789abcdef0123",  # a job the restored database never saw
+        "adapterName": "luna-adapter",
+        "version": "v2",
+        "baseModel": {"id": "luna-tiny"},
+        "created": now_iso(),
+        "durationSeconds": 12.5,
+    }
+    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["source"], last["version"], last["jobId"]) == ("report", "v2", report["jobId"]), last

@@ -275,7 +275,7 @@ def _report(path: Path, problems: Problems, command: str, fields: dict[str, Call
 def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
     (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings, problems)
-    if job is not None and run is not None and run["jobId"]:
+    if job is not None and run is not None and run["jobId"] and _holds_job(settings, job, run["jobId"]):
         # The report of a trainer job (this one, or one before it that a queued job waited behind): the
         # trainer's record is the whole story (finish, gate) and knows which of its jobs came last. Unless it
         # still says this job runs while no trainer does (one killed, and none started since whose recovery
@@ -294,6 +294,25 @@ def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     if order is not None:
         return job if order else run
     return job if str(active_at or "") >= str(run.get("created") or "") else run
+
+
+def _holds_job(settings: Settings, newest: dict[str, Any], job_id: str) -> bool:
+    """Whether the trainer's job database knows job `job_id` (`newest`: its newest job). One restored from an
+    older backup lacks the jobs that ran since: their report is then compared like an in-process run's."""
+    from .errors import LunaError, NotFound
+    from .service.jobs import existing_store
+
+    if newest.get("jobId") == job_id:
+        return True
+    try:
+        with existing_store(settings.data_dir) as store:
+            if store is not None:
+                store.get(job_id)
+        return True
+    except NotFound:
+        return False
+    except (LunaError, OSError, sqlite3.Error):  # unreadable now: the record stays the story, as before
+        return True
 
 
 def _made_after(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
