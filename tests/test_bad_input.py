@@ -1060,12 +1060,22 @@ def test_head_answers_as_get_without_a_body(settings: Settings, path: str) -> No
             ("examples", "list", "--limit", "99999999999999999999"),
             "limit must be at most 2^62 (got 99999999999999999999).",
         ),
+        # CLI repro: `jobs list --help` printed its bound as [0<=x<=4611686018427387904]
+        (("jobs", "list", "--offset", "4611686018427387905"), "offset must be at most 2^62 (got 4611686018427387905)."),
+        (("jobs", "list", "--offset", "-1"), "offset must be 0 or more (got -1)."),
     ],
 )
 def test_a_page_bound_out_of_range_names_the_bound_and_its_rule(seeded: Settings, args, said) -> None:
     line = one_sentence(run(*args), 2)
     assert line == f"error: {said}", line
     assert "4611686018427387904" not in line
+    assert "4611686018427387904" not in run(*args[:2], "--help").output
+
+
+def test_a_ratio_that_is_not_finite_is_said_so() -> None:
+    """CLI repro: `export --valRatio=nan` said "must be a number, got nan" (it is one: not a finite one)."""
+    line = one_sentence(run("export", "--valRatio", "nan"), 2)
+    assert line == "error: The val ratio (valRatio) must be a finite number, got nan.", line
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def check_ratios(
     names = (f"val ratio ({sources[0]})", f"test ratio ({sources[1]})")
     for name, value in zip(names, (val_ratio, test_ratio), strict=True):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise UsageError(f"The {name} must be a number, got {value!r}.")
+            raise UsageError(f"The {name} must be a finite number, got {value!r}.")
         if not 0.0 <= value < 1.0:
             raise UsageError(f"The {name} must be at least 0 and below 1, got {value}.")
     if val_ratio + test_ratio >= 1.0:

@@ -60,7 +60,7 @@ from .fsio import (
 )
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
-from .wire import INT_MAX, iso, utc_now
+from .wire import check_page, iso, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -724,14 +724,6 @@ def dispose_stores() -> None:
         _stores.clear()
 
 
-def _check_page(limit: int, offset: int) -> None:
-    for name, value, least in (("limit", limit, 1), ("offset", offset, 0)):
-        if value < least:
-            raise UsageError(f"{name} must be {least} or more (got {value}).")
-        if value > INT_MAX:
-            raise UsageError(f"{name} must be at most 2^62 (got {value}).")
-
-
 def _bump(conn: Connection) -> None:
     # Each change draws a new id beside the counter: a database restored from a backup counts up from where the
     # backup was, and a counter alone would come back to the revision an export of the newer content recorded.
@@ -1020,7 +1012,7 @@ def iter_examples(
 ) -> Iterator[Example]:
     """`list_examples` one at a time, fetched in chunks from one snapshot: a listing of the whole store (the
     CLI takes any --limit) holds a chunk in memory, not every example. The arguments are checked at once."""
-    _check_page(limit, offset)
+    check_page(limit, offset)
     query = sa.select(examples_table).order_by(examples_table.c.id).limit(limit).offset(offset)
     if source is not None:
         query = query.where(examples_table.c.source == _check_choice(source, SOURCES, "source"))
@@ -1253,7 +1245,7 @@ def iter_memory(
     settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
 ) -> Iterator[MemoryItem]:
     """`list_memory` one at a time, fetched in chunks (see `iter_examples`)."""
-    _check_page(limit, offset)
+    check_page(limit, offset)
     query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)
     if status is not None:
         query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))

@@ -19,9 +19,21 @@ from typing import Any
 
 from pydantic.alias_generators import to_camel
 
+from .errors import UsageError
+
 # The largest id, offset or count a caller may name: within SQLite's and PostgreSQL's 64-bit integers, with
 # room to add to it (the API's and the trainer's bounds are the same).
 INT_MAX = 2**62
+
+
+def check_page(limit: int, offset: int) -> None:
+    """A page's `limit` (1 or more) and `offset` (0 or more), each at most INT_MAX; UsageError naming the one
+    out of bounds (said as 2^62, not its 19 digits)."""
+    for name, value, least in (("limit", limit, 1), ("offset", offset, 0)):
+        if value < least:
+            raise UsageError(f"{name} must be {least} or more (got {value}).")
+        if value > INT_MAX:
+            raise UsageError(f"{name} must be at most 2^62 (got {value}).")
 
 
 def utc_now() -> datetime:

@@ -17,8 +17,8 @@ from ..errors import UsageError
 from ..models import refuse_adapter_dir
 from ..service.jobs import JOB_ID_PATTERN
 from ..settings import NAME_MAX, NAME_PATTERN, Settings, inside
-from ..store import INT_MAX
 from ..web.handlers import no_body
+from ..wire import INT_MAX
 from .cache import Coalescer, fresh_reads
 from .schemas import VERSION_PATTERN, ErrorResponse
 

@@ -16,6 +16,7 @@ from ..api.schemas import ExampleOut, ImportResult, MemoryOut
 from ..errors import LunaError, UsageError
 from ..messages import counted
 from ..settings import load_settings
+from ..wire import INT_MAX
 from .app import app, as_written, fail, is_tty, json_text, tables_fit, visible
 
 examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
@@ -39,7 +40,7 @@ def _ids(raw: list[str], prefix: str) -> list[int]:
     for value in raw:
         text = value.removeprefix(f"{prefix}-")
         # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and no more than an id can be.
-        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= store.INT_MAX):
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= INT_MAX):
             raise UsageError(f"Invalid id {value!r}: use a number such as 12 or {prefix}-12.")
         ids.append(int(text))
     return ids

@@ -27,7 +27,7 @@ from ..service.jobs import Event, Health, Job, existing_store, job_log_path, job
 from ..service.recovery import as_its_report_says
 from ..settings import DEFAULT_TRAINER_URL, Settings, load_settings
 from ..startup import collector_paused
-from ..wire import INT_MAX
+from ..wire import check_page
 from .app import Signalled, app, fail, given, is_tty, json_text, said_interrupted, stops_as_interrupts
 from .serve import check_host_flag
 
@@ -149,12 +149,13 @@ def _gib(n: int | None) -> str:
 @jobs_app.command("list")
 def jobs_list(
     limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="at most this many, newest first")] = 20,
-    offset: Annotated[int, typer.Option("--offset", min=0, max=INT_MAX, help="skip this many newest first")] = 0,
+    offset: Annotated[int, typer.Option("--offset", help="skip this many newest first (0 to 2^62)")] = 0,
     status: Annotated[str | None, typer.Option("--status", help="only jobs in this state")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs, newest first (--json: the API's `{object: "list", data: [Job], hasMore}`)."""
     try:
+        check_page(limit, offset)  # before a trainer is asked (typer's own bound would print 2^62's 19 digits)
         page = trainer_client.job_page(load_settings(), limit=limit, offset=offset, status=status)
     except LunaError as err:
         raise fail(err) from None

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ... import formats, registry, store
 from ...errors import LISTED_PROBLEMS, UsageError, some
 from ...settings import Settings
+from ...wire import INT_MAX
 from ..deps import ExampleId, Fresh, MemoryId, NoBody, SettingsDep, errors
 from ..schemas import (
     Deleted,
@@ -28,7 +29,7 @@ from ..schemas import (
 
 router = APIRouter(prefix="/assistant/training", tags=["examples"], dependencies=[Fresh])
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0, le=store.INT_MAX)]
+Offset = Annotated[int, Query(ge=0, le=INT_MAX)]
 R = TypeVar("R", store.Example, store.MemoryItem)
 
 
