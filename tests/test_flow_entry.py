@@ -1339,3 +1339,15 @@ def test_a_flow_whose_active_version_lost_its_files_trains_a_new_one(settings, t
     named = CliRunner().invoke(app, ["eval-gate", "--adapter", "luna-adapter@v1"])
     assert named.exit_code == 1 and "train it again" in named.output, named.output
     store.dispose_stores()
+
+
+def test_a_flow_stopped_by_its_preflight_on_a_fresh_root_does_not_say_there_is_no_export(settings, tiny):
+    """Tier repro: on a data root without an export, a `luna` stopped by prepare printed "note no export: losses
+    on val/test were not measured" under its own "export ok" row: the first step's gate ran before the export."""
+    from lunatrain import store
+
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["luna", "--local", "--minCurated", "100000", *FAST])
+    assert r.exit_code == 1 and re.search(r"^export +ok ", r.output, re.M), r.output
+    assert "no export" not in r.output, r.output
+    store.dispose_stores()

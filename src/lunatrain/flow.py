@@ -801,7 +801,13 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     # What the last gate's decision rests on besides its numbers (a golden case its template refuses, left out):
     # the first step's gate of a fresh data root ran before the export, whose "no export" is no news by then.
     gates = [g for s in result.steps if (g := s.detail if "notes" in s.detail else s.detail.get("gate")) is not None]
-    lines += [f"note       {n}" for n in (gates[-1].get("notes") or [] if gates else [])]
+    exported = any(s.step == "export" and s.ok for s in result.steps)
+    notes = [
+        n
+        for n in (gates[-1].get("notes") or [] if gates else [])
+        if not (exported and getattr(n, "coded", {}).get("code") == "gate.no_export")
+    ]
+    lines += [f"note       {n}" for n in notes]
     entry = result.adapter
     if entry:
         metrics = entry.get("metrics") or {}
