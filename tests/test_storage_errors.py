@@ -366,6 +366,7 @@ def test_an_in_memory_database_is_refused(home: Path, monkeypatch: pytest.Monkey
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and r.output.count("\n") == 1, (args, r.output)
         assert "in-memory database keeps nothing" in r.output and "ASSISTANT_DB_URL" in r.output, r.output
+        assert "%3A" not in r.output, r.output  # CLI repro: `sqlite:///:memory:` was quoted as sqlite:///%3Amemory%3A
     # `serve` too refuses it before it serves (it stopped with uvicorn's "Application startup failed")
     r = CliRunner().invoke(app, ["serve", "--port", "0"])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error: Invalid database URL"), r.output

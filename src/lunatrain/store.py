@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -371,7 +372,7 @@ def _sqlite_file(url: str) -> str:
     db_path = parsed.database
     if not db_path or db_path == ":memory:" or parsed.query.get("mode") == "memory":
         raise UsageError(
-            f"Invalid database URL {_hidden(url)!r}: an in-memory database keeps nothing between commands; give "
+            f"Invalid database URL {unquote(_hidden(url))!r}: an in-memory database keeps nothing between commands; give "
             "ASSISTANT_DB_URL a file path (sqlite:///PATH) or leave it unset."
         )
     return db_path
