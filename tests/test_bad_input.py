@@ -1427,6 +1427,36 @@ def test_a_trainer_whose_device_probe_failed_probes_again_for_a_job(
         assert health["status"] == "ok" and health["device"]["type"] == "cpu", health
 
 
+@pytest.mark.slow  # a real warm worker, started by the second probe
+def test_the_warm_worker_a_later_probe_starts_lives_on_after_the_request(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review repro: a probe that worked on a later try started the warm worker on a thread of its own (or the
+    request's), and the worker dies with the thread that started it (PR_SET_PDEATHSIG): killed at once after a
+    /health retry, or when the server retired the request's thread, taking a job it had forked with it."""
+    from lunatrain.service import device, warm
+    from lunatrain.service.app import create_app as trainer_app
+
+    from trainer_helpers import wait_for
+
+    real, tries = warm.WarmWorker.start, []
+
+    def start(self) -> dict:
+        tries.append("try")
+        if len(tries) == 1:
+            raise OSError(24, "Too many open files")
+        return real(self)
+
+    monkeypatch.setattr(warm.WarmWorker, "start", start)
+    monkeypatch.setattr(device, "RETRY_SECONDS", 0.0)
+    with TestClient(trainer_app(settings), base_url="http://127.0.0.1") as client:
+        client.get("/health")
+        assert wait_for(lambda: client.get("/health").json()["status"] == "ok", timeout=120)
+        worker = client.app.state.runner.warm
+        assert wait_for(lambda: not worker.alive, timeout=3) is False  # alive seconds after its request ended
+        assert len(tries) == 2
+
+
 def test_a_trainer_whose_device_probe_failed_probes_again_when_asked_its_health(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

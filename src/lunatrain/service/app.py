@@ -117,6 +117,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
             yield
         finally:
             runner.stop()
+            device.close()
             store.close()
             lock.remove_pid(settings)
 

@@ -6,9 +6,9 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -34,15 +34,19 @@ class DeviceProbe:
 
     def __init__(self, settings: Settings, warm: WarmWorker) -> None:
         self._warm = warm
-        self._trying = threading.Lock()
-        # Called with the device's facts when a probe that had failed works (the runner's GPU count).
+        # Every later probe on one thread that lives as long as the trainer: the warm worker a probe starts dies
+        # with the thread that started it (PR_SET_PDEATHSIG follows the parent thread, not the process), so a
+        # request's thread or one of its own would take it down as it ends, and a job it forked with it.
+        self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-probe")
+        self._pending: Future[None] | None = None
+        # Called when a probe that had failed works (the runner's GPU count).
         self.found: Callable[[], None] = lambda: None
         # Set while the probe fails: without the device's facts no job can be planned, so /health says why
         # (degraded) and every job is refused with it, instead of a memory plan for a device of no known kind.
         self.failure: str | None = None
         self.reason = ""
         self.info: dict[str, Any] = {}
-        self._probe()
+        self._probe()  # on the thread that starts the trainer, which lives as long as it
         self._checked = 0.0
 
     def _probe(self) -> None:
@@ -64,17 +68,15 @@ class DeviceProbe:
             log.info("device probe worked on a later try: %s", info.get("name"))
         self.info, self.failure, self.reason = info, None, ""
 
-    def _retry(self, *, wait: bool) -> None:
-        """Probe again when the last probe failed and RETRY_SECONDS have passed; `wait` for a try under way."""
-        if not self._trying.acquire(blocking=wait):
-            return
-        try:
-            if self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS:
-                self._probe()
-                if self.failure is None:
-                    self.found()
-        finally:
-            self._trying.release()
+    def _retry(self) -> None:
+        """Probe again when the last probe failed and RETRY_SECONDS have passed (on the prober's thread)."""
+        if self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS:
+            self._probe()
+            if self.failure is None:
+                self.found()
+
+    def _due(self) -> bool:
+        return self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS
 
     @property
     def gpus(self) -> int:
@@ -84,14 +86,18 @@ class DeviceProbe:
     def refuse_if_unknown(self) -> None:
         """ServiceUnavailable with the probe's failure, when it failed again now (a job is refused before it is
         planned)."""
-        self._retry(wait=True)
+        if self._due():
+            self._prober.submit(self._retry).result()  # after a try under way, if one is
         if self.failure:
             raise ServiceUnavailable(self.failure, params={"detail": "trainer.no_device", "why": self.reason})
 
     def retry_aside(self) -> None:
-        """A failed probe tried again on a thread of its own: /health answers now, from what is known."""
-        if self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS:
-            threading.Thread(target=self._retry, kwargs={"wait": False}, name="device-probe", daemon=True).start()
+        """A failed probe tried again on the prober's thread: /health answers now, from what is known."""
+        if self._due() and (self._pending is None or self._pending.done()):
+            self._pending = self._prober.submit(self._retry)
+
+    def close(self) -> None:
+        self._prober.shutdown(wait=False, cancel_futures=True)
 
     def current(self) -> dict[str, Any]:
         if time.monotonic() - self._checked > 2.0:
