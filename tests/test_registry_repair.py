@@ -735,3 +735,35 @@ def test_repair_adds_the_versions_an_older_registry_restored_from_a_backup_lacks
     assert registry.load(settings)["adapters"]["luna"]["aliases"]["latest"] == "v2"
     again = CliRunner().invoke(app, ["adapters", "repair"])
     assert again.exit_code == 0 and "nothing to repair" in again.output, again.output
+
+
+def test_repair_adds_the_overwrite_slots_run_and_names_the_folders_it_leaves_out(settings):
+    """Review repro: repair of a readable registry skipped the overwrite slot: an older registry restored beside a
+    `current` folder holding a later run left that revision unregistered, and the next overwrite run took its
+    number again. And a newer folder whose report cannot be read, or a version folder copied under another
+    adapter's name, was passed over in silence ("nothing to repair"), where a rebuild names it."""
+    import shutil
+
+    write_export(settings)
+    slot = FAST | {"adapterName": "scratch", "adapterStrategy": "overwrite"}
+    assert run_lora(parse_params(slot), settings).report["revision"] == 1
+    older = registry.registry_path(settings).read_bytes()
+    assert run_lora(parse_params(slot | {"seed": 8}), settings).report["revision"] == 2
+    registry.registry_path(settings).write_bytes(older)
+    shutil.copytree(settings.adapters_dir / "scratch" / "current", settings.adapters_dir / "nova" / "v1")
+    (settings.adapters_dir / "scratch" / "v9").mkdir()
+    (settings.adapters_dir / "scratch" / "v9" / registry.REPORT_FILE).write_text("{")
+    r = CliRunner().invoke(app, ["adapters", "repair"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("Added scratch@current revision 2: its folder holds a finished run"), lines
+    left = "\n".join(lines[1:])
+    assert "Left out nova/v1 (its training-report.json is of adapter 'scratch')" in left, left
+    assert "Left out scratch/v9 (its training-report.json cannot be read" in left, left
+    versions = registry.list_adapters(settings)["scratch"]["versions"]
+    assert [(v["version"], v.get("revision"), bool(v.get("replaced"))) for v in versions] == [
+        ("current", 1, True),
+        ("current", 2, False),
+    ]
+    assert "nova" not in registry.list_adapters(settings)
+    assert run_lora(parse_params(slot | {"seed": 9}), settings).report["revision"] == 3

@@ -1687,7 +1687,7 @@ def repair(settings: Settings) -> dict[str, Any]:
                 for a in data["adapters"].values()
                 for e in _settle_orphans(settings, a)
             ]
-            added = _add_unregistered(settings, data)
+            added, skipped = _add_unregistered(settings, data)
             if settled or added:
                 _save(settings, data)
             count = sum(len(a["versions"]) for a in data["adapters"].values())
@@ -1698,7 +1698,7 @@ def repair(settings: Settings) -> dict[str, Any]:
                 "adapters": sorted(data["adapters"]),
                 "settled": settled,
                 "added": added,
-                "skipped": [],
+                "skipped": skipped,
             }
         else:
             rebuilt = rebuild(settings)
@@ -1729,34 +1729,56 @@ def repair(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _add_unregistered(settings: Settings, data: dict[str, Any]) -> list[str]:
-    """Numbered version folders holding a finished run that a readable registry lacks (an older registry
-    restored from a backup beside newer folders), added to `data` as `rebuild` describes them; "NAME@VERSION"
-    of each. What is active is left as the registry says it."""
+def _add_unregistered(settings: Settings, data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Version folders holding a finished run that a readable registry lacks (an older registry restored from a
+    backup beside newer folders), added to `data` as `rebuild` describes them: a numbered version it does not
+    name, and a revision of the overwrite slot it does not know (then the slot's own; the others it knew are
+    replaced). Returns ("NAME@VERSION" added, "NAME/VERSION (why)" left out). What is active stays as it was."""
     added: list[str] = []
+    skipped: list[str] = []
     for report_path in _report_files(settings):
         folder = report_path.parent
-        name = folder.parent.name
-        known = {e["version"] for e in data["adapters"].get(name, {}).get("versions", [])}
-        if folder.name == SLOT or folder.name in known:
+        versions = data["adapters"].get(folder.parent.name, {}).get("versions", [])
+        if folder.name != SLOT and any(e["version"] == folder.name for e in versions):
             continue
-        try:
-            report = read_json(report_path)
-        except (DamagedFile, OSError):
-            continue  # cannot be described: left on disk, as rebuild leaves it
-        if not isinstance(report, dict) or report.get("status") != "succeeded" or report.get("version") != folder.name:
+        entry, left_out = _folder_entry(report_path)
+        if entry is None:
+            skipped += [left_out] if left_out else []
             continue
-        entry = _entry_from_report(name, folder, report)
-        entry["gate"] = _kept_gate(folder)
-        if _entry_problem(name, entry) is not None:
+        slot = [e for e in versions if e["version"] == SLOT]
+        if folder.name == SLOT and any(e.get("revision") == entry.get("revision") for e in slot):
             continue
-        adapter = _adapter(data, name)
+        for old in slot:  # the folder holds the slot's run: the revisions the registry knew were replaced
+            old["replaced"] = True
+        adapter = _adapter(data, entry["name"])
         adapter["versions"].append(entry)
         adapter["versions"].sort(key=lambda e: (version_number(e["version"]), e.get("revision") or 0))
-        numbered = [e["version"] for e in adapter["versions"] if e["version"] != SLOT]
-        adapter["aliases"]["latest"] = numbered[-1] if numbered else adapter["aliases"].get("latest")
-        added.append(f"{name}@{folder.name}")
-    return added
+        adapter["aliases"]["latest"] = adapter["versions"][-1]["version"]
+        revision = f" revision {entry['revision']}" if folder.name == SLOT and entry.get("revision") else ""
+        added.append(f"{entry['name']}@{folder.name}{revision}")
+    return added, skipped
+
+
+def _folder_entry(report_path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The registry entry a version folder's training report describes (with the gate outcome its gate.json
+    keeps), or None and why it is left out ("NAME/VERSION (why)"; None too when the folder holds no finished
+    run: a failed run's report describes no adapter). A folder left out stays on disk."""
+    folder = report_path.parent
+    name = folder.parent.name
+    where = f"{name}/{folder.name}"
+    try:
+        report = read_json(report_path)
+    except (DamagedFile, OSError) as exc:
+        return None, f"{where} (its {REPORT_FILE} cannot be read: {_why(exc)})"
+    if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
+        return None, None
+    if report.get("adapterName") not in (None, name):  # a folder copied under another adapter's name
+        return None, f"{where} (its {REPORT_FILE} is of adapter {report['adapterName']!r})"
+    entry = _entry_from_report(name, folder, report)
+    entry["gate"] = _kept_gate(folder)
+    if problem := _entry_problem(name, entry):  # a report that cannot say what it was trained on
+        return None, f"{where} (its {REPORT_FILE} {problem})"
+    return entry, None
 
 
 def _marked_stale(settings: Settings) -> list[str]:
@@ -1776,23 +1798,11 @@ def rebuild(settings: Settings) -> dict[str, Any]:
     (why)" of each version folder left out, for the user to look at (it stays on disk)."""
     data: dict[str, Any] = {"format": FORMAT, "adapters": {}, "skipped": []}
     for report_path in _report_files(settings):
-        folder = report_path.parent
-        name = folder.parent.name
-        where = f"{name}/{folder.name}"
-        try:
-            report = read_json(report_path)
-        except (DamagedFile, OSError) as exc:
-            data["skipped"].append(f"{where} (its {REPORT_FILE} cannot be read: {_why(exc)})")
-            continue  # a folder whose report is unreadable cannot be described; it stays on disk
-        if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
-            continue  # not a finished run's version (a failed run's report describes no adapter)
-        entry = _entry_from_report(name, folder, report)
-        entry["gate"] = _kept_gate(folder)
-        problem = _entry_problem(name, entry)
-        if problem is None:
-            _adapter(data, name)["versions"].append(entry)
-        else:  # a report that cannot say what it was trained on stays on disk
-            data["skipped"].append(f"{where} (its {REPORT_FILE} {problem})")
+        entry, left_out = _folder_entry(report_path)
+        if entry is not None:
+            _adapter(data, entry["name"])["versions"].append(entry)
+        elif left_out:
+            data["skipped"].append(left_out)
     for adapter in data["adapters"].values():
         adapter["versions"].sort(
             key=lambda e: (version_number(e["version"]), e.get("revision") or 0, e.get("created") or "")

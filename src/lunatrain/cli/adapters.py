@@ -297,13 +297,13 @@ def repair_cmd() -> None:
     if not result["repaired"]:
         if not result["settled"] and not result.get("added"):
             readable = f"The registry is readable ({counted(result['versions'], 'version')})"
-            typer.echo(f"{readable}; nothing {'else ' if result['stale'] else ''}to repair.")
-        return
-    kept = f"; the damaged file is kept as {result['damagedFile']}" if result["damagedFile"] else ""
-    typer.echo(
-        f"Rebuilt the registry with {counted(result['versions'], 'version')} of "
-        f"{counted(len(result['adapters']), 'adapter')}{kept}."
-    )
+            typer.echo(f"{readable}; nothing {'else ' if result['stale'] or result['skipped'] else ''}to repair.")
+    else:
+        kept = f"; the damaged file is kept as {result['damagedFile']}" if result["damagedFile"] else ""
+        typer.echo(
+            f"Rebuilt the registry with {counted(result['versions'], 'version')} of "
+            f"{counted(len(result['adapters']), 'adapter')}{kept}."
+        )
     for folder in result["skipped"]:
         typer.echo(
             f"Left out {folder}: it stays on disk; train it again, or fix the file, move "
