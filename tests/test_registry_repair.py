@@ -716,6 +716,8 @@ def test_repair_adds_the_versions_an_older_registry_restored_from_a_backup_lacks
     brought back a registry without v2, while data/adapters/luna/v2 stayed with its training report: `adapters
     list` and `show` did not know it, and `adapters repair` said "readable (1 version); nothing to repair". Repair
     adds the versions the folders hold and the registry lacks, and says so; what is active stays as it was."""
+    import shutil
+
     write_export(settings)
     run_lora(parse_params(FAST | {"adapterName": "luna"}), settings)
     older = registry.registry_path(settings).read_bytes()  # the backup's registry: v1 only
@@ -735,6 +737,11 @@ def test_repair_adds_the_versions_an_older_registry_restored_from_a_backup_lacks
     assert registry.load(settings)["adapters"]["luna"]["aliases"]["latest"] == "v2"
     again = CliRunner().invoke(app, ["adapters", "repair"])
     assert again.exit_code == 0 and "nothing to repair" in again.output, again.output
+    # Review repro: a version folder copied under another number was added, the same run registered twice
+    shutil.copytree(settings.adapters_dir / "luna" / "v1", settings.adapters_dir / "luna" / "v3")
+    copied = CliRunner().invoke(app, ["adapters", "repair"])
+    assert "Left out luna/v3 (its training-report.json is of version 'v1')" in copied.output, copied.output
+    assert [v["version"] for v in registry.list_adapters(settings)["luna"]["versions"]] == ["v1", "v2"]
 
 
 def test_repair_adds_the_overwrite_slots_run_and_names_the_folders_it_leaves_out(settings):

@@ -1753,7 +1753,12 @@ def _add_unregistered(settings: Settings, data: dict[str, Any]) -> tuple[list[st
         adapter = _adapter(data, entry["name"])
         adapter["versions"].append(entry)
         adapter["versions"].sort(key=lambda e: (version_number(e["version"]), e.get("revision") or 0))
-        adapter["aliases"]["latest"] = adapter["versions"][-1]["version"]
+        latest = adapter["aliases"].get("latest")
+        # A higher number is later; a slot run and a numbered version say nothing of their order: kept as it was.
+        if latest is None or (
+            SLOT not in (latest, folder.name) and version_number(folder.name) > version_number(latest)
+        ):
+            adapter["aliases"]["latest"] = folder.name
         revision = f" revision {entry['revision']}" if folder.name == SLOT and entry.get("revision") else ""
         added.append(f"{entry['name']}@{folder.name}{revision}")
     return added, skipped
@@ -1772,8 +1777,11 @@ def _folder_entry(report_path: Path) -> tuple[dict[str, Any] | None, str | None]
         return None, f"{where} (its {REPORT_FILE} cannot be read: {_why(exc)})"
     if not isinstance(report, dict) or report.get("status") != "succeeded" or not report.get("version"):
         return None, None
-    if report.get("adapterName") not in (None, name):  # a folder copied under another adapter's name
+    # A folder copied under another adapter's or version's name: the run is registered under its own already.
+    if report.get("adapterName") not in (None, name):
         return None, f"{where} (its {REPORT_FILE} is of adapter {report['adapterName']!r})"
+    if report["version"] != folder.name:
+        return None, f"{where} (its {REPORT_FILE} is of version {report['version']!r})"
     entry = _entry_from_report(name, folder, report)
     entry["gate"] = _kept_gate(folder)
     if problem := _entry_problem(name, entry):  # a report that cannot say what it was trained on
