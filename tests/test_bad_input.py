@@ -1427,6 +1427,38 @@ def test_a_trainer_whose_device_probe_failed_probes_again_for_a_job(
         assert health["status"] == "ok" and health["device"]["type"] == "cpu", health
 
 
+def test_a_job_request_waits_for_a_slow_probe_only_so_long(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review repro: a job request waited for a later device probe without a limit; a probe that hung (up to its
+    300 s answer timeout) held the request, and a trainer asked to stop waited for it. The request is refused
+    after a while with what is under way; the probe goes on, and a later request finds its outcome."""
+    import threading
+
+    from lunatrain.models import device_info
+    from lunatrain.service import device, warm
+    from lunatrain.service.app import create_app as trainer_app
+
+    from trainer_helpers import wait_for
+
+    tries, release = [], threading.Event()
+
+    def start(self) -> dict:
+        tries.append("try")
+        if len(tries) == 1:
+            raise OSError(24, "Too many open files")
+        release.wait(60)
+        return device_info()
+
+    monkeypatch.setattr(warm.WarmWorker, "start", start)
+    monkeypatch.setattr(device, "RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(device, "PROBE_WAIT_SECONDS", 0.2)
+    with TestClient(trainer_app(settings), base_url="http://127.0.0.1") as client:
+        refused = client.post("/jobs/check", json={"baseModel": "luna-tiny"})
+        assert refused.status_code == 503 and "probing its device again" in refused.json()["error"]["message"]
+        release.set()
+        assert wait_for(lambda: client.get("/health").json()["status"] == "ok", timeout=60)
+        assert client.post("/jobs/check", json={"baseModel": "luna-tiny"}).status_code == 200
+
+
 @pytest.mark.slow  # a real warm worker, started by the second probe
 def test_the_warm_worker_a_later_probe_starts_lives_on_after_the_request(
     settings: Settings, monkeypatch: pytest.MonkeyPatch

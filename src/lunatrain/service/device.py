@@ -23,6 +23,8 @@ log = logging.getLogger("lunatrain.trainer")
 # --- the HTTP app --------------------------------------------------------------------------------
 # How often a failed probe is tried again (each try starts a child that imports torch: seconds of CPU).
 RETRY_SECONDS = 30.0
+# How long a job request waits for a probe under way before it is refused (the probe goes on).
+PROBE_WAIT_SECONDS = 30.0
 
 
 class DeviceProbe:
@@ -87,7 +89,14 @@ class DeviceProbe:
         """ServiceUnavailable with the probe's failure, when it failed again now (a job is refused before it is
         planned)."""
         if self._due():
-            self._prober.submit(self._retry).result()  # after a try under way, if one is
+            try:  # after a try under way, if one is; a probe that hangs holds no request (nor a shutdown) long
+                self._prober.submit(self._retry).result(timeout=PROBE_WAIT_SECONDS)
+            except TimeoutError:
+                raise ServiceUnavailable(
+                    f"The trainer is probing its device again (it failed before: {self.reason}); try again in a "
+                    "minute.",
+                    params={"detail": "trainer.no_device", "why": self.reason},
+                ) from None
         if self.failure:
             raise ServiceUnavailable(self.failure, params={"detail": "trainer.no_device", "why": self.reason})
 
