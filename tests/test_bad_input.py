@@ -1061,8 +1061,11 @@ def test_head_answers_as_get_without_a_body(settings: Settings, path: str) -> No
             "limit must be at most 2^62 (got 99999999999999999999).",
         ),
         # CLI repro: `jobs list --help` printed its bound as [0<=x<=4611686018427387904]
-        (("jobs", "list", "--offset", "4611686018427387905"), "offset must be at most 2^62 (got 4611686018427387905)."),
-        (("jobs", "list", "--offset", "-1"), "offset must be 0 or more (got -1)."),
+        (
+            ("jobs", "list", "--offset", "4611686018427387905"),
+            "--offset must be at most 2^62 (got 4611686018427387905).",
+        ),
+        (("jobs", "list", "--offset", "-1"), "--offset must be 0 or more (got -1)."),
     ],
 )
 def test_a_page_bound_out_of_range_names_the_bound_and_its_rule(seeded: Settings, args, said) -> None:

@@ -26,10 +26,11 @@ from .errors import UsageError
 INT_MAX = 2**62
 
 
-def check_page(limit: int, offset: int) -> None:
+def check_page(limit: int, offset: int, *, flags: bool = False) -> None:
     """A page's `limit` (1 or more) and `offset` (0 or more), each at most INT_MAX; UsageError naming the one
-    out of bounds (said as 2^62, not its 19 digits)."""
-    for name, value, least in (("limit", limit, 1), ("offset", offset, 0)):
+    out of bounds (said as 2^62, not its 19 digits), as a command line's option with `flags` (`--offset`)."""
+    dashes = "--" if flags else ""
+    for name, value, least in ((f"{dashes}limit", limit, 1), (f"{dashes}offset", offset, 0)):
         if value < least:
             raise UsageError(f"{name} must be {least} or more (got {value}).")
         if value > INT_MAX:

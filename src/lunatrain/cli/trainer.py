@@ -155,7 +155,9 @@ def jobs_list(
 ) -> None:
     """List jobs, newest first (--json: the API's `{object: "list", data: [Job], hasMore}`)."""
     try:
-        check_page(limit, offset)  # before a trainer is asked (typer's own bound would print 2^62's 19 digits)
+        check_page(
+            limit, offset, flags=True
+        )  # before a trainer is asked (typer's own bound would print 2^62's 19 digits)
         page = trainer_client.job_page(load_settings(), limit=limit, offset=offset, status=status)
     except LunaError as err:
         raise fail(err) from None
