@@ -72,7 +72,7 @@ class DeviceProbe:
 
     def _retry(self) -> None:
         """Probe again when the last probe failed and RETRY_SECONDS have passed (on the prober's thread)."""
-        if self.failure is not None and time.monotonic() - self._tried >= RETRY_SECONDS:
+        if self._due():  # asked again once, by a request that waited for the one before
             self._probe()
             if self.failure is None:
                 self.found()

@@ -21,7 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import JSON_FAULTS, LISTED_PROBLEMS, LunaError, UsageError, json_fault, said, some
-from .security import under_prefix
+from .security import openai_error_body, under_prefix
 
 log = logging.getLogger("lunatrain.api")
 
@@ -133,7 +133,7 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
         import json
 
         err = json.loads(response.body)["error"]
-        body = {"message": err["message"], "type": "invalid_request_error", "param": None, "code": err["code"]}
+        body = openai_error_body(response.status_code, err["message"], err["code"])
         headers = {k: v for k, v in response.headers.items() if k.lower() == "allow"}
         return JSONResponse({"error": body}, status_code=response.status_code, headers=headers or None)
     return response

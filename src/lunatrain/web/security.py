@@ -152,6 +152,7 @@ OPENAI_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
@@ -159,6 +160,11 @@ OPENAI_TYPES = {
     429: "rate_limit_error",
     503: "server_error",
 }
+
+
+def openai_error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, object]:
+    """An error in OpenAI's shape (the value of the body's `error`): its four fields, `type` by the status."""
+    return {"message": message, "type": OPENAI_TYPES.get(status, "api_error"), "param": param, "code": code}
 
 
 def under_prefix(path: str, prefix: str | None) -> bool:
@@ -404,9 +410,7 @@ async def _reply(
     extra: list | None = None,
     openai: bool = False,
 ) -> None:
-    error: dict[str, object] = {"code": code, "message": message}
-    if openai:
-        error = {"message": message, "type": OPENAI_TYPES.get(status, "api_error"), "param": None, "code": code}
+    error = openai_error_body(status, message, code) if openai else {"code": code, "message": message}
     body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:  # the unread rest of the body would otherwise be parsed as the next request

@@ -31,7 +31,7 @@ from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode, join_parts
 from ...settings import Settings
 from ...web.handlers import not_json, undecodable_body
-from ...web.security import OPENAI_TYPES
+from ...web.security import openai_error_body
 from ...wire import parse_iso
 from ..deps import SettingsDep, errors
 
@@ -243,12 +243,7 @@ def openai_error(
     params: dict[str, object] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, object] = {
-        "message": message,
-        "type": OPENAI_TYPES.get(status, "api_error"),
-        "param": param,
-        "code": code,
-    }
+    body = openai_error_body(status, message, code, param)
     # Beyond OpenAI's four fields, only where the sentence names values: the dashboard says it in its language.
     if params:
         body["params"] = params
