@@ -407,3 +407,19 @@ def test_eval_gate_on_a_base_without_template_takes_chat_template(settings, bare
     assert r.exit_code in (0, 1), r.output  # a decision either way: the base model was evaluated
     report = json.loads(r.output[r.output.index("{") :])
     assert report["candidate"]["kind"] == "base" and report["metrics"]["goldenTotal"] > 0
+
+
+def test_every_family_template_as_a_file_passes_the_check_before_it_is_stored(settings, tmp_path):
+    """A .jinja file is parsed before it is stored (a file that is no template is refused): each family's shape
+    (ChatML, Llama 3, Gemma, [INST], Llama 2, Phi-3, Zephyr, thinking, Gemma 2's refusing one) and the bundled
+    templates pass, stored byte for byte."""
+    from lunatrain.templates import bundled_names, load_template, store_template
+
+    from family_templates import FAMILIES, REFUSING
+
+    shapes = {name: spec[0] for name, spec in (FAMILIES | REFUSING).items()}
+    shapes |= {f"bundled-{name}": load_template(name, settings) for name in bundled_names()}
+    for name, template in shapes.items():
+        path = tmp_path / f"{name}.jinja"
+        path.write_text(template, "utf-8")
+        assert load_template(store_template(path, settings), settings) == template, name
