@@ -29,9 +29,11 @@ export function onUnauthorized(handler) {
   unauthorized = handler;
 }
 
-/** A call was refused for a missing or wrong token: request() says so, and the chat panel's own fetch. */
-export function tokenRefused() {
-  unauthorized();
+/** A call sent with `sent` (its headers) was refused for a missing or wrong token: request() says so, and the
+ * chat panel's own fetch. Only a refusal of the token still in effect asks for one: a call sent before the user
+ * gave it (the page's first load) may be answered after, over the page that token loaded. */
+export function tokenRefused(sent) {
+  if ((sent?.Authorization ?? null) === (authHeaders().Authorization ?? null)) unauthorized();
 }
 
 /** Whether a header can carry `token`: the server's tokens are printable ASCII, and a browser refuses to send
@@ -73,7 +75,7 @@ async function request(method, path, { body, query } = {}) {
     data = null; // a proxy's HTML error page: fall through to the status line below
   }
   if (!response.ok) {
-    if (response.status === 401) tokenRefused();
+    if (response.status === 401) tokenRefused(headers);
     const err = data?.error;
     // Without a message (a proxy's error page) the status says it; its reason phrase is English, so not that.
     const message = err?.message || (typeof data?.detail === "string" ? data.detail : "") ||
@@ -127,16 +129,17 @@ export function hasToken() {
  * download would be a blocked pop-up), and shows the file once it arrived. Throws an ApiError as request() does.
  */
 export async function openWithToken(url) {
+  const sent = authHeaders();
   const tab = window.open("", "_blank");
   try {
     let response;
     try {
-      response = await fetch(url, { headers: authHeaders() });
+      response = await fetch(url, { headers: sent });
     } catch {
       throw new ApiError(0, "network", t("err.network"));
     }
     if (!response.ok) {
-      if (response.status === 401) tokenRefused();
+      if (response.status === 401) tokenRefused(sent);
       let err = null;
       try {
         err = (await response.json())?.error ?? null;

@@ -12,17 +12,18 @@ const $ = (id) => document.getElementById(id);
 /** POST a streamed chat request; `onPiece(text)` per content delta. Resolves {finish, usage, model}. */
 export async function streamChat(body, onPiece) {
   let response;
+  const headers = authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" });
   try {
     response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+      headers,
       body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
     });
   } catch {
     throw new ApiError(0, "network", t("err.network"));
   }
   if (!response.ok) {
-    if (response.status === 401) tokenRefused(); // the page asks for the token, as for any other panel's call
+    if (response.status === 401) tokenRefused(headers); // the page asks for the token, as for any other panel's call
     const err = await response.json().catch(() => null);
     throw new ApiError(response.status, err?.error?.code ?? `http_${response.status}`,
       err?.error?.message ?? t("err.http", { status: response.status }), null, err?.error?.params ?? null);
