@@ -2138,3 +2138,83 @@ def test_a_refusal_of_a_call_sent_before_the_token_was_given_does_not_ask_again(
     expect(page.locator("#token-form")).to_be_hidden()
     expect(page.locator("#api-token-error")).to_be_hidden()
     expect(page.locator("#main")).to_be_focused()
+
+
+LONG_NAME = "a" + "b" * 62 + "z"  # the longest adapter name allowed, one word
+LONG_BASE = (
+    "/srv/modelle/Sprachmodellfeinabstimmungsexperimentierumgebung/"
+    "Kundenkommunikationsqualitaetssicherungsbeauftragtenassistenzsystem-Basismodell-v3"
+)
+
+
+def _long_named() -> dict:
+    """Two bases, the second at a long path, each with versions of a 64-character adapter: v2 active, v1 not
+    (its reason names the active one)."""
+
+    def version(v: str, active: bool) -> dict:
+        state = {"active": True, "code": "adapter.active", "params": {}} if active else {
+            "active": False, "code": "adapter.other_version_active", "params": {"name": LONG_NAME, "activeVersion": "v2"},
+        }  # fmt: skip
+        return {"version": v, "created": "2026-12-01T10:00:00Z", "metrics": {"valLoss": 2.5}, "state": state}
+
+    adapter = {"name": LONG_NAME, "aliases": {"active": "v2", "latest": "v2"}}
+    return {
+        "bases": [
+            {
+                "baseModel": "luna-tiny",
+                "adapters": [adapter | {"versions": [version("v2", True), version("v1", False)]}],
+            },
+            {"baseModel": LONG_BASE, "configured": False, "adapters": [adapter | {"versions": [version("v1", False)]}]},
+        ]
+    }
+
+
+def _fits(page, selector: str) -> list:
+    """[scrollWidth, clientWidth] of each element matching `selector` that is wider than its box."""
+    return page.evaluate(
+        """(sel) => [...document.querySelectorAll(sel)].map((el) => [sel, el.scrollWidth, el.clientWidth])
+            .filter(([, scroll, client]) => scroll > client + 1)""",
+        selector,
+    )
+
+
+@pytest.mark.parametrize("query", ["", "?lang=en"])
+def test_long_names_and_paths_wrap_instead_of_widening_the_page(browser, services: Services, query: str) -> None:
+    """Repros at 360 and 1280 px: a 64-character adapter name in a version's "active is …" note pushed the
+    table's actions out of its box at every width; the confirm dialog cut the question naming it; the buttons
+    of queued jobs with that name widened the page at phone width, as did a base model's long path in its
+    group's heading and a field error quoting such a path; and the loss axis wrote 8.04 twice for ticks 0.005
+    apart."""
+    running = _job("ftjob-running", "running", LONG_NAME)
+    queued = [_job(f"ftjob-queued{i}", "queued", LONG_NAME) for i in range(3)]
+    points = [{"seq": i + 1, "type": "progress", "step": i + 1, "loss": x} for i, x in enumerate((8.0308, 8.0429))]
+    for width in (1280, 360):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        try:
+            page = context.new_page()
+            answer(page, "**/assistant/training/adapters", _long_named())
+            route_job_lists(page, {"running": [running], "queued": queued})
+            answer(page, "**/assistant/training/lora/status*", running)
+            answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": points, "lastSeq": 2, "hasMore": False})
+            open_page(page, services, query)
+            expect(page.locator("#job-others button")).to_have_count(3)
+            expect(page.locator("#loss-chart .chart-train")).to_have_count(1)
+            if width > 1000:  # wide enough for the table: nothing of it hides beyond its box
+                assert _fits(page, ".adapter-group .table-wrap") == []
+            labels = page.locator("#loss-chart .chart-grid text").all_text_contents()
+            assert len(labels) == len(set(labels)), labels
+
+            page.locator("details.advanced > summary").click()
+            page.locator("#f-baseModel").fill(LONG_BASE.replace("/srv/", "./") + "9")
+            page.locator("#f-baseModel").press("Tab")
+            expect(page.locator("#f-baseModel-error")).to_contain_text("Kundenkommunikations")
+            assert _fits(page, "#f-baseModel-error, .adapter-group h3, .badge-note") == []
+            widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert widths[0] <= widths[1], f"the page scrolls sideways at {width} px: {widths}"
+
+            page.locator(".adapter-group").first.locator("tr[data-version=v1] button").first.click()
+            expect(page.locator("#confirm-text")).to_contain_text(LONG_NAME)
+            assert _fits(page, "dialog[open], #confirm-text") == []
+            page.keyboard.press("Escape")
+        finally:
+            context.close()
