@@ -688,11 +688,12 @@ def test_a_base_model_in_a_local_directory_is_served_under_its_configured_path(t
     store.dispose_stores()
 
 
-@pytest.mark.parametrize("damage", ["missing", "weights", "config"])
+@pytest.mark.parametrize("damage", ["missing", "weights", "config", "tokenizer"])
 def test_a_base_model_the_server_cannot_load_is_503_not_the_clients_fault(tmp_path, damage: str) -> None:
     """Repro: with ASSISTANT_BASE_MODEL naming a directory that is gone, or whose weights or config.json are
     damaged, GET /v1/models or every chat request answered 400 invalid_request_error, which tells a client
-    (the official one raises BadRequestError) that its own request was wrong, and not to retry."""
+    (the official one raises BadRequestError) that its own request was wrong, and not to retry. One without
+    tokenizer files answered 500 (a prompt of no tokens reached the model)."""
     home = tmp_path / "home"
     served = tmp_path / "models" / "base"
     shutil.copytree(models.ensure_tiny(load_settings(home=home)), served)
@@ -701,6 +702,13 @@ def test_a_base_model_the_server_cannot_load_is_503_not_the_clients_fault(tmp_pa
     elif damage == "weights":
         with open(served / "model.safetensors", "r+b") as fh:
             fh.truncate(100)
+    elif damage == "tokenizer":  # a Qwen2 model: transformers builds its tokenizer of no files, knowing nothing
+        from family_templates import build_arch_model, save_vocab
+
+        shutil.rmtree(served)
+        build_arch_model(served, save_vocab(tmp_path / "vocab"), "qwen2", family="chatml-instruct")
+        (served / "tokenizer.json").unlink()
+        (served / "tokenizer_config.json").unlink()
     else:
         (served / "config.json").write_text("{bad", encoding="utf-8")
     settings = load_settings(home=home, base_model=str(served), lora_ensure_on_demand=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,82 @@ def test_a_base_model_that_needs_custom_code_is_refused_in_one_sentence(settings
     )
     (path / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.Luna"}}))
     assert models.resolve_base(str(path), settings).path == str(path)
+
+
+def _tiny_copy(settings, tmp_path: Path) -> Path:
+    import shutil
+
+    path = tmp_path / "base"
+    shutil.copytree(models.resolve_base(None, settings).path, path)
+    return path
+
+
+@pytest.mark.parametrize("left", ["tokenizer_config.json", "a Qwen2 tokenizer_config.json", None])
+def test_a_base_without_tokenizer_files_is_refused_before_any_work(settings, tmp_path, left):
+    """Repro: without tokenizer.json (tokenizer_config.json beside it) transformers built a tokenizer of the
+    special tokens only; prepare said OK, the run trained the template's markers alone, the gate passed and
+    the server answered "" to everything. Without any tokenizer file the refusal blamed the chat template,
+    and the server answered 500."""
+    path = _tiny_copy(settings, tmp_path)
+    (path / "tokenizer.json").unlink()
+    if left is None:
+        (path / "tokenizer_config.json").unlink()
+    elif left.startswith("a Qwen2"):  # a class transformers builds without files: special tokens only
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "Qwen2Tokenizer"}))
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(str(path), settings)
+    assert err.value.code == "base_model.no_vocabulary", err.value.message
+    assert err.value.message == (
+        f"Base model {str(path)!r} has no tokenizer vocabulary in {path} (no tokenizer.json, nor vocab.json with "
+        "merges.txt): every text would be tokenized to nothing; copy the model's tokenizer files there."
+    )
+
+
+def test_a_base_with_only_a_sentencepiece_model_is_told_how_to_get_tokenizer_json(settings, tmp_path):
+    """Repro: a tokenizer.model without tokenizer.json (older Llama and Mistral folders), where the
+    sentencepiece package is missing, was refused with transformers' "Install it with `pip install tiktoken`"."""
+    path = _tiny_copy(settings, tmp_path)
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.model").write_bytes(b"\x0a\x0b not a sentencepiece model")
+    (path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(str(path), settings)
+    assert err.value.code == "base_model.no_fast_tokenizer", err.value.message
+    assert "(it has only a SentencePiece tokenizer.model)" in err.value.message
+    assert "save_pretrained(folder)" in err.value.message and "tiktoken" not in err.value.message
+
+
+def test_shards_without_their_index_are_refused_when_the_base_is_resolved(settings, tmp_path):
+    """Repro: shards without model.safetensors.index.json passed prepare; the run failed at loading."""
+    path = _tiny_copy(settings, tmp_path)
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    with pytest.raises(UsageError) as err:
+        models.resolve_base(str(path), settings)
+    assert err.value.code == "base_model.no_index", err.value.message
+    assert err.value.message == (
+        f"Base model {str(path)!r} has neither model.safetensors nor the model.safetensors.index.json that names "
+        f"its shards in {path} (it holds model-00001-of-00001.safetensors); copy the index that came with the shards."
+    )
+
+
+def test_a_model_type_transformers_does_not_know_is_refused_in_one_sentence(settings, tmp_path):
+    """Repro: a config.json of an unknown model_type without auto_map passed prepare; the run failed with
+    transformers' lines advising to upgrade it from git."""
+    import json
+
+    import transformers
+
+    path = _tiny_copy(settings, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "lunafancy"}))
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(str(path), settings)
+    assert err.value.code == "base_model.unknown_type", err.value.message
+    assert err.value.message == (
+        f"Base model {str(path)!r} is of model_type 'lunafancy', which transformers {transformers.__version__} "
+        "does not know; use a model of an architecture it ships."
+    )
 
 
 def test_hashes_follow_tokenizer_and_template(settings):

@@ -62,6 +62,10 @@ CODES: dict[str, str] = {
     "base_model.no_weights": "the base model's directory has no safetensors weights (baseModel, path)",
     "base_model.unsafe_index": "the base model's weights index names files that are not safetensors in it (baseModel, problem)",
     "base_model.custom_code": "the base model needs its own Python code, never run (baseModel, modelType)",
+    "base_model.no_index": "the base model's shards lack their model.safetensors.index.json (baseModel, path, files)",
+    "base_model.unknown_type": "the base model's model_type is unknown to transformers (baseModel, modelType)",
+    "base_model.no_fast_tokenizer": "the base model has no tokenizer.json (baseModel, path)",
+    "base_model.no_vocabulary": "the base model's tokenizer has no vocabulary (baseModel, path)",
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel; folder: that "
     "folder under the data root, gone)",
     "adapter.version_not_active": "the named version is active on no base model (name, version)",

@@ -363,6 +363,17 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
             code="base_model.no_weights",
             params={"baseModel": ref, "path": str(path)},
         )
+    named = "model.safetensors" in {w.name for w in weights} or os.path.lexists(path / "model.safetensors.index.json")
+    if not named:
+        # transformers loads model.safetensors, or the shards its index names: shards without the index (a
+        # download cut to `*.safetensors`), or weights under another name, would fail only once a run began.
+        found = ", ".join(w.name for w in weights[:3]) + (", …" if len(weights) > 3 else "")
+        raise UsageError(
+            f"Base model {ref!r} has neither model.safetensors nor the model.safetensors.index.json that names "
+            f"its shards in {path} (it holds {found}); copy the index that came with the shards.",
+            code="base_model.no_index",
+            params={"baseModel": ref, "path": str(path), "files": found},
+        )
     _refuse_unsafe_index(path, ref)
     config_bytes = config.read_bytes()
     _refuse_custom_code(config_bytes, path, ref)
@@ -649,17 +660,79 @@ def load_chat_tokenizer(
 
     info = ref if isinstance(ref, BaseModelInfo) else resolve_base(ref, settings)
     check_utf8_path(info.path, f"base model {info.id!r}")
+    _refuse_unknown_type(info)
     try:
         tok = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
+        if _only_sentencepiece(info):  # transformers' reason then names an unrelated package (tiktoken)
+            raise _no_fast_tokenizer(info) from None
+        if not Path(info.path, "tokenizer.json").is_file():  # its reason: several lines on slow tokenizers
+            raise _no_vocabulary(info) from None
         raise UsageError(f"The tokenizer of base model {info.id!r} could not be loaded: {exc}") from exc
     if not getattr(tok, "is_fast", False):
-        raise UsageError(f"Base model {info.id!r} has no fast tokenizer (tokenizer.json); lunatrain needs one.")
+        raise _no_fast_tokenizer(info)
+    _refuse_empty_vocabulary(tok, info)
     added = apply_template(tok, chat_template, settings, info.id) if chat or chat_template or tok.chat_template else []
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out anyway; a pad id just has to exist
     quiet_too_long_warning(tok)
     return tok, added
+
+
+def _only_sentencepiece(info: BaseModelInfo) -> bool:
+    folder = Path(info.path)
+    return (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
+
+
+def _no_fast_tokenizer(info: BaseModelInfo) -> UsageError:
+    said = " (it has only a SentencePiece tokenizer.model)" if _only_sentencepiece(info) else ""
+    return UsageError(
+        f"Base model {info.id!r} has no fast tokenizer (tokenizer.json){said}; lunatrain needs one: copy the "
+        "model's tokenizer.json into its folder, or write it there once with transformers where the "
+        "sentencepiece package is installed (AutoTokenizer.from_pretrained(folder).save_pretrained(folder)).",
+        code="base_model.no_fast_tokenizer",
+        params={"baseModel": info.id, "path": info.path},
+    )
+
+
+def _refuse_empty_vocabulary(tok: Any, info: BaseModelInfo) -> None:
+    """A folder without tokenizer.json (nor vocab.json and merges.txt) still gives transformers a "fast"
+    tokenizer: one that knows only the special tokens of tokenizer_config.json and turns every text into
+    nothing, or into unknown tokens. Trained on, it would teach only the template's markers, and pass."""
+    specials = set(tok.all_special_ids)
+    ids = tok("Hallo Welt, wie geht es?", add_special_tokens=False)["input_ids"]
+    if not [i for i in ids if i not in specials]:
+        raise _no_vocabulary(info)
+
+
+def _no_vocabulary(info: BaseModelInfo) -> UsageError:
+    return UsageError(
+        f"Base model {info.id!r} has no tokenizer vocabulary in {info.path} (no tokenizer.json, nor vocab.json "
+        "with merges.txt): every text would be tokenized to nothing; copy the model's tokenizer files there.",
+        code="base_model.no_vocabulary",
+        params={"baseModel": info.id, "path": info.path},
+    )
+
+
+def _refuse_unknown_type(info: BaseModelInfo) -> None:
+    """A model_type this transformers release does not ship, without `auto_map` (see `_refuse_custom_code`):
+    its model would fail to load only once a run began, with transformers' advice to upgrade it."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads(Path(info.path, "config.json").read_bytes())
+    except (OSError, ValueError):
+        return  # loading says what is wrong with it
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise UsageError(
+            f"Base model {info.id!r} is of model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know; use a model of an architecture it ships.",
+            code="base_model.unknown_type",
+            params={"baseModel": info.id, "modelType": model_type},
+        )
 
 
 def check_utf8_path(path: str | Path, what: str) -> None:
