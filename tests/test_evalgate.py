@@ -142,6 +142,36 @@ def test_shipped_suite_is_copied_when_none_exists_and_is_valid(settings):
     assert sorted(p.name for p in settings.eval_dir.glob("*.jsonl")) == ["mine.jsonl"]
 
 
+def test_gates_starting_together_on_a_fresh_root_each_read_the_whole_shipped_suite(tmp_path):
+    """Repro: the shipped suite was copied straight to its name, so a second gate starting at the same moment
+    (two threads of `serve`, a scheduled flow beside the dashboard) read it half written and refused it with
+    "has no cases" or "not valid JSON" about the shipped file (13 of 40 fresh roots, three threads each)."""
+    import threading
+
+    from lunatrain.settings import load_settings
+
+    expected = len(load_suite(load_settings(home=tmp_path / "alone")))
+    failed: list[str] = []
+    for n in range(30):
+        settings = load_settings(home=tmp_path / f"r{n}")
+        start = threading.Barrier(3)
+
+        def gate(settings=settings, start=start, n=n) -> None:
+            start.wait()
+            try:
+                if len(load_suite(settings)) != expected:
+                    failed.append(f"root {n}: a suite of other length")
+            except UsageError as exc:
+                failed.append(f"root {n}: {exc.message[:120]}")
+
+        threads = [threading.Thread(target=gate) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failed == []
+
+
 @pytest.mark.parametrize(
     ("check", "output", "stopped", "expected"),
     [

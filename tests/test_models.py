@@ -262,6 +262,48 @@ def test_a_model_type_transformers_does_not_know_is_refused_in_one_sentence(sett
     )
 
 
+def test_models_loaded_at_once_in_one_process_take_turns_and_leave_later_loads_working(settings, monkeypatch):
+    """Repro (`serve`: a first chat request beside an eval gate; a notebook's two threads): two models built
+    at once put back each other's replacements of torch's init functions, which then stayed; both loads and
+    every later one of the process failed with "Cannot copy out of meta tensor". Here the first build waits
+    inside until the second one has entered too, or for two seconds: they must never be inside at once."""
+    import threading
+
+    import transformers
+
+    models.resolve_base(None, settings)
+    originals = (torch.nn.init.normal_, torch.nn.init.zeros_, torch.linspace)
+    post_init = transformers.PreTrainedModel.post_init
+    inside, most, waited, second = [0], [0], [False], threading.Event()
+    lock = threading.Lock()
+
+    def watched(self, *args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            first, waited[0] = not waited[0], True
+        if first:  # once: a model calls post_init for its inner model too
+            second.wait(2.0)
+        else:
+            second.set()
+        try:
+            return post_init(self, *args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "post_init", watched)
+    loaded: list[object] = []
+    threads = [threading.Thread(target=lambda: loaded.append(models.load_model(None, settings))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and len(loaded) == 2
+    assert (torch.nn.init.normal_, torch.nn.init.zeros_, torch.linspace) == originals
+    models.load_model(None, settings)  # and the next one loads
+
+
 def test_hashes_follow_tokenizer_and_template(settings):
     tok = models.load_tokenizer(None, settings)
     th, tmh = models.tokenizer_hash(tok), models.template_hash(tok)

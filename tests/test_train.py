@@ -245,6 +245,52 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
     assert (other.path / "adapter_model.safetensors").read_bytes() != weights
 
 
+def test_runs_from_a_caller_without_gradients_another_default_dtype_or_two_threads_train_the_same_bytes(
+    settings, tmp_path
+):
+    """Repros of in-process use (a notebook): `run_lora` inside `torch.no_grad()` or `torch.inference_mode()`
+    failed at its first backward ("element 0 of tensors does not require grad"), recorded as a failed run;
+    after `torch.set_default_dtype(torch.float64)` it trained other LoRA weights than the command line, under
+    the same report; two runs in two threads broke every later model load of the process ("Cannot copy out
+    of meta tensor"), or trained other weights than a lone run (both drew from torch's one generator)."""
+    import shutil
+    import threading
+
+    from lunatrain.settings import load_settings
+
+    write_export(settings, make_records(24, val_every=5))
+    flags = {"maxSteps": 2, "epochs": 1}
+    lone = run_lora(_params(**flags), settings)
+    weights = (lone.path / "adapter_model.safetensors").read_bytes()
+    roots = {}
+    for name in ("inference_mode", "no_grad"):
+        shutil.copytree(settings.home, tmp_path / name, symlinks=True)
+        roots[name] = load_settings(home=tmp_path / name)
+    results: dict[str, object] = {}
+
+    def train(name: str) -> None:
+        with getattr(torch, name)():
+            try:
+                results[name] = run_lora(_params(**flags), roots[name])
+            except Exception as exc:  # said below, with the other thread's outcome
+                results[name] = exc
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        threads = [threading.Thread(target=train, args=(name,)) for name in roots]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_default_dtype(before)
+    for name, result in results.items():
+        assert isinstance(result, train_mod.TrainResult) and result.ok, (name, result)
+        assert (result.path / "adapter_model.safetensors").read_bytes() == weights, name
+    assert sorted(results) == sorted(roots)
+
+
 def test_a_cancel_during_the_last_step_is_honoured_before_the_run_publishes(settings):
     """Repro: a job cancelled while its last step ran was answered "cancelling", then finished the step,
     registered its version, skipped its gate and ended `succeeded`: the stop request was read only before

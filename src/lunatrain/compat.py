@@ -190,6 +190,35 @@ def keep_4bit_gradients(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+# --- building models ------------------------------------------------------------------------------
+
+_BUILDING = threading.RLock()
+
+
+@contextlib.contextmanager
+def building_model() -> Iterator[None]:
+    """Around every model transformers or PEFT builds in this process: `from_pretrained`, `from_config`,
+    `get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`.
+
+    transformers (5.24) replaces process-wide functions while it builds a model (the `torch.nn.init`
+    functions, `torch.linspace`, the default device) and puts them back after. Two builds at once in one
+    process (a first chat request beside an eval gate in `serve`, two runs in a notebook's threads) put back
+    each other's replacements, which then stay: every later load of that process fails with "Cannot copy out
+    of meta tensor". PEFT's new LoRA layers would also draw their initial weights under another build's no-op
+    init. So builds take turns. And they build at torch's float32 default: a caller's `torch.set_default_dtype`
+    would otherwise change the LoRA weights PEFT creates, and so the run, with nothing in its report saying so.
+    Goes when transformers builds without replacing process-wide functions (the dtype pin stays)."""
+    import torch
+
+    with _BUILDING:
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(before)
+
+
 # --- PEFT ----------------------------------------------------------------------------------------
 
 
@@ -201,7 +230,7 @@ def peft_wrapping() -> Iterator[None]:
     with a FutureWarning on every call: noise for the user, nothing they can act on. Remove this when PEFT
     asks `is_activation_checkpointing` instead.
     """
-    with warnings.catch_warnings():
+    with building_model(), warnings.catch_warnings():  # a model PEFT builds takes its turn too
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
 

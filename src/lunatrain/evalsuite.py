@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from .errors import JSON_FAULTS, LISTED_PROBLEMS, UsageError, json_fault, some
 from .formats import MAX_TEXT_LEN, NOT_UNICODE, is_unicode
+from .fsio import atomic_write_bytes
 from .messages import counted
 from .settings import Settings
 
@@ -122,8 +122,10 @@ def ensure_suite(settings: Settings) -> list[Path]:
     if not files:
         for entry in shipped_suite_dir().iterdir():
             if entry.name.endswith(".jsonl"):
-                with resources.as_file(entry) as src:
-                    shutil.copyfile(src, settings.eval_dir / entry.name)
+                # Whole or not at all: another gate starting at the same moment (a second thread of `serve`,
+                # a scheduled flow beside the dashboard) sees the file as soon as it exists, and must never
+                # read it half written ("has no cases", "not valid JSON" about the shipped suite).
+                atomic_write_bytes(settings.eval_dir / entry.name, entry.read_bytes())
         files = _suite_files(settings.eval_dir)[0]
     return files
 

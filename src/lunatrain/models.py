@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .compat import import_transformers, keep_4bit_gradients, quiet_too_long_warning
+from .compat import building_model, import_transformers, keep_4bit_gradients, quiet_too_long_warning
 from .errors import DamagedFile, LunaError, UsageError
 from .fsio import (
     atomic_write_text,
@@ -848,14 +848,15 @@ def load_model(
             "device_map": {"": torch.cuda.current_device() if device == "cuda" else "cpu"},
         }
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            info.path,
-            dtype=dtype or torch.float32,
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-            **extra,
-        )
+        with building_model():
+            model = AutoModelForCausalLM.from_pretrained(
+                info.path,
+                dtype=dtype or torch.float32,
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+                **extra,
+            )
     except UsageError:
         raise
     except Exception as exc:
@@ -926,7 +927,7 @@ def meta_model(info: BaseModelInfo) -> Any:
 
     try:
         config = AutoConfig.from_pretrained(info.path, trust_remote_code=False, local_files_only=True)
-        with torch.device("meta"):
+        with building_model(), torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"Base model {info.id!r} could not be built from its config.json: {exc}") from exc

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .compat import generation_cache_argument, import_transformers, peft_quiet, quiet_too_long_warning
+from .compat import (
+    building_model,
+    generation_cache_argument,
+    import_transformers,
+    peft_quiet,
+    quiet_too_long_warning,
+)
 from .errors import Conflict, DamagedFile, LunaError, NotFound, ServiceUnavailable, StorageError, UsageError
 from .formats import normalize_text
 from .settings import Settings
@@ -461,7 +467,7 @@ class Engine:
                 details={"param": "model", "code": "storage_error"},
             )
         try:
-            with peft_quiet():
+            with building_model(), peft_quiet():
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
                 else:

@@ -28,6 +28,7 @@ import hashlib
 import math
 import shlex
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -171,6 +172,9 @@ class Run(LoopState):
 # --- entry point ----------------------------------------------------------------------------------
 
 
+_ONE_RUN = threading.Lock()
+
+
 def run_lora(
     params: LoraParams | dict,
     settings: Settings,
@@ -185,8 +189,18 @@ def run_lora(
     eval gate will judge the run, so an overwrite run waits beside its slot (registry.settle_slot)."""
     params = parse_params(params) if isinstance(params, dict) else params
     _import_stack(params)
+    import torch
+
     world = distributed.from_env()
-    with distributed.process_group(world, _group_device(params)):
+    # One run at a time in a process (a notebook's threads): a run seeds and draws from torch's one generator,
+    # so two at once would each train other weights than alone. And a caller's `torch.no_grad()` or
+    # `inference_mode()` (a cell that evaluated something first) would fail the run at its first backward.
+    with (
+        _ONE_RUN,
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        distributed.process_group(world, _group_device(params)),
+    ):
         try:
             return _run_lora(params, settings, world, on_event or (lambda _e: None), should_stop, job_id, stage)
         except Exception as exc:
