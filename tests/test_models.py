@@ -211,9 +211,39 @@ def test_a_base_without_tokenizer_files_is_refused_before_any_work(settings, tmp
         models.load_tokenizer(str(path), settings)
     assert err.value.code == "base_model.no_vocabulary", err.value.message
     assert err.value.message == (
-        f"Base model {str(path)!r} has no tokenizer vocabulary in {path} (no tokenizer.json, nor vocab.json with "
-        "merges.txt): every text would be tokenized to nothing; copy the model's tokenizer files there."
+        f"Base model {str(path)!r} has no tokenizer vocabulary in {path} (its tokenizer knows only special tokens): "
+        "every text would be tokenized to nothing; copy the model's tokenizer files (tokenizer.json, or vocab.json "
+        "with merges.txt) there."
     )
+
+
+def test_a_tokenizer_of_another_script_or_of_slow_files_is_no_empty_vocabulary(settings, tmp_path):
+    """Review repros: a character-level tokenizer.json of Chinese was refused as "no tokenizer vocabulary"
+    (a German probe came out as unknown tokens only); and a tokenizer_config.json cut short beside vocab.json and
+    merges.txt was said as "no tokenizer.json, nor vocab.json with merges.txt", hiding the JSON error."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    path = _tiny_copy(settings, tmp_path)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 200)]
+    vocab = {"<unk>": 0, "<|im_end|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    chinese = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    chinese.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    chinese.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"unk_token": "<unk>", "pad_token": "<unk>"}))
+    tok = models.load_tokenizer(str(path), settings)
+    assert tok("一丁", add_special_tokens=False)["input_ids"] == [2, 3]
+
+    slow = _tiny_copy(settings, tmp_path / "slow")
+    (slow / "tokenizer.json").unlink()
+    (slow / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (slow / "merges.txt").write_text("#version: 0.2\n")
+    (slow / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer", ')
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(str(slow), settings)
+    assert err.value.message.startswith(f"The tokenizer of base model {str(slow)!r} could not be loaded: Expecting")
+    assert "\n" not in err.value.message
 
 
 def test_a_base_with_only_a_sentencepiece_model_is_told_how_to_get_tokenizer_json(settings, tmp_path):

@@ -666,9 +666,10 @@ def load_chat_tokenizer(
     except Exception as exc:
         if _only_sentencepiece(info):  # transformers' reason then names an unrelated package (tiktoken)
             raise _no_fast_tokenizer(info) from None
-        if not Path(info.path, "tokenizer.json").is_file():  # its reason: several lines on slow tokenizers
-            raise _no_vocabulary(info) from None
-        raise UsageError(f"The tokenizer of base model {info.id!r} could not be loaded: {exc}") from exc
+        if not any(Path(info.path, name).is_file() for name in _VOCABULARY_FILES):
+            raise _no_vocabulary(info) from None  # transformers' reason: several lines on slow tokenizers
+        said = " ".join(str(exc).split())
+        raise UsageError(f"The tokenizer of base model {info.id!r} could not be loaded: {said}") from exc
     if not getattr(tok, "is_fast", False):
         raise _no_fast_tokenizer(info)
     _refuse_empty_vocabulary(tok, info)
@@ -695,20 +696,26 @@ def _no_fast_tokenizer(info: BaseModelInfo) -> UsageError:
     )
 
 
+# What a tokenizer's vocabulary can be read from: the fast tokenizer's file, or the slow files it is built from.
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model", "tekken.json")
+
+
 def _refuse_empty_vocabulary(tok: Any, info: BaseModelInfo) -> None:
     """A folder without tokenizer.json (nor vocab.json and merges.txt) still gives transformers a "fast"
-    tokenizer: one that knows only the special tokens of tokenizer_config.json and turns every text into
-    nothing, or into unknown tokens. Trained on, it would teach only the template's markers, and pass."""
+    tokenizer of some classes (Qwen2's): one that knows only special tokens and turns every text into nothing.
+    Trained on, it would teach only the template's markers, and pass. A vocabulary of any script counts
+    (one that cannot spell a German word is still one)."""
     specials = set(tok.all_special_ids)
-    ids = tok("Hallo Welt, wie geht es?", add_special_tokens=False)["input_ids"]
-    if not [i for i in ids if i not in specials]:
+    vocabulary = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    if not any(i not in specials for i in vocabulary.values()):
         raise _no_vocabulary(info)
 
 
 def _no_vocabulary(info: BaseModelInfo) -> UsageError:
     return UsageError(
-        f"Base model {info.id!r} has no tokenizer vocabulary in {info.path} (no tokenizer.json, nor vocab.json "
-        "with merges.txt): every text would be tokenized to nothing; copy the model's tokenizer files there.",
+        f"Base model {info.id!r} has no tokenizer vocabulary in {info.path} (its tokenizer knows only special "
+        "tokens): every text would be tokenized to nothing; copy the model's tokenizer files (tokenizer.json, or "
+        "vocab.json with merges.txt) there.",
         code="base_model.no_vocabulary",
         params={"baseModel": info.id, "path": info.path},
     )
