@@ -329,6 +329,48 @@ def test_an_answer_dropped_unfinished_gives_back_its_slot_and_adapter(settings) 
     assert [Path(p).name for p in engine.loaded()] == ["v3"]  # v1 unpinned, so the LRU bound holds again
 
 
+def test_an_answer_the_collector_frees_during_a_model_build_does_not_lock_out_chat(settings) -> None:
+    """Review repro: an eval gate in `serve` building its model (holding the building turn) ran the garbage
+    collector, which freed a dropped answer in a reference cycle; that answer's release waited for the engine's
+    lock, held by a chat request waiting for the building turn: both, and every later chat, hung for good."""
+    import gc
+    import time
+
+    from lunatrain import compat
+
+    engine = serving.Engine(settings, max_adapters=1)
+    gen = engine.start(engine.resolve("luna-adapter@v1"), HELLO, GREEDY)
+    cycle: list = [gen]
+    cycle.append(cycle)  # left in a reference cycle (a traceback, a stream's frame): only the collector frees it
+    del gen, cycle
+    entered, done = threading.Event(), []
+    gc.disable()
+    try:
+
+        def gate() -> None:
+            with compat.building_model():
+                entered.set()
+                time.sleep(1.0)  # the chat below meanwhile holds the engine's lock, waiting for its turn to build
+                gc.collect()
+            done.append("gate")
+
+        def chat() -> None:
+            entered.wait()
+            engine.start(engine.resolve("luna-adapter@v2"), HELLO, GREEDY).close()
+            done.append("chat")
+
+        threads = [threading.Thread(target=gate, daemon=True), threading.Thread(target=chat, daemon=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        gc.enable()
+    assert sorted(done) == ["chat", "gate"], "the gate's build and the chat waited for each other"
+    answer(engine, "luna-adapter@v3")
+    assert [Path(p).name for p in engine.loaded()] == ["v3"]  # the freed answer's v1 was unpinned meanwhile
+
+
 @pytest.mark.parametrize("gone", ["adapter_model.safetensors", "adapter_config.json"])
 def test_a_version_whose_files_are_gone_is_model_not_found_naming_the_file(settings, gone: str) -> None:
     """Weights deleted by hand passed the check (it looked at the config only) and failed later, at load."""

@@ -291,6 +291,23 @@ def test_runs_from_a_caller_without_gradients_another_default_dtype_or_two_threa
     assert sorted(results) == sorted(roots)
 
 
+def test_a_run_started_from_a_callback_of_a_run_is_refused_instead_of_waiting_for_itself(settings):
+    """Review repro: `run_lora` called from its own run's `on_event` hung for good (one run at a time)."""
+    write_export(settings, make_records(24, val_every=5))
+    refused: list[Exception] = []
+
+    def again(event) -> None:
+        if not refused:
+            try:
+                run_lora(_params(maxSteps=1, epochs=1), settings)
+            except UsageError as exc:
+                refused.append(exc)
+
+    result = run_lora(_params(maxSteps=1, epochs=1), settings, on_event=again)
+    assert result.ok and len(refused) == 1
+    assert refused[0].message == "run_lora was called from within a run (its on_event or should_stop); start it after."
+
+
 def test_a_cancel_during_the_last_step_is_honoured_before_the_run_publishes(settings):
     """Repro: a job cancelled while its last step ran was answered "cancelling", then finished the step,
     registered its version, skipped its gate and ended `succeeded`: the stop request was read only before

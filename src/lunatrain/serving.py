@@ -14,6 +14,7 @@ adapter or on another request's adapter. Adapters in use are pinned and never ev
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -318,6 +319,7 @@ class Engine:
         self.settings = settings
         self.max_adapters = max(1, max_adapters)
         self.lock = threading.RLock()
+        self._dropped: collections.deque[Target] = collections.deque()  # see `release_later`
         self._info: Any = None
         self.model: Any = None
         self.tokenizer: Any = None
@@ -520,10 +522,24 @@ class Engine:
 
     def release(self, target: Target) -> None:
         with self.lock:
-            loaded = self._adapters.get(target.key) if target.path else None
-            if loaded is not None:
-                loaded.users -= 1
-                self._evict()  # an adapter kept over the bound while in use goes now
+            self._release(target)
+            self._release_dropped()
+
+    def release_later(self, target: Target) -> None:
+        """`release` without waiting for the lock, for a generation the garbage collector frees: it runs in
+        whatever thread allocated at the time, maybe one that holds the model-building turn (an eval gate)
+        while a chat request holds the lock and waits for that turn. Done by the next caller of the lock."""
+        self._dropped.append(target)
+
+    def _release(self, target: Target) -> None:
+        loaded = self._adapters.get(target.key) if target.path else None
+        if loaded is not None:
+            loaded.users -= 1
+            self._evict()  # an adapter kept over the bound while in use goes now
+
+    def _release_dropped(self) -> None:
+        while self._dropped:
+            self._release(self._dropped.popleft())
 
     def loaded(self) -> list[str]:
         return [str(path) for path, _ in self._adapters]
@@ -532,6 +548,7 @@ class Engine:
         """Load what `target` needs, render the prompt with its chat template, check the context length.
         Errors here come before any answer is sent."""
         with self.lock:
+            self._release_dropped()
             self._ensure_base()
             loaded = self._attach(target) if target.path else None
         try:
@@ -736,14 +753,15 @@ class Generation:
         self._emitted = max(self._emitted, safe)
         return piece
 
-    def close(self) -> None:
-        """Free the KV cache, unpin the adapter and call `on_close` (idempotent; also when a client goes away)."""
+    def close(self, *, collected: bool = False) -> None:
+        """Free the KV cache, unpin the adapter and call `on_close` (idempotent; also when a client goes away).
+        `collected`: called by the garbage collector, which must not wait for the engine's lock."""
         if not self._closed:
             self._closed = True
             self._past = None
             try:
                 if self.loaded is not None:
-                    self.engine.release(self.target)
+                    (self.engine.release_later if collected else self.engine.release)(self.target)
             finally:
                 if self.on_close is not None:
                     self.on_close()
@@ -751,7 +769,7 @@ class Generation:
     def __del__(self) -> None:
         # The last resort: a stream whose client left before it was ever iterated never runs its `finally`.
         with contextlib.suppress(Exception):
-            self.close()
+            self.close(collected=True)
 
 
 class Slots:

@@ -172,7 +172,23 @@ class Run(LoopState):
 # --- entry point ----------------------------------------------------------------------------------
 
 
-_ONE_RUN = threading.Lock()
+class _RunTurn:
+    """A lock that knows the thread holding it (`run_lora` refuses to wait for its own thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.owner = None
+        self._lock.release()
+
+
+_ONE_RUN = _RunTurn()
 
 
 def run_lora(
@@ -192,6 +208,8 @@ def run_lora(
     import torch
 
     world = distributed.from_env()
+    if _ONE_RUN.owner == threading.get_ident():  # from a callback of the run itself: it would wait for itself
+        raise UsageError("run_lora was called from within a run (its on_event or should_stop); start it after.")
     # One run at a time in a process (a notebook's threads): a run seeds and draws from torch's one generator,
     # so two at once would each train other weights than alone. And a caller's `torch.no_grad()` or
     # `inference_mode()` (a cell that evaluated something first) would fail the run at its first backward.
