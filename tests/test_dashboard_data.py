@@ -2169,6 +2169,19 @@ def _long_named() -> dict:
     }
 
 
+@pytest.mark.parametrize(("losses", "said"), [((0.00176, 0.00106), "0.0015"), ((1760.0, 1060.0), "1,500")])
+def test_a_loss_axis_of_one_tick_says_its_value(page, services: Services, losses, said) -> None:
+    """Review repro: losses whose range holds a single round tick labelled it "0.00" (0.0015) or "1,500.00"."""
+    job = _job("ftjob-running", "running", "luna-adapter")
+    points = [{"seq": i + 1, "type": "progress", "step": i + 1, "loss": x} for i, x in enumerate(losses)]
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": points, "lastSeq": 2, "hasMore": False})
+    open_page(page, services, "?lang=en")
+    expect(page.locator("#loss-chart .chart-train")).to_have_count(1)
+    labels = page.locator("#loss-chart .chart-grid text").all_text_contents()
+    assert said in labels, labels
+
+
 def _fits(page, selector: str) -> list:
     """[scrollWidth, clientWidth] of each element matching `selector` that is wider than its box."""
     return page.evaluate(
@@ -2196,7 +2209,15 @@ def test_long_names_and_paths_wrap_instead_of_widening_the_page(browser, service
             route_job_lists(page, {"running": [running], "queued": queued})
             answer(page, "**/assistant/training/lora/status*", running)
             answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": points, "lastSeq": 2, "hasMore": False})
+            served = [{"id": LONG_BASE, "owned_by": "base"}, {"id": LONG_NAME, "owned_by": "lunatrain"}]
+            answer(
+                page,
+                "**/v1/models",
+                {"object": "list", "data": [m | {"object": "model", "created": 0} for m in served]},
+            )
             open_page(page, services, query)
+            page.locator("#try").scroll_into_view_if_needed()  # the panel asks for its models once in view
+            expect(page.locator("#try-base-label")).to_contain_text("Kundenkommunikations")
             expect(page.locator("#job-others button")).to_have_count(3)
             expect(page.locator("#loss-chart .chart-train")).to_have_count(1)
             if width > 1000:  # wide enough for the table: nothing of it hides beyond its box
@@ -2208,7 +2229,7 @@ def test_long_names_and_paths_wrap_instead_of_widening_the_page(browser, service
             page.locator("#f-baseModel").fill(LONG_BASE.replace("/srv/", "./") + "9")
             page.locator("#f-baseModel").press("Tab")
             expect(page.locator("#f-baseModel-error")).to_contain_text("Kundenkommunikations")
-            assert _fits(page, "#f-baseModel-error, .adapter-group h3, .badge-note") == []
+            assert _fits(page, "#f-baseModel-error, .adapter-group h3, .badge-note, .answer figcaption") == []
             widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
             assert widths[0] <= widths[1], f"the page scrolls sideways at {width} px: {widths}"
 

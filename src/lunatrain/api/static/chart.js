@@ -4,7 +4,7 @@
 // desktop; the legend is HTML below the chart so it never covers the curves. The last values are also in
 // the SVG's <desc>, so the chart is not the only way to read them.
 
-import { t, formatLoss, formatNumber } from "./i18n.js";
+import { t, formatFloat, formatLoss, formatNumber } from "./i18n.js";
 
 const NS = "http://www.w3.org/2000/svg";
 const PAD = { left: 48, right: 12, top: 10, bottom: 34 };
@@ -86,10 +86,12 @@ export function drawLossChart(svg, legend, series) {
   const yTicks = ticks(ymin, ymax, 4);
   // As many decimals as the step between ticks needs: losses close together (ticks 0.005 apart) would print
   // the same label twice with a fixed number of significant digits.
-  const decimals = yTicks.length > 1 ? Math.max(0, -Math.floor(Math.log10(yTicks[1] - yTicks[0]) + 1e-9)) : 2;
+  // A single tick has no step: its own value, to three significant digits.
+  const decimals = yTicks.length > 1 ? Math.max(0, -Math.floor(Math.log10(yTicks[1] - yTicks[0]) + 1e-9)) : null;
   for (const v of yTicks) {
     grid.append(el("line", { x1: x0, x2: x1, y1: sy(v), y2: sy(v) }));
-    grid.append(el("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end" }, formatNumber(v, decimals)));
+    const label = decimals === null ? formatFloat(v, 3) : formatNumber(v, decimals);
+    grid.append(el("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end" }, label));
   }
   for (const v of ticks(xmin, xmax, Math.max(2, Math.floor((x1 - x0) / 70))).filter(Number.isInteger)) {
     // Grouped as the job's facts write the same steps ("12.000 / 20.000"), not as bare digits.
