@@ -371,6 +371,46 @@ def test_an_answer_the_collector_frees_during_a_model_build_does_not_lock_out_ch
     assert [Path(p).name for p in engine.loaded()] == ["v3"]  # the freed answer's v1 was unpinned meanwhile
 
 
+def test_a_chat_waiting_to_load_an_adapter_behind_a_build_holds_up_no_other_chat(settings) -> None:
+    """Review repro: a chat request for an adapter not yet loaded waited for an eval gate's model build while
+    holding the engine's lock, so every other chat (the loaded base's too) waited for the whole build."""
+    import time
+
+    from lunatrain import compat
+
+    engine = serving.Engine(settings, max_adapters=1)
+    answer(engine, "luna-tiny")  # the base is loaded
+    building, release, done = threading.Event(), threading.Event(), []
+
+    def gate() -> None:
+        with compat.building_model():
+            building.set()
+            release.wait(60)
+
+    def adapter_chat() -> None:
+        engine.start(engine.resolve("luna-adapter@v2"), HELLO, GREEDY).close()
+        done.append("adapter")
+
+    def base_chat() -> None:
+        answer(engine, "luna-tiny")
+        done.append("base")
+
+    threads = [threading.Thread(target=gate, daemon=True)]
+    threads[0].start()
+    building.wait(30)
+    threads.append(threading.Thread(target=adapter_chat, daemon=True))
+    threads[1].start()
+    time.sleep(0.5)  # the adapter's chat is waiting for the building turn by now
+    base = threading.Thread(target=base_chat, daemon=True)
+    base.start()
+    base.join(30)
+    assert done == ["base"], "the base's chat waited for another request's adapter load"
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert done == ["base", "adapter"]
+
+
 @pytest.mark.parametrize("gone", ["adapter_model.safetensors", "adapter_config.json"])
 def test_a_version_whose_files_are_gone_is_model_not_found_naming_the_file(settings, gone: str) -> None:
     """Weights deleted by hand passed the check (it looked at the config only) and failed later, at load."""

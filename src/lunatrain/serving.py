@@ -547,7 +547,10 @@ class Engine:
     def start(self, target: Target, messages: list[dict[str, str]], sampling: Sampling) -> Generation:
         """Load what `target` needs, render the prompt with its chat template, check the context length.
         Errors here come before any answer is sent."""
-        with self.lock:
+        # A request that will build (the base, or an adapter not loaded) waits for its turn before it takes the
+        # lock: waiting while holding it, behind an eval gate's build, would hold up every other chat meanwhile.
+        loads = self.model is None or (target.path is not None and target.key not in self._adapters)
+        with building_model() if loads else contextlib.nullcontext(), self.lock:
             self._release_dropped()
             self._ensure_base()
             loaded = self._attach(target) if target.path else None
