@@ -1382,3 +1382,31 @@ def test_a_database_folder_that_cannot_be_made_names_the_setting_that_placed_it(
     monkeypatch.setenv("ASSISTANT_DB_URL", "sqlite:////proc/lunatrain-none/assistant.db")
     r = CliRunner().invoke(app, ["examples", "add", "--prompt", "p", "--response", "r"])
     assert r.exit_code == 2 and "check ASSISTANT_DB_URL" in r.output, r.output
+
+
+def test_a_process_that_walks_many_data_roots_keeps_few_databases_open(tmp_path):
+    """Explore repro (in-process use): each data root opened kept its SQLite database (three files) open for
+    the life of the process, a deleted root's too (its disk space never came back); with `ulimit -n 100` the
+    32nd root failed with "Too many open files". The least recently used are closed beyond a few."""
+    import shutil
+
+    def open_under(folder: Path) -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(f"/proc/self/fd/{fd}")).startswith(str(folder)):
+                    found.append(target)
+        return found
+
+    bound = store._MAX_STORES
+    roots = [tmp_path / f"root{i}" for i in range(3 * bound)]
+    for home in roots:
+        store.load_seed(load_settings(home=home))
+        shutil.rmtree(home)
+    still = open_under(tmp_path)
+    assert len({Path(p).parent for p in still}) <= bound, still
+    assert not [p for p in still if any(p.startswith(f"{r}/") for r in roots[: 2 * bound])], still
+    home = tmp_path / "again"
+    s = store.open_store(load_settings(home=home))
+    assert store.open_store(load_settings(home=home)) is s  # the one in use stays open
+    store.dispose_stores()

@@ -568,8 +568,11 @@ def _migrate(store: Store) -> None:
         command.upgrade(cfg, "head")
 
 
-_stores: dict[tuple[int, str], Store] = {}
+_stores: dict[tuple[int, str], Store] = {}  # the most recently used last
 _stores_lock = threading.Lock()
+# Databases kept open per process: a process that walks many data roots (a notebook, a script over backups)
+# would otherwise hold three files of each open for good, deleted roots' too, until it ran out of files.
+_MAX_STORES = 8
 # Engines whose database lost lunatrain's tables under them (storage_error sees it; the lock may be held then).
 _schema_gone: set[int] = set()
 
@@ -636,7 +639,15 @@ def open_store(settings: Settings) -> Store:
                     f"Cannot open the database {database_name(engine)}: {exc.strerror or exc}."
                 ) from None
             store.file = _file_identity(engine)  # once migrated: the file created on first use included
-            _stores[key] = store
+        _stores.pop(key, None)
+        _stores[key] = store
+        while len(_stores) > _MAX_STORES:
+            # The least recently used goes: a caller still holding it goes on (its engine reconnects), and
+            # a connection it has checked out is closed when given back. One a parent process opened before a
+            # fork is only let go of: closing its connections here could end the parent's SQLite locks.
+            (pid, _url), old = next(iter(_stores.items()))
+            del _stores[(pid, _url)]
+            old.engine.dispose(close=pid == os.getpid())
     return store
 
 
