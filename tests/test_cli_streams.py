@@ -31,7 +31,7 @@ def lunatrain(home: Path | None, *args: str, **kwargs) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | kwargs.pop("env", {})
     if home is not None:
         env["ASSISTANT_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "lunatrain", *args], env=env, timeout=300, **kwargs)
+    return subprocess.run([sys.executable, "-m", "lunatrain", *args], env=env, **({"timeout": 300} | kwargs))
 
 
 def one_error(stderr: bytes) -> str:
@@ -195,3 +195,73 @@ def test_a_local_run_goes_on_and_is_recorded_when_its_output_cannot_be_written(s
     assert latest["status"] == "succeeded" and latest["version"] == "v1", latest
     quiet = lunatrain(settings.home, *run, "--json", stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
     assert quiet.returncode == 0 and json.loads(quiet.stdout)["adapter"]["version"] == "v2", quiet.stdout[:2000]
+
+
+@pytest.mark.slow
+def test_services_started_with_their_standard_descriptors_closed_keep_their_lock_log_and_exit_status(
+    tmp_path: Path,
+) -> None:
+    """Explore repros (daemon wrappers): `trainer --log-file F <&- >&- 2>&-` put its socket, lock and log file on
+    descriptors 0-2, then its log pipe over 1 and 2: the lock went (a second trainer started on the same data
+    root) and the log stayed empty; with only stdout closed it died at once, saying nothing. And `serve` or
+    `trainer` with stdout closed ended every orderly stop in a traceback and exit 1."""
+    import signal
+
+    from trainer_helpers import recorded_url, stop_group, trainer_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    log = tmp_path / "trainer.log"
+
+    def closing(*fds: int):
+        return lambda: [os.close(fd) for fd in fds]
+
+    argv = [sys.executable, "-m", "lunatrain", "trainer", "--port", "0"]
+    record = home / "data" / "trainer" / "trainer.url"
+    first = subprocess.Popen(
+        [*argv, "--log-file", str(log)], env=trainer_env(home), preexec_fn=closing(0, 1, 2), start_new_session=True
+    )
+    try:
+        url = recorded_url(record, first, 120)
+        assert url and wait_for_health(url), "the trainer with its descriptors closed did not serve"
+        # refused at once while the first holds the data root (it ran for good when the lock had gone)
+        second = lunatrain(home, "trainer", "--port", "0", capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert second.returncode != 0 and "already" in second.stderr.decode(), second.stderr.decode()[-500:]
+        assert first.poll() is None and f"on {url}" in log.read_text(), log.read_text()[-500:]
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 128 + signal.SIGTERM
+    finally:
+        stop_group(first.pid)
+
+    for service in ("serve", "trainer"):
+        err = tmp_path / f"{service}.err"
+        with open(err, "wb") as said:
+            env = trainer_env(home) | {"ASSISTANT_API_PORT": "0"}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lunatrain", service, *(["--port", "0"] if service == "trainer" else [])],
+                env=env, stderr=said, stdin=subprocess.DEVNULL, preexec_fn=closing(1), start_new_session=True,
+            )  # fmt: skip
+        try:
+            where = home / "data" / ("api/api.url" if service == "serve" else "trainer/trainer.url")
+            found = recorded_url(where, proc, 120)
+            answers = found and wait_for_health(found, "/v1/models" if service == "serve" else "/health")
+            assert answers, (service, err.read_text()[-1000:])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 128 + signal.SIGTERM, (service, err.read_text()[-1000:])
+            assert "Traceback" not in err.read_text(), err.read_text()
+        finally:
+            stop_group(proc.pid)
+
+
+def wait_for_health(url: str, path: str = "/health") -> bool:
+    import httpx
+
+    from trainer_helpers import wait_for
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + path, timeout=2.0, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return bool(wait_for(up, 120))

@@ -78,6 +78,7 @@ _SERVICES = {"serve", "trainer"}
 
 
 def main() -> None:
+    _hold_closed_standard_fds()
     serves = _SERVICES & set(sys.argv[1:2]) and not {"--help", "-h"} & set(sys.argv[2:])
     if sys.stdout is None and not serves:
         # `>&-`: Python has no stdout at all. Every other command answers there, so its output would be lost
@@ -107,6 +108,19 @@ def main() -> None:
         raise SystemExit(_flushed(done.code)) from None
 
 
+def _hold_closed_standard_fds() -> None:
+    """A standard descriptor closed at start (`<&- >&- 2>&-`, as some daemon wrappers leave them) would be the
+    next file this process opens: a service's listening socket, its data root's lock, its log file. The trainer
+    then put its log pipe over descriptors 1 and 2 (`stream_into_log`), which closed the lock (a second trainer
+    started on the same root) or the socket; a child would inherit the file as its own output. Each one closed
+    is held open on /dev/null instead (Python's `sys.stdout` stays None: what that means is decided below)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, as those below it are open
+
+
 def _no_wrapped_none() -> None:
     """After a closed output pipe the command line's parser wraps both streams to swallow the rest (compat.
     stdout_was_closed), a closed stderr (`2>&-`: None) too, whose flush at exit then fails (exit 120)."""
@@ -120,7 +134,8 @@ def _flushed(code: Any) -> Any:
     """`code`, or the status of output that could not be written after all: stdout may hold what the command
     printed last, written only now (a file or pipe is block-buffered)."""
     try:
-        sys.stdout.flush()
+        if sys.stdout is not None:  # a service started with stdout closed
+            sys.stdout.flush()
     except OutputLost as lost:
         _say_lost(lost)
         return OUTPUT_LOST
