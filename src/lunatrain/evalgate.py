@@ -245,7 +245,7 @@ class _Evaluator:
         results = []
         for case in cases:
             output, stopped, n_new = outputs[case.id]
-            checks = [{**c.to_dict(), "passed": c.run(output, stopped)} for c in case.checks]
+            checks = [c.outcome(output, stopped) for c in case.checks]
             results.append(
                 {
                     "id": case.id,
@@ -267,6 +267,7 @@ class _Evaluator:
         anything else, or every case, ends the gate as before (change the case or the template)."""
         kept, notes, refused = [], [], None
         for case in cases:
+            self._refuse_control_tokens(case)
             try:
                 self._fits(case, self._render(case))
             except UsageError as err:
@@ -291,6 +292,20 @@ class _Evaluator:
         if refused is not None and not kept:
             raise refused
         return kept, notes
+
+    def _refuse_control_tokens(self, case: EvalCase) -> None:
+        """A special token of this model written into a case (`<|im_end|>`) would be read as the control token
+        itself: the case would judge an answer to turns no user can send (chat refuses such a message)."""
+        from .tokens import special_token_pattern
+
+        pattern = special_token_pattern(self.tokenizer)
+        for i, message in enumerate(case.messages, 1):
+            found = pattern.search(message["content"]) if pattern else None
+            if found:
+                raise UsageError(
+                    f"{case.source}: case {case.id!r} holds the special token {found.group()!r} in message {i}, "
+                    "which the model would read as a control token, not as text (chat refuses it); remove it."
+                )
 
     def _fits(self, case: EvalCase, text: str) -> None:
         """The case's prompt and its answer fit the model's context: past it a model with learned positions

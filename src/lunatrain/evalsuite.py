@@ -4,7 +4,7 @@ When data/eval has no suite, the shipped Luna suite (resources/eval) is copied t
 edit it. One JSON object per line: {"id", "prompt" (optionally "system") or "messages" ending with a user
 turn, "checks": [{"type", "value", "ignoreCase"?, "description"?}], "maxNewTokens"?, "tags"?,
 "description"?, "lang"?}. `lang`: the prompt's language (`de`, `en`; the dashboard marks its example so). Check types: contains / not_contains (value: a string or a list: any of / none of),
-equals (whole answer, trimmed), regex (Python `re.search`), max_chars (answer length), stops (the answer
+equals (whole answer, trimmed), regex (`re.search` syntax, at most 1 s per answer), max_chars (answer length), stops (the answer
 ended with the end-of-turn token before the token limit). Every problem in every file is collected and
 reported with file and line, then loading fails once.
 """
@@ -14,19 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from .errors import JSON_FAULTS, LISTED_PROBLEMS, UsageError, json_fault, some
-from .formats import MAX_TEXT_LEN, NOT_UNICODE, is_unicode
+from .formats import MAX_TEXT_LEN, NOT_UNICODE, is_unicode, normalize_text
 from .fsio import atomic_write_bytes
 from .messages import counted
 from .settings import Settings
 
 CHECK_TYPES = ("contains", "not_contains", "equals", "regex", "max_chars", "stops")
 DEFAULT_MAX_NEW_TOKENS = 128
+# How long one regex check may take on one answer (see `EvalCheck.run`).
+REGEX_SECONDS = 1.0
 _CASE_KEYS = {"id", "prompt", "system", "messages", "checks", "maxNewTokens", "tags", "description", "lang"}
 # A language tag as HTML's lang takes it (de, en, pt-BR); tags are case-insensitive, so `EN` is read as `en`.
 _LANG = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
@@ -49,8 +54,14 @@ class EvalCheck:
             return stopped
         if self.type == "max_chars":
             return len(output) <= self.value
+        output = unicodedata.normalize("NFC", output)  # as the check's value was read
         if self.type == "regex":
-            return re.search(self.value, output, re.IGNORECASE if self.ignore_case else 0) is not None
+            # A bound per answer: a pattern that backtracks without end (`(a|aa)+$`) on a long answer held the
+            # gate, and `serve` with it (Python's `re` never lets go of the interpreter while it matches), for
+            # good. TimeoutError past it: the check fails, saying so (`outcome`).
+            flags = regex.IGNORECASE if self.ignore_case else 0
+            found = regex.search(self.value, output, flags, timeout=REGEX_SECONDS, concurrent=True)
+            return found is not None
         fold = (lambda s: s.casefold()) if self.ignore_case else (lambda s: s)
         text = fold(output)
         if self.type == "equals":
@@ -58,6 +69,14 @@ class EvalCheck:
         values = [self.value] if isinstance(self.value, str) else list(self.value)
         found = any(fold(v) in text for v in values)
         return found if self.type == "contains" else not found
+
+    def outcome(self, output: str, stopped: bool) -> dict[str, Any]:
+        """The check as the report shows it, with whether it passed (and `timedOut` where a regex ran out of
+        its time on this answer)."""
+        try:
+            return {**self.to_dict(), "passed": self.run(output, stopped)}
+        except TimeoutError:
+            return {**self.to_dict(), "passed": False, "timedOut": True}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type}
@@ -207,12 +226,20 @@ def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
     garbled = [f"{k!r} {NOT_UNICODE}" for k, v in obj.items() if not all(is_unicode(t) for t in _texts([k, v]))]
     if garbled:
         return None, errs + garbled
+    # Every other text is bounded as the prompt is (a check's value, a tag, a description): a megabyte of them
+    # would be read, hashed and written into every report.
+    errs += [
+        f"{k!r} holds a text longer than {MAX_TEXT_LEN} characters"
+        for k, v in obj.items()
+        if k not in ("prompt", "system", "messages") and any(len(t) > MAX_TEXT_LEN for t in _texts(v))
+    ]
     cid = obj.get("id")
     if cid is None:
         errs.append("missing 'id' (a non-empty string)")
     elif not isinstance(cid, str) or not cid.strip():
         errs.append(f"'id' must be a non-empty string, got {cid!r}")
-    messages = _case_messages(obj, errs)
+    # As chat reads each turn (and training data is stored): the gate judges the answer a user would get.
+    messages = [m | {"content": normalize_text(m["content"])} for m in _case_messages(obj, errs)]
     checks_raw = obj.get("checks")
     checks: list[EvalCheck] = []
     if checks_raw is None:
@@ -319,17 +346,32 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
             errs.append(f"{label} (regex): 'value' must be a non-empty string")
         else:
             try:
-                re.compile(value, re.IGNORECASE if ignore is True else 0)
-            except re.error as exc:
-                errs.append(f"{label}: bad regex {value!r}: {exc}")
+                regex.compile(value, regex.IGNORECASE if ignore is True else 0)
+            except (regex.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, (((…)))
+                said = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+                errs.append(f"{label}: bad regex {_shortened(value)!r}: {said}")
     elif kind == "max_chars":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             errs.append(f"{label} (max_chars): 'value' must be a positive integer")
     elif value not in (None, True):  # stops
         errs.append(f"{label} (stops): takes no value (or true)")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        errs.append(f"{label}: 'description' must be a string, got {description!r}")
     if len(errs) > n:
         return None
-    return EvalCheck(kind, None if kind == "stops" else value, bool(ignore), str(raw.get("description", "")))
+    if kind in ("contains", "not_contains", "equals"):  # as answers and examples are read: NFC (a value pasted
+        # from a PDF or a Mac's file name in decomposed form looks the same and never matched)
+        value = [nfc(v) for v in value] if isinstance(value, list) else nfc(value)
+    return EvalCheck(kind, None if kind == "stops" else value, bool(ignore), description)
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _texts(value: Any) -> list[str]:

@@ -136,8 +136,11 @@ def show(report: GateReport) -> None:
         console = Console()
         console.print(table)
         for c in failed:
-            bad = ", ".join(k["type"] for k in c["checks"] if not k["passed"])
-            console.print(Text.assemble("  ", ("case ", "yellow"), as_written(c["id"], "yellow"), f" failed: {bad}"))
+            console.print(
+                Text.assemble(
+                    "  ", ("case ", "yellow"), as_written(c["id"], "yellow"), " failed: ", as_written(_why(c))
+                )
+            )
         for r in report.reasons:
             console.print(Text.assemble("  ", as_written(r, "bold red")))
     else:
@@ -146,7 +149,7 @@ def show(report: GateReport) -> None:
         for name, *vals in rows:
             typer.echo("\t".join([name, *(_fmt(v) for v in vals)]))
         for c in failed:
-            typer.echo(f"case {c['id']} failed: {', '.join(k['type'] for k in c['checks'] if not k['passed'])}")
+            typer.echo(f"case {c['id']} failed: {_why(c)}")
         for r in report.reasons:
             typer.echo(f"reason: {r}")
     for n in report.notes:
@@ -155,3 +158,15 @@ def show(report: GateReport) -> None:
         f"{report.candidate['ref']}: {m.get('goldenPassed')}/{m.get('goldenTotal')} golden cases passed. "
         f"Wrote {report.path}."
     )
+
+
+def _why(case: dict) -> str:
+    """The checks a case failed, and where it is written: `contains, regex (timed out after 1 s) (my.jsonl:3)`."""
+    from ..evalsuite import REGEX_SECONDS
+
+    bad = [
+        k["type"] + (f" (timed out after {REGEX_SECONDS:g} s)" if k.get("timedOut") else "")
+        for k in case["checks"]
+        if not k["passed"]
+    ]
+    return f"{', '.join(bad)} ({case['source']})"
