@@ -143,7 +143,11 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
     # the version's own card now: what it is, what it was trained on, how it scored, how to load it.
     card = (result.path / "README.md").read_text()
     assert "[More Information Needed]" not in card, card
-    assert card.startswith("---\nbase_model: luna-tiny\nlibrary_name: peft\n"), card
+    assert card.startswith('---\nbase_model: "luna-tiny"\nlibrary_name: peft\n'), card
+    # Explore repros: the card's PEFT line gave a generate() that ran past the answer (PEFT keeps the base's
+    # generation config, whose end token may be another), and named luna-tiny as BASE, which no tool finds.
+    assert "generation_config=GenerationConfig.from_pretrained(THIS_FOLDER)" in card, card
+    assert "(BASE: lunatrain's built-in model, in `data/models/luna-tiny` under the data root)" in card, card
     assert "# luna-adapter@v1" in card and report["dataset"]["fingerprint"][:12] in card, card
     assert f"{m['valLoss']:.4f}" in card and f"{m['baseValLoss']:.4f}" in card, card
     hashes = (result.path / "train-hashes.txt").read_text().split()
@@ -418,7 +422,8 @@ def test_the_adapter_folder_names_its_base_as_the_user_did_and_pins_its_hub_revi
         card = (result.path / "README.md").read_text()
         name = base or "luna-tiny"
         assert config["base_model_name_or_path"] == name and config["revision"] == revision, config
-        assert f"base_model: {name}\n" in card and str(settings.home) not in card and str(tmp_path) not in card, card
+        assert f'base_model: "{name}"\n' in card and str(settings.home) not in card and str(tmp_path) not in card, card
+        assert ("(BASE: lunatrain's built-in model" in card) == (base is None), card
 
 
 def test_training_gating_and_merging_ask_no_hub_and_leave_the_offline_flag_alone(settings, monkeypatch, tmp_path):
@@ -1430,3 +1435,21 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out_not_a_raw_exception(sett
     assert message.startswith(f"The checkpoint {where} is damaged ({file}"), message
     assert "without --resume" in message and "Traceback" not in message, message
     assert state.parent.is_dir()  # it stays: the user decides
+
+
+@pytest.mark.parametrize("base", ["models/llama: v2 #1", "Qwen/Qwen2.5-0.5B-Instruct", "bases/llama"])
+def test_the_model_cards_front_matter_reads_back_the_base_and_says_where_a_local_one_is(base):
+    """Explore repros: a base folder named `llama: v2 #1` (which lunatrain takes) broke the card's YAML front
+    matter (`huggingface_hub.ModelCard.load` raised; with ` #` alone the name was cut there); and a base
+    given by a folder was named as BASE with nothing saying where that folder is."""
+    import yaml
+
+    from lunatrain.train import model_card
+
+    report = _card_report(1, None, {"steps": 3}, [3])
+    report["baseModel"] = {"id": base, "revision": "0" * 40 if base.startswith("Qwen/") else None}
+    card = model_card(report)
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == base and front["library_name"] == "peft", front
+    local = "(BASE: the base model's folder; a relative one is under the data root)"
+    assert (local in card) == (not base.startswith("Qwen/")), card

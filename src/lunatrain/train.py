@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import shlex
 import shutil
@@ -1171,8 +1172,21 @@ def model_card(report: dict[str, Any]) -> str:
         if ranks > 1
         else ""
     )
+    from .models import TINY_ID
+
+    # Where BASE is, for a base no other tool finds by its name (the card names no folder of this machine);
+    # a hub model has the commit it was resolved at.
+    where = (
+        ""
+        if base.get("revision")
+        else " (BASE: lunatrain's built-in model, in `data/models/luna-tiny` under the data root)"
+        if base["id"] == TINY_ID
+        else " (BASE: the base model's folder; a relative one is under the data root)"
+    )
     return (
-        f"---\nbase_model: {base['id']}\nlibrary_name: peft\ntags:\n- lora\n- lunatrain\n---\n\n"
+        # JSON strings are YAML's too: a base folder named `llama: v2 #1` keeps the front matter readable
+        f"---\nbase_model: {json.dumps(str(base['id']), ensure_ascii=False)}\nlibrary_name: peft\ntags:\n- lora\n"
+        "- lunatrain\n---\n\n"
         f"# {report['adapterName']}@{report['version']}\n\n"
         f"A LoRA adapter for `{base['id']}`, trained by lunatrain on {report['created']}"
         + (f" (job {report['jobId']})" if report.get("jobId") else "")
@@ -1186,7 +1200,9 @@ def model_card(report: dict[str, Any]) -> str:
         f"Everything about the run is in `{registry.REPORT_FILE}`, its loss curve in `{registry.LOSS_CURVE_FILE}`, "
         f"the trained samples' hashes in `{registry.TRAIN_HASHES_FILE}`. The tokenizer here carries the chat "
         "template it was trained with.\n\n"
-        "Load it with PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`, "
+        "Load it with PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_FOLDER)`"
+        f"{where}, and generate with this folder's generation config, which stops at the end of an answer "
+        "(`generation_config=GenerationConfig.from_pretrained(THIS_FOLDER)`; PEFT keeps the base's); "
         "or serve it with `lunatrain serve` once active (`lunatrain adapters activate "
         f"{report['adapterName']}@{report['version']} --baseModel {shlex.quote(str(base['id']))}`); `lunatrain merge` "
         "makes a standalone model of it.\n"
