@@ -1177,6 +1177,32 @@ def _adapters(name: str) -> dict:
     return {"bases": [{"baseModel": "luna-tiny", "adapters": [{"name": name, "aliases": {}, "versions": [version]}]}]}
 
 
+@pytest.mark.parametrize(
+    ("query", "regressed", "more"),
+    [
+        ("", "Fall greet (data/eval/my.jsonl:2): contains, stops – die Vergleichsbasis bestand ihn", "… und 3 weitere"),
+        ("?lang=en", "case greet (data/eval/my.jsonl:2): contains, stops – the baseline passed it", "… and 3 more"),
+    ],
+)
+def test_a_refused_version_lists_the_golden_cases_it_failed(page, services: Services, query, regressed, more) -> None:
+    """A refused version said only why in numbers ("golden pass rate 0.00 regresses …"): which case to fix
+    was in a report the next gate overwrites. Its failed cases are listed, those the baseline passed first."""
+    body = _adapters("luna-adapter")
+    gate = body["bases"][0]["adapters"][0]["versions"][0]["gate"]
+    gate["failedCases"] = [
+        {"id": "greet", "source": "data/eval/my.jsonl:2", "checks": ["contains", "stops"], "baselinePassed": True},
+        {"id": "short", "source": "data/eval/my.jsonl:5", "checks": ["max_chars"], "baselinePassed": False},
+    ]
+    gate["failedCaseCount"] = 5
+    answer(page, "**/assistant/training/adapters", body)
+    open_page(page, services, query)
+    items = page.locator('tr[data-version="v1"] .gate-cases li')
+    expect(items).to_have_count(3)
+    expect(items.nth(0)).to_have_text(regressed)
+    expect(items.nth(1)).to_contain_text("short (data/eval/my.jsonl:5): max_chars")
+    expect(items.nth(2)).to_contain_text(more)
+
+
 def route_models(page, served: dict[str, bool]) -> None:
     """`/v1/models` answered with the base, luna-adapter and luna-adapter@v1; without the adapter's name once
     `served["active"]` is false (deactivated meanwhile), as it is when asked."""

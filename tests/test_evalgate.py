@@ -630,6 +630,37 @@ def test_a_regex_that_backtracks_without_end_fails_its_check_as_timed_out_instea
     assert _why(case) == "regex (timed out after 1 s) (data/eval/my.jsonl:3)"
 
 
+def test_a_gate_record_names_the_failed_cases_those_the_baseline_passed_first():
+    """Explore observation made a repro: a refused version's record said only "golden pass rate 0.00 regresses
+    against base…", naming no case; the user had to dig the report out of reports/eval (which the next gate
+    overwrites) to see which case to fix."""
+    from lunatrain.cli.evalgate import _why
+    from lunatrain.evalgate import FAILED_CASES_KEPT, GateReport
+
+    def case(i: int, passed: bool, before: bool | None) -> dict:
+        checks = [{"type": "contains", "value": "x", "passed": passed}, {"type": "stops", "passed": True}]
+        return {
+            "id": f"c{i}",
+            "source": f"data/eval/my.jsonl:{i}",
+            "checks": checks,
+            "passed": passed,
+            "baselinePassed": before,
+        }
+
+    cases = [case(i, i % 3 == 0, i % 2 == 0 if i < 20 else None) for i in range(1, 31)]
+    report = GateReport("fail", [], {}, {}, {}, {}, {}, {}, cases, "2026-12-07T10:00:00Z")
+    record = report.gate_record()
+    failed = [c for c in cases if not c["passed"]]
+    assert record["failedCaseCount"] == len(failed) == 20
+    kept = record["failedCases"]
+    assert len(kept) == FAILED_CASES_KEPT == 10
+    regressed = [c["id"] for c in failed if c["baselinePassed"] is True]
+    assert [c["id"] for c in kept[: len(regressed)]] == regressed and all(c["checks"] == ["contains"] for c in kept)
+    assert kept[0] == {"id": "c2", "source": "data/eval/my.jsonl:2", "checks": ["contains"], "baselinePassed": True}
+    assert _why(cases[1]) == "contains (data/eval/my.jsonl:2, passed on the baseline)"
+    assert _why(cases[0]) == "contains (data/eval/my.jsonl:1)"
+
+
 def test_patterns_re_cannot_even_compile_and_other_unbounded_texts_are_suite_problems(settings):
     """Explore repros: `a{99999999999}` (OverflowError) and a thousand nested groups (RecursionError) ended
     `eval-gate` in a traceback and exit 1, and three API routes in 500s; check values, tags and descriptions of

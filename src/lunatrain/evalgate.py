@@ -435,6 +435,10 @@ def _golden_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
 # --- the gate -----------------------------------------------------------------------------------
 
 
+# The failed golden cases a version's gate record names (the report has them all).
+FAILED_CASES_KEPT = 10
+
+
 @dataclass
 class GateReport:
     decision: str  # pass | fail
@@ -503,8 +507,25 @@ class GateReport:
                 "thresholds": self.thresholds,
                 "notes": self.notes,  # what the decision rests on besides the numbers (a case left out)
                 "noteCodes": self.note_codes,
+                # which cases to look at: those the baseline passed first (what a lower pass rate rests on)
+                "failedCases": self.failed_cases()[:FAILED_CASES_KEPT],
+                "failedCaseCount": len(self.failed_cases()),
             }
         )
+
+    def failed_cases(self) -> list[dict[str, Any]]:
+        """The golden cases the candidate failed, those the baseline passed first: id, file:line, the checks
+        failed, and whether the baseline passed it."""
+        failed = sorted((c for c in self.cases if not c["passed"]), key=lambda c: c.get("baselinePassed") is not True)
+        return [
+            {
+                "id": c["id"],
+                "source": c["source"],
+                "checks": [k["type"] for k in c["checks"] if not k["passed"]],
+                "baselinePassed": c.get("baselinePassed"),
+            }
+            for c in failed
+        ]
 
     def raise_on_fail(self) -> GateReport:
         if not self.passed:

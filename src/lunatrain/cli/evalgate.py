@@ -161,7 +161,8 @@ def show(report: GateReport) -> None:
 
 
 def _why(case: dict) -> str:
-    """The checks a case failed, and where it is written: `contains, regex (timed out after 1 s) (my.jsonl:3)`."""
+    """The checks a case failed, where it is written, and whether the baseline passed it:
+    `contains, regex (timed out after 1 s) (my.jsonl:3, passed on the baseline)`."""
     from ..evalsuite import REGEX_SECONDS
 
     bad = [
@@ -169,4 +170,5 @@ def _why(case: dict) -> str:
         for k in case["checks"]
         if not k["passed"]
     ]
-    return f"{', '.join(bad)} ({case['source']})"
+    before = ", passed on the baseline" if case.get("baselinePassed") is True else ""
+    return f"{', '.join(bad)} ({case['source']}{before})"

@@ -33,7 +33,20 @@ function gateCell(gate) {
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
     reason ? h("span", { class: "gate-reasons" }, reason) : null,
+    state === "failed" ? failedCases(gate) : null,
     notes.length ? h("ul", { class: "gate-notes" }, notes.map((note) => h("li", {}, note))) : null);
+}
+
+/** A refusal's failed golden cases, those the baseline passed first: what to look at to fix the data or the
+ * case (the gate record keeps the first ten; the report has them all). */
+function failedCases(gate) {
+  const cases = Array.isArray(gate.failedCases) ? gate.failedCases : [];
+  if (!cases.length) return null;
+  const items = cases.map((c) => h("li", {}, t(c.baselinePassed === true ? "gate.caseRegressed" : "gate.caseFailed",
+    { id: c.id, source: c.source, checks: (c.checks ?? []).join(", ") })));
+  const more = (gate.failedCaseCount ?? cases.length) - cases.length;
+  if (more > 0) items.push(h("li", {}, t("gate.moreCases", { count: more })));
+  return h("ul", { class: "gate-cases", "aria-label": t("gate.casesLabel") }, items);
 }
 
 /** What the decision rests on besides the numbers (a golden case left out, the base model as the baseline),
