@@ -265,3 +265,16 @@ def wait_for_health(url: str, path: str = "/health") -> bool:
             return False
 
     return bool(wait_for(up, 120))
+
+
+@pytest.mark.slow
+def test_python_dash_m_lunatrain_cli_starts_as_the_console_script_does(tmp_path: Path) -> None:
+    """Review repro: `python -m lunatrain.cli` (which the README calls the same as `lunatrain`) skipped the
+    console script's start-up: `status >&-` exited 0 with its output lost, and a trainer started with its
+    descriptors closed lost its data-root lock."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {"ASSISTANT_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lunatrain.cli", "status"],
+        env=env, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Standard output is closed" in one_error(done.stderr)

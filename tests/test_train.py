@@ -1437,7 +1437,9 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out_not_a_raw_exception(sett
     assert state.parent.is_dir()  # it stays: the user decides
 
 
-@pytest.mark.parametrize("base", ["models/llama: v2 #1", "Qwen/Qwen2.5-0.5B-Instruct", "bases/llama"])
+@pytest.mark.parametrize(
+    "base", ["models/llama: v2 #1", "Qwen/Qwen2.5-0.5B-Instruct", "bases/llama", "models/a\x7fb\x85c\u2028d\ufffe é"]
+)
 def test_the_model_cards_front_matter_reads_back_the_base_and_says_where_a_local_one_is(base):
     """Explore repros: a base folder named `llama: v2 #1` (which lunatrain takes) broke the card's YAML front
     matter (`huggingface_hub.ModelCard.load` raised; with ` #` alone the name was cut there); and a base

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import shlex
 import shutil
 import threading
@@ -1144,6 +1145,13 @@ def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
     return {"method": "bitsandbytes", "bits": 8, "type": "llm.int8", "computeDtype": compute}
 
 
+def _yaml_string(text: str) -> str:
+    """`text` as a double-quoted YAML string: JSON's quoting (YAML reads JSON strings), with the characters
+    YAML refuses or reads as a line break (DEL, C1 controls, U+2028/9, U+FEFF, U+FFFE/F) escaped as well."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return re.sub("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]", lambda m: f"\\u{ord(m.group()):04x}", quoted)
+
+
 def model_card(report: dict[str, Any]) -> str:
     """The version's model card (`registry.CARD_FILE`): what it is, what it was trained on, how it scored, how to load it (PEFT
     writes a card of empty sections). The front matter is the Hub's, as PEFT's card had it."""
@@ -1185,7 +1193,7 @@ def model_card(report: dict[str, Any]) -> str:
     )
     return (
         # JSON strings are YAML's too: a base folder named `llama: v2 #1` keeps the front matter readable
-        f"---\nbase_model: {json.dumps(str(base['id']), ensure_ascii=False)}\nlibrary_name: peft\ntags:\n- lora\n"
+        f"---\nbase_model: {_yaml_string(str(base['id']))}\nlibrary_name: peft\ntags:\n- lora\n"
         "- lunatrain\n---\n\n"
         f"# {report['adapterName']}@{report['version']}\n\n"
         f"A LoRA adapter for `{base['id']}`, trained by lunatrain on {report['created']}"

@@ -1,5 +1,5 @@
-"""`python -m lunatrain.cli …` is the same as the `lunatrain` console script."""
+"""`python -m lunatrain.cli …` is the same as the `lunatrain` console script (its start-up checks too)."""
 
-from . import main
+from ..console import main
 
 main()
