@@ -35,7 +35,16 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
-from .evalsuite import CHECK_TYPES, EvalCase, EvalCheck, ensure_suite, load_suite, parse_suite_file, suite_hash
+from .evalsuite import (
+    CHECK_TYPES,
+    BoundedSearch,
+    EvalCase,
+    EvalCheck,
+    ensure_suite,
+    load_suite,
+    parse_suite_file,
+    suite_hash,
+)
 from .fsio import atomic_write_json, check_writable, file_lock, read_json
 from .messages import Note, coded
 from .params import FewKeys, format_validation_error, refuse_twice
@@ -243,21 +252,22 @@ class _Evaluator:
             for k in range(0, len(group), GEN_BATCH):
                 outputs |= self._generate(group[k : k + GEN_BATCH], limit)
         results = []
-        for case in cases:
-            output, stopped, n_new = outputs[case.id]
-            checks = [c.outcome(output, stopped) for c in case.checks]
-            results.append(
-                {
-                    "id": case.id,
-                    "source": self._shown(case.source),
-                    "prompt": case.messages[-1]["content"],
-                    "output": output,
-                    "stopped": stopped,
-                    "newTokens": n_new,
-                    "checks": checks,
-                    "passed": all(c["passed"] for c in checks),
-                }
-            )
+        with BoundedSearch() as search:  # one child for every regex check of the run
+            for case in cases:
+                output, stopped, n_new = outputs[case.id]
+                checks = [c.outcome(output, stopped, search) for c in case.checks]
+                results.append(
+                    {
+                        "id": case.id,
+                        "source": self._shown(case.source),
+                        "prompt": case.messages[-1]["content"],
+                        "output": output,
+                        "stopped": stopped,
+                        "newTokens": n_new,
+                        "checks": checks,
+                        "passed": all(c["passed"] for c in checks),
+                    }
+                )
         return results
 
     def renderable(self, cases: list[EvalCase]) -> tuple[list[EvalCase], list[str]]:
@@ -267,7 +277,24 @@ class _Evaluator:
         anything else, or every case, ends the gate as before (change the case or the template)."""
         kept, notes, refused = [], [], None
         for case in cases:
-            self._refuse_control_tokens(case)
+            if (found := self._control_token(case)) is not None:
+                i, token = found
+                said = (
+                    f"message {i} holds the special token {token!r}, which the model would read as a control "
+                    "token, not as text (chat refuses it)"
+                )
+                refused = refused or UsageError(f"{case.source}: case {case.id!r}: {said}; remove it.")
+                notes.append(
+                    Note(
+                        "gate.case_special_token",
+                        f"case {case.id!r} ({case.source}) was left out: {said}",
+                        case=case.id,
+                        source=str(case.source),
+                        token=token,
+                        message=i,
+                    )
+                )
+                continue
             try:
                 self._fits(case, self._render(case))
             except UsageError as err:
@@ -293,19 +320,18 @@ class _Evaluator:
             raise refused
         return kept, notes
 
-    def _refuse_control_tokens(self, case: EvalCase) -> None:
-        """A special token of this model written into a case (`<|im_end|>`) would be read as the control token
-        itself: the case would judge an answer to turns no user can send (chat refuses such a message)."""
+    def _control_token(self, case: EvalCase) -> tuple[int, str] | None:
+        """(message number, token) of a special token of this model written into a case (`<|im_end|>`): it
+        would be read as the control token itself, so the case would judge an answer to turns no user can
+        send (chat refuses such a message). Such a case is left out, with a note, as one the template refuses."""
         from .tokens import special_token_pattern
 
         pattern = special_token_pattern(self.tokenizer)
         for i, message in enumerate(case.messages, 1):
             found = pattern.search(message["content"]) if pattern else None
             if found:
-                raise UsageError(
-                    f"{case.source}: case {case.id!r} holds the special token {found.group()!r} in message {i}, "
-                    "which the model would read as a control token, not as text (chat refuses it); remove it."
-                )
+                return i, found.group()
+        return None
 
     def _fits(self, case: EvalCase, text: str) -> None:
         """The case's prompt and its answer fit the model's context: past it a model with learned positions

@@ -4,23 +4,25 @@ When data/eval has no suite, the shipped Luna suite (resources/eval) is copied t
 edit it. One JSON object per line: {"id", "prompt" (optionally "system") or "messages" ending with a user
 turn, "checks": [{"type", "value", "ignoreCase"?, "description"?}], "maxNewTokens"?, "tags"?,
 "description"?, "lang"?}. `lang`: the prompt's language (`de`, `en`; the dashboard marks its example so). Check types: contains / not_contains (value: a string or a list: any of / none of),
-equals (whole answer, trimmed), regex (`re.search` syntax, at most 1 s per answer), max_chars (answer length), stops (the answer
+equals (whole answer, trimmed), regex (`re.search`, at most 1 s per answer), max_chars (answer length), stops (the answer
 ended with the end-of-turn token before the token limit). Every problem in every file is collected and
 reported with file and line, then loading fails once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import select
+import subprocess
+import sys
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import regex
 
 from .errors import JSON_FAULTS, LISTED_PROBLEMS, UsageError, json_fault, some
 from .formats import MAX_TEXT_LEN, NOT_UNICODE, is_unicode, normalize_text
@@ -42,6 +44,70 @@ _ROLES = {"system", "user", "assistant"}
 # --- the suite ----------------------------------------------------------------------------------
 
 
+# The child that runs regex checks: nothing imported but `re` and `json`, one search per line in, one out.
+_SEARCHER = (
+    "import json, re, sys\n"
+    "for line in sys.stdin:\n"
+    "    pattern, flags, text = json.loads(line)\n"
+    "    print(json.dumps(re.search(pattern, text, flags) is not None), flush=True)\n"
+)
+
+
+class BoundedSearch:
+    """Python's `re.search`, with a bound on each search. A pattern that backtracks without end (`(a|aa)+$`)
+    on a long answer held the gate for good, and `serve` with it: `re` never lets go of the interpreter while
+    it matches, so no other request and no signal got through. So the searches run in a child interpreter
+    (one per gate, started at its first regex), waited for at most REGEX_SECONDS each; one that ran out of
+    time is killed, its search raises TimeoutError (the check fails, saying so), and the next search starts
+    a new child. The patterns keep `re`'s syntax and meaning exactly."""
+
+    def __init__(self, seconds: float = REGEX_SECONDS) -> None:
+        self.seconds = seconds
+        self._child: subprocess.Popen[str] | None = None
+
+    def __call__(self, pattern: str, flags: int, text: str) -> bool:
+        child = self._child or self._start()
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(json.dumps([pattern, flags, text]) + "\n")
+            child.stdin.flush()
+            ready, _, _ = select.select([child.stdout], [], [], self.seconds)
+            answer = child.stdout.readline() if ready else ""
+        except OSError:  # the child is gone (out of memory on its pattern)
+            answer = ""
+        if not answer:
+            self.close()
+            raise TimeoutError(f"the regex took longer than {self.seconds:g} s")
+        return bool(json.loads(answer))
+
+    def _start(self) -> subprocess.Popen[str]:
+        self._child = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _SEARCHER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+            errors="surrogatepass",
+        )
+        return self._child
+
+    def close(self) -> None:
+        if self._child is not None:
+            self._child.kill()
+            self._child.wait()
+            for stream in (self._child.stdin, self._child.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close() if stream else None
+            self._child = None
+
+    def __enter__(self) -> BoundedSearch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class EvalCheck:
     type: str
@@ -49,19 +115,20 @@ class EvalCheck:
     ignore_case: bool = False
     description: str = ""
 
-    def run(self, output: str, stopped: bool) -> bool:
+    def run(self, output: str, stopped: bool, search: BoundedSearch | None = None) -> bool:
+        """Whether `output` passes; a regex runs in `search` (one of its own when None), and raises
+        TimeoutError past its bound."""
         if self.type == "stops":
             return stopped
         if self.type == "max_chars":
             return len(output) <= self.value
         output = unicodedata.normalize("NFC", output)  # as the check's value was read
         if self.type == "regex":
-            # A bound per answer: a pattern that backtracks without end (`(a|aa)+$`) on a long answer held the
-            # gate, and `serve` with it (Python's `re` never lets go of the interpreter while it matches), for
-            # good. TimeoutError past it: the check fails, saying so (`outcome`).
-            flags = regex.IGNORECASE if self.ignore_case else 0
-            found = regex.search(self.value, output, flags, timeout=REGEX_SECONDS, concurrent=True)
-            return found is not None
+            flags = re.IGNORECASE if self.ignore_case else 0
+            if search is not None:
+                return search(self.value, flags, output)
+            with BoundedSearch() as own:
+                return own(self.value, flags, output)
         fold = (lambda s: s.casefold()) if self.ignore_case else (lambda s: s)
         text = fold(output)
         if self.type == "equals":
@@ -70,11 +137,11 @@ class EvalCheck:
         found = any(fold(v) in text for v in values)
         return found if self.type == "contains" else not found
 
-    def outcome(self, output: str, stopped: bool) -> dict[str, Any]:
+    def outcome(self, output: str, stopped: bool, search: BoundedSearch | None = None) -> dict[str, Any]:
         """The check as the report shows it, with whether it passed (and `timedOut` where a regex ran out of
         its time on this answer)."""
         try:
-            return {**self.to_dict(), "passed": self.run(output, stopped)}
+            return {**self.to_dict(), "passed": self.run(output, stopped, search)}
         except TimeoutError:
             return {**self.to_dict(), "passed": False, "timedOut": True}
 
@@ -346,8 +413,8 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
             errs.append(f"{label} (regex): 'value' must be a non-empty string")
         else:
             try:
-                regex.compile(value, regex.IGNORECASE if ignore is True else 0)
-            except (regex.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, (((…)))
+                re.compile(value, re.IGNORECASE if ignore is True else 0)
+            except (re.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, (((…)))
                 said = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
                 errs.append(f"{label}: bad regex {_shortened(value)!r}: {said}")
     elif kind == "max_chars":
