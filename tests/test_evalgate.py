@@ -614,7 +614,6 @@ def test_a_regex_that_backtracks_without_end_fails_its_check_as_timed_out_instea
     unheard; under `serve` every request and SIGTERM with it). Each match has a bound; past it the check fails
     and says so."""
     from lunatrain.cli.evalgate import _why
-
     from lunatrain.evalsuite import BoundedSearch
 
     check = EvalCheck("regex", "(a|aa)+$")
