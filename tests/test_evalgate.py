@@ -631,6 +631,26 @@ def test_a_regex_that_backtracks_without_end_fails_its_check_as_timed_out_instea
     assert _why(case) == "regex (timed out after 1 s) (data/eval/my.jsonl:3)"
 
 
+@pytest.mark.slow
+def test_a_pattern_re_warns_about_is_read_without_a_warning_in_the_commands_output(tmp_path):
+    """Review repro: `[[:digit:]]` printed re's FutureWarning ("Possible nested set") with a source line of
+    lunatrain's in the middle of `eval-gate`'s output (a process of its own: pytest sets warning filters)."""
+    import os
+    import subprocess
+    import sys
+
+    _write(
+        tmp_path / "data" / "eval" / "x.jsonl",
+        [json.dumps(GOOD | {"checks": [{"type": "regex", "value": "[[:digit:]]"}]})],
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSISTANT_")} | {"ASSISTANT_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lunatrain", "eval-gate"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "case ok failed: regex" in done.stdout, done.stdout + done.stderr
+    assert "Warning" not in done.stdout + done.stderr, done.stderr
+
+
 def test_a_gate_record_names_the_failed_cases_those_the_baseline_passed_first():
     """Explore observation made a repro: a refused version's record said only "golden pass rate 0.00 regresses
     against base…", naming no case; the user had to dig the report out of reports/eval (which the next gate
