@@ -491,6 +491,34 @@ def test_several_active_adapters_name_the_way_out_and_deactivate_resolves_it(set
     ], notes
 
 
+def test_an_active_version_measured_again_says_why_its_record_was_not_used(trained_home, settings):
+    """Upgrade repro: after a release that reads a suite's prompts otherwise (trimmed), every gate measured the
+    active version again instead of using its record, saying nothing of why."""
+    write_small_suite(settings)
+    g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
+    assert g1.passed, g1.reasons
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    v2 = _derived_version(settings, v1, 1.0)
+    g2 = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert g2.baseline["source"] == "recorded" and not [n for n in g2.notes if "measured again" in n], g2.notes
+    v3 = _derived_version(settings, v1, 0.999)
+    data = json.loads(settings.registry_file.read_text())
+    active = next(v for v in data["adapters"]["luna-adapter"]["versions"] if v["version"] == v2["version"])
+    active["gate"]["context"]["suite"] = "0" * 64  # as a release that read the suite otherwise recorded it
+    settings.registry_file.write_text(json.dumps(data))
+    g3 = evalgate.gate_candidate(settings, "luna-adapter", v3["version"])
+    assert g3.baseline["source"] == "evaluated", g3.baseline
+    said = (
+        f"the active luna-adapter@{v2['version']} was measured again: its gate record was made on another golden "
+        "suite (changed, or read otherwise by this release)"
+    )
+    assert said in g3.notes, g3.notes
+    assert {
+        "code": "gate.baseline_measured_again",
+        "params": {"ref": f"luna-adapter@{v2['version']}", "changed": said.split("another ")[1]},
+    } in g3.note_codes
+
+
 def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trained_home, settings):
     """Repro: with the active version's files deleted, every later version's gate failed with "The files of
     luna-adapter@v1 are missing …; train it again", and training again gave a version never gated nor
@@ -693,6 +721,7 @@ def test_patterns_re_cannot_even_compile_and_other_unbounded_texts_are_suite_pro
         {"id": "long", "prompt": "x", "checks": [{"type": "not_contains", "value": "x" * 100_001}]},
         {"id": "tag", "prompt": "x", "checks": [{"type": "stops"}], "tags": ["t" * 100_001]},
         {"id": "desc", "prompt": "x", "checks": [{"type": "max_chars", "value": 9, "description": {"x": 1}}]},
+        {"id": "null", "prompt": "x", "checks": [{"type": "max_chars", "value": 9, "description": None}]},
     ]
     path = settings.eval_dir / "x.jsonl"
     _write(path, [json.dumps(c) for c in cases])

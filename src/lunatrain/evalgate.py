@@ -982,6 +982,16 @@ def _run(
             "metrics": baseline_entry["gate"]["metrics"],
         }
     elif "baseline" in adapters and unusable is None:
+        if changed := _record_differs(baseline_entry, context):  # measured again: say why its record was not used
+            ref = _ref(baseline_entry, base)
+            notes.append(
+                Note(
+                    "gate.baseline_measured_again",
+                    f"the active {ref} was measured again: its gate record was made on another {changed}",
+                    ref=ref,
+                    changed=changed,
+                )
+            )
         if quantize != "none" and (held := _trained_quantized(baseline_entry)) != quantize:
             trained, ref = "unquantized" if held == "none" else f"in {held}", _ref(baseline_entry, base)
             notes.append(
@@ -1130,6 +1140,28 @@ def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, note
         )
         return None
     return tokenize_tier(settings, tier, tokenizer, max_len, data=data)
+
+
+# What a gate record's context holds, in the words a note uses for each part that differs.
+_CONTEXT_WORDS = {
+    "suite": "golden suite (changed, or read otherwise by this release)",
+    "data": "val/test data",
+    "tier": "tier",
+    "maxSeqLength": "maxSeqLength",
+    "base": "build of the base model",
+    "quantize": "quantization of the base",
+    "format": "gate format",
+    "tokens": "rule for which tokens carry labels",
+}
+
+
+def _record_differs(entry: dict[str, Any] | None, context: dict[str, Any]) -> str:
+    """What differs between a version's gate record and this gate ("" when it has no record to compare)."""
+    gate = (entry or {}).get("gate") or {}
+    recorded = gate.get("context")
+    if not isinstance(recorded, dict) or not isinstance(gate.get("metrics"), dict):
+        return ""
+    return ", ".join(words for key, words in _CONTEXT_WORDS.items() if recorded.get(key) != context.get(key))
 
 
 def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:

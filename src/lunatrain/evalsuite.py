@@ -428,7 +428,8 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
             errs.append(f"{label} (max_chars): 'value' must be a positive integer")
     elif value not in (None, True):  # stops
         errs.append(f"{label} (stops): takes no value (or true)")
-    description = raw.get("description", "")
+    description = raw.get("description")
+    description = "" if description is None else description  # null as left out, as a case's own
     if not isinstance(description, str):
         errs.append(f"{label}: 'description' must be a string, got {description!r}")
     if len(errs) > n:
