@@ -1180,8 +1180,16 @@ def _adapters(name: str) -> dict:
 @pytest.mark.parametrize(
     ("query", "regressed", "more"),
     [
-        ("", "Fall greet (data/eval/my.jsonl:2): contains, stops – die Vergleichsbasis bestand ihn", "… und 3 weitere"),
-        ("?lang=en", "case greet (data/eval/my.jsonl:2): contains, stops – the baseline passed it", "… and 3 more"),
+        (
+            "",
+            "Fall greet (data/eval/my.jsonl:2): contains, stops – die Vergleichsbasis bestand ihn",
+            "… und 3 weitere (alle nennt `lunatrain eval-gate --adapter luna-adapter@v1`)",
+        ),
+        (
+            "?lang=en",
+            "case greet (data/eval/my.jsonl:2): contains, stops – the baseline passed it",
+            "… and 3 more (`lunatrain eval-gate --adapter luna-adapter@v1` names them all)",
+        ),
     ],
 )
 def test_a_refused_version_lists_the_golden_cases_it_failed(page, services: Services, query, regressed, more) -> None:
@@ -1200,7 +1208,7 @@ def test_a_refused_version_lists_the_golden_cases_it_failed(page, services: Serv
     expect(items).to_have_count(3)
     expect(items.nth(0)).to_have_text(regressed)
     expect(items.nth(1)).to_contain_text("short (data/eval/my.jsonl:5): max_chars")
-    expect(items.nth(2)).to_contain_text(more)
+    expect(items.nth(2)).to_have_text(more)
 
 
 def route_models(page, served: dict[str, bool]) -> None:

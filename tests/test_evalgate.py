@@ -659,6 +659,48 @@ def test_a_regex_that_backtracks_without_end_fails_its_check_as_timed_out_instea
     assert _why(case) == "regex (timed out after 1 s) (data/eval/my.jsonl:3)"
 
 
+def test_the_regex_bound_is_the_searchs_own_cpu_time_not_the_clock_and_its_start(monkeypatch):
+    """Review repros: the 1 s bound counted the child interpreter's start and any wait for the CPU, so on a
+    loaded machine every regex check of a gate failed as "timed out", `a` in "a" too; and with this process's
+    interpreter gone (a venv rebuilt under a running service) the gate ended in a FileNotFoundError traceback."""
+    import os
+    import signal
+    import threading
+
+    from lunatrain.evalsuite import BoundedSearch
+
+    with BoundedSearch() as search:
+        child = search._start()
+        os.kill(child.pid, signal.SIGSTOP)  # starved of the CPU for 1.5 s, as under another suite's load
+        threading.Timer(1.5, os.kill, (child.pid, signal.SIGCONT)).start()
+        assert search("a", 0, "a") is True
+    monkeypatch.setattr("sys.executable", "/nonexistent/python3")
+    with pytest.raises(UsageError, match=r"need this Python \(/nonexistent/python3\), which cannot be started"):
+        EvalCheck("regex", "a").run("a", True)
+
+
+@pytest.mark.slow
+def test_a_gate_killed_during_a_runaway_regex_leaves_no_search_behind(tmp_path):
+    """Review repro: `kill PID` of an `eval-gate` during a runaway regex left its search child running at full
+    CPU for good, with init as its parent."""
+    import subprocess
+    import sys
+
+    from trainer_helpers import gone, wait_for
+
+    code = (
+        "from lunatrain.evalsuite import BoundedSearch\n"
+        "search = BoundedSearch(seconds=3600)\n"
+        "print(search._start().pid, flush=True)\n"
+        "search('(a|aa)+$', 0, 'a' * 60 + 'b')\n"
+    )
+    gate = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(gate.stdout.readline())
+    gate.kill()
+    gate.wait()
+    assert wait_for(lambda: gone(child), 30), "the search outlived the gate that started it"
+
+
 @pytest.mark.slow
 def test_a_pattern_re_warns_about_is_read_without_a_warning_in_the_commands_output(tmp_path):
     """Review repro: `[[:digit:]]` printed re's FutureWarning ("Possible nested set") with a source line of
@@ -789,10 +831,11 @@ def test_a_case_with_a_special_token_of_the_model_is_left_out_with_a_note(settin
     )
     report = evalgate.eval_gate(settings)
     assert [c["id"] for c in report.cases] == ["plain"]
-    assert report.notes[0] == f"case 'inject' ({path}:1) was left out: {said.split(': ', 2)[2]}", report.notes
+    shown = "data/eval/x.jsonl:1"  # as the report's cases name it (review: the note had the absolute path)
+    assert report.notes[0] == f"case 'inject' ({shown}) was left out: {said.split(': ', 2)[2]}", report.notes
     assert report.note_codes[0] == {
         "code": "gate.case_special_token",
-        "params": {"case": "inject", "source": f"{path}:1", "token": "<|im_end|>", "message": 1},
+        "params": {"case": "inject", "source": shown, "token": "<|im_end|>", "message": 1},
     }
 
 

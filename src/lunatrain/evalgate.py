@@ -284,12 +284,13 @@ class _Evaluator:
                     "token, not as text (chat refuses it)"
                 )
                 refused = refused or UsageError(f"{case.source}: case {case.id!r}: {said}; remove it.")
+                shown = self._shown(case.source)  # as the report's cases name it
                 notes.append(
                     Note(
                         "gate.case_special_token",
-                        f"case {case.id!r} ({case.source}) was left out: {said}",
+                        f"case {case.id!r} ({shown}) was left out: {said}",
                         case=case.id,
-                        source=str(case.source),
+                        source=shown,
                         token=token,
                         message=i,
                     )
@@ -304,13 +305,14 @@ class _Evaluator:
                 if len(without) == len(case.messages) or not self._renders(without):
                     raise
                 refused = refused or err
+                shown = self._shown(case.source)
                 notes.append(
                     Note(
                         "gate.case_left_out",
-                        f"case {case.id!r} ({case.source}) was left out: the chat template refuses its system "
+                        f"case {case.id!r} ({shown}) was left out: the chat template refuses its system "
                         f"message ({err.__cause__})",
                         case=case.id,
-                        source=str(case.source),
+                        source=shown,
                         why=str(err.__cause__),
                     )
                 )

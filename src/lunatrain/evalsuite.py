@@ -14,16 +14,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import select
 import subprocess
 import sys
+import time
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from .errors import JSON_FAULTS, LISTED_PROBLEMS, UsageError, json_fault, some
 from .formats import MAX_TEXT_LEN, NOT_UNICODE, is_unicode, normalize_text
@@ -51,12 +56,28 @@ _ROLES = {"system", "user", "assistant"}
 warnings.filterwarnings("ignore", message=r"Possible (nested set|set \w+)", category=FutureWarning)
 
 # The child that runs regex checks: nothing imported but `re` and `json`, one search per line in, one out.
+# It ends with the process that started it (a gate killed by SIGTERM left a runaway search at full CPU): asked
+# of the kernel (PR_SET_PDEATHSIG), then checked once, for a parent gone before that took hold. "ready" once it
+# runs, so that its start-up counts against no search.
 _SEARCHER = (
-    "import json, re, sys\n"
+    "import ctypes, json, os, re, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit()\n"
+    "print('ready', flush=True)\n"
     "for line in sys.stdin:\n"
     "    pattern, flags, text = json.loads(line)\n"
     "    print(json.dumps(re.search(pattern, text, flags) is not None), flush=True)\n"
 )
+_START_SECONDS = 60.0  # the child's start-up, on a machine as loaded as it may be
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds process `pid` has used (0.0 once it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
 
 
 class BoundedSearch:
@@ -73,12 +94,12 @@ class BoundedSearch:
 
     def __call__(self, pattern: str, flags: int, text: str) -> bool:
         child = self._child or self._start()
+        assert child.stdin is not None and child.stdout is not None
         try:
-            assert child.stdin is not None and child.stdout is not None
+            before = _cpu_seconds(child.pid)
             child.stdin.write(json.dumps([pattern, flags, text]) + "\n")
             child.stdin.flush()
-            ready, _, _ = select.select([child.stdout], [], [], self.seconds)
-            answer = child.stdout.readline() if ready else ""
+            answer = self._answer(child, lambda: _cpu_seconds(child.pid) - before < self.seconds)
         except OSError:  # the child is gone (out of memory on its pattern)
             answer = ""
         if not answer:
@@ -86,17 +107,41 @@ class BoundedSearch:
             raise TimeoutError(f"the regex took longer than {self.seconds:g} s")
         return bool(json.loads(answer))
 
+    @staticmethod
+    def _answer(child: subprocess.Popen[str], going: Callable[[], bool], most: float = _START_SECONDS) -> str:
+        """The child's next line, while `going()` holds. The bound is the child's own CPU time, not the clock:
+        on a machine loaded by other work a quick search waits for the CPU, and must not count as runaway."""
+        assert child.stdout is not None
+        deadline = time.monotonic() + most
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([child.stdout], [], [], 0.1)
+            if ready:
+                return child.stdout.readline()
+            if child.poll() is not None or not going():
+                return ""
+        return ""
+
     def _start(self) -> subprocess.Popen[str]:
-        self._child = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SEARCHER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            encoding="utf-8",
-            errors="surrogatepass",
-        )
-        return self._child
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SEARCHER, str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                encoding="utf-8",
+                errors="surrogatepass",
+            )
+        except OSError as exc:  # this process's interpreter is gone (its environment moved or rebuilt)
+            raise UsageError(
+                f"The eval gate's regex checks need this Python ({sys.executable or 'unknown'}), which cannot be "
+                f"started ({exc.strerror or exc}); run lunatrain again from its environment."
+            ) from None
+        self._child = child
+        if self._answer(child, lambda: True) != "ready\n":
+            self.close()
+            raise UsageError(f"The eval gate's regex checks could not start {sys.executable}; run lunatrain again.")
+        return child
 
     def close(self) -> None:
         if self._child is not None:

@@ -15,7 +15,7 @@ function versionNumber(version) {
 }
 
 // The gate's outcome as the registry records it: {status: "passed"|"failed"|"skipped"|"error", reason}.
-function gateCell(gate) {
+function gateCell(gate, ref) {
   if (!gate) return h("td", {}, t("gate.none"));
   const state = gate.passed === true ? "passed" : gate.passed === false ? "failed" : gate.status ?? "skipped";
   const coded = Array.isArray(gate.reasonCodes) && gate.reasonCodes.length
@@ -33,19 +33,19 @@ function gateCell(gate) {
   return h("td", {},
     h("span", { class: `gate gate-${state}` }, t(`gate.${state}`)),
     reason ? h("span", { class: "gate-reasons" }, reason) : null,
-    state === "failed" ? failedCases(gate) : null,
+    state === "failed" ? failedCases(gate, ref) : null,
     notes.length ? h("ul", { class: "gate-notes" }, notes.map((note) => h("li", {}, note))) : null);
 }
 
 /** A refusal's failed golden cases, those the baseline passed first: what to look at to fix the data or the
- * case (the gate record keeps the first ten; the report has them all). */
-function failedCases(gate) {
+ * case (the gate record keeps the first ten; `eval-gate --adapter` judges the version again and names all). */
+function failedCases(gate, ref) {
   const cases = Array.isArray(gate.failedCases) ? gate.failedCases : [];
   if (!cases.length) return null;
   const items = cases.map((c) => h("li", {}, t(c.baselinePassed === true ? "gate.caseRegressed" : "gate.caseFailed",
     { id: c.id, source: c.source, checks: (c.checks ?? []).join(", ") })));
   const more = (gate.failedCaseCount ?? cases.length) - cases.length;
-  if (more > 0) items.push(h("li", {}, t("gate.moreCases", { count: more })));
+  if (more > 0) items.push(h("li", {}, t("gate.moreCases", { count: more, ref })));
   return h("ul", { class: "gate-cases", "aria-label": t("gate.casesLabel") }, items);
 }
 
@@ -215,7 +215,7 @@ export class AdapterView {
       h("td", {}, v),
       h("td", {}, formatDate(version.created ?? version.createdAt)),
       h("td", { class: "num" }, `${formatLoss(metrics.valLoss)} (${formatLoss(base)})`),
-      gateCell(version.gate),
+      gateCell(version.gate, `${name}@${v}`),
       h("td", {}, h("div", { class: "cell-flex" }, badges)),
       h("td", {}, h("div", { class: "cell-flex" }, actions)));
   }
