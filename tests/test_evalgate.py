@@ -674,6 +674,13 @@ def test_the_regex_bound_is_the_searchs_own_cpu_time_not_the_clock_and_its_start
         os.kill(child.pid, signal.SIGSTOP)  # starved of the CPU for 1.5 s, as under another suite's load
         threading.Timer(1.5, os.kill, (child.pid, signal.SIGCONT)).start()
         assert search("a", 0, "a") is True
+        # Review repro: a job's cancel (SIGTERM to the gate's process group) killed the search mid-way, and its
+        # check failed as "timed out": the child ignores what the group is sent; one killed otherwise is run again.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(child.pid, sig)
+        assert search("a", 0, "a") is True and search._child is child
+        os.kill(child.pid, signal.SIGKILL)
+        assert search("a", 0, "a") is True and search._child is not child
     monkeypatch.setattr("sys.executable", "/nonexistent/python3")
     with pytest.raises(UsageError, match=r"need this Python \(/nonexistent/python3\), which cannot be started"):
         EvalCheck("regex", "a").run("a", True)

@@ -58,9 +58,11 @@ warnings.filterwarnings("ignore", message=r"Possible (nested set|set \w+)", cate
 # The child that runs regex checks: nothing imported but `re` and `json`, one search per line in, one out.
 # It ends with the process that started it (a gate killed by SIGTERM left a runaway search at full CPU): asked
 # of the kernel (PR_SET_PDEATHSIG), then checked once, for a parent gone before that took hold. "ready" once it
-# runs, so that its start-up counts against no search.
+# runs, so that its start-up counts against no search. It shares the gate's process group, so it ignores what a
+# job's cancel, a stopping trainer or Ctrl-C sends the group: the gate decides how it ends, not a check.
 _SEARCHER = (
     "import ctypes, json, os, re, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1): signal.signal(s, signal.SIG_IGN)\n"
     "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
     "if os.getppid() != int(sys.argv[1]): sys.exit()\n"
     "print('ready', flush=True)\n"
@@ -92,18 +94,27 @@ class BoundedSearch:
         self.seconds = seconds
         self._child: subprocess.Popen[str] | None = None
 
-    def __call__(self, pattern: str, flags: int, text: str) -> bool:
+    def __call__(self, pattern: str, flags: int, text: str, *, tries: int = 2) -> bool:
         child = self._child or self._start()
         assert child.stdin is not None and child.stdout is not None
+        used = 0.0
         try:
             before = _cpu_seconds(child.pid)
             child.stdin.write(json.dumps([pattern, flags, text]) + "\n")
             child.stdin.flush()
-            answer = self._answer(child, lambda: _cpu_seconds(child.pid) - before < self.seconds)
-        except OSError:  # the child is gone (out of memory on its pattern)
+
+            def going() -> bool:
+                nonlocal used
+                used = max(used, _cpu_seconds(child.pid) - before)
+                return used < self.seconds
+
+            answer = self._answer(child, going)
+        except OSError:  # the child is gone
             answer = ""
         if not answer:
             self.close()
+            if used < self.seconds and tries > 1:  # it ended before its time was up (killed from outside): again
+                return self(pattern, flags, text, tries=tries - 1)
             raise TimeoutError(f"the regex took longer than {self.seconds:g} s")
         return bool(json.loads(answer))
 
