@@ -86,9 +86,9 @@ class BoundedSearch:
     """Python's `re.search`, with a bound on each search. A pattern that backtracks without end (`(a|aa)+$`)
     on a long answer held the gate for good, and `serve` with it: `re` never lets go of the interpreter while
     it matches, so no other request and no signal got through. So the searches run in a child interpreter
-    (one per gate, started at its first regex), waited for at most REGEX_SECONDS each; one that ran out of
-    time is killed, its search raises TimeoutError (the check fails, saying so), and the next search starts
-    a new child. The patterns keep `re`'s syntax and meaning exactly."""
+    (one per gate, started at its first regex), each search given at most REGEX_SECONDS of the child's own CPU
+    time; one that ran out of it is killed, its search raises TimeoutError (the check fails, saying so), and
+    the next search starts a new child. The patterns keep `re`'s syntax and meaning exactly."""
 
     def __init__(self, seconds: float = REGEX_SECONDS) -> None:
         self.seconds = seconds
@@ -159,8 +159,9 @@ class BoundedSearch:
             self._child.kill()
             self._child.wait()
             for stream in (self._child.stdin, self._child.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close() if stream else None
+                if stream is not None:
+                    with contextlib.suppress(OSError):  # a write the child never read (BrokenPipeError)
+                        stream.close()
             self._child = None
 
     def __enter__(self) -> BoundedSearch:
