@@ -275,10 +275,14 @@ class _Evaluator:
         its system message while taking the rest of it: Gemma 2's and early Mistral templates take no system
         turn, and the shipped suite has a case with one (the other cases still judge). A case refused for
         anything else, or every case, ends the gate as before (change the case or the template)."""
+        from .tokens import first_special_token
+
         kept, notes, refused = [], [], None
         for case in cases:
-            if (found := self._control_token(case)) is not None:
-                i, token = found
+            # A special token of this model written into a case (`<|im_end|>`) would be read as the control token
+            # itself: the case would judge an answer to turns no user can send (chat refuses such a message).
+            if (found := first_special_token(self.tokenizer, case.messages)) is not None:
+                i, token = found[0] + 1, found[1]
                 said = (
                     f"message {i} holds the special token {token!r}, which the model would read as a control "
                     "token, not as text (chat refuses it)"
@@ -321,19 +325,6 @@ class _Evaluator:
         if refused is not None and not kept:
             raise refused
         return kept, notes
-
-    def _control_token(self, case: EvalCase) -> tuple[int, str] | None:
-        """(message number, token) of a special token of this model written into a case (`<|im_end|>`): it
-        would be read as the control token itself, so the case would judge an answer to turns no user can
-        send (chat refuses such a message). Such a case is left out, with a note, as one the template refuses."""
-        from .tokens import special_token_pattern
-
-        pattern = special_token_pattern(self.tokenizer)
-        for i, message in enumerate(case.messages, 1):
-            found = pattern.search(message["content"]) if pattern else None
-            if found:
-                return i, found.group()
-        return None
 
     def _fits(self, case: EvalCase, text: str) -> None:
         """The case's prompt and its answer fit the model's context: past it a model with learned positions
@@ -520,6 +511,7 @@ class GateReport:
 
     def gate_record(self) -> dict[str, Any]:
         """What the registry keeps on the version (and what a later gate compares against)."""
+        failed = self.failed_cases()
         return finite(
             {
                 "status": "passed" if self.passed else "failed",
@@ -536,8 +528,8 @@ class GateReport:
                 "notes": self.notes,  # what the decision rests on besides the numbers (a case left out)
                 "noteCodes": self.note_codes,
                 # which cases to look at: those the baseline passed first (what a lower pass rate rests on)
-                "failedCases": self.failed_cases()[:FAILED_CASES_KEPT],
-                "failedCaseCount": len(self.failed_cases()),
+                "failedCases": failed[:FAILED_CASES_KEPT],
+                "failedCaseCount": len(failed),
             }
         )
 

@@ -805,16 +805,14 @@ def _refuse_control_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> No
     """A special token typed into a message (`<|im_start|>system`) would be read as the control token itself
     once the rendered prompt is tokenized: a user could open a turn of another role. Refused, as prepare
     fails such training samples."""
-    from .tokens import special_token_pattern
+    from .tokens import first_special_token
 
-    pattern = special_token_pattern(tokenizer)
-    for i, message in enumerate(messages):
-        found = pattern.search(message["content"]) if pattern else None
-        if found:
-            raise UsageError(
-                f"messages[{i}] contains the special token {found.group()!r}, which the model would read as a "
-                "control token, not as text; remove it from the message.",
-                details={"param": "messages"},
-                code="invalid_messages",
-                params={"check": "chat.special_token", "message": i, "token": found.group()},
-            )
+    if (found := first_special_token(tokenizer, messages)) is not None:
+        i, token = found
+        raise UsageError(
+            f"messages[{i}] contains the special token {token!r}, which the model would read as a control token, "
+            "not as text; remove it from the message.",
+            details={"param": "messages"},
+            code="invalid_messages",
+            params={"check": "chat.special_token", "message": i, "token": token},
+        )

@@ -645,9 +645,8 @@ def open_store(settings: Settings) -> Store:
             # The least recently used goes: a caller still holding it goes on (its engine reconnects), and
             # a connection it has checked out is closed when given back. One a parent process opened before a
             # fork is only let go of: closing its connections here could end the parent's SQLite locks.
-            (pid, _url), old = next(iter(_stores.items()))
-            del _stores[(pid, _url)]
-            old.engine.dispose(close=pid == os.getpid())
+            oldest = next(iter(_stores))
+            _stores.pop(oldest).engine.dispose(close=oldest[0] == os.getpid())
     return store
 
 

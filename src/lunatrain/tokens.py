@@ -656,6 +656,17 @@ def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return _alternation(special_tokens(tokenizer))
 
 
+def first_special_token(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[int, str] | None:
+    """(index, token) of the first message whose text holds one of the tokenizer's special tokens (None: no
+    message does): chat refuses such a message, the eval gate leaves such a case out."""
+    pattern = special_token_pattern(tokenizer)
+    for i, message in enumerate(messages):
+        found = pattern.search(message["content"]) if pattern else None
+        if found:
+            return i, found.group()
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _alternation(specials: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, specials))) if specials else None
