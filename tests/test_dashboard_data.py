@@ -1486,6 +1486,8 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "nicht an (System role not supported)",
                 "das Basismodell wurde unquantisiert geladen, nicht in 4bit wie beim Training (bitsandbytes is not "
                 "installed here)",
+                "die aktive luna-adapter@v1 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen Voraussetzungen "
+                "(Golden-Suite (geändert oder von dieser Version anders gelesen), Val/Test-Daten)",
                 "an older note",
             ],
         ),
@@ -1496,6 +1498,8 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "(System role not supported)",
                 "the base model was loaded unquantized, not in 4bit as the adapter trained (bitsandbytes is not "
                 "installed here)",
+                "the active luna-adapter@v1 was measured again: its gate record was made on another golden suite "
+                "(changed, or read otherwise by this release), val/test data",
                 "an older note",
             ],
         ),
@@ -1520,6 +1524,14 @@ def test_the_gates_notes_are_shown_with_its_reasons_in_the_pages_language(
             why="System role not supported",
         ),
         Note("gate.unquantized", "…", quantize="4bit", why="bitsandbytes is not installed here"),
+        # review repro: which parts of the record differ were English words inside the German line
+        Note(
+            "gate.baseline_measured_again",
+            "…",
+            ref="luna-adapter@v1",
+            changed="golden suite (changed, or read otherwise by this release), val/test data",
+            changedKeys=["suite", "data"],
+        ),
         Note("gate.stays_inactive", "stays registered but inactive: …", reasons="…"),
     ]
     gate = {

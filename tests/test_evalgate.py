@@ -515,7 +515,11 @@ def test_an_active_version_measured_again_says_why_its_record_was_not_used(train
     assert said in g3.notes, g3.notes
     assert {
         "code": "gate.baseline_measured_again",
-        "params": {"ref": f"luna-adapter@{v2['version']}", "changed": said.split("another ")[1]},
+        "params": {
+            "ref": f"luna-adapter@{v2['version']}",
+            "changed": said.split("another ")[1],
+            "changedKeys": ["suite"],
+        },
     } in g3.note_codes
 
 

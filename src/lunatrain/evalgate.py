@@ -976,14 +976,15 @@ def _run(
             "metrics": baseline_entry["gate"]["metrics"],
         }
     elif "baseline" in adapters and unusable is None:
-        if changed := _record_differs(baseline_entry, context):  # measured again: say why its record was not used
-            ref = _ref(baseline_entry, base)
+        if keys := _record_differs(baseline_entry, context):  # measured again: say why its record was not used
+            ref, changed = _ref(baseline_entry, base), ", ".join(_CONTEXT_WORDS[key] for key in keys)
             notes.append(
                 Note(
                     "gate.baseline_measured_again",
                     f"the active {ref} was measured again: its gate record was made on another {changed}",
                     ref=ref,
                     changed=changed,
+                    changedKeys=keys,  # the dashboard says each part in its own language
                 )
             )
         if quantize != "none" and (held := _trained_quantized(baseline_entry)) != quantize:
@@ -1149,13 +1150,14 @@ _CONTEXT_WORDS = {
 }
 
 
-def _record_differs(entry: dict[str, Any] | None, context: dict[str, Any]) -> str:
-    """What differs between a version's gate record and this gate ("" when it has no record to compare)."""
+def _record_differs(entry: dict[str, Any] | None, context: dict[str, Any]) -> list[str]:
+    """The parts (`_CONTEXT_WORDS` keys) in which a version's gate record differs from this gate (none when it
+    has no record to compare)."""
     gate = (entry or {}).get("gate") or {}
     recorded = gate.get("context")
     if not isinstance(recorded, dict) or not isinstance(gate.get("metrics"), dict):
-        return ""
-    return ", ".join(words for key, words in _CONTEXT_WORDS.items() if recorded.get(key) != context.get(key))
+        return []
+    return [key for key in _CONTEXT_WORDS if recorded.get(key) != context.get(key)]
 
 
 def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:

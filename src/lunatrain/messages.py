@@ -177,7 +177,7 @@ CODES: dict[str, str] = {
     # eval-gate notes (noteCodes[].code): what the decision rests on besides the numbers; `why`, `reasons` and
     # `trained` are English phrases (from an error, the reasons' sentences, "unquantized"/"in 4bit")
     "gate.case_left_out": "a golden case was left out: the chat template refuses its system message (case, source, why)",
-    "gate.baseline_measured_again": "the active version's gate record did not fit this gate, so it was measured again (ref, changed)",
+    "gate.baseline_measured_again": "the active version's gate record did not fit this gate, so it was measured again (ref, changed, changedKeys)",
     "gate.case_special_token": "a golden case was left out: it holds a special token of the model (case, source, token, message)",
     "gate.chose_luna_adapter": "several adapters are active on the base model: luna-adapter was gated (baseModel, adapters)",
     "gate.other_base": "the candidate was trained on another base model and gated on it (ref, baseModel, trainedOn)",

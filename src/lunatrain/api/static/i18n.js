@@ -366,6 +366,15 @@ const de = {
   "msg.gate.loss_regression": "{split}-Loss {loss} schlechter als {baseline} ({baselineLoss}: +{risePercent} %, erlaubt +{allowedPercent} %)",
   "msg.gate.case_left_out": "Golden-Fall {case} ({source}) ausgelassen: die Chat-Vorlage nimmt seine Systemnachricht nicht an ({why})",
   "msg.gate.baseline_measured_again": "die aktive {ref} wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen Voraussetzungen ({changed})",
+  // The parts of a gate record that can differ from a gate (evalgate._CONTEXT_WORDS), named in the note above.
+  "gate.context.suite": "Golden-Suite (geändert oder von dieser Version anders gelesen)",
+  "gate.context.data": "Val/Test-Daten",
+  "gate.context.tier": "Datensatz-Stufe",
+  "gate.context.maxSeqLength": "maxSeqLength",
+  "gate.context.base": "Stand des Basismodells",
+  "gate.context.quantize": "Quantisierung des Basismodells",
+  "gate.context.format": "Gate-Format",
+  "gate.context.tokens": "Regel, welche Tokens Labels tragen",
   "msg.gate.case_special_token": "Golden-Fall {case} ({source}) ausgelassen: Nachricht {message} enthält das Sondertoken {token}, das das Modell als Steuerzeichen läse, nicht als Text (der Chat lehnt es ab)",
   "msg.gate.chose_luna_adapter": "Auf {baseModel} sind mehrere Adapter aktiv ({adapters}); geprüft wurde luna-adapter, der eigene des Assistenten",
   "msg.gate.other_base": "{ref} gehört nicht zum eingestellten Basismodell {baseModel}: trainiert und geprüft auf {trainedOn}",
@@ -904,6 +913,14 @@ const en = {
   "msg.gate.loss_regression": "{split} loss {loss} regresses against {baseline} ({baselineLoss}: +{risePercent}%, allowed +{allowedPercent}%)",
   "msg.gate.case_left_out": "golden case {case} ({source}) was left out: the chat template refuses its system message ({why})",
   "msg.gate.baseline_measured_again": "the active {ref} was measured again: its gate record was made on another {changed}",
+  "gate.context.suite": "golden suite (changed, or read otherwise by this release)",
+  "gate.context.data": "val/test data",
+  "gate.context.tier": "tier",
+  "gate.context.maxSeqLength": "maxSeqLength",
+  "gate.context.base": "build of the base model",
+  "gate.context.quantize": "quantization of the base",
+  "gate.context.format": "gate format",
+  "gate.context.tokens": "rule for which tokens carry labels",
   "msg.gate.case_special_token": "golden case {case} ({source}) was left out: message {message} holds the special token {token}, which the model would read as a control token, not as text (chat refuses it)",
   "msg.gate.chose_luna_adapter": "Several adapters are active on {baseModel} ({adapters}); luna-adapter, the assistant's own, was gated",
   "msg.gate.other_base": "{ref} is not for the configured base model {baseModel}: trained and gated on {trainedOn}",
@@ -1129,6 +1146,10 @@ export function tMsg(code, params = {}, fallback = "") {
     if ((name === "tier" || name === "device") && `opt.${value}` in TEXTS[lang]) vars[name] = t(`opt.${value}`);
     // A split as the page names it elsewhere ("Val-Loss", as the job panel says; not "val-Loss").
     if (name === "split" && `split.${value}` in TEXTS[lang]) vars[name] = t(`split.${value}`);
+  }
+  // The parts of a gate record that differ, each in the page's words (the English list is `changed`).
+  if (Array.isArray(params?.changedKeys) && params.changedKeys.every((k) => `gate.context.${k}` in TEXTS[lang])) {
+    vars.changed = params.changedKeys.map((k) => t(`gate.context.${k}`)).join(", ");
   }
   // The eval gate's reasons, each in the page's words when they come with codes (the sentence is English).
   if (Array.isArray(params?.reasonCodes) && params.reasonCodes.length) {
