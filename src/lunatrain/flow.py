@@ -258,12 +258,19 @@ def submit(
     check_chat_template(settings, params)
     params = resolve_base(settings, params)
     fetch_if_allowed(str(params.base_model), settings)  # allowed here, the trainer finds it in the cache
+    check_data(settings, params, options)
+    ensure_trainer(settings)
+    return client.submit(settings, params, options, request_id, thresholds)
+
+
+def check_data(settings: Settings, params: LoraParams, options: FlowOptions) -> None:
+    """What the export and the suite must hold before a job of `params` is queued: minCurated, a golden suite
+    the gate can read, the tier's files as export wrote them and nothing deleted or rejected since. The
+    client checks it before it submits, and the trainer again for a client that calls it directly."""
     check_min_curated(settings, options)
     check_suite(settings, options)
     export.refuse_replaced(settings, params.dataset_tier)
     export.refuse_withdrawn(settings, params.dataset_tier)
-    ensure_trainer(settings)
-    return client.submit(settings, params, options, request_id, thresholds)
 
 
 def check_before_export(

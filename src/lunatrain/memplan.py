@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -81,32 +82,29 @@ class Shape:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], name: str) -> Shape:
-        cfg = cfg.get("text_config") or cfg  # multimodal configs keep the language model's shape inside
-        try:
-            hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or cfg["d_model"])
-            heads = int(cfg.get("num_attention_heads") or cfg["n_head"])
-            return cls(
-                name=name,
-                hidden=hidden,
-                layers=int(cfg.get("num_hidden_layers") or cfg["n_layer"]),
-                heads=heads,
-                kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
-                vocab=int(cfg["vocab_size"]),
-                tied=bool(cfg.get("tie_word_embeddings", True)),
-                chunked_loss=not any(cfg.get(k) not in (None, 1, 1.0) for k in PLAIN_LOSS_KEYS),
-                varlen=cfg.get("attn_logit_softcapping") is None,
-                experts_per_token=int(
-                    (cfg.get("num_experts_per_tok") or cfg.get("num_experts_per_token") or 1)
-                    if cfg.get("num_local_experts") or cfg.get("num_experts")
-                    else 1
-                ),
-            )
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-            raise UsageError(
-                f"The config of base model {name!r} does not describe a decoder the memory plan knows (missing {exc})."
-            ) from exc
+        inner = cfg.get("text_config")  # multimodal configs keep the language model's shape inside
+        if inner is not None and not isinstance(inner, dict):
+            raise _not_a_decoder(name, f"text_config is {type(inner).__name__}, not an object")
+        cfg = inner or cfg
+        hidden = _dimension(cfg, name, "hidden_size", "n_embd", "d_model")
+        heads = _dimension(cfg, name, "num_attention_heads", "n_head")
+        is_moe = _dimension(cfg, name, "num_local_experts", "num_experts", default=0, least=0)
+        return cls(
+            name=name,
+            hidden=hidden,
+            layers=_dimension(cfg, name, "num_hidden_layers", "n_layer"),
+            heads=heads,
+            kv_heads=_dimension(cfg, name, "num_key_value_heads", default=heads),
+            head_dim=_dimension(cfg, name, "head_dim", default=max(hidden // heads, 1)),
+            intermediate=_dimension(cfg, name, "intermediate_size", "n_inner", default=4 * hidden),
+            vocab=_dimension(cfg, name, "vocab_size"),
+            tied=bool(cfg.get("tie_word_embeddings", True)),
+            chunked_loss=not any(cfg.get(k) not in (None, 1, 1.0) for k in PLAIN_LOSS_KEYS),
+            varlen=cfg.get("attn_logit_softcapping") is None,
+            experts_per_token=(
+                _dimension(cfg, name, "num_experts_per_tok", "num_experts_per_token", default=1) if is_moe else 1
+            ),
+        )
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer."""
@@ -133,6 +131,32 @@ class Shape:
             return self.counted[0]
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.linear_params + (2 * self.layers + 1) * self.hidden
+
+
+# Larger than any model's dimension (a vocabulary of 2 billion tokens): a config beyond it is damaged, and the
+# plan's products of dimensions stay far inside a float.
+MAX_DIMENSION = 2**31 - 1
+
+
+def _dimension(cfg: dict[str, Any], name: str, *keys: str, default: int | None = None, least: int = 1) -> int:
+    """The first of `keys` the config sets (to anything but null) as a whole number from `least` to
+    MAX_DIMENSION; `default` when it sets none of them. A key set to 0 is a bad value, not an absent one."""
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        if default is None:
+            raise _not_a_decoder(name, f"it sets none of {', '.join(keys)}" if len(keys) > 1 else f"no {keys[0]}")
+        return default
+    value = cfg[key]
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole or not least <= int(value) <= MAX_DIMENSION:
+        raise _not_a_decoder(
+            name, f"{key} is {json.dumps(value)[:40]}, not a whole number from {least} to {MAX_DIMENSION}"
+        )
+    return int(value)
+
+
+def _not_a_decoder(name: str, why: str) -> UsageError:
+    return UsageError(f"The config of base model {name!r} does not describe a decoder the memory plan knows: {why}.")
 
 
 @dataclass(frozen=True)

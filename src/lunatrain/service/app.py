@@ -24,6 +24,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Response
 from fastapi import Path as PathParam
 from pydantic import ConfigDict, Field
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from .. import __version__, memplan, registry
 from ..errors import Conflict, ServiceUnavailable, UsageError
@@ -58,6 +59,16 @@ from .warm import WarmWorker
 
 log = logging.getLogger("lunatrain.trainer")
 
+
+class _JobIdPath(StringConvertor):
+    """A job id in a path, never `check`: `GET /jobs/check` (the wrong method for `POST /jobs/check`) is a 405
+    naming POST, not a lookup of a job named "check"."""
+
+    regex = "(?!check$)[^/]+"
+
+
+register_url_convertor("jobid", _JobIdPath())
+
 _MAX_BODY = 256 * 1024  # a job body is a few hundred bytes
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, max_length=64)]
 
@@ -91,7 +102,10 @@ class JobCreate(LoraParams):
         return LoraParams.model_validate(self.model_dump(exclude={"options", "request_id", "gate_thresholds"}))
 
     def thresholds(self) -> dict[str, Any] | None:
-        return self.gate_thresholds.model_dump(by_alias=True) if self.gate_thresholds is not None else None
+        """None for the defaults, however spelled (`{}`, every default written out): a retry that spells them
+        is the same request as one that leaves them out, as default LoRA parameters are."""
+        given = self.gate_thresholds.model_dump(by_alias=True) if self.gate_thresholds is not None else None
+        return None if given == GateThresholds().model_dump(by_alias=True) else given
 
 
 def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
@@ -194,7 +208,9 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
         if params.chat_template:
             load_template(params.chat_template, settings)  # an unknown name: 422 now, not a failed job later
         from ..models import check_targets_of, resolve_base
+        from ..params import check_adapter_name
 
+        check_adapter_name(params, str(params.base_model))  # an adapter named as its base: 422, as the API says
         check_targets_of(params, settings)  # a mistyped layer name, no bitsandbytes: 422 now, as prepare says it
         if params.adapter_strategy == "overwrite":  # a slot holding another base's run: 409 now, as prepare says
             registry.check_slot_base(
@@ -212,6 +228,13 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     @app.post("/jobs", dependencies=checked, status_code=202, response_model=Job, response_model_by_alias=True)
     def submit(body: JobCreate, response: Response) -> Job:
         params = accepted(body)
+        thresholds = body.thresholds()
+        if store().existing(params, body.request_id, thresholds, options=body.options) is None:
+            # The data a new job needs, as the submitting client checked it (a direct client may not have):
+            # options.minCurated is a promise the job record makes. A retry returns its job whatever changed.
+            from ..flow import check_data
+
+            check_data(settings, params, body.options)
         runner: Runner = state["runner"]
         with runner.admission:
             if runner.stopping_for_update:
@@ -220,7 +243,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
                     "again (it starts the updated trainer).",
                     params={"detail": "trainer.updating"},
                 )
-            job, created = store().create(params, body.request_id, body.thresholds(), options=body.options)
+            job, created = store().create(params, body.request_id, thresholds, options=body.options)
             if created:  # queued under the lock: the runner's decision to stop for an update sees it
                 job = store().set_status(job.id, "queued")
         if created:
@@ -237,7 +260,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1") -> FastAPI:
     ) -> JobList:
         return store().page(limit=limit, offset=offset, status=status)
 
-    @app.get("/jobs/{job_id}", dependencies=checked, response_model=Job, response_model_by_alias=True)
+    @app.get("/jobs/{job_id:jobid}", dependencies=checked, response_model=Job, response_model_by_alias=True)
     def get_job(job_id: JobId) -> Job:
         return store().get(job_id)
 
