@@ -812,6 +812,36 @@ def test_cases_are_read_as_chat_reads_a_message_and_values_in_composed_form(sett
     assert nfd.checks[0].run(unicodedata.normalize("NFD", "Viele Grüße"), True)
 
 
+def test_regex_patterns_and_case_ids_are_read_composed_and_a_nul_is_a_suite_problem(settings):
+    """Unicode explore repros: a regex pasted decomposed (`Ba\u0308r`) never matched, not even an answer written
+    the same way (answers are composed first); "bär" composed and decomposed were two case ids where the same id
+    twice is refused; a prompt holding NUL was judged by the gate, where chat refuses it (400), so the
+    dashboard's example of that case failed."""
+    import unicodedata
+
+    bar = unicodedata.normalize("NFD", "Bär")
+    lines = [{"id": "b\u00e4r", "prompt": "Tier?", "checks": [{"type": "regex", "value": f"{bar}\\b"}]}]
+    _write(settings.eval_dir / "a.jsonl", [json.dumps(c) for c in lines])
+    [case] = load_suite(settings)
+    assert case.checks[0].run("Der Bär.", True) and case.checks[0].run(f"Der {bar}.", True)
+    twin = {"id": unicodedata.normalize("NFD", "bär"), "prompt": "Tier?", "checks": [{"type": "stops"}]}
+    nul = [
+        {"id": "nul", "prompt": "Hallo\u0000Welt", "checks": [{"type": "stops"}]},
+        {"id": "nul2", "messages": [{"role": "user", "content": "a\u0000"}], "checks": [{"type": "stops"}]},
+        {"id": "nul3", "system": "\u0000", "prompt": "x", "checks": [{"type": "stops"}]},
+    ]
+    b = settings.eval_dir / "b.jsonl"
+    _write(b, [json.dumps(c) for c in [twin, *nul]])
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert info.value.details == [
+        f"{b}:2: 'prompt' contains a NUL character",
+        f"{b}:3: message 1 (user) contains a NUL character",
+        f"{b}:4: 'system' contains a NUL character",
+        f"{b}:1: duplicate case id 'bär' (first at {settings.eval_dir / 'a.jsonl'}:1)",
+    ], info.value.details
+
+
 def test_a_case_with_a_special_token_of_the_model_is_left_out_with_a_note(settings, tiny):
     """Explore repro: a case holding `<|im_end|>` passed validation and was judged as an injected assistant turn
     (and passed), where chat refuses that text with a 400. It is left out with a note now, as a case the

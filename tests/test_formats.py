@@ -572,6 +572,39 @@ def test_utf16_with_its_byte_order_mark_is_read(tmp_path: Path, encoding: str) -
         read_file(path)
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+@pytest.mark.parametrize("encoding", ["utf-32", "utf-32-be"])
+def test_utf32_with_its_byte_order_mark_is_read_as_utf32(tmp_path: Path, encoding: str, suffix: str) -> None:
+    """Unicode explore repro: UTF-32's little-endian mark starts with UTF-16's, so a UTF-32 file was decoded as
+    UTF-16 and refused as "malformed JSON" or, for a CSV headed `prompt,response`, "unknown format"."""
+    path = tmp_path / f"u32{suffix}"
+    text = {
+        ".json": json.dumps([{"prompt": "Grüße", "response": "Hallo 👋"}], ensure_ascii=False),
+        ".jsonl": json.dumps({"prompt": "Grüße", "response": "Hallo 👋"}, ensure_ascii=False) + "\n",
+        ".csv": "prompt,response\nGrüße,Hallo 👋\n",
+    }[suffix]
+    data = text.encode(encoding)
+    path.write_bytes(data if encoding == "utf-32" else codecs.BOM_UTF32_BE + data)
+    assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("Grüße", "Hallo 👋")]
+    path.write_bytes(path.read_bytes()[:-1])  # cut inside a character
+    with pytest.raises(UsageError, match="starts as UTF-32 text but is not valid UTF-32"):
+        read_file(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_lines_with_classic_mac_line_ends_are_read_line_by_line(tmp_path: Path, suffix: str) -> None:
+    """Unicode explore repro: JSON Lines ended by a lone CR were one line, "malformed JSON (Extra data at column
+    34)", where a CSV with the same line ends imports. JSON has no raw CR inside a string."""
+    path = tmp_path / f"cr{suffix}"
+    path.write_bytes(b'{"prompt":"eins","response":"a"}\r{"prompt":"zwei","response":"b"}\r\r{"prompt":"drei"}\r')
+    parsed = read_file(path, skip_bad=True)
+    assert [(d.prompt, d.response) for d in parsed.drafts] == [("eins", "a"), ("zwei", "b")]
+    assert [str(b).split(":")[0] for b in parsed.bad] == [f"cr{suffix} line 4"], parsed.bad
+    crlf = tmp_path / f"crlf{suffix}"  # a CRLF line end is one line end
+    crlf.write_bytes(b'{"prompt":"eins","response":"a"}\r\n\r\n{"prompt":"drei"}\r\n')
+    assert [str(b).split(":")[0] for b in read_file(crlf, skip_bad=True).bad] == [f"crlf{suffix} line 3"]
+
+
 def test_a_control_character_in_a_json_line_is_said_once(tmp_path: Path) -> None:
     """Repro: "malformed JSON (Invalid control character at at column 13)"."""
     from lunatrain.formats import read_file

@@ -720,6 +720,32 @@ def test_invisible_characters_and_emoji_answers_do_not_hide_near_duplicates_or_c
     assert sorted(checks["conflicting_answers"].examples) == ["e1", "e2", "l1", "l2"], checks["conflicting_answers"]
 
 
+def test_the_marks_of_indic_and_thai_words_are_letters_when_folding_not_punctuation():
+    """Unicode explore repro: folding took vowel signs and viramas (Unicode marks) for punctuation, so "दिन कब है?"
+    (when is the day?) and "दान कब है?" (when is the donation?) were one question answered twice
+    (`conflicting_answers`), two Thai questions with other verbs too, and "हाँ" (yes) was a trivial answer where
+    "Ja" is none. A mark on a symbol (an emoji's variation selector) still folds with it."""
+    from lunatrain.prepare import _content_checks, _duplicate_checks, normalize
+
+    def rec(rid, question, answer):
+        return {"id": rid, "hash": rid, "split": "train", "messages": _turn(question, answer)}
+
+    records = [
+        rec("d1", "दिन कब है?", "कल।"),
+        rec("d2", "दान कब है?", "परसों।"),
+        rec("t1", "คุณกินข้าวหรือยัง", "กินแล้ว"),
+        rec("t2", "คุณกันข้าวหรือยัง", "ยังไม่ได้กัน"),
+        rec("n1", "Wie heißt du?", "Luna."),
+        rec("n2", "wie HEISST du", "Nova."),  # a conflict that folds across case and punctuation still is one
+    ]
+    checks = {c.id: c for c in _duplicate_checks(records)}
+    assert sorted(checks["conflicting_answers"].examples) == ["n1", "n2"], checks["conflicting_answers"]
+    assert checks["duplicate_normalized"].count == 0, checks["duplicate_normalized"]
+    trivial = {c.id: c for c in _content_checks([rec("y1", "Bist du bereit?", "हाँ"), rec("y2", "Ok?", "👍️")], None)}
+    assert trivial["trivial_response"].examples == ["y2"], trivial["trivial_response"]
+    assert normalize("है?") == "है" and normalize("❤️") == normalize("❤") != normalize("💙")
+
+
 def test_volume_counts_the_records_of_the_curated_file_not_its_lines(settings):
     """Data-check repro: 28 approved examples and 3 lines of junk appended by hand to the curated file passed
     `volume` as "31 approved curated examples (minCurated 30)" (the run was refused by other checks; the row

@@ -397,7 +397,8 @@ def _parse_case(obj: Any, where: str) -> tuple[EvalCase | None, list[str]]:
     if lang is not None:
         primary, _, rest = lang.partition("-")
         lang = primary.lower() + (f"-{rest}" if rest else "")
-    return EvalCase(cid, messages, checks, max_new, where, lang), []
+    # Ids are unique as they look: "bär" composed and decomposed are one id (the second is a duplicate).
+    return EvalCase(nfc(cid), messages, checks, max_new, where, lang), []
 
 
 def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
@@ -421,6 +422,9 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
         for key, text in (("system", system or ""), ("prompt", prompt)):
             if len(text) > MAX_TEXT_LEN:  # as an example's text: a megabyte prompt would keep the gate for hours
                 errs.append(f"{key!r} is longer than {MAX_TEXT_LEN} characters")
+                return []
+            if "\x00" in text:  # chat refuses it: the gate would judge an answer no user can get
+                errs.append(f"{key!r} contains a NUL character")
                 return []
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system is not None:
@@ -446,6 +450,8 @@ def _case_messages(obj: dict, errs: list[str]) -> list[dict[str, str]]:
             errs.append(f"message {i} ({m['role']}) has no text")
         if len(m["content"]) > MAX_TEXT_LEN:
             errs.append(f"message {i} ({m['role']}) is longer than {MAX_TEXT_LEN} characters")
+        if "\x00" in m["content"]:
+            errs.append(f"message {i} ({m['role']}) contains a NUL character")
     return [dict(m) for m in messages]
 
 
@@ -475,6 +481,7 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
         if not isinstance(value, str) or not value:
             errs.append(f"{label} (regex): 'value' must be a non-empty string")
         else:
+            value = nfc(value)  # the answer it searches is composed: a decomposed "Ba\u0308r" never matched
             try:
                 re.compile(value, re.IGNORECASE if ignore is True else 0)
             except (re.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, (((…)))

@@ -659,16 +659,24 @@ class ParsedFile:
     bad: list[str] = field(default_factory=list)  # with skip_bad: "FILE line N: problem" of each record left out
 
 
+def _marked_encoding(head: bytes) -> str | None:
+    """The encoding a byte order mark at the file's start names, other than UTF-8's: UTF-16 is what Windows
+    PowerShell 5 writes with `>` and Excel's "Unicode text"; UTF-32 is asked first, since its little-endian mark
+    starts with UTF-16's."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "UTF-32"
+    return "UTF-16" if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else None
+
+
 def _decode(data: bytes, path: Path) -> str:
-    # UTF-16 with its byte order mark: what Windows PowerShell 5 writes with `>` and Excel's "Unicode text".
     # The mark says the encoding, so it is read as that; without a mark, UTF-8 is the only one assumed.
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    if encoding := _marked_encoding(data[:4]):
         try:
-            return data.decode("utf-16")
+            return data.decode(encoding)
         except UnicodeDecodeError:
             raise UsageError(
-                f"Cannot import {path.name}: it starts as UTF-16 text but is not valid UTF-16; save the file as "
-                "UTF-8. Nothing was imported."
+                f"Cannot import {path.name}: it starts as {encoding} text but is not valid {encoding}; save the "
+                "file as UTF-8. Nothing was imported."
             ) from None
     try:
         return data.decode("utf-8-sig")
@@ -686,20 +694,19 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
     at a time (a file of months of logs is never held whole); any other JSON document (one object), or a file in
     UTF-16, is read whole."""
     suffix = path.suffix.lower()
-    head = fh.read(2)
-    utf16 = head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    marked = _marked_encoding(fh.read(4)) is not None  # UTF-16 or UTF-32: read whole
     fh.seek(0)
-    if suffix in (".jsonl", ".ndjson") and not utf16:
+    if suffix in (".jsonl", ".ndjson") and not marked:
         yield from _json_lines(_utf8_lines(fh, path))
         return
-    if suffix == ".json" and not utf16 and _starts_an_array(fh):
+    if suffix == ".json" and not marked and _starts_an_array(fh):
         yield from _json_array(fh, path)
         return
-    if suffix == ".json" and not utf16 and _lines_of_documents(fh):
+    if suffix == ".json" and not marked and _lines_of_documents(fh):
         yield from _json_lines(_utf8_lines(fh, path))  # what the whole read below finds, a line at a time
         return
     if suffix == ".csv":
-        yield from _csv_records(_csv_lines(fh, path, utf16))
+        yield from _csv_records(_csv_lines(fh, path, marked))
         return
     text = _decode(fh.read(), path)
     if suffix in (".jsonl", ".ndjson"):
@@ -856,10 +863,11 @@ def _utf8_lines(fh: BinaryIO, path: Path) -> Iterator[str]:
         yield line.removesuffix("\n")
 
 
-def _csv_lines(fh: BinaryIO, path: Path, utf16: bool) -> Iterator[str]:
+def _csv_lines(fh: BinaryIO, path: Path, marked: bool) -> Iterator[str]:
     """The file's lines with their endings, split at \\n, \\r\\n or a lone \\r (what csv.reader expects from
-    a file opened with newline=""); invalid UTF-8 refuses the whole file, naming the line, as `_decode` does."""
-    if utf16:
+    a file opened with newline=""); invalid UTF-8 refuses the whole file, naming the line, as `_decode` does.
+    `marked`: a file in UTF-16 or UTF-32 (`_marked_encoding`), decoded whole."""
+    if marked:
         yield from io.StringIO(_decode(fh.read(), path), newline="")
         return
     stream = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
@@ -902,9 +910,20 @@ def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _json_lines(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    """Each line's document. A lone \\r ends a line too (classic Mac line ends, which a CSV is read with): JSON
+    has no raw \\r inside a string, so it is never content; \\r\\n is one line end."""
+    lineno = 0
+    for physical in lines:
+        parts = physical.split("\r")
+        if len(parts) > 1 and parts[-1] == "":
+            parts.pop()
+        for line in parts:
+            lineno += 1
+            yield from _json_line(lineno, line)
+
+
+def _json_line(lineno: int, line: str) -> Iterator[tuple[str, Any]]:
+    if line.strip():
         try:
             # A BOM inside the text is one a concatenation (`cat a.jsonl b.jsonl`) carried in from a file's start:
             # a marker, not content, as the one at the file's start is.

@@ -613,7 +613,13 @@ def _volume_checks(curated: int, min_curated: int, n_train: int) -> list[Check]:
 
 
 def _alnum(text: str) -> int:
-    return sum(1 for ch in text if ch.isalnum())
+    """Letters and digits, with the marks written on them: "हाँ" ("yes") is one letter and two vowel marks (a
+    mark on a symbol, an emoji's variation selector, is none)."""
+    count, on_letter = 0, False
+    for ch in text:
+        on_letter = ch.isalnum() or (on_letter and unicodedata.category(ch)[0] == "M")
+        count += on_letter
+    return count
 
 
 def special_token_samples(records: Iterable[dict], tokenizer: Any) -> list[str]:
@@ -662,12 +668,24 @@ _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 _INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 
 
+def _marks_kept(found: re.Match[str]) -> str:
+    """A run of non-word characters as a space, but for the marks it starts with right after a letter: the
+    vowel signs and viramas of Indic and Southeast Asian scripts are marks, not word characters to `re`, and
+    folding them away made "दिन" (day) and "दान" (donation) one word. A mark on a symbol (an emoji's variation
+    selector) goes with the symbol."""
+    run, kept = found.group(), 0
+    if found.start() > 0:
+        while kept < len(run) and unicodedata.category(run[kept])[0] == "M":
+            kept += 1
+    return run[:kept] + (" " if kept < len(run) else "")
+
+
 def normalize(text: str) -> str:
     """Fold case, unicode width/compatibility forms, invisible characters, whitespace and punctuation:
     near-duplicates collide. A text of symbols only (an emoji answer) is its symbols: two of them differ, where
     a text of punctuation only ("…") folds to nothing (the trivial and empty checks report it)."""
     text = unicodedata.normalize("NFKC", _INVISIBLE.sub("", text)).casefold()
-    words = " ".join(_PUNCT.sub(" ", text).split())
+    words = " ".join(_PUNCT.sub(_marks_kept, text).split())
     return words or "".join(c for c in text if unicodedata.category(c).startswith("S"))
 
 
