@@ -1135,6 +1135,42 @@ def test_a_job_that_started_and_ended_between_two_refreshes_is_shown(page, servi
     assert asked == [] and page.locator("#job-id").text_content() == "Job ftjob-a", asked
 
 
+def test_a_page_following_a_job_shows_what_changed_elsewhere_and_asks_an_offline_trainer_nothing(
+    page, services: Services
+) -> None:
+    """Tabs explore repros: while a page followed a running job (hours on a real run), its background refresh of
+    the adapter table, the data panel and the model choice stopped: an adapter activated from the command line
+    or another tab did not show for the whole job. And with the trainer offline, every open page asked for its
+    job lists, the latest job and the followed job's state, each a 503 (an error in the browser's console), for
+    what the header already says."""
+    page.clock.install()
+    running = _job("ftjob-run", "running", "long")
+    route_job_lists(page, {"running": [running]})
+    answer(page, "**/assistant/training/lora/status*", running)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    table = {"name": "before"}
+    page.route(
+        "**/assistant/training/adapters",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(_adapters(table["name"]))
+        ),
+    )
+    open_page(page, services)
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-run")
+    expect(page.locator("#adapter-groups")).to_contain_text("before")
+    table["name"] = "activated-elsewhere"
+    page.clock.run_for(16_000)
+    expect(page.locator("#adapter-groups")).to_contain_text("activated-elsewhere")
+    # The trainer goes away: once the header says so, nothing of the trainer's is asked until it is back.
+    answer(page, "**/assistant/training/lora/provider-health*", {"label": "Offline", "reachable": False})
+    page.clock.run_for(16_000)
+    expect(page.locator("#provider-label")).to_have_attribute("data-state", "offline")
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(urlsplit(r.url).path) if "/lora/" in r.url else None)
+    page.clock.run_for(46_000)
+    assert asked and set(asked) == {"/assistant/training/lora/provider-health"}, asked
+
+
 def test_the_adapter_panel_says_it_could_read_its_list_again_when_the_same_list_comes_back(
     page, services: Services
 ) -> None:

@@ -336,17 +336,21 @@ const adapters = new AdapterView(() => {
   loadDataStatus();
   tryPanel.refresh();
 });
+/** Whether the header, as the last health answer set it, says the trainer is offline. */
+const trainerOffline = () => $("provider-label").dataset.state === "offline";
+
 const jobView = new JobView(() => {
   adapters.load();
   tryPanel.refresh();
   loadDataStatus();
   loadHealth();
-});
+}, trainerOffline);
 
 async function submitJob(button, call) {
   await busy(button, null, async () => {
     try {
       const accepted = await call();
+      loadHealth(); // a start may have started the trainer on demand: the header (and the job's polls) see it
       clearErrors("invalid_request");
       jobView.follow(accepted.job);
       // Started, or waiting behind a job that runs (perhaps one another tab started): say which.
@@ -354,7 +358,6 @@ async function submitJob(button, call) {
       const ahead = jobView.ahead(accepted.job);
       showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
         : t("train.submitted", { jobId: accepted.jobId }));
-      loadHealth(); // a start may have started the trainer on demand
     } catch (error) {
       // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
       if (error.status === 422) loraForm.showErrors(serverFieldErrors(error), { focus: false });
@@ -531,12 +534,13 @@ tryPanel.start();
 // refresh also looks for one started elsewhere (another tab, the command line), and the panel follows it.
 setInterval(() => loadHealth(false, true), HEALTH_MS);
 setInterval(() => {
-  if (!jobView.job || FINAL_STATES.has(jobView.job.status)) {
-    loadDataStatus(true);
+  // What the command line or another tab changed, also while a job is followed (for hours on a real run): the
+  // data panel names the active adapter, so the table and the model choice must not go on showing another.
+  loadDataStatus(true);
+  adapters.load(true);
+  tryPanel.refresh(true);
+  // The job lists are the trainer's: while the header says it is offline they would only answer 503.
+  if ((!jobView.job || FINAL_STATES.has(jobView.job.status)) && !trainerOffline()) {
     jobView.loadActive().then((active) => active?.length === 0 && followNewest());
-    // What the command line or another tab changed: the data panel above names the active adapter, so the
-    // table and the model choice must not go on showing another.
-    adapters.load(true);
-    tryPanel.refresh(true);
   }
 }, DATA_MS);

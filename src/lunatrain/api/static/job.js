@@ -52,8 +52,10 @@ function finishedNotice(job) {
 
 export class JobView {
   /** `onFinished(job)` runs once when a followed job reaches a final state. */
-  constructor(onFinished) {
+  /** `offline`: whether the trainer is known to be offline (the header's state); polls wait meanwhile. */
+  constructor(onFinished, offline = () => false) {
     this.onFinished = onFinished;
+    this.offline = offline;
     this.job = null;
     this.timer = null;
     this.els = Object.fromEntries(
@@ -152,6 +154,12 @@ export class JobView {
 
   async poll() {
     const jobId = this.jobId;
+    if (this.offline()) {
+      // Every request would be a 503 (an error in the browser's console each time) for what the header
+      // already says; the job is asked again once the trainer is back.
+      this.schedule();
+      return;
+    }
     try {
       const job = await api.job(jobId);
       if (jobId !== this.jobId) return; // another job was started meanwhile
