@@ -379,6 +379,56 @@ def test_a_tool_call_conversation_is_named_as_one(tmp_path: Path) -> None:
     assert draft.response == "Hallo."
 
 
+def test_tool_use_beside_the_turns_is_refused_as_a_tool_turn_is(tmp_path: Path) -> None:
+    """Tool-call explore repros: a prompt-response record's `turns` with `tool_calls` or `function_call` were
+    imported with the call dropped, and the turn that made it ("Let me check.") trained as a finished answer
+    (POST /examples refused the same turns); a record's own `tool_calls`, and the `tools`/`functions` a
+    conversation was given (OpenAI's lists, LLaMA-Factory's string), were dropped without a word, so its answers
+    trained on tools the served model is never given."""
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    plain = [{"role": "user", "content": "Wetter in Berlin?"}, {"role": "assistant", "content": "Es ist sonnig."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    records = [
+        {
+            "prompt": "Und jetzt?",
+            "response": "12 Grad.",
+            "turns": [
+                {"role": "user", "content": "Wetter?"},
+                {"role": "assistant", "content": "Ich schaue nach.", "tool_calls": [call]},
+            ],
+        },
+        {
+            "prompt": "Und jetzt?",
+            "response": "12 Grad.",
+            "turns": [
+                {"role": "user", "content": "Wetter?"},
+                {"role": "assistant", "content": "x", "function_call": {}},
+            ],
+        },
+        {"prompt": "Wetter?", "response": "Ich schaue nach.", "tool_calls": [call]},
+        {"messages": plain, "tools": tools},
+        {"messages": plain, "functions": [{"name": "get_weather"}]},
+        {
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hallo"}],
+            "tools": '[{"name": "x"}]',
+        },
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "tools.jsonl", records))
+    said = "; lunatrain trains on text turns only: leave such conversations out, or import with --skip-bad"
+    assert info.value.details == [
+        f"tools.jsonl line 1: field 'turns[1]': a tool call{said}",
+        f"tools.jsonl line 2: field 'turns[1]': a tool call{said}",
+        f"tools.jsonl line 3: field 'tool_calls': a tool call{said}",
+        f"tools.jsonl line 4: field 'tools': the tools the conversation was given{said}",
+        f"tools.jsonl line 5: field 'functions': the tools the conversation was given{said}",
+        f"tools.jsonl line 6: field 'tools': the tools the conversation was given{said}",
+    ]
+    # empty lists, as exports and chat logs write them when no tool was given, are no tools
+    given_none = [{"messages": plain, "tools": [], "functions": None}, {"messages": plain, "tools": "[]"}]
+    assert len(read_file(_jsonl(tmp_path / "none.jsonl", given_none)).drafts) == 2
+
+
 @pytest.mark.parametrize(
     ("lines", "bad_line"),
     [

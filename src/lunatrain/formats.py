@@ -371,6 +371,8 @@ def make_draft(
             role, content = turn.get("role"), turn.get("content")
         else:
             raise RecordError(f"turns[{i}]", "expected an object with role and content")
+        if isinstance(turn, Mapping) and (tool := _tool_turn(turn, role)):  # as in messages: never trained as text
+            raise RecordError(f"turns[{i}]", f"{tool}{_NO_TOOLS}")
         if role not in ("user", "assistant"):
             raise RecordError(f"turns[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
         weight = _weight(turn, role, f"turns[{i}].weight")
@@ -574,6 +576,7 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         "status": record.get("status") if own_status else None,
         "previous": "",  # decided below for the record as a whole, not by make_draft for its parts
     }
+    _refuse_tools(record)
     before = _PREVIOUS.get()
     if shape == "openai":
         turns = _turn_list(record, "messages", "role", "content")
@@ -606,6 +609,18 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         previous = _as_before(lambda: parse_record(record, shape, own_status=own_status)[0])
         draft = draft.with_previous(previous)
     return draft, shape
+
+
+def _refuse_tools(record: Mapping[str, Any]) -> None:
+    """Tool use named beside the turns, refused as a tool turn is: a record's own `tool_calls` or `function_call`
+    (its answer called a tool), or the `tools`/`functions` it was given (OpenAI's lists, LLaMA-Factory's string):
+    without them its answers speak of tools the served model is never given (chat refuses them)."""
+    if _tool_turn(record, None):
+        raise RecordError("tool_calls" if record.get("tool_calls") else "function_call", f"a tool call{_NO_TOOLS}")
+    for key in ("tools", "functions"):
+        given = record.get(key)
+        if given and (not isinstance(given, str) or given.strip() not in ("[]", "null")):
+            raise RecordError(key, f"the tools the conversation was given{_NO_TOOLS}")
 
 
 def _refuse_trl(record: Mapping[str, Any]) -> None:
