@@ -66,6 +66,17 @@ def test_luna_tiny_is_built_where_no_home_directory_can_be_found(tmp_path, monke
     assert (Path(built.path) / "model.safetensors").is_file()
 
 
+def test_a_relative_cache_home_is_ignored_as_the_xdg_spec_asks(tmp_path, monkeypatch):
+    """Packaging explore repro: `XDG_CACHE_HOME=.cache` put a `.cache/lunatrain/luna-tiny-…` into whatever
+    directory a command ran in (not the data root); the XDG spec says a relative path is to be ignored."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", ".cache")
+    monkeypatch.chdir(tmp_path)
+    assert models._tiny_cache() == tmp_path / "home" / ".cache" / "lunatrain"
+    monkeypatch.setenv("HOME", "relative-home")  # no absolute place at all: no machine cache
+    assert models._tiny_cache() is None
+
+
 def test_luna_tiny_loads_as_a_chat_model(settings):
     tok = models.load_tokenizer(None, settings)
     model = models.load_model(None, settings, "cpu")

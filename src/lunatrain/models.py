@@ -265,12 +265,14 @@ def _tiny_cache() -> Path | None:
     """The machine cache of luna-tiny builds; None where there is no home to keep it in (HOME unset and no
     passwd entry, as in a container run with a random uid): the cache is an optimisation."""
     base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
+    # A relative path is ignored, as the XDG spec asks: it would put the cache under whatever directory a
+    # command runs in (a data root, a project's working tree).
+    if not base or not os.path.isabs(base):
         try:
             base = str(Path.home() / ".cache")
         except (RuntimeError, KeyError):
             return None
-    return Path(base) / "lunatrain"
+    return Path(base) / "lunatrain" if os.path.isabs(base) else None
 
 
 def _keep_in_cache(built: Path, cached: Path) -> None:
