@@ -526,6 +526,35 @@ def test_a_tier_that_is_not_ready_says_why_in_the_data_panel(page, services: Ser
     expect(page.locator("#data-facts")).to_contain_text(said)
 
 
+def test_bidi_controls_in_a_sample_are_shown_as_escapes_and_right_to_left_cases_keep_their_direction(
+    page, services: Services
+) -> None:
+    """Unicode explore repros: a U+202E in a user's answer turned the rest of the line around in the preflight's
+    sample, so the template's own terminator read `<|dne_mi|>` in the one view meant to check it (`prepare
+    --show` writes `\\u202e`); an Arabic golden case's button was laid out left to right."""
+    pieces = [
+        {"text": "<|im_start|>user\nHallo \u202eWelt<|im_end|>\n<|im_start|>assistant\n", "trained": False},
+        {"text": "Gut \u202edanke\u2066!<|im_end|>", "trained": True},
+    ]
+    report = {"status": "ok", "checks": [], "samples": [{"tokens": 20, "trainedTokens": 8, "pieces": pieces}]}
+    answer(page, "**/assistant/training/prepare", report)
+    answer(
+        page,
+        "**/assistant/chat/examples",
+        {"examples": [{"id": "ar", "prompt": "مرحبا كيف حالك؟ Luna 123", "lang": "ar", "messages": []}]},
+    )
+    open_page(page, services, "?lang=en")
+    page.locator("#prepare-button").click()
+    sample = page.locator("#sample-text")
+    expect(sample.locator("mark.trained")).to_have_text("Gut \\u202edanke\\u2066!<|im_end|>")
+    expect(sample.locator(".unseen")).to_have_text(["\\u202e", "\\u202e", "\\u2066"])
+    assert "\u202e" not in sample.text_content() and "\u2066" not in sample.text_content()
+    page.locator("#try").scroll_into_view_if_needed()  # the panel asks for its examples once it is seen
+    expect(page.locator("#try-example-list button")).to_have_attribute("dir", "auto")
+    for box in ("#try-prompt", "#try-base", "#try-adapter"):
+        expect(page.locator(box)).to_have_attribute("dir", "auto")
+
+
 def test_a_check_counting_one_record_is_said_in_the_singular(page, services: Services) -> None:
     """Repro: the preflight table said "1 Beispiele mit leerer Antwort" and "1 samples with an empty response"."""
 

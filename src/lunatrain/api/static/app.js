@@ -280,7 +280,18 @@ function renderSample(sample, terminator) {
   $("sample-legend").textContent = t("data.sampleLegend", {
     trained: formatNumber(sample.trainedTokens), total: formatNumber(sample.tokens), terminator: terminator ?? "–" });
   $("sample-text").replaceChildren(...sample.pieces.map((piece) => piece.trained ?
-    h("mark", { class: "trained", title: t("data.trained") }, piece.text) : h("span", { class: "context" }, piece.text)));
+    h("mark", { class: "trained", title: t("data.trained") }, ...shown(piece.text))
+    : h("span", { class: "context" }, ...shown(piece.text))));
+}
+
+// Bidi controls in a user's text (U+202E turns the rest of the line around) written as their escapes, as
+// `lunatrain prepare --show` writes them: in the one view meant to check each answer's terminator, an
+// override in the answer showed the template's own `<|im_end|>` as `<|dne_mi|>`.
+const BIDI_CONTROL = /([\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069])/;
+
+function shown(text) {
+  return text.split(BIDI_CONTROL).map((part, i) => (i % 2
+    ? h("span", { class: "unseen" }, `\\u${part.codePointAt(0).toString(16).padStart(4, "0")}`) : part));
 }
 
 async function runExport(event) {

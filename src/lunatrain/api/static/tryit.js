@@ -182,6 +182,7 @@ export class TryPanel {
           type: "button", class: "small example", dataset: { case: example.id },
           // its own language, when the case says it: a screen reader reads it with that voice
           lang: example.lang,
+          dir: "auto", // an Arabic or Hebrew case in its own direction, whatever the page's
           onclick: () => this.useExample(example),
         }, example.prompt))));
     } catch (error) {
