@@ -429,6 +429,41 @@ def test_tool_use_beside_the_turns_is_refused_as_a_tool_turn_is(tmp_path: Path) 
     assert len(read_file(_jsonl(tmp_path / "none.jsonl", given_none)).drafts) == 2
 
 
+def test_a_turns_separate_reasoning_is_refused_not_dropped(tmp_path: Path) -> None:
+    """Reasoning explore repro: an assistant message with `reasoning_content` (DeepSeek's and Qwen's API field)
+    was imported as "1 added", its reasoning nowhere in the store or the export: the answer trained as if the
+    model had answered without thinking. It is refused, saying how to keep it; an empty one is none."""
+    user = {"role": "user", "content": "Was ist 3 mal 4?"}
+    records = [
+        {"messages": [user, {"role": "assistant", "content": "12.", "reasoning_content": "3 mal 4 ist 12."}]},
+        {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y", "thinking": "z"}]},
+        {
+            "prompt": "Und?",
+            "response": "Gut.",
+            "turns": [user, {"role": "assistant", "content": "12.", "reasoning": "r"}],
+        },
+    ]
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "think.jsonl", records))
+    said = "the turn's reasoning, kept apart from its text; lunatrain trains on a turn's text: write it into the "
+    assert [d.split(": ", 2)[1:] for d in info.value.details] == [
+        [
+            "field 'messages[1].reasoning_content'",
+            said + "content as <think>…</think> before the answer (as thinking templates read it), or leave it out",
+        ],
+        [
+            "field 'conversations[1].thinking'",
+            said + "content as <think>…</think> before the answer (as thinking templates read it), or leave it out",
+        ],
+        [
+            "field 'turns[1].reasoning'",
+            said + "content as <think>…</think> before the answer (as thinking templates read it), or leave it out",
+        ],
+    ], info.value.details
+    empty = {"messages": [user, {"role": "assistant", "content": "12.", "reasoning_content": ""}]}
+    assert read_file(_jsonl(tmp_path / "none.jsonl", [empty])).drafts[0].response == "12."
+
+
 @pytest.mark.parametrize(
     ("lines", "bad_line"),
     [

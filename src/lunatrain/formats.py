@@ -373,6 +373,8 @@ def make_draft(
             raise RecordError(f"turns[{i}]", "expected an object with role and content")
         if isinstance(turn, Mapping) and (tool := _tool_turn(turn, role)):  # as in messages: never trained as text
             raise RecordError(f"turns[{i}]", f"{tool}{_NO_TOOLS}")
+        if isinstance(turn, Mapping):
+            _refuse_reasoning(turn, f"turns[{i}]")
         if role not in ("user", "assistant"):
             raise RecordError(f"turns[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
         weight = _weight(turn, role, f"turns[{i}].weight")
@@ -520,6 +522,7 @@ def _turn_list(record: Mapping[str, Any], list_field: str, role_key: str, text_k
         role = msg.get(r_key)
         if tool := _tool_turn(msg, role):
             raise RecordError(f"{list_field}[{i}]", f"{tool}{_NO_TOOLS}")
+        _refuse_reasoning(msg, f"{list_field}[{i}]")
         if role is None:
             raise RecordError(f"{list_field}[{i}].{r_key}", "missing")
         if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
@@ -549,6 +552,23 @@ def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
     if msg.get("tool_calls") or msg.get("function_call") is not None or name in _TOOL_CALL_ROLES:
         return "a tool call"
     return "a tool result" if name in _TOOL_RESULT_ROLES else None
+
+
+# Where reasoning models' APIs and exports keep a turn's reasoning apart from its text (DeepSeek's and Qwen's
+# `reasoning_content`, others' `reasoning`/`thinking`).
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _refuse_reasoning(msg: Mapping[str, Any], where: str) -> None:
+    """A turn's separate reasoning is refused, not dropped: imported without it, the answer would train as if
+    the model had answered without thinking, and nothing would say so."""
+    for key in _REASONING_KEYS:
+        if msg.get(key):
+            raise RecordError(
+                f"{where}.{key}",
+                "the turn's reasoning, kept apart from its text; lunatrain trains on a turn's text: write it into "
+                "the content as <think>…</think> before the answer (as thinking templates read it), or leave it out",
+            )
 
 
 def _weight(msg: Mapping[str, Any], role: Any, field_name: str) -> int:
