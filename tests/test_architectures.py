@@ -132,3 +132,24 @@ def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(setting
     flags = ["--local", "--baseModel", str(base), "--maxSteps", "1", "--minCurated", "0", "--adapterName", "g2"]
     said = CliRunner().invoke(app, ["lora", *flags]).output
     assert f"Note: case {with_system[0]!r}" in said, said
+
+
+def test_chat_returns_the_reasoning_markers_a_tokenizer_flags_special_as_the_gate_judges_them(settings, vocab_dir):
+    """Reasoning explore repro: on a base whose tokenizer flags `<think>`/`</think>` special (the thinking
+    family), chat decoded answers without special tokens and returned "PlanLuna" where the gate judged
+    "<think>Plan</think>Luna": a client could not tell reasoning from answer. Both keep them now; the
+    template's own markup and the terminator stay out of the answer."""
+    from lunatrain import serving
+    from lunatrain.settings import load_settings
+
+    base = build_arch_model(settings.models_dir / "thinking", vocab_dir, "qwen2", family="thinking")
+    engine = serving.Engine(load_settings(home=settings.home, base_model=str(base)))
+    gen = engine.start(
+        engine.resolve(str(base)), [{"role": "user", "content": "Wer bist du?"}], serving.Sampling(max_tokens=4)
+    )
+    tok = gen.tokenizer
+    said = ["<think>", *tok.tokenize("Plan"), "</think>", *tok.tokenize("Luna"), "<|im_start|>"]
+    gen.new_ids = tok.convert_tokens_to_ids(said)
+    gen._advance(final=True)
+    gen.close()
+    assert gen.text == "<think>Plan</think>Luna", gen.text  # a leaked turn header is no text of the answer

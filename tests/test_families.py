@@ -12,7 +12,14 @@ import re
 import pytest
 
 from lunatrain.templates import turn_terminator
-from lunatrain.tokens import IGNORE, assistant_spans, encode_chat
+from lunatrain.tokens import (
+    IGNORE,
+    assistant_spans,
+    encode_chat,
+    generation_prompt_gap,
+    hidden_in_answers,
+    reasoning_dropped,
+)
 
 from family_templates import FAMILIES, family_tokenizer, save_vocab
 
@@ -346,3 +353,27 @@ def test_an_answer_opening_with_an_indented_code_block_is_trained_with_its_lines
     said = tok.decode(run, skip_special_tokens=False)
     assert _squash(said) == _squash(answer + terminator), said
     assert "x = 1\n    if x:\n        y = 2" in said, said
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_answer_keeps_the_special_tokens_its_template_never_writes_and_every_family_asks_where_it_trains(
+    vocab_dir, family
+):
+    """Reasoning explore repros: where a tokenizer flags `<think>` special, chat decoded answers without special
+    tokens and returned "PlanLuna" where the eval gate judged "<think>Plan</think>Luna"; an answer leaves out the
+    named special tokens and the template's markup only. And no family's generation prompt opens what training
+    never puts before an answer (DeepSeek-R1's `<think>\\n` does: prepare says so)."""
+    tok = family_tokenizer(vocab_dir, family)
+    hidden = hidden_in_answers(tok)
+    assert turn_terminator(tok).ids[0] in hidden and tok.eos_token_id in hidden
+    plain = tok.apply_chat_template(
+        [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}], tokenize=False
+    )
+    markup = [t for t in FAMILIES[family][1] if t in plain]  # what the template writes around messages
+    assert markup and all(tok.convert_tokens_to_ids(t) in hidden for t in markup), (family, markup)
+    kept = [t for t in ("<think>", "</think>") if t in tok.get_vocab()]
+    assert not any(tok.convert_tokens_to_ids(t) in hidden for t in kept), family
+    assert generation_prompt_gap(tok) is None, family
+    answer = "<think>\nPlan\n</think>\n\nLuna" if family == "thinking" else "Luna"
+    messages = [{"role": "user", "content": "Wer bist du?"}, {"role": "assistant", "content": answer}]
+    assert not reasoning_dropped(tok, messages), family  # each keeps the last answer's reasoning

@@ -159,6 +159,7 @@ EXPECTED = {  # check id -> (severity, count, example ids)
     "eot_not_trained": ("info", 0, []),
     "val_too_small": ("warn", 4, []),
     "export_stale": ("info", 0, []),
+    "reasoning_dropped": ("info", 0, []),  # no answer here has reasoning to drop
 }
 
 
@@ -282,6 +283,70 @@ def test_the_template_terminator_is_trained_even_when_it_is_not_eos(settings, ti
     saved = json.loads(Path(report.path).read_text("utf-8"))
     assert saved["template"]["terminator"]["text"] == "<|endoftext|>" and len(saved["template"]["hash"]) == 64
     assert prepare(settings, params()).template["terminator"]["text"] == "<|im_end|>"
+
+
+# DeepSeek-R1's shape (written for these tests): full-width markers, every answer's reasoning stripped, and a
+# generation prompt that opens a reasoning block no rendered answer has.
+R1_STYLE = (
+    "{%- for m in messages %}{%- if m['role'] == 'system' %}{{- m['content'] }}"
+    "{%- elif m['role'] == 'user' %}{{- '<\uff5cUser\uff5c>' + m['content'] }}"
+    "{%- else %}{%- set c = m['content'] %}{%- if '</think>' in c %}{%- set c = c.split('</think>')[-1] %}{%- endif %}"
+    "{{- '<\uff5cAssistant\uff5c>' + (c | trim) + '<\uff5cend\u2581of\u2581sentence\uff5c>' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<\uff5cAssistant\uff5c><think>\\n' }}{%- endif %}"
+)
+
+
+def test_a_template_that_drops_the_reasoning_it_serves_after_is_said_before_a_run(settings, tiny):
+    """Reasoning explore repros: with DeepSeek-R1's template every answer trained without the `<think>` block
+    the data gave it, and chat and the gate then asked the model after `<｜Assistant｜><think>\\n`, which training
+    never put before an answer; prepare said nothing of either. Its full-width markers were no tokens, so the
+    turn terminator was 18 tokens that no generation stops on, and prepare said adapters "ship one that does"."""
+    from lunatrain.templates import store_template
+
+    (settings.home / "r1.jinja").write_text(R1_STYLE, "utf-8")
+    r1 = store_template(settings.home / "r1.jinja", settings)  # what `--chatTemplate r1.jinja` selects
+    records = clean_records(30)
+    thinking = [r for r in records if r["source"] == "curated"][:5]  # the tier prepare reads
+    for rec in thinking:
+        answer = rec["messages"][-1]
+        answer["content"] = "<think>\nIch denke nach.\n</think>\n\n" + answer["content"]
+    write_files(settings, records)
+    report = prepare(settings, params(chat_template=r1))
+    dropped = report.check("reasoning_dropped")
+    assert (dropped.severity, dropped.count) == ("warn", 5), dropped
+    assert sorted(dropped.examples) == sorted(r["id"] for r in thinking), dropped
+    gap = report.check("generation_prompt")
+    assert gap.severity == "warn" and gap.params == {"gap": "'<think>\\n'"}, gap
+    assert "generation prompt ends in '<think>\\n', which training never puts before an answer" in gap.message
+    term = report.check("terminator")  # the markers are added as tokens now: one token ends a turn
+    assert (
+        term.severity == "info"
+        and term.count == 1
+        and report.template["terminator"]["text"] == ("<\uff5cend\u2581of\u2581sentence\uff5c>")
+    ), term
+    # A base model's own template whose markers its tokenizer lacks: the terminator stays text, and is said so.
+    own = _with_template(settings, tiny, "tiny-r1", R1_STYLE)
+    term = prepare(settings, params(base_model=str(own))).check("terminator")
+    assert term.severity == "warn" and term.code == "check.terminator.several_tokens" and term.count > 1, term
+    # A Qwen3-style template keeps the last answer's reasoning and asks after what training puts first.
+    from family_templates import THINKING
+
+    qwen3 = _with_template(settings, tiny, "tiny-thinking", THINKING)
+    report = prepare(settings, params(base_model=str(qwen3)))
+    assert report.check("reasoning_dropped").severity == "info"
+    assert "generation_prompt" not in [c.id for c in report.checks]
+
+
+def test_a_terminator_of_several_tokens_is_a_warning_that_nothing_stops_on_it():
+    """Reasoning explore repro: a terminator of 18 tokens was an info saying adapters and merged models ship a
+    generation_config that stops on it; only one token can end a generation."""
+    from lunatrain.prepare import _terminator_check
+    from lunatrain.templates import Terminator
+
+    check = _terminator_check(Terminator("</antwort>", (10, 11, 12), (2,), 2))
+    assert check.severity == "warn" and check.code == "check.terminator.several_tokens", check
+    assert check.params == {"terminator": "</antwort>", "tokens": 3}
+    assert "which is 3 tokens: a generation stops only on one token" in check.message
 
 
 def test_template_without_a_terminator_fails_in_one_sentence(settings, tiny):

@@ -252,6 +252,11 @@ CODES: dict[str, str] = {
     "makes it fit: a smaller base model or a device with more memory",
     "check.eot_not_trained.ok": "the end-of-turn token is trained",
     "check.eot_not_trained.found": "samples whose end-of-turn token is outside the loss mask (count)",
+    "check.terminator.several_tokens": "the turn terminator is several tokens; no generation stops on it "
+    "(terminator, tokens)",
+    "check.reasoning_dropped.ok": "the chat template keeps the reasoning of each sample's last answer",
+    "check.reasoning_dropped.found": "samples whose last answer's <think> reasoning the template drops (count)",
+    "check.generation_prompt.differs": "the generation prompt opens what training never puts before an answer (gap)",
     "check.val_too_small.ok": "val samples (count)",
     "check.val_too_small.empty": "the val split is empty although its ratio is above 0 (ratio)",
     "check.val_too_small.few": "too few val samples for a meaningful loss (count, minimum)",

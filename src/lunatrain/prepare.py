@@ -210,6 +210,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     if refused:
         checks.append(_refused_check(refused))
     checks.append(_terminator_check(terminator))
+    checks += _reasoning_checks(records, tokenizer)
     checks += _token_checks(data, tokenized, list(terminator.ids))
     if (context := models.context_length(info)) is not None and params.max_seq_length > context:
         checks.append(_context_check(data, tokenized, context))
@@ -809,7 +810,53 @@ def _labeled_runs(labels: list[int], ignore: int) -> Iterable[tuple[int, int]]:
         yield start, len(labels)
 
 
+def _reasoning_checks(records: list[dict], tokenizer: Any) -> list[Check]:
+    """What a thinking template makes of the data's reasoning, said before a run trains on it: answers whose
+    `<think>` block the template drops (the last answer's too), and a generation prompt that opens what no
+    trained answer is preceded by (chat and the gate would ask the model from there)."""
+    from .tokens import generation_prompt_gap, reasoning_dropped
+
+    dropped = [_rid(rec) for rec in records if reasoning_dropped(tokenizer, rec["messages"])]
+    checks = [
+        _check(
+            "reasoning_dropped",
+            "warn",
+            dropped,
+            "samples end in an answer whose <think> reasoning the chat template drops: they train without it (use "
+            "a template that keeps the last answer's reasoning, or leave the reasoning out of the data)",
+            "the chat template keeps the reasoning of each sample's last answer",
+        )
+    ]
+    gap = generation_prompt_gap(tokenizer)
+    if gap is not None:
+        checks.append(
+            Check(
+                "generation_prompt",
+                "warn",
+                1,
+                [],
+                f"the chat template's generation prompt ends in {gap!r}, which training never puts before an "
+                "answer: chat and the eval gate ask the model from a place it never learned from",
+                "check.generation_prompt.differs",
+                {"gap": repr(gap)},  # as the sentence writes it: a newline seen as \n
+            )
+        )
+    return checks
+
+
 def _terminator_check(term: Any) -> Check:
+    if len(term.ids) > 1:  # only one token can end a generation: nothing stops where training taught
+        return Check(
+            "terminator",
+            "warn",
+            len(term.ids),
+            [],
+            f"assistant turns end with {term.text!r} (trained), which is {len(term.ids)} tokens: a generation stops "
+            "only on one token, so chat and the eval gate do not stop there (a chat template whose markers the "
+            "tokenizer has as tokens ends turns with one)",
+            "check.terminator.several_tokens",
+            {"terminator": term.text, "tokens": len(term.ids)},
+        )
     where = (
         "the base model's generation_config stops on it too"
         if term.in_generation_config

@@ -683,6 +683,9 @@ class Generation:
         seed = self.sampling.seed if self.sampling.seed is not None else time.time_ns()
         self._generator.manual_seed(seed % 2**63)
         self._stops = self.loaded.stop_ids if self.loaded else self.engine._stop_ids
+        from .tokens import hidden_in_answers
+
+        self._hidden = hidden_in_answers(self.tokenizer)
 
     @property
     def prompt_tokens(self) -> int:
@@ -740,7 +743,7 @@ class Generation:
     def _advance(self, final: bool = False) -> str:
         """Text decoded so far minus what was already returned, holding back an incomplete character and
         anything that may be the start of a stop string; cuts the answer at a stop string."""
-        full = self.tokenizer.decode(self.new_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode([t for t in self.new_ids if t not in self._hidden], skip_special_tokens=False)
         hits = [at for stop in self.sampling.stop if stop and (at := full.find(stop)) >= 0]
         if hits:
             full, final = full[: min(hits)], True

@@ -38,8 +38,10 @@ NAME_PATTERN = pattern(
     "should be a template name: 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit",
 )
 NAME_RE = re.compile(NAME_PATTERN)
-# Marker-like strings in a template's source that must be single tokens: <|im_start|>, <start_of_turn> …
-_MARKER = re.compile(r"<\|[A-Za-z0-9_.-]{1,40}\|>|<(?:start|end)_of_turn>")
+# Marker-like strings in a template's source that must be single tokens: <|im_start|>, <start_of_turn> …, and
+# DeepSeek's full-width ones (<｜User｜>, <｜end▁of▁sentence｜>): as text, its terminator was 18 tokens that no
+# generation stops on.
+_MARKER = re.compile(r"<\|[A-Za-z0-9_.-]{1,40}\|>|<(?:start|end)_of_turn>|<\uff5c[A-Za-z0-9_.\u2581-]{1,40}\uff5c>")
 
 _PROBE_USER = ("Probe question one?", "Probe question two?")
 _PROBE_ANSWER = ("Probe answer one.", "Probe answer two.")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -106,6 +107,44 @@ def assistant_spans(
             spans.append(span)
         cursor = span[1]
     return text, spans
+
+
+def reasoning_dropped(tokenizer: Any, messages: list[dict]) -> bool:
+    """Whether the chat template drops the `<think>…</think>` reasoning of the conversation's last trained
+    answer (DeepSeek-R1's strips it from every answer): that answer trains without the reasoning the data gives
+    it. Dropping it from earlier turns is what thinking templates do (Qwen3's), and is not asked here."""
+    last = next((m for m in reversed(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0), None)
+    content = str((last or {}).get("content") or "")
+    reasoning = content.rsplit("</think>", 1)[0].split("<think>")[-1].strip() if "</think>" in content else ""
+    if not reasoning:
+        return False
+    try:
+        return reasoning not in _render(tokenizer, messages, gen_prompt=False)
+    except Exception:  # a conversation the template refuses: prepare's template_refused names it
+        return False
+
+
+def generation_prompt_gap(tokenizer: Any) -> str | None:
+    """What the chat template's generation prompt (what chat and the eval gate ask an answer after) adds
+    that training never puts before an answer, or None when it puts exactly that there: DeepSeek-R1's opens
+    `<think>\n` in the generation prompt but renders answers without it, so a served model is asked from a
+    place it never learned from. Probed with an answer with and without reasoning; None when the template
+    refuses the probes (its refusals are prepare's other checks)."""
+    for probe in _PROBES:
+        asked = [m for m in probe if m["role"] != "assistant"]
+        try:
+            before = _render(tokenizer, asked, gen_prompt=True)
+            turns = [
+                _render(tokenizer, [*asked, {"role": "assistant", "content": answer}], gen_prompt=False)
+                for answer in ("A", "<think>\nR\n</think>\n\nA")
+            ]
+        except Exception:  # this shape refused (no system role): the next probe
+            continue
+        if any(turn.startswith(before) for turn in turns):
+            return None
+        shared = len(os.path.commonprefix([before, *turns]))
+        return before[shared:]
+    return None
 
 
 def _span_by_prefix(tok: Any, messages: list[dict], i: int, text: str, content: str, eot: str):
@@ -623,6 +662,19 @@ def special_tokens(tokenizer: Any) -> tuple[str, ...]:
         (found if getattr(tok, "special", False) else plain).add(str(tok.content))
     found |= _template_markup(tokenizer, plain - found)
     return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+@functools.lru_cache(maxsize=16)
+def hidden_in_answers(tokenizer: Any) -> frozenset[int]:
+    """Ids an answer's text leaves out: the tokenizer's named special tokens (bos, eos, pad, …) and the markup
+    its chat template writes around messages. A special token the template never writes around a plain
+    conversation (`<think>` where a tokenizer flags it special) is part of what the model says: chat keeps it,
+    as the eval gate does, so a client can tell reasoning from answer and both judge the same text."""
+    names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    named = {str(t) for t in (getattr(tokenizer, n, None) for n in names) if t}
+    flagged = {str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values() if t.special}
+    vocab = tokenizer.get_vocab()
+    return frozenset(vocab[t] for t in named | _template_markup(tokenizer, flagged - named) if t in vocab)
 
 
 # A conversation that ends with the user, without a generation prompt: no template writes a reasoning block
