@@ -442,14 +442,24 @@ def test_quick_start_says_which_fields_of_the_form_it_takes(page, services: Serv
     expect(page.get_by_role("button", name=button, exact=True)).to_have_accessible_description(re.compile(said))
 
 
-@pytest.mark.parametrize(("query", "said"), [("", "t1 v1 · neu trainieren"), ("?lang=en", "t1 v1 · retrain needed")])
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [("", "t1 v1 · neu trainieren · Dateien fehlen"), ("?lang=en", "t1 v1 · retrain needed · files missing")],
+)
 def test_a_stale_active_adapter_says_retrain_needed_in_the_data_panel(page, services: Services, query, said) -> None:
     """Repro: after deleting examples the active adapter was trained on, the adapter table marked it "neu
-    trainieren" but the data panel's "Aktiver Adapter" named it as if it were current."""
+    trainieren" but the data panel's "Aktiver Adapter" named it as if it were current. Status explore repro:
+    the same for an active adapter whose files are gone, which `lunatrain status` marks."""
 
     def stale_active(route) -> None:
         status = route.fetch().json()
-        status["activeAdapter"] = {"name": "t1", "version": "v1", "baseModel": "luna-tiny", "stale": True}
+        status["activeAdapter"] = {
+            "name": "t1",
+            "version": "v1",
+            "baseModel": "luna-tiny",
+            "stale": True,
+            "filesMissing": True,
+        }
         route.fulfill(json=status)
 
     page.route("**/assistant/training/status*", stale_active)

@@ -218,6 +218,11 @@ def test_the_adapter_api_marks_a_version_whose_files_are_gone(settings):
                 v2["state"]["reason"]
                 == "its files are missing under data/adapters (adapter_config.json); train it again"
             )
+        # Status explore repro: one version asked for alone said nothing of its gone files
+        for ref in ("v1", "active", "v2"):
+            one = client.get(f"/assistant/training/adapters/a/versions/{ref}").json()
+            assert one["filesMissing"] is True, (ref, one)
+        assert client.get("/assistant/training/adapters/a/versions/v3").json()["filesMissing"] is False
     # the CLI's show says the same
     from typer.testing import CliRunner
 
@@ -225,6 +230,7 @@ def test_the_adapter_api_marks_a_version_whose_files_are_gone(settings):
 
     shown = CliRunner().invoke(app, ["adapters", "show", "a@v2"])
     assert json.loads(shown.output)["state"]["code"] == "adapter.files_missing", shown.output
+    assert json.loads(shown.output)["filesMissing"] is True
 
 
 def test_rollback_refuses_a_version_whose_files_are_gone_and_changes_nothing(settings):

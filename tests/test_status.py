@@ -259,9 +259,12 @@ def test_a_failed_job_queued_behind_another_is_the_last_job(settings):
     assert training_status(settings, 0)["lastJob"]["source"] == "report"
 
 
-def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
+def test_a_trainer_jobs_duration_is_the_trainers_measure_and_unknown_where_it_has_none(settings):
     """Repro: `lunatrain status` showed lastJob.durationSeconds null for every job the trainer ran (it read
-    a metric the trainer never records); the job's own startedAt and finishedAt say how long it ran."""
+    a metric the trainer never records): it shows the trainer's own measure of the job's run. Status explore
+    repro: for a job killed with its trainer, status filled in finishedAt - startedAt, where finishedAt is when
+    the next trainer settled the job, so the time no trainer ran counted as training (65.7 s for a job killed
+    after 12 s; a day for a trainer down a day), where the job API says null: unknown, as there."""
     from lunatrain.params import LoraParams
     from lunatrain.service.jobs import JobStore, jobs_db_path
 
@@ -270,23 +273,34 @@ def test_a_trainer_jobs_duration_comes_from_its_start_and_finish(settings):
         queued, _ = db.create(LoraParams(adapter_name="mein-adapter"))
         db.set_status(queued.id, "cancelled")  # cancelled while queued: it never started, so no duration
         assert training_status(settings, 0)["lastJob"]["durationSeconds"] is None
+        settled, _ = db.create(LoraParams(adapter_name="mein-adapter"))
+        db.set_status(settled.id, "running", started_at="2026-01-01T12:00:00.000Z")  # a trainer that is gone
+        db.set_status(
+            settled.id,
+            "failed",
+            finished_at="2026-01-01T12:01:30.250Z",
+            error={"code": "interrupted", "message": "The trainer stopped."},
+        )
+        assert training_status(settings, 0)["lastJob"]["durationSeconds"] is None  # not 90.25
         job, _ = db.create(LoraParams(adapter_name="mein-adapter"))
-        db.set_status(job.id, "running", started_at="2026-01-01T12:00:00.000Z")
+        db.set_status(job.id, "queued")
+        assert db.claim(job.id)  # as this trainer runs it
         assert training_status(settings, 0)["lastJob"]["durationSeconds"] is None  # still running
         # a running job has no version yet, and that is no news
         assert f"last job: running mein-adapter ({job.id})" in CliRunner().invoke(app, ["status"]).output
-        db.set_status(job.id, "succeeded", finished_at="2026-01-01T12:01:30.250Z", metrics={"valLoss": 7.8153564453125})
+        done = db.set_status(job.id, "succeeded", metrics={"valLoss": 7.8153564453125})
     finally:
         db.close()
     last = training_status(settings, 0)["lastJob"]
-    assert (last["jobId"], last["durationSeconds"]) == (job.id, 90.25), last
+    assert done.duration_seconds is not None and done.duration_seconds >= 0
+    assert (last["jobId"], last["durationSeconds"]) == (job.id, done.duration_seconds), last
     # the plain view rounds the val loss as every other view does (it printed 7.8153564453125)
     assert (
         f"last job: succeeded mein-adapter val loss 7.8154 (no version, {job.id})"
         in CliRunner().invoke(app, ["status"]).output
     )
     out = CliRunner().invoke(app, ["status", "--json"]).output
-    assert json.loads(out)["lastJob"]["durationSeconds"] == 90.25
+    assert json.loads(out)["lastJob"]["durationSeconds"] == done.duration_seconds
 
 
 def test_defaults_tiers_trainer_and_unambiguous_names(home, monkeypatch, dead_port):
@@ -1032,3 +1046,73 @@ def test_a_jobs_report_whose_job_an_older_job_database_lacks_is_ordered_by_its_v
     atomic_write_text(settings.lora_latest_report, json.dumps(report))
     last = training_status(settings, 0)["lastJob"]
     assert (last["source"], last["version"], last["jobId"]) == ("report", "v2", report["jobId"]), last
+
+
+def test_a_running_job_no_trainer_holds_is_a_problem_status_names(settings):
+    """Status explore repro: with the trainer, its worker and the job all killed together (no report written),
+    status said "last job: running" with no problem, while nothing ran; only a next trainer settles the job."""
+    import fcntl
+
+    from lunatrain.service.lock import lock_path
+
+    from helpers import recorded_job
+
+    job = recorded_job(settings.data_dir, "running")
+    status = training_status(settings, 0)
+    assert status["lastJob"]["status"] == "running"
+    said = (
+        f"Job {job.id} is recorded as running, but no trainer holds this data root (it was stopped or killed with "
+        "the job); the next trainer settles it: `lunatrain health --ensure-trainer`."
+    )
+    assert said in status["problems"], status["problems"]
+    at = status["problems"].index(said)
+    assert status["problemCodes"][at] == {
+        "code": "status.job_without_trainer",
+        "params": {"jobId": job.id, "status": "running"},
+    }
+    assert said in CliRunner().invoke(app, ["status"]).output
+    lock_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(settings), "a+b") as held:  # a trainer runs it: no problem
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert not [p for p in training_status(settings, 0)["problems"] if "no trainer holds" in p]
+
+
+def test_an_export_without_its_database_is_not_up_to_date_and_the_missing_database_is_named(settings):
+    """Status explore repro: with data/assistant.db deleted and the export kept, status said the export was
+    "(up to date)" (changedSinceExport false) right under "ready: no: 0 approved", and named no problem."""
+    from lunatrain import store
+
+    from helpers import make_records, write_export
+
+    write_export(settings, make_records(20))
+    assert not store.has_database(settings)
+    status = training_status(settings, 0)
+    assert status["changedSinceExport"] is None and status["lastExport"]["changedSince"] is None, status
+    said = (
+        "There is no database at data/assistant.db, so every count is 0 and the export (made from one) cannot be "
+        "compared with it: restore it, or import the examples again and export."
+    )
+    assert said in status["problems"], status["problems"]
+    shown = CliRunner().invoke(app, ["status"]).output
+    assert "(up to date)" not in shown and said in shown, shown
+    assert not store.has_database(settings)  # status created none
+
+
+def test_a_trainer_address_held_by_another_root_is_named_not_called_startable(settings, monkeypatch):
+    """Status explore repro: with this root's trainer address held by another data root's trainer, status
+    said "Offline …; it starts on demand, or run `lunatrain trainer`" (both fail there) and named no problem,
+    while `lunatrain health` and provider-health named the holder."""
+    from lunatrain.service import client
+
+    holder = "the trainer of another data root (/srv/other)"
+    monkeypatch.setattr(
+        client, "own_health", lambda s, timeout=3.0: (_ for _ in ()).throw(client.other_data_root(s, holder))
+    )
+    status = training_status(settings, 0)
+    assert status["trainer"]["heldBy"] == holder and status["trainer"]["label"] == "Offline"
+    held = [p for p in status["problems"] if p.startswith("The trainer address")]
+    assert held and holder in held[0], status["problems"]
+    code = status["problemCodes"][status["problems"].index(held[0])]
+    assert code["code"] == "trainer.address_held" and code["params"] == {"url": status["trainer"]["url"]}, code
+    shown = CliRunner().invoke(app, ["status"]).output
+    assert f"its address is held by {holder} (see problems)" in shown and "starts on demand" not in shown, shown

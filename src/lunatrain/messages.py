@@ -269,6 +269,8 @@ CODES: dict[str, str] = {
     "status.jobs_db_busy": "the trainer's job database is locked by another process (path, reason)",
     "status.jobs_db_empty": "the trainer's job database holds no job table (path, reason)",
     "status.jobs_db_folder": "the trainer's job database is a folder, not a file (path)",
+    "status.no_database": "no database, so the counts are 0 and the export cannot be compared (db)",
+    "status.job_without_trainer": "a job is recorded as running but no trainer holds the data root (jobId, status)",
     "status.registry_unreadable": "the adapter registry is damaged or missing; a repair rebuilds it (path)",
     "status.registry_no_access": "the adapter registry cannot be read by this process (path, reason)",
     "status.registry_error": "the adapter registry cannot be read for another reason (path, reason)",

@@ -1016,6 +1016,13 @@ def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     return path
 
 
+def files_marks(settings: Settings, entry: dict[str, Any]) -> dict[str, Any]:
+    """What is gone of a version's files, as every view of a version says it: `filesMissing` (it cannot be
+    served until retrained), and `merged.folderMissing` when its merged model's folder is gone."""
+    gone = {"merged": entry["merged"] | {"folderMissing": True}} if merge_gone(settings, entry) else {}
+    return {"filesMissing": not loadable(settings, entry)} | gone
+
+
 def merge_gone(settings: Settings, entry: dict[str, Any]) -> bool:
     """Merged once, and the merged model's folder is not there any more (deleted or moved by hand): the
     registry's `merged` record is history, not a model to load."""

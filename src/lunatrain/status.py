@@ -22,7 +22,6 @@ from .formats import STATUSES, json_type
 from .fsio import read_json
 from .messages import coded, counted
 from .settings import Settings
-from .wire import seconds_between
 
 DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `lunatrain luna`
 PROBE_TIMEOUT = 0.5  # seconds: status is polled, and an unreachable trainer must not hold it up
@@ -88,7 +87,16 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     last_export = None
     changed: bool | None = None
     if isinstance(summary, dict):
-        changed = revision is not None and summary.get("store_revision") != revision
+        # No database to compare with (deleted, moved, not restored yet): unknown, not "up to date".
+        changed = None if revision is None else summary.get("store_revision") != revision
+        if revision is None:
+            db = store.database_shown(settings).removeprefix("sqlite ")
+            problems.add(
+                f"There is no database at {db}, so every count is 0 and the export (made from one) cannot be "
+                "compared with it: restore it, or import the examples again and export.",
+                "status.no_database",
+                db=db,
+            )
         last_export = {
             "time": summary.get("exported_at"),
             "fingerprint": summary.get("fingerprint"),
@@ -120,7 +128,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "minCurated": min_curated,
         "ready": curated >= min_curated,  # the volume rule; `tiers` also asks for something to train on
         "tiers": tiers,
-        "trainer": _trainer(settings),
+        "trainer": _trainer(settings, problems),
         "storeRevision": revision,
         "lastExport": last_export,
         "changedSinceExport": changed,
@@ -173,12 +181,24 @@ def _tiers(
     return out
 
 
-def _trainer(settings: Settings) -> dict[str, Any]:
+def _trainer(settings: Settings, problems: Problems) -> dict[str, Any]:
     """Whether the trainer service answers, and its label (Aktiv (CUDA) / Online (CPU) / Offline)."""
     from .service import client as trainer_client
 
-    # Another project's trainer at this root's address is not this root's trainer: Offline.
-    health = _safe(lambda: trainer_client.own_health(settings, timeout=PROBE_TIMEOUT))
+    # Another project's trainer (or another service) at this root's address is not this root's trainer:
+    # Offline, and a problem that says what holds it and the way out (the usual advice would fail there).
+    held = None
+
+    def own() -> Any:
+        nonlocal held
+        try:
+            return trainer_client.own_health(settings, timeout=PROBE_TIMEOUT)
+        except trainer_client.OtherDataRoot as exc:
+            held, detail = exc, dict(exc.params or {})
+            problems.add(exc.message, str(detail.pop("detail", "")) or None, **detail)
+            return None
+
+    health = _safe(own)
     return {
         "reachable": health is not None,
         "label": trainer_client.label(health),
@@ -187,6 +207,7 @@ def _trainer(settings: Settings) -> dict[str, Any]:
         "device": health.device.name if health else None,
         "queue": health.queue.wire() if health else None,
         "onDemand": settings.lora_ensure_on_demand,  # whether a submit starts it when it is down
+        "heldBy": held.holder if held else None,  # what answers at its address instead (said under problems)
     }
 
 
@@ -275,6 +296,25 @@ def _report(path: Path, problems: Problems, command: str, fields: dict[str, Call
 def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
     (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings, problems)
+    last = _chosen_job(settings, job, active_at, run)
+    if last is not None and last is job and job["status"] in ("running", "cancelling", "validating"):
+        from .service.lock import trainer_lock_held
+
+        if not trainer_lock_held(settings):  # killed with its trainer: only the next trainer's recovery settles it
+            problems.add(
+                f"Job {job['jobId']} is recorded as {job['status']}, but no trainer holds this data root (it was "
+                "stopped or killed with the job); the next trainer settles it: `lunatrain health --ensure-trainer`.",
+                "status.job_without_trainer",
+                jobId=job["jobId"],
+                status=job["status"],
+            )
+    return last
+
+
+def _chosen_job(
+    settings: Settings, job: dict[str, Any] | None, active_at: str | None, run: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """`_last_job`'s choice between the trainer's last job and the last in-process run."""
     if job is not None and run is not None and run["jobId"] and _holds_job(settings, job, run["jobId"]):
         # The report of a trainer job (this one, or one before it that a queued job waited behind): the
         # trainer's record is the whole story (finish, gate) and knows which of its jobs came last. Unless it
@@ -334,11 +374,6 @@ def _made_after(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
 
 def _same_adapter(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["adapterName"], a["baseModel"]) == (b["adapterName"], b["baseModel"])
-
-
-def _elapsed(job: Any) -> float | None:
-    seconds = seconds_between(job.started_at, job.finished_at)
-    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, Any] | None, str | None]:
@@ -403,9 +438,9 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
         "baseModel": job.params.get("baseModel"),
         "created": job.created_at,
         "finished": job.finished_at,
-        # The trainer's measure of the last try; from its start and finish stamps for a job of a trainer that
-        # stopped meanwhile (None while it runs, if it never ran, or if the clock stepped back in between).
-        "durationSeconds": job.duration_seconds if job.duration_seconds is not None else _elapsed(job),
+        # The trainer's measure of the last try, as the job API says it: None where its trainer stopped
+        # meanwhile (the time to when the next trainer settled it would count the time no trainer ran).
+        "durationSeconds": job.duration_seconds,
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": job.error.wire() if job.error else None,
         "gate": {

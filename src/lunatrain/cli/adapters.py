@@ -145,9 +145,7 @@ def show_cmd(
         report = read_json(registry.adapter_dir(settings, entry) / registry.REPORT_FILE)
     except LunaError as err:
         raise fail(err) from None
-    out = dict(entry)
-    if registry.merge_gone(settings, entry):
-        out["merged"] = entry["merged"] | {"folderMissing": True}
+    out = entry | registry.files_marks(settings, entry)
     try:  # active on the configured base model, or why not
         base = registry.configured_base(settings)
         out["state"] = registry.activation_state(settings, entry, base.fingerprint, base.id)

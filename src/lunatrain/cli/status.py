@@ -92,6 +92,8 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
             + (
                 ""
                 if trainer["reachable"]
+                else f"; its address is held by {trainer['heldBy']} (see problems)"
+                if trainer.get("heldBy")
                 else "; it starts on demand, or run `lunatrain trainer`"
                 if trainer.get("onDemand", True)
                 else "; starting it on demand is off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false): run `lunatrain trainer`"

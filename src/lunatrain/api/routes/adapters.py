@@ -53,9 +53,8 @@ def _view(
             "state": registry.activation_state(
                 settings, e, base or "", base_id, configured=configured, adapter=adapter
             ),
-            "filesMissing": not registry.loadable(settings, e),
         }
-        | ({"merged": e["merged"] | {"folderMissing": True}} if registry.merge_gone(settings, e) else {})
+        | registry.files_marks(settings, e)
         for e in versions
     ]
     return {
@@ -131,7 +130,12 @@ async def show_adapter(name: AdapterName, settings: SettingsDep) -> AdapterOut:
 @router.get("/{name}/versions/{version}", response_model=Report, responses=errors(404, 503))
 async def show_version(name: AdapterName, version: Version, settings: SettingsDep) -> Report:
     """One registry entry; `version` may also be an alias (`latest`, `active`)."""
-    return Report.model_validate(camel(await run_in_threadpool(registry.get_version, settings, name, version)))
+
+    def read() -> dict[str, Any]:
+        entry = registry.get_version(settings, name, version)
+        return entry | registry.files_marks(settings, entry)  # as the adapter's list says it (a gone file is news)
+
+    return Report.model_validate(camel(await run_in_threadpool(read)))
 
 
 @router.post("/{name}/activate", response_model=AdapterOut, responses=errors(404, 409, 503))

@@ -209,9 +209,11 @@ function renderDataStatus(status) {
         + (state.ready ? "" : ` (${tMsg(state.code, state.params, state.reason ?? "")})`)).join(" · ") || "–"],
     [t("data.lastJob"), job ? [job.jobId, t(`state.${job.status}`), job.adapterName && `${job.adapterName} ${job.version ?? ""}`]
       .filter(Boolean).join(" · ") : t("data.never")],
-    // Stale: examples it was trained on were deleted (the adapter table marks it the same way).
+    // Stale: examples it was trained on were deleted; its files gone: it cannot be served (the adapter table
+    // marks both the same way, and `lunatrain status` says both).
     [t("data.activeAdapter"), active
       ? `${active.name} ${active.version}${active.stale ? ` · ${t("adapters.stale")}` : ""}`
+        + (active.filesMissing ? ` · ${t("adapters.missing")}` : "")
       // a registry that cannot be read: "none" would not be the truth (the problem below says why)
       : t(status.activeAdaptersKnown === false ? "unknown" : "data.none")],
     // Parts that could not be read (a damaged registry or job database), each with its fix, as `status` says them.
