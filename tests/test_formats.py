@@ -685,6 +685,10 @@ def test_json_lines_with_classic_mac_line_ends_are_read_line_by_line(tmp_path: P
     parsed = read_file(path, skip_bad=True)
     assert [(d.prompt, d.response) for d in parsed.drafts] == [("eins", "a"), ("zwei", "b")]
     assert [str(b).split(":")[0] for b in parsed.bad] == [f"cr{suffix} line 4"], parsed.bad
+    # review repro: a CR between a document's tokens is JSON whitespace, not a line end
+    spaced = tmp_path / f"spaced{suffix}"
+    spaced.write_bytes(b'{"prompt": "eins",\r"response": "a"}\n{"prompt":"zwei","response":"b"}\n')
+    assert [(d.prompt, d.response) for d in read_file(spaced).drafts] == [("eins", "a"), ("zwei", "b")]
     crlf = tmp_path / f"crlf{suffix}"  # a CRLF line end is one line end
     crlf.write_bytes(b'{"prompt":"eins","response":"a"}\r\n\r\n{"prompt":"drei"}\r\n')
     assert [str(b).split(":")[0] for b in read_file(crlf, skip_bad=True).bad] == [f"crlf{suffix} line 3"]

@@ -523,3 +523,29 @@ def test_a_model_is_built_for_its_plan_once_per_config_and_installation(settings
     shutil.rmtree(settings.cache_dir / "shapes")
     (settings.cache_dir / "shapes").write_text("a file where the folder goes")
     assert memplan.model_shape(info, settings) == changed and len(built) == 5
+
+
+def test_a_multimodal_config_without_its_default_text_values_is_planned_from_transformers_defaults(tmp_path):
+    """Review repro: transformers writes Gemma 3's 4b/12b/27b `text_config` without the values that equal its
+    defaults (heads, vocabulary), and the plan refused those models ("does not describe a decoder"). And a
+    `head_dim` of 0, transformers' own "derive it" in some configs, was refused after the dimension checks."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from lunatrain.memplan import model_shape
+
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34}
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = model_shape(SimpleNamespace(path=str(tmp_path), id="gemma-3-4b-it"))
+    defaults = AutoConfig.for_model("gemma3_text")
+    assert (shape.hidden, shape.layers) == (2560, 34)
+    assert (shape.heads, shape.kv_heads, shape.vocab) == (
+        defaults.num_attention_heads,
+        defaults.num_key_value_heads,
+        defaults.vocab_size,
+    )
+    plain = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    plain |= {"vocab_size": 1000, "intermediate_size": 128, "head_dim": 0}
+    assert memplan.Shape.from_config(plain, "m").head_dim == 16

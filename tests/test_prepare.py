@@ -809,6 +809,10 @@ def test_the_marks_of_indic_and_thai_words_are_letters_when_folding_not_punctuat
     trivial = {c.id: c for c in _content_checks([rec("y1", "Bist du bereit?", "हाँ"), rec("y2", "Ok?", "👍️")], None)}
     assert trivial["trivial_response"].examples == ["y2"], trivial["trivial_response"]
     assert normalize("है?") == "है" and normalize("❤️") == normalize("❤") != normalize("💙")
+    # review repro: a keycap emoji's variation selector and enclosing mark were kept as letter marks
+    assert normalize("5\ufe0f\u20e3") == normalize("5") and normalize("Ja\ufe0f!") == "ja"
+    keycap = {c.id: c for c in _content_checks([rec("k1", "Wie viele?", "5\ufe0f\u20e3")], None)}
+    assert keycap["trivial_response"].examples == ["k1"]
 
 
 def test_volume_counts_the_records_of_the_curated_file_not_its_lines(settings):

@@ -228,6 +228,17 @@ def test_sampling_at_the_edges_of_its_bounds_picks_a_token(temperature: float, t
     assert pick in (0, 2) if top_p == 1.0 and temperature > 0.5 else pick == 0
 
 
+@pytest.mark.parametrize(("top_p", "kept"), [(0.6, 6), (0.3, 3), (0.65, 7), (0.1, 1)])
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it_also_on_the_boundary(top_p: float, kept: int) -> None:
+    """Sampling explore repro: with ten tokens of 0.1 each and top_p 0.6, seven were sampled: six of 0.1 summed
+    in float32 stay just under 0.6, so the cut missed the set that reaches it exactly."""
+    import torch
+
+    sampling = serving.Sampling(max_tokens=1, temperature=1.0, top_p=top_p)
+    picked = {serving._pick(torch.zeros(10), sampling, torch.Generator().manual_seed(seed)) for seed in range(400)}
+    assert len(picked) == kept, (top_p, sorted(picked))  # which of equal tokens is the sort's to choose
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["first-load", "later-load"])
 def test_an_adapter_that_fails_to_load_leaves_nothing_half_loaded(settings, first: bool) -> None:
     version = random_adapter(settings, "broken", 5)

@@ -188,10 +188,14 @@ class EvalCheck:
         output = unicodedata.normalize("NFC", output)  # as the check's value was read
         if self.type == "regex":
             flags = re.IGNORECASE if self.ignore_case else 0
+            # A pattern written decomposed (pasted from a Mac's file name or a PDF: `Ba\u0308r`) is searched in
+            # the answer decomposed too; composing the pattern instead would change what its classes and escapes
+            # mean (`[aeiou\u0301]` would become `[aeioú]`, `\w\u0301` a literal `ẃ`).
+            texts = [output] + ([unicodedata.normalize("NFD", output)] if nfc(self.value) != self.value else [])
             if search is not None:
-                return search(self.value, flags, output)
+                return any(search(self.value, flags, text) for text in texts)
             with BoundedSearch() as own:
-                return own(self.value, flags, output)
+                return any(own(self.value, flags, text) for text in texts)
         fold = (lambda s: s.casefold()) if self.ignore_case else (lambda s: s)
         text = fold(output)
         if self.type == "equals":
@@ -481,7 +485,6 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
         if not isinstance(value, str) or not value:
             errs.append(f"{label} (regex): 'value' must be a non-empty string")
         else:
-            value = nfc(value)  # the answer it searches is composed: a decomposed "Ba\u0308r" never matched
             try:
                 re.compile(value, re.IGNORECASE if ignore is True else 0)
             except (re.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, (((…)))

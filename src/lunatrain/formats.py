@@ -945,16 +945,24 @@ def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _json_lines(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
-    """Each line's document. A lone \\r ends a line too (classic Mac line ends, which a CSV is read with): JSON
-    has no raw \\r inside a string, so it is never content; \\r\\n is one line end."""
+    """Each line's document. A lone \\r ends a line too (classic Mac line ends, which a CSV is read with) where
+    the line is no document as a whole: JSON has no raw \\r inside a string, but allows one between tokens
+    (`{"a": 1,\\r"b": 2}` is one document); \\r\\n is one line end."""
     lineno = 0
     for physical in lines:
-        parts = physical.split("\r")
-        if len(parts) > 1 and parts[-1] == "":
-            parts.pop()
-        for line in parts:
+        line = physical.removesuffix("\r")
+        parts = line.split("\r") if "\r" in line and not _one_document(line) else [line]
+        for part in parts:
             lineno += 1
-            yield from _json_line(lineno, line)
+            yield from _json_line(lineno, part)
+
+
+def _one_document(line: str) -> bool:
+    try:
+        json.loads(line.removeprefix("\ufeff"))
+    except JSON_FAULTS:
+        return False
+    return True
 
 
 def _json_line(lineno: int, line: str) -> Iterator[tuple[str, Any]]:

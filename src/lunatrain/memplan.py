@@ -95,7 +95,8 @@ class Shape:
             layers=_dimension(cfg, name, "num_hidden_layers", "n_layer"),
             heads=heads,
             kv_heads=_dimension(cfg, name, "num_key_value_heads", default=heads),
-            head_dim=_dimension(cfg, name, "head_dim", default=max(hidden // heads, 1)),
+            # 0 is "derive it" in some configs (transformers' glm5_next writes it so), as null is in others
+            head_dim=_dimension(cfg, name, "head_dim", default=0, least=0) or max(hidden // heads, 1),
             intermediate=_dimension(cfg, name, "intermediate_size", "n_inner", default=4 * hidden),
             vocab=_dimension(cfg, name, "vocab_size"),
             tied=bool(cfg.get("tie_word_embeddings", True)),
@@ -457,9 +458,33 @@ def model_shape(info: Any, settings: Settings | None = None) -> Shape:
         raise UsageError(f"The config.json of base model {info.id!r} cannot be read: {exc}") from exc
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
-    shape = Shape.from_config(cfg, info.id)
+    shape = Shape.from_config(_with_text_defaults(info, cfg), info.id)
     built = _built(info) if settings is None else _built_cached(info, raw, settings)
     return shape if built is None else replace(shape, varlen=built[0], counted=built[1])
+
+
+_TEXT_KEYS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size")
+
+
+def _with_text_defaults(info: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with its `text_config` whole: transformers writes a multimodal model's language config without
+    the values that equal its defaults (Gemma 3's 4b/12b/27b leave out the heads and the vocabulary), so
+    they are read from transformers' own config class; `cfg` as it is where nothing is missing or
+    transformers cannot read it (the plan then names what it lacks)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict) or all(k in text for k in _TEXT_KEYS):
+        return cfg
+    try:
+        from .compat import import_transformers
+
+        import_transformers()
+        from transformers import AutoConfig
+
+        loaded = AutoConfig.from_pretrained(str(info.path), local_files_only=True, trust_remote_code=False)
+        whole = loaded.get_text_config().to_dict()
+    except Exception:  # an architecture this transformers does not know, a config it refuses
+        return cfg
+    return cfg | {"text_config": whole | text}
 
 
 def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, tuple[int, int]] | None:

@@ -289,8 +289,9 @@ def _pick(logits: Any, s: Sampling, generator: Any, generated: Sequence[int] = (
         logits[ids] -= s.presence_penalty + s.frequency_penalty * counts.float()
     if s.temperature < 1e-4:  # 0 means greedy; a temperature that small is greedy in all but name
         return int(torch.argmax(logits))
-    # Shifted so the largest is 0: dividing by a small temperature can then not overflow into inf/nan.
-    probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
+    # Shifted so the largest is 0: dividing by a small temperature can then not overflow into inf/nan. In
+    # float64: top_p's cut is a sum of probabilities, and six of 0.1 summed in float32 stay under 0.6.
+    probs = torch.softmax((logits - logits.max()).double() / s.temperature, dim=-1)
     if s.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set whose mass reaches top_p (the first token always stays)
