@@ -1200,10 +1200,15 @@ def test_a_page_following_a_job_shows_what_changed_elsewhere_and_asks_an_offline
     table["name"] = "activated-elsewhere"
     page.clock.run_for(16_000)
     expect(page.locator("#adapter-groups")).to_contain_text("activated-elsewhere")
-    # The trainer goes away: once the header says so, nothing of the trainer's is asked until it is back.
+    # The trainer goes away: once the header says so and its job reads are refused, nothing of the trainer's
+    # is asked until it is back.
     answer(page, "**/assistant/training/lora/provider-health*", {"label": "Offline", "reachable": False})
+    gone = {"error": {"code": "service_unavailable", "message": "The trainer is not running."}}
+    for pattern in ("**/assistant/training/lora/status*", "**/assistant/training/lora/jobs*"):
+        answer(page, pattern, gone, status=503)
     page.clock.run_for(16_000)
     expect(page.locator("#provider-label")).to_have_attribute("data-state", "offline")
+    page.clock.run_for(16_000)  # the refusals that tell the page to wait
     asked: list[str] = []
     page.on("request", lambda r: asked.append(urlsplit(r.url).path) if "/lora/" in r.url else None)
     page.clock.run_for(46_000)

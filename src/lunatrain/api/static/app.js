@@ -552,8 +552,8 @@ setInterval(() => {
   loadDataStatus(true);
   adapters.load(true);
   tryPanel.refresh(true);
-  // The job lists are the trainer's: while the header says it is offline they would only answer 503.
-  if ((!jobView.job || FINAL_STATES.has(jobView.job.status)) && !trainerOffline()) {
+  // The job lists are the trainer's: while it is offline and has refused them, they would only answer 503.
+  if ((!jobView.job || FINAL_STATES.has(jobView.job.status)) && !jobView.waiting("lists")) {
     jobView.loadActive().then((active) => active?.length === 0 && followNewest());
   }
 }, DATA_MS);

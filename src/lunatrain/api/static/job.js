@@ -52,10 +52,12 @@ function finishedNotice(job) {
 
 export class JobView {
   /** `onFinished(job)` runs once when a followed job reaches a final state. */
-  /** `offline`: whether the trainer is known to be offline (the header's state); polls wait meanwhile. */
+  /** `offline`: whether the header says the trainer is offline; once a request of the trainer's has also been
+   * refused (503), the polls wait until the header says it is back. */
   constructor(onFinished, offline = () => false) {
     this.onFinished = onFinished;
     this.offline = offline;
+    this.refused = { poll: false, lists: false }; // the last such request of the trainer's was a 503
     this.job = null;
     this.timer = null;
     this.els = Object.fromEntries(
@@ -78,6 +80,19 @@ export class JobView {
 
   draw() {
     drawLossChart(this.els["loss-chart"], this.els["loss-legend"], this.series);
+  }
+
+  /** Whether to ask the trainer nothing of `kind` ("poll": the followed job, "lists": the unfinished jobs)
+   * now: every request would be a 503 (an error in the browser's console each time) for what the header
+   * already says; asked again once the header says the trainer is back. */
+  waiting(kind) {
+    if (!this.offline()) this.refused[kind] = false;
+    return this.refused[kind];
+  }
+
+  /** Note how a request of `kind` went: a 503 while the header says offline makes those requests wait. */
+  answered(kind, error = null) {
+    this.refused[kind] = error?.status === 503 && this.offline();
   }
 
   /** Follow `job` (a Job record): show it now, then poll until it ends. */
@@ -117,7 +132,9 @@ export class JobView {
       const all = lists.flatMap((list, i) => (ACTIVE_STATES[i] === "queued" ? [...list.data].reverse() : list.data));
       // A job that moved from one list to the next between the requests is listed once, in its later state.
       active = all.filter((job, i) => all.findIndex((other) => other.id === job.id) === i);
-    } catch {
+      this.answered("lists");
+    } catch (error) {
+      this.answered("lists", error);
       return null; // the job's own poll and the header say what is wrong
     }
     this.active = active;
@@ -154,14 +171,13 @@ export class JobView {
 
   async poll() {
     const jobId = this.jobId;
-    if (this.offline()) {
-      // Every request would be a 503 (an error in the browser's console each time) for what the header
-      // already says; the job is asked again once the trainer is back.
+    if (this.waiting("poll")) {
       this.schedule();
       return;
     }
     try {
       const job = await api.job(jobId);
+      this.answered("poll");
       if (jobId !== this.jobId) return; // another job was started meanwhile
       await this.readEvents();
       clearErrors("network");
@@ -181,6 +197,7 @@ export class JobView {
       if (Date.now() - this.othersAt >= OTHERS_MS) this.loadActive();
     } catch (error) {
       this.failures += 1;
+      this.answered("poll", error);
       showError(error, t("job.heading"), { background: true });
     }
     if (jobId === this.jobId) this.schedule();
