@@ -725,3 +725,57 @@ def test_weights_overwritten_in_place_with_nan_are_damaged_for_merge_and_the_gat
             "values that are not finite (NaN or inf) in "
         ) and lines[0].endswith("; train it again, or roll back to another version."), lines
     assert not (settings.models_dir / "merged").exists()
+
+
+def test_merging_again_refuses_to_change_a_merged_model_other_versions_are_trained_on(trained_home, settings):
+    """Stacking explore repro: an adapter trained on data/models/merged/ow-current as its base, and `merge --adapter
+    ow@current` after a second overwrite run replaced that folder's weights without a word (exit 0, "it
+    replaces the earlier merge"): the adapter could no longer be served, activated or merged, and the weights it
+    was trained on were gone. Merging the same revision again writes the same weights and goes on."""
+    import hashlib
+    import shutil
+
+    trained = registry.get_version(settings, "luna-adapter", "v1")
+    source = settings.adapters_dir / "luna-adapter" / "v1"
+
+    def run(name: str, strategy: str, tag: str, base: dict) -> None:
+        work = settings.adapters_dir / name / ".work" / tag
+        shutil.copytree(source, work)
+        registry.publish(settings, name, strategy, work, {"baseModel": base})
+
+    run("ow", "overwrite", "r1", trained["baseModel"])
+    target = merge_adapter(settings, "ow@latest").path
+    on_merge = models.resolve_base(str(target), settings)
+    run("kid", "versioned", "k1", on_merge.record())  # trained on the merged folder, recorded by its path
+    merge_adapter(settings, "ow@latest")  # the same revision into the same base: the same weights, no refusal
+    weights = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
+    run("ow", "overwrite", "r2", trained["baseModel"])
+    with pytest.raises(Conflict) as info:
+        merge_adapter(settings, "ow@latest")
+    assert info.value.code == "merge.base_of_others" and info.value.params["adapters"] == ["kid@v1"], info.value
+    assert "data/models/merged/ow-current is the base model of kid@v1" in info.value.message, info.value.message
+    assert hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest() == weights  # nothing replaced
+    assert merge_adapter(settings, "ow@latest", force=True).replaced  # the owner's word
+
+
+def test_a_merged_base_written_relative_or_absolute_is_one_base(trained_home, settings):
+    """Stacking explore repro: `--baseModel data/models/merged/x` is recorded absolute and `ASSISTANT_BASE_MODEL`
+    keeps it relative; compared as text, a version whose merged base changed since was said to be "trained on
+    base model '/…/merged/x', but the configured base model is 'data/models/merged/x'", with the failed command
+    as the advice, instead of "another build" of it."""
+    import shutil
+
+    from lunatrain.settings import load_settings
+
+    target = merge_adapter(settings, "luna-adapter@v1").path
+    relative = str(target.relative_to(settings.home))
+    assert registry.same_base_id(settings, relative, str(target))
+    assert not registry.same_base_id(settings, relative, "luna-tiny") and registry.same_base_id(settings, "a/b", "a/b")
+    work = settings.adapters_dir / "kid" / ".work" / "k1"
+    shutil.copytree(settings.adapters_dir / "luna-adapter" / "v1", work)
+    built_then = {"id": str(target), "fingerprint": "0" * 64}  # the folder's weights have changed since
+    registry.publish(settings, "kid", "versioned", work, {"baseModel": built_then})
+    configured = load_settings(home=settings.home, base_model=relative)
+    with pytest.raises(Conflict) as info:
+        registry.activate(configured, "kid", "v1")
+    assert info.value.code == "adapter.another_build", info.value.message

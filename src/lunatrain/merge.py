@@ -88,6 +88,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     check_writable([target.parent, settings.reports_training_dir], f"merge {name}@{entry['version']}")
     _check_target(settings, target)
     replaced = (target / registry.MERGE_FILE).is_file()  # an empty folder in its place is no earlier merge
+    if replaced and not force:
+        _check_dependents(settings, target, f"{name}@{entry['version']}", entry.get("revision"), base.fingerprint)
     # What a killed merge left half-written (a whole model's size) goes first: the disk it fills is the one
     # this merge writes to.
     for leftover, _ in abandoned_staging(target.parent):
@@ -151,7 +153,7 @@ def _check_active(settings: Settings, name: str) -> None:
         if a["name"] != name:
             continue
         ref = f"{name}@{a['version']}"
-        if a["baseModel"] == configured.id:
+        if registry.same_base_id(settings, a["baseModel"], configured.id):
             elsewhere.append(
                 f"on an earlier build of base model {configured.id!r}, changed since, it is {a['version']}: "
                 f"`lunatrain merge --adapter {ref} --force` merges it into the base as it is now, or retrain it"
@@ -166,6 +168,41 @@ def _check_active(settings: Settings, name: str) -> None:
         + f"; name the version: `lunatrain merge --adapter {name}@VERSION` (`lunatrain adapters list` shows "
         "its versions)."
     )
+
+
+def _check_dependents(settings: Settings, target: Path, ref: str, revision: Any, base: str) -> None:
+    """Conflict when merging `ref` again would give `target` other weights (another revision of an overwrite
+    slot, or another build of the base) while versions trained on that folder as their base are registered:
+    they could no longer be served, activated or merged, and the weights they were trained on would be gone. A
+    merge that writes the same weights again (a numbered version into the same base) replaces nothing."""
+    try:
+        record = read_json(target / registry.MERGE_FILE)
+    except LunaError:  # a damaged record: what it merged is unknown, so the weights may well differ
+        record = None
+    earlier = record if isinstance(record, dict) else {}
+    merged_into = earlier.get("baseModel")
+    base_then = merged_into.get("fingerprint") if isinstance(merged_into, dict) else None
+    if earlier.get("adapter") == ref and earlier.get("revision") == revision and base_then == base:
+        return
+    from .models import local_dir
+
+    here = target.resolve()
+    dependents = [
+        f"{name}@{entry['version']}"
+        for name, adapter in registry.load(settings)["adapters"].items()
+        for entry in adapter.get("versions", [])
+        if not entry.get("replaced")
+        and local_dir(str((entry.get("baseModel") or {}).get("id") or ""), settings.home) == here
+    ]
+    if dependents:
+        more = f" and {len(dependents) - 5} more" if len(dependents) > 5 else ""
+        raise Conflict(
+            f"{settings.shown(target)} is the base model of {', '.join(dependents[:5])}{more}: merging {ref} again "
+            "gives it other weights, and those versions could no longer be served, activated or merged; merge "
+            "with --force to replace it anyway, or retrain them afterwards.",
+            code="merge.base_of_others",
+            params={"target": settings.shown(target), "adapters": dependents[:5], "count": len(dependents)},
+        )
 
 
 def _check_target(settings: Settings, target: Path) -> None:

@@ -384,7 +384,7 @@ def check_slot_base(settings: Settings, name: str, strategy: str, base: Any) -> 
         if e["version"] == SLOT and not e.get("replaced") and not e.get("staged")
     ]
     trained = (held[-1].get("baseModel") or {}) if held else {}
-    if not held or base.fingerprint == trained.get("fingerprint") or base.id == trained.get("id"):
+    if not held or base.fingerprint == trained.get("fingerprint") or same_base_id(settings, base.id, trained.get("id")):
         return
     raise Conflict(
         f"{name}@{SLOT} holds a run on base model {trained.get('id')!r}; an overwrite run on {base.id!r} would "
@@ -721,12 +721,34 @@ def _not_registered(name: str) -> NotFound:
     )
 
 
-def base_label(base_id: str | None, fingerprint: str, configured: Any, entry: dict[str, Any] | None = None) -> str:
+def same_base_id(settings: Settings, a: str | None, b: str | None) -> bool:
+    """Whether two base ids name one base: the same id, or the same local directory however it is written
+    (`--baseModel data/models/merged/x` is recorded absolute, `ASSISTANT_BASE_MODEL` keeps it as written)."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    from .models import local_dir
+
+    here = local_dir(a, settings.home)
+    return here is not None and here == local_dir(b, settings.home)
+
+
+def base_label(
+    base_id: str | None,
+    fingerprint: str,
+    configured: Any,
+    entry: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> str:
     """How a base an activation names is shown: its id, or "another build of ID" where the configured base
     (`configured`, models.BaseModelInfo, None: unknown) has that id with other weights (updated in place,
     another hub commit), so that a version no longer served does not read as active on the served base. The
-    revision is that of `entry`'s training base, when it was trained on that build."""
-    if configured is None or base_id != configured.id or fingerprint == configured.fingerprint:
+    revision is that of `entry`'s training base, when it was trained on that build. With `settings`, a local
+    directory is the configured one however either is written."""
+    if configured is None or fingerprint == configured.fingerprint:
+        return str(base_id)
+    if not (same_base_id(settings, base_id, configured.id) if settings else base_id == configured.id):
         return str(base_id)
     trained_on = (entry or {}).get("baseModel") or {}
     revision = trained_on.get("revision") if trained_on.get("fingerprint") == fingerprint else None
@@ -920,7 +942,11 @@ def activation_state(
             missing=gone,
         )
     # The same id with other weights (updated in place, another hub revision): the base changed, not the model.
-    if base_id is not None and base_id == trained_on.get("id") and trained_on.get("fingerprint") != base:
+    if (
+        base_id is not None
+        and same_base_id(settings, base_id, trained_on.get("id"))
+        and trained_on.get("fingerprint") != base
+    ):
         return state(
             False,
             "adapter.base_changed",
@@ -1268,7 +1294,7 @@ def activate(
         fingerprint, base_id = base.fingerprint, base.id
         said = {"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id}
         foreign = trained_on.get("fingerprint") != base.fingerprint
-        if foreign and not force and trained_on.get("id") == base.id:  # the same id, other weights now
+        if foreign and not force and same_base_id(settings, trained_on.get("id"), base.id):  # other weights now
             revision = trained_on.get("revision")
             then = f"revision {revision[:12]}; " if revision else ""
             raise Conflict(

@@ -155,7 +155,7 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         why = (
             f"Base model {base_id!r} has changed since {name}@{entry['version']} was trained on it (fingerprints "
             "differ); retrain it on this base."
-            if trained_on.get("id") == base_id
+            if registry.same_base_id(settings, trained_on.get("id"), base_id)
             else f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but this server "
             f"runs {base_id!r}; its LoRA weights do not fit: serve it with ASSISTANT_BASE_MODEL="
             f"{trained_on.get('id')!r}, or ask for a version trained on this base (GET /v1/models lists them)."

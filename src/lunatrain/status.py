@@ -556,7 +556,7 @@ def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[
                 "version": a["version"],
                 "baseModel": a["baseModel"],
                 # the configured base's id with other weights: not served (the id alone read as "active here")
-                "baseLabel": registry.base_label(a["baseModel"], a["base"], configured, entry),
+                "baseLabel": registry.base_label(a["baseModel"], a["base"], configured, entry, settings),
                 "matchesBaseModel": (configured is not None and a["base"] == configured.fingerprint)
                 or (unbuilt and a["baseModel"] == models.TINY_ID),
                 "datasetTier": entry.get("datasetTier"),

@@ -101,7 +101,11 @@ def list_cmd(as_json: JsonOpt = False) -> None:
                     "byBase": registry.by_base(settings),
                     "active": [
                         {k: a[k] for k in ("name", "version", "base", "baseModel")}
-                        | {"baseLabel": registry.base_label(a["baseModel"], a["base"], configured, a["entry"])}
+                        | {
+                            "baseLabel": registry.base_label(
+                                a["baseModel"], a["base"], configured, a["entry"], settings
+                            )
+                        }
                         for a in active
                     ],
                 },
@@ -117,7 +121,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         for e in group["versions"]:
             aliases = adapters.get(e["name"], {}).get("aliases", {})
             active_on = [
-                registry.base_label(a["baseModel"], a["base"], configured, e)
+                registry.base_label(a["baseModel"], a["base"], configured, e, settings)
                 for a in active
                 if a["name"] == e["name"] and registry.same_entry(a["entry"], e)
             ]

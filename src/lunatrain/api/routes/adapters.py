@@ -99,7 +99,7 @@ def _groups(settings: Settings) -> AdapterGroups:
                     # the configured id with other weights (updated in place): --baseModel would name the new ones
                     "anotherBuild": served is not None
                     and base.get("fingerprint") != served
-                    and base.get("id") == served_id,
+                    and registry.same_base_id(settings, base.get("id"), served_id),
                     "adapters": {},
                 },
             )
