@@ -424,9 +424,16 @@ def test_tool_use_beside_the_turns_is_refused_as_a_tool_turn_is(tmp_path: Path) 
         f"tools.jsonl line 5: field 'functions': the tools the conversation was given{said}",
         f"tools.jsonl line 6: field 'tools': the tools the conversation was given{said}",
     ]
-    # empty lists, as exports and chat logs write them when no tool was given, are no tools
-    given_none = [{"messages": plain, "tools": [], "functions": None}, {"messages": plain, "tools": "[]"}]
-    assert len(read_file(_jsonl(tmp_path / "none.jsonl", given_none)).drafts) == 2
+    # empty lists and their text, as exports, spreadsheets and chat logs write them when no tool was given
+    # (review repro: "" and "[]" as tool_calls or function_call were refused as tool use)
+    given_none = [
+        {"messages": plain, "tools": [], "functions": None},
+        {"messages": plain, "tools": "[]"},
+        {"messages": plain, "tools": " ", "function_call": ""},
+        {"messages": [plain[0], plain[1] | {"tool_calls": "[]", "function_call": "null"}]},
+        {"prompt": "p", "response": "r", "tool_calls": "", "function_call": None},
+    ]
+    assert len(read_file(_jsonl(tmp_path / "none.jsonl", given_none)).drafts) == 5
 
 
 def test_a_turns_separate_reasoning_is_refused_not_dropped(tmp_path: Path) -> None:
@@ -462,6 +469,11 @@ def test_a_turns_separate_reasoning_is_refused_not_dropped(tmp_path: Path) -> No
     ], info.value.details
     empty = {"messages": [user, {"role": "assistant", "content": "12.", "reasoning_content": ""}]}
     assert read_file(_jsonl(tmp_path / "none.jsonl", [empty])).drafts[0].response == "12."
+    # review repro: an Alpaca-shaped record's own `reasoning` beside its output was dropped without a word
+    alpaca = {"instruction": "Was ist 3 mal 17?", "reasoning": "3 mal 17 = 51", "output": "51"}
+    with pytest.raises(UsageError) as info:
+        read_file(_jsonl(tmp_path / "alpaca.jsonl", [alpaca]))
+    assert "field 'reasoning': the record's reasoning, kept apart from its answer;" in info.value.details[0]
 
 
 @pytest.mark.parametrize(

@@ -204,3 +204,24 @@ def test_a_template_that_refuses_a_shortened_part_gets_the_next_start_that_fits(
     plain = encode_chat(tok, convo, 512)
     assert plain.dropped > 0 and enc.dropped >= plain.dropped and enc.dropped < len(convo) - 3
     assert not enc.truncated and len(enc) <= 512
+
+
+# Mistral v0.3's shape (written for this test): a system message goes into the last user turn only.
+MISTRAL_V3_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for m in loop_messages %}{%- if m['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + m['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}"
+    "{%- else %}{{- ' ' + m['content'] + '<|im_end|>' }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_writes_the_system_message_into_the_last_user_turn_asks_where_it_trains(tok):
+    """Review repro: on Mistral v0.3's template prepare warned "the generation prompt ends in 'S\\n\\nU[/INST]'"
+    (the probe's own text): the probe with a system message renders it into the prompt's last user turn but
+    not into a conversation that ends with an answer. The generation prompt itself opens nothing new."""
+    from lunatrain.tokens import generation_prompt_gap
+
+    tok.chat_template = MISTRAL_V3_STYLE
+    assert generation_prompt_gap(tok) is None

@@ -545,11 +545,18 @@ _NO_TOOLS = "; lunatrain trains on text turns only: leave such conversations out
 _SKIP_BAD = ", or import with --skip-bad"  # the command line's way to leave them out (`read_file`)
 
 
+def _given(value: Any) -> bool:
+    """Whether a tool field holds anything: exports write `tool_calls: []`, `function_call: null` and their JSON
+    text (`""`, `"[]"`, `"null"`, as spreadsheets and LLaMA-Factory's string fields hold them) on plain turns."""
+    if isinstance(value, str):
+        return value.strip() not in ("", "[]", "null")
+    return value is not None and value != []
+
+
 def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
     """ "a tool call" / "a tool result" when the turn is part of tool use, else None."""
     name = role.lower() if isinstance(role, str) else None
-    # Exports write `tool_calls: []` and `function_call: null` on plain answers too.
-    if msg.get("tool_calls") or msg.get("function_call") is not None or name in _TOOL_CALL_ROLES:
+    if _given(msg.get("tool_calls")) or _given(msg.get("function_call")) or name in _TOOL_CALL_ROLES:
         return "a tool call"
     return "a tool result" if name in _TOOL_RESULT_ROLES else None
 
@@ -559,15 +566,20 @@ def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
-def _refuse_reasoning(msg: Mapping[str, Any], where: str) -> None:
-    """A turn's separate reasoning is refused, not dropped: imported without it, the answer would train as if
-    the model had answered without thinking, and nothing would say so."""
+def _refuse_reasoning(msg: Mapping[str, Any], where: str | None) -> None:
+    """A turn's (or, `where` None, a record's) separate reasoning is refused, not dropped: imported without it,
+    the answer would train as if the model had answered without thinking, and nothing would say so."""
     for key in _REASONING_KEYS:
-        if msg.get(key):
+        if _given(msg.get(key)):
+            whose = (
+                "turn's reasoning, kept apart from its text"
+                if where
+                else "record's reasoning, kept apart from its answer"
+            )
             raise RecordError(
-                f"{where}.{key}",
-                "the turn's reasoning, kept apart from its text; lunatrain trains on a turn's text: write it into "
-                "the content as <think>…</think> before the answer (as thinking templates read it), or leave it out",
+                f"{where}.{key}" if where else key,
+                f"the {whose}; lunatrain trains on a turn's text: write it into the content as <think>…</think> "
+                "before the answer (as thinking templates read it), or leave it out",
             )
 
 
@@ -636,11 +648,12 @@ def _refuse_tools(record: Mapping[str, Any]) -> None:
     (its answer called a tool), or the `tools`/`functions` it was given (OpenAI's lists, LLaMA-Factory's string):
     without them its answers speak of tools the served model is never given (chat refuses them)."""
     if _tool_turn(record, None):
-        raise RecordError("tool_calls" if record.get("tool_calls") else "function_call", f"a tool call{_NO_TOOLS}")
+        field = "tool_calls" if _given(record.get("tool_calls")) else "function_call"
+        raise RecordError(field, f"a tool call{_NO_TOOLS}")
     for key in ("tools", "functions"):
-        given = record.get(key)
-        if given and (not isinstance(given, str) or given.strip() not in ("[]", "null")):
+        if _given(record.get(key)):
             raise RecordError(key, f"the tools the conversation was given{_NO_TOOLS}")
+    _refuse_reasoning(record, None)  # an Alpaca-shaped record's own `reasoning` beside its `output`
 
 
 def _refuse_trl(record: Mapping[str, Any]) -> None:

@@ -128,9 +128,11 @@ def generation_prompt_gap(tokenizer: Any) -> str | None:
     """What the chat template's generation prompt (what chat and the eval gate ask an answer after) adds
     that training never puts before an answer, or None when it puts exactly that there: DeepSeek-R1's opens
     `<think>\n` in the generation prompt but renders answers without it, so a served model is asked from a
-    place it never learned from. Probed with an answer with and without reasoning; None when the template
-    refuses the probes (its refusals are prepare's other checks)."""
-    for probe in _PROBES:
+    place it never learned from. Probed with an answer with and without reasoning, after a user turn alone
+    first (Mistral v0.3's template writes a system message into the last user turn only, so the prompt and the
+    conversation differ by it: not what this check is for); None when the template refuses the probes (its
+    refusals are prepare's other checks)."""
+    for probe in reversed(_PROBES):
         asked = [m for m in probe if m["role"] != "assistant"]
         try:
             before = _render(tokenizer, asked, gen_prompt=True)
