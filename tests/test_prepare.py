@@ -760,6 +760,11 @@ def test_near_duplicates_in_another_split_are_named_first_and_counted():
     assert check.params == {"count": 2, "acrossSplits": 1}
 
 
+def _rec(rid: str, question: str, answer: str) -> dict:
+    """A train record of one exchange, its id its hash."""
+    return {"id": rid, "hash": rid, "split": "train", "messages": _turn(question, answer)}
+
+
 def test_invisible_characters_and_emoji_answers_do_not_hide_near_duplicates_or_conflicts():
     """Data-check repro: a zero-width space or a soft hyphen inside a word split it when folding, so four rows that
     all read "Wie heißt die Hauptstadt?" were two duplicate pairs, and "Wie alt ist Lu\u200bna?" answered with 4
@@ -767,18 +772,15 @@ def test_invisible_characters_and_emoji_answers_do_not_hide_near_duplicates_or_c
     question were never compared (they fold to nothing)."""
     from lunatrain.prepare import _duplicate_checks
 
-    def rec(rid, question, answer):
-        return {"id": rid, "hash": rid, "split": "train", "messages": _turn(question, answer)}
-
     records = [
-        rec("h1", "Wie heißt die Hauptstadt?", "Berlin."),
-        rec("h2", "Wie hei\u200bßt die Hauptstadt?", "Berlin."),
-        rec("h3", "Wie heißt die Haupt\u00adstadt?", "Berlin."),
-        rec("h4", "Wie heißt\u2060 die Hauptstadt?", "Berlin."),
-        rec("l1", "Wie alt ist Luna?", "Drei Jahre."),
-        rec("l2", "Wie alt ist Lu\u200bna?", "Vier Jahre."),
-        rec("e1", "Wie geht es dir?", "\U0001f600"),
-        rec("e2", "Wie geht es dir?", "\U0001f622"),
+        _rec("h1", "Wie heißt die Hauptstadt?", "Berlin."),
+        _rec("h2", "Wie hei\u200bßt die Hauptstadt?", "Berlin."),
+        _rec("h3", "Wie heißt die Haupt\u00adstadt?", "Berlin."),
+        _rec("h4", "Wie heißt\u2060 die Hauptstadt?", "Berlin."),
+        _rec("l1", "Wie alt ist Luna?", "Drei Jahre."),
+        _rec("l2", "Wie alt ist Lu\u200bna?", "Vier Jahre."),
+        _rec("e1", "Wie geht es dir?", "\U0001f600"),
+        _rec("e2", "Wie geht es dir?", "\U0001f622"),
     ]
     checks = {c.id: c for c in _duplicate_checks(records)}
     assert (checks["duplicate_normalized"].count, checks["duplicate_normalized"].examples) == (3, ["h2", "h3", "h4"])
@@ -792,26 +794,23 @@ def test_the_marks_of_indic_and_thai_words_are_letters_when_folding_not_punctuat
     "Ja" is none. A mark on a symbol (an emoji's variation selector) still folds with it."""
     from lunatrain.prepare import _content_checks, _duplicate_checks, normalize
 
-    def rec(rid, question, answer):
-        return {"id": rid, "hash": rid, "split": "train", "messages": _turn(question, answer)}
-
     records = [
-        rec("d1", "दिन कब है?", "कल।"),
-        rec("d2", "दान कब है?", "परसों।"),
-        rec("t1", "คุณกินข้าวหรือยัง", "กินแล้ว"),
-        rec("t2", "คุณกันข้าวหรือยัง", "ยังไม่ได้กัน"),
-        rec("n1", "Wie heißt du?", "Luna."),
-        rec("n2", "wie HEISST du", "Nova."),  # a conflict that folds across case and punctuation still is one
+        _rec("d1", "दिन कब है?", "कल।"),
+        _rec("d2", "दान कब है?", "परसों।"),
+        _rec("t1", "คุณกินข้าวหรือยัง", "กินแล้ว"),
+        _rec("t2", "คุณกันข้าวหรือยัง", "ยังไม่ได้กัน"),
+        _rec("n1", "Wie heißt du?", "Luna."),
+        _rec("n2", "wie HEISST du", "Nova."),  # a conflict that folds across case and punctuation still is one
     ]
     checks = {c.id: c for c in _duplicate_checks(records)}
     assert sorted(checks["conflicting_answers"].examples) == ["n1", "n2"], checks["conflicting_answers"]
     assert checks["duplicate_normalized"].count == 0, checks["duplicate_normalized"]
-    trivial = {c.id: c for c in _content_checks([rec("y1", "Bist du bereit?", "हाँ"), rec("y2", "Ok?", "👍️")], None)}
+    trivial = {c.id: c for c in _content_checks([_rec("y1", "Bist du bereit?", "हाँ"), _rec("y2", "Ok?", "👍️")], None)}
     assert trivial["trivial_response"].examples == ["y2"], trivial["trivial_response"]
     assert normalize("है?") == "है" and normalize("❤️") == normalize("❤") != normalize("💙")
     # review repro: a keycap emoji's variation selector and enclosing mark were kept as letter marks
     assert normalize("5\ufe0f\u20e3") == normalize("5") and normalize("Ja\ufe0f!") == "ja"
-    keycap = {c.id: c for c in _content_checks([rec("k1", "Wie viele?", "5\ufe0f\u20e3")], None)}
+    keycap = {c.id: c for c in _content_checks([_rec("k1", "Wie viele?", "5\ufe0f\u20e3")], None)}
     assert keycap["trivial_response"].examples == ["k1"]
 
 
