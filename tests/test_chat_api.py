@@ -755,6 +755,9 @@ def test_an_adapter_whose_weights_are_damaged_is_503_and_one_that_does_not_fit_i
         assert status == 503, body
         err = assert_openai_error(body, "server_error")
         assert err["code"] == "storage_error" and err["param"] == "model" and "damaged@v1" in err["message"], err
+        # German-page explore repro: the dashboard said "the data root's storage failed" and then this English
+        # sentence; the case itself goes with it (said whole in the page's language)
+        assert err["params"]["detail"] == "adapter.damaged" and err["params"]["model"] == "damaged@v1", err
         status, body = chat(client, model=f"nan@{nan}", stream=stream)
         assert status == 503 and "not finite (NaN or inf)" in str(body), body
         status, body = chat(client, model=f"misfit@{misfit}", stream=stream)

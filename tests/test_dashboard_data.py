@@ -189,6 +189,27 @@ def test_the_last_log_line_names_the_jobs_state_in_the_pages_language(
 
 
 @pytest.mark.parametrize(
+    ("query", "said"),
+    [("", "Epoche 2 fertig: Val-Loss 7,9415, Checkpoint gespeichert"), ("?lang=en", "val loss 7.9415, checkpoint")],
+)
+def test_the_last_log_line_gives_a_loss_its_four_decimals(page, services: Services, query: str, said: str) -> None:
+    """German-page explore repro: "Letzte Meldung" said "Val-Loss 7,942" where the job's facts and the server's
+    sentence say 7,9415: a loss in a log line was given four significant digits instead of four decimals."""
+    job = {"id": "ftjob-epoch", "status": "running", "progress": {"step": 2, "totalSteps": 4, "percent": 50}}
+    done = {
+        "seq": 1,
+        "type": "log",
+        "message": "epoch 2 done: val loss 7.9415, checkpoint saved",
+        "code": "log.epoch_done",
+        "params": {"epoch": 2, "valLoss": 7.941538},
+    }
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": [done], "lastSeq": 1, "hasMore": False})
+    open_page(page, services, query)
+    expect(page.locator("#job-facts")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
     ("query", "long", "short"),
     [("", "~25 h 1 min auf CUDA", "~1 min 28 s auf CPU"), ("?lang=en", "~25 h 1 min on CUDA", "~1 min 28 s on CPU")],
     ids=["de", "en"],
@@ -242,6 +263,60 @@ def test_a_crashed_job_is_said_in_german_whole(page, services: Services, tmp_pat
         'fort (in der API: seine Parameter mit "resume": true erneut senden).'
     )
     expect(page.locator("#job-percent")).to_have_text("99 %")  # numbers repro: it said 100 % at step 480 of 482
+
+
+@pytest.mark.parametrize(
+    ("query", "diverged", "interrupted", "stale"),
+    [
+        (
+            "",
+            "Fehler: Der Loss wurde ungültig (NaN/unendlich) bei Schritt 1: die Lernrate senken oder die Daten prüfen",
+            "Fehler: Der Trainingsprozess wurde vorzeitig beendet bei Schritt 128 von 1.550. `lunatrain jobs resume "
+            'ftjob-cut` setzt ihn ab dem letzten Checkpoint fort (in der API: seine Parameter mit "resume": true '
+            "erneut senden).",
+            "Prüfung nicht bestanden: 1 Beispiel im Export wurde seitdem gelöscht; neu exportieren",
+        ),
+        (
+            "?lang=en",
+            "Error: The loss became invalid (NaN/infinite) at step 1: lower the learning rate or check the data",
+            "Error: The training process stopped early at step 128 of 1,550. `lunatrain jobs resume ftjob-cut` "
+            'continues it from its last checkpoint (in the API: submit its parameters again with "resume": true).',
+            "1 sample in the export was deleted since; export again",
+        ),
+    ],
+    ids=["de", "en"],
+)
+def test_a_diverged_an_interrupted_job_and_a_stale_export_are_said_whole_in_the_pages_language(
+    page, services: Services, query: str, diverged: str, interrupted: str, stale: str
+) -> None:
+    """German-page explore repros: a diverged job said "Der Loss wurde ungültig (NaN/unendlich): gradient norm
+    became nan at step 1; lower the learning rate …" (the error had no params); an interrupted job said only
+    "Der Trainingsprozess wurde vorzeitig beendet", without its step or how to resume it (the resume hint was in
+    the English sentence alone); Start on an export holding deleted content was refused in English. The errors
+    as their producers make them."""
+    from lunatrain.train import _diverged
+
+    stop = _diverged("gradient norm", float("nan"), 1)
+    cut = {"code": "interrupted", "message": "Stopped at step 128 of 1550: …"}
+    cut["params"] = {"step": 128, "totalSteps": 1550, "epochsDone": 4, "resumeJob": "ftjob-cut"}  # the runner's
+    jobs = {
+        "ftjob-nan": {"code": stop.code, "message": stop.message, "params": stop.params},
+        "ftjob-cut": cut,
+    }
+    error = {  # as export.refuse_withdrawn raises it (test_stale.py)
+        "code": "check_failed",
+        "message": "The export holds 1 sample deleted since it was written; run `lunatrain export` first, …",
+        "params": {"check": "check.export_stale.deleted", "count": 1, "deleted": 1, "rejected": 0},
+    }
+    answer(page, "**/assistant/training/lora/start", {"error": error}, status=409)
+    for job_id, job_error in jobs.items():
+        job = {"id": job_id, "status": "failed", "progress": {"step": 1, "totalSteps": 4}, "error": job_error}
+        answer(page, "**/assistant/training/lora/status*", job)
+        answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+        open_page(page, services, query)
+        expect(page.locator("#job-error")).to_have_text(diverged if job_id == "ftjob-nan" else interrupted)
+    page.locator("#start-button").click()
+    expect(page.locator("#alerts")).to_contain_text(stale)
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,17 @@ def test_a_profile_saved_with_a_byte_order_mark_loads(settings: Settings, home: 
     assert load_profile(settings, "w").params().epochs == 2
 
 
+def test_a_profile_that_is_no_toml_is_coded_for_the_dashboard(settings: Settings, home: Path) -> None:
+    """German-page explore repro: a broken profile came to the dashboard as "Ungültige Anfrage: Profile … is
+    not valid TOML: …", English in every panel; it carries its code and values now."""
+    (home / "profiles").mkdir()
+    (home / "profiles" / "luna.toml").write_text("this is = not [toml\n")
+    with pytest.raises(UsageError) as err:
+        load_profile(settings, "luna")
+    assert err.value.code == "profile.invalid_toml", err.value
+    assert err.value.params["path"] == str(home / "profiles" / "luna.toml") and "line 1" in err.value.params["reason"]
+
+
 def test_files_that_are_no_profile_name_are_not_offered(settings: Settings, home: Path) -> None:
     """Explore repro: "Profile 'zz' not found … use one of: luna, my prof" offered a name the next command
     refused ("Invalid profile name 'my prof'")."""

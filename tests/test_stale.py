@@ -75,6 +75,8 @@ def test_lora_refuses_an_export_that_holds_deleted_examples_and_prepare_fails_on
         "The export holds 1 sample deleted since it was written; run `lunatrain export` first, "
         "so that deleted content is not trained on."
     )
+    # German-page explore repro: said in English on the dashboard; prepare's check, for its own words
+    assert refused.value.params == {"check": "check.export_stale.deleted", "count": 1, "deleted": 1, "rejected": 0}
     assert [e["version"] for e in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]  # nothing new
     report = prepare.prepare(settings, parse_params(TRAINED_PARAMS))
     [check] = [c for c in report.checks if c.id == "export_stale"]

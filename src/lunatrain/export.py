@@ -885,9 +885,17 @@ def refuse_withdrawn(settings: Settings, tier: Tier, data: TierData | None = Non
         held = f"{n} sample{'s' if n != 1 else ''} {'deleted' if deleted else 'rejected'}"
         if deleted and rejected:
             held += f" and {len(rejected)} rejected"
+        kind = "withdrawn" if deleted and rejected else "deleted" if deleted else "rejected"
         raise CheckFailed(
             f"The export holds {held} since it was written; run `lunatrain export` first, "
-            f"so that {what} content is not trained on."
+            f"so that {what} content is not trained on.",
+            # prepare's check, for a reader in another language (the dashboard says it as its preflight does)
+            params={
+                "check": f"check.export_stale.{kind}",
+                "count": len(deleted) + len(rejected),
+                "deleted": len(deleted),
+                "rejected": len(rejected),
+            },
         )
 
 

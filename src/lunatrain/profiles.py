@@ -122,7 +122,11 @@ def load_profile(settings: Settings, name: str, *, bundled_only: bool = False) -
         # utf-8-sig: an editor's byte-order mark ("UTF-8 with BOM") is no TOML, and no mistake of the user's
         data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"Profile {path} is not valid TOML: {exc}.") from exc
+        raise UsageError(
+            f"Profile {path} is not valid TOML: {exc}.",
+            code="profile.invalid_toml",
+            params={"path": str(path), "reason": str(exc)},
+        ) from exc
     unknown = sorted(set(data) - _TOP_LEVEL)
     if unknown:
         keys = ", ".join(repr(k) for k in unknown)

@@ -468,6 +468,8 @@ class Engine:
                 f"{target.model} could not be loaded onto the base model: its files under data/adapters are "
                 f"damaged ({problem}): train it again or use another version.",
                 details={"param": "model", "code": "storage_error"},
+                # the case itself, for the dashboard: its version's files, not the data root's storage, failed
+                params={"detail": "adapter.damaged", "model": target.model, "why": problem},
             )
         try:
             with building_model(), peft_quiet():
@@ -502,6 +504,7 @@ class Engine:
                 f"{target.model} could not be loaded onto the base model: {exc}; its files under data/adapters "
                 "may be damaged: train it again or use another version.",
                 details={"param": "model", "code": "storage_error"},
+                params={"detail": "adapter.damaged", "model": target.model, "why": str(exc)},
             ) from exc
         self.model.eval()
         self._on = _UNKNOWN

@@ -982,7 +982,7 @@ def _stopped(run: Run, reason: bool | str) -> Stop:
 def _diverged(what: str, value: float, step: int) -> Stop:
     """A step whose loss or gradient norm is no longer finite: the run has diverged, whichever saw it first."""
     said = f"{what} became {value} at step {step}; lower the learning rate or check the data."
-    return Stop(Status.FAILED, "nan_loss", said)
+    return Stop(Status.FAILED, "nan_loss", said, {"step": step, "value": str(value)})
 
 
 def batch_of(run: Run, samples: list[Encoded]) -> Batch:

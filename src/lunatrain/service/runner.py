@@ -386,6 +386,10 @@ class Runner:
             job = self.store.set_status(job_id, "failed", error=self._resumable(job_id, error))
         elif status == "failed" and (result or {}).get("error"):
             err = result["error"]  # type: ignore[index]
+            params = err["params"] if isinstance(err.get("params"), dict) else None
+            if err.get("code") == "interrupted" and resumable(self.settings, self.store, self.store.get(job_id)):
+                # its sentence says how to resume; the dashboard says it in its language from this
+                params = (params or {}) | {"resumeJob": job_id}
             job = self.store.set_status(
                 job_id,
                 "failed",
@@ -393,7 +397,7 @@ class Runner:
                 error={
                     "code": str(err.get("code") or "training_error"),
                     "message": str(err.get("message") or ""),
-                    **({"params": err["params"]} if isinstance(err.get("params"), dict) else {}),
+                    **({"params": params} if params is not None else {}),
                 },
             )
         elif status == "cancelled":

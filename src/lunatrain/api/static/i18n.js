@@ -309,8 +309,11 @@ const de = {
   "msg.adapter.does_not_fit": "Die LoRA-Gewichte des Adapters haben andere Formen als die Schichten des Basismodells: Auch mit „force“ kann er dort nicht aktiv sein; für ihn das Basismodell einstellen, auf dem er trainiert wurde",
   "msg.adapter.another_build": "{name} {version} wurde auf einem anderen Stand von {baseModel} trainiert (die Gewichte unter diesem Namen sind jetzt andere): hier neu trainieren, oder nur wenn es dasselbe Modell ist, die Aktivierung erzwingen (lunatrain adapters activate --force).",
   "msg.adapter.foreign_base": "{name} {version} wurde auf {baseModel} trainiert, konfiguriert ist {configured}: um ihn zu nutzen, sein Basismodell konfigurieren (ASSISTANT_BASE_MODEL={baseModel}); für dieses Basismodell hier neu trainieren; nur wenn es dasselbe, seither geänderte Modell ist, die Aktivierung erzwingen (lunatrain adapters activate --force).",
+  "msg.profile.invalid_toml": "Das Profil {path} ist kein gültiges TOML ({reason}); die Datei korrigieren.",
+  "msg.adapter.damaged": "{model} lässt sich nicht auf das Basismodell laden: seine Dateien unter data/adapters sind beschädigt ({why}); neu trainieren oder eine andere Version nehmen.",
   "msg.merge.base_of_others": "{target} ist das Basismodell von {adapters}: erneut mergen gäbe ihm andere Gewichte, und diese Versionen ließen sich nicht mehr bereitstellen, aktivieren oder mergen; mit --force trotzdem ersetzen, oder sie danach neu trainieren.",
   "msg.nan_loss": "Der Loss wurde ungültig (NaN/unendlich)",
+  "msg.nan_loss.step": " bei Schritt {step}: die Lernrate senken oder die Daten prüfen",
   "msg.cancelled": "Abgebrochen",
   "msg.save_failed": "Der Adapter konnte nicht gespeichert werden",
   "msg.out_of_memory": "Zu wenig Speicher auf dem Gerät",
@@ -318,6 +321,7 @@ const de = {
   "msg.rank_peer_lost": "Ein anderer der {ranks} Trainingsprozesse ist gescheitert, darum hat dieser auch aufgehört; den Fehler des gescheiterten Prozesses nennt das Log des Jobs",
   "msg.trainer_error": "Interner Fehler im Trainer",
   "msg.interrupted": "Der Trainingsprozess wurde vorzeitig beendet",
+  "msg.interrupted.step": " bei Schritt {step} von {totalSteps}",
   "msg.child_start_failed": "Der Trainingsprozess konnte nicht starten",
   "msg.child_crashed": "Der Trainingsprozess ist abgestürzt",
   "msg.trainer.on_demand_off": "Der Trainer läuft nicht, und der Start bei Bedarf ist aus (ASSISTANT_LORA_ENSURE_ON_DEMAND=false); oben „Trainer starten“ wählen oder `lunatrain trainer` ausführen.",
@@ -864,8 +868,11 @@ const en = {
   "msg.adapter.does_not_fit": "The adapter's LoRA weights have other shapes than the base model's layers: not even “force” can make it active there; configure the base model it was trained on",
   "msg.adapter.another_build": "{name} {version} was trained on another build of {baseModel} (the weights under that name differ now): retrain it here, or, only if it is the same model, force the activation (lunatrain adapters activate --force).",
   "msg.adapter.foreign_base": "{name} {version} was trained on {baseModel}, the configured base model is {configured}: to serve it, configure its base (ASSISTANT_BASE_MODEL={baseModel}); to use this base, retrain it here; only if it is the same model changed since, force the activation (lunatrain adapters activate --force).",
+  "msg.profile.invalid_toml": "The profile {path} is not valid TOML ({reason}); fix the file.",
+  "msg.adapter.damaged": "{model} cannot be loaded onto the base model: its files under data/adapters are damaged ({why}); train it again or use another version.",
   "msg.merge.base_of_others": "{target} is the base model of {adapters}: merging again gives it other weights, and those versions could no longer be served, activated or merged; merge with --force to replace it anyway, or retrain them afterwards.",
   "msg.nan_loss": "The loss became invalid (NaN/infinite)",
+  "msg.nan_loss.step": " at step {step}: lower the learning rate or check the data",
   "msg.cancelled": "Cancelled",
   "msg.save_failed": "The adapter could not be saved",
   "msg.out_of_memory": "The device ran out of memory",
@@ -873,6 +880,7 @@ const en = {
   "msg.rank_peer_lost": "Another of the {ranks} training processes failed, so this one stopped too; the failed process's error is in the job's log",
   "msg.trainer_error": "Internal trainer error",
   "msg.interrupted": "The training process stopped early",
+  "msg.interrupted.step": " at step {step} of {totalSteps}",
   "msg.child_start_failed": "The training process could not start",
   "msg.child_crashed": "The training process crashed",
   "msg.trainer.on_demand_off": "The trainer is not running and starting it on demand is off (ASSISTANT_LORA_ENSURE_ON_DEMAND=false); choose “Start trainer” above or run `lunatrain trainer`.",
@@ -1154,6 +1162,9 @@ export function tMsg(code, params = {}, fallback = "") {
     // A count or a length is said exactly ("12.345", not rounded to four significant digits as a loss is).
     const number = (n) => (Number.isInteger(n) ? formatNumber(n) : formatFloat(n));
     vars[name] = typeof value === "number" ? number(value) : Array.isArray(value) ? value.join(", ") : value;
+    // A run's loss with the four decimals the job's facts give it ("7,9415", not "7,942"; a gate's reasons say
+    // their values as many decimals as tell them apart, below).
+    if ((name === "valLoss" || name === "trainLoss") && typeof value === "number") vars[name] = formatLoss(value);
     // A job's state ("cancelled") is a code: said in the page's words, as the job panel says it; so are a
     // dataset tier and a device, as the form's choices say them.
     if (name === "status" && `state.${value}` in TEXTS[lang]) vars[name] = t(`state.${value}`);
@@ -1190,10 +1201,11 @@ export function tMsg(code, params = {}, fallback = "") {
 }
 
 // Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.
-const OPTIONAL_PARTS = ["folder", "acrossSplits"];
+const OPTIONAL_PARTS = ["folder", "acrossSplits", "step"];
 
-// Sub-codes of `service_unavailable` from a trainer that answered: its label ("not reachable") is not theirs.
-const SELF_SAID = new Set(["trainer.no_device"]);
+// Sub-codes whose sentence says all by itself: a trainer that answered (`service_unavailable`, "not reachable"),
+// an adapter whose own files are damaged (`storage_error`, "the data root's storage failed").
+const SELF_SAID = new Set(["trainer.no_device", "adapter.damaged"]);
 
 /** An error in the page language: the code's own sentence when it carries parameters, else the code's
  * short text followed by the server's sentence (which names the specific thing). */

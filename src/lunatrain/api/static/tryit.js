@@ -252,6 +252,8 @@ export class TryPanel {
       if (col.text.textContent && !col.text.textContent.trim()) col.meta.textContent += ` · ${t("try.blank")}`;
       col.box.dataset.state = "done";
     } catch (error) {
+      // the model asked for, not the last one that answered: the error is this one's
+      if (key === "adapter") col.label.textContent = t("try.adapter", { model });
       col.meta.textContent = `${t("err.prefix")}: ${errorText(error)}`;
       col.box.dataset.state = "error";
     } finally {
