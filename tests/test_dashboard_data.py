@@ -640,6 +640,31 @@ def test_bidi_controls_in_a_sample_are_shown_as_escapes_and_right_to_left_cases_
         expect(page.locator(box)).to_have_attribute("dir", "auto")
 
 
+@pytest.mark.parametrize(
+    ("query", "step", "repeat"),
+    [
+        ("", "~1 Optimierungsschritt,", "(1 davon in einem anderen Teil als das Beispiel, das es doppelt"),
+        ("?lang=en", "~1 optimizer step,", "(1 of them in another split than the sample it repeats"),
+    ],
+    ids=["de", "en"],
+)
+def test_one_step_and_one_repeat_across_splits_are_said_in_the_singular(
+    page, services: Services, query: str, step: str, repeat: str
+) -> None:
+    """German-page explore repros: "~1 Optimierungsschritte" for a run of one step, and "(1 davon in einem anderen
+    Teil als das Beispiel, das sie doppeln …)" for one near-duplicate across splits."""
+    estimate = {"id": "estimate", "severity": "info", "count": 1, "message": "~1 optimizer step, …"}
+    estimate |= {"code": "check.estimate.computed", "params": {"steps": 1, "seconds": 0.4, "device": "cpu"}}
+    twin = {"id": "duplicate_normalized", "severity": "warn", "count": 1, "examples": ["ex-2"], "message": "…"}
+    twin |= {"code": "check.duplicate_normalized.found", "params": {"count": 1, "acrossSplits": 1}}
+    answer(page, "**/assistant/training/prepare", {"status": "warn", "checks": [twin, estimate]})
+    open_page(page, services, query)
+    page.locator("#prepare-button").click()
+    rows = page.locator("#checks-table tbody tr")
+    expect(rows.nth(0)).to_contain_text(repeat)
+    expect(rows.nth(1)).to_contain_text(step)
+
+
 def test_a_check_counting_one_record_is_said_in_the_singular(page, services: Services) -> None:
     """Repro: the preflight table said "1 Beispiele mit leerer Antwort" and "1 samples with an empty response"."""
 

@@ -451,6 +451,7 @@ const de = {
   "msg.check.duplicate_normalized.ok": "Keine normalisierten Duplikate",
   "msg.check.duplicate_normalized.found": "{count} Beispiele doppeln ein anderes bis auf Groß-/Kleinschreibung, Leerraum und Satzzeichen",
   "msg.check.duplicate_normalized.found.acrossSplits": " ({acrossSplits} davon in einem anderen Teil als das Beispiel, das sie doppeln: Val/Test misst teils Auswendiglernen)",
+  "msg.check.duplicate_normalized.found.acrossSplits.one": " ({acrossSplits} davon in einem anderen Teil als das Beispiel, das es doppelt: Val/Test misst teils Auswendiglernen)",
   "msg.check.duplicate_normalized.found.one": "{count} Beispiel doppelt ein anderes bis auf Groß-/Kleinschreibung, Leerraum und Satzzeichen",
   "msg.check.conflicting_answers.ok": "Keine Frage mit verschiedenen Antworten",
   "msg.check.conflicting_answers.found": "{count} Beispiele beantworten dieselbe Frage unterschiedlich",
@@ -508,7 +509,9 @@ const de = {
   "msg.check.val_too_small.few.one": "Nur {count} Validierungsbeispiel (< {minimum}): der Val-Loss ist vor allem Rauschen",
   "msg.check.token_stats.info": "Tokens je Trainingsbeispiel min/Median/p95/max = {minLength}/{medianLength}/{p95Length}/{maxLength} (ganze Gespräche); {supervisedTokens} von {tokens} Tokens trainiert (innerhalb von maxSeqLength)",
   "msg.check.estimate.measured": "~{steps} Optimierungsschritte, ~{seconds} auf {device} (gemessen am letzten Job)",
+  "msg.check.estimate.measured.one": "~{steps} Optimierungsschritt, ~{seconds} auf {device} (gemessen am letzten Job)",
   "msg.check.estimate.computed": "~{steps} Optimierungsschritte, ~{seconds} auf {device} (geschätzt aus Modellgröße)",
+  "msg.check.estimate.computed.one": "~{steps} Optimierungsschritt, ~{seconds} auf {device} (geschätzt aus Modellgröße)",
   "msg.status.jobs_db_no_access": "Die Job-Datenbank des Trainers {path} kann von diesem Prozess nicht gelesen werden ({reason}), der letzte Job des Trainers ist daher unbekannt; diesem Benutzer Lesezugriff auf sie und die -wal/-shm-Dateien daneben geben (`chmod`) oder status als Benutzer des Trainers ausführen",
   "msg.status.jobs_db_damaged": "Die Job-Datenbank des Trainers {path} kann nicht gelesen werden ({reason}), der letzte Job des Trainers ist daher unbekannt; sie beiseitelegen (der Trainer beginnt eine leere) oder eine Sicherung zurückspielen",
   "msg.status.jobs_db_busy": "Die Job-Datenbank des Trainers {path} ist von einem anderen Prozess gesperrt ({reason}), der letzte Job des Trainers ist daher unbekannt; gleich noch einmal fragen",
@@ -1009,6 +1012,7 @@ const en = {
   "msg.check.duplicate_normalized.ok": "No normalized duplicates",
   "msg.check.duplicate_normalized.found": "{count} samples duplicate another after folding case, whitespace and punctuation",
   "msg.check.duplicate_normalized.found.acrossSplits": " ({acrossSplits} of them in another split than the sample they repeat: val/test partly measure memorisation)",
+  "msg.check.duplicate_normalized.found.acrossSplits.one": " ({acrossSplits} of them in another split than the sample it repeats: val/test partly measure memorisation)",
   "msg.check.duplicate_normalized.found.one": "{count} sample duplicates another after folding case, whitespace and punctuation",
   "msg.check.conflicting_answers.ok": "No question with different answers",
   "msg.check.conflicting_answers.found": "{count} samples answer the same question differently",
@@ -1066,7 +1070,9 @@ const en = {
   "msg.check.val_too_small.few.one": "Only {count} val sample (< {minimum}): the val loss will be mostly noise",
   "msg.check.token_stats.info": "Train tokens per sample min/median/p95/max = {minLength}/{medianLength}/{p95Length}/{maxLength} (whole conversations); {supervisedTokens} of {tokens} tokens trained (within maxSeqLength)",
   "msg.check.estimate.measured": "~{steps} optimizer steps, ~{seconds} on {device} (measured by the last job)",
+  "msg.check.estimate.measured.one": "~{steps} optimizer step, ~{seconds} on {device} (measured by the last job)",
   "msg.check.estimate.computed": "~{steps} optimizer steps, ~{seconds} on {device} (estimated from model size)",
+  "msg.check.estimate.computed.one": "~{steps} optimizer step, ~{seconds} on {device} (estimated from model size)",
   "msg.status.jobs_db_no_access": "The trainer's job database {path} cannot be read by this process ({reason}), so the trainer's last job is unknown; give this user read access to it and the -wal/-shm files beside it (`chmod`), or run status as the trainer's user",
   "msg.status.jobs_db_damaged": "The trainer's job database {path} cannot be read ({reason}), so the trainer's last job is unknown; move it aside (the trainer starts an empty one) or restore a backup",
   "msg.status.jobs_db_busy": "The trainer's job database {path} is locked by another process ({reason}), so the trainer's last job is unknown; ask again in a moment",
@@ -1197,7 +1203,8 @@ export function tMsg(code, params = {}, fallback = "") {
   // What the sentence says only with its parameter (a gone folder beside an uncached hub id, the duplicates in
   // another split): its own text, with its leading punctuation, after it.
   const extras = OPTIONAL_PARTS.filter((name) => params?.[name] !== undefined && `${key}.${name}` in TEXTS[lang]);
-  return [t(key, vars), ...extras.map((name) => t(`${key}.${name}`, vars))].join("");
+  // Each part in the number it counts ("1 of them … the sample it repeats"), not the sentence's own count.
+  return [t(key, vars), ...extras.map((name) => t(`${key}.${name}`, { ...vars, count: params[name] }))].join("");
 }
 
 // Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.
