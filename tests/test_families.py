@@ -277,8 +277,12 @@ def test_a_template_refusing_an_example_is_one_sentence_naming_it(vocab_dir):
     records = make_records(4, multi_turn_every=0)
     records[2]["messages"] = [records[2]["messages"][1], records[2]["messages"][1], records[2]["messages"][2]]
     settings = load_settings(home=vocab_dir.parent / "home-refuses")
-    with pytest.raises(UsageError, match=r"^The chat template refuses example 3: Conversation roles must alternate"):
+    with pytest.raises(
+        UsageError, match=r"^The chat template refuses example 3: Conversation roles must alternate"
+    ) as err:
         tokenize_tier(settings, "curated", tok, 256, data=tier_data(records))
+    # German-page explore repro: a job that failed on it said so in English on the German page
+    assert err.value.code == "template.refuses_example" and err.value.params["example"] == "3", err.value
 
 
 def test_an_added_token_the_template_writes_is_guarded_although_it_is_not_flagged_special(vocab_dir):

@@ -83,6 +83,7 @@ CODES: dict[str, str] = {
     "model (name, version, baseModel, configured)",
     "adapter.foreign_base": "activation refused: trained on another base model than the configured one "
     "(name, version, baseModel, configured)",
+    "template.refuses_example": "the chat template raised on an example (example, reason)",
     "profile.invalid_toml": "a profile file is no valid TOML (path, reason)",
     "adapter.damaged": "chat: an adapter version's files cannot be loaded onto the base model (model, why)",
     "merge.base_of_others": "merging again would give a merged model other versions are trained on other "

@@ -417,7 +417,9 @@ class TemplateRefused(UsageError):
     def __init__(self, record_id: str, reason: str) -> None:
         super().__init__(
             f"The chat template refuses example {record_id}: {reason}; fix the example or choose another "
-            "template (--chatTemplate)."
+            "template (--chatTemplate).",
+            code="template.refuses_example",  # for a reader in another language (the dashboard's job panel)
+            params={"example": record_id, "reason": reason},
         )
         self.record_id, self.reason = record_id, reason
 
