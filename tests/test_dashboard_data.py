@@ -1315,6 +1315,20 @@ def test_a_page_following_a_job_shows_what_changed_elsewhere_and_asks_an_offline
     assert asked and set(asked) == {"/assistant/training/lora/provider-health"}, asked
 
 
+def test_a_page_opened_beside_a_stopped_trainer_asks_it_nothing_after_its_first_refusal(
+    page, services: Services
+) -> None:
+    """Upgrade explore repro: a page opened while the trainer was stopped asked for the job lists again 15 s
+    later (its first refusals came before the header knew the trainer was offline), then stopped."""
+    page.clock.install()
+    open_page(page, services)  # this module's trainer is not running: the job reads are refused (503)
+    expect(page.locator("#provider-label")).to_have_attribute("data-state", "offline")
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(urlsplit(r.url).path) if "/lora/" in r.url else None)
+    page.clock.run_for(46_000)
+    assert asked and set(asked) == {"/assistant/training/lora/provider-health"}, asked
+
+
 def test_the_adapter_panel_says_it_could_read_its_list_again_when_the_same_list_comes_back(
     page, services: Services
 ) -> None:
@@ -1668,6 +1682,8 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "installed here)",
                 "die aktive luna-adapter@v1 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen Voraussetzungen "
                 "(Golden-Suite (geändert oder von dieser Version anders gelesen), Val/Test-Daten)",
+                "die aktive luna-adapter@v2 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen Voraussetzungen "
+                "(Val/Test-Daten, Datensatz-Stufe)",
                 "an older note",
             ],
         ),
@@ -1680,6 +1696,7 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "installed here)",
                 "the active luna-adapter@v1 was measured again: its gate record was made on another golden suite "
                 "(changed, or read otherwise by this release), val/test data",
+                "the active luna-adapter@v2 was measured again: its gate record was made on another val/test data, tier",
                 "an older note",
             ],
         ),
@@ -1712,6 +1729,8 @@ def test_the_gates_notes_are_shown_with_its_reasons_in_the_pages_language(
             changed="golden suite (changed, or read otherwise by this release), val/test data",
             changedKeys=["suite", "data"],
         ),
+        # upgrade repro: a note the previous release recorded has no keys: read back from its English words
+        Note("gate.baseline_measured_again", "…", ref="luna-adapter@v2", changed="val/test data, tier"),
         Note("gate.stays_inactive", "stays registered but inactive: …", reasons="…"),
     ]
     gate = {
@@ -2317,9 +2336,9 @@ def test_an_export_that_leaves_a_tier_nothing_to_train_on_says_so(page, services
     ("query", "said"),
     [
         ("", "3 Beispiele doppeln ein anderes bis auf Groß-/Kleinschreibung, Leerraum und Satzzeichen (1 davon in "
-         "einem anderen Teil als das Beispiel, das sie doppeln: Val/Test misst teils Auswendiglernen)"),
+         "einem anderen Teil als das Beispiel, das es doppelt: Val/Test misst teils Auswendiglernen)"),
         ("?lang=en", "3 samples duplicate another after folding case, whitespace and punctuation (1 of them in another "
-         "split than the sample they repeat: val/test partly measure memorisation)"),
+         "split than the sample it repeats: val/test partly measure memorisation)"),
     ],
 )  # fmt: skip
 def test_near_duplicates_in_another_split_are_said_as_the_command_line_says_them(page, services: Services, query, said):

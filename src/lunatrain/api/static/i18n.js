@@ -1182,9 +1182,11 @@ export function tMsg(code, params = {}, fallback = "") {
     // A split as the page names it elsewhere ("Val-Loss", as the job panel says; not "val-Loss").
     if (name === "split" && `split.${value}` in TEXTS[lang]) vars[name] = t(`split.${value}`);
   }
-  // The parts of a gate record that differ, each in the page's words (the English list is `changed`).
-  if (Array.isArray(params?.changedKeys) && params.changedKeys.every((k) => `gate.context.${k}` in TEXTS[lang])) {
-    vars.changed = params.changedKeys.map((k) => t(`gate.context.${k}`)).join(", ");
+  // The parts of a gate record that differ, each in the page's words (the English list is `changed`; a note
+  // recorded before the parts had keys is read back from its English words).
+  const changedKeys = Array.isArray(params?.changedKeys) ? params.changedKeys : contextKeys(params?.changed);
+  if (changedKeys.length && changedKeys.every((k) => `gate.context.${k}` in TEXTS[lang])) {
+    vars.changed = changedKeys.map((k) => t(`gate.context.${k}`)).join(", ");
   }
   // The eval gate's reasons, each in the page's words when they come with codes (the sentence is English).
   if (Array.isArray(params?.reasonCodes) && params.reasonCodes.length) {
@@ -1207,6 +1209,14 @@ export function tMsg(code, params = {}, fallback = "") {
   const extras = OPTIONAL_PARTS.filter((name) => params?.[name] !== undefined && `${key}.${name}` in TEXTS[lang]);
   // Each part in the number it counts ("1 of them … the sample it repeats"), not the sentence's own count.
   return [t(key, vars), ...extras.map((name) => t(`${key}.${name}`, { ...vars, count: params[name] }))].join("");
+}
+
+/** The keys of the gate-record parts an English list names, in its order ([] for anything else). */
+function contextKeys(changed) {
+  if (typeof changed !== "string") return [];
+  const found = Object.keys(TEXTS.en).filter((key) => key.startsWith("gate.context.") && changed.includes(TEXTS.en[key]))
+    .map((key) => [changed.indexOf(TEXTS.en[key]), key.slice("gate.context.".length)]);
+  return found.sort((a, b) => a[0] - b[0]).map(([, key]) => key);
 }
 
 // Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.

@@ -90,9 +90,10 @@ export class JobView {
     return this.refused[kind];
   }
 
-  /** Note how a request of `kind` went: a 503 while the header says offline makes those requests wait. */
+  /** Note how a request of `kind` went: after a 503 those requests wait while the header says offline (also
+   * one refused before the header's first answer, as a page opened beside a stopped trainer meets it). */
   answered(kind, error = null) {
-    this.refused[kind] = error?.status === 503 && this.offline();
+    this.refused[kind] = error?.status === 503;
   }
 
   /** Follow `job` (a Job record): show it now, then poll until it ends. */
