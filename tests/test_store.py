@@ -238,7 +238,9 @@ def test_content_stored_before_the_first_line_kept_its_indent_is_found_on_reimpo
         ({"prompt": "", "response": "a"}, "field 'prompt': is empty"),
         ({"prompt": "q", "response": 3}, "field 'response': expected a string, got number"),
         ({"prompt": "q", "response": "a", "rating": 9}, "field 'rating': must be between 1 and 5"),
-        ({"prompt": "q", "response": "a", "turns": [{"role": "tool", "content": "x"}]}, "turns\\[0\\].role"),
+        # a tool turn is named as one, as in `messages` (it was "turns[0].role: must be 'user' or 'assistant'")
+        ({"prompt": "q", "response": "a", "turns": [{"role": "tool", "content": "x"}]}, "turns\\[0\\]': a tool result"),
+        ({"prompt": "q", "response": "a", "turns": [{"role": "bot", "content": "x"}]}, "turns\\[0\\].role"),
         ({"prompt": "q", "response": "a", "source": "web"}, "Invalid source 'web'"),
         ({"prompt": "q", "response": "a", "status": "done"}, "Invalid status 'done'"),
     ],
