@@ -822,10 +822,15 @@ def test_regex_patterns_and_case_ids_are_read_composed_and_a_nul_is_a_suite_prob
 
     bar = unicodedata.normalize("NFD", "Bär")
     vowels = {"type": "regex", "value": "^[aeiou\u0301]+$"}  # review repro: composed, it meant [aeioú]
-    lines = [{"id": "b\u00e4r", "prompt": "Tier?", "checks": [{"type": "regex", "value": f"{bar}\\b"}, vowels]}]
+    accent = {"type": "regex", "value": "[aeiou]\u0301"}  # second review: a mark after a class
+    mixed = {"type": "regex", "value": "Caf\u00e9 Ba\u0308r"}  # second review: partly composed
+    checks = [{"type": "regex", "value": f"{bar}\\b"}, vowels, accent, mixed]
+    lines = [{"id": "b\u00e4r", "prompt": "Tier?", "checks": checks}]
     _write(settings.eval_dir / "a.jsonl", [json.dumps(c) for c in lines])
     [case] = load_suite(settings)
-    bear, marks = case.checks
+    bear, marks, acute, cafe = case.checks
+    assert acute.run("Caf\u00fa", True) and not acute.run("Cafu", True)
+    assert cafe.run("Im Caf\u00e9 B\u00e4r", True) and cafe.run("Im Cafe\u0301 Ba\u0308r", True)
     assert bear.run("Der Bär.", True) and bear.run(f"Der {bar}.", True) and not bear.run("Der Bar.", True)
     assert marks.value == vowels["value"] and marks.run("aeiou", True) and marks.run("au\u0301", True)
     twin = {"id": unicodedata.normalize("NFD", "bär"), "prompt": "Tier?", "checks": [{"type": "stops"}]}

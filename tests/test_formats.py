@@ -474,6 +474,13 @@ def test_a_turns_separate_reasoning_is_refused_not_dropped(tmp_path: Path) -> No
     with pytest.raises(UsageError) as info:
         read_file(_jsonl(tmp_path / "alpaca.jsonl", [alpaca]))
     assert "field 'reasoning': the record's reasoning, kept apart from its answer;" in info.value.details[0]
+    # second review: a flag is no reasoning text ("reasoning": false, "thinking": "off", an effort)
+    flags = [
+        {"instruction": "a", "reasoning": False, "output": "b"},
+        {"instruction": "c", "reasoning": "high", "output": "d"},
+        {"messages": [user, {"role": "assistant", "content": "12.", "thinking": "off"}]},
+    ]
+    assert len(read_file(_jsonl(tmp_path / "flags.jsonl", flags)).drafts) == 3
 
 
 @pytest.mark.parametrize(

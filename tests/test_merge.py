@@ -747,6 +747,8 @@ def test_merging_again_refuses_to_change_a_merged_model_other_versions_are_train
     target = merge_adapter(settings, "ow@latest").path
     on_merge = models.resolve_base(str(target), settings)
     run("kid", "versioned", "k1", on_merge.record())  # trained on the merged folder, recorded by its path
+    # second review: one trained on an earlier build of the folder cannot be served anyway; it blocks nothing
+    run("old", "versioned", "o1", on_merge.record() | {"fingerprint": "0" * 64})
     merge_adapter(settings, "ow@latest")  # the same revision into the same base: the same weights, no refusal
     weights = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
     run("ow", "overwrite", "r2", trained["baseModel"])

@@ -160,6 +160,7 @@ EXPECTED = {  # check id -> (severity, count, example ids)
     "val_too_small": ("warn", 4, []),
     "export_stale": ("info", 0, []),
     "reasoning_dropped": ("info", 0, []),  # no answer here has reasoning to drop
+    "system_dropped": ("info", 0, []),  # ChatML keeps every system message
 }
 
 
@@ -808,8 +809,10 @@ def test_the_marks_of_indic_and_thai_words_are_letters_when_folding_not_punctuat
     trivial = {c.id: c for c in _content_checks([_rec("y1", "Bist du bereit?", "हाँ"), _rec("y2", "Ok?", "👍️")], None)}
     assert trivial["trivial_response"].examples == ["y2"], trivial["trivial_response"]
     assert normalize("है?") == "है" and normalize("❤️") == normalize("❤") != normalize("💙")
-    # review repro: a keycap emoji's variation selector and enclosing mark were kept as letter marks
+    # review repro: a keycap emoji's variation selector and enclosing mark were kept as letter marks; second
+    # review: a variation selector split a word ("葛\U000e0100城" folded to two)
     assert normalize("5\ufe0f\u20e3") == normalize("5") and normalize("Ja\ufe0f!") == "ja"
+    assert normalize("葛\U000e0100城") == normalize("葛城") and normalize("a\ufe0fb") == "ab"
     keycap = {c.id: c for c in _content_checks([_rec("k1", "Wie viele?", "5\ufe0f\u20e3")], None)}
     assert keycap["trivial_response"].examples == ["k1"]
 

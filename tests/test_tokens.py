@@ -217,11 +217,16 @@ MISTRAL_V3_STYLE = (
 )
 
 
-def test_a_template_that_writes_the_system_message_into_the_last_user_turn_asks_where_it_trains(tok):
+def test_a_template_that_writes_the_system_message_into_the_last_user_turn_asks_where_it_trains(tok, settings):
     """Review repro: on Mistral v0.3's template prepare warned "the generation prompt ends in 'S\\n\\nU[/INST]'"
     (the probe's own text): the probe with a system message renders it into the prompt's last user turn but
     not into a conversation that ends with an answer. The generation prompt itself opens nothing new."""
-    from lunatrain.tokens import generation_prompt_gap
+    from lunatrain.tokens import generation_prompt_gap, system_dropped
 
     tok.chat_template = MISTRAL_V3_STYLE
     assert generation_prompt_gap(tok) is None
+    # Second review repro: what the probe had seen is said on the data itself: a conversation ending with an
+    # answer trains without its system message, which chat (ending with a user turn) asks with
+    with_system = CONVO[:3]  # system, user, the answer
+    assert system_dropped(tok, with_system) and not system_dropped(tok, CONVO[1:3])
+    assert not system_dropped(models.load_tokenizer(None, settings), with_system)  # ChatML keeps it

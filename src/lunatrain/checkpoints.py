@@ -16,6 +16,13 @@ from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError,
 from .fsio import atomic_write_bytes, atomic_write_json, read_json, storage_error
 from .messages import coded, counted
 
+# How a job stopped after a checkpoint says it can go on (train.py); the trainer's reads put another sentence in
+# its place once no checkpoint of it is left (service.recovery.as_read_now).
+RESUME_SAID = (
+    "`lunatrain jobs resume` with the job's id continues it from its last checkpoint (in the API: submit its "
+    'parameters again with `"resume": true`).'
+)
+
 if TYPE_CHECKING:
     from .settings import Settings
     from .train import Event, LoopState, Run

@@ -188,14 +188,10 @@ class EvalCheck:
         output = unicodedata.normalize("NFC", output)  # as the check's value was read
         if self.type == "regex":
             flags = re.IGNORECASE if self.ignore_case else 0
-            # A pattern written decomposed (pasted from a Mac's file name or a PDF: `Ba\u0308r`) is searched in
-            # the answer decomposed too; composing the pattern instead would change what its classes and escapes
-            # mean (`[aeiou\u0301]` would become `[aeioú]`, `\w\u0301` a literal `ẃ`).
-            texts = [output] + ([unicodedata.normalize("NFD", output)] if nfc(self.value) != self.value else [])
             if search is not None:
-                return any(search(self.value, flags, text) for text in texts)
+                return any(search(pattern, flags, text) for pattern, text in _regex_searches(self.value, output))
             with BoundedSearch() as own:
-                return any(own(self.value, flags, text) for text in texts)
+                return any(own(pattern, flags, text) for pattern, text in _regex_searches(self.value, output))
         fold = (lambda s: s.casefold()) if self.ignore_case else (lambda s: s)
         text = fold(output)
         if self.type == "equals":
@@ -505,6 +501,20 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
         # from a PDF or a Mac's file name in decomposed form looks the same and never matched)
         value = [nfc(v) for v in value] if isinstance(value, list) else nfc(value)
     return EvalCheck(kind, None if kind == "stops" else value, bool(ignore), description)
+
+
+def _regex_searches(pattern: str, answer: str) -> list[tuple[str, str]]:
+    """(pattern, text) pairs a regex check tries on a composed `answer`, passing when one matches. A pattern
+    holding combining marks (pasted from a Mac's file name or a PDF: `Ba\u0308r`, or written so: `[aeiou]\u0301`)
+    is also searched in the answer decomposed, and one that composes otherwise (`Café Ba\u0308r`, partly
+    composed) also composed. Composing it alone would change what its classes and escapes mean (`[aeiou\u0301]`
+    would become `[aeioú]`, `\\w\u0301` a literal `ẃ`)."""
+    searches = [(pattern, answer)]
+    if any(unicodedata.category(ch)[0] == "M" for ch in pattern):
+        searches.append((pattern, unicodedata.normalize("NFD", answer)))
+    if nfc(pattern) != pattern:
+        searches.append((nfc(pattern), answer))
+    return searches
 
 
 def nfc(text: str) -> str:

@@ -564,13 +564,16 @@ def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
 # Where reasoning models' APIs and exports keep a turn's reasoning apart from its text (DeepSeek's and Qwen's
 # `reasoning_content`, others' `reasoning`/`thinking`).
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_REASONING_FLAGS = {"", "[]", "null", "none", "on", "off", "true", "false", "yes", "no", "low", "medium", "high"}
 
 
 def _refuse_reasoning(msg: Mapping[str, Any], where: str | None) -> None:
     """A turn's (or, `where` None, a record's) separate reasoning is refused, not dropped: imported without it,
     the answer would train as if the model had answered without thinking, and nothing would say so."""
     for key in _REASONING_KEYS:
-        if _given(msg.get(key)):
+        value = msg.get(key)
+        # reasoning is text; a flag (`"reasoning": false`, `"thinking": "off"`, an effort such as "high") is none
+        if isinstance(value, str) and value.strip().lower() not in _REASONING_FLAGS:
             whose = (
                 "turn's reasoning, kept apart from its text"
                 if where

@@ -26,6 +26,7 @@ The constants are checked against measured peaks by `bench/memory.py` (bench/res
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -458,7 +459,7 @@ def model_shape(info: Any, settings: Settings | None = None) -> Shape:
         raise UsageError(f"The config.json of base model {info.id!r} cannot be read: {exc}") from exc
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
-    shape = Shape.from_config(_with_text_defaults(info, cfg), info.id)
+    shape = Shape.from_config(_with_text_defaults(info, cfg, hashlib.sha256(raw).hexdigest()), info.id)
     built = _built(info) if settings is None else _built_cached(info, raw, settings)
     return shape if built is None else replace(shape, varlen=built[0], counted=built[1])
 
@@ -466,25 +467,32 @@ def model_shape(info: Any, settings: Settings | None = None) -> Shape:
 _TEXT_KEYS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size")
 
 
-def _with_text_defaults(info: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+def _with_text_defaults(info: Any, cfg: dict[str, Any], digest: str) -> dict[str, Any]:
     """`cfg` with its `text_config` whole: transformers writes a multimodal model's language config without
     the values that equal its defaults (Gemma 3's 4b/12b/27b leave out the heads and the vocabulary), so
     they are read from transformers' own config class; `cfg` as it is where nothing is missing or
-    transformers cannot read it (the plan then names what it lacks)."""
+    transformers cannot read it (the plan then names what it lacks). `digest`: of the config's bytes."""
     text = cfg.get("text_config")
     if not isinstance(text, dict) or all(k in text for k in _TEXT_KEYS):
         return cfg
+    whole = _text_defaults(str(info.path), digest)
+    return cfg if whole is None else cfg | {"text_config": whole | text}
+
+
+@functools.lru_cache(maxsize=32)
+def _text_defaults(path: str, digest: str) -> dict[str, Any] | None:
+    """The whole text config transformers reads from the folder (importing it costs seconds: once per process
+    and config, `digest` being its bytes'); None where transformers cannot read it."""
     try:
         from .compat import import_transformers
 
         import_transformers()
         from transformers import AutoConfig
 
-        loaded = AutoConfig.from_pretrained(str(info.path), local_files_only=True, trust_remote_code=False)
-        whole = loaded.get_text_config().to_dict()
+        loaded = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return loaded.get_text_config().to_dict()
     except Exception:  # an architecture this transformers does not know, a config it refuses
-        return cfg
-    return cfg | {"text_config": whole | text}
+        return None
 
 
 def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, tuple[int, int]] | None:

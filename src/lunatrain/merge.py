@@ -184,15 +184,20 @@ def _check_dependents(settings: Settings, target: Path, ref: str, revision: Any,
     base_then = merged_into.get("fingerprint") if isinstance(merged_into, dict) else None
     if earlier.get("adapter") == ref and earlier.get("revision") == revision and base_then == base:
         return
-    from .models import local_dir
+    from .models import local_dir, resolve_base
 
     here = target.resolve()
+    try:  # a version trained on an earlier build of the folder can no longer be served: no merge takes it away
+        now = resolve_base(str(target), settings).fingerprint
+    except LunaError:
+        now = None
     dependents = [
         f"{name}@{entry['version']}"
         for name, adapter in registry.load(settings)["adapters"].items()
         for entry in adapter.get("versions", [])
         if not entry.get("replaced")
         and local_dir(str((entry.get("baseModel") or {}).get("id") or ""), settings.home) == here
+        and (now is None or (entry.get("baseModel") or {}).get("fingerprint") == now)
     ]
     if dependents:
         more = f" and {len(dependents) - 5} more" if len(dependents) > 5 else ""

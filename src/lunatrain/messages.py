@@ -259,6 +259,8 @@ CODES: dict[str, str] = {
     "check.eot_not_trained.found": "samples whose end-of-turn token is outside the loss mask (count)",
     "check.terminator.several_tokens": "the turn terminator is several tokens; no generation stops on it "
     "(terminator, tokens)",
+    "check.system_dropped.ok": "the chat template keeps each sample's system message",
+    "check.system_dropped.found": "samples whose system message the template leaves out of training (count)",
     "check.reasoning_dropped.ok": "the chat template keeps the reasoning of each sample's last answer",
     "check.reasoning_dropped.found": "samples whose last answer's <think> reasoning the template drops (count)",
     "check.generation_prompt.differs": "the generation prompt opens what training never puts before an answer (gap)",

@@ -665,7 +665,10 @@ def _content_checks(records: list[dict], tokenizer: Any) -> list[Check]:
 _PUNCT = re.compile(r"[\W_]+")
 # Characters that show as nothing (zero-width space and joiners, soft hyphen, word joiner, BOM, bidi marks): as
 # punctuation they would split a word in two, so that a copy that looks the same folds otherwise.
-_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
+# Variation selectors too: they choose a glyph's form (emoji or text style, an ideograph's variant), not a letter.
+_INVISIBLE = re.compile(
+    "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufe00-\ufe0f\ufeff\U000e0100-\U000e01ef]"
+)
 
 
 @dataclass(frozen=True)
@@ -675,12 +678,15 @@ class _Folding:
     space: re.Pattern[str]  # a run of what folding turns into a space
     letter: re.Pattern[str]  # one letter, digit or letter mark
     marks_bmp: re.Pattern[str]  # one letter mark of the Basic Multilingual Plane
-    marks: re.Pattern[str]  # one letter mark anywhere
 
     def has_marks(self, text: str) -> bool:
         """Whether `text` holds a letter mark. Asked first: a class of every mark's ranges is slow to match, but
-        one of the BMP's alone, and one of all astral code points, are fast."""
-        return bool(self.marks_bmp.search(text) or (_ASTRAL.search(text) and self.marks.search(text)))
+        one of the BMP's alone is fast."""
+        if self.marks_bmp.search(text):
+            return True
+        # astral letter marks (a few historic scripts) asked one character at a time: a class of their ranges is
+        # slow to match, and text with emoji has astral characters but few of them
+        return any(unicodedata.category(c) in ("Mn", "Mc") for c in _ASTRAL.findall(text))
 
 
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
@@ -708,7 +714,6 @@ def _folding() -> _Folding:
         space=re.compile(f"(?:[^\\w{every}]|_)+"),
         letter=re.compile(f"[^\\W_]|[{every}]"),
         marks_bmp=re.compile(f"[{ranges([c for c in marks if c < 0x10000])}]"),
-        marks=re.compile(f"[{every}]"),
     )
 
 
@@ -844,13 +849,24 @@ def _labeled_runs(labels: list[int], ignore: int) -> Iterable[tuple[int, int]]:
 
 
 def _reasoning_checks(records: list[dict], tokenizer: Any) -> list[Check]:
-    """What a thinking template makes of the data's reasoning, said before a run trains on it: answers whose
-    `<think>` block the template drops (the last answer's too), and a generation prompt that opens what no
-    trained answer is preceded by (chat and the gate would ask the model from there)."""
-    from .tokens import generation_prompt_gap, reasoning_dropped
+    """What the template makes of the data, said before a run trains on it: system messages it leaves out of a
+    trained conversation (Mistral v0.3's), answers whose `<think>` block a thinking template drops (the last
+    answer's too), and a generation prompt that opens what no trained answer is preceded by (chat and the gate
+    would ask the model from there)."""
+    from .tokens import generation_prompt_gap, reasoning_dropped, system_dropped
 
     dropped = [_rid(rec) for rec in records if reasoning_dropped(tokenizer, rec["messages"])]
+    no_system = [_rid(rec) for rec in records if system_dropped(tokenizer, rec["messages"])]
     checks = [
+        _check(
+            "system_dropped",
+            "warn",
+            no_system,
+            "samples have a system message the chat template leaves out of a conversation that ends with an answer "
+            "(it writes it before a last user turn only): they train without it, while chat and the eval gate ask "
+            "with it",
+            "the chat template keeps each sample's system message",
+        ),
         _check(
             "reasoning_dropped",
             "warn",
@@ -858,7 +874,7 @@ def _reasoning_checks(records: list[dict], tokenizer: Any) -> list[Check]:
             "samples end in an answer whose <think> reasoning the chat template drops: they train without it (use "
             "a template that keeps the last answer's reasoning, or leave the reasoning out of the data)",
             "the chat template keeps the reasoning of each sample's last answer",
-        )
+        ),
     ]
     gap = generation_prompt_gap(tokenizer)
     if gap is not None:

@@ -124,6 +124,20 @@ def reasoning_dropped(tokenizer: Any, messages: list[dict]) -> bool:
         return False
 
 
+def system_dropped(tokenizer: Any, messages: list[dict]) -> bool:
+    """Whether the chat template leaves the conversation's system message out of its rendering (Mistral v0.3's
+    writes it into the last user turn only, so never into a conversation that ends with an answer): the sample
+    trains without it, while chat and the eval gate ask with it."""
+    system = messages[0] if messages and messages[0].get("role") == "system" else None
+    content = str((system or {}).get("content") or "").strip()
+    if not content:
+        return False
+    try:
+        return content not in _render(tokenizer, messages, gen_prompt=False)
+    except Exception:  # a conversation the template refuses: prepare's template_refused names it
+        return False
+
+
 def generation_prompt_gap(tokenizer: Any) -> str | None:
     """What the chat template's generation prompt (what chat and the eval gate ask an answer after) adds
     that training never puts before an answer, or None when it puts exactly that there: DeepSeek-R1's opens

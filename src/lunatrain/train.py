@@ -968,12 +968,7 @@ def _stopped(run: Run, reason: bool | str) -> Stop:
             Status.FAILED,
             "interrupted",
             f"Stopped at step {run.step} of {run.total_steps}: {reason}; "
-            + (
-                "`lunatrain jobs resume` with the job's id continues it from its last checkpoint (in the API: "
-                'submit its parameters again with `"resume": true`).'
-                if run.epoch
-                else "no checkpoint was saved yet, so submit it again."
-            ),
+            + (checkpoints.RESUME_SAID if run.epoch else "no checkpoint was saved yet, so submit it again."),
             where,
         )
     return Stop(Status.CANCELLED, "cancelled", f"cancelled at step {run.step} of {run.total_steps}", where)

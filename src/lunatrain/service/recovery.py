@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from .. import procs, registry
-from ..checkpoints import saved_states
+from ..checkpoints import RESUME_SAID, saved_states
 from ..errors import LunaError
 from ..fsio import identity, read_json
 from ..settings import Settings
@@ -221,7 +221,8 @@ def as_read_now(settings: Settings, job: Job) -> Job:
     publish took them, or `gc` removed them), the hint would lead to a refusal or a run from step 0: it gives
     way to a sentence that says so, and the dashboard's `resumeJob` goes with it. The record stays as written."""
     hint = resume_hint(job.id)
-    if job.status != "failed" or job.error is None or hint not in job.error.message:
+    offered = job.error is not None and (hint in job.error.message or "resumeJob" in (job.error.params or {}))
+    if job.status != "failed" or not offered:
         return job
     try:
         if checkpoint_since(settings, job):
@@ -241,6 +242,7 @@ def as_read_now(settings: Settings, job: Job) -> Job:
     said = (
         said.replace(f". {hint}", f". {gone[0].upper()}{gone[1:]}") if f". {hint}" in said else said.replace(hint, gone)
     )
+    said = said.replace(RESUME_SAID, f"{gone}.")  # the job process's own sentence
     params = {k: v for k, v in (job.error.params or {}).items() if k != "resumeJob"}
     return job.model_copy(update={"error": job.error.model_copy(update={"message": said, "params": params or None})})
 
