@@ -116,12 +116,7 @@ def reasoning_dropped(tokenizer: Any, messages: list[dict]) -> bool:
     last = next((m for m in reversed(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0), None)
     content = str((last or {}).get("content") or "")
     reasoning = content.rsplit("</think>", 1)[0].split("<think>")[-1].strip() if "</think>" in content else ""
-    if not reasoning:
-        return False
-    try:
-        return reasoning not in _render(tokenizer, messages, gen_prompt=False)
-    except Exception:  # a conversation the template refuses: prepare's template_refused names it
-        return False
+    return _left_out(tokenizer, messages, reasoning)
 
 
 def system_dropped(tokenizer: Any, messages: list[dict]) -> bool:
@@ -129,11 +124,15 @@ def system_dropped(tokenizer: Any, messages: list[dict]) -> bool:
     writes it into the last user turn only, so never into a conversation that ends with an answer): the sample
     trains without it, while chat and the eval gate ask with it."""
     system = messages[0] if messages and messages[0].get("role") == "system" else None
-    content = str((system or {}).get("content") or "").strip()
-    if not content:
+    return _left_out(tokenizer, messages, str((system or {}).get("content") or "").strip())
+
+
+def _left_out(tokenizer: Any, messages: list[dict], text: str) -> bool:
+    """Whether `text` (some of the messages' text; "" asks nothing) is missing from their rendering."""
+    if not text:
         return False
     try:
-        return content not in _render(tokenizer, messages, gen_prompt=False)
+        return text not in _render(tokenizer, messages, gen_prompt=False)
     except Exception:  # a conversation the template refuses: prepare's template_refused names it
         return False
 
