@@ -735,20 +735,18 @@ def same_base_id(settings: Settings, a: str | None, b: str | None) -> bool:
 
 
 def base_label(
-    base_id: str | None,
-    fingerprint: str,
-    configured: Any,
-    entry: dict[str, Any] | None = None,
-    settings: Settings | None = None,
+    settings: Settings, base_id: str | None, fingerprint: str, configured: Any, entry: dict[str, Any] | None = None
 ) -> str:
     """How a base an activation names is shown: its id, or "another build of ID" where the configured base
     (`configured`, models.BaseModelInfo, None: unknown) has that id with other weights (updated in place,
     another hub commit), so that a version no longer served does not read as active on the served base. The
-    revision is that of `entry`'s training base, when it was trained on that build. With `settings`, a local
-    directory is the configured one however either is written."""
-    if configured is None or fingerprint == configured.fingerprint:
-        return str(base_id)
-    if not (same_base_id(settings, base_id, configured.id) if settings else base_id == configured.id):
+    revision is that of `entry`'s training base, when it was trained on that build. A local directory is the
+    configured one however either is written."""
+    if (
+        configured is None
+        or fingerprint == configured.fingerprint
+        or not same_base_id(settings, base_id, configured.id)
+    ):
         return str(base_id)
     trained_on = (entry or {}).get("baseModel") or {}
     revision = trained_on.get("revision") if trained_on.get("fingerprint") == fingerprint else None

@@ -183,22 +183,19 @@ def _tiers(
 
 def _trainer(settings: Settings, problems: Problems) -> dict[str, Any]:
     """Whether the trainer service answers, and its label (Aktiv (CUDA) / Online (CPU) / Offline)."""
+    from .errors import LunaError
     from .service import client as trainer_client
 
     # Another project's trainer (or another service) at this root's address is not this root's trainer:
     # Offline, and a problem that says what holds it and the way out (the usual advice would fail there).
-    held = None
-
-    def own() -> Any:
-        nonlocal held
-        try:
-            return trainer_client.own_health(settings, timeout=PROBE_TIMEOUT)
-        except trainer_client.OtherDataRoot as exc:
-            held, detail = exc, dict(exc.params or {})
-            problems.add(exc.message, str(detail.pop("detail", "")) or None, **detail)
-            return None
-
-    health = _safe(own)
+    held = health = None
+    try:
+        health = trainer_client.own_health(settings, timeout=PROBE_TIMEOUT)
+    except trainer_client.OtherDataRoot as exc:
+        held, detail = exc, dict(exc.params or {})
+        problems.add(exc.message, str(detail.pop("detail", "")) or None, **detail)
+    except (LunaError, ValueError, OSError):  # not there, or not answering: Offline (`_safe`'s errors)
+        pass
     return {
         "reachable": health is not None,
         "label": trainer_client.label(health),
@@ -556,7 +553,7 @@ def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[
                 "version": a["version"],
                 "baseModel": a["baseModel"],
                 # the configured base's id with other weights: not served (the id alone read as "active here")
-                "baseLabel": registry.base_label(a["baseModel"], a["base"], configured, entry, settings),
+                "baseLabel": registry.base_label(settings, a["baseModel"], a["base"], configured, entry),
                 "matchesBaseModel": (configured is not None and a["base"] == configured.fingerprint)
                 or (unbuilt and a["baseModel"] == models.TINY_ID),
                 "datasetTier": entry.get("datasetTier"),

@@ -116,7 +116,7 @@ def reasoning_dropped(tokenizer: Any, messages: list[dict]) -> bool:
     last = next((m for m in reversed(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0), None)
     content = str((last or {}).get("content") or "")
     reasoning = content.rsplit("</think>", 1)[0].split("<think>")[-1].strip() if "</think>" in content else ""
-    return _left_out(tokenizer, messages, reasoning)
+    return bool(reasoning) and _template_drops(tokenizer, str(tokenizer.chat_template), "reasoning")
 
 
 def system_dropped(tokenizer: Any, messages: list[dict]) -> bool:
@@ -124,16 +124,28 @@ def system_dropped(tokenizer: Any, messages: list[dict]) -> bool:
     writes it into the last user turn only, so never into a conversation that ends with an answer): the sample
     trains without it, while chat and the eval gate ask with it."""
     system = messages[0] if messages and messages[0].get("role") == "system" else None
-    return _left_out(tokenizer, messages, str((system or {}).get("content") or "").strip())
+    has_system = bool(str((system or {}).get("content") or "").strip())
+    return has_system and _template_drops(tokenizer, str(tokenizer.chat_template), "system")
 
 
-def _left_out(tokenizer: Any, messages: list[dict], text: str) -> bool:
-    """Whether `text` (some of the messages' text; "" asks nothing) is missing from their rendering."""
-    if not text:
-        return False
+# Letters only, as `_STAND_IN`: a template that trims or escapes text leaves them as they are.
+_PROBE_SYSTEM, _PROBE_REASONING = "lunatrainsystem7f3a", "lunatrainreasoning7f3a"
+
+
+@functools.lru_cache(maxsize=32)
+def _template_drops(tokenizer: Any, template: str, part: str) -> bool:
+    """Whether the template (`template`: the tokenizer's, the cache's key as it may be replaced) leaves `part`
+    ("system": a system message; "reasoning": the last answer's `<think>` block) out of a conversation that
+    ends with an answer. Asked once on a probe, not on each sample: what a template drops is its own rule, and
+    rendering every sample again would double prepare's work on a large export."""
+    user, answer = {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}
+    if part == "system":
+        probe, text = [{"role": "system", "content": _PROBE_SYSTEM}, user, answer], _PROBE_SYSTEM
+    else:
+        probe, text = [user, answer | {"content": f"<think>\n{_PROBE_REASONING}\n</think>\n\nA"}], _PROBE_REASONING
     try:
-        return text not in _render(tokenizer, messages, gen_prompt=False)
-    except Exception:  # a conversation the template refuses: prepare's template_refused names it
+        return text not in _render(tokenizer, probe, gen_prompt=False)
+    except Exception:  # a template that refuses the probe (no system role): its refusals are prepare's to name
         return False
 
 

@@ -103,7 +103,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
                         {k: a[k] for k in ("name", "version", "base", "baseModel")}
                         | {
                             "baseLabel": registry.base_label(
-                                a["baseModel"], a["base"], configured, a["entry"], settings
+                                settings, a["baseModel"], a["base"], configured, a["entry"]
                             )
                         }
                         for a in active
@@ -121,7 +121,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         for e in group["versions"]:
             aliases = adapters.get(e["name"], {}).get("aliases", {})
             active_on = [
-                registry.base_label(a["baseModel"], a["base"], configured, e, settings)
+                registry.base_label(settings, a["baseModel"], a["base"], configured, e)
                 for a in active
                 if a["name"] == e["name"] and registry.same_entry(a["entry"], e)
             ]
