@@ -19,6 +19,7 @@ from lunatrain.tokens import (
     generation_prompt_gap,
     hidden_in_answers,
     reasoning_dropped,
+    system_dropped,
 )
 
 from family_templates import FAMILIES, family_tokenizer, save_vocab
@@ -381,3 +382,5 @@ def test_an_answer_keeps_the_special_tokens_its_template_never_writes_and_every_
     answer = "<think>\nPlan\n</think>\n\nLuna" if family == "thinking" else "Luna"
     messages = [{"role": "user", "content": "Wer bist du?"}, {"role": "assistant", "content": answer}]
     assert not reasoning_dropped(tok, messages), family  # each keeps the last answer's reasoning
+    # each keeps a system message in a trained conversation (Gemma's folds it into the first user turn)
+    assert not system_dropped(tok, [{"role": "system", "content": "Du bist Luna."}, *messages]), family
