@@ -413,6 +413,21 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
     shot(page, output_dir, "1-server-422")
 
 
+def test_a_field_typed_before_the_first_defaults_arrive_keeps_what_was_typed(page, services: Services) -> None:
+    """CI flake repro, a race of the product: on a loaded machine the profile's values came after the base model
+    was typed and replaced it, so a Start sent luna-tiny instead of what the user wrote. The first values fill
+    only the fields the user has not typed; Reset fills them all."""
+    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/lora/defaults"))
+    page.goto(services.api_url)
+    expect(page.locator("#f-baseModel")).to_be_editable(timeout=UI_TIMEOUT_MS)
+    page.locator("#f-baseModel").fill("./no-such-model")
+    deliver_late(page, held)
+    expect(page.locator("#f-epochs")).not_to_have_value("")  # the profile's values came
+    expect(page.locator("#f-baseModel")).to_have_value("./no-such-model")
+    page.locator("#reset-button").click()
+    expect(page.locator("#f-baseModel")).not_to_have_value("./no-such-model")
+
+
 def test_data_panel_counts_export_and_preflight(page, services: Services, output_dir: Path, seeded: None) -> None:
     status = httpx.get(
         f"{services.api_url}/assistant/training/status", params={"minCurated": 30}, timeout=30, trust_env=False

@@ -428,16 +428,17 @@ loraForm.control("baseModel").addEventListener("change", (event) => {
   })();
 });
 
-async function loadDefaults() {
+/** `keepTyped`: the page's first load, where a field may have been typed before the values came. */
+async function loadDefaults(keepTyped = false) {
   try {
     const { params } = await api.defaults(PROFILE);
-    loraForm.fill(params);
+    loraForm.fill(params, { keepTyped });
     // The data panel's threshold starts at the profile's minCurated too, until the user sets their own.
     const input = $("data-min-curated");
     if (!input.dataset.touched && Number.isInteger(params.minCurated)) input.value = String(params.minCurated);
   } catch (error) {
     // Without the defaults endpoint the built-in Luna defaults stand; anything else is worth saying.
-    loraForm.fill({});
+    loraForm.fill({}, { keepTyped });
     if (error.status !== 404 && error.status !== 405) showError(error, t("train.formLabel"));
   }
 }
@@ -538,7 +539,7 @@ function restoreTyped() {
   }
 }
 
-loadDefaults().finally(() => {
+loadDefaults(true).finally(() => {
   restoreTyped();
   refreshAll();
 });

@@ -67,12 +67,16 @@ export class LoraForm {
   }
 
   /** Fill every field from `values` (server defaults when available). */
-  fill(values) {
-    this.touched.clear();
+  /** The profile's values into every field; `keepTyped`: not into those the user changed since the page
+   * loaded (the first defaults of a slow server came after a field was typed, and replaced it). */
+  fill(values, { keepTyped = false } = {}) {
+    const typed = keepTyped ? new Set(this.touched) : new Set();
+    this.touched = typed;
     this.defaults = { ...FALLBACK_DEFAULTS, ...values };
     // The server resolves alpha to 2 × rank; an empty field keeps following a rank the user changes.
     if (this.defaults.alpha === 2 * this.defaults.rank) this.defaults.alpha = null;
     for (const field of FIELDS) {
+      if (typed.has(field.name)) continue;
       const control = this.control(field.name);
       const value = this.defaults[field.name];
       if (field.kind === "checkbox") control.checked = Boolean(value);
