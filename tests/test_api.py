@@ -713,6 +713,8 @@ def test_a_refusal_of_the_trainer_keeps_its_code_and_params(home: Path, dead_por
         if request.url.path == "/health":
             root = {"id": data_root_id(settings.home), "path": str(settings.home)}
             return httpx.Response(200, json=Health(data_root=root).wire())
+        if request.method == "GET" and request.url.path == "/jobs":  # a start asks for a job training the same
+            return httpx.Response(200, json={"object": "list", "data": [], "hasMore": False})
         status, code, params = refusals[refusal(json.loads(request.content))]
         return httpx.Response(status, json={"error": {"code": code, "message": f"refused ({code}).", "params": params}})
 

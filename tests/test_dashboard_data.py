@@ -1159,6 +1159,29 @@ def test_a_job_that_runs_at_once_is_said_started_and_a_job_in_two_lists_is_liste
     expect(buttons.filter(has_text="ftjob-moving")).to_have_text("ftjob-moving · other-tab · läuft")
 
 
+def test_a_start_that_joined_the_job_already_training_it_says_so(page, services: Services) -> None:
+    """A start the server answered with the job that already trains these parameters on this data (`joined`,
+    from another tab): the page follows that job and says no second one was started, not "gestartet"."""
+    running = _job("ftjob-twin", "running", "example-adapter")
+    route_job_lists(page, {"running": [running], "queued": []})
+    answer(page, "**/assistant/training/lora/status", _job("ftjob-old", "succeeded", "old"))
+    answer(page, "**/assistant/training/lora/status?jobId=*", running)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    answer(
+        page,
+        "**/assistant/training/lora/example-adapter",
+        {"jobId": running["id"], "job": running, "joined": True},
+        202,
+    )
+    open_page(page, services)
+    page.get_by_role("button", name="Beispiel-Adapter").click()
+    expect(page.locator("#notices")).to_have_text(
+        "Job ftjob-twin trainiert diese Parameter auf diesen Daten bereits (wohl aus einem anderen Tab); "
+        "kein zweiter gestartet."
+    )
+    expect(page.locator("#job-id")).to_have_text("Job ftjob-twin")
+
+
 def test_events_of_a_job_the_panel_moved_away_from_are_not_drawn_for_the_next(page, services: Services) -> None:
     """The first job's event page answers only after the user followed another job: its last message and
     loss points are not shown as the other job's."""

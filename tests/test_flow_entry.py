@@ -462,6 +462,50 @@ def test_a_flow_waits_for_a_job_already_training_its_data_and_then_trains_nothin
     store.dispose_stores()
 
 
+def test_a_start_joins_a_twin_only_while_it_trains_the_data_exported_now(settings, monkeypatch):
+    """A queued twin reads the export current when it starts: joined. A running one read the export current
+    when it started: joined while the tier's file is the same (an export of the same data), not once data
+    exported since differs; nor when no export of its start is kept, or it has no start time."""
+    from lunatrain import export, flow, store
+    from lunatrain.params import parse_params
+    from lunatrain.service import client
+    from lunatrain.service.jobs import Job
+    from lunatrain.wire import now_iso
+
+    store.load_seed(settings)
+    export.export(settings)
+    params = flow.resolve_base(settings, parse_params({"datasetTier": "memory", "maxSteps": 2}))
+    started = now_iso()
+    running = Job(
+        id="ftjob-" + "5" * 24, status="running", created_at=started, started_at=started, params=params.wire()
+    )
+    queued = running.model_copy(update={"status": "queued", "started_at": None})
+    jobs: list[Job] = []
+    monkeypatch.setattr(
+        client, "list_jobs", lambda _s, *, limit=20, status=None: [j for j in jobs if j.status == status]
+    )
+
+    def twin() -> Job | None:
+        return flow.joinable_twin(settings, params, flow.FlowOptions(), None)
+
+    jobs[:] = [queued]
+    assert twin() == queued
+    jobs[:] = [running]
+    export.export(settings)  # the same data again: the tier's file is the one the job read
+    assert twin() == running
+    jobs[:] = [running.model_copy(update={"started_at": None})]
+    assert twin() is None
+    jobs[:] = [running.model_copy(update={"started_at": "2020-01-01T00:00:00.000Z"})]  # before every export kept
+    assert twin() is None
+    jobs[:] = [running]
+    store.add_memory(settings, question="Was trinkt Luna?", answer="Luna mag Tee.")
+    export.export(settings)  # other data: the job read an older export, so this start trains
+    assert twin() is None
+    jobs[:] = [queued]
+    assert twin() == queued
+    store.dispose_stores()
+
+
 def _ends_interrupted(r, sentence: str) -> None:
     assert r.exit_code == 130, r.output
     assert r.output.strip().splitlines()[-1] == sentence, r.output
@@ -733,7 +777,8 @@ def test_lora_reports_the_job_the_follower_saw_settled_when_its_trainer_has_stop
 
     job = {"id": "ftjob-gone", "status": "running", "createdAt": "2026-12-04T00:00:00Z", "params": {}}
     settled = job | {"status": "failed", "error": {"code": "interrupted", "message": "The trainer stopped."}}
-    monkeypatch.setattr(cli_flow, "submit", lambda *a, **k: Job.model_validate(job))
+    joined: list[bool] = [False]
+    monkeypatch.setattr(cli_flow, "submit_or_join", lambda *a, **k: (Job.model_validate(job), joined[0]))
     monkeypatch.setattr(cli_trainer, "follow", lambda *a, **k: Job.model_validate(settled))
 
     def gone(*_a, **_k):
@@ -745,6 +790,12 @@ def test_lora_reports_the_job_the_follower_saw_settled_when_its_trainer_has_stop
     outcome = cli_flow.service_lora(settings, LoraParams(), FlowOptions(), stderr=True)
     assert outcome["status"] == "failed" and outcome["error"]["code"] == "interrupted" and outcome["jobId"] == job["id"]
     assert "Job ftjob-gone failed" in capsys.readouterr().err
+    # A job of another terminal already training this: followed, and said so (not "Submitted").
+    joined[0] = True
+    assert cli_flow.service_lora(settings, LoraParams(), FlowOptions(), stderr=True)["jobId"] == job["id"]
+    said = capsys.readouterr().err
+    assert "Job ftjob-gone (running) already trains these parameters on this export: following it." in said, said
+    assert "Submitted" not in said
 
 
 def test_following_a_job_whose_trainer_was_killed_ends_as_the_jobs_own_report_says(settings, monkeypatch, dead_port):

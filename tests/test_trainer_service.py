@@ -500,6 +500,38 @@ def test_lora_start_with_the_luna_profile_queues_what_lunatrain_lora_would(svc):
 
 
 @pytest.mark.slow
+def test_a_second_start_of_the_same_training_follows_the_job_that_runs_it(svc):
+    """Repro: the same training started from two tabs (or Start pressed again after a reload) queued a second
+    job, which trained the same export to a second version of the same weights. The second start returns the
+    job that runs it (`joined`), also after an export of the same data and under a requestId of its own."""
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    settings = svc.settings
+    body = {k: v for k, v in LONG.items() if v is not None} | {"adapterName": "twice", "minCurated": 0}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        first = client.post("/assistant/training/lora/start", json=body)
+        assert first.status_code == 202 and first.json()["joined"] is False, first.text
+        job_id = first.json()["jobId"]
+        try:
+            wait_for(lambda: running_with_steps(poll_job(settings, job_id)), JOB_TIMEOUT, 0.3)
+            again = client.post("/assistant/training/lora/start", json=body)
+            export.export(settings)  # the same data exported again: what the job reads is unchanged
+            tab = client.post("/assistant/training/lora/start", json=body | {"requestId": "other-tab"})
+            other = client.post("/assistant/training/lora/start", json=body | {"rank": 2})
+        finally:
+            trainer_client.cancel(settings, job_id)
+    for joined in (again, tab):
+        assert joined.status_code == 202 and joined.json()["joined"] is True, joined.text
+        assert joined.json()["jobId"] == job_id and joined.json()["job"]["status"] == "running"
+    assert other.status_code == 202 and other.json()["joined"] is False and other.json()["jobId"] != job_id
+    trainer_client.cancel(settings, other.json()["jobId"])
+    named = [j.id for j in trainer_client.list_jobs(settings, limit=500) if j.params["adapterName"] == "twice"]
+    assert sorted(named) == sorted([job_id, other.json()["jobId"]])
+
+
+@pytest.mark.slow
 def test_lora_json_through_the_trainer_prints_only_the_outcome_on_stdout(svc):
     """`lunatrain lora --json | jq` broke: "Submitted job …", the followed events and "Job … succeeded" came
     first on stdout. With --json they go to stderr and stdout is the outcome document alone."""

@@ -631,6 +631,18 @@ def export_ids(settings: Settings) -> list[str]:
         return []
 
 
+def tier_sha_at(settings: Settings, tier: Tier, when: datetime | None = None) -> str | None:
+    """The sha256 of `tier`'s file in the export current at `when` (the last one made by then, while it is
+    kept; default: the current one), None when none is known: what a job that started then read."""
+    if when is None:
+        summary = read_summary(settings)
+    else:
+        made = [name for name in export_ids(settings) if (at := _export_time(name)) is not None and at <= when]
+        summary = read_summary(settings, settings.training_dir / EXPORTS_DIR / made[-1]) if made else None
+    entry = ((summary or {}).get("files") or {}).get(TIER_FILES[tier]) or {}
+    return str(entry["sha256"]) if entry.get("sha256") else None
+
+
 def current_id(settings: Settings) -> str | None:
     link = settings.training_dir / CURRENT_LINK
     return Path(os.readlink(link)).name if link.is_symlink() else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .fsio import check_writable, read_json
 from .messages import coded, counted
 from .params import FlowOptions, LoraParams, run_identity_of, run_key, trained_key
 from .settings import PREPARE_REPORT, Settings
-from .wire import now_iso
+from .wire import now_iso, parse_iso
 
 STEPS = ("eval-gate", "export", "prepare", "lora")
 
@@ -251,6 +252,37 @@ def submit(
     request_id: str | None = None,
 ) -> Any:
     """Queue one job on this data root's trainer (started on demand) and return it (service.jobs.Job)."""
+    return _submit(settings, params, options, thresholds, request_id, join=False)[0]
+
+
+def submit_or_join(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    *,
+    thresholds: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> tuple[Any, bool]:
+    """`submit`, unless a job queued or running already trains these parameters on the data exported now
+    (`joinable_twin`): that job then, and True. Two tabs pressing Start within a second queued two jobs that
+    trained one export to two versions of the same weights. A requestId that names a job is that job."""
+    return _submit(settings, params, options, thresholds, request_id, join=True)
+
+
+# Within one process (the API's threads) a twin's check and the submit are one step: two requests at once
+# would both find no twin and both queue.
+_SUBMITTING = threading.Lock()
+
+
+def _submit(
+    settings: Settings,
+    params: LoraParams,
+    options: FlowOptions,
+    thresholds: dict[str, Any] | None,
+    request_id: str | None,
+    *,
+    join: bool,
+) -> tuple[Any, bool]:
     from .models import fetch_if_allowed
     from .service import client
     from .service.ensure import ensure_trainer
@@ -260,7 +292,12 @@ def submit(
     fetch_if_allowed(str(params.base_model), settings)  # allowed here, the trainer finds it in the cache
     check_data(settings, params, options)
     ensure_trainer(settings)
-    return client.submit(settings, params, options, request_id, thresholds)
+    with _SUBMITTING:
+        if join and (request_id is None or client.check(settings, params, options, request_id, thresholds) is None):
+            twin = joinable_twin(settings, params, options, thresholds)
+            if twin is not None:
+                return twin, True
+        return client.submit(settings, params, options, request_id, thresholds), False
 
 
 def check_data(settings: Settings, params: LoraParams, options: FlowOptions) -> None:
@@ -300,9 +337,21 @@ def check_before_export(
     return existing
 
 
+@dataclass(frozen=True)
+class Started:
+    """What a start from the API made: the job (service.jobs.Job); `joined`: a job already queued or running
+    with these parameters on this data (`submit_or_join`), no new one; what was seeded and the export's
+    summary, for the one-click starts that seed and export first (None when they did neither)."""
+
+    job: Any
+    joined: bool = False
+    seeded: dict[str, int] | None = None
+    export: export.ExportSummary | None = None
+
+
 def quick_start(
     settings: Settings, profile_name: str, overrides: dict[str, Any], request_id: str | None = None
-) -> tuple[Any, export.ExportSummary | None]:
+) -> Started:
     """The profile's parameters on its short schedule, on a fresh export of the store. A retry (a requestId
     that names a job of the same parameters) returns that job and exports nothing (summary None)."""
     from . import store
@@ -316,10 +365,11 @@ def quick_start(
         settings, params, options, thresholds=profile.gate, request_id=request_id, curated=curated
     )
     if existing is not None:  # a retry of an accepted request: its job, whatever the store holds now
-        return existing, None
+        return Started(existing)
     _refuse_empty_tier(counts, params.dataset_tier)
     summary = export.export(settings)
-    return submit(settings, params, options, thresholds=profile.gate, request_id=request_id), summary
+    job, joined = submit_or_join(settings, params, options, thresholds=profile.gate, request_id=request_id)
+    return Started(job, joined, export=summary)
 
 
 def _refuse_empty_tier(counts: dict[str, Any], tier: str) -> None:
@@ -335,9 +385,7 @@ def _refuse_empty_tier(counts: dict[str, Any], tier: str) -> None:
         )
 
 
-def example_adapter(
-    settings: Settings, adapter_name: str, request_id: str | None = None
-) -> tuple[Any, dict[str, int] | None, export.ExportSummary | None]:
+def example_adapter(settings: Settings, adapter_name: str, request_id: str | None = None) -> Started:
     """An example adapter on the bundled dataset: seeded into an empty store, exported, submitted with the
     Luna profile's short schedule. Returns the job, what was seeded (None when the store had data) and the
     export summary; a retry of the same requestId returns its job and neither seeds nor exports (None, None)."""
@@ -351,7 +399,7 @@ def example_adapter(
     # first: a refused start leaves the store and the export untouched
     existing = check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=0)
     if existing is not None:
-        return existing, None, None
+        return Started(existing)
     counts = store.counts(settings)
     seeded = None
     if counts["totals"]["examples"] == 0 and counts["totals"]["memory"] == 0:
@@ -360,8 +408,8 @@ def example_adapter(
     else:  # the user's own data, never mixed with the bundled examples: it must hold some to train on
         _refuse_empty_tier(counts, params.dataset_tier)
     summary = export.export(settings)
-    job = submit(settings, params, options, thresholds=profile.gate, request_id=request_id)
-    return job, seeded, summary
+    job, joined = submit_or_join(settings, params, options, thresholds=profile.gate, request_id=request_id)
+    return Started(job, joined, seeded, summary)
 
 
 # --- auto / luna ----------------------------------------------------------------------------------
@@ -663,6 +711,23 @@ def active_twin(settings: Settings, params: LoraParams, options: FlowOptions, th
         except (ValueError, LunaError):  # a job this release reads otherwise: not this flow's
             continue
     return None
+
+
+def joinable_twin(
+    settings: Settings, params: LoraParams, options: FlowOptions, thresholds: dict[str, Any] | None
+) -> Any:
+    """`active_twin`, when it trains the data exported now: a queued job reads the export current when it
+    starts; a running one read the export current when it started, whose file of the tier must be the current
+    one's (data exported differently since is trained again)."""
+    twin = active_twin(settings, params, options, thresholds)
+    if twin is None or twin.status == "queued":
+        return twin
+    try:
+        tier = params.dataset_tier
+        then = export.tier_sha_at(settings, tier, parse_iso(twin.started_at)) if twin.started_at else None
+        return twin if then is not None and then == export.tier_sha_at(settings, tier) else None
+    except (ValueError, LunaError):  # no time or no summary to tell by: train, as without a twin
+        return None
 
 
 FLOW_LOCK = "flow.lock"  # in data/: held by the flow running on the data root, naming its process

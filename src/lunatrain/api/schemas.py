@@ -140,6 +140,11 @@ class JobAccepted(Out):
 
     job_id: str
     job: Job
+    joined: bool = Field(
+        False,
+        description="true: a job queued or running already trained these parameters on the data exported now; "
+        "this is that job, and no other was queued",
+    )
     seeded: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
 

@@ -19,7 +19,7 @@ import typer
 
 from .. import distributed, registry
 from ..errors import LunaError, UsageError
-from ..flow import STEPS, FlowResult, job_outcome, run_flow, submit, summary_lines, train_and_gate
+from ..flow import STEPS, FlowResult, job_outcome, run_flow, submit_or_join, summary_lines, train_and_gate
 from ..params import FlowOptions, LoraParams, parse_run
 from ..profiles import load_profile
 from ..service.ensure import ensure_trainer
@@ -267,8 +267,13 @@ def service_lora(
     `stderr`: what it says while following goes there (`--json`)."""
     from ..service import client
 
-    job = submit(settings, params, options, thresholds=gate)
-    typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.", err=stderr)
+    job, joined = submit_or_join(settings, params, options, thresholds=gate)
+    if joined:  # a second terminal: the job the first one queued, followed here too
+        typer.echo(
+            f"Job {job.id} ({job.status}) already trains these parameters on this export: following it.", err=stderr
+        )
+    else:
+        typer.echo(f"Submitted job {job.id} to {client.base_url(settings)}.", err=stderr)
     return follow_job(settings, job.id, stderr=stderr)
 
 

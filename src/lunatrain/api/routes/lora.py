@@ -76,8 +76,8 @@ async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
         params, options = profile.resolve(given)
         thresholds = profile.gate
     # ensure_trainer inside returns at once when the trainer answers; with on-demand off it raises a clear 503.
-    job = await run_in_threadpool(
-        lambda: flow.submit(
+    job, joined = await run_in_threadpool(
+        lambda: flow.submit_or_join(
             settings,
             _with_base(params, settings, body.base_model),
             options,
@@ -85,7 +85,7 @@ async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
             request_id=body.request_id,
         )
     )
-    return JobAccepted(job_id=job.id, job=job)
+    return JobAccepted(job_id=job.id, job=job, joined=joined)
 
 
 @router.post("/quick-start", status_code=202, response_model=JobAccepted, responses=errors(404, 409, 503))
@@ -97,8 +97,8 @@ async def quick_start(settings: SettingsDep, body: Annotated[QuickStartRequest |
     )
     if "baseModel" in overrides:
         overrides["baseModel"] = check_base_model(overrides["baseModel"], settings)
-    job, summary = await run_in_threadpool(flow.quick_start, settings, body.profile, overrides, body.request_id)
-    return JobAccepted(job_id=job.id, job=job, export=camel(summary.answer()) if summary else None)
+    started = await run_in_threadpool(flow.quick_start, settings, body.profile, overrides, body.request_id)
+    return _accepted(started)
 
 
 @router.post("/example-adapter", status_code=202, response_model=JobAccepted, responses=errors(409, 503))
@@ -107,8 +107,19 @@ async def example_adapter(
 ) -> JobAccepted:
     """Train an example adapter on the bundled dataset: seeded into an empty store, exported, submitted."""
     body = body or ExampleAdapterRequest()
-    job, seeded, summary = await run_in_threadpool(flow.example_adapter, settings, body.adapter_name, body.request_id)
-    return JobAccepted(job_id=job.id, job=job, seeded=seeded, export=camel(summary.answer()) if summary else None)
+    started = await run_in_threadpool(flow.example_adapter, settings, body.adapter_name, body.request_id)
+    return _accepted(started)
+
+
+def _accepted(started: flow.Started) -> JobAccepted:
+    summary = started.export
+    return JobAccepted(
+        job_id=started.job.id,
+        job=started.job,
+        joined=started.joined,
+        seeded=started.seeded,
+        export=camel(summary.answer()) if summary else None,
+    )
 
 
 @router.get("/status", response_model=Job, responses=errors(404, 503))

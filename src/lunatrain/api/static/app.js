@@ -369,7 +369,8 @@ async function submitJob(button, call) {
       // Started, or waiting behind a job that runs (perhaps one another tab started): say which.
       await jobView.loadActive();
       const ahead = jobView.ahead(accepted.job);
-      showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
+      if (accepted.joined) showNotice(t("train.joined", { jobId: accepted.jobId }));
+      else showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
         : t("train.submitted", { jobId: accepted.jobId }));
     } catch (error) {
       // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
