@@ -324,6 +324,13 @@ def test_gate_promotes_a_trained_adapter_and_refuses_broken_or_regressing_ones(s
         assert registry.get_version(settings, "luna-adapter", "active")["version"] == v1["version"]
         recorded = registry.get_version(settings, "luna-adapter", v2["version"])["gate"]
         assert recorded["passed"] is False and recorded["reasons"] == g2.reasons and recorded["promoted"] is False
+        # Reports repro: against v1's record every case's baselinePassed was null, so the failures kept were
+        # the first in file order, not the regressions. v1's record lists all it failed: the rest it passed.
+        v1_failed = {c["id"] for c in v1["gate"]["failedCases"]}
+        assert v1["gate"]["failedCaseCount"] == len(v1_failed)
+        assert {c["id"]: c["baselinePassed"] for c in g2.cases} == {c["id"]: c["id"] not in v1_failed for c in g2.cases}
+        kept = recorded["failedCases"]
+        assert [c["baselinePassed"] for c in kept] == sorted((c["baselinePassed"] for c in kept), reverse=True)
 
         # B x1e30 overflows: the loss is NaN and the answers leak special tokens. Under a name with no active
         # version the baseline is the base model, and it is refused all the same.
@@ -761,6 +768,21 @@ def test_a_gate_record_names_the_failed_cases_those_the_baseline_passed_first():
     assert kept[0] == {"id": "c2", "source": "data/eval/my.jsonl:2", "checks": ["contains"], "baselinePassed": True}
     assert _why(cases[1]) == "contains (data/eval/my.jsonl:2, passed on the baseline)"
     assert _why(cases[0]) == "contains (data/eval/my.jsonl:1)"
+
+
+def test_a_gate_record_tells_which_cases_its_version_passed_as_far_as_it_lists_them():
+    """A record that lists every case it failed: the rest passed. One that kept ten of twelve: the ten failed,
+    the others are unknown; a record from before failedCases were kept tells nothing."""
+    ids = [f"c{i}" for i in range(14)]
+    failed = [{"id": f"c{i}"} for i in range(3)]
+    assert evalgate.recorded_cases({"failedCases": failed, "failedCaseCount": 3}, ids) == {
+        i: i not in {"c0", "c1", "c2"} for i in ids
+    }
+    kept = [{"id": f"c{i}"} for i in range(10)]
+    partly = evalgate.recorded_cases({"failedCases": kept, "failedCaseCount": 12}, ids)
+    assert [partly[i] for i in ids] == [False] * 10 + [None] * 4
+    assert set(evalgate.recorded_cases({"passed": True}, ids).values()) == {None}
+    assert evalgate.recorded_cases({"failedCases": [], "failedCaseCount": 0}, ["a"]) == {"a": True}
 
 
 def test_patterns_re_cannot_even_compile_and_other_unbounded_texts_are_suite_problems(settings):

@@ -557,6 +557,18 @@ class GateReport:
         return self
 
 
+def recorded_cases(record: dict[str, Any], ids: list[str]) -> dict[str, bool | None]:
+    """Which of the cases `ids` a gate record's version passed, as far as the record tells (its suite is this
+    one: `_comparable`): the cases it lists as failed did not; when it lists every case it failed (at most
+    FAILED_CASES_KEPT did), it passed all others; else they are unknown (None). Without this a candidate judged
+    against a record had no case marked as the baseline's pass, so its kept failures were the first in file
+    order rather than its regressions."""
+    listed = record.get("failedCases")
+    failed = {c.get("id") for c in listed if isinstance(c, dict)} if isinstance(listed, list) else set()
+    complete = isinstance(listed, list) and record.get("failedCaseCount") == len(failed)
+    return {i: False if i in failed else (True if complete else None) for i in ids}
+
+
 def eval_gate(
     settings: Settings,
     *,
@@ -975,6 +987,7 @@ def _run(
             "source": "recorded",
             "metrics": baseline_entry["gate"]["metrics"],
         }
+        baseline_cases = recorded_cases(baseline_entry["gate"], [r["id"] for r in results])
     elif "baseline" in adapters and unusable is None:
         if keys := _record_differs(baseline_entry, context):  # measured again: say why its record was not used
             ref, changed = _ref(baseline_entry, base), ", ".join(_CONTEXT_WORDS[key] for key in keys)
