@@ -210,6 +210,31 @@ def test_the_last_log_line_gives_a_loss_its_four_decimals(page, services: Servic
 
 
 @pytest.mark.parametrize(
+    ("query", "samples", "steps", "said"),
+    [
+        ("", 1, 1, "Training: 1 Beispiel, 1 Schritt auf CPU"),
+        ("", 40, 1, "Training: 40 Beispiele, 1 Schritt auf CPU"),
+        ("?lang=en", 1, 3, "Training 1 sample, 3 steps on CPU"),
+    ],
+)
+def test_a_log_line_counting_two_things_says_each_in_its_number(page, services, query, samples, steps, said) -> None:
+    """German-page explore repro: a job of one step logged "Training: 40 Beispiele, 1 Schritte auf CPU" (a text
+    counting two things had one wording for both); each noun is said in its own number."""
+    job = {"id": "ftjob-one", "status": "running", "progress": {"step": 0, "totalSteps": steps, "percent": 0}}
+    started = {
+        "seq": 1,
+        "type": "log",
+        "message": "training …",
+        "code": "log.training_started",
+        "params": {"samples": samples, "steps": steps, "device": "cpu"},
+    }
+    answer(page, "**/assistant/training/lora/status*", job)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", {"data": [started], "lastSeq": 1, "hasMore": False})
+    open_page(page, services, query)
+    expect(page.locator("#job-facts")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
     ("query", "long", "short"),
     [("", "~25 h 1 min auf CUDA", "~1 min 28 s auf CPU"), ("?lang=en", "~25 h 1 min on CUDA", "~1 min 28 s on CPU")],
     ids=["de", "en"],

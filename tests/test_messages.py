@@ -82,7 +82,7 @@ def test_every_code_has_a_text_in_both_languages(lang):
     assert missing == [], f"i18n.js ({lang}) has no msg.<code> for: {missing}"
     # a placeholder in a text must be a parameter the code documents (its description names them)
     for code, description in CODES.items():
-        for name in re.findall(r"\{(\w+)\}", texts[f"msg.{code}"]):
+        for name in re.findall(r"\{(\w+)(?::[^{}|]*\|[^{}]*)?\}", texts[f"msg.{code}"]):
             assert name in description, f"msg.{code} ({lang}) uses {{{name}}}, not among its parameters: {description}"
 
 

@@ -829,7 +829,7 @@ def train(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], boo
     emit(
         {
             "type": "log",
-            "message": f"training {len(run.train)} samples, {run.total_steps} steps on {run.device}",
+            "message": f"training {counted(len(run.train), 'sample')}, {counted(run.total_steps, 'step')} on {run.device}",
             **coded("log.training_started", samples=len(run.train), steps=run.total_steps, device=run.device),
         }
     )

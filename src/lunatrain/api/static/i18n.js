@@ -534,7 +534,7 @@ const de = {
   "msg.status.profile_unusable": "Das Profil {path} ist nicht nutzbar ({reason}); bis es korrigiert ist, gilt minCurated des mitgelieferten luna-Profils ({minCurated})",
   "msg.check.estimate.measured_ranks": "~{steps} Optimierungsschritte, ~{seconds} auf {device} (gemessen am letzten Job) mit {ranks} Prozessen, wie der Trainer trainiert; `lora --local` trainiert mit einem: ~{localSteps} Schritte",
   "msg.check.estimate.computed_ranks": "~{steps} Optimierungsschritte, ~{seconds} auf {device} (geschätzt aus Modellgröße) mit {ranks} Prozessen, wie der Trainer trainiert; `lora --local` trainiert mit einem: ~{localSteps} Schritte",
-  "msg.log.training_started": "Training: {samples} Beispiele, {steps} Schritte auf {device}",
+  "msg.log.training_started": "Training: {samples} {samples:Beispiel|Beispiele}, {steps} {steps:Schritt|Schritte} auf {device}",
   "msg.log.max_steps_beyond": "maxSteps {maxSteps} liegt über den {steps} Schritten des Zeitplans: der Lauf endet nach ihnen",
   "msg.log.epoch_done": "Epoche {epoch} fertig: Val-Loss {valLoss}, Checkpoint gespeichert",
   "msg.log.epoch_done_no_val": "Epoche {epoch} fertig, Checkpoint gespeichert",
@@ -1100,7 +1100,7 @@ const en = {
   "msg.status.profile_unusable": "The profile {path} cannot be used ({reason}); minCurated is the bundled luna profile's ({minCurated}) until it is fixed",
   "msg.check.estimate.measured_ranks": "~{steps} optimizer steps, ~{seconds} on {device} (measured by the last job) on {ranks} processes, as the trainer runs it; `lora --local` trains on one: ~{localSteps} steps",
   "msg.check.estimate.computed_ranks": "~{steps} optimizer steps, ~{seconds} on {device} (estimated from model size) on {ranks} processes, as the trainer runs it; `lora --local` trains on one: ~{localSteps} steps",
-  "msg.log.training_started": "Training {samples} samples, {steps} steps on {device}",
+  "msg.log.training_started": "Training {samples} {samples:sample|samples}, {steps} {steps:step|steps} on {device}",
   "msg.log.max_steps_beyond": "maxSteps {maxSteps} is beyond the {steps} steps the schedule holds: the run ends after them",
   "msg.log.epoch_done": "Epoch {epoch} done: val loss {valLoss}, checkpoint saved",
   "msg.log.epoch_done_no_val": "Epoch {epoch} done, checkpoint saved",
@@ -1159,11 +1159,14 @@ function counted(key, vars) {
   return name && String(vars?.[name]) === "1" ? one : key;
 }
 
-/** The text for `key` with `{name}` placeholders filled; the key itself if missing (visible, not blank). */
+/** The text for `key` with `{name}` placeholders filled; the key itself if missing (visible, not blank). A text
+ * counting two things at once says each noun as `{name:one|other}`, in the number of `name` ("1 Schritt"). */
 export function t(key, vars = {}) {
   key = counted(key, vars);
   const text = TEXTS[lang][key] ?? TEXTS.de[key] ?? key;
-  return text.replace(/\{(\w+)\}/g, (_, name) => (name in vars ? String(vars[name]) : `{${name}}`));
+  return text
+    .replace(/\{(\w+):([^|{}]*)\|([^{}]*)\}/g, (_, name, one, other) => (String(vars[name]) === "1" ? one : other))
+    .replace(/\{(\w+)\}/g, (_, name) => (name in vars ? String(vars[name]) : `{${name}}`));
 }
 
 /**
