@@ -268,6 +268,11 @@ def test_no_spare_embedding_rows_is_refused_in_one_sentence(settings, monkeypatc
     with pytest.raises(UsageError, match="no spare embedding rows"):
         run_lora(params, settings)
     assert not registry.list_adapters(settings)
+    # Added-tokens repro: the preflight passed it (exit 0), and only the run refused it.
+    from lunatrain import prepare
+
+    with pytest.raises(UsageError, match="no spare embedding rows"):
+        prepare.prepare(settings, params)
 
 
 # --- what the user sees, and what a request may name ---------------------------------------------

@@ -17,7 +17,7 @@ from lunatrain.cli import app
 from lunatrain.errors import CheckFailed, NotFound, UsageError
 from lunatrain.evalgate import EvalCheck, GateThresholds, judge, load_suite, parse_thresholds
 
-from helpers import adapter_work_dir, make_records, write_export, write_small_suite
+from helpers import SMALL_SUITE, adapter_work_dir, make_records, write_export, write_small_suite
 
 
 def decide(*args, **kwargs) -> list[str]:
@@ -258,6 +258,25 @@ def test_base_model_alone_is_evaluated_when_nothing_is_active(settings, tiny):
     # an absolute floor from a profile makes the same base model fail (random weights pass nothing)
     with pytest.raises(CheckFailed, match="below the minimum"):
         evalgate.eval_gate(settings, thresholds={"minGoldenPassRate": 0.9}).raise_on_fail()
+
+
+def test_a_base_whose_pad_token_has_no_embedding_row_is_gated_not_an_index_error(settings, tiny_dir):
+    """Added-tokens repro: a base whose tokenizer got a pad without a resized model failed every gate (left-
+    padded generation) with a bare "IndexError: index out of range in self": no version could become active."""
+    from transformers import AutoTokenizer
+
+    from lunatrain.settings import load_settings
+
+    path = settings.models_dir / "padded-base"
+    shutil.copytree(tiny_dir, path)
+    rows = json.loads((path / "config.json").read_text("utf-8"))["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_tokens([f"<filler{i}>" for i in range(rows - len(tok))])
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(str(path))
+    write_small_suite(settings)
+    report = evalgate.eval_gate(load_settings(home=settings.home, base_model=str(path)))
+    assert report.candidate["kind"] == "base" and report.metrics["goldenTotal"] == len(SMALL_SUITE), report.metrics
 
 
 # --- real adapters (slow) -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -395,6 +396,35 @@ def test_lora_weights_fit_their_own_base_and_no_other_shape(settings, arch_bases
     assert models.lora_misfits(weights, base) == []
     misfits = models.lora_misfits(weights, models.resolve_base(None, settings))
     assert misfits and all(": " in line for line in misfits), misfits
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2", "gemma3", "mistral", "phi3"])
+def test_a_pad_token_without_an_embedding_row_pads_with_the_eos(settings, arch_bases, tmp_path, arch):
+    """Added-tokens repro: a pad added to the tokenizer without resizing the model (`add_special_tokens` alone,
+    or a vocabulary that fills the matrix) has no embedding row: prepare passed, then every padded batch and
+    the gate's generation failed with "index out of range in self". On each family's shape the pad is the eos
+    then, for the base and for an adapter saved with that tokenizer; a pad with a row stays as it is."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / arch
+    shutil.copytree(arch_bases[arch], path)
+    rows = json.loads((path / "config.json").read_text("utf-8"))["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_tokens([f"<filler{i}>" for i in range(rows - len(tok))])  # the vocabulary fills the matrix
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    assert tok.pad_token_id == rows
+    tok.save_pretrained(str(path))
+    (path / "adapter").mkdir()
+    tok.save_pretrained(str(path / "adapter"))
+
+    base = models.resolve_base(str(path), settings)
+    for loaded in (
+        models.load_tokenizer(base, settings),
+        models.load_adapter_tokenizer(path / "adapter", base, settings),
+    ):
+        assert loaded.pad_token_id == loaded.eos_token_id < rows, (loaded.pad_token, loaded.pad_token_id)
+    own = models.load_tokenizer(models.resolve_base(str(arch_bases[arch]), settings), settings)
+    assert own.pad_token_id == AutoTokenizer.from_pretrained(str(arch_bases[arch])).pad_token_id
 
 
 def test_a_base_model_with_damaged_weights_is_a_storage_error_not_a_bad_request(settings):

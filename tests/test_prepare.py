@@ -263,6 +263,23 @@ def _with_template(settings, tiny, name: str, template: str):
     return model
 
 
+def _with_spare_rows(settings, tiny, name: str, rows: int = 3136):
+    """luna-tiny with embedding rows beyond its vocabulary (as most real models have), for tokens a template
+    adds; the rows it had keep their weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = settings.models_dir / name
+    shutil.copytree(tiny, model)
+    weights = load_file(str(model / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = torch.cat([embed, embed[: rows - embed.shape[0]] * 0.5])
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((model / "config.json").read_text("utf-8"))
+    (model / "config.json").write_text(json.dumps(cfg | {"vocab_size": rows}), "utf-8")
+    return model
+
+
 def test_the_template_terminator_is_trained_even_when_it_is_not_eos(settings, tiny):
     """A template that closes assistant turns with another token than the tokenizer's eos (the Gemma/Phi-3
     shape): that token is what is trained, and the report names it."""
@@ -306,13 +323,14 @@ def test_a_template_that_drops_the_reasoning_it_serves_after_is_said_before_a_ru
 
     (settings.home / "r1.jinja").write_text(R1_STYLE, "utf-8")
     r1 = store_template(settings.home / "r1.jinja", settings)  # what `--chatTemplate r1.jinja` selects
+    roomy = _with_spare_rows(settings, tiny, "tiny-roomy")  # its markers are added as tokens: rows for them
     records = clean_records(30)
     thinking = [r for r in records if r["source"] == "curated"][:5]  # the tier prepare reads
     for rec in thinking:
         answer = rec["messages"][-1]
         answer["content"] = "<think>\nIch denke nach.\n</think>\n\n" + answer["content"]
     write_files(settings, records)
-    report = prepare(settings, params(chat_template=r1))
+    report = prepare(settings, params(chat_template=r1, base_model=str(roomy)))
     dropped = report.check("reasoning_dropped")
     assert (dropped.severity, dropped.count) == ("warn", 5), dropped
     assert sorted(dropped.examples) == sorted(r["id"] for r in thinking), dropped

@@ -676,10 +676,34 @@ def load_chat_tokenizer(
         raise _no_fast_tokenizer(info)
     _refuse_empty_vocabulary(tok, info)
     added = apply_template(tok, chat_template, settings, info.id) if chat or chat_template or tok.chat_template else []
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # padding is masked out anyway; a pad id just has to exist
+    _pad_with_a_row(tok, info)
     quiet_too_long_warning(tok)
     return tok, added
+
+
+def embedding_rows(info: BaseModelInfo) -> int | None:
+    """The rows of the base model's input embeddings, as its config.json says them (the language model's, in a
+    multimodal config); None where it does not say (loading the model then tells)."""
+    try:
+        cfg = json.loads(Path(info.path, "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    inner = cfg.get("text_config") if isinstance(cfg, dict) else None
+    for part in (inner, cfg):
+        rows = part.get("vocab_size") if isinstance(part, dict) else None
+        if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
+            return rows
+    return None
+
+
+def _pad_with_a_row(tok: Any, info: BaseModelInfo) -> None:
+    """Pad with the eos where the tokenizer has no pad token, or one without an embedding row: a pad added to a
+    tokenizer without resizing the model (`add_special_tokens({"pad_token": …})` alone) made every padded batch
+    and the gate's generation fail with "index out of range in self". Padding is masked out anyway; a pad id
+    just has to exist in the model."""
+    rows = embedding_rows(info)
+    if tok.pad_token is None or (rows is not None and tok.pad_token_id is not None and tok.pad_token_id >= rows):
+        tok.pad_token = tok.eos_token
 
 
 def _only_sentencepiece(info: BaseModelInfo) -> bool:
@@ -788,8 +812,7 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: BaseModelInfo, setting
             f"The tokenizer in {where} cannot be loaded ({type(exc).__name__}: {said}); its files are damaged: "
             "train it again, or roll back to another version."
         ) from exc
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    _pad_with_a_row(tok, base)  # also for an adapter trained before a pad without a row was replaced
     quiet_too_long_warning(tok)
     return tok
 

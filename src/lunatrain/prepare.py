@@ -174,6 +174,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     (`samples`: what `prepare --show` prints and the dashboard shows).
     """
     from . import models
+    from .templates import check_embedding_room
 
     if params.base_model:  # an adapter as base is a usage error, export or not (cheap: one file lookup)
         models.refuse_adapter_dir(Path(params.base_model).expanduser(), params.base_model)
@@ -189,6 +190,8 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
         curated = sum(map(len, splits.values())) if tier == "curated" else curated_count(settings, directory)
     info = models.resolve_base(params.base_model, settings)
     tokenizer, added = models.load_chat_tokenizer(info, settings, params.chat_template)
+    if added and (rows := models.embedding_rows(info)) is not None:  # as the run refuses it, before GPU hours
+        check_embedding_room(rows, tokenizer, added, info.id)
     terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
     if not isinstance(params.target_modules, str):  # names, checked as the run checks them (all-linear fits all)
         models.check_target_modules(params.target_modules, models.module_kinds(info), info.id)

@@ -268,11 +268,10 @@ def added_token_ids(tokenizer: Any, added: list[str]) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in added]
 
 
-def check_embedding_room(model: Any, tokenizer: Any, added: list[str], model_id: str) -> list[int]:
-    """Ids of the added tokens, which must fit the model's embedding matrix (never resized, so the adapter
+def check_embedding_room(rows: int, tokenizer: Any, added: list[str], model_id: str) -> list[int]:
+    """Ids of the added tokens, which must fit the model's `rows` embedding rows (never resized, so the adapter
     stays loadable on the unmodified base)."""
     ids = added_token_ids(tokenizer, added)
-    rows = model.get_input_embeddings().weight.shape[0]
     if ids and max(ids) >= rows:
         raise UsageError(
             f"The chat template needs {counted(len(ids), 'token')} ({', '.join(added)}) that base model "

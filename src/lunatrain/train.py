@@ -662,7 +662,8 @@ def load_lora_model(
     model.config.use_cache = False  # a KV cache in training breaks packed-sample isolation
     targets = params.target_modules if isinstance(params.target_modules, str) else list(params.target_modules)
     # Template markers the vocabulary lacked get their embedding rows trained (saved with the adapter).
-    new_ids = check_embedding_room(model, tokenizer, added or [], base.id) if added else []
+    rows = model.get_input_embeddings().weight.shape[0]
+    new_ids = check_embedding_room(rows, tokenizer, added or [], base.id) if added else []
     config = LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,
