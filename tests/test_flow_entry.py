@@ -506,6 +506,25 @@ def test_a_start_joins_a_twin_only_while_it_trains_the_data_exported_now(setting
     store.dispose_stores()
 
 
+def test_a_job_checks_its_min_curated_again_on_the_export_it_starts_on(settings, tiny):
+    """Queue repro: minCurated was checked only when a job was queued; a job accepted with 473 curated examples
+    trained on 241 after 200 were rejected and exported again while it waited, its record still saying
+    minCurated 400. The job's own start checks it on the export it reads."""
+    from lunatrain import export, flow, prepare, registry, store
+    from lunatrain.errors import CheckFailed
+    from lunatrain.params import parse_params
+
+    store.load_seed(settings)
+    export.export(settings)
+    count = prepare.curated_count(settings)
+    params = parse_params({"epochs": 1, "maxSteps": 1, "batchSize": 4})
+    with pytest.raises(CheckFailed, match="Not enough data") as refused:
+        flow.train_and_gate(settings, params, flow.FlowOptions(gate=False, min_curated=count + 1))
+    assert refused.value.params == {"check": "check.volume.too_few", "curated": count, "minCurated": count + 1}
+    assert not registry.list_adapters(settings)
+    store.dispose_stores()
+
+
 def _ends_interrupted(r, sentence: str) -> None:
     assert r.exit_code == 130, r.output
     assert r.output.strip().splitlines()[-1] == sentence, r.output

@@ -107,6 +107,9 @@ def train_and_gate(
     from .train import run_lora
 
     check_suite(settings, options)
+    # Again when the job starts: a queued job reads the export current then, which may hold fewer examples than
+    # the one it was accepted on (rejected and exported again while it waited).
+    check_min_curated(settings, options)
     # An overwrite run the gate will judge waits beside its slot: it replaces what is served only if it passes.
     result = run_lora(params, settings, on_event=on_event, should_stop=should_stop, job_id=job_id, stage=options.gate)
     adapter = None
