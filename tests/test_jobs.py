@@ -182,6 +182,20 @@ def test_a_jobs_epoch_is_a_whole_number_as_in_its_events(store):
     assert json.dumps(store.get(job.id).progress.wire()["epoch"]) == "3"
 
 
+def test_a_job_of_the_overwrite_slot_is_listed_with_its_revision(store):
+    """Queue repro: two overwrite jobs of one adapter were both listed as "adapter ow@current
+    (data/adapters/ow/current)", the older one naming the files the newer replaced. Each says its revision."""
+    from lunatrain.cli.trainer import summary
+    from lunatrain.service.jobs import AdapterRef
+
+    job = store.get(queued(store).id)
+    slot = AdapterRef(name="ow", version="current", path="data/adapters/ow/current", revision=1)
+    done = job.model_copy(update={"status": "succeeded", "adapter": slot, "metrics": {"valLoss": 8.4649}})
+    assert summary(done) == "adapter ow@current rev 1 (data/adapters/ow/current), val loss 8.4649"
+    versioned = done.model_copy(update={"adapter": AdapterRef(name="ow", version="v2", path="data/adapters/ow/v2")})
+    assert summary(versioned) == "adapter ow@v2 (data/adapters/ow/v2), val loss 8.4649"
+
+
 def test_progress_lines_never_say_100_percent_before_the_last_step(store):
     """Numbers repro: `step 480/482 (100%)` while the JSON said 99.59: whole percents are cut, not rounded."""
     from lunatrain.progress import event_line

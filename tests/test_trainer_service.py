@@ -532,6 +532,47 @@ def test_a_second_start_of_the_same_training_follows_the_job_that_runs_it(svc):
 
 
 @pytest.mark.slow
+def test_a_followed_job_in_the_queue_says_what_it_waits_behind(svc, monkeypatch):
+    """Queue repro: `lunatrain lora` said "status queued" and then nothing while the job ahead ran for minutes,
+    and on Ctrl-C that the queued job "keeps running in the trainer". The follower says which job it waits
+    behind (and how many more), once per job ahead; detached, a queued job "stays queued"."""
+    from lunatrain.cli import trainer as cli_trainer
+
+    settings = svc.settings
+    env = {"ASSISTANT_HOME": str(settings.home), "ASSISTANT_LORA_TRAINER_URL": svc.url}
+    long = submit(settings, LONG | {"adapterName": "ahead"})
+    wait_for(lambda: running_with_steps(poll_job(settings, long.id)), JOB_TIMEOUT, 0.3)
+    second = submit(settings, QUICK | {"adapterName": "second"})
+    third = submit(settings, QUICK | {"adapterName": "third"})
+    try:
+
+        def detached(*_a, **_k):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patched:
+            patched.setattr(cli_trainer, "follow", detached)
+            left = CliRunner().invoke(app, ["jobs", "follow", third.id], env=env)
+        assert left.exit_code == 130 and f"Detached; job {third.id} stays queued in the trainer." in left.output
+        real, said = cli_trainer.waiting_behind, []
+
+        def seen_then_cancel_the_long_one(settings_, job):
+            said.append(real(settings_, job))
+            trainer_client.cancel(settings, long.id)  # the queue moves on once the line was said
+            return said[-1]
+
+        monkeypatch.setattr(cli_trainer, "waiting_behind", seen_then_cancel_the_long_one)
+        followed = CliRunner().invoke(app, ["jobs", "follow", third.id], env=env)
+    finally:
+        trainer_client.cancel(settings, long.id)
+    assert followed.exit_code == 0, followed.output
+    assert re.fullmatch(
+        rf"queued behind job {long.id} \(ahead, (running|cancelling) at step \d+/\d+\) and 1 more job", said[0]
+    )
+    assert said[0] in followed.output and f"Job {third.id} succeeded" in followed.output
+    assert wait_job(settings, second.id).status == "succeeded"
+
+
+@pytest.mark.slow
 def test_lora_json_through_the_trainer_prints_only_the_outcome_on_stdout(svc):
     """`lunatrain lora --json | jq` broke: "Submitted job …", the followed events and "Job … succeeded" came
     first on stdout. With --json they go to stderr and stdout is the outcome document alone."""

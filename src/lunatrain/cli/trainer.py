@@ -19,6 +19,7 @@ import typer
 from pydantic import ValidationError
 
 from ..errors import LunaError, NotFound, ServiceUnavailable, UsageError
+from ..messages import counted
 from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
@@ -297,7 +298,10 @@ def summary(job: Job) -> str:
         verdict = "" if not gate else f", gate {'passed' if gate.get('passed') else gate.get('status') or 'not passed'}"
         loss = job.metrics.get("valLoss", job.metrics.get("trainLoss"))
         return (
-            f"adapter {job.adapter.name}@{job.adapter.version} ({job.adapter.path})"
+            f"adapter {job.adapter.name}@{job.adapter.version}"
+            # the overwrite slot's run: the slot's path holds a later run once another job replaced it
+            + (f" rev {job.adapter.revision}" if job.adapter.revision is not None else "")
+            + f" ({job.adapter.path})"
             + (f", val loss {loss:.4f}" if isinstance(loss, int | float) else "")
             + verdict
         )
@@ -355,6 +359,9 @@ class _Plain:
             self._last_t, self._last_pct = time.monotonic(), pct
         typer.echo(describe_event(ev), err=self._stderr)
 
+    def say(self, line: str) -> None:
+        typer.echo(line, err=self._stderr)
+
 
 class _Bar:
     """Rich progress bar with step, loss, tokens/s and ETA; other events print above it."""
@@ -386,7 +393,10 @@ class _Bar:
             info = " ".join(progress_details(d))  # the step is the bar's own column
             self._progress.update(self._task, completed=d.get("step") or 0, total=d.get("totalSteps"), info=info)
         else:
-            self._progress.console.print(describe_event(ev), markup=False, highlight=False)
+            self.say(describe_event(ev))
+
+    def say(self, line: str) -> None:
+        self._progress.console.print(line, markup=False, highlight=False)
 
 
 def follow(
@@ -394,7 +404,7 @@ def follow(
 ) -> Job:
     """Show a job's events as they come (on stderr with `stderr`) until it ends; return the final job.
     Ctrl-C raises KeyboardInterrupt."""
-    after, lost_since = 0, None
+    after, lost_since, said_ahead = 0, None, None
     with _Bar(job_id, stderr) if is_tty(stderr) else _Plain(stderr) as view:
         while True:
             try:
@@ -446,7 +456,32 @@ def follow(
                 health = trainer_client.probe(settings)
                 if health is not None and health.storage:
                     raise ServiceUnavailable(f"Job {job_id} cannot start: {health.storage}")
+                # What it waits for, once per job ahead: a queued job said nothing while another ran for hours.
+                ahead = waiting_behind(settings, job)
+                if ahead is not None and ahead != said_ahead:
+                    view.say(ahead)
+                    said_ahead = ahead
             time.sleep(poll)
+
+
+def waiting_behind(settings: Settings, job: Job) -> str | None:
+    """What a queued `job` waits for, as a line ("queued behind job … (NAME, step 3/40) and 2 more"); None when
+    the trainer lists none ahead of it or cannot be asked."""
+    try:
+        running = trainer_client.list_jobs(settings, limit=100, status="running")
+        running += trainer_client.list_jobs(settings, limit=100, status="cancelling")
+        queued = trainer_client.list_jobs(settings, limit=100, status="queued")
+    except LunaError:
+        return None
+    ahead = sorted(running, key=lambda j: j.created_at) + sorted(
+        (j for j in queued if j.created_at < job.created_at and j.id != job.id), key=lambda j: j.created_at
+    )
+    if not ahead:
+        return None
+    first, p = ahead[0], ahead[0].progress
+    step = f" at step {p.step}/{p.total_steps}" if first.status != "queued" and p.total_steps else ""
+    more = f" and {counted(len(ahead) - 1, 'more job')}" if len(ahead) > 1 else ""
+    return f"queued behind job {first.id} ({first.params.get('adapterName', '?')}, {first.status}{step}){more}"
 
 
 NOT_RECORDED: Any = object()  # `_recorded`'s job when the database was read and holds no such job
@@ -485,9 +520,12 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
     except KeyboardInterrupt as exc:
         said_interrupted()
         how = f"{exc.signum.name}: detached" if isinstance(exc, Signalled) else "Detached"
+        goes_on = "keeps running"
+        with contextlib.suppress(LunaError):  # a job still waiting is not said to run
+            goes_on = "stays queued" if trainer_client.get_job(settings, job_id).status == "queued" else goes_on
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
             typer.echo(
-                f"\n{how}; job {job_id} keeps running in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
+                f"\n{how}; job {job_id} {goes_on} in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "
                 f"state: `lunatrain jobs show {job_id}`; stop it: `lunatrain jobs cancel {job_id}`.",
                 err=True,
             )
