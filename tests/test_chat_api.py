@@ -82,6 +82,23 @@ def test_an_answer_has_openais_fields(client: TestClient) -> None:
     )
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert chunks and {c["system_fingerprint"] for c in chunks} == {body["system_fingerprint"]}
+    assert all("usage" not in c for c in chunks)  # not asked for: not sent
+    # Streaming repro: with include_usage the chunks before the last had no `usage` key (OpenAI sends null),
+    # and the usage chunk had no system_fingerprint.
+    counted = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "luna-tiny",
+            "messages": [{"role": "user", "content": "Hallo"}],
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True, "include_obfuscation": False},
+        },
+    )
+    chunks = [json.loads(line[6:]) for line in counted.text.splitlines() if line.startswith("data: {")]
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+    assert {c["system_fingerprint"] for c in chunks} == {body["system_fingerprint"]}
 
 
 def test_the_token_is_required_when_set(client: TestClient) -> None:
@@ -852,6 +869,36 @@ def test_a_length_over_any_bound_is_refused_naming_this_servers_cap(client: Test
         err = assert_openai_error(body, "invalid_request_error")
         assert err["message"] == f"{param} {wanted} is over this server's cap of 64 (ASSISTANT_INFER_MAX_TOKENS).", err
         assert err["param"] == param
+
+
+def test_a_stream_option_this_server_does_not_know_is_refused_by_name(client: TestClient) -> None:
+    """Streaming repro: vLLM's `stream_options.continuous_usage_stats` (usage on every chunk) was answered 200
+    with usage only at the end, where the same field at the top level is refused."""
+    for option in ("continuous_usage_stats", "foo"):
+        status, body = chat(client, stream=True, stream_options={"include_usage": True, option: True})
+        assert status == 400, body
+        err = assert_openai_error(body, "invalid_request_error")
+        assert (err["param"], err["code"]) == (f"stream_options.{option}", "unsupported_parameter"), err
+
+
+def test_an_unexpected_failure_of_a_plain_answer_is_in_openais_shape(client: TestClient, monkeypatch) -> None:
+    """Streaming repro: a fault nobody foresaw answered a plain request with lunatrain's `{code, message}`,
+    where a stream reports the same fault as OpenAI's `server_error`; the slot is given back."""
+    from lunatrain import serving
+
+    def broken(self):
+        raise RuntimeError("a fault nobody foresaw")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(serving.Generation, "step", broken)
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": "luna-tiny", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 2},
+        )
+    assert r.status_code == 500, r.text
+    err = assert_openai_error(r.json(), "server_error")
+    assert err["message"] == "Internal error; the server log has the details." and "foresaw" not in r.text
+    assert chat(client)[0] == 200
 
 
 def test_stream_options_without_a_stream_is_refused_as_openai_refuses_it(client: TestClient) -> None:

@@ -171,27 +171,29 @@ def _methods(request: Request, path: str | None = None) -> list[str]:
     return allowed
 
 
-async def _denied(request: Request, exc: Exception) -> JSONResponse:
-    """A file of the data root this server's user may not read: the storage's problem (503), said as such."""
-    from ..fsio import no_access
+def storage_fault(exc: Exception) -> LunaError | None:
+    """The storage's problem an exception of the operating system stands for (503): a file of the data root this
+    server's user may not read, or one this process cannot open for want of file descriptors; else None."""
+    from ..fsio import OUT_OF_FILES, no_access, out_of_files
 
-    assert isinstance(exc, PermissionError)
-    return await _luna(request, no_access(exc))
+    if isinstance(exc, PermissionError):
+        return no_access(exc)
+    if isinstance(exc, OSError) and exc.errno in OUT_OF_FILES:
+        return out_of_files(exc.filename or "a file")
+    return None
 
 
 async def _os_error(request: Request, exc: Exception) -> JSONResponse:
-    """A file a route reads that this process cannot open for want of file descriptors: 503, try again."""
-    from ..fsio import OUT_OF_FILES, out_of_files
+    fault = storage_fault(exc)
+    return await (_luna(request, fault) if fault is not None else _unexpected(request, exc))
 
-    assert isinstance(exc, OSError)
-    if exc.errno in OUT_OF_FILES:
-        return await _luna(request, out_of_files(exc.filename or "a file"))
-    return await _unexpected(request, exc)
+
+INTERNAL = "Internal error; the server log has the details."
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal", "Internal error; the server log has the details.")
+    return error_response(500, "internal", INTERNAL)
 
 
 def service_app(title: str, version: str, lifespan: Any, *, openai_prefix: str | None = None) -> FastAPI:
@@ -218,8 +220,7 @@ def install(app: FastAPI, *, openai_prefix: str | None = None) -> None:
     app.add_exception_handler(LunaError, _luna)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(PermissionError, _denied)
-    app.add_exception_handler(OSError, _os_error)
+    app.add_exception_handler(OSError, _os_error)  # PermissionError too
     app.add_exception_handler(Exception, _unexpected)
 
 

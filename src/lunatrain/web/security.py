@@ -158,6 +158,7 @@ OPENAI_TYPES = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    500: "server_error",
     503: "server_error",
 }
 

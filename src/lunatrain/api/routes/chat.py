@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -30,10 +31,12 @@ from ... import evalsuite, serving
 from ...errors import LunaError, UsageError, said
 from ...formats import NOT_UNICODE, is_unicode, join_parts
 from ...settings import Settings
-from ...web.handlers import not_json, undecodable_body
+from ...web.handlers import INTERNAL, not_json, storage_fault, undecodable_body
 from ...web.security import openai_error_body
 from ...wire import parse_iso
 from ..deps import SettingsDep, errors
+
+log = logging.getLogger("lunatrain.api")
 
 # --- wire models ----------------------------------------------------------------------------------
 
@@ -91,8 +94,14 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Other keys are refused by name (`_refuse_unsupported`): vLLM's continuous_usage_stats, answered as if it
+    # had been honoured, gave usage only at the end.
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
+
+
+# OpenAI's stream options that change nothing a client reads (padding against side channels): ignored.
+IGNORED_STREAM_OPTIONS = frozenset({"include_obfuscation"})
 
 
 # OpenAI's fields that change no answer (who asks, what to log, how fast): accepted and ignored. Any other field
@@ -293,6 +302,11 @@ class OpenAIRoute(APIRoute):
                 if (invalid := undecodable_body(exc)) is not None:
                     return _from_validation(invalid)
                 return openai_error(exc.status_code, str(exc.detail))
+            except Exception as exc:  # in OpenAI's shape too, as the stream reports the same fault
+                if (fault := storage_fault(exc)) is not None:
+                    return _from_luna(fault)
+                log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+                return openai_error(500, INTERNAL)
 
         return route
 
@@ -460,6 +474,10 @@ def _refuse_unsupported(body: ChatRequest) -> None:
             refuse("messages", f"message {i} calls tools, and this server calls no tools; send the turns without it.")
     if body.stream_options is not None and not body.stream:  # as OpenAI answers it: asked for, it would be ignored
         refuse("stream_options", "only allowed with stream: true.", code="invalid_value")
+    for field, value in ((body.stream_options and body.stream_options.model_extra) or {}).items():
+        if field not in IGNORED_STREAM_OPTIONS and value is not None:
+            refuse(f"stream_options.{field[:64]}", "this server does not know this stream option; send the request "
+                   "without it.", code="unsupported_parameter")  # fmt: skip
 
 
 def _sampling(body: ChatRequest, settings: Settings) -> serving.Sampling:
@@ -504,15 +522,21 @@ def _fingerprint(target: serving.Target) -> str:
     return "fp_" + hashlib.sha256(seen).hexdigest()[:12]
 
 
-def _chunk(ident: str, created: int, target: serving.Target, delta: dict, finish: str | None) -> str:
+def _chunk(
+    ident: str, created: int, target: serving.Target, delta: dict | None, finish: str | None, usage: Any = False
+) -> str:
+    """One event; `delta` None: the usage chunk (no choices). With include_usage every chunk has `usage`, null
+    but in the last, as OpenAI sends them (`usage` False: the key is left out)."""
     data = {
         "id": ident,
         "object": "chat.completion.chunk",
         "created": created,
         "model": target.model,
         "system_fingerprint": _fingerprint(target),
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
+    if usage is not False:
+        data["usage"] = usage
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -520,29 +544,19 @@ async def _events(gen: serving.Generation, ident: str, created: int, usage: bool
     """Server-sent events as OpenAI sends them: a role chunk, content chunks, a finish chunk, optionally a
     usage chunk, then `[DONE]`. A client that goes away cancels this at the next token; the finally frees
     the slot and the adapter either way."""
-    model = gen.target.model
+    none = None if usage else False  # each chunk's usage until the last
     try:
-        yield _chunk(ident, created, gen.target, {"role": "assistant", "content": ""}, None)
+        yield _chunk(ident, created, gen.target, {"role": "assistant", "content": ""}, None, none)
         while (piece := await run_in_threadpool(gen.step)) is not None:
-            yield _chunk(ident, created, gen.target, {"content": piece}, None)
-        yield _chunk(ident, created, gen.target, {}, gen.finish_reason or "stop")
+            yield _chunk(ident, created, gen.target, {"content": piece}, None, none)
+        yield _chunk(ident, created, gen.target, {}, gen.finish_reason or "stop", none)
         if usage:
-            data = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": _usage(gen).model_dump(),
-            }
-            yield f"data: {json.dumps(data)}\n\n"
+            yield _chunk(ident, created, gen.target, None, None, _usage(gen).model_dump())
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are sent: report in the stream, as OpenAI does, not as a 500
         message = exc.message if isinstance(exc, LunaError) else "Generation failed; the server log has the details."
         if not isinstance(exc, LunaError):
-            import logging
-
-            logging.getLogger("lunatrain.api").exception("chat stream failed", exc_info=exc)
+            log.exception("chat stream failed", exc_info=exc)
         yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     finally:
         gen.close()
