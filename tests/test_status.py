@@ -610,6 +610,15 @@ def test_a_cancelled_local_run_newer_than_the_last_trainer_job_is_the_last_job(s
     assert report["created"] and report["created"].endswith("Z"), report.get("created")
     last = training_status(settings, 0)["lastJob"]
     assert (last["status"], last["adapterName"], last["source"]) == ("cancelled", "lokal", "report"), last
+    # Reports repro: an in-process run's `created` was when it ended and `finished` null, where a trainer job's
+    # are its start and its end. The report is written as the run ends, its duration before.
+    from lunatrain.wire import seconds_between
+
+    assert last["finished"] == report["created"] and last["created"] < last["finished"], last
+    assert seconds_between(last["created"], last["finished"]) == pytest.approx(report["durationSeconds"], abs=0.002)
+    for edited in ({"created": 7}, {"durationSeconds": "long"}, {"durationSeconds": float("inf")}):
+        atomic_write_json(settings.lora_latest_report, report | edited)
+        assert training_status(settings, 0)["lastJob"]["created"] is None
 
 
 def test_last_prepare_says_when_it_checked_an_older_export(settings):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .formats import STATUSES, json_type
 from .fsio import read_json
 from .messages import coded, counted
 from .settings import Settings
+from .wire import iso, parse_iso
 
 DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `lunatrain luna`
 PROBE_TIMEOUT = 0.5  # seconds: status is polled, and an unreachable trainer must not hold it up
@@ -330,7 +332,7 @@ def _chosen_job(
     order = _made_after(job, run)
     if order is not None:
         return job if order else run
-    return job if str(active_at or "") >= str(run.get("created") or "") else run
+    return job if str(active_at or "") >= str(run.get("finished") or "") else run
 
 
 def _holds_job(settings: Settings, newest: dict[str, Any], job_id: str) -> bool:
@@ -455,6 +457,17 @@ def _last_local_run(settings: Settings, problems: Problems) -> dict[str, Any] | 
     if not isinstance(report, dict):
         return None
     metrics = report.get("metrics") or {}
+    # The report is written as the run ends: its `created` is when it finished, and it started its duration before.
+    # (A trainer job's `created` is when it was submitted, `finished` when it ended: the same fields, the same facts.)
+    ended, took = report.get("created"), report.get("durationSeconds")
+    try:
+        began = (
+            iso(parse_iso(ended) - timedelta(seconds=took))
+            if isinstance(ended, str) and type(took) in (int, float)
+            else None
+        )
+    except (ValueError, OverflowError):  # a report edited by hand: no start to tell
+        began = None
     return {
         "jobId": report.get("jobId"),
         "status": report.get("status"),
@@ -463,9 +476,9 @@ def _last_local_run(settings: Settings, problems: Problems) -> dict[str, Any] | 
         "version": report.get("version"),
         "revision": report.get("revision"),
         "baseModel": (report.get("baseModel") or {}).get("id") or (report.get("params") or {}).get("baseModel"),
-        "created": report.get("created"),
-        "finished": None,
-        "durationSeconds": report.get("durationSeconds"),
+        "created": began,
+        "finished": ended,
+        "durationSeconds": took,
         "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
         "error": report.get("error"),
         "gate": _gate_of(settings, report),

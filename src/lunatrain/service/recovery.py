@@ -156,7 +156,8 @@ def ended_by_its_report(settings: Settings, job_id: str, started_at: str | None,
         isinstance(report, dict)
         and report.get("jobId") == job_id
         and report.get("status") in ("succeeded", "failed", "cancelled")
-        and str(report.get("created") or "") >= str(started_at or "")  # a resumed job keeps its id
+        # when it ended (the report's `created`; status's view says it `finished`): a resumed job keeps its id
+        and str(report.get("finished") or report.get("created") or "") >= str(started_at or "")
         and not trainer_lock_held(settings)
     )
 
