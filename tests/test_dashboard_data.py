@@ -1385,6 +1385,19 @@ def test_a_page_opened_beside_a_stopped_trainer_asks_it_nothing_after_its_first_
     assert set(asked) == {"/assistant/training/lora/provider-health"}, asked
 
 
+def test_the_job_panel_beside_a_stopped_trainer_does_not_say_no_job_was_started(page, services: Services) -> None:
+    """German-page explore repro: with the trainer offline the job panel said "Kein Job gestartet." beside a
+    data panel naming the last job. It says the trainer is offline; with no job at all, that none was started."""
+    open_page(page, services)  # this module's trainer is not running: the job reads are refused (503)
+    expect(page.locator("#job-none")).to_have_text(
+        "Der Trainer ist offline: seine Jobs stehen hier, sobald er wieder läuft (den letzten nennt der Datenbereich)."
+    )
+    page.route("**/assistant/training/lora/jobs*", lambda route: route.fulfill(json={"data": [], "hasMore": False}))
+    answer(page, "**/assistant/training/lora/status", {"error": {"code": "not_found", "message": "none"}}, 404)
+    page.reload()
+    expect(page.locator("#job-none")).to_have_text("Kein Job gestartet.")
+
+
 def test_the_adapter_panel_says_it_could_read_its_list_again_when_the_same_list_comes_back(
     page, services: Services
 ) -> None:

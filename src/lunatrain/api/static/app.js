@@ -451,10 +451,13 @@ async function loadLatestJob() {
     // cancelled while an earlier one still runs); loadActive follows it.
     if ((await jobView.loadActive())?.length) return;
     const job = await api.latestJob();
+    sayNoJob("job.none");
     // A job started on this page while the answer was on its way is the one to follow, not this earlier one.
     if (job?.id && !jobView.jobId) jobView.follow(job);
   } catch (error) {
-    // 404: no job yet, which the panel already says. 503: the trainer is offline, which the header says.
+    // 404: no job yet, which the panel already says. 503: the trainer is offline, which the header says; the
+    // panel must not say "no job started" beside a data panel that names the last one.
+    sayNoJob(error.status === 503 ? "job.offline" : "job.none");
     if (error.status !== 404 && error.status !== 503) showError(error, t("job.heading"));
   } finally {
     $("training").removeAttribute("aria-busy");
@@ -466,15 +469,25 @@ async function loadLatestJob() {
  * among the unfinished ones, and the panel went on saying "no job" beside a data panel that named it; a job
  * that ended before the one shown (a queued one cancelled while it ran) must not replace the failure the
  * user is reading. */
+/** What the job panel says while it shows no job: `job.none`, or `job.offline` while the trainer cannot say. */
+function sayNoJob(key) {
+  const none = $("job-none");
+  if (none.dataset.i18n === key) return;
+  none.dataset.i18n = key;
+  none.textContent = t(key);
+}
+
 async function followNewest() {
   try {
     const job = await api.latestJob();
+    sayNoJob("job.none");
     const shown = jobView.job;
     if (job?.id && job.id !== jobView.jobId && (!shown || (FINAL_STATES.has(shown.status) && endedAfter(job, shown)))) {
       jobView.follow(job);
     }
-  } catch {
+  } catch (error) {
     // 404: no job yet; 503: the trainer is offline, which the header says. The next refresh asks again.
+    sayNoJob(error.status === 503 ? "job.offline" : "job.none");
   }
 }
 

@@ -154,6 +154,7 @@ const de = {
 
   "job.heading": "Aktueller Job",
   "job.none": "Kein Job gestartet.",
+  "job.offline": "Der Trainer ist offline: seine Jobs stehen hier, sobald er wieder läuft (den letzten nennt der Datenbereich).",
   "job.id": "Job",
   "job.status": "Status",
   "job.state": "Zustand",
@@ -722,6 +723,7 @@ const en = {
 
   "job.heading": "Current job",
   "job.none": "No job started.",
+  "job.offline": "The trainer is offline: its jobs show here once it runs again (the data panel names the last one).",
   "job.id": "Job",
   "job.status": "Status",
   "job.state": "State",
