@@ -487,6 +487,9 @@ def test_without_max_tokens_a_long_prompt_is_answered_up_to_the_end_of_the_conte
     assert explicit.status_code == 400, explicit.text
     err = assert_openai_error(explicit.json(), "invalid_request_error")
     assert err["code"] == "context_length_exceeded" and "max_tokens 1024" in err["message"]
+    # the numbers, for the dashboard to say in its language (its German page showed this English sentence)
+    assert err["params"]["maxTokens"] == 1024 and err["params"]["context"] == 4096, err
+    assert f"The prompt has {err['params']['tokens']} tokens" in err["message"]
 
 
 def test_without_max_tokens_only_a_prompt_that_fills_the_context_is_refused(client: TestClient) -> None:
@@ -504,6 +507,7 @@ def test_without_max_tokens_only_a_prompt_that_fills_the_context_is_refused(clie
         engine.start(engine.resolve("luna-tiny"), messages, sampling)
     assert refused.value.details["code"] == "context_length_exceeded"
     assert "leaves no room for an answer" in refused.value.message and "max_tokens" not in refused.value.message
+    assert set(refused.value.params) == {"tokens", "context"}
 
 
 def test_a_prompt_far_over_the_context_is_refused_before_it_is_rendered(client: TestClient, monkeypatch) -> None:
@@ -526,6 +530,7 @@ def test_a_prompt_far_over_the_context_is_refused_before_it_is_rendered(client: 
     with pytest.raises(LunaError) as refused:
         engine.start(target, messages, sampling)
     assert refused.value.details["code"] == "context_length_exceeded" and rendered == []
+    assert refused.value.params == {"chars": limit * serving.MAX_CHARS_PER_TOKEN + 1, "context": limit}
     assert refused.value.message == (
         f"The prompt has {limit * serving.MAX_CHARS_PER_TOKEN + 1} characters, more than the model's context of "
         f"{limit} tokens can hold."

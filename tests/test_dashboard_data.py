@@ -951,6 +951,36 @@ def test_send_by_keyboard_keeps_the_focus_on_send(page, services: Services) -> N
 
 
 @pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "Nachrichten und max_tokens überschreiten den Kontext des Modells: der Prompt hat 3.900 Tokens, mit "
+         "max_tokens 1.024, der Kontext 4.096 Tokens"),
+        ("?lang=en", "Messages and max_tokens exceed the model's context: the prompt has 3,900 tokens, with "
+         "max_tokens 1,024, the context 4,096 tokens"),
+    ],
+)  # fmt: skip
+def test_a_prompt_over_the_context_is_said_with_its_numbers_in_the_pages_language(page, services, query, said):
+    """German-page explore repro: the try panel said the context-length refusal as the server's English
+    sentence (its numbers in English) after the German short text. It says it with the numbers it carries."""
+    answer(
+        page, "**/v1/models*", {"object": "list", "data": [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]}
+    )
+    refused = {
+        "message": "The prompt has 3900 tokens; with max_tokens 1024 that is over the model's context of 4096 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+        "params": {"tokens": 3900, "maxTokens": 1024, "context": 4096},
+    }
+    answer(page, "**/v1/chat/completions", {"error": refused}, 400)
+    open_page(page, services, query)
+    page.locator("#try").scroll_into_view_if_needed()
+    page.locator("#try-prompt").fill("Hallo")
+    page.locator("#try-send").click()
+    expect(page.locator("#try-base-meta")).to_contain_text(said)
+
+
+@pytest.mark.parametrize(
     ("query", "typed", "said"), [("", "1.000", "mindestens 1.000"), ("?lang=en", "1,000", "least 1,000")]
 )
 def test_the_data_threshold_reads_a_grouped_number_in_the_pages_locale(

@@ -100,7 +100,7 @@ CODES: dict[str, str] = {
     "base_model_unavailable": "chat: the configured base model (ASSISTANT_BASE_MODEL) cannot be found or loaded",
     "invalid_messages": "chat: the chat template refuses the messages, or one contains a special token of the model",
     "chat.special_token": "chat: a message holds a special token of the model as text (message: its index, token)",
-    "context_length_exceeded": "chat: the messages and max_tokens exceed the model's context",
+    "context_length_exceeded": "chat: the messages and max_tokens exceed the model's context (chars or tokens, maxTokens where it was the excess, context)",
     "invalid_value": "chat: a parameter has an invalid value",
     "unsupported_parameter": "chat: a parameter this server does not serve (tools, functions, logit_bias)",
     "unsupported_value": "chat: a value this server cannot answer (tool_choice, response_format, logprobs)",

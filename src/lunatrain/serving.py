@@ -565,9 +565,10 @@ class Engine:
             limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
             chars = sum(len(m["content"]) for m in messages)
             if limit and chars > limit * MAX_CHARS_PER_TOKEN:  # before the render and the tokenizer, not after
-                raise UsageError(
+                raise _over_context(
                     f"The prompt has {chars} characters, more than the model's context of {limit} tokens can hold.",
-                    details={"param": "messages", "code": "context_length_exceeded"},
+                    chars=chars,
+                    context=limit,
                 )
             # read as the training data was stored (NFC, trimmed): the same visible text, the same tokens
             messages = [m | {"content": normalize_text(m["content"])} for m in messages]
@@ -582,17 +583,20 @@ class Engine:
             ids = tok(text, add_special_tokens=False)["input_ids"]
             if limit and sampling.up_to_context:
                 if len(ids) >= limit:
-                    raise UsageError(
+                    raise _over_context(
                         f"The prompt has {len(ids)} tokens, which leaves no room for an answer in the model's "
                         f"context of {limit} tokens.",
-                        details={"param": "messages", "code": "context_length_exceeded"},
+                        tokens=len(ids),
+                        context=limit,
                     )
                 sampling = replace(sampling, max_tokens=min(sampling.max_tokens, limit - len(ids)))
             elif limit and len(ids) + sampling.max_tokens > limit:
-                raise UsageError(
+                raise _over_context(
                     f"The prompt has {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is over the "
                     f"model's context of {limit} tokens.",
-                    details={"param": "messages", "code": "context_length_exceeded"},
+                    tokens=len(ids),
+                    maxTokens=sampling.max_tokens,
+                    context=limit,
                 )
             return Generation(self, target, loaded, tok, ids, sampling)
         except Exception:
@@ -806,6 +810,17 @@ class Slots:
     @property
     def busy(self) -> int:
         return self._busy
+
+
+def _over_context(sentence: str, **params: int) -> UsageError:
+    """A prompt the model's context cannot take, with OpenAI's code and the numbers (the dashboard says them in
+    its language: the prompt's characters or tokens, max_tokens where it was the excess, the context)."""
+    return UsageError(
+        sentence,
+        code="context_length_exceeded",
+        params=params,
+        details={"param": "messages", "code": "context_length_exceeded"},
+    )
 
 
 def _refuse_control_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> None:

@@ -476,6 +476,10 @@ const de = {
   "msg.invalid_messages": "Die Nachrichten passen nicht zum Chat-Template oder enthalten ein Steuerzeichen des Modells",
   "msg.chat.special_token": "Die Nachricht enthält das Spezial-Token „{token}“, das das Modell als Steuerzeichen läse, nicht als Text; bitte aus der Nachricht entfernen",
   "msg.context_length_exceeded": "Nachrichten und max_tokens überschreiten den Kontext des Modells",
+  "msg.context_length_exceeded.chars": ": der Prompt hat {chars} Zeichen",
+  "msg.context_length_exceeded.tokens": ": der Prompt hat {tokens} Tokens",
+  "msg.context_length_exceeded.maxTokens": ", mit max_tokens {maxTokens}",
+  "msg.context_length_exceeded.context": ", der Kontext {context} Tokens",
   "msg.invalid_value": "Ein Parameter hat einen ungültigen Wert",
   "msg.unsupported_parameter": "Dieser Server unterstützt den Parameter nicht (Werkzeuge, logit_bias); ohne ihn senden",
   "msg.unsupported_value": "Diesen Wert kann dieser Server nicht beantworten (Werkzeugwahl, JSON-Modus, Log-Wahrscheinlichkeiten)",
@@ -1043,6 +1047,10 @@ const en = {
   "msg.invalid_messages": "The messages do not fit the chat template or contain one of the model's control tokens",
   "msg.chat.special_token": "The message holds the special token “{token}”, which the model would read as a control token, not as text; remove it from the message",
   "msg.context_length_exceeded": "Messages and max_tokens exceed the model's context",
+  "msg.context_length_exceeded.chars": ": the prompt has {chars} characters",
+  "msg.context_length_exceeded.tokens": ": the prompt has {tokens} tokens",
+  "msg.context_length_exceeded.maxTokens": ", with max_tokens {maxTokens}",
+  "msg.context_length_exceeded.context": ", the context {context} tokens",
   "msg.invalid_value": "A parameter has an invalid value",
   "msg.unsupported_parameter": "This server does not support the parameter (tools, logit_bias); send the request without it",
   "msg.unsupported_value": "This server cannot answer that value (tool choice, JSON mode, log-probabilities)",
@@ -1233,7 +1241,7 @@ function contextKeys(changed) {
 }
 
 // Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.
-const OPTIONAL_PARTS = ["folder", "acrossSplits", "step"];
+const OPTIONAL_PARTS = ["folder", "acrossSplits", "step", "chars", "tokens", "maxTokens", "context"];
 
 // Sub-codes whose sentence says all by itself: a trainer that answered (`service_unavailable`, "not reachable"),
 // an adapter whose own files are damaged (`storage_error`, "the data root's storage failed").
