@@ -267,8 +267,8 @@ def submit_or_join(
     request_id: str | None = None,
 ) -> tuple[Any, bool]:
     """`submit`, unless a job queued or running already trains these parameters on the data exported now
-    (`joinable_twin`): that job then, and True. Two tabs pressing Start within a second queued two jobs that
-    trained one export to two versions of the same weights. A requestId that names a job is that job."""
+    (`joinable_twin`) and no `request_id` is given: that job then, and True. Two tabs pressing Start within a
+    second queued two jobs that trained one export to two versions of the same weights."""
     return _submit(settings, params, options, thresholds, request_id, join=True)
 
 
@@ -296,10 +296,10 @@ def _submit(
     check_data(settings, params, options)
     ensure_trainer(settings)
     with _SUBMITTING:
-        if join and (request_id is None or client.check(settings, params, options, request_id, thresholds) is None):
-            twin = joinable_twin(settings, params, options, thresholds)
-            if twin is not None:
-                return twin, True
+        # A start with a requestId is its client's own: a retry must find the job that id names, and a joined
+        # job does not carry it (the retry after that job ended would train the data again).
+        if join and request_id is None and (twin := joinable_twin(settings, params, options, thresholds)) is not None:
+            return twin, True
         return client.submit(settings, params, options, request_id, thresholds), False
 
 
