@@ -891,7 +891,12 @@ def test_a_luna_profile_that_does_not_load_is_a_problem_of_status_not_its_refusa
     assert coded["code"] == "status.profile_unusable" and coded["params"]["path"] == str(path), coded
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         answer = client.get("/assistant/training/status")
+        # German-page explore repro: the dashboard asks with its own minCurated, and then the broken profile
+        # (which `luna` refuses) was in no problem at all.
+        given = client.get("/assistant/training/status", params={"minCurated": 12}).json()
     assert answer.status_code == 200 and answer.json()["problems"] == [problem], answer.text
+    assert given["minCurated"] == 12 and [c["code"] for c in given["problemCodes"]] == ["status.profile_broken"]
+    assert given["problems"][0].endswith("; `lunatrain luna` refuses to run until it is fixed."), given["problems"]
     text = CliRunner().invoke(app, ["status"])
     assert text.exit_code == 0 and "epoch: unknown parameter" in text.output, text.output
 

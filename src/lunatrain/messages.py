@@ -288,6 +288,7 @@ CODES: dict[str, str] = {
     "status.api_outdated": "lunatrain was updated since this API server started; restart `lunatrain serve`",
     "status.profile_unusable": "the user's luna profile does not load; the bundled one's minCurated stands in "
     "(path, reason, minCurated)",
+    "status.profile_broken": "the user's luna profile does not load, so `lunatrain luna` refuses to run (path, reason)",
     "check.estimate.measured_ranks": "steps and time on the trainer's processes, from the last job's speed, and a "
     "local run's steps (steps, seconds, device, ranks, localSteps)",
     "check.estimate.computed_ranks": "steps and time on the trainer's processes, estimated from model size, and a "

@@ -29,19 +29,29 @@ DEFAULT_PROFILE = "luna"  # whose minCurated applies when none is given, as in `
 PROBE_TIMEOUT = 0.5  # seconds: status is polled, and an unreachable trainer must not hold it up
 
 
-def default_min_curated(settings: Settings, problems: Problems) -> int:
-    """The Luna profile's minCurated (30 as shipped; a profile of your own in <data root>/profiles wins). One
-    of the user's that does not load is a problem status names, not its refusal: status is where a user looks
-    for what is wrong; the bundled profile's value stands in meanwhile."""
+def default_min_curated(settings: Settings, problems: Problems, given: int | None = None) -> int:
+    """The Luna profile's minCurated (30 as shipped; a profile of your own in <data root>/profiles wins), or
+    `given`. One of the user's that does not load is a problem status names, not its refusal: status is where a
+    user looks for what is wrong (also when the caller gives its own minCurated, as the dashboard does: `luna`
+    refuses to run all the same); the bundled profile's value stands in meanwhile."""
     from .errors import LunaError
     from .profiles import load_profile, profile_path
 
     try:
-        return load_profile(settings, DEFAULT_PROFILE).resolve()[1].min_curated
+        own = load_profile(settings, DEFAULT_PROFILE).resolve()[1].min_curated
+        return own if given is None else given
     except LunaError as err:
         bundled = load_profile(settings, DEFAULT_PROFILE, bundled_only=True).resolve()[1].min_curated
         path = str(profile_path(settings, DEFAULT_PROFILE))
         reason = err.message.rstrip(".").removeprefix(f"Profile {path} ").removeprefix(f"Profile {path}: ")
+        if given is not None:
+            problems.add(
+                f"The profile {path} cannot be used ({reason}); `lunatrain luna` refuses to run until it is fixed.",
+                "status.profile_broken",
+                path=path,
+                reason=reason,
+            )
+            return given
         problems.add(
             f"The profile {path} cannot be used ({reason}); minCurated is the bundled {DEFAULT_PROFILE} "
             f"profile's ({bundled}) until it is fixed.",
@@ -72,8 +82,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
     from . import store
 
     problems = Problems()
-    if min_curated is None:
-        min_curated = default_min_curated(settings, problems)
+    min_curated = default_min_curated(settings, problems, min_curated)
     if min_curated < 0:
         from .errors import UsageError
 
