@@ -884,6 +884,11 @@ def test_a_stream_option_this_server_does_not_know_is_refused_by_name(client: Te
         assert status == 400, body
         err = assert_openai_error(body, "invalid_request_error")
         assert (err["param"], err["code"]) == (f"stream_options.{option}", "unsupported_parameter"), err
+        assert err["message"].startswith(f"stream_options.{option}: "), err  # unquoted, as every parameter
+    # null is "not sent", for the option this server knows as for an unknown one
+    body = {"model": "luna-tiny", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 1, "stream": True}
+    sent = client.post("/v1/chat/completions", json=body | {"stream_options": {"include_usage": None, "foo": None}})
+    assert sent.status_code == 200 and sent.text.endswith("data: [DONE]\n\n"), sent.text
 
 
 def test_an_unexpected_failure_of_a_plain_answer_is_in_openais_shape(client: TestClient, monkeypatch) -> None:
@@ -903,6 +908,7 @@ def test_an_unexpected_failure_of_a_plain_answer_is_in_openais_shape(client: Tes
     assert r.status_code == 500, r.text
     err = assert_openai_error(r.json(), "server_error")
     assert err["message"] == "Internal error; the server log has the details." and "foresaw" not in r.text
+    assert err["code"] == "internal"  # review: null left the dashboard with an untranslated "http_500"
     assert chat(client)[0] == 200
 
 

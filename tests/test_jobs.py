@@ -196,6 +196,30 @@ def test_a_job_of_the_overwrite_slot_is_listed_with_its_revision(store):
     assert summary(versioned) == "adapter ow@v2 (data/adapters/ow/v2), val loss 8.4649"
 
 
+def test_a_job_deep_in_a_long_queue_counts_every_job_ahead_in_the_queues_order(store, monkeypatch):
+    """Review repro: with 110 jobs queued, only the newest 100 were read, so an early job was said to wait behind
+    none more, later ones behind 40 where 51 were ahead; and the jobs ahead were ordered by their clock times,
+    where the queue runs in the order it took them."""
+    from lunatrain.cli import trainer as cli_trainer
+    from lunatrain.service import client
+    from lunatrain.service.jobs import JobList
+
+    waiting = [queued(store) for _ in range(110)]
+    running = waiting[0].model_copy(update={"id": "ftjob-" + "0" * 24, "status": "running"})
+    newest_first = list(reversed(waiting))
+
+    def page(_settings, *, limit=20, offset=0, status=None):
+        jobs = {"running": [running], "queued": newest_first}.get(status, [])
+        return JobList(data=jobs[offset : offset + min(limit, 100)], has_more=offset + min(limit, 100) < len(jobs))
+
+    monkeypatch.setattr(client, "job_page", page)
+    first = cli_trainer.waiting_behind(None, waiting[0])
+    assert first is not None and first[0] == (running.id, 1) and first[1].endswith(", running)"), first
+    key, line = cli_trainer.waiting_behind(None, waiting[60])
+    assert key == (running.id, 61) and line.endswith(" and 60 more jobs"), line
+    assert cli_trainer.waiting_behind(None, waiting[109])[0] == (running.id, 110)
+
+
 def test_progress_lines_never_say_100_percent_before_the_last_step(store):
     """Numbers repro: `step 480/482 (100%)` while the JSON said 99.59: whole percents are cut, not rounded."""
     from lunatrain.progress import event_line

@@ -400,10 +400,17 @@ class _Bar:
 
 
 def follow(
-    settings: Settings, job_id: str, *, poll: float = 0.5, unreachable_s: float = 15.0, stderr: bool = False
+    settings: Settings,
+    job_id: str,
+    *,
+    poll: float = 0.5,
+    unreachable_s: float = 15.0,
+    stderr: bool = False,
+    seen: dict[str, Any] | None = None,
 ) -> Job:
     """Show a job's events as they come (on stderr with `stderr`) until it ends; return the final job.
-    Ctrl-C raises KeyboardInterrupt."""
+    Ctrl-C raises KeyboardInterrupt. `seen["status"]`: the job's state at the last poll (what a detach says)."""
+    seen = {} if seen is None else seen
     after, lost_since, said_ahead = 0, None, None
     with _Bar(job_id, stderr) if is_tty(stderr) else _Plain(stderr) as view:
         while True:
@@ -415,6 +422,7 @@ def follow(
                 if page.has_more:
                     continue
                 job = trainer_client.get_job(settings, job_id)
+                seen["status"] = job.status
                 # Ended, and no event came after the last one shown: asked here, where a trainer gone in
                 # this moment (one stops after an update once idle) is read from its database below.
                 done = job.finished and not trainer_client.events(settings, job_id, after=after, limit=1).data
@@ -456,32 +464,43 @@ def follow(
                 health = trainer_client.probe(settings)
                 if health is not None and health.storage:
                     raise ServiceUnavailable(f"Job {job_id} cannot start: {health.storage}")
-                # What it waits for, once per job ahead: a queued job said nothing while another ran for hours.
+                # What it waits for, once per change of the jobs ahead: a queued job said nothing while another
+                # ran for hours (not at each poll: the step of the one ahead moves on).
                 ahead = waiting_behind(settings, job)
-                if ahead is not None and ahead != said_ahead:
-                    view.say(ahead)
-                    said_ahead = ahead
+                if ahead is not None and ahead[0] != said_ahead:
+                    view.say(ahead[1])
+                    said_ahead = ahead[0]
             time.sleep(poll)
 
 
-def waiting_behind(settings: Settings, job: Job) -> str | None:
-    """What a queued `job` waits for, as a line ("queued behind job … (NAME, step 3/40) and 2 more"); None when
-    the trainer lists none ahead of it or cannot be asked."""
+def waiting_behind(settings: Settings, job: Job) -> tuple[tuple[str, int], str] | None:
+    """What a queued `job` waits for: a key that changes only when the jobs ahead do (the first one, how many),
+    and a line saying it ("queued behind job … (NAME, running at step 3/40) and 2 more jobs"); None when the
+    trainer lists none ahead of it or cannot be asked."""
     try:
-        running = trainer_client.list_jobs(settings, limit=100, status="running")
-        running += trainer_client.list_jobs(settings, limit=100, status="cancelling")
-        queued = trainer_client.list_jobs(settings, limit=100, status="queued")
+        running = _all_jobs(settings, "running") + _all_jobs(settings, "cancelling")
+        queued = _all_jobs(settings, "queued")  # newest first, as the queue holds them: the older ones run first
     except LunaError:
         return None
-    ahead = sorted(running, key=lambda j: j.created_at) + sorted(
-        (j for j in queued if j.created_at < job.created_at and j.id != job.id), key=lambda j: j.created_at
-    )
+    ids = [j.id for j in queued]
+    ahead = running + (list(reversed(queued[ids.index(job.id) + 1 :])) if job.id in ids else [])
     if not ahead:
         return None
     first, p = ahead[0], ahead[0].progress
     step = f" at step {p.step}/{p.total_steps}" if first.status != "queued" and p.total_steps else ""
     more = f" and {counted(len(ahead) - 1, 'more job')}" if len(ahead) > 1 else ""
-    return f"queued behind job {first.id} ({first.params.get('adapterName', '?')}, {first.status}{step}){more}"
+    line = f"queued behind job {first.id} ({first.params.get('adapterName', '?')}, {first.status}{step}){more}"
+    return (first.id, len(ahead)), line
+
+
+def _all_jobs(settings: Settings, status: str) -> list[Job]:
+    """Every job of `status`, newest first, page by page (a queue may hold hundreds)."""
+    jobs: list[Job] = []
+    while True:
+        page = trainer_client.job_page(settings, limit=500, offset=len(jobs), status=status)
+        jobs += page.data
+        if not page.has_more or not page.data:
+            return jobs
 
 
 NOT_RECORDED: Any = object()  # `_recorded`'s job when the database was read and holds no such job
@@ -514,15 +533,16 @@ def follow_and_report(settings: Settings, job_id: str, *, stderr: bool = False) 
     """Follow the job, print its outcome (on stderr with `stderr`: `lora --json`, whose stdout is the outcome
     document) and return the job as it ended. Ctrl-C prints how to come back and exits 130 (typer.Exit, so
     that callers such as `lunatrain lora` end the same way)."""
+    seen: dict[str, Any] = {}
     try:
         with stops_as_interrupts():  # `timeout` or a closed terminal: said as Ctrl-C is, not a silent end
-            job = follow(settings, job_id, stderr=stderr)
+            job = follow(settings, job_id, stderr=stderr, seen=seen)
     except KeyboardInterrupt as exc:
         said_interrupted()
         how = f"{exc.signum.name}: detached" if isinstance(exc, Signalled) else "Detached"
-        goes_on = "keeps running"
-        with contextlib.suppress(LunaError):  # a job still waiting is not said to run
-            goes_on = "stays queued" if trainer_client.get_job(settings, job_id).status == "queued" else goes_on
+        # A job still waiting is not said to run: its state as the last poll saw it (asking the trainer again
+        # here would keep a detach waiting on one that does not answer).
+        goes_on = "stays queued" if seen.get("status") == "queued" else "keeps running"
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
             typer.echo(
                 f"\n{how}; job {job_id} {goes_on} in the trainer. Follow it: `lunatrain jobs follow {job_id}`; "

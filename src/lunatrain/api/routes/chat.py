@@ -97,7 +97,7 @@ class StreamOptions(BaseModel):
     # Other keys are refused by name (`_refuse_unsupported`): vLLM's continuous_usage_stats, answered as if it
     # had been honoured, gave usage only at the end.
     model_config = ConfigDict(extra="allow", strict=True)
-    include_usage: bool = False
+    include_usage: bool | None = False  # null: not sent, as for the request's own fields
 
 
 # OpenAI's stream options that change nothing a client reads (padding against side channels): ignored.
@@ -306,7 +306,7 @@ class OpenAIRoute(APIRoute):
                 if (fault := storage_fault(exc)) is not None:
                     return _from_luna(fault)
                 log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-                return openai_error(500, INTERNAL)
+                return openai_error(500, INTERNAL, code="internal")  # the code the dashboard says in its language
 
         return route
 
@@ -440,7 +440,7 @@ def _refuse_unsupported(body: ChatRequest) -> None:
 
     def refuse(param: str, words: str, code: str = "unsupported_value") -> None:
         # a field name that is no plain word ("", one with a newline) is quoted, so the sentence shows it
-        said = param if param.isidentifier() else json.dumps(param)
+        said = param if all(part.isidentifier() for part in param.split(".")) else json.dumps(param)
         raise UsageError(f"{said}: {words}", details={"param": param, "code": code})
 
     for param in ("tools", "functions"):
@@ -557,7 +557,8 @@ async def _events(gen: serving.Generation, ident: str, created: int, usage: bool
         message = exc.message if isinstance(exc, LunaError) else "Generation failed; the server log has the details."
         if not isinstance(exc, LunaError):
             log.exception("chat stream failed", exc_info=exc)
-        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        code = exc.code if isinstance(exc, LunaError) else "internal"
+        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': code}})}\n\n"
     finally:
         gen.close()
 
