@@ -517,6 +517,20 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     return _load(params, settings, base, device, data, world)
 
 
+def _token_rows(model: Any, ids: list[int]) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's `trainable_token_indices` for the template markers `ids` added to the vocabulary: their rows of the
+    input embeddings, and of the output layer where it is a weight of its own (untied: Mistral, Llama 3 8B,
+    Qwen2.5 7B). A list trains the input rows alone, and the untrained output row of an added end-of-turn
+    token is one the model can hardly ever predict: it would not learn to stop."""
+    if not ids:
+        return None
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or getattr(outputs, "weight", None) is inputs.weight:
+        return ids
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return {names[inputs]: ids, names[outputs]: ids}
+
+
 def refuse_special_tokens(params: LoraParams, tokenizer: Any, data: Any) -> None:
     """CheckFailed for data with a literal special token in its text, as prepare fails it: the tokenizer reads
     a typed `<|im_start|>` as a turn header, a typed `<|im_end|>` as a stop in the middle of an answer. A run
@@ -671,7 +685,7 @@ def load_lora_model(
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
-        trainable_token_indices=new_ids or None,
+        trainable_token_indices=_token_rows(model, new_ids),
     )
     try:
         with peft_wrapping():
