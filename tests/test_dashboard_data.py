@@ -1554,6 +1554,104 @@ def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(
     expect(choice).to_have_text(["luna-adapter@v1"])
 
 
+def _sse(text: str, model: str) -> str:
+    chunk = {"model": model, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+    done = {"model": model, "choices": [], "usage": {"completion_tokens": 1}}
+    return f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(done)}\n\ndata: [DONE]\n\n"
+
+
+def test_a_column_the_busy_server_turned_away_waits_for_it_and_answers(page, services: Services) -> None:
+    """Try-panel explore repro: with ASSISTANT_INFER_MAX_CONCURRENT=1 the server turns the second of the two
+    columns' requests away at once (429, Retry-After), and that column showed the error on every Send. It waits
+    for the server, saying so, and answers."""
+    busy = {"error": {"message": "The server is busy.", "type": "rate_limit_error", "param": None, "code": "busy"}}
+    turned_away: list[str] = []
+
+    def chat(route) -> None:
+        model = json.loads(route.request.post_data)["model"]
+        if model != "luna-tiny" and not turned_away:
+            turned_away.append(model)
+            route.fulfill(status=429, json=busy, headers={"Retry-After": "1"})
+        else:
+            route.fulfill(status=200, content_type="text/event-stream", body=_sse(f"Antwort von {model}", model))
+
+    route_models(page, {"active": True})
+    page.route("**/v1/chat/completions", chat)
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-model option")).to_have_count(2)
+    page.locator("#try-prompt").fill("Hallo?")
+    page.locator("#try-send").click()
+    expect(page.locator("#try-base")).to_have_text("Antwort von luna-tiny")
+    expect(page.locator("#try-adapter")).to_have_text("Antwort von luna-adapter")
+    expect(page.locator("#try-adapter-meta")).not_to_contain_text("Fehler")
+    assert turned_away == ["luna-adapter"]
+
+
+def test_an_example_clicked_while_answers_stream_sends_no_second_pair(page, services: Services) -> None:
+    """Try-panel explore repro: the example buttons stayed active while answers streamed; a second click (or a
+    double click) sent a second pair of requests whose pieces were written into the same boxes as the first's
+    ("GesGes.GesGes."). One question at a time, as Send; then the buttons take clicks again."""
+    pending: list = []
+    route_models(page, {"active": True})
+    page.route("**/v1/chat/completions", lambda route: pending.append(route))  # held: still generating
+    answer(page, "**/assistant/chat/examples", {"examples": [{"id": "hi", "prompt": "Wer bist du?", "messages": []}]})
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-model option")).to_have_count(2)
+    example = page.locator("#try-example-list button")
+    example.click()
+    expect(example).to_have_attribute("aria-disabled", "true")
+    example.click(force=True)  # a user's click all the same
+    example.dblclick(force=True)
+    page.evaluate("() => new Promise((done) => setTimeout(done, 300))")  # a second pair would be asked by now
+    assert len(pending) == 2, [r.request.post_data for r in pending]
+    for route in pending:
+        model = json.loads(route.request.post_data)["model"]
+        route.fulfill(status=200, content_type="text/event-stream", body=_sse("Luna.", model))
+    expect(page.locator("#try-base")).to_have_text("Luna.")
+    expect(example).not_to_have_attribute("aria-disabled", "true")
+
+
+def test_the_adapter_column_is_cleared_when_no_adapter_is_left_to_ask(page, services: Services) -> None:
+    """Try-panel explore repro: once no adapter was left (deactivated elsewhere), a Send left the adapter column
+    with the last version's heading and "Fertig · 1 Token" beside an empty answer."""
+    served = {"active": True}
+    page.clock.install()
+    page.route(
+        "**/v1/models",
+        lambda route: route.fulfill(
+            json={
+                "object": "list",
+                "data": [{"id": "luna-tiny", "object": "model", "owned_by": "base"}]
+                + ([{"id": "luna-adapter@v1", "object": "model", "owned_by": "lunatrain"}] if served["active"] else []),
+            }
+        ),
+    )
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="text/event-stream",
+            body=_sse("Luna.", json.loads(route.request.post_data)["model"]),
+        ),
+    )
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-model option")).to_have_count(1)
+    page.locator("#try-prompt").fill("Hallo?")
+    page.locator("#try-send").click()
+    expect(page.locator("#try-adapter")).to_have_text("Luna.")
+    served["active"] = False
+    page.clock.run_for(16_000)  # the background refresh: no adapter left
+    expect(page.locator("#try-model")).to_be_disabled()
+    page.locator("#try-send").click()
+    expect(page.locator("#try-base-meta")).to_contain_text("Fertig")
+    expect(page.locator("#try-adapter")).to_have_text("")
+    expect(page.locator("#try-adapter-meta")).to_have_text("")
+    expect(page.locator("#try-adapter-label")).to_have_text("Adapter")
+
+
 def test_a_changed_model_list_leaves_send_disabled_while_an_answer_is_on_its_way(page, services: Services) -> None:
     """Review repro: the background refresh redrew the model choice when it changed, and with it turned Send
     on again while the answer to the first question was still on its way: a second click sent a second

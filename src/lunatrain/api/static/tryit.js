@@ -10,6 +10,11 @@ const DEFAULT_MAX_TOKENS = 128;
 const $ = (id) => document.getElementById(id);
 
 /** POST a streamed chat request; `onPiece(text)` per content delta. Resolves {finish, usage, model}. */
+// How long a column waits for a busy server (429) to take it: one try a second, for up to ten minutes (an
+// answer of the other column that runs long on a slow CPU).
+const BUSY_WAIT_MS = 1000;
+const BUSY_TRIES = 600;
+
 export async function streamChat(body, onPiece) {
   let response;
   const headers = authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" });
@@ -192,6 +197,8 @@ export class TryPanel {
   }
 
   useExample(example) {
+    // While answers stream, a second pair would write into the same boxes: one question at a time, as Send.
+    if (this.asking) return;
     this.prompt.value = example.prompt;
     this.messages = example.messages;
     this.maxTokens = Math.min(example.max_tokens ?? DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS * 4);
@@ -199,6 +206,7 @@ export class TryPanel {
   }
 
   async ask() {
+    if (this.asking) return;
     const text = this.prompt.value.trim();
     if (!text) {
       this.prompt.setAttribute("aria-invalid", "true");
@@ -217,19 +225,32 @@ export class TryPanel {
     const messages = this.messages ?? [{ role: "user", content: text }];
     const columns = [["base", this.base]];
     if (!this.select.disabled && this.select.value) columns.push(["adapter", this.select.value]);
-    else this.column("adapter").text.textContent = "";
+    else this.clearColumn("adapter"); // no adapter any more: not the last one's heading and token count
     const hadFocus = document.activeElement === this.send;
+    this.asking = true;
     this.send.disabled = true;
     this.send.setAttribute("aria-busy", "true");
+    const examples = [...document.querySelectorAll("#try-example-list button")];
+    examples.forEach((button) => button.setAttribute("aria-disabled", "true")); // said, and keeping the focus
     try {
       await Promise.all(columns.map(([key, model]) => this.answer(key, model, messages)));
     } finally {
+      this.asking = false;
+      examples.forEach((button) => button.removeAttribute("aria-disabled"));
       this.send.disabled = false;
       this.send.removeAttribute("aria-busy");
       // Disabling Send sent the focus to the page's start: give it back to the keyboard user who pressed it.
       const lost = document.activeElement === null || document.activeElement === document.body;
       if (hadFocus && lost) this.send.focus();
     }
+  }
+
+  clearColumn(key) {
+    const col = this.column(key);
+    col.text.textContent = "";
+    col.meta.textContent = "";
+    delete col.box.dataset.state;
+    if (col.label.dataset.i18n) col.label.textContent = t(col.label.dataset.i18n);
   }
 
   column(key) {
@@ -243,8 +264,20 @@ export class TryPanel {
     col.box.setAttribute("aria-busy", "true");
     col.box.dataset.state = "streaming";
     try {
-      const result = await streamChat({ model, messages, temperature: 0, max_tokens: this.maxTokens },
-        (piece) => col.text.append(piece));
+      const body = { model, messages, temperature: 0, max_tokens: this.maxTokens };
+      let result;
+      // A server that answers one request at a time (ASSISTANT_INFER_MAX_CONCURRENT=1) turns the second
+      // column away at once (429): it waits for the first, as a client is told to, instead of failing.
+      for (let tries = 1; ; tries += 1) {
+        try {
+          result = await streamChat(body, (piece) => col.text.append(piece));
+          break;
+        } catch (error) {
+          if (error.status !== 429 || tries >= BUSY_TRIES) throw error;
+          col.meta.textContent = t("try.waiting");
+          await new Promise((done) => setTimeout(done, BUSY_WAIT_MS));
+        }
+      }
       if (key === "adapter") col.label.textContent = t("try.adapter", { model: result.model });
       const tokens = result.usage ? formatNumber(result.usage.completion_tokens) : "–";
       col.meta.textContent = t(result.finish === "length" ? "try.cut" : "try.done", { tokens });
