@@ -1588,6 +1588,36 @@ def test_a_column_the_busy_server_turned_away_waits_for_it_and_answers(page, ser
     assert turned_away == ["luna-adapter"]
 
 
+def test_a_listed_version_whose_files_are_gone_is_said_in_the_pages_language(page, services: Services) -> None:
+    """Try-panel explore repro: a version the panel still listed, whose files were deleted, answered "Dieses
+    Modell wird hier nicht angeboten: The files of … are missing …": the rest of the sentence in English."""
+    gone = {
+        "message": "The files of luna-adapter@v1 are missing under data/adapters (adapter_config.json); train it again.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+        "params": {"missing": ["adapter_config.json"]},
+    }
+    route_models(page, {"active": True})
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: (
+            route.fulfill(status=404, json={"error": gone})
+            if json.loads(route.request.post_data)["model"] != "luna-tiny"
+            else route.fulfill(status=200, content_type="text/event-stream", body=_sse("Hallo.", "luna-tiny"))
+        ),
+    )
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()
+    expect(page.locator("#try-model option")).to_have_count(2)
+    page.locator("#try-prompt").fill("Hallo?")
+    page.locator("#try-send").click()
+    expect(page.locator("#try-adapter-meta")).to_have_text(
+        "Fehler: Dieses Modell wird hier nicht angeboten: seine Dateien fehlen unter data/adapters "
+        "(adapter_config.json); neu trainieren"
+    )
+
+
 def test_an_example_clicked_while_answers_stream_sends_no_second_pair(page, services: Services) -> None:
     """Try-panel explore repro: the example buttons stayed active while answers streamed; a second click (or a
     double click) sent a second pair of requests whose pieces were written into the same boxes as the first's

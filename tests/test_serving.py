@@ -441,6 +441,9 @@ def test_a_version_whose_files_are_gone_is_model_not_found_naming_the_file(setti
     ) as info:
         engine.resolve(f"{name}@{version}")
     assert info.value.details["code"] == "model_not_found"
+    # Try-panel repro: a page that still lists it said "no such model is served here" and then the English
+    # sentence; which files are gone goes along, for the page to say it in its language.
+    assert info.value.code == "model_not_found" and info.value.params == {"missing": [gone]}
     # Repro: /v1/models still listed it (name and version), each a 404 when asked for; it lists what it serves.
     assert not {name, f"{name}@{version}"} & {m["id"] for m in engine.models()}
     assert "luna-adapter@v1" in {m["id"] for m in engine.models()}  # the others stay listed

@@ -95,7 +95,7 @@ CODES: dict[str, str] = {
     "rate_limit_error": "chat: all answer slots are busy; retry shortly",
     "rate_limit_exceeded": "chat: all answer slots are busy; retry shortly",
     "server_error": "chat: the answer failed on the server",
-    "model_not_found": "chat: no such model is served here",
+    "model_not_found": "chat: no such model is served here (missing: the files a listed version lacks, when that is why)",
     "model_base_mismatch": "chat: the adapter was trained on another base model than the one served",
     "base_model_unavailable": "chat: the configured base model (ASSISTANT_BASE_MODEL) cannot be found or loaded",
     "invalid_messages": "chat: the chat template refuses the messages, or one contains a special token of the model",

@@ -1035,7 +1035,9 @@ def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
     if missing := missing_files(settings, entry):
         raise NotFound(
             f"The files of {entry.get('name')}@{entry.get('version')} are missing under data/adapters "
-            f"({', '.join(missing)}); train it again."
+            f"({', '.join(missing)}); train it again.",
+            code="adapter.files_missing",  # said in the dashboard's language, as the adapter table says it
+            params={"missing": missing},
         )
     return path
 

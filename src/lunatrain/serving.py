@@ -166,8 +166,9 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         )
     try:
         path = registry.loadable_dir(settings, entry).resolve()
-    except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms
-        raise NotFound(exc.message, details=_NO_MODEL) from None
+    except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms; which files
+        # are gone goes along (`missing`), for a page that still lists it to say why in its language
+        raise NotFound(exc.message, code="model_not_found", params=exc.params, details=_NO_MODEL) from None
     quantization = entry.get("quantization")
     bits = quantization.get("bits") if isinstance(quantization, dict) else None
     return Target(

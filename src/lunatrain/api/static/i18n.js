@@ -471,6 +471,7 @@ const de = {
   "msg.rate_limit_exceeded": "Alle Antwortplätze sind belegt; gleich noch einmal versuchen",
   "msg.server_error": "Die Antwort ist auf dem Server fehlgeschlagen",
   "msg.model_not_found": "Dieses Modell wird hier nicht angeboten",
+  "msg.model_not_found.missing": ": seine Dateien fehlen unter data/adapters ({missing}); neu trainieren",
   "msg.model_base_mismatch": "Der Adapter wurde auf einem anderen Basismodell trainiert als dem hier geladenen",
   "msg.base_model_unavailable": "Das eingestellte Basismodell (ASSISTANT_BASE_MODEL) kann nicht gefunden oder geladen werden",
   "msg.invalid_messages": "Die Nachrichten passen nicht zum Chat-Template oder enthalten ein Steuerzeichen des Modells",
@@ -1044,6 +1045,7 @@ const en = {
   "msg.rate_limit_exceeded": "All answer slots are busy; try again shortly",
   "msg.server_error": "The answer failed on the server",
   "msg.model_not_found": "No such model is served here",
+  "msg.model_not_found.missing": ": its files are missing under data/adapters ({missing}); train it again",
   "msg.model_base_mismatch": "The adapter was trained on another base model than the one loaded here",
   "msg.base_model_unavailable": "The configured base model (ASSISTANT_BASE_MODEL) cannot be found or loaded",
   "msg.invalid_messages": "The messages do not fit the chat template or contain one of the model's control tokens",
@@ -1245,7 +1247,7 @@ function contextKeys(changed) {
 }
 
 // Parameters whose presence adds a sentence of its own (`msg.<code>.<name>`) to the code's text.
-const OPTIONAL_PARTS = ["folder", "acrossSplits", "step", "chars", "tokens", "maxTokens", "context"];
+const OPTIONAL_PARTS = ["folder", "acrossSplits", "step", "chars", "tokens", "maxTokens", "context", "missing"];
 
 // Sub-codes whose sentence says all by itself: a trainer that answered (`service_unavailable`, "not reachable"),
 // an adapter whose own files are damaged (`storage_error`, "the data root's storage failed").
