@@ -401,7 +401,11 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
     # A value only the server can judge: a base model directory that does not exist under the data root.
     open_page(page, services)
     page.locator("#f-baseModel").fill("./no-such-model")
-    page.get_by_role("button", name="Training starten").click()
+    # The server's answer first, however long a loaded machine takes to give it (CI met this test waiting
+    # 15 s for the alert while the answer was still on its way): then the page's part, in the usual time.
+    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=120_000) as refused:
+        page.get_by_role("button", name="Training starten").click()
+    assert refused.value.status == 422, refused.value.text()
     alert = page.locator("#alerts .message", has_text="no-such-model")
     expect(alert).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(alert).to_contain_text("(422)")
@@ -426,6 +430,25 @@ def test_a_field_typed_before_the_first_defaults_arrive_keeps_what_was_typed(pag
     expect(page.locator("#f-baseModel")).to_have_value("./no-such-model")
     page.locator("#reset-button").click()
     expect(page.locator("#f-baseModel")).not_to_have_value("./no-such-model")
+
+
+def test_a_start_clicked_before_the_first_values_arrive_waits_for_them_and_is_sent(
+    page, services: Services, trainer_up: None
+) -> None:
+    """CI flake repro, a race of the product: on a loaded machine Start was clicked before the profile's first
+    values had come; it read the empty fields, marked them, sent nothing, and the values that came then wiped
+    the marks: nothing happened and nothing said why. Start waits for the form's values, then sends."""
+    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/lora/defaults"))
+    page.goto(services.api_url)
+    expect(page.locator("#f-baseModel")).to_be_editable(timeout=UI_TIMEOUT_MS)
+    page.locator("#f-baseModel").fill("./no-such-model")
+    page.get_by_role("button", name="Training starten").click()
+    expect(page.get_by_role("button", name="Training starten")).to_have_attribute("aria-busy", "true")
+    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=120_000) as refused:
+        deliver_late(page, held)
+    assert refused.value.status == 422, refused.value.text()
+    expect(page.locator("#alerts .message", has_text="no-such-model")).to_be_visible()
+    expect(page.locator("#f-epochs")).not_to_have_value("")
 
 
 def test_data_panel_counts_export_and_preflight(page, services: Services, output_dir: Path, seeded: None) -> None:

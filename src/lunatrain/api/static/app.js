@@ -400,9 +400,11 @@ $("lora-form").addEventListener("submit", async (event) => {
   }
 });
 
-$("quick-start-button").addEventListener("click", (event) => {
+$("quick-start-button").addEventListener("click", async (event) => {
+  const button = event.currentTarget; // gone from the event once it has been dispatched
+  await refilled;
   const body = loraForm.readSome(["adapterName", "datasetTier", "baseModel"]);
-  if (body) submitJob(event.currentTarget, () => api.quickStart(body));
+  if (body) submitJob(button, () => api.quickStart(body));
 });
 
 $("example-button").addEventListener("click", (event) => submitJob(event.currentTarget, () => api.exampleAdapter({})));
@@ -418,6 +420,7 @@ loraForm.control("baseModel").addEventListener("change", (event) => {
   const field = event.currentTarget;
   const base = field.value.trim();
   refilled = (async () => {
+    await filled; // the profile's first values first: coming later, they would replace this base's
     try {
       const { params } = await api.defaults(PROFILE, base || null);
       if (field.value.trim() === base) loraForm.refill(params); // not one typed since
@@ -553,10 +556,14 @@ function restoreTyped() {
   }
 }
 
-loadDefaults(true).finally(() => {
+// Start, the quick start's fields and the preflight wait for the form's first values (`refilled` starts as
+// them): on a slow or busy server a Start clicked before they came read empty fields, marked them, and sent
+// nothing, and the values that came then wiped the marks; the page said nothing at all.
+const filled = loadDefaults(true).finally(() => {
   restoreTyped();
   refreshAll();
 });
+refilled = filled;
 tryPanel.start();
 // Light background refresh; the job itself is polled faster while one runs. With no job running here, the
 // refresh also looks for one started elsewhere (another tab, the command line), and the panel follows it.
