@@ -549,13 +549,55 @@ def test_an_active_version_measured_again_says_why_its_record_was_not_used(train
     } in g3.note_codes
 
 
+def test_a_sample_added_to_the_train_split_alone_keeps_the_active_versions_record(trained_home, settings):
+    """Day-2 explore repro: after one example was added that the export put in the train split, the gate
+    measured the active version again, "its gate record was made on another val/test data", with the val and
+    test files byte for byte the same: the record named the whole export's fingerprint. It names what the
+    losses are measured on; a record that named the whole export (an earlier release's) is still used when
+    that export is the one read now."""
+    from lunatrain import export, store
+
+    write_small_suite(settings)
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").passed
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    before = export.read_tier(settings, "curated")
+    store.add_example(settings, prompt="Welche Farbe hat der Himmel heute?", response="Er ist heute grau.")
+    export.export(settings)
+    after = export.read_tier(settings, "curated")
+    assert (after.val, after.test) == (before.val, before.test) and len(after.train) == len(before.train) + 1
+    g2 = evalgate.gate_candidate(settings, "luna-adapter", _derived_version(settings, v1, 1.0)["version"])
+    assert g2.baseline["source"] == "recorded" and not [n for n in g2.notes if "measured again" in n], g2.notes
+
+    data = json.loads(settings.registry_file.read_text())
+    active = registry.get_version(settings, "luna-adapter", "active")["version"]
+    record = next(v for v in data["adapters"]["luna-adapter"]["versions"] if v["version"] == active)["gate"]
+    record["context"]["data"] = after.fingerprint  # as an earlier release recorded it
+    settings.registry_file.write_text(json.dumps(data))
+    g3 = evalgate.gate_candidate(settings, "luna-adapter", _derived_version(settings, v1, 0.999)["version"])
+    assert g3.baseline["source"] == "recorded", (g3.baseline, g3.notes)
+    store.dispose_stores()
+
+
+def _export_other_val_data(settings) -> None:
+    """Examples added and exported until the val split differs: a gate record of the export before is then
+    made on other val/test data (one that lands in the train split leaves it comparable)."""
+    from lunatrain import export, store
+
+    before = export.read_tier(settings, "curated").val
+    for i in range(40):
+        store.add_example(settings, prompt=f"Wie heißt du, Nummer {i}?", response=f"Ich heiße Luna ({i}).")
+        export.export(settings)
+        if export.read_tier(settings, "curated").val != before:
+            return
+    raise AssertionError("no example landed in the val split")
+
+
 def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trained_home, settings):
     """Repro: with the active version's files deleted, every later version's gate failed with "The files of
     luna-adapter@v1 are missing …; train it again", and training again gave a version never gated nor
     activated: the gate loaded the active version's weights even where it judged by its record. Now its
     record judges when comparable, else the base model, with a note."""
     write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
-    from lunatrain import export, store
 
     g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
     assert g1.passed and registry.get_version(settings, "luna-adapter", "active")["version"] == "v1", g1.reasons
@@ -569,8 +611,7 @@ def test_an_active_version_whose_files_are_gone_does_not_block_the_next_one(trai
 
     # Another export: v2's record is not comparable any more, and its files are gone too: the base judges.
     shutil.rmtree(registry.adapter_dir(settings, registry.get_version(settings, "luna-adapter", v2["version"])))
-    store.add_example(settings, prompt="Wie heißt du?", response="Ich heiße Luna.")
-    export.export(settings)
+    _export_other_val_data(settings)
     g3 = evalgate.gate_candidate(settings, "luna-adapter", v3["version"])
     assert g3.baseline["kind"] == "base" and g3.baseline["source"] == "evaluated", g3.baseline
     assert (
@@ -598,8 +639,6 @@ def test_an_active_version_that_cannot_be_loaded_does_not_block_the_next_one(tra
     write_small_suite(settings)  # about the gate's decisions, not the cases (helpers.py)
     from safetensors.torch import load_file, save_file
 
-    from lunatrain import export, store
-
     g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
     assert g1.passed, g1.reasons
     v1 = registry.get_version(settings, "luna-adapter", "v1")
@@ -614,8 +653,7 @@ def test_an_active_version_that_cannot_be_loaded_does_not_block_the_next_one(tra
 
     # v2, now active, holds weights as wide again as the base's inputs (another base's) and, after another
     # export, no comparable record: the base model judges v3, and the note says why.
-    store.add_example(settings, prompt="Wie heißt du?", response="Ich heiße Luna.")
-    export.export(settings)
+    _export_other_val_data(settings)
     wide = registry.adapter_dir(settings, registry.get_version(settings, "luna-adapter", v2["version"]))
     save_file(
         {k: v.repeat(1, 2) if "lora_A" in k else v for k, v in tensors.items()},
@@ -1653,7 +1691,13 @@ def test_a_runs_gate_judges_on_the_export_the_run_trained_on(settings):
     entry = registry.get_version(settings, params.adapter_name, outcome["adapter"]["version"])
     assert entry["datasetFingerprint"] == trained_on.fingerprint
     gate = outcome["gate"]
-    assert gate["context"]["data"] == trained_on.fingerprint, gate["context"]
+    from lunatrain.models import load_tokenizer
+    from lunatrain.tokens import tokenize_tier
+
+    judged = tokenize_tier(
+        settings, params.dataset_tier, load_tokenizer(None, settings), params.max_seq_length, data=trained_on
+    )
+    assert gate["context"]["data"] == evalgate._judged_data(judged), gate["context"]
     assert gate["metrics"]["valLoss"] == pytest.approx(outcome["metrics"]["valLoss"], rel=1e-4), (
         gate["metrics"],
         outcome["metrics"],

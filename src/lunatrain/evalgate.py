@@ -24,6 +24,7 @@ built-in random-weight model only the relative rules mean anything, hence the ab
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Collection, Iterator
@@ -953,7 +954,7 @@ def _run(
         "suite": suite_hash(cases),
         "tier": tier,
         "maxSeqLength": max_len,
-        "data": tokenized.fingerprint if tokenized else None,
+        "data": _judged_data(tokenized),
         "base": base.fingerprint,
         "tokens": CACHE_FORMAT,  # which tokens carry labels: losses under another masking rule do not compare
     }
@@ -971,7 +972,9 @@ def _run(
 
     baseline: dict[str, Any]
     baseline_cases = None
-    recorded = entry is not None and baseline_entry is not None and _comparable(baseline_entry, context)
+    # A record of an earlier release named the whole export's fingerprint as its data: the same data, then.
+    also = {"data": tokenized.fingerprint} if tokenized else {}
+    recorded = entry is not None and baseline_entry is not None and _comparable(baseline_entry, context, also)
     own_tokenized = None  # the baseline's val/test tokens in its own template, when it is evaluated
     if entry is not None and not recorded and "baseline" in adapters:
         unusable = ev.adopt("baseline", adapters["baseline"], cases)
@@ -989,7 +992,7 @@ def _run(
         }
         baseline_cases = recorded_cases(baseline_entry["gate"], [r["id"] for r in results])
     elif "baseline" in adapters and unusable is None:
-        if keys := _record_differs(baseline_entry, context):  # measured again: say why its record was not used
+        if keys := _record_differs(baseline_entry, context, also):  # measured again: why its record was not used
             ref, changed = _ref(baseline_entry, base), ", ".join(_CONTEXT_WORDS[key] for key in keys)
             notes.append(
                 Note(
@@ -1163,19 +1166,45 @@ _CONTEXT_WORDS = {
 }
 
 
-def _record_differs(entry: dict[str, Any] | None, context: dict[str, Any]) -> list[str]:
+def _judged_data(tokenized: Any) -> str | None:
+    """What a gate's losses are measured on, for its record's context: the val and test samples as tokenized
+    (their records and tokens), not the whole export. A sample added to the train split alone changed the
+    export's fingerprint, and the active version was measured again for nothing."""
+    if tokenized is None:
+        return None
+    digest = hashlib.sha256()
+    for split in ("val", "test"):
+        for sample in tokenized.splits.get(split, []):
+            digest.update(f"{split} {sample.hash} {sample.input_ids}\n".encode())
+    return digest.hexdigest()
+
+
+def _record_differs(
+    entry: dict[str, Any] | None, context: dict[str, Any], also: dict[str, Any] | None = None
+) -> list[str]:
     """The parts (`_CONTEXT_WORDS` keys) in which a version's gate record differs from this gate (none when it
-    has no record to compare)."""
+    has no record to compare); `also`: values a part may have instead, as an earlier release recorded it."""
     gate = (entry or {}).get("gate") or {}
     recorded = gate.get("context")
     if not isinstance(recorded, dict) or not isinstance(gate.get("metrics"), dict):
         return []
-    return [key for key in _CONTEXT_WORDS if recorded.get(key) != context.get(key)]
+    also = also or {}
+    return [
+        key
+        for key in _CONTEXT_WORDS
+        if recorded.get(key) != context.get(key) and (key not in also or recorded.get(key) != also[key])
+    ]
 
 
-def _comparable(entry: dict[str, Any], context: dict[str, Any]) -> bool:
+def _comparable(entry: dict[str, Any], context: dict[str, Any], also: dict[str, Any] | None = None) -> bool:
     gate = entry.get("gate") or {}
-    return gate.get("context") == context and isinstance(gate.get("metrics"), dict)
+    recorded = gate.get("context")
+    return (
+        isinstance(recorded, dict)
+        and set(recorded) == set(context)
+        and not _record_differs(entry, context, also)
+        and isinstance(gate.get("metrics"), dict)
+    )
 
 
 def _apart(value: float, limit: float, digits: int, *, scale: float = 1.0, as_set: bool = False) -> tuple[str, str]:
