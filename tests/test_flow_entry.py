@@ -525,6 +525,28 @@ def test_a_job_checks_its_min_curated_again_on_the_export_it_starts_on(settings,
     store.dispose_stores()
 
 
+def test_a_flow_whose_preflight_warned_names_the_checks_that_warned(settings, tiny):
+    """Day-2 explore repro: a flow named a failed preflight check in its summary ("status fail: export_stale
+    (1)") but a warning only as "status warn": what to act on took another `lunatrain prepare`."""
+    from lunatrain import flow, store
+    from lunatrain.params import parse_params
+
+    store.load_seed(settings)
+    store.add_example(settings, prompt="Was ist 3+4?", response="7.")  # a trivial answer: a warning
+    params = parse_params({"epochs": 1, "maxSteps": 1, "batchSize": 4})
+
+    def lora_step(*_a, **_k) -> dict:  # not this test's part
+        return {"status": "failed", "error": {"message": "not run here"}}
+
+    from lunatrain.errors import CheckFailed
+
+    with pytest.raises(CheckFailed, match="^Step lora failed") as stopped:
+        flow.run_flow(settings, params, flow.FlowOptions(gate=False), lora_step)
+    summary = next(step.summary for step in stopped.value.details.steps if step.step == "prepare")
+    assert summary.startswith("status warn: ") and "trivial_response (1)" in summary, summary
+    store.dispose_stores()
+
+
 def _ends_interrupted(r, sentence: str) -> None:
     assert r.exit_code == 130, r.output
     assert r.output.strip().splitlines()[-1] == sentence, r.output

@@ -573,7 +573,10 @@ def run_flow(
         report = prepare.prepare(settings, params, min_curated=options.min_curated)
         prepared.append(report)
         failed = [c for c in report.checks if c.severity == "fail"]
-        problems = [f"{c.id} ({c.count})" for c in failed]
+        # The checks of the report's status (failed ones, else those that warned): what to act on, without
+        # running prepare again to learn which.
+        said = failed or [c for c in report.checks if c.severity == "warn"]
+        problems = [f"{c.id} ({c.count})" for c in said]
         text = f"status {report.status}" + (f": {', '.join(problems)}" if problems else "")
         detail: dict[str, Any] = {"status": report.status, "path": str(report.path)}
         samples = sum(report.dataset.get("counts", {}).values())

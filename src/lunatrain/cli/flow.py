@@ -41,7 +41,7 @@ RetrainOpt = Annotated[
     bool,
     typer.Option(
         "--retrain",
-        help="train even when the adapter's newest version was trained on this data with these parameters",
+        help="train even when a version of the adapter was already trained on this data with these parameters",
     ),
 ]
 AdapterOpt = Annotated[
