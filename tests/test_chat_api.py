@@ -61,6 +61,13 @@ def assert_openai_error(body: dict, type_: str) -> dict:
     return err
 
 
+def _streamed_chunks(client: TestClient, **body) -> list[dict]:
+    """The JSON chunks of a streamed two-token answer to "Hallo" (`body` over that request)."""
+    payload = {"model": "luna-tiny", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 2}
+    streamed = client.post("/v1/chat/completions", json=payload | {"stream": True} | body)
+    return [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+
+
 def test_an_answer_has_openais_fields(client: TestClient) -> None:
     status, body = chat(client)
     assert status == 200, body
@@ -71,31 +78,12 @@ def test_an_answer_has_openais_fields(client: TestClient) -> None:
     # Repro: system_fingerprint was "lunatrain-" + the model id, a local base's path on this machine. It is an
     # opaque token now, the same in a stream's chunks.
     assert re.fullmatch(r"fp_[0-9a-f]{12}", body["system_fingerprint"]), body["system_fingerprint"]
-    streamed = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "luna-tiny",
-            "messages": [{"role": "user", "content": "Hallo"}],
-            "max_tokens": 2,
-            "stream": True,
-        },
-    )
-    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    chunks = _streamed_chunks(client)
     assert chunks and {c["system_fingerprint"] for c in chunks} == {body["system_fingerprint"]}
     assert all("usage" not in c for c in chunks)  # not asked for: not sent
     # Streaming repro: with include_usage the chunks before the last had no `usage` key (OpenAI sends null),
     # and the usage chunk had no system_fingerprint.
-    counted = client.post(
-        "/v1/chat/completions",
-        json={
-            "model": "luna-tiny",
-            "messages": [{"role": "user", "content": "Hallo"}],
-            "max_tokens": 2,
-            "stream": True,
-            "stream_options": {"include_usage": True, "include_obfuscation": False},
-        },
-    )
-    chunks = [json.loads(line[6:]) for line in counted.text.splitlines() if line.startswith("data: {")]
+    chunks = _streamed_chunks(client, stream_options={"include_usage": True, "include_obfuscation": False})
     assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == 2
     assert {c["system_fingerprint"] for c in chunks} == {body["system_fingerprint"]}

@@ -1554,6 +1554,15 @@ def test_a_change_made_elsewhere_reaches_the_adapter_table_and_the_model_choice(
     expect(choice).to_have_text(["luna-adapter@v1"])
 
 
+def _ask_in_the_try_panel(page, services: Services, *, choices: int) -> None:
+    """Open the page, wait for the try panel's model choice (`choices` models) and send "Hallo?"."""
+    open_page(page, services)
+    page.locator("#try").scroll_into_view_if_needed()  # the panel asks for its models once it is seen
+    expect(page.locator("#try-model option")).to_have_count(choices)
+    page.locator("#try-prompt").fill("Hallo?")
+    page.locator("#try-send").click()
+
+
 def _sse(text: str, model: str) -> str:
     chunk = {"model": model, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
     done = {"model": model, "choices": [], "usage": {"completion_tokens": 1}}
@@ -1577,11 +1586,7 @@ def test_a_column_the_busy_server_turned_away_waits_for_it_and_answers(page, ser
 
     route_models(page, {"active": True})
     page.route("**/v1/chat/completions", chat)
-    open_page(page, services)
-    page.locator("#try").scroll_into_view_if_needed()
-    expect(page.locator("#try-model option")).to_have_count(2)
-    page.locator("#try-prompt").fill("Hallo?")
-    page.locator("#try-send").click()
+    _ask_in_the_try_panel(page, services, choices=2)
     expect(page.locator("#try-base")).to_have_text("Antwort von luna-tiny")
     expect(page.locator("#try-adapter")).to_have_text("Antwort von luna-adapter")
     expect(page.locator("#try-adapter-meta")).not_to_contain_text("Fehler")
@@ -1607,11 +1612,7 @@ def test_a_listed_version_whose_files_are_gone_is_said_in_the_pages_language(pag
             else route.fulfill(status=200, content_type="text/event-stream", body=_sse("Hallo.", "luna-tiny"))
         ),
     )
-    open_page(page, services)
-    page.locator("#try").scroll_into_view_if_needed()
-    expect(page.locator("#try-model option")).to_have_count(2)
-    page.locator("#try-prompt").fill("Hallo?")
-    page.locator("#try-send").click()
+    _ask_in_the_try_panel(page, services, choices=2)
     expect(page.locator("#try-adapter-meta")).to_have_text(
         "Fehler: Dieses Modell wird hier nicht angeboten: seine Dateien fehlen unter data/adapters "
         "(adapter_config.json); neu trainieren"
@@ -1666,11 +1667,7 @@ def test_the_adapter_column_is_cleared_when_no_adapter_is_left_to_ask(page, serv
             body=_sse("Luna.", json.loads(route.request.post_data)["model"]),
         ),
     )
-    open_page(page, services)
-    page.locator("#try").scroll_into_view_if_needed()
-    expect(page.locator("#try-model option")).to_have_count(1)
-    page.locator("#try-prompt").fill("Hallo?")
-    page.locator("#try-send").click()
+    _ask_in_the_try_panel(page, services, choices=1)
     expect(page.locator("#try-adapter")).to_have_text("Luna.")
     served["active"] = False
     page.clock.run_for(16_000)  # the background refresh: no adapter left
