@@ -2,8 +2,9 @@
 
 - `train_and_gate`: one LoRA run, then the eval gate on the new version (promoted when it passes) — what a
   job does, in the trainer's child process or in-process with `--local`.
-- `submit`: the job submit of `lora`, `start`, `quick-start` and `example-adapter`: the base model resolved
-  where the user asked (never the trainer's own environment), minCurated checked, the trainer ensured.
+- `submit_or_join`: the job submit of `lora`, `start`, `quick-start` and `example-adapter`: the base model
+  resolved where the user asked (never the trainer's own environment), minCurated checked, the trainer ensured,
+  and a job that already trains the same on this export followed instead of a second one.
 - `quick_start` / `example_adapter`: the API's one-click flows (export, optionally seed, then submit).
 - `run_flow` (`auto` / `luna`, the guide's `train:auto` / `train:luna`): eval-gate → export → prepare →
   lora in the guide's production order, stopping at the first failure with one sentence that names the step
@@ -246,18 +247,6 @@ def check_chat_template(settings: Settings, params: LoraParams) -> None:
         load_template(params.chat_template, settings)
 
 
-def submit(
-    settings: Settings,
-    params: LoraParams,
-    options: FlowOptions,
-    *,
-    thresholds: dict[str, Any] | None = None,
-    request_id: str | None = None,
-) -> Any:
-    """Queue one job on this data root's trainer (started on demand) and return it (service.jobs.Job)."""
-    return _submit(settings, params, options, thresholds, request_id, join=False)[0]
-
-
 def submit_or_join(
     settings: Settings,
     params: LoraParams,
@@ -266,26 +255,10 @@ def submit_or_join(
     thresholds: dict[str, Any] | None = None,
     request_id: str | None = None,
 ) -> tuple[Any, bool]:
-    """`submit`, unless a job queued or running already trains these parameters on the data exported now
+    """Queue one job on this data root's trainer (started on demand) and return it (service.jobs.Job) and
+    False; unless a job queued or running already trains these parameters on the data exported now
     (`joinable_twin`) and no `request_id` is given: that job then, and True. Two tabs pressing Start within a
     second queued two jobs that trained one export to two versions of the same weights."""
-    return _submit(settings, params, options, thresholds, request_id, join=True)
-
-
-# Within one process (the API's threads) a twin's check and the submit are one step: two requests at once
-# would both find no twin and both queue.
-_SUBMITTING = threading.Lock()
-
-
-def _submit(
-    settings: Settings,
-    params: LoraParams,
-    options: FlowOptions,
-    thresholds: dict[str, Any] | None,
-    request_id: str | None,
-    *,
-    join: bool,
-) -> tuple[Any, bool]:
     from .models import fetch_if_allowed
     from .service import client
     from .service.ensure import ensure_trainer
@@ -298,9 +271,14 @@ def _submit(
     with _SUBMITTING:
         # A start with a requestId is its client's own: a retry must find the job that id names, and a joined
         # job does not carry it (the retry after that job ended would train the data again).
-        if join and request_id is None and (twin := joinable_twin(settings, params, options, thresholds)) is not None:
+        if request_id is None and (twin := joinable_twin(settings, params, options, thresholds)) is not None:
             return twin, True
         return client.submit(settings, params, options, request_id, thresholds), False
+
+
+# Within one process (the API's threads) a twin's check and the submit are one step: two requests at once
+# would both find no twin and both queue.
+_SUBMITTING = threading.Lock()
 
 
 def check_data(settings: Settings, params: LoraParams, options: FlowOptions) -> None:
@@ -322,7 +300,7 @@ def check_before_export(
     request_id: str | None,
     curated: int,
 ) -> Any:
-    """Everything `submit` would refuse, checked before a one-click flow seeds or exports, so that a refused
+    """Everything `submit_or_join` would refuse, checked before a one-click flow seeds or exports, so that a refused
     start changes nothing: the base model, the trainer's own checks (parameters, memory plan, template,
     requestId) without queueing, and minCurated against the `curated` approved examples the export will hold.
     Returns the job `request_id` already names (a retry: the flow must not seed or export again), else None.
@@ -390,8 +368,9 @@ def _refuse_empty_tier(counts: dict[str, Any], tier: str) -> None:
 
 def example_adapter(settings: Settings, adapter_name: str, request_id: str | None = None) -> Started:
     """An example adapter on the bundled dataset: seeded into an empty store, exported, submitted with the
-    Luna profile's short schedule. Returns the job, what was seeded (None when the store had data) and the
-    export summary; a retry of the same requestId returns its job and neither seeds nor exports (None, None)."""
+    Luna profile's short schedule. Returns what it started (`Started`: the job, whether it joined one, what
+    was seeded, None when the store had data, and the export summary); a retry of the same requestId returns
+    its job and neither seeds nor exports."""
     from . import store
     from .profiles import load_profile
 
