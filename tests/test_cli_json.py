@@ -415,11 +415,14 @@ def test_json_output_and_reports_never_hold_nan_or_infinity(settings: Settings) 
     path = registry.registry_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"format": "lunatrain-registry/1", "adapters": adapters}))  # restored by hand
-    for args in (["adapters", "list", "--json"], ["adapters", "show", "a@v1"]):
+    shown = []
+    # reports explore: `adapters show --json` was "No such option", where every reading command takes it
+    for args in (["adapters", "list", "--json"], ["adapters", "show", "a@v1"], ["adapters", "show", "a@v1", "--json"]):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
         assert "NaN" not in r.stdout and "Infinity" not in r.stdout, r.stdout
-        _strict(r.stdout)
+        shown.append(_strict(r.stdout))
+    assert shown[1] == shown[2]
     atomic_write_json(settings.home / "r.json", {"loss": float("-inf")})
     assert _strict((settings.home / "r.json").read_text()) == {"loss": None}
 

@@ -140,8 +140,10 @@ def show_cmd(
     ref: Annotated[
         str, typer.Argument(metavar="NAME[@VERSION]", help="NAME or NAME@VERSION (VERSION may be latest or active)")
     ],
+    # Accepted as every reading command accepts it (a script passes --json throughout): the output is JSON anyway.
+    _as_json: Annotated[bool, typer.Option("--json", help="print JSON (what this command prints anyway)")] = False,
 ) -> None:
-    """One version's registry entry, whether it is active (or why not), and its training report."""
+    """One version's registry entry, whether it is active (or why not), and its training report (JSON)."""
     try:
         settings = load_settings()
         name, version = registry.parse_ref(ref)
