@@ -451,6 +451,34 @@ def test_a_start_clicked_before_the_first_values_arrive_waits_for_them_and_is_se
     expect(page.locator("#f-epochs")).not_to_have_value("")
 
 
+def test_quick_start_and_the_preflight_clicked_again_while_waiting_for_the_values_send_once(
+    page, services: Services
+) -> None:
+    """Review repro: Quick start and the preflight waited for the form's first values, but every click while they
+    waited was sent once they came: three clicks, three requests. A button that waits says so and takes no
+    second click."""
+    sent: list[str] = []
+    for path, body in (("**/lora/quick-start", {"error": {"code": "conflict", "message": "not here."}}),
+                       ("**/assistant/training/prepare", {"status": "ok", "checks": []})):  # fmt: skip
+        status = 409 if "quick" in path else 200
+        page.route(path, lambda route, b=body, st=status: sent.append(urlsplit(route.request.url).path)
+                   or route.fulfill(status=st, json=b))  # fmt: skip
+    held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/lora/defaults"))
+    page.goto(services.api_url)
+    for button in ("#quick-start-button", "#prepare-button"):
+        expect(page.locator(button)).to_be_enabled(timeout=UI_TIMEOUT_MS)
+        for _ in range(3):
+            page.locator(button).click()
+        expect(page.locator(button)).to_have_attribute("aria-busy", "true")
+    deliver_late(page, held)
+    for _ in range(UI_TIMEOUT_MS // 100):  # both asked (their answers are this test's own, at once)
+        if len(sent) >= 2:
+            break
+        page.wait_for_timeout(100)
+    page.evaluate("() => new Promise((done) => setTimeout(done, 300))")  # more requests would have gone by now
+    assert sorted(sent) == ["/assistant/training/lora/quick-start", "/assistant/training/prepare"], sent
+
+
 def test_data_panel_counts_export_and_preflight(page, services: Services, output_dir: Path, seeded: None) -> None:
     status = httpx.get(
         f"{services.api_url}/assistant/training/status", params={"minCurated": 30}, timeout=30, trust_env=False

@@ -578,6 +578,24 @@ def test_a_sample_added_to_the_train_split_alone_keeps_the_active_versions_recor
     store.dispose_stores()
 
 
+def test_a_gate_records_the_val_and_test_records_whatever_template_renders_them():
+    """Review repro: the record's data hashed the tokens, which are the candidate's template's: a candidate whose
+    template differs by one space had its active version measured again, "on another val/test data". It names
+    the records (their content hashes); a cache without them, the export's fingerprint."""
+    from types import SimpleNamespace
+
+    from lunatrain.tokens import Encoded
+
+    def tier(ids: list[int], hashes: tuple[str, ...] = ("h1", "h2")) -> SimpleNamespace:
+        val = [Encoded(input_ids=ids, labels=ids, hash=h) for h in hashes]
+        return SimpleNamespace(fingerprint="export-fp", splits={"train": [Encoded([9], [9], hash="t")], "val": val})
+
+    assert evalgate._judged_data(tier([1, 2])) == evalgate._judged_data(tier([1, 3, 2]))
+    assert evalgate._judged_data(tier([1, 2])) != evalgate._judged_data(tier([1, 2], ("h1", "h3")))
+    assert evalgate._judged_data(tier([1, 2], ("h1", ""))) == "export-fp"
+    assert evalgate._judged_data(None) is None
+
+
 def _export_other_val_data(settings) -> None:
     """Examples added and exported until the val split differs: a gate record of the export before is then
     made on other val/test data (one that lands in the train split leaves it comparable)."""

@@ -657,6 +657,12 @@ def test_a_version_whose_files_are_gone_is_not_activated(settings):
         "error: The files of a@v1 are missing under data/adapters (adapter_model.safetensors); train it again."
     ), r.output
     assert registry.registry_path(settings).read_bytes() == before  # a@v2 stays active
+    # the refusal's code names the version and the files, for the dashboard's alert in its language (review: a
+    # sentence without the version read "its files are missing" under no name)
+    with pytest.raises(NotFound) as gone:
+        registry.activate(settings, "a", "v1")
+    assert gone.value.code == "adapter.files_gone"
+    assert gone.value.params == {"name": "a", "version": "v1", "missing": ["adapter_model.safetensors"]}
 
 
 def test_a_version_not_named_points_at_the_command_that_lists_the_versions(settings):

@@ -1167,16 +1167,16 @@ _CONTEXT_WORDS = {
 
 
 def _judged_data(tokenized: Any) -> str | None:
-    """What a gate's losses are measured on, for its record's context: the val and test samples as tokenized
-    (their records and tokens), not the whole export. A sample added to the train split alone changed the
-    export's fingerprint, and the active version was measured again for nothing."""
+    """What a gate's losses are measured on, for its record's context: the val and test records (by their
+    content hashes, whatever template renders them: the template is the candidate's), not the whole export. A
+    sample added to the train split alone changed the export's fingerprint, and the active version was measured
+    again for nothing. The export's fingerprint where a record has no hash (a cache of an earlier release)."""
     if tokenized is None:
         return None
-    digest = hashlib.sha256()
-    for split in ("val", "test"):
-        for sample in tokenized.splits.get(split, []):
-            digest.update(f"{split} {sample.hash} {sample.input_ids}\n".encode())
-    return digest.hexdigest()
+    samples = [(split, s.hash) for split in ("val", "test") for s in tokenized.splits.get(split, [])]
+    if not all(h for _, h in samples):
+        return tokenized.fingerprint
+    return hashlib.sha256("".join(f"{split} {h}\n" for split, h in samples).encode()).hexdigest()
 
 
 def _record_differs(

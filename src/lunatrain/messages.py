@@ -164,6 +164,7 @@ CODES: dict[str, str] = {
     "adapter.deactivated": "passed the gate, later deactivated or replaced by an activation",
     "adapter.not_gated": "never gated, never activated",
     "adapter.files_missing": "its files are gone from data/adapters, so it can be neither activated nor served (missing)",
+    "adapter.files_gone": "a version's files are gone from data/adapters: refused to load it (name, version, missing)",
     # why a dataset tier is not ready (status tiers.<tier>.code)
     "tier.too_few_curated": "fewer approved curated examples than minCurated (curated, minCurated)",
     "tier.no_samples": "no approved samples for the tier (tier)",

@@ -1036,8 +1036,8 @@ def loadable_dir(settings: Settings, entry: dict[str, Any]) -> Path:
         raise NotFound(
             f"The files of {entry.get('name')}@{entry.get('version')} are missing under data/adapters "
             f"({', '.join(missing)}); train it again.",
-            code="adapter.files_missing",  # said in the dashboard's language, as the adapter table says it
-            params={"missing": missing},
+            code="adapter.files_gone",  # said in the dashboard's language, naming the version as this sentence
+            params={"name": entry.get("name"), "version": entry.get("version"), "missing": missing},
         )
     return path
 

@@ -168,7 +168,8 @@ def resolve(settings: Settings, model: str, base_id: str, base_fingerprint: str)
         path = registry.loadable_dir(settings, entry).resolve()
     except NotFound as exc:  # weights or config gone: a model that cannot be served, in OpenAI's terms; which files
         # are gone goes along (`missing`), for a page that still lists it to say why in its language
-        raise NotFound(exc.message, code="model_not_found", params=exc.params, details=_NO_MODEL) from None
+        missing = (exc.params or {}).get("missing")
+        raise NotFound(exc.message, code="model_not_found", params={"missing": missing}, details=_NO_MODEL) from None
     quantization = entry.get("quantization")
     bits = quantization.get("bits") if isinstance(quantization, dict) else None
     return Target(

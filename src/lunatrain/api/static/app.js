@@ -315,11 +315,24 @@ async function runExport(event) {
   loadDataStatus();
 }
 
+/** Wait for the form's values (`refilled`) on behalf of `button`, which says it is busy meanwhile; false when it
+ * is waiting already: a click more must not send the same request again once the values come. */
+async function valuesFor(button) {
+  if (button.getAttribute("aria-busy") === "true") return false;
+  button.setAttribute("aria-busy", "true");
+  try {
+    await refilled;
+  } finally {
+    button.removeAttribute("aria-busy");
+  }
+  return true;
+}
+
 async function runPrepare(event) {
   const button = event.currentTarget; // gone from the event once it has been dispatched
   const min = checkedMinCurated();
   if (min === null) return;
-  await refilled;
+  if (!(await valuesFor(button))) return;
   // The job the training form would start (its bad fields are marked there, and nothing is sent); the job's
   // own minCurated and gate belong to the flow, the threshold checked here is the data panel's.
   const form = loraForm.read();
@@ -402,7 +415,7 @@ $("lora-form").addEventListener("submit", async (event) => {
 
 $("quick-start-button").addEventListener("click", async (event) => {
   const button = event.currentTarget; // gone from the event once it has been dispatched
-  await refilled;
+  if (!(await valuesFor(button))) return;
   const body = loraForm.readSome(["adapterName", "datasetTier", "baseModel"]);
   if (body) submitJob(button, () => api.quickStart(body));
 });
