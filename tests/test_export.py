@@ -761,10 +761,10 @@ def test_a_file_saved_over_its_link_is_refused_by_the_run_and_kept_aside_by_the_
         job, _ = jobs.create(LoraParams())
 
         def quick_start(settings_, *_a, **_k):
-            return job, ex.export(settings_)
+            return flow.Started(job, export=ex.export(settings_))
 
         def example_adapter(settings_, *_a, **_k):
-            return job, None, ex.export(settings_)
+            return flow.Started(job, seeded=None, export=ex.export(settings_))
 
         for route, fake in (("quick-start", quick_start), ("example-adapter", example_adapter)):
             summary_file.unlink()
