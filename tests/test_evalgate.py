@@ -72,6 +72,22 @@ def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     assert len(info.value.details) == 8
 
 
+def test_a_duplicate_id_on_a_line_with_another_mistake_is_said_with_it(settings):
+    """Day-2 explore repro: a case repeating another's id on a line with a second mistake was named for that
+    mistake only; the duplicate came on the next try, once it was fixed ("every mistake at once" was not)."""
+    path = settings.eval_dir / "mine.jsonl"
+    settings.eval_dir.mkdir(parents=True, exist_ok=True)
+    first = {"id": "hallo", "prompt": "Hallo", "checks": [{"type": "stops"}]}
+    again = first | {"checks": [{"type": "startswith", "value": "H"}]}
+    path.write_text(json.dumps(first) + "\n" + json.dumps(again) + "\n", "utf-8")
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert info.value.details == [
+        f"{path}:2: check 1: unknown check type 'startswith'" + info.value.details[0].split("'startswith'", 1)[1],
+        f"{path}:2: duplicate case id 'hallo' (first at {path}:1)",
+    ], info.value.details
+
+
 def test_a_suite_saved_with_a_bom_and_a_tag_in_capitals_is_read(settings):
     """Repro: a suite file saved "UTF-8 with BOM" (Windows editors) was refused as "not valid JSON
     (Unexpected UTF-8 BOM …)", as profiles and imports are not; and `"lang": "EN"` was refused, though

@@ -293,14 +293,17 @@ def load_suite(settings: Settings) -> list[EvalCase]:
     problems: list[str] = []
     first_seen: dict[str, str] = {}
     for path in ensure_suite(settings):
-        file_cases, file_problems = parse_suite_file(path)
+        named: list[tuple[str, str]] = []  # every line's id, those with other mistakes too
+        file_cases, file_problems = parse_suite_file(path, named)
         problems += file_problems
-        for case in file_cases:
-            if case.id in first_seen:
-                problems.append(f"{case.source}: duplicate case id {case.id!r} (first at {first_seen[case.id]})")
-            else:
-                first_seen[case.id] = case.source
-                cases.append(case)
+        valid = {case.source: case for case in file_cases}
+        for case_id, where in named:
+            if case_id in first_seen:
+                problems.append(f"{where}: duplicate case id {case_id!r} (first at {first_seen[case_id]})")
+                continue
+            first_seen[case_id] = where
+            if where in valid:
+                cases.append(valid[where])
     if problems:  # the first few in the sentence, as every refusal: thousands would make a page of it
         raise UsageError(
             f"The eval suite has {counted(len(problems), 'problem')}: {some(problems)}.",
@@ -314,8 +317,10 @@ def load_suite(settings: Settings) -> list[EvalCase]:
     return cases
 
 
-def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
-    """The cases of one JSONL file and a `file:line: problem` entry for each problem found."""
+def parse_suite_file(path: Path, named: list[tuple[str, str]] | None = None) -> tuple[list[EvalCase], list[str]]:
+    """The cases of one JSONL file and a `file:line: problem` entry for each problem found. `named` gets each
+    line's id and place, also of a line with other mistakes: its id may repeat another's, which is said with
+    them, not on the next try once they are fixed."""
     cases: list[EvalCase] = []
     problems: list[str] = []
     try:
@@ -345,6 +350,9 @@ def parse_suite_file(path: Path) -> tuple[list[EvalCase], list[str]]:
         problems += [f"{where}: {e}" for e in errs]
         if case is not None and not errs:
             cases.append(case)
+        cid = obj.get("id") if isinstance(obj, dict) else None
+        if named is not None and isinstance(cid, str) and cid.strip() and is_unicode(cid):
+            named.append((case.id if case is not None and not errs else nfc(cid), where))
     return cases, problems
 
 
