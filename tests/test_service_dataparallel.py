@@ -157,7 +157,9 @@ def test_a_child_never_imports_from_the_data_root_nor_another_environments_packa
 
     env = child_env(load_settings(home=tmp_path))
     assert env["PYTHONSAFEPATH"] == "1"
-    monkeypatch.setattr(spawn, "_SRC", sysconfig.get_paths()["purelib"])  # lunatrain installed, not a checkout
+    # lunatrain installed, not a checkout (_SRC is resolved, as Path(__file__).resolve() makes it: a virtual
+    # environment reached through a symbolic link is the same one)
+    monkeypatch.setattr(spawn, "_SRC", str(Path(sysconfig.get_paths()["purelib"]).resolve()))
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     assert child_env(load_settings(home=tmp_path))["PYTHONPATH"] == "/elsewhere"
     monkeypatch.delenv("PYTHONPATH")
