@@ -194,6 +194,17 @@ ARCHITECTURES = {
     "phi3": ("Phi3Config", "phi-3", {}),
 }
 
+# Mixtures of experts (kept out of ARCHITECTURES, whose tests train with the profile's dropout: LoRA on fused
+# experts takes none). transformers 5 keeps each layer's experts as fused 3-D parameters, not linear layers.
+MIXTURES = {
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "chatml-instruct",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
+    ),
+    "mixtral": ("MixtralConfig", "mistral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+}
+
 
 def tiny_config(cls_name: str, **fields: Any) -> Any:
     """A 2-layer, hidden-32 config of the transformers class `cls_name`, `fields` over those sizes."""
@@ -210,7 +221,7 @@ def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0, f
     import torch
     from transformers import AutoModelForCausalLM
 
-    cls_name, own, extra = ARCHITECTURES[arch]
+    cls_name, own, extra = (ARCHITECTURES | MIXTURES)[arch]
     family = family or own
     tok = family_tokenizer(vocab_dir, family)
     vocab = -(-len(tok) // 64) * 64
@@ -226,6 +237,41 @@ def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0, f
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).float()
+    model.save_pretrained(str(path), safe_serialization=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(path))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id}), "utf-8")
+    return path
+
+
+def build_gemma3_multimodal(path: Path, vocab_dir: Path, *, seed: int = 0) -> Path:
+    """A google/gemma-3-*-it folder's shape: Gemma3ForConditionalGeneration, a 2-layer Gemma 3 language model
+    beside a 1-layer SigLIP vision tower, Gemma's tokenizer with its image markers."""
+    import torch
+    import transformers
+
+    tok = family_tokenizer(vocab_dir, "gemma")
+    tok.add_special_tokens({"extra_special_tokens": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]})
+    ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id or 0}
+    text = tiny_config(
+        "Gemma3TextConfig", vocab_size=-(-len(tok) // 64) * 64, query_pre_attn_scalar=16, sliding_window=8, **ids
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14
+    )
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=1,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+        **ids,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.Gemma3ForConditionalGeneration(config).float()
     model.save_pretrained(str(path), safe_serialization=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

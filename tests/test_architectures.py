@@ -17,7 +17,14 @@ from lunatrain.params import parse_params
 from lunatrain.prepare import prepare
 from lunatrain.train import run_lora
 
-from family_templates import ARCHITECTURES, FAMILIES, build_arch_model, save_vocab
+from family_templates import (
+    ARCHITECTURES,
+    FAMILIES,
+    MIXTURES,
+    build_arch_model,
+    build_gemma3_multimodal,
+    save_vocab,
+)
 from helpers import make_records, write_export
 
 # Six whole flows (prepare, train, gate, merge, generate): the end-to-end tier.
@@ -96,6 +103,70 @@ def test_train_gate_and_merge(settings, vocab_dir, arch, family):
     gen.run()
     assert gen.prompt_tokens == ids.shape[1] and gen.new_ids == out[0, ids.shape[1] :].tolist()[: len(gen.new_ids)]
     assert gen.new_ids, (arch, family)
+
+
+def _trained_planned_gated_and_merged(settings, base, **given) -> tuple[dict, list[str]]:
+    """Prepare, train (`run_lora`), gate and merge on `base`; the plan's LoRA bytes are those of the parameters
+    PEFT made, and the merged model answers as base + adapter. The adapter's config and its tensors' names."""
+    import math
+
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    params = parse_params(
+        {"baseModel": str(base), "epochs": 1, "batchSize": 4, "rank": 4, "learningRate": 5e-3, "seed": 1}
+        | {"maxSeqLength": 128, "dropout": 0.0}
+        | given
+    )
+    report = prepare(settings, params)
+    result = run_lora(params, settings)
+    assert result.ok, result.error
+    with safe_open(str(result.path / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        trained = sum(math.prod(f.get_slice(k).get_shape()) for k in names if ".lora_" in k)
+    assert report.memory["bytes"]["lora"] == 16 * trained  # weights, gradients and Adam's two moments
+
+    gate = gate_candidate(settings, result.adapter_name, result.version)
+    assert gate.metrics["valLoss"] is not None, gate.metrics
+
+    merged = merge_adapter(settings, f"{result.adapter_name}@{result.version}")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(result.path))
+        expected = adapted.eval()(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(merged.path)).eval()(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    return json.loads((result.path / "adapter_config.json").read_text()), names
+
+
+@pytest.mark.parametrize("arch", MIXTURES)
+def test_a_mixture_of_experts_trains_its_experts_and_is_planned_gated_and_merged(settings, vocab_dir, arch):
+    """Explore repro (Qwen3-MoE, Mixtral): all-linear puts LoRA on every expert (PEFT wraps the fused expert
+    parameters, rank x experts rows a tensor), and the registry's rank check took those rows for a rank the
+    config does not give: every such adapter was "damaged" to the gate, merge and chat. The profile's dropout,
+    which LoRA on experts cannot take, failed the run after prepare said ok, blaming targetModules; and the
+    memory plan counted one dense MLP's LoRA a layer, none of the experts'."""
+    from lunatrain.errors import UsageError
+
+    base = build_arch_model(settings.models_dir / f"tiny-{arch}", vocab_dir, arch)
+    write_export(settings, make_records(24, multi_turn_every=4))
+    with pytest.raises(UsageError, match=r"experts.* no dropout: set --dropout 0"):
+        prepare(settings, parse_params({"baseModel": str(base), "dropout": 0.05}))
+    config, _ = _trained_planned_gated_and_merged(settings, base)
+    assert config["target_parameters"]  # the experts train
+
+
+def test_a_multimodal_folder_trains_its_language_model_only(settings, vocab_dir):
+    """Explore repro (a google/gemma-3-*-it folder): all-linear put LoRA on the vision tower too; text-only data
+    never reaches it, so those layers stayed exactly zero, in the optimizer and the adapter file, uncounted by
+    the memory plan."""
+    base = build_gemma3_multimodal(settings.models_dir / "tiny-gemma3-it", vocab_dir)
+    write_export(settings, make_records(24, multi_turn_every=4))
+    config, names = _trained_planned_gated_and_merged(settings, base)
+    assert config["exclude_modules"] and not [n for n in names if "vision" in n], names
+    assert [n for n in names if "language_model" in n and ".mlp." in n]  # the language model's layers train
 
 
 def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(settings, vocab_dir):

@@ -285,6 +285,36 @@ def test_shards_without_their_index_are_refused_when_the_base_is_resolved(settin
     )
 
 
+def test_a_model_type_transformers_cannot_load_as_a_causal_lm_is_refused_in_one_sentence(settings, tmp_path):
+    """Explore repro: a Mistral-Small-3.1 folder (model_type mistral3, a vision model around Mistral) passed
+    prepare; every step of the run then failed with transformers' list of some 230 model classes, printed three
+    times by `lora`. prepare refuses it in one sentence, as the run does; a multimodal family transformers does
+    load as a causal LM (gemma3) still passes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    from helpers import make_records, write_export
+
+    path = _tiny_copy(settings, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "mistral3"}))
+    with pytest.raises(UsageError) as err:
+        models.load_tokenizer(str(path), settings)
+    assert err.value.code == "base_model.not_causal_lm", err.value.message
+    assert err.value.message == (
+        f"Base model {str(path)!r} is of model_type 'mistral3', which transformers cannot load as a causal language "
+        "model (AutoModelForCausalLM); use the text-only model of that family or another base."
+    )
+    write_export(settings, make_records(12))
+    r = CliRunner().invoke(app, ["prepare", "--baseModel", str(path)])
+    assert r.exit_code != 0 and r.output.count("\n") == 1 and "'mistral3'" in r.output, r.output
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "gemma3"}))
+    models._refuse_unknown_type(models.resolve_base(str(path), settings))  # known as a causal LM: no refusal
+
+
 def test_a_model_type_transformers_does_not_know_is_refused_in_one_sentence(settings, tmp_path):
     """Repro: a config.json of an unknown model_type without auto_map passed prepare; the run failed with
     transformers' lines advising to upgrade it from git."""

@@ -80,6 +80,9 @@ class Shape:
     # (all parameters, those of linear layers a quantization can take), counted on the model built on the meta
     # device (`model_shape`); None: from the dimensions above, one dense MLP a layer
     counted: tuple[int, int] | None = None
+    # (targetModules, LoRA parameters per unit of rank) as PEFT wraps the model built on the meta device for them
+    # (`models.lora_layout`: a mixture's experts too); None, or a job of other targets: from `module_dims`
+    lora_counted: tuple[tuple[str, ...], int] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], name: str) -> Shape:
@@ -198,7 +201,10 @@ def estimate(shape: Shape, job: Job) -> dict[str, int]:
         weights = shape.params * b
     else:
         weights = int(shape.linear_params * QUANT_BYTES[job.quantize]) + (shape.params - shape.linear_params) * b
-    lora = 16 * job.rank * shape.layers * sum(a + c for a, c in targeted.values())
+    counted = shape.lora_counted
+    per_rank = counted[1] if counted and counted[0] == job.targets else None
+    per_rank = per_rank or shape.layers * sum(a + c for a, c in targeted.values())
+    lora = 16 * job.rank * per_rank  # float32 weights, their gradients and Adam's two moments
     # per token and layer, in elements: norms 2h each (input and normalized), q/k/v (h + kv), attention
     # output and o_proj input (2h), MLP input (h), gate, up, activation and product (4i)
     dropped = [d[0] for d in targeted.values()] if job.dropout else []  # PEFT keeps each dropped-out input
@@ -440,7 +446,7 @@ def check_fits(
     if device is None or params.device not in ("auto", device.get("type")):  # e.g. a CPU job on a GPU machine
         device = device_memory(resolve_device(params.device))
     info = base or resolve_base(params.base_model, settings)
-    shape = model_shape(info, settings)
+    shape = model_shape(info, settings, params.target_modules)
     batch = MicroBatch(1, 1, 1) if least else largest_batch(samples, params, shape) if samples else None
     result = plan(shape, params, device, batch=batch)
     if not result.fits:
@@ -449,9 +455,10 @@ def check_fits(
     return result
 
 
-def model_shape(info: Any, settings: Settings | None = None) -> Shape:
-    """The Shape of a resolved base model, from its config.json. With `settings`, what building the model
-    says is kept in (and read from) the data root's cache (`_built_cached`)."""
+def model_shape(info: Any, settings: Settings | None = None, targets: Any = "all-linear") -> Shape:
+    """The Shape of a resolved base model, from its config.json, for LoRA on `targets` (a job's targetModules).
+    With `settings`, what building the model says is kept in (and read from) the data root's cache
+    (`_built_cached`)."""
     try:
         raw = (Path(info.path) / "config.json").read_bytes()
         cfg = json.loads(raw.decode("utf-8"))
@@ -460,8 +467,12 @@ def model_shape(info: Any, settings: Settings | None = None) -> Shape:
     if not isinstance(cfg, dict):
         raise UsageError(f"The config.json of base model {info.id!r} is not a JSON object.")
     shape = Shape.from_config(_with_text_defaults(info, cfg, hashlib.sha256(raw).hexdigest()), info.id)
-    built = _built(info) if settings is None else _built_cached(info, raw, settings)
-    return shape if built is None else replace(shape, varlen=built[0], counted=built[1])
+    targets = targets if isinstance(targets, str) else list(targets)
+    built = _built(info, targets) if settings is None else _built_cached(info, raw, targets, settings)
+    if built is None:
+        return shape
+    lora = None if built[2] is None else ((targets,) if isinstance(targets, str) else tuple(targets), built[2])
+    return replace(shape, varlen=built[0], counted=built[1], lora_counted=lora)
 
 
 _TEXT_KEYS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size")
@@ -495,7 +506,7 @@ def _text_defaults(path: str, digest: str) -> dict[str, Any] | None:
         return None
 
 
-def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, tuple[int, int]] | None:
+def _built_cached(info: Any, config: bytes, targets: Any, settings: Settings) -> Built | None:
     """`_built`, kept in data/cache/shapes by everything its answer depends on: the config.json's bytes, the
     installed transformers and torch, and lunatrain's code. Building the model needs torch and transformers,
     3-4 CPU-seconds of imports in a process that has neither: the trainer admitting a job that prepare
@@ -505,22 +516,25 @@ def _built_cached(info: Any, config: bytes, settings: Settings) -> tuple[bool, t
     from .fsio import atomic_write_text
     from .service.spawn import code_signature
 
-    ident = [hashlib.sha256(config).hexdigest(), version("transformers"), version("torch"), code_signature()]
+    ident = [hashlib.sha256(config).hexdigest(), version("transformers"), version("torch"), code_signature(), targets]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
     path = settings.cache_dir / "shapes" / f"{key}.json"
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))
         if kept["ident"] == ident:
             built = kept["built"]
-            return None if built is None else (bool(built[0]), (int(built[1][0]), int(built[1][1])))
+            if built is None:
+                return None
+            per_rank = None if built[2] is None else int(built[2])
+            return bool(built[0]), (int(built[1][0]), int(built[1][1])), per_rank
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         pass
-    built = _built(info)
+    built = _built(info, targets)
     # A read-only data root or a full disk plans as well, only not faster (fsio says its OSErrors as ours).
     with contextlib.suppress(OSError, LunaError):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"ident": ident, "built": built}))
-        _prune_shapes(path.parent, ident[1:])
+        _prune_shapes(path.parent, ident[1:4])
     return built
 
 
@@ -529,24 +543,30 @@ def _prune_shapes(folder: Path, installation: list[str]) -> None:
     leave one file per model behind for good."""
     for kept in folder.glob("*.json"):
         try:
-            if json.loads(kept.read_text(encoding="utf-8"))["ident"][1:] != installation:
+            if json.loads(kept.read_text(encoding="utf-8"))["ident"][1:4] != installation:
                 kept.unlink()
         except (OSError, ValueError, KeyError, TypeError):
             with contextlib.suppress(OSError):
                 kept.unlink()
 
 
-def _built(info: Any) -> tuple[bool, tuple[int, int]] | None:
+# What building a model on the meta device says (`_built`): per-sample attention, (all parameters, those of linear
+# layers), LoRA parameters per unit of rank for the targets (None where PEFT could not wrap it).
+Built = tuple[bool, tuple[int, int], int | None]
+
+
+def _built(info: Any, targets: Any = "all-linear") -> Built | None:
     """What the model built from its config on the meta device says (`models.meta_model`: no weights read or
     allocated, never the folder's own code): whether training will run the per-sample attention, by the rule
     training applies (`kernels.varlen_supported`: architecture, attention sinks, logit caps, softcapping); and
     its parameters, all of them and those of its linear layers (what bitsandbytes quantizes: experts that
-    transformers keeps as fused parameters stay unquantized). None where transformers cannot build it: then
+    transformers keeps as fused parameters stay unquantized); and the LoRA parameters per unit of rank PEFT
+    puts on it for `targets` (`models.lora_layout`). None where transformers cannot build it: then
     `Shape.from_config`'s estimate from the config stands."""
     import torch
 
     from .kernels import varlen_supported
-    from .models import meta_model
+    from .models import lora_layout_of, meta_model
 
     try:
         model = meta_model(info)
@@ -555,7 +575,9 @@ def _built(info: Any) -> tuple[bool, tuple[int, int]] | None:
     linear = sum(
         m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
     )
-    return varlen_supported(model), (sum(p.numel() for p in model.parameters()), linear)
+    varlen, counted = varlen_supported(model), (sum(p.numel() for p in model.parameters()), linear)
+    layout = lora_layout_of(model, targets)  # last: PEFT wraps the model in place
+    return varlen, counted, layout and layout.per_rank
 
 
 def device_memory(kind: str) -> dict[str, Any]:

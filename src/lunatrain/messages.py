@@ -64,6 +64,9 @@ CODES: dict[str, str] = {
     "base_model.custom_code": "the base model needs its own Python code, never run (baseModel, modelType)",
     "base_model.no_index": "the base model's shards lack their model.safetensors.index.json (baseModel, path, files)",
     "base_model.unknown_type": "the base model's model_type is unknown to transformers (baseModel, modelType)",
+    "base_model.not_causal_lm": "transformers cannot load the base model's model_type as a causal language model "
+    "(baseModel, modelType)",
+    "lora.experts_dropout": "LoRA on a mixture's experts takes no dropout (baseModel, dropout)",
     "base_model.no_fast_tokenizer": "the base model has no tokenizer.json (baseModel, path)",
     "base_model.no_vocabulary": "the base model's tokenizer has no vocabulary (baseModel, path)",
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel; folder: that "

@@ -15,6 +15,7 @@ machine match it on another.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -751,19 +752,31 @@ def _refuse_unknown_type(info: BaseModelInfo) -> None:
     """A model_type this transformers release does not ship, without `auto_map` (see `_refuse_custom_code`):
     its model would fail to load only once a run began, with transformers' advice to upgrade it."""
     from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         config = json.loads(Path(info.path, "config.json").read_bytes())
     except (OSError, ValueError):
         return  # loading says what is wrong with it
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str):
+        return
+    if model_type not in CONFIG_MAPPING:
         import transformers
 
         raise UsageError(
             f"Base model {info.id!r} is of model_type {model_type!r}, which transformers "
             f"{transformers.__version__} does not know; use a model of an architecture it ships.",
             code="base_model.unknown_type",
+            params={"baseModel": info.id, "modelType": model_type},
+        )
+    # A type transformers knows but has no causal LM class for (Mistral 3's vision model, T5): loading it would
+    # fail with transformers' list of every class it could load, some 230 names.
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "auto_map" not in config:
+        raise UsageError(
+            f"Base model {info.id!r} is of model_type {model_type!r}, which transformers cannot load as a causal "
+            "language model (AutoModelForCausalLM); use the text-only model of that family or another base.",
+            code="base_model.not_causal_lm",
             params={"baseModel": info.id, "modelType": model_type},
         )
 
@@ -965,6 +978,122 @@ def meta_model(info: BaseModelInfo) -> Any:
         raise UsageError(f"Base model {info.id!r} could not be built from its config.json: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class LoraLayout:
+    """What PEFT puts on a model for a targetModules value (`lora_layout`)."""
+
+    per_rank: int  # LoRA parameters at rank 1: a run's are its rank times this (PEFT's rank patterns scale with r)
+    parameters: tuple[str, ...]  # fused parameters it wraps besides layers: a mixture's experts, its router
+
+
+def lora_layout(info: BaseModelInfo, targets: str | list[str] | tuple[str, ...]) -> LoraLayout | None:
+    """PEFT's own choice of what `targets` adapts on the model built on the meta device (no weight read): with
+    all-linear on a mixture of experts (Qwen3-MoE, Mixtral, OLMoE) PEFT also wraps the fused expert
+    parameters, which no rule of ours could foresee per family and release. None where the model cannot be
+    built or the targets fit nothing (the run says why)."""
+    try:
+        digest = hashlib.sha256(Path(info.path, "config.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return _lora_layout(info.path, digest, info.id, targets if isinstance(targets, str) else tuple(targets))
+
+
+@functools.lru_cache(maxsize=16)
+def _lora_layout(path: str, digest: str, name: str, targets: str | tuple[str, ...]) -> LoraLayout | None:
+    """`lora_layout` once per process for a config (`digest`: its bytes') and targets."""
+    try:
+        model = meta_model(BaseModelInfo(id=name, path=path, revision=None, config_sha256=digest, fingerprint=""))
+    except UsageError:
+        return None
+    return lora_layout_of(model, targets)
+
+
+def beside_the_language_model(model: Any) -> str | None:
+    """PEFT's `exclude_modules` for all-linear on a multimodal model (Gemma 3's `-it` folders): a pattern of the
+    parts beside its language model (the vision tower) that hold linear layers. Text-only data never reaches
+    them: their LoRA would stay zero, and cost memory, optimizer state and adapter size for nothing. None for a
+    text model."""
+    import torch
+
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    names = {id(m): name for name, m in model.named_modules()}
+    path = names.get(id(decoder), "").split(".") if decoder is not model else []
+    inside = {id(m) for m in decoder.modules()}
+    output = model.get_output_embeddings()
+    prefixes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in inside and module is not output:
+            parts = name.split(".")
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(parts, path, strict=False)) if a != b), min(len(parts), len(path))
+            )
+            prefixes.add(".".join(parts[: shared + 1]))
+    if not prefixes:
+        return None
+    return "(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(?:\..*)?"
+
+
+def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> LoraLayout | None:
+    """`lora_layout` of a model built on the meta device, which PEFT wraps in place (use it for nothing else)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from .compat import peft_wrapping
+
+    try:
+        config = LoraConfig(
+            r=1,
+            lora_alpha=1,
+            lora_dropout=0.0,  # the one setting LoRA on experts refuses, and which adds no parameter
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            exclude_modules=beside_the_language_model(model) if targets == "all-linear" else None,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        with peft_wrapping(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = get_peft_model(model, config)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    count = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
+    return LoraLayout(count, tuple(sorted(wrapped.peft_config["default"].target_parameters or ())))
+
+
+# The config keys that give a mixture's number of experts (the language model's, in a multimodal config).
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _has_experts(info: BaseModelInfo) -> bool:
+    try:
+        cfg = json.loads(Path(info.path, "config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    parts = [cfg, cfg.get("text_config")] if isinstance(cfg, dict) else []
+    return any(isinstance(p, dict) and any(isinstance(p.get(k), int) and p[k] > 0 for k in _EXPERT_KEYS) for p in parts)
+
+
+def check_expert_dropout(params: Any, info: BaseModelInfo) -> None:
+    """PEFT's LoRA on fused expert parameters takes no dropout, and says so only once the run loads the model,
+    in its own words: a run on a mixture of experts whose targets reach the experts is refused now, naming both
+    ways out. Dense models are not built for it (a config read)."""
+    if params.dropout <= 0 or not _has_experts(info):
+        return
+    layout = lora_layout(info, params.target_modules)
+    if layout is None or not layout.parameters:
+        return
+    raise UsageError(
+        f"LoRA on the experts of base model {info.id!r} (a mixture of experts; targetModules "
+        f"{params.target_modules!r} reach them) takes no dropout: set --dropout 0, or train attention only "
+        "(--targetModules q_proj,k_proj,v_proj,o_proj).",
+        code="lora.experts_dropout",
+        params={"baseModel": info.id, "dropout": params.dropout},
+    )
+
+
 def lora_misfits(weights: Path, info: BaseModelInfo) -> list[str]:
     """The LoRA tensors in `weights` (an adapter_model.safetensors) that the base model's layers cannot take,
     one line each ("LAYER: lora_A has N inputs, the layer M"), from the file's header and the model built on
@@ -1037,11 +1166,12 @@ def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_i
 
 def check_targets_of(params: Any, settings: Settings) -> None:
     """`check_target_modules` for a run's LoRA parameters on its base model, before anything runs (a list
-    only: all-linear fits every model), and `check_quantize_installed`."""
+    only: all-linear fits every model), `check_expert_dropout` and `check_quantize_installed`."""
     check_quantize_installed(params.quantize)
+    info = resolve_base(params.base_model, settings)
     if isinstance(params.target_modules, list):
-        info = resolve_base(params.base_model, settings)
         check_target_modules(params.target_modules, module_kinds(info), info.id)
+    check_expert_dropout(params, info)
 
 
 def _installed(name: str) -> bool:

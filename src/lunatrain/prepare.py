@@ -195,6 +195,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     terminator = models.turn_terminator(tokenizer, info)  # fails early, in one sentence, without a terminator
     if not isinstance(params.target_modules, str):  # names, checked as the run checks them (all-linear fits all)
         models.check_target_modules(params.target_modules, models.module_kinds(info), info.id)
+    models.check_expert_dropout(params, info)
     models.check_quantize_installed(params.quantize)
 
     checks: list[Check] = []
@@ -1144,7 +1145,7 @@ def _memory_check(
     from . import memplan
 
     train = [e for e in tokenized.train if e.n_supervised]
-    shape = memplan.model_shape(info, settings)
+    shape = memplan.model_shape(info, settings, params.target_modules)
     plan = memplan.plan(
         shape,
         params,

@@ -1228,11 +1228,18 @@ def _rank_problem(config: dict[str, Any], header: dict[str, Any]) -> str | None:
     for rank in declared:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             return f"adapter_config.json gives rank {rank!r}"
-    if ranks and not pattern and r not in ranks:
+    # LoRA on fused parameters (target_parameters: a mixture's experts) keeps one A row block per expert: its
+    # lora_A has rank x experts rows, so there a rank is one that divides a row count.
+    fused = bool(config.get("target_parameters"))
+
+    def has(rank: int) -> bool:
+        return rank in ranks or (fused and any(rows % rank == 0 for rows in ranks))
+
+    if ranks and not pattern and not has(r):
         return f"adapter_config.json gives rank {r!r}, but its weights have rank {ranks[0]}"
     # Per-layer ranks (rank_pattern): each rank it gives must be one the weights have; `r` builds only the layers
     # it does not name, perhaps none, so it is held to the largest rank a run may ask for.
-    if ranks and (bad := [k for k in declared[1:] if k not in ranks]):
+    if ranks and (bad := [k for k in declared[1:] if not has(k)]):
         return f"adapter_config.json gives rank {bad[0]!r} in its rank_pattern, but its weights have rank {ranks[-1]} at most"
     if r > MAX_RANK:
         return f"adapter_config.json gives rank {r!r}, over the largest a run may ask for ({MAX_RANK})"

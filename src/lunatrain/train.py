@@ -476,7 +476,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
     from .export import read_tier, refuse_replaced, refuse_withdrawn
-    from .models import check_target_modules, module_kinds, resolve_base, resolve_device
+    from .models import check_expert_dropout, check_target_modules, module_kinds, resolve_base, resolve_device
 
     problems: list[LunaError] = []
 
@@ -512,6 +512,8 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     if base is not None and not isinstance(params.target_modules, str):
         # From the model built on the meta device, as prepare checks them: a mistyped name costs no weight load.
         check(lambda: check_target_modules(params.target_modules, module_kinds(base), base.id))
+    if base is not None:
+        check(lambda: check_expert_dropout(params, base))
     if problems:
         raise one_error(problems)
     return _load(params, settings, base, device, data, world)
@@ -668,7 +670,7 @@ def load_lora_model(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import load_model
+    from .models import beside_the_language_model, load_model
     from .templates import check_embedding_room
 
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
@@ -683,6 +685,7 @@ def load_lora_model(
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
         target_modules=targets,
+        exclude_modules=beside_the_language_model(model) if targets == "all-linear" else None,
         bias="none",
         task_type="CAUSAL_LM",
         trainable_token_indices=_token_rows(model, new_ids),
