@@ -276,6 +276,23 @@ def test_base_model_alone_is_evaluated_when_nothing_is_active(settings, tiny):
         evalgate.eval_gate(settings, thresholds={"minGoldenPassRate": 0.9}).raise_on_fail()
 
 
+def test_val_samples_cut_before_their_answers_are_said_not_measured(settings, tiny):
+    """Explore repro: with every val/test sample's answer beyond maxSeqLength, the gate measured no loss and said
+    nothing (`notes: []`, "-" in the table), while an export without val/test samples is said; a gate that rests
+    on golden cases alone must say so."""
+    records = make_records(24)
+    for r in records:
+        if r["split"] == "val":
+            r["messages"][1]["content"] = "Lange Frage: " + "bla " * 1500
+    write_export(settings, records)
+    report = evalgate.eval_gate(settings)
+    assert report.metrics["valLoss"] is None and report.metrics["testLoss"] is None, report.metrics
+    (note,) = [n for n in report.note_codes if n and n["code"] == "gate.eval_samples_cut"]
+    assert note["params"] == {"splits": "val", "maxSeqLength": 1024}, note  # the base's gate: its own length
+    said = "every val sample's answer lies beyond maxSeqLength 1024: its loss was not measured"
+    assert said in report.notes, report.notes
+
+
 def test_a_base_whose_pad_token_has_no_embedding_row_is_gated_not_an_index_error(settings, tiny_dir):
     """Added-tokens repro: a base whose tokenizer got a pad without a resized model failed every gate (left-
     padded generation) with a bare "IndexError: index out of range in self": no version could become active."""
@@ -874,6 +891,23 @@ def test_a_gate_record_tells_which_cases_its_version_passed_as_far_as_it_lists_t
     assert [partly[i] for i in ids] == [False] * 10 + [None] * 4
     assert set(evalgate.recorded_cases({"passed": True}, ids).values()) == {None}
     assert evalgate.recorded_cases({"failedCases": [], "failedCaseCount": 0}, ["a"]) == {"a": True}
+
+
+def test_a_version_that_failed_more_cases_than_its_record_details_still_tells_which_it_passed():
+    """Explore repro: luna-tiny's first adapter fails 12 of the 17 bundled cases, its record details ten; the next
+    candidate, refused for breaking five cases v1 passed, named none of them (every case `baselinePassed` null
+    or false, three of the five not even among the ten kept). The record keeps every failed case's id."""
+    from lunatrain.evalgate import FAILED_CASES_KEPT, GateReport
+
+    cases = [
+        {"id": f"c{i}", "source": f"s:{i}", "checks": [{"type": "stops", "passed": i >= 12}], "passed": i >= 12}
+        for i in range(17)
+    ]
+    record = GateReport("pass", [], {}, {}, {}, {}, {}, {}, cases, "2026-12-07T10:00:00Z").gate_record()
+    assert len(record["failedCases"]) == FAILED_CASES_KEPT and record["failedCaseCount"] == 12
+    assert record["failedCaseIds"] == [f"c{i}" for i in range(12)]
+    told = evalgate.recorded_cases(record, [c["id"] for c in cases])
+    assert told == {c["id"]: c["passed"] for c in cases}
 
 
 def test_patterns_re_cannot_even_compile_and_other_unbounded_texts_are_suite_problems(settings):

@@ -531,6 +531,9 @@ class GateReport:
                 # which cases to look at: those the baseline passed first (what a lower pass rate rests on)
                 "failedCases": failed[:FAILED_CASES_KEPT],
                 "failedCaseCount": len(failed),
+                # every failed case's id: a later gate judged against this record knows which cases its version
+                # passed, however many more than the ten above it failed (`recorded_cases`)
+                "failedCaseIds": [c["id"] for c in failed],
             }
         )
 
@@ -560,13 +563,16 @@ class GateReport:
 
 def recorded_cases(record: dict[str, Any], ids: list[str]) -> dict[str, bool | None]:
     """Which of the cases `ids` a gate record's version passed, as far as the record tells (its suite is this
-    one: `_comparable`): the cases it lists as failed did not; when it lists every case it failed (at most
-    FAILED_CASES_KEPT did), it passed all others; else they are unknown (None). Without this a candidate judged
+    one: `_comparable`): the cases it names as failed did not; when it names every case it failed (all their ids
+    in `failedCaseIds`, or at most FAILED_CASES_KEPT failed), it passed all others; else they are unknown (None). Without this a candidate judged
     against a record had no case marked as the baseline's pass, so its kept failures were the first in file
     order rather than its regressions."""
     listed = record.get("failedCases")
     failed = {c.get("id") for c in listed if isinstance(c, dict)} if isinstance(listed, list) else set()
     complete = isinstance(listed, list) and record.get("failedCaseCount") == len(failed)
+    every = record.get("failedCaseIds")  # a record of a release before it lacks them: the ten above tell what they can
+    if isinstance(every, list) and record.get("failedCaseCount") == len(every):
+        failed, complete = set(every), True
     return {i: False if i in failed else (True if complete else None) for i in ids}
 
 
@@ -1150,7 +1156,24 @@ def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, note
             )
         )
         return None
-    return tokenize_tier(settings, tier, tokenizer, max_len, data=data)
+    tokenized = tokenize_tier(settings, tier, tokenizer, max_len, data=data)
+    # Samples whose answers all lie beyond maxSeqLength carry no label: a split of only those has no loss,
+    # and the gate would rest on the golden cases alone without a word.
+    cut = [
+        s for s in ("val", "test") if tokenized.splits.get(s) and not any(e.n_supervised for e in tokenized.splits[s])
+    ]
+    if cut:
+        one = len(cut) == 1
+        notes.append(
+            Note(
+                "gate.eval_samples_cut",
+                f"every {' and '.join(cut)} sample's answer lies beyond maxSeqLength {max_len}: "
+                f"{'its loss was' if one else 'their losses were'} not measured",
+                splits=" and ".join(cut),
+                maxSeqLength=max_len,
+            )
+        )
+    return tokenized
 
 
 # What a gate record's context holds, in the words a note uses for each part that differs.

@@ -209,6 +209,8 @@ CODES: dict[str, str] = {
     "gate.unquantized": "the base model was loaded unquantized, not as the adapter trained (quantize, why)",
     "gate.no_export": "no export: losses on val/test were not measured",
     "gate.no_eval_samples": "the tier's export has no val or test samples: losses were not measured (tier)",
+    "gate.eval_samples_cut": "every sample of these splits has its answer beyond maxSeqLength: no loss measured "
+    "(splits, maxSeqLength)",
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",
