@@ -461,11 +461,14 @@ def test_quick_start_and_the_preflight_clicked_again_while_waiting_for_the_value
     waited was sent once they came: three clicks, three requests. A button that waits says so and takes no
     second click."""
     sent: list[str] = []
-    for path, body in (("**/lora/quick-start", {"error": {"code": "conflict", "message": "not here."}}),
-                       ("**/assistant/training/prepare", {"status": "ok", "checks": []})):  # fmt: skip
-        status = 409 if "quick" in path else 200
-        page.route(path, lambda route, b=body, st=status: sent.append(urlsplit(route.request.url).path)
-                   or route.fulfill(status=st, json=b))  # fmt: skip
+
+    def answering(body: dict, status: int) -> Callable[[Any], None]:
+        # One parameter: Playwright hands a handler that takes two the request as the second, which a default
+        # argument would have taken (the answer's body then a Request: an error that surfaced at random).
+        return lambda route: sent.append(urlsplit(route.request.url).path) or route.fulfill(status=status, json=body)
+
+    page.route("**/lora/quick-start", answering({"error": {"code": "conflict", "message": "not here."}}, 409))
+    page.route("**/assistant/training/prepare", answering({"status": "ok", "checks": []}, 200))
     held = hold_first_answer(page, lambda url: urlsplit(url).path.endswith("/assistant/training/lora/defaults"))
     page.goto(services.api_url)
     for button in ("#quick-start-button", "#prepare-button"):
