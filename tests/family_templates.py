@@ -203,7 +203,15 @@ MIXTURES = {
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1},
     ),
     "mixtral": ("MixtralConfig", "mistral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    # Llama 4's text model: a router that is a linear layer returning (scores, experts), experts PEFT leaves alone
+    "llama4": (
+        "Llama4TextConfig",
+        "llama-3.1",
+        {"intermediate_size_mlp": 64, "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1},
+    ),
 }
+# The mixtures whose experts PEFT's all-linear wraps (fused expert parameters, `target_parameters`).
+EXPERTS_WRAPPED = ("qwen3_moe", "mixtral")
 
 
 def tiny_config(cls_name: str, **fields: Any) -> Any:

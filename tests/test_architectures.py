@@ -19,8 +19,8 @@ from lunatrain.train import run_lora
 
 from family_templates import (
     ARCHITECTURES,
+    EXPERTS_WRAPPED,
     FAMILIES,
-    MIXTURES,
     build_arch_model,
     build_gemma3_multimodal,
     save_vocab,
@@ -141,7 +141,7 @@ def _trained_planned_gated_and_merged(settings, base, **given) -> tuple[dict, li
     return json.loads((result.path / "adapter_config.json").read_text()), names
 
 
-@pytest.mark.parametrize("arch", MIXTURES)
+@pytest.mark.parametrize("arch", EXPERTS_WRAPPED)
 def test_a_mixture_of_experts_trains_its_experts_and_is_planned_gated_and_merged(settings, vocab_dir, arch):
     """Explore repro (Qwen3-MoE, Mixtral): all-linear puts LoRA on every expert (PEFT wraps the fused expert
     parameters, rank x experts rows a tensor), and the registry's rank check took those rows for a rank the
@@ -156,6 +156,17 @@ def test_a_mixture_of_experts_trains_its_experts_and_is_planned_gated_and_merged
         prepare(settings, parse_params({"baseModel": str(base), "dropout": 0.05}))
     config, _ = _trained_planned_gated_and_merged(settings, base)
     assert config["target_parameters"]  # the experts train
+
+
+def test_all_linear_leaves_out_a_linear_layer_that_computes_something_else(settings, vocab_dir):
+    """Explore repro (Llama 4): all-linear wrapped its router, a linear layer class that returns the routing
+    scores with the chosen experts; every step failed with "AttributeError: 'tuple' object has no attribute
+    'dtype'" and no word of which layer. A linear layer class of its own computation is left out."""
+    base = build_arch_model(settings.models_dir / "tiny-llama4", vocab_dir, "llama4")
+    write_export(settings, make_records(24, multi_turn_every=4))
+    config, names = _trained_planned_gated_and_merged(settings, base, dropout=0.05)
+    assert "router" in config["exclude_modules"] and not [n for n in names if "router" in n], names
+    assert [n for n in names if "self_attn.q_proj" in n]
 
 
 def test_a_multimodal_folder_trains_its_language_model_only(settings, vocab_dir):

@@ -1008,32 +1008,37 @@ def _lora_layout(path: str, digest: str, name: str, targets: str | tuple[str, ..
     return lora_layout_of(model, targets)
 
 
-def beside_the_language_model(model: Any) -> str | None:
-    """PEFT's `exclude_modules` for all-linear on a multimodal model (Gemma 3's `-it` folders): a pattern of the
-    parts beside its language model (the vision tower) that hold linear layers. Text-only data never reaches
-    them: their LoRA would stay zero, and cost memory, optimizer state and adapter size for nothing. None for a
-    text model."""
+def all_linear_exclusions(model: Any) -> str | None:
+    """PEFT's `exclude_modules` for all-linear (None where nothing is left out), a pattern of:
+    - the parts beside a multimodal model's language model that hold linear layers (Gemma 3's vision tower):
+      text-only data never reaches them, so their LoRA would stay zero and cost memory for nothing;
+    - linear layers whose class computes something else than a linear map (Llama 4's router returns the routing
+      scores with the chosen experts): PEFT's LoRA layer adds its update to what the layer returns, and fails
+      on a tuple ("'tuple' object has no attribute 'dtype'")."""
     import torch
 
+    names = {id(m): name for name, m in model.named_modules()}
     try:
         decoder = model.get_decoder()
     except (AttributeError, NotImplementedError, TypeError):
-        return None
-    names = {id(m): name for name, m in model.named_modules()}
+        decoder = model
     path = names.get(id(decoder), "").split(".") if decoder is not model else []
     inside = {id(m) for m in decoder.modules()}
     output = model.get_output_embeddings()
-    prefixes = set()
+    parts, layers = set(), set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and id(module) not in inside and module is not output:
-            parts = name.split(".")
-            shared = next(
-                (i for i, (a, b) in enumerate(zip(parts, path, strict=False)) if a != b), min(len(parts), len(path))
-            )
-            prefixes.add(".".join(parts[: shared + 1]))
-    if not prefixes:
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if id(module) not in inside:
+            steps = name.split(".")
+            shared = next((i for i, (a, b) in enumerate(zip(steps, path, strict=False)) if a != b), len(path))
+            parts.add(".".join(steps[: shared + 1]))
+        elif type(module).forward is not torch.nn.Linear.forward:
+            layers.add(name)
+    if not parts and not layers:
         return None
-    return "(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(?:\..*)?"
+    either = [rf"{re.escape(p)}(?:\..*)?" for p in sorted(parts)] + [re.escape(n) for n in sorted(layers)]
+    return "(?:" + "|".join(either) + ")"
 
 
 def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> LoraLayout | None:
@@ -1050,7 +1055,7 @@ def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> Lo
             lora_alpha=1,
             lora_dropout=0.0,  # the one setting LoRA on experts refuses, and which adds no parameter
             target_modules=targets if isinstance(targets, str) else list(targets),
-            exclude_modules=beside_the_language_model(model) if targets == "all-linear" else None,
+            exclude_modules=all_linear_exclusions(model) if targets == "all-linear" else None,
             bias="none",
             task_type="CAUSAL_LM",
         )

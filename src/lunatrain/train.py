@@ -670,7 +670,7 @@ def load_lora_model(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import beside_the_language_model, load_model
+    from .models import all_linear_exclusions, load_model
     from .templates import check_embedding_room
 
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
@@ -685,7 +685,7 @@ def load_lora_model(
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
         target_modules=targets,
-        exclude_modules=beside_the_language_model(model) if targets == "all-linear" else None,
+        exclude_modules=all_linear_exclusions(model) if targets == "all-linear" else None,
         bias="none",
         task_type="CAUSAL_LM",
         trainable_token_indices=_token_rows(model, new_ids),
