@@ -315,6 +315,51 @@ def test_a_model_type_transformers_cannot_load_as_a_causal_lm_is_refused_in_one_
     models._refuse_unknown_type(models.resolve_base(str(path), settings))  # known as a causal LM: no refusal
 
 
+def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(settings, tmp_path):
+    """Explore repros: a downloaded `…-bnb-4bit` folder (quantization_config in its config.json) passed prepare
+    with quantize none and a full-precision memory plan, then every run failed advising to install bitsandbytes
+    (installed); --quantize 8bit on it trained the stored 4 bits and recorded 8; GPTQ, AWQ and
+    compressed-tensors folders passed prepare and failed the run with their packages' install hints; a merge
+    into a 4-bit base ended in a traceback. Runs take the stored quantization or are refused in one sentence,
+    and a merge is refused before any work; an fp8 folder, which transformers dequantizes, is a plain base."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+    from lunatrain.merge import merge_adapter
+    from lunatrain.params import parse_params
+    from lunatrain.train import run_lora
+
+    from helpers import make_records, write_export
+
+    path = _tiny_copy(settings, tmp_path)
+    write_export(settings, make_records(24))
+    trained = run_lora(parse_params({"baseModel": str(path), "maxSteps": 1, "batchSize": 2}), settings)
+    assert trained.ok, trained.error
+    config = json.loads((path / "config.json").read_text())
+    stored = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (path / "config.json").write_text(json.dumps(config | {"quantization_config": stored}))
+    info = models.resolve_base(str(path), settings)
+    assert models.stored_quantization(info) == ("bitsandbytes", "4bit")
+    for quantize in ("none", "8bit"):
+        r = CliRunner().invoke(app, ["prepare", "--baseModel", str(path), "--quantize", quantize])
+        said = f"Base model {str(path)!r} is stored quantized (bitsandbytes 4bit, in its config.json): train it with"
+        assert r.exit_code != 0 and r.output.count("\n") == 1 and said in r.output, r.output
+    models.check_stored_quantization("4bit", info)  # as stored: a QLoRA run on it
+    with pytest.raises(UsageError) as err:
+        merge_adapter(settings, f"{trained.adapter_name}@{trained.version}")
+    assert err.value.code == "merge.quantized_base" and "a merge needs full-precision weights" in err.value.message
+    assert not (settings.merged_dir).exists() or not any(settings.merged_dir.iterdir())
+    for method in ("gptq", "awq", "compressed-tensors"):
+        (path / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": method}}))
+        with pytest.raises(UsageError) as err:
+            models.check_stored_quantization("4bit", models.resolve_base(str(path), settings))
+        assert err.value.code == "base_model.quantized_method" and f"with {method}, which" in err.value.message
+    (path / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "fp8"}}))
+    models.check_stored_quantization("none", models.resolve_base(str(path), settings))
+
+
 def test_a_model_type_transformers_does_not_know_is_refused_in_one_sentence(settings, tmp_path):
     """Repro: a config.json of an unknown model_type without auto_map passed prepare; the run failed with
     transformers' lines advising to upgrade it from git."""

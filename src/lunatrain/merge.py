@@ -63,7 +63,7 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
     import torch
     from peft import PeftModel
 
-    from .models import load_adapter_tokenizer, load_model, turn_terminator
+    from .models import DEQUANTIZED, load_adapter_tokenizer, load_model, stored_quantization, turn_terminator
     from .templates import write_generation_config
 
     name, version = registry.parse_ref(ref)
@@ -74,6 +74,15 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
     trained_on = entry["baseModel"]
     base = registry.trained_base(settings, entry, "merge it")
+    if (stored := stored_quantization(base)) and stored[0] not in DEQUANTIZED:
+        # merge_and_unload would write the update into quantized layers, which no save can turn back into weights
+        raise UsageError(
+            f"Base model {base.id!r} is stored quantized ({' '.join(p for p in stored if p)}): a merge needs "
+            "full-precision weights; train on the full-precision model (--quantize 4bit trains it as QLoRA) to "
+            "merge, or serve this adapter as it is.",
+            code="merge.quantized_base",
+            params={"baseModel": base.id, "method": stored[0]},
+        )
     forced = base.fingerprint != trained_on["fingerprint"]
     if forced and not force:
         raise Conflict(

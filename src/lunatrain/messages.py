@@ -66,6 +66,12 @@ CODES: dict[str, str] = {
     "base_model.unknown_type": "the base model's model_type is unknown to transformers (baseModel, modelType)",
     "base_model.not_causal_lm": "transformers cannot load the base model's model_type as a causal language model "
     "(baseModel, modelType)",
+    "base_model.stored_quantized": "the base is stored quantized by bitsandbytes; runs on it take that quantize "
+    "(baseModel, stored, quantize)",
+    "base_model.quantized_method": "the base is stored quantized by a method lunatrain does not train on "
+    "(baseModel, method)",
+    "merge.quantized_base": "a merge needs full-precision base weights; this base is stored quantized "
+    "(baseModel, method)",
     "lora.experts_dropout": "LoRA on a mixture's experts takes no dropout (baseModel, dropout)",
     "base_model.no_fast_tokenizer": "the base model has no tokenizer.json (baseModel, path)",
     "base_model.no_vocabulary": "the base model's tokenizer has no vocabulary (baseModel, path)",

@@ -1008,6 +1008,10 @@ def _lora_layout(path: str, digest: str, name: str, targets: str | tuple[str, ..
     return lora_layout_of(model, targets)
 
 
+# Where transformers keeps each architecture's own classes.
+_MODEL_CODE = "transformers.models."
+
+
 def all_linear_exclusions(model: Any) -> str | None:
     """PEFT's `exclude_modules` for all-linear (None where nothing is left out), a pattern of:
     - the parts beside a multimodal model's language model that hold linear layers (Gemma 3's vision tower):
@@ -1033,8 +1037,8 @@ def all_linear_exclusions(model: Any) -> str | None:
             steps = name.split(".")
             shared = next((i for i, (a, b) in enumerate(zip(steps, path, strict=False)) if a != b), len(path))
             parts.add(".".join(steps[: shared + 1]))
-        elif type(module).forward is not torch.nn.Linear.forward:
-            layers.add(name)
+        elif type(module).forward is not torch.nn.Linear.forward and type(module).__module__.startswith(_MODEL_CODE):
+            layers.add(name)  # a model's own linear class (not a quantized layer: bitsandbytes' compute W x too)
     if not parts and not layers:
         return None
     either = [rf"{re.escape(p)}(?:\..*)?" for p in sorted(parts)] + [re.escape(n) for n in sorted(layers)]
@@ -1171,9 +1175,11 @@ def check_target_modules(targets: list[str] | str, kinds: dict[str, str], base_i
 
 def check_targets_of(params: Any, settings: Settings) -> None:
     """`check_target_modules` for a run's LoRA parameters on its base model, before anything runs (a list
-    only: all-linear fits every model), `check_expert_dropout` and `check_quantize_installed`."""
+    only: all-linear fits every model), `check_stored_quantization`, `check_expert_dropout` and
+    `check_quantize_installed`."""
     check_quantize_installed(params.quantize)
     info = resolve_base(params.base_model, settings)
+    check_stored_quantization(params.quantize, info)
     if isinstance(params.target_modules, list):
         check_target_modules(params.target_modules, module_kinds(info), info.id)
     check_expert_dropout(params, info)
@@ -1184,6 +1190,53 @@ def _installed(name: str) -> bool:
     import importlib.machinery
 
     return importlib.machinery.PathFinder.find_spec(name) is not None
+
+
+# Stored quantizations transformers undoes on load where it cannot compute in them (fp8 on a CPU or an older GPU):
+# such a folder trains, gates and merges as a full-precision one.
+DEQUANTIZED = {"fp8", "fbgemm_fp8"}
+
+
+def stored_quantization(info: BaseModelInfo) -> tuple[str, str | None] | None:
+    """How the base's weights are stored, from config.json's `quantization_config`: (method, "4bit"/"8bit" for
+    bitsandbytes, else None); None for full-precision weights (a downloaded `…-bnb-4bit` or GPTQ folder is not)."""
+    try:
+        cfg = json.loads(Path(info.path, "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not isinstance(quant, dict):
+        return None
+    method = str(quant.get("quant_method") or "unknown")
+    if method == "bitsandbytes":
+        return method, "4bit" if quant.get("load_in_4bit") else "8bit" if quant.get("load_in_8bit") else None
+    return method, None
+
+
+def check_stored_quantization(quantize: str, info: BaseModelInfo) -> None:
+    """A base stored quantized trains only as it is stored: a bitsandbytes folder with that `quantize` (transformers
+    loads the stored one whatever is asked, so a run would record another precision than it trained in, and
+    without bitsandbytes the load fails advising to install it); GPTQ, AWQ and other kinds not at all (their
+    packages are not lunatrain's, and no merge could write full-precision weights from them)."""
+    stored = stored_quantization(info)
+    if stored is None or stored[0] in DEQUANTIZED:
+        return
+    method, mode = stored
+    if method == "bitsandbytes" and mode is not None:
+        if quantize == mode:
+            return
+        raise UsageError(
+            f"Base model {info.id!r} is stored quantized (bitsandbytes {mode}, in its config.json): train it "
+            f"with --quantize {mode}, or use its full-precision model.",
+            code="base_model.stored_quantized",
+            params={"baseModel": info.id, "stored": mode, "quantize": quantize},
+        )
+    raise UsageError(
+        f"Base model {info.id!r} is stored quantized with {method}, which lunatrain does not train on: use its "
+        "full-precision model (--quantize 4bit trains it in 4 bits).",
+        code="base_model.quantized_method",
+        params={"baseModel": info.id, "method": method},
+    )
 
 
 def check_quantize_installed(quantize: str) -> None:

@@ -196,6 +196,7 @@ def prepare(settings: Settings, params: LoraParams, *, min_curated: int = 0, sho
     if not isinstance(params.target_modules, str):  # names, checked as the run checks them (all-linear fits all)
         models.check_target_modules(params.target_modules, models.module_kinds(info), info.id)
     models.check_expert_dropout(params, info)
+    models.check_stored_quantization(params.quantize, info)
     models.check_quantize_installed(params.quantize)
 
     checks: list[Check] = []

@@ -476,7 +476,14 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
     from .export import read_tier, refuse_replaced, refuse_withdrawn
-    from .models import check_expert_dropout, check_target_modules, module_kinds, resolve_base, resolve_device
+    from .models import (
+        check_expert_dropout,
+        check_stored_quantization,
+        check_target_modules,
+        module_kinds,
+        resolve_base,
+        resolve_device,
+    )
 
     problems: list[LunaError] = []
 
@@ -513,6 +520,7 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
         # From the model built on the meta device, as prepare checks them: a mistyped name costs no weight load.
         check(lambda: check_target_modules(params.target_modules, module_kinds(base), base.id))
     if base is not None:
+        check(lambda: check_stored_quantization(params.quantize, base))
         check(lambda: check_expert_dropout(params, base))
     if problems:
         raise one_error(problems)
