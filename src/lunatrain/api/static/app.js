@@ -8,7 +8,7 @@ import { t, tMsg, errorText, lang, translatePage, formatDate, formatNumber, form
 import { JobView } from "./job.js";
 import { TryPanel } from "./tryit.js";
 import { serverFieldErrors, checkField, FIELDS } from "./params.js";
-import { h, showError, showNotice, clearErrors, clearErrorsOf, busy, fillFacts, turns } from "./ui.js";
+import { h, showError, showNotice, clearErrors, clearErrorsOf, busy, fillFacts, turns, released } from "./ui.js";
 
 const HEALTH_MS = 15000;
 const DATA_MS = 15000;
@@ -438,6 +438,7 @@ loraForm.control("baseModel").addEventListener("change", (event) => {
       const { params } = await api.defaults(PROFILE, base || null);
       if (field.value.trim() === base) loraForm.refill(params); // not one typed since
     } catch (error) {
+      await released(); // the field was left by pressing a button below it: its click first, then the new line
       // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
       if (error.status === 422) loraForm.showErrors(serverFieldErrors(error), { focus: false });
       else showError(error, t("train.formLabel"));

@@ -4,6 +4,27 @@
 import { t, errorText } from "./i18n.js";
 
 /** h("td", {class: "num"}, "3") — attributes starting with "on" become listeners; children may be strings. */
+// A layout change while a pointer is pressed moves what it was pressed on: its release lands beside it and no click
+// happens. Leaving the base-model field by pressing Start or Reset asks the server for that base's values, and a
+// refusal adds a line above the buttons, mostly before the release (a person's press outlasts a local answer).
+let pressed = false;
+let onRelease = [];
+document.addEventListener("pointerdown", () => { pressed = true; }, true);
+for (const type of ["pointerup", "pointercancel"]) {
+  document.addEventListener(type, () => {
+    pressed = false;
+    const waiting = onRelease;
+    onRelease = [];
+    setTimeout(() => waiting.forEach((done) => done())); // after the click that the release dispatches
+  }, true);
+}
+
+/** Resolves at once, or once a pressed pointer is released and its click has been dispatched: await it before
+ * a change that adds or removes lines, where it answers what leaving a field asked. */
+export function released() {
+  return pressed ? new Promise((done) => onRelease.push(done)) : Promise.resolve();
+}
+
 export function h(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
