@@ -908,6 +908,9 @@ def test_a_version_that_failed_more_cases_than_its_record_details_still_tells_wh
     assert record["failedCaseIds"] == [f"c{i}" for i in range(12)]
     told = evalgate.recorded_cases(record, [c["id"] for c in cases])
     assert told == {c["id"]: c["passed"] for c in cases}
+    # review repro: a hand-edited record's entry that is no id raised TypeError; such a list tells nothing
+    broken = record | {"failedCaseIds": [{"id": "c0"}, *record["failedCaseIds"][1:]]}
+    assert evalgate.recorded_cases(broken, ["c0", "c11", "c12"]) == {"c0": False, "c11": None, "c12": None}
 
 
 def test_patterns_re_cannot_even_compile_and_other_unbounded_texts_are_suite_problems(settings):

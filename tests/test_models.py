@@ -311,8 +311,47 @@ def test_a_model_type_transformers_cannot_load_as_a_causal_lm_is_refused_in_one_
     write_export(settings, make_records(12))
     r = CliRunner().invoke(app, ["prepare", "--baseModel", str(path)])
     assert r.exit_code != 0 and r.output.count("\n") == 1 and "'mistral3'" in r.output, r.output
+    # review repro: an auto_map (a processor's, or a causal LM class of the folder's own) let it pass; its own
+    # code never runs
+    for auto_map in ({"AutoProcessor": "p.P"}, {"AutoModelForCausalLM": "m.M"}):
+        (path / "config.json").write_text(json.dumps(config | {"model_type": "mistral3", "auto_map": auto_map}))
+        with pytest.raises(UsageError, match="cannot load as a causal language model"):
+            models.load_tokenizer(str(path), settings)
     (path / "config.json").write_text(json.dumps(config | {"model_type": "gemma3"}))
     models._refuse_unknown_type(models.resolve_base(str(path), settings))  # known as a causal LM: no refusal
+
+
+def test_the_expert_dropout_refusal_names_the_attention_layers_the_model_has(tmp_path):
+    """Review repro: the refusal's way out named q_proj,k_proj,v_proj,o_proj, which a DeepSeek-style mixture
+    (multi-head latent attention) does not have: following it was refused next."""
+    import types
+
+    from lunatrain.params import parse_params
+
+    from family_templates import tiny_config
+
+    config = tiny_config(
+        "DeepseekV3Config",
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=0,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+    )
+    config.save_pretrained(tmp_path)
+    info = types.SimpleNamespace(id="deepseek", path=str(tmp_path))
+    layout = models.lora_layout(info, "all-linear")
+    assert layout is not None and layout.parameters and "k_proj" not in layout.attention, layout
+    with pytest.raises(UsageError) as err:
+        models.check_expert_dropout(parse_params({"dropout": 0.05}), info)
+    assert f"(--targetModules {','.join(layout.attention)})" in err.value.message, err.value.message
+    assert err.value.params["attention"] == ",".join(layout.attention)
 
 
 def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(settings, tmp_path):

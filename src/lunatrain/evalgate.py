@@ -571,7 +571,11 @@ def recorded_cases(record: dict[str, Any], ids: list[str]) -> dict[str, bool | N
     failed = {c.get("id") for c in listed if isinstance(c, dict)} if isinstance(listed, list) else set()
     complete = isinstance(listed, list) and record.get("failedCaseCount") == len(failed)
     every = record.get("failedCaseIds")  # a record of a release before it lacks them: the ten above tell what they can
-    if isinstance(every, list) and record.get("failedCaseCount") == len(every):
+    if (
+        isinstance(every, list)
+        and all(isinstance(i, str) for i in every)
+        and record.get("failedCaseCount") == len(set(every))
+    ):
         failed, complete = set(every), True
     return {i: False if i in failed else (True if complete else None) for i in ids}
 
@@ -1169,7 +1173,7 @@ def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, note
                 "gate.eval_samples_cut",
                 f"every {' and '.join(cut)} sample's answer lies beyond maxSeqLength {max_len}: "
                 f"{'its loss was' if one else 'their losses were'} not measured",
-                splits=" and ".join(cut),
+                splits="/".join(cut),
                 maxSeqLength=max_len,
             )
         )

@@ -72,7 +72,8 @@ CODES: dict[str, str] = {
     "(baseModel, method)",
     "merge.quantized_base": "a merge needs full-precision base weights; this base is stored quantized "
     "(baseModel, method)",
-    "lora.experts_dropout": "LoRA on a mixture's experts takes no dropout (baseModel, dropout)",
+    "lora.experts_dropout": "LoRA on a mixture's experts takes no dropout (baseModel, dropout, attention: its attention "
+    "layers' names)",
     "base_model.no_fast_tokenizer": "the base model has no tokenizer.json (baseModel, path)",
     "base_model.no_vocabulary": "the base model's tokenizer has no vocabulary (baseModel, path)",
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel; folder: that "
@@ -216,7 +217,7 @@ CODES: dict[str, str] = {
     "gate.no_export": "no export: losses on val/test were not measured",
     "gate.no_eval_samples": "the tier's export has no val or test samples: losses were not measured (tier)",
     "gate.eval_samples_cut": "every sample of these splits has its answer beyond maxSeqLength: no loss measured "
-    "(splits, maxSeqLength)",
+    "(splits: val, test or val/test, maxSeqLength)",
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",

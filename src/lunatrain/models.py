@@ -771,8 +771,9 @@ def _refuse_unknown_type(info: BaseModelInfo) -> None:
             params={"baseModel": info.id, "modelType": model_type},
         )
     # A type transformers knows but has no causal LM class for (Mistral 3's vision model, T5): loading it would
-    # fail with transformers' list of every class it could load, some 230 names.
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "auto_map" not in config:
+    # fail with transformers' list of every class it could load, some 230 names. An `auto_map` changes nothing:
+    # the folder's own classes never run.
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UsageError(
             f"Base model {info.id!r} is of model_type {model_type!r}, which transformers cannot load as a causal "
             "language model (AutoModelForCausalLM); use the text-only model of that family or another base.",
@@ -984,6 +985,7 @@ class LoraLayout:
 
     per_rank: int  # LoRA parameters at rank 1: a run's are its rank times this (PEFT's rank patterns scale with r)
     parameters: tuple[str, ...]  # fused parameters it wraps besides layers: a mixture's experts, its router
+    attention: tuple[str, ...] = ()  # the names of the language model's attention layers (q_proj, …; MLA's own)
 
 
 def lora_layout(info: BaseModelInfo, targets: str | list[str] | tuple[str, ...]) -> LoraLayout | None:
@@ -1012,13 +1014,14 @@ def _lora_layout(path: str, digest: str, name: str, targets: str | tuple[str, ..
 _MODEL_CODE = "transformers.models."
 
 
-def all_linear_exclusions(model: Any) -> str | None:
-    """PEFT's `exclude_modules` for all-linear (None where nothing is left out), a pattern of:
-    - the parts beside a multimodal model's language model that hold linear layers (Gemma 3's vision tower):
-      text-only data never reaches them, so their LoRA would stay zero and cost memory for nothing;
-    - linear layers whose class computes something else than a linear map (Llama 4's router returns the routing
-      scores with the chosen experts): PEFT's LoRA layer adds its update to what the layer returns, and fails
-      on a tuple ("'tuple' object has no attribute 'dtype'")."""
+def lora_exclusions(model: Any, targets: str | list[str] | tuple[str, ...]) -> str | None:
+    """PEFT's `exclude_modules` for `targets` (None where nothing is left out), a pattern of:
+    - the parts beside a multimodal model's language model that hold linear layers (Gemma 3's vision tower,
+      whose attention has the language model's layer names): text-only data never reaches them, so their LoRA
+      would stay zero and cost memory for nothing;
+    - with all-linear, linear layers whose class computes something else than a linear map (Llama 4's router
+      returns the routing scores with the chosen experts): PEFT's LoRA layer adds its update to what the layer
+      returns, and fails on a tuple ("'tuple' object has no attribute 'dtype'"). A list names its layers."""
     import torch
 
     names = {id(m): name for name, m in model.named_modules()}
@@ -1037,7 +1040,11 @@ def all_linear_exclusions(model: Any) -> str | None:
             steps = name.split(".")
             shared = next((i for i, (a, b) in enumerate(zip(steps, path, strict=False)) if a != b), len(path))
             parts.add(".".join(steps[: shared + 1]))
-        elif type(module).forward is not torch.nn.Linear.forward and type(module).__module__.startswith(_MODEL_CODE):
+        elif (
+            targets == "all-linear"
+            and type(module).forward is not torch.nn.Linear.forward
+            and type(module).__module__.startswith(_MODEL_CODE)
+        ):
             layers.add(name)  # a model's own linear class (not a quantized layer: bitsandbytes' compute W x too)
     if not parts and not layers:
         return None
@@ -1059,7 +1066,7 @@ def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> Lo
             lora_alpha=1,
             lora_dropout=0.0,  # the one setting LoRA on experts refuses, and which adds no parameter
             target_modules=targets if isinstance(targets, str) else list(targets),
-            exclude_modules=all_linear_exclusions(model) if targets == "all-linear" else None,
+            exclude_modules=lora_exclusions(model, targets),
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -1069,7 +1076,25 @@ def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> Lo
     except (ValueError, TypeError, AttributeError):
         return None
     count = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
-    return LoraLayout(count, tuple(sorted(wrapped.peft_config["default"].target_parameters or ())))
+    fused = tuple(sorted(wrapped.peft_config["default"].target_parameters or ()))
+    return LoraLayout(count, fused, _attention_layers(model))
+
+
+def _attention_layers(model: Any) -> tuple[str, ...]:
+    """The names of the linear layers inside the language model's attention blocks, in their order (PEFT's
+    wrappers keep the names: `…self_attn.q_proj.base_layer` is the layer q_proj)."""
+    import torch
+
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        decoder = model
+    names: dict[str, None] = {}
+    for name, module in decoder.named_modules():
+        parts = [p for p in name.split(".") if p != "base_layer"]
+        if isinstance(module, torch.nn.Linear) and any("attn" in p or "attention" in p for p in parts[:-1]):
+            names.setdefault(parts[-1])
+    return tuple(names)
 
 
 # The config keys that give a mixture's number of experts (the language model's, in a multimodal config).
@@ -1094,12 +1119,13 @@ def check_expert_dropout(params: Any, info: BaseModelInfo) -> None:
     layout = lora_layout(info, params.target_modules)
     if layout is None or not layout.parameters:
         return
+    attention = ",".join(layout.attention) or "q_proj,k_proj,v_proj,o_proj"
     raise UsageError(
         f"LoRA on the experts of base model {info.id!r} (a mixture of experts; targetModules "
         f"{params.target_modules!r} reach them) takes no dropout: set --dropout 0, or train attention only "
-        "(--targetModules q_proj,k_proj,v_proj,o_proj).",
+        f"(--targetModules {attention}).",
         code="lora.experts_dropout",
-        params={"baseModel": info.id, "dropout": params.dropout},
+        params={"baseModel": info.id, "dropout": params.dropout, "attention": attention},
     )
 
 

@@ -678,7 +678,7 @@ def load_lora_model(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .models import all_linear_exclusions, load_model
+    from .models import load_model, lora_exclusions
     from .templates import check_embedding_room
 
     torch.manual_seed(params.seed)  # LoRA init draws from the global generator
@@ -693,7 +693,7 @@ def load_lora_model(
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
         target_modules=targets,
-        exclude_modules=all_linear_exclusions(model) if targets == "all-linear" else None,
+        exclude_modules=lora_exclusions(model, targets),
         bias="none",
         task_type="CAUSAL_LM",
         trainable_token_indices=_token_rows(model, new_ids),
