@@ -363,19 +363,17 @@ def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(
     and a merge is refused before any work; an fp8 folder, which transformers dequantizes, is a plain base."""
     import json
 
+    from chat_helpers import random_adapter
     from typer.testing import CliRunner
 
     from lunatrain.cli import app
     from lunatrain.merge import merge_adapter
-    from lunatrain.params import parse_params
-    from lunatrain.train import run_lora
 
-    from helpers import make_records, write_export
+    from helpers import write_export
 
     path = _tiny_copy(settings, tmp_path)
-    write_export(settings, make_records(24))
-    trained = run_lora(parse_params({"baseModel": str(path), "maxSteps": 1, "batchSize": 2}), settings)
-    assert trained.ok, trained.error
+    write_export(settings)
+    version = random_adapter(load_settings(home=settings.home, base_model=str(path)), "on-stored", 3)
     config = json.loads((path / "config.json").read_text())
     stored = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (path / "config.json").write_text(json.dumps(config | {"quantization_config": stored}))
@@ -386,8 +384,13 @@ def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(
         said = f"Base model {str(path)!r} is stored quantized (bitsandbytes 4bit, in its config.json): train it with"
         assert r.exit_code != 0 and r.output.count("\n") == 1 and said in r.output, r.output
     models.check_stored_quantization("4bit", info)  # as stored: a QLoRA run on it
+    # chat loads it as stored whatever ASSISTANT_CHAT_QUANTIZE says, and says so (its log claimed full precision,
+    # and a setting that changed nothing changed the answers' system_fingerprint)
+    from lunatrain import serving
+
+    assert serving.Engine(load_settings(home=settings.home, base_model=str(path))).served_quantize() == "4bit"
     with pytest.raises(UsageError) as err:
-        merge_adapter(settings, f"{trained.adapter_name}@{trained.version}")
+        merge_adapter(settings, f"on-stored@{version}")
     assert err.value.code == "merge.quantized_base" and "a merge needs full-precision weights" in err.value.message
     assert not (settings.merged_dir).exists() or not any(settings.merged_dir.iterdir())
     for method in ("gptq", "awq", "compressed-tensors"):

@@ -349,12 +349,20 @@ class Engine:
                         raise _base_unavailable(exc) from exc
         return self._info
 
+    def served_quantize(self) -> str:
+        """How the base is loaded for chat: ASSISTANT_CHAT_QUANTIZE, or, for a base stored quantized by bitsandbytes
+        (a `…-bnb-4bit` folder), as stored: transformers loads the stored one whatever is asked."""
+        from .models import stored_quantization
+
+        stored = stored_quantization(self.base_info())
+        if stored is not None and stored[0] == "bitsandbytes" and stored[1] is not None:
+            return stored[1]
+        return self.settings.chat_quantize
+
     def resolve(self, model: str) -> Target:
         info = self.base_info()
         try:
-            return replace(
-                resolve(self.settings, model, info.id, info.fingerprint), quantize=self.settings.chat_quantize
-            )
+            return replace(resolve(self.settings, model, info.id, info.fingerprint), quantize=self.served_quantize())
         except Conflict as exc:
             raise self._restart_to_serve(model, exc) or exc from None
 
@@ -413,7 +421,7 @@ class Engine:
         self.device = models.resolve_device("auto")
         try:
             self.tokenizer = models.load_tokenizer(info, self.settings, chat=False)
-            quantize = self.settings.chat_quantize  # `serve` checked at start that it can (ASSISTANT_CHAT_QUANTIZE)
+            quantize = self.served_quantize()  # `serve` checked at start that it can (ASSISTANT_CHAT_QUANTIZE)
             model = models.load_model(info, self.settings, self.device, models.compute_dtype(self.device), quantize)
         except (UsageError, DamagedFile) as exc:  # missing, unfit or damaged: the server's base, not the request
             raise _base_unavailable(exc) from exc
