@@ -417,6 +417,23 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
     shot(page, output_dir, "1-server-422")
 
 
+def test_a_refusal_held_for_a_press_is_shown_once_the_press_has_lasted_long(page, services: Services) -> None:
+    """Review: a release the page never sees (a context menu or another window took the pointer) held the
+    refusal for good. A press that outlasts any click counts as released."""
+    open_page(page, services)
+    held = hold_first_answer(page, lambda url: "baseModel=" in url and "/lora/defaults" in url)
+    page.locator("#f-baseModel").fill("./no-such-model")
+    page.locator("#reset-button").scroll_into_view_if_needed()
+    box = page.locator("#reset-button").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    deliver_late(page, held)
+    # (held meanwhile, while the press may still be a click: the test above)
+    expect(page.locator("#f-baseModel-error")).to_be_visible(timeout=UI_TIMEOUT_MS)  # shown, the button still held
+    page.mouse.up()
+
+
 @pytest.mark.parametrize("button", ["#start-button", "#reset-button"])
 def test_a_refusal_that_comes_while_a_button_is_pressed_does_not_swallow_its_click(
     page, services: Services, trainer_up: None, button: str

@@ -389,11 +389,17 @@ def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(
     from lunatrain import serving
 
     assert serving.Engine(load_settings(home=settings.home, base_model=str(path))).served_quantize() == "4bit"
+    asked = load_settings(home=settings.home, base_model=str(path), chat_quantize="8bit")
+    assert serving.Engine(asked).served_quantize() == "4bit"
+    # review repros: transformers takes a method spelled otherwise, or none beside load_in_4bit, for bitsandbytes
+    for other in ({"quant_method": "BitsAndBytes", "load_in_4bit": True}, {"load_in_4bit": True}):
+        (path / "config.json").write_text(json.dumps(config | {"quantization_config": other}))
+        assert models.stored_quantization(models.resolve_base(str(path), settings)) == ("bitsandbytes", "4bit")
     with pytest.raises(UsageError) as err:
         merge_adapter(settings, f"on-stored@{version}")
     assert err.value.code == "merge.quantized_base" and "a merge needs full-precision weights" in err.value.message
     assert not (settings.merged_dir).exists() or not any(settings.merged_dir.iterdir())
-    for method in ("gptq", "awq", "compressed-tensors"):
+    for method in ("gptq", "awq", "compressed-tensors", "fbgemm_fp8"):  # fbgemm's fp8 needs a GPU: never undone
         (path / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": method}}))
         with pytest.raises(UsageError) as err:
             models.check_stored_quantization("4bit", models.resolve_base(str(path), settings))

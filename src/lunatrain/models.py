@@ -1220,7 +1220,7 @@ def _installed(name: str) -> bool:
 
 # Stored quantizations transformers undoes on load where it cannot compute in them (fp8 on a CPU or an older GPU):
 # such a folder trains, gates and merges as a full-precision one.
-DEQUANTIZED = {"fp8", "fbgemm_fp8"}
+DEQUANTIZED = {"fp8"}
 
 
 def stored_quantization(info: BaseModelInfo) -> tuple[str, str | None] | None:
@@ -1233,10 +1233,11 @@ def stored_quantization(info: BaseModelInfo) -> tuple[str, str | None] | None:
     quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if not isinstance(quant, dict):
         return None
-    method = str(quant.get("quant_method") or "unknown")
-    if method == "bitsandbytes":
-        return method, "4bit" if quant.get("load_in_4bit") else "8bit" if quant.get("load_in_8bit") else None
-    return method, None
+    bits = "4bit" if quant.get("load_in_4bit") else "8bit" if quant.get("load_in_8bit") else None
+    # transformers reads the method case-blind, and takes a config that names none but load_in_4bit/8bit (as
+    # older releases wrote it) for bitsandbytes
+    method = str(quant.get("quant_method") or ("bitsandbytes" if bits else "unknown")).lower()
+    return (method, bits) if method == "bitsandbytes" else (method, None)
 
 
 def check_stored_quantization(quantize: str, info: BaseModelInfo) -> None:
@@ -1259,7 +1260,7 @@ def check_stored_quantization(quantize: str, info: BaseModelInfo) -> None:
         )
     raise UsageError(
         f"Base model {info.id!r} is stored quantized with {method}, which lunatrain does not train on: use its "
-        "full-precision model (--quantize 4bit trains it in 4 bits).",
+        "full-precision model (with --quantize 4bit to train it in 4 bits).",
         code="base_model.quantized_method",
         params={"baseModel": info.id, "method": method},
     )

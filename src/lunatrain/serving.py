@@ -324,6 +324,7 @@ class Engine:
         self.lock = threading.RLock()
         self._dropped: collections.deque[Target] = collections.deque()  # see `release_later`
         self._info: Any = None
+        self._said_stored = False  # that the base is served as stored, not as ASSISTANT_CHAT_QUANTIZE says: once
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = "cpu"
@@ -354,10 +355,20 @@ class Engine:
         (a `…-bnb-4bit` folder), as stored: transformers loads the stored one whatever is asked."""
         from .models import stored_quantization
 
-        stored = stored_quantization(self.base_info())
-        if stored is not None and stored[0] == "bitsandbytes" and stored[1] is not None:
-            return stored[1]
-        return self.settings.chat_quantize
+        info = self.base_info()
+        stored = stored_quantization(info)
+        if stored is None or stored[0] != "bitsandbytes" or stored[1] is None:
+            return self.settings.chat_quantize
+        if self.settings.chat_quantize not in ("none", stored[1]) and not self._said_stored:
+            self._said_stored = True
+            log.warning(
+                "base model %r is stored quantized (bitsandbytes %s): chat serves it so, not in %s as "
+                "ASSISTANT_CHAT_QUANTIZE says",
+                info.id,
+                stored[1],
+                self.settings.chat_quantize,
+            )
+        return stored[1]
 
     def resolve(self, model: str) -> Target:
         info = self.base_info()

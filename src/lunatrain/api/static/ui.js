@@ -9,20 +9,27 @@ import { t, errorText } from "./i18n.js";
 // refusal adds a line above the buttons, mostly before the release (a person's press outlasts a local answer).
 let pressed = false;
 let onRelease = [];
-document.addEventListener("pointerdown", () => { pressed = true; }, true);
-for (const type of ["pointerup", "pointercancel"]) {
-  document.addEventListener(type, () => {
-    pressed = false;
-    const waiting = onRelease;
-    onRelease = [];
-    setTimeout(() => waiting.forEach((done) => done())); // after the click that the release dispatches
-  }, true);
+// A release the page never sees (a context menu or another window took the pointer) must not hold the change
+// for good: the menu, the window's blur and, at the latest, a long press's end count as one.
+const LONGEST_PRESS_MS = 2000;
+function release() {
+  pressed = false;
+  const waiting = onRelease;
+  onRelease = [];
+  setTimeout(() => waiting.forEach((done) => done())); // after the click that the release dispatches
 }
+document.addEventListener("pointerdown", () => { pressed = true; }, true);
+for (const type of ["pointerup", "pointercancel", "contextmenu"]) document.addEventListener(type, release, true);
+window.addEventListener("blur", release);
 
 /** Resolves at once, or once a pressed pointer is released and its click has been dispatched: await it before
  * a change that adds or removes lines, where it answers what leaving a field asked. */
 export function released() {
-  return pressed ? new Promise((done) => onRelease.push(done)) : Promise.resolve();
+  if (!pressed) return Promise.resolve();
+  return new Promise((done) => {
+    onRelease.push(done);
+    setTimeout(done, LONGEST_PRESS_MS);
+  });
 }
 
 export function h(tag, attrs = {}, ...children) {
