@@ -348,6 +348,9 @@ def test_the_expert_dropout_refusal_names_the_attention_layers_the_model_has(tmp
     info = types.SimpleNamespace(id="deepseek", path=str(tmp_path))
     layout = models.lora_layout(info, "all-linear")
     assert layout is not None and layout.parameters and "k_proj" not in layout.attention, layout
+    # each a layer of the model (review repro: PEFT's own `default` sub-layers were named too)
+    built = {n.rsplit(".", 1)[-1] for n, _ in models.meta_model(info).named_modules()}
+    assert layout.attention and set(layout.attention) <= built, layout.attention
     with pytest.raises(UsageError) as err:
         models.check_expert_dropout(parse_params({"dropout": 0.05}), info)
     assert f"(--targetModules {','.join(layout.attention)})" in err.value.message, err.value.message
@@ -388,7 +391,11 @@ def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(
     # and a setting that changed nothing changed the answers' system_fingerprint)
     from lunatrain import serving
 
-    assert serving.Engine(load_settings(home=settings.home, base_model=str(path))).served_quantize() == "4bit"
+    engine = serving.Engine(load_settings(home=settings.home, base_model=str(path)))
+    assert engine.served_quantize() == "4bit"
+    (path / "config.json").write_text(json.dumps(config))  # an edit is no reload: what it serves stays said so
+    assert engine.served_quantize() == "4bit"
+    (path / "config.json").write_text(json.dumps(config | {"quantization_config": stored}))
     asked = load_settings(home=settings.home, base_model=str(path), chat_quantize="8bit")
     assert serving.Engine(asked).served_quantize() == "4bit"
     # review repros: transformers takes a method spelled otherwise, or none beside load_in_4bit, for bitsandbytes

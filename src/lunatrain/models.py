@@ -889,10 +889,9 @@ def load_model(
     hf_logging.disable_progress_bar()  # lunatrain shows its own progress; the per-tensor bar is noise
     extra: dict[str, Any] = {}
     if quantize != "none":
-        extra = {
-            "quantization_config": quantization_config(quantize, dtype or torch.float32),
-            "device_map": {"": torch.cuda.current_device() if device == "cuda" else "cpu"},
-        }
+        extra = {"device_map": {"": torch.cuda.current_device() if device == "cuda" else "cpu"}}
+        if stored_quantization(info) != ("bitsandbytes", quantize):  # stored so, it loads so (and warns at ours)
+            extra["quantization_config"] = quantization_config(quantize, dtype or torch.float32)
     try:
         with building_model():
             model = AutoModelForCausalLM.from_pretrained(
@@ -1060,6 +1059,7 @@ def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> Lo
 
     from .compat import peft_wrapping
 
+    attention = _attention_layers(model)  # before PEFT wraps the layers (their LoRA parts are linear layers too)
     try:
         config = LoraConfig(
             r=1,
@@ -1077,12 +1077,11 @@ def lora_layout_of(model: Any, targets: str | list[str] | tuple[str, ...]) -> Lo
         return None
     count = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
     fused = tuple(sorted(wrapped.peft_config["default"].target_parameters or ()))
-    return LoraLayout(count, fused, _attention_layers(model))
+    return LoraLayout(count, fused, attention)
 
 
 def _attention_layers(model: Any) -> tuple[str, ...]:
-    """The names of the linear layers inside the language model's attention blocks, in their order (PEFT's
-    wrappers keep the names: `…self_attn.q_proj.base_layer` is the layer q_proj)."""
+    """The names of the linear layers inside the language model's attention blocks, in their order."""
     import torch
 
     try:
@@ -1091,7 +1090,7 @@ def _attention_layers(model: Any) -> tuple[str, ...]:
         decoder = model
     names: dict[str, None] = {}
     for name, module in decoder.named_modules():
-        parts = [p for p in name.split(".") if p != "base_layer"]
+        parts = name.split(".")
         if isinstance(module, torch.nn.Linear) and any("attn" in p or "attention" in p for p in parts[:-1]):
             names.setdefault(parts[-1])
     return tuple(names)
@@ -1204,10 +1203,15 @@ def check_targets_of(params: Any, settings: Settings) -> None:
     only: all-linear fits every model), `check_stored_quantization`, `check_expert_dropout` and
     `check_quantize_installed`."""
     check_quantize_installed(params.quantize)
-    info = resolve_base(params.base_model, settings)
-    check_stored_quantization(params.quantize, info)
     if isinstance(params.target_modules, list):
+        info = resolve_base(params.base_model, settings)
         check_target_modules(params.target_modules, module_kinds(info), info.id)
+    else:
+        try:
+            info = resolve_base(params.base_model, settings)
+        except UsageError:  # all-linear fits every model: a base that is not there is said by the step that needs it
+            return
+    check_stored_quantization(params.quantize, info)
     check_expert_dropout(params, info)
 
 

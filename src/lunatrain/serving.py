@@ -324,7 +324,7 @@ class Engine:
         self.lock = threading.RLock()
         self._dropped: collections.deque[Target] = collections.deque()  # see `release_later`
         self._info: Any = None
-        self._said_stored = False  # that the base is served as stored, not as ASSISTANT_CHAT_QUANTIZE says: once
+        self._served: str | None = None  # how the base is loaded for chat (`served_quantize`)
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = "cpu"
@@ -355,20 +355,23 @@ class Engine:
         (a `…-bnb-4bit` folder), as stored: transformers loads the stored one whatever is asked."""
         from .models import stored_quantization
 
+        if self._served is not None:  # read once, as the base is loaded once: an edit of its config is no reload
+            return self._served
         info = self.base_info()
         stored = stored_quantization(info)
-        if stored is None or stored[0] != "bitsandbytes" or stored[1] is None:
-            return self.settings.chat_quantize
-        if self.settings.chat_quantize not in ("none", stored[1]) and not self._said_stored:
-            self._said_stored = True
-            log.warning(
-                "base model %r is stored quantized (bitsandbytes %s): chat serves it so, not in %s as "
-                "ASSISTANT_CHAT_QUANTIZE says",
-                info.id,
-                stored[1],
-                self.settings.chat_quantize,
-            )
-        return stored[1]
+        served = self.settings.chat_quantize
+        if stored is not None and stored[0] == "bitsandbytes" and stored[1] is not None:
+            if served not in ("none", stored[1]):
+                log.warning(
+                    "base model %r is stored quantized (bitsandbytes %s): chat serves it so, not in %s as "
+                    "ASSISTANT_CHAT_QUANTIZE says",
+                    info.id,
+                    stored[1],
+                    served,
+                )
+            served = stored[1]
+        self._served = served
+        return served
 
     def resolve(self, model: str) -> Target:
         info = self.base_info()
