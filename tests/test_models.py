@@ -355,6 +355,7 @@ def test_the_expert_dropout_refusal_names_the_attention_layers_the_model_has(tmp
         models.check_expert_dropout(parse_params({"dropout": 0.05}), info)
     assert f"(--targetModules {','.join(layout.attention)})" in err.value.message, err.value.message
     assert err.value.params["attention"] == ",".join(layout.attention)
+    assert next(iter(err.value.params)) == "dropout"  # the field the dashboard marks: the one to change (review)
 
 
 def test_a_base_stored_quantized_trains_only_as_stored_and_is_never_merged_into(settings, tmp_path):

@@ -1124,7 +1124,9 @@ def check_expert_dropout(params: Any, info: BaseModelInfo) -> None:
         f"{params.target_modules!r} reach them) takes no dropout: set --dropout 0, or train attention only "
         f"(--targetModules {attention}).",
         code="lora.experts_dropout",
-        params={"baseModel": info.id, "dropout": params.dropout, "attention": attention},
+        # dropout first: the dashboard marks the first form field a refusal's parameters name, and that is the one
+        # to change
+        params={"dropout": params.dropout, "baseModel": info.id, "attention": attention},
     )
 
 
