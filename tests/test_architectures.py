@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from lunatrain.errors import UsageError
 from lunatrain.evalgate import gate_candidate
 from lunatrain.merge import merge_adapter
 from lunatrain.params import parse_params
@@ -154,8 +155,6 @@ def test_a_mixture_of_experts_trains_its_experts_and_is_planned_gated_and_merged
     config does not give: every such adapter was "damaged" to the gate, merge and chat. The profile's dropout,
     which LoRA on experts cannot take, failed the run after prepare said ok, blaming targetModules; and the
     memory plan counted one dense MLP's LoRA a layer, none of the experts'."""
-    from lunatrain.errors import UsageError
-
     base = build_arch_model(settings.models_dir / f"tiny-{arch}", vocab_dir, arch)
     write_export(settings, make_records(24, multi_turn_every=4))
     with pytest.raises(UsageError, match=r"experts.* no dropout: set --dropout 0"):
@@ -194,6 +193,11 @@ def test_a_multimodal_folder_trains_its_language_model_only(settings, vocab_dir)
     with safe_open(str(result.path / "adapter_model.safetensors"), "pt") as f:
         listed = list(f.keys())
     assert listed and not [n for n in listed if "vision" in n], listed
+    # review repro: a name only the vision tower has (SigLIP's fc1) passed prepare, and the run failed with PEFT's
+    # "No modules were targeted"; beside q_proj it was left out without a word
+    for targets in (["fc1"], ["q_proj", "fc1"]):
+        with pytest.raises(UsageError, match=r"targetModules \['fc1'\] name no module of base model"):
+            prepare(settings, parse_params({"baseModel": str(base), "targetModules": targets}))
 
 
 def test_a_template_without_a_system_role_is_gated_on_the_cases_it_takes(settings, vocab_dir):

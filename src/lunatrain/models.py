@@ -954,8 +954,12 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
     model = meta_model(info)
     nn = torch.nn
     lora_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
-    modules = ModuleMap({name: type(module).__name__ for name, module in model.named_modules()})
-    modules.adaptable = frozenset(name for name, m in model.named_modules() if isinstance(m, lora_layers))
+    # The parts beside a multimodal model's language model are never adapted (`lora_exclusions`): a name only
+    # they have names no module a run would train.
+    beside = lora_exclusions(model, [])
+    named = [(n, m) for n, m in model.named_modules() if not (beside and re.fullmatch(beside, n))]
+    modules = ModuleMap({name: type(module).__name__ for name, module in named})
+    modules.adaptable = frozenset(name for name, m in named if isinstance(m, lora_layers))
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is not None and outputs is not None and getattr(outputs, "weight", None) is inputs.weight:
         named = {id(m): name for name, m in model.named_modules()}
