@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 # The dashboard tests' marks (slow, needs Chromium), its browser and page fixtures and helpers.
-from test_dashboard import browser, expect, open_page, page, pytestmark, shot, tabs  # noqa: F401
+from test_dashboard import browser, expect, hold_first_answer, open_page, page, pytestmark, shot, tabs  # noqa: F401
 
 from dashboard_helpers import Services, running_services
 
@@ -2708,3 +2708,38 @@ def test_long_names_and_paths_wrap_instead_of_widening_the_page(browser, service
             page.keyboard.press("Escape")
         finally:
             context.close()
+
+
+def test_a_message_a_refresh_clears_while_a_button_is_pressed_does_not_swallow_its_click(
+    page, services: Services
+) -> None:
+    """Explore repro (clicks at a person's speed): one failed health poll put an alert at the top of the page, and
+    the next poll cleared it; when that answer came while Export was held, the button moved up, the release
+    landed beside it, and nothing was exported. Messages a refresh adds or clears wait for the release."""
+    page.clock.install()
+    blip = {"on": False}
+    page.route("**/lora/provider-health*", lambda route: route.abort() if blip["on"] else route.fallback())
+    answer(page, "**/assistant/training/export", {"counts": {"merged": {"total": 3}}, "noteCodes": []})
+    open_page(page, services)
+    blip["on"] = True
+    page.clock.run_for(16_000)  # the next poll fails: an alert
+    expect(page.locator("#alerts .message")).to_have_count(1)
+    blip["on"] = False
+    held = hold_first_answer(page, lambda url: "/lora/provider-health" in url)
+    page.clock.run_for(16_000)  # the poll after asks, and its answer is held
+    for _ in range(300):
+        if held.response is not None:
+            break
+        page.wait_for_timeout(50)
+    page.locator("#export-button").scroll_into_view_if_needed()
+    box = page.locator("#export-button").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    held.route.fulfill(response=held.answer(page))  # the poll's answer comes while the button is held
+    page.wait_for_timeout(100)
+    with page.expect_request("**/assistant/training/export"):
+        page.mouse.up()
+        page.clock.run_for(10)
+    page.clock.run_for(10)
+    expect(page.locator("#alerts .message")).to_have_count(0)  # cleared, once released

@@ -3,35 +3,44 @@
 
 import { t, errorText } from "./i18n.js";
 
-/** h("td", {class: "num"}, "3") — attributes starting with "on" become listeners; children may be strings. */
 // A layout change while a pointer is pressed moves what it was pressed on: its release lands beside it and no click
-// happens. Leaving the base-model field by pressing Start or Reset asks the server for that base's values, and a
-// refusal adds a line above the buttons, mostly before the release (a person's press outlasts a local answer).
+// happens. Leaving the base-model field by pressing Start or Reset asks the server for that base's values, whose
+// refusal adds a line above the buttons; a background refresh adds or clears a message at the top of the page.
+// A person's press outlasts a local answer, so such changes wait for the release (`released`, `afterRelease`).
 let pressed = false;
 let onRelease = [];
-// A release the page never sees (a context menu or another window took the pointer) must not hold the change
+let longPress = 0;
+// A release the page never sees (a context menu or another window took the pointer) must not hold the changes
 // for good: the menu, the window's blur and, at the latest, a long press's end count as one.
 const LONGEST_PRESS_MS = 2000;
 function release() {
+  clearTimeout(longPress);
   pressed = false;
   const waiting = onRelease;
   onRelease = [];
   setTimeout(() => waiting.forEach((done) => done())); // after the click that the release dispatches
 }
-document.addEventListener("pointerdown", () => { pressed = true; }, true);
+document.addEventListener("pointerdown", () => {
+  pressed = true;
+  clearTimeout(longPress);
+  longPress = setTimeout(release, LONGEST_PRESS_MS);
+}, true);
 for (const type of ["pointerup", "pointercancel", "contextmenu"]) document.addEventListener(type, release, true);
 window.addEventListener("blur", release);
 
 /** Resolves at once, or once a pressed pointer is released and its click has been dispatched: await it before
  * a change that adds or removes lines, where it answers what leaving a field asked. */
 export function released() {
-  if (!pressed) return Promise.resolve();
-  return new Promise((done) => {
-    onRelease.push(done);
-    setTimeout(done, LONGEST_PRESS_MS);
-  });
+  return pressed ? new Promise((done) => onRelease.push(done)) : Promise.resolve();
 }
 
+/** `change()` now, or once a pressed pointer is released (see `released`). */
+function afterRelease(change) {
+  if (pressed) onRelease.push(change);
+  else change();
+}
+
+/** h("td", {class: "num"}, "3") — attributes starting with "on" become listeners; children may be strings. */
 export function h(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -64,7 +73,11 @@ function dismiss(item, origin) {
   target?.focus();
 }
 
-export function showError(error, context = "", { background = false, once = false } = {}) {
+export function showError(error, context = "", options = {}) {
+  afterRelease(() => addError(error, context, options));
+}
+
+function addError(error, context, { background = false, once = false }) {
   // A missing or wrong API token is said once, by the token form and the trainer's label (app.js), not by
   // every panel whose call it refused.
   if (error?.status === 401) return;
@@ -99,24 +112,27 @@ export function showError(error, context = "", { background = false, once = fals
 
 /** Clear error messages whose code matches (e.g. once the trainer is reachable again). */
 export function clearErrors(code) {
-  for (const item of document.querySelectorAll("#alerts .message")) {
-    if (!code || item.dataset.code === code) item.remove();
-  }
+  afterRelease(() => {
+    for (const item of document.querySelectorAll("#alerts .message")) {
+      if (!code || item.dataset.code === code) item.remove();
+    }
+  });
 }
 
 /** Clear the error messages a panel showed (its `context`) once the same action succeeds; with `code`, only
  * those of that code. */
 export function clearErrorsOf(context, code) {
-  for (const item of document.querySelectorAll("#alerts .message")) {
-    if (item.dataset.context === context && (!code || item.dataset.code === code)) item.remove();
-  }
+  afterRelease(() => {
+    for (const item of document.querySelectorAll("#alerts .message")) {
+      if (item.dataset.context === context && (!code || item.dataset.code === code)) item.remove();
+    }
+  });
 }
 
 /** A short confirmation ("Job … gestartet"); replaces the previous one. `kind` "warning": news that is not
  * good (a job that failed), not shown in the colour of success. */
 export function showNotice(text, kind = "notice") {
-  const notices = document.getElementById("notices");
-  notices.replaceChildren(h("div", { class: `message ${kind}` }, text));
+  afterRelease(() => document.getElementById("notices").replaceChildren(h("div", { class: `message ${kind}` }, text)));
 }
 
 /** Ask in the modal dialog; resolves true when confirmed. Esc and "Abbrechen" resolve false. */
