@@ -6,6 +6,7 @@ test_architectures.py (train, gate, merge).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,6 @@ def tiny_config(cls_name: str, **fields: Any) -> Any:
 def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0, family: str | None = None) -> Path:
     """A 2-layer, hidden-32 random-weight model of `arch` with its family's tokenizer and template (or those
     of `family`), saved in HF format (safetensors) with a generation_config whose eos is the tokenizer's eos."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     cls_name, own, extra = (ARCHITECTURES | MIXTURES)[arch]
@@ -242,9 +242,17 @@ def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0, f
         pad_token_id=tok.pad_token_id or 0,
         **extra,
     )
+    return _saved(path, tok, lambda: AutoModelForCausalLM.from_config(config), seed)
+
+
+def _saved(path: Path, tok: Any, build: Callable[[], Any], seed: int) -> Path:
+    """The model `build` makes (random weights drawn from `seed`), saved in HF format (safetensors) with `tok`
+    (padding with its eos where it has no pad) and a generation_config whose eos is the tokenizer's."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).float()
+        model = build().float()
     model.save_pretrained(str(path), safe_serialization=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -256,7 +264,6 @@ def build_arch_model(path: Path, vocab_dir: Path, arch: str, *, seed: int = 0, f
 def build_gemma3_multimodal(path: Path, vocab_dir: Path, *, seed: int = 0) -> Path:
     """A google/gemma-3-*-it folder's shape: Gemma3ForConditionalGeneration, a 2-layer Gemma 3 language model
     beside a 1-layer SigLIP vision tower, Gemma's tokenizer with its image markers."""
-    import torch
     import transformers
 
     tok = family_tokenizer(vocab_dir, "gemma")
@@ -277,12 +284,4 @@ def build_gemma3_multimodal(path: Path, vocab_dir: Path, *, seed: int = 0) -> Pa
         image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
         **ids,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.Gemma3ForConditionalGeneration(config).float()
-    model.save_pretrained(str(path), safe_serialization=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.save_pretrained(str(path))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id}), "utf-8")
-    return path
+    return _saved(path, tok, lambda: transformers.Gemma3ForConditionalGeneration(config), seed)
