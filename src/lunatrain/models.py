@@ -750,7 +750,8 @@ def _no_vocabulary(info: BaseModelInfo) -> UsageError:
 
 def _refuse_unknown_type(info: BaseModelInfo) -> None:
     """A model_type this transformers release does not ship, without `auto_map` (see `_refuse_custom_code`):
-    its model would fail to load only once a run began, with transformers' advice to upgrade it."""
+    its model would fail to load only once a run began, with transformers' advice to upgrade it; and one it
+    ships without a causal-LM class."""
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -957,9 +958,9 @@ def module_kinds(info: BaseModelInfo) -> ModuleMap:
     # The parts beside a multimodal model's language model are never adapted (`lora_exclusions`): a name only
     # they have names no module a run would train.
     beside = lora_exclusions(model, [])
-    named = [(n, m) for n, m in model.named_modules() if not (beside and re.fullmatch(beside, n))]
-    modules = ModuleMap({name: type(module).__name__ for name, module in named})
-    modules.adaptable = frozenset(name for name, m in named if isinstance(m, lora_layers))
+    kept = [(n, m) for n, m in model.named_modules() if not (beside and re.fullmatch(beside, n))]
+    modules = ModuleMap({name: type(module).__name__ for name, module in kept})
+    modules.adaptable = frozenset(name for name, m in kept if isinstance(m, lora_layers))
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is not None and outputs is not None and getattr(outputs, "weight", None) is inputs.weight:
         named = {id(m): name for name, m in model.named_modules()}
@@ -1017,6 +1018,15 @@ def _lora_layout(path: str, digest: str, name: str, targets: str | tuple[str, ..
 _MODEL_CODE = "transformers.models."
 
 
+def _language_model(model: Any) -> Any:
+    """The decoder of a causal LM: a multimodal model's language model (beside its vision tower), else the model
+    itself where transformers names none."""
+    try:
+        return model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        return model
+
+
 def lora_exclusions(model: Any, targets: str | list[str] | tuple[str, ...]) -> str | None:
     """PEFT's `exclude_modules` for `targets` (None where nothing is left out), a pattern of:
     - the parts beside a multimodal model's language model that hold linear layers (Gemma 3's vision tower,
@@ -1028,10 +1038,7 @@ def lora_exclusions(model: Any, targets: str | list[str] | tuple[str, ...]) -> s
     import torch
 
     names = {id(m): name for name, m in model.named_modules()}
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError, TypeError):
-        decoder = model
+    decoder = _language_model(model)
     path = names.get(id(decoder), "").split(".") if decoder is not model else []
     inside = {id(m) for m in decoder.modules()}
     output = model.get_output_embeddings()
@@ -1088,12 +1095,8 @@ def _attention_layers(model: Any) -> tuple[str, ...]:
     """The names of the linear layers inside the language model's attention blocks, in their order."""
     import torch
 
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError, TypeError):
-        decoder = model
     names: dict[str, None] = {}
-    for name, module in decoder.named_modules():
+    for name, module in _language_model(model).named_modules():
         parts = name.split(".")
         if isinstance(module, torch.nn.Linear) and any("attn" in p or "attention" in p for p in parts[:-1]):
             names.setdefault(parts[-1])
