@@ -682,15 +682,21 @@ def load_chat_tokenizer(
     return tok, added
 
 
-def embedding_rows(info: BaseModelInfo) -> int | None:
-    """The rows of the base model's input embeddings, as its config.json says them (the language model's, in a
-    multimodal config); None where it does not say (loading the model then tells)."""
+def config_of(info: BaseModelInfo) -> dict[str, Any]:
+    """The base model's config.json as an object; empty where it cannot be read or is none (resolve_base read it:
+    a file gone or damaged since then is said where the model loads)."""
     try:
         cfg = json.loads(Path(info.path, "config.json").read_bytes())
     except (OSError, ValueError):
-        return None
-    inner = cfg.get("text_config") if isinstance(cfg, dict) else None
-    for part in (inner, cfg):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def embedding_rows(info: BaseModelInfo) -> int | None:
+    """The rows of the base model's input embeddings, as its config.json says them (the language model's, in a
+    multimodal config); None where it does not say (loading the model then tells)."""
+    cfg = config_of(info)
+    for part in (cfg.get("text_config"), cfg):
         rows = part.get("vocab_size") if isinstance(part, dict) else None
         if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
             return rows
@@ -755,11 +761,7 @@ def _refuse_unknown_type(info: BaseModelInfo) -> None:
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        config = json.loads(Path(info.path, "config.json").read_bytes())
-    except (OSError, ValueError):
-        return  # loading says what is wrong with it
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = config_of(info).get("model_type")
     if not isinstance(model_type, str):
         return
     if model_type not in CONFIG_MAPPING:
@@ -931,11 +933,8 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions")
 
 def context_length(info: BaseModelInfo) -> int | None:
     """The base model's context in tokens as its config.json states it, or None where it states none."""
-    try:
-        cfg = json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # resolve_base read it; a file gone since then fails where the model loads
-    cfg = cfg.get("text_config") or cfg if isinstance(cfg, dict) else {}
+    cfg = config_of(info)
+    cfg = cfg.get("text_config") or cfg
     for key in _CONTEXT_KEYS:
         value = cfg.get(key) if isinstance(cfg, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -1019,12 +1018,10 @@ _MODEL_CODE = "transformers.models."
 
 
 def _language_model(model: Any) -> Any:
-    """The decoder of a causal LM: a multimodal model's language model (beside its vision tower), else the model
-    itself where transformers names none."""
-    try:
-        return model.get_decoder()
-    except (AttributeError, NotImplementedError, TypeError):
-        return model
+    """The decoder of a causal LM: a multimodal model's language model (beside its vision tower); transformers'
+    get_decoder falls back to the model itself, and a model of no transformers class has none."""
+    find = getattr(model, "get_decoder", None)
+    return model if find is None else find()
 
 
 def lora_exclusions(model: Any, targets: str | list[str] | tuple[str, ...]) -> str | None:
@@ -1108,11 +1105,8 @@ _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num
 
 
 def _has_experts(info: BaseModelInfo) -> bool:
-    try:
-        cfg = json.loads(Path(info.path, "config.json").read_bytes())
-    except (OSError, ValueError):
-        return False
-    parts = [cfg, cfg.get("text_config")] if isinstance(cfg, dict) else []
+    cfg = config_of(info)
+    parts = [cfg, cfg.get("text_config")]
     return any(isinstance(p, dict) and any(isinstance(p.get(k), int) and p[k] > 0 for k in _EXPERT_KEYS) for p in parts)
 
 
@@ -1239,11 +1233,7 @@ DEQUANTIZED = {"fp8"}
 def stored_quantization(info: BaseModelInfo) -> tuple[str, str | None] | None:
     """How the base's weights are stored, from config.json's `quantization_config`: (method, "4bit"/"8bit" for
     bitsandbytes, else None); None for full-precision weights (a downloaded `…-bnb-4bit` or GPTQ folder is not)."""
-    try:
-        cfg = json.loads(Path(info.path, "config.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    quant = config_of(info).get("quantization_config")
     if not isinstance(quant, dict):
         return None
     bits = "4bit" if quant.get("load_in_4bit") else "8bit" if quant.get("load_in_8bit") else None
