@@ -155,6 +155,22 @@ def test_adapters_diff_shows_small_and_close_floats_as_different(settings):
     assert _differing(8.4468, 8.422, loss=True) == "8.4468 -> 8.4220"
 
 
+def test_adapters_diff_names_a_different_number_of_training_samples(settings):
+    """Repro: `adapters diff` left out how many samples each version trained on (a run keeps the tier's samples
+    that fit maxSeqLength in its base's tokens): of two versions differing only there it said "No differences
+    in parameters, data, base model or metrics."."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag, samples in (("one", 10), ("two", 12)):
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp, trainSamples=samples))
+    diff = CliRunner().invoke(app, ["adapters", "diff", "a@v1", "a@v2"])
+    assert diff.exit_code == 0, diff.output
+    assert diff.output.splitlines() == ["trainSamples: 10 -> 12"]
+
+
 def test_adapters_list_marks_a_version_whose_files_are_gone(settings):
     """Repro: with data/adapters/a/v1 deleted by hand, `adapters list` still showed "a@v1 … [active on
     luna-tiny]" with nothing saying it can no longer be served, merged or gated (those say so in one

@@ -257,7 +257,16 @@ def diff_cmd(
         ea, eb = (registry.get_version(settings, *registry.parse_ref(r)) for r in (a, b))
     except LunaError as err:
         raise fail(err) from None
-    keys = ("params", "datasetTier", "datasetFingerprint", "baseModel", "metrics", "tokenizerHash", "templateHash")
+    keys = (
+        "params",
+        "datasetTier",
+        "datasetFingerprint",
+        "trainSamples",  # what the run kept of the tier: another tokenizer or maxSeqLength drops others
+        "baseModel",
+        "metrics",
+        "tokenizerHash",
+        "templateHash",
+    )
     fa, fb = (_flat({k: e.get(k) for k in keys}) for e in (ea, eb))
     rows = [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     if not rows:
