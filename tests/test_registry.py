@@ -165,7 +165,9 @@ def test_adapters_diff_names_a_different_number_of_training_samples(settings):
 
     fp = models.resolve_base(None, settings).fingerprint
     for tag, samples in (("one", 10), ("two", 12)):
-        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp, trainSamples=samples))
+        registry.publish(
+            settings, "a", "versioned", adapter_work_dir(settings, "a", tag), _entry(fp, trainSamples=samples)
+        )
     diff = CliRunner().invoke(app, ["adapters", "diff", "a@v1", "a@v2"])
     assert diff.exit_code == 0, diff.output
     assert diff.output.splitlines() == ["trainSamples: 10 -> 12"]
