@@ -582,6 +582,27 @@ def test_an_active_version_measured_again_says_why_its_record_was_not_used(train
     } in g3.note_codes
 
 
+def test_an_adapter_that_changes_no_measured_loss_is_said_to_have_learned_nothing(trained_home, settings):
+    """Gate repro: a version trained with a learning rate of 1e-12 ties the base model exactly (val and test loss
+    ratio 1.0, the same golden results), passes the "not worse than the base" rule and became active with no
+    note that its training changed nothing. Its LoRA B matrices x0 are that tie, exactly."""
+    write_small_suite(settings)
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    nothing = _derived_version(settings, v1, 0.0, name="luna-nothing")
+    report = evalgate.gate_candidate(settings, "luna-nothing", nothing["version"])
+    assert report.passed and report.baseline["kind"] == "base", report.reasons
+    assert report.metrics["valLoss"] == report.base_metrics["valLoss"] is not None
+    (note,) = [n for n in report.note_codes if n and n["code"] == "gate.no_change"]
+    splits = "/".join(s for s in ("val", "test") if report.metrics[f"{s}Loss"] is not None)
+    loss = f"{report.metrics['valLoss']:.4f}"
+    assert note["params"]["splits"] == splits and note["params"]["shown"] == {"loss": loss}, note
+    said = f"luna-nothing@v1 changes no measured loss: its {splits} loss is the base model's (val {loss}); its training"
+    assert any(n.startswith(said) for n in report.notes), report.notes
+    # a version that learned something says nothing of the kind
+    g1 = evalgate.gate_candidate(settings, "luna-adapter", "v1")
+    assert not [n for n in g1.note_codes if n and n["code"] == "gate.no_change"], g1.notes
+
+
 def test_a_sample_added_to_the_train_split_alone_keeps_the_active_versions_record(trained_home, settings):
     """Day-2 explore repro: after one example was added that the export put in the train split, the gate
     measured the active version again, "its gate record was made on another val/test data", with the val and

@@ -1058,6 +1058,8 @@ def _run(
             r["baselinePassed"] = baseline_cases.get(r["id"])
 
     judged = judge(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
+    if entry is not None and (unchanged := _no_change(_ref(entry, base), metrics, base_metrics)):
+        notes.append(unchanged)
     return GateReport(
         decision="fail" if judged else "pass",
         reasons=[text for text, _ in judged],
@@ -1140,6 +1142,29 @@ def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
         )
     )
     return "none"
+
+
+def _no_change(ref: str, metrics: dict[str, Any], base_metrics: dict[str, Any]) -> Note | None:
+    """A note when the adapter's val and test losses are the base model's to float32's precision: a tie passes
+    "not worse than the base", and such a version (a learning rate of ~0, a run of no step that learned) would
+    become active without a word. None when a loss was not measured on either side or any differs."""
+    splits = [s for s in ("val", "test") if None not in (metrics.get(f"{s}Loss"), base_metrics.get(f"{s}Loss"))]
+    losses = [metrics[f"{s}Loss"] for s in splits]
+    if not splits or any(
+        not math.isclose(loss, base_metrics[f"{s}Loss"], rel_tol=1e-6) for s, loss in zip(splits, losses, strict=True)
+    ):
+        return None
+    which, shown = "/".join(splits), f"{losses[0]:.4f}"
+    return Note(
+        "gate.no_change",
+        f"{ref} changes no measured loss: its {which} loss is the base model's ({splits[0]} {shown}); its training "
+        "changed nothing (its learning rate, steps or targets?)",
+        ref=ref,
+        splits=which,
+        split=splits[0],
+        loss=losses[0],
+        shown={"loss": shown},
+    )
 
 
 def _tokenized(settings: Settings, tier: str, tokenizer: Any, max_len: int, notes: list[str], data: Any = None) -> Any:

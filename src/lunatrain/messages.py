@@ -218,6 +218,8 @@ CODES: dict[str, str] = {
     "gate.no_eval_samples": "the tier's export has no val or test samples: losses were not measured (tier)",
     "gate.eval_samples_cut": "every sample of these splits has its answer beyond maxSeqLength: no loss measured "
     "(splits: val, test or val/test, maxSeqLength)",
+    "gate.no_change": "the adapter's measured losses are the base model's: its training changed nothing (ref, "
+    "splits: val, test or val/test, split: the first of them, loss: its loss, shown.loss: as written)",
     # preflight checks (checks[].code): check.<id>.<outcome>
     "check.export_summary.ok": "every file matches the export summary",
     "check.export_summary.mismatch": "files differ from the export summary (count)",
