@@ -306,3 +306,31 @@ def test_two_base_model_tables_for_one_directory_are_refused_naming_both(
     message = refused.value.message
     assert "twice.toml" in message and "models/my base" in message and f"{model}/" in message, message
     assert "name the same model directory" in message, message
+
+
+def test_the_profiles_dropout_is_left_out_on_a_mixture_whose_experts_the_run_trains(
+    settings: Settings, home: Path, tmp_path: Path
+) -> None:
+    """Repro: Quick start (and `luna`, `lora` without --dropout) on a Qwen3-MoE base took the Luna profile's
+    dropout 0.05, which LoRA on fused experts cannot take: refused, and Quick start's form has no dropout field to
+    change. A dropout no one chose for this base (the profile's [lora] table, the default) is 0 there; one the
+    base's table, a flag or a request names stays, and prepare refuses it naming both ways out."""
+    from family_templates import build_arch_model, save_vocab
+
+    base = str(build_arch_model(tmp_path / "tiny-qwen3-moe", save_vocab(tmp_path / "vocab"), "qwen3_moe"))
+    luna = load_profile(settings, "luna")
+    assert luna.params().dropout == 0.05  # the dense configured base keeps the profile's
+    assert luna.params({"baseModel": base}).dropout == 0.0
+    assert luna.params({"baseModel": base}, quick=True).dropout == 0.0
+    assert luna.params({"baseModel": base, "dropout": 0.05}).dropout == 0.05  # named: prepare says why not
+    attention = {"baseModel": base, "targetModules": ["q_proj", "v_proj"]}
+    assert luna.params(attention).dropout == 0.05  # the experts do not train: dropout applies
+    (home / "profiles").mkdir()
+    (home / "profiles" / "m.toml").write_text(f'[lora]\ndropout = 0.1\n[bases."{base}"]\nrank = 4\n')
+    assert load_profile(settings, "m").params({"baseModel": base}).dropout == 0.0
+    (home / "profiles" / "n.toml").write_text(f'[lora]\ndropout = 0.1\n[bases."{base}"]\ndropout = 0.2\n')
+    assert load_profile(settings, "n").params({"baseModel": base}).dropout == 0.2
+    # the base configured for the whole root: `lunatrain luna` with no flag
+    from lunatrain.settings import load_settings
+
+    assert load_profile(load_settings(home=home, base_model=base), "luna").params().dropout == 0.0

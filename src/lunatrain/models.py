@@ -1105,9 +1105,30 @@ _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num
 
 
 def _has_experts(info: BaseModelInfo) -> bool:
-    cfg = config_of(info)
+    return _config_has_experts(config_of(info))
+
+
+def _config_has_experts(cfg: dict[str, Any]) -> bool:
     parts = [cfg, cfg.get("text_config")]
     return any(isinstance(p, dict) and any(isinstance(p.get(k), int) and p[k] > 0 for k in _EXPERT_KEYS) for p in parts)
+
+
+def trains_experts(ref: str, targets: str | list[str] | tuple[str, ...], settings: Settings) -> bool:
+    """Whether `targets` on base model `ref` put LoRA on a mixture's experts, which takes no dropout. A profile
+    asks it before it applies a dropout no one chose for this base. A dense base costs a config read (the
+    folder, or the hub cache's snapshot; nothing is built or fetched); False where the base cannot be read yet
+    (the run says why)."""
+    if ref == TINY_ID:
+        return False
+    try:
+        path = local_dir(ref, settings.home) or (_from_hub(ref)[0] if _HUB_ID.fullmatch(ref) else None)
+        cfg = json.loads((path / "config.json").read_bytes()) if path is not None else None
+        if not isinstance(cfg, dict) or not _config_has_experts(cfg):
+            return False
+        layout = lora_layout(resolve_base(ref, settings), targets)
+    except (LunaError, OSError, ValueError):
+        return False
+    return layout is not None and bool(layout.parameters)
 
 
 def check_expert_dropout(params: Any, info: BaseModelInfo) -> None:

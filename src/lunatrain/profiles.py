@@ -11,6 +11,7 @@ and the file.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,8 @@ from pathlib import Path
 from .errors import NotFound, UsageError
 from .params import FlowOptions, LoraParams, check_adapter_name, parse_run, run_keys
 from .settings import Settings, check_name
+
+log = logging.getLogger(__name__)
 
 _TOP_LEVEL = {"description", "lora", "bases", "quickStart", "gate"}
 # quick-start of a profile without a [quickStart] table: a short schedule all the same (the bundled luna's),
@@ -37,6 +40,7 @@ class Profile:
     gate: dict = field(default_factory=dict)
     default_base: str = "luna-tiny"  # ASSISTANT_BASE_MODEL when the profile was loaded
     home: Path | None = None  # the data root: a relative directory name is found there too
+    settings: Settings | None = field(default=None, repr=False, compare=False)  # where a base is read (load_profile)
 
     def resolve(self, overrides: dict | None = None, *, quick: bool = False) -> tuple[LoraParams, FlowOptions]:
         """[lora], then the table for the base model in use, then [quickStart], then explicit overrides
@@ -51,7 +55,22 @@ class Profile:
             if isinstance(capped, int) and 0 < capped < default["max_steps"]:
                 default["max_steps"] = capped
             quick_table = default
-        return parse_run(merged | quick_table | given)
+        params, options = parse_run(merged | quick_table | given)
+        chosen = run_keys(self.base_table(str(base))) | quick_table | given
+        if "dropout" not in chosen and params.dropout > 0 and self._trains_experts(params):
+            # LoRA on a mixture's fused experts takes no dropout: the [lora] table's (or the default) is meant for
+            # dense bases, and Quick start's form has no field to change it. One chosen for this base is refused
+            # by prepare and the run, naming both ways out.
+            log.info("Dropout 0 on %s: LoRA on its experts takes none (the profile's is %s).", base, params.dropout)
+            params = params.model_copy(update={"dropout": 0.0})
+        return params, options
+
+    def _trains_experts(self, params: LoraParams) -> bool:
+        from .models import trains_experts
+
+        if self.settings is None:
+            return False
+        return trains_experts(params.base_model or self.default_base, params.target_modules, self.settings)
 
     def base_table(self, base: str) -> dict:
         """The `[bases."…"]` table of `base`: the one its key spells, else, for a local model directory, the
@@ -150,6 +169,7 @@ def load_profile(settings: Settings, name: str, *, bundled_only: bool = False) -
         bases=data.get("bases", {}),
         default_base=settings.base_model,
         home=settings.home,
+        settings=settings,
         quick_start=data.get("quickStart", {}),
         gate=data.get("gate", {}),
     )
