@@ -92,6 +92,14 @@ def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
     assert client.post(f"{T}/examples/{ex['id']}/reject").json()["status"] == "rejected"
     listed = client.get(f"{T}/examples", params={"status": "rejected"}).json()
     assert [e["id"] for e in listed["examples"]] == [ex["id"]] and listed["count"] == 1
+    # search (store's test: every field, case and Unicode forms); a blank one is a 422, not every example
+    found = client.get(f"{T}/examples", params={"search": "LUNA"}).json()
+    assert [e["id"] for e in found["examples"]] == [ex["id"]], found
+    assert client.get(f"{T}/examples", params={"search": "Bruno"}).json()["examples"] == []
+    assert [m["id"] for m in client.get(f"{T}/memory", params={"search": "bruno"}).json()["items"]] == [item["id"]]
+    for blank in ("", " "):
+        refused = client.get(f"{T}/examples", params={"search": blank})
+        assert refused.status_code == 422 and "search" in refused.text, refused.text
     assert client.post(f"{T}/examples/{ex['id']}/approve").json()["status"] == "approved"
     assert client.delete(f"{T}/examples/{ex['id']}").json() == {"deleted": ex["id"], "staleAdapters": []}
     gone = client.delete(f"{T}/examples/{ex['id']}")

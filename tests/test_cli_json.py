@@ -243,6 +243,22 @@ def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settin
     store.dispose_stores()
 
 
+def test_examples_and_memory_list_search_like_the_api(settings: Settings) -> None:
+    """`examples list --search` and `memory list --search` list what the API's `search` finds (store's test: every
+    field, case and Unicode forms); a blank search exits 2 saying so."""
+    store.add_example(settings, prompt="Wann hat Anna Geburtstag?", response="Am 3. März.")
+    store.add_example(settings, prompt="Wer bist du?", response="Luna.")
+    store.add_memory(settings, question="Wie heißt mein Hund?", answer="Bruno.", topic="family")
+    found = stdout_json(["examples", "list", "--search", "märz", "--json"])
+    assert [e["prompt"] for e in found] == ["Wann hat Anna Geburtstag?"]
+    lines = CliRunner().invoke(app, ["examples", "list", "--search", "LUNA"]).stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2\tcurated\tapproved\tWer bist du?"), lines
+    assert [m["answer"] for m in stdout_json(["memory", "list", "--search", "FAMILY", "--json"])] == ["Bruno."]
+    blank = CliRunner().invoke(app, ["examples", "list", "--search", " "])
+    assert blank.exit_code == 2 and "search" in blank.output and "Traceback" not in blank.output, blank.output
+    store.dispose_stores()
+
+
 class _Counting:
     """A stdout that keeps nothing: counts what is written and checks it is the expected JSON text."""
 

@@ -279,6 +279,41 @@ def test_list_filters_and_pages(db: Settings) -> None:
         store.list_examples(db, limit=0)
 
 
+def test_a_search_finds_examples_and_memory_items_by_their_words_in_any_case_or_unicode_form(db: Settings) -> None:
+    """A curator with thousands of examples could list them only in pages of ids: finding the one to delete or
+    reject (a private fact, a wrong answer) meant reading them all. `search` matches the prompt, the answer, the
+    system message, earlier turns and tags, case and Unicode forms folded; limit and offset page the matches."""
+    store.add_example(db, prompt="Wann hat Anna Geburtstag?", response="Am 3. März.")
+    store.add_example(db, prompt="Wie spät ist es?", response="Keine Ahnung.", system="Du bist Luna.")
+    earlier = [{"role": "user", "content": "Wie wird das WETTER?"}, {"role": "assistant", "content": "Sonnig."}]
+    store.add_example(db, prompt="Und morgen?", response="Regen.", turns=earlier)
+    store.add_example(db, prompt="x", response="y", tags=["Privat"])
+    store.add_example(db, prompt="Ein Café", response="Gern.")
+    for i in range(4):
+        store.add_example(db, prompt=f"Frage {i} zur Straße", response="Antwort", status="approved")
+
+    def found(text: str, **filters) -> list[str]:
+        return [e.prompt for e in store.list_examples(db, search=text, **filters)]
+
+    assert found("MÄRZ") == ["Wann hat Anna Geburtstag?"]
+    assert found("luna") == ["Wie spät ist es?"]
+    assert found("wetter") == ["Und morgen?"]
+    assert found("privat") == ["x"]
+    assert found("cafe\u0301") == ["Ein Café"]  # typed decomposed, stored composed
+    assert found("STRASSE", limit=2, offset=1) == ["Frage 1 zur Straße", "Frage 2 zur Straße"]
+    assert found("strasse", status="pending") == []
+    assert found("  anna  ") == ["Wann hat Anna Geburtstag?"]  # as typed into a search field
+    assert found("nirgends") == []
+    for blank in ("", "   "):
+        with pytest.raises(UsageError, match="search"):
+            store.list_examples(db, search=blank)
+    store.add_memory(db, question="Wo wohnt Anna?", answer="In Köln.", topic="Familie", tags=["privat"])
+    store.add_memory(db, question="Lieblingsfarbe?", answer="Blau.")
+    assert [m.question for m in store.list_memory(db, search="KÖLN")] == ["Wo wohnt Anna?"]
+    assert [m.question for m in store.list_memory(db, search="familie")] == ["Wo wohnt Anna?"]
+    assert [m.question for m in store.list_memory(db, search="Privat")] == ["Wo wohnt Anna?"]
+
+
 def test_set_status_is_all_or_nothing(db: Settings) -> None:
     a = store.add_example(db, prompt="a", response="1", status="pending")
     b = store.add_example(db, prompt="b", response="2", status="pending")

@@ -16,12 +16,14 @@ import collections
 import contextlib
 import getpass
 import importlib.resources
+import itertools
 import json
 import logging
 import os
 import re
 import sqlite3
 import threading
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -1008,9 +1010,10 @@ def list_examples(
     status: Status | None = None,
     limit: int = 100,
     offset: int = 0,
+    search: str | None = None,
 ) -> list[Example]:
     """Examples in insertion order (id), optionally filtered."""
-    return list(iter_examples(settings, source=source, status=status, limit=limit, offset=offset))
+    return list(iter_examples(settings, source=source, status=status, limit=limit, offset=offset, search=search))
 
 
 def iter_examples(
@@ -1020,18 +1023,56 @@ def iter_examples(
     status: Status | None = None,
     limit: int = 100,
     offset: int = 0,
+    search: str | None = None,
 ) -> Iterator[Example]:
     """`list_examples` one at a time, fetched in chunks from one snapshot: a listing of the whole store (the
-    CLI takes any --limit) holds a chunk in memory, not every example. The arguments are checked at once."""
+    CLI takes any --limit) holds a chunk in memory, not every example. The arguments are checked at once.
+    `search`: only examples with that text in their prompt, answer, system message, an earlier turn or a tag
+    (`_searched`); limit and offset then page the matches."""
     check_page(limit, offset)
-    query = sa.select(examples_table).order_by(examples_table.c.id).limit(limit).offset(offset)
+    needle = _search_needle(search)
+    query = sa.select(examples_table).order_by(examples_table.c.id)
     if source is not None:
         query = query.where(examples_table.c.source == _check_choice(source, SOURCES, "source"))
     if status is not None:
         query = query.where(examples_table.c.status == _check_choice(status, STATUSES, "status"))
     if _none_yet(settings):
         return iter(())
-    return _stream(settings, query, Example.from_row)
+    if needle is None:
+        return _stream(settings, query.limit(limit).offset(offset), Example.from_row)
+
+    def fields(e: Example) -> list[str]:
+        return [e.prompt, e.response, e.system or "", *(t["content"] for t in e.turns), *e.tags]
+
+    return _searched(_stream(settings, query, Example.from_row), needle, fields, limit, offset)
+
+
+def _search_needle(search: str | None) -> str | None:
+    """The text a search looks for, folded as `_folded` folds what it reads; UsageError for a blank one, which
+    would list everything (a search field left empty asks for no search: say None)."""
+    if search is None:
+        return None
+    needle = _folded(search)
+    if not needle:
+        raise UsageError(
+            "The search text is blank: give the words to look for, or no search to list everything.",
+            params={"search": search},
+        )
+    return needle
+
+
+def _folded(text: str) -> str:
+    """Text as a search compares it: case and Unicode compatibility forms folded (Straße finds STRASSE, a
+    decomposed é the composed one), runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _searched(rows: Iterator[T], needle: str, fields: Callable[[T], list[str]], limit: int, offset: int) -> Iterator[T]:
+    """The rows one of whose `fields` holds `needle`, page `offset`..`offset + limit` of them. Matched here, not
+    in SQL: SQLite's LIKE folds ASCII case only, and neither database folds Unicode forms; a search reads the
+    whole table once, in chunks."""
+    matches = (row for row in rows if any(needle in _folded(text) for text in fields(row)))
+    return itertools.islice(matches, offset, offset + limit)
 
 
 def _none_yet(settings: Settings) -> bool:
@@ -1247,22 +1288,30 @@ def _memory_values(
 
 
 def list_memory(
-    settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
+    settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0, search: str | None = None
 ) -> list[MemoryItem]:
-    return list(iter_memory(settings, status=status, limit=limit, offset=offset))
+    return list(iter_memory(settings, status=status, limit=limit, offset=offset, search=search))
 
 
 def iter_memory(
-    settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0
+    settings: Settings, *, status: Status | None = None, limit: int = 100, offset: int = 0, search: str | None = None
 ) -> Iterator[MemoryItem]:
-    """`list_memory` one at a time, fetched in chunks (see `iter_examples`)."""
+    """`list_memory` one at a time, fetched in chunks (see `iter_examples`); `search` looks in the question, the
+    answer, the topic and the tags."""
     check_page(limit, offset)
-    query = sa.select(memory_table).order_by(memory_table.c.id).limit(limit).offset(offset)
+    needle = _search_needle(search)
+    query = sa.select(memory_table).order_by(memory_table.c.id)
     if status is not None:
         query = query.where(memory_table.c.status == _check_choice(status, STATUSES, "status"))
     if _none_yet(settings):
         return iter(())
-    return _stream(settings, query, MemoryItem.from_row)
+    if needle is None:
+        return _stream(settings, query.limit(limit).offset(offset), MemoryItem.from_row)
+
+    def fields(m: MemoryItem) -> list[str]:
+        return [m.question, m.answer, m.topic or "", *m.tags]
+
+    return _searched(_stream(settings, query, MemoryItem.from_row), needle, fields, limit, offset)
 
 
 def get_memory(settings: Settings, item_id: int) -> MemoryItem:

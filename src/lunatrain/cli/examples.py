@@ -28,6 +28,10 @@ SourceOpt = Annotated[str | None, typer.Option("--source", help="curated | memor
 StatusOpt = Annotated[str | None, typer.Option("--status", help="approved | pending | rejected")]
 LimitOpt = Annotated[int, typer.Option("--limit", help="at most this many")]
 OffsetOpt = Annotated[int, typer.Option("--offset", help="skip this many first (pages with --limit)")]
+SearchOpt = Annotated[
+    str | None,
+    typer.Option("--search", metavar="TEXT", help="only those with TEXT in any of their texts or tags (any case)"),
+]
 _LISTED = 20  # problems of a refused import listed one per line
 
 IdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="example ids (12 or ex-12)")]
@@ -241,11 +245,19 @@ def list_cmd(
     status: StatusOpt = None,
     limit: LimitOpt = 50,
     offset: OffsetOpt = 0,
+    search: SearchOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: one array of the API's Example")] = False,
 ) -> None:
     """List examples in the order they were added."""
     try:
-        items = store.iter_examples(load_settings(), source=source, status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+        items = store.iter_examples(
+            load_settings(),
+            source=source,  # type: ignore[arg-type]
+            status=status,  # type: ignore[arg-type]
+            limit=limit,
+            offset=offset,
+            search=search,
+        )
         if as_json:
             _json_array(ExampleOut.of(e).wire() for e in items)
             return
@@ -355,11 +367,12 @@ def memory_list_cmd(
     status: StatusOpt = None,
     limit: LimitOpt = 50,
     offset: OffsetOpt = 0,
+    search: SearchOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: one array of the API's MemoryItem")] = False,
 ) -> None:
     """List memory items."""
     try:
-        items = store.iter_memory(load_settings(), status=status, limit=limit, offset=offset)  # type: ignore[arg-type]
+        items = store.iter_memory(load_settings(), status=status, limit=limit, offset=offset, search=search)  # type: ignore[arg-type]
         if as_json:
             _json_array(MemoryOut.of(m).wire() for m in items)
             return

@@ -30,6 +30,8 @@ from ..schemas import (
 router = APIRouter(prefix="/assistant/training", tags=["examples"], dependencies=[Fresh])
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=INT_MAX)]
+# words to look for (store.iter_examples): a blank one is refused there, as on the command line
+Search = Annotated[str | None, Query(max_length=1000)]
 R = TypeVar("R", store.Example, store.MemoryItem)
 
 
@@ -43,9 +45,10 @@ async def list_examples(
     source: Source | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
+    search: Search = None,
 ) -> ExampleList:
     rows = await run_in_threadpool(
-        store.list_examples, settings, source=source, status=status, limit=limit, offset=offset
+        store.list_examples, settings, source=source, status=status, limit=limit, offset=offset, search=search
     )
     return ExampleList(examples=[_example(r) for r in rows], count=len(rows))
 
@@ -117,9 +120,11 @@ async def delete_example(example_id: ExampleId, settings: SettingsDep) -> Delete
 
 @router.get("/memory", response_model=MemoryList, responses=errors(503))
 async def list_memory(
-    settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0
+    settings: SettingsDep, status: Status | None = None, limit: Limit = 50, offset: Offset = 0, search: Search = None
 ) -> MemoryList:
-    rows = await run_in_threadpool(store.list_memory, settings, status=status, limit=limit, offset=offset)
+    rows = await run_in_threadpool(
+        store.list_memory, settings, status=status, limit=limit, offset=offset, search=search
+    )
     return MemoryList(items=[_memory(r) for r in rows], count=len(rows))
 
 
