@@ -506,6 +506,53 @@ def test_a_start_joins_a_twin_only_while_it_trains_the_data_exported_now(setting
     store.dispose_stores()
 
 
+def test_a_start_checks_for_a_twin_and_submits_under_the_data_roots_lock(settings, tiny, monkeypatch):
+    """Repro: the twin check and the submit were one step within a process only (a thread lock): `lunatrain lora`
+    in two terminals, or the API and the CLI, started at the same moment both found no twin and both queued,
+    two versions of the same weights. Each holds the data root's submit lock across both steps, so the second
+    finds the first's job."""
+    import fcntl
+
+    from lunatrain import export, flow, store
+    from lunatrain.params import parse_params
+    from lunatrain.service import client
+    from lunatrain.service import ensure as ensure_module
+    from lunatrain.service.jobs import Job
+    from lunatrain.wire import now_iso
+
+    store.load_seed(settings)
+    export.export(settings)
+    params = parse_params({"datasetTier": "memory", "maxSteps": 2})
+    monkeypatch.setattr(ensure_module, "ensure_trainer", lambda _s: None)
+    held: list[bool] = []
+
+    settings.trainer_dir.mkdir(parents=True, exist_ok=True)
+
+    def another_process_would_wait() -> bool:
+        with open(settings.trainer_dir / "submit.lock", "a+b") as other:  # another open file: another process
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+            return False
+
+    def twin(*_args) -> None:
+        held.append(another_process_would_wait())
+
+    def submit(*_args) -> Job:
+        held.append(another_process_would_wait())
+        return Job(id="ftjob-" + "6" * 24, status="queued", created_at=now_iso(), params=params.wire())
+
+    monkeypatch.setattr(flow, "joinable_twin", twin)
+    monkeypatch.setattr(client, "submit", submit)
+    job, joined = flow.submit_or_join(settings, params, flow.FlowOptions())
+    assert job.id == "ftjob-" + "6" * 24 and not joined
+    assert held == [True, True]
+    assert not another_process_would_wait()  # released after the submit
+    store.dispose_stores()
+
+
 def test_a_job_checks_its_min_curated_again_on_the_export_it_starts_on(settings, tiny):
     """Queue repro: minCurated was checked only when a job was queued; a job accepted with 473 curated examples
     trained on 241 after 200 were rejected and exported again while it waited, its record still saying

@@ -18,16 +18,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import evalgate, export, fsio, prepare, registry
 from .compat import with_bitsandbytes
 from .errors import CheckFailed, DamagedFile, LunaError, NotFound, StorageError, UsageError
-from .fsio import check_writable, read_json
+from .fsio import check_writable, file_lock, read_json
 from .messages import coded, counted
 from .params import FlowOptions, LoraParams, run_identity_of, run_key, trained_key
 from .settings import PREPARE_REPORT, Settings
@@ -268,7 +268,7 @@ def submit_or_join(
     fetch_if_allowed(str(params.base_model), settings)  # allowed here, the trainer finds it in the cache
     check_data(settings, params, options)
     ensure_trainer(settings)
-    with _SUBMITTING:
+    with file_lock(submit_lock_path(settings)):
         # A start with a requestId is its client's own: a retry must find the job that id names, and a joined
         # job does not carry it (the retry after that job ended would train the data again).
         if request_id is None and (twin := joinable_twin(settings, params, options, thresholds)) is not None:
@@ -276,9 +276,11 @@ def submit_or_join(
         return client.submit(settings, params, options, request_id, thresholds), False
 
 
-# Within one process (the API's threads) a twin's check and the submit are one step: two requests at once
-# would both find no twin and both queue.
-_SUBMITTING = threading.Lock()
+def submit_lock_path(settings: Settings) -> Path:
+    """The lock that makes a twin's check and the submit one step for every start on this data root: the API's
+    threads (each opens it: flock excludes open files, not processes) and other processes (`lora` in two
+    terminals, the API and the CLI) would otherwise both find no twin and both queue."""
+    return settings.trainer_dir / "submit.lock"
 
 
 def check_data(settings: Settings, params: LoraParams, options: FlowOptions) -> None:
