@@ -101,7 +101,11 @@ def test_examples_add_curate_delete_roundtrip(client: TestClient) -> None:
         refused = client.get(f"{T}/examples", params={"search": blank})
         assert refused.status_code == 422 and "search" in refused.text, refused.text
     assert client.post(f"{T}/examples/{ex['id']}/approve").json()["status"] == "approved"
-    assert client.delete(f"{T}/examples/{ex['id']}").json() == {"deleted": ex["id"], "staleAdapters": []}
+    assert client.delete(f"{T}/examples/{ex['id']}").json() == {
+        "deleted": ex["id"],
+        "staleAdapters": [],
+        "stillHeldAs": [],
+    }
     gone = client.delete(f"{T}/examples/{ex['id']}")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
@@ -281,8 +285,8 @@ def test_an_unknown_query_parameter_is_refused_naming_the_ones_the_route_takes(c
     client.post(f"{T}/memory", json={"question": "Q2", "answer": "A2"})
     assert client.get(f"{T}/memory", params={"status": "pending"}).json()["count"] == 1
     for url, params, takes in (
-        (f"{T}/memory", {"stauts": "pending"}, "limit, offset, status"),
-        (f"{T}/examples", {"status": "approved", "sorce": "memory", "q": "x"}, "limit, offset, source, status"),
+        (f"{T}/memory", {"stauts": "pending"}, "limit, offset, search, status"),
+        (f"{T}/examples", {"status": "approved", "sorce": "memory", "q": "x"}, "limit, offset, search, source, status"),
         (f"{T}/status", {"mincurated": "3"}, "minCurated"),
         (f"{T}/adapters", {"limit": "5"}, "none"),
     ):

@@ -317,3 +317,27 @@ def test_a_delete_while_content_comes_back_keeps_its_mark(
     back.join(10)
     stale = registry.get_version(settings, "luna-adapter", "v1").get("stale")
     assert stale and stale["hashes"] == [second.hash], stale
+
+
+def test_a_delete_of_content_still_held_approved_as_the_other_kind_says_so(settings: Settings) -> None:
+    """Forget repro: deleting a memory item (a private fact) whose same question and answer is also held as an
+    approved example said only "Deleted 1 memory item." (`staleAdapters: []`): the text stayed in the next export
+    and in the adapters trained on it, and the user believed it gone. The delete names where it is still held."""
+    example = store.add_example(settings, prompt="Was trinke ich morgens?", response="Hafermilch-Cappuccino.")
+    item = store.add_memory(settings, question="Was trinke ich morgens?", answer="Hafermilch-Cappuccino.")
+    other = store.add_memory(settings, question="Wo wohne ich?", answer="In Köln.")
+    assert store.delete_memory(settings, [item.id, other.id]).still_held == [f"ex-{example.id}"]
+    from lunatrain.api.main import create_app
+
+    again = store.add_memory(settings, question="Was trinke ich morgens?", answer="Hafermilch-Cappuccino.")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        answer = api.delete(f"/assistant/training/memory/{again.id}").json()
+    assert answer == {"deleted": again.id, "staleAdapters": [], "stillHeldAs": [f"ex-{example.id}"]}, answer
+    last = store.add_memory(settings, question="Was trinke ich morgens?", answer="Hafermilch-Cappuccino.")
+    said = CliRunner().invoke(app, ["examples", "delete", str(example.id)])
+    assert said.exit_code == 0, said.output
+    assert said.output.split("\n")[0] == (
+        f"Deleted 1 example. Its content is still held, approved, as mem-{last.id}: it stays in the exports and in the "
+        "adapters trained on it; delete that too to forget it."
+    ), said.output
+    store.dispose_stores()

@@ -1133,11 +1133,14 @@ def set_status(settings: Settings, ids: Sequence[int], status: Status) -> int:
 class Deletion(NamedTuple):
     count: int
     hashes: list[str]  # content hashes now gone from the store (tombstoned): what adapters were trained on
+    # the other kind's ids (`mem-3`, `ex-12`) that hold deleted content approved: still exported and trained on
+    still_held: list[str] = []
 
 
 def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) -> Deletion:
-    other = memory_table if table is examples_table else examples_table
+    other, prefix = (memory_table, "mem-") if table is examples_table else (examples_table, "ex-")
     tombstoned: list[str] = []
+    held: list[int] = []
     with open_store(settings).write() as conn:
         wanted = _check_ids(conn, table, ids, kind)
         now = utc_now()
@@ -1147,14 +1150,15 @@ def _delete(settings: Settings, table: sa.Table, ids: Sequence[int], kind: str) 
             conn.execute(table.delete().where(table.c.id.in_(chunk)))
             # A hash the other kind still holds approved is still trained on: no tombstone for it. Held there
             # pending or rejected, it is in no export, so adapters trained on it are stale.
-            still = set(_existing(conn, other, hashes, approved_only=True))
+            still = _existing(conn, other, hashes, approved_only=True)
+            held += still.values()
             gone = [h for h in hashes if h not in still]
             _forget_tombstones(conn, gone)
             if gone:
                 conn.execute(deleted_table.insert(), [{"hash": h, "kind": kind, "deleted_at": now} for h in gone])
             tombstoned += gone
         _bump(conn)
-    return Deletion(len(wanted), tombstoned)
+    return Deletion(len(wanted), tombstoned, [f"{prefix}{i}" for i in sorted(held)])
 
 
 def delete_examples(settings: Settings, ids: Sequence[int]) -> Deletion:

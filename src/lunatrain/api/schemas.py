@@ -223,6 +223,10 @@ class ImportResult(Out):
 class Deleted(Out):
     deleted: int
     stale_adapters: list[str] = Field(default_factory=list, description="versions trained on it: retrain needed")
+    still_held_as: list[str] = Field(
+        default_factory=list,
+        description="the other kind's ids (mem-3, ex-12) holding the same content approved: still exported",
+    )
 
 
 class MemoryIn(In):

@@ -302,8 +302,16 @@ def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, 
         stale = registry.refresh_stale(settings, deletion.hashes)
     except LunaError as err:
         raise fail(err) from None
+    held = ""
+    if deletion.still_held:  # the same content as the other kind, approved: exported and trained on all the same
+        ids = ", ".join(deletion.still_held)
+        held = (
+            f" Its content is still held, approved, as {ids}: it stays in the exports and in the adapters trained on "
+            f"it; delete {'that' if len(deletion.still_held) == 1 else 'those'} too to forget it."
+        )
     typer.echo(
         f"Deleted {counted(deletion.count, what)}."
+        + held
         + (f" Retrain needed: {', '.join(stale)} (trained on them)." if stale else "")
     )
 

@@ -115,7 +115,7 @@ async def reject_example(example_id: ExampleId, settings: SettingsDep) -> Exampl
 async def delete_example(example_id: ExampleId, settings: SettingsDep) -> Deleted:
     deletion = await run_in_threadpool(store.delete_examples, settings, [example_id])
     stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
-    return Deleted(deleted=example_id, stale_adapters=stale)
+    return Deleted(deleted=example_id, stale_adapters=stale, still_held_as=deletion.still_held)
 
 
 @router.get("/memory", response_model=MemoryList, responses=errors(503))
@@ -152,4 +152,4 @@ async def reject_memory(item_id: MemoryId, settings: SettingsDep) -> MemoryOut:
 async def delete_memory(item_id: MemoryId, settings: SettingsDep) -> Deleted:
     deletion = await run_in_threadpool(store.delete_memory, settings, [item_id])
     stale = await run_in_threadpool(registry.refresh_stale, settings, deletion.hashes)
-    return Deleted(deleted=item_id, stale_adapters=stale)
+    return Deleted(deleted=item_id, stale_adapters=stale, still_held_as=deletion.still_held)
