@@ -956,8 +956,8 @@ def test_activating_or_rolling_back_to_a_stale_version_says_it_is_stale(settings
     registry.activate(settings, "a", "v1")
     registry.activate(settings, "a", "v2")
     note = (
-        "Note: a@v1 is stale (trained on deleted content): it still serves that content; train a new "
-        "version (`lunatrain luna`) to leave it out.\n"
+        "Note: a@v1 is stale (trained on deleted content): it still serves that content; a@v2 was trained "
+        "without it (`lunatrain adapters activate a@v2`).\n"
     )
     for args, said in (
         (["rollback", "a"], "a@v1 is active again on base model 'luna-tiny'.\n"),
@@ -967,6 +967,14 @@ def test_activating_or_rolling_back_to_a_stale_version_says_it_is_stale(settings
         out = CliRunner().invoke(app, ["adapters", *args])
         expected = said + (note if args[-1] != "a@v2" else "")
         assert out.exit_code == 0 and out.output == expected, out.output
+    # with no version trained without that content, the way out is a new one
+    (settings.adapters_dir / "a" / "v2" / "train-hashes.txt").write_text("hash-gone\n")
+    assert registry.mark_stale(settings, {"hash-gone"}) == ["a@v2"]
+    out = CliRunner().invoke(app, ["adapters", "activate", "a@v1"])
+    assert out.output.splitlines()[1] == (
+        "Note: a@v1 is stale (trained on deleted content): it still serves that content; train a new version "
+        "(`lunatrain luna`) to leave it out."
+    ), out.output
 
 
 def test_a_rank_the_weights_do_not_have_is_one_sentence_in_every_command_and_never_a_500(settings):

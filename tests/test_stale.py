@@ -341,3 +341,34 @@ def test_a_delete_of_content_still_held_approved_as_the_other_kind_says_so(setti
         "adapters trained on it; delete that too to forget it."
     ), said.output
     store.dispose_stores()
+
+
+def test_a_rollback_to_a_stale_version_names_the_newer_version_trained_without_that_content(
+    trained_home: Path, settings: Settings
+) -> None:
+    """Forget repro: after a delete, `luna` trained v2 without the example and a rollback made the stale v1 active
+    again, saying "train a new version (`lunatrain luna`) to leave it out"; `luna` then said v2 "was trained on this
+    data; not trained again" and v1 went on serving the deleted content. The note names the way out that works:
+    activating v2; `luna` only where no version trained without it is there."""
+    import shutil
+
+    trained, ids = _trained_adapter(settings)
+    victim = next(h for h in sorted(trained) if h in ids)
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    work = settings.adapters_dir / "luna-adapter" / ".work" / "without"
+    shutil.copytree(registry.adapter_dir(settings, v1), work)
+    (work / "train-hashes.txt").write_text("".join(f"{h}\n" for h in sorted(trained - {victim})))
+    keep = {k: v for k, v in v1.items() if k not in ("name", "version", "path", "created", "revision", "stale")}
+    v2 = registry.publish(settings, "luna-adapter", "versioned", work, keep | {"jobId": "without"})
+    runner = CliRunner()
+    assert runner.invoke(app, ["adapters", "activate", "luna-adapter@v1"]).exit_code == 0
+    assert runner.invoke(app, ["adapters", "activate", f"luna-adapter@{v2['version']}"]).exit_code == 0
+    assert "Retrain needed: luna-adapter@v1" in runner.invoke(app, ["examples", "delete", str(ids[victim])]).output
+    back = runner.invoke(app, ["adapters", "rollback", "luna-adapter"])
+    assert back.exit_code == 0, back.output
+    assert back.output.splitlines()[1] == (
+        "Note: luna-adapter@v1 is stale (trained on deleted content): it still serves that "
+        f"content; luna-adapter@{v2['version']} was trained without it (`lunatrain adapters activate "
+        f"luna-adapter@{v2['version']}`)."
+    ), back.output
+    store.dispose_stores()

@@ -14,7 +14,7 @@ from .. import registry
 from ..errors import LunaError, UsageError
 from ..fsio import read_json
 from ..messages import counted
-from ..settings import load_settings
+from ..settings import Settings, load_settings
 from .app import app, fail, given, json_text
 
 adapters_app = typer.Typer(
@@ -184,7 +184,7 @@ def activate_cmd(
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is now active on base model {settings.base_model!r}.")
-    _say_stale(entry)
+    _say_stale(settings, entry)
 
 
 @adapters_app.command("deactivate")
@@ -222,19 +222,35 @@ def rollback_cmd(
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is active again on base model {settings.base_model!r}.")
-    _say_stale(entry)
+    _say_stale(settings, entry)
 
 
-def _say_stale(entry: dict[str, Any]) -> None:
+def _say_stale(settings: Settings, entry: dict[str, Any]) -> None:
     """A version made active that was trained on content deleted since serves it again: said at once, not
-    only by a later `status`."""
+    only by a later `status`, with the way out: a newer version of it on this base trained without that content
+    (`luna` would not train this data again, nor activate a version the user rolled back from), else training."""
     stale = entry.get("stale")
-    if stale:
-        reason = stale.get("reason") if isinstance(stale, dict) else None
-        typer.echo(
-            f"Note: {entry['name']}@{entry['version']} is stale ({reason or 'retrain needed'}): it still serves "
-            "that content; train a new version (`lunatrain luna`) to leave it out."
-        )
+    if not stale:
+        return
+    reason = stale.get("reason") if isinstance(stale, dict) else None
+    fingerprint = (entry.get("baseModel") or {}).get("fingerprint")
+    clean = [
+        v
+        for v in registry.list_adapters(settings).get(entry["name"], {}).get("versions", [])
+        if registry.version_number(v["version"]) > registry.version_number(entry["version"])
+        and (v.get("baseModel") or {}).get("fingerprint") == fingerprint
+        and not v.get("stale")
+        and (v.get("gate") or {}).get("passed") is not False
+        and registry.loadable(settings, v)
+    ]
+    way_out = "train a new version (`lunatrain luna`) to leave it out"
+    if clean:
+        ref = f"{entry['name']}@{clean[-1]['version']}"
+        way_out = f"{ref} was trained without it (`lunatrain adapters activate {ref}`)"
+    typer.echo(
+        f"Note: {entry['name']}@{entry['version']} is stale ({reason or 'retrain needed'}): it still serves that "
+        f"content; {way_out}."
+    )
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
