@@ -873,3 +873,26 @@ def test_an_import_record_that_is_no_object_is_named_as_every_bad_record(client:
     assert r.status_code == 422, r.text
     assert "records[2]: expected a JSON object, got list" in r.json()["error"]["message"], r.text
     assert store.counts(settings)["totals"]["examples"] == 0
+
+
+def test_json_answers_carry_an_etag_and_an_unchanged_one_is_a_304_without_a_body(client: TestClient) -> None:
+    """Dashboard-scale repro: the page asks for the registry every 15 s, and with a year of daily versions
+    each answer was 1.5 MB, sent whole again while nothing had changed (340 MB an hour for one open tab). A JSON
+    answer has an ETag and `Cache-Control: no-cache`; the browser asks with If-None-Match and gets a 304."""
+    first = client.get(f"{T}/adapters")
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache", first.headers
+    tag = first.headers["etag"]
+    again = client.get(f"{T}/adapters", headers={"If-None-Match": tag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag, again.headers
+    assert "content-length" not in again.headers or again.headers["content-length"] == "0"
+    assert client.get(f"{T}/adapters", headers={"If-None-Match": '"other", ' + tag}).status_code == 304
+    client.post(f"{T}/examples", json={"prompt": "Neu?", "response": "Ja."})
+    listed = client.get(f"{T}/examples", headers={"If-None-Match": client.get(f"{T}/examples").headers["etag"]})
+    assert listed.status_code == 304
+    client.post(f"{T}/examples", json={"prompt": "Noch eins?", "response": "Ja."})
+    changed = client.get(f"{T}/examples", headers={"If-None-Match": listed.headers["etag"]})
+    assert changed.status_code == 200 and len(changed.json()["examples"]) == 2
+    assert changed.headers["etag"] != listed.headers["etag"]
+    # errors and other kinds of answer pass as they are
+    missing = client.get(f"{T}/adapters/nope")
+    assert missing.status_code == 404 and "etag" not in missing.headers

@@ -292,6 +292,28 @@ def test_hold_first_answer_holds_the_first_request_and_lets_a_second_through_whi
 # ---- tests, in the order a user meets the page ----------------------------------------------------------
 
 
+def test_the_browser_asks_again_for_an_unchanged_answer_and_gets_no_body(page, services: Services) -> None:
+    """Dashboard-scale repro: every refresh fetched the whole registry again (1.5 MB with a year of versions).
+    Chromium keeps the answer, asks with its ETag and receives nothing while it is unchanged; the page's code
+    reads the kept answer as before."""
+    open_page(page, services)
+    asked: list[tuple[str | None, int]] = []
+
+    def finished(request) -> None:
+        if request.url.endswith("/assistant/training/adapters"):
+            asked.append((request.all_headers().get("if-none-match"), request.sizes()["responseBodySize"]))
+
+    page.on("requestfinished", finished)
+    read = page.evaluate(
+        """async () => { const out = [];
+          for (let i = 0; i < 2; i++) out.push(await (await fetch('/assistant/training/adapters')).json());
+          return out; }"""
+    )
+    page.wait_for_function("() => true")  # the events of both requests are delivered by now
+    assert read[0] == read[1] and "bases" in read[1], read
+    assert len(asked) == 2 and asked[1][0] and asked[1][1] == 0, asked
+
+
 def test_form_mirrors_the_bounds_and_defaults_of_lora_params(page, services: Services) -> None:
     """The page's client-side checks copy the bounds of LoraParams and FlowOptions (the start body); this
     catches the copy drifting from params.py."""

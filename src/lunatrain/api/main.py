@@ -16,6 +16,7 @@ from ..errors import StorageError
 from ..service.spawn import code_signature
 from ..settings import Settings, load_settings
 from ..web import handlers
+from ..web.conditional import ConditionalGetMiddleware
 from ..web.security import API_REALM, DataRootMiddleware, GuardMiddleware, allowed_hostnames
 from . import routes
 from .cache import Coalescer
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, *, bound_host: str | None = Non
         app.include_router(router)
     _without_fastapi_422_on_chat(app)
     hosts = allowed_hostnames(settings, bound_host)
+    app.add_middleware(ConditionalGetMiddleware)  # innermost: the guards refuse before any body is made
     app.add_middleware(
         DataRootMiddleware, home=settings.home, openai_prefix="/v1"
     )  # inside the guard: strangers learn nothing
