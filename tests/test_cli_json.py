@@ -373,6 +373,21 @@ def test_health_json_is_one_document_for_every_outcome(settings: Settings, monke
     store.dispose_stores()
 
 
+def test_health_names_the_storage_problem_of_a_degraded_trainer(settings: Settings, monkeypatch) -> None:
+    """Disk-full repro: with the trainer's disk full (its health `degraded`, `storage` saying why) `lunatrain
+    health` printed "Online (CPU): …" and nothing of the problem that kept every job from starting or ending."""
+    full = "The disk is full: the trainer's job database /x/jobs.db cannot be written (database or disk is full)."
+    ours = Health(
+        data_root={"id": data_root_id(settings.home), "path": str(settings.home)}, status="degraded", storage=full
+    )
+    answering(monkeypatch, httpx.Response(200, json=ours.wire()))
+    said = CliRunner().invoke(app, ["health"])
+    assert said.exit_code == 0, said.output
+    assert (
+        f"Degraded: {full} No job starts, nor is a job's end recorded, until that is fixed." in said.output.splitlines()
+    ), said.output
+
+
 def test_offline_with_a_port_0_address_names_no_address_at_port_0(home, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro: with ASSISTANT_LORA_TRAINER_URL=http://127.0.0.1:0 and the trainer stopped, `lunatrain health`
     said "Offline: no trainer at http://127.0.0.1:0" and `jobs list` "The trainer at http://127.0.0.1:0 is not

@@ -130,6 +130,12 @@ def describe_health(settings: Settings, health: Health | None) -> str:
             f"queue {health.queue.running} running, {health.queue.queued} queued; "
             f"trainer {health.version} at {trainer_client.base_url(settings)}",
             *health.can_train,
+            # a full or read-only disk: jobs neither start nor have their end recorded, whatever the device
+            *(
+                [f"Degraded: {health.storage} No job starts, nor is a job's end recorded, until that is fixed."]
+                if health.storage
+                else []
+            ),
             *(
                 [
                     "lunatrain was updated since this trainer started: it finishes its queue, then stops, and the "
@@ -399,6 +405,11 @@ class _Bar:
         self._progress.console.print(line, markup=False, highlight=False)
 
 
+# Seconds without an event of a running job after which the follower asks the trainer whether it can still
+# record it (a step of a large model on a slow device can take longer: then the answer is simply yes).
+SILENCE_S = 15.0
+
+
 def follow(
     settings: Settings,
     job_id: str,
@@ -412,12 +423,15 @@ def follow(
     Ctrl-C raises KeyboardInterrupt. `seen["status"]`: the job's state at the last poll (what a detach says)."""
     seen = {} if seen is None else seen
     after, lost_since, said_ahead = 0, None, None
+    news = time.monotonic()  # when the job last had an event, or its health was last asked about its silence
     with _Bar(job_id, stderr) if is_tty(stderr) else _Plain(stderr) as view:
         while True:
             try:
                 page = trainer_client.events(settings, job_id, after=after, limit=500)
                 for ev in page.data:
                     view.show(ev)
+                if page.data:
+                    news = time.monotonic()
                 after = page.last_seq
                 if page.has_more:
                     continue
@@ -459,6 +473,17 @@ def follow(
                 continue
             if done:
                 return job
+            if job.status != "queued" and time.monotonic() - news > SILENCE_S:
+                # A trainer that cannot write its database (a full disk) records neither the job's events nor
+                # its end: the job would stay `running` for as long as that lasts, and this follower silent.
+                news = time.monotonic()
+                health = trainer_client.probe(settings)
+                if health is not None and health.storage:
+                    raise ServiceUnavailable(
+                        f"Stopped following job {job_id} (last recorded as {job.status}): the trainer cannot record "
+                        f"it: {health.storage} Once that is fixed the trainer records how the job ended: `lunatrain "
+                        f"jobs show {job_id}`."
+                    )
             if job.status == "queued":
                 # A job that cannot start because the trainer's storage fails would wait forever: say why.
                 health = trainer_client.probe(settings)
