@@ -117,6 +117,29 @@ def test_a_full_database_is_disk_full_and_changes_nothing(settings: Settings) ->
         assert res.status_code == 503 and res.json()["error"]["code"] == "disk_full", res.text
 
 
+def test_a_look_at_the_data_on_a_full_disk_says_why_it_needs_room(settings: Settings, monkeypatch) -> None:
+    """Disk-full repro: `status`, `examples list` and `memory list` on a full disk said "…is full (disk I/O error),
+    so nothing was changed": the user asked to change nothing. SQLite cannot grow the -shm file a read of a WAL
+    database needs; a read says that, a write says what it says."""
+    store.add_example(settings, prompt="erste", response="Antwort")
+    engine = store.open_store(settings).engine
+
+    def full(*_args, **_kwargs):
+        raise sa.exc.OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(engine, "connect", full)
+    monkeypatch.setattr(store, "_disk_full", lambda _engine: True)
+    with pytest.raises(DiskFull) as looked:
+        store.list_examples(settings)
+    assert looked.value.message == (
+        f"The disk holding the database {_db(settings)} is full (disk I/O error): SQLite needs a little room beside "
+        "the database even to read it (its -shm file); free some space (`lunatrain gc` removes what the retention "
+        "policy allows) and try again."
+    ), looked.value.message
+    with pytest.raises(DiskFull, match=r"is full \(disk I/O error\), so nothing was changed; free some space"):
+        store.add_example(settings, prompt="zweite", response="Antwort")
+
+
 def test_data_root_that_is_not_usable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (home / "data").write_text("a file where the data directory belongs")
     with pytest.raises(UsageError, match="not usable") as err:

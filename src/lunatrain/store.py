@@ -193,7 +193,7 @@ class Store:
         read transaction one snapshot from its first statement; PostgreSQL does so at REPEATABLE READ (its default,
         READ COMMITTED, lets each statement see what others committed meanwhile: an export would write rows its
         recorded revision does not count). A read-only transaction there never fails to serialize."""
-        with _storage_errors(self.engine), self.engine.connect() as conn:
+        with _storage_errors(self.engine, reading=True), self.engine.connect() as conn:
             if self.dialect == "postgresql":
                 conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             with conn.begin():
@@ -228,9 +228,9 @@ def database_name(engine: Engine) -> str:
     return url.database if url.get_backend_name() == "sqlite" and url.database else _hidden(url)
 
 
-def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
+def storage_error(exc: sa.exc.DBAPIError, engine: Engine, *, reading: bool = False) -> StorageError:
     """One sentence for a database that is damaged, full, failing underneath a statement, or a server that
-    does not answer."""
+    does not answer; `reading`: in a transaction that changes nothing (a full disk stops that too)."""
     orig = getattr(exc, "orig", None)
     reason = " ".join(str(orig or exc).split()).rstrip(".")  # one line: libpq's messages span several
     # the server's own sentence, without libpq's excerpt of the query ("LINE 2: FROM examples … ^")
@@ -303,9 +303,15 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine) -> StorageError:
     # SQLite reading a WAL database on a full disk: "disk I/O error" (its -shm file cannot grow)
     io_error = engine.dialect.name == "sqlite" and "disk i/o error" in reason.lower()
     if _FULL.search(reason) or getattr(orig, "sqlstate", None) == "53100" or (io_error and _disk_full(engine)):
+        # a look at the data (status, a listing) never meant to change anything: say why it needs room at all
+        why = (
+            ": SQLite needs a little room beside the database even to read it (its -shm file)"
+            if reading and engine.dialect.name == "sqlite"
+            else ", so nothing was changed"
+        )
         return DiskFull(
-            f"The disk holding the database {where} is full ({reason}), so nothing was changed; free some "
-            "space (`lunatrain gc` removes what the retention policy allows) and try again."
+            f"The disk holding the database {where} is full ({reason}){why}; free some space (`lunatrain gc` "
+            "removes what the retention policy allows) and try again."
         )
     if io_error:  # the disk or file system failed under it; the file itself may be whole
         return StorageError(
@@ -349,7 +355,7 @@ _BUSY = re.compile(r"\bdatabase (table )?is locked\b")
 
 
 @contextlib.contextmanager
-def _storage_errors(engine: Engine) -> Iterator[None]:
+def _storage_errors(engine: Engine, *, reading: bool = False) -> Iterator[None]:
     # A constraint violation is the caller's business (handled where it happens); anything else the
     # database driver raises means the storage under it failed.
     try:
@@ -357,7 +363,7 @@ def _storage_errors(engine: Engine) -> Iterator[None]:
     except sa.exc.IntegrityError:
         raise
     except (sa.exc.OperationalError, sa.exc.DatabaseError) as exc:
-        raise storage_error(exc, engine) from exc
+        raise storage_error(exc, engine, reading=reading) from exc
     except sa.exc.TimeoutError as exc:  # the pool's: every connection of this process stayed in use
         raise StorageBusy(
             f"The database {database_name(engine)} is busy: every connection of this process stayed in use for "
