@@ -1130,3 +1130,37 @@ def test_a_trainer_address_held_by_another_root_is_named_not_called_startable(se
     assert code["code"] == "trainer.address_held" and code["params"] == {"url": status["trainer"]["url"]}, code
     shown = CliRunner().invoke(app, ["status"]).output
     assert f"its address is held by {holder} (see problems)" in shown and "starts on demand" not in shown, shown
+
+
+def test_a_trainer_database_on_a_full_disk_is_said_full_not_unreadable(settings, monkeypatch):
+    """Disk-full repro: on a nearly full disk status said the trainer's job database "cannot be read by this
+    process (disk I/O error) … give this user read access to it (`chmod`)": SQLite could not grow its -shm file,
+    and no permission was missing."""
+    import contextlib
+    import sqlite3
+
+    from lunatrain import status
+    from lunatrain.service import jobs
+    from lunatrain.service.jobs import JobStore, jobs_db_path
+
+    path = jobs_db_path(settings.data_dir)
+    path.parent.mkdir(parents=True)
+    JobStore(path).close()
+    failed = sqlite3.OperationalError("disk I/O error")
+    failed.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"
+
+    @contextlib.contextmanager
+    def full(_data_dir):
+        raise failed
+        yield
+
+    monkeypatch.setattr(jobs, "existing_store", full)
+    monkeypatch.setattr(status, "nearly_full", lambda _path: True)
+    said = json.loads(CliRunner().invoke(app, ["status", "--json"]).output)
+    (coded,) = said["problemCodes"]
+    assert coded["code"] == "status.jobs_db_disk_full", coded
+    (problem,) = said["problems"]
+    assert problem == (
+        f"The trainer's job database {path} cannot be read while its disk is full (disk I/O error), so the "
+        "trainer's last job is unknown; free some space (`lunatrain gc` removes what the retention policy allows)."
+    ), problem

@@ -290,6 +290,7 @@ CODES: dict[str, str] = {
     "status.jobs_db_damaged": "the trainer's job database is damaged (path, reason)",
     "status.jobs_db_busy": "the trainer's job database is locked by another process (path, reason)",
     "status.jobs_db_empty": "the trainer's job database holds no job table (path, reason)",
+    "status.jobs_db_disk_full": "the trainer's job database cannot be read while its disk is full (path, reason)",
     "status.jobs_db_folder": "the trainer's job database is a folder, not a file (path)",
     "status.no_database": "no database, so the counts are 0 and the export cannot be compared (db)",
     "status.job_without_trainer": "a job is recorded as running but no trainer holds the data root (jobId, status)",

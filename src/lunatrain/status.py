@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import STATUSES, json_type
-from .fsio import read_json
+from .fsio import nearly_full, read_json
 from .messages import coded, counted
 from .settings import Settings
 from .wire import iso, parse_iso
@@ -413,6 +413,10 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
             elif str(exc).startswith("no such table"):  # emptied, or a table dropped: no permission is missing
                 kind, what = "empty", "holds no job table"
                 fix = "start the trainer, which creates it, or restore a backup"
+            elif error == "SQLITE_FULL" or (error.startswith("SQLITE_IOERR") and nearly_full(path.parent)):
+                # its -shm file cannot grow on a full disk, even to read: no permission would mend that
+                kind, what = "disk_full", "cannot be read while its disk is full"
+                fix = "free some space (`lunatrain gc` removes what the retention policy allows)"
             else:  # not to be opened (permissions, its log): moving it aside would lose the history
                 kind, what = "no_access", "cannot be read by this process"
                 fix = (
