@@ -1035,11 +1035,16 @@ def test_a_disk_filling_up_fails_the_run_as_disk_full_and_the_checkpoint_resumes
     with faults.small_disk(settings.adapters_dir, "64k"):
         at_checkpoint = run_lora(_params(**params), settings)
     assert at_checkpoint.status is Status.FAILED and at_checkpoint.error["code"] == "disk_full", at_checkpoint.error
+    assert "--resume" not in at_checkpoint.error["message"]  # no checkpoint to go on from
     with faults.small_disk(settings.adapters_dir, "256k"):
         at_save = run_lora(_params(**params), settings)
         assert at_save.status is Status.FAILED and at_save.error["code"] == "disk_full", at_save.error
         message = at_save.error["message"]
         assert message.startswith("The disk is full: writing the adapter in ") and "lunatrain gc" in message
+        # Disk-full repro: "free some space … and try again", and the same command again started from step 0
+        assert message.endswith(
+            "An epoch checkpoint of this run is kept: run the same command with --resume to continue from it."
+        ), message
         (work,) = (settings.adapters_dir / "luna-adapter" / ".work").iterdir()
         assert sorted(p.name for p in work.iterdir()) == ["checkpoints", registry.REPORT_FILE]
         assert json.loads((work / registry.REPORT_FILE).read_text())["error"]["code"] == "disk_full"

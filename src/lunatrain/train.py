@@ -347,7 +347,7 @@ def _train_and_conclude(
                 _record(run, build_report(run, Status.CANCELLED, error, started, job_id))
         raise
     except Exception as exc:  # a crash inside the loop is reported, and the checkpoints stay for resume
-        status, error = Status.FAILED, failure(exc, "error", params=params)
+        status, error = Status.FAILED, _resumable(run, failure(exc, "error", params=params), job_id)
         if world.active:  # the others may wait in this step's all-reduce: leave the group (distributed.py)
             leaving = distributed.leave(world, exc, error)  # a lost peer: another rank's failure is the cause
             if world.main:
@@ -418,7 +418,8 @@ def conclude(
         except LunaError:
             raise
         except Exception as exc:  # e.g. a full disk while saving: the run failed, the checkpoints remain
-            status, error = Status.FAILED, failure(exc, "save_failed", f"the adapter in {run.work_dir}")
+            error = failure(exc, "save_failed", f"the adapter in {run.work_dir}")
+            status, error = Status.FAILED, _resumable(run, error, report.get("jobId"))
             report.update(status=status.value, error=error)
             # What the save wrote in part goes: on a full disk it holds the space the report below needs,
             # and a resume writes it again from the checkpoint.
@@ -461,6 +462,18 @@ def check_root(run: Run) -> None:
             "written there; run it again (or resume it from its last checkpoint) in the data root's new place.",
             code="storage.root_moved",
         )
+
+
+def _resumable(run: Run, error: dict[str, Any], job_id: str | None) -> dict[str, Any]:
+    """A failed run outside a job with an epoch checkpoint to go on from: its message says how, as a Ctrl-C's
+    does (the same command again would start from step 0). A job's worker names `jobs resume` itself. Asked of
+    the disk: `run.epoch` counts an epoch whose checkpoint was being written when the disk filled."""
+    if job_id is not None or not checkpoints.saved_states(run.work_dir.parent, run.work_dir.name):
+        return error
+    return error | {
+        "message": f"{error['message'].rstrip()} An epoch checkpoint of this run is kept: run the same command "
+        "with --resume to continue from it."
+    }
 
 
 def _stopped_at(run: Run) -> dict[str, int]:
