@@ -116,6 +116,7 @@ def test_deleting_a_trained_example_marks_versions_stale(settings):
     _publish(str(settings.home), "a", "two")
     assert registry.mark_stale(settings, {"hash-two", "unrelated"}) == ["a@v2"]
     assert registry.get_version(settings, "a", "v2")["stale"]["hashes"] == ["hash-two"]
+    assert registry.get_version(settings, "a", "v2")["stale"]["count"] == 1
     assert "stale" not in registry.get_version(settings, "a", "v1")
     assert registry.mark_stale(settings, {"hash-two"}) == []  # already marked
 
@@ -128,8 +129,16 @@ def test_a_delete_names_every_version_trained_on_it_stale_before_or_not(settings
         fh.write("hash-three\n")
     assert registry.mark_stale(settings, {"hash-two"}, trained_on={"hash-two"}) == ["a@v2"]
     assert registry.mark_stale(settings, {"hash-two", "hash-three"}, trained_on={"hash-three"}) == ["a@v2"]
-    assert registry.get_version(settings, "a", "v2")["stale"]["hashes"] == ["hash-two"]  # its first reason stays
+    # Forget repro: the mark named only the first delete's content ("hash-two"), and cut its list at 20 without a
+    # count: which deleted content a version learned was a partial answer. It names all that is missing now.
+    stale = registry.get_version(settings, "a", "v2")["stale"]
+    assert stale["hashes"] == ["hash-three", "hash-two"] and stale["count"] == 2, stale
     assert registry.mark_stale(settings, {"hash-two", "hash-three"}) == []  # nothing newly marked
+    many = {f"hash-{i:02d}" for i in range(25)}
+    (settings.home / two["path"] / "train-hashes.txt").write_text("".join(f"{h}\n" for h in sorted(many)))
+    registry.mark_stale(settings, many)
+    stale = registry.get_version(settings, "a", "v2")["stale"]
+    assert stale["hashes"] == sorted(many)[:20] and stale["count"] == 25, stale
 
 
 def test_adapters_diff_shows_small_and_close_floats_as_different(settings):

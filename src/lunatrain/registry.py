@@ -1643,6 +1643,9 @@ def refresh_stale(settings: Settings, deleted: Iterable[str] = ()) -> list[str]:
         return []
 
 
+STALE_LISTED = 20  # the content hashes a stale mark lists (`count` says how many are missing in all)
+
+
 def mark_stale(
     settings: Settings,
     deleted_hashes: set[str] | Callable[[], set[str]],
@@ -1672,17 +1675,18 @@ def mark_stale(
                 except (OSError, LunaError):  # files gone, or a path that leaves the data root: nothing to judge
                     continue
                 hit = trained & deleted_hashes
+                # what is missing of its data: the first 20 content hashes and how many in all
+                missing = {"hashes": sorted(hit)[:STALE_LISTED], "count": len(hit)}
                 if hit and not e.get("stale"):
-                    e["stale"] = {"reason": reason, "hashes": sorted(hit)[:20], "at": now()}
+                    e["stale"] = {"reason": reason, **missing, "at": now()}
                     changed = True
                     out.append(f"{name}@{e['version']}")
                     continue
-                named = set(e["stale"].get("hashes") or ()) if e.get("stale") else set()
                 if e.get("stale") and not hit:
                     del e["stale"]
                     changed = True
-                elif named - hit:  # the mark keeps its first reason while that is still missing
-                    e["stale"]["hashes"] = sorted(hit)[:20]
+                elif e.get("stale") and {k: e["stale"].get(k) for k in missing} != missing:
+                    e["stale"] |= missing  # more deleted since, or some added back: its reason and time stay
                     changed = True
                 if trained & trained_on:
                     out.append(f"{name}@{e['version']}")
