@@ -568,6 +568,33 @@ def test_a_stale_active_adapter_says_retrain_needed_in_the_data_panel(page, serv
 
 
 @pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "Auch aktiv\nmixa v1 · neu trainieren; old v3 (auf Qwen/Qwen2.5-0.5B)"),
+        ("?lang=en", "Also active\nmixa v1 · retrain needed; old v3 (on Qwen/Qwen2.5-0.5B)"),
+    ],
+)
+def test_every_active_adapter_is_named_in_the_data_panel(page, services: Services, query, said) -> None:
+    """Forget and dashboard-scale repro: with two adapters active on the configured base (the state in which
+    `eval-gate` refuses to pick one) and one active on another base, the data panel named one; `lunatrain status`
+    says "also active: …" for the others, one of them stale."""
+    active = {"name": "luna-adapter", "version": "v2", "baseModel": "luna-tiny", "matchesBaseModel": True}
+    others = [
+        {"name": "mixa", "version": "v1", "baseModel": "luna-tiny", "matchesBaseModel": True, "stale": True},
+        {"name": "old", "version": "v3", "baseModel": "Qwen/Qwen2.5-0.5B", "matchesBaseModel": False},
+    ]
+
+    def several(route) -> None:
+        route.fulfill(json=route.fetch().json() | {"activeAdapter": active, "activeAdapters": [active, *others]})
+
+    page.route("**/assistant/training/status*", several)
+    open_page(page, services, query)
+    facts = page.locator("#data-facts")
+    expect(facts).to_contain_text("luna-adapter v2")
+    assert said in facts.inner_text(), facts.inner_text()
+
+
+@pytest.mark.parametrize(
     ("query", "unknown"), [("", "Aktiver Adapter\nunbekannt"), ("?lang=en", "Active adapter\nunknown")]
 )
 def test_a_registry_that_cannot_be_read_leaves_the_active_adapter_unknown_and_says_why(

@@ -211,17 +211,32 @@ function renderDataStatus(status) {
       .filter(Boolean).join(" · ") : t("data.never")],
     // Stale: examples it was trained on were deleted; its files gone: it cannot be served (the adapter table
     // marks both the same way, and `lunatrain status` says both).
-    [t("data.activeAdapter"), active
-      ? `${active.name} ${active.version}${active.stale ? ` · ${t("adapters.stale")}` : ""}`
-        + (active.filesMissing ? ` · ${t("adapters.missing")}` : "")
+    [t("data.activeAdapter"), active ? adapterFact(active)
       // a registry that cannot be read: "none" would not be the truth (the problem below says why)
       : t(status.activeAdaptersKnown === false ? "unknown" : "data.none")],
+    // The others active, as `lunatrain status` names them: two on the served base is the state the eval gate
+    // refuses to choose in, and one on another base is served once that base is configured.
+    ...alsoActive(status.activeAdapters ?? [], active),
     // Parts that could not be read (a damaged registry or job database), each with its fix, as `status` says them.
     ...(status.problems ?? []).map((problem, i) => {
       const coded = status.problemCodes?.[i];
       return [t("data.problem"), coded ? tMsg(coded.code, coded.params, problem) : problem];
     }),
   ]);
+}
+
+/** An active adapter as the data panel names it: stale (examples it learned were deleted) and files gone marked as
+ * the adapter table marks them, and its base where it is not the one served. */
+function adapterFact(a) {
+  return `${a.name} ${a.version}${a.stale ? ` · ${t("adapters.stale")}` : ""}`
+    + (a.filesMissing ? ` · ${t("adapters.missing")}` : "")
+    + (a.matchesBaseModel === false ? ` (${t("data.onBase", { base: a.baseLabel ?? a.baseModel })})` : "");
+}
+
+function alsoActive(all, active) {
+  const same = (a) => active && a.name === active.name && a.version === active.version && a.baseModel === active.baseModel;
+  const others = all.filter((a) => !same(a));
+  return others.length ? [[t("data.alsoActive"), others.map(adapterFact).join("; ")]] : [];
 }
 
 const dataTurns = turns(); // the background refresh, a new threshold and an export each ask
