@@ -2181,6 +2181,29 @@ def test_the_activate_question_says_it_replaces_a_version_only_when_one_is_activ
         page.keyboard.press("Escape")
 
 
+def test_activating_or_rolling_back_to_a_stale_version_asks_knowing_it(page, services: Services) -> None:
+    """Forget repro: Roll back and Activate put a version trained on deleted examples back into service, the
+    dialog saying no word of it ("Roll luna-adapter back from v2 to the previously active version v1?"), where
+    the command line notes it. The question says so, as it says a version the gate refused."""
+    inactive = {"active": False, "code": "adapter.inactive", "params": {}, "reason": "not active"}
+    active = {"active": True, "code": "adapter.active", "params": {}, "reason": "active"}
+    stale = {"reason": "trained on deleted content", "hashes": ["h"], "count": 1, "at": "2026-12-07T00:00:00Z"}
+    versions = [
+        {"version": "v1", "created": "2026-12-01T10:00:00Z", "metrics": {}, "state": inactive, "stale": stale},
+        {"version": "v2", "created": "2026-12-02T10:00:00Z", "metrics": {}, "state": active},
+    ]
+    adapter = {"name": "a", "aliases": {"latest": "v2", "active": "v2"}, "rollbackTo": "v1", "versions": versions}
+    answer(page, "**/assistant/training/adapters", {"bases": [{"baseModel": "luna-tiny", "adapters": [adapter]}]})
+    open_page(page, services, "?lang=en")
+    said = "a v1 was trained on examples deleted since: it serves what they said again."
+    for row, button in (("v1", "^Activate"), ("v2", "^Roll")):
+        page.locator(f"tr[data-version={row}]").get_by_role("button", name=re.compile(button)).click()
+        question = page.locator("dialog[open]")
+        expect(question).to_contain_text(said)
+        page.keyboard.press("Escape")
+        expect(question).to_have_count(0)
+
+
 def test_a_failed_check_is_said_in_the_pages_language(page, services: Services) -> None:
     """Repro: starting a training with minCurated 100000 on the German page said "Fehler (409): Prüfung nicht
     bestanden: Not enough data: 273 approved curated examples, 100000 required …": the server's English

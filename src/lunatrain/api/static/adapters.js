@@ -199,12 +199,14 @@ export class AdapterView {
       // Rollback only where there is an earlier version to go back to (the server says which).
       served && isActive && adapter.rollbackTo && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.rollbackLabel", vars),
-        onclick: (event) => this.rollback(name, v, adapter.rollbackTo, event.currentTarget) }, t("adapters.rollback")),
+        onclick: (event) => this.rollback(name, v, adapter.rollbackTo, event.currentTarget,
+          Boolean((adapter.versions ?? []).find((x) => x.version === adapter.rollbackTo)?.stale)) },
+      t("adapters.rollback")),
       // The server refuses to activate a version without its files (404): no button that can only fail.
       served && !isActive && !version.filesMissing && h("button", { type: "button", class: "small",
         "aria-label": t("adapters.activateLabel", vars),
         onclick: (event) => this.activate(name, v, event.currentTarget, version.gate?.passed === false,
-          (adapter.versions ?? []).some((x) => x.state?.active ?? aliases.active === x.version)) },
+          (adapter.versions ?? []).some((x) => x.state?.active ?? aliases.active === x.version), Boolean(version.stale)) },
       t("adapters.activate")),
       fileLink(api.reportUrl(name, v), t("adapters.reportLabel", vars), t("adapters.report")),
       fileLink(api.curveUrl(name, v), t("adapters.curveLabel", vars), t("adapters.curve")),
@@ -238,10 +240,12 @@ export class AdapterView {
     }
   }
 
-  /** `refused`: the eval gate refused this version; the question says so before it replaces the active one. */
-  activate(name, version, button, refused = false, replaces = true) {
+  /** `refused`: the eval gate refused this version; `stale`: it was trained on examples deleted since. The
+   * question says both before it replaces the active one, as the command line notes them. */
+  activate(name, version, button, refused = false, replaces = true, stale = false) {
     // "It replaces the active version" only where one is active (not after a deactivate, nor the first time).
     const question = [t(refused ? "adapters.confirmActivateRefused" : "adapters.confirmActivate", { name, version }),
+      stale && t("adapters.staleTarget", { name, version }),
       replaces && t("adapters.replacesActive")].filter(Boolean).join(" ");
     return this.change(question, button, () => api.activate(name, version),
       () => t("adapters.activated", { name, version }));
@@ -254,9 +258,11 @@ export class AdapterView {
 
   /** `version` and `target`: the one this row shows active and the one the dialog says it returns to, sent
    * along: a page out of date is refused, not taken to a version it did not show. */
-  rollback(name, version, target, button) {
+  rollback(name, version, target, button, stale = false) {
+    const question = [t("adapters.confirmRollback", { name, version, target }),
+      stale && t("adapters.staleTarget", { name, version: target })].filter(Boolean).join(" ");
     // The answer is the adapter (with its aliases) or the version now active; both name that version.
-    return this.change(t("adapters.confirmRollback", { name, version, target }), button,
+    return this.change(question, button,
       () => api.rollback(name, version, target),
       (result) => t("adapters.rolledBack", { name, version: result?.aliases?.active ?? result?.version ?? "–" }));
   }
