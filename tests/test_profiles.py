@@ -309,28 +309,54 @@ def test_two_base_model_tables_for_one_directory_are_refused_naming_both(
 
 
 def test_the_profiles_dropout_is_left_out_on_a_mixture_whose_experts_the_run_trains(
-    settings: Settings, home: Path, tmp_path: Path
+    settings: Settings, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Repro: Quick start (and `luna`, `lora` without --dropout) on a Qwen3-MoE base took the Luna profile's
     dropout 0.05, which LoRA on fused experts cannot take: refused, and Quick start's form has no dropout field to
-    change. A dropout no one chose for this base (the profile's [lora] table, the default) is 0 there; one the
-    base's table, a flag or a request names stays, and prepare refuses it naming both ways out."""
+    change. A dropout no one chose for this base (the profile's [lora] or [quickStart] table, the default) is 0
+    for a run there; one the base's table, a flag or a request names stays, and prepare refuses it naming both
+    ways out. Review repros: a status or a listing (which load the profile) built the model to know it, and read a
+    config nested past the parser's depth into a traceback."""
+    from lunatrain import models
+    from lunatrain.cli import flow as cli_flow
+
     from family_templates import build_arch_model, save_vocab
 
     base = str(build_arch_model(tmp_path / "tiny-qwen3-moe", save_vocab(tmp_path / "vocab"), "qwen3_moe"))
     luna = load_profile(settings, "luna")
-    assert luna.params().dropout == 0.05  # the dense configured base keeps the profile's
-    assert luna.params({"baseModel": base}).dropout == 0.0
-    assert luna.params({"baseModel": base}, quick=True).dropout == 0.0
-    assert luna.params({"baseModel": base, "dropout": 0.05}).dropout == 0.05  # named: prepare says why not
-    attention = {"baseModel": base, "targetModules": ["q_proj", "v_proj"]}
-    assert luna.params(attention).dropout == 0.05  # the experts do not train: dropout applies
+
+    def run(profile, given: dict, quick: bool = False) -> float:
+        return profile.resolve(given, quick=quick, for_run=True)[0].dropout
+
+    assert run(luna, {}) == 0.05  # the dense configured base keeps the profile's
+    assert run(luna, {"baseModel": base}) == 0.0
+    assert run(luna, {"baseModel": base}, quick=True) == 0.0
+    assert luna.params({"baseModel": base}).dropout == 0.05  # not for a run: the profile's values as written
+    assert run(luna, {"baseModel": base, "dropout": 0.05}) == 0.05  # named: prepare says why not
+    assert run(luna, {"baseModel": base, "targetModules": ["q_proj", "v_proj"]}) == 0.05  # the experts do not train
     (home / "profiles").mkdir()
-    (home / "profiles" / "m.toml").write_text(f'[lora]\ndropout = 0.1\n[bases."{base}"]\nrank = 4\n')
-    assert load_profile(settings, "m").params({"baseModel": base}).dropout == 0.0
+    (home / "profiles" / "m.toml").write_text(
+        f'[lora]\ndropout = 0.1\n[quickStart]\ndropout = 0.2\n[bases."{base}"]\nrank = 4\n'
+    )
+    assert run(load_profile(settings, "m"), {"baseModel": base}) == 0.0
+    assert run(load_profile(settings, "m"), {"baseModel": base}, quick=True) == 0.0
     (home / "profiles" / "n.toml").write_text(f'[lora]\ndropout = 0.1\n[bases."{base}"]\ndropout = 0.2\n')
-    assert load_profile(settings, "n").params({"baseModel": base}).dropout == 0.2
-    # the base configured for the whole root: `lunatrain luna` with no flag
+    assert run(load_profile(settings, "n"), {"baseModel": base}) == 0.2
+    # the base configured for the whole root (`lunatrain luna` with no flag), and a run without a profile
     from lunatrain.settings import load_settings
 
-    assert load_profile(load_settings(home=home, base_model=base), "luna").params().dropout == 0.0
+    on_moe = load_settings(home=home, base_model=base)
+    assert run(load_profile(on_moe, "luna"), {}) == 0.0
+    assert cli_flow.resolve(on_moe, None, {}).params.dropout == 0.0
+    assert cli_flow.resolve(on_moe, None, {"dropout": 0.1}).params.dropout == 0.1
+
+    def built(*_args):
+        raise AssertionError("a look at the profile built the model")
+
+    monkeypatch.setattr(models, "_lora_layout", built)
+    assert load_profile(on_moe, "luna").params().dropout == 0.05  # what status and listings read
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    monkeypatch.undo()
+    assert run(luna, {"baseModel": str(deep)}) == 0.05  # unreadable: the run says why

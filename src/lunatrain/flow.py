@@ -341,7 +341,7 @@ def quick_start(
     from .profiles import load_profile
 
     profile = load_profile(settings, profile_name)
-    params, options = profile.resolve(overrides, quick=True)
+    params, options = profile.resolve(overrides, quick=True, for_run=True)
     counts = store.counts(settings)
     curated = counts["totals"]["curated_approved"]  # what the export will write to the tier
     existing = check_before_export(
@@ -378,7 +378,7 @@ def example_adapter(settings: Settings, adapter_name: str, request_id: str | Non
 
     profile = load_profile(settings, "luna")
     params, options = profile.resolve(
-        {"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True
+        {"adapterName": adapter_name, "datasetTier": "curated", "minCurated": 0}, quick=True, for_run=True
     )
     # first: a refused start leaves the store and the export untouched
     existing = check_before_export(settings, params, options, thresholds=profile.gate, request_id=request_id, curated=0)

@@ -1114,19 +1114,21 @@ def _config_has_experts(cfg: dict[str, Any]) -> bool:
 
 
 def trains_experts(ref: str, targets: str | list[str] | tuple[str, ...], settings: Settings) -> bool:
-    """Whether `targets` on base model `ref` put LoRA on a mixture's experts, which takes no dropout. A profile
-    asks it before it applies a dropout no one chose for this base. A dense base costs a config read (the
-    folder, or the hub cache's snapshot; nothing is built or fetched); False where the base cannot be read yet
-    (the run says why)."""
+    """Whether `targets` on base model `ref` put LoRA on a mixture's experts, which takes no dropout. Asked
+    before a run is started or planned (profiles.fit_dropout). A dense base costs a config read (the folder, or
+    the hub cache's snapshot; nothing is built, fetched or fingerprinted); a mixture, PEFT on the model built on
+    the meta device, once per process. False where the base cannot be read yet (the run says why)."""
     if ref == TINY_ID:
         return False
     try:
         path = local_dir(ref, settings.home) or (_from_hub(ref)[0] if _HUB_ID.fullmatch(ref) else None)
-        cfg = json.loads((path / "config.json").read_bytes()) if path is not None else None
-        if not isinstance(cfg, dict) or not _config_has_experts(cfg):
+        raw = (path / "config.json").read_bytes() if path is not None else b""
+        cfg = json.loads(raw) if raw else None
+        if path is None or not isinstance(cfg, dict) or not _config_has_experts(cfg):
             return False
-        layout = lora_layout(resolve_base(ref, settings), targets)
-    except (LunaError, OSError, ValueError):
+        digest = hashlib.sha256(raw).hexdigest()
+        layout = _lora_layout(str(path), digest, ref, targets if isinstance(targets, str) else tuple(targets))
+    except (LunaError, OSError, ValueError, RecursionError):  # a config nested past the parser's depth
         return False
     return layout is not None and bool(layout.parameters)
 

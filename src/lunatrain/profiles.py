@@ -42,9 +42,13 @@ class Profile:
     home: Path | None = None  # the data root: a relative directory name is found there too
     settings: Settings | None = field(default=None, repr=False, compare=False)  # where a base is read (load_profile)
 
-    def resolve(self, overrides: dict | None = None, *, quick: bool = False) -> tuple[LoraParams, FlowOptions]:
+    def resolve(
+        self, overrides: dict | None = None, *, quick: bool = False, for_run: bool = False
+    ) -> tuple[LoraParams, FlowOptions]:
         """[lora], then the table for the base model in use, then [quickStart], then explicit overrides
-        (flags or a request body); split into the run's parameters and the flow's options (minCurated, gate)."""
+        (flags or a request body); split into the run's parameters and the flow's options (minCurated, gate).
+        `for_run`: for a run started, planned or offered in a form (`fit_dropout`, which may build the model on
+        the meta device; a status or a listing does without)."""
         given, lora = run_keys(overrides or {}), run_keys(self.lora)  # a flag's `batch_size`, the table's `batchSize`
         quick_table = run_keys(self.quick_start) if quick else {}
         base = given.get("base_model") or quick_table.get("base_model") or lora.get("base_model") or self.default_base
@@ -56,21 +60,9 @@ class Profile:
                 default["max_steps"] = capped
             quick_table = default
         params, options = parse_run(merged | quick_table | given)
-        chosen = run_keys(self.base_table(str(base))) | quick_table | given
-        if "dropout" not in chosen and params.dropout > 0 and self._trains_experts(params):
-            # LoRA on a mixture's fused experts takes no dropout: the [lora] table's (or the default) is meant for
-            # dense bases, and Quick start's form has no field to change it. One chosen for this base is refused
-            # by prepare and the run, naming both ways out.
-            log.info("Dropout 0 on %s: LoRA on its experts takes none (the profile's is %s).", base, params.dropout)
-            params = params.model_copy(update={"dropout": 0.0})
+        if for_run and self.settings is not None:
+            params = fit_dropout(self.settings, params, chosen=run_keys(self.base_table(str(base))) | given)
         return params, options
-
-    def _trains_experts(self, params: LoraParams) -> bool:
-        from .models import trains_experts
-
-        if self.settings is None:
-            return False
-        return trains_experts(params.base_model or self.default_base, params.target_modules, self.settings)
 
     def base_table(self, base: str) -> dict:
         """The `[bases."…"]` table of `base`: the one its key spells, else, for a local model directory, the
@@ -133,6 +125,22 @@ def list_profiles(settings: Settings) -> list[str]:
     bundled_dir = resources.files("lunatrain") / "resources" / "profiles"
     names |= {Path(str(p)).stem for p in bundled_dir.iterdir() if str(p).endswith(".toml")}
     return sorted(names)
+
+
+def fit_dropout(settings: Settings, params: LoraParams, chosen: dict) -> LoraParams:
+    """`params` with dropout 0 where its targets put LoRA on a mixture's fused experts, which takes none, and no
+    one chose a dropout for this base (`chosen`: the base's own table, the flags or the request): the profile's
+    [lora] or [quickStart] value, or the default, is meant for dense bases, and Quick start's form has no field
+    to change it. A dropout chosen for this base is refused by prepare and the run, naming both ways out."""
+    if "dropout" in chosen or params.dropout <= 0:
+        return params
+    from .models import trains_experts
+
+    base = params.base_model or settings.base_model
+    if not trains_experts(base, params.target_modules, settings):
+        return params
+    log.info("Dropout 0 on %s: LoRA on its experts takes none (the profile's is %s).", base, params.dropout)
+    return params.model_copy(update={"dropout": 0.0})
 
 
 def load_profile(settings: Settings, name: str, *, bundled_only: bool = False) -> Profile:

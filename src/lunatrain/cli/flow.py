@@ -20,8 +20,8 @@ import typer
 from .. import distributed, registry
 from ..errors import LunaError, UsageError
 from ..flow import STEPS, FlowResult, job_outcome, run_flow, submit_or_join, summary_lines, train_and_gate
-from ..params import FlowOptions, LoraParams, parse_run
-from ..profiles import load_profile
+from ..params import FlowOptions, LoraParams, parse_run, run_keys
+from ..profiles import fit_dropout, load_profile
 from ..service.ensure import ensure_trainer
 from ..settings import Settings, load_settings
 from .app import Signalled, app, fail, given, json_text, said_interrupted
@@ -63,9 +63,10 @@ def resolve(settings: Settings, profile: str | None, flags: dict[str, Any]) -> R
 
     if profile is not None:  # "" too: an invalid name, not "no profile" (the API refuses it alike)
         loaded = load_profile(settings, profile)
-        params, options = loaded.resolve(flags)
+        params, options = loaded.resolve(flags, for_run=True)
         return Resolved(_absolute_dir(resolve_base(settings, params)), options, loaded.gate)
     params, options = parse_run(flags)
+    params = fit_dropout(settings, params, run_keys(flags))
     return Resolved(_absolute_dir(resolve_base(settings, params)), options, {})
 
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import flow, profiles
 from ...errors import Conflict, NotFound, ServiceUnavailable
-from ...params import FlowOptions, LoraParams
+from ...params import FlowOptions, LoraParams, run_keys
 from ...service import client as trainer_client
 from ...service import ensure
 from ...service.jobs import JOB_ID_PATTERN, EventPage, Job, JobList, ProviderHealth, Status
@@ -67,13 +67,14 @@ async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
     `requestId` again returns the same job."""
     fields = set(LoraParams.model_fields) | set(FlowOptions.model_fields)
     thresholds = None
+    given = body.model_dump(mode="json", include=fields, exclude_unset=True, by_alias=True)
     if body.profile is None:
         params = LoraParams.model_validate(body.model_dump(include=set(LoraParams.model_fields)))
         options = FlowOptions.model_validate(body.model_dump(include=set(FlowOptions.model_fields)))
+        params = await run_in_threadpool(profiles.fit_dropout, settings, params, run_keys(given))
     else:  # as the CLI resolves it: profile, its table for the base in use, then what the body gives
-        given = body.model_dump(mode="json", include=fields, exclude_unset=True, by_alias=True)
         profile = await run_in_threadpool(profiles.load_profile, settings, body.profile)
-        params, options = profile.resolve(given)
+        params, options = await run_in_threadpool(lambda: profile.resolve(given, for_run=True))
         thresholds = profile.gate
     # ensure_trainer inside returns at once when the trainer answers; with on-demand off it raises a clear 503.
     job, joined = await run_in_threadpool(
@@ -152,7 +153,10 @@ async def defaults(
     on that base model resolves them (its `[bases."…"]` table), which a start naming it gets."""
     prof = await run_in_threadpool(profiles.load_profile, settings, profile)
     given = {"baseModel": check_base_model(base_model, settings)} if base_model is not None else {}
-    (params, options), (quick, quick_options) = prof.resolve(given), prof.resolve(given, quick=True)
+    # as the starts resolve them (a mixture's experts take no dropout: the form shows the 0 a run would take)
+    (params, options), (quick, quick_options) = await run_in_threadpool(
+        lambda: (prof.resolve(given, for_run=True), prof.resolve(given, quick=True, for_run=True))
+    )
     return Defaults(
         profile=prof.name, params=params.wire() | options.wire(), quick_start=quick.wire() | quick_options.wire()
     )

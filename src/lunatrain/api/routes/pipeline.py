@@ -44,7 +44,7 @@ async def prepare(settings: SettingsDep, body: Annotated[PrepareRequest | None, 
         del overrides["minCurated"]
 
     def run():
-        params, options = profiles.load_profile(settings, body.profile or "luna").resolve(overrides)
+        params, options = profiles.load_profile(settings, body.profile or "luna").resolve(overrides, for_run=True)
         return prepare_stage.prepare(settings, params, min_curated=options.min_curated, show=1).to_dict()
 
     return Report.model_validate(camel(await run_in_threadpool(run)))
