@@ -603,6 +603,45 @@ def test_an_adapter_that_changes_no_measured_loss_is_said_to_have_learned_nothin
     assert not [n for n in g1.note_codes if n and n["code"] == "gate.no_change"], g1.notes
 
 
+def test_losses_measured_on_samples_a_version_trained_on_are_said_so(trained_home, settings):
+    """Split-leak repro: after the split ratios changed (`export --valRatio 0.4`), 30 of the 39 val samples were
+    in the active version's training data; the gate measured it again on them as the baseline (a memorising model
+    scores best there) and refused an honest candidate for "regression", saying only that the record was made on
+    other val/test data. Each version measured on samples it trained on is named, with how many."""
+    from lunatrain import export
+
+    write_small_suite(settings)
+    v1 = registry.get_version(settings, "luna-adapter", "v1")
+    assert evalgate.gate_candidate(settings, "luna-adapter", "v1").passed
+    trained = set((settings.home / v1["path"] / registry.TRAIN_HASHES_FILE).read_text().split())
+    export.export(settings, val_ratio=0.4)
+    tier = export.read_tier(settings, "curated")
+    evaluated = [r["hash"] for split in ("val", "test") for r in getattr(tier, split)]
+    seen = len(trained & set(evaluated))
+    assert seen, "no trained sample moved into val"
+    v2 = _derived_version(settings, v1, 1.0)
+    report = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert report.baseline["source"] == "evaluated", report.baseline
+    codes = {
+        (n["code"], n["params"]["ref"], n["params"]["count"], n["params"]["total"])
+        for n in report.note_codes
+        if n and n["code"] in ("gate.baseline_trained_on_eval", "gate.candidate_trained_on_eval")
+    }
+    assert codes == {
+        ("gate.baseline_trained_on_eval", "luna-adapter@v1", seen, len(evaluated)),
+        ("gate.candidate_trained_on_eval", f"luna-adapter@{v2['version']}", seen, len(evaluated)),
+    }, report.notes
+    said = (
+        f"{seen} of the {len(evaluated)} val/test samples are in the training data of the active luna-adapter@v1: "
+        "its losses on them are lower than on data it never saw, so the comparison favours it"
+    )
+    assert any(n.startswith(said) for n in report.notes), report.notes
+    # the split it trained on: nothing to say
+    export.export(settings)
+    again = evalgate.gate_candidate(settings, "luna-adapter", v2["version"])
+    assert not [n for n in again.note_codes if n and n["code"].endswith("_trained_on_eval")], again.notes
+
+
 def test_a_sample_added_to_the_train_split_alone_keeps_the_active_versions_record(trained_home, settings):
     """Day-2 explore repro: after one example was added that the export put in the train split, the gate
     measured the active version again, "its gate record was made on another val/test data", with the val and

@@ -1060,6 +1060,10 @@ def _run(
     judged = judge(metrics, base_metrics, baseline, th, candidate_is_base=entry is None)
     if entry is not None and (unchanged := _no_change(_ref(entry, base), metrics, base_metrics)):
         notes.append(unchanged)
+    measured_again = baseline["source"] == "evaluated" and baseline["kind"] == "adapter"
+    for role, version in (("candidate", entry), ("baseline", baseline_entry if measured_again else None)):
+        if version is not None and (seen := _trained_on_eval(settings, role, _ref(version, base), version, tokenized)):
+            notes.append(seen)
     return GateReport(
         decision="fail" if judged else "pass",
         reasons=[text for text, _ in judged],
@@ -1142,6 +1146,33 @@ def _quantization(entry: dict[str, Any] | None, notes: list[str]) -> str:
         )
     )
     return "none"
+
+
+def _trained_on_eval(settings: Settings, role: str, ref: str, entry: dict[str, Any], tokenized: Any) -> Note | None:
+    """A note when val/test samples this gate measures `entry` on are in its training data (its
+    train-hashes.txt): after the split ratios changed, a version measured again scores best on what it learned,
+    and as the baseline it makes an honest candidate look like a regression. None when there are none, or its
+    hashes cannot be read."""
+    from .registry import TRAIN_HASHES_FILE, adapter_dir
+
+    hashes = [s.hash for split in ("val", "test") for s in (tokenized.splits.get(split, []) if tokenized else [])]
+    try:
+        trained = set((adapter_dir(settings, entry) / TRAIN_HASHES_FILE).read_text(encoding="utf-8").split())
+    except (OSError, LunaError):
+        return None
+    count = sum(h in trained for h in hashes if h)
+    if not count:
+        return None
+    why = ", so the comparison favours it" if role == "baseline" else ""
+    whose = "the active " if role == "baseline" else ""
+    return Note(
+        f"gate.{role}_trained_on_eval",
+        f"{count} of the {len(hashes)} val/test samples are in the training data of {whose}{ref}: its losses on "
+        f"them are lower than on data it never saw{why} (the split changed since it trained: the export's ratios?)",
+        ref=ref,
+        count=count,
+        total=len(hashes),
+    )
 
 
 def _no_change(ref: str, metrics: dict[str, Any], base_metrics: dict[str, Any]) -> Note | None:

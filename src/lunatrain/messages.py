@@ -218,6 +218,10 @@ CODES: dict[str, str] = {
     "gate.no_eval_samples": "the tier's export has no val or test samples: losses were not measured (tier)",
     "gate.eval_samples_cut": "every sample of these splits has its answer beyond maxSeqLength: no loss measured "
     "(splits: val, test or val/test, maxSeqLength)",
+    "gate.candidate_trained_on_eval": "val/test samples the gate measures the candidate on are in its training data "
+    "(ref, count, total)",
+    "gate.baseline_trained_on_eval": "val/test samples the gate measures the active version (the baseline) on are in "
+    "its training data: the comparison favours it (ref, count, total)",
     "gate.no_change": "the adapter's measured losses are the base model's: its training changed nothing (ref, "
     "splits: val, test or val/test, split: the first of them, loss: its loss, shown.loss: as written)",
     # preflight checks (checks[].code): check.<id>.<outcome>
