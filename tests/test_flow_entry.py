@@ -553,6 +553,35 @@ def test_a_start_checks_for_a_twin_and_submits_under_the_data_roots_lock(setting
     store.dispose_stores()
 
 
+def test_a_flows_export_keeps_the_split_ratios_of_the_current_export(settings, tiny, monkeypatch):
+    """Split-leak repro: `export --valRatio 0.3 --testRatio 0.1`, then `auto`: the flow exported again at the
+    environment's 0.1 / 0.0 without a word, so 30 samples the user had put in val/test were trained on and the
+    val losses of earlier versions no longer compared. A flow's export keeps the current export's ratios where
+    the environment sets none; a ratio the environment sets wins."""
+    from lunatrain import export, flow, store
+    from lunatrain.params import parse_params
+
+    store.load_seed(settings)
+    export.export(settings, val_ratio=0.3, test_ratio=0.1)
+
+    class Trained(Exception):
+        pass
+
+    def lora_step(*_a, **_k):
+        raise Trained
+
+    params = flow.resolve_base(settings, parse_params({"epochs": 1, "maxSteps": 1}))
+    monkeypatch.setattr(flow, "unchanged_version", lambda *a, **k: None)
+    with pytest.raises(Trained):
+        flow.run_flow(settings, params, flow.FlowOptions(), lora_step)
+    assert export.read_summary(settings)["ratios"] == {"train": 0.6, "val": 0.3, "test": 0.1}
+    monkeypatch.setenv("ASSISTANT_TRAIN_TEST_RATIO", "0.05")
+    from lunatrain.settings import load_settings
+
+    assert export.kept_ratios(load_settings()) == {"val_ratio": 0.3}
+    store.dispose_stores()
+
+
 def test_a_job_checks_its_min_curated_again_on_the_export_it_starts_on(settings, tiny):
     """Queue repro: minCurated was checked only when a job was queued; a job accepted with 473 curated examples
     trained on 241 after 200 were rejected and exported again while it waited, its record still saying

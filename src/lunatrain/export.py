@@ -803,6 +803,24 @@ def export_dir(settings: Settings) -> Path:
     return target
 
 
+def kept_ratios(settings: Settings) -> dict[str, float]:
+    """The split ratios a flow's export keeps (`export(settings, **kept_ratios(settings))`): the current export's,
+    where the environment sets none. A split chosen with `export --valRatio 0.3` would otherwise go back to the
+    defaults at the next `luna`: samples of val/test trained on, and earlier versions' val losses measured on
+    other data. Empty where there is no readable export."""
+    try:
+        ratios = (read_summary(settings) or {}).get("ratios") or {}
+    except CheckFailed:
+        return {}
+    kept: dict[str, float] = {}
+    for split, field in (("val", "train_val_ratio"), ("test", "train_test_ratio")):
+        value = ratios.get(split)
+        usable = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+        if field not in settings.model_fields_set and usable:
+            kept[f"{split}_ratio"] = float(value)
+    return kept
+
+
 def read_summary(settings: Settings, directory: Path | None = None) -> dict[str, Any] | None:
     """The summary of the export in `directory` (default: the current one), or None when there is none."""
     path = (directory or export_dir(settings)) / SUMMARY_FILE

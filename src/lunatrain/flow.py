@@ -350,7 +350,7 @@ def quick_start(
     if existing is not None:  # a retry of an accepted request: its job, whatever the store holds now
         return Started(existing)
     _refuse_empty_tier(counts, params.dataset_tier)
-    summary = export.export(settings)
+    summary = export.export(settings, **export.kept_ratios(settings))
     job, joined = submit_or_join(settings, params, options, thresholds=profile.gate, request_id=request_id)
     return Started(job, joined, export=summary)
 
@@ -391,7 +391,7 @@ def example_adapter(settings: Settings, adapter_name: str, request_id: str | Non
         seeded = {"examplesAdded": res.examples_added, "memoryAdded": res.memory_added}
     else:  # the user's own data, never mixed with the bundled examples: it must hold some to train on
         _refuse_empty_tier(counts, params.dataset_tier)
-    summary = export.export(settings)
+    summary = export.export(settings, **export.kept_ratios(settings))
     job, joined = submit_or_join(settings, params, options, thresholds=profile.gate, request_id=request_id)
     return Started(job, joined, seeded, summary)
 
@@ -535,7 +535,7 @@ def run_flow(
         return f"{entry.get('name')}@{entry.get('version')} is active, but {why}" if entry and why else None
 
     def export_data() -> tuple[bool, str, dict[str, Any]]:
-        summary = export.export(settings)
+        summary = export.export(settings, **export.kept_ratios(settings))
         tier = params.dataset_tier  # the tier this run trains on, not always the curated one
         counts = summary.counts[tier]
         kept = "".join(f"; kept your edited {name} as {aside}" for name, aside in summary.kept_aside)
