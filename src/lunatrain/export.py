@@ -813,10 +813,10 @@ def kept_ratios(settings: Settings) -> dict[str, float]:
     except CheckFailed:
         return {}
     kept: dict[str, float] = {}
-    for split, field in (("val", "train_val_ratio"), ("test", "train_test_ratio")):
+    for split, setting in (("val", "train_val_ratio"), ("test", "train_test_ratio")):
         value = ratios.get(split)
         usable = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-        if field not in settings.model_fields_set and usable:
+        if setting not in settings.model_fields_set and usable:
             kept[f"{split}_ratio"] = float(value)
     return kept
 
