@@ -981,6 +981,34 @@ def test_a_val_sample_that_a_longer_train_conversation_trains_is_named(settings,
     assert _exchange_check(records).count == 0
 
 
+def test_an_exchange_told_again_in_another_case_or_with_a_full_stop_is_named_across_splits(settings, tiny):
+    """Split-leak repro: a conversation whose first exchange was a standalone example's in lower case and without
+    its full stop ("name river 3" / "River 3 is the Elbe"), in val while the example trained: prepare said "no
+    exchange in train and in val/test", where the same pair as whole samples is a normalized duplicate. Exchanges
+    are compared folded as duplicates are (case, width, whitespace, punctuation)."""
+    from lunatrain.prepare import _exchange_check
+
+    conversation = [*_turn("name river 3", "River 3 is the Elbe"), *_turn("How long is it?", "About 300 km.")]
+    records = [
+        {
+            "id": "alone",
+            "hash": "h-alone",
+            "split": "train",
+            "messages": _turn("Name river 3.", "River 3 is the Elbe."),
+        },
+        {"id": "told-again", "hash": "h-again", "split": "val", "messages": conversation},
+    ]
+    assert _exchange_check(records).examples == ["told-again"]
+    records[0]["split"], records[1]["split"] = "val", "train"  # the other way round
+    assert _exchange_check(records).examples == ["alone"]
+    # punctuation alone is no content: two different exchanges of marks only are not one
+    marks = [
+        {"id": "a", "hash": "h-a", "split": "train", "messages": _turn("?", "…")},
+        {"id": "b", "hash": "h-b", "split": "val", "messages": _turn("!", "?!")},
+    ]
+    assert _exchange_check(marks).count == 0
+
+
 def test_samples_longer_than_the_base_models_context_are_refused_where_max_seq_length_would_keep_them(
     settings, tiny, tiny_dir
 ):

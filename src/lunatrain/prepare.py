@@ -735,12 +735,15 @@ def normalize(text: str) -> str:
 
 def _exchanges(rec: dict) -> list[tuple[str, str]]:
     """A record's trained exchanges: each user message with the assistant answer right after it, unless that
-    answer has weight 0 (context only), as (prompt, answer) in NFC without surrounding spaces."""
+    answer has weight 0 (context only), as (prompt, answer) folded as near-duplicates are (`normalize`: a twin in
+    another case or without its full stop is the same exchange); one that folds to nothing is left out."""
     out, turns = [], [m for m in rec["messages"] if m["role"] in ("user", "assistant")]
     for ask, answer in itertools.pairwise(turns):
         if ask["role"] == "user" and answer["role"] == "assistant" and answer.get("weight", 1) != 0:
-            out.append(tuple(unicodedata.normalize("NFC", m["content"]).strip() for m in (ask, answer)))
-    return out  # type: ignore[return-value]
+            exchange = (normalize(ask["content"]), normalize(answer["content"]))
+            if all(exchange):
+                out.append(exchange)
+    return out
 
 
 def _exchange_check(records: list[dict]) -> Check:
