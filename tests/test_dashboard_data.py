@@ -1531,6 +1531,30 @@ def test_a_refused_version_lists_the_golden_cases_it_failed(page, services: Serv
     expect(items.nth(2)).to_have_text(more)
 
 
+def test_a_refused_versions_failed_cases_are_folded_so_its_row_stays_short_on_a_phone(page, services: Services) -> None:
+    """Dashboard-scale repro: at 360 px each refused version's row was about 1,500 px tall, most of it its ten
+    failed cases in a 128 px column (a page of 72 rows 73,533 px long). The cases are folded under one line that
+    says how many; opening it shows them."""
+    body = _adapters("luna-adapter")
+    gate = body["bases"][0]["adapters"][0]["versions"][0]["gate"]
+    gate["failedCases"] = [
+        {"id": f"case-{i}", "source": f"data/eval/luna-golden.jsonl:{i}", "checks": ["contains", "stops"]}
+        for i in range(10)
+    ]
+    gate["failedCaseCount"] = 12
+    answer(page, "**/assistant/training/adapters", body)
+    page.set_viewport_size({"width": 360, "height": 800})
+    open_page(page, services, "?lang=en")
+    row = page.locator('tr[data-version="v1"]')
+    folded = row.locator(".gate-cases-fold > summary")
+    expect(folded).to_have_text("12 failed golden cases")
+    assert row.bounding_box()["height"] < 700, row.bounding_box()
+    expect(row.locator(".gate-cases li").first).to_be_hidden()
+    folded.click()
+    expect(row.locator(".gate-cases li").first).to_be_visible()
+    expect(row.locator(".gate-cases li")).to_have_count(11)
+
+
 def route_models(page, served: dict[str, bool]) -> None:
     """`/v1/models` answered with the base, luna-adapter and luna-adapter@v1; without the adapter's name once
     `served["active"]` is false (deactivated meanwhile), as it is when asked."""
