@@ -148,9 +148,20 @@ def test_shipped_suite_is_copied_when_none_exists_and_is_valid(settings):
     assert copied == ["luna-golden.jsonl"]
     assert 10 <= len(cases) <= 20
     prompts = " ".join(c.messages[-1]["content"] for c in cases)
-    assert "Wer bist du?" in prompts and "Who are you?" in prompts  # German and English
+    assert "Stell dich bitte kurz vor." in prompts and "Which city is Australia's capital?" in prompts  # de, en
     kinds = {k.type for c in cases for k in c.checks}
     assert kinds == set(evalgate.CHECK_TYPES)
+    # Split-leak repro: 4 of the 17 cases were the very prompts of bundled examples in the train split ("Wer bist
+    # du?", "Was ist die Hauptstadt von Kanada?" …): the pass rate partly measured recall of trained answers.
+    from lunatrain import store
+
+    store.load_seed(settings)
+    asked = {
+        m["content"] for e in store.list_examples(settings, limit=10_000) for m in e.messages() if m["role"] == "user"
+    }
+    asked |= {m.question for m in store.list_memory(settings, limit=10_000)}
+    assert not asked & {c.messages[-1]["content"] for c in cases}, asked & {c.messages[-1]["content"] for c in cases}
+    store.dispose_stores()
     # a user's own suite replaces it: nothing is copied next to it
     shutil.rmtree(settings.eval_dir)
     _write(settings.eval_dir / "mine.jsonl", [json.dumps(GOOD)])
