@@ -803,22 +803,29 @@ def export_dir(settings: Settings) -> Path:
     return target
 
 
-def kept_ratios(settings: Settings) -> dict[str, float]:
-    """The split ratios a flow's export keeps (`export(settings, **kept_ratios(settings))`): the current export's,
-    where the environment sets none. A split chosen with `export --valRatio 0.3` would otherwise go back to the
-    defaults at the next `luna`: samples of val/test trained on, and earlier versions' val losses measured on
-    other data. Empty where there is no readable export."""
+def kept_ratios(
+    settings: Settings, val_ratio: float | None = None, test_ratio: float | None = None
+) -> dict[str, float | None]:
+    """The ratios an export that names one or none (`lunatrain export`, the dashboard's Export, a flow's export)
+    takes, as `export`'s keyword arguments: those it names, else the current export's where the environment
+    sets none. A split chosen with `export --valRatio 0.3` would otherwise go back to the defaults at the next
+    `luna`: samples of val/test trained on, and earlier versions' val losses measured on other data. A kept ratio
+    that does not fit with one named or set (together 1 or more) is left to the settings."""
     try:
         ratios = (read_summary(settings) or {}).get("ratios") or {}
     except CheckFailed:
-        return {}
-    kept: dict[str, float] = {}
+        ratios = {}
+    out: dict[str, float | None] = {"val_ratio": val_ratio, "test_ratio": test_ratio}
     for split, setting in (("val", "train_val_ratio"), ("test", "train_test_ratio")):
         value = ratios.get(split)
         usable = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-        if setting not in settings.model_fields_set and usable:
-            kept[f"{split}_ratio"] = float(value)
-    return kept
+        if out[f"{split}_ratio"] is None and setting not in settings.model_fields_set and usable:
+            out[f"{split}_ratio"] = float(value)
+    val = settings.train_val_ratio if out["val_ratio"] is None else out["val_ratio"]
+    test = settings.train_test_ratio if out["test_ratio"] is None else out["test_ratio"]
+    if val + test >= 1:  # a kept one beside another named or set: what was named or set is said, as before
+        return {"val_ratio": val_ratio, "test_ratio": test_ratio}
+    return out
 
 
 def read_summary(settings: Settings, directory: Path | None = None) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LunaError
-from ..export import SPLITS, TIERS, export
+from ..export import SPLITS, TIERS, export, kept_ratios
 from ..settings import load_settings
 from .app import app, fail, is_tty, tables_fit
 
@@ -36,7 +36,7 @@ def export_cmd(
                     on_progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )
         else:
-            summary = export(settings, val_ratio=val_ratio, test_ratio=test_ratio)
+            summary = export(settings, **kept_ratios(settings, val_ratio, test_ratio))
     except LunaError as err:
         raise fail(err) from None
     rows = [[tier, *(str(summary.counts[tier][k]) for k in ("total", *SPLITS))] for tier in TIERS]

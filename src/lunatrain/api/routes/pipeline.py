@@ -24,7 +24,7 @@ router = APIRouter(prefix="/assistant/training", tags=["pipeline"], dependencies
 async def export(settings: SettingsDep, body: Annotated[ExportRequest | None, Body()] = None) -> Report:
     body = body or ExportRequest()
     summary = await run_in_threadpool(
-        export_stage.export, settings, val_ratio=body.val_ratio, test_ratio=body.test_ratio
+        lambda: export_stage.export(settings, **export_stage.kept_ratios(settings, body.val_ratio, body.test_ratio))
     )
     return Report.model_validate(camel(summary.answer()))
 
