@@ -1164,3 +1164,6 @@ def test_a_trainer_database_on_a_full_disk_is_said_full_not_unreadable(settings,
         f"The trainer's job database {path} cannot be read while its disk is full (disk I/O error), so the "
         "trainer's last job is unknown; free some space (`lunatrain gc` removes what the retention policy allows)."
     ), problem
+    # review repro: the plain form said "last job: never" right above that problem
+    plain = CliRunner().invoke(app, ["status"]).output
+    assert "last job: unknown" in plain.splitlines(), plain

@@ -111,6 +111,9 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
             + _job_ref(job)
             + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")
             if job
+            # a job database that cannot be read (a problem below says why): "never" would not be the truth
+            else "unknown"
+            if any(str((c or {}).get("code", "")).startswith("status.jobs_db_") for c in s.get("problemCodes") or [])
             else "never",
         ),
         (

@@ -26,7 +26,12 @@ class ConditionalGetMiddleware:
         if scope["type"] != "http" or scope["method"] != "GET":  # a HEAD has no body to digest
             await self.app(scope, receive, send)
             return
-        asked = {tag.strip() for tag in Headers(scope=scope).get("if-none-match", "").split(",") if tag.strip()}
+        # weak comparison (RFC 9110 13.1.2): a compressing proxy hands our tag back as W/"…"
+        asked = {
+            tag.strip().removeprefix("W/")
+            for tag in Headers(scope=scope).get("if-none-match", "").split(",")
+            if tag.strip()
+        }
         start: Message | None = None
         held: list[bytes] = []
 
