@@ -141,7 +141,13 @@ def test_import_is_all_or_nothing_and_names_the_bad_record(client: TestClient, s
     alpaca = {"instruction": "Sag etwas", "output": "Etwas."}
     r = client.post(f"{T}/examples/import", json={"records": [good, alpaca, good]})
     assert r.status_code == 200
-    assert r.json() == {"records": 3, "added": 2, "duplicates": 1, "formats": {"openai": 2, "alpaca": 1}}
+    assert r.json() == {
+        "records": 3,
+        "added": 2,
+        "duplicates": 1,
+        "formats": {"openai": 2, "alpaca": 1},
+        "keptBeside": [],
+    }
     again = client.post(f"{T}/examples/import", json={"records": [good]}).json()
     assert again["added"] == 0 and again["duplicates"] == 1
 

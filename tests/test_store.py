@@ -268,6 +268,50 @@ def test_import_is_deduplicated_and_reimport_adds_nothing(db: Settings, tmp_path
     assert store.counts(db)["examples"]["curated"]["pending"] == 20
 
 
+def test_an_exported_record_edited_and_imported_again_says_the_old_example_stays(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Forget repro: an export's record with its answer corrected and imported again (an export, edit, import round
+    trip: there is no edit route) was added as a second example without a word; the wrong answer stayed approved
+    and trained. The record's own id and hash (lunatrain's export writes them) tell an edit: the import says that
+    the old example stays beside the new one, and how to drop it."""
+    from typer.testing import CliRunner
+
+    from lunatrain import export
+    from lunatrain.cli import app
+
+    first = store.add_example(settings, prompt="Wann ist Annas Geburtstag?", response="Am 3. Mai.")
+    store.add_example(settings, prompt="Wie spät ist es?", response="Mittag.")
+    export.export(settings, val_ratio=0.0)
+    lines = (settings.training_dir / "current" / "assistant-sft-curated.jsonl").read_text("utf-8").splitlines()
+    (record,) = [json.loads(line) for line in lines if json.loads(line)["id"] == f"ex-{first.id}"]
+    record["messages"][-1]["content"] = "Am 3. März."
+    untouched = [json.loads(line) for line in lines if json.loads(line)["id"] != f"ex-{first.id}"]
+    path = tmp_path / "edited.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [record, *untouched]), "utf-8")
+    said = CliRunner().invoke(app, ["examples", "import", str(path)])
+    assert said.exit_code == 0, said.output
+    added = next(e for e in store.list_examples(settings) if e.response == "Am 3. März.")
+    assert said.output.splitlines()[1:] == [
+        f"Note: ex-{first.id} was edited in the file: the edit is ex-{added.id}, and ex-{first.id} keeps its old "
+        f"content (both are exported); `lunatrain examples delete {first.id}` if the edit replaces it."
+    ], said.output
+    from fastapi.testclient import TestClient
+
+    from lunatrain.api.main import create_app
+
+    record["messages"][-1]["content"] = "Am 4. März."
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
+        answer = api.post("/assistant/training/examples/import", json={"records": [record]}).json()
+    assert answer["keptBeside"] == [{"edited": f"ex-{first.id}", "addedAs": f"ex-{added.id + 1}"}], answer
+    # an export of another data root naming the same id says nothing of this one's example
+    record["hash"] = "0" * 64
+    record["messages"][-1]["content"] = "Im Mai."
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", "utf-8")
+    assert store.import_file(settings, path).kept_beside == ()
+    store.dispose_stores()
+
+
 def test_list_filters_and_pages(db: Settings) -> None:
     for i in range(5):
         store.add_example(db, prompt=f"p{i}", response="r", status="approved" if i % 2 else "pending")

@@ -175,6 +175,9 @@ class ExampleDraft:
     status: str | None = field(default=None, compare=False)
     # Its hash as the previous release read the same record, where that differs (`earlier_hash`).
     previous: str | None = field(default=None, compare=False)
+    # (N, hash) of the example `ex-N` a record of lunatrain's export was written from, where its content no longer
+    # has that hash: edited since (store.add_examples says that ex-N stays beside it).
+    edited_from: tuple[int, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -643,7 +646,15 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
     if not before and _read_otherwise(record):
         previous = _as_before(lambda: parse_record(record, shape, own_status=own_status)[0])
         draft = draft.with_previous(previous)
+    own_id, own_hash = record.get("id"), record.get("hash")
+    m = _OWN_ID.fullmatch(own_id) if isinstance(own_id, str) else None
+    if m and isinstance(own_hash, str) and own_hash != draft.hash:
+        draft = dataclasses.replace(draft, edited_from=(int(m[1]), own_hash))
     return draft, shape
+
+
+# The id of an example in lunatrain's export records (a memory item's `mem-N` imports as an example: no edit of it).
+_OWN_ID = re.compile(r"ex-([1-9][0-9]{0,17})")
 
 
 def _refuse_tools(record: Mapping[str, Any]) -> None:

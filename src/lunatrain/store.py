@@ -148,6 +148,8 @@ class AddResult:
     added: int
     skipped_duplicates: int
     revision: str
+    # (N, M): a record of lunatrain's export of ex-N, edited, added as ex-M; ex-N holds its old content still
+    kept_beside: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class ImportResult:
     formats: dict[str, int]
     revision: str
     bad: tuple[str, ...] = ()  # with skip_bad: the records left out, "FILE line N: problem"
+    kept_beside: tuple[tuple[int, int], ...] = ()  # AddResult's
 
 
 @dataclass(frozen=True)
@@ -907,12 +910,32 @@ def add_examples(
     None: each draft's own (see _add_drafts)."""
     _check_choices(source, status)
     store = open_store(settings)
+    edits: list[tuple[int, str, str]] = []  # (N, the hash ex-N was exported with, the edit's hash)
+
+    def noting(items: Iterable[ExampleDraft]) -> Iterator[ExampleDraft]:
+        for d in items:
+            if d.edited_from is not None:
+                edits.append((*d.edited_from, d.hash))
+            yield d
+
     with store.write() as conn:
-        added, skipped, lifted = _add_drafts(conn, drafts, source, status)
+        added, skipped, lifted = _add_drafts(conn, noting(drafts), source, status)
+        kept = _kept_beside(conn, edits)
         rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
     if lifted:
         _settle_stale(settings)
-    return AddResult(added=added, skipped_duplicates=skipped, revision=f"{rev.instance[:12]}-{rev.counter}")
+    revision = f"{rev.instance[:12]}-{rev.counter}"
+    return AddResult(added=added, skipped_duplicates=skipped, revision=revision, kept_beside=kept)
+
+
+def _kept_beside(conn: Connection, edits: list[tuple[int, str, str]]) -> tuple[tuple[int, int], ...]:
+    """(N, M) for each edit of an exported ex-N stored as ex-M while ex-N still holds the content it was exported
+    with (a record of another data root's export names an ex-N that is other content here: nothing to say)."""
+    if not edits:
+        return ()
+    old = _existing(conn, examples_table, [h for _, h, _ in edits])
+    new = _existing(conn, examples_table, [h for _, _, h in edits])
+    return tuple((n, new[h]) for n, was, h in edits if old.get(was) == n and new.get(h) is not None and new[h] != n)
 
 
 def add_example(
@@ -986,6 +1009,7 @@ def import_file(
         formats=parsed.formats,
         revision=result.revision,
         bad=tuple(parsed.bad),
+        kept_beside=result.kept_beside,
     )
 
 

@@ -213,11 +213,24 @@ class ExampleList(Out):
     count: int = Field(description="examples in this page")
 
 
+class KeptBeside(Out):
+    edited: str = Field(description="the example a record of lunatrain's export was written from (ex-N)")
+    added_as: str = Field(description="the record's edited content, added as this example (ex-M)")
+
+
 class ImportResult(Out):
     records: int
     added: int
     duplicates: int
     formats: dict[str, int]
+    kept_beside: list[KeptBeside] = Field(
+        default_factory=list,
+        description="records of lunatrain's export edited since: each old example stays beside its edit",
+    )
+
+    @staticmethod
+    def kept(pairs: tuple[tuple[int, int], ...]) -> list[KeptBeside]:
+        return [KeptBeside(edited=f"ex-{old}", added_as=f"ex-{new}") for old, new in pairs]
 
 
 class Deleted(Out):

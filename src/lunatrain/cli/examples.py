@@ -218,7 +218,11 @@ def import_cmd(
         raise fail(err) from None
     if as_json:
         out = ImportResult(
-            records=res.records, added=res.added, duplicates=res.skipped_duplicates, formats=res.formats
+            records=res.records,
+            added=res.added,
+            duplicates=res.skipped_duplicates,
+            formats=res.formats,
+            kept_beside=ImportResult.kept(res.kept_beside),
         ).wire()  # the API's import answer, plus what only a file import has
         out = {"file": file.name, **out, "storeRevision": res.revision, "leftOut": list(res.bad)}
         typer.echo(json_text(out))
@@ -229,6 +233,11 @@ def import_cmd(
         f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}){left_out}"
     )
     _list_problems(list(res.bad))
+    for old, new in res.kept_beside:
+        typer.echo(
+            f"Note: ex-{old} was edited in the file: the edit is ex-{new}, and ex-{old} keeps its old content (both "
+            f"are exported); `lunatrain examples delete {old}` if the edit replaces it."
+        )
 
 
 def _list_problems(problems: list[str]) -> None:

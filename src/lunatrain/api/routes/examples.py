@@ -86,7 +86,13 @@ async def import_examples(body: ImportRequest, settings: SettingsDep) -> ImportR
     if problems:  # all or nothing: one bad record imports none
         raise UsageError(f"Nothing imported: {some(problems)}.", details=problems[:LISTED_PROBLEMS])
     result = await run_in_threadpool(store.add_examples, settings, drafts, source=body.source, status=body.status)
-    return ImportResult(records=len(drafts), added=result.added, duplicates=result.skipped_duplicates, formats=shapes)
+    return ImportResult(
+        records=len(drafts),
+        added=result.added,
+        duplicates=result.skipped_duplicates,
+        formats=shapes,
+        kept_beside=ImportResult.kept(result.kept_beside),
+    )
 
 
 async def _set(
