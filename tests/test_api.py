@@ -893,6 +893,10 @@ def test_json_answers_carry_an_etag_and_an_unchanged_one_is_a_304_without_a_body
     assert "content-length" not in again.headers or again.headers["content-length"] == "0"
     assert client.get(f"{T}/adapters", headers={"If-None-Match": '"other", ' + tag}).status_code == 304
     assert client.get(f"{T}/adapters", headers={"If-None-Match": f"W/{tag}"}).status_code == 304  # via a proxy
+    # a HEAD answers the headers its GET would (RFC 9110 9.3.2): a cache revalidates with either
+    head = client.head(f"{T}/adapters")
+    assert head.status_code == 200 and head.headers["etag"] == tag and head.content == b"", head.headers
+    assert client.head(f"{T}/adapters", headers={"If-None-Match": tag}).status_code == 304
     client.post(f"{T}/examples", json={"prompt": "Neu?", "response": "Ja."})
     listed = client.get(f"{T}/examples", headers={"If-None-Match": client.get(f"{T}/examples").headers["etag"]})
     assert listed.status_code == 304

@@ -1,4 +1,4 @@
-"""Conditional GETs for JSON answers: an `ETag` (a digest of the body) and `Cache-Control: no-cache` on each, and
+"""Conditional GETs (and HEADs) for JSON answers: an `ETag` (a digest of the body) and `Cache-Control: no-cache` on each, and
 304 without a body to a request whose `If-None-Match` names it.
 
 The dashboard asks for the registry, the status and the job lists every few seconds; a year of daily versions
@@ -23,9 +23,12 @@ class ConditionalGetMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET":  # a HEAD has no body to digest
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
+        # A HEAD runs as its GET here (handlers.HeadAsGet inside would blank the body before its digest), so its
+        # ETag is the GET's; its body is dropped on the way out.
+        head = scope["method"] == "HEAD"
         # weak comparison (RFC 9110 13.1.2): a compressing proxy hands our tag back as W/"…"
         asked = {
             tag.strip().removeprefix("W/")
@@ -47,14 +50,16 @@ class ConditionalGetMiddleware:
                 held.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                await _answer(send, start, b"".join(held), asked)
+                await _answer(send, start, b"".join(held), asked, head)
                 return
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
-        await self.app(scope, receive, send_conditionally)
+        await self.app({**scope, "method": "GET"} if head else scope, receive, send_conditionally)
 
 
-async def _answer(send: Send, start: Message, body: bytes, asked: set[str]) -> None:
+async def _answer(send: Send, start: Message, body: bytes, asked: set[str], head: bool) -> None:
     tag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
     headers = MutableHeaders(raw=start["headers"])
     headers["etag"] = tag
@@ -65,4 +70,4 @@ async def _answer(send: Send, start: Message, body: bytes, asked: set[str]) -> N
         await send({"type": "http.response.body", "body": b""})
         return
     await send(start)
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
