@@ -540,3 +540,23 @@ def test_a_version_folder_holding_other_weights_is_loaded_again(tmp_path: Path) 
         shutil.copy2(second / name, first / name)
     assert answer(engine, "luna-adapter@v1")[1] == other
     assert _fingerprint(engine.resolve("luna-adapter@v1")) != said
+
+
+def test_an_answer_never_holds_a_nul_character_the_chat_route_would_refuse_back(settings, monkeypatch) -> None:
+    """Chat repro: luna-tiny answered "\\u0000 fair" (1 in 60 sampled answers); a client sending the model's own
+    answer back as history got a 400 (the chat route refuses NUL, as stored examples do). A generated NUL is
+    dropped, from the whole answer and from the stream's pieces alike."""
+    engine = serving.Engine(settings)
+    tokenizer = engine.start(engine.resolve("luna-tiny"), HELLO, GREEDY).tokenizer
+    nul = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\x00")
+    ok = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "a")
+    script = iter([nul, ok, nul, nul, ok, nul] + [ok] * 20)
+    monkeypatch.setattr(serving, "_pick", lambda *args: next(script))
+    whole = engine.start(engine.resolve("luna-tiny"), HELLO, replace(GREEDY, max_tokens=6)).run()
+    assert whole == "aa", repr(whole)
+    script = iter([nul, ok, nul, nul, ok, nul] + [ok] * 20)
+    streamed = engine.start(engine.resolve("luna-tiny"), HELLO, replace(GREEDY, max_tokens=6))
+    pieces = []
+    while (piece := streamed.step()) is not None:
+        pieces.append(piece)
+    assert "".join(pieces) == streamed.text == "aa", pieces

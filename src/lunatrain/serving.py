@@ -776,6 +776,9 @@ class Generation:
         """Text decoded so far minus what was already returned, holding back an incomplete character and
         anything that may be the start of a stop string; cuts the answer at a stop string."""
         full = self.tokenizer.decode([t for t in self.new_ids if t not in self._hidden], skip_special_tokens=False)
+        # A byte-level vocabulary can emit NUL; the chat route refuses it in a request (as the store does), so a
+        # client sending this answer back as history would get a 400 for the model's own words.
+        full = full.replace("\x00", "")
         hits = [at for stop in self.sampling.stop if stop and (at := full.find(stop)) >= 0]
         if hits:
             full, final = full[: min(hits)], True
