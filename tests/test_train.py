@@ -112,6 +112,10 @@ def test_training_beats_the_base_model_and_writes_artifacts(settings):
         "loss-curve.png",
         "train-hashes.txt",
     } <= names and "checkpoints" not in names
+    # Repro: target_modules went out in Python's set order, which follows the process's hash seed: the same
+    # run wrote another adapter_config.json (weights identical), so a folder's checksum did not repeat.
+    targets = json.loads((result.path / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) > 3 and targets == sorted(targets), targets
     report = json.loads((result.path / "training-report.json").read_text())
     m = report["metrics"]
     assert m["valLoss"] < m["baseValLoss"] - 0.5, m  # clearly learned something about the data
@@ -545,10 +549,12 @@ def test_a_second_resume_of_a_run_being_resumed_is_refused_and_changes_nothing(s
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1, resumed.error
     # Resume repro: a second resume that got the folder once the first had finished (or a `jobs resume` queued
     # behind it) found no checkpoint, trained the run again from scratch and registered v2, the same weights.
-    # The run is finished: said, naming its version, and nothing is trained or registered.
-    with pytest.raises(Conflict, match=r"Nothing to resume: this run already finished as luna-adapter@v1") as done:
+    # The run is finished: said, naming its version, and nothing is trained or registered. A request the data
+    # root's state refuses, exit 2 (as `jobs resume` of a succeeded job says it; it exited 1 here).
+    with pytest.raises(UsageError, match=r"Nothing to resume: this run already finished as luna-adapter@v1") as done:
         run_lora(_params(resume=True), settings)
     assert done.value.code == "train.already_finished" and done.value.params["version"] == "v1"
+    assert done.value.exit_code == 2
     assert [v["version"] for v in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1"]
 
 

@@ -285,7 +285,7 @@ def _refuse_a_finished_run(run: Run) -> None:
     done = next((v for v in reversed(versions) if v.get("runKey") == key and not v.get("replaced")), None)
     if done is not None:
         name = run.params.adapter_name
-        raise Conflict(
+        raise UsageError(  # a request the data root's state refuses (exit 2, as `jobs resume` of a finished job)
             f"Nothing to resume: this run already finished as {name}@{done['version']}; to train it again, start it "
             "without resuming.",
             code="train.already_finished",
@@ -1262,6 +1262,11 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
     # holds later). The model card PEFT writes is replaced by our own (`model_card`) when the run is published.
     config = run.model.peft_config["default"]
     config.base_model_name_or_path, config.revision = run.base.id, run.base.revision
+    # PEFT holds these as sets and writes them in set order, which follows the process's hash seed: sorted, the
+    # same run writes the same adapter_config.json (and a folder's checksum repeats).
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(getattr(config, key, None), set):
+            setattr(config, key, sorted(getattr(config, key)))
     with peft_quiet(UserWarning):
         run.model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=saves_embeddings(run.model))
     # The tokenizer with the template trained on (and any added markers) and a generation config that stops
