@@ -182,6 +182,29 @@ def test_adapters_diff_names_a_different_number_of_training_samples(settings):
     assert diff.output.splitlines() == ["trainSamples: 10 -> 12"]
 
 
+def test_adapters_diff_says_when_two_versions_trained_the_same_and_which_one_resumed(settings):
+    """Reproducibility repro: two versions trained on the same curated examples with the same parameters
+    (identical weights, the same trainedKey) differed by datasetFingerprint alone, which covers the whole export:
+    a memory item added between them read as a data change. And a version resumed from a checkpoint differed
+    from a fresh one only by `params.resume`, which a run that started fresh under --resume has too."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    fp = models.resolve_base(None, settings).fingerprint
+    for tag, data, resumed in (("one", "a" * 64, None), ("two", "b" * 64, 2)):
+        entry = _entry(fp, datasetFingerprint=data, trainedKey="029e9da220c5d7ec", resumedFromEpoch=resumed)
+        registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", tag), entry)
+    diff = CliRunner().invoke(app, ["adapters", "diff", "a@v1", "a@v2"])
+    assert diff.exit_code == 0, diff.output
+    assert diff.output.splitlines() == [
+        f"datasetFingerprint: {'a' * 64} -> {'b' * 64}",
+        "resumedFromEpoch: - -> 2",
+        "Note: both trained on the same data with the same parameters and base model (trainedKey 029e9da220c5d7ec); "
+        "the export around it changed (another tier, ids, tags or ratings), not what they trained on.",
+    ], diff.output
+
+
 def test_adapters_list_marks_a_version_whose_files_are_gone(settings):
     """Repro: with data/adapters/a/v1 deleted by hand, `adapters list` still showed "a@v1 … [active on
     luna-tiny]" with nothing saying it can no longer be served, merged or gated (those say so in one

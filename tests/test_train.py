@@ -247,6 +247,12 @@ def test_same_seed_same_bytes_and_resume_matches(settings):
     resumed = run_lora(_params(resume=True), settings)
     assert resumed.ok and resumed.report["resumedFromEpoch"] == 1
     assert (resumed.path / "adapter_model.safetensors").read_bytes() == weights
+    # Reproducibility repro: only training-report.json said the run resumed; `adapters show` and `diff` (the
+    # registry's entry) and the model card did not, so a resumed version and a fresh one read alike.
+    assert registry.get_version(settings, "luna-adapter", resumed.version)["resumedFromEpoch"] == 1
+    assert registry.get_version(settings, "luna-adapter", full.version)["resumedFromEpoch"] is None
+    assert ", resumed after epoch 1 |" in (resumed.path / registry.CARD_FILE).read_text()
+    assert "resumed" not in (full.path / registry.CARD_FILE).read_text()
     assert resumed.report["metrics"]["valLoss"] == full.report["metrics"]["valLoss"]
     assert [v["version"] for v in registry.list_adapters(settings)["luna-adapter"]["versions"]] == ["v1", "v2", "v3"]
     other = run_lora(_params(seed=8), settings)

@@ -1949,6 +1949,7 @@ def _entry_from_report(name: str, folder: Path, report: dict[str, Any]) -> dict[
         "runKey": report.get("runKey"),
         "trainedKey": report.get("trainedKey"),
         "trainSamples": dataset.get("trainSamples"),
+        "resumedFromEpoch": report.get("resumedFromEpoch"),
         "gate": None,
         "quantization": report.get("quantization"),  # as train.finish registers it: the README says it is kept
         "name": name,

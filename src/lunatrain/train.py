@@ -1237,7 +1237,9 @@ def model_card(report: dict[str, Any]) -> str:
         f"fingerprint {d['fingerprint'][:12]} |\n"
         f"| schedule | {epochs}, {counted(m['steps'], 'step')}, learning rate {p['learningRate']}, batch "
         f"{p['batchSize']} x {p['gradientAccumulation']}{per_step}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
-        f"{p['maxSeqLength']}, seed {p['seed']} |\n"
+        f"{p['maxSeqLength']}, seed {p['seed']}"
+        + (f", resumed after epoch {report['resumedFromEpoch']}" if report.get("resumedFromEpoch") else "")
+        + " |\n"
         f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n\n"
         f"Everything about the run is in `{registry.REPORT_FILE}`, its loss curve in `{registry.LOSS_CURVE_FILE}`, "
         f"the trained samples' hashes in `{registry.TRAIN_HASHES_FILE}`. The tokenizer here carries the chat "
@@ -1293,6 +1295,7 @@ def finish(run: Run, report: dict[str, Any], emit: Callable[[Event], None], *, s
         "runKey": report["runKey"],
         "trainedKey": report["trainedKey"],
         "trainSamples": len(run.train),
+        "resumedFromEpoch": run.resumed_from,  # `adapters show` and `diff` tell a resumed version from a fresh one
         "gate": None,
         "quantization": report["quantization"],
     }

@@ -278,6 +278,7 @@ def diff_cmd(
         "datasetTier",
         "datasetFingerprint",
         "trainSamples",  # what the run kept of the tier: another tokenizer or maxSeqLength drops others
+        "resumedFromEpoch",  # `params.resume` alone says what was asked: a run with nothing to resume starts fresh
         "baseModel",
         "metrics",
         "tokenizerHash",
@@ -289,6 +290,14 @@ def diff_cmd(
         typer.echo("No differences in parameters, data, base model or metrics.")
     for k, va, vb in rows:
         typer.echo(f"{k}: {_differing(va, vb, loss=k.endswith('Loss'))}")
+    # The fingerprint is the whole export's; trainedKey is what a run reads of its tier with its parameters and
+    # base: the same key trains the same weights (the flow does not train such data again).
+    key = ea.get("trainedKey")
+    if key and key == eb.get("trainedKey") and any(k == "datasetFingerprint" for k, _, _ in rows):
+        typer.echo(
+            f"Note: both trained on the same data with the same parameters and base model (trainedKey {key}); the "
+            "export around it changed (another tier, ids, tags or ratings), not what they trained on."
+        )
 
 
 def _differing(a: Any, b: Any, *, loss: bool = False) -> str:
