@@ -1198,6 +1198,19 @@ def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monk
     ), r.stderr
 
 
+@pytest.mark.parametrize("name", ["ASSISTANT_DATA_DIR", "ASSISTANT_DATA_ROOT", "ASSISTANT_ROOT", "ASSISTANT_DATA"])
+def test_a_data_root_variable_of_another_name_points_to_assistant_home(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Guide repro: ASSISTANT_DATA_DIR=/tmp/x was answered "(did you mean ASSISTANT_DB_URL?)": the nearest spelling,
+    which sets a database URL, and the data still landed in the working directory. The data root is
+    ASSISTANT_HOME."""
+    monkeypatch.setenv(name, "/tmp/elsewhere")
+    r = run("status", "--json")
+    assert r.exit_code == 0, r.output
+    assert f"warning: {name} is not a lunatrain setting and is ignored (did you mean ASSISTANT_HOME?)." in r.stderr
+
+
 def test_a_setting_spelled_in_lower_case_is_warned_about_too(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -333,6 +333,13 @@ def load_settings(**overrides: object) -> Settings:
 _KNOWN = {f"ASSISTANT_{name.upper()}" for name in Settings.model_fields} | {"ASSISTANT_TEST_PG_URL"}
 
 
+# What other tools call a data root: the nearest spelling of ASSISTANT_DATA_DIR is ASSISTANT_DB_URL, a database.
+_DATA_ROOT_NAMES = {
+    f"ASSISTANT_{n}": "ASSISTANT_HOME"
+    for n in ("DATA", "DATA_DIR", "DATA_ROOT", "DATA_PATH", "DATA_HOME", "ROOT", "DIR", "HOME_DIR", "WORKDIR")
+}
+
+
 @functools.cache
 def _warn_unknown(names: tuple[str, ...]) -> None:
     """Once per process and set of names: settings are read again for every command step and request."""
@@ -344,7 +351,8 @@ def _warn_unknown(names: tuple[str, ...]) -> None:
                 file=sys.stderr,
             )
             continue
-        near = difflib.get_close_matches(name.upper(), sorted(_KNOWN - {"ASSISTANT_TEST_PG_URL"}), n=1)
+        near = [_DATA_ROOT_NAMES[name.upper()]] if name.upper() in _DATA_ROOT_NAMES else []
+        near = near or difflib.get_close_matches(name.upper(), sorted(_KNOWN - {"ASSISTANT_TEST_PG_URL"}), n=1)
         meant = f" (did you mean {near[0]}?)" if near else ""
         print(f"warning: {name} is not a lunatrain setting and is ignored{meant}.", file=sys.stderr)
 
