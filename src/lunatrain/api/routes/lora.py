@@ -62,9 +62,10 @@ async def provider_health(
 
 
 @router.post("/start", status_code=202, response_model=JobAccepted, responses=errors(404, 409, 503))
-async def start(body: StartRequest, settings: SettingsDep) -> JobAccepted:
+async def start(settings: SettingsDep, body: Annotated[StartRequest | None, Body()] = None) -> JobAccepted:
     """Submit a LoRA job with these parameters (over a profile's values when `profile` is named); the same
-    `requestId` again returns the same job."""
+    `requestId` again returns the same job. No body: the defaults, as `{}` (and as the other two starts)."""
+    body = body or StartRequest()
     fields = set(LoraParams.model_fields) | set(FlowOptions.model_fields)
     thresholds = None
     given = body.model_dump(mode="json", include=fields, exclude_unset=True, by_alias=True)
