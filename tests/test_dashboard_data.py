@@ -1264,6 +1264,29 @@ def test_a_start_that_joined_the_job_already_training_it_says_so(page, services:
     expect(page.locator("#job-id")).to_have_text("Job ftjob-twin")
 
 
+def test_an_example_adapter_that_seeded_the_empty_store_says_what_it_added(page, services: Services) -> None:
+    """Guide repro: "Beispiel-Adapter" on an empty database added 318 examples and 41 memory items and said only
+    "Job … gestartet."; the API's answer names what it seeded, and the page says it."""
+    running = _job("ftjob-seeded", "running", "example-adapter")
+    route_job_lists(page, {"running": [running], "queued": []})
+    answer(page, "**/assistant/training/lora/status", running)
+    answer(page, "**/assistant/training/lora/status?jobId=*", running)
+    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
+    accepted = {"jobId": running["id"], "job": running, "joined": False}
+    answer(
+        page,
+        "**/assistant/training/lora/example-adapter",
+        accepted | {"seeded": {"examplesAdded": 318, "memoryAdded": 41}},
+        202,
+    )
+    open_page(page, services)
+    page.get_by_role("button", name="Beispiel-Adapter").click()
+    expect(page.locator("#notices")).to_have_text(
+        "Job ftjob-seeded gestartet. Dafür kamen 318 Beispiele und 41 Memory-Einträge aus dem mitgelieferten "
+        "Datensatz in die leere Datenbank."
+    )
+
+
 def test_events_of_a_job_the_panel_moved_away_from_are_not_drawn_for_the_next(page, services: Services) -> None:
     """The first job's event page answers only after the user followed another job: its last message and
     loss points are not shown as the other job's."""
@@ -1955,9 +1978,11 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "nicht an (System role not supported)",
                 "das Basismodell wurde unquantisiert geladen, nicht in 4bit wie beim Training (bitsandbytes is not "
                 "installed here)",
-                "die aktive luna-adapter@v1 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen Voraussetzungen "
+                "die aktive Version luna-adapter@v1 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen "
+                "Voraussetzungen "
                 "(Golden-Suite (geändert oder von dieser Version anders gelesen), Val/Test-Daten)",
-                "die aktive luna-adapter@v2 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen Voraussetzungen "
+                "die aktive Version luna-adapter@v2 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen "
+                "Voraussetzungen "
                 "(Val/Test-Daten, Datensatz-Stufe)",
                 "an older note",
             ],

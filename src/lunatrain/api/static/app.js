@@ -397,9 +397,13 @@ async function submitJob(button, call) {
       // Started, or waiting behind a job that runs (perhaps one another tab started): say which.
       await jobView.loadActive();
       const ahead = jobView.ahead(accepted.job);
+      // The example adapter seeds an empty store with the bundled dataset: the user's data changed, so say so.
+      const seeded = accepted.seeded;
+      const added = seeded && (seeded.examplesAdded || seeded.memoryAdded)
+        ? " " + t("train.seeded", { examples: seeded.examplesAdded, memory: seeded.memoryAdded }) : "";
       if (accepted.joined) showNotice(t("train.joined", { jobId: accepted.jobId }));
-      else showNotice(ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
-        : t("train.submitted", { jobId: accepted.jobId }));
+      else showNotice((ahead ? t("train.queued", { jobId: accepted.jobId, ahead: ahead.id })
+        : t("train.submitted", { jobId: accepted.jobId })) + added);
     } catch (error) {
       // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
       if (error.status === 422) loraForm.showErrors(serverFieldErrors(error), { focus: false });
