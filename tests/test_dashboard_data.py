@@ -1984,6 +1984,8 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "die aktive Version luna-adapter@v2 wurde neu gemessen: ihr Gate-Ergebnis stammt von anderen "
                 "Voraussetzungen "
                 "(Val/Test-Daten, Datensatz-Stufe)",
+                "die aktive Version luna-adapter@v3 (trainiert unquantisiert) wurde auf dem Basismodell in 4bit "
+                "gemessen, wie der Kandidat trainierte, nicht wie sie ausgeliefert wird",
                 "an older note",
             ],
         ),
@@ -1997,6 +1999,8 @@ def test_the_gates_reasons_and_a_jobs_error_are_said_in_the_pages_language(
                 "the active luna-adapter@v1 was measured again: its gate record was made on another golden suite "
                 "(changed, or read otherwise by this release), val/test data",
                 "the active luna-adapter@v2 was measured again: its gate record was made on another val/test data, tier",
+                "the active luna-adapter@v3 (trained unquantized) was measured on the base loaded in 4bit as the "
+                "candidate trained, not as it is served",
                 "an older note",
             ],
         ),
@@ -2031,6 +2035,8 @@ def test_the_gates_notes_are_shown_with_its_reasons_in_the_pages_language(
         ),
         # upgrade repro: a note the previous release recorded has no keys: read back from its English words
         Note("gate.baseline_measured_again", "…", ref="luna-adapter@v2", changed="val/test data, tier"),
+        # guide repro: "(trainiert unquantized)", an English word in the German line
+        Note("gate.baseline_quantized", "…", ref="luna-adapter@v3", trained="unquantized", quantize="4bit"),
         Note("gate.stays_inactive", "stays registered but inactive: …", reasons="…"),
     ]
     gate = {

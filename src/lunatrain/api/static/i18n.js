@@ -90,6 +90,7 @@ const de = {
   "train.reset": "Profil-Standardwerte",
   "train.invalid": "Bitte die markierten Felder korrigieren ({count}).",
   "train.submitted": "Job {jobId} gestartet.",
+  "gate.trained_unquantized": "unquantisiert",
   "train.seeded": "Dafür kamen {examples} Beispiele und {memory} Memory-Einträge aus dem mitgelieferten Datensatz in die leere Datenbank.",
   "train.queued": "Job {jobId} wartet hinter {ahead}.",
   "train.joined": "Job {jobId} trainiert diese Parameter auf diesen Daten bereits (wohl aus einem anderen Tab); kein zweiter gestartet.",
@@ -682,6 +683,7 @@ const en = {
   "train.reset": "Profile defaults",
   "train.invalid": "Please correct the marked fields ({count}).",
   "train.submitted": "Job {jobId} started.",
+  "gate.trained_unquantized": "unquantized",
   "train.seeded": "For it, {examples} examples and {memory} memory items of the bundled dataset went into the empty database.",
   "train.queued": "Job {jobId} is queued behind {ahead}.",
   "train.joined": "Job {jobId} already trains these parameters on this data (perhaps from another tab); no second one was started.",
@@ -1240,6 +1242,8 @@ export function tMsg(code, params = {}, fallback = "") {
     if ((name === "tier" || name === "device") && `opt.${value}` in TEXTS[lang]) vars[name] = t(`opt.${value}`);
     // A split as the page names it elsewhere ("Val-Loss", as the job panel says; not "val-Loss").
     if (name === "split" && `split.${value}` in TEXTS[lang]) vars[name] = t(`split.${value}`);
+    // How the gate's baseline was trained: "unquantized" or "in 4bit" (the latter reads alike in both languages).
+    if (name === "trained" && value === "unquantized") vars[name] = t("gate.trained_unquantized");
   }
   // The parts of a gate record that differ, each in the page's words (the English list is `changed`; a note
   // recorded before the parts had keys is read back from its English words).
