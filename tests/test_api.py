@@ -476,6 +476,35 @@ def test_adapters_are_active_per_base_and_deactivate_names_the_route(client: Tes
     assert again.json()["error"]["code"] == "adapter.not_active"
 
 
+def test_deactivate_on_the_configured_base_only_leaves_the_version_active_elsewhere(
+    client: TestClient, settings
+) -> None:
+    """Switch repro: v1 active on two bases (one by --force); the dashboard's "deactivate on this base model"
+    sent `{version}`, which deactivates that version on every base: the other base lost its adapter too. With
+    `configuredBaseOnly` the version the page shows stops on the configured base only, and a version not active
+    there is a 422 that says so (not "on no base")."""
+    from lunatrain import models, registry
+
+    fp = models.resolve_base(None, settings).fingerprint
+    work = adapter_work_dir(settings, "a", "one")
+    base = {"id": "luna-tiny", "fingerprint": fp}
+    registry.publish(settings, "a", "versioned", work, {"baseModel": base, "params": {}, "metrics": {}})
+    registry.activate(settings, "a", "v1")
+    with registry._lock(settings):  # as `adapters activate a@v1 --force` with org/new configured leaves it
+        data = registry.load(settings)
+        data["adapters"]["a"]["activeByBase"]["9" * 64] = {"version": "v1", "baseModel": "org/new"}
+        registry._save(settings, data)
+    body = {"version": "v1", "configuredBaseOnly": True}
+    r = client.post(f"{T}/adapters/a/deactivate", json=body)
+    assert r.status_code == 200, r.text
+    assert [(a["version"], a["baseModel"]) for a in registry.list_active(settings)] == [("v1", "org/new")]
+    again = client.post(f"{T}/adapters/a/deactivate", json=body)
+    assert again.status_code == 422 and again.json()["error"]["code"] == "adapter.version_not_active_here", again.text
+    assert "a@v1 is not active on the configured base model" in again.json()["error"]["message"]
+    assert [(a["version"], a["baseModel"]) for a in registry.list_active(settings)] == [("v1", "org/new")]
+    assert client.post(f"{T}/adapters/a/deactivate", json={"configuredBaseOnly": "yes"}).status_code == 422
+
+
 def test_a_model_directory_named_relative_to_the_data_root_is_taken_from_anywhere(settings, tmp_path, monkeypatch):
     """Repro: `lunatrain serve` started outside its data root took baseModel "models/mine" for a hub id (no such
     path from its working directory); the trainer, working in the data root, trained on the directory and

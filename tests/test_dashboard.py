@@ -775,10 +775,13 @@ def test_activate_moves_the_active_badge_and_rollback_moves_it_back(
         f"{services.api_url}/assistant/training/adapters/example-adapter/deactivate", timeout=30, trust_env=False
     )
     assert answer.status_code == 200, answer.text
-    active_rows.get_by_role("button", name="example-adapter auf diesem Basismodell deaktivieren").click()
-    page.get_by_role("button", name="Bestätigen").click()
-    # the button names the version it showed: the refusal names it too
-    said = re.compile(r"example-adapter@v\d+ ist auf keinem Basismodell aktiv\.")
+    with page.expect_request(lambda r: urlsplit(r.url).path.endswith("/example-adapter/deactivate")) as sent:
+        active_rows.get_by_role("button", name="example-adapter auf diesem Basismodell deaktivieren").click()
+        page.get_by_role("button", name="Bestätigen").click()
+    # Switch repro: the button sent `{version}`, which stops that version on every base (one forced onto another
+    # base lost it there too); it acts on this base, as its label says. The refusal names the version it showed.
+    assert sent.value.post_data_json == {"version": previous or version, "configuredBaseOnly": True}
+    said = re.compile(r"example-adapter@v\d+ ist auf diesem Basismodell nicht aktiv\.")
     expect(page.locator("#alerts .message", has_text=said)).to_be_visible()
     expect(active_rows).to_have_count(0)
 

@@ -79,6 +79,7 @@ CODES: dict[str, str] = {
     "base_model.not_cached": "a hub id not in the local Hugging Face cache, and no download allowed (baseModel; folder: that "
     "folder under the data root, gone)",
     "adapter.version_not_active": "the named version is active on no base model (name, version)",
+    "adapter.version_not_active_here": "the named version is not active on the configured base model (name, version)",
     "adapter.not_active": "the adapter is not active where it was asked (name, version: null)",
     "adapter.no_earlier_version": "rollback: no earlier active version on this base model (name)",
     "adapter.rollback_files_missing": "rollback: the version it would return to has lost its files (name, version, files)",

@@ -1363,15 +1363,19 @@ def activate(
     return entry
 
 
-def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[str, Any]]:
+def deactivate(
+    settings: Settings, name: str, version: str = "", *, configured_base_only: bool = False
+) -> list[dict[str, Any]]:
     """NAME is no longer active on the configured base model; with VERSION, that version is no longer active
-    on any base. Returns what was deactivated ({"name", "version", "base", "baseModel"})."""
+    on any base, or with `configured_base_only` on the configured one (the dashboard's button on the row it
+    shows active there: a version forced onto another base stays there). Returns what was deactivated
+    ({"name", "version", "base", "baseModel"})."""
     adapter = list_adapters(settings).get(name)
     if adapter is None:
         raise _not_registered(name)
     if version == "active":  # the alias activate and show resolve: the version active on the configured base
         version = ""
-    fingerprint = None if version else configured_base(settings).fingerprint
+    fingerprint = configured_base(settings).fingerprint if configured_base_only or not version else None
     with _lock(settings):
         data = load(settings)
         adapter = _adapter(data, name)
@@ -1382,16 +1386,23 @@ def deactivate(settings: Settings, name: str, version: str = "") -> list[dict[st
                     f"Adapter {name!r} has no version {version!r}; `lunatrain adapters list` shows its versions."
                 )
             hits = [fp for fp, a in adapter["activeByBase"].items() if a["version"] == version]
+            if fingerprint is not None:
+                hits = [fp for fp in hits if fp == fingerprint]
         else:
             hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []
         if not hits:
+            here = fingerprint is not None
             what = (
-                f"{name}@{version} is not active" if version else f"{name} is not active on the configured base model"
+                f"{name}@{version} is not active" + (" on the configured base model" if here else "")
+                if version
+                else f"{name} is not active on the configured base model"
             )
             raise UsageError(
                 f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
                 # the version, when one was named, is in the dashboard's sentence too
-                code="adapter.version_not_active" if version else "adapter.not_active",
+                code=("adapter.version_not_active_here" if here else "adapter.version_not_active")
+                if version
+                else "adapter.not_active",
                 params={"name": name, "version": version or None},
             )
         done, records = [], []

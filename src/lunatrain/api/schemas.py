@@ -318,6 +318,11 @@ class ActivateRequest(In):
 
 class DeactivateRequest(In):
     version: Version | None = None
+    configured_base_only: bool = Field(
+        default=False,
+        description="with `version`: that version stops on the configured base model only (422 when it is not "
+        "active there); without, on every base it is active on",
+    )
 
 
 class RollbackRequest(In):

@@ -159,11 +159,12 @@ async def deactivate(
     name: AdapterName, settings: SettingsDep, body: Annotated[DeactivateRequest | None, Body()] = None
 ) -> AdapterOut:
     """Stop using an adapter: without `version` it is no longer active on the configured base model; with
-    `version`, that version is no longer active on any base (422 when it is not active)."""
+    `version`, that version is no longer active on any base, or on the configured one with `configuredBaseOnly`
+    (422 when it is not active)."""
     body = body or DeactivateRequest()
 
     def run() -> AdapterOut:
-        registry.deactivate(settings, name, body.version or "")
+        registry.deactivate(settings, name, body.version or "", configured_base_only=body.configured_base_only)
         return _adapter(settings, name)
 
     return await run_in_threadpool(run)

@@ -109,7 +109,9 @@ export const api = {
   // the version the page shows active and the one it said the rollback returns to: refused (409) when either
   // changed since, not rolled back one step further or to a version the page never showed
   rollback: (name, version, to) => post(`/adapters/${seg(name)}/rollback`, { version, to }),
-  deactivate: (name, version) => post(`/adapters/${seg(name)}/deactivate`, version ? { version } : {}),
+  // The row's version on the configured base only: one forced onto another base stays active there.
+  deactivate: (name, version) =>
+    post(`/adapters/${seg(name)}/deactivate`, version ? { version, configuredBaseOnly: true } : {}),
   reportUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/report`,
   curveUrl: (name, version) => `${BASE}/adapters/${seg(name)}/versions/${seg(version)}/loss-curve.png`,
   chatModels: () => get("/v1/models"),
