@@ -402,6 +402,33 @@ def test_a_base_model_that_is_gone_is_named_with_the_adapter_and_the_way_on(sett
     ], r.output
 
 
+def test_a_base_folder_moved_and_configured_at_its_new_place_is_the_trained_base(settings, tmp_path):
+    """Switch repro: trained on /tmp/m2/llama, the folder moved to llama2 and ASSISTANT_BASE_MODEL set to it:
+    status and chat took it (the same fingerprint), but the daily flow's gate, `eval-gate` and `merge` refused
+    with "put that base model back". The configured base with the recorded weights is the base trained on."""
+    from pathlib import Path
+
+    from lunatrain.settings import load_settings
+
+    from helpers import adapter_work_dir
+
+    before, after = tmp_path / "llama", tmp_path / "llama2"
+    shutil.copytree(models.resolve_base(None, settings).path, before)
+    fingerprint = models.resolve_base(str(before), settings).fingerprint
+    work = adapter_work_dir(settings, "a", "x")
+    registry.publish(settings, "a", "versioned", work, {"baseModel": {"id": str(before), "fingerprint": fingerprint}})
+    entry = registry.get_version(settings, "a", "v1")
+    before.rename(after)
+    moved = load_settings(home=settings.home, base_model=str(after))
+    assert Path(registry.trained_base(moved, entry, "gate it").path) == after
+    # other weights configured: still the recorded base, missing
+    shutil.copytree(after, before)
+    (after / "config.json").write_text((after / "config.json").read_text().replace("}", ', "x_other": 1}', 1))
+    shutil.rmtree(before)
+    with pytest.raises(LunaError, match="put that base model back to gate it"):
+        registry.trained_base(moved, entry, "gate it")
+
+
 def test_merge_says_when_it_replaces_an_earlier_merge_and_when_the_gate_refused_the_version(trained_home, settings):
     """Repro: merging a version twice, or merging one the eval gate refused, said the same plain "Merged …" as
     a first merge of a promoted version; the code knew both facts and said neither."""

@@ -793,10 +793,27 @@ def trained_base(settings: Settings, entry: dict[str, Any], to_do: str) -> Any:
     try:
         return resolve_base(base_id, settings)
     except UsageError as err:
+        configured = _configured_with(settings, recorded.get("fingerprint"))
+        if configured is not None:
+            return configured
         raise NotFound(
             f"{entry.get('name')}@{entry.get('version')} was trained on base model {base_id!r}, which cannot be "
             f"used now ({err.message.rstrip('.')}); put that base model back to {to_do}."
         ) from None
+
+
+def _configured_with(settings: Settings, fingerprint: str | None) -> Any:
+    """The configured base model when it holds the weights `fingerprint` names, else None: the folder trained on
+    was moved and ASSISTANT_BASE_MODEL (or --baseModel) names where it lies now, as status and chat find it."""
+    from .models import TINY_ID
+
+    if not fingerprint or settings.base_model == TINY_ID:  # built on first use: no folder moved there
+        return None
+    try:
+        base = configured_base(settings)
+    except LunaError:  # the configured base cannot be read either: the recorded one is what the sentence names
+        return None
+    return base if base.fingerprint == fingerprint else None
 
 
 def _moved_in(settings: Settings, base_id: str | None, fingerprint: str | None, adapter_path: str | None = None) -> Any:
