@@ -369,6 +369,22 @@ def test_active_adapter_is_none_when_only_another_base_has_one(settings, tiny):
     ], guessed["problems"]
 
 
+def test_the_guess_beside_a_missing_configured_base_is_the_version_active_on_its_id(settings, tiny):
+    """Switch repro: the configured base's folder moved away, status guessed "active adapter: luna-adapter@v5 on
+    …/gemma", the first base in alphabetical order, though the registry held v3 active on exactly the configured
+    id. The guess is the one recorded for that id."""
+    gone = str(settings.home / "models" / "llama")
+    versions = [_version("luna-adapter", "v1", "/a/alpha", "f1"), _version("luna-adapter", "v2", gone, "f2")]
+    active = {"f1": {"version": "v1", "baseModel": "/a/alpha"}, "f2": {"version": "v2", "baseModel": gone}}
+    adapter = {"versions": versions, "aliases": {"latest": "v2"}, "activeByBase": active, "activations": []}
+    atomic_write_json(settings.registry_file, {"format": registry.FORMAT, "adapters": {"luna-adapter": adapter}})
+    from lunatrain.settings import load_settings
+
+    guessed = training_status(load_settings(home=settings.home, base_model=gone), 0)
+    assert (guessed["activeAdapter"]["version"], guessed["activeAdapter"]["baseModel"]) == ("v2", gone), guessed
+    assert "so the active adapter shown is a guess" in guessed["problems"][0]
+
+
 def test_last_job_prepare_and_gate_name_their_base_model(settings):
     """Repro: after `lunatrain luna --baseModel=org/x` status on luna-tiny said "last gate: passed
     luna-adapter@v2" next to "active adapter: luna-adapter@v1 on luna-tiny", with nothing saying v2's gate,

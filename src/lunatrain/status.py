@@ -144,7 +144,7 @@ def training_status(settings: Settings, min_curated: int | None = None) -> dict[
         "lastExport": last_export,
         "changedSinceExport": changed,
         "lastJob": _last_job(settings, problems),
-        "activeAdapter": _preferred(active, base_known),
+        "activeAdapter": _preferred(active, base_known, settings.base_model),
         "activeAdapters": active,
         "activeAdaptersKnown": active_known,  # false: the registry cannot be read (said under `problems`)
         "lastPrepare": _last_prepare(
@@ -592,11 +592,13 @@ def _active_adapters(settings: Settings, problems: Problems) -> tuple[list[dict[
     return out, configured is not None or unbuilt, known
 
 
-def _preferred(active: list[dict[str, Any]], base_known: bool) -> dict[str, Any] | None:
+def _preferred(active: list[dict[str, Any]], base_known: bool, configured_id: str) -> dict[str, Any] | None:
     """The adapter the assistant uses: luna-adapter when active, else the first active one on this base. An
     adapter active only on another base is not it (the served base cannot load it; it is under
-    `activeAdapters`); only when the configured base cannot be identified is any active one the best guess."""
-    on_base = [a for a in active if a["matchesBaseModel"]] or ([] if base_known else active)
+    `activeAdapters`); only when the configured base cannot be identified is an active one the best guess: one
+    recorded on the configured id first (a folder moved away), else any."""
+    guess = [a for a in active if a["baseModel"] == configured_id] or active
+    on_base = [a for a in active if a["matchesBaseModel"]] or ([] if base_known else guess)
     luna = [a for a in on_base if a["name"] == "luna-adapter"]
     return (luna or on_base or [None])[0]
 
