@@ -422,6 +422,24 @@ def test_last_job_prepare_and_gate_name_their_base_model(settings):
     assert "last gate: passed luna-adapter@v2 on org/x (t2)" in result.output
 
 
+def test_plain_status_says_the_last_jobs_version_was_refused_by_the_gate(settings, tmp_path):
+    """Auto repro: after `auto` trained v2 and the gate refused it, `status` said "last job: succeeded
+    luna-adapter@v2 on luna-tiny val loss 8.4993" and nothing else of it; `--json` had `lastJob.gate.passed`
+    false, the text line left it out."""
+    from helpers import adapter_work_dir
+
+    gate = {"passed": False, "status": "failed", "reasons": ["val loss 8.4993 regresses against luna-adapter@v1"]}
+    entry = {"baseModel": {"id": "luna-tiny", "fingerprint": "f1"}, "params": {}, "metrics": {}, "gate": gate}
+    registry.publish(settings, "luna-adapter", "versioned", adapter_work_dir(settings, "luna-adapter", "x"), entry)
+    report = {"status": "succeeded", "jobId": None, "adapterName": "luna-adapter", "version": "v1"}
+    registry.write_latest(settings, report | {"created": "2026-01-01T00:00:00+00:00", "metrics": {"valLoss": 8.4993}})
+    assert training_status(settings, 0)["lastJob"]["gate"]["passed"] is False
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("last job:"))
+    assert line == "last job: succeeded luna-adapter@v1 val loss 8.4993; the eval gate refused it", line
+
+
 def test_plain_status_says_when_the_active_adapter_needs_retraining(settings, tiny):
     """Repro: after `lunatrain examples delete` of an example luna-adapter@v1 was trained on, `adapters list`
     said "[stale: retrain needed]" and `status --json` "stale": true, but `lunatrain status` showed "active

@@ -109,6 +109,8 @@ def _facts(s: dict[str, Any]) -> list[tuple[str, str]]:
                 else ""
             )
             + _job_ref(job)
+            # the version it made and the gate refused: "succeeded" alone read as the version in use
+            + ("; the eval gate refused it" if (job.get("gate") or {}).get("passed") is False else "")
             + (f": {job['error'].get('message')}" if isinstance(job.get("error"), dict) else "")
             if job
             # a job database that cannot be read (a problem below says why): "never" would not be the truth
