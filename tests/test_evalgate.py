@@ -1205,6 +1205,29 @@ def test_thousands_of_bad_cases_are_said_in_one_short_sentence(settings):
     assert len(info.value.details) == 100
 
 
+def test_eval_gate_on_the_command_line_lists_every_problem_and_json_gets_them_all(settings):
+    """Auto repro: a suite file with 16 mistakes: `lunatrain eval-gate` named 5 ("… (and 11 more)") and no
+    option showed the rest; `--json` printed nothing on stdout. As `examples import` says a refused file: the
+    problems one per line on stderr (the first 20 and a count), and with --json the API's error document."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    path = settings.eval_dir / "x.jsonl"
+    _write(path, [json.dumps({"id": f"c{i}", "prompt": "q"}) for i in range(25)])
+    said = CliRunner().invoke(app, ["eval-gate"])
+    assert said.exit_code == 2, said.output
+    lines = said.stderr.splitlines()
+    assert lines[0] == f"  {path}:1: missing 'checks' (a non-empty list)", lines
+    assert lines[19].startswith(f"  {path}:20: ") and lines[20] == "  … and 5 more", lines
+    assert lines[21].startswith("error: The eval suite has 25 problems: "), lines
+    as_json = CliRunner().invoke(app, ["eval-gate", "--json"])
+    assert as_json.exit_code == 2
+    error = json.loads(as_json.stdout)["error"]
+    assert error["code"] == "invalid_request" and len(error["details"]) == 25, error
+    assert error["message"].startswith("The eval suite has 25 problems: ")
+
+
 def test_a_field_of_the_wrong_type_is_named_as_such(settings):
     """Repro: `"id": 5` was "missing 'id'", and `tags`/`description` of any type were taken silently."""
     path = settings.eval_dir / "x.jsonl"

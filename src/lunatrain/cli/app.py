@@ -103,6 +103,29 @@ def fail(err: LunaError) -> typer.Exit:
     return typer.Exit(err.exit_code)
 
 
+LISTED = 20  # problems of a refusal listed one per line
+
+
+def fail_listing(err: LunaError, as_json: bool = False) -> typer.Exit:
+    """`fail`, for a refusal that names many problems (a file of records, a golden suite): the sentence names the
+    first few, so each is also on a line of its own before it (stderr; the first LISTED and how many more), or
+    with `as_json` all of them in the API's error document on stdout, for a script to act on."""
+    problems = err.details if isinstance(err.details, list) else []
+    if as_json:
+        typer.echo(json_text({"error": {"code": err.code, "message": err.message, "details": problems}}))
+    elif len(problems) > 1:
+        list_problems(problems)
+    return fail(err)
+
+
+def list_problems(problems: list[str]) -> None:
+    """The first problems, each on a line (stderr); thousands say how many more."""
+    for problem in problems[:LISTED]:
+        typer.echo(f"  {problem}", err=True)
+    if len(problems) > LISTED:
+        typer.echo(f"  … and {len(problems) - LISTED} more", err=True)
+
+
 def given(value: str | None, option: str, what: str) -> str | None:
     """A text option as given, None when left out; UsageError when it is given empty or blank (`--adapter=`
     would otherwise read as left out, and the command run on the default)."""

@@ -11,7 +11,7 @@ from ..errors import LunaError
 from ..evalgate import GateReport, GateThresholds, eval_gate, parse_thresholds
 from ..settings import load_settings
 from ..templates import cli_template
-from .app import app, as_written, fail, given, is_tty, print_report, tables_fit
+from .app import app, as_written, fail, fail_listing, given, is_tty, print_report, tables_fit
 
 
 def _threshold_help(field: str) -> str:
@@ -96,7 +96,10 @@ def eval_gate_cmd(
         report = eval_gate(
             settings, adapter=adapter, base_model=base_model, thresholds=thresholds, chat_template=template
         )
-        print_report(report, show, as_json=as_json)
+    except LunaError as err:  # a golden suite's mistakes: every one named, as `examples import` names a file's
+        raise fail_listing(err, as_json) from None
+    try:
+        print_report(report, show, as_json=as_json)  # a failed gate: its report, then exit 1
     except LunaError as err:
         raise fail(err) from None
 

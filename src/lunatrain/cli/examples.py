@@ -17,7 +17,7 @@ from ..errors import LunaError, UsageError
 from ..messages import counted
 from ..settings import load_settings
 from ..wire import INT_MAX
-from .app import app, as_written, fail, is_tty, json_text, tables_fit, visible
+from .app import app, as_written, fail, fail_listing, is_tty, json_text, list_problems, tables_fit, visible
 
 examples_app = typer.Typer(help="Add, import, list and curate training examples.", no_args_is_help=True)
 memory_app = typer.Typer(help="Facts Luna remembers; exported as question/answer samples.", no_args_is_help=True)
@@ -32,7 +32,6 @@ SearchOpt = Annotated[
     str | None,
     typer.Option("--search", metavar="TEXT", help="only those with TEXT in any of their texts or tags (any case)"),
 ]
-_LISTED = 20  # problems of a refused import listed one per line
 
 IdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="example ids (12 or ex-12)")]
 MemIdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="memory ids (3 or mem-3)")]
@@ -209,13 +208,8 @@ def import_cmd(
             fmt=fmt,
             skip_bad=skip_bad,
         )
-    except LunaError as err:
-        problems = err.details if isinstance(err.details, list) else []
-        if as_json:  # every problem, for a script to act on, as the API's 422 names them; the sentence on stderr
-            typer.echo(json_text({"error": {"code": err.code, "message": err.message, "details": problems}}))
-        elif len(problems) > 1:
-            _list_problems(problems)
-        raise fail(err) from None
+    except LunaError as err:  # every problem, as the API's 422 names them; the sentence on stderr
+        raise fail_listing(err, as_json) from None
     if as_json:
         out = ImportResult(
             records=res.records,
@@ -232,20 +226,12 @@ def import_cmd(
     typer.echo(
         f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}){left_out}"
     )
-    _list_problems(list(res.bad))
+    list_problems(list(res.bad))
     for old, new in res.kept_beside:
         typer.echo(
             f"Note: ex-{old} was edited in the file: the edit is ex-{new}, and ex-{old} keeps its old content (both "
             f"are exported); `lunatrain examples delete {old}` if the edit replaces it."
         )
-
-
-def _list_problems(problems: list[str]) -> None:
-    """The first problems, each on a line (stderr); a file of thousands of bad records says how many more."""
-    for problem in problems[:_LISTED]:
-        typer.echo(f"  {problem}", err=True)
-    if len(problems) > _LISTED:
-        typer.echo(f"  … and {len(problems) - _LISTED} more", err=True)
 
 
 @examples_app.command("list")
