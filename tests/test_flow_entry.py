@@ -1345,9 +1345,21 @@ def test_a_failed_preflight_names_min_curated_only_when_the_volume_check_failed(
     r = CliRunner().invoke(app, ["luna", "--local", *FAST])
     [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert r.exit_code == 1 and "special_tokens" in error and "minCurated" not in error, r.output
+    # Auto repro: the volume check's failure said "volume (6); …, or lower --minCurated", without the number
+    # required (from a profile the user may not know of); the check's own sentence says both.
     r = CliRunner().invoke(app, ["luna", "--local", *FAST, "--minCurated=100000"])
     [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
-    assert r.exit_code == 1 and error.endswith("or lower --minCurated."), r.output
+    assert r.exit_code == 1 and "100000 required (minCurated); curate more or lower it; fix the examples" in error
+    assert error.endswith("listed in reports/training/prepare-latest.json."), r.output
+    bad = next(e for e in store.list_examples(settings, limit=1000) if "<|im_end|>" in e.response)
+    store.delete_examples(settings, [bad.id])
+    r = CliRunner().invoke(app, ["luna", "--local", *FAST, "--minCurated=100000"])
+    [error] = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert re.search(
+        r"volume \(\d+\); \d+ approved curated examples, 100000 required \(minCurated\); curate more or "
+        r"lower it\.$",
+        error,
+    ), r.output
     store.dispose_stores()
 
 

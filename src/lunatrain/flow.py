@@ -572,8 +572,14 @@ def run_flow(
                 f"all {counted(samples, 'sample')} of the {report.tier} tier fell into val/test, so none is left to "
                 f"train on: {prepare.get_samples(report.tier)}"
             )
-        elif failed and not any(c.id == "volume" for c in failed):  # a lower minCurated would change nothing
-            detail["fix"] = f"fix the examples listed in reports/training/{PREPARE_REPORT}"
+        elif failed:
+            # The volume check's sentence names the count required (from a profile the user may not know of);
+            # other failed checks have examples to fix, which a lower minCurated would not change.
+            volume = [c.message for c in failed if c.id == "volume"]
+            fixes = (
+                [f"fix the examples listed in reports/training/{PREPARE_REPORT}"] if len(failed) > len(volume) else []
+            )
+            detail["fix"] = "; ".join(volume + fixes)
         return report.status != "fail", text, detail
 
     def lora() -> tuple[bool, str, dict[str, Any]]:
