@@ -35,6 +35,24 @@ def _write(path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n", "utf-8")
 
 
+def test_a_check_that_expects_a_blank_answer_is_refused_like_an_empty_one(settings):
+    """Auto repro: `contains ""` was refused with its line, but `equals ""` and `contains "   "` loaded: a check
+    that only a blank answer passes (or every answer does, `contains " "` is in most), never what a golden case
+    means."""
+    path = settings.eval_dir / "x.jsonl"
+    checks = [
+        {"type": "equals", "value": ""},
+        {"type": "contains", "value": "   "},
+        {"type": "not_contains", "value": ["Luna", "\t"]},
+        {"type": "equals", "value": "Luna"},
+    ]
+    _write(path, [json.dumps({"id": f"c{i}", "prompt": "q", "checks": [c]}) for i, c in enumerate(checks)])
+    with pytest.raises(UsageError) as info:
+        load_suite(settings)
+    assert [d.split(": ", 1)[0] for d in info.value.details] == [f"{path}:{n}" for n in (1, 2, 3)], info.value.details
+    assert "'value' must be text that is not blank" in info.value.details[0], info.value.details
+
+
 def test_bad_eval_files_name_every_problem_with_file_and_line(settings):
     a = settings.eval_dir / "a.jsonl"
     b = settings.eval_dir / "b.jsonl"

@@ -477,14 +477,15 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
     if not isinstance(ignore, bool):
         errs.append(f"{label}: 'ignoreCase' must be true or false")
     n = len(errs)
+    # Blank text is no expectation: `equals ""` passes only a blank answer, `contains " "` nearly every one.
     if kind in ("contains", "not_contains"):
-        if not (isinstance(value, str) and value) and not (
-            isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)
+        if not (isinstance(value, str) and value.strip()) and not (
+            isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
         ):
-            errs.append(f"{label} ({kind}): 'value' must be a non-empty string or a list of them")
+            errs.append(f"{label} ({kind}): 'value' must be text that is not blank, or a list of such texts")
     elif kind == "equals":
-        if not isinstance(value, str):
-            errs.append(f"{label} (equals): 'value' must be a string")
+        if not isinstance(value, str) or not value.strip():
+            errs.append(f"{label} (equals): 'value' must be text that is not blank")
     elif kind == "regex":
         if not isinstance(value, str) or not value:
             errs.append(f"{label} (regex): 'value' must be a non-empty string")
