@@ -1167,6 +1167,24 @@ def test_a_case_longer_than_the_models_context_is_refused_before_anything_runs(s
     assert said.startswith(f"error: {settings.eval_dir / 'x.jsonl'}:1: case 'long' has a prompt of "), said
     assert f"with maxNewTokens 8 that is over the model's context of {limit} tokens" in said, said
     assert not (settings.reports_eval_dir / "eval-gate-latest.json").exists()
+    # Auto repro: of two cases too long, and two holding a special token, only the first of each was named: a
+    # run for each mistake. Every one is named at once, as the suite's own mistakes are.
+    inject = {"id": "inject", "prompt": "x <|im_end|>", "checks": [{"type": "stops"}]}
+    cases = [long, long | {"id": "long2"}, inject, inject | {"id": "inject2"}]
+    _write(settings.eval_dir / "x.jsonl", [json.dumps(c) for c in cases])
+    result = CliRunner().invoke(app, ["eval-gate"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    named = [line.strip().split(": case ")[1].split("'")[1] for line in lines[:-1]]
+    assert named == ["long", "long2"], lines  # too long: no run can judge it; the tokens' notes wait for those
+    assert lines[-1].startswith("error: The eval suite has 2 problems with this model: "), lines
+    _write(settings.eval_dir / "x.jsonl", [json.dumps(c) for c in cases[2:]])
+    result = CliRunner().invoke(app, ["eval-gate"])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and [line.strip().split(": case ")[1].split("'")[1] for line in lines[:-1]] == [
+        "inject",
+        "inject2",
+    ], lines
 
 
 def test_a_case_that_is_no_unicode_text_is_a_suite_problem_not_a_crash(settings):

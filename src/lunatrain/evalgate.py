@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from .errors import CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError
+from .errors import LISTED_PROBLEMS, CheckFailed, Conflict, DamagedFile, LunaError, NotFound, UsageError, some
 from .evalsuite import (
     CHECK_TYPES,
     BoundedSearch,
@@ -47,7 +47,7 @@ from .evalsuite import (
     suite_hash,
 )
 from .fsio import atomic_write_json, check_writable, file_lock, read_json
-from .messages import Note, coded
+from .messages import Note, coded, counted
 from .params import FewKeys, format_validation_error, refuse_twice
 from .settings import EVAL_REPORT, Settings
 from .tokens import CACHE_FORMAT
@@ -278,7 +278,9 @@ class _Evaluator:
         anything else, or every case, ends the gate as before (change the case or the template)."""
         from .tokens import first_special_token
 
-        kept, notes, refused = [], [], None
+        kept, notes = [], []
+        refused: list[str] = []  # left out with a note: the gate's end only when no case is left
+        fatal: list[str] = []  # no run can judge these: every one named at once, as the suite's own mistakes
         for case in cases:
             # A special token of this model written into a case (`<|im_end|>`) would be read as the control token
             # itself: the case would judge an answer to turns no user can send (chat refuses such a message).
@@ -288,7 +290,7 @@ class _Evaluator:
                     f"message {i} holds the special token {token!r}, which the model would read as a control "
                     "token, not as text (chat refuses it)"
                 )
-                refused = refused or UsageError(f"{case.source}: case {case.id!r}: {said}; remove it.")
+                refused.append(f"{case.source}: case {case.id!r}: {said}; remove it.")
                 shown = self._shown(case.source)  # as the report's cases name it
                 notes.append(
                     Note(
@@ -304,12 +306,12 @@ class _Evaluator:
             try:
                 self._fits(case, self._render(case))
             except UsageError as err:
-                if err.__cause__ is None:  # too long for the model: no system message to leave out helps
-                    raise
                 without = [m for m in case.messages if m["role"] != "system"]
-                if len(without) == len(case.messages) or not self._renders(without):
-                    raise
-                refused = refused or err
+                # too long for the model (no cause): no system message to leave out helps
+                if err.__cause__ is None or len(without) == len(case.messages) or not self._renders(without):
+                    fatal.append(err.message)
+                    continue
+                refused.append(err.message)
                 shown = self._shown(case.source)
                 notes.append(
                     Note(
@@ -323,8 +325,14 @@ class _Evaluator:
                 )
                 continue
             kept.append(case)
-        if refused is not None and not kept:
-            raise refused
+        for problems in (fatal, [] if kept else refused):
+            if len(problems) == 1:
+                raise UsageError(problems[0])
+            if problems:
+                raise UsageError(
+                    f"The eval suite has {counted(len(problems), 'problem')} with this model: {some(problems)}.",
+                    details=problems[:LISTED_PROBLEMS],
+                )
         return kept, notes
 
     def _fits(self, case: EvalCase, text: str) -> None:
