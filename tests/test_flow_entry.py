@@ -1363,6 +1363,21 @@ def test_a_failed_preflight_names_min_curated_only_when_the_volume_check_failed(
     store.dispose_stores()
 
 
+def test_the_summary_names_only_the_reports_this_run_wrote(settings, tiny):
+    """Auto repro: after a gate the day before, `auto` refused for a golden suite mistake ended its summary with
+    "reports    reports/eval/eval-gate-latest.json": yesterday's report, whose decision was "pass". The
+    summary names the reports this run wrote."""
+    from lunatrain import store
+
+    assert CliRunner().invoke(app, ["eval-gate"]).exit_code == 0
+    (settings.eval_dir / "mine.jsonl").write_text("{bad\n", "utf-8")
+    store.load_seed(settings)
+    r = CliRunner().invoke(app, ["auto", "--local", *FAST])
+    assert r.exit_code == 2, r.output
+    assert re.search(r"eval-gate +FAILED", r.output) and "eval-gate-latest.json" not in r.output, r.output
+    store.dispose_stores()
+
+
 def _full_disk(path):
     import errno
 

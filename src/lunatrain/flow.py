@@ -897,14 +897,23 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         folder = settings.home / str(entry.get("path"))  # a registry path is relative to the data root
         files = ["adapter"] + [f for f in (registry.REPORT_FILE, registry.LOSS_CURVE_FILE) if (folder / f).is_file()]
         lines.append(f"files      {entry.get('path')}/ ({', '.join(files)})")
-    # Only the reports that exist: a flow that failed early never wrote the later steps' reports.
+    # Only the reports this run wrote: a flow that failed early never wrote the later steps' reports, and an
+    # earlier run's (yesterday's gate decision) would read as this one's.
+    began = parse_iso(result.started).timestamp() if result.started else None
+
+    def written(path: Path) -> bool:
+        try:
+            return path.stat().st_mtime >= (began or 0.0)
+        except OSError:  # not there (or not readable): not one to look at
+            return False
+
     training = [
-        p.name for p in (settings.lora_latest_report, settings.registry_file, settings.prepare_report) if p.is_file()
+        p.name for p in (settings.lora_latest_report, settings.registry_file, settings.prepare_report) if written(p)
     ]
     # Within the data root, as `files` names the adapter's folder.
     home = settings.home
     where = ([f"{settings.reports_training_dir.relative_to(home)}/ ({', '.join(training)})"] if training else []) + (
-        [str(settings.eval_report.relative_to(home))] if settings.eval_report.is_file() else []
+        [str(settings.eval_report.relative_to(home))] if written(settings.eval_report) else []
     )
     if where:
         lines.append(f"reports    {', '.join(where)}")
