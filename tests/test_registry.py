@@ -551,8 +551,13 @@ def test_activate_rollback_and_deactivate_act_on_the_base_model_named_by_flag(se
     assert registry.active_version(settings, "a", twin_fp) is None
     assert registry.active_version(settings, "a", fp)["version"] == "v1"
     # A base of another training run is refused as without the flag, and its refusal names the flag's base.
+    # Switch repro: it said "the configured base model is <twin>" (the flag's) and suggested retraining and
+    # --force without the flag, commands that act on the configured base: both name the flag's base now.
     out = run("activate", "a@v1", *on_twin)
-    assert out.exit_code == 1 and f"the configured base model is {str(twin)!r}" in out.output, out.output
+    said = " ".join(out.output.split())
+    assert out.exit_code == 1 and f"but the base model named is {str(twin)!r}" in said, said
+    assert f"`lunatrain luna --adapterName a --baseModel {twin}`" in said, said
+    assert f"`lunatrain adapters activate a@v1 --force --baseModel {twin}`" in said, said
     # The refusals name the flag in the commands they suggest: without it those act on the configured base.
     out = run("rollback", "a", *on_twin)
     said = " ".join(out.output.split())

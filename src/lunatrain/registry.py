@@ -1298,6 +1298,7 @@ def activate(
     own_base: bool = False,
     gate: dict[str, Any] | None = None,
     replacing: Callable[[dict[str, Any] | None], bool] | None = None,
+    base_named: bool = False,
 ) -> dict[str, Any]:
     """Make NAME@VERSION the active version of NAME on the configured base model (other bases keep theirs).
     Refused when it was trained on a different base model than the configured one (its LoRA weights would
@@ -1305,7 +1306,8 @@ def activate(
     eval gate's promotion after training on a new base). `gate`: the gate's outcome, recorded on the version
     in the same write (`record_gate`): a version never becomes active without the outcome that promoted it.
     `replacing`: whether the entry active now (None: none) is the one this activation may replace, asked under
-    the registry's lock; ActiveMoved when not (the gate judged against another, activated by hand meanwhile)."""
+    the registry's lock; ActiveMoved when not (the gate judged against another, activated by hand meanwhile).
+    `base_named`: the command named the base (`--baseModel`): its refusals say so, and suggest commands with it."""
     entry = get_version(settings, name, version)
     if entry.get("replaced"):
         raise Conflict(f"{name}@{entry['version']} revision {entry.get('revision')} was replaced and is gone.")
@@ -1318,26 +1320,29 @@ def activate(
         fingerprint, base_id = base.fingerprint, base.id
         said = {"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id}
         foreign = trained_on.get("fingerprint") != base.fingerprint
+        # without the flag the suggested commands would act on the configured base, not the one named
+        flag = f" --baseModel {shlex.quote(base.id)}" if base_named else ""
+        which = "the base model named" if base_named else "the configured base model"
         if foreign and not force and same_base_id(settings, trained_on.get("id"), base.id):  # other weights now
             revision = trained_on.get("revision")
             then = f"revision {revision[:12]}; " if revision else ""
             raise Conflict(
                 f"{name}@{entry['version']} was trained on another build of base model {base.id!r} ({then}the "
-                f"weights under that name differ now): retrain it here (`lunatrain luna --adapterName {name}`), or, "
-                f"only if it is the same model, force the activation (`lunatrain adapters activate "
-                f"{name}@{entry['version']} --force`).",
+                f"weights under that name differ now): retrain it here (`lunatrain luna --adapterName {name}{flag}`), "
+                f"or, only if it is the same model, force the activation (`lunatrain adapters activate "
+                f"{name}@{entry['version']} --force{flag}`).",
                 code="adapter.another_build",
                 params=said | {"revision": revision},
             )
         if foreign and not force:
             raise Conflict(
-                f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but the configured "
-                f"base model is {base.id!r} (fingerprints differ); to serve it, activate it on its base "
+                f"{name}@{entry['version']} was trained on base model {trained_on.get('id')!r}, but {which} "
+                f"is {base.id!r} (fingerprints differ); to serve it, activate it on its base "
                 f"(`lunatrain adapters activate {name}@{entry['version']}{base_flag(settings, trained_on.get('id'))}`) "
                 f"and configure that base (ASSISTANT_BASE_MODEL={trained_on.get('id')!r}); to use this base, retrain "
                 f"it here (`lunatrain luna "
-                f"--adapterName {name}`); only if it is the same model changed since (re-downloaded, updated in "
-                f"place), force the activation (`lunatrain adapters activate {name}@{entry['version']} --force`; API: "
+                f"--adapterName {name}{flag}`); only if it is the same model changed since (re-downloaded, updated in "
+                f"place), force the activation (`lunatrain adapters activate {name}@{entry['version']} --force{flag}`; API: "
                 "`force: true`).",
                 code="adapter.foreign_base",
                 params=said,

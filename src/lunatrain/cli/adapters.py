@@ -180,7 +180,7 @@ def activate_cmd(
         name, version = registry.parse_ref(ref)
         if not version:  # the latest version may be one the eval gate refused: which one is the user's choice
             raise UsageError(f"activate takes NAME@VERSION, not {ref!r}; `lunatrain adapters list` shows its versions.")
-        entry = registry.activate(settings, name, version, force=force, reason="cli")
+        entry = registry.activate(settings, name, version, force=force, reason="cli", base_named=base_model is not None)
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{entry['name']}@{entry['version']} is now active on base model {settings.base_model!r}.")
