@@ -1378,6 +1378,28 @@ def test_the_summary_names_only_the_reports_this_run_wrote(settings, tiny):
     store.dispose_stores()
 
 
+def test_a_start_on_a_tier_with_nothing_in_train_is_refused_before_it_is_queued(settings, tiny):
+    """Memory repro: one memory item (the export said it fell into val) and `lora --datasetTier=memory` was
+    submitted (the API answered 202), then the job failed "The memory tier has no training samples; add
+    examples and export again" (the tier has a sample: it is in val). The check before a job is queued refuses
+    it, with the export's own sentence; a local run says the same."""
+    from lunatrain import export, flow, store
+    from lunatrain.errors import CheckFailed
+    from lunatrain.params import FlowOptions, LoraParams
+
+    store.add_memory(settings, question="Was ist Fakt 17?", answer="Fakt 17 ist wahr.")
+    export.export(settings)
+    params = LoraParams(dataset_tier="memory")
+    with pytest.raises(CheckFailed) as refused:
+        flow.check_data(settings, params, FlowOptions(min_curated=0))
+    assert refused.value.code == "export.nothing_to_train", refused.value
+    said = "The one sample of the memory tier fell into val/test (val ratio 0.1, test ratio 0.0), so a run on it"
+    assert refused.value.message.startswith(said), refused.value.message
+    r = CliRunner().invoke(app, ["lora", "--local", "--datasetTier=memory", "--minCurated=0", *FAST])
+    assert r.exit_code == 1 and said in r.output, r.output
+    store.dispose_stores()
+
+
 def _full_disk(path):
     import errno
 

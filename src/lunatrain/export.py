@@ -154,17 +154,8 @@ class ExportSummary:
     def notes(self) -> list[Note]:
         """A tier with samples of which none fell into train (ratios near 1, or a few samples): said when it is
         written, not first when a run on it fails its preflight."""
-        val, test = self.ratios["val"], self.ratios["test"]
         return [
-            Note(
-                "export.nothing_to_train",
-                f"{_all_of(c['total'])} of the {tier} tier fell into val/test (val ratio {val}, test ratio {test}), so "
-                "a run on it has nothing to train on: add samples, or lower the ratios.",
-                tier=tier,
-                count=c["total"],
-                valRatio=val,
-                testRatio=test,
-            )
+            nothing_to_train(tier, c["total"], self.ratios)
             for tier, c in self.counts.items()
             if c["total"] and not c["train"]
         ]
@@ -179,6 +170,30 @@ class ExportSummary:
             "files": self.files,
             "fingerprint": self.fingerprint,
         }
+
+
+def nothing_to_train(tier: str, total: int, ratios: dict[str, float]) -> Note:
+    """The export's note on a tier whose `total` samples all fell into val/test; also the refusal of a run on it."""
+    val, test = ratios["val"], ratios["test"]
+    return Note(
+        "export.nothing_to_train",
+        f"{_all_of(total)} of the {tier} tier fell into val/test (val ratio {val}, test ratio {test}), so "
+        "a run on it has nothing to train on: add samples, or lower the ratios.",
+        tier=tier,
+        count=total,
+        valRatio=val,
+        testRatio=test,
+    )
+
+
+def refuse_nothing_to_train(settings: Settings, tier: Tier) -> None:
+    """CheckFailed before a job is queued when the current export's `tier` has samples and none in train: the
+    job could only fail (and its message would say the tier has none). An empty tier is the volume checks'."""
+    summary = read_summary(settings)
+    counts = ((summary or {}).get("counts") or {}).get(tier) or {}
+    if counts.get("total") and not counts.get("train"):
+        note = nothing_to_train(tier, counts["total"], summary["ratios"])
+        raise CheckFailed(str(note), code=note.coded["code"], params=note.coded["params"])
 
 
 def _all_of(n: int) -> str:

@@ -291,6 +291,7 @@ def check_data(settings: Settings, params: LoraParams, options: FlowOptions) -> 
     check_suite(settings, options)
     export.refuse_replaced(settings, params.dataset_tier)
     export.refuse_withdrawn(settings, params.dataset_tier)
+    export.refuse_nothing_to_train(settings, params.dataset_tier)
 
 
 def check_before_export(

@@ -488,7 +488,7 @@ def _stopped_at(run: Run) -> dict[str, int]:
 def prepare(params: LoraParams, settings: Settings, world: World = distributed.SINGLE) -> Run:
     """Check every input, collecting all problems into one error; then load model and data.
     Writes nothing but caches (luna-tiny build, tokenized data)."""
-    from .export import read_tier, refuse_replaced, refuse_withdrawn
+    from .export import read_tier, refuse_nothing_to_train, refuse_replaced, refuse_withdrawn
     from .models import (
         check_expert_dropout,
         check_stored_quantization,
@@ -512,13 +512,17 @@ def prepare(params: LoraParams, settings: Settings, world: World = distributed.S
     device = check(lambda: resolve_device(params.device))
     data = check(lambda: read_tier(settings, params.dataset_tier))
     if data is not None and not data.train:
-        problems.append(
-            CheckFailed(
-                f"The {params.dataset_tier} tier has no training samples; add examples and export again.",
-                code="train.no_samples",
-                params={"tier": params.dataset_tier},
+        # samples all in val/test: the export's sentence (more samples or lower ratios), not "add examples" to none
+        said = len(problems)
+        check(lambda: refuse_nothing_to_train(settings, params.dataset_tier))
+        if len(problems) == said:  # no sample at all
+            problems.append(
+                CheckFailed(
+                    f"The {params.dataset_tier} tier has no training samples; add examples and export again.",
+                    code="train.no_samples",
+                    params={"tier": params.dataset_tier},
+                )
             )
-        )
     check(lambda: refuse_replaced(settings, params.dataset_tier))
     if data is not None:
         check(lambda: refuse_withdrawn(settings, params.dataset_tier, data))
