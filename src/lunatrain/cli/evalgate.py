@@ -97,7 +97,8 @@ def eval_gate_cmd(
             settings, adapter=adapter, base_model=base_model, thresholds=thresholds, chat_template=template
         )
     except LunaError as err:  # a golden suite's mistakes: every one named, as `examples import` names a file's
-        raise fail_listing(err, as_json) from None
+        # (a JSON document only for such a list: any other failure is its one sentence, as for every command)
+        raise fail_listing(err, as_json and isinstance(err.details, list)) from None
     try:
         print_report(report, show, as_json=as_json)  # a failed gate: its report, then exit 1
     except LunaError as err:
