@@ -826,6 +826,12 @@ def test_an_item_is_named_by_its_id_or_the_form_exports_and_the_command_line_use
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("Invalid request: id: "), r.text
     said = client.post(f"{T}/examples/+1/reject").json()["error"]["message"]
     assert said == "Invalid request: id: should be a number such as 12 or ex-12.", said
+    # Memory repro: another kind's id got the same advice ("a number such as 12"), and `12` names an example
+    other = client.post(f"{T}/examples/mem-{mem.id}/reject").json()["error"]["message"]
+    assert other == (
+        f"Invalid request: id: should be a number such as 12 or ex-12 (mem-{mem.id} is a memory item's id: "
+        f"the /memory routes take it)."
+    ), other
     # past any id: the same sentence, not int()'s advice to raise Python's digit limit
     r = client.post(f"{T}/examples/{'1' * 5000}/reject")
     assert r.status_code == 422 and r.json()["error"]["message"] == said, r.text

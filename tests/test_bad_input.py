@@ -610,6 +610,27 @@ def test_a_path_named_like_markup_shows_as_written_in_status(tmp_path: Path, mon
 # --- data that is not there, for every command that reads it ------------------------------------------------
 
 
+def test_an_id_of_the_other_kind_names_the_command_that_takes_it(settings: Settings) -> None:
+    """Memory repro: `examples delete mem-1` (prepare's report names memory items so) answered "use a number such
+    as 12 or ex-12": following it, `examples delete 1` deletes example 1, another record. It names the
+    command that takes the id, and nothing changes."""
+    from lunatrain import store
+
+    store.add_example(settings, prompt="P?", response="R.")
+    store.add_memory(settings, question="Q?", answer="A.")
+    for args, said in (
+        (("examples", "delete", "mem-1"), "'mem-1' is a memory item's id: `lunatrain memory delete mem-1` deletes it"),
+        (
+            ("examples", "approve", "mem-1"),
+            "'mem-1' is a memory item's id: `lunatrain memory approve mem-1` approves it",
+        ),
+        (("memory", "reject", "ex-1"), "'ex-1' is an example's id: `lunatrain examples reject ex-1` rejects it"),
+    ):
+        r = run(*args)
+        assert r.exit_code == 2 and said in r.output, r.output
+    assert len(store.list_examples(settings)) == 1 and store.list_memory(settings)[0].status == "approved"
+
+
 @pytest.mark.parametrize("exported", [False, True], ids=["no export", "empty export"])
 def test_missing_training_data_is_the_same_failure_for_prepare_and_lora(settings: Settings, exported: bool) -> None:
     """No export, or an export without training samples: the command line is right, the data is not there, so

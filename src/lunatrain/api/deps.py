@@ -50,12 +50,17 @@ def _unprefixed(prefix: str) -> BeforeValidator:
     `mem-3`); anything else (`1.0`, `+1`, ` 1`, which an int would take) is refused, naming `id`, as the
     command line refuses it."""
     form = re.compile(rf"(?:{prefix}-)?([0-9]{{1,19}})")  # 19 digits: past any id, short of int()'s own limit
+    other, what = (
+        ("mem", "a memory item's id: the /memory") if prefix == "ex" else ("ex", "an example's id: the /examples")
+    )
 
     def number(value: object) -> object:
         if not isinstance(value, str):
             return value
         if (m := form.fullmatch(value)) is None:
-            raise ValueError(f"should be a number such as 12 or {prefix}-12")
+            # the other kind's id: its number alone would name a record of this kind
+            of_other = f" ({value} is {what} routes take it)" if re.fullmatch(rf"{other}-[0-9]+", value) else ""
+            raise ValueError(f"should be a number such as 12 or {prefix}-12{of_other}")
         return int(m[1])
 
     return BeforeValidator(number)

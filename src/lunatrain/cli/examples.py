@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,10 +38,22 @@ IdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="example ids (1
 MemIdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="memory ids (3 or mem-3)")]
 
 
-def _ids(raw: list[str], prefix: str) -> list[int]:
-    """Accept the plain id and the prefixed form used in export records (ex-12, mem-3)."""
+_KINDS = {"ex": ("an example", "examples"), "mem": ("a memory item", "memory")}
+
+
+def _ids(raw: list[str], prefix: str, verb: str) -> list[int]:
+    """Accept the plain id and the prefixed form used in export records (ex-12, mem-3). The other kind's
+    (`mem-3` to an examples command, as prepare's report names memory items) names the command that takes it:
+    its number alone would name a record of this kind."""
     ids = []
     for value in raw:
+        other = next(p for p in _KINDS if p != prefix)
+        if re.fullmatch(rf"{other}-[0-9]+", value):
+            what, group = _KINDS[other]
+            raise UsageError(
+                f"{value!r} is {what}'s id: `lunatrain {group} {verb} {value}` {verb}s it (this command takes "
+                f"ids such as 12 or {prefix}-12)."
+            )
         text = value.removeprefix(f"{prefix}-")
         # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and no more than an id can be.
         if not (text.isascii() and text.isdigit() and 1 <= int(text) <= INT_MAX):
@@ -265,7 +278,9 @@ def list_cmd(
 def _curate(set_status: Callable[..., int], ids: list[str], prefix: str, what: str, status: store.Status) -> None:
     """Set the curation status of examples or memory items: all ids or none (an unknown one changes nothing)."""
     try:
-        changed = set_status(load_settings(), _ids(ids, prefix), status)
+        changed = set_status(
+            load_settings(), _ids(ids, prefix, {"approved": "approve", "rejected": "reject"}[status]), status
+        )
     except LunaError as err:
         raise fail(err) from None
     typer.echo(f"{counted(changed, what)} set to {status}.")
@@ -293,7 +308,7 @@ def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, 
     """Delete, then mark the adapter versions trained on the deleted content stale, and say which."""
     try:
         settings = load_settings()
-        deletion = delete(settings, _ids(ids, prefix))
+        deletion = delete(settings, _ids(ids, prefix, "delete"))
         stale = registry.refresh_stale(settings, deletion.hashes)
     except LunaError as err:
         raise fail(err) from None
