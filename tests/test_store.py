@@ -312,6 +312,31 @@ def test_an_exported_record_edited_and_imported_again_says_the_old_example_stays
     store.dispose_stores()
 
 
+def test_adding_what_is_stored_rejected_or_pending_says_so_and_how_to_use_it(settings: Settings) -> None:
+    """Memory repro: `memory add` of a fact stored rejected answered "already exists (id 1)": the user meant to
+    store an approved fact, and it stays rejected, never exported. The refusal says its status and the way on."""
+    from lunatrain.errors import Conflict
+
+    item = store.add_memory(settings, question="Q?", answer="A.", status="rejected")
+    with pytest.raises(Conflict) as said:
+        store.add_memory(settings, question="Q?", answer="A.")
+    assert said.value.message == (
+        f"A memory item with the same question and answer already exists (id {item.id}), rejected: "
+        f"`lunatrain memory approve {item.id}` makes it trained."
+    ), said.value.message
+    ex = store.add_example(settings, prompt="P?", response="R.", status="pending")
+    with pytest.raises(Conflict) as said:
+        store.add_example(settings, prompt="P?", response="R.")
+    assert said.value.message == (
+        f"An example with the same content already exists (id {ex.id}), pending: "
+        f"`lunatrain examples approve {ex.id}` makes it trained."
+    ), said.value.message
+    store.set_status(settings, [ex.id], "approved")
+    with pytest.raises(Conflict, match=rf"^An example with the same content already exists \(id {ex.id}\)\.$"):
+        store.add_example(settings, prompt="P?", response="R.")
+    store.dispose_stores()
+
+
 def test_list_filters_and_pages(db: Settings) -> None:
     for i in range(5):
         store.add_example(db, prompt=f"p{i}", response="r", status="approved" if i % 2 else "pending")
@@ -567,10 +592,14 @@ def test_cli_memory_approve_and_reject(db: Settings) -> None:
     assert r.exit_code == 1 and r.output.strip() == (
         "error: No memory item with id 100, 101, 102, 103, 104 (and 26 more); nothing was changed."
     ), r.output
-    for bad in ("ex-1", "abc", "0"):  # an example's id form is no memory id
-        r = runner.invoke(app, ["memory", "approve", bad])
+    for bad, said in (
+        ("ex-1", "error: 'ex-1' is an example's id"),
+        ("abc", "error: Invalid id"),
+        ("0", "error: Invalid id"),
+    ):
+        r = runner.invoke(app, ["memory", "approve", bad])  # an example's id form is no memory id: said so
         lines = r.output.strip().splitlines()
-        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: Invalid id"), r.output
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith(said), r.output
     assert _snapshot(db) == before
 
 

@@ -938,6 +938,15 @@ def _kept_beside(conn: Connection, edits: list[tuple[int, str, str]]) -> tuple[t
     return tuple((n, new[h]) for n, was, h in edits if old.get(was) == n and new.get(h) is not None and new[h] != n)
 
 
+def _unused(conn: Connection, table: sa.Table, row_id: int, group: str) -> str:
+    """What an add refused as a duplicate says of the stored one when it is not approved: the user meant to
+    store it for training, and it stays out of every export until approved."""
+    status = conn.execute(sa.select(table.c.status).where(table.c.id == row_id)).scalar()
+    if status == "approved":
+        return ""
+    return f", {status}: `lunatrain {group} approve {row_id}` makes it trained"
+
+
 def add_example(
     settings: Settings,
     *,
@@ -975,7 +984,8 @@ def add_example(
             conn, examples_table, [(draft.earlier_hash, draft.hash)]
         )
         if dup:
-            raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}).")
+            said = _unused(conn, examples_table, dup[draft.hash], "examples")
+            raise Conflict(f"An example with the same content already exists (id {dup[draft.hash]}){said}.")
         lifted = _add_drafts(conn, [draft], source, status_)[2]
         row = conn.execute(sa.select(examples_table).where(examples_table.c.hash == draft.hash)).mappings().one()
     if lifted:
@@ -1250,8 +1260,9 @@ def add_memory(
             conn, memory_table, [(values["earlier"], values["hash"])]
         )
         if dup:
+            said = _unused(conn, memory_table, dup[values["hash"]], "memory")
             raise Conflict(
-                f"A memory item with the same question and answer already exists (id {dup[values['hash']]})."
+                f"A memory item with the same question and answer already exists (id {dup[values['hash']]}){said}."
             )
         lifted = _insert_memory(conn, [values])
         row = conn.execute(sa.select(memory_table).where(memory_table.c.hash == values["hash"])).mappings().one()
