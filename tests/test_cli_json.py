@@ -243,6 +243,22 @@ def test_examples_and_memory_list_json_use_the_apis_field_names(settings: Settin
     store.dispose_stores()
 
 
+def test_a_json_list_cut_at_its_limit_says_more_may_follow_on_stderr(settings: Settings) -> None:
+    """PostgreSQL repro: `examples list --json > all.json` printed 50 of 318 examples and nothing else (the text
+    listing says "more may follow" on stderr); imported elsewhere, 268 were lost without a word. The JSON
+    stays the page; stderr says how to get the next one, as the text listing does."""
+    for i in range(3):
+        store.add_example(settings, prompt=f"Frage {i}?", response=f"Antwort {i}.")
+        store.add_memory(settings, question=f"Fakt {i}?", answer=f"Ja {i}.")
+    for kind in ("examples", "memory"):
+        r = CliRunner().invoke(app, [kind, "list", "--json", "--limit", "2"])
+        assert r.exit_code == 0 and len(json.loads(r.stdout)) == 2, r.output
+        assert r.stderr == "2 listed; more may follow: --offset 2 lists the next ones.\n", r.stderr
+        r = CliRunner().invoke(app, [kind, "list", "--json", "--limit", "5"])
+        assert r.exit_code == 0 and len(json.loads(r.stdout)) == 3 and r.stderr == "", r.stderr
+    store.dispose_stores()
+
+
 def test_examples_and_memory_list_search_like_the_api(settings: Settings) -> None:
     """`examples list --search` and `memory list --search` list what the API's `search` finds (store's test: every
     field, case and Unicode forms); a blank search exits 2 saying so."""
@@ -467,7 +483,9 @@ def test_a_listing_cut_at_its_limit_says_how_to_see_the_rest(settings: Settings)
     assert r.stderr.strip() == "3 listed; more may follow: --offset 8 lists the next ones."
     last = CliRunner().invoke(app, ["memory", "list", "--limit", "1000"])
     assert last.exit_code == 0 and last.stderr == "", last.stderr  # all of them: nothing to add
-    assert CliRunner().invoke(app, ["examples", "list", "--limit", "3", "--json"]).stderr == ""
+    # with --json too (stdout stays the one document): `list --json > all.json` is a page, not the store
+    said = CliRunner().invoke(app, ["examples", "list", "--limit", "3", "--json"]).stderr
+    assert said == "3 listed; more may follow: --offset 3 lists the next ones.\n", said
     store.dispose_stores()
 
 

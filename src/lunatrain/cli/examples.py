@@ -114,16 +114,22 @@ def _table(title: str, columns: list[str], rows: Iterable[list[str]], *, limit: 
         for row in rows:
             typer.echo("\t".join(visible(cell) for cell in row))
             shown += 1
+    _more_may_follow(shown, limit, offset)
+
+
+def _more_may_follow(shown: int, limit: int, offset: int) -> None:
+    """A listing cut at its limit says so on stderr, with JSON too: `list --json > all.json` is a page."""
     if shown == limit:
         typer.echo(f"{shown} listed; more may follow: --offset {offset + limit} lists the next ones.", err=True)
 
 
-def _json_array(items: Iterable[dict[str, Any]]) -> None:
+def _json_array(items: Iterable[dict[str, Any]]) -> int:
     """What `json.dumps(list(items), indent=2)` prints, written item by item: a listing of the whole store
     never holds it all (nor its JSON) in memory."""
     out = sys.stdout
-    first = True
+    first, written = True, 0
     for item in items:
+        written += 1
         # Indented at the layout's own line breaks only: json.dumps escapes "\n" in strings, but not U+2028 or
         # U+0085, at which str.splitlines (and so textwrap.indent) would break inside a value.
         text = json_text(item).replace("\n", "\n  ")
@@ -131,6 +137,7 @@ def _json_array(items: Iterable[dict[str, Any]]) -> None:
         first = False
     out.write("[]\n" if first else "\n]\n")
     out.flush()
+    return written
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -267,7 +274,7 @@ def list_cmd(
             search=search,
         )
         if as_json:
-            _json_array(ExampleOut.of(e).wire() for e in items)
+            _more_may_follow(_json_array(ExampleOut.of(e).wire() for e in items), limit, offset)
             return
         rows = ([str(e.id), e.source, e.status, _short(e.prompt, 40), _short(e.response)] for e in items)
         _table("examples", ["id", "source", "status", "prompt", "response"], rows, limit=limit, offset=offset)
@@ -392,7 +399,7 @@ def memory_list_cmd(
     try:
         items = store.iter_memory(load_settings(), status=status, limit=limit, offset=offset, search=search)  # type: ignore[arg-type]
         if as_json:
-            _json_array(MemoryOut.of(m).wire() for m in items)
+            _more_may_follow(_json_array(MemoryOut.of(m).wire() for m in items), limit, offset)
             return
         rows = (
             [str(m.id), m.status, " ".join((m.topic or "").split()), _short(m.question, 40), _short(m.answer)]
