@@ -1065,6 +1065,9 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
             store.open_store(load_settings())
         assert "permission denied for schema public" in err.value.message, err.value.message
         assert err.value.code == "storage_denied"
+        # PostgreSQL repro: the README promises the GRANT; the common case (PostgreSQL 15 gives no CREATE on
+        # public) said only "grant it the privileges lunatrain needs"
+        assert f"`GRANT CREATE ON SCHEMA public TO {role}`" in err.value.message, err.value.message
         store.dispose_stores()
         store.open_store(
             load_settings(db_url=owner)
@@ -1076,6 +1079,8 @@ def test_a_database_user_without_permission_is_told_so(home: Path, monkeypatch: 
         for said in (err.value.message, r.output):
             assert f"user {role} lacks a permission" in said and "backup" not in said and "aside" not in said, said
         assert "permission denied for table examples" in r.output, r.output
+        grant = f"`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}`"
+        assert grant in " ".join(r.output.split()), r.output
 
 
 def test_a_database_this_process_may_only_read_is_said_so_not_called_damaged(

@@ -289,10 +289,22 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine, *, reading: bool = Fal
             "ran), so nothing was changed; try again: the next request sets it up as a new, empty store."
         )
     if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
-        user = f"The database user {engine.url.username}" if engine.url.username else "The database user"
+        # no name in the URL: libpq connects as the operating system user
+        name = engine.url.username or getpass.getuser()
+        user = f"The database user {name}"
+        # The GRANT for what was refused: CREATE on the schema (PostgreSQL 15 gives none on public) to set up
+        # an empty database; the rows of tables another user made; else what lunatrain needs in general.
+        grant = (
+            f"`GRANT CREATE ON SCHEMA public TO {name}`"
+            if "for schema" in reason
+            else f"`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}` and "
+            f"`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {name}`"
+            if "for table" in reason or "for sequence" in reason
+            else "the privileges lunatrain needs (a database it owns has them all)"
+        )
         return StorageDenied(
             f"{user} lacks a permission in the database {where} (the server said: {said}), so nothing was "
-            "changed; grant it the privileges lunatrain needs, or name another user in ASSISTANT_DB_URL."
+            f"changed; grant it {grant}, or name another user in ASSISTANT_DB_URL."
         )
     if getattr(orig, "sqlstate", None) == "3F000":  # invalid_schema_name: no schema on the search path it may use
         # no name in the URL: libpq connects as the operating system user
