@@ -337,6 +337,42 @@ def test_adding_what_is_stored_rejected_or_pending_says_so_and_how_to_use_it(set
     store.dispose_stores()
 
 
+def test_memory_items_move_to_another_database_with_memory_import(db: Settings, tmp_path: Path) -> None:
+    """PostgreSQL repro: there was no way to carry memory items to another database: `memory list --json` wrote
+    them, but `examples import` refused every one ("unknown format") and there is no bulk memory route.
+    `memory import` reads what `memory list --json` writes (and JSON Lines of {question, answer, topic?,
+    status?, tags?}): all or nothing, a bad record named by its place, duplicates skipped."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    runner = CliRunner()
+    store.add_memory(db, question="Wie heißt mein Hund?", answer="Bruno.", topic="family", tags=["hund"])
+    store.add_memory(db, question="Lieblingsfarbe?", answer="Blau.", status="rejected")
+    listed = runner.invoke(app, ["memory", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    path = tmp_path / "memory.json"
+    path.write_text(listed.stdout, "utf-8")
+    store.delete_memory(db, [m.id for m in store.list_memory(db)])
+    r = runner.invoke(app, ["memory", "import", str(path)])
+    assert r.exit_code == 0 and r.output == "Imported memory.json: 2 added, 0 already present.\n", r.output
+    moved = {(m.question, m.answer, m.topic, m.status, tuple(m.tags)) for m in store.list_memory(db)}
+    assert moved == {
+        ("Wie heißt mein Hund?", "Bruno.", "family", "approved", ("hund",)),
+        ("Lieblingsfarbe?", "Blau.", None, "rejected", ()),
+    }
+    again = runner.invoke(app, ["memory", "import", str(path)])
+    assert again.exit_code == 0 and again.output == "Imported memory.json: 0 added, 2 already present.\n"
+    before = _snapshot(db)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Neu?", "answer": "Ja."}\n{"question": "", "answer": "x"}\n{"prompt": "p"}\n')
+    r = runner.invoke(app, ["memory", "import", str(bad)])
+    assert r.exit_code == 2, r.output
+    assert "bad.jsonl line 2: field 'question'" in r.output and "bad.jsonl line 3: unknown field 'prompt'" in r.output
+    assert _snapshot(db) == before  # nothing imported
+    store.dispose_stores()
+
+
 def test_list_filters_and_pages(db: Settings) -> None:
     for i in range(5):
         store.add_example(db, prompt=f"p{i}", response="r", status="approved" if i % 2 else "pending")

@@ -1086,25 +1086,37 @@ def _read_faults(path: Path) -> Iterator[None]:
         raise UsageError(f"Cannot import {path}: {exc.strerror or exc}. Nothing was imported.") from None
 
 
-def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_status: bool = True) -> ParsedFile:
-    """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list).
-    `skip_bad`: the good records are returned and the bad ones listed in `bad` instead (a file without any
-    good record is still refused)."""
-    if fmt not in FORMATS:
-        raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+def _open_import(path: Path) -> BinaryIO:
+    """The file to import, open; UsageError for what cannot be one."""
     try:
         if path.is_dir():
             raise IsADirectoryError
         # A pipe or a device would be read until a writer comes or forever (/dev/zero): regular files only.
         if path.exists() and not path.is_file():
             raise UsageError(f"Cannot import {path}: it is not a regular file.")
-        fh = path.open("rb")
+        return path.open("rb")
     except FileNotFoundError:
         raise UsageError(f"Cannot import {path}: file not found.") from None
     except IsADirectoryError:
         raise UsageError(f"Cannot import {path}: it is a directory, not a file.") from None
     except OSError as exc:  # not a directory on the way, a name too long, no permission
         raise UsageError(f"Cannot import {path}: {exc.strerror or exc}.") from None
+
+
+def read_memory_file(path: Path) -> list[tuple[str, Any]]:
+    """(location, record) of each record of a file of memory items (`memory list --json` writes an array of
+    them; JSON Lines and CSV as for examples); a record that is no JSON is a RecordError in its place."""
+    with _open_import(path) as fh, _read_faults(path):
+        return list(_records(path, fh))
+
+
+def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_status: bool = True) -> ParsedFile:
+    """Parse a whole file; any bad record → one UsageError listing all problems (details = the full list).
+    `skip_bad`: the good records are returned and the bad ones listed in `bad` instead (a file without any
+    good record is still refused)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    fh = _open_import(path)
     drafts: list[ExampleDraft] = []
     formats: dict[str, int] = {}
     problems: list[str] = []

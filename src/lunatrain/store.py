@@ -61,6 +61,7 @@ from .fsio import (
     sqlite_wal,
     writable_beside,
 )
+from .messages import counted
 from .schema import deleted_table, examples_table, memory_table, state_table
 from .settings import Settings
 from .wire import check_page, iso, utc_now
@@ -1309,6 +1310,70 @@ def _insert_memory(conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
     lifted = _forget_tombstones(conn, [r["hash"] for r in rows if r["status"] == "approved"])
     _bump(conn)
     return lifted
+
+
+# What `memory list --json` writes beside an item's content: read, not kept (the new database gives its own).
+_MEMORY_FIELDS = {"question", "answer", "topic", "status", "tags"}
+_MEMORY_LISTED = {"id", "hash", "createdAt", "updatedAt"}
+
+
+def import_memory_file(settings: Settings, path: Path | str) -> ImportResult:
+    """Import memory items from a file in one transaction (`memory list --json` writes an array of them; JSON
+    Lines or CSV of {question, answer, topic?, status?, tags?}): any bad record → UsageError naming each by its
+    place, nothing imported; items stored already are skipped. Moves them to another database."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for where, rec in formats.read_memory_file(path):
+        try:
+            if isinstance(rec, RecordError):
+                raise UsageError(rec.describe())
+            if not isinstance(rec, dict):
+                raise UsageError(f"expected a JSON object, got {type(rec).__name__}")
+            unknown = sorted(set(rec) - _MEMORY_FIELDS - _MEMORY_LISTED)
+            if unknown:
+                raise UsageError(
+                    f"unknown field {unknown[0]!r} (a memory item has {', '.join(sorted(_MEMORY_FIELDS))})"
+                )
+            tags = rec.get("tags") or []
+            if not isinstance(tags, list):
+                raise UsageError("field 'tags': expected a list of strings")
+            rows.append(
+                _memory_values(
+                    question=rec.get("question") if isinstance(rec.get("question"), str) else "",
+                    answer=rec.get("answer") if isinstance(rec.get("answer"), str) else "",
+                    topic=rec.get("topic"),
+                    status=rec.get("status") or "approved",
+                    tags=tags,
+                )
+            )
+        except UsageError as err:
+            problems.append(f"{path.name} {where}: {err.message.removeprefix('Invalid memory item: ').rstrip('.')}")
+    if problems:
+        raise UsageError(
+            f"Cannot import {path.name}: {counted(len(problems), 'bad record')} — {some(problems)}. Nothing was "
+            "imported.",
+            details=problems,
+        )
+    if not rows:
+        raise UsageError(f"Cannot import {path.name}: the file is empty (no records). Nothing was imported.")
+    with open_store(settings).write() as conn:
+        known = _existing(conn, memory_table, [r["hash"] for r in rows]) | _stored_earlier(
+            conn, memory_table, [(r["earlier"], r["hash"]) for r in rows]
+        )
+        new = list({r["hash"]: r for r in rows if r["hash"] not in known}.values())  # a file's twice: once
+        lifted = _insert_memory(conn, new) if new else 0
+        rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+    if lifted:
+        _settle_stale(settings)
+    return ImportResult(
+        path=str(path),
+        records=len(rows),
+        added=len(new),
+        skipped_duplicates=len(rows) - len(new),
+        formats={"memory": len(rows)},
+        revision=f"{rev.instance[:12]}-{rev.counter}",
+    )
 
 
 def _memory_values(

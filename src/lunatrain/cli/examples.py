@@ -387,6 +387,27 @@ def _memory_tier_hint(settings: Any) -> str:
     )
 
 
+@memory_app.command("import")
+def memory_import_cmd(
+    file: Annotated[Path, typer.Argument(help="what `memory list --json` writes, or JSON Lines/CSV of memory items")],
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="print the result as JSON; a refused import prints the error with every problem"),
+    ] = False,
+) -> None:
+    """Import memory items in one transaction (to move them to another database): a bad record imports nothing;
+    items stored already are skipped."""
+    try:
+        res = store.import_memory_file(load_settings(), file)
+    except LunaError as err:
+        raise fail_listing(err, as_json) from None
+    if as_json:
+        out = {"file": file.name, "records": res.records, "added": res.added, "duplicates": res.skipped_duplicates}
+        typer.echo(json_text(out | {"storeRevision": res.revision}))
+        return
+    typer.echo(f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present.")
+
+
 @memory_app.command("list")
 def memory_list_cmd(
     status: StatusOpt = None,
