@@ -336,9 +336,11 @@ def test_a_delete_of_content_still_held_approved_as_the_other_kind_says_so(setti
     last = store.add_memory(settings, question="Was trinke ich morgens?", answer="Hafermilch-Cappuccino.")
     said = CliRunner().invoke(app, ["examples", "delete", str(example.id)])
     assert said.exit_code == 0, said.output
+    # Memory repro: "it stays in the exports" read as every tier's, the tier of what was deleted too (a memory
+    # item deleted beside its example twin leaves the memory tier): the tiers of what holds it keep it.
     assert said.output.split("\n")[0] == (
-        f"Deleted 1 example. Its content is still held, approved, as mem-{last.id}: it stays in the exports and in the "
-        "adapters trained on it; delete that too to forget it."
+        f"Deleted 1 example. Its content is still held, approved, as mem-{last.id}: the tiers that export it keep "
+        "it, and so do the adapters trained on it; delete that too to forget it."
     ), said.output
     store.dispose_stores()
 

@@ -323,8 +323,9 @@ def _delete(delete: Callable[..., store.Deletion], ids: list[str], prefix: str, 
     if deletion.still_held:  # the same content as the other kind, approved: exported and trained on all the same
         ids = ", ".join(deletion.still_held)
         held = (
-            f" Its content is still held, approved, as {ids}: it stays in the exports and in the adapters trained on "
-            f"it; delete {'that' if len(deletion.still_held) == 1 else 'those'} too to forget it."
+            f" Its content is still held, approved, as {ids}: the tiers that export "
+            f"{'it' if len(deletion.still_held) == 1 else 'them'} keep it, and so do the adapters trained on it; delete "
+            f"{'that' if len(deletion.still_held) == 1 else 'those'} too to forget it."
         )
     typer.echo(
         f"Deleted {counted(deletion.count, what)}."
