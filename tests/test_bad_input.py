@@ -1036,6 +1036,16 @@ def test_a_postgres_url_in_the_hosts_spelling_names_the_scheme_to_use(
     line = one_sentence(run("examples", "list"), 2)
     assert line.endswith("use the scheme postgresql+psycopg:// instead of postgres://."), line
     assert "secret" not in line
+    # PostgreSQL repro: another database, or PostgreSQL through another driver, said only "No module named
+    # 'MySQLdb'" / "'psycopg2'": which URLs work is the advice
+    for url in ("mysql://luna:secret@127.0.0.1/luna", "postgresql+psycopg2://luna@127.0.0.1:9/luna"):
+        monkeypatch.setenv("ASSISTANT_DB_URL", url)
+        line = one_sentence(run("examples", "list"), 2)
+        assert line.endswith(
+            "lunatrain runs on SQLite (sqlite:///PATH) and on PostgreSQL through psycopg "
+            "(postgresql+psycopg://USER@HOST/DB)."
+        ), line
+        assert "secret" not in line
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])

@@ -628,6 +628,13 @@ def open_store(settings: Settings) -> Store:
                 fix = "check ASSISTANT_DB_URL"
                 if url.startswith("postgres://"):
                     fix = "use the scheme postgresql+psycopg:// instead of postgres://"
+                elif isinstance(exc, ImportError) or not url.startswith(("postgresql+psycopg:", "sqlite")):
+                    # another database, or another driver's (psycopg2, the default of postgresql://): no module
+                    # of it is installed here, and its name alone does not say what works
+                    fix = (
+                        "lunatrain runs on SQLite (sqlite:///PATH) and on PostgreSQL through psycopg "
+                        "(postgresql+psycopg://USER@HOST/DB)"
+                    )
                 raise UsageError(f"Invalid database URL {_hidden(url)!r}: {exc}; {fix}.") from None
             except OSError as exc:  # the SQLite file's folder cannot be created (a file in its way, no access)
                 setting = "ASSISTANT_DB_URL" if settings.db_url else "ASSISTANT_HOME (the data root holds it)"
