@@ -43,8 +43,9 @@ def test_a_check_that_expects_a_blank_answer_is_refused_like_an_empty_one(settin
     checks = [
         {"type": "equals", "value": ""},
         {"type": "contains", "value": "   "},
-        {"type": "not_contains", "value": ["Luna", "\t"]},
+        {"type": "not_contains", "value": ["Luna", ""]},
         {"type": "equals", "value": "Luna"},
+        {"type": "not_contains", "value": "\n"},  # review: an answer on one line is an expectation
     ]
     _write(path, [json.dumps({"id": f"c{i}", "prompt": "q", "checks": [c]}) for i, c in enumerate(checks)])
     with pytest.raises(UsageError) as info:

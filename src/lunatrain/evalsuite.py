@@ -477,12 +477,15 @@ def _parse_check(raw: Any, label: str, errs: list[str]) -> EvalCheck | None:
     if not isinstance(ignore, bool):
         errs.append(f"{label}: 'ignoreCase' must be true or false")
     n = len(errs)
-    # Blank text is no expectation: `equals ""` passes only a blank answer, `contains " "` nearly every one.
+    # Blank text is no expectation: `equals ""` passes only a blank answer, `contains " "` nearly every one
+    # (`not_contains "\n"`, an answer on one line, is one: only the empty text is refused there).
     if kind in ("contains", "not_contains"):
-        if not (isinstance(value, str) and value.strip()) and not (
-            isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
+        filled = (lambda v: bool(v.strip())) if kind == "contains" else (lambda v: bool(v))
+        if not (isinstance(value, str) and filled(value)) and not (
+            isinstance(value, list) and value and all(isinstance(v, str) and filled(v) for v in value)
         ):
-            errs.append(f"{label} ({kind}): 'value' must be text that is not blank, or a list of such texts")
+            blank = "not blank" if kind == "contains" else "not empty"
+            errs.append(f"{label} ({kind}): 'value' must be text that is {blank}, or a list of such texts")
     elif kind == "equals":
         if not isinstance(value, str) or not value.strip():
             errs.append(f"{label} (equals): 'value' must be text that is not blank")
