@@ -294,7 +294,7 @@ def test_an_exported_record_edited_and_imported_again_says_the_old_example_stays
     added = next(e for e in store.list_examples(settings) if e.response == "Am 3. März.")
     assert said.output.splitlines()[1:] == [
         f"Note: ex-{first.id} was edited in the file: the edit is ex-{added.id}, and ex-{first.id} keeps its old "
-        f"content (both are exported); `lunatrain examples delete {first.id}` if the edit replaces it."
+        f"content, still approved and exported; `lunatrain examples delete {first.id}` if the edit replaces it."
     ], said.output
     from fastapi.testclient import TestClient
 
@@ -304,6 +304,12 @@ def test_an_exported_record_edited_and_imported_again_says_the_old_example_stays
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:
         answer = api.post("/assistant/training/examples/import", json={"records": [record]}).json()
     assert answer["keptBeside"] == [{"edited": f"ex-{first.id}", "addedAs": f"ex-{added.id + 1}"}], answer
+    # review: a rejected old example is exported by no tier: nothing stays beside the edit
+    store.set_status(settings, [first.id], "rejected")
+    record["messages"][-1]["content"] = "Am 5. März."
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", "utf-8")
+    assert store.import_file(settings, path).kept_beside == ()
+    store.set_status(settings, [first.id], "approved")
     # an export of another data root naming the same id says nothing of this one's example
     record["hash"] = "0" * 64
     record["messages"][-1]["content"] = "Im Mai."

@@ -950,12 +950,20 @@ def add_examples(
 
 def _kept_beside(conn: Connection, edits: list[tuple[int, str, str]]) -> tuple[tuple[int, int], ...]:
     """(N, M) for each edit of an exported ex-N stored as ex-M while ex-N still holds the content it was exported
-    with (a record of another data root's export names an ex-N that is other content here: nothing to say)."""
+    with, approved: it trains beside the edit (a record of another data root's export names an ex-N that is other
+    content here, and a rejected or pending ex-N is exported by no tier: nothing to say)."""
     if not edits:
         return ()
     old = _existing(conn, examples_table, [h for _, h, _ in edits])
     new = _existing(conn, examples_table, [h for _, _, h in edits])
-    return tuple((n, new[h]) for n, was, h in edits if old.get(was) == n and new.get(h) is not None and new[h] != n)
+    pairs = [(n, new[h]) for n, was, h in edits if old.get(was) == n and new.get(h) is not None and new[h] != n]
+    ids = [n for n, _ in pairs]
+    approved = set(
+        conn.execute(
+            sa.select(examples_table.c.id).where(examples_table.c.id.in_(ids), examples_table.c.status == "approved")
+        ).scalars()
+    )
+    return tuple((n, m) for n, m in pairs if n in approved)
 
 
 def _unused(conn: Connection, table: sa.Table, row_id: int, group: str) -> str:

@@ -225,7 +225,7 @@ class ImportResult(Out):
     formats: dict[str, int]
     kept_beside: list[KeptBeside] = Field(
         default_factory=list,
-        description="records of lunatrain's export edited since: each old example stays beside its edit",
+        description="records of lunatrain's export edited since: each old example stays approved beside its edit",
     )
 
     @staticmethod

@@ -249,8 +249,8 @@ def import_cmd(
     list_problems(list(res.bad))
     for old, new in res.kept_beside:
         typer.echo(
-            f"Note: ex-{old} was edited in the file: the edit is ex-{new}, and ex-{old} keeps its old content (both "
-            f"are exported); `lunatrain examples delete {old}` if the edit replaces it."
+            f"Note: ex-{old} was edited in the file: the edit is ex-{new}, and ex-{old} keeps its old content, still "
+            f"approved and exported; `lunatrain examples delete {old}` if the edit replaces it."
         )
 
 
