@@ -376,6 +376,17 @@ def test_memory_items_move_to_another_database_with_memory_import(db: Settings, 
     assert r.exit_code == 2, r.output
     assert "bad.jsonl line 2: field 'question'" in r.output and "bad.jsonl line 3: unknown field 'prompt'" in r.output
     assert _snapshot(db) == before  # nothing imported
+    # review: a semicolon file (German Excel) with tags in one cell; and the empty list an empty store lists
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("question;answer;topic;tags\nWo wohne ich?;In Köln.;home;a,b\n", "utf-8")
+    r = runner.invoke(app, ["memory", "import", str(sheet)])
+    assert r.exit_code == 0 and r.output == "Imported sheet.csv: 1 added, 0 already present.\n", r.output
+    assert [(m.topic, tuple(m.tags)) for m in store.list_memory(db) if m.question == "Wo wohne ich?"] == [
+        ("home", ("a", "b"))
+    ]
+    (tmp_path / "none.json").write_text("[]\n")
+    r = runner.invoke(app, ["memory", "import", str(tmp_path / "none.json")])
+    assert r.exit_code == 0 and r.output == "Imported none.json: 0 added, 0 already present.\n", r.output
     store.dispose_stores()
 
 

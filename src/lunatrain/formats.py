@@ -286,6 +286,11 @@ def invisible(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
+def tags_of(value: Any) -> tuple[str, ...]:
+    """Tags as a record gives them: a list of strings, or one text of them split at ',' or ';' (a CSV cell)."""
+    return _tags(value)
+
+
 def _tags(value: Any) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
@@ -1028,6 +1033,11 @@ _CSV_COLUMNS = {
         "conversationId",
         "turns",
         "history",
+        "status",
+        # a memory item's (`memory import`), so that a semicolon file of them is read by its header too
+        "question",
+        "answer",
+        "topic",
     )
 }
 

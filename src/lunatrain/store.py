@@ -1350,9 +1350,10 @@ def import_memory_file(settings: Settings, path: Path | str) -> ImportResult:
                 raise UsageError(
                     f"unknown field {unknown[0]!r} (a memory item has {', '.join(sorted(_MEMORY_FIELDS))})"
                 )
-            tags = rec.get("tags") or []
-            if not isinstance(tags, list):
-                raise UsageError("field 'tags': expected a list of strings")
+            try:
+                tags = formats.tags_of(rec.get("tags"))  # a list, or a CSV cell "a;b"
+            except RecordError as err:
+                raise UsageError(err.describe()) from None
             rows.append(
                 _memory_values(
                     question=rec.get("question") if isinstance(rec.get("question"), str) else "",
@@ -1370,8 +1371,7 @@ def import_memory_file(settings: Settings, path: Path | str) -> ImportResult:
             "imported.",
             details=problems,
         )
-    if not rows:
-        raise UsageError(f"Cannot import {path.name}: the file is empty (no records). Nothing was imported.")
+    # No records (`[]`, what `memory list --json` writes for a store without any): nothing to add, no mistake.
     with open_store(settings).write() as conn:
         known = _existing(conn, memory_table, [r["hash"] for r in rows]) | _stored_earlier(
             conn, memory_table, [(r["earlier"], r["hash"]) for r in rows]
