@@ -972,7 +972,11 @@ def _unused(conn: Connection, table: sa.Table, row_id: int, group: str) -> str:
     status = conn.execute(sa.select(table.c.status).where(table.c.id == row_id)).scalar()
     if status == "approved":
         return ""
-    return f", {status}: `lunatrain {group} approve {row_id}` makes it trained"
+    # read on the command line and in the API's 409 alike: both ways to approve it
+    return (
+        f", {status}: `lunatrain {group} approve {row_id}` (POST /assistant/training/{group}/{row_id}/approve) makes "
+        "it trained"
+    )
 
 
 def add_example(
