@@ -390,6 +390,17 @@ def test_memory_items_move_to_another_database_with_memory_import(db: Settings, 
     store.dispose_stores()
 
 
+def test_a_grant_names_the_role_as_sql_reads_it() -> None:
+    """Review: the GRANT a refusal names took the user as typed: a mixed-case or hyphenated role must be quoted
+    in SQL, or the statement grants another role (or none)."""
+    import sqlalchemy as sa
+
+    from lunatrain.store import _db_user
+
+    assert _db_user(sa.create_engine("postgresql+psycopg://luna_app@h/db")) == ("luna_app", "luna_app")
+    assert _db_user(sa.create_engine("postgresql+psycopg://Luna-Ops@h/db")) == ("Luna-Ops", '"Luna-Ops"')
+
+
 def test_list_filters_and_pages(db: Settings) -> None:
     for i in range(5):
         store.add_example(db, prompt=f"p{i}", response="r", status="approved" if i % 2 else "pending")

@@ -290,30 +290,28 @@ def storage_error(exc: sa.exc.DBAPIError, engine: Engine, *, reading: bool = Fal
             "ran), so nothing was changed; try again: the next request sets it up as a new, empty store."
         )
     if getattr(orig, "sqlstate", None) == "42501":  # insufficient_privilege: the server refuses this user
-        # no name in the URL: libpq connects as the operating system user
-        name = engine.url.username or getpass.getuser()
-        user = f"The database user {name}"
+        user, role = _db_user(engine)
         # The GRANT for what was refused: CREATE on the schema (PostgreSQL 15 gives none on public) to set up
         # an empty database; the rows of tables another user made; else what lunatrain needs in general.
+        schema = m[1] if (m := re.search(r"for schema (\S+)", reason)) else "public"
         grant = (
-            f"`GRANT CREATE ON SCHEMA public TO {name}`"
+            f"`GRANT CREATE ON SCHEMA {schema} TO {role}`"
             if "for schema" in reason
-            else f"`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}` and "
-            f"`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {name}`"
+            else f"`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}` and "
+            f"`GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}`"
             if "for table" in reason or "for sequence" in reason
             else "the privileges lunatrain needs (a database it owns has them all)"
         )
         return StorageDenied(
-            f"{user} lacks a permission in the database {where} (the server said: {said}), so nothing was "
-            f"changed; grant it {grant}, or name another user in ASSISTANT_DB_URL."
+            f"The database user {user} lacks a permission in the database {where} (the server said: {said}), so "
+            f"nothing was changed; grant it {grant}, or name another user in ASSISTANT_DB_URL."
         )
     if getattr(orig, "sqlstate", None) == "3F000":  # invalid_schema_name: no schema on the search path it may use
-        # no name in the URL: libpq connects as the operating system user
-        user = engine.url.username or getpass.getuser()
+        user, role = _db_user(engine)
         return StorageDenied(
             f"The database user {user} may not use any schema on its search path in the database {where} (the "
             f"server said: {said}), so nothing was changed; grant it the schema (`GRANT USAGE, CREATE ON SCHEMA "
-            f"public TO {user}`), or name another user in ASSISTANT_DB_URL."
+            f"public TO {role}`), or name another user in ASSISTANT_DB_URL."
         )
     # SQLite: "database or disk is full"; PostgreSQL: "could not extend file …: No space left on device" (53100);
     # SQLite reading a WAL database on a full disk: "disk I/O error" (its -shm file cannot grow)
@@ -400,6 +398,14 @@ def _sqlite_file(url: str) -> str:
             "ASSISTANT_DB_URL a file path (sqlite:///PATH) or leave it unset."
         )
     return db_path
+
+
+def _db_user(engine: Engine) -> tuple[str, str]:
+    """The user a server connection logs in as (the URL's; else libpq's PGUSER, else the operating system
+    user), and the same as a GRANT names it: quoted unless a plain lower-case identifier."""
+    name = engine.url.username or os.environ.get("PGUSER") or getpass.getuser()
+    role = name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+    return name, role
 
 
 def _sqlite_engine(url: str) -> Engine:
