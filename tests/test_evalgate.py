@@ -1251,18 +1251,19 @@ def test_eval_gate_on_the_command_line_lists_every_problem_and_json_gets_them_al
     from lunatrain.cli import app
 
     path = settings.eval_dir / "x.jsonl"
-    _write(path, [json.dumps({"id": f"c{i}", "prompt": "q"}) for i in range(25)])
+    _write(path, [json.dumps({"id": f"c{i}", "prompt": "q"}) for i in range(150)])
     said = CliRunner().invoke(app, ["eval-gate"])
     assert said.exit_code == 2, said.output
     lines = said.stderr.splitlines()
     assert lines[0] == f"  {path}:1: missing 'checks' (a non-empty list)", lines
-    assert lines[19].startswith(f"  {path}:20: ") and lines[20] == "  … and 5 more", lines
-    assert lines[21].startswith("error: The eval suite has 25 problems: "), lines
+    # review: past the 100 the API answers with, the count is of them all ("and 80 more" said of 150)
+    assert lines[19].startswith(f"  {path}:20: ") and lines[20] == "  … and 130 more", lines
+    assert lines[21].startswith("error: The eval suite has 150 problems: "), lines
     as_json = CliRunner().invoke(app, ["eval-gate", "--json"])
     assert as_json.exit_code == 2
     error = json.loads(as_json.stdout)["error"]
-    assert error["code"] == "invalid_request" and len(error["details"]) == 25, error
-    assert error["message"].startswith("The eval suite has 25 problems: ")
+    assert error["code"] == "invalid_request" and len(error["details"]) == 100, error  # the first 100, as the API's
+    assert error["message"].startswith("The eval suite has 150 problems: ")
 
 
 def test_a_field_of_the_wrong_type_is_named_as_such(settings):

@@ -332,6 +332,7 @@ class _Evaluator:
                 raise UsageError(
                     f"The eval suite has {counted(len(problems), 'problem')} with this model: {some(problems)}.",
                     details=problems[:LISTED_PROBLEMS],
+                    params={"count": len(problems)},
                 )
         return kept, notes
 

@@ -308,6 +308,7 @@ def load_suite(settings: Settings) -> list[EvalCase]:
         raise UsageError(
             f"The eval suite has {counted(len(problems), 'problem')}: {some(problems)}.",
             details=problems[:LISTED_PROBLEMS],
+            params={"count": len(problems)},
         )
     if not cases:
         raise UsageError(

@@ -114,16 +114,19 @@ def fail_listing(err: LunaError, as_json: bool = False) -> typer.Exit:
     if as_json:
         typer.echo(json_text({"error": {"code": err.code, "message": err.message, "details": problems}}))
     elif len(problems) > 1:
-        list_problems(problems)
+        # details may be cut (the API's answer stays short): the count, where given, is of them all
+        list_problems(problems, (err.params or {}).get("count", len(problems)))
     return fail(err)
 
 
-def list_problems(problems: list[str]) -> None:
-    """The first problems, each on a line (stderr); thousands say how many more."""
+def list_problems(problems: list[str], total: int | None = None) -> None:
+    """The first problems, each on a line (stderr); thousands say how many more (of `total`, when `problems`
+    is the first part of them)."""
     for problem in problems[:LISTED]:
         typer.echo(f"  {problem}", err=True)
-    if len(problems) > LISTED:
-        typer.echo(f"  … and {len(problems) - LISTED} more", err=True)
+    total = len(problems) if total is None else total
+    if total > LISTED:
+        typer.echo(f"  … and {total - LISTED} more", err=True)
 
 
 def given(value: str | None, option: str, what: str) -> str | None:
