@@ -651,15 +651,31 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
     if not before and _read_otherwise(record):
         previous = _as_before(lambda: parse_record(record, shape, own_status=own_status)[0])
         draft = draft.with_previous(previous)
+    # The record's own id as lunatrain's export writes it (a memory item's `mem-N` imports as an example: no edit).
     own_id, own_hash = record.get("id"), record.get("hash")
-    m = _OWN_ID.fullmatch(own_id) if isinstance(own_id, str) else None
-    if m and isinstance(own_hash, str) and own_hash != draft.hash:
-        draft = dataclasses.replace(draft, edited_from=(int(m[1]), own_hash))
+    number = record_number(own_id, "ex", bare=False) if isinstance(own_id, str) else None
+    if number and isinstance(own_hash, str) and own_hash != draft.hash:
+        draft = dataclasses.replace(draft, edited_from=(number, own_hash))
     return draft, shape
 
 
-# The id of an example in lunatrain's export records (a memory item's `mem-N` imports as an example: no edit of it).
-_OWN_ID = re.compile(r"ex-([1-9][0-9]{0,17})")
+# The ids lunatrain writes for its records (export records, prepare's report, the command line): `ex-12` for an
+# example, `mem-3` for a memory item; each kind's commands and routes take its own, and the bare number.
+ID_KINDS = {"ex": ("an example", "examples"), "mem": ("a memory item", "memory")}
+
+
+def record_number(value: str, prefix: str, *, bare: bool = True) -> int | None:
+    """N of `prefix-N` (and of a bare `N` with `bare`): ASCII digits, no more than an id can have (19), not
+    what int() would take besides (`+1`, ` 1`, `1.0`, `²`); None for anything else. The range is the caller's."""
+    m = re.fullmatch(rf"(?:{prefix}-){'?' if bare else ''}([0-9]{{1,19}})", value)
+    return int(m[1]) if m else None
+
+
+def other_kind(value: str, prefix: str) -> str | None:
+    """The other kind's prefix when `value` is written as its id (`mem-3` where an example's is asked): its
+    number alone would name a record of this kind."""
+    other = next(p for p in ID_KINDS if p != prefix)
+    return other if record_number(value, other, bare=False) is not None else None
 
 
 def _refuse_tools(record: Mapping[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 from pydantic import BeforeValidator
 
+from .. import formats
 from ..errors import UsageError
 from ..models import refuse_adapter_dir
 from ..service.jobs import JOB_ID_PATTERN
@@ -49,19 +50,17 @@ def _unprefixed(prefix: str) -> BeforeValidator:
     """An id is its digits, or as the export's records, prepare's report and the command line write it (`ex-12`,
     `mem-3`); anything else (`1.0`, `+1`, ` 1`, which an int would take) is refused, naming `id`, as the
     command line refuses it."""
-    form = re.compile(rf"(?:{prefix}-)?([0-9]{{1,19}})")  # 19 digits: past any id, short of int()'s own limit
-    other, what = (
-        ("mem", "a memory item's id: the /memory") if prefix == "ex" else ("ex", "an example's id: the /examples")
-    )
 
     def number(value: object) -> object:
         if not isinstance(value, str):
             return value
-        if (m := form.fullmatch(value)) is None:
-            # the other kind's id: its number alone would name a record of this kind
-            of_other = f" ({value} is {what} routes take it)" if re.fullmatch(rf"{other}-[0-9]+", value) else ""
+        if (n := formats.record_number(value, prefix)) is None:
+            of_other = ""  # the other kind's id: its number alone would name a record of this kind
+            if (other := formats.other_kind(value, prefix)) is not None:
+                what, group = formats.ID_KINDS[other]
+                of_other = f" ({value} is {what}'s id: the /{group} routes take it)"
             raise ValueError(f"should be a number such as 12 or {prefix}-12{of_other}")
-        return int(m[1])
+        return n
 
     return BeforeValidator(number)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import registry, store
+from .. import formats, registry, store
 from ..api.schemas import ExampleOut, ImportResult, MemoryOut
 from ..errors import LunaError, UsageError
 from ..messages import counted
@@ -38,27 +37,21 @@ IdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="example ids (1
 MemIdsArg = Annotated[list[str], typer.Argument(metavar="IDS", help="memory ids (3 or mem-3)")]
 
 
-_KINDS = {"ex": ("an example", "examples"), "mem": ("a memory item", "memory")}
-
-
 def _ids(raw: list[str], prefix: str, verb: str) -> list[int]:
     """Accept the plain id and the prefixed form used in export records (ex-12, mem-3). The other kind's
-    (`mem-3` to an examples command, as prepare's report names memory items) names the command that takes it:
-    its number alone would name a record of this kind."""
+    (`mem-3` to an examples command, as prepare's report names memory items) names the command that takes it."""
     ids = []
     for value in raw:
-        other = next(p for p in _KINDS if p != prefix)
-        if re.fullmatch(rf"{other}-[0-9]+", value):
-            what, group = _KINDS[other]
+        if (other := formats.other_kind(value, prefix)) is not None:
+            what, group = formats.ID_KINDS[other]
             raise UsageError(
                 f"{value!r} is {what}'s id: `lunatrain {group} {verb} {value}` {verb}s it (this command takes "
                 f"ids such as 12 or {prefix}-12)."
             )
-        text = value.removeprefix(f"{prefix}-")
-        # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and no more than an id can be.
-        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= INT_MAX):
+        number = formats.record_number(value, prefix)
+        if number is None or not 1 <= number <= INT_MAX:
             raise UsageError(f"Invalid id {value!r}: use a number such as 12 or {prefix}-12.")
-        ids.append(int(text))
+        ids.append(number)
     return ids
 
 
