@@ -448,6 +448,16 @@ def test_merge_says_when_it_replaces_an_earlier_merge_and_when_the_gate_refused_
         f"Merged luna-adapter@v1 into luna-tiny: {target} (it replaces the earlier merge of this version).",
         "Note: the eval gate refused this version (val loss 8.4 is 1.0 x the base model's).",
     ]
+    # Merge repro: a version trained on content deleted since merged without a word (`adapters activate` says
+    # it): the standalone model holds that content too, outside lunatrain's marks.
+    registry.annotate(settings, "luna-adapter", "v1", "gate", None)
+    registry.annotate(settings, "luna-adapter", "v1", "stale", {"reason": "trained on deleted content"})
+    stale = CliRunner().invoke(app, ["merge", "--adapter", "luna-adapter@v1"])
+    assert stale.exit_code == 0, stale.output
+    assert stale.output.strip().splitlines()[1:] == [
+        "Note: luna-adapter@v1 is stale (trained on deleted content): the merged model holds that content too; "
+        "train a new version (`lunatrain luna`) and merge it to leave it out."
+    ], stale.output
 
 
 def test_a_merge_keeps_the_dtype_of_its_base(settings, monkeypatch):

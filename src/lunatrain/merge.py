@@ -50,6 +50,7 @@ class MergeResult:
     base_model: str
     replaced: bool  # an earlier merge of the same version was replaced
     gate: dict[str, Any] | None = None  # the version's eval gate record (a refused one may still be merged)
+    stale: dict[str, Any] | None = None  # its mark when trained on content deleted since (the merge holds it too)
 
 
 def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> MergeResult:
@@ -147,7 +148,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             registry.annotate(settings, name, entry["version"], "merged", merged_info, revision=entry.get("revision"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return MergeResult(name, entry["version"], target, trained_on["id"], replaced, entry.get("gate"))
+    # the base merged into, as found now (a folder moved and configured at its new place: that place)
+    return MergeResult(name, entry["version"], target, base.id, replaced, entry.get("gate"), entry.get("stale"))
 
 
 def _check_active(settings: Settings, name: str) -> None:
