@@ -63,11 +63,22 @@ def test_base_and_adapter_answer_side_by_side(page, services: Services, output_d
     expect(page.locator("#try-base-label")).to_have_text("Basismodell (luna-tiny)")
     assert answer not in page.locator("#try-base").text_content()
     expect(page.locator("#try-adapter-meta")).to_contain_text("Fertig")
+    # Keyboard repro: the answers were no live region and the two status lines ("Fertig · 12 Tokens") did not
+    # say whose they were: one announcement per column names it and reads its answer.
+    said = page.locator("#try-said p")
+    expect(said).to_have_count(2)
+    expect(said.filter(has_text="Basismodell (luna-tiny):")).to_have_count(1)
+    expect(said.filter(has_text=f"Adapter (luna-adapter@v1): {answer}")).to_contain_text("Fertig")
+    assert page.locator("#try-base-meta").get_attribute("role") is None  # said once, not twice
     shot(page, output_dir, "1-side-by-side")
 
-    # Another version by name: its own answer to the same question.
+    # Another version by name: its own answer to the same question, asked with Enter in the message box (it
+    # added a line break and sent nothing; Shift+Enter still does).
     choice.select_option("luna-adapter@v2")
-    page.get_by_role("button", name="Senden").click()
+    prompt = page.get_by_label("Nachricht", exact=True)
+    prompt.press("Shift+Enter")
+    assert prompt.input_value() == question + "\n"
+    prompt.press("Enter")
     expect(page.locator("#try-adapter")).to_have_text(FACTS_B[0][1], timeout=FIRST_ANSWER_MS)
     expect(page.locator("#try-adapter-label")).to_have_text("Adapter (luna-adapter@v2)")
 

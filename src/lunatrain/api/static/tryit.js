@@ -99,6 +99,12 @@ export class TryPanel {
       this.messages = null;
       this.maxTokens = this.typedMaxTokens();
     });
+    // Enter sends, as in a chat; Shift+Enter is a line break (and Enter ending an IME composition is not a send).
+    this.prompt.addEventListener("keydown", (event) => {
+      if (event.key !== "Enter" || event.shiftKey || event.isComposing) return;
+      event.preventDefault();
+      this.form.requestSubmit();
+    });
   }
 
   /**
@@ -232,6 +238,7 @@ export class TryPanel {
     this.send.setAttribute("aria-busy", "true");
     const examples = [...document.querySelectorAll("#try-example-list button")];
     examples.forEach((button) => button.setAttribute("aria-disabled", "true")); // said, and keeping the focus
+    $("try-said").replaceChildren();
     try {
       await Promise.all(columns.map(([key, model]) => this.answer(key, model, messages)));
     } finally {
@@ -291,6 +298,11 @@ export class TryPanel {
       col.box.dataset.state = "error";
     } finally {
       col.box.removeAttribute("aria-busy");
+      // Said once per column, naming it: the two state lines alike ("Fertig · 12 Tokens") did not say whose.
+      const answered = col.text.textContent.trim();
+      $("try-said").append(
+        h("p", {}, `${col.label.textContent}: ${answered ? `${answered} — ` : ""}${col.meta.textContent}`),
+      );
     }
   }
 }
