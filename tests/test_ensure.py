@@ -54,6 +54,21 @@ def any_port(home, monkeypatch):
 
 
 @pytest.mark.slow
+def test_lunatrain_trainer_refuses_an_https_address_as_the_on_demand_start_does(home, monkeypatch):
+    """Config repro: with ASSISTANT_LORA_TRAINER_URL=https://…, `lunatrain trainer` served plain http on that
+    port, and status and health then said "Offline …; run `lunatrain trainer`": the command already running.
+    The on-demand start refuses such an address; the command does too, in the same sentence, and starts
+    nothing."""
+    monkeypatch.setenv("ASSISTANT_LORA_TRAINER_URL", "https://127.0.0.1:20517")
+    r = CliRunner().invoke(app, ["trainer"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [
+        "error: ASSISTANT_LORA_TRAINER_URL is https://127.0.0.1:20517, but `lunatrain trainer` serves plain http: "
+        "use http://HOST:PORT, or set ASSISTANT_LORA_TRAINER_START_CMD to start a trainer behind TLS there."
+    ], r.output
+    assert not (home / "data" / "trainer" / "trainer.url").exists()
+
+
 def test_two_concurrent_callers_start_one_trainer(home, any_port):
     settings = load_settings()
     # One caller is this process (a thread), the other a separate CLI process: the lock works across both.

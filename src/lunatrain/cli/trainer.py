@@ -23,7 +23,7 @@ from ..messages import counted
 from ..params import format_validation_error
 from ..progress import event_line, progress_details
 from ..service import client as trainer_client
-from ..service.ensure import ensure_trainer
+from ..service.ensure import ensure_trainer, refuse_tls
 from ..service.jobs import Event, Health, Job, existing_store, job_log_path, jobs_db_path
 from ..service.recovery import as_its_report_says
 from ..settings import DEFAULT_TRAINER_URL, Settings, load_settings
@@ -64,6 +64,7 @@ def trainer_cmd(
         check_host_flag(host)
         given(log_file, "--logFile", "a file to log to")
         settings = load_settings()
+        refuse_tls(settings)  # its clients would never reach a plain-http trainer at an https address
         default_host, default_port = trainer_client.trainer_address(settings)
         if port is not None and port != default_port and trainer_client.chosen_address(settings):
             # Clients go to the chosen address, whatever this trainer records: it would never be reached.

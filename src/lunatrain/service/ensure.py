@@ -155,14 +155,20 @@ def start_argv(settings: Settings, port: int | None = None) -> list[str]:
         if not argv:
             raise UsageError("ASSISTANT_LORA_TRAINER_START_CMD is empty.")
         return argv
+    refuse_tls(settings)
+    host, configured = trainer_client.trainer_address(settings)
+    port = configured if port is None else port
+    return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))
+
+
+def refuse_tls(settings: Settings) -> None:
+    """UsageError for an https:// trainer address: `lunatrain trainer` serves plain http, so its clients would
+    never reach it there (a trainer behind TLS is started by ASSISTANT_LORA_TRAINER_START_CMD)."""
     if settings.lora_trainer_url.lower().startswith("https:"):
         raise UsageError(
             f"ASSISTANT_LORA_TRAINER_URL is {settings.lora_trainer_url}, but `lunatrain trainer` serves plain http: "
             "use http://HOST:PORT, or set ASSISTANT_LORA_TRAINER_START_CMD to start a trainer behind TLS there."
         )
-    host, configured = trainer_client.trainer_address(settings)
-    port = configured if port is None else port
-    return lunatrain_argv("trainer", "--host", host, "--port", str(port), "--log-file", str(log_path(settings)))
 
 
 def _shown(settings: Settings, argv: list[str]) -> str:
