@@ -53,7 +53,6 @@ def any_port(home, monkeypatch):
     kill_trainers(home)  # ensure starts detached trainers; never leave one behind
 
 
-@pytest.mark.slow
 def test_lunatrain_trainer_refuses_an_https_address_as_the_on_demand_start_does(home, monkeypatch):
     """Config repro: with ASSISTANT_LORA_TRAINER_URL=https://…, `lunatrain trainer` served plain http on that
     port, and status and health then said "Offline …; run `lunatrain trainer`": the command already running.
@@ -69,6 +68,7 @@ def test_lunatrain_trainer_refuses_an_https_address_as_the_on_demand_start_does(
     assert not (home / "data" / "trainer" / "trainer.url").exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_callers_start_one_trainer(home, any_port):
     settings = load_settings()
     # One caller is this process (a thread), the other a separate CLI process: the lock works across both.
