@@ -1229,6 +1229,18 @@ def test_a_mistyped_setting_is_named_with_the_one_meant(settings: Settings, monk
     ), r.stderr
 
 
+def test_a_number_setting_set_empty_says_it_is_empty_and_how_to_get_its_default(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Config repro: `export ASSISTANT_LORA_GPUS=` (an .env file's empty line) stopped every command with
+    "Input should be a valid integer, unable to parse string as an integer": nothing said the value is empty,
+    nor that unsetting it gives the default ("every visible GPU")."""
+    monkeypatch.setenv("ASSISTANT_LORA_GPUS", "")
+    r = run("status")
+    assert r.exit_code == 2, r.output
+    assert "ASSISTANT_LORA_GPUS is set but empty" in r.output and "`unset ASSISTANT_LORA_GPUS`" in r.output, r.output
+
+
 @pytest.mark.parametrize("name", ["ASSISTANT_DATA_DIR", "ASSISTANT_DATA_ROOT", "ASSISTANT_ROOT", "ASSISTANT_DATA"])
 def test_a_data_root_variable_of_another_name_points_to_assistant_home(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, name: str

@@ -363,5 +363,10 @@ def _first_error(exc: ValueError) -> str:
         first = errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
         msg = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's own ValueError
-        return f"ASSISTANT_{loc.upper()}: {msg}" if loc else msg
+        name = f"ASSISTANT_{loc.upper()}"
+        # `export ASSISTANT_LORA_GPUS=` (an .env file's empty line) reads as "not a valid integer": say it is
+        # empty, and that unsetting it gives the default
+        if loc and first.get("input") == "" and os.environ.get(name) is not None and not os.environ[name].strip():
+            return f"{name} is set but empty ({msg}); unset it for its default (`unset {name}`), or give it a value"
+        return f"{name}: {msg}" if loc else msg
     return str(exc)
