@@ -114,6 +114,15 @@ def test_bad_base_models_are_refused(settings, tmp_path):
         with pytest.raises(UsageError) as err:
             models.resolve_base(path, settings)
         assert err.value.message == f"Base model directory {path!r} does not exist.", err.value.message
+    # Config repro: ASSISTANT_BASE_MODEL=/etc/passwd said "does not exist": it does, as a file
+    afile = tmp_path / "model.safetensors"
+    afile.write_bytes(b"x")
+    with pytest.raises(UsageError) as err:
+        models.resolve_base(str(afile), settings)
+    assert err.value.message == (
+        f"Base model {str(afile)!r} is a file: name the model's folder (the one holding config.json)."
+    ), err.value.message
+    assert err.value.code == "base_model.a_file"
 
 
 def test_a_base_recorded_relative_to_the_data_root_is_found_from_any_directory(settings, tmp_path, monkeypatch):

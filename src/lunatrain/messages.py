@@ -57,6 +57,7 @@ CODES: dict[str, str] = {
     "directory under the data root (baseModel)",
     "base_model.outside_root": "baseModel is a path outside the data root (baseModel, home)",
     "base_model.no_directory": "baseModel is written as a path and no such directory exists (baseModel)",
+    "base_model.a_file": "baseModel is written as a path that is a file, not a model's folder (baseModel)",
     "base_model.unknown_form": "baseModel is neither luna-tiny, a local directory nor a hub id (baseModel)",
     "base_model.no_config": "the base model's directory has no config.json (baseModel, path)",
     "base_model.no_weights": "the base model's directory has no safetensors weights (baseModel, path)",

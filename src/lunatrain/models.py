@@ -326,6 +326,12 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     elif (found := local_dir(ref, settings.home)) is not None:
         path = found
     elif ref.startswith(("/", "~", "./", "../")):  # written as a path: no hub id looks like this
+        if Path(ref).expanduser().is_file():  # a weights file or any other: the folder is what is meant
+            raise UsageError(
+                f"Base model {ref!r} is a file: name the model's folder (the one holding config.json).",
+                code="base_model.a_file",
+                params={"baseModel": ref},
+            )
         raise UsageError(
             f"Base model directory {ref!r} does not exist.", code="base_model.no_directory", params={"baseModel": ref}
         )
