@@ -1241,50 +1241,42 @@ def test_a_job_that_runs_at_once_is_said_started_and_a_job_in_two_lists_is_liste
     expect(buttons.filter(has_text="ftjob-moving")).to_have_text("ftjob-moving · other-tab · läuft")
 
 
-def test_a_start_that_joined_the_job_already_training_it_says_so(page, services: Services) -> None:
+@pytest.mark.parametrize(
+    ("joined", "seeded", "said"),
+    [
+        (
+            True,
+            None,
+            "Job ftjob-twin trainiert diese Parameter auf diesen Daten bereits (wohl aus einem anderen Tab); "
+            "kein zweiter gestartet.",
+        ),
+        # Guide repro: on an empty database it added 318 examples and 41 memory items and said only "gestartet"
+        (
+            False,
+            {"examplesAdded": 318, "memoryAdded": 41},
+            "Job ftjob-twin gestartet. Dafür kamen 318 Beispiele und 41 Memory-Einträge aus dem mitgelieferten "
+            "Datensatz in die leere Datenbank.",
+        ),
+    ],
+    ids=["joined", "seeded"],
+)
+def test_an_example_adapter_start_says_what_it_joined_or_seeded(
+    page, services: Services, joined: bool, seeded: dict | None, said: str
+) -> None:
     """A start the server answered with the job that already trains these parameters on this data (`joined`,
-    from another tab): the page follows that job and says no second one was started, not "gestartet"."""
+    from another tab): the page follows that job and says no second one was started, not "gestartet". One that
+    seeded an empty store with the bundled dataset says what it added (the API's `seeded`)."""
     running = _job("ftjob-twin", "running", "example-adapter")
     route_job_lists(page, {"running": [running], "queued": []})
     answer(page, "**/assistant/training/lora/status", _job("ftjob-old", "succeeded", "old"))
     answer(page, "**/assistant/training/lora/status?jobId=*", running)
     answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
-    answer(
-        page,
-        "**/assistant/training/lora/example-adapter",
-        {"jobId": running["id"], "job": running, "joined": True},
-        202,
-    )
+    accepted = {"jobId": running["id"], "job": running, "joined": joined, "seeded": seeded}
+    answer(page, "**/assistant/training/lora/example-adapter", accepted, 202)
     open_page(page, services)
     page.get_by_role("button", name="Beispiel-Adapter").click()
-    expect(page.locator("#notices")).to_have_text(
-        "Job ftjob-twin trainiert diese Parameter auf diesen Daten bereits (wohl aus einem anderen Tab); "
-        "kein zweiter gestartet."
-    )
+    expect(page.locator("#notices")).to_have_text(said)
     expect(page.locator("#job-id")).to_have_text("Job ftjob-twin")
-
-
-def test_an_example_adapter_that_seeded_the_empty_store_says_what_it_added(page, services: Services) -> None:
-    """Guide repro: "Beispiel-Adapter" on an empty database added 318 examples and 41 memory items and said only
-    "Job … gestartet."; the API's answer names what it seeded, and the page says it."""
-    running = _job("ftjob-seeded", "running", "example-adapter")
-    route_job_lists(page, {"running": [running], "queued": []})
-    answer(page, "**/assistant/training/lora/status", running)
-    answer(page, "**/assistant/training/lora/status?jobId=*", running)
-    answer(page, "**/assistant/training/lora/jobs/*/events*", NO_EVENTS)
-    accepted = {"jobId": running["id"], "job": running, "joined": False}
-    answer(
-        page,
-        "**/assistant/training/lora/example-adapter",
-        accepted | {"seeded": {"examplesAdded": 318, "memoryAdded": 41}},
-        202,
-    )
-    open_page(page, services)
-    page.get_by_role("button", name="Beispiel-Adapter").click()
-    expect(page.locator("#notices")).to_have_text(
-        "Job ftjob-seeded gestartet. Dafür kamen 318 Beispiele und 41 Memory-Einträge aus dem mitgelieferten "
-        "Datensatz in die leere Datenbank."
-    )
 
 
 def test_events_of_a_job_the_panel_moved_away_from_are_not_drawn_for_the_next(page, services: Services) -> None:

@@ -324,19 +324,23 @@ def test_adding_what_is_stored_rejected_or_pending_says_so_and_how_to_use_it(set
     from lunatrain.errors import Conflict
 
     item = store.add_memory(settings, question="Q?", answer="A.", status="rejected")
-    with pytest.raises(Conflict) as said:
-        store.add_memory(settings, question="Q?", answer="A.")
-    assert said.value.message == (
-        f"A memory item with the same question and answer already exists (id {item.id}), rejected: "
-        f"`lunatrain memory approve {item.id}` (POST /assistant/training/memory/{item.id}/approve) makes it trained."
-    ), said.value.message
     ex = store.add_example(settings, prompt="P?", response="R.", status="pending")
-    with pytest.raises(Conflict) as said:
-        store.add_example(settings, prompt="P?", response="R.")
-    assert said.value.message == (
-        f"An example with the same content already exists (id {ex.id}), pending: "
-        f"`lunatrain examples approve {ex.id}` (POST /assistant/training/examples/{ex.id}/approve) makes it trained."
-    ), said.value.message
+    for add, said in (
+        (
+            lambda: store.add_memory(settings, question="Q?", answer="A."),
+            f"A memory item with the same question and answer already exists (id {item.id}), rejected: "
+            f"`lunatrain memory approve {item.id}` (POST /assistant/training/memory/{item.id}/approve) makes it "
+            "trained.",
+        ),
+        (
+            lambda: store.add_example(settings, prompt="P?", response="R."),
+            f"An example with the same content already exists (id {ex.id}), pending: `lunatrain examples approve "
+            f"{ex.id}` (POST /assistant/training/examples/{ex.id}/approve) makes it trained.",
+        ),
+    ):
+        with pytest.raises(Conflict) as refused:
+            add()
+        assert refused.value.message == said, refused.value.message
     store.set_status(settings, [ex.id], "approved")
     with pytest.raises(Conflict, match=rf"^An example with the same content already exists \(id {ex.id}\)\.$"):
         store.add_example(settings, prompt="P?", response="R.")
