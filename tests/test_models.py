@@ -110,7 +110,7 @@ def test_bad_base_models_are_refused(settings, tmp_path):
     with pytest.raises(UsageError, match="neither"):
         models.resolve_base("no such model", settings)
     # repro: a path that does not exist said "neither 'luna-tiny', a local model directory, nor a hub id"
-    for path in (str(tmp_path / "gone"), "~/no-such-model", "./gone", "../gone"):
+    for path in (str(tmp_path / "gone"), "~/no-such-model", "./gone", "../gone", "~no-such-user-lunatrain/x"):
         with pytest.raises(UsageError) as err:
             models.resolve_base(path, settings)
         assert err.value.message == f"Base model directory {path!r} does not exist.", err.value.message

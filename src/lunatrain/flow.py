@@ -417,6 +417,10 @@ class FlowResult:
     adapter: dict[str, Any] | None = None  # the registered version entry, when the lora step succeeded
     started: str = ""  # when the steps began and ended (UTC, as every record): a cron log of many days
     ended: str = ""
+    # each report's (modification time in ns, inode; None: none there) as the steps began: the summary names
+    # only those the run wrote (an earlier run's gate report would read as this one's). A report is written to a
+    # new file moved in place, so a new one differs in its inode too, within one tick of the file clock.
+    reports_before: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -664,6 +668,7 @@ def run_flow(
 
     with one_flow_at_a_time(settings, on_step):
         result.started = now_iso()
+        result.reports_before = {str(p): _modified(p) for p in _reports(settings)}
         try:
             step("eval-gate", gate_current)
             step("export", export_data)
@@ -860,6 +865,18 @@ def _another_build(settings: Settings, trained_on: dict[str, Any]) -> str | None
     )
 
 
+def _reports(settings: Settings) -> tuple[Path, ...]:
+    return (settings.lora_latest_report, settings.registry_file, settings.prepare_report, settings.eval_report)
+
+
+def _modified(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:  # not there (or not readable): not one to look at
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
 def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
     """The closing summary a person reads: adapter, val loss vs base, gate, where the files are."""
     lines = [f"{'run':<10} {result.started} to {result.ended}"] if result.started else []
@@ -898,16 +915,13 @@ def summary_lines(settings: Settings, result: FlowResult) -> list[str]:
         folder = settings.home / str(entry.get("path"))  # a registry path is relative to the data root
         files = ["adapter"] + [f for f in (registry.REPORT_FILE, registry.LOSS_CURVE_FILE) if (folder / f).is_file()]
         lines.append(f"files      {entry.get('path')}/ ({', '.join(files)})")
-    # Only the reports this run wrote: a flow that failed early never wrote the later steps' reports, and an
-    # earlier run's (yesterday's gate decision) would read as this one's.
-    # less a little: a file's time comes from a coarser clock than the start's (a tick early at most)
-    began = parse_iso(result.started).timestamp() - 0.05 if result.started else None
 
+    # Only the reports this run wrote: a flow that failed early never wrote the later steps' reports, and an
+    # earlier run's (yesterday's gate decision) would read as this one's. Told by each file's own time at the
+    # start, not by clocks (a file's time is a coarser clock's, and a report of the moment before is not ours).
     def written(path: Path) -> bool:
-        try:
-            return path.stat().st_mtime >= (began or 0.0)
-        except OSError:  # not there (or not readable): not one to look at
-            return False
+        now = _modified(path)
+        return now is not None and (str(path) not in result.reports_before or now != result.reports_before[str(path)])
 
     training = [
         p.name for p in (settings.lora_latest_report, settings.registry_file, settings.prepare_report) if written(p)

@@ -317,6 +317,13 @@ def local_dir(ref: str, root: Path | None = None) -> Path | None:
     return None
 
 
+def _is_file(ref: str) -> bool:
+    try:
+        return Path(ref).expanduser().is_file()
+    except (RuntimeError, OSError):  # `~nouser/x`: no such home to expand; a name too long
+        return False
+
+
 def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     """Find the base model's local directory (building luna-tiny if needed) and compute its identity."""
     ref = ref or settings.base_model
@@ -326,7 +333,7 @@ def resolve_base(ref: str | None, settings: Settings) -> BaseModelInfo:
     elif (found := local_dir(ref, settings.home)) is not None:
         path = found
     elif ref.startswith(("/", "~", "./", "../")):  # written as a path: no hub id looks like this
-        if Path(ref).expanduser().is_file():  # a weights file or any other: the folder is what is meant
+        if _is_file(ref):  # a weights file or any other: the folder is what is meant
             raise UsageError(
                 f"Base model {ref!r} is a file: name the model's folder (the one holding config.json).",
                 code="base_model.a_file",
