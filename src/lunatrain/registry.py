@@ -766,6 +766,12 @@ def base_flag(settings: Settings, base_id: str | None) -> str:
     return f" --baseModel {shlex.quote(base_id)}"
 
 
+def named_flag(base_id: str, named: bool) -> str:
+    """` --baseModel BASE` for a command suggested by one that named its base (`--baseModel`): without it the
+    suggested command would act on the configured base, not the one named."""
+    return f" --baseModel {shlex.quote(base_id)}" if named else ""
+
+
 def configured_base(settings: Settings, ref: str | None = None) -> Any:
     """The base model runs use (ASSISTANT_BASE_MODEL unless `ref`), with its fingerprint."""
     from .models import resolve_base
@@ -1320,8 +1326,7 @@ def activate(
         fingerprint, base_id = base.fingerprint, base.id
         said = {"name": name, "version": entry["version"], "baseModel": trained_on.get("id"), "configured": base.id}
         foreign = trained_on.get("fingerprint") != base.fingerprint
-        # without the flag the suggested commands would act on the configured base, not the one named
-        flag = f" --baseModel {shlex.quote(base.id)}" if base_named else ""
+        flag = named_flag(base.id, base_named)
         which = "the base model named" if base_named else "the configured base model"
         if foreign and not force and same_base_id(settings, trained_on.get("id"), base.id):  # other weights now
             revision = trained_on.get("revision")
@@ -1413,18 +1418,19 @@ def deactivate(
         else:
             hits = [fingerprint] if fingerprint in adapter["activeByBase"] else []
         if not hits:
-            here = fingerprint is not None
-            what = (
-                f"{name}@{version} is not active" + (" on the configured base model" if here else "")
-                if version
-                else f"{name} is not active on the configured base model"
-            )
+            # the version, when one was named, is in the dashboard's sentence too
+            if not version:
+                what, code = f"{name} is not active on the configured base model", "adapter.not_active"
+            elif fingerprint is not None:
+                what, code = (
+                    f"{name}@{version} is not active on the configured base model",
+                    "adapter.version_not_active_here",
+                )
+            else:
+                what, code = f"{name}@{version} is not active", "adapter.version_not_active"
             raise UsageError(
                 f"{what}; see `lunatrain adapters list` (GET /assistant/training/adapters).",
-                # the version, when one was named, is in the dashboard's sentence too
-                code=("adapter.version_not_active_here" if here else "adapter.version_not_active")
-                if version
-                else "adapter.not_active",
+                code=code,
                 params={"name": name, "version": version or None},
             )
         done, records = [], []
@@ -1458,7 +1464,7 @@ def rollback(
     fingerprint = base.fingerprint
     # Another base's versions are rolled back with that base named (a run's --baseModel does not stay). Where
     # the command named one, the commands suggested name it too: without, they act on the configured one.
-    flag = f" --baseModel {shlex.quote(base.id)}" if base_named else ""
+    flag = named_flag(base.id, base_named)
     elsewhere = (
         "the API acts on its server's base model"
         if base_named

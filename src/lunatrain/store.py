@@ -783,7 +783,11 @@ def revision(settings: Settings) -> str:
     """Changes whenever examples or memory change, never to one it had (not even in a database restored from a
     backup); equal revisions mean equal store content."""
     with open_store(settings).read() as conn:
-        row = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+        return _revision_of(conn)
+
+
+def _revision_of(conn: Connection) -> str:
+    row = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
     return f"{row.instance[:12]}-{row.counter}"
 
 
@@ -947,10 +951,9 @@ def add_examples(
     with store.write() as conn:
         added, skipped, lifted = _add_drafts(conn, noting(drafts), source, status)
         kept = _kept_beside(conn, edits)
-        rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+        revision = _revision_of(conn)
     if lifted:
         _settle_stale(settings)
-    revision = f"{rev.instance[:12]}-{rev.counter}"
     return AddResult(added=added, skipped_duplicates=skipped, revision=revision, kept_beside=kept)
 
 
@@ -963,6 +966,8 @@ def _kept_beside(conn: Connection, edits: list[tuple[int, str, str]]) -> tuple[t
     old = _existing(conn, examples_table, [h for _, h, _ in edits])
     new = _existing(conn, examples_table, [h for _, _, h in edits])
     pairs = [(n, new[h]) for n, was, h in edits if old.get(was) == n and new.get(h) is not None and new[h] != n]
+    if not pairs:
+        return ()
     ids = [n for n, _ in pairs]
     approved = set(
         conn.execute(
@@ -1388,7 +1393,7 @@ def import_memory_file(settings: Settings, path: Path | str) -> ImportResult:
         )
         new = list({r["hash"]: r for r in rows if r["hash"] not in known}.values())  # a file's twice: once
         lifted = _insert_memory(conn, new) if new else 0
-        rev = conn.execute(sa.select(state_table.c.instance, state_table.c.counter)).one()
+        revision = _revision_of(conn)
     if lifted:
         _settle_stale(settings)
     return ImportResult(
@@ -1397,7 +1402,7 @@ def import_memory_file(settings: Settings, path: Path | str) -> ImportResult:
         added=len(new),
         skipped_duplicates=len(rows) - len(new),
         formats={"memory": len(rows)},
-        revision=f"{rev.instance[:12]}-{rev.counter}",
+        revision=revision,
     )
 
 
