@@ -396,6 +396,36 @@ def test_an_in_memory_database_is_refused(home: Path, monkeypatch: pytest.Monkey
     assert not (load_settings().home / "data" / "api" / "api.url").exists()
 
 
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_a_database_url_in_a_folder_that_does_not_exist_is_refused(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Repro: ASSISTANT_DB_URL=sqlite:////srv/lunna/assistant.db (a typo of /srv/luna, or a volume that was not
+    mounted) created /srv/lunna and a fresh, empty database there: `status` showed no examples and the next
+    `examples add` went into a store nobody meant. A PostgreSQL database that does not exist is refused; so is a
+    SQLite file whose folder does not exist. The data root's own folders are still made on first use."""
+    folder = tmp_path / "lunna" if where == "absolute" else home / "dta"
+    url = f"sqlite:///{folder / 'assistant.db'}" if where == "absolute" else "sqlite:///dta/assistant.db"
+    monkeypatch.setenv("ASSISTANT_DB_URL", url)
+    for args in (["status"], ["examples", "add", "--prompt", "Hallo", "--response", "Hi"], ["examples", "list"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2 and r.output.count("\n") == 1, (args, r.output)
+        assert str(folder) in r.output and "does not exist" in r.output and "ASSISTANT_DB_URL" in r.output, r.output
+        assert not folder.exists(), args
+    # `serve` refuses it before it serves, as it refuses a database it cannot open
+    r = CliRunner().invoke(app, ["serve", "--port", "0"])
+    assert r.exit_code == 2 and "does not exist" in r.output.strip().splitlines()[-1], r.output
+    assert not folder.exists()
+    folder.mkdir()  # made by hand: the database is created in it
+    r = CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"])
+    assert r.exit_code == 0 and (folder / "assistant.db").is_file(), r.output
+    # a data root that is not there yet still gets its data/ folder and database (the default URL)
+    monkeypatch.delenv("ASSISTANT_DB_URL")
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path / "fresh" / "root"))
+    assert CliRunner().invoke(app, ["examples", "add", "--prompt", "Hallo", "--response", "Hi"]).exit_code == 0
+    assert (tmp_path / "fresh" / "root" / "data" / "assistant.db").is_file()
+
+
 def test_a_busy_database_is_busy_not_damaged(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repro: a database another process holds past the busy timeout (a long import) was reported as damaged,
     "restore it from a backup, or move it aside": advice that throws away a healthy database. Now it says

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sqlite3
 import threading
 import unicodedata
@@ -623,6 +624,7 @@ def open_store(settings: Settings) -> Store:
             store = None
         if store is None:
             if url.startswith("sqlite"):
+                _refuse_missing_folder(settings, url)
                 _refuse_orphan_wal(url)
             else:
                 _refuse_at_in_credentials(url)
@@ -696,6 +698,33 @@ def _orphan_wal(path: Path) -> Path | None:
         return wal if not path.exists() and wal.stat().st_size > 0 else None
     except OSError:
         return None
+
+
+def _missing_folder(settings: Settings, url: str) -> Path | None:
+    """The folder of the SQLite file ASSISTANT_DB_URL names, when it does not exist (see _refuse_missing_folder)."""
+    if not settings.db_url:
+        return None
+    try:
+        file = _sqlite_file(url)
+    except (sa.exc.ArgumentError, ValueError, TypeError, UsageError):  # not a file URL: opening it says why
+        return None
+    if file.startswith("file:"):  # a SQLite URI (uri=true) a user composed: SQLite reads it, as it is
+        return None
+    folder = Path(file).parent
+    return None if folder in (settings.home, settings.data_dir) or os.path.lexists(folder) else folder
+
+
+def _refuse_missing_folder(settings: Settings, url: str) -> None:
+    """A SQLite file ASSISTANT_DB_URL names in a folder that does not exist: a typo or a volume not mounted, not
+    a wish for a fresh, empty store there (PostgreSQL refuses a database that does not exist the same way). The
+    data root and its data/ folder are lunatrain's own: those are made on first use."""
+    folder = _missing_folder(settings, url)
+    if folder is None:
+        return
+    raise UsageError(
+        f"The folder {folder} of the database in ASSISTANT_DB_URL does not exist; nothing was created: "
+        f"create it (`mkdir -p {shlex.quote(str(folder))}`) or check ASSISTANT_DB_URL."
+    )
 
 
 def _refuse_orphan_wal(url: str) -> None:
@@ -1257,8 +1286,9 @@ def has_database(settings: Settings) -> bool:
             path = Path(_sqlite_file(url))
         except (sa.exc.ArgumentError, ValueError):  # not a URL at all: the store's own sentence says so
             return True
-        # a write-ahead log without its database: there is one, moved away (opening says so)
-        return path.exists() or _orphan_wal(path) is not None
+        # a write-ahead log without its database: there is one, moved away (opening says so); so does a folder
+        # ASSISTANT_DB_URL names that is not there (a typo, a volume not mounted): no store is no answer then
+        return path.exists() or _orphan_wal(path) is not None or _missing_folder(settings, url) is not None
     return True  # a server database: the store opens (and migrates) it
 
 
