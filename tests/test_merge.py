@@ -47,6 +47,15 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_home, settin
     assert (with_adapter - plain).abs().max() > 1e-3  # the adapter does change the model
     torch.testing.assert_close(from_merged, with_adapter, atol=1e-4, rtol=1e-4)
     assert not list(result.path.glob("*.bin")) and list(result.path.glob("*.safetensors"))
+    # Repro: the merged folder had no model card: uploaded or copied, it said neither what it was made of nor
+    # how it scored. Its card names the adapter, the base, the gate, the training and how to load it.
+    card = (result.path / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert 'base_model: "luna-tiny"' in front and "library_name: transformers" in front, card
+    assert "`luna-adapter@v1`" in card and "merged into `luna-tiny`" in card, card
+    assert "eval gate: not run" in card and "val loss" in card and "tier curated" in card, card
+    assert "AutoModelForCausalLM.from_pretrained(THIS_FOLDER)" in card and "lunatrain-merge.json" in card, card
+    assert "README.md" in json.loads((result.path / "lunatrain-merge.json").read_text())["files"]
     assert (
         registry.get_version(settings, "luna-adapter", "v1")["merged"]["path"] == "data/models/merged/luna-adapter-v1"
     )
@@ -80,6 +89,8 @@ def test_a_forced_merge_records_the_base_it_merged_into(trained_home, settings):
     marker = json.loads((result.path / "lunatrain-merge.json").read_text())
     assert marker["baseModel"] == now.record() and marker["baseModel"]["fingerprint"] != trained["fingerprint"]
     assert marker["trainedOn"] == trained and marker["forced"] is True
+    card = " ".join((result.path / "README.md").read_text().split())
+    assert "--force" in card and "another build of `luna-tiny` than the one it was trained on" in card, card
     assert registry.get_version(settings, "luna-adapter", "v1")["merged"]["forced"] is True
     registry.registry_path(settings).unlink()  # and repair restores it so
     registry.repair(settings)
@@ -448,6 +459,9 @@ def test_merge_says_when_it_replaces_an_earlier_merge_and_when_the_gate_refused_
         f"Merged luna-adapter@v1 into luna-tiny: {target} (it replaces the earlier merge of this version).",
         "Note: the eval gate refused this version (val loss 8.4 is 1.0 x the base model's).",
     ]
+    # the card says the same to whoever gets the folder without lunatrain's output
+    card = " ".join((target / "README.md").read_text().split())
+    assert "The version's eval gate: failed (val loss 8.4 is 1.0 x the base model's)." in card, card
     # Merge repro: a version trained on content deleted since merged without a word (`adapters activate` says
     # it): the standalone model holds that content too, outside lunatrain's marks.
     registry.annotate(settings, "luna-adapter", "v1", "gate", None)
@@ -458,6 +472,8 @@ def test_merge_says_when_it_replaces_an_earlier_merge_and_when_the_gate_refused_
         "Note: luna-adapter@v1 is stale (trained on deleted content): the merged model holds that content too; "
         "train a new version (`lunatrain luna`) and merge it to leave it out."
     ], stale.output
+    card = " ".join((target / "README.md").read_text().split())
+    assert "stale (trained on deleted content): this model holds that content too" in card, card
 
 
 def test_a_merge_keeps_the_dtype_of_its_base(settings, monkeypatch):

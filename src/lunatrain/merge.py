@@ -1,7 +1,7 @@
 """Merge an adapter into its base model: `merge_adapter(settings, "luna-adapter@v3")`.
 
 A separate, explicit step (guide §7): the result is a plain Hugging Face model in
-data/models/merged/<name>-<version>/ (safetensors + tokenizer + chat template), loadable with
+data/models/merged/<name>-<version>/ (safetensors + tokenizer + chat template + a model card), loadable with
 `AutoModelForCausalLM.from_pretrained` and usable where PEFT is not. It carries the adapter's tokenizer
 (with the chat template it was trained with) and a generation_config.json that stops on the template's
 turn terminator. The merge is done in float32 and written in the base's own dtype (a bf16 base gives a bf16
@@ -40,6 +40,51 @@ _MERGE_NAMES = re.compile(
     r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer.*|vocab\..*|merges\.txt|.*\.model|"
     + re.escape(registry.MERGE_FILE)
 )
+
+
+MERGED_CARD_FILE = "README.md"  # the merged model's card, as the Hub shows it
+
+
+def merged_card(ref: str, label: str, base_id: str, entry: dict[str, Any], adapter_dir: Path, *, forced: bool) -> str:
+    """The merged model's card: what it was made of (the adapter, the base, the gate's verdict, the training
+    run from the version's report), and how to load it without PEFT or lunatrain. A report that cannot be read
+    leaves the training table out; the merge is no less whole for it."""
+    from .train import _yaml_string, card_table
+
+    gate = entry.get("gate") or {}
+    verdict = gate.get("status") or ("passed" if gate.get("passed") else "failed" if gate else "not run")
+    reasons = [str(r) for r in gate.get("reasons") or []]
+    verdict += f" ({'; '.join(reasons)})" if reasons and verdict != "passed" else ""
+    stale = entry.get("stale")
+    stale_note = (
+        f" The version is stale ({stale.get('reason') or 'trained on content deleted since'}): this model holds "
+        "that content too."
+        if isinstance(stale, dict)
+        else ""
+    )
+    try:
+        report = read_json(adapter_dir / registry.REPORT_FILE)
+        table = card_table(report) + "\n"
+    except (LunaError, KeyError, TypeError, ValueError, AttributeError):
+        table = ""
+    force_note = (
+        f" It was merged with --force into another build of `{base_id}` than the one it was trained on "
+        f"(`{registry.MERGE_FILE}` names both)."
+        if forced
+        else ""
+    )
+    return (
+        f"---\nbase_model: {_yaml_string(base_id)}\nlibrary_name: transformers\ntags:\n- lunatrain\n- lora\n"
+        "- merge\n---\n\n"
+        f"# {label}\n\n"
+        f"`{ref}`, a LoRA adapter trained by lunatrain, merged into `{base_id}`.{force_note} "
+        f"The version's eval gate: {verdict}.{stale_note}\n\n"
+        + table
+        + "Load it with transformers alone: `AutoModelForCausalLM.from_pretrained(THIS_FOLDER)` and "
+        "`AutoTokenizer.from_pretrained(THIS_FOLDER)`; the tokenizer carries the chat template the adapter was "
+        "trained with, and the generation config stops at the end of an answer. What was merged, into which "
+        f"build of the base, is in `{registry.MERGE_FILE}`.\n"
+    )
 
 
 @dataclass
@@ -123,6 +168,8 @@ def merge_adapter(settings: Settings, ref: str, *, force: bool = False) -> Merge
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             write_generation_config(tmp, base.path, turn_terminator(tokenizer, base), tokenizer)
+            card = merged_card(f"{name}@{entry['version']}", label, base.id, entry, adapter_dir, forced=forced)
+            (tmp / MERGED_CARD_FILE).write_text(card, encoding="utf-8")
             written = sorted([p.name for p in tmp.iterdir()] + [registry.MERGE_FILE])
             atomic_write_json(
                 tmp / registry.MERGE_FILE,

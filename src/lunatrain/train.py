@@ -1190,10 +1190,10 @@ def _yaml_string(text: str) -> str:
     return re.sub("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]", lambda m: f"\\u{ord(m.group()):04x}", quoted)
 
 
-def model_card(report: dict[str, Any]) -> str:
-    """The version's model card (`registry.CARD_FILE`): what it is, what it was trained on, how it scored, how to load it (PEFT
-    writes a card of empty sections). The front matter is the Hub's, as PEFT's card had it."""
-    p, m, d, base = report["params"], report["metrics"], report["dataset"], report["baseModel"]
+def card_table(report: dict[str, Any]) -> str:
+    """The training run of a report as a model card's table (Markdown): data, schedule, val loss. Shared by the
+    version's card and the card of a model merged from it."""
+    p, m, d = report["params"], report["metrics"], report["dataset"]
 
     def loss(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, int | float) else "-"
@@ -1218,6 +1218,23 @@ def model_card(report: dict[str, Any]) -> str:
         if ranks > 1
         else ""
     )
+    return (
+        "| | |\n|---|---|\n"
+        f"| data | tier {d['tier']}, {d['trainSamples']} train and {d['valSamples']} val samples, "
+        f"fingerprint {d['fingerprint'][:12]} |\n"
+        f"| schedule | {epochs}, {counted(m['steps'], 'step')}, learning rate {p['learningRate']}, batch "
+        f"{p['batchSize']} x {p['gradientAccumulation']}{per_step}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
+        f"{p['maxSeqLength']}, seed {p['seed']}"
+        + (f", resumed after epoch {report['resumedFromEpoch']}" if report.get("resumedFromEpoch") else "")
+        + " |\n"
+        f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n"
+    )
+
+
+def model_card(report: dict[str, Any]) -> str:
+    """The version's model card (`registry.CARD_FILE`): what it is, what it was trained on, how it scored, how to load it (PEFT
+    writes a card of empty sections). The front matter is the Hub's, as PEFT's card had it."""
+    base = report["baseModel"]
     from .models import TINY_ID
 
     # Where BASE is, for a base no other tool finds by its name (the card names no folder of this machine);
@@ -1236,15 +1253,9 @@ def model_card(report: dict[str, Any]) -> str:
         f"# {report['adapterName']}@{report['version']}\n\n"
         f"A LoRA adapter for `{base['id']}`, trained by lunatrain on {report['created']}"
         + (f" (job {report['jobId']})" if report.get("jobId") else "")
-        + ".\n\n| | |\n|---|---|\n"
-        f"| data | tier {d['tier']}, {d['trainSamples']} train and {d['valSamples']} val samples, "
-        f"fingerprint {d['fingerprint'][:12]} |\n"
-        f"| schedule | {epochs}, {counted(m['steps'], 'step')}, learning rate {p['learningRate']}, batch "
-        f"{p['batchSize']} x {p['gradientAccumulation']}{per_step}, rank {p['rank']}, alpha {p['alpha']}, maxSeqLength "
-        f"{p['maxSeqLength']}, seed {p['seed']}"
-        + (f", resumed after epoch {report['resumedFromEpoch']}" if report.get("resumedFromEpoch") else "")
-        + " |\n"
-        f"| val loss | {loss(m['valLoss'])} (the base model: {loss(m['baseValLoss'])}) |\n\n"
+        + ".\n\n"
+        + card_table(report)
+        + "\n"
         f"Everything about the run is in `{registry.REPORT_FILE}`, its loss curve in `{registry.LOSS_CURVE_FILE}`, "
         f"the trained samples' hashes in `{registry.TRAIN_HASHES_FILE}`. The tokenizer here carries the chat "
         "template it was trained with.\n\n"
