@@ -458,9 +458,14 @@ loraForm.control("baseModel").addEventListener("change", (event) => {
       if (field.value.trim() === base) loraForm.refill(params); // not one typed since
     } catch (error) {
       await released(); // the field was left by pressing a button below it: its click first, then the new line
-      // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field.
-      if (error.status === 422) loraForm.showErrors(serverFieldErrors(error), { focus: false });
-      else showError(error, t("train.formLabel"));
+      // Marked, not focused: the user has moved on (Tab), and the next keystrokes are meant for that field. So
+      // the refusal is said in the polite live region as well: a screen reader in the next field hears it there.
+      if (error.status === 422) {
+        const errors = serverFieldErrors(error);
+        loraForm.showErrors(errors, { focus: false });
+        const said = Object.entries(errors).map(([name, text]) => `${t(`field.${name}`)}: ${text}`);
+        if (said.length) showNotice(said.join(" "), "warning");
+      } else showError(error, t("train.formLabel"));
     }
   })();
 });
