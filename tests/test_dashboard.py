@@ -39,6 +39,8 @@ expect = playwright_api.expect
 # A tiny-model job with its eval gate takes about a minute on two idle cores, several on busy shared ones.
 TRAIN_TIMEOUT_MS = 480_000
 UI_TIMEOUT_MS = 15_000
+# How long the server may take to answer a start on a loaded machine (the job queued, not run)
+START_TIMEOUT_MS = 120_000
 # Every expectation waits that long by default (Playwright's own default, 5 s, is short for a server round trip
 # on a loaded machine); test_dashboard_chat.py shares this `expect`.
 expect.set_options(timeout=UI_TIMEOUT_MS)
@@ -185,7 +187,10 @@ def versions_of(services: Services, name: str) -> list[str]:
 
 def train_example(page, output_dir: Path | None = None) -> str:
     """Click "Beispiel-Adapter" and wait for the job to succeed; returns the job's adapter version."""
-    page.get_by_role("button", name="Beispiel-Adapter").click()
+    # The server's answer first, however long a loaded machine takes to queue the job (a run beside other
+    # suites met the notice's 15 s while the answer was still on its way); then the page's part, in the usual time.
+    with page.expect_response(lambda r: r.url.endswith("/lora/example-adapter"), timeout=START_TIMEOUT_MS):
+        page.get_by_role("button", name="Beispiel-Adapter").click()
     state = page.locator("#job-state")
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     if output_dir:
@@ -434,7 +439,7 @@ def test_server_rejection_is_shown_next_to_the_field_and_in_the_live_region(
     expect(page.locator("#notices")).to_contain_text("Basismodell")
     # The server's answer first, however long a loaded machine takes to give it (CI met this test waiting
     # 15 s for the alert while the answer was still on its way): then the page's part, in the usual time.
-    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=120_000) as refused:
+    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=START_TIMEOUT_MS) as refused:
         page.get_by_role("button", name="Training starten").click()
     assert refused.value.status == 422, refused.value.text()
     alert = page.locator("#alerts .message", has_text="no-such-model")
@@ -483,7 +488,7 @@ def test_a_refusal_that_comes_while_a_button_is_pressed_does_not_swallow_its_cli
     page.mouse.down()  # the field loses the focus: the base's values are asked for (and held)
     deliver_late(page, held)  # the refusal comes while the button is held
     if button == "#start-button":
-        with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=120_000) as refused:
+        with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=START_TIMEOUT_MS) as refused:
             page.mouse.up()
         assert refused.value.status == 422, refused.value.text()
         expect(page.locator("#f-baseModel-error")).to_be_visible()  # and the refusal is shown
@@ -520,7 +525,7 @@ def test_a_start_clicked_before_the_first_values_arrive_waits_for_them_and_is_se
     page.locator("#f-baseModel").fill("./no-such-model")
     page.get_by_role("button", name="Training starten").click()
     expect(page.get_by_role("button", name="Training starten")).to_have_attribute("aria-busy", "true")
-    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=120_000) as refused:
+    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=START_TIMEOUT_MS) as refused:
         deliver_late(page, held)
     assert refused.value.status == 422, refused.value.text()
     expect(page.locator("#alerts .message", has_text="no-such-model")).to_be_visible()
@@ -682,7 +687,8 @@ def test_cancel_a_running_job(page, services: Services, output_dir: Path, traine
         page.goto(f"{services.api_url}/")  # asked once the form holds the profile's defaults
     page.get_by_label("Adaptername").fill("cancel-me")
     page.get_by_label("Epochen").fill("100")  # long enough to still be running when we cancel
-    page.get_by_role("button", name="Training starten").click()
+    with page.expect_response(lambda r: r.url.endswith("/lora/start"), timeout=START_TIMEOUT_MS):  # as above
+        page.get_by_role("button", name="Training starten").click()
     expect(page.locator("#notices")).to_contain_text("gestartet", timeout=UI_TIMEOUT_MS)
     started = page.locator("#job-id").inner_text()
     assert f'"{started.split()[-1]}"' not in held.answer(page).text()  # the answer names the earlier job
