@@ -163,15 +163,18 @@ def adapter_work_dir(settings: Any, name: str, tag: str) -> Path:
     return work
 
 
-def recorded_job(data_dir: Path, status: str, adapter_name: str = "luna-adapter", **fields: Any) -> Any:
+def recorded_job(
+    data_dir: Path, status: str, adapter_name: str = "luna-adapter", *, resume: bool = False, **fields: Any
+) -> Any:
     """A job in the data root's job database, moved to `status` (with `fields`, e.g. error=...), as a trainer
-    that has since stopped left it: for the readers of that database without a trainer."""
+    that has since stopped left it: for the readers of that database without a trainer. `resume`: a job
+    submitted with `"resume": true` (`jobs resume`)."""
     from lunatrain.params import LoraParams
     from lunatrain.service.jobs import JobStore, jobs_db_path
 
     jobs = JobStore(jobs_db_path(data_dir))
     try:
-        job, _ = jobs.create(LoraParams(adapter_name=adapter_name, base_model="luna-tiny"))
+        job, _ = jobs.create(LoraParams(adapter_name=adapter_name, base_model="luna-tiny", resume=resume))
         return jobs.set_status(job.id, status, **fields)
     finally:
         jobs.close()

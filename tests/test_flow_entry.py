@@ -1012,6 +1012,18 @@ def test_following_a_job_whose_trainer_was_killed_ends_as_the_jobs_own_report_sa
         atomic_write_text(here.lora_latest_report, other)
         with pytest.raises(ServiceUnavailable, match="Stopped following job"):
             cli_trainer.follow(here, job.id, unreachable_s=0.0)
+    # Jobs repro: `jobs resume` followed its job, the trainer was stopped, and the follower said "Job … failed:
+    # interrupted" (exit 1) from the job's report, while the job was requeued and went on from its checkpoint
+    # once a trainer started. A resume job a trainer's stop left queued (or running) has not ended.
+    for recorded in ("queued", "running"):
+        resumed = recorded_job(here.data_dir, recorded, resume=True, started_at=now_iso())
+        stopped = report | {"jobId": resumed.id, "status": "failed", "version": None, "created": now_iso()}
+        stopped["error"] = {"code": "interrupted", "message": "Stopped at step 5 of 40: the trainer is stopping."}
+        atomic_write_text(here.lora_latest_report, json.dumps(stopped))
+        with pytest.raises(
+            ServiceUnavailable, match=f"Stopped following job {resumed.id} .last recorded as {recorded}"
+        ):
+            cli_trainer.follow(here, resumed.id, unreachable_s=0.0)
 
 
 def test_device_cuda_without_a_gpu_is_refused_before_the_flow_runs(settings, no_gpu, monkeypatch, dead_port):

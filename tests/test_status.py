@@ -1070,6 +1070,39 @@ def test_a_job_whose_trainer_was_killed_is_said_as_its_report_says_not_running(s
     assert training_status(settings, 0)["lastJob"]["status"] == "running"
 
 
+@pytest.mark.parametrize("recorded", ["running", "queued"])
+def test_a_resume_job_whose_trainer_stopped_is_not_said_failed_by_its_report(settings, recorded):
+    """Jobs repro: `jobs resume` of a cancelled job, then the trainer stopped (TERM: the job requeued; kill -9:
+    left running, which the next trainer's recovery requeues). The job's own process wrote lora-latest.json as
+    it stopped (failed, interrupted), and `status` said "last job: failed" for a job that went on, from its last
+    checkpoint, once a trainer started again. A resume job is continued, not ended, by a trainer's stop."""
+    from lunatrain.fsio import atomic_write_text
+    from lunatrain.wire import now_iso
+
+    from helpers import recorded_job
+
+    job = recorded_job(settings.data_dir, recorded, resume=True)
+    report = {
+        "status": "failed",
+        "jobId": job.id,
+        "adapterName": "luna-adapter",
+        "version": None,
+        "baseModel": {"id": "luna-tiny"},
+        "created": now_iso(),
+        "error": {"code": "interrupted", "message": "Stopped at step 535 of 1220: the trainer is stopping."},
+    }
+    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    last = training_status(settings, 0)["lastJob"]
+    assert (last["jobId"], last["status"], last["source"]) == (job.id, recorded, "trainer"), last
+    said = CliRunner().invoke(app, ["status"]).output
+    assert f"last job: {recorded}" in said and "failed" not in said, said
+    if recorded == "running":  # its version registered before the kill: an end (recovery settles it succeeded)
+        report |= {"status": "succeeded", "version": "v2", "error": None, "path": "data/adapters/luna-adapter/v2"}
+        atomic_write_text(settings.lora_latest_report, json.dumps(report))
+        assert training_status(settings, 0)["lastJob"]["status"] == "succeeded"
+
+
 def test_a_jobs_report_whose_job_an_older_job_database_lacks_is_ordered_by_its_version(settings):
     """Backup repro: with only data/trainer/jobs.db restored from an older backup, `status` said "last job:
     succeeded luna-adapter@v1" (the older database's newest job), while lora-latest.json named a newer trainer

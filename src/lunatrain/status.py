@@ -303,8 +303,8 @@ def _report(path: Path, problems: Problems, command: str, fields: dict[str, Call
 
 def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
     """The newest of: the trainer's last job (any state) and the last in-process run (lora-latest.json)."""
-    (job, active_at), run = _last_store_job(settings, problems), _last_local_run(settings, problems)
-    last = _chosen_job(settings, job, active_at, run)
+    (job, active_at, resumes), run = _last_store_job(settings, problems), _last_local_run(settings, problems)
+    last = _chosen_job(settings, job, active_at, run, resumes=resumes)
     if last is not None and last is job and job["status"] in ("running", "cancelling", "validating"):
         from .service.lock import trainer_lock_held
 
@@ -320,9 +320,15 @@ def _last_job(settings: Settings, problems: Problems) -> dict[str, Any] | None:
 
 
 def _chosen_job(
-    settings: Settings, job: dict[str, Any] | None, active_at: str | None, run: dict[str, Any] | None
+    settings: Settings,
+    job: dict[str, Any] | None,
+    active_at: str | None,
+    run: dict[str, Any] | None,
+    *,
+    resumes: bool = False,
 ) -> dict[str, Any] | None:
-    """`_last_job`'s choice between the trainer's last job and the last in-process run."""
+    """`_last_job`'s choice between the trainer's last job and the last in-process run. `resumes`: the job is
+    one a trainer's stop requeues (`recovery.requeued_when_stopped`)."""
     if job is not None and run is not None and run["jobId"] and _holds_job(settings, job, run["jobId"]):
         # The report of a trainer job (this one, or one before it that a queued job waited behind): the
         # trainer's record is the whole story (finish, gate) and knows which of its jobs came last. Unless it
@@ -331,7 +337,8 @@ def _chosen_job(
         from .service.recovery import ended_by_its_report
 
         running = job.get("status") in ("running", "cancelling")
-        return run if running and ended_by_its_report(settings, job["jobId"], active_at, run) else job
+        ended = ended_by_its_report(settings, job["jobId"], active_at, run, resumes=resumes)
+        return run if running and ended else job
     if job is None or run is None:
         return job or run
     # An in-process run beside the trainer's jobs: two numbered versions of one adapter on one base (or two
@@ -384,9 +391,10 @@ def _same_adapter(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["adapterName"], a["baseModel"]) == (b["adapterName"], b["baseModel"])
 
 
-def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, Any] | None, str | None]:
-    """The trainer's newest job as `lastJob` says it, and when it last did something (its finish, else its
-    start, else its submission). A job database that cannot be read is one of the `problems`."""
+def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """The trainer's newest job as `lastJob` says it, when it last did something (its finish, else its start,
+    else its submission), and whether a trainer's stop requeues it (`recovery.requeued_when_stopped`). A job
+    database that cannot be read is one of the `problems`."""
     from .service.jobs import existing_store, jobs_db_path
 
     def latest() -> Any:
@@ -434,35 +442,39 @@ def _last_store_job(settings: Settings, problems: Problems) -> tuple[dict[str, A
 
     job = _safe(latest)
     if job is None:
-        return None, None
-    from .service.recovery import as_read_now
+        return None, None, False
+    from .service.recovery import as_read_now, requeued_when_stopped
 
     job = as_read_now(settings, job)  # as `jobs show` says it: a resume hint whose checkpoint is gone goes
     metrics = job.metrics or {}
-    return {
-        "jobId": job.id,
-        "status": job.status,
-        "source": "trainer",
-        "adapterName": (job.adapter.name if job.adapter else None) or job.params.get("adapterName"),
-        "version": job.adapter.version if job.adapter else None,
-        "revision": job.adapter.revision if job.adapter else None,
-        # Which base it trained on: after a switch of base model the last job may be for another one.
-        "baseModel": job.params.get("baseModel"),
-        "created": job.created_at,
-        "finished": job.finished_at,
-        # The trainer's measure of the last try, as the job API says it: None where its trainer stopped
-        # meanwhile (the time to when the next trainer settled it would count the time no trainer ran).
-        "durationSeconds": job.duration_seconds,
-        "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
-        "error": job.error.wire() if job.error else None,
-        "gate": {
-            "passed": job.gate.get("passed"),
-            "promoted": job.gate.get("promoted"),
-            "reasons": job.gate.get("reasons", []),
-        }
-        if isinstance(job.gate, dict)
-        else None,
-    }, job.finished_at or job.started_at or job.created_at
+    return (
+        {
+            "jobId": job.id,
+            "status": job.status,
+            "source": "trainer",
+            "adapterName": (job.adapter.name if job.adapter else None) or job.params.get("adapterName"),
+            "version": job.adapter.version if job.adapter else None,
+            "revision": job.adapter.revision if job.adapter else None,
+            # Which base it trained on: after a switch of base model the last job may be for another one.
+            "baseModel": job.params.get("baseModel"),
+            "created": job.created_at,
+            "finished": job.finished_at,
+            # The trainer's measure of the last try, as the job API says it: None where its trainer stopped
+            # meanwhile (the time to when the next trainer settled it would count the time no trainer ran).
+            "durationSeconds": job.duration_seconds,
+            "metrics": {k: metrics.get(k) for k in ("valLoss", "baseValLoss", "trainLoss", "steps", "tokensPerSec")},
+            "error": job.error.wire() if job.error else None,
+            "gate": {
+                "passed": job.gate.get("passed"),
+                "promoted": job.gate.get("promoted"),
+                "reasons": job.gate.get("reasons", []),
+            }
+            if isinstance(job.gate, dict)
+            else None,
+        },
+        job.finished_at or job.started_at or job.created_at,
+        requeued_when_stopped(job),
+    )
 
 
 def _last_local_run(settings: Settings, problems: Problems) -> dict[str, Any] | None:

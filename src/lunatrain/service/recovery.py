@@ -145,17 +145,27 @@ def settle_interrupted(
     return store.set_status(job_id, "failed", error={"code": "interrupted", "message": message})
 
 
-def ended_by_its_report(settings: Settings, job_id: str, started_at: str | None, report: Any) -> bool:
+def requeued_when_stopped(job: Job) -> bool:
+    """Whether a trainer's stop (orderly, or its recovery after a kill) puts `job` back in the queue instead of
+    ending it, unless its version was registered: a resume job (`jobs resume`) not being cancelled."""
+    return job.lora_params().resume and job.status in ("queued", "running")
+
+
+def ended_by_its_report(
+    settings: Settings, job_id: str, started_at: str | None, report: Any, *, resumes: bool = False
+) -> bool:
     """Whether `report` (lora-latest.json, or status's view of it) says how the try of job `job_id` that began
     at `started_at` ended, where the job's record still says it runs: the job's own process writes it as it
     ends, and a record left running by a trainer that was killed is settled only by the next trainer's
-    recovery. Only while no trainer holds the data root (one that runs keeps its record right)."""
+    recovery. Only while no trainer holds the data root (one that runs keeps its record right). `resumes`: a
+    job submitted to resume (`jobs resume`) and not being cancelled, which a trainer's stop requeues unless its
+    version was registered (`settle_interrupted`): its report's failure is where it stopped, not how it ended."""
     from .lock import trainer_lock_held
 
     return (
         isinstance(report, dict)
         and report.get("jobId") == job_id
-        and report.get("status") in ("succeeded", "failed", "cancelled")
+        and report.get("status") in (("succeeded",) if resumes else ("succeeded", "failed", "cancelled"))
         # when it ended (the report's `created`; status's view says it `finished`): a resumed job keeps its id
         and str(report.get("finished") or report.get("created") or "") >= str(started_at or "")
         and not trainer_lock_held(settings)
@@ -168,7 +178,7 @@ def as_its_report_says(settings: Settings, job: Job) -> Job | None:
         report = read_json(settings.lora_latest_report, None)
     except (LunaError, OSError):  # damaged or unreadable: it says nothing (status names it as a problem)
         return None
-    if not ended_by_its_report(settings, job.id, job.started_at, report):
+    if not ended_by_its_report(settings, job.id, job.started_at, report, resumes=requeued_when_stopped(job)):
         return None
     error = report.get("error") if isinstance(report.get("error"), dict) else None
     version = report.get("version") if report["status"] == "succeeded" else None
