@@ -489,6 +489,34 @@ def test_a_listing_cut_at_its_limit_says_how_to_see_the_rest(settings: Settings)
     store.dispose_stores()
 
 
+def test_a_job_cancelled_while_its_gate_ran_says_its_version_was_not_activated(trainer: JobStore):
+    """Jobs repro: a job cancelled once its eval gate had begun ends succeeded (its version is registered), and
+    `jobs show` said "…, gate passed", which reads as active; the gate's record says it was not promoted and
+    why ("not activated: the job was cancelled while the gate ran"), and so does the line now."""
+    job, _ = trainer.create(parse_run({"adapterName": "gated", "baseModel": "luna-tiny"})[0])
+    trainer.set_status(job.id, "queued")
+    trainer.claim(job.id)
+    adapter = {"name": "gated", "version": "v1", "path": "data/adapters/gated/v1", "revision": None}
+    gate = {
+        "status": "passed",
+        "passed": True,
+        "promoted": False,
+        "notes": ["not activated: the job was cancelled while the gate ran"],
+    }
+    trainer.set_status(job.id, "succeeded", adapter=adapter, gate=gate, metrics={"valLoss": 7.5})
+    r = CliRunner().invoke(app, ["jobs", "show", job.id])
+    assert r.exit_code == 0, r.output
+    assert "gate passed, not activated: the job was cancelled while the gate ran" in r.stdout, r.stdout
+    # a promoted version's line stays as it was
+    other, _ = trainer.create(parse_run({"adapterName": "promoted", "baseModel": "luna-tiny"})[0])
+    trainer.set_status(other.id, "queued")
+    trainer.claim(other.id)
+    promoted = gate | {"promoted": True, "notes": []}
+    trainer.set_status(other.id, "succeeded", adapter=adapter | {"name": "promoted"}, gate=promoted, metrics={})
+    r = CliRunner().invoke(app, ["jobs", "show", other.id])
+    assert r.exit_code == 0 and "gate passed" in r.stdout and "not activated" not in r.stdout, r.stdout
+
+
 def test_a_cancelled_job_with_an_epoch_checkpoint_says_how_to_continue_it(settings: Settings, trainer: JobStore):
     """Resume repro: a job cancelled after an epoch keeps its checkpoint, and `jobs resume` finishes it to the
     same weights, but nothing said so: "Job … cancelled: at step 11 of 16". One cancelled before its first

@@ -303,6 +303,11 @@ def summary(job: Job) -> str:
     if job.status == "succeeded" and job.adapter:
         gate = job.gate or {}
         verdict = "" if not gate else f", gate {'passed' if gate.get('passed') else gate.get('status') or 'not passed'}"
+        notes = gate.get("notes") if isinstance(gate.get("notes"), list) else []
+        if gate.get("passed") and gate.get("promoted") is False and notes:
+            # passed, not made active by this gate: "gate passed" alone reads as active; its note says why
+            # ("not activated: the job was cancelled while the gate ran", "already active", "not kept: …")
+            verdict += f", {notes[0]}"
         loss = job.metrics.get("valLoss", job.metrics.get("trainLoss"))
         return (
             f"adapter {job.adapter.name}@{job.adapter.version}"
