@@ -313,6 +313,39 @@ def test_a_second_trainer_of_the_data_root_names_where_the_first_one_runs(home, 
     assert "pid 4242" in message and "http://127.0.0.1:40001" in message, message
 
 
+def test_a_second_trainer_on_the_first_ones_port_says_the_data_root_has_one(home, monkeypatch):
+    """Jobs repro: `lunatrain trainer --port P` twice on one data root said "Port P … is already in use; …
+    (--port 0 picks a free one)": advice that, followed, starts a second trainer on the data root (refused
+    then, with another sentence). The port is taken by this data root's own trainer, and that is what is said;
+    a port something else holds is still a port in use."""
+    import socket
+
+    from lunatrain.service import lock
+
+    settings = load_settings()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = CliRunner().invoke(app, ["trainer", "--port", str(port)])
+        assert result.exit_code == 2 and "is already in use" in result.output, result.output  # not our trainer
+        monkeypatch.setattr(lock, "_instance_lock", None)
+        lock.claim_data_root(settings)  # this data root's trainer, in this process
+        held = lock._instance_lock
+        try:
+            settings.trainer_url_file.write_text(f"http://127.0.0.1:{port}\n")
+            result = CliRunner().invoke(app, ["trainer", "--port", str(port)])
+        finally:
+            assert held is not None
+            held.close()
+    finally:
+        taken.close()
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "Another trainer is already running for the data root" in result.output, result.output
+    assert f"http://127.0.0.1:{port}" in result.output and "--port 0" not in result.output, result.output
+
+
 def test_a_trainer_on_another_port_than_the_chosen_address_is_refused(home, monkeypatch):
     """Explore repro: with ASSISTANT_LORA_TRAINER_URL naming port P, `lunatrain trainer --port 0` started and
     recorded its address, but every client of the data root went to P (a chosen address wins over the

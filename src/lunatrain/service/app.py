@@ -328,7 +328,14 @@ def serve(settings: Settings, host: str, port: int, log_file: Path | None = None
     check_bind(host, settings.api_token)
     if log_file is not None and log_file.is_dir():  # said before the data root is written to
         raise UsageError(f"Cannot write the log file {log_file}: it is a folder.")
-    sock = listen.bind(host, port)  # first: a port in use changes nothing
+    try:
+        sock = listen.bind(host, port)  # first: a port in use changes nothing
+    except UsageError:
+        # Taken, most likely by this data root's own trainer (started twice on the port the address names):
+        # that is the news, not "pick another port", which would start a second trainer on one data root.
+        if lock.trainer_lock_held(settings):
+            raise lock.another_trainer(settings) from None
+        raise
     try:
         check_data_root(settings)  # a read-only or missing data root: one sentence (exit 2), no traceback
         lock.claim_data_root(settings)

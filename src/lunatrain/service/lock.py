@@ -34,11 +34,16 @@ def claim_data_root(settings: Settings) -> None:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise Conflict(
-            f"Another trainer is already running for the data root {settings.home}{_running_where(settings)}; "
-            "use it, or stop it before starting another."
-        ) from None
+        raise another_trainer(settings) from None
     _instance_lock = fh
+
+
+def another_trainer(settings: Settings) -> Conflict:
+    """The refusal of a second trainer for a data root whose trainer runs (its pid and address, as known)."""
+    return Conflict(
+        f"Another trainer is already running for the data root {settings.home}{_running_where(settings)}; "
+        "use it, or stop it before starting another."
+    )
 
 
 def _running_where(settings: Settings) -> str:
