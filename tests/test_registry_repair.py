@@ -63,6 +63,13 @@ DAMAGE = {
     "metrics a string": _retyped(lambda a: a["versions"][0].update(metrics="x")),
     "val loss a string": _retyped(lambda a: a["versions"][0]["metrics"].update(valLoss="abc")),
     "gate a string": _retyped(lambda a: a["versions"][0].update(gate="passed")),
+    # gc repros: each was a 500 from the API (adapters, deactivate, /v1/models) or a traceback from the CLI,
+    # and `adapters repair` said "The registry is readable; nothing to repair."
+    "an activation a number": _retyped(lambda a: a.update(activations=[12345])),
+    "an activation's version a list": _retyped(lambda a: a.update(activations=[{"version": [], "base": "f" * 64}])),
+    "an activation's base an object": _retyped(lambda a: a.update(activations=[{"version": "v1", "base": {}}])),
+    "an alias a number": _retyped(lambda a: a.setdefault("aliases", {}).update(latest=12345)),
+    "created a number": _retyped(lambda a: a["versions"][0].update(created=12345)),
 }
 
 

@@ -220,8 +220,18 @@ def shape_problem(data: Any) -> str | None:
             problem = _entry_problem(name, entry)
             if problem:
                 return f"{name}@{entry['version']} {problem}"
-        if not isinstance(adapter.get("aliases", {}), dict) or not isinstance(adapter.get("activations", []), list):
+        aliases, activations = adapter.get("aliases", {}), adapter.get("activations", [])
+        if not isinstance(aliases, dict) or not isinstance(activations, list):
             return f"the aliases or activations of adapter {name!r} have the wrong type"
+        # Each alias names a version; each activation record names a version (none: a deactivation), the
+        # base's fingerprint and the version before: rollback, deactivate and the listings take them as such.
+        if not all(isinstance(v, str) for v in aliases.values()):
+            return f"an alias of adapter {name!r} names no version"
+        if not all(
+            isinstance(r, dict) and all(isinstance(r.get(k), str | None) for k in ("version", "base", "previous"))
+            for r in activations
+        ):
+            return f"an activation record of adapter {name!r} has the wrong type"
         active = adapter.get("activeByBase", {})
         # Every reader of what is active takes each value's version name without checking.
         if not isinstance(active, dict) or not all(
@@ -248,6 +258,8 @@ def _entry_problem(name: str, entry: dict[str, Any]) -> str | None:
         return "has metrics that are not numbers"
     if not isinstance(entry.get("gate"), dict | None):
         return "has a gate outcome that is not an object"
+    if not isinstance(entry.get("created"), str | None):  # a timestamp: the listings and /v1/models parse it
+        return "has a creation time that is not a timestamp"
     return None
 
 
