@@ -216,6 +216,11 @@ def test_the_jobs_kept_are_those_that_finished_last_and_the_reasons_read_right_a
     fresh = retention.collect(settings.model_copy(update={"retain_checkpoint_days": 0}), dry_run=True)
     [reason] = [i.reason for i in fresh.items if i.kind == "run-workdir"]
     assert reason == "unchanged for 5 hours (kept 0 days)", reason
+    # gc repro: a folder of two minutes ago read "unchanged for 1 hour"; under an hour is said in minutes
+    _age(run, 2 / 1440)
+    fresh = retention.collect(settings.model_copy(update={"retain_checkpoint_days": 0}), dry_run=True)
+    [reason] = [i.reason for i in fresh.items if i.kind == "run-workdir"]
+    assert reason == "unchanged for 2 minutes (kept 0 days)", reason
 
 
 def test_a_jobs_database_that_is_no_file_keeps_the_run_work_directories(settings: Settings) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 from . import export
 from .errors import StorageError
 from .fsio import SQLITE_BUSY_TIMEOUT_S, abandoned_staging, in_use, nearly_full, remove_tree, tree_size
+from .messages import counted
 from .registry import WORK_DIR
 from .service.jobs import TERMINAL, job_log_path, jobs_db_path, ranks_log_dir, read_only_connection
 from .settings import Settings
@@ -398,10 +399,11 @@ def _work_dirs(
         if newest >= cutoff:
             continue
         age = (now - newest) / 86400
-        # under a day in hours: a run folder of this morning is no "0 days" old
-        days, hours = round(age), max(1, round(age * 24))
+        # under a day in hours, under an hour in minutes: a run folder of this morning is no "0 days" old,
+        # and one of a minute ago (ASSISTANT_RETAIN_CHECKPOINT_DAYS=0) no hour
+        days, hours, minutes = round(age), round(age * 24), max(1, round(age * 1440))
         unchanged = (
-            f"{days} {'day' if days == 1 else 'days'}" if age >= 1 else f"{hours} {'hour' if hours == 1 else 'hours'}"
+            counted(days, "day") if age >= 1 else counted(hours, "hour") if hours >= 1 else counted(minutes, "minute")
         )
         kept = settings.retain_checkpoint_days
         size = tree_size(run)
