@@ -463,6 +463,17 @@ def test_a_version_whose_folder_is_gone_keeps_its_number_after_repair(settings):
     assert new["version"] == "v3"
     r = CliRunner().invoke(app, ["adapters", "rollback", "a"])
     assert r.exit_code == 2 and "has no earlier active version" in r.output, r.output
+    # gc repro: with every version's folder gone, repair left the adapter out of the registry altogether, and
+    # the next run was numbered v1 again, a number activations.jsonl already gave a version the gate passed
+    (settings.home / new["path"] / registry.REPORT_FILE).write_text(json.dumps(report | {"version": "v3"}))
+    registry.activate(settings, "a", "v3")
+    for version in ("v1", "v3"):
+        remove_tree(settings.adapters_dir / "a" / version)
+    registry.registry_path(settings).write_text("[")
+    registry.repair(settings)
+    assert "a" not in registry.list_adapters(settings)
+    again = registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "four"), _entry(fp))
+    assert again["version"] == "v4", again["version"]
 
 
 def test_rollback_skips_a_version_repair_left_out(settings):

@@ -357,12 +357,28 @@ def _journal(settings: Settings, name: str, record: dict[str, Any], base_id: str
         log.warning("could not record %s's activation change in %s: %s", name, ACTIVATIONS_FILE, exc)
 
 
+def _journal_records(settings: Settings, name: str) -> list[Any]:
+    """The records of adapter `name`'s activations.jsonl as written (`_journal`); a line that cannot be read
+    (the torn last line of a crash) is left out, and a journal that cannot be read gives none."""
+    try:
+        lines = (settings.adapters_dir / name / ACTIVATIONS_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    records = []
+    for line in lines:
+        with contextlib.suppress(*JSON_FAULTS):
+            records.append(json.loads(line))
+    return records
+
+
 def _next_version(settings: Settings, name: str, adapter: dict[str, Any]) -> str:
     # Directories count too: a version dir left by a crash between move and register is never reused. So do
     # the versions the activation history names: one whose folder was removed (and that a repair therefore
     # left out) would otherwise come back under its number, and a rollback would walk into the newcomer.
+    # The adapter's journal too: with every version's folder gone, repair leaves the adapter out of the
+    # registry altogether, and its history lives on only there.
     named = [e["version"] for e in adapter["versions"]]
-    for record in (r for r in adapter.get("activations", []) if isinstance(r, dict)):
+    for record in (r for r in adapter.get("activations", []) + _journal_records(settings, name) if isinstance(r, dict)):
         named += [v for v in (record.get("version"), record.get("previous")) if isinstance(v, str)]
     used = [int(m.group(1)) for v in named if (m := _VERSION_RE.fullmatch(v))]
     root = settings.adapters_dir / name
@@ -1947,15 +1963,7 @@ def _restore_activations(settings: Settings, data: dict[str, Any]) -> set[tuple[
     is not made active. Returns the (adapter, base fingerprint) pairs the journals speak for."""
     restored: set[tuple[str, str]] = set()
     for name, adapter in data["adapters"].items():
-        try:
-            lines = (settings.adapters_dir / name / ACTIVATIONS_FILE).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            continue
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except JSON_FAULTS:
-                continue
+        for record in _journal_records(settings, name):
             if not isinstance(record, dict) or not isinstance(record.get("base"), str):
                 continue
             version = record.get("version")
