@@ -173,6 +173,22 @@ def test_an_ended_job_has_no_time_left(store, ended):
     assert done.progress.eta_seconds is None and done.progress.step == 2 and done.progress.total_steps == 5
 
 
+def test_a_requeued_job_starts_its_next_try_without_the_last_tries_progress(store, settings):
+    """Jobs repro: a resume job requeued by a trainer's stop at step 224 of 610 was shown by the next trainer as
+    "running step 224/610" until its resumed run (from the epoch checkpoint at step 184) said its first step:
+    the progress went backwards. A new try starts without the last one's steps; its run says where it is."""
+    from lunatrain.service.recovery import settle_interrupted
+
+    job = queued(store, LoraParams(adapter_name="again", resume=True))
+    store.claim(job.id)
+    store.add_event(job.id, "progress", {"step": 224}, progress=Progress(step=224, total_steps=610, percent=36.7))
+    requeued = settle_interrupted(settings, store, job.id, cancel_requested=False)
+    assert requeued.status == "queued"
+    assert store.claim(job.id)
+    again = store.get(job.id)
+    assert again.status == "running" and again.progress == queued(store).progress == Progress(), again.progress
+
+
 def test_a_jobs_epoch_is_a_whole_number_as_in_its_events(store):
     """Numbers repro: a job's progress said `"epoch": 3.0` where its progress events said `"epoch": 3`."""
     job = queued(store)

@@ -472,9 +472,11 @@ class JobStore:
     def claim(self, job_id: str) -> bool:
         """queued -> running, only if still queued (a cancel may have won the race); True if claimed."""
         with self._lock, self._tx():
+            # A try starts without the steps of the one before it (a resume job requeued by a trainer's stop):
+            # its run resumes from an epoch checkpoint, behind where that try got, and says where it is.
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), attempts = attempts + 1, "
-                "duration_seconds = NULL "
+                "duration_seconds = NULL, progress = NULL "
                 "WHERE id = ? AND status = 'queued'",
                 (now_iso(), job_id),
             )
