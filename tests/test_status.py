@@ -554,6 +554,37 @@ def test_an_adapter_of_another_base_is_not_the_active_one_while_luna_tiny_is_unb
     assert "active adapter: none" in said and "also active: luna-adapter@v1 on /models/qwen2" in said, said
 
 
+def test_a_base_folder_moved_and_configured_at_its_new_place_is_listed_by_its_new_place(
+    settings, tmp_path, monkeypatch
+):
+    """Switch repro: trained and active on /tmp/m2/llama; the folder moved to llama2 and ASSISTANT_BASE_MODEL set
+    to it. Chat, the gate and merge take it (the same weights), but `adapters list` still headed the versions
+    "base /tmp/m2/llama" and said "[active on /tmp/m2/llama]", a folder that is gone. The base as configured
+    now is named, and the one trained on beside it."""
+    import shutil
+
+    from lunatrain import models
+
+    from helpers import adapter_work_dir
+
+    models.ensure_tiny(settings)
+    before, after = tmp_path / "llama", tmp_path / "llama2"
+    shutil.copytree(models.resolve_base(None, settings).path, before)
+    fingerprint = models.resolve_base(str(before), settings).fingerprint
+    trained = {"baseModel": {"id": str(before), "fingerprint": fingerprint}}
+    registry.publish(settings, "a", "versioned", adapter_work_dir(settings, "a", "x"), trained)
+    registry.activate(settings, "a", "v1", own_base=True)
+    before.rename(after)
+    monkeypatch.setenv("ASSISTANT_BASE_MODEL", str(after))
+    listed = CliRunner().invoke(app, ["adapters", "list"]).output
+    assert f"base {after} (fingerprint {fingerprint[:12]}; trained as {before})" in listed, listed
+    assert f"[active on {after}]" in listed and f"[active on {before}]" not in listed, listed
+    shown = json.loads(CliRunner().invoke(app, ["adapters", "list", "--json"]).output)
+    assert shown["active"][0]["baseLabel"] == str(after) and shown["active"][0]["baseModel"] == str(before), shown
+    said = CliRunner().invoke(app, ["status"]).output
+    assert "active adapter: a@v1" in said, said
+
+
 def test_a_version_active_on_another_build_of_the_configured_base_is_said_so(settings):
     """Explore repro: after the base's weights changed under the same name (a folder overwritten, the hub
     cache's refs/main moved by a new `hf download`), status said "active adapter: none" and "also active:

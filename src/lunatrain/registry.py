@@ -769,12 +769,11 @@ def base_label(
     (`configured`, models.BaseModelInfo, None: unknown) has that id with other weights (updated in place,
     another hub commit), so that a version no longer served does not read as active on the served base. The
     revision is that of `entry`'s training base, when it was trained on that build. A local directory is the
-    configured one however either is written."""
-    if (
-        configured is None
-        or fingerprint == configured.fingerprint
-        or not same_base_id(settings, base_id, configured.id)
-    ):
+    configured one however either is written; the configured base's weights at another place (a folder moved
+    and configured there) are named by the place configured now."""
+    if configured is not None and fingerprint == configured.fingerprint:
+        return str(base_id) if same_base_id(settings, base_id, configured.id) else str(configured.id)
+    if configured is None or not same_base_id(settings, base_id, configured.id):
         return str(base_id)
     trained_on = (entry or {}).get("baseModel") or {}
     revision = trained_on.get("revision") if trained_on.get("fingerprint") == fingerprint else None

@@ -92,7 +92,7 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         active = registry.list_active(settings)
     except LunaError as err:
         raise fail(err) from None
-    configured = _configured(settings) if active else None
+    configured = _configured(settings) if active or adapters else None
     if as_json:
         typer.echo(
             json_text(
@@ -117,7 +117,11 @@ def list_cmd(as_json: JsonOpt = False) -> None:
         typer.echo("No adapters yet; train one with `lunatrain lora` or `lunatrain luna`.")
         return
     for fingerprint, group in sorted(registry.by_base(settings).items(), key=lambda g: g[1]["baseModel"]):
-        typer.echo(f"base {group['baseModel']} (fingerprint {fingerprint[:12]})")
+        trained_on = group["baseModel"]
+        label = registry.base_label(settings, trained_on, fingerprint, configured)
+        # a folder moved and configured at its new place: named by that place, and by the one trained on
+        moved = f"; trained as {trained_on}" if label != str(trained_on) else ""
+        typer.echo(f"base {label} (fingerprint {fingerprint[:12]}{moved})")
         for e in group["versions"]:
             aliases = adapters.get(e["name"], {}).get("aliases", {})
             active_on = [
