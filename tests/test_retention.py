@@ -566,9 +566,9 @@ def test_the_space_of_removed_job_events_comes_back_to_the_disk(settings: Settin
 
 def test_gc_says_sizes_in_the_unit_that_fits():
     """Numbers repro: several GB of old checkpoints read "5432.1 MB"."""
-    from lunatrain.cli.gc import _size
+    from lunatrain.retention import size_text
 
-    assert [_size(n) for n in (512, 99_999, 100_000, 5_432_100_000)] == ["0.5 kB", "100.0 kB", "0.1 MB", "5.4 GB"]
+    assert [size_text(n) for n in (512, 99_999, 100_000, 5_432_100_000)] == ["0.5 kB", "100.0 kB", "0.1 MB", "5.4 GB"]
 
 
 def test_two_collections_at_once_remove_each_thing_once_and_both_succeed(settings: Settings) -> None:
@@ -712,15 +712,20 @@ def test_what_gc_could_not_remove_is_never_said_removed(
     assert stuck.is_dir() and (kind != "run-workdir" or stuck == world["idle"])
     (stuck / "inner").mkdir()
     _age(stuck, 10)  # as idle as before: gc judges a run folder by its newest file
+    held = fsio.tree_size(stuck)
     with read_only(stuck / "inner"):  # one folder inside it cannot be emptied
         r = CliRunner().invoke(app, ["gc"])
         assert stuck.is_dir()
     assert r.exit_code == 1, r.output
     lines = r.output.strip().splitlines()
     assert not [line for line in lines if plan[kind] in line and not line.startswith("error: ")], r.output
+    # gc repro: the sentence said "could not be removed; it stays" while every file in it had gone (only the
+    # folder that could not be emptied stayed): what went is said, and what is left
+    assert held > 0 and fsio.tree_size(stuck) == 0
     assert lines[-1] == (
-        f"error: {plan[kind]} could not be removed (Device or resource busy: {plan[kind]}/inner); it stays: give "
-        "this user the right to remove it, or remove it as its owner."
+        f"error: {plan[kind]} could only be removed in part (Device or resource busy: {plan[kind]}/inner): "
+        f"{retention.size_text(held)} of it went, what is left (empty folders) stays: give this user the right to "
+        "remove it, or remove it as its owner."
     ), r.output
     # review repro: the first folder that stayed stopped gc there; everything else still goes
     after = retention.collect(Settings(home=settings.home, retain_exports=1), dry_run=True).to_dict()["items"]

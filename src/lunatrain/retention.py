@@ -132,7 +132,7 @@ def _collect(
     # A damaged jobs database keeps what depends on it (job events; run work directories, which a job
     # still queued may resume from); exports, caches and staging folders do not, and still go.
     damaged, kept = None, "the run work directories and job events were kept"
-    stuck: dict[Path, OSError] = {}  # folders that could not be removed: they stay, the rest goes on
+    stuck: Stuck = {}  # folders that could not be removed: they stay, the rest goes on
     # First what needs no jobs database: on a full disk, SQLite cannot even read it (a WAL database needs its
     # index file), and the room these free is what lets the job steps below run.
     report.items += _exports(settings, dry_run, stuck)  # may wait for an export in progress (its lock)
@@ -158,23 +158,46 @@ def _collect(
             )
         else:
             report.problems.append(f"The jobs database {path} cannot be used ({damaged}); {kept}.")
-    for path, exc in stuck.items():
-        where = exc.filename if exc.filename and exc.filename != str(path) else None
-        report.problems.append(
-            f"{settings.shown(path)} could not be removed ({exc.strerror or exc}"
-            + (f": {settings.shown(Path(where))}" if where else "")
-            + "); it stays: give this user the right to remove it, or remove it as its owner."
-        )
+    for path, (exc, before) in stuck.items():
+        report.problems.append(_stuck_problem(settings, path, exc, before))
 
 
-def _removed(path: Path, stuck: dict[Path, OSError]) -> bool:
-    """`path` removed (`fsio.remove_tree`), or noted in `stuck` when it could not be: it stays."""
+def size_text(n: int) -> str:
+    """Bytes on disk as `df -H` says them (decimal units): "12.3 kB", "45.6 MB", "7.8 GB"."""
+    if n >= 1_000_000_000:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+# Folders gc could not remove: the error, and the bytes each held before (None: not measured). They stay,
+# the rest goes on; `fsio.remove_tree` removes all it can first, so one may be left in part.
+Stuck = dict[Path, tuple[OSError, int | None]]
+
+
+def _removed(path: Path, stuck: Stuck, size: int | None) -> bool:
+    """`path` removed (`fsio.remove_tree`), or noted in `stuck` with the `size` it had when it could not be."""
     try:
         remove_tree(path)
     except OSError as exc:
-        stuck[path] = exc
+        stuck[path] = (exc, size)
         return False
     return True
+
+
+def _stuck_problem(settings: Settings, path: Path, exc: OSError, before: int | None) -> str:
+    """The sentence for a folder gc could not remove: as it is, or (what went is gone for good, and a folder
+    emptied in part is no longer what it was) with what went and what is left."""
+    where = exc.filename if exc.filename and exc.filename != str(path) else None
+    cause = f"({exc.strerror or exc}" + (f": {settings.shown(Path(where))}" if where else "") + ")"
+    fix = "give this user the right to remove it, or remove it as its owner."
+    left = tree_size(path) if path.exists() or path.is_symlink() else 0
+    if before is not None and left < before:
+        rest = f"what is left ({size_text(left)})" if left else "what is left (empty folders)"
+        return (
+            f"{settings.shown(path)} could only be removed in part {cause}: {size_text(before - left)} of it went, "
+            f"{rest} stays: {fix}"
+        )
+    return f"{settings.shown(path)} could not be removed {cause}; it stays: {fix}"
 
 
 def after_run(settings: Settings, log: logging.Logger | None = None, *, resumable: str | None = None) -> None:
@@ -209,7 +232,7 @@ def _jobs_db(settings: Settings) -> Path | None:
     return None
 
 
-def _jobs(settings: Settings, now: datetime, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
+def _jobs(settings: Settings, now: datetime, dry_run: bool, stuck: Stuck) -> list[Item]:
     path = _jobs_db(settings)
     if path is None:
         return []
@@ -262,7 +285,7 @@ def _jobs(settings: Settings, now: datetime, dry_run: bool, stuck: dict[Path, OS
             _give_back(db)
             # The events are gone for good now: a log that cannot be removed is one of the problems, never a
             # stop that would leave the other logs behind on this gc and every later one.
-            files = [(log, item) for log, item in files if _removed(log, stuck)]
+            files = [(log, item) for log, item in files if _removed(log, stuck, item.bytes)]
         return items + [item for _log, item in files]
     finally:
         db.close()
@@ -291,9 +314,11 @@ def _parse(stamp: str | None) -> datetime:
     return parse_iso(stamp)
 
 
-def _exports(settings: Settings, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
+def _exports(settings: Settings, dry_run: bool, stuck: Stuck) -> list[Item]:
     sizes: dict[Path, int] = {}  # measured under the export lock, as they are listed and removed
-    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=dry_run, sizes=sizes, failed=stuck)
+    failed: dict[Path, OSError] = {}
+    doomed = export.prune_exports(settings, settings.retain_exports, dry_run=dry_run, sizes=sizes, failed=failed)
+    stuck.update({path: (exc, sizes.get(path)) for path, exc in failed.items()})
     return [
         Item(
             "export",
@@ -323,7 +348,7 @@ def cache_fingerprint(path: Path) -> str | None:
     return meta.get("fingerprint") if isinstance(meta, dict) else None
 
 
-def _token_caches(settings: Settings, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
+def _token_caches(settings: Settings, dry_run: bool, stuck: Stuck) -> list[Item]:
     root = settings.cache_dir / "tokens"
     if not root.is_dir():
         return []
@@ -337,7 +362,7 @@ def _token_caches(settings: Settings, dry_run: bool, stuck: dict[Path, OSError])
         if current is not None and cache_fingerprint(path) == current:
             continue
         size = tree_size(path)  # a folder in a cache file's place goes like one (`fsio.remove_tree`)
-        if dry_run or _removed(path, stuck):
+        if dry_run or _removed(path, stuck, size):
             items.append(Item("token-cache", str(settings.shown(path)), size, "not made from the current export"))
     return items
 
@@ -382,9 +407,7 @@ def _files_clock(settings: Settings, dry_run: bool) -> float:
         return time.time()
 
 
-def _work_dirs(
-    settings: Settings, now: float, dry_run: bool, waiting: set[str], stuck: dict[Path, OSError]
-) -> list[Item]:
+def _work_dirs(settings: Settings, now: float, dry_run: bool, waiting: set[str], stuck: Stuck) -> list[Item]:
     """Idle run work directories, but none of an adapter in `waiting` (`_unfinished_adapters`); idle measured
     against `now`, in the files' clock."""
     root = settings.adapters_dir
@@ -407,7 +430,7 @@ def _work_dirs(
         )
         kept = settings.retain_checkpoint_days
         size = tree_size(run)
-        if dry_run or _removed(run, stuck):
+        if dry_run or _removed(run, stuck, size):
             items.append(
                 Item(
                     "run-workdir",
@@ -419,11 +442,11 @@ def _work_dirs(
     return items
 
 
-def _staging(settings: Settings, dry_run: bool, stuck: dict[Path, OSError]) -> list[Item]:
+def _staging(settings: Settings, dry_run: bool, stuck: Stuck) -> list[Item]:
     items = []
     for parent in (settings.models_dir, settings.merged_dir):
         for path, reason in abandoned_staging(parent):
             size = tree_size(path)
-            if dry_run or _removed(path, stuck):
+            if dry_run or _removed(path, stuck, size):
                 items.append(Item("staging", str(settings.shown(path)), size, reason))
     return items

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import LunaError
 from ..messages import counted
-from ..retention import collect
+from ..retention import collect, size_text
 from ..settings import load_settings
 from .app import app, fail, json_text
 
@@ -28,13 +28,6 @@ def _counted(kind: str, n: int) -> str:
     return counted(n, *_KIND_WORDS.get(kind, (kind, kind)))
 
 
-def _size(n: int) -> str:
-    """Bytes on disk as `df -H` says them (decimal units): "12.3 kB", "45.6 MB", "7.8 GB"."""
-    if n >= 1_000_000_000:
-        return f"{n / 1e9:.1f} GB"
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-
-
 @app.command("gc")
 def gc_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dryRun", help="only list what would be removed")] = False,
@@ -50,10 +43,10 @@ def gc_cmd(
         typer.echo(json_text(report.to_dict(), sort_keys=True))
     else:
         for item in report.items:
-            typer.echo(f"{item.kind:<12} {_size(item.bytes):>10}  {item.path}  ({item.reason})")
+            typer.echo(f"{item.kind:<12} {size_text(item.bytes):>10}  {item.path}  ({item.reason})")
         verb = "Would remove" if dry_run else "Removed"
         kinds = ", ".join(_counted(k, n) for k, (n, _) in sorted(report.by_kind().items())) or "nothing"
-        typer.echo(f"{verb} {kinds}: {_size(report.bytes)}.")
+        typer.echo(f"{verb} {kinds}: {size_text(report.bytes)}.")
     if report.problems:  # the rest was cleaned; what could not be judged was kept, and that is an error
         for problem in report.problems:
             typer.echo(f"error: {problem}", err=True)
