@@ -1057,6 +1057,15 @@ def test_an_unreadable_export_summary_is_coded_with_its_reason_not_the_english_s
     assert re.search(r"^last export:? +unreadable \(see the problem below\)$", shown, re.M), shown
 
 
+def _last_job_with_report(settings, report: dict) -> tuple[dict, str]:
+    """`lastJob` and the `status` command's text with `report` as lora-latest.json."""
+    from lunatrain.fsio import atomic_write_text
+
+    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.lora_latest_report, json.dumps(report))
+    return training_status(settings, 0)["lastJob"], CliRunner().invoke(app, ["status"]).output
+
+
 @pytest.mark.parametrize("reported", ["succeeded", "failed"])
 def test_a_job_whose_trainer_was_killed_is_said_as_its_report_says_not_running(settings, reported):
     """Days repro: after `kill -9` of the trainer, `status` and GET /status said "last job: running" for days
@@ -1083,11 +1092,8 @@ def test_a_job_whose_trainer_was_killed_is_said_as_its_report_says_not_running(s
     }
     if reported == "failed":
         report["error"] = {"code": "interrupted", "message": "Stopped at step 3 of 40: the trainer process is gone."}
-    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(settings.lora_latest_report, json.dumps(report))
-    last = training_status(settings, 0)["lastJob"]
+    last, said = _last_job_with_report(settings, report)
     assert (last["jobId"], last["status"], last["source"]) == (job.id, reported, "report"), last
-    said = CliRunner().invoke(app, ["status"]).output
     assert f"last job: {reported}" in said and "last job: running" not in said, said
     lock_path(settings).parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path(settings), "a+b") as held:  # a trainer runs: its record is the whole story
@@ -1122,11 +1128,8 @@ def test_a_resume_job_whose_trainer_stopped_is_not_said_failed_by_its_report(set
         "created": now_iso(),
         "error": {"code": "interrupted", "message": "Stopped at step 535 of 1220: the trainer is stopping."},
     }
-    settings.lora_latest_report.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(settings.lora_latest_report, json.dumps(report))
-    last = training_status(settings, 0)["lastJob"]
+    last, said = _last_job_with_report(settings, report)
     assert (last["jobId"], last["status"], last["source"]) == (job.id, recorded, "trainer"), last
-    said = CliRunner().invoke(app, ["status"]).output
     assert f"last job: {recorded}" in said and "failed" not in said, said
     if recorded == "running":  # its version registered before the kill: an end (recovery settles it succeeded)
         report |= {"status": "succeeded", "version": "v2", "error": None, "path": "data/adapters/luna-adapter/v2"}
