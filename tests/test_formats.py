@@ -501,6 +501,77 @@ def test_csv_cell_over_the_field_limit_names_its_line(tmp_path: Path, lines: lis
     assert info.value.details == [f"big.csv line {bad_line}: unreadable CSV (field larger than field limit (131072))"]
 
 
+def test_a_csv_quote_never_closed_is_an_error_naming_where_it_opened(tmp_path: Path) -> None:
+    """Import repro: `ok q,"unterminated` and a row after it imported as one example whose answer held the next
+    row ("unterminated\nnext,row"), exit 0: the csv module reads to the end of the file inside an open quote.
+    That is refused, naming the line the quoted cell opened on; nothing is imported."""
+    path = tmp_path / "u.csv"
+    path.write_text('prompt,response\nfirst,fine\nok q,"unterminated\nnext,row\nlast,row\n', encoding="utf-8")
+    with pytest.raises(UsageError) as info:
+        read_file(path)
+    assert info.value.details == [
+        "u.csv line 3: a quoted cell opened on this line is never closed (it ran to the end of the file)"
+    ], info.value.details
+    # a quote closed further down is a cell of several lines, as before
+    path.write_text('prompt,response\nok q,"two\nlines"\nnext,row\n', encoding="utf-8")
+    assert [(d.prompt, d.response) for d in read_file(path).drafts] == [("ok q", "two\nlines"), ("next", "row")]
+
+
+@pytest.mark.parametrize("name", ["w.jsonl.gz", "x.parquet", "notes.txt", "noext"])
+def test_a_file_of_an_unknown_type_is_refused_before_it_is_read(tmp_path: Path, name: str) -> None:
+    """Import repro: a gzipped export (`w.jsonl.gz`) was read whole and decoded first, and refused as "line 1 is
+    not valid UTF-8 (byte 0x8b)"; a 300 MB .parquet took 650 MB of memory before its type was looked at. The
+    type is the first thing judged."""
+    path = tmp_path / name
+    path.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)
+    with pytest.raises(UsageError) as info:
+        read_file(path)
+    said = info.value.message
+    assert f"unknown file type {path.suffix or '(none)'!r}" in said and "UTF-8" not in said, said
+    if name.endswith(".gz"):
+        assert "decompress it first" in said, said
+
+
+def test_errors_name_the_fields_of_the_users_own_format(tmp_path: Path) -> None:
+    """Import repro: an OpenAI record of 210 exchanges was refused with "field 'turns': more than 200 prior
+    turns", and an Alpaca instruction and input of 60,000 characters each with "field 'prompt': longer than
+    100000 characters": fields the user's file does not have. The error names the record's own field."""
+    pairs = [("user", "Frage"), ("assistant", "Antwort")] * 210
+    openai = {"messages": [{"role": r, "content": c} for r, c in pairs]}
+    sharegpt = {"conversations": [{"from": "human" if r == "user" else "gpt", "value": c} for r, c in pairs]}
+    alpaca_long = {"instruction": "x" * 60_000, "input": "y" * 60_000, "output": "ok"}
+    alpaca_history = {"instruction": "q", "output": "a", "history": [["Frage", "Antwort"]] * 101}
+    expected = {
+        "openai": "field 'messages': more than 200 prior turns",
+        "sharegpt": "field 'conversations': more than 200 prior turns",
+        "alpaca_long": "field 'instruction': longer than 100000 characters (with its input)",
+        "alpaca_history": "field 'history': more than 200 prior turns",
+    }
+    for name, record in (
+        ("openai", openai),
+        ("sharegpt", sharegpt),
+        ("alpaca_long", alpaca_long),
+        ("alpaca_history", alpaca_history),
+    ):
+        with pytest.raises(UsageError) as info:
+            read_file(_jsonl(tmp_path / f"{name}.jsonl", [record]))
+        assert info.value.details == [f"{name}.jsonl line 1: {expected[name]}"], info.value.details
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_saved_as_jsonl_says_to_name_it_json(tmp_path: Path, indent: int | None) -> None:
+    """Import repro: a JSON array in a .jsonl file was refused as "line 1: expected a JSON object, got list"
+    (or, pretty-printed, six "malformed JSON" lines), while the same file named .json imports."""
+    records = [{"prompt": "Hi", "response": "Hallo"}, {"prompt": "Na?", "response": "Gut."}]
+    path = tmp_path / "array.jsonl"
+    path.write_text(json.dumps(records, indent=indent), encoding="utf-8")
+    with pytest.raises(UsageError) as info:
+        read_file(path)
+    said = info.value.message
+    assert "holds one JSON array" in said and "name it array.json" in said and "Nothing was imported" in said, said
+    assert [d.prompt for d in read_file(path.rename(tmp_path / "array.json")).drafts] == ["Hi", "Na?"]
+
+
 def test_csv_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
     path = tmp_path / "blank.csv"
     path.write_text("\n  \nprompt,response\nHi2,Hallo2\n\nHi3,Hallo3\n", encoding="utf-8")

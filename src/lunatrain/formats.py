@@ -488,13 +488,28 @@ def _from_turns(
         raise RecordError(f"{list_field}[{last_assistant}]", "the last assistant turn must follow a user turn")
     # Turns after the last trained answer have no target; they are dropped rather than trained on.
     prior = turns[start : last_assistant - 1]
-    return make_draft(
-        prompt=turns[last_assistant - 1][1],
-        response=turns[last_assistant][1],
-        system=system,
-        turns=prior,
-        **common,
-    )
+    with _named_as(turns=list_field):
+        return make_draft(
+            prompt=turns[last_assistant - 1][1],
+            response=turns[last_assistant][1],
+            system=system,
+            turns=prior,
+            **common,
+        )
+
+
+@contextlib.contextmanager
+def _named_as(**fields: str | tuple[str, str]) -> Iterator[None]:
+    """A RecordError of `make_draft` about one of its own fields (`turns`, `prompt`) named by the field of the
+    record that field was made from (`messages`, `instruction`): the user's file has no other. A (name, note)
+    pair adds the note to the message (what else went into it)."""
+    try:
+        yield
+    except RecordError as err:
+        if err.field not in fields:
+            raise
+        name, note = (fields[err.field], None) if isinstance(fields[err.field], str) else fields[err.field]
+        raise RecordError(name, err.message + (f" ({note})" if note else "")) from None
 
 
 # The (role, text) keys of a turn: OpenAI's and ShareGPT's.
@@ -633,7 +648,9 @@ def parse_record(record: Any, fmt: str = "auto", *, own_status: bool = True) -> 
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         turns = _alpaca_history(record.get("history"))
         output = _field(record, "output")
-        draft = make_draft(prompt=prompt, response=output, system=record.get("system"), turns=turns, **common)
+        # the prompt is the instruction and its input, one text: too long together is said of the instruction
+        with _named_as(turns="history", prompt=("instruction", "with its input") if extra else "instruction"):
+            draft = make_draft(prompt=prompt, response=output, system=record.get("system"), turns=turns, **common)
     elif shape == "prompt-response":
         _refuse_trl(record)
         turns = record.get("turns")  # earlier turns, as `examples list --json` writes them and POST /examples takes
@@ -777,8 +794,18 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
     at a time (a file of months of logs is never held whole); any other JSON document (one object), or a file in
     UTF-16, is read whole."""
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv"):  # before a byte is read: a .parquet of 300 MB
+        packed = " (a compressed file: decompress it first)" if suffix in (".gz", ".zip", ".bz2", ".xz", ".zst") else ""
+        raise UsageError(
+            f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}{packed}; use .jsonl, .json or .csv."
+        )
     marked = _marked_encoding(fh.read(4)) is not None  # UTF-16 or UTF-32: read whole
     fh.seek(0)
+    if suffix in (".jsonl", ".ndjson") and _starts_an_array(fh, of_objects=True):  # each line refused, none says why
+        raise UsageError(
+            f"Cannot import {path.name}: it holds one JSON array, not JSON Lines (one object a line); name it "
+            f"{path.stem}.json to import the array. Nothing was imported."
+        )
     if suffix in (".jsonl", ".ndjson") and not marked:
         yield from _json_lines(_utf8_lines(fh, path))
         return
@@ -816,17 +843,17 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
             return
         for i, rec in enumerate(doc, start=1):
             yield f"record {i}", rec
-    else:
-        raise UsageError(
-            f"Cannot import {path.name}: unknown file type {suffix or '(none)'!r}; use .jsonl, .json or .csv."
-        )
 
 
-def _starts_an_array(fh: BinaryIO) -> bool:
-    """Whether the first character after the byte order mark and any whitespace is `[` (then rewound)."""
+def _starts_an_array(fh: BinaryIO, *, of_objects: bool = False) -> bool:
+    """Whether the first character after the byte order mark and any whitespace is `[` (then rewound);
+    `of_objects`: and the first thing in it is an object (`[{`), an array of records."""
     start = fh.read(4096)
     fh.seek(0)
-    return start.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n").startswith(b"[")
+    start = start.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n")
+    if not of_objects:
+        return start.startswith(b"[")
+    return start.startswith(b"[") and start[1:].lstrip(b" \t\r\n").startswith(b"{")
 
 
 def _lines_of_documents(fh: BinaryIO) -> bool:
@@ -972,7 +999,10 @@ def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
             break
     # csv.reader, not DictReader: DictReader's line_num lags one row behind after a csv.Error, and it takes a
     # blank first line for an empty header.
-    rows = csv.reader(itertools.chain(first, lines), delimiter=_csv_delimiter(first[-1] if first else ""))
+    # strict: a quote opened and never closed is an error at the end of the file, not a cell that swallows every
+    # row after it (and a quote followed by more than a separator, which no spreadsheet writes, is one too).
+    rows = csv.reader(itertools.chain(first, lines), delimiter=_csv_delimiter(first[-1] if first else ""), strict=True)
+    start = 1  # the line the record being read began on
     try:
         # A blank or whitespace-only line is no header: skip it, as blank lines between rows are skipped.
         header = next((row for row in rows if not _blank_csv_line(row)), None)
@@ -983,11 +1013,21 @@ def _csv_records(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
         if twice is not None:  # one of the repeated column's cells would be dropped without a word
             yield f"line {rows.line_num}", RecordError(twice, "the header names it twice")
             return
-        for row in rows:
+        while True:
+            start = rows.line_num + 1
+            row = next(rows, None)
+            if row is None:
+                break
             if row:
                 # Line of the row's end: with the header on line 1, the first data row reports line 2.
                 yield f"line {rows.line_num}", _csv_row(header, row)
     except csv.Error as exc:  # e.g. a cell over the csv module's field size limit: the reader cannot go on
+        if str(exc) == "unexpected end of data":  # the file ended inside a quoted cell: where it opened
+            yield (
+                f"line {start}",
+                RecordError(None, "a quoted cell opened on this line is never closed (it ran to the end of the file)"),
+            )
+            return
         # The reader has counted the line it stopped in, which is inside the bad record.
         yield f"line {rows.line_num}", RecordError(None, f"unreadable CSV ({exc})")
 
