@@ -347,6 +347,46 @@ def test_adding_what_is_stored_rejected_or_pending_says_so_and_how_to_use_it(set
     store.dispose_stores()
 
 
+def test_importing_what_is_stored_rejected_or_pending_says_so_and_how_to_use_it(settings: Settings, tmp_path) -> None:
+    """Import repro: `examples import f.jsonl --status rejected`, then `examples import f.jsonl --status approved`
+    said "0 added, 4 already present", exit 0, and all four stayed rejected, out of every export; `examples add`
+    of one of them says its status and how to approve it, the import said nothing. It keeps their status (the
+    README's promise) and says which are not approved, and how to approve them."""
+    from typer.testing import CliRunner
+
+    from lunatrain.cli import app
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Frage {i}?", "response": f"Antwort {i}."}) + "\n" for i in range(4)),
+        encoding="utf-8",
+    )
+    first = store.import_file(settings, path, status="rejected")
+    assert first.added == 4
+    store.set_status(settings, [2], "pending")
+    store.set_status(settings, [3], "approved")
+    r = CliRunner().invoke(app, ["examples", "import", str(path), "--status", "approved"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        "Imported f.jsonl: 0 added, 4 already present (4 prompt-response).",
+        "Note: 3 of the records already present are not approved, and keep their status (ex-1 rejected, ex-2 "
+        "pending, ex-4 rejected): `lunatrain examples approve 1 2 4` makes them trained.",
+    ], r.output
+    shown = json.loads(
+        CliRunner().invoke(app, ["examples", "import", str(path), "--status", "approved", "--json"]).output
+    )
+    assert shown["notApproved"] == [
+        {"id": "ex-1", "status": "rejected"},
+        {"id": "ex-2", "status": "pending"},
+        {"id": "ex-4", "status": "rejected"},
+    ], shown
+    # an import that asks for no approval (rejected, pending) has nothing to say of them
+    r = CliRunner().invoke(app, ["examples", "import", str(path), "--status", "pending"])
+    assert r.exit_code == 0 and "Note" not in r.output, r.output
+    assert [e.status for e in store.iter_examples(settings)] == ["rejected", "pending", "approved", "rejected"]
+    store.dispose_stores()
+
+
 def test_memory_items_move_to_another_database_with_memory_import(db: Settings, tmp_path: Path) -> None:
     """PostgreSQL repro: there was no way to carry memory items to another database: `memory list --json` wrote
     them, but `examples import` refused every one ("unknown format") and there is no bulk memory route.

@@ -152,6 +152,8 @@ class AddResult:
     revision: str
     # (N, M): a record of lunatrain's export of ex-N, edited, added as ex-M; ex-N holds its old content still
     kept_beside: tuple[tuple[int, int], ...] = ()
+    # (N, status): stored already, not approved, where the add meant the content approved: its status is kept
+    not_approved: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class ImportResult:
     revision: str
     bad: tuple[str, ...] = ()  # with skip_bad: the records left out, "FILE line N: problem"
     kept_beside: tuple[tuple[int, int], ...] = ()  # AddResult's
+    not_approved: tuple[tuple[int, str], ...] = ()  # AddResult's
 
 
 @dataclass(frozen=True)
@@ -890,10 +893,11 @@ def _settle_stale(settings: Settings) -> None:
 
 def _add_drafts(
     conn: Connection, drafts: Iterable[ExampleDraft], source: str | None, status: str | None
-) -> tuple[int, int, int]:
-    """Insert the drafts whose content is new; returns (added, skipped, tombstones lifted). `source` None:
-    each draft's own (a record that named one of ours; approved unless `status`), else curated; `status`
-    None: each draft's own, else the source's default."""
+) -> tuple[int, int, int, list[int]]:
+    """Insert the drafts whose content is new; returns (added, skipped, tombstones lifted, the ids of stored
+    examples a skipped draft would have added approved). `source` None: each draft's own (a record that named
+    one of ours; approved unless `status`), else curated; `status` None: each draft's own, else the source's
+    default."""
     unique: dict[str, ExampleDraft] = {}
     earlier: set[str] = set()
     # Every earlier hash of the drafts kept under a hash: twins (a CRLF record and its LF one) are one example,
@@ -912,6 +916,7 @@ def _add_drafts(
             earliers.setdefault(draft.hash, set()).add(draft.earlier_hash)
     now = utc_now()
     added = lifted = 0
+    meant_approved: list[int] = []  # stored already, as a draft meant to be approved: its status is kept
     hashes = list(unique)
     # In chunks of one transaction: the rows of a large file are never all built at once.
     for i in range(0, len(hashes), _CHUNK):
@@ -920,6 +925,9 @@ def _add_drafts(
             conn, examples_table, [(old, h) for h in chunk for old in earliers.get(h, ())]
         )
         rows = [_example_row(h, unique[h], source, status, now) for h in chunk if h not in existing]
+        meant_approved += [
+            existing[h] for h in chunk if h in existing and _wanted_status(unique[h], source, status) == "approved"
+        ]
         # A chunk's drafts are done with once its rows exist: binding a text caches its UTF-8 bytes on the
         # string (CPython), so a large import's drafts would otherwise double in memory until the end.
         for h in chunk:
@@ -934,14 +942,19 @@ def _add_drafts(
         added += len(rows)
     if added:
         _bump(conn)
-    return added, total - added, lifted
+    return added, total - added, lifted, meant_approved
+
+
+def _wanted_status(d: ExampleDraft, source: str | None, status: str | None) -> str:
+    """The status a draft is added with (`_example_row`)."""
+    # A record's own source comes from lunatrain's export, which holds approved examples only: it stays approved
+    # (a conversation example would otherwise go back to review).
+    own = status or d.status or ("approved" if source is None and d.source else None)
+    return _default_status(source or d.source or "curated", own)
 
 
 def _example_row(h: str, d: ExampleDraft, source: str | None, status: str | None, now: datetime) -> dict[str, Any]:
     src = source or d.source or "curated"
-    # A record's own source comes from lunatrain's export, which holds approved examples only: it stays approved
-    # (a conversation example would otherwise go back to review).
-    own = status or d.status or ("approved" if source is None and d.source else None)
     return {
         "hash": h,
         "prompt": d.prompt,
@@ -949,7 +962,7 @@ def _example_row(h: str, d: ExampleDraft, source: str | None, status: str | None
         "system": d.system,
         "turns": d.stored_turns(),
         "source": src,
-        "status": _default_status(src, own),
+        "status": _wanted_status(d, source, status),
         "rating": d.rating,
         "tags": list(d.tags) or None,
         "conversation_id": d.conversation_id,
@@ -978,12 +991,22 @@ def add_examples(
             yield d
 
     with store.write() as conn:
-        added, skipped, lifted = _add_drafts(conn, noting(drafts), source, status)
+        added, skipped, lifted, meant_approved = _add_drafts(conn, noting(drafts), source, status)
         kept = _kept_beside(conn, edits)
+        held = _not_approved(conn, examples_table, meant_approved)
         revision = _revision_of(conn)
     if lifted:
         _settle_stale(settings)
-    return AddResult(added=added, skipped_duplicates=skipped, revision=revision, kept_beside=kept)
+    return AddResult(added=added, skipped_duplicates=skipped, revision=revision, kept_beside=kept, not_approved=held)
+
+
+def _not_approved(conn: Connection, table: sa.Table, ids: Sequence[int]) -> tuple[tuple[int, str], ...]:
+    """(id, status) of each of `ids` stored with a status other than approved, by id."""
+    found: list[tuple[int, str]] = []
+    for i in range(0, len(ids), _CHUNK):
+        query = sa.select(table.c.id, table.c.status).where(table.c.id.in_(ids[i : i + _CHUNK]))
+        found += [(r.id, r.status) for r in conn.execute(query.where(table.c.status != "approved"))]
+    return tuple(sorted(found))
 
 
 def _kept_beside(conn: Connection, edits: list[tuple[int, str, str]]) -> tuple[tuple[int, int], ...]:
@@ -1092,6 +1115,7 @@ def import_file(
         revision=result.revision,
         bad=tuple(parsed.bad),
         kept_beside=result.kept_beside,
+        not_approved=result.not_approved,
     )
 
 

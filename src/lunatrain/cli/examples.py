@@ -232,6 +232,7 @@ def import_cmd(
             kept_beside=ImportResult.kept(res.kept_beside),
         ).wire()  # the API's import answer, plus what only a file import has
         out = {"file": file.name, **out, "storeRevision": res.revision, "leftOut": list(res.bad)}
+        out["notApproved"] = [{"id": f"ex-{n}", "status": st} for n, st in res.not_approved]
         typer.echo(json_text(out))
         return
     shapes = ", ".join(f"{n} {k}" for k, n in sorted(res.formats.items()))
@@ -240,6 +241,23 @@ def import_cmd(
         f"Imported {file.name}: {res.added} added, {res.skipped_duplicates} already present ({shapes}){left_out}"
     )
     list_problems(list(res.bad))
+    if res.not_approved:
+        # as `examples add` says of one: the user meant them trained, and they stay out of every export
+        held, shown = res.not_approved, res.not_approved[:10]  # a large import's: the first few, and where the rest are
+        which = ", ".join(f"ex-{n} {st}" for n, st in shown) + (
+            f", and {len(held) - len(shown)} more" if held[10:] else ""
+        )
+        statuses = sorted({st for _, st in held})
+        how = (
+            f"`lunatrain examples approve {' '.join(str(n) for n, _ in held)}` makes {'it' if len(held) == 1 else 'them'} trained"
+            if not held[10:]
+            else " and ".join(f"`lunatrain examples list --status {st}`" for st in statuses) + " list them"
+        )
+        typer.echo(
+            f"Note: {len(held)} of the records already present "
+            + ("is not approved, and keeps its status" if len(held) == 1 else "are not approved, and keep their status")
+            + f" ({which}): {how}."
+        )
     for old, new in res.kept_beside:
         typer.echo(
             f"Note: ex-{old} was edited in the file: the edit is ex-{new}, and ex-{old} keeps its old content, still "
