@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from lunatrain import export, fsio, registry, store
+from lunatrain import export, fsio, models, registry, store
 from lunatrain.api.main import create_app
 from lunatrain.cli import app
 from lunatrain.errors import DiskFull, StorageError, UsageError
@@ -201,13 +201,17 @@ def test_a_root_a_group_shares_stays_the_groups(tmp_path: Path) -> None:
         folder = fsio.staging_dir(settings.adapters_dir, "v1")
         (folder / "inner").mkdir()
         fsio.give_umask_modes(folder)
+        # README repro: luna-tiny, copied from the machine's cache of builds (`ensure_tiny` of another root made
+        # it), took the cache's folder mode and lost the setgid bit every other folder of the root had
+        models.ensure_tiny(load_settings(home=tmp_path / "other", db_url=None))
+        tiny = models.ensure_tiny(settings)
     finally:
         os.umask(old)
         store.dispose_stores()
     exported = (settings.training_dir / export.CURATED_FILE).resolve()
     for db in (settings.data_dir / "assistant.db", jobs_db_path(settings.data_dir), exported):
         assert stat.S_IMODE(db.stat().st_mode) == 0o664, db
-    for made in (folder, folder / "inner"):
+    for made in (folder, folder / "inner", tiny):
         assert made.stat().st_mode & stat.S_ISGID and stat.S_IMODE(made.stat().st_mode) & 0o777 == 0o775, made
 
 

@@ -333,8 +333,13 @@ def give_umask_modes(folder: Path) -> None:
     folder we publish would be the one thing in it another user (a server, a backup) cannot read."""
     umask = current_umask()
     for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            _plain_mode(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if path.is_symlink():
+            continue
+        mode = (0o777 if path.is_dir() else 0o666) & ~umask
+        if path.is_dir() and path.parent.stat().st_mode & stat.S_ISGID:
+            # as mkdir gives a folder inside a setgid folder: a copy (copytree's copystat) took its source's mode
+            mode |= stat.S_ISGID
+        _plain_mode(path, mode)
 
 
 @contextlib.contextmanager
