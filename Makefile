@@ -12,7 +12,8 @@ LUNATRAIN := $(VENV)/bin/lunatrain
 setup: $(VENV)/.installed
 	@$(PY) -m compileall -q src
 
-# torch==2.13.0 first: it is the CPU build; letting pip resolve torch on its own pulls a multi-GB CUDA build.
+# torch==2.13.0 first: the CPU build the build machines' wheel cache holds (elsewhere, PyTorch's CPU index); letting pip
+# resolve torch on its own pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -15,10 +15,20 @@ from .app import app, fail, is_tty, tables_fit
 @app.command("export")
 def export_cmd(
     val_ratio: Annotated[
-        float | None, typer.Option("--val-ratio", "--valRatio", help="default ASSISTANT_TRAIN_VAL_RATIO (0.1)")
+        float | None,
+        typer.Option(
+            "--val-ratio",
+            "--valRatio",
+            help="default: ASSISTANT_TRAIN_VAL_RATIO when set, else the current export's, else 0.1",
+        ),
     ] = None,
     test_ratio: Annotated[
-        float | None, typer.Option("--test-ratio", "--testRatio", help="default ASSISTANT_TRAIN_TEST_RATIO (0.0)")
+        float | None,
+        typer.Option(
+            "--test-ratio",
+            "--testRatio",
+            help="default: ASSISTANT_TRAIN_TEST_RATIO when set, else the current export's, else 0.0",
+        ),
     ] = None,
 ) -> None:
     """Export approved examples and memory to JSONL tiers with stable train/val/test splits."""
