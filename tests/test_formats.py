@@ -479,8 +479,28 @@ def test_a_turns_separate_reasoning_is_refused_not_dropped(tmp_path: Path) -> No
         {"instruction": "a", "reasoning": False, "output": "b"},
         {"instruction": "c", "reasoning": "high", "output": "d"},
         {"messages": [user, {"role": "assistant", "content": "12.", "thinking": "off"}]},
+        # a reasoning request's settings (OpenAI's), not its text
+        {
+            "messages": [
+                user,
+                {"role": "assistant", "content": "12.", "reasoning": {"effort": "high", "summary": "auto"}},
+            ]
+        },
     ]
-    assert len(read_file(_jsonl(tmp_path / "flags.jsonl", flags)).drafts) == 3
+    assert len(read_file(_jsonl(tmp_path / "flags.jsonl", flags)).drafts) == 4
+    # Import repro: reasoning as a list or an object (OpenRouter's `reasoning_details`, a list of parts) was
+    # dropped without a word, where the same text as a string is refused
+    for key, value in (
+        ("reasoning_details", [{"type": "reasoning.text", "text": "3 mal 4 ist 12."}]),
+        ("reasoning", ["3 mal 4", "ist 12"]),
+        ("thinking", {"text": "3 mal 4 ist 12."}),
+    ):
+        record = {"messages": [user, {"role": "assistant", "content": "12.", key: value}]}
+        with pytest.raises(UsageError) as info:
+            read_file(_jsonl(tmp_path / "parts.jsonl", [record]))
+        assert f"field 'messages[1].{key}': the turn's reasoning, kept apart" in info.value.details[0], (
+            info.value.details
+        )
 
 
 @pytest.mark.parametrize(

@@ -585,18 +585,32 @@ def _tool_turn(msg: Mapping[str, Any], role: Any) -> str | None:
 
 
 # Where reasoning models' APIs and exports keep a turn's reasoning apart from its text (DeepSeek's and Qwen's
-# `reasoning_content`, others' `reasoning`/`thinking`).
-_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-_REASONING_FLAGS = {"", "[]", "null", "none", "on", "off", "true", "false", "yes", "no", "low", "medium", "high"}
+# `reasoning_content`, others' `reasoning`/`thinking`, OpenRouter's `reasoning_details`: a list of parts).
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking", "reasoning_details")
+_REASONING_FLAGS = {
+    *("", "[]", "null", "none", "on", "off", "true", "false", "yes", "no", "low", "medium", "high"),
+    *("minimal", "auto", "concise", "detailed"),  # OpenAI's reasoning settings: {"effort": …, "summary": …}
+}
+
+
+def _holds_reasoning(value: Any) -> bool:
+    """Whether `value` holds reasoning text: a string that is no flag, or a list or object with one in it (the
+    parts of a `reasoning_details` list); a number, a boolean or settings ({"effort": "high"}) hold none."""
+    if isinstance(value, str):
+        return value.strip().lower() not in _REASONING_FLAGS
+    if isinstance(value, list):
+        return any(_holds_reasoning(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_holds_reasoning(v) for k, v in value.items() if k != "type")  # a part's type is no text
+    return False
 
 
 def _refuse_reasoning(msg: Mapping[str, Any], where: str | None) -> None:
     """A turn's (or, `where` None, a record's) separate reasoning is refused, not dropped: imported without it,
     the answer would train as if the model had answered without thinking, and nothing would say so."""
     for key in _REASONING_KEYS:
-        value = msg.get(key)
         # reasoning is text; a flag (`"reasoning": false`, `"thinking": "off"`, an effort such as "high") is none
-        if isinstance(value, str) and value.strip().lower() not in _REASONING_FLAGS:
+        if _holds_reasoning(msg.get(key)):
             whose = (
                 "turn's reasoning, kept apart from its text"
                 if where
