@@ -602,6 +602,11 @@ def test_csv_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(UsageError, match="the file is empty"):
         read_file(path)
+    # Import repro: a header alone (or one line, taken for the header) was "the file is empty (no records)"
+    for text in ("prompt,response\n", "hello,world\n"):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UsageError, match=r"its first line is the header .* and no record follows it"):
+            read_file(path)
 
 
 def test_csv_header_names_match_without_case_or_surrounding_spaces(tmp_path: Path) -> None:

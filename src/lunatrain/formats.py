@@ -859,6 +859,16 @@ def _records(path: Path, fh: BinaryIO) -> Iterator[tuple[str, Any]]:
             yield f"record {i}", rec
 
 
+def _has_text(path: Path) -> bool:
+    """Whether the file holds anything but whitespace (in its first 4 KiB; a file that could not be read holds
+    none here: reading it said so before)."""
+    try:
+        with open(path, "rb") as fh:
+            return bool(fh.read(4096).removeprefix(codecs.BOM_UTF8).strip())
+    except OSError:
+        return False
+
+
 def _starts_an_array(fh: BinaryIO, *, of_objects: bool = False) -> bool:
     """Whether the first character after the byte order mark and any whitespace is `[` (then rewound);
     `of_objects`: and the first thing in it is an object (`[{`), an array of records."""
@@ -1225,5 +1235,10 @@ def read_file(path: Path, fmt: str = "auto", *, skip_bad: bool = False, own_stat
             details=[f"{path.name} {p}" for p in problems],
         )
     if not drafts:
+        if path.suffix.lower() == ".csv" and _has_text(path):  # a header line is no record: say which line it took
+            raise UsageError(
+                f"Cannot import {path.name}: its first line is the header (the column names: prompt, response, …) "
+                "and no record follows it. Nothing was imported."
+            )
         raise UsageError(f"Cannot import {path.name}: the file is empty (no records). Nothing was imported.")
     return ParsedFile(path=path, drafts=drafts, formats=formats, bad=[f"{path.name} {p}" for p in problems])
