@@ -155,6 +155,12 @@ def test_event_cursor_progress_snapshot_and_non_finite_numbers(store):
     json.dumps([e.wire() for e in rest.data], allow_nan=False)
     empty = store.events(job.id, after=rest.last_seq)
     assert empty.data == [] and empty.last_seq == rest.last_seq
+    # Jobs repro: a cursor past the job's last event came back as the page's lastSeq (after=1000 gave lastSeq
+    # 1000 where the last was 9), so a client going on from it never saw the events 10 to 1000 when they came
+    beyond = store.events(job.id, after=1000)
+    assert beyond.data == [] and beyond.last_seq == rest.last_seq
+    store.add_event(job.id, "log", {"message": "later"})
+    assert [e.seq for e in store.events(job.id, after=beyond.last_seq).data] == [rest.last_seq + 1]
     current = store.get(job.id)
     assert current.progress.step == 5 and current.progress.loss is None and current.metrics == {"valLoss": 0.5}
     with pytest.raises(NotFound):

@@ -356,8 +356,16 @@ class JobStore:
                 "SELECT seq, created_at, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (job_id, after, limit + 1),
             ).fetchall()
+            # An empty page gives back the cursor, but never one past the job's last event: a client going on
+            # from it would miss the events still to come up to there.
+            newest = (
+                None
+                if rows
+                else self._db.execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+            )
         data = [Event(seq=r[0], created_at=r[1], **(json.loads(r[3]) | {"type": r[2]})) for r in rows[:limit]]
-        return EventPage(data=data, has_more=len(rows) > limit, last_seq=data[-1].seq if data else after)
+        last = data[-1].seq if data else min(after, newest) if newest is not None else after
+        return EventPage(data=data, has_more=len(rows) > limit, last_seq=last)
 
     def last_event(self, job_id: str, type_: str) -> dict[str, Any] | None:
         """The data of the job's newest event of `type_`, or None."""
