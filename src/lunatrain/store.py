@@ -1020,13 +1020,8 @@ def _kept_beside(conn: Connection, edits: list[tuple[int, str, str]]) -> tuple[t
     pairs = [(n, new[h]) for n, was, h in edits if old.get(was) == n and new.get(h) is not None and new[h] != n]
     if not pairs:
         return ()
-    ids = [n for n, _ in pairs]
-    approved = set(
-        conn.execute(
-            sa.select(examples_table.c.id).where(examples_table.c.id.in_(ids), examples_table.c.status == "approved")
-        ).scalars()
-    )
-    return tuple((n, m) for n, m in pairs if n in approved)
+    held = {n for n, _ in _not_approved(conn, examples_table, [n for n, _ in pairs])}
+    return tuple((n, m) for n, m in pairs if n not in held)
 
 
 def _unused(conn: Connection, table: sa.Table, row_id: int, group: str) -> str:

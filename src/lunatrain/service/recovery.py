@@ -125,7 +125,7 @@ def settle_interrupted(
         )
     if cancel_requested:
         return store.set_status(job_id, "cancelled", message="cancelled (the trainer stopped meanwhile)")
-    if job.lora_params().resume:
+    if requeued_when_stopped(job):
         return store.set_status(
             job_id,
             "queued",
