@@ -49,7 +49,7 @@ def merged_card(ref: str, label: str, base_id: str, entry: dict[str, Any], adapt
     """The merged model's card: what it was made of (the adapter, the base, the gate's verdict, the training
     run from the version's report), and how to load it without PEFT or lunatrain. A report that cannot be read
     leaves the training table out; the merge is no less whole for it."""
-    from .train import _yaml_string, card_table
+    from .train import card_table, yaml_string
 
     gate = entry.get("gate") or {}
     verdict = gate.get("status") or ("passed" if gate.get("passed") else "failed" if gate else "not run")
@@ -74,7 +74,7 @@ def merged_card(ref: str, label: str, base_id: str, entry: dict[str, Any], adapt
         else ""
     )
     return (
-        f"---\nbase_model: {_yaml_string(base_id)}\nlibrary_name: transformers\ntags:\n- lunatrain\n- lora\n"
+        f"---\nbase_model: {yaml_string(base_id)}\nlibrary_name: transformers\ntags:\n- lunatrain\n- lora\n"
         "- merge\n---\n\n"
         f"# {label}\n\n"
         f"`{ref}`, a LoRA adapter trained by lunatrain, merged into `{base_id}`.{force_note} "

@@ -1183,7 +1183,7 @@ def quantization(quantize: str, autocast_dtype: Any) -> dict[str, Any] | None:
     return {"method": "bitsandbytes", "bits": 8, "type": "llm.int8", "computeDtype": compute}
 
 
-def _yaml_string(text: str) -> str:
+def yaml_string(text: str) -> str:
     """`text` as a double-quoted YAML string: JSON's quoting (YAML reads JSON strings), with the characters
     YAML refuses or reads as a line break (DEL, C1 controls, U+2028/9, U+FEFF, U+FFFE/F) escaped as well."""
     quoted = json.dumps(text, ensure_ascii=False)
@@ -1248,7 +1248,7 @@ def model_card(report: dict[str, Any]) -> str:
     )
     return (
         # JSON strings are YAML's too: a base folder named `llama: v2 #1` keeps the front matter readable
-        f"---\nbase_model: {_yaml_string(str(base['id']))}\nlibrary_name: peft\ntags:\n- lora\n"
+        f"---\nbase_model: {yaml_string(str(base['id']))}\nlibrary_name: peft\ntags:\n- lora\n"
         "- lunatrain\n---\n\n"
         f"# {report['adapterName']}@{report['version']}\n\n"
         f"A LoRA adapter for `{base['id']}`, trained by lunatrain on {report['created']}"
